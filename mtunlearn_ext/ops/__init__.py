@@ -1,0 +1,35 @@
+"""The compiled gradient-surgery ops (``torch.ops.mtunlearn``) with checked Python wrappers.
+
+Layers: Gram matrices / inner products (one pass over the inputs) -> coefficient-space solvers
+(tiny ``k x k`` problems, on device) -> combinations (one pass writing the result). The whole-step
+ops (:func:`project_out`, :func:`project_nonconflicting`, :func:`pcgrad`) chain the three.
+"""
+
+from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext.ops.combine import combine, combine_list
+from mtunlearn_ext.ops.gram import gram, gram_list, inner
+from mtunlearn_ext.ops.projections import pcgrad, project_nonconflicting, project_out
+from mtunlearn_ext.ops.solvers import (
+    nonconflicting_dual,
+    pcgrad_order,
+    pcgrad_weights,
+    ridge_solve,
+)
+
+if has_extension():
+    from mtunlearn_ext.ops import _registration  # noqa: F401
+
+__all__ = [
+    "combine",
+    "combine_list",
+    "gram",
+    "gram_list",
+    "inner",
+    "nonconflicting_dual",
+    "pcgrad",
+    "pcgrad_order",
+    "pcgrad_weights",
+    "project_nonconflicting",
+    "project_out",
+    "ridge_solve",
+]

@@ -1,0 +1,66 @@
+"""Argument checks shared by the op wrappers: each error names the op, the argument, what was
+expected and what was received."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_tensor(op: str, name: str, t: object, min_dim: int = 0) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{op}: `{name}` must have dtype float64, float32, float16 or bfloat16, got {t.dtype}"
+        )
+    if t.dim() < min_dim:
+        raise ValueError(
+            f"{op}: `{name}` must have at least {min_dim} dims, got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def check_same_device(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: `{name}` is on {t.device} but `{first_name}` is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def check_same_dtype(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: `{name}` has dtype {t.dtype} but `{first_name}` has {first.dtype}; "
+                "they must match"
+            )
+
+
+def check_finite_result(op: str, result: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]]
+                        ) -> None:
+    """Raise if ``result`` (a small coefficient-space tensor) holds NaN/Inf.
+
+    Non-finite values in any input always reach the small Gram / inner-product results (NaN
+    propagates, ``Inf * 0`` is NaN), so checking them costs ``O(k^2)`` instead of a pass over the
+    inputs. Only on this rare failing path are the inputs scanned, to name the culprit.
+    """
+    if bool(torch.isfinite(result).all()):
+        return
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(
+                f"{op}: `{name}` contains NaN or Inf; pass finite values "
+                "(or check_finite=False to let them propagate)"
+            )
+    raise FloatingPointError(
+        f"{op}: the Gram/inner-product accumulation overflowed to Inf (inputs are finite but "
+        "too large for the accumulation dtype); rescale the inputs"
+    )

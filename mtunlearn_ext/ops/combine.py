@@ -1,0 +1,113 @@
+"""Linear combinations of ``k`` vectors over a huge dimension, written once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext.ops import _reference
+from mtunlearn_ext.ops._checks import (
+    check_finite_result,
+    check_float_tensor,
+    check_same_device,
+    check_same_dtype,
+)
+
+
+def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
+            beta: float = 0.0, *, check_finite: bool = True) -> torch.Tensor:
+    """``out = beta * out + coeffs @ x``, batched over leading dims.
+
+    Args:
+        coeffs: ``[..., m, k]``, any float dtype (used in float32, float64 for float64 ``x``).
+        x: ``[..., k, n]``.
+        out: optional ``[..., m, n]`` tensor of ``x``'s dtype, written in place (must be
+            contiguous); when omitted a new tensor is returned and ``beta`` must be 0.
+        beta: scale of the previous ``out`` (``0`` ignores its contents, NaN included).
+        check_finite: raise if ``coeffs`` holds NaN/Inf (``x`` is not scanned: NaN/Inf in ``x``
+            propagate to the result, which is what a gradient combination should do).
+
+    Returns:
+        ``[..., m, n]`` in ``x``'s dtype (``out`` itself when given). Accumulation in float32
+        (float64 for float64).
+    """
+    op = "mtunlearn_ext.ops.combine"
+    check_float_tensor(op, "coeffs", coeffs, min_dim=2)
+    check_float_tensor(op, "x", x, min_dim=2)
+    check_same_device(op, [("coeffs", coeffs), ("x", x)])
+    if coeffs.shape[:-2] != x.shape[:-2] or coeffs.shape[-1] != x.shape[-2]:
+        raise ValueError(
+            f"{op}: `coeffs` [..., m, k] and `x` [..., k, n] must share leading dims and k; got "
+            f"{tuple(coeffs.shape)} and {tuple(x.shape)}"
+        )
+    if check_finite:
+        check_finite_result(op, coeffs, [("coeffs", coeffs)])
+    if out is None:
+        if beta != 0.0:
+            raise ValueError(f"{op}: `beta` must be 0 when `out` is not given, got {beta}")
+        if has_extension():
+            return torch.ops.mtunlearn.combine(coeffs, x)
+        return _reference.combine(coeffs, x)
+    expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
+    if tuple(out.shape) != expected:
+        raise ValueError(f"{op}: `out` must have shape {expected}, got {tuple(out.shape)}")
+    check_same_device(op, [("x", x), ("out", out)])
+    check_same_dtype(op, [("x", x), ("out", out)])
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: `out` must be contiguous (it is written in place)")
+    if has_extension():
+        torch.ops.mtunlearn.combine_(out, coeffs, x, float(beta))
+    else:
+        out.copy_(_reference.combine(coeffs, x, base=out, beta=beta))
+    return out
+
+
+def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
+                 outs: Sequence[torch.Tensor], beta: float = 0.0, *,
+                 check_finite: bool = True) -> None:
+    """In place, for every parameter ``p``: ``outs[p] = beta * outs[p] + sum_j coeffs[j] xs[p][j]``.
+
+    ``xs[p]`` is ``[k, *shape_p]``. With ``coeffs`` of shape ``[k]``, ``outs[p]`` has shape
+    ``shape_p`` (for example each parameter's ``.grad``); with ``[m, k]``, ``[m, *shape_p]``.
+    No flat copy is made; on CUDA the whole list is one kernel launch. ``beta=0`` overwrites
+    ``outs`` (their old contents, NaN included, are ignored).
+    """
+    op = "mtunlearn_ext.ops.combine_list"
+    xs, outs = list(xs), list(outs)
+    check_float_tensor(op, "coeffs", coeffs, min_dim=1)
+    if coeffs.dim() > 2:
+        raise ValueError(f"{op}: `coeffs` must be [k] or [m, k], got {tuple(coeffs.shape)}")
+    if len(xs) != len(outs):
+        raise ValueError(f"{op}: `xs` and `outs` must have the same length, got {len(xs)} and "
+                         f"{len(outs)}")
+    if len(xs) == 0:
+        return
+    k = coeffs.shape[-1]
+    lead = () if coeffs.dim() == 1 else (coeffs.shape[0],)
+    for p, (x, o) in enumerate(zip(xs, outs)):
+        check_float_tensor(op, f"xs[{p}]", x, min_dim=1)
+        check_float_tensor(op, f"outs[{p}]", o)
+        if x.shape[0] != k:
+            raise ValueError(f"{op}: xs[{p}] must have leading size k={k} (from `coeffs`), got "
+                             f"shape {tuple(x.shape)}")
+        if tuple(o.shape) != (*lead, *x.shape[1:]):
+            raise ValueError(f"{op}: outs[{p}] must have shape {(*lead, *x.shape[1:])}, got "
+                             f"{tuple(o.shape)}")
+        if not o.is_contiguous():
+            raise ValueError(f"{op}: outs[{p}] must be contiguous (it is written in place)")
+    named = [(f"xs[{p}]", x) for p, x in enumerate(xs)] + [(f"outs[{p}]", o)
+                                                           for p, o in enumerate(outs)]
+    check_same_device(op, [("coeffs", coeffs)] + named)
+    check_same_dtype(op, named)
+    if check_finite:
+        check_finite_result(op, coeffs, [("coeffs", coeffs)])
+    if has_extension():
+        torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, float(beta))
+        return
+    c2 = coeffs.reshape(-1, k)
+    for x, o in zip(xs, outs):
+        flat = x.reshape(k, -1)
+        res = _reference.combine(c2, flat, base=o.reshape(c2.shape[0], -1), beta=beta)
+        o.copy_(res.reshape(o.shape))

@@ -1,0 +1,99 @@
+"""Gram matrices and inner products over a huge dimension: one pass over the inputs.
+
+Inputs are read in their own dtype and accumulated in float32 (float64 for float64 inputs);
+the result has that accumulation dtype, because Gram entries feed small solves where half
+precision would lose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext.ops import _reference
+from mtunlearn_ext.ops._checks import (
+    check_finite_result,
+    check_float_tensor,
+    check_same_device,
+    check_same_dtype,
+)
+
+
+def gram(x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
+    """Batched Gram matrix ``G[..., i, j] = <x[..., i, :], x[..., j, :]>``.
+
+    Args:
+        x: ``[..., k, n]``, any float dtype, any strides (a non-unit last stride costs a copy).
+        check_finite: raise :class:`FloatingPointError` if ``x`` holds NaN/Inf. The check reads
+            only the ``k x k`` result (see the NaN/Inf policy in the README); on CUDA it costs one
+            tiny device-to-host sync, so pass ``False`` inside CUDA graphs or compiled regions.
+
+    Returns:
+        ``[..., k, k]`` symmetric positive semi-definite, float32 (float64 for float64 input).
+    """
+    op = "mtunlearn_ext.ops.gram"
+    check_float_tensor(op, "x", x, min_dim=2)
+    result = torch.ops.mtunlearn.gram(x) if has_extension() else _reference.gram(x)
+    if check_finite:
+        check_finite_result(op, result, [("x", x)])
+    return result
+
+
+def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
+              check_finite: bool = True) -> torch.Tensor:
+    """Gram matrix of ``k`` vectors stored as a list of per-parameter stacks, without a flat copy.
+
+    ``xs[p]`` is ``[k, *shape_p]`` (for example the ``k`` per-task gradients of parameter ``p``).
+    The ``k`` vectors are the concatenations ``v_i = cat_p(xs[p][i].flatten())``; the result is
+    ``G[i, j] = sum_p <xs[p][i], xs[p][j]>`` (``[k, k]``), or with ``per_tensor=True`` the stack of
+    per-parameter terms (``[len(xs), k, k]``, one Gram per layer). On CUDA the whole list is one
+    kernel launch.
+    """
+    op = "mtunlearn_ext.ops.gram_list"
+    xs = list(xs)
+    if len(xs) == 0:
+        raise ValueError(f"{op}: `xs` must hold at least one tensor, got an empty list")
+    for p, x in enumerate(xs):
+        check_float_tensor(op, f"xs[{p}]", x, min_dim=1)
+        if x.shape[0] != xs[0].shape[0]:
+            raise ValueError(
+                f"{op}: every tensor in `xs` must have the same leading size k; xs[0] has "
+                f"{xs[0].shape[0]} but xs[{p}] has shape {tuple(x.shape)}"
+            )
+    named = [(f"xs[{p}]", x) for p, x in enumerate(xs)]
+    check_same_device(op, named)
+    check_same_dtype(op, named)
+    if has_extension():
+        result = torch.ops.mtunlearn.gram_list(xs, per_tensor)
+    else:
+        result = _reference.gram_list(xs, per_tensor)
+    if check_finite:
+        check_finite_result(op, result, named)
+    return result
+
+
+def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
+    """Batched inner products ``C[..., i, j] = <a[..., i, :], b[..., j, :]>``.
+
+    Args:
+        a: ``[..., m, n]``; b: ``[..., k, n]`` with the same leading dims, dtype and device.
+
+    Returns:
+        ``[..., m, k]`` in the accumulation dtype (float32, or float64 for float64 inputs).
+    """
+    op = "mtunlearn_ext.ops.inner"
+    check_float_tensor(op, "a", a, min_dim=2)
+    check_float_tensor(op, "b", b, min_dim=2)
+    check_same_device(op, [("a", a), ("b", b)])
+    check_same_dtype(op, [("a", a), ("b", b)])
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"{op}: `a` [..., m, n] and `b` [..., k, n] must share leading dims and n; got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    result = torch.ops.mtunlearn.inner(a, b) if has_extension() else _reference.inner(a, b)
+    if check_finite:
+        check_finite_result(op, result, [("a", a), ("b", b)])
+    return result

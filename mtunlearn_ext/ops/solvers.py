@@ -1,0 +1,99 @@
+"""Coefficient-space solvers: the tiny ``k x k`` problems between a Gram pass and a combine pass.
+
+They run on the tensors' device in float64 internally (``k <= 256``: a few microseconds on a
+CPU core), with no host synchronisation on CUDA. Inputs are Gram matrices as returned by
+:func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext.ops import _reference
+from mtunlearn_ext.ops._checks import check_float_tensor, check_same_device
+
+MAX_SOLVER_K = 256
+
+
+def _check_gram(op: str, gram_matrix: torch.Tensor) -> int:
+    check_float_tensor(op, "gram", gram_matrix, min_dim=2)
+    k = gram_matrix.shape[-1]
+    if gram_matrix.shape[-2] != k:
+        raise ValueError(f"{op}: `gram` must be square [..., k, k], got {tuple(gram_matrix.shape)}")
+    if k > MAX_SOLVER_K:
+        raise ValueError(f"{op}: k={k} exceeds the solver limit of {MAX_SOLVER_K}")
+    return k
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Solve ``(G + lambda I) a = rhs`` with ``lambda = ridge * trace(G) / k``.
+
+    Args:
+        gram: ``[..., k, k]`` symmetric PSD; rhs: ``[..., k, m]``.
+        ridge: relative Tikhonov term. Cholesky pivots are clamped from below at ``lambda``, so a
+            rank-deficient ``G`` (duplicated or dependent rows) is solved stably: directions in its
+            numerical null space get coefficient ~0 instead of blowing up.
+
+    Returns:
+        ``a``: ``[..., k, m]``.
+    """
+    op = "mtunlearn_ext.ops.ridge_solve"
+    k = _check_gram(op, gram)
+    check_float_tensor(op, "rhs", rhs, min_dim=2)
+    check_same_device(op, [("gram", gram), ("rhs", rhs)])
+    if rhs.shape[:-2] != gram.shape[:-2] or rhs.shape[-2] != k:
+        raise ValueError(f"{op}: `rhs` must be [..., k={k}, m] with the Gram's leading dims, got "
+                         f"{tuple(rhs.shape)}")
+    if not ridge >= 0.0:
+        raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
+    if has_extension():
+        return torch.ops.mtunlearn.ridge_solve(gram, rhs, float(ridge))
+    return _reference.ridge_solve(gram, rhs, ridge)
+
+
+def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``min_{w >= 0} 1/2 w^T G w + c^T w`` for every row ``c`` of ``rhs``.
+
+    This is the dual of projecting a vector ``g`` onto the cone ``{d : <d, r_j> >= 0}`` with
+    ``G = R R^T`` and ``c = R g``: the projection is ``d = g + w @ R`` (GEM, UPGrad). Solved by
+    projected coordinate descent to a relative tolerance of ``1e-12``, then polished by an exact
+    solve on the active set.
+
+    Args:
+        gram: ``[..., k, k]``; rhs: ``[..., m, k]``.
+
+    Returns:
+        ``w >= 0``: ``[..., m, k]``.
+    """
+    op = "mtunlearn_ext.ops.nonconflicting_dual"
+    k = _check_gram(op, gram)
+    check_float_tensor(op, "rhs", rhs, min_dim=2)
+    check_same_device(op, [("gram", gram), ("rhs", rhs)])
+    if rhs.shape[:-2] != gram.shape[:-2] or rhs.shape[-1] != k:
+        raise ValueError(f"{op}: `rhs` must be [..., m, k={k}] with the Gram's leading dims, got "
+                         f"{tuple(rhs.shape)}")
+    if has_extension():
+        return torch.ops.mtunlearn.nonconflicting_dual(gram, rhs)
+    return _reference.nonconflicting_dual(gram, rhs)
+
+
+def pcgrad_weights(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """PCGrad in coefficient space: weights ``w`` (``[..., k]``) with PCGrad's update ``= w @ x``.
+
+    For each task ``i`` (in order), starting from ``e_i``, and for each other task ``j`` in the
+    order :func:`pcgrad_order` gives for ``(k, i, seed)``: if ``<v_i, x_j> < 0`` then
+    ``v_i -= <v_i, x_j> / |x_j|^2 x_j``. Inner products come from ``G``; the update is the sum of
+    the ``v_i`` (as in the PCGrad paper and LibMTL). ``seed < 0`` keeps the natural order.
+    """
+    op = "mtunlearn_ext.ops.pcgrad_weights"
+    _check_gram(op, gram)
+    if has_extension():
+        return torch.ops.mtunlearn.pcgrad_weights(gram, int(seed))
+    return _reference.pcgrad_weights(gram, int(seed))
+
+
+def pcgrad_order(k: int, task: int, seed: int) -> list[int]:
+    """The order in which PCGrad projects ``task`` against the other ``k - 1`` tasks for a seed
+    (identical in the compiled kernels, on every device)."""
+    return _reference.pcgrad_order(k, task, seed)
