@@ -1,0 +1,135 @@
+"""Multi-task data in memory: inputs, one target tensor per task, instance ids, and a supervision
+mask saying which (instance, task) pairs carry a label.
+
+The supervision mask is what unlearning edits: a partial-task request clears the target tasks'
+pairs of the forget instances and leaves their other tasks' labels in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression"]
+TASK_KINDS: tuple[str, ...] = ("classification", "segmentation", "depth", "normals", "regression")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a multi-task problem.
+
+    ``classification``: target ``[]`` long in ``[0, num_classes)``. ``segmentation``: ``[H, W]``
+    long, ``ignore_index`` for unlabelled pixels. ``depth``: ``[1, H, W]`` float, ``0`` where
+    unknown. ``normals``: ``[3, H, W]`` unit vectors, all-zero where unknown. ``regression``:
+    ``[d]`` float.
+    """
+
+    name: str
+    kind: TaskKind
+    num_classes: int | None = None
+    ignore_index: int = -1
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"TaskSpec: `kind` must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.kind in ("classification", "segmentation") and not self.num_classes:
+            raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
+
+
+class MultiTaskDataset(Dataset[dict[str, object]]):
+    """Tensor-backed multi-task data set.
+
+    Args:
+        inputs: ``[N, ...]``.
+        targets: task name -> ``[N, ...]`` target tensor, one per task in ``tasks``.
+        tasks: the task specs, in a fixed order (the columns of ``supervision``).
+        ids: ``[N]`` unique instance ids (default ``arange(N)``); requests name instances by id.
+        supervision: ``[N, T]`` bool, ``True`` where the pair carries a label (default all).
+
+    Items are dicts ``{"input", "targets": {task: t}, "supervision": [T] bool, "id": long}``,
+    which the default collate function batches.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: Mapping[str, torch.Tensor],
+                 tasks: Sequence[TaskSpec], ids: torch.Tensor | None = None,
+                 supervision: torch.Tensor | None = None) -> None:
+        n = inputs.shape[0]
+        self.tasks: list[TaskSpec] = list(tasks)
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"MultiTaskDataset: duplicate task names in {names}")
+        if set(targets) != set(names):
+            raise ValueError(f"MultiTaskDataset: `targets` has tasks {sorted(targets)} but "
+                             f"`tasks` names {names}")
+        for name, t in targets.items():
+            if t.shape[0] != n:
+                raise ValueError(f"MultiTaskDataset: targets[{name!r}] has {t.shape[0]} rows, "
+                                 f"inputs have {n}")
+        self.inputs = inputs
+        self.targets = {name: targets[name] for name in names}
+        self.ids = torch.arange(n) if ids is None else ids.to(torch.long)
+        if self.ids.shape != (n,) or torch.unique(self.ids).numel() != n:
+            raise ValueError("MultiTaskDataset: `ids` must be N unique integers")
+        if supervision is None:
+            supervision = torch.ones(n, len(names), dtype=torch.bool)
+        if supervision.shape != (n, len(names)) or supervision.dtype != torch.bool:
+            raise ValueError(f"MultiTaskDataset: `supervision` must be bool [{n}, {len(names)}], "
+                             f"got {supervision.dtype} {tuple(supervision.shape)}")
+        self.supervision = supervision
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task_index(self, name: str) -> int:
+        names = self.task_names
+        if name not in names:
+            raise KeyError(f"unknown task {name!r}; this data set has tasks {names}")
+        return names.index(name)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {
+            "input": self.inputs[index],
+            "targets": {name: t[index] for name, t in self.targets.items()},
+            "supervision": self.supervision[index],
+            "id": self.ids[index],
+        }
+
+    def positions_of(self, instance_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Row positions of the given instance ids; raises ``KeyError`` naming unknown ids."""
+        wanted = torch.as_tensor(instance_ids, dtype=torch.long).reshape(-1)
+        lookup = {int(i): p for p, i in enumerate(self.ids.tolist())}
+        missing = [int(i) for i in wanted.tolist() if int(i) not in lookup]
+        if missing:
+            shown = missing[:10]
+            raise KeyError(f"instance ids not in the data set: {shown}"
+                           f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+        return torch.tensor([lookup[int(i)] for i in wanted.tolist()], dtype=torch.long)
+
+    def subset(self, positions: torch.Tensor | Sequence[int]) -> MultiTaskDataset:
+        """The rows at ``positions`` (ids and supervision kept)."""
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return MultiTaskDataset(self.inputs[pos], {k: v[pos] for k, v in self.targets.items()},
+                                self.tasks, self.ids[pos], self.supervision[pos])
+
+    def with_supervision(self, supervision: torch.Tensor) -> MultiTaskDataset:
+        """The same rows with another supervision mask (tensors shared, not copied)."""
+        return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids, supervision)
+
+
+@dataclass
+class Benchmark:
+    """A named train/test split of one multi-task problem."""
+
+    name: str
+    train: MultiTaskDataset
+    test: MultiTaskDataset
+    tasks: list[TaskSpec] = field(default_factory=list)
+    info: dict[str, object] = field(default_factory=dict)

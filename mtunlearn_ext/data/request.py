@@ -1,0 +1,86 @@
+"""Forget requests: which supervision pairs to remove, and the forget/retain split they induce."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mtunlearn_ext.data.base import MultiTaskDataset
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    """Forget the supervision of ``target_tasks`` for the instances ``instance_ids``.
+
+    Full-task unlearning names every task (or ``target_tasks=None``); partial-task unlearning a
+    proper subset, and the other tasks' labels of those instances stay in the retain pairs.
+    """
+
+    instance_ids: tuple[int, ...]
+    target_tasks: tuple[str, ...] | None = None
+
+    @staticmethod
+    def create(instance_ids: Sequence[int] | torch.Tensor,
+               target_tasks: Sequence[str] | None = None) -> ForgetRequest:
+        ids = tuple(int(i) for i in torch.as_tensor(instance_ids).reshape(-1).tolist())
+        return ForgetRequest(ids, None if target_tasks is None else tuple(target_tasks))
+
+    def resolved_tasks(self, dataset: MultiTaskDataset) -> list[str]:
+        return list(dataset.task_names) if self.target_tasks is None else list(self.target_tasks)
+
+    def is_full(self, dataset: MultiTaskDataset) -> bool:
+        return set(self.resolved_tasks(dataset)) == set(dataset.task_names)
+
+    def ids_hash(self) -> str:
+        """SHA-256 of the sorted instance ids, for unlearning records."""
+        text = ",".join(str(i) for i in sorted(self.instance_ids))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def validate(self, dataset: MultiTaskDataset, partial: bool | None = None) -> None:
+        """Raise a clear error for an empty request, duplicate or unknown ids, unknown task names,
+        no target task, or (when ``partial`` is True) a partial request naming every task."""
+        if len(self.instance_ids) == 0:
+            raise ValueError("ForgetRequest: `instance_ids` is empty; name at least one instance")
+        if len(set(self.instance_ids)) != len(self.instance_ids):
+            raise ValueError("ForgetRequest: `instance_ids` holds duplicates")
+        dataset.positions_of(self.instance_ids)  # KeyError naming unknown ids
+        tasks = self.resolved_tasks(dataset)
+        if len(tasks) == 0:
+            raise ValueError("ForgetRequest: `target_tasks` is empty; name at least one task")
+        unknown = [t for t in tasks if t not in dataset.task_names]
+        if unknown:
+            raise KeyError(f"ForgetRequest: unknown task names {unknown}; the data set has "
+                           f"tasks {dataset.task_names}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"ForgetRequest: `target_tasks` holds duplicates: {tasks}")
+        if partial and set(tasks) == set(dataset.task_names):
+            raise ValueError(f"ForgetRequest: a partial-task request must leave at least one task; "
+                             f"it names every task {tasks} (use a full-task request instead)")
+        if len(self.instance_ids) == len(dataset) and set(tasks) == set(dataset.task_names):
+            raise ValueError("ForgetRequest: the request forgets every pair of the data set; "
+                             "nothing would be left to retain")
+
+    def forget_mask(self, dataset: MultiTaskDataset) -> torch.Tensor:
+        """``[N, T]`` bool: the supervised pairs in ``instance_ids x target_tasks``."""
+        self.validate(dataset)
+        mask = torch.zeros_like(dataset.supervision)
+        rows = dataset.positions_of(self.instance_ids)
+        cols = torch.tensor([dataset.task_index(t) for t in self.resolved_tasks(dataset)])
+        mask[rows.unsqueeze(1), cols.unsqueeze(0)] = True
+        return mask & dataset.supervision
+
+    def split(self, dataset: MultiTaskDataset) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+        """``(forget, retain)``: the forget set holds the forget instances with only the forget
+        pairs supervised; the retain set holds every instance that keeps at least one supervised
+        pair, with the forget pairs cleared (so a partial request keeps the forget instances'
+        other tasks there)."""
+        forget_pairs = self.forget_mask(dataset)
+        retain_sup = dataset.supervision & ~forget_pairs
+        forget_rows = forget_pairs.any(dim=1).nonzero().flatten()
+        retain_rows = retain_sup.any(dim=1).nonzero().flatten()
+        forget = dataset.with_supervision(forget_pairs).subset(forget_rows)
+        retain = dataset.with_supervision(retain_sup).subset(retain_rows)
+        return forget, retain
