@@ -1,0 +1,26 @@
+// Device-generic entry points of the primitive ops, callable from the composite surgery ops
+// without going through the dispatcher. Each checks its arguments and picks the backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace mtunlearn {
+
+at::Tensor gram(const at::Tensor& x);
+at::Tensor gram_list(at::TensorList xs, bool per_tensor);
+at::Tensor inner(const at::Tensor& a, const at::Tensor& b);
+at::Tensor combine(const at::Tensor& coeffs, const at::Tensor& x);
+void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor& x, double beta);
+void combine_list_(at::TensorList outs, const at::Tensor& coeffs, at::TensorList xs, double beta);
+at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double ridge);
+at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs);
+at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed);
+
+// out = beta * base + coeffs @ x, with out freshly allocated like base (used by the composites:
+// g - a^T basis is written in one pass, without copying g first).
+at::Tensor combine_with_base(const at::Tensor& coeffs, const at::Tensor& x, const at::Tensor& base,
+                             double beta);
+
+}  // namespace mtunlearn

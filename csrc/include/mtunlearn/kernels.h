@@ -1,0 +1,83 @@
+// Plain launcher interfaces between the torch-facing entries (ops/*/X.cpp) and the backend
+// kernels (ops/*/cpu/*.cpp, ops/*/cuda/*.cu). No torch headers here: kernel files stay cheap to
+// compile and the .cu files never see ATen.
+#pragma once
+
+#include <cstdint>
+
+namespace mtunlearn {
+
+enum class ScalarKind : int { Float64 = 0, Float32 = 1, Float16 = 2, BFloat16 = 3 };
+
+inline int element_size(ScalarKind kind) {
+  return kind == ScalarKind::Float64 ? 8 : kind == ScalarKind::Float32 ? 4 : 2;
+}
+
+// Inner products of `m` rows of A with `k` rows of B over `ncols` contiguous columns, added into
+// output matrix `out_index` ([m, k]). For a Gram matrix b == a and m == k.
+struct ReduceSegment {
+  const void* a;
+  const void* b;
+  int64_t a_row_stride;  // in elements
+  int64_t b_row_stride;
+  int64_t ncols;
+  int64_t out_index;
+};
+
+// out rows = beta * base rows + coeffs[coeff_index] ([m, k]) @ x rows, over `ncols` columns.
+// base may alias out (in-place update) or be null (beta ignored).
+struct CombineSegment {
+  void* out;
+  const void* base;
+  const void* x;
+  int64_t out_row_stride;
+  int64_t base_row_stride;
+  int64_t x_row_stride;
+  int64_t ncols;
+  int64_t coeff_index;
+};
+
+namespace cpu {
+// out: [num_outputs, m, k] of the accumulation type (double for Float64, float otherwise),
+// overwritten. Deterministic: the work split depends on the problem, not on the thread count.
+void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
+            int64_t k, bool symmetric, int64_t num_outputs, void* out);
+
+// coeffs: [num_coeffs, m, k] of the accumulation type.
+void combine(ScalarKind kind, const CombineSegment* segments, int64_t num_segments, int64_t m,
+             int64_t k, const void* coeffs, double beta);
+}  // namespace cpu
+
+namespace cuda {
+// Work items: column ranges of segments; item_out/item ranges let the second stage reduce the
+// partials of each output in a fixed order (deterministic).
+struct ReduceItem {
+  int32_t segment;
+  int32_t pad;
+  int64_t col_begin;
+  int64_t col_end;
+};
+
+// Number of bytes of device workspace `reduce` needs for this problem.
+int64_t reduce_workspace_bytes(int64_t num_items, int64_t m, int64_t k);
+
+// All pointers are device pointers; `stream` is a cudaStream_t.
+void reduce(ScalarKind kind, const ReduceSegment* segments_dev, const ReduceItem* items_dev,
+            int64_t num_items, const int64_t* output_item_begin_dev, int64_t num_outputs,
+            int64_t m, int64_t k, bool symmetric, bool vector_loads, void* workspace, void* out,
+            void* stream);
+
+void combine(ScalarKind kind, const CombineSegment* segments_dev, const ReduceItem* items_dev,
+             int64_t num_items, int64_t m, int64_t k, const void* coeffs, double beta,
+             bool vector_loads, void* stream);
+
+// One thread per problem; inputs/outputs in the accumulation type (float or double).
+void ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
+                 int m, double ridge, double* workspace, void* stream);
+void nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
+                         int k, int m, double* workspace, int* int_workspace, void* stream);
+void pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
+                    double* workspace, int* int_workspace, void* stream);
+}  // namespace cuda
+
+}  // namespace mtunlearn

@@ -1,0 +1,199 @@
+// Coefficient-space solvers shared by the CPU and CUDA backends: the tiny k x k problems that
+// sit between a Gram pass and a combine pass. Plain C++ (no torch headers) so that nvcc compiles
+// the same code for one-thread-per-problem device kernels. Everything is done in double: the
+// problems are tiny and their conditioning is the user's (Gram matrices square it).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cfloat>
+
+#if defined(__CUDACC__)
+#define MTU_HD __host__ __device__ inline
+#else
+#define MTU_HD inline
+#endif
+
+namespace mtunlearn {
+namespace solvers {
+
+constexpr int kMaxSolverK = 256;
+
+MTU_HD double dmax(double a, double b) { return a > b ? a : b; }
+MTU_HD double dabs(double a) { return a < 0 ? -a : a; }
+MTU_HD bool is_finite(double v) { return v - v == 0.0; }  // false for NaN and +-Inf
+
+// lambda = ridge * trace(G) / k (+ the smallest normal double, so that an all-zero Gram still
+// yields an invertible system). Must match mtunlearn_ext.ops._reference.ridge_lambda.
+MTU_HD double ridge_lambda(const double* gram, int k, double ridge) {
+  double trace = 0.0;
+  for (int i = 0; i < k; ++i) trace += gram[i * k + i];
+  const double mean_diag = k > 0 ? trace / k : 0.0;
+  return ridge * (mean_diag > 0.0 ? mean_diag : 0.0) + DBL_MIN;
+}
+
+// In-place Cholesky of (A + lam I) restricted to the rows/cols listed in `idx` (size k_sub),
+// reading A with leading dimension `lda` and writing L into `l` (k_sub x k_sub, row-major).
+// Pivots are clamped from below at `lam`: for a PSD Gram that is rank-deficient only by
+// rounding, this keeps the factor finite and makes near-null directions contribute ~0 instead
+// of amplifying noise. NaN pivots are kept so that non-finite inputs surface in the result.
+MTU_HD void cholesky_clamped(const double* a, int lda, const int* idx, int k_sub, double lam,
+                             double* l) {
+  for (int j = 0; j < k_sub; ++j) {
+    const int gj = idx ? idx[j] : j;
+    double d = a[gj * lda + gj] + lam;
+    for (int p = 0; p < j; ++p) d -= l[j * k_sub + p] * l[j * k_sub + p];
+    if (!(d >= lam) && d == d) d = lam;
+    const double ljj = sqrt(d);
+    l[j * k_sub + j] = ljj;
+    for (int i = j + 1; i < k_sub; ++i) {
+      const int gi = idx ? idx[i] : i;
+      double s = a[gi * lda + gj];
+      for (int p = 0; p < j; ++p) s -= l[i * k_sub + p] * l[j * k_sub + p];
+      l[i * k_sub + j] = s / ljj;
+    }
+    for (int i = 0; i < j; ++i) l[i * k_sub + j] = 0.0;
+  }
+}
+
+// Solve L L^T x = b in place (b has stride `inc`).
+MTU_HD void cholesky_solve(const double* l, int k, double* b, int64_t inc) {
+  for (int i = 0; i < k; ++i) {
+    double s = b[i * inc];
+    for (int p = 0; p < i; ++p) s -= l[i * k + p] * b[p * inc];
+    b[i * inc] = s / l[i * k + i];
+  }
+  for (int i = k - 1; i >= 0; --i) {
+    double s = b[i * inc];
+    for (int p = i + 1; p < k; ++p) s -= l[p * k + i] * b[p * inc];
+    b[i * inc] = s / l[i * k + i];
+  }
+}
+
+// (G + lam I) X = RHS for one problem. gram: k x k (double); rhs/out: k x m with row stride m.
+// scratch: k*k doubles.
+MTU_HD void ridge_solve(const double* gram, int k, const double* rhs, int m, double ridge,
+                        double* out, double* scratch) {
+  const double lam = ridge_lambda(gram, k, ridge);
+  cholesky_clamped(gram, k, nullptr, k, lam, scratch);
+  for (int i = 0; i < k * m; ++i) out[i] = rhs[i];
+  for (int c = 0; c < m; ++c) cholesky_solve(scratch, k, out + c, m);
+}
+
+// min_{w >= 0} 1/2 w^T G w + c^T w, the dual of projecting g onto {d : <d, r_j> >= 0} with
+// G = R R^T, c = R g (then d = g + w R). Projected coordinate descent (Gauss-Seidel, keeping
+// grad = G w + c current) to a relative tolerance, then an exact solve on the active set that
+// is kept when it satisfies the KKT conditions. Non-finite input gives an all-NaN w.
+// scratch: k*k + 2k doubles + k ints (idx).
+MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, double* w,
+                                double* scratch, int* idx) {
+  bool finite = true;
+  for (int i = 0; i < k * k; ++i) finite = finite && is_finite(gram[i]);
+  for (int i = 0; i < k; ++i) finite = finite && is_finite(c[i]);
+  if (!finite) {
+    for (int i = 0; i < k; ++i) w[i] = NAN;
+    return;
+  }
+  double* grad = scratch;           // k
+  double* trial = scratch + k;      // k
+  double* factor = scratch + 2 * k; // k*k
+  // Scale of the problem in d-space: the largest projection of g on a direction r_i.
+  double scale = 0.0;
+  for (int i = 0; i < k; ++i) {
+    w[i] = 0.0;
+    grad[i] = c[i];
+    const double gii = gram[i * k + i];
+    if (gii > 0.0) scale = dmax(scale, dabs(c[i]) / sqrt(gii));
+  }
+  if (scale == 0.0) return;  // g is orthogonal to every r_j (or every r_j is zero)
+  const double tol = 1e-13 * scale;
+  const int max_sweeps = 200 + 40 * k;
+  for (int sweep = 0; sweep < max_sweeps; ++sweep) {
+    double largest = 0.0;
+    for (int i = 0; i < k; ++i) {
+      const double gii = gram[i * k + i];
+      if (!(gii > 0.0)) continue;  // r_i = 0: its constraint always holds
+      double next = w[i] - grad[i] / gii;
+      if (next < 0.0) next = 0.0;
+      const double delta = next - w[i];
+      if (delta != 0.0) {
+        w[i] = next;
+        for (int j = 0; j < k; ++j) grad[j] += delta * gram[j * k + i];
+        largest = dmax(largest, dabs(delta) * sqrt(gii));
+      }
+    }
+    if (largest <= tol) break;
+  }
+  // Polish: solve G_AA w_A = -c_A on the active set; keep it if w_A > 0 and the inactive
+  // constraints keep a non-negative gradient (KKT), which makes the answer exact to rounding.
+  int na = 0;
+  for (int i = 0; i < k; ++i)
+    if (w[i] > 0.0) idx[na++] = i;
+  if (na == 0) return;
+  cholesky_clamped(gram, k, idx, na, 1e-15 * gram[idx[0] * k + idx[0]] + DBL_MIN, factor);
+  for (int a = 0; a < na; ++a) trial[a] = -c[idx[a]];
+  cholesky_solve(factor, na, trial, 1);
+  for (int a = 0; a < na; ++a)
+    if (!(trial[a] > 0.0)) return;
+  for (int i = 0; i < k; ++i) {
+    bool active = false;
+    for (int a = 0; a < na; ++a) active = active || idx[a] == i;
+    if (active) continue;
+    double gi = c[i];
+    for (int a = 0; a < na; ++a) gi += gram[i * k + idx[a]] * trial[a];
+    if (gi < -1e-9 * scale * sqrt(dmax(gram[i * k + i], 0.0))) return;
+  }
+  for (int i = 0; i < k; ++i) w[i] = 0.0;
+  for (int a = 0; a < na; ++a) w[idx[a]] = trial[a];
+}
+
+// splitmix64: the generator behind PCGrad's task orders; must match
+// mtunlearn_ext.ops._reference.pcgrad_order.
+MTU_HD uint64_t splitmix64_next(uint64_t* state) {
+  *state += 0x9E3779B97F4A7C15ull;
+  uint64_t z = *state;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// order: k-1 ints, the other tasks in the order task `task` is projected against them.
+MTU_HD void pcgrad_order(int k, int task, int64_t seed, int* order) {
+  int n = 0;
+  for (int j = 0; j < k; ++j)
+    if (j != task) order[n++] = j;
+  if (seed < 0) return;
+  uint64_t state = static_cast<uint64_t>(seed) ^ (0xD1B54A32D192ED03ull * static_cast<uint64_t>(task + 1));
+  for (int t = n - 1; t > 0; --t) {
+    const uint64_t r = splitmix64_next(&state);
+    const int pick = static_cast<int>(r % static_cast<uint64_t>(t + 1));
+    const int tmp = order[t];
+    order[t] = order[pick];
+    order[pick] = tmp;
+  }
+}
+
+// PCGrad in coefficient space: total[l] = sum_i v_i[l] where v_i starts at e_i and, for each
+// j in task i's order, v_i -= min(<v_i, x_j>, 0) / |x_j|^2 e_j with <v_i, x_j> = v_i . G[:, j].
+// scratch: k doubles; order: k ints.
+MTU_HD void pcgrad_weights(const double* gram, int k, int64_t seed, double* total,
+                           double* scratch, int* order) {
+  double* v = scratch;
+  for (int l = 0; l < k; ++l) total[l] = 0.0;
+  for (int i = 0; i < k; ++i) {
+    for (int l = 0; l < k; ++l) v[l] = l == i ? 1.0 : 0.0;
+    pcgrad_order(k, i, seed, order);
+    for (int t = 0; t < k - 1; ++t) {
+      const int j = order[t];
+      double dot = 0.0;
+      for (int l = 0; l < k; ++l) dot += v[l] * gram[l * k + j];
+      const double gjj = gram[j * k + j];
+      if (dot < 0.0 && gjj > 0.0) v[j] -= dot / gjj;
+      else if (dot != dot) v[j] = NAN;
+    }
+    for (int l = 0; l < k; ++l) total[l] += v[l];
+  }
+}
+
+}  // namespace solvers
+}  // namespace mtunlearn

@@ -1,0 +1,58 @@
+// The Python module mtunlearn_ext._C. Loading it loads the shared library that carries the
+// TORCH_LIBRARY registrations; build_info() says how it was built. Kept alone in its file:
+// pybind11 headers are expensive and nothing else needs them.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#ifndef MTU_TORCH_VERSION
+#define MTU_TORCH_VERSION "unknown"
+#endif
+#ifndef MTU_CUDA_ARCHS
+#define MTU_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#else
+  return "unknown";
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["torch_version"] = MTU_TORCH_VERSION;
+#ifdef MTU_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = MTU_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["parallel_backend"] = at::get_parallel_info();
+  info["threads"] = at::get_num_threads();
+  info["compiler"] = compiler();
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mtunlearn_ext compiled ops (registered as torch.ops.mtunlearn)";
+  m.def("build_info", &build_info, "How the extension was built: torch, CUDA archs, threads, compiler");
+}

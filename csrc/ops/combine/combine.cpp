@@ -1,0 +1,185 @@
+// Entries of combine, combine_ and combine_list_: checks, segment lists, and the backend choice.
+// Kernels: cpu/combine_kernel.cpp and cuda/combine_kernel.cu.
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "mtunlearn/checks.h"
+#include "mtunlearn/entries.h"
+#include "mtunlearn/kernels.h"
+#ifdef MTU_WITH_CUDA
+#include "mtunlearn/cuda_host.h"
+#endif
+
+namespace mtunlearn {
+namespace {
+
+at::Tensor rows_unit_stride(const at::Tensor& t) {
+  if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
+  return t.contiguous();
+}
+
+at::Tensor as_batched(const at::Tensor& t) {
+  const int64_t r = t.size(-2), n = t.size(-1);
+  at::Tensor u = rows_unit_stride(t);
+  return u.dim() == 3 ? u : u.reshape({-1, r, n});
+}
+
+void run_combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64_t m,
+                 int64_t k, const at::Tensor& coeffs, double beta, const at::Device& device) {
+  if (segments.empty() || m == 0) return;
+  if (device.is_cpu()) {
+    cpu::combine(kind, segments.data(), static_cast<int64_t>(segments.size()), m, k,
+                 coeffs.data_ptr(), beta);
+    return;
+  }
+#ifdef MTU_WITH_CUDA
+  cuda_host::combine(kind, segments, m, k, coeffs, beta);
+#else
+  TORCH_CHECK(false, "mtunlearn: this build has no CUDA kernels (device ", device, ")");
+#endif
+}
+
+void check_combine_args(const at::Tensor& coeffs, const at::Tensor& x, const char* op) {
+  check_min_dim(coeffs, 2, op, "coeffs");
+  check_min_dim(x, 2, op, "x");
+  scalar_kind(coeffs, op, "coeffs");
+  scalar_kind(x, op, "x");
+  check_same_device(x, "x", coeffs, "coeffs", op);
+  TORCH_CHECK_VALUE(coeffs.dim() == x.dim() &&
+                        coeffs.sizes().slice(0, coeffs.dim() - 2) == x.sizes().slice(0, x.dim() - 2) &&
+                        coeffs.size(-1) == x.size(-2),
+                    op, ": `coeffs` [..., m, k] and `x` [..., k, n] must share leading dims and k; got ",
+                    coeffs.sizes(), " and ", x.sizes());
+}
+
+// out ([..., m, n], contiguous) = beta * base + coeffs @ x; base may be out itself or undefined.
+void combine_into(const at::Tensor& out, const at::Tensor& base, const at::Tensor& coeffs_in,
+                  const at::Tensor& x_in, double beta, const char* op) {
+  if (out.numel() == 0) return;
+  const ScalarKind kind = scalar_kind(x_in, op, "x");
+  const int64_t m = coeffs_in.size(-2), k = coeffs_in.size(-1), n = x_in.size(-1);
+  at::Tensor coeffs = coeffs_in.to(acc_type(x_in.scalar_type())).contiguous().reshape({-1, m, k});
+  at::Tensor x = as_batched(x_in);
+  at::Tensor o = out.view({-1, m, n});
+  at::Tensor b = base.defined() ? as_batched(base) : at::Tensor();
+  const int64_t esize = element_size(kind);
+  std::vector<CombineSegment> segments;
+  segments.reserve(o.size(0));
+  for (int64_t i = 0; i < o.size(0); ++i) {
+    CombineSegment s;
+    s.out = static_cast<char*>(o.data_ptr()) + i * o.stride(0) * esize;
+    s.base = b.defined() ? static_cast<const char*>(b.data_ptr()) + i * b.stride(0) * esize : nullptr;
+    s.x = static_cast<const char*>(x.data_ptr()) + i * x.stride(0) * esize;
+    s.out_row_stride = o.stride(1);
+    s.base_row_stride = b.defined() ? b.stride(1) : 0;
+    s.x_row_stride = x.stride(1);
+    s.ncols = n;
+    s.coeff_index = i;
+    segments.push_back(s);
+  }
+  run_combine(kind, segments, m, k, coeffs, b.defined() ? beta : 0.0, out.device());
+}
+
+}  // namespace
+
+at::Tensor combine(const at::Tensor& coeffs, const at::Tensor& x) {
+  constexpr const char* op = "mtunlearn::combine";
+  check_combine_args(coeffs, x, op);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.push_back(coeffs.size(-2));
+  shape.push_back(x.size(-1));
+  at::Tensor out = at::empty(shape, x.options());
+  combine_into(out, at::Tensor(), coeffs, x, 0.0, op);
+  return out;
+}
+
+at::Tensor combine_with_base(const at::Tensor& coeffs, const at::Tensor& x, const at::Tensor& base,
+                             double beta) {
+  constexpr const char* op = "mtunlearn::combine";
+  check_combine_args(coeffs, x, op);
+  at::Tensor out = at::empty(base.sizes(), base.options());
+  combine_into(out, base, coeffs, x, beta, op);
+  return out;
+}
+
+void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor& x, double beta) {
+  constexpr const char* op = "mtunlearn::combine_";
+  check_combine_args(coeffs, x, op);
+  check_same_device(x, "x", out, "out", op);
+  check_same_dtype(x, "x", out, "out", op);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.push_back(coeffs.size(-2));
+  shape.push_back(x.size(-1));
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape), op, ": `out` must have shape ",
+                    at::IntArrayRef(shape), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": `out` must be contiguous (it is written in place)");
+  at::assert_no_overlap(out, x);
+  combine_into(out, beta != 0.0 ? out : at::Tensor(), coeffs, x, beta, op);
+}
+
+void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorList xs, double beta) {
+  constexpr const char* op = "mtunlearn::combine_list_";
+  TORCH_CHECK_VALUE(outs.size() == xs.size(), op, ": `xs` and `outs` must have the same length, got ",
+                    xs.size(), " and ", outs.size());
+  TORCH_CHECK_VALUE(coeffs_in.dim() == 1 || coeffs_in.dim() == 2, op,
+                    ": `coeffs` must be [k] or [m, k], got ", coeffs_in.sizes());
+  scalar_kind(coeffs_in, op, "coeffs");
+  if (xs.empty()) return;
+  const int64_t k = coeffs_in.size(-1);
+  const int64_t m = coeffs_in.dim() == 1 ? 1 : coeffs_in.size(0);
+  const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
+  const int64_t esize = element_size(kind);
+  std::vector<at::Tensor> flats;
+  std::vector<CombineSegment> segments;
+  flats.reserve(xs.size());
+  for (size_t p = 0; p < xs.size(); ++p) {
+    const std::string xn = indexed("xs", p), on = indexed("outs", p);
+    TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == k, op, ": ", xn,
+                      " must have leading size k=", k, " (from `coeffs`), got shape ", xs[p].sizes());
+    check_same_device(coeffs_in, "coeffs", xs[p], xn.c_str(), op);
+    check_same_device(xs[p], xn.c_str(), outs[p], on.c_str(), op);
+    check_same_dtype(xs[0], "xs[0]", xs[p], xn.c_str(), op);
+    check_same_dtype(xs[p], xn.c_str(), outs[p], on.c_str(), op);
+    const int64_t n = k == 0 ? 0 : xs[p].numel() / k;
+    TORCH_CHECK_VALUE(outs[p].numel() == m * (k == 0 ? outs[p].numel() / std::max<int64_t>(m, 1) : n),
+                      op, ": ", on, " has shape ", outs[p].sizes(), ", which does not match ", xn,
+                      " of shape ", xs[p].sizes(), " with m=", m);
+    TORCH_CHECK_VALUE(outs[p].is_contiguous(), op, ": ", on, " must be contiguous (it is written in place)");
+    at::assert_no_overlap(outs[p], xs[p]);
+    const int64_t cols = outs[p].numel() / std::max<int64_t>(m, 1);
+    at::Tensor flat = k == 0 ? xs[p] : rows_unit_stride(xs[p].reshape({k, n}));
+    flats.push_back(flat);
+    CombineSegment s;
+    s.out = outs[p].data_ptr();
+    s.base = beta != 0.0 ? outs[p].data_ptr() : nullptr;
+    s.x = flat.data_ptr();
+    s.out_row_stride = cols;
+    s.base_row_stride = cols;
+    s.x_row_stride = k == 0 ? 0 : flat.stride(0);
+    s.ncols = cols;
+    s.coeff_index = 0;
+    segments.push_back(s);
+  }
+  at::Tensor coeffs = coeffs_in.to(acc_type(xs[0].scalar_type())).contiguous();
+  run_combine(kind, segments, m, k, coeffs, beta, xs[0].device());
+}
+
+TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+  m.impl("combine", &combine);
+  m.impl("combine_", &combine_);
+  m.impl("combine_list_", &combine_list_);
+}
+
+#ifdef MTU_WITH_CUDA
+TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+  m.impl("combine", &combine);
+  m.impl("combine_", &combine_);
+  m.impl("combine_list_", &combine_list_);
+}
+#endif
+
+}  // namespace mtunlearn

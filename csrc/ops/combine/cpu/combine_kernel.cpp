@@ -1,0 +1,147 @@
+// CPU kernel behind combine, combine_list and the write-back of every surgery op:
+// out = beta * base + coeffs @ x over a huge column dimension, for a list of segments.
+//
+// Each tile of the k input rows is converted once to the accumulation type, every output row
+// is accumulated in a tile-sized buffer four input rows at a time (fewer passes over it), then
+// converted back once. With beta == 0 the base is never read, so NaN in an uninitialised output
+// cannot leak into the result.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "mtunlearn/cpu_simd.h"
+#include "mtunlearn/kernels.h"
+
+namespace mtunlearn {
+namespace cpu {
+namespace {
+
+using namespace cpu_simd;
+
+struct Item {
+  int64_t segment;
+  int64_t col_begin;
+  int64_t col_end;
+};
+
+struct CombineProblem {
+  const CombineSegment* segments;
+  int64_t m;
+  int64_t k;
+  double beta;
+  const void* coeffs;
+  int64_t tile;
+};
+
+template <typename Tag, bool kAvx2>
+MTU_ALWAYS_INLINE void combine_item(const CombineProblem& p, const Item& item,
+                                    typename Tag::acc* x_tile, typename Tag::acc* acc_row) {
+  using Acc = typename Tag::acc;
+  using S = typename Tag::storage;
+  const CombineSegment& seg = p.segments[item.segment];
+  const Acc* coeffs = static_cast<const Acc*>(p.coeffs) + seg.coeff_index * p.m * p.k;
+  const S* x = static_cast<const S*>(seg.x);
+  const S* base = static_cast<const S*>(seg.base);
+  S* out = static_cast<S*>(seg.out);
+  const bool use_base = base != nullptr && p.beta != 0.0;
+  const Acc beta = static_cast<Acc>(p.beta);
+  const int64_t ld = p.tile;
+  for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
+    const int64_t w = std::min(ld, item.col_end - c0);
+    for (int64_t r = 0; r < p.k; ++r)
+      load_row<Tag, kAvx2>(x + r * seg.x_row_stride + c0, x_tile + r * ld, w);
+    for (int64_t i = 0; i < p.m; ++i) {
+      if (use_base) {
+        load_row<Tag, kAvx2>(base + i * seg.base_row_stride + c0, acc_row, w);
+        for (int64_t c = 0; c < w; ++c) acc_row[c] *= beta;
+      } else {
+        std::fill(acc_row, acc_row + w, Acc(0));
+      }
+      const Acc* ci = coeffs + i * p.k;
+      int64_t j = 0;
+      for (; j + 4 <= p.k; j += 4) {
+        const Acc a0 = ci[j], a1 = ci[j + 1], a2 = ci[j + 2], a3 = ci[j + 3];
+        const Acc* x0 = x_tile + j * ld;
+        const Acc* x1 = x0 + ld;
+        const Acc* x2 = x1 + ld;
+        const Acc* x3 = x2 + ld;
+        for (int64_t c = 0; c < w; ++c)
+          acc_row[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
+      }
+      for (; j < p.k; ++j) {
+        const Acc a0 = ci[j];
+        const Acc* x0 = x_tile + j * ld;
+        for (int64_t c = 0; c < w; ++c) acc_row[c] += a0 * x0[c];
+      }
+      store_row<Tag, kAvx2>(acc_row, out + i * seg.out_row_stride + c0, w);
+    }
+  }
+}
+
+template <typename Tag, bool kAvx2>
+void run_items(const CombineProblem& p, const std::vector<Item>& items) {
+  using Acc = typename Tag::acc;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> x_tile(static_cast<size_t>(std::max<int64_t>(p.k, 1) * p.tile));
+    std::vector<Acc> acc_row(static_cast<size_t>(p.tile));
+    for (int64_t it = begin; it < end; ++it)
+      combine_item<Tag, kAvx2>(p, items[it], x_tile.data(), acc_row.data());
+  });
+}
+
+#if MTU_X86
+#define MTU_DEFINE_AVX2_RUNNER(TAG)                                                          \
+  MTU_AVX2_TARGET void run_items_avx2_##TAG(const CombineProblem& p,                         \
+                                            const std::vector<Item>& items) {                \
+    run_items<TAG, true>(p, items);                                                          \
+  }
+MTU_DEFINE_AVX2_RUNNER(F64)
+MTU_DEFINE_AVX2_RUNNER(F32)
+MTU_DEFINE_AVX2_RUNNER(F16)
+MTU_DEFINE_AVX2_RUNNER(BF16)
+#undef MTU_DEFINE_AVX2_RUNNER
+#endif
+
+template <typename Tag>
+void run_dispatch(const CombineProblem& p, const std::vector<Item>& items,
+                  void (*avx2_runner)(const CombineProblem&, const std::vector<Item>&)) {
+  if (avx2_runner && has_avx2()) {
+    avx2_runner(p, items);
+  } else {
+    run_items<Tag, false>(p, items);
+  }
+}
+
+}  // namespace
+
+void combine(ScalarKind kind, const CombineSegment* segments, int64_t num_segments, int64_t m,
+             int64_t k, const void* coeffs, double beta) {
+  if (m == 0) return;
+  const int64_t acc_bytes = kind == ScalarKind::Float64 ? 8 : 4;
+  CombineProblem p{segments, m, k, beta, coeffs, 0};
+  p.tile = std::max<int64_t>(64, std::min<int64_t>(2048, 64 * 1024 / (acc_bytes * (k + 2)) / 64 * 64));
+  // Columns per item: enough work per task, independent of the thread count.
+  constexpr int64_t kItemCols = 16384;
+  std::vector<Item> items;
+  for (int64_t s = 0; s < num_segments; ++s)
+    for (int64_t c = 0; c < segments[s].ncols; c += kItemCols)
+      items.push_back({s, c, std::min(segments[s].ncols, c + kItemCols)});
+  if (items.empty()) return;
+  switch (kind) {
+#if MTU_X86
+    case ScalarKind::Float64: run_dispatch<F64>(p, items, run_items_avx2_F64); break;
+    case ScalarKind::Float32: run_dispatch<F32>(p, items, run_items_avx2_F32); break;
+    case ScalarKind::Float16: run_dispatch<F16>(p, items, run_items_avx2_F16); break;
+    case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, run_items_avx2_BF16); break;
+#else
+    case ScalarKind::Float64: run_dispatch<F64>(p, items, nullptr); break;
+    case ScalarKind::Float32: run_dispatch<F32>(p, items, nullptr); break;
+    case ScalarKind::Float16: run_dispatch<F16>(p, items, nullptr); break;
+    case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, nullptr); break;
+#endif
+  }
+}
+
+}  // namespace cpu
+}  // namespace mtunlearn

@@ -1,0 +1,232 @@
+// CPU kernel behind gram, gram_list and inner: inner products of m rows with k rows over a huge
+// column dimension, for a list of segments (batch entries or per-parameter tensors).
+//
+// Work split: every segment is cut into column ranges ("items") whose size depends only on the
+// problem, never on the thread count, and items are reduced in a fixed order: results are
+// bitwise reproducible. Within an item, columns are processed in cache-sized tiles: each tile of
+// every row is converted once to the accumulation type (fp16/bf16 -> fp32), then a 3 x 4
+// register-blocked micro-kernel computes the inner products (upper triangle only for a Gram).
+// Tile sums are accumulated in double, so fp32 inputs lose nothing over long rows.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "mtunlearn/cpu_simd.h"
+#include "mtunlearn/kernels.h"
+
+namespace mtunlearn {
+namespace cpu {
+namespace {
+
+using namespace cpu_simd;
+
+constexpr int kMR = 3;
+constexpr int kNR = 4;
+constexpr int64_t kMinItemCols = 4096;
+constexpr int64_t kMaxPartialDoubles = int64_t(1) << 22;  // bounds the partials buffer (32 MiB)
+
+struct AlignedBuffer {
+  void* ptr = nullptr;
+  explicit AlignedBuffer(size_t bytes) {
+    ptr = std::aligned_alloc(64, round_up(static_cast<int64_t>(std::max<size_t>(bytes, 64)), 64));
+    if (!ptr) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(ptr); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+struct Item {
+  int64_t segment;
+  int64_t col_begin;
+  int64_t col_end;
+};
+
+struct ReduceProblem {
+  const ReduceSegment* segments;
+  int64_t m;
+  int64_t k;
+  bool symmetric;
+  int64_t rows_a;  // m padded to kMR (to kMR*kNR for a Gram: both roles use one buffer)
+  int64_t rows_b;
+  int64_t tile;    // columns per tile
+};
+
+template <typename Acc, int MR, int NR>
+MTU_ALWAYS_INLINE void block_dot(const Acc* a, const Acc* b, int64_t ld, int64_t width,
+                                 double* out, int64_t ldo) {
+  using V = typename VecOf<Acc>::type;
+  constexpr int L = VecOf<Acc>::lanes;
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = V{} ;
+  for (int64_t col = 0; col < width; col += L) {
+    V av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = load_vec<V>(a + r * ld + col);
+    for (int c = 0; c < NR; ++c) {
+      const V bv = load_vec<V>(b + c * ld + col);
+      for (int r = 0; r < MR; ++r) acc[r][c] += av[r] * bv;
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) out[r * ldo + c] += hsum(acc[r][c]);
+}
+
+template <typename Tag, bool kAvx2>
+MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& item,
+                                         typename Tag::acc* tile_a, typename Tag::acc* tile_b,
+                                         double* item_acc) {
+  using Acc = typename Tag::acc;
+  using S = typename Tag::storage;
+  constexpr int L = VecOf<Acc>::lanes;
+  const ReduceSegment& seg = p.segments[item.segment];
+  const S* a = static_cast<const S*>(seg.a);
+  const S* b = static_cast<const S*>(seg.b);
+  const int64_t ld = p.tile;
+  std::fill(item_acc, item_acc + p.rows_a * p.rows_b, 0.0);
+  // Padded rows stay zero for the whole item; padded tail columns are zeroed per tile.
+  std::fill(tile_a, tile_a + p.rows_a * ld, Acc(0));
+  if (!p.symmetric) std::fill(tile_b, tile_b + p.rows_b * ld, Acc(0));
+  const Acc* rows_b = p.symmetric ? tile_a : tile_b;
+  for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
+    const int64_t w = std::min(ld, item.col_end - c0);
+    const int64_t wpad = round_up(w, L);
+    for (int64_t r = 0; r < p.m; ++r) {
+      load_row<Tag, kAvx2>(a + r * seg.a_row_stride + c0, tile_a + r * ld, w);
+      std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
+    }
+    if (!p.symmetric) {
+      for (int64_t r = 0; r < p.k; ++r) {
+        load_row<Tag, kAvx2>(b + r * seg.b_row_stride + c0, tile_b + r * ld, w);
+        std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
+      }
+    }
+    for (int64_t i = 0; i < p.rows_a; i += kMR) {
+      for (int64_t j = 0; j < p.rows_b; j += kNR) {
+        if (p.symmetric && j + kNR <= i) continue;  // block entirely below the diagonal
+        block_dot<Acc, kMR, kNR>(tile_a + i * ld, rows_b + j * ld, ld, wpad,
+                                 item_acc + i * p.rows_b + j, p.rows_b);
+      }
+    }
+  }
+}
+
+template <typename Tag, bool kAvx2>
+void run_items(const ReduceProblem& p, const std::vector<Item>& items, double* partials) {
+  using Acc = typename Tag::acc;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer a_buf(sizeof(Acc) * p.rows_a * p.tile);
+    AlignedBuffer b_buf(p.symmetric ? 64 : sizeof(Acc) * p.rows_b * p.tile);
+    std::vector<double> acc(p.rows_a * p.rows_b);
+    for (int64_t it = begin; it < end; ++it) {
+      process_item_impl<Tag, kAvx2>(p, items[it], static_cast<Acc*>(a_buf.ptr),
+                                    static_cast<Acc*>(b_buf.ptr), acc.data());
+      double* dst = partials + it * p.m * p.k;
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int64_t j = 0; j < p.k; ++j) dst[i * p.k + j] = acc[i * p.rows_b + j];
+    }
+  });
+}
+
+#if MTU_X86
+#define MTU_DEFINE_AVX2_RUNNER(TAG)                                                       \
+  MTU_AVX2_TARGET void run_items_avx2_##TAG(const ReduceProblem& p,                       \
+                                            const std::vector<Item>& items, double* out) { \
+    run_items<TAG, true>(p, items, out);                                                  \
+  }
+MTU_DEFINE_AVX2_RUNNER(F64)
+MTU_DEFINE_AVX2_RUNNER(F32)
+MTU_DEFINE_AVX2_RUNNER(F16)
+MTU_DEFINE_AVX2_RUNNER(BF16)
+#undef MTU_DEFINE_AVX2_RUNNER
+#endif
+
+template <typename Tag>
+void run_dispatch(const ReduceProblem& p, const std::vector<Item>& items, double* partials,
+                  void (*avx2_runner)(const ReduceProblem&, const std::vector<Item>&, double*)) {
+  if (avx2_runner && has_avx2()) {
+    avx2_runner(p, items, partials);
+  } else {
+    run_items<Tag, false>(p, items, partials);
+  }
+}
+
+}  // namespace
+
+void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
+            int64_t k, bool symmetric, int64_t num_outputs, void* out) {
+  const bool dbl = kind == ScalarKind::Float64;
+  const int64_t out_elems = num_outputs * m * k;
+  if (out_elems == 0) return;
+  // Items: column ranges sized from the problem alone (reproducible for any thread count).
+  int64_t total_cols = 0;
+  for (int64_t s = 0; s < num_segments; ++s) total_cols += segments[s].ncols;
+  const int64_t max_items = std::max<int64_t>(1, std::min<int64_t>(1024, kMaxPartialDoubles / (m * k)));
+  const int64_t item_cols = round_up(
+      std::max<int64_t>(kMinItemCols, (total_cols + max_items - 1) / max_items), 64);
+  std::vector<Item> items;
+  std::vector<int64_t> item_out;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    for (int64_t c = 0; c < segments[s].ncols; c += item_cols) {
+      items.push_back({s, c, std::min(segments[s].ncols, c + item_cols)});
+      item_out.push_back(segments[s].out_index);
+    }
+  }
+  ReduceProblem p;
+  p.segments = segments;
+  p.m = m;
+  p.k = k;
+  p.symmetric = symmetric;
+  if (symmetric) {
+    p.rows_a = p.rows_b = round_up(m, kMR * kNR);
+  } else {
+    p.rows_a = round_up(m, kMR);
+    p.rows_b = round_up(k, kNR);
+  }
+  const int64_t acc_bytes = dbl ? 8 : 4;
+  const int64_t tile_budget = 128 * 1024 / (acc_bytes * (p.rows_a + (symmetric ? 0 : p.rows_b)));
+  p.tile = std::max<int64_t>(64, std::min<int64_t>(1024, tile_budget / 64 * 64));
+
+  std::vector<double> partials(items.size() * m * k);
+  if (!items.empty()) {
+    switch (kind) {
+#if MTU_X86
+      case ScalarKind::Float64: run_dispatch<F64>(p, items, partials.data(), run_items_avx2_F64); break;
+      case ScalarKind::Float32: run_dispatch<F32>(p, items, partials.data(), run_items_avx2_F32); break;
+      case ScalarKind::Float16: run_dispatch<F16>(p, items, partials.data(), run_items_avx2_F16); break;
+      case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, partials.data(), run_items_avx2_BF16); break;
+#else
+      case ScalarKind::Float64: run_dispatch<F64>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::Float32: run_dispatch<F32>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::Float16: run_dispatch<F16>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, partials.data(), nullptr); break;
+#endif
+    }
+  }
+  // Fixed-order reduction of the partials into each output, then the mirror for Grams.
+  std::vector<double> total(out_elems, 0.0);
+  for (size_t it = 0; it < items.size(); ++it) {
+    double* dst = total.data() + item_out[it] * m * k;
+    const double* src = partials.data() + it * m * k;
+    for (int64_t e = 0; e < m * k; ++e) dst[e] += src[e];
+  }
+  if (symmetric) {
+    for (int64_t o = 0; o < num_outputs; ++o) {
+      double* g = total.data() + o * m * k;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < i; ++j) g[i * k + j] = g[j * k + i];
+    }
+  }
+  if (dbl) {
+    std::copy(total.begin(), total.end(), static_cast<double*>(out));
+  } else {
+    float* o = static_cast<float*>(out);
+    for (int64_t e = 0; e < out_elems; ++e) o[e] = static_cast<float>(total[e]);
+  }
+}
+
+}  // namespace cpu
+}  // namespace mtunlearn

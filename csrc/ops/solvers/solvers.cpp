@@ -1,0 +1,159 @@
+// Entries of the coefficient-space solvers: ridge_solve, nonconflicting_dual, pcgrad_weights.
+// The algorithms are in include/mtunlearn/small_solvers.h, shared verbatim with the CUDA
+// kernels (cuda/solvers_kernel.cu), so both backends give the same answers.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "mtunlearn/checks.h"
+#include "mtunlearn/entries.h"
+#include "mtunlearn/small_solvers.h"
+#ifdef MTU_WITH_CUDA
+#include "mtunlearn/cuda_host.h"
+#endif
+
+namespace mtunlearn {
+namespace {
+
+void check_gram(const at::Tensor& gram, const char* op) {
+  check_min_dim(gram, 2, op, "gram");
+  scalar_kind(gram, op, "gram");
+  TORCH_CHECK_VALUE(gram.size(-1) == gram.size(-2), op, ": `gram` must be square [..., k, k], got ",
+                    gram.sizes());
+  check_solver_k(gram.size(-1), op, "gram");
+}
+
+void check_rhs(const at::Tensor& gram, const at::Tensor& rhs, bool rows_are_k, const char* op) {
+  check_min_dim(rhs, 2, op, "rhs");
+  scalar_kind(rhs, op, "rhs");
+  check_same_device(gram, "gram", rhs, "rhs", op);
+  const int64_t k = gram.size(-1);
+  const bool lead_ok = rhs.dim() == gram.dim() &&
+                       rhs.sizes().slice(0, rhs.dim() - 2) == gram.sizes().slice(0, gram.dim() - 2);
+  TORCH_CHECK_VALUE(lead_ok && (rows_are_k ? rhs.size(-2) == k : rhs.size(-1) == k), op,
+                    ": `rhs` must be ", rows_are_k ? "[..., k, m]" : "[..., m, k]",
+                    " with k=", k, " and the Gram's leading dims ", gram.sizes().slice(0, gram.dim() - 2),
+                    ", got ", rhs.sizes());
+}
+
+// Solver inputs as contiguous double on the CPU path (the problems are tiny).
+at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+}  // namespace
+
+at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double ridge) {
+  constexpr const char* op = "mtunlearn::ridge_solve";
+  check_gram(gram, op);
+  check_rhs(gram, rhs, /*rows_are_k=*/true, op);
+  TORCH_CHECK_VALUE(ridge >= 0.0, op, ": `ridge` must be >= 0, got ", ridge);
+  const int64_t k = gram.size(-1), m = rhs.size(-1);
+  at::Tensor out = at::empty(rhs.sizes(), rhs.options().dtype(gram.scalar_type()));
+  if (out.numel() == 0) return out;
+  if (!gram.is_cpu()) {
+#ifdef MTU_WITH_CUDA
+    at::Tensor g = gram.contiguous();
+    cuda_host::ridge_solve(g, rhs.to(g.scalar_type()).contiguous(), out, ridge);
+    return out;
+#else
+    TORCH_CHECK(false, op, ": this build has no CUDA kernels");
+#endif
+  }
+  at::Tensor g = as_double(gram), r = as_double(rhs);
+  at::Tensor o = at::empty(rhs.sizes(), rhs.options().dtype(at::kDouble));
+  const int64_t batch = g.numel() / (k * k);
+  const double* gp = g.data_ptr<double>();
+  const double* rp = r.data_ptr<double>();
+  double* op_ = o.data_ptr<double>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(k * k);
+    for (int64_t b = begin; b < end; ++b)
+      solvers::ridge_solve(gp + b * k * k, static_cast<int>(k), rp + b * k * m, static_cast<int>(m),
+                           ridge, op_ + b * k * m, scratch.data());
+  });
+  out.copy_(o);
+  return out;
+}
+
+at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
+  constexpr const char* op = "mtunlearn::nonconflicting_dual";
+  check_gram(gram, op);
+  check_rhs(gram, rhs, /*rows_are_k=*/false, op);
+  const int64_t k = gram.size(-1), m = rhs.size(-2);
+  at::Tensor out = at::empty(rhs.sizes(), rhs.options().dtype(gram.scalar_type()));
+  if (out.numel() == 0) return out;
+  if (!gram.is_cpu()) {
+#ifdef MTU_WITH_CUDA
+    at::Tensor g = gram.contiguous();
+    cuda_host::nonconflicting_dual(g, rhs.to(g.scalar_type()).contiguous(), out);
+    return out;
+#else
+    TORCH_CHECK(false, op, ": this build has no CUDA kernels");
+#endif
+  }
+  at::Tensor g = as_double(gram), r = as_double(rhs);
+  at::Tensor o = at::empty(rhs.sizes(), rhs.options().dtype(at::kDouble));
+  const int64_t batch = g.numel() / (k * k);
+  const double* gp = g.data_ptr<double>();
+  const double* rp = r.data_ptr<double>();
+  double* op_ = o.data_ptr<double>();
+  at::parallel_for(0, batch * m, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(k * k + 2 * k);
+    std::vector<int> idx(k);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = p / m;
+      solvers::nonconflicting_dual(gp + b * k * k, static_cast<int>(k), rp + p * k, op_ + p * k,
+                                   scratch.data(), idx.data());
+    }
+  });
+  out.copy_(o);
+  return out;
+}
+
+at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
+  constexpr const char* op = "mtunlearn::pcgrad_weights";
+  check_gram(gram, op);
+  const int64_t k = gram.size(-1);
+  at::Tensor out = at::empty(gram.sizes().slice(0, gram.dim() - 1), gram.options());
+  if (out.numel() == 0) return out;
+  if (!gram.is_cpu()) {
+#ifdef MTU_WITH_CUDA
+    cuda_host::pcgrad_weights(gram.contiguous(), out, seed);
+    return out;
+#else
+    TORCH_CHECK(false, op, ": this build has no CUDA kernels");
+#endif
+  }
+  at::Tensor g = as_double(gram);
+  at::Tensor o = at::empty(out.sizes(), out.options().dtype(at::kDouble));
+  const int64_t batch = g.numel() / (k * k);
+  const double* gp = g.data_ptr<double>();
+  double* op_ = o.data_ptr<double>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(k);
+    std::vector<int> order(k);
+    for (int64_t b = begin; b < end; ++b)
+      solvers::pcgrad_weights(gp + b * k * k, static_cast<int>(k), seed, op_ + b * k,
+                              scratch.data(), order.data());
+  });
+  out.copy_(o);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+  m.impl("ridge_solve", &ridge_solve);
+  m.impl("nonconflicting_dual", &nonconflicting_dual);
+  m.impl("pcgrad_weights", &pcgrad_weights);
+}
+
+#ifdef MTU_WITH_CUDA
+TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+  m.impl("ridge_solve", &ridge_solve);
+  m.impl("nonconflicting_dual", &nonconflicting_dual);
+  m.impl("pcgrad_weights", &pcgrad_weights);
+}
+#endif
+
+}  // namespace mtunlearn

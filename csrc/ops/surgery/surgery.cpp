@@ -1,0 +1,82 @@
+// The whole-step surgery ops, composed from the primitives on any device: one Gram pass, one
+// inner-product pass, a tiny solve on the device, one combine pass that writes the result
+// directly (g - a^T B is produced without first copying g). No host synchronisation.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "mtunlearn/checks.h"
+#include "mtunlearn/entries.h"
+
+namespace mtunlearn {
+namespace {
+
+void check_pair(const at::Tensor& g, const char* g_name, const at::Tensor& r, const char* r_name,
+                const char* op) {
+  check_min_dim(g, 2, op, g_name);
+  check_min_dim(r, 2, op, r_name);
+  scalar_kind(g, op, g_name);
+  check_same_device(g, g_name, r, r_name, op);
+  check_same_dtype(g, g_name, r, r_name, op);
+  TORCH_CHECK_VALUE(g.dim() == r.dim() &&
+                        g.sizes().slice(0, g.dim() - 2) == r.sizes().slice(0, r.dim() - 2) &&
+                        g.size(-1) == r.size(-1),
+                    op, ": `", g_name, "` [..., m, n] and `", r_name,
+                    "` [..., k, n] must share leading dims and n; got ", g.sizes(), " and ", r.sizes());
+  check_solver_k(r.size(-2), op, r_name);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> project_out(const at::Tensor& g, const at::Tensor& basis,
+                                               double ridge) {
+  constexpr const char* op = "mtunlearn::project_out";
+  check_pair(g, "g", basis, "basis", op);
+  TORCH_CHECK_VALUE(ridge >= 0.0, op, ": `ridge` must be >= 0, got ", ridge);
+  const at::Tensor gm = mtunlearn::gram(basis);                        // [..., k, k]
+  const at::Tensor rhs = mtunlearn::inner(basis, g);                   // [..., k, m]
+  const at::Tensor a = mtunlearn::ridge_solve(gm, rhs, ridge);         // [..., k, m]
+  const at::Tensor coeffs = a.transpose(-1, -2).contiguous();          // [..., m, k]
+  at::Tensor out = combine_with_base(coeffs.neg(), basis, g, 1.0);
+  return {out, coeffs};
+}
+
+std::tuple<at::Tensor, at::Tensor> project_nonconflicting(const at::Tensor& g, const at::Tensor& r,
+                                                          int64_t sign) {
+  constexpr const char* op = "mtunlearn::project_nonconflicting";
+  check_pair(g, "g", r, "r", op);
+  TORCH_CHECK_VALUE(sign == 1 || sign == -1, op, ": `sign` must be 1 or -1, got ", sign);
+  const at::Tensor gm = mtunlearn::gram(r);                            // [..., k, k]
+  at::Tensor rhs = mtunlearn::inner(g, r);                             // [..., m, k]
+  if (sign < 0) rhs = rhs.neg();
+  const at::Tensor w = mtunlearn::nonconflicting_dual(gm, rhs);        // [..., m, k]
+  at::Tensor out = combine_with_base(sign < 0 ? w.neg() : w, r, g, 1.0);
+  return {out, w};
+}
+
+std::tuple<at::Tensor, at::Tensor> pcgrad(const at::Tensor& x, int64_t seed) {
+  constexpr const char* op = "mtunlearn::pcgrad";
+  check_min_dim(x, 2, op, "x");
+  scalar_kind(x, op, "x");
+  check_solver_k(x.size(-2), op, "x");
+  const at::Tensor w = mtunlearn::pcgrad_weights(mtunlearn::gram(x), seed);  // [..., k]
+  at::Tensor out = mtunlearn::combine(w.unsqueeze(-2), x).squeeze(-2);     // [..., n]
+  return {out, w};
+}
+
+TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+  m.impl("project_out", &project_out);
+  m.impl("project_nonconflicting", &project_nonconflicting);
+  m.impl("pcgrad", &pcgrad);
+}
+
+#ifdef MTU_WITH_CUDA
+TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+  m.impl("project_out", &project_out);
+  m.impl("project_nonconflicting", &project_nonconflicting);
+  m.impl("pcgrad", &pcgrad);
+}
+#endif
+
+}  // namespace mtunlearn

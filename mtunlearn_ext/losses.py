@@ -1,0 +1,160 @@
+"""Task losses: one per-sample loss per task kind, and the supervision-masked multi-task loss.
+
+Every loss here returns one value per sample (``[B]``), so that callers can weight samples by the
+supervision mask, take per-sample gradients, or feed per-sample losses to a membership attack.
+Within a dense sample the loss is a mean over that sample's *valid* pixels only:
+
+* ``classification``: ``CE(logits, y)``; a sample whose label is ``ignore_index`` has loss 0.
+* ``segmentation``: ``(1 / |P|) sum_{p in P} CE(logits_p, y_p)`` with ``P`` the pixels whose label
+  is not ``ignore_index``.
+* ``depth``: ``(1 / |P|) sum_{p in P} |d_hat_p - d_p|`` with ``P = {p : d_p > 0}`` (0 = unknown).
+* ``normals``: ``(1 / |P|) sum_{p in P} (1 - <n_hat_p / |n_hat_p|, n_p>)`` with
+  ``P = {p : n_p != 0}``; the prediction is re-normalised here, so a head need not do it.
+* ``regression``: ``(1 / d) |y_hat - y|^2`` (mean squared error over the target's ``d`` entries).
+
+A sample with no valid pixel gets loss 0 (and gradient 0) rather than NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mtunlearn_ext.data.base import TaskSpec
+
+__all__ = ["masked_multitask_loss", "per_sample_losses", "task_loss", "valid_pixel_mask"]
+
+
+def valid_pixel_mask(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` bool: the pixels of a dense target that carry a label.
+
+    Segmentation: label ``!= ignore_index``; depth ``[B, 1, H, W]``: ``> 0``; normals
+    ``[B, 3, H, W]``: not the zero vector.
+    """
+    if spec.kind == "segmentation":
+        return target != spec.ignore_index
+    if spec.kind == "depth":
+        return target[:, 0] > 0
+    if spec.kind == "normals":
+        return target.abs().sum(dim=1) > 0
+    raise ValueError(f"valid_pixel_mask: task {spec.name!r} of kind {spec.kind} is not dense")
+
+
+def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``per_pixel [B, H, W]`` over ``valid [B, H, W]``; 0 where none valid.
+
+    ``torch.where`` (not a product) keeps NaN/inf from invalid pixels out of the sum and its
+    gradient.
+    """
+    flat = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype,
+                                                     device=per_pixel.device)).flatten(1)
+    count = valid.flatten(1).sum(dim=1).clamp(min=1).to(per_pixel.dtype)
+    return flat.sum(dim=1) / count
+
+
+def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``[B]`` of one task (see the module docstring for the formulas).
+
+    Args:
+        spec: the task.
+        pred: the head's output: logits ``[B, C]`` (classification), logits ``[B, C, H, W]``
+            (segmentation), depth ``[B, 1, H, W]``, normals ``[B, 3, H, W]``, values ``[B, d]``
+            (regression; ``[B]`` also accepted).
+        target: the task's target batch, layout as in :class:`TaskSpec`.
+    """
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(f"task_loss[{spec.name}]: pred has {pred.shape[0]} samples, target "
+                         f"{target.shape[0]}")
+    kind = spec.kind
+    if kind == "classification":
+        if pred.dim() != 2 or target.dim() != 1:
+            raise ValueError(f"task_loss[{spec.name}]: classification wants pred [B, C] and "
+                             f"target [B], got {tuple(pred.shape)} and {tuple(target.shape)}")
+        return F.cross_entropy(pred, target.long(), reduction="none",
+                               ignore_index=spec.ignore_index)
+    if kind == "regression":
+        pred2 = pred.reshape(pred.shape[0], -1)
+        target2 = target.reshape(target.shape[0], -1).to(pred.dtype)
+        if pred2.shape != target2.shape:
+            raise ValueError(f"task_loss[{spec.name}]: regression pred {tuple(pred.shape)} and "
+                             f"target {tuple(target.shape)} differ")
+        return (pred2 - target2).pow(2).mean(dim=1)
+    if pred.dim() != 4:
+        raise ValueError(f"task_loss[{spec.name}]: {kind} wants pred [B, C, H, W], "
+                         f"got {tuple(pred.shape)}")
+    if kind == "segmentation":
+        if target.shape != (pred.shape[0], *pred.shape[2:]):
+            raise ValueError(f"task_loss[{spec.name}]: segmentation target must be [B, H, W] = "
+                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}")
+        target = target.long()
+        per_pixel = F.cross_entropy(pred, target, reduction="none", ignore_index=spec.ignore_index)
+        return _mean_over_valid(per_pixel, valid_pixel_mask(spec, target))
+    if target.shape != pred.shape:
+        raise ValueError(f"task_loss[{spec.name}]: {kind} pred {tuple(pred.shape)} and target "
+                         f"{tuple(target.shape)} differ")
+    target = target.to(pred.dtype)
+    valid = valid_pixel_mask(spec, target)
+    if kind == "depth":
+        return _mean_over_valid((pred - target).abs()[:, 0], valid)
+    if kind == "normals":
+        cosine = (F.normalize(pred, dim=1, eps=1e-8) * target).sum(dim=1)
+        return _mean_over_valid(1.0 - cosine, valid)
+    raise ValueError(f"task_loss: unsupported task kind {kind!r}")
+
+
+def per_sample_losses(model_out: Mapping[str, torch.Tensor], batch: Mapping[str, object],
+                      tasks: Sequence[TaskSpec]) -> dict[str, torch.Tensor]:
+    """Task name -> per-sample loss ``[B]`` for every task in ``tasks``, ignoring supervision."""
+    targets = batch["targets"]
+    assert isinstance(targets, Mapping)
+    return {spec.name: task_loss(spec, model_out[spec.name], targets[spec.name]) for spec in tasks}
+
+
+def masked_multitask_loss(model_out: Mapping[str, torch.Tensor], batch: Mapping[str, object],
+                          tasks: Sequence[TaskSpec], supervision: torch.Tensor | None = None,
+                          task_weights: Mapping[str, float] | None = None,
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over tasks of each task's mean loss over the batch's *supervised* samples.
+
+    ``L = sum_t w_t L_t`` with ``L_t = sum_i m_it l_t(i) / sum_i m_it`` (``l_t(i)`` the per-sample
+    loss of :func:`task_loss`, ``m`` the supervision mask); a task with no supervised sample in
+    the batch contributes an exact zero (still attached to the graph, so ``backward`` works).
+    Unsupervised pairs are dropped with ``torch.where``, so their targets may hold anything finite
+    or not.
+
+    Args:
+        model_out: task name -> prediction (as returned by ``MultiTaskModel.forward``).
+        batch: a collated batch (``{"targets": {task: [B, ...]}, "supervision": [B, T], ...}``).
+        tasks: the tasks to include.
+        supervision: ``[B, len(tasks)]`` bool whose columns follow ``tasks``; default
+            ``batch["supervision"]``, which then must have one column per task in ``tasks`` in
+            that order (pass the data set's ``tasks``, or select columns yourself).
+        task_weights: optional task name -> weight ``w_t`` (default 1).
+
+    Returns:
+        ``(total, per_task)``: the scalar total and task name -> ``L_t``.
+    """
+    if supervision is None:
+        sup = batch["supervision"]
+        assert isinstance(sup, torch.Tensor)
+        supervision = sup
+    if supervision.dim() != 2 or supervision.shape[1] != len(tasks):
+        raise ValueError(f"masked_multitask_loss: `supervision` must be [B, {len(tasks)}] "
+                         f"(one column per task in `tasks`), got {tuple(supervision.shape)}")
+    losses = per_sample_losses(model_out, batch, tasks)
+    per_task: dict[str, torch.Tensor] = {}
+    total: torch.Tensor | None = None
+    for column, spec in enumerate(tasks):
+        mask = supervision[:, column].to(losses[spec.name].device)
+        sample_loss = losses[spec.name]
+        kept = torch.where(mask, sample_loss, torch.zeros((), dtype=sample_loss.dtype,
+                                                          device=sample_loss.device))
+        task_mean = kept.sum() / mask.sum().clamp(min=1).to(sample_loss.dtype)
+        per_task[spec.name] = task_mean
+        weight = 1.0 if task_weights is None else float(task_weights.get(spec.name, 1.0))
+        total = weight * task_mean if total is None else total + weight * task_mean
+    if total is None:
+        raise ValueError("masked_multitask_loss: `tasks` is empty")
+    return total, per_task

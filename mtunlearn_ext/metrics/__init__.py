@@ -1,0 +1,19 @@
+"""Metrics: per-task metrics per split, membership inference, UIS and the gap to retraining."""
+
+from mtunlearn_ext.metrics.evaluate import evaluate, evaluate_splits, per_sample_task_losses
+from mtunlearn_ext.metrics.membership import MIAResult, membership_attack, mia_auc
+from mtunlearn_ext.metrics.scores import retrain_gap, retrain_gap_terms, uis, uis_terms
+from mtunlearn_ext.metrics.task_metrics import (
+    METRICS,
+    MetricAccumulator,
+    MetricInfo,
+    angle_errors_deg,
+    confusion_matrix,
+    make_accumulator,
+    segmentation_scores,
+)
+
+__all__ = ["METRICS", "MIAResult", "MetricAccumulator", "MetricInfo", "angle_errors_deg",
+           "confusion_matrix", "evaluate", "evaluate_splits", "make_accumulator",
+           "membership_attack", "mia_auc", "per_sample_task_losses", "retrain_gap",
+           "retrain_gap_terms", "segmentation_scores", "uis", "uis_terms"]

@@ -1,0 +1,133 @@
+"""Loss-based membership inference: does the model treat the forget set like training data?
+
+The attack (after Shokri et al. / Yeom et al.: training samples have lower loss):
+
+1. Features of an instance: ``phi(x) = (log(l_t(x) + 1e-8))_{t in S}``, its per-sample loss on
+   each attacked task ``t in S`` (default: the tasks supervised in the forget set).
+2. The attack model is fitted on members = retain instances (label 1) against non-members = one
+   half of the test instances (label 0): a class-balanced logistic regression on standardised
+   features (``attack="logistic"``), or no fitting at all, ``score = -mean_t z_t(x)`` with
+   ``z_t`` the standardised feature (``attack="loss"``, the plain low-loss threshold attack).
+3. **Reported AUC**: the ROC AUC of the attack score separating the forget instances (positives)
+   from the *other*, held-out half of the test instances (negatives), which the attack never saw.
+
+So ``auc = P(score(forget) > score(unseen test))`` (ties count 1/2): 0.5 means the forget set looks
+exactly like unseen data, 1.0 means every forget instance looks more like a member than every
+test instance. A perfectly unlearned model is *not* expected to reach 0.5 but the retrained
+model's AUC (forget instances may be easier or harder than test ones); compare the two.
+``member_auc`` is the same AUC for held-out retain instances, a check that the attack works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
+from mtunlearn_ext.models.base import MultiTaskModel
+
+__all__ = ["MIAResult", "membership_attack", "mia_auc"]
+
+
+@dataclass(frozen=True)
+class MIAResult:
+    """Result of :func:`membership_attack`.
+
+    ``auc``: forget (positives) vs held-out test (negatives); ``member_auc``: held-out retain vs
+    held-out test; ``tasks``: the attacked tasks; the sizes of the sets used.
+    """
+
+    auc: float
+    member_auc: float
+    tasks: tuple[str, ...]
+    num_forget: int
+    num_members_fit: int
+    num_non_members_fit: int
+    num_non_members_eval: int
+
+
+def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[str],
+              batch_size: int) -> np.ndarray:
+    """``[n, |S|]`` log-losses of the rows with every attacked task supervised."""
+    losses = per_sample_task_losses(model, dataset, list(tasks), batch_size)
+    complete = ~torch.isnan(losses).any(dim=1)
+    return torch.log(losses[complete] + 1e-8).numpy()
+
+
+def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
+                      non_members: MultiTaskDataset, forget: MultiTaskDataset,
+                      tasks: Sequence[TaskSpec | str] | None = None, *, batch_size: int = 64,
+                      attack: Literal["logistic", "loss"] = "logistic", max_members: int = 2000,
+                      seed: int = 0) -> MIAResult:
+    """Run the loss-based attack of this module and report its AUCs.
+
+    Args:
+        model: the model under attack.
+        members: the retain set (training data the model should still fit).
+        non_members: unseen data (the test set); split in half by ``seed``: one half fits the
+            attack, the other is the negatives of the reported AUCs.
+        forget: the forget set (its supervised pairs are the forget pairs).
+        tasks: the attacked tasks (default: tasks with a supervised pair in ``forget``).
+        batch_size: evaluation batch size.
+        attack: ``"logistic"`` or ``"loss"`` (see the module docstring).
+        max_members: at most this many members are used (a random, seeded subset).
+        seed: seeds the halving of the test set and the member subset.
+    """
+    if tasks is None:
+        names = [t for j, t in enumerate(forget.task_names) if bool(forget.supervision[:, j].any())]
+    else:
+        names = [t if isinstance(t, str) else t.name for t in tasks]
+    if not names:
+        raise ValueError("membership_attack: the forget set has no supervised pair")
+    rng = np.random.default_rng(seed)
+    forget_x = _features(model, forget, names, batch_size)
+    member_x = _features(model, members, names, batch_size)
+    test_x = _features(model, non_members, names, batch_size)
+    if len(forget_x) == 0:
+        raise ValueError(f"membership_attack: no forget instance has every task of {names}")
+    if len(test_x) < 4 or len(member_x) < 4:
+        raise ValueError(f"membership_attack: needs >= 4 members and non-members with tasks "
+                         f"{names}; got {len(member_x)} and {len(test_x)}")
+    member_x = member_x[rng.permutation(len(member_x))[:max_members]]
+    test_x = test_x[rng.permutation(len(test_x))]
+    member_fit, member_eval = np.array_split(member_x, 2)
+    test_fit, test_eval = np.array_split(test_x, 2)
+
+    fit_x = np.concatenate([member_fit, test_fit])
+    mean, std = fit_x.mean(axis=0), fit_x.std(axis=0) + 1e-12
+    if attack == "logistic":
+        fit_y = np.concatenate([np.ones(len(member_fit)), np.zeros(len(test_fit))])
+        classifier = LogisticRegression(class_weight="balanced", max_iter=1000)
+        classifier.fit((fit_x - mean) / std, fit_y)
+
+        def score(x: np.ndarray) -> np.ndarray:
+            return classifier.decision_function((x - mean) / std)
+    elif attack == "loss":
+        def score(x: np.ndarray) -> np.ndarray:
+            return -((x - mean) / std).mean(axis=1)
+    else:
+        raise ValueError(f"membership_attack: unknown attack {attack!r}")
+
+    def auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+        labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
+        return float(roc_auc_score(labels, np.concatenate([score(positives), score(negatives)])))
+
+    return MIAResult(auc=auc(forget_x, test_eval), member_auc=auc(member_eval, test_eval),
+                     tasks=tuple(names), num_forget=len(forget_x),
+                     num_members_fit=len(member_fit), num_non_members_fit=len(test_fit),
+                     num_non_members_eval=len(test_eval))
+
+
+def mia_auc(model: MultiTaskModel, members: MultiTaskDataset, non_members: MultiTaskDataset,
+            forget: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None = None,
+            **kwargs: object) -> float:
+    """The attack AUC on the forget set vs held-out unseen data; see :func:`membership_attack`
+    (keyword arguments are passed on to it)."""
+    return membership_attack(model, members, non_members, forget, tasks, **kwargs).auc  # type: ignore[arg-type]

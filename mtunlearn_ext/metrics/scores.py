@@ -1,0 +1,174 @@
+"""Summary scores of an unlearned model: UIS (OrthoGrad's formula) and the gap to retraining.
+
+Inputs are the metric dicts of :func:`~mtunlearn_ext.metrics.evaluate`: task -> metric -> value
+(and split -> task -> metric -> value for the retrain gap).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+from mtunlearn_ext.metrics.task_metrics import METRICS
+
+__all__ = ["retrain_gap", "retrain_gap_terms", "uis", "uis_terms"]
+
+Scores = Mapping[str, Mapping[str, float]]
+
+
+def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool:
+    if higher_is_better is not None and metric in higher_is_better:
+        return bool(higher_is_better[metric])
+    if metric in METRICS:
+        return METRICS[metric].higher_is_better
+    raise KeyError(f"unknown metric {metric!r}: give its direction in `higher_is_better`")
+
+
+def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
+              higher_is_better: Mapping[str, bool] | None = None,
+              tasks: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per task and metric, the pieces of :func:`uis` (each x100).
+
+    Returns task -> metric -> ``{"uis": (test_change + forget_change) / 2, "test_change":
+    |O_t - U_t| / O_t, "forget_change": |O_t - U_u| / O_t, "forget_advantage": s (U_u - O_t) /
+    O_t}`` with ``s = +1`` for higher-is-better metrics and ``-1`` for errors, so
+    ``forget_advantage > 0`` means the forget set still scores *better* than unseen data (not yet
+    forgotten) and ``< 0`` that it scores worse (over-forgotten). Terms with ``O_t == 0`` or a
+    non-finite value are skipped with a warning (the ratio is undefined).
+    """
+    names = tasks if tasks is not None else [
+        t for t in original_test if t in unlearned_test and t in unlearned_forget]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for task in names:
+        for source, label in ((original_test, "original_test"), (unlearned_test, "unlearned_test"),
+                              (unlearned_forget, "unlearned_forget")):
+            if task not in source:
+                raise KeyError(f"uis: task {task!r} missing from `{label}`")
+        metrics = [m for m in original_test[task]
+                   if m in unlearned_test[task] and m in unlearned_forget[task]]
+        for metric in metrics:
+            sign = 1.0 if _direction(metric, higher_is_better) else -1.0
+            o_t = float(original_test[task][metric])
+            u_t = float(unlearned_test[task][metric])
+            u_u = float(unlearned_forget[task][metric])
+            if not all(math.isfinite(v) for v in (o_t, u_t, u_u)) or o_t == 0.0:
+                warnings.warn(f"uis: skipping {task}/{metric} (O_t={o_t}, U_t={u_t}, U_u={u_u}): "
+                              "the relative change is undefined", RuntimeWarning, stacklevel=2)
+                continue
+            test_change = abs(o_t - u_t) / abs(o_t)
+            forget_change = abs(o_t - u_u) / abs(o_t)
+            out.setdefault(task, {})[metric] = {
+                "uis": 100.0 * (test_change + forget_change) / 2.0,
+                "test_change": 100.0 * test_change,
+                "forget_change": 100.0 * forget_change,
+                "forget_advantage": 100.0 * sign * (u_u - o_t) / abs(o_t),
+            }
+    return out
+
+
+def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
+        higher_is_better: Mapping[str, bool] | None = None,
+        tasks: Sequence[str] | None = None) -> float:
+    """Unlearning Impact Score, OrthoGrad's formula (lower is better), x100.
+
+    For every task ``t`` and metric ``m`` present in all three inputs, with ``O_t`` the original
+    model's test score, ``U_t`` the unlearned model's test score and ``U_u`` its forget-set
+    score::
+
+        UIS_{t,m} = 100 * (|O_t - U_t| / O_t + |O_t - U_u| / O_t) / 2
+
+    The first half penalises any change on unseen data (utility lost), the second any distance
+    of the forget-set score from the original model's level on unseen data: a forget set that
+    still scores better than unseen data is under-forgotten, one that scores worse is
+    over-forgotten; both count. ``UIS = mean over tasks of (mean over that task's metrics of
+    UIS_{t,m})``: each task weighs the same however many metrics it has (normals report five,
+    classification one).
+
+    Error metrics (lower is better) enter unchanged: the absolute values make every term a
+    direction-free relative change, so no sign flip is needed, and converting an error into a
+    score first (say ``180 - angle``) would change the normaliser ``O_t`` and the value. The
+    direction (``higher_is_better``: metric -> bool, default :data:`METRICS`) is checked to exist
+    for every metric and used in :func:`uis_terms`' signed ``forget_advantage``.
+
+    Args:
+        original_test: the original model's test metrics, task -> metric -> value.
+        unlearned_test: the unlearned model's test metrics.
+        unlearned_forget: the unlearned model's forget-set metrics (only the forget pairs).
+        higher_is_better: directions of metrics unknown to :data:`METRICS` (or overrides).
+        tasks: tasks to include (default: those in all three inputs; in partial-task unlearning
+            these are the target tasks, the non-target tasks having no forget pairs).
+    """
+    terms = uis_terms(original_test, unlearned_test, unlearned_forget, higher_is_better, tasks)
+    if not terms:
+        raise ValueError("uis: no (task, metric) present in all three inputs with O_t != 0")
+    per_task = [sum(v["uis"] for v in metrics.values()) / len(metrics)
+                for metrics in terms.values()]
+    return sum(per_task) / len(per_task)
+
+
+def _normalised_gap(metric: str, unlearned: float, retrained: float,
+                    bounded: Mapping[str, bool] | None) -> float:
+    is_bounded = (bounded[metric] if bounded is not None and metric in bounded
+                  else METRICS[metric].bounded if metric in METRICS else None)
+    if is_bounded is None:
+        raise KeyError(f"retrain_gap: unknown metric {metric!r}: say in `bounded` whether it is "
+                       "a fraction in [0, 1]")
+    gap = abs(unlearned - retrained)
+    return gap if is_bounded or retrained == 0.0 else gap / abs(retrained)
+
+
+def retrain_gap_terms(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores],
+                      unlearned_mia_auc: float | None = None,
+                      retrained_mia_auc: float | None = None,
+                      bounded: Mapping[str, bool] | None = None) -> dict[str, float]:
+    """The normalised gaps of :func:`retrain_gap`, keyed ``"split/task/metric"`` (and
+    ``"mia_auc"``), each x100."""
+    terms: dict[str, float] = {}
+    for split, tasks in unlearned.items():
+        if split not in retrained:
+            continue
+        for task, metrics in tasks.items():
+            if task not in retrained[split]:
+                continue
+            for metric, value in metrics.items():
+                if metric not in retrained[split][task]:
+                    continue
+                gold = float(retrained[split][task][metric])
+                if not (math.isfinite(float(value)) and math.isfinite(gold)):
+                    continue
+                terms[f"{split}/{task}/{metric}"] = 100.0 * _normalised_gap(
+                    metric, float(value), gold, bounded)
+    if (unlearned_mia_auc is None) != (retrained_mia_auc is None):
+        raise ValueError("retrain_gap: give both MIA AUCs or neither")
+    if unlearned_mia_auc is not None and retrained_mia_auc is not None:
+        terms["mia_auc"] = 100.0 * abs(float(unlearned_mia_auc) - float(retrained_mia_auc))
+    return terms
+
+
+def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores],
+                unlearned_mia_auc: float | None = None, retrained_mia_auc: float | None = None,
+                bounded: Mapping[str, bool] | None = None) -> float:
+    """Mean normalised gap to the retrained (gold) model, x100; 0 = indistinguishable.
+
+    Over every ``(split, task, metric)`` present in both inputs (split -> task -> metric ->
+    value, e.g. splits forget / retain / test) and the attack AUC when both are given::
+
+        gap = 100 * mean_k g_k,   g_k = |u_k - r_k|          for fractions in [0, 1]
+                                  g_k = |u_k - r_k| / |r_k|  for unbounded errors
+
+    Normalisation: accuracies, mIoU, pixel accuracy, ``delta_1.25``, ``within_*`` and the AUC are
+    fractions, so their absolute gap is already a share of the full scale (x100: percentage
+    points). Errors in metres or degrees have no common scale, so their gap is taken relative to
+    the retrained model's value (x100: percent of the gold error); ``r_k == 0`` falls back to
+    the absolute gap. A flat mean: every entry counts once, the AUC as one entry.
+
+    Args:
+        unlearned / retrained: split -> task -> metric -> value.
+        unlearned_mia_auc / retrained_mia_auc: the attack AUCs (both or neither).
+        bounded: metric -> whether it is a fraction, for metrics unknown to :data:`METRICS`.
+    """
+    terms = retrain_gap_terms(unlearned, retrained, unlearned_mia_auc, retrained_mia_auc, bounded)
+    if not terms:
+        raise ValueError("retrain_gap: no metric present in both inputs")
+    return sum(terms.values()) / len(terms)

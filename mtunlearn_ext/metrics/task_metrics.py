@@ -1,0 +1,264 @@
+"""Per-task metrics, accumulated over batches and pooled over a whole split.
+
+Every metric is pooled over the split's labelled units (samples or valid pixels), not averaged
+over per-batch means, so the value does not depend on the batch size. Fractions are reported in
+``[0, 1]``, depth errors in the data's depth unit (metres for the generated benchmarks), angles in
+degrees.
+
+* classification: ``accuracy = #(argmax logits == y) / #samples``.
+* segmentation, from the confusion matrix ``M[g, p]`` (count of valid pixels with label ``g``
+  predicted ``p``): ``IoU_c = M[c,c] / (sum_p M[c,p] + sum_g M[g,c] - M[c,c])``;
+  ``miou`` = mean of ``IoU_c`` over the classes with a non-empty union (present in the labels or
+  the predictions; a class absent from both carries no information and would be 0/0);
+  ``pixel_acc = trace(M) / sum(M)``.
+* depth, over valid pixels ``d > 0``: ``abs_err = mean |d_hat - d|``, ``rel_err = mean |d_hat - d|
+  / d``, ``delta_1.25 = mean[max(d_hat / d, d / d_hat) < 1.25]``.
+* normals, over valid pixels ``n != 0``: the angle ``e = arccos(clamp(<n_hat/|n_hat|, n>, -1, 1))``
+  in degrees; ``mean_angle``, ``median_angle``, and ``within_11.25`` / ``within_22.5`` /
+  ``within_30`` = fraction of pixels with ``e < 11.25 / 22.5 / 30`` degrees. The median is read
+  from a 0.01-degree histogram (exact to that bin width, in constant memory).
+* regression: ``mse`` and ``mae`` over all target entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mtunlearn_ext.data.base import TaskSpec
+
+__all__ = ["METRICS", "MetricAccumulator", "MetricInfo", "angle_errors_deg", "confusion_matrix",
+           "make_accumulator", "segmentation_scores"]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How to read a metric: ``higher_is_better``; ``bounded``: a fraction in ``[0, 1]`` (else an
+    unbounded error such as metres or degrees)."""
+
+    higher_is_better: bool
+    bounded: bool
+
+
+METRICS: dict[str, MetricInfo] = {
+    "accuracy": MetricInfo(True, True),
+    "miou": MetricInfo(True, True),
+    "pixel_acc": MetricInfo(True, True),
+    "abs_err": MetricInfo(False, False),
+    "rel_err": MetricInfo(False, False),
+    "delta_1.25": MetricInfo(True, True),
+    "mean_angle": MetricInfo(False, False),
+    "median_angle": MetricInfo(False, False),
+    "within_11.25": MetricInfo(True, True),
+    "within_22.5": MetricInfo(True, True),
+    "within_30": MetricInfo(True, True),
+    "mse": MetricInfo(False, False),
+    "mae": MetricInfo(False, False),
+}
+"""Every metric name this module reports, with its direction and scale."""
+
+
+def confusion_matrix(pred_labels: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = -1) -> torch.Tensor:
+    """``[C, C]`` int64 ``M[g, p]``: pixels (or samples) with label ``g`` predicted ``p``.
+
+    Entries whose target is ``ignore_index`` (or outside ``[0, C)``) are left out.
+    """
+    if pred_labels.shape != target.shape:
+        raise ValueError(f"confusion_matrix: pred {tuple(pred_labels.shape)} and target "
+                         f"{tuple(target.shape)} differ")
+    t = target.reshape(-1).long()
+    p = pred_labels.reshape(-1).long()
+    keep = (t != ignore_index) & (t >= 0) & (t < num_classes)
+    index = t[keep] * num_classes + p[keep].clamp(0, num_classes - 1)
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """``miou`` and ``pixel_acc`` of a confusion matrix (see the module docstring)."""
+    m = confusion.double()
+    tp = m.diag()
+    union = m.sum(dim=1) + m.sum(dim=0) - tp
+    present = union > 0
+    total = m.sum()
+    miou = (tp[present] / union[present]).mean().item() if present.any() else float("nan")
+    pixel_acc = (tp.sum() / total).item() if total > 0 else float("nan")
+    return {"miou": miou, "pixel_acc": pixel_acc}
+
+
+def angle_errors_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Angle in degrees between predicted and target normals ``[B, 3, H, W]``, at the valid
+    pixels (target not the zero vector), as a flat tensor."""
+    valid = target.abs().sum(dim=1) > 0
+    cosine = (F.normalize(pred.double(), dim=1, eps=1e-12) * target.double()).sum(dim=1)
+    return torch.rad2deg(torch.arccos(cosine[valid].clamp(-1.0, 1.0)))
+
+
+class MetricAccumulator:
+    """Pools one task's metric statistics over batches; :meth:`compute` gives the metrics."""
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        """Labelled units seen so far (samples or valid pixels)."""
+        raise NotImplementedError
+
+
+class _Classification(MetricAccumulator):
+    def __init__(self, spec: TaskSpec) -> None:
+        self.ignore_index = spec.ignore_index
+        self.correct = 0
+        self.total = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target != self.ignore_index
+        self.correct += int((pred.argmax(dim=1)[keep] == target[keep]).sum())
+        self.total += int(keep.sum())
+
+    def compute(self) -> dict[str, float]:
+        return {"accuracy": self.correct / self.total if self.total else float("nan")}
+
+    @property
+    def count(self) -> int:
+        return self.total
+
+
+class _Segmentation(MetricAccumulator):
+    def __init__(self, spec: TaskSpec) -> None:
+        assert spec.num_classes is not None
+        self.num_classes = spec.num_classes
+        self.ignore_index = spec.ignore_index
+        self.confusion = torch.zeros(spec.num_classes, spec.num_classes, dtype=torch.long)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.confusion += confusion_matrix(pred.argmax(dim=1).cpu(), target.cpu(),
+                                           self.num_classes, self.ignore_index)
+
+    def compute(self) -> dict[str, float]:
+        return segmentation_scores(self.confusion)
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+
+class _Depth(MetricAccumulator):
+    def __init__(self, spec: TaskSpec) -> None:
+        self.abs_sum = 0.0
+        self.rel_sum = 0.0
+        self.delta_hits = 0
+        self.total = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        valid = target > 0
+        d_hat = pred[valid].double()
+        d = target[valid].double()
+        err = (d_hat - d).abs()
+        self.abs_sum += float(err.sum())
+        self.rel_sum += float((err / d).sum())
+        # A non-positive prediction has an infinite ratio, so it is never within 1.25.
+        ratio = torch.maximum(d_hat / d, d / d_hat.clamp(min=1e-12))
+        self.delta_hits += int((ratio < 1.25).sum())
+        self.total += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        if not self.total:
+            return {"abs_err": float("nan"), "rel_err": float("nan"), "delta_1.25": float("nan")}
+        return {"abs_err": self.abs_sum / self.total, "rel_err": self.rel_sum / self.total,
+                "delta_1.25": self.delta_hits / self.total}
+
+    @property
+    def count(self) -> int:
+        return self.total
+
+
+class _Normals(MetricAccumulator):
+    _BIN_DEG = 0.01
+    _THRESHOLDS = (11.25, 22.5, 30.0)
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.bins = int(round(180.0 / self._BIN_DEG))
+        self.histogram = torch.zeros(self.bins, dtype=torch.long)
+        self.angle_sum = 0.0
+        self.within = [0, 0, 0]
+        self.total = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        errors = angle_errors_deg(pred, target).cpu()
+        index = (errors / self._BIN_DEG).long().clamp(0, self.bins - 1)
+        self.histogram += torch.bincount(index, minlength=self.bins)
+        self.angle_sum += float(errors.sum())
+        for k, threshold in enumerate(self._THRESHOLDS):
+            self.within[k] += int((errors < threshold).sum())
+        self.total += int(errors.numel())
+
+    def _median(self) -> float:
+        # The 0.5-quantile with linear interpolation inside the bin that crosses it.
+        cumulative = self.histogram.cumsum(0).double()
+        half = self.total / 2.0
+        b = int(torch.searchsorted(cumulative, torch.tensor([half], dtype=torch.double))[0])
+        before = int(cumulative[b - 1]) if b > 0 else 0
+        in_bin = int(self.histogram[b])
+        fraction = (half - before) / in_bin if in_bin else 0.5
+        return (b + fraction) * self._BIN_DEG
+
+    def compute(self) -> dict[str, float]:
+        if not self.total:
+            return {k: float("nan") for k in ("mean_angle", "median_angle", "within_11.25",
+                                              "within_22.5", "within_30")}
+        return {
+            "mean_angle": self.angle_sum / self.total,
+            "median_angle": self._median(),
+            "within_11.25": self.within[0] / self.total,
+            "within_22.5": self.within[1] / self.total,
+            "within_30": self.within[2] / self.total,
+        }
+
+    @property
+    def count(self) -> int:
+        return self.total
+
+
+class _Regression(MetricAccumulator):
+    def __init__(self, spec: TaskSpec) -> None:
+        self.sq_sum = 0.0
+        self.abs_sum = 0.0
+        self.total = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        diff = pred.reshape(pred.shape[0], -1).double() - target.reshape(
+            target.shape[0], -1).double()
+        self.sq_sum += float(diff.pow(2).sum())
+        self.abs_sum += float(diff.abs().sum())
+        self.total += int(diff.numel())
+
+    def compute(self) -> dict[str, float]:
+        if not self.total:
+            return {"mse": float("nan"), "mae": float("nan")}
+        return {"mse": self.sq_sum / self.total, "mae": self.abs_sum / self.total}
+
+    @property
+    def count(self) -> int:
+        return self.total
+
+
+_ACCUMULATORS: dict[str, type[MetricAccumulator]] = {
+    "classification": _Classification,
+    "segmentation": _Segmentation,
+    "depth": _Depth,
+    "normals": _Normals,
+    "regression": _Regression,
+}
+
+
+def make_accumulator(spec: TaskSpec) -> MetricAccumulator:
+    """A fresh accumulator of the metrics of ``spec``'s task kind."""
+    return _ACCUMULATORS[spec.kind](spec)  # type: ignore[call-arg]

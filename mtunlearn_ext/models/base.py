@@ -1,0 +1,154 @@
+"""The multi-task model contract: one shared backbone, one head per task, and an explicit,
+queryable split of the parameters between them.
+
+Unlearning code reads this split, never the module structure: the shared parameters
+``theta_s`` are ``model.backbone``'s, the parameters ``theta_t`` of task ``t`` are
+``model.heads[t]``'s, and :meth:`MultiTaskModel.parameter_split` checks that every parameter
+belongs to exactly one of them. Parameter names are the full names of ``model.named_parameters()``
+(``"backbone.enc1.0.conv.weight"``), so they plug straight into ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.data.base import TaskSpec
+
+__all__ = ["MultiTaskModel", "ParameterSplit", "SHARED"]
+
+SHARED = "shared"
+"""Owner name of the backbone's parameters in a :class:`ParameterSplit`."""
+
+
+@dataclass(frozen=True)
+class ParameterSplit:
+    """Which parameter belongs to the shared backbone and which to each task head.
+
+    ``shared``: the backbone's parameter names, in ``named_parameters`` order; ``heads``: task
+    name -> that head's parameter names. Every trainable parameter of the model is in exactly one.
+    """
+
+    shared: tuple[str, ...]
+    heads: Mapping[str, tuple[str, ...]]
+
+    def owner(self, name: str) -> str:
+        """:data:`SHARED` or the task name owning parameter ``name``; ``KeyError`` if none."""
+        if name in self.shared:
+            return SHARED
+        for task, names in self.heads.items():
+            if name in names:
+                return task
+        raise KeyError(f"ParameterSplit: no parameter named {name!r}")
+
+    def names(self, owner: str) -> tuple[str, ...]:
+        """The parameter names of ``owner`` (:data:`SHARED` or a task name)."""
+        if owner == SHARED:
+            return self.shared
+        if owner not in self.heads:
+            raise KeyError(f"ParameterSplit: unknown owner {owner!r}; owners are "
+                           f"{[SHARED, *self.heads]}")
+        return self.heads[owner]
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        return self.shared + tuple(n for names in self.heads.values() for n in names)
+
+
+class MultiTaskModel(nn.Module):
+    """A shared backbone and one head per task: ``f_t(x) = h_t(g(x))``.
+
+    Args:
+        backbone: ``g``, maps an input batch to shared features.
+        heads: task name -> ``h_t``, maps the shared features to the task's prediction (output
+            activations such as positive depth or unit normals belong to the head).
+        tasks: the task specs; their names must be the keys of ``heads``.
+
+    ``forward(x)`` returns task name -> prediction for every task (or the ``tasks`` asked for).
+    """
+
+    def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module],
+                 tasks: Sequence[TaskSpec]) -> None:
+        super().__init__()
+        names = [t.name for t in tasks]
+        if sorted(names) != sorted(heads):
+            raise ValueError(f"MultiTaskModel: `heads` has tasks {sorted(heads)} but `tasks` "
+                             f"names {names}")
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({name: heads[name] for name in names})
+        self.tasks: list[TaskSpec] = list(tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared features ``g(x)``."""
+        return self.backbone(x)
+
+    def head_forward(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """Task ``task``'s prediction ``h_t(z)`` from shared features ``z``."""
+        self._check_task(task)
+        return self.heads[task](features)
+
+    def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None
+                ) -> dict[str, torch.Tensor]:
+        features = self.features(x)
+        wanted = self.task_names if tasks is None else list(tasks)
+        return {task: self.head_forward(task, features) for task in wanted}
+
+    # -- the parameter split -------------------------------------------------------------------
+
+    def shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(full name, parameter)`` of every backbone parameter (``theta_s``)."""
+        return [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+
+    def task_parameters(self, task: str) -> list[tuple[str, nn.Parameter]]:
+        """``(full name, parameter)`` of every parameter of task ``task``'s head (``theta_t``)."""
+        self._check_task(task)
+        return [(f"heads.{task}.{n}", p) for n, p in self.heads[task].named_parameters()]
+
+    def shared_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(full name, module)`` of every backbone module that owns parameters directly."""
+        return [(f"backbone.{n}" if n else "backbone", m)
+                for n, m in self.backbone.named_modules()
+                if any(True for _ in m.parameters(recurse=False))]
+
+    def shared_layers(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Per-layer groups of the shared parameters: ``(module name, [its own parameters])``,
+        one group per module that owns parameters (a convolution, a norm layer), in forward
+        declaration order. Per-layer Gram matrices (``[L, k, k]``) are taken over these groups."""
+        return [(name, list(m.parameters(recurse=False))) for name, m in self.shared_modules()]
+
+    def task_layers(self, task: str) -> list[tuple[str, list[nn.Parameter]]]:
+        """Per-layer groups of task ``task``'s head, as :meth:`shared_layers`."""
+        self._check_task(task)
+        prefix = f"heads.{task}"
+        return [(f"{prefix}.{n}" if n else prefix, list(m.parameters(recurse=False)))
+                for n, m in self.heads[task].named_modules()
+                if any(True for _ in m.parameters(recurse=False))]
+
+    def parameter_split(self) -> ParameterSplit:
+        """The explicit split ``theta = (theta_s, theta_1, ..., theta_T)``.
+
+        Raises ``RuntimeError`` if a parameter sits outside the backbone and heads, or is shared
+        between them (tied weights would make per-task projections ill-defined).
+        """
+        shared = tuple(n for n, _ in self.shared_parameters())
+        heads = {t: tuple(n for n, _ in self.task_parameters(t)) for t in self.task_names}
+        split = ParameterSplit(shared, heads)
+        all_named = list(self.named_parameters(remove_duplicate=False))
+        stray = sorted({n for n, _ in all_named} - set(split.all_names))
+        if stray:
+            raise RuntimeError(f"MultiTaskModel: parameters outside the backbone and heads: "
+                               f"{stray}")
+        if len({id(p) for _, p in all_named}) != len(all_named):
+            raise RuntimeError("MultiTaskModel: a parameter tensor is tied between two places")
+        return split
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r}; this model has tasks {self.task_names}")

@@ -1,0 +1,53 @@
+"""A multi-layer perceptron with one small MLP head per task, for flat inputs (digits)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.models.base import MultiTaskModel
+
+__all__ = ["MLPMultiTaskNet"]
+
+
+def _mlp(sizes: Sequence[int], final_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if final_activation or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class MLPMultiTaskNet(MultiTaskModel):
+    """Shared ``Linear-ReLU`` stack, then per task ``Linear-ReLU-Linear`` to logits/values.
+
+    Each head has a hidden layer of its own, so every task owns a non-trivial parameter block
+    (task-aware projections and head-only baselines need something to act on).
+
+    Args:
+        tasks: classification or regression specs (regression heads output 1 value).
+        in_features: input size (64 for 8x8 digits).
+        hidden: widths of the shared layers.
+        head_hidden: width of each head's hidden layer.
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec], in_features: int = 64,
+                 hidden: Sequence[int] = (128, 128), head_hidden: int = 64) -> None:
+        if not hidden:
+            raise ValueError("MLPMultiTaskNet: `hidden` needs at least one layer width")
+        backbone = _mlp([in_features, *hidden], final_activation=True)
+        heads: dict[str, nn.Module] = {}
+        for t in tasks:
+            if t.kind == "classification":
+                assert t.num_classes is not None
+                out = t.num_classes
+            elif t.kind == "regression":
+                out = 1
+            else:
+                raise ValueError(f"MLPMultiTaskNet: task {t.name!r} of kind {t.kind} needs a "
+                                 "dense model")
+            heads[t.name] = _mlp([hidden[-1], head_hidden, out], final_activation=False)
+        super().__init__(backbone, heads, tasks)

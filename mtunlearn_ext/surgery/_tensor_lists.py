@@ -1,0 +1,191 @@
+"""Plumbing for lists of per-parameter stacks: local shards, dtype classes, per-layer statistics.
+
+Every function here works on a list whose element ``p`` is a stack ``[k, *shape_p]`` (``k``
+vectors, cut along the parameters) and never concatenates the elements into one flat copy. The
+ops accept a list only when all its tensors share one dtype, so a model with mixed parameter
+dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_list`` /
+``combine_list`` call per class, the small statistics summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mtunlearn_ext import ops
+
+#: A reduction of coefficient-space statistics across processes (identity when single-process):
+#: Gram matrices and inner products are sums over parameter coordinates, so shards reduce by SUM.
+StatsReduce = Callable[[torch.Tensor], torch.Tensor]
+
+try:  # DTensor (FSDP2 parameters and gradients) exists only where torch.distributed is built.
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` held by this process: ``t.to_local()`` for a DTensor (an FSDP2 shard,
+    sharing storage, so writing into it writes the DTensor), else ``t`` itself."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local()
+    return t
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or gradient sharded by FSDP2 / tensor parallel)."""
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def stats_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """Dtype of Gram / inner-product results for a list: float64 if any input is float64, else
+    float32 (half precision is always accumulated and returned in float32 by the ops)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def layer_index(per_layer: bool | Sequence[int], count: int, op: str) -> tuple[list[int] | None, int]:
+    """Decode a ``per_layer`` argument into (layer id of each tensor, number of layers).
+
+    ``False``: one global problem (``None, 1``); ``True``: one layer per tensor; a sequence: the
+    layer id of each tensor (ids in ``0..L-1``, every id used), e.g. ``[0, 0, 1, 1]`` for two
+    layers of weight + bias.
+    """
+    if per_layer is False:
+        return None, 1
+    if per_layer is True:
+        return list(range(count)), count
+    ids = [int(i) for i in per_layer]
+    if len(ids) != count:
+        raise ValueError(f"{op}: `per_layer` must give one layer id per tensor ({count}), got "
+                         f"{len(ids)}")
+    num_layers = max(ids) + 1 if ids else 0
+    if ids and (min(ids) < 0 or sorted(set(ids)) != list(range(num_layers))):
+        raise ValueError(f"{op}: `per_layer` ids must cover 0..L-1 with no gap, got {sorted(set(ids))}")
+    return ids, num_layers
+
+
+def dtype_classes(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by dtype, in first-seen order (one op call per group)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())
+
+
+def check_stacks(op: str, name: str, stacks: Sequence[torch.Tensor], k: int | None = None) -> int:
+    """Check a list of stacks ``[k, *shape_p]`` with one ``k``; return ``k``."""
+    if len(stacks) == 0:
+        raise ValueError(f"{op}: `{name}` must hold at least one tensor, got an empty list")
+    for p, s in enumerate(stacks):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{op}: `{name}[{p}]` must be a torch.Tensor, got {type(s).__name__}")
+        if s.dim() < 1:
+            raise ValueError(f"{op}: `{name}[{p}]` must be a stack [k, *shape], got a 0-d tensor")
+        if k is None:
+            k = s.shape[0]
+        if s.shape[0] != k:
+            raise ValueError(f"{op}: every `{name}[p]` must have leading size k={k}; `{name}[{p}]` "
+                             f"has shape {tuple(s.shape)}")
+    assert k is not None
+    return k
+
+
+def check_paired(op: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
+                 b: Sequence[torch.Tensor]) -> None:
+    """``a[p]`` and ``b[p]`` cut the same parameter: same trailing shape and dtype."""
+    if len(a) != len(b):
+        raise ValueError(f"{op}: `{a_name}` and `{b_name}` must have the same length, got "
+                         f"{len(a)} and {len(b)}")
+    for p, (x, y) in enumerate(zip(a, b)):
+        if x.shape[1:] != y.shape[1:]:
+            raise ValueError(f"{op}: `{a_name}[{p}]` {tuple(x.shape)} and `{b_name}[{p}]` "
+                             f"{tuple(y.shape)} must share the parameter shape after dim 0")
+        if x.dtype != y.dtype:
+            raise TypeError(f"{op}: `{a_name}[{p}]` is {x.dtype} but `{b_name}[{p}]` is {y.dtype}; "
+                            "they must match")
+
+
+def gram_stats(xs: Sequence[torch.Tensor], layers: list[int] | None, num_layers: int, *,
+               check_finite: bool) -> torch.Tensor:
+    """``G[i, j] = sum_p <xs[p][i], xs[p][j]>`` (``[k, k]``), or per layer (``[L, k, k]``)."""
+    k = xs[0].shape[0]
+    out_dtype = stats_dtype(xs)
+    device = xs[0].device
+    total = torch.zeros((k, k) if layers is None else (num_layers, k, k), dtype=out_dtype,
+                        device=device)
+    for cls in dtype_classes(xs):
+        members = [xs[i] for i in cls]
+        if layers is None:
+            total += ops.gram_list(members, check_finite=check_finite).to(out_dtype)
+        else:
+            per_tensor = ops.gram_list(members, per_tensor=True, check_finite=check_finite)
+            ids = torch.tensor([layers[i] for i in cls], device=device)
+            total.index_add_(0, ids, per_tensor.to(out_dtype))
+    return total
+
+
+def inner_stats(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], layers: list[int] | None,
+                num_layers: int, *, check_finite: bool) -> torch.Tensor:
+    """``C[i, j] = sum_p <a[p][i], b[p][j]>`` (``[m, k]``), or per layer (``[L, m, k]``).
+
+    The ops have no list form of ``inner`` yet, so this is one ``ops.inner`` per tensor (each a
+    single pass over ``a[p]`` and ``b[p]``, no concatenation); an ``inner_list`` op would make
+    it one launch.
+    """
+    m, k = a[0].shape[0], b[0].shape[0]
+    out_dtype = stats_dtype(list(a) + list(b))
+    total = torch.zeros((m, k) if layers is None else (num_layers, m, k), dtype=out_dtype,
+                        device=a[0].device)
+    for p, (x, y) in enumerate(zip(a, b)):
+        if x[0].numel() == 0:
+            continue
+        term = ops.inner(x.reshape(m, -1), y.reshape(k, -1), check_finite=check_finite)
+        if layers is None:
+            total += term.to(out_dtype)
+        else:
+            total[layers[p]] += term.to(out_dtype)
+    return total
+
+
+def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                 betas: Sequence[float], layers: list[int] | None, *, check_finite: bool) -> None:
+    """``outs[p] = betas[p] * outs[p] + coeffs_(layer of p) @ xs[p]`` in place.
+
+    ``coeffs`` is ``[k]`` or ``[m, k]`` (one problem), or ``[L, k]`` / ``[L, m, k]`` per layer.
+    Tensors are grouped by (layer, dtype, beta) so that each group is one ``combine_list`` call;
+    usually that is a single call for the whole list.
+    """
+    groups: dict[tuple[int, torch.dtype, float], list[int]] = {}
+    for p, x in enumerate(xs):
+        key = (-1 if layers is None else layers[p], x.dtype, float(betas[p]))
+        groups.setdefault(key, []).append(p)
+    for (layer, _, beta), members in groups.items():
+        c = coeffs if layer < 0 else coeffs[layer]
+        ops.combine_list(c, [xs[p] for p in members], [outs[p] for p in members], beta=beta,
+                         check_finite=check_finite)
+
+
+def guard_nonfinite(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace a non-finite statistics block by a harmless one, without a host sync.
+
+    Used when ``check_finite=False`` (e.g. under a GradScaler, whose overflowing fp16 steps must
+    reach ``.grad`` as Inf/NaN so that the scaler skips them). Solving on NaN would make the
+    iterative dual solvers run their full iteration budget; instead each problem whose block
+    holds NaN/Inf is solved on the identity Gram (zeros elsewhere) and its coefficients are then
+    poisoned with NaN by :func:`poison_nonfinite`. Returns (safe stats, finite flag per problem).
+    """
+    batch = stats.shape[:-2]
+    finite = torch.isfinite(stats).flatten(start_dim=len(batch)).all(-1)
+    safe = torch.zeros_like(stats)
+    eye = torch.eye(k, dtype=stats.dtype, device=stats.device)
+    safe[..., :k, :k] = eye
+    safe = torch.where(finite[..., None, None], stats, safe)
+    return safe, finite
+
+
+def poison_nonfinite(coeffs: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """NaN coefficients for every problem whose statistics were not finite."""
+    extra = coeffs.dim() - finite.dim()
+    mask = finite.reshape(*finite.shape, *([1] * extra))
+    return torch.where(mask, coeffs, torch.full_like(coeffs, float("nan")))

@@ -1,0 +1,336 @@
+"""Seeded multi-task training on the supervised pairs of a data set, and atomic checkpoints.
+
+Training minimises :func:`~mtunlearn_ext.losses.masked_multitask_loss`, so only supervised
+``(instance, task)`` pairs contribute. Training a fresh model on the retain set of a request
+(``ForgetRequest.split``) with the original recipe and seed is therefore the retrained gold
+standard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.losses import masked_multitask_loss
+from mtunlearn_ext.models.base import MultiTaskModel
+
+__all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
+           "make_optimizer", "save_checkpoint", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; the same config and seed give the same model.
+
+    Attributes:
+        epochs: passes over the data.
+        batch_size: rows per step (the last batch of an epoch may be smaller).
+        lr: peak learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        momentum: SGD momentum.
+        schedule: ``"cosine"`` (to 0 over all steps, after ``warmup_steps`` linear warm-up) or
+            ``"constant"``.
+        warmup_steps: linear warm-up steps.
+        grad_clip: max global gradient norm, or ``None``.
+        seed: seeds the data order and any randomness inside the model.
+        task_weights: task name -> loss weight (default 1 for every task).
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    momentum: float = 0.9
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    seed: int = 0
+    task_weights: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"TrainConfig: `epochs` must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"TrainConfig: `batch_size` must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: `lr` must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig: `weight_decay` must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"TrainConfig: unknown optimizer {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"TrainConfig: unknown schedule {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig: `warmup_steps` must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig: `grad_clip` must be > 0 or None, got {self.grad_clip}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict (for checkpoint metadata and run records)."""
+        out = asdict(self)
+        out["task_weights"] = None if self.task_weights is None else dict(self.task_weights)
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: mean loss per epoch (total and per task), steps, wall time."""
+
+    epoch_losses: list[float] = field(default_factory=list)
+    task_epoch_losses: dict[str, list[float]] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    num_rows: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.epoch_losses[-1] if self.epoch_losses else float("nan")
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter] | Any,
+                   config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config`` over ``params``."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    """Multiplier of ``config.lr`` at ``step`` (0-based) of ``total``."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant" or total <= config.warmup_steps:
+        return 1.0
+    progress = (step - config.warmup_steps) / (total - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _select_tasks(dataset: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None
+                  ) -> tuple[list[TaskSpec], torch.Tensor]:
+    """The task specs to train and the matching ``[N, len(tasks)]`` columns of the mask."""
+    if tasks is None:
+        return list(dataset.tasks), dataset.supervision
+    specs: list[TaskSpec] = []
+    for t in tasks:
+        name = t if isinstance(t, str) else t.name
+        specs.append(dataset.tasks[dataset.task_index(name)])
+    columns = torch.tensor([dataset.task_index(s.name) for s in specs], dtype=torch.long)
+    return specs, dataset.supervision[:, columns]
+
+
+def train(model: MultiTaskModel, dataset: MultiTaskDataset,
+          tasks: Sequence[TaskSpec | str] | None = None, config: TrainConfig | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` in place on the supervised pairs of ``dataset``.
+
+    Each step minimises ``sum_t w_t L_t`` (:func:`masked_multitask_loss`) over a batch; rows
+    with no supervised pair among ``tasks`` are dropped before batching. The data order of epoch
+    ``e`` is a ``torch.randperm`` drawn from a generator seeded with ``config.seed``, and the
+    global torch RNG is seeded with it inside a forked RNG state (restored on return), so the
+    same model, data, config and thread count give bit-identical results.
+
+    Args:
+        model: the model (its parameters are updated in place; it is left in train mode).
+        dataset: the training data (e.g. a retain set).
+        tasks: the tasks to train (specs or names; default every task of ``dataset``).
+        config: the recipe (default :class:`TrainConfig()`).
+        progress: show a tqdm bar over epochs.
+    """
+    config = config or TrainConfig()
+    specs, supervision = _select_tasks(dataset, tasks)
+    missing = [s.name for s in specs if s.name not in model.heads]
+    if missing:
+        raise KeyError(f"train: the model has no head for tasks {missing}")
+    rows = supervision.any(dim=1).nonzero().flatten()
+    result = TrainResult(task_epoch_losses={s.name: [] for s in specs}, num_rows=int(rows.numel()))
+    if rows.numel() == 0:
+        raise ValueError("train: no supervised pair in `dataset` for the selected tasks")
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model.parameters(), config)
+    steps_per_epoch = math.ceil(rows.numel() / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        order_generator = torch.Generator().manual_seed(config.seed)
+        model.train()
+        bar = tqdm(range(config.epochs), desc="train", disable=not progress, leave=False)
+        for _epoch in bar:
+            order = rows[torch.randperm(rows.numel(), generator=order_generator)]
+            loss_sum = 0.0
+            task_sums = {s.name: 0.0 for s in specs}
+            for begin in range(0, order.numel(), config.batch_size):
+                positions = order[begin:begin + config.batch_size]
+                batch = _to_device(dataset.batch(positions), device)
+                batch_sup = supervision[positions].to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * _lr_factor(result.steps, total_steps, config)
+                out = model(batch["input"], [s.name for s in specs])  # type: ignore[arg-type]
+                loss, per_task = masked_multitask_loss(out, batch, specs, batch_sup,
+                                                       config.task_weights)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"train: non-finite loss {loss.item()} at step "
+                                             f"{result.steps} (per task: "
+                                             f"{ {k: v.item() for k, v in per_task.items()} })")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                result.steps += 1
+                loss_sum += loss.item()
+                for name, value in per_task.items():
+                    task_sums[name] += value.item()
+            result.epoch_losses.append(loss_sum / steps_per_epoch)
+            for name in task_sums:
+                result.task_epoch_losses[name].append(task_sums[name] / steps_per_epoch)
+            bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cpu":
+        return batch
+    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+_CHECKPOINT_FORMAT = "mtunlearn_ext.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, corrupt or not the expected one."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model's ``state_dict``, its metadata, and the file's SHA-256."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    sha256: str
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> str:
+    """``torch.save(obj)`` to ``path`` atomically; returns the file's SHA-256.
+
+    The bytes go to a temporary file in the same directory, which is fsynced and then renamed
+    onto ``path`` (``os.replace`` is atomic on POSIX), so a reader sees either no file or the
+    whole file, never a partial one. Without ``overwrite`` an existing ``path`` is refused
+    (``FileExistsError``); the final step is then a hard link, which fails atomically if another
+    writer got there first.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = _sha256_of(tmp)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise FileExistsError(f"{target} exists; pass overwrite=True to replace it") \
+                    from None
+            except OSError:  # file systems without hard links: check-then-rename
+                if target.exists():
+                    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it") \
+                        from None
+                os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return sha
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
+                    meta: Mapping[str, Any] | None = None, *, overwrite: bool = False) -> str:
+    """Write ``model.state_dict()`` and ``meta`` to ``path`` atomically; return its SHA-256.
+
+    ``meta`` must hold plain types (str, int, float, bool, None, lists, dicts, tensors), because
+    :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``, which executes no code.
+    An existing file is never overwritten unless ``overwrite=True``.
+    """
+    payload = {
+        "format": _CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    return atomic_torch_save(payload, path, overwrite=overwrite)
+
+
+def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = None,
+                    model: torch.nn.Module | None = None) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises :class:`CheckpointError` with the path and the reason when the file is missing, its
+    SHA-256 differs from ``expected_sha256``, or it is truncated/corrupt/not a checkpoint. With
+    ``model`` the state dict is also loaded into it (strictly).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    sha = _sha256_of(p)
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        raise CheckpointError(f"checkpoint {p} has SHA-256 {sha}, expected {expected_sha256} "
+                              "(truncated, modified or a different file)")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged zip archive
+        raise CheckpointError(f"checkpoint {p} cannot be read (truncated or corrupt?): "
+                              f"{type(error).__name__}: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p} is not an mtunlearn_ext checkpoint ({_CHECKPOINT_FORMAT})")
+    checkpoint = Checkpoint(payload["state_dict"], payload["meta"], sha)
+    if model is not None:
+        model.load_state_dict(checkpoint.state_dict)
+    return checkpoint

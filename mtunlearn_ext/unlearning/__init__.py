@@ -1,0 +1,71 @@
+"""Unlearning: the common interface, shared step machinery, and the baseline methods.
+
+Importing this package registers every built-in method in :data:`UNLEARNERS`; a new method
+subclasses :class:`Unlearner` (or :class:`GradientUnlearner` for a step-based one), decorates
+itself with :func:`register_unlearner`, and is imported here.
+"""
+
+from mtunlearn_ext.unlearning.base import (
+    CurveRecorder,
+    Unlearner,
+    UnlearnerConfig,
+    UnlearningProblem,
+    UnlearningReport,
+    UnlearningResult,
+    seed_everything,
+)
+from mtunlearn_ext.unlearning.batches import BatchStream, batch_to, child_generator
+from mtunlearn_ext.unlearning.gradients import (
+    ParameterGroups,
+    per_sample_retain_grads,
+    task_grads,
+)
+from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.objectives import (
+    DEFAULT_FORGET_OBJECTIVES,
+    FORGET_OBJECTIVES,
+    ForgetObjective,
+    make_forget_objectives,
+)
+from mtunlearn_ext.unlearning.registry import (
+    UNLEARNERS,
+    available_unlearners,
+    get_unlearner,
+    register_unlearner,
+)
+from mtunlearn_ext.unlearning.terms import ForgetTerms, RetainTerms, forget_terms, retain_terms
+from mtunlearn_ext.unlearning import baselines  # noqa: E402,F401  (registers the baselines)
+from mtunlearn_ext.unlearning.baselines import BASELINES
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_FORGET_OBJECTIVES",
+    "FORGET_OBJECTIVES",
+    "BatchStream",
+    "CurveRecorder",
+    "ForgetObjective",
+    "ForgetTerms",
+    "GradientUnlearner",
+    "ParameterGroups",
+    "RetainTerms",
+    "StepConfig",
+    "StepContext",
+    "StepStats",
+    "UNLEARNERS",
+    "Unlearner",
+    "UnlearnerConfig",
+    "UnlearningProblem",
+    "UnlearningReport",
+    "UnlearningResult",
+    "available_unlearners",
+    "batch_to",
+    "child_generator",
+    "forget_terms",
+    "get_unlearner",
+    "make_forget_objectives",
+    "per_sample_retain_grads",
+    "register_unlearner",
+    "retain_terms",
+    "seed_everything",
+    "task_grads",
+]

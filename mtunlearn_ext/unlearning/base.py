@@ -1,0 +1,317 @@
+"""The common interface of every unlearning method: a problem, a method, a result.
+
+An :class:`UnlearningProblem` bundles what any method may use: the trained model, the task specs,
+the forget set (only the forget pairs ``F x S`` supervised) and the retain set (every other
+supervised pair, including ``F x (T \\ S)`` in a partial request), the request itself, the device
+and the seed; plus, for methods that retrain, the original training recipe and a factory for a
+freshly initialised model.
+
+An :class:`Unlearner` turns a problem into an :class:`UnlearningResult`. Its public
+:meth:`Unlearner.unlearn` is a template: it validates the problem, seeds every generator from
+``problem.seed``, deep-copies the model (the input model is never modified), times the run and
+collects the per-step loss curves that the method records through a :class:`CurveRecorder`.
+Subclasses implement :meth:`Unlearner._unlearn` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.request import ForgetRequest
+
+__all__ = [
+    "CurveRecorder",
+    "Unlearner",
+    "UnlearnerConfig",
+    "UnlearningProblem",
+    "UnlearningReport",
+    "UnlearningResult",
+    "seed_everything",
+]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch's global generators; return a fresh CPU generator seeded with
+    ``seed`` for the method's own sampling (so that sampling does not depend on what else drew
+    from the global generator before)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class UnlearningProblem:
+    """One unlearning request on one trained model.
+
+    Attributes:
+        model: the trained (original) model; methods read it and never modify it.
+        tasks: every task of the model, in the data set's column order.
+        forget: the forget instances with only the forget pairs ``F x S`` supervised.
+        retain: every instance keeping a supervised pair, with the forget pairs cleared.
+        request: the request that produced the split.
+        target_tasks: ``S``, the tasks whose supervision of ``F`` is removed.
+        device: where the method computes.
+        seed: seeds every random choice of the method (batch order, random labels, ...).
+        train_config: the original training recipe (``mtunlearn_ext.training.TrainConfig``);
+            needed by methods that retrain or fine-tune with the original recipe.
+        model_factory: ``() -> nn.Module``, a freshly initialised model built exactly as the
+            original was (same architecture and initialisation seed); needed by retraining.
+    """
+
+    model: nn.Module
+    tasks: list[TaskSpec]
+    forget: MultiTaskDataset
+    retain: MultiTaskDataset
+    request: ForgetRequest
+    target_tasks: list[str]
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    train_config: Any | None = None
+    model_factory: Callable[[], nn.Module] | None = None
+
+    @classmethod
+    def from_request(cls, model: nn.Module, dataset: MultiTaskDataset, request: ForgetRequest,
+                     *, device: torch.device | str = "cpu", seed: int = 0,
+                     train_config: Any | None = None,
+                     model_factory: Callable[[], nn.Module] | None = None) -> UnlearningProblem:
+        """Validate ``request`` against the training set ``dataset`` and split it."""
+        request.validate(dataset)
+        forget, retain = request.split(dataset)
+        return cls(model=model, tasks=list(dataset.tasks), forget=forget, retain=retain,
+                   request=request, target_tasks=request.resolved_tasks(dataset), device=device,
+                   seed=seed, train_config=train_config, model_factory=model_factory)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def is_full(self) -> bool:
+        """Full-task request: every task is a target."""
+        return set(self.target_tasks) == set(self.task_names)
+
+    @property
+    def non_target_tasks(self) -> list[str]:
+        return [t for t in self.task_names if t not in self.target_tasks]
+
+    def spec(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task {name!r}; the problem has tasks {self.task_names}")
+
+    def target_specs(self) -> list[TaskSpec]:
+        return [t for t in self.tasks if t.name in self.target_tasks]
+
+    def validate(self) -> None:
+        """Raise a clear error if the parts of the problem do not fit together."""
+        names = self.task_names
+        for label, ds in (("forget", self.forget), ("retain", self.retain)):
+            if ds.task_names != names:
+                raise ValueError(f"UnlearningProblem: the {label} set has tasks {ds.task_names}, "
+                                 f"the problem {names} (same tasks, same order required)")
+        if len(self.forget) == 0:
+            raise ValueError("UnlearningProblem: the forget set is empty")
+        if len(self.retain) == 0:
+            raise ValueError("UnlearningProblem: the retain set is empty")
+        unknown = [t for t in self.target_tasks if t not in names]
+        if unknown or not self.target_tasks:
+            raise ValueError(f"UnlearningProblem: target tasks {self.target_tasks} must be a "
+                             f"non-empty subset of {names}")
+        non_target_cols = [self.forget.task_index(t) for t in self.non_target_tasks]
+        if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
+            raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
+                             "build it with ForgetRequest.split")
+        if self.seed < 0:
+            raise ValueError(f"UnlearningProblem: `seed` must be >= 0, got {self.seed}")
+
+
+@dataclass
+class UnlearnerConfig:
+    """Base of every method's configuration: a small dataclass with validated fields.
+
+    Subclasses add fields and extend :meth:`validate`; :meth:`to_dict` is what reports record.
+    """
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for an out-of-range value."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> UnlearnerConfig:
+        """A copy with some fields changed (unknown names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+
+class CurveRecorder:
+    """Per-step scalar curves (``name -> [values]``) that a method records while it runs.
+
+    ``log(step, forget_loss=..., retain_loss=..., **more)``: every call appends one point per
+    named value; ``steps`` holds the step index of each point for every curve. Values are stored
+    as Python floats (a ``.item()`` per value: one host sync per step on CUDA, acceptable at the
+    logging interval).
+    """
+
+    def __init__(self) -> None:
+        self.curves: dict[str, list[float]] = {}
+        self.steps: dict[str, list[int]] = {}
+
+    def log(self, step: int, **values: float | torch.Tensor | None) -> None:
+        for name, value in values.items():
+            if value is None:
+                continue
+            number = float(value.detach().item()) if isinstance(value, torch.Tensor) else float(value)
+            self.curves.setdefault(name, []).append(number)
+            self.steps.setdefault(name, []).append(int(step))
+
+
+@dataclass
+class UnlearningReport:
+    """What a run did: the method, its settings, wall time and loss curves.
+
+    Attributes:
+        method: registry name of the method.
+        config: the method's configuration as a dict.
+        wall_time_s: wall-clock seconds of :meth:`Unlearner.unlearn`, copy included.
+        steps: number of optimisation steps taken (or epochs x batches for retraining).
+        curves: ``name -> values``; at least ``forget_loss`` and ``retain_loss`` for step-based
+            methods (mean task loss over the target tasks on the forget batch, and over every
+            task on the retain batch, measured before the step), plus per-task curves
+            ``forget_loss/<task>``, ``retain_loss/<task>``.
+        curve_steps: ``name -> step index`` of each point.
+        request: number of forget instances, target tasks, full or partial, ids hash.
+        extra: method-specific facts (e.g. the saliency mask's density).
+    """
+
+    method: str
+    config: dict[str, Any]
+    wall_time_s: float = 0.0
+    steps: int = 0
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    curve_steps: dict[str, list[int]] = field(default_factory=dict)
+    request: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["curves"] = {k: [_json_float(v) for v in vs] for k, vs in self.curves.items()}
+        return out
+
+
+def _json_float(value: float) -> float | None:
+    """JSON has no NaN/inf: a diverged loss is recorded as ``None``."""
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class UnlearningResult:
+    """The unlearned model (a new module, in eval mode, on the problem's device) and its report."""
+
+    model: nn.Module
+    report: UnlearningReport
+
+
+class Unlearner(ABC):
+    """An unlearning method.
+
+    Subclasses set the class attributes ``name`` (registry name) and ``config_class`` (a
+    :class:`UnlearnerConfig` subclass) and implement :meth:`_unlearn`, which receives a deep copy
+    of the model (already on the problem's device) and edits it in place.
+
+    Construction: ``Method(config)`` or ``Method(**fields)`` (fields override the defaults), or
+    through the registry, ``get_unlearner("neggrad_plus", steps=50)``.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[UnlearnerConfig]] = UnlearnerConfig
+    #: Whether :meth:`_unlearn` edits a copy of the original model (``False`` for methods that
+    #: build a new model, such as retraining, so no copy is made).
+    edits_original: ClassVar[bool] = True
+
+    def __init__(self, config: UnlearnerConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = self.config_class(**overrides)
+        else:
+            if not isinstance(config, self.config_class):
+                raise TypeError(f"{type(self).__name__}: `config` must be a "
+                                f"{self.config_class.__name__}, got {type(config).__name__}")
+            if overrides:
+                config = config.replace(**overrides)
+        config.validate()
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    def unlearn(self, problem: UnlearningProblem) -> UnlearningResult:
+        """Unlearn ``problem`` and return a new model; ``problem.model`` is left untouched.
+
+        Seeds Python/NumPy/torch from ``problem.seed`` (so a run is reproducible on one device),
+        deep-copies the model to ``problem.device``, runs :meth:`_unlearn` and returns the copy
+        in eval mode with a report.
+        """
+        problem.validate()
+        start = time.perf_counter()
+        generator = seed_everything(problem.seed)
+        # The input model is never handed to a method: either a private copy or nothing.
+        model = copy.deepcopy(problem.model).to(problem.device) if self.edits_original else None
+        recorder = CurveRecorder()
+        report = UnlearningReport(method=self.name, config=self.config.to_dict())
+        report.request = {
+            "num_forget_instances": len(problem.forget),
+            "num_forget_pairs": int(problem.forget.supervision.sum()),
+            "num_retain_pairs": int(problem.retain.supervision.sum()),
+            "target_tasks": list(problem.target_tasks),
+            "full": problem.is_full,
+            "ids_sha256": problem.request.ids_hash(),
+        }
+        result_model = self._unlearn(model, problem, generator, recorder, report)
+        if result_model is not None:
+            model = result_model
+        if model is None:
+            raise RuntimeError(f"{type(self).__name__}._unlearn returned no model")
+        model.eval()
+        if torch.device(problem.device).type == "cuda":
+            torch.cuda.synchronize()  # wall time must include the queued kernels
+        report.wall_time_s = time.perf_counter() - start
+        report.curves, report.curve_steps = recorder.curves, recorder.steps
+        return UnlearningResult(model=model, report=report)
+
+    @abstractmethod
+    def _unlearn(self, model: nn.Module | None, problem: UnlearningProblem,
+                 generator: torch.Generator, recorder: CurveRecorder,
+                 report: UnlearningReport) -> nn.Module | None:
+        """Edit ``model`` (a private copy of the original on ``problem.device``) in place and
+        return ``None``, or, when ``edits_original`` is ``False`` (``model`` is then ``None``),
+        return a new model. Record curves through ``recorder``, set ``report.steps`` and any
+        method-specific ``report.extra``; draw every random choice from ``generator``."""
+
+
+def config_from_mapping(config_class: type[UnlearnerConfig],
+                        values: Mapping[str, Any]) -> UnlearnerConfig:
+    """Build ``config_class`` from a mapping, naming unknown keys in the error (CLI overrides)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"{config_class.__name__}: unknown settings {unknown}; known: "
+                        f"{sorted(known)}")
+    config = config_class(**dict(values))
+    config.validate()
+    return config

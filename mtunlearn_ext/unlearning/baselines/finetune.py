@@ -1,0 +1,38 @@
+"""Fine-tuning on the retain pairs only ("catastrophic forgetting" baseline).
+
+``theta <- theta - eta grad sum_t L^r_t``: the forget pairs are never visited; their influence
+fades only as far as continued training on the rest overwrites it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtunlearn_ext.unlearning.batches import Batch
+from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.registry import register_unlearner
+
+__all__ = ["FineTune", "FineTuneConfig"]
+
+
+@dataclass
+class FineTuneConfig(StepConfig):
+    """Defaults: a short run of the original optimiser family (Adam) on retain batches."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    forget_weight: float = 0.0
+
+
+@register_unlearner
+class FineTune(GradientUnlearner):
+    """Continue training on the retain pairs."""
+
+    name = "finetune"
+    config_class = FineTuneConfig
+    uses_forget = False
+
+    def compute_update(self, ctx: StepContext, forget_batch: Batch | None,
+                       retain_batch: Batch | None) -> StepStats:
+        return self.weighted_update(ctx, None, retain_batch)

@@ -1,0 +1,192 @@
+"""Gradients for unlearning steps: parameter groups, per-task gradients, per-sample gradients.
+
+Every method here works on lists of per-parameter tensors in a fixed order, the order of
+:class:`ParameterGroups` (shared backbone first, then each head), so that a gradient list, a
+``.grad`` list and the ops' per-parameter stacks line up one to one.
+
+Per-sample gradients use ``torch.func``: ``vmap(grad(loss_of_one_sample))`` over the batch, with
+the model called functionally on a dict of parameters. That needs a model without batch
+statistics (the project's models use GroupNorm for exactly this reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.losses import task_loss
+
+__all__ = [
+    "ParameterGroups",
+    "assign_grads",
+    "flatten",
+    "grads_of",
+    "per_sample_retain_grads",
+    "stack_flat",
+    "task_grads",
+    "unflatten",
+]
+
+
+@dataclass(frozen=True)
+class ParameterGroups:
+    """The model's trainable parameters split into the shared backbone and one group per head.
+
+    Attributes:
+        shared: ``(name, parameter)`` of ``theta_s``.
+        heads: task -> ``(name, parameter)`` of ``theta_t``.
+    """
+
+    shared: tuple[tuple[str, nn.Parameter], ...]
+    heads: Mapping[str, tuple[tuple[str, nn.Parameter], ...]]
+
+    @staticmethod
+    def from_model(model: nn.Module, task_names: Sequence[str] | None = None) -> ParameterGroups:
+        """Read the split from ``model.parameter_split()`` (a :class:`MultiTaskModel`); a model
+        without one counts as all-shared, every parameter of it in ``shared``."""
+        named = dict(model.named_parameters())
+        split_fn = getattr(model, "parameter_split", None)
+        if split_fn is None:
+            return ParameterGroups(tuple((n, p) for n, p in named.items() if p.requires_grad),
+                                   {t: () for t in (task_names or [])})
+        split = split_fn()
+        shared = tuple((n, named[n]) for n in split.shared if named[n].requires_grad)
+        heads = {t: tuple((n, named[n]) for n in names if named[n].requires_grad)
+                 for t, names in split.heads.items()}
+        return ParameterGroups(shared, heads)
+
+    @property
+    def shared_params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.shared]
+
+    def head_params(self, task: str) -> list[nn.Parameter]:
+        return [p for _, p in self.heads[task]]
+
+    @property
+    def all(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter, shared first then heads in task order (the canonical order)."""
+        return list(self.shared) + [item for group in self.heads.values() for item in group]
+
+    @property
+    def all_params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.all]
+
+    @property
+    def all_names(self) -> list[str]:
+        return [n for n, _ in self.all]
+
+    @property
+    def num_shared(self) -> int:
+        """How many leading entries of :attr:`all` are shared (to split a canonical list)."""
+        return len(self.shared)
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.all_params)
+
+
+def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor],
+             retain_graph: bool = False) -> list[torch.Tensor]:
+    """``d loss / d p`` for each ``p`` (zeros for a parameter the loss does not reach)."""
+    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def task_grads(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor]
+               ) -> dict[str, list[torch.Tensor]]:
+    """Per-task gradients ``{t: d L_t / d params}`` from one forward pass (the graph is kept
+    until the last task). Used for the per-task forget gradients ``f_t`` on ``theta_s``."""
+    names = list(losses)
+    out: dict[str, list[torch.Tensor]] = {}
+    for i, name in enumerate(names):
+        out[name] = grads_of(losses[name], params, retain_graph=i < len(names) - 1)
+    return out
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One flat vector (a copy) of a list of tensors."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def stack_flat(per_param: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[k, n]`` from a list of per-parameter stacks ``[k, *shape_p]`` (a copy)."""
+    k = per_param[0].shape[0]
+    return torch.cat([t.reshape(k, -1) for t in per_param], dim=1)
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat ``[n]`` vector back into tensors shaped like ``like`` (views)."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    if offset != flat.numel():
+        raise ValueError(f"unflatten: the vector has {flat.numel()} entries, the tensors "
+                         f"{offset}")
+    return out
+
+
+def assign_grads(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
+                 accumulate: bool = False) -> None:
+    """Set (or add to) each parameter's ``.grad``. The tensors are stored as given (views of a
+    flat vector are fine: the optimizer step reads them, and in-place clipping scales each)."""
+    for p, g in zip(params, grads):
+        if p.grad is None or not accumulate:
+            p.grad = g.detach()
+        else:
+            p.grad.add_(g.detach())
+
+
+def _per_sample_supervised_loss(specs: Sequence[TaskSpec]) -> Callable[..., torch.Tensor]:
+    """The loss of one retain sample: ``sum_t m_t l_t`` over its supervised tasks."""
+
+    def loss(out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+             supervision: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=supervision.device)
+        for column, spec in enumerate(specs):
+            value = task_loss(spec, out[spec.name], targets[spec.name])[0]
+            total = total + torch.where(supervision[column], value, torch.zeros_like(value))
+        return total
+
+    return loss
+
+
+def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
+                            specs: Sequence[TaskSpec], param_names: Sequence[str],
+                            chunk_size: int | None = None) -> list[torch.Tensor]:
+    """Per-sample gradients of each retain sample's supervised loss ``sum_t m_it l_t(i)``.
+
+    ``r_i = d/d theta [sum_t m_it l_t(x_i)]`` for every sample ``i`` of the batch, by
+    ``vmap(grad(.))`` over samples; parameters outside ``param_names`` are held fixed.
+
+    Args:
+        model: the model (called functionally; its parameters are not modified).
+        batch: a collated batch whose supervision columns follow ``specs``.
+        param_names: the parameters to differentiate (full names).
+        chunk_size: samples per vectorised chunk (bounds memory; ``None``: all at once).
+
+    Returns:
+        One ``[B, *shape_p]`` tensor per name in ``param_names``, in that order.
+    """
+    named = dict(model.named_parameters())
+    params = {n: named[n].detach() for n in param_names}
+    loss_fn = _per_sample_supervised_loss(specs)
+    inputs = batch["input"]
+    targets = batch["targets"]
+    supervision = batch["supervision"]
+    assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
+    assert isinstance(supervision, torch.Tensor)
+    task_targets = {s.name: targets[s.name] for s in specs}
+
+    def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
+            sup: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
+        return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
+
+    grads = vmap(grad(one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(
+        params, inputs, task_targets, supervision)
+    return [grads[n] for n in param_names]

@@ -1,0 +1,296 @@
+"""The step loop shared by every gradient-based unlearning method.
+
+A :class:`GradientUnlearner` runs ``steps`` optimisation steps. Each step draws one forget and
+one retain minibatch from seeded :class:`~mtunlearn_ext.unlearning.batches.BatchStream`\\ s, asks
+the method for an update direction (:meth:`GradientUnlearner.compute_update`, which writes every
+parameter's ``.grad``), optionally masks it (:meth:`GradientUnlearner.mask_update`), clips its
+global norm and lets the optimizer step. The shared backbone and the heads are separate optimizer
+parameter groups, so their learning rates can differ (``head_lr_scale``).
+
+Sign convention: ``.grad`` always holds the gradient of a quantity to *minimise*; forgetting is
+expressed through the forget objective (``ascent`` = minimise ``-L``), never by flipping signs
+inside the optimizer.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import math
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.unlearning.base import (
+    CurveRecorder,
+    Unlearner,
+    UnlearnerConfig,
+    UnlearningProblem,
+    UnlearningReport,
+)
+from mtunlearn_ext.unlearning.batches import Batch, BatchStream, child_generator
+from mtunlearn_ext.unlearning.gradients import ParameterGroups
+from mtunlearn_ext.unlearning.objectives import (
+    FORGET_OBJECTIVES,
+    ForgetObjective,
+    make_forget_objectives,
+)
+from mtunlearn_ext.unlearning.terms import (
+    ForgetTerms,
+    RetainTerms,
+    forget_terms,
+    mean_of,
+    retain_terms,
+)
+
+__all__ = ["GradientUnlearner", "StepConfig", "StepContext", "StepStats"]
+
+
+@dataclass
+class StepConfig(UnlearnerConfig):
+    """Settings shared by every step-based method.
+
+    Attributes:
+        steps: optimisation steps.
+        lr: learning rate of the shared backbone.
+        head_lr_scale: learning rate of the heads relative to ``lr``.
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay (SGD) / Adam's coupled decay.
+        forget_batch_size: forget pairs per step (a smaller forget set gives all of it).
+        retain_batch_size: retain instances per step.
+        grad_clip: maximum global norm of the update, or ``None``.
+        forget_objective: one objective name for every target task, or task name / kind ->
+            name, or ``None`` for the method's default (see
+            :mod:`mtunlearn_ext.unlearning.objectives`).
+        forget_weight: weight of the forget term in the update.
+        retain_weight: weight of the retain term in the update.
+        log_every: record curves every this many steps (and at the last step).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    head_lr_scale: float = 1.0
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    forget_batch_size: int = 16
+    retain_batch_size: int = 32
+    grad_clip: float | None = 5.0
+    forget_objective: str | dict[str, str] | None = None
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    log_every: int = 1
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.steps < 0:
+            raise ValueError(f"{name}: `steps` must be >= 0, got {self.steps}")
+        for field_name in ("lr", "head_lr_scale", "forget_weight", "retain_weight",
+                           "weight_decay", "momentum"):
+            value = getattr(self, field_name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: `{field_name}` must be a finite number >= 0, got "
+                                 f"{value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"{name}: `lr` must be > 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"{name}: `optimizer` must be 'sgd' or 'adam', got "
+                             f"{self.optimizer!r}")
+        for field_name in ("forget_batch_size", "retain_batch_size", "log_every"):
+            if getattr(self, field_name) < 1:
+                raise ValueError(f"{name}: `{field_name}` must be >= 1, got "
+                                 f"{getattr(self, field_name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"{name}: `grad_clip` must be > 0 or None, got {self.grad_clip}")
+        choices = ([] if self.forget_objective is None else
+                   [self.forget_objective] if isinstance(self.forget_objective, str) else
+                   list(self.forget_objective.values()))
+        unknown = [c for c in choices if c not in FORGET_OBJECTIVES]
+        if unknown:
+            raise ValueError(f"{name}: unknown forget objective(s) {unknown}; known: "
+                             f"{sorted(FORGET_OBJECTIVES)}")
+
+
+@dataclass
+class StepContext:
+    """What a method's step sees: the model being edited, its parameter groups, the problem, the
+    prepared forget objectives of the target tasks, and the method's generator."""
+
+    model: nn.Module
+    problem: UnlearningProblem
+    groups: ParameterGroups
+    objectives: dict[str, ForgetObjective]
+    generator: torch.Generator
+    step: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        inputs = batch["input"]
+        assert isinstance(inputs, torch.Tensor)
+        return self.model(inputs)
+
+
+@dataclass
+class StepStats:
+    """Loss terms measured in a step (before its update), for the curves."""
+
+    forget: ForgetTerms | None = None
+    retain: RetainTerms | None = None
+    extra: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+class GradientUnlearner(Unlearner):
+    """Base of the step-based methods (see the module docstring).
+
+    Subclasses set ``default_forget_objective`` (used when the config names none; ``None`` means
+    the per-kind defaults of :data:`~mtunlearn_ext.unlearning.objectives.DEFAULT_FORGET_OBJECTIVES`),
+    ``uses_forget`` / ``uses_retain`` and implement :meth:`compute_update`.
+    """
+
+    config_class: ClassVar[type[UnlearnerConfig]] = StepConfig
+    default_forget_objective: ClassVar[str | None] = None
+    uses_forget: ClassVar[bool] = True
+    uses_retain: ClassVar[bool] = True
+
+    config: StepConfig
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def setup(self, ctx: StepContext, report: UnlearningReport) -> None:
+        """Called once before the first step (e.g. to compute a saliency mask)."""
+
+    @abstractmethod
+    def compute_update(self, ctx: StepContext, forget_batch: Batch | None,
+                       retain_batch: Batch | None) -> StepStats:
+        """Write the update direction into every parameter's ``.grad`` (the optimizer steps
+        along ``-grad``); return the terms measured on the batches."""
+
+    def mask_update(self, ctx: StepContext) -> None:
+        """Edit the ``.grad`` s after :meth:`compute_update` (default: nothing)."""
+
+    # -- building blocks for subclasses --------------------------------------------------------
+
+    def forget_step_terms(self, ctx: StepContext, batch: Batch) -> ForgetTerms:
+        """Forward a forget batch and evaluate the target tasks' objectives (with graph)."""
+        return forget_terms(ctx.forward(batch), batch, ctx.problem.tasks, ctx.objectives)
+
+    def retain_step_terms(self, ctx: StepContext, batch: Batch) -> RetainTerms:
+        """Forward a retain batch and evaluate every task's retain loss (with graph)."""
+        return retain_terms(ctx.forward(batch), batch, ctx.problem.tasks)
+
+    def weighted_update(self, ctx: StepContext, forget_batch: Batch | None,
+                        retain_batch: Batch | None) -> StepStats:
+        """``.grad = d/d theta [w_f sum_{t in S} O_t + w_r sum_t L^r_t]``: one backward through
+        both forward passes (terms whose batch is ``None`` or whose weight is 0 are left out)."""
+        cfg = self.config
+        stats = StepStats()
+        total: torch.Tensor | None = None
+        if forget_batch is not None:
+            stats.forget = self.forget_step_terms(ctx, forget_batch)
+            forget_total = stats.forget.total()
+            if forget_total is not None and cfg.forget_weight > 0:
+                total = cfg.forget_weight * forget_total
+        if retain_batch is not None:
+            stats.retain = self.retain_step_terms(ctx, retain_batch)
+            retain_total = stats.retain.total()
+            if retain_total is not None and cfg.retain_weight > 0:
+                term = cfg.retain_weight * retain_total
+                total = term if total is None else total + term
+        if total is not None:
+            total.backward()
+        return stats
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _make_optimizer(self, groups: ParameterGroups) -> torch.optim.Optimizer:
+        cfg = self.config
+        head_params = [p for _, p in groups.all[groups.num_shared:]]
+        param_groups = [{"params": groups.shared_params, "lr": cfg.lr}]
+        if head_params:
+            param_groups.append({"params": head_params, "lr": cfg.lr * cfg.head_lr_scale})
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+
+    def _objective_choice(self) -> str | Mapping[str, str] | None:
+        return self.config.forget_objective or self.default_forget_objective
+
+    def _unlearn(self, model: nn.Module | None, problem: UnlearningProblem,
+                 generator: torch.Generator, recorder: CurveRecorder,
+                 report: UnlearningReport) -> nn.Module | None:
+        assert model is not None
+        cfg = self.config
+        device = problem.device
+        groups = ParameterGroups.from_model(model, problem.task_names)
+        # Independent child streams: the batch order of one set does not depend on how many
+        # draws the other, or an objective, made.
+        forget_gen = child_generator(generator)
+        retain_gen = child_generator(generator)
+        objective_gen = child_generator(generator)
+        method_gen = child_generator(generator)
+        objectives = make_forget_objectives(problem.target_specs(), problem.retain,
+                                            objective_gen, device, self._objective_choice())
+        report.extra["forget_objectives"] = {t: o.name for t, o in objectives.items()}
+        ctx = StepContext(model, problem, groups, objectives, method_gen)
+        forget_stream = BatchStream(problem.forget, cfg.forget_batch_size, forget_gen, device)
+        retain_stream = BatchStream(problem.retain, cfg.retain_batch_size, retain_gen, device)
+        model.train()
+        self.setup(ctx, report)
+        optimizer = self._make_optimizer(groups)
+        params = groups.all_params
+        for step in range(cfg.steps):
+            ctx.step = step
+            log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
+            forget_batch = forget_stream.next() if self.uses_forget or log_now else None
+            retain_batch = retain_stream.next() if self.uses_retain or log_now else None
+            optimizer.zero_grad(set_to_none=True)
+            stats = self.compute_update(ctx, forget_batch if self.uses_forget else None,
+                                        retain_batch if self.uses_retain else None)
+            for p in params:  # a parameter no term reaches must not be skipped by Adam's state
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.mask_update(ctx)
+            grad_norm = None
+            if cfg.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if log_now:
+                self._fill_missing_stats(ctx, stats, forget_batch, retain_batch)
+                self._log(recorder, step, stats, grad_norm)
+            optimizer.step()
+        report.steps = cfg.steps
+        return None
+
+    def _fill_missing_stats(self, ctx: StepContext, stats: StepStats, forget_batch: Batch | None,
+                            retain_batch: Batch | None) -> None:
+        """Measure (without gradients) the terms a method did not need, so every method has both
+        curves; costs a forward pass only at logging steps."""
+        with torch.no_grad():
+            if stats.forget is None and forget_batch is not None:
+                stats.forget = forget_terms(ctx.forward(forget_batch), forget_batch,
+                                            ctx.problem.tasks, ctx.objectives)
+            if stats.retain is None and retain_batch is not None:
+                stats.retain = retain_terms(ctx.forward(retain_batch), retain_batch,
+                                            ctx.problem.tasks)
+
+    @staticmethod
+    def _log(recorder: CurveRecorder, step: int, stats: StepStats,
+             grad_norm: torch.Tensor | None) -> None:
+        values: dict[str, float | torch.Tensor | None] = {}
+        if stats.forget is not None:
+            values["forget_loss"] = mean_of(stats.forget.loss)
+            values["forget_objective"] = mean_of(stats.forget.objective)
+            for t, v in stats.forget.loss.items():
+                values[f"forget_loss/{t}"] = v
+        if stats.retain is not None:
+            values["retain_loss"] = mean_of(stats.retain.loss)
+            for t, v in stats.retain.loss.items():
+                values[f"retain_loss/{t}"] = v
+        if grad_norm is not None:
+            values["update_norm"] = grad_norm
+        values.update(stats.extra)
+        recorder.log(step, **values)

@@ -1,0 +1,308 @@
+"""Per-task forgetting objectives: what to minimise on a forget pair to remove its supervision.
+
+Every objective maps a task's prediction on a batch of forget samples to a per-sample value
+``[B]`` to *minimise*. One object per target task; :meth:`ForgetObjective.prepare` may look at
+the retain set once (to build a reference prediction) before any step.
+
+The objectives, for a sample with prediction ``p`` (class probabilities ``softmax(z)`` or a
+dense/vector value ``y_hat``), target ``y`` and task loss ``l`` (:func:`mtunlearn_ext.losses.task_loss`):
+
+``ascent`` (any kind; unbounded): ``-l(y_hat, y)``. Plain gradient ascent. Its infimum is
+    ``-inf``: cross-entropy ascent keeps growing the logit gap away from ``y`` and regression
+    ascent pushes outputs without limit, so the shared backbone is eventually destroyed; only a
+    small step budget keeps it usable.
+``capped_ascent`` (any kind; bounded): ``-min(l, c)``, with ``c`` the loss that the reference
+    predictor below gets on the retain set (``log C`` for a uniform classifier). Ascent stops, per
+    sample, once the sample is fitted no better than by a predictor that has seen no instance.
+``uniform`` (classification, segmentation; bounded): ``KL(U || p) = -log C - (1/C) sum_c log p_c``
+    (per labelled pixel, averaged). ``>= 0``, zero exactly at the uniform prediction, and the
+    gradient vanishes there, so it cannot diverge.
+``mean_target`` (any kind; bounded; the default): pull the prediction toward the best
+    *input-independent* prediction learned from the retain set, i.e. what a model that carries no
+    information about the instance would output: for classification the retain class prior ``pi``
+    (``KL(pi || p)``), for segmentation the per-pixel class frequencies, for depth/regression the
+    per-pixel (per-entry) mean of the retain targets, for normals the normalised per-pixel mean
+    normal (each under the task's own loss, restricted to the sample's labelled pixels).
+    Minimum at the reference, gradient zero there: bounded and stable.
+``random_target`` (any kind; bounded below by 0): the task loss against a random target drawn
+    afresh at each call: a uniformly random *other* class for classification, the target map of
+    a random retain instance for dense tasks and regression (the "random labels" of SalUn, with
+    regression targets drawn from the retain targets' own distribution).
+
+Why ``mean_target`` is the default: what separates a forgotten pair from a learned one is that
+the model's output no longer depends on having seen that instance's label. Pulling the output to
+the prediction of an input-agnostic model removes the instance-specific fit with an objective that
+has a finite minimum (so a step budget or a retain term decides how far to go, not divergence),
+applies uniformly to every task kind, and ignores unlabelled pixels exactly as training did.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.losses import task_loss, valid_pixel_mask
+
+__all__ = [
+    "DEFAULT_FORGET_OBJECTIVES",
+    "FORGET_OBJECTIVES",
+    "ForgetObjective",
+    "make_forget_objectives",
+]
+
+_DENSE = ("segmentation", "depth", "normals")
+
+
+def _supervised_targets(spec: TaskSpec, retain: MultiTaskDataset) -> torch.Tensor:
+    """The retain set's targets of ``spec`` on its supervised rows."""
+    column = retain.task_index(spec.name)
+    rows = retain.supervision[:, column].nonzero().flatten()
+    return retain.targets[spec.name][rows]
+
+
+class ForgetObjective(ABC):
+    """A forgetting objective for one task. Subclasses set ``name``, ``bounded`` and ``kinds``.
+
+    Call :meth:`prepare` once before :meth:`per_sample`.
+    """
+
+    name: ClassVar[str] = ""
+    bounded: ClassVar[bool] = True
+    kinds: ClassVar[tuple[str, ...]] = TASK_KINDS
+
+    def __init__(self, spec: TaskSpec) -> None:
+        if spec.kind not in self.kinds:
+            raise ValueError(f"forget objective {self.name!r} does not apply to task "
+                             f"{spec.name!r} of kind {spec.kind}; it supports {self.kinds}")
+        self.spec = spec
+
+    def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
+                device: torch.device | str) -> None:
+        """Build whatever reference the objective needs from the retain set (default: none)."""
+
+    @abstractmethod
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``[B]`` values to minimise for the batch's predictions and (forget) targets."""
+
+
+class AscentObjective(ForgetObjective):
+    """``-task_loss``: plain gradient ascent (unbounded)."""
+
+    name = "ascent"
+    bounded = False
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -task_loss(self.spec, pred, target)
+
+
+class _ReferenceObjective(ForgetObjective):
+    """Shared machinery: an input-independent reference prediction built from the retain set."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        self.reference: torch.Tensor | None = None
+
+    def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
+                device: torch.device | str) -> None:
+        targets = _supervised_targets(self.spec, retain)
+        if targets.shape[0] == 0:
+            raise ValueError(f"forget objective {self.name!r}: the retain set has no supervised "
+                             f"pair of task {self.spec.name!r} to build a reference from")
+        self.reference = self._reference_from(targets).to(device)
+
+    def _reference_from(self, targets: torch.Tensor) -> torch.Tensor:
+        """The reference: class probabilities (``[C]`` / ``[C, H, W]``) for classification and
+        segmentation, a target-shaped value (``[1|3, H, W]`` / ``[d]``) otherwise."""
+        spec = self.spec
+        if spec.kind == "classification":
+            labels = targets[targets != spec.ignore_index].long()
+            counts = torch.bincount(labels, minlength=spec.num_classes).double()
+            return (counts / counts.sum().clamp(min=1)).float()
+        if spec.kind == "segmentation":
+            valid = targets != spec.ignore_index
+            onehot = F.one_hot(torch.where(valid, targets, 0).long(), spec.num_classes)
+            counts = (onehot * valid.unsqueeze(-1)).sum(dim=0).permute(2, 0, 1).double()
+            total = counts.sum(dim=0, keepdim=True)
+            # A pixel never labelled in the retain set falls back to the global class prior.
+            global_prior = counts.sum(dim=(1, 2)) / counts.sum().clamp(min=1)
+            freq = torch.where(total > 0, counts / total.clamp(min=1),
+                               global_prior[:, None, None].expand_as(counts))
+            return freq.float()
+        if spec.kind == "regression":
+            return targets.float().mean(dim=0)
+        valid = valid_pixel_mask(spec, targets.float()).unsqueeze(1)  # [N, 1, H, W]
+        summed = (targets.float() * valid).sum(dim=0)
+        count = valid.sum(dim=0).clamp(min=1)
+        mean = summed / count
+        if spec.kind == "normals":
+            # Zero where no retain pixel is labelled: such pixels then count as unlabelled.
+            mean = F.normalize(mean, dim=0, eps=1e-8)
+        return mean
+
+    def _reference_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the task's loss of ``pred`` against the reference, on the labelled pixels of
+        ``target`` (``KL(reference || softmax(pred))`` for class outputs)."""
+        assert self.reference is not None, "call prepare() first"
+        spec = self.spec
+        ref = self.reference.to(pred.dtype)
+        if spec.kind == "classification":
+            log_p = F.log_softmax(pred, dim=1)
+            kl = (ref * (ref.clamp(min=1e-12).log() - log_p)).sum(dim=1)
+            return torch.where(target != spec.ignore_index, kl, torch.zeros_like(kl))
+        if spec.kind == "segmentation":
+            log_p = F.log_softmax(pred, dim=1)
+            kl = (ref * (ref.clamp(min=1e-12).log() - log_p)).sum(dim=1)  # [B, H, W]
+            return _mean_over(kl, valid_pixel_mask(spec, target))
+        if spec.kind == "regression":
+            return task_loss(spec, pred, ref.expand(pred.shape[0], *ref.shape))
+        valid = valid_pixel_mask(spec, target.to(pred.dtype)).unsqueeze(1)
+        masked_ref = torch.where(valid, ref.unsqueeze(0), torch.zeros((), dtype=pred.dtype,
+                                                                      device=pred.device))
+        return task_loss(spec, pred, masked_ref)
+
+
+def _mean_over(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``[B, H, W]`` values over ``valid`` pixels (0 where none)."""
+    kept = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype,
+                                                     device=per_pixel.device))
+    return kept.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1).to(per_pixel.dtype)
+
+
+class MeanTargetObjective(_ReferenceObjective):
+    """Pull the prediction toward the retain set's input-independent reference (the default)."""
+
+    name = "mean_target"
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._reference_loss(pred, target)
+
+
+class CappedAscentObjective(_ReferenceObjective):
+    """``-min(task_loss, c)``: ascent that stops once a sample's loss reaches the reference
+    predictor's mean loss ``c`` on the retain set (``log C`` for classes)."""
+
+    name = "capped_ascent"
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        self.cap: float = math.nan
+
+    def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
+                device: torch.device | str) -> None:
+        super().prepare(retain, generator, device)
+        if self.spec.kind in ("classification", "segmentation"):
+            assert self.spec.num_classes is not None
+            self.cap = math.log(self.spec.num_classes)
+            return
+        targets = _supervised_targets(self.spec, retain).to(device)
+        losses = []
+        assert self.reference is not None
+        for start in range(0, targets.shape[0], 256):
+            chunk = targets[start:start + 256].float()
+            # The reference as a prediction (normals: a unit vector field; regression: a row).
+            pred = self.reference.unsqueeze(0).expand(chunk.shape[0], *self.reference.shape)
+            losses.append(task_loss(self.spec, pred, chunk))
+        self.cap = float(torch.cat(losses).mean())
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -task_loss(self.spec, pred, target).clamp(max=self.cap)
+
+
+class UniformObjective(ForgetObjective):
+    """``KL(U || softmax(z))``: push class posteriors to uniform (classification, segmentation)."""
+
+    name = "uniform"
+    kinds = ("classification", "segmentation")
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        num_classes = pred.shape[1]
+        kl = -math.log(num_classes) - F.log_softmax(pred, dim=1).mean(dim=1)
+        if self.spec.kind == "classification":
+            return torch.where(target != self.spec.ignore_index, kl, torch.zeros_like(kl))
+        return _mean_over(kl, valid_pixel_mask(self.spec, target))
+
+
+class RandomTargetObjective(ForgetObjective):
+    """Task loss against random targets drawn at every call (random labels)."""
+
+    name = "random_target"
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        self.pool: torch.Tensor | None = None
+        self.generator: torch.Generator | None = None
+
+    def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
+                device: torch.device | str) -> None:
+        self.generator = generator
+        if self.spec.kind != "classification":
+            pool = _supervised_targets(self.spec, retain)
+            if pool.shape[0] == 0:
+                raise ValueError(f"forget objective 'random_target': the retain set has no "
+                                 f"supervised pair of task {self.spec.name!r} to draw from")
+            self.pool = pool  # stays on CPU; only the drawn rows move
+
+    def random_targets(self, target: torch.Tensor) -> torch.Tensor:
+        """Random targets shaped like ``target`` (drawn on CPU from the objective's generator,
+        so the draw does not depend on the device)."""
+        assert self.generator is not None, "call prepare() first"
+        batch = target.shape[0]
+        if self.spec.kind == "classification":
+            assert self.spec.num_classes is not None
+            # A uniformly random class other than y: y + U{1..C-1} mod C.
+            shift = torch.randint(1, self.spec.num_classes, (batch,), generator=self.generator)
+            labels = (target.cpu().long() + shift) % self.spec.num_classes
+            labels = torch.where(target.cpu() == self.spec.ignore_index, target.cpu().long(),
+                                 labels)
+            return labels.to(target.device)
+        assert self.pool is not None
+        rows = torch.randint(0, self.pool.shape[0], (batch,), generator=self.generator)
+        return self.pool[rows].to(target.device, non_blocking=True)
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return task_loss(self.spec, pred, self.random_targets(target))
+
+
+FORGET_OBJECTIVES: dict[str, type[ForgetObjective]] = {
+    cls.name: cls for cls in (AscentObjective, CappedAscentObjective, MeanTargetObjective,
+                              UniformObjective, RandomTargetObjective)
+}
+
+#: The default objective of each task kind (see the module docstring for the reasons).
+DEFAULT_FORGET_OBJECTIVES: dict[str, str] = {kind: "mean_target" for kind in TASK_KINDS}
+
+
+def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
+                           generator: torch.Generator, device: torch.device | str,
+                           choice: str | Mapping[str, str] | None = None,
+                           ) -> dict[str, ForgetObjective]:
+    """Prepared objectives for the target tasks ``specs``.
+
+    Args:
+        choice: one objective name for every task, or a mapping from task name *or* task kind
+            to a name (task name wins), or ``None`` for :data:`DEFAULT_FORGET_OBJECTIVES`.
+        generator: parent generator; each objective gets its own seeded child stream.
+    """
+    objectives: dict[str, ForgetObjective] = {}
+    for spec in specs:
+        if choice is None:
+            name = DEFAULT_FORGET_OBJECTIVES[spec.kind]
+        elif isinstance(choice, str):
+            name = choice
+        else:
+            name = choice.get(spec.name, choice.get(spec.kind, DEFAULT_FORGET_OBJECTIVES[spec.kind]))
+        if name not in FORGET_OBJECTIVES:
+            raise KeyError(f"unknown forget objective {name!r} for task {spec.name!r}; known: "
+                           f"{sorted(FORGET_OBJECTIVES)}")
+        objective = FORGET_OBJECTIVES[name](spec)
+        child = torch.Generator()
+        child.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+        objective.prepare(retain, child, device)
+        objectives[spec.name] = objective
+    return objectives

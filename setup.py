@@ -1,0 +1,104 @@
+"""Build of mtunlearn_ext and its compiled ops (one extension, mtunlearn_ext._C, via ninja).
+
+CUDA kernels are compiled whenever torch is a CUDA build and ``$CUDA_HOME/bin/nvcc`` exists, even
+with no GPU attached; otherwise a CPU-only extension is built. Environment overrides:
+
+* ``MTUNLEARN_CUDA=1`` forces CUDA (fails clearly if impossible), ``MTUNLEARN_CUDA=0`` forbids it.
+* ``TORCH_CUDA_ARCH_LIST`` is respected; the default covers Ampere and Hopper plus PTX.
+* ``MAX_JOBS`` bounds ninja's parallelism (default: the number of CPUs).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# /usr/local/bin/nvcc is a wrapper script; torch would guess CUDA_HOME=/usr/local and fail to
+# link cudart. Point it at the real toolkit before torch.utils.cpp_extension reads it.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _cuda_wanted() -> bool:
+    mode = os.environ.get("MTUNLEARN_CUDA", "auto").strip().lower()
+    possible = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
+    if mode in ("0", "false", "off", "no"):
+        return False
+    if mode in ("1", "true", "on", "yes"):
+        if not possible:
+            sys.exit(
+                "MTUNLEARN_CUDA=1 but CUDA cannot be built: torch.version.cuda="
+                f"{torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            )
+        return True
+    return possible
+
+
+def _extension():  # type: ignore[no-untyped-def]
+    with_cuda = _cuda_wanted()
+    csrc = os.path.join("csrc")
+    sources = [os.path.join(csrc, "registration.cpp"), os.path.join(csrc, "module.cpp")]
+    sources += sorted(glob.glob(os.path.join(csrc, "ops", "*", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(csrc, "ops", "*", "cpu", "*.cpp")))
+    torch_version = torch.__version__.split("+")[0]
+    define_macros = [("MTU_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx_flags = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fvisibility=hidden"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    archs = ""
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # With no GPU to probe, cpp_extension would crash on an empty arch list.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob(os.path.join(csrc, "ops", "*", "cuda", "*.cu")))
+        sources += [os.path.join(csrc, "cuda_host.cpp")]
+        define_macros += [("MTU_WITH_CUDA", None), ("MTU_CUDA_ARCHS", f'"{archs}"')]
+    print(
+        "mtunlearn_ext build configuration:\n"
+        f"  torch {torch.__version__} (CUDA build: {torch.version.cuda})\n"
+        f"  CUDA kernels: {'yes' if with_cuda else 'no'}"
+        + (f" (archs {archs}, CUDA_HOME={CUDA_HOME})" if with_cuda else "")
+        + f"\n  sources: {len(sources)} files, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}\n"
+        f"  cxx flags: {' '.join(cxx_flags)}",
+        flush=True,
+    )
+    del torch_version
+    kind = CUDAExtension if with_cuda else CppExtension
+    return kind(
+        name="mtunlearn_ext._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, csrc, "include")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="mtunlearn_ext",
+    version="0.1.0",
+    description="Interference-aware multi-task machine unlearning on compiled gradient-surgery ops",
+    packages=find_packages(include=["mtunlearn_ext", "mtunlearn_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    entry_points={"console_scripts": ["mtunlearn = mtunlearn_ext.cli:main"]},
+)
