@@ -49,35 +49,37 @@ void combine(ScalarKind kind, const CombineSegment* segments, int64_t num_segmen
 }  // namespace cpu
 
 namespace cuda {
-// Work items: column ranges of segments; item_out/item ranges let the second stage reduce the
-// partials of each output in a fixed order (deterministic).
+// Work items: column ranges of segments. The partials of each output are reduced by a second
+// kernel in item order, so results are deterministic for a given problem and device.
 struct ReduceItem {
-  int32_t segment;
-  int32_t pad;
+  int64_t segment;
   int64_t col_begin;
   int64_t col_end;
 };
 
-// Number of bytes of device workspace `reduce` needs for this problem.
-int64_t reduce_workspace_bytes(int64_t num_items, int64_t m, int64_t k);
+// Every launcher returns 0 on success or a cudaError_t code (see error_string).
+const char* error_string(int code);
 
-// All pointers are device pointers; `stream` is a cudaStream_t.
-void reduce(ScalarKind kind, const ReduceSegment* segments_dev, const ReduceItem* items_dev,
-            int64_t num_items, const int64_t* output_item_begin_dev, int64_t num_outputs,
-            int64_t m, int64_t k, bool symmetric, bool vector_loads, void* workspace, void* out,
+// True when the small register-blocked reduce kernel handles (m, k); else the tiled kernel.
+bool reduce_uses_register_path(int64_t m, int64_t k, bool symmetric);
+
+// All pointers are device pointers; `stream` is a cudaStream_t. `partials` holds
+// num_items * m * k accumulation-type values; `output_item_begin` num_outputs + 1 offsets.
+int reduce(ScalarKind kind, const ReduceSegment* segments, const ReduceItem* items,
+           int64_t num_items, const int64_t* output_item_begin, int64_t num_outputs, int64_t m,
+           int64_t k, bool symmetric, void* partials, void* out, void* stream);
+
+int combine(ScalarKind kind, const CombineSegment* segments, const ReduceItem* items,
+            int64_t num_items, int64_t m, int64_t k, const void* coeffs, double beta,
             void* stream);
 
-void combine(ScalarKind kind, const CombineSegment* segments_dev, const ReduceItem* items_dev,
-             int64_t num_items, int64_t m, int64_t k, const void* coeffs, double beta,
-             bool vector_loads, void* stream);
-
-// One thread per problem; inputs/outputs in the accumulation type (float or double).
-void ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
-                 int m, double ridge, double* workspace, void* stream);
-void nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
-                         int k, int m, double* workspace, int* int_workspace, void* stream);
-void pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
-                    double* workspace, int* int_workspace, void* stream);
+// One thread per problem, in double; inputs/outputs in the accumulation type (dbl: double).
+int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
+                int m, double ridge, double* workspace, void* stream);
+int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
+                        int k, int m, double* workspace, int* int_workspace, void* stream);
+int pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
+                   double* workspace, int* int_workspace, void* stream);
 }  // namespace cuda
 
 }  // namespace mtunlearn

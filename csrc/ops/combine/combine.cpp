@@ -132,7 +132,6 @@ void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorL
   const int64_t k = coeffs_in.size(-1);
   const int64_t m = coeffs_in.dim() == 1 ? 1 : coeffs_in.size(0);
   const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
-  const int64_t esize = element_size(kind);
   std::vector<at::Tensor> flats;
   std::vector<CombineSegment> segments;
   flats.reserve(xs.size());

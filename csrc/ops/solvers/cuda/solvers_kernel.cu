@@ -1,0 +1,121 @@
+// CUDA kernels of the coefficient-space solvers: one thread per problem running the same code
+// as the CPU (include/mtunlearn/small_solvers.h) in double, on a per-problem workspace. The
+// problems are k x k with k <= 256; keeping them on the device avoids any host sync.
+#include "mtunlearn/cuda_common.cuh"
+#include "mtunlearn/small_solvers.h"
+
+namespace mtunlearn {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 64;
+
+template <typename A>
+__global__ void ridge_solve_kernel(const A* __restrict__ gram, const A* __restrict__ rhs,
+                                   A* __restrict__ out, int64_t batch, int k, int m, double ridge,
+                                   double* __restrict__ workspace) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  const int64_t kk = static_cast<int64_t>(k) * k, km = static_cast<int64_t>(k) * m;
+  double* w = workspace + b * (2 * kk + 2 * km);
+  double* g = w;
+  double* scratch = w + kk;
+  double* r = w + 2 * kk;
+  double* o = r + km;
+  for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
+  for (int64_t e = 0; e < km; ++e) r[e] = static_cast<double>(rhs[b * km + e]);
+  solvers::ridge_solve(g, k, r, m, ridge, o, scratch);
+  for (int64_t e = 0; e < km; ++e) out[b * km + e] = static_cast<A>(o[e]);
+}
+
+template <typename A>
+__global__ void nonconflicting_dual_kernel(const A* __restrict__ gram, const A* __restrict__ rhs,
+                                           A* __restrict__ out, int64_t batch, int k, int m,
+                                           double* __restrict__ workspace,
+                                           int* __restrict__ int_workspace) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= batch * m) return;
+  const int64_t b = p / m;
+  const int64_t kk = static_cast<int64_t>(k) * k;
+  double* w = workspace + p * (2 * kk + 4 * k);
+  double* g = w;
+  double* c = w + kk;
+  double* sol = c + k;
+  double* scratch = sol + k;  // kk + 2k
+  int* idx = int_workspace + p * k;
+  for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
+  for (int e = 0; e < k; ++e) c[e] = static_cast<double>(rhs[p * k + e]);
+  solvers::nonconflicting_dual(g, k, c, sol, scratch, idx);
+  for (int e = 0; e < k; ++e) out[p * k + e] = static_cast<A>(sol[e]);
+}
+
+template <typename A>
+__global__ void pcgrad_weights_kernel(const A* __restrict__ gram, A* __restrict__ out,
+                                      int64_t batch, int k, int64_t seed,
+                                      double* __restrict__ workspace,
+                                      int* __restrict__ int_workspace) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  const int64_t kk = static_cast<int64_t>(k) * k;
+  double* w = workspace + b * (kk + 2 * k);
+  double* g = w;
+  double* total = w + kk;
+  double* scratch = total + k;
+  for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
+  solvers::pcgrad_weights(g, k, seed, total, scratch, int_workspace + b * k);
+  for (int e = 0; e < k; ++e) out[b * k + e] = static_cast<A>(total[e]);
+}
+
+unsigned blocks_for(int64_t problems) {
+  return static_cast<unsigned>((problems + kThreads - 1) / kThreads);
+}
+
+}  // namespace
+
+int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
+                int m, double ridge, double* workspace, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (dbl) {
+    ridge_solve_kernel<double><<<blocks_for(batch), kThreads, 0, stream>>>(
+        static_cast<const double*>(gram), static_cast<const double*>(rhs), static_cast<double*>(out),
+        batch, k, m, ridge, workspace);
+  } else {
+    ridge_solve_kernel<float><<<blocks_for(batch), kThreads, 0, stream>>>(
+        static_cast<const float*>(gram), static_cast<const float*>(rhs), static_cast<float*>(out),
+        batch, k, m, ridge, workspace);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
+                        int k, int m, double* workspace, int* int_workspace, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (dbl) {
+    nonconflicting_dual_kernel<double><<<blocks_for(batch * m), kThreads, 0, stream>>>(
+        static_cast<const double*>(gram), static_cast<const double*>(rhs), static_cast<double*>(out),
+        batch, k, m, workspace, int_workspace);
+  } else {
+    nonconflicting_dual_kernel<float><<<blocks_for(batch * m), kThreads, 0, stream>>>(
+        static_cast<const float*>(gram), static_cast<const float*>(rhs), static_cast<float*>(out),
+        batch, k, m, workspace, int_workspace);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
+                   double* workspace, int* int_workspace, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (dbl) {
+    pcgrad_weights_kernel<double><<<blocks_for(batch), kThreads, 0, stream>>>(
+        static_cast<const double*>(gram), static_cast<double*>(out), batch, k, seed, workspace,
+        int_workspace);
+  } else {
+    pcgrad_weights_kernel<float><<<blocks_for(batch), kThreads, 0, stream>>>(
+        static_cast<const float*>(gram), static_cast<float*>(out), batch, k, seed, workspace,
+        int_workspace);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace cuda
+}  // namespace mtunlearn
