@@ -17,7 +17,7 @@ def _register() -> None:
         return x.new_empty((*x.shape[:-2], k, k), dtype=acc_dtype(x.dtype))
 
     @torch.library.register_fake(lib + "gram_list")
-    def _gram_list_fake(xs: list[torch.Tensor], per_tensor: bool) -> torch.Tensor:
+    def _gram_list_fake(xs: list[torch.Tensor], per_tensor: bool = False) -> torch.Tensor:
         k = xs[0].shape[0]
         shape = (len(xs), k, k) if per_tensor else (k, k)
         return xs[0].new_empty(shape, dtype=acc_dtype(xs[0].dtype))
@@ -32,16 +32,17 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "combine_")
     def _combine_inplace_fake(out: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor,
-                              beta: float) -> None:
+                              beta: float = 0.0) -> None:
         return None
 
     @torch.library.register_fake(lib + "combine_list_")
     def _combine_list_fake(outs: list[torch.Tensor], coeffs: torch.Tensor,
-                           xs: list[torch.Tensor], beta: float) -> None:
+                           xs: list[torch.Tensor], beta: float = 0.0) -> None:
         return None
 
     @torch.library.register_fake(lib + "ridge_solve")
-    def _ridge_solve_fake(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    def _ridge_solve_fake(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6
+                          ) -> torch.Tensor:
         return torch.empty_like(rhs, dtype=gram.dtype)
 
     @torch.library.register_fake(lib + "nonconflicting_dual")
@@ -49,23 +50,23 @@ def _register() -> None:
         return torch.empty_like(rhs, dtype=gram.dtype)
 
     @torch.library.register_fake(lib + "pcgrad_weights")
-    def _pcgrad_weights_fake(gram: torch.Tensor, seed: int) -> torch.Tensor:
+    def _pcgrad_weights_fake(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
         return gram.new_empty(gram.shape[:-1])
 
     @torch.library.register_fake(lib + "project_out")
-    def _project_out_fake(g: torch.Tensor, basis: torch.Tensor, ridge: float
+    def _project_out_fake(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         coeffs = g.new_empty((*g.shape[:-1], basis.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
     @torch.library.register_fake(lib + "project_nonconflicting")
-    def _project_nc_fake(g: torch.Tensor, r: torch.Tensor, sign: int
+    def _project_nc_fake(g: torch.Tensor, r: torch.Tensor, sign: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         coeffs = g.new_empty((*g.shape[:-1], r.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
     @torch.library.register_fake(lib + "pcgrad")
-    def _pcgrad_fake(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pcgrad_fake(x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         out = x.new_empty((*x.shape[:-2], x.shape[-1]))
         return out, x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
 

@@ -10,6 +10,7 @@
 #include "mtunlearn/checks.h"
 #include "mtunlearn/entries.h"
 #include "mtunlearn/kernels.h"
+#include "mtunlearn/tensor_utils.h"
 #ifdef MTU_WITH_CUDA
 #include "mtunlearn/cuda_host.h"
 #endif
@@ -17,16 +18,6 @@
 namespace mtunlearn {
 namespace {
 
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
-  return t.contiguous();
-}
-
-at::Tensor as_batched(const at::Tensor& t) {
-  const int64_t r = t.size(-2), n = t.size(-1);
-  at::Tensor u = rows_unit_stride(t);
-  return u.dim() == 3 ? u : u.reshape({-1, r, n});
-}
 
 void run_combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64_t m,
                  int64_t k, const at::Tensor& coeffs, double beta, const at::Device& device) {
@@ -62,9 +53,10 @@ void combine_into(const at::Tensor& out, const at::Tensor& base, const at::Tenso
   if (out.numel() == 0) return;
   const ScalarKind kind = scalar_kind(x_in, op, "x");
   const int64_t m = coeffs_in.size(-2), k = coeffs_in.size(-1), n = x_in.size(-1);
-  at::Tensor coeffs = coeffs_in.to(acc_type(x_in.scalar_type())).contiguous().reshape({-1, m, k});
+  at::Tensor coeffs =
+      coeffs_in.to(acc_type(x_in.scalar_type())).contiguous().reshape({leading_numel(coeffs_in), m, k});
   at::Tensor x = as_batched(x_in);
-  at::Tensor o = out.view({-1, m, n});
+  at::Tensor o = out.view({leading_numel(out), m, n});
   at::Tensor b = base.defined() ? as_batched(base) : at::Tensor();
   const int64_t esize = element_size(kind);
   std::vector<CombineSegment> segments;

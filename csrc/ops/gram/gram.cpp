@@ -9,6 +9,7 @@
 #include "mtunlearn/checks.h"
 #include "mtunlearn/entries.h"
 #include "mtunlearn/kernels.h"
+#include "mtunlearn/tensor_utils.h"
 #ifdef MTU_WITH_CUDA
 #include "mtunlearn/cuda_host.h"
 #endif
@@ -16,18 +17,6 @@
 namespace mtunlearn {
 namespace {
 
-// Rows must be unit-stride along the reduced dimension; anything else is copied once.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
-  return t.contiguous();
-}
-
-// View a [..., r, n] tensor as [B, r, n] (a copy only when the leading dims cannot merge).
-at::Tensor as_batched(const at::Tensor& t) {
-  const int64_t r = t.size(-2), n = t.size(-1);
-  at::Tensor u = rows_unit_stride(t);
-  return u.dim() == 3 ? u : u.reshape({-1, r, n});
-}
 
 void run_reduce(ScalarKind kind, const std::vector<ReduceSegment>& segments, int64_t m, int64_t k,
                 bool symmetric, const at::Tensor& out) {

@@ -1,0 +1,29 @@
+"""Test configuration: the compiled extension is mandatory (no silent fallback), and every test
+runs with PyTorch's deterministic mode, which fills each freshly allocated tensor (including the
+outputs our ops allocate in C++) with NaN: an output element a kernel forgets to write shows."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MTUNLEARN_REQUIRE_EXTENSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mtunlearn_ext  # noqa: E402
+
+if os.environ["MTUNLEARN_REQUIRE_EXTENSION"] not in ("", "0"):
+    assert mtunlearn_ext.has_extension(), "the compiled extension must be built for the tests"
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def poisoned_outputs():  # type: ignore[no-untyped-def]
+    """Deterministic mode + NaN-filled uninitialised memory for the duration of a test."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # type: ignore[attr-defined]
+    yield
+    torch.use_deterministic_algorithms(previous)

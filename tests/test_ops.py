@@ -1,0 +1,443 @@
+"""Every compiled op against a float64 reference on fresh random inputs: dtypes, shapes (empty,
+tiny, odd, large), strides, batching; plus opcheck, torch.compile, autograd, determinism and
+argument errors. Outputs are NaN-poisoned (see conftest.poisoned_outputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from mtunlearn_ext import ops
+from mtunlearn_ext.ops import _reference as ref
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Relative error of a Gram entry, scaled by |x_i| |x_j|: fp32 accumulation for every dtype
+# below fp64 (the inputs themselves are exact, the reference sees the same values).
+GRAM_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+SHAPES = [(1, 1), (1, 0), (0, 5), (2, 3), (3, 7), (5, 33), (8, 1000), (16, 4099), (17, 515),
+          (37, 130), (64, 200), (128, 67)]
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+
+def _rand(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
+          seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+
+def _gram_error(result: torch.Tensor, expected: torch.Tensor, rows_a: torch.Tensor,
+                rows_b: torch.Tensor) -> float:
+    na = rows_a.double().norm(dim=-1)
+    nb = rows_b.double().norm(dim=-1)
+    scale = na.unsqueeze(-1) * nb.unsqueeze(-2) + 1e-300
+    return float(((result.double() - expected) / scale).abs().max()) if result.numel() else 0.0
+
+
+def _variants(x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The same values in other memory layouts: column-sliced, transposed storage, offset."""
+    k, n = x.shape[-2:]
+    out = [("contiguous", x)]
+    wide = torch.zeros(*x.shape[:-1], 2 * n + 1, dtype=x.dtype, device=x.device)
+    wide[..., 1:2 * n + 1:2] = x
+    out.append(("strided_cols", wide[..., 1:2 * n + 1:2]))
+    out.append(("transposed_storage", x.transpose(-1, -2).contiguous().transpose(-1, -2)))
+    padded = torch.zeros(*x.shape[:-1], n + 3, dtype=x.dtype, device=x.device)
+    padded[..., 3:] = x
+    out.append(("row_offset", padded[..., 3:]))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_gram_matches_float64_reference(device: str, dtype: torch.dtype, k: int, n: int) -> None:
+    x = _rand(k, n, dtype=dtype, device=device, seed=k * 1000 + n)
+    expected = ref.gram(x.double())
+    for name, variant in _variants(x):
+        result = ops.gram(variant)
+        assert result.dtype == ref.acc_dtype(dtype), name
+        assert result.shape == (k, k), name
+        assert not torch.isnan(result).any(), f"{name}: unwritten output"
+        assert _gram_error(result, expected, x, x) <= GRAM_TOL[dtype], name
+        assert torch.equal(result, result.transpose(0, 1)), f"{name}: not exactly symmetric"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_batched_and_large(device: str, dtype: torch.dtype) -> None:
+    x = _rand(2, 3, 5, 301, dtype=dtype, device=device, seed=1)
+    result = ops.gram(x)
+    assert result.shape == (2, 3, 5, 5)
+    assert _gram_error(result, ref.gram(x.double()), x, x) <= GRAM_TOL[dtype]
+    big = _rand(8, 2_000_003, dtype=dtype, device=device, seed=2)
+    assert _gram_error(ops.gram(big), ref.gram(big.double()), big, big) <= 4 * GRAM_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_is_psd_and_deterministic(device: str) -> None:
+    x = _rand(24, 70_001, device=device, seed=3)
+    first = ops.gram(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.gram(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, single), "result depends on the thread count"
+    assert torch.equal(first, ops.gram(x))
+    eig = torch.linalg.eigvalsh(first.double())
+    assert eig.min() >= -1e-6 * eig.max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (0, 3, 5), (2, 0, 5), (3, 4, 0), (3, 5, 17),
+                                   (8, 8, 1029), (9, 2, 333), (40, 33, 130)])
+def test_inner_matches_float64_reference(device: str, dtype: torch.dtype, m: int, k: int,
+                                         n: int) -> None:
+    a = _rand(m, n, dtype=dtype, device=device, seed=m + 10 * k + n)
+    b = _rand(k, n, dtype=dtype, device=device, seed=7 + m + k + n)
+    expected = ref.inner(a.double(), b.double())
+    for (name_a, va), (name_b, vb) in zip(_variants(a), reversed(_variants(b))):
+        result = ops.inner(va, vb)
+        assert result.shape == (m, k)
+        assert not torch.isnan(result).any(), f"{name_a}/{name_b}: unwritten output"
+        assert _gram_error(result, expected, a, b) <= GRAM_TOL[dtype], (name_a, name_b)
+
+
+# Error of a combination relative to sum_j |c_ij| |x_j|, beyond the final rounding to dtype.
+COMBINE_TOL = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3,
+               torch.bfloat16: 8e-3}
+
+
+def _combine_error(result: torch.Tensor, expected: torch.Tensor, coeffs: torch.Tensor,
+                   x: torch.Tensor) -> float:
+    bound = coeffs.double().abs() @ x.double().abs() + 1e-300
+    return float(((result.double() - expected) / bound).abs().max()) if result.numel() else 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 0, 4), (0, 3, 5), (1, 8, 1003), (3, 5, 17),
+                                   (4, 16, 4097), (2, 64, 300), (5, 130, 33)])
+def test_combine_matches_float64_reference(device: str, dtype: torch.dtype, m: int, k: int,
+                                           n: int) -> None:
+    x = _rand(k, n, dtype=dtype, device=device, seed=m + k + n)
+    coeffs = _rand(m, k, dtype=torch.float64, device=device, seed=99 + k)
+    expected = ref.combine(coeffs, x.double())
+    for name, variant in _variants(x):
+        result = ops.combine(coeffs, variant)
+        assert result.dtype == dtype and result.shape == (m, n)
+        assert not torch.isnan(result).any(), f"{name}: unwritten output"
+        assert _combine_error(result, expected, coeffs, x) <= COMBINE_TOL[dtype], name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_in_place_beta(device: str, dtype: torch.dtype) -> None:
+    x = _rand(2, 6, 999, dtype=dtype, device=device, seed=5)
+    coeffs = _rand(2, 3, 6, dtype=torch.float32, device=device, seed=6)
+    out = torch.full((2, 3, 999), float("nan"), dtype=dtype, device=device)
+    ops.combine(coeffs, x, out=out)  # beta=0 ignores the NaN already there
+    expected = ref.combine(coeffs, x.double())
+    assert _combine_error(out, expected, coeffs, x) <= COMBINE_TOL[dtype]
+    before = out.double().clone()
+    ops.combine(coeffs, x, out=out, beta=-0.5)
+    expected2 = -0.5 * before + expected
+    bound = coeffs.double().abs() @ x.double().abs() + before.abs()
+    assert float(((out.double() - expected2) / bound).abs().max()) <= 2 * COMBINE_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("coeff_rows", [0, 2])
+def test_gram_list_and_combine_list(device: str, dtype: torch.dtype, coeff_rows: int) -> None:
+    k = 6
+    shapes = [(), (1,), (7,), (3, 5), (64, 3, 3, 3), (1001,), (0, 4)]
+    xs = [_rand(k, *s, dtype=dtype, device=device, seed=i) if 0 not in s else
+          torch.zeros(k, *s, dtype=dtype, device=device) for i, s in enumerate(shapes)]
+    xs[3] = xs[3].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous parameter
+    flat = torch.cat([x.reshape(k, -1).double() for x in xs], dim=1)
+    total = ops.gram_list(xs)
+    assert total.shape == (k, k)
+    assert _gram_error(total, flat @ flat.T, flat, flat) <= GRAM_TOL[dtype]
+    per = ops.gram_list(xs, per_tensor=True)
+    assert per.shape == (len(xs), k, k)
+    for p, x in enumerate(xs):
+        f = x.reshape(k, -1).double()
+        assert _gram_error(per[p], f @ f.T, f, f) <= GRAM_TOL[dtype]
+    # The order of parameters in the list changes nothing but the order of per-tensor Grams.
+    assert torch.allclose(ops.gram_list(list(reversed(xs))).double(), total.double(),
+                          rtol=1e-5, atol=1e-5 * float(total.abs().max()))
+
+    coeffs = _rand(*((coeff_rows,) if coeff_rows else ()), k, dtype=torch.float32,
+                   device=device, seed=11)
+    lead = (coeff_rows,) if coeff_rows else ()
+    outs = [torch.full((*lead, *x.shape[1:]), float("nan"), dtype=dtype, device=device)
+            for x in xs]
+    ops.combine_list(coeffs, xs, outs)
+    c2 = coeffs.reshape(-1, k)
+    for x, o in zip(xs, outs):
+        expected = ref.combine(c2, x.reshape(k, -1).double()).reshape(o.shape)
+        assert _combine_error(o.reshape(c2.shape[0], -1), expected.reshape(c2.shape[0], -1), c2,
+                              x.reshape(k, -1)) <= COMBINE_TOL[dtype]
+    # Accumulating mode: beta=1 adds to what is there (gradient accumulation).
+    snapshot = [o.double().clone() for o in outs]
+    ops.combine_list(coeffs, xs, outs, beta=1.0)
+    for o, s in zip(outs, snapshot):
+        scale = float(s.abs().max()) + 1 if s.numel() else 1.0
+        assert torch.allclose(o.double(), 2 * s, rtol=4 * COMBINE_TOL[dtype],
+                              atol=4 * COMBINE_TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ridge_solve_matches_linalg(device: str) -> None:
+    for k, m in [(1, 1), (5, 3), (16, 1), (64, 4), (256, 2)]:
+        a = _rand(3, k, 3 * k + 5, dtype=torch.float64, device=device, seed=k)  # well-conditioned
+        g = a @ a.transpose(-1, -2)
+        rhs = _rand(3, k, m, dtype=torch.float64, device=device, seed=k + 1)
+        result = ops.ridge_solve(g, rhs, ridge=1e-9)
+        # numpy, not torch.linalg.solve: after torch.set_num_threads(1) -> (2) (an earlier test),
+        # torch 2.14's batched float64 solve at k=256 returned garbage (1e26) on this machine.
+        lam = ref.ridge_lambda(g, 1e-9).cpu().numpy()
+        system = g.cpu().numpy() + lam[:, None, None] * np.eye(k)
+        expected = torch.from_numpy(np.linalg.solve(system, rhs.cpu().numpy())).to(device)
+        assert torch.allclose(result, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
+
+
+def _pinv_projection(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    b = basis.double()
+    return g.double() - (g.double() @ torch.linalg.pinv(b)) @ b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 10), (1, 4, 1000), (3, 8, 5001), (2, 32, 700)])
+def test_project_out_matches_pseudo_inverse(device: str, dtype: torch.dtype, m: int, k: int,
+                                            n: int) -> None:
+    g = _rand(m, n, dtype=dtype, device=device, seed=n)
+    basis = _rand(k, n, dtype=dtype, device=device, seed=n + 1)
+    out, coeffs = ops.project_out(g, basis, ridge=1e-10 if dtype == torch.float64 else 1e-7,
+                                  return_coeffs=True)
+    assert out.dtype == dtype and out.shape == (m, n) and coeffs.shape == (m, k)
+    expected = _pinv_projection(g, basis)
+    tol = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+    assert float((out.double() - expected).abs().max()) <= tol[dtype] * float(g.double().abs().max())
+    # Orthogonal to every basis row, relative to the row norms.
+    residual = ref.inner(out.double(), basis.double()) / (
+        out.double().norm(dim=-1, keepdim=True) * basis.double().norm(dim=-1) + 1e-300)
+    assert float(residual.abs().max()) <= 50 * tol[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_project_out_rank_deficient_and_idempotent(device: str) -> None:
+    base = _rand(3, 4000, device=device, seed=21)
+    # 8 rows spanning only 3 directions: duplicates and combinations.
+    mix = _rand(8, 3, device=device, seed=22)
+    basis = mix @ base
+    g = _rand(2, 4000, device=device, seed=23)
+    once = ops.project_out(g, basis)
+    expected = _pinv_projection(g, base)
+    assert float((once.double() - expected).abs().max()) <= 1e-4 * float(g.abs().max())
+    twice = ops.project_out(once, basis)
+    assert float((twice - once).abs().max()) <= 1e-5 * float(once.abs().max())
+    # Projecting a basis row leaves ~nothing.
+    assert float(ops.project_out(basis[:1], basis).abs().max()) <= 1e-3 * float(basis[0].norm() / 60)
+    # An all-zero basis leaves g unchanged.
+    assert torch.equal(ops.project_out(g, torch.zeros_like(basis)), g)
+
+
+def _nnls_projection(g: np.ndarray, r: np.ndarray, sign: int) -> np.ndarray:
+    """Independent oracle: the dual min_{w>=0} |sign r^T w + g|^2 is an NNLS problem whose
+    residual is the projection."""
+    w, _ = scipy.optimize.nnls(sign * r.T, -g, maxiter=50 * r.shape[0])
+    return g + sign * r.T @ w
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 5), (1, 3, 50), (2, 8, 400), (3, 16, 1000),
+                                   (1, 64, 3000)])
+def test_project_nonconflicting_matches_nnls(device: str, dtype: torch.dtype, sign: int, m: int,
+                                             k: int, n: int) -> None:
+    r = _rand(k, n, dtype=dtype, device=device, seed=k + n)
+    g = _rand(m, n, dtype=dtype, device=device, seed=k * n) - 0.3 * sign * r.double().mean(
+        0, keepdim=True).to(dtype)  # make conflicts likely
+    d, w = ops.project_nonconflicting(g, r, sign=sign, return_coeffs=True)
+    assert d.shape == (m, n) and w.shape == (m, k) and bool((w >= 0).all())
+    gd, rd = g.double().cpu().numpy(), r.double().cpu().numpy()
+    tol = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    for i in range(m):
+        expected = _nnls_projection(gd[i], rd, sign)
+        scale = np.abs(gd[i]).max()
+        assert np.abs(d[i].double().cpu().numpy() - expected).max() <= tol * scale
+    # Feasible: no conflict with any r_j, up to rounding.
+    inner = sign * (d.double() @ r.double().T)
+    bound = d.double().norm(dim=-1, keepdim=True) * r.double().norm(dim=-1)
+    assert float((inner / bound).min()) >= -tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_project_nonconflicting_keeps_nonconflicting_rows(device: str) -> None:
+    r = _rand(5, 300, dtype=torch.float64, device=device, seed=1)
+    g = (r.sum(0, keepdim=True) * 3 + 0.01 * _rand(1, 300, dtype=torch.float64,
+                                                   device=device, seed=2))
+    if bool(((g @ r.T) >= 0).all()):
+        assert torch.equal(ops.project_nonconflicting(g, r), g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [-1, 0, 1, 12345])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 17])
+def test_pcgrad_equals_textbook_loop(device: str, seed: int, k: int) -> None:
+    x = _rand(k, 501, dtype=torch.float64, device=device, seed=k + seed)
+    x[1:] -= 0.5 * x[:1]  # conflicts
+    result, weights = ops.pcgrad(x, seed=seed, return_coeffs=True)
+    expected = ref.pcgrad_textbook(x.cpu(), seed)
+    assert result.shape == (501,) and weights.shape == (k,)
+    assert torch.allclose(result.cpu(), expected, rtol=1e-10, atol=1e-10)
+    for i in range(k):
+        order = ops.pcgrad_order(k, i, seed)
+        assert sorted(order) == [j for j in range(k) if j != i]
+    lowp = ops.pcgrad(x.float(), seed=seed)
+    assert torch.allclose(lowp.double().cpu(), expected, rtol=1e-4,
+                          atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pcgrad_batched(device: str) -> None:
+    x = _rand(3, 4, 200, device=device, seed=4)
+    result = ops.pcgrad(x, seed=7)
+    for b in range(3):
+        assert torch.allclose(result[b].double().cpu(), ref.pcgrad_textbook(x[b].double().cpu(), 7),
+                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device: str) -> None:
+    assert ops.gram(torch.empty(3, 0, device=device)).eq(0).all()
+    assert ops.gram(torch.empty(0, 7, device=device)).shape == (0, 0)
+    assert ops.gram(torch.empty(0, 4, 7, device=device)).shape == (0, 4, 4)
+    assert ops.inner(torch.empty(2, 0, device=device), torch.empty(3, 0, device=device)).eq(0).all()
+    assert ops.combine(torch.ones(2, 3, device=device), torch.empty(3, 0, device=device)).shape == (2, 0)
+    assert ops.combine(torch.ones(2, 0, device=device), torch.empty(0, 5, device=device)).eq(0).all()
+    assert ops.project_out(torch.ones(1, 4, device=device), torch.empty(0, 4, device=device)).eq(1).all()
+    assert ops.pcgrad(torch.empty(3, 0, device=device)).shape == (0,)
+    ops.combine_list(torch.ones(2, device=device), [], [])
+
+
+def _opcheck_samples(device: str) -> list[tuple[object, tuple[object, ...]]]:
+    x = _rand(4, 37, device=device, seed=1)
+    g = _rand(2, 37, device=device, seed=2)
+    gm = ops.gram(x)
+    xs = [_rand(4, 3, 5, device=device, seed=3), _rand(4, 7, device=device, seed=4)]
+    outs = [torch.zeros(3, 5, device=device), torch.zeros(7, device=device)]
+    m = torch.ops.mtunlearn
+    return [
+        (m.gram, (x,)),
+        (m.gram, (_rand(2, 3, 4, 9, dtype=torch.float64, device=device),)),
+        (m.gram_list, (xs, False)),
+        (m.gram_list, (xs, True)),
+        (m.inner, (g, x)),
+        (m.combine, (_rand(2, 4, device=device), x)),
+        (m.combine_, (torch.zeros(2, 37, device=device), _rand(2, 4, device=device), x, 0.5)),
+        (m.combine_list_, (outs, _rand(4, device=device), xs, 1.0)),
+        (m.ridge_solve, (gm, _rand(4, 2, device=device), 1e-6)),
+        (m.nonconflicting_dual, (gm, _rand(2, 4, device=device))),
+        (m.pcgrad_weights, (gm, 3)),
+        (m.project_out, (g, x, 1e-6)),
+        (m.project_nonconflicting, (g, x, -1)),
+        (m.pcgrad, (x, 5)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device: str) -> None:
+    samples = _opcheck_samples(device)
+    checked = {str(op) for op, _ in samples}
+    registered = {f"mtunlearn.{name}.default" for name in
+                  ["gram", "gram_list", "inner", "combine", "combine_", "combine_list_",
+                   "ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
+                   "project_nonconflicting", "pcgrad"]}
+    assert registered <= {str(op.default) for op, _ in samples} | checked
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_autograd_formulas() -> None:
+    x = _rand(3, 11, dtype=torch.float64, seed=1).requires_grad_()
+    a = _rand(2, 11, dtype=torch.float64, seed=2).requires_grad_()
+    c = _rand(2, 3, dtype=torch.float64, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(torch.ops.mtunlearn.gram, (x,))
+    assert torch.autograd.gradcheck(torch.ops.mtunlearn.inner, (a, x))
+    assert torch.autograd.gradcheck(torch.ops.mtunlearn.combine, (c, x))
+
+
+def test_torch_compile_traces_the_ops() -> None:
+    def surgery(grads: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+        g = ops.gram(grads, check_finite=False)
+        w = ops.pcgrad_weights(g, 3)
+        update = ops.combine(w.unsqueeze(0), grads, check_finite=False)
+        out = torch.empty_like(forget)
+        ops.combine(torch.ones(1, 1), forget.unsqueeze(0), out=out.unsqueeze(0), check_finite=False)
+        projected = ops.project_out(forget.unsqueeze(0), grads, check_finite=False)
+        return update.squeeze(0) + projected.squeeze(0) + out
+
+    compiled = torch.compile(surgery, backend="aot_eager", fullgraph=True)
+    grads = _rand(4, 300, seed=5)
+    forget = _rand(300, seed=6)
+    assert torch.allclose(compiled(grads, forget), surgery(grads, forget), rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_argument() -> None:
+    x = torch.randn(3, 10)
+    with pytest.raises(TypeError, match="`x` must have dtype"):
+        ops.gram(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="`x` must have at least 2 dims"):
+        ops.gram(torch.ones(4))
+    with pytest.raises(ValueError, match="`b` is on meta"):
+        ops.inner(x, torch.randn(2, 10, device="meta"))
+    with pytest.raises(TypeError, match="`b` has dtype torch.float64"):
+        ops.inner(x, torch.randn(2, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must share leading dims and n"):
+        ops.inner(x, torch.randn(2, 11))
+    with pytest.raises(ValueError, match="xs\\[1\\]"):
+        ops.gram_list([torch.randn(3, 4), torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="outs\\[0\\] must have shape"):
+        ops.combine_list(torch.ones(3), [torch.randn(3, 4)], [torch.zeros(5)])
+    with pytest.raises(ValueError, match="`sign` must be 1 or -1"):
+        ops.project_nonconflicting(x[:1], x, sign=0)
+    with pytest.raises(ValueError, match="at most 256"):
+        ops.pcgrad(torch.randn(257, 3))
+    with pytest.raises(ValueError, match="`ridge` must be >= 0"):
+        ops.project_out(x[:1], x, ridge=-1.0)
+    # The registered ops check too (for callers that bypass the wrappers).
+    with pytest.raises(ValueError, match="mtunlearn::inner: `a`"):
+        torch.ops.mtunlearn.inner(x, torch.randn(2, 11))
+
+
+def test_non_finite_policy() -> None:
+    x = torch.randn(4, 100)
+    bad = x.clone()
+    bad[2, 17] = float("nan")
+    with pytest.raises(FloatingPointError, match="`x` contains NaN or Inf"):
+        ops.gram(bad)
+    inf = x.clone()
+    inf[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="`basis` contains NaN or Inf"):
+        ops.project_out(x[:1], inf)
+    with pytest.raises(FloatingPointError, match="`g` contains NaN or Inf"):
+        ops.project_nonconflicting(bad[2:3], x)
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        ops.gram(torch.full((2, 10), 1e30))
+    # Opting out lets NaN propagate instead (no host sync).
+    assert torch.isnan(ops.gram(bad, check_finite=False)[2, 2])
+    assert torch.isnan(ops.pcgrad(bad, check_finite=False)).any()
+    with pytest.raises(FloatingPointError, match="`coeffs` contains NaN"):
+        ops.combine(torch.tensor([[float("nan"), 1.0, 0.0, 0.0]]), x)
