@@ -60,7 +60,7 @@ def _extension():  # type: ignore[no-untyped-def]
     sources += sorted(glob.glob(os.path.join(csrc, "ops", "*", "cpu", "*.cpp")))
     torch_version = torch.__version__.split("+")[0]
     define_macros = [("MTU_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"]
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     archs = ""
     if with_cuda:

@@ -38,30 +38,52 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
+def new_grad_like(param: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient for ``param``: a contiguous tensor of its (local) shape and
+    dtype, wrapped as a DTensor with the parameter's mesh and placements when the parameter is
+    one (an FSDP2 shard's ``.grad`` must be a DTensor like the parameter)."""
+    local = torch.empty(local_tensor(param).shape, dtype=param.dtype,
+                        device=local_tensor(param).device)
+    if is_dtensor(param):
+        assert _DTensor is not None
+        return _DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                   shape=param.shape, stride=param.stride())
+    return local
+
+
 def stats_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """Dtype of Gram / inner-product results for a list: float64 if any input is float64, else
     float32 (half precision is always accumulated and returned in float32 by the ops)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def layer_index(per_layer: bool | Sequence[int], count: int, op: str) -> tuple[list[int] | None, int]:
+def layer_index(per_layer: bool | Sequence[int], count: int, op: str,
+                num_layers: int | None = None) -> tuple[list[int] | None, int]:
     """Decode a ``per_layer`` argument into (layer id of each tensor, number of layers).
 
     ``False``: one global problem (``None, 1``); ``True``: one layer per tensor; a sequence: the
-    layer id of each tensor (ids in ``0..L-1``, every id used), e.g. ``[0, 0, 1, 1]`` for two
-    layers of weight + bias.
+    layer id of each tensor, e.g. ``[0, 0, 1, 1]`` for two layers of weight + bias. Without
+    ``num_layers`` the ids must cover ``0..L-1``; with it (needed when the list is one rank's
+    shards, which may miss whole layers, while every rank must reduce ``[L, k, k]`` of one
+    shape) any ids below ``num_layers`` are allowed.
     """
     if per_layer is False:
         return None, 1
     if per_layer is True:
-        return list(range(count)), count
-    ids = [int(i) for i in per_layer]
+        ids = list(range(count))
+    else:
+        ids = [int(i) for i in per_layer]
     if len(ids) != count:
         raise ValueError(f"{op}: `per_layer` must give one layer id per tensor ({count}), got "
                          f"{len(ids)}")
-    num_layers = max(ids) + 1 if ids else 0
-    if ids and (min(ids) < 0 or sorted(set(ids)) != list(range(num_layers))):
-        raise ValueError(f"{op}: `per_layer` ids must cover 0..L-1 with no gap, got {sorted(set(ids))}")
+    if num_layers is None:
+        num_layers = max(ids) + 1 if ids else 0
+        if ids and (min(ids) < 0 or sorted(set(ids)) != list(range(num_layers))):
+            raise ValueError(f"{op}: `per_layer` ids must cover 0..L-1 with no gap, got "
+                             f"{sorted(set(ids))} (pass `num_layers` for a partial list)")
+    elif ids and (min(ids) < 0 or max(ids) >= num_layers):
+        raise ValueError(f"{op}: `per_layer` ids must lie in 0..{num_layers - 1}, got "
+                         f"{sorted(set(ids))}")
     return ids, num_layers
 
 

@@ -79,38 +79,43 @@ MTU_ALWAYS_INLINE void combine_item(const CombineProblem& p, const Item& item,
   }
 }
 
+// One contiguous range of items, run by one thread; the AVX2 instantiation lives inside a
+// target("avx2,fma,f16c") function (parallel_for's lambda would not inherit the attribute).
 template <typename Tag, bool kAvx2>
-void run_items(const CombineProblem& p, const std::vector<Item>& items) {
+MTU_ALWAYS_INLINE void run_range_impl(const CombineProblem& p, const Item* items, int64_t count) {
   using Acc = typename Tag::acc;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> x_tile(static_cast<size_t>(std::max<int64_t>(p.k, 1) * p.tile));
-    std::vector<Acc> acc_row(static_cast<size_t>(p.tile));
-    for (int64_t it = begin; it < end; ++it)
-      combine_item<Tag, kAvx2>(p, items[it], x_tile.data(), acc_row.data());
-  });
+  std::vector<Acc> x_tile(static_cast<size_t>(std::max<int64_t>(p.k, 1) * p.tile));
+  std::vector<Acc> acc_row(static_cast<size_t>(p.tile));
+  for (int64_t it = 0; it < count; ++it)
+    combine_item<Tag, kAvx2>(p, items[it], x_tile.data(), acc_row.data());
+}
+
+using RangeFn = void (*)(const CombineProblem&, const Item*, int64_t);
+
+template <typename Tag>
+void run_range_baseline(const CombineProblem& p, const Item* items, int64_t count) {
+  run_range_impl<Tag, false>(p, items, count);
 }
 
 #if MTU_X86
-#define MTU_DEFINE_AVX2_RUNNER(TAG)                                                          \
-  MTU_AVX2_TARGET void run_items_avx2_##TAG(const CombineProblem& p,                         \
-                                            const std::vector<Item>& items) {                \
-    run_items<TAG, true>(p, items);                                                          \
+#define MTU_DEFINE_AVX2_RANGE(TAG)                                                         \
+  MTU_AVX2_TARGET void run_range_avx2_##TAG(const CombineProblem& p, const Item* items,    \
+                                            int64_t count) {                                \
+    run_range_impl<TAG, true>(p, items, count);                                             \
   }
-MTU_DEFINE_AVX2_RUNNER(F64)
-MTU_DEFINE_AVX2_RUNNER(F32)
-MTU_DEFINE_AVX2_RUNNER(F16)
-MTU_DEFINE_AVX2_RUNNER(BF16)
-#undef MTU_DEFINE_AVX2_RUNNER
+MTU_DEFINE_AVX2_RANGE(F64)
+MTU_DEFINE_AVX2_RANGE(F32)
+MTU_DEFINE_AVX2_RANGE(F16)
+MTU_DEFINE_AVX2_RANGE(BF16)
+#undef MTU_DEFINE_AVX2_RANGE
 #endif
 
 template <typename Tag>
-void run_dispatch(const CombineProblem& p, const std::vector<Item>& items,
-                  void (*avx2_runner)(const CombineProblem&, const std::vector<Item>&)) {
-  if (avx2_runner && has_avx2()) {
-    avx2_runner(p, items);
-  } else {
-    run_items<Tag, false>(p, items);
-  }
+void run_items(const CombineProblem& p, const std::vector<Item>& items, RangeFn avx2_range) {
+  const RangeFn fn = (avx2_range && has_avx2()) ? avx2_range : &run_range_baseline<Tag>;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    fn(p, items.data() + begin, end - begin);
+  });
 }
 
 }  // namespace
@@ -130,15 +135,15 @@ void combine(ScalarKind kind, const CombineSegment* segments, int64_t num_segmen
   if (items.empty()) return;
   switch (kind) {
 #if MTU_X86
-    case ScalarKind::Float64: run_dispatch<F64>(p, items, run_items_avx2_F64); break;
-    case ScalarKind::Float32: run_dispatch<F32>(p, items, run_items_avx2_F32); break;
-    case ScalarKind::Float16: run_dispatch<F16>(p, items, run_items_avx2_F16); break;
-    case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, run_items_avx2_BF16); break;
+    case ScalarKind::Float64: run_items<F64>(p, items, run_range_avx2_F64); break;
+    case ScalarKind::Float32: run_items<F32>(p, items, run_range_avx2_F32); break;
+    case ScalarKind::Float16: run_items<F16>(p, items, run_range_avx2_F16); break;
+    case ScalarKind::BFloat16: run_items<BF16>(p, items, run_range_avx2_BF16); break;
 #else
-    case ScalarKind::Float64: run_dispatch<F64>(p, items, nullptr); break;
-    case ScalarKind::Float32: run_dispatch<F32>(p, items, nullptr); break;
-    case ScalarKind::Float16: run_dispatch<F16>(p, items, nullptr); break;
-    case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, nullptr); break;
+    case ScalarKind::Float64: run_items<F64>(p, items, nullptr); break;
+    case ScalarKind::Float32: run_items<F32>(p, items, nullptr); break;
+    case ScalarKind::Float16: run_items<F16>(p, items, nullptr); break;
+    case ScalarKind::BFloat16: run_items<BF16>(p, items, nullptr); break;
 #endif
   }
 }

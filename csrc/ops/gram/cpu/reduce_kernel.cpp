@@ -50,19 +50,24 @@ struct ReduceProblem {
   int64_t m;
   int64_t k;
   bool symmetric;
-  int64_t rows_a;  // m padded to kMR (to kMR*kNR for a Gram: both roles use one buffer)
-  int64_t rows_b;
+  int64_t rows_a;         // rows of A covered by kMR-row blocks (m rounded up to kMR)
+  int64_t rows_b;         // rows of B covered by kNR-row blocks
+  int64_t buffer_rows_a;  // rows allocated for the A tile (a Gram's blocks read it as B too)
+  int64_t buffer_rows_b;
   int64_t tile;    // columns per tile
 };
 
+// C[MR x NR] += A[MR rows] . B[NR rows] over `width` columns, with the running sums kept as
+// vectors in `lanes` (float lanes are summed into double only every kFlushCols columns, so the
+// horizontal sums cost nothing per tile and fp32 accuracy does not depend on the row length).
 template <typename Acc, int MR, int NR>
 MTU_ALWAYS_INLINE void block_dot(const Acc* a, const Acc* b, int64_t ld, int64_t width,
-                                 double* out, int64_t ldo) {
+                                 typename VecOf<Acc>::type* lanes) {
   using V = typename VecOf<Acc>::type;
   constexpr int L = VecOf<Acc>::lanes;
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = V{} ;
+    for (int c = 0; c < NR; ++c) acc[r][c] = lanes[r * NR + c];
   for (int64_t col = 0; col < width; col += L) {
     V av[MR];
     for (int r = 0; r < MR; ++r) av[r] = load_vec<V>(a + r * ld + col);
@@ -72,25 +77,44 @@ MTU_ALWAYS_INLINE void block_dot(const Acc* a, const Acc* b, int64_t ld, int64_t
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) out[r * ldo + c] += hsum(acc[r][c]);
+    for (int c = 0; c < NR; ++c) lanes[r * NR + c] = acc[r][c];
 }
+
+constexpr int64_t kFlushCols = 2048;
 
 template <typename Tag, bool kAvx2>
 MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& item,
                                          typename Tag::acc* tile_a, typename Tag::acc* tile_b,
+                                         typename VecOf<typename Tag::acc>::type* lanes,
                                          double* item_acc) {
   using Acc = typename Tag::acc;
   using S = typename Tag::storage;
+  using V = typename VecOf<Acc>::type;
   constexpr int L = VecOf<Acc>::lanes;
   const ReduceSegment& seg = p.segments[item.segment];
   const S* a = static_cast<const S*>(seg.a);
   const S* b = static_cast<const S*>(seg.b);
   const int64_t ld = p.tile;
+  const int64_t blocks_i = p.rows_a / kMR, blocks_j = p.rows_b / kNR;
+  const int64_t lane_count = blocks_i * blocks_j * kMR * kNR;
   std::fill(item_acc, item_acc + p.rows_a * p.rows_b, 0.0);
-  // Padded rows stay zero for the whole item; padded tail columns are zeroed per tile.
-  std::fill(tile_a, tile_a + p.rows_a * ld, Acc(0));
-  if (!p.symmetric) std::fill(tile_b, tile_b + p.rows_b * ld, Acc(0));
+  std::fill(lanes, lanes + lane_count, V{});
+  // Rows past m (or k) stay zero for the whole item; padded tail columns are zeroed per tile.
+  std::fill(tile_a, tile_a + p.buffer_rows_a * ld, Acc(0));
+  if (!p.symmetric) std::fill(tile_b, tile_b + p.buffer_rows_b * ld, Acc(0));
   const Acc* rows_b = p.symmetric ? tile_a : tile_b;
+  auto flush = [&]() {
+    for (int64_t bi = 0; bi < blocks_i; ++bi)
+      for (int64_t bj = 0; bj < blocks_j; ++bj) {
+        V* blk = lanes + (bi * blocks_j + bj) * kMR * kNR;
+        for (int r = 0; r < kMR; ++r)
+          for (int c = 0; c < kNR; ++c) {
+            item_acc[(bi * kMR + r) * p.rows_b + bj * kNR + c] += hsum(blk[r * kNR + c]);
+            blk[r * kNR + c] = V{};
+          }
+      }
+  };
+  int64_t since_flush = 0;
   for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
     const int64_t w = std::min(ld, item.col_end - c0);
     const int64_t wpad = round_up(w, L);
@@ -104,54 +128,72 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
         std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
       }
     }
-    for (int64_t i = 0; i < p.rows_a; i += kMR) {
-      for (int64_t j = 0; j < p.rows_b; j += kNR) {
-        if (p.symmetric && j + kNR <= i) continue;  // block entirely below the diagonal
-        block_dot<Acc, kMR, kNR>(tile_a + i * ld, rows_b + j * ld, ld, wpad,
-                                 item_acc + i * p.rows_b + j, p.rows_b);
+    for (int64_t bi = 0; bi < blocks_i; ++bi) {
+      for (int64_t bj = 0; bj < blocks_j; ++bj) {
+        // A Gram needs only blocks that reach the diagonal or above.
+        if (p.symmetric && (bj + 1) * kNR <= bi * kMR) continue;
+        block_dot<Acc, kMR, kNR>(tile_a + bi * kMR * ld, rows_b + bj * kNR * ld, ld, wpad,
+                                 lanes + (bi * blocks_j + bj) * kMR * kNR);
       }
     }
+    since_flush += w;
+    if (since_flush >= kFlushCols) {
+      flush();
+      since_flush = 0;
+    }
+  }
+  flush();
+}
+
+// One contiguous range of items, run by one thread. Instantiated for the baseline target and,
+// inside a target("avx2,fma,f16c") function, for AVX2: parallel_for's lambda would not inherit
+// a target attribute, so the dispatch happens below it.
+template <typename Tag, bool kAvx2>
+MTU_ALWAYS_INLINE void run_range_impl(const ReduceProblem& p, const Item* items, int64_t count,
+                                      double* partials) {
+  using Acc = typename Tag::acc;
+  using V = typename VecOf<Acc>::type;
+  AlignedBuffer a_buf(sizeof(Acc) * p.buffer_rows_a * p.tile);
+  AlignedBuffer b_buf(p.symmetric ? 64 : sizeof(Acc) * p.buffer_rows_b * p.tile);
+  AlignedBuffer lane_buf(sizeof(V) * p.rows_a * p.rows_b);
+  std::vector<double> acc(p.rows_a * p.rows_b);
+  for (int64_t it = 0; it < count; ++it) {
+    process_item_impl<Tag, kAvx2>(p, items[it], static_cast<Acc*>(a_buf.ptr),
+                                  static_cast<Acc*>(b_buf.ptr), static_cast<V*>(lane_buf.ptr),
+                                  acc.data());
+    double* dst = partials + it * p.m * p.k;
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = 0; j < p.k; ++j) dst[i * p.k + j] = acc[i * p.rows_b + j];
   }
 }
 
-template <typename Tag, bool kAvx2>
-void run_items(const ReduceProblem& p, const std::vector<Item>& items, double* partials) {
-  using Acc = typename Tag::acc;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer a_buf(sizeof(Acc) * p.rows_a * p.tile);
-    AlignedBuffer b_buf(p.symmetric ? 64 : sizeof(Acc) * p.rows_b * p.tile);
-    std::vector<double> acc(p.rows_a * p.rows_b);
-    for (int64_t it = begin; it < end; ++it) {
-      process_item_impl<Tag, kAvx2>(p, items[it], static_cast<Acc*>(a_buf.ptr),
-                                    static_cast<Acc*>(b_buf.ptr), acc.data());
-      double* dst = partials + it * p.m * p.k;
-      for (int64_t i = 0; i < p.m; ++i)
-        for (int64_t j = 0; j < p.k; ++j) dst[i * p.k + j] = acc[i * p.rows_b + j];
-    }
-  });
+using RangeFn = void (*)(const ReduceProblem&, const Item*, int64_t, double*);
+
+template <typename Tag>
+void run_range_baseline(const ReduceProblem& p, const Item* items, int64_t count, double* out) {
+  run_range_impl<Tag, false>(p, items, count, out);
 }
 
 #if MTU_X86
-#define MTU_DEFINE_AVX2_RUNNER(TAG)                                                       \
-  MTU_AVX2_TARGET void run_items_avx2_##TAG(const ReduceProblem& p,                       \
-                                            const std::vector<Item>& items, double* out) { \
-    run_items<TAG, true>(p, items, out);                                                  \
+#define MTU_DEFINE_AVX2_RANGE(TAG)                                                          \
+  MTU_AVX2_TARGET void run_range_avx2_##TAG(const ReduceProblem& p, const Item* items,      \
+                                            int64_t count, double* out) {                    \
+    run_range_impl<TAG, true>(p, items, count, out);                                         \
   }
-MTU_DEFINE_AVX2_RUNNER(F64)
-MTU_DEFINE_AVX2_RUNNER(F32)
-MTU_DEFINE_AVX2_RUNNER(F16)
-MTU_DEFINE_AVX2_RUNNER(BF16)
-#undef MTU_DEFINE_AVX2_RUNNER
+MTU_DEFINE_AVX2_RANGE(F64)
+MTU_DEFINE_AVX2_RANGE(F32)
+MTU_DEFINE_AVX2_RANGE(F16)
+MTU_DEFINE_AVX2_RANGE(BF16)
+#undef MTU_DEFINE_AVX2_RANGE
 #endif
 
 template <typename Tag>
-void run_dispatch(const ReduceProblem& p, const std::vector<Item>& items, double* partials,
-                  void (*avx2_runner)(const ReduceProblem&, const std::vector<Item>&, double*)) {
-  if (avx2_runner && has_avx2()) {
-    avx2_runner(p, items, partials);
-  } else {
-    run_items<Tag, false>(p, items, partials);
-  }
+void run_items(const ReduceProblem& p, const std::vector<Item>& items, double* partials,
+               RangeFn avx2_range) {
+  const RangeFn fn = (avx2_range && has_avx2()) ? avx2_range : &run_range_baseline<Tag>;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    fn(p, items.data() + begin, end - begin, partials + begin * p.m * p.k);
+  });
 }
 
 }  // namespace
@@ -180,29 +222,28 @@ void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments
   p.m = m;
   p.k = k;
   p.symmetric = symmetric;
-  if (symmetric) {
-    p.rows_a = p.rows_b = round_up(m, kMR * kNR);
-  } else {
-    p.rows_a = round_up(m, kMR);
-    p.rows_b = round_up(k, kNR);
-  }
+  p.rows_a = round_up(m, kMR);
+  p.rows_b = round_up(k, kNR);
+  p.buffer_rows_a = symmetric ? std::max(p.rows_a, p.rows_b) : p.rows_a;
+  p.buffer_rows_b = symmetric ? 0 : p.rows_b;
+  // Tiles sized to stay in L1 (small k, memory-bound) or L2 (large k, compute-bound).
   const int64_t acc_bytes = dbl ? 8 : 4;
-  const int64_t tile_budget = 128 * 1024 / (acc_bytes * (p.rows_a + (symmetric ? 0 : p.rows_b)));
+  const int64_t tile_budget = 24 * 1024 / (acc_bytes * (p.buffer_rows_a + p.buffer_rows_b));
   p.tile = std::max<int64_t>(64, std::min<int64_t>(1024, tile_budget / 64 * 64));
 
   std::vector<double> partials(items.size() * m * k);
   if (!items.empty()) {
     switch (kind) {
 #if MTU_X86
-      case ScalarKind::Float64: run_dispatch<F64>(p, items, partials.data(), run_items_avx2_F64); break;
-      case ScalarKind::Float32: run_dispatch<F32>(p, items, partials.data(), run_items_avx2_F32); break;
-      case ScalarKind::Float16: run_dispatch<F16>(p, items, partials.data(), run_items_avx2_F16); break;
-      case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, partials.data(), run_items_avx2_BF16); break;
+      case ScalarKind::Float64: run_items<F64>(p, items, partials.data(), run_range_avx2_F64); break;
+      case ScalarKind::Float32: run_items<F32>(p, items, partials.data(), run_range_avx2_F32); break;
+      case ScalarKind::Float16: run_items<F16>(p, items, partials.data(), run_range_avx2_F16); break;
+      case ScalarKind::BFloat16: run_items<BF16>(p, items, partials.data(), run_range_avx2_BF16); break;
 #else
-      case ScalarKind::Float64: run_dispatch<F64>(p, items, partials.data(), nullptr); break;
-      case ScalarKind::Float32: run_dispatch<F32>(p, items, partials.data(), nullptr); break;
-      case ScalarKind::Float16: run_dispatch<F16>(p, items, partials.data(), nullptr); break;
-      case ScalarKind::BFloat16: run_dispatch<BF16>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::Float64: run_items<F64>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::Float32: run_items<F32>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::Float16: run_items<F16>(p, items, partials.data(), nullptr); break;
+      case ScalarKind::BFloat16: run_items<BF16>(p, items, partials.data(), nullptr); break;
 #endif
     }
   }

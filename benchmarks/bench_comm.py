@@ -1,0 +1,184 @@
+"""Communication cost of distributed gradient surgery: one k x k all-reduce vs moving gradients.
+
+Each of ``--world-size`` processes holds a shard of ``n / R`` coordinates of ``k`` per-task
+gradients (as a few per-parameter stacks, as FSDP2 would). Three ways to aggregate them:
+
+- ``sharded``: local Gram over the shards (``gram_list``), ``all_reduce`` of the ``k x k`` Gram,
+  solve, combine into the local shard (this package's sharded path). Payload: ``k^2`` floats.
+- ``gather``: ``all_gather`` of the per-task shards so every rank holds the ``k x n`` Jacobian
+  and runs a flat-matrix aggregator (what a non-sharded implementation must do). Payload:
+  ``k x n`` floats.
+- ``replicated``: ``all_reduce`` of full ``k x n`` per-task stacks (DDP-style replicas, this
+  package's replicated path; shown for scale).
+
+"payload" is the size of the collective's result on each rank; "sent/rank" is the ring-algorithm
+volume each rank sends (all-gather: ``(R-1)/R`` of the result; all-reduce: ``2 (R-1)/R``). Times
+are the median over ``--reps`` runs of the slowest rank, collective only and whole step.
+
+Run: ``python benchmarks/bench_comm.py [--world-size 2] [--tasks 2 4 8] [--numel 1e5 1e6 4e6]``
+(gloo on CPU; NCCL is used for CUDA tensors with ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PIECES = 4  # per-task gradients are held as this many per-parameter stacks per rank
+
+
+def _timed(fn: Callable[[], None], reps: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` over ``reps`` runs, of the slowest rank (seconds)."""
+    samples = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    median = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+    dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    return float(median.item())
+
+
+def _bench_one(k: int, n: int, reps: int, device: torch.device) -> dict[str, float]:
+    from mtunlearn_ext.surgery import UPGrad, aggregate_list, stats_all_reduce
+
+    world = dist.get_world_size()
+    local_n = n // world
+    sizes = [local_n // PIECES] * (PIECES - 1)
+    sizes.append(local_n - sum(sizes))
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    stacks = [torch.randn(k, s, generator=gen).to(device) for s in sizes]
+    outs = [torch.empty(s, device=device) for s in sizes]
+    aggregator = UPGrad()
+    reduce = stats_all_reduce()
+    gram = torch.randn(k, k, device=device)
+    gathered = [[torch.empty(k, s, device=device) for _ in range(world)] for s in sizes]
+
+    def gram_all_reduce() -> None:
+        dist.all_reduce(gram)
+
+    def sharded_step() -> None:
+        aggregate_list(aggregator, stacks, outs, reduce=reduce, check_finite=False)
+
+    def gather_only() -> None:
+        for dst, src in zip(gathered, stacks):
+            dist.all_gather(dst, src)
+
+    def gather_step() -> None:
+        gather_only()
+        jacobian = torch.cat([torch.cat(parts, dim=1) for parts in gathered], dim=1)
+        aggregator(jacobian)
+
+    def replicated_all_reduce() -> None:
+        for s in stacks:
+            dist.all_reduce(s)
+        for s in stacks:  # keep the values bounded across repetitions
+            s.div_(world)
+
+    float_bytes = 4
+    return {
+        "k": k, "n": n,
+        "sharded_payload": k * k * float_bytes,
+        "sharded_sent": 2 * (world - 1) / world * k * k * float_bytes,
+        "sharded_comm_s": _timed(gram_all_reduce, reps, device),
+        "sharded_step_s": _timed(sharded_step, reps, device),
+        "gather_payload": k * n * float_bytes,
+        "gather_sent": (world - 1) / world * k * n * float_bytes,
+        "gather_comm_s": _timed(gather_only, reps, device),
+        "gather_step_s": _timed(gather_step, reps, device),
+        "replicated_payload": k * n * float_bytes,
+        "replicated_sent": 2 * (world - 1) / world * k * n * float_bytes,
+        "replicated_comm_s": _timed(replicated_all_reduce, reps, device),
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out: str) -> None:
+    warnings.filterwarnings("ignore")  # the ops' fallback warning, once per process
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    from mtunlearn_ext.surgery import default_backend
+
+    dist.init_process_group(default_backend(), init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(minutes=5))
+    rows = [_bench_one(k, int(n), args.reps, device) for n in args.numel for k in args.tasks]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def _human_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} GiB"
+
+
+def _table(rows: list[dict[str, float]], world: int, backend: str) -> str:
+    header = ["k", "n", "sharded payload", "sent/rank", "all_reduce(kxk)", "sharded step",
+              "gather payload", "sent/rank", "all_gather", "gather step", "replicated comm",
+              "bytes ratio"]
+    lines = [f"world size {world}, backend {backend}; times: median of the slowest rank"]
+    body = []
+    for r in rows:
+        body.append([
+            str(int(r["k"])), f"{int(r['n']):,}",
+            _human_bytes(r["sharded_payload"]), _human_bytes(r["sharded_sent"]),
+            f"{r['sharded_comm_s'] * 1e3:.3f} ms", f"{r['sharded_step_s'] * 1e3:.2f} ms",
+            _human_bytes(r["gather_payload"]), _human_bytes(r["gather_sent"]),
+            f"{r['gather_comm_s'] * 1e3:.2f} ms", f"{r['gather_step_s'] * 1e3:.2f} ms",
+            f"{r['replicated_comm_s'] * 1e3:.2f} ms",
+            f"{r['gather_payload'] / r['sharded_payload']:,.0f}x",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--numel", type=float, nargs="+", default=[1e5, 1e6, 4e6],
+                        help="total coordinates n of each task gradient (split over the ranks)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", help="also write the raw rows to this file")
+    args = parser.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < 1:
+        parser.error("--device cuda needs a CUDA device")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        mp.spawn(_worker, args=(args.world_size, os.path.join(tmp, "init"), args, out),
+                 nprocs=args.world_size, join=True)
+        with open(out) as f:
+            rows = json.load(f)
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    print(_table(rows, args.world_size, backend))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Gradient surgery across processes (``torch.distributed``): sharded and replicated parameters.
+
+Why one ``k x k`` all-reduce suffices for sharded parameters: every statistic the surgery needs is
+a sum over parameter coordinates, ``G_ij = sum_c g_i[c] g_j[c]``. When each process holds a
+disjoint shard of the coordinates (FSDP2's ``fully_shard``, or any manual split of a parameter
+list), ``G = sum_ranks G_local``: each rank runs ``gram_list`` over its local shards, one
+``all_reduce(SUM)`` of the ``k x k`` matrix gives every rank the global Gram, every rank solves
+the same small problem (bit-identical input, deterministic solvers: identical weights) and
+combines its own shards. Communication per step: ``k^2`` numbers, against ``k x n`` to gather
+the per-task gradients themselves.
+
+FSDP2: the per-task gradients must be the global (data-averaged) ones restricted to the shard,
+which is what FSDP2's reduce-scatter leaves in each sharded ``.grad`` after a ``backward``; so
+the surgery runs ``per_task="backward"`` and reads ``.grad.to_local()``. The ``k`` backward
+passes reduce-scatter ``k`` times (the inherent ``k x n`` cost of per-task gradients under data
+parallelism); the aggregation itself then only adds the ``k x k`` all-reduce.
+
+Replicated parameters (DDP): each rank computes per-task gradients on its own data, and the
+global per-task gradient is the average over ranks, ``gbar_i = (1/R) sum_r g_i^r``. Its Gram is
+``<gbar_i, gbar_j> = (1/R^2) sum_{r,s} <g_i^r, g_j^s>``: the cross-rank terms are not in any
+local Gram, so averaging local Grams would be wrong (it is the Gram of a different, noisier
+problem). :class:`ReplicatedReducer` therefore averages the per-task gradient stacks themselves
+(``k x n`` per step, the volume of ``k`` DDP all-reduces) and then every rank aggregates
+locally with no further collective. Use it with a plain module (parameters broadcast once) or
+with a DDP module whose forward runs under ``ddp_model.no_sync()`` (DDP's own hooks cannot
+handle ``k`` backward passes per forward).
+
+Backend: collectives go to the backend of the tensors' device; initialise with
+:func:`default_backend` (``"cpu:gloo,cuda:nccl"`` when CUDA is present) so that CUDA Grams use
+NCCL and CPU ones gloo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from mtunlearn_ext.surgery._tensor_lists import StatsReduce, is_dtensor, local_tensor
+from mtunlearn_ext.surgery.aggregators import Aggregator
+from mtunlearn_ext.surgery.hook import GradientSurgery
+from mtunlearn_ext.surgery.weightings import Weighting
+
+ProcessGroup = dist.ProcessGroup
+
+
+def default_backend() -> str:
+    """Backend string for ``init_process_group``: NCCL for CUDA tensors where CUDA exists, gloo
+    for CPU tensors (and for everything on a CPU-only machine)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_shards(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's part of each tensor (``to_local()`` of a DTensor; plain tensors unchanged)."""
+    return [local_tensor(t) for t in tensors]
+
+
+def _supports_avg(t: torch.Tensor, group: ProcessGroup | None) -> bool:
+    # ReduceOp.AVG exists on NCCL only; gloo needs SUM and a division.
+    return t.is_cuda and "nccl" in str(dist.get_backend(group))
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
+    world = dist.get_world_size(group)
+    pending = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        if _supports_avg(t, group):
+            pending.append((dist.all_reduce(t, op=dist.ReduceOp.AVG, group=group, async_op=True),
+                            None))
+        else:
+            pending.append((dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True),
+                            t))
+    # Issued together, waited together: the backend may overlap them.
+    for work, to_scale in pending:
+        work.wait()
+        if to_scale is not None:
+            to_scale.div_(world)
+
+
+def stats_all_reduce(group: ProcessGroup | None = None) -> StatsReduce:
+    """The ``reduce`` argument of the list projections for shards spread over ``group``:
+    an in-place ``all_reduce(SUM)`` of the packed coefficient-space statistics."""
+
+    def reduce(stats: torch.Tensor) -> torch.Tensor:
+        stats = stats.contiguous()
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        return stats
+
+    return reduce
+
+
+class ShardedReducer:
+    """Each rank holds a disjoint shard of the shared parameters (FSDP2 or a manual split) and
+    the per-task gradients of its shard: only the ``k x k`` Gram is summed across ranks."""
+
+    def __init__(self, group: ProcessGroup | None = None) -> None:
+        self.group = group
+        self._reduce = stats_all_reduce(group)
+
+    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
+                          ) -> None:
+        """Nothing to do: shard-local per-task gradients are already the global ones."""
+
+    def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Global Gram matrix = SUM over ranks of the shard Grams (one ``k x k`` all-reduce)."""
+        return self._reduce(stats)
+
+
+class ReplicatedReducer:
+    """Each rank holds all shared parameters and per-task gradients of its own data: the stacks
+    (and head gradients) are averaged across ranks before the surgery (see the module text for
+    why the Gram cannot be reduced instead)."""
+
+    def __init__(self, group: ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
+                          ) -> None:
+        """Average of every per-task stack and head gradient over the ranks, in place."""
+        _all_reduce_mean([*stacks, *head_grads], self.group)
+
+    def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Identity: the Gram of averaged gradients is already global on every rank."""
+        return stats
+
+
+def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                    aggregator: Aggregator | Weighting, *, group: ProcessGroup | None = None,
+                    **kwargs: object) -> GradientSurgery:
+    """A :class:`GradientSurgery` for sharded shared parameters (FSDP2 ``fully_shard`` modules,
+    or parameter lists split across ranks). Defaults to ``per_task="backward"`` when the
+    parameters are DTensors (FSDP2 reduce-scatters inside ``backward``); other keyword
+    arguments go to :class:`GradientSurgery`."""
+    params = list(shared_params)
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    if "per_task" not in kwargs:
+        kwargs["per_task"] = "backward" if any(is_dtensor(t) for t in tensors) else "autograd"
+    return GradientSurgery(params, aggregator, reducer=ShardedReducer(group),
+                           **kwargs)  # type: ignore[arg-type]
+
+
+def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       aggregator: Aggregator | Weighting, *, group: ProcessGroup | None = None,
+                       **kwargs: object) -> GradientSurgery:
+    """A :class:`GradientSurgery` for data-parallel replicas (DDP-style): per-task gradients and
+    head gradients are averaged across ``group`` before the aggregation. Needs
+    ``per_task="autograd"`` or ``"batched"`` (the default ``"autograd"``): with ``"backward"`` a
+    DDP module would reduce on its own."""
+    if kwargs.get("per_task", "autograd") == "backward":
+        raise ValueError("replicated_surgery: per_task='backward' is not supported (DDP's hooks "
+                         "cannot run k backward passes per forward); use 'autograd' or 'batched'")
+    return GradientSurgery(shared_params, aggregator, reducer=ReplicatedReducer(group),
+                           **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,327 @@
+"""Gradient surgery for any optimizer loop: per-task gradients in, ``.grad`` out.
+
+``loss.backward()`` becomes ``surgery.backward(losses)``: the gradient of every task loss with
+respect to the shared parameters is computed into a per-parameter stack ``[k, *shape_p]``, the
+aggregator's weights come from the ``k x k`` Gram matrix of those stacks, and the weighted sum
+is written straight into each shared parameter's ``.grad`` (added to what is already there, so
+gradient accumulation over micro-batches works as with ``backward``). Parameters outside the
+shared set that the losses reach (task heads) receive the plain sum of their task gradients,
+as ``sum(losses).backward()`` would give them. No flat copy of the parameters or gradients is
+ever made; the only extra memory is the ``k`` stacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol
+
+import torch
+
+from mtunlearn_ext.surgery._tensor_lists import is_dtensor, local_tensor, new_grad_like
+from mtunlearn_ext.surgery.aggregators import Aggregator
+from mtunlearn_ext.surgery.projections import aggregate_list
+from mtunlearn_ext.surgery.weightings import Weighting
+
+#: How per-task gradients are obtained.
+#:
+#: ``"autograd"``: ``torch.autograd.grad`` once per task (retaining the graph between tasks); the
+#: head gradients come out of the same passes. Works with eager and ``torch.compile``\\ d models.
+#: ``"batched"``: one vmapped ``torch.autograd.grad`` over the stacked losses
+#: (``is_grads_batched``); fastest for small models in eager mode, but every op on the path
+#: needs a batching rule and inductor-compiled backward graphs do not support it.
+#: ``"backward"``: ``loss.backward()`` once per task, harvesting ``.grad`` after each. Needed when
+#: gradient hooks of a wrapper must run (FSDP2's reduce-scatter) and for trainers built around
+#: ``.backward`` (LibMTL's ``mode='backward'``); head gradients accumulate natively.
+PerTaskMode = Literal["autograd", "batched", "backward"]
+
+
+class GradReducer(Protocol):
+    """Cross-process steps of a surgery (see :mod:`mtunlearn_ext.surgery.distributed`)."""
+
+    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
+                          ) -> None:
+        """In place, before the Gram pass: e.g. average data-parallel per-task gradients."""
+
+    def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """The global Gram matrix from the local one (SUM over shards, or identity)."""
+
+
+def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+                 ) -> tuple[list[str], list[torch.Tensor]]:
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for i, item in enumerate(params):
+        if isinstance(item, tuple):
+            name, t = item
+        else:
+            name, t = f"param{i}", item
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"GradientSurgery: shared parameter {name!r} is a "
+                            f"{type(t).__name__}, not a tensor")
+        if t.requires_grad:
+            names.append(name)
+            tensors.append(t)
+    return names, tensors
+
+
+def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node)."""
+    seen: set[int] = set()
+    found: dict[int, torch.Tensor] = {}
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found[id(variable)] = variable
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return list(found.values())
+
+
+class GradientSurgery:
+    """Apply an aggregator to per-task gradients of the shared parameters, into ``.grad``.
+
+    Args:
+        shared_params: the shared (backbone) parameters, as tensors or ``(name, tensor)`` pairs
+            (``model.trunk.named_parameters()``); those without ``requires_grad`` are skipped.
+            FSDP2 (DTensor) parameters are handled shard-locally: use ``per_task="backward"`` and
+            a sharded reducer (:func:`mtunlearn_ext.surgery.distributed.sharded_surgery`).
+        aggregator: an :class:`~mtunlearn_ext.surgery.Aggregator` or a
+            :class:`~mtunlearn_ext.surgery.Weighting`.
+        head_params: the non-shared parameters. ``None``: every other leaf the losses reach,
+            found by a walk of the autograd graph at each call (pass them to skip the walk).
+            Ignored with ``per_task="backward"``, where heads accumulate natively.
+        per_task: how per-task gradients are computed (:data:`PerTaskMode`).
+        per_layer: one aggregation per layer instead of one global one (``True``: per tensor;
+            or a layer id per shared tensor).
+        reducer: cross-process steps (``None``: single process).
+        check_finite: raise on NaN/Inf task gradients. Set ``False`` under a ``GradScaler``
+            (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
+            it, and the aggregators' weights are scale-invariant, so scaled losses give the
+            scaled update the scaler expects.
+    """
+
+    def __init__(self, shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                 aggregator: Aggregator | Weighting, *,
+                 head_params: Iterable[torch.Tensor] | None = None,
+                 per_task: PerTaskMode = "autograd", per_layer: bool | Sequence[int] = False,
+                 reducer: GradReducer | None = None, check_finite: bool = True) -> None:
+        self.names, self.params = _split_named(shared_params)
+        if not self.params:
+            raise ValueError("GradientSurgery: `shared_params` holds no tensor requiring grad")
+        if per_task not in ("autograd", "batched", "backward"):
+            raise ValueError(f"GradientSurgery: `per_task` must be 'autograd', 'batched' or "
+                             f"'backward', got {per_task!r}")
+        if per_task != "backward" and any(is_dtensor(p) for p in self.params):
+            raise ValueError("GradientSurgery: DTensor (FSDP2) parameters need "
+                             "per_task='backward', so that FSDP2's reduce-scatter hooks run")
+        if not isinstance(aggregator, (Aggregator, Weighting)):
+            raise TypeError(f"GradientSurgery: `aggregator` must be a mtunlearn_ext.surgery "
+                            f"Aggregator or Weighting, got {type(aggregator).__name__}")
+        self.aggregator = aggregator
+        self.head_params = None if head_params is None else [p for p in head_params
+                                                             if p.requires_grad]
+        self.per_task: PerTaskMode = per_task
+        self.per_layer = per_layer
+        self.reducer = reducer
+        self.check_finite = check_finite
+        self._shared_ids = {id(p) for p in self.params}
+        # State of accumulate() / apply(): per-task buffers and the heads they touched.
+        self._buffers: list[torch.Tensor] | None = None
+        self._buffered_tasks: int | None = None
+        self._pending = False
+        self._pending_heads: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ public API
+
+    def backward(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False
+                 ) -> torch.Tensor:
+        """Per-task gradients of ``losses`` -> aggregated update added into ``.grad``.
+
+        Args:
+            losses: ``k`` scalar task losses (scaled ones under a ``GradScaler``).
+            retain_graph: keep the graph after the last task (as in ``Tensor.backward``).
+
+        Returns:
+            The aggregator's weights (``[k]``, or ``[L, k]`` per layer).
+        """
+        losses = self._check_losses(losses)
+        stacks = [torch.empty((len(losses), *local_tensor(p).shape), dtype=p.dtype,
+                              device=local_tensor(p).device) for p in self.params]
+        heads = self._per_task_grads(losses, stacks, add=False, retain_graph=retain_graph)
+        return self._aggregate(stacks, heads)
+
+    def accumulate(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False) -> None:
+        """Add the per-task gradients of ``losses`` to internal per-task buffers (one stack per
+        shared parameter); heads get their gradients in ``.grad`` at once. Call :meth:`apply`
+        after the last micro-batch: the surgery then sees the accumulated per-task gradients
+        (large-batch semantics), not one surgery per micro-batch."""
+        losses = self._check_losses(losses)
+        k = len(losses)
+        if self._buffers is None or self._buffered_tasks != k:
+            self._buffers = [torch.empty((k, *local_tensor(p).shape), dtype=p.dtype,
+                                         device=local_tensor(p).device) for p in self.params]
+            self._buffered_tasks = k
+            self._pending = False
+        heads = self._per_task_grads(losses, self._buffers, add=self._pending,
+                                     retain_graph=retain_graph)
+        self._pending = True
+        for h in heads:
+            self._pending_heads[id(h)] = h
+
+    def apply(self, per_task_grads: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Aggregate per-task gradients that already sit in buffers into ``.grad``.
+
+        Args:
+            per_task_grads: one stack ``[k, *shape_p]`` per shared parameter (the local shard's
+                shape for FSDP2), in the order of ``self.params``; they may be modified in place
+                by a reducer. ``None``: the buffers filled by :meth:`accumulate`, which are then
+                marked consumed.
+
+        Returns:
+            The aggregator's weights.
+        """
+        if per_task_grads is None:
+            if not self._pending or self._buffers is None:
+                raise RuntimeError("GradientSurgery.apply: nothing accumulated; call "
+                                   "accumulate(losses) first or pass `per_task_grads`")
+            heads = list(self._pending_heads.values())
+            self._pending = False
+            self._pending_heads = {}
+            return self._aggregate(self._buffers, heads)
+        stacks = list(per_task_grads)
+        if len(stacks) != len(self.params):
+            raise ValueError(f"GradientSurgery.apply: expected {len(self.params)} stacks (one per "
+                             f"shared parameter), got {len(stacks)}")
+        for name, p, s in zip(self.names, self.params, stacks):
+            if tuple(s.shape[1:]) != tuple(local_tensor(p).shape):
+                raise ValueError(f"GradientSurgery.apply: the stack for {name!r} must be "
+                                 f"[k, *{tuple(local_tensor(p).shape)}], got {tuple(s.shape)}")
+        return self._aggregate(stacks, [])
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        losses = list(losses)
+        if not losses:
+            raise ValueError("GradientSurgery: `losses` must hold at least one loss")
+        for t, loss in enumerate(losses):
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor")
+            if not loss.requires_grad:
+                raise ValueError(f"GradientSurgery: losses[{t}] does not require grad")
+        return losses
+
+    def _heads(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.head_params is not None:
+            return self.head_params
+        return [v for v in _reachable_leaves(losses)
+                if v.requires_grad and id(v) not in self._shared_ids]
+
+    def _per_task_grads(self, losses: list[torch.Tensor], stacks: list[torch.Tensor], *,
+                        add: bool, retain_graph: bool) -> list[torch.Tensor]:
+        """Fill (or add into) ``stacks[p][t]`` with d losses[t] / d params[p]; head gradients
+        summed into their ``.grad``. Returns the heads' ``.grad`` tensors it wrote."""
+        k = len(losses)
+        if self.per_task == "backward":
+            return self._per_task_by_backward(losses, stacks, add=add, retain_graph=retain_graph)
+        heads = self._heads(losses)
+        inputs = [*self.params, *heads]
+        n_shared = len(self.params)
+        head_sums: list[torch.Tensor | None] = [None] * len(heads)
+        if self.per_task == "batched":
+            stacked = torch.stack([loss.reshape(()) for loss in losses])
+            eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+            grads = torch.autograd.grad(stacked, inputs, grad_outputs=eye, is_grads_batched=True,
+                                        retain_graph=retain_graph, allow_unused=True)
+            for p, g in enumerate(grads[:n_shared]):
+                if g is None:
+                    if not add:
+                        stacks[p].zero_()
+                elif add:
+                    stacks[p].add_(g)
+                else:
+                    stacks[p].copy_(g)
+            head_sums = [None if g is None else g.sum(0) for g in grads[n_shared:]]
+        else:
+            for t, loss in enumerate(losses):
+                keep = retain_graph or t < k - 1
+                grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+                for p, g in enumerate(grads[:n_shared]):
+                    if g is None:
+                        if not add:
+                            stacks[p][t].zero_()
+                    elif add:
+                        stacks[p][t].add_(g)
+                    else:
+                        stacks[p][t].copy_(g)
+                for h, g in enumerate(grads[n_shared:]):
+                    if g is not None:
+                        # Out of place: autograd may hand back expanded (stride-0) gradients.
+                        head_sums[h] = g if head_sums[h] is None else head_sums[h] + g
+        written = []
+        for head, g in zip(heads, head_sums):
+            if g is None:
+                continue
+            if head.grad is None:
+                head.grad = (g if g.is_contiguous()
+                             else g.clone(memory_format=torch.contiguous_format))
+            else:
+                head.grad.add_(g)
+            written.append(head.grad)
+        return written
+
+    def _per_task_by_backward(self, losses: list[torch.Tensor], stacks: list[torch.Tensor], *,
+                              add: bool, retain_graph: bool) -> list[torch.Tensor]:
+        k = len(losses)
+        # .grad of the shared parameters is borrowed as scratch for one task at a time; what it
+        # held before (earlier micro-batches) is put back untouched.
+        stash = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            for t, loss in enumerate(losses):
+                loss.backward(retain_graph=retain_graph or t < k - 1)
+                for p, param in enumerate(self.params):
+                    g = param.grad
+                    if g is None:
+                        if not add:
+                            stacks[p][t].zero_()
+                    elif add:
+                        stacks[p][t].add_(local_tensor(g))
+                    else:
+                        stacks[p][t].copy_(local_tensor(g))
+                    param.grad = None
+        finally:
+            for param, g in zip(self.params, stash):
+                param.grad = g
+        return []
+
+    def _grad_outputs(self) -> tuple[list[torch.Tensor], list[float]]:
+        """The local tensor of each shared ``.grad`` to write into, and 1 (accumulate into an
+        existing gradient) or 0 (a fresh one, whose garbage contents beta=0 ignores)."""
+        outs: list[torch.Tensor] = []
+        betas: list[float] = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = new_grad_like(p)
+                betas.append(0.0)
+            else:
+                if not local_tensor(p.grad).is_contiguous():
+                    p.grad = p.grad.contiguous()
+                betas.append(1.0)
+            outs.append(local_tensor(p.grad))
+        return outs, betas
+
+    def _aggregate(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
+                   ) -> torch.Tensor:
+        if self.reducer is not None:
+            self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in head_grads])
+        outs, betas = self._grad_outputs()
+        return aggregate_list(self.aggregator, stacks, outs, betas, per_layer=self.per_layer,
+                              reduce=None if self.reducer is None else self.reducer.reduce_stats,
+                              check_finite=self.check_finite)

@@ -1,0 +1,113 @@
+"""The min-norm point of a convex hull, from the Gram matrix (MGDA's small QP), on device.
+
+``min_{a in simplex} a^T G a``: with ``G = J J^T`` the minimiser ``a`` gives ``a @ J``, the
+point of smallest norm in the convex hull of the rows of ``J`` (Desideri's MGDA direction).
+There is no closed form beyond ``k = 2``, and a host-side QP solver would synchronise every
+step, so it is solved here with a fixed budget of accelerated projected-gradient steps (FISTA
+with adaptive restart) in float64 on the Gram's device, then polished by an exact solve of the
+KKT system on the support found. Every branch is a ``torch.where``: no ``.item()``, no host
+synchronisation, batched over leading dimensions (one problem per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Coordinates of the iterate above this are the support handed to the exact polish.
+_SUPPORT_THRESHOLD = 1e-9
+
+
+def _project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``v`` onto the probability simplex (sort-based:
+    ``theta`` is the largest shift keeping the sorted prefix positive; Held et al.)."""
+    k = v.shape[-1]
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    shifted_cumsum = u.cumsum(-1) - 1.0
+    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
+    # The condition holds exactly on a prefix of the sorted entries, and always for the first one.
+    support_size = (u - shifted_cumsum / ranks > 0).sum(-1, keepdim=True)
+    theta = shifted_cumsum.gather(-1, support_size - 1) / support_size.to(v.dtype)
+    return (v - theta).clamp_min(0.0)
+
+
+def _objective(gram: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return (a * (a.unsqueeze(-2) @ gram).squeeze(-2)).sum(-1)
+
+
+def _polish(gram: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Exact minimiser on the face spanned by the support of ``a``, where it is feasible and no
+    worse; ``a`` itself elsewhere.
+
+    On the face ``S`` the KKT conditions are linear: ``G_SS a_S = mu 1``, ``1^T a_S = 1``. The
+    system is embedded in a fixed ``(k+1) x (k+1)`` matrix (identity rows for coordinates off the
+    support) so that its shape, and hence the absence of synchronisation, does not depend on
+    ``S``. A singular face (dependent rows on the support) gives a failed or non-finite solve,
+    which the acceptance test rejects.
+    """
+    k = gram.shape[-1]
+    batch = gram.shape[:-2]
+    support = (a > _SUPPORT_THRESHOLD).to(gram.dtype)
+    system = torch.zeros(*batch, k + 1, k + 1, dtype=gram.dtype, device=gram.device)
+    system[..., :k, :k] = gram * support.unsqueeze(-1) * support.unsqueeze(-2) + torch.diag_embed(
+        1.0 - support)
+    system[..., :k, k] = support
+    system[..., k, :k] = support
+    rhs = torch.zeros(*batch, k + 1, 1, dtype=gram.dtype, device=gram.device)
+    rhs[..., k, 0] = 1.0
+    solution, info = torch.linalg.solve_ex(system, rhs, check_errors=False)
+    candidate = solution[..., :k, 0] * support
+    feasible = (info == 0) & torch.isfinite(candidate).all(-1) & (candidate >= -1e-12).all(-1)
+    candidate = torch.where(feasible.unsqueeze(-1), candidate, a).clamp_min(0.0)
+    candidate = candidate / candidate.sum(-1, keepdim=True)
+    # Relative slack: the polish may only win, up to rounding of the objective itself.
+    no_worse = _objective(gram, candidate) <= _objective(gram, a) * (1 + 1e-12) + 1e-300
+    return torch.where((feasible & no_worse).unsqueeze(-1), candidate, a)
+
+
+def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool = True
+                     ) -> torch.Tensor:
+    """Weights of the min-norm point of the convex hull of ``k`` vectors, from their Gram matrix.
+
+    Solves ``min_a a^T G a`` subject to ``a >= 0``, ``sum(a) = 1``.
+
+    Args:
+        gram: ``[..., k, k]`` symmetric PSD (e.g. from :func:`mtunlearn_ext.ops.gram_list`).
+        iterations: fixed number of accelerated projected-gradient steps. The problem is first
+            scaled by its mean diagonal (the weights are scale-invariant) and the step is
+            ``1 / L`` with ``L`` a Gershgorin bound on ``G``'s largest eigenvalue.
+        polish: finish with the exact solve on the support found (recommended: it turns a
+            correct support into an answer exact to rounding).
+
+    Returns:
+        ``a``: ``[..., k]`` on the simplex, in ``gram``'s dtype (computed in float64). An all-zero
+        Gram returns the uniform weights.
+    """
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"min_norm_simplex: `gram` must be [..., k, k], got {tuple(gram.shape)}")
+    if iterations < 1:
+        raise ValueError(f"min_norm_simplex: `iterations` must be >= 1, got {iterations}")
+    k = gram.shape[-1]
+    g = gram.to(torch.float64)
+    g = 0.5 * (g + g.transpose(-1, -2))
+    tiny = torch.finfo(torch.float64).tiny
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
+    g = g / scale[..., None, None]
+    step = 1.0 / g.abs().sum(-1).amax(-1).clamp_min(tiny)
+
+    x = torch.full((*g.shape[:-2], k), 1.0 / k, dtype=torch.float64, device=g.device)
+    y = x
+    t = torch.ones(g.shape[:-2], dtype=torch.float64, device=g.device)
+    for _ in range(iterations):
+        grad = (y.unsqueeze(-2) @ g).squeeze(-2)
+        x_next = _project_simplex(y - step.unsqueeze(-1) * grad)
+        # Adaptive restart (O'Donoghue & Candes): drop the momentum when it points uphill, which
+        # keeps FISTA monotone enough to converge linearly on strongly convex faces.
+        restart = ((y - x_next) * (x_next - x)).sum(-1) > 0
+        t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+        momentum = torch.where(restart, torch.zeros_like(t), (t - 1.0) / t_next)
+        t_next = torch.where(restart, torch.ones_like(t), t_next)
+        y = x_next + momentum.unsqueeze(-1) * (x_next - x)
+        x, t = x_next, t_next
+    if polish:
+        x = _polish(g, x)
+    return x.to(gram.dtype)

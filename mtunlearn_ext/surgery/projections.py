@@ -1,0 +1,237 @@
+"""Projections and aggregations on parameter lists: one implementation for the whole project.
+
+Vectors over all parameters are never materialised. A set of ``k`` such vectors is a list of
+per-parameter stacks ``xs[p]``: ``[k, *shape_p]``; the ``i``-th vector is (virtually)
+``cat_p(xs[p][i].flatten())``. Each function here is three steps:
+
+1. coefficient-space statistics, one pass over the stacks: Gram matrices
+   (:func:`mtunlearn_ext.ops.gram_list`) and inner products (summed per parameter);
+2. a tiny solve on them (:func:`mtunlearn_ext.ops.ridge_solve`,
+   :func:`mtunlearn_ext.ops.nonconflicting_dual`, a :class:`~mtunlearn_ext.surgery.Weighting`);
+3. one combination pass writing the outputs (:func:`mtunlearn_ext.ops.combine_list`), for
+   example straight into each parameter's ``.grad``.
+
+Per-layer problems (``per_layer``): the statistics of each layer are kept apart (``[L, k, k]``
+Gram matrices, from one ``gram_list(per_tensor=True)`` pass) and each layer is solved on its
+own, as the task-aware projection needs (one protected subspace per layer).
+
+Distributed (``reduce``): every statistic is a sum over parameter coordinates, so when the
+stacks are shards of longer vectors the global statistics are the SUM over processes of the
+local ones. ``reduce`` is applied once, to all statistics packed in one small tensor (one
+collective per call), before the solve; every process then solves the same problem and writes
+its own shards. See :mod:`mtunlearn_ext.surgery.distributed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mtunlearn_ext import ops
+from mtunlearn_ext.surgery._tensor_lists import (
+    StatsReduce,
+    check_paired,
+    check_stacks,
+    combine_into,
+    gram_stats,
+    guard_nonfinite,
+    inner_stats,
+    layer_index,
+    poison_nonfinite,
+    stats_dtype,
+)
+from mtunlearn_ext.surgery.aggregators import Aggregator
+from mtunlearn_ext.surgery.weightings import Weighting
+
+
+def _prepare_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] | None
+                  ) -> list[torch.Tensor]:
+    """Output stacks holding a copy of ``g`` (the projections update them with ``beta=1``).
+
+    An ``outs[p]`` that is ``g_list[p]`` itself (same storage, shape and strides) is updated in
+    place with no copy.
+    """
+    if outs is None:
+        return [g.clone(memory_format=torch.contiguous_format) for g in g_list]
+    outs = list(outs)
+    if len(outs) != len(g_list):
+        raise ValueError(f"{op}: `outs` must have one tensor per parameter ({len(g_list)}), got "
+                         f"{len(outs)}")
+    for p, (o, g) in enumerate(zip(outs, g_list)):
+        if o.shape != g.shape or o.dtype != g.dtype:
+            raise ValueError(f"{op}: `outs[{p}]` must have shape {tuple(g.shape)} and dtype "
+                             f"{g.dtype}, got {tuple(o.shape)} {o.dtype}")
+        if not o.is_contiguous():
+            raise ValueError(f"{op}: `outs[{p}]` must be contiguous (it is written in place)")
+        aliased = o.data_ptr() == g.data_ptr() and o.stride() == g.stride()
+        if not aliased:
+            o.copy_(g)
+    return outs
+
+
+def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
+                     ridge: float = 1e-6, *, outs: Sequence[torch.Tensor] | None = None,
+                     per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
+                     reduce: StatsReduce | None = None, check_finite: bool = True,
+                     return_coeffs: bool = False
+                     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+    """Remove from ``m`` vectors their least-squares projection on the span of ``k`` others.
+
+    ``out_i = g_i - sum_j a_ji b_j`` with ``(B B^T + lambda I) a = B g^T``,
+    ``lambda = ridge * tr(B B^T) / k`` (:func:`mtunlearn_ext.ops.ridge_solve`): the projection
+    ``(I - B^T (B B^T)^+ B) g`` up to the ridge, from the ``k x k`` Gram matrix of the basis.
+    With ``per_layer``, each layer ``l`` is projected off its own basis rows:
+    ``f_l <- f_l - B_l^T (B_l B_l^T + lambda_l I)^-1 B_l f_l`` (the task-aware projection).
+
+    Args:
+        g_list: ``[m, *shape_p]`` per parameter (use ``t.unsqueeze(0)`` for one vector).
+        basis_list: ``[k, *shape_p]`` per parameter, same dtypes as ``g_list``.
+        ridge: relative Tikhonov term (rank-deficient bases are fine).
+        outs: where to write (``[m, *shape_p]``, contiguous); may be ``g_list`` itself for an
+            in-place update. Default: new tensors.
+        per_layer: ``False``, ``True`` (one layer per tensor) or a layer id per tensor.
+        num_layers: the number of layers ``L`` when ``per_layer`` ids come from a partial list
+            (one rank's shards may miss whole layers; every rank must reduce ``[L, ...]``).
+        reduce: cross-process SUM of the statistics, for sharded stacks.
+        check_finite: raise on NaN/Inf in the inputs (read from the small statistics). With
+            ``False`` they propagate to the outputs as NaN instead.
+        return_coeffs: also return ``a^T`` (``[m, k]``, or ``[L, m, k]`` per layer).
+
+    Returns:
+        The projected stacks (``outs``), and the coefficients if asked.
+    """
+    op = "mtunlearn_ext.surgery.project_out_list"
+    g_list, basis_list = list(g_list), list(basis_list)
+    m = check_stacks(op, "g_list", g_list)
+    k = check_stacks(op, "basis_list", basis_list)
+    check_paired(op, "g_list", g_list, "basis_list", basis_list)
+    if not ridge >= 0.0:
+        raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
+    layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
+    gram = gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
+    cross = inner_stats(basis_list, g_list, layers, num_layers, check_finite=check_finite)
+    stats = torch.cat([gram, cross], dim=-1)  # [..., k, k + m]: one collective for both
+    if reduce is not None:
+        stats = reduce(stats)
+    finite = None
+    if not check_finite:
+        stats, finite = guard_nonfinite(stats, k)
+    coeffs = ops.ridge_solve(stats[..., :k].contiguous(), stats[..., k:].contiguous(),
+                             ridge).transpose(-1, -2)
+    if finite is not None:
+        coeffs = poison_nonfinite(coeffs, finite)
+    outs = _prepare_outs(op, g_list, outs)
+    combine_into(-coeffs, basis_list, outs, [1.0] * len(outs), layers, check_finite=check_finite)
+    return (outs, coeffs) if return_coeffs else outs
+
+
+def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence[torch.Tensor],
+                                sign: int = 1, *, outs: Sequence[torch.Tensor] | None = None,
+                                per_layer: bool | Sequence[int] = False,
+                                num_layers: int | None = None,
+                                reduce: StatsReduce | None = None, check_finite: bool = True,
+                                return_coeffs: bool = False
+                                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+    """For each of ``m`` vectors ``g_i``, the closest ``d`` with ``sign * <d, r_j> >= 0`` for all
+    ``k`` vectors ``r_j`` (GEM / UPGrad's cone projection, on parameter lists).
+
+    In the dual: ``d = g + sign * w @ R`` with ``w >= 0`` minimising
+    ``1/2 w^T (R R^T) w + sign * (R g)^T w`` (:func:`mtunlearn_ext.ops.nonconflicting_dual`).
+    ``sign=1``: stepping along ``-d`` raises no ``r_j``-loss to first order; ``sign=-1``:
+    ``<d, r_j> <= 0``, stepping along ``+d`` raises none (the sign-aware instance-level
+    orthogonalisation of the forget direction against per-sample retain gradients).
+
+    Args:
+        g_list: ``[m, *shape_p]`` per parameter; r_list: ``[k, *shape_p]``, same dtypes.
+        sign: ``1`` or ``-1``.
+        outs, per_layer, num_layers, reduce, check_finite: as in :func:`project_out_list`.
+        return_coeffs: also return ``w`` (``[m, k]`` or ``[L, m, k]``).
+    """
+    op = "mtunlearn_ext.surgery.project_nonconflicting_list"
+    g_list, r_list = list(g_list), list(r_list)
+    check_stacks(op, "g_list", g_list)
+    k = check_stacks(op, "r_list", r_list)
+    check_paired(op, "g_list", g_list, "r_list", r_list)
+    if sign not in (1, -1):
+        raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
+    layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
+    gram = gram_stats(r_list, layers, num_layers, check_finite=check_finite)
+    cross = inner_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
+    stats = torch.cat([gram, cross], dim=-2)  # [..., k + m, k]
+    if reduce is not None:
+        stats = reduce(stats)
+    finite = None
+    if not check_finite:
+        stats, finite = guard_nonfinite(stats, k)
+    coeffs = ops.nonconflicting_dual(stats[..., :k, :].contiguous(),
+                                    float(sign) * stats[..., k:, :])
+    if finite is not None:
+        coeffs = poison_nonfinite(coeffs, finite)
+    outs = _prepare_outs(op, g_list, outs)
+    combine_into(float(sign) * coeffs, r_list, outs, [1.0] * len(outs), layers,
+                 check_finite=check_finite)
+    return (outs, coeffs) if return_coeffs else outs
+
+
+def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torch.Tensor],
+                   outs: Sequence[torch.Tensor], beta: float | Sequence[float] = 0.0, *,
+                   per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
+                   reduce: StatsReduce | None = None, check_finite: bool = True) -> torch.Tensor:
+    """Aggregate ``k`` task gradients given as per-parameter stacks into per-parameter outputs.
+
+    ``outs[p] = beta_p * outs[p] + sum_i w_i grads_list[p][i]`` with ``w = weighting(G)`` and
+    ``G = sum_p grads_list[p] grads_list[p]^T``: exactly ``aggregator(J)`` for the (never built)
+    matrix ``J = [cat_p grads_list[p][i].flatten()]_i``. With ``per_layer``, each layer gets its
+    own weights from its own Gram matrix.
+
+    Args:
+        aggregator: an :class:`Aggregator` or directly a :class:`Weighting`.
+        grads_list: ``[k, *shape_p]`` per parameter (any float dtypes; mixed dtypes across
+            parameters are handled, the Gram is accumulated in float32 / float64).
+        outs: ``shape_p`` per parameter, contiguous, the dtype of ``grads_list[p]`` (e.g. the
+            ``.grad`` of each parameter, or its local shard).
+        beta: scale of the previous contents of ``outs`` (``1`` accumulates, ``0`` overwrites,
+            ignoring NaN there); one value, or one per parameter.
+        per_layer: ``False``, ``True`` (one layer per tensor) or a layer id per tensor.
+        num_layers: ``L`` for a partial list (see :func:`project_out_list`).
+        reduce: cross-process SUM of the Gram matrices, for sharded stacks.
+        check_finite: raise on NaN/Inf gradients. ``False`` lets them reach ``outs`` as NaN
+            (what a ``GradScaler`` needs to detect and skip an overflowing step).
+
+    Returns:
+        The weights, ``[k]`` (or ``[L, k]`` per layer), in the Gram's dtype.
+    """
+    op = "mtunlearn_ext.surgery.aggregate_list"
+    weighting = aggregator.weighting if isinstance(aggregator, Aggregator) else aggregator
+    if not isinstance(weighting, Weighting):
+        raise TypeError(f"{op}: `aggregator` must be a mtunlearn_ext.surgery Aggregator or "
+                        f"Weighting, got {type(aggregator).__name__}")
+    grads_list, outs = list(grads_list), list(outs)
+    k = check_stacks(op, "grads_list", grads_list)
+    if len(outs) != len(grads_list):
+        raise ValueError(f"{op}: `outs` must have one tensor per parameter ({len(grads_list)}), "
+                         f"got {len(outs)}")
+    if isinstance(beta, (int, float)):
+        betas = [float(beta)] * len(outs)
+    else:
+        betas = [float(b) for b in beta]
+    if len(betas) != len(outs):
+        raise ValueError(f"{op}: `beta` must be a number or one per parameter, got {len(betas)}")
+    layers, num_layers = layer_index(per_layer, len(grads_list), op, num_layers)
+    if weighting.needs_gram:
+        gram = gram_stats(grads_list, layers, num_layers, check_finite=check_finite)
+        if reduce is not None:
+            gram = reduce(gram)
+    else:
+        # Mean / Sum look only at k: skip the pass over the gradients and the collective.
+        shape = (k, k) if layers is None else (num_layers, k, k)
+        gram = torch.zeros(shape, dtype=stats_dtype(grads_list), device=grads_list[0].device)
+    finite = None
+    if not check_finite:
+        gram, finite = guard_nonfinite(gram, k)
+    weights = weighting(gram)
+    if finite is not None:
+        weights = poison_nonfinite(weights, finite)
+    combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite)
+    return weights

@@ -1,0 +1,177 @@
+"""Weightings: a Gram matrix of ``k`` task gradients in, ``k`` combination weights out.
+
+Every aggregator of this package is ``update = w @ J`` with ``w`` a function of ``G = J J^T``
+only. That is what lets one implementation serve a ``[k, n]`` matrix, a list of per-parameter
+stacks (``G`` from :func:`mtunlearn_ext.ops.gram_list`, the update written by
+:func:`mtunlearn_ext.ops.combine_list`), a per-layer batch of problems (``G``: ``[L, k, k]``,
+``w``: ``[L, k]``) and parameter shards on several processes (``G`` summed over shards).
+
+The classes mirror TorchJD's ``Weighting`` [``PSDMatrix``] interface: ``nn.Module``\\ s called as
+``weighting(gram)``, so forward hooks (e.g. to log the weights) work as they do there. Weights
+are computed without autograd (the solvers are not differentiable) and returned in the Gram's
+dtype. All weightings are positively homogeneous of degree 0 in ``G`` (scaling every gradient
+by ``s > 0`` leaves the weights unchanged), which is what makes them correct under a loss
+scaler: scaled gradients give the scaled update.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext import ops
+from mtunlearn_ext.surgery.min_norm import min_norm_simplex
+
+
+class Weighting(nn.Module, ABC):
+    """Base class: ``forward(gram [..., k, k]) -> weights [..., k]``.
+
+    ``needs_gram = False`` marks weightings that look only at ``k`` (Mean, Sum), so callers on
+    huge gradient lists may skip the Gram pass and hand in any ``[..., k, k]`` placeholder.
+    """
+
+    needs_gram: bool = True
+
+    @abstractmethod
+    def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
+        """Weights ``[..., k]`` from the Gram matrix ``[..., k, k]``."""
+
+    def __call__(self, gram: torch.Tensor, /) -> Any:
+        if not isinstance(gram, torch.Tensor) or gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+            shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+            raise ValueError(f"{type(self).__name__}: `gram` must be a [..., k, k] tensor, got "
+                             f"{shape}")
+        with torch.no_grad():
+            return super().__call__(gram)
+
+
+class MeanWeighting(Weighting):
+    """``w = 1/k`` for every task: the plain average of the task gradients."""
+
+    needs_gram = False
+
+    def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
+        k = gram.shape[-1]
+        return torch.full(gram.shape[:-1], 1.0 / k, dtype=gram.dtype, device=gram.device)
+
+
+class SumWeighting(Weighting):
+    """``w = 1`` for every task: the sum of the task gradients (what ``sum(losses).backward()``
+    gives)."""
+
+    needs_gram = False
+
+    def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
+        return torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
+
+
+class PCGradWeighting(Weighting):
+    """PCGrad (Yu et al., 2020) in coefficient space, via :func:`mtunlearn_ext.ops.pcgrad_weights`.
+
+    For each task ``i`` the vector ``v_i`` starts at ``g_i`` and, for every other task ``j`` in
+    a shuffled order, loses its component along ``g_j`` when ``<v_i, g_j> < 0``; the update is
+    ``sum_i v_i``. Every ``v_i`` stays in the span of the ``g_j``, so the whole loop runs on the
+    Gram matrix and returns the weights of that sum.
+
+    Args:
+        seed: seed of the task orders (:func:`mtunlearn_ext.ops.pcgrad_order`); ``None`` keeps
+            the natural order ``0..k-1``.
+        reshuffle: draw new orders at every call (order seed ``seed + number of previous calls``),
+            as the PCGrad paper does per step. The orders come from a call counter, not from a
+            random generator, so that every process of a distributed job, calling once per step,
+            uses the same orders and so the same weights; TorchJD's PCGrad draws them from
+            ``torch.randperm`` instead.
+    """
+
+    def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
+        super().__init__()
+        if seed is not None and seed < 0:
+            raise ValueError(f"PCGradWeighting: `seed` must be >= 0 or None, got {seed}")
+        self.seed = seed
+        self.reshuffle = reshuffle
+        self.calls = 0
+
+    def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
+        if self.seed is None:
+            order_seed = -1
+        else:
+            order_seed = self.seed + (self.calls if self.reshuffle else 0)
+        self.calls += 1
+        return ops.pcgrad_weights(gram, seed=order_seed)
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, reshuffle={self.reshuffle}"
+
+
+class UPGradWeighting(Weighting):
+    """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024).
+
+    Each task gradient, weighted by its preference ``u_i`` (default ``1/k``), is projected onto
+    the dual cone ``{d : <d, g_j> >= 0 for all j}`` and the projections are summed. For
+    ``x = J^T v`` the projection of ``J^T u`` is ``J^T v*`` with
+    ``v* = argmin_{v >= u} v^T G v``; writing ``v = u + w`` this is
+    ``min_{w >= 0} 1/2 w^T G w + (G u)^T w``, exactly :func:`mtunlearn_ext.ops.nonconflicting_dual`
+    with right-hand side ``G u``. Weights: ``sum_i v*_i = pref + sum_i w_i``.
+
+    Args:
+        pref_vector: ``[k]`` preferences (TorchJD's ``pref_vector``); ``None`` for ``1/k``.
+        reg_eps: if ``> 0``, solve on ``G / tr(G) + reg_eps I`` as TorchJD's default
+            ``QuadprogProjector`` does (``reg_eps=1e-4`` there). ``0`` (default) projects on the
+            exact cone; the dual solver is stable on semi-definite ``G``.
+    """
+
+    def __init__(self, pref_vector: torch.Tensor | None = None, reg_eps: float = 0.0) -> None:
+        super().__init__()
+        if pref_vector is not None and pref_vector.dim() != 1:
+            raise ValueError(f"UPGradWeighting: `pref_vector` must be 1-D, got shape "
+                             f"{tuple(pref_vector.shape)}")
+        if not reg_eps >= 0.0:
+            raise ValueError(f"UPGradWeighting: `reg_eps` must be >= 0, got {reg_eps}")
+        self.pref_vector = pref_vector
+        self.reg_eps = reg_eps
+
+    def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
+        k = gram.shape[-1]
+        if self.pref_vector is None:
+            pref = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        else:
+            if self.pref_vector.shape[0] != k:
+                raise ValueError(f"UPGradWeighting: `pref_vector` has {self.pref_vector.shape[0]} "
+                                 f"entries but the Gram matrix is for k={k} tasks")
+            pref = self.pref_vector.to(dtype=gram.dtype, device=gram.device)
+        g = gram
+        if self.reg_eps > 0.0:
+            trace = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)[..., None, None]
+            g = torch.where(trace > 0, g / torch.where(trace > 0, trace, 1.0), 0.0)
+            g = g + self.reg_eps * torch.eye(k, dtype=g.dtype, device=g.device)
+        # Row i of the right-hand side is G u_i with u_i = pref_i e_i.
+        rhs = pref.unsqueeze(-1) * g
+        dual = ops.nonconflicting_dual(g, rhs)
+        return pref + dual.sum(-2)
+
+    def extra_repr(self) -> str:
+        return f"pref_vector={self.pref_vector}, reg_eps={self.reg_eps}"
+
+
+class MGDAWeighting(Weighting):
+    """MGDA (Desideri, 2012; Sener & Koltun, 2018): the min-norm point of the convex hull of the
+    task gradients, ``w = argmin_{w in simplex} w^T G w`` (see :func:`min_norm_simplex`).
+
+    Args:
+        iterations: fixed budget of projected-gradient steps before the exact polish.
+    """
+
+    def __init__(self, iterations: int = 200) -> None:
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"MGDAWeighting: `iterations` must be >= 1, got {iterations}")
+        self.iterations = iterations
+
+    def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
+        return min_norm_simplex(gram, self.iterations)
+
+    def extra_repr(self) -> str:
+        return f"iterations={self.iterations}"

@@ -1,0 +1,317 @@
+"""Weightings and aggregators of mtunlearn_ext.surgery: definitions checked against float64
+textbook computations (the TorchJD comparison lives in test_surgery_torchjd.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mtunlearn_ext import ops
+from mtunlearn_ext.surgery import (
+    MGDA,
+    Mean,
+    MeanWeighting,
+    MGDAWeighting,
+    PCGrad,
+    PCGradWeighting,
+    Sum,
+    UPGrad,
+    UPGradWeighting,
+    aggregate_list,
+    min_norm_simplex,
+)
+
+F64 = torch.float64
+
+
+def _random_jacobian(k: int, n: int, seed: int, conflict: bool = True) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.randn(k, n, generator=gen, dtype=F64)
+    if conflict and k >= 2:
+        # Make conflicts certain: row 1 leans against row 0.
+        j[1] = -0.7 * j[0] + 0.3 * j[1]
+    return j
+
+
+def _min_norm_brute_force(gram: torch.Tensor) -> torch.Tensor:
+    """Exact min-norm weights by enumerating supports (KKT system on each face)."""
+    k = gram.shape[0]
+    best_value, best = None, None
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            idx = list(support)
+            system = torch.zeros(size + 1, size + 1, dtype=F64)
+            system[:size, :size] = gram[idx][:, idx]
+            system[:size, size] = 1.0
+            system[size, :size] = 1.0
+            rhs = torch.zeros(size + 1, dtype=F64)
+            rhs[size] = 1.0
+            solution, info = torch.linalg.solve_ex(system, rhs)
+            if info != 0 or not torch.isfinite(solution).all():
+                continue
+            a = torch.zeros(k, dtype=F64)
+            a[idx] = solution[:size]
+            if (a < -1e-12).any():
+                continue
+            value = a @ gram @ a
+            if best_value is None or value < best_value - 1e-15:
+                best_value, best = value, a.clamp_min(0)
+    assert best is not None
+    return best
+
+
+def _pcgrad_textbook(j: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
+    """PCGrad over the vectors themselves, with the given order of other tasks per task."""
+    total = torch.zeros_like(j[0])
+    for i in range(j.shape[0]):
+        v = j[i].clone()
+        for other in orders[i]:
+            dot = v @ j[other]
+            if dot < 0:
+                v = v - dot / (j[other] @ j[other]) * j[other]
+        total += v
+    return total
+
+
+# ----------------------------------------------------------------------------- Mean / Sum
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_mean_and_sum_are_row_average_and_sum(dtype: torch.dtype) -> None:
+    j = _random_jacobian(5, 33, 0).to(dtype)
+    ref = j.to(F64)
+    tol = {torch.float32: 1e-6, F64: 1e-14, torch.bfloat16: 1e-2}[dtype]
+    assert Mean()(j).dtype == dtype
+    torch.testing.assert_close(Mean()(j).to(F64), ref.mean(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(Sum()(j).to(F64), ref.sum(0), rtol=tol, atol=tol * 5)
+
+
+def test_mean_is_differentiable_in_the_matrix() -> None:
+    j = _random_jacobian(3, 7, 1).requires_grad_()
+    Mean()(j).sum().backward()
+    torch.testing.assert_close(j.grad, torch.full_like(j, 1 / 3))
+
+
+# ----------------------------------------------------------------------------- UPGrad
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_upgrad_result_conflicts_with_no_row(seed: int, k: int) -> None:
+    j = _random_jacobian(k, 20, seed)
+    d = UPGrad()(j)
+    # The combination of vectors of the dual cone stays in it: <d, g_j> >= 0 for every task.
+    assert (j @ d >= -1e-10 * d.norm() * j.norm(dim=1)).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_upgrad_matches_per_row_cone_projection(seed: int) -> None:
+    """Definition: average over i of pi_cone(g_i / k), each projection the closest point of
+    {d : J d >= 0}; checked with the op-level projection of each weighted row."""
+    k = 4
+    j = _random_jacobian(k, 16, seed)
+    projected = ops.project_nonconflicting(j / k, j)  # row i: pi(g_i / k)
+    torch.testing.assert_close(UPGrad()(j), projected.sum(0), rtol=1e-9, atol=1e-12)
+
+
+def test_upgrad_without_conflict_is_the_mean() -> None:
+    j = _random_jacobian(4, 12, 0, conflict=False).abs()  # all pairwise inner products > 0
+    torch.testing.assert_close(UPGrad()(j), j.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_upgrad_pref_vector_and_validation() -> None:
+    j = _random_jacobian(3, 9, 2, conflict=False).abs()
+    pref = torch.tensor([0.5, 0.2, 0.3], dtype=F64)
+    torch.testing.assert_close(UPGrad(pref_vector=pref)(j), pref @ j)
+    with pytest.raises(ValueError, match="pref_vector"):
+        UPGrad(pref_vector=torch.ones(2, dtype=F64))(j)
+    with pytest.raises(ValueError, match="reg_eps"):
+        UPGradWeighting(reg_eps=-1.0)
+
+
+# ----------------------------------------------------------------------------- MGDA
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mgda_weights_are_the_exact_min_norm_point(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    k = 2 + seed % 5
+    n = max(1, k - 1 - seed % 2) if seed % 3 == 0 else 12  # some rank-deficient problems
+    j = torch.randn(k, n, generator=gen, dtype=F64)
+    if seed % 2:
+        j[:, 0] += 2.0  # a shared direction: the optimum has a larger support
+    gram = j @ j.T
+    weights = MGDAWeighting()(gram)
+    assert torch.all(weights >= 0) and torch.isclose(weights.sum(), torch.tensor(1.0, dtype=F64))
+    exact = _min_norm_brute_force(gram)
+    # Weights need not be unique when G is singular; the min-norm point is.
+    torch.testing.assert_close(weights @ j, exact @ j, rtol=1e-9, atol=1e-12)
+
+
+def test_mgda_two_tasks_closed_form() -> None:
+    j = _random_jacobian(2, 10, 3)
+    g1, g2 = j
+    alpha = ((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2))).clamp(0, 1)
+    torch.testing.assert_close(MGDA()(j), alpha * g1 + (1 - alpha) * g2, rtol=1e-10, atol=1e-12)
+
+
+def test_min_norm_edge_cases() -> None:
+    # All-zero Gram: any simplex point is optimal; uniform is returned, finite.
+    zero = torch.zeros(3, 3, dtype=F64)
+    torch.testing.assert_close(min_norm_simplex(zero), torch.full((3,), 1 / 3, dtype=F64))
+    # Duplicated rows: singular faces must not produce NaN.
+    j = _random_jacobian(3, 6, 4)
+    j = torch.cat([j, j[:1]])
+    w = min_norm_simplex(j @ j.T)
+    assert torch.isfinite(w).all()
+    exact = _min_norm_brute_force(j @ j.T)
+    torch.testing.assert_close(w @ j, exact @ j, rtol=1e-8, atol=1e-10)
+    # One task: weight 1.
+    torch.testing.assert_close(min_norm_simplex(torch.ones(1, 1)), torch.ones(1))
+    with pytest.raises(ValueError, match="gram"):
+        min_norm_simplex(torch.ones(2, 3))
+
+
+def test_min_norm_batched_equals_one_by_one() -> None:
+    j = torch.randn(6, 4, 9, dtype=F64, generator=torch.Generator().manual_seed(5))
+    grams = j @ j.transpose(-1, -2)
+    batched = min_norm_simplex(grams)
+    for layer in range(6):
+        torch.testing.assert_close(batched[layer], min_norm_simplex(grams[layer]))
+
+
+# ----------------------------------------------------------------------------- PCGrad
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_pcgrad_equals_textbook_loop_in_the_ops_order(seed: int, k: int) -> None:
+    j = _random_jacobian(k, 25, seed)
+    aggregator = PCGrad(seed=seed, reshuffle=False)
+    orders = [ops.pcgrad_order(k, i, seed) for i in range(k)]
+    torch.testing.assert_close(aggregator(j), _pcgrad_textbook(j, orders), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_pcgrad_natural_order_and_reshuffle_schedule() -> None:
+    k = 5
+    j = _random_jacobian(k, 25, 0)
+    natural = PCGrad(seed=None)
+    torch.testing.assert_close(natural(j), _pcgrad_textbook(
+        j, [[o for o in range(k) if o != i] for i in range(k)]), rtol=1e-10, atol=1e-12)
+    # reshuffle=True: call c uses order seed (seed + c); identical on every process.
+    reshuffled = PCGrad(seed=7)
+    for call in range(3):
+        orders = [ops.pcgrad_order(k, i, 7 + call) for i in range(k)]
+        torch.testing.assert_close(reshuffled(j), _pcgrad_textbook(j, orders), rtol=1e-10,
+                                   atol=1e-12)
+    with pytest.raises(ValueError, match="seed"):
+        PCGradWeighting(seed=-3)
+
+
+# ----------------------------------------------------------------------------- shared behaviour
+
+
+@pytest.mark.parametrize("make", [Mean, Sum, lambda: PCGrad(reshuffle=False), UPGrad, MGDA])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_aggregator_equals_aggregate_list_on_a_split_matrix(make, dtype: torch.dtype) -> None:
+    """The matrix form and the per-parameter list form are one computation; the order of the
+    parameters in the list does not matter."""
+    j = _random_jacobian(4, 2 * 3 + 5 + 8, 6).to(dtype)
+    shapes = [(2, 3), (5,), (2, 2, 2)]
+    pieces = list(torch.split(j, [6, 5, 8], dim=1))
+    stacks = [p.reshape(4, *s).contiguous() for p, s in zip(pieces, shapes)]
+    expected = make()(j)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        outs = [torch.full(shapes[i], float("nan"), dtype=dtype) for i in order]  # poisoned
+        aggregate_list(make(), [stacks[i] for i in order], outs)
+        got = torch.cat([outs[order.index(i)].reshape(-1) for i in range(3)])
+        tol = 1e-12 if dtype == F64 else 2e-5
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("make", [Mean, lambda: PCGrad(reshuffle=False), UPGrad, MGDA])
+def test_weights_are_scale_invariant(make) -> None:
+    """What makes the hook correct under a loss scaler: scaled gradients, scaled update."""
+    j = _random_jacobian(4, 15, 8)
+    torch.testing.assert_close(make()(1024.0 * j), 1024.0 * make()(j), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", [Mean, lambda: PCGrad(reshuffle=False), UPGrad, MGDA])
+def test_bf16_matrix_within_twice_plain_bf16_error(make) -> None:
+    j64 = _random_jacobian(4, 4096, 9)
+    j16 = j64.to(torch.bfloat16)
+    weights = make().weighting(ops.gram(j16.to(F64)))  # weights of the rounded problem
+    exact = weights @ j16.to(F64)
+    plain = (weights.to(torch.bfloat16) @ j16).to(F64)  # what torch does in bf16
+    ours = make()(j16)
+    assert ours.dtype == torch.bfloat16
+    plain_err = (plain - exact).abs().max()
+    ours_err = (ours.to(F64) - exact).abs().max()
+    assert ours_err <= 2 * plain_err + 1e-3 * exact.abs().max()
+
+
+def test_weighting_forward_hook_sees_weights() -> None:
+    seen: list[torch.Tensor] = []
+    aggregator = UPGrad()
+    aggregator.weighting.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    aggregator(_random_jacobian(3, 5, 0))
+    assert len(seen) == 1 and seen[0].shape == (3,)
+
+
+def test_per_layer_weights_match_layer_by_layer() -> None:
+    gen = torch.Generator().manual_seed(11)
+    stacks = [torch.randn(3, 4, 5, generator=gen, dtype=F64), torch.randn(3, 5, generator=gen,
+                                                                         dtype=F64),
+              torch.randn(3, 7, generator=gen, dtype=F64)]
+    layer_of = [0, 0, 1]
+    outs = [torch.empty(s.shape[1:], dtype=F64) for s in stacks]
+    weights = aggregate_list(UPGrad(), stacks, outs, per_layer=layer_of)
+    assert weights.shape == (2, 3)
+    layer0 = torch.cat([stacks[0].reshape(3, -1), stacks[1]], dim=1)
+    torch.testing.assert_close(torch.cat([outs[0].reshape(-1), outs[1]]), UPGrad()(layer0))
+    torch.testing.assert_close(outs[2], UPGrad()(stacks[2]))
+    # per_layer=True: one problem per tensor.
+    weights = aggregate_list(MGDA(), stacks, outs, per_layer=True)
+    assert weights.shape == (3, 3)
+    torch.testing.assert_close(outs[1], MGDA()(stacks[1]))
+
+
+def test_aggregate_list_accumulates_with_beta() -> None:
+    stacks = [_random_jacobian(3, 10, 12)]
+    out = [torch.ones(10, dtype=F64)]
+    aggregate_list(Mean(), stacks, out, beta=1.0)
+    torch.testing.assert_close(out[0], 1.0 + stacks[0].mean(0))
+    out = [torch.ones(10, dtype=F64)]
+    aggregate_list(Mean(), stacks, out, beta=[0.0])
+    torch.testing.assert_close(out[0], stacks[0].mean(0))
+
+
+def test_mixed_dtype_parameter_lists() -> None:
+    """bf16 weights beside fp32 norms: one Gram (fp32) over both dtype classes."""
+    j = _random_jacobian(3, 20, 13)
+    stacks = [j[:, :12].to(torch.bfloat16).contiguous(), j[:, 12:].to(torch.float32).contiguous()]
+    outs = [torch.empty(12, dtype=torch.bfloat16), torch.empty(8, dtype=torch.float32)]
+    weights = aggregate_list(UPGrad(), stacks, outs)
+    rounded = torch.cat([stacks[0].to(F64), stacks[1].to(F64)], dim=1)
+    torch.testing.assert_close(weights.to(F64), UPGrad().weighting(rounded @ rounded.T),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1].to(F64), weights.to(F64) @ rounded[:, 12:], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_argument_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"\[k, n\]"):
+        UPGrad()(torch.ones(3))
+    with pytest.raises(ValueError, match="gram"):
+        MeanWeighting()(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="outs"):
+        aggregate_list(Mean(), [torch.ones(2, 3)], [])
+    with pytest.raises(ValueError, match="leading size"):
+        aggregate_list(Mean(), [torch.ones(2, 3), torch.ones(3, 3)], [torch.ones(3)] * 2)
+    with pytest.raises(TypeError, match="Aggregator or Weighting"):
+        aggregate_list(object(), [torch.ones(2, 3)], [torch.ones(3)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="per_layer"):
+        aggregate_list(Mean(), [torch.ones(2, 3)], [torch.ones(3)], per_layer=[0, 1])

@@ -1,0 +1,302 @@
+"""Distributed surgery on 2 CPU processes over gloo, against the single-process computation.
+
+One ``torch.multiprocessing.spawn`` (module-scoped fixture) runs every scenario on both ranks
+(process start-up dominates the cost); each rank records per scenario whether it matched the
+single-process result and its largest error, and each test asserts on one scenario. The
+single-process reference is computed inside every rank from the same seeds.
+
+Scenarios:
+- sharded parameter lists: the per-task stacks are cut across the ranks (whole tensors and a
+  split of one tensor's coordinates); aggregate_list / project_out_list /
+  project_nonconflicting_list with ``reduce=stats_all_reduce()`` (one k x k all-reduce) must
+  reproduce the single-process result on every shard, globally and per layer;
+- FSDP2 (``fully_shard`` on CPU / gloo): the hook in ``per_task="backward"`` mode on DTensor
+  shards, two SGD steps (also with two accumulated micro-batches per step), parameters equal to
+  single-process training on the full batch;
+- DDP: ``replicated_surgery`` (per-task stacks averaged) under ``no_sync``, same check.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mtunlearn_ext.surgery import (
+    MGDA,
+    Mean,
+    PCGrad,
+    UPGrad,
+    aggregate_list,
+    project_nonconflicting_list,
+    project_out_list,
+)
+
+WORLD = 2
+F64 = torch.float64
+AGGREGATORS: dict[str, Callable[[], object]] = {
+    "mean": Mean, "upgrad": UPGrad, "mgda": MGDA, "pcgrad": lambda: PCGrad(seed=3),
+}
+DTYPES = {"fp32": torch.float32, "fp64": F64, "bf16": torch.bfloat16}
+SHAPES = [(4, 3), (6,), (5, 2), (3,)]
+# Rank 0 holds params 0 and 1 and the first 4 rows of param 2; rank 1 the rest.
+SPLIT_ROWS = 4
+TOL = {"fp32": 2e-5, "fp64": 1e-11, "bf16": 2e-2}
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is required")
+
+
+# ----------------------------------------------------------------------------- sharded lists
+
+
+def _full_stacks(k: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    stacks = [torch.randn(k, *s, generator=gen, dtype=F64) for s in SHAPES]
+    stacks[1] = -0.5 * stacks[0].reshape(k, -1)[:, :6] + 0.5 * stacks[1]  # some conflict
+    return [s.to(dtype) for s in stacks]
+
+
+def _local(stacks: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], list[int]]:
+    """This rank's shards and the index of the parameter (= layer) each came from."""
+    if rank == 0:
+        return [stacks[0], stacks[1], stacks[2][:, :SPLIT_ROWS].contiguous()], [0, 1, 2]
+    return [stacks[2][:, SPLIT_ROWS:].contiguous(), stacks[3]], [2, 3]
+
+
+def _scenario_sharded_aggregate(rank: int, agg: str, dtype_name: str, per_layer: bool) -> float:
+    from mtunlearn_ext.surgery import stats_all_reduce
+
+    dtype = DTYPES[dtype_name]
+    stacks = _full_stacks(4, dtype, seed=1)
+    full_outs = [torch.empty(s.shape[1:], dtype=dtype) for s in stacks]
+    layer_all = list(range(len(SHAPES))) if per_layer else False
+    expected = aggregate_list(AGGREGATORS[agg](), stacks, full_outs, per_layer=layer_all)
+    local, owners = _local(stacks, rank)
+    local_outs = [torch.empty(s.shape[1:], dtype=dtype) for s in local]
+    weights = aggregate_list(AGGREGATORS[agg](), local, local_outs,
+                             per_layer=owners if per_layer else False,
+                             num_layers=len(SHAPES) if per_layer else None,
+                             reduce=stats_all_reduce())
+    torch.testing.assert_close(weights, expected, rtol=TOL[dtype_name], atol=TOL[dtype_name])
+    reference, _ = _local([o.unsqueeze(0) for o in full_outs], rank)
+    err = 0.0
+    for got, ref in zip(local_outs, reference):
+        torch.testing.assert_close(got, ref[0], rtol=TOL[dtype_name], atol=TOL[dtype_name])
+        err = max(err, (got.to(F64) - ref[0].to(F64)).abs().max().item())
+    return err
+
+
+def _scenario_sharded_projections(rank: int, dtype_name: str) -> float:
+    from mtunlearn_ext.surgery import stats_all_reduce
+
+    dtype = DTYPES[dtype_name]
+    g, basis = _full_stacks(2, dtype, seed=2), _full_stacks(3, dtype, seed=3)
+    err = 0.0
+    for project in (lambda a, b, **kw: project_out_list(a, b, ridge=1e-6, **kw),
+                    lambda a, b, **kw: project_nonconflicting_list(a, b, sign=-1, **kw)):
+        expected = project(g, basis)
+        local_g, _ = _local(g, rank)
+        local_b, _ = _local(basis, rank)
+        got = project(local_g, local_b, reduce=stats_all_reduce())
+        reference, _ = _local(expected, rank)
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=TOL[dtype_name], atol=TOL[dtype_name])
+            err = max(err, (a.to(F64) - b.to(F64)).abs().max().item())
+    return err
+
+
+def _scenario_replicated_reducer(rank: int, dtype_name: str) -> float:
+    """ReplicatedReducer averages per-task stacks (bf16 included) over the ranks."""
+    from mtunlearn_ext.surgery import ReplicatedReducer
+
+    dtype = DTYPES[dtype_name]
+    mine = [s * (rank + 1) for s in _full_stacks(3, dtype, seed=4)]
+    expected = [s.to(F64) * 1.5 for s in _full_stacks(3, dtype, seed=4)]  # mean of x1 and x2
+    ReplicatedReducer().reduce_task_grads(mine, [])
+    err = 0.0
+    for a, b in zip(mine, expected):
+        torch.testing.assert_close(a.to(F64), b, rtol=TOL[dtype_name], atol=TOL[dtype_name])
+        err = max(err, (a.to(F64) - b).abs().max().item())
+    return err
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class _Net(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(3)])
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def _data(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(2 * WORLD, 5, generator=gen, dtype=F64).to(dtype)
+    y = torch.randn(3, 2 * WORLD, generator=gen, dtype=F64).to(dtype)
+    y[1] = -y[0]  # conflicting tasks
+    return x, y
+
+
+def _losses(outs: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
+    return [((o - y[t]) ** 2).mean() for t, o in enumerate(outs)]
+
+
+def _single_process_training(agg: str, dtype: torch.dtype, steps: int,
+                             micro_batches: int = 1) -> list[torch.Tensor]:
+    from mtunlearn_ext.surgery import GradientSurgery
+
+    model = _Net(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    surgery = GradientSurgery(model.trunk.parameters(), AGGREGATORS[agg]())
+    for step in range(steps):
+        opt.zero_grad()
+        for micro in range(micro_batches):
+            x, y = _data(step * micro_batches + micro, dtype)
+            surgery.backward(_losses(model(x), y))
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _rank_batch(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    per = x.shape[0] // WORLD
+    return x[rank * per:(rank + 1) * per], y[:, rank * per:(rank + 1) * per]
+
+
+def _scenario_fsdp2(rank: int, agg: str, dtype_name: str, micro_batches: int = 1) -> float:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    dtype = DTYPES[dtype_name]
+    steps = 2
+    expected = _single_process_training(agg, dtype, steps, micro_batches)
+    model = _Net(dtype)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model.trunk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    surgery = sharded_surgery(model.trunk.parameters(), AGGREGATORS[agg]())
+    assert surgery.per_task == "backward"
+    for step in range(steps):
+        opt.zero_grad()
+        for micro in range(micro_batches):  # later micro-batches accumulate into DTensor .grad
+            x, y = _rank_batch(*_data(step * micro_batches + micro, dtype), rank)
+            surgery.backward(_losses(model(x), y))
+        opt.step()
+    err = 0.0
+    for p, ref in zip(model.parameters(), expected):
+        full = p.full_tensor().detach()
+        torch.testing.assert_close(full, ref, rtol=TOL[dtype_name], atol=TOL[dtype_name])
+        err = max(err, (full.to(F64) - ref.to(F64)).abs().max().item())
+    return err
+
+
+def _scenario_ddp(rank: int, agg: str, dtype_name: str) -> float:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mtunlearn_ext.surgery import replicated_surgery
+
+    dtype = DTYPES[dtype_name]
+    steps = 2
+    expected = _single_process_training(agg, dtype, steps)
+    model = DistributedDataParallel(_Net(dtype))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    surgery = replicated_surgery(model.module.trunk.parameters(), AGGREGATORS[agg]())
+    for step in range(steps):
+        x, y = _rank_batch(*_data(step, dtype), rank)
+        opt.zero_grad()
+        with model.no_sync():  # DDP's own all-reduce is replaced by the surgery's
+            losses = _losses(model(x), y)
+            surgery.backward(losses)
+        opt.step()
+    err = 0.0
+    for p, ref in zip(model.module.parameters(), expected):
+        torch.testing.assert_close(p.detach(), ref, rtol=TOL[dtype_name], atol=TOL[dtype_name])
+        err = max(err, (p.detach().to(F64) - ref.to(F64)).abs().max().item())
+    return err
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def _scenarios() -> dict[str, Callable[[int], float]]:
+    table: dict[str, Callable[[int], float]] = {}
+    for agg in AGGREGATORS:
+        for dt in ("fp32", "fp64", "bf16"):
+            table[f"sharded_aggregate-{agg}-{dt}"] = (
+                lambda r, a=agg, d=dt: _scenario_sharded_aggregate(r, a, d, per_layer=False))
+        table[f"sharded_aggregate_per_layer-{agg}-fp64"] = (
+            lambda r, a=agg: _scenario_sharded_aggregate(r, a, "fp64", per_layer=True))
+    for dt in ("fp32", "fp64"):
+        table[f"sharded_projections-{dt}"] = lambda r, d=dt: _scenario_sharded_projections(r, d)
+    for dt in ("fp32", "bf16"):
+        table[f"replicated_reducer-{dt}"] = lambda r, d=dt: _scenario_replicated_reducer(r, d)
+    for agg in ("upgrad", "pcgrad", "mgda"):
+        table[f"fsdp2-{agg}-fp32"] = lambda r, a=agg: _scenario_fsdp2(r, a, "fp32")
+        table[f"ddp-{agg}-fp32"] = lambda r, a=agg: _scenario_ddp(r, a, "fp32")
+    table["fsdp2-upgrad-fp64"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp64")
+    table["fsdp2_accumulate-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32", 2)
+    return table
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)  # two processes on two cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    results: dict[str, dict[str, object]] = {}
+    try:
+        for name, run in _scenarios().items():
+            try:
+                results[name] = {"ok": True, "max_err": run(rank)}
+            except Exception:  # recorded per scenario; the other rank runs the same collectives
+                results[name] = {"ok": False, "error": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
+    out_dir = tmp_path_factory.mktemp("dist")
+    init_file = os.path.join(out_dir, "init")
+    mp.spawn(_worker, args=(init_file, str(out_dir)), nprocs=WORLD, join=True)
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", sorted(_scenarios()))
+def test_distributed_equals_single_process(distributed_results: list[dict[str, dict]],
+                                          scenario: str) -> None:
+    for rank, results in enumerate(distributed_results):
+        outcome = results[scenario]
+        assert outcome["ok"], f"rank {rank}:\n{outcome.get('error')}"
+
+
+def test_backend_choice() -> None:
+    from mtunlearn_ext.surgery import default_backend
+
+    expected = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    assert default_backend() == expected

@@ -1,0 +1,280 @@
+"""GradientSurgery in training loops: per-task modes, heads, accumulation, buffers, compile,
+AMP / GradScaler, per-layer, and a LibMTL-style weighting wrapper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtunlearn_ext.surgery import (
+    MGDA,
+    GradientSurgery,
+    Mean,
+    PCGrad,
+    Sum,
+    UPGrad,
+    aggregate_list,
+)
+
+from surgery_helpers import F64, TASKS, MultiTaskNet, _batch, _losses, _reference
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+@pytest.mark.parametrize("make", [Sum, Mean, UPGrad, MGDA, lambda: PCGrad(reshuffle=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_backward_writes_aggregated_trunk_and_summed_heads(per_task: str, make,
+                                                           dtype: torch.dtype,
+                                                           poisoned_outputs: None) -> None:
+    # poisoned_outputs: fresh .grad tensors start as NaN; beta=0 must ignore their contents.
+    model = MultiTaskNet(dtype)
+    x, y = _batch(dtype)
+    shared_ref, heads_ref, _ = _reference(model, x, y, make())
+    surgery = GradientSurgery(model.trunk.named_parameters(), make(), per_task=per_task)
+    weights = surgery.backward(_losses(model, x, y))
+    assert weights.shape == (TASKS,)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    for p, ref in zip(model.trunk.parameters(), shared_ref):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.to(F64), ref, rtol=tol, atol=tol)
+    for p, ref in zip(model.heads.parameters(), heads_ref):
+        torch.testing.assert_close(p.grad.to(F64), ref, rtol=tol, atol=tol)
+
+
+def test_sum_aggregator_is_plain_backward_training() -> None:
+    """With Sum the hook is exactly `sum(losses).backward()`: a drop-in on an unchanged loop."""
+    plain, hooked = MultiTaskNet(seed=3), MultiTaskNet(seed=3)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    opt_hooked = torch.optim.SGD(hooked.parameters(), lr=0.1, momentum=0.9)
+    surgery = GradientSurgery(hooked.trunk.parameters(), Sum())
+    for step in range(3):
+        x, y = _batch(torch.float32, seed=10 + step)
+        opt_plain.zero_grad()
+        sum(_losses(plain, x, y)).backward()
+        opt_plain.step()
+        opt_hooked.zero_grad()
+        surgery.backward(_losses(hooked, x, y))
+        opt_hooked.step()
+    for a, b in zip(plain.parameters(), hooked.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "backward"])
+def test_gradient_accumulation_adds_into_existing_grad(per_task: str) -> None:
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    shared_ref, heads_ref, _ = _reference(model, x, y, UPGrad())
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task).backward(
+        _losses(model, x, y))
+    for p, ref in zip(model.trunk.parameters(), shared_ref):
+        torch.testing.assert_close(p.grad, ref + 0.5)
+    for p, ref in zip(model.heads.parameters(), heads_ref):
+        torch.testing.assert_close(p.grad, ref + 0.5)
+
+
+def test_accumulate_then_apply_sees_the_summed_task_gradients() -> None:
+    model = MultiTaskNet(F64)
+    (x1, y1), (x2, y2) = _batch(F64, 1), _batch(F64, 2)
+    _, heads1, j1 = _reference(model, x1, y1, Mean())
+    _, heads2, j2 = _reference(model, x2, y2, Mean())
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad())
+    surgery.accumulate(_losses(model, x1, y1))
+    surgery.accumulate(_losses(model, x2, y2))
+    surgery.apply()
+    expected = UPGrad()(j1 + j2)  # large-batch semantics: one surgery on the summed gradients
+    got = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for p, a, b in zip(model.heads.parameters(), heads1, heads2):
+        torch.testing.assert_close(p.grad, a + b)
+    with pytest.raises(RuntimeError, match="nothing accumulated"):
+        surgery.apply()
+
+
+def test_apply_from_external_buffers() -> None:
+    model = MultiTaskNet(F64)
+    gen = torch.Generator().manual_seed(4)
+    buffers = [torch.randn(TASKS, *p.shape, generator=gen, dtype=F64)
+               for p in model.trunk.parameters()]
+    jacobian = torch.cat([b.reshape(TASKS, -1) for b in buffers], dim=1)
+    surgery = GradientSurgery(model.trunk.parameters(), MGDA())
+    weights = surgery.apply(buffers)
+    got = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    torch.testing.assert_close(got, MGDA()(jacobian))
+    torch.testing.assert_close(got, weights @ jacobian)
+    with pytest.raises(ValueError, match="stacks"):
+        surgery.apply(buffers[:1])
+    with pytest.raises(ValueError, match=r"\[k, \*"):
+        surgery.apply([b[:, :1] for b in buffers])
+
+
+def test_explicit_head_params_and_unused_parameters() -> None:
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    shared_ref, heads_ref, _ = _reference(model, x, y, Mean())
+    surgery = GradientSurgery(model.trunk.parameters(), Mean(),
+                              head_params=model.heads.parameters())
+    surgery.backward(_losses(model, x, y))
+    for p, ref in zip(model.heads.parameters(), heads_ref):
+        torch.testing.assert_close(p.grad, ref)
+    # A shared parameter that no task reaches gets a zero update, not an error.
+    extra = nn.Parameter(torch.ones(3, dtype=F64))
+    surgery = GradientSurgery([*model.trunk.parameters(), extra], Mean())
+    surgery.backward(_losses(model, x, y))
+    torch.testing.assert_close(extra.grad, torch.zeros(3, dtype=F64))
+
+
+def test_per_layer_surgery() -> None:
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    _, _, jacobian = _reference(model, x, y, Mean())
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_layer=[0, 0, 1, 1])
+    weights = surgery.backward(_losses(model, x, y))
+    assert weights.shape == (2, TASKS)
+    sizes = [p.numel() for p in model.trunk.parameters()]
+    cut = sizes[0] + sizes[1]
+    got = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    torch.testing.assert_close(got[:cut], UPGrad()(jacobian[:, :cut]))
+    torch.testing.assert_close(got[cut:], UPGrad()(jacobian[:, cut:]))
+
+
+def test_bf16_autocast_matches_its_own_per_task_gradients() -> None:
+    model = MultiTaskNet(torch.float32)
+    x, y = _batch(torch.float32)
+    trunk = list(model.trunk.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _losses(model, x, y)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_, trunk, retain_graph=True)])
+            for l_ in losses]
+    expected = UPGrad()(torch.stack(rows).to(F64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _losses(model, x, y)
+    GradientSurgery(trunk, UPGrad()).backward(losses)
+    got = torch.cat([p.grad.reshape(-1) for p in trunk]).to(F64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_parameters_gram_in_fp32() -> None:
+    """bf16 parameters give bf16 per-task gradients; the result must match the float64
+    aggregation of those same bf16 gradients up to one bf16 rounding of the output."""
+    model = MultiTaskNet(torch.bfloat16)
+    x, y = _batch(torch.bfloat16)
+    trunk = list(model.trunk.parameters())
+    losses = _losses(model, x, y)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_, trunk, retain_graph=True)])
+            for l_ in losses]
+    jacobian = torch.stack(rows).to(F64)
+    expected = MGDA()(jacobian)
+    GradientSurgery(trunk, MGDA()).backward(_losses(model, x, y))
+    got = torch.cat([p.grad.reshape(-1) for p in trunk])
+    assert got.dtype == torch.bfloat16
+    err = (got.to(F64) - expected).abs()
+    assert (err <= 2 ** -7 * expected.abs() + 1e-3 * expected.abs().max()).all()
+
+
+def test_grad_scaler_skips_overflow_and_unscales_normal_steps() -> None:
+    model = MultiTaskNet(torch.float32)
+    reference = MultiTaskNet(torch.float32)
+    x, y = _batch(torch.float32)
+    shared_ref, _, _ = _reference(reference, x, y, UPGrad())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), check_finite=False)
+
+    surgery.backward([scaler.scale(loss) for loss in _losses(model, x, y)])
+    scaler.unscale_(optimizer)
+    for p, ref in zip(model.trunk.parameters(), shared_ref):
+        torch.testing.assert_close(p.grad.to(F64), ref, rtol=1e-4, atol=1e-6)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 10
+
+    optimizer.zero_grad()
+    losses = _losses(model, x, y)
+    losses[1] = losses[1] * float("inf")  # an overflowing task
+    surgery.backward([scaler.scale(loss) for loss in losses])
+    assert not all(torch.isfinite(p.grad).all() for p in model.trunk.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 10  # the step was detected and skipped
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b)
+
+
+def test_errors() -> None:
+    model = MultiTaskNet()
+    with pytest.raises(ValueError, match="per_task"):
+        GradientSurgery(model.trunk.parameters(), Mean(), per_task="vmap")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no tensor"):
+        GradientSurgery([], Mean())
+    with pytest.raises(TypeError, match="Aggregator or Weighting"):
+        GradientSurgery(model.trunk.parameters(), object())  # type: ignore[arg-type]
+    surgery = GradientSurgery(model.trunk.parameters(), Mean())
+    with pytest.raises(ValueError, match="at least one"):
+        surgery.backward([])
+    with pytest.raises(ValueError, match="scalar"):
+        surgery.backward([torch.ones(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="does not require grad"):
+        surgery.backward([torch.ones(())])
+
+
+# ------------------------------------------------------------------ LibMTL-style trainer
+
+
+class _AbsWeightingLike(nn.Module):
+    """The contract of a LibMTL ``AbsWeighting`` as the trainer uses it: mixed into the model,
+    ``self.task_num``, ``self.get_share_params()``, and ``backward(losses, **kwargs)`` returning
+    the task weights (a numpy array) after filling ``.grad``."""
+
+    task_num: int
+
+    def get_share_params(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+class SurgeryWeighting(_AbsWeightingLike):
+    """The wrapper of docs/dropin.md: any surgery aggregator as a LibMTL weighting."""
+
+    aggregator_factory = UPGrad
+
+    def backward(self, losses, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(self, "_surgery", None) is None:
+            self._surgery = GradientSurgery(self.get_share_params(), self.aggregator_factory(),
+                                            per_task="backward")
+        return self._surgery.backward(list(losses)).cpu().numpy()
+
+
+class _LibMTLModel(MultiTaskNet, SurgeryWeighting):
+    task_num = TASKS
+
+    def get_share_params(self):  # type: ignore[no-untyped-def]
+        return self.trunk.parameters()
+
+
+def test_libmtl_style_weighting_wrapper() -> None:
+    model = _LibMTLModel(F64)
+    x, y = _batch(F64)
+    shared_ref, heads_ref, _ = _reference(model, x, y, UPGrad())
+    weights = model.backward(_losses(model, x, y))
+    assert weights.shape == (TASKS,)
+    for p, ref in zip(model.trunk.parameters(), shared_ref):
+        torch.testing.assert_close(p.grad, ref)
+    for p, ref in zip(model.heads.parameters(), heads_ref):
+        torch.testing.assert_close(p.grad, ref)
+
+
+def test_aggregate_list_on_grad_fields_is_the_hook_core() -> None:
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    _, _, jacobian = _reference(model, x, y, Mean())
+    trunk = list(model.trunk.parameters())
+    stacks, start = [], 0
+    for p in trunk:
+        stacks.append(jacobian[:, start:start + p.numel()].reshape(TASKS, *p.shape))
+        start += p.numel()
+    outs = [torch.empty_like(p) for p in trunk]
+    aggregate_list(PCGrad(reshuffle=False), stacks, outs)
+    torch.testing.assert_close(torch.cat([o.reshape(-1) for o in outs]),
+                               PCGrad(reshuffle=False)(jacobian))

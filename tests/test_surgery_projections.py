@@ -1,0 +1,171 @@
+"""List projections of mtunlearn_ext.surgery against the same computation on the flattened
+matrix (float64 textbook formulas), per layer, in place, low precision, NaN policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
+
+F64 = torch.float64
+SHAPES = [(3, 4), (7,), (2, 1, 3), (5,)]
+
+
+def _stacks(rows: int, seed: int, dtype: torch.dtype = F64) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, *s, generator=gen, dtype=F64).to(dtype) for s in SHAPES]
+
+
+def _flat(stacks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([s.reshape(s.shape[0], -1).to(F64) for s in stacks], dim=1)
+
+
+def _project_out_textbook(g: torch.Tensor, basis: torch.Tensor, ridge: float) -> torch.Tensor:
+    gram = basis @ basis.T
+    lam = ridge * torch.diagonal(gram).mean()
+    coeffs = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=F64), basis @ g.T)
+    return g - coeffs.T @ basis
+
+
+@pytest.mark.parametrize("m,k", [(1, 3), (2, 5), (3, 1)])
+def test_project_out_list_equals_flat_textbook(m: int, k: int) -> None:
+    g, basis = _stacks(m, 0), _stacks(k, 1)
+    out = project_out_list(g, basis, ridge=1e-8)
+    assert [o.shape for o in out] == [x.shape for x in g]
+    expected = _project_out_textbook(_flat(g), _flat(basis), 1e-8)
+    torch.testing.assert_close(_flat(out), expected, rtol=1e-9, atol=1e-10)
+    # Orthogonal to the basis, and projecting twice changes nothing (idempotent).
+    assert (_flat(basis) @ _flat(out).T).abs().max() < 1e-6
+    again = project_out_list(out, basis, ridge=1e-8)
+    torch.testing.assert_close(_flat(again), _flat(out), rtol=1e-7, atol=1e-8)
+
+
+def test_project_out_list_per_layer_equals_layer_by_layer() -> None:
+    g, basis = _stacks(2, 2), _stacks(4, 3)
+    layer_of = [0, 1, 1, 2]
+    out, coeffs = project_out_list(g, basis, ridge=1e-6, per_layer=layer_of, return_coeffs=True)
+    assert coeffs.shape == (3, 2, 4)
+    for layer in range(3):
+        members = [p for p, l_ in enumerate(layer_of) if l_ == layer]
+        expected = _project_out_textbook(_flat([g[p] for p in members]),
+                                         _flat([basis[p] for p in members]), 1e-6)
+        torch.testing.assert_close(_flat([out[p] for p in members]), expected, rtol=1e-9,
+                                   atol=1e-10)
+    # per_layer=True is one layer per tensor.
+    out_t = project_out_list(g, basis, ridge=1e-6, per_layer=True)
+    torch.testing.assert_close(_flat([out_t[1]]),
+                               _project_out_textbook(_flat([g[1]]), _flat([basis[1]]), 1e-6))
+
+
+def test_project_out_list_in_place_and_order_independent() -> None:
+    g, basis = _stacks(2, 4), _stacks(3, 5)
+    expected = project_out_list(g, basis)
+    work = [x.clone() for x in g]
+    result = project_out_list(work, basis, outs=work)
+    assert all(r is w for r, w in zip(result, work))
+    for a, b in zip(work, expected):
+        torch.testing.assert_close(a, b)
+    perm = [3, 1, 0, 2]
+    shuffled = project_out_list([g[i] for i in perm], [basis[i] for i in perm])
+    for pos, i in enumerate(perm):
+        torch.testing.assert_close(shuffled[pos], expected[i], rtol=1e-12, atol=1e-13)
+
+
+def test_project_out_rank_deficient_basis_is_stable() -> None:
+    g, basis = _stacks(1, 6), _stacks(2, 7)
+    duplicated = [torch.cat([b, b[:1]]) for b in basis]  # 3 rows spanning 2 directions
+    out = project_out_list(g, duplicated, ridge=1e-6)
+    assert all(torch.isfinite(o).all() for o in out)
+    torch.testing.assert_close(_flat(out), _project_out_textbook(_flat(g), _flat(basis), 1e-6),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("seed", range(3))
+def test_project_nonconflicting_list_properties(sign: int, seed: int) -> None:
+    g, r = _stacks(2, 10 + seed), _stacks(4, 20 + seed)
+    r[0] = -r[0]  # make some conflicts certain
+    out, w = project_nonconflicting_list(g, r, sign=sign, return_coeffs=True)
+    d, rr, gg = _flat(out), _flat(r), _flat(g)
+    assert (w >= 0).all()
+    # The constraint holds: sign * <d, r_j> >= 0 for every j (up to rounding).
+    assert (sign * (d @ rr.T) >= -1e-9 * d.norm() * rr.norm()).all()
+    # d = g + sign * w @ R, and complementary slackness: w_j > 0 only where <d, r_j> = 0.
+    torch.testing.assert_close(d, gg + sign * w.to(F64) @ rr, rtol=1e-12, atol=1e-12)
+    active = w > 1e-9
+    assert ((d @ rr.T)[active].abs() <= 1e-7 * d.norm() * rr.norm()).all()
+    # A vector already in the cone is left alone.
+    inside = project_nonconflicting_list(out, r, sign=sign)
+    torch.testing.assert_close(_flat(inside), d, rtol=1e-7, atol=1e-8)
+
+
+def test_project_nonconflicting_list_per_layer() -> None:
+    g, r = _stacks(1, 30), _stacks(3, 31)
+    out = project_nonconflicting_list(g, r, sign=-1, per_layer=True)
+    for p in range(len(SHAPES)):
+        single = project_nonconflicting_list([g[p]], [r[p]], sign=-1)
+        torch.testing.assert_close(out[p], single[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_projection_within_twice_plain_error(dtype: torch.dtype) -> None:
+    """The result is rounded once from fp32 accumulation: its error against the float64
+    computation on the same (rounded) inputs is at most ~2x plain PyTorch at that precision."""
+    g, basis = _stacks(1, 40, dtype), _stacks(3, 41, dtype)
+    ours = _flat(project_out_list(g, basis, ridge=1e-6))
+    exact = _project_out_textbook(_flat(g), _flat(basis), 1e-6)
+    gl, bl = _flat(g).to(dtype), _flat(basis).to(dtype)
+    gram = (bl @ bl.T).to(F64)
+    coeffs = torch.linalg.solve(gram + 1e-6 * torch.diagonal(gram).mean() * torch.eye(3, dtype=F64),
+                                (bl @ gl.T).to(F64))
+    plain = (gl - coeffs.T.to(dtype) @ bl).to(F64)
+    scale = exact.abs().max()
+    assert (ours - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-6 * scale
+
+
+def test_nonfinite_policy() -> None:
+    g, basis = _stacks(1, 50), _stacks(2, 51)
+    basis[1][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        project_out_list(g, basis)
+    out = project_out_list(g, basis, check_finite=False)
+    assert all(torch.isnan(o).all() for o in out)  # poisoned, not silently wrong
+    with pytest.raises(FloatingPointError):
+        project_nonconflicting_list(g, basis)
+    out = project_nonconflicting_list(g, basis, check_finite=False)
+    assert all(torch.isnan(o).all() for o in out)
+    # Per layer, only the layer holding the NaN is poisoned.
+    out = project_out_list(g, basis, check_finite=False, per_layer=True)
+    assert torch.isnan(out[1]).all() and all(torch.isfinite(out[p]).all() for p in (0, 2, 3))
+
+
+def test_reduce_hook_sees_all_statistics_once() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def reduce(stats: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(stats.shape))
+        return stats
+
+    g, basis = _stacks(2, 60), _stacks(3, 61)
+    project_out_list(g, basis, reduce=reduce)
+    project_nonconflicting_list(g, basis, reduce=reduce, per_layer=True)
+    assert calls == [(3, 3 + 2), (len(SHAPES), 3 + 2, 3)]
+
+
+def test_argument_errors() -> None:
+    g, basis = _stacks(1, 70), _stacks(2, 71)
+    with pytest.raises(ValueError, match="same length"):
+        project_out_list(g[:2], basis)
+    with pytest.raises(ValueError, match="parameter shape"):
+        project_out_list(g, basis[::-1])
+    with pytest.raises(TypeError, match="dtype|float32"):
+        project_out_list([x.float() for x in g], basis)
+    with pytest.raises(ValueError, match="ridge"):
+        project_out_list(g, basis, ridge=-1.0)
+    with pytest.raises(ValueError, match="sign"):
+        project_nonconflicting_list(g, basis, sign=0)
+    with pytest.raises(ValueError, match="empty"):
+        project_out_list([], [])
+    with pytest.raises(ValueError, match="outs"):
+        project_out_list(g, basis, outs=[torch.empty(1)])
