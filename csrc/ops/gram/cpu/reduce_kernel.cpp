@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "mtunlearn/cpu_simd.h"
@@ -61,18 +62,22 @@ struct ReduceProblem {
 // vectors in `lanes` (float lanes are summed into double only every kFlushCols columns, so the
 // horizontal sums cost nothing per tile and fp32 accuracy does not depend on the row length).
 template <typename Acc, int MR, int NR>
-MTU_ALWAYS_INLINE void block_dot(const Acc* a, const Acc* b, int64_t ld, int64_t width,
+MTU_ALWAYS_INLINE void block_dot(const Acc* const* a_rows, const Acc* const* b_rows, int64_t width,
                                  typename VecOf<Acc>::type* lanes) {
   using V = typename VecOf<Acc>::type;
   constexpr int L = VecOf<Acc>::lanes;
   V acc[MR][NR];
+  const Acc* a[MR];
+  const Acc* b[NR];
+  for (int r = 0; r < MR; ++r) a[r] = a_rows[r];
+  for (int c = 0; c < NR; ++c) b[c] = b_rows[c];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) acc[r][c] = lanes[r * NR + c];
   for (int64_t col = 0; col < width; col += L) {
     V av[MR];
-    for (int r = 0; r < MR; ++r) av[r] = load_vec<V>(a + r * ld + col);
+    for (int r = 0; r < MR; ++r) av[r] = load_vec<V>(a[r] + col);
     for (int c = 0; c < NR; ++c) {
-      const V bv = load_vec<V>(b + c * ld + col);
+      const V bv = load_vec<V>(b[c] + col);
       for (int r = 0; r < MR; ++r) acc[r][c] += av[r] * bv;
     }
   }
@@ -115,24 +120,44 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
       }
   };
   int64_t since_flush = 0;
+  // Rows are read where they lie when no conversion is needed (fp32/fp64 full tiles); rows
+  // past m (or k), conversions and ragged tails go through the zero-padded tile buffers.
+  constexpr bool kDirect = std::is_same<S, Acc>::value;
+  std::vector<const Acc*> a_rows(p.rows_a), b_rows(p.rows_b);
+  const Acc* zeros = p.symmetric ? tile_a + (p.buffer_rows_a - 1) * ld : tile_b + (p.buffer_rows_b - 1) * ld;
   for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
     const int64_t w = std::min(ld, item.col_end - c0);
     const int64_t wpad = round_up(w, L);
-    for (int64_t r = 0; r < p.m; ++r) {
-      load_row<Tag, kAvx2>(a + r * seg.a_row_stride + c0, tile_a + r * ld, w);
-      std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
+    const bool direct = kDirect && w == wpad;
+    for (int64_t r = 0; r < p.rows_a; ++r) {
+      if (r >= p.m) {
+        a_rows[r] = zeros;
+      } else if (direct) {
+        a_rows[r] = reinterpret_cast<const Acc*>(a + r * seg.a_row_stride + c0);
+      } else {
+        load_row<Tag, kAvx2>(a + r * seg.a_row_stride + c0, tile_a + r * ld, w);
+        std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
+        a_rows[r] = tile_a + r * ld;
+      }
     }
-    if (!p.symmetric) {
-      for (int64_t r = 0; r < p.k; ++r) {
+    for (int64_t r = 0; r < p.rows_b; ++r) {
+      if (p.symmetric) {
+        b_rows[r] = r < p.m ? a_rows[r] : zeros;
+      } else if (r >= p.k) {
+        b_rows[r] = zeros;
+      } else if (direct) {
+        b_rows[r] = reinterpret_cast<const Acc*>(b + r * seg.b_row_stride + c0);
+      } else {
         load_row<Tag, kAvx2>(b + r * seg.b_row_stride + c0, tile_b + r * ld, w);
         std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
+        b_rows[r] = tile_b + r * ld;
       }
     }
     for (int64_t bi = 0; bi < blocks_i; ++bi) {
       for (int64_t bj = 0; bj < blocks_j; ++bj) {
         // A Gram needs only blocks that reach the diagonal or above.
         if (p.symmetric && (bj + 1) * kNR <= bi * kMR) continue;
-        block_dot<Acc, kMR, kNR>(tile_a + bi * kMR * ld, rows_b + bj * kNR * ld, ld, wpad,
+        block_dot<Acc, kMR, kNR>(a_rows.data() + bi * kMR, b_rows.data() + bj * kNR, wpad,
                                  lanes + (bi * blocks_j + bj) * kMR * kNR);
       }
     }
@@ -224,8 +249,9 @@ void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments
   p.symmetric = symmetric;
   p.rows_a = round_up(m, kMR);
   p.rows_b = round_up(k, kNR);
-  p.buffer_rows_a = symmetric ? std::max(p.rows_a, p.rows_b) : p.rows_a;
-  p.buffer_rows_b = symmetric ? 0 : p.rows_b;
+  // One extra all-zero row at the end of each buffer stands in for rows past m (or k).
+  p.buffer_rows_a = (symmetric ? std::max(p.rows_a, p.rows_b) : p.rows_a) + 1;
+  p.buffer_rows_b = symmetric ? 0 : p.rows_b + 1;
   // Tiles sized to stay in L1 (small k, memory-bound) or L2 (large k, compute-bound).
   const int64_t acc_bytes = dbl ? 8 : 4;
   const int64_t tile_budget = 24 * 1024 / (acc_bytes * (p.buffer_rows_a + p.buffer_rows_b));
