@@ -7,9 +7,10 @@ TORCH_LIBRARY(mtunlearn, m) {
   m.def("gram(Tensor x) -> Tensor");
   m.def("gram_list(Tensor[] xs, bool per_tensor=False) -> Tensor");
   m.def("inner(Tensor a, Tensor b) -> Tensor");
+  m.def("inner_list(Tensor[] a_list, Tensor[] b_list, bool per_tensor=False) -> Tensor");
   m.def("combine(Tensor coeffs, Tensor x) -> Tensor");
   m.def("combine_(Tensor(a!) out, Tensor coeffs, Tensor x, float beta=0.0) -> ()");
-  m.def("combine_list_(Tensor(a!)[] outs, Tensor coeffs, Tensor[] xs, float beta=0.0) -> ()");
+  m.def("combine_list_(Tensor(a!)[] outs, Tensor coeffs, Tensor[] xs, float beta=0.0, bool per_tensor=False) -> ()");
   m.def("ridge_solve(Tensor gram, Tensor rhs, float ridge=1e-6) -> Tensor");
   m.def("nonconflicting_dual(Tensor gram, Tensor rhs) -> Tensor");
   m.def("pcgrad_weights(Tensor gram, int seed=0) -> Tensor");

@@ -196,6 +196,36 @@ def test_gram_list_and_combine_list(device: str, dtype: torch.dtype, coeff_rows:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inner_list_and_per_tensor_combine_list(device: str, dtype: torch.dtype) -> None:
+    m, k = 2, 5
+    shapes = [(), (9,), (3, 4), (2, 3, 3, 3), (1000,)]
+    as_ = [_rand(m, *s, dtype=dtype, device=device, seed=10 + i) for i, s in enumerate(shapes)]
+    bs = [_rand(k, *s, dtype=dtype, device=device, seed=20 + i) for i, s in enumerate(shapes)]
+    fa = torch.cat([a.reshape(m, -1).double() for a in as_], 1)
+    fb = torch.cat([b.reshape(k, -1).double() for b in bs], 1)
+    total = ops.inner_list(as_, bs)
+    assert total.shape == (m, k)
+    assert _gram_error(total, fa @ fb.T, fa, fb) <= GRAM_TOL[dtype]
+    per = ops.inner_list(as_, bs, per_tensor=True)
+    assert per.shape == (len(shapes), m, k)
+    for p, (a, b) in enumerate(zip(as_, bs)):
+        ea = a.reshape(m, -1).double()
+        eb = b.reshape(k, -1).double()
+        assert _gram_error(per[p], ea @ eb.T, ea, eb) <= GRAM_TOL[dtype]
+    # One coefficient block per tensor (per-layer projections in one launch).
+    coeffs = _rand(len(shapes), m, k, dtype=torch.float32, device=device, seed=3)
+    outs = [torch.full((m, *b.shape[1:]), float("nan"), dtype=dtype, device=device) for b in bs]
+    ops.combine_list(coeffs, bs, outs, per_tensor=True)
+    for p, (b, o) in enumerate(zip(bs, outs)):
+        expected = ref.combine(coeffs[p], b.reshape(k, -1).double())
+        assert _combine_error(o.reshape(m, -1), expected, coeffs[p], b.reshape(k, -1)) <= \
+            COMBINE_TOL[dtype]
+    with pytest.raises(ValueError, match="one block per tensor"):
+        ops.combine_list(coeffs[:2], bs, outs, per_tensor=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ridge_solve_matches_linalg(device: str) -> None:
     for k, m in [(1, 1), (5, 3), (16, 1), (64, 4), (256, 2)]:
         a = _rand(3, k, 3 * k + 5, dtype=torch.float64, device=device, seed=k)  # well-conditioned
@@ -345,9 +375,11 @@ def _opcheck_samples(device: str) -> list[tuple[object, tuple[object, ...]]]:
         (m.gram_list, (xs, False)),
         (m.gram_list, (xs, True)),
         (m.inner, (g, x)),
+        (m.inner_list, ([xs[0][:2], xs[1][:2]], xs, True)),
         (m.combine, (_rand(2, 4, device=device), x)),
         (m.combine_, (torch.zeros(2, 37, device=device), _rand(2, 4, device=device), x, 0.5)),
         (m.combine_list_, (outs, _rand(4, device=device), xs, 1.0)),
+        (m.combine_list_, (outs, _rand(2, 4, device=device), xs, 0.0, True)),
         (m.ridge_solve, (gm, _rand(4, 2, device=device), 1e-6)),
         (m.nonconflicting_dual, (gm, _rand(2, 4, device=device))),
         (m.pcgrad_weights, (gm, 3)),
@@ -362,7 +394,7 @@ def test_opcheck_every_op(device: str) -> None:
     samples = _opcheck_samples(device)
     checked = {str(op) for op, _ in samples}
     registered = {f"mtunlearn.{name}.default" for name in
-                  ["gram", "gram_list", "inner", "combine", "combine_", "combine_list_",
+                  ["gram", "gram_list", "inner", "inner_list", "combine", "combine_", "combine_list_",
                    "ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
                    "project_nonconflicting", "pcgrad"]}
     assert registered <= {str(op.default) for op, _ in samples} | checked

@@ -34,6 +34,17 @@ def gram_list(xs: list[torch.Tensor], per_tensor: bool = False) -> torch.Tensor:
     return total
 
 
+def inner_list(as_: list[torch.Tensor], bs: list[torch.Tensor],
+               per_tensor: bool = False) -> torch.Tensor:
+    terms = [inner(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)) for a, b in zip(as_, bs)]
+    if per_tensor:
+        return torch.stack(terms)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
 def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dt = acc_dtype(a.dtype)
     return a.to(dt) @ b.to(dt).transpose(-1, -2)

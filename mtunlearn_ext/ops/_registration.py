@@ -26,6 +26,13 @@ def _register() -> None:
     def _inner_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.new_empty((*a.shape[:-1], b.shape[-2]), dtype=acc_dtype(a.dtype))
 
+    @torch.library.register_fake(lib + "inner_list")
+    def _inner_list_fake(as_: list[torch.Tensor], bs: list[torch.Tensor],
+                         per_tensor: bool = False) -> torch.Tensor:
+        m, k = as_[0].shape[0], bs[0].shape[0]
+        shape = (len(as_), m, k) if per_tensor else (m, k)
+        return as_[0].new_empty(shape, dtype=acc_dtype(as_[0].dtype))
+
     @torch.library.register_fake(lib + "combine")
     def _combine_fake(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-2], coeffs.shape[-2], x.shape[-1]))
@@ -37,7 +44,8 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "combine_list_")
     def _combine_list_fake(outs: list[torch.Tensor], coeffs: torch.Tensor,
-                           xs: list[torch.Tensor], beta: float = 0.0) -> None:
+                           xs: list[torch.Tensor], beta: float = 0.0,
+                           per_tensor: bool = False) -> None:
         return None
 
     @torch.library.register_fake(lib + "ridge_solve")

@@ -65,27 +65,34 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
 
 
 def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
-                 outs: Sequence[torch.Tensor], beta: float = 0.0, *,
+                 outs: Sequence[torch.Tensor], beta: float = 0.0, *, per_tensor: bool = False,
                  check_finite: bool = True) -> None:
-    """In place, for every parameter ``p``: ``outs[p] = beta * outs[p] + sum_j coeffs[j] xs[p][j]``.
+    """In place, for every parameter ``p``: ``outs[p] = beta * outs[p] + C_p @ xs[p]``.
 
-    ``xs[p]`` is ``[k, *shape_p]``. With ``coeffs`` of shape ``[k]``, ``outs[p]`` has shape
-    ``shape_p`` (for example each parameter's ``.grad``); with ``[m, k]``, ``[m, *shape_p]``.
-    No flat copy is made; on CUDA the whole list is one kernel launch. ``beta=0`` overwrites
-    ``outs`` (their old contents, NaN included, are ignored).
+    ``xs[p]`` is ``[k, *shape_p]``. ``C_p`` is ``coeffs`` itself, or with ``per_tensor=True``
+    ``coeffs[p]`` (one coefficient block per parameter, e.g. per-layer projections in one
+    launch). A block of shape ``[k]`` gives ``outs[p]`` of shape ``shape_p`` (for example each
+    parameter's ``.grad``); ``[m, k]`` gives ``[m, *shape_p]``. No flat copy is made; on CUDA the
+    whole list is one kernel launch. ``beta=0`` overwrites ``outs`` (their old contents, NaN
+    included, are ignored).
     """
     op = "mtunlearn_ext.ops.combine_list"
     xs, outs = list(xs), list(outs)
-    check_float_tensor(op, "coeffs", coeffs, min_dim=1)
-    if coeffs.dim() > 2:
-        raise ValueError(f"{op}: `coeffs` must be [k] or [m, k], got {tuple(coeffs.shape)}")
+    lead_dims = 1 if per_tensor else 0
+    check_float_tensor(op, "coeffs", coeffs, min_dim=1 + lead_dims)
+    if coeffs.dim() > 2 + lead_dims:
+        expected = "[P, k] or [P, m, k]" if per_tensor else "[k] or [m, k]"
+        raise ValueError(f"{op}: `coeffs` must be {expected}, got {tuple(coeffs.shape)}")
     if len(xs) != len(outs):
         raise ValueError(f"{op}: `xs` and `outs` must have the same length, got {len(xs)} and "
                          f"{len(outs)}")
+    if per_tensor and coeffs.shape[0] != len(xs):
+        raise ValueError(f"{op}: with per_tensor=True `coeffs` needs one block per tensor "
+                         f"({len(xs)}), got shape {tuple(coeffs.shape)}")
     if len(xs) == 0:
         return
     k = coeffs.shape[-1]
-    lead = () if coeffs.dim() == 1 else (coeffs.shape[0],)
+    lead = () if coeffs.dim() == 1 + lead_dims else (coeffs.shape[-2],)
     for p, (x, o) in enumerate(zip(xs, outs)):
         check_float_tensor(op, f"xs[{p}]", x, min_dim=1)
         check_float_tensor(op, f"outs[{p}]", o)
@@ -104,10 +111,10 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     if check_finite:
         check_finite_result(op, coeffs, [("coeffs", coeffs)])
     if has_extension():
-        torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, float(beta))
+        torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, float(beta), per_tensor)
         return
-    c2 = coeffs.reshape(-1, k)
-    for x, o in zip(xs, outs):
-        flat = x.reshape(k, -1)
-        res = _reference.combine(c2, flat, base=o.reshape(c2.shape[0], -1), beta=beta)
+    for p, (x, o) in enumerate(zip(xs, outs)):
+        block = coeffs[p] if per_tensor else coeffs
+        c2 = block.reshape(-1, k)
+        res = _reference.combine(c2, x.reshape(k, -1), base=o.reshape(c2.shape[0], -1), beta=beta)
         o.copy_(res.reshape(o.shape))

@@ -97,3 +97,38 @@ def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> tor
     if check_finite:
         check_finite_result(op, result, [("a", a), ("b", b)])
     return result
+
+
+def inner_list(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], per_tensor: bool = False,
+               *, check_finite: bool = True) -> torch.Tensor:
+    """Inner products of ``m`` vectors with ``k`` vectors, both stored as per-parameter stacks.
+
+    ``as_[p]`` is ``[m, *shape_p]`` and ``bs[p]`` is ``[k, *shape_p]``; the result is
+    ``C[i, j] = sum_p <as_[p][i], bs[p][j]>`` (``[m, k]``) or, with ``per_tensor=True``, the
+    per-parameter terms (``[len(as_), m, k]``). No flat copy; one pass (one CUDA launch).
+    """
+    op = "mtunlearn_ext.ops.inner_list"
+    as_, bs = list(as_), list(bs)
+    if len(as_) == 0 or len(as_) != len(bs):
+        raise ValueError(f"{op}: `as_` and `bs` must be non-empty lists of the same length, got "
+                         f"{len(as_)} and {len(bs)}")
+    for p, (a, b) in enumerate(zip(as_, bs)):
+        check_float_tensor(op, f"as_[{p}]", a, min_dim=1)
+        check_float_tensor(op, f"bs[{p}]", b, min_dim=1)
+        if a.shape[0] != as_[0].shape[0] or b.shape[0] != bs[0].shape[0]:
+            raise ValueError(f"{op}: the leading sizes m and k must be the same for every tensor; "
+                             f"as_[{p}] is {tuple(a.shape)}, bs[{p}] is {tuple(b.shape)}")
+        if a.shape[1:] != b.shape[1:]:
+            raise ValueError(f"{op}: as_[{p}] and bs[{p}] must share their trailing shape, got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+    named = [(f"as_[{p}]", a) for p, a in enumerate(as_)] + [(f"bs[{p}]", b)
+                                                             for p, b in enumerate(bs)]
+    check_same_device(op, named)
+    check_same_dtype(op, named)
+    if has_extension():
+        result = torch.ops.mtunlearn.inner_list(as_, bs, per_tensor)
+    else:
+        result = _reference.inner_list(as_, bs, per_tensor)
+    if check_finite:
+        check_finite_result(op, result, named)
+    return result

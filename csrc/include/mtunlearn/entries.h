@@ -11,9 +11,14 @@ namespace mtunlearn {
 at::Tensor gram(const at::Tensor& x);
 at::Tensor gram_list(at::TensorList xs, bool per_tensor);
 at::Tensor inner(const at::Tensor& a, const at::Tensor& b);
+at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor);
+// Gram of the rows of g ([..., m, n]) and r ([..., k, n]) stacked: [..., m+k, m+k], one pass
+// over both (shape/dtype/device checks are the caller's).
+at::Tensor stacked_gram(const at::Tensor& g, const at::Tensor& r);
 at::Tensor combine(const at::Tensor& coeffs, const at::Tensor& x);
 void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor& x, double beta);
-void combine_list_(at::TensorList outs, const at::Tensor& coeffs, at::TensorList xs, double beta);
+void combine_list_(at::TensorList outs, const at::Tensor& coeffs, at::TensorList xs, double beta,
+                   bool per_tensor);
 at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double ridge);
 at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs);
 at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed);

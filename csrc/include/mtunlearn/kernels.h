@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <climits>
 
 namespace mtunlearn {
 
@@ -22,7 +23,25 @@ struct ReduceSegment {
   int64_t b_row_stride;
   int64_t ncols;
   int64_t out_index;
+  // Rows of A from a_split on come from a second tensor: the Gram of [g; r] stacked, in one
+  // pass over both, without copying them together (for a Gram, B is the same stack).
+  const void* a2 = nullptr;
+  int64_t a2_row_stride = 0;
+  int64_t a_split = INT64_MAX;
 };
+
+#if defined(__CUDACC__)
+#define MTU_SEGMENT_HD __host__ __device__ inline
+#else
+#define MTU_SEGMENT_HD inline
+#endif
+
+// Row i of A in a segment (first or second row group).
+template <typename T>
+MTU_SEGMENT_HD const T* segment_row_a(const ReduceSegment& s, int64_t i) {
+  return i < s.a_split ? static_cast<const T*>(s.a) + i * s.a_row_stride
+                       : static_cast<const T*>(s.a2) + (i - s.a_split) * s.a2_row_stride;
+}
 
 // out rows = beta * base rows + coeffs[coeff_index] ([m, k]) @ x rows, over `ncols` columns.
 // base may alias out (in-place update) or be null (beta ignored).

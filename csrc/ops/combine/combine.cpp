@@ -113,16 +113,22 @@ void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor&
   combine_into(out, beta != 0.0 ? out : at::Tensor(), coeffs, x, beta, op);
 }
 
-void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorList xs, double beta) {
+void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorList xs, double beta,
+                   bool per_tensor) {
   constexpr const char* op = "mtunlearn::combine_list_";
   TORCH_CHECK_VALUE(outs.size() == xs.size(), op, ": `xs` and `outs` must have the same length, got ",
                     xs.size(), " and ", outs.size());
-  TORCH_CHECK_VALUE(coeffs_in.dim() == 1 || coeffs_in.dim() == 2, op,
-                    ": `coeffs` must be [k] or [m, k], got ", coeffs_in.sizes());
+  const int64_t lead = per_tensor ? 1 : 0;  // per_tensor: one [k] or [m, k] block per tensor
+  TORCH_CHECK_VALUE(coeffs_in.dim() == 1 + lead || coeffs_in.dim() == 2 + lead, op,
+                    ": `coeffs` must be ", per_tensor ? "[P, k] or [P, m, k]" : "[k] or [m, k]",
+                    ", got ", coeffs_in.sizes());
+  TORCH_CHECK_VALUE(!per_tensor || coeffs_in.size(0) == static_cast<int64_t>(xs.size()), op,
+                    ": with per_tensor=True `coeffs` must have one block per tensor (",
+                    xs.size(), "), got ", coeffs_in.sizes());
   scalar_kind(coeffs_in, op, "coeffs");
   if (xs.empty()) return;
   const int64_t k = coeffs_in.size(-1);
-  const int64_t m = coeffs_in.dim() == 1 ? 1 : coeffs_in.size(0);
+  const int64_t m = coeffs_in.dim() == 1 + lead ? 1 : coeffs_in.size(-2);
   const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
   std::vector<at::Tensor> flats;
   std::vector<CombineSegment> segments;
@@ -152,7 +158,7 @@ void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorL
     s.base_row_stride = cols;
     s.x_row_stride = k == 0 ? 0 : flat.stride(0);
     s.ncols = cols;
-    s.coeff_index = 0;
+    s.coeff_index = per_tensor ? static_cast<int64_t>(p) : 0;
     segments.push_back(s);
   }
   at::Tensor coeffs = coeffs_in.to(acc_type(xs[0].scalar_type())).contiguous();

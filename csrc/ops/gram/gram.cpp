@@ -119,10 +119,76 @@ at::Tensor gram_list(at::TensorList xs, bool per_tensor) {
   return out;
 }
 
+at::Tensor stacked_gram(const at::Tensor& g_in, const at::Tensor& r_in) {
+  constexpr const char* op = "mtunlearn::stacked_gram";
+  const int64_t m = g_in.size(-2), k = r_in.size(-2), s = m + k;
+  std::vector<int64_t> out_shape(g_in.sizes().begin(), g_in.sizes().end() - 2);
+  out_shape.push_back(s);
+  out_shape.push_back(s);
+  at::Tensor out = at::empty(out_shape, g_in.options().dtype(acc_type(g_in.scalar_type())));
+  if (out.numel() == 0) return out;
+  const ScalarKind kind = scalar_kind(g_in, op, "g");
+  at::Tensor g = as_batched(g_in), r = as_batched(r_in);
+  const int64_t esize = element_size(kind);
+  std::vector<ReduceSegment> segments;
+  segments.reserve(g.size(0));
+  for (int64_t i = 0; i < g.size(0); ++i) {
+    ReduceSegment seg{static_cast<const char*>(g.data_ptr()) + i * g.stride(0) * esize, nullptr,
+                      g.stride(1), 0, g.size(2), i};
+    seg.b = seg.a;
+    seg.a2 = static_cast<const char*>(r.data_ptr()) + i * r.stride(0) * esize;
+    seg.a2_row_stride = r.stride(1);
+    seg.a_split = m;
+    segments.push_back(seg);
+  }
+  run_reduce(kind, segments, s, s, /*symmetric=*/true, out);
+  return out;
+}
+
+at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
+  constexpr const char* op = "mtunlearn::inner_list";
+  TORCH_CHECK_VALUE(!as.empty() && as.size() == bs.size(), op,
+                    ": `as` and `bs` must be non-empty lists of the same length, got ", as.size(),
+                    " and ", bs.size());
+  const int64_t m = as[0].dim() >= 1 ? as[0].size(0) : -1;
+  const int64_t k = bs[0].dim() >= 1 ? bs[0].size(0) : -1;
+  const ScalarKind kind = scalar_kind(as[0], op, "as[0]");
+  std::vector<at::Tensor> a_rows, b_rows;
+  for (size_t p = 0; p < as.size(); ++p) {
+    const std::string an = indexed("as", p), bn = indexed("bs", p);
+    TORCH_CHECK_VALUE(as[p].dim() >= 1 && as[p].size(0) == m, op, ": ", an, " must be [m, ...] with m=", m,
+                      ", got ", as[p].sizes());
+    TORCH_CHECK_VALUE(bs[p].dim() >= 1 && bs[p].size(0) == k, op, ": ", bn, " must be [k, ...] with k=", k,
+                      ", got ", bs[p].sizes());
+    TORCH_CHECK_VALUE(as[p].sizes().slice(1) == bs[p].sizes().slice(1), op, ": ", an, " and ", bn,
+                      " must have the same trailing shape, got ", as[p].sizes(), " and ", bs[p].sizes());
+    check_same_device(as[0], "as[0]", as[p], an.c_str(), op);
+    check_same_device(as[0], "as[0]", bs[p], bn.c_str(), op);
+    check_same_dtype(as[0], "as[0]", as[p], an.c_str(), op);
+    check_same_dtype(as[0], "as[0]", bs[p], bn.c_str(), op);
+    const int64_t n = as[p].numel() / std::max<int64_t>(m, 1);
+    a_rows.push_back(rows_unit_stride(as[p].reshape({m, n})));
+    b_rows.push_back(rows_unit_stride(bs[p].reshape({k, n})));
+  }
+  const int64_t num_outputs = per_tensor ? static_cast<int64_t>(as.size()) : 1;
+  std::vector<int64_t> shape = per_tensor ? std::vector<int64_t>{num_outputs, m, k}
+                                          : std::vector<int64_t>{m, k};
+  at::Tensor out = at::empty(shape, as[0].options().dtype(acc_type(as[0].scalar_type())));
+  if (out.numel() == 0) return out;
+  std::vector<ReduceSegment> segments;
+  for (size_t p = 0; p < a_rows.size(); ++p) {
+    segments.push_back({a_rows[p].data_ptr(), b_rows[p].data_ptr(), a_rows[p].stride(0),
+                        b_rows[p].stride(0), a_rows[p].size(1), per_tensor ? static_cast<int64_t>(p) : 0});
+  }
+  run_reduce(kind, segments, m, k, /*symmetric=*/false, out);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
   m.impl("gram", &gram);
   m.impl("gram_list", &gram_list);
   m.impl("inner", &inner);
+  m.impl("inner_list", &inner_list);
 }
 
 #ifdef MTU_WITH_CUDA
@@ -130,6 +196,7 @@ TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
   m.impl("gram", &gram);
   m.impl("gram_list", &gram_list);
   m.impl("inner", &inner);
+  m.impl("inner_list", &inner_list);
 }
 #endif
 

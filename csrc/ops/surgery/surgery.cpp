@@ -34,8 +34,11 @@ std::tuple<at::Tensor, at::Tensor> project_out(const at::Tensor& g, const at::Te
   constexpr const char* op = "mtunlearn::project_out";
   check_pair(g, "g", basis, "basis", op);
   TORCH_CHECK_VALUE(ridge >= 0.0, op, ": `ridge` must be >= 0, got ", ridge);
-  const at::Tensor gm = mtunlearn::gram(basis);                        // [..., k, k]
-  const at::Tensor rhs = mtunlearn::inner(basis, g);                   // [..., k, m]
+  // One pass over g and basis together: the stacked Gram holds B B^T and B g^T.
+  const int64_t m = g.size(-2);
+  const at::Tensor full = mtunlearn::stacked_gram(g, basis);           // [..., m+k, m+k]
+  const at::Tensor gm = full.narrow(-2, m, basis.size(-2)).narrow(-1, m, basis.size(-2)).contiguous();
+  const at::Tensor rhs = full.narrow(-2, m, basis.size(-2)).narrow(-1, 0, m).contiguous();  // [..., k, m]
   const at::Tensor a = mtunlearn::ridge_solve(gm, rhs, ridge);         // [..., k, m]
   const at::Tensor coeffs = a.transpose(-1, -2).contiguous();          // [..., m, k]
   at::Tensor out = combine_with_base(coeffs.neg(), basis, g, 1.0);
@@ -47,8 +50,10 @@ std::tuple<at::Tensor, at::Tensor> project_nonconflicting(const at::Tensor& g, c
   constexpr const char* op = "mtunlearn::project_nonconflicting";
   check_pair(g, "g", r, "r", op);
   TORCH_CHECK_VALUE(sign == 1 || sign == -1, op, ": `sign` must be 1 or -1, got ", sign);
-  const at::Tensor gm = mtunlearn::gram(r);                            // [..., k, k]
-  at::Tensor rhs = mtunlearn::inner(g, r);                             // [..., m, k]
+  const int64_t m = g.size(-2), k = r.size(-2);
+  const at::Tensor full = mtunlearn::stacked_gram(g, r);               // [..., m+k, m+k]
+  const at::Tensor gm = full.narrow(-2, m, k).narrow(-1, m, k).contiguous();
+  at::Tensor rhs = full.narrow(-2, 0, m).narrow(-1, m, k).contiguous();  // [..., m, k]
   if (sign < 0) rhs = rhs.neg();
   const at::Tensor w = mtunlearn::nonconflicting_dual(gm, rhs);        // [..., m, k]
   at::Tensor out = combine_with_base(sign < 0 ? w.neg() : w, r, g, 1.0);

@@ -97,7 +97,6 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
   using V = typename VecOf<Acc>::type;
   constexpr int L = VecOf<Acc>::lanes;
   const ReduceSegment& seg = p.segments[item.segment];
-  const S* a = static_cast<const S*>(seg.a);
   const S* b = static_cast<const S*>(seg.b);
   const int64_t ld = p.tile;
   const int64_t blocks_i = p.rows_a / kMR, blocks_j = p.rows_b / kNR;
@@ -133,9 +132,9 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
       if (r >= p.m) {
         a_rows[r] = zeros;
       } else if (direct) {
-        a_rows[r] = reinterpret_cast<const Acc*>(a + r * seg.a_row_stride + c0);
+        a_rows[r] = reinterpret_cast<const Acc*>(segment_row_a<S>(seg, r) + c0);
       } else {
-        load_row<Tag, kAvx2>(a + r * seg.a_row_stride + c0, tile_a + r * ld, w);
+        load_row<Tag, kAvx2>(segment_row_a<S>(seg, r) + c0, tile_a + r * ld, w);
         std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
         a_rows[r] = tile_a + r * ld;
       }

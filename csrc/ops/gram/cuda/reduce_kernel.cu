@@ -27,7 +27,6 @@ reduce_register_kernel(const ReduceSegment* __restrict__ segments,
   constexpr int V = Vec<T>::n;
   const ReduceItem item = items[blockIdx.x];
   const ReduceSegment seg = segments[item.segment];
-  const T* a = static_cast<const T*>(seg.a);
   const T* b = static_cast<const T*>(seg.b);
   A acc[P][P];
 #pragma unroll
@@ -37,6 +36,7 @@ reduce_register_kernel(const ReduceSegment* __restrict__ segments,
 
   // 16-byte loads need every row start aligned; item boundaries are multiples of 64 columns.
   const bool rows_aligned = ((seg.a_row_stride * sizeof(T)) & 15) == 0 &&
+                            ((seg.a2_row_stride * sizeof(T)) & 15) == 0 &&
                             ((seg.b_row_stride * sizeof(T)) & 15) == 0;
   const int64_t begin = item.col_begin;
   const int64_t end = item.col_end;
@@ -47,7 +47,7 @@ reduce_register_kernel(const ReduceSegment* __restrict__ segments,
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       if (i < m) {
-        load16(a + i * seg.a_row_stride + col, av[i]);
+        load16(segment_row_a<T>(seg, i) + col, av[i]);
       } else {
 #pragma unroll
         for (int v = 0; v < V; ++v) av[i][v] = A(0);
@@ -83,7 +83,7 @@ reduce_register_kernel(const ReduceSegment* __restrict__ segments,
   for (int64_t c = vec_end + threadIdx.x; c < end; c += kThreads) {
     A ai[P];
 #pragma unroll
-    for (int i = 0; i < P; ++i) ai[i] = i < m ? to_acc(a[i * seg.a_row_stride + c]) : A(0);
+    for (int i = 0; i < P; ++i) ai[i] = i < m ? to_acc(segment_row_a<T>(seg, i)[c]) : A(0);
 #pragma unroll
     for (int i = 0; i < P; ++i)
 #pragma unroll
@@ -150,7 +150,6 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
   }
   const ReduceItem item = items[blockIdx.x];
   const ReduceSegment seg = segments[item.segment];
-  const T* a = static_cast<const T*>(seg.a);
   const T* b = static_cast<const T*>(seg.b);
   __shared__ A sa[kTile][kSlab + 1];
   __shared__ A sb[kTile][kSlab + 1];
@@ -162,8 +161,12 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
       const int r = e / kSlab, c = e % kSlab;
       const int64_t col = c0 + c;
       const bool in_cols = col < item.col_end;
-      sa[r][c] = (in_cols && i0 + r < m) ? to_acc(a[(i0 + r) * seg.a_row_stride + col]) : A(0);
-      sb[r][c] = (in_cols && j0 + r < k) ? to_acc(b[(j0 + r) * seg.b_row_stride + col]) : A(0);
+      sa[r][c] = (in_cols && i0 + r < m) ? to_acc(segment_row_a<T>(seg, i0 + r)[col]) : A(0);
+      if constexpr (SYM) {
+        sb[r][c] = (in_cols && j0 + r < k) ? to_acc(segment_row_a<T>(seg, j0 + r)[col]) : A(0);
+      } else {
+        sb[r][c] = (in_cols && j0 + r < k) ? to_acc(b[(j0 + r) * seg.b_row_stride + col]) : A(0);
+      }
     }
     __syncthreads();
 #pragma unroll 8
