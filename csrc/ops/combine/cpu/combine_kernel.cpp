@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "mtunlearn/cpu_simd.h"
@@ -47,34 +48,51 @@ MTU_ALWAYS_INLINE void combine_item(const CombineProblem& p, const Item& item,
   const bool use_base = base != nullptr && p.beta != 0.0;
   const Acc beta = static_cast<Acc>(p.beta);
   const int64_t ld = p.tile;
+  // fp32/fp64 rows are read where they lie; fp16/bf16 rows are converted once per tile.
+  constexpr bool kDirect = std::is_same<S, Acc>::value;
+  std::vector<const Acc*> rows(static_cast<size_t>(p.k));
   for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
     const int64_t w = std::min(ld, item.col_end - c0);
-    for (int64_t r = 0; r < p.k; ++r)
-      load_row<Tag, kAvx2>(x + r * seg.x_row_stride + c0, x_tile + r * ld, w);
-    for (int64_t i = 0; i < p.m; ++i) {
-      if (use_base) {
-        load_row<Tag, kAvx2>(base + i * seg.base_row_stride + c0, acc_row, w);
-        for (int64_t c = 0; c < w; ++c) acc_row[c] *= beta;
+    for (int64_t r = 0; r < p.k; ++r) {
+      if constexpr (kDirect) {
+        rows[r] = reinterpret_cast<const Acc*>(x + r * seg.x_row_stride + c0);
       } else {
-        std::fill(acc_row, acc_row + w, Acc(0));
+        load_row<Tag, kAvx2>(x + r * seg.x_row_stride + c0, x_tile + r * ld, w);
+        rows[r] = x_tile + r * ld;
+      }
+    }
+    for (int64_t i = 0; i < p.m; ++i) {
+      // Accumulate straight into a float/double output row when no conversion is needed.
+      Acc* acc = kDirect ? reinterpret_cast<Acc*>(out + i * seg.out_row_stride + c0) : acc_row;
+      if (use_base) {
+        const S* base_row = base + i * seg.base_row_stride + c0;
+        if constexpr (kDirect) {
+          const Acc* b = reinterpret_cast<const Acc*>(base_row);
+          for (int64_t c = 0; c < w; ++c) acc[c] = beta * b[c];
+        } else {
+          load_row<Tag, kAvx2>(base_row, acc, w);
+          for (int64_t c = 0; c < w; ++c) acc[c] *= beta;
+        }
+      } else {
+        std::fill(acc, acc + w, Acc(0));
       }
       const Acc* ci = coeffs + i * p.k;
       int64_t j = 0;
       for (; j + 4 <= p.k; j += 4) {
         const Acc a0 = ci[j], a1 = ci[j + 1], a2 = ci[j + 2], a3 = ci[j + 3];
-        const Acc* x0 = x_tile + j * ld;
-        const Acc* x1 = x0 + ld;
-        const Acc* x2 = x1 + ld;
-        const Acc* x3 = x2 + ld;
+        const Acc* x0 = rows[j];
+        const Acc* x1 = rows[j + 1];
+        const Acc* x2 = rows[j + 2];
+        const Acc* x3 = rows[j + 3];
         for (int64_t c = 0; c < w; ++c)
-          acc_row[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
+          acc[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
       }
       for (; j < p.k; ++j) {
         const Acc a0 = ci[j];
-        const Acc* x0 = x_tile + j * ld;
-        for (int64_t c = 0; c < w; ++c) acc_row[c] += a0 * x0[c];
+        const Acc* x0 = rows[j];
+        for (int64_t c = 0; c < w; ++c) acc[c] += a0 * x0[c];
       }
-      store_row<Tag, kAvx2>(acc_row, out + i * seg.out_row_stride + c0, w);
+      if constexpr (!kDirect) store_row<Tag, kAvx2>(acc_row, out + i * seg.out_row_stride + c0, w);
     }
   }
 }
