@@ -16,9 +16,12 @@ have=$(cat .venv/.mtunlearn-requirements 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
   echo "[setup] installing pinned dependencies (torch 2.14.1 comes from this machine's disk)"
   t0=$(date +%s)
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -r requirements.txt
-  [ -f requirements-dev.txt ] && "$PY" -m pip install -q -r requirements-dev.txt
+  # pip warns about local index folders this machine does not have; keep the log readable.
+  pip_quiet() { "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+  pip_quiet --upgrade pip
+  pip_quiet -r requirements.txt
+  [ -f requirements-dev.txt ] && pip_quiet -r requirements-dev.txt
+  "$PY" -c "import torch" || { echo "[setup] torch did not install" >&2; exit 1; }
   echo "$want" > .venv/.mtunlearn-requirements
   echo "[setup] dependencies installed in $(( $(date +%s) - t0 )) s"
 fi
