@@ -149,24 +149,21 @@ def gram_stats(xs: Sequence[torch.Tensor], layers: list[int] | None, num_layers:
 
 def inner_stats(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], layers: list[int] | None,
                 num_layers: int, *, check_finite: bool) -> torch.Tensor:
-    """``C[i, j] = sum_p <a[p][i], b[p][j]>`` (``[m, k]``), or per layer (``[L, m, k]``).
-
-    The ops have no list form of ``inner`` yet, so this is one ``ops.inner`` per tensor (each a
-    single pass over ``a[p]`` and ``b[p]``, no concatenation); an ``inner_list`` op would make
-    it one launch.
-    """
+    """``C[i, j] = sum_p <a[p][i], b[p][j]>`` (``[m, k]``), or per layer (``[L, m, k]``): one
+    ``ops.inner_list`` pass per dtype class, no concatenation."""
     m, k = a[0].shape[0], b[0].shape[0]
     out_dtype = stats_dtype(list(a) + list(b))
     total = torch.zeros((m, k) if layers is None else (num_layers, m, k), dtype=out_dtype,
                         device=a[0].device)
-    for p, (x, y) in enumerate(zip(a, b)):
-        if x[0].numel() == 0:
-            continue
-        term = ops.inner(x.reshape(m, -1), y.reshape(k, -1), check_finite=check_finite)
+    for cls in dtype_classes(a):
+        a_members, b_members = [a[i] for i in cls], [b[i] for i in cls]
         if layers is None:
-            total += term.to(out_dtype)
+            total += ops.inner_list(a_members, b_members, check_finite=check_finite).to(out_dtype)
         else:
-            total[layers[p]] += term.to(out_dtype)
+            per_tensor = ops.inner_list(a_members, b_members, per_tensor=True,
+                                        check_finite=check_finite)
+            ids = torch.tensor([layers[i] for i in cls], device=a[0].device)
+            total.index_add_(0, ids, per_tensor.to(out_dtype))
     return total
 
 
@@ -175,17 +172,20 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
     """``outs[p] = betas[p] * outs[p] + coeffs_(layer of p) @ xs[p]`` in place.
 
     ``coeffs`` is ``[k]`` or ``[m, k]`` (one problem), or ``[L, k]`` / ``[L, m, k]`` per layer.
-    Tensors are grouped by (layer, dtype, beta) so that each group is one ``combine_list`` call;
-    usually that is a single call for the whole list.
+    Tensors are grouped by (dtype, beta), each group one ``combine_list`` call (per layer, the
+    coefficient blocks are gathered per tensor): usually a single call for the whole list.
     """
-    groups: dict[tuple[int, torch.dtype, float], list[int]] = {}
+    groups: dict[tuple[torch.dtype, float], list[int]] = {}
     for p, x in enumerate(xs):
-        key = (-1 if layers is None else layers[p], x.dtype, float(betas[p]))
-        groups.setdefault(key, []).append(p)
-    for (layer, _, beta), members in groups.items():
-        c = coeffs if layer < 0 else coeffs[layer]
-        ops.combine_list(c, [xs[p] for p in members], [outs[p] for p in members], beta=beta,
-                         check_finite=check_finite)
+        groups.setdefault((x.dtype, float(betas[p])), []).append(p)
+    for (_, beta), members in groups.items():
+        member_xs, member_outs = [xs[p] for p in members], [outs[p] for p in members]
+        if layers is None:
+            ops.combine_list(coeffs, member_xs, member_outs, beta=beta, check_finite=check_finite)
+        else:
+            ids = torch.tensor([layers[p] for p in members], device=coeffs.device)
+            ops.combine_list(coeffs.index_select(0, ids), member_xs, member_outs, beta=beta,
+                             per_tensor=True, check_finite=check_finite)
 
 
 def guard_nonfinite(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
