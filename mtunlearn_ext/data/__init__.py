@@ -1,6 +1,21 @@
-"""Multi-task data sets, generated benchmarks, and forget requests."""
+"""Multi-task data sets, generated benchmarks, real-data loaders, and forget requests."""
 
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.digits import make_digits
+from mtunlearn_ext.data.indoor import INDOOR_CLASSES, make_indoor
+from mtunlearn_ext.data.libmtl import LayoutError, load_cityscapes, load_nyuv2
+from mtunlearn_ext.data.registry import (
+    BENCHMARKS,
+    SIZES,
+    default_cache_dir,
+    load_benchmark,
+    read_benchmark,
+    save_benchmark,
+)
 from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.data.street import STREET_CLASSES, make_street
 
-__all__ = ["Benchmark", "ForgetRequest", "MultiTaskDataset", "TaskSpec"]
+__all__ = ["BENCHMARKS", "INDOOR_CLASSES", "SIZES", "STREET_CLASSES", "Benchmark",
+           "ForgetRequest", "LayoutError", "MultiTaskDataset", "TaskSpec", "default_cache_dir",
+           "load_benchmark", "load_cityscapes", "load_nyuv2", "make_digits", "make_indoor",
+           "make_street", "read_benchmark", "save_benchmark"]

@@ -49,6 +49,7 @@ class Scene:
             ``planes[plane_index]`` in that plane's coordinates ``(u, v)``: ``(z, y)`` on an
             ``x`` plane, ``(x, z)`` on a ``y`` plane, ``(x, y)`` on a ``z`` plane. Later decals
             cover earlier ones.
+        extras: generator-specific numbers the shader needs (e.g. a street's road width).
     """
 
     yaw: float = 0.0
@@ -60,6 +61,7 @@ class Scene:
     cylinders: list[tuple[float, float, float, float, float, int, Vec3]] = field(
         default_factory=list)
     decals: list[tuple[int, float, float, float, float, int, Vec3]] = field(default_factory=list)
+    extras: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _pad(rows: list[list[Sequence[float]]], width: int, fill: float) -> tuple[np
     return out, valid
 
 
-def _flat(prims: list, geometry: slice | Sequence[int]) -> list[list[float]]:
+def _flat(prims: Sequence[tuple]) -> list[list[float]]:
     """Each primitive tuple flattened to ``[geometry..., class, r, g, b]``."""
     rows = []
     for p in prims:
@@ -167,10 +169,9 @@ def cast(scenes: Sequence[Scene], size: tuple[int, int], fov_x: float) -> RayHit
     candidates_normal: list[np.ndarray] = []
 
     # Planes: axis = value, hit at t = value / d_axis when that is in front of the camera.
-    planes, plane_ok = _pad([_flat(s.planes, ()) for s in scenes], 6, 0.0)
+    planes, plane_ok = _pad([_flat(s.planes) for s in scenes], 6, 0.0)
     plane_axis = planes[:, :, 0].astype(np.int64)                            # [n, Kp]
-    d_axis = np.take_along_axis(safe_d[:, None, :, :].repeat(planes.shape[1], 1),
-                                plane_axis[:, :, None, None].repeat(num_p, 2), axis=3)[..., 0]
+    d_axis = np.take_along_axis(safe_d.transpose(0, 2, 1), plane_axis[:, :, None], axis=1)
     t_plane = planes[:, :, 1:2] / d_axis                                     # [n, Kp, P]
     t_plane = np.where(plane_ok[:, :, None] & (t_plane > _EPS), t_plane, inf)
     t_p, k_p = _best(t_plane)
@@ -183,29 +184,37 @@ def cast(scenes: Sequence[Scene], size: tuple[int, int], fov_x: float) -> RayHit
     candidates_albedo.append(sel[..., 3:6])
     candidates_normal.append(normal_p)
 
-    # Boxes: slab test; the entry face is the axis whose slab is entered last.
-    boxes, box_ok = _pad([_flat(s.boxes, ()) for s in scenes], 10, 0.0)
-    t1 = boxes[:, :, None, 0:3] * inv_d[:, None]                             # [n, Kb, P, 3]
-    t2 = boxes[:, :, None, 3:6] * inv_d[:, None]
-    t_enter = np.minimum(t1, t2)
-    t_near = t_enter.max(axis=3)
-    t_far = np.maximum(t1, t2).min(axis=3)
-    del t1, t2
+    # Boxes: slab test, one axis at a time (a reduction over a trailing axis of 3 is slow),
+    # in float32 because these [n, K, P] arrays dominate the cost.
+    boxes, box_ok = _pad([_flat(s.boxes) for s in scenes], 10, 0.0)
+    box32 = boxes.astype(np.float32)
+    inv32 = inv_d.astype(np.float32)
+    t_near = np.full((n, boxes.shape[1], num_p), -np.inf, dtype=np.float32)
+    t_far = np.full_like(t_near, np.inf)
+    for axis in range(3):
+        inv_axis = inv32[:, None, :, axis]                                   # [n, 1, P]
+        t1 = box32[:, :, axis, None] * inv_axis                              # [n, Kb, P]
+        t2 = box32[:, :, axis + 3, None] * inv_axis
+        np.maximum(t_near, np.minimum(t1, t2), out=t_near)
+        np.minimum(t_far, np.maximum(t1, t2), out=t_far)
     hit = box_ok[:, :, None] & (t_near <= t_far) & (t_near > _EPS)
-    t_b, k_b = _best(np.where(hit, t_near, inf))
-    entry_axis = np.take_along_axis(t_enter, k_b[:, None, :, None], axis=1)[:, 0].argmax(axis=2)
-    del t_enter
+    t_b, k_b = _best(np.where(hit, t_near, np.float32(inf)))
+    t_b = t_b.astype(np.float64)
+    # The entry face of the winning box: the axis whose slab is entered last.
+    chosen = _gather(boxes, k_b)                                             # [n, P, 10]
+    t_enter = np.minimum(chosen[..., 0:3] * inv_d, chosen[..., 3:6] * inv_d)
+    entry_axis = t_enter.argmax(axis=2)
     normal_b = np.zeros((n, num_p, 3))
     d_entry = np.take_along_axis(d, entry_axis[..., None], axis=2)
     np.put_along_axis(normal_b, entry_axis[..., None], -np.sign(d_entry), axis=2)
-    sel = _gather(boxes, k_b)
+    sel = chosen
     candidates_t.append(t_b)
     candidates_label.append(sel[..., 6])
     candidates_albedo.append(sel[..., 7:10])
     candidates_normal.append(normal_b)
 
     # Spheres: |t d - c|^2 = r^2, nearer root.
-    spheres, sphere_ok = _pad([_flat(s.spheres, ()) for s in scenes], 8, 0.0)
+    spheres, sphere_ok = _pad([_flat(s.spheres) for s in scenes], 8, 0.0)
     centre = spheres[:, :, 0:3]
     a = (d * d).sum(axis=2)[:, None, :]                                      # [n, 1, P]
     b = -2.0 * np.einsum("npi,nki->nkp", d, centre)                          # [n, Ks, P]
@@ -223,7 +232,7 @@ def cast(scenes: Sequence[Scene], size: tuple[int, int], fov_x: float) -> RayHit
     candidates_normal.append(normal_s)
 
     # Vertical cylinders: side (a circle in the xz plane) and the two caps.
-    cyl, cyl_ok = _pad([_flat(s.cylinders, ()) for s in scenes], 9, 0.0)
+    cyl, cyl_ok = _pad([_flat(s.cylinders) for s in scenes], 9, 0.0)
     cx, cz, radius = cyl[:, :, 0:1], cyl[:, :, 1:2], cyl[:, :, 2:3]          # [n, Kc, 1]
     y_bottom, y_top = cyl[:, :, 3:4], cyl[:, :, 4:5]
     dx, dy, dz = d[:, None, :, 0], d[:, None, :, 1], d[:, None, :, 2]        # [n, 1, P]
@@ -269,7 +278,7 @@ def cast(scenes: Sequence[Scene], size: tuple[int, int], fov_x: float) -> RayHit
     point = np.where(missed[..., None], 0.0, depth[..., None]) * d
 
     # Decals repaint plane pixels inside their rectangle.
-    decals, decal_ok = _pad([_flat(s.decals, ()) for s in scenes], 9, 0.0)
+    decals, decal_ok = _pad([_flat(s.decals) for s in scenes], 9, 0.0)
     decal = np.full((n, num_p), -1, dtype=np.int64)
     on_plane = (kind == 0) & ~missed
     u = np.where(axis_p == 0, point[..., 2], point[..., 0])

@@ -22,6 +22,15 @@ def _resolve(dataset: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None
     return [(dataset.task_index(n), dataset.tasks[dataset.task_index(n)]) for n in names]
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 class _EvalMode:
     """``model.eval()`` and ``torch.no_grad()`` for a block, then the previous mode again."""
 
@@ -51,7 +60,7 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     """
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
-    device = next(model.parameters()).device
+    device = _device_of(model)
     with _EvalMode(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
@@ -81,7 +90,7 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
     where the pair is not supervised (columns follow ``tasks``, default the data set's)."""
     resolved = _resolve(dataset, tasks)
     losses = torch.full((len(dataset), len(resolved)), float("nan"), dtype=torch.double)
-    device = next(model.parameters()).device
+    device = _device_of(model)
     with _EvalMode(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))

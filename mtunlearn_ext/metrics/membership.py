@@ -130,4 +130,6 @@ def mia_auc(model: MultiTaskModel, members: MultiTaskDataset, non_members: Multi
             **kwargs: object) -> float:
     """The attack AUC on the forget set vs held-out unseen data; see :func:`membership_attack`
     (keyword arguments are passed on to it)."""
-    return membership_attack(model, members, non_members, forget, tasks, **kwargs).auc  # type: ignore[arg-type]
+    result = membership_attack(model, members, non_members, forget, tasks,
+                               **kwargs)  # type: ignore[arg-type]
+    return result.auc

@@ -5,7 +5,7 @@ Unlearning code reads this split, never the module structure: the shared paramet
 ``theta_s`` are ``model.backbone``'s, the parameters ``theta_t`` of task ``t`` are
 ``model.heads[t]``'s, and :meth:`MultiTaskModel.parameter_split` checks that every parameter
 belongs to exactly one of them. Parameter names are the full names of ``model.named_parameters()``
-(``"backbone.enc1.0.conv.weight"``), so they plug straight into ``torch.func.functional_call``.
+(``"backbone.enc1.0.0.weight"``), so they plug straight into ``torch.func.functional_call``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A small encoder-decoder for dense multi-task prediction (segmentation, depth, normals).
 
-Shared backbone: a U-Net-style encoder (three stride-2 stages) and decoder (bilinear upsampling
-plus skip connections) returning full-resolution features; each task head is a 3x3 conv block and a
-1x1 projection, followed by the task's output activation (softplus for depth, L2 normalisation for
-normals).
+Shared backbone: a U-Net-style encoder (stride-2 stem and three stride-2 stages) and decoder
+(bilinear upsampling plus skip connections) back to half resolution; each task head is a 3x3 conv
+block and a 1x1 projection at half resolution, a bilinear x2 upsampling, and the task's output
+activation (softplus for depth, L2 normalisation for normals). Inputs need even ``H`` and ``W``.
 
 GroupNorm, not BatchNorm, throughout, because unlearning needs two things BatchNorm breaks:
 per-sample gradients (``torch.func.vmap`` over single samples, where batch statistics are
@@ -43,8 +43,12 @@ class ConvBlock(nn.Sequential):
 
 
 class DenseBackbone(nn.Module):
-    """Encoder-decoder ``[B, C_in, H, W] -> [B, widths[0], H, W]`` (any ``H, W``; the decoder
-    upsamples to each skip's exact size, so sizes need not be divisible by 8)."""
+    """Encoder-decoder ``[B, C_in, H, W] -> [B, widths[0], H/2, W/2]`` (``H, W`` even).
+
+    Stride-2 stem, three more stride-2 stages (down to ``H/16``), and a decoder back to ``H/2``
+    with skip connections. Nothing runs at full resolution: at ``H/2`` a layer costs a quarter,
+    and full-resolution 1x1 layers are memory-bound on CPU; the heads upsample their outputs.
+    """
 
     def __init__(self, in_channels: int = 3, widths: Sequence[int] = (16, 32, 48, 64)) -> None:
         super().__init__()
@@ -52,7 +56,7 @@ class DenseBackbone(nn.Module):
             raise ValueError(f"DenseBackbone: `widths` must be 4 positive ints, got {widths}")
         c1, c2, c3, c4 = widths
         self.out_channels = c1
-        self.enc1 = nn.Sequential(ConvBlock(in_channels, c1), ConvBlock(c1, c1))
+        self.enc1 = nn.Sequential(ConvBlock(in_channels, c1, stride=2), ConvBlock(c1, c1))
         self.enc2 = nn.Sequential(ConvBlock(c1, c2, stride=2), ConvBlock(c2, c2))
         self.enc3 = nn.Sequential(ConvBlock(c2, c3, stride=2), ConvBlock(c3, c3))
         self.enc4 = nn.Sequential(ConvBlock(c3, c4, stride=2), ConvBlock(c4, c4))
@@ -62,10 +66,14 @@ class DenseBackbone(nn.Module):
 
     @staticmethod
     def _up_cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        # Upsampling to the skip's exact size keeps any even input size working.
         up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([up, skip], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(f"DenseBackbone: input must be [B, C, H, W] with even H and W "
+                             f"(the heads upsample x2), got {tuple(x.shape)}")
         s1 = self.enc1(x)
         s2 = self.enc2(s1)
         s3 = self.enc3(s2)
@@ -91,15 +99,21 @@ class UnitNormals(nn.Module):
 
 def dense_head(spec: TaskSpec, in_channels: int, hidden: int,
                depth_init: float | None = None) -> nn.Sequential:
-    """The head of one dense task: ConvBlock -> 1x1 conv -> output activation.
+    """The head of one dense task, on half-resolution features: ConvBlock -> 1x1 conv ->
+    bilinear x2 upsampling to the input size -> output activation (after the upsampling, so
+    depth stays positive and normals unit).
 
     ``depth_init`` (metres) sets the depth head's output bias to ``softplus^-1(depth_init)``, so
     training starts at a sensible depth; it should be a constant of the benchmark, not a
     statistic of the training set, so a model retrained without the forget set starts identically.
     """
+    def upsample() -> nn.Upsample:
+        return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+
     if spec.kind == "segmentation":
         assert spec.num_classes is not None
-        return nn.Sequential(ConvBlock(in_channels, hidden), nn.Conv2d(hidden, spec.num_classes, 1))
+        return nn.Sequential(ConvBlock(in_channels, hidden),
+                             nn.Conv2d(hidden, spec.num_classes, 1), upsample())
     if spec.kind == "depth":
         out = nn.Conv2d(hidden, 1, 1)
         if depth_init is not None:
@@ -108,9 +122,10 @@ def dense_head(spec: TaskSpec, in_channels: int, hidden: int,
             with torch.no_grad():
                 # softplus^-1(y) = y + log(1 - exp(-y)), stable for large y.
                 out.bias.fill_(depth_init + math.log(-math.expm1(-depth_init)))
-        return nn.Sequential(ConvBlock(in_channels, hidden), out, PositiveDepth())
+        return nn.Sequential(ConvBlock(in_channels, hidden), out, upsample(), PositiveDepth())
     if spec.kind == "normals":
-        return nn.Sequential(ConvBlock(in_channels, hidden), nn.Conv2d(hidden, 3, 1), UnitNormals())
+        return nn.Sequential(ConvBlock(in_channels, hidden), nn.Conv2d(hidden, 3, 1), upsample(),
+                             UnitNormals())
     raise ValueError(f"dense_head: task {spec.name!r} of kind {spec.kind} is not a dense task")
 
 

@@ -18,7 +18,8 @@ _DENSE_KINDS = ("segmentation", "depth", "normals")
 
 def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
                 input_shape: Sequence[int] | None = None, seed: int = 0,
-                widths: Sequence[int] | None = None, hidden: Sequence[int] | None = None,
+                widths: Sequence[int] | None = None, head_hidden: int | None = None,
+                hidden: Sequence[int] | None = None,
                 depth_init: float | None = None) -> MultiTaskModel:
     """A freshly initialised multi-task model, the same for the same arguments and seed.
 
@@ -27,11 +28,14 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
     :class:`MLPMultiTaskNet`.
 
     Args:
-        benchmark_or_tasks: a :class:`Benchmark` (tasks, input shape and ``info["depth_prior"]``
-            are read from it) or a list of task specs (then ``input_shape`` is required).
+        benchmark_or_tasks: a :class:`Benchmark` or a list of task specs (then ``input_shape``
+            is required). From a benchmark come the tasks, the input shape, the depth prior
+            (``info["depth_prior"]``) and the default architecture (``info["model_config"]``:
+            ``widths`` / ``head_hidden`` / ``hidden``, as the registry sizes them).
         input_shape: one input's shape, without the batch dimension.
         seed: initialisation seed; the global RNG state is left as it was.
         widths: encoder widths of the dense backbone (default ``(16, 32, 48, 64)``).
+        head_hidden: hidden channels of each dense head (default ``widths[0]``).
         hidden: shared layer widths of the MLP (default ``(128, 128)``).
         depth_init: initial depth output in metres (default: the benchmark's ``depth_prior``).
     """
@@ -42,6 +46,11 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
             input_shape = tuple(bench.train.inputs.shape[1:])
         if depth_init is None and "depth_prior" in bench.info:
             depth_init = float(bench.info["depth_prior"])  # type: ignore[arg-type]
+        defaults = bench.info.get("model_config") or {}
+        assert isinstance(defaults, dict)
+        widths = widths if widths is not None else defaults.get("widths")
+        head_hidden = head_hidden if head_hidden is not None else defaults.get("head_hidden")
+        hidden = hidden if hidden is not None else defaults.get("hidden")
     else:
         tasks = list(benchmark_or_tasks)
         if input_shape is None:
@@ -57,7 +66,7 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
                 raise ValueError(f"build_model: dense tasks need inputs [C, H, W], got {shape}")
             return DenseMultiTaskNet(tasks, in_channels=shape[0],
                                      widths=tuple(widths) if widths else (16, 32, 48, 64),
-                                     depth_init=depth_init)
+                                     head_hidden=head_hidden, depth_init=depth_init)
         if not any(dense):
             if len(shape) != 1:
                 raise ValueError(f"build_model: flat tasks need inputs [D], got {shape}")

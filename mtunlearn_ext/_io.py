@@ -1,0 +1,76 @@
+"""Atomic file writes shared by checkpoints and the benchmark cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_torch_save", "sha256_of_file"]
+
+
+def sha256_of_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> str:
+    """``torch.save(obj)`` to ``path`` atomically; returns the file's SHA-256.
+
+    The bytes go to a temporary file in the same directory, which is fsynced and then renamed
+    onto ``path`` (``os.replace`` is atomic on POSIX), so a reader sees either no file or the
+    whole file, never a partial one. Without ``overwrite`` an existing ``path`` is refused
+    (``FileExistsError``); the final step is then a hard link, which fails atomically if another
+    writer got there first.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = sha256_of_file(tmp)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise FileExistsError(f"{target} exists; pass overwrite=True to replace it") \
+                    from None
+            except OSError:  # file systems without hard links: check-then-rename
+                if target.exists():
+                    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it") \
+                        from None
+                os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return sha
+    finally:
+        tmp.unlink(missing_ok=True)

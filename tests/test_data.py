@@ -1,0 +1,406 @@
+"""Data: generators (determinism, geometry of the targets), loaders, registry and cache, and the
+supervision contract of forget requests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from mtunlearn_ext.data import (
+    ForgetRequest,
+    LayoutError,
+    load_benchmark,
+    load_cityscapes,
+    load_nyuv2,
+    make_digits,
+    make_indoor,
+    make_street,
+)
+from mtunlearn_ext.data import registry
+from mtunlearn_ext.data._raycast import Scene, camera_rays, cast, rotation
+from mtunlearn_ext.data.indoor import (
+    CEILING,
+    FLOOR,
+    INDOOR_FOV_X,
+    WALL,
+    WINDOW,
+    render_indoor,
+)
+from mtunlearn_ext.data.street import FLAT, SKY
+
+
+def _assert_same(a, b) -> None:
+    assert torch.equal(a.train.inputs, b.train.inputs)
+    assert torch.equal(a.test.inputs, b.test.inputs)
+    for name in a.train.targets:
+        assert torch.equal(a.train.targets[name], b.train.targets[name])
+        assert torch.equal(a.test.targets[name], b.test.targets[name])
+    assert torch.equal(a.train.ids, b.train.ids)
+
+
+# -- determinism --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [make_indoor, make_street])
+def test_generators_are_deterministic_and_seed_dependent(make) -> None:
+    size = (16, 24) if make is make_indoor else (16, 32)
+    a = make(6, 3, size=size, seed=3)
+    b = make(6, 3, size=size, seed=3)
+    _assert_same(a, b)
+    c = make(6, 3, size=size, seed=4)
+    assert not torch.equal(a.train.inputs, c.train.inputs)
+    assert not torch.equal(a.train.targets["depth"], c.train.targets["depth"])
+    # The test split is its own stream: it does not change with the number of training scenes.
+    d = make(9, 3, size=size, seed=3)
+    assert torch.equal(a.test.inputs, d.test.inputs)
+    assert torch.equal(d.train.inputs[:6], a.train.inputs)
+
+
+def test_digits_is_deterministic_and_consistent() -> None:
+    a, b, c = make_digits(seed=0), make_digits(seed=0), make_digits(seed=1)
+    _assert_same(a, b)
+    assert not torch.equal(a.train.ids, c.train.ids)
+    assert len(a.train) + len(a.test) == 1797
+    assert set(a.train.ids.tolist()).isdisjoint(a.test.ids.tolist())
+    x = a.train.inputs
+    assert x.shape[1:] == (64,) and x.dtype == torch.float32
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    digit = a.train.targets["digit"]
+    assert torch.equal(a.train.targets["parity"], digit % 2)
+    assert torch.equal(a.train.targets["magnitude"], (digit >= 5).long())
+    # Stratified: every digit appears in the test split in about the overall proportion.
+    counts = torch.bincount(a.test.targets["digit"], minlength=10)
+    assert int(counts.min()) >= 40
+    tiny = make_digits(seed=0, num_samples=400)
+    assert (len(tiny.train), len(tiny.test)) == (300, 100)
+
+
+# -- geometry of the rendered targets ------------------------------------------------------------
+
+def _world_points(depth: np.ndarray, yaw: float, pitch: float, size, fov_x: float) -> np.ndarray:
+    """``[H, W, 3]`` world points from a z-depth map, by the documented camera model."""
+    d_cam = camera_rays(size, fov_x).reshape(*size, 3)
+    rot = rotation(np.array([yaw]), np.array([pitch]))[0]
+    return (depth[..., None] * d_cam) @ rot.T
+
+
+def test_indoor_targets_agree_with_the_room_geometry() -> None:
+    bench = make_indoor(6, 0, size=(24, 32), seed=5)
+    cams = bench.info["train_cameras"]
+    assert bench.info["size"] == [24, 32]
+    for i in range(len(bench.train)):
+        height, yaw, pitch = (float(v) for v in cams[i])
+        seg = bench.train.targets["segmentation"][i].numpy()
+        depth = bench.train.targets["depth"][i, 0].double().numpy()
+        normals = bench.train.targets["normals"][i].permute(1, 2, 0).double().numpy()
+        rot = rotation(np.array([yaw]), np.array([pitch]))[0]
+        points = _world_points(depth, yaw, pitch, (24, 32), INDOOR_FOV_X)
+        # Every pixel is labelled; depth is unknown exactly on window glass.
+        assert seg.min() >= 0
+        assert np.array_equal(depth == 0, seg == WINDOW)
+        # Normals: unit, and facing the camera (negative dot product with the viewing ray).
+        assert np.allclose(np.linalg.norm(normals, axis=-1), 1.0, atol=1e-5)
+        d_cam = camera_rays((24, 32), INDOOR_FOV_X).reshape(24, 32, 3)
+        assert ((normals * d_cam).sum(-1) < 0).all()
+        # Floor pixels: the z-depth puts them on the plane y = -height, normal R^T (0, 1, 0).
+        floor = seg == FLOOR
+        assert floor.any()
+        assert np.allclose(points[floor][:, 1], -height, atol=1e-4)
+        assert np.allclose(normals[floor], rot.T @ np.array([0.0, 1.0, 0.0]), atol=1e-5)
+        # Ceiling pixels: one horizontal plane above the camera, normal pointing down.
+        ceiling = seg == CEILING
+        if ceiling.any():
+            ys = points[ceiling][:, 1]
+            assert ys.min() > 0 and np.ptp(ys) < 1e-4
+            assert np.allclose(normals[ceiling], rot.T @ np.array([0.0, -1.0, 0.0]), atol=1e-5)
+        # Wall pixels: vertical planes, so horizontal world normals along x or z.
+        wall = seg == WALL
+        world_n = normals[wall] @ rot.T
+        assert np.allclose(world_n[:, 1], 0.0, atol=1e-5)
+        assert np.allclose(np.abs(world_n).max(axis=1), 1.0, atol=1e-5)
+
+
+def _checkable_scene() -> Scene:
+    grey = (0.5, 0.5, 0.5)
+    return Scene(
+        yaw=0.1, pitch=-0.15, camera_height=1.5,
+        planes=[(1, -1.5, FLOOR, grey), (1, 1.3, CEILING, grey), (0, -2.5, WALL, grey),
+                (0, 2.5, WALL, grey), (2, 6.0, WALL, grey)],
+        boxes=[((-0.8, -1.5, 3.0), (0.2, -0.7, 4.0), 3, (0.8, 0.2, 0.2))],
+        spheres=[((1.0, -0.6, 3.5), 0.4, 11, (0.9, 0.9, 0.5))],
+        cylinders=[(-1.6, 3.2, 0.3, -1.5, -0.8, 12, (0.2, 0.5, 0.3))],
+        decals=[(4, -0.5, 0.5, 0.0, 0.8, WINDOW, (0.8, 0.9, 1.0))],
+    )
+
+
+def test_object_pixels_lie_on_their_objects() -> None:
+    scene = _checkable_scene()
+    size = (48, 64)
+    hits = cast([scene], size, INDOOR_FOV_X)
+    label, depth = hits.label[0], hits.depth[0]
+    points = _world_points(depth, scene.yaw, scene.pitch, size, INDOOR_FOV_X)
+    rot = rotation(np.array([scene.yaw]), np.array([scene.pitch]))[0]
+    normal_world = hits.normal_cam[0] @ rot.T
+    assert np.allclose(hits.point[0], points, atol=1e-6)  # z-depth convention
+
+    box = label == 3
+    assert box.sum() > 20
+    lo, hi = np.array([-0.8, -1.5, 3.0]), np.array([0.2, -0.7, 4.0])
+    p = points[box]
+    assert ((p >= lo - 1e-4) & (p <= hi + 1e-4)).all()
+    on_face = np.isclose(p, lo, atol=1e-4) | np.isclose(p, hi, atol=1e-4)
+    assert on_face.any(axis=1).all()
+    # The normal is the axis of the face the point lies on, pointing out of the box.
+    n = normal_world[box]
+    axis = np.abs(n).argmax(axis=1)
+    face_value = np.where(n[np.arange(len(n)), axis] > 0, hi[axis], lo[axis])
+    assert np.allclose(p[np.arange(len(p)), axis], face_value, atol=1e-4)
+
+    sphere = label == 11
+    assert sphere.sum() > 10
+    centre = np.array([1.0, -0.6, 3.5])
+    assert np.allclose(np.linalg.norm(points[sphere] - centre, axis=1), 0.4, atol=1e-4)
+    assert np.allclose(normal_world[sphere], (points[sphere] - centre) / 0.4, atol=1e-4)
+
+    cylinder = label == 12
+    assert cylinder.sum() > 5
+    pc = points[cylinder]
+    radial = np.hypot(pc[:, 0] + 1.6, pc[:, 2] - 3.2)
+    on_side = np.isclose(radial, 0.3, atol=1e-4) & (pc[:, 1] >= -1.5 - 1e-4) & (pc[:, 1] <= -0.8
+                                                                                + 1e-4)
+    on_top = np.isclose(pc[:, 1], -0.8, atol=1e-4) & (radial <= 0.3 + 1e-4)
+    assert (on_side | on_top).all()
+
+    # Objects occlude the room: their depth is less than the back wall's along the same ray.
+    assert (depth[box | sphere | cylinder] < 6.0).all()
+    # The window decal sits on the back wall (z = 6) and keeps its geometry.
+    window = label == WINDOW
+    assert window.any() and np.allclose(points[window][:, 2], 6.0, atol=1e-4)
+    rendered = render_indoor([scene], size, np.random.default_rng(0))
+    assert (rendered["depth"][0, 0][torch.from_numpy(window)] == 0).all()
+    assert (rendered["depth"][0, 0][torch.from_numpy(~window)] > 0).all()
+
+
+def test_unrotated_floor_depth_matches_the_camera_model() -> None:
+    scene = Scene(planes=[(1, -1.4, FLOOR, (0.5, 0.5, 0.5)), (2, 8.0, WALL, (0.5, 0.5, 0.5))],
+                  camera_height=1.4)
+    size = (24, 32)
+    hits = cast([scene], size, INDOOR_FOV_X)
+    f = (32 / 2) / math.tan(INDOOR_FOV_X / 2)
+    for row in range(13, 24):  # rows below the horizon
+        ray_y = -(row + 0.5 - 12) / f
+        expected = min(1.4 / -ray_y, 8.0)
+        assert np.allclose(hits.depth[0, row], expected, rtol=1e-6)
+        if expected < 8.0:
+            assert (hits.label[0, row] == FLOOR).all()
+            assert np.allclose(hits.normal_cam[0, row], [0.0, 1.0, 0.0])
+
+
+def test_street_targets_agree_with_the_geometry() -> None:
+    bench = make_street(6, 0, size=(24, 48), seed=2)
+    assert bench.train.task_names == ["segmentation", "depth"]
+    for i in range(len(bench.train)):
+        height, yaw, pitch = (float(v) for v in bench.info["train_cameras"][i])
+        seg = bench.train.targets["segmentation"][i].numpy()
+        depth = bench.train.targets["depth"][i, 0].double().numpy()
+        assert seg.min() >= 0 and seg.max() < 7
+        assert np.array_equal(depth == 0, seg == SKY)
+        points = _world_points(depth, yaw, pitch, (24, 48), bench.info["fov_x"])
+        flat = seg == FLAT
+        assert flat.any()
+        assert np.allclose(points[flat][:, 1], -height, atol=1e-4)
+        # Sky is above the horizon: its rays point upwards in the world.
+        sky_rows = np.nonzero(seg == SKY)[0]
+        if len(sky_rows):
+            d = camera_rays((24, 48), bench.info["fov_x"]).reshape(24, 48, 3)
+            rot = rotation(np.array([yaw]), np.array([pitch]))[0]
+            assert ((d[seg == SKY] @ rot.T)[:, 1] > 0).all()
+
+
+# -- data set plumbing ---------------------------------------------------------------------------
+
+def test_batch_matches_default_collate() -> None:
+    bench = make_digits(seed=0, num_samples=100)
+    data = bench.train
+    positions = [3, 0, 7]
+    ours = data.batch(positions)
+    theirs = default_collate([data[i] for i in positions])
+    assert torch.equal(ours["input"], theirs["input"])
+    assert torch.equal(ours["id"], theirs["id"])
+    assert torch.equal(ours["supervision"], theirs["supervision"])
+    for name in data.task_names:
+        assert torch.equal(ours["targets"][name], theirs["targets"][name])
+    generator = torch.Generator().manual_seed(0)
+    seen = torch.cat([b["id"] for b in data.iter_batches(16, shuffle=True, generator=generator)])
+    assert sorted(seen.tolist()) == sorted(data.ids.tolist())
+
+
+def test_partial_split_keeps_non_target_labels_of_forget_instances() -> None:
+    bench = make_indoor(10, 2, size=(16, 24), seed=0)
+    data = bench.train
+    forget_ids = data.ids[[1, 4, 7]]
+    request = ForgetRequest.create(forget_ids, ["depth"])
+    forget, retain = request.split(data)
+    depth_col, seg_col = data.task_index("depth"), data.task_index("segmentation")
+    normals_col = data.task_index("normals")
+    # The forget set: those instances, only their depth pairs supervised.
+    assert sorted(forget.ids.tolist()) == sorted(forget_ids.tolist())
+    assert forget.supervision[:, depth_col].all()
+    assert not forget.supervision[:, [seg_col, normals_col]].any()
+    # The retain set still holds every instance; the forget instances keep their other tasks,
+    # with the labels untouched.
+    assert len(retain) == len(data)
+    rows = retain.positions_of(forget_ids)
+    assert not retain.supervision[rows, depth_col].any()
+    assert retain.supervision[rows][:, [seg_col, normals_col]].all()
+    originals = data.positions_of(forget_ids)
+    for name in ("segmentation", "normals", "depth"):
+        assert torch.equal(retain.targets[name][rows], data.targets[name][originals])
+    # Every other pair is untouched.
+    others = torch.tensor([i for i in range(len(data)) if int(data.ids[i]) not in
+                           set(forget_ids.tolist())])
+    assert retain.supervision[retain.positions_of(data.ids[others])].all()
+
+
+# -- LibMTL loaders ------------------------------------------------------------------------------
+
+def _write_libmtl(root: Path, with_normals: bool, counts=(3, 2), hw=(8, 12),
+                  num_classes: int = 13) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), counts):
+        for folder in ["image", "label", "depth"] + (["normal"] if with_normals else []):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            np.save(root / split / "image" / f"{i}.npy", rng.random((*hw, 3)).astype(np.float32))
+            label = rng.integers(-1, num_classes, size=hw).astype(np.float32)
+            np.save(root / split / "label" / f"{i}.npy", label)
+            depth = rng.uniform(0.5, 5.0, size=(*hw, 1)).astype(np.float32)
+            depth[0, 0, 0] = 0.0
+            np.save(root / split / "depth" / f"{i}.npy", depth)
+            if with_normals:
+                n = rng.normal(size=(*hw, 3))
+                n /= np.linalg.norm(n, axis=-1, keepdims=True)
+                np.save(root / split / "normal" / f"{i}.npy", n.astype(np.float32))
+
+
+def test_load_nyuv2_reads_the_libmtl_layout(tmp_path: Path) -> None:
+    _write_libmtl(tmp_path, with_normals=True)
+    bench = load_nyuv2(tmp_path)
+    assert (len(bench.train), len(bench.test)) == (3, 2)
+    assert bench.train.task_names == ["segmentation", "depth", "normals"]
+    assert bench.train.inputs.shape == (3, 3, 8, 12)
+    image = np.load(tmp_path / "train" / "image" / "1.npy")
+    assert torch.allclose(bench.train.inputs[1], (torch.from_numpy(image).permute(2, 0, 1)
+                                                  - 0.5) / 0.25)
+    label = np.load(tmp_path / "val" / "label" / "0.npy")
+    assert torch.equal(bench.test.targets["segmentation"][0], torch.from_numpy(label).long())
+    assert bench.train.targets["depth"].shape == (3, 1, 8, 12)
+    assert bench.train.targets["normals"].shape == (3, 3, 8, 12)
+    assert torch.equal(bench.test.ids, torch.tensor([3, 4]))
+    # Resizing keeps labels and unknown depth exact (nearest neighbour).
+    small = load_nyuv2(tmp_path, size=(4, 6), max_train=2)
+    assert small.train.inputs.shape == (2, 3, 4, 6)
+    values = set(small.train.targets["segmentation"].unique().tolist())
+    assert values <= set(range(-1, 13))
+    assert set(small.train.targets["depth"].flatten().tolist()) <= set(
+        bench.train.targets["depth"][:2].flatten().tolist())
+
+
+def test_load_cityscapes_and_layout_errors(tmp_path: Path) -> None:
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    bench = load_cityscapes(tmp_path)
+    assert bench.train.task_names == ["segmentation", "depth"]
+    with pytest.raises(LayoutError, match="does not exist"):
+        load_cityscapes(tmp_path / "missing")
+    with pytest.raises(LayoutError, match="normal"):
+        load_nyuv2(tmp_path)  # no normal/ folder
+    (tmp_path / "train" / "depth" / "2.npy").unlink()
+    with pytest.raises(LayoutError, match="different instances"):
+        load_cityscapes(tmp_path)
+
+
+def test_loader_rejects_bad_labels(tmp_path: Path) -> None:
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    np.save(tmp_path / "train" / "label" / "0.npy", np.full((8, 12), 9.0, dtype=np.float32))
+    with pytest.raises(LayoutError, match="labels outside"):
+        load_cityscapes(tmp_path)
+
+
+# -- registry and cache --------------------------------------------------------------------------
+
+def test_tiny_benchmarks_generate_fast_and_are_cached(tmp_path: Path, monkeypatch) -> None:
+    for name in ("indoor", "street"):
+        start = time.perf_counter()
+        bench = load_benchmark(name, size="tiny", seed=1, cache_dir=tmp_path)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 5.0, f"{name} tiny took {elapsed:.2f}s"  # budget 2 s; slack for load
+        assert (len(bench.train), len(bench.test)) == (48, 24)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.endswith(".pt") for f in files)  # no temp files left
+    # A second load reads the cache: generating again would fail here.
+    def boom(*args, **kwargs):
+        raise AssertionError("generator called despite the cache")
+    monkeypatch.setitem(registry._GENERATED, "indoor", (boom, *registry._GENERATED["indoor"][1:]))
+    cached = load_benchmark("indoor", size="tiny", seed=1, cache_dir=tmp_path)
+    fresh = make_indoor(48, 24, size=(24, 32), seed=1)
+    _assert_same(cached, fresh)
+    assert cached.info["classes"] == fresh.info["classes"]
+    assert cached.info["train_cameras"] == fresh.info["train_cameras"]
+    json.dumps(cached.info)  # plain values only
+    assert cached.tasks == fresh.tasks
+
+
+def test_cache_location_key_and_corruption(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MTUNLEARN_CACHE", str(tmp_path / "env-cache"))
+    a = load_benchmark("street", size="tiny", seed=0)
+    files = list((tmp_path / "env-cache").iterdir())
+    assert len(files) == 1 and "street-tiny-seed0" in files[0].name
+    load_benchmark("street", size="tiny", seed=1)
+    assert len(list((tmp_path / "env-cache").iterdir())) == 2
+    # A truncated cache file is regenerated (with a warning), never trusted.
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="regenerating"):
+        b = load_benchmark("street", size="tiny", seed=0)
+    _assert_same(a, b)
+    assert os.path.getsize(files[0]) > 1000
+
+
+def test_registry_names_and_errors(tmp_path: Path) -> None:
+    digits = load_benchmark("digits", size="tiny")
+    assert digits.train.task_names == ["digit", "parity", "magnitude"]
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        load_benchmark("imagenet")
+    with pytest.raises(ValueError, match="unknown size"):
+        load_benchmark("indoor", size="huge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="data_root"):
+        load_benchmark("nyuv2")
+    _write_libmtl(tmp_path, with_normals=True)
+    nyu = load_benchmark("nyuv2", size="tiny", data_root=tmp_path)
+    assert nyu.train.inputs.shape[-2:] == (72, 96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        uncached = load_benchmark("indoor", size="tiny", use_cache=False)
+    assert len(uncached.train) == 48
+
+
+def test_registry_attaches_the_default_recipe() -> None:
+    from mtunlearn_ext.models import build_model
+    from mtunlearn_ext.training import TrainConfig
+
+    digits = load_benchmark("digits", size="tiny")
+    indoor = load_benchmark("indoor", size="tiny", use_cache=False)
+    for bench in (digits, indoor):
+        assert TrainConfig(**bench.info["train_config"]).epochs > 0
+        json.dumps(bench.info)  # plain values only
+    model = build_model(indoor)
+    recipe = indoor.info["model_config"]
+    assert model.backbone.out_channels == recipe["widths"][0]
+    assert model.heads["depth"][0][0].out_channels == recipe["head_hidden"]

@@ -1,0 +1,226 @@
+"""Metrics against hand-computed cases; evaluation on supervised pairs only; the membership
+attack; UIS and the retrain gap."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.metrics import (
+    METRICS,
+    angle_errors_deg,
+    confusion_matrix,
+    evaluate,
+    make_accumulator,
+    membership_attack,
+    mia_auc,
+    per_sample_task_losses,
+    retrain_gap,
+    retrain_gap_terms,
+    segmentation_scores,
+    uis,
+    uis_terms,
+)
+from mtunlearn_ext.models import MultiTaskModel
+
+SEG = TaskSpec("seg", "segmentation", num_classes=3)
+DEPTH = TaskSpec("depth", "depth")
+NORMALS = TaskSpec("normals", "normals")
+CLS = TaskSpec("cls", "classification", num_classes=3)
+
+
+# -- per-task metrics ----------------------------------------------------------------------------
+
+def test_confusion_matrix_and_segmentation_scores_by_hand() -> None:
+    target = torch.tensor([[0, 0, 1, -1], [0, 1, 2, 2]])
+    pred = torch.tensor([[0, 1, 1, 2], [0, 0, 2, 1]])
+    cm = confusion_matrix(pred, target, num_classes=3, ignore_index=-1)
+    # rows: label, columns: prediction; the ignored pixel is left out
+    assert cm.tolist() == [[2, 1, 0], [1, 1, 0], [0, 1, 1]]
+    scores = segmentation_scores(cm)
+    iou = [2 / (3 + 3 - 2), 1 / (2 + 3 - 1), 1 / (2 + 1 - 1)]
+    assert math.isclose(scores["miou"], sum(iou) / 3)
+    assert math.isclose(scores["pixel_acc"], 4 / 7)
+    # A class absent from labels and predictions is not averaged in (its IoU is 0/0).
+    cm4 = torch.zeros(4, 4, dtype=torch.long)
+    cm4[:3, :3] = cm
+    assert math.isclose(segmentation_scores(cm4)["miou"], sum(iou) / 3)
+
+
+def test_segmentation_accumulator_pools_over_batches() -> None:
+    acc = make_accumulator(SEG)
+    logits = torch.zeros(2, 3, 1, 2)
+    logits[0, 0, 0, 0] = logits[0, 1, 0, 1] = logits[1, 2, 0, 0] = logits[1, 2, 0, 1] = 1.0
+    target = torch.tensor([[[0, 1]], [[2, -1]]])
+    acc.update(logits[:1], target[:1])
+    acc.update(logits[1:], target[1:])
+    assert acc.count == 3
+    assert acc.compute() == {"miou": 1.0, "pixel_acc": 1.0}
+
+
+def test_depth_metrics_by_hand() -> None:
+    acc = make_accumulator(DEPTH)
+    pred = torch.tensor([1.0, 2.0, 4.0, 7.0]).reshape(1, 1, 2, 2)
+    gt = torch.tensor([1.0, 1.0, 5.0, 0.0]).reshape(1, 1, 2, 2)  # last pixel unknown
+    acc.update(pred, gt)
+    out = acc.compute()
+    assert math.isclose(out["abs_err"], (0 + 1 + 1) / 3)
+    assert math.isclose(out["rel_err"], (0 + 1 + 0.2) / 3)
+    # ratios 1, 2, 1.25: only the first is strictly below 1.25
+    assert math.isclose(out["delta_1.25"], 1 / 3)
+
+
+def _unit(deg: float) -> list[float]:
+    r = math.radians(deg)
+    return [math.sin(r), 0.0, math.cos(r)]
+
+
+def test_normal_metrics_by_hand() -> None:
+    angles = [0.0, 20.0, 45.0, 90.0, 10.0]
+    pred = torch.tensor([_unit(a) for a in angles] + [[1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 6)
+    target = torch.tensor([[0.0, 0.0, 1.0]] * 5 + [[0.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 6)
+    errors = angle_errors_deg(pred * 3.0, target)  # predictions need not be unit length
+    assert torch.allclose(errors, torch.tensor(angles, dtype=torch.double), atol=1e-6)
+    acc = make_accumulator(NORMALS)
+    acc.update(pred[..., :3], target[..., :3])
+    acc.update(pred[..., 3:], target[..., 3:])
+    out = acc.compute()
+    assert math.isclose(out["mean_angle"], sum(angles) / 5, rel_tol=1e-6)  # float32 inputs
+    assert abs(out["median_angle"] - 20.0) <= 0.005 + 1e-9  # half a 0.01-degree bin
+    assert math.isclose(out["within_11.25"], 2 / 5)
+    assert math.isclose(out["within_22.5"], 3 / 5)
+    assert math.isclose(out["within_30"], 3 / 5)
+    even = make_accumulator(NORMALS)
+    even.update(pred[..., :4], target[..., :4])
+    median = float(np.median(angles[:4]))
+    assert abs(even.compute()["median_angle"] - median) <= 0.005 + 1e-9
+
+
+def test_metric_table_names_every_reported_metric() -> None:
+    reported = set()
+    for spec in (SEG, DEPTH, NORMALS, CLS, TaskSpec("r", "regression")):
+        reported |= set(make_accumulator(spec).compute())
+    assert reported == set(METRICS)
+
+
+# -- evaluate: supervised pairs only -------------------------------------------------------------
+
+class _Echo(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _ReadLogits(nn.Module):
+    """Logits of 3 classes: one-hot of the class stored in input column ``column``."""
+
+    def __init__(self, column: int) -> None:
+        super().__init__()
+        self.column = column
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * nn.functional.one_hot(x[:, self.column].long(), 3).float()
+
+
+def _two_task_model() -> MultiTaskModel:
+    tasks = [CLS, TaskSpec("aux", "classification", num_classes=3)]
+    return MultiTaskModel(_Echo(), {"cls": _ReadLogits(0), "aux": _ReadLogits(1)}, tasks)
+
+
+def test_evaluate_counts_only_supervised_pairs() -> None:
+    model = _two_task_model()
+    # Column 0 is the model's "cls" prediction, column 1 its "aux" prediction.
+    inputs = torch.tensor([[0, 1], [1, 1], [2, 0], [0, 2]], dtype=torch.float32)
+    targets = {"cls": torch.tensor([0, 1, 1, 1]), "aux": torch.tensor([1, 0, 0, 2])}
+    sup = torch.tensor([[True, True], [True, False], [False, True], [False, True]])
+    data = MultiTaskDataset(inputs, targets, model.tasks, supervision=sup)
+    out = evaluate(model, data, batch_size=3)
+    assert out["cls"]["accuracy"] == 1.0        # the wrong rows 2, 3 are unsupervised
+    assert math.isclose(out["aux"]["accuracy"], 3 / 3)
+    only_cls = data.with_supervision(torch.tensor([[True, False]] * 4))
+    assert set(evaluate(model, only_cls)) == {"cls"}  # a task with no supervised pair is left out
+    losses = per_sample_task_losses(model, data)
+    assert torch.isnan(losses[2, 0]) and torch.isnan(losses[1, 1])
+    assert losses[0, 0] < 1e-3
+    model.train()
+    evaluate(model, data)
+    assert model.training  # mode restored
+
+
+# -- membership inference -------------------------------------------------------------------------
+
+class _Memoriser(nn.Module):
+    """Confident on inputs flagged as members (column 1 == 1), unsure otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label = nn.functional.one_hot(x[:, 0].long(), 3).float()
+        confidence = torch.where(x[:, 1:2] > 0, 8.0, 1.0) + x[:, 2:3]
+        return confidence * label
+
+
+def _mia_data(n: int, member: bool, seed: int) -> MultiTaskDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    noise = torch.rand(n, generator=g)
+    x = torch.stack([labels.float(), torch.full((n,), float(member)), noise], dim=1)
+    return MultiTaskDataset(x, {"cls": labels}, [CLS])
+
+
+def test_mia_separates_memorised_from_unseen_instances() -> None:
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test = _mia_data(200, True, 0), _mia_data(200, False, 1)
+    remembered, forgotten = _mia_data(40, True, 2), _mia_data(40, False, 3)
+    for attack in ("logistic", "loss"):
+        result = membership_attack(model, members, test, remembered, attack=attack)
+        assert result.auc > 0.99 and result.member_auc > 0.99
+        assert result.num_non_members_eval == 100 and result.tasks == ("cls",)
+        # A forget set that looks like unseen data gets an AUC near 0.5.
+        assert 0.3 < mia_auc(model, members, test, forgotten, attack=attack) < 0.7
+    with pytest.raises(ValueError, match="unknown attack"):
+        membership_attack(model, members, test, remembered, attack="svm")  # type: ignore[arg-type]
+
+
+# -- UIS and the retrain gap ----------------------------------------------------------------------
+
+def test_uis_by_hand() -> None:
+    original = {"seg": {"miou": 0.8, "pixel_acc": 0.9}, "depth": {"abs_err": 0.5}}
+    unlearned_test = {"seg": {"miou": 0.7, "pixel_acc": 0.9}, "depth": {"abs_err": 0.6}}
+    unlearned_forget = {"seg": {"miou": 0.9, "pixel_acc": 0.9}, "depth": {"abs_err": 0.4}}
+    # seg: miou (0.1/0.8 + 0.1/0.8)/2 = 12.5, pixel_acc 0 -> 6.25; depth (0.2 + 0.2)/2 = 20
+    assert math.isclose(uis(original, unlearned_test, unlearned_forget), (6.25 + 20.0) / 2)
+    terms = uis_terms(original, unlearned_test, unlearned_forget)
+    assert math.isclose(terms["depth"]["abs_err"]["forget_advantage"], 20.0)  # error fell: +
+    assert math.isclose(terms["seg"]["miou"]["forget_advantage"], 12.5)       # score rose: +
+    # Perfect: unchanged on test and the forget set at the unseen-data level.
+    assert uis(original, original, original) == 0.0
+    # Only tasks present in all three (partial-task forget sets have only the target tasks).
+    assert math.isclose(uis(original, unlearned_test, {"depth": {"abs_err": 0.4}}), 20.0)
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        value = uis({"a": {"accuracy": 0.0}, "b": {"accuracy": 0.5}},
+                    {"a": {"accuracy": 0.1}, "b": {"accuracy": 0.5}},
+                    {"a": {"accuracy": 0.1}, "b": {"accuracy": 0.25}})
+    assert math.isclose(value, 25.0)
+    with pytest.raises(KeyError, match="direction"):
+        uis({"a": {"f1": 0.5}}, {"a": {"f1": 0.5}}, {"a": {"f1": 0.5}})
+    assert uis({"a": {"f1": 0.5}}, {"a": {"f1": 0.4}}, {"a": {"f1": 0.5}},
+               higher_is_better={"f1": True}) == pytest.approx(10.0)
+
+
+def test_retrain_gap_by_hand() -> None:
+    unlearned = {"test": {"seg": {"miou": 0.7}, "depth": {"abs_err": 0.6}},
+                 "forget": {"seg": {"miou": 0.75}}}
+    retrained = {"test": {"seg": {"miou": 0.8}, "depth": {"abs_err": 0.5}},
+                 "forget": {"seg": {"miou": 0.75}}}
+    # bounded |0.7-0.8| = 0.1, relative |0.6-0.5|/0.5 = 0.2, 0, AUC |0.6-0.5| = 0.1
+    value = retrain_gap(unlearned, retrained, 0.6, 0.5)
+    assert math.isclose(value, 100 * (0.1 + 0.2 + 0.0 + 0.1) / 4)
+    terms = retrain_gap_terms(unlearned, retrained, 0.6, 0.5)
+    assert set(terms) == {"test/seg/miou", "test/depth/abs_err", "forget/seg/miou", "mia_auc"}
+    assert retrain_gap(retrained, retrained) == 0.0
+    with pytest.raises(ValueError, match="both"):
+        retrain_gap(unlearned, retrained, 0.6, None)

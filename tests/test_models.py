@@ -1,0 +1,145 @@
+"""Models: output contracts, the explicit parameter split, seeding, per-sample gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mtunlearn_ext.data import TaskSpec
+from mtunlearn_ext.data.digits import digits_tasks
+from mtunlearn_ext.data.indoor import indoor_tasks
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models import (
+    SHARED,
+    DenseMultiTaskNet,
+    MLPMultiTaskNet,
+    MultiTaskModel,
+    build_model,
+)
+
+DENSE_TASKS = indoor_tasks()
+
+
+def _dense(seed: int = 0) -> MultiTaskModel:
+    return build_model(DENSE_TASKS, input_shape=(3, 16, 24), seed=seed, widths=(8, 8, 16, 16))
+
+
+def test_dense_outputs_have_the_task_shapes_and_ranges() -> None:
+    model = _dense()
+    assert isinstance(model, DenseMultiTaskNet)
+    x = torch.randn(2, 3, 16, 24)
+    out = model(x)
+    assert set(out) == {"segmentation", "depth", "normals"}
+    assert out["segmentation"].shape == (2, 13, 16, 24)
+    assert out["depth"].shape == (2, 1, 16, 24) and (out["depth"] > 0).all()
+    assert out["normals"].shape == (2, 3, 16, 24)
+    assert torch.allclose(out["normals"].norm(dim=1), torch.ones(2, 16, 24), atol=1e-5)
+    only = model(x, ["depth"])
+    assert set(only) == {"depth"} and torch.allclose(only["depth"], out["depth"])
+    feats = model.features(x)
+    assert torch.allclose(model.head_forward("normals", feats), out["normals"])
+    with pytest.raises(ValueError, match="even"):
+        model(torch.randn(1, 3, 15, 24))
+    with pytest.raises(KeyError, match="unknown task"):
+        model.task_parameters("edges")
+
+
+def test_mlp_outputs() -> None:
+    model = build_model(digits_tasks(), input_shape=(64,), seed=0)
+    assert isinstance(model, MLPMultiTaskNet)
+    out = model(torch.rand(5, 64))
+    assert out["digit"].shape == (5, 10) and out["parity"].shape == (5, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: _dense(),
+                                  lambda: build_model(digits_tasks(), input_shape=(64,))])
+def test_parameter_split_is_a_partition(make) -> None:
+    model = make()
+    split = model.parameter_split()
+    named = dict(model.named_parameters())
+    assert sorted(split.all_names) == sorted(named)
+    assert len(set(split.all_names)) == len(split.all_names)
+    shared = model.shared_parameters()
+    assert [n for n, _ in shared] == list(split.shared)
+    assert all(named[n] is p for n, p in shared)
+    assert all(n.startswith("backbone.") for n in split.shared)
+    for task in model.task_names:
+        params = model.task_parameters(task)
+        assert params and all(named[n] is p for n, p in params)
+        assert all(split.owner(n) == task for n, _ in params)
+        assert split.names(task) == tuple(n for n, _ in params)
+        layer_params = [p for _, ps in model.task_layers(task) for p in ps]
+        assert {id(p) for p in layer_params} == {id(p) for _, p in params}
+    assert split.owner(split.shared[0]) == SHARED
+    # Per-layer groups cover the shared parameters exactly once, each group one module's own.
+    layers = model.shared_layers()
+    grouped = [p for _, ps in layers for p in ps]
+    assert len(grouped) == len(shared)
+    assert {id(p) for p in grouped} == {id(p) for _, p in shared}
+    modules = dict(model.named_modules())
+    for name, params in layers:
+        assert {id(p) for p in params} == {id(p) for p in modules[name].parameters(recurse=False)}
+    with pytest.raises(KeyError):
+        split.owner("nope")
+
+
+def test_parameter_split_rejects_tied_weights() -> None:
+    model = build_model(digits_tasks(), input_shape=(64,))
+    model.heads["parity"][0].weight = model.heads["digit"][0].weight
+    with pytest.raises(RuntimeError, match="tied"):
+        model.parameter_split()
+
+
+def test_build_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b, c = _dense(seed=1), _dense(seed=1), _dense(seed=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    for (na, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(),
+                                          c.named_parameters()):
+        assert torch.equal(pa, pb), na
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters())
+               if pa.dim() > 1)
+
+
+def test_depth_head_starts_at_the_prior() -> None:
+    model = build_model(DENSE_TASKS, input_shape=(3, 16, 24), depth_init=3.0)
+    bias = model.heads["depth"][1].bias
+    assert math.isclose(float(nn.functional.softplus(bias.detach())), 3.0, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="depth_init"):
+        build_model(DENSE_TASKS, input_shape=(3, 16, 24), depth_init=-1.0)
+
+
+def test_build_model_argument_errors() -> None:
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model(DENSE_TASKS)
+    with pytest.raises(ValueError, match="cannot mix"):
+        build_model([DENSE_TASKS[0], TaskSpec("c", "classification", num_classes=2)],
+                    input_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match=r"\[C, H, W\]"):
+        build_model(DENSE_TASKS, input_shape=(64,))
+
+
+def test_per_sample_gradients_with_torch_func_match_a_loop() -> None:
+    """GroupNorm keeps samples independent, so vmap'd per-sample gradients are exact."""
+    model = build_model(DENSE_TASKS, input_shape=(3, 16, 16), widths=(4, 4, 8, 16))
+    spec = DENSE_TASKS[1]  # depth
+    x = torch.randn(2, 3, 16, 16)
+    target = torch.rand(2, 1, 16, 16) + 0.5
+    params = {n: p.detach() for n, p in model.shared_parameters()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+
+    def loss_of(p: dict, xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, {**p, **frozen}, (xi[None], ["depth"]))
+        return task_loss(spec, out["depth"], ti[None])[0]
+
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(2):
+        model.zero_grad()
+        task_loss(spec, model(x[i:i + 1], ["depth"])["depth"], target[i:i + 1])[0].backward()
+        for name, p in model.shared_parameters():
+            assert torch.allclose(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4), name

@@ -1,0 +1,252 @@
+"""Task losses and their masking, the seeded trainer, and atomic checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtunlearn_ext.data import ForgetRequest, TaskSpec, load_benchmark
+from mtunlearn_ext.losses import masked_multitask_loss, task_loss
+from mtunlearn_ext.models import build_model
+from mtunlearn_ext.training import (
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+SEG = TaskSpec("seg", "segmentation", num_classes=3)
+DEPTH = TaskSpec("depth", "depth")
+NORMALS = TaskSpec("normals", "normals")
+CLS = TaskSpec("cls", "classification", num_classes=4)
+REG = TaskSpec("reg", "regression")
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+def test_segmentation_loss_averages_over_labelled_pixels_only() -> None:
+    logits = torch.randn(2, 3, 2, 2)
+    target = torch.tensor([[[0, 1], [-1, 2]], [[-1, -1], [-1, -1]]])
+    loss = task_loss(SEG, logits, target)
+    pixel_ce = [F.cross_entropy(logits[0, :, i, j][None], target[0, i, j][None])
+                for i, j in [(0, 0), (0, 1), (1, 1)]]
+    assert torch.allclose(loss[0], torch.stack(pixel_ce).mean())
+    assert loss[1] == 0  # no labelled pixel: zero, not NaN
+
+
+def test_depth_and_normals_losses_use_valid_pixels_only() -> None:
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 100.0]]]])
+    target = torch.tensor([[[[2.0, 2.0], [1.0, 0.0]]]])  # last pixel unknown
+    assert torch.allclose(task_loss(DEPTH, pred, target), torch.tensor([(1.0 + 0.0 + 2.0) / 3]))
+    n_pred = torch.zeros(1, 3, 1, 3)
+    n_pred[0, :, 0, 0] = torch.tensor([0.0, 0.0, 2.0])      # same direction, not unit length
+    n_pred[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])      # 90 degrees off
+    n_pred[0, :, 0, 2] = torch.tensor([0.0, 1.0, 0.0])      # target unknown
+    n_target = torch.zeros(1, 3, 1, 3)
+    n_target[0, 2, 0, 0] = 1.0
+    n_target[0, 2, 0, 1] = 1.0
+    assert torch.allclose(task_loss(NORMALS, n_pred, n_target), torch.tensor([(0.0 + 1.0) / 2]))
+
+
+def test_classification_and_regression_losses() -> None:
+    logits = torch.randn(3, 4)
+    y = torch.tensor([0, 3, -1])
+    loss = task_loss(CLS, logits, y)
+    assert torch.allclose(loss[:2], F.cross_entropy(logits[:2], y[:2], reduction="none"))
+    assert loss[2] == 0
+    assert torch.allclose(task_loss(REG, torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])),
+                          torch.tensor([2.5]))
+    with pytest.raises(ValueError, match="classification"):
+        task_loss(CLS, logits, y[:, None])
+
+
+def test_masked_multitask_loss_ignores_unsupervised_pairs() -> None:
+    tasks = [CLS, DEPTH]
+    logits = torch.randn(4, 4, requires_grad=True)
+    depth = torch.rand(4, 1, 2, 2, requires_grad=True)
+    y = torch.tensor([1, 2, 3, 0])
+    d_target = torch.rand(4, 1, 2, 2) + 0.5
+    d_target[2] = float("nan")  # an unsupervised pair's target may be anything
+    supervision = torch.tensor([[True, True], [False, True], [True, False], [False, False]])
+    batch = {"targets": {"cls": y, "depth": d_target}, "supervision": supervision}
+    total, per_task = masked_multitask_loss({"cls": logits, "depth": depth}, batch, tasks)
+    expected_cls = F.cross_entropy(logits[[0, 2]], y[[0, 2]])
+    expected_depth = task_loss(DEPTH, depth[[0, 1]], d_target[[0, 1]]).mean()
+    assert torch.allclose(per_task["cls"], expected_cls)
+    assert torch.allclose(per_task["depth"], expected_depth)
+    assert torch.allclose(total, expected_cls + expected_depth)
+    total.backward()
+    assert torch.isfinite(depth.grad).all()
+    assert (depth.grad[2:] == 0).all() and (logits.grad[[1, 3]] == 0).all()
+    # A task without a supervised sample contributes an exact zero and still backpropagates.
+    none = {"targets": batch["targets"], "supervision": torch.zeros(4, 2, dtype=torch.bool)}
+    zero, parts = masked_multitask_loss({"cls": logits, "depth": depth}, none, tasks)
+    assert zero.item() == 0 and parts["cls"].item() == 0
+    zero.backward()
+    # Weights and explicit column selection.
+    weighted, _ = masked_multitask_loss({"cls": logits, "depth": depth}, batch, tasks,
+                                        task_weights={"depth": 0.0})
+    assert torch.allclose(weighted, expected_cls)
+    with pytest.raises(ValueError, match="one column per task"):
+        masked_multitask_loss({"cls": logits}, batch, [CLS])
+
+
+# -- training ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_benchmark("digits", size="tiny")
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_short_training_lowers_the_loss_and_learns(digits) -> None:
+    model = build_model(digits, seed=0)
+    config = TrainConfig(epochs=6, batch_size=32, lr=3e-3, num_threads=1)
+    result = train(model, digits.train, None, config, progress=False)
+    assert result.steps == 6 * math.ceil(300 / 32)
+    assert result.epoch_losses[-1] < 0.5 * result.epoch_losses[0]
+    for task, losses in result.task_epoch_losses.items():
+        assert losses[-1] < losses[0], task
+    with torch.no_grad():
+        out = model(digits.test.inputs)
+    accuracy = (out["digit"].argmax(1) == digits.test.targets["digit"]).float().mean()
+    assert accuracy > 0.7
+
+
+def test_dense_training_lowers_the_loss() -> None:
+    bench = load_benchmark("indoor", size="tiny", use_cache=False)
+    model = build_model(bench, seed=0, widths=(8, 16, 16, 24))
+    small = bench.train.subset(range(24))
+    config = TrainConfig(epochs=4, batch_size=8, lr=3e-3, num_threads=1)
+    result = train(model, small, None, config, progress=False)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert all(math.isfinite(v) for v in result.epoch_losses)
+
+
+def test_training_is_deterministic_and_seeded(digits) -> None:
+    config = TrainConfig(epochs=2, batch_size=64, seed=7, num_threads=1)
+    runs = []
+    for _ in range(2):
+        model = build_model(digits, seed=1)
+        train(model, digits.train, None, config, progress=False)
+        runs.append(_params(model))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    other = build_model(digits, seed=1)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    other_config = TrainConfig(epochs=2, batch_size=64, seed=8, num_threads=1)
+    train(other, digits.train, None, other_config, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG restored
+    assert torch.get_num_threads() == threads  # thread count restored
+    assert any(not torch.equal(runs[0][n], p) for n, p in _params(other).items())
+
+
+def test_training_respects_the_supervision_mask(digits) -> None:
+    data = digits.train
+    # Partial-task retain set: the parity labels of 100 instances are removed.
+    request = ForgetRequest.create(data.ids[:100], ["parity"])
+    forget, retain = request.split(data)
+    assert len(retain) == len(data)
+    # No instance has a magnitude label: its head must not move; rows without any label are
+    # never batched.
+    sup = retain.supervision.clone()
+    sup[:, data.task_index("magnitude")] = False
+    sup[200:, :] = False
+    masked = retain.with_supervision(sup)
+    model = build_model(digits, seed=0)
+    before = _params(model)
+    result = train(model, masked, None, TrainConfig(epochs=1, batch_size=50, num_threads=1),
+                   progress=False)
+    assert result.num_rows == 200 and result.steps == 4
+    after = _params(model)
+    for name, _ in model.task_parameters("magnitude"):
+        assert torch.equal(before[name], after[name]), name
+    for name, _ in model.task_parameters("parity"):
+        assert not torch.equal(before[name], after[name]), name
+    # The same run restricted to one task by name trains only that head.
+    model2 = build_model(digits, seed=0)
+    train(model2, data, ["digit"], TrainConfig(epochs=1, batch_size=100, num_threads=1),
+          progress=False)
+    moved = _params(model2)
+    assert all(torch.equal(before[n], moved[n]) for n, _ in model2.task_parameters("parity"))
+    with pytest.raises(ValueError, match="no supervised pair"):
+        train(model, masked.subset(range(200, 210)), None, TrainConfig(epochs=1),
+              progress=False)
+
+
+def test_train_config_validation() -> None:
+    for bad in ({"epochs": -1}, {"batch_size": 0}, {"lr": 0.0}, {"lr": float("nan")},
+                {"optimizer": "lbfgs"}, {"schedule": "step"}, {"grad_clip": 0.0},
+                {"weight_decay": -1.0}, {"num_threads": 0}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    assert TrainConfig(task_weights={"a": 2.0}).to_dict()["task_weights"] == {"a": 2.0}
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def _tiny_model():
+    return build_model([CLS], input_shape=(6,), seed=0, hidden=(8,))
+
+
+def test_checkpoint_roundtrip_and_hash(tmp_path: Path) -> None:
+    model = _tiny_model()
+    path = tmp_path / "ckpt" / "model.pt"
+    sha = save_checkpoint(path, model, {"epochs": 3, "note": "x"})
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
+    fresh = build_model([CLS], input_shape=(6,), seed=5, hidden=(8,))
+    loaded = load_checkpoint(path, expected_sha256=sha, model=fresh)
+    assert loaded.meta == {"epochs": 3, "note": "x"} and loaded.sha256 == sha
+    for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    sha = save_checkpoint(path, _tiny_model())
+    other = build_model([CLS], input_shape=(6,), seed=9, hidden=(8,))
+    with pytest.raises(FileExistsError):
+        save_checkpoint(path, other)
+    assert load_checkpoint(path).sha256 == sha  # untouched
+    assert save_checkpoint(path, other, overwrite=True) != sha
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_truncated_or_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    sha = save_checkpoint(path, _tiny_model())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="expected"):
+        load_checkpoint(path, expected_sha256=sha)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an mtunlearn_ext checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "model.pt"
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _tiny_model())
+    assert list(tmp_path.iterdir()) == []
