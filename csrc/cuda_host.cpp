@@ -105,7 +105,8 @@ void combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64
                "combine");
 }
 
-void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out, double ridge) {
+void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out, double ridge,
+                 double pivot_floor) {
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1), m = rhs.size(-1);
@@ -114,7 +115,7 @@ void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor
   at::Tensor result = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
   check_launch(cuda::ridge_solve(gram.scalar_type() == at::kDouble, gram.data_ptr(), rhs.data_ptr(),
                                  result.data_ptr(), batch, static_cast<int>(k), static_cast<int>(m),
-                                 ridge, work.data_ptr<double>(), stream),
+                                 ridge, pivot_floor, work.data_ptr<double>(), stream),
                "ridge_solve");
   if (!result.is_same(out)) out.copy_(result);
 }

@@ -314,6 +314,26 @@ def test_project_nonconflicting_matches_nnls(device: str, dtype: torch.dtype, si
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_singular_grams_stay_finite_and_feasible(device: str, dtype: torch.dtype) -> None:
+    # More rows than dimensions: every Gram is singular. Found by the property tests.
+    for k, n in [(6, 1), (9, 2), (40, 7)]:
+        r = _rand(k, n, dtype=dtype, device=device, seed=k)
+        g = _rand(2, n, dtype=dtype, device=device, seed=n)
+        out = ops.project_out(g, r, ridge=0.0)
+        assert torch.isfinite(out).all()
+        # r spans R^n, so nothing is left (up to the Gram's rounding level).
+        assert float(out.abs().max()) <= (1e-5 if dtype == torch.float64 else 2e-3) * float(g.abs().max())
+        for sign in (1, -1):
+            d = ops.project_nonconflicting(g, r, sign=sign)
+            expected = np.stack([_nnls_projection(gi, r.double().cpu().numpy(), sign)
+                                 for gi in g.double().cpu().numpy()])
+            assert np.abs(d.double().cpu().numpy() - expected).max() <= 1e-4 * float(g.abs().max())
+            worst = float((sign * (d.double() @ r.double().T)).min())
+            assert worst >= -1e-4 * float(g.double().norm()) * float(r.double().norm(dim=1).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_project_nonconflicting_keeps_nonconflicting_rows(device: str) -> None:
     r = _rand(5, 300, dtype=torch.float64, device=device, seed=1)
     g = (r.sum(0, keepdim=True) * 3 + 0.01 * _rand(1, 300, dtype=torch.float64,

@@ -61,6 +61,6 @@ def check_finite_result(op: str, result: torch.Tensor, named: Sequence[tuple[str
                 "(or check_finite=False to let them propagate)"
             )
     raise FloatingPointError(
-        f"{op}: the Gram/inner-product accumulation overflowed to Inf (inputs are finite but "
-        "too large for the accumulation dtype); rescale the inputs"
+        f"{op}: the inputs are finite but the result is not: the Gram/inner-product accumulation "
+        "overflowed (inputs too large for the accumulation dtype; rescale them)"
     )

@@ -72,8 +72,8 @@ def ridge_solve(gram_matrix: torch.Tensor, rhs: torch.Tensor, ridge: float) -> t
     k = g64.shape[-1]
     lam = ridge_lambda(g64, ridge)
     system = g64 + lam[..., None, None] * torch.eye(k, dtype=torch.float64, device=g64.device)
-    # The compiled solver clamps Cholesky pivots from below at lambda; for a PSD Gram that only
-    # differs from this exact solve where G is numerically singular, which tests avoid comparing.
+    # The compiled solver drops rows whose Cholesky pivot is at the Gram's rounding level; for a
+    # PSD Gram that only differs from this exact solve where G is numerically singular.
     return torch.linalg.solve(system, rhs.to(torch.float64)).to(gram_matrix.dtype)
 
 

@@ -31,9 +31,12 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> t
 
     Args:
         gram: ``[..., k, k]`` symmetric PSD; rhs: ``[..., k, m]``.
-        ridge: relative Tikhonov term. Cholesky pivots are clamped from below at ``lambda``, so a
-            rank-deficient ``G`` (duplicated or dependent rows) is solved stably: directions in its
-            numerical null space get coefficient ~0 instead of blowing up.
+        ridge: relative Tikhonov term. A row whose Cholesky pivot falls below
+            ``eps * max_i G_ii`` (``eps`` = 1e-6 for a float32 Gram, the rounding level of its
+            fp32 accumulation; 1e-12 for float64) depends on the previous rows and is dropped
+            (coefficient 0), so a rank-deficient ``G`` (duplicated or dependent rows, more rows
+            than dimensions) is solved stably, even with ``ridge=0``: the result is still the
+            least-squares solution on the span.
 
     Returns:
         ``a``: ``[..., k, m]``.

@@ -94,7 +94,7 @@ int combine(ScalarKind kind, const CombineSegment* segments, const ReduceItem* i
 
 // One thread per problem, in double; inputs/outputs in the accumulation type (dbl: double).
 int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
-                int m, double ridge, double* workspace, void* stream);
+                int m, double ridge, double pivot_floor, double* workspace, void* stream);
 int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
                         int k, int m, double* workspace, int* int_workspace, void* stream);
 int pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,

@@ -32,18 +32,26 @@ MTU_HD double ridge_lambda(const double* gram, int k, double ridge) {
   return ridge * (mean_diag > 0.0 ? mean_diag : 0.0) + DBL_MIN;
 }
 
-// In-place Cholesky of (A + lam I) restricted to the rows/cols listed in `idx` (size k_sub),
-// reading A with leading dimension `lda` and writing L into `l` (k_sub x k_sub, row-major).
-// Pivots are clamped from below at `lam`: for a PSD Gram that is rank-deficient only by
-// rounding, this keeps the factor finite and makes near-null directions contribute ~0 instead
-// of amplifying noise. NaN pivots are kept so that non-finite inputs surface in the result.
-MTU_HD void cholesky_clamped(const double* a, int lda, const int* idx, int k_sub, double lam,
-                             double* l) {
+// Cholesky of (A + lam I) restricted to the rows/cols listed in `idx` (size k_sub), reading A
+// with leading dimension `lda` and writing L into `l` (k_sub x k_sub, row-major). A pivot below
+// `floor` (the Gram's rounding level) means that row depends on the previous ones: it is dropped
+// (its column of L is zero and its diagonal is the sentinel 0, so cholesky_solve gives it a
+// zero coefficient). For dependent rows that is still the exact least-squares projection (they
+// add nothing to the span), and unlike clamping the pivot it cannot amplify rounding noise.
+// NaN pivots are kept so that non-finite inputs surface. Returns the number of dropped rows.
+MTU_HD int cholesky_dropping(const double* a, int lda, const int* idx, int k_sub, double lam,
+                             double floor, double* l) {
+  int dropped = 0;
   for (int j = 0; j < k_sub; ++j) {
     const int gj = idx ? idx[j] : j;
     double d = a[gj * lda + gj] + lam;
     for (int p = 0; p < j; ++p) d -= l[j * k_sub + p] * l[j * k_sub + p];
-    if (!(d >= lam) && d == d) d = lam;
+    for (int i = 0; i < j; ++i) l[i * k_sub + j] = 0.0;
+    if (!(d > floor) && d == d) {
+      ++dropped;
+      for (int i = j; i < k_sub; ++i) l[i * k_sub + j] = 0.0;
+      continue;
+    }
     const double ljj = sqrt(d);
     l[j * k_sub + j] = ljj;
     for (int i = j + 1; i < k_sub; ++i) {
@@ -52,30 +60,55 @@ MTU_HD void cholesky_clamped(const double* a, int lda, const int* idx, int k_sub
       for (int p = 0; p < j; ++p) s -= l[i * k_sub + p] * l[j * k_sub + p];
       l[i * k_sub + j] = s / ljj;
     }
-    for (int i = 0; i < j; ++i) l[i * k_sub + j] = 0.0;
   }
+  return dropped;
 }
 
-// Solve L L^T x = b in place (b has stride `inc`).
+// Largest diagonal entry (the scale that pivot floors are relative to).
+MTU_HD double max_diagonal(const double* gram, int k) {
+  double m = 0.0;
+  for (int i = 0; i < k; ++i) m = dmax(m, gram[i * k + i]);
+  return m;
+}
+
+// Solve L L^T x = b in place (b has stride `inc`); dropped rows (diagonal 0) get x = 0.
 MTU_HD void cholesky_solve(const double* l, int k, double* b, int64_t inc) {
   for (int i = 0; i < k; ++i) {
+    const double lii = l[i * k + i];
+    if (lii == 0.0) {
+      b[i * inc] = 0.0;
+      continue;
+    }
     double s = b[i * inc];
     for (int p = 0; p < i; ++p) s -= l[i * k + p] * b[p * inc];
-    b[i * inc] = s / l[i * k + i];
+    b[i * inc] = s / lii;
   }
   for (int i = k - 1; i >= 0; --i) {
+    const double lii = l[i * k + i];
+    if (lii == 0.0) continue;
     double s = b[i * inc];
     for (int p = i + 1; p < k; ++p) s -= l[p * k + i] * b[p * inc];
-    b[i * inc] = s / l[i * k + i];
+    b[i * inc] = s / lii;
   }
 }
 
 // (G + lam I) X = RHS for one problem. gram: k x k (double); rhs/out: k x m with row stride m.
+// Rows whose pivot falls below pivot_floor * max diag G are dropped as dependent: `pivot_floor`
+// is the relative rounding level of the Gram (1e-6 when it was accumulated in fp32, 1e-12 in
+// fp64), so even ridge = 0 gives the finite least-squares projection on a singular Gram.
 // scratch: k*k doubles.
 MTU_HD void ridge_solve(const double* gram, int k, const double* rhs, int m, double ridge,
-                        double* out, double* scratch) {
+                        double pivot_floor, double* out, double* scratch) {
+  bool finite = true;
+  for (int i = 0; i < k * k; ++i) finite = finite && is_finite(gram[i]);
+  for (int i = 0; i < k * m; ++i) finite = finite && is_finite(rhs[i]);
+  if (!finite) {  // non-finite input must surface in the coefficients, not be dropped
+    for (int i = 0; i < k * m; ++i) out[i] = NAN;
+    return;
+  }
   const double lam = ridge_lambda(gram, k, ridge);
-  cholesky_clamped(gram, k, nullptr, k, lam, scratch);
+  cholesky_dropping(gram, k, nullptr, k, lam, pivot_floor * max_diagonal(gram, k) + DBL_MIN,
+                    scratch);
   for (int i = 0; i < k * m; ++i) out[i] = rhs[i];
   for (int c = 0; c < m; ++c) cholesky_solve(scratch, k, out + c, m);
 }
@@ -130,7 +163,11 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
   for (int i = 0; i < k; ++i)
     if (w[i] > 0.0) idx[na++] = i;
   if (na == 0) return;
-  cholesky_clamped(gram, k, idx, na, 1e-15 * gram[idx[0] * k + idx[0]] + DBL_MIN, factor);
+  // A singular active block (dependent r_j, e.g. more constraints than dimensions) has no
+  // unique exact solution: keep the coordinate-descent answer then.
+  double active_scale = 0.0;
+  for (int a = 0; a < na; ++a) active_scale = dmax(active_scale, gram[idx[a] * k + idx[a]]);
+  if (cholesky_dropping(gram, k, idx, na, 0.0, 1e-9 * active_scale + DBL_MIN, factor) > 0) return;
   for (int a = 0; a < na; ++a) trial[a] = -c[idx[a]];
   cholesky_solve(factor, na, trial, 1);
   for (int a = 0; a < na; ++a)

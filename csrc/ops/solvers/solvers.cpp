@@ -39,6 +39,9 @@ void check_rhs(const at::Tensor& gram, const at::Tensor& rhs, bool rows_are_k, c
                     ", got ", rhs.sizes());
 }
 
+// Relative rounding level of a Gram matrix of this dtype (fp32 accumulation vs fp64).
+double pivot_floor(const at::Tensor& gram) { return gram.scalar_type() == at::kDouble ? 1e-12 : 1e-6; }
+
 // Solver inputs as contiguous double on the CPU path (the problems are tiny).
 at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -55,7 +58,7 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
   if (!gram.is_cpu()) {
 #ifdef MTU_WITH_CUDA
     at::Tensor g = gram.contiguous();
-    cuda_host::ridge_solve(g, rhs.to(g.scalar_type()).contiguous(), out, ridge);
+    cuda_host::ridge_solve(g, rhs.to(g.scalar_type()).contiguous(), out, ridge, pivot_floor(gram));
     return out;
 #else
     TORCH_CHECK(false, op, ": this build has no CUDA kernels");
@@ -67,11 +70,12 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
   const double* gp = g.data_ptr<double>();
   const double* rp = r.data_ptr<double>();
   double* op_ = o.data_ptr<double>();
+  const double floor = pivot_floor(gram);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(k * k);
     for (int64_t b = begin; b < end; ++b)
       solvers::ridge_solve(gp + b * k * k, static_cast<int>(k), rp + b * k * m, static_cast<int>(m),
-                           ridge, op_ + b * k * m, scratch.data());
+                           ridge, floor, op_ + b * k * m, scratch.data());
   });
   out.copy_(o);
   return out;

@@ -13,7 +13,7 @@ constexpr int kThreads = 64;
 template <typename A>
 __global__ void ridge_solve_kernel(const A* __restrict__ gram, const A* __restrict__ rhs,
                                    A* __restrict__ out, int64_t batch, int k, int m, double ridge,
-                                   double* __restrict__ workspace) {
+                                   double pivot_floor, double* __restrict__ workspace) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   const int64_t kk = static_cast<int64_t>(k) * k, km = static_cast<int64_t>(k) * m;
@@ -24,7 +24,7 @@ __global__ void ridge_solve_kernel(const A* __restrict__ gram, const A* __restri
   double* o = r + km;
   for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
   for (int64_t e = 0; e < km; ++e) r[e] = static_cast<double>(rhs[b * km + e]);
-  solvers::ridge_solve(g, k, r, m, ridge, o, scratch);
+  solvers::ridge_solve(g, k, r, m, ridge, pivot_floor, o, scratch);
   for (int64_t e = 0; e < km; ++e) out[b * km + e] = static_cast<A>(o[e]);
 }
 
@@ -73,16 +73,16 @@ unsigned blocks_for(int64_t problems) {
 }  // namespace
 
 int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
-                int m, double ridge, double* workspace, void* stream_ptr) {
+                int m, double ridge, double pivot_floor, double* workspace, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (dbl) {
     ridge_solve_kernel<double><<<blocks_for(batch), kThreads, 0, stream>>>(
         static_cast<const double*>(gram), static_cast<const double*>(rhs), static_cast<double*>(out),
-        batch, k, m, ridge, workspace);
+        batch, k, m, ridge, pivot_floor, workspace);
   } else {
     ridge_solve_kernel<float><<<blocks_for(batch), kThreads, 0, stream>>>(
         static_cast<const float*>(gram), static_cast<const float*>(rhs), static_cast<float*>(out),
-        batch, k, m, ridge, workspace);
+        batch, k, m, ridge, pivot_floor, workspace);
   }
   return static_cast<int>(cudaGetLastError());
 }
