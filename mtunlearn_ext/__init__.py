@@ -11,4 +11,20 @@ from mtunlearn_ext import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_info", "has_extension", "ops"]
+__all__ = ["ForgetRequest", "__version__", "build_info", "has_extension", "ops", "unlearn"]
+
+# The unlearning API pulls in data, models and every method; it is loaded on first use so that
+# ``import mtunlearn_ext`` (and ``mtunlearn_ext.ops``) stays as light as before.
+_LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
+         "ForgetRequest": ("mtunlearn_ext.data.request", "ForgetRequest")}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mtunlearn_ext' has no attribute {name!r}")

@@ -36,6 +36,10 @@ from mtunlearn_ext.unlearning.registry import (
 from mtunlearn_ext.unlearning.terms import ForgetTerms, RetainTerms, forget_terms, retain_terms
 from mtunlearn_ext.unlearning import baselines  # noqa: E402,F401  (registers the baselines)
 from mtunlearn_ext.unlearning.baselines import BASELINES
+from mtunlearn_ext.unlearning.interference_aware import (  # noqa: E402  (registers the method)
+    InterferenceAware,
+    InterferenceAwareConfig,
+)
 
 __all__ = [
     "BASELINES",
@@ -46,6 +50,8 @@ __all__ = [
     "ForgetObjective",
     "ForgetTerms",
     "GradientUnlearner",
+    "InterferenceAware",
+    "InterferenceAwareConfig",
     "ParameterGroups",
     "RetainTerms",
     "StepConfig",

@@ -263,11 +263,24 @@ class Unlearner(ABC):
     def unlearn(self, problem: UnlearningProblem) -> UnlearningResult:
         """Unlearn ``problem`` and return a new model; ``problem.model`` is left untouched.
 
-        Seeds Python/NumPy/torch from ``problem.seed`` (so a run is reproducible on one device),
+        Seeds Python/NumPy/torch from ``problem.seed`` inside a forked random state (so a run is
+        reproducible on one device and the caller's generators are left as they were),
         deep-copies the model to ``problem.device``, runs :meth:`_unlearn` and returns the copy
         in eval mode with a report.
         """
         problem.validate()
+        device = torch.device(problem.device)
+        # The caller's random state is left as it was: the run draws from seeded forks.
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        fork_devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=fork_devices):
+                return self._run(problem, device)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def _run(self, problem: UnlearningProblem, device: torch.device) -> UnlearningResult:
         start = time.perf_counter()
         generator = seed_everything(problem.seed)
         # The input model is never handed to a method: either a private copy or nothing.
@@ -288,7 +301,7 @@ class Unlearner(ABC):
         if model is None:
             raise RuntimeError(f"{type(self).__name__}._unlearn returned no model")
         model.eval()
-        if torch.device(problem.device).type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()  # wall time must include the queued kernels
         report.wall_time_s = time.perf_counter() - start
         report.curves, report.curve_steps = recorder.curves, recorder.steps

@@ -15,7 +15,7 @@ inside the optimizer.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -158,6 +158,13 @@ class GradientUnlearner(Unlearner):
 
     config: StepConfig
 
+    def __init__(self, config: UnlearnerConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        #: Called as ``callback(steps_done, model)`` after every optimizer step, to watch a run
+        #: (e.g. evaluate along the trajectory when choosing a step budget). A callback must not
+        #: modify the model; evaluation that switches to eval mode must switch back.
+        self.step_callbacks: list[Callable[[int, nn.Module], None]] = []
+
     # -- hooks -------------------------------------------------------------------------------
 
     def setup(self, ctx: StepContext, report: UnlearningReport) -> None:
@@ -262,6 +269,8 @@ class GradientUnlearner(Unlearner):
                 self._fill_missing_stats(ctx, stats, forget_batch, retain_batch)
                 self._log(recorder, step, stats, grad_norm)
             optimizer.step()
+            for callback in self.step_callbacks:
+                callback(step + 1, model)
         report.steps = cfg.steps
         return None
 

@@ -1,0 +1,398 @@
+"""The issue-4 evaluation: the interference-aware method against every baseline, with ablations.
+
+    python benchmarks/unlearning_eval.py                       # indoor+street, full+partial, 3 seeds
+    python benchmarks/unlearning_eval.py --summarize-only      # rebuild the tables from the JSONs
+    python benchmarks/unlearning_eval.py --tune --benchmarks indoor --seeds 0   # the lr/step grid
+
+Every (benchmark, request, seed) is one run of the experiment runner
+(:func:`mtunlearn_ext.experiment.run_experiment`: original and retrained models cached, every
+method evaluated on forget / retain / test with the membership attack, UIS and the retrain gap),
+with the fixed settings of :mod:`mtunlearn_ext.unlearning.presets`. A finished run's JSON is kept
+and reused, so an interrupted evaluation resumes where it stopped. The full and partial requests
+of one (benchmark, seed) run in the same worker, so the original model is trained once.
+
+The summary (``summary.md`` and ``summary.json`` in the output folder) gives, per benchmark and
+request, the mean and standard deviation over seeds of each method's UIS, retrain gap, forget-set
+attack AUC (and its distance to the retrained model's), unlearning wall time and its ratio to the
+retraining time, and checks the issue's targets for ``interference_aware``:
+UIS <= 0.7x (full) / 0.5x (partial) the best baseline's, the lowest retrain gap of all methods,
+|AUC - AUC_retrained| <= 0.05, and wall time <= 15% of retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository's package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtunlearn_ext.experiment import ExperimentConfig, run_experiment, write_json_atomic  # noqa: E402
+from mtunlearn_ext.unlearning.baselines import BASELINES  # noqa: E402
+from mtunlearn_ext.unlearning.presets import ABLATIONS, tuned_settings  # noqa: E402
+
+METHOD = "interference_aware"
+STEP_BASELINES = [m for m in BASELINES if m != "retrain"]
+ALL_METHODS = ["retrain", *STEP_BASELINES, METHOD, *ABLATIONS]
+UIS_TARGET = {"full": 0.7, "partial": 0.5}
+MIA_TOLERANCE = 0.05
+TIME_TARGET = 0.15
+
+
+def _config(benchmark: str, request: str, seed: int, args: argparse.Namespace,
+            output: Path) -> ExperimentConfig:
+    methods = list(args.methods)
+    return ExperimentConfig(
+        benchmark=benchmark, size=args.size, request=request, forget_fraction=args.forget_fraction,
+        target_tasks=[args.partial_task] if request == "partial" else None, methods=methods,
+        method_configs=tuned_settings(request, methods), seed=seed, output=str(output),
+        cache_dir=args.cache_dir, train_overrides=dict(args.train), threads=args.threads,
+        progress=False)
+
+
+def _complete(path: Path, methods: Sequence[str]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        models = json.loads(path.read_text())["models"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all(m in models for m in methods)
+
+
+def _run_unit(benchmark: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """Both requests of one (benchmark, seed), in order (one original model)."""
+    done = []
+    for request in args.requests:
+        path = Path(args.output_dir) / "runs" / f"{benchmark}-{request}-seed{seed}.json"
+        if _complete(path, args.methods) and not args.rerun:
+            done.append(f"{path} (kept)")
+            continue
+        start = time.perf_counter()
+        run_experiment(_config(benchmark, request, seed, args, path))
+        done.append(f"{path} ({time.perf_counter() - start:.0f}s)")
+        print(f"finished {path.name} in {time.perf_counter() - start:.0f}s", flush=True)
+    return done
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[str],
+              methods: Sequence[str]) -> dict[str, Any]:
+    """Mean/std over the seeds found on disk, per benchmark, request and method, and the
+    issue's targets checked for the interference-aware method."""
+    summary: dict[str, Any] = {}
+    for benchmark in benchmarks:
+        for request in requests:
+            runs = sorted((output_dir / "runs").glob(f"{benchmark}-{request}-seed*.json"))
+            results = [json.loads(p.read_text()) for p in runs]
+            results = [r for r in results if all(m in r["models"] for m in methods)]
+            if not results:
+                continue
+            seeds = [r["config"]["seed"] for r in results]
+            rows: dict[str, dict[str, Any]] = {}
+            for label in ["original", *methods]:
+                if label == "retrain":
+                    continue
+                def values(key: str, label: str = label) -> list[float]:
+                    return [r["models"][label].get(key) for r in results]
+                retrain_time = [r["models"]["retrained"]["wall_time_s"] for r in results]
+                mia = values("mia_auc")
+                gold_mia = [r["models"]["retrained"]["mia_auc"] for r in results]
+                row = {
+                    "uis": _mean_std(values("uis")),
+                    "retrain_gap": _mean_std(values("retrain_gap")),
+                    "mia_auc": _mean_std(mia),
+                    "mia_distance": _mean_std([abs(a - b) for a, b in zip(mia, gold_mia)]),
+                    "wall_time_s": _mean_std(values("wall_time_s")),
+                    "time_ratio": _mean_std([w / t if w is not None and t else math.nan
+                                             for w, t in zip(values("wall_time_s"),
+                                                             retrain_time)]),
+                }
+                if label == "original":
+                    # The untouched model, scored like an unlearned one (UIS against itself).
+                    row["uis"] = _mean_std([_original_uis(r) for r in results])
+                    row["retrain_gap"] = _mean_std([_original_gap(r) for r in results])
+                    row["wall_time_s"] = row["time_ratio"] = (math.nan, math.nan)
+                rows[label] = row
+            rows["retrained"] = {
+                "uis": _mean_std([r["models"]["retrained"].get("uis") for r in results]),
+                "retrain_gap": (0.0, 0.0),
+                "mia_auc": _mean_std([r["models"]["retrained"]["mia_auc"] for r in results]),
+                "mia_distance": (0.0, 0.0),
+                "wall_time_s": _mean_std([r["models"]["retrained"]["wall_time_s"]
+                                          for r in results]),
+                "time_ratio": (1.0, 0.0),
+            }
+            baselines = [m for m in methods if m in STEP_BASELINES]
+            checks: dict[str, Any] = {}
+            if METHOD in rows and baselines:
+                best = min(baselines, key=lambda m: rows[m]["uis"][0])
+                ratio = rows[METHOD]["uis"][0] / rows[best]["uis"][0]
+                others = [m for m in methods if m not in (METHOD, "retrain")]
+                lowest_gap = min(others, key=lambda m: rows[m]["retrain_gap"][0])
+                checks = {
+                    "best_baseline_by_uis": best,
+                    "uis_ratio": ratio,
+                    "uis_target": UIS_TARGET[request],
+                    "uis_ok": ratio <= UIS_TARGET[request],
+                    "lowest_gap_other": lowest_gap,
+                    "gap_ok": rows[METHOD]["retrain_gap"][0] <= rows[lowest_gap]["retrain_gap"][0],
+                    "mia_distance": rows[METHOD]["mia_distance"][0],
+                    "mia_ok": rows[METHOD]["mia_distance"][0] <= MIA_TOLERANCE,
+                    "time_ratio": rows[METHOD]["time_ratio"][0],
+                    "time_ok": rows[METHOD]["time_ratio"][0] <= TIME_TARGET,
+                }
+            summary[f"{benchmark}/{request}"] = {"seeds": seeds, "methods": rows,
+                                                 "targets": checks,
+                                                 "settings": results[0]["config"]["method_configs"],
+                                                 "recipe": results[0]["recipe"]}
+    return summary
+
+
+def _original_uis(result: Mapping[str, Any]) -> float:
+    from mtunlearn_ext.metrics import uis
+
+    original = result["models"]["original"]["metrics"]
+    return uis(original["test"], original["test"], original["forget"],
+               tasks=result["request"]["target_tasks"])
+
+
+def _original_gap(result: Mapping[str, Any]) -> float:
+    from mtunlearn_ext.metrics import retrain_gap
+
+    return retrain_gap(result["models"]["original"]["metrics"],
+                       result["models"]["retrained"]["metrics"],
+                       result["models"]["original"]["mia_auc"],
+                       result["models"]["retrained"]["mia_auc"])
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: tuples as lists, NaN/inf as None (JSON has neither)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
+    mean, std = pair
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def to_markdown(summary: Mapping[str, Any]) -> str:
+    lines = ["# Unlearning evaluation (mean ± std over seeds)", ""]
+    for key, block in summary.items():
+        lines += [f"## {key} (seeds {block['seeds']})", "",
+                  "| method | UIS ↓ | retrain gap ↓ | MIA AUC | abs(AUC − AUC_retrained) ↓ | "
+                  "wall time (s) | time / retrain |",
+                  "|---|---|---|---|---|---|---|"]
+        order = ["original", "retrained", *[m for m in block["methods"]
+                                            if m not in ("original", "retrained")]]
+        for label in order:
+            row = block["methods"][label]
+            name = f"**{label}**" if label == METHOD else label
+            lines.append(f"| {name} | {_fmt(row['uis'])} | {_fmt(row['retrain_gap'])} | "
+                         f"{_fmt(row['mia_auc'], 3)} | {_fmt(row['mia_distance'], 3)} | "
+                         f"{_fmt(row['wall_time_s'], 1)} | {_fmt(row['time_ratio'], 3)} |")
+        t = block["targets"]
+        if t:
+            def mark(ok: bool) -> str:
+                return "met" if ok else "NOT met"
+            lines += ["", f"Targets for `{METHOD}`:",
+                      f"- UIS ratio to the best baseline (`{t['best_baseline_by_uis']}`): "
+                      f"{t['uis_ratio']:.2f} (target <= {t['uis_target']}): {mark(t['uis_ok'])}",
+                      f"- lowest retrain gap of all methods (next best: `{t['lowest_gap_other']}`):"
+                      f" {mark(t['gap_ok'])}",
+                      f"- abs(MIA AUC - retrained's) = {t['mia_distance']:.3f} "
+                      f"(target <= {MIA_TOLERANCE}): {mark(t['mia_ok'])}",
+                      f"- wall time / retraining time = {t['time_ratio']:.3f} "
+                      f"(target <= {TIME_TARGET}): {mark(t['time_ok'])}"]
+        lines.append("")
+    lines += ["UIS and the retrain gap are x100 (lower is better). 'original' is the untouched "
+              "model scored like an unlearned one; 'retrained' is the gold model (its UIS is its "
+              "own distance from the original). Wall times are measured on a shared 2-core CPU; "
+              "the retraining time is the training run of the cached gold model.", ""]
+    return "\n".join(lines)
+
+
+# -- the tuning grid ---------------------------------------------------------------------------
+
+
+def selection_score(metrics: Mapping[str, Any], gold: Mapping[str, Any],
+                    original: Mapping[str, Any]) -> float:
+    """What hyper-parameters are chosen by (x100, lower is better), from training data only:
+
+    ``0.5 * mean_k |u^F_k - g^F_k| + 0.5 * mean_k |u^R_k - o^R_k|`` over the forget-pair metrics
+    (unlearned ``u`` vs retrained ``g``: the forget pairs should look as if never trained on) and
+    the retain-pair metrics (unlearned vs original ``o``: what is kept should stay as it was),
+    each term normalised as in :func:`~mtunlearn_ext.metrics.retrain_gap`. The plain retrain gap
+    on the retain pairs would also reward moving the retained pairs toward the retrained model's
+    own training noise (a different run, ~0.07 mIoU apart here), which no unlearning method can
+    or should imitate.
+    """
+    from mtunlearn_ext.metrics import retrain_gap_terms
+
+    forget = list(retrain_gap_terms({"forget": metrics["forget"]},
+                                    {"forget": gold["forget"]}).values())
+    retain = list(retrain_gap_terms({"retain": metrics["retain"]},
+                                    {"retain": original["retain"]}).values())
+    return 0.5 * statistics.fmean(forget) + 0.5 * statistics.fmean(retain)
+
+
+def run_tuning(args: argparse.Namespace) -> int:
+    """For every step-based method and learning rate, one run scored at each step budget of
+    ``--checkpoints`` (a run of ``s`` steps is the first ``s`` steps of a longer one: constant
+    learning rate, same seeded batches) by :func:`selection_score` on the forget pairs and a
+    fixed subset of the retain pairs. The test split and the attack are never used."""
+    import torch
+
+    from mtunlearn_ext.experiment import prepare_experiment
+    from mtunlearn_ext.metrics import evaluate, retrain_gap
+    from mtunlearn_ext.unlearning import get_unlearner
+
+    out = Path(args.output_dir) / "tuning"
+    for benchmark in args.benchmarks:
+        for seed in args.seeds:
+            for request in args.requests:
+                methods = [m for m in args.methods if m != "retrain" and m not in ABLATIONS]
+                config = _config(benchmark, request, seed, args, out / "unused.json")
+                config.methods, config.method_configs = [], {}
+                prepared = prepare_experiment(config)
+                problem = prepared.problem(config)
+                generator = torch.Generator().manual_seed(seed)
+                rows = torch.randperm(len(prepared.retain), generator=generator)[:args.retain_eval]
+                splits = {"forget": prepared.forget, "retain": prepared.retain.subset(rows)}
+
+                def scores(model: Any) -> dict[str, Any]:
+                    return {n: evaluate(model, d, None, 64) for n, d in splits.items()}
+
+                gold, original = scores(prepared.retrained), scores(prepared.original)
+                records: list[dict[str, Any]] = [{
+                    "method": "original", "score": selection_score(original, gold, original),
+                    "gap": retrain_gap(original, gold)}]
+                best: dict[str, dict[str, Any]] = {}
+                base = tuned_settings(request, methods)
+                budgets = {m: [c for c in args.checkpoints
+                               if m != METHOD or c <= args.method_max_steps] for m in methods}
+                for method in methods:
+                    for lr in args.lrs:
+                        settings = {**base.get(method, {}), "lr": lr,
+                                    "steps": max(budgets[method])}
+                        unlearner = get_unlearner(method, settings)
+                        start = time.perf_counter()
+
+                        def watch(steps: int, model: Any, method: str = method, lr: float = lr,
+                                  settings: dict[str, Any] = settings,
+                                  start: float = start) -> None:
+                            if steps not in budgets[method]:
+                                return
+                            metrics = scores(model)
+                            record = {"method": method, "lr": lr, "steps": steps,
+                                      "score": selection_score(metrics, gold, original),
+                                      "gap": retrain_gap(metrics, gold),
+                                      "seconds": time.perf_counter() - start,
+                                      "settings": {**settings, "steps": steps},
+                                      "metrics": metrics}
+                            records.append(record)
+                            print(f"{benchmark}/{request} {method:22s} lr={lr:<7g} "
+                                  f"steps={steps:<3d} score={record['score']:6.3f} "
+                                  f"gap={record['gap']:6.3f}", flush=True)
+                            if method not in best or record["score"] < best[method]["score"]:
+                                best[method] = record
+
+                        unlearner.step_callbacks.append(watch)
+                        unlearner.unlearn(problem)
+                path = out / f"{benchmark}-{request}-seed{seed}.json"
+                write_json_atomic(path, _plain({"records": records, "gold": gold,
+                                                "original": original,
+                                                "best": {m: r["settings"]
+                                                         for m, r in best.items()}}))
+                print(f"{path}: original score {records[0]['score']:.3f}")
+                for method, record in best.items():
+                    print(f"  {method:24s} score={record['score']:.3f} gap={record['gap']:.3f} "
+                          f"lr={record['lr']} steps={record['steps']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmarks", default="indoor,street")
+    parser.add_argument("--requests", default="full,partial")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--forget-fraction", type=float, default=0.1)
+    parser.add_argument("--partial-task", default="segmentation",
+                        help="target task of the partial requests")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--train", type=json.loads, default={},
+                        help="JSON overrides of the benchmarks' default training recipe")
+    parser.add_argument("--output-dir", default="runs/unlearning_eval")
+    parser.add_argument("--cache-dir", default=".cache/mtunlearn")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="(benchmark, seed) units run in parallel processes")
+    parser.add_argument("--rerun", action="store_true", help="ignore finished run files")
+    parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="run the lr/step grid instead")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--checkpoints", default="10,15,20,25,40,60")
+    parser.add_argument("--method-max-steps", type=int, default=25,
+                        help="largest step budget tried for the interference-aware method (its "
+                             "wall-time target: <= 15%% of retraining)")
+    parser.add_argument("--retain-eval", type=int, default=150)
+    args = parser.parse_args(argv)
+    args.benchmarks = [b for b in args.benchmarks.split(",") if b]
+    args.requests = [r for r in args.requests.split(",") if r]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.lrs = [float(v) for v in args.lrs.split(",")]
+    args.checkpoints = sorted(int(v) for v in args.checkpoints.split(","))
+    if args.tune:
+        return run_tuning(args)
+    output_dir = Path(args.output_dir)
+    if not args.summarize_only:
+        units = [(b, s) for s in args.seeds for b in args.benchmarks]
+        start = time.perf_counter()
+        if args.jobs > 1:
+            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+                futures = [pool.submit(_run_unit, b, s, args) for b, s in units]
+                for future in futures:
+                    for line in future.result():
+                        print(line, flush=True)
+        else:
+            for b, s in units:
+                for line in _run_unit(b, s, args):
+                    print(line, flush=True)
+        print(f"all runs done in {time.perf_counter() - start:.0f}s")
+    summary = summarize(output_dir, args.benchmarks, args.requests, args.methods)
+    write_json_atomic(output_dir / "summary.json", _plain(summary))
+    markdown = to_markdown(summary)
+    (output_dir / "summary.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

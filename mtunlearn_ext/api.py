@@ -1,0 +1,349 @@
+"""``mtunlearn_ext.unlearn``: unlearn a request on your own multi-task model and data.
+
+One call wraps everything the registry's methods need: the split of the model's parameters into
+a shared trunk and per-task heads, the forget / retain data in the project's data contract
+(:class:`~mtunlearn_ext.data.MultiTaskDataset` with a supervision mask), the problem, and the
+method (the interference-aware unlearner by default, or any registered baseline). The input
+model is never modified; a new one is returned with a report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models.base import ParameterSplit
+from mtunlearn_ext.unlearning import (
+    UnlearnerConfig,
+    UnlearningProblem,
+    UnlearningReport,
+    get_unlearner,
+)
+
+__all__ = ["DataLike", "unlearn"]
+
+#: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
+#: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
+#: the order of ``tasks`` (default: every pair whose task has a target tensor is supervised).
+DataLike = Union[MultiTaskDataset, tuple[torch.Tensor, Mapping[str, torch.Tensor]],
+                 tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]]
+
+#: Which parameters are the shared trunk: names, the parameters themselves, or a predicate on
+#: the parameter's name.
+SharedSpec = Union[Iterable[Union[str, nn.Parameter]], Callable[[str], bool]]
+
+
+class _SplitModel(nn.Module):
+    """A user's module with an explicit shared/heads split (what the unlearners read), whose
+    forward returns a plain ``dict`` of task outputs. The user's module is held as ``module``,
+    so the unlearned module is ``wrapper.module``."""
+
+    def __init__(self, module: nn.Module, shared: Sequence[str],
+                 heads: Mapping[str, Sequence[str]]) -> None:
+        super().__init__()
+        self.module = module
+        self._split = ParameterSplit(tuple(f"module.{n}" for n in shared),
+                                     {t: tuple(f"module.{n}" for n in names)
+                                      for t, names in heads.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.module(x)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"unlearn: the model must return a mapping task -> output, got "
+                            f"{type(out).__name__}")
+        return dict(out)
+
+    def parameter_split(self) -> ParameterSplit:
+        return self._split
+
+
+def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    known = set(by_id.values())
+    names: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in known:
+                raise KeyError(f"unlearn: `{what}` names {item!r}, which is not a parameter of "
+                               f"the model")
+            names.append(item)
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise KeyError(f"unlearn: a tensor in `{what}` is not a parameter of the model")
+            names.append(by_id[id(item)])
+        else:
+            raise TypeError(f"unlearn: `{what}` must hold names or parameters, got "
+                            f"{type(item).__name__}")
+    return names
+
+
+def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec | None,
+                 heads: Mapping[str, Iterable[str | nn.Parameter]] | None) -> nn.Module:
+    """The model itself when it already exposes ``parameter_split()`` and no split is given,
+    else a :class:`_SplitModel` around it."""
+    if shared is None and heads is None:
+        if callable(getattr(model, "parameter_split", None)):
+            return model
+        raise ValueError("unlearn: say which parameters are shared: pass `shared_parameters` "
+                         "(names, parameters, or a predicate on names), or use a model with "
+                         "`parameter_split()` (a mtunlearn_ext MultiTaskModel)")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if shared is None:
+        shared_names: list[str] = []
+    elif callable(shared):
+        shared_names = [n for n in trainable if shared(n)]
+    else:
+        shared_names = _names_of(model, shared, "shared_parameters")
+    if heads is not None:
+        head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]")
+                      for t in task_names if t in heads}
+    else:
+        # Name-based default: a parameter belongs to the head of task t when one component of
+        # its dotted name is t (``heads.depth.0.weight``, ``depth.weight``).
+        head_names = {t: [] for t in task_names}
+        for n in trainable:
+            if n in shared_names:
+                continue
+            owners = [t for t in task_names if t in n.split(".")]
+            if len(owners) == 1:
+                head_names[owners[0]].append(n)
+    assigned = set(shared_names) | {n for names in head_names.values() for n in names}
+    stray = [n for n in trainable if n not in assigned]
+    if stray:
+        raise ValueError(f"unlearn: parameters neither shared nor in a head: {stray}; pass "
+                         f"`head_parameters` (task -> names) or widen `shared_parameters`")
+    overlap = set(shared_names) & {n for names in head_names.values() for n in names}
+    if overlap:
+        raise ValueError(f"unlearn: parameters both shared and in a head: {sorted(overlap)}")
+    missing = [t for t in task_names if t not in head_names]
+    for t in missing:
+        head_names[t] = []
+    # Frozen parameters belong to no group (they never move); the split lists trainable ones.
+    return _SplitModel(model, shared_names, head_names)
+
+
+def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                datasets: Sequence[Any]) -> list[TaskSpec]:
+    if not isinstance(tasks, Mapping):
+        specs = list(tasks)
+        if not all(isinstance(s, TaskSpec) for s in specs):
+            raise TypeError("unlearn: `tasks` must be TaskSpecs or a mapping task -> kind")
+        return specs
+    specs = []
+    for name, kind in tasks.items():
+        if isinstance(kind, TaskSpec):
+            specs.append(kind)
+            continue
+        if kind not in TASK_KINDS:
+            raise ValueError(f"unlearn: task {name!r} has unknown kind {kind!r}; kinds: "
+                             f"{TASK_KINDS}")
+        num_classes = None
+        if kind in ("classification", "segmentation"):
+            # The number of classes, when not given as a TaskSpec: one past the largest label.
+            labels = [d.targets[name] if isinstance(d, MultiTaskDataset) else d[1][name]
+                      for d in datasets if d is not None and (
+                          isinstance(d, MultiTaskDataset) or name in d[1])]
+            num_classes = int(max(int(t.max()) for t in labels if t.numel())) + 1
+        specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
+    return specs
+
+
+def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
+                like: MultiTaskDataset | None = None, id_offset: int = 0) -> MultiTaskDataset:
+    """``data`` in the data contract. Tasks without a target tensor get an all-unsupervised
+    placeholder column shaped like ``like``'s (for a forget set listing only target tasks)."""
+    if isinstance(data, MultiTaskDataset):
+        if data.task_names != [s.name for s in specs]:
+            raise ValueError(f"unlearn: `{what}` has tasks {data.task_names}, expected "
+                             f"{[s.name for s in specs]}")
+        return data
+    if not isinstance(data, tuple) or len(data) not in (2, 3):
+        raise TypeError(f"unlearn: `{what}` must be a MultiTaskDataset or (inputs, targets"
+                        f"[, supervision])")
+    inputs, targets = data[0], dict(data[1])
+    n = inputs.shape[0]
+    supervision = data[2] if len(data) == 3 else None
+    full_targets: dict[str, torch.Tensor] = {}
+    columns = []
+    for spec in specs:
+        if spec.name in targets:
+            full_targets[spec.name] = targets[spec.name]
+            columns.append(True)
+        elif like is not None:
+            ref = like.targets[spec.name]
+            full_targets[spec.name] = torch.zeros((n, *ref.shape[1:]), dtype=ref.dtype)
+            columns.append(False)
+        else:
+            raise KeyError(f"unlearn: `{what}` has no targets for task {spec.name!r}")
+    if supervision is None:
+        supervision = torch.tensor(columns, dtype=torch.bool).expand(n, len(specs)).clone()
+    ids = torch.arange(id_offset, id_offset + n)
+    return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
+
+
+@torch.no_grad()
+def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
+                 batch_size: int = 64) -> dict[str, float]:
+    """Mean task loss over the supervised pairs of the first ``limit`` rows (for the report)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    device = next(model.parameters()).device
+    rows = min(limit, len(data))
+    for start in range(0, rows, batch_size):
+        batch = data.batch(torch.arange(start, min(start + batch_size, rows)))
+        out = model(batch["input"].to(device))  # type: ignore[union-attr]
+        for c, spec in enumerate(data.tasks):
+            mask = batch["supervision"][:, c].to(device)  # type: ignore[index]
+            if not bool(mask.any()):
+                continue
+            values = task_loss(spec, out[spec.name], batch["targets"][spec.name].to(device))  # type: ignore[index]
+            totals[spec.name] = totals.get(spec.name, 0.0) + float(values[mask].sum())
+            counts[spec.name] = counts.get(spec.name, 0) + int(mask.sum())
+    model.train(was_training)
+    return {t: totals[t] / counts[t] for t in totals}
+
+
+def unlearn(model: nn.Module, *,
+            tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+            train_data: DataLike | None = None,
+            forget_request: ForgetRequest | None = None,
+            forget_data: DataLike | None = None,
+            retain_data: DataLike | None = None,
+            target_tasks: Sequence[str] | None = None,
+            shared_parameters: SharedSpec | None = None,
+            head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
+            method: str = "interference_aware",
+            config: Mapping[str, Any] | UnlearnerConfig | None = None,
+            device: torch.device | str = "cpu",
+            seed: int = 0) -> tuple[nn.Module, UnlearningReport]:
+    """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
+
+    The model maps an input batch to ``{task: prediction}``; its parameters split into a shared
+    trunk ``theta_s`` and one head ``theta_t`` per task. A request removes the pairs
+    ``F x S`` (forget instances ``F``, target tasks ``S``); everything else is retained, including,
+    in a *partial* request (``S`` a proper subset of the tasks), the other tasks' labels of ``F``.
+    The default method (:class:`~mtunlearn_ext.unlearning.interference_aware.InterferenceAware`)
+    moves ``theta_s`` by retain descent plus ``alpha`` times the forget direction after
+
+    - a per-layer projection off the recent retain gradients of the tasks to protect,
+      ``f_l <- f_l - M_l^T (M_l M_l^T + lambda I)^-1 M_l f_l`` (task-level interference), and
+    - a sign-aware projection against per-sample retain gradients ``r_j``, so that
+      ``<d, r_j> <= 0``: the step raises no retained instance's loss to first order
+      (instance-level interference).
+
+    Give the data one of two ways:
+
+    - ``train_data`` (the full training set) and ``forget_request``
+      (:class:`~mtunlearn_ext.data.ForgetRequest`: instance ids, target tasks; ``None`` tasks =
+      full request). Preferred for partial requests: the method then knows which retained pairs
+      belong to the forget instances and protects them explicitly.
+    - ``forget_data`` (the forget instances with targets for the target tasks) and
+      ``retain_data`` (every retained pair), plus ``target_tasks`` (default: the tasks with
+      targets in ``forget_data``).
+
+    Args:
+        model: any ``nn.Module`` returning a mapping task -> output; never modified.
+        tasks: task specs, or a mapping task -> kind (``"classification"``, ``"regression"``,
+            ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the task's loss
+            (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective; the number of
+            classes is one past the largest label when given as a kind.
+        shared_parameters: the trunk: names, parameters, or a predicate on names. Not needed
+            for a model with ``parameter_split()``.
+        head_parameters: task -> its head's names or parameters (default: a parameter whose
+            dotted name contains the task's name as a component, e.g. ``heads.depth.weight``).
+        method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
+        config: the method's settings (a mapping or its config object); defaults otherwise.
+        device: where to compute; seed: seeds every random choice (same seed, same result).
+
+    Returns:
+        ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
+        mode), and an :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose
+        ``extra["summary"]`` holds the mean task losses on forget and retain pairs before and
+        after (``forget_loss_before``, ``forget_loss_after``, ...; first 256 rows of each set).
+
+    Example::
+
+        import torch
+        from torch import nn
+        import mtunlearn_ext
+
+        class TwoHeads(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+                self.heads = nn.ModuleDict({"kind": nn.Linear(32, 3), "size": nn.Linear(32, 1)})
+            def forward(self, x):
+                z = self.trunk(x)
+                return {t: h(z) for t, h in self.heads.items()}
+
+        x = torch.randn(200, 8)
+        y = {"kind": torch.randint(0, 3, (200,)), "size": torch.randn(200, 1)}
+        model = TwoHeads()  # ... trained on (x, y) ...
+        new_model, report = mtunlearn_ext.unlearn(
+            model, tasks={"kind": "classification", "size": "regression"},
+            train_data=(x, y),
+            forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),  # partial
+            shared_parameters=lambda name: name.startswith("trunk."),
+            config={"steps": 30, "lr": 1e-2})
+        print(report.extra["summary"])
+    """
+    if (train_data is None) == (forget_data is None):
+        raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
+                         "`forget_data` and `retain_data`")
+    specs = _task_specs(tasks, [train_data, forget_data, retain_data])
+    names = [s.name for s in specs]
+    if train_data is not None:
+        if forget_request is None:
+            raise ValueError("unlearn: `train_data` needs a `forget_request`")
+        if target_tasks is not None:
+            raise ValueError("unlearn: with `forget_request`, the target tasks are the request's")
+        full = _as_dataset(train_data, specs, "train_data")
+        request = forget_request
+        request.validate(full)
+        forget, retain = request.split(full)
+        targets = request.resolved_tasks(full)
+    else:
+        if retain_data is None:
+            raise ValueError("unlearn: `forget_data` needs `retain_data`")
+        retain = _as_dataset(retain_data, specs, "retain_data")
+        if isinstance(forget_data, MultiTaskDataset):
+            given = [t for t in names if bool(forget_data.supervision[:, forget_data.task_index(t)]
+                                              .any())]
+        else:
+            assert forget_data is not None
+            given = [t for t in names if t in forget_data[1]]
+        targets = list(target_tasks) if target_tasks is not None else given
+        unknown = [t for t in targets if t not in names]
+        if unknown or not targets:
+            raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "
+                             f"{names}")
+        forget = _as_dataset(forget_data, specs, "forget_data", like=retain,  # type: ignore[arg-type]
+                             id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
+        # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
+        columns = torch.tensor([t in targets for t in names])
+        forget = forget.with_supervision(forget.supervision & columns)
+        request = ForgetRequest.create(forget.ids, None if set(targets) == set(names) else targets)
+    wrapped = _split_model(model, names, shared_parameters, head_parameters)
+    problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
+                                request=request, target_tasks=list(targets), device=device,
+                                seed=seed)
+    unlearner = get_unlearner(method, config)
+    before_f = _mean_losses(wrapped, forget)
+    before_r = _mean_losses(wrapped, retain)
+    result = unlearner.unlearn(problem)
+    after_f = _mean_losses(result.model, forget)
+    after_r = _mean_losses(result.model, retain)
+    result.report.extra["summary"] = {
+        "forget_loss_before": before_f, "forget_loss_after": after_f,
+        "retain_loss_before": before_r, "retain_loss_after": after_r,
+    }
+    out = result.model.module if isinstance(result.model, _SplitModel) else result.model
+    return out, result.report

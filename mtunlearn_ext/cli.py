@@ -1,0 +1,574 @@
+"""The ``mtunlearn`` command (also ``python -m mtunlearn_ext.cli``).
+
+Subcommands: ``train``, ``unlearn``, ``evaluate``, ``verify``, ``benchmark``, ``report``; each has
+``--help``. Every option can also come from ``--config file.yaml|file.toml`` whose keys are the
+option names (``forget_ids`` or ``forget-ids``); options on the command line override it.
+
+Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
+argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
+(the step is reported; nothing written); 130 interrupted (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import torch
+
+__all__ = ["build_parser", "main"]
+
+_NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is detected after the "
+               "step it appears in; the run stops, the step is reported, nothing is written, "
+               "and the exit code is 3.")
+_SAFETY = ("Outputs are new files only (existing files and inputs are never overwritten), "
+           "written atomically (temporary file, fsync, rename); an interrupted run leaves no "
+           "output and the input untouched.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# -- configuration files ------------------------------------------------------------------------
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    from mtunlearn_ext.workflow import UserInputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError("--config", "an existing .yaml/.yml/.toml file", path)
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(p.read_text()) or {}
+        else:
+            raise UserInputError("--config", "a .yaml, .yml or .toml file", path)
+    except (ValueError, OSError) as error:
+        if isinstance(error, UserInputError):
+            raise
+        raise UserInputError("--config", "valid YAML/TOML", path, str(error)) from error
+    if not isinstance(values, dict):
+        raise UserInputError("--config", "a mapping of option -> value", type(values).__name__)
+    return values
+
+
+def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
+    """Make config values the defaults of ``parser`` (so command-line flags override them).
+    Values go through the option's own parsing: lists become comma-separated text."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise UserInputError("--config", f"keys among {sorted(actions)}", key,
+                                 "unknown option")
+        action = actions[dest]
+        if isinstance(action, argparse._StoreTrueAction):
+            defaults[dest] = bool(value)
+        elif isinstance(value, (dict)):
+            defaults[dest] = json.dumps(value)
+        elif isinstance(value, (list, tuple)):
+            defaults[dest] = ",".join(str(v) for v in value)
+        else:
+            defaults[dest] = str(value)
+    parser.set_defaults(**defaults)
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+
+
+def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
+    from mtunlearn_ext.workflow import UserInputError
+
+    if text is None or text == "":
+        return {}
+    source = Path(text)
+    raw = source.read_text() if len(text) < 4096 and source.is_file() else text
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise UserInputError(argument, "a JSON object or a file holding one", text,
+                             str(error)) from error
+    if not isinstance(value, dict):
+        raise UserInputError(argument, "a JSON object", type(value).__name__)
+    return value
+
+
+def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """An aligned plain-text table (the end-of-command summary)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any]
+                 ) -> list[list[object]]:
+    """Rows ``split, task, metric, before, after`` of the primary metrics, and the MIA AUC."""
+    from mtunlearn_ext.experiment import PRIMARY_METRIC
+
+    rows: list[list[object]] = []
+    for split, tasks in after["metrics"].items():
+        for task, values in tasks.items():
+            name = next((m for m in PRIMARY_METRIC.values() if m in values), None)
+            if name is None:
+                name = sorted(values)[0]
+            prev = (before or {}).get("metrics", {}).get(split, {}).get(task, {}).get(name)
+            rows.append([split, task, name, prev, values.get(name)])
+    rows.append(["forget", "*", "mia_auc", (before or {}).get("mia_auc"), after.get("mia_auc")])
+    return rows
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(int(args.threads))
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.data.registry import load_benchmark
+    from mtunlearn_ext.experiment import dataset_fingerprint, default_recipe
+    from mtunlearn_ext.models import build_model
+    from mtunlearn_ext.training import save_checkpoint, train
+    from mtunlearn_ext.workflow import (
+        CLI_META_FORMAT,
+        OutputTransaction,
+        UserInputError,
+        check_device,
+    )
+
+    device = check_device(args.device)
+    overrides = _json_arg(args.train, "--train")
+    if args.epochs is not None:
+        overrides["epochs"] = int(args.epochs)
+    with OutputTransaction() as tx:
+        output = tx.reserve("--output", args.output)
+        try:
+            bench = load_benchmark(args.benchmark, seed=args.seed, size=args.size,
+                                   data_root=args.data_root)
+        except ValueError as error:
+            raise UserInputError("--benchmark", "a loadable benchmark", args.benchmark,
+                                 str(error)) from error
+        try:
+            recipe = default_recipe(bench, args.seed, overrides)
+        except (TypeError, ValueError) as error:
+            raise UserInputError("--train", "fields of TrainConfig", overrides,
+                                 str(error)) from error
+        model = build_model(bench, seed=args.seed).to(device)
+        result = train(model, bench.train, None, recipe, progress=not args.quiet)
+        meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
+                "size": args.size, "seed": args.seed, "data_root": args.data_root,
+                "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
+                "train_steps": result.steps, "train_seconds": result.seconds,
+                "final_loss": result.final_loss}
+        sha = tx.write(output, lambda p: save_checkpoint(p, model, meta))
+    print(_table([[bench.name, args.size, args.seed, result.steps, result.final_loss,
+                   round(result.seconds, 2), str(output), sha[:16]]],
+                 ["benchmark", "size", "seed", "steps", "final_loss", "seconds", "checkpoint",
+                  "sha256"]))
+    return 0
+
+
+def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
+    """``<stem>.<method>.pt`` / ``<stem>.<method>.record.json`` beside the input, with a
+    numeric suffix if taken (so a rerun never collides with an earlier run)."""
+    for n in range(1, 10_000):
+        tag = method if n == 1 else f"{method}-{n}"
+        ckpt = checkpoint.with_name(f"{checkpoint.stem}.{tag}.pt")
+        rec = checkpoint.with_name(f"{checkpoint.stem}.{tag}.record.json")
+        if not ckpt.exists() and not rec.exists():
+            return ckpt, rec
+    raise FileExistsError(f"no free output name beside {checkpoint}")
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.experiment import default_recipe
+    from mtunlearn_ext.models import build_model
+    from mtunlearn_ext.records import RECORD_SCHEMA, code_version, utc_now, write_record
+    from mtunlearn_ext.training import save_checkpoint
+    from mtunlearn_ext.unlearning import UnlearningProblem
+    from mtunlearn_ext.workflow import (
+        CLI_META_FORMAT,
+        OutputTransaction,
+        build_user_request,
+        check_device,
+        load_model,
+        measure,
+        parse_ids,
+        parse_tasks,
+        restrict_retain,
+        run_unlearning,
+    )
+
+    started = utc_now()
+    device = check_device(args.device)
+    checkpoint = Path(args.checkpoint)
+    settings = _json_arg(args.method_config, "--method-config")
+    forget_ids = parse_ids(args.forget_ids, "--forget-ids")
+    retain_ids = parse_ids(args.retain_ids, "--retain-ids")
+    target_tasks = parse_tasks(args.target_tasks)
+    with OutputTransaction(inputs=[checkpoint]) as tx:
+        default_ckpt, default_rec = _default_outputs(checkpoint, args.method)
+        out_ckpt = tx.reserve("--output", args.output or default_ckpt)
+        out_rec = tx.reserve("--record", args.record or (
+            default_rec if args.output is None else Path(str(out_ckpt) + ".record.json")))
+        loaded = load_model(checkpoint)
+        bench, seed = loaded.benchmark, int(args.seed if args.seed is not None
+                                            else loaded.meta["seed"])
+        train_set = bench.train
+        request, request_type = build_user_request(
+            train_set, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
+            target_tasks=target_tasks, request_type=args.request, seed=seed)
+        forget, retain = request.split(train_set)
+        retain = restrict_retain(retain, request, retain_ids, train_set)
+        targets = request.resolved_tasks(train_set)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=3, desc="unlearn", disable=args.quiet, leave=False) as bar:
+            bar.set_postfix_str("measuring the input model")
+            before = measure(loaded.model, forget, retain, bench.test, targets, seed,
+                             args.eval_batch_size)
+            bar.update()
+            recipe = default_recipe(bench, int(loaded.meta["seed"]),
+                                    {k: v for k, v in dict(loaded.meta.get("recipe") or {}).items()
+                                     if k != "seed"})
+            problem = UnlearningProblem(
+                model=loaded.model.to(device), tasks=list(train_set.tasks), forget=forget,
+                retain=retain, request=request, target_tasks=targets, device=device, seed=seed,
+                train_config=recipe,
+                model_factory=lambda: build_model(bench, seed=int(loaded.meta["seed"])))
+            bar.set_postfix_str(f"running {args.method}")
+            result = run_unlearning(problem, args.method, settings)
+            bar.update()
+            bar.set_postfix_str("measuring the output model")
+            after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
+                            args.eval_batch_size)
+            bar.update()
+        meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "data_root",
+                                                   "recipe", "data_sha256")},
+                "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
+                "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash()}
+        out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
+        record = {
+            "schema": RECORD_SCHEMA,
+            "request": {"type": request_type, "instance_ids": list(request.instance_ids),
+                        "ids_sha256": request.ids_hash(), "target_tasks": targets,
+                        "target_tasks_arg": (None if request.target_tasks is None
+                                             else list(request.target_tasks)),
+                        "retain_ids": retain_ids,
+                        "num_forget_pairs": int(forget.supervision.sum()),
+                        "num_retain_pairs": int(retain.supervision.sum())},
+            "method": {"name": args.method, "settings": result.report.config},
+            "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
+            "code": code_version(),
+            "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
+                                                          "data_root", "data_sha256")},
+            "input": {"checkpoint": str(checkpoint), "sha256": loaded.checkpoint.sha256},
+            "output": {"checkpoint": str(out_ckpt), "sha256": out_sha},
+            "before": before, "after": after,
+            "report": result.report.to_dict(),
+            "started_at": started, "finished_at": utc_now(),
+        }
+        from mtunlearn_ext.workflow import json_safe
+
+        tx.write(out_rec, lambda p: write_record(p, json_safe(record)))
+    print(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
+    print(f"method {args.method}: {result.report.steps} steps, "
+          f"{result.report.wall_time_s:.2f} s; {request_type} request, "
+          f"{len(request.instance_ids)} instances, tasks {targets}")
+    print(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.workflow import (
+        OutputTransaction,
+        build_user_request,
+        load_model,
+        measure,
+        parse_ids,
+        parse_tasks,
+        write_json_new,
+    )
+
+    loaded = load_model(args.checkpoint)
+    bench = loaded.benchmark
+    seed = int(args.seed if args.seed is not None else loaded.meta["seed"])
+    with OutputTransaction(inputs=[Path(args.checkpoint)]) as tx:
+        output = tx.reserve("--output", args.output) if args.output else None
+        forget_ids = parse_ids(args.forget_ids, "--forget-ids")
+        if forget_ids is None and args.forget_fraction is None:
+            from mtunlearn_ext.metrics import evaluate
+
+            result: dict[str, Any] = {"metrics": {
+                "train": evaluate(loaded.model, bench.train, None, args.eval_batch_size),
+                "test": evaluate(loaded.model, bench.test, None, args.eval_batch_size)}}
+        else:
+            request, _ = build_user_request(
+                bench.train, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
+                target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
+                seed=seed)
+            forget, retain = request.split(bench.train)
+            result = measure(loaded.model, forget, retain, bench.test,
+                             request.resolved_tasks(bench.train), seed, args.eval_batch_size)
+        from mtunlearn_ext.workflow import json_safe
+
+        payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,
+                   **json_safe(result)}
+        if output is not None:
+            tx.write(output, lambda p: write_json_new(p, payload))
+    print(_table(_metric_rows(None, payload), ["split", "task", "metric", "-", "value"]))
+    if output is None:
+        print(json.dumps(payload, indent=1))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.records import verify_record
+
+    result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance)
+    rows = [["sha256", "ok" if not any("SHA-256" in m for m in result.mismatches) else
+             "MISMATCH"], ["metrics", "ok" if not any(m.startswith("after") for m in
+                                                       result.mismatches) else "MISMATCH"]]
+    print(_table(rows, ["check", "result"]))
+    for m in result.mismatches:
+        print(f"mismatch: {m}", file=sys.stderr)
+    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record}")
+    return 0 if result.ok else 1
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    compare = root / "benchmarks" / "compare.py"
+    if compare.is_file() and not args.showcase:
+        command = [sys.executable, str(compare), "--quick", *args.extra]
+    else:
+        command = [sys.executable, "-m", "mtunlearn_ext.showcase", *args.extra]
+    print("running: " + " ".join(command), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(command, cwd=root, check=False).returncode
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.report import write_report
+    from mtunlearn_ext.workflow import UserInputError
+
+    source = Path(args.results)
+    try:
+        results = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserInputError("--results", "a readable JSON results file or record", str(source),
+                             str(error)) from error
+    written = write_report(results, Path(args.output_dir), title=args.title or source.name)
+    print(_table([[str(p), p.stat().st_size] for p in written], ["file", "bytes"]))
+    return 0
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML (.yaml/.yml) or TOML (.toml) file whose keys are this command's "
+                        "options (e.g. forget_ids: [1, 2]); command-line options override it")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op CPU threads (default: torch's choice; 1 is best on a "
+                        "busy shared machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--forget-ids", default=None, metavar="IDS",
+                   help="instance ids to forget: '1,2,3', or a file (or @file) holding them")
+    p.add_argument("--forget-fraction", type=float, default=0.1 if required else None,
+                   help="share of training instances to forget, chosen with --seed (ignored "
+                        "with --forget-ids)")
+    p.add_argument("--target-tasks", default=None, metavar="TASKS",
+                   help="comma-separated target tasks; a proper subset makes a partial request")
+    p.add_argument("--request", default=None, choices=["full", "partial"],
+                   help="request type (default: partial iff --target-tasks is a proper subset)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the forget-id draw, the method and the attack (default: the "
+                        "checkpoint's seed)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mtunlearn`` argument parser (one subparser per command)."""
+    parser = _Parser(prog="mtunlearn", description=(
+        "Interference-aware multi-task machine unlearning: train, unlearn, evaluate, verify. "
+        + _SAFETY + " " + _NAN_POLICY + " Bad input exits with code 2 and one line naming the "
+        "argument, the expected and the received value."))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train the original model of a benchmark",
+                       description="Train a benchmark's default model with its recipe and write "
+                                   "a new checkpoint. " + _SAFETY)
+    p.add_argument("--benchmark", default="digits",
+                   help="benchmark name: indoor, street, digits, nyuv2, cityscapes")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"],
+                   help="benchmark size")
+    p.add_argument("--data-root", default=None, help="LibMTL data root (nyuv2 / cityscapes)")
+    p.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--train", default=None, metavar="JSON",
+                   help='JSON overrides of the training recipe, e.g. {"lr": 1e-3}')
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--output", required=False, default=None, metavar="CKPT",
+                   help="new checkpoint path (required; never overwritten)")
+    _common(p)
+    p.set_defaults(func=_cmd_train, _required=["output"])
+
+    p = sub.add_parser("unlearn", help="unlearn a request from a checkpoint",
+                       description="Unlearn a forget request from a checkpoint with a method; "
+                                   "write a new checkpoint and an unlearning record. " + _SAFETY
+                                   + " " + _NAN_POLICY)
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="input checkpoint (from `mtunlearn train`); never modified")
+    _request_options(p, required=True)
+    p.add_argument("--retain-ids", default=None, metavar="IDS",
+                   help="optional explicit retain instances (disjoint from --forget-ids)")
+    p.add_argument("--method", default="interference_aware",
+                   help="unlearning method (registry name, e.g. interference_aware, "
+                        "neggrad_plus, finetune, retrain)")
+    p.add_argument("--method-config", default=None, metavar="JSON",
+                   help='method settings as JSON or a JSON file, e.g. {"steps": 20}')
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--output", default=None, metavar="CKPT",
+                   help="new checkpoint path (default: <input>.<method>.pt, numbered if taken)")
+    p.add_argument("--record", default=None, metavar="JSON",
+                   help="record path (default: beside the output checkpoint)")
+    _common(p)
+    p.set_defaults(func=_cmd_unlearn, _required=["checkpoint"])
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint as JSON",
+                       description="Evaluate a checkpoint: per-task metrics on train and test, "
+                                   "or, with a request, on forget / retain / test plus the MIA "
+                                   "AUC.")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint to evaluate")
+    _request_options(p, required=False)
+    p.add_argument("--output", default=None, metavar="JSON",
+                   help="new JSON file for the metrics (default: print to stdout)")
+    _common(p)
+    p.set_defaults(func=_cmd_evaluate, _required=["checkpoint"])
+
+    p = sub.add_parser("verify", help="re-check a model against its unlearning record",
+                       description="Recompute the checkpoint's SHA-256 and its metrics and "
+                                   "compare with the record; exit 1 on any mismatch.")
+    p.add_argument("--record", default=None, metavar="JSON", help="the unlearning record")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="checkpoint to verify (default: the record's output checkpoint)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="metric tolerance (absolute below 1, relative above)")
+    _common(p)
+    p.set_defaults(func=_cmd_verify, _required=["record"])
+
+    p = sub.add_parser("benchmark", help="run the op benchmarks (quick) or the showcase",
+                       description="Run benchmarks/compare.py --quick when present (a source "
+                                   "checkout), else `python -m mtunlearn_ext.showcase`.")
+    p.add_argument("--showcase", action="store_true", help="run the showcase even if "
+                                                           "benchmarks/compare.py exists")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("extra", nargs="*", help="extra arguments for the benchmark (after --)")
+    _common(p)
+    p.set_defaults(func=_cmd_benchmark, _required=[])
+
+    p = sub.add_parser("report", help="Markdown report with plots from a results JSON",
+                       description="Write report.md and PNG plots from an experiment results "
+                                   "file (python -m mtunlearn_ext.experiment) or an unlearning "
+                                   "record: per-task metrics against the retrained model and "
+                                   "forget/retain loss curves when present.")
+    p.add_argument("--results", default=None, metavar="JSON", help="results file or record")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="directory for report.md and the PNGs (existing files are refused)")
+    p.add_argument("--title", default=None, help="report title")
+    _common(p)
+    p.set_defaults(func=_cmd_report, _required=["results", "output_dir"])
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise KeyError(name)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Turned into an exception so that the output transaction deletes what it created.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mtunlearn`` command; returns the exit code (see the module docstring)."""
+    from mtunlearn_ext.records import RecordError
+    from mtunlearn_ext.training import CheckpointError
+    from mtunlearn_ext.workflow import NonFiniteError, UserInputError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        pre, _ = parser.parse_known_args(argv)
+        if getattr(pre, "config", None):
+            _apply_config(_subparser(parser, pre.command), _load_config(pre.config))
+        args = parser.parse_args(argv)
+        missing = [f"--{d.replace('_', '-')}" for d in args._required
+                   if getattr(args, d, None) in (None, "")]
+        if missing:
+            raise UserInputError(missing[0], "a value (flag or config key)", None,
+                                 f"`mtunlearn {args.command}` requires it")
+        _threads(args)
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: no handler, the atomic writes still hold
+            pass
+        try:
+            return int(args.func(args))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    except (UserInputError, CheckpointError, RecordError, FileExistsError) as error:
+        print(f"mtunlearn: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"mtunlearn: error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("mtunlearn: interrupted; no output was written, inputs are unchanged",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

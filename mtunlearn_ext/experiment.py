@@ -1,0 +1,641 @@
+"""One unlearning experiment, end to end: ``python -m mtunlearn_ext.experiment``.
+
+Phases (each timed): load the benchmark; build the forget request (explicit ids, or a seeded
+random fraction of the training instances) and split the training set into forget and retain
+pairs; train the original model on every pair (or load it from the cache); retrain from scratch
+on the retain pairs with the same recipe and seed (or load it); run every requested unlearning
+method on a copy of the original; evaluate every model on the forget pairs, the retain pairs and
+the test set, run the membership attack on the forget pairs, and score every unlearned model with
+UIS and the gap to the retrained model.
+
+The results file is JSON (schema ``mtunlearn_ext.experiment/1``) written atomically (temporary
+file, fsync, rename). Checkpoints of the original and retrained models are cached under
+``cache_dir``, keyed by benchmark, size, seed, a fingerprint of the training data, the model and
+the recipe (and, for the retrained model, the request), so several methods can be compared
+without retraining. Everything is a function of the seed: the forget ids, the training runs, the
+unlearning runs and the attack's data halving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
+from mtunlearn_ext.models import MultiTaskModel, build_model
+from mtunlearn_ext.training import (
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+from mtunlearn_ext.unlearning import (
+    BASELINES,
+    UnlearningProblem,
+    available_unlearners,
+    get_unlearner,
+)
+
+__all__ = [
+    "ExperimentConfig",
+    "PreparedExperiment",
+    "build_request",
+    "format_table",
+    "main",
+    "prepare_experiment",
+    "run_experiment",
+    "write_json_atomic",
+]
+
+SCHEMA = "mtunlearn_ext.experiment/1"
+
+#: The metric shown per task kind in the printed table (the JSON holds every metric).
+PRIMARY_METRIC: dict[str, str] = {
+    "classification": "accuracy",
+    "segmentation": "miou",
+    "depth": "delta_1.25",
+    "normals": "within_30",
+    "regression": "mse",
+}
+
+SPLITS = ("forget", "retain", "test")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines an experiment (the CLI fills it from its arguments).
+
+    Attributes:
+        benchmark, size, data_root: passed to ``load_benchmark``.
+        request: ``"full"`` or ``"partial"``.
+        forget_fraction: share of training instances to forget (ignored with ``forget_ids``).
+        forget_ids: explicit instance ids to forget.
+        target_tasks: the target tasks of a partial request (default: the first task).
+        methods: unlearning methods to run (registry names).
+        method_configs: method -> settings overriding its defaults.
+        seed: seeds the data, the forget ids, training, retraining and every method.
+        output: path of the JSON results file.
+        cache_dir: where original/retrained checkpoints are cached.
+        device: ``"cpu"`` or ``"cuda"``.
+        train_overrides: fields of the benchmark's training recipe to override (e.g. epochs).
+        eval_batch_size: batch size of evaluation.
+        mia_attack: ``"logistic"`` or ``"loss"`` (see :mod:`mtunlearn_ext.metrics.membership`).
+        progress: show training progress bars.
+        threads: torch intra-op threads for the run (``None``: leave torch's setting). On a
+            shared small machine one thread can be several times faster for these models.
+    """
+
+    benchmark: str = "indoor"
+    size: str = "small"
+    data_root: str | None = None
+    request: str = "full"
+    forget_fraction: float = 0.1
+    forget_ids: list[int] | None = None
+    target_tasks: list[str] | None = None
+    methods: list[str] = field(default_factory=lambda: list(BASELINES))
+    method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+    output: str = "runs/experiment.json"
+    cache_dir: str = ".cache/mtunlearn"
+    device: str = "cpu"
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 64
+    mia_attack: str = "logistic"
+    progress: bool = False
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.request not in ("full", "partial"):
+            raise ValueError(f"ExperimentConfig: `request` must be 'full' or 'partial', got "
+                             f"{self.request!r}")
+        if self.forget_ids is None and not 0.0 < self.forget_fraction < 1.0:
+            raise ValueError(f"ExperimentConfig: `forget_fraction` must be in (0, 1), got "
+                             f"{self.forget_fraction}")
+        unknown = [m for m in self.methods if m not in available_unlearners()]
+        if unknown:
+            raise ValueError(f"ExperimentConfig: unknown methods {unknown}; available: "
+                             f"{available_unlearners()}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"ExperimentConfig: duplicate methods in {self.methods}")
+        stray = sorted(set(self.method_configs) - set(self.methods))
+        if stray:
+            raise ValueError(f"ExperimentConfig: settings given for methods not run: {stray}")
+        if self.mia_attack not in ("logistic", "loss"):
+            raise ValueError(f"ExperimentConfig: `mia_attack` must be 'logistic' or 'loss', got "
+                             f"{self.mia_attack!r}")
+        if self.eval_batch_size < 1:
+            raise ValueError("ExperimentConfig: `eval_batch_size` must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"ExperimentConfig: `seed` must be >= 0, got {self.seed}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"ExperimentConfig: `threads` must be >= 1, got {self.threads}")
+
+
+# -- request ---------------------------------------------------------------------------------
+
+
+def build_request(dataset: MultiTaskDataset, kind: str, seed: int,
+                  forget_fraction: float = 0.1, forget_ids: Sequence[int] | None = None,
+                  target_tasks: Sequence[str] | None = None) -> ForgetRequest:
+    """The forget request of an experiment.
+
+    Target tasks: every task (``kind="full"``) or ``target_tasks`` (``"partial"``; default the
+    first task). Forget ids: ``forget_ids`` as given, or ``round(fraction * n)`` (at least 1) of
+    the ``n`` training instances that supervise every target task, chosen by a ``randperm`` seeded
+    with ``seed`` and sorted.
+    """
+    if kind == "full":
+        if target_tasks is not None and set(target_tasks) != set(dataset.task_names):
+            raise ValueError(f"a full request targets every task; got target tasks "
+                             f"{list(target_tasks)} (use --request partial)")
+        tasks: list[str] | None = None
+    elif kind == "partial":
+        tasks = list(target_tasks) if target_tasks else [dataset.task_names[0]]
+    else:
+        raise ValueError(f"request kind must be 'full' or 'partial', got {kind!r}")
+    if forget_ids is not None:
+        ids = sorted(int(i) for i in forget_ids)
+    else:
+        names = dataset.task_names if tasks is None else tasks
+        columns = torch.tensor([dataset.task_index(t) for t in names])
+        eligible = dataset.supervision[:, columns].all(dim=1).nonzero().flatten()
+        count = max(1, int(round(forget_fraction * len(dataset))))
+        if count > eligible.numel():
+            raise ValueError(f"cannot forget {count} instances: only {eligible.numel()} "
+                             f"supervise every target task {names}")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:count]]
+        ids = sorted(int(i) for i in dataset.ids[chosen].tolist())
+    request = ForgetRequest.create(ids, tasks)
+    request.validate(dataset, partial=kind == "partial")
+    return request
+
+
+# -- caching ---------------------------------------------------------------------------------
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_fingerprint(dataset: MultiTaskDataset) -> str:
+    """SHA-256 over the data set's tensors (inputs, targets, ids, supervision) and task specs."""
+    digest = hashlib.sha256()
+    for tensor in (dataset.inputs, dataset.ids, dataset.supervision,
+                   *(dataset.targets[n] for n in dataset.task_names)):
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(repr([dataclasses.astuple(t) for t in dataset.tasks]).encode())
+    return digest.hexdigest()
+
+
+def _train_cached(path: Path, meta: dict[str, Any], factory: Callable[[], MultiTaskModel],
+                  dataset: MultiTaskDataset, recipe: TrainConfig, device: str,
+                  progress: bool) -> tuple[MultiTaskModel, dict[str, Any]]:
+    """Load the model at ``path`` if its metadata matches ``meta``, else train and save it.
+
+    Returns the model and a record (``cached``, ``train_seconds`` of the run that produced it,
+    ``checkpoint``, ``sha256``).
+    """
+    model = factory()
+    if path.is_file():
+        try:
+            checkpoint = load_checkpoint(path)
+            if checkpoint.meta.get("key") == meta["key"]:
+                model.load_state_dict(checkpoint.state_dict)
+                return model.to(device), {
+                    "cached": True, "checkpoint": str(path), "sha256": checkpoint.sha256,
+                    "train_seconds": checkpoint.meta.get("train_seconds"),
+                    "train_steps": checkpoint.meta.get("train_steps")}
+            warnings.warn(f"{path}: cache key differs; retraining", RuntimeWarning, stacklevel=2)
+        except CheckpointError as error:
+            warnings.warn(f"{path}: unreadable checkpoint ({error}); retraining", RuntimeWarning,
+                          stacklevel=2)
+    model = model.to(device)
+    result = train(model, dataset, None, recipe, progress=progress)
+    record_meta = {**meta, "train_seconds": result.seconds, "train_steps": result.steps,
+                   "final_loss": result.final_loss}
+    sha = save_checkpoint(path, model, record_meta, overwrite=True)
+    return model, {"cached": False, "checkpoint": str(path), "sha256": sha,
+                   "train_seconds": result.seconds, "train_steps": result.steps}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def _evaluate_model(model: nn.Module, splits: Mapping[str, MultiTaskDataset],
+                    target_tasks: Sequence[str], config: ExperimentConfig,
+                    test: MultiTaskDataset, retain: MultiTaskDataset,
+                    forget: MultiTaskDataset) -> dict[str, Any]:
+    """Metrics on every split and the membership attack on the forget pairs."""
+    metrics = {name: evaluate(model, ds, None, config.eval_batch_size)  # type: ignore[arg-type]
+               for name, ds in splits.items()}
+    attack = membership_attack(model, retain, test, forget, list(target_tasks),  # type: ignore[arg-type]
+                               batch_size=config.eval_batch_size,
+                               attack=config.mia_attack, seed=config.seed)  # type: ignore[arg-type]
+    return {"metrics": metrics, "mia_auc": attack.auc,
+            "mia": dataclasses.asdict(attack) | {"tasks": list(attack.tasks)}}
+
+
+def _scores(entry: Mapping[str, Any], original: Mapping[str, Any],
+            retrained: Mapping[str, Any], target_tasks: Sequence[str]) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # undefined ratios are dropped by design
+        return {
+            "uis": uis(original["metrics"]["test"], entry["metrics"]["test"],
+                       entry["metrics"]["forget"], tasks=list(target_tasks)),
+            "uis_terms": uis_terms(original["metrics"]["test"], entry["metrics"]["test"],
+                                   entry["metrics"]["forget"], tasks=list(target_tasks)),
+            "retrain_gap": retrain_gap(entry["metrics"], retrained["metrics"], entry["mia_auc"],
+                                       retrained["mia_auc"]),
+        }
+
+
+# -- the experiment ----------------------------------------------------------------------------
+
+
+def _load_benchmark(config: ExperimentConfig) -> Benchmark:
+    from mtunlearn_ext.data.registry import load_benchmark
+
+    return load_benchmark(config.benchmark, seed=config.seed, size=config.size,
+                          data_root=config.data_root)
+
+
+def default_recipe(benchmark: Benchmark, seed: int,
+                   overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The benchmark's training recipe (``benchmark.info["train_config"]`` when the data module
+    provides one, else :class:`TrainConfig` defaults), seeded, with ``overrides`` applied."""
+    base = benchmark.info.get("train_config")
+    values: dict[str, Any] = {}
+    if isinstance(base, TrainConfig):
+        values = base.to_dict()
+    elif isinstance(base, Mapping):
+        values = dict(base)
+    values.update(overrides or {})
+    values["seed"] = seed
+    return TrainConfig(**values)
+
+
+@dataclass
+class PreparedExperiment:
+    """Everything before the unlearning methods: data, request, split, recipe, and the original
+    and retrained models (trained or loaded from the cache), with the time of each phase."""
+
+    benchmark: Benchmark
+    request: ForgetRequest
+    forget: MultiTaskDataset
+    retain: MultiTaskDataset
+    target_tasks: list[str]
+    recipe: TrainConfig
+    factory: Callable[[], MultiTaskModel]
+    original: MultiTaskModel
+    original_record: dict[str, Any]
+    retrained: MultiTaskModel
+    retrained_record: dict[str, Any]
+    data_key: str
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def problem(self, config: ExperimentConfig) -> UnlearningProblem:
+        """The unlearning problem every method receives."""
+        return UnlearningProblem(model=self.original, tasks=list(self.benchmark.train.tasks),
+                                 forget=self.forget, retain=self.retain, request=self.request,
+                                 target_tasks=self.target_tasks, device=config.device,
+                                 seed=config.seed, train_config=self.recipe,
+                                 model_factory=self.factory)
+
+
+def prepare_experiment(config: ExperimentConfig,
+                       benchmark: Benchmark | None = None) -> PreparedExperiment:
+    """Load the data, build and split the request, and get the original and retrained models
+    (from the cache when their keys match). ``benchmark`` may be passed directly (tests)."""
+    config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    phases: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+
+    start = time.perf_counter()
+    bench = benchmark if benchmark is not None else _load_benchmark(config)
+    train_set = bench.train
+    phases["load_data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    request = build_request(train_set, config.request, config.seed, config.forget_fraction,
+                            config.forget_ids, config.target_tasks)
+    forget, retain = request.split(train_set)
+    target_tasks = request.resolved_tasks(train_set)
+    phases["split"] = time.perf_counter() - start
+
+    recipe = default_recipe(bench, config.seed, config.train_overrides)
+
+    def factory() -> MultiTaskModel:
+        return build_model(bench, seed=config.seed)
+
+    data_key = dataset_fingerprint(train_set)
+    model_key = repr(factory())  # the architecture, as printed by torch
+    base_key = {"benchmark": bench.name, "size": config.size, "seed": config.seed,
+                "data": data_key, "model": _digest(model_key), "recipe": recipe.to_dict()}
+    request_key = {"ids": request.ids_hash(), "target_tasks": sorted(target_tasks)}
+    cache = Path(config.cache_dir) / f"{bench.name}-{config.size}-seed{config.seed}"
+    original_key = _digest(base_key)
+    retrain_key = _digest({**base_key, "request": request_key})
+
+    start = time.perf_counter()
+    original, original_record = _train_cached(
+        cache / f"original-{original_key[:16]}.pt", {"key": original_key, **base_key}, factory,
+        train_set, recipe, config.device, config.progress)
+    phases["original_model"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    retrained, retrained_record = _train_cached(
+        cache / f"retrain-{retrain_key[:16]}.pt",
+        {"key": retrain_key, **base_key, "request": request_key}, factory, retain, recipe,
+        config.device, config.progress)
+    phases["retrained_model"] = time.perf_counter() - start
+    return PreparedExperiment(bench, request, forget, retain, target_tasks, recipe, factory,
+                              original, original_record, retrained, retrained_record, data_key,
+                              phases)
+
+
+def run_experiment(config: ExperimentConfig,
+                   benchmark: Benchmark | None = None) -> dict[str, Any]:
+    """Run the experiment, write the JSON results file, and return its content.
+
+    ``benchmark`` may be passed directly (tests); otherwise it is loaded by name.
+    """
+    prepared = prepare_experiment(config, benchmark)
+    bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
+                                      prepared.retain)
+    train_set, test_set = bench.train, bench.test
+    tasks: list[TaskSpec] = list(train_set.tasks)
+    target_tasks, recipe, data_key = prepared.target_tasks, prepared.recipe, prepared.data_key
+    original, original_record = prepared.original, prepared.original_record
+    retrained, retrained_record = prepared.retrained, prepared.retrained_record
+    phases = dict(prepared.phases)
+
+    splits = {"forget": forget, "retain": retain, "test": test_set}
+    models: dict[str, dict[str, Any]] = {}
+    for label, model, record in (("original", original, original_record),
+                                 ("retrained", retrained, retrained_record)):
+        start = time.perf_counter()
+        entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
+        entry.update(record)
+        entry["eval_seconds"] = time.perf_counter() - start
+        phases[f"evaluate/{label}"] = entry["eval_seconds"]
+        models[label] = entry
+    models["retrained"]["wall_time_s"] = retrained_record["train_seconds"]
+    # Reference rows: the gold model's own UIS, and the untouched original's UIS and gap (the
+    # "do nothing" baseline every method must beat).
+    models["retrained"]["uis"] = _scores(models["retrained"], models["original"],
+                                         models["retrained"], target_tasks)["uis"]
+    models["original"].update(_scores(models["original"], models["original"],
+                                      models["retrained"], target_tasks))
+
+    problem = prepared.problem(config)
+    for method in config.methods:
+        settings = dict(config.method_configs.get(method, {}))
+        unlearner = get_unlearner(method, settings)
+        if method == "retrain" and not settings:
+            # The gold model is this method's output: reuse it (the report keeps the time the
+            # training run took) instead of training the identical model twice.
+            model, wall, report = retrained, float(retrained_record["train_seconds"] or 0.0), {
+                "method": "retrain", "config": unlearner.config.to_dict(),
+                "wall_time_s": float(retrained_record["train_seconds"] or 0.0),
+                "reused_retrained_checkpoint": True}
+        else:
+            start = time.perf_counter()
+            result = unlearner.unlearn(problem)
+            wall = time.perf_counter() - start
+            model, report = result.model, result.report.to_dict()
+        phases[f"unlearn/{method}"] = wall
+        start = time.perf_counter()
+        entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
+        entry.update(_scores(entry, models["original"], models["retrained"], target_tasks))
+        entry["wall_time_s"] = wall
+        entry["eval_seconds"] = time.perf_counter() - start
+        entry["report"] = report
+        phases[f"evaluate/{method}"] = entry["eval_seconds"]
+        models[method] = entry
+
+    results = {
+        "schema": SCHEMA,
+        "config": dataclasses.asdict(config),
+        "environment": _environment(config.device),
+        "benchmark": {
+            "name": bench.name, "size": config.size, "num_train": len(train_set),
+            "num_test": len(test_set),
+            "tasks": [dataclasses.asdict(t) for t in tasks],
+            "data_sha256": data_key,
+        },
+        "recipe": recipe.to_dict(),
+        "request": {
+            "type": config.request, "target_tasks": target_tasks,
+            "non_target_tasks": [t for t in train_set.task_names if t not in target_tasks],
+            "num_forget_instances": len(request.instance_ids),
+            "num_forget_pairs": int(forget.supervision.sum()),
+            "num_retain_instances": len(retain), "num_retain_pairs": int(retain.supervision.sum()),
+            "ids_sha256": request.ids_hash(), "forget_ids": list(request.instance_ids),
+        },
+        "phases_seconds": phases,
+        "models": models,
+    }
+    results = _json_safe(results)
+    write_json_atomic(config.output, results)
+    return results
+
+
+def _environment(device: str) -> dict[str, Any]:
+    from mtunlearn_ext import build_info
+
+    return {"torch": torch.__version__, "python": sys.version.split()[0], "device": device,
+            "threads": torch.get_num_threads(), "extension": bool(build_info().get("extension"))}
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types: tuples -> lists, tensors -> numbers/lists, NaN/inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (temporary file in the same directory,
+    fsync, ``os.replace``): readers see the old file or the whole new one, never a part."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A plain-text, aligned comparison table of every model in ``results``.
+
+    Columns: each task's primary metric (:data:`PRIMARY_METRIC`) on the forget pairs (target
+    tasks only), the retain pairs and the test set; the attack AUC; UIS and the retrain gap
+    (unlearned models); the unlearning wall time.
+    """
+    tasks = results["benchmark"]["tasks"]
+    targets = set(results["request"]["target_tasks"])
+    columns: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = []
+    for split in SPLITS:
+        for spec in tasks:
+            if split == "forget" and spec["name"] not in targets:
+                continue
+            metric = PRIMARY_METRIC[spec["kind"]]
+
+            def getter(entry: Mapping[str, Any], s: str = split, t: str = spec["name"],
+                       m: str = metric) -> Any:
+                return entry["metrics"].get(s, {}).get(t, {}).get(m)
+
+            columns.append((f"{split[0].upper()}:{spec['name']}.{metric}", getter))
+    columns += [("MIA", lambda e: e.get("mia_auc")), ("UIS", lambda e: e.get("uis")),
+                ("gap", lambda e: e.get("retrain_gap")),
+                ("time_s", lambda e: e.get("wall_time_s"))]
+    header = ["model"] + [name for name, _ in columns]
+    rows = [header]
+    for label, entry in results["models"].items():
+        row = [label]
+        for name, get in columns:
+            value = get(entry)
+            if value is None:
+                row.append("-")
+            elif name in ("UIS", "gap", "time_s"):
+                row.append(f"{value:.2f}")
+            else:
+                row.append(f"{value:.4f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    legend = ("F/R/T: forget pairs / retain pairs / test; MIA: attack AUC on the forget pairs "
+              "(compare with 'retrained'); UIS, gap: x100, lower is better; time_s: unlearning "
+              "(retrain: its training run) wall time.")
+    return "\n".join(lines) + "\n" + legend
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def _parse_ids(text: str) -> list[int]:
+    path = Path(text)
+    if path.is_file():
+        text = path.read_text()
+    return [int(tok) for tok in text.replace(",", " ").split()]
+
+
+def _parse_json_object(text: str, what: str) -> dict[str, Any]:
+    path = Path(text)
+    if path.is_file():
+        text = path.read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{what} must be a JSON object or a file holding one: "
+                                         f"{error}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mtunlearn_ext.experiment",
+        description="Run one multi-task unlearning experiment and write a JSON results file.")
+    parser.add_argument("--benchmark", default="indoor", help="benchmark name (load_benchmark)")
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--request", default="full", choices=["full", "partial"])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--forget-fraction", type=float, default=0.1,
+                       help="share of training instances to forget (seeded)")
+    group.add_argument("--forget-ids", type=_parse_ids, default=None,
+                       help="instance ids, comma/space separated, or a file holding them")
+    parser.add_argument("--target-tasks", default=None,
+                        help="comma-separated target tasks of a partial request (default: first)")
+    parser.add_argument("--methods", default="all",
+                        help=f"comma-separated methods or 'all' ({','.join(BASELINES)})")
+    parser.add_argument("--method-config", type=lambda s: _parse_json_object(s, "--method-config"),
+                        default={}, help='JSON {"method": {"setting": value}} or a file')
+    parser.add_argument("--train", type=lambda s: _parse_json_object(s, "--train"), default={},
+                        help='JSON overrides of the training recipe, e.g. {"epochs": 5}')
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="runs/experiment.json")
+    parser.add_argument("--cache-dir", default=".cache/mtunlearn")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--mia-attack", default="logistic", choices=["logistic", "loss"])
+    parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    methods = list(BASELINES) if args.methods == "all" else [
+        m.strip() for m in args.methods.split(",") if m.strip()]
+    targets = None if args.target_tasks is None else [
+        t.strip() for t in args.target_tasks.split(",") if t.strip()]
+    return ExperimentConfig(
+        benchmark=args.benchmark, size=args.size, data_root=args.data_root, request=args.request,
+        forget_fraction=args.forget_fraction, forget_ids=args.forget_ids, target_tasks=targets,
+        methods=methods, method_configs=args.method_config, seed=args.seed, output=args.output,
+        cache_dir=args.cache_dir, device=args.device, train_overrides=args.train,
+        eval_batch_size=args.eval_batch_size, mia_attack=args.mia_attack, progress=args.progress,
+        threads=args.threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = run_experiment(config)
+    print(format_table(results))
+    print(f"results written to {config.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

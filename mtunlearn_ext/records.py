@@ -1,0 +1,188 @@
+"""Unlearning records: what was forgotten, how, by which code, from which model into which.
+
+A record is one JSON file (schema :data:`RECORD_SCHEMA`), written atomically next to the
+unlearned checkpoint and never over an existing file. Fields:
+
+- ``request``: ``type`` (``"full"`` / ``"partial"``), ``instance_ids`` and their ``ids_sha256``
+  (:meth:`~mtunlearn_ext.data.ForgetRequest.ids_hash`), ``target_tasks``, ``retain_ids`` (explicit
+  retain ids, or ``null``), pair counts;
+- ``method``: registry ``name`` and its resolved ``settings``; ``seed``; ``device``;
+- ``code``: ``mtunlearn_ext`` version, git ``commit`` / ``dirty`` (``null`` without git);
+- ``benchmark``: name, size, seed, data root, data SHA-256;
+- ``input`` / ``output``: checkpoint path and SHA-256;
+- ``before`` / ``after``: per-split, per-task metrics and the membership-inference AUC
+  (:func:`mtunlearn_ext.workflow.measure`);
+- ``report``: the unlearner's report (wall time, steps, forget/retain loss curves);
+- ``started_at`` / ``finished_at``: UTC ISO-8601 timestamps.
+
+:func:`verify_record` re-hashes the checkpoint, re-checks the ids hash and re-measures the
+model, comparing with ``after`` within a tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mtunlearn_ext._io import sha256_of_file
+
+__all__ = ["RECORD_SCHEMA", "RecordError", "VerifyResult", "code_version", "compare_measurements",
+           "read_record", "utc_now", "verify_record", "write_record"]
+
+RECORD_SCHEMA = "mtunlearn_ext.unlearning-record/1"
+
+_REQUIRED = ("schema", "request", "method", "seed", "code", "benchmark", "input", "output",
+             "before", "after", "started_at", "finished_at")
+
+
+class RecordError(ValueError):
+    """A record file that is missing, unreadable or not an unlearning record."""
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO-8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_commit(root: Path) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout holding ``root``, ``(None, None)`` without git (not
+    installed, not a checkout, or too slow): a record must never fail for want of git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None, None
+    try:
+        dirty: bool | None = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        dirty = None
+    return commit or None, dirty
+
+
+def code_version() -> dict[str, Any]:
+    """``{"mtunlearn_ext": version, "commit": sha or None, "dirty": bool or None}``."""
+    import mtunlearn_ext
+
+    commit, dirty = _git_commit(Path(__file__).resolve().parent)
+    return {"mtunlearn_ext": mtunlearn_ext.__version__, "commit": commit, "dirty": dirty}
+
+
+def write_record(path: str | os.PathLike[str], record: Mapping[str, Any]) -> str:
+    """Write ``record`` to a new file atomically (never over an existing one); return its
+    SHA-256. The record must hold plain JSON types (finite floats)."""
+    from mtunlearn_ext.workflow import write_json_new
+
+    missing = [k for k in _REQUIRED if k not in record]
+    if missing:
+        raise RecordError(f"write_record: the record lacks {missing}")
+    return write_json_new(path, dict(record))
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a record file; :class:`RecordError` names the path and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecordError(f"record {p} does not exist")
+    try:
+        record = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"record {p} cannot be read: {error}") from error
+    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
+        got = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        raise RecordError(f"{p} is not an unlearning record: schema {got!r}, expected "
+                          f"{RECORD_SCHEMA!r}")
+    missing = [k for k in _REQUIRED if k not in record]
+    if missing:
+        raise RecordError(f"record {p} lacks the fields {missing}")
+    return record
+
+
+def compare_measurements(expected: Any, actual: Any, tolerance: float, where: str = ""
+                         ) -> list[str]:
+    """Differences between two measurement trees (dicts of dicts of numbers), as messages;
+    numbers are compared with ``|a - e| <= tolerance * max(1, |e|)``."""
+    out: list[str] = []
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        for key in sorted(set(expected) | set(actual)):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in actual:
+                out.append(f"{path}: missing in the re-measurement")
+            elif key not in expected:
+                out.append(f"{path}: not in the record")
+            else:
+                out.extend(compare_measurements(expected[key], actual[key], tolerance, path))
+        return out
+    if isinstance(expected, (int, float)) and isinstance(actual, (int, float)) \
+            and not isinstance(expected, bool):
+        e, a = float(expected), float(actual)
+        if not (math.isfinite(a) and abs(a - e) <= tolerance * max(1.0, abs(e))):
+            out.append(f"{where}: recorded {e:.6g}, measured {a:.6g}")
+        return out
+    if expected != actual:
+        out.append(f"{where}: recorded {expected!r}, measured {actual!r}")
+    return out
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify_record`: ``ok`` and every mismatch found, as messages."""
+
+    ok: bool
+    checkpoint: str
+    sha256: str
+    mismatches: list[str] = field(default_factory=list)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+def verify_record(record_path: str | os.PathLike[str],
+                  checkpoint_path: str | os.PathLike[str] | None = None,
+                  tolerance: float = 1e-4, batch_size: int | None = None) -> VerifyResult:
+    """Check a model against its record.
+
+    Recomputes the SHA-256 of ``checkpoint_path`` (default: the record's output checkpoint)
+    and compares it with ``output.sha256``; re-derives the ids hash; rebuilds the benchmark, the
+    request's forget / retain split and the model, and re-measures it
+    (:func:`mtunlearn_ext.workflow.measure` with the record's seed), comparing every metric and
+    the MIA AUC with ``after`` within ``tolerance`` (relative above 1, absolute below). Raises
+    :class:`RecordError` for an unreadable record and
+    :class:`~mtunlearn_ext.workflow.UserInputError` for an unusable checkpoint; mismatches are
+    returned, not raised.
+    """
+    from mtunlearn_ext.data.request import ForgetRequest
+    from mtunlearn_ext.workflow import load_model, measure, restrict_retain
+
+    record = read_record(record_path)
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else Path(
+        record["output"]["checkpoint"])
+    mismatches: list[str] = []
+    sha = sha256_of_file(ckpt) if ckpt.is_file() else ""
+    if not sha:
+        raise RecordError(f"checkpoint {ckpt} does not exist")
+    if sha != record["output"]["sha256"]:
+        mismatches.append(f"checkpoint SHA-256 {sha} differs from the record's "
+                          f"{record['output']['sha256']}")
+    req = record["request"]
+    request = ForgetRequest.create(req["instance_ids"], req.get("target_tasks_arg"))
+    if request.ids_hash() != req["ids_sha256"]:
+        mismatches.append(f"ids hash of the recorded ids {request.ids_hash()} differs from the "
+                          f"recorded ids_sha256 {req['ids_sha256']} (record edited?)")
+    loaded = load_model(ckpt)
+    train_set = loaded.benchmark.train
+    request.validate(train_set)
+    forget, retain = request.split(train_set)
+    retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
+    size = batch_size or int(record.get("eval_batch_size", 64))
+    measured = measure(loaded.model, forget, retain, loaded.benchmark.test,
+                       request.resolved_tasks(train_set), int(record["seed"]), size)
+    mismatches.extend(compare_measurements(record["after"], measured, tolerance, "after"))
+    return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured)

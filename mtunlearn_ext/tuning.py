@@ -1,0 +1,123 @@
+"""Choosing a step-based method's learning rate and step budget: ``python -m mtunlearn_ext.tuning``.
+
+For each method and each learning rate of a grid, one run of ``max(checkpoints)`` steps is made;
+after each checkpoint step the model is evaluated on the forget pairs and on a fixed, seeded
+subset of the retain pairs, and scored by its gap to the retrained model on those two splits
+(:func:`mtunlearn_ext.metrics.retrain_gap`, without the membership attack). A run of ``s`` steps
+is exactly the first ``s`` steps of a longer run (constant learning rate, the same seeded batch
+streams), so one run per learning rate scores every step budget.
+
+Selection uses only training data (forget and retain pairs) and the retrained model, never the
+test set: the test split and the attack (which needs test instances) are left for the
+experiment. The chosen settings print as a ``--method-config`` JSON for the experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.experiment import (
+    ExperimentConfig,
+    build_parser as experiment_parser,
+    config_from_args,
+    prepare_experiment,
+    write_json_atomic,
+)
+from mtunlearn_ext.metrics import evaluate, retrain_gap
+from mtunlearn_ext.unlearning import GradientUnlearner, get_unlearner
+
+__all__ = ["main", "tune"]
+
+
+def tune(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[int],
+         retain_eval: int = 200, base: dict[str, dict[str, Any]] | None = None
+         ) -> dict[str, Any]:
+    """Score every ``(method, lr, steps)`` of the grid; return the records and the best setting
+    of each method (lowest forget+retain gap to the retrained model)."""
+    prepared = prepare_experiment(config)
+    problem = prepared.problem(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    rows = torch.randperm(len(prepared.retain), generator=generator)[:retain_eval]
+    splits = {"forget": prepared.forget, "retain": prepared.retain.subset(rows)}
+
+    def scores(model: nn.Module) -> dict[str, Any]:
+        return {name: evaluate(model, ds, None, config.eval_batch_size)  # type: ignore[arg-type]
+                for name, ds in splits.items()}
+
+    gold = scores(prepared.retrained)
+    original = scores(prepared.original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        original_gap = retrain_gap(original, gold)
+    print(f"{'original':16s} gap={original_gap:7.3f} (the untouched model)", flush=True)
+    records: list[dict[str, Any]] = [{"method": "original", "gap": original_gap}]
+    best: dict[str, dict[str, Any]] = {}
+    checkpoint_set = set(checkpoints)
+    for method in config.methods:
+        for lr in lrs:
+            settings = {**(base or {}).get(method, {}), "lr": lr, "steps": max(checkpoints)}
+            unlearner = get_unlearner(method, settings)
+            if not isinstance(unlearner, GradientUnlearner):
+                raise ValueError(f"tune: {method!r} is not a step-based method")
+            start = time.perf_counter()
+
+            def watch(steps: int, model: nn.Module, method: str = method, lr: float = lr,
+                      start: float = start, settings: dict[str, Any] = settings) -> None:
+                if steps not in checkpoint_set:
+                    return
+                elapsed = time.perf_counter() - start
+                metrics = scores(model)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    gap = retrain_gap(metrics, gold)
+                record = {"method": method, "lr": lr, "steps": steps, "gap": gap,
+                          "seconds": elapsed, "metrics": metrics,
+                          "settings": {**settings, "steps": steps}}
+                records.append(record)
+                print(f"{method:16s} lr={lr:<8g} steps={steps:<4d} gap={gap:7.3f} "
+                      f"({elapsed:.0f}s)", flush=True)
+                if method not in best or gap < best[method]["gap"]:
+                    best[method] = record
+
+            unlearner.step_callbacks.append(watch)
+            unlearner.unlearn(problem)
+    return {"records": records, "best": {m: {"gap": r["gap"], "settings": r["settings"]}
+                                         for m, r in best.items()},
+            "gold": gold, "original": original}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = experiment_parser()
+    parser.prog = "python -m mtunlearn_ext.tuning"
+    parser.description = "Grid over learning rate and step budget for step-based methods."
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    parser.add_argument("--checkpoints", default="10,25,50,100")
+    parser.add_argument("--retain-eval", type=int, default=200,
+                        help="retain instances scored at each checkpoint (seeded subset)")
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    config.methods = [m for m in config.methods if m != "retrain"]
+    base = config.method_configs
+    config.method_configs = {}
+    lrs = [float(v) for v in args.lrs.split(",")]
+    checkpoints = sorted(int(v) for v in args.checkpoints.split(","))
+    result = tune(config, lrs, checkpoints, args.retain_eval, base)
+    result["config"] = {"experiment": vars(args)}
+    write_json_atomic(config.output, json.loads(json.dumps(result, default=str)))
+    print("best settings (--method-config):")
+    print(json.dumps({m: b["settings"] for m, b in result["best"].items()}))
+    for m, b in result["best"].items():
+        print(f"  {m:16s} gap={b['gap']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Measuring interference: cosines between per-task forget and retain gradients on ``theta_s``.
+
+Task-level interference is visible in the signs of ``cos(f_s, r_t)`` between the forget gradient
+of a target task ``s`` and the retain gradient of a task ``t``. Both are gradients of quantities
+to *minimise*, so a step along ``-f_s`` changes ``L^r_t`` by ``-eta <f_s, r_t>`` to first order:
+a *negative* cosine means that forgetting ``s`` raises task ``t``'s retain loss (interference), a
+positive one that it lowers it. The matrix is shown before and after the interference-aware
+projections, with the retain gradients taken on a batch that did *not* build the protected
+subspaces, so "after" shows how well the protection generalises beyond its snapshots.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from mtunlearn_ext import ops
+from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
+from mtunlearn_ext.unlearning.batches import BatchStream, child_generator
+from mtunlearn_ext.unlearning.gradients import ParameterGroups
+from mtunlearn_ext.unlearning.interference_aware import (
+    InterferenceAware,
+    InterferenceAwareConfig,
+)
+from mtunlearn_ext.unlearning.loop import StepContext
+from mtunlearn_ext.unlearning.objectives import make_forget_objectives
+
+__all__ = ["InterferenceMatrix", "cosine_matrix", "interference_matrix"]
+
+
+@dataclass
+class InterferenceMatrix:
+    """Cosines between gradient rows ``labels`` (``forget/<task>`` then ``retain/<task>``).
+
+    ``before``: raw forget gradients; ``after``: forget gradients after the task-aware
+    projection and the instance-level step (the retain rows are the same in both).
+    ``forget_kept``: ``|f_after| / |f_before|`` per target task.
+    """
+
+    labels: list[str]
+    before: torch.Tensor
+    after: torch.Tensor
+    forget_kept: dict[str, float]
+
+
+def cosine_matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """``[k, k]`` cosines of ``k`` vectors given as per-parameter lists (one Gram pass with
+    ``ops.gram_list`` over the stacked rows, no flat copy of the parameters)."""
+    stacks = [torch.stack([row[p] for row in rows]) for p in range(len(rows[0]))]
+    gram = ops.gram_list(stacks).double()
+    norms = gram.diagonal().clamp(min=1e-30).sqrt()
+    return (gram / norms[:, None] / norms[None, :]).float()
+
+
+def interference_matrix(problem: UnlearningProblem,
+                        config: InterferenceAwareConfig | None = None, *,
+                        batch_size: int = 16) -> InterferenceMatrix:
+    """Forget/retain gradient cosines on the shared parameters before and after projection.
+
+    One forget batch gives ``f_s`` for every target task; one retain batch fills the protected
+    subspaces (as a refresh step would) and supplies the per-sample gradients of the instance
+    step; a second, disjoint retain batch gives the displayed ``r_t``. The problem's model is
+    not modified (a copy is differentiated). Seeded by ``problem.seed``.
+    """
+    cfg = config or InterferenceAwareConfig()
+    method = InterferenceAware(cfg)
+    model = copy.deepcopy(problem.model).to(problem.device)
+    model.train()
+    generator = torch.Generator().manual_seed(problem.seed)
+    groups = ParameterGroups.from_model(model, problem.task_names)
+    objectives = make_forget_objectives(problem.target_specs(), problem.retain,
+                                        child_generator(generator), problem.device,
+                                        cfg.forget_objective or method.default_forget_objective)
+    ctx = StepContext(model, problem, groups, objectives, child_generator(generator))
+    method.setup(ctx, UnlearningReport(method=method.name, config=cfg.to_dict()))
+    retain_stream = BatchStream(problem.retain, 2 * batch_size, child_generator(generator),
+                                problem.device)
+    forget_batch = BatchStream(problem.forget, batch_size, child_generator(generator),
+                               problem.device).next()
+    retain_rows = retain_stream.next()
+    snapshot_batch = _rows(retain_rows, 0, batch_size)
+    display_batch = _rows(retain_rows, batch_size, 2 * batch_size)
+
+    # Protected subspaces, built exactly as a refresh step builds them.
+    method.refresh(ctx, snapshot_batch)
+
+    display_terms = method.retain_step_terms(ctx, display_batch)
+    r_shared, _ = method.retain_task_grads(ctx, display_terms.loss)
+    forget_terms = method.forget_step_terms(ctx, forget_batch)
+    f_shared, _ = method.forget_task_grads(ctx, forget_terms.objective)
+    targets = list(f_shared)
+
+    projected = method.task_project(ctx, f_shared) if cfg.task_projection else \
+        [torch.stack([f_shared[t][p] for t in targets]) for p in range(len(groups.shared))]
+    after: dict[str, list[torch.Tensor]] = {t: [s[i] for s in projected]
+                                            for i, t in enumerate(targets)}
+    if cfg.instance_projection != "off":
+        names = [n for n, _ in groups.shared]
+        batch = method.instance_batch(ctx, snapshot_batch)
+        for t in targets:
+            step_dir = [-g for g in after[t]]
+            d, _ = method.instance_project(ctx, step_dir, names, batch)
+            after[t] = [-x for x in d]
+
+    labels = [f"forget/{t}" for t in targets] + [f"retain/{t}" for t in r_shared]
+    retain_rows_list = [r_shared[t] for t in r_shared]
+    before = cosine_matrix([f_shared[t] for t in targets] + retain_rows_list)
+    after_m = cosine_matrix([after[t] for t in targets] + retain_rows_list)
+    kept = {}
+    for t in targets:
+        num = sum(float((g.double() ** 2).sum()) for g in after[t]) ** 0.5
+        den = sum(float((g.double() ** 2).sum()) for g in f_shared[t]) ** 0.5
+        kept[t] = num / max(den, 1e-30)
+    return InterferenceMatrix(labels, before, after_m, kept)
+
+
+def _rows(batch: dict[str, object], start: int, stop: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[start:stop]
+        elif isinstance(value, dict):
+            out[key] = {k: v[start:stop] for k, v in value.items()}
+        else:
+            out[key] = value
+    return out

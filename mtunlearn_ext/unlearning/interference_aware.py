@@ -1,0 +1,612 @@
+"""The interference-aware multi-task unlearner (PAPER.md, "The project's formulation").
+
+A request ``(F, S)`` removes the supervision of the target tasks ``S`` for the instances ``F``.
+Because the backbone ``theta_s`` is shared, forgetting interferes with what must be kept at two
+levels, and each step of this method removes one:
+
+1. **Per-task forget gradients.** On a forget minibatch, for each target task ``t in S``, the
+   gradient ``f_t`` of that task's bounded forgetting objective ``O_t``
+   (:mod:`~mtunlearn_ext.unlearning.objectives`, chosen per task kind) with respect to
+   ``theta_s`` and the task's head ``theta_t``.
+2. **Task-aware gradient projection** (task-level interference). Every ``refresh_every`` steps
+   the retain gradients ``r_p`` of the tasks to protect ``P`` are pushed into a per-layer
+   :class:`~mtunlearn_ext.unlearning.protected_subspace.ProtectedSubspace` holding the ``k``
+   newest snapshots ``M_l``; each ``f_t`` is projected off it layer by layer,
+   ``f_l <- f_l - M_l^T (M_l M_l^T + lambda I)^{-1} M_l f_l``, from one batch of ``[L, k, k]``
+   Gram matrices. ``P`` is every task in a full request and the non-target tasks ``T \\ S`` in
+   a partial one (``protect="auto"``). In a partial request the snapshots also include the
+   non-target gradients of the *forget instances' own* retained pairs ``F x (T \\ S)``: those
+   are the supervision pairs a shared-backbone edit is most likely to break, since they share
+   the exact inputs being forgotten.
+3. **Instance-level gradient orthogonalization** (instance-level interference). The per-sample
+   retain gradients ``r_1..r_B`` of the retain minibatch (``torch.func``: ``vmap(grad)`` over
+   ``functional_call``; plus, in a partial request, forget instances with their retained pairs)
+   define the directions along which individual retained instances move. With ``u = -sum_t f_t``
+   the forget *step* direction (over ``theta_s`` and the target heads):
+
+   - ``"orthogonal"``: ``d = u - R^T (R R^T + lambda I)^{-1} R u`` (OrthoGrad's projection from
+     the ``B x B`` Gram matrix, no QR over the huge dimension);
+   - ``"nonconflicting"`` (default): the closest ``d`` to ``u`` with ``<d, r_j> <= 0`` for every
+     ``j`` (``ops`` convention ``sign=-1``: a step along ``+d`` raises no retain sample's loss to
+     first order), from the non-negative dual on the same Gram matrix, as in GEM. Only the
+     conflicting components are removed, so less of the forget signal is lost than with the
+     orthogonal complement, while the guarantee that matters (no retained instance gets worse to
+     first order) is kept.
+4. **Update.** ``.grad`` of ``theta_s`` is ``w_r * r + alpha * (-d)``, with ``r`` the retain
+   gradient of all tasks; each target head gets its forget part of ``-d`` plus its retain
+   gradient; every other head its retain gradient only. The optimizer steps along ``-.grad``.
+
+Every projection is a Gram pass, a tiny solve and a combination, done by the compiled ops on
+per-parameter lists (:mod:`mtunlearn_ext.surgery`); parameters are never flattened into one copy.
+
+Ablations (config switches, and registered variants for the experiment runner):
+``interference_aware_no_task`` (no task projection), ``interference_aware_no_instance`` (no
+instance orthogonalization), ``interference_aware_neither`` (both off: retain descent plus
+``alpha`` times the raw forget gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
+from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
+from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.unlearning.batches import Batch, BatchStream, batch_to, child_generator
+from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads
+from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
+from mtunlearn_ext.unlearning.registry import register_unlearner
+from mtunlearn_ext.unlearning.terms import RetainTerms
+
+__all__ = [
+    "INSTANCE_MODES",
+    "PROTECT_MODES",
+    "InterferenceAware",
+    "InterferenceAwareConfig",
+    "InterferenceAwareNeither",
+    "InterferenceAwareNoInstance",
+    "InterferenceAwareNoTask",
+    "coupled_retain_set",
+    "protected_tasks",
+]
+
+INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
+PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target")
+
+
+@dataclass
+class InterferenceAwareConfig(StepConfig):
+    """Settings of :class:`InterferenceAware` (the loop's settings are those of
+    :class:`~mtunlearn_ext.unlearning.loop.StepConfig`).
+
+    Loop (inherited, defaults re-chosen for this method):
+        steps: optimisation steps.
+        lr: learning rate of the shared backbone; ``head_lr_scale``: heads' rate relative to it.
+        optimizer / momentum / weight_decay: ``"sgd"`` by default: a plain (or momentum) SGD step
+            is a positive multiple of ``-.grad``, so the first-order guarantees of the
+            projections carry over to the step; Adam's per-coordinate scaling would not keep them.
+        forget_batch_size / retain_batch_size: rows per step of the forget and retain sets.
+        grad_clip: maximum global norm of the update (scaling keeps every projection property).
+        forget_objective: objective name for every target task, or task name / task kind ->
+            name (:data:`~mtunlearn_ext.unlearning.objectives.FORGET_OBJECTIVES`); ``None``:
+            :data:`DEFAULT_OBJECTIVE`.
+        retain_weight: ``w_r``, weight of the retain descent term.
+        forget_weight: must stay 1 (the forget weight of this method is ``alpha``).
+
+    Method:
+        alpha: weight of the projected forget direction in the update.
+        task_projection: project forget gradients off the per-layer protected subspaces.
+        instance_projection: ``"nonconflicting"`` (sign-aware), ``"orthogonal"`` or ``"off"``.
+        num_snapshots: ``k``, retain-gradient snapshots spanning each layer's protected subspace.
+        refresh_every: steps between snapshot refreshes.
+        snapshot_groups: each refresh splits the retain batch (and, in a partial request, a
+            batch of the forget instances' retained pairs) into this many groups of instances
+            and pushes one snapshot per (group, protected task). Near a trained optimum the mean
+            retain gradient of a whole batch is small and noisy; gradients of small groups
+            instead sample the directions in which the retain loss curves most (the span of
+            per-instance gradients is that of the Gauss-Newton matrix ``sum_i r_i r_i^T``), so
+            a forget step kept off them also avoids most of the second-order damage.
+        protect: which tasks' retain gradients are protected: ``"auto"`` (every task in a full
+            request, the non-target tasks in a partial one), ``"all"``, ``"non_target"`` (with a
+            full request this protects nothing at the task level).
+        coupled: in a partial request, also protect the forget instances' retained pairs
+            ``F x (T \\ S)`` (snapshots and per-sample gradients from them).
+        ridge: relative Tikhonov term of every solve (``lambda = ridge * tr(G) / k``).
+        num_per_sample: retain instances (the first of each retain batch) whose per-sample
+            gradients define the instance-level constraints.
+        num_coupled_per_sample: forget instances with their retained pairs added to those
+            constraints in a partial request (0: none).
+        chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds memory).
+        cap_quantile: with the ``capped_ascent`` objective, the cap of task ``t`` becomes this
+            quantile of the original model's per-sample losses on (up to ``cap_rows``) retain
+            pairs of ``t``: each forget pair's loss is raised until it is as high as that of a
+            retained pair the model fits poorly, and no further (its gradient is then zero), so
+            the step budget no longer decides how far forgetting goes. ``None`` keeps the
+            objective's own cap (the loss of an input-independent predictor, far higher).
+        cap_rows: retain rows used to estimate that quantile.
+    """
+
+    steps: int = 25
+    lr: float = 1e-2
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    forget_batch_size: int = 16
+    retain_batch_size: int = 32
+    alpha: float = 1.0
+    task_projection: bool = True
+    instance_projection: str = "nonconflicting"
+    num_snapshots: int = 24
+    refresh_every: int = 5
+    snapshot_groups: int = 4
+    protect: str = "auto"
+    coupled: bool = True
+    ridge: float = 1e-4
+    num_per_sample: int = 16
+    num_coupled_per_sample: int = 8
+    chunk_size: int | None = None
+    cap_quantile: float | None = 0.9
+    cap_rows: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.forget_weight != 1.0:
+            raise ValueError(f"{name}: the forget weight of this method is `alpha`; leave "
+                             f"`forget_weight` at 1 (got {self.forget_weight})")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"{name}: `alpha` must be a finite number >= 0, got {self.alpha}")
+        if self.instance_projection not in INSTANCE_MODES:
+            raise ValueError(f"{name}: `instance_projection` must be one of {INSTANCE_MODES}, "
+                             f"got {self.instance_projection!r}")
+        if self.protect not in PROTECT_MODES:
+            raise ValueError(f"{name}: `protect` must be one of {PROTECT_MODES}, got "
+                             f"{self.protect!r}")
+        if not 1 <= self.num_snapshots <= MAX_SOLVER_K:
+            raise ValueError(f"{name}: `num_snapshots` must be in [1, {MAX_SOLVER_K}], got "
+                             f"{self.num_snapshots}")
+        if self.refresh_every < 1:
+            raise ValueError(f"{name}: `refresh_every` must be >= 1, got {self.refresh_every}")
+        if self.snapshot_groups < 1:
+            raise ValueError(f"{name}: `snapshot_groups` must be >= 1, got "
+                             f"{self.snapshot_groups}")
+        if not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"{name}: `ridge` must be a finite number >= 0, got {self.ridge}")
+        if not 1 <= self.num_per_sample <= MAX_SOLVER_K:
+            raise ValueError(f"{name}: `num_per_sample` must be in [1, {MAX_SOLVER_K}], got "
+                             f"{self.num_per_sample}")
+        if self.num_coupled_per_sample < 0 or \
+                self.num_per_sample + self.num_coupled_per_sample > MAX_SOLVER_K:
+            raise ValueError(f"{name}: `num_coupled_per_sample` must be >= 0 with "
+                             f"num_per_sample + num_coupled_per_sample <= {MAX_SOLVER_K}, got "
+                             f"{self.num_coupled_per_sample}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"{name}: `chunk_size` must be >= 1 or None, got {self.chunk_size}")
+        if self.cap_quantile is not None and not 0.0 < self.cap_quantile <= 1.0:
+            raise ValueError(f"{name}: `cap_quantile` must be in (0, 1] or None, got "
+                             f"{self.cap_quantile}")
+        if self.cap_rows < 1:
+            raise ValueError(f"{name}: `cap_rows` must be >= 1, got {self.cap_rows}")
+
+
+#: The forgetting objective used when the config names none (see the module docstring of
+#: :mod:`~mtunlearn_ext.unlearning.objectives` and docs/unlearning.md for the comparison that
+#: chose it).
+DEFAULT_OBJECTIVE = "capped_ascent"
+
+
+def protected_tasks(problem: UnlearningProblem, mode: str) -> list[str]:
+    """The tasks whose retain gradients span the protected subspaces (see ``protect``)."""
+    if mode == "all" or (mode == "auto" and problem.is_full):
+        return list(problem.task_names)
+    return list(problem.non_target_tasks)
+
+
+def coupled_retain_set(problem: UnlearningProblem) -> MultiTaskDataset | None:
+    """The forget instances with their *retained* pairs (``F x (T \\ S)``), taken from the
+    retain set; ``None`` in a full request (the forget instances keep nothing)."""
+    if problem.is_full:
+        return None
+    wanted = set(int(i) for i in problem.request.instance_ids)
+    rows = [p for p, i in enumerate(problem.retain.ids.tolist()) if int(i) in wanted]
+    if not rows:
+        return None
+    return problem.retain.subset(torch.tensor(rows, dtype=torch.long))
+
+
+def _head_rows(batch: Batch, count: int) -> Batch:
+    """The first ``count`` rows of a collated batch."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[:count]
+        elif isinstance(value, Mapping):
+            out[key] = {k: v[:count] for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _split_rows(batch: Batch, groups: int) -> list[Batch]:
+    """The batch cut into ``groups`` contiguous row groups (fewer if it has fewer rows)."""
+    rows = batch["input"].shape[0]  # type: ignore[union-attr]
+    bounds = torch.linspace(0, rows, min(groups, rows) + 1).round().long().tolist()
+    out = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        part: Batch = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                part[key] = value[start:stop]
+            elif isinstance(value, Mapping):
+                part[key] = {k: v[start:stop] for k, v in value.items()}
+            else:
+                part[key] = value
+        out.append(part)
+    return out
+
+
+def _concat_batches(a: Batch, b: Batch) -> Batch:
+    """Rows of ``a`` then rows of ``b`` (same layout)."""
+    out: Batch = {}
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor):
+            assert isinstance(other, torch.Tensor)
+            out[key] = torch.cat([value, other])
+        elif isinstance(value, Mapping):
+            assert isinstance(other, Mapping)
+            out[key] = {k: torch.cat([v, other[k]]) for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
+
+
+@register_unlearner
+class InterferenceAware(GradientUnlearner):
+    """Task-aware gradient projection + instance-level orthogonalization (see the module doc)."""
+
+    name = "interference_aware"
+    config_class = InterferenceAwareConfig
+    default_forget_objective: ClassVar[str | None] = DEFAULT_OBJECTIVE
+    config: InterferenceAwareConfig
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def setup(self, ctx: StepContext, report: UnlearningReport) -> None:
+        cfg = self.config
+        problem = ctx.problem
+        shared_names = [n for n, _ in ctx.groups.shared]
+        if not shared_names:
+            raise ValueError("interference_aware: the model has no shared parameter; nothing "
+                             "couples the tasks (use a per-task method)")
+        protect = protected_tasks(problem, cfg.protect)
+        coupled = coupled_retain_set(problem) if cfg.coupled else None
+        coupled_tasks = [t for t in problem.non_target_tasks]
+        subspace = None
+        if cfg.task_projection:
+            subspace = ProtectedSubspace(ctx.groups.shared_params, layer_ids_of(shared_names),
+                                         cfg.num_snapshots, cfg.ridge)
+        ctx.state.update({
+            "protect": protect,
+            "subspace": subspace,
+            "coupled_stream": None if coupled is None else BatchStream(
+                coupled, cfg.forget_batch_size, child_generator(ctx.generator), problem.device),
+            "coupled_tasks": coupled_tasks,
+        })
+        caps = self._calibrate_caps(ctx) if cfg.cap_quantile is not None else {}
+        report.extra["interference_aware"] = {
+            "forget_caps": caps,
+            "protected_tasks": protect,
+            "coupled_instances": 0 if coupled is None else len(coupled),
+            "shared_layers": 0 if subspace is None else subspace.num_layers,
+            "shared_numel": sum(p.numel() for p in ctx.groups.shared_params),
+        }
+
+    @torch.no_grad()
+    def _calibrate_caps(self, ctx: StepContext) -> dict[str, float]:
+        """Set each ``capped_ascent`` objective's cap to the ``cap_quantile`` of the (original)
+        model's per-sample losses on retain pairs of its task; returns the caps. One forward
+        pass per batch of the first ``cap_rows`` retain rows serves every task."""
+        cfg = self.config
+        assert cfg.cap_quantile is not None
+        capped = {t: o for t, o in ctx.objectives.items() if isinstance(o, CappedAscentObjective)}
+        if not capped:
+            return {}
+        retain = ctx.problem.retain
+        rows = torch.arange(min(cfg.cap_rows, len(retain)))
+        losses: dict[str, list[torch.Tensor]] = {t: [] for t in capped}
+        for start in range(0, rows.numel(), 64):
+            batch = batch_to(retain.batch(rows[start:start + 64]), ctx.problem.device)
+            out = ctx.forward(batch)
+            supervision = batch["supervision"]
+            assert isinstance(supervision, torch.Tensor)
+            for task in capped:
+                mask = supervision[:, retain.task_index(task)]
+                values = task_loss(ctx.problem.spec(task), out[task],
+                                   batch["targets"][task])  # type: ignore[index]
+                losses[task].append(values[mask].float().cpu())
+        caps: dict[str, float] = {}
+        for task, objective in capped.items():
+            values = torch.cat(losses[task])
+            if values.numel() == 0:
+                continue
+            objective.cap = float(torch.quantile(values, cfg.cap_quantile))
+            caps[task] = objective.cap
+        return caps
+
+    # -- building blocks (also used by the interference diagnostics) --------------------------------
+
+    @staticmethod
+    def forget_task_grads(ctx: StepContext, terms_objective: Mapping[str, torch.Tensor]
+                          ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+        """``f_t`` for every target task present: (task -> grads over ``theta_s``, task -> grads
+        over ``theta_t``), one backward per task through the shared forward graph."""
+        shared = ctx.groups.shared_params
+        tasks = list(terms_objective)
+        f_shared: dict[str, list[torch.Tensor]] = {}
+        f_head: dict[str, list[torch.Tensor]] = {}
+        for i, t in enumerate(tasks):
+            head = ctx.groups.head_params(t)
+            grads = grads_of(terms_objective[t], shared + head, retain_graph=i < len(tasks) - 1)
+            f_shared[t], f_head[t] = grads[:len(shared)], grads[len(shared):]
+        return f_shared, f_head
+
+    @staticmethod
+    def retain_task_grads(ctx: StepContext, losses: Mapping[str, torch.Tensor],
+                          tasks: Sequence[str] | None = None
+                          ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+        """Per-task retain gradients (task -> grads over ``theta_s``, task -> over ``theta_t``)
+        for ``tasks`` (default: all) whose loss reaches the parameters."""
+        shared = ctx.groups.shared_params
+        names = [t for t in (tasks if tasks is not None else list(losses))
+                 if t in losses and losses[t].requires_grad]
+        r_shared: dict[str, list[torch.Tensor]] = {}
+        r_head: dict[str, list[torch.Tensor]] = {}
+        for i, t in enumerate(names):
+            head = ctx.groups.head_params(t)
+            grads = grads_of(losses[t], shared + head, retain_graph=i < len(names) - 1)
+            r_shared[t], r_head[t] = grads[:len(shared)], grads[len(shared):]
+        return r_shared, r_head
+
+    def refresh(self, ctx: StepContext, retain_batch: Batch
+                ) -> tuple[RetainTerms, list[torch.Tensor], dict[str, list[torch.Tensor]], int]:
+        """A refresh step: per-task retain gradients of ``snapshot_groups`` groups of the batch,
+        pushed into the protected subspace for the protected tasks (and, in a partial request,
+        the same for a batch of the forget instances' retained pairs).
+
+        Returns the batch's retain terms (detached, for the curves), the batch's retain gradient
+        on ``theta_s`` (all tasks) and on each head, and the number of snapshots pushed. The
+        group gradients are recombined with weights ``n_gt / n_t`` (supervised pairs of task
+        ``t`` in group ``g`` over the batch's), so the descent direction is exactly the
+        whole batch's.
+        """
+        cfg = self.config
+        subspace: ProtectedSubspace | None = ctx.state.get("subspace")
+        protect = set(ctx.state["protect"])
+        columns = {t: c for c, t in enumerate(ctx.problem.task_names)}
+        supervision = retain_batch["supervision"]
+        assert isinstance(supervision, torch.Tensor)
+        totals = supervision.sum(dim=0)
+        shared = ctx.groups.shared_params
+        retain_shared = [torch.zeros_like(p) for p in shared]
+        retain_heads: dict[str, list[torch.Tensor]] = {}
+        losses: dict[str, torch.Tensor] = {}
+        pushed = 0
+        for group in _split_rows(retain_batch, cfg.snapshot_groups):
+            group_sup = group["supervision"]
+            assert isinstance(group_sup, torch.Tensor)
+            counts = group_sup.sum(dim=0)
+            terms = self.retain_step_terms(ctx, group)
+            r_shared, r_head = self.retain_task_grads(ctx, terms.loss)
+            for t, grads in r_shared.items():
+                weight = float(counts[columns[t]]) / max(float(totals[columns[t]]), 1.0)
+                torch._foreach_add_(retain_shared, grads, alpha=weight)
+                head = retain_heads.setdefault(t, [torch.zeros_like(g) for g in r_head[t]])
+                torch._foreach_add_(head, r_head[t], alpha=weight)
+                losses[t] = losses.get(t, 0.0) + weight * terms.loss[t].detach()
+                if subspace is not None and t in protect:
+                    subspace.push(grads)
+                    pushed += 1
+        stream: BatchStream | None = ctx.state.get("coupled_stream")
+        if subspace is not None and stream is not None and ctx.state["coupled_tasks"]:
+            for group in _split_rows(stream.next(), cfg.snapshot_groups):
+                terms = self.retain_step_terms(ctx, group)
+                coupled, _ = self.retain_task_grads(ctx, terms.loss, ctx.state["coupled_tasks"])
+                for grads in coupled.values():
+                    subspace.push(grads)
+                    pushed += 1
+        for t in ctx.problem.task_names:
+            losses.setdefault(t, torch.zeros(()))
+        return RetainTerms(losses), retain_shared, retain_heads, pushed
+
+    def task_project(self, ctx: StepContext, f_shared: Mapping[str, list[torch.Tensor]]
+                     ) -> list[torch.Tensor]:
+        """Stacks ``[m, *shape_p]`` of ``m`` shared forget gradients (e.g. one per target task),
+        projected off the per-layer protected subspaces (unchanged when the projection is off).
+        """
+        tasks = list(f_shared)
+        stacks = [torch.stack([f_shared[t][p] for t in tasks])
+                  for p in range(len(ctx.groups.shared_params))]
+        subspace: ProtectedSubspace | None = ctx.state.get("subspace")
+        if subspace is None or subspace.filled == 0:
+            return stacks
+        return subspace.project(stacks, outs=stacks)
+
+    def instance_batch(self, ctx: StepContext, retain_batch: Batch) -> Batch:
+        """The instances whose per-sample gradients constrain the forget step."""
+        cfg = self.config
+        batch = _head_rows(retain_batch, cfg.num_per_sample)
+        stream: BatchStream | None = ctx.state.get("coupled_stream")
+        if stream is not None and cfg.num_coupled_per_sample > 0:
+            batch = _concat_batches(batch, _head_rows(stream.next(), cfg.num_coupled_per_sample))
+        return batch
+
+    def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
+                         param_names: Sequence[str], batch: Batch
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Make the forget step direction ``u`` (one tensor per parameter of ``param_names``)
+        orthogonal to / non-conflicting with the per-sample retain gradients of ``batch``.
+
+        Returns (the projected direction ``d``, the per-sample gradient stacks ``[B, *shape]``).
+        """
+        cfg = self.config
+        per_sample = per_sample_retain_grads(ctx.model, batch, ctx.problem.tasks, param_names,
+                                             cfg.chunk_size)
+        u = [g.unsqueeze(0) for g in step_dir]
+        if cfg.instance_projection == "orthogonal":
+            out = project_out_list(u, per_sample, cfg.ridge, outs=u)
+        else:
+            out = project_nonconflicting_list(u, per_sample, sign=-1, outs=u)
+        assert isinstance(out, list)
+        return [o[0] for o in out], per_sample
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def compute_update(self, ctx: StepContext, forget_batch: Batch | None,
+                       retain_batch: Batch | None) -> StepStats:
+        assert forget_batch is not None and retain_batch is not None
+        cfg = self.config
+        groups = ctx.groups
+        shared = groups.shared_params
+        n_shared = len(shared)
+        stats = StepStats()
+
+        # Retain: grouped per-task gradients at refresh steps (they feed the snapshots), else
+        # one backward of the total (only the sum is needed for the descent term).
+        refresh = cfg.task_projection and ctx.step % cfg.refresh_every == 0
+        retain_shared = [torch.zeros_like(p) for p in shared]
+        retain_heads: dict[str, list[torch.Tensor]] = {}
+        if refresh:
+            stats.retain, retain_shared, retain_heads, pushed = self.refresh(ctx, retain_batch)
+            stats.extra["snapshots_pushed"] = float(pushed)
+        else:
+            stats.retain = self.retain_step_terms(ctx, retain_batch)
+            total = stats.retain.total()
+            if total is not None and total.requires_grad:
+                grads = grads_of(total, groups.all_params)
+                retain_shared = grads[:n_shared]
+                offset = n_shared
+                for t in groups.heads:
+                    count = len(groups.heads[t])
+                    retain_heads[t] = grads[offset:offset + count]
+                    offset += count
+
+        # Forget: the task-aware projection is linear and shares its subspaces across target
+        # tasks, so projecting sum_t f_t equals summing the projected f_t: one backward of the
+        # summed objective gives both sum_t f_t on theta_s and every f_t on its own head.
+        stats.forget = self.forget_step_terms(ctx, forget_batch)
+        targets = list(stats.forget.objective)
+        forget_shared = [torch.zeros_like(p) for p in shared]
+        forget_heads: dict[str, list[torch.Tensor]] = {}
+        if targets and cfg.alpha > 0:
+            total_forget = stats.forget.total()
+            assert total_forget is not None
+            head_lists = [groups.head_params(t) for t in targets]
+            grads = grads_of(total_forget, shared + [p for h in head_lists for p in h])
+            raw = grads[:n_shared]
+            offset = n_shared
+            for t, head in zip(targets, head_lists):
+                forget_heads[t] = grads[offset:offset + len(head)]
+                offset += len(head)
+            projected = self.task_project(ctx, {"sum": raw})
+            forget_shared = [s[0] for s in projected]
+            stats.extra["task_kept_fraction"] = (
+                _norm(forget_shared) / _norm(raw).clamp(min=1e-30))
+
+            if cfg.instance_projection != "off":
+                names = [n for n, _ in groups.shared] + [n for t in targets
+                                                         for n, _ in groups.heads[t]]
+                step_dir = [-g for g in forget_shared] + [-g for t in targets
+                                                           for g in forget_heads[t]]
+                before = _norm(step_dir)
+                batch = self.instance_batch(ctx, retain_batch)
+                projected_dir, per_sample = self.instance_project(ctx, step_dir, names, batch)
+                stats.extra["instance_kept_fraction"] = (
+                    _norm(projected_dir) / before.clamp(min=1e-30))
+                stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
+                forget_shared = [-d for d in projected_dir[:n_shared]]
+                offset = n_shared
+                for t in targets:
+                    count = len(groups.heads[t])
+                    forget_heads[t] = [-d for d in projected_dir[offset:offset + count]]
+                    offset += count
+
+        # Update: retain descent everywhere, alpha * projected forget on theta_s and S's heads.
+        for p, r, f in zip(shared, retain_shared, forget_shared):
+            p.grad = cfg.retain_weight * r + cfg.alpha * f
+        for t in groups.heads:
+            params = groups.head_params(t)
+            r_list = retain_heads.get(t, [torch.zeros_like(p) for p in params])
+            f_list = forget_heads.get(t)
+            for i, p in enumerate(params):
+                grad = cfg.retain_weight * r_list[i]
+                if f_list is not None:
+                    grad = grad + cfg.alpha * f_list[i]
+                p.grad = grad
+        return stats
+
+    @staticmethod
+    def _conflicts(step_dir: Sequence[torch.Tensor], per_sample: Sequence[torch.Tensor]) -> int:
+        """How many retain samples the raw forget step would hurt to first order
+        (``<u, r_j> > 0``)."""
+        total: torch.Tensor | None = None
+        for u, r in zip(step_dir, per_sample):
+            term = (r.reshape(r.shape[0], -1).double() @ u.reshape(-1).double())
+            total = term if total is None else total + term
+        assert total is not None
+        return int((total > 0).sum())
+
+
+# -- ablations, registered so that the experiment runner can run them beside the full method ----
+
+
+@dataclass
+class _NoTaskConfig(InterferenceAwareConfig):
+    task_projection: bool = False
+
+
+@dataclass
+class _NoInstanceConfig(InterferenceAwareConfig):
+    instance_projection: str = "off"
+
+
+@dataclass
+class _NeitherConfig(InterferenceAwareConfig):
+    task_projection: bool = False
+    instance_projection: str = "off"
+
+
+@register_unlearner
+class InterferenceAwareNoTask(InterferenceAware):
+    """Ablation: no task-aware projection (instance-level orthogonalization only)."""
+
+    name = "interference_aware_no_task"
+    config_class = _NoTaskConfig
+
+
+@register_unlearner
+class InterferenceAwareNoInstance(InterferenceAware):
+    """Ablation: no instance-level orthogonalization (task-aware projection only)."""
+
+    name = "interference_aware_no_instance"
+    config_class = _NoInstanceConfig
+
+
+@register_unlearner
+class InterferenceAwareNeither(InterferenceAware):
+    """Ablation: neither projection (retain descent + ``alpha`` x raw forget gradient)."""
+
+    name = "interference_aware_neither"
+    config_class = _NeitherConfig

@@ -1,0 +1,65 @@
+"""Fixed hyper-parameters of every step-based method, per request type, for the project's
+benchmarks with their default recipes (``load_benchmark(...).info["train_config"]``).
+
+How they were chosen (``benchmarks/unlearning_eval.py --tune``, i.e. the protocol of
+:mod:`mtunlearn_ext.tuning`): on ``indoor`` / ``small`` / seed 0 only, for each method a grid of
+learning rates (one run per rate, scored at several step budgets), scored by the gap to the
+retrained model on the forget pairs and a fixed subset of the retain pairs
+(:func:`~mtunlearn_ext.metrics.retrain_gap` without the attack). The test split and the
+membership attack (which needs test instances) were never looked at. The same settings are then
+used for every seed and for ``street``, so nothing is tuned per seed or on test data.
+
+The step budgets are capped so that a run stays a small fraction of retraining (the project's
+target for the interference-aware method is at most 15% of the retraining wall time).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["ABLATIONS", "TUNED", "tuned_settings"]
+
+#: The ablation variants of the interference-aware method (registry names).
+ABLATIONS: tuple[str, ...] = ("interference_aware_no_task", "interference_aware_no_instance",
+                              "interference_aware_neither")
+
+#: request type -> method -> settings (see the module docstring for how they were chosen).
+TUNED: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "finetune": {"lr": 1e-3, "steps": 25},
+        "gradient_ascent": {"lr": 1e-3, "steps": 10},
+        "neggrad_plus": {"lr": 3e-3, "steps": 25},
+        "random_labels": {"lr": 1e-3, "steps": 10},
+        "salun": {"lr": 1e-3, "steps": 10},
+        "orthograd": {"lr": 3e-3, "steps": 25},
+        "pcgrad": {"lr": 3e-3, "steps": 25},
+        "interference_aware": {"lr": 3e-3, "steps": 20},
+    },
+    "partial": {
+        "finetune": {"lr": 1e-3, "steps": 25},
+        "gradient_ascent": {"lr": 1e-3, "steps": 10},
+        "neggrad_plus": {"lr": 3e-3, "steps": 25},
+        "random_labels": {"lr": 1e-3, "steps": 10},
+        "salun": {"lr": 1e-3, "steps": 10},
+        "orthograd": {"lr": 3e-3, "steps": 25},
+        "pcgrad": {"lr": 3e-3, "steps": 25},
+        "interference_aware": {"lr": 3e-3, "steps": 20},
+    },
+}
+
+
+def tuned_settings(request: str, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The settings of ``methods`` for a ``"full"`` or ``"partial"`` request (ablations inherit
+    the interference-aware method's; methods without an entry, such as ``retrain``, get none)."""
+    if request not in TUNED:
+        raise ValueError(f"tuned_settings: request must be one of {sorted(TUNED)}, got "
+                         f"{request!r}")
+    table = TUNED[request]
+    out: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        source = "interference_aware" if method in ABLATIONS else method
+        if source in table:
+            out[method] = copy.deepcopy(table[source])
+    return out

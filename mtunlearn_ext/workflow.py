@@ -1,0 +1,510 @@
+"""What the ``mtunlearn`` CLI and record verification share, on top of the library.
+
+- Rebuilding a checkpoint's benchmark and model from the metadata ``mtunlearn train`` writes
+  (:func:`load_model`), with the checks the unlearners rely on (:func:`check_parameter_split`,
+  finite parameters).
+- Turning user input (ids, a fraction, task names, explicit retain ids) into a validated
+  :class:`~mtunlearn_ext.data.ForgetRequest` and its forget/retain split
+  (:func:`build_user_request`, :func:`restrict_retain`), with errors that name the argument, what
+  was expected and what was received (:class:`UserInputError`).
+- Measuring a model (:func:`measure`: per-task metrics on forget / retain / test and the
+  membership-inference AUC), the same way at unlearning time and at verification time.
+- Running an unlearner under a NaN/Inf guard (:func:`run_unlearning`): a non-finite loss,
+  gradient or parameter stops the run at the step it appears (:class:`NonFiniteError`).
+- Writing outputs that never overwrite anything and vanish if the run is interrupted
+  (:class:`OutputTransaction`).
+
+Nothing here re-implements training, splitting, evaluation or unlearning: it calls
+``training``, ``data``, ``metrics``, ``unlearning`` and ``experiment`` (``build_request``,
+``default_recipe``, ``dataset_fingerprint``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext._io import sha256_of_file
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
+from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
+
+__all__ = [
+    "CLI_META_FORMAT",
+    "LoadedModel",
+    "NonFiniteError",
+    "OutputTransaction",
+    "UserInputError",
+    "benchmark_from_meta",
+    "build_user_request",
+    "check_device",
+    "check_finite_parameters",
+    "check_parameter_split",
+    "json_safe",
+    "load_model",
+    "measure",
+    "parse_ids",
+    "parse_tasks",
+    "restrict_retain",
+    "run_unlearning",
+    "write_json_new",
+]
+
+#: ``meta["format"]`` of checkpoints written by ``mtunlearn train`` / ``mtunlearn unlearn``.
+CLI_META_FORMAT = "mtunlearn_ext.cli-checkpoint/1"
+
+
+class UserInputError(ValueError):
+    """A bad user input: the message names the argument, what was expected and what came.
+
+    The CLI turns it into exit code 2 and one line on stderr.
+    """
+
+    def __init__(self, argument: str, expected: str, received: object, hint: str = "") -> None:
+        self.argument, self.expected, self.received = argument, expected, received
+        text = f"{argument}: expected {expected}, got {_short(received)}"
+        super().__init__(text + (f"; {hint}" if hint else ""))
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss, gradient or parameter during a run; ``step`` is the 0-based step."""
+
+    def __init__(self, step: int | None, where: str) -> None:
+        self.step, self.where = step, where
+        at = "before the first step" if step is None else f"at step {step}"
+        super().__init__(f"non-finite values (NaN/Inf) {at}: {where}; the run was stopped and "
+                         "nothing was written")
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + " ...'"
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | None:
+    """Instance ids from ``"1,2 3"``, a file holding such text (``@path`` or an existing path),
+    or a list; ``None`` stays ``None``. Non-integers raise :class:`UserInputError`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+        path = Path(value[1:] if value.startswith("@") else value)
+        if (value.startswith("@") or len(value) < 4096) and path.is_file():
+            text = path.read_text()
+        tokens = text.replace(",", " ").split()
+    else:
+        tokens = list(value)
+    ids: list[int] = []
+    for token in tokens:
+        try:
+            ids.append(int(token))
+        except (TypeError, ValueError):
+            raise UserInputError(argument, "integer instance ids (comma/space separated)",
+                                 token) from None
+    return ids
+
+
+def parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:
+    """Task names from ``"a,b"`` or a list (``None``: not given)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(t).strip() for t in items if str(t).strip()]
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a :class:`torch.device`, refusing one that is not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserInputError("--device", "'cpu' or 'cuda[:i]'", device) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device", "an available device", device,
+                             "torch.cuda.is_available() is False here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserInputError("--device", "'cpu' or 'cuda[:i]'", device)
+    return dev
+
+
+# -- benchmark and model -------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint rebuilt into its model, with the benchmark it was trained on."""
+
+    model: nn.Module
+    checkpoint: Checkpoint
+    benchmark: Benchmark
+    path: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.checkpoint.meta
+
+
+def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint") -> Benchmark:
+    """The benchmark named by a CLI checkpoint's metadata (name, size, seed, data root)."""
+    from mtunlearn_ext.data.registry import load_benchmark
+
+    missing = [k for k in ("benchmark", "size", "seed") if k not in meta]
+    if meta.get("format") != CLI_META_FORMAT or missing:
+        raise UserInputError(argument, f"a checkpoint written by `mtunlearn train` (meta format "
+                             f"{CLI_META_FORMAT!r})", meta.get("format"),
+                             f"its metadata lacks {missing or ['format']}")
+    try:
+        return load_benchmark(str(meta["benchmark"]), seed=int(meta["seed"]),
+                              size=meta["size"], data_root=meta.get("data_root"))
+    except (ValueError, KeyError, OSError) as error:
+        raise UserInputError(argument, "a checkpoint whose benchmark can be loaded",
+                             meta.get("benchmark"), str(error)) from error
+
+
+def check_parameter_split(model: nn.Module, task_names: Sequence[str],
+                          argument: str = "model") -> None:
+    """Refuse a model without a detectable shared/head split.
+
+    The unlearners need ``model.parameter_split()`` (a shared trunk and one head per task, as a
+    :class:`~mtunlearn_ext.models.MultiTaskModel` has): a plain ``nn.Sequential`` has none, so
+    task-aware projections would be undefined. Raises :class:`UserInputError`.
+    """
+    split_fn = getattr(model, "parameter_split", None)
+    if not callable(split_fn):
+        raise UserInputError(argument, "a multi-task model with a shared/head split "
+                             "(`parameter_split()`, e.g. an mtunlearn_ext MultiTaskModel)",
+                             type(model).__name__,
+                             "for your own module use mtunlearn_ext.unlearn(..., "
+                             "shared_parameters=...)")
+    try:
+        split = split_fn()
+    except RuntimeError as error:
+        raise UserInputError(argument, "every parameter in exactly one of backbone / heads",
+                             type(model).__name__, str(error)) from error
+    missing = [t for t in task_names if t not in split.heads]
+    if missing:
+        raise UserInputError(argument, f"one head per task {list(task_names)}",
+                             sorted(split.heads), f"no head for {missing}")
+    if not split.shared:
+        raise UserInputError(argument, "a non-empty shared backbone", "no shared parameter")
+
+
+def check_finite_parameters(model: nn.Module, argument: str) -> None:
+    """Refuse a model holding NaN/Inf parameters (it cannot be trained or unlearned)."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserInputError(argument, "finite parameters", f"NaN/Inf in {bad[:5]}")
+
+
+def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
+               expected_sha256: str | None = None) -> LoadedModel:
+    """Read a CLI checkpoint, rebuild its benchmark and model, and check both.
+
+    Raises :class:`UserInputError` (wrong or damaged file, state that does not fit the
+    benchmark's model, no shared/head split, non-finite parameters).
+    """
+    from mtunlearn_ext.models import build_model
+
+    p = Path(path)
+    try:
+        checkpoint = load_checkpoint(p, expected_sha256=expected_sha256)
+    except CheckpointError as error:
+        raise UserInputError(argument, "a readable mtunlearn checkpoint", str(p),
+                             str(error)) from error
+    bench = benchmark_from_meta(checkpoint.meta, argument)
+    model = build_model(bench, seed=int(checkpoint.meta["seed"]))
+    try:
+        model.load_state_dict(checkpoint.state_dict)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(argument, f"weights of the {bench.name!r} model", str(p),
+                             first) from error
+    check_parameter_split(model, bench.train.task_names, argument)
+    check_finite_parameters(model, argument)
+    model.eval()
+    return LoadedModel(model, checkpoint, bench, p)
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] | None,
+                       forget_fraction: float | None, target_tasks: Sequence[str] | None,
+                       request_type: str | None, seed: int) -> tuple[ForgetRequest, str]:
+    """The validated request and its type (``"full"`` / ``"partial"``) from user input.
+
+    ``request_type=None`` infers it: partial when ``target_tasks`` is a proper subset of the
+    tasks, full otherwise. The ids come from ``forget_ids`` or a seeded ``forget_fraction``
+    (:func:`mtunlearn_ext.experiment.build_request`). Raises :class:`UserInputError` for an unknown
+    task, an empty or duplicated id list, ids not in the data set, a fraction outside (0, 1), a
+    partial request naming every task, and a request that would leave nothing to retain.
+    """
+    from mtunlearn_ext.experiment import build_request
+
+    names = dataset.task_names
+    if target_tasks is not None:
+        unknown = [t for t in target_tasks if t not in names]
+        if unknown:
+            raise UserInputError("--target-tasks", f"task names among {names}", unknown,
+                                 "unknown task names")
+        if not target_tasks:
+            raise UserInputError("--target-tasks", f"at least one of {names}", [])
+        if len(set(target_tasks)) != len(target_tasks):
+            raise UserInputError("--target-tasks", "distinct task names", list(target_tasks))
+    if request_type is None:
+        request_type = ("partial" if target_tasks is not None and set(target_tasks) != set(names)
+                        else "full")
+    if request_type not in ("full", "partial"):
+        raise UserInputError("--request", "'full' or 'partial'", request_type)
+    if request_type == "partial" and target_tasks is not None and set(target_tasks) == set(names):
+        raise UserInputError("--target-tasks", "a proper subset of the tasks for a partial "
+                             "request", list(target_tasks),
+                             "it names every task; use --request full")
+    if request_type == "full" and target_tasks is not None and set(target_tasks) != set(names):
+        raise UserInputError("--target-tasks", f"every task {names} for a full request",
+                             list(target_tasks), "use --request partial")
+    if forget_ids is not None:
+        if len(forget_ids) == 0:
+            raise UserInputError("--forget-ids", "at least one instance id", "an empty list")
+        dupes = sorted({i for i in forget_ids if list(forget_ids).count(i) > 1})
+        if dupes:
+            raise UserInputError("--forget-ids", "distinct ids", f"duplicates {dupes[:10]}")
+        known = set(dataset.ids.tolist())
+        missing = [i for i in forget_ids if i not in known]
+        if missing:
+            lo, hi = int(dataset.ids.min()), int(dataset.ids.max())
+            raise UserInputError("--forget-ids", f"ids of training instances (in [{lo}, {hi}], "
+                                 f"{len(dataset)} instances)",
+                                 f"{len(missing)} unknown ids {missing[:10]}")
+    else:
+        if forget_fraction is None or not 0.0 < float(forget_fraction) < 1.0:
+            raise UserInputError("--forget-fraction", "a number in (0, 1) (or --forget-ids)",
+                                 forget_fraction)
+    try:
+        request = build_request(dataset, request_type, seed, float(forget_fraction or 0.1),
+                                forget_ids, target_tasks)
+    except (ValueError, KeyError) as error:
+        raise UserInputError("request", "a request that leaves something to retain",
+                             f"{request_type} request",
+                             str(error).strip("'\"")) from error
+    return request, request_type
+
+
+def restrict_retain(retain: MultiTaskDataset, request: ForgetRequest,
+                    retain_ids: Sequence[int] | None, full_train: MultiTaskDataset
+                    ) -> MultiTaskDataset:
+    """The retain set limited to explicit ``retain_ids`` (``None``: unchanged).
+
+    Refuses ids shared with the forget ids (a pair cannot be both forgotten and retained; in a
+    partial request the forget instances' other tasks are retained automatically), ids not in
+    the training set, and an empty list.
+    """
+    if retain_ids is None:
+        return retain
+    if len(retain_ids) == 0:
+        raise UserInputError("--retain-ids", "at least one instance id", "an empty list")
+    overlap = sorted(set(retain_ids) & set(request.instance_ids))
+    if overlap:
+        raise UserInputError("--retain-ids", "ids disjoint from --forget-ids",
+                             f"{len(overlap)} overlapping ids {overlap[:10]}",
+                             "an instance cannot be both forgotten and retained")
+    known = set(full_train.ids.tolist())
+    missing = [i for i in retain_ids if i not in known]
+    if missing:
+        raise UserInputError("--retain-ids", "ids of training instances",
+                             f"{len(missing)} unknown ids {missing[:10]}")
+    wanted = set(retain_ids) | set(request.instance_ids)  # coupled pairs of a partial request
+    rows = [p for p, i in enumerate(retain.ids.tolist()) if i in wanted]
+    return retain.subset(torch.tensor(rows, dtype=torch.long))
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types: tuples -> lists, tensors -> numbers, NaN/Inf -> ``None``."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def measure(model: nn.Module, forget: MultiTaskDataset, retain: MultiTaskDataset,
+            test: MultiTaskDataset, target_tasks: Sequence[str], seed: int,
+            batch_size: int = 64) -> dict[str, Any]:
+    """Per-task metrics on the forget pairs, the retain pairs and the test set, and the
+    membership-inference AUC of the forget pairs (``None`` with a reason when the sets are too
+    small for the attack). Deterministic for a given model, data and seed."""
+    from mtunlearn_ext.metrics import evaluate, membership_attack
+
+    metrics = {name: evaluate(model, ds, None, batch_size)  # type: ignore[arg-type]
+               for name, ds in (("forget", forget), ("retain", retain), ("test", test))}
+    out: dict[str, Any] = {"metrics": metrics}
+    try:
+        attack = membership_attack(model, retain, test, forget,  # type: ignore[arg-type]
+                                   list(target_tasks), batch_size=batch_size, seed=seed)
+        out["mia_auc"], out["mia_member_auc"] = attack.auc, attack.member_auc
+    except ValueError as error:
+        out["mia_auc"], out["mia_member_auc"], out["mia_error"] = None, None, str(error)
+    return json_safe(out)
+
+
+# -- guarded unlearning ---------------------------------------------------------------------------
+
+
+class _FiniteGuard:
+    """Step callback: after each optimizer step, the update (``.grad``) and the parameters must
+    be finite. The update holds the loss's gradient, so a NaN loss shows here too."""
+
+    def __call__(self, steps_done: int, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise NonFiniteError(steps_done - 1, f"gradient of {name}")
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(steps_done - 1, f"parameter {name}")
+
+
+def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> Any:
+    """Run the registered ``method`` with ``settings`` on ``problem`` under the NaN/Inf guard.
+
+    Step-based methods are checked after every step; every method's result is checked at the
+    end (parameters and the recorded loss curves). Bad settings raise :class:`UserInputError`
+    naming ``--method-config``; a non-finite value raises :class:`NonFiniteError`.
+    """
+    from mtunlearn_ext.unlearning import GradientUnlearner, available_unlearners, get_unlearner
+
+    if method not in available_unlearners():
+        raise UserInputError("--method", f"one of {available_unlearners()}", method)
+    try:
+        unlearner = get_unlearner(method, dict(settings))
+    except (TypeError, ValueError) as error:
+        raise UserInputError("--method-config", f"valid settings of {method!r}",
+                             dict(settings), str(error)) from error
+    if isinstance(unlearner, GradientUnlearner):
+        unlearner.step_callbacks.append(_FiniteGuard())
+    result = unlearner.unlearn(problem)
+    for name, p in result.model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(result.report.steps, f"parameter {name} after the run")
+    for curve, values in result.report.curves.items():
+        for k, v in enumerate(values):
+            if curve.split("/")[0] in ("forget_loss", "retain_loss") and not math.isfinite(v):
+                step = result.report.curve_steps.get(curve, [k] * (k + 1))[k]
+                raise NonFiniteError(step, f"loss curve {curve!r}")
+    return result
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
+    """Write ``payload`` as JSON to a *new* file atomically; return the file's SHA-256.
+
+    Temporary file in the same directory, fsync, then a hard link onto ``path`` (atomic and
+    failing if ``path`` appeared meanwhile), so an existing file is never replaced and a reader
+    never sees a partial file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        raise FileExistsError(f"{target} exists; refusing to overwrite it")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=False, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp_name, target)
+        except FileExistsError:
+            raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
+        except OSError:  # no hard links on this file system: check, then rename
+            if target.exists():
+                raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
+            os.replace(tmp_name, target)
+        return sha256_of_file(target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+@dataclass
+class OutputTransaction:
+    """All-or-nothing outputs of one command.
+
+    ``reserve`` checks up front that every output path is new, distinct, and none of the inputs
+    (so a run fails before doing any work rather than after); files created through
+    :meth:`write` are deleted again if the block exits with any exception, including
+    ``KeyboardInterrupt`` and the ``SystemExit`` the CLI raises on SIGTERM. Inputs are never
+    touched.
+    """
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)
+    _created: list[Path] = field(default_factory=list)
+
+    def reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
+        p = Path(path)
+        resolved = p.resolve()
+        for inp in self.inputs:
+            if resolved == inp.resolve():
+                raise UserInputError(argument, "a new file, not an input", str(p),
+                                     "outputs never overwrite inputs")
+        for other_arg, other in self.outputs.items():
+            if resolved == other.resolve():
+                raise UserInputError(argument, f"a path different from {other_arg}", str(p))
+        if p.exists():
+            raise UserInputError(argument, "a path that does not exist yet", str(p),
+                                 "refusing to overwrite; choose a new path")
+        self.outputs[argument] = p
+        return p
+
+    def write(self, path: Path, writer: Callable[[Path], str]) -> str:
+        """``writer(path)`` (an atomic, no-overwrite write returning a SHA-256), with ``path``
+        deleted again if the block fails later. It is registered *before* the write, so an
+        interrupt between the final rename and the return still removes it; a write refused
+        because the file already exists un-registers it (that file is not ours)."""
+        self._created.append(path)
+        try:
+            return writer(path)
+        except FileExistsError:
+            self._created.remove(path)
+            raise
+
+    def __enter__(self) -> OutputTransaction:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            return
+        for path in reversed(self._created):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def input_paths(paths: Iterable[str | os.PathLike[str] | None]) -> list[Path]:
+    """The given input paths that are set (for :class:`OutputTransaction`)."""
+    return [Path(p) for p in paths if p is not None]

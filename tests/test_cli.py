@@ -1,0 +1,226 @@
+"""The ``mtunlearn`` CLI: train -> unlearn -> verify, records, safety, and bad inputs (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mtunlearn_ext import cli
+from mtunlearn_ext._io import sha256_of_file
+from mtunlearn_ext.records import RECORD_SCHEMA, read_record
+from mtunlearn_ext.workflow import UserInputError, check_parameter_split
+
+torch.set_num_threads(1)
+
+FAST = '{"steps": 3}'
+_TRAIN_IDS: list[int] = []
+
+
+def ids(*positions: int) -> str:
+    """Comma-separated ids of the digits/tiny training instances at ``positions``."""
+    if not _TRAIN_IDS:
+        from mtunlearn_ext.data import load_benchmark
+
+        _TRAIN_IDS.extend(load_benchmark("digits", size="tiny").train.ids.tolist())
+    return ",".join(str(_TRAIN_IDS[p]) for p in positions)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    ckpt = folder / "orig.pt"
+    assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--epochs", "3",
+                     "--output", str(ckpt), "--quiet", "--threads", "1"]) == 0
+    return ckpt
+
+
+def _unlearn(ckpt: Path, out: Path, *extra: str) -> int:
+    return cli.main(["unlearn", "--checkpoint", str(ckpt), "--output", str(out),
+                     "--method-config", FAST, "--quiet", *extra])
+
+
+def _listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_round_trip_and_record(trained: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    sha_before = sha256_of_file(trained)
+    out = tmp_path / "u.pt"
+    assert _unlearn(trained, out, "--forget-ids", ids(1, 2, 3, 5, 8), "--target-tasks", "digit") == 0
+    record_path = Path(str(out) + ".record.json")
+    record = read_record(record_path)
+    assert record["schema"] == RECORD_SCHEMA
+    assert record["request"]["type"] == "partial"
+    assert record["request"]["instance_ids"] == sorted(int(i) for i in ids(1, 2, 3, 5, 8).split(","))
+    assert len(record["request"]["ids_sha256"]) == 64
+    assert record["request"]["target_tasks"] == ["digit"]
+    assert record["method"]["name"] == "interference_aware"
+    assert record["method"]["settings"]["steps"] == 3
+    assert record["input"]["sha256"] == sha_before
+    assert record["output"]["sha256"] == sha256_of_file(out)
+    assert record["code"]["mtunlearn_ext"]
+    for key in ("before", "after"):
+        assert "mia_auc" in record[key] and set(record[key]["metrics"]) == {"forget", "retain",
+                                                                            "test"}
+    assert record["started_at"] <= record["finished_at"]
+    assert sha256_of_file(trained) == sha_before  # the input is never touched
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(record_path)]) == 0
+    # The wrong model: non-zero exit, the hash mismatch reported.
+    assert cli.main(["verify", "--record", str(record_path), "--checkpoint", str(trained)]) == 1
+    assert "SHA-256" in capsys.readouterr().err
+    # A report from the record.
+    assert cli.main(["report", "--results", str(record_path), "--output-dir",
+                     str(tmp_path / "rep")]) == 0
+    assert {"report.md", "loss_curves.png", "metrics_test.png"} <= _listing(tmp_path / "rep")
+
+
+def test_refuses_overwrite_and_rerun_gets_new_name(trained: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    existing = tmp_path / "taken.pt"
+    existing.write_bytes(b"keep me")
+    assert _unlearn(trained, existing, "--forget-ids", ids(1, 2)) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+    assert _unlearn(trained, trained, "--forget-ids", ids(1, 2)) == 2  # never over the input
+    assert "not an input" in capsys.readouterr().err
+    assert cli.main(["train", "--epochs", "1", "--output", str(existing), "--quiet"]) == 2
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_config_file_and_flag_override(trained: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'checkpoint = "{trained}"\nforget_ids = [{ids(4, 6)}]\nmethod = "finetune"\n'
+                      f'method_config = "{{\\"steps\\": 2}}"\nquiet = true\n'
+                      f'output = "{tmp_path / "from_config.pt"}"\n')
+    assert cli.main(["unlearn", "--config", str(config), "--output",
+                     str(tmp_path / "flag.pt")]) == 0
+    assert (tmp_path / "flag.pt").is_file() and not (tmp_path / "from_config.pt").exists()
+    record = json.loads((tmp_path / "flag.pt.record.json").read_text())
+    assert record["method"]["name"] == "finetune" and record["request"]["instance_ids"] == sorted(int(i) for i in ids(4, 6).split(","))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checkpoint: x\nnot_an_option: 1\n")
+    assert cli.main(["unlearn", "--config", str(bad)]) == 2
+
+
+BAD_INPUTS = [
+    (["--target-tasks", "digit,nope", "--forget-ids", ids(1)], "--target-tasks", "unknown task"),
+    (["--forget-ids", ""], "--forget-ids", "empty"),
+    (["--forget-ids", ids(1) + ",99999"], "--forget-ids", "99999"),
+    (["--forget-ids", "1,x"], "--forget-ids", "'x'"),
+    (["--forget-ids", ids(1, 2), "--retain-ids", ids(2, 3)], "--retain-ids", "overlapping"),
+    (["--forget-ids", ids(1), "--request", "partial", "--target-tasks", "digit,parity,magnitude"],
+     "--target-tasks", "names every task"),
+    (["--forget-fraction", "1.5"], "--forget-fraction", "(0, 1)"),
+    (["--forget-ids", ids(1), "--method", "nope"], "--method", "nope"),
+    (["--forget-ids", ids(1), "--method-config", '{"steps": -1}'], "--method-config", "steps"),
+    (["--forget-ids", ids(1), "--method-config", '{"no_such": 1}'], "--method-config", "no_such"),
+    (["--forget-ids", ids(1), "--device", "cuda:7"], "--device", "cuda"),
+]
+
+
+@pytest.mark.parametrize(("extra", "argument", "fragment"), BAD_INPUTS)
+def test_bad_inputs_exit_2_one_line(trained: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str], extra: list[str],
+                                    argument: str, fragment: str) -> None:
+    if argument == "--device" and torch.cuda.device_count() > 7:
+        pytest.skip("a machine with 8 GPUs accepts cuda:7")
+    before = _listing(trained.parent)
+    assert _unlearn(trained, tmp_path / "out.pt", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert argument in err and fragment in err and "expected" in err, err
+    assert _listing(tmp_path) == set() and _listing(trained.parent) == before
+
+
+def test_bad_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+                         ) -> None:
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(trained.read_bytes()[:200])
+    assert cli.main(["unlearn", "--checkpoint", str(truncated), "--forget-ids", ids(1),
+                     "--output", str(tmp_path / "o.pt")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert cli.main(["unlearn", "--forget-ids", ids(1)]) == 2  # no checkpoint at all
+    assert "--checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_model_without_split_is_refused() -> None:
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(UserInputError, match="shared/head split"):
+        check_parameter_split(plain, ["a"])
+    # The public API refuses it too (it asks for `shared_parameters`).
+    import mtunlearn_ext
+
+    x = torch.randn(20, 4)
+    with pytest.raises(ValueError, match="shared"):
+        mtunlearn_ext.unlearn(plain, tasks={"a": "classification"},
+                              train_data=(x, {"a": torch.randint(0, 2, (20,))}),
+                              forget_request=mtunlearn_ext.ForgetRequest.create([0, 1]))
+
+
+def test_interrupted_run_leaves_nothing(trained: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from mtunlearn_ext import records
+
+    sha = sha256_of_file(trained)
+    # Interrupt after the checkpoint is written, while the record is being written.
+    def interrupted(*args: object, **kwargs: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(records, "write_record", interrupted)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert _listing(tmp_path) == set()  # no checkpoint, no record, no temporary file
+    assert sha256_of_file(trained) == sha
+    monkeypatch.undo()
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 0  # a rerun works
+    assert _listing(tmp_path) == {"u.pt", "u.pt.record.json"}
+
+
+def test_nan_during_unlearning_stops_with_step(trained: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from mtunlearn_ext.unlearning import InterferenceAware
+
+    original = InterferenceAware.compute_update
+
+    def poisoned(self, ctx, forget_batch, retain_batch):  # type: ignore[no-untyped-def]
+        stats = original(self, ctx, forget_batch, retain_batch)
+        if ctx.step == 1:
+            for p in ctx.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    break
+        return stats
+
+    monkeypatch.setattr(InterferenceAware, "compute_update", poisoned)
+    sha = sha256_of_file(trained)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 3
+    err = capsys.readouterr().err
+    assert "at step 1" in err and "NaN" in err
+    assert _listing(tmp_path) == set() and sha256_of_file(trained) == sha
+
+
+def test_evaluate_and_benchmark_dry_run(trained: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1, 2, 3),
+                     "--output", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload["metrics"]) == {"forget", "retain", "test"} and "mia_auc" in payload
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--output", str(out)]) == 2
+    assert cli.main(["benchmark", "--dry-run"]) == 0
+    assert "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["unlearn", "--help"])
+    assert info.value.code == 0
+    assert "NaN/Inf policy" in capsys.readouterr().out

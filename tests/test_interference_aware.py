@@ -1,0 +1,384 @@
+"""The interference-aware unlearner: its projections, switches, contract and public API.
+
+Everything runs on the project's dense model (shared conv backbone, three heads) trained briefly
+on the tiny ``indoor`` benchmark, so the projections are checked on real per-layer parameter
+lists, real per-sample gradients and a real forget objective.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mtunlearn_ext
+from mtunlearn_ext.data import ForgetRequest
+from mtunlearn_ext.data.registry import load_benchmark
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models import build_model
+from mtunlearn_ext.training import TrainConfig, train
+from mtunlearn_ext.unlearning import (
+    ParameterGroups,
+    UnlearningProblem,
+    UnlearningReport,
+    available_unlearners,
+    get_unlearner,
+    make_forget_objectives,
+)
+from mtunlearn_ext.unlearning.batches import BatchStream
+from mtunlearn_ext.unlearning.interference import interference_matrix
+from mtunlearn_ext.unlearning.interference_aware import (
+    InterferenceAware,
+    InterferenceAwareConfig,
+    coupled_retain_set,
+    protected_tasks,
+)
+from mtunlearn_ext.unlearning.loop import StepContext
+from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)
+
+RECIPE = TrainConfig(epochs=4, batch_size=16, lr=3e-3, seed=0)
+TINY = {"steps": 4, "lr": 3e-3, "forget_batch_size": 6, "retain_batch_size": 12,
+        "num_per_sample": 6, "num_coupled_per_sample": 3, "refresh_every": 2,
+        "num_snapshots": 8, "snapshot_groups": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: tiny models on shared cores (see test_unlearning_baselines.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    return load_benchmark("indoor", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def original(bench):  # type: ignore[no-untyped-def]
+    model = build_model(bench, seed=0)
+    train(model, bench.train, None, RECIPE, progress=False)
+    return model.eval()
+
+
+def _problem(bench, model, partial: bool, seed: int = 0) -> UnlearningProblem:  # type: ignore[no-untyped-def]
+    ids = bench.train.ids[torch.randperm(len(bench.train),
+                                         generator=torch.Generator().manual_seed(1))[:8]]
+    request = ForgetRequest.create(ids, ["segmentation"] if partial else None)
+    return UnlearningProblem.from_request(model, bench.train, request, seed=seed)
+
+
+def _context(problem: UnlearningProblem, method: InterferenceAware) -> StepContext:
+    model = copy.deepcopy(problem.model).train()
+    groups = ParameterGroups.from_model(model, problem.task_names)
+    generator = torch.Generator().manual_seed(0)
+    objectives = make_forget_objectives(problem.target_specs(), problem.retain, generator, "cpu",
+                                        method.config.forget_objective
+                                        or method.default_forget_objective)
+    ctx = StepContext(model, problem, groups, objectives, generator)
+    method.setup(ctx, UnlearningReport(method=method.name, config={}))
+    return ctx
+
+
+def _batch(dataset, size: int, seed: int):  # type: ignore[no-untyped-def]
+    return BatchStream(dataset, size, torch.Generator().manual_seed(seed)).next()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _forget_loss(model: nn.Module, problem: UnlearningProblem) -> float:
+    with torch.no_grad():
+        out = model(problem.forget.inputs)
+        values = []
+        for spec in problem.target_specs():
+            rows = problem.forget.supervision[:, problem.forget.task_index(spec.name)]
+            values.append(task_loss(spec, out[spec.name], problem.forget.targets[spec.name])[rows])
+    return float(torch.cat(values).mean())
+
+
+# -- the projections ---------------------------------------------------------------------------
+
+
+def test_layer_ids_group_parameters_by_module() -> None:
+    names = ["a.0.weight", "a.0.bias", "a.1.weight", "b.weight", "b.bias", "c"]
+    assert layer_ids_of(names) == [0, 0, 1, 2, 2, 3]
+
+
+def test_subspace_ring_buffer_keeps_newest_k() -> None:
+    params = [torch.zeros(3, 2), torch.zeros(4)]
+    sub = ProtectedSubspace(params, [0, 1], k=2)
+    for value in (1.0, 2.0, 3.0):
+        sub.push([torch.full((3, 2), value), torch.full((4,), value)])
+    assert sub.filled == 2 and sub.count == 3
+    kept = sorted(float(b[0, 0]) for b in sub.basis()[0])
+    assert kept == [2.0, 3.0]
+    gram = sub.gram_per_layer()
+    assert gram.shape == (2, 2, 2)
+    stack0 = sub.basis()[0].reshape(2, -1).double()
+    torch.testing.assert_close(gram[0].double(), stack0 @ stack0.T)
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_task_projection_kills_protected_components_per_layer(bench, original,  # type: ignore[no-untyped-def]
+                                                              partial: bool) -> None:
+    problem = _problem(bench, original, partial)
+    method = InterferenceAware(InterferenceAwareConfig(**TINY, ridge=1e-8))
+    ctx = _context(problem, method)
+    retain_batch = _batch(problem.retain, 12, 0)
+    terms, r_shared, _, pushed = method.refresh(ctx, retain_batch)
+    subspace: ProtectedSubspace = ctx.state["subspace"]
+    assert pushed == subspace.filled > 0
+    # The recombined group gradients are exactly the whole batch's retain gradient.
+    whole = method.retain_step_terms(ctx, retain_batch).total()
+    reference = torch.autograd.grad(whole, ctx.groups.shared_params)
+    for a, b in zip(r_shared, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    expected = ["depth", "normals"] if partial else ["segmentation", "depth", "normals"]
+    assert protected_tasks(problem, "auto") == expected
+    forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
+    f_shared, _ = method.forget_task_grads(ctx, forget.objective)
+    raw = [torch.stack([f_shared[t][p] for t in f_shared]) for p in range(len(f_shared[
+        next(iter(f_shared))]))]
+    before = subspace.residual_inner(raw).abs()
+    projected = method.task_project(ctx, f_shared)
+    after = subspace.residual_inner(projected).abs()
+    # Per layer: |<f_l, m_l>| relative to |f_l| |m_l| drops from O(0.1) to ~0.
+    basis = subspace.basis()
+    layer_f = torch.zeros(subspace.num_layers, raw[0].shape[0], dtype=torch.float64)
+    layer_m = torch.zeros(subspace.num_layers, subspace.filled, dtype=torch.float64)
+    for layer, g, b in zip(subspace.layer_ids, raw, basis):
+        layer_f[layer] += (g.reshape(g.shape[0], -1).double() ** 2).sum(1)
+        layer_m[layer] += (b.reshape(b.shape[0], -1).double() ** 2).sum(1)
+    scale = layer_f.sqrt()[:, :, None] * layer_m.sqrt()[:, None, :]
+    ok = scale > 0
+    assert float((before[ok] / scale[ok]).max()) > 1e-2
+    assert float((after[ok] / scale[ok]).max()) < 1e-5
+    # Idempotent: projecting again changes nothing.
+    again = subspace.project([p.clone() for p in projected])
+    for a, b in zip(again, projected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def _loop_per_sample_grads(model: nn.Module, batch, specs, names):  # type: ignore[no-untyped-def]
+    """Per-sample gradients by a plain loop of autograd calls (reference for vmap)."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(batch["input"].shape[0]):
+        out = model(batch["input"][i:i + 1])
+        total = torch.zeros(())
+        for c, spec in enumerate(specs):
+            if bool(batch["supervision"][i, c]):
+                total = total + task_loss(spec, out[spec.name],
+                                          batch["targets"][spec.name][i:i + 1])[0]
+        grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
+        rows.append([torch.zeros_like(params[n]) if g is None else g
+                     for n, g in zip(names, grads)])
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["nonconflicting", "orthogonal"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original, mode: str,  # type: ignore[no-untyped-def]
+                                                                  partial: bool) -> None:
+    problem = _problem(bench, original, partial)
+    method = InterferenceAware(InterferenceAwareConfig(**{**TINY, "instance_projection": mode},
+                                                       ridge=1e-8))
+    ctx = _context(problem, method)
+    forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
+    f_shared, f_head = method.forget_task_grads(ctx, forget.objective)
+    targets = list(f_shared)
+    names = [n for n, _ in ctx.groups.shared] + [n for t in targets
+                                                 for n, _ in ctx.groups.heads[t]]
+    step_dir = [-sum(f_shared[t][p] for t in targets) for p in range(len(ctx.groups.shared))]
+    step_dir += [-g for t in targets for g in f_head[t]]
+    batch = method.instance_batch(ctx, _batch(problem.retain, 12, 1))
+    d, _ = method.instance_project(ctx, step_dir, names, batch)
+    # The reference per-sample gradients come from a plain autograd loop, not from vmap.
+    rows = _loop_per_sample_grads(ctx.model, batch, problem.tasks, names)
+    d_norm = sum(float((x.double() ** 2).sum()) for x in d) ** 0.5
+    u_inner, d_inner = [], []
+    for row in rows:
+        r_norm = sum(float((x.double() ** 2).sum()) for x in row) ** 0.5
+        u_inner.append(sum(float((a.double() * b.double()).sum())
+                           for a, b in zip(step_dir, row)) / r_norm)
+        d_inner.append(sum(float((a.double() * b.double()).sum())
+                           for a, b in zip(d, row)) / (r_norm * d_norm))
+    assert max(d_inner) <= 1e-4  # <d, r_j> <= 0: no retain sample's loss rises to first order
+    if mode == "orthogonal":
+        assert max(abs(v) for v in d_inner) <= 1e-4
+    elif max(u_inner) <= 0:
+        # Nothing conflicted: the sign-aware step is the raw step itself.
+        for a, b in zip(d, step_dir):
+            torch.testing.assert_close(a, b)
+
+
+def test_interference_matrix_shapes_and_effect(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=True)
+    im = interference_matrix(problem, InterferenceAwareConfig(**TINY), batch_size=6)
+    assert im.labels == ["forget/segmentation", "retain/segmentation", "retain/depth",
+                         "retain/normals"]
+    assert im.before.shape == im.after.shape == (4, 4)
+    torch.testing.assert_close(im.before.diagonal(), torch.ones(4))
+    torch.testing.assert_close(im.before[1:, 1:], im.after[1:, 1:])
+    assert 0 < im.forget_kept["segmentation"] <= 1.0 + 1e-6
+
+
+# -- the method, end to end ----------------------------------------------------------------------
+
+
+def test_registered_with_ablations() -> None:
+    names = set(available_unlearners())
+    assert {"interference_aware", "interference_aware_no_task", "interference_aware_no_instance",
+            "interference_aware_neither"} <= names
+    assert get_unlearner("interference_aware_neither").config.task_projection is False
+    assert get_unlearner("interference_aware_neither").config.instance_projection == "off"
+    for bad in ({"instance_projection": "sideways"}, {"protect": "some"}, {"alpha": -1.0},
+                {"num_snapshots": 0}, {"refresh_every": 0}, {"snapshot_groups": 0}, {"forget_weight": 0.5},
+                {"num_per_sample": 300}):
+        with pytest.raises(ValueError):
+            get_unlearner("interference_aware", bad)
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_end_to_end_contract(bench, original, partial: bool) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial)
+    before = _state(original)
+    settings = {**TINY, "steps": 6, "forget_objective": "ascent"}
+    result = get_unlearner("interference_aware", settings).unlearn(problem)
+    retain_only = get_unlearner("interference_aware", {**settings, "alpha": 0.0}).unlearn(problem)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"the input model changed ({name})"
+    after = result.model.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    # The forget term raises the forget pairs' loss above what the retain term alone gives.
+    assert _forget_loss(result.model, problem) > _forget_loss(retain_only.model, problem)
+    report = result.report
+    assert report.steps == 6 and report.method == "interference_aware"
+    assert "task_kept_fraction" in report.curves and "instance_kept_fraction" in report.curves
+    extra = report.extra["interference_aware"]
+    assert extra["coupled_instances"] == (8 if partial else 0)
+    if partial:
+        assert coupled_retain_set(problem) is not None
+        assert extra["protected_tasks"] == ["depth", "normals"]
+
+
+def test_only_target_heads_get_forget_updates(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=True)
+    # One step without clipping: any difference between alpha=1 and alpha=0 is the forget term.
+    settings = {**TINY, "steps": 1, "grad_clip": None, "momentum": 0.0}
+    with_forget = get_unlearner("interference_aware", settings).unlearn(problem).model
+    retain_only = get_unlearner("interference_aware", {**settings, "alpha": 0.0}).unlearn(
+        problem).model
+    for task in ("depth", "normals"):
+        for (name, a), (_, b) in zip(with_forget.heads[task].named_parameters(),
+                                     retain_only.heads[task].named_parameters()):
+            assert torch.equal(a, b), f"non-target head {task} got a forget update ({name})"
+    assert any(not torch.equal(a, b) for a, b in zip(
+        with_forget.heads["segmentation"].parameters(),
+        retain_only.heads["segmentation"].parameters()))
+
+
+def test_ablation_switches_change_the_update(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=False)
+    states = {}
+    for name in ("interference_aware", "interference_aware_no_task",
+                 "interference_aware_no_instance", "interference_aware_neither"):
+        result = get_unlearner(name, {**TINY, "steps": 3}).unlearn(problem)
+        states[name] = _state(result.model)
+        curves = result.report.curves
+        has_task = name in ("interference_aware", "interference_aware_no_instance")
+        assert (min(curves["task_kept_fraction"]) < 0.999) == has_task
+        assert ("instance_kept_fraction" in curves) == (
+            name in ("interference_aware", "interference_aware_no_task"))
+    keys = list(states)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a]), (a, b)
+
+
+def test_deterministic_by_seed(bench, original) -> None:  # type: ignore[no-untyped-def]
+    settings = {**TINY, "steps": 3}
+    runs = [get_unlearner("interference_aware", settings).unlearn(
+        _problem(bench, original, partial=True, seed=s)).model.state_dict() for s in (3, 3, 4)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+# -- the public API on a user's own model ---------------------------------------------------------
+
+
+class TwoHeads(nn.Module):
+    """A user's model: a shared trunk and two heads, not a mtunlearn_ext MultiTaskModel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh())
+        self.heads = nn.ModuleDict({"kind": nn.Linear(24, 3), "size": nn.Linear(24, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+@pytest.fixture(scope="module")
+def user_setup():  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=generator)
+    y = {"kind": torch.randint(0, 3, (120,), generator=generator),
+         "size": torch.randn(120, 1, generator=generator)}
+    torch.manual_seed(0)
+    model = TwoHeads()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):  # memorise a little, so there is something to forget
+        out = model(x)
+        loss = nn.functional.cross_entropy(out["kind"], y["kind"]) + \
+            ((out["size"] - y["size"]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, x, y
+
+
+def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    before = _state(model)
+    tasks = {"kind": "classification", "size": "regression"}
+    config = {"steps": 15, "lr": 1e-2, "forget_objective": "ascent", "forget_batch_size": 10,
+              "retain_batch_size": 32, "num_per_sample": 8}
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks=tasks, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+        shared_parameters=lambda name: name.startswith("trunk."), config=config, seed=0)
+    assert type(new) is TwoHeads and new is not model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    summary = report.extra["summary"]
+    assert summary["forget_loss_after"]["kind"] > summary["forget_loss_before"]["kind"]
+    assert report.extra["interference_aware"]["protected_tasks"] == ["size"]
+    assert report.extra["interference_aware"]["coupled_instances"] == 10
+    assert report.extra["interference_aware"]["shared_layers"] == 2  # two Linear layers
+
+    # The other way in: forget and retain data directly, parameters given as tensors.
+    new2, report2 = mtunlearn_ext.unlearn(
+        model, tasks=tasks, forget_data=(x[:10], {"kind": y["kind"][:10]}),
+        retain_data=(x[10:], {t: v[10:] for t, v in y.items()}),
+        shared_parameters=list(model.trunk.parameters()), config=config, seed=0)
+    assert report2.request["target_tasks"] == ["kind"] and not report2.request["full"]
+    assert report2.extra["summary"]["forget_loss_after"]["kind"] > \
+        report2.extra["summary"]["forget_loss_before"]["kind"]
+    with pytest.raises(ValueError, match="shared"):
+        mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, y),
+                              forget_request=mtunlearn_ext.ForgetRequest.create(range(10)))
+    with pytest.raises(ValueError, match="neither shared nor in a head"):
+        mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, y),
+                              forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
+                              shared_parameters=["trunk.0.weight"])

@@ -1,0 +1,368 @@
+"""The unlearning interface and every baseline, end to end on tiny digits.
+
+Every baseline runs on a full-task and a partial-task request of a small trained model; the
+checks are the contract of an unlearning method: a new model (the input one untouched, bit for
+bit), a changed model whose forget loss moves the way forgetting requires, a report with curves
+and settings, determinism by seed, and, for partial requests, the non-target supervision of the
+forget instances left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from mtunlearn_ext import ops
+from mtunlearn_ext.data import ForgetRequest
+from mtunlearn_ext.data.registry import load_benchmark
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models import build_model
+from mtunlearn_ext.training import TrainConfig, train
+from mtunlearn_ext.unlearning import (
+    BASELINES,
+    FORGET_OBJECTIVES,
+    GradientUnlearner,
+    ParameterGroups,
+    StepConfig,
+    UnlearningProblem,
+    available_unlearners,
+    get_unlearner,
+    make_forget_objectives,
+    per_sample_retain_grads,
+    register_unlearner,
+)
+from mtunlearn_ext.unlearning.baselines.salun import saliency_threshold
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)
+
+RECIPE = TrainConfig(epochs=15, batch_size=32, lr=3e-3, seed=0)
+STEP_METHODS = [m for m in BASELINES if m != "retrain"]
+# Few steps keep the file fast; learning rates big enough that every method visibly acts.
+SETTINGS: dict[str, dict[str, object]] = {
+    "finetune": {"steps": 30, "lr": 1e-3},
+    "gradient_ascent": {"steps": 10, "lr": 5e-3},
+    "neggrad_plus": {"steps": 20, "lr": 5e-3},
+    "random_labels": {"steps": 20, "lr": 5e-3},
+    "salun": {"steps": 20, "lr": 5e-3},
+    "orthograd": {"steps": 20, "lr": 5e-3, "num_per_sample": 16},
+    "pcgrad": {"steps": 20, "lr": 5e-3},
+    "retrain": {},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP's
+    spin-waiting threads make them up to 10x slower than one thread (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    return load_benchmark("digits", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def original(bench):  # type: ignore[no-untyped-def]
+    model = build_model(bench, seed=0)
+    train(model, bench.train, None, RECIPE, progress=False)
+    return model.eval()
+
+
+def _problem(bench, model, partial: bool) -> UnlearningProblem:  # type: ignore[no-untyped-def]
+    ids = bench.train.ids[torch.randperm(len(bench.train),
+                                         generator=torch.Generator().manual_seed(1))[:30]]
+    request = ForgetRequest.create(ids, ["digit"] if partial else None)
+    return UnlearningProblem.from_request(
+        model, bench.train, request, seed=0, train_config=RECIPE,
+        model_factory=lambda: build_model(bench, seed=0))
+
+
+def _forget_loss(model, problem: UnlearningProblem) -> float:  # type: ignore[no-untyped-def]
+    """Mean task loss over the forget pairs (target tasks of the forget instances)."""
+    with torch.no_grad():
+        out = model(problem.forget.inputs)
+        values = []
+        for spec in problem.target_specs():
+            col = problem.forget.task_index(spec.name)
+            rows = problem.forget.supervision[:, col]
+            values.append(task_loss(spec, out[spec.name], problem.forget.targets[spec.name])[rows])
+    return float(torch.cat(values).mean())
+
+
+def _state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_registry_lists_every_baseline() -> None:
+    assert set(BASELINES) <= set(available_unlearners())
+    with pytest.raises(KeyError, match="registered"):
+        get_unlearner("no_such_method")
+    with pytest.raises(TypeError, match="unknown settings"):
+        get_unlearner("neggrad_plus", {"stepz": 3})
+    with pytest.raises(ValueError, match="steps"):
+        get_unlearner("neggrad_plus", steps=-1)
+    with pytest.raises(ValueError, match="forget objective"):
+        get_unlearner("gradient_ascent", forget_objective="nope")
+    method = get_unlearner("orthograd", {"steps": 3}, lr=0.5)
+    assert method.config.steps == 3 and method.config.lr == 0.5
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_baseline_end_to_end(bench, original, method: str, partial: bool) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial)
+    before = _state(original)
+    data_before = {k: v.clone() for k, v in bench.train.targets.items()}
+    forget_before = _forget_loss(original, problem)
+
+    result = get_unlearner(method, SETTINGS[method]).unlearn(problem)
+
+    # The input model and the data are untouched, bit for bit; the output is a new module.
+    assert result.model is not original
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{method} modified the input model ({name})"
+    for name, tensor in bench.train.targets.items():
+        assert torch.equal(tensor, data_before[name])
+    # The model changed, and is finite.
+    after = result.model.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not result.model.training
+
+    # The forget loss rises (every method that sees the forget set, and retraining, which never
+    # sees it); fine-tuning, which never sees it either, must at least not fit it better.
+    forget_after = _forget_loss(result.model, problem)
+    if method == "finetune":
+        assert forget_after > forget_before - 0.02
+    else:
+        assert forget_after > forget_before + 0.05, (method, forget_before, forget_after)
+
+    report = result.report
+    assert report.method == method and report.wall_time_s > 0
+    assert report.request["full"] is (not partial)
+    assert report.config == get_unlearner(method, SETTINGS[method]).config.to_dict()
+    assert report.steps > 0
+    assert len(report.curves["retain_loss"]) >= 1
+    if method != "retrain":
+        steps = SETTINGS[method]["steps"]
+        assert len(report.curves["forget_loss"]) == steps
+        assert len(report.curves["retain_loss"]) == steps
+        assert all(math.isfinite(v) for v in report.curves["retain_loss"])
+        # Forget objectives exist for the target tasks only.
+        assert set(report.extra["forget_objectives"]) == set(problem.target_tasks)
+        assert {k.split("/")[1] for k in report.curves if k.startswith("forget_loss/")} \
+            == set(problem.target_tasks)
+
+
+@pytest.mark.parametrize("method", ["gradient_ascent", "neggrad_plus", "orthograd"])
+def test_deterministic_by_seed(bench, original, method: str) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=False)
+    first = get_unlearner(method, SETTINGS[method]).unlearn(problem).model.state_dict()
+    second = get_unlearner(method, SETTINGS[method]).unlearn(problem).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # The caller's global random state is left as it was.
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    get_unlearner(method, SETTINGS[method]).unlearn(problem)
+    assert torch.equal(torch.rand(3), expected)
+    problem.seed = 7
+    third = get_unlearner(method, SETTINGS[method]).unlearn(problem).model.state_dict()
+    assert any(not torch.equal(first[k], third[k]) for k in first)
+
+
+def test_partial_request_keeps_non_target_supervision(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=True)
+    forget_ids = set(problem.request.instance_ids)
+    # The split: forget supervises only the target task; the forget instances stay in the retain
+    # set with their non-target labels, unchanged.
+    target_col = problem.forget.task_index("digit")
+    assert problem.forget.supervision[:, target_col].all()
+    assert not problem.forget.supervision[:, [c for c in range(3) if c != target_col]].any()
+    rows = [i for i, x in enumerate(problem.retain.ids.tolist()) if x in forget_ids]
+    assert len(rows) == len(forget_ids)
+    sup = problem.retain.supervision[rows]
+    assert not sup[:, target_col].any() and sup[:, [1, 2]].all()
+    train_pos = bench.train.positions_of(problem.retain.ids[rows])
+    for task in ("parity", "magnitude"):
+        assert torch.equal(problem.retain.targets[task][rows], bench.train.targets[task][train_pos])
+
+    # A forget-only method never moves a non-target head (its gradient is exactly zero there),
+    # while it does move the target head and the backbone.
+    result = get_unlearner("gradient_ascent", SETTINGS["gradient_ascent"]).unlearn(problem)
+    groups_before = ParameterGroups.from_model(original)
+    groups_after = ParameterGroups.from_model(result.model)
+    for task in ("parity", "magnitude"):
+        for (_, p0), (_, p1) in zip(groups_before.heads[task], groups_after.heads[task]):
+            assert torch.equal(p0, p1)
+    assert any(not torch.equal(p0, p1) for (_, p0), (_, p1)
+               in zip(groups_before.heads["digit"], groups_after.heads["digit"]))
+    assert any(not torch.equal(p0, p1) for (_, p0), (_, p1)
+               in zip(groups_before.shared, groups_after.shared))
+
+
+def test_per_sample_grads_match_autograd(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=True)
+    groups = ParameterGroups.from_model(original)
+    batch = problem.retain.batch(torch.arange(5))
+    batch["supervision"][0, 1] = False  # a sample with one task unsupervised
+    grads = per_sample_retain_grads(original, batch, problem.tasks, groups.all_names)
+    for i in range(5):
+        out = original(batch["input"][i:i + 1])
+        total = sum(task_loss(spec, out[spec.name], batch["targets"][spec.name][i:i + 1])[0]
+                    for c, spec in enumerate(problem.tasks) if batch["supervision"][i, c])
+        expected = torch.autograd.grad(total, groups.all_params, allow_unused=True)
+        for g, e, p in zip(grads, expected, groups.all_params):
+            e = torch.zeros_like(p) if e is None else e
+            torch.testing.assert_close(g[i], e, rtol=1e-4, atol=1e-6)
+
+
+def test_orthograd_direction_is_orthogonal_to_retain_samples(bench, original) -> None:  # type: ignore[no-untyped-def]
+    """With the retain term off and plain SGD, one step moves the model by ``-lr d``; ``d`` must
+    be orthogonal to every per-sample retain gradient of that step's retain batch."""
+    problem = _problem(bench, original, partial=False)
+    method = get_unlearner("orthograd", steps=1, lr=1.0, momentum=0.0, retain_weight=0.0,
+                           grad_clip=None, retain_batch_size=8, num_per_sample=8)
+    captured = {}
+    original_update = type(method).compute_update
+
+    def spy(self, ctx, forget_batch, retain_batch):  # type: ignore[no-untyped-def]
+        captured["batch"] = retain_batch
+        return original_update(self, ctx, forget_batch, retain_batch)
+
+    type(method).compute_update = spy  # type: ignore[method-assign]
+    try:
+        result = method.unlearn(problem)
+    finally:
+        type(method).compute_update = original_update  # type: ignore[method-assign]
+    groups0 = ParameterGroups.from_model(original)
+    groups1 = ParameterGroups.from_model(result.model)
+    step = torch.cat([(p0 - p1).reshape(-1) for p0, p1 in zip(groups0.all_params,
+                                                              groups1.all_params)])
+    assert step.norm() > 0
+    grads = per_sample_retain_grads(original, captured["batch"], problem.tasks, groups0.all_names)
+    basis = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+    cosines = (basis @ step) / (basis.norm(dim=1) * step.norm())
+    assert cosines.abs().max() < 1e-3
+
+
+def test_salun_moves_only_salient_weights(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=False)
+    result = get_unlearner("salun", steps=5, lr=5e-3, saliency_fraction=0.2).unlearn(problem)
+    density = result.report.extra["saliency"]["density"]
+    assert 0.15 < density <= 0.2 + 1e-6
+    before = torch.cat([p.reshape(-1) for p in original.parameters()])
+    after = torch.cat([p.reshape(-1) for p in result.model.parameters()])
+    moved = (before != after).float().mean().item()
+    assert 0 < moved <= density + 1e-6
+    assert saliency_threshold([torch.arange(10.0)], 0.3) == 7.0
+    with pytest.raises(ValueError, match="weight_decay"):
+        get_unlearner("salun", weight_decay=1e-4)
+
+
+def test_pcgrad_update_does_not_conflict(bench, original) -> None:  # type: ignore[no-untyped-def]
+    """For two conflicting rows, PCGrad's summed update has no negative inner product with
+    either; the per-task granularity runs and moves the model."""
+    rows = torch.stack([torch.tensor([1.0, 0.2]), torch.tensor([-1.0, 1.0])])
+    assert float(rows[0] @ rows[1]) < 0
+    update = ops.pcgrad(rows, seed=0)
+    assert torch.all(rows @ update >= -1e-6)
+    problem = _problem(bench, original, partial=True)
+    result = get_unlearner("pcgrad", steps=3, granularity="task").unlearn(problem)
+    assert result.report.steps == 3
+    before = torch.cat([p.reshape(-1) for p in original.parameters()])
+    after = torch.cat([p.reshape(-1) for p in result.model.parameters()])
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("name", sorted(FORGET_OBJECTIVES))
+def test_forget_objectives(bench, original, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Bounded objectives have their minimum where they say; values are finite; ascent is the
+    negated task loss."""
+    problem = _problem(bench, original, partial=False)
+    objectives = make_forget_objectives(problem.target_specs(), problem.retain,
+                                        torch.Generator().manual_seed(0), "cpu", name)
+    spec = problem.spec("digit")
+    objective = objectives["digit"]
+    batch = problem.forget.batch(torch.arange(8))
+    target = batch["targets"]["digit"]
+    logits = original(batch["input"])["digit"]
+    values = objective.per_sample(logits, target)
+    assert values.shape == (8,) and torch.isfinite(values).all()
+    if name == "ascent":
+        torch.testing.assert_close(values, -task_loss(spec, logits, target))
+    if name == "uniform":
+        zero = objective.per_sample(torch.zeros_like(logits), target)
+        torch.testing.assert_close(zero, torch.zeros(8), atol=1e-6, rtol=0)
+        assert (values > 0).all()
+    if name == "mean_target":
+        prior = objective.reference
+        assert prior is not None and abs(float(prior.sum()) - 1) < 1e-5
+        at_prior = objective.per_sample(prior.log().expand_as(logits), target)
+        torch.testing.assert_close(at_prior, torch.zeros(8), atol=1e-5, rtol=0)
+    if name == "capped_ascent":
+        assert objective.cap == pytest.approx(math.log(10))
+        huge = torch.zeros_like(logits)
+        huge[torch.arange(8), (target + 1) % 10] = 50.0  # confidently wrong: loss above the cap
+        confident = huge.clone().requires_grad_(True)
+        objective.per_sample(confident, target).sum().backward()
+        assert confident.grad is not None and confident.grad.abs().max() == 0
+    if name == "random_target":
+        for _ in range(5):
+            assert (objective.random_targets(target) != target).all()
+
+
+def test_mean_target_for_dense_tasks() -> None:
+    """Depth/normals/segmentation references: the per-pixel retain mean; zero objective there."""
+    bench = load_benchmark("indoor", size="tiny", seed=0)
+    specs = bench.train.tasks
+    objectives = make_forget_objectives(specs, bench.train, torch.Generator().manual_seed(0),
+                                        "cpu", "mean_target")
+    batch = bench.train.batch(torch.arange(4))
+    for spec in specs:
+        objective = objectives[spec.name]
+        ref = objective.reference
+        assert ref is not None
+        target = batch["targets"][spec.name]
+        if spec.kind == "segmentation":
+            assert ref.shape == (spec.num_classes, *target.shape[1:])
+            pred = ref.clamp(min=1e-12).log().expand(4, *ref.shape)
+        else:
+            pred = ref.expand(4, *ref.shape)
+        values = objective.per_sample(pred, target)
+        torch.testing.assert_close(values, torch.zeros(4), atol=1e-4, rtol=0)
+        worse = objective.per_sample(pred + torch.randn_like(pred), target)
+        assert (worse > values).all()
+
+
+def test_custom_method_plugs_into_the_interface(bench, original) -> None:  # type: ignore[no-untyped-def]
+    """A new step-based method needs only a name, a config and ``compute_update``."""
+
+    @register_unlearner
+    class HeadsOnly(GradientUnlearner):
+        name = "_test_heads_only"
+        config_class = StepConfig
+
+        def compute_update(self, ctx, forget_batch, retain_batch):  # type: ignore[no-untyped-def]
+            stats = self.weighted_update(ctx, forget_batch, retain_batch)
+            for p in ctx.groups.shared_params:
+                p.grad = None if p.grad is None else torch.zeros_like(p.grad)
+            return stats
+
+    problem = _problem(bench, original, partial=False)
+    result = get_unlearner("_test_heads_only", steps=3, lr=1e-2).unlearn(problem)
+    groups0, groups1 = ParameterGroups.from_model(original), ParameterGroups.from_model(result.model)
+    assert all(torch.equal(a, b) for a, b in zip(groups0.shared_params, groups1.shared_params))
+    assert any(not torch.equal(a, b) for a, b in zip(groups0.all_params, groups1.all_params))
+    clone = copy.deepcopy(problem)
+    clone.target_tasks = ["nope"]
+    with pytest.raises(ValueError, match="target tasks"):
+        get_unlearner("_test_heads_only").unlearn(clone)
