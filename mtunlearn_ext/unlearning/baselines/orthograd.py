@@ -9,12 +9,13 @@ their span,
     ``d = f - R^T (R R^T + lambda I)^{-1} R f``,   ``R = [r_1; ...; r_B]`` (``B x n``),
 
 so to first order a step along ``-d`` leaves every one of those retain losses unchanged. The
-projection is :func:`mtunlearn_ext.ops.project_out`: one ``B x B`` Gram matrix, a tiny ridge
-solve, one combination; numerically the same as OrthoGrad's QR-based orthonormal basis of the
+projection is :func:`mtunlearn_ext.surgery.project_out_list` on the per-parameter stacks (the
+same surgery layer as the other methods and the training hook): one ``B x B`` Gram matrix, a tiny
+ridge solve, one combination; numerically the same as OrthoGrad's QR-based orthonormal basis of the
 span, without a factorisation over the huge dimension (and stable when the ``r_i`` are linearly
 dependent). The update adds a plain retain descent term: ``w_f d + w_r grad sum_t L^r_t``.
 
-Per-sample gradients and ``f`` cover every parameter (backbone and heads), flattened.
+Per-sample gradients and ``f`` cover every parameter (backbone and heads), never flattened.
 """
 
 from __future__ import annotations
@@ -23,16 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mtunlearn_ext import ops
+from mtunlearn_ext.surgery import project_out_list
 from mtunlearn_ext.unlearning.batches import Batch
-from mtunlearn_ext.unlearning.gradients import (
-    assign_grads,
-    flatten,
-    grads_of,
-    per_sample_retain_grads,
-    stack_flat,
-    unflatten,
-)
+from mtunlearn_ext.unlearning.gradients import assign_grads, grads_of, per_sample_retain_grads
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.registry import register_unlearner
 
@@ -100,19 +94,27 @@ class OrthoGrad(GradientUnlearner):
         stats.retain = self.retain_step_terms(ctx, retain_batch)
         forget_total = stats.forget.total()
         retain_total = stats.retain.total()
-        update = torch.zeros(ctx.groups.numel(), device=params[0].device, dtype=params[0].dtype)
+        # Per-parameter stacks throughout (the surgery layer's list projection: one Gram pass,
+        # a B x B solve, one combination pass), never a flat copy of all the gradients.
+        update = [torch.zeros_like(p) for p in params]
         if forget_total is not None and cfg.forget_weight > 0:
-            forget_flat = flatten(grads_of(forget_total, params))
+            forget_grads = grads_of(forget_total, params)
             sample_batch = _head(retain_batch, cfg.num_per_sample)
             per_sample = per_sample_retain_grads(ctx.model, sample_batch, ctx.problem.tasks,
-                                                 names, cfg.chunk_size)
-            basis = stack_flat(per_sample)  # [B, n]
-            projected = ops.project_out(forget_flat.unsqueeze(0), basis, cfg.ridge)
-            assert isinstance(projected, torch.Tensor)
-            update.add_(projected[0], alpha=cfg.forget_weight)
-            stats.extra["forget_kept_fraction"] = (projected[0].norm()
-                                                   / forget_flat.norm().clamp(min=1e-30))
+                                                 names, cfg.chunk_size)  # [B, *shape_p] each
+            projected = project_out_list([f.unsqueeze(0).contiguous() for f in forget_grads],
+                                         [s.to(f.dtype) for s, f in zip(per_sample, forget_grads)],
+                                         cfg.ridge)
+            assert isinstance(projected, list)
+            kept = torch.zeros((), dtype=torch.float64, device=params[0].device)
+            total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+            for u, d, f in zip(update, projected, forget_grads):
+                u.add_(d[0], alpha=cfg.forget_weight)
+                kept += d.double().square().sum()
+                total += f.double().square().sum()
+            stats.extra["forget_kept_fraction"] = kept.sqrt() / total.sqrt().clamp(min=1e-30)
         if retain_total is not None and cfg.retain_weight > 0:
-            update.add_(flatten(grads_of(retain_total, params)), alpha=cfg.retain_weight)
-        assign_grads(params, unflatten(update, params))
+            for u, r in zip(update, grads_of(retain_total, params)):
+                u.add_(r, alpha=cfg.retain_weight)
+        assign_grads(params, update)
         return stats

@@ -8,8 +8,9 @@ The update is PCGrad (Yu et al.) applied to the rows
 
 where each row, in a seeded random order, is projected off the normal plane of every other row it
 conflicts with (negative inner product) and the projected rows are summed. Computed by
-:func:`mtunlearn_ext.ops.pcgrad` from the ``k x k`` Gram matrix of the rows: two passes over the
-gradients whatever ``k``. Rows cover every parameter (backbone and heads), flattened.
+:func:`mtunlearn_ext.ops.pcgrad_weights` from the ``k x k`` Gram matrix of the rows: two passes over the
+gradients whatever ``k``, through the surgery layer's :func:`~mtunlearn_ext.surgery.aggregate_list`
+on per-parameter stacks. Rows cover every parameter (backbone and heads), never flattened.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mtunlearn_ext import ops
+from mtunlearn_ext.surgery import PCGradWeighting, aggregate_list
 from mtunlearn_ext.unlearning.batches import Batch
-from mtunlearn_ext.unlearning.gradients import assign_grads, flatten, task_grads, unflatten
+from mtunlearn_ext.unlearning.gradients import assign_grads, task_grads
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.registry import register_unlearner
 
@@ -76,10 +77,18 @@ class PCGradUnlearner(GradientUnlearner):
                 named.update({f"retain/{t}": cfg.retain_weight * v
                               for t, v in stats.retain.loss.items() if v.requires_grad})
         # Two separate forward graphs: every row needs its own backward through one of them.
-        for grads in task_grads(named, params).values():
-            rows.append(flatten(grads))
-        if not rows:
+        per_task = list(task_grads(named, params).values())
+        if not per_task:
             return stats
+        # A fresh, seeded projection order each step, as PCGrad shuffles the tasks; the rows stay
+        # per-parameter stacks [k, *shape_p] (the surgery layer: one Gram pass, the coefficient-
+        # space PCGrad, one combination into the outputs), never a flat copy.
+        seed = (ctx.problem.seed * 1_000_003 + ctx.step) % (2**31)
+        stacks = [torch.stack([grads[p] for grads in per_task]) for p in range(len(params))]
+        update = [torch.empty_like(p) for p in params]
+        aggregate_list(PCGradWeighting(seed=seed, reshuffle=False), stacks, update)
+        assign_grads(params, update)
+        return stats
         # A fresh, seeded projection order each step, as PCGrad shuffles the tasks.
         seed = (ctx.problem.seed * 1_000_003 + ctx.step) % (2**31)
         update = ops.pcgrad(torch.stack(rows), seed=seed)
