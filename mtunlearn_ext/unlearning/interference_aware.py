@@ -60,12 +60,13 @@ from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
 from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning.batches import Batch, BatchStream, batch_to, child_generator
+from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.registry import register_unlearner
-from mtunlearn_ext.unlearning.terms import RetainTerms
+from mtunlearn_ext.unlearning.terms import RetainTerms, retain_terms
 
 __all__ = [
     "INSTANCE_MODES",
@@ -81,6 +82,7 @@ __all__ = [
 
 INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
 PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target")
+SNAPSHOT_TARGETS: tuple[str, ...] = ("sampled", "labels")
 
 
 @dataclass
@@ -115,6 +117,11 @@ class InterferenceAwareConfig(StepConfig):
             instead sample the directions in which the retain loss curves most (the span of
             per-instance gradients is that of the Gauss-Newton matrix ``sum_i r_i r_i^T``), so
             a forget step kept off them also avoids most of the second-order damage.
+        snapshot_targets: ``"sampled"`` (default): each snapshot is the gradient of the task's
+            loss against targets drawn from the model's own prediction
+            (:mod:`~mtunlearn_ext.unlearning.fisher`), which samples the Fisher / Gauss-Newton
+            matrix of the retained pairs even where their labelled gradient vanishes;
+            ``"labels"``: the labelled retain loss.
         protect: which tasks' retain gradients are protected: ``"auto"`` (every task in a full
             request, the non-target tasks in a partial one), ``"all"``, ``"non_target"`` (with a
             full request this protects nothing at the task level).
@@ -147,6 +154,7 @@ class InterferenceAwareConfig(StepConfig):
     num_snapshots: int = 24
     refresh_every: int = 5
     snapshot_groups: int = 4
+    snapshot_targets: str = "sampled"
     protect: str = "auto"
     coupled: bool = True
     ridge: float = 1e-4
@@ -175,6 +183,9 @@ class InterferenceAwareConfig(StepConfig):
                              f"{self.num_snapshots}")
         if self.refresh_every < 1:
             raise ValueError(f"{name}: `refresh_every` must be >= 1, got {self.refresh_every}")
+        if self.snapshot_targets not in SNAPSHOT_TARGETS:
+            raise ValueError(f"{name}: `snapshot_targets` must be one of {SNAPSHOT_TARGETS}, "
+                             f"got {self.snapshot_targets!r}")
         if self.snapshot_groups < 1:
             raise ValueError(f"{name}: `snapshot_groups` must be >= 1, got "
                              f"{self.snapshot_groups}")
@@ -382,54 +393,85 @@ class InterferenceAware(GradientUnlearner):
 
     def refresh(self, ctx: StepContext, retain_batch: Batch
                 ) -> tuple[RetainTerms, list[torch.Tensor], dict[str, list[torch.Tensor]], int]:
-        """A refresh step: per-task retain gradients of ``snapshot_groups`` groups of the batch,
-        pushed into the protected subspace for the protected tasks (and, in a partial request,
-        the same for a batch of the forget instances' retained pairs).
+        """A refresh step: the retain batch is cut into ``snapshot_groups`` groups; each group
+        pushes one snapshot per protected task into the protected subspace (a gradient of that
+        task's loss on the group, against model-sampled targets by default, see
+        ``snapshot_targets``), and, in a partial request, a batch of the forget instances'
+        retained pairs does the same for the non-target tasks.
 
-        Returns the batch's retain terms (detached, for the curves), the batch's retain gradient
-        on ``theta_s`` (all tasks) and on each head, and the number of snapshots pushed. The
-        group gradients are recombined with weights ``n_gt / n_t`` (supervised pairs of task
-        ``t`` in group ``g`` over the batch's), so the descent direction is exactly the
-        whole batch's.
+        Returns the batch's retain terms (detached, for the curves), the batch's (labelled)
+        retain gradient on ``theta_s`` and on each head, and the number of snapshots pushed. The
+        group terms are weighted by ``n_gt / n_t`` (supervised pairs of task ``t`` in group
+        ``g`` over the batch's), so the descent direction is exactly the whole batch's.
         """
         cfg = self.config
         subspace: ProtectedSubspace | None = ctx.state.get("subspace")
-        protect = set(ctx.state["protect"])
-        columns = {t: c for c, t in enumerate(ctx.problem.task_names)}
-        supervision = retain_batch["supervision"]
-        assert isinstance(supervision, torch.Tensor)
-        totals = supervision.sum(dim=0)
-        shared = ctx.groups.shared_params
+        groups = ctx.groups
+        names = ctx.problem.task_names
+        totals = retain_batch["supervision"].sum(dim=0)  # type: ignore[union-attr]
+        shared = groups.shared_params
+        n_shared = len(shared)
         retain_shared = [torch.zeros_like(p) for p in shared]
-        retain_heads: dict[str, list[torch.Tensor]] = {}
-        losses: dict[str, torch.Tensor] = {}
+        retain_heads = {t: [torch.zeros_like(p) for p in groups.head_params(t)]
+                        for t in groups.heads}
+        losses: dict[str, torch.Tensor] = {t: torch.zeros(()) for t in names}
         pushed = 0
         for group in _split_rows(retain_batch, cfg.snapshot_groups):
-            group_sup = group["supervision"]
-            assert isinstance(group_sup, torch.Tensor)
-            counts = group_sup.sum(dim=0)
-            terms = self.retain_step_terms(ctx, group)
-            r_shared, r_head = self.retain_task_grads(ctx, terms.loss)
-            for t, grads in r_shared.items():
-                weight = float(counts[columns[t]]) / max(float(totals[columns[t]]), 1.0)
-                torch._foreach_add_(retain_shared, grads, alpha=weight)
-                head = retain_heads.setdefault(t, [torch.zeros_like(g) for g in r_head[t]])
-                torch._foreach_add_(head, r_head[t], alpha=weight)
-                losses[t] = losses.get(t, 0.0) + weight * terms.loss[t].detach()
-                if subspace is not None and t in protect:
+            counts = group["supervision"].sum(dim=0)  # type: ignore[union-attr]
+            out = ctx.forward(group)
+            terms = retain_terms(out, group, ctx.problem.tasks)
+            if subspace is not None:
+                for grads in self._snapshot_grads(ctx, out, group, ctx.state["protect"], terms):
                     subspace.push(grads)
                     pushed += 1
+            weighted: torch.Tensor | None = None
+            for c, t in enumerate(names):
+                weight = float(counts[c]) / max(float(totals[c]), 1.0)
+                losses[t] = losses[t] + weight * terms.loss[t].detach().cpu()
+                if weight > 0 and terms.loss[t].requires_grad:
+                    term = weight * terms.loss[t]
+                    weighted = term if weighted is None else weighted + term
+            if weighted is None:
+                continue
+            grads = grads_of(weighted, groups.all_params)
+            torch._foreach_add_(retain_shared, grads[:n_shared])
+            offset = n_shared
+            for t in groups.heads:
+                count = len(groups.heads[t])
+                torch._foreach_add_(retain_heads[t], grads[offset:offset + count])
+                offset += count
         stream: BatchStream | None = ctx.state.get("coupled_stream")
         if subspace is not None and stream is not None and ctx.state["coupled_tasks"]:
             for group in _split_rows(stream.next(), cfg.snapshot_groups):
-                terms = self.retain_step_terms(ctx, group)
-                coupled, _ = self.retain_task_grads(ctx, terms.loss, ctx.state["coupled_tasks"])
-                for grads in coupled.values():
+                out = ctx.forward(group)
+                terms = retain_terms(out, group, ctx.problem.tasks)
+                for grads in self._snapshot_grads(ctx, out, group, ctx.state["coupled_tasks"],
+                                                  terms):
                     subspace.push(grads)
                     pushed += 1
-        for t in ctx.problem.task_names:
-            losses.setdefault(t, torch.zeros(()))
         return RetainTerms(losses), retain_shared, retain_heads, pushed
+
+    def _snapshot_grads(self, ctx: StepContext, out: Mapping[str, torch.Tensor], batch: Batch,
+                        tasks: Sequence[str], terms: RetainTerms) -> list[list[torch.Tensor]]:
+        """One gradient on ``theta_s`` per task of ``tasks`` supervised in ``batch``: of the
+        loss against model-sampled targets (``snapshot_targets="sampled"``) or of the labelled
+        retain loss (``"labels"``). The forward graph is kept for the caller."""
+        supervision = batch["supervision"]
+        targets = batch["targets"]
+        assert isinstance(supervision, torch.Tensor) and isinstance(targets, Mapping)
+        shared = ctx.groups.shared_params
+        snapshots = []
+        for t in tasks:
+            rows = supervision[:, ctx.problem.task_names.index(t)]
+            if self.config.snapshot_targets == "sampled":
+                loss = sampled_target_loss(ctx.problem.spec(t), out[t], targets[t], rows,
+                                           ctx.generator)
+            else:
+                loss = terms.loss[t] if bool(rows.any()) else None
+            if loss is None or not loss.requires_grad:
+                continue
+            snapshots.append(grads_of(loss, shared, retain_graph=True))
+        return snapshots
 
     def task_project(self, ctx: StepContext, f_shared: Mapping[str, list[torch.Tensor]]
                      ) -> list[torch.Tensor]:

@@ -28,24 +28,24 @@ ABLATIONS: tuple[str, ...] = ("interference_aware_no_task", "interference_aware_
 #: request type -> method -> settings (see the module docstring for how they were chosen).
 TUNED: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
-        "finetune": {"lr": 1e-3, "steps": 25},
+        "finetune": {"lr": 3e-3, "steps": 40},
         "gradient_ascent": {"lr": 1e-3, "steps": 10},
-        "neggrad_plus": {"lr": 3e-3, "steps": 25},
+        "neggrad_plus": {"lr": 1e-3, "steps": 60},
         "random_labels": {"lr": 1e-3, "steps": 10},
         "salun": {"lr": 1e-3, "steps": 10},
-        "orthograd": {"lr": 3e-3, "steps": 25},
-        "pcgrad": {"lr": 3e-3, "steps": 25},
-        "interference_aware": {"lr": 3e-3, "steps": 20},
+        "orthograd": {"lr": 3e-3, "steps": 40},
+        "pcgrad": {"lr": 1e-3, "steps": 10},
+        "interference_aware": {"lr": 6e-3, "steps": 25},
     },
     "partial": {
-        "finetune": {"lr": 1e-3, "steps": 25},
+        "finetune": {"lr": 1e-3, "steps": 20},
         "gradient_ascent": {"lr": 1e-3, "steps": 10},
-        "neggrad_plus": {"lr": 3e-3, "steps": 25},
+        "neggrad_plus": {"lr": 3e-3, "steps": 10},
         "random_labels": {"lr": 1e-3, "steps": 10},
         "salun": {"lr": 1e-3, "steps": 10},
-        "orthograd": {"lr": 3e-3, "steps": 25},
-        "pcgrad": {"lr": 3e-3, "steps": 25},
-        "interference_aware": {"lr": 3e-3, "steps": 20},
+        "orthograd": {"lr": 1e-3, "steps": 40},
+        "pcgrad": {"lr": 1e-3, "steps": 10},
+        "interference_aware": {"lr": 6e-3, "steps": 25},
     },
 }
 
