@@ -29,6 +29,7 @@ from mtunlearn_ext.unlearning import (
     make_forget_objectives,
 )
 from mtunlearn_ext.unlearning.batches import BatchStream
+from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.interference import interference_matrix
 from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
@@ -219,6 +220,36 @@ def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original
         # Nothing conflicted: the sign-aware step is the raw step itself.
         for a, b in zip(d, step_dir):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth", "normals"])
+def test_sampled_target_loss(bench, original, task: str) -> None:  # type: ignore[no-untyped-def]
+    spec = next(t for t in bench.train.tasks if t.name == task)
+    batch = _batch(bench.train, 6, 0)
+    out = original(batch["input"])
+    target = batch["targets"][task]
+    rows = torch.ones(6, dtype=torch.bool)
+    losses = [sampled_target_loss(spec, out[task], target, rows, torch.Generator().manual_seed(5))
+              for _ in range(2)]
+    assert losses[0] is not None and torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[0], losses[1])  # the generator decides the draw
+    assert sampled_target_loss(spec, out[task], target, torch.zeros(6, dtype=torch.bool),
+                               torch.Generator()) is None
+    grads = torch.autograd.grad(losses[0], list(original.backbone.parameters()))
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    # Unlabelled pixels never count: predictions there can change freely.
+    unlabelled = target.clone()
+    if spec.kind == "segmentation":
+        unlabelled[:, :4] = spec.ignore_index
+    else:
+        unlabelled[:, :, :4] = 0
+    moved = out[task].detach().clone()
+    moved[:, :, :4] += 3.0
+    a = sampled_target_loss(spec, out[task].detach(), unlabelled, rows,
+                            torch.Generator().manual_seed(1))
+    b = sampled_target_loss(spec, moved, unlabelled, rows, torch.Generator().manual_seed(1))
+    if spec.kind != "segmentation":  # same noise draw: only labelled pixels enter the mean
+        torch.testing.assert_close(a, b)
 
 
 def test_interference_matrix_shapes_and_effect(bench, original) -> None:  # type: ignore[no-untyped-def]

@@ -6,10 +6,11 @@ levels, and each step of this method removes one:
 
 1. **Per-task forget gradients.** On a forget minibatch, for each target task ``t in S``, the
    gradient ``f_t`` of that task's bounded forgetting objective ``O_t``
-   (:mod:`~mtunlearn_ext.unlearning.objectives`, chosen per task kind) with respect to
-   ``theta_s`` and the task's head ``theta_t``.
-2. **Task-aware gradient projection** (task-level interference). Every ``refresh_every`` steps
-   the retain gradients ``r_p`` of the tasks to protect ``P`` are pushed into a per-layer
+   (:mod:`~mtunlearn_ext.unlearning.objectives`, chosen per task kind; by default
+   ``capped_ascent`` with a cap calibrated on the retain set, see ``cap_quantile``) with
+   respect to ``theta_s`` and the task's head ``theta_t``.
+2. **Task-aware gradient projection** (task-level interference). Every ``refresh_every`` steps,
+   retain-gradient snapshots of the tasks to protect ``P`` are pushed into a per-layer
    :class:`~mtunlearn_ext.unlearning.protected_subspace.ProtectedSubspace` holding the ``k``
    newest snapshots ``M_l``; each ``f_t`` is projected off it layer by layer,
    ``f_l <- f_l - M_l^T (M_l M_l^T + lambda I)^{-1} M_l f_l``, from one batch of ``[L, k, k]``
@@ -17,7 +18,14 @@ levels, and each step of this method removes one:
    a partial one (``protect="auto"``). In a partial request the snapshots also include the
    non-target gradients of the *forget instances' own* retained pairs ``F x (T \\ S)``: those
    are the supervision pairs a shared-backbone edit is most likely to break, since they share
-   the exact inputs being forgotten.
+   the exact inputs being forgotten. Each refresh takes one snapshot per (group of retain
+   instances, protected task), and by default against targets sampled from the model's own
+   prediction (:mod:`~mtunlearn_ext.unlearning.fisher`): at a trained optimum the labelled
+   retain gradient nearly vanishes, while these samples span the Fisher / Gauss-Newton
+   directions in which the retained pairs' loss curves, i.e. where a forget step would do
+   second-order damage. The projection is linear and the same for every target task, so the
+   step projects ``sum_t f_t`` once (one backward pass instead of ``|S|``; the per-task
+   gradients are available from :meth:`InterferenceAware.forget_task_grads`).
 3. **Instance-level gradient orthogonalization** (instance-level interference). The per-sample
    retain gradients ``r_1..r_B`` of the retain minibatch (``torch.func``: ``vmap(grad)`` over
    ``functional_call``; plus, in a partial request, forget instances with their retained pairs)
@@ -143,7 +151,7 @@ class InterferenceAwareConfig(StepConfig):
     """
 
     steps: int = 25
-    lr: float = 1e-2
+    lr: float = 6e-3
     optimizer: str = "sgd"
     momentum: float = 0.9
     forget_batch_size: int = 16
