@@ -85,6 +85,7 @@ at::Tensor combine(const at::Tensor& coeffs, const at::Tensor& x) {
   shape.push_back(coeffs.size(-2));
   shape.push_back(x.size(-1));
   at::Tensor out = at::empty(shape, x.options());
+  advise_huge_pages(out);
   combine_into(out, at::Tensor(), coeffs, x, 0.0, op);
   return out;
 }
@@ -94,6 +95,7 @@ at::Tensor combine_with_base(const at::Tensor& coeffs, const at::Tensor& x, cons
   constexpr const char* op = "mtunlearn::combine";
   check_combine_args(coeffs, x, op);
   at::Tensor out = at::empty(base.sizes(), base.options());
+  advise_huge_pages(out);
   combine_into(out, base, coeffs, x, beta, op);
   return out;
 }
