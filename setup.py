@@ -6,6 +6,10 @@ with no GPU attached; otherwise a CPU-only extension is built. Environment overr
 * ``MTUNLEARN_CUDA=1`` forces CUDA (fails clearly if impossible), ``MTUNLEARN_CUDA=0`` forbids it.
 * ``TORCH_CUDA_ARCH_LIST`` is respected; the default covers Ampere and Hopper plus PTX.
 * ``MAX_JOBS`` bounds ninja's parallelism (default: the number of CPUs).
+* ``MTUNLEARN_METADATA_ONLY=1`` leaves the extension out: only the package metadata and the
+  ``mtunlearn`` console script. scripts/setup_env.sh uses it for an editable install on top of
+  its incremental ``build_ext --inplace``: a plain editable install recompiles every source in a
+  fresh temporary build folder (minutes) and copies the result over the in-place library.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def _cuda_wanted() -> bool:
             )
         return True
     return possible
+
+
+def _metadata_only() -> bool:
+    return os.environ.get("MTUNLEARN_METADATA_ONLY", "").strip().lower() in ("1", "true", "yes")
 
 
 def _extension():  # type: ignore[no-untyped-def]
@@ -97,7 +105,7 @@ setup(
     version="0.1.0",
     description="Interference-aware multi-task machine unlearning on compiled gradient-surgery ops",
     packages=find_packages(include=["mtunlearn_ext", "mtunlearn_ext.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[] if _metadata_only() else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     entry_points={"console_scripts": ["mtunlearn = mtunlearn_ext.cli:main"]},

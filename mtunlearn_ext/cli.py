@@ -210,6 +210,30 @@ def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
     raise FileExistsError(f"no free output name beside {checkpoint}")
 
 
+def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The input model's task-gradient cosines before and after the interference-aware
+    projections, JSON-safe (:func:`mtunlearn_ext.report.interference_to_json`).
+
+    Projected with the run's settings when the method is ``interference_aware`` (what it
+    actually removed), with that method's defaults otherwise, so that the record of any method
+    shows how much the request's forget and retain gradients conflict on the input model.
+    """
+    from mtunlearn_ext.report import interference_to_json
+    from mtunlearn_ext.unlearning import get_unlearner
+    from mtunlearn_ext.unlearning.interference import interference_matrix
+
+    own = method == "interference_aware"
+    config = get_unlearner("interference_aware", dict(settings) if own else {}).config
+    try:
+        matrix = interference_matrix(problem, config)  # type: ignore[arg-type]
+    except (RuntimeError, ValueError) as error:
+        # A diagnostic: the unlearned model is already computed and must not be lost for it.
+        print(f"mtunlearn: warning: no interference matrix: {error}", file=sys.stderr)
+        return {"error": str(error)}
+    return {**interference_to_json(matrix, config),
+            "settings_from": "the method's settings" if own else "interference_aware defaults"}
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
@@ -253,7 +277,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         targets = request.resolved_tasks(train_set)
         from tqdm.auto import tqdm
 
-        with tqdm(total=3, desc="unlearn", disable=args.quiet, leave=False) as bar:
+        with tqdm(total=4, desc="unlearn", disable=args.quiet, leave=False) as bar:
             bar.set_postfix_str("measuring the input model")
             before = measure(loaded.model, forget, retain, bench.test, targets, seed,
                              args.eval_batch_size)
@@ -272,6 +296,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
+            bar.update()
+            bar.set_postfix_str("interference matrix")
+            interference = _interference(problem, args.method, settings)
             bar.update()
         meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "data_root",
                                                    "recipe", "data_sha256")},
@@ -296,6 +323,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "output": {"checkpoint": str(out_ckpt), "sha256": out_sha},
             "before": before, "after": after,
             "report": result.report.to_dict(),
+            "interference": interference,
             "started_at": started, "finished_at": utc_now(),
         }
         from mtunlearn_ext.workflow import json_safe
@@ -507,7 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write report.md and PNG plots from an experiment results "
                                    "file (python -m mtunlearn_ext.experiment) or an unlearning "
                                    "record: per-task metrics against the retrained model and "
-                                   "forget/retain loss curves when present.")
+                                   "forget/retain loss curves when present, and the task-"
+                                   "gradient cosine (interference) matrices before and after "
+                                   "the projections when the input holds them (`unlearn` "
+                                   "records them).")
     p.add_argument("--results", default=None, metavar="JSON", help="results file or record")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="directory for report.md and the PNGs (existing files are refused)")

@@ -82,6 +82,7 @@ def run_demo(args: argparse.Namespace) -> int:
         prepare_experiment,
         run_experiment,
     )
+    from mtunlearn_ext.report import interference_to_json, plot_interference
     from mtunlearn_ext.unlearning import get_unlearner
     from mtunlearn_ext.unlearning.interference import interference_matrix
     from mtunlearn_ext.unlearning.interference_aware import InterferenceAwareConfig
@@ -115,12 +116,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     stages.set_postfix_str("interference matrices")
     matrices = {}
+    interference_configs = {}
     prepared = {}
     for request, config in configs.items():
         prepared[request] = prepare_experiment(config)  # cached models: loads only
         problem = prepared[request].problem(config)
         settings = {k: v for k, v in config.method_configs[METHOD].items()}
-        matrices[request] = interference_matrix(problem, InterferenceAwareConfig(**settings))
+        interference_configs[request] = InterferenceAwareConfig(**settings)
+        matrices[request] = interference_matrix(problem, interference_configs[request])
     stages.update()
 
     stages.set_postfix_str("sample predictions (partial request)")
@@ -136,8 +139,10 @@ def run_demo(args: argparse.Namespace) -> int:
     for request in ("full", "partial"):
         figures[f"metrics_{request}"] = _plot_metrics(results[request], baselines,
                                                       out / f"metrics_{request}.png")
-        figures[f"interference_{request}"] = _plot_interference(
-            matrices[request], request, out / f"interference_{request}.png")
+        figures[f"interference_{request}"] = plot_interference(
+            interference_to_json(matrices[request], interference_configs[request]),
+            f"{request}-task request: cosines of shared-backbone gradients",
+            out / f"interference_{request}.png", overwrite=True)
     figures["samples"] = _plot_samples(models, prepared["partial"].forget,
                                        prepared["partial"].benchmark, problem.target_tasks,
                                        out / "samples.png")
@@ -193,33 +198,6 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
     fig.suptitle(f"{results['request']['type']}-task request: per-task metrics "
                  f"(closer to 'retrained' is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def _plot_interference(matrix: Any, request: str, path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
-    ticks = range(len(matrix.labels))
-    for ax, values, title in ((axes[0], matrix.before, "before projection"),
-                              (axes[1], matrix.after, "after task + instance projection")):
-        data = values.numpy()
-        image = ax.imshow(data, vmin=-1, vmax=1, cmap="RdBu")
-        ax.set_xticks(ticks, matrix.labels, rotation=45, ha="right", fontsize=8)
-        # Row labels once, on the left panel: the rows are the same in both.
-        ax.set_yticks(ticks, matrix.labels if ax is axes[0] else [], fontsize=8)
-        for i in range(data.shape[0]):
-            for j in range(data.shape[1]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(data[i, j]) > 0.6 else "black")
-        ax.set_title(title)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
-    fig.suptitle(f"{request}-task request: cosines of shared-backbone gradients")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
@@ -288,6 +266,7 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
             figures: Mapping[str, str], baselines: Sequence[str], total: float,
             args: argparse.Namespace) -> str:
     from mtunlearn_ext.experiment import format_table
+    from mtunlearn_ext.report import INTERFERENCE_EXPLANATION
 
     first = results["full"]
     lines = [
@@ -330,11 +309,8 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
         m = matrices[request]
         kept = ", ".join(f"{t}: {v:.2f}" for t, v in m.forget_kept.items())
         lines += [f"![interference]({figures[f'interference_{request}']})", "",
-                  "Cosines between per-task gradients on the shared backbone (forget rows: the "
-                  "forgetting objective of each target task; retain rows: each task's retain "
-                  "loss on a batch that did not build the protected subspaces). A negative "
-                  "forget/retain cosine is interference: the forget step raises that retain loss. "
-                  f"Share of each forget gradient's norm kept by the projections: {kept}.", ""]
+                  f"{INTERFERENCE_EXPLANATION} Share of each forget gradient's norm kept by the "
+                  f"projections: {kept}.", ""]
     lines += ["## Sample predictions", "",
               f"![samples]({figures['samples']})", "",
               "Forget instances of the partial request: the target task's prediction should look "

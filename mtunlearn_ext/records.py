@@ -13,6 +13,9 @@ unlearned checkpoint and never over an existing file. Fields:
 - ``before`` / ``after``: per-split, per-task metrics and the membership-inference AUC
   (:func:`mtunlearn_ext.workflow.measure`);
 - ``report``: the unlearner's report (wall time, steps, forget/retain loss curves);
+- ``interference`` (optional, written by ``mtunlearn unlearn``): the input model's task-gradient
+  cosine matrices before and after the interference-aware projections
+  (:func:`mtunlearn_ext.report.interference_to_json`);
 - ``started_at`` / ``finished_at``: UTC ISO-8601 timestamps.
 
 :func:`verify_record` re-hashes the checkpoint, re-checks the ids hash and re-measures the

@@ -8,18 +8,34 @@ Two inputs are understood:
 - an unlearning record (:mod:`mtunlearn_ext.records`): per-task metrics before and after, and the
   method's loss curves.
 
+Either may hold an optional ``interference`` entry (:func:`interference_to_json`; ``mtunlearn
+unlearn`` records one): the task-gradient cosine matrices before and after the
+interference-aware projections, drawn by :func:`plot_interference` and explained in the report.
+
 Files are new files only: an existing ``report.md`` or PNG in the output folder is refused.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report"]
+__all__ = ["INTERFERENCE_EXPLANATION", "interference_to_json", "plot_interference",
+           "write_report"]
+
+#: What the interference plot shows; the demo's report and :func:`write_report` both print it.
+INTERFERENCE_EXPLANATION = (
+    "Cosines between per-task gradients on the shared backbone (forget rows: the forgetting "
+    "objective of each target task; retain rows: each task's retain loss on a batch that did not "
+    "build the protected subspaces). A negative forget/retain cosine is interference: the forget "
+    "step raises that retain loss. The right panel recomputes the cosines after the "
+    "interference-aware projections of the forget gradients (the retain rows do not change): "
+    "forget/retain cosines near zero or positive there mean that the protection holds beyond "
+    "the snapshots it was built from.")
 
 
 def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
@@ -31,20 +47,25 @@ def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
     return next(iter(sorted(kind_or_values)), None)
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    """Save a figure atomically to a new ``path`` (temporary file, fsync, link)."""
+def _save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
+    """Save a figure atomically to ``path`` (temporary file, fsync, then a link, which refuses
+    an existing file, or with ``overwrite`` a rename over it)."""
     import matplotlib.pyplot as plt
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
     finally:
         plt.close(fig)
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
@@ -110,6 +131,132 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     return True
 
 
+def _projections(config: Any) -> str:
+    """A few words naming the projections an ``InterferenceAwareConfig`` applies."""
+    parts = []
+    if getattr(config, "task_projection", True):
+        parts.append("task")
+    mode = getattr(config, "instance_projection", "off")
+    if mode != "off":
+        parts.append(f"{mode} instance")
+    return " + ".join(parts) or "none"
+
+
+def interference_to_json(matrix: Any, config: Any | None = None) -> dict[str, Any]:
+    """The JSON form of an :class:`~mtunlearn_ext.unlearning.interference.InterferenceMatrix`,
+    as records store it and :func:`plot_interference` reads it.
+
+    Keys: ``labels`` (``forget/<task>`` then ``retain/<task>``); ``before`` and ``after``
+    (``k x k`` nested lists of cosines, a non-finite one as ``None``); ``forget_kept`` (target
+    task -> share of its forget gradient's norm the projections keep); with the
+    ``InterferenceAwareConfig`` it was computed with, ``projections`` (e.g. ``"task + nonconflicting
+    instance"``) and ``config`` (its settings).
+    """
+    from mtunlearn_ext.workflow import json_safe
+
+    out: dict[str, Any] = {"labels": [str(label) for label in matrix.labels],
+                           "before": json_safe(matrix.before), "after": json_safe(matrix.after),
+                           "forget_kept": json_safe(dict(matrix.forget_kept))}
+    if config is not None:
+        out["projections"] = _projections(config)
+        out["config"] = json_safe(config.to_dict())
+    return out
+
+
+def _square(values: Any, size: int, name: str) -> Any:
+    """``values`` (tensor or nested lists, ``None`` for a missing cosine) as a float array."""
+    import numpy as np
+
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().tolist()
+    try:
+        rows = [[float("nan") if v is None else float(v) for v in row] for row in values]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"interference data: {name!r} is not a matrix of numbers "
+                         f"({error})") from error
+    array = np.asarray(rows, dtype=float)
+    if array.shape != (size, size):
+        raise ValueError(f"interference data: {name!r} has shape {array.shape}, expected "
+                         f"({size}, {size}) for {size} labels")
+    return array
+
+
+def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
+                      overwrite: bool = False) -> str:
+    """Draw the task-gradient cosine (interference) matrices before and after the projections
+    side by side into the PNG ``path``; return its file name (for a Markdown link beside it).
+
+    ``matrix`` is an :class:`~mtunlearn_ext.unlearning.interference.InterferenceMatrix` or its
+    JSON form (:func:`interference_to_json`: a mapping with ``labels``, ``before``, ``after`` as
+    nested lists, ``None`` for a missing value; an optional ``projections`` names the right
+    panel). ``title`` heads the figure. The file is written atomically; an existing one is
+    refused (``FileExistsError``) unless ``overwrite``. Malformed data raises ``ValueError``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(matrix, Mapping):
+        missing = [k for k in ("labels", "before", "after") if k not in matrix]
+        if missing:
+            raise ValueError(f"interference data: missing {missing}")
+        labels, before, after = matrix["labels"], matrix["before"], matrix["after"]
+        projections = matrix.get("projections")
+    else:
+        labels, before, after = matrix.labels, matrix.before, matrix.after
+        projections = None
+    labels = [str(label) for label in labels]
+    panels = ((_square(before, len(labels), "before"), "before projection"),
+              (_square(after, len(labels), "after"),
+               f"after projection ({projections})" if projections else "after projection"))
+    path = Path(path)
+    # Room for the cell values: the default suits the usual 2-6 rows, larger matrices grow.
+    side = max(4.8, 0.7 * len(labels))
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 * side + 0.4, side), constrained_layout=True)
+    ticks = range(len(labels))
+    image = None
+    for ax, (data, panel_title) in zip(axes, panels):
+        image = ax.imshow(data, vmin=-1, vmax=1, cmap="RdBu")
+        ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+        # Row labels once, on the left panel: the rows are the same in both.
+        ax.set_yticks(ticks, labels if ax is axes[0] else [], fontsize=8)
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                value = float(data[i, j])
+                ax.text(j, i, f"{value:.2f}" if math.isfinite(value) else "-", ha="center",
+                        va="center", fontsize=7, color="white" if abs(value) > 0.6 else "black")
+        ax.set_title(panel_title)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
+    fig.suptitle(title)
+    _save_png(fig, path, overwrite=overwrite, dpi=110)
+    return path.name
+
+
+def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
+    """The report's interference section and whether the PNG was written."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    lines = ["## Task interference", ""]
+    if not isinstance(data, Mapping):
+        raise UserInputError("--results", "an 'interference' mapping", type(data).__name__)
+    if "error" in data:
+        return lines + [f"(interference matrix not computed: {data['error']})", ""], False
+    try:
+        plot_interference(data, "cosines of shared-backbone task gradients", png)
+    except ValueError as error:
+        raise UserInputError("--results", "an 'interference' entry with labels, before and "
+                             "after matrices", "malformed data", str(error)) from error
+    lines += [f"![interference]({png.name})", "", INTERFERENCE_EXPLANATION]
+    kept = data.get("forget_kept") or {}
+    if kept:
+        lines += ["", "Share of each forget gradient's norm kept by the projections: " + ", ".join(
+            f"{t}: {'-' if v is None else f'{v:.2f}'}" for t, v in kept.items()) + "."]
+    if data.get("settings_from"):
+        lines += ["", f"Projection settings: {data['settings_from']}."]
+    return lines + [""], True
+
+
 def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = ["| model | split | task | metric | value |", "|---|---|---|---|---|"]
     for label, entry in models.items():
@@ -161,8 +308,10 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                              f"an unlearning record ({RECORD_SCHEMA})", schema)
     output_dir.mkdir(parents=True, exist_ok=True)
     md = output_dir / "report.md"
+    interference = results.get("interference")
     planned = [md] + [output_dir / f"metrics_{s}.png" for s in ("forget", "retain", "test")] + [
-        output_dir / "loss_curves.png"]
+        output_dir / "loss_curves.png"] + ([output_dir / "interference.png"]
+                                           if interference is not None else [])
     taken = [str(p) for p in planned if p.exists()]
     if taken:
         raise UserInputError("--output-dir", "a folder without report files", taken[0],
@@ -182,6 +331,12 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
             lines += ["## Loss curves during unlearning", "", f"![loss curves]({png.name})", ""]
         else:
             lines += ["(no loss curves recorded)", ""]
+        if interference is not None:
+            png = output_dir / "interference.png"
+            section, drawn = _md_interference(interference, png)
+            if drawn:
+                written.append(png)
+            lines += section
         fd, tmp = tempfile.mkstemp(prefix=".report.md.", dir=output_dir)
         try:
             with os.fdopen(fd, "w") as f:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,16 @@ def test_round_trip_and_record(trained: Path, tmp_path: Path,
         assert "mia_auc" in record[key] and set(record[key]["metrics"]) == {"forget", "retain",
                                                                             "test"}
     assert record["started_at"] <= record["finished_at"]
+    # The input model's task interference, projected with the run's own settings.
+    inter = record["interference"]
+    labels = inter["labels"]
+    assert labels[0] == "forget/digit" and "retain/parity" in labels
+    for key in ("before", "after"):
+        assert len(inter[key]) == len(labels) and all(len(r) == len(labels) for r in inter[key])
+        assert all(v is None or -1.0001 <= v <= 1.0001 for r in inter[key] for v in r)
+    assert inter["before"][0][0] == pytest.approx(1.0, abs=1e-4)  # a row against itself
+    assert set(inter["forget_kept"]) == {"digit"}
+    assert inter["settings_from"] == "the method's settings" and inter["config"]["steps"] == 3
     assert sha256_of_file(trained) == sha_before  # the input is never touched
     capsys.readouterr()
     assert cli.main(["verify", "--record", str(record_path)]) == 0
@@ -77,7 +90,11 @@ def test_round_trip_and_record(trained: Path, tmp_path: Path,
     # A report from the record.
     assert cli.main(["report", "--results", str(record_path), "--output-dir",
                      str(tmp_path / "rep")]) == 0
-    assert {"report.md", "loss_curves.png", "metrics_test.png"} <= _listing(tmp_path / "rep")
+    assert {"report.md", "loss_curves.png", "metrics_test.png",
+            "interference.png"} <= _listing(tmp_path / "rep")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "![interference](interference.png)" in markdown
+    assert "negative forget/retain cosine is interference" in markdown
 
 
 def test_refuses_overwrite_and_rerun_gets_new_name(trained: Path, tmp_path: Path,
@@ -103,6 +120,9 @@ def test_config_file_and_flag_override(trained: Path, tmp_path: Path) -> None:
     assert (tmp_path / "flag.pt").is_file() and not (tmp_path / "from_config.pt").exists()
     record = json.loads((tmp_path / "flag.pt.record.json").read_text())
     assert record["method"]["name"] == "finetune" and record["request"]["instance_ids"] == sorted(int(i) for i in ids(4, 6).split(","))
+    # Another method: the matrix still shows the request's interference, projected with the
+    # interference-aware defaults.
+    assert record["interference"]["settings_from"] == "interference_aware defaults"
     bad = tmp_path / "bad.yaml"
     bad.write_text("checkpoint: x\nnot_an_option: 1\n")
     assert cli.main(["unlearn", "--config", str(bad)]) == 2
@@ -226,3 +246,21 @@ def test_evaluate_and_benchmark_dry_run(trained: Path, tmp_path: Path,
         cli.main(["unlearn", "--help"])
     assert info.value.code == 0
     assert "NaN/Inf policy" in capsys.readouterr().out
+
+
+def test_installed_console_script(tmp_path: Path) -> None:
+    """``mtunlearn`` as set-up installs it (scripts/setup_env.sh), run from outside the checkout
+    so that the installed package, not the working directory, provides the module."""
+    script = Path(sys.executable).parent / "mtunlearn"
+    if not script.is_file():
+        message = (f"{script} is missing: run ./test.sh or ./run.sh (scripts/setup_env.sh "
+                   "installs it)")
+        if os.environ.get("MTUNLEARN_REQUIRE_EXTENSION", "") not in ("", "0"):
+            pytest.fail(message)
+        pytest.skip(message)
+    for args, expected in ((["--help"], "{train,unlearn,evaluate,verify,benchmark,report}"),
+                           (["report", "--help"], "--results")):
+        done = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout and "usage: mtunlearn" in done.stdout

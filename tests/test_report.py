@@ -1,0 +1,101 @@
+"""Reports: the interference plot from JSON data and its section in ``report.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mtunlearn_ext.records import RECORD_SCHEMA
+from mtunlearn_ext.report import interference_to_json, plot_interference, write_report
+from mtunlearn_ext.unlearning.interference import InterferenceMatrix
+from mtunlearn_ext.unlearning.interference_aware import InterferenceAwareConfig
+from mtunlearn_ext.workflow import UserInputError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LABELS = ["forget/a", "retain/a", "retain/b"]
+
+
+def _matrix() -> InterferenceMatrix:
+    before = torch.tensor([[1.0, -0.4, 0.2], [-0.4, 1.0, 0.3], [0.2, 0.3, 1.0]])
+    after = before.clone()
+    after[0, 1] = after[1, 0] = 0.05
+    return InterferenceMatrix(LABELS, before, after, {"a": 0.8})
+
+
+def _json_data() -> dict[str, Any]:
+    """What a record holds: plain lists after a JSON round trip, a missing cosine as null."""
+    data = json.loads(json.dumps(interference_to_json(_matrix(), InterferenceAwareConfig())))
+    data["after"][2][0] = None
+    return data
+
+
+def _record(**extra: Any) -> dict[str, Any]:
+    metrics = {split: {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.75}}
+               for split in ("forget", "retain", "test")}
+    return {"schema": RECORD_SCHEMA, "method": {"name": "interference_aware", "settings": {}},
+            "request": {"type": "partial", "target_tasks": ["a"], "instance_ids": [1, 2]},
+            "output": {"checkpoint": "u.pt", "sha256": "0" * 64},
+            "before": {"metrics": metrics, "mia_auc": 0.6},
+            "after": {"metrics": metrics, "mia_auc": 0.5}, "report": {}, **extra}
+
+
+def test_interference_to_json_is_plain_json() -> None:
+    data = interference_to_json(_matrix(), InterferenceAwareConfig())
+    assert json.loads(json.dumps(data)) == data
+    assert data["labels"] == LABELS and data["forget_kept"] == {"a": pytest.approx(0.8)}
+    assert data["before"][0][1] == pytest.approx(-0.4) and len(data["after"]) == 3
+    assert data["projections"] == "task + nonconflicting instance"
+    assert "num_snapshots" in data["config"]
+
+
+def test_plot_interference_from_json_and_from_the_object(tmp_path: Path) -> None:
+    assert plot_interference(_json_data(), "from JSON", tmp_path / "a.png") == "a.png"
+    assert plot_interference(_matrix(), "from the object", str(tmp_path / "b.png")) == "b.png"
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    # New files only, unless asked; no temporary file is left behind either way.
+    with pytest.raises(FileExistsError):
+        plot_interference(_json_data(), "again", tmp_path / "a.png")
+    plot_interference(_json_data(), "again", tmp_path / "a.png", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"after": None}, "missing"),
+    ({"before": [[1.0, 0.0], [0.0, 1.0]]}, "shape"),
+    ({"before": [["x", 0, 0], [0, 1, 0], [0, 0, 1]]}, "numbers"),
+])
+def test_plot_interference_rejects_malformed_data(tmp_path: Path, change: dict[str, Any],
+                                                  fragment: str) -> None:
+    data = {**_json_data(), **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(ValueError, match=fragment):
+        plot_interference(data, "bad", tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_report_embeds_the_interference_plot(tmp_path: Path) -> None:
+    written = write_report(_record(interference=_json_data()), tmp_path / "rep", title="t")
+    assert tmp_path / "rep" / "interference.png" in written
+    assert (tmp_path / "rep" / "interference.png").read_bytes()[:8] == PNG_MAGIC
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Task interference" in markdown and "![interference](interference.png)" in markdown
+    assert "negative forget/retain cosine is interference" in markdown
+    assert "a: 0.80" in markdown  # the share of the forget gradient kept
+
+
+def test_report_without_or_with_a_failed_matrix(tmp_path: Path) -> None:
+    # Records from before the field existed: no section, no PNG.
+    write_report(_record(), tmp_path / "old")
+    assert not (tmp_path / "old" / "interference.png").exists()
+    assert "Task interference" not in (tmp_path / "old" / "report.md").read_text()
+    write_report(_record(interference={"error": "too few rows"}), tmp_path / "failed")
+    assert not (tmp_path / "failed" / "interference.png").exists()
+    assert "not computed: too few rows" in (tmp_path / "failed" / "report.md").read_text()
+    with pytest.raises(UserInputError, match="interference"):
+        write_report(_record(interference={"labels": ["x"]}), tmp_path / "bad")
+    assert list((tmp_path / "bad").iterdir()) == []  # the plots drawn before are removed
