@@ -15,12 +15,18 @@
 #include <immintrin.h>
 #define MTU_X86 1
 #define MTU_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+// The AVX2 entry of a kernel: everything it calls is inlined into it, so that the fp16
+// conversion intrinsics (target functions, which GCC refuses to always-inline into the
+// target-less templates between) end up in AVX2 code.
+#define MTU_AVX2_FLATTEN __attribute__((target("avx2,fma,f16c"), flatten))
 #else
 #define MTU_X86 0
 #define MTU_AVX2_TARGET
+#define MTU_AVX2_FLATTEN
 #endif
 
 #define MTU_ALWAYS_INLINE inline __attribute__((always_inline))
+#define MTU_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace mtunlearn {
 namespace cpu_simd {
@@ -189,6 +195,109 @@ MTU_ALWAYS_INLINE void store_row(const typename Tag::acc* src, typename Tag::sto
   } else {
     std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(typename Tag::acc));
   }
+}
+
+// ---- whole-vector loads and stores with the conversion fused in ----
+// A kernel that reads rows through these never writes a converted copy: for fp16/bf16 the
+// conversion costs one or two register operations per vector, not a store and a reload.
+//
+// bf16 uses an even/odd split: 16 bf16 values loaded as 8 uint32 lanes hold element 2i in the
+// low half and 2i+1 in the high half of lane i, so `lane << 16` is the even elements as fp32 and
+// `lane & 0xffff0000` the odd ones (bf16 -> fp32 is exact: the bits shifted up). Vector 2c of a
+// row is the even half of its 16-column chunk c and vector 2c+1 the odd half. Inner products do
+// not care about that permutation (both operands use it); a combine packs it back on store.
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#if MTU_X86
+MTU_AVX2_TARGET inline v8f load_half8_avx2(const uint16_t* p) {
+  return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MTU_AVX2_TARGET inline void store_half8_avx2(uint16_t* p, v8f v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+// fp32 lanes -> bf16 bits in the high 16 bits of each lane (round to nearest even, NaN kept
+// quiet), as float_to_bf16 does one value at a time.
+MTU_ALWAYS_INLINE v8u bf16_round_high(v8f f) {
+  const v8u bits = (v8u)f;
+  const v8u rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+  const v8i is_nan = (v8i)(bits & 0x7fffffffu) > 0x7f800000;
+  return (rounded & ~(v8u)is_nan) | ((bits | 0x00400000u) & (v8u)is_nan);
+}
+
+// VecIO<Tag, kAvx2>: kCols columns per vector, kGroup vectors per aligned load unit (a kernel
+// steps in whole groups, so vector parity is known at compile time), load(row, v) = vector v.
+template <typename Tag, bool kAvx2> struct VecIO;
+
+template <bool kAvx2> struct VecIO<F64, kAvx2> {
+  using V = v4d;
+  static constexpr int kCols = 4, kGroup = 1;
+  static MTU_ALWAYS_INLINE V load(const double* row, int64_t v) { return load_vec<V>(row + v * 4); }
+  static MTU_ALWAYS_INLINE void store_group(double* row, int64_t g, const V* v) {
+    store_vec(row + g * 4, v[0]);
+  }
+};
+
+template <bool kAvx2> struct VecIO<F32, kAvx2> {
+  using V = v8f;
+  static constexpr int kCols = 8, kGroup = 1;
+  static MTU_ALWAYS_INLINE V load(const float* row, int64_t v) { return load_vec<V>(row + v * 8); }
+  static MTU_ALWAYS_INLINE void store_group(float* row, int64_t g, const V* v) {
+    store_vec(row + g * 8, v[0]);
+  }
+};
+
+template <bool kAvx2> struct VecIO<F16, kAvx2> {
+  using V = v8f;
+  static constexpr int kCols = 8, kGroup = 1;
+  static MTU_ALWAYS_INLINE V load(const uint16_t* row, int64_t v) {
+#if MTU_X86
+    if constexpr (kAvx2) return load_half8_avx2(row + v * 8);
+#endif
+    V out;
+    for (int l = 0; l < 8; ++l) out[l] = half_to_float(row[v * 8 + l]);
+    return out;
+  }
+  static MTU_ALWAYS_INLINE void store_group(uint16_t* row, int64_t g, const V* v) {
+#if MTU_X86
+    if constexpr (kAvx2) {
+      store_half8_avx2(row + g * 8, v[0]);
+      return;
+    }
+#endif
+    for (int l = 0; l < 8; ++l) row[g * 8 + l] = float_to_half(v[0][l]);
+  }
+};
+
+template <bool kAvx2> struct VecIO<BF16, kAvx2> {
+  using V = v8f;
+  static constexpr int kCols = 8, kGroup = 2;
+  static MTU_ALWAYS_INLINE V load(const uint16_t* row, int64_t v) {
+    const v8u raw = load_vec<v8u>(row + (v >> 1) * 16);
+    return (v8f)((v & 1) ? (raw & 0xffff0000u) : (raw << 16));
+  }
+  // v[0], v[1]: the even and odd halves of 16-column group g.
+  static MTU_ALWAYS_INLINE void store_group(uint16_t* row, int64_t g, const V* v) {
+    store_vec(row + g * 16, (bf16_round_high(v[0]) >> 16) | (bf16_round_high(v[1]) & 0xffff0000u));
+  }
+};
+
+// Scalar element j of a row in the accumulation type (ragged tails).
+template <typename Tag>
+MTU_ALWAYS_INLINE typename Tag::acc to_acc(typename Tag::storage s) {
+  if constexpr (std::is_same<Tag, F16>::value) return half_to_float(s);
+  else if constexpr (std::is_same<Tag, BF16>::value) return bf16_to_float(s);
+  else return s;
+}
+
+template <typename Tag>
+MTU_ALWAYS_INLINE typename Tag::storage from_acc(typename Tag::acc a) {
+  if constexpr (std::is_same<Tag, F16>::value) return float_to_half(a);
+  else if constexpr (std::is_same<Tag, BF16>::value) return float_to_bf16(a);
+  else return a;
 }
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }

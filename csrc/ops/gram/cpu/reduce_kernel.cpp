@@ -7,6 +7,10 @@
 // every row is converted once to the accumulation type (fp16/bf16 -> fp32), then a 3 x 4
 // register-blocked micro-kernel computes the inner products (upper triangle only for a Gram).
 // Tile sums are accumulated in double, so fp32 inputs lose nothing over long rows.
+//
+// Small problems (a Gram of <= 16 rows, <= 8 x 16 inner products: every surgery step) take
+// another path: exact register blocks over the rows where they lie, fp16/bf16 converted in
+// registers as they are loaded (no converted copy), no padding rows (see SmallBlock).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -56,6 +60,23 @@ struct ReduceProblem {
   int64_t buffer_rows_a;  // rows allocated for the A tile (a Gram's blocks read it as B too)
   int64_t buffer_rows_b;
   int64_t tile;    // columns per tile
+  // Small problems (see SmallBlock): exact register blocks instead of padded kMR x kNR ones.
+  const std::vector<struct SmallBlock>* small_plan = nullptr;
+  int64_t small_lanes = 0;  // accumulator vectors over all blocks of the plan
+};
+
+// One register block of the small-problem path: rows [r0, r0 + mr) of A against rows
+// [c0, c0 + nr) of B, or, for a diagonal block of a Gram (sym), the pairs r <= c of rows
+// [r0, r0 + mr). The padded 3 x 4 blocks of the general path spend most of their multiplies on
+// zero rows and on the lower triangle when k is small (k = 8: 60 products for 36 wanted), and
+// the Gram pass at k <= 16 is compute-bound out of cache; these blocks compute each wanted
+// product once (k = 8: 36; k = 16: 136 instead of 180).
+struct SmallBlock {
+  int code;  // template instance, see small_code
+  int64_t r0, c0;
+  int mr, nr;
+  bool sym;
+  int64_t lane_off;
 };
 
 // C[MR x NR] += A[MR rows] . B[NR rows] over `width` columns, with the running sums kept as
@@ -106,7 +127,6 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
   // Rows past m (or k) stay zero for the whole item; padded tail columns are zeroed per tile.
   std::fill(tile_a, tile_a + p.buffer_rows_a * ld, Acc(0));
   if (!p.symmetric) std::fill(tile_b, tile_b + p.buffer_rows_b * ld, Acc(0));
-  const Acc* rows_b = p.symmetric ? tile_a : tile_b;
   auto flush = [&]() {
     for (int64_t bi = 0; bi < blocks_i; ++bi)
       for (int64_t bj = 0; bj < blocks_j; ++bj) {
@@ -169,6 +189,178 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
   flush();
 }
 
+
+// ---- small problems: m <= 16 rows for a Gram, m <= 8 by k <= 16 otherwise ----
+
+constexpr int small_code(bool sym, int mr, int nr) { return sym ? mr : 4 + (mr - 1) * 4 + nr; }
+constexpr int small_products(bool sym, int mr, int nr) { return sym ? mr * (mr + 1) / 2 : mr * nr; }
+constexpr int64_t kSmallTileBytes = 24 * 1024;  // all rows of a tile stay in L1 across blocks
+
+bool use_small_path(int64_t m, int64_t k, bool symmetric) {
+  return symmetric ? m <= 16 : (m <= 8 && k <= 16);
+}
+
+// Gram: groups of 4 rows, a triangular block per group and 2 x 4 blocks between groups;
+// otherwise 2 x 4 blocks over the m x k products.
+std::vector<SmallBlock> plan_small(int64_t m, int64_t k, bool symmetric, int64_t* lanes) {
+  std::vector<SmallBlock> plan;
+  int64_t off = 0;
+  auto add = [&](bool sym, int64_t r0, int mr, int64_t c0, int nr) {
+    plan.push_back({small_code(sym, mr, nr), r0, c0, mr, nr, sym, off});
+    off += small_products(sym, mr, nr);
+  };
+  if (symmetric) {
+    for (int64_t g = 0; g < m; g += 4) {
+      const int sg = static_cast<int>(std::min<int64_t>(4, m - g));
+      add(true, g, sg, g, sg);
+      for (int64_t h = g + 4; h < m; h += 4) {
+        const int sh = static_cast<int>(std::min<int64_t>(4, m - h));
+        for (int r = 0; r < sg; r += 2) add(false, g + r, std::min(2, sg - r), h, sh);
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < m; r += 2)
+      for (int64_t c = 0; c < k; c += 4)
+        add(false, r, static_cast<int>(std::min<int64_t>(2, m - r)), c,
+            static_cast<int>(std::min<int64_t>(4, k - c)));
+  }
+  *lanes = off;
+  return plan;
+}
+
+// lanes[0..P) += products of the block over vectors [0, nvec) of its rows (nvec a multiple of
+// the loader's group). U independent accumulator sets keep enough FMAs in flight when the block
+// has few products (FMA latency 4 x 2 pipes: about 8 chains needed).
+template <typename Tag, bool kAvx2, bool SYM, int MR, int NR, int U>
+MTU_ALWAYS_INLINE void small_block(const typename Tag::storage* const* a_rows,
+                                   const typename Tag::storage* const* b_rows, int64_t nvec,
+                                   typename VecOf<typename Tag::acc>::type* lanes) {
+  using IO = VecIO<Tag, kAvx2>;
+  using V = typename IO::V;
+  using S = typename Tag::storage;
+  constexpr int P = small_products(SYM, MR, NR);
+  constexpr int Q = IO::kGroup;
+  const S* a[MR];
+  const S* b[NR];
+  for (int r = 0; r < MR; ++r) a[r] = a_rows[r];
+  for (int c = 0; c < NR; ++c) b[c] = SYM ? a_rows[c] : b_rows[c];
+  V acc[U][P];
+  for (int u = 0; u < U; ++u)
+    for (int p = 0; p < P; ++p) acc[u][p] = u == 0 ? lanes[p] : V{};
+  auto step = [&](V* ac, int64_t v) MTU_ALWAYS_INLINE_LAMBDA {
+    V av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = IO::load(a[r], v);
+    if constexpr (SYM) {
+      int p = 0;
+      for (int r = 0; r < MR; ++r)
+        for (int c = r; c < MR; ++c) ac[p++] += av[r] * av[c];
+    } else {
+      for (int c = 0; c < NR; ++c) {
+        const V bv = IO::load(b[c], v);
+        for (int r = 0; r < MR; ++r) ac[r * NR + c] += av[r] * bv;
+      }
+    }
+  };
+  // Vector index s * (U * Q) + u * Q + q: its parity (bf16 even/odd half) is q, known here.
+  const int64_t supers = nvec / (U * Q);
+  for (int64_t s = 0; s < supers; ++s)
+    for (int u = 0; u < U; ++u)
+      for (int q = 0; q < Q; ++q) step(acc[u], s * (U * Q) + u * Q + q);
+  for (int64_t g = supers * U; g < nvec / Q; ++g)
+    for (int q = 0; q < Q; ++q) step(acc[0], g * Q + q);
+  for (int p = 0; p < P; ++p) {
+    V t = acc[0][p];
+    for (int u = 1; u < U; ++u) t += acc[u][p];
+    lanes[p] = t;
+  }
+}
+
+template <typename Tag, bool kAvx2>
+MTU_ALWAYS_INLINE void run_small_block(const SmallBlock& blk, const typename Tag::storage* const* a,
+                                       const typename Tag::storage* const* b, int64_t nvec,
+                                       typename VecOf<typename Tag::acc>::type* lanes) {
+  const auto* ar = a + blk.r0;
+  const auto* br = blk.sym ? ar : b + blk.c0;
+  auto* ln = lanes + blk.lane_off;
+  switch (blk.code) {
+#define MTU_SMALL_CASE(SYM, MR, NR, U)                                     \
+  case small_code(SYM, MR, NR):                                            \
+    small_block<Tag, kAvx2, SYM, MR, NR, U>(ar, br, nvec, ln);             \
+    break;
+    MTU_SMALL_CASE(true, 1, 1, 4)
+    MTU_SMALL_CASE(true, 2, 2, 3)
+    MTU_SMALL_CASE(true, 3, 3, 2)
+    MTU_SMALL_CASE(true, 4, 4, 1)
+    MTU_SMALL_CASE(false, 1, 1, 4)
+    MTU_SMALL_CASE(false, 1, 2, 4)
+    MTU_SMALL_CASE(false, 1, 3, 3)
+    MTU_SMALL_CASE(false, 1, 4, 2)
+    MTU_SMALL_CASE(false, 2, 1, 4)
+    MTU_SMALL_CASE(false, 2, 2, 2)
+    MTU_SMALL_CASE(false, 2, 3, 2)
+    MTU_SMALL_CASE(false, 2, 4, 1)
+#undef MTU_SMALL_CASE
+  }
+}
+
+template <typename Tag, bool kAvx2>
+MTU_ALWAYS_INLINE void process_item_small(const ReduceProblem& p, const Item& item,
+                                          typename VecOf<typename Tag::acc>::type* lanes,
+                                          double* item_acc) {
+  using S = typename Tag::storage;
+  using V = typename VecOf<typename Tag::acc>::type;
+  using IO = VecIO<Tag, kAvx2>;
+  constexpr int64_t kAlign = IO::kCols * IO::kGroup;
+  const ReduceSegment& seg = p.segments[item.segment];
+  const std::vector<SmallBlock>& plan = *p.small_plan;
+  std::fill(item_acc, item_acc + p.m * p.k, 0.0);
+  std::fill(lanes, lanes + p.small_lanes, V{});
+  auto flush = [&]() {
+    for (const SmallBlock& blk : plan) {
+      V* ln = lanes + blk.lane_off;
+      int q = 0;
+      for (int r = 0; r < blk.mr; ++r)
+        for (int c = blk.sym ? r : 0; c < blk.nr; ++c, ++q) {
+          item_acc[(blk.r0 + r) * p.k + blk.c0 + c] += hsum(ln[q]);
+          ln[q] = V{};
+        }
+    }
+  };
+  const S* a_base[16];
+  const S* b_base[16];
+  for (int64_t r = 0; r < p.m; ++r) a_base[r] = segment_row_a<S>(seg, r);
+  if (!p.symmetric)
+    for (int64_t r = 0; r < p.k; ++r) b_base[r] = static_cast<const S*>(seg.b) + r * seg.b_row_stride;
+  const S* a[16];
+  const S* b[16];
+  int64_t since_flush = 0;
+  for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += p.tile) {
+    const int64_t w = std::min(p.tile, item.col_end - c0);
+    const int64_t wv = w / kAlign * kAlign;
+    for (int64_t r = 0; r < p.m; ++r) a[r] = a_base[r] + c0;
+    if (!p.symmetric)
+      for (int64_t r = 0; r < p.k; ++r) b[r] = b_base[r] + c0;
+    if (wv > 0)
+      for (const SmallBlock& blk : plan)
+        run_small_block<Tag, kAvx2>(blk, a, p.symmetric ? a : b, wv / IO::kCols, lanes);
+    // Ragged end of a segment (under kAlign columns): scalar, in double.
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = p.symmetric ? i : 0; j < p.k; ++j) {
+        const S* bj = p.symmetric ? a[j] : b[j];
+        double t = 0.0;
+        for (int64_t c = wv; c < w; ++c)
+          t += static_cast<double>(to_acc<Tag>(a[i][c])) * static_cast<double>(to_acc<Tag>(bj[c]));
+        item_acc[i * p.k + j] += t;
+      }
+    since_flush += w;
+    if (since_flush >= kFlushCols) {
+      flush();
+      since_flush = 0;
+    }
+  }
+  flush();
+}
+
 // One contiguous range of items, run by one thread. Instantiated for the baseline target and,
 // inside a target("avx2,fma,f16c") function, for AVX2: parallel_for's lambda would not inherit
 // a target attribute, so the dispatch happens below it.
@@ -177,6 +369,13 @@ MTU_ALWAYS_INLINE void run_range_impl(const ReduceProblem& p, const Item* items,
                                       double* partials) {
   using Acc = typename Tag::acc;
   using V = typename VecOf<Acc>::type;
+  if (p.small_plan) {
+    AlignedBuffer lane_buf(sizeof(V) * p.small_lanes);
+    for (int64_t it = 0; it < count; ++it)
+      process_item_small<Tag, kAvx2>(p, items[it], static_cast<V*>(lane_buf.ptr),
+                                     partials + it * p.m * p.k);
+    return;
+  }
   AlignedBuffer a_buf(sizeof(Acc) * p.buffer_rows_a * p.tile);
   AlignedBuffer b_buf(p.symmetric ? 64 : sizeof(Acc) * p.buffer_rows_b * p.tile);
   AlignedBuffer lane_buf(sizeof(V) * p.rows_a * p.rows_b);
@@ -200,7 +399,7 @@ void run_range_baseline(const ReduceProblem& p, const Item* items, int64_t count
 
 #if MTU_X86
 #define MTU_DEFINE_AVX2_RANGE(TAG)                                                          \
-  MTU_AVX2_TARGET void run_range_avx2_##TAG(const ReduceProblem& p, const Item* items,      \
+  MTU_AVX2_FLATTEN void run_range_avx2_##TAG(const ReduceProblem& p, const Item* items,      \
                                             int64_t count, double* out) {                    \
     run_range_impl<TAG, true>(p, items, count, out);                                         \
   }
@@ -255,6 +454,14 @@ void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments
   const int64_t acc_bytes = dbl ? 8 : 4;
   const int64_t tile_budget = 24 * 1024 / (acc_bytes * (p.buffer_rows_a + p.buffer_rows_b));
   p.tile = std::max<int64_t>(64, std::min<int64_t>(1024, tile_budget / 64 * 64));
+  std::vector<SmallBlock> small_plan;
+  if (use_small_path(m, k, symmetric)) {
+    small_plan = plan_small(m, k, symmetric, &p.small_lanes);
+    p.small_plan = &small_plan;
+    const int64_t rows = symmetric ? m : m + k;
+    p.tile = std::max<int64_t>(
+        64, std::min<int64_t>(4096, kSmallTileBytes / (rows * element_size(kind)) / 64 * 64));
+  }
 
   std::vector<double> partials(items.size() * m * k);
   if (!items.empty()) {
