@@ -1,10 +1,9 @@
 // CPU kernel behind combine, combine_list and the write-back of every surgery op:
 // out = beta * base + coeffs @ x over a huge column dimension, for a list of segments.
 //
-// Each tile of the k input rows is converted once to the accumulation type, every output row
-// is accumulated in a tile-sized buffer four input rows at a time (fewer passes over it), then
-// converted back once. With beta == 0 the base is never read, so NaN in an uninitialised output
-// cannot leak into the result.
+// Rows are read where they lie (fp16/bf16 converted in registers), each output vector is summed
+// in registers and written once, converted back in registers. With beta == 0 the base is never
+// read, so NaN in an uninitialised output cannot leak into the result.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -35,11 +34,18 @@ struct CombineProblem {
   int64_t tile;
 };
 
+// Each output vector is accumulated in registers over the k rows (read where they lie, fp16/bf16
+// converted as loaded) and written once; kVecs independent vectors per step keep the two FMA
+// pipes busy (each vector is a chain of k dependent FMAs of latency 4).
 template <typename Tag, bool kAvx2>
 MTU_ALWAYS_INLINE void combine_item(const CombineProblem& p, const Item& item,
-                                    typename Tag::acc* x_tile, typename Tag::acc* acc_row) {
+                                    const typename Tag::storage** rows) {
   using Acc = typename Tag::acc;
   using S = typename Tag::storage;
+  using IO = VecIO<Tag, kAvx2>;
+  using V = typename IO::V;
+  constexpr int kVecs = 8;
+  constexpr int64_t kStepCols = kVecs * IO::kCols;  // a whole number of load groups
   const CombineSegment& seg = p.segments[item.segment];
   const Acc* coeffs = static_cast<const Acc*>(p.coeffs) + seg.coeff_index * p.m * p.k;
   const S* x = static_cast<const S*>(seg.x);
@@ -47,52 +53,37 @@ MTU_ALWAYS_INLINE void combine_item(const CombineProblem& p, const Item& item,
   S* out = static_cast<S*>(seg.out);
   const bool use_base = base != nullptr && p.beta != 0.0;
   const Acc beta = static_cast<Acc>(p.beta);
-  const int64_t ld = p.tile;
-  // fp32/fp64 rows are read where they lie; fp16/bf16 rows are converted once per tile.
-  constexpr bool kDirect = std::is_same<S, Acc>::value;
-  std::vector<const Acc*> rows(static_cast<size_t>(p.k));
+  // One output row reads every input row once: no reuse to keep in L1, no tiles. Several output
+  // rows re-read the same tile of the inputs, sized to stay in L1.
+  const int64_t ld = p.m == 1 ? item.col_end - item.col_begin : p.tile;
   for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
     const int64_t w = std::min(ld, item.col_end - c0);
-    for (int64_t r = 0; r < p.k; ++r) {
-      if constexpr (kDirect) {
-        rows[r] = reinterpret_cast<const Acc*>(x + r * seg.x_row_stride + c0);
-      } else {
-        load_row<Tag, kAvx2>(x + r * seg.x_row_stride + c0, x_tile + r * ld, w);
-        rows[r] = x_tile + r * ld;
-      }
-    }
+    const int64_t steps = w / kStepCols;
+    for (int64_t r = 0; r < p.k; ++r) rows[r] = x + r * seg.x_row_stride + c0;
     for (int64_t i = 0; i < p.m; ++i) {
-      // Accumulate straight into a float/double output row when no conversion is needed.
-      Acc* acc = kDirect ? reinterpret_cast<Acc*>(out + i * seg.out_row_stride + c0) : acc_row;
-      if (use_base) {
-        const S* base_row = base + i * seg.base_row_stride + c0;
-        if constexpr (kDirect) {
-          const Acc* b = reinterpret_cast<const Acc*>(base_row);
-          for (int64_t c = 0; c < w; ++c) acc[c] = beta * b[c];
-        } else {
-          load_row<Tag, kAvx2>(base_row, acc, w);
-          for (int64_t c = 0; c < w; ++c) acc[c] *= beta;
-        }
-      } else {
-        std::fill(acc, acc + w, Acc(0));
-      }
       const Acc* ci = coeffs + i * p.k;
-      int64_t j = 0;
-      for (; j + 4 <= p.k; j += 4) {
-        const Acc a0 = ci[j], a1 = ci[j + 1], a2 = ci[j + 2], a3 = ci[j + 3];
-        const Acc* x0 = rows[j];
-        const Acc* x1 = rows[j + 1];
-        const Acc* x2 = rows[j + 2];
-        const Acc* x3 = rows[j + 3];
-        for (int64_t c = 0; c < w; ++c)
-          acc[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
+      S* o = out + i * seg.out_row_stride + c0;
+      const S* b = use_base ? base + i * seg.base_row_stride + c0 : nullptr;
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t v0 = s * kVecs;  // even: the bf16 half of vector v0 + u is u's parity
+        V acc[kVecs];
+        if (use_base) {
+          for (int u = 0; u < kVecs; ++u) acc[u] = beta * IO::load(b, v0 + u);
+        } else {
+          for (int u = 0; u < kVecs; ++u) acc[u] = V{};
+        }
+        for (int64_t j = 0; j < p.k; ++j) {
+          const V cj = V{} + ci[j];
+          const S* xj = rows[j];
+          for (int u = 0; u < kVecs; ++u) acc[u] += cj * IO::load(xj, v0 + u);
+        }
+        for (int u = 0; u < kVecs; u += IO::kGroup) IO::store_group(o, (v0 + u) / IO::kGroup, acc + u);
       }
-      for (; j < p.k; ++j) {
-        const Acc a0 = ci[j];
-        const Acc* x0 = rows[j];
-        for (int64_t c = 0; c < w; ++c) acc[c] += a0 * x0[c];
+      for (int64_t c = steps * kStepCols; c < w; ++c) {
+        Acc t = use_base ? beta * to_acc<Tag>(b[c]) : Acc(0);
+        for (int64_t j = 0; j < p.k; ++j) t += ci[j] * to_acc<Tag>(rows[j][c]);
+        o[c] = from_acc<Tag>(t);
       }
-      if constexpr (!kDirect) store_row<Tag, kAvx2>(acc_row, out + i * seg.out_row_stride + c0, w);
     }
   }
 }
@@ -101,11 +92,8 @@ MTU_ALWAYS_INLINE void combine_item(const CombineProblem& p, const Item& item,
 // target("avx2,fma,f16c") function (parallel_for's lambda would not inherit the attribute).
 template <typename Tag, bool kAvx2>
 MTU_ALWAYS_INLINE void run_range_impl(const CombineProblem& p, const Item* items, int64_t count) {
-  using Acc = typename Tag::acc;
-  std::vector<Acc> x_tile(static_cast<size_t>(std::max<int64_t>(p.k, 1) * p.tile));
-  std::vector<Acc> acc_row(static_cast<size_t>(p.tile));
-  for (int64_t it = 0; it < count; ++it)
-    combine_item<Tag, kAvx2>(p, items[it], x_tile.data(), acc_row.data());
+  std::vector<const typename Tag::storage*> rows(static_cast<size_t>(std::max<int64_t>(p.k, 1)));
+  for (int64_t it = 0; it < count; ++it) combine_item<Tag, kAvx2>(p, items[it], rows.data());
 }
 
 using RangeFn = void (*)(const CombineProblem&, const Item*, int64_t);
@@ -117,7 +105,7 @@ void run_range_baseline(const CombineProblem& p, const Item* items, int64_t coun
 
 #if MTU_X86
 #define MTU_DEFINE_AVX2_RANGE(TAG)                                                         \
-  MTU_AVX2_TARGET void run_range_avx2_##TAG(const CombineProblem& p, const Item* items,    \
+  MTU_AVX2_FLATTEN void run_range_avx2_##TAG(const CombineProblem& p, const Item* items,    \
                                             int64_t count) {                                \
     run_range_impl<TAG, true>(p, items, count);                                             \
   }
@@ -141,9 +129,8 @@ void run_items(const CombineProblem& p, const std::vector<Item>& items, RangeFn 
 void combine(ScalarKind kind, const CombineSegment* segments, int64_t num_segments, int64_t m,
              int64_t k, const void* coeffs, double beta) {
   if (m == 0) return;
-  const int64_t acc_bytes = kind == ScalarKind::Float64 ? 8 : 4;
   CombineProblem p{segments, m, k, beta, coeffs, 0};
-  p.tile = std::max<int64_t>(64, std::min<int64_t>(2048, 64 * 1024 / (acc_bytes * (k + 2)) / 64 * 64));
+  p.tile = std::max<int64_t>(64, std::min<int64_t>(4096, 24 * 1024 / (element_size(kind) * std::max<int64_t>(k, 1)) / 64 * 64));
   // Columns per item: enough work per task, independent of the thread count.
   constexpr int64_t kItemCols = 16384;
   std::vector<Item> items;
