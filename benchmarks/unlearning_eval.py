@@ -58,28 +58,65 @@ def _config(benchmark: str, request: str, seed: int, args: argparse.Namespace,
         progress=False)
 
 
-def _complete(path: Path, methods: Sequence[str]) -> bool:
+def _stale_methods(path: Path, methods: Sequence[str],
+                   settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The methods of ``methods`` that the run file at ``path`` lacks, or holds with settings
+    other than ``settings`` (so a changed preset re-runs only what it changes)."""
     if not path.is_file():
-        return False
+        return list(methods)
     try:
-        models = json.loads(path.read_text())["models"]
+        stored = json.loads(path.read_text())
+        models, configs = stored["models"], stored["config"]["method_configs"]
     except (json.JSONDecodeError, KeyError):
-        return False
-    return all(m in models for m in methods)
+        return list(methods)
+    return [m for m in methods
+            if m not in models or dict(configs.get(m, {})) != dict(settings.get(m, {}))]
+
+
+def _merge_methods(path: Path, update: Mapping[str, Any], methods: Sequence[str]) -> None:
+    """Replace ``methods``' entries (results and settings) of the run file at ``path`` by those
+    of ``update``, a run of the same (benchmark, request, seed): its original and retrained
+    models are the same cached checkpoints, so every other entry stays valid."""
+    stored = json.loads(path.read_text())
+    for key in ("benchmark", "request"):
+        if stored[key] != update[key]:
+            raise RuntimeError(f"{path}: cannot merge a run with a different {key}")
+    for method in methods:
+        stored["models"][method] = update["models"][method]
+        stored["config"]["method_configs"][method] = update["config"]["method_configs"].get(
+            method, {})
+        for phase in (f"unlearn/{method}", f"evaluate/{method}"):
+            if phase in update["phases_seconds"]:
+                stored["phases_seconds"][phase] = update["phases_seconds"][phase]
+    stored["config"]["methods"] = list(dict.fromkeys([*stored["config"]["methods"], *methods]))
+    write_json_atomic(path, stored)
 
 
 def _run_unit(benchmark: str, seed: int, args: argparse.Namespace) -> list[str]:
-    """Both requests of one (benchmark, seed), in order (one original model)."""
+    """Both requests of one (benchmark, seed), in order (one original model). A run file whose
+    methods all ran with the current settings is kept; otherwise only the missing or stale
+    methods run, and are merged into it."""
     done = []
     for request in args.requests:
         path = Path(args.output_dir) / "runs" / f"{benchmark}-{request}-seed{seed}.json"
-        if _complete(path, args.methods) and not args.rerun:
+        settings = tuned_settings(request, args.methods)
+        stale = list(args.methods) if args.rerun else _stale_methods(path, args.methods, settings)
+        if not stale:
             done.append(f"{path} (kept)")
             continue
         start = time.perf_counter()
-        run_experiment(_config(benchmark, request, seed, args, path))
-        done.append(f"{path} ({time.perf_counter() - start:.0f}s)")
-        print(f"finished {path.name} in {time.perf_counter() - start:.0f}s", flush=True)
+        if path.is_file() and not args.rerun:
+            partial = path.with_name(path.stem + ".update.json")
+            config = _config(benchmark, request, seed, args, partial)
+            config.methods = stale
+            config.method_configs = {m: settings[m] for m in stale if m in settings}
+            _merge_methods(path, run_experiment(config), stale)
+            partial.unlink(missing_ok=True)
+        else:
+            run_experiment(_config(benchmark, request, seed, args, path))
+        done.append(f"{path} ({time.perf_counter() - start:.0f}s; ran {', '.join(stale)})")
+        print(f"finished {path.name} in {time.perf_counter() - start:.0f}s "
+              f"(ran {', '.join(stale)})", flush=True)
     return done
 
 

@@ -156,6 +156,10 @@ class InterferenceAwareConfig(StepConfig):
     momentum: float = 0.9
     forget_batch_size: int = 16
     retain_batch_size: int = 32
+    # Bounds each SGD step to ``lr`` in parameter norm: at an Adam-trained optimum some retain
+    # gradients are large, and a looser clip let retain descent alone wreck a model
+    # (presets.py has the numbers).
+    grad_clip: float | None = 1.0
     alpha: float = 1.0
     task_projection: bool = True
     instance_projection: str = "nonconflicting"
