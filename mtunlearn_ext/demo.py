@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest for this model on a small shared CPU)")
+                        help="torch threads per worker (1 is fastest for this model on a small "
+                             "shared CPU)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes (trainings and the two requests run in parallel)")
     return parser
 
 
@@ -70,22 +74,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- the demo ------------------------------------------------------------------------------------
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    import warnings
+def _train_job(config: Any, which: str) -> dict[str, Any]:
+    """Worker: train (or load from the cache) one reference model of ``config``."""
+    from mtunlearn_ext.experiment import train_reference_model
 
-    import torch
-    from tqdm.auto import tqdm
+    return train_reference_model(config, which)
 
-    from mtunlearn_ext.experiment import (
-        ExperimentConfig,
-        format_table,
-        prepare_experiment,
-        run_experiment,
-    )
-    from mtunlearn_ext.report import interference_to_json, plot_interference
+
+def _request_job(config: Any, keep_model: bool) -> tuple[dict[str, Any], dict[str, Any],
+                                                          dict[str, Any] | None]:
+    """Worker: one request end to end (every method unlearned and evaluated), its interference
+    matrices, and (``keep_model``) the interference-aware model's weights for the sample plot."""
+    from mtunlearn_ext.experiment import prepare_experiment, run_experiment
+    from mtunlearn_ext.report import interference_to_json
     from mtunlearn_ext.unlearning import get_unlearner
     from mtunlearn_ext.unlearning.interference import interference_matrix
     from mtunlearn_ext.unlearning.interference_aware import InterferenceAwareConfig
+
+    results = run_experiment(config)
+    prepared = prepare_experiment(config)  # the cached models: loads only
+    problem = prepared.problem(config)
+    settings = InterferenceAwareConfig(**config.method_configs[METHOD])
+    matrix = interference_to_json(interference_matrix(problem, settings), settings)
+    state = None
+    if keep_model:
+        # The same seeded run as the one evaluated above: identical weights.
+        model = get_unlearner(METHOD, config.method_configs[METHOD]).unlearn(problem).model
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return results, matrix, state
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import multiprocessing
+    import warnings
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from mtunlearn_ext.experiment import ExperimentConfig, format_table, prepare_experiment
+    from mtunlearn_ext.report import plot_interference
     from mtunlearn_ext.unlearning.presets import tuned_settings
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # undefined UIS ratios, by design
@@ -95,57 +122,77 @@ def run_demo(args: argparse.Namespace) -> int:
     baselines = [m for m in args.baselines.split(",") if m]
     methods = ["retrain", *baselines, METHOD]
     train_overrides = json.loads(args.train)
-    results: dict[str, dict[str, Any]] = {}
     configs: dict[str, ExperimentConfig] = {}
-    stages = tqdm(total=5, desc="demo", unit="stage", position=0)
     for request in ("full", "partial"):
-        stages.set_postfix_str(f"{request}-task request: train, retrain, unlearn, evaluate")
-        config = ExperimentConfig(
+        configs[request] = ExperimentConfig(
             benchmark=args.benchmark, size=args.size, request=request,
             forget_fraction=args.forget_fraction,
             target_tasks=[args.partial_task] if request == "partial" and args.partial_task
             else None,
             methods=methods, method_configs=tuned_settings(request, methods), seed=args.seed,
             output=str(out / f"{request}.json"), cache_dir=args.cache_dir,
-            train_overrides=train_overrides, progress=True, threads=args.threads)
-        configs[request] = config
-        results[request] = run_experiment(config)
-        tqdm.write(f"\n== {request}-task request ({results[request]['request']['target_tasks']}) ==")
-        tqdm.write(format_table(results[request]))
-        stages.update()
+            train_overrides=train_overrides, progress=False, threads=args.threads)
 
-    stages.set_postfix_str("interference matrices")
-    matrices = {}
-    interference_configs = {}
-    prepared = {}
-    for request, config in configs.items():
-        prepared[request] = prepare_experiment(config)  # cached models: loads only
-        problem = prepared[request].problem(config)
-        settings = {k: v for k, v in config.method_configs[METHOD].items()}
-        interference_configs[request] = InterferenceAwareConfig(**settings)
-        matrices[request] = interference_matrix(problem, interference_configs[request])
-    stages.update()
+    def log(message: str) -> None:
+        tqdm.write(f"[{time.perf_counter() - start:6.0f} s] {message}")
 
-    stages.set_postfix_str("sample predictions (partial request)")
-    config = configs["partial"]
-    problem = prepared["partial"].problem(config)
-    unlearned = get_unlearner(METHOD, config.method_configs[METHOD]).unlearn(problem).model
-    models = {"original": prepared["partial"].original, "retrained": prepared["partial"].retrained,
-              METHOD: unlearned}
-    stages.update()
+    # Three trainings (original, and one retrained model per request) and two request runs,
+    # scheduled on ``--jobs`` single-threaded workers: on 2 cores the original and the first
+    # retraining run side by side, then each request starts as soon as its models exist.
+    stages = tqdm(total=6, desc="demo", unit="stage")
+    results: dict[str, dict[str, Any]] = {}
+    matrices: dict[str, dict[str, Any]] = {}
+    unlearned_state = None
+    context = multiprocessing.get_context("spawn")  # no forked OpenMP/torch state
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
+        trainings: dict[str, Future[Any]] = {
+            "original": pool.submit(_train_job, configs["full"], "original"),
+            "retrained (full)": pool.submit(_train_job, configs["full"], "retrained"),
+            "retrained (partial)": pool.submit(_train_job, configs["partial"], "retrained")}
+        log("training the original model and the two retrained (gold) models "
+            f"({args.jobs} worker{'s' if args.jobs > 1 else ''}; cached models are reused)")
+        runs: dict[str, Future[Any]] = {}
+        pending = dict(trainings)
+        needs = {"full": ("original", "retrained (full)"),
+                 "partial": ("original", "retrained (partial)")}
+        while pending or len(runs) < 2:
+            for name, future in list(pending.items()):
+                if future.done():
+                    record = future.result()
+                    how = "from the cache" if record.get("cached") else "trained"
+                    log(f"{name} model {how} ({record.get('train_seconds') or 0:.0f} s of "
+                        "training)")
+                    stages.update()
+                    del pending[name]
+            for request, names in needs.items():
+                if request not in runs and all(n not in pending for n in names):
+                    log(f"{request}-task request: unlearning with {', '.join(methods[1:])} "
+                        "and evaluating every model")
+                    runs[request] = pool.submit(_request_job, configs[request],
+                                                request == "partial")
+            time.sleep(0.2)
+        for request in ("full", "partial"):
+            results[request], matrices[request], state = runs[request].result()
+            unlearned_state = state if state is not None else unlearned_state
+            log(f"{request}-task request done "
+                f"({results[request]['request']['target_tasks']})")
+            tqdm.write(format_table(results[request]))
+            stages.update()
 
     stages.set_postfix_str("report")
+    prepared = prepare_experiment(configs["partial"])  # cached: loads only
+    unlearned = prepared.factory()
+    unlearned.load_state_dict(unlearned_state)
+    models = {"original": prepared.original, "retrained": prepared.retrained, METHOD: unlearned}
     figures = {}
     for request in ("full", "partial"):
         figures[f"metrics_{request}"] = _plot_metrics(results[request], baselines,
                                                       out / f"metrics_{request}.png")
         figures[f"interference_{request}"] = plot_interference(
-            interference_to_json(matrices[request], interference_configs[request]),
-            f"{request}-task request: cosines of shared-backbone gradients",
+            matrices[request], f"{request}-task request: cosines of shared-backbone gradients",
             out / f"interference_{request}.png", overwrite=True)
-    figures["samples"] = _plot_samples(models, prepared["partial"].forget,
-                                       prepared["partial"].benchmark, problem.target_tasks,
-                                       out / "samples.png")
+    figures["samples"] = _plot_samples(models, prepared.forget, prepared.benchmark,
+                                       prepared.target_tasks, out / "samples.png")
     total = time.perf_counter() - start
     report = _report(results, matrices, figures, baselines, total, args)
     (out / "report.md").write_text(report)
@@ -307,7 +354,8 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
                   format_table(res), "```", "",
                   f"![per-task metrics]({figures[f'metrics_{request}']})", ""]
         m = matrices[request]
-        kept = ", ".join(f"{t}: {v:.2f}" for t, v in m.forget_kept.items())
+        kept = ", ".join(f"{t}: {v:.2f}" for t, v in m["forget_kept"].items()
+                         if v is not None)
         lines += [f"![interference]({figures[f'interference_{request}']})", "",
                   f"{INTERFERENCE_EXPLANATION} Share of each forget gradient's norm kept by the "
                   f"projections: {kept}.", ""]

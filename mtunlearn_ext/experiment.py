@@ -62,6 +62,7 @@ __all__ = [
     "main",
     "prepare_experiment",
     "run_experiment",
+    "train_reference_model",
     "write_json_atomic",
 ]
 
@@ -322,10 +323,23 @@ class PreparedExperiment:
                                  model_factory=self.factory)
 
 
-def prepare_experiment(config: ExperimentConfig,
-                       benchmark: Benchmark | None = None) -> PreparedExperiment:
-    """Load the data, build and split the request, and get the original and retrained models
-    (from the cache when their keys match). ``benchmark`` may be passed directly (tests)."""
+@dataclass
+class _Setup:
+    """Data, request, split, recipe and the two checkpoint paths/metadata of an experiment."""
+
+    bench: Benchmark
+    request: ForgetRequest
+    forget: MultiTaskDataset
+    retain: MultiTaskDataset
+    target_tasks: list[str]
+    recipe: TrainConfig
+    factory: Callable[[], MultiTaskModel]
+    data_key: str
+    checkpoints: dict[str, tuple[Path, dict[str, Any], MultiTaskDataset]]
+    phases: dict[str, float]
+
+
+def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     config.validate()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -357,22 +371,49 @@ def prepare_experiment(config: ExperimentConfig,
     cache = Path(config.cache_dir) / f"{bench.name}-{config.size}-seed{config.seed}"
     original_key = _digest(base_key)
     retrain_key = _digest({**base_key, "request": request_key})
+    checkpoints = {
+        "original": (cache / f"original-{original_key[:16]}.pt",
+                     {"key": original_key, **base_key}, train_set),
+        "retrained": (cache / f"retrain-{retrain_key[:16]}.pt",
+                      {"key": retrain_key, **base_key, "request": request_key}, retain),
+    }
+    return _Setup(bench, request, forget, retain, target_tasks, recipe, factory, data_key,
+                  checkpoints, phases)
 
-    start = time.perf_counter()
-    original, original_record = _train_cached(
-        cache / f"original-{original_key[:16]}.pt", {"key": original_key, **base_key}, factory,
-        train_set, recipe, config.device, config.progress)
-    phases["original_model"] = time.perf_counter() - start
 
+def _reference_model(setup: _Setup, which: str, config: ExperimentConfig
+                     ) -> tuple[MultiTaskModel, dict[str, Any]]:
+    path, meta, dataset = setup.checkpoints[which]
     start = time.perf_counter()
-    retrained, retrained_record = _train_cached(
-        cache / f"retrain-{retrain_key[:16]}.pt",
-        {"key": retrain_key, **base_key, "request": request_key}, factory, retain, recipe,
-        config.device, config.progress)
-    phases["retrained_model"] = time.perf_counter() - start
-    return PreparedExperiment(bench, request, forget, retain, target_tasks, recipe, factory,
-                              original, original_record, retrained, retrained_record, data_key,
-                              phases)
+    result = _train_cached(path, meta, setup.factory, dataset, setup.recipe, config.device,
+                           config.progress)
+    setup.phases[f"{which}_model"] = time.perf_counter() - start
+    return result
+
+
+def train_reference_model(config: ExperimentConfig, which: str,
+                          benchmark: Benchmark | None = None) -> dict[str, Any]:
+    """Train (or find in the cache) only the ``"original"`` or the ``"retrained"`` model of
+    ``config``'s experiment, so that both can be trained in parallel processes before
+    :func:`run_experiment` loads them. Returns the model's cache record."""
+    if which not in ("original", "retrained"):
+        raise ValueError(f"train_reference_model: `which` must be 'original' or 'retrained', "
+                         f"got {which!r}")
+    _, record = _reference_model(_setup(config, benchmark), which, config)
+    return record
+
+
+def prepare_experiment(config: ExperimentConfig,
+                       benchmark: Benchmark | None = None) -> PreparedExperiment:
+    """Load the data, build and split the request, and get the original and retrained models
+    (from the cache when their keys match). ``benchmark`` may be passed directly (tests)."""
+    setup = _setup(config, benchmark)
+    original, original_record = _reference_model(setup, "original", config)
+    retrained, retrained_record = _reference_model(setup, "retrained", config)
+    return PreparedExperiment(setup.bench, setup.request, setup.forget, setup.retain,
+                              setup.target_tasks, setup.recipe, setup.factory, original,
+                              original_record, retrained, retrained_record, setup.data_key,
+                              setup.phases)
 
 
 def run_experiment(config: ExperimentConfig,

@@ -1,0 +1,34 @@
+"""The main job's demo end to end on the tiny benchmark: both requests, the parallel schedule,
+the tables, and a report whose every image exists."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from mtunlearn_ext import demo
+
+
+def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = demo.main(["--size", "tiny", "--baselines", "finetune", "--jobs", "2",
+                    "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "full-task request done" in text and "partial-task request done" in text
+    for request in ("full", "partial"):
+        results = json.loads((out / f"{request}.json").read_text())
+        assert {"original", "retrained", "finetune", demo.METHOD} <= set(results["models"])
+        assert results["request"]["type"] == request
+    partial = json.loads((out / "partial.json").read_text())
+    assert partial["request"]["target_tasks"] == ["segmentation"]
+    report = (out / "report.md").read_text()
+    assert "## Full-task request" in report and "## Partial-task request" in report
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"metrics_full.png", "metrics_partial.png", "interference_full.png",
+            "interference_partial.png", "samples.png"} <= set(images)
+    for image in images:
+        assert (out / image).stat().st_size > 1000, image
+    # Three trainings were scheduled (original, one gold model per request), none skipped.
+    assert len(re.findall(r"model (trained|from the cache)", text)) == 3
