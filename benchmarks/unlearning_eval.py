@@ -269,8 +269,11 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
         lines.append("")
     lines += ["UIS and the retrain gap are x100 (lower is better). 'original' is the untouched "
               "model scored like an unlearned one; 'retrained' is the gold model (its UIS is its "
-              "own distance from the original). Wall times are measured on a shared 2-core CPU; "
-              "the retraining time is the training run of the cached gold model.", ""]
+              "own distance from the original). Wall times are measured on a shared 2-core CPU, "
+              "with --jobs workers side by side; the retraining time is that of the training "
+              "run that produced the cached gold model, possibly under another load, so the "
+              "time ratio is indicative only: benchmarks/unlearning_time.py measures it back "
+              "to back in one process.", ""]
     return "\n".join(lines)
 
 
