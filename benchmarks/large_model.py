@@ -8,7 +8,10 @@ task protected):
 
 1. backward passes (common to both ways, timed once per repeat):
    - retain batch: one forward, one ``autograd.grad`` per task -> ``r_t`` (``T`` tasks);
-   - forget batch: one forward, one ``autograd.grad`` per target task -> ``f_t``;
+   - forget batch: one forward and one ``autograd.grad`` of the summed forgetting losses ->
+     ``f = sum_t f_t``, as the library's unlearner does (the task projection is linear and the
+     same for every target task, so projecting the sum once equals summing the projections);
+     ``--per-task-forget`` takes one gradient per target task instead and projects each;
    - ``B`` per-sample retain gradients ``r_1..r_B`` (``vmap(grad)`` over ``functional_call``);
 2. surgery:
    - push the ``r_t`` into the per-layer snapshot ring (``k`` snapshots per parameter, shared
@@ -84,6 +87,7 @@ class StepConfig:
     ridge: float = 1e-6
     alpha: float = 1.0
     seed: int = 0
+    forget_sum: bool = True  # one forget gradient of the summed losses (as the library does)
 
     def validate(self) -> None:
         if self.dim % self.heads:
@@ -207,10 +211,13 @@ def backward_passes(model: MultiTaskViT, cfg: StepConfig, gen: torch.Generator,
         retain = [list(torch.autograd.grad(loss, shared, retain_graph=t < cfg.tasks - 1))
                   for t, loss in enumerate(losses)]
     images, targets = batch(cfg.forget_batch)
-    with timer("backward: forget fwd + per-task grads"):
+    with timer("backward: forget fwd + grads"):
         losses = task_losses(model(images), targets)
-        forget = [list(torch.autograd.grad(loss, shared, retain_graph=t < cfg.tasks - 1))
-                  for t, loss in enumerate(losses)]
+        if cfg.forget_sum:
+            forget = [list(torch.autograd.grad(sum(losses, torch.zeros(())), shared))]
+        else:
+            forget = [list(torch.autograd.grad(loss, shared, retain_graph=t < cfg.tasks - 1))
+                      for t, loss in enumerate(losses)]
     images, targets = batch(cfg.per_sample)
     params = {n: p.detach() for n, p in model.named_parameters()}
 
@@ -253,7 +260,10 @@ def compiled_surgery(inputs: StepInputs, ring: SnapshotRing, layer_ids: list[int
     m = len(inputs.forget)
     ids = torch.tensor(layer_ids)
     with timer("stack forget grads [m, *shape]"):
-        stacks = [torch.stack([f[p] for f in inputs.forget]) for p in range(len(grads_out))]
+        if m == 1:  # a view: nothing to copy
+            stacks = [g.unsqueeze(0) for g in inputs.forget[0]]
+        else:
+            stacks = [torch.stack([f[p] for f in inputs.forget]) for p in range(len(grads_out))]
     with timer("task: gram_list + inner_list (per tensor)"):
         gram_p = ops.gram_list(ring.buffers, per_tensor=True)  # [P, k, k]
         cross_p = ops.inner_list(ring.buffers, stacks, per_tensor=True)  # [P, k, m]
@@ -361,11 +371,15 @@ def main() -> int:
     parser.add_argument("--snapshots", type=int, default=StepConfig.snapshots,
                         help="k, snapshots per layer")
     parser.add_argument("--depth", type=int, default=StepConfig.depth)
+    parser.add_argument("--per-task-forget", action="store_true",
+                        help="one forget gradient per target task, each projected (default: "
+                             "the gradient of the summed forgetting losses, as the library)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-    cfg = StepConfig(per_sample=args.per_sample, snapshots=args.snapshots, depth=args.depth)
+    cfg = StepConfig(per_sample=args.per_sample, snapshots=args.snapshots, depth=args.depth,
+                     forget_sum=not args.per_task_forget)
     cfg.validate()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -471,7 +485,8 @@ def build_report(cfg: StepConfig, n: int, num_tensors: int, num_layers: int,
              f"Backbone: ViT-B-like, {cfg.depth} blocks, d={cfg.dim}, MLP {cfg.mlp}, "
              f"{cfg.tokens} tokens ({cfg.image}x{cfg.image} images, {cfg.patch}x{cfg.patch} "
              f"patches): **{n:,} shared parameters** in {num_tensors} tensors, {num_layers} "
-             f"layers; {cfg.tasks} tasks (all targets, all protected), batches "
+             f"layers; {cfg.tasks} tasks (all targets, all protected; forget gradient: "
+             f"{'one, of the summed losses' if cfg.forget_sum else 'one per task'}), batches "
              f"{cfg.retain_batch}/{cfg.forget_batch}, k={cfg.snapshots} snapshots per layer, "
              f"B={cfg.per_sample} per-sample gradients, fp32. Seconds, best and median of "
              f"{len(backward)} steps. .grad of the two ways agree to a relative "
