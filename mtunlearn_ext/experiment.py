@@ -56,6 +56,7 @@ from mtunlearn_ext.unlearning import (
 
 __all__ = [
     "ExperimentConfig",
+    "ExperimentData",
     "PreparedExperiment",
     "build_request",
     "format_table",
@@ -296,9 +297,8 @@ def default_recipe(benchmark: Benchmark, seed: int,
 
 
 @dataclass
-class PreparedExperiment:
-    """Everything before the unlearning methods: data, request, split, recipe, and the original
-    and retrained models (trained or loaded from the cache), with the time of each phase."""
+class ExperimentData:
+    """An experiment's data, forget request, forget/retain split and training recipe."""
 
     benchmark: Benchmark
     request: ForgetRequest
@@ -307,11 +307,18 @@ class PreparedExperiment:
     target_tasks: list[str]
     recipe: TrainConfig
     factory: Callable[[], MultiTaskModel]
+    data_key: str
+
+
+@dataclass
+class PreparedExperiment(ExperimentData):
+    """Everything before the unlearning methods: the :class:`ExperimentData` plus the original
+    and retrained models (trained or loaded from the cache), with the time of each phase."""
+
     original: MultiTaskModel
     original_record: dict[str, Any]
     retrained: MultiTaskModel
     retrained_record: dict[str, Any]
-    data_key: str
     phases: dict[str, float] = field(default_factory=dict)
 
     def problem(self, config: ExperimentConfig) -> UnlearningProblem:
@@ -325,16 +332,9 @@ class PreparedExperiment:
 
 @dataclass
 class _Setup:
-    """Data, request, split, recipe and the two checkpoint paths/metadata of an experiment."""
+    """The experiment's data and where (and under which key) its two models are cached."""
 
-    bench: Benchmark
-    request: ForgetRequest
-    forget: MultiTaskDataset
-    retain: MultiTaskDataset
-    target_tasks: list[str]
-    recipe: TrainConfig
-    factory: Callable[[], MultiTaskModel]
-    data_key: str
+    data: ExperimentData
     checkpoints: dict[str, tuple[Path, dict[str, Any], MultiTaskDataset]]
     phases: dict[str, float]
 
@@ -377,16 +377,16 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
         "retrained": (cache / f"retrain-{retrain_key[:16]}.pt",
                       {"key": retrain_key, **base_key, "request": request_key}, retain),
     }
-    return _Setup(bench, request, forget, retain, target_tasks, recipe, factory, data_key,
-                  checkpoints, phases)
+    data = ExperimentData(bench, request, forget, retain, target_tasks, recipe, factory, data_key)
+    return _Setup(data, checkpoints, phases)
 
 
 def _reference_model(setup: _Setup, which: str, config: ExperimentConfig
                      ) -> tuple[MultiTaskModel, dict[str, Any]]:
     path, meta, dataset = setup.checkpoints[which]
     start = time.perf_counter()
-    result = _train_cached(path, meta, setup.factory, dataset, setup.recipe, config.device,
-                           config.progress)
+    result = _train_cached(path, meta, setup.data.factory, dataset, setup.data.recipe,
+                           config.device, config.progress)
     setup.phases[f"{which}_model"] = time.perf_counter() - start
     return result
 
@@ -410,10 +410,10 @@ def prepare_experiment(config: ExperimentConfig,
     setup = _setup(config, benchmark)
     original, original_record = _reference_model(setup, "original", config)
     retrained, retrained_record = _reference_model(setup, "retrained", config)
-    return PreparedExperiment(setup.bench, setup.request, setup.forget, setup.retain,
-                              setup.target_tasks, setup.recipe, setup.factory, original,
-                              original_record, retrained, retrained_record, setup.data_key,
-                              setup.phases)
+    data = {f.name: getattr(setup.data, f.name) for f in dataclasses.fields(ExperimentData)}
+    return PreparedExperiment(**data, original=original, original_record=original_record,
+                              retrained=retrained, retrained_record=retrained_record,
+                              phases=setup.phases)
 
 
 def run_experiment(config: ExperimentConfig,
