@@ -19,6 +19,7 @@ from mtunlearn_ext.data import ForgetRequest
 from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.models import build_model
+from mtunlearn_ext.surgery import gram_list_stats, project_out_list
 from mtunlearn_ext.training import TrainConfig, train
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
@@ -126,6 +127,43 @@ def test_subspace_ring_buffer_keeps_newest_k() -> None:
     assert gram.shape == (2, 2, 2)
     stack0 = sub.basis()[0].reshape(2, -1).double()
     torch.testing.assert_close(gram[0].double(), stack0 @ stack0.T)
+
+
+def test_subspace_keeps_its_gram_until_the_next_push() -> None:
+    """The cached per-layer Gram gives the same projection as a fresh one, and a push (which
+    changes the basis) invalidates it."""
+    torch.manual_seed(0)
+    params = [torch.zeros(5, 3), torch.zeros(7), torch.zeros(2, 2)]
+    layers = [0, 0, 1]
+    sub = ProtectedSubspace(params, layers, k=3, ridge=1e-6)
+    g = [torch.randn(2, *p.shape) for p in params]
+
+    def fresh(stacks):
+        return project_out_list(stacks, sub.basis(), sub.ridge, per_layer=layers, num_layers=2)
+
+    for step in range(5):
+        sub.push([torch.randn(p.shape) for p in params])
+        first = sub.project(g)
+        assert sub._gram is not None  # kept for the next projection of this basis
+        cached = sub._gram.clone()
+        again = sub.project(g)
+        torch.testing.assert_close(sub._gram, cached)
+        for a, b, c in zip(first, again, fresh(g)):
+            torch.testing.assert_close(a, c)
+            torch.testing.assert_close(b, c)
+    sub.push([torch.randn(p.shape) for p in params])
+    assert sub._gram is None
+
+
+def test_project_out_list_checks_the_given_basis_gram() -> None:
+    basis = [torch.randn(3, 4), torch.randn(3, 2)]
+    g = [torch.randn(1, 4), torch.randn(1, 2)]
+    good = gram_list_stats(basis, per_layer=[0, 1])
+    ref = project_out_list(g, basis, 1e-6, per_layer=[0, 1])
+    for a, b in zip(project_out_list(g, basis, 1e-6, per_layer=[0, 1], basis_gram=good), ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="basis_gram"):
+        project_out_list(g, basis, 1e-6, per_layer=[0, 1], basis_gram=good[0])
 
 
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])

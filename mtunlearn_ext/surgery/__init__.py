@@ -24,6 +24,7 @@ from mtunlearn_ext.surgery.hook import GradientSurgery, GradReducer, PerTaskMode
 from mtunlearn_ext.surgery.min_norm import min_norm_simplex
 from mtunlearn_ext.surgery.projections import (
     aggregate_list,
+    gram_list_stats,
     project_nonconflicting_list,
     project_out_list,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "UPGradWeighting",
     "Weighting",
     "aggregate_list",
+    "gram_list_stats",
     "min_norm_simplex",
     "project_nonconflicting_list",
     "project_out_list",

@@ -70,11 +70,24 @@ def _prepare_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.
     return outs
 
 
+def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Sequence[int] = False,
+                    num_layers: int | None = None, check_finite: bool = True) -> torch.Tensor:
+    """The Gram matrix of ``k`` vectors given as per-parameter stacks ``[k, *shape_p]``:
+    ``[k, k]``, or ``[L, k, k]`` per layer, in the dtype the list projections solve in (one
+    ``ops.gram_list`` pass per dtype). Keep it to pass as ``basis_gram`` to
+    :func:`project_out_list` while the basis does not change."""
+    op = "mtunlearn_ext.surgery.gram_list_stats"
+    basis_list = list(basis_list)
+    check_stacks(op, "basis_list", basis_list)
+    layers, num_layers = layer_index(per_layer, len(basis_list), op, num_layers)
+    return gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
+
+
 def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
                      ridge: float = 1e-6, *, outs: Sequence[torch.Tensor] | None = None,
                      per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
                      reduce: StatsReduce | None = None, check_finite: bool = True,
-                     return_coeffs: bool = False
+                     return_coeffs: bool = False, basis_gram: torch.Tensor | None = None
                      ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
     """Remove from ``m`` vectors their least-squares projection on the span of ``k`` others.
 
@@ -97,6 +110,11 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
         check_finite: raise on NaN/Inf in the inputs (read from the small statistics). With
             ``False`` they propagate to the outputs as NaN instead.
         return_coeffs: also return ``a^T`` (``[m, k]``, or ``[L, m, k]`` per layer).
+        basis_gram: the basis' Gram matrix ``B B^T`` (``[k, k]``, or ``[L, k, k]`` per layer;
+            already reduced across processes), when the caller keeps it between calls with the
+            same basis: the pass over the ``k`` basis rows is skipped and only the ``k x m``
+            cross products are computed (a protected subspace that is refreshed every few steps
+            reads its snapshots once per step instead of twice).
 
     Returns:
         The projected stacks (``outs``), and the coefficients if asked.
@@ -109,11 +127,20 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     if not ridge >= 0.0:
         raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
     layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    gram = gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
     cross = inner_stats(basis_list, g_list, layers, num_layers, check_finite=check_finite)
-    stats = torch.cat([gram, cross], dim=-1)  # [..., k, k + m]: one collective for both
-    if reduce is not None:
-        stats = reduce(stats)
+    if basis_gram is None:
+        gram = gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
+        stats = torch.cat([gram, cross], dim=-1)  # [..., k, k + m]: one collective for both
+        if reduce is not None:
+            stats = reduce(stats)
+    else:
+        expected = (k, k) if layers is None else (num_layers, k, k)
+        if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
+            raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, "
+                             f"got {list(basis_gram.shape)} on {basis_gram.device}")
+        if reduce is not None:
+            cross = reduce(cross)
+        stats = torch.cat([basis_gram.to(cross.dtype), cross], dim=-1)
     finite = None
     if not check_finite:
         stats, finite = guard_nonfinite(stats, k)

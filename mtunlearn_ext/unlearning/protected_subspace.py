@@ -28,7 +28,7 @@ import torch
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
-from mtunlearn_ext.surgery import project_out_list
+from mtunlearn_ext.surgery import gram_list_stats, project_out_list
 
 __all__ = ["ProtectedSubspace", "layer_ids_of"]
 
@@ -81,6 +81,9 @@ class ProtectedSubspace:
         self.buffers = [torch.zeros((self.k, *p.shape), dtype=p.dtype, device=p.device)
                         for p in params]
         self.count = 0  # snapshots pushed so far (the ring position is count % k)
+        # The basis changes only on push: its per-layer Gram is kept until then, so each
+        # projection between refreshes reads the snapshots once (cross products) instead of twice.
+        self._gram: torch.Tensor | None = None
 
     @property
     def filled(self) -> int:
@@ -98,6 +101,7 @@ class ProtectedSubspace:
             for buffer, g in zip(self.buffers, grads):
                 buffer[slot].copy_(g)
         self.count += 1
+        self._gram = None
 
     def basis(self) -> list[torch.Tensor]:
         """The snapshots as per-parameter stacks ``[filled, *shape_p]`` (views, no copy)."""
@@ -130,8 +134,12 @@ class ProtectedSubspace:
                 if o.data_ptr() != g.data_ptr():
                     o.copy_(g)
             return outs
+        if self._gram is None:
+            self._gram = gram_list_stats(self.basis(), per_layer=self.layer_ids,
+                                         num_layers=self.num_layers)
         result = project_out_list(g_stacks, self.basis(), self.ridge, outs=outs,
-                                  per_layer=self.layer_ids, num_layers=self.num_layers)
+                                  per_layer=self.layer_ids, num_layers=self.num_layers,
+                                  basis_gram=self._gram)
         assert isinstance(result, list)
         return result
 
