@@ -65,3 +65,18 @@ def test_merge_replaces_only_the_given_methods(evaluation, tmp_path):
     update["request"] = {"type": "partial"}
     with pytest.raises(RuntimeError, match="different request"):
         evaluation._merge_methods(path, update, ["interference_aware"])
+
+
+def test_unlearning_time_script_compares_like_with_like(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("unlearning_time",
+                                                  ROOT / "benchmarks" / "unlearning_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "t.json"
+    assert module.main(["--size", "tiny", "--benchmarks", "indoor", "--requests", "partial",
+                        "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["request"] == "partial" and row["best"]["retrain"] > 0
+    assert row["ratio"]["interference_aware"] == pytest.approx(
+        row["best"]["interference_aware"] / row["best"]["retrain"])
+    assert "| indoor | partial |" in capsys.readouterr().out
