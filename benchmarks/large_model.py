@@ -22,11 +22,11 @@ task protected):
      ``d = u - R^T (R R^T + lambda I)^{-1} R u`` (OrthoGrad's projection);
    - update: ``.grad = sum_t r_t + alpha * (-d)``.
 
-Compiled: ``gram_list(per_tensor=True)`` + ``inner_list(per_tensor=True)`` give every layer's
-``k x k`` Gram matrix and ``k x m`` cross terms in one pass, one batched ``ridge_solve`` solves all
-layers, one ``combine_list(per_tensor=True)`` updates the forget stacks in place; the instance
-step is ``gram_list`` + ``inner_list`` + ``ridge_solve`` + ``combine_list``; nothing is
-flattened. Usual: ``torch.cat`` of the gradients into ``[m, n]`` / ``[B, n]`` matrices, a Python
+Compiled: ``gram_list_stacked(per_tensor=True)`` gives every layer's ``k x k`` Gram matrix and
+``k x m`` cross terms in one pass over the snapshots and the forget stacks, one batched
+``ridge_solve`` solves all layers, one ``combine_list(per_tensor=True)`` updates the forget
+stacks in place; the instance step is ``gram_list_stacked`` (one pass over the per-sample
+gradients and ``u``) + ``ridge_solve`` + ``combine_list``; nothing is flattened. Usual: ``torch.cat`` of the gradients into ``[m, n]`` / ``[B, n]`` matrices, a Python
 loop over layers with ``torch.cat`` of the layer's snapshots, ``torch.mm`` and
 ``torch.linalg.solve``, and a reduced QR of the per-sample gradients (``[n, B]``) for the
 instance projection, as OrthoGrad does; the result is split back into ``.grad``.
@@ -264,23 +264,33 @@ def compiled_surgery(inputs: StepInputs, ring: SnapshotRing, layer_ids: list[int
             stacks = [g.unsqueeze(0) for g in inputs.forget[0]]
         else:
             stacks = [torch.stack([f[p] for f in inputs.forget]) for p in range(len(grads_out))]
-    with timer("task: gram_list + inner_list (per tensor)"):
-        gram_p = ops.gram_list(ring.buffers, per_tensor=True)  # [P, k, k]
-        cross_p = ops.inner_list(ring.buffers, stacks, per_tensor=True)  # [P, k, m]
+    with timer("task: gram_list_stacked (per tensor)"):
+        # [f; M] [f; M]^T per tensor: the snapshots' Gram and their cross products with the
+        # forget stack, in one pass over both.
+        full_p = ops.gram_list_stacked(stacks, ring.buffers, per_tensor=True)  # [P, m+k, m+k]
+        gram_p, cross_p = full_p[:, m:, m:], full_p[:, m:, :m]  # [P, k, k], [P, k, m]
     with timer("task: per-layer sums + ridge_solve"):
         gram_l = torch.zeros(num_layers, ring.k, ring.k).index_add_(0, ids, gram_p)
         cross_l = torch.zeros(num_layers, ring.k, m).index_add_(0, ids, cross_p)
         coeffs_l = ops.ridge_solve(gram_l, cross_l, cfg.ridge)  # [L, k, m]
         coeffs_p = (-coeffs_l.transpose(-1, -2))[ids].contiguous()  # [P, m, k]
     with timer("task: combine_list (per tensor, in place)"):
-        ops.combine_list(coeffs_p, ring.buffers, stacks, beta=1.0, per_tensor=True)
+        if m == 1:
+            # beta = -1 negates as it projects: the stack becomes u = -(f - a M) in the same
+            # pass, and the separate u = -f pass below disappears.
+            ops.combine_list(-coeffs_p, ring.buffers, stacks, beta=-1.0, per_tensor=True)
+        else:
+            ops.combine_list(coeffs_p, ring.buffers, stacks, beta=1.0, per_tensor=True)
     with timer("u = -sum_t f_t: combine_list"):
-        u = [torch.empty((1, *s.shape[1:])) for s in stacks]
-        ops.combine_list(-torch.ones(1, m), stacks, u)
+        if m == 1:
+            u = stacks
+        else:
+            u = [torch.empty((1, *s.shape[1:])) for s in stacks]
+            ops.combine_list(-torch.ones(1, m), stacks, u)
         del stacks
-    with timer("instance: gram_list + inner_list"):
-        gram_b = ops.gram_list(inputs.per_sample)  # [B, B]
-        cross_b = ops.inner_list(inputs.per_sample, u)  # [B, 1]
+    with timer("instance: gram_list_stacked"):
+        full_b = ops.gram_list_stacked(u, inputs.per_sample)  # [1+B, 1+B], one pass
+        gram_b, cross_b = full_b[1:, 1:].contiguous(), full_b[1:, :1].contiguous()
     with timer("instance: ridge_solve"):
         a = ops.ridge_solve(gram_b, cross_b, cfg.ridge)  # [B, 1]
     with timer("instance: combine_list (in place)"):
@@ -418,8 +428,13 @@ def main() -> int:
                     for r in inputs.retain[2:]:
                         o.add_(r[p])
         inputs.retain = []
+        # The compiled way projects the forget gradients in place (in a real step the step owns
+        # them); the usual way must see the same raw gradients, so it gets them and the compiled
+        # way an untimed copy.
+        compiled_inputs = StepInputs([], [[g.clone() for g in f] for f in inputs.forget],
+                                     inputs.per_sample)
         ways: list[tuple[str, Callable[[], None]]] = [
-            ("compiled", lambda: compiled_surgery(inputs, ring, layer_ids, num_layers,
+            ("compiled", lambda: compiled_surgery(compiled_inputs, ring, layer_ids, num_layers,
                                                   grads_compiled, cfg, timer_compiled)),
             ("usual", lambda: usual_surgery(inputs, ring, layer_slices, layer_members,
                                             grads_usual, cfg, timer_usual)),
@@ -430,7 +445,7 @@ def main() -> int:
                                                                           grads_usual))
         den = sum(float(b.double().pow(2).sum()) for b in grads_usual)
         rel_diffs.append(math.sqrt(num / den))
-        del inputs
+        del inputs, compiled_inputs
         for t in (timer_common, timer_compiled, timer_usual):
             t.end_repeat()
         print(f"[repeat {repeat + 1}/{args.repeats}] load {os.getloadavg()[0]:.1f}, "

@@ -8,6 +8,7 @@ TORCH_LIBRARY(mtunlearn, m) {
   m.def("gram_list(Tensor[] xs, bool per_tensor=False) -> Tensor");
   m.def("inner(Tensor a, Tensor b) -> Tensor");
   m.def("inner_list(Tensor[] a_list, Tensor[] b_list, bool per_tensor=False) -> Tensor");
+  m.def("gram_list_stacked(Tensor[] xs, Tensor[] ys, bool per_tensor=False) -> Tensor");
   m.def("combine(Tensor coeffs, Tensor x) -> Tensor");
   m.def("combine_(Tensor(a!) out, Tensor coeffs, Tensor x, float beta=0.0) -> ()");
   m.def("combine_list_(Tensor(a!)[] outs, Tensor coeffs, Tensor[] xs, float beta=0.0, bool per_tensor=False) -> ()");

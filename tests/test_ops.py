@@ -4,6 +4,8 @@ argument errors. Outputs are NaN-poisoned (see conftest.poisoned_outputs)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -226,6 +228,44 @@ def test_inner_list_and_per_tensor_combine_list(device: str, dtype: torch.dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 6), (3, 16), (0, 4), (2, 0), (8, 17)])
+def test_gram_list_stacked(device: str, dtype: torch.dtype, m: int, k: int) -> None:
+    shapes = [(), (9,), (3, 4), (2, 3, 3, 3), (1001,), (0, 2)]
+    xs = [_rand(m, *s, dtype=dtype, device=device, seed=30 + i) for i, s in enumerate(shapes)]
+    ys = [_rand(k, *s, dtype=dtype, device=device, seed=40 + i) for i, s in enumerate(shapes)]
+    ys[2] = ys[2].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous parameter
+    stacked = [torch.cat([x.reshape(m, math.prod(x.shape[1:])),
+                          y.reshape(k, math.prod(y.shape[1:]))]).double() for x, y in zip(xs, ys)]
+    flat = torch.cat(stacked, dim=1)
+    total = ops.gram_list_stacked(xs, ys)
+    assert total.shape == (m + k, m + k)
+    assert _gram_error(total, flat @ flat.T, flat, flat) <= GRAM_TOL[dtype]
+    per = ops.gram_list_stacked(xs, ys, per_tensor=True)
+    assert per.shape == (len(shapes), m + k, m + k)
+    for p, f in enumerate(stacked):
+        assert _gram_error(per[p], f @ f.T, f, f) <= GRAM_TOL[dtype]
+    # The blocks are what gram_list(ys) and inner_list(xs, ys) compute, read in one pass.
+    if m and k:
+        assert _gram_error(total[m:, m:], ops.gram_list(ys).double(), flat[m:], flat[m:]) <= \
+            2 * GRAM_TOL[dtype]
+        assert _gram_error(total[:m, m:], ops.inner_list(xs, ys).double(), flat[:m], flat[m:]) <= \
+            2 * GRAM_TOL[dtype]
+
+
+def test_gram_list_stacked_errors_name_the_argument() -> None:
+    x, y = torch.randn(2, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="same length"):
+        ops.gram_list_stacked([x], [y, y])
+    with pytest.raises(ValueError, match=r"xs\[0\] and ys\[0\] must share"):
+        ops.gram_list_stacked([x], [torch.randn(3, 4)])
+    with pytest.raises(TypeError, match="dtype"):
+        ops.gram_list_stacked([x], [y.double()])
+    with pytest.raises(FloatingPointError, match="ys"):
+        ops.gram_list_stacked([x], [torch.full((3, 5), float("inf"))])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ridge_solve_matches_linalg(device: str) -> None:
     for k, m in [(1, 1), (5, 3), (16, 1), (64, 4), (256, 2)]:
         a = _rand(3, k, 3 * k + 5, dtype=torch.float64, device=device, seed=k)  # well-conditioned
@@ -396,6 +436,8 @@ def _opcheck_samples(device: str) -> list[tuple[object, tuple[object, ...]]]:
         (m.gram_list, (xs, True)),
         (m.inner, (g, x)),
         (m.inner_list, ([xs[0][:2], xs[1][:2]], xs, True)),
+        (m.gram_list_stacked, ([xs[0][:2], xs[1][:2]], xs, False)),
+        (m.gram_list_stacked, ([xs[0][:1], xs[1][:1]], xs, True)),
         (m.combine, (_rand(2, 4, device=device), x)),
         (m.combine_, (torch.zeros(2, 37, device=device), _rand(2, 4, device=device), x, 0.5)),
         (m.combine_list_, (outs, _rand(4, device=device), xs, 1.0)),
@@ -414,7 +456,8 @@ def test_opcheck_every_op(device: str) -> None:
     samples = _opcheck_samples(device)
     checked = {str(op) for op, _ in samples}
     registered = {f"mtunlearn.{name}.default" for name in
-                  ["gram", "gram_list", "inner", "inner_list", "combine", "combine_", "combine_list_",
+                  ["gram", "gram_list", "gram_list_stacked", "inner", "inner_list", "combine",
+                   "combine_", "combine_list_",
                    "ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
                    "project_nonconflicting", "pcgrad"]}
     assert registered <= {str(op.default) for op, _ in samples} | checked

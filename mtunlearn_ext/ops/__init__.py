@@ -7,7 +7,7 @@ ops (:func:`project_out`, :func:`project_nonconflicting`, :func:`pcgrad`) chain 
 
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops.combine import combine, combine_list
-from mtunlearn_ext.ops.gram import gram, gram_list, inner, inner_list
+from mtunlearn_ext.ops.gram import gram, gram_list, gram_list_stacked, inner, inner_list
 from mtunlearn_ext.ops.projections import pcgrad, project_nonconflicting, project_out
 from mtunlearn_ext.ops.solvers import (
     nonconflicting_dual,
@@ -24,6 +24,7 @@ __all__ = [
     "combine_list",
     "gram",
     "gram_list",
+    "gram_list_stacked",
     "inner",
     "inner_list",
     "nonconflicting_dual",

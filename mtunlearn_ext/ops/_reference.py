@@ -8,6 +8,8 @@ same ridge scaling, the same PCGrad task orders, the same sign convention.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -43,6 +45,13 @@ def inner_list(as_: list[torch.Tensor], bs: list[torch.Tensor],
     for t in terms[1:]:
         total = total + t
     return total
+
+
+def gram_list_stacked(xs: list[torch.Tensor], ys: list[torch.Tensor],
+                      per_tensor: bool = False) -> torch.Tensor:
+    stacked = [torch.cat([x.reshape(x.shape[0], math.prod(x.shape[1:])),
+                          y.reshape(y.shape[0], math.prod(y.shape[1:]))]) for x, y in zip(xs, ys)]
+    return gram_list(stacked, per_tensor)
 
 
 def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

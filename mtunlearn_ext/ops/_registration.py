@@ -33,6 +33,13 @@ def _register() -> None:
         shape = (len(as_), m, k) if per_tensor else (m, k)
         return as_[0].new_empty(shape, dtype=acc_dtype(as_[0].dtype))
 
+    @torch.library.register_fake(lib + "gram_list_stacked")
+    def _gram_list_stacked_fake(xs: list[torch.Tensor], ys: list[torch.Tensor],
+                                per_tensor: bool = False) -> torch.Tensor:
+        s = xs[0].shape[0] + ys[0].shape[0]
+        shape = (len(xs), s, s) if per_tensor else (s, s)
+        return xs[0].new_empty(shape, dtype=acc_dtype(xs[0].dtype))
+
     @torch.library.register_fake(lib + "combine")
     def _combine_fake(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-2], coeffs.shape[-2], x.shape[-1]))

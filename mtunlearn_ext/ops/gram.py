@@ -132,3 +132,41 @@ def inner_list(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], per_tens
     if check_finite:
         check_finite_result(op, result, named)
     return result
+
+
+def gram_list_stacked(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
+                      per_tensor: bool = False, *, check_finite: bool = True) -> torch.Tensor:
+    """Gram matrix of ``m + k`` vectors: the ``m`` stored as the stacks ``xs`` above the ``k``
+    stored as ``ys``, in one pass over both and without stacking them.
+
+    ``xs[p]`` is ``[m, *shape_p]`` and ``ys[p]`` is ``[k, *shape_p]``. The result ``S``
+    (``[m + k, m + k]``, or ``[len(xs), m + k, m + k]`` per tensor) holds ``<x_i, x_j>`` in
+    ``S[:m, :m]``, ``<y_i, y_j>`` in ``S[m:, m:]`` and ``<x_i, y_j>`` in ``S[:m, m:]``: a projection
+    of ``m`` vectors on the span of ``k`` others needs the last two, which ``gram_list(ys)`` and
+    ``inner_list(xs, ys)`` would get by reading ``ys`` twice.
+    """
+    op = "mtunlearn_ext.ops.gram_list_stacked"
+    xs, ys = list(xs), list(ys)
+    if len(xs) == 0 or len(xs) != len(ys):
+        raise ValueError(f"{op}: `xs` and `ys` must be non-empty lists of the same length, got "
+                         f"{len(xs)} and {len(ys)}")
+    for p, (x, y) in enumerate(zip(xs, ys)):
+        check_float_tensor(op, f"xs[{p}]", x, min_dim=1)
+        check_float_tensor(op, f"ys[{p}]", y, min_dim=1)
+        if x.shape[0] != xs[0].shape[0] or y.shape[0] != ys[0].shape[0]:
+            raise ValueError(f"{op}: the leading sizes m and k must be the same for every tensor; "
+                             f"xs[{p}] is {tuple(x.shape)}, ys[{p}] is {tuple(y.shape)}")
+        if x.shape[1:] != y.shape[1:]:
+            raise ValueError(f"{op}: xs[{p}] and ys[{p}] must share their trailing shape, got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+    named = [(f"xs[{p}]", x) for p, x in enumerate(xs)] + [(f"ys[{p}]", y)
+                                                           for p, y in enumerate(ys)]
+    check_same_device(op, named)
+    check_same_dtype(op, named)
+    if has_extension():
+        result = torch.ops.mtunlearn.gram_list_stacked(xs, ys, per_tensor)
+    else:
+        result = _reference.gram_list_stacked(xs, ys, per_tensor)
+    if check_finite:
+        check_finite_result(op, result, named)
+    return result

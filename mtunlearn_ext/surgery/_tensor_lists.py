@@ -167,6 +167,30 @@ def inner_stats(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], layers: li
     return total
 
 
+def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
+                  layers: list[int] | None, num_layers: int, *,
+                  check_finite: bool) -> torch.Tensor:
+    """The Gram matrix of the ``m`` vectors ``g`` stacked above the ``k`` vectors ``r``
+    (``[m + k, m + k]``, or ``[L, m + k, m + k]`` per layer): ``r``'s Gram and the cross products
+    with ``g`` from one ``ops.gram_list_stacked`` pass per dtype class, reading ``r`` once."""
+    m, k = g[0].shape[0], r[0].shape[0]
+    out_dtype = stats_dtype(list(g) + list(r))
+    size = (m + k, m + k)
+    total = torch.zeros(size if layers is None else (num_layers, *size), dtype=out_dtype,
+                        device=g[0].device)
+    for cls in dtype_classes(g):
+        g_members, r_members = [g[i] for i in cls], [r[i] for i in cls]
+        if layers is None:
+            total += ops.gram_list_stacked(g_members, r_members,
+                                           check_finite=check_finite).to(out_dtype)
+        else:
+            per_tensor = ops.gram_list_stacked(g_members, r_members, per_tensor=True,
+                                               check_finite=check_finite)
+            ids = torch.tensor([layers[i] for i in cls], device=g[0].device)
+            total.index_add_(0, ids, per_tensor.to(out_dtype))
+    return total
+
+
 def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
                  betas: Sequence[float], layers: list[int] | None, *, check_finite: bool) -> None:
     """``outs[p] = betas[p] * outs[p] + coeffs_(layer of p) @ xs[p]`` in place.

@@ -39,6 +39,7 @@ from mtunlearn_ext.surgery._tensor_lists import (
     inner_stats,
     layer_index,
     poison_nonfinite,
+    stacked_stats,
     stats_dtype,
 )
 from mtunlearn_ext.surgery.aggregators import Aggregator
@@ -127,13 +128,14 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     if not ridge >= 0.0:
         raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
     layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    cross = inner_stats(basis_list, g_list, layers, num_layers, check_finite=check_finite)
     if basis_gram is None:
-        gram = gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
-        stats = torch.cat([gram, cross], dim=-1)  # [..., k, k + m]: one collective for both
+        # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
+        full = stacked_stats(g_list, basis_list, layers, num_layers, check_finite=check_finite)
+        stats = torch.cat([full[..., m:, m:], full[..., m:, :m]], dim=-1)  # [..., k, k + m]
         if reduce is not None:
-            stats = reduce(stats)
+            stats = reduce(stats)  # one collective for both
     else:
+        cross = inner_stats(basis_list, g_list, layers, num_layers, check_finite=check_finite)
         expected = (k, k) if layers is None else (num_layers, k, k)
         if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
             raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, "
@@ -183,9 +185,9 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
     if sign not in (1, -1):
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
     layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    gram = gram_stats(r_list, layers, num_layers, check_finite=check_finite)
-    cross = inner_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
-    stats = torch.cat([gram, cross], dim=-2)  # [..., k + m, k]
+    m = g_list[0].shape[0]
+    full = stacked_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
+    stats = torch.cat([full[..., m:, m:], full[..., :m, m:]], dim=-2)  # [..., k + m, k]
     if reduce is not None:
         stats = reduce(stats)
     finite = None

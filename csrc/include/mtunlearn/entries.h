@@ -12,6 +12,8 @@ at::Tensor gram(const at::Tensor& x);
 at::Tensor gram_list(at::TensorList xs, bool per_tensor);
 at::Tensor inner(const at::Tensor& a, const at::Tensor& b);
 at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor);
+// Gram of the rows of xs[p] stacked above those of ys[p]: [m + k, m + k] (or one per tensor).
+at::Tensor gram_list_stacked(at::TensorList xs, at::TensorList ys, bool per_tensor);
 // Gram of the rows of g ([..., m, n]) and r ([..., k, n]) stacked: [..., m+k, m+k], one pass
 // over both (shape/dtype/device checks are the caller's).
 at::Tensor stacked_gram(const at::Tensor& g, const at::Tensor& r);

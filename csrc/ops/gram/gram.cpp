@@ -2,6 +2,7 @@
 // the choice of backend. The kernels live in cpu/reduce_kernel.cpp and cuda/reduce_kernel.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -184,11 +185,60 @@ at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
   return out;
 }
 
+at::Tensor gram_list_stacked(at::TensorList xs, at::TensorList ys, bool per_tensor) {
+  constexpr const char* op = "mtunlearn::gram_list_stacked";
+  TORCH_CHECK_VALUE(!xs.empty() && xs.size() == ys.size(), op,
+                    ": `xs` and `ys` must be non-empty lists of the same length, got ", xs.size(),
+                    " and ", ys.size());
+  const int64_t m = xs[0].dim() >= 1 ? xs[0].size(0) : -1;
+  const int64_t k = ys[0].dim() >= 1 ? ys[0].size(0) : -1;
+  const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
+  std::vector<at::Tensor> x_rows, y_rows;
+  for (size_t p = 0; p < xs.size(); ++p) {
+    const std::string xn = indexed("xs", p), yn = indexed("ys", p);
+    TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == m, op, ": ", xn,
+                      " must be [m, ...] with m=", m, ", got ", xs[p].sizes());
+    TORCH_CHECK_VALUE(ys[p].dim() >= 1 && ys[p].size(0) == k, op, ": ", yn,
+                      " must be [k, ...] with k=", k, ", got ", ys[p].sizes());
+    TORCH_CHECK_VALUE(xs[p].sizes().slice(1) == ys[p].sizes().slice(1), op, ": ", xn, " and ", yn,
+                      " must have the same trailing shape, got ", xs[p].sizes(), " and ",
+                      ys[p].sizes());
+    check_same_device(xs[0], "xs[0]", xs[p], xn.c_str(), op);
+    check_same_device(xs[0], "xs[0]", ys[p], yn.c_str(), op);
+    check_same_dtype(xs[0], "xs[0]", xs[p], xn.c_str(), op);
+    check_same_dtype(xs[0], "xs[0]", ys[p], yn.c_str(), op);
+    const int64_t n = c10::multiply_integers(xs[p].sizes().slice(1));
+    x_rows.push_back(rows_unit_stride(xs[p].reshape({m, n})));
+    y_rows.push_back(rows_unit_stride(ys[p].reshape({k, n})));
+  }
+  const int64_t s = m + k;
+  std::vector<int64_t> shape = per_tensor
+                                   ? std::vector<int64_t>{static_cast<int64_t>(xs.size()), s, s}
+                                   : std::vector<int64_t>{s, s};
+  at::Tensor out = at::empty(shape, xs[0].options().dtype(acc_type(xs[0].scalar_type())));
+  if (out.numel() == 0) return out;
+  std::vector<ReduceSegment> segments;
+  segments.reserve(x_rows.size());
+  for (size_t p = 0; p < x_rows.size(); ++p) {
+    // Rows 0..m-1 from xs[p], rows m..m+k-1 from ys[p]: one pass over both, no stacked copy.
+    ReduceSegment seg{x_rows[p].data_ptr(), x_rows[p].data_ptr(), x_rows[p].stride(0),
+                      x_rows[p].stride(0), y_rows[p].size(1),
+                      per_tensor ? static_cast<int64_t>(p) : 0};
+    seg.a2 = y_rows[p].data_ptr();
+    seg.a2_row_stride = y_rows[p].stride(0);
+    seg.a_split = m;
+    segments.push_back(seg);
+  }
+  run_reduce(kind, segments, s, s, /*symmetric=*/true, out);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
   m.impl("gram", &gram);
   m.impl("gram_list", &gram_list);
   m.impl("inner", &inner);
   m.impl("inner_list", &inner_list);
+  m.impl("gram_list_stacked", &gram_list_stacked);
 }
 
 #ifdef MTU_WITH_CUDA
@@ -197,6 +247,7 @@ TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
   m.impl("gram_list", &gram_list);
   m.impl("inner", &inner);
   m.impl("inner_list", &inner_list);
+  m.impl("gram_list_stacked", &gram_list_stacked);
 }
 #endif
 
