@@ -150,6 +150,25 @@ def test_inner_list_torch_cat_mm(benchmark: BenchmarkFixture, stacks: list[torch
     _close(result.float(), a @ b.T, stacks[0].dtype, baseline=True)
 
 
+@pytest.mark.benchmark(group="gram_list_stacked")
+def test_gram_list_stacked(benchmark: BenchmarkFixture, stacks: list[torch.Tensor]) -> None:
+    g_list, r_list = [s[:1] for s in stacks], [s[1:] for s in stacks]
+    result = benchmark(ops.gram_list_stacked, g_list, r_list)
+    flat = bc.flat_cat(stacks).double()
+    _close(result, flat @ flat.T, stacks[0].dtype)
+
+
+@pytest.mark.benchmark(group="gram_list_stacked")
+def test_gram_list_stacked_two_passes(benchmark: BenchmarkFixture,
+                                      stacks: list[torch.Tensor]) -> None:
+    """What it replaces in a projection: ``gram_list(r)`` and ``inner_list(g, r)``."""
+    g_list, r_list = [s[:1] for s in stacks], [s[1:] for s in stacks]
+    gram, cross = benchmark(lambda: (ops.gram_list(r_list), ops.inner_list(g_list, r_list)))
+    flat = bc.flat_cat(stacks).double()
+    _close(gram, flat[1:] @ flat[1:].T, stacks[0].dtype)
+    _close(cross, flat[:1] @ flat[1:].T, stacks[0].dtype)
+
+
 # -- combinations ----------------------------------------------------------------------------------
 
 
