@@ -21,6 +21,30 @@ from mtunlearn_ext.ops._checks import (
 )
 
 
+def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_name: str,
+                         b_list: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Two non-empty lists of stacks ``[m, *shape_p]`` / ``[k, *shape_p]`` cutting the same
+    parameters (one m and one k for all), same dtype and device; returns them named."""
+    if len(a_list) == 0 or len(a_list) != len(b_list):
+        raise ValueError(f"{op}: `{a_name}` and `{b_name}` must be non-empty lists of the same "
+                         f"length, got {len(a_list)} and {len(b_list)}")
+    for p, (a, b) in enumerate(zip(a_list, b_list)):
+        check_float_tensor(op, f"{a_name}[{p}]", a, min_dim=1)
+        check_float_tensor(op, f"{b_name}[{p}]", b, min_dim=1)
+        if a.shape[0] != a_list[0].shape[0] or b.shape[0] != b_list[0].shape[0]:
+            raise ValueError(f"{op}: the leading sizes m and k must be the same for every tensor; "
+                             f"{a_name}[{p}] is {tuple(a.shape)}, {b_name}[{p}] is "
+                             f"{tuple(b.shape)}")
+        if a.shape[1:] != b.shape[1:]:
+            raise ValueError(f"{op}: {a_name}[{p}] and {b_name}[{p}] must share their trailing "
+                             f"shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    named = ([(f"{a_name}[{p}]", a) for p, a in enumerate(a_list)]
+             + [(f"{b_name}[{p}]", b) for p, b in enumerate(b_list)])
+    check_same_device(op, named)
+    check_same_dtype(op, named)
+    return named
+
+
 def gram(x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
     """Batched Gram matrix ``G[..., i, j] = <x[..., i, :], x[..., j, :]>``.
 
@@ -109,22 +133,7 @@ def inner_list(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], per_tens
     """
     op = "mtunlearn_ext.ops.inner_list"
     as_, bs = list(as_), list(bs)
-    if len(as_) == 0 or len(as_) != len(bs):
-        raise ValueError(f"{op}: `as_` and `bs` must be non-empty lists of the same length, got "
-                         f"{len(as_)} and {len(bs)}")
-    for p, (a, b) in enumerate(zip(as_, bs)):
-        check_float_tensor(op, f"as_[{p}]", a, min_dim=1)
-        check_float_tensor(op, f"bs[{p}]", b, min_dim=1)
-        if a.shape[0] != as_[0].shape[0] or b.shape[0] != bs[0].shape[0]:
-            raise ValueError(f"{op}: the leading sizes m and k must be the same for every tensor; "
-                             f"as_[{p}] is {tuple(a.shape)}, bs[{p}] is {tuple(b.shape)}")
-        if a.shape[1:] != b.shape[1:]:
-            raise ValueError(f"{op}: as_[{p}] and bs[{p}] must share their trailing shape, got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
-    named = [(f"as_[{p}]", a) for p, a in enumerate(as_)] + [(f"bs[{p}]", b)
-                                                             for p, b in enumerate(bs)]
-    check_same_device(op, named)
-    check_same_dtype(op, named)
+    named = _check_paired_stacks(op, "as_", as_, "bs", bs)
     if has_extension():
         result = torch.ops.mtunlearn.inner_list(as_, bs, per_tensor)
     else:
@@ -147,22 +156,7 @@ def gram_list_stacked(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
     """
     op = "mtunlearn_ext.ops.gram_list_stacked"
     xs, ys = list(xs), list(ys)
-    if len(xs) == 0 or len(xs) != len(ys):
-        raise ValueError(f"{op}: `xs` and `ys` must be non-empty lists of the same length, got "
-                         f"{len(xs)} and {len(ys)}")
-    for p, (x, y) in enumerate(zip(xs, ys)):
-        check_float_tensor(op, f"xs[{p}]", x, min_dim=1)
-        check_float_tensor(op, f"ys[{p}]", y, min_dim=1)
-        if x.shape[0] != xs[0].shape[0] or y.shape[0] != ys[0].shape[0]:
-            raise ValueError(f"{op}: the leading sizes m and k must be the same for every tensor; "
-                             f"xs[{p}] is {tuple(x.shape)}, ys[{p}] is {tuple(y.shape)}")
-        if x.shape[1:] != y.shape[1:]:
-            raise ValueError(f"{op}: xs[{p}] and ys[{p}] must share their trailing shape, got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
-    named = [(f"xs[{p}]", x) for p, x in enumerate(xs)] + [(f"ys[{p}]", y)
-                                                           for p, y in enumerate(ys)]
-    check_same_device(op, named)
-    check_same_dtype(op, named)
+    named = _check_paired_stacks(op, "xs", xs, "ys", ys)
     if has_extension():
         result = torch.ops.mtunlearn.gram_list_stacked(xs, ys, per_tensor)
     else:

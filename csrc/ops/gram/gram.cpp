@@ -59,6 +59,42 @@ at::Tensor batched_inner(const at::Tensor& a_in, const at::Tensor& b_in, bool sy
   return out;
 }
 
+// Two lists of stacks cutting the same parameters: as[p] is [m, *shape_p], bs[p] is [k, *shape_p]
+// (one m and one k for all, same dtype and device), as row views [m, n_p] / [k, n_p].
+struct PairedRows {
+  std::vector<at::Tensor> a, b;
+  int64_t m, k;
+};
+
+PairedRows paired_rows(at::TensorList as, at::TensorList bs, const char* op, const char* a_name,
+                       const char* b_name) {
+  TORCH_CHECK_VALUE(!as.empty() && as.size() == bs.size(), op, ": `", a_name, "` and `", b_name,
+                    "` must be non-empty lists of the same length, got ", as.size(), " and ",
+                    bs.size());
+  PairedRows rows{{}, {}, as[0].dim() >= 1 ? as[0].size(0) : -1,
+                  bs[0].dim() >= 1 ? bs[0].size(0) : -1};
+  const std::string a0 = indexed(a_name, 0);
+  for (size_t p = 0; p < as.size(); ++p) {
+    const std::string an = indexed(a_name, p), bn = indexed(b_name, p);
+    TORCH_CHECK_VALUE(as[p].dim() >= 1 && as[p].size(0) == rows.m, op, ": ", an,
+                      " must be [m, ...] with m=", rows.m, ", got ", as[p].sizes());
+    TORCH_CHECK_VALUE(bs[p].dim() >= 1 && bs[p].size(0) == rows.k, op, ": ", bn,
+                      " must be [k, ...] with k=", rows.k, ", got ", bs[p].sizes());
+    TORCH_CHECK_VALUE(as[p].sizes().slice(1) == bs[p].sizes().slice(1), op, ": ", an, " and ", bn,
+                      " must have the same trailing shape, got ", as[p].sizes(), " and ",
+                      bs[p].sizes());
+    check_same_device(as[0], a0.c_str(), as[p], an.c_str(), op);
+    check_same_device(as[0], a0.c_str(), bs[p], bn.c_str(), op);
+    check_same_dtype(as[0], a0.c_str(), as[p], an.c_str(), op);
+    check_same_dtype(as[0], a0.c_str(), bs[p], bn.c_str(), op);
+    // From the trailing sizes, not numel / m: m or k may be 0 while the other is not.
+    const int64_t n = c10::multiply_integers(as[p].sizes().slice(1));
+    rows.a.push_back(rows_unit_stride(as[p].reshape({rows.m, n})));
+    rows.b.push_back(rows_unit_stride(bs[p].reshape({rows.k, n})));
+  }
+  return rows;
+}
+
 }  // namespace
 
 at::Tensor gram(const at::Tensor& x) {
@@ -148,29 +184,11 @@ at::Tensor stacked_gram(const at::Tensor& g_in, const at::Tensor& r_in) {
 
 at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
   constexpr const char* op = "mtunlearn::inner_list";
-  TORCH_CHECK_VALUE(!as.empty() && as.size() == bs.size(), op,
-                    ": `as` and `bs` must be non-empty lists of the same length, got ", as.size(),
-                    " and ", bs.size());
-  const int64_t m = as[0].dim() >= 1 ? as[0].size(0) : -1;
-  const int64_t k = bs[0].dim() >= 1 ? bs[0].size(0) : -1;
+  const PairedRows rows = paired_rows(as, bs, op, "as", "bs");
+  const int64_t m = rows.m, k = rows.k;
   const ScalarKind kind = scalar_kind(as[0], op, "as[0]");
-  std::vector<at::Tensor> a_rows, b_rows;
-  for (size_t p = 0; p < as.size(); ++p) {
-    const std::string an = indexed("as", p), bn = indexed("bs", p);
-    TORCH_CHECK_VALUE(as[p].dim() >= 1 && as[p].size(0) == m, op, ": ", an, " must be [m, ...] with m=", m,
-                      ", got ", as[p].sizes());
-    TORCH_CHECK_VALUE(bs[p].dim() >= 1 && bs[p].size(0) == k, op, ": ", bn, " must be [k, ...] with k=", k,
-                      ", got ", bs[p].sizes());
-    TORCH_CHECK_VALUE(as[p].sizes().slice(1) == bs[p].sizes().slice(1), op, ": ", an, " and ", bn,
-                      " must have the same trailing shape, got ", as[p].sizes(), " and ", bs[p].sizes());
-    check_same_device(as[0], "as[0]", as[p], an.c_str(), op);
-    check_same_device(as[0], "as[0]", bs[p], bn.c_str(), op);
-    check_same_dtype(as[0], "as[0]", as[p], an.c_str(), op);
-    check_same_dtype(as[0], "as[0]", bs[p], bn.c_str(), op);
-    const int64_t n = as[p].numel() / std::max<int64_t>(m, 1);
-    a_rows.push_back(rows_unit_stride(as[p].reshape({m, n})));
-    b_rows.push_back(rows_unit_stride(bs[p].reshape({k, n})));
-  }
+  const std::vector<at::Tensor>& a_rows = rows.a;
+  const std::vector<at::Tensor>& b_rows = rows.b;
   const int64_t num_outputs = per_tensor ? static_cast<int64_t>(as.size()) : 1;
   std::vector<int64_t> shape = per_tensor ? std::vector<int64_t>{num_outputs, m, k}
                                           : std::vector<int64_t>{m, k};
@@ -187,30 +205,11 @@ at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
 
 at::Tensor gram_list_stacked(at::TensorList xs, at::TensorList ys, bool per_tensor) {
   constexpr const char* op = "mtunlearn::gram_list_stacked";
-  TORCH_CHECK_VALUE(!xs.empty() && xs.size() == ys.size(), op,
-                    ": `xs` and `ys` must be non-empty lists of the same length, got ", xs.size(),
-                    " and ", ys.size());
-  const int64_t m = xs[0].dim() >= 1 ? xs[0].size(0) : -1;
-  const int64_t k = ys[0].dim() >= 1 ? ys[0].size(0) : -1;
+  const PairedRows rows = paired_rows(xs, ys, op, "xs", "ys");
+  const int64_t m = rows.m, k = rows.k;
   const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
-  std::vector<at::Tensor> x_rows, y_rows;
-  for (size_t p = 0; p < xs.size(); ++p) {
-    const std::string xn = indexed("xs", p), yn = indexed("ys", p);
-    TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == m, op, ": ", xn,
-                      " must be [m, ...] with m=", m, ", got ", xs[p].sizes());
-    TORCH_CHECK_VALUE(ys[p].dim() >= 1 && ys[p].size(0) == k, op, ": ", yn,
-                      " must be [k, ...] with k=", k, ", got ", ys[p].sizes());
-    TORCH_CHECK_VALUE(xs[p].sizes().slice(1) == ys[p].sizes().slice(1), op, ": ", xn, " and ", yn,
-                      " must have the same trailing shape, got ", xs[p].sizes(), " and ",
-                      ys[p].sizes());
-    check_same_device(xs[0], "xs[0]", xs[p], xn.c_str(), op);
-    check_same_device(xs[0], "xs[0]", ys[p], yn.c_str(), op);
-    check_same_dtype(xs[0], "xs[0]", xs[p], xn.c_str(), op);
-    check_same_dtype(xs[0], "xs[0]", ys[p], yn.c_str(), op);
-    const int64_t n = c10::multiply_integers(xs[p].sizes().slice(1));
-    x_rows.push_back(rows_unit_stride(xs[p].reshape({m, n})));
-    y_rows.push_back(rows_unit_stride(ys[p].reshape({k, n})));
-  }
+  const std::vector<at::Tensor>& x_rows = rows.a;
+  const std::vector<at::Tensor>& y_rows = rows.b;
   const int64_t s = m + k;
   std::vector<int64_t> shape = per_tensor
                                    ? std::vector<int64_t>{static_cast<int64_t>(xs.size()), s, s}
