@@ -253,6 +253,17 @@ def test_gram_list_stacked(device: str, dtype: torch.dtype, m: int, k: int) -> N
             2 * GRAM_TOL[dtype]
 
 
+def test_list_ops_with_an_empty_side() -> None:
+    """m = 0 rows on one side and k > 0 on the other: shapes follow, nothing is read wrongly."""
+    b = [torch.randn(3, 5), torch.randn(3, 2, 2)]
+    a = [torch.zeros(0, 5), torch.zeros(0, 2, 2)]
+    assert ops.inner_list(a, b).shape == (0, 3)
+    assert ops.inner_list(b, a, per_tensor=True).shape == (2, 3, 0)
+    flat = torch.cat([t.reshape(3, -1) for t in b], 1).double()
+    torch.testing.assert_close(ops.gram_list_stacked(a, b).double(), flat @ flat.T, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_gram_list_stacked_errors_name_the_argument() -> None:
     x, y = torch.randn(2, 5), torch.randn(3, 5)
     with pytest.raises(ValueError, match="same length"):
