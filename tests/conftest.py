@@ -27,3 +27,13 @@ def poisoned_outputs():  # type: ignore[no-untyped-def]
     torch.utils.deterministic.fill_uninitialized_memory = True  # type: ignore[attr-defined]
     yield
     torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread for a module of tiny-model tests: on a shared 2-core machine
+    OpenMP's spin-waiting threads make them up to 10x slower than one thread (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -29,12 +29,8 @@ TRAIN = {"epochs": 5}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny models, shared cores (see test_unlearning_baselines.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

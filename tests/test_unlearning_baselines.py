@@ -55,13 +55,8 @@ SETTINGS: dict[str, dict[str, object]] = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP's
-    spin-waiting threads make them up to 10x slower than one thread (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

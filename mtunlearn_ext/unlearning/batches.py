@@ -28,6 +28,19 @@ def child_generator(parent: torch.Generator) -> torch.Generator:
     return child
 
 
+def batch_rows(batch: Mapping[str, object], start: int, stop: int) -> Batch:
+    """Rows ``start:stop`` of a collated batch (views; per-task target dicts sliced too)."""
+    out: Batch = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[start:stop]
+        elif isinstance(value, Mapping):
+            out[key] = {k: v[start:stop] for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
 def batch_to(batch: Mapping[str, object], device: torch.device | str) -> Batch:
     """The batch with every tensor (targets included) on ``device`` (non-blocking copies)."""
     out: Batch = {}

@@ -18,7 +18,7 @@ import torch
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
-from mtunlearn_ext.unlearning.batches import BatchStream, child_generator
+from mtunlearn_ext.unlearning.batches import BatchStream, batch_rows, child_generator
 from mtunlearn_ext.unlearning.gradients import ParameterGroups
 from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
@@ -80,8 +80,8 @@ def interference_matrix(problem: UnlearningProblem,
     forget_batch = BatchStream(problem.forget, batch_size, child_generator(generator),
                                problem.device).next()
     retain_rows = retain_stream.next()
-    snapshot_batch = _rows(retain_rows, 0, batch_size)
-    display_batch = _rows(retain_rows, batch_size, 2 * batch_size)
+    snapshot_batch = batch_rows(retain_rows, 0, batch_size)
+    display_batch = batch_rows(retain_rows, batch_size, 2 * batch_size)
 
     # Protected subspaces, built exactly as a refresh step builds them.
     method.refresh(ctx, snapshot_batch)
@@ -114,15 +114,3 @@ def interference_matrix(problem: UnlearningProblem,
         den = sum(float((g.double() ** 2).sum()) for g in f_shared[t]) ** 0.5
         kept[t] = num / max(den, 1e-30)
     return InterferenceMatrix(labels, before, after_m, kept)
-
-
-def _rows(batch: dict[str, object], start: int, stop: int) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value[start:stop]
-        elif isinstance(value, dict):
-            out[key] = {k: v[start:stop] for k, v in value.items()}
-        else:
-            out[key] = value
-    return out

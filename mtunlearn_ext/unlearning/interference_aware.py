@@ -67,7 +67,13 @@ from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
 from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
 from mtunlearn_ext.losses import task_loss
-from mtunlearn_ext.unlearning.batches import Batch, BatchStream, batch_to, child_generator
+from mtunlearn_ext.unlearning.batches import (
+    Batch,
+    BatchStream,
+    batch_rows,
+    batch_to,
+    child_generator,
+)
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
@@ -245,35 +251,25 @@ def coupled_retain_set(problem: UnlearningProblem) -> MultiTaskDataset | None:
     return problem.retain.subset(torch.tensor(rows, dtype=torch.long))
 
 
-def _head_rows(batch: Batch, count: int) -> Batch:
-    """The first ``count`` rows of a collated batch."""
-    out: Batch = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value[:count]
-        elif isinstance(value, Mapping):
-            out[key] = {k: v[:count] for k, v in value.items()}
-        else:
-            out[key] = value
-    return out
+def _per_task_grads(ctx: StepContext, losses: Mapping[str, torch.Tensor], tasks: Sequence[str]
+                    ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """One backward per task through the shared forward graph: task -> grads over ``theta_s``
+    and task -> grads over that task's head ``theta_t``."""
+    shared = ctx.groups.shared_params
+    on_shared: dict[str, list[torch.Tensor]] = {}
+    on_head: dict[str, list[torch.Tensor]] = {}
+    for i, t in enumerate(tasks):
+        head = ctx.groups.head_params(t)
+        grads = grads_of(losses[t], shared + head, retain_graph=i < len(tasks) - 1)
+        on_shared[t], on_head[t] = grads[:len(shared)], grads[len(shared):]
+    return on_shared, on_head
 
 
 def _split_rows(batch: Batch, groups: int) -> list[Batch]:
     """The batch cut into ``groups`` contiguous row groups (fewer if it has fewer rows)."""
     rows = batch["input"].shape[0]  # type: ignore[union-attr]
     bounds = torch.linspace(0, rows, min(groups, rows) + 1).round().long().tolist()
-    out = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        part: Batch = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                part[key] = value[start:stop]
-            elif isinstance(value, Mapping):
-                part[key] = {k: v[start:stop] for k, v in value.items()}
-            else:
-                part[key] = value
-        out.append(part)
-    return out
+    return [batch_rows(batch, start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def _concat_batches(a: Batch, b: Batch) -> Batch:
@@ -376,15 +372,7 @@ class InterferenceAware(GradientUnlearner):
                           ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
         """``f_t`` for every target task present: (task -> grads over ``theta_s``, task -> grads
         over ``theta_t``), one backward per task through the shared forward graph."""
-        shared = ctx.groups.shared_params
-        tasks = list(terms_objective)
-        f_shared: dict[str, list[torch.Tensor]] = {}
-        f_head: dict[str, list[torch.Tensor]] = {}
-        for i, t in enumerate(tasks):
-            head = ctx.groups.head_params(t)
-            grads = grads_of(terms_objective[t], shared + head, retain_graph=i < len(tasks) - 1)
-            f_shared[t], f_head[t] = grads[:len(shared)], grads[len(shared):]
-        return f_shared, f_head
+        return _per_task_grads(ctx, terms_objective, list(terms_objective))
 
     @staticmethod
     def retain_task_grads(ctx: StepContext, losses: Mapping[str, torch.Tensor],
@@ -392,16 +380,9 @@ class InterferenceAware(GradientUnlearner):
                           ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
         """Per-task retain gradients (task -> grads over ``theta_s``, task -> over ``theta_t``)
         for ``tasks`` (default: all) whose loss reaches the parameters."""
-        shared = ctx.groups.shared_params
         names = [t for t in (tasks if tasks is not None else list(losses))
                  if t in losses and losses[t].requires_grad]
-        r_shared: dict[str, list[torch.Tensor]] = {}
-        r_head: dict[str, list[torch.Tensor]] = {}
-        for i, t in enumerate(names):
-            head = ctx.groups.head_params(t)
-            grads = grads_of(losses[t], shared + head, retain_graph=i < len(names) - 1)
-            r_shared[t], r_head[t] = grads[:len(shared)], grads[len(shared):]
-        return r_shared, r_head
+        return _per_task_grads(ctx, losses, names)
 
     def refresh(self, ctx: StepContext, retain_batch: Batch
                 ) -> tuple[RetainTerms, list[torch.Tensor], dict[str, list[torch.Tensor]], int]:
@@ -501,10 +482,11 @@ class InterferenceAware(GradientUnlearner):
     def instance_batch(self, ctx: StepContext, retain_batch: Batch) -> Batch:
         """The instances whose per-sample gradients constrain the forget step."""
         cfg = self.config
-        batch = _head_rows(retain_batch, cfg.num_per_sample)
+        batch = batch_rows(retain_batch, 0, cfg.num_per_sample)
         stream: BatchStream | None = ctx.state.get("coupled_stream")
         if stream is not None and cfg.num_coupled_per_sample > 0:
-            batch = _concat_batches(batch, _head_rows(stream.next(), cfg.num_coupled_per_sample))
+            batch = _concat_batches(
+                batch, batch_rows(stream.next(), 0, cfg.num_coupled_per_sample))
         return batch
 
     def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
