@@ -2,7 +2,9 @@
 
     python benchmarks/unlearning_eval.py                       # indoor+street, full+partial, 3 seeds
     python benchmarks/unlearning_eval.py --summarize-only      # rebuild the tables from the JSONs
-    python benchmarks/unlearning_eval.py --tune --benchmarks indoor --seeds 0   # the lr/step grid
+    python benchmarks/unlearning_eval.py --recipe memorising   # models trained 40 epochs
+    python benchmarks/unlearning_eval.py --tune --seeds 0      # the settings grid (training data)
+    python benchmarks/unlearning_eval.py --select              # best mean score over benchmarks
 
 Every (benchmark, request, seed) is one run of the experiment runner
 (:func:`mtunlearn_ext.experiment.run_experiment`: original and retrained models cached, every
@@ -37,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's package 
 
 from mtunlearn_ext.experiment import ExperimentConfig, run_experiment, write_json_atomic  # noqa: E402
 from mtunlearn_ext.unlearning.baselines import BASELINES  # noqa: E402
-from mtunlearn_ext.unlearning.presets import ABLATIONS, tuned_settings  # noqa: E402
+from mtunlearn_ext.unlearning.presets import ABLATIONS, RECIPES, tuned_settings  # noqa: E402
 
 METHOD = "interference_aware"
 STEP_BASELINES = [m for m in BASELINES if m != "retrain"]
@@ -53,7 +55,7 @@ def _config(benchmark: str, request: str, seed: int, args: argparse.Namespace,
     return ExperimentConfig(
         benchmark=benchmark, size=args.size, request=request, forget_fraction=args.forget_fraction,
         target_tasks=[args.partial_task] if request == "partial" else None, methods=methods,
-        method_configs=tuned_settings(request, methods), seed=seed, output=str(output),
+        method_configs=tuned_settings(request, methods, args.recipe), seed=seed, output=str(output),
         cache_dir=args.cache_dir, train_overrides=dict(args.train), threads=args.threads,
         progress=False)
 
@@ -99,7 +101,7 @@ def _run_unit(benchmark: str, seed: int, args: argparse.Namespace) -> list[str]:
     done = []
     for request in args.requests:
         path = Path(args.output_dir) / "runs" / f"{benchmark}-{request}-seed{seed}.json"
-        settings = tuned_settings(request, args.methods)
+        settings = tuned_settings(request, args.methods, args.recipe)
         stale = list(args.methods) if args.rerun else _stale_methods(path, args.methods, settings)
         if not stale:
             done.append(f"{path} (kept)")
@@ -301,11 +303,24 @@ def selection_score(metrics: Mapping[str, Any], gold: Mapping[str, Any],
     return 0.5 * statistics.fmean(forget) + 0.5 * statistics.fmean(retain)
 
 
+def _grid(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The settings tried for ``method``: the product of its ``--grid`` entry (parameter ->
+    values), with ``lr`` from ``--lrs`` unless the entry names its own."""
+    axes: dict[str, list[Any]] = {"lr": list(args.lrs), **args.grid.get(method, {})}
+    combos: list[dict[str, Any]] = [{}]
+    for name, values in axes.items():
+        combos = [{**c, name: v} for c in combos for v in values]
+    return combos
+
+
 def run_tuning(args: argparse.Namespace) -> int:
-    """For every step-based method and learning rate, one run scored at each step budget of
-    ``--checkpoints`` (a run of ``s`` steps is the first ``s`` steps of a longer one: constant
-    learning rate, same seeded batches) by :func:`selection_score` on the forget pairs and a
-    fixed subset of the retain pairs. The test split and the attack are never used."""
+    """For every step-based method and every setting of its grid (:func:`_grid`), one run
+    scored at each step budget of ``--checkpoints`` (a run of ``s`` steps is the first ``s``
+    steps of a longer one: constant learning rate, same seeded batches) by
+    :func:`selection_score` on the forget pairs and a fixed subset of the retain pairs. The test
+    split and the attack are never used. The records of every (benchmark, request) go to
+    ``tuning/<benchmark>-<request>-seed<seed>.json``; :func:`select_settings` then picks, per
+    request, the setting with the lowest score averaged over every tuned benchmark."""
     import torch
 
     from mtunlearn_ext.experiment import prepare_experiment
@@ -332,48 +347,91 @@ def run_tuning(args: argparse.Namespace) -> int:
                 records: list[dict[str, Any]] = [{
                     "method": "original", "score": selection_score(original, gold, original),
                     "gap": retrain_gap(original, gold)}]
-                best: dict[str, dict[str, Any]] = {}
-                base = tuned_settings(request, methods)
+                base = tuned_settings(request, methods, args.recipe)
                 budgets = {m: [c for c in args.checkpoints
                                if m != METHOD or c <= args.method_max_steps] for m in methods}
                 for method in methods:
-                    for lr in args.lrs:
-                        settings = {**base.get(method, {}), "lr": lr,
+                    for point in _grid(method, args):
+                        settings = {**base.get(method, {}), **point,
                                     "steps": max(budgets[method])}
                         unlearner = get_unlearner(method, settings)
                         start = time.perf_counter()
 
-                        def watch(steps: int, model: Any, method: str = method, lr: float = lr,
+                        def watch(steps: int, model: Any, method: str = method,
                                   settings: dict[str, Any] = settings,
                                   start: float = start) -> None:
                             if steps not in budgets[method]:
                                 return
                             metrics = scores(model)
-                            record = {"method": method, "lr": lr, "steps": steps,
+                            record = {"method": method, "lr": settings["lr"], "steps": steps,
                                       "score": selection_score(metrics, gold, original),
                                       "gap": retrain_gap(metrics, gold),
                                       "seconds": time.perf_counter() - start,
                                       "settings": {**settings, "steps": steps},
                                       "metrics": metrics}
                             records.append(record)
-                            print(f"{benchmark}/{request} {method:22s} lr={lr:<7g} "
-                                  f"steps={steps:<3d} score={record['score']:6.3f} "
-                                  f"gap={record['gap']:6.3f}", flush=True)
-                            if method not in best or record["score"] < best[method]["score"]:
-                                best[method] = record
+                            shown = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float))
+                                              else f"{k}={v}"
+                                              for k, v in record["settings"].items())
+                            print(f"{benchmark}/{request} {method:22s} {shown} "
+                                  f"score={record['score']:6.3f} gap={record['gap']:6.3f}",
+                                  flush=True)
 
                         unlearner.step_callbacks.append(watch)
                         unlearner.unlearn(problem)
                 path = out / f"{benchmark}-{request}-seed{seed}.json"
-                write_json_atomic(path, _plain({"records": records, "gold": gold,
-                                                "original": original,
-                                                "best": {m: r["settings"]
-                                                         for m, r in best.items()}}))
-                print(f"{path}: original score {records[0]['score']:.3f}")
-                for method, record in best.items():
-                    print(f"  {method:24s} score={record['score']:.3f} gap={record['gap']:.3f} "
-                          f"lr={record['lr']} steps={record['steps']}")
+                write_json_atomic(path, _plain({"records": _merge_records(path, records),
+                                                "gold": gold, "original": original}))
+                print(f"{path}: original score {records[0]['score']:.3f}", flush=True)
     return 0
+
+
+def _setting_key(record: Mapping[str, Any]) -> str:
+    return json.dumps({"method": record["method"], **record.get("settings", {})},
+                      sort_keys=True)
+
+
+def _merge_records(path: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` (the untouched model's first) after the records of an earlier tuning file at
+    ``path`` that tried other settings: grids run at different times add up, and a setting
+    tried again keeps its newest score."""
+    if not path.is_file():
+        return records
+    newer = {_setting_key(r) for r in records}
+    older = json.loads(path.read_text())["records"][1:]
+    return [records[0], *[r for r in older if _setting_key(r) not in newer], *records[1:]]
+
+
+def select_settings(tuning_dir: Path, requests: Sequence[str]) -> dict[str, Any]:
+    """Per request and method, the setting (step budget included) with the lowest selection
+    score averaged over the benchmarks whose tuning files are in ``tuning_dir``; only settings
+    tried on every one of them compete. Returns ``{request: {method: {"settings", "score",
+    "per_benchmark"}}}``, and ``"original"`` scores for reference."""
+    selected: dict[str, Any] = {}
+    for request in requests:
+        files = sorted(tuning_dir.glob(f"*-{request}-seed*.json"))
+        if not files:
+            continue
+        tables: dict[str, dict[str, dict[str, float]]] = {}
+        originals: dict[str, float] = {}
+        for path in files:
+            name = path.stem
+            data = json.loads(path.read_text())
+            originals[name] = data["records"][0]["score"]
+            for record in data["records"][1:]:
+                key = _setting_key(record)
+                tables.setdefault(key, {})[name] = record["score"]
+        best: dict[str, Any] = {}
+        for key, per_file in tables.items():
+            if len(per_file) != len(files):
+                continue
+            settings = json.loads(key)
+            method = settings.pop("method")
+            score = statistics.fmean(per_file.values())
+            if method not in best or score < best[method]["score"]:
+                best[method] = {"settings": settings, "score": score, "per_benchmark": per_file}
+        selected[request] = {"original": originals, "methods": best}
+    return selected
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,9 +444,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partial-task", default="segmentation",
                         help="target task of the partial requests")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                        help="training recipe of the original and retrained models, and the "
+                             "presets table selected for it: 'default' (the benchmarks' own) or "
+                             "'memorising' (40 epochs: the original memorises its training set)")
     parser.add_argument("--train", type=json.loads, default={},
-                        help="JSON overrides of the benchmarks' default training recipe")
-    parser.add_argument("--output-dir", default="runs/unlearning_eval")
+                        help="JSON overrides of the recipe's training settings (the presets "
+                             "stay those of --recipe)")
+    parser.add_argument("--output-dir", default=None,
+                        help="default: runs/unlearning_eval (default recipe) or "
+                             "runs/unlearning_eval_<recipe>")
     parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1,
@@ -397,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--summarize-only", action="store_true")
     parser.add_argument("--tune", action="store_true", help="run the lr/step grid instead")
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--grid", type=json.loads, default={},
+                        help="JSON method -> parameter -> values tried (lr defaults to --lrs)")
+    parser.add_argument("--select", action="store_true",
+                        help="print the settings with the lowest mean score over the tuned "
+                             "benchmarks (from the tuning files) and stop")
     parser.add_argument("--checkpoints", default="10,15,20,25,40,60")
     parser.add_argument("--method-max-steps", type=int, default=25,
                         help="largest step budget tried for the interference-aware method (its "
@@ -408,9 +478,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
     args.lrs = [float(v) for v in args.lrs.split(",")]
+    args.train = {**RECIPES[args.recipe], **args.train}
+    if args.output_dir is None:
+        args.output_dir = ("runs/unlearning_eval" if args.recipe == "default"
+                           else f"runs/unlearning_eval_{args.recipe}")
     args.checkpoints = sorted(int(v) for v in args.checkpoints.split(","))
     if args.tune:
         return run_tuning(args)
+    if args.select:
+        selected = select_settings(Path(args.output_dir) / "tuning", args.requests)
+        write_json_atomic(Path(args.output_dir) / "tuning" / "selected.json", _plain(selected))
+        for request, block in selected.items():
+            print(f"{request}: untouched model {block['original']}")
+            for method, row in block["methods"].items():
+                print(f"  {method:22s} score={row['score']:.3f} {row['settings']} "
+                      f"{ {k: round(v, 3) for k, v in row['per_benchmark'].items()} }")
+        return 0
     output_dir = Path(args.output_dir)
     if not args.summarize_only:
         units = [(b, s) for s in args.seeds for b in args.benchmarks]

@@ -2,7 +2,7 @@
 
     python benchmarks/unlearning_time.py                       # indoor+street, full+partial
     python benchmarks/unlearning_time.py --benchmarks indoor --repeats 2 --json t.json
-    python benchmarks/unlearning_time.py --benchmarks indoor --train '{"epochs": 40}'
+    python benchmarks/unlearning_time.py --recipe memorising   # 40-epoch models and presets
 
 The evaluation (``benchmarks/unlearning_eval.py``) divides each method's wall time by the time
 the cached gold model took to train, which may have been measured under another load of this
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from mtunlearn_ext.experiment import ExperimentConfig, prepare_experiment  # noqa: E402
 from mtunlearn_ext.training import train  # noqa: E402
 from mtunlearn_ext.unlearning import get_unlearner  # noqa: E402
-from mtunlearn_ext.unlearning.presets import ABLATIONS, tuned_settings  # noqa: E402
+from mtunlearn_ext.unlearning.presets import ABLATIONS, RECIPES, tuned_settings  # noqa: E402
 
 METHOD = "interference_aware"
 TARGET = 0.15
@@ -41,7 +41,7 @@ def measure(benchmark: str, request: str, args: argparse.Namespace) -> dict:
     config = ExperimentConfig(
         benchmark=benchmark, size=args.size, request=request, forget_fraction=0.1,
         target_tasks=["segmentation"] if request == "partial" else None, methods=methods,
-        method_configs=tuned_settings(request, methods), seed=args.seed,
+        method_configs=tuned_settings(request, methods, args.recipe), seed=args.seed,
         output=os.devnull, cache_dir=args.cache_dir, train_overrides=dict(args.train),
         threads=args.threads, progress=False)
     prepared = prepare_experiment(config)
@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--ablations", action="store_true", help="time the ablations too")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                        help="training recipe and presets table (see unlearning_eval.py)")
     parser.add_argument("--train", type=json.loads, default={},
-                        help='JSON overrides of the training recipe, e.g. \'{"epochs": 40}\'')
+                        help='JSON overrides of the recipe\'s training settings')
     parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    args.train = {**RECIPES[args.recipe], **args.train}
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     rows = [measure(b, r, args) for b in args.benchmarks.split(",")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{row['best'][METHOD]:.1f} | {row['steps'][METHOD]} | {ratio:.3f} | "
                      f"{'met' if ratio <= TARGET else 'NOT met'} |")
     print(f"\nload average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
-          f"{args.threads} thread(s); recipe overrides {json.dumps(args.train)}\n")
+          f"{args.threads} thread(s); recipe {args.recipe}, overrides {json.dumps(args.train)}\n")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "load_start": load,

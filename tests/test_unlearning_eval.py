@@ -80,3 +80,68 @@ def test_unlearning_time_script_compares_like_with_like(tmp_path, capsys):
     assert row["ratio"]["interference_aware"] == pytest.approx(
         row["best"]["interference_aware"] / row["best"]["retrain"])
     assert "| indoor | partial |" in capsys.readouterr().out
+
+
+def test_grid_is_the_product_of_the_method_axes(evaluation):
+    import argparse
+
+    args = argparse.Namespace(lrs=[1e-3, 3e-3], grid={"interference_aware": {"alpha": [1, 3]},
+                                                      "pcgrad": {"lr": [3e-4]}})
+    assert evaluation._grid("finetune", args) == [{"lr": 1e-3}, {"lr": 3e-3}]
+    assert evaluation._grid("pcgrad", args) == [{"lr": 3e-4}]
+    assert evaluation._grid("interference_aware", args) == [
+        {"lr": 1e-3, "alpha": 1}, {"lr": 1e-3, "alpha": 3},
+        {"lr": 3e-3, "alpha": 1}, {"lr": 3e-3, "alpha": 3}]
+
+
+def _tuning_file(path: Path, original: float, records: list[tuple[str, dict, float]]) -> None:
+    path.write_text(json.dumps({"records": [
+        {"method": "original", "score": original},
+        *[{"method": m, "settings": s, "score": v} for m, s, v in records]]}))
+
+
+def test_selection_averages_over_benchmarks_and_needs_every_one(evaluation, tmp_path):
+    a, b = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 20}
+    only_indoor = {"lr": 1.0, "steps": 5}
+    # On indoor alone `b` wins (1.0 < 2.0), on street alone `a` (1.0 < 4.0); mean: a 1.5, b 2.5.
+    _tuning_file(tmp_path / "indoor-full-seed0.json", 3.0,
+                 [("finetune", a, 2.0), ("finetune", b, 1.0), ("finetune", only_indoor, 0.1)])
+    _tuning_file(tmp_path / "street-full-seed0.json", 5.0,
+                 [("finetune", a, 1.0), ("finetune", b, 4.0)])
+    _tuning_file(tmp_path / "indoor-partial-seed0.json", 1.0, [("pcgrad", a, 0.5)])
+    selected = evaluation.select_settings(tmp_path, ["full", "partial"])
+    full = selected["full"]["methods"]["finetune"]
+    assert full["settings"] == a  # `only_indoor` was not tried on street: it cannot compete
+    assert full["score"] == pytest.approx(1.5)
+    assert full["per_benchmark"] == {"indoor-full-seed0": 2.0, "street-full-seed0": 1.0}
+    assert selected["full"]["original"] == {"indoor-full-seed0": 3.0, "street-full-seed0": 5.0}
+    assert selected["partial"]["methods"]["pcgrad"]["settings"] == a
+
+
+def test_presets_by_recipe():
+    from mtunlearn_ext.unlearning.presets import ABLATIONS, TUNED, tuned_settings
+
+    for recipe in TUNED:
+        for request in ("full", "partial"):
+            settings = tuned_settings(request, ["retrain", "interference_aware", *ABLATIONS],
+                                      recipe)
+            assert "retrain" not in settings
+            assert all(settings[a] == settings["interference_aware"] for a in ABLATIONS)
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        tuned_settings("full", ["finetune"], "unknown")
+    with pytest.raises(ValueError, match="request must be one of"):
+        tuned_settings("everything", ["finetune"])
+
+
+def test_tuning_files_accumulate_grids(evaluation, tmp_path):
+    path = tmp_path / "indoor-full-seed0.json"
+    a, b = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 10}
+    _tuning_file(path, 3.0, [("finetune", a, 2.0), ("finetune", b, 1.0)])
+    new = [{"method": "original", "score": 3.0},
+           {"method": "finetune", "settings": b, "score": 0.5},
+           {"method": "pcgrad", "settings": a, "score": 0.7}]
+    merged = evaluation._merge_records(path, new)
+    assert merged[0]["method"] == "original"
+    assert [(r["method"], r["settings"], r["score"]) for r in merged[1:]] == [
+        ("finetune", a, 2.0), ("finetune", b, 0.5), ("pcgrad", a, 0.7)]
+    assert evaluation._merge_records(tmp_path / "missing.json", new) == new
