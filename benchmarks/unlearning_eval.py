@@ -133,15 +133,21 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[str],
-              methods: Sequence[str]) -> dict[str, Any]:
+              methods: Sequence[str], recipe: str = "default") -> dict[str, Any]:
     """Mean/std over the seeds found on disk, per benchmark, request and method, and the
-    issue's targets checked for the interference-aware method."""
+    issue's targets checked for the interference-aware method. A run file that lacks a method,
+    or holds one with settings other than ``recipe``'s presets, is left out (and named)."""
     summary: dict[str, Any] = {}
     for benchmark in benchmarks:
         for request in requests:
             runs = sorted((output_dir / "runs").glob(f"{benchmark}-{request}-seed*.json"))
-            results = [json.loads(p.read_text()) for p in runs]
-            results = [r for r in results if all(m in r["models"] for m in methods)]
+            settings = tuned_settings(request, methods, recipe)
+            stale = {p: _stale_methods(p, methods, settings) for p in runs}
+            for path, names in stale.items():
+                if names:
+                    print(f"left out of the summary: {path} (missing or other settings: "
+                          f"{', '.join(names)})", file=sys.stderr)
+            results = [json.loads(p.read_text()) for p in runs if not stale[p]]
             if not results:
                 continue
             seeds = [r["config"]["seed"] for r in results]
@@ -509,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for line in _run_unit(b, s, args):
                     print(line, flush=True)
         print(f"all runs done in {time.perf_counter() - start:.0f}s")
-    summary = summarize(output_dir, args.benchmarks, args.requests, args.methods)
+    summary = summarize(output_dir, args.benchmarks, args.requests, args.methods, args.recipe)
     write_json_atomic(output_dir / "summary.json", _plain(summary))
     markdown = to_markdown(summary)
     (output_dir / "summary.md").write_text(markdown)

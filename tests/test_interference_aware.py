@@ -37,6 +37,7 @@ from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAwareConfig,
     coupled_retain_set,
     protected_tasks,
+    protection_plan,
 )
 from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
@@ -170,7 +171,7 @@ def test_task_projection_kills_protected_components_per_layer(bench, original,  
     ctx = _context(problem, method)
     retain_batch = _batch(problem.retain, 12, 0)
     terms, r_shared, _, pushed = method.refresh(ctx, retain_batch)
-    subspace: ProtectedSubspace = ctx.state["subspace"]
+    (subspace,) = ctx.state["subspaces"].values()  # "auto": one subspace for every target
     assert pushed == subspace.filled > 0
     # The recombined group gradients are exactly the whole batch's retain gradient.
     whole = method.retain_step_terms(ctx, retain_batch).total()
@@ -447,3 +448,39 @@ def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-unty
         mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, y),
                               forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
                               shared_parameters=["trunk.0.weight"])
+
+
+def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=False)
+    plan = protection_plan(problem, "others")
+    assert plan == {"segmentation": ("depth", "normals"), "depth": ("segmentation", "normals"),
+                    "normals": ("segmentation", "depth")}
+    assert protection_plan(problem, "auto") == {t: tuple(problem.task_names) for t in plan}
+    method = InterferenceAware(InterferenceAwareConfig(**TINY, ridge=1e-8, protect="others"))
+    ctx = _context(problem, method)
+    method.refresh(ctx, _batch(problem.retain, 12, 0))
+    subspaces = ctx.state["subspaces"]
+    assert set(subspaces) == set(plan.values())
+    forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
+    f_shared, _ = method.forget_task_grads(ctx, forget.objective)
+    projected = method.task_project(ctx, f_shared)
+    for row, task in enumerate(f_shared):
+        own = subspaces[plan[task]]
+        # Each f_t is orthogonal (per layer) to the other tasks' snapshots ...
+        after = own.residual_inner([s[row:row + 1] for s in projected]).abs()
+        before = own.residual_inner([f_shared[task][p].unsqueeze(0)
+                                     for p in range(len(projected))]).abs()
+        assert float(after.max()) < 1e-5 * max(float(before.max()), 1e-30) + 1e-12
+        # ... and is exactly the projection off that subspace alone.
+        alone = own.project([f_shared[task][p].unsqueeze(0).clone()
+                             for p in range(len(projected))])
+        for a, b in zip(alone, projected):
+            torch.testing.assert_close(a[0], b[row])
+    with pytest.raises(ValueError, match="different protected subspaces"):
+        method.task_project(ctx, {"sum": f_shared["depth"]})
+    # A whole run: the step uses one forget gradient per target; finite, and it forgets.
+    settings = {**TINY, "steps": 4, "protect": "others", "forget_objective": "ascent"}
+    result = get_unlearner("interference_aware", settings).unlearn(problem)
+    assert all(torch.isfinite(v).all() for v in result.model.state_dict().values())
+    assert result.report.extra["interference_aware"]["protected_by_target"] == {
+        t: list(tasks) for t, tasks in plan.items()}

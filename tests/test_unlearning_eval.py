@@ -145,3 +145,26 @@ def test_tuning_files_accumulate_grids(evaluation, tmp_path):
     assert [(r["method"], r["settings"], r["score"]) for r in merged[1:]] == [
         ("finetune", a, 2.0), ("finetune", b, 0.5), ("pcgrad", a, 0.7)]
     assert evaluation._merge_records(tmp_path / "missing.json", new) == new
+
+
+def test_summary_leaves_out_runs_with_other_settings(evaluation, tmp_path, capsys, monkeypatch):
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    methods = ["retrain", "finetune"]
+    current = tuned_settings("full", methods)
+    for seed, configs in ((0, current), (1, {"finetune": {"lr": 123.0}})):
+        (runs / f"indoor-full-seed{seed}.json").write_text(json.dumps({
+            "config": {"seed": seed, "methods": methods, "method_configs": configs},
+            "request": {"target_tasks": ["a"]}, "recipe": {},
+            "models": {m: {"uis": 1.0 + seed, "retrain_gap": 2.0, "mia_auc": 0.5,
+                           "wall_time_s": 1.0, "metrics": {}} for m in ("finetune",)}
+            | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
+               "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}, "retrain": {}}}))
+    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
+    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
+    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+    assert summary["indoor/full"]["seeds"] == [0]
+    assert summary["indoor/full"]["methods"]["finetune"]["uis"] == (1.0, 0.0)
+    assert "indoor-full-seed1.json" in capsys.readouterr().err

@@ -92,10 +92,11 @@ __all__ = [
     "InterferenceAwareNoTask",
     "coupled_retain_set",
     "protected_tasks",
+    "protection_plan",
 ]
 
 INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
-PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target")
+PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target", "others")
 SNAPSHOT_TARGETS: tuple[str, ...] = ("sampled", "labels")
 
 
@@ -136,9 +137,12 @@ class InterferenceAwareConfig(StepConfig):
             (:mod:`~mtunlearn_ext.unlearning.fisher`), which samples the Fisher / Gauss-Newton
             matrix of the retained pairs even where their labelled gradient vanishes;
             ``"labels"``: the labelled retain loss.
-        protect: which tasks' retain gradients are protected: ``"auto"`` (every task in a full
-            request, the non-target tasks in a partial one), ``"all"``, ``"non_target"`` (with a
-            full request this protects nothing at the task level).
+        protect: which tasks' retain gradients span the subspace each target task's forget
+            gradient is projected off: ``"auto"`` (every task in a full request, the non-target
+            tasks in a partial one), ``"all"``, ``"non_target"`` (with a full request this
+            protects nothing at the task level), ``"others"`` (for target ``t``, every task but
+            ``t``: only cross-task interference, own-task conflicts being left to the
+            instance-level step; one subspace, forget gradient and projection per target task).
         coupled: in a partial request, also protect the forget instances' retained pairs
             ``F x (T \\ S)`` (snapshots and per-sample gradients from them).
         ridge: relative Tikhonov term of every solve (``lambda = ridge * tr(G) / k``).
@@ -232,11 +236,25 @@ class InterferenceAwareConfig(StepConfig):
 DEFAULT_OBJECTIVE = "capped_ascent"
 
 
+def protection_plan(problem: UnlearningProblem, mode: str) -> dict[str, tuple[str, ...]]:
+    """Target task -> the tasks whose retain gradients span the subspace its forget gradient is
+    projected off (see ``protect``), in the problem's task order."""
+    names = list(problem.task_names)
+    plan: dict[str, tuple[str, ...]] = {}
+    for target in problem.target_tasks:
+        if mode == "all" or (mode == "auto" and problem.is_full):
+            plan[target] = tuple(names)
+        elif mode == "others":
+            plan[target] = tuple(t for t in names if t != target)
+        else:
+            plan[target] = tuple(problem.non_target_tasks)
+    return plan
+
+
 def protected_tasks(problem: UnlearningProblem, mode: str) -> list[str]:
-    """The tasks whose retain gradients span the protected subspaces (see ``protect``)."""
-    if mode == "all" or (mode == "auto" and problem.is_full):
-        return list(problem.task_names)
-    return list(problem.non_target_tasks)
+    """Every task whose retain gradients span some protected subspace (see ``protect``)."""
+    wanted = {t for tasks in protection_plan(problem, mode).values() for t in tasks}
+    return [t for t in problem.task_names if t in wanted]
 
 
 def coupled_retain_set(problem: UnlearningProblem) -> MultiTaskDataset | None:
@@ -288,6 +306,14 @@ def _concat_batches(a: Batch, b: Batch) -> Batch:
     return out
 
 
+def _push(subspaces: Mapping[tuple[str, ...], ProtectedSubspace], task: str,
+          grads: list[torch.Tensor]) -> None:
+    """Push a snapshot of ``task`` into every subspace that protects it."""
+    for tasks, subspace in subspaces.items():
+        if task in tasks:
+            subspace.push(grads)
+
+
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
 
@@ -310,16 +336,22 @@ class InterferenceAware(GradientUnlearner):
         if not shared_names:
             raise ValueError("interference_aware: the model has no shared parameter; nothing "
                              "couples the tasks (use a per-task method)")
+        plan = protection_plan(problem, cfg.protect)
         protect = protected_tasks(problem, cfg.protect)
         coupled = coupled_retain_set(problem) if cfg.coupled else None
         coupled_tasks = [t for t in problem.non_target_tasks]
-        subspace = None
+        # One subspace per distinct protected set (one in every mode but "others").
+        subspaces: dict[tuple[str, ...], ProtectedSubspace] = {}
         if cfg.task_projection:
-            subspace = ProtectedSubspace(ctx.groups.shared_params, layer_ids_of(shared_names),
-                                         cfg.num_snapshots, cfg.ridge)
+            layer_ids = layer_ids_of(shared_names)
+            for tasks in dict.fromkeys(plan.values()):
+                if tasks:
+                    subspaces[tasks] = ProtectedSubspace(ctx.groups.shared_params, layer_ids,
+                                                         cfg.num_snapshots, cfg.ridge)
         ctx.state.update({
             "protect": protect,
-            "subspace": subspace,
+            "protect_plan": plan,
+            "subspaces": subspaces,
             "coupled_stream": None if coupled is None else BatchStream(
                 coupled, cfg.forget_batch_size, child_generator(ctx.generator), problem.device),
             "coupled_tasks": coupled_tasks,
@@ -328,8 +360,9 @@ class InterferenceAware(GradientUnlearner):
         report.extra["interference_aware"] = {
             "forget_caps": caps,
             "protected_tasks": protect,
+            "protected_by_target": {t: list(tasks) for t, tasks in plan.items()},
             "coupled_instances": 0 if coupled is None else len(coupled),
-            "shared_layers": 0 if subspace is None else subspace.num_layers,
+            "shared_layers": next(iter(subspaces.values())).num_layers if subspaces else 0,
             "shared_numel": sum(p.numel() for p in ctx.groups.shared_params),
         }
 
@@ -398,7 +431,7 @@ class InterferenceAware(GradientUnlearner):
         ``g`` over the batch's), so the descent direction is exactly the whole batch's.
         """
         cfg = self.config
-        subspace: ProtectedSubspace | None = ctx.state.get("subspace")
+        subspaces: dict[tuple[str, ...], ProtectedSubspace] = ctx.state["subspaces"]
         groups = ctx.groups
         names = ctx.problem.task_names
         totals = retain_batch["supervision"].sum(dim=0)  # type: ignore[union-attr]
@@ -413,9 +446,10 @@ class InterferenceAware(GradientUnlearner):
             counts = group["supervision"].sum(dim=0)  # type: ignore[union-attr]
             out = ctx.forward(group)
             terms = retain_terms(out, group, ctx.problem.tasks)
-            if subspace is not None:
-                for grads in self._snapshot_grads(ctx, out, group, ctx.state["protect"], terms):
-                    subspace.push(grads)
+            if subspaces:
+                for task, grads in self._snapshot_grads(ctx, out, group, ctx.state["protect"],
+                                                        terms):
+                    _push(subspaces, task, grads)
                     pushed += 1
             weighted: torch.Tensor | None = None
             for c, t in enumerate(names):
@@ -434,21 +468,22 @@ class InterferenceAware(GradientUnlearner):
                 torch._foreach_add_(retain_heads[t], grads[offset:offset + count])
                 offset += count
         stream: BatchStream | None = ctx.state.get("coupled_stream")
-        if subspace is not None and stream is not None and ctx.state["coupled_tasks"]:
+        if subspaces and stream is not None and ctx.state["coupled_tasks"]:
             for group in _split_rows(stream.next(), cfg.snapshot_groups):
                 out = ctx.forward(group)
                 terms = retain_terms(out, group, ctx.problem.tasks)
-                for grads in self._snapshot_grads(ctx, out, group, ctx.state["coupled_tasks"],
-                                                  terms):
-                    subspace.push(grads)
+                for task, grads in self._snapshot_grads(ctx, out, group,
+                                                        ctx.state["coupled_tasks"], terms):
+                    _push(subspaces, task, grads)
                     pushed += 1
         return RetainTerms(losses), retain_shared, retain_heads, pushed
 
     def _snapshot_grads(self, ctx: StepContext, out: Mapping[str, torch.Tensor], batch: Batch,
-                        tasks: Sequence[str], terms: RetainTerms) -> list[list[torch.Tensor]]:
-        """One gradient on ``theta_s`` per task of ``tasks`` supervised in ``batch``: of the
-        loss against model-sampled targets (``snapshot_targets="sampled"``) or of the labelled
-        retain loss (``"labels"``). The forward graph is kept for the caller."""
+                        tasks: Sequence[str], terms: RetainTerms
+                        ) -> list[tuple[str, list[torch.Tensor]]]:
+        """(task, gradient on ``theta_s``) for each task of ``tasks`` supervised in ``batch``:
+        of the loss against model-sampled targets (``snapshot_targets="sampled"``) or of the
+        labelled retain loss (``"labels"``). The forward graph is kept for the caller."""
         supervision = batch["supervision"]
         targets = batch["targets"]
         assert isinstance(supervision, torch.Tensor) and isinstance(targets, Mapping)
@@ -463,21 +498,45 @@ class InterferenceAware(GradientUnlearner):
                 loss = terms.loss[t] if bool(rows.any()) else None
             if loss is None or not loss.requires_grad:
                 continue
-            snapshots.append(grads_of(loss, shared, retain_graph=True))
+            snapshots.append((t, grads_of(loss, shared, retain_graph=True)))
         return snapshots
 
     def task_project(self, ctx: StepContext, f_shared: Mapping[str, list[torch.Tensor]]
                      ) -> list[torch.Tensor]:
-        """Stacks ``[m, *shape_p]`` of ``m`` shared forget gradients (e.g. one per target task),
-        projected off the per-layer protected subspaces (unchanged when the projection is off).
-        """
-        tasks = list(f_shared)
-        stacks = [torch.stack([f_shared[t][p] for t in tasks])
+        """Stacks ``[m, *shape_p]`` of ``m`` shared forget gradients, each projected off the
+        per-layer protected subspace of its key's target task (unchanged when the projection is
+        off). A key that is not a target task (a sum over targets) needs every target to share
+        one subspace."""
+        keys = list(f_shared)
+        stacks = [torch.stack([f_shared[k][p] for k in keys])
                   for p in range(len(ctx.groups.shared_params))]
-        subspace: ProtectedSubspace | None = ctx.state.get("subspace")
-        if subspace is None or subspace.filled == 0:
+        subspaces: dict[tuple[str, ...], ProtectedSubspace] = ctx.state["subspaces"]
+        plan: dict[str, tuple[str, ...]] = ctx.state["protect_plan"]
+        if not subspaces:
             return stacks
-        return subspace.project(stacks, outs=stacks)
+        shared_sets = set(plan.values())
+        rows_of: dict[tuple[str, ...], list[int]] = {}
+        for row, key in enumerate(keys):
+            if key in plan:
+                tasks = plan[key]
+            elif len(shared_sets) == 1:
+                tasks = next(iter(shared_sets))
+            else:
+                raise ValueError(f"task_project: {key!r} is not a target task, and the target "
+                                 f"tasks have different protected subspaces")
+            rows_of.setdefault(tasks, []).append(row)
+        for tasks, rows in rows_of.items():
+            subspace = subspaces.get(tasks)
+            if subspace is None or subspace.filled == 0:
+                continue
+            if len(rows) == len(keys):
+                return subspace.project(stacks, outs=stacks)
+            index = torch.tensor(rows, device=stacks[0].device)
+            part = [s.index_select(0, index) for s in stacks]
+            part = subspace.project(part, outs=part)
+            for s, q in zip(stacks, part):
+                s.index_copy_(0, index, q)
+        return stacks
 
     def instance_batch(self, ctx: StepContext, retain_batch: Batch) -> Batch:
         """The instances whose per-sample gradients constrain the forget step."""
@@ -547,17 +606,26 @@ class InterferenceAware(GradientUnlearner):
         forget_shared = [torch.zeros_like(p) for p in shared]
         forget_heads: dict[str, list[torch.Tensor]] = {}
         if targets and cfg.alpha > 0:
-            total_forget = stats.forget.total()
-            assert total_forget is not None
-            head_lists = [groups.head_params(t) for t in targets]
-            grads = grads_of(total_forget, shared + [p for h in head_lists for p in h])
-            raw = grads[:n_shared]
-            offset = n_shared
-            for t, head in zip(targets, head_lists):
-                forget_heads[t] = grads[offset:offset + len(head)]
-                offset += len(head)
-            projected = self.task_project(ctx, {"sum": raw})
-            forget_shared = [s[0] for s in projected]
+            plan = ctx.state["protect_plan"]
+            if len({plan[t] for t in targets}) <= 1 or not ctx.state["subspaces"]:
+                total_forget = stats.forget.total()
+                assert total_forget is not None
+                head_lists = [groups.head_params(t) for t in targets]
+                grads = grads_of(total_forget, shared + [p for h in head_lists for p in h])
+                raw = grads[:n_shared]
+                offset = n_shared
+                for t, head in zip(targets, head_lists):
+                    forget_heads[t] = grads[offset:offset + len(head)]
+                    offset += len(head)
+                projected = self.task_project(ctx, {"sum": raw})
+                forget_shared = [s[0] for s in projected]
+            else:
+                # A subspace per target task: each f_t is projected off its own, then summed.
+                per_task, forget_heads = self.forget_task_grads(ctx, stats.forget.objective)
+                raw = [torch.stack([per_task[t][p] for t in per_task]).sum(0)
+                       for p in range(n_shared)]
+                projected = self.task_project(ctx, per_task)
+                forget_shared = [s.sum(0) for s in projected]
             stats.extra["task_kept_fraction"] = (
                 _norm(forget_shared) / _norm(raw).clamp(min=1e-30))
 
