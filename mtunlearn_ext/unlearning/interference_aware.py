@@ -25,7 +25,9 @@ levels, and each step of this method removes one:
    directions in which the retained pairs' loss curves, i.e. where a forget step would do
    second-order damage. The projection is linear and the same for every target task, so the
    step projects ``sum_t f_t`` once (one backward pass instead of ``|S|``; the per-task
-   gradients are available from :meth:`InterferenceAware.forget_task_grads`).
+   gradients are available from :meth:`InterferenceAware.forget_task_grads`). With
+   ``protect="others"`` each target task ``t`` has its own subspace, spanned by the other
+   tasks' snapshots (cross-task interference only), and each ``f_t`` is projected off its own.
 3. **Instance-level gradient orthogonalization** (instance-level interference). The per-sample
    retain gradients ``r_1..r_B`` of the retain minibatch (``torch.func``: ``vmap(grad)`` over
    ``functional_call``; plus, in a partial request, forget instances with their retained pairs)
