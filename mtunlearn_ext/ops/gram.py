@@ -45,6 +45,20 @@ def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_nam
     return named
 
 
+def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
+                    b: Sequence[torch.Tensor], per_tensor: bool,
+                    check_finite: bool) -> torch.Tensor:
+    """Validate two paired stack lists and run the list op ``name`` (compiled or reference)."""
+    op = f"mtunlearn_ext.ops.{name}"
+    a_list, b_list = list(a), list(b)
+    named = _check_paired_stacks(op, a_name, a_list, b_name, b_list)
+    impl = getattr(torch.ops.mtunlearn, name) if has_extension() else getattr(_reference, name)
+    result = impl(a_list, b_list, per_tensor)
+    if check_finite:
+        check_finite_result(op, result, named)
+    return result
+
+
 def gram(x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
     """Batched Gram matrix ``G[..., i, j] = <x[..., i, :], x[..., j, :]>``.
 
@@ -131,16 +145,7 @@ def inner_list(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], per_tens
     ``C[i, j] = sum_p <as_[p][i], bs[p][j]>`` (``[m, k]``) or, with ``per_tensor=True``, the
     per-parameter terms (``[len(as_), m, k]``). No flat copy; one pass (one CUDA launch).
     """
-    op = "mtunlearn_ext.ops.inner_list"
-    as_, bs = list(as_), list(bs)
-    named = _check_paired_stacks(op, "as_", as_, "bs", bs)
-    if has_extension():
-        result = torch.ops.mtunlearn.inner_list(as_, bs, per_tensor)
-    else:
-        result = _reference.inner_list(as_, bs, per_tensor)
-    if check_finite:
-        check_finite_result(op, result, named)
-    return result
+    return _paired_list_op("inner_list", "as_", as_, "bs", bs, per_tensor, check_finite)
 
 
 def gram_list_stacked(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
@@ -154,13 +159,4 @@ def gram_list_stacked(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
     of ``m`` vectors on the span of ``k`` others needs the last two, which ``gram_list(ys)`` and
     ``inner_list(xs, ys)`` would get by reading ``ys`` twice.
     """
-    op = "mtunlearn_ext.ops.gram_list_stacked"
-    xs, ys = list(xs), list(ys)
-    named = _check_paired_stacks(op, "xs", xs, "ys", ys)
-    if has_extension():
-        result = torch.ops.mtunlearn.gram_list_stacked(xs, ys, per_tensor)
-    else:
-        result = _reference.gram_list_stacked(xs, ys, per_tensor)
-    if check_finite:
-        check_finite_result(op, result, named)
-    return result
+    return _paired_list_op("gram_list_stacked", "xs", xs, "ys", ys, per_tensor, check_finite)

@@ -128,23 +128,34 @@ def check_paired(op: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
                             "they must match")
 
 
+def _summed_by_class(op: Callable[..., torch.Tensor], lists: Sequence[Sequence[torch.Tensor]],
+                     size: tuple[int, ...], layers: list[int] | None, num_layers: int, *,
+                     check_finite: bool) -> torch.Tensor:
+    """``op`` (a list op of ``mtunlearn_ext.ops`` taking one list per entry of ``lists``, whose
+    output is ``size``) summed over the parameters, or per layer (``[L, *size]``): one call per
+    dtype class of ``lists[0]``, accumulated in :func:`stats_dtype`."""
+    first = lists[0]
+    out_dtype = stats_dtype([t for tensors in lists for t in tensors])
+    device = first[0].device
+    total = torch.zeros(size if layers is None else (num_layers, *size), dtype=out_dtype,
+                        device=device)
+    for cls in dtype_classes(first):
+        members = [[tensors[i] for i in cls] for tensors in lists]
+        if layers is None:
+            total += op(*members, check_finite=check_finite).to(out_dtype)
+        else:
+            per_tensor = op(*members, per_tensor=True, check_finite=check_finite)
+            ids = torch.tensor([layers[i] for i in cls], device=device)
+            total.index_add_(0, ids, per_tensor.to(out_dtype))
+    return total
+
+
 def gram_stats(xs: Sequence[torch.Tensor], layers: list[int] | None, num_layers: int, *,
                check_finite: bool) -> torch.Tensor:
     """``G[i, j] = sum_p <xs[p][i], xs[p][j]>`` (``[k, k]``), or per layer (``[L, k, k]``)."""
     k = xs[0].shape[0]
-    out_dtype = stats_dtype(xs)
-    device = xs[0].device
-    total = torch.zeros((k, k) if layers is None else (num_layers, k, k), dtype=out_dtype,
-                        device=device)
-    for cls in dtype_classes(xs):
-        members = [xs[i] for i in cls]
-        if layers is None:
-            total += ops.gram_list(members, check_finite=check_finite).to(out_dtype)
-        else:
-            per_tensor = ops.gram_list(members, per_tensor=True, check_finite=check_finite)
-            ids = torch.tensor([layers[i] for i in cls], device=device)
-            total.index_add_(0, ids, per_tensor.to(out_dtype))
-    return total
+    return _summed_by_class(ops.gram_list, [xs], (k, k), layers, num_layers,
+                            check_finite=check_finite)
 
 
 def inner_stats(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], layers: list[int] | None,
@@ -152,19 +163,8 @@ def inner_stats(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], layers: li
     """``C[i, j] = sum_p <a[p][i], b[p][j]>`` (``[m, k]``), or per layer (``[L, m, k]``): one
     ``ops.inner_list`` pass per dtype class, no concatenation."""
     m, k = a[0].shape[0], b[0].shape[0]
-    out_dtype = stats_dtype(list(a) + list(b))
-    total = torch.zeros((m, k) if layers is None else (num_layers, m, k), dtype=out_dtype,
-                        device=a[0].device)
-    for cls in dtype_classes(a):
-        a_members, b_members = [a[i] for i in cls], [b[i] for i in cls]
-        if layers is None:
-            total += ops.inner_list(a_members, b_members, check_finite=check_finite).to(out_dtype)
-        else:
-            per_tensor = ops.inner_list(a_members, b_members, per_tensor=True,
-                                        check_finite=check_finite)
-            ids = torch.tensor([layers[i] for i in cls], device=a[0].device)
-            total.index_add_(0, ids, per_tensor.to(out_dtype))
-    return total
+    return _summed_by_class(ops.inner_list, [a, b], (m, k), layers, num_layers,
+                            check_finite=check_finite)
 
 
 def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
@@ -173,22 +173,9 @@ def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
     """The Gram matrix of the ``m`` vectors ``g`` stacked above the ``k`` vectors ``r``
     (``[m + k, m + k]``, or ``[L, m + k, m + k]`` per layer): ``r``'s Gram and the cross products
     with ``g`` from one ``ops.gram_list_stacked`` pass per dtype class, reading ``r`` once."""
-    m, k = g[0].shape[0], r[0].shape[0]
-    out_dtype = stats_dtype(list(g) + list(r))
-    size = (m + k, m + k)
-    total = torch.zeros(size if layers is None else (num_layers, *size), dtype=out_dtype,
-                        device=g[0].device)
-    for cls in dtype_classes(g):
-        g_members, r_members = [g[i] for i in cls], [r[i] for i in cls]
-        if layers is None:
-            total += ops.gram_list_stacked(g_members, r_members,
-                                           check_finite=check_finite).to(out_dtype)
-        else:
-            per_tensor = ops.gram_list_stacked(g_members, r_members, per_tensor=True,
-                                               check_finite=check_finite)
-            ids = torch.tensor([layers[i] for i in cls], device=g[0].device)
-            total.index_add_(0, ids, per_tensor.to(out_dtype))
-    return total
+    s = g[0].shape[0] + r[0].shape[0]
+    return _summed_by_class(ops.gram_list_stacked, [g, r], (s, s), layers, num_layers,
+                            check_finite=check_finite)
 
 
 def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],

@@ -95,6 +95,16 @@ PairedRows paired_rows(at::TensorList as, at::TensorList bs, const char* op, con
   return rows;
 }
 
+// The result of a list op: ``[rows, cols]`` summed over the list, or one per tensor
+// (``[count, rows, cols]``), in the accumulation dtype of ``like``.
+at::Tensor list_output(const at::Tensor& like, size_t count, bool per_tensor, int64_t rows,
+                       int64_t cols) {
+  std::vector<int64_t> shape = per_tensor
+                                   ? std::vector<int64_t>{static_cast<int64_t>(count), rows, cols}
+                                   : std::vector<int64_t>{rows, cols};
+  return at::empty(shape, like.options().dtype(acc_type(like.scalar_type())));
+}
+
 }  // namespace
 
 at::Tensor gram(const at::Tensor& x) {
@@ -140,10 +150,7 @@ at::Tensor gram_list(at::TensorList xs, bool per_tensor) {
     }
     rows.push_back(rows_unit_stride(flat));
   }
-  const int64_t num_outputs = per_tensor ? static_cast<int64_t>(xs.size()) : 1;
-  std::vector<int64_t> shape = per_tensor ? std::vector<int64_t>{num_outputs, k, k}
-                                          : std::vector<int64_t>{k, k};
-  at::Tensor out = at::empty(shape, xs[0].options().dtype(acc_type(xs[0].scalar_type())));
+  at::Tensor out = list_output(xs[0], xs.size(), per_tensor, k, k);
   if (out.numel() == 0) return out;
   std::vector<ReduceSegment> segments;
   segments.reserve(rows.size());
@@ -189,10 +196,7 @@ at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
   const ScalarKind kind = scalar_kind(as[0], op, "as[0]");
   const std::vector<at::Tensor>& a_rows = rows.a;
   const std::vector<at::Tensor>& b_rows = rows.b;
-  const int64_t num_outputs = per_tensor ? static_cast<int64_t>(as.size()) : 1;
-  std::vector<int64_t> shape = per_tensor ? std::vector<int64_t>{num_outputs, m, k}
-                                          : std::vector<int64_t>{m, k};
-  at::Tensor out = at::empty(shape, as[0].options().dtype(acc_type(as[0].scalar_type())));
+  at::Tensor out = list_output(as[0], as.size(), per_tensor, m, k);
   if (out.numel() == 0) return out;
   std::vector<ReduceSegment> segments;
   for (size_t p = 0; p < a_rows.size(); ++p) {
@@ -211,10 +215,7 @@ at::Tensor gram_list_stacked(at::TensorList xs, at::TensorList ys, bool per_tens
   const std::vector<at::Tensor>& x_rows = rows.a;
   const std::vector<at::Tensor>& y_rows = rows.b;
   const int64_t s = m + k;
-  std::vector<int64_t> shape = per_tensor
-                                   ? std::vector<int64_t>{static_cast<int64_t>(xs.size()), s, s}
-                                   : std::vector<int64_t>{s, s};
-  at::Tensor out = at::empty(shape, xs[0].options().dtype(acc_type(xs[0].scalar_type())));
+  at::Tensor out = list_output(xs[0], xs.size(), per_tensor, s, s);
   if (out.numel() == 0) return out;
   std::vector<ReduceSegment> segments;
   segments.reserve(x_rows.size());
