@@ -1,4 +1,4 @@
-"""Atomic file writes shared by checkpoints and the benchmark cache."""
+"""Atomic file writes shared by checkpoints, the benchmark cache and result files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "sha256_of_file"]
+__all__ = ["atomic_torch_save", "sha256_of_file", "write_text_atomic"]
 
 
 def sha256_of_file(path: str | os.PathLike[str]) -> str:
@@ -34,6 +34,24 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory, fsync,
+    ``os.replace``): readers see the old file or the whole new one, never a part."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+        _fsync_dir(target.parent)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> str:

@@ -218,6 +218,7 @@ def unlearn(model: nn.Module, *,
             forget_data: DataLike | None = None,
             retain_data: DataLike | None = None,
             target_tasks: Sequence[str] | None = None,
+            held_out_data: DataLike | None = None,
             shared_parameters: SharedSpec | None = None,
             head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
             method: str = "interference_aware",
@@ -255,6 +256,11 @@ def unlearn(model: nn.Module, *,
             ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the task's loss
             (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective; the number of
             classes is one past the largest label when given as a kind.
+        held_out_data: optional instances the model was never trained on (a validation
+            split, never the data you evaluate on), same layout as ``retain_data``. A retrained
+            model fits the forget instances about as well as unseen data, so the default
+            method can stop raising a forget pair's loss where such data's loss lies (its
+            ``cap_reference="held_out"``).
         shared_parameters: the trunk: names, parameters, or a predicate on names. Not needed
             for a model with ``parameter_split()``.
         head_parameters: task -> its head's names or parameters (default: a parameter whose
@@ -331,10 +337,16 @@ def unlearn(model: nn.Module, *,
         columns = torch.tensor([t in targets for t in names])
         forget = forget.with_supervision(forget.supervision & columns)
         request = ForgetRequest.create(forget.ids, None if set(targets) == set(names) else targets)
+    held_out = None
+    if held_out_data is not None:
+        # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
+        # the problem's validation rejects one that shares ids with the training set.
+        top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
+        held_out = _as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
     wrapped = _split_model(model, names, shared_parameters, head_parameters)
     problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
                                 request=request, target_tasks=list(targets), device=device,
-                                seed=seed)
+                                seed=seed, held_out=held_out)
     unlearner = get_unlearner(method, config)
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)

@@ -289,7 +289,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 model=loaded.model.to(device), tasks=list(train_set.tasks), forget=forget,
                 retain=retain, request=request, target_tasks=targets, device=device, seed=seed,
                 train_config=recipe,
-                model_factory=lambda: build_model(bench, seed=int(loaded.meta["seed"])))
+                model_factory=lambda: build_model(bench, seed=int(loaded.meta["seed"])),
+                held_out=bench.validation)
             bar.set_postfix_str(f"running {args.method}")
             result = run_unlearning(problem, args.method, settings)
             bar.update()

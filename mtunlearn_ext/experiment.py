@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtunlearn_ext._io import write_text_atomic
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
@@ -327,7 +327,7 @@ class PreparedExperiment(ExperimentData):
                                  forget=self.forget, retain=self.retain, request=self.request,
                                  target_tasks=self.target_tasks, device=config.device,
                                  seed=config.seed, train_config=self.recipe,
-                                 model_factory=self.factory)
+                                 model_factory=self.factory, held_out=self.benchmark.validation)
 
 
 @dataclass
@@ -526,21 +526,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (temporary file in the same directory,
-    fsync, ``os.replace``): readers see the old file or the whole new one, never a part."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    """Write ``payload`` as JSON to ``path`` atomically (:func:`write_text_atomic`): readers
+    see the old file or the whole new one, never a part."""
+    write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 # -- the table -----------------------------------------------------------------------------------

@@ -484,3 +484,71 @@ def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, ori
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values())
     assert result.report.extra["interference_aware"]["protected_by_target"] == {
         t: list(tasks) for t, tasks in plan.items()}
+
+
+def test_shared_per_sample_pass_gives_the_same_update(bench, original, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # One step's .grad with the retain gradient from the per-sample pass vs from a batched
+    # backward (independent of the optimizer, which may amplify rounding: Adam).
+    problem = _problem(bench, original, partial=False)
+    config = InterferenceAwareConfig(**{**TINY, "task_projection": False,
+                                        "retain_batch_size": 6, "num_per_sample": 6})
+    grads = []
+    for shared in (True, False):
+        method = InterferenceAware(config)
+        if not shared:
+            monkeypatch.setattr(InterferenceAware, "_per_sample_is_retain_batch",
+                                lambda self, ctx, batch: False)
+        ctx = _context(problem, method)
+        method.compute_update(ctx, _batch(problem.forget, 6, 1), _batch(problem.retain, 6, 2))
+        grads.append([p.grad.clone() for p in ctx.groups.all_params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(bool(g.abs().sum() > 0) for g in grads[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd"])
+def test_retain_gradient_from_the_per_sample_pass_matches_the_batched_one(
+        bench, original, monkeypatch, optimizer: str) -> None:  # type: ignore[no-untyped-def]
+    # Full request, no task projection, the instance constraints = the whole retain batch:
+    # the step takes the retain gradient as the mean of the per-sample gradients.
+    problem = _problem(bench, original, partial=False)
+    settings = {**TINY, "steps": 3, "task_projection": False, "retain_batch_size": 6,
+                "num_per_sample": 6, "instance_projection": "orthogonal",
+                "optimizer": optimizer, "lr": 1e-3}
+    calls = []
+    shared_path = InterferenceAware._retain_per_sample
+
+    def counted(self, ctx, batch):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return shared_path(self, ctx, batch)
+
+    monkeypatch.setattr(InterferenceAware, "_retain_per_sample", counted)
+    reused = get_unlearner("interference_aware", settings).unlearn(problem)
+    assert len(calls) == 3  # every step took the shared pass
+    monkeypatch.setattr(InterferenceAware, "_per_sample_is_retain_batch",
+                        lambda self, ctx, batch: False)
+    separate = get_unlearner("interference_aware", settings).unlearn(problem)
+    assert len(calls) == 3
+    moved = False
+    for (name, a), b in zip(reused.model.state_dict().items(),
+                            separate.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        moved |= not torch.equal(a, original.state_dict()[name])
+    assert moved
+    assert reused.report.curves["retain_loss"] == pytest.approx(
+        separate.report.curves["retain_loss"], rel=1e-5)
+
+
+def test_per_sample_pass_is_not_shared_when_it_is_not_the_retain_batch(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=False)
+    method = InterferenceAware(InterferenceAwareConfig(**{**TINY, "task_projection": False}))
+    ctx = _context(problem, method)
+    batch = _batch(problem.retain, 12, 0)
+    assert not method._per_sample_is_retain_batch(ctx, batch)  # 6 of 12 rows constrained
+    method.config.num_per_sample = 12
+    assert method._per_sample_is_retain_batch(ctx, batch)
+    partial_batch = dict(batch)
+    supervision = batch["supervision"].clone()
+    supervision[0, 0] = False
+    partial_batch["supervision"] = supervision
+    assert not method._per_sample_is_retain_batch(ctx, partial_batch)

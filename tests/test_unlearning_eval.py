@@ -118,15 +118,46 @@ def test_selection_averages_over_benchmarks_and_needs_every_one(evaluation, tmp_
     assert selected["partial"]["methods"]["pcgrad"]["settings"] == a
 
 
+def test_grid_csv_lists_every_setting_tried_on_every_benchmark(evaluation, tmp_path):
+    import csv
+
+    a, b = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 20, "optimizer": "adam"}
+    _tuning_file(tmp_path / "indoor-full-seed0.json", 3.0,
+                 [("finetune", a, 2.0), ("finetune", b, 1.0), ("pcgrad", a, 0.1)])
+    _tuning_file(tmp_path / "street-full-seed0.json", 5.0,
+                 [("finetune", a, 1.0), ("finetune", b, 4.0)])
+    out = tmp_path / "grid.csv"
+    assert evaluation.write_grid_csv(tmp_path, ["full"], out) == 2
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["finetune", "finetune"]
+    assert [json.loads(r["settings"]) for r in rows] == [a, b]  # sorted by mean: 1.5, 2.5
+    assert [(float(r["indoor"]), float(r["street"]), float(r["mean"])) for r in rows] == [
+        (2.0, 1.0, 1.5), (1.0, 4.0, 2.5)]
+
+
 def test_presets_by_recipe():
-    from mtunlearn_ext.unlearning.presets import ABLATIONS, TUNED, tuned_settings
+    from mtunlearn_ext.unlearning import get_unlearner
+    from mtunlearn_ext.unlearning.presets import ABLATED_FIELDS, ABLATIONS, TUNED, tuned_settings
 
     for recipe in TUNED:
         for request in ("full", "partial"):
             settings = tuned_settings(request, ["retrain", "interference_aware", *ABLATIONS],
                                       recipe)
             assert "retrain" not in settings
-            assert all(settings[a] == settings["interference_aware"] for a in ABLATIONS)
+            method = settings["interference_aware"]
+            method_config = get_unlearner("interference_aware", method).config
+            for ablation in ABLATIONS:
+                fixed = ABLATED_FIELDS[ablation]
+                assert settings[ablation] == {k: v for k, v in method.items() if k not in fixed}
+                config = get_unlearner(ablation, settings[ablation]).config
+                for name, off in (("task_projection", False), ("instance_projection", "off")):
+                    expected = off if name in fixed else getattr(method_config, name)
+                    assert getattr(config, name) == expected, (recipe, request, ablation, name)
+    # A setting cannot switch an ablated component back on.
+    with pytest.raises(ValueError, match="fixes `task_projection`"):
+        get_unlearner("interference_aware_no_task", {"task_projection": True})
+    with pytest.raises(ValueError, match="fixes `instance_projection`"):
+        get_unlearner("interference_aware_neither", {"instance_projection": "orthogonal"})
     with pytest.raises(ValueError, match="recipe must be one of"):
         tuned_settings("full", ["finetune"], "unknown")
     with pytest.raises(ValueError, match="request must be one of"):
@@ -168,3 +199,62 @@ def test_summary_leaves_out_runs_with_other_settings(evaluation, tmp_path, capsy
     assert summary["indoor/full"]["seeds"] == [0]
     assert summary["indoor/full"]["methods"]["finetune"]["uis"] == (1.0, 0.0)
     assert "indoor-full-seed1.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("other_gap, lowest", [(2.0, True), (1.503, False), (1.0, False)],
+                         ids=["lower", "tie", "higher"])
+def test_lowest_gap_target_does_not_count_a_tie(evaluation, tmp_path, monkeypatch,
+                                                other_gap, lowest):
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    methods = ["orthograd", "interference_aware"]
+    gaps = {"orthograd": other_gap, "interference_aware": 1.5}
+    (runs / "indoor-full-seed0.json").write_text(json.dumps({
+        "config": {"seed": 0, "methods": methods,
+                   "method_configs": tuned_settings("full", methods)},
+        "request": {"target_tasks": ["a"]}, "recipe": {},
+        "models": {m: {"uis": 1.0, "retrain_gap": g, "mia_auc": 0.5, "wall_time_s": 1.0,
+                       "metrics": {}} for m, g in gaps.items()}
+        | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
+           "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
+    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
+    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
+    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+    targets = summary["indoor/full"]["targets"]
+    assert targets["gap_ok"] is lowest
+    assert targets["lowest_gap_other"] == "orthograd"
+    assert "does not count" in evaluation.to_markdown(summary)
+
+
+def test_refresh_reruns_methods_whose_settings_did_not_change(evaluation, tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    methods = ["finetune", "pcgrad"]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    path = runs / "indoor-full-seed0.json"
+    _run_file(path, {m: 0 for m in methods}, tuned_settings("full", methods))
+    ran = []
+
+    def fake_run(config):  # type: ignore[no-untyped-def]
+        ran.append(list(config.methods))
+        return {"benchmark": {"name": "indoor"}, "request": {"type": "full"},
+                "config": {"method_configs": config.method_configs},
+                "phases_seconds": {f"unlearn/{m}": 2.0 for m in config.methods},
+                "models": {m: {"uis": 0.5, "marker": "new"} for m in config.methods}}
+
+    monkeypatch.setattr(evaluation, "run_experiment", fake_run)
+    args = Namespace(requests=["full"], methods=methods, recipe="default", rerun=False,
+                     output_dir=str(tmp_path), refresh=[], size="small", forget_fraction=0.1,
+                     partial_task="segmentation", cache_dir=None, train={}, threads=1)
+    assert evaluation._run_unit("indoor", 0, args)[0].endswith("(kept)")
+    assert ran == []
+    args.refresh = ["pcgrad", "salun"]  # salun is not evaluated here: ignored
+    evaluation._run_unit("indoor", 0, args)
+    assert ran == [["pcgrad"]]
+    models = json.loads(path.read_text())["models"]
+    assert models["pcgrad"]["marker"] == "new" and models["finetune"]["marker"] == "old"

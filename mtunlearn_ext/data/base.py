@@ -152,10 +152,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
 
 @dataclass
 class Benchmark:
-    """A named train/test split of one multi-task problem."""
+    """A named train/test split of one multi-task problem, with an optional validation split:
+    instances from the training distribution that no model is trained on and no evaluation
+    scores on (methods may calibrate on them; see ``UnlearningProblem.held_out``)."""
 
     name: str
     train: MultiTaskDataset
     test: MultiTaskDataset
     tasks: list[TaskSpec] = field(default_factory=list)
     info: dict[str, object] = field(default_factory=dict)
+    validation: MultiTaskDataset | None = None

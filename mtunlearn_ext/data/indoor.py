@@ -259,25 +259,31 @@ def _split(num: int, size: tuple[int, int], seed_seq: np.random.SeedSequence, fi
 
 
 def make_indoor(num_train: int, num_test: int, size: tuple[int, int] = (48, 64),
-                seed: int = 0) -> Benchmark:
+                seed: int = 0, num_validation: int = 0) -> Benchmark:
     """The ``indoor`` benchmark: ``num_train`` + ``num_test`` rendered rooms of ``size = (H, W)``.
 
-    Train ids are ``0 .. num_train - 1``, test ids follow. The train and test scenes come from
-    independent streams of ``seed``, so the test set does not change with ``num_train``.
+    Train ids are ``0 .. num_train - 1``, test ids follow, then ``num_validation`` validation
+    ids (``Benchmark.validation``; ``None`` when 0). The train, test and validation scenes come
+    from independent streams of ``seed``, so no split changes with another's size.
     ``info`` holds plain (JSON-able) values: the class names, the camera (``fov_x``,
     ``focal_px``), the conventions, and the per-image cameras ``train_cameras`` /
     ``test_cameras``: one ``[height, yaw, pitch]`` list per image.
     """
-    if num_train < 1 or num_test < 0:
-        raise ValueError(f"make_indoor: need num_train >= 1 and num_test >= 0, got "
-                         f"{num_train}, {num_test}")
+    if num_train < 1 or num_test < 0 or num_validation < 0:
+        raise ValueError(f"make_indoor: need num_train >= 1, num_test >= 0 and num_validation "
+                         f">= 0, got {num_train}, {num_test}, {num_validation}")
     h, w = size
     if h < 4 or w < 4:
         raise ValueError(f"make_indoor: `size` must be at least (4, 4), got {size}")
     tasks = indoor_tasks()
-    train_seq, test_seq = np.random.SeedSequence([seed, 0x1D00]).spawn(2)
+    # The third stream leaves the first two (train, test) as they were before it existed.
+    train_seq, test_seq, validation_seq = np.random.SeedSequence([seed, 0x1D00]).spawn(3)
     train, train_cams = _split(num_train, (h, w), train_seq, 0, tasks)
     test, test_cams = _split(num_test, (h, w), test_seq, num_train, tasks)
+    validation = None
+    if num_validation:
+        validation, _ = _split(num_validation, (h, w), validation_seq, num_train + num_test,
+                               tasks)
     info: dict[str, object] = {
         "classes": list(INDOOR_CLASSES), "size": [h, w], "seed": seed,
         "generator_version": INDOOR_VERSION, "fov_x": INDOOR_FOV_X,
@@ -287,4 +293,4 @@ def make_indoor(num_train: int, num_test: int, size: tuple[int, int] = (48, 64),
         "rgb_normalisation": [RGB_MEAN, RGB_STD], "depth_prior": DEPTH_PRIOR,
         "train_cameras": train_cams, "test_cameras": test_cams,
     }
-    return Benchmark("indoor", train, test, tasks, info)
+    return Benchmark("indoor", train, test, tasks, info, validation)

@@ -1,6 +1,7 @@
 """``load_benchmark``: every benchmark by name and size, generated ones cached on disk.
 
-Sizes (train / test instances, image ``H x W``):
+Sizes (train / test instances, image ``H x W``; the generated ``indoor`` and ``street`` also
+have a validation split of half the test size, ``Benchmark.validation``):
 
 =========== ======================= ======================== =========================
 name        tiny (tests, < 2 s)     small (default demo)     medium
@@ -54,14 +55,16 @@ _CACHE_FORMAT = "mtunlearn_ext.benchmark/1"
 # name -> size -> keyword arguments of the generator / loader
 _GENERATED: dict[str, tuple[Callable[..., Benchmark], int, dict[str, dict[str, Any]]]] = {
     "indoor": (make_indoor, INDOOR_VERSION, {
-        "tiny": {"num_train": 48, "num_test": 24, "size": (24, 32)},
-        "small": {"num_train": 600, "num_test": 200, "size": (48, 64)},
-        "medium": {"num_train": 1500, "num_test": 500, "size": (96, 128)},
+        "tiny": {"num_train": 48, "num_test": 24, "num_validation": 12, "size": (24, 32)},
+        "small": {"num_train": 600, "num_test": 200, "num_validation": 100, "size": (48, 64)},
+        "medium": {"num_train": 1500, "num_test": 500, "num_validation": 250,
+                   "size": (96, 128)},
     }),
     "street": (make_street, STREET_VERSION, {
-        "tiny": {"num_train": 48, "num_test": 24, "size": (24, 48)},
-        "small": {"num_train": 600, "num_test": 200, "size": (48, 96)},
-        "medium": {"num_train": 1500, "num_test": 500, "size": (96, 192)},
+        "tiny": {"num_train": 48, "num_test": 24, "num_validation": 12, "size": (24, 48)},
+        "small": {"num_train": 600, "num_test": 200, "num_validation": 100, "size": (48, 96)},
+        "medium": {"num_train": 1500, "num_test": 500, "num_validation": 250,
+                   "size": (96, 192)},
     }),
 }
 _DIGITS = {"tiny": {"num_samples": 400}, "small": {}, "medium": {}}
@@ -135,8 +138,9 @@ def _from_dict(payload: dict[str, Any]) -> Benchmark:
     def dataset(d: dict[str, Any]) -> MultiTaskDataset:
         return MultiTaskDataset(d["inputs"], d["targets"], tasks, d["ids"], d["supervision"])
 
+    validation = payload.get("validation")
     return Benchmark(payload["name"], dataset(payload["train"]), dataset(payload["test"]), tasks,
-                     payload["info"])
+                     payload["info"], None if validation is None else dataset(validation))
 
 
 def save_benchmark(benchmark: Benchmark, path: str | os.PathLike[str],
@@ -146,6 +150,8 @@ def save_benchmark(benchmark: Benchmark, path: str | os.PathLike[str],
     payload = {"format": _CACHE_FORMAT, "name": benchmark.name,
                "tasks": [_task_dict(t) for t in benchmark.tasks],
                "train": _dataset_dict(benchmark.train), "test": _dataset_dict(benchmark.test),
+               "validation": (None if benchmark.validation is None
+                              else _dataset_dict(benchmark.validation)),
                "info": benchmark.info}
     return atomic_torch_save(payload, path, overwrite=overwrite)
 

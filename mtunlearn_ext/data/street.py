@@ -197,21 +197,26 @@ def _split(num: int, size: tuple[int, int], seed_seq: np.random.SeedSequence, fi
 
 
 def make_street(num_train: int, num_test: int, size: tuple[int, int] = (48, 96),
-                seed: int = 0) -> Benchmark:
+                seed: int = 0, num_validation: int = 0) -> Benchmark:
     """The ``street`` benchmark: ``num_train`` + ``num_test`` rendered streets of ``size``.
 
     Ids, seeding and ``info`` as in :func:`~mtunlearn_ext.data.indoor.make_indoor`.
     """
-    if num_train < 1 or num_test < 0:
-        raise ValueError(f"make_street: need num_train >= 1 and num_test >= 0, got "
-                         f"{num_train}, {num_test}")
+    if num_train < 1 or num_test < 0 or num_validation < 0:
+        raise ValueError(f"make_street: need num_train >= 1, num_test >= 0 and num_validation "
+                         f">= 0, got {num_train}, {num_test}, {num_validation}")
     h, w = size
     if h < 4 or w < 4:
         raise ValueError(f"make_street: `size` must be at least (4, 4), got {size}")
     tasks = street_tasks()
-    train_seq, test_seq = np.random.SeedSequence([seed, 0x57EE7]).spawn(2)
+    # The third stream leaves the first two (train, test) as they were before it existed.
+    train_seq, test_seq, validation_seq = np.random.SeedSequence([seed, 0x57EE7]).spawn(3)
     train, train_cams = _split(num_train, (h, w), train_seq, 0, tasks)
     test, test_cams = _split(num_test, (h, w), test_seq, num_train, tasks)
+    validation = None
+    if num_validation:
+        validation, _ = _split(num_validation, (h, w), validation_seq, num_train + num_test,
+                               tasks)
     info: dict[str, object] = {
         "classes": list(STREET_CLASSES), "size": [h, w], "seed": seed,
         "generator_version": STREET_VERSION, "fov_x": STREET_FOV_X,
@@ -220,4 +225,4 @@ def make_street(num_train: int, num_test: int, size: tuple[int, int] = (48, 96),
         "rgb_normalisation": [RGB_MEAN, RGB_STD], "depth_prior": DEPTH_PRIOR,
         "train_cameras": train_cams, "test_cameras": test_cams,
     }
-    return Benchmark("street", train, test, tasks, info)
+    return Benchmark("street", train, test, tasks, info, validation)

@@ -72,6 +72,12 @@ class UnlearningProblem:
             needed by methods that retrain or fine-tune with the original recipe.
         model_factory: ``() -> nn.Module``, a freshly initialised model built exactly as the
             original was (same architecture and initialisation seed); needed by retraining.
+        held_out: optional instances from the training distribution that the original model
+            never saw (a validation split; never the test split an evaluation scores on). A
+            retrained model fits the forget instances about as well as such unseen data, so a
+            method may read the original model's losses on them to know how far forgetting
+            should go (:class:`~mtunlearn_ext.unlearning.interference_aware.InterferenceAware`
+            calibrates its forget caps on them).
     """
 
     model: nn.Module
@@ -84,18 +90,21 @@ class UnlearningProblem:
     seed: int = 0
     train_config: Any | None = None
     model_factory: Callable[[], nn.Module] | None = None
+    held_out: MultiTaskDataset | None = None
 
     @classmethod
     def from_request(cls, model: nn.Module, dataset: MultiTaskDataset, request: ForgetRequest,
                      *, device: torch.device | str = "cpu", seed: int = 0,
                      train_config: Any | None = None,
-                     model_factory: Callable[[], nn.Module] | None = None) -> UnlearningProblem:
+                     model_factory: Callable[[], nn.Module] | None = None,
+                     held_out: MultiTaskDataset | None = None) -> UnlearningProblem:
         """Validate ``request`` against the training set ``dataset`` and split it."""
         request.validate(dataset)
         forget, retain = request.split(dataset)
         return cls(model=model, tasks=list(dataset.tasks), forget=forget, retain=retain,
                    request=request, target_tasks=request.resolved_tasks(dataset), device=device,
-                   seed=seed, train_config=train_config, model_factory=model_factory)
+                   seed=seed, train_config=train_config, model_factory=model_factory,
+                   held_out=held_out)
 
     @property
     def task_names(self) -> list[str]:
@@ -122,7 +131,10 @@ class UnlearningProblem:
     def validate(self) -> None:
         """Raise a clear error if the parts of the problem do not fit together."""
         names = self.task_names
-        for label, ds in (("forget", self.forget), ("retain", self.retain)):
+        parts = [("forget", self.forget), ("retain", self.retain)]
+        if self.held_out is not None:
+            parts.append(("held_out", self.held_out))
+        for label, ds in parts:
             if ds.task_names != names:
                 raise ValueError(f"UnlearningProblem: the {label} set has tasks {ds.task_names}, "
                                  f"the problem {names} (same tasks, same order required)")
@@ -140,6 +152,16 @@ class UnlearningProblem:
                              "build it with ForgetRequest.split")
         if self.seed < 0:
             raise ValueError(f"UnlearningProblem: `seed` must be >= 0, got {self.seed}")
+        if self.held_out is not None:
+            if len(self.held_out) == 0:
+                raise ValueError("UnlearningProblem: the held_out set is empty (pass None to "
+                                 "go without one)")
+            trained = set(self.forget.ids.tolist()) | set(self.retain.ids.tolist())
+            shared = sorted(trained.intersection(self.held_out.ids.tolist()))
+            if shared:
+                raise ValueError(f"UnlearningProblem: the held_out set shares {len(shared)} "
+                                 f"instance ids with the training set (first: {shared[:5]}); "
+                                 "it must hold instances the model was never trained on")
 
 
 @dataclass

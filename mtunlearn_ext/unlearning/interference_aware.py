@@ -7,8 +7,9 @@ levels, and each step of this method removes one:
 1. **Per-task forget gradients.** On a forget minibatch, for each target task ``t in S``, the
    gradient ``f_t`` of that task's bounded forgetting objective ``O_t``
    (:mod:`~mtunlearn_ext.unlearning.objectives`, chosen per task kind; by default
-   ``capped_ascent`` with a cap calibrated on the retain set, see ``cap_quantile``) with
-   respect to ``theta_s`` and the task's head ``theta_t``.
+   ``capped_ascent`` with a cap calibrated on the retain set or, when the problem has one, on
+   a held-out validation set: see ``cap_quantile`` and ``cap_reference``) with respect to
+   ``theta_s`` and the task's head ``theta_t``.
 2. **Task-aware gradient projection** (task-level interference). Every ``refresh_every`` steps,
    retain-gradient snapshots of the tasks to protect ``P`` are pushed into a per-layer
    :class:`~mtunlearn_ext.unlearning.protected_subspace.ProtectedSubspace` holding the ``k``
@@ -85,6 +86,7 @@ from mtunlearn_ext.unlearning.registry import register_unlearner
 from mtunlearn_ext.unlearning.terms import RetainTerms, retain_terms
 
 __all__ = [
+    "CAP_REFERENCES",
     "INSTANCE_MODES",
     "PROTECT_MODES",
     "InterferenceAware",
@@ -100,6 +102,7 @@ __all__ = [
 INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
 PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target", "others")
 SNAPSHOT_TARGETS: tuple[str, ...] = ("sampled", "labels")
+CAP_REFERENCES: tuple[str, ...] = ("auto", "held_out", "retain")
 
 
 @dataclass
@@ -159,7 +162,13 @@ class InterferenceAwareConfig(StepConfig):
             retained pair the model fits poorly, and no further (its gradient is then zero), so
             the step budget no longer decides how far forgetting goes. ``None`` keeps the
             objective's own cap (the loss of an input-independent predictor, far higher).
-        cap_rows: retain rows used to estimate that quantile.
+        cap_reference: whose losses ``cap_quantile`` is taken over: ``"held_out"`` (the
+            problem's ``held_out`` instances, never trained on: a retrained model fits the
+            forget instances about as well as such unseen data, so ascent stops where the
+            forget pairs look unseen), ``"retain"`` (retain pairs: a level the model fits,
+            lower than the unseen one when it memorises; the default) or ``"auto"``
+            (``held_out`` when the problem has it, else ``retain``).
+        cap_rows: rows of that set used to estimate the quantile.
     """
 
     steps: int = 25
@@ -186,6 +195,7 @@ class InterferenceAwareConfig(StepConfig):
     num_coupled_per_sample: int = 8
     chunk_size: int | None = None
     cap_quantile: float | None = 0.9
+    cap_reference: str = "retain"
     cap_rows: int = 128
 
     def validate(self) -> None:
@@ -228,6 +238,9 @@ class InterferenceAwareConfig(StepConfig):
         if self.cap_quantile is not None and not 0.0 < self.cap_quantile <= 1.0:
             raise ValueError(f"{name}: `cap_quantile` must be in (0, 1] or None, got "
                              f"{self.cap_quantile}")
+        if self.cap_reference not in CAP_REFERENCES:
+            raise ValueError(f"{name}: `cap_reference` must be one of {CAP_REFERENCES}, got "
+                             f"{self.cap_reference!r}")
         if self.cap_rows < 1:
             raise ValueError(f"{name}: `cap_rows` must be >= 1, got {self.cap_rows}")
 
@@ -358,9 +371,11 @@ class InterferenceAware(GradientUnlearner):
                 coupled, cfg.forget_batch_size, child_generator(ctx.generator), problem.device),
             "coupled_tasks": coupled_tasks,
         })
-        caps = self._calibrate_caps(ctx) if cfg.cap_quantile is not None else {}
+        caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
+                            else ({}, None))
         report.extra["interference_aware"] = {
             "forget_caps": caps,
+            "forget_caps_from": cap_source,
             "protected_tasks": protect,
             "protected_by_target": {t: list(tasks) for t, tasks in plan.items()},
             "coupled_instances": 0 if coupled is None else len(coupled),
@@ -369,26 +384,34 @@ class InterferenceAware(GradientUnlearner):
         }
 
     @torch.no_grad()
-    def _calibrate_caps(self, ctx: StepContext) -> dict[str, float]:
+    def _calibrate_caps(self, ctx: StepContext) -> tuple[dict[str, float], str | None]:
         """Set each ``capped_ascent`` objective's cap to the ``cap_quantile`` of the (original)
-        model's per-sample losses on retain pairs of its task; returns the caps. One forward
-        pass per batch of the first ``cap_rows`` retain rows serves every task."""
+        model's per-sample losses of its task on the ``cap_reference`` set; returns the caps
+        and the set's name. One forward pass per batch of the set's first ``cap_rows`` rows
+        serves every task."""
         cfg = self.config
         assert cfg.cap_quantile is not None
         capped = {t: o for t, o in ctx.objectives.items() if isinstance(o, CappedAscentObjective)}
         if not capped:
-            return {}
-        retain = ctx.problem.retain
-        rows = torch.arange(min(cfg.cap_rows, len(retain)))
+            return {}, None
+        problem = ctx.problem
+        source = cfg.cap_reference
+        if source == "auto":
+            source = "held_out" if problem.held_out is not None else "retain"
+        reference = problem.held_out if source == "held_out" else problem.retain
+        if reference is None:
+            raise ValueError("interference_aware: cap_reference='held_out' needs a problem with "
+                             "`held_out` instances (or use 'auto' / 'retain')")
+        rows = torch.arange(min(cfg.cap_rows, len(reference)))
         losses: dict[str, list[torch.Tensor]] = {t: [] for t in capped}
         for start in range(0, rows.numel(), 64):
-            batch = batch_to(retain.batch(rows[start:start + 64]), ctx.problem.device)
+            batch = batch_to(reference.batch(rows[start:start + 64]), problem.device)
             out = ctx.forward(batch)
             supervision = batch["supervision"]
             assert isinstance(supervision, torch.Tensor)
             for task in capped:
-                mask = supervision[:, retain.task_index(task)]
-                values = task_loss(ctx.problem.spec(task), out[task],
+                mask = supervision[:, reference.task_index(task)]
+                values = task_loss(problem.spec(task), out[task],
                                    batch["targets"][task])  # type: ignore[index]
                 losses[task].append(values[mask].float().cpu())
         caps: dict[str, float] = {}
@@ -398,7 +421,7 @@ class InterferenceAware(GradientUnlearner):
                 continue
             objective.cap = float(torch.quantile(values, cfg.cap_quantile))
             caps[task] = objective.cap
-        return caps
+        return caps, source
 
     # -- building blocks (also used by the interference diagnostics) --------------------------------
 
@@ -551,16 +574,19 @@ class InterferenceAware(GradientUnlearner):
         return batch
 
     def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
-                         param_names: Sequence[str], batch: Batch
+                         param_names: Sequence[str], batch: Batch,
+                         per_sample: list[torch.Tensor] | None = None
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Make the forget step direction ``u`` (one tensor per parameter of ``param_names``)
-        orthogonal to / non-conflicting with the per-sample retain gradients of ``batch``.
+        orthogonal to / non-conflicting with the per-sample retain gradients of ``batch``
+        (computed here unless given: one ``[B, *shape]`` stack per name).
 
         Returns (the projected direction ``d``, the per-sample gradient stacks ``[B, *shape]``).
         """
         cfg = self.config
-        per_sample = per_sample_retain_grads(ctx.model, batch, ctx.problem.tasks, param_names,
-                                             cfg.chunk_size)
+        if per_sample is None:
+            per_sample = per_sample_retain_grads(ctx.model, batch, ctx.problem.tasks,
+                                                 param_names, cfg.chunk_size)
         u = [g.unsqueeze(0) for g in step_dir]
         if cfg.instance_projection == "orthogonal":
             out = project_out_list(u, per_sample, cfg.ridge, outs=u)
@@ -568,6 +594,22 @@ class InterferenceAware(GradientUnlearner):
             out = project_nonconflicting_list(u, per_sample, sign=-1, outs=u)
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
+
+    def _per_sample_is_retain_batch(self, ctx: StepContext, retain_batch: Batch) -> bool:
+        """The step's instance constraints are the whole retain batch, every row supervising
+        every task (so their mean gradient is the retain descent term)."""
+        cfg = self.config
+        supervision = retain_batch["supervision"]
+        assert isinstance(supervision, torch.Tensor)
+        return (cfg.alpha > 0 and cfg.instance_projection != "off"
+                and cfg.num_per_sample >= supervision.shape[0]
+                and (ctx.state.get("coupled_stream") is None or cfg.num_coupled_per_sample == 0)
+                and bool(supervision.all()))
+
+    def _retain_per_sample(self, ctx: StepContext, retain_batch: Batch) -> list[torch.Tensor]:
+        """Per-sample retain gradients of the whole batch over every parameter."""
+        return per_sample_retain_grads(ctx.model, retain_batch, ctx.problem.tasks,
+                                       ctx.groups.all_names, self.config.chunk_size)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -585,9 +627,25 @@ class InterferenceAware(GradientUnlearner):
         refresh = cfg.task_projection and ctx.step % cfg.refresh_every == 0
         retain_shared = [torch.zeros_like(p) for p in shared]
         retain_heads: dict[str, list[torch.Tensor]] = {}
+        # When the instance constraints are exactly the retain batch, fully supervised, the
+        # retain gradient is the mean of their per-sample gradients: the per-sample pass then
+        # serves both, and the batched retain backward is skipped.
+        per_sample_all = (self._retain_per_sample(ctx, retain_batch)
+                          if not refresh and self._per_sample_is_retain_batch(ctx, retain_batch)
+                          else None)
         if refresh:
             stats.retain, retain_shared, retain_heads, pushed = self.refresh(ctx, retain_batch)
             stats.extra["snapshots_pushed"] = float(pushed)
+        elif per_sample_all is not None:
+            with torch.no_grad():
+                stats.retain = self.retain_step_terms(ctx, retain_batch)
+            means = [g.mean(dim=0) for g in per_sample_all]
+            retain_shared = means[:n_shared]
+            offset = n_shared
+            for t in groups.heads:
+                count = len(groups.heads[t])
+                retain_heads[t] = means[offset:offset + count]
+                offset += count
         else:
             stats.retain = self.retain_step_terms(ctx, retain_batch)
             total = stats.retain.total()
@@ -638,7 +696,12 @@ class InterferenceAware(GradientUnlearner):
                                                            for g in forget_heads[t]]
                 before = _norm(step_dir)
                 batch = self.instance_batch(ctx, retain_batch)
-                projected_dir, per_sample = self.instance_project(ctx, step_dir, names, batch)
+                given = None
+                if per_sample_all is not None:
+                    position = {n: i for i, n in enumerate(groups.all_names)}
+                    given = [per_sample_all[position[n]] for n in names]
+                projected_dir, per_sample = self.instance_project(ctx, step_dir, names, batch,
+                                                                  given)
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
                 stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
@@ -682,16 +745,36 @@ class InterferenceAware(GradientUnlearner):
 class _NoTaskConfig(InterferenceAwareConfig):
     task_projection: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        _check_ablated(self, task_projection=False)
+
 
 @dataclass
 class _NoInstanceConfig(InterferenceAwareConfig):
     instance_projection: str = "off"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_ablated(self, instance_projection="off")
 
 
 @dataclass
 class _NeitherConfig(InterferenceAwareConfig):
     task_projection: bool = False
     instance_projection: str = "off"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_ablated(self, task_projection=False, instance_projection="off")
+
+
+def _check_ablated(config: InterferenceAwareConfig, **fixed: object) -> None:
+    """An ablation's switched-off component cannot be switched back on by a setting."""
+    for field_name, value in fixed.items():
+        if getattr(config, field_name) != value:
+            raise ValueError(f"{type(config).__name__}: this ablation fixes `{field_name}` to "
+                             f"{value!r}; got {getattr(config, field_name)!r}")
 
 
 @register_unlearner

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The grids behind the "memorising" presets (mtunlearn_ext/unlearning/presets.py), in the order
-# they were run on 2026-11-29 (seed 0, training data only; ~1.5 h on 2 cores). Each run adds its
-# records to runs/unlearning_eval_memorising/tuning/; the last command picks, per request and
-# method, the setting with the lowest score averaged over indoor and street. Every score is in
-# memorising_grid.csv, the selection in memorising_selection.json.
+# they were run on 2026-11-29 (seed 0, training data only; ~1.5 h, then ~45 min, on 2 cores).
+# Each run adds its records to runs/unlearning_eval_memorising/tuning/; the last command picks,
+# per request and method, the setting with the lowest score averaged over indoor and street.
+# Every score is in memorising_grid.csv, the selection in memorising_selection.json.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 EVAL=(.venv/bin/python benchmarks/unlearning_eval.py --tune --seeds 0 --recipe memorising)
@@ -42,4 +42,54 @@ done
     "grad_clip": [1, 2], "forget_objective": ["capped_ascent"], "cap_quantile": [null],
     "protect": ["others"]}}'
 
-.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select
+# --- Second session (2026-11-29, ~45 min on 2 cores): the optimizer as a grid axis. Rounds 1-6
+# tried SGD (momentum 0.9) only, for every method. Adam changes the ranking, so every step-based
+# method got Adam learning rates, and the interference-aware method Adam with its components
+# and the held-out forget cap (a validation split; see cap_reference).
+# 7. the interference-aware method with Adam (full requests), then its components.
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 10,20,30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4, 1e-3, 3e-3],
+    "optimizer": ["adam"]}}'
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 20,30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4], "optimizer": ["adam"],
+    "instance_projection": ["orthogonal", "nonconflicting"], "num_per_sample": [32],
+    "task_projection": [true, false], "grad_clip": [5]}}'
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 20,30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "optimizer": ["adam"],
+    "instance_projection": ["orthogonal", "nonconflicting"], "num_per_sample": [32],
+    "task_projection": [false], "grad_clip": [5]}}'
+# 8. forget caps at a quantile of the original model's losses on the validation split.
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 20,30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4, 5e-4, 1e-3],
+    "optimizer": ["adam"], "cap_reference": ["held_out"], "cap_quantile": [0.5, 0.75],
+    "task_projection": [true, false]}}'
+"${EVAL[@]}" --requests partial --methods interference_aware --checkpoints 10,20,30,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [1e-4, 3e-4, 1e-3],
+    "optimizer": ["adam"]}}'
+"${EVAL[@]}" --requests partial --methods interference_aware --checkpoints 10,20,30,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [1e-4, 3e-4], "optimizer": ["adam"],
+    "alpha": [1, 3], "cap_reference": ["held_out"], "cap_quantile": [0.5, 0.75]}}'
+# 9. every step-based baseline with Adam.
+"${EVAL[@]}" --requests full --methods orthograd,neggrad_plus,pcgrad --checkpoints 20,40,60 \
+  --grid '{"orthograd": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "neggrad_plus": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "pcgrad": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]}}'
+"${EVAL[@]}" --requests partial --methods orthograd,neggrad_plus,pcgrad \
+  --checkpoints 10,20,30,40,60 \
+  --grid '{"orthograd": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "neggrad_plus": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "pcgrad": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]}}'
+"${EVAL[@]}" --methods finetune,gradient_ascent,random_labels,salun --checkpoints 10,20,30,40,60 \
+  --grid '{"finetune": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "gradient_ascent": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "random_labels": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]},
+    "salun": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"]}}'
+
+# 10. (after a first evaluation with round 1-9's selection) held-out forget caps on the selected
+#     full-request setting (Adam, orthogonal over 32 per-sample gradients, no task projection).
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 20,30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4, 5e-4],
+    "cap_reference": ["held_out"], "cap_quantile": [0.5, 0.75, 0.9]}}'
+
+.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
+  --grid-csv benchmarks/results/unlearning/memorising_grid.csv

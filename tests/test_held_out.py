@@ -1,0 +1,141 @@
+"""Held-out (validation) data: the generated benchmarks' validation split, the problem's
+``held_out`` set, and the interference-aware method's forget caps calibrated on it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mtunlearn_ext
+from mtunlearn_ext.data import ForgetRequest, load_benchmark
+from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.data.indoor import make_indoor
+from mtunlearn_ext.data.registry import read_benchmark, save_benchmark
+from mtunlearn_ext.data.street import make_street
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models import build_model
+from mtunlearn_ext.training import TrainConfig, train
+from mtunlearn_ext.unlearning import UnlearningProblem, get_unlearner
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)
+
+SETTINGS = {"steps": 2, "lr": 3e-3, "forget_batch_size": 6, "retain_batch_size": 12,
+            "num_per_sample": 6, "num_coupled_per_sample": 3, "refresh_every": 2,
+            "num_snapshots": 8, "snapshot_groups": 2, "cap_quantile": 0.5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread)."""
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    return load_benchmark("indoor", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def original(bench):  # type: ignore[no-untyped-def]
+    model = build_model(bench, seed=0)
+    train(model, bench.train, None, TrainConfig(epochs=2, batch_size=16, lr=3e-3, seed=0),
+          progress=False)
+    return model.eval()
+
+
+def _problem(bench, model, held_out=None) -> UnlearningProblem:  # type: ignore[no-untyped-def]
+    request = ForgetRequest.create(bench.train.ids[:8], None)
+    return UnlearningProblem.from_request(model, bench.train, request, held_out=held_out)
+
+
+# -- the data ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [make_indoor, make_street], ids=["indoor", "street"])
+def test_validation_split_leaves_train_and_test_unchanged(make) -> None:  # type: ignore[no-untyped-def]
+    plain = make(6, 4, size=(8, 12), seed=3)
+    with_val = make(6, 4, size=(8, 12), seed=3, num_validation=5)
+    assert plain.validation is None
+    for a, b in ((plain.train, with_val.train), (plain.test, with_val.test)):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.ids, b.ids)
+        assert all(torch.equal(a.targets[t], b.targets[t]) for t in a.targets)
+    val = with_val.validation
+    assert val is not None and len(val) == 5
+    assert val.ids.tolist() == list(range(10, 15))  # after the train and test ids
+    assert not torch.equal(val.inputs, with_val.test.inputs[:5])
+    with pytest.raises(ValueError, match="num_validation"):
+        make(6, 4, size=(8, 12), num_validation=-1)
+
+
+def test_benchmark_file_keeps_the_validation_split(tmp_path, bench) -> None:  # type: ignore[no-untyped-def]
+    assert bench.validation is not None and len(bench.validation) == 12
+    path = tmp_path / "b.pt"
+    save_benchmark(bench, path)
+    again = read_benchmark(path)
+    assert again.validation is not None
+    assert torch.equal(again.validation.inputs, bench.validation.inputs)
+    assert torch.equal(again.validation.ids, bench.validation.ids)
+
+
+# -- the problem -------------------------------------------------------------------------------
+
+
+def test_problem_rejects_bad_held_out_sets(bench, original) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="shares 4 instance ids with the training set"):
+        _problem(bench, original, bench.train.subset(torch.arange(4))).validate()
+    with pytest.raises(ValueError, match="held_out set is empty"):
+        _problem(bench, original, bench.validation.subset(torch.arange(0))).validate()
+    other = MultiTaskDataset(bench.validation.inputs,
+                             {"depth": bench.validation.targets["depth"]},
+                             [bench.tasks[1]], ids=bench.validation.ids)
+    with pytest.raises(ValueError, match="held_out set has tasks"):
+        _problem(bench, original, other).validate()
+    _problem(bench, original, bench.validation).validate()
+
+
+# -- the caps ----------------------------------------------------------------------------------
+
+
+def _median_losses(model, data) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        out = model(data.inputs)
+    return {t.name: float(torch.quantile(task_loss(t, out[t.name], data.targets[t.name]), 0.5))
+            for t in data.tasks}
+
+
+@pytest.mark.parametrize("reference", ["held_out", "auto", "retain"])
+def test_caps_are_the_quantile_of_the_chosen_set(bench, original, reference: str) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, bench.validation)
+    result = get_unlearner("interference_aware",
+                           {**SETTINGS, "cap_reference": reference}).unlearn(problem)
+    extra = result.report.extra["interference_aware"]
+    source = "retain" if reference == "retain" else "held_out"
+    assert extra["forget_caps_from"] == source
+    data = bench.validation if source == "held_out" else problem.retain.subset(
+        torch.arange(min(128, len(problem.retain))))
+    expected = _median_losses(original, data)
+    assert extra["forget_caps"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_held_out_caps_need_held_out_data(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original)
+    with pytest.raises(ValueError, match="cap_reference='held_out' needs a problem"):
+        get_unlearner("interference_aware",
+                      {**SETTINGS, "cap_reference": "held_out"}).unlearn(problem)
+    auto = get_unlearner("interference_aware", {**SETTINGS, "cap_reference": "auto"})
+    assert auto.unlearn(problem).report.extra["interference_aware"]["forget_caps_from"] == "retain"
+    with pytest.raises(ValueError, match="cap_reference"):
+        get_unlearner("interference_aware", {"cap_reference": "test"})
+
+
+def test_public_api_takes_held_out_data(bench, original) -> None:  # type: ignore[no-untyped-def]
+    val = bench.validation
+    _, report = mtunlearn_ext.unlearn(
+        original, tasks=bench.tasks, train_data=bench.train,
+        forget_request=ForgetRequest.create(bench.train.ids[:8], None),
+        held_out_data=(val.inputs, dict(val.targets)),
+        config={**SETTINGS, "cap_reference": "held_out"})
+    extra = report.extra["interference_aware"]
+    assert extra["forget_caps_from"] == "held_out"
+    assert extra["forget_caps"] == pytest.approx(_median_losses(original, val), rel=1e-5)
