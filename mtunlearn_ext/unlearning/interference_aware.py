@@ -157,11 +157,12 @@ class InterferenceAwareConfig(StepConfig):
             constraints in a partial request (0: none).
         chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds memory).
         cap_quantile: with the ``capped_ascent`` objective, the cap of task ``t`` becomes this
-            quantile of the original model's per-sample losses on (up to ``cap_rows``) retain
-            pairs of ``t``: each forget pair's loss is raised until it is as high as that of a
-            retained pair the model fits poorly, and no further (its gradient is then zero), so
-            the step budget no longer decides how far forgetting goes. ``None`` keeps the
-            objective's own cap (the loss of an input-independent predictor, far higher).
+            quantile of the original model's per-sample losses on (up to ``cap_rows``) pairs
+            of ``t`` of the ``cap_reference`` set: each forget pair's loss is raised until it
+            is as high as that of a pair the model fits poorly, and no further (its gradient is
+            then zero), so the step budget no longer decides how far forgetting goes. ``None``
+            keeps the objective's own cap (the loss of an input-independent predictor, far
+            higher).
         cap_reference: whose losses ``cap_quantile`` is taken over: ``"held_out"`` (the
             problem's ``held_out`` instances, never trained on: a retrained model fits the
             forget instances about as well as such unseen data, so ascent stops where the
