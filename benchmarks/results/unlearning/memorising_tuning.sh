@@ -91,5 +91,14 @@ done
   --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4, 5e-4],
     "cap_reference": ["held_out"], "cap_quantile": [0.5, 0.75, 0.9]}}'
 
+# 11. (after the evaluation) the partial-request preset's task-level parts, one at a time:
+#     none scored better than the preset (0.350): no task projection 0.366, no coupled
+#     protection 0.381, labelled snapshots 0.394, k = 8 0.372.
+for point in '"task_projection": [false]' '"coupled": [false]' '"snapshot_targets": ["labels"]' \
+             '"num_snapshots": [8]'; do
+  "${EVAL[@]}" --requests partial --methods interference_aware --checkpoints 20,30,40 \
+    --method-max-steps 40 --grid "{\"interference_aware\": {\"lr\": [3e-4], $point}}"
+done
+
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv
