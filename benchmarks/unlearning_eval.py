@@ -421,7 +421,7 @@ def _merge_records(path: Path, records: list[dict[str, Any]]) -> list[dict[str, 
 def _score_tables(tuning_dir: Path, request: str
                   ) -> tuple[list[str], dict[str, float], dict[str, dict[str, float]]]:
     """For one request: the tuned benchmarks (file stems), the untouched model's score on each,
-    and setting key -> benchmark -> score over every record of the tuning files."""
+    and setting key -> benchmark -> score for every setting tried on *every* one of them."""
     names: list[str] = []
     tables: dict[str, dict[str, float]] = {}
     originals: dict[str, float] = {}
@@ -431,7 +431,8 @@ def _score_tables(tuning_dir: Path, request: str
         originals[path.stem] = data["records"][0]["score"]
         for record in data["records"][1:]:
             tables.setdefault(_setting_key(record), {})[path.stem] = record["score"]
-    return names, originals, tables
+    complete = {k: v for k, v in tables.items() if len(v) == len(names)}
+    return names, originals, complete
 
 
 def select_settings(tuning_dir: Path, requests: Sequence[str]) -> dict[str, Any]:
@@ -446,8 +447,6 @@ def select_settings(tuning_dir: Path, requests: Sequence[str]) -> dict[str, Any]
             continue
         best: dict[str, Any] = {}
         for key, per_file in tables.items():
-            if len(per_file) != len(names):
-                continue
             settings = json.loads(key)
             method = settings.pop("method")
             score = statistics.fmean(per_file.values())
@@ -474,8 +473,6 @@ def write_grid_csv(tuning_dir: Path, requests: Sequence[str], path: Path) -> int
             raise ValueError(f"write_grid_csv: {request} requests were tuned on {benchmarks}, "
                              f"others on {columns}")
         for key, per_file in tables.items():
-            if len(per_file) != len(names):
-                continue
             settings = json.loads(key)
             method = settings.pop("method")
             scores = [per_file[n] for n in names]
