@@ -37,3 +37,29 @@ def one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def indoor_tiny():  # type: ignore[no-untyped-def]
+    """The ``indoor`` benchmark at size ``tiny`` (seed 0)."""
+    from mtunlearn_ext.data import load_benchmark
+
+    return load_benchmark("indoor", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def indoor_tiny_model(indoor_tiny):  # type: ignore[no-untyped-def]
+    """A model trained 4 epochs on ``indoor_tiny`` (one thread; shared by every test that only
+    reads it: unlearning methods work on a copy)."""
+    from mtunlearn_ext.models import build_model
+    from mtunlearn_ext.training import TrainConfig, train
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model(indoor_tiny, seed=0)
+        train(model, indoor_tiny.train, None,
+              TrainConfig(epochs=4, batch_size=16, lr=3e-3, seed=0), progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    return model.eval()

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 import mtunlearn_ext
-from mtunlearn_ext.data import ForgetRequest, load_benchmark
+from mtunlearn_ext.data import ForgetRequest
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.indoor import make_indoor
 from mtunlearn_ext.data.registry import read_benchmark, save_benchmark
 from mtunlearn_ext.data.street import make_street
 from mtunlearn_ext.losses import task_loss
-from mtunlearn_ext.models import build_model
-from mtunlearn_ext.training import TrainConfig, train
 from mtunlearn_ext.unlearning import UnlearningProblem, get_unlearner
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -32,16 +30,13 @@ def _one_thread(one_thread):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def bench():  # type: ignore[no-untyped-def]
-    return load_benchmark("indoor", size="tiny", seed=0)
+def bench(indoor_tiny):  # type: ignore[no-untyped-def]
+    return indoor_tiny
 
 
 @pytest.fixture(scope="module")
-def original(bench):  # type: ignore[no-untyped-def]
-    model = build_model(bench, seed=0)
-    train(model, bench.train, None, TrainConfig(epochs=2, batch_size=16, lr=3e-3, seed=0),
-          progress=False)
-    return model.eval()
+def original(indoor_tiny_model):  # type: ignore[no-untyped-def]
+    return indoor_tiny_model
 
 
 def _problem(bench, model, held_out=None) -> UnlearningProblem:  # type: ignore[no-untyped-def]

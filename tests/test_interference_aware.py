@@ -16,11 +16,8 @@ from torch import nn
 
 import mtunlearn_ext
 from mtunlearn_ext.data import ForgetRequest
-from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.losses import task_loss
-from mtunlearn_ext.models import build_model
 from mtunlearn_ext.surgery import gram_list_stats, project_out_list
-from mtunlearn_ext.training import TrainConfig, train
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
     UnlearningProblem,
@@ -44,7 +41,6 @@ from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
-RECIPE = TrainConfig(epochs=4, batch_size=16, lr=3e-3, seed=0)
 TINY = {"steps": 4, "lr": 3e-3, "forget_batch_size": 6, "retain_batch_size": 12,
         "num_per_sample": 6, "num_coupled_per_sample": 3, "refresh_every": 2,
         "num_snapshots": 8, "snapshot_groups": 2}
@@ -56,15 +52,13 @@ def _one_thread(one_thread):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def bench():  # type: ignore[no-untyped-def]
-    return load_benchmark("indoor", size="tiny", seed=0)
+def bench(indoor_tiny):  # type: ignore[no-untyped-def]
+    return indoor_tiny
 
 
 @pytest.fixture(scope="module")
-def original(bench):  # type: ignore[no-untyped-def]
-    model = build_model(bench, seed=0)
-    train(model, bench.train, None, RECIPE, progress=False)
-    return model.eval()
+def original(indoor_tiny_model):  # type: ignore[no-untyped-def]
+    return indoor_tiny_model
 
 
 def _problem(bench, model, partial: bool, seed: int = 0) -> UnlearningProblem:  # type: ignore[no-untyped-def]
@@ -552,3 +546,15 @@ def test_per_sample_pass_is_not_shared_when_it_is_not_the_retain_batch(bench, or
     supervision[0, 0] = False
     partial_batch["supervision"] = supervision
     assert not method._per_sample_is_retain_batch(ctx, partial_batch)
+
+
+def test_parameter_groups_split_a_canonical_list(original) -> None:  # type: ignore[no-untyped-def]
+    groups = ParameterGroups.from_model(original, ["segmentation", "depth", "normals"])
+    names = groups.all_names
+    shared, heads = groups.split(names)
+    assert shared == [n for n, _ in groups.shared]
+    assert heads == {t: [n for n, _ in groups.heads[t]] for t in groups.heads}
+    some = [n for n, _ in groups.shared] + [n for n, _ in groups.heads["depth"]]
+    assert groups.split(some, ["depth"])[1] == {"depth": heads["depth"]}
+    with pytest.raises(ValueError, match="values for"):
+        groups.split(names[:-1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ __all__ = [
     "task_grads",
     "unflatten",
 ]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,22 @@ class ParameterGroups:
     @property
     def all_names(self) -> list[str]:
         return [n for n, _ in self.all]
+
+    def split(self, values: Sequence[_T], tasks: Sequence[str] | None = None
+              ) -> tuple[list[_T], dict[str, list[_T]]]:
+        """Cut a list laid out as the shared parameters then the heads of ``tasks`` (default:
+        every task, in canonical order) into (the shared part, task -> its head's part)."""
+        shared = list(values[:len(self.shared)])
+        heads: dict[str, list[_T]] = {}
+        offset = len(self.shared)
+        for t in (self.heads if tasks is None else tasks):
+            count = len(self.heads[t])
+            heads[t] = list(values[offset:offset + count])
+            offset += count
+        if offset != len(values):
+            raise ValueError(f"ParameterGroups.split: {len(values)} values for {offset} "
+                             "parameters")
+        return shared, heads
 
     @property
     def num_shared(self) -> int:

@@ -462,7 +462,6 @@ class InterferenceAware(GradientUnlearner):
         names = ctx.problem.task_names
         totals = retain_batch["supervision"].sum(dim=0)  # type: ignore[union-attr]
         shared = groups.shared_params
-        n_shared = len(shared)
         retain_shared = [torch.zeros_like(p) for p in shared]
         retain_heads = {t: [torch.zeros_like(p) for p in groups.head_params(t)]
                         for t in groups.heads}
@@ -486,13 +485,10 @@ class InterferenceAware(GradientUnlearner):
                     weighted = term if weighted is None else weighted + term
             if weighted is None:
                 continue
-            grads = grads_of(weighted, groups.all_params)
-            torch._foreach_add_(retain_shared, grads[:n_shared])
-            offset = n_shared
-            for t in groups.heads:
-                count = len(groups.heads[t])
-                torch._foreach_add_(retain_heads[t], grads[offset:offset + count])
-                offset += count
+            grads_shared, grads_heads = groups.split(grads_of(weighted, groups.all_params))
+            torch._foreach_add_(retain_shared, grads_shared)
+            for t, head in grads_heads.items():
+                torch._foreach_add_(retain_heads[t], head)
         stream: BatchStream | None = ctx.state.get("coupled_stream")
         if subspaces and stream is not None and ctx.state["coupled_tasks"]:
             for group in _split_rows(stream.next(), cfg.snapshot_groups):
@@ -620,7 +616,6 @@ class InterferenceAware(GradientUnlearner):
         cfg = self.config
         groups = ctx.groups
         shared = groups.shared_params
-        n_shared = len(shared)
         stats = StepStats()
 
         # Retain: grouped per-task gradients at refresh steps (they feed the snapshots), else
@@ -640,24 +635,12 @@ class InterferenceAware(GradientUnlearner):
         elif per_sample_all is not None:
             with torch.no_grad():
                 stats.retain = self.retain_step_terms(ctx, retain_batch)
-            means = [g.mean(dim=0) for g in per_sample_all]
-            retain_shared = means[:n_shared]
-            offset = n_shared
-            for t in groups.heads:
-                count = len(groups.heads[t])
-                retain_heads[t] = means[offset:offset + count]
-                offset += count
+            retain_shared, retain_heads = groups.split([g.mean(dim=0) for g in per_sample_all])
         else:
             stats.retain = self.retain_step_terms(ctx, retain_batch)
             total = stats.retain.total()
             if total is not None and total.requires_grad:
-                grads = grads_of(total, groups.all_params)
-                retain_shared = grads[:n_shared]
-                offset = n_shared
-                for t in groups.heads:
-                    count = len(groups.heads[t])
-                    retain_heads[t] = grads[offset:offset + count]
-                    offset += count
+                retain_shared, retain_heads = groups.split(grads_of(total, groups.all_params))
 
         # Forget: the task-aware projection is linear and shares its subspaces across target
         # tasks, so projecting sum_t f_t equals summing the projected f_t: one backward of the
@@ -671,20 +654,15 @@ class InterferenceAware(GradientUnlearner):
             if len({plan[t] for t in targets}) <= 1 or not ctx.state["subspaces"]:
                 total_forget = stats.forget.total()
                 assert total_forget is not None
-                head_lists = [groups.head_params(t) for t in targets]
-                grads = grads_of(total_forget, shared + [p for h in head_lists for p in h])
-                raw = grads[:n_shared]
-                offset = n_shared
-                for t, head in zip(targets, head_lists):
-                    forget_heads[t] = grads[offset:offset + len(head)]
-                    offset += len(head)
+                heads = [p for t in targets for p in groups.head_params(t)]
+                raw, forget_heads = groups.split(grads_of(total_forget, shared + heads), targets)
                 projected = self.task_project(ctx, {"sum": raw})
                 forget_shared = [s[0] for s in projected]
             else:
                 # A subspace per target task: each f_t is projected off its own, then summed.
                 per_task, forget_heads = self.forget_task_grads(ctx, stats.forget.objective)
                 raw = [torch.stack([per_task[t][p] for t in per_task]).sum(0)
-                       for p in range(n_shared)]
+                       for p in range(len(shared))]
                 projected = self.task_project(ctx, per_task)
                 forget_shared = [s.sum(0) for s in projected]
             stats.extra["task_kept_fraction"] = (
@@ -706,12 +684,7 @@ class InterferenceAware(GradientUnlearner):
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
                 stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
-                forget_shared = [-d for d in projected_dir[:n_shared]]
-                offset = n_shared
-                for t in targets:
-                    count = len(groups.heads[t])
-                    forget_heads[t] = [-d for d in projected_dir[offset:offset + count]]
-                    offset += count
+                forget_shared, forget_heads = groups.split([-d for d in projected_dir], targets)
 
         # Update: retain descent everywhere, alpha * projected forget on theta_s and S's heads.
         for p, r, f in zip(shared, retain_shared, forget_shared):
