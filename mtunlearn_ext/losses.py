@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec
 
 __all__ = ["masked_multitask_loss", "per_sample_losses", "task_loss", "valid_pixel_mask"]
@@ -99,7 +100,7 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
     if kind == "depth":
         return _mean_over_valid((pred - target).abs()[:, 0], valid)
     if kind == "normals":
-        cosine = (F.normalize(pred, dim=1, eps=1e-8) * target).sum(dim=1)
+        cosine = (unit_normalize(pred, dim=1, eps=1e-8) * target).sum(dim=1)
         return _mean_over_valid(1.0 - cosine, valid)
     raise ValueError(f"task_loss: unsupported task kind {kind!r}")
 

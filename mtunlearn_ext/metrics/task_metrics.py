@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec
 
 __all__ = ["METRICS", "MetricAccumulator", "MetricInfo", "angle_errors_deg", "confusion_matrix",
@@ -93,7 +93,7 @@ def angle_errors_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Angle in degrees between predicted and target normals ``[B, 3, H, W]``, at the valid
     pixels (target not the zero vector), as a flat tensor."""
     valid = target.abs().sum(dim=1) > 0
-    cosine = (F.normalize(pred.double(), dim=1, eps=1e-12) * target.double()).sum(dim=1)
+    cosine = (unit_normalize(pred.double(), dim=1, eps=1e-12) * target.double()).sum(dim=1)
     return torch.rad2deg(torch.arccos(cosine[valid].clamp(-1.0, 1.0)))
 
 

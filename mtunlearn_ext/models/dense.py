@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.models.base import MultiTaskModel
 
@@ -94,7 +95,7 @@ class UnitNormals(nn.Module):
     """Per-pixel L2 normalisation of a ``[B, 3, H, W]`` normal map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1, eps=1e-6)
+        return unit_normalize(x, dim=1, eps=1e-6)
 
 
 def dense_head(spec: TaskSpec, in_channels: int, hidden: int,
