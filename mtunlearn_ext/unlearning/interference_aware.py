@@ -43,6 +43,10 @@ levels, and each step of this method removes one:
      conflicting components are removed, so less of the forget signal is lost than with the
      orthogonal complement, while the guarantee that matters (no retained instance gets worse to
      first order) is kept.
+
+   With ``instance_memory = m`` the per-sample gradients of the last ``m`` steps' batches stay in
+   the constraint set (:mod:`~mtunlearn_ext.unlearning.instance_memory`), so a step also avoids
+   what the previous steps protected, at no extra backward pass.
 4. **Update.** ``.grad`` of ``theta_s`` is ``w_r * r + alpha * (-d)``, with ``r`` the retain
    gradient of all tasks; each target head gets its forget part of ``-d`` plus its retain
    gradient; every other head its retain gradient only. The optimizer steps along ``-.grad``.
@@ -79,6 +83,7 @@ from mtunlearn_ext.unlearning.batches import (
 )
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads
+from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
@@ -155,6 +160,11 @@ class InterferenceAwareConfig(StepConfig):
             gradients define the instance-level constraints.
         num_coupled_per_sample: forget instances with their retained pairs added to those
             constraints in a partial request (0: none).
+        instance_memory: earlier steps whose per-sample gradients stay in the instance
+            constraints (:class:`~mtunlearn_ext.unlearning.instance_memory.PerSampleMemory`):
+            each step then respects the ``(instance_memory + 1) * B`` retained instances of its
+            own and the last batches, at the cost of a larger Gram matrix and no extra backward
+            pass (0: the current batch only).
         chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds memory).
         cap_quantile: with the ``capped_ascent`` objective, the cap of task ``t`` becomes this
             quantile of the original model's per-sample losses on (up to ``cap_rows``) pairs
@@ -194,6 +204,7 @@ class InterferenceAwareConfig(StepConfig):
     ridge: float = 1e-4
     num_per_sample: int = 16
     num_coupled_per_sample: int = 8
+    instance_memory: int = 0
     chunk_size: int | None = None
     cap_quantile: float | None = 0.9
     cap_reference: str = "retain"
@@ -234,6 +245,12 @@ class InterferenceAwareConfig(StepConfig):
             raise ValueError(f"{name}: `num_coupled_per_sample` must be >= 0 with "
                              f"num_per_sample + num_coupled_per_sample <= {MAX_SOLVER_K}, got "
                              f"{self.num_coupled_per_sample}")
+        constraints = (self.instance_memory + 1) * (self.num_per_sample
+                                                    + self.num_coupled_per_sample)
+        if self.instance_memory < 0 or constraints > MAX_SOLVER_K:
+            raise ValueError(f"{name}: `instance_memory` must be >= 0 with (instance_memory + 1) "
+                             f"* (num_per_sample + num_coupled_per_sample) <= {MAX_SOLVER_K} "
+                             f"constraints, got {self.instance_memory} ({constraints})")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"{name}: `chunk_size` must be >= 1 or None, got {self.chunk_size}")
         if self.cap_quantile is not None and not 0.0 < self.cap_quantile <= 1.0:
@@ -371,6 +388,8 @@ class InterferenceAware(GradientUnlearner):
             "coupled_stream": None if coupled is None else BatchStream(
                 coupled, cfg.forget_batch_size, child_generator(ctx.generator), problem.device),
             "coupled_tasks": coupled_tasks,
+            "instance_memory": PerSampleMemory(
+                cfg.instance_memory, track_gram=cfg.instance_projection == "orthogonal"),
         })
         caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
                             else ({}, None))
@@ -572,23 +591,29 @@ class InterferenceAware(GradientUnlearner):
 
     def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
                          param_names: Sequence[str], batch: Batch,
-                         per_sample: list[torch.Tensor] | None = None
+                         per_sample: list[torch.Tensor] | None = None,
+                         memory: PerSampleMemory | None = None
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Make the forget step direction ``u`` (one tensor per parameter of ``param_names``)
         orthogonal to / non-conflicting with the per-sample retain gradients of ``batch``
-        (computed here unless given: one ``[B, *shape]`` stack per name).
+        (computed here unless given: one ``[B, *shape]`` stack per name), and with the rows
+        ``memory`` keeps from earlier steps (this step's rows are added to it).
 
-        Returns (the projected direction ``d``, the per-sample gradient stacks ``[B, *shape]``).
+        Returns (the projected direction ``d``, this batch's per-sample gradient stacks
+        ``[B, *shape]``).
         """
         cfg = self.config
         if per_sample is None:
             per_sample = per_sample_retain_grads(ctx.model, batch, ctx.problem.tasks,
                                                  param_names, cfg.chunk_size)
+        constraints = per_sample if memory is None else memory.add(param_names, per_sample)
+        remembered = memory is not None and memory.track_gram and memory.filled > 0
         u = [g.unsqueeze(0) for g in step_dir]
         if cfg.instance_projection == "orthogonal":
-            out = project_out_list(u, per_sample, cfg.ridge, outs=u)
+            out = project_out_list(u, constraints, cfg.ridge, outs=u,
+                                   basis_gram=memory.gram() if remembered else None)
         else:
-            out = project_nonconflicting_list(u, per_sample, sign=-1, outs=u)
+            out = project_nonconflicting_list(u, constraints, sign=-1, outs=u)
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
 
@@ -679,8 +704,11 @@ class InterferenceAware(GradientUnlearner):
                 if per_sample_all is not None:
                     position = {n: i for i, n in enumerate(groups.all_names)}
                     given = [per_sample_all[position[n]] for n in names]
+                memory: PerSampleMemory = ctx.state["instance_memory"]
                 projected_dir, per_sample = self.instance_project(ctx, step_dir, names, batch,
-                                                                  given)
+                                                                  given, memory)
+                stats.extra["instance_constraints"] = float(
+                    max(memory.filled, per_sample[0].shape[0]))
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
                 stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
