@@ -529,8 +529,12 @@ def test_retain_gradient_from_the_per_sample_pass_matches_the_batched_one(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
         moved |= not torch.equal(a, original.state_dict()[name])
     assert moved
-    assert reused.report.curves["retain_loss"] == pytest.approx(
-        separate.report.curves["retain_loss"], rel=1e-5)
+    # The retain curves (total and per task) come from the per-sample pass's own losses.
+    retain_curves = [k for k in separate.report.curves if k.startswith("retain")]
+    assert len(retain_curves) >= 4 and set(retain_curves) <= set(reused.report.curves)
+    for key in retain_curves:
+        assert reused.report.curves[key] == pytest.approx(separate.report.curves[key],
+                                                          rel=1e-5), key
 
 
 def test_per_sample_pass_is_not_shared_when_it_is_not_the_retain_batch(bench, original) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
+from mtunlearn_ext.surgery import (
+    gram_list_stats,
+    inner_list_stats,
+    project_nonconflicting_list,
+    project_out_list,
+)
 
 F64 = torch.float64
 SHAPES = [(3, 4), (7,), (2, 1, 3), (5,)]
@@ -106,6 +111,36 @@ def test_project_nonconflicting_list_per_layer() -> None:
     for p in range(len(SHAPES)):
         single = project_nonconflicting_list([g[p]], [r[p]], sign=-1)
         torch.testing.assert_close(out[p], single[0], rtol=1e-12, atol=1e-12)
+
+
+def test_inner_list_stats_equals_flat_products() -> None:
+    a, b = _stacks(2, 40), _stacks(5, 41)
+    torch.testing.assert_close(inner_list_stats(a, b), _flat(a) @ _flat(b).T, rtol=1e-12,
+                               atol=1e-12)
+    per_layer = inner_list_stats(a, b, per_layer=[0, 1, 1, 0])
+    assert per_layer.shape == (2, 2, 5)
+    torch.testing.assert_close(per_layer.sum(0), _flat(a) @ _flat(b).T, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="b_list"):
+        inner_list_stats(a, b[:2])
+
+
+@pytest.mark.parametrize("per_layer", [False, [0, 1, 1, 0]])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_nonconflicting_with_a_kept_basis_gram_is_the_same_projection(per_layer, sign: int  # type: ignore[no-untyped-def]
+                                                                      ) -> None:
+    g, r = _stacks(2, 50), _stacks(6, 51)
+    r[0] = -r[0]
+    ref, w_ref = project_nonconflicting_list(g, r, sign=sign, per_layer=per_layer,
+                                             return_coeffs=True)
+    kept = gram_list_stats(r, per_layer=per_layer)
+    out, w = project_nonconflicting_list(g, r, sign=sign, per_layer=per_layer,
+                                         return_coeffs=True, basis_gram=kept)
+    assert bool((w_ref > 0).any())  # something conflicted: the solve matters
+    torch.testing.assert_close(w, w_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="basis_gram"):
+        project_nonconflicting_list(g, r, sign=sign, per_layer=per_layer, basis_gram=kept[..., :5])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

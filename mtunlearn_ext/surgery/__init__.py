@@ -25,6 +25,7 @@ from mtunlearn_ext.surgery.min_norm import min_norm_simplex
 from mtunlearn_ext.surgery.projections import (
     aggregate_list,
     gram_list_stats,
+    inner_list_stats,
     project_nonconflicting_list,
     project_out_list,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "Weighting",
     "aggregate_list",
     "gram_list_stats",
+    "inner_list_stats",
     "min_norm_simplex",
     "project_nonconflicting_list",
     "project_out_list",

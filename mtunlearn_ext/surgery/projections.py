@@ -71,6 +71,14 @@ def _prepare_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.
     return outs
 
 
+def _check_basis_gram(op: str, basis_gram: torch.Tensor, k: int, layers: list[int] | None,
+                      num_layers: int, device: torch.device) -> None:
+    expected = (k, k) if layers is None else (num_layers, k, k)
+    if tuple(basis_gram.shape) != expected or basis_gram.device != device:
+        raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {device}, got "
+                         f"{list(basis_gram.shape)} on {basis_gram.device}")
+
+
 def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Sequence[int] = False,
                     num_layers: int | None = None, check_finite: bool = True) -> torch.Tensor:
     """The Gram matrix of ``k`` vectors given as per-parameter stacks ``[k, *shape_p]``:
@@ -82,6 +90,23 @@ def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Seq
     check_stacks(op, "basis_list", basis_list)
     layers, num_layers = layer_index(per_layer, len(basis_list), op, num_layers)
     return gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
+
+
+def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor], *,
+                     per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
+                     check_finite: bool = True) -> torch.Tensor:
+    """Inner products ``C[i, j] = <a_i, b_j>`` of ``m`` vectors with ``k`` others, both given
+    as per-parameter stacks (``[m, *shape_p]`` and ``[k, *shape_p]``): ``[m, k]``, or
+    ``[L, m, k]`` per layer, in the dtype the list projections solve in. With it a caller that
+    grows a basis by a few rows updates a kept ``basis_gram`` (new rows against all) instead of
+    recomputing it."""
+    op = "mtunlearn_ext.surgery.inner_list_stats"
+    a_list, b_list = list(a_list), list(b_list)
+    check_stacks(op, "a_list", a_list)
+    check_stacks(op, "b_list", b_list)
+    check_paired(op, "a_list", a_list, "b_list", b_list)
+    layers, num_layers = layer_index(per_layer, len(a_list), op, num_layers)
+    return inner_stats(a_list, b_list, layers, num_layers, check_finite=check_finite)
 
 
 def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
@@ -136,10 +161,7 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
             stats = reduce(stats)  # one collective for both
     else:
         cross = inner_stats(basis_list, g_list, layers, num_layers, check_finite=check_finite)
-        expected = (k, k) if layers is None else (num_layers, k, k)
-        if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
-            raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, "
-                             f"got {list(basis_gram.shape)} on {basis_gram.device}")
+        _check_basis_gram(op, basis_gram, k, layers, num_layers, cross.device)
         if reduce is not None:
             cross = reduce(cross)
         stats = torch.cat([basis_gram.to(cross.dtype), cross], dim=-1)
@@ -160,7 +182,8 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
                                 per_layer: bool | Sequence[int] = False,
                                 num_layers: int | None = None,
                                 reduce: StatsReduce | None = None, check_finite: bool = True,
-                                return_coeffs: bool = False
+                                return_coeffs: bool = False,
+                                basis_gram: torch.Tensor | None = None
                                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
     """For each of ``m`` vectors ``g_i``, the closest ``d`` with ``sign * <d, r_j> >= 0`` for all
     ``k`` vectors ``r_j`` (GEM / UPGrad's cone projection, on parameter lists).
@@ -176,6 +199,8 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
         sign: ``1`` or ``-1``.
         outs, per_layer, num_layers, reduce, check_finite: as in :func:`project_out_list`.
         return_coeffs: also return ``w`` (``[m, k]`` or ``[L, m, k]``).
+        basis_gram: ``R R^T`` when the caller keeps it (as in :func:`project_out_list`): only
+            the ``k x m`` cross products are then computed.
     """
     op = "mtunlearn_ext.surgery.project_nonconflicting_list"
     g_list, r_list = list(g_list), list(r_list)
@@ -186,10 +211,17 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
     layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
     m = g_list[0].shape[0]
-    full = stacked_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
-    stats = torch.cat([full[..., m:, m:], full[..., :m, m:]], dim=-2)  # [..., k + m, k]
-    if reduce is not None:
-        stats = reduce(stats)
+    if basis_gram is None:
+        full = stacked_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
+        stats = torch.cat([full[..., m:, m:], full[..., :m, m:]], dim=-2)  # [..., k + m, k]
+        if reduce is not None:
+            stats = reduce(stats)
+    else:
+        cross = inner_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
+        _check_basis_gram(op, basis_gram, k, layers, num_layers, cross.device)
+        if reduce is not None:
+            cross = reduce(cross)
+        stats = torch.cat([basis_gram.to(cross.dtype), cross], dim=-2)
     finite = None
     if not check_finite:
         stats, finite = guard_nonfinite(stats, k)

@@ -28,6 +28,7 @@ __all__ = [
     "flatten",
     "grads_of",
     "per_sample_retain_grads",
+    "per_sample_retain_grads_and_losses",
     "stack_flat",
     "task_grads",
     "unflatten",
@@ -160,16 +161,21 @@ def assign_grads(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
             p.grad.add_(g.detach())
 
 
-def _per_sample_supervised_loss(specs: Sequence[TaskSpec]) -> Callable[..., torch.Tensor]:
-    """The loss of one retain sample: ``sum_t m_t l_t`` over its supervised tasks."""
+def _per_sample_supervised_loss(specs: Sequence[TaskSpec]
+                                ) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The loss of one retain sample, ``sum_t m_t l_t`` over its supervised tasks, and each
+    task's masked term ``m_t l_t`` (detached: an auxiliary output for the loss curves)."""
 
     def loss(out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
-             supervision: torch.Tensor) -> torch.Tensor:
+             supervision: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = torch.zeros((), dtype=torch.float32, device=supervision.device)
+        terms: dict[str, torch.Tensor] = {}
         for column, spec in enumerate(specs):
             value = task_loss(spec, out[spec.name], targets[spec.name])[0]
-            total = total + torch.where(supervision[column], value, torch.zeros_like(value))
-        return total
+            term = torch.where(supervision[column], value, torch.zeros_like(value))
+            terms[spec.name] = term.detach()
+            total = total + term
+        return total, terms
 
     return loss
 
@@ -191,6 +197,15 @@ def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
     Returns:
         One ``[B, *shape_p]`` tensor per name in ``param_names``, in that order.
     """
+    return per_sample_retain_grads_and_losses(model, batch, specs, param_names, chunk_size)[0]
+
+
+def per_sample_retain_grads_and_losses(model: nn.Module, batch: Mapping[str, object],
+                                       specs: Sequence[TaskSpec], param_names: Sequence[str],
+                                       chunk_size: int | None = None
+                                       ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`per_sample_retain_grads` and, from the same forward pass, each task's per-sample
+    masked loss ``m_it l_t(i)`` (task -> ``[B]``, detached)."""
     named = dict(model.named_parameters())
     params = {n: named[n].detach() for n in param_names}
     loss_fn = _per_sample_supervised_loss(specs)
@@ -202,10 +217,10 @@ def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
     task_targets = {s.name: targets[s.name] for s in specs}
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
-            sup: torch.Tensor) -> torch.Tensor:
+            sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
         return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
 
-    grads = vmap(grad(one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(
-        params, inputs, task_targets, supervision)
-    return [grads[n] for n in param_names]
+    grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0, 0),
+                         chunk_size=chunk_size)(params, inputs, task_targets, supervision)
+    return [grads[n] for n in param_names], losses

@@ -15,7 +15,8 @@ costs one copy of the new rows and the basis handed to the projection is a list 
 views: parameters are never flattened or concatenated. With ``track_gram`` the memory also keeps
 the rows' Gram matrix up to date: a step computes only its new rows' inner products with the
 stored ones (``B x (m + 1) B`` instead of the ``((m + 1) B)^2 / 2`` of a fresh Gram matrix), and
-the orthogonal projection reuses it (``project_out_list(..., basis_gram=)``).
+the instance projections reuse it (``basis_gram=`` of ``project_out_list`` and
+``project_nonconflicting_list``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mtunlearn_ext import ops
+from mtunlearn_ext.surgery import inner_list_stats
 
 __all__ = ["PerSampleMemory"]
 
@@ -97,7 +98,7 @@ class PerSampleMemory:
         # a leading block: the ring fills front to back before it first wraps.
         stored = [buffer[:self.filled] for buffer in self._buffers]
         if self.track_gram:
-            cross = ops.inner_list(stacks, stored)  # [rows, filled]: the only new entries
+            cross = inner_list_stats(stacks, stored)  # [rows, filled]: the only new entries
             if self._gram is None or self._gram.shape[0] != capacity or \
                     self._gram.dtype != cross.dtype or self._gram.device != cross.device:
                 self._gram = torch.zeros(capacity, capacity, dtype=cross.dtype,
@@ -109,7 +110,7 @@ class PerSampleMemory:
 
     def gram(self) -> torch.Tensor:
         """The Gram matrix of the rows the last :meth:`add` returned (``[rows, rows]``, in the
-        accumulation dtype of :func:`mtunlearn_ext.ops.inner_list`); needs ``track_gram`` and
+        dtype the list projections solve in); needs ``track_gram`` and
         ``steps > 0``."""
         if not self.track_gram or self._gram is None or self.filled == 0:
             raise RuntimeError("PerSampleMemory.gram: no Gram matrix kept (needs track_gram=True, "

@@ -82,7 +82,11 @@ from mtunlearn_ext.unlearning.batches import (
     child_generator,
 )
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
-from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads
+from mtunlearn_ext.unlearning.gradients import (
+    grads_of,
+    per_sample_retain_grads,
+    per_sample_retain_grads_and_losses,
+)
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
@@ -388,8 +392,7 @@ class InterferenceAware(GradientUnlearner):
             "coupled_stream": None if coupled is None else BatchStream(
                 coupled, cfg.forget_batch_size, child_generator(ctx.generator), problem.device),
             "coupled_tasks": coupled_tasks,
-            "instance_memory": PerSampleMemory(
-                cfg.instance_memory, track_gram=cfg.instance_projection == "orthogonal"),
+            "instance_memory": PerSampleMemory(cfg.instance_memory, track_gram=True),
         })
         caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
                             else ({}, None))
@@ -607,13 +610,13 @@ class InterferenceAware(GradientUnlearner):
             per_sample = per_sample_retain_grads(ctx.model, batch, ctx.problem.tasks,
                                                  param_names, cfg.chunk_size)
         constraints = per_sample if memory is None else memory.add(param_names, per_sample)
-        remembered = memory is not None and memory.track_gram and memory.filled > 0
+        kept = (memory.gram() if memory is not None and memory.track_gram and memory.filled
+                else None)
         u = [g.unsqueeze(0) for g in step_dir]
         if cfg.instance_projection == "orthogonal":
-            out = project_out_list(u, constraints, cfg.ridge, outs=u,
-                                   basis_gram=memory.gram() if remembered else None)
+            out = project_out_list(u, constraints, cfg.ridge, outs=u, basis_gram=kept)
         else:
-            out = project_nonconflicting_list(u, constraints, sign=-1, outs=u)
+            out = project_nonconflicting_list(u, constraints, sign=-1, outs=u, basis_gram=kept)
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
 
@@ -628,10 +631,15 @@ class InterferenceAware(GradientUnlearner):
                 and (ctx.state.get("coupled_stream") is None or cfg.num_coupled_per_sample == 0)
                 and bool(supervision.all()))
 
-    def _retain_per_sample(self, ctx: StepContext, retain_batch: Batch) -> list[torch.Tensor]:
-        """Per-sample retain gradients of the whole batch over every parameter."""
-        return per_sample_retain_grads(ctx.model, retain_batch, ctx.problem.tasks,
-                                       ctx.groups.all_names, self.config.chunk_size)
+    def _retain_per_sample(self, ctx: StepContext, retain_batch: Batch
+                           ) -> tuple[list[torch.Tensor], RetainTerms]:
+        """Per-sample retain gradients of the whole batch over every parameter, and the batch's
+        retain terms (every row supervises every task, so each task's mean loss is the mean of
+        its per-sample losses) from the same forward pass."""
+        grads, losses = per_sample_retain_grads_and_losses(
+            ctx.model, retain_batch, ctx.problem.tasks, ctx.groups.all_names,
+            self.config.chunk_size)
+        return grads, RetainTerms({t: v.mean() for t, v in losses.items()})
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -651,15 +659,13 @@ class InterferenceAware(GradientUnlearner):
         # When the instance constraints are exactly the retain batch, fully supervised, the
         # retain gradient is the mean of their per-sample gradients: the per-sample pass then
         # serves both, and the batched retain backward is skipped.
-        per_sample_all = (self._retain_per_sample(ctx, retain_batch)
-                          if not refresh and self._per_sample_is_retain_batch(ctx, retain_batch)
-                          else None)
+        per_sample_all: list[torch.Tensor] | None = None
+        if not refresh and self._per_sample_is_retain_batch(ctx, retain_batch):
+            per_sample_all, stats.retain = self._retain_per_sample(ctx, retain_batch)
         if refresh:
             stats.retain, retain_shared, retain_heads, pushed = self.refresh(ctx, retain_batch)
             stats.extra["snapshots_pushed"] = float(pushed)
         elif per_sample_all is not None:
-            with torch.no_grad():
-                stats.retain = self.retain_step_terms(ctx, retain_batch)
             retain_shared, retain_heads = groups.split([g.mean(dim=0) for g in per_sample_all])
         else:
             stats.retain = self.retain_step_terms(ctx, retain_batch)
