@@ -243,6 +243,9 @@ def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original
         d_inner.append(sum(float((a.double() * b.double()).sum())
                            for a, b in zip(d, row)) / (r_norm * d_norm))
     assert max(d_inner) <= 1e-4  # <d, r_j> <= 0: no retain sample's loss rises to first order
+    # The step's conflict count (a curve) is the number of rows the raw step would hurt.
+    per_sample = [torch.stack([row[p] for row in rows]) for p in range(len(names))]
+    assert method._conflicts(step_dir, per_sample) == sum(v > 0 for v in u_inner)
     if mode == "orthogonal":
         assert max(abs(v) for v in d_inner) <= 1e-4
     elif max(u_inner) <= 0:
@@ -500,6 +503,30 @@ def test_shared_per_sample_pass_gives_the_same_update(bench, original, monkeypat
     assert any(bool(g.abs().sum() > 0) for g in grads[0])
 
 
+def test_per_sample_pass_of_a_partly_supervised_batch_is_its_retain_gradient(bench, original  # type: ignore[no-untyped-def]
+                                                                           ) -> None:
+    # In a partial request the retain batch holds forget instances without their target-task
+    # labels: the per-sample terms are scaled by B / n_t so that their mean is still the
+    # batch's masked multi-task gradient, and the curves' per-task losses are still the means
+    # over the supervised rows.
+    problem = _problem(bench, original, partial=True)
+    sup = problem.retain.supervision
+    partly, fully = (~sup.all(dim=1)).nonzero().flatten(), sup.all(dim=1).nonzero().flatten()
+    assert partly.numel() >= 3
+    batch = problem.retain.batch(torch.cat([partly[:3], fully[:9]]))
+    method = InterferenceAware(InterferenceAwareConfig(
+        **{**TINY, "task_projection": False, "num_per_sample": 12, "num_coupled_per_sample": 0}))
+    ctx = _context(problem, method)
+    assert method._per_sample_is_retain_batch(ctx, batch)
+    per_sample, terms = method._retain_per_sample(ctx, batch)
+    reference = method.retain_step_terms(ctx, batch)
+    expected = torch.autograd.grad(reference.total(), ctx.groups.all_params)
+    for got, want in zip(per_sample, expected):
+        torch.testing.assert_close(got.mean(dim=0), want, rtol=1e-4, atol=1e-7)
+    for task, value in reference.loss.items():
+        torch.testing.assert_close(terms.loss[task], value.detach(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd"])
 def test_retain_gradient_from_the_per_sample_pass_matches_the_batched_one(
         bench, original, monkeypatch, optimizer: str) -> None:  # type: ignore[no-untyped-def]
@@ -549,7 +576,16 @@ def test_per_sample_pass_is_not_shared_when_it_is_not_the_retain_batch(bench, or
     supervision = batch["supervision"].clone()
     supervision[0, 0] = False
     partial_batch["supervision"] = supervision
-    assert not method._per_sample_is_retain_batch(ctx, partial_batch)
+    assert method._per_sample_is_retain_batch(ctx, partial_batch)  # task-scaled: still shared
+    # A partial request's coupled constraints (forget instances' retained pairs) are not the
+    # retain batch.
+    partial_problem = _problem(bench, original, partial=True)
+    partial_method = InterferenceAware(InterferenceAwareConfig(
+        **{**TINY, "task_projection": False, "num_per_sample": 12}))
+    partial_ctx = _context(partial_problem, partial_method)
+    assert not partial_method._per_sample_is_retain_batch(partial_ctx, batch)
+    partial_method.config.num_coupled_per_sample = 0
+    assert partial_method._per_sample_is_retain_batch(partial_ctx, batch)
 
 
 def test_parameter_groups_split_a_canonical_list(original) -> None:  # type: ignore[no-untyped-def]

@@ -161,10 +161,12 @@ def assign_grads(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
             p.grad.add_(g.detach())
 
 
-def _per_sample_supervised_loss(specs: Sequence[TaskSpec]
+def _per_sample_supervised_loss(specs: Sequence[TaskSpec], task_scale: Sequence[float] | None
                                 ) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The loss of one retain sample, ``sum_t m_t l_t`` over its supervised tasks, and each
-    task's masked term ``m_t l_t`` (detached: an auxiliary output for the loss curves)."""
+    """The loss of one retain sample, ``sum_t s_t m_t l_t`` over its supervised tasks
+    (``s_t = 1`` unless ``task_scale`` is given), and each task's masked term ``m_t l_t``
+    (unscaled, detached: an auxiliary output for the loss curves)."""
+    scale = [1.0] * len(specs) if task_scale is None else [float(s) for s in task_scale]
 
     def loss(out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
              supervision: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -174,7 +176,7 @@ def _per_sample_supervised_loss(specs: Sequence[TaskSpec]
             value = task_loss(spec, out[spec.name], targets[spec.name])[0]
             term = torch.where(supervision[column], value, torch.zeros_like(value))
             terms[spec.name] = term.detach()
-            total = total + term
+            total = total + (term if scale[column] == 1.0 else scale[column] * term)
         return total, terms
 
     return loss
@@ -202,13 +204,23 @@ def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
 
 def per_sample_retain_grads_and_losses(model: nn.Module, batch: Mapping[str, object],
                                        specs: Sequence[TaskSpec], param_names: Sequence[str],
-                                       chunk_size: int | None = None
+                                       chunk_size: int | None = None,
+                                       task_scale: Sequence[float] | None = None
                                        ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """:func:`per_sample_retain_grads` and, from the same forward pass, each task's per-sample
-    masked loss ``m_it l_t(i)`` (task -> ``[B]``, detached)."""
+    masked loss ``m_it l_t(i)`` (task -> ``[B]``, detached).
+
+    ``task_scale`` (one factor ``s_t`` per spec) differentiates ``sum_t s_t m_it l_t(i)``
+    instead: with ``s_t = B / n_t`` (``n_t`` the batch's supervised pairs of ``t``) the mean of
+    the per-sample gradients is exactly the gradient of the batch's masked multi-task loss
+    ``sum_t mean_{i: m_it} l_t(i)`` (:func:`~mtunlearn_ext.losses.masked_multitask_loss`), also
+    when some rows lack some tasks' labels."""
     named = dict(model.named_parameters())
     params = {n: named[n].detach() for n in param_names}
-    loss_fn = _per_sample_supervised_loss(specs)
+    if task_scale is not None and len(task_scale) != len(specs):
+        raise ValueError(f"per_sample_retain_grads_and_losses: `task_scale` needs one factor per "
+                         f"task ({len(specs)}), got {len(task_scale)}")
+    loss_fn = _per_sample_supervised_loss(specs, task_scale)
     inputs = batch["input"]
     targets = batch["targets"]
     supervision = batch["supervision"]

@@ -71,7 +71,11 @@ import torch
 
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
-from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
+from mtunlearn_ext.surgery import (
+    inner_list_stats,
+    project_nonconflicting_list,
+    project_out_list,
+)
 from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning.batches import (
@@ -621,25 +625,33 @@ class InterferenceAware(GradientUnlearner):
         return [o[0] for o in out], per_sample
 
     def _per_sample_is_retain_batch(self, ctx: StepContext, retain_batch: Batch) -> bool:
-        """The step's instance constraints are the whole retain batch, every row supervising
-        every task (so their mean gradient is the retain descent term)."""
+        """The step's instance constraints are the whole retain batch (so the mean of their
+        per-sample gradients, task-scaled, is the retain descent term)."""
         cfg = self.config
         supervision = retain_batch["supervision"]
         assert isinstance(supervision, torch.Tensor)
         return (cfg.alpha > 0 and cfg.instance_projection != "off"
                 and cfg.num_per_sample >= supervision.shape[0]
-                and (ctx.state.get("coupled_stream") is None or cfg.num_coupled_per_sample == 0)
-                and bool(supervision.all()))
+                and (ctx.state.get("coupled_stream") is None or cfg.num_coupled_per_sample == 0))
 
     def _retain_per_sample(self, ctx: StepContext, retain_batch: Batch
                            ) -> tuple[list[torch.Tensor], RetainTerms]:
-        """Per-sample retain gradients of the whole batch over every parameter, and the batch's
-        retain terms (every row supervises every task, so each task's mean loss is the mean of
-        its per-sample losses) from the same forward pass."""
+        """Per-sample retain gradients of the whole batch over every parameter, each task's
+        term scaled by ``B / n_t`` so that their mean is the batch's retain gradient (rows of a
+        partial request's forget instances lack the target tasks' labels), and the batch's
+        retain terms (each task's mean loss over its supervised rows) from the same forward
+        pass."""
+        supervision = retain_batch["supervision"]
+        assert isinstance(supervision, torch.Tensor)
+        counts = supervision.sum(dim=0).tolist()
+        rows = supervision.shape[0]
+        scale = [rows / n if n else 0.0 for n in counts]
         grads, losses = per_sample_retain_grads_and_losses(
             ctx.model, retain_batch, ctx.problem.tasks, ctx.groups.all_names,
-            self.config.chunk_size)
-        return grads, RetainTerms({t: v.mean() for t, v in losses.items()})
+            self.config.chunk_size, task_scale=scale)
+        terms = {spec.name: losses[spec.name].sum() / n if n else losses[spec.name].sum() * 0.0
+                 for spec, n in zip(ctx.problem.tasks, counts)}
+        return grads, RetainTerms(terms)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -737,13 +749,9 @@ class InterferenceAware(GradientUnlearner):
     @staticmethod
     def _conflicts(step_dir: Sequence[torch.Tensor], per_sample: Sequence[torch.Tensor]) -> int:
         """How many retain samples the raw forget step would hurt to first order
-        (``<u, r_j> > 0``)."""
-        total: torch.Tensor | None = None
-        for u, r in zip(step_dir, per_sample):
-            term = (r.reshape(r.shape[0], -1).double() @ u.reshape(-1).double())
-            total = term if total is None else total + term
-        assert total is not None
-        return int((total > 0).sum())
+        (``<u, r_j> > 0``), from one ``inner_list`` pass (no flat or float64 copies)."""
+        inner = inner_list_stats([u.unsqueeze(0) for u in step_dir], per_sample)
+        return int((inner > 0).sum())
 
 
 # -- ablations, registered so that the experiment runner can run them beside the full method ----

@@ -100,5 +100,26 @@ for point in '"task_projection": [false]' '"coupled": [false]' '"snapshot_target
     --method-max-steps 40 --grid "{\"interference_aware\": {\"lr\": [3e-4], $point}}"
 done
 
+# --- Fifth session: remembered instance constraints (`instance_memory`: the per-sample
+# gradients of the last m steps' retain batches stay in the instance projection).
+# 12. full requests: memory x learning rate (the larger constraint set keeps a larger step
+#     safe: without memory lr 5e-4 diverges on indoor, 5.33), then the same for partial ones.
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 20,30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4], "instance_memory": [1, 3]}}'
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "instance_memory": [0, 1, 3]}}'
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4, 7e-4], "instance_memory": [5]}}'
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [7e-4], "instance_memory": [3]}}'
+#     fewer fresh per-sample gradients per step, more remembered ones (cheaper): worse.
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "num_per_sample": [16],
+    "retain_batch_size": [16], "instance_memory": [3, 7]}}'
+"${EVAL[@]}" --requests partial --methods interference_aware --checkpoints 20,30,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [3e-4, 5e-4], "instance_memory": [3]}}'
+"${EVAL[@]}" --requests partial --methods interference_aware --checkpoints 30,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "instance_memory": [0, 5]}}'
+
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv
