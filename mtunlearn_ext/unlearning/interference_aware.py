@@ -668,9 +668,9 @@ class InterferenceAware(GradientUnlearner):
         refresh = cfg.task_projection and ctx.step % cfg.refresh_every == 0
         retain_shared = [torch.zeros_like(p) for p in shared]
         retain_heads: dict[str, list[torch.Tensor]] = {}
-        # When the instance constraints are exactly the retain batch, fully supervised, the
-        # retain gradient is the mean of their per-sample gradients: the per-sample pass then
-        # serves both, and the batched retain backward is skipped.
+        # When the instance constraints are exactly the retain batch, the retain gradient is
+        # the mean of their (task-scaled) per-sample gradients: the per-sample pass then serves
+        # both, and the batched retain forward and backward are skipped.
         per_sample_all: list[torch.Tensor] | None = None
         if not refresh and self._per_sample_is_retain_batch(ctx, retain_batch):
             per_sample_all, stats.retain = self._retain_per_sample(ctx, retain_batch)
