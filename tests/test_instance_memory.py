@@ -3,7 +3,6 @@ unlearner): the ring buffer's contents, and a step that respects every remembere
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -11,16 +10,11 @@ import torch
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.data import ForgetRequest
-from mtunlearn_ext.unlearning import (
-    ParameterGroups,
-    UnlearningProblem,
-    UnlearningReport,
-    get_unlearner,
-    make_forget_objectives,
-)
+from mtunlearn_ext.unlearning import UnlearningProblem, get_unlearner
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
 from mtunlearn_ext.unlearning.interference_aware import InterferenceAware, InterferenceAwareConfig
-from mtunlearn_ext.unlearning.loop import StepContext
+
+from unlearning_helpers import step_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -114,13 +108,8 @@ def test_step_respects_every_remembered_instance(indoor_tiny, indoor_tiny_model,
     method = InterferenceAware(InterferenceAwareConfig(
         steps=3, lr=1e-3, forget_batch_size=6, retain_batch_size=6, num_per_sample=6,
         instance_memory=2, instance_projection=mode, task_projection=False, ridge=1e-8))
-    model = copy.deepcopy(problem.model).train()
-    groups = ParameterGroups.from_model(model, problem.task_names)
-    generator = torch.Generator().manual_seed(0)
-    objectives = make_forget_objectives(problem.target_specs(), problem.retain, generator, "cpu",
-                                        method.default_forget_objective)
-    ctx = StepContext(model, problem, groups, objectives, generator)
-    method.setup(ctx, UnlearningReport(method=method.name, config={}))
+    ctx = step_context(problem, method)
+    groups = ctx.groups
     memory: PerSampleMemory = ctx.state["instance_memory"]
     names = list(groups.all_names)
     forget = problem.forget.batch(torch.arange(6))

@@ -7,7 +7,6 @@ lists, real per-sample gradients and a real forget objective.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -21,10 +20,8 @@ from mtunlearn_ext.surgery import gram_list_stats, project_out_list
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
     UnlearningProblem,
-    UnlearningReport,
     available_unlearners,
     get_unlearner,
-    make_forget_objectives,
 )
 from mtunlearn_ext.unlearning.batches import BatchStream
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
@@ -38,6 +35,8 @@ from mtunlearn_ext.unlearning.interference_aware import (
 )
 from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
+
+from unlearning_helpers import step_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -69,15 +68,7 @@ def _problem(bench, model, partial: bool, seed: int = 0) -> UnlearningProblem:  
 
 
 def _context(problem: UnlearningProblem, method: InterferenceAware) -> StepContext:
-    model = copy.deepcopy(problem.model).train()
-    groups = ParameterGroups.from_model(model, problem.task_names)
-    generator = torch.Generator().manual_seed(0)
-    objectives = make_forget_objectives(problem.target_specs(), problem.retain, generator, "cpu",
-                                        method.config.forget_objective
-                                        or method.default_forget_objective)
-    ctx = StepContext(model, problem, groups, objectives, generator)
-    method.setup(ctx, UnlearningReport(method=method.name, config={}))
-    return ctx
+    return step_context(problem, method)
 
 
 def _batch(dataset, size: int, seed: int):  # type: ignore[no-untyped-def]

@@ -33,6 +33,7 @@ from mtunlearn_ext.unlearning import (
     get_unlearner,
     make_forget_objectives,
     per_sample_retain_grads,
+    per_sample_retain_grads_and_losses,
     register_unlearner,
 )
 from mtunlearn_ext.unlearning.baselines.salun import saliency_threshold
@@ -204,20 +205,36 @@ def test_partial_request_keeps_non_target_supervision(bench, original) -> None: 
                in zip(groups_before.shared, groups_after.shared))
 
 
-def test_per_sample_grads_match_autograd(bench, original) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "task_scaled"])
+def test_per_sample_grads_match_autograd(bench, original, scaled: bool) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=True)
     groups = ParameterGroups.from_model(original)
     batch = problem.retain.batch(torch.arange(5))
     batch["supervision"][0, 1] = False  # a sample with one task unsupervised
-    grads = per_sample_retain_grads(original, batch, problem.tasks, groups.all_names)
+    scale = [1.0 + 0.5 * c for c in range(len(problem.tasks))] if scaled else None
+    grads, losses = per_sample_retain_grads_and_losses(original, batch, problem.tasks,
+                                                       groups.all_names, task_scale=scale)
+    if not scaled:
+        for g, plain in zip(grads, per_sample_retain_grads(original, batch, problem.tasks,
+                                                           groups.all_names)):
+            torch.testing.assert_close(g, plain)
     for i in range(5):
         out = original(batch["input"][i:i + 1])
-        total = sum(task_loss(spec, out[spec.name], batch["targets"][spec.name][i:i + 1])[0]
+        values = {spec.name: task_loss(spec, out[spec.name],
+                                       batch["targets"][spec.name][i:i + 1])[0]
+                  for spec in problem.tasks}
+        total = sum(values[spec.name] * (1.0 if scale is None else scale[c])
                     for c, spec in enumerate(problem.tasks) if batch["supervision"][i, c])
         expected = torch.autograd.grad(total, groups.all_params, allow_unused=True)
         for g, e, p in zip(grads, expected, groups.all_params):
             e = torch.zeros_like(p) if e is None else e
             torch.testing.assert_close(g[i], e, rtol=1e-4, atol=1e-6)
+        for c, spec in enumerate(problem.tasks):  # the curves' losses: masked, unscaled
+            want = values[spec.name].detach() if batch["supervision"][i, c] else torch.zeros(())
+            torch.testing.assert_close(losses[spec.name][i], want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="task_scale"):
+        per_sample_retain_grads_and_losses(original, batch, problem.tasks, groups.all_names,
+                                           task_scale=[1.0])
 
 
 def test_orthograd_direction_is_orthogonal_to_retain_samples(bench, original) -> None:  # type: ignore[no-untyped-def]

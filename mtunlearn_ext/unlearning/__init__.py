@@ -18,6 +18,7 @@ from mtunlearn_ext.unlearning.batches import BatchStream, batch_to, child_genera
 from mtunlearn_ext.unlearning.gradients import (
     ParameterGroups,
     per_sample_retain_grads,
+    per_sample_retain_grads_and_losses,
     task_grads,
 )
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
@@ -70,6 +71,7 @@ __all__ = [
     "get_unlearner",
     "make_forget_objectives",
     "per_sample_retain_grads",
+    "per_sample_retain_grads_and_losses",
     "register_unlearner",
     "retain_terms",
     "seed_everything",
