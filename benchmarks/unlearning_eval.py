@@ -29,7 +29,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -319,6 +319,30 @@ def selection_score(metrics: Mapping[str, Any], gold: Mapping[str, Any],
     return 0.5 * statistics.fmean(forget) + 0.5 * statistics.fmean(retain)
 
 
+def validation_uis(metrics: Mapping[str, Any], original: Mapping[str, Any],
+                   targets: Sequence[str]) -> float:
+    """UIS (OrthoGrad's formula, x100) with the *validation* split standing in for the test
+    split: ``O_t`` the original model's validation score, ``U_t`` the unlearned model's, ``U_u``
+    its forget-pair score, over the request's target tasks. The validation instances are never
+    trained on and never scored by the evaluation, so selecting on it leaves the test split
+    untouched."""
+    from mtunlearn_ext.metrics import uis
+
+    return uis(original["validation"], metrics["validation"], metrics["forget"], tasks=targets)
+
+
+#: ``--select-score`` choices: record -> the value settings are ranked by (lower is better), or
+#: ``None`` when the record lacks what it needs (runs tuned before validation metrics existed).
+SELECT_SCORES: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
+    # The distance to the retrained model on the forget pairs and the change on retain pairs.
+    "proxy": lambda r: float(r["score"]),
+    # Half that, half UIS on the validation split: the issue's two measures, the retrain gap
+    # and UIS, both approximated without the test split.
+    "aligned": lambda r: (0.5 * float(r["score"]) + 0.5 * float(r["validation_uis"])
+                          if "validation_uis" in r else None),
+}
+
+
 def _grid(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The settings tried for ``method``: the product of its ``--grid`` entry (parameter ->
     values), with ``lr`` from ``--lrs`` unless the entry names its own."""
@@ -355,14 +379,23 @@ def run_tuning(args: argparse.Namespace) -> int:
                 generator = torch.Generator().manual_seed(seed)
                 rows = torch.randperm(len(prepared.retain), generator=generator)[:args.retain_eval]
                 splits = {"forget": prepared.forget, "retain": prepared.retain.subset(rows)}
+                if problem.held_out is not None:
+                    splits["validation"] = problem.held_out
+                targets = list(problem.target_tasks)
 
                 def scores(model: Any) -> dict[str, Any]:
                     return {n: evaluate(model, d, None, 64) for n, d in splits.items()}
 
+                def scored(metrics: dict[str, Any]) -> dict[str, Any]:
+                    pairs = {k: metrics[k] for k in ("forget", "retain")}
+                    out = {"score": selection_score(metrics, gold, original),
+                           "gap": retrain_gap(pairs, {k: gold[k] for k in pairs})}
+                    if "validation" in metrics:
+                        out["validation_uis"] = validation_uis(metrics, original, targets)
+                    return out
+
                 gold, original = scores(prepared.retrained), scores(prepared.original)
-                records: list[dict[str, Any]] = [{
-                    "method": "original", "score": selection_score(original, gold, original),
-                    "gap": retrain_gap(original, gold)}]
+                records: list[dict[str, Any]] = [{"method": "original", **scored(original)}]
                 base = tuned_settings(request, methods, args.recipe)
                 budgets = {m: [c for c in args.checkpoints
                                if m != METHOD or c <= args.method_max_steps] for m in methods}
@@ -380,8 +413,7 @@ def run_tuning(args: argparse.Namespace) -> int:
                                 return
                             metrics = scores(model)
                             record = {"method": method, "lr": settings["lr"], "steps": steps,
-                                      "score": selection_score(metrics, gold, original),
-                                      "gap": retrain_gap(metrics, gold),
+                                      **scored(metrics),
                                       "seconds": time.perf_counter() - start,
                                       "settings": {**settings, "steps": steps},
                                       "metrics": metrics}
@@ -418,40 +450,48 @@ def _merge_records(path: Path, records: list[dict[str, Any]]) -> list[dict[str, 
     return [records[0], *[r for r in older if _setting_key(r) not in newer], *records[1:]]
 
 
-def _score_tables(tuning_dir: Path, request: str
+def _score_tables(tuning_dir: Path, request: str, score: str = "proxy"
                   ) -> tuple[list[str], dict[str, float], dict[str, dict[str, float]]]:
     """For one request: the tuned benchmarks (file stems), the untouched model's score on each,
-    and setting key -> benchmark -> score for every setting tried on *every* one of them."""
+    and setting key -> benchmark -> score (``score``: a key of :data:`SELECT_SCORES`) for every
+    setting scored on *every* one of them."""
+    rank = SELECT_SCORES[score]
     names: list[str] = []
     tables: dict[str, dict[str, float]] = {}
     originals: dict[str, float] = {}
     for path in sorted(tuning_dir.glob(f"*-{request}-seed*.json")):
         names.append(path.stem)
         data = json.loads(path.read_text())
-        originals[path.stem] = data["records"][0]["score"]
+        value = rank(data["records"][0])
+        if value is not None:
+            originals[path.stem] = value
         for record in data["records"][1:]:
-            tables.setdefault(_setting_key(record), {})[path.stem] = record["score"]
+            value = rank(record)
+            if value is not None:
+                tables.setdefault(_setting_key(record), {})[path.stem] = value
     complete = {k: v for k, v in tables.items() if len(v) == len(names)}
     return names, originals, complete
 
 
-def select_settings(tuning_dir: Path, requests: Sequence[str]) -> dict[str, Any]:
-    """Per request and method, the setting (step budget included) with the lowest selection
-    score averaged over the benchmarks whose tuning files are in ``tuning_dir``; only settings
-    tried on every one of them compete. Returns ``{request: {method: {"settings", "score",
-    "per_benchmark"}}}``, and ``"original"`` scores for reference."""
+def select_settings(tuning_dir: Path, requests: Sequence[str],
+                    score: str = "proxy") -> dict[str, Any]:
+    """Per request and method, the setting (step budget included) with the lowest ``score``
+    (:data:`SELECT_SCORES`) averaged over the benchmarks whose tuning files are in
+    ``tuning_dir``; only settings scored on every one of them compete. Returns ``{request:
+    {method: {"settings", "score", "per_benchmark"}}}``, and ``"original"`` scores for
+    reference."""
     selected: dict[str, Any] = {}
     for request in requests:
-        names, originals, tables = _score_tables(tuning_dir, request)
+        names, originals, tables = _score_tables(tuning_dir, request, score)
         if not names:
             continue
         best: dict[str, Any] = {}
         for key, per_file in tables.items():
             settings = json.loads(key)
             method = settings.pop("method")
-            score = statistics.fmean(per_file.values())
-            if method not in best or score < best[method]["score"]:
-                best[method] = {"settings": settings, "score": score, "per_benchmark": per_file}
+            mean = statistics.fmean(per_file.values())
+            if method not in best or mean < best[method]["score"]:
+                best[method] = {"settings": settings, "score": mean, "per_benchmark": per_file}
         selected[request] = {"original": originals, "methods": best}
     return selected
 
@@ -523,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--select", action="store_true",
                         help="print the settings with the lowest mean score over the tuned "
                              "benchmarks (from the tuning files) and stop")
+    parser.add_argument("--select-score", choices=sorted(SELECT_SCORES), default="proxy",
+                        help="with --select: rank by the selection score ('proxy') or by its "
+                             "mean with UIS on the validation split ('aligned'; only runs "
+                             "tuned with validation metrics compete)")
     parser.add_argument("--grid-csv", default=None,
                         help="with --select: also write every tuned setting's scores to this "
                              "CSV file")
@@ -547,11 +591,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_tuning(args)
     if args.select:
         tuning_dir = Path(args.output_dir) / "tuning"
-        selected = select_settings(tuning_dir, args.requests)
+        selected = select_settings(tuning_dir, args.requests, args.select_score)
         if args.grid_csv:
             count = write_grid_csv(tuning_dir, args.requests, Path(args.grid_csv))
             print(f"{args.grid_csv}: {count} settings")
-        write_json_atomic(Path(args.output_dir) / "tuning" / "selected.json", _plain(selected))
+        name = "selected.json" if args.select_score == "proxy" else \
+            f"selected-{args.select_score}.json"
+        write_json_atomic(Path(args.output_dir) / "tuning" / name, _plain(selected))
         for request, block in selected.items():
             print(f"{request}: untouched model {block['original']}")
             for method, row in block["methods"].items():

@@ -118,6 +118,32 @@ def test_selection_averages_over_benchmarks_and_needs_every_one(evaluation, tmp_
     assert selected["partial"]["methods"]["pcgrad"]["settings"] == a
 
 
+def test_aligned_selection_adds_validation_uis_and_skips_runs_without_it(evaluation, tmp_path):
+    a, b, old = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 20}, {"lr": 1.0, "steps": 5}
+    for name, proxy_a, proxy_b in (("indoor", 2.0, 1.0), ("street", 2.0, 1.0)):
+        (tmp_path / f"{name}-full-seed0.json").write_text(json.dumps({"records": [
+            {"method": "original", "score": 5.0, "validation_uis": 0.0},
+            # `b` is closer to the retrained model, `a` changes unseen-data scores less.
+            {"method": "orthograd", "settings": a, "score": proxy_a, "validation_uis": 0.5},
+            {"method": "orthograd", "settings": b, "score": proxy_b, "validation_uis": 3.0},
+            # tuned before validation metrics were recorded: ranks by the proxy only
+            {"method": "orthograd", "settings": old, "score": 0.1}]}))
+    proxy = evaluation.select_settings(tmp_path, ["full"])["full"]["methods"]["orthograd"]
+    assert proxy["settings"] == old and proxy["score"] == pytest.approx(0.1)
+    aligned = evaluation.select_settings(tmp_path, ["full"], "aligned")["full"]
+    assert aligned["methods"]["orthograd"]["settings"] == a  # 1.25 against b's 2.0
+    assert aligned["methods"]["orthograd"]["score"] == pytest.approx(1.25)
+    assert aligned["original"] == {"indoor-full-seed0": 2.5, "street-full-seed0": 2.5}
+
+
+def test_validation_uis_is_uis_with_validation_as_test(evaluation):
+    original = {"validation": {"segmentation": {"miou": 0.5}}, "forget": {}}
+    unlearned = {"validation": {"segmentation": {"miou": 0.45}},
+                 "forget": {"segmentation": {"miou": 0.6}}}
+    # (|0.5 - 0.45| / 0.5 + |0.5 - 0.6| / 0.5) / 2 * 100 = 15
+    assert evaluation.validation_uis(unlearned, original, ["segmentation"]) == pytest.approx(15.0)
+
+
 def test_grid_csv_lists_every_setting_tried_on_every_benchmark(evaluation, tmp_path):
     import csv
 
