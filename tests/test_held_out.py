@@ -24,19 +24,8 @@ SETTINGS = {"steps": 2, "lr": 3e-3, "forget_batch_size": 6, "retain_batch_size":
             "num_snapshots": 8, "snapshot_groups": 2, "cap_quantile": 0.5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):  # type: ignore[no-untyped-def]
-    """Every test here runs single-threaded (conftest.one_thread)."""
-
-
-@pytest.fixture(scope="module")
-def bench(indoor_tiny):  # type: ignore[no-untyped-def]
-    return indoor_tiny
-
-
-@pytest.fixture(scope="module")
-def original(indoor_tiny_model):  # type: ignore[no-untyped-def]
-    return indoor_tiny_model
+# Single-threaded tiny-model tests on the shared trained indoor/tiny model (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(bench, model, held_out=None) -> UnlearningProblem:  # type: ignore[no-untyped-def]
@@ -63,30 +52,31 @@ def test_validation_split_leaves_train_and_test_unchanged(make) -> None:  # type
         make(6, 4, size=(8, 12), num_validation=-1)
 
 
-def test_benchmark_file_keeps_the_validation_split(tmp_path, bench) -> None:  # type: ignore[no-untyped-def]
-    assert bench.validation is not None and len(bench.validation) == 12
+def test_benchmark_file_keeps_the_validation_split(tmp_path, indoor_tiny) -> None:  # type: ignore[no-untyped-def]
+    assert indoor_tiny.validation is not None and len(indoor_tiny.validation) == 12
     path = tmp_path / "b.pt"
-    save_benchmark(bench, path)
+    save_benchmark(indoor_tiny, path)
     again = read_benchmark(path)
     assert again.validation is not None
-    assert torch.equal(again.validation.inputs, bench.validation.inputs)
-    assert torch.equal(again.validation.ids, bench.validation.ids)
+    assert torch.equal(again.validation.inputs, indoor_tiny.validation.inputs)
+    assert torch.equal(again.validation.ids, indoor_tiny.validation.ids)
 
 
 # -- the problem -------------------------------------------------------------------------------
 
 
-def test_problem_rejects_bad_held_out_sets(bench, original) -> None:  # type: ignore[no-untyped-def]
+def test_problem_rejects_bad_held_out_sets(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+    bench, model = indoor_tiny, indoor_tiny_model
     with pytest.raises(ValueError, match="shares 4 instance ids with the training set"):
-        _problem(bench, original, bench.train.subset(torch.arange(4))).validate()
+        _problem(bench, model, bench.train.subset(torch.arange(4))).validate()
     with pytest.raises(ValueError, match="held_out set is empty"):
-        _problem(bench, original, bench.validation.subset(torch.arange(0))).validate()
-    other = MultiTaskDataset(bench.validation.inputs,
-                             {"depth": bench.validation.targets["depth"]},
-                             [bench.tasks[1]], ids=bench.validation.ids)
+        _problem(bench, model, bench.validation.subset(torch.arange(0))).validate()
+    other = MultiTaskDataset(indoor_tiny.validation.inputs,
+                             {"depth": indoor_tiny.validation.targets["depth"]},
+                             [indoor_tiny.tasks[1]], ids=indoor_tiny.validation.ids)
     with pytest.raises(ValueError, match="held_out set has tasks"):
-        _problem(bench, original, other).validate()
-    _problem(bench, original, bench.validation).validate()
+        _problem(indoor_tiny, indoor_tiny_model, other).validate()
+    _problem(indoor_tiny, indoor_tiny_model, indoor_tiny.validation).validate()
 
 
 # -- the caps ----------------------------------------------------------------------------------
@@ -100,21 +90,21 @@ def _median_losses(model, data) -> dict[str, float]:  # type: ignore[no-untyped-
 
 
 @pytest.mark.parametrize("reference", ["held_out", "auto", "retain"])
-def test_caps_are_the_quantile_of_the_chosen_set(bench, original, reference: str) -> None:  # type: ignore[no-untyped-def]
-    problem = _problem(bench, original, bench.validation)
+def test_caps_are_the_quantile_of_the_chosen_set(indoor_tiny, indoor_tiny_model, reference: str) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(indoor_tiny, indoor_tiny_model, indoor_tiny.validation)
     result = get_unlearner("interference_aware",
                            {**SETTINGS, "cap_reference": reference}).unlearn(problem)
     extra = result.report.extra["interference_aware"]
     source = "retain" if reference == "retain" else "held_out"
     assert extra["forget_caps_from"] == source
-    data = bench.validation if source == "held_out" else problem.retain.subset(
+    data = indoor_tiny.validation if source == "held_out" else problem.retain.subset(
         torch.arange(min(128, len(problem.retain))))
-    expected = _median_losses(original, data)
+    expected = _median_losses(indoor_tiny_model, data)
     assert extra["forget_caps"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_held_out_caps_need_held_out_data(bench, original) -> None:  # type: ignore[no-untyped-def]
-    problem = _problem(bench, original)
+def test_held_out_caps_need_held_out_data(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(indoor_tiny, indoor_tiny_model)
     with pytest.raises(ValueError, match="cap_reference='held_out' needs a problem"):
         get_unlearner("interference_aware",
                       {**SETTINGS, "cap_reference": "held_out"}).unlearn(problem)
@@ -124,13 +114,13 @@ def test_held_out_caps_need_held_out_data(bench, original) -> None:  # type: ign
         get_unlearner("interference_aware", {"cap_reference": "test"})
 
 
-def test_public_api_takes_held_out_data(bench, original) -> None:  # type: ignore[no-untyped-def]
-    val = bench.validation
+def test_public_api_takes_held_out_data(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+    val = indoor_tiny.validation
     _, report = mtunlearn_ext.unlearn(
-        original, tasks=bench.tasks, train_data=bench.train,
-        forget_request=ForgetRequest.create(bench.train.ids[:8], None),
+        indoor_tiny_model, tasks=indoor_tiny.tasks, train_data=indoor_tiny.train,
+        forget_request=ForgetRequest.create(indoor_tiny.train.ids[:8], None),
         held_out_data=(val.inputs, dict(val.targets)),
         config={**SETTINGS, "cap_reference": "held_out"})
     extra = report.extra["interference_aware"]
     assert extra["forget_caps_from"] == "held_out"
-    assert extra["forget_caps"] == pytest.approx(_median_losses(original, val), rel=1e-5)
+    assert extra["forget_caps"] == pytest.approx(_median_losses(indoor_tiny_model, val), rel=1e-5)

@@ -71,12 +71,31 @@ def _prepare_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.
     return outs
 
 
-def _check_basis_gram(op: str, basis_gram: torch.Tensor, k: int, layers: list[int] | None,
-                      num_layers: int, device: torch.device) -> None:
+def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Tensor],
+                 layers: list[int] | None, num_layers: int, reduce: StatsReduce | None,
+                 check_finite: bool, basis_gram: torch.Tensor | None,
+                 transposed: bool = False) -> torch.Tensor:
+    """``[B B^T | B g^T]`` (``[..., k, k + m]``), or with ``transposed`` ``[B B^T; g B^T]``
+    (``[..., k + m, k]``, the dual's layout), reduced across processes in one collective: from
+    one pass over ``[g; B]``, or, with a kept (already reduced) ``basis_gram``, only the cross
+    products."""
+    m, k = g_list[0].shape[0], basis_list[0].shape[0]
+    dim = -2 if transposed else -1
+    if basis_gram is None:
+        # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
+        full = stacked_stats(g_list, basis_list, layers, num_layers, check_finite=check_finite)
+        cross = full[..., :m, m:] if transposed else full[..., m:, :m]
+        stats = torch.cat([full[..., m:, m:], cross], dim=dim)
+        return reduce(stats) if reduce is not None else stats
+    pair = (g_list, basis_list) if transposed else (basis_list, g_list)
+    cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite)
     expected = (k, k) if layers is None else (num_layers, k, k)
-    if tuple(basis_gram.shape) != expected or basis_gram.device != device:
-        raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {device}, got "
+    if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
+        raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, got "
                          f"{list(basis_gram.shape)} on {basis_gram.device}")
+    if reduce is not None:
+        cross = reduce(cross)
+    return torch.cat([basis_gram.to(cross.dtype), cross], dim=dim)
 
 
 def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Sequence[int] = False,
@@ -147,24 +166,14 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
     g_list, basis_list = list(g_list), list(basis_list)
-    m = check_stacks(op, "g_list", g_list)
+    check_stacks(op, "g_list", g_list)
     k = check_stacks(op, "basis_list", basis_list)
     check_paired(op, "g_list", g_list, "basis_list", basis_list)
     if not ridge >= 0.0:
         raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
     layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    if basis_gram is None:
-        # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
-        full = stacked_stats(g_list, basis_list, layers, num_layers, check_finite=check_finite)
-        stats = torch.cat([full[..., m:, m:], full[..., m:, :m]], dim=-1)  # [..., k, k + m]
-        if reduce is not None:
-            stats = reduce(stats)  # one collective for both
-    else:
-        cross = inner_stats(basis_list, g_list, layers, num_layers, check_finite=check_finite)
-        _check_basis_gram(op, basis_gram, k, layers, num_layers, cross.device)
-        if reduce is not None:
-            cross = reduce(cross)
-        stats = torch.cat([basis_gram.to(cross.dtype), cross], dim=-1)
+    stats = _basis_stats(op, g_list, basis_list, layers, num_layers, reduce, check_finite,
+                         basis_gram)
     finite = None
     if not check_finite:
         stats, finite = guard_nonfinite(stats, k)
@@ -210,18 +219,8 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
     if sign not in (1, -1):
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
     layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    m = g_list[0].shape[0]
-    if basis_gram is None:
-        full = stacked_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
-        stats = torch.cat([full[..., m:, m:], full[..., :m, m:]], dim=-2)  # [..., k + m, k]
-        if reduce is not None:
-            stats = reduce(stats)
-    else:
-        cross = inner_stats(g_list, r_list, layers, num_layers, check_finite=check_finite)
-        _check_basis_gram(op, basis_gram, k, layers, num_layers, cross.device)
-        if reduce is not None:
-            cross = reduce(cross)
-        stats = torch.cat([basis_gram.to(cross.dtype), cross], dim=-2)
+    stats = _basis_stats(op, g_list, r_list, layers, num_layers, reduce, check_finite,
+                         basis_gram, transposed=True)
     finite = None
     if not check_finite:
         stats, finite = guard_nonfinite(stats, k)
