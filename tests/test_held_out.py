@@ -124,3 +124,71 @@ def test_public_api_takes_held_out_data(indoor_tiny, indoor_tiny_model) -> None:
     extra = report.extra["interference_aware"]
     assert extra["forget_caps_from"] == "held_out"
     assert extra["forget_caps"] == pytest.approx(_median_losses(indoor_tiny_model, val), rel=1e-5)
+
+
+# -- rank-matched caps -------------------------------------------------------------------------
+
+
+def test_rank_matched_caps_give_each_forget_pair_its_reference_quantile(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Pair caps are the held-out quantiles at the pairs' own ranks: they keep the forget
+    pairs' order and their mean is the mean of those quantiles."""
+    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+
+    problem = _problem(indoor_tiny, indoor_tiny_model, indoor_tiny.validation)
+    unlearner = get_unlearner("interference_aware", {**SETTINGS, "cap_quantile": "rank",
+                                                     "cap_reference": "held_out", "steps": 1})
+    seen: dict[str, CappedAscentObjective] = {}
+    original_setup = unlearner.setup
+
+    def keep_objectives(ctx, report):  # type: ignore[no-untyped-def]
+        original_setup(ctx, report)
+        seen.update({t: o for t, o in ctx.objectives.items()
+                     if isinstance(o, CappedAscentObjective)})
+
+    unlearner.setup = keep_objectives  # type: ignore[method-assign]
+    forget_view = problem.forget
+    with torch.no_grad():
+        forget_out = indoor_tiny_model(forget_view.inputs)
+        held_out = indoor_tiny_model(indoor_tiny.validation.inputs)
+    result = unlearner.unlearn(problem)
+    extra = result.report.extra["interference_aware"]
+    assert set(seen) == {t.name for t in indoor_tiny.tasks}
+    for spec in indoor_tiny.tasks:
+        own = task_loss(spec, forget_out[spec.name], forget_view.targets[spec.name]).double()
+        reference = task_loss(spec, held_out[spec.name],
+                              indoor_tiny.validation.targets[spec.name]).double()
+        ranks = torch.argsort(torch.argsort(own)).double()
+        expected = torch.quantile(reference, (ranks + 0.5) / own.numel())
+        caps = seen[spec.name].caps_for(forget_view.ids, expected)
+        assert isinstance(caps, torch.Tensor)
+        torch.testing.assert_close(caps, expected, rtol=1e-4, atol=1e-6)
+        # the lowest-loss forget pair gets the lowest cap, the highest the highest
+        assert int(torch.argmin(caps)) == int(torch.argmin(own))
+        assert int(torch.argmax(caps)) == int(torch.argmax(own))
+        assert extra["forget_caps"][spec.name] == pytest.approx(float(expected.mean()), rel=1e-4)
+
+
+def test_pair_caps_bound_only_their_own_instances(indoor_tiny) -> None:  # type: ignore[no-untyped-def]
+    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+
+    spec = next(t for t in indoor_tiny.tasks if t.kind == "depth")
+    objective = CappedAscentObjective(spec)
+    objective.cap = 0.5
+    objective.set_pair_caps(torch.tensor([7, 3]), torch.tensor([0.1, 0.2]))
+    loss = torch.tensor([1.0, 1.0, 0.05, 1.0])
+    caps = objective.caps_for(torch.tensor([3, 7, 7, 9]), loss)
+    assert torch.equal(caps, torch.tensor([0.2, 0.1, 0.1, 0.5]))  # 9 has no own cap
+    assert objective.caps_for(None, loss) == 0.5
+    with pytest.raises(ValueError, match="distinct"):
+        objective.set_pair_caps(torch.tensor([1, 1]), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="finite"):
+        objective.set_pair_caps(torch.tensor([1, 2]), torch.tensor([0.1, float("nan")]))
+    with pytest.raises(ValueError, match="same length"):
+        objective.set_pair_caps(torch.tensor([1, 2]), torch.tensor([0.1]))
+
+
+def test_cap_quantile_rejects_unknown_strings() -> None:
+    with pytest.raises(ValueError, match="cap_quantile"):
+        get_unlearner("interference_aware", {"cap_quantile": "median"})
+    with pytest.raises(ValueError, match="cap_quantile"):
+        get_unlearner("interference_aware", {"cap_quantile": 1.5})

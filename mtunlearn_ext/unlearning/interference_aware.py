@@ -102,6 +102,7 @@ __all__ = [
     "CAP_REFERENCES",
     "INSTANCE_MODES",
     "PROTECT_MODES",
+    "RANK_MATCHED_CAPS",
     "InterferenceAware",
     "InterferenceAwareConfig",
     "InterferenceAwareNeither",
@@ -116,6 +117,8 @@ INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
 PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target", "others")
 SNAPSHOT_TARGETS: tuple[str, ...] = ("sampled", "labels")
 CAP_REFERENCES: tuple[str, ...] = ("auto", "held_out", "retain")
+#: ``cap_quantile`` value that gives every forget pair its own, rank-matched cap.
+RANK_MATCHED_CAPS = "rank"
 
 
 @dataclass
@@ -178,9 +181,14 @@ class InterferenceAwareConfig(StepConfig):
             quantile of the original model's per-sample losses on (up to ``cap_rows``) pairs
             of ``t`` of the ``cap_reference`` set: each forget pair's loss is raised until it
             is as high as that of a pair the model fits poorly, and no further (its gradient is
-            then zero), so the step budget no longer decides how far forgetting goes. ``None``
-            keeps the objective's own cap (the loss of an input-independent predictor, far
-            higher).
+            then zero), so the step budget no longer decides how far forgetting goes.
+            ``"rank"``: each forget pair gets its own cap, the quantile of those losses at the
+            pair's rank among the forget pairs' own original losses (``(r + 1/2) / n``), so
+            the forget pairs' losses are raised toward the *distribution* of the reference
+            set's losses instead of all to one level (a scalar cap pushes every pair it has not
+            reached to the same high loss, past what unseen data looks like on average).
+            ``None`` keeps the objective's own cap (the loss of an input-independent predictor,
+            far higher).
         cap_reference: whose losses ``cap_quantile`` is taken over: ``"held_out"`` (the
             problem's ``held_out`` instances, never trained on: a retrained model fits the
             forget instances about as well as such unseen data, so ascent stops where the
@@ -214,7 +222,7 @@ class InterferenceAwareConfig(StepConfig):
     num_coupled_per_sample: int = 8
     instance_memory: int = 0
     chunk_size: int | None = None
-    cap_quantile: float | None = 0.9
+    cap_quantile: float | str | None = 0.9
     cap_reference: str = "retain"
     cap_rows: int = 128
 
@@ -261,9 +269,15 @@ class InterferenceAwareConfig(StepConfig):
                              f"constraints, got {self.instance_memory} ({constraints})")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"{name}: `chunk_size` must be >= 1 or None, got {self.chunk_size}")
-        if self.cap_quantile is not None and not 0.0 < self.cap_quantile <= 1.0:
-            raise ValueError(f"{name}: `cap_quantile` must be in (0, 1] or None, got "
-                             f"{self.cap_quantile}")
+        if isinstance(self.cap_quantile, str):
+            if self.cap_quantile != RANK_MATCHED_CAPS:
+                raise ValueError(f"{name}: `cap_quantile` must be in (0, 1], "
+                                 f"{RANK_MATCHED_CAPS!r} or None, got {self.cap_quantile!r}")
+        elif self.cap_quantile is not None and not (
+                isinstance(self.cap_quantile, (int, float))
+                and 0.0 < self.cap_quantile <= 1.0):
+            raise ValueError(f"{name}: `cap_quantile` must be in (0, 1], {RANK_MATCHED_CAPS!r} "
+                             f"or None, got {self.cap_quantile!r}")
         if self.cap_reference not in CAP_REFERENCES:
             raise ValueError(f"{name}: `cap_reference` must be one of {CAP_REFERENCES}, got "
                              f"{self.cap_reference!r}")
@@ -413,9 +427,10 @@ class InterferenceAware(GradientUnlearner):
     @torch.no_grad()
     def _calibrate_caps(self, ctx: StepContext) -> tuple[dict[str, float], str | None]:
         """Set each ``capped_ascent`` objective's cap to the ``cap_quantile`` of the (original)
-        model's per-sample losses of its task on the ``cap_reference`` set; returns the caps
-        and the set's name. One forward pass per batch of the set's first ``cap_rows`` rows
-        serves every task."""
+        model's per-sample losses of its task on the ``cap_reference`` set (with ``"rank"``:
+        one cap per forget pair, see the config); returns the caps (their mean for
+        rank-matched caps) and the set's name. One forward pass per batch of the set's first
+        ``cap_rows`` rows serves every task."""
         cfg = self.config
         assert cfg.cap_quantile is not None
         capped = {t: o for t, o in ctx.objectives.items() if isinstance(o, CappedAscentObjective)}
@@ -429,26 +444,57 @@ class InterferenceAware(GradientUnlearner):
         if reference is None:
             raise ValueError("interference_aware: cap_reference='held_out' needs a problem with "
                              "`held_out` instances (or use 'auto' / 'retain')")
-        rows = torch.arange(min(cfg.cap_rows, len(reference)))
-        losses: dict[str, list[torch.Tensor]] = {t: [] for t in capped}
+        losses, _ = self._original_losses(ctx, reference, list(capped),
+                                          torch.arange(min(cfg.cap_rows, len(reference))))
+        rank_matched = cfg.cap_quantile == RANK_MATCHED_CAPS
+        if rank_matched:
+            forget_losses, forget_ids = self._original_losses(
+                ctx, problem.forget, list(capped), torch.arange(len(problem.forget)))
+        caps: dict[str, float] = {}
+        for task, objective in capped.items():
+            values = losses[task]
+            if values.numel() == 0:
+                continue
+            if not rank_matched:
+                assert isinstance(cfg.cap_quantile, (int, float))
+                objective.cap = float(torch.quantile(values, float(cfg.cap_quantile)))
+                caps[task] = objective.cap
+                continue
+            own = forget_losses[task]
+            if own.numel() == 0:
+                continue
+            ranks = torch.empty(own.numel(), dtype=torch.float64)
+            ranks[torch.argsort(own, stable=True)] = torch.arange(own.numel(),
+                                                                  dtype=torch.float64)
+            levels = (ranks + 0.5) / own.numel()
+            pair_caps = torch.quantile(values.double(), levels)
+            objective.set_pair_caps(forget_ids[task], pair_caps)
+            caps[task] = float(pair_caps.mean())
+        return caps, source
+
+    @staticmethod
+    def _original_losses(ctx: StepContext, data: MultiTaskDataset, tasks: Sequence[str],
+                         rows: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                      dict[str, torch.Tensor]]:
+        """The model's per-sample losses of each task on the supervised pairs of ``data``'s
+        ``rows`` (float32, CPU), and those pairs' instance ids."""
+        problem = ctx.problem
+        losses: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
+        ids: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
         for start in range(0, rows.numel(), 64):
-            batch = batch_to(reference.batch(rows[start:start + 64]), problem.device)
+            batch = batch_to(data.batch(rows[start:start + 64]), problem.device)
             out = ctx.forward(batch)
             supervision = batch["supervision"]
-            assert isinstance(supervision, torch.Tensor)
-            for task in capped:
-                mask = supervision[:, reference.task_index(task)]
+            batch_ids = batch["id"]
+            assert isinstance(supervision, torch.Tensor) and isinstance(batch_ids, torch.Tensor)
+            for task in tasks:
+                mask = supervision[:, data.task_index(task)]
                 values = task_loss(problem.spec(task), out[task],
                                    batch["targets"][task])  # type: ignore[index]
                 losses[task].append(values[mask].float().cpu())
-        caps: dict[str, float] = {}
-        for task, objective in capped.items():
-            values = torch.cat(losses[task])
-            if values.numel() == 0:
-                continue
-            objective.cap = float(torch.quantile(values, cfg.cap_quantile))
-            caps[task] = objective.cap
-        return caps, source
+                ids[task].append(batch_ids[mask].cpu())
+        return ({t: torch.cat(v) for t, v in losses.items()},
+                {t: torch.cat(v) for t, v in ids.items()})
 
     # -- building blocks (also used by the interference diagnostics) --------------------------------
 

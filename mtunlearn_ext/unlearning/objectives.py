@@ -98,6 +98,12 @@ class ForgetObjective(ABC):
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``[B]`` values to minimise for the batch's predictions and (forget) targets."""
 
+    def per_pair(self, pred: torch.Tensor, target: torch.Tensor,
+                 ids: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`per_sample` for rows whose instance ids are ``ids`` (``[B]``); objectives
+        with a per-instance parameter override it (default: the ids are not needed)."""
+        return self.per_sample(pred, target)
+
 
 class AscentObjective(ForgetObjective):
     """``-task_loss``: plain gradient ascent (unbounded)."""
@@ -193,13 +199,45 @@ class MeanTargetObjective(_ReferenceObjective):
 
 class CappedAscentObjective(_ReferenceObjective):
     """``-min(task_loss, c)``: ascent that stops once a sample's loss reaches the reference
-    predictor's mean loss ``c`` on the retain set (``log C`` for classes)."""
+    predictor's mean loss ``c`` on the retain set (``log C`` for classes).
+
+    :meth:`set_pair_caps` gives chosen instances their own cap ``c_i`` (rows of other
+    instances keep ``c``)."""
 
     name = "capped_ascent"
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__(spec)
         self.cap: float = math.nan
+        self._pair_ids: torch.Tensor | None = None  # sorted
+        self._pair_caps: torch.Tensor | None = None  # aligned with _pair_ids
+
+    def set_pair_caps(self, ids: torch.Tensor, caps: torch.Tensor) -> None:
+        """Cap the loss of instance ``ids[i]`` at ``caps[i]`` (1-D, same length, distinct
+        ids, finite caps); replaces any earlier per-instance caps."""
+        if ids.dim() != 1 or caps.shape != ids.shape:
+            raise ValueError(f"set_pair_caps: `ids` and `caps` must be 1-D of the same length, "
+                             f"got {tuple(ids.shape)} and {tuple(caps.shape)}")
+        if not bool(torch.isfinite(caps).all()):
+            raise ValueError("set_pair_caps: `caps` must be finite")
+        order = torch.argsort(ids)
+        sorted_ids = ids[order]
+        if sorted_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
+            raise ValueError("set_pair_caps: `ids` must be distinct")
+        self._pair_ids = sorted_ids
+        self._pair_caps = caps[order].double()
+
+    def caps_for(self, ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+        """The cap of each row (``[B]``, dtype and device of ``like``), or the scalar cap when
+        no instance has its own."""
+        if ids is None or self._pair_ids is None or self._pair_caps is None:
+            return self.cap
+        keys = ids.to(self._pair_ids.device)
+        pos = torch.searchsorted(self._pair_ids, keys).clamp(max=self._pair_ids.numel() - 1)
+        found = self._pair_ids[pos] == keys
+        caps = torch.where(found, self._pair_caps[pos],
+                           torch.full_like(self._pair_caps[pos], self.cap))
+        return caps.to(device=like.device, dtype=like.dtype)
 
     def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
                 device: torch.device | str) -> None:
@@ -220,6 +258,14 @@ class CappedAscentObjective(_ReferenceObjective):
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -task_loss(self.spec, pred, target).clamp(max=self.cap)
+
+    def per_pair(self, pred: torch.Tensor, target: torch.Tensor,
+                 ids: torch.Tensor | None) -> torch.Tensor:
+        loss = task_loss(self.spec, pred, target)
+        caps = self.caps_for(ids, loss)
+        if isinstance(caps, float):
+            return -loss.clamp(max=caps)
+        return -torch.minimum(loss, caps)
 
 
 class UniformObjective(ForgetObjective):

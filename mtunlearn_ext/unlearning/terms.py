@@ -77,6 +77,8 @@ def forget_terms(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, object
     supervision = batch["supervision"]
     targets = batch["targets"]
     assert isinstance(supervision, torch.Tensor) and isinstance(targets, Mapping)
+    ids = batch.get("id")
+    assert ids is None or isinstance(ids, torch.Tensor)
     columns = {spec.name: c for c, spec in enumerate(tasks)}
     specs = {spec.name: spec for spec in tasks}
     objective: dict[str, torch.Tensor] = {}
@@ -89,7 +91,7 @@ def forget_terms(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, object
             continue
         pred = outputs[name]
         target = targets[name]
-        per_sample = fn.per_sample(pred, target)
+        per_sample = fn.per_pair(pred, target, ids)
         zero = torch.zeros((), dtype=per_sample.dtype, device=per_sample.device)
         objective[name] = torch.where(mask, per_sample, zero).sum() / n
         with torch.no_grad():
