@@ -345,12 +345,18 @@ SELECT_SCORES: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
 
 def _grid(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The settings tried for ``method``: the product of its ``--grid`` entry (parameter ->
-    values), with ``lr`` from ``--lrs`` unless the entry names its own."""
-    axes: dict[str, list[Any]] = {"lr": list(args.lrs), **args.grid.get(method, {})}
-    combos: list[dict[str, Any]] = [{}]
-    for name, values in axes.items():
-        combos = [{**c, name: v} for c in combos for v in values]
-    return combos
+    values), with ``lr`` from ``--lrs`` unless the entry names its own; an entry that is a list
+    of such mappings tries the union of their products (in order, each setting once)."""
+    entry = args.grid.get(method, {})
+    blocks = entry if isinstance(entry, list) else [entry]
+    settings: list[dict[str, Any]] = []
+    for block in blocks:
+        axes: dict[str, list[Any]] = {"lr": list(args.lrs), **block}
+        combos: list[dict[str, Any]] = [{}]
+        for name, values in axes.items():
+            combos = [{**c, name: v} for c in combos for v in values]
+        settings.extend(c for c in combos if c not in settings)
+    return settings
 
 
 def run_tuning(args: argparse.Namespace) -> int:

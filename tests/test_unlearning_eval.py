@@ -92,6 +92,12 @@ def test_grid_is_the_product_of_the_method_axes(evaluation):
     assert evaluation._grid("interference_aware", args) == [
         {"lr": 1e-3, "alpha": 1}, {"lr": 1e-3, "alpha": 3},
         {"lr": 3e-3, "alpha": 1}, {"lr": 3e-3, "alpha": 3}]
+    # A list of blocks tries the union of their products, each setting once, in order.
+    args.grid = {"orthograd": [{"lr": [3e-4], "optimizer": ["adam"]},
+                               {"lr": [3e-3, 3e-4], "optimizer": ["sgd", "adam"]}]}
+    assert evaluation._grid("orthograd", args) == [
+        {"lr": 3e-4, "optimizer": "adam"}, {"lr": 3e-3, "optimizer": "sgd"},
+        {"lr": 3e-3, "optimizer": "adam"}, {"lr": 3e-4, "optimizer": "sgd"}]
 
 
 def _tuning_file(path: Path, original: float, records: list[tuple[str, dict, float]]) -> None:

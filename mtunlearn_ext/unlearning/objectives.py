@@ -225,14 +225,17 @@ class CappedAscentObjective(_ReferenceObjective):
         if sorted_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
             raise ValueError("set_pair_caps: `ids` must be distinct")
         self._pair_ids = sorted_ids
-        self._pair_caps = caps[order].double()
+        self._pair_caps = caps[order].float()
 
     def caps_for(self, ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
         """The cap of each row (``[B]``, dtype and device of ``like``), or the scalar cap when
         no instance has its own."""
         if ids is None or self._pair_ids is None or self._pair_caps is None:
             return self.cap
-        keys = ids.to(self._pair_ids.device)
+        if self._pair_ids.device != ids.device:  # once: the lookup stays on the batch's device
+            self._pair_ids = self._pair_ids.to(ids.device)
+            self._pair_caps = self._pair_caps.to(ids.device)
+        keys = ids.to(torch.long)
         pos = torch.searchsorted(self._pair_ids, keys).clamp(max=self._pair_ids.numel() - 1)
         found = self._pair_ids[pos] == keys
         caps = torch.where(found, self._pair_caps[pos],

@@ -47,6 +47,21 @@ scores 2.17 (full requests; 2.64 before; ``orthograd`` at 5e-4 diverges too, 7.5
 Partial requests: 5e-4 with memory 3 and a snapshot refresh every 10 steps scores 0.243 (0.350
 before; memory 5 scored 0.235 but costs about 0.6 s more, which the wall-time target of 15% of
 retraining does not leave room for).
+
+Rounds 13-15 (sixth session) changed the final selection, for every method alike, to the mean
+of that score and UIS on the validation split (``--select-score aligned``; the validation
+instances are never trained on and never evaluated), because the proxy score alone had picked
+settings that push the forget pairs below the original model's unseen-data level, which UIS
+counts as damage. Each method's three best learning rate x optimizer pairs by the proxy score
+were re-run with validation metrics (budgets 10 to 60 steps) and only those runs competed. The
+method also gained rank-matched forget caps (``cap_quantile="rank"``: each forget pair is
+raised toward the held-out loss quantile at its own rank, so the forget losses approach the
+unseen-data *distribution*). Selected aligned scores (mean of indoor and street): full requests
+this method 1.56 (Adam 1e-3, rank-matched caps, memory 5; proxy 2.01, validation UIS 1.11),
+``orthograd`` 2.17, ``neggrad_plus`` 2.64 (the baselines' full-request picks did not change);
+partial requests this method 0.285 (Adam 5e-4, rank-matched caps, memory 3), ``orthograd``
+0.333 (40 steps instead of 60), ``neggrad_plus`` 0.366 (1e-4 instead of 3e-4), and new picks for
+``finetune`` (40 steps), ``gradient_ascent`` (3e-4, 30 steps) and ``pcgrad`` (Adam 1e-4, 10 steps).
 """
 
 from __future__ import annotations
@@ -105,22 +120,22 @@ MEMORISING: dict[str, dict[str, dict[str, Any]]] = {
         "salun": {"lr": 3e-4, "steps": 10},
         "orthograd": {"lr": 3e-4, "steps": 40, "optimizer": "adam"},
         "pcgrad": {"lr": 1e-4, "steps": 40, "optimizer": "adam"},
-        "interference_aware": {"lr": 5e-4, "steps": 40, "optimizer": "adam", "alpha": 1.0,
-                               "grad_clip": 5.0, "cap_quantile": 0.9,
+        "interference_aware": {"lr": 1e-3, "steps": 40, "optimizer": "adam", "alpha": 1.0,
+                               "grad_clip": 5.0, "cap_quantile": "rank",
                                "cap_reference": "held_out", "task_projection": False,
                                "instance_projection": "orthogonal", "num_per_sample": 32,
                                "instance_memory": 5},
     },
     "partial": {
-        "finetune": {"lr": 1e-4, "steps": 20, "optimizer": "adam"},
-        "gradient_ascent": {"lr": 3e-3, "steps": 10},
-        "neggrad_plus": {"lr": 3e-4, "steps": 60, "optimizer": "adam"},
+        "finetune": {"lr": 1e-4, "steps": 40, "optimizer": "adam"},
+        "gradient_ascent": {"lr": 3e-4, "steps": 30},
+        "neggrad_plus": {"lr": 1e-4, "steps": 60, "optimizer": "adam"},
         "random_labels": {"lr": 3e-4, "steps": 10},
         "salun": {"lr": 3e-4, "steps": 10},
-        "orthograd": {"lr": 1e-4, "steps": 60, "optimizer": "adam"},
-        "pcgrad": {"lr": 3e-4, "steps": 60},
+        "orthograd": {"lr": 1e-4, "steps": 40, "optimizer": "adam"},
+        "pcgrad": {"lr": 1e-4, "steps": 10, "optimizer": "adam"},
         "interference_aware": {"lr": 5e-4, "steps": 40, "optimizer": "adam", "alpha": 1.0,
-                               "grad_clip": 1.0, "cap_quantile": 0.75,
+                               "grad_clip": 1.0, "cap_quantile": "rank",
                                "cap_reference": "held_out", "instance_memory": 3,
                                "refresh_every": 10},
     },

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The grids behind the "memorising" presets (mtunlearn_ext/unlearning/presets.py), in the order
-# they were run on 2026-11-29 (seed 0, training data only; ~1.5 h, then ~45 min, on 2 cores).
+# they were run on 2026-11-29 (seed 0, training data only; ~1.5 h, ~45 min, then ~1 h on 2 cores).
 # Each run adds its records to runs/unlearning_eval_memorising/tuning/; the last command picks,
 # per request and method, the setting with the lowest score averaged over indoor and street.
 # Every score is in memorising_grid.csv, the selection in memorising_selection.json.
@@ -122,4 +122,37 @@ done
   --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "instance_memory": [0, 5]}}'
 
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
+  --grid-csv benchmarks/results/unlearning/memorising_grid.csv
+
+# --- Sixth session: rank-matched forget caps and a selection aligned with UIS (~1 h).
+# Round 12's test-split evaluation showed the proxy score and UIS disagreeing (the selected
+# settings pushed the forget pairs below the original's unseen-data level). From here tuning
+# runs also score the validation split (never trained on, never evaluated), and the final
+# selection ranks by the mean of the proxy score and UIS on the validation split
+# (`--select-score aligned`), for *every* method alike: each method's three best learning rate
+# x optimizer pairs by the proxy score (over rounds 1-12) are re-run with validation metrics at
+# budgets 10-60, and only such runs compete.
+# 13. `cap_quantile="rank"`: each forget pair's own cap, the held-out loss quantile at its rank
+#     among the forget pairs (the forget losses move toward the unseen-data *distribution*).
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "cap_quantile": [0.9, "rank"]}}'
+"${EVAL[@]}" --requests partial --methods interference_aware --checkpoints 30,40 \
+  --method-max-steps 40 --grid '{"interference_aware": {"lr": [5e-4], "cap_quantile": [0.75, "rank"]}}'
+# 14. the shortlists: every method's three best (lr, optimizer) pairs by the proxy score of
+#     rounds 1-12 (optimizer spelled out), plus the method's other top settings and
+#     rank-matched variants.
+ALL=finetune,gradient_ascent,neggrad_plus,random_labels,salun,orthograd,pcgrad,interference_aware
+"${EVAL[@]}" --requests full --methods "$ALL" --checkpoints 10,20,30,40,60 --method-max-steps 40 \
+  --grid '{"finetune": [{"lr": [0.001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "gradient_ascent": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "neggrad_plus": [{"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.01], "optimizer": ["sgd"]}], "random_labels": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "salun": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "orthograd": [{"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "pcgrad": [{"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "interference_aware": [{"lr": [0.0005], "instance_memory": [3]}, {"lr": [0.0005], "instance_memory": [7], "num_per_sample": [16], "retain_batch_size": [16]}, {"lr": [0.0007], "cap_quantile": ["rank"]}]}'
+"${EVAL[@]}" --requests partial --methods "$ALL" --checkpoints 10,20,30,40,60 --method-max-steps 40 \
+  --grid '{"finetune": [{"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["adam"]}], "gradient_ascent": [{"lr": [0.003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}, {"lr": [0.0003], "optimizer": ["sgd"]}], "neggrad_plus": [{"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.01], "optimizer": ["sgd"]}], "random_labels": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "salun": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "orthograd": [{"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.003], "optimizer": ["sgd"]}], "pcgrad": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "interference_aware": [{"lr": [0.0005], "instance_memory": [5]}, {"lr": [0.0005], "refresh_every": [20]}, {"lr": [0.0005], "cap_quantile": ["rank"], "instance_memory": [5]}, {"lr": [0.0007], "cap_quantile": ["rank"]}]}'
+# 15. rank-matched caps at larger learning rates (full requests): 1e-3 is best on both scores
+#     (proxy 2.01, validation UIS 1.11); 1.5e-3 and 2e-3 overshoot.
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"]},
+    {"lr": [7e-4], "cap_quantile": ["rank"], "instance_memory": [3]}]}'
+"${EVAL[@]}" --requests full --methods interference_aware --checkpoints 30,35,40 \
+  --method-max-steps 40 --grid '{"interference_aware": [{"lr": [1.5e-3, 2e-3], "cap_quantile": ["rank"]}]}'
+
+.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv
