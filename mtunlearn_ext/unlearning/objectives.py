@@ -260,15 +260,12 @@ class CappedAscentObjective(_ReferenceObjective):
         self.cap = float(torch.cat(losses).mean())
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return -task_loss(self.spec, pred, target).clamp(max=self.cap)
+        return self.per_pair(pred, target, None)
 
     def per_pair(self, pred: torch.Tensor, target: torch.Tensor,
                  ids: torch.Tensor | None) -> torch.Tensor:
         loss = task_loss(self.spec, pred, target)
-        caps = self.caps_for(ids, loss)
-        if isinstance(caps, float):
-            return -loss.clamp(max=caps)
-        return -torch.minimum(loss, caps)
+        return -loss.clamp(max=self.caps_for(ids, loss))
 
 
 class UniformObjective(ForgetObjective):
