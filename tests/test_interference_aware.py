@@ -25,6 +25,7 @@ from mtunlearn_ext.unlearning import (
 )
 from mtunlearn_ext.unlearning.batches import BatchStream
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
+from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads_and_losses
 from mtunlearn_ext.unlearning.interference import interference_matrix
 from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
@@ -35,6 +36,7 @@ from mtunlearn_ext.unlearning.interference_aware import (
 )
 from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
+from mtunlearn_ext.unlearning.terms import RetainTerms
 
 from unlearning_helpers import step_context
 
@@ -474,80 +476,110 @@ def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, ori
         t: list(tasks) for t, tasks in plan.items()}
 
 
-def test_shared_per_sample_pass_gives_the_same_update(bench, original, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # One step's .grad with the retain gradient from the per-sample pass vs from a batched
-    # backward (independent of the optimizer, which may amplify rounding: Adam).
-    problem = _problem(bench, original, partial=False)
+def _separate_passes(self, ctx, retain_batch, instance_rows):  # type: ignore[no-untyped-def]
+    """Reference for ``InterferenceAware._retain_with_per_sample``: the per-sample pass over the
+    instance rows and a batched retain pass over the *whole* retain batch, independently."""
+    per_sample, _ = per_sample_retain_grads_and_losses(
+        ctx.model, instance_rows, ctx.problem.tasks, ctx.groups.all_names,
+        task_scale=self.instance_task_scale(retain_batch))
+    terms = self.retain_step_terms(ctx, retain_batch)
+    retain = grads_of(terms.total(), ctx.groups.all_params)
+    return per_sample, RetainTerms({t: v.detach() for t, v in terms.loss.items()}), retain
+
+
+@pytest.mark.parametrize("partial,num_per_sample", [(False, 12), (False, 5), (True, 5)])
+def test_shared_per_sample_pass_gives_the_same_update(bench, original, monkeypatch, partial: bool,  # type: ignore[no-untyped-def]
+                                                      num_per_sample: int) -> None:
+    # One step's .grad with the retain gradient shared with the per-sample pass (all of the
+    # batch's rows constrained, or only the first 5: the rest take a batched pass) vs from
+    # separate passes (independent of the optimizer, which may amplify rounding: Adam).
+    problem = _problem(bench, original, partial=partial)
     config = InterferenceAwareConfig(**{**TINY, "task_projection": False,
-                                        "retain_batch_size": 6, "num_per_sample": 6})
+                                        "num_per_sample": num_per_sample})
     grads = []
     for shared in (True, False):
         method = InterferenceAware(config)
         if not shared:
-            monkeypatch.setattr(InterferenceAware, "_per_sample_is_retain_batch",
-                                lambda self, ctx, batch: False)
+            monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", _separate_passes)
         ctx = _context(problem, method)
-        method.compute_update(ctx, _batch(problem.forget, 6, 1), _batch(problem.retain, 6, 2))
+        method.compute_update(ctx, _batch(problem.forget, 6, 1), _batch(problem.retain, 12, 2))
         grads.append([p.grad.clone() for p in ctx.groups.all_params])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(bool(g.abs().sum() > 0) for g in grads[0])
 
 
-def test_per_sample_pass_of_a_partly_supervised_batch_is_its_retain_gradient(bench, original  # type: ignore[no-untyped-def]
-                                                                           ) -> None:
+@pytest.mark.parametrize("num_per_sample", [12, 5])
+def test_shared_per_sample_pass_of_a_partly_supervised_batch(bench, original,  # type: ignore[no-untyped-def]
+                                                             num_per_sample: int) -> None:
     # In a partial request the retain batch holds forget instances without their target-task
-    # labels: the per-sample terms are scaled by B / n_t so that their mean is still the
-    # batch's masked multi-task gradient, and the curves' per-task losses are still the means
-    # over the supervised rows.
+    # labels: each row's terms are scaled by B / n_t, so that the constrained rows' share plus
+    # the batched rest is exactly the batch's masked multi-task gradient, and the curves'
+    # per-task losses are still the means over the supervised rows. Coupled rows follow the
+    # retain rows in the pass and never enter the retain gradient.
     problem = _problem(bench, original, partial=True)
     sup = problem.retain.supervision
     partly, fully = (~sup.all(dim=1)).nonzero().flatten(), sup.all(dim=1).nonzero().flatten()
-    assert partly.numel() >= 3
-    batch = problem.retain.batch(torch.cat([partly[:3], fully[:9]]))
+    assert partly.numel() >= 5
+    batch = problem.retain.batch(torch.cat([partly[:2], fully[:7], partly[2:5]]))
     method = InterferenceAware(InterferenceAwareConfig(
-        **{**TINY, "task_projection": False, "num_per_sample": 12, "num_coupled_per_sample": 0}))
+        **{**TINY, "task_projection": False, "num_per_sample": num_per_sample,
+           "num_coupled_per_sample": 3}))
     ctx = _context(problem, method)
-    assert method._per_sample_is_retain_batch(ctx, batch)
-    per_sample, terms = method._retain_per_sample(ctx, batch)
+    scale = method.instance_task_scale(batch)
+    assert scale[0] == pytest.approx(12 / 7) and scale[1:] == [1.0, 1.0]
+    rows = method.instance_batch(ctx, batch)
+    k = min(num_per_sample, 12)
+    assert rows["input"].shape[0] == k + 3
+    per_sample, terms, retain = method._retain_with_per_sample(ctx, batch, rows)
     reference = method.retain_step_terms(ctx, batch)
     expected = torch.autograd.grad(reference.total(), ctx.groups.all_params)
-    for got, want in zip(per_sample, expected):
-        torch.testing.assert_close(got.mean(dim=0), want, rtol=1e-4, atol=1e-7)
+    for got, want in zip(retain, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     for task, value in reference.loss.items():
         torch.testing.assert_close(terms.loss[task], value.detach(), rtol=1e-5, atol=1e-7)
+    # Each stack row is that row's scaled loss gradient, coupled rows included.
+    for row in (0, k - 1, k + 2):
+        one = {key: (value[row:row + 1] if isinstance(value, torch.Tensor)
+                     else {t: v[row:row + 1] for t, v in value.items()})
+               for key, value in rows.items()}
+        out = ctx.forward(one)
+        loss = sum(s * task_loss(spec, out[spec.name], one["targets"][spec.name])[0]
+                   * one["supervision"][0, c]
+                   for c, (spec, s) in enumerate(zip(problem.tasks, scale)))
+        want = torch.autograd.grad(loss, ctx.groups.all_params, allow_unused=True)
+        for stack, w in zip(per_sample, want):
+            torch.testing.assert_close(stack[row], torch.zeros_like(stack[row]) if w is None
+                                       else w, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd"])
-def test_retain_gradient_from_the_per_sample_pass_matches_the_batched_one(
-        bench, original, monkeypatch, optimizer: str) -> None:  # type: ignore[no-untyped-def]
-    # Full request, no task projection, the instance constraints = the whole retain batch:
-    # the step takes the retain gradient as the mean of the per-sample gradients.
-    problem = _problem(bench, original, partial=False)
-    settings = {**TINY, "steps": 3, "task_projection": False, "retain_batch_size": 6,
-                "num_per_sample": 6, "instance_projection": "orthogonal",
-                "optimizer": optimizer, "lr": 1e-3}
+@pytest.mark.parametrize("partial", [False, True])
+def test_retain_gradient_from_the_shared_pass_matches_separate_passes(
+        bench, original, monkeypatch, partial: bool) -> None:  # type: ignore[no-untyped-def]
+    # Whole runs (no task projection, 6 of 12 retain rows constrained, coupled rows in the
+    # partial request): the run that shares the per-sample pass ends where the one with
+    # separate passes ends, and its retain curves are the same.
+    problem = _problem(bench, original, partial=partial)
+    settings = {**TINY, "steps": 3, "task_projection": False,
+                "instance_projection": "orthogonal", "optimizer": "sgd", "lr": 1e-3}
     calls = []
-    shared_path = InterferenceAware._retain_per_sample
+    shared_path = InterferenceAware._retain_with_per_sample
 
-    def counted(self, ctx, batch):  # type: ignore[no-untyped-def]
+    def counted(self, ctx, batch, rows):  # type: ignore[no-untyped-def]
         calls.append(1)
-        return shared_path(self, ctx, batch)
+        return shared_path(self, ctx, batch, rows)
 
-    monkeypatch.setattr(InterferenceAware, "_retain_per_sample", counted)
+    monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", counted)
     reused = get_unlearner("interference_aware", settings).unlearn(problem)
     assert len(calls) == 3  # every step took the shared pass
-    monkeypatch.setattr(InterferenceAware, "_per_sample_is_retain_batch",
-                        lambda self, ctx, batch: False)
+    monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", _separate_passes)
     separate = get_unlearner("interference_aware", settings).unlearn(problem)
-    assert len(calls) == 3
     moved = False
     for (name, a), b in zip(reused.model.state_dict().items(),
                             separate.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
         moved |= not torch.equal(a, original.state_dict()[name])
     assert moved
-    # The retain curves (total and per task) come from the per-sample pass's own losses.
     retain_curves = [k for k in separate.report.curves if k.startswith("retain")]
     assert len(retain_curves) >= 4 and set(retain_curves) <= set(reused.report.curves)
     for key in retain_curves:
@@ -555,28 +587,27 @@ def test_retain_gradient_from_the_per_sample_pass_matches_the_batched_one(
                                                           rel=1e-5), key
 
 
-def test_per_sample_pass_is_not_shared_when_it_is_not_the_retain_batch(bench, original) -> None:  # type: ignore[no-untyped-def]
-    problem = _problem(bench, original, partial=False)
-    method = InterferenceAware(InterferenceAwareConfig(**{**TINY, "task_projection": False}))
-    ctx = _context(problem, method)
-    batch = _batch(problem.retain, 12, 0)
-    assert not method._per_sample_is_retain_batch(ctx, batch)  # 6 of 12 rows constrained
-    method.config.num_per_sample = 12
-    assert method._per_sample_is_retain_batch(ctx, batch)
-    partial_batch = dict(batch)
-    supervision = batch["supervision"].clone()
-    supervision[0, 0] = False
-    partial_batch["supervision"] = supervision
-    assert method._per_sample_is_retain_batch(ctx, partial_batch)  # task-scaled: still shared
-    # A partial request's coupled constraints (forget instances' retained pairs) are not the
-    # retain batch.
-    partial_problem = _problem(bench, original, partial=True)
-    partial_method = InterferenceAware(InterferenceAwareConfig(
-        **{**TINY, "task_projection": False, "num_per_sample": 12}))
-    partial_ctx = _context(partial_problem, partial_method)
-    assert not partial_method._per_sample_is_retain_batch(partial_ctx, batch)
-    partial_method.config.num_coupled_per_sample = 0
-    assert partial_method._per_sample_is_retain_batch(partial_ctx, batch)
+@pytest.mark.parametrize("settings,shared_steps", [
+    ({}, 2),                                 # refresh steps 0 and 2 take the grouped pass
+    ({"task_projection": False}, 4),
+    ({"instance_projection": "off"}, 0),     # no per-sample pass to share
+    ({"alpha": 0.0, "task_projection": False}, 0),
+])
+def test_per_sample_pass_is_shared_outside_refresh_steps_only(
+        bench, original, monkeypatch, settings: dict, shared_steps: int) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=True)
+    calls = []
+    shared_path = InterferenceAware._retain_with_per_sample
+
+    def counted(self, ctx, batch, rows):  # type: ignore[no-untyped-def]
+        calls.append(ctx.step)
+        return shared_path(self, ctx, batch, rows)
+
+    monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", counted)
+    get_unlearner("interference_aware", {**TINY, **settings}).unlearn(problem)
+    assert len(calls) == shared_steps
+    if settings == {}:
+        assert calls == [1, 3]
 
 
 def test_parameter_groups_split_a_canonical_list(original) -> None:  # type: ignore[no-untyped-def]

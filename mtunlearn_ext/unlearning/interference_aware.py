@@ -88,7 +88,6 @@ from mtunlearn_ext.unlearning.batches import (
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.gradients import (
     grads_of,
-    per_sample_retain_grads,
     per_sample_retain_grads_and_losses,
 )
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
@@ -642,23 +641,39 @@ class InterferenceAware(GradientUnlearner):
                 batch, batch_rows(stream.next(), 0, cfg.num_coupled_per_sample))
         return batch
 
+    @staticmethod
+    def instance_task_scale(retain_batch: Batch) -> list[float]:
+        """``s_t = B / n_t`` for every task (``n_t``: the retain batch's supervised pairs of
+        ``t``, ``B`` its rows; 0 for a task it never supervises). Each instance constraint is
+        the gradient of that instance's term of the retain objective ``sum_t mean_i l_t(i)``,
+        ``r_i = d/d theta sum_t s_t m_it l_t(i)``, so that the mean of a whole batch's rows is
+        the batch's retain gradient (a partial request's retain batch holds forget instances
+        without their target-task labels, so ``n_t`` differs between tasks)."""
+        supervision = retain_batch["supervision"]
+        assert isinstance(supervision, torch.Tensor)
+        rows = supervision.shape[0]
+        return [rows / n if n else 0.0 for n in supervision.sum(dim=0).tolist()]
+
     def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
                          param_names: Sequence[str], batch: Batch,
                          per_sample: list[torch.Tensor] | None = None,
-                         memory: PerSampleMemory | None = None
+                         memory: PerSampleMemory | None = None,
+                         task_scale: Sequence[float] | None = None
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Make the forget step direction ``u`` (one tensor per parameter of ``param_names``)
         orthogonal to / non-conflicting with the per-sample retain gradients of ``batch``
-        (computed here unless given: one ``[B, *shape]`` stack per name), and with the rows
-        ``memory`` keeps from earlier steps (this step's rows are added to it).
+        (computed here unless given: one ``[B, *shape]`` stack per name, of each row's loss
+        with task ``t`` scaled by ``task_scale[t]``, see :meth:`instance_task_scale`), and
+        with the rows ``memory`` keeps from earlier steps (this step's rows are added to it).
 
         Returns (the projected direction ``d``, this batch's per-sample gradient stacks
         ``[B, *shape]``).
         """
         cfg = self.config
         if per_sample is None:
-            per_sample = per_sample_retain_grads(ctx.model, batch, ctx.problem.tasks,
-                                                 param_names, cfg.chunk_size)
+            per_sample, _ = per_sample_retain_grads_and_losses(
+                ctx.model, batch, ctx.problem.tasks, param_names, cfg.chunk_size,
+                task_scale=task_scale)
         constraints = per_sample if memory is None else memory.add(param_names, per_sample)
         kept = (memory.gram() if memory is not None and memory.track_gram and memory.filled
                 else None)
@@ -670,34 +685,54 @@ class InterferenceAware(GradientUnlearner):
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
 
-    def _per_sample_is_retain_batch(self, ctx: StepContext, retain_batch: Batch) -> bool:
-        """The step's instance constraints are the whole retain batch (so the mean of their
-        per-sample gradients, task-scaled, is the retain descent term)."""
-        cfg = self.config
-        supervision = retain_batch["supervision"]
-        assert isinstance(supervision, torch.Tensor)
-        return (cfg.alpha > 0 and cfg.instance_projection != "off"
-                and cfg.num_per_sample >= supervision.shape[0]
-                and (ctx.state.get("coupled_stream") is None or cfg.num_coupled_per_sample == 0))
+    def _shares_per_sample_pass(self) -> bool:
+        """The step's per-sample pass also supplies (part of) the retain gradient."""
+        return self.config.alpha > 0 and self.config.instance_projection != "off"
 
-    def _retain_per_sample(self, ctx: StepContext, retain_batch: Batch
-                           ) -> tuple[list[torch.Tensor], RetainTerms]:
-        """Per-sample retain gradients of the whole batch over every parameter, each task's
-        term scaled by ``B / n_t`` so that their mean is the batch's retain gradient (rows of a
-        partial request's forget instances lack the target tasks' labels), and the batch's
-        retain terms (each task's mean loss over its supervised rows) from the same forward
-        pass."""
+    def _retain_with_per_sample(self, ctx: StepContext, retain_batch: Batch,
+                                instance_rows: Batch
+                                ) -> tuple[list[torch.Tensor], RetainTerms, list[torch.Tensor]]:
+        """The step's per-sample pass, shared with the retain descent term.
+
+        ``instance_rows`` are the retain batch's first ``k = min(num_per_sample, B)`` rows, then
+        any coupled rows (:meth:`instance_batch`). One ``vmap`` pass over them, over every
+        parameter, gives their per-sample gradients ``r_i`` (task-scaled, see
+        :meth:`instance_task_scale`) and losses; ``sum_{i<k} r_i / B`` is the first ``k``
+        rows' share of the retain gradient, and a batched forward and backward over the other
+        ``B - k`` rows (none when the constraints cover the batch) adds the rest, their tasks
+        weighted ``1 / n_t`` as in the whole batch's objective. The first ``k`` rows are thus
+        differentiated once instead of twice.
+
+        Returns (the per-sample stacks ``[k + c, *shape]``, one per parameter of
+        ``groups.all_names``; the batch's retain terms (detached; each task's mean loss over its
+        supervised rows); the batch's retain gradient, one tensor per parameter)."""
+        groups = ctx.groups
+        tasks = ctx.problem.task_names
         supervision = retain_batch["supervision"]
         assert isinstance(supervision, torch.Tensor)
-        counts = supervision.sum(dim=0).tolist()
         rows = supervision.shape[0]
-        scale = [rows / n if n else 0.0 for n in counts]
-        grads, losses = per_sample_retain_grads_and_losses(
-            ctx.model, retain_batch, ctx.problem.tasks, ctx.groups.all_names,
-            self.config.chunk_size, task_scale=scale)
-        terms = {spec.name: losses[spec.name].sum() / n if n else losses[spec.name].sum() * 0.0
-                 for spec, n in zip(ctx.problem.tasks, counts)}
-        return grads, RetainTerms(terms)
+        counts = supervision.sum(dim=0).tolist()
+        k = min(self.config.num_per_sample, rows)
+        per_sample, losses = per_sample_retain_grads_and_losses(
+            ctx.model, instance_rows, ctx.problem.tasks, groups.all_names,
+            self.config.chunk_size, task_scale=self.instance_task_scale(retain_batch))
+        retain = [g[:k].sum(dim=0) / rows for g in per_sample]
+        sums = {t: losses[t][:k].sum() for t in tasks}
+        if k < rows:
+            rest = batch_rows(retain_batch, k, rows)
+            rest_terms = self.retain_step_terms(ctx, rest)
+            rest_counts = rest["supervision"].sum(dim=0).tolist()  # type: ignore[union-attr]
+            total: torch.Tensor | None = None
+            for t, n, m in zip(tasks, counts, rest_counts):
+                if not n or not m:
+                    continue
+                sums[t] = sums[t] + rest_terms.loss[t].detach() * m
+                term = rest_terms.loss[t] * (m / n)
+                total = term if total is None else total + term
+            if total is not None and total.requires_grad:
+                torch._foreach_add_(retain, grads_of(total, groups.all_params))
+        terms = {t: sums[t] / n if n else sums[t] * 0.0 for t, n in zip(tasks, counts)}
+        return per_sample, RetainTerms(terms), retain
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -714,18 +749,20 @@ class InterferenceAware(GradientUnlearner):
         refresh = cfg.task_projection and ctx.step % cfg.refresh_every == 0
         retain_shared = [torch.zeros_like(p) for p in shared]
         retain_heads: dict[str, list[torch.Tensor]] = {}
-        # When the instance constraints are exactly the retain batch, the retain gradient is
-        # the mean of their (task-scaled) per-sample gradients: the per-sample pass then serves
-        # both, and the batched retain forward and backward are skipped.
+        # The instance constraints' rows are the first rows of the retain batch: outside
+        # refresh steps their per-sample pass also gives those rows' share of the retain
+        # gradient, and only the remaining rows take a batched forward and backward.
         per_sample_all: list[torch.Tensor] | None = None
-        if not refresh and self._per_sample_is_retain_batch(ctx, retain_batch):
-            per_sample_all, stats.retain = self._retain_per_sample(ctx, retain_batch)
         if refresh:
             stats.retain, retain_shared, retain_heads, pushed = self.refresh(ctx, retain_batch)
             stats.extra["snapshots_pushed"] = float(pushed)
-        elif per_sample_all is not None:
-            retain_shared, retain_heads = groups.split([g.mean(dim=0) for g in per_sample_all])
-        else:
+        instance_rows = (self.instance_batch(ctx, retain_batch)
+                         if self._shares_per_sample_pass() else None)
+        if not refresh and instance_rows is not None:
+            per_sample_all, stats.retain, retain_all = self._retain_with_per_sample(
+                ctx, retain_batch, instance_rows)
+            retain_shared, retain_heads = groups.split(retain_all)
+        elif not refresh:
             stats.retain = self.retain_step_terms(ctx, retain_batch)
             total = stats.retain.total()
             if total is not None and total.requires_grad:
@@ -763,14 +800,15 @@ class InterferenceAware(GradientUnlearner):
                 step_dir = [-g for g in forget_shared] + [-g for t in targets
                                                            for g in forget_heads[t]]
                 before = _norm(step_dir)
-                batch = self.instance_batch(ctx, retain_batch)
+                assert instance_rows is not None
                 given = None
                 if per_sample_all is not None:
                     position = {n: i for i, n in enumerate(groups.all_names)}
                     given = [per_sample_all[position[n]] for n in names]
                 memory: PerSampleMemory = ctx.state["instance_memory"]
-                projected_dir, per_sample = self.instance_project(ctx, step_dir, names, batch,
-                                                                  given, memory)
+                projected_dir, per_sample = self.instance_project(
+                    ctx, step_dir, names, instance_rows, given, memory,
+                    task_scale=self.instance_task_scale(retain_batch))
                 stats.extra["instance_constraints"] = float(
                     max(memory.filled, per_sample[0].shape[0]))
                 stats.extra["instance_kept_fraction"] = (
