@@ -32,7 +32,10 @@ levels, and each step of this method removes one:
 3. **Instance-level gradient orthogonalization** (instance-level interference). The per-sample
    retain gradients ``r_1..r_B`` of the retain minibatch (``torch.func``: ``vmap(grad)`` over
    ``functional_call``; plus, in a partial request, forget instances with their retained pairs)
-   define the directions along which individual retained instances move. With ``u = -sum_t f_t``
+   define the directions along which individual retained instances move (each ``r_j`` is the
+   gradient of instance ``j``'s term of the retain objective, so that outside refresh steps the
+   same pass also gives those rows' share of the retain gradient of step 4: they are
+   differentiated once). With ``u = -sum_t f_t``
    the forget *step* direction (over ``theta_s`` and the target heads):
 
    - ``"orthogonal"``: ``d = u - R^T (R R^T + lambda I)^{-1} R u`` (OrthoGrad's projection from
@@ -685,8 +688,9 @@ class InterferenceAware(GradientUnlearner):
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
 
-    def _shares_per_sample_pass(self) -> bool:
-        """The step's per-sample pass also supplies (part of) the retain gradient."""
+    def _uses_instance_constraints(self) -> bool:
+        """The step projects against per-sample retain gradients (whose pass, outside refresh
+        steps, also supplies part of the retain gradient)."""
         return self.config.alpha > 0 and self.config.instance_projection != "off"
 
     def _retain_with_per_sample(self, ctx: StepContext, retain_batch: Batch,
@@ -757,7 +761,7 @@ class InterferenceAware(GradientUnlearner):
             stats.retain, retain_shared, retain_heads, pushed = self.refresh(ctx, retain_batch)
             stats.extra["snapshots_pushed"] = float(pushed)
         instance_rows = (self.instance_batch(ctx, retain_batch)
-                         if self._shares_per_sample_pass() else None)
+                         if self._uses_instance_constraints() else None)
         if not refresh and instance_rows is not None:
             per_sample_all, stats.retain, retain_all = self._retain_with_per_sample(
                 ctx, retain_batch, instance_rows)

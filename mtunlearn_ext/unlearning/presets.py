@@ -62,6 +62,13 @@ this method 1.56 (Adam 1e-3, rank-matched caps, memory 5; proxy 2.01, validation
 partial requests this method 0.285 (Adam 5e-4, rank-matched caps, memory 3), ``orthograd``
 0.333 (40 steps instead of 60), ``neggrad_plus`` 0.366 (1e-4 instead of 3e-4), and new picks for
 ``finetune`` (40 steps), ``gradient_ascent`` (3e-4, 30 steps) and ``pcgrad`` (Adam 1e-4, 10 steps).
+
+Round 16 (seventh session): the partial-request step now differentiates its constrained retain
+rows once (their per-sample pass gives their share of the retain gradient), which changed its
+constraints slightly (each row's terms task-scaled by ``B / n_t``) and left room in the
+wall-time budget for more per-sample rows. Re-run on that code, the preset scores aligned 0.279
+(proxy 0.313, validation UIS 0.245); all 32 retain rows as constraints scored 0.304 (memory 3)
+and 0.288 (memory 5), 16 rows with memory 5 0.282: the preset stays.
 """
 
 from __future__ import annotations
