@@ -68,7 +68,8 @@ rows once (their per-sample pass gives their share of the retain gradient), whic
 constraints slightly (each row's terms task-scaled by ``B / n_t``) and left room in the
 wall-time budget for more per-sample rows. Re-run on that code, the preset scores aligned 0.279
 (proxy 0.313, validation UIS 0.245); all 32 retain rows as constraints scored 0.304 (memory 3)
-and 0.288 (memory 5), 16 rows with memory 5 0.282: the preset stays.
+and 0.288 (memory 5), 16 rows with memory 5 0.282, and 45 or 50 steps (which the cheaper step
+would allow) scored worse by the proxy: the preset stays.
 """
 
 from __future__ import annotations
