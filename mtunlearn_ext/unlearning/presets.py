@@ -70,6 +70,16 @@ wall-time budget for more per-sample rows. Re-run on that code, the preset score
 (proxy 0.313, validation UIS 0.245); all 32 retain rows as constraints scored 0.304 (memory 3)
 and 0.288 (memory 5), 16 rows with memory 5 0.282, and 45 or 50 steps (which the cheaper step
 would allow) scored worse by the proxy: the preset stays.
+
+Round 18 (seventh session) added a second selection seed for every method alike: the round-14
+shortlists (the method: its two presets' settings) were re-run on seed 1's training data and
+validation split, and the final pick is the lowest aligned score averaged over indoor and street
+of seeds 0 and 1 (``memorising_two_seed_grid.csv``). It changed four baseline picks (full:
+``neggrad_plus`` 3e-4 -> 1e-4, the seed-0 pick having diverged on seeds 1 and 2 of the test
+evaluation, ``pcgrad`` 40 -> 30 steps; partial: ``finetune`` 40 -> 20 steps,
+``gradient_ascent`` 30 -> 10 steps) and kept this method's and ``orthograd``'s. Two-seed aligned
+scores: full this method 1.75, ``orthograd`` 2.44, ``neggrad_plus`` 3.06; partial ``orthograd``
+0.316, ``neggrad_plus`` 0.322, this method 0.342 (its validation UIS is the lowest, 0.227).
 """
 
 from __future__ import annotations
@@ -123,11 +133,11 @@ MEMORISING: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "finetune": {"lr": 1e-3, "steps": 60},
         "gradient_ascent": {"lr": 3e-4, "steps": 10},
-        "neggrad_plus": {"lr": 3e-4, "steps": 60, "optimizer": "adam"},
+        "neggrad_plus": {"lr": 1e-4, "steps": 60, "optimizer": "adam"},
         "random_labels": {"lr": 3e-4, "steps": 10},
         "salun": {"lr": 3e-4, "steps": 10},
         "orthograd": {"lr": 3e-4, "steps": 40, "optimizer": "adam"},
-        "pcgrad": {"lr": 1e-4, "steps": 40, "optimizer": "adam"},
+        "pcgrad": {"lr": 1e-4, "steps": 30, "optimizer": "adam"},
         "interference_aware": {"lr": 1e-3, "steps": 40, "optimizer": "adam", "alpha": 1.0,
                                "grad_clip": 5.0, "cap_quantile": "rank",
                                "cap_reference": "held_out", "task_projection": False,
@@ -135,8 +145,8 @@ MEMORISING: dict[str, dict[str, dict[str, Any]]] = {
                                "instance_memory": 5},
     },
     "partial": {
-        "finetune": {"lr": 1e-4, "steps": 40, "optimizer": "adam"},
-        "gradient_ascent": {"lr": 3e-4, "steps": 30},
+        "finetune": {"lr": 1e-4, "steps": 20, "optimizer": "adam"},
+        "gradient_ascent": {"lr": 3e-4, "steps": 10},
         "neggrad_plus": {"lr": 1e-4, "steps": 60, "optimizer": "adam"},
         "random_labels": {"lr": 3e-4, "steps": 10},
         "salun": {"lr": 3e-4, "steps": 10},
