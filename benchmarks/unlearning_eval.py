@@ -504,8 +504,9 @@ def select_settings(tuning_dir: Path, requests: Sequence[str],
 
 def write_grid_csv(tuning_dir: Path, requests: Sequence[str], path: Path) -> int:
     """Every setting tried on every tuned benchmark, one row each (request, method, settings,
-    one score column per benchmark, their mean), sorted by request, method and mean; returns
-    the number of rows."""
+    one proxy-score column per benchmark, their mean), sorted by request, method and mean;
+    returns the number of rows. Columns are named by benchmark, or by benchmark and seed
+    (``indoor-seed1``) when the tuning files span several seeds."""
     import csv
     import io
 
@@ -513,7 +514,9 @@ def write_grid_csv(tuning_dir: Path, requests: Sequence[str], path: Path) -> int
     columns: list[str] = []
     for request in requests:
         names, _, tables = _score_tables(tuning_dir, request)
-        benchmarks = [n.split("-")[0] for n in names]
+        seeds = {n.rsplit("-", 1)[-1] for n in names}
+        benchmarks = [n.split("-")[0] + ("" if len(seeds) == 1 else "-" + n.rsplit("-", 1)[-1])
+                      for n in names]
         columns = columns or benchmarks
         if benchmarks != columns:
             raise ValueError(f"write_grid_csv: {request} requests were tuned on {benchmarks}, "

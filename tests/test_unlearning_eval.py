@@ -165,6 +165,13 @@ def test_grid_csv_lists_every_setting_tried_on_every_benchmark(evaluation, tmp_p
     assert [json.loads(r["settings"]) for r in rows] == [a, b]  # sorted by mean: 1.5, 2.5
     assert [(float(r["indoor"]), float(r["street"]), float(r["mean"])) for r in rows] == [
         (2.0, 1.0, 1.5), (1.0, 4.0, 2.5)]
+    # Tuning files of several seeds: one column per benchmark and seed.
+    _tuning_file(tmp_path / "indoor-full-seed1.json", 3.0, [("finetune", a, 4.0)])
+    assert evaluation.write_grid_csv(tmp_path, ["full"], out) == 1
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[3:] == ["indoor-seed0", "indoor-seed1", "street-seed0", "mean"]
+    assert float(rows[0]["indoor-seed1"]) == 4.0
+    assert float(rows[0]["mean"]) == pytest.approx(7 / 3, abs=1e-4)  # written to 4 decimals
 
 
 def test_presets_by_recipe():
