@@ -190,6 +190,19 @@ wait
 #     changed four baseline picks (full: NegGrad+ 3e-4 -> 1e-4, which had diverged on seeds 1
 #     and 2 of the test evaluation, PCGrad 40 -> 30 steps; partial: fine-tune 40 -> 20 steps,
 #     gradient ascent 30 -> 10 steps) and kept the method's and OrthoGrad's.
+# The aligned selection over both seeds' tuning files (only settings scored on all of them
+# compete): the two-seed grid CSV and the selection file the presets follow.
+select_over_two_seeds() {
+  mkdir -p runs/unlearning_eval_memorising_two_seeds/tuning
+  cp runs/unlearning_eval_memorising/tuning/*-seed0.json \
+    runs/unlearning_eval_memorising_seed1/tuning/*-seed1.json \
+    runs/unlearning_eval_memorising_two_seeds/tuning/
+  .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
+    --output-dir runs/unlearning_eval_memorising_two_seeds \
+    --grid-csv benchmarks/results/unlearning/memorising_two_seed_grid.csv
+  cp runs/unlearning_eval_memorising_two_seeds/tuning/selected-aligned.json \
+    benchmarks/results/unlearning/memorising_selection.json
+}
 ALL=finetune,gradient_ascent,neggrad_plus,random_labels,salun,orthograd,pcgrad,interference_aware
 SEED1=(.venv/bin/python benchmarks/unlearning_eval.py --tune --seeds 1 --recipe memorising
        --output-dir runs/unlearning_eval_memorising_seed1 --methods "$ALL"
@@ -199,14 +212,7 @@ for benchmark in indoor street; do
     "${SEED1[@]}" --benchmarks "$benchmark" --requests partial --grid '{"finetune": [{"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["adam"]}], "gradient_ascent": [{"lr": [0.003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}, {"lr": [0.0003], "optimizer": ["sgd"]}], "neggrad_plus": [{"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.01], "optimizer": ["sgd"]}], "random_labels": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "salun": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "orthograd": [{"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.003], "optimizer": ["sgd"]}], "pcgrad": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "interference_aware": [{"lr": [0.0005], "instance_memory": [3, 5], "num_per_sample": [16]}]}' ) &
 done
 wait
-mkdir -p runs/unlearning_eval_memorising_two_seeds/tuning
-cp runs/unlearning_eval_memorising/tuning/*-seed0.json runs/unlearning_eval_memorising_seed1/tuning/*-seed1.json \
-  runs/unlearning_eval_memorising_two_seeds/tuning/
-.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
-  --output-dir runs/unlearning_eval_memorising_two_seeds \
-  --grid-csv benchmarks/results/unlearning/memorising_two_seed_grid.csv
-cp runs/unlearning_eval_memorising_two_seeds/tuning/selected-aligned.json \
-  benchmarks/results/unlearning/memorising_selection.json
+select_over_two_seeds
 
 # 19. partial requests on both seeds: the test split and seed 1's selection data both showed the
 #     method's forget pairs ending *below* the unseen-data level (seed 1 indoor: forget mIoU
@@ -226,12 +232,6 @@ for benchmark in indoor street; do
     done ) &
 done
 wait
-cp runs/unlearning_eval_memorising/tuning/*-seed0.json runs/unlearning_eval_memorising_seed1/tuning/*-seed1.json \
-  runs/unlearning_eval_memorising_two_seeds/tuning/
-.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
-  --output-dir runs/unlearning_eval_memorising_two_seeds \
-  --grid-csv benchmarks/results/unlearning/memorising_two_seed_grid.csv
-cp runs/unlearning_eval_memorising_two_seeds/tuning/selected-aligned.json \
-  benchmarks/results/unlearning/memorising_selection.json
+select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
