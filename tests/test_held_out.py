@@ -129,14 +129,23 @@ def test_public_api_takes_held_out_data(indoor_tiny, indoor_tiny_model) -> None:
 # -- rank-matched caps -------------------------------------------------------------------------
 
 
-def test_rank_matched_caps_give_each_forget_pair_its_reference_quantile(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("depth_weighted", [False, True], ids=["task-loss", "depth-weighted"])
+def test_rank_matched_caps_give_each_forget_pair_its_reference_quantile(indoor_tiny, indoor_tiny_model, depth_weighted: bool) -> None:  # type: ignore[no-untyped-def]
     """Pair caps are the held-out quantiles at the pairs' own ranks: they keep the forget
-    pairs' order and their mean is the mean of those quantiles."""
-    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+    pairs' order and their mean is the mean of those quantiles. Losses are measured in each
+    objective's own loss (the depth-weighted objective: the depth-weighted error)."""
+    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective, depth_weighted_abs_error
+
+    def loss_of(spec, pred, target):  # type: ignore[no-untyped-def]
+        if depth_weighted and spec.kind == "depth":
+            return depth_weighted_abs_error(pred, target)
+        return task_loss(spec, pred, target)
 
     problem = _problem(indoor_tiny, indoor_tiny_model, indoor_tiny.validation)
+    objective = {"depth": "capped_depth_weighted_ascent"} if depth_weighted else None
     unlearner = get_unlearner("interference_aware", {**SETTINGS, "cap_quantile": "rank",
-                                                     "cap_reference": "held_out", "steps": 1})
+                                                     "cap_reference": "held_out", "steps": 1,
+                                                     "forget_objective": objective})
     seen: dict[str, CappedAscentObjective] = {}
     original_setup = unlearner.setup
 
@@ -154,9 +163,9 @@ def test_rank_matched_caps_give_each_forget_pair_its_reference_quantile(indoor_t
     extra = result.report.extra["interference_aware"]
     assert set(seen) == {t.name for t in indoor_tiny.tasks}
     for spec in indoor_tiny.tasks:
-        own = task_loss(spec, forget_out[spec.name], forget_view.targets[spec.name]).double()
-        reference = task_loss(spec, held_out[spec.name],
-                              indoor_tiny.validation.targets[spec.name]).double()
+        own = loss_of(spec, forget_out[spec.name], forget_view.targets[spec.name]).double()
+        reference = loss_of(spec, held_out[spec.name],
+                            indoor_tiny.validation.targets[spec.name]).double()
         ranks = torch.argsort(torch.argsort(own)).double()
         expected = torch.quantile(reference, (ranks + 0.5) / own.numel())
         caps = seen[spec.name].caps_for(forget_view.ids, expected)

@@ -295,7 +295,8 @@ def test_pcgrad_update_does_not_conflict(bench, original) -> None:  # type: igno
     assert not torch.equal(before, after)
 
 
-@pytest.mark.parametrize("name", sorted(FORGET_OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(n for n, cls in FORGET_OBJECTIVES.items()
+                                        if "classification" in cls.kinds))
 def test_forget_objectives(bench, original, name: str) -> None:  # type: ignore[no-untyped-def]
     """Bounded objectives have their minimum where they say; values are finite; ascent is the
     negated task loss."""
@@ -353,6 +354,102 @@ def test_mean_target_for_dense_tasks() -> None:
         torch.testing.assert_close(values, torch.zeros(4), atol=1e-4, rtol=0)
         worse = objective.per_sample(pred + torch.randn_like(pred), target)
         assert (worse > values).all()
+
+
+def test_depth_weighted_abs_error_against_a_float64_reference() -> None:
+    """``sum_p d_p |d_hat_p - d_p| / sum_p d_p`` over valid pixels, per sample; unlabelled
+    pixels (``d = 0``) and their predictions do not count; a sample without a valid pixel
+    scores 0."""
+    from mtunlearn_ext.unlearning.objectives import depth_weighted_abs_error
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(5, 1, 7, 9, generator=gen, dtype=torch.float64) * 10
+    target[target < 2] = 0.0  # unlabelled pixels
+    target[4] = 0.0  # a sample with none labelled
+    pred = torch.rand(5, 1, 7, 9, generator=gen, dtype=torch.float64) * 10
+    expected = torch.zeros(5, dtype=torch.float64)
+    for i in range(4):
+        d, p = target[i, 0], pred[i, 0]
+        valid = d > 0
+        expected[i] = ((p - d).abs()[valid] * d[valid]).sum() / d[valid].sum()
+    for dtype in (torch.float64, torch.float32):
+        got = depth_weighted_abs_error(pred.to(dtype), target.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    poisoned = pred.clone()
+    poisoned[target == 0] = float("nan")  # predictions at unlabelled pixels must not leak in
+    torch.testing.assert_close(depth_weighted_abs_error(poisoned, target), expected)
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        depth_weighted_abs_error(pred[:, 0], target[:, 0])
+
+
+def test_depth_weighted_ascent_pushes_each_pixel_in_proportion_to_its_depth() -> None:
+    """Below its cap the objective's gradient on a pixel's prediction is ``-d_p / sum d``
+    (plain capped ascent: ``-1 / |P|`` everywhere), so the error it adds grows with depth;
+    its cap is the weighted loss of the retain mean map, and it serves depth tasks only."""
+    from mtunlearn_ext.unlearning.objectives import (
+        CappedAscentObjective,
+        DepthWeightedCappedAscentObjective,
+        depth_weighted_abs_error,
+    )
+
+    bench = load_benchmark("indoor", size="tiny", seed=0)
+    depth = next(t for t in bench.train.tasks if t.kind == "depth")
+    objectives = make_forget_objectives([depth], bench.train, torch.Generator().manual_seed(0),
+                                        "cpu", {"depth": "capped_depth_weighted_ascent"})
+    objective = objectives[depth.name]
+    assert isinstance(objective, DepthWeightedCappedAscentObjective)
+    target = bench.train.batch(torch.arange(3))["targets"][depth.name]
+    valid = target > 0
+    pred = (target + 0.01).requires_grad_(True)  # tiny errors: far below the cap
+    objective.per_sample(pred, target).sum().backward()
+    assert pred.grad is not None
+    per_sample_sum = (target * valid).flatten(1).sum(1).view(-1, 1, 1, 1)
+    expected = torch.where(valid, -target / per_sample_sum, torch.zeros_like(target))
+    torch.testing.assert_close(pred.grad, expected, rtol=1e-5, atol=1e-9)
+    # The cap: the weighted loss of the retain set's mean map (what plain capped ascent takes
+    # in its own, unweighted, loss).
+    plain = make_forget_objectives([depth], bench.train, torch.Generator().manual_seed(0), "cpu",
+                                   "capped_ascent")[depth.name]
+    assert isinstance(plain, CappedAscentObjective) and plain.reference is not None
+    supervised = bench.train.targets[depth.name][bench.train.supervision[:, bench.train.task_index(depth.name)]]
+    reference = plain.reference.expand(supervised.shape[0], *plain.reference.shape)
+    assert objective.cap == pytest.approx(
+        float(depth_weighted_abs_error(reference, supervised.float()).mean()), rel=1e-5)
+    assert objective.cap != pytest.approx(plain.cap, rel=1e-3)
+    # Above the cap nothing moves.
+    far = (target * 5 + 10).requires_grad_(True)
+    objective.per_sample(far, target).sum().backward()
+    assert far.grad is not None and far.grad.abs().max() == 0
+    segmentation = next(t for t in bench.train.tasks if t.kind == "segmentation")
+    with pytest.raises(ValueError, match="does not apply to task"):
+        DepthWeightedCappedAscentObjective(segmentation)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_warmup_raises_the_learning_rates_linearly(bench, original, optimizer: str) -> None:  # type: ignore[no-untyped-def]
+    """Step ``s < warmup_steps`` runs at ``(s + 1) / warmup_steps`` of every group's rate (heads
+    keep their ``head_lr_scale``), then the rates stay put; ``warmup_steps = 0`` is constant."""
+    problem = _problem(bench, original, partial=False)
+    for warmup, factors in ((4, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]), (0, [1.0] * 6)):
+        unlearner = get_unlearner("neggrad_plus", steps=6, lr=2e-3, head_lr_scale=0.5,
+                                  optimizer=optimizer, warmup_steps=warmup)
+        made: list[torch.optim.Optimizer] = []
+        make = unlearner._make_optimizer
+
+        def keep(groups, make=make, made=made):  # type: ignore[no-untyped-def]
+            made.append(make(groups))
+            return made[-1]
+
+        unlearner._make_optimizer = keep  # type: ignore[method-assign]
+        seen: list[list[float]] = []
+        unlearner.step_callbacks.append(
+            lambda steps, model: seen.append([g["lr"] for g in made[0].param_groups]))
+        unlearner.unlearn(problem)
+        assert seen == [[pytest.approx(2e-3 * f), pytest.approx(1e-3 * f)] for f in factors]
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            get_unlearner("neggrad_plus", warmup_steps=bad)
 
 
 def test_custom_method_plugs_into_the_interface(bench, original) -> None:  # type: ignore[no-untyped-def]

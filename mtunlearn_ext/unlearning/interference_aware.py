@@ -66,7 +66,7 @@ instance orthogonalization), ``interference_aware_neither`` (both off: retain de
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -446,12 +446,14 @@ class InterferenceAware(GradientUnlearner):
         if reference is None:
             raise ValueError("interference_aware: cap_reference='held_out' needs a problem with "
                              "`held_out` instances (or use 'auto' / 'retain')")
-        losses, _ = self._original_losses(ctx, reference, list(capped),
+        # Each cap is measured in its own objective's loss, which is what the ascent raises.
+        loss_fns = {task: objective.loss for task, objective in capped.items()}
+        losses, _ = self._original_losses(ctx, reference, loss_fns,
                                           torch.arange(min(cfg.cap_rows, len(reference))))
         rank_matched = cfg.cap_quantile == RANK_MATCHED_CAPS
         if rank_matched:
             forget_losses, forget_ids = self._original_losses(
-                ctx, problem.forget, list(capped), torch.arange(len(problem.forget)))
+                ctx, problem.forget, loss_fns, torch.arange(len(problem.forget)))
         caps: dict[str, float] = {}
         for task, objective in capped.items():
             values = losses[task]
@@ -475,24 +477,26 @@ class InterferenceAware(GradientUnlearner):
         return caps, source
 
     @staticmethod
-    def _original_losses(ctx: StepContext, data: MultiTaskDataset, tasks: Sequence[str],
+    def _original_losses(ctx: StepContext, data: MultiTaskDataset,
+                         loss_fns: Mapping[str, Callable[[torch.Tensor, torch.Tensor],
+                                                         torch.Tensor]],
                          rows: torch.Tensor) -> tuple[dict[str, torch.Tensor],
                                                       dict[str, torch.Tensor]]:
-        """The model's per-sample losses of each task on the supervised pairs of ``data``'s
-        ``rows`` (float32, CPU), and those pairs' instance ids."""
-        problem = ctx.problem
+        """The model's per-sample losses (task -> ``loss_fns[task](pred, target)``) on the
+        supervised pairs of ``data``'s ``rows`` (float32, CPU), and those pairs' instance
+        ids."""
+        tasks = list(loss_fns)
         losses: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
         ids: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
         for start in range(0, rows.numel(), 64):
-            batch = batch_to(data.batch(rows[start:start + 64]), problem.device)
+            batch = batch_to(data.batch(rows[start:start + 64]), ctx.problem.device)
             out = ctx.forward(batch)
             supervision = batch["supervision"]
             batch_ids = batch["id"]
             assert isinstance(supervision, torch.Tensor) and isinstance(batch_ids, torch.Tensor)
             for task in tasks:
                 mask = supervision[:, data.task_index(task)]
-                values = task_loss(problem.spec(task), out[task],
-                                   batch["targets"][task])  # type: ignore[index]
+                values = loss_fns[task](out[task], batch["targets"][task])  # type: ignore[index]
                 losses[task].append(values[mask].float().cpu())
                 ids[task].append(batch_ids[mask].cpu())
         return ({t: torch.cat(v) for t, v in losses.items()},

@@ -66,6 +66,10 @@ class StepConfig(UnlearnerConfig):
         forget_objective: one objective name for every target task, or task name / kind ->
             name, or ``None`` for the method's default (see
             :mod:`mtunlearn_ext.unlearning.objectives`).
+        warmup_steps: the learning rates rise linearly over the first this many steps (step
+            ``s < warmup_steps`` uses ``(s + 1) / warmup_steps`` of them), then stay constant;
+            0: constant from the start. A fresh Adam state moves every coordinate by about
+            ``lr`` on its first steps, whatever the gradient's size; a warm-up tempers that.
         forget_weight: weight of the forget term in the update.
         retain_weight: weight of the retain term in the update.
         log_every: record curves every this many steps (and at the last step).
@@ -81,6 +85,7 @@ class StepConfig(UnlearnerConfig):
     retain_batch_size: int = 32
     grad_clip: float | None = 5.0
     forget_objective: str | dict[str, str] | None = None
+    warmup_steps: int = 0
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     log_every: int = 1
@@ -100,6 +105,9 @@ class StepConfig(UnlearnerConfig):
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"{name}: `optimizer` must be 'sgd' or 'adam', got "
                              f"{self.optimizer!r}")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"{name}: `warmup_steps` must be an integer >= 0, got "
+                             f"{self.warmup_steps!r}")
         for field_name in ("forget_batch_size", "retain_batch_size", "log_every"):
             if getattr(self, field_name) < 1:
                 raise ValueError(f"{name}: `{field_name}` must be >= 1, got "
@@ -249,9 +257,14 @@ class GradientUnlearner(Unlearner):
         model.train()
         self.setup(ctx, report)
         optimizer = self._make_optimizer(groups)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
         params = groups.all_params
         for step in range(cfg.steps):
             ctx.step = step
+            if cfg.warmup_steps:
+                scale = min(1.0, (step + 1) / cfg.warmup_steps)
+                for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base_lr * scale
             log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
             forget_batch = forget_stream.next() if self.uses_forget or log_now else None
             retain_batch = retain_stream.next() if self.uses_retain or log_now else None

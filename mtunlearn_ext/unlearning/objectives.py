@@ -15,6 +15,16 @@ dense/vector value ``y_hat``), target ``y`` and task loss ``l`` (:func:`mtunlear
     the reference predictor below gets on the retain set (``log C`` for a uniform classifier). Ascent
     stops, per sample, once the sample is fitted no better than by a predictor that has seen no
     instance, so its infimum is ``-c`` and it cannot diverge.
+``capped_depth_weighted_ascent`` (depth; bounded): ``capped_ascent`` on the depth-weighted
+    absolute error ``sum_p d_p |d_hat_p - d_p| / sum_p d_p`` instead of the plain mean. L1 ascent
+    adds the same error at every pixel, so near pixels gain the most *relative* error; a model's
+    error on unseen data grows with depth instead, and the weighting makes the added error
+    proportional to depth. Measured against ``capped_ascent`` (interference-aware method,
+    memorising recipe, full requests, validation splits of seeds 0 and 1): worse, aligned
+    selection score 2.42 against 1.75 at the same step. On ``street`` the forget pairs' relative
+    error stayed 6% *below* the original's unseen-data level (plain L1 ascent: 5% above) while
+    the validation depth error rose more (+4.5% against +2.4%): the near pixels' error is what
+    memorisation had lowered, and weighting by depth leaves it there.
 ``uniform`` (classification, segmentation; bounded): ``KL(U || p) = -log C - (1/C) sum_c log p_c``
     (per labelled pixel, averaged). ``>= 0``, zero exactly at the uniform prediction, and the
     gradient vanishes there, so it cannot diverge.
@@ -61,6 +71,7 @@ __all__ = [
     "DEFAULT_FORGET_OBJECTIVES",
     "FORGET_OBJECTIVES",
     "ForgetObjective",
+    "depth_weighted_abs_error",
     "make_forget_objectives",
 ]
 
@@ -256,16 +267,55 @@ class CappedAscentObjective(_ReferenceObjective):
             chunk = targets[start:start + 256].float()
             # The reference as a prediction (normals: a unit vector field; regression: a row).
             pred = self.reference.unsqueeze(0).expand(chunk.shape[0], *self.reference.shape)
-            losses.append(task_loss(self.spec, pred, chunk))
+            losses.append(self.loss(pred, chunk))
         self.cap = float(torch.cat(losses).mean())
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the per-sample loss that the ascent raises and the cap bounds (here the task
+        loss; caps calibrated elsewhere must be measured with this same function)."""
+        return task_loss(self.spec, pred, target)
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.per_pair(pred, target, None)
 
     def per_pair(self, pred: torch.Tensor, target: torch.Tensor,
                  ids: torch.Tensor | None) -> torch.Tensor:
-        loss = task_loss(self.spec, pred, target)
+        loss = self.loss(pred, target)
         return -loss.clamp(max=self.caps_for(ids, loss))
+
+
+def depth_weighted_abs_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[B]``: ``sum_p d_p |d_hat_p - d_p| / sum_p d_p`` over the valid pixels ``d_p > 0`` of
+    ``[B, 1, H, W]`` depth maps (0 for a sample without one): the absolute error, each pixel
+    weighted by its true depth."""
+    if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 1:
+        raise ValueError(f"depth_weighted_abs_error: pred and target must both be [B, 1, H, W], "
+                         f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+    depth = target.to(pred.dtype)[:, 0]
+    valid = depth > 0
+    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    # torch.where, not a product with the mask: a prediction at an unlabelled pixel may be
+    # anything, NaN included, and must not reach the sum.
+    weighted = torch.where(valid, (pred[:, 0] - depth).abs() * depth, zero).flatten(1).sum(1)
+    total = torch.where(valid, depth, zero).flatten(1).sum(1)
+    return weighted / total.clamp(min=torch.finfo(pred.dtype).tiny)
+
+
+class DepthWeightedCappedAscentObjective(CappedAscentObjective):
+    """Capped ascent on the *depth-weighted* absolute error (:func:`depth_weighted_abs_error`)
+    of a depth task: ``-min(sum_p d_p e_p / sum_p d_p, c)``.
+
+    Plain L1 ascent pushes every pixel's prediction with the same force, so the error it adds
+    is the same at near and far pixels and the *relative* error of near pixels grows most,
+    whereas a model's error on unseen data grows with depth. Weighting each pixel by its depth
+    makes the added error proportional to depth, so absolute and relative error rise together.
+    The cap (and any rank-matched per-pair caps) is measured in the same weighted loss."""
+
+    name = "capped_depth_weighted_ascent"
+    kinds = ("depth",)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return depth_weighted_abs_error(pred, target)
 
 
 class UniformObjective(ForgetObjective):
@@ -324,7 +374,8 @@ class RandomTargetObjective(ForgetObjective):
 
 
 FORGET_OBJECTIVES: dict[str, type[ForgetObjective]] = {
-    cls.name: cls for cls in (AscentObjective, CappedAscentObjective, MeanTargetObjective,
+    cls.name: cls for cls in (AscentObjective, CappedAscentObjective,
+                              DepthWeightedCappedAscentObjective, MeanTargetObjective,
                               UniformObjective, RandomTargetObjective)
 }
 
