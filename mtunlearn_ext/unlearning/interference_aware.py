@@ -179,9 +179,10 @@ class InterferenceAwareConfig(StepConfig):
             own and the last batches, at the cost of a larger Gram matrix and no extra backward
             pass (0: the current batch only).
         chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds memory).
-        cap_quantile: with the ``capped_ascent`` objective, the cap of task ``t`` becomes this
-            quantile of the original model's per-sample losses on (up to ``cap_rows``) pairs
-            of ``t`` of the ``cap_reference`` set: each forget pair's loss is raised until it
+        cap_quantile: with a capped objective (``capped_ascent`` or a variant), the cap of
+            task ``t`` becomes this quantile of the original model's per-sample losses (in the
+            objective's own loss) on (up to ``cap_rows``) pairs of ``t`` of the
+            ``cap_reference`` set: each forget pair's loss is raised until it
             is as high as that of a pair the model fits poorly, and no further (its gradient is
             then zero), so the step budget no longer decides how far forgetting goes.
             ``"rank"``: each forget pair gets its own cap, the quantile of those losses at the
@@ -428,7 +429,7 @@ class InterferenceAware(GradientUnlearner):
 
     @torch.no_grad()
     def _calibrate_caps(self, ctx: StepContext) -> tuple[dict[str, float], str | None]:
-        """Set each ``capped_ascent`` objective's cap to the ``cap_quantile`` of the (original)
+        """Set each capped objective's cap to the ``cap_quantile`` of the (original)
         model's per-sample losses of its task on the ``cap_reference`` set (with ``"rank"``:
         one cap per forget pair, see the config); returns the caps (their mean for
         rank-matched caps) and the set's name. One forward pass per batch of the set's first
