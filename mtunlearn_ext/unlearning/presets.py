@@ -88,12 +88,12 @@ aligned 0.270 (proxy 0.360, validation UIS 0.180; now the preset), ``alpha`` 0.5
 cap at the 0.75 quantile 0.452, against 0.342 for Adam 5e-4 (``orthograd`` 0.316,
 ``neggrad_plus`` 0.322).
 
-Rounds 20-24 (eighth session), full requests on both seeds, none selected (two-seed aligned
+Rounds 20-25 (eighth session), full requests on both seeds, none selected (two-seed aligned
 score; the preset 1.745): depth forgetting on the depth-weighted error
 (``capped_depth_weighted_ascent``) 2.42, a 10- or 20-step learning-rate warm-up 1.93 / 1.97,
 the task projection (every task protected 1.98; each target task off the other tasks'
 subspaces 2.04, and 2.45 / 2.65 at Adam 1.5e-3 / 2e-3), the sign-aware instance projection
-3.04 and ``alpha`` 0.75 1.87.
+3.04, ``alpha`` 0.75 1.87, ``retain_weight`` 0.5 2.79 (0: the model is wrecked, 90-109).
 """
 
 from __future__ import annotations

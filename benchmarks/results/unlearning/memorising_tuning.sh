@@ -236,7 +236,7 @@ select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
 
-# --- Eighth session: four more attempts at the full-request step, each on both selection
+# --- Eighth session: five more attempts at the full-request step, each on both selection
 # seeds (training data and validation splits of seeds 0 and 1; aligned score, mean over indoor
 # and street of both seeds; the preset scores 1.745 at 40 steps). None was selected: the
 # presets and memorising_selection.json are unchanged.
@@ -277,6 +277,13 @@ full_request_round '{"interference_aware": [{"lr": [1.5e-3, 2e-3], "cap_quantile
 full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
   "instance_projection": ["nonconflicting"]}, {"lr": [1e-3], "cap_quantile": ["rank"],
   "alpha": [0.75]}]}'
+# 25. a weaker retain descent: retain_weight 0.5 scores 2.79, and 0 wrecks the model (aligned
+#     90-109): with Adam the retain term is what keeps the step's scale sane once most forget
+#     pairs sit at their caps (Adam rescales the few remaining forget gradients to full-size
+#     steps). More instance memory does not fit: (memory + 1) x (32 + 8) rows must stay within
+#     the solver's 256 constraints, so 5 is the most with 32 per-sample rows.
+full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
+  "retain_weight": [0.0, 0.5]}]}'
 select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
