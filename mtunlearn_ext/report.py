@@ -35,7 +35,9 @@ INTERFERENCE_EXPLANATION = (
     "step raises that retain loss. The right panel recomputes the cosines after the "
     "interference-aware projections of the forget gradients (the retain rows do not change): "
     "forget/retain cosines near zero or positive there mean that the protection holds beyond "
-    "the snapshots it was built from.")
+    "the snapshots it was built from. Unseen rows, when present, are each task's loss on "
+    "held-out instances no model trained on: a negative forget/unseen cosine means the forget "
+    "step raises the loss on unseen data, the test-score change that UIS counts.")
 
 
 def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
@@ -146,7 +148,8 @@ def interference_to_json(matrix: Any, config: Any | None = None) -> dict[str, An
     """The JSON form of an :class:`~mtunlearn_ext.unlearning.interference.InterferenceMatrix`,
     as records store it and :func:`plot_interference` reads it.
 
-    Keys: ``labels`` (``forget/<task>`` then ``retain/<task>``); ``before`` and ``after``
+    Keys: ``labels`` (``forget/<task>``, ``retain/<task>``, and ``unseen/<task>`` when the
+    problem had held-out data); ``before`` and ``after``
     (``k x k`` nested lists of cosines, a non-finite one as ``None``); ``forget_kept`` (target
     task -> share of its forget gradient's norm the projections keep); with the
     ``InterferenceAwareConfig`` it was computed with, ``projections`` (e.g. ``"task + nonconflicting

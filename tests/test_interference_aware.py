@@ -7,6 +7,7 @@ lists, real per-sample gradients and a real forget objective.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -25,8 +26,12 @@ from mtunlearn_ext.unlearning import (
 )
 from mtunlearn_ext.unlearning.batches import BatchStream
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
-from mtunlearn_ext.unlearning.gradients import grads_of, per_sample_retain_grads_and_losses
-from mtunlearn_ext.unlearning.interference import interference_matrix
+from mtunlearn_ext.unlearning.gradients import (
+    ParameterGroups,
+    grads_of,
+    per_sample_retain_grads_and_losses,
+)
+from mtunlearn_ext.unlearning.interference import cosine_matrix, interference_matrix
 from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
     InterferenceAwareConfig,
@@ -286,6 +291,39 @@ def test_interference_matrix_shapes_and_effect(bench, original) -> None:  # type
     torch.testing.assert_close(im.before.diagonal(), torch.ones(4))
     torch.testing.assert_close(im.before[1:, 1:], im.after[1:, 1:])
     assert 0 < im.forget_kept["segmentation"] <= 1.0 + 1e-6
+
+
+def test_interference_matrix_adds_unseen_rows_with_held_out_data(bench, original) -> None:  # type: ignore[no-untyped-def]
+    """With held-out instances the matrix gains one ``unseen/<task>`` row per task, the
+    gradient of that task's loss on a held-out batch; the rows without them are unchanged."""
+    from mtunlearn_ext.losses import masked_multitask_loss
+
+    problem = _problem(bench, original, partial=True)
+    assert problem.held_out is None
+    plain = interference_matrix(problem, InterferenceAwareConfig(**TINY), batch_size=6)
+    with_held_out = copy.deepcopy(problem)
+    with_held_out.held_out = bench.test.subset(torch.arange(6))
+    im = interference_matrix(with_held_out, InterferenceAwareConfig(**TINY), batch_size=6)
+    tasks = [t.name for t in bench.train.tasks]
+    assert im.labels == plain.labels + [f"unseen/{t}" for t in tasks]
+    k = len(plain.labels)
+    torch.testing.assert_close(im.before[:k, :k], plain.before)
+    torch.testing.assert_close(im.after[:k, :k], plain.after)
+    torch.testing.assert_close(im.before[k:, k:], im.after[k:, k:])
+    # The unseen depth row is the gradient of the depth loss on the six held-out rows (the
+    # batch is all six: its order does not change the mean).
+    model = copy.deepcopy(original)
+    batch = with_held_out.held_out.batch(torch.arange(6))
+    _, per_task = masked_multitask_loss(model(batch["input"]), batch, bench.train.tasks)
+    shared = ParameterGroups.from_model(model, tasks).shared_params
+    depth = torch.autograd.grad(per_task["depth"], shared, allow_unused=True, retain_graph=True)
+    segmentation = torch.autograd.grad(per_task["segmentation"], shared, allow_unused=True)
+    zero = [torch.zeros_like(p) for p in shared]
+    rows = [[g if g is not None else z for g, z in zip(grads, zero)]
+            for grads in (depth, segmentation)]
+    cos = float(cosine_matrix(rows)[0, 1])
+    i, j = im.labels.index("unseen/depth"), im.labels.index("unseen/segmentation")
+    assert float(im.before[i, j]) == pytest.approx(cos, abs=1e-4)
 
 
 # -- the method, end to end ----------------------------------------------------------------------

@@ -82,6 +82,22 @@ def test_unlearning_time_script_compares_like_with_like(tmp_path, capsys):
     assert "| indoor | partial |" in capsys.readouterr().out
 
 
+def test_unseen_interference_script_prints_unseen_rows(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("unseen_interference",
+                                                  ROOT / "benchmarks" / "unseen_interference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--size", "tiny", "--benchmarks", "indoor", "--recipe", "default",
+                        "--request", "partial", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| forget row |"))
+    assert header.split(" | ")[1:] == ["retain/segmentation", "retain/depth", "retain/normals",
+                                       "unseen/segmentation", "unseen/depth", "unseen/normals |"]
+    row = next(line for line in out.splitlines() if line.startswith("| forget/segmentation |"))
+    assert len(row.split(" -> ")) == 7  # six cells of "before -> after"
+    assert "forget/depth" not in out  # a partial request forgets segmentation only
+
+
 def test_grid_is_the_product_of_the_method_axes(evaluation):
     import argparse
 

@@ -7,6 +7,11 @@ a *negative* cosine means that forgetting ``s`` raises task ``t``'s retain loss 
 positive one that it lowers it. The matrix is shown before and after the interference-aware
 projections, with the retain gradients taken on a batch that did *not* build the protected
 subspaces, so "after" shows how well the protection generalises beyond its snapshots.
+
+When the problem has held-out instances (``held_out``, data no model trained on), their
+per-task loss gradients ``u_t`` are rows too: ``cos(f_s, u_t) < 0`` means that forgetting ``s``
+raises task ``t``'s loss on *unseen* data, the test-score change that UIS counts, which no
+constraint on training instances targets directly.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ __all__ = ["InterferenceMatrix", "cosine_matrix", "interference_matrix"]
 
 @dataclass
 class InterferenceMatrix:
-    """Cosines between gradient rows ``labels`` (``forget/<task>`` then ``retain/<task>``).
+    """Cosines between gradient rows ``labels`` (``forget/<task>``, then ``retain/<task>``,
+    then, when the problem has held-out instances, ``unseen/<task>``).
 
     ``before``: raw forget gradients; ``after``: forget gradients after the task-aware
     projection and the instance-level step (the retain rows are the same in both).
@@ -61,8 +67,9 @@ def interference_matrix(problem: UnlearningProblem,
 
     One forget batch gives ``f_s`` for every target task; one retain batch fills the protected
     subspaces (as a refresh step would) and supplies the per-sample gradients of the instance
-    step; a second, disjoint retain batch gives the displayed ``r_t``. The problem's model is
-    not modified (a copy is differentiated). Seeded by ``problem.seed``.
+    step; a second, disjoint retain batch gives the displayed ``r_t``; with ``problem.held_out``
+    a batch of it gives ``u_t``. The problem's model is not modified (a copy is
+    differentiated). Seeded by ``problem.seed``.
     """
     cfg = config or InterferenceAwareConfig()
     method = InterferenceAware(cfg)
@@ -107,6 +114,14 @@ def interference_matrix(problem: UnlearningProblem,
 
     labels = [f"forget/{t}" for t in targets] + [f"retain/{t}" for t in r_shared]
     retain_rows_list = [r_shared[t] for t in r_shared]
+    if problem.held_out is not None:
+        # Drawn last, so the rows above are the same with or without held-out data.
+        unseen_batch = BatchStream(problem.held_out, batch_size, child_generator(generator),
+                                   problem.device).next()
+        u_shared, _ = method.retain_task_grads(ctx, method.retain_step_terms(ctx,
+                                                                             unseen_batch).loss)
+        labels += [f"unseen/{t}" for t in u_shared]
+        retain_rows_list += [u_shared[t] for t in u_shared]
     before = cosine_matrix([f_shared[t] for t in targets] + retain_rows_list)
     after_m = cosine_matrix([after[t] for t in targets] + retain_rows_list)
     kept = {}
