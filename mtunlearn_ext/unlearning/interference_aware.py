@@ -80,7 +80,6 @@ from mtunlearn_ext.surgery import (
     project_out_list,
 )
 from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
-from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning.batches import (
     Batch,
     BatchStream,
