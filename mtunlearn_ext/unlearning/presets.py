@@ -94,6 +94,8 @@ score; the preset 1.745): depth forgetting on the depth-weighted error
 the task projection (every task protected 1.98; each target task off the other tasks'
 subspaces 2.04, and 2.45 / 2.65 at Adam 1.5e-3 / 2e-3), the sign-aware instance projection
 3.04, ``alpha`` 0.75 1.87, ``retain_weight`` 0.5 2.79 (0: the model is wrecked, 90-109).
+Round 26, an experiment outside the library (the forget direction also kept off held-out loss
+gradients): 1.755.
 """
 
 from __future__ import annotations

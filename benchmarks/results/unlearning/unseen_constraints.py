@@ -1,0 +1,98 @@
+"""Round 26 of the memorising tuning: the forget step also kept off unseen data's gradients.
+
+    python benchmarks/results/unlearning/unseen_constraints.py --tune --seeds 0 \
+        --recipe memorising --output-dir runs/unseen_constraints_seed0 --benchmarks street \
+        --requests full --methods _unseen_constrained --grid '...'   # see memorising_tuning.sh
+
+An experiment, not part of the library: the interference diagnostic
+(``benchmarks/unseen_interference.py``) showed the projected forget gradient still conflicting
+with the loss gradients on unseen data, so this variant of the interference-aware method
+(registered here as ``_unseen_constrained``) projects its forget direction, after the instance
+step, off each task's loss gradient on a batch of the problem's held-out instances (refreshed
+every ``unseen_every`` steps). The arguments are those of ``benchmarks/unlearning_eval.py``.
+The validation UIS the tuning reports for it is optimistic (the constraints come from the
+same held-out instances), which only favours it; it still did not beat the preset.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from mtunlearn_ext.losses import masked_multitask_loss  # noqa: E402
+from mtunlearn_ext.surgery import project_out_list  # noqa: E402
+from mtunlearn_ext.unlearning.batches import BatchStream, child_generator  # noqa: E402
+from mtunlearn_ext.unlearning.interference_aware import (  # noqa: E402
+    InterferenceAware,
+    InterferenceAwareConfig,
+)
+from mtunlearn_ext.unlearning.registry import register_unlearner  # noqa: E402
+
+
+@dataclass
+class UnseenConstrainedConfig(InterferenceAwareConfig):
+    unseen_every: int = 5
+    unseen_rows: int = 32
+
+
+@register_unlearner
+class UnseenConstrained(InterferenceAware):
+    name = "_unseen_constrained"
+    config_class = UnseenConstrainedConfig
+
+    def setup(self, ctx: Any, report: Any) -> None:
+        super().setup(ctx, report)
+        if ctx.problem.held_out is None:
+            raise ValueError("_unseen_constrained needs a problem with held-out instances")
+        ctx.state["unseen_stream"] = BatchStream(ctx.problem.held_out, self.config.unseen_rows,
+                                                 child_generator(ctx.generator),
+                                                 ctx.problem.device)
+
+    def _unseen_rows(self, ctx: Any, names: Sequence[str]) -> list[torch.Tensor]:
+        """One stack ``[T, *shape]`` per parameter of ``names``: each task's loss gradient on a
+        held-out batch, recomputed every ``unseen_every`` steps."""
+        key = (ctx.step // self.config.unseen_every, tuple(names))
+        cached = ctx.state.get("unseen_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        batch = ctx.state["unseen_stream"].next()
+        params = dict(ctx.model.named_parameters())
+        chosen = [params[n] for n in names]
+        _, per_task = masked_multitask_loss(ctx.forward(batch), batch, ctx.problem.tasks)
+        rows = []
+        for i, loss in enumerate(per_task.values()):
+            grads = torch.autograd.grad(loss, chosen, allow_unused=True,
+                                        retain_graph=i < len(per_task) - 1)
+            rows.append([torch.zeros_like(p) if g is None else g.detach()
+                         for g, p in zip(grads, chosen)])
+        stacks = [torch.stack([row[j] for row in rows]) for j in range(len(chosen))]
+        ctx.state["unseen_cache"] = (key, stacks)
+        return stacks
+
+    def instance_project(self, ctx: Any, step_dir: list[torch.Tensor],
+                         param_names: Sequence[str], batch: Any,
+                         per_sample: list[torch.Tensor] | None = None, memory: Any = None,
+                         task_scale: Sequence[float] | None = None
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        direction, stacks = super().instance_project(ctx, step_dir, param_names, batch,
+                                                     per_sample, memory, task_scale)
+        rows = [d.unsqueeze(0) for d in direction]
+        out = project_out_list(rows, self._unseen_rows(ctx, param_names), self.config.ridge,
+                               outs=rows)
+        assert isinstance(out, list)
+        return [o[0] for o in out], stacks
+
+
+if __name__ == "__main__":
+    import unlearning_eval
+
+    raise SystemExit(unlearning_eval.main(sys.argv[1:]))
