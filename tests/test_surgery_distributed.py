@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,10 +282,25 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
-    out_dir = tmp_path_factory.mktemp("dist")
-    init_file = os.path.join(out_dir, "init")
-    mp.spawn(_worker, args=(init_file, str(out_dir)), nprocs=WORLD, join=True)
-    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    # A scenario's own failure is recorded in the rank's JSON and never raises; an exception out
+    # of spawn is the process group failing to form or to tear down (seen once in ~12 full runs
+    # on the shared 2-core machine). That gets one retry in a fresh directory, and a warning
+    # with the first failure; a second failure is an error.
+    first_failure: Exception | None = None
+    for attempt in range(2):
+        out_dir = tmp_path_factory.mktemp("dist")
+        init_file = os.path.join(out_dir, "init")
+        try:
+            mp.spawn(_worker, args=(init_file, str(out_dir)), nprocs=WORLD, join=True)
+        except Exception as error:  # noqa: BLE001 - re-raised below on the second attempt
+            if attempt == 1:
+                raise RuntimeError(f"the gloo workers failed twice; first: {first_failure!r}"
+                                   ) from error
+            first_failure = error
+            warnings.warn(f"distributed workers failed, retrying once: {error!r}", stacklevel=1)
+            continue
+        return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    raise AssertionError("unreachable")
 
 
 @pytest.mark.parametrize("scenario", sorted(_scenarios()))
