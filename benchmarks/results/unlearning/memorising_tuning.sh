@@ -141,6 +141,25 @@ done
 # 14. the shortlists: every method's three best (lr, optimizer) pairs by the proxy score of
 #     rounds 1-12 (optimizer spelled out), plus the method's other top settings and
 #     rank-matched variants.
+# One grid on both selection seeds, the two benchmarks in parallel:
+#   two_seed_round REQUEST GRID [SCRIPT METHOD OUTPUT_PREFIX]
+# (defaults: the evaluation script, the interference-aware method, and each seed's own tuning
+# directory; an OUTPUT_PREFIX gives seed s the directory OUTPUT_PREFIX<s> instead).
+two_seed_round() {
+  local request=$1 grid=$2 script=${3:-benchmarks/unlearning_eval.py}
+  local method=${4:-interference_aware} prefix=${5:-}
+  for benchmark in indoor street; do
+    ( for seed in 0 1; do
+        if [ -n "$prefix" ]; then out="$prefix$seed"
+        else out=runs/unlearning_eval_memorising; [ "$seed" = 1 ] && out=runs/unlearning_eval_memorising_seed1
+        fi
+        .venv/bin/python "$script" --tune --seeds "$seed" --recipe memorising \
+          --output-dir "$out" --benchmarks "$benchmark" --requests "$request" \
+          --methods "$method" --checkpoints 20,30,40 --method-max-steps 40 --grid "$grid"
+      done ) &
+  done
+  wait
+}
 ALL=finetune,gradient_ascent,neggrad_plus,random_labels,salun,orthograd,pcgrad,interference_aware
 "${EVAL[@]}" --requests full --methods "$ALL" --checkpoints 10,20,30,40,60 --method-max-steps 40 \
   --grid '{"finetune": [{"lr": [0.001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "gradient_ascent": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "neggrad_plus": [{"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.01], "optimizer": ["sgd"]}], "random_labels": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "salun": [{"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "orthograd": [{"lr": [0.0003], "optimizer": ["adam"]}, {"lr": [0.003], "optimizer": ["sgd"]}, {"lr": [0.0001], "optimizer": ["adam"]}], "pcgrad": [{"lr": [0.0001], "optimizer": ["adam"]}, {"lr": [0.0003], "optimizer": ["sgd"]}, {"lr": [0.001], "optimizer": ["sgd"]}], "interference_aware": [{"lr": [0.0005], "instance_memory": [3]}, {"lr": [0.0005], "instance_memory": [7], "num_per_sample": [16], "retain_batch_size": [16]}, {"lr": [0.0007], "cap_quantile": ["rank"]}]}'
@@ -223,15 +242,7 @@ select_over_two_seeds
 G19='{"interference_aware": [{"lr": [3e-4], "instance_memory": [3], "num_per_sample": [16]},
   {"lr": [5e-4], "alpha": [0.5], "instance_memory": [3], "num_per_sample": [16]},
   {"lr": [5e-4], "cap_quantile": [0.75], "instance_memory": [3], "num_per_sample": [16]}]}'
-for benchmark in indoor street; do
-  ( for seed in 0 1; do
-      out=runs/unlearning_eval_memorising; [ "$seed" = 1 ] && out=runs/unlearning_eval_memorising_seed1
-      .venv/bin/python benchmarks/unlearning_eval.py --tune --seeds "$seed" --recipe memorising \
-        --output-dir "$out" --benchmarks "$benchmark" --requests partial \
-        --methods interference_aware --checkpoints 20,30,40 --method-max-steps 40 --grid "$G19"
-    done ) &
-done
-wait
+two_seed_round partial "$G19"
 select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
@@ -240,41 +251,30 @@ select_over_two_seeds
 # seeds (training data and validation splits of seeds 0 and 1; aligned score, mean over indoor
 # and street of both seeds; the preset scores 1.745 at 40 steps). None was selected: the
 # presets and memorising_selection.json are unchanged.
-full_request_round() {
-  for benchmark in indoor street; do
-    ( for seed in 0 1; do
-        out=runs/unlearning_eval_memorising; [ "$seed" = 1 ] && out=runs/unlearning_eval_memorising_seed1
-        .venv/bin/python benchmarks/unlearning_eval.py --tune --seeds "$seed" --recipe memorising \
-          --output-dir "$out" --benchmarks "$benchmark" --requests full \
-          --methods interference_aware --checkpoints 20,30,40 --method-max-steps 40 --grid "$1"
-      done ) &
-  done
-  wait
-}
 # 20. depth forgetting on the depth-weighted absolute error (capped_depth_weighted_ascent; the
 #     test split's street seed 2 had shown the forget pairs' relative depth error overshooting):
 #     aligned 2.42 (Adam 1e-3) / 2.60 (1.5e-3). On street seed 0 the forget pairs' relative
 #     error stays 6% below the original's validation level (preset: 5% above) and the validation
 #     depth error rises 4.5% (preset 2.4%).
-full_request_round '{"interference_aware": [{"lr": [1e-3, 1.5e-3], "cap_quantile": ["rank"],
+two_seed_round full '{"interference_aware": [{"lr": [1e-3, 1.5e-3], "cap_quantile": ["rank"],
   "forget_objective": [{"depth": "capped_depth_weighted_ascent"}]}]}'
 # 21. a linear learning-rate warm-up (a fresh Adam state moves every coordinate by ~lr at
 #     first; retain descent alone at Adam 1e-3 raised the street validation depth error by 3.6%
 #     after 10 steps, 0.7% after 40): aligned 1.93 (10 steps of warm-up) / 1.97 (20).
-full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
+two_seed_round full '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
   "warmup_steps": [10, 20]}]}'
 # 22-23. the task projection in full requests with the current step (rank-matched caps,
 #     memory 5): every task's subspace protected ("all") 1.98, each target task's forget
 #     gradient off the other tasks' subspaces ("others") 2.04 at 1e-3, 2.45 / 2.65 at 1.5e-3 /
 #     2e-3: it still removes forget signal faster than it removes interference.
-full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
+two_seed_round full '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
   "task_projection": [true], "protect": ["all", "others"]}]}'
-full_request_round '{"interference_aware": [{"lr": [1.5e-3, 2e-3], "cap_quantile": ["rank"],
+two_seed_round full '{"interference_aware": [{"lr": [1.5e-3, 2e-3], "cap_quantile": ["rank"],
   "task_projection": [true], "protect": ["others"]}]}'
 # 24. the sign-aware instance projection with the current step: 3.04; a smaller forget weight,
 #     alpha 0.75: 1.87 (lower validation UIS on street, 0.81 / 0.74 against 1.21 / 0.98, but a
 #     higher proxy score on both benchmarks).
-full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
+two_seed_round full '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
   "instance_projection": ["nonconflicting"]}, {"lr": [1e-3], "cap_quantile": ["rank"],
   "alpha": [0.75]}]}'
 # 25. a weaker retain descent: retain_weight 0.5 scores 2.79, and 0 wrecks the model (aligned
@@ -282,7 +282,7 @@ full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["ran
 #     pairs sit at their caps (Adam rescales the few remaining forget gradients to full-size
 #     steps). More instance memory does not fit: (memory + 1) x (32 + 8) rows must stay within
 #     the solver's 256 constraints, so 5 is the most with 32 per-sample rows.
-full_request_round '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
+two_seed_round full '{"interference_aware": [{"lr": [1e-3], "cap_quantile": ["rank"],
   "retain_weight": [0.0, 0.5]}]}'
 select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
@@ -293,16 +293,8 @@ select_over_two_seeds
 #     seeds: 1.755 against the preset's 1.745, although its validation UIS is optimistic (the
 #     constraints come from the validation instances): the validation depth error still rises
 #     2.5% / 3.3% on street (preset 2.4% / 3.5%).
-for benchmark in indoor street; do
-  ( for seed in 0 1; do
-      .venv/bin/python benchmarks/results/unlearning/unseen_constraints.py --tune --seeds "$seed" \
-        --recipe memorising --output-dir "runs/unseen_constraints_seed$seed" \
-        --benchmarks "$benchmark" --requests full --methods _unseen_constrained \
-        --checkpoints 20,30,40 --method-max-steps 40 --grid '{"_unseen_constrained": [{
-          "lr": [1e-3], "optimizer": ["adam"], "alpha": [1.0], "grad_clip": [5.0],
-          "cap_quantile": ["rank"], "cap_reference": ["held_out"], "task_projection": [false],
-          "instance_projection": ["orthogonal"], "num_per_sample": [32],
-          "instance_memory": [5], "unseen_every": [5]}]}'
-    done ) &
-done
-wait
+two_seed_round full '{"_unseen_constrained": [{"lr": [1e-3], "optimizer": ["adam"],
+  "alpha": [1.0], "grad_clip": [5.0], "cap_quantile": ["rank"], "cap_reference": ["held_out"],
+  "task_projection": [false], "instance_projection": ["orthogonal"], "num_per_sample": [32],
+  "instance_memory": [5], "unseen_every": [5]}]}' \
+  benchmarks/results/unlearning/unseen_constraints.py _unseen_constrained runs/unseen_constraints_seed

@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from mtunlearn_ext.losses import masked_multitask_loss  # noqa: E402
 from mtunlearn_ext.surgery import project_out_list  # noqa: E402
 from mtunlearn_ext.unlearning.batches import BatchStream, child_generator  # noqa: E402
 from mtunlearn_ext.unlearning.interference_aware import (  # noqa: E402
@@ -59,24 +58,29 @@ class UnseenConstrained(InterferenceAware):
 
     def _unseen_rows(self, ctx: Any, names: Sequence[str]) -> list[torch.Tensor]:
         """One stack ``[T, *shape]`` per parameter of ``names``: each task's loss gradient on a
-        held-out batch, recomputed every ``unseen_every`` steps."""
+        held-out batch (zero on other tasks' heads), recomputed every ``unseen_every``
+        steps."""
         key = (ctx.step // self.config.unseen_every, tuple(names))
         cached = ctx.state.get("unseen_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
         batch = ctx.state["unseen_stream"].next()
-        params = dict(ctx.model.named_parameters())
-        chosen = [params[n] for n in names]
-        _, per_task = masked_multitask_loss(ctx.forward(batch), batch, ctx.problem.tasks)
+        on_shared, on_head = self.retain_task_grads(ctx, self.retain_step_terms(ctx, batch).loss)
+        shared_names = [n for n, _ in ctx.groups.shared]
         rows = []
-        for i, loss in enumerate(per_task.values()):
-            grads = torch.autograd.grad(loss, chosen, allow_unused=True,
-                                        retain_graph=i < len(per_task) - 1)
-            rows.append([torch.zeros_like(p) if g is None else g.detach()
-                         for g, p in zip(grads, chosen)])
-        stacks = [torch.stack([row[j] for row in rows]) for j in range(len(chosen))]
+        for task in on_shared:
+            by_name = {**dict(zip(shared_names, on_shared[task])),
+                       **dict(zip((n for n, _ in ctx.groups.heads[task]), on_head[task]))}
+            rows.append([by_name[n] if n in by_name else torch.zeros_like(p)
+                         for n, p in zip(names, self._params(ctx, names))])
+        stacks = [torch.stack([row[j] for row in rows]) for j in range(len(names))]
         ctx.state["unseen_cache"] = (key, stacks)
         return stacks
+
+    @staticmethod
+    def _params(ctx: Any, names: Sequence[str]) -> list[torch.Tensor]:
+        params = dict(ctx.model.named_parameters())
+        return [params[n] for n in names]
 
     def instance_project(self, ctx: Any, step_dir: list[torch.Tensor],
                          param_names: Sequence[str], batch: Any,
