@@ -452,6 +452,33 @@ def test_warmup_raises_the_learning_rates_linearly(bench, original, optimizer: s
             get_unlearner("neggrad_plus", warmup_steps=bad)
 
 
+def test_adam_settings_reach_the_optimizer_and_its_first_step() -> None:
+    """``adam_beta2`` / ``adam_eps`` become the Adam optimizer's ``betas[1]`` / ``eps``: its
+    first step is ``lr * m / (sqrt(v) + eps)`` with bias-corrected moments, ``lr * g / (|g| +
+    eps)``, so a gradient far below ``eps`` moves its coordinate by about ``lr * g / eps``, and
+    one far above by ``lr``. Out-of-range values are refused by name."""
+    from mtunlearn_ext.unlearning.gradients import ParameterGroups
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    groups = ParameterGroups.from_model(model)
+    unlearner = get_unlearner("neggrad_plus", optimizer="adam", lr=0.1, adam_beta2=0.99,
+                              adam_eps=1e-3)
+    optimizer = unlearner._make_optimizer(groups)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    assert optimizer.param_groups[0]["eps"] == 1e-3
+    grad = torch.tensor([[1e-6, 1.0, -10.0]])
+    with torch.no_grad():
+        model.weight.zero_()
+    model.weight.grad = grad.clone()
+    optimizer.step()
+    expected = -0.1 * grad.double() / (grad.double().abs() + 1e-3)
+    torch.testing.assert_close(model.weight.detach().double(), expected, rtol=1e-5, atol=1e-12)
+    for field_name, bad in (("adam_beta2", 1.0), ("adam_beta2", -0.1), ("adam_eps", 0.0),
+                            ("adam_eps", float("inf"))):
+        with pytest.raises(ValueError, match=field_name):
+            get_unlearner("neggrad_plus", **{field_name: bad})
+
+
 def test_custom_method_plugs_into_the_interface(bench, original) -> None:  # type: ignore[no-untyped-def]
     """A new step-based method needs only a name, a config and ``compute_update``."""
 

@@ -59,6 +59,10 @@ class StepConfig(UnlearnerConfig):
         head_lr_scale: learning rate of the heads relative to ``lr``.
         optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
         momentum: SGD momentum.
+        adam_beta2: Adam's second-moment decay (``betas = (0.9, adam_beta2)``).
+        adam_eps: Adam's ``eps``: a coordinate whose gradient stays well below it moves by
+            about ``lr * |g| / eps`` (an SGD-like step) instead of ``lr``; the default is
+            PyTorch's.
         weight_decay: L2 weight decay (SGD) / Adam's coupled decay.
         forget_batch_size: forget pairs per step (a smaller forget set gives all of it).
         retain_batch_size: retain instances per step.
@@ -80,6 +84,8 @@ class StepConfig(UnlearnerConfig):
     head_lr_scale: float = 1.0
     optimizer: str = "sgd"
     momentum: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     weight_decay: float = 0.0
     forget_batch_size: int = 16
     retain_batch_size: int = 32
@@ -102,6 +108,12 @@ class StepConfig(UnlearnerConfig):
                                  f"{value!r}")
         if self.lr <= 0:
             raise ValueError(f"{name}: `lr` must be > 0, got {self.lr}")
+        if not (isinstance(self.adam_beta2, (int, float)) and 0.0 <= self.adam_beta2 < 1.0):
+            raise ValueError(f"{name}: `adam_beta2` must be in [0, 1), got {self.adam_beta2!r}")
+        if not (isinstance(self.adam_eps, (int, float)) and math.isfinite(self.adam_eps)
+                and self.adam_eps > 0):
+            raise ValueError(f"{name}: `adam_eps` must be a finite number > 0, got "
+                             f"{self.adam_eps!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"{name}: `optimizer` must be 'sgd' or 'adam', got "
                              f"{self.optimizer!r}")
@@ -228,7 +240,8 @@ class GradientUnlearner(Unlearner):
         if head_params:
             param_groups.append({"params": head_params, "lr": cfg.lr * cfg.head_lr_scale})
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(param_groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
 
