@@ -37,6 +37,7 @@ from mtunlearn_ext.unlearning import (
     register_unlearner,
 )
 from mtunlearn_ext.unlearning.baselines.salun import saliency_threshold
+from mtunlearn_ext.unlearning.gradients import ParameterGroups
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -457,8 +458,6 @@ def test_adam_settings_reach_the_optimizer_and_its_first_step() -> None:
     first step is ``lr * m / (sqrt(v) + eps)`` with bias-corrected moments, ``lr * g / (|g| +
     eps)``, so a gradient far below ``eps`` moves its coordinate by about ``lr * g / eps``, and
     one far above by ``lr``. Out-of-range values are refused by name."""
-    from mtunlearn_ext.unlearning.gradients import ParameterGroups
-
     model = torch.nn.Linear(3, 1, bias=False)
     groups = ParameterGroups.from_model(model)
     unlearner = get_unlearner("neggrad_plus", optimizer="adam", lr=0.1, adam_beta2=0.99,
