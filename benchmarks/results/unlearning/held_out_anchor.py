@@ -1,4 +1,4 @@
-"""Round 27 of the memorising tuning: the model's outputs on unseen inputs anchored to the original's.
+"""Round 27 of the memorising tuning: outputs on unseen inputs anchored to the original's.
 
     python benchmarks/results/unlearning/held_out_anchor.py --tune --seeds 0 \
         --recipe memorising --output-dir runs/held_out_anchor_seed0 --benchmarks street \
@@ -18,26 +18,23 @@ still partly optimistic: half its instances were anchored).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# First: importing _experiments puts the repository on sys.path.
+from _experiments import held_out_of, held_out_stream, run_evaluation
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from mtunlearn_ext._functional import unit_normalize  # noqa: E402
-from mtunlearn_ext.unlearning.batches import BatchStream, batch_to, child_generator  # noqa: E402
-from mtunlearn_ext.unlearning.gradients import grads_of  # noqa: E402
-from mtunlearn_ext.unlearning.interference_aware import (  # noqa: E402
+from mtunlearn_ext._functional import unit_normalize
+from mtunlearn_ext.unlearning.batches import batch_to
+from mtunlearn_ext.unlearning.gradients import grads_of
+from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
     InterferenceAwareConfig,
 )
-from mtunlearn_ext.unlearning.registry import register_unlearner  # noqa: E402
+from mtunlearn_ext.unlearning.registry import register_unlearner
 
 
 @dataclass
@@ -67,11 +64,8 @@ class HeldOutAnchor(InterferenceAware):
     @torch.no_grad()
     def setup(self, ctx: Any, report: Any) -> None:
         super().setup(ctx, report)
-        held_out = ctx.problem.held_out
-        if held_out is None:
-            raise ValueError("_held_out_anchor needs a problem with held-out instances")
-        rows = torch.arange(0, len(held_out), self.config.anchor_split)
-        anchors = held_out.subset(rows)
+        held_out = held_out_of(ctx, self.name)
+        anchors = held_out.subset(torch.arange(0, len(held_out), self.config.anchor_split))
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(anchors), 64):
             batch = batch_to(anchors.batch(torch.arange(start, min(start + 64, len(anchors)))),
@@ -80,9 +74,8 @@ class HeldOutAnchor(InterferenceAware):
                 outputs.setdefault(task, []).append(value.detach())
         ctx.state["anchor_outputs"] = {t: torch.cat(v) for t, v in outputs.items()}
         ctx.state["anchor_position"] = {int(i): p for p, i in enumerate(anchors.ids.tolist())}
-        ctx.state["anchor_stream"] = BatchStream(anchors, self.config.anchor_rows,
-                                                 child_generator(ctx.generator),
-                                                 ctx.problem.device)
+        ctx.state["anchor_stream"] = held_out_stream(ctx, self.name, self.config.anchor_rows,
+                                                     anchors)
 
     def compute_update(self, ctx: Any, forget_batch: Any, retain_batch: Any) -> Any:
         stats = super().compute_update(ctx, forget_batch, retain_batch)
@@ -106,6 +99,4 @@ class HeldOutAnchor(InterferenceAware):
 
 
 if __name__ == "__main__":
-    import unlearning_eval
-
-    raise SystemExit(unlearning_eval.main(sys.argv[1:]))
+    run_evaluation()

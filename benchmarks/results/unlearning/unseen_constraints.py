@@ -16,25 +16,21 @@ same held-out instances), which only favours it; it still did not beat the prese
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# First: importing _experiments puts the repository on sys.path.
+from _experiments import held_out_stream, run_evaluation
 
-import torch  # noqa: E402
+import torch
 
-from mtunlearn_ext.surgery import project_out_list  # noqa: E402
-from mtunlearn_ext.unlearning.batches import BatchStream, child_generator  # noqa: E402
-from mtunlearn_ext.unlearning.interference_aware import (  # noqa: E402
+from mtunlearn_ext.surgery import project_out_list
+from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
     InterferenceAwareConfig,
 )
-from mtunlearn_ext.unlearning.registry import register_unlearner  # noqa: E402
+from mtunlearn_ext.unlearning.registry import register_unlearner
 
 
 @dataclass
@@ -50,11 +46,7 @@ class UnseenConstrained(InterferenceAware):
 
     def setup(self, ctx: Any, report: Any) -> None:
         super().setup(ctx, report)
-        if ctx.problem.held_out is None:
-            raise ValueError("_unseen_constrained needs a problem with held-out instances")
-        ctx.state["unseen_stream"] = BatchStream(ctx.problem.held_out, self.config.unseen_rows,
-                                                 child_generator(ctx.generator),
-                                                 ctx.problem.device)
+        ctx.state["unseen_stream"] = held_out_stream(ctx, self.name, self.config.unseen_rows)
 
     def _unseen_rows(self, ctx: Any, names: Sequence[str]) -> list[torch.Tensor]:
         """One stack ``[T, *shape]`` per parameter of ``names``: each task's loss gradient on a
@@ -97,6 +89,4 @@ class UnseenConstrained(InterferenceAware):
 
 
 if __name__ == "__main__":
-    import unlearning_eval
-
-    raise SystemExit(unlearning_eval.main(sys.argv[1:]))
+    run_evaluation()
