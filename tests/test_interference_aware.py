@@ -252,6 +252,102 @@ def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original
             torch.testing.assert_close(a, b)
 
 
+def _loop_per_pair_grads(model: nn.Module, batch, specs, names):  # type: ignore[no-untyped-def]
+    """One gradient per supervised (sample, task) pair, by a plain loop (reference)."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(batch["input"].shape[0]):
+        out = model(batch["input"][i:i + 1])
+        for c, spec in enumerate(specs):
+            if bool(batch["supervision"][i, c]):
+                loss = task_loss(spec, out[spec.name], batch["targets"][spec.name][i:i + 1])[0]
+                grads = torch.autograd.grad(loss, [params[n] for n in names],
+                                            allow_unused=True, retain_graph=True)
+                rows.append([torch.zeros_like(params[n]) if g is None else g
+                             for n, g in zip(names, grads)])
+    return rows
+
+
+def _cosines(direction, rows) -> list[float]:  # type: ignore[no-untyped-def]
+    d_norm = sum(float((x.double() ** 2).sum()) for x in direction) ** 0.5
+    out = []
+    for row in rows:
+        r_norm = sum(float((x.double() ** 2).sum()) for x in row) ** 0.5
+        out.append(sum(float((a.double() * b.double()).sum()) for a, b in zip(direction, row))
+                   / max(r_norm * d_norm, 1e-300))
+    return out
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_instance_task_rows_keep_every_retained_pair_from_rising(bench, original,  # type: ignore[no-untyped-def]
+                                                                 partial: bool) -> None:
+    """With ``instance_rows="instance_task"`` the sign-aware step raises no retained *pair*'s
+    loss to first order, not only no instance's summed loss; the per-instance step leaves some
+    pairs rising on this batch (it only bounds each instance's sum over tasks)."""
+    problem = _problem(bench, original, partial)
+    cosines = {}
+    for rows_mode in ("instance_task", "instance"):
+        method = InterferenceAware(InterferenceAwareConfig(
+            **{**TINY, "instance_rows": rows_mode}, ridge=1e-8))
+        ctx = _context(problem, method)
+        forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
+        f_shared, f_head = method.forget_task_grads(ctx, forget.objective)
+        targets = list(f_shared)
+        names = [n for n, _ in ctx.groups.shared] + [n for t in targets
+                                                     for n, _ in ctx.groups.heads[t]]
+        step_dir = [-sum(f_shared[t][p] for t in targets) for p in range(len(ctx.groups.shared))]
+        step_dir += [-g for t in targets for g in f_head[t]]
+        batch = method.instance_batch(ctx, _batch(problem.retain, 12, 1))
+        d, constraint_rows = method.instance_project(ctx, step_dir, names, batch)
+        expected_rows = batch["input"].shape[0] * (len(problem.tasks)
+                                                   if rows_mode == "instance_task" else 1)
+        assert constraint_rows[0].shape[0] == expected_rows
+        pairs = _loop_per_pair_grads(ctx.model, batch, problem.tasks, names)
+        cosines[rows_mode] = (_cosines(step_dir, pairs), _cosines(d, pairs))
+    raw, kept = cosines["instance_task"]
+    assert max(raw) > 0  # the raw forget step does raise some retained pair's loss
+    assert max(kept) <= 1e-4
+    assert max(cosines["instance"][1]) > 1e-3
+
+
+def test_instance_task_rows_share_the_per_sample_pass(bench, original, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The retain gradient taken from the per-(instance, task) pass is the batch's own, so one
+    step's update equals the one from separate passes, as with per-instance rows."""
+    problem = _problem(bench, original, partial=True)
+    config = InterferenceAwareConfig(**{**TINY, "task_projection": False, "num_per_sample": 5,
+                                        "instance_rows": "instance_task"})
+    grads = []
+    for shared in (True, False):
+        method = InterferenceAware(config)
+        if not shared:
+            def separate(self, ctx, retain_batch, instance_rows):  # type: ignore[no-untyped-def]
+                _, rows, _ = self.per_sample_rows(ctx, instance_rows, ctx.groups.all_names,
+                                                  self.instance_task_scale(retain_batch))
+                terms = self.retain_step_terms(ctx, retain_batch)
+                retain = grads_of(terms.total(), ctx.groups.all_params)
+                return rows, RetainTerms({t: v.detach() for t, v in terms.loss.items()}), retain
+            monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", separate)
+        ctx = _context(problem, method)
+        method.compute_update(ctx, _batch(problem.forget, 6, 1), _batch(problem.retain, 12, 2))
+        grads.append([p.grad.clone() for p in ctx.groups.all_params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(bool(g.abs().sum() > 0) for g in grads[0])
+
+
+def test_instance_task_rows_must_fit_the_solver(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=True)
+    too_many = {**TINY, "instance_rows": "instance_task", "num_per_sample": 40,
+                "num_coupled_per_sample": 8, "instance_memory": 1}  # 2 * 48 * 3 = 288
+    with pytest.raises(ValueError, match="instance_rows.*288 constraints"):
+        get_unlearner("interference_aware", too_many).unlearn(problem)
+    with pytest.raises(ValueError, match="instance_rows"):
+        InterferenceAwareConfig(instance_rows="pairs").validate()
+    # Without instance constraints the rows are never formed, so any count is fine.
+    fine = {**too_many, "instance_projection": "off", "steps": 1}
+    get_unlearner("interference_aware", fine).unlearn(problem)
+
+
 @pytest.mark.parametrize("task", ["segmentation", "depth", "normals"])
 def test_sampled_target_loss(bench, original, task: str) -> None:  # type: ignore[no-untyped-def]
     spec = next(t for t in bench.train.tasks if t.name == task)

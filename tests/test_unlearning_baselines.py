@@ -34,10 +34,10 @@ from mtunlearn_ext.unlearning import (
     make_forget_objectives,
     per_sample_retain_grads,
     per_sample_retain_grads_and_losses,
+    per_sample_task_grads_and_losses,
     register_unlearner,
 )
 from mtunlearn_ext.unlearning.baselines.salun import saliency_threshold
-from mtunlearn_ext.unlearning.gradients import ParameterGroups
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -236,6 +236,41 @@ def test_per_sample_grads_match_autograd(bench, original, scaled: bool) -> None:
     with pytest.raises(ValueError, match="task_scale"):
         per_sample_retain_grads_and_losses(original, batch, problem.tasks, groups.all_names,
                                            task_scale=[1.0])
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "task_scaled"])
+def test_per_sample_task_grads_are_each_pairs_own_gradient(bench, original, scaled: bool) -> None:  # type: ignore[no-untyped-def]
+    """Row ``(i, t)`` is the gradient of sample ``i``'s task-``t`` loss alone (zero where the
+    pair is unsupervised), and the rows of a sample sum to its per-sample retain gradient."""
+    problem = _problem(bench, original, partial=True)
+    groups = ParameterGroups.from_model(original)
+    batch = problem.retain.batch(torch.arange(4))
+    batch["supervision"][1, 0] = False
+    scale = [1.0 + 0.5 * c for c in range(len(problem.tasks))] if scaled else None
+    rows, losses = per_sample_task_grads_and_losses(original, batch, problem.tasks,
+                                                    groups.all_names, task_scale=scale)
+    summed, summed_losses = per_sample_retain_grads_and_losses(
+        original, batch, problem.tasks, groups.all_names, task_scale=scale)
+    num_tasks = len(problem.tasks)
+    for r, s, p in zip(rows, summed, groups.all_params):
+        assert r.shape == (4, num_tasks, *p.shape)
+        torch.testing.assert_close(r.sum(dim=1), s, rtol=1e-4, atol=1e-6)
+    for name in summed_losses:
+        torch.testing.assert_close(losses[name], summed_losses[name])
+    for i in range(4):
+        out = original(batch["input"][i:i + 1])
+        for c, spec in enumerate(problem.tasks):
+            value = task_loss(spec, out[spec.name], batch["targets"][spec.name][i:i + 1])[0]
+            expected = torch.autograd.grad(value * (1.0 if scale is None else scale[c]),
+                                           groups.all_params, allow_unused=True,
+                                           retain_graph=True)
+            for r, e, p in zip(rows, expected, groups.all_params):
+                want = torch.zeros_like(p) if e is None or not batch["supervision"][i, c] else e
+                torch.testing.assert_close(r[i, c], want, rtol=1e-4, atol=1e-6)
+    assert not any(bool(r[1, 0].any()) for r in rows)
+    with pytest.raises(ValueError, match="task_scale"):
+        per_sample_task_grads_and_losses(original, batch, problem.tasks, groups.all_names,
+                                         task_scale=[1.0, 2.0, 3.0, 4.0])
 
 
 def test_orthograd_direction_is_orthogonal_to_retain_samples(bench, original) -> None:  # type: ignore[no-untyped-def]

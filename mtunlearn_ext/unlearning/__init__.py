@@ -19,6 +19,7 @@ from mtunlearn_ext.unlearning.gradients import (
     ParameterGroups,
     per_sample_retain_grads,
     per_sample_retain_grads_and_losses,
+    per_sample_task_grads_and_losses,
     task_grads,
 )
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
@@ -72,6 +73,7 @@ __all__ = [
     "make_forget_objectives",
     "per_sample_retain_grads",
     "per_sample_retain_grads_and_losses",
+    "per_sample_task_grads_and_losses",
     "register_unlearner",
     "retain_terms",
     "seed_everything",

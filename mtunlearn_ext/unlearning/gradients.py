@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.losses import task_loss
@@ -29,6 +29,7 @@ __all__ = [
     "grads_of",
     "per_sample_retain_grads",
     "per_sample_retain_grads_and_losses",
+    "per_sample_task_grads_and_losses",
     "stack_flat",
     "task_grads",
     "unflatten",
@@ -234,5 +235,48 @@ def per_sample_retain_grads_and_losses(model: nn.Module, batch: Mapping[str, obj
         return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
 
     grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0, 0),
+                         chunk_size=chunk_size)(params, inputs, task_targets, supervision)
+    return [grads[n] for n in param_names], losses
+
+
+def per_sample_task_grads_and_losses(model: nn.Module, batch: Mapping[str, object],
+                                     specs: Sequence[TaskSpec], param_names: Sequence[str],
+                                     chunk_size: int | None = None,
+                                     task_scale: Sequence[float] | None = None
+                                     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-(sample, task) gradients: ``r_it = d/d theta [s_t m_it l_t(x_i)]`` for every sample
+    ``i`` of the batch and every task ``t`` of ``specs``, one ``[B, T, *shape_p]`` stack per
+    name, from one forward pass per sample (``vmap(jacrev(.))``), and each task's per-sample
+    masked loss (task -> ``[B]``, detached).
+
+    Summed over ``t`` they are :func:`per_sample_retain_grads_and_losses`'s rows; kept apart,
+    a constraint ``<d, r_it> <= 0`` holds for each of an instance's tasks, where the summed row
+    lets a step raise one task's loss of the instance as long as another's falls. A pair
+    without supervision (``m_it = 0``) has a zero row."""
+    named = dict(model.named_parameters())
+    params = {n: named[n].detach() for n in param_names}
+    if task_scale is not None and len(task_scale) != len(specs):
+        raise ValueError(f"per_sample_task_grads_and_losses: `task_scale` needs one factor per "
+                         f"task ({len(specs)}), got {len(task_scale)}")
+    scale = [1.0] * len(specs) if task_scale is None else [float(s) for s in task_scale]
+    inputs = batch["input"]
+    targets = batch["targets"]
+    supervision = batch["supervision"]
+    assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
+    assert isinstance(supervision, torch.Tensor)
+    task_targets = {s.name: targets[s.name] for s in specs}
+
+    def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
+            sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
+        values, terms = [], {}
+        for column, spec in enumerate(specs):
+            value = task_loss(spec, out[spec.name], tgt[spec.name].unsqueeze(0))[0]
+            term = torch.where(sup[column], value, torch.zeros_like(value))
+            terms[spec.name] = term.detach()
+            values.append(term * scale[column])
+        return torch.stack(values), terms
+
+    grads, losses = vmap(jacrev(one, has_aux=True), in_dims=(None, 0, 0, 0),
                          chunk_size=chunk_size)(params, inputs, task_targets, supervision)
     return [grads[n] for n in param_names], losses

@@ -91,6 +91,7 @@ from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.gradients import (
     grads_of,
     per_sample_retain_grads_and_losses,
+    per_sample_task_grads_and_losses,
 )
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
@@ -102,6 +103,7 @@ from mtunlearn_ext.unlearning.terms import RetainTerms, retain_terms
 __all__ = [
     "CAP_REFERENCES",
     "INSTANCE_MODES",
+    "INSTANCE_ROWS",
     "PROTECT_MODES",
     "RANK_MATCHED_CAPS",
     "InterferenceAware",
@@ -115,6 +117,7 @@ __all__ = [
 ]
 
 INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
+INSTANCE_ROWS: tuple[str, ...] = ("instance", "instance_task")
 PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target", "others")
 SNAPSHOT_TARGETS: tuple[str, ...] = ("sampled", "labels")
 CAP_REFERENCES: tuple[str, ...] = ("auto", "held_out", "retain")
@@ -172,6 +175,13 @@ class InterferenceAwareConfig(StepConfig):
             gradients define the instance-level constraints.
         num_coupled_per_sample: forget instances with their retained pairs added to those
             constraints in a partial request (0: none).
+        instance_rows: what one instance constraint is: ``"instance"`` (default), the gradient
+            of an instance's whole retain term ``sum_t s_t m_it l_t(i)``, so a step may raise
+            one of the instance's task losses where another falls; ``"instance_task"``, one
+            row per (instance, task) pair, ``s_t m_it l_t(i)``: no retained *pair* gets worse
+            to first order (``T`` times the rows, from one forward and ``T`` backward passes
+            per instance; ``(instance_memory + 1) * (num_per_sample + num_coupled_per_sample)
+            * T`` must stay within the solver's limit).
         instance_memory: earlier steps whose per-sample gradients stay in the instance
             constraints (:class:`~mtunlearn_ext.unlearning.instance_memory.PerSampleMemory`):
             each step then respects the ``(instance_memory + 1) * B`` retained instances of its
@@ -222,6 +232,7 @@ class InterferenceAwareConfig(StepConfig):
     ridge: float = 1e-4
     num_per_sample: int = 16
     num_coupled_per_sample: int = 8
+    instance_rows: str = "instance"
     instance_memory: int = 0
     chunk_size: int | None = None
     cap_quantile: float | str | None = 0.9
@@ -239,6 +250,9 @@ class InterferenceAwareConfig(StepConfig):
         if self.instance_projection not in INSTANCE_MODES:
             raise ValueError(f"{name}: `instance_projection` must be one of {INSTANCE_MODES}, "
                              f"got {self.instance_projection!r}")
+        if self.instance_rows not in INSTANCE_ROWS:
+            raise ValueError(f"{name}: `instance_rows` must be one of {INSTANCE_ROWS}, got "
+                             f"{self.instance_rows!r}")
         if self.protect not in PROTECT_MODES:
             raise ValueError(f"{name}: `protect` must be one of {PROTECT_MODES}, got "
                              f"{self.protect!r}")
@@ -396,6 +410,16 @@ class InterferenceAware(GradientUnlearner):
         plan = protection_plan(problem, cfg.protect)
         protect = protected_tasks(problem, cfg.protect)
         coupled = coupled_retain_set(problem) if cfg.coupled else None
+        if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
+            tasks = len(problem.task_names)
+            per_step = cfg.num_per_sample + (0 if coupled is None else cfg.num_coupled_per_sample)
+            rows = (cfg.instance_memory + 1) * per_step * tasks
+            if rows > MAX_SOLVER_K:
+                raise ValueError(
+                    f"interference_aware: `instance_rows='instance_task'` with {tasks} tasks "
+                    f"keeps (instance_memory + 1) * {per_step} rows per step * {tasks} = {rows} "
+                    f"constraints, over the solver's {MAX_SOLVER_K}; lower `instance_memory`, "
+                    "`num_per_sample` or `num_coupled_per_sample`")
         coupled_tasks = [t for t in problem.non_target_tasks]
         # One subspace per distinct protected set (one in every mode but "others").
         subspaces: dict[tuple[str, ...], ProtectedSubspace] = {}
@@ -678,9 +702,7 @@ class InterferenceAware(GradientUnlearner):
         """
         cfg = self.config
         if per_sample is None:
-            per_sample, _ = per_sample_retain_grads_and_losses(
-                ctx.model, batch, ctx.problem.tasks, param_names, cfg.chunk_size,
-                task_scale=task_scale)
+            _, per_sample, _ = self.per_sample_rows(ctx, batch, param_names, task_scale)
         constraints = per_sample if memory is None else memory.add(param_names, per_sample)
         kept = (memory.gram() if memory is not None and memory.track_gram and memory.filled
                 else None)
@@ -691,6 +713,25 @@ class InterferenceAware(GradientUnlearner):
             out = project_nonconflicting_list(u, constraints, sign=-1, outs=u, basis_gram=kept)
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
+
+    def per_sample_rows(self, ctx: StepContext, batch: Batch, param_names: Sequence[str],
+                        task_scale: Sequence[float] | None
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                   dict[str, torch.Tensor]]:
+        """One ``vmap`` pass over ``batch``: (each instance's task-scaled retain gradient,
+        ``[B, *shape]`` per name; the instance constraint rows, the same stacks for
+        ``instance_rows="instance"`` and ``[B * T, *shape]`` (instance-major) for
+        ``"instance_task"``; each task's per-sample loss)."""
+        cfg = self.config
+        if cfg.instance_rows == "instance":
+            rows, losses = per_sample_retain_grads_and_losses(
+                ctx.model, batch, ctx.problem.tasks, param_names, cfg.chunk_size,
+                task_scale=task_scale)
+            return rows, rows, losses
+        per_task, losses = per_sample_task_grads_and_losses(
+            ctx.model, batch, ctx.problem.tasks, param_names, cfg.chunk_size,
+            task_scale=task_scale)
+        return ([g.sum(dim=1) for g in per_task], [g.flatten(0, 1) for g in per_task], losses)
 
     def _uses_instance_constraints(self) -> bool:
         """The step projects against per-sample retain gradients (whose pass, outside refresh
@@ -711,8 +752,8 @@ class InterferenceAware(GradientUnlearner):
         weighted ``1 / n_t`` as in the whole batch's objective. The first ``k`` rows are thus
         differentiated once instead of twice.
 
-        Returns (the per-sample stacks ``[k + c, *shape]``, one per parameter of
-        ``groups.all_names``; the batch's retain terms (detached; each task's mean loss over its
+        Returns (the instance constraint rows (:meth:`per_sample_rows`), one stack per
+        parameter of ``groups.all_names``; the batch's retain terms (detached; each task's mean loss over its
         supervised rows); the batch's retain gradient, one tensor per parameter)."""
         groups = ctx.groups
         tasks = ctx.problem.task_names
@@ -721,10 +762,9 @@ class InterferenceAware(GradientUnlearner):
         rows = supervision.shape[0]
         counts = supervision.sum(dim=0).tolist()
         k = min(self.config.num_per_sample, rows)
-        per_sample, losses = per_sample_retain_grads_and_losses(
-            ctx.model, instance_rows, ctx.problem.tasks, groups.all_names,
-            self.config.chunk_size, task_scale=self.instance_task_scale(retain_batch))
-        retain = [g[:k].sum(dim=0) / rows for g in per_sample]
+        summed, per_sample, losses = self.per_sample_rows(
+            ctx, instance_rows, groups.all_names, self.instance_task_scale(retain_batch))
+        retain = [g[:k].sum(dim=0) / rows for g in summed]
         sums = {t: losses[t][:k].sum() for t in tasks}
         if k < rows:
             rest = batch_rows(retain_batch, k, rows)

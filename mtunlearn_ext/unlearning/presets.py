@@ -112,6 +112,11 @@ preset 0.270). Round 30, full requests: a forget batch of 32 1.92, heads' learni
 the margin of 1e-5 over PyTorch's 1e-8 (1.70 vs 1.75) is within the selection's noise. Round
 32, partial requests with the unbounded ``mean_target`` / ``uniform`` objectives: 4.17 / 3.89
 (two-seed aligned; the forget pairs end far past the unseen-data level).
+
+Rounds 33-34 (tenth session): one instance constraint per retained (instance, task) pair
+(``instance_rows="instance_task"``): partial requests 0.264 at best against the preset's 0.270
+(a per-instance control at the same memory 0.270), for 1.25-1.75x the step's wall time, more
+than the 15% time target leaves room for; full requests 1.88 against 1.70. Not taken.
 """
 
 from __future__ import annotations
