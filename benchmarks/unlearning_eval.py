@@ -5,6 +5,7 @@
     python benchmarks/unlearning_eval.py --recipe memorising   # models trained 40 epochs
     python benchmarks/unlearning_eval.py --tune --seeds 0      # the settings grid (training data)
     python benchmarks/unlearning_eval.py --select              # best mean score over benchmarks
+    python benchmarks/unlearning_eval.py --select --per-benchmark   # ... over each one alone
 
 Every (benchmark, request, seed) is one run of the experiment runner
 (:func:`mtunlearn_ext.experiment.run_experiment`: original and retrained models cached, every
@@ -456,16 +457,20 @@ def _merge_records(path: Path, records: list[dict[str, Any]]) -> list[dict[str, 
     return [records[0], *[r for r in older if _setting_key(r) not in newer], *records[1:]]
 
 
-def _score_tables(tuning_dir: Path, request: str, score: str = "proxy"
+def _score_tables(tuning_dir: Path, request: str, score: str = "proxy",
+                  benchmarks: Sequence[str] | None = None
                   ) -> tuple[list[str], dict[str, float], dict[str, dict[str, float]]]:
-    """For one request: the tuned benchmarks (file stems), the untouched model's score on each,
-    and setting key -> benchmark -> score (``score``: a key of :data:`SELECT_SCORES`) for every
-    setting scored on *every* one of them."""
+    """For one request: the tuned benchmarks (file stems; only those of ``benchmarks`` when
+    given), the untouched model's score on each, and setting key -> benchmark -> score
+    (``score``: a key of :data:`SELECT_SCORES`) for every setting scored on *every* one of
+    them."""
     rank = SELECT_SCORES[score]
     names: list[str] = []
     tables: dict[str, dict[str, float]] = {}
     originals: dict[str, float] = {}
     for path in sorted(tuning_dir.glob(f"*-{request}-seed*.json")):
+        if benchmarks is not None and path.stem.split("-")[0] not in benchmarks:
+            continue
         names.append(path.stem)
         data = json.loads(path.read_text())
         value = rank(data["records"][0])
@@ -480,15 +485,16 @@ def _score_tables(tuning_dir: Path, request: str, score: str = "proxy"
 
 
 def select_settings(tuning_dir: Path, requests: Sequence[str],
-                    score: str = "proxy") -> dict[str, Any]:
+                    score: str = "proxy", benchmarks: Sequence[str] | None = None
+                    ) -> dict[str, Any]:
     """Per request and method, the setting (step budget included) with the lowest ``score``
     (:data:`SELECT_SCORES`) averaged over the benchmarks whose tuning files are in
     ``tuning_dir``; only settings scored on every one of them compete. Returns ``{request:
     {method: {"settings", "score", "per_benchmark"}}}``, and ``"original"`` scores for
-    reference."""
+    reference. ``benchmarks`` restricts the files to those benchmarks' (default: every one)."""
     selected: dict[str, Any] = {}
     for request in requests:
-        names, originals, tables = _score_tables(tuning_dir, request, score)
+        names, originals, tables = _score_tables(tuning_dir, request, score, benchmarks)
         if not names:
             continue
         best: dict[str, Any] = {}
@@ -500,6 +506,20 @@ def select_settings(tuning_dir: Path, requests: Sequence[str],
                 best[method] = {"settings": settings, "score": mean, "per_benchmark": per_file}
         selected[request] = {"original": originals, "methods": best}
     return selected
+
+
+def _ratio_line(methods: Mapping[str, Any]) -> str:
+    """The interference-aware method's selected score against the best baseline's (ablations
+    are not baselines)."""
+    baselines = {m: row["score"] for m, row in methods.items()
+                 if not m.startswith("interference_aware")}
+    ours = methods.get("interference_aware")
+    if ours is None or not baselines:
+        return "interference_aware vs best baseline: not both selected"
+    best = min(baselines, key=baselines.__getitem__)
+    ratio = ours["score"] / baselines[best] if baselines[best] > 0 else math.inf
+    return (f"interference_aware vs best baseline ({best}): {ours['score']:.3f} / "
+            f"{baselines[best]:.3f} = {ratio:.2f}x")
 
 
 def write_grid_csv(tuning_dir: Path, requests: Sequence[str], path: Path) -> int:
@@ -576,6 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --select: rank by the selection score ('proxy') or by its "
                              "mean with UIS on the validation split ('aligned'; only runs "
                              "tuned with validation metrics compete)")
+    parser.add_argument("--per-benchmark", action="store_true",
+                        help="with --select: pick every method's setting on each benchmark of "
+                             "--benchmarks alone (the same rule), and print the method's score "
+                             "against the best baseline's on each")
     parser.add_argument("--grid-csv", default=None,
                         help="with --select: also write every tuned setting's scores to this "
                              "CSV file")
@@ -606,12 +630,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.grid_csv}: {count} settings")
         name = "selected.json" if args.select_score == "proxy" else \
             f"selected-{args.select_score}.json"
+        if args.per_benchmark:
+            selected = {b: select_settings(tuning_dir, args.requests, args.select_score, [b])
+                        for b in args.benchmarks}
+            name = name.replace(".json", "-per-benchmark.json")
         write_json_atomic(Path(args.output_dir) / "tuning" / name, _plain(selected))
-        for request, block in selected.items():
-            print(f"{request}: untouched model {block['original']}")
-            for method, row in block["methods"].items():
-                print(f"  {method:22s} score={row['score']:.3f} {row['settings']} "
-                      f"{ {k: round(v, 3) for k, v in row['per_benchmark'].items()} }")
+        for label, picks in (selected.items() if args.per_benchmark else [("", selected)]):
+            for request, block in picks.items():
+                print(f"{label + '/' if label else ''}{request}: untouched model "
+                      f"{block['original']}")
+                for method, row in block["methods"].items():
+                    print(f"  {method:22s} score={row['score']:.3f} {row['settings']} "
+                          f"{ {k: round(v, 3) for k, v in row['per_benchmark'].items()} }")
+                print("  " + _ratio_line(block["methods"]))
         return 0
     output_dir = Path(args.output_dir)
     if not args.summarize_only:

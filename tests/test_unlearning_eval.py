@@ -140,6 +140,35 @@ def test_selection_averages_over_benchmarks_and_needs_every_one(evaluation, tmp_
     assert selected["partial"]["methods"]["pcgrad"]["settings"] == a
 
 
+def test_per_benchmark_selection_picks_on_each_benchmark_alone(evaluation, tmp_path, capsys):
+    a, b = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 20}
+    only_indoor = {"lr": 1.0, "steps": 5}
+    _tuning_file(tmp_path / "indoor-full-seed0.json", 3.0,
+                 [("finetune", a, 2.0), ("finetune", b, 1.0), ("finetune", only_indoor, 0.1),
+                  ("interference_aware", a, 0.05)])
+    _tuning_file(tmp_path / "street-full-seed0.json", 5.0,
+                 [("finetune", a, 1.0), ("finetune", b, 4.0), ("interference_aware", a, 0.5)])
+    indoor = evaluation.select_settings(tmp_path, ["full"], benchmarks=["indoor"])["full"]
+    assert indoor["methods"]["finetune"]["settings"] == only_indoor  # scored on indoor only
+    assert indoor["original"] == {"indoor-full-seed0": 3.0}
+    street = evaluation.select_settings(tmp_path, ["full"], benchmarks=["street"])["full"]
+    assert street["methods"]["finetune"]["settings"] == a
+    # The command line writes both picks and prints the method against the best baseline.
+    out_dir = tmp_path / "run"
+    (out_dir / "tuning").mkdir(parents=True)
+    for path in tmp_path.glob("*-full-seed0.json"):
+        (out_dir / "tuning" / path.name).write_text(path.read_text())
+    capsys.readouterr()
+    assert evaluation.main(["--select", "--per-benchmark", "--requests", "full",
+                            "--output-dir", str(out_dir)]) == 0
+    written = json.loads((out_dir / "tuning" / "selected-per-benchmark.json").read_text())
+    assert written["street"]["full"]["methods"]["finetune"]["settings"] == a
+    assert written["indoor"]["full"]["methods"]["finetune"]["settings"] == only_indoor
+    printed = capsys.readouterr().out
+    assert "interference_aware vs best baseline (finetune): 0.050 / 0.100 = 0.50x" in printed
+    assert "interference_aware vs best baseline (finetune): 0.500 / 1.000 = 0.50x" in printed
+
+
 def test_aligned_selection_adds_validation_uis_and_skips_runs_without_it(evaluation, tmp_path):
     a, b, old = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 20}, {"lr": 1.0, "steps": 5}
     for name, proxy_a, proxy_b in (("indoor", 2.0, 1.0), ("street", 2.0, 1.0)):
