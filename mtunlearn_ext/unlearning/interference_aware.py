@@ -753,8 +753,8 @@ class InterferenceAware(GradientUnlearner):
         differentiated once instead of twice.
 
         Returns (the instance constraint rows (:meth:`per_sample_rows`), one stack per
-        parameter of ``groups.all_names``; the batch's retain terms (detached; each task's mean loss over its
-        supervised rows); the batch's retain gradient, one tensor per parameter)."""
+        parameter of ``groups.all_names``; the batch's retain terms (detached; each task's mean
+        loss over its supervised rows); the batch's retain gradient, one tensor per parameter)."""
         groups = ctx.groups
         tasks = ctx.problem.task_names
         supervision = retain_batch["supervision"]
