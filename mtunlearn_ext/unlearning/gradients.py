@@ -162,25 +162,60 @@ def assign_grads(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
             p.grad.add_(g.detach())
 
 
-def _per_sample_supervised_loss(specs: Sequence[TaskSpec], task_scale: Sequence[float] | None
+def _per_sample_supervised_loss(specs: Sequence[TaskSpec], task_scale: Sequence[float] | None,
+                                per_task: bool = False
                                 ) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """The loss of one retain sample, ``sum_t s_t m_t l_t`` over its supervised tasks
-    (``s_t = 1`` unless ``task_scale`` is given), and each task's masked term ``m_t l_t``
-    (unscaled, detached: an auxiliary output for the loss curves)."""
+    (``s_t = 1`` unless ``task_scale`` is given), or with ``per_task`` the vector of its terms
+    ``[s_t m_t l_t]_t``, and each task's masked term ``m_t l_t`` (unscaled, detached: an
+    auxiliary output for the loss curves)."""
     scale = [1.0] * len(specs) if task_scale is None else [float(s) for s in task_scale]
 
     def loss(out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
              supervision: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = torch.zeros((), dtype=torch.float32, device=supervision.device)
+        scaled: list[torch.Tensor] = []
         terms: dict[str, torch.Tensor] = {}
         for column, spec in enumerate(specs):
             value = task_loss(spec, out[spec.name], targets[spec.name])[0]
             term = torch.where(supervision[column], value, torch.zeros_like(value))
             terms[spec.name] = term.detach()
-            total = total + (term if scale[column] == 1.0 else scale[column] * term)
-        return total, terms
+            scaled.append(term if scale[column] == 1.0 else scale[column] * term)
+            if not per_task:
+                total = total + scaled[-1]
+        return (torch.stack(scaled) if per_task else total), terms
 
     return loss
+
+
+def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Sequence[TaskSpec],
+                     param_names: Sequence[str], chunk_size: int | None,
+                     task_scale: Sequence[float] | None, per_task: bool, caller: str
+                     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """``vmap`` over the batch of the gradient (``jacrev`` with ``per_task``) of one sample's
+    :func:`_per_sample_supervised_loss`, with the model called functionally."""
+    named = dict(model.named_parameters())
+    params = {n: named[n].detach() for n in param_names}
+    if task_scale is not None and len(task_scale) != len(specs):
+        raise ValueError(f"{caller}: `task_scale` needs one factor per task ({len(specs)}), got "
+                         f"{len(task_scale)}")
+    loss_fn = _per_sample_supervised_loss(specs, task_scale, per_task)
+    inputs = batch["input"]
+    targets = batch["targets"]
+    supervision = batch["supervision"]
+    assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
+    assert isinstance(supervision, torch.Tensor)
+    task_targets = {s.name: targets[s.name] for s in specs}
+
+    def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
+            sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
+        return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
+
+    differentiate = jacrev if per_task else grad
+    grads, losses = vmap(differentiate(one, has_aux=True), in_dims=(None, 0, 0, 0),
+                         chunk_size=chunk_size)(params, inputs, task_targets, supervision)
+    return [grads[n] for n in param_names], losses
 
 
 def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
@@ -216,27 +251,8 @@ def per_sample_retain_grads_and_losses(model: nn.Module, batch: Mapping[str, obj
     the per-sample gradients is exactly the gradient of the batch's masked multi-task loss
     ``sum_t mean_{i: m_it} l_t(i)`` (:func:`~mtunlearn_ext.losses.masked_multitask_loss`), also
     when some rows lack some tasks' labels."""
-    named = dict(model.named_parameters())
-    params = {n: named[n].detach() for n in param_names}
-    if task_scale is not None and len(task_scale) != len(specs):
-        raise ValueError(f"per_sample_retain_grads_and_losses: `task_scale` needs one factor per "
-                         f"task ({len(specs)}), got {len(task_scale)}")
-    loss_fn = _per_sample_supervised_loss(specs, task_scale)
-    inputs = batch["input"]
-    targets = batch["targets"]
-    supervision = batch["supervision"]
-    assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
-    assert isinstance(supervision, torch.Tensor)
-    task_targets = {s.name: targets[s.name] for s in specs}
-
-    def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
-            sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
-        return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
-
-    grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0, 0),
-                         chunk_size=chunk_size)(params, inputs, task_targets, supervision)
-    return [grads[n] for n in param_names], losses
+    return _vmap_per_sample(model, batch, specs, param_names, chunk_size, task_scale,
+                            per_task=False, caller="per_sample_retain_grads_and_losses")
 
 
 def per_sample_task_grads_and_losses(model: nn.Module, batch: Mapping[str, object],
@@ -253,30 +269,5 @@ def per_sample_task_grads_and_losses(model: nn.Module, batch: Mapping[str, objec
     a constraint ``<d, r_it> <= 0`` holds for each of an instance's tasks, where the summed row
     lets a step raise one task's loss of the instance as long as another's falls. A pair
     without supervision (``m_it = 0``) has a zero row."""
-    named = dict(model.named_parameters())
-    params = {n: named[n].detach() for n in param_names}
-    if task_scale is not None and len(task_scale) != len(specs):
-        raise ValueError(f"per_sample_task_grads_and_losses: `task_scale` needs one factor per "
-                         f"task ({len(specs)}), got {len(task_scale)}")
-    scale = [1.0] * len(specs) if task_scale is None else [float(s) for s in task_scale]
-    inputs = batch["input"]
-    targets = batch["targets"]
-    supervision = batch["supervision"]
-    assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
-    assert isinstance(supervision, torch.Tensor)
-    task_targets = {s.name: targets[s.name] for s in specs}
-
-    def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
-            sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
-        values, terms = [], {}
-        for column, spec in enumerate(specs):
-            value = task_loss(spec, out[spec.name], tgt[spec.name].unsqueeze(0))[0]
-            term = torch.where(sup[column], value, torch.zeros_like(value))
-            terms[spec.name] = term.detach()
-            values.append(term * scale[column])
-        return torch.stack(values), terms
-
-    grads, losses = vmap(jacrev(one, has_aux=True), in_dims=(None, 0, 0, 0),
-                         chunk_size=chunk_size)(params, inputs, task_targets, supervision)
-    return [grads[n] for n in param_names], losses
+    return _vmap_per_sample(model, batch, specs, param_names, chunk_size, task_scale,
+                            per_task=True, caller="per_sample_task_grads_and_losses")
