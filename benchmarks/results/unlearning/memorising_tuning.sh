@@ -387,7 +387,9 @@ select_over_two_seeds
 #     orthogonal projection removes more forget signal than interference. The instance_task
 #     runs write to their own directories (runs/instance_rows_seed<s>; their scores in
 #     instance_rows_grid.csv), outside the selection, as the time budget excludes them; the
-#     control is an ordinary setting and joins the selection grids.
+#     control is an ordinary setting and joins the selection grids. (In the tenth session they
+#     ran in one grid with the control, into the selection's directories, and their records
+#     were then moved to runs/instance_rows_seed<s>; the commands below give that layout.)
 two_seed_round partial '{"interference_aware": [{"lr": [3e-4], "instance_memory": [2]}]}'
 two_seed_round partial '{"interference_aware": [{"lr": [3e-4], "instance_rows": ["instance_task"],
   "instance_memory": [2]}, {"lr": [3e-4], "instance_rows": ["instance_task"], "instance_memory": [3],
