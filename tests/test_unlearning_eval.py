@@ -80,6 +80,16 @@ def test_unlearning_time_script_compares_like_with_like(tmp_path, capsys):
     assert row["ratio"]["interference_aware"] == pytest.approx(
         row["best"]["interference_aware"] / row["best"]["retrain"])
     assert "| indoor | partial |" in capsys.readouterr().out
+    # A variant of the preset is timed beside it, with its own step count.
+    assert module.main(["--size", "tiny", "--benchmarks", "indoor", "--requests", "partial",
+                        "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
+                        "--variant", '{"steps": 3}']) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["steps"]["interference_aware+variant"] == 3
+    assert row["steps"]["interference_aware"] != 3
+    assert row["ratio"]["interference_aware+variant"] == pytest.approx(
+        row["best"]["interference_aware+variant"] / row["best"]["retrain"])
+    assert "| indoor | partial (variant) |" in capsys.readouterr().out
 
 
 def test_unseen_interference_script_prints_unseen_rows(tmp_path, capsys):
