@@ -196,21 +196,47 @@ def test_task_projection_kills_protected_components_per_layer(bench, original,  
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def _loop_per_sample_grads(model: nn.Module, batch, specs, names):  # type: ignore[no-untyped-def]
-    """Per-sample gradients by a plain loop of autograd calls (reference for vmap)."""
+def _loop_per_sample_grads(model: nn.Module, batch, specs, names,  # type: ignore[no-untyped-def]
+                           per_pair: bool = False):
+    """Per-sample gradients by a plain loop of autograd calls (reference for vmap); with
+    ``per_pair`` one gradient per supervised (sample, task) pair instead."""
     params = dict(model.named_parameters())
     rows = []
     for i in range(batch["input"].shape[0]):
         out = model(batch["input"][i:i + 1])
-        total = torch.zeros(())
-        for c, spec in enumerate(specs):
-            if bool(batch["supervision"][i, c]):
-                total = total + task_loss(spec, out[spec.name],
-                                          batch["targets"][spec.name][i:i + 1])[0]
-        grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
-        rows.append([torch.zeros_like(params[n]) if g is None else g
-                     for n, g in zip(names, grads)])
+        losses = [task_loss(spec, out[spec.name], batch["targets"][spec.name][i:i + 1])[0]
+                  for c, spec in enumerate(specs) if bool(batch["supervision"][i, c])]
+        for loss in (losses if per_pair else [sum(losses, torch.zeros(()))]):
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True,
+                                        retain_graph=True)
+            rows.append([torch.zeros_like(params[n]) if g is None else g
+                         for n, g in zip(names, grads)])
     return rows
+
+
+def _raw_forget_step(method: InterferenceAware, ctx: StepContext, problem: UnlearningProblem
+                     ) -> tuple[list[str], list[torch.Tensor]]:
+    """The parameter names (shared, then the target heads) and the unprojected forget step
+    direction ``u = -sum_t f_t`` over them, on a fixed forget batch."""
+    forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
+    f_shared, f_head = method.forget_task_grads(ctx, forget.objective)
+    targets = list(f_shared)
+    names = [n for n, _ in ctx.groups.shared] + [n for t in targets
+                                                 for n, _ in ctx.groups.heads[t]]
+    step_dir = [-sum(f_shared[t][p] for t in targets) for p in range(len(ctx.groups.shared))]
+    step_dir += [-g for t in targets for g in f_head[t]]
+    return names, step_dir
+
+
+def _cosines(direction, rows) -> list[float]:  # type: ignore[no-untyped-def]
+    """The cosine of ``direction`` with each row (per-parameter lists), in float64."""
+    d_norm = sum(float((x.double() ** 2).sum()) for x in direction) ** 0.5
+    out = []
+    for row in rows:
+        r_norm = sum(float((x.double() ** 2).sum()) for x in row) ** 0.5
+        out.append(sum(float((a.double() * b.double()).sum()) for a, b in zip(direction, row))
+                   / max(r_norm * d_norm, 1e-300))
+    return out
 
 
 @pytest.mark.parametrize("mode", ["nonconflicting", "orthogonal"])
@@ -221,25 +247,12 @@ def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original
     method = InterferenceAware(InterferenceAwareConfig(**{**TINY, "instance_projection": mode},
                                                        ridge=1e-8))
     ctx = _context(problem, method)
-    forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
-    f_shared, f_head = method.forget_task_grads(ctx, forget.objective)
-    targets = list(f_shared)
-    names = [n for n, _ in ctx.groups.shared] + [n for t in targets
-                                                 for n, _ in ctx.groups.heads[t]]
-    step_dir = [-sum(f_shared[t][p] for t in targets) for p in range(len(ctx.groups.shared))]
-    step_dir += [-g for t in targets for g in f_head[t]]
+    names, step_dir = _raw_forget_step(method, ctx, problem)
     batch = method.instance_batch(ctx, _batch(problem.retain, 12, 1))
     d, _ = method.instance_project(ctx, step_dir, names, batch)
     # The reference per-sample gradients come from a plain autograd loop, not from vmap.
     rows = _loop_per_sample_grads(ctx.model, batch, problem.tasks, names)
-    d_norm = sum(float((x.double() ** 2).sum()) for x in d) ** 0.5
-    u_inner, d_inner = [], []
-    for row in rows:
-        r_norm = sum(float((x.double() ** 2).sum()) for x in row) ** 0.5
-        u_inner.append(sum(float((a.double() * b.double()).sum())
-                           for a, b in zip(step_dir, row)) / r_norm)
-        d_inner.append(sum(float((a.double() * b.double()).sum())
-                           for a, b in zip(d, row)) / (r_norm * d_norm))
+    u_inner, d_inner = _cosines(step_dir, rows), _cosines(d, rows)
     assert max(d_inner) <= 1e-4  # <d, r_j> <= 0: no retain sample's loss rises to first order
     # The step's conflict count (a curve) is the number of rows the raw step would hurt.
     per_sample = [torch.stack([row[p] for row in rows]) for p in range(len(names))]
@@ -250,32 +263,6 @@ def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original
         # Nothing conflicted: the sign-aware step is the raw step itself.
         for a, b in zip(d, step_dir):
             torch.testing.assert_close(a, b)
-
-
-def _loop_per_pair_grads(model: nn.Module, batch, specs, names):  # type: ignore[no-untyped-def]
-    """One gradient per supervised (sample, task) pair, by a plain loop (reference)."""
-    params = dict(model.named_parameters())
-    rows = []
-    for i in range(batch["input"].shape[0]):
-        out = model(batch["input"][i:i + 1])
-        for c, spec in enumerate(specs):
-            if bool(batch["supervision"][i, c]):
-                loss = task_loss(spec, out[spec.name], batch["targets"][spec.name][i:i + 1])[0]
-                grads = torch.autograd.grad(loss, [params[n] for n in names],
-                                            allow_unused=True, retain_graph=True)
-                rows.append([torch.zeros_like(params[n]) if g is None else g
-                             for n, g in zip(names, grads)])
-    return rows
-
-
-def _cosines(direction, rows) -> list[float]:  # type: ignore[no-untyped-def]
-    d_norm = sum(float((x.double() ** 2).sum()) for x in direction) ** 0.5
-    out = []
-    for row in rows:
-        r_norm = sum(float((x.double() ** 2).sum()) for x in row) ** 0.5
-        out.append(sum(float((a.double() * b.double()).sum()) for a, b in zip(direction, row))
-                   / max(r_norm * d_norm, 1e-300))
-    return out
 
 
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
@@ -290,19 +277,13 @@ def test_instance_task_rows_keep_every_retained_pair_from_rising(bench, original
         method = InterferenceAware(InterferenceAwareConfig(
             **{**TINY, "instance_rows": rows_mode}, ridge=1e-8))
         ctx = _context(problem, method)
-        forget = method.forget_step_terms(ctx, _batch(problem.forget, 6, 0))
-        f_shared, f_head = method.forget_task_grads(ctx, forget.objective)
-        targets = list(f_shared)
-        names = [n for n, _ in ctx.groups.shared] + [n for t in targets
-                                                     for n, _ in ctx.groups.heads[t]]
-        step_dir = [-sum(f_shared[t][p] for t in targets) for p in range(len(ctx.groups.shared))]
-        step_dir += [-g for t in targets for g in f_head[t]]
+        names, step_dir = _raw_forget_step(method, ctx, problem)
         batch = method.instance_batch(ctx, _batch(problem.retain, 12, 1))
         d, constraint_rows = method.instance_project(ctx, step_dir, names, batch)
         expected_rows = batch["input"].shape[0] * (len(problem.tasks)
                                                    if rows_mode == "instance_task" else 1)
         assert constraint_rows[0].shape[0] == expected_rows
-        pairs = _loop_per_pair_grads(ctx.model, batch, problem.tasks, names)
+        pairs = _loop_per_sample_grads(ctx.model, batch, problem.tasks, names, per_pair=True)
         cosines[rows_mode] = (_cosines(step_dir, pairs), _cosines(d, pairs))
     raw, kept = cosines["instance_task"]
     assert max(raw) > 0  # the raw forget step does raise some retained pair's loss
@@ -321,7 +302,7 @@ def test_instance_task_rows_share_the_per_sample_pass(bench, original, monkeypat
         method = InterferenceAware(config)
         if not shared:
             def separate(self, ctx, retain_batch, instance_rows):  # type: ignore[no-untyped-def]
-                _, rows, _ = self.per_sample_rows(ctx, instance_rows, ctx.groups.all_names,
+                rows, _, _ = self.per_sample_rows(ctx, instance_rows, ctx.groups.all_names,
                                                   self.instance_task_scale(retain_batch))
                 terms = self.retain_step_terms(ctx, retain_batch)
                 retain = grads_of(terms.total(), ctx.groups.all_params)

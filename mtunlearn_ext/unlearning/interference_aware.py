@@ -702,7 +702,7 @@ class InterferenceAware(GradientUnlearner):
         """
         cfg = self.config
         if per_sample is None:
-            _, per_sample, _ = self.per_sample_rows(ctx, batch, param_names, task_scale)
+            per_sample, _, _ = self.per_sample_rows(ctx, batch, param_names, task_scale)
         constraints = per_sample if memory is None else memory.add(param_names, per_sample)
         kept = (memory.gram() if memory is not None and memory.track_gram and memory.filled
                 else None)
@@ -716,22 +716,23 @@ class InterferenceAware(GradientUnlearner):
 
     def per_sample_rows(self, ctx: StepContext, batch: Batch, param_names: Sequence[str],
                         task_scale: Sequence[float] | None
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                   dict[str, torch.Tensor]]:
-        """One ``vmap`` pass over ``batch``: (each instance's task-scaled retain gradient,
-        ``[B, *shape]`` per name; the instance constraint rows, the same stacks for
-        ``instance_rows="instance"`` and ``[B * T, *shape]`` (instance-major) for
-        ``"instance_task"``; each task's per-sample loss)."""
+                        ) -> tuple[list[torch.Tensor], int, dict[str, torch.Tensor]]:
+        """One ``vmap`` pass over ``batch``: (the instance constraint rows, one stack per name:
+        ``[B, *shape]``, each instance's task-scaled retain gradient, for
+        ``instance_rows="instance"``, or ``[B * T, *shape]``, instance-major, one row per
+        (instance, task), for ``"instance_task"``; the rows per instance, 1 or ``T``, so that
+        the first ``k`` instances' rows are the first ``k`` times that many and sum to their
+        retain gradients; each task's per-sample loss)."""
         cfg = self.config
         if cfg.instance_rows == "instance":
             rows, losses = per_sample_retain_grads_and_losses(
                 ctx.model, batch, ctx.problem.tasks, param_names, cfg.chunk_size,
                 task_scale=task_scale)
-            return rows, rows, losses
+            return rows, 1, losses
         per_task, losses = per_sample_task_grads_and_losses(
             ctx.model, batch, ctx.problem.tasks, param_names, cfg.chunk_size,
             task_scale=task_scale)
-        return ([g.sum(dim=1) for g in per_task], [g.flatten(0, 1) for g in per_task], losses)
+        return [g.flatten(0, 1) for g in per_task], len(ctx.problem.tasks), losses
 
     def _uses_instance_constraints(self) -> bool:
         """The step projects against per-sample retain gradients (whose pass, outside refresh
@@ -762,9 +763,9 @@ class InterferenceAware(GradientUnlearner):
         rows = supervision.shape[0]
         counts = supervision.sum(dim=0).tolist()
         k = min(self.config.num_per_sample, rows)
-        summed, per_sample, losses = self.per_sample_rows(
+        per_sample, per_instance, losses = self.per_sample_rows(
             ctx, instance_rows, groups.all_names, self.instance_task_scale(retain_batch))
-        retain = [g[:k].sum(dim=0) / rows for g in summed]
+        retain = [g[:k * per_instance].sum(dim=0) / rows for g in per_sample]
         sums = {t: losses[t][:k].sum() for t in tasks}
         if k < rows:
             rest = batch_rows(retain_batch, k, rows)
