@@ -144,10 +144,12 @@ done
 # One grid on both selection seeds, the two benchmarks in parallel:
 #   two_seed_round REQUEST GRID [SCRIPT METHOD OUTPUT_PREFIX]
 # (defaults: the evaluation script, the interference-aware method, and each seed's own tuning
-# directory; an OUTPUT_PREFIX gives seed s the directory OUTPUT_PREFIX<s> instead).
+# directory; an OUTPUT_PREFIX gives seed s the directory OUTPUT_PREFIX<s> instead). The step
+# budgets scored are CHECKPOINTS (default 20,30,40; the largest is the run's length).
 two_seed_round() {
   local request=$1 grid=$2 script=${3:-benchmarks/unlearning_eval.py}
   local method=${4:-interference_aware} prefix=${5:-}
+  local checkpoints=${CHECKPOINTS:-20,30,40}
   for benchmark in indoor street; do
     ( for seed in 0 1; do
         if [ -n "$prefix" ]; then out="$prefix$seed"
@@ -155,10 +157,20 @@ two_seed_round() {
         fi
         .venv/bin/python "$script" --tune --seeds "$seed" --recipe memorising \
           --output-dir "$out" --benchmarks "$benchmark" --requests "$request" \
-          --methods "$method" --checkpoints 20,30,40 --method-max-steps 40 --grid "$grid"
+          --methods "$method" --checkpoints "$checkpoints" \
+          --method-max-steps "${checkpoints##*,}" --grid "$grid"
       done ) &
   done
   wait
+}
+# The two-seed grid CSV of runs kept outside the selection (OUTPUT_PREFIX<s> of two_seed_round):
+#   out_of_selection_csv OUTPUT_PREFIX CSV [REQUESTS]
+out_of_selection_csv() {
+  local prefix=$1 csv=$2 requests=${3:-full,partial}
+  mkdir -p "${prefix}two_seeds/tuning"
+  cp "${prefix}seed0"/tuning/*.json "${prefix}seed1"/tuning/*.json "${prefix}two_seeds/tuning/"
+  .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
+    --requests "$requests" --output-dir "${prefix}two_seeds" --grid-csv "$csv"
 }
 ALL=finetune,gradient_ascent,neggrad_plus,random_labels,salun,orthograd,pcgrad,interference_aware
 "${EVAL[@]}" --requests full --methods "$ALL" --checkpoints 10,20,30,40,60 --method-max-steps 40 \
@@ -399,12 +411,7 @@ two_seed_round partial '{"interference_aware": [{"lr": [3e-4], "instance_rows": 
 two_seed_round full '{"interference_aware": [{"lr": [1e-3], "instance_rows": ["instance_task"],
   "instance_memory": [3], "num_per_sample": [16]}]}' \
   benchmarks/unlearning_eval.py interference_aware runs/instance_rows_seed
-mkdir -p runs/instance_rows_two_seeds/tuning
-cp runs/instance_rows_seed0/tuning/*.json runs/instance_rows_seed1/tuning/*.json \
-  runs/instance_rows_two_seeds/tuning/
-.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
-  --output-dir runs/instance_rows_two_seeds \
-  --grid-csv benchmarks/results/unlearning/instance_rows_grid.csv
+out_of_selection_csv runs/instance_rows_ benchmarks/results/unlearning/instance_rows_grid.csv
 select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
@@ -427,16 +434,8 @@ select_over_two_seeds
 # 36. full requests with retain batches of 64 (the round-35 change of the partial step), at 20
 #     and 30 steps only (40 would not fit the time target with the extra batched rows): 30
 #     steps 2.185 (2.222 / 3.196 indoor, 1.649 / 1.674 street; the preset 1.70). Not taken.
-for benchmark in indoor street; do
-  ( for seed in 0 1; do
-      out=runs/unlearning_eval_memorising; [ "$seed" = 1 ] && out=runs/unlearning_eval_memorising_seed1
-      .venv/bin/python benchmarks/unlearning_eval.py --tune --seeds "$seed" --recipe memorising \
-        --output-dir "$out" --benchmarks "$benchmark" --requests full \
-        --methods interference_aware --checkpoints 20,30 --method-max-steps 30 \
-        --grid '{"interference_aware": [{"lr": [1e-3], "retain_batch_size": [64]}]}'
-    done ) &
-done
-wait
+CHECKPOINTS=20,30 two_seed_round full '{"interference_aware": [{"lr": [1e-3],
+  "retain_batch_size": [64]}]}'
 select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
@@ -448,21 +447,10 @@ select_over_two_seeds
 #     to their own directories (runs/retain_batch_seed<s>; scores in retain_batch_grid.csv),
 #     outside the selection, as the time budget excludes them. (In the tenth session they ran
 #     into the selection's directories and their records were moved there afterwards.)
-for benchmark in indoor street; do
-  ( for seed in 0 1; do
-      .venv/bin/python benchmarks/unlearning_eval.py --tune --seeds "$seed" --recipe memorising \
-        --output-dir "runs/retain_batch_seed$seed" --benchmarks "$benchmark" --requests partial \
-        --methods interference_aware --checkpoints 20,30 --method-max-steps 30 \
-        --grid '{"interference_aware": [{"lr": [3e-4], "retain_batch_size": [96, 128]}]}'
-    done ) &
-done
-wait
-mkdir -p runs/retain_batch_two_seeds/tuning
-cp runs/retain_batch_seed0/tuning/*.json runs/retain_batch_seed1/tuning/*.json \
-  runs/retain_batch_two_seeds/tuning/
-.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
-  --requests partial --output-dir runs/retain_batch_two_seeds \
-  --grid-csv benchmarks/results/unlearning/retain_batch_grid.csv
+CHECKPOINTS=20,30 two_seed_round partial '{"interference_aware": [{"lr": [3e-4],
+  "retain_batch_size": [96, 128]}]}' benchmarks/unlearning_eval.py interference_aware \
+  runs/retain_batch_seed
+out_of_selection_csv runs/retain_batch_ benchmarks/results/unlearning/retain_batch_grid.csv partial
 .venv/bin/python benchmarks/unlearning_time.py --recipe memorising --repeats 2 --requests partial \
   --variant '{"retain_batch_size": 96}'
 # Per-benchmark selection, a forecast on the selection data (no tuning run): every method's
