@@ -1,50 +1,104 @@
-"""One call on a GPU machine: build the extension from source, check every op on CUDA against
-float64 references, and time the ops against plain PyTorch; writes a Markdown table.
+"""One call on a GPU machine: build the extension from source, check everything that runs on CUDA,
+and time the ops against plain PyTorch; writes a Markdown report.
 
 Usage (from the repository root, on the GPU machine):
 
-    python benchmarks/gpu_check.py --out results_gpu.md [--skip-build] [--quick]
+    python benchmarks/gpu_check.py --out gpu_results.md [--budget 520] [--quick]
 
-It builds with ``python setup.py build_ext --inplace`` (TORCH_CUDA_ARCH_LIST defaults to the
-device's own arch), runs the CUDA tests of tests/test_ops.py, then the timings. Exit status is
-non-zero if the build or any check fails.
+Stages, in order of importance, each in its own process with its own time limit, so that one
+failing or hanging stage still leaves the others' results:
+
+1. build: ``python setup.py build_ext --inplace`` for the device's own arch (TORCH_CUDA_ARCH_LIST
+   defaults to it), ninja with every core.
+2. op tests: tests/test_ops.py's CUDA, compile and autograd tests (every op against float64
+   references, poisoned outputs, ``opcheck``) and tests/test_cuda.py (surgery lists, aggregators,
+   the hook, ``unlearn`` and the CLI on CUDA against the CPU path).
+3. fuzz: scripts/fuzz_ops.py on CUDA (random shapes, strides, dtypes, NaN/Inf: a right answer or
+   a clear error).
+4. memcheck: the fuzz cases under ``compute-sanitizer --tool memcheck`` with PyTorch's caching
+   allocator off (each tensor its own allocation, so an out-of-bounds access is seen).
+5. timings: every op at k x n sizes from 2 x 1e8 to 256 x 1e7 against ``torch`` and against the
+   time to read the input once; a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists
+   against ``cat`` + the same aggregation on the flat matrix + split.
+6. racecheck: a few fuzz cases under ``compute-sanitizer --tool racecheck`` (shared-memory races
+   in the tiled reductions).
+
+``--budget`` (seconds) bounds the whole run: a stage that no longer fits is skipped and marked so
+in the report. Exit status is non-zero if any stage that ran failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def build() -> None:
+class Stages:
+    """Runs stages under one deadline and keeps a line per stage for the report."""
+
+    def __init__(self, budget: float) -> None:
+        self.deadline = time.monotonic() + budget
+        self.summary: list[str] = ["| stage | result | seconds |", "|---|---|---|"]
+        self.failed = False
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def command(self, name: str, argv: list[str], limit: float, *, need: float = 20.0,
+                env: dict[str, str] | None = None) -> bool:
+        """Run ``argv``; ``limit`` is capped by the time left; skipped below ``need`` seconds."""
+        limit = min(limit, self.left())
+        if limit < need:
+            self.summary.append(f"| {name} | skipped: {self.left():.0f} s left | 0 |")
+            return False
+        print(f"\n[gpu_check] === {name} (limit {limit:.0f} s) ===", flush=True)
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **(env or {})},
+                                  timeout=limit)
+            result = "ok" if proc.returncode == 0 else f"FAILED (rc={proc.returncode})"
+        except subprocess.TimeoutExpired:
+            result = f"FAILED (timed out after {limit:.0f} s)"
+        seconds = time.monotonic() - t0
+        print(f"[gpu_check] {name}: {result}, {seconds:.1f} s", flush=True)
+        self.summary.append(f"| {name} | {result} | {seconds:.0f} |")
+        self.failed |= result != "ok"
+        return result == "ok"
+
+
+def build_env() -> dict[str, str]:
     import torch
 
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+    env = {"MTUNLEARN_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 4)}
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
         major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    os.environ.setdefault("MTUNLEARN_CUDA", "1")
-    t0 = time.time()
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
-                   check=True)
-    print(f"[gpu_check] build: {time.time() - t0:.1f} s", flush=True)
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    return env
 
 
-def run_tests() -> int:
-    env = dict(os.environ, MTUNLEARN_REQUIRE_EXTENSION="1")
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_ops.py",
-                           "-k", "cuda or compile or autograd"], cwd=ROOT, env=env)
-    print(f"[gpu_check] CUDA op tests: rc={proc.returncode}, {time.time() - t0:.1f} s", flush=True)
-    return proc.returncode
+def sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for candidate in ("/usr/local/cuda/bin/compute-sanitizer",
+                      "/usr/local/cuda/compute-sanitizer/compute-sanitizer"):
+        if os.path.exists(candidate):
+            return candidate
+    return None
 
 
-def cuda_time(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
+def cuda_time(fn: Callable[[], object], repeats: int = 20) -> float:
+    """Median seconds of ``fn`` over ``repeats`` launches, timed with CUDA events."""
     import torch
 
     fn()
@@ -61,36 +115,48 @@ def cuda_time(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
     return times[len(times) // 2]
 
 
-def timings(quick: bool) -> list[str]:
+def _torch_project_out(g, basis, ridge: float = 1e-6):  # type: ignore[no-untyped-def]
     import torch
 
-    sys.path.insert(0, str(ROOT))
+    gram = (basis @ basis.T).float()
+    gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-30))
+    coeffs = torch.linalg.solve(gram, (basis @ g.T).float())
+    return g - coeffs.T.to(g.dtype) @ basis
+
+
+def op_timings(quick: bool, stages: Stages) -> list[str]:
+    import torch
+
     from mtunlearn_ext import ops
 
     dev = "cuda"
     lines = ["| op | k | n | dtype | ours (ms) | torch (ms) | read floor (ms) | ours / floor | "
-             "GB/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "GB/s read |", "|---|---|---|---|---|---|---|---|---|"]
     copy_src = torch.empty(int(2e9) // 4, device=dev)
     copy_dst = torch.empty_like(copy_src)
     t_copy = cuda_time(lambda: copy_dst.copy_(copy_src), 10)
-    bw = 2 * copy_src.numel() * 4 / t_copy / 1e9
-    lines.insert(0, f"device copy bandwidth (read + write): {bw:.0f} GB/s\n")
+    bandwidth = 2 * copy_src.numel() * 4 / t_copy / 1e9
     del copy_src, copy_dst
-    sizes = [(8, 10**8), (16, 10**8), (64, 10**7), (256, 10**6)] if quick else [
-        (2, 10**8), (8, 10**8), (8, 10**9), (16, 10**8), (64, 10**7), (256, 10**6), (256, 10**7)]
+    header = [f"device copy bandwidth (read + write): {bandwidth:.0f} GB/s", ""]
+    sizes = [(2, 10**8), (8, 10**8), (16, 10**8), (64, 10**7), (256, 10**6)] if quick else [
+        (2, 10**8), (8, 10**8), (8, 10**9), (16, 10**8), (64, 10**7), (256, 10**6),
+        (256, 10**7)]
     for dtype in (torch.float32, torch.bfloat16):
         for k, n in sizes:
-            if k * n * (4 if dtype == torch.float32 else 2) > 40e9:
-                continue
+            if stages.left() < 30:
+                lines.append("| (out of time) | | | | | | | | |")
+                return header + lines
             x = torch.randn(k, n, device=dev, dtype=dtype)
             nbytes = x.numel() * x.element_size()
             floor = cuda_time(lambda: x.sum(dim=1, dtype=torch.float32))
-            cases = [
+            g, basis = x[:1], x[1:]
+            cases: list[tuple[str, Callable[[], object], Callable[[], object] | None]] = [
                 ("gram", lambda: ops.gram(x, check_finite=False), lambda: x @ x.T),
-                ("pcgrad", lambda: ops.pcgrad(x, check_finite=False), None),
-                ("project_out", lambda: ops.project_out(x[:1], x[1:], check_finite=False), None),
+                ("project_out", lambda: ops.project_out(g, basis, check_finite=False),
+                 lambda: _torch_project_out(g, basis)),
                 ("project_nonconflicting",
-                 lambda: ops.project_nonconflicting(x[:1], x[1:], check_finite=False), None),
+                 lambda: ops.project_nonconflicting(g, basis, check_finite=False), None),
+                ("pcgrad", lambda: ops.pcgrad(x, check_finite=False), None),
             ]
             for name, ours, plain in cases:
                 t_ours = cuda_time(ours)
@@ -99,33 +165,108 @@ def timings(quick: bool) -> list[str]:
                              f"{t_plain * 1e3:.3f} | {floor * 1e3:.3f} | {t_ours / floor:.2f} | "
                              f"{nbytes / t_ours / 1e9:.0f} |")
                 print(lines[-1], flush=True)
-            del x
+            del x, g, basis
             torch.cuda.empty_cache()
+    return header + lines
+
+
+def list_timings(stages: Stages) -> list[str]:
+    """A whole UPGrad step over a model's parameter list: ours in place against flatten + split."""
+    import torch
+    from _bench_common import MODEL_SHAPES
+
+    from mtunlearn_ext.surgery import UPGrad, aggregate_list
+
+    lines = ["| model | k | dtype | values | ours, lists (ms) | cat + flat + split (ms) | "
+             "speed-up |", "|---|---|---|---|---|---|---|"]
+    for model in ("resnet50", "vitb16"):
+        shapes = MODEL_SHAPES[model]()
+        numel = sum(int(torch.Size(s).numel()) for s in shapes)
+        for dtype in (torch.float32, torch.bfloat16):
+            for k in (2, 8):
+                if stages.left() < 20:
+                    lines.append("| (out of time) | | | | | | |")
+                    return lines
+                stacks = [torch.randn(k, *s, device="cuda", dtype=dtype) for s in shapes]
+                outs = [torch.empty(s, device="cuda", dtype=dtype) for s in shapes]
+                aggregator = UPGrad()
+
+                def ours() -> None:
+                    aggregate_list(aggregator, stacks, outs, check_finite=False)
+
+                def flat() -> None:
+                    matrix = torch.cat([t.flatten(1) for t in stacks], dim=1)
+                    update = aggregator(matrix)
+                    for out, piece in zip(outs, update.split([o.numel() for o in outs]),
+                                          strict=True):
+                        out.copy_(piece.view_as(out))
+
+                t_ours, t_flat = cuda_time(ours, 10), cuda_time(flat, 10)
+                lines.append(f"| {model} | {k} | {str(dtype)[6:]} | {numel:,} | "
+                             f"{t_ours * 1e3:.3f} | {t_flat * 1e3:.3f} | {t_flat / t_ours:.2f}x |")
+                print(lines[-1], flush=True)
+                del stacks, outs
+                torch.cuda.empty_cache()
     return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_results.md")
+    parser.add_argument("--budget", type=float, default=520.0,
+                        help="seconds for the whole run; stages that no longer fit are skipped")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-sanitizer", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer timing sizes")
+    parser.add_argument("--fuzz-cases", type=int, default=2000)
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         print("[gpu_check] no CUDA device: nothing to check here", file=sys.stderr)
         return 2
-    print(f"[gpu_check] {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    stages = Stages(args.budget)
+    device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Python " \
+             f"{sys.version.split()[0]}"
+    print(f"[gpu_check] {device}", flush=True)
+    py = sys.executable
     if not args.skip_build:
-        build()
-    rc = 0 if args.skip_tests else run_tests()
-    lines = [f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}", "", f"CUDA op tests rc={rc}", ""]
-    lines += timings(args.quick)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        if not stages.command("build", [py, "setup.py", "-q", "build_ext", "--inplace"], 300,
+                              env=build_env()):
+            args.skip_tests = args.skip_sanitizer = True
+    checked = {"MTUNLEARN_REQUIRE_EXTENSION": "1"}
+    if not args.skip_tests:
+        stages.command("op tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                    "tests/test_ops.py", "-k", "cuda or compile or autograd",
+                                    "tests/test_cuda.py"], 240, env=checked)
+        stages.command("fuzz", [py, "scripts/fuzz_ops.py", "--device", "cuda", "--cases",
+                                str(args.fuzz_cases)], 90, env=checked)
+    tool = None if args.skip_sanitizer else sanitizer()
+    # Caching off: each tensor its own allocation, so out-of-bounds accesses are not hidden
+    # inside a cached block.
+    no_cache = {**checked, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    if tool is not None:
+        stages.command("memcheck", [tool, "--tool", "memcheck", "--error-exitcode", "1", py,
+                                    "scripts/fuzz_ops.py", "--device", "cuda", "--cases", "150"],
+                       150, need=60, env=no_cache)
+    elif not args.skip_sanitizer:
+        stages.summary.append("| memcheck | skipped: no compute-sanitizer found | 0 |")
+    timing_lines: list[str] = []
+    if stages.left() > 40:
+        t0 = time.monotonic()
+        timing_lines = op_timings(args.quick, stages) + [""] + list_timings(stages)
+        stages.summary.append(f"| timings | ok | {time.monotonic() - t0:.0f} |")
+    if tool is not None:
+        stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,
+                                     "scripts/fuzz_ops.py", "--device", "cuda", "--cases", "40"],
+                       120, need=60, env=no_cache)
+    report = [f"# GPU check: {device}, {time.strftime('%Y-%m-%d')}", "", *stages.summary, "",
+              *timing_lines]
+    Path(args.out).write_text("\n".join(report) + "\n")
+    print("\n".join(stages.summary))
     print(f"[gpu_check] wrote {args.out}")
-    return rc
+    return 1 if stages.failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""The layers above the ops on a CUDA device, against the same calls on the CPU.
+
+tests/test_ops.py checks every op on CUDA against float64 references; this file checks what is
+built on them: the list projections and aggregators of :mod:`mtunlearn_ext.surgery`, the
+training-loop hook, the public ``unlearn`` call and the CLI, each run on CUDA and compared with
+the CPU path (itself checked against references elsewhere). CI machines have no GPU, so these
+tests skip there; ``benchmarks/gpu_check.py`` runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mtunlearn_ext
+from mtunlearn_ext import cli
+from mtunlearn_ext.surgery import (
+    MGDA,
+    GradientSurgery,
+    Mean,
+    PCGrad,
+    Sum,
+    UPGrad,
+    aggregate_list,
+    project_nonconflicting_list,
+    project_out_list,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (CI has none; benchmarks/gpu_check.py "
+                                       "runs this file on a GPU machine)")
+
+SHAPES = [(3, 5, 7), (11,), (4, 4, 3, 3), (1,), (257,)]
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
+
+
+def _stacks(rows: int, seed: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, *s, generator=gen, dtype=torch.float64).to(dtype).to(device)
+            for s in SHAPES]
+
+
+def _assert_lists_close(got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype
+                        ) -> None:
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want, strict=True):
+        assert g.device.type == "cuda" and g.dtype == dtype and g.shape == w.shape
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double().cpu(), w.double(), rtol=0, atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_list_projections_match_cpu(dtype: torch.dtype, per_layer: bool) -> None:
+    g_cpu, basis_cpu = _stacks(2, 1, dtype, "cpu"), _stacks(4, 2, dtype, "cpu")
+    g_gpu, basis_gpu = [t.cuda() for t in g_cpu], [t.cuda() for t in basis_cpu]
+    want = project_out_list([t.double() for t in g_cpu], [t.double() for t in basis_cpu],
+                            per_layer=per_layer)
+    _assert_lists_close(project_out_list(g_gpu, basis_gpu, per_layer=per_layer), want, dtype)
+    for sign in (1, -1):
+        want = project_nonconflicting_list([t.double() for t in g_cpu],
+                                           [t.double() for t in basis_cpu], sign,
+                                           per_layer=per_layer)
+        got = project_nonconflicting_list(g_gpu, basis_gpu, sign, per_layer=per_layer)
+        _assert_lists_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("make", [Mean, Sum, PCGrad, UPGrad, MGDA])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_aggregators_match_cpu(make: Callable[[], object], dtype: torch.dtype) -> None:
+    grads_cpu = _stacks(3, 3, dtype, "cpu")
+    outs_cpu = [torch.full(t.shape[1:], float("nan"), dtype=dtype) for t in grads_cpu]
+    outs_gpu = [o.cuda() for o in outs_cpu]
+    want = [o.double() for o in outs_cpu]
+    aggregate_list(make(), [t.double() for t in grads_cpu], want)  # type: ignore[arg-type]
+    aggregate_list(make(), [t.cuda() for t in grads_cpu], outs_gpu)  # type: ignore[arg-type]
+    _assert_lists_close(outs_gpu, want, dtype)
+    matrix = torch.cat([t.flatten(1) for t in grads_cpu], dim=1)
+    got = make()(matrix.cuda())  # type: ignore[operator]
+    torch.testing.assert_close(got.double().cpu(), torch.cat([w.flatten() for w in want]),
+                               rtol=0, atol=TOL[dtype] * float(matrix.abs().max()))
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.heads = nn.ModuleDict({"kind": nn.Linear(32, 3), "size": nn.Linear(32, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def _problem(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _TwoHeads().to(dtype)
+    x = torch.randn(200, 8, generator=gen, dtype=dtype)
+    y = {"kind": torch.randint(0, 3, (200,), generator=gen),
+         "size": torch.randn(200, 1, generator=gen, dtype=dtype)}
+    return model, x, y
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_gradient_surgery_hook_matches_cpu(per_task: str) -> None:
+    model, x, y = _problem(torch.float64)
+    grads = {}
+    for device in ("cpu", "cuda"):
+        net = _TwoHeads().double().to(device)
+        net.load_state_dict(model.state_dict())
+        surgery = GradientSurgery(net.trunk.named_parameters(), UPGrad(),
+                                  per_task=per_task)  # type: ignore[arg-type]
+        out = net(x.to(device))
+        losses = [nn.functional.cross_entropy(out["kind"], y["kind"].to(device)),
+                  nn.functional.mse_loss(out["size"], y["size"].to(device))]
+        surgery.backward(losses)
+        grads[device] = {n: p.grad.detach().cpu() for n, p in net.named_parameters()}
+    for name, want in grads["cpu"].items():
+        torch.testing.assert_close(grads["cuda"][name], want, rtol=1e-9, atol=1e-12)
+
+
+def _unlearn(device: str, dtype: torch.dtype, targets: list[str] | None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    model, x, y = _problem(dtype)
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(10), targets),
+        shared_parameters=lambda name: name.startswith("trunk."),
+        config={"steps": 5, "lr": 1e-2}, device=device, seed=0)
+    assert all(p.device.type == torch.device(device).type for p in new.parameters())
+    return ({k: v.detach().cpu() for k, v in new.state_dict().items()},
+            report.extra["summary"])
+
+
+@pytest.mark.parametrize("targets", [["kind"], None], ids=["partial", "full"])
+def test_unlearn_on_cuda_matches_cpu(targets: list[str] | None) -> None:
+    """float64 end to end: the same batches, projections and steps on both devices."""
+    want, summary_cpu = _unlearn("cpu", torch.float64, targets)
+    got, summary_gpu = _unlearn("cuda", torch.float64, targets)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-7, atol=1e-9)
+    for key, per_task in summary_cpu.items():
+        for task, value in per_task.items():
+            assert summary_gpu[key][task] == pytest.approx(value, rel=1e-7)
+    # float32 on the device: the forget loss rises, nothing non-finite.
+    params, summary = _unlearn("cuda", torch.float32, targets)
+    assert all(torch.isfinite(t).all() for t in params.values())
+    assert summary["forget_loss_after"]["kind"] > summary["forget_loss_before"]["kind"]
+
+
+def test_cli_train_unlearn_verify_on_cuda(tmp_path: Path) -> None:
+    ckpt, out = tmp_path / "trained.pt", tmp_path / "unlearned.pt"
+    assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--epochs", "2",
+                     "--device", "cuda", "--output", str(ckpt), "--quiet"]) == 0
+    assert cli.main(["unlearn", "--checkpoint", str(ckpt), "--forget-fraction", "0.1",
+                     "--target-tasks", "parity", "--device", "cuda", "--output", str(out),
+                     "--method-config", '{"steps": 5}', "--quiet"]) == 0
+    record_path = Path(str(out) + ".record.json")
+    record = json.loads(record_path.read_text())
+    assert record["device"] == "cuda"
+    assert record["request"]["target_tasks"] == ["parity"]
+    for key in ("before", "after"):
+        assert 0.0 <= record[key]["mia_auc"] <= 1.0
+    assert cli.main(["verify", "--record", str(record_path), "--tolerance", "1e-3"]) == 0
