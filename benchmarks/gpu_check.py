@@ -64,8 +64,9 @@ class Stages:
         print(f"\n[gpu_check] === {name} (limit {limit:.0f} s) ===", flush=True)
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **(env or {})},
-                                  timeout=limit)
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            proc = subprocess.run(argv, cwd=ROOT, timeout=limit,
+                                  env={**os.environ, "PYTHONPATH": path, **(env or {})})
             result = "ok" if proc.returncode == 0 else f"FAILED (rc={proc.returncode})"
         except subprocess.TimeoutExpired:
             result = f"FAILED (timed out after {limit:.0f} s)"
@@ -170,6 +171,32 @@ def op_timings(quick: bool, stages: Stages) -> list[str]:
     return header + lines
 
 
+def kernel_breakdown() -> list[str]:
+    """Device time of each kernel behind one call (torch.profiler), against the call's event
+    time: a gap between the two is host work the GPU waits for, not kernel time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtunlearn_ext import ops
+
+    lines = ["| call | event time (ms) | kernels: device time (ms) |", "|---|---|---|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (2, 8):
+            x = torch.randn(k, 10**8, device="cuda", dtype=dtype)
+            event = cuda_time(lambda: ops.gram(x, check_finite=False))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    ops.gram(x, check_finite=False)
+                torch.cuda.synchronize()
+            kernels = ", ".join(
+                f"{e.key[:48]} {e.device_time_total / 5e3:.3f}" for e in prof.key_averages()
+                if e.device_time_total > 0)
+            lines.append(f"| gram {str(dtype)[6:]} k={k} n=1e8 | {event * 1e3:.3f} | {kernels} |")
+            print(lines[-1], flush=True)
+            del x
+    return lines
+
+
 def list_timings(stages: Stages) -> list[str]:
     """A whole UPGrad step over a model's parameter list: ours in place against flatten + split."""
     import torch
@@ -255,7 +282,8 @@ def main() -> int:
     timing_lines: list[str] = []
     if stages.left() > 40:
         t0 = time.monotonic()
-        timing_lines = op_timings(args.quick, stages) + [""] + list_timings(stages)
+        timing_lines = (op_timings(args.quick, stages) + [""] + kernel_breakdown() + [""]
+                        + list_timings(stages))
         stages.summary.append(f"| timings | ok | {time.monotonic() - t0:.0f} |")
     if tool is not None:
         stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,

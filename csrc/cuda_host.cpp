@@ -141,8 +141,10 @@ void pcgrad_weights(const at::Tensor& gram, const at::Tensor& out, int64_t seed)
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1);
   const int64_t batch = gram.numel() / (k * k);
-  at::Tensor work = at::empty({batch * (k * k + 2 * k)}, gram.options().dtype(at::kDouble));
-  at::Tensor iwork = at::empty({batch * k}, gram.options().dtype(at::kInt));
+  // The Gram in double and every task's weight vector: 2 k^2 doubles per problem; an order of
+  // k ints per task.
+  at::Tensor work = at::empty({batch * 2 * k * k}, gram.options().dtype(at::kDouble));
+  at::Tensor iwork = at::empty({batch * k * k}, gram.options().dtype(at::kInt));
   check_launch(cuda::pcgrad_weights(gram.scalar_type() == at::kDouble, gram.data_ptr(),
                                     out.data_ptr(), batch, static_cast<int>(k), seed,
                                     work.data_ptr<double>(), iwork.data_ptr<int>(), stream),

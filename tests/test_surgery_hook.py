@@ -278,3 +278,25 @@ def test_aggregate_list_on_grad_fields_is_the_hook_core() -> None:
     aggregate_list(PCGrad(reshuffle=False), stacks, outs)
     torch.testing.assert_close(torch.cat([o.reshape(-1) for o in outs]),
                                PCGrad(reshuffle=False)(jacobian))
+
+
+def test_head_discovery_walks_the_whole_graph_while_wrappers_are_freed() -> None:
+    """The walk that finds the heads must not mistake a new node wrapper for a visited one at a
+    reused address (seen on a GPU machine: a set of bare ids left heads without gradients).
+    Each round frees every wrapper and allocates others between walks, to vary the addresses."""
+    from mtunlearn_ext.surgery.hook import _reachable_leaves
+
+    torch.manual_seed(0)
+    for round_ in range(30):
+        trunk = nn.ModuleList([nn.Linear(12, 12) for _ in range(12)])
+        heads = nn.ModuleList([nn.Linear(12, 2) for _ in range(5)])
+        z = torch.randn(4, 12)
+        for i, layer in enumerate(trunk):  # residual joins: nodes reached along several paths
+            z = z + torch.tanh(layer(z)) if i % 2 else layer(z) * torch.sigmoid(z)
+        losses = [h(z).square().mean() for h in heads]
+        _churn = [object() for _ in range(round_ * 7)]
+        found = {id(t) for t in _reachable_leaves(losses)}
+        params = [*trunk.parameters(), *heads.parameters()]
+        assert all(id(p) in found for p in params), f"round {round_}: a parameter was missed"
+        assert len(found) == len(params)
+        del _churn

@@ -66,14 +66,18 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
 
 def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node)."""
-    seen: set[int] = set()
+    # Visited nodes are kept alive, not only their ids: a node's Python wrapper can be freed once
+    # popped, and a new wrapper (of another node) can then reuse its address, so a set of bare
+    # ids skipped unvisited parts of the graph (seen on CUDA with Python 3.12: heads left
+    # without gradients).
+    seen: dict[int, object] = {}
     found: dict[int, torch.Tensor] = {}
     stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             found[id(variable)] = variable

@@ -210,25 +210,32 @@ MTU_HD void pcgrad_order(int k, int task, int64_t seed, int* order) {
   }
 }
 
-// PCGrad in coefficient space: total[l] = sum_i v_i[l] where v_i starts at e_i and, for each
-// j in task i's order, v_i -= min(<v_i, x_j>, 0) / |x_j|^2 e_j with <v_i, x_j> = v_i . G[:, j].
+// PCGrad in coefficient space, one task: v starts at e_task and, for each j in the task's
+// order, v -= min(<v, x_j>, 0) / |x_j|^2 e_j with <v, x_j> = v . G[:, j]. Tasks are independent
+// (the CUDA backend runs one thread per task). order: k ints.
+MTU_HD void pcgrad_task_weights(const double* gram, int k, int64_t seed, int task, double* v,
+                                int* order) {
+  for (int l = 0; l < k; ++l) v[l] = l == task ? 1.0 : 0.0;
+  pcgrad_order(k, task, seed, order);
+  for (int t = 0; t < k - 1; ++t) {
+    const int j = order[t];
+    double dot = 0.0;
+    for (int l = 0; l < k; ++l) dot += v[l] * gram[l * k + j];
+    const double gjj = gram[j * k + j];
+    if (dot < 0.0 && gjj > 0.0) v[j] -= dot / gjj;
+    else if (dot != dot) v[j] = NAN;
+  }
+}
+
+// PCGrad's weights: total[l] = sum_i v_i[l], summed over tasks i in index order (the CUDA
+// backend sums in the same order, so both give the same bits up to FMA contraction).
 // scratch: k doubles; order: k ints.
 MTU_HD void pcgrad_weights(const double* gram, int k, int64_t seed, double* total,
                            double* scratch, int* order) {
-  double* v = scratch;
   for (int l = 0; l < k; ++l) total[l] = 0.0;
   for (int i = 0; i < k; ++i) {
-    for (int l = 0; l < k; ++l) v[l] = l == i ? 1.0 : 0.0;
-    pcgrad_order(k, i, seed, order);
-    for (int t = 0; t < k - 1; ++t) {
-      const int j = order[t];
-      double dot = 0.0;
-      for (int l = 0; l < k; ++l) dot += v[l] * gram[l * k + j];
-      const double gjj = gram[j * k + j];
-      if (dot < 0.0 && gjj > 0.0) v[j] -= dot / gjj;
-      else if (dot != dot) v[j] = NAN;
-    }
-    for (int l = 0; l < k; ++l) total[l] += v[l];
+    pcgrad_task_weights(gram, k, seed, i, scratch, order);
+    for (int l = 0; l < k; ++l) total[l] += scratch[l];
   }
 }
 

@@ -1,6 +1,7 @@
-// CUDA kernels of the coefficient-space solvers: one thread per problem running the same code
-// as the CPU (include/mtunlearn/small_solvers.h) in double, on a per-problem workspace. The
-// problems are k x k with k <= 256; keeping them on the device avoids any host sync.
+// CUDA kernels of the coefficient-space solvers: the same code as the CPU
+// (include/mtunlearn/small_solvers.h) in double, one thread per problem (PCGrad: one per task of
+// each problem), on a per-problem workspace. The problems are k x k with k <= 256; keeping them
+// on the device avoids any host sync.
 #include "mtunlearn/cuda_common.cuh"
 #include "mtunlearn/small_solvers.h"
 
@@ -49,21 +50,36 @@ __global__ void nonconflicting_dual_kernel(const A* __restrict__ gram, const A* 
   for (int e = 0; e < k; ++e) out[p * k + e] = static_cast<A>(sol[e]);
 }
 
+// PCGrad in three launches, so that the O(k^3) work runs on k threads per problem instead of
+// one: the Gram in double, one thread per (problem, task) for that task's projected weights,
+// one thread per (problem, entry) summing the tasks in index order (as the CPU does).
 template <typename A>
-__global__ void pcgrad_weights_kernel(const A* __restrict__ gram, A* __restrict__ out,
-                                      int64_t batch, int k, int64_t seed,
-                                      double* __restrict__ workspace,
-                                      int* __restrict__ int_workspace) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
-  const int64_t kk = static_cast<int64_t>(k) * k;
-  double* w = workspace + b * (kk + 2 * k);
-  double* g = w;
-  double* total = w + kk;
-  double* scratch = total + k;
-  for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
-  solvers::pcgrad_weights(g, k, seed, total, scratch, int_workspace + b * k);
-  for (int e = 0; e < k; ++e) out[b * k + e] = static_cast<A>(total[e]);
+__global__ void to_double_kernel(const A* __restrict__ in, double* __restrict__ out, int64_t n) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < n) out[e] = static_cast<double>(in[e]);
+}
+
+__global__ void pcgrad_task_kernel(const double* __restrict__ gram, int64_t batch, int k,
+                                   int64_t seed, double* __restrict__ task_weights,
+                                   int* __restrict__ orders) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= batch * k) return;
+  const int64_t b = p / k;
+  const int task = static_cast<int>(p % k);
+  solvers::pcgrad_task_weights(gram + b * k * k, k, seed, task, task_weights + p * k,
+                               orders + p * k);
+}
+
+template <typename A>
+__global__ void pcgrad_sum_kernel(const double* __restrict__ task_weights, A* __restrict__ out,
+                                  int64_t batch, int k) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= batch * k) return;
+  const int64_t b = e / k, l = e % k;
+  const double* v = task_weights + b * k * k;
+  double total = 0.0;
+  for (int i = 0; i < k; ++i) total += v[static_cast<int64_t>(i) * k + l];
+  out[e] = static_cast<A>(total);
 }
 
 unsigned blocks_for(int64_t problems) {
@@ -105,14 +121,24 @@ int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, 
 int pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
                    double* workspace, int* int_workspace, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t kk = static_cast<int64_t>(k) * k;
+  double* gram_double = workspace;
+  double* task_weights = workspace + batch * kk;
   if (dbl) {
-    pcgrad_weights_kernel<double><<<blocks_for(batch), kThreads, 0, stream>>>(
-        static_cast<const double*>(gram), static_cast<double*>(out), batch, k, seed, workspace,
-        int_workspace);
+    to_double_kernel<double><<<blocks_for(batch * kk), kThreads, 0, stream>>>(
+        static_cast<const double*>(gram), gram_double, batch * kk);
   } else {
-    pcgrad_weights_kernel<float><<<blocks_for(batch), kThreads, 0, stream>>>(
-        static_cast<const float*>(gram), static_cast<float*>(out), batch, k, seed, workspace,
-        int_workspace);
+    to_double_kernel<float><<<blocks_for(batch * kk), kThreads, 0, stream>>>(
+        static_cast<const float*>(gram), gram_double, batch * kk);
+  }
+  pcgrad_task_kernel<<<blocks_for(batch * k), kThreads, 0, stream>>>(
+      gram_double, batch, k, seed, task_weights, int_workspace);
+  if (dbl) {
+    pcgrad_sum_kernel<double><<<blocks_for(batch * k), kThreads, 0, stream>>>(
+        task_weights, static_cast<double*>(out), batch, k);
+  } else {
+    pcgrad_sum_kernel<float><<<blocks_for(batch * k), kThreads, 0, stream>>>(
+        task_weights, static_cast<float*>(out), batch, k);
   }
   return static_cast<int>(cudaGetLastError());
 }
