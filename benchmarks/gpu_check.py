@@ -194,6 +194,22 @@ def kernel_breakdown() -> list[str]:
             lines.append(f"| gram {str(dtype)[6:]} k={k} n=1e8 | {event * 1e3:.3f} | {kernels} |")
             print(lines[-1], flush=True)
             del x
+    # Where a whole list step's time goes (host and device), printed to the log only.
+    from _bench_common import MODEL_SHAPES
+
+    from mtunlearn_ext.surgery import UPGrad, aggregate_list
+
+    shapes = MODEL_SHAPES["resnet50"]()
+    stacks = [torch.randn(8, *s, device="cuda") for s in shapes]
+    outs = [torch.empty(s, device="cuda") for s in shapes]
+    aggregator = UPGrad()
+    aggregate_list(aggregator, stacks, outs, check_finite=False)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            aggregate_list(aggregator, stacks, outs, check_finite=False)
+        torch.cuda.synchronize()
+    print("[gpu_check] UPGrad step over ResNet-50 shapes, k = 8, 5 calls:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return lines
 
 
