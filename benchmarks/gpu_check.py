@@ -21,7 +21,7 @@ failing or hanging stage still leaves the others' results:
    time to read the input once; a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists
    against ``cat`` + the same aggregation on the flat matrix + split.
 6. racecheck: a few fuzz cases under ``compute-sanitizer --tool racecheck`` (shared-memory races
-   in the tiled reductions).
+   in the tiled reductions), then the block-per-problem solvers (k >= 32) under it.
 
 ``--budget`` (seconds) bounds the whole run: a stage that no longer fits is skipped and marked so
 in the report. Exit status is non-zero if any stage that ran failed.
@@ -75,6 +75,21 @@ class Stages:
         self.summary.append(f"| {name} | {result} | {seconds:.0f} |")
         self.failed |= result != "ok"
         return result == "ok"
+
+
+BLOCK_SOLVER_CASES = """
+import torch
+from mtunlearn_ext import ops
+g = torch.Generator().manual_seed(0)
+for k in (32, 45):
+    r = torch.randn(k, 3 * k, generator=g).cuda()
+    x = torch.randn(2, 3 * k, generator=g).cuda() - r.mean(0)
+    ops.project_out(x, r)
+    ops.project_nonconflicting(x, r)
+    ops.pcgrad(r)
+torch.cuda.synchronize()
+print("block solvers ran at k = 32, 45")
+"""
 
 
 def build_env() -> dict[str, str]:
@@ -305,6 +320,12 @@ def main() -> int:
         stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,
                                      "scripts/fuzz_ops.py", "--device", "cuda", "--cases", "40"],
                        120, need=60, env=no_cache)
+    if tool is not None:
+        # The block-per-problem solvers (k >= 32) share memory between threads; fuzz's k <= 6
+        # never reaches them.
+        stages.command("racecheck, block solvers", [
+            tool, "--tool", "racecheck", "--error-exitcode", "1", py, "-c", BLOCK_SOLVER_CASES],
+            120, need=40, env=no_cache)
     report = [f"# GPU check: {device}, {time.strftime('%Y-%m-%d')}", "", *stages.summary, "",
               *timing_lines]
     Path(args.out).write_text("\n".join(report) + "\n")

@@ -168,3 +168,37 @@ def test_cli_train_unlearn_verify_on_cuda(tmp_path: Path) -> None:
     for key in ("before", "after"):
         assert 0.0 <= record[key]["mia_auc"] <= 1.0
     assert cli.main(["verify", "--record", str(record_path), "--tolerance", "1e-3"]) == 0
+
+
+@pytest.mark.parametrize("k", [8, 31, 32, 100, 256])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_solvers_match_cpu(k: int, dtype: torch.dtype) -> None:
+    """The solvers on CUDA (one thread per problem below k = 32, one block per problem from 32)
+    against the CPU code: the same algorithms, so agreement is to rounding."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator().manual_seed(k)
+    rows = torch.randn(2, k, 3 * k // 2 + 3, generator=gen, dtype=torch.float64)
+    gram = (rows @ rows.mT).to(dtype)
+    rhs = torch.randn(2, k, 3, generator=gen, dtype=torch.float64).to(dtype)
+    for ridge in (1e-6, 0.0):
+        want = ops.ridge_solve(gram, rhs, ridge=ridge)
+        got = ops.ridge_solve(gram.cuda(), rhs.cuda(), ridge=ridge).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+    # Rows that conflict with some constraints and not others: active and inactive sets mixed.
+    c = torch.randn(2, 3, k, generator=gen, dtype=torch.float64).to(dtype)
+    want = ops.nonconflicting_dual(gram, c)
+    got = ops.nonconflicting_dual(gram.cuda(), c.cuda()).cpu()
+    assert bool((want > 0).any()) and bool((want == 0).any())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+    # Singular Grams (more constraints than dimensions) and non-finite input.
+    flat = torch.randn(k, 5, generator=gen, dtype=torch.float64)
+    singular = (flat @ flat.T).to(dtype)[None]
+    torch.testing.assert_close(ops.nonconflicting_dual(singular.cuda(), c[:1].cuda()).cpu(),
+                               ops.nonconflicting_dual(singular, c[:1]), rtol=1e-5,
+                               atol=1e-7 * float(c.abs().max()))
+    bad = gram.clone()
+    bad[0, 0, 1] = float("nan")
+    assert torch.isnan(ops.ridge_solve(bad.cuda(), rhs.cuda(), ridge=1e-6)[0]).all()
+    assert torch.isnan(ops.nonconflicting_dual(bad.cuda(), c.cuda())[0]).all()
+    assert torch.isfinite(ops.nonconflicting_dual(bad.cuda(), c.cuda())[1]).all()

@@ -344,7 +344,7 @@ def _nnls_projection(g: np.ndarray, r: np.ndarray, sign: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("m,k,n", [(1, 1, 5), (1, 3, 50), (2, 8, 400), (3, 16, 1000),
-                                   (1, 64, 3000)])
+                                   (1, 64, 3000), (2, 200, 2500)])
 def test_project_nonconflicting_matches_nnls(device: str, dtype: torch.dtype, sign: int, m: int,
                                              k: int, n: int) -> None:
     r = _rand(k, n, dtype=dtype, device=device, seed=k + n)
