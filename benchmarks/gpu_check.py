@@ -21,7 +21,7 @@ failing or hanging stage still leaves the others' results:
    time to read the input once; a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists
    against ``cat`` + the same aggregation on the flat matrix + split.
 6. racecheck: a few fuzz cases under ``compute-sanitizer --tool racecheck`` (shared-memory races
-   in the tiled reductions), then the block-per-problem solvers (k >= 32) under it.
+   in the tiled reductions), then the block-per-problem solvers (k >= 32) under memcheck and racecheck.
 
 ``--budget`` (seconds) bounds the whole run: a stage that no longer fits is skipped and marked so
 in the report. Exit status is non-zero if any stage that ran failed.
@@ -323,9 +323,10 @@ def main() -> int:
     if tool is not None:
         # The block-per-problem solvers (k >= 32) share memory between threads; fuzz's k <= 6
         # never reaches them.
-        stages.command("racecheck, block solvers", [
-            tool, "--tool", "racecheck", "--error-exitcode", "1", py, "-c", BLOCK_SOLVER_CASES],
-            120, need=40, env=no_cache)
+        for check in ("memcheck", "racecheck"):
+            stages.command(f"{check}, block solvers", [
+                tool, "--tool", check, "--error-exitcode", "1", py, "-c", BLOCK_SOLVER_CASES],
+                90, need=30, env=no_cache)
     report = [f"# GPU check: {device}, {time.strftime('%Y-%m-%d')}", "", *stages.summary, "",
               *timing_lines]
     Path(args.out).write_text("\n".join(report) + "\n")
