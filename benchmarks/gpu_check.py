@@ -12,7 +12,8 @@ failing or hanging stage still leaves the others' results:
    defaults to it), ninja with every core.
 2. op tests: tests/test_ops.py's CUDA, compile and autograd tests (every op against float64
    references, poisoned outputs, ``opcheck``) and tests/test_cuda.py (surgery lists, aggregators,
-   the hook, ``unlearn`` and the CLI on CUDA against the CPU path).
+   the hook, solvers, ``unlearn`` and the CLI on CUDA against the CPU path); then the solver
+   tests again with the opt-in block-per-problem solvers (``MTUNLEARN_CUDA_BLOCK_SOLVERS=1``).
 3. fuzz: scripts/fuzz_ops.py on CUDA (random shapes, strides, dtypes, NaN/Inf: a right answer or
    a clear error).
 4. memcheck: the fuzz cases under ``compute-sanitizer --tool memcheck`` with PyTorch's caching
@@ -298,6 +299,12 @@ def main() -> int:
         stages.command("op tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                     "tests/test_ops.py", "-k", "cuda or compile or autograd",
                                     "tests/test_cuda.py"], 240, env=checked)
+        # The opt-in block-per-problem solvers (k >= 32): the solver tests again with them on.
+        stages.command("op tests, block solvers", [
+            py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py",
+            "tests/test_cuda.py", "-k", "cuda and (ridge or project or singular or solvers or "
+            "unlearn)"], 120,
+            env={**checked, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "1"})
         stages.command("fuzz", [py, "scripts/fuzz_ops.py", "--device", "cuda", "--cases",
                                 str(args.fuzz_cases)], 90, env=checked)
     tool = None if args.skip_sanitizer else sanitizer()
@@ -326,7 +333,7 @@ def main() -> int:
         for check in ("memcheck", "racecheck"):
             stages.command(f"{check}, block solvers", [
                 tool, "--tool", check, "--error-exitcode", "1", py, "-c", BLOCK_SOLVER_CASES],
-                90, need=30, env=no_cache)
+                90, need=30, env={**no_cache, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "1"})
     report = [f"# GPU check: {device}, {time.strftime('%Y-%m-%d')}", "", *stages.summary, "",
               *timing_lines]
     Path(args.out).write_text("\n".join(report) + "\n")
