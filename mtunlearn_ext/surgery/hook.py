@@ -68,8 +68,8 @@ def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node)."""
     # Visited nodes are kept alive, not only their ids: a node's Python wrapper can be freed once
     # popped, and a new wrapper (of another node) can then reuse its address, so a set of bare
-    # ids skipped unvisited parts of the graph (seen on CUDA with Python 3.12: heads left
-    # without gradients).
+    # ids skipped unvisited parts of the graph (seen with Python 3.12 / torch 2.11, on the CPU
+    # and on CUDA: every head left without its gradient; never with Python 3.11).
     seen: dict[int, object] = {}
     found: dict[int, torch.Tensor] = {}
     stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
