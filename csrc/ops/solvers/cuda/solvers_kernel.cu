@@ -4,6 +4,7 @@
 // problems are k x k with k <= 256; keeping them on the device avoids any host sync.
 #include <cstdlib>
 
+#include "mtunlearn/block_solvers.h"
 #include "mtunlearn/cuda_common.cuh"
 #include "mtunlearn/small_solvers.h"
 
@@ -53,22 +54,15 @@ __global__ void nonconflicting_dual_kernel(const A* __restrict__ gram, const A* 
 }
 
 // ---- One block per problem, for k >= kBlockSolverMinK (opt-in, below) --------------------------
-// No __restrict__ on these kernels' pointers: threads pass values to each other through global
-// memory across __syncthreads(), and with noalias pointers nvcc kept a value loaded before a
-// barrier instead of reloading it after (seen in the back substitution's PTX; the first GPU run
-// of these kernels gave wrong ridge solutions from k = 32).
-// One thread per problem runs an O(k^3) Cholesky or O(k^2)-per-sweep coordinate descent alone:
-// ~44-68 ms at k = 256 on an H200. These kernels run the same algorithms with a block per
-// problem: the inner loops over rows are spread over the threads, the sequential order of the
-// outer loops (columns, coordinates) is kept, so each entry sees the same operations in the same
-// order as on the CPU (except the back substitution, whose sums run in the opposite order).
+// The algorithms are in include/mtunlearn/block_solvers.h (shared with a CPU emulation that CI
+// runs); here only the CUDA Block and the kernels that hand each block its problem.
 
 constexpr int kBlockSolverMinK = 32;
 constexpr int kBlockSolverThreads = 256;
 
 // Opt-in (MTUNLEARN_CUDA_BLOCK_SOLVERS=1) until a GPU run has passed the solver tests with them:
-// their first run gave wrong ridge solutions (the __restrict__ issue above, fixed since, checked
-// in the PTX and in a CPU emulation with one std::thread per CUDA thread, not yet on a GPU).
+// their first run gave wrong ridge solutions (the __restrict__ issue described in
+// block_solvers.h, fixed since, checked in the PTX and by the CPU emulation, not yet on a GPU).
 // benchmarks/gpu_check.py runs the solver tests both ways.
 bool block_solvers_enabled() {
   static const bool enabled = [] {
@@ -83,219 +77,56 @@ unsigned block_threads_for(int k) {
   return static_cast<unsigned>(rounded < kBlockSolverThreads ? rounded : kBlockSolverThreads);
 }
 
-// Largest value over the block (exact in any order); every thread gets it.
-__device__ double block_max(double v, double* warp_slots) {
+// A thread block as block_solvers.h's Block. blockDim.x is a multiple of 32.
+struct CudaBlock {
+  double* warp_slots;  // blockDim.x / 32 shared doubles
+  __device__ int rank() const { return static_cast<int>(threadIdx.x); }
+  __device__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ bool any(bool v) const { return __syncthreads_or(v) != 0; }
+  __device__ bool all(bool v) const { return __syncthreads_and(v) != 0; }
+  // Largest value over the block (exact in any order); every thread gets it.
+  __device__ double max(double v) const {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = solvers::dmax(v, __shfl_down_sync(0xffffffffu, v, off));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_slots[warp] = v;
-  __syncthreads();
-  double m = warp_slots[0];
-  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) m = solvers::dmax(m, warp_slots[w]);
-  __syncthreads();
-  return m;
-}
-
-// solvers::cholesky_dropping with the rows of each column spread over the block. Returns the
-// number of dropped rows (the same on every thread).
-__device__ int block_cholesky_dropping(const double* a, int lda, const int* idx, int k_sub,
-                                       double lam, double floor, double* l, double* s_pivot) {
-  int dropped = 0;
-  for (int j = 0; j < k_sub; ++j) {
-    const int gj = idx ? idx[j] : j;
-    if (threadIdx.x == 0) {
-      double d = a[gj * lda + gj] + lam;
-      for (int p = 0; p < j; ++p) d -= l[j * k_sub + p] * l[j * k_sub + p];
-      *s_pivot = (!(d > floor) && d == d) ? 0.0 : sqrt(d);  // 0: dropped (sqrt(d) > 0 otherwise)
-    }
+    for (int off = 16; off > 0; off >>= 1)
+      v = solvers::dmax(v, __shfl_down_sync(0xffffffffu, v, off));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_slots[warp] = v;
     __syncthreads();
-    const double ljj = *s_pivot;
-    for (int i = threadIdx.x; i < j; i += blockDim.x) l[i * k_sub + j] = 0.0;
-    if (ljj == 0.0) {
-      ++dropped;
-      for (int i = j + threadIdx.x; i < k_sub; i += blockDim.x) l[i * k_sub + j] = 0.0;
-    } else {
-      if (threadIdx.x == 0) l[j * k_sub + j] = ljj;
-      for (int i = j + 1 + threadIdx.x; i < k_sub; i += blockDim.x) {
-        const int gi = idx ? idx[i] : i;
-        double s = a[gi * lda + gj];
-        for (int p = 0; p < j; ++p) s -= l[i * k_sub + p] * l[j * k_sub + p];
-        l[i * k_sub + j] = s / ljj;
-      }
-    }
+    double m = warp_slots[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) m = solvers::dmax(m, warp_slots[w]);
     __syncthreads();
+    return m;
   }
-  return dropped;
-}
-
-// solvers::cholesky_solve, column-oriented: once b[i] is final, every later row subtracts its
-// share at once. Dropped rows (diagonal 0) get 0.
-__device__ void block_cholesky_solve(const double* l, int k, double* b, int64_t inc) {
-  for (int i = 0; i < k; ++i) {
-    const double lii = l[i * k + i];
-    if (threadIdx.x == 0) b[i * inc] = lii == 0.0 ? 0.0 : b[i * inc] / lii;
-    __syncthreads();
-    const double bi = b[i * inc];
-    for (int p = i + 1 + threadIdx.x; p < k; p += blockDim.x) b[p * inc] -= l[p * k + i] * bi;
-    __syncthreads();
-  }
-  for (int i = k - 1; i >= 0; --i) {
-    const double lii = l[i * k + i];
-    if (threadIdx.x == 0 && lii != 0.0) b[i * inc] = b[i * inc] / lii;
-    __syncthreads();
-    const double bi = b[i * inc];
-    for (int p = threadIdx.x; p < i; p += blockDim.x) b[p * inc] -= l[i * k + p] * bi;
-    __syncthreads();
-  }
-}
+};
 
 template <typename A>
 __global__ void __launch_bounds__(kBlockSolverThreads)
-ridge_solve_block_kernel(const A* gram, const A* rhs,
-                         A* out, int k, int m, double ridge, double pivot_floor,
-                         double* workspace) {
+ridge_solve_block_kernel(const A* gram, const A* rhs, A* out, int k, int m, double ridge,
+                         double pivot_floor, double* workspace) {
   __shared__ double s_scalar;
+  CudaBlock block{nullptr};
   const int64_t b = blockIdx.x;
   const int64_t kk = static_cast<int64_t>(k) * k, km = static_cast<int64_t>(k) * m;
-  double* g = workspace + b * (2 * kk + 2 * km);
-  double* l = g + kk;
-  double* r = l + kk;
-  bool bad = false;
-  for (int64_t e = threadIdx.x; e < kk; e += blockDim.x) {
-    g[e] = static_cast<double>(gram[b * kk + e]);
-    bad = bad || !solvers::is_finite(g[e]);
-  }
-  for (int64_t e = threadIdx.x; e < km; e += blockDim.x) {
-    r[e] = static_cast<double>(rhs[b * km + e]);
-    bad = bad || !solvers::is_finite(r[e]);
-  }
-  if (__syncthreads_or(bad)) {  // non-finite input must surface in the coefficients
-    for (int64_t e = threadIdx.x; e < km; e += blockDim.x) out[b * km + e] = static_cast<A>(NAN);
-    return;
-  }
-  if (threadIdx.x == 0) s_scalar = solvers::ridge_lambda(g, k, ridge);
-  __syncthreads();
-  const double lam = s_scalar;
-  __syncthreads();
-  if (threadIdx.x == 0) s_scalar = pivot_floor * solvers::max_diagonal(g, k) + DBL_MIN;
-  __syncthreads();
-  const double floor = s_scalar;
-  __syncthreads();
-  block_cholesky_dropping(g, k, nullptr, k, lam, floor, l, &s_scalar);
-  for (int c = 0; c < m; ++c) block_cholesky_solve(l, k, r + c, m);
-  for (int64_t e = threadIdx.x; e < km; e += blockDim.x) out[b * km + e] = static_cast<A>(r[e]);
+  block_solvers::ridge_solve(block, gram + b * kk, rhs + b * km, out + b * km, k, m, ridge,
+                             pivot_floor, workspace + b * (2 * kk + 2 * km), &s_scalar);
 }
 
-// solvers::nonconflicting_dual for one (problem, row) per block. w and grad live in shared
-// memory; every thread computes each coordinate's step itself (same inputs, same result), so
-// only the gradient update is shared out, with a barrier on each side of it.
 template <typename A>
 __global__ void __launch_bounds__(kBlockSolverThreads)
-nonconflicting_dual_block_kernel(const A* gram, const A* rhs,
-                                 A* out, int k, int m,
+nonconflicting_dual_block_kernel(const A* gram, const A* rhs, A* out, int k, int m,
                                  double* workspace, int* int_workspace) {
   __shared__ double s_w[solvers::kMaxSolverK], s_grad[solvers::kMaxSolverK];
   __shared__ double s_trial[solvers::kMaxSolverK];
   __shared__ double s_warps[kBlockSolverThreads / 32];
   __shared__ double s_scalar;
   __shared__ int s_count;
+  CudaBlock block{s_warps};
   const int64_t p = blockIdx.x, b = p / m;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  double* g = workspace + p * (2 * kk + 4 * k);
-  double* c = g + kk;
-  double* factor = c + 2 * k;
-  int* idx = int_workspace + p * k;
-  A* dst = out + p * k;
-  bool bad = false;
-  for (int64_t e = threadIdx.x; e < kk; e += blockDim.x) {
-    g[e] = static_cast<double>(gram[b * kk + e]);
-    bad = bad || !solvers::is_finite(g[e]);
-  }
-  for (int e = threadIdx.x; e < k; e += blockDim.x) {
-    c[e] = static_cast<double>(rhs[p * k + e]);
-    bad = bad || !solvers::is_finite(c[e]);
-  }
-  if (__syncthreads_or(bad)) {
-    for (int e = threadIdx.x; e < k; e += blockDim.x) dst[e] = static_cast<A>(NAN);
-    return;
-  }
-  double local_scale = 0.0;
-  for (int i = threadIdx.x; i < k; i += blockDim.x) {
-    s_w[i] = 0.0;
-    s_grad[i] = c[i];
-    const double gii = g[i * k + i];
-    if (gii > 0.0) local_scale = solvers::dmax(local_scale, solvers::dabs(c[i]) / sqrt(gii));
-  }
-  const double scale = block_max(local_scale, s_warps);  // also publishes s_w, s_grad
-  if (scale == 0.0) {
-    for (int e = threadIdx.x; e < k; e += blockDim.x) dst[e] = static_cast<A>(0.0);
-    return;
-  }
-  const double tol = 1e-13 * scale;
-  const int max_sweeps = 200 + 40 * k;
-  for (int sweep = 0; sweep < max_sweeps; ++sweep) {
-    double largest = 0.0;
-    for (int i = 0; i < k; ++i) {
-      const double gii = g[i * k + i];
-      if (!(gii > 0.0)) continue;
-      double next = s_w[i] - s_grad[i] / gii;
-      if (next < 0.0) next = 0.0;
-      const double delta = next - s_w[i];
-      if (delta != 0.0) {  // the same on every thread
-        __syncthreads();   // everyone has read s_w[i] and s_grad[i]
-        if (threadIdx.x == 0) s_w[i] = next;
-        for (int j = threadIdx.x; j < k; j += blockDim.x) s_grad[j] += delta * g[j * k + i];
-        largest = solvers::dmax(largest, solvers::dabs(delta) * sqrt(gii));
-        __syncthreads();
-      }
-    }
-    if (largest <= tol) break;
-  }
-  // Polish on the active set, as in solvers::nonconflicting_dual.
-  if (threadIdx.x == 0) {
-    int na = 0;
-    double active_scale = 0.0;
-    for (int i = 0; i < k; ++i)
-      if (s_w[i] > 0.0) {
-        idx[na++] = i;
-        active_scale = solvers::dmax(active_scale, g[i * k + i]);
-      }
-    s_count = na;
-    s_scalar = active_scale;
-  }
-  __syncthreads();
-  const int na = s_count;
-  const double active_scale = s_scalar;
-  __syncthreads();
-  bool keep_descent = na == 0;
-  if (!keep_descent)
-    keep_descent = block_cholesky_dropping(g, k, idx, na, 0.0, 1e-9 * active_scale + DBL_MIN,
-                                           factor, &s_scalar) > 0;
-  if (!keep_descent) {
-    for (int a = threadIdx.x; a < na; a += blockDim.x) s_trial[a] = -c[idx[a]];
-    __syncthreads();
-    block_cholesky_solve(factor, na, s_trial, 1);
-    bool positive = true;
-    for (int a = threadIdx.x; a < na; a += blockDim.x) positive = positive && s_trial[a] > 0.0;
-    keep_descent = !__syncthreads_and(positive);
-  }
-  if (!keep_descent) {
-    bool violated = false;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) {
-      if (s_w[i] > 0.0) continue;  // active: idx holds exactly the i with w_i > 0
-      double gi = c[i];
-      for (int a = 0; a < na; ++a) gi += g[i * k + idx[a]] * s_trial[a];
-      violated = violated || gi < -1e-9 * scale * sqrt(solvers::dmax(g[i * k + i], 0.0));
-    }
-    keep_descent = __syncthreads_or(violated);
-  }
-  if (!keep_descent) {
-    for (int i = threadIdx.x; i < k; i += blockDim.x) s_w[i] = 0.0;
-    __syncthreads();
-    for (int a = threadIdx.x; a < na; a += blockDim.x) s_w[idx[a]] = s_trial[a];
-    __syncthreads();
-  }
-  for (int e = threadIdx.x; e < k; e += blockDim.x) dst[e] = static_cast<A>(s_w[e]);
+  block_solvers::nonconflicting_dual(block, gram + b * kk, rhs + p * k, out + p * k, k,
+                                     workspace + p * (2 * kk + 4 * k), int_workspace + p * k,
+                                     s_w, s_grad, s_trial, &s_scalar, &s_count);
 }
 
 // PCGrad in three launches, so that the O(k^3) work runs on k threads per problem instead of
