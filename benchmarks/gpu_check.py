@@ -3,7 +3,7 @@ and time the ops against plain PyTorch; writes a Markdown report.
 
 Usage (from the repository root, on the GPU machine):
 
-    python benchmarks/gpu_check.py --out gpu_results.md [--budget 520] [--quick]
+    python benchmarks/gpu_check.py --out gpu_results.md [--budget 520] [--quick] [--block-solvers]
 
 Stages, in order of importance, each in its own process with its own time limit, so that one
 failing or hanging stage still leaves the others' results:
@@ -279,7 +279,12 @@ def main() -> int:
     parser.add_argument("--skip-sanitizer", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer timing sizes")
     parser.add_argument("--fuzz-cases", type=int, default=2000)
+    parser.add_argument("--block-solvers", action="store_true",
+                        help="time with the opt-in block-per-problem solvers "
+                             "(MTUNLEARN_CUDA_BLOCK_SOLVERS=1 for the whole run)")
     args = parser.parse_args()
+    if args.block_solvers:
+        os.environ["MTUNLEARN_CUDA_BLOCK_SOLVERS"] = "1"
     import torch
 
     if not torch.cuda.is_available():
@@ -327,7 +332,6 @@ def main() -> int:
         stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,
                                      "scripts/fuzz_ops.py", "--device", "cuda", "--cases", "40"],
                        120, need=60, env=no_cache)
-    if tool is not None:
         # The block-per-problem solvers (k >= 32) share memory between threads; fuzz's k <= 6
         # never reaches them.
         for check in ("memcheck", "racecheck"):
