@@ -42,6 +42,8 @@ def one_case(rng: random.Random, device: str = "cpu") -> str:
     """Run one random case; return its outcome label (``ok``, ``error:<type>``) or raise."""
     op = rng.choice(["gram", "inner", "project_out", "project_nonconflicting", "gram_list"])
     k, n, m = rng.randint(0, 6), rng.choice([0, 1, 3, 17, 100]), rng.randint(1, 3)
+    if rng.random() < 0.1:  # past the register paths (k > 16) and into the block solvers (k >= 32)
+        k = rng.randint(17, 40)
     dtype = rng.choice(DTYPES)
     other = rng.choice(DTYPES) if rng.random() < 0.1 else dtype
     x = _tensor(rng, k, n, dtype, device)
