@@ -165,32 +165,65 @@ unsigned blocks_for(int64_t problems) {
   return static_cast<unsigned>((problems + kThreads - 1) / kThreads);
 }
 
+bool by_block(int k) { return k >= kBlockSolverMinK && block_solvers_enabled(); }
+
+template <typename A>
+void launch_ridge_solve(const void* gram, const void* rhs, void* out, int64_t batch, int k, int m,
+                        double ridge, double pivot_floor, double* workspace, cudaStream_t stream) {
+  auto* g = static_cast<const A*>(gram);
+  auto* r = static_cast<const A*>(rhs);
+  auto* o = static_cast<A*>(out);
+  if (by_block(k)) {
+    ridge_solve_block_kernel<A><<<static_cast<unsigned>(batch), block_threads_for(k), 0, stream>>>(
+        g, r, o, k, m, ridge, pivot_floor, workspace);
+  } else {
+    ridge_solve_kernel<A><<<blocks_for(batch), kThreads, 0, stream>>>(
+        g, r, o, batch, k, m, ridge, pivot_floor, workspace);
+  }
+}
+
+template <typename A>
+void launch_nonconflicting_dual(const void* gram, const void* rhs, void* out, int64_t batch, int k,
+                                int m, double* workspace, int* int_workspace,
+                                cudaStream_t stream) {
+  auto* g = static_cast<const A*>(gram);
+  auto* r = static_cast<const A*>(rhs);
+  auto* o = static_cast<A*>(out);
+  if (by_block(k)) {
+    nonconflicting_dual_block_kernel<A>
+        <<<static_cast<unsigned>(batch * m), block_threads_for(k), 0, stream>>>(
+            g, r, o, k, m, workspace, int_workspace);
+  } else {
+    nonconflicting_dual_kernel<A><<<blocks_for(batch * m), kThreads, 0, stream>>>(
+        g, r, o, batch, k, m, workspace, int_workspace);
+  }
+}
+
+// workspace: the Gram in double, then every task's weight vector (2 k^2 doubles per problem);
+// int_workspace: an order of k ints per task.
+template <typename A>
+void launch_pcgrad_weights(const void* gram, void* out, int64_t batch, int k, int64_t seed,
+                           double* workspace, int* int_workspace, cudaStream_t stream) {
+  const int64_t kk = static_cast<int64_t>(k) * k;
+  double* gram_double = workspace;
+  double* task_weights = workspace + batch * kk;
+  to_double_kernel<A><<<blocks_for(batch * kk), kThreads, 0, stream>>>(
+      static_cast<const A*>(gram), gram_double, batch * kk);
+  pcgrad_task_kernel<<<blocks_for(batch * k), kThreads, 0, stream>>>(
+      gram_double, batch, k, seed, task_weights, int_workspace);
+  pcgrad_sum_kernel<A><<<blocks_for(batch * k), kThreads, 0, stream>>>(
+      task_weights, static_cast<A*>(out), batch, k);
+}
+
 }  // namespace
 
 int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
                 int m, double ridge, double pivot_floor, double* workspace, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool by_block = k >= kBlockSolverMinK && block_solvers_enabled();
-  const unsigned grid = by_block ? static_cast<unsigned>(batch) : blocks_for(batch);
-  const unsigned threads = by_block ? block_threads_for(k) : kThreads;
   if (dbl) {
-    auto* g = static_cast<const double*>(gram);
-    auto* r = static_cast<const double*>(rhs);
-    auto* o = static_cast<double*>(out);
-    if (by_block) {
-      ridge_solve_block_kernel<double><<<grid, threads, 0, stream>>>(g, r, o, k, m, ridge, pivot_floor, workspace);
-    } else {
-      ridge_solve_kernel<double><<<grid, threads, 0, stream>>>(g, r, o, batch, k, m, ridge, pivot_floor, workspace);
-    }
+    launch_ridge_solve<double>(gram, rhs, out, batch, k, m, ridge, pivot_floor, workspace, stream);
   } else {
-    auto* g = static_cast<const float*>(gram);
-    auto* r = static_cast<const float*>(rhs);
-    auto* o = static_cast<float*>(out);
-    if (by_block) {
-      ridge_solve_block_kernel<float><<<grid, threads, 0, stream>>>(g, r, o, k, m, ridge, pivot_floor, workspace);
-    } else {
-      ridge_solve_kernel<float><<<grid, threads, 0, stream>>>(g, r, o, batch, k, m, ridge, pivot_floor, workspace);
-    }
+    launch_ridge_solve<float>(gram, rhs, out, batch, k, m, ridge, pivot_floor, workspace, stream);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -198,27 +231,12 @@ int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t 
 int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
                         int k, int m, double* workspace, int* int_workspace, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool by_block = k >= kBlockSolverMinK && block_solvers_enabled();
-  const unsigned grid = by_block ? static_cast<unsigned>(batch * m) : blocks_for(batch * m);
-  const unsigned threads = by_block ? block_threads_for(k) : kThreads;
   if (dbl) {
-    auto* g = static_cast<const double*>(gram);
-    auto* r = static_cast<const double*>(rhs);
-    auto* o = static_cast<double*>(out);
-    if (by_block) {
-      nonconflicting_dual_block_kernel<double><<<grid, threads, 0, stream>>>(g, r, o, k, m, workspace, int_workspace);
-    } else {
-      nonconflicting_dual_kernel<double><<<grid, threads, 0, stream>>>(g, r, o, batch, k, m, workspace, int_workspace);
-    }
+    launch_nonconflicting_dual<double>(gram, rhs, out, batch, k, m, workspace, int_workspace,
+                                       stream);
   } else {
-    auto* g = static_cast<const float*>(gram);
-    auto* r = static_cast<const float*>(rhs);
-    auto* o = static_cast<float*>(out);
-    if (by_block) {
-      nonconflicting_dual_block_kernel<float><<<grid, threads, 0, stream>>>(g, r, o, k, m, workspace, int_workspace);
-    } else {
-      nonconflicting_dual_kernel<float><<<grid, threads, 0, stream>>>(g, r, o, batch, k, m, workspace, int_workspace);
-    }
+    launch_nonconflicting_dual<float>(gram, rhs, out, batch, k, m, workspace, int_workspace,
+                                      stream);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -226,24 +244,10 @@ int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, 
 int pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
                    double* workspace, int* int_workspace, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int64_t kk = static_cast<int64_t>(k) * k;
-  double* gram_double = workspace;
-  double* task_weights = workspace + batch * kk;
   if (dbl) {
-    to_double_kernel<double><<<blocks_for(batch * kk), kThreads, 0, stream>>>(
-        static_cast<const double*>(gram), gram_double, batch * kk);
+    launch_pcgrad_weights<double>(gram, out, batch, k, seed, workspace, int_workspace, stream);
   } else {
-    to_double_kernel<float><<<blocks_for(batch * kk), kThreads, 0, stream>>>(
-        static_cast<const float*>(gram), gram_double, batch * kk);
-  }
-  pcgrad_task_kernel<<<blocks_for(batch * k), kThreads, 0, stream>>>(
-      gram_double, batch, k, seed, task_weights, int_workspace);
-  if (dbl) {
-    pcgrad_sum_kernel<double><<<blocks_for(batch * k), kThreads, 0, stream>>>(
-        task_weights, static_cast<double*>(out), batch, k);
-  } else {
-    pcgrad_sum_kernel<float><<<blocks_for(batch * k), kThreads, 0, stream>>>(
-        task_weights, static_cast<float*>(out), batch, k);
+    launch_pcgrad_weights<float>(gram, out, batch, k, seed, workspace, int_workspace, stream);
   }
   return static_cast<int>(cudaGetLastError());
 }
