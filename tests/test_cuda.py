@@ -30,6 +30,7 @@ from mtunlearn_ext.surgery import (
     project_nonconflicting_list,
     project_out_list,
 )
+from unlearning_helpers import TwoHeads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (CI has none; benchmarks/gpu_check.py "
@@ -86,22 +87,11 @@ def test_aggregators_match_cpu(make: Callable[[], object], dtype: torch.dtype) -
                                rtol=0, atol=TOL[dtype] * float(matrix.abs().max()))
 
 
-class _TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
-        self.heads = nn.ModuleDict({"kind": nn.Linear(32, 3), "size": nn.Linear(32, 1)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {t: h(z) for t, h in self.heads.items()}
-
-
 def _problem(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = _TwoHeads().to(dtype)
-    x = torch.randn(200, 8, generator=gen, dtype=dtype)
+    model = TwoHeads().to(dtype)
+    x = torch.randn(200, 6, generator=gen, dtype=dtype)
     y = {"kind": torch.randint(0, 3, (200,), generator=gen),
          "size": torch.randn(200, 1, generator=gen, dtype=dtype)}
     return model, x, y
@@ -112,7 +102,7 @@ def test_gradient_surgery_hook_matches_cpu(per_task: str) -> None:
     model, x, y = _problem(torch.float64)
     grads = {}
     for device in ("cpu", "cuda"):
-        net = _TwoHeads().double().to(device)
+        net = TwoHeads().double().to(device)
         net.load_state_dict(model.state_dict())
         surgery = GradientSurgery(net.trunk.named_parameters(), UPGrad(),
                                   per_task=per_task)  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.terms import RetainTerms
 
-from unlearning_helpers import step_context
+from unlearning_helpers import TwoHeads, step_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -297,23 +297,13 @@ def test_instance_task_rows_share_the_per_sample_pass(bench, original, monkeypat
     problem = _problem(bench, original, partial=True)
     config = InterferenceAwareConfig(**{**TINY, "task_projection": False, "num_per_sample": 5,
                                         "instance_rows": "instance_task"})
-    grads = []
-    for shared in (True, False):
-        method = InterferenceAware(config)
-        if not shared:
-            def separate(self, ctx, retain_batch, instance_rows):  # type: ignore[no-untyped-def]
-                rows, _, _ = self.per_sample_rows(ctx, instance_rows, ctx.groups.all_names,
-                                                  self.instance_task_scale(retain_batch))
-                terms = self.retain_step_terms(ctx, retain_batch)
-                retain = grads_of(terms.total(), ctx.groups.all_params)
-                return rows, RetainTerms({t: v.detach() for t, v in terms.loss.items()}), retain
-            monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", separate)
-        ctx = _context(problem, method)
-        method.compute_update(ctx, _batch(problem.forget, 6, 1), _batch(problem.retain, 12, 2))
-        grads.append([p.grad.clone() for p in ctx.groups.all_params])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    assert any(bool(g.abs().sum() > 0) for g in grads[0])
+
+    def separate_pair_rows(self, ctx, retain_batch, instance_rows):  # type: ignore[no-untyped-def]
+        rows, _, _ = self.per_sample_rows(ctx, instance_rows, ctx.groups.all_names,
+                                          self.instance_task_scale(retain_batch))
+        return (rows, *_separate_retain_pass(self, ctx, retain_batch))
+
+    _assert_shared_pass_gives_the_same_update(problem, config, monkeypatch, separate_pair_rows)
 
 
 def test_instance_task_rows_must_fit_the_solver(bench, original) -> None:  # type: ignore[no-untyped-def]
@@ -488,19 +478,6 @@ def test_deterministic_by_seed(bench, original) -> None:  # type: ignore[no-unty
 # -- the public API on a user's own model ---------------------------------------------------------
 
 
-class TwoHeads(nn.Module):
-    """A user's model: a shared trunk and two heads, not a mtunlearn_ext MultiTaskModel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh())
-        self.heads = nn.ModuleDict({"kind": nn.Linear(24, 3), "size": nn.Linear(24, 1)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {t: h(z) for t, h in self.heads.items()}
-
-
 @pytest.fixture(scope="module")
 def user_setup():  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(0)
@@ -591,37 +568,48 @@ def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, ori
         t: list(tasks) for t, tasks in plan.items()}
 
 
+def _separate_retain_pass(self, ctx, retain_batch):  # type: ignore[no-untyped-def]
+    """A batched retain pass over the *whole* retain batch: its terms and gradient."""
+    terms = self.retain_step_terms(ctx, retain_batch)
+    retain = grads_of(terms.total(), ctx.groups.all_params)
+    return RetainTerms({t: v.detach() for t, v in terms.loss.items()}), retain
+
+
 def _separate_passes(self, ctx, retain_batch, instance_rows):  # type: ignore[no-untyped-def]
     """Reference for ``InterferenceAware._retain_with_per_sample``: the per-sample pass over the
     instance rows and a batched retain pass over the *whole* retain batch, independently."""
     per_sample, _ = per_sample_retain_grads_and_losses(
         ctx.model, instance_rows, ctx.problem.tasks, ctx.groups.all_names,
         task_scale=self.instance_task_scale(retain_batch))
-    terms = self.retain_step_terms(ctx, retain_batch)
-    retain = grads_of(terms.total(), ctx.groups.all_params)
-    return per_sample, RetainTerms({t: v.detach() for t, v in terms.loss.items()}), retain
+    return (per_sample, *_separate_retain_pass(self, ctx, retain_batch))
 
 
-@pytest.mark.parametrize("partial,num_per_sample", [(False, 12), (False, 5), (True, 5)])
-def test_shared_per_sample_pass_gives_the_same_update(bench, original, monkeypatch, partial: bool,  # type: ignore[no-untyped-def]
-                                                      num_per_sample: int) -> None:
-    # One step's .grad with the retain gradient shared with the per-sample pass (all of the
-    # batch's rows constrained, or only the first 5: the rest take a batched pass) vs from
-    # separate passes (independent of the optimizer, which may amplify rounding: Adam).
-    problem = _problem(bench, original, partial=partial)
-    config = InterferenceAwareConfig(**{**TINY, "task_projection": False,
-                                        "num_per_sample": num_per_sample})
+def _assert_shared_pass_gives_the_same_update(problem, config, monkeypatch, separate  # type: ignore[no-untyped-def]
+                                              ) -> None:
+    """One step's .grad with the retain gradient shared with the per-sample pass equals the one
+    with ``separate`` standing in for ``_retain_with_per_sample`` (independent of the
+    optimizer, which may amplify rounding: Adam)."""
     grads = []
     for shared in (True, False):
         method = InterferenceAware(config)
         if not shared:
-            monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", _separate_passes)
+            monkeypatch.setattr(InterferenceAware, "_retain_with_per_sample", separate)
         ctx = _context(problem, method)
         method.compute_update(ctx, _batch(problem.forget, 6, 1), _batch(problem.retain, 12, 2))
         grads.append([p.grad.clone() for p in ctx.groups.all_params])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(bool(g.abs().sum() > 0) for g in grads[0])
+
+
+@pytest.mark.parametrize("partial,num_per_sample", [(False, 12), (False, 5), (True, 5)])
+def test_shared_per_sample_pass_gives_the_same_update(bench, original, monkeypatch, partial: bool,  # type: ignore[no-untyped-def]
+                                                      num_per_sample: int) -> None:
+    # All of the batch's rows constrained, or only the first 5: the rest take a batched pass.
+    problem = _problem(bench, original, partial=partial)
+    config = InterferenceAwareConfig(**{**TINY, "task_projection": False,
+                                        "num_per_sample": num_per_sample})
+    _assert_shared_pass_gives_the_same_update(problem, config, monkeypatch, _separate_passes)
 
 
 @pytest.mark.parametrize("num_per_sample", [12, 5])

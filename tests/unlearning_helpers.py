@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
@@ -28,3 +29,17 @@ def step_context(problem: UnlearningProblem, method: InterferenceAware) -> StepC
     ctx = StepContext(model, problem, groups, objectives, generator)
     method.setup(ctx, UnlearningReport(method=method.name, config={}))
     return ctx
+
+
+class TwoHeads(nn.Module):
+    """A user's model: a shared trunk and two heads, not a mtunlearn_ext MultiTaskModel.
+    Input: [batch, 6]; outputs: "kind" (3 classes) and "size" (one value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh())
+        self.heads = nn.ModuleDict({"kind": nn.Linear(24, 3), "size": nn.Linear(24, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
