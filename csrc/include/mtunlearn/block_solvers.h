@@ -83,6 +83,18 @@ MTU_BLOCK void cholesky_solve(Block& block, const double* l, int k, double* b, i
   }
 }
 
+// Copies n values of the input dtype into double, spread over the block; whether one of this
+// thread's values is NaN or Inf (reduce with block.any).
+template <class Block, typename A>
+MTU_BLOCK bool load_as_double(const Block& block, const A* in, double* out, int64_t n) {
+  bool bad = false;
+  for (int64_t e = block.rank(); e < n; e += block.size()) {
+    out[e] = static_cast<double>(in[e]);
+    bad = bad || !solvers::is_finite(out[e]);
+  }
+  return bad;
+}
+
 // solvers::ridge_solve for one problem: gram k x k, rhs/out k x m (row stride m), in the input
 // dtype A. workspace: 2 k^2 + k m doubles. s_scalar: one shared double.
 template <class Block, typename A>
@@ -94,16 +106,9 @@ MTU_BLOCK void ridge_solve(Block& block, const A* gram, const A* rhs, A* out, in
   double* g = workspace;
   double* l = g + kk;
   double* r = l + kk;
-  bool bad = false;
-  for (int64_t e = rank; e < kk; e += size) {
-    g[e] = static_cast<double>(gram[e]);
-    bad = bad || !solvers::is_finite(g[e]);
-  }
-  for (int64_t e = rank; e < km; e += size) {
-    r[e] = static_cast<double>(rhs[e]);
-    bad = bad || !solvers::is_finite(r[e]);
-  }
-  if (block.any(bad)) {  // non-finite input must surface in the coefficients
+  const bool bad_gram = load_as_double(block, gram, g, kk);
+  const bool bad_rhs = load_as_double(block, rhs, r, km);
+  if (block.any(bad_gram || bad_rhs)) {  // non-finite input must surface in the coefficients
     for (int64_t e = rank; e < km; e += size) out[e] = static_cast<A>(NAN);
     return;
   }
@@ -134,16 +139,9 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
   double* g = workspace;
   double* c = g + kk;
   double* factor = c + k;
-  bool bad = false;
-  for (int64_t e = rank; e < kk; e += size) {
-    g[e] = static_cast<double>(gram[e]);
-    bad = bad || !solvers::is_finite(g[e]);
-  }
-  for (int e = rank; e < k; e += size) {
-    c[e] = static_cast<double>(rhs[e]);
-    bad = bad || !solvers::is_finite(c[e]);
-  }
-  if (block.any(bad)) {
+  const bool bad_gram = load_as_double(block, gram, g, kk);
+  const bool bad_rhs = load_as_double(block, rhs, c, k);
+  if (block.any(bad_gram || bad_rhs)) {
     for (int e = rank; e < k; e += size) out[e] = static_cast<A>(NAN);
     return;
   }
