@@ -229,6 +229,22 @@ def kernel_breakdown() -> list[str]:
     return lines
 
 
+def host_overhead_timings(stages: Stages) -> list[str]:
+    """The per-call host work of the list ops over a model's parameter count
+    (``benchmarks/host_overhead.py --device cuda``: each call synchronised)."""
+    if stages.left() < 30:
+        return ["(host overhead: out of time)"]
+    try:
+        proc = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--device", "cuda",
+                               "--models", "resnet50"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=min(60.0, stages.left()))
+    except subprocess.TimeoutExpired:
+        return ["(host overhead: timed out)"]
+    print(proc.stdout + proc.stderr, flush=True)
+    return proc.stdout.splitlines() if proc.returncode == 0 else [
+        f"(host overhead: failed, rc={proc.returncode})"]
+
+
 def list_timings(stages: Stages) -> list[str]:
     """A whole UPGrad step over a model's parameter list: ours in place against flatten + split."""
     import torch
@@ -326,7 +342,7 @@ def main() -> int:
     if stages.left() > 40:
         t0 = time.monotonic()
         timing_lines = (op_timings(args.quick, stages) + [""] + kernel_breakdown() + [""]
-                        + list_timings(stages))
+                        + list_timings(stages) + [""] + host_overhead_timings(stages))
         stages.summary.append(f"| timings | ok | {time.monotonic() - t0:.0f} |")
     if tool is not None:
         stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,

@@ -12,6 +12,7 @@ TORCH_LIBRARY(mtunlearn, m) {
   m.def("combine(Tensor coeffs, Tensor x) -> Tensor");
   m.def("combine_(Tensor(a!) out, Tensor coeffs, Tensor x, float beta=0.0) -> ()");
   m.def("combine_list_(Tensor(a!)[] outs, Tensor coeffs, Tensor[] xs, float beta=0.0, bool per_tensor=False) -> ()");
+  m.def("combine_list_from_(Tensor(a!)[] outs, Tensor[] bases, Tensor coeffs, Tensor[] xs, float beta=1.0, bool per_tensor=False) -> ()");
   m.def("ridge_solve(Tensor gram, Tensor rhs, float ridge=1e-6) -> Tensor");
   m.def("nonconflicting_dual(Tensor gram, Tensor rhs) -> Tensor");
   m.def("pcgrad_weights(Tensor gram, int seed=0) -> Tensor");

@@ -227,6 +227,53 @@ def test_inner_list_and_per_tensor_combine_list(device: str, dtype: torch.dtype)
         ops.combine_list(coeffs[:2], bs, outs, per_tensor=True)
 
 
+def _stacks_in_every_layout(k: int, dtype: torch.dtype, device: str, seed: int
+                            ) -> list[torch.Tensor]:
+    """``[k, *shape]`` stacks whose memory the list ops read in place (dense trailing dims,
+    any row stride) or must copy (trailing dims not dense)."""
+    def r(*shape: int, salt: int) -> torch.Tensor:
+        return _rand(*shape, dtype=dtype, device=device, seed=seed + salt)
+
+    return [
+        r(k, 3, 4, salt=0),                                  # contiguous
+        r(2 * k, 3, 4, salt=1)[::2],                         # rows two apart, dense rows
+        r(k, 6, salt=2)[:, 1:4],                             # row stride 6, 3 dense elements
+        r(3, 4, k, salt=3).permute(2, 0, 1),                 # row stride 1: elements k apart
+        r(k, 5, 4, salt=4).transpose(1, 2),                  # trailing dims transposed
+        r(k, 1, salt=5).expand(k, 7),                        # stride 0 along the row
+        r(k, 4, salt=6).unsqueeze(1).transpose(1, 2),        # a size-1 dim with an odd stride
+        r(1, 5, salt=7).expand(k, 5),                        # every row the same memory
+        r(k, 4, 5, salt=8)[..., :3],                         # rows with gaps
+        r(k, salt=9),                                        # a bias-like [k]
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_list_ops_read_every_layout(device: str, dtype: torch.dtype) -> None:
+    m, k = 3, 5
+    xs = _stacks_in_every_layout(m, dtype, device, seed=40)
+    ys = _stacks_in_every_layout(k, dtype, device, seed=60)
+    fx = torch.cat([x.reshape(m, -1).double() for x in xs], 1)
+    fy = torch.cat([y.reshape(k, -1).double() for y in ys], 1)
+    assert _gram_error(ops.gram_list(ys), fy @ fy.T, fy, fy) <= GRAM_TOL[dtype]
+    assert _gram_error(ops.inner_list(xs, ys), fx @ fy.T, fx, fy) <= GRAM_TOL[dtype]
+    both = torch.cat([fx, fy])
+    assert _gram_error(ops.gram_list_stacked(xs, ys), both @ both.T, both, both) <= \
+        GRAM_TOL[dtype]
+    per = ops.gram_list(ys, per_tensor=True)
+    for p, y in enumerate(ys):
+        f = y.reshape(k, -1).double()
+        assert _gram_error(per[p], f @ f.T, f, f) <= GRAM_TOL[dtype]
+    coeffs = _rand(m, k, device=device, seed=7)
+    outs = [torch.full((m, *y.shape[1:]), float("nan"), dtype=dtype, device=device) for y in ys]
+    ops.combine_list(coeffs, ys, outs)
+    for y, o in zip(ys, outs):
+        expected = ref.combine(coeffs.double(), y.reshape(k, -1).double())
+        assert _combine_error(o.reshape(m, -1), expected, coeffs, y.reshape(k, -1)) <= \
+            COMBINE_TOL[dtype]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", [(1, 6), (3, 16), (0, 4), (2, 0), (8, 17)])
@@ -274,6 +321,141 @@ def test_gram_list_stacked_errors_name_the_argument() -> None:
         ops.gram_list_stacked([x], [y.double()])
     with pytest.raises(FloatingPointError, match="ys"):
         ops.gram_list_stacked([x], [torch.full((3, 5), float("inf"))])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("coeff_rows", [0, 3])
+def test_combine_list_from_separate_bases(device: str, dtype: torch.dtype, coeff_rows: int
+                                          ) -> None:
+    """``outs = beta * bases + C @ xs`` with bases in every layout, apart from the outputs."""
+    k = 4
+    lead = (coeff_rows,) if coeff_rows else ()
+    xs = _stacks_in_every_layout(k, dtype, device, seed=80)
+    rows = coeff_rows or 1
+    bases = [b[0] if not coeff_rows else b for b in
+             _stacks_in_every_layout(rows, dtype, device, seed=90)]
+    bases = [b.reshape(*lead, *x.shape[1:]) if b.shape != (*lead, *x.shape[1:]) else b
+             for b, x in zip(bases, xs)]
+    coeffs = _rand(*lead, k, device=device, seed=5)
+    c2 = coeffs.reshape(-1, k).double()
+    for beta in (1.0, -0.5):
+        outs = [torch.full(b.shape, float("nan"), dtype=dtype, device=device) for b in bases]
+        ops.combine_list(coeffs, xs, outs, beta=beta, bases=bases)
+        for x, b, o in zip(xs, bases, outs):
+            expected = beta * b.reshape(rows, -1).double() + c2 @ x.reshape(k, -1).double()
+            scale = 1.0 + float(b.double().abs().max()) if b.numel() else 1.0
+            torch.testing.assert_close(o.reshape(rows, -1).double(), expected,
+                                       rtol=4 * COMBINE_TOL[dtype],
+                                       atol=4 * COMBINE_TOL[dtype] * scale * k)
+    # beta = 0 ignores the bases, NaN included.
+    nan_bases = [torch.full_like(b, float("nan")) for b in bases]
+    outs = [torch.empty(b.shape, dtype=dtype, device=device) for b in bases]
+    ops.combine_list(coeffs, xs, outs, beta=0.0, bases=nan_bases)
+    assert all(bool(torch.isfinite(o).all()) for o in outs)
+
+
+def test_combine_list_from_bases_that_are_the_outputs() -> None:
+    """A base may be its output (an in-place update); a shifted view of it may not."""
+    xs = [torch.randn(3, 8), torch.randn(3, 2, 2)]
+    outs = [torch.randn(8), torch.randn(2, 2)]
+    before = [o.clone() for o in outs]
+    coeffs = torch.randn(3)
+    ops.combine_list(coeffs, xs, outs, beta=1.0, bases=outs)
+    for x, o, b in zip(xs, outs, before):
+        torch.testing.assert_close(o, b + (coeffs @ x.reshape(3, -1)).reshape(o.shape))
+    storage = torch.randn(9)
+    with pytest.raises(ValueError, match=r"bases\[0\] overlaps outs\[0\]"):
+        ops.combine_list(coeffs, xs[:1], [storage[:8]], beta=1.0, bases=[storage[1:]])
+    with pytest.raises(ValueError, match=r"bases\[1\] must have the shape of outs\[1\]"):
+        ops.combine_list(coeffs, xs, outs, beta=1.0, bases=[outs[0], torch.zeros(4)])
+    with pytest.raises(ValueError, match="`bases` must have one tensor per output"):
+        ops.combine_list(coeffs, xs, outs, beta=1.0, bases=[outs[0]])
+
+
+def _bad_list_calls() -> dict[str, object]:
+    """Calls of the list ops with one thing wrong each (the compiled path checks them in C++)."""
+    x, y = torch.randn(3, 4), torch.randn(2, 4)
+    meta = torch.randn(3, 4, device="meta")
+    ints = torch.ones(3, 4, dtype=torch.int64)
+    ones = torch.ones(3)
+    return {
+        "gram_list empty": lambda: ops.gram_list([]),
+        "gram_list not a tensor": lambda: ops.gram_list([x, 5]),
+        "gram_list integer": lambda: ops.gram_list([x, ints]),
+        "gram_list 0-d": lambda: ops.gram_list([x, torch.tensor(1.0)]),
+        "gram_list k differs": lambda: ops.gram_list([x, y]),
+        "gram_list dtype differs": lambda: ops.gram_list([x, x.double()]),
+        "gram_list device differs": lambda: ops.gram_list([x, meta]),
+        "inner_list lengths": lambda: ops.inner_list([y], [x, x]),
+        "inner_list empty": lambda: ops.inner_list([], []),
+        "inner_list trailing": lambda: ops.inner_list([y], [torch.randn(3, 5)]),
+        "inner_list m differs": lambda: ops.inner_list([y, x], [x, x]),
+        "inner_list k differs": lambda: ops.inner_list([y, y], [x, y]),
+        "inner_list dtype": lambda: ops.inner_list([y], [x.half()]),
+        "inner_list device": lambda: ops.inner_list([y], [meta]),
+        "inner_list integer": lambda: ops.inner_list([y], [ints]),
+        "inner_list not a tensor": lambda: ops.inner_list([y], [[1.0]]),
+        "stacked trailing": lambda: ops.gram_list_stacked([y], [torch.randn(3, 2, 2)]),
+        "stacked device": lambda: ops.gram_list_stacked([y, y], [x, meta]),
+        "combine coeffs 0-d": lambda: ops.combine_list(torch.tensor(1.0), [x], [ones]),
+        "combine coeffs 3-d": lambda: ops.combine_list(torch.ones(1, 1, 3), [x], [ones]),
+        "combine coeffs integer": lambda: ops.combine_list(torch.ones(3, dtype=torch.int64), [x],
+                                                           [torch.ones(4)]),
+        "combine lengths": lambda: ops.combine_list(ones, [x, x], [torch.ones(4)]),
+        "combine per-tensor count": lambda: ops.combine_list(torch.ones(2, 3), [x],
+                                                             [torch.ones(4)], per_tensor=True),
+        "combine k": lambda: ops.combine_list(ones, [y], [torch.ones(4)]),
+        "combine out shape, same size": lambda: ops.combine_list(ones, [torch.randn(3, 2, 2)],
+                                                                 [torch.ones(4)]),
+        "combine out rows": lambda: ops.combine_list(torch.ones(2, 3), [x], [torch.ones(4)]),
+        "combine out strided": lambda: ops.combine_list(
+            torch.ones(2, 3), [x], [torch.ones(4, 2).T]),
+        "combine out dtype": lambda: ops.combine_list(ones, [x], [torch.ones(4).double()]),
+        "combine xs dtype": lambda: ops.combine_list(ones, [x, x.double()],
+                                                     [torch.ones(4), torch.ones(4).double()]),
+        "combine out device": lambda: ops.combine_list(ones, [x],
+                                                       [torch.ones(4, device="meta")]),
+        "combine out not a tensor": lambda: ops.combine_list(ones, [x], [None]),
+        "combine bases length": lambda: ops.combine_list(ones, [x], [torch.ones(4)], beta=1.0,
+                                                         bases=[]),
+        "combine bases shape": lambda: ops.combine_list(ones, [x], [torch.ones(4)], beta=1.0,
+                                                        bases=[torch.ones(2, 2)]),
+        "combine bases dtype": lambda: ops.combine_list(ones, [x], [torch.ones(4)], beta=1.0,
+                                                        bases=[torch.ones(4).double()]),
+        "combine bases device": lambda: ops.combine_list(ones, [x], [torch.ones(4)], beta=1.0,
+                                                         bases=[torch.ones(4, device="meta")]),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_list_calls()))
+def test_list_op_errors_match_the_reference_path(case: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The list ops skip their Python checks when the compiled op accepts its arguments (they
+    cost more than the op on a parameter list), so the C++ entries must reject everything the
+    Python checks reject, and the error must then be the reference path's, word for word."""
+    call = _bad_list_calls()[case]
+    with pytest.raises((TypeError, ValueError)) as compiled:
+        call()
+    import mtunlearn_ext.ops._checks as checks
+
+    monkeypatch.setattr(checks, "has_extension", lambda: False)
+    with pytest.raises((TypeError, ValueError)) as reference:
+        call()
+    assert type(compiled.value) is type(reference.value)
+    assert str(compiled.value) == str(reference.value)
+    assert "mtunlearn_ext.ops." in str(compiled.value)
+
+
+def test_list_ops_reject_mixed_devices_in_the_fake_kernels() -> None:
+    """Called directly, a list mixing meta and CPU tensors dispatches to the fake kernel (Meta
+    outranks CPU); it must refuse rather than return an uninitialised CPU tensor."""
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"`xs\[1\]` is on meta"):
+        torch.ops.mtunlearn.gram_list([x, x.to("meta")], False)
+    with pytest.raises(ValueError, match=r"`outs\[0\]` is on meta"):
+        torch.ops.mtunlearn.combine_list_([torch.ones(4, device="meta")], torch.ones(3), [x],
+                                          0.0, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -453,6 +635,11 @@ def _opcheck_samples(device: str) -> list[tuple[object, tuple[object, ...]]]:
         (m.combine_, (torch.zeros(2, 37, device=device), _rand(2, 4, device=device), x, 0.5)),
         (m.combine_list_, (outs, _rand(4, device=device), xs, 1.0)),
         (m.combine_list_, (outs, _rand(2, 4, device=device), xs, 0.0, True)),
+        (m.combine_list_from_, (outs, [torch.ones_like(o) for o in outs],
+                                _rand(4, device=device), xs, 1.0)),
+        (m.combine_list_from_, ([torch.zeros(2, *x.shape[1:], device=device) for x in xs],
+                                [_rand(2, *x.shape[1:], device=device, seed=9) for x in xs],
+                                _rand(2, 2, 4, device=device), xs, -0.5, True)),
         (m.ridge_solve, (gm, _rand(4, 2, device=device), 1e-6)),
         (m.nonconflicting_dual, (gm, _rand(2, 4, device=device))),
         (m.pcgrad_weights, (gm, 3)),
@@ -466,11 +653,10 @@ def _opcheck_samples(device: str) -> list[tuple[object, tuple[object, ...]]]:
 def test_opcheck_every_op(device: str) -> None:
     samples = _opcheck_samples(device)
     checked = {str(op) for op, _ in samples}
-    registered = {f"mtunlearn.{name}.default" for name in
-                  ["gram", "gram_list", "gram_list_stacked", "inner", "inner_list", "combine",
-                   "combine_", "combine_list_",
-                   "ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
-                   "project_nonconflicting", "pcgrad"]}
+    # Every op the library registered, read from the dispatcher: a new op without a sample fails.
+    registered = {name.replace("::", ".") + ".default" for name in
+                  torch._C._dispatch_get_all_op_names() if name.startswith("mtunlearn::")}
+    assert len(registered) >= 15
     assert registered <= {str(op.default) for op, _ in samples} | checked
     for op, args in samples:
         torch.library.opcheck(op, args)

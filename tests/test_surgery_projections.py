@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from mtunlearn_ext.surgery import (
+    Mean,
+    UPGrad,
+    aggregate_list,
     gram_list_stats,
     inner_list_stats,
     project_nonconflicting_list,
@@ -204,3 +207,72 @@ def test_argument_errors() -> None:
         project_out_list([], [])
     with pytest.raises(ValueError, match="outs"):
         project_out_list(g, basis, outs=[torch.empty(1)])
+
+
+def _bad_projection_calls() -> tuple[dict[str, tuple[str, object]], list[torch.Tensor]]:
+    """(argument the error must name, call) per case: one thing wrong in each, all of them
+    found by the ops' C++ checks first and then named by the surgery layer's own checks; and the
+    outputs (filled with 7) that the calls are given."""
+    g, basis = _stacks(1, 80), _stacks(3, 81)
+    outs = [torch.full_like(x, 7.0) for x in g]
+
+    def with_item(stacks: list[torch.Tensor], p: int, value: object) -> list[object]:
+        changed: list[object] = list(stacks)
+        changed[p] = value
+        return changed
+
+    cases: dict[str, tuple[str, object]] = {}
+    for name, fn in (("out", project_out_list), ("nonconflicting", project_nonconflicting_list)):
+        b_name = "basis_list" if name == "out" else "r_list"
+        cases |= {
+            f"{name}: g not a tensor": ("g_list[2]", lambda fn=fn: fn(with_item(g, 2, 1.0), basis,
+                                                                      outs=outs)),
+            f"{name}: basis not a tensor": (f"{b_name}[1]", lambda fn=fn: fn(
+                g, with_item(basis, 1, "x"), outs=outs)),
+            f"{name}: basis 0-d": (f"{b_name}[3]", lambda fn=fn: fn(
+                g, with_item(basis, 3, torch.tensor(1.0, dtype=F64)), outs=outs)),
+            f"{name}: m differs": ("g_list[1]", lambda fn=fn: fn(
+                with_item(g, 1, torch.zeros(2, 7, dtype=F64)), basis, outs=outs)),
+            f"{name}: k differs": (f"{b_name}[2]", lambda fn=fn: fn(
+                g, with_item(basis, 2, torch.zeros(2, 2, 1, 3, dtype=F64)), outs=outs)),
+            f"{name}: parameter shape": ("g_list[1]", lambda fn=fn: fn(
+                g, with_item(basis, 1, torch.zeros(3, 8, dtype=F64)), outs=outs)),
+            f"{name}: dtype": ("g_list[0]", lambda fn=fn: fn(
+                with_item(g, 0, g[0].float()), basis, outs=with_item(outs, 0, outs[0].float()))),
+            f"{name}: out shape": ("outs[3]", lambda fn=fn: fn(
+                g, basis, outs=with_item(outs, 3, torch.zeros(1, 6, dtype=F64)))),
+            f"{name}: out dtype": ("outs[0]", lambda fn=fn: fn(
+                g, basis, outs=with_item(outs, 0, outs[0].float()))),
+            f"{name}: out strided": ("outs[0]", lambda fn=fn: fn(
+                g, basis, outs=with_item(outs, 0, torch.zeros(1, 4, 3, dtype=F64).transpose(1, 2)))),
+            f"{name}: out not a tensor": ("outs[2]", lambda fn=fn: fn(
+                g, basis, outs=with_item(outs, 2, None))),
+        }
+    grads = _stacks(3, 82)
+    grads_outs = [torch.full(x.shape[1:], 7.0, dtype=F64) for x in grads]
+    cases |= {
+        "aggregate: k differs": ("grads_list[2]", lambda: aggregate_list(
+            UPGrad(), with_item(grads, 2, torch.zeros(2, 2, 1, 3, dtype=F64)), grads_outs)),
+        "aggregate: not a tensor": ("grads_list[0]", lambda: aggregate_list(
+            UPGrad(), with_item(grads, 0, [1.0]), grads_outs)),
+        "aggregate: out shape": ("outs[1]", lambda: aggregate_list(
+            UPGrad(), grads, with_item(grads_outs, 1, torch.zeros(6, dtype=F64)))),
+        "aggregate: mean, k differs": ("grads_list[3]", lambda: aggregate_list(
+            Mean(), with_item(grads, 3, torch.zeros(4, 5, dtype=F64)), grads_outs)),
+    }
+    return cases, outs + grads_outs
+
+
+@pytest.mark.parametrize("case", sorted(_bad_projection_calls()[0]))
+def test_bad_lists_are_named_and_write_nothing(case: str) -> None:
+    """The per-tensor checks of the list projections run only after an op has refused the
+    arguments (they cost more than the step on a model's parameter list): every such refusal
+    must still name the wrong argument, and no output may have been written."""
+    cases, outputs = _bad_projection_calls()
+    argument, call = cases[case]
+    with pytest.raises((TypeError, ValueError)) as error:
+        call()  # type: ignore[operator]
+    message = str(error.value)
+    assert message.startswith("mtunlearn_ext."), message
+    assert argument in message, message
+    assert all(bool((o == 7.0).all()) for o in outputs)

@@ -4,9 +4,14 @@ expected and what was received."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
+
+from mtunlearn_ext._extension import has_extension
+
+_Result = TypeVar("_Result")
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,13 +50,14 @@ def check_same_dtype(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None
             )
 
 
-def check_finite_result(op: str, result: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]]
+def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str, torch.Tensor]]
                         ) -> None:
     """Raise if ``result`` (a small coefficient-space tensor) holds NaN/Inf.
 
     Non-finite values in any input always reach the small Gram / inner-product results (NaN
     propagates, ``Inf * 0`` is NaN), so checking them costs ``O(k^2)`` instead of a pass over the
-    inputs. Only on this rare failing path are the inputs scanned, to name the culprit.
+    inputs. Only on this rare failing path are the inputs scanned, to name the culprit
+    (``named`` may be a generator: it is consumed only then).
     """
     # One reduction on the fast path: the sum of finite values is finite unless it overflows,
     # and only then (or with a real NaN/Inf) is the element-wise check needed.
@@ -67,3 +73,27 @@ def check_finite_result(op: str, result: torch.Tensor, named: Sequence[tuple[str
         f"{op}: the inputs are finite but the result is not: the Gram/inner-product accumulation "
         "overflowed (inputs too large for the accumulation dtype; rescale them)"
     )
+
+
+def checked_list_call(compiled: Callable[[], _Result], reference: Callable[[], _Result],
+                      check: Callable[[], object]) -> _Result:
+    """Run a list op, checking its arguments in Python only where that costs nothing.
+
+    The compiled list ops check every tensor of their lists in C++ (type, shape, dtype, device;
+    the same conditions as ``check``). Repeating those checks in Python costs more than the op
+    itself on a model's parameter list (hundreds of tensors: ~1 us of attribute lookups each),
+    so on the compiled eager path ``check`` runs only after the op has raised, to give the error
+    the wording of the reference path. The reference path and tracing (``torch.compile``, where
+    the checks run once at trace time) check first.
+    """
+    if not has_extension():
+        check()
+        return reference()
+    if torch.compiler.is_compiling():
+        check()
+        return compiled()
+    try:
+        return compiled()
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        check()
+        raise

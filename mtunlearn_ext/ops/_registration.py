@@ -8,6 +8,21 @@ import torch
 from mtunlearn_ext.ops._reference import acc_dtype
 
 
+def _check_one_device(op: str, *named_lists: tuple[str, list[torch.Tensor]]) -> None:
+    """Raise if the tensors of a list op's lists are not all on one device.
+
+    The dispatcher sends a call with any meta tensor here, even when the others are on the CPU
+    (Meta outranks the CPU key), so the fake kernel is the only place that sees such a mix."""
+    first_name, first_list = named_lists[0]
+    device = first_list[0].device
+    for name, tensors in named_lists:
+        for p, t in enumerate(tensors):
+            if t.device != device:
+                raise ValueError(f"mtunlearn::{op}: `{name}[{p}]` is on {t.device} but "
+                                 f"`{first_name}[0]` is on {device}; all tensors must be on one "
+                                 "device")
+
+
 def _register() -> None:
     lib = "mtunlearn::"
 
@@ -18,6 +33,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "gram_list")
     def _gram_list_fake(xs: list[torch.Tensor], per_tensor: bool = False) -> torch.Tensor:
+        _check_one_device("gram_list", ("xs", xs))
         k = xs[0].shape[0]
         shape = (len(xs), k, k) if per_tensor else (k, k)
         return xs[0].new_empty(shape, dtype=acc_dtype(xs[0].dtype))
@@ -29,6 +45,7 @@ def _register() -> None:
     @torch.library.register_fake(lib + "inner_list")
     def _inner_list_fake(as_: list[torch.Tensor], bs: list[torch.Tensor],
                          per_tensor: bool = False) -> torch.Tensor:
+        _check_one_device("inner_list", ("as", as_), ("bs", bs))
         m, k = as_[0].shape[0], bs[0].shape[0]
         shape = (len(as_), m, k) if per_tensor else (m, k)
         return as_[0].new_empty(shape, dtype=acc_dtype(as_[0].dtype))
@@ -36,6 +53,7 @@ def _register() -> None:
     @torch.library.register_fake(lib + "gram_list_stacked")
     def _gram_list_stacked_fake(xs: list[torch.Tensor], ys: list[torch.Tensor],
                                 per_tensor: bool = False) -> torch.Tensor:
+        _check_one_device("gram_list_stacked", ("xs", xs), ("ys", ys))
         s = xs[0].shape[0] + ys[0].shape[0]
         shape = (len(xs), s, s) if per_tensor else (s, s)
         return xs[0].new_empty(shape, dtype=acc_dtype(xs[0].dtype))
@@ -53,6 +71,17 @@ def _register() -> None:
     def _combine_list_fake(outs: list[torch.Tensor], coeffs: torch.Tensor,
                            xs: list[torch.Tensor], beta: float = 0.0,
                            per_tensor: bool = False) -> None:
+        if xs:
+            _check_one_device("combine_list_", ("xs", xs), ("outs", outs), ("coeffs", [coeffs]))
+        return None
+
+    @torch.library.register_fake(lib + "combine_list_from_")
+    def _combine_list_from_fake(outs: list[torch.Tensor], bases: list[torch.Tensor],
+                                coeffs: torch.Tensor, xs: list[torch.Tensor], beta: float = 1.0,
+                                per_tensor: bool = False) -> None:
+        if xs:
+            _check_one_device("combine_list_from_", ("xs", xs), ("outs", outs),
+                              ("bases", bases), ("coeffs", [coeffs]))
         return None
 
     @torch.library.register_fake(lib + "ridge_solve")

@@ -10,6 +10,7 @@ from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     check_finite_result,
+    checked_list_call,
     check_float_tensor,
     check_same_device,
     check_same_dtype,
@@ -66,18 +67,42 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
 
 def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
                  outs: Sequence[torch.Tensor], beta: float = 0.0, *, per_tensor: bool = False,
-                 check_finite: bool = True) -> None:
-    """In place, for every parameter ``p``: ``outs[p] = beta * outs[p] + C_p @ xs[p]``.
+                 bases: Sequence[torch.Tensor] | None = None, check_finite: bool = True) -> None:
+    """In place, for every parameter ``p``: ``outs[p] = beta * bases[p] + C_p @ xs[p]``.
 
     ``xs[p]`` is ``[k, *shape_p]``. ``C_p`` is ``coeffs`` itself, or with ``per_tensor=True``
     ``coeffs[p]`` (one coefficient block per parameter, e.g. per-layer projections in one
     launch). A block of shape ``[k]`` gives ``outs[p]`` of shape ``shape_p`` (for example each
     parameter's ``.grad``); ``[m, k]`` gives ``[m, *shape_p]``. No flat copy is made; on CUDA the
-    whole list is one kernel launch. ``beta=0`` overwrites ``outs`` (their old contents, NaN
-    included, are ignored).
+    whole list is one kernel launch. ``bases`` defaults to ``outs`` (``beta=1`` accumulates into
+    them); given, ``bases[p]`` has the shape and dtype of ``outs[p]``, any strides, and is either
+    ``outs[p]`` itself or memory apart from it: the projections write ``g - C @ B`` into new
+    outputs this way without first copying ``g`` there, one launch per parameter fewer.
+    ``beta=0`` ignores the bases (their contents, NaN included).
     """
     op = "mtunlearn_ext.ops.combine_list"
     xs, outs = list(xs), list(outs)
+    base_list = None if bases is None else list(bases)
+    if check_finite:
+        check_float_tensor(op, "coeffs", coeffs)
+        check_finite_result(op, coeffs, [("coeffs", coeffs)])
+
+    def compiled() -> None:
+        if base_list is None:
+            torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, float(beta), per_tensor)
+        else:
+            torch.ops.mtunlearn.combine_list_from_(outs, base_list, coeffs, xs, float(beta),
+                                                   per_tensor)
+
+    checked_list_call(
+        compiled,
+        lambda: _reference_combine_list(coeffs, xs, outs, beta, per_tensor, base_list),
+        lambda: _check_combine_list(op, coeffs, xs, outs, per_tensor, base_list, beta))
+
+
+def _check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
+                        outs: list[torch.Tensor], per_tensor: bool,
+                        bases: list[torch.Tensor] | None, beta: float) -> None:
     lead_dims = 1 if per_tensor else 0
     check_float_tensor(op, "coeffs", coeffs, min_dim=1 + lead_dims)
     if coeffs.dim() > 2 + lead_dims:
@@ -86,6 +111,9 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     if len(xs) != len(outs):
         raise ValueError(f"{op}: `xs` and `outs` must have the same length, got {len(xs)} and "
                          f"{len(outs)}")
+    if bases is not None and len(bases) != len(outs):
+        raise ValueError(f"{op}: `bases` must have one tensor per output ({len(outs)}), got "
+                         f"{len(bases)}")
     if per_tensor and coeffs.shape[0] != len(xs):
         raise ValueError(f"{op}: with per_tensor=True `coeffs` needs one block per tensor "
                          f"({len(xs)}), got shape {tuple(coeffs.shape)}")
@@ -108,13 +136,45 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
                                                            for p, o in enumerate(outs)]
     check_same_device(op, [("coeffs", coeffs)] + named)
     check_same_dtype(op, named)
-    if check_finite:
-        check_finite_result(op, coeffs, [("coeffs", coeffs)])
-    if has_extension():
-        torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, float(beta), per_tensor)
+    if bases is None or beta == 0.0:
         return
+    for p, (b, o) in enumerate(zip(bases, outs)):
+        check_float_tensor(op, f"bases[{p}]", b)
+        check_same_device(op, [(f"outs[{p}]", o), (f"bases[{p}]", b)])
+        check_same_dtype(op, [(f"outs[{p}]", o), (f"bases[{p}]", b)])
+        if b.shape != o.shape:
+            raise ValueError(f"{op}: bases[{p}] must have the shape of outs[{p}], "
+                             f"{tuple(o.shape)}, got {tuple(b.shape)}")
+        same = b.data_ptr() == o.data_ptr() and b.stride() == o.stride()
+        if not same and _shares_memory(b, o):
+            raise ValueError(f"{op}: bases[{p}] overlaps outs[{p}] without being the same tensor")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of two tensors of one storage intersect (a conservative test)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _reference_combine_list(coeffs: torch.Tensor, xs: list[torch.Tensor],
+                            outs: list[torch.Tensor], beta: float, per_tensor: bool,
+                            bases: list[torch.Tensor] | None = None) -> None:
+    if len(xs) == 0:
+        return
+    k = coeffs.shape[-1]
     for p, (x, o) in enumerate(zip(xs, outs)):
         block = coeffs[p] if per_tensor else coeffs
         c2 = block.reshape(-1, k)
-        res = _reference.combine(c2, x.reshape(k, -1), base=o.reshape(c2.shape[0], -1), beta=beta)
+        base = o if bases is None else bases[p]
+        res = _reference.combine(c2, x.reshape(k, -1), base=base.reshape(c2.shape[0], -1),
+                                 beta=beta)
         o.copy_(res.reshape(o.shape))

@@ -7,7 +7,7 @@ precision would lose them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     check_finite_result,
+    checked_list_call,
     check_float_tensor,
     check_same_device,
     check_same_dtype,
@@ -38,11 +39,21 @@ def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_nam
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(f"{op}: {a_name}[{p}] and {b_name}[{p}] must share their trailing "
                              f"shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    named = ([(f"{a_name}[{p}]", a) for p, a in enumerate(a_list)]
-             + [(f"{b_name}[{p}]", b) for p, b in enumerate(b_list)])
+    named = _named_pairs(a_name, a_list, b_name, b_list)
     check_same_device(op, named)
     check_same_dtype(op, named)
     return named
+
+
+def _named_pairs(a_name: str, a_list: list[torch.Tensor], b_name: str,
+                 b_list: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    return ([(f"{a_name}[{p}]", a) for p, a in enumerate(a_list)]
+            + [(f"{b_name}[{p}]", b) for p, b in enumerate(b_list)])
+
+
+def _lazy_named_pairs(a_name: str, a_list: list[torch.Tensor], b_name: str,
+                      b_list: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from _named_pairs(a_name, a_list, b_name, b_list)
 
 
 def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
@@ -51,11 +62,12 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
     """Validate two paired stack lists and run the list op ``name`` (compiled or reference)."""
     op = f"mtunlearn_ext.ops.{name}"
     a_list, b_list = list(a), list(b)
-    named = _check_paired_stacks(op, a_name, a_list, b_name, b_list)
-    impl = getattr(torch.ops.mtunlearn, name) if has_extension() else getattr(_reference, name)
-    result = impl(a_list, b_list, per_tensor)
+    result = checked_list_call(
+        lambda: getattr(torch.ops.mtunlearn, name)(a_list, b_list, per_tensor),
+        lambda: getattr(_reference, name)(a_list, b_list, per_tensor),
+        lambda: _check_paired_stacks(op, a_name, a_list, b_name, b_list))
     if check_finite:
-        check_finite_result(op, result, named)
+        check_finite_result(op, result, _lazy_named_pairs(a_name, a_list, b_name, b_list))
     return result
 
 
@@ -91,6 +103,16 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     """
     op = "mtunlearn_ext.ops.gram_list"
     xs = list(xs)
+    result = checked_list_call(lambda: torch.ops.mtunlearn.gram_list(xs, per_tensor),
+                               lambda: _reference.gram_list(xs, per_tensor),
+                               lambda: _check_stacks(op, xs))
+    if check_finite:
+        check_finite_result(op, result, ((f"xs[{p}]", x) for p, x in enumerate(xs)))
+    return result
+
+
+def _check_stacks(op: str, xs: list[torch.Tensor]) -> None:
+    """A non-empty list of stacks ``[k, *shape_p]`` with one k, dtype and device."""
     if len(xs) == 0:
         raise ValueError(f"{op}: `xs` must hold at least one tensor, got an empty list")
     for p, x in enumerate(xs):
@@ -103,13 +125,6 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     named = [(f"xs[{p}]", x) for p, x in enumerate(xs)]
     check_same_device(op, named)
     check_same_dtype(op, named)
-    if has_extension():
-        result = torch.ops.mtunlearn.gram_list(xs, per_tensor)
-    else:
-        result = _reference.gram_list(xs, per_tensor)
-    if check_finite:
-        check_finite_result(op, result, named)
-    return result
 
 
 def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:

@@ -10,10 +10,13 @@ dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from mtunlearn_ext import ops
+
+_Result = TypeVar("_Result")
 
 #: A reduction of coefficient-space statistics across processes (identity when single-process):
 #: Gram matrices and inner products are sums over parameter coordinates, so shards reduce by SUM.
@@ -54,7 +57,7 @@ def new_grad_like(param: torch.Tensor) -> torch.Tensor:
 def stats_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """Dtype of Gram / inner-product results for a list: float64 if any input is float64, else
     float32 (half precision is always accumulated and returned in float32 by the ops)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in {t.dtype for t in tensors} else torch.float32
 
 
 def layer_index(per_layer: bool | Sequence[int], count: int, op: str,
@@ -89,16 +92,45 @@ def layer_index(per_layer: bool | Sequence[int], count: int, op: str,
 
 def dtype_classes(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by dtype, in first-seen order (one op call per group)."""
+    dtypes = [t.dtype for t in tensors]
+    if dtypes.count(dtypes[0]) == len(dtypes):  # the usual case, without a dict over the list
+        return [list(range(len(dtypes)))]
     groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
+    for i, dtype in enumerate(dtypes):
+        groups.setdefault(dtype, []).append(i)
     return list(groups.values())
+
+
+def checked_on_failure(body: Callable[[], _Result], checks: Callable[[], object]) -> _Result:
+    """Run ``body``; only if it raises, run the argument ``checks`` (which raise an error naming
+    this layer's argument) before re-raising.
+
+    The list ops check every tensor of their lists in C++, so repeating the per-tensor checks of
+    this layer in Python on every call (~1 us per tensor, hundreds of tensors per step) is paid
+    only when something is wrong. Under tracing (``torch.compile``) the checks run first: they
+    cost nothing at run time there.
+    """
+    if torch.compiler.is_compiling():
+        checks()
+        return body()
+    try:
+        return body()
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+        checks()
+        raise
 
 
 def check_stacks(op: str, name: str, stacks: Sequence[torch.Tensor], k: int | None = None) -> int:
     """Check a list of stacks ``[k, *shape_p]`` with one ``k``; return ``k``."""
     if len(stacks) == 0:
         raise ValueError(f"{op}: `{name}` must hold at least one tensor, got an empty list")
+    # One pass of builtins over the list when all is well (parameter lists hold hundreds of
+    # tensors); the loop below runs only to name what is wrong.
+    if all(isinstance(s, torch.Tensor) and s.dim() >= 1 for s in stacks):
+        leading = [s.shape[0] for s in stacks]
+        expected = leading[0] if k is None else k
+        if leading.count(expected) == len(leading):
+            return expected
     for p, s in enumerate(stacks):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{op}: `{name}[{p}]` must be a torch.Tensor, got {type(s).__name__}")
@@ -113,12 +145,21 @@ def check_stacks(op: str, name: str, stacks: Sequence[torch.Tensor], k: int | No
     return k
 
 
-def check_paired(op: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
-                 b: Sequence[torch.Tensor]) -> None:
-    """``a[p]`` and ``b[p]`` cut the same parameter: same trailing shape and dtype."""
+def check_same_length(op: str, a_name: str, a: Sequence[object], b_name: str,
+                      b: Sequence[object]) -> None:
+    """Two lists that cut the same parameters. Checked up front even where the per-tensor checks
+    wait for a failure: the list plumbing indexes one list by the other's positions."""
     if len(a) != len(b):
         raise ValueError(f"{op}: `{a_name}` and `{b_name}` must have the same length, got "
                          f"{len(a)} and {len(b)}")
+
+
+def check_paired(op: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
+                 b: Sequence[torch.Tensor]) -> None:
+    """``a[p]`` and ``b[p]`` cut the same parameter: same trailing shape and dtype."""
+    check_same_length(op, a_name, a, b_name, b)
+    if all(x.shape[1:] == y.shape[1:] and x.dtype == y.dtype for x, y in zip(a, b)):
+        return
     for p, (x, y) in enumerate(zip(a, b)):
         if x.shape[1:] != y.shape[1:]:
             raise ValueError(f"{op}: `{a_name}[{p}]` {tuple(x.shape)} and `{b_name}[{p}]` "
@@ -179,24 +220,35 @@ def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
 
 
 def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
-                 betas: Sequence[float], layers: list[int] | None, *, check_finite: bool) -> None:
-    """``outs[p] = betas[p] * outs[p] + coeffs_(layer of p) @ xs[p]`` in place.
+                 betas: Sequence[float], layers: list[int] | None, *,
+                 bases: Sequence[torch.Tensor] | None = None, check_finite: bool) -> None:
+    """``outs[p] = betas[p] * bases[p] + coeffs_(layer of p) @ xs[p]`` in place (``bases``
+    defaults to ``outs``).
 
     ``coeffs`` is ``[k]`` or ``[m, k]`` (one problem), or ``[L, k]`` / ``[L, m, k]`` per layer.
     Tensors are grouped by (dtype, beta), each group one ``combine_list`` call (per layer, the
     coefficient blocks are gathered per tensor): usually a single call for the whole list.
     """
-    groups: dict[tuple[torch.dtype, float], list[int]] = {}
-    for p, x in enumerate(xs):
-        groups.setdefault((x.dtype, float(betas[p])), []).append(p)
+    keys = [(x.dtype, float(beta)) for x, beta in zip(xs, betas)]
+    if keys.count(keys[0]) == len(keys):  # the usual case: one call, no grouping
+        groups = {keys[0]: list(range(len(keys)))}
+    else:
+        groups = {}
+        for p, key in enumerate(keys):
+            groups.setdefault(key, []).append(p)
     for (_, beta), members in groups.items():
-        member_xs, member_outs = [xs[p] for p in members], [outs[p] for p in members]
+        if len(members) == len(xs):
+            member_xs, member_outs, member_bases = xs, outs, bases
+        else:
+            member_xs, member_outs = [xs[p] for p in members], [outs[p] for p in members]
+            member_bases = None if bases is None else [bases[p] for p in members]
         if layers is None:
-            ops.combine_list(coeffs, member_xs, member_outs, beta=beta, check_finite=check_finite)
+            ops.combine_list(coeffs, member_xs, member_outs, beta=beta, bases=member_bases,
+                             check_finite=check_finite)
         else:
             ids = torch.tensor([layers[p] for p in members], device=coeffs.device)
             ops.combine_list(coeffs.index_select(0, ids), member_xs, member_outs, beta=beta,
-                             per_tensor=True, check_finite=check_finite)
+                             per_tensor=True, bases=member_bases, check_finite=check_finite)
 
 
 def guard_nonfinite(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,9 @@ from mtunlearn_ext import ops
 from mtunlearn_ext.surgery._tensor_lists import (
     StatsReduce,
     check_paired,
+    check_same_length,
     check_stacks,
+    checked_on_failure,
     combine_into,
     gram_stats,
     guard_nonfinite,
@@ -48,27 +50,44 @@ from mtunlearn_ext.surgery.weightings import Weighting
 
 def _prepare_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] | None
                   ) -> list[torch.Tensor]:
-    """Output stacks holding a copy of ``g`` (the projections update them with ``beta=1``).
+    """Where the projections write ``g - ...``: new contiguous stacks, or the caller's ``outs``
+    (one per parameter, ``g``'s shape and dtype, contiguous: checked by the combine pass, and by
+    :func:`_check_outs` when it fails).
 
-    An ``outs[p]`` that is ``g_list[p]`` itself (same storage, shape and strides) is updated in
-    place with no copy.
+    ``g`` is not copied there: the combine pass reads it as its base (``outs[p]`` may be
+    ``g_list[p]`` itself, an in-place update).
     """
     if outs is None:
-        return [g.clone(memory_format=torch.contiguous_format) for g in g_list]
+        return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in g_list]
     outs = list(outs)
     if len(outs) != len(g_list):
         raise ValueError(f"{op}: `outs` must have one tensor per parameter ({len(g_list)}), got "
                          f"{len(outs)}")
+    return outs
+
+
+def _check_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] | None
+                ) -> None:
+    if outs is None:
+        return
     for p, (o, g) in enumerate(zip(outs, g_list)):
-        if o.shape != g.shape or o.dtype != g.dtype:
+        if not isinstance(o, torch.Tensor) or o.shape != g.shape or o.dtype != g.dtype:
+            got = (f"{tuple(o.shape)} {o.dtype}" if isinstance(o, torch.Tensor)
+                   else type(o).__name__)
             raise ValueError(f"{op}: `outs[{p}]` must have shape {tuple(g.shape)} and dtype "
-                             f"{g.dtype}, got {tuple(o.shape)} {o.dtype}")
+                             f"{g.dtype}, got {got}")
         if not o.is_contiguous():
             raise ValueError(f"{op}: `outs[{p}]` must be contiguous (it is written in place)")
-        aliased = o.data_ptr() == g.data_ptr() and o.stride() == g.stride()
-        if not aliased:
-            o.copy_(g)
-    return outs
+
+
+def _check_projection_args(op: str, g_name: str, g_list: list[torch.Tensor], b_name: str,
+                           b_list: list[torch.Tensor], outs: Sequence[torch.Tensor] | None
+                           ) -> None:
+    """Every per-tensor condition of the list projections, with errors naming their arguments."""
+    check_stacks(op, g_name, g_list)
+    check_stacks(op, b_name, b_list)
+    check_paired(op, g_name, g_list, b_name, b_list)
+    _check_outs(op, g_list, outs)
 
 
 def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Tensor],
@@ -166,24 +185,29 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
     g_list, basis_list = list(g_list), list(basis_list)
-    check_stacks(op, "g_list", g_list)
-    k = check_stacks(op, "basis_list", basis_list)
-    check_paired(op, "g_list", g_list, "basis_list", basis_list)
+    check_same_length(op, "g_list", g_list, "basis_list", basis_list)
     if not ridge >= 0.0:
         raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
-    layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    stats = _basis_stats(op, g_list, basis_list, layers, num_layers, reduce, check_finite,
-                         basis_gram)
-    finite = None
-    if not check_finite:
-        stats, finite = guard_nonfinite(stats, k)
-    coeffs = ops.ridge_solve(stats[..., :k].contiguous(), stats[..., k:].contiguous(),
-                             ridge).transpose(-1, -2)
-    if finite is not None:
-        coeffs = poison_nonfinite(coeffs, finite)
-    outs = _prepare_outs(op, g_list, outs)
-    combine_into(-coeffs, basis_list, outs, [1.0] * len(outs), layers, check_finite=check_finite)
-    return (outs, coeffs) if return_coeffs else outs
+
+    def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+        k = basis_list[0].shape[0]
+        layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
+        stats = _basis_stats(op, g_list, basis_list, layers, layer_count, reduce, check_finite,
+                             basis_gram)
+        finite = None
+        if not check_finite:
+            stats, finite = guard_nonfinite(stats, k)
+        coeffs = ops.ridge_solve(stats[..., :k].contiguous(), stats[..., k:].contiguous(),
+                                 ridge).transpose(-1, -2)
+        if finite is not None:
+            coeffs = poison_nonfinite(coeffs, finite)
+        targets = _prepare_outs(op, g_list, outs)
+        combine_into(-coeffs, basis_list, targets, [1.0] * len(targets), layers, bases=g_list,
+                     check_finite=check_finite)
+        return (targets, coeffs) if return_coeffs else targets
+
+    return checked_on_failure(project, lambda: _check_projection_args(
+        op, "g_list", g_list, "basis_list", basis_list, outs))
 
 
 def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence[torch.Tensor],
@@ -213,25 +237,29 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
     """
     op = "mtunlearn_ext.surgery.project_nonconflicting_list"
     g_list, r_list = list(g_list), list(r_list)
-    check_stacks(op, "g_list", g_list)
-    k = check_stacks(op, "r_list", r_list)
-    check_paired(op, "g_list", g_list, "r_list", r_list)
+    check_same_length(op, "g_list", g_list, "r_list", r_list)
     if sign not in (1, -1):
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
-    layers, num_layers = layer_index(per_layer, len(g_list), op, num_layers)
-    stats = _basis_stats(op, g_list, r_list, layers, num_layers, reduce, check_finite,
-                         basis_gram, transposed=True)
-    finite = None
-    if not check_finite:
-        stats, finite = guard_nonfinite(stats, k)
-    coeffs = ops.nonconflicting_dual(stats[..., :k, :].contiguous(),
-                                    float(sign) * stats[..., k:, :])
-    if finite is not None:
-        coeffs = poison_nonfinite(coeffs, finite)
-    outs = _prepare_outs(op, g_list, outs)
-    combine_into(float(sign) * coeffs, r_list, outs, [1.0] * len(outs), layers,
-                 check_finite=check_finite)
-    return (outs, coeffs) if return_coeffs else outs
+
+    def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+        k = r_list[0].shape[0]
+        layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
+        stats = _basis_stats(op, g_list, r_list, layers, layer_count, reduce, check_finite,
+                             basis_gram, transposed=True)
+        finite = None
+        if not check_finite:
+            stats, finite = guard_nonfinite(stats, k)
+        coeffs = ops.nonconflicting_dual(stats[..., :k, :].contiguous(),
+                                        float(sign) * stats[..., k:, :])
+        if finite is not None:
+            coeffs = poison_nonfinite(coeffs, finite)
+        targets = _prepare_outs(op, g_list, outs)
+        combine_into(float(sign) * coeffs, r_list, targets, [1.0] * len(targets), layers,
+                     bases=g_list, check_finite=check_finite)
+        return (targets, coeffs) if return_coeffs else targets
+
+    return checked_on_failure(project, lambda: _check_projection_args(
+        op, "g_list", g_list, "r_list", r_list, outs))
 
 
 def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torch.Tensor],
@@ -268,7 +296,6 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         raise TypeError(f"{op}: `aggregator` must be a mtunlearn_ext.surgery Aggregator or "
                         f"Weighting, got {type(aggregator).__name__}")
     grads_list, outs = list(grads_list), list(outs)
-    k = check_stacks(op, "grads_list", grads_list)
     if len(outs) != len(grads_list):
         raise ValueError(f"{op}: `outs` must have one tensor per parameter ({len(grads_list)}), "
                          f"got {len(outs)}")
@@ -278,20 +305,26 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         betas = [float(b) for b in beta]
     if len(betas) != len(outs):
         raise ValueError(f"{op}: `beta` must be a number or one per parameter, got {len(betas)}")
-    layers, num_layers = layer_index(per_layer, len(grads_list), op, num_layers)
-    if weighting.needs_gram:
-        gram = gram_stats(grads_list, layers, num_layers, check_finite=check_finite)
-        if reduce is not None:
-            gram = reduce(gram)
-    else:
-        # Mean / Sum look only at k: skip the pass over the gradients and the collective.
-        shape = (k, k) if layers is None else (num_layers, k, k)
-        gram = torch.zeros(shape, dtype=stats_dtype(grads_list), device=grads_list[0].device)
-    finite = None
-    if not check_finite:
-        gram, finite = guard_nonfinite(gram, k)
-    weights = weighting(gram)
-    if finite is not None:
-        weights = poison_nonfinite(weights, finite)
-    combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite)
-    return weights
+
+    def aggregate() -> torch.Tensor:
+        k = grads_list[0].shape[0]
+        layers, layer_count = layer_index(per_layer, len(grads_list), op, num_layers)
+        if weighting.needs_gram:
+            gram = gram_stats(grads_list, layers, layer_count, check_finite=check_finite)
+            if reduce is not None:
+                gram = reduce(gram)
+        else:
+            # Mean / Sum look only at k: skip the pass over the gradients and the collective.
+            shape = (k, k) if layers is None else (layer_count, k, k)
+            gram = torch.zeros(shape, dtype=stats_dtype(grads_list),
+                               device=grads_list[0].device)
+        finite = None
+        if not check_finite:
+            gram, finite = guard_nonfinite(gram, k)
+        weights = weighting(gram)
+        if finite is not None:
+            weights = poison_nonfinite(weights, finite)
+        combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite)
+        return weights
+
+    return checked_on_failure(aggregate, lambda: check_stacks(op, "grads_list", grads_list))

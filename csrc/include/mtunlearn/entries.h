@@ -21,6 +21,8 @@ at::Tensor combine(const at::Tensor& coeffs, const at::Tensor& x);
 void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor& x, double beta);
 void combine_list_(at::TensorList outs, const at::Tensor& coeffs, at::TensorList xs, double beta,
                    bool per_tensor);
+void combine_list_from_(at::TensorList outs, at::TensorList bases, const at::Tensor& coeffs,
+                        at::TensorList xs, double beta, bool per_tensor);
 at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double ridge);
 at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs);
 at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed);

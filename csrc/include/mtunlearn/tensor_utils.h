@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -14,6 +15,34 @@ namespace mtunlearn {
 inline at::Tensor rows_unit_stride(const at::Tensor& t) {
   if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
   return t.contiguous();
+}
+
+// A stack [k, *shape] read as k rows of n = prod(shape) unit-stride elements.
+struct StackRows {
+  const void* data;    // row 0
+  int64_t row_stride;  // elements from one row to the next
+  int64_t n;
+};
+
+// The stack's own memory when its trailing dims are dense, the usual case, without making a
+// tensor (a reshape view per parameter cost ~1 us of allocation and refcounting, more than the
+// work on small parameters); otherwise one dense copy, kept alive in `copies` until the launch.
+// With `row_dims` 0 the whole tensor is one row.
+inline StackRows stack_rows(const at::Tensor& t, std::vector<at::Tensor>& copies,
+                            int64_t row_dims = 1) {
+  int64_t n = 1;
+  bool dense = true;
+  for (int64_t d = t.dim() - 1; d >= row_dims; --d) {
+    const int64_t size = t.size(d);
+    if (size != 1 && t.stride(d) != n) dense = false;
+    n *= size;
+  }
+  const bool no_rows = row_dims == 0 || t.dim() == 0;
+  if (dense || n == 0 || (!no_rows && t.size(0) == 0)) {
+    return {t.data_ptr(), no_rows ? n : t.stride(0), n};
+  }
+  copies.push_back(t.contiguous());
+  return {copies.back().data_ptr(), n, n};
 }
 
 inline int64_t leading_numel(const at::Tensor& t) {

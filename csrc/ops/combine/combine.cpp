@@ -1,4 +1,5 @@
-// Entries of combine, combine_ and combine_list_: checks, segment lists, and the backend choice.
+// Entries of combine, combine_, combine_list_ and combine_list_from_: checks, segment lists, and
+// the backend choice.
 // Kernels: cpu/combine_kernel.cpp and cuda/combine_kernel.cu.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
@@ -115,11 +116,17 @@ void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor&
   combine_into(out, beta != 0.0 ? out : at::Tensor(), coeffs, x, beta, op);
 }
 
-void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorList xs, double beta,
-                   bool per_tensor) {
-  constexpr const char* op = "mtunlearn::combine_list_";
+namespace {
+
+// outs[p] = beta * bases[p] + C_p @ xs[p] for every p; without `bases` (null) bases = outs.
+void combine_list_impl(at::TensorList outs, const at::TensorList* bases,
+                       const at::Tensor& coeffs_in, at::TensorList xs, double beta,
+                       bool per_tensor, const char* op) {
   TORCH_CHECK_VALUE(outs.size() == xs.size(), op, ": `xs` and `outs` must have the same length, got ",
                     xs.size(), " and ", outs.size());
+  TORCH_CHECK_VALUE(bases == nullptr || bases->size() == outs.size(), op,
+                    ": `bases` must have one tensor per output (", outs.size(), "), got ",
+                    bases == nullptr ? 0 : bases->size());
   const int64_t lead = per_tensor ? 1 : 0;  // per_tensor: one [k] or [m, k] block per tensor
   TORCH_CHECK_VALUE(coeffs_in.dim() == 1 + lead || coeffs_in.dim() == 2 + lead, op,
                     ": `coeffs` must be ", per_tensor ? "[P, k] or [P, m, k]" : "[k] or [m, k]",
@@ -130,47 +137,85 @@ void combine_list_(at::TensorList outs, const at::Tensor& coeffs_in, at::TensorL
   scalar_kind(coeffs_in, op, "coeffs");
   if (xs.empty()) return;
   const int64_t k = coeffs_in.size(-1);
-  const int64_t m = coeffs_in.dim() == 1 + lead ? 1 : coeffs_in.size(-2);
-  const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
-  std::vector<at::Tensor> flats;
+  const bool has_rows = coeffs_in.dim() == 2 + lead;
+  const int64_t m = has_rows ? coeffs_in.size(-2) : 1;
+  const ScalarKind kind = scalar_kind(xs[0], op, ArgName("xs", 0));
+  std::vector<at::Tensor> copies;  // only for stacks whose trailing dims are not dense
   std::vector<CombineSegment> segments;
-  flats.reserve(xs.size());
+  segments.reserve(xs.size());
+  std::vector<int64_t> expected;
   for (size_t p = 0; p < xs.size(); ++p) {
-    const std::string xn = indexed("xs", p), on = indexed("outs", p);
+    const auto i = static_cast<int64_t>(p);
+    const ArgName xn("xs", i), on("outs", i), bn("bases", i);
     TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == k, op, ": ", xn,
                       " must have leading size k=", k, " (from `coeffs`), got shape ", xs[p].sizes());
-    check_same_device(coeffs_in, "coeffs", xs[p], xn.c_str(), op);
-    check_same_device(xs[p], xn.c_str(), outs[p], on.c_str(), op);
-    check_same_dtype(xs[0], "xs[0]", xs[p], xn.c_str(), op);
-    check_same_dtype(xs[p], xn.c_str(), outs[p], on.c_str(), op);
-    const int64_t n = k == 0 ? 0 : xs[p].numel() / k;
-    TORCH_CHECK_VALUE(outs[p].numel() == m * (k == 0 ? outs[p].numel() / std::max<int64_t>(m, 1) : n),
-                      op, ": ", on, " has shape ", outs[p].sizes(), ", which does not match ", xn,
-                      " of shape ", xs[p].sizes(), " with m=", m);
-    TORCH_CHECK_VALUE(outs[p].is_contiguous(), op, ": ", on, " must be contiguous (it is written in place)");
+    check_same_device(coeffs_in, "coeffs", xs[p], xn, op);
+    check_same_device(xs[p], xn, outs[p], on, op);
+    check_same_dtype(xs[0], ArgName("xs", 0), xs[p], xn, op);
+    check_same_dtype(xs[p], xn, outs[p], on, op);
+    // The exact shape, not only the size: a [k] block writes shape_p, [m, k] [m, *shape_p].
+    expected.clear();
+    if (has_rows) expected.push_back(m);
+    const auto trailing = xs[p].sizes().slice(1);
+    expected.insert(expected.end(), trailing.begin(), trailing.end());
+    TORCH_CHECK_VALUE(outs[p].sizes() == at::IntArrayRef(expected), op, ": ", on,
+                      " must have shape ", at::IntArrayRef(expected), " (from ", xn, " ",
+                      xs[p].sizes(), " and `coeffs`), got ", outs[p].sizes());
+    TORCH_CHECK_VALUE(outs[p].is_contiguous(), op, ": ", on,
+                      " must be contiguous (it is written in place)");
     at::assert_no_overlap(outs[p], xs[p]);
     const int64_t cols = outs[p].numel() / std::max<int64_t>(m, 1);
-    at::Tensor flat = k == 0 ? xs[p] : rows_unit_stride(xs[p].reshape({k, n}));
-    flats.push_back(flat);
+    const StackRows x = k == 0 ? StackRows{xs[p].data_ptr(), 0, cols} : stack_rows(xs[p], copies);
     CombineSegment s;
     s.out = outs[p].data_ptr();
-    s.base = beta != 0.0 ? outs[p].data_ptr() : nullptr;
-    s.x = flat.data_ptr();
-    s.out_row_stride = cols;
+    s.base = nullptr;
     s.base_row_stride = cols;
-    s.x_row_stride = k == 0 ? 0 : flat.stride(0);
+    if (beta != 0.0 && bases == nullptr) {
+      s.base = outs[p].data_ptr();
+    } else if (beta != 0.0) {
+      const at::Tensor& b = (*bases)[p];
+      check_same_device(outs[p], on, b, bn, op);
+      check_same_dtype(outs[p], on, b, bn, op);
+      TORCH_CHECK_VALUE(b.sizes() == outs[p].sizes(), op, ": ", bn, " must have the shape of ", on,
+                        ", ", outs[p].sizes(), ", got ", b.sizes());
+      // Each output element reads its own base element: the base may be the output itself,
+      // but not a shifted or re-strided view of its memory.
+      const bool same_memory = b.data_ptr() == outs[p].data_ptr() && b.strides() == outs[p].strides();
+      TORCH_CHECK_VALUE(same_memory || !b.storage().is_alias_of(outs[p].storage()) ||
+                            at::get_overlap_status(outs[p], b) == at::MemOverlapStatus::No,
+                        op, ": ", bn, " overlaps ", on, " without being the same tensor");
+      const StackRows base = stack_rows(b, copies, has_rows ? 1 : 0);
+      s.base = base.data;
+      s.base_row_stride = base.row_stride;
+    }
+    s.x = x.data;
+    s.out_row_stride = cols;
+    s.x_row_stride = x.row_stride;
     s.ncols = cols;
-    s.coeff_index = per_tensor ? static_cast<int64_t>(p) : 0;
+    s.coeff_index = per_tensor ? i : 0;
     segments.push_back(s);
   }
   at::Tensor coeffs = coeffs_in.to(acc_type(xs[0].scalar_type())).contiguous();
   run_combine(kind, segments, m, k, coeffs, beta, xs[0].device());
 }
 
+}  // namespace
+
+void combine_list_(at::TensorList outs, const at::Tensor& coeffs, at::TensorList xs, double beta,
+                   bool per_tensor) {
+  combine_list_impl(outs, nullptr, coeffs, xs, beta, per_tensor, "mtunlearn::combine_list_");
+}
+
+void combine_list_from_(at::TensorList outs, at::TensorList bases, const at::Tensor& coeffs,
+                        at::TensorList xs, double beta, bool per_tensor) {
+  combine_list_impl(outs, &bases, coeffs, xs, beta, per_tensor, "mtunlearn::combine_list_from_");
+}
+
 TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
   m.impl("combine", &combine);
   m.impl("combine_", &combine_);
   m.impl("combine_list_", &combine_list_);
+  m.impl("combine_list_from_", &combine_list_from_);
 }
 
 #ifdef MTU_WITH_CUDA
@@ -178,6 +223,7 @@ TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
   m.impl("combine", &combine);
   m.impl("combine_", &combine_);
   m.impl("combine_list_", &combine_list_);
+  m.impl("combine_list_from_", &combine_list_from_);
 }
 #endif
 

@@ -62,7 +62,8 @@ at::Tensor batched_inner(const at::Tensor& a_in, const at::Tensor& b_in, bool sy
 // Two lists of stacks cutting the same parameters: as[p] is [m, *shape_p], bs[p] is [k, *shape_p]
 // (one m and one k for all, same dtype and device), as row views [m, n_p] / [k, n_p].
 struct PairedRows {
-  std::vector<at::Tensor> a, b;
+  std::vector<StackRows> a, b;
+  std::vector<at::Tensor> copies;  // only for stacks whose trailing dims are not dense
   int64_t m, k;
 };
 
@@ -71,11 +72,11 @@ PairedRows paired_rows(at::TensorList as, at::TensorList bs, const char* op, con
   TORCH_CHECK_VALUE(!as.empty() && as.size() == bs.size(), op, ": `", a_name, "` and `", b_name,
                     "` must be non-empty lists of the same length, got ", as.size(), " and ",
                     bs.size());
-  PairedRows rows{{}, {}, as[0].dim() >= 1 ? as[0].size(0) : -1,
+  PairedRows rows{{}, {}, {}, as[0].dim() >= 1 ? as[0].size(0) : -1,
                   bs[0].dim() >= 1 ? bs[0].size(0) : -1};
-  const std::string a0 = indexed(a_name, 0);
+  const ArgName a0(a_name, 0);
   for (size_t p = 0; p < as.size(); ++p) {
-    const std::string an = indexed(a_name, p), bn = indexed(b_name, p);
+    const ArgName an(a_name, static_cast<int64_t>(p)), bn(b_name, static_cast<int64_t>(p));
     TORCH_CHECK_VALUE(as[p].dim() >= 1 && as[p].size(0) == rows.m, op, ": ", an,
                       " must be [m, ...] with m=", rows.m, ", got ", as[p].sizes());
     TORCH_CHECK_VALUE(bs[p].dim() >= 1 && bs[p].size(0) == rows.k, op, ": ", bn,
@@ -83,14 +84,16 @@ PairedRows paired_rows(at::TensorList as, at::TensorList bs, const char* op, con
     TORCH_CHECK_VALUE(as[p].sizes().slice(1) == bs[p].sizes().slice(1), op, ": ", an, " and ", bn,
                       " must have the same trailing shape, got ", as[p].sizes(), " and ",
                       bs[p].sizes());
-    check_same_device(as[0], a0.c_str(), as[p], an.c_str(), op);
-    check_same_device(as[0], a0.c_str(), bs[p], bn.c_str(), op);
-    check_same_dtype(as[0], a0.c_str(), as[p], an.c_str(), op);
-    check_same_dtype(as[0], a0.c_str(), bs[p], bn.c_str(), op);
-    // From the trailing sizes, not numel / m: m or k may be 0 while the other is not.
-    const int64_t n = c10::multiply_integers(as[p].sizes().slice(1));
-    rows.a.push_back(rows_unit_stride(as[p].reshape({rows.m, n})));
-    rows.b.push_back(rows_unit_stride(bs[p].reshape({rows.k, n})));
+    check_same_device(as[0], a0, as[p], an, op);
+    check_same_device(as[0], a0, bs[p], bn, op);
+    check_same_dtype(as[0], a0, as[p], an, op);
+    check_same_dtype(as[0], a0, bs[p], bn, op);
+  }
+  rows.a.reserve(as.size());
+  rows.b.reserve(as.size());
+  for (size_t p = 0; p < as.size(); ++p) {
+    rows.a.push_back(stack_rows(as[p], rows.copies));
+    rows.b.push_back(stack_rows(bs[p], rows.copies));
   }
   return rows;
 }
@@ -133,30 +136,23 @@ at::Tensor gram_list(at::TensorList xs, bool per_tensor) {
   constexpr const char* op = "mtunlearn::gram_list";
   TORCH_CHECK_VALUE(!xs.empty(), op, ": `xs` must hold at least one tensor");
   const int64_t k = xs[0].dim() >= 1 ? xs[0].size(0) : -1;
-  const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
-  std::vector<at::Tensor> rows;  // [k, numel/k] views (copies only for non-unit inner stride)
-  rows.reserve(xs.size());
+  const ScalarKind kind = scalar_kind(xs[0], op, ArgName("xs", 0));
   for (size_t p = 0; p < xs.size(); ++p) {
-    const std::string name = indexed("xs", p);
-    TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == k, op, ": every tensor in `xs` must be [k, ...] with the same k=",
-                      k, "; ", name, " has shape ", xs[p].sizes());
-    check_same_device(xs[0], "xs[0]", xs[p], name.c_str(), op);
-    check_same_dtype(xs[0], "xs[0]", xs[p], name.c_str(), op);
-    const int64_t n = k == 0 ? 0 : xs[p].numel() / k;
-    at::Tensor flat = xs[p].dim() == 2 ? xs[p] : (xs[p].dim() == 1 ? xs[p].unsqueeze(1) : at::Tensor());
-    if (!flat.defined()) {
-      // [k, *shape] -> [k, n]: a view when the trailing dims are contiguous, else one copy.
-      flat = xs[p].reshape({k, n});
-    }
-    rows.push_back(rows_unit_stride(flat));
+    const ArgName name("xs", static_cast<int64_t>(p));
+    TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == k, op,
+                      ": every tensor in `xs` must be [k, ...] with the same k=", k, "; ", name,
+                      " has shape ", xs[p].sizes());
+    check_same_device(xs[0], ArgName("xs", 0), xs[p], name, op);
+    check_same_dtype(xs[0], ArgName("xs", 0), xs[p], name, op);
   }
   at::Tensor out = list_output(xs[0], xs.size(), per_tensor, k, k);
   if (out.numel() == 0) return out;
+  std::vector<at::Tensor> copies;  // only for stacks whose trailing dims are not dense
   std::vector<ReduceSegment> segments;
-  segments.reserve(rows.size());
-  for (size_t p = 0; p < rows.size(); ++p) {
-    const at::Tensor& r = rows[p];
-    segments.push_back({r.data_ptr(), r.data_ptr(), r.stride(0), r.stride(0), r.size(1),
+  segments.reserve(xs.size());
+  for (size_t p = 0; p < xs.size(); ++p) {
+    const StackRows r = stack_rows(xs[p], copies);
+    segments.push_back({r.data, r.data, r.row_stride, r.row_stride, r.n,
                         per_tensor ? static_cast<int64_t>(p) : 0});
   }
   run_reduce(kind, segments, k, k, /*symmetric=*/true, out);
@@ -194,14 +190,15 @@ at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
   const PairedRows rows = paired_rows(as, bs, op, "as", "bs");
   const int64_t m = rows.m, k = rows.k;
   const ScalarKind kind = scalar_kind(as[0], op, "as[0]");
-  const std::vector<at::Tensor>& a_rows = rows.a;
-  const std::vector<at::Tensor>& b_rows = rows.b;
   at::Tensor out = list_output(as[0], as.size(), per_tensor, m, k);
   if (out.numel() == 0) return out;
   std::vector<ReduceSegment> segments;
-  for (size_t p = 0; p < a_rows.size(); ++p) {
-    segments.push_back({a_rows[p].data_ptr(), b_rows[p].data_ptr(), a_rows[p].stride(0),
-                        b_rows[p].stride(0), a_rows[p].size(1), per_tensor ? static_cast<int64_t>(p) : 0});
+  segments.reserve(rows.a.size());
+  for (size_t p = 0; p < rows.a.size(); ++p) {
+    const StackRows& a = rows.a[p];
+    const StackRows& b = rows.b[p];
+    segments.push_back({a.data, b.data, a.row_stride, b.row_stride, a.n,
+                        per_tensor ? static_cast<int64_t>(p) : 0});
   }
   run_reduce(kind, segments, m, k, /*symmetric=*/false, out);
   return out;
@@ -212,20 +209,19 @@ at::Tensor gram_list_stacked(at::TensorList xs, at::TensorList ys, bool per_tens
   const PairedRows rows = paired_rows(xs, ys, op, "xs", "ys");
   const int64_t m = rows.m, k = rows.k;
   const ScalarKind kind = scalar_kind(xs[0], op, "xs[0]");
-  const std::vector<at::Tensor>& x_rows = rows.a;
-  const std::vector<at::Tensor>& y_rows = rows.b;
   const int64_t s = m + k;
   at::Tensor out = list_output(xs[0], xs.size(), per_tensor, s, s);
   if (out.numel() == 0) return out;
   std::vector<ReduceSegment> segments;
-  segments.reserve(x_rows.size());
-  for (size_t p = 0; p < x_rows.size(); ++p) {
+  segments.reserve(rows.a.size());
+  for (size_t p = 0; p < rows.a.size(); ++p) {
+    const StackRows& x = rows.a[p];
+    const StackRows& y = rows.b[p];
     // Rows 0..m-1 from xs[p], rows m..m+k-1 from ys[p]: one pass over both, no stacked copy.
-    ReduceSegment seg{x_rows[p].data_ptr(), x_rows[p].data_ptr(), x_rows[p].stride(0),
-                      x_rows[p].stride(0), y_rows[p].size(1),
+    ReduceSegment seg{x.data, x.data, x.row_stride, x.row_stride, y.n,
                       per_tensor ? static_cast<int64_t>(p) : 0};
-    seg.a2 = y_rows[p].data_ptr();
-    seg.a2_row_stride = y_rows[p].stride(0);
+    seg.a2 = y.data;
+    seg.a2_row_stride = y.row_stride;
     seg.a_split = m;
     segments.push_back(seg);
   }

@@ -1,0 +1,132 @@
+"""What a list op costs per call apart from the arithmetic: the host work of handling a model's
+parameter list (argument checks, one row view per tensor, grouping by dtype, the launch).
+
+On a GPU the arithmetic of a step is often shorter than this host work (ResNet-50, k = 8 on the
+H200: 0.66 ms of kernels inside a 2.0-3.5 ms step), so it sets the step time. The inputs here
+have the parameter *count* of the model but four values per tensor, so the times below are that
+per-call cost alone, the same on any device up to the speed of the host. Each of our calls is
+shown beside the raw registered op (``torch.ops.mtunlearn``: the dispatcher and the C++ entry
+without the Python wrapper, the least a Python caller can pay) and beside the plain-PyTorch code
+it replaces (concatenate, compute on the flat matrix, split back).
+
+On CUDA (``--device cuda``) each call is followed by a synchronisation, so a time there is the
+host work plus the launches' latency: what a training step waits for.
+
+Run (repository root)::
+
+    .venv/bin/python benchmarks/host_overhead.py [--models resnet50 vitb16] [--k 8]
+        [--device cuda] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import _bench_common as bc
+import torch
+
+from mtunlearn_ext import ops, surgery
+
+VALUES_PER_TENSOR = 4
+
+
+def contenders(model: str, k: int, device: str) -> list[bc.Contender]:
+    count = len(bc.MODEL_SHAPES[model]())
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(k, VALUES_PER_TENSOR, generator=gen).to(device) for _ in range(count)]
+    outs = [torch.zeros(VALUES_PER_TENSOR, device=device) for _ in range(count)]
+    forget = [x[:1] for x in xs]
+    retain = [x[1:] for x in xs]
+    projected = [torch.zeros(1, VALUES_PER_TENSOR, device=device) for _ in range(count)]
+    weights = torch.linspace(0.5, 1.5, k, device=device)
+    upgrad = surgery.UPGrad()
+    raw = torch.ops.mtunlearn
+
+    def cat_mm() -> torch.Tensor:
+        j = torch.cat([x.reshape(k, -1) for x in xs], dim=1)
+        return j @ j.T
+
+    def cat_mv_split() -> None:
+        bc.split_copy_(weights @ bc.flat_cat(xs), outs)
+
+    def cat_upgrad_split() -> None:
+        bc.split_copy_(upgrad(bc.flat_cat(xs)), outs)
+
+    def cat_project_split() -> None:
+        g, r = bc.flat_cat(forget), bc.flat_cat(retain)
+        coeffs = torch.linalg.solve(r @ r.T + 1e-6 * torch.eye(k - 1, device=device), r @ g.T)
+        bc.split_copy_((g - coeffs.T @ r)[0], projected)
+
+    calls = [
+        bc.Contender("ops.gram_list", lambda: ops.gram_list(xs)),
+        bc.Contender("raw mtunlearn::gram_list", lambda: raw.gram_list(xs, False),
+                     role="reference"),
+        bc.Contender("cat + mm", cat_mm, role="baseline", vs="ops.gram_list"),
+        bc.Contender("ops.combine_list", lambda: ops.combine_list(weights, xs, outs)),
+        bc.Contender("raw mtunlearn::combine_list_",
+                     lambda: raw.combine_list_(outs, weights, xs, 0.0, False), role="reference"),
+        bc.Contender("cat + mv + split-copy", cat_mv_split, role="baseline",
+                     vs="ops.combine_list"),
+        bc.Contender("surgery.aggregate_list(UPGrad)",
+                     lambda: surgery.aggregate_list(upgrad, xs, outs)),
+        bc.Contender("cat + UPGrad + split-copy", cat_upgrad_split, role="baseline",
+                     vs="surgery.aggregate_list(UPGrad)"),
+        bc.Contender("surgery.project_out_list",
+                     lambda: surgery.project_out_list(forget, retain, outs=projected)),
+        bc.Contender("cat + solve + split-copy", cat_project_split, role="baseline",
+                     vs="surgery.project_out_list"),
+    ]
+    if device == "cpu":
+        return calls
+    return [replace(c, fn=_synchronised(c.fn)) for c in calls]
+
+
+def _synchronised(fn: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vitb16"],
+                        choices=sorted(bc.MODEL_SHAPES))
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1: the host work is serial anyway)")
+    parser.add_argument("--json", type=Path, help="also write the samples here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, record = [], []
+    for model in args.models:
+        count = len(bc.MODEL_SHAPES[model]())
+        timings = bc.measure(contenders(model, args.k, args.device), repeats=30,
+                             ours_repeats=30)
+        by_name = {t.name: t for t in timings}
+        for t in timings:
+            versus = ""
+            if t.vs is not None and t.vs in by_name:
+                versus = f"{t.best / by_name[t.vs].best:.1f}x ours"
+            rows.append([model, str(count), t.name, f"{t.best * 1e6:.0f}",
+                         f"{t.median * 1e6:.0f}", versus])
+            record.append({"model": model, "tensors": count, "k": args.k, **t.as_dict()})
+    print(bc.markdown_table(["model", "tensors", "call", "best (us)", "median (us)",
+                             "baseline / ours"], rows))
+    where = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "host"
+    print(f"\n{bc.machine_info()['cpu']} ({where}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), k = {args.k}, {VALUES_PER_TENSOR} values per "
+          "tensor")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
