@@ -15,7 +15,8 @@ selected. Commands (repository root)::
 
 Each benchmark also checks its result against the float64 / plain-PyTorch value, so a fast but
 wrong op fails. Sizes: ``k = 8`` vectors of ``n = 2^18`` (1 MiB per fp32 row), a 24-tensor
-parameter list, solvers at ``k = 8`` and ``k = 64``. For the comparison tables at realistic sizes
+parameter list, ResNet-50's 159 parameters at four values each (the host work of a list
+projection), solvers at ``k = 8`` and ``k = 64``. For the comparison tables at realistic sizes
 (memory floor, TorchJD, LibMTL) see ``benchmarks/compare.py``.
 """
 
@@ -222,6 +223,46 @@ def test_combine_list_torch_cat_mm_split(benchmark: BenchmarkFixture,
     benchmark(lambda: bc.split_copy_(wx @ bc.flat_cat(stacks), outs))
     expected = weights.double() @ bc.flat_cat(stacks).double()
     _close(torch.cat([o.reshape(-1) for o in outs]), expected, stacks[0].dtype, baseline=True)
+
+
+# -- host work per call: a model's parameter count, four values per tensor ------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_stacks() -> list[torch.Tensor]:
+    """ResNet-50's 159 parameters as ``[K, 4]`` stacks: the per-call cost of a list, not its
+    arithmetic (``benchmarks/host_overhead.py`` prints the full table)."""
+    gen = torch.Generator().manual_seed(4)
+    return [torch.randn(K, 4, generator=gen) for _ in bc.MODEL_SHAPES["resnet50"]()]
+
+
+@pytest.mark.benchmark(group="host_project_out_list")
+def test_host_project_out_list(benchmark: BenchmarkFixture, tiny_stacks: list[torch.Tensor]
+                               ) -> None:
+    from mtunlearn_ext.surgery import project_out_list
+
+    g, basis = [s[:1] for s in tiny_stacks], [s[1:] for s in tiny_stacks]
+    outs = [torch.zeros(1, 4) for _ in tiny_stacks]
+    benchmark(lambda: project_out_list(g, basis, outs=outs))
+    expected = ops.project_out(bc.flat_cat(g).double(), bc.flat_cat(basis).double())
+    _close(bc.flat_cat(outs), expected, torch.float32)
+
+
+@pytest.mark.benchmark(group="host_project_out_list")
+def test_host_project_out_torch_cat_split(benchmark: BenchmarkFixture,
+                                          tiny_stacks: list[torch.Tensor]) -> None:
+    g, basis = [s[:1] for s in tiny_stacks], [s[1:] for s in tiny_stacks]
+    outs = [torch.zeros(1, 4) for _ in tiny_stacks]
+    eye = torch.eye(K - 1)
+
+    def cat_solve_split() -> None:
+        gf, bf = bc.flat_cat(g), bc.flat_cat(basis)
+        coeffs = torch.linalg.solve(bf @ bf.T + 1e-6 * eye, bf @ gf.T)
+        bc.split_copy_((gf - coeffs.T @ bf)[0], outs)
+
+    benchmark(cat_solve_split)
+    expected = ops.project_out(bc.flat_cat(g).double(), bc.flat_cat(basis).double())
+    _close(bc.flat_cat(outs), expected, torch.float32, baseline=True)
 
 
 # -- solvers (k x k, independent of n) -------------------------------------------------------------
