@@ -322,6 +322,48 @@ def test_lowest_gap_target_does_not_count_a_tie(evaluation, tmp_path, monkeypatc
     assert "does not count" in evaluation.to_markdown(summary)
 
 
+def test_seed_interval_enumerates_every_resample(evaluation):
+    # Two seeds with values 0 and 1: resample means 0, 0.5, 0.5, 1 (all four resamples).
+    low, high = evaluation.seed_interval(lambda idx: sum([0.0, 1.0][i] for i in idx) / 2, 2)
+    assert (low, high) == pytest.approx((0.075, 0.925))
+    # A statistic that does not depend on the resample has a zero-width interval.
+    assert evaluation.seed_interval(lambda idx: 3.0, 5) == (3.0, 3.0)
+    # Beyond six seeds: seeded draws, the same interval on every call.
+    draws = evaluation.seed_interval(lambda idx: float(sum(idx)), 8)
+    assert draws == evaluation.seed_interval(lambda idx: float(sum(idx)), 8)
+    assert draws[0] < 28.0 < draws[1]
+
+
+def test_summary_targets_carry_paired_seed_intervals(evaluation, tmp_path, monkeypatch):
+    """The UIS ratio's interval pairs the seeds: a method at 0.6x the baseline on every seed
+    has a zero-width interval however much the seeds' levels differ."""
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    methods = ["orthograd", "interference_aware"]
+    for seed, level in enumerate((1.0, 3.0, 2.0)):
+        values = {"orthograd": (level, 2.0), "interference_aware": (0.6 * level, 1.0 + seed)}
+        (runs / f"indoor-full-seed{seed}.json").write_text(json.dumps({
+            "config": {"seed": seed, "methods": methods,
+                       "method_configs": tuned_settings("full", methods)},
+            "request": {"target_tasks": ["a"]}, "recipe": {},
+            "models": {m: {"uis": u, "retrain_gap": g, "mia_auc": 0.5 + 0.01 * seed,
+                           "wall_time_s": 1.0, "metrics": {}} for m, (u, g) in values.items()}
+            | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
+               "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
+    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
+    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
+    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+    intervals = summary["indoor/full"]["targets"]["intervals_90"]
+    assert intervals["uis_ratio"] == pytest.approx((0.6, 0.6))
+    low, high = intervals["gap_difference"]  # seeds' gap differences -1, 0, 1
+    assert -1.0 < low < 0.0 < high < 1.0
+    low, high = intervals["mia_distance"]  # distances 0, 0.01, 0.02
+    assert 0.0 <= low < 0.01 < high <= 0.02
+    assert "[seeds 90%: 0.60 to 0.60]" in evaluation.to_markdown(summary)
+
+
 def test_refresh_reruns_methods_whose_settings_did_not_change(evaluation, tmp_path, monkeypatch):
     from argparse import Namespace
 
