@@ -561,14 +561,32 @@ def _score_tables(tuning_dir: Path, request: str, score: str = "proxy",
     return names, originals, complete
 
 
+def beats_on_every_run(challenger: Mapping[str, float], incumbent: Mapping[str, float]) -> bool:
+    """The incumbent rule: a setting replaces a preset only if it scores lower on *every*
+    selection run (benchmark x seed) that both were scored on, and on at least one.
+
+    Adopted in the twelfth session, before any further tuning round: three preset changes
+    (rounds 28, 35, 38) had won by mean margins the size of the differences between
+    neighbouring settings and moved the test split both ways. With four selection runs the
+    chance that a setting no better than the preset wins all four is 1/16, a one-sided sign
+    test at about 6%, where a lower mean alone is a coin flip."""
+    shared = set(challenger) & set(incumbent)
+    return bool(shared) and all(challenger[r] < incumbent[r] for r in shared)
+
+
 def select_settings(tuning_dir: Path, requests: Sequence[str],
-                    score: str = "proxy", benchmarks: Sequence[str] | None = None
+                    score: str = "proxy", benchmarks: Sequence[str] | None = None,
+                    incumbents: Mapping[str, Mapping[str, Any]] | None = None
                     ) -> dict[str, Any]:
     """Per request and method, the setting (step budget included) with the lowest ``score``
     (:data:`SELECT_SCORES`) averaged over the benchmarks whose tuning files are in
     ``tuning_dir``; only settings scored on every one of them compete. Returns ``{request:
     {method: {"settings", "score", "per_benchmark"}}}``, and ``"original"`` scores for
-    reference. ``benchmarks`` restricts the files to those benchmarks' (default: every one)."""
+    reference. ``benchmarks`` restricts the files to those benchmarks' (default: every one).
+
+    ``incumbents`` (request -> method -> preset settings) applies :func:`beats_on_every_run`:
+    a method whose preset was scored keeps it unless the best setting beats it on every run;
+    the kept entry says so (``"kept_preset": True``) and names the ``"challenger"``."""
     selected: dict[str, Any] = {}
     for request in requests:
         names, originals, tables = _score_tables(tuning_dir, request, score, benchmarks)
@@ -581,6 +599,15 @@ def select_settings(tuning_dir: Path, requests: Sequence[str],
             mean = statistics.fmean(per_file.values())
             if method not in best or mean < best[method]["score"]:
                 best[method] = {"settings": settings, "score": mean, "per_benchmark": per_file}
+        for method, preset in ((incumbents or {}).get(request) or {}).items():
+            key = _setting_key({"method": method, "settings": preset})
+            if method not in best or key not in tables or best[method]["settings"] == preset:
+                continue
+            kept = tables[key]
+            if not beats_on_every_run(best[method]["per_benchmark"], kept):
+                best[method] = {"settings": dict(preset), "score": statistics.fmean(kept.values()),
+                                "per_benchmark": kept, "kept_preset": True,
+                                "challenger": best[method]}
         selected[request] = {"original": originals, "methods": best}
     return selected
 
@@ -673,6 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --select: rank by the selection score ('proxy') or by its "
                              "mean with UIS on the validation split ('aligned'; only runs "
                              "tuned with validation metrics compete)")
+    parser.add_argument("--incumbent-rule", action="store_true",
+                        help="with --select: keep each method's preset (presets.py, --recipe) "
+                             "unless a setting scores lower on every selection run (the rule "
+                             "of every tuning round from round 39 on; see beats_on_every_run)")
     parser.add_argument("--per-benchmark", action="store_true",
                         help="with --select: pick every method's setting on each benchmark of "
                              "--benchmarks alone (the same rule), and print the method's score "
@@ -701,15 +732,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_tuning(args)
     if args.select:
         tuning_dir = Path(args.output_dir) / "tuning"
-        selected = select_settings(tuning_dir, args.requests, args.select_score)
+        incumbents = ({r: tuned_settings(r, args.methods, args.recipe) for r in args.requests}
+                      if args.incumbent_rule else None)
+        selected = select_settings(tuning_dir, args.requests, args.select_score,
+                                   incumbents=incumbents)
         if args.grid_csv:
             count = write_grid_csv(tuning_dir, args.requests, Path(args.grid_csv))
             print(f"{args.grid_csv}: {count} settings")
         name = "selected.json" if args.select_score == "proxy" else \
             f"selected-{args.select_score}.json"
         if args.per_benchmark:
-            selected = {b: select_settings(tuning_dir, args.requests, args.select_score, [b])
-                        for b in args.benchmarks}
+            selected = {b: select_settings(tuning_dir, args.requests, args.select_score, [b],
+                                           incumbents) for b in args.benchmarks}
             name = name.replace(".json", "-per-benchmark.json")
         write_json_atomic(Path(args.output_dir) / "tuning" / name, _plain(selected))
         for label, picks in (selected.items() if args.per_benchmark else [("", selected)]):
@@ -719,6 +753,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for method, row in block["methods"].items():
                     print(f"  {method:22s} score={row['score']:.3f} {row['settings']} "
                           f"{ {k: round(v, 3) for k, v in row['per_benchmark'].items()} }")
+                    if row.get("kept_preset"):
+                        challenger = row["challenger"]
+                        print(f"  {'':22s} preset kept: the best other setting "
+                              f"({challenger['score']:.3f}, {challenger['settings']}) is not "
+                              f"lower on every run "
+                              f"{ {k: round(v, 3) for k, v in challenger['per_benchmark'].items()} }")
                 print("  " + _ratio_line(block["methods"]))
         return 0
     output_dir = Path(args.output_dir)

@@ -179,6 +179,38 @@ def test_per_benchmark_selection_picks_on_each_benchmark_alone(evaluation, tmp_p
     assert "interference_aware vs best baseline (finetune): 0.500 / 1.000 = 0.50x" in printed
 
 
+@pytest.mark.parametrize("street_score, replaced", [(1.9, True), (2.1, False)],
+                         ids=["lower-everywhere", "lower-mean-only"])
+def test_incumbent_rule_keeps_the_preset_unless_beaten_on_every_run(evaluation, tmp_path,
+                                                                    street_score, replaced):
+    preset, challenger = {"lr": 1e-3, "steps": 10}, {"lr": 3e-3, "steps": 10}
+    # The challenger has the lower mean either way (1.0 + 1.9 or 1.0 + 2.1 against 3.0 + 2.0).
+    _tuning_file(tmp_path / "indoor-full-seed0.json", 9.0,
+                 [("finetune", preset, 3.0), ("finetune", challenger, 1.0)])
+    _tuning_file(tmp_path / "street-full-seed0.json", 9.0,
+                 [("finetune", preset, 2.0), ("finetune", challenger, street_score)])
+    plain = evaluation.select_settings(tmp_path, ["full"])["full"]["methods"]["finetune"]
+    assert plain["settings"] == challenger
+    ruled = evaluation.select_settings(tmp_path, ["full"],
+                                       incumbents={"full": {"finetune": preset}})
+    pick = ruled["full"]["methods"]["finetune"]
+    assert pick["settings"] == (challenger if replaced else preset)
+    assert pick.get("kept_preset", False) is not replaced
+    if not replaced:
+        assert pick["score"] == pytest.approx(2.5)
+        assert pick["challenger"]["settings"] == challenger
+    # A preset never scored cannot be kept: the plain selection stands.
+    unscored = evaluation.select_settings(tmp_path, ["full"],
+                                          incumbents={"full": {"finetune": {"lr": 9.0}}})
+    assert unscored["full"]["methods"]["finetune"]["settings"] == challenger
+
+
+def test_beats_on_every_run_needs_a_shared_run(evaluation):
+    assert evaluation.beats_on_every_run({"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 1.5})
+    assert not evaluation.beats_on_every_run({"a": 1.0, "b": 1.5}, {"a": 2.0, "b": 1.5})
+    assert not evaluation.beats_on_every_run({"a": 1.0}, {"b": 2.0})
+
+
 def test_aligned_selection_adds_validation_uis_and_skips_runs_without_it(evaluation, tmp_path):
     a, b, old = {"lr": 1e-3, "steps": 10}, {"lr": 1e-2, "steps": 20}, {"lr": 1.0, "steps": 5}
     for name, proxy_a, proxy_b in (("indoor", 2.0, 1.0), ("street", 2.0, 1.0)):

@@ -476,3 +476,19 @@ CHECKPOINTS=25 two_seed_round partial '{"interference_aware": [{"lr": [3e-4],
 select_over_two_seeds
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
   --grid-csv benchmarks/results/unlearning/memorising_grid.csv   # the seed-0 record
+# --- Twelfth session: the incumbent rule, decided before any further round (no round run yet).
+# From round 39 on a setting replaces a preset only if its aligned score is lower on every one
+# of the four selection runs (two benchmarks x two seeds): `--incumbent-rule`. On the past
+# rounds' selection data it takes round 28 (4 of 4 runs lower) and refuses rounds 35 and 38
+# (2 of 4 each); the presets stay as they are (the rule came after their test results).
+select_over_two_seeds_ruled() {
+  mkdir -p runs/unlearning_eval_memorising_two_seeds/tuning
+  cp runs/unlearning_eval_memorising/tuning/*-seed0.json \
+    runs/unlearning_eval_memorising_seed1/tuning/*-seed1.json \
+    runs/unlearning_eval_memorising_two_seeds/tuning/
+  .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
+    --incumbent-rule --output-dir runs/unlearning_eval_memorising_two_seeds \
+    --grid-csv benchmarks/results/unlearning/memorising_two_seed_grid.csv
+  cp runs/unlearning_eval_memorising_two_seeds/tuning/selected-aligned.json \
+    benchmarks/results/unlearning/memorising_selection.json
+}
