@@ -192,3 +192,26 @@ def test_solvers_match_cpu(k: int, dtype: torch.dtype) -> None:
     assert torch.isnan(ops.ridge_solve(bad.cuda(), rhs.cuda(), ridge=1e-6)[0]).all()
     assert torch.isnan(ops.nonconflicting_dual(bad.cuda(), c.cuda())[0]).all()
     assert torch.isfinite(ops.nonconflicting_dual(bad.cuda(), c.cuda())[1]).all()
+
+
+def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
+    """A mixed list dispatches to the CUDA entry (CUDA outranks CPU), which must refuse it; the
+    wrapper then names the tensor as the reference path does (the Python checks run only after
+    the C++ entry refused)."""
+    from mtunlearn_ext import ops
+
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"`xs\[1\]` is on cpu"):
+        ops.gram_list([x.cuda(), x])
+    with pytest.raises(ValueError, match=r"`bs\[0\]` is on cpu"):
+        ops.inner_list([x[:1].cuda()], [x])
+    outs = [torch.zeros(4, device="cuda")]
+    with pytest.raises(ValueError, match=r"`bases\[0\]` is on cpu"):
+        ops.combine_list(torch.ones(3, device="cuda"), [x.cuda()], outs, beta=1.0,
+                         bases=[torch.zeros(4)])
+    assert bool((outs[0] == 0).all())
+    # Projections read g as the combine base: new outputs equal the CPU path's.
+    g, basis = [torch.randn(1, 6, 5)], [torch.randn(4, 6, 5)]
+    cpu = project_out_list(g, basis)
+    gpu = project_out_list([t.cuda() for t in g], [t.cuda() for t in basis])
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=2e-4, atol=2e-4)

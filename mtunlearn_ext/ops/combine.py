@@ -10,10 +10,10 @@ from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     check_finite_result,
-    checked_list_call,
     check_float_tensor,
     check_same_device,
     check_same_dtype,
+    checked_list_call,
 )
 
 

@@ -15,10 +15,10 @@ from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     check_finite_result,
-    checked_list_call,
     check_float_tensor,
     check_same_device,
     check_same_dtype,
+    checked_list_call,
 )
 
 
@@ -39,21 +39,17 @@ def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_nam
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(f"{op}: {a_name}[{p}] and {b_name}[{p}] must share their trailing "
                              f"shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    named = _named_pairs(a_name, a_list, b_name, b_list)
+    named = list(_named_pairs(a_name, a_list, b_name, b_list))
     check_same_device(op, named)
     check_same_dtype(op, named)
     return named
 
 
 def _named_pairs(a_name: str, a_list: list[torch.Tensor], b_name: str,
-                 b_list: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    return ([(f"{a_name}[{p}]", a) for p, a in enumerate(a_list)]
-            + [(f"{b_name}[{p}]", b) for p, b in enumerate(b_list)])
-
-
-def _lazy_named_pairs(a_name: str, a_list: list[torch.Tensor], b_name: str,
-                      b_list: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from _named_pairs(a_name, a_list, b_name, b_list)
+                 b_list: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of both lists with their names, lazily (only a failing check reads them)."""
+    yield from ((f"{a_name}[{p}]", a) for p, a in enumerate(a_list))
+    yield from ((f"{b_name}[{p}]", b) for p, b in enumerate(b_list))
 
 
 def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
@@ -67,7 +63,7 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
         lambda: getattr(_reference, name)(a_list, b_list, per_tensor),
         lambda: _check_paired_stacks(op, a_name, a_list, b_name, b_list))
     if check_finite:
-        check_finite_result(op, result, _lazy_named_pairs(a_name, a_list, b_name, b_list))
+        check_finite_result(op, result, _named_pairs(a_name, a_list, b_name, b_list))
     return result
 
 
