@@ -176,11 +176,23 @@ def _summed_by_class(op: Callable[..., torch.Tensor], lists: Sequence[Sequence[t
     output is ``size``) summed over the parameters, or per layer (``[L, *size]``): one call per
     dtype class of ``lists[0]``, accumulated in :func:`stats_dtype`."""
     first = lists[0]
+    classes = dtype_classes(first)
+    if len(classes) == 1:
+        # One dtype, the usual case: one call on the lists as given (the op refuses a second
+        # dtype in any of them, so its result is already in the accumulation dtype).
+        if layers is None:
+            return op(*lists, check_finite=check_finite)
+        per_tensor = op(*lists, per_tensor=True, check_finite=check_finite)
+        if num_layers == len(first) and layers == list(range(num_layers)):
+            return per_tensor
+        total = per_tensor.new_zeros((num_layers, *size))
+        ids = torch.tensor(layers, device=per_tensor.device)
+        return total.index_add_(0, ids, per_tensor)
     out_dtype = stats_dtype([t for tensors in lists for t in tensors])
     device = first[0].device
     total = torch.zeros(size if layers is None else (num_layers, *size), dtype=out_dtype,
                         device=device)
-    for cls in dtype_classes(first):
+    for cls in classes:
         members = [[tensors[i] for i in cls] for tensors in lists]
         if layers is None:
             total += op(*members, check_finite=check_finite).to(out_dtype)
@@ -229,12 +241,12 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
     Tensors are grouped by (dtype, beta), each group one ``combine_list`` call (per layer, the
     coefficient blocks are gathered per tensor): usually a single call for the whole list.
     """
-    keys = [(x.dtype, float(beta)) for x, beta in zip(xs, betas)]
-    if keys.count(keys[0]) == len(keys):  # the usual case: one call, no grouping
-        groups = {keys[0]: list(range(len(keys)))}
+    dtypes = [x.dtype for x in xs]
+    if dtypes.count(dtypes[0]) == len(dtypes) and betas.count(betas[0]) == len(betas):
+        groups = {(dtypes[0], float(betas[0])): list(range(len(xs)))}  # the usual case: one call
     else:
         groups = {}
-        for p, key in enumerate(keys):
+        for p, key in enumerate(zip(dtypes, map(float, betas))):
             groups.setdefault(key, []).append(p)
     for (_, beta), members in groups.items():
         if len(members) == len(xs):
