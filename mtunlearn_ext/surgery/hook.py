@@ -85,6 +85,22 @@ def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(found.values())
 
 
+def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], *,
+           add: bool) -> None:
+    """``slots[p] = grads[p]`` (``+=`` with ``add``; zero where a gradient is ``None``), as a
+    few multi-tensor ops over the whole list instead of one op (one CUDA launch) per tensor:
+    a model's parameter list has hundreds of tensors, stored ``k`` times per step."""
+    present = [(slot, g) for slot, g in zip(slots, grads) if g is not None]
+    if present:
+        dst, src = zip(*present)
+        if add:
+            torch._foreach_add_(list(dst), list(src))
+        else:
+            torch._foreach_copy_(list(dst), list(src))
+    if not add and len(present) < len(slots):
+        torch._foreach_zero_([slot for slot, g in zip(slots, grads) if g is None])
+
+
 class GradientSurgery:
     """Apply an aggregator to per-task gradients of the shared parameters, into ``.grad``.
 
@@ -242,27 +258,14 @@ class GradientSurgery:
             eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
             grads = torch.autograd.grad(stacked, inputs, grad_outputs=eye, is_grads_batched=True,
                                         retain_graph=retain_graph, allow_unused=True)
-            for p, g in enumerate(grads[:n_shared]):
-                if g is None:
-                    if not add:
-                        stacks[p].zero_()
-                elif add:
-                    stacks[p].add_(g)
-                else:
-                    stacks[p].copy_(g)
+            _store(stacks, grads[:n_shared], add=add)
             head_sums = [None if g is None else g.sum(0) for g in grads[n_shared:]]
         else:
+            rows = [s.unbind(0) for s in stacks]  # rows[p][t]: task t's slot of parameter p
             for t, loss in enumerate(losses):
                 keep = retain_graph or t < k - 1
                 grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-                for p, g in enumerate(grads[:n_shared]):
-                    if g is None:
-                        if not add:
-                            stacks[p][t].zero_()
-                    elif add:
-                        stacks[p][t].add_(g)
-                    else:
-                        stacks[p][t].copy_(g)
+                _store([r[t] for r in rows], grads[:n_shared], add=add)
                 for h, g in enumerate(grads[n_shared:]):
                     if g is not None:
                         # Out of place: autograd may hand back expanded (stride-0) gradients.
@@ -287,18 +290,14 @@ class GradientSurgery:
         stash = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
+        rows = [s.unbind(0) for s in stacks]
         try:
             for t, loss in enumerate(losses):
                 loss.backward(retain_graph=retain_graph or t < k - 1)
-                for p, param in enumerate(self.params):
-                    g = param.grad
-                    if g is None:
-                        if not add:
-                            stacks[p][t].zero_()
-                    elif add:
-                        stacks[p][t].add_(local_tensor(g))
-                    else:
-                        stacks[p][t].copy_(local_tensor(g))
+                _store([r[t] for r in rows],
+                       [None if p.grad is None else local_tensor(p.grad) for p in self.params],
+                       add=add)
+                for param in self.params:
                     param.grad = None
         finally:
             for param, g in zip(self.params, stash):
