@@ -88,10 +88,12 @@ class PerSampleMemory:
         capacity = self.capacity
         start = self._next
         first = min(rows, capacity - start)
-        for buffer, stack in zip(self._buffers, stacks):
-            buffer[start:start + first].copy_(stack[:first])
-            if first < rows:
-                buffer[:rows - first].copy_(stack[first:])
+        # Multi-tensor copies: one launch per chunk of parameters, not one per parameter.
+        torch._foreach_copy_([buffer[start:start + first] for buffer in self._buffers],
+                             [stack[:first] for stack in stacks])
+        if first < rows:
+            torch._foreach_copy_([buffer[:rows - first] for buffer in self._buffers],
+                                 [stack[first:] for stack in stacks])
         self._next = (start + rows) % capacity
         self.filled = min(self.filled + rows, capacity)
         # Row order does not matter to a projection on the span, so the filled rows are always

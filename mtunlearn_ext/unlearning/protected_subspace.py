@@ -97,9 +97,8 @@ class ProtectedSubspace:
             raise ValueError(f"ProtectedSubspace.push: one tensor per parameter "
                              f"({len(self.buffers)}), got {len(grads)}")
         slot = self.count % self.k
-        with torch.no_grad():
-            for buffer, g in zip(self.buffers, grads):
-                buffer[slot].copy_(g)
+        with torch.no_grad():  # one multi-tensor copy, not a launch per parameter
+            torch._foreach_copy_([buffer[slot] for buffer in self.buffers], grads)
         self.count += 1
         self._gram = None
 
