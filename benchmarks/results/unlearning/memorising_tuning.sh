@@ -223,12 +223,12 @@ wait
 #     gradient ascent 30 -> 10 steps) and kept the method's and OrthoGrad's.
 # The aligned selection over both seeds' tuning files (only settings scored on all of them
 # compete): the two-seed grid CSV and the selection file the presets follow.
-select_over_two_seeds() {
+select_over_two_seeds() {  # extra arguments go to --select (from round 39: --incumbent-rule)
   mkdir -p runs/unlearning_eval_memorising_two_seeds/tuning
   cp runs/unlearning_eval_memorising/tuning/*-seed0.json \
     runs/unlearning_eval_memorising_seed1/tuning/*-seed1.json \
     runs/unlearning_eval_memorising_two_seeds/tuning/
-  .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
+  .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned "$@" \
     --output-dir runs/unlearning_eval_memorising_two_seeds \
     --grid-csv benchmarks/results/unlearning/memorising_two_seed_grid.csv
   cp runs/unlearning_eval_memorising_two_seeds/tuning/selected-aligned.json \
@@ -481,14 +481,4 @@ select_over_two_seeds
 # of the four selection runs (two benchmarks x two seeds): `--incumbent-rule`. On the past
 # rounds' selection data it takes round 28 (4 of 4 runs lower) and refuses rounds 35 and 38
 # (2 of 4 each); the presets stay as they are (the rule came after their test results).
-select_over_two_seeds_ruled() {
-  mkdir -p runs/unlearning_eval_memorising_two_seeds/tuning
-  cp runs/unlearning_eval_memorising/tuning/*-seed0.json \
-    runs/unlearning_eval_memorising_seed1/tuning/*-seed1.json \
-    runs/unlearning_eval_memorising_two_seeds/tuning/
-  .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
-    --incumbent-rule --output-dir runs/unlearning_eval_memorising_two_seeds \
-    --grid-csv benchmarks/results/unlearning/memorising_two_seed_grid.csv
-  cp runs/unlearning_eval_memorising_two_seeds/tuning/selected-aligned.json \
-    benchmarks/results/unlearning/memorising_selection.json
-}
+# Every round from 39 on selects with: select_over_two_seeds --incumbent-rule
