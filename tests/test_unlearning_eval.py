@@ -354,6 +354,36 @@ def test_lowest_gap_target_does_not_count_a_tie(evaluation, tmp_path, monkeypatc
     assert "does not count" in evaluation.to_markdown(summary)
 
 
+def test_gap_against_the_baselines_alone_is_reported_beside_the_target(evaluation, tmp_path,
+                                                                        monkeypatch):
+    """An ablation that is the method's own configuration ties it; the summary then says the
+    target is not met as stated and that the method is the lowest against the baselines."""
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    methods = ["orthograd", "interference_aware", "interference_aware_no_task"]
+    gaps = {"orthograd": 2.0, "interference_aware": 1.5, "interference_aware_no_task": 1.5}
+    (runs / "indoor-full-seed0.json").write_text(json.dumps({
+        "config": {"seed": 0, "methods": methods,
+                   "method_configs": tuned_settings("full", methods)},
+        "request": {"target_tasks": ["a"]}, "recipe": {},
+        "models": {m: {"uis": 1.0, "retrain_gap": g, "mia_auc": 0.5, "wall_time_s": 1.0,
+                       "metrics": {}} for m, g in gaps.items()}
+        | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
+           "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
+    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
+    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
+    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+    targets = summary["indoor/full"]["targets"]
+    assert targets["gap_ok"] is False
+    assert targets["lowest_gap_other"] == "interference_aware_no_task"
+    assert targets["gap_below_baselines"] is True
+    assert targets["lowest_gap_baseline"] == "orthograd"
+    assert "against the baselines alone (lowest `orthograd`, 2.000): lowest" in \
+        evaluation.to_markdown(summary)
+
+
 def test_seed_interval_enumerates_every_resample(evaluation):
     # Two seeds with values 0 and 1: resample means 0, 0.5, 0.5, 1 (all four resamples).
     low, high = evaluation.seed_interval(lambda idx: sum([0.0, 1.0][i] for i in idx) / 2, 2)
