@@ -327,27 +327,38 @@ def test_summary_leaves_out_runs_with_other_settings(evaluation, tmp_path, capsy
     assert "indoor-full-seed1.json" in capsys.readouterr().err
 
 
+def _full_run(tmp_path: Path, seed: int, methods: list[str],
+              models: dict[str, tuple[float, float, float]]) -> None:
+    """One indoor full-request run file with the current presets; ``models`` maps each method
+    to its (UIS, retrain gap, attack AUC)."""
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    runs = tmp_path / "runs"
+    runs.mkdir(exist_ok=True)
+    (runs / f"indoor-full-seed{seed}.json").write_text(json.dumps({
+        "config": {"seed": seed, "methods": methods,
+                   "method_configs": tuned_settings("full", methods)},
+        "request": {"target_tasks": ["a"]}, "recipe": {},
+        "models": {m: {"uis": u, "retrain_gap": g, "mia_auc": a, "wall_time_s": 1.0,
+                       "metrics": {}} for m, (u, g, a) in models.items()}
+        | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
+           "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
+
+
+def _summarize_full_runs(evaluation, tmp_path: Path, monkeypatch, methods: list[str]) -> dict:
+    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
+    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
+    return evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+
+
 @pytest.mark.parametrize("other_gap, lowest", [(2.0, True), (1.503, False), (1.0, False)],
                          ids=["lower", "tie", "higher"])
 def test_lowest_gap_target_does_not_count_a_tie(evaluation, tmp_path, monkeypatch,
                                                 other_gap, lowest):
-    from mtunlearn_ext.unlearning.presets import tuned_settings
-
-    runs = tmp_path / "runs"
-    runs.mkdir()
     methods = ["orthograd", "interference_aware"]
-    gaps = {"orthograd": other_gap, "interference_aware": 1.5}
-    (runs / "indoor-full-seed0.json").write_text(json.dumps({
-        "config": {"seed": 0, "methods": methods,
-                   "method_configs": tuned_settings("full", methods)},
-        "request": {"target_tasks": ["a"]}, "recipe": {},
-        "models": {m: {"uis": 1.0, "retrain_gap": g, "mia_auc": 0.5, "wall_time_s": 1.0,
-                       "metrics": {}} for m, g in gaps.items()}
-        | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
-           "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
-    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
-    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
-    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, other_gap, 0.5),
+                                     "interference_aware": (1.0, 1.5, 0.5)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
     targets = summary["indoor/full"]["targets"]
     assert targets["gap_ok"] is lowest
     assert targets["lowest_gap_other"] == "orthograd"
@@ -358,23 +369,11 @@ def test_gap_against_the_baselines_alone_is_reported_beside_the_target(evaluatio
                                                                         monkeypatch):
     """An ablation that is the method's own configuration ties it; the summary then says the
     target is not met as stated and that the method is the lowest against the baselines."""
-    from mtunlearn_ext.unlearning.presets import tuned_settings
-
-    runs = tmp_path / "runs"
-    runs.mkdir()
     methods = ["orthograd", "interference_aware", "interference_aware_no_task"]
-    gaps = {"orthograd": 2.0, "interference_aware": 1.5, "interference_aware_no_task": 1.5}
-    (runs / "indoor-full-seed0.json").write_text(json.dumps({
-        "config": {"seed": 0, "methods": methods,
-                   "method_configs": tuned_settings("full", methods)},
-        "request": {"target_tasks": ["a"]}, "recipe": {},
-        "models": {m: {"uis": 1.0, "retrain_gap": g, "mia_auc": 0.5, "wall_time_s": 1.0,
-                       "metrics": {}} for m, g in gaps.items()}
-        | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
-           "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
-    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
-    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
-    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, 2.0, 0.5),
+                                     "interference_aware": (1.0, 1.5, 0.5),
+                                     "interference_aware_no_task": (1.0, 1.5, 0.5)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
     targets = summary["indoor/full"]["targets"]
     assert targets["gap_ok"] is False
     assert targets["lowest_gap_other"] == "interference_aware_no_task"
@@ -399,24 +398,13 @@ def test_seed_interval_enumerates_every_resample(evaluation):
 def test_summary_targets_carry_paired_seed_intervals(evaluation, tmp_path, monkeypatch):
     """The UIS ratio's interval pairs the seeds: a method at 0.6x the baseline on every seed
     has a zero-width interval however much the seeds' levels differ."""
-    from mtunlearn_ext.unlearning.presets import tuned_settings
-
-    runs = tmp_path / "runs"
-    runs.mkdir()
     methods = ["orthograd", "interference_aware"]
     for seed, level in enumerate((1.0, 3.0, 2.0)):
-        values = {"orthograd": (level, 2.0), "interference_aware": (0.6 * level, 1.0 + seed)}
-        (runs / f"indoor-full-seed{seed}.json").write_text(json.dumps({
-            "config": {"seed": seed, "methods": methods,
-                       "method_configs": tuned_settings("full", methods)},
-            "request": {"target_tasks": ["a"]}, "recipe": {},
-            "models": {m: {"uis": u, "retrain_gap": g, "mia_auc": 0.5 + 0.01 * seed,
-                           "wall_time_s": 1.0, "metrics": {}} for m, (u, g) in values.items()}
-            | {"retrained": {"uis": 0.0, "mia_auc": 0.5, "wall_time_s": 10.0, "metrics": {}},
-               "original": {"uis": 3.0, "mia_auc": 0.6, "metrics": {}}}}))
-    monkeypatch.setattr(evaluation, "_original_uis", lambda result: 3.0)
-    monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
-    summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
+        attack = 0.5 + 0.01 * seed
+        _full_run(tmp_path, seed, methods, {"orthograd": (level, 2.0, attack),
+                                            "interference_aware": (0.6 * level, 1.0 + seed,
+                                                                   attack)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
     intervals = summary["indoor/full"]["targets"]["intervals_90"]
     assert intervals["uis_ratio"] == pytest.approx((0.6, 0.6))
     low, high = intervals["gap_difference"]  # seeds' gap differences -1, 0, 1
