@@ -25,8 +25,10 @@ UIS <= 0.7x (full) / 0.5x (partial) the best baseline's, the lowest retrain gap 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -143,13 +145,11 @@ def seed_interval(statistic: Callable[[Sequence[int]], float], num_seeds: int,
 
     ``statistic`` gets the indices of one resample (e.g. the ratio of two methods' mean UIS over
     those seeds, paired by seed). Up to 6 seeds every one of the ``n^n`` resamples is taken
-    (exact, no randomness); beyond, 5000 draws of a fixed generator. With 5 seeds the interval
-    is coarse, and it shows only the seed-to-seed spread of a fixed setting, not the selection's
-    own noise: it says whether a target is missed or met by more than the seeds disagree.
+    (exact, no randomness); beyond, 5000 draws of a fixed generator. With a handful of seeds the
+    interval is coarse, and it shows only the seed-to-seed spread of a fixed setting, not the
+    selection's own noise: it says whether a target is missed or met by more than the seeds
+    disagree.
     """
-    import itertools
-    import random
-
     if num_seeds <= 6:
         resamples: Sequence[Sequence[int]] = list(
             itertools.product(range(num_seeds), repeat=num_seeds))
