@@ -157,15 +157,14 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
     for (int e = rank; e < k; e += size) out[e] = static_cast<A>(0.0);
     return;
   }
-  const double tol = 1e-13 * scale;
-  const int max_sweeps = 200 + 40 * k;
+  const double tol = solvers::dual_tolerance(scale);
+  const int max_sweeps = solvers::dual_max_sweeps(k);
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     double largest = 0.0;
     for (int i = 0; i < k; ++i) {
       const double gii = g[i * k + i];
       if (!(gii > 0.0)) continue;
-      double next = s_w[i] - s_grad[i] / gii;
-      if (next < 0.0) next = 0.0;
+      const double next = solvers::dual_coordinate_step(s_w[i], s_grad[i], gii);
       const double delta = next - s_w[i];
       if (delta != 0.0) {  // the same on every thread
         block.sync();      // everyone has read s_w[i] and s_grad[i]

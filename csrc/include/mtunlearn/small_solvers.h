@@ -25,6 +25,17 @@ MTU_HD bool is_finite(double v) { return v - v == 0.0; }  // false for NaN and +
 
 // lambda = ridge * trace(G) / k (+ the smallest normal double, so that an all-zero Gram still
 // yields an invertible system). Must match mtunlearn_ext.ops._reference.ridge_lambda.
+// The dual coordinate descent of nonconflicting_dual, shared with its block form
+// (block_solvers.h) so that both run the same operations in the same order: the tolerance on
+// the largest step of a sweep, the sweep budget, and one coordinate's projected Newton step
+// (w_i >= 0).
+MTU_HD double dual_tolerance(double scale) { return 1e-13 * scale; }
+MTU_HD int dual_max_sweeps(int k) { return 200 + 40 * k; }
+MTU_HD double dual_coordinate_step(double w, double grad, double gii) {
+  const double next = w - grad / gii;
+  return next < 0.0 ? 0.0 : next;
+}
+
 MTU_HD double ridge_lambda(const double* gram, int k, double ridge) {
   double trace = 0.0;
   for (int i = 0; i < k; ++i) trace += gram[i * k + i];
@@ -139,15 +150,14 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
     if (gii > 0.0) scale = dmax(scale, dabs(c[i]) / sqrt(gii));
   }
   if (scale == 0.0) return;  // g is orthogonal to every r_j (or every r_j is zero)
-  const double tol = 1e-13 * scale;
-  const int max_sweeps = 200 + 40 * k;
+  const double tol = dual_tolerance(scale);
+  const int max_sweeps = dual_max_sweeps(k);
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     double largest = 0.0;
     for (int i = 0; i < k; ++i) {
       const double gii = gram[i * k + i];
       if (!(gii > 0.0)) continue;  // r_i = 0: its constraint always holds
-      double next = w[i] - grad[i] / gii;
-      if (next < 0.0) next = 0.0;
+      const double next = dual_coordinate_step(w[i], grad[i], gii);
       const double delta = next - w[i];
       if (delta != 0.0) {
         w[i] = next;
