@@ -75,25 +75,30 @@ def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str
     )
 
 
+def check_on_failure(body: Callable[[], _Result], check: Callable[[], object]) -> _Result:
+    """Run ``body``; only if it raises, run ``check`` (which raises an error naming the wrong
+    argument in the caller's words) before re-raising.
+
+    The compiled list ops check every tensor of their lists in C++ (type, shape, dtype, device),
+    so per-tensor checks in Python on every call (~1 us per tensor, hundreds of tensors per
+    step) are paid only when something is wrong. Under tracing (``torch.compile``) ``check``
+    runs first: it costs nothing at run time there.
+    """
+    if torch.compiler.is_compiling():
+        check()
+        return body()
+    try:
+        return body()
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+        check()
+        raise
+
+
 def checked_list_call(compiled: Callable[[], _Result], reference: Callable[[], _Result],
                       check: Callable[[], object]) -> _Result:
-    """Run a list op, checking its arguments in Python only where that costs nothing.
-
-    The compiled list ops check every tensor of their lists in C++ (type, shape, dtype, device;
-    the same conditions as ``check``). Repeating those checks in Python costs more than the op
-    itself on a model's parameter list (hundreds of tensors: ~1 us of attribute lookups each),
-    so on the compiled eager path ``check`` runs only after the op has raised, to give the error
-    the wording of the reference path. The reference path and tracing (``torch.compile``, where
-    the checks run once at trace time) check first.
-    """
+    """Run a list op: the compiled one through :func:`check_on_failure`, or, without the
+    extension, the reference after ``check`` (the references do not check their arguments)."""
     if not has_extension():
         check()
         return reference()
-    if torch.compiler.is_compiling():
-        check()
-        return compiled()
-    try:
-        return compiled()
-    except (RuntimeError, TypeError, ValueError, IndexError):
-        check()
-        raise
+    return check_on_failure(compiled, check)

@@ -10,13 +10,10 @@ dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 import torch
 
 from mtunlearn_ext import ops
-
-_Result = TypeVar("_Result")
 
 #: A reduction of coefficient-space statistics across processes (identity when single-process):
 #: Gram matrices and inner products are sums over parameter coordinates, so shards reduce by SUM.
@@ -99,25 +96,6 @@ def dtype_classes(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     for i, dtype in enumerate(dtypes):
         groups.setdefault(dtype, []).append(i)
     return list(groups.values())
-
-
-def checked_on_failure(body: Callable[[], _Result], checks: Callable[[], object]) -> _Result:
-    """Run ``body``; only if it raises, run the argument ``checks`` (which raise an error naming
-    this layer's argument) before re-raising.
-
-    The list ops check every tensor of their lists in C++, so repeating the per-tensor checks of
-    this layer in Python on every call (~1 us per tensor, hundreds of tensors per step) is paid
-    only when something is wrong. Under tracing (``torch.compile``) the checks run first: they
-    cost nothing at run time there.
-    """
-    if torch.compiler.is_compiling():
-        checks()
-        return body()
-    try:
-        return body()
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
-        checks()
-        raise
 
 
 def check_stacks(op: str, name: str, stacks: Sequence[torch.Tensor], k: int | None = None) -> int:

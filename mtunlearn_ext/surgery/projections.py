@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import torch
 
 from mtunlearn_ext import ops
+from mtunlearn_ext.ops._checks import check_on_failure
 from mtunlearn_ext.surgery._tensor_lists import (
     StatsReduce,
     check_paired,
     check_same_length,
     check_stacks,
-    checked_on_failure,
     combine_into,
     gram_stats,
     guard_nonfinite,
@@ -206,7 +206,7 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
                      check_finite=check_finite)
         return (targets, coeffs) if return_coeffs else targets
 
-    return checked_on_failure(project, lambda: _check_projection_args(
+    return check_on_failure(project, lambda: _check_projection_args(
         op, "g_list", g_list, "basis_list", basis_list, outs))
 
 
@@ -258,7 +258,7 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
                      bases=g_list, check_finite=check_finite)
         return (targets, coeffs) if return_coeffs else targets
 
-    return checked_on_failure(project, lambda: _check_projection_args(
+    return check_on_failure(project, lambda: _check_projection_args(
         op, "g_list", g_list, "r_list", r_list, outs))
 
 
@@ -327,4 +327,4 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite)
         return weights
 
-    return checked_on_failure(aggregate, lambda: check_stacks(op, "grads_list", grads_list))
+    return check_on_failure(aggregate, lambda: check_stacks(op, "grads_list", grads_list))
