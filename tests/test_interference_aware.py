@@ -249,7 +249,12 @@ def test_instance_step_never_raises_a_retain_loss_to_first_order(bench, original
     ctx = _context(problem, method)
     names, step_dir = _raw_forget_step(method, ctx, problem)
     batch = method.instance_batch(ctx, _batch(problem.retain, 12, 1))
+    raw = [u.clone() for u in step_dir]
     d, _ = method.instance_project(ctx, step_dir, names, batch)
+    # The raw direction is left as it was: the step counts its conflicts after projecting (a
+    # projection written into step_dir made that count, and these cosines, the projected one's).
+    for a, b in zip(step_dir, raw):
+        assert torch.equal(a, b)
     # The reference per-sample gradients come from a plain autograd loop, not from vmap.
     rows = _loop_per_sample_grads(ctx.model, batch, problem.tasks, names)
     u_inner, d_inner = _cosines(step_dir, rows), _cosines(d, rows)

@@ -698,7 +698,7 @@ class InterferenceAware(GradientUnlearner):
         with the rows ``memory`` keeps from earlier steps (this step's rows are added to it).
 
         Returns (the projected direction ``d``, this batch's per-sample gradient stacks
-        ``[B, *shape]``).
+        ``[B, *shape]``). ``step_dir`` is left as it was (the step counts its conflicts after).
         """
         cfg = self.config
         if per_sample is None:
@@ -708,9 +708,9 @@ class InterferenceAware(GradientUnlearner):
                 else None)
         u = [g.unsqueeze(0) for g in step_dir]
         if cfg.instance_projection == "orthogonal":
-            out = project_out_list(u, constraints, cfg.ridge, outs=u, basis_gram=kept)
+            out = project_out_list(u, constraints, cfg.ridge, basis_gram=kept)
         else:
-            out = project_nonconflicting_list(u, constraints, sign=-1, outs=u, basis_gram=kept)
+            out = project_nonconflicting_list(u, constraints, sign=-1, basis_gram=kept)
         assert isinstance(out, list)
         return [o[0] for o in out], per_sample
 
@@ -858,11 +858,11 @@ class InterferenceAware(GradientUnlearner):
                 projected_dir, per_sample = self.instance_project(
                     ctx, step_dir, names, instance_rows, given, memory,
                     task_scale=self.instance_task_scale(retain_batch))
+                stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
                 stats.extra["instance_constraints"] = float(
                     max(memory.filled, per_sample[0].shape[0]))
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
-                stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
                 forget_shared, forget_heads = groups.split([-d for d in projected_dir], targets)
 
         # Update: retain descent everywhere, alpha * projected forget on theta_s and S's heads.
