@@ -17,7 +17,7 @@ for _path in (ROOT, ROOT / "benchmarks"):
 from mtunlearn_ext.data.base import MultiTaskDataset  # noqa: E402
 from mtunlearn_ext.unlearning.batches import BatchStream, child_generator  # noqa: E402
 
-__all__ = ["ROOT", "held_out_of", "held_out_stream", "run_evaluation"]
+__all__ = ["ROOT", "held_out_of", "held_out_stream", "run_evaluation", "score_odd_validation_rows"]
 
 
 def held_out_of(ctx: Any, method: str) -> MultiTaskDataset:
@@ -35,9 +35,52 @@ def held_out_stream(ctx: Any, method: str, rows: int,
                        child_generator(ctx.generator), ctx.problem.device)
 
 
+def score_odd_validation_rows() -> None:
+    """From now on the tuning scores the validation split on its odd positions only.
+
+    A variant that uses held-out instances at even positions (``held_out_anchor.py`` with
+    ``anchor_split = 2``) would otherwise be scored partly on instances it used; with this, the
+    variant and its control (the same script at weight 0) are both scored on the other half.
+    It wraps :func:`mtunlearn_ext.metrics.evaluate`, which the tuning imports when it runs, and
+    recognises the validation split by identity with the benchmark's."""
+    import mtunlearn_ext.metrics as metrics
+    from mtunlearn_ext.experiment import PreparedExperiment
+
+    validation: list[Any] = []
+    make_problem = PreparedExperiment.problem
+    evaluate = metrics.evaluate
+
+    def problem(self: PreparedExperiment, config: Any) -> Any:
+        made = make_problem(self, config)
+        if made.held_out is not None:
+            validation[:] = [made.held_out]
+        return made
+
+    def evaluate_odd(model: Any, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if validation and dataset is validation[0]:
+            import torch
+
+            dataset = dataset.subset(torch.arange(1, len(dataset), 2))
+        return evaluate(model, dataset, *args, **kwargs)
+
+    PreparedExperiment.problem = problem  # type: ignore[method-assign]
+    metrics.evaluate = evaluate_odd  # type: ignore[assignment]
+
+
 def run_evaluation() -> None:
     """``benchmarks/unlearning_eval.py`` with this process's arguments (the script's variant
-    is registered by then)."""
+    is registered by then). ``--validation-rows odd`` (taken out before the script sees the
+    arguments) scores the validation split on its odd positions only
+    (:func:`score_odd_validation_rows`)."""
     import unlearning_eval
 
-    raise SystemExit(unlearning_eval.main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if "--validation-rows" in argv:
+        at = argv.index("--validation-rows")
+        rows = argv[at + 1] if at + 1 < len(argv) else ""
+        if rows not in ("all", "odd"):
+            raise SystemExit(f"--validation-rows must be 'all' or 'odd', got {rows!r}")
+        del argv[at:at + 2]
+        if rows == "odd":
+            score_odd_validation_rows()
+    raise SystemExit(unlearning_eval.main(argv))
