@@ -128,6 +128,13 @@ time target; not taken. Round 38 (eleventh session): 96 rows at 25 steps, 0.258 
 round-35 preset's 0.263 (again a margin within the selection's noise), 0.136 / 0.142 of
 retraining back to back: inside the time target, so by the selection rule the partial preset
 since.
+
+From round 39 on a setting replaces a preset only if it scores lower on every one of the four
+selection runs (the incumbent rule, ``--incumbent-rule``). Rounds 39-40 (thirteenth session),
+partial requests, experiments outside the library against a control in the same script: the
+model's outputs on held-out inputs anchored to the original's (weights 0.3 / 1: lower on 2 / 0
+of 4 runs) and the update confined to the 30% / 10% most forget-specific weights (2 / 2 of 4).
+None taken.
 """
 
 from __future__ import annotations
