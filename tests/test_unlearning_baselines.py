@@ -36,6 +36,7 @@ from mtunlearn_ext.unlearning import (
     per_sample_retain_grads_and_losses,
     per_sample_task_grads_and_losses,
     register_unlearner,
+    summed_pass_grads,
 )
 from mtunlearn_ext.unlearning.baselines.salun import saliency_threshold
 
@@ -314,6 +315,31 @@ def test_salun_moves_only_salient_weights(bench, original) -> None:  # type: ign
     assert saliency_threshold([torch.arange(10.0)], 0.3) == 7.0
     with pytest.raises(ValueError, match="weight_decay"):
         get_unlearner("salun", weight_decay=1e-4)
+
+
+def test_summed_pass_grads_is_the_gradient_of_the_whole_sum() -> None:
+    """One backward per batch adds up to the gradient of the loss summed over every batch (a
+    float64 reference in one graph); a batch without a loss adds neither gradient nor count."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True)
+    batches = [{"x": torch.randn(n, 5, dtype=torch.float64, generator=generator)}
+               for n in (4, 1, 7)]
+    batches.insert(1, {"x": torch.zeros(0, 5, dtype=torch.float64)})
+
+    def loss_of(batch):  # type: ignore[no-untyped-def]
+        x = batch["x"]
+        if x.shape[0] == 0:
+            return None, 0
+        return torch.tanh(x @ weight.T + bias).pow(2).sum(), x.shape[0]
+
+    grads, count = summed_pass_grads(batches, loss_of, [weight, bias])
+    assert count == 12
+    whole = torch.cat([b["x"] for b in batches])
+    expected = torch.autograd.grad(torch.tanh(whole @ weight.T + bias).pow(2).sum(),
+                                   [weight, bias])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_pcgrad_update_does_not_conflict(bench, original) -> None:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ from mtunlearn_ext.unlearning.gradients import (
     per_sample_retain_grads,
     per_sample_retain_grads_and_losses,
     per_sample_task_grads_and_losses,
+    summed_pass_grads,
     task_grads,
 )
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
@@ -77,5 +78,6 @@ __all__ = [
     "register_unlearner",
     "retain_terms",
     "seed_everything",
+    "summed_pass_grads",
     "task_grads",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "per_sample_retain_grads_and_losses",
     "per_sample_task_grads_and_losses",
     "stack_flat",
+    "summed_pass_grads",
     "task_grads",
     "unflatten",
 ]
@@ -115,6 +116,25 @@ def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor],
     """``d loss / d p`` for each ``p`` (zeros for a parameter the loss does not reach)."""
     grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def summed_pass_grads(batches: Iterable[Mapping[str, object]],
+                      loss_of: Callable[[Mapping[str, object]], tuple[torch.Tensor | None, int]],
+                      params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """The gradient of ``sum_batches loss_of(batch)[0]`` with respect to ``params``, one backward
+    per batch (a whole data set's gradient without holding its graph), and the total of the
+    counts ``loss_of`` returns beside each loss (e.g. supervised pairs, to turn the sum into a
+    mean). A batch whose loss is ``None`` or has no graph adds nothing."""
+    params = list(params)
+    total = [torch.zeros_like(p) for p in params]
+    count = 0
+    for batch in batches:
+        loss, n = loss_of(batch)
+        if loss is None or not loss.requires_grad:
+            continue
+        count += n
+        torch._foreach_add_(total, grads_of(loss, params))
+    return total, count
 
 
 def task_grads(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor]

@@ -34,6 +34,7 @@ import torch
 
 from mtunlearn_ext.unlearning.batches import BatchStream, child_generator
 from mtunlearn_ext.unlearning.baselines.salun import saliency_threshold
+from mtunlearn_ext.unlearning.gradients import summed_pass_grads
 from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
     InterferenceAwareConfig,
@@ -47,23 +48,6 @@ from mtunlearn_ext.unlearning.terms import forget_terms, retain_terms
 class ForgetSpecificMaskConfig(InterferenceAwareConfig):
     mask_fraction: float = 0.3
     mask_retain_rows: int = 128
-
-
-def _summed_grads(ctx: Any, stream: BatchStream, objective: Any) -> list[torch.Tensor]:
-    """The gradient of the summed per-pair losses over one pass of ``stream``, divided by the
-    number of pairs (``objective``: batch -> (loss, pairs))."""
-    params = ctx.groups.all_params
-    grads = [torch.zeros_like(p) for p in params]
-    pairs = 0
-    for _ in range(stream.batches_per_pass):
-        loss, count = objective(stream.next())
-        if loss is None or not loss.requires_grad:
-            continue
-        pairs += count
-        for g, gi in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-            if gi is not None:
-                g.add_(gi)
-    return [g / max(pairs, 1) for g in grads]
 
 
 @register_unlearner
@@ -106,8 +90,14 @@ class ForgetSpecificMask(InterferenceAware):
         rows = torch.randperm(len(problem.retain), generator=generator)[:cfg.mask_retain_rows]
         retain_stream = BatchStream(problem.retain.subset(rows), 64, generator, problem.device,
                                     shuffle=False)
-        f = _summed_grads(ctx, forget_stream, forget_objective)
-        r = _summed_grads(ctx, retain_stream, retain_objective)
+
+        def mean_grad(stream: BatchStream, objective: Any) -> list[torch.Tensor]:
+            batches = (stream.next() for _ in range(stream.batches_per_pass))
+            grads, pairs = summed_pass_grads(batches, objective, ctx.groups.all_params)
+            return [g / max(pairs, 1) for g in grads]
+
+        f = mean_grad(forget_stream, forget_objective)
+        r = mean_grad(retain_stream, retain_objective)
         if cfg.mask_fraction >= 1.0:
             ctx.state["forget_masks"] = None
             return

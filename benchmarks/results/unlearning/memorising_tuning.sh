@@ -145,7 +145,8 @@ done
 #   two_seed_round REQUEST GRID [SCRIPT METHOD OUTPUT_PREFIX]
 # (defaults: the evaluation script, the interference-aware method, and each seed's own tuning
 # directory; an OUTPUT_PREFIX gives seed s the directory OUTPUT_PREFIX<s> instead). The step
-# budgets scored are CHECKPOINTS (default 20,30,40; the largest is the run's length).
+# budgets scored are CHECKPOINTS (default 20,30,40; the largest is the run's length);
+# SCRIPT_ARGS, if set, go to the script first (e.g. an experiment's --validation-rows odd).
 two_seed_round() {
   local request=$1 grid=$2 script=${3:-benchmarks/unlearning_eval.py}
   local method=${4:-interference_aware} prefix=${5:-}
@@ -155,7 +156,8 @@ two_seed_round() {
         if [ -n "$prefix" ]; then out="$prefix$seed"
         else out=runs/unlearning_eval_memorising; [ "$seed" = 1 ] && out=runs/unlearning_eval_memorising_seed1
         fi
-        .venv/bin/python "$script" --tune --seeds "$seed" --recipe memorising \
+        # shellcheck disable=SC2086  # SCRIPT_ARGS is a list of words
+        .venv/bin/python "$script" ${SCRIPT_ARGS:-} --tune --seeds "$seed" --recipe memorising \
           --output-dir "$out" --benchmarks "$benchmark" --requests "$request" \
           --methods "$method" --checkpoints "$checkpoints" \
           --method-max-steps "${checkpoints##*,}" --grid "$grid"
@@ -508,15 +510,8 @@ ANCHOR_PARTIAL='{"_held_out_anchor": [{"lr": [3e-4], "optimizer": ["adam"], "alp
   "grad_clip": [1.0], "cap_quantile": ["rank"], "cap_reference": ["held_out"],
   "instance_memory": [3], "refresh_every": [10], "retain_batch_size": [96],
   "anchor_weight": [0.0, 0.3, 1.0]}]}'
-for benchmark in indoor street; do
-  ( for seed in 0 1; do
-      .venv/bin/python benchmarks/results/unlearning/held_out_anchor.py --validation-rows odd \
-        --tune --seeds "$seed" --recipe memorising --output-dir "runs/anchor_partial_seed$seed" \
-        --benchmarks "$benchmark" --requests partial --methods _held_out_anchor \
-        --checkpoints 25 --method-max-steps 25 --grid "$ANCHOR_PARTIAL"
-    done ) &
-done
-wait
+SCRIPT_ARGS="--validation-rows odd" CHECKPOINTS=25 two_seed_round partial "$ANCHOR_PARTIAL" \
+  benchmarks/results/unlearning/held_out_anchor.py _held_out_anchor runs/anchor_partial_seed
 out_of_selection_csv runs/anchor_partial_ benchmarks/results/unlearning/anchor_partial_grid.csv partial
 # 40. partial requests: the update confined to forget-specific weights (forget_specific_mask.py,
 #     an experiment outside the library: only entries where the forget pairs' loss gradient is
@@ -539,13 +534,6 @@ MASK_PARTIAL='{"_forget_specific_mask": [{"lr": [3e-4], "optimizer": ["adam"], "
   "grad_clip": [1.0], "cap_quantile": ["rank"], "cap_reference": ["held_out"],
   "instance_memory": [3], "refresh_every": [10], "retain_batch_size": [96],
   "mask_fraction": [1.0, 0.3, 0.1]}]}'
-for benchmark in indoor street; do
-  ( for seed in 0 1; do
-      .venv/bin/python benchmarks/results/unlearning/forget_specific_mask.py \
-        --tune --seeds "$seed" --recipe memorising --output-dir "runs/forget_mask_seed$seed" \
-        --benchmarks "$benchmark" --requests partial --methods _forget_specific_mask \
-        --checkpoints 25 --method-max-steps 25 --grid "$MASK_PARTIAL"
-    done ) &
-done
-wait
+CHECKPOINTS=25 two_seed_round partial "$MASK_PARTIAL" \
+  benchmarks/results/unlearning/forget_specific_mask.py _forget_specific_mask runs/forget_mask_seed
 out_of_selection_csv runs/forget_mask_ benchmarks/results/unlearning/forget_mask_grid.csv partial

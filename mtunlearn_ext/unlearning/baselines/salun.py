@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from mtunlearn_ext.unlearning.base import UnlearningReport
-from mtunlearn_ext.unlearning.batches import BatchStream
+from mtunlearn_ext.unlearning.batches import Batch, BatchStream
 from mtunlearn_ext.unlearning.baselines.random_labels import RandomLabels, RandomLabelsConfig
+from mtunlearn_ext.unlearning.gradients import summed_pass_grads
 from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.objectives import make_forget_objectives
 from mtunlearn_ext.unlearning.registry import register_unlearner
@@ -74,25 +75,22 @@ class SalUn(RandomLabels):
         # The saliency is the plain forget-loss gradient, whatever the update's objective.
         ascent = make_forget_objectives(problem.target_specs(), problem.retain, ctx.generator,
                                         problem.device, "ascent")
-        grads = [torch.zeros_like(p) for p in params]
         stream = BatchStream(problem.forget, cfg.saliency_batch_size, ctx.generator,
                              problem.device, shuffle=False)
-        total_pairs = 0
-        for _ in range(stream.batches_per_pass):
-            batch = stream.next()
+
+        def summed_forget_loss(batch: Batch) -> tuple[torch.Tensor | None, int]:
+            # Summed over pairs (not averaged per batch), so the result does not depend on the
+            # batch size.
             terms = forget_terms(ctx.forward(batch), batch, problem.tasks, ascent)
-            # Sum (not mean) over batches, weighted by pair counts, so the result does not
-            # depend on the batch size.
-            total = None
+            total, pairs = None, 0
             for task, value in terms.objective.items():
                 term = value * terms.count[task]
                 total = term if total is None else total + term
-                total_pairs += terms.count[task]
-            if total is None:
-                continue
-            for g, gi in zip(grads, torch.autograd.grad(total, params, allow_unused=True)):
-                if gi is not None:
-                    g.add_(gi)
+                pairs += terms.count[task]
+            return total, pairs
+
+        grads, total_pairs = summed_pass_grads(
+            (stream.next() for _ in range(stream.batches_per_pass)), summed_forget_loss, params)
         magnitudes = [g.abs() for g in grads]
         gamma = saliency_threshold(magnitudes, cfg.saliency_fraction)
         masks = [(m >= gamma) & (m > 0) for m in magnitudes]
