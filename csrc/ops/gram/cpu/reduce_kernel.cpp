@@ -107,6 +107,9 @@ MTU_ALWAYS_INLINE void block_dot(const Acc* const* a_rows, const Acc* const* b_r
 }
 
 constexpr int64_t kFlushCols = 2048;
+constexpr int64_t kManyRowsTile = 256;  // see reduce(): a divisor of kFlushCols
+static_assert(kFlushCols % kManyRowsTile == 0 && kFlushCols % 64 == 0,
+              "tiles of many-row problems must flush at the same columns as 64-column tiles");
 
 template <typename Tag, bool kAvx2>
 MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& item,
@@ -454,6 +457,13 @@ void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments
   const int64_t acc_bytes = dbl ? 8 : 4;
   const int64_t tile_budget = 24 * 1024 / (acc_bytes * (p.buffer_rows_a + p.buffer_rows_b));
   p.tile = std::max<int64_t>(64, std::min<int64_t>(1024, tile_budget / 64 * 64));
+  // Past ~50 rows (fp32) the L1 budget leaves 64-column tiles: every tile then visits each row
+  // for 4 cache lines, and the prefetchers, which follow a few long streams, lose track of
+  // hundreds of short ones (192 rows x 1: 20 ms against 12 ms with 256 columns; 32 x 192: 47
+  // against 35 ms; benchmarks/memory_inner_shapes.py). Such problems take L2-sized tiles
+  // instead. 256 divides kFlushCols as 64 does, so the sums are flushed after the same columns
+  // and every result is bitwise what it was.
+  if (p.tile == 64) p.tile = kManyRowsTile;
   std::vector<SmallBlock> small_plan;
   if (use_small_path(m, k, symmetric)) {
     small_plan = plan_small(m, k, symmetric, &p.small_lanes);
