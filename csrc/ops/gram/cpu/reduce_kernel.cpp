@@ -82,28 +82,31 @@ struct SmallBlock {
 // C[MR x NR] += A[MR rows] . B[NR rows] over `width` columns, with the running sums kept as
 // vectors in `lanes` (float lanes are summed into double only every kFlushCols columns, so the
 // horizontal sums cost nothing per tile and fp32 accuracy does not depend on the row length).
-template <typename Acc, int MR, int NR>
+// Only the first NU columns of the block are computed: with k < kNR rows of B (a direction
+// against many rows) the others would be padding, whose lanes stay zero and are never read.
+template <typename Acc, int MR, int NR, int NU = NR>
 MTU_ALWAYS_INLINE void block_dot(const Acc* const* a_rows, const Acc* const* b_rows, int64_t width,
                                  typename VecOf<Acc>::type* lanes) {
+  static_assert(NU >= 1 && NU <= NR, "block_dot: 1 <= NU <= NR");
   using V = typename VecOf<Acc>::type;
   constexpr int L = VecOf<Acc>::lanes;
-  V acc[MR][NR];
+  V acc[MR][NU];
   const Acc* a[MR];
-  const Acc* b[NR];
+  const Acc* b[NU];
   for (int r = 0; r < MR; ++r) a[r] = a_rows[r];
-  for (int c = 0; c < NR; ++c) b[c] = b_rows[c];
+  for (int c = 0; c < NU; ++c) b[c] = b_rows[c];
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = lanes[r * NR + c];
+    for (int c = 0; c < NU; ++c) acc[r][c] = lanes[r * NR + c];
   for (int64_t col = 0; col < width; col += L) {
     V av[MR];
     for (int r = 0; r < MR; ++r) av[r] = load_vec<V>(a[r] + col);
-    for (int c = 0; c < NR; ++c) {
+    for (int c = 0; c < NU; ++c) {
       const V bv = load_vec<V>(b[c] + col);
       for (int r = 0; r < MR; ++r) acc[r][c] += av[r] * bv;
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) lanes[r * NR + c] = acc[r][c];
+    for (int c = 0; c < NU; ++c) lanes[r * NR + c] = acc[r][c];
 }
 
 constexpr int64_t kFlushCols = 2048;
@@ -179,8 +182,16 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
       for (int64_t bj = 0; bj < blocks_j; ++bj) {
         // A Gram needs only blocks that reach the diagonal or above.
         if (p.symmetric && (bj + 1) * kNR <= bi * kMR) continue;
-        block_dot<Acc, kMR, kNR>(a_rows.data() + bi * kMR, b_rows.data() + bj * kNR, wpad,
-                                 lanes + (bi * blocks_j + bj) * kMR * kNR);
+        const Acc* const* ab = a_rows.data() + bi * kMR;
+        const Acc* const* bb = b_rows.data() + bj * kNR;
+        V* blk = lanes + (bi * blocks_j + bj) * kMR * kNR;
+        // Fewer than kNR rows of B in all (k = 1..3, never a Gram): skip the padding rows.
+        switch (p.symmetric ? kNR : std::min<int64_t>(kNR, p.k - bj * kNR)) {
+          case 1: block_dot<Acc, kMR, kNR, 1>(ab, bb, wpad, blk); break;
+          case 2: block_dot<Acc, kMR, kNR, 2>(ab, bb, wpad, blk); break;
+          case 3: block_dot<Acc, kMR, kNR, 3>(ab, bb, wpad, blk); break;
+          default: block_dot<Acc, kMR, kNR>(ab, bb, wpad, blk); break;
+        }
       }
     }
     since_flush += w;
