@@ -65,12 +65,7 @@ class ForgetSpecificMask(InterferenceAware):
 
         def forget_objective(batch: Any) -> tuple[Any, int]:
             terms = forget_terms(ctx.forward(batch), batch, problem.tasks, ascent)
-            total, count = None, 0
-            for task, value in terms.objective.items():
-                term = value * terms.count[task]
-                total = term if total is None else total + term
-                count += terms.count[task]
-            return total, count
+            return terms.total(terms.count), sum(terms.count.values())
 
         def retain_objective(batch: Any) -> tuple[Any, int]:
             terms = retain_terms(ctx.forward(batch), batch, problem.tasks)

@@ -79,15 +79,10 @@ class SalUn(RandomLabels):
                              problem.device, shuffle=False)
 
         def summed_forget_loss(batch: Batch) -> tuple[torch.Tensor | None, int]:
-            # Summed over pairs (not averaged per batch), so the result does not depend on the
-            # batch size.
+            # Summed over pairs (each task's mean times its pair count), not averaged per
+            # batch, so the result does not depend on the batch size.
             terms = forget_terms(ctx.forward(batch), batch, problem.tasks, ascent)
-            total, pairs = None, 0
-            for task, value in terms.objective.items():
-                term = value * terms.count[task]
-                total = term if total is None else total + term
-                pairs += terms.count[task]
-            return total, pairs
+            return terms.total(terms.count), sum(terms.count.values())
 
         grads, total_pairs = summed_pass_grads(
             (stream.next() for _ in range(stream.batches_per_pass)), summed_forget_loss, params)
