@@ -68,17 +68,10 @@ class ForgetSpecificMask(InterferenceAware):
             return terms.total(terms.count), sum(terms.count.values())
 
         def retain_objective(batch: Any) -> tuple[Any, int]:
+            # Each task's mean loss times its supervised pairs (a task without any adds 0).
             terms = retain_terms(ctx.forward(batch), batch, problem.tasks)
-            supervision = batch["supervision"]
-            counts = supervision.sum(dim=0).tolist()
-            total, count = None, 0
-            for task, n in zip(problem.task_names, counts):
-                if not n or task not in terms.loss:
-                    continue
-                term = terms.loss[task] * n
-                total = term if total is None else total + term
-                count += int(n)
-            return total, count
+            counts = dict(zip(problem.task_names, batch["supervision"].sum(dim=0).tolist()))
+            return terms.total(counts), int(sum(counts.values()))
 
         forget_stream = BatchStream(problem.forget, 64, generator, problem.device,
                                     shuffle=False)
