@@ -43,24 +43,28 @@ def score_odd_validation_rows() -> None:
     variant and its control (the same script at weight 0) are both scored on the other half.
     It wraps :func:`mtunlearn_ext.metrics.evaluate`, which the tuning imports when it runs, and
     recognises the validation split by identity with the benchmark's."""
+    import torch
+
     import mtunlearn_ext.metrics as metrics
     from mtunlearn_ext.experiment import PreparedExperiment
 
-    validation: list[Any] = []
+    odd_rows: dict[int, Any] = {}  # id(the benchmark's validation split) -> its odd rows
     make_problem = PreparedExperiment.problem
     evaluate = metrics.evaluate
 
     def problem(self: PreparedExperiment, config: Any) -> Any:
         made = make_problem(self, config)
-        if made.held_out is not None:
-            validation[:] = [made.held_out]
+        held_out = made.held_out
+        if held_out is not None:
+            odd_rows.clear()
+            odd_rows[id(held_out)] = (held_out,
+                                      held_out.subset(torch.arange(1, len(held_out), 2)))
         return made
 
     def evaluate_odd(model: Any, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        if validation and dataset is validation[0]:
-            import torch
-
-            dataset = dataset.subset(torch.arange(1, len(dataset), 2))
+        entry = odd_rows.get(id(dataset))
+        if entry is not None and entry[0] is dataset:
+            dataset = entry[1]
         return evaluate(model, dataset, *args, **kwargs)
 
     PreparedExperiment.problem = problem  # type: ignore[method-assign]
