@@ -251,7 +251,10 @@ def unlearn(model: nn.Module, *,
       targets in ``forget_data``).
 
     Args:
-        model: any ``nn.Module`` returning a mapping task -> output; never modified.
+        model: any ``nn.Module`` returning a mapping task -> output; never modified. Layers
+            with running statistics (BatchNorm) and dropout are fine: the steps run in eval
+            mode and the statistics are recomputed from the retain data after them (the
+            settings ``train_mode`` and ``recalibrate_norms``).
         tasks: task specs, or a mapping task -> kind (``"classification"``, ``"regression"``,
             ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the task's loss
             (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective; the number of

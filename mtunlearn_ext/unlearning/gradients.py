@@ -6,7 +6,8 @@ Every method here works on lists of per-parameter tensors in a fixed order, the 
 
 Per-sample gradients use ``torch.func``: ``vmap(grad(loss_of_one_sample))`` over the batch, with
 the model called functionally on a dict of parameters. That needs a model without batch
-statistics (the project's models use GroupNorm for exactly this reason).
+statistics in training mode (the project's models use GroupNorm; the step loop runs other
+models in eval mode, see :mod:`~mtunlearn_ext.unlearning.norm_statistics`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.unlearning.norm_statistics import check_samples_independent
 
 __all__ = [
     "ParameterGroups",
@@ -213,7 +215,9 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
                      task_scale: Sequence[float] | None, per_task: bool, caller: str
                      ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """``vmap`` over the batch of the gradient (``jacrev`` with ``per_task``) of one sample's
-    :func:`_per_sample_supervised_loss`, with the model called functionally."""
+    :func:`_per_sample_supervised_loss`, with the model called functionally. A module in
+    training mode that draws randomness (dropout) draws it independently per sample."""
+    check_samples_independent(model, caller)
     named = dict(model.named_parameters())
     params = {n: named[n].detach() for n in param_names}
     if task_scale is not None and len(task_scale) != len(specs):
@@ -234,7 +238,7 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
 
     differentiate = jacrev if per_task else grad
     grads, losses = vmap(differentiate(one, has_aux=True), in_dims=(None, 0, 0, 0),
-                         chunk_size=chunk_size)(params, inputs, task_targets, supervision)
+                         chunk_size=chunk_size, randomness="different")(params, inputs, task_targets, supervision)
     return [grads[n] for n in param_names], losses
 
 

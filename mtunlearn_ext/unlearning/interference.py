@@ -74,7 +74,7 @@ def interference_matrix(problem: UnlearningProblem,
     cfg = config or InterferenceAwareConfig()
     method = InterferenceAware(cfg)
     model = copy.deepcopy(problem.model).to(problem.device)
-    model.train()
+    model.train(cfg.train_mode)
     generator = torch.Generator().manual_seed(problem.seed)
     groups = ParameterGroups.from_model(model, problem.task_names)
     objectives = make_forget_objectives(problem.target_specs(), problem.retain,

@@ -33,6 +33,10 @@ from mtunlearn_ext.unlearning.base import (
 )
 from mtunlearn_ext.unlearning.batches import Batch, BatchStream, child_generator
 from mtunlearn_ext.unlearning.gradients import ParameterGroups
+from mtunlearn_ext.unlearning.norm_statistics import (
+    recalibrate_running_statistics,
+    running_statistics_modules,
+)
 from mtunlearn_ext.unlearning.objectives import (
     FORGET_OBJECTIVES,
     ForgetObjective,
@@ -77,6 +81,17 @@ class StepConfig(UnlearnerConfig):
         forget_weight: weight of the forget term in the update.
         retain_weight: weight of the retain term in the update.
         log_every: record curves every this many steps (and at the last step).
+        train_mode: run the steps with the model in training mode. Off by default: the steps
+            run in eval mode, where a BatchNorm layer normalises with its stored statistics
+            instead of the batch's (each sample's forward is then its own, as per-sample
+            gradients need, and no forget batch writes its statistics into the buffers) and
+            dropout is off (the steps are deterministic). For models without such layers, the
+            project's own included, both modes compute the same.
+        recalibrate_norms: after the steps, recompute the running statistics of every
+            BatchNorm-like layer from the retain instances alone, under the unlearned weights
+            (:func:`~mtunlearn_ext.unlearning.norm_statistics.recalibrate_running_statistics`;
+            one no-grad forward pass over the retain set), so that they no longer hold the
+            forget instances' contribution. Nothing to do for models without such layers.
     """
 
     steps: int = 100
@@ -95,6 +110,8 @@ class StepConfig(UnlearnerConfig):
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     log_every: int = 1
+    train_mode: bool = False
+    recalibrate_norms: bool = True
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -126,6 +143,10 @@ class StepConfig(UnlearnerConfig):
                                  f"{getattr(self, field_name)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"{name}: `grad_clip` must be > 0 or None, got {self.grad_clip}")
+        for field_name in ("train_mode", "recalibrate_norms"):
+            if not isinstance(getattr(self, field_name), bool):
+                raise ValueError(f"{name}: `{field_name}` must be True or False, got "
+                                 f"{getattr(self, field_name)!r}")
         choices = ([] if self.forget_objective is None else
                    [self.forget_objective] if isinstance(self.forget_objective, str) else
                    list(self.forget_objective.values()))
@@ -255,6 +276,7 @@ class GradientUnlearner(Unlearner):
         cfg = self.config
         device = problem.device
         groups = ParameterGroups.from_model(model, problem.task_names)
+        model.train(cfg.train_mode)
         # Independent child streams: the batch order of one set does not depend on how many
         # draws the other, or an objective, made.
         forget_gen = child_generator(generator)
@@ -267,7 +289,6 @@ class GradientUnlearner(Unlearner):
         ctx = StepContext(model, problem, groups, objectives, method_gen)
         forget_stream = BatchStream(problem.forget, cfg.forget_batch_size, forget_gen, device)
         retain_stream = BatchStream(problem.retain, cfg.retain_batch_size, retain_gen, device)
-        model.train()
         self.setup(ctx, report)
         optimizer = self._make_optimizer(groups)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -298,6 +319,9 @@ class GradientUnlearner(Unlearner):
             for callback in self.step_callbacks:
                 callback(step + 1, model)
         report.steps = cfg.steps
+        if cfg.recalibrate_norms and running_statistics_modules(model):
+            report.extra["norm_statistics_rows"] = recalibrate_running_statistics(
+                model, problem.retain, cfg.retain_batch_size, device)
         return None
 
     def _fill_missing_stats(self, ctx: StepContext, stats: StepStats, forget_batch: Batch | None,

@@ -1,0 +1,113 @@
+"""Layers with running statistics (BatchNorm and kin) in unlearning.
+
+A BatchNorm layer holds, besides its parameters, running means and variances of its inputs
+over the training batches: state that remembers the training data (the forget instances
+included) and that no gradient step can edit. It also breaks two things the unlearning steps
+need when it runs in training mode: each sample's output depends on the other samples of its
+batch (there are no per-sample gradients of a batch-normalised forward), and every forward
+pass, the forget batches' included, writes its batch's statistics into the buffers.
+
+So the step loop runs the model in eval mode by default (``StepConfig.train_mode``): a
+BatchNorm layer then normalises with its stored statistics and nothing is written, and
+dropout is off, so the steps are deterministic. After the steps,
+:func:`recalibrate_running_statistics` recomputes the running statistics from the retain data
+alone, under the unlearned weights (``StepConfig.recalibrate_norms``), so they no longer carry
+the forget instances' contribution. Models without such layers (the project's own use
+GroupNorm) compute the same in both modes and have nothing to recalibrate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from mtunlearn_ext.data.base import MultiTaskDataset
+
+__all__ = [
+    "check_samples_independent",
+    "recalibrate_running_statistics",
+    "running_statistics_modules",
+]
+
+
+def running_statistics_modules(model: nn.Module) -> list[tuple[str, _NormBase]]:
+    """``(name, module)`` of every layer that keeps running statistics (BatchNorm, and
+    InstanceNorm with ``track_running_stats=True``)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, _NormBase) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+def check_samples_independent(model: nn.Module, caller: str) -> None:
+    """Raise if a layer's training-mode forward makes one sample's output depend on the others
+    of its batch or writes running statistics (a ``_BatchNorm`` in training mode, or any norm
+    layer updating running statistics): per-sample gradients are then undefined."""
+    for name, module in model.named_modules():
+        if not module.training or not isinstance(module, _NormBase):
+            continue
+        if isinstance(module, _BatchNorm) or module.track_running_stats:
+            raise ValueError(
+                f"{caller}: layer {name!r} ({type(module).__name__}) is in training mode, where "
+                "it normalises with the batch's statistics and writes running statistics, so a "
+                "sample's gradient depends on the rest of its batch. Run the steps in eval mode "
+                "(the default `train_mode=False`), or put that layer in eval mode.")
+
+
+@contextmanager
+def _collecting(modules: list[_NormBase]) -> Iterator[None]:
+    """Those layers in training mode with a cumulative average (``momentum=None``) from reset
+    buffers; the modes and momenta are restored after."""
+    saved = [(m.training, m.momentum) for m in modules]
+    try:
+        for m in modules:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        yield
+    finally:
+        for m, (training, momentum) in zip(modules, saved):
+            m.momentum = momentum
+            m.train(training)
+
+
+@torch.no_grad()
+def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, batch_size: int,
+                                   device: torch.device | str = "cpu") -> int:
+    """Recompute every running mean and variance of ``model`` from ``data`` alone.
+
+    The buffers are reset, then each layer averages (with equal weights) the statistics of
+    ``ceil(N / batch_size)`` consecutive batches of near-equal size (sizes differing by at most
+    one row, so no batch has a single row), in order, in one no-grad forward pass with those
+    layers in training mode and every other module in eval mode (no dropout), as BatchNorm's
+    running estimates arise in training, but from the retained instances only. Every module's
+    mode and momentum are restored.
+
+    Returns:
+        The rows used: ``len(data)``, or 0 when the model has no such layer or ``data`` has fewer
+        than two rows (then nothing changes: one row has no variance).
+    """
+    modules = [m for _, m in running_statistics_modules(model)]
+    rows = len(data)
+    if not modules or rows < 2:
+        return 0
+    if batch_size < 1:
+        raise ValueError(f"recalibrate_running_statistics: `batch_size` must be >= 1, got "
+                         f"{batch_size}")
+    batches = -(-rows // max(batch_size, 2))
+    bounds = [rows * i // batches for i in range(batches + 1)]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with _collecting(modules):
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                inputs = data.batch(torch.arange(start, stop))["input"]
+                assert isinstance(inputs, torch.Tensor)
+                model(inputs.to(device))
+    finally:
+        for m, training in modes:
+            m.train(training)
+    return rows
