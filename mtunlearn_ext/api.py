@@ -350,6 +350,7 @@ def unlearn(model: nn.Module, *,
     problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
                                 request=request, target_tasks=list(targets), device=device,
                                 seed=seed, held_out=held_out)
+    problem.validate()  # clear errors before the summary's forward passes
     unlearner = get_unlearner(method, config)
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)

@@ -25,7 +25,7 @@ from mtunlearn_ext.data import (
     make_indoor,
     make_street,
 )
-from mtunlearn_ext.data import registry
+from mtunlearn_ext.data import MultiTaskDataset, TaskSpec, registry
 from mtunlearn_ext.data._raycast import Scene, camera_rays, cast, rotation
 from mtunlearn_ext.data.indoor import (
     CEILING,
@@ -404,3 +404,58 @@ def test_registry_attaches_the_default_recipe() -> None:
     recipe = indoor.info["model_config"]
     assert model.backbone.out_channels == recipe["widths"][0]
     assert model.heads["depth"][0][0].out_channels == recipe["head_hidden"]
+
+
+# -- values no loss can use ----------------------------------------------------------------------
+
+
+def _dense_set(n: int = 4) -> MultiTaskDataset:
+    specs = [TaskSpec("seg", "segmentation", num_classes=3, ignore_index=255),
+             TaskSpec("depth", "depth"), TaskSpec("normals", "normals"),
+             TaskSpec("kind", "classification", num_classes=2), TaskSpec("size", "regression")]
+    targets = {"seg": torch.zeros(n, 2, 2, dtype=torch.long),
+               "depth": torch.ones(n, 1, 2, 2), "normals": torch.tensor([0., 0., 1.])
+               .view(1, 3, 1, 1).expand(n, 3, 2, 2).clone(),
+               "kind": torch.zeros(n, dtype=torch.long), "size": torch.zeros(n, 2)}
+    return MultiTaskDataset(torch.zeros(n, 3, 2, 2), targets, specs, torch.arange(10, 10 + n))
+
+
+def test_check_values_accepts_labelled_and_unlabelled_conventions() -> None:
+    data = _dense_set()
+    data.targets["seg"][0, 0, 0] = 255            # ignore_index
+    data.targets["depth"][1, 0, 0, 0] = 0.0        # unknown depth
+    data.targets["depth"][1, 0, 0, 1] = float("nan")  # NaN depth reads as unlabelled
+    data.targets["normals"][2, :, 0, 0] = 0.0      # unknown normal
+    data.targets["size"][3] = float("nan")         # an unsupervised pair: never read
+    data.supervision[3, 4] = False
+    data.check_values("test set")
+    MultiTaskDataset(torch.zeros(0, 3), {}, []).check_values()  # empty: nothing to check
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: d.inputs.__setitem__((2, 1, 0, 0), float("inf")),
+     r"test set: the inputs hold NaN or Inf in 1 rows \(first: row 2, id 12\)"),
+    (lambda d: d.targets["seg"].__setitem__((1, 1, 1), 3),
+     r"task 'seg' \(segmentation\) has labels outside \[0, 3\) other than ignore_index 255 on "
+     r"1 supervised rows \(first: row 1, id 11\)"),
+    (lambda d: d.targets["kind"].__setitem__(3, 2),
+     r"task 'kind' \(classification\) has labels outside \[0, 2\)"),
+    (lambda d: d.targets["depth"].__setitem__((0, 0, 1, 1), float("inf")),
+     r"task 'depth' \(depth\) has NaN or Inf values at labelled pixels"),
+    (lambda d: d.targets["normals"].__setitem__((2, 0, 0, 0), float("inf")),
+     r"task 'normals' \(normals\) has NaN or Inf values at labelled pixels"),
+    (lambda d: d.targets["size"].__setitem__((1, 0), float("nan")),
+     r"task 'size' \(regression\) has NaN or Inf targets on 1 supervised rows \(first: row 1"),
+])
+def test_check_values_names_the_set_task_and_row(corrupt, message: str) -> None:  # type: ignore[no-untyped-def]
+    data = _dense_set()
+    corrupt(data)
+    with pytest.raises(ValueError, match=message):
+        data.check_values("test set")
+
+
+def test_check_values_rejects_fractional_class_labels() -> None:
+    specs = [TaskSpec("kind", "classification", num_classes=3)]
+    data = MultiTaskDataset(torch.zeros(2, 1), {"kind": torch.tensor([0.0, 1.5])}, specs)
+    with pytest.raises(ValueError, match="integer class labels"):
+        data.check_values()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import mtunlearn_ext
-from mtunlearn_ext.data import ForgetRequest
+from mtunlearn_ext.data import ForgetRequest, TaskSpec
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.surgery import gram_list_stats, project_out_list
 from mtunlearn_ext.unlearning import (
@@ -535,6 +535,48 @@ def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-unty
         mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, y),
                               forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
                               shared_parameters=["trunk.0.weight"])
+
+
+class _OneHead(nn.Module):
+    """A model that forgot one of the tasks' heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(6, 8)
+        self.heads = nn.ModuleDict({"kind": nn.Linear(8, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"kind": self.heads["kind"](self.trunk(x))}
+
+
+def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    tasks = {"kind": "classification", "size": "regression"}
+    request = mtunlearn_ext.ForgetRequest.create(range(10), ["kind"])
+
+    def run(m: nn.Module, inputs: torch.Tensor, targets=y, spec=tasks):  # type: ignore[no-untyped-def]
+        return mtunlearn_ext.unlearn(m, tasks=spec, train_data=(inputs, targets),
+                                     forget_request=request, config={"steps": 1},
+                                     shared_parameters=lambda n: n.startswith("trunk"))
+
+    nan_x = x.clone()
+    nan_x[50, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"the retain set: the inputs hold NaN or Inf in 1 rows "
+                                         r"\(first: row 50, id 50\)"):
+        run(model, nan_x)
+    with pytest.raises(ValueError, match=r"output has no prediction for tasks \['size'\] \(it "
+                                         r"returns \['kind'\]\)"):
+        run(_OneHead(), x)
+    with pytest.raises(ValueError, match=r"the model fails on the data's inputs \(a batch of "
+                                         r"shape \(2, 5\)\): RuntimeError"):
+        run(model, x[:, :5])
+    with pytest.raises(ValueError, match=r"task 'size' wants|regression pred"):
+        run(model, x, {"kind": y["kind"], "size": torch.zeros(120, 2)})
+    two_classes = {"kind": TaskSpec("kind", "classification", num_classes=2),
+                   "size": "regression"}
+    with pytest.raises(ValueError, match=r"task 'kind' \(classification\) has labels outside "
+                                         r"\[0, 2\)"):
+        run(model, x, spec=two_classes)
 
 
 def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, original) -> None:  # type: ignore[no-untyped-def]

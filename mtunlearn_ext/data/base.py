@@ -102,6 +102,54 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
             "id": self.ids[index],
         }
 
+    def check_values(self, what: str = "data set") -> None:
+        """Raise ``ValueError`` naming ``what``, the task and the first offending row for values
+        no loss can use: non-finite floating-point inputs, and on *supervised* pairs (the only
+        targets any loss reads) class labels outside ``[0, num_classes)`` other than
+        ``ignore_index``, non-finite regression targets, and non-finite depth or normal values
+        at pixels the losses count as labelled (``valid_pixel_mask``: depth ``> 0``, a normal
+        not the zero vector; a NaN there reads as unlabelled)."""
+        if len(self) == 0:
+            return
+        if self.inputs.is_floating_point() or self.inputs.is_complex():
+            bad = ~torch.isfinite(self.inputs.reshape(len(self), -1)).all(dim=1)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten()
+                raise ValueError(f"{what}: the inputs hold NaN or Inf in {rows.numel()} rows "
+                                 f"(first: row {int(rows[0])}, id {int(self.ids[rows[0]])})")
+        for column, spec in enumerate(self.tasks):
+            supervised = self.supervision[:, column]
+            target = self.targets[spec.name][supervised]
+            if target.numel() == 0:
+                continue
+            flat = target.reshape(target.shape[0], -1)
+            if spec.kind in ("classification", "segmentation"):
+                assert spec.num_classes is not None
+                if flat.is_floating_point() and not bool((flat == flat.round()).all()):
+                    raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) needs integer "
+                                     f"class labels, got {target.dtype} with fractions")
+                ok = (flat == spec.ignore_index) | ((flat >= 0) & (flat < spec.num_classes))
+                problem = (f"labels outside [0, {spec.num_classes}) other than ignore_index "
+                           f"{spec.ignore_index}")
+            elif spec.kind == "regression":
+                ok = torch.isfinite(flat)
+                problem = "NaN or Inf targets"
+            else:
+                if not target.is_floating_point():
+                    continue
+                finite = torch.isfinite(target)
+                if spec.kind == "depth":
+                    ok = (~(target[:, 0] > 0) | finite[:, 0]).flatten(1)
+                else:
+                    ok = (~(target.abs().sum(dim=1) > 0) | finite.all(dim=1)).flatten(1)
+                problem = "NaN or Inf values at labelled pixels"
+            bad = ~ok.all(dim=1)
+            if bool(bad.any()):
+                row = int(supervised.nonzero().flatten()[bad.nonzero()[0]])
+                raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) has {problem} on "
+                                 f"{int(bad.sum())} supervised rows (first: row {row}, id "
+                                 f"{int(self.ids[row])})")
+
     def positions_of(self, instance_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Row positions of the given instance ids; raises ``KeyError`` naming unknown ids."""
         wanted = torch.as_tensor(instance_ids, dtype=torch.long).reshape(-1)

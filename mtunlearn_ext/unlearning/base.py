@@ -31,6 +31,7 @@ from torch import nn
 
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.losses import task_loss
 
 __all__ = [
     "CurveRecorder",
@@ -138,6 +139,8 @@ class UnlearningProblem:
             if ds.task_names != names:
                 raise ValueError(f"UnlearningProblem: the {label} set has tasks {ds.task_names}, "
                                  f"the problem {names} (same tasks, same order required)")
+        for label, ds in parts:
+            ds.check_values(f"UnlearningProblem: the {label} set")
         if len(self.forget) == 0:
             raise ValueError("UnlearningProblem: the forget set is empty")
         if len(self.retain) == 0:
@@ -162,6 +165,37 @@ class UnlearningProblem:
                 raise ValueError(f"UnlearningProblem: the held_out set shares {len(shared)} "
                                  f"instance ids with the training set (first: {shared[:5]}); "
                                  "it must hold instances the model was never trained on")
+        self._check_model_outputs()
+
+    @torch.no_grad()
+    def _check_model_outputs(self) -> None:
+        """One eval-mode forward of two retain rows: the model must run on the data's inputs and
+        return a prediction for every task that the task's loss accepts."""
+        rows = self.retain.batch(torch.arange(min(2, len(self.retain))))
+        inputs, targets = rows["input"], rows["targets"]
+        assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            out = self.model(inputs.to(device))
+        except Exception as error:
+            raise ValueError(f"UnlearningProblem: the model fails on the data's inputs (a "
+                             f"batch of shape {tuple(inputs.shape)}): {type(error).__name__}: "
+                             f"{error}") from error
+        finally:
+            for m, training in modes:
+                m.train(training)
+        if not isinstance(out, Mapping):
+            raise ValueError(f"UnlearningProblem: the model must return a mapping task -> "
+                             f"prediction, got {type(out).__name__}")
+        missing = [t for t in self.task_names if t not in out]
+        if missing:
+            raise ValueError(f"UnlearningProblem: the model's output has no prediction for "
+                             f"tasks {missing} (it returns {sorted(out)})")
+        for spec in self.tasks:
+            task_loss(spec, out[spec.name], targets[spec.name].to(device))  # names the task
 
 
 @dataclass
