@@ -18,6 +18,7 @@ from torch import nn
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.models.base import ParameterSplit
 from mtunlearn_ext.unlearning import (
     UnlearnerConfig,
@@ -52,7 +53,10 @@ class _SplitModel(nn.Module):
                                      {t: tuple(f"module.{n}" for n in names)
                                       for t, names in heads.items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None
+                ) -> dict[str, torch.Tensor]:
+        # ``tasks`` (the evaluation's task subset) is a hint a plain module cannot take: every
+        # output is returned and callers pick theirs.
         out = self.module(x)
         if not isinstance(out, Mapping):
             raise TypeError(f"unlearn: the model must return a mapping task -> output, got "
@@ -187,6 +191,19 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 
 
+def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDataset,
+           seed: int, max_members: int = 2000) -> dict[str, float]:
+    """Membership-inference AUCs of the forget set and of held-back members, both against half
+    of ``unseen`` (see :func:`unlearn`'s ``audit_data``)."""
+    members = problem.retain
+    if len(members) > max_members:
+        generator = torch.Generator().manual_seed(seed)
+        members = members.subset(torch.randperm(len(members), generator=generator)[:max_members])
+    result = membership_attack(model, members, unseen, problem.forget,  # type: ignore[arg-type]
+                               problem.target_tasks, max_members=max_members, seed=seed)
+    return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}
+
+
 @torch.no_grad()
 def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
                  batch_size: int = 64) -> dict[str, float]:
@@ -219,6 +236,7 @@ def unlearn(model: nn.Module, *,
             retain_data: DataLike | None = None,
             target_tasks: Sequence[str] | None = None,
             held_out_data: DataLike | None = None,
+            audit_data: DataLike | None = None,
             shared_parameters: SharedSpec | None = None,
             head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
             method: str = "interference_aware",
@@ -264,6 +282,14 @@ def unlearn(model: nn.Module, *,
             model fits the forget instances about as well as unseen data, so the default
             method can stop raising a forget pair's loss where such data's loss lies (its
             ``cap_reference="held_out"``).
+        audit_data: optional instances the model was never trained on, distinct from
+            ``held_out_data`` (which the method may use), at least 8 rows with the target tasks'
+            labels: the report's summary then holds a loss-based membership-inference audit of
+            the forget set before and after (:func:`~mtunlearn_ext.metrics.membership_attack`,
+            fitted on up to 2000 retain rows against half of ``audit_data``, scored against the
+            other half): ``forget_mia_auc_*`` near 0.5 means the forget instances look like
+            unseen data to the attack; ``member_mia_auc_*`` (held-back retain rows against the
+            same unseen half) shows that the attack itself still separates members.
         shared_parameters: the trunk: names, parameters, or a predicate on names. Not needed
             for a model with ``parameter_split()``.
         head_parameters: task -> its head's names or parameters (default: a parameter whose
@@ -346,6 +372,22 @@ def unlearn(model: nn.Module, *,
         # the problem's validation rejects one that shares ids with the training set.
         top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
         held_out = _as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
+    audit = None
+    if audit_data is not None:
+        audit = _as_dataset(audit_data, specs, "audit_data", like=retain)
+        audit.check_values("unlearn: `audit_data`")
+        if isinstance(audit_data, MultiTaskDataset):
+            trained = set(forget.ids.tolist()) | set(retain.ids.tolist())
+            shared = sorted(trained.intersection(audit.ids.tolist()))
+            if shared:
+                raise ValueError(f"unlearn: `audit_data` shares {len(shared)} instance ids with "
+                                 f"the training set (first: {shared[:5]}); it must hold "
+                                 "instances the model was never trained on")
+        columns = [audit.task_index(t) for t in targets]
+        labelled = int(audit.supervision[:, columns].all(dim=1).sum())
+        if labelled < 8:
+            raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
+                             f"the target tasks {list(targets)}, got {labelled}")
     wrapped = _split_model(model, names, shared_parameters, head_parameters)
     problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
                                 request=request, target_tasks=list(targets), device=device,
@@ -354,6 +396,7 @@ def unlearn(model: nn.Module, *,
     unlearner = get_unlearner(method, config)
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)
+    audit_before = _audit(wrapped, problem, audit, seed) if audit is not None else {}
     result = unlearner.unlearn(problem)
     after_f = _mean_losses(result.model, forget)
     after_r = _mean_losses(result.model, retain)
@@ -361,5 +404,10 @@ def unlearn(model: nn.Module, *,
         "forget_loss_before": before_f, "forget_loss_after": after_f,
         "retain_loss_before": before_r, "retain_loss_after": after_r,
     }
+    if audit is not None:
+        audit_after = _audit(result.model, problem, audit, seed)
+        for key in audit_before:
+            result.report.extra["summary"][f"{key}_before"] = audit_before[key]
+            result.report.extra["summary"][f"{key}_after"] = audit_after[key]
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
     return out, result.report

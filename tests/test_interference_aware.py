@@ -579,6 +579,39 @@ def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> Non
         run(model, x, spec=two_classes)
 
 
+def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 6, generator=generator),
+            {"kind": torch.randint(0, 3, (n,), generator=generator),
+             "size": torch.randn(n, 1, generator=generator)})
+
+
+def test_public_api_audits_the_forget_set_with_a_membership_attack(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup  # memorised random labels: members are easy to tell apart
+    tasks = {"kind": "classification", "size": "regression"}
+    request = mtunlearn_ext.ForgetRequest.create(range(20))
+    config = {"steps": 30, "lr": 1e-2, "cap_reference": "held_out", "cap_quantile": "rank"}
+    kwargs = dict(tasks=tasks, train_data=(x, y), forget_request=request, config=config,
+                  held_out_data=_unseen(60, 1), shared_parameters=lambda n: n.startswith("trunk"))
+    _, report = mtunlearn_ext.unlearn(model, audit_data=_unseen(40, 2), **kwargs)
+    summary = report.extra["summary"]
+    # Before: the attack separates the forget set from unseen data as well as it separates the
+    # (held-back) members; after, the forget set looks much more like unseen data, while the
+    # retained members still do not.
+    assert summary["forget_mia_auc_before"] > 0.95 and summary["member_mia_auc_before"] > 0.95
+    assert summary["forget_mia_auc_after"] < summary["forget_mia_auc_before"] - 0.1
+    assert summary["member_mia_auc_after"] > 0.9
+    _, plain = mtunlearn_ext.unlearn(model, **kwargs)  # no audit: no attack, same model
+    assert not any("mia" in k for k in plain.extra["summary"])
+    with pytest.raises(ValueError, match="`audit_data` needs at least 8 instances"):
+        mtunlearn_ext.unlearn(model, audit_data=_unseen(7, 2), **kwargs)
+    bench = mtunlearn_ext.data.MultiTaskDataset(
+        x[:10], {t: v[:10] for t, v in y.items()},
+        [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")])
+    with pytest.raises(ValueError, match="`audit_data` shares 10 instance ids"):
+        mtunlearn_ext.unlearn(model, audit_data=bench, **kwargs)
+
+
 def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, original) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=False)
     plan = protection_plan(problem, "others")
