@@ -149,13 +149,32 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                              f"{TASK_KINDS}")
         num_classes = None
         if kind in ("classification", "segmentation"):
-            # The number of classes, when not given as a TaskSpec: one past the largest label.
-            labels = [d.targets[name] if isinstance(d, MultiTaskDataset) else d[1][name]
+            # The number of classes, when not given as a TaskSpec: one past the largest label of
+            # a supervised pair (an unsupervised pair's target may hold anything).
+            labels = [_supervised_labels(d, name, len(tasks), list(tasks).index(name))
                       for d in datasets if d is not None and (
                           isinstance(d, MultiTaskDataset) or name in d[1])]
-            num_classes = int(max(int(t.max()) for t in labels if t.numel())) + 1
+            labels = [t for t in labels if t.numel()]
+            if not labels:
+                raise ValueError(f"unlearn: task {name!r} ({kind}) has no supervised label to "
+                                 "count its classes from; pass a TaskSpec with num_classes")
+            num_classes = int(max(int(t.max()) for t in labels)) + 1
         specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
     return specs
+
+
+def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> torch.Tensor:
+    """The labels of task ``name`` on the supervised pairs of ``data`` (a data set, or a tuple
+    whose optional third element is the ``[N, T]`` supervision mask)."""
+    if isinstance(data, MultiTaskDataset):
+        labels, supervision = data.targets[name], data.supervision[:, data.task_index(name)]
+    else:
+        labels = data[1][name]
+        supervision = (data[2][:, column] if len(data) == 3 and data[2].shape[1] == num_tasks
+                       else None)
+    if supervision is not None:
+        labels = labels[supervision.to(torch.bool)]
+    return labels
 
 
 def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mtunlearn_ext._functional import unit_normalize
-from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
 
 __all__ = ["masked_multitask_loss", "per_sample_losses", "task_loss", "valid_pixel_mask"]
 
@@ -122,8 +122,9 @@ def masked_multitask_loss(model_out: Mapping[str, torch.Tensor], batch: Mapping[
     ``L = sum_t w_t L_t`` with ``L_t = sum_i m_it l_t(i) / sum_i m_it`` (``l_t(i)`` the per-sample
     loss of :func:`task_loss`, ``m`` the supervision mask); a task with no supervised sample in
     the batch contributes an exact zero (still attached to the graph, so ``backward`` works).
-    Unsupervised pairs are dropped with ``torch.where``, so their targets may hold anything finite
-    or not.
+    Unsupervised pairs get neutral targets (:func:`~mtunlearn_ext.data.base.neutral_unsupervised`)
+    and are dropped with ``torch.where``, so their targets may hold anything, finite or not, in
+    range or not, without reaching the total or its gradient.
 
     Args:
         model_out: task name -> prediction (as returned by ``MultiTaskModel.forward``).
@@ -144,7 +145,14 @@ def masked_multitask_loss(model_out: Mapping[str, torch.Tensor], batch: Mapping[
     if supervision.dim() != 2 or supervision.shape[1] != len(tasks):
         raise ValueError(f"masked_multitask_loss: `supervision` must be [B, {len(tasks)}] "
                          f"(one column per task in `tasks`), got {tuple(supervision.shape)}")
-    losses = per_sample_losses(model_out, batch, tasks)
+    targets = batch["targets"]
+    assert isinstance(targets, Mapping)
+    # Neutral targets on unsupervised pairs: a NaN there would reach the gradient through the
+    # ``where`` below (0 * NaN), an out-of-range class label would make the loss kernel raise.
+    neutral = {spec.name: neutral_unsupervised(spec, targets[spec.name],
+                                               supervision[:, column], check=False)
+               for column, spec in enumerate(tasks)}
+    losses = per_sample_losses(model_out, {"targets": neutral}, tasks)
     per_task: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
     for column, spec in enumerate(tasks):

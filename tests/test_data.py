@@ -459,3 +459,25 @@ def test_check_values_rejects_fractional_class_labels() -> None:
     data = MultiTaskDataset(torch.zeros(2, 1), {"kind": torch.tensor([0.0, 1.5])}, specs)
     with pytest.raises(ValueError, match="integer class labels"):
         data.check_values()
+
+
+def test_batches_carry_neutral_targets_on_unsupervised_pairs() -> None:
+    data = _dense_set()
+    data.supervision[1] = False  # row 1: every pair unsupervised, its targets garbage
+    data.targets["seg"][1] = 7
+    data.targets["depth"][1] = float("nan")
+    data.targets["normals"][1] = float("inf")
+    data.targets["kind"][1] = 99
+    data.targets["size"][1] = float("nan")
+    stored = {k: v.clone() for k, v in data.targets.items()}
+    batch = data.batch([0, 1, 2])
+    targets = batch["targets"]
+    assert bool((targets["seg"][1] == 255).all()) and int(targets["kind"][1]) == -1
+    assert bool((targets["depth"][1] == 0).all()) and bool((targets["normals"][1] == 0).all())
+    assert bool((targets["size"][1] == 0).all())
+    for name in stored:  # supervised rows untouched, the stored data never modified
+        assert torch.equal(targets[name][[0, 2]], stored[name][[0, 2]])
+        assert torch.equal(data.targets[name].nan_to_num(), stored[name].nan_to_num())
+    item = data[1]
+    assert all(torch.equal(item["targets"][k], targets[k][1]) for k in targets)
+    assert torch.equal(data[0]["targets"]["seg"], stored["seg"][0])

@@ -568,7 +568,7 @@ def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> Non
                                          r"returns \['kind'\]\)"):
         run(_OneHead(), x)
     with pytest.raises(ValueError, match=r"the model fails on the data's inputs \(a batch of "
-                                         r"shape \(2, 5\)\): RuntimeError"):
+                                         r"shape \(3, 5\)\): RuntimeError"):
         run(model, x[:, :5])
     with pytest.raises(ValueError, match=r"task 'size' wants|regression pred"):
         run(model, x, {"kind": y["kind"], "size": torch.zeros(120, 2)})
@@ -577,6 +577,34 @@ def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> Non
     with pytest.raises(ValueError, match=r"task 'kind' \(classification\) has labels outside "
                                          r"\[0, 2\)"):
         run(model, x, spec=two_classes)
+
+
+def test_public_api_ignores_whatever_unsupervised_pairs_hold(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    supervision = torch.ones(120, 2, dtype=torch.bool)
+    supervision[30:50, 1] = False   # "size" missing for 20 instances ...
+    supervision[60:70, 0] = False   # ... "kind" for 10
+    clean = {"kind": y["kind"].clone(), "size": y["size"].clone()}
+    clean["size"][30:50] = 0.0
+    clean["kind"][60:70] = 0
+    garbage = {"kind": y["kind"].clone(), "size": y["size"].clone()}
+    garbage["size"][30:50] = float("nan")  # how missing values usually arrive
+    garbage["kind"][60:70] = 1000          # and an out-of-range "missing" code
+    runs = []
+    for targets in (clean, garbage):
+        for method in ("interference_aware", "neggrad_plus"):
+            new, report = mtunlearn_ext.unlearn(
+                model, tasks={"kind": TaskSpec("kind", "classification", num_classes=3),
+                              "size": "regression"},
+                train_data=(x, targets, supervision), method=method,
+                forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+                shared_parameters=lambda n: n.startswith("trunk"),
+                config={"steps": 5, "lr": 1e-2}, seed=0)
+            runs.append(new.state_dict())
+            assert all(bool(torch.isfinite(v).all()) for v in runs[-1].values())
+    # The same model, bit for bit, whatever the unsupervised pairs held.
+    for a, b in ((runs[0], runs[2]), (runs[1], runs[3])):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -97,6 +97,25 @@ def test_masked_multitask_loss_ignores_unsupervised_pairs() -> None:
         masked_multitask_loss({"cls": logits}, batch, [CLS])
 
 
+def test_masked_multitask_loss_gradient_ignores_nan_and_out_of_range_targets() -> None:
+    # Where a depth NaN reads as an unlabelled pixel, a regression NaN or a class index out of
+    # range would reach the kernel: the loss neutralises unsupervised targets first.
+    tasks = [CLS, REG]
+    logits = torch.randn(3, 4, requires_grad=True)
+    values = torch.randn(3, 2, requires_grad=True)
+    supervision = torch.tensor([[True, False], [False, True], [True, True]])
+    clean = {"cls": torch.tensor([1, 0, 2]), "reg": torch.tensor([[0., 0.], [1., 2.], [3., 4.]])}
+    dirty = {"cls": torch.tensor([1, 99, 2]),
+             "reg": torch.tensor([[float("nan"), 1.], [1., 2.], [3., 4.]])}
+    grads = []
+    for targets in (clean, dirty):
+        total, _ = masked_multitask_loss({"cls": logits, "reg": values},
+                                         {"targets": targets, "supervision": supervision}, tasks)
+        grads.append(torch.autograd.grad(total, [logits, values]))
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
 # -- training ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,22 @@ class TaskSpec:
             raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
 
 
+def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor, supervised: torch.Tensor,
+                         check: bool = True) -> torch.Tensor:
+    """``target`` (``[B, ...]``) with the rows where ``supervised`` (``[B]`` bool) is False set
+    to the task's "no label" value: ``ignore_index`` for class labels, 0 (unknown) for depth,
+    normals and regression. Losses drop unsupervised pairs with ``torch.where``, which keeps
+    their values out of a sum but not out of a gradient (``0 * NaN`` is NaN) nor out of the
+    loss kernel (an out-of-range class index raises); with neutral targets there, an
+    unsupervised pair may hold anything. ``check=False`` skips the all-supervised shortcut
+    (a host sync on an accelerator) and always writes a new tensor."""
+    if check and bool(supervised.all()):
+        return target
+    fill = spec.ignore_index if spec.kind in ("classification", "segmentation") else 0
+    mask = supervised.reshape(-1, *([1] * (target.dim() - 1))).to(target.device)
+    return torch.where(mask, target, torch.tensor(fill, dtype=target.dtype, device=target.device))
+
+
 class MultiTaskDataset(Dataset[dict[str, object]]):
     """Tensor-backed multi-task data set.
 
@@ -51,7 +67,9 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         supervision: ``[N, T]`` bool, ``True`` where the pair carries a label (default all).
 
     Items are dicts ``{"input", "targets": {task: t}, "supervision": [T] bool, "id": long}``,
-    which the default collate function batches.
+    which the default collate function batches. Items and :meth:`batch` carry a neutral target
+    (:func:`neutral_unsupervised`) on every unsupervised pair, whatever the data set stores
+    there (NaN, an out-of-range label): no loss ever reads one, and none can poison a gradient.
     """
 
     def __init__(self, inputs: torch.Tensor, targets: Mapping[str, torch.Tensor],
@@ -95,10 +113,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         return self.inputs.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, object]:
+        supervision = self.supervision[index]
         return {
             "input": self.inputs[index],
-            "targets": {name: t[index] for name, t in self.targets.items()},
-            "supervision": self.supervision[index],
+            "targets": {spec.name: neutral_unsupervised(
+                spec, self.targets[spec.name][index].unsqueeze(0), supervision[c:c + 1])[0]
+                for c, spec in enumerate(self.tasks)},
+            "supervision": supervision,
             "id": self.ids[index],
         }
 
@@ -176,10 +197,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         collate function makes of ``[self[i] for i in positions]``, built by one index per tensor
         (the per-item path costs more than a small model's step on CPU)."""
         pos = torch.as_tensor(positions, dtype=torch.long)
+        supervision = self.supervision[pos]
         return {
             "input": self.inputs[pos],
-            "targets": {name: t[pos] for name, t in self.targets.items()},
-            "supervision": self.supervision[pos],
+            "targets": {spec.name: neutral_unsupervised(spec, self.targets[spec.name][pos],
+                                                        supervision[:, c])
+                        for c, spec in enumerate(self.tasks)},
+            "supervision": supervision,
             "id": self.ids[pos],
         }
 

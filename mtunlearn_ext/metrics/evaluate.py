@@ -94,9 +94,10 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
     with _EvalMode(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
+            rows = dataset.batch(positions)  # neutral targets on unsupervised pairs
             out = model(dataset.inputs[positions].to(device), [s.name for _, s in resolved])
             for k, (column, spec) in enumerate(resolved):
-                target = dataset.targets[spec.name][positions].to(device)
+                target = rows["targets"][spec.name].to(device)  # type: ignore[index]
                 value = task_loss(spec, out[spec.name], target).double().cpu()
                 sup = dataset.supervision[positions, column]
                 losses[positions, k] = torch.where(sup, value, torch.tensor(float("nan"),

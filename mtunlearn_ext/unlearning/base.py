@@ -169,9 +169,18 @@ class UnlearningProblem:
 
     @torch.no_grad()
     def _check_model_outputs(self) -> None:
-        """One eval-mode forward of two retain rows: the model must run on the data's inputs and
-        return a prediction for every task that the task's loss accepts."""
-        rows = self.retain.batch(torch.arange(min(2, len(self.retain))))
+        """One eval-mode forward of a few retain rows (the first two and the first supervised
+        row of each task): the model must run on the data's inputs and return a prediction for
+        every task that the task's loss accepts on a supervised row (an unsupervised pair's
+        target may hold anything, so it is never fed to a loss)."""
+        supervision = self.retain.supervision
+        picks = set(range(min(2, len(self.retain))))
+        for column in range(supervision.shape[1]):
+            rows_of_task = supervision[:, column].nonzero().flatten()
+            if rows_of_task.numel():
+                picks.add(int(rows_of_task[0]))
+        positions = torch.tensor(sorted(picks))
+        rows = self.retain.batch(positions)
         inputs, targets = rows["input"], rows["targets"]
         assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
         param = next(self.model.parameters(), None)
@@ -194,8 +203,10 @@ class UnlearningProblem:
         if missing:
             raise ValueError(f"UnlearningProblem: the model's output has no prediction for "
                              f"tasks {missing} (it returns {sorted(out)})")
-        for spec in self.tasks:
-            task_loss(spec, out[spec.name], targets[spec.name].to(device))  # names the task
+        for column, spec in enumerate(self.tasks):
+            labelled = supervision[positions, column].to(device)
+            if bool(labelled.any()):  # the loss names the task in its errors
+                task_loss(spec, out[spec.name][labelled], targets[spec.name].to(device)[labelled])
 
 
 @dataclass
