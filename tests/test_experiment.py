@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.experiment import (

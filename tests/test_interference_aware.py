@@ -27,7 +27,6 @@ from mtunlearn_ext.unlearning import (
 from mtunlearn_ext.unlearning.batches import BatchStream
 from mtunlearn_ext.unlearning.fisher import sampled_target_loss
 from mtunlearn_ext.unlearning.gradients import (
-    ParameterGroups,
     grads_of,
     per_sample_retain_grads_and_losses,
 )
@@ -43,7 +42,7 @@ from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.terms import RetainTerms
 
-from unlearning_helpers import TwoHeads, step_context
+from unlearning_helpers import TwoHeads, fit_kind_and_size, step_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -490,15 +489,8 @@ def user_setup():  # type: ignore[no-untyped-def]
     y = {"kind": torch.randint(0, 3, (120,), generator=generator),
          "size": torch.randn(120, 1, generator=generator)}
     torch.manual_seed(0)
-    model = TwoHeads()
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(150):  # memorise a little, so there is something to forget
-        out = model(x)
-        loss = nn.functional.cross_entropy(out["kind"], y["kind"]) + \
-            ((out["size"] - y["size"]) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    # Memorise a little, so there is something to forget.
+    model = fit_kind_and_size(TwoHeads(), x, y, steps=150)
     return model, x, y
 
 

@@ -4,6 +4,8 @@ recomputed from the retain data alone after the steps."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,8 @@ from mtunlearn_ext.unlearning.norm_statistics import (
     recalibrate_running_statistics,
     running_statistics_modules,
 )
+
+from unlearning_helpers import fit_kind_and_size
 
 TASKS = {"kind": "classification", "size": "regression"}
 
@@ -50,15 +54,8 @@ def trained():  # type: ignore[no-untyped-def]
     y = {"kind": torch.randint(0, 3, (96,), generator=generator),
          "size": torch.randn(96, 1, generator=generator)}
     torch.manual_seed(0)
-    model = NormNet()
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(30):  # some training, so the running statistics are the data's
-        out = model(x)
-        loss = nn.functional.cross_entropy(out["kind"], y["kind"]) + \
-            ((out["size"] - y["size"]) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    # Some training, so that the running statistics are the data's.
+    model = fit_kind_and_size(NormNet(), x, y, steps=30)
     return model.eval(), x, y
 
 
@@ -121,7 +118,6 @@ def _reference_statistics(model: nn.Module, inputs: torch.Tensor, sizes: list[in
 
 
 def _double_copy(model: nn.Module) -> nn.Module:
-    import copy
     return copy.deepcopy(model).double()
 
 

@@ -43,3 +43,18 @@ class TwoHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.trunk(x)
         return {t: h(z) for t, h in self.heads.items()}
+
+
+def fit_kind_and_size(model: nn.Module, x: torch.Tensor, y: dict[str, torch.Tensor],
+                      steps: int) -> nn.Module:
+    """Train a model with a 3-class "kind" head and a one-value "size" head on ``(x, y)``:
+    ``steps`` full-batch Adam steps (lr 1e-2) on the sum of both losses."""
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        out = model(x)
+        loss = nn.functional.cross_entropy(out["kind"], y["kind"]) + \
+            ((out["size"] - y["size"]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model

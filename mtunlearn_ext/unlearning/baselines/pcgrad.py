@@ -63,7 +63,6 @@ class PCGradUnlearner(GradientUnlearner):
         stats = StepStats()
         stats.forget = self.forget_step_terms(ctx, forget_batch)
         stats.retain = self.retain_step_terms(ctx, retain_batch)
-        rows: list[torch.Tensor] = []
         if cfg.granularity == "split":
             named = {}
             if stats.forget.objective and cfg.forget_weight > 0:
@@ -88,10 +87,4 @@ class PCGradUnlearner(GradientUnlearner):
         update = [torch.empty_like(p) for p in params]
         aggregate_list(PCGradWeighting(seed=seed, reshuffle=False), stacks, update)
         assign_grads(params, update)
-        return stats
-        # A fresh, seeded projection order each step, as PCGrad shuffles the tasks.
-        seed = (ctx.problem.seed * 1_000_003 + ctx.step) % (2**31)
-        update = ops.pcgrad(torch.stack(rows), seed=seed)
-        assert isinstance(update, torch.Tensor)
-        assign_grads(params, unflatten(update, params))
         return stats
