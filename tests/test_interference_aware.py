@@ -30,6 +30,7 @@ from mtunlearn_ext.unlearning.gradients import (
     grads_of,
     per_sample_retain_grads_and_losses,
 )
+from mtunlearn_ext.unlearning import interference_aware as interference_aware_module
 from mtunlearn_ext.unlearning.interference import cosine_matrix, interference_matrix
 from mtunlearn_ext.unlearning.interference_aware import (
     InterferenceAware,
@@ -597,6 +598,30 @@ def test_public_api_ignores_whatever_unsupervised_pairs_hold(user_setup) -> None
     # The same model, bit for bit, whatever the unsupervised pairs held.
     for a, b in ((runs[0], runs[2]), (runs[1], runs[3])):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_memory_is_planned_and_checked_before_the_first_step(user_setup, monkeypatch
+                                                                     ) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+                  shared_parameters=lambda n: n.startswith("trunk"),
+                  config={"steps": 2, "num_per_sample": 8, "instance_memory": 2})
+    _, report = mtunlearn_ext.unlearn(model, **kwargs)
+    plan = report.extra["interference_aware"]["gradient_memory_bytes"]
+    trunk, kind, size = 6 * 24 + 24 + 24 * 24 + 24, 24 * 3 + 3, 24 + 1
+    rows = 8 + 8  # per-sample rows per step: retain rows and coupled rows (a partial request)
+    assert plan == {"snapshots": 24 * trunk * 4,  # one subspace ("size" protected), k = 24
+                    "instance_memory": 3 * rows * (trunk + kind) * 4,  # 3 steps of rows
+                    "per_sample_pass": rows * (trunk + kind + size) * 4,
+                    "total": (24 * trunk + 3 * rows * (trunk + kind)
+                              + rows * (trunk + kind + size)) * 4}
+    monkeypatch.setattr(interference_aware_module, "_device_memory", lambda device: 2 ** 16)
+    with pytest.raises(ValueError, match=r"the gradient copies need 0\.28 MiB \(snapshots 0\.07 "
+                                         r"MiB, instance_memory 0\.15 MiB, per_sample_pass "
+                                         r"0\.05 MiB\), more than the 0\.06 MiB of cpu; lower "
+                                         r"`instance_memory`"):
+        mtunlearn_ext.unlearn(model, **kwargs)
 
 
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

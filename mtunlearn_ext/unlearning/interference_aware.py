@@ -66,6 +66,7 @@ instance orthogonalization), ``interference_aware_neither`` (both off: retain de
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -385,6 +386,35 @@ def _push(subspaces: Mapping[tuple[str, ...], ProtectedSubspace], task: str,
             subspace.push(grads)
 
 
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (physical RAM for the CPU), or ``None`` if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (RuntimeError, ValueError, OSError, AttributeError):
+        return None
+    return None
+
+
+def _check_fits(plan: Mapping[str, int], device: torch.device) -> None:
+    """Refuse, before the first step, settings whose gradient copies alone exceed the device's
+    whole memory (the run would only fail later, out of memory, possibly after minutes)."""
+    total = _device_memory(device)
+    if total is None or plan["total"] <= total:
+        return
+    def size(n: int) -> str:
+        return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
+
+    parts = ", ".join(f"{k} {size(v)}" for k, v in plan.items() if k != "total" and v)
+    raise ValueError(
+        f"interference_aware: the gradient copies need {size(plan['total'])} ({parts}), "
+        f"more than the {size(total)} of {device}; lower `instance_memory`, "
+        "`num_per_sample` / `num_coupled_per_sample` or `num_snapshots`, or protect fewer "
+        "parameters")
+
+
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
 
@@ -438,6 +468,8 @@ class InterferenceAware(GradientUnlearner):
             "coupled_tasks": coupled_tasks,
             "instance_memory": PerSampleMemory(cfg.instance_memory, track_gram=True),
         })
+        memory_plan = self.gradient_memory_plan(ctx, len(subspaces), coupled is not None)
+        _check_fits(memory_plan, torch.device(problem.device))
         caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
                             else ({}, None))
         report.extra["interference_aware"] = {
@@ -448,7 +480,36 @@ class InterferenceAware(GradientUnlearner):
             "coupled_instances": 0 if coupled is None else len(coupled),
             "shared_layers": next(iter(subspaces.values())).num_layers if subspaces else 0,
             "shared_numel": sum(p.numel() for p in ctx.groups.shared_params),
+            "gradient_memory_bytes": memory_plan,
         }
+
+    def gradient_memory_plan(self, ctx: StepContext, num_subspaces: int, coupled: bool
+                             ) -> dict[str, int]:
+        """Bytes of gradient copies the method holds at once, by what holds them: the protected
+        subspaces' snapshots (``num_snapshots`` per subspace, over the shared parameters), the
+        instance memory's rows (``(instance_memory + 1)`` steps of per-sample rows over the
+        shared and target-head parameters) and one step's per-sample pass (its rows over every
+        parameter). Activations of the ``vmap`` pass come on top (bounded by ``chunk_size``)."""
+        cfg = self.config
+        groups = ctx.groups
+
+        def nbytes(params: Sequence[torch.Tensor]) -> int:
+            return sum(p.numel() * p.element_size() for p in params)
+
+        plan = {"snapshots": 0, "instance_memory": 0, "per_sample_pass": 0}
+        if cfg.task_projection:
+            plan["snapshots"] = num_subspaces * cfg.num_snapshots * nbytes(groups.shared_params)
+        if self._uses_instance_constraints():
+            per_step = cfg.num_per_sample + (cfg.num_coupled_per_sample if coupled else 0)
+            if cfg.instance_rows == "instance_task":
+                per_step *= len(ctx.problem.task_names)
+            constrained = groups.shared_params + [p for t in ctx.problem.target_tasks
+                                                  for p in groups.head_params(t)]
+            plan["instance_memory"] = ((cfg.instance_memory + 1) * per_step
+                                       * nbytes(constrained))
+            plan["per_sample_pass"] = per_step * nbytes(groups.all_params)
+        plan["total"] = sum(plan.values())
+        return plan
 
     @torch.no_grad()
     def _calibrate_caps(self, ctx: StepContext) -> tuple[dict[str, float], str | None]:
