@@ -565,6 +565,10 @@ def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> Non
         run(model, x[:, :5])
     with pytest.raises(ValueError, match=r"task 'size' wants|regression pred"):
         run(model, x, {"kind": y["kind"], "size": torch.zeros(120, 2)})
+    with pytest.raises(ValueError, match=r"`device` 'cuda:99' is not available here"):
+        mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, y), forget_request=request,
+                              shared_parameters=lambda n: n.startswith("trunk"),
+                              device="cuda:99")
     two_classes = {"kind": TaskSpec("kind", "classification", num_classes=2),
                    "size": "regression"}
     with pytest.raises(ValueError, match=r"task 'kind' \(classification\) has labels outside "

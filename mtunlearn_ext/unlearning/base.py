@@ -155,6 +155,12 @@ class UnlearningProblem:
                              "build it with ForgetRequest.split")
         if self.seed < 0:
             raise ValueError(f"UnlearningProblem: `seed` must be >= 0, got {self.seed}")
+        device = torch.device(self.device)
+        if device.type == "cuda" and (not torch.cuda.is_available() or (
+                device.index is not None and device.index >= torch.cuda.device_count())):
+            raise ValueError(f"UnlearningProblem: `device` {str(device)!r} is not available here "
+                             f"(torch.cuda.is_available() is {torch.cuda.is_available()}, "
+                             f"{torch.cuda.device_count()} devices); use 'cpu'")
         if self.held_out is not None:
             if len(self.held_out) == 0:
                 raise ValueError("UnlearningProblem: the held_out set is empty (pass None to "
