@@ -166,6 +166,7 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
 def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> torch.Tensor:
     """The labels of task ``name`` on the supervised pairs of ``data`` (a data set, or a tuple
     whose optional third element is the ``[N, T]`` supervision mask)."""
+    supervision: torch.Tensor | None
     if isinstance(data, MultiTaskDataset):
         labels, supervision = data.targets[name], data.supervision[:, data.task_index(name)]
     else:
@@ -402,8 +403,8 @@ def unlearn(model: nn.Module, *,
                 raise ValueError(f"unlearn: `audit_data` shares {len(shared)} instance ids with "
                                  f"the training set (first: {shared[:5]}); it must hold "
                                  "instances the model was never trained on")
-        columns = [audit.task_index(t) for t in targets]
-        labelled = int(audit.supervision[:, columns].all(dim=1).sum())
+        target_columns = [audit.task_index(t) for t in targets]
+        labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
         if labelled < 8:
             raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
                              f"the target tasks {list(targets)}, got {labelled}")

@@ -237,8 +237,9 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
         return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
 
     differentiate = jacrev if per_task else grad
-    grads, losses = vmap(differentiate(one, has_aux=True), in_dims=(None, 0, 0, 0),
-                         chunk_size=chunk_size, randomness="different")(params, inputs, task_targets, supervision)
+    per_sample = vmap(differentiate(one, has_aux=True), in_dims=(None, 0, 0, 0),
+                      chunk_size=chunk_size, randomness="different")
+    grads, losses = per_sample(params, inputs, task_targets, supervision)
     return [grads[n] for n in param_names], losses
 
 

@@ -441,13 +441,14 @@ class InterferenceAware(GradientUnlearner):
         protect = protected_tasks(problem, cfg.protect)
         coupled = coupled_retain_set(problem) if cfg.coupled else None
         if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
-            tasks = len(problem.task_names)
+            num_tasks = len(problem.task_names)
             per_step = cfg.num_per_sample + (0 if coupled is None else cfg.num_coupled_per_sample)
-            rows = (cfg.instance_memory + 1) * per_step * tasks
+            rows = (cfg.instance_memory + 1) * per_step * num_tasks
             if rows > MAX_SOLVER_K:
                 raise ValueError(
-                    f"interference_aware: `instance_rows='instance_task'` with {tasks} tasks "
-                    f"keeps (instance_memory + 1) * {per_step} rows per step * {tasks} = {rows} "
+                    f"interference_aware: `instance_rows='instance_task'` with {num_tasks} "
+                    f"tasks keeps (instance_memory + 1) * {per_step} rows per step * "
+                    f"{num_tasks} = {rows} "
                     f"constraints, over the solver's {MAX_SOLVER_K}; lower `instance_memory`, "
                     "`num_per_sample` or `num_coupled_per_sample`")
         coupled_tasks = [t for t in problem.non_target_tasks]
