@@ -628,6 +628,18 @@ def test_gradient_memory_is_planned_and_checked_before_the_first_step(user_setup
         mtunlearn_ext.unlearn(model, **kwargs)
 
 
+def test_public_api_unlearns_a_compiled_model_through_its_module(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
+                  shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 3})
+    plain, _ = mtunlearn_ext.unlearn(model, **kwargs)
+    # torch.compile is lazy: nothing is compiled unless the wrapper is called.
+    new, _ = mtunlearn_ext.unlearn(torch.compile(model), **kwargs)
+    assert type(new) is TwoHeads  # the eager module, its names without "_orig_mod."
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in new.state_dict().items())
+
+
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 6, generator=generator),
