@@ -290,8 +290,8 @@ def unlearn(model: nn.Module, *,
 
     Args:
         model: any ``nn.Module`` returning a mapping task -> output (a ``torch.compile``'d
-            one is unlearned through its original module, which is what comes back: compile
-            the result again if you want it compiled); never modified. Layers
+            one, or a ``DataParallel`` / ``DistributedDataParallel`` wrapper, is unlearned
+            through the module it wraps, which is what comes back); never modified. Layers
             with running statistics (BatchNorm) and dropout are fine: the steps run in eval
             mode and the statistics are recomputed from the retain data after them (the
             settings ``train_mode`` and ``recalibrate_norms``).
@@ -355,9 +355,15 @@ def unlearn(model: nn.Module, *,
     # A torch.compile'd model is unlearned through its eager module: per-sample gradients
     # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
     # those of the user's own module; the returned model is that module's unlearned copy.
-    if type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    # Likewise a (Distributed)DataParallel wrapper: the request runs in this one process.
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
     if (train_data is None) == (forget_data is None):
         raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")

@@ -628,7 +628,7 @@ def test_gradient_memory_is_planned_and_checked_before_the_first_step(user_setup
         mtunlearn_ext.unlearn(model, **kwargs)
 
 
-def test_public_api_unlearns_a_compiled_model_through_its_module(user_setup) -> None:  # type: ignore[no-untyped-def]
+def test_public_api_unlearns_compiled_and_parallel_models_through_their_module(user_setup) -> None:  # type: ignore[no-untyped-def]
     model, x, y = user_setup
     kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
                   forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
@@ -638,6 +638,9 @@ def test_public_api_unlearns_a_compiled_model_through_its_module(user_setup) -> 
     new, _ = mtunlearn_ext.unlearn(torch.compile(model), **kwargs)
     assert type(new) is TwoHeads  # the eager module, its names without "_orig_mod."
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in new.state_dict().items())
+    wrapped, _ = mtunlearn_ext.unlearn(nn.DataParallel(torch.compile(model)), **kwargs)
+    assert type(wrapped) is TwoHeads  # names without "module."
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in wrapped.state_dict().items())
 
 
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
