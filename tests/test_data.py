@@ -481,3 +481,9 @@ def test_batches_carry_neutral_targets_on_unsupervised_pairs() -> None:
     item = data[1]
     assert all(torch.equal(item["targets"][k], targets[k][1]) for k in targets)
     assert torch.equal(data[0]["targets"]["seg"], stored["seg"][0])
+    # uint8 labels cannot hold ignore_index -1: widened, not wrapped to 255 (a valid class).
+    labels = torch.tensor([1, 200], dtype=torch.uint8)
+    narrow = MultiTaskDataset(torch.zeros(2, 1), {"kind": labels},
+                              [TaskSpec("kind", "classification", num_classes=256)],
+                              supervision=torch.tensor([[True], [False]]))
+    assert narrow.batch([0, 1])["targets"]["kind"].tolist() == [1, -1]

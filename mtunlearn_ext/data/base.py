@@ -52,8 +52,12 @@ def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor, supervised: torch
     if check and bool(supervised.all()):
         return target
     fill = spec.ignore_index if spec.kind in ("classification", "segmentation") else 0
+    if not target.is_floating_point() and target.dtype != torch.bool:
+        info = torch.iinfo(target.dtype)
+        if not info.min <= fill <= info.max:  # uint8 labels, ignore_index -1: widen, not wrap
+            target = target.long()
     mask = supervised.reshape(-1, *([1] * (target.dim() - 1))).to(target.device)
-    return torch.where(mask, target, torch.tensor(fill, dtype=target.dtype, device=target.device))
+    return torch.where(mask, target, fill)
 
 
 class MultiTaskDataset(Dataset[dict[str, object]]):
