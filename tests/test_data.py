@@ -268,6 +268,13 @@ def test_partial_split_keeps_non_target_labels_of_forget_instances() -> None:
     others = torch.tensor([i for i in range(len(data)) if int(data.ids[i]) not in
                            set(forget_ids.tolist())])
     assert retain.supervision[retain.positions_of(data.ids[others])].all()
+    # Every instance stays: the retain set shares the inputs instead of copying them (the
+    # supervision mask is its own).
+    assert retain.inputs.data_ptr() == data.inputs.data_ptr()
+    assert retain.supervision.data_ptr() != data.supervision.data_ptr()
+    full_forget, full_retain = ForgetRequest.create(forget_ids).split(data)
+    assert len(full_retain) == len(data) - 3
+    assert full_retain.inputs.data_ptr() != data.inputs.data_ptr()
 
 
 # -- LibMTL loaders ------------------------------------------------------------------------------

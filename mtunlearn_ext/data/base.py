@@ -187,8 +187,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         return torch.tensor([lookup[int(i)] for i in wanted.tolist()], dtype=torch.long)
 
     def subset(self, positions: torch.Tensor | Sequence[int]) -> MultiTaskDataset:
-        """The rows at ``positions`` (ids and supervision kept)."""
+        """The rows at ``positions`` (ids and supervision kept). All rows in their order share
+        this set's tensors (a partial request's retain set is every instance: no copy of the
+        inputs); any other selection copies them."""
         pos = torch.as_tensor(positions, dtype=torch.long)
+        if pos.numel() == len(self) and torch.equal(pos, torch.arange(len(self))):
+            return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids,
+                                    self.supervision)
         return MultiTaskDataset(self.inputs[pos], {k: v[pos] for k, v in self.targets.items()},
                                 self.tasks, self.ids[pos], self.supervision[pos])
 
