@@ -11,11 +11,13 @@ from mtunlearn_ext import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ForgetRequest", "__version__", "build_info", "has_extension", "ops", "unlearn"]
+__all__ = ["ForgetRequest", "__version__", "build_info", "has_extension", "ops",
+           "save_unlearned", "unlearn"]
 
 # The unlearning API pulls in data, models and every method; it is loaded on first use so that
 # ``import mtunlearn_ext`` (and ``mtunlearn_ext.ops``) stays as light as before.
 _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
+         "save_unlearned": ("mtunlearn_ext.api", "save_unlearned"),
          "ForgetRequest": ("mtunlearn_ext.data.request", "ForgetRequest")}
 
 

@@ -9,17 +9,23 @@ model is never modified; a new one is returned with a report.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
+from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.models.base import ParameterSplit
+from mtunlearn_ext.records import code_version, utc_now
 from mtunlearn_ext.unlearning import (
     UnlearnerConfig,
     UnlearningProblem,
@@ -27,7 +33,8 @@ from mtunlearn_ext.unlearning import (
     get_unlearner,
 )
 
-__all__ = ["DataLike", "unlearn"]
+__all__ = ["API_RECORD_SCHEMA", "DataLike", "save_unlearned", "state_dict_sha256",
+           "unlearn"]
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
@@ -445,3 +452,64 @@ def unlearn(model: nn.Module, *,
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
     return out, result.report
+
+
+API_RECORD_SCHEMA = "mtunlearn_ext.api-record/1"
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """SHA-256 over a model's state (names, dtypes, shapes and bytes, in order): which weights
+    a record speaks of, independent of how a checkpoint file was serialised."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.PathLike[str], *,
+                   original: nn.Module | None = None) -> dict[str, Any]:
+    """Save an unlearned model and the record of its request, for an audit trail.
+
+    Writes ``path`` (the model's ``state_dict``) and then ``<path>.record.json`` (schema
+    ``mtunlearn_ext.api-record/1``), both as new files, atomically (temporary file, fsync,
+    link): an existing file is never replaced, a reader never sees a partial one, and the
+    record, written last, marks a complete save (if it cannot be written the checkpoint is
+    removed again). The record holds the request as :func:`unlearn` reported it (pair counts,
+    target tasks, the SHA-256 of the sorted instance ids, not the ids themselves), the method
+    and its settings, the summary (losses before and after; the membership-inference audit
+    when ``audit_data`` was given), steps and wall time, the code version, the checkpoint
+    file's SHA-256, and :func:`state_dict_sha256` of the unlearned model and, when
+    ``original`` is given, of the model it came from.
+
+    Returns:
+        The record (a plain JSON-able dict).
+    """
+    target = Path(path)
+    record_path = target.with_name(target.name + ".record.json")
+    for p in (target, record_path):
+        if p.exists():
+            raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
+    record: dict[str, Any] = {
+        "schema": API_RECORD_SCHEMA,
+        "written_at": utc_now(),
+        "code": code_version(),
+        "request": dict(report.request),
+        "method": {"name": report.method, "settings": dict(report.config)},
+        "summary": report.extra.get("summary", {}),
+        "steps": report.steps,
+        "wall_time_s": report.wall_time_s,
+        "model_state_sha256": state_dict_sha256(model),
+        "original_state_sha256": None if original is None else state_dict_sha256(original),
+    }
+    from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
+
+    record["checkpoint"] = {"path": str(target),
+                            "sha256": atomic_torch_save(model.state_dict(), target)}
+    try:
+        write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return record

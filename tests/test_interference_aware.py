@@ -8,6 +8,8 @@ lists, real per-sample gradients and a real forget objective.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import warnings
 
 import pytest
@@ -641,6 +643,52 @@ def test_public_api_unlearns_compiled_and_parallel_models_through_their_module(u
     wrapped, _ = mtunlearn_ext.unlearn(nn.DataParallel(torch.compile(model)), **kwargs)
     assert type(wrapped) is TwoHeads  # names without "module."
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in wrapped.state_dict().items())
+
+
+def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_setup, tmp_path,
+                                                                        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from mtunlearn_ext.api import state_dict_sha256
+
+    model, x, y = user_setup
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+        shared_parameters=lambda n: n.startswith("trunk"), config={"steps": 2},
+        audit_data=_unseen(16, 3))
+    path = tmp_path / "unlearned.pt"
+    record = mtunlearn_ext.save_unlearned(new, report, path, original=model)
+    stored = json.loads((tmp_path / "unlearned.pt.record.json").read_text())
+    assert stored == record and stored["schema"] == "mtunlearn_ext.api-record/1"
+    assert stored["request"]["ids_sha256"] == ForgetRequest.create(range(10)).ids_hash()
+    assert stored["request"]["target_tasks"] == ["kind"] and stored["method"]["name"] == \
+        "interference_aware"
+    assert stored["checkpoint"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert stored["model_state_sha256"] == state_dict_sha256(new) != \
+        stored["original_state_sha256"] == state_dict_sha256(model)
+    assert "forget_mia_auc_after" in stored["summary"]
+    reloaded = TwoHeads()
+    reloaded.load_state_dict(torch.load(path))
+    assert state_dict_sha256(reloaded) == stored["model_state_sha256"]
+    # Never over an existing file: the checkpoint, or its record.
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        mtunlearn_ext.save_unlearned(new, report, path)
+    assert path.read_bytes() == before
+    (tmp_path / "other.pt.record.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="other.pt.record.json exists"):
+        mtunlearn_ext.save_unlearned(new, report, tmp_path / "other.pt")
+    assert not (tmp_path / "other.pt").exists()
+    # A record that cannot be written takes its checkpoint with it.
+    import mtunlearn_ext.workflow as workflow
+
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(workflow, "write_json_new", fail)
+    with pytest.raises(OSError, match="disk full"):
+        mtunlearn_ext.save_unlearned(new, report, tmp_path / "third.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other.pt.record.json", "unlearned.pt", "unlearned.pt.record.json"]
 
 
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
