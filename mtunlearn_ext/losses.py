@@ -97,6 +97,10 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
                          f"{tuple(target.shape)} differ")
     target = target.to(pred.dtype)
     valid = valid_pixel_mask(spec, target)
+    # An unlabelled pixel may hold NaN (it reads as unlabelled); zeroed here, it cannot reach
+    # the gradient through the product below (0 * NaN is NaN even where the mean drops it).
+    target = torch.where(valid.unsqueeze(1), target, torch.zeros((), dtype=target.dtype,
+                                                                 device=target.device))
     if kind == "depth":
         return _mean_over_valid((pred - target).abs()[:, 0], valid)
     if kind == "normals":

@@ -116,6 +116,23 @@ def test_masked_multitask_loss_gradient_ignores_nan_and_out_of_range_targets() -
         assert torch.isfinite(b).all() and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind, channels", [("depth", 1), ("normals", 3)])
+def test_dense_losses_read_nan_pixels_as_unlabelled_also_in_the_gradient(kind: str,
+                                                                          channels: int) -> None:
+    spec = TaskSpec(kind, kind)  # type: ignore[arg-type]
+    pred = torch.rand(2, channels, 3, 3, requires_grad=True)
+    zeros = torch.rand(2, channels, 3, 3) + 0.5
+    zeros[0, :, 1, 1] = 0.0  # unlabelled the usual way
+    nans = zeros.clone()
+    nans[0, :, 1, 1] = float("nan")  # and as it often arrives
+    results = []
+    for target in (zeros, nans):
+        loss = task_loss(spec, pred, target)
+        results.append((loss, torch.autograd.grad(loss.sum(), pred)[0]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.isfinite(results[1][1]).all() and torch.equal(results[0][1], results[1][1])
+
+
 # -- training ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
