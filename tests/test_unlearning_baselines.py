@@ -237,6 +237,15 @@ def test_per_sample_grads_match_autograd(bench, original, scaled: bool) -> None:
     with pytest.raises(ValueError, match="task_scale"):
         per_sample_retain_grads_and_losses(original, batch, problem.tasks, groups.all_names,
                                            task_scale=[1.0])
+    # A hand-made batch may hold anything on the unsupervised pair (here a class index out of
+    # range, which the loss kernel would reject): the same gradients.
+    name = problem.tasks[1].name
+    dirty = {**batch, "targets": {**batch["targets"], name: batch["targets"][name].clone()}}
+    dirty["targets"][name][0] = 99
+    for g, clean in zip(per_sample_retain_grads(original, dirty, problem.tasks, groups.all_names),
+                        per_sample_retain_grads(original, batch, problem.tasks,
+                                                groups.all_names)):
+        assert torch.isfinite(g).all() and torch.equal(g, clean)
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "task_scaled"])
@@ -441,6 +450,16 @@ def test_depth_weighted_abs_error_against_a_float64_reference() -> None:
     poisoned = pred.clone()
     poisoned[target == 0] = float("nan")  # predictions at unlabelled pixels must not leak in
     torch.testing.assert_close(depth_weighted_abs_error(poisoned, target), expected)
+    # Nor NaN depths at unlabelled pixels, in the value or the gradient.
+    nan_target = target.clone()
+    nan_target[target == 0] = float("nan")
+    grads = []
+    for t in (target, nan_target):
+        p = pred.clone().requires_grad_(True)
+        value = depth_weighted_abs_error(p, t)
+        torch.testing.assert_close(value.detach(), expected)
+        grads.append(torch.autograd.grad(value.sum(), p)[0])
+    assert torch.isfinite(grads[1]).all() and torch.equal(grads[0], grads[1])
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
         depth_weighted_abs_error(pred[:, 0], target[:, 0])
 

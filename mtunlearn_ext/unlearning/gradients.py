@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning.norm_statistics import check_samples_independent
 
@@ -229,7 +229,10 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     supervision = batch["supervision"]
     assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
     assert isinstance(supervision, torch.Tensor)
-    task_targets = {s.name: targets[s.name] for s in specs}
+    # Neutral targets on unsupervised pairs (the ``where`` of the loss keeps their values out of
+    # the sum, not a NaN out of the gradient), also for batches not made by a data set.
+    task_targets = {s.name: neutral_unsupervised(s, targets[s.name], supervision[:, c],
+                                                 check=False) for c, s in enumerate(specs)}
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
             sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -294,6 +294,8 @@ def depth_weighted_abs_error(pred: torch.Tensor, target: torch.Tensor) -> torch.
     depth = target.to(pred.dtype)[:, 0]
     valid = depth > 0
     zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    # An unlabelled pixel's depth may be NaN: zeroed first, or 0 * NaN reaches the gradient.
+    depth = torch.where(valid, depth, zero)
     # torch.where, not a product with the mask: a prediction at an unlabelled pixel may be
     # anything, NaN included, and must not reach the sum.
     weighted = torch.where(valid, (pred[:, 0] - depth).abs() * depth, zero).flatten(1).sum(1)
