@@ -60,6 +60,18 @@ def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor, supervised: torch
     return torch.where(mask, target, fill)
 
 
+def _all_finite(values: torch.Tensor) -> bool:
+    """True when ``values`` holds no NaN or Inf (always for integer tensors), from one min/max
+    pass (NaN propagates through both; an Inf is the min or the max), about 10x faster on CPU
+    than materialising ``isfinite``."""
+    if values.numel() == 0 or not (values.is_floating_point() or values.is_complex()):
+        return True
+    if values.is_complex():
+        return bool(torch.isfinite(values).all())
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 class MultiTaskDataset(Dataset[dict[str, object]]):
     """Tensor-backed multi-task data set.
 
@@ -133,10 +145,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         targets any loss reads) class labels outside ``[0, num_classes)`` other than
         ``ignore_index``, non-finite regression targets, and non-finite depth or normal values
         at pixels the losses count as labelled (``valid_pixel_mask``: depth ``> 0``, a normal
-        not the zero vector; a NaN there reads as unlabelled)."""
+        not the zero vector; a NaN there reads as unlabelled).
+
+        Clean data costs one min/max pass per tensor; only data that fails it is scanned row by
+        row to name the offender."""
         if len(self) == 0:
             return
-        if self.inputs.is_floating_point() or self.inputs.is_complex():
+        if not _all_finite(self.inputs):
             bad = ~torch.isfinite(self.inputs.reshape(len(self), -1)).all(dim=1)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten()
@@ -144,7 +159,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                                  f"(first: row {int(rows[0])}, id {int(self.ids[rows[0]])})")
         for column, spec in enumerate(self.tasks):
             supervised = self.supervision[:, column]
-            target = self.targets[spec.name][supervised]
+            every_row = bool(supervised.all())
+            target = self.targets[spec.name] if every_row else self.targets[spec.name][supervised]
             if target.numel() == 0:
                 continue
             flat = target.reshape(target.shape[0], -1)
@@ -153,14 +169,19 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 if flat.is_floating_point() and not bool((flat == flat.round()).all()):
                     raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) needs integer "
                                      f"class labels, got {target.dtype} with fractions")
+                low, high = torch.aminmax(flat)
+                if 0 <= float(low) and float(high) < spec.num_classes:
+                    continue
                 ok = (flat == spec.ignore_index) | ((flat >= 0) & (flat < spec.num_classes))
                 problem = (f"labels outside [0, {spec.num_classes}) other than ignore_index "
                            f"{spec.ignore_index}")
             elif spec.kind == "regression":
+                if _all_finite(flat):
+                    continue
                 ok = torch.isfinite(flat)
                 problem = "NaN or Inf targets"
             else:
-                if not target.is_floating_point():
+                if not target.is_floating_point() or _all_finite(target):
                     continue
                 finite = torch.isfinite(target)
                 if spec.kind == "depth":
@@ -170,7 +191,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 problem = "NaN or Inf values at labelled pixels"
             bad = ~ok.all(dim=1)
             if bool(bad.any()):
-                row = int(supervised.nonzero().flatten()[bad.nonzero()[0]])
+                rows = torch.arange(len(self)) if every_row else supervised.nonzero().flatten()
+                row = int(rows[bad.nonzero()[0]])
                 raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) has {problem} on "
                                  f"{int(bad.sum())} supervised rows (first: row {row}, id "
                                  f"{int(self.ids[row])})")
