@@ -82,31 +82,47 @@ struct SmallBlock {
 // C[MR x NR] += A[MR rows] . B[NR rows] over `width` columns, with the running sums kept as
 // vectors in `lanes` (float lanes are summed into double only every kFlushCols columns, so the
 // horizontal sums cost nothing per tile and fp32 accuracy does not depend on the row length).
-// Only the first NU columns of the block are computed: with k < kNR rows of B (a direction
-// against many rows) the others would be padding, whose lanes stay zero and are never read.
-template <typename Acc, int MR, int NR, int NU = NR>
+// Only the first MU rows and NU columns of the block are computed: with m % kMR rows of A left
+// in the last block (one direction against many rows: m = 1) or k < kNR rows of B (many rows
+// against one direction) the others would be padding, whose lanes stay zero and are never
+// read. Each computed product accumulates exactly as in the full block (same vectors, same
+// order), so the results do not depend on which variant ran.
+template <typename Acc, int MR, int NR, int NU = NR, int MU = MR>
 MTU_ALWAYS_INLINE void block_dot(const Acc* const* a_rows, const Acc* const* b_rows, int64_t width,
                                  typename VecOf<Acc>::type* lanes) {
   static_assert(NU >= 1 && NU <= NR, "block_dot: 1 <= NU <= NR");
+  static_assert(MU >= 1 && MU <= MR, "block_dot: 1 <= MU <= MR");
   using V = typename VecOf<Acc>::type;
   constexpr int L = VecOf<Acc>::lanes;
-  V acc[MR][NU];
-  const Acc* a[MR];
+  V acc[MU][NU];
+  const Acc* a[MU];
   const Acc* b[NU];
-  for (int r = 0; r < MR; ++r) a[r] = a_rows[r];
+  for (int r = 0; r < MU; ++r) a[r] = a_rows[r];
   for (int c = 0; c < NU; ++c) b[c] = b_rows[c];
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MU; ++r)
     for (int c = 0; c < NU; ++c) acc[r][c] = lanes[r * NR + c];
   for (int64_t col = 0; col < width; col += L) {
-    V av[MR];
-    for (int r = 0; r < MR; ++r) av[r] = load_vec<V>(a[r] + col);
+    V av[MU];
+    for (int r = 0; r < MU; ++r) av[r] = load_vec<V>(a[r] + col);
     for (int c = 0; c < NU; ++c) {
       const V bv = load_vec<V>(b[c] + col);
-      for (int r = 0; r < MR; ++r) acc[r][c] += av[r] * bv;
+      for (int r = 0; r < MU; ++r) acc[r][c] += av[r] * bv;
     }
   }
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MU; ++r)
     for (int c = 0; c < NU; ++c) lanes[r * NR + c] = acc[r][c];
+}
+
+// block_dot over the first `nu` (1..kNR) rows of B, MU rows of A.
+template <typename Acc, int MU>
+MTU_ALWAYS_INLINE void block_dot_nu(int nu, const Acc* const* a_rows, const Acc* const* b_rows,
+                                    int64_t width, typename VecOf<Acc>::type* lanes) {
+  switch (nu) {
+    case 1: block_dot<Acc, kMR, kNR, 1, MU>(a_rows, b_rows, width, lanes); break;
+    case 2: block_dot<Acc, kMR, kNR, 2, MU>(a_rows, b_rows, width, lanes); break;
+    case 3: block_dot<Acc, kMR, kNR, 3, MU>(a_rows, b_rows, width, lanes); break;
+    default: block_dot<Acc, kMR, kNR, kNR, MU>(a_rows, b_rows, width, lanes); break;
+  }
 }
 
 constexpr int64_t kFlushCols = 2048;
@@ -185,12 +201,14 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
         const Acc* const* ab = a_rows.data() + bi * kMR;
         const Acc* const* bb = b_rows.data() + bj * kNR;
         V* blk = lanes + (bi * blocks_j + bj) * kMR * kNR;
-        // Fewer than kNR rows of B in all (k = 1..3, never a Gram): skip the padding rows.
-        switch (p.symmetric ? kNR : std::min<int64_t>(kNR, p.k - bj * kNR)) {
-          case 1: block_dot<Acc, kMR, kNR, 1>(ab, bb, wpad, blk); break;
-          case 2: block_dot<Acc, kMR, kNR, 2>(ab, bb, wpad, blk); break;
-          case 3: block_dot<Acc, kMR, kNR, 3>(ab, bb, wpad, blk); break;
-          default: block_dot<Acc, kMR, kNR>(ab, bb, wpad, blk); break;
+        // The last blocks of A and B may hold padding rows (never in a Gram, whose rows are
+        // read as both): skip them.
+        const int nu = p.symmetric ? kNR : static_cast<int>(std::min<int64_t>(kNR, p.k - bj * kNR));
+        const int mu = p.symmetric ? kMR : static_cast<int>(std::min<int64_t>(kMR, p.m - bi * kMR));
+        switch (mu) {
+          case 1: block_dot_nu<Acc, 1>(nu, ab, bb, wpad, blk); break;
+          case 2: block_dot_nu<Acc, 2>(nu, ab, bb, wpad, blk); break;
+          default: block_dot_nu<Acc, kMR>(nu, ab, bb, wpad, blk); break;
         }
       }
     }
