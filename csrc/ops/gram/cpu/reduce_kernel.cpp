@@ -114,18 +114,19 @@ MTU_ALWAYS_INLINE void block_dot(const Acc* const* a_rows, const Acc* const* b_r
 }
 
 // block_dot over the first `nu` (1..kNR) rows of B, MU rows of A.
-template <typename Acc, int MU>
+template <typename Acc, int MU, int MR = kMR>
 MTU_ALWAYS_INLINE void block_dot_nu(int nu, const Acc* const* a_rows, const Acc* const* b_rows,
                                     int64_t width, typename VecOf<Acc>::type* lanes) {
   switch (nu) {
-    case 1: block_dot<Acc, kMR, kNR, 1, MU>(a_rows, b_rows, width, lanes); break;
-    case 2: block_dot<Acc, kMR, kNR, 2, MU>(a_rows, b_rows, width, lanes); break;
-    case 3: block_dot<Acc, kMR, kNR, 3, MU>(a_rows, b_rows, width, lanes); break;
-    default: block_dot<Acc, kMR, kNR, kNR, MU>(a_rows, b_rows, width, lanes); break;
+    case 1: block_dot<Acc, MR, kNR, 1, MU>(a_rows, b_rows, width, lanes); break;
+    case 2: block_dot<Acc, MR, kNR, 2, MU>(a_rows, b_rows, width, lanes); break;
+    case 3: block_dot<Acc, MR, kNR, 3, MU>(a_rows, b_rows, width, lanes); break;
+    default: block_dot<Acc, MR, kNR, kNR, MU>(a_rows, b_rows, width, lanes); break;
   }
 }
 
 constexpr int64_t kFlushCols = 2048;
+constexpr int kSweepRows = 8;  // A rows per pass of the rows-against-a-direction sweep
 constexpr int64_t kManyRowsTile = 256;  // see reduce(): a divisor of kFlushCols
 static_assert(kFlushCols % kManyRowsTile == 0 && kFlushCols % 64 == 0,
               "tiles of many-row problems must flush at the same columns as 64-column tiles");
@@ -166,6 +167,93 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
   constexpr bool kDirect = std::is_same<S, Acc>::value;
   std::vector<const Acc*> a_rows(p.rows_a), b_rows(p.rows_b);
   const Acc* zeros = p.symmetric ? tile_a + (p.buffer_rows_a - 1) * ld : tile_b + (p.buffer_rows_b - 1) * ld;
+  if (!p.symmetric && blocks_j == 1 && p.m >= 2 * kSweepRows) {
+    // Many rows of A against at most kNR rows of B (rows against one direction): one block of
+    // A rows at a time over every column of the item, consecutive in-place tiles in one call,
+    // so each pass streams kMR long rows (and the few B rows from cache) instead of visiting
+    // every A row once per tile. Each product still sees the same vectors in the same order
+    // and is flushed after the same columns: the results are those of the tile-major loop
+    // below, bit for bit.
+    const int nu = static_cast<int>(p.k);
+    // Groups of kSweepRows rows (lanes of a single B block are row-major [rows_a][kNR], so a
+    // group's lanes are contiguous).
+    for (int64_t r0 = 0; r0 < p.m; r0 += kSweepRows) {
+      const int mu = static_cast<int>(std::min<int64_t>(kSweepRows, p.m - r0));
+      V* blk = lanes + r0 * kNR;
+      auto dot = [&](int64_t width) {
+        const Acc* const* ab = a_rows.data() + r0;
+        const Acc* const* bb = b_rows.data();
+        switch (mu) {
+          case 1: block_dot_nu<Acc, 1, kSweepRows>(nu, ab, bb, width, blk); break;
+          case 2: block_dot_nu<Acc, 2, kSweepRows>(nu, ab, bb, width, blk); break;
+          case 3: block_dot_nu<Acc, 3, kSweepRows>(nu, ab, bb, width, blk); break;
+          case 4: block_dot_nu<Acc, 4, kSweepRows>(nu, ab, bb, width, blk); break;
+          case 5: block_dot_nu<Acc, 5, kSweepRows>(nu, ab, bb, width, blk); break;
+          case 6: block_dot_nu<Acc, 6, kSweepRows>(nu, ab, bb, width, blk); break;
+          case 7: block_dot_nu<Acc, 7, kSweepRows>(nu, ab, bb, width, blk); break;
+          default: block_dot_nu<Acc, kSweepRows, kSweepRows>(nu, ab, bb, width, blk); break;
+        }
+      };
+      int64_t run_begin = 0, run_width = 0;  // pending in-place columns
+      auto run = [&]() {
+        if (run_width == 0) return;
+        for (int64_t r = r0; r < r0 + mu; ++r)
+          a_rows[r] = r < p.m ? reinterpret_cast<const Acc*>(segment_row_a<S>(seg, r) + run_begin)
+                              : zeros;
+        for (int64_t r = 0; r < p.rows_b; ++r)
+          b_rows[r] = r < p.k ? reinterpret_cast<const Acc*>(b + r * seg.b_row_stride + run_begin)
+                              : zeros;
+        dot(run_width);
+        run_width = 0;
+      };
+      auto flush_block = [&]() {
+        for (int r = 0; r < mu; ++r)
+          for (int c = 0; c < kNR; ++c) {
+            item_acc[(r0 + r) * p.rows_b + c] += hsum(blk[r * kNR + c]);
+            blk[r * kNR + c] = V{};
+          }
+      };
+      int64_t block_since_flush = 0;
+      for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
+        const int64_t w = std::min(ld, item.col_end - c0);
+        const int64_t wpad = round_up(w, L);
+        if (kDirect && w == wpad) {
+          if (run_width == 0) run_begin = c0;
+          run_width += w;
+        } else {
+          run();
+          for (int64_t r = r0; r < r0 + mu; ++r) {
+            if (r >= p.m) {
+              a_rows[r] = zeros;
+            } else {
+              load_row<Tag, kAvx2>(segment_row_a<S>(seg, r) + c0, tile_a + r * ld, w);
+              std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
+              a_rows[r] = tile_a + r * ld;
+            }
+          }
+          for (int64_t r = 0; r < p.rows_b; ++r) {
+            if (r >= p.k) {
+              b_rows[r] = zeros;
+            } else {
+              load_row<Tag, kAvx2>(b + r * seg.b_row_stride + c0, tile_b + r * ld, w);
+              std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
+              b_rows[r] = tile_b + r * ld;
+            }
+          }
+          dot(wpad);
+        }
+        block_since_flush += w;
+        if (block_since_flush >= kFlushCols) {
+          run();
+          flush_block();
+          block_since_flush = 0;
+        }
+      }
+      run();
+      flush_block();
+    }
+    return;
+  }
   for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += ld) {
     const int64_t w = std::min(ld, item.col_end - c0);
     const int64_t wpad = round_up(w, L);
