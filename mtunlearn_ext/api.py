@@ -218,6 +218,34 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 
 
+def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset) -> None:
+    """``forget_data`` and ``retain_data`` come without shared ids, so an instance given in both
+    shows only as equal inputs: refuse a forget pair whose input is also a retain row that
+    supervises the same task (the retain term would teach the label back)."""
+    if not len(forget) or not len(retain):
+        return
+
+    def fingerprint(x: torch.Tensor) -> list[tuple[float, float, float]]:
+        flat = x.reshape(len(x), -1)
+        wide = flat.double() if flat.is_floating_point() else flat.long().double()
+        return list(zip(wide.sum(1).tolist(), wide[:, 0].tolist(), wide[:, -1].tolist()))
+
+    by_print: dict[tuple[float, float, float], list[int]] = {}
+    for row, key in enumerate(fingerprint(retain.inputs)):
+        by_print.setdefault(key, []).append(row)
+    for f_row, key in enumerate(fingerprint(forget.inputs)):
+        for r_row in by_print.get(key, []):
+            if not torch.equal(forget.inputs[f_row], retain.inputs[r_row]):
+                continue
+            clash = forget.supervision[f_row] & retain.supervision[r_row]
+            if bool(clash.any()):
+                task = forget.task_names[int(clash.nonzero()[0])]
+                raise ValueError(
+                    f"unlearn: `forget_data` row {f_row} is also `retain_data` row {r_row} "
+                    f"(same input), which still supervises task {task!r}; take the pairs to "
+                    "forget out of `retain_data` (or pass `train_data` and a `forget_request`)")
+
+
 def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDataset,
            seed: int, max_members: int = 2000) -> dict[str, float]:
     """Membership-inference AUCs of the forget set and of held-back members, both against half
@@ -406,6 +434,7 @@ def unlearn(model: nn.Module, *,
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
         columns = torch.tensor([t in targets for t in names])
         forget = forget.with_supervision(forget.supervision & columns)
+        _check_no_copies_retained(forget, retain)
         request = ForgetRequest.create(forget.ids, None if set(targets) == set(names) else targets)
     held_out = None
     if held_out_data is not None:

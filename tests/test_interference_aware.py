@@ -691,6 +691,36 @@ def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_set
         "other.pt.record.json", "unlearned.pt", "unlearned.pt.record.json"]
 
 
+def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(user_setup
+                                                                             ) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    tasks = {"kind": "classification", "size": "regression"}
+    common = dict(tasks=tasks, shared_parameters=lambda n: n.startswith("trunk"),
+                  config={"steps": 1})
+    forget = (x[:10], {"kind": y["kind"][:10]})
+    # The whole training set as retain data: its rows 0-9 still teach the "kind" labels.
+    with pytest.raises(ValueError, match=r"`forget_data` row 0 is also `retain_data` row 0 "
+                                         r"\(same input\), which still supervises task 'kind'"):
+        mtunlearn_ext.unlearn(model, forget_data=forget, retain_data=(x, y), **common)
+    # Without those pairs (their "size" labels kept: a partial request) it runs.
+    supervision = torch.ones(120, 2, dtype=torch.bool)
+    supervision[:10, 0] = False
+    _, report = mtunlearn_ext.unlearn(model, forget_data=forget,
+                                      retain_data=(x, y, supervision), **common)
+    assert report.request["target_tasks"] == ["kind"]
+    # Data sets with ids: the problem refuses a pair supervised on both sides.
+    specs = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]
+    train = mtunlearn_ext.data.MultiTaskDataset(x, y, specs)
+    forget_set = train.subset(torch.arange(10)).with_supervision(
+        torch.tensor([[True, False]]).expand(10, 2).clone())
+    problem = UnlearningProblem(model=model, tasks=specs, forget=forget_set, retain=train,
+                                request=ForgetRequest.create(range(10), ["kind"]),
+                                target_tasks=["kind"])
+    with pytest.raises(ValueError, match=r"10 pairs are supervised in both the forget and the "
+                                         r"retain set \(first: instance id 0, task 'kind'\)"):
+        problem.validate()
+
+
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 6, generator=generator),

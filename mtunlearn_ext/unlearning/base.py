@@ -143,6 +143,7 @@ class UnlearningProblem:
             ds.check_values(f"UnlearningProblem: the {label} set")
         if len(self.forget) == 0:
             raise ValueError("UnlearningProblem: the forget set is empty")
+        self._check_disjoint_pairs()
         if len(self.retain) == 0:
             raise ValueError("UnlearningProblem: the retain set is empty")
         unknown = [t for t in self.target_tasks if t not in names]
@@ -172,6 +173,27 @@ class UnlearningProblem:
                                  f"instance ids with the training set (first: {shared[:5]}); "
                                  "it must hold instances the model was never trained on")
         self._check_model_outputs()
+
+    def _check_disjoint_pairs(self) -> None:
+        """No (instance, task) pair may be supervised in both the forget and the retain set (an
+        instance may be in both with different tasks: a partial request)."""
+        if not len(self.retain):
+            return
+        order = torch.argsort(self.retain.ids)
+        sorted_ids = self.retain.ids[order]
+        pos = torch.searchsorted(sorted_ids, self.forget.ids).clamp(max=len(sorted_ids) - 1)
+        f_rows = (sorted_ids[pos] == self.forget.ids).nonzero().flatten()
+        if not f_rows.numel():
+            return
+        r_rows = order[pos[f_rows]]
+        clash = self.forget.supervision[f_rows] & self.retain.supervision[r_rows]
+        if bool(clash.any()):
+            first, column = (int(v) for v in clash.nonzero()[0])
+            raise ValueError(
+                f"UnlearningProblem: {int(clash.sum())} pairs are supervised in both the forget "
+                f"and the retain set (first: instance id {int(self.forget.ids[f_rows[first]])}, "
+                f"task {self.task_names[column]!r}); the retain set must not hold the pairs to "
+                "forget (ForgetRequest.split removes them)")
 
     @torch.no_grad()
     def _check_model_outputs(self) -> None:
