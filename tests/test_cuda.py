@@ -215,3 +215,24 @@ def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
     cpu = project_out_list(g, basis)
     gpu = project_out_list([t.cuda() for t in g], [t.cuda() for t in basis])
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=2e-4, atol=2e-4)
+
+
+def test_batchnorm_model_unlearns_on_cuda_like_on_cpu() -> None:
+    """Eval-mode steps and the retain-only recalibration of running statistics, float64, on
+    both devices: the same weights and buffers."""
+    from test_norm_statistics import SHARED, TASKS, NormNet
+
+    torch.manual_seed(0)
+    x = torch.randn(48, 3, 6, 6, dtype=torch.float64)
+    y = {"kind": torch.randint(0, 3, (48,)), "size": torch.randn(48, 1, dtype=torch.float64)}
+    model = NormNet().double()
+    states = {}
+    for device in ("cpu", "cuda"):
+        new, report = mtunlearn_ext.unlearn(
+            model, tasks=TASKS, train_data=(x, y),
+            forget_request=mtunlearn_ext.ForgetRequest.create(range(8)),
+            shared_parameters=SHARED, config={"steps": 3, "lr": 1e-2}, device=device, seed=0)
+        assert report.extra["norm_statistics_rows"] == 40
+        states[device] = {k: v.detach().cpu() for k, v in new.state_dict().items()}
+    for name, want in states["cpu"].items():
+        torch.testing.assert_close(states["cuda"][name], want, rtol=1e-7, atol=1e-9)
