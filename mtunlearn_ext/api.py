@@ -27,6 +27,8 @@ from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.models.base import ParameterSplit
 from mtunlearn_ext.records import code_version, utc_now
 from mtunlearn_ext.unlearning import (
+    GradientUnlearner,
+    Unlearner,
     UnlearnerConfig,
     UnlearningProblem,
     UnlearningReport,
@@ -246,6 +248,22 @@ def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset
                     "forget out of `retain_data` (or pass `train_data` and a `forget_request`)")
 
 
+def _progress_bar(unlearner: Unlearner) -> Any:
+    """A tqdm bar advanced by a step callback of a step-based method (``None`` for others)."""
+    if not isinstance(unlearner, GradientUnlearner):
+        return None
+    from tqdm.auto import tqdm
+
+    steps = getattr(unlearner.config, "steps", None)
+    bar = tqdm(total=steps, desc=unlearner.name, unit="step")
+
+    def advance(step: int, model: nn.Module) -> None:
+        bar.update(step - bar.n)
+
+    unlearner.step_callbacks.append(advance)
+    return bar
+
+
 def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDataset,
            seed: int, max_members: int = 2000) -> dict[str, float]:
     """Membership-inference AUCs of the forget set and of held-back members, both against half
@@ -297,7 +315,8 @@ def unlearn(model: nn.Module, *,
             method: str = "interference_aware",
             config: Mapping[str, Any] | UnlearnerConfig | None = None,
             device: torch.device | str = "cpu",
-            seed: int = 0) -> tuple[nn.Module, UnlearningReport]:
+            seed: int = 0,
+            progress: bool = False) -> tuple[nn.Module, UnlearningReport]:
     """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
 
     The model maps an input batch to ``{task: prediction}``; its parameters split into a shared
@@ -354,6 +373,7 @@ def unlearn(model: nn.Module, *,
         method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
         config: the method's settings (a mapping or its config object); defaults otherwise.
         device: where to compute; seed: seeds every random choice (same seed, same result).
+        progress: show a progress bar over the steps of a step-based method (tqdm, stderr).
 
     Returns:
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
@@ -467,7 +487,12 @@ def unlearn(model: nn.Module, *,
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)
     audit_before = _audit(wrapped, problem, audit, seed) if audit is not None else {}
-    result = unlearner.unlearn(problem)
+    bar = _progress_bar(unlearner) if progress else None
+    try:
+        result = unlearner.unlearn(problem)
+    finally:
+        if bar is not None:
+            bar.close()
     after_f = _mean_losses(result.model, forget)
     after_r = _mean_losses(result.model, retain)
     result.report.extra["summary"] = {

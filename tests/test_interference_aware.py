@@ -721,6 +721,17 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
         problem.validate()
 
 
+def test_public_api_progress_bar_counts_the_steps(user_setup, capsys) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
+                  shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 7})
+    mtunlearn_ext.unlearn(model, **kwargs)
+    assert "step" not in capsys.readouterr().err
+    mtunlearn_ext.unlearn(model, progress=True, **kwargs)
+    assert "interference_aware" in (err := capsys.readouterr().err) and "7/7" in err
+
+
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 6, generator=generator),
