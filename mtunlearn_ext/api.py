@@ -227,12 +227,16 @@ def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset
     if not len(forget) or not len(retain):
         return
 
-    def fingerprint(x: torch.Tensor) -> list[tuple[float, float, float]]:
+    def fingerprint(x: torch.Tensor) -> list[tuple[float, ...]]:
+        # Row sums (accumulated in float64, no widened copy) and the first and last values:
+        # equal rows have equal prints; equal prints are then compared exactly.
         flat = x.reshape(len(x), -1)
-        wide = flat.double() if flat.is_floating_point() else flat.long().double()
-        return list(zip(wide.sum(1).tolist(), wide[:, 0].tolist(), wide[:, -1].tolist()))
+        if flat.shape[1] == 0:
+            return [()] * len(x)
+        return list(zip(flat.sum(1, dtype=torch.float64).tolist(),
+                        flat[:, 0].double().tolist(), flat[:, -1].double().tolist()))
 
-    by_print: dict[tuple[float, float, float], list[int]] = {}
+    by_print: dict[tuple[float, ...], list[int]] = {}
     for row, key in enumerate(fingerprint(retain.inputs)):
         by_print.setdefault(key, []).append(row)
     for f_row, key in enumerate(fingerprint(forget.inputs)):
