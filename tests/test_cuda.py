@@ -220,7 +220,7 @@ def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
 def test_batchnorm_model_unlearns_on_cuda_like_on_cpu() -> None:
     """Eval-mode steps and the retain-only recalibration of running statistics, float64, on
     both devices: the same weights and buffers."""
-    from test_norm_statistics import SHARED, TASKS, NormNet
+    from test_norm_statistics import is_trunk, TASKS, NormNet
 
     torch.manual_seed(0)
     x = torch.randn(48, 3, 6, 6, dtype=torch.float64)
@@ -231,7 +231,7 @@ def test_batchnorm_model_unlearns_on_cuda_like_on_cpu() -> None:
         new, report = mtunlearn_ext.unlearn(
             model, tasks=TASKS, train_data=(x, y),
             forget_request=mtunlearn_ext.ForgetRequest.create(range(8)),
-            shared_parameters=SHARED, config={"steps": 3, "lr": 1e-2}, device=device, seed=0)
+            shared_parameters=is_trunk, config={"steps": 3, "lr": 1e-2}, device=device, seed=0)
         assert report.extra["norm_statistics_rows"] == 40
         states[device] = {k: v.detach().cpu() for k, v in new.state_dict().items()}
     for name, want in states["cpu"].items():

@@ -27,7 +27,7 @@ from unlearning_helpers import fit_kind_and_size
 TASKS = {"kind": "classification", "size": "regression"}
 
 
-def SHARED(name: str) -> bool:
+def is_trunk(name: str) -> bool:
     return name.startswith("trunk.")
 
 
@@ -75,7 +75,7 @@ def test_every_step_method_runs_on_a_batchnorm_dropout_model(trained, method: st
     request = ForgetRequest.create(range(12), ["kind"])
     config = {"steps": 3, "lr": 1e-2, "recalibrate_norms": False}
     new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
-                                        forget_request=request, shared_parameters=SHARED,
+                                        forget_request=request, shared_parameters=is_trunk,
                                         method=method, config=config, seed=0)
     # In eval mode nothing is written to the buffers: not the forget batches' statistics,
     # not num_batches_tracked.
@@ -83,7 +83,7 @@ def test_every_step_method_runs_on_a_batchnorm_dropout_model(trained, method: st
     assert "norm_statistics_rows" not in report.extra
     # Eval mode steps are deterministic despite the dropout layer.
     again, _ = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
-                                     forget_request=request, shared_parameters=SHARED,
+                                     forget_request=request, shared_parameters=is_trunk,
                                      method=method, config=config, seed=0)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in new.state_dict().items())
     moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in new.state_dict().items())
@@ -126,7 +126,7 @@ def test_recalibration_uses_the_retain_rows_only(trained) -> None:  # type: igno
     forget = list(range(0, 96, 4))  # 24 forget instances, 72 retained
     new, report = mtunlearn_ext.unlearn(
         model, tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(forget),
-        shared_parameters=SHARED, config={"steps": 4, "lr": 1e-2, "retain_batch_size": 24},
+        shared_parameters=is_trunk, config={"steps": 4, "lr": 1e-2, "retain_batch_size": 24},
         seed=0)
     assert report.extra["norm_statistics_rows"] == 72
     keep = torch.tensor([i for i in range(96) if i not in forget])
@@ -180,7 +180,7 @@ def test_per_sample_gradients_refuse_batch_statistics_with_a_clear_error(trained
     with pytest.raises(ValueError, match="train_mode"):
         mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
                               forget_request=ForgetRequest.create(range(8), ["kind"]),
-                              shared_parameters=SHARED,
+                              shared_parameters=is_trunk,
                               config={"steps": 2, "train_mode": True}, seed=0)
     check_samples_independent(copy_.eval(), "test")  # eval mode: fine
     # In eval mode each row's gradient is that of the row alone, dropout or not.
@@ -200,10 +200,10 @@ def test_train_mode_without_batch_statistics_runs_dropout_per_sample(trained) ->
     no_bn.trunk[4] = nn.GroupNorm(2, 8)
     new, report = mtunlearn_ext.unlearn(
         no_bn, tasks=TASKS, train_data=(x, y),
-        forget_request=ForgetRequest.create(range(8), ["kind"]), shared_parameters=SHARED,
+        forget_request=ForgetRequest.create(range(8), ["kind"]), shared_parameters=is_trunk,
         config={"steps": 3, "lr": 1e-2, "train_mode": True}, seed=0)
     assert report.steps == 3 and "norm_statistics_rows" not in report.extra
     with pytest.raises(ValueError, match="recalibrate_norms"):
         mtunlearn_ext.unlearn(no_bn, tasks=TASKS, train_data=(x, y),
                               forget_request=ForgetRequest.create(range(8)),
-                              shared_parameters=SHARED, config={"recalibrate_norms": 1})
+                              shared_parameters=is_trunk, config={"recalibrate_norms": 1})
