@@ -35,8 +35,8 @@ from mtunlearn_ext.unlearning import (
     get_unlearner,
 )
 
-__all__ = ["API_RECORD_SCHEMA", "DataLike", "save_unlearned", "state_dict_sha256",
-           "unlearn"]
+__all__ = ["API_RECORD_SCHEMA", "DataLike", "build_problem", "save_unlearned",
+           "state_dict_sha256", "unlearn"]
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
@@ -305,6 +305,88 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
     return {t: totals[t] / counts[t] for t in totals}
 
 
+def build_problem(model: nn.Module, *,
+                  tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                  train_data: DataLike | None = None,
+                  forget_request: ForgetRequest | None = None,
+                  forget_data: DataLike | None = None,
+                  retain_data: DataLike | None = None,
+                  target_tasks: Sequence[str] | None = None,
+                  held_out_data: DataLike | None = None,
+                  shared_parameters: SharedSpec | None = None,
+                  head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
+                  device: torch.device | str = "cpu",
+                  seed: int = 0) -> UnlearningProblem:
+    """The validated :class:`~mtunlearn_ext.unlearning.UnlearningProblem` that :func:`unlearn`
+    runs, from the same arguments (see there): for the layers below it, such as
+    :func:`~mtunlearn_ext.unlearning.interference.interference_matrix` (forget/retain gradient
+    cosines before and after the projections) or several methods on one request
+    (``get_unlearner(name, settings).unlearn(problem)``). The problem's model wraps ``model``
+    (its parameters, not a copy) with the shared/head split; methods never modify it.
+    """
+    # A torch.compile'd model is unlearned through its eager module: per-sample gradients
+    # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
+    # those of the user's own module; the returned model is that module's unlearned copy.
+    # Likewise a (Distributed)DataParallel wrapper: the request runs in this one process.
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    if (train_data is None) == (forget_data is None):
+        raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
+                         "`forget_data` and `retain_data`")
+    specs = _task_specs(tasks, [train_data, forget_data, retain_data])
+    names = [s.name for s in specs]
+    if train_data is not None:
+        if forget_request is None:
+            raise ValueError("unlearn: `train_data` needs a `forget_request`")
+        if target_tasks is not None:
+            raise ValueError("unlearn: with `forget_request`, the target tasks are the request's")
+        full = _as_dataset(train_data, specs, "train_data")
+        request = forget_request
+        request.validate(full)
+        forget, retain = request.split(full)
+        targets = request.resolved_tasks(full)
+    else:
+        if retain_data is None:
+            raise ValueError("unlearn: `forget_data` needs `retain_data`")
+        retain = _as_dataset(retain_data, specs, "retain_data")
+        if isinstance(forget_data, MultiTaskDataset):
+            given = [t for t in names if bool(forget_data.supervision[:, forget_data.task_index(t)]
+                                              .any())]
+        else:
+            assert forget_data is not None
+            given = [t for t in names if t in forget_data[1]]
+        targets = list(target_tasks) if target_tasks is not None else given
+        unknown = [t for t in targets if t not in names]
+        if unknown or not targets:
+            raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "
+                             f"{names}")
+        forget = _as_dataset(forget_data, specs, "forget_data", like=retain,  # type: ignore[arg-type]
+                             id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
+        # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
+        columns = torch.tensor([t in targets for t in names])
+        forget = forget.with_supervision(forget.supervision & columns)
+        _check_no_copies_retained(forget, retain)
+        request = ForgetRequest.create(forget.ids, None if set(targets) == set(names) else targets)
+    held_out = None
+    if held_out_data is not None:
+        # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
+        # the problem's validation rejects one that shares ids with the training set.
+        top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
+        held_out = _as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
+    wrapped = _split_model(model, names, shared_parameters, head_parameters)
+    problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
+                                request=request, target_tasks=list(targets), device=device,
+                                seed=seed, held_out=held_out)
+    problem.validate()
+    return problem
+
+
 def unlearn(model: nn.Module, *,
             tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
             train_data: DataLike | None = None,
@@ -411,64 +493,15 @@ def unlearn(model: nn.Module, *,
             config={"steps": 30, "lr": 1e-2})
         print(report.extra["summary"])
     """
-    # A torch.compile'd model is unlearned through its eager module: per-sample gradients
-    # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
-    # those of the user's own module; the returned model is that module's unlearned copy.
-    # Likewise a (Distributed)DataParallel wrapper: the request runs in this one process.
-    while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(
-                getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            break
-    if (train_data is None) == (forget_data is None):
-        raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
-                         "`forget_data` and `retain_data`")
-    specs = _task_specs(tasks, [train_data, forget_data, retain_data])
-    names = [s.name for s in specs]
-    if train_data is not None:
-        if forget_request is None:
-            raise ValueError("unlearn: `train_data` needs a `forget_request`")
-        if target_tasks is not None:
-            raise ValueError("unlearn: with `forget_request`, the target tasks are the request's")
-        full = _as_dataset(train_data, specs, "train_data")
-        request = forget_request
-        request.validate(full)
-        forget, retain = request.split(full)
-        targets = request.resolved_tasks(full)
-    else:
-        if retain_data is None:
-            raise ValueError("unlearn: `forget_data` needs `retain_data`")
-        retain = _as_dataset(retain_data, specs, "retain_data")
-        if isinstance(forget_data, MultiTaskDataset):
-            given = [t for t in names if bool(forget_data.supervision[:, forget_data.task_index(t)]
-                                              .any())]
-        else:
-            assert forget_data is not None
-            given = [t for t in names if t in forget_data[1]]
-        targets = list(target_tasks) if target_tasks is not None else given
-        unknown = [t for t in targets if t not in names]
-        if unknown or not targets:
-            raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "
-                             f"{names}")
-        forget = _as_dataset(forget_data, specs, "forget_data", like=retain,  # type: ignore[arg-type]
-                             id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
-        # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
-        columns = torch.tensor([t in targets for t in names])
-        forget = forget.with_supervision(forget.supervision & columns)
-        _check_no_copies_retained(forget, retain)
-        request = ForgetRequest.create(forget.ids, None if set(targets) == set(names) else targets)
-    held_out = None
-    if held_out_data is not None:
-        # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
-        # the problem's validation rejects one that shares ids with the training set.
-        top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
-        held_out = _as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
+    problem = build_problem(
+        model, tasks=tasks, train_data=train_data, forget_request=forget_request,
+        forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
+        held_out_data=held_out_data, shared_parameters=shared_parameters,
+        head_parameters=head_parameters, device=device, seed=seed)
+    wrapped, forget, retain = problem.model, problem.forget, problem.retain
     audit = None
     if audit_data is not None:
-        audit = _as_dataset(audit_data, specs, "audit_data", like=retain)
+        audit = _as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
         if isinstance(audit_data, MultiTaskDataset):
             trained = set(forget.ids.tolist()) | set(retain.ids.tolist())
@@ -477,16 +510,11 @@ def unlearn(model: nn.Module, *,
                 raise ValueError(f"unlearn: `audit_data` shares {len(shared)} instance ids with "
                                  f"the training set (first: {shared[:5]}); it must hold "
                                  "instances the model was never trained on")
-        target_columns = [audit.task_index(t) for t in targets]
+        target_columns = [audit.task_index(t) for t in problem.target_tasks]
         labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
         if labelled < 8:
             raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
-                             f"the target tasks {list(targets)}, got {labelled}")
-    wrapped = _split_model(model, names, shared_parameters, head_parameters)
-    problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
-                                request=request, target_tasks=list(targets), device=device,
-                                seed=seed, held_out=held_out)
-    problem.validate()  # clear errors before the summary's forward passes
+                             f"the target tasks {problem.target_tasks}, got {labelled}")
     unlearner = get_unlearner(method, config)
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)

@@ -732,6 +732,30 @@ def test_public_api_progress_bar_counts_the_steps(user_setup, capsys) -> None:  
     assert "interference_aware" in (err := capsys.readouterr().err) and "7/7" in err
 
 
+def test_build_problem_opens_the_lower_layers_to_a_user_model(user_setup) -> None:  # type: ignore[no-untyped-def]
+    from mtunlearn_ext.api import build_problem
+
+    model, x, y = user_setup
+    problem = build_problem(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+        shared_parameters=lambda n: n.startswith("trunk."), held_out_data=_unseen(20, 4))
+    assert problem.model.module is model  # wraps the user's module, copies nothing
+    assert problem.target_tasks == ["kind"] and len(problem.forget) == 10
+    matrix = interference_matrix(problem, InterferenceAwareConfig(num_per_sample=8))
+    assert matrix.labels == ["forget/kind", "retain/kind", "retain/size", "unseen/kind",
+                             "unseen/size"]
+    assert matrix.before.shape == matrix.after.shape == (5, 5)
+    assert torch.allclose(matrix.before.diagonal(), torch.ones(5))
+    # Several methods on the one request.
+    for method in ("interference_aware", "orthograd"):
+        result = get_unlearner(method, {"steps": 2}).unlearn(problem)
+        assert result.report.request["target_tasks"] == ["kind"]
+    with pytest.raises(ValueError, match="`train_data` needs a `forget_request`"):
+        build_problem(model, tasks={"kind": "classification", "size": "regression"},
+                      train_data=(x, y), shared_parameters=lambda n: n.startswith("trunk."))
+
+
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 6, generator=generator),
