@@ -99,7 +99,9 @@ def test_gram_is_psd_and_deterministic(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (0, 3, 5), (2, 0, 5), (3, 4, 0), (3, 5, 17),
-                                   (8, 8, 1029), (9, 2, 333), (40, 33, 130)])
+                                   (8, 8, 1029), (9, 2, 333), (40, 33, 130),
+                                   # many rows against a few (the CPU sweep), and the reverse
+                                   (20, 3, 2500), (193, 1, 300), (1, 17, 1029), (4, 40, 4100)])
 def test_inner_matches_float64_reference(device: str, dtype: torch.dtype, m: int, k: int,
                                          n: int) -> None:
     a = _rand(m, n, dtype=dtype, device=device, seed=m + 10 * k + n)
@@ -110,6 +112,22 @@ def test_inner_matches_float64_reference(device: str, dtype: torch.dtype, m: int
         assert result.shape == (m, k)
         assert not torch.isnan(result).any(), f"{name_a}/{name_b}: unwritten output"
         assert _gram_error(result, expected, a, b) <= GRAM_TOL[dtype], (name_a, name_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(20, 3, 2500), (193, 1, 300), (24, 4, 4100), (64, 2, 77)])
+def test_inner_is_the_same_bits_in_either_orientation(dtype: torch.dtype, m: int, k: int,
+                                                      n: int) -> None:
+    """On CPU many rows against a few are streamed row group by row group, and a few against
+    many run as that transposed problem, with the tile width of their own orientation (a
+    flush every 2048 columns of tiles of that width). For these shapes both orientations have
+    the same tile width, so every product meets the same columns, vectors and flushes with its
+    factors swapped: inner(a, b) and inner(b, a).T must agree bit for bit, also for strided
+    and converted inputs."""
+    a = _rand(m, n, dtype=dtype, device="cpu", seed=m + n)
+    b = _rand(k, n, dtype=dtype, device="cpu", seed=k + 3 * n)
+    for (name_a, va), (name_b, vb) in zip(_variants(a), _variants(b)):
+        assert torch.equal(ops.inner(va, vb), ops.inner(vb, va).T), (name_a, name_b)
 
 
 # Error of a combination relative to sum_j |c_ij| |x_j|, beyond the final rounding to dtype.

@@ -539,8 +539,75 @@ void run_items(const ReduceProblem& p, const std::vector<Item>& items, double* p
 
 }  // namespace
 
+namespace {
+
+void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
+                 int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                 int64_t tile_override);
+
+// Columns per tile of the general path for an m x k problem (see reduce_impl).
+int64_t general_tile(int64_t m, int64_t k, bool symmetric, bool dbl) {
+  const int64_t rows_a = round_up(m, kMR), rows_b = round_up(k, kNR);
+  const int64_t buffer_rows = (symmetric ? std::max(rows_a, rows_b) : rows_a) + 1 +
+                              (symmetric ? 0 : rows_b + 1);
+  const int64_t tile_budget = 24 * 1024 / ((dbl ? 8 : 4) * buffer_rows);
+  const int64_t tile = std::max<int64_t>(64, std::min<int64_t>(1024, tile_budget / 64 * 64));
+  // Past ~50 rows (fp32) the L1 budget leaves 64-column tiles: every tile then visits each row
+  // for 4 cache lines, and the prefetchers, which follow a few long streams, lose track of
+  // hundreds of short ones (192 rows x 1: 20 ms against 12 ms with 256 columns; 32 x 192: 47
+  // against 35 ms; benchmarks/memory_inner_shapes.py). Such problems take L2-sized tiles
+  // instead. 256 divides kFlushCols as 64 does, so the sums are flushed after the same columns
+  // and every result is bitwise what it was.
+  return tile == 64 ? kManyRowsTile : tile;
+}
+
+// A few rows against many (m <= kNR, k > 16: one direction against the rows of a memory) run
+// as the transposed problem, many rows against a few, which the sweep of process_item_impl
+// streams (1 x 32: 1.2 -> 0.7 ms). Each product meets the same columns, vectors, tiles (the
+// original problem's, passed down) and flushes, with its two factors swapped, and floating
+// point multiplication commutes: the result is the same bit for bit.
+bool reduce_transposed(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
+                       int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out) {
+  if (symmetric || m > kNR || k <= 16 || k < 2 * kSweepRows) return false;
+  for (int64_t s = 0; s < num_segments; ++s)
+    if (segments[s].a2 != nullptr) return false;  // A's rows from two tensors: B cannot hold them
+  std::vector<ReduceSegment> swapped(segments, segments + num_segments);
+  for (ReduceSegment& seg : swapped) {
+    std::swap(seg.a, seg.b);
+    std::swap(seg.a_row_stride, seg.b_row_stride);
+  }
+  const bool dbl = kind == ScalarKind::Float64;
+  const int64_t elem = dbl ? 8 : 4;
+  AlignedBuffer transposed(static_cast<size_t>(num_outputs * m * k * elem));
+  reduce_impl(kind, swapped.data(), num_segments, k, m, false, num_outputs, transposed.ptr,
+              general_tile(m, k, false, dbl));
+  for (int64_t o = 0; o < num_outputs; ++o)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t src = (o * k + j) * m + i, dst = (o * m + i) * k + j;
+        if (dbl) {
+          static_cast<double*>(out)[dst] = static_cast<const double*>(transposed.ptr)[src];
+        } else {
+          static_cast<float*>(out)[dst] = static_cast<const float*>(transposed.ptr)[src];
+        }
+      }
+  return true;
+}
+
+}  // namespace
+
 void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
             int64_t k, bool symmetric, int64_t num_outputs, void* out) {
+  if (num_outputs * m * k == 0) return;
+  if (reduce_transposed(kind, segments, num_segments, m, k, symmetric, num_outputs, out)) return;
+  reduce_impl(kind, segments, num_segments, m, k, symmetric, num_outputs, out, 0);
+}
+
+namespace {
+
+void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
+                 int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                 int64_t tile_override) {
   const bool dbl = kind == ScalarKind::Float64;
   const int64_t out_elems = num_outputs * m * k;
   if (out_elems == 0) return;
@@ -569,16 +636,7 @@ void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments
   p.buffer_rows_a = (symmetric ? std::max(p.rows_a, p.rows_b) : p.rows_a) + 1;
   p.buffer_rows_b = symmetric ? 0 : p.rows_b + 1;
   // Tiles sized to stay in L1 (small k, memory-bound) or L2 (large k, compute-bound).
-  const int64_t acc_bytes = dbl ? 8 : 4;
-  const int64_t tile_budget = 24 * 1024 / (acc_bytes * (p.buffer_rows_a + p.buffer_rows_b));
-  p.tile = std::max<int64_t>(64, std::min<int64_t>(1024, tile_budget / 64 * 64));
-  // Past ~50 rows (fp32) the L1 budget leaves 64-column tiles: every tile then visits each row
-  // for 4 cache lines, and the prefetchers, which follow a few long streams, lose track of
-  // hundreds of short ones (192 rows x 1: 20 ms against 12 ms with 256 columns; 32 x 192: 47
-  // against 35 ms; benchmarks/memory_inner_shapes.py). Such problems take L2-sized tiles
-  // instead. 256 divides kFlushCols as 64 does, so the sums are flushed after the same columns
-  // and every result is bitwise what it was.
-  if (p.tile == 64) p.tile = kManyRowsTile;
+  p.tile = tile_override > 0 ? tile_override : general_tile(m, k, symmetric, dbl);
   std::vector<SmallBlock> small_plan;
   if (use_small_path(m, k, symmetric)) {
     small_plan = plan_small(m, k, symmetric, &p.small_lanes);
@@ -625,6 +683,8 @@ void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments
     for (int64_t e = 0; e < out_elems; ++e) o[e] = static_cast<float>(total[e]);
   }
 }
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace mtunlearn
