@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "unlearning.md"
 
 
@@ -14,13 +16,17 @@ def _python_blocks() -> list[str]:
 
 def test_unlearning_guide_examples_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     blocks = _python_blocks()
-    assert len(blocks) >= 2, "the guide's quick start and data-removal examples"
+    assert len(blocks) >= 3, "the guide's quick start, data-removal and multi-input examples"
     monkeypatch.chdir(tmp_path)
     scope: dict[str, object] = {}
-    for block in blocks[:2]:  # the second continues the first (same model and data)
+    for block in blocks[:3]:  # each continues the one before (imports, model and data)
         exec(compile(block, str(DOC), "exec"), scope)  # noqa: S102
     summary = scope["summary"]
     assert isinstance(summary, dict) and 0.0 <= summary["forget_mia_auc_after"] <= 1.0
     assert (tmp_path / "unlearned.pt").is_file()
     assert (tmp_path / "unlearned.pt.record.json").is_file()
+    # The multi-input example: the wrapped model comes back unlearned, the original untouched.
+    text_model, unlearned = scope["text_model"], scope["text_model_unlearned"]
+    assert type(unlearned) is type(text_model) and unlearned is not text_model
+    assert not torch.equal(unlearned.trunk.weight, text_model.trunk.weight)
 
