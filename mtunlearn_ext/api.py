@@ -26,6 +26,7 @@ from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.models.base import ParameterSplit
 from mtunlearn_ext.records import code_version, utc_now
+from mtunlearn_ext.training import TrainConfig
 from mtunlearn_ext.unlearning import (
     GradientUnlearner,
     Unlearner,
@@ -74,6 +75,11 @@ class _SplitModel(nn.Module):
 
     def parameter_split(self) -> ParameterSplit:
         return self._split
+
+    @property
+    def heads(self) -> dict[str, tuple[str, ...]]:
+        """Task -> its head's parameter names (what the trainer checks a model against)."""
+        return dict(self._split.heads)
 
 
 def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:
@@ -305,6 +311,26 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
     return {t: totals[t] / counts[t] for t in totals}
 
 
+def _fresh_split_model(fresh_model: Callable[[], nn.Module], wrapped: nn.Module,
+                       names: Sequence[str]) -> Callable[[], nn.Module]:
+    """A factory of fresh models split like ``wrapped`` (by parameter name: the split may have
+    been given as the original model's parameter objects)."""
+    split = wrapped.parameter_split() if isinstance(wrapped, _SplitModel) else None
+
+    def make() -> nn.Module:
+        fresh = fresh_model()
+        if not isinstance(fresh, nn.Module):
+            raise TypeError(f"unlearn: `fresh_model` must return an nn.Module, got "
+                            f"{type(fresh).__name__}")
+        if split is None:  # the model splits itself (parameter_split())
+            return _split_model(fresh, names, None, None)
+        strip = len("module.")
+        return _split_model(fresh, names, [n[strip:] for n in split.shared],
+                            {t: [n[strip:] for n in ns] for t, ns in split.heads.items()})
+
+    return make
+
+
 def build_problem(model: nn.Module, *,
                   tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                   train_data: DataLike | None = None,
@@ -316,13 +342,22 @@ def build_problem(model: nn.Module, *,
                   shared_parameters: SharedSpec | None = None,
                   head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
                   device: torch.device | str = "cpu",
-                  seed: int = 0) -> UnlearningProblem:
+                  seed: int = 0,
+                  fresh_model: Callable[[], nn.Module] | None = None,
+                  train_config: TrainConfig | Mapping[str, Any] | None = None
+                  ) -> UnlearningProblem:
     """The validated :class:`~mtunlearn_ext.unlearning.UnlearningProblem` that :func:`unlearn`
     runs, from the same arguments (see there): for the layers below it, such as
     :func:`~mtunlearn_ext.unlearning.interference.interference_matrix` (forget/retain gradient
     cosines before and after the projections) or several methods on one request
     (``get_unlearner(name, settings).unlearn(problem)``). The problem's model wraps ``model``
     (its parameters, not a copy) with the shared/head split; methods never modify it.
+
+    ``fresh_model`` (a function returning a newly initialised model of the same architecture,
+    the same initialisation seed as the original) and ``train_config`` (the recipe:
+    :class:`~mtunlearn_ext.training.TrainConfig` or its fields) let ``method="retrain"`` train
+    the gold-standard model on the retain pairs, with the library's trainer (the masked
+    multi-task loss of :func:`~mtunlearn_ext.losses.masked_multitask_loss`).
     """
     # A torch.compile'd model is unlearned through its eager module: per-sample gradients
     # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
@@ -380,9 +415,19 @@ def build_problem(model: nn.Module, *,
         top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
         held_out = _as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
     wrapped = _split_model(model, names, shared_parameters, head_parameters)
+    if (fresh_model is None) != (train_config is None):
+        raise ValueError("unlearn: `fresh_model` and `train_config` go together (retraining "
+                         "needs both the architecture and the recipe)")
+    factory: Callable[[], nn.Module] | None = None
+    recipe = None
+    if fresh_model is not None:
+        recipe = (train_config if isinstance(train_config, TrainConfig)
+                  else TrainConfig(**dict(train_config or {})))
+        factory = _fresh_split_model(fresh_model, wrapped, names)
     problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
                                 request=request, target_tasks=list(targets), device=device,
-                                seed=seed, held_out=held_out)
+                                seed=seed, held_out=held_out, train_config=recipe,
+                                model_factory=factory)
     problem.validate()
     return problem
 
@@ -402,7 +447,10 @@ def unlearn(model: nn.Module, *,
             config: Mapping[str, Any] | UnlearnerConfig | None = None,
             device: torch.device | str = "cpu",
             seed: int = 0,
-            progress: bool = False) -> tuple[nn.Module, UnlearningReport]:
+            progress: bool = False,
+            fresh_model: Callable[[], nn.Module] | None = None,
+            train_config: TrainConfig | Mapping[str, Any] | None = None
+            ) -> tuple[nn.Module, UnlearningReport]:
     """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
 
     The model maps an input batch to ``{task: prediction}``; its parameters split into a shared
@@ -460,6 +508,8 @@ def unlearn(model: nn.Module, *,
         config: the method's settings (a mapping or its config object); defaults otherwise.
         device: where to compute; seed: seeds every random choice (same seed, same result).
         progress: show a progress bar over the steps of a step-based method (tqdm, stderr).
+        fresh_model, train_config: what ``method="retrain"`` (the gold standard: training from
+            scratch on the retain pairs) needs; see :func:`build_problem`.
 
     Returns:
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
@@ -497,7 +547,8 @@ def unlearn(model: nn.Module, *,
         model, tasks=tasks, train_data=train_data, forget_request=forget_request,
         forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
         held_out_data=held_out_data, shared_parameters=shared_parameters,
-        head_parameters=head_parameters, device=device, seed=seed)
+        head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
+        train_config=train_config)
     wrapped, forget, retain = problem.model, problem.forget, problem.retain
     audit = None
     if audit_data is not None:

@@ -756,6 +756,35 @@ def test_build_problem_opens_the_lower_layers_to_a_user_model(user_setup) -> Non
                       train_data=(x, y), shared_parameters=lambda n: n.startswith("trunk."))
 
 
+def test_public_api_retrains_the_gold_standard_with_a_fresh_model(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)  # the original's initialisation (user_setup seeds 0 too)
+        return TwoHeads()
+
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+                  # the split given as the original's parameters: the fresh model is split by name
+                  shared_parameters=list(model.trunk.parameters()))
+    recipe = {"epochs": 40, "batch_size": 120, "lr": 1e-2, "optimizer": "adam",
+              "schedule": "constant"}
+    gold, report = mtunlearn_ext.unlearn(model, method="retrain", fresh_model=fresh,
+                                         train_config=recipe, **kwargs)
+    assert type(gold) is TwoHeads and report.extra["recipe"]["epochs"] == 40
+    summary = report.extra["summary"]
+    # Trained without the forget pairs: their loss is far above the original's (memorised).
+    assert summary["forget_loss_after"]["kind"] > 2 * summary["forget_loss_before"]["kind"]
+    assert summary["retain_loss_after"]["size"] < 1.0
+    again, _ = mtunlearn_ext.unlearn(model, method="retrain", fresh_model=fresh,
+                                     train_config=recipe, **kwargs)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in gold.state_dict().items())
+    with pytest.raises(ValueError, match="`fresh_model` and `train_config` go together"):
+        mtunlearn_ext.unlearn(model, method="retrain", fresh_model=fresh, **kwargs)
+    with pytest.raises(ValueError, match="needs `model_factory` and `train_config`"):
+        mtunlearn_ext.unlearn(model, method="retrain", **kwargs)
+
+
 def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 6, generator=generator),
