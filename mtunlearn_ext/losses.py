@@ -154,7 +154,7 @@ def masked_multitask_loss(model_out: Mapping[str, torch.Tensor], batch: Mapping[
     # Neutral targets on unsupervised pairs: a NaN there would reach the gradient through the
     # ``where`` below (0 * NaN), an out-of-range class label would make the loss kernel raise.
     neutral = {spec.name: neutral_unsupervised(spec, targets[spec.name],
-                                               supervision[:, column], check=False)
+                                               supervision[:, column])
                for column, spec in enumerate(tasks)}
     losses = per_sample_losses(model_out, {"targets": neutral}, tasks)
     per_task: dict[str, torch.Tensor] = {}

@@ -40,16 +40,18 @@ class TaskSpec:
             raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
 
 
-def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor, supervised: torch.Tensor,
-                         check: bool = True) -> torch.Tensor:
+def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,
+                         supervised: torch.Tensor) -> torch.Tensor:
     """``target`` (``[B, ...]``) with the rows where ``supervised`` (``[B]`` bool) is False set
     to the task's "no label" value: ``ignore_index`` for class labels, 0 (unknown) for depth,
     normals and regression. Losses drop unsupervised pairs with ``torch.where``, which keeps
     their values out of a sum but not out of a gradient (``0 * NaN`` is NaN) nor out of the
     loss kernel (an out-of-range class index raises); with neutral targets there, an
-    unsupervised pair may hold anything. ``check=False`` skips the all-supervised shortcut
-    (a host sync on an accelerator) and always writes a new tensor."""
-    if check and bool(supervised.all()):
+    unsupervised pair may hold anything. On the CPU a fully supervised ``target`` comes back
+    as it is (no copy: batches neutralised once by :meth:`MultiTaskDataset.batch` pass the
+    losses' second call for free); on an accelerator a new tensor is always written, since
+    looking first would cost a host sync."""
+    if supervised.device.type == "cpu" and bool(supervised.all()):
         return target
     fill = spec.ignore_index if spec.kind in ("classification", "segmentation") else 0
     if not target.is_floating_point() and target.dtype != torch.bool:

@@ -231,8 +231,8 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     assert isinstance(supervision, torch.Tensor)
     # Neutral targets on unsupervised pairs (the ``where`` of the loss keeps their values out of
     # the sum, not a NaN out of the gradient), also for batches not made by a data set.
-    task_targets = {s.name: neutral_unsupervised(s, targets[s.name], supervision[:, c],
-                                                 check=False) for c, s in enumerate(specs)}
+    task_targets = {s.name: neutral_unsupervised(s, targets[s.name], supervision[:, c])
+                    for c, s in enumerate(specs)}
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
             sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
