@@ -166,13 +166,18 @@ class UnlearningProblem:
             if len(self.held_out) == 0:
                 raise ValueError("UnlearningProblem: the held_out set is empty (pass None to "
                                  "go without one)")
-            trained = set(self.forget.ids.tolist()) | set(self.retain.ids.tolist())
-            shared = sorted(trained.intersection(self.held_out.ids.tolist()))
-            if shared:
-                raise ValueError(f"UnlearningProblem: the held_out set shares {len(shared)} "
-                                 f"instance ids with the training set (first: {shared[:5]}); "
-                                 "it must hold instances the model was never trained on")
+            self.check_unseen(self.held_out, "UnlearningProblem: the held_out set")
         self._check_model_outputs()
+
+    def check_unseen(self, data: MultiTaskDataset, what: str) -> None:
+        """Raise if ``data`` shares an instance id with the training set (forget or retain):
+        held-out or audit data must hold instances the model was never trained on."""
+        trained = set(self.forget.ids.tolist()) | set(self.retain.ids.tolist())
+        shared = sorted(trained.intersection(data.ids.tolist()))
+        if shared:
+            raise ValueError(f"{what} shares {len(shared)} instance ids with the training set "
+                             f"(first: {shared[:5]}); it must hold instances the model was "
+                             "never trained on")
 
     def _check_disjoint_pairs(self) -> None:
         """No (instance, task) pair may be supervised in both the forget and the retain set (an
