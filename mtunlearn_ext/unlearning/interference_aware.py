@@ -404,6 +404,7 @@ def _check_fits(plan: Mapping[str, int], device: torch.device) -> None:
     total = _device_memory(device)
     if total is None or plan["total"] <= total:
         return
+
     def size(n: int) -> str:
         return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
 
@@ -442,13 +443,13 @@ class InterferenceAware(GradientUnlearner):
         coupled = coupled_retain_set(problem) if cfg.coupled else None
         if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
             num_tasks = len(problem.task_names)
-            per_step = cfg.num_per_sample + (0 if coupled is None else cfg.num_coupled_per_sample)
-            rows = (cfg.instance_memory + 1) * per_step * num_tasks
+            per_step = self._rows_per_step(problem, coupled is not None)
+            rows = (cfg.instance_memory + 1) * per_step
             if rows > MAX_SOLVER_K:
                 raise ValueError(
                     f"interference_aware: `instance_rows='instance_task'` with {num_tasks} "
-                    f"tasks keeps (instance_memory + 1) * {per_step} rows per step * "
-                    f"{num_tasks} = {rows} "
+                    f"tasks keeps (instance_memory + 1) * {per_step // num_tasks} rows per step "
+                    f"* {num_tasks} = {rows} "
                     f"constraints, over the solver's {MAX_SOLVER_K}; lower `instance_memory`, "
                     "`num_per_sample` or `num_coupled_per_sample`")
         coupled_tasks = [t for t in problem.non_target_tasks]
@@ -484,6 +485,15 @@ class InterferenceAware(GradientUnlearner):
             "gradient_memory_bytes": memory_plan,
         }
 
+    def _rows_per_step(self, problem: UnlearningProblem, coupled: bool) -> int:
+        """Instance constraint rows one step adds: its per-sample instances (retain rows, plus
+        coupled ones in a partial request), times the tasks with
+        ``instance_rows="instance_task"``."""
+        cfg = self.config
+        instances = cfg.num_per_sample + (cfg.num_coupled_per_sample if coupled else 0)
+        return instances * (len(problem.task_names) if cfg.instance_rows == "instance_task"
+                            else 1)
+
     def gradient_memory_plan(self, ctx: StepContext, num_subspaces: int, coupled: bool
                              ) -> dict[str, int]:
         """Bytes of gradient copies the method holds at once, by what holds them: the protected
@@ -501,9 +511,7 @@ class InterferenceAware(GradientUnlearner):
         if cfg.task_projection:
             plan["snapshots"] = num_subspaces * cfg.num_snapshots * nbytes(groups.shared_params)
         if self._uses_instance_constraints():
-            per_step = cfg.num_per_sample + (cfg.num_coupled_per_sample if coupled else 0)
-            if cfg.instance_rows == "instance_task":
-                per_step *= len(ctx.problem.task_names)
+            per_step = self._rows_per_step(ctx.problem, coupled)
             constrained = groups.shared_params + [p for t in ctx.problem.target_tasks
                                                   for p in groups.head_params(t)]
             plan["instance_memory"] = ((cfg.instance_memory + 1) * per_step
