@@ -170,6 +170,22 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
   constexpr bool kDirect = std::is_same<S, Acc>::value;
   std::vector<const Acc*> a_rows(p.rows_a), b_rows(p.rows_b);
   const Acc* zeros = p.symmetric ? tile_a + (p.buffer_rows_a - 1) * ld : tile_b + (p.buffer_rows_b - 1) * ld;
+  // Row r of A (of B) from column c0 on: in place when `direct`, else converted into the tile
+  // buffer and zero-padded from w to wpad columns. Rows past m (or k) are the zero row.
+  auto row_a = [&](int64_t r, int64_t c0, int64_t w, int64_t wpad, bool direct) -> const Acc* {
+    if (r >= p.m) return zeros;
+    if (direct) return reinterpret_cast<const Acc*>(segment_row_a<S>(seg, r) + c0);
+    load_row<Tag, kAvx2>(segment_row_a<S>(seg, r) + c0, tile_a + r * ld, w);
+    std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
+    return tile_a + r * ld;
+  };
+  auto row_b = [&](int64_t r, int64_t c0, int64_t w, int64_t wpad, bool direct) -> const Acc* {
+    if (r >= p.k) return zeros;
+    if (direct) return reinterpret_cast<const Acc*>(b + r * seg.b_row_stride + c0);
+    load_row<Tag, kAvx2>(b + r * seg.b_row_stride + c0, tile_b + r * ld, w);
+    std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
+    return tile_b + r * ld;
+  };
   if (!p.symmetric && blocks_j == 1 && p.m >= 2 * kSweepRows) {
     // Many rows of A against at most kNR rows of B (rows against one direction): kSweepRows
     // rows of A at a time over every column of the item, consecutive in-place tiles in one
@@ -200,11 +216,8 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
       int64_t run_begin = 0, run_width = 0;  // pending in-place columns
       auto run = [&]() {
         if (run_width == 0) return;
-        for (int64_t r = r0; r < r0 + mu; ++r)
-          a_rows[r] = reinterpret_cast<const Acc*>(segment_row_a<S>(seg, r) + run_begin);
-        for (int64_t r = 0; r < p.rows_b; ++r)
-          b_rows[r] = r < p.k ? reinterpret_cast<const Acc*>(b + r * seg.b_row_stride + run_begin)
-                              : zeros;
+        for (int64_t r = r0; r < r0 + mu; ++r) a_rows[r] = row_a(r, run_begin, 0, 0, true);
+        for (int64_t r = 0; r < p.rows_b; ++r) b_rows[r] = row_b(r, run_begin, 0, 0, true);
         dot(run_width);
         run_width = 0;
       };
@@ -224,20 +237,8 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
           run_width += w;
         } else {
           run();
-          for (int64_t r = r0; r < r0 + mu; ++r) {
-            load_row<Tag, kAvx2>(segment_row_a<S>(seg, r) + c0, tile_a + r * ld, w);
-            std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
-            a_rows[r] = tile_a + r * ld;
-          }
-          for (int64_t r = 0; r < p.rows_b; ++r) {
-            if (r >= p.k) {
-              b_rows[r] = zeros;
-            } else {
-              load_row<Tag, kAvx2>(b + r * seg.b_row_stride + c0, tile_b + r * ld, w);
-              std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
-              b_rows[r] = tile_b + r * ld;
-            }
-          }
+          for (int64_t r = r0; r < r0 + mu; ++r) a_rows[r] = row_a(r, c0, w, wpad, false);
+          for (int64_t r = 0; r < p.rows_b; ++r) b_rows[r] = row_b(r, c0, w, wpad, false);
           dot(wpad);
         }
         block_since_flush += w;
@@ -256,30 +257,9 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
     const int64_t w = std::min(ld, item.col_end - c0);
     const int64_t wpad = round_up(w, L);
     const bool direct = kDirect && w == wpad;
-    for (int64_t r = 0; r < p.rows_a; ++r) {
-      if (r >= p.m) {
-        a_rows[r] = zeros;
-      } else if (direct) {
-        a_rows[r] = reinterpret_cast<const Acc*>(segment_row_a<S>(seg, r) + c0);
-      } else {
-        load_row<Tag, kAvx2>(segment_row_a<S>(seg, r) + c0, tile_a + r * ld, w);
-        std::fill(tile_a + r * ld + w, tile_a + r * ld + wpad, Acc(0));
-        a_rows[r] = tile_a + r * ld;
-      }
-    }
-    for (int64_t r = 0; r < p.rows_b; ++r) {
-      if (p.symmetric) {
-        b_rows[r] = r < p.m ? a_rows[r] : zeros;
-      } else if (r >= p.k) {
-        b_rows[r] = zeros;
-      } else if (direct) {
-        b_rows[r] = reinterpret_cast<const Acc*>(b + r * seg.b_row_stride + c0);
-      } else {
-        load_row<Tag, kAvx2>(b + r * seg.b_row_stride + c0, tile_b + r * ld, w);
-        std::fill(tile_b + r * ld + w, tile_b + r * ld + wpad, Acc(0));
-        b_rows[r] = tile_b + r * ld;
-      }
-    }
+    for (int64_t r = 0; r < p.rows_a; ++r) a_rows[r] = row_a(r, c0, w, wpad, direct);
+    for (int64_t r = 0; r < p.rows_b; ++r)
+      b_rows[r] = p.symmetric ? (r < p.m ? a_rows[r] : zeros) : row_b(r, c0, w, wpad, direct);
     for (int64_t bi = 0; bi < blocks_i; ++bi) {
       for (int64_t bj = 0; bj < blocks_j; ++bj) {
         // A Gram needs only blocks that reach the diagonal or above.
