@@ -4,7 +4,10 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
+
+#include "mtunlearn/cpu_isa.h"
 
 #ifndef MTU_TORCH_VERSION
 #define MTU_TORCH_VERSION "unknown"
@@ -50,9 +53,29 @@ py::dict build_info() {
   return info;
 }
 
+py::dict cpu_isa_info() {
+  namespace isa = mtunlearn::cpu_isa;
+  py::dict info;
+  info["detected"] = isa::name(isa::detected());
+  info["limit"] = isa::name(isa::limit());
+  info["active"] = isa::name(isa::active());
+  return info;
+}
+
+void set_cpu_isa_limit(const std::string& name) {
+  mtunlearn::cpu_isa::Isa isa;
+  if (!mtunlearn::cpu_isa::parse(name.c_str(), &isa))
+    throw std::invalid_argument("set_cpu_isa: `isa` must be 'avx512', 'avx2' or 'baseline', got '" +
+                                name + "'");
+  mtunlearn::cpu_isa::set_limit(isa);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtunlearn_ext compiled ops (registered as torch.ops.mtunlearn)";
   m.def("build_info", &build_info, "How the extension was built: torch, CUDA archs, threads, compiler");
+  m.def("cpu_isa", &cpu_isa_info, "The CPU kernels' instruction set: detected, limit, active");
+  m.def("set_cpu_isa_limit", &set_cpu_isa_limit, py::arg("isa"),
+        "Cap the CPU kernels' instruction set ('avx512', 'avx2' or 'baseline')");
 }

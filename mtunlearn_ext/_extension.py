@@ -5,17 +5,31 @@ library carries the ``TORCH_LIBRARY`` block). When it is missing, every op in
 :mod:`mtunlearn_ext.ops` falls back to its pure-PyTorch reference with a warning, unless the
 environment variable ``MTUNLEARN_REQUIRE_EXTENSION=1`` is set, in which case importing the
 package fails. Tests and CI set it, so a broken build can never hide behind the fallback.
+
+The CPU kernels pick their instruction set at run time (AVX-512, AVX2 or the x86-64 baseline,
+whichever the CPU supports); ``MTUNLEARN_CPU_ISA`` or :func:`set_cpu_isa` can cap it, for
+example to compare the variants on one machine (the AVX-512 kernels give the AVX2 kernels'
+results bit for bit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 _REQUIRE_ENV = "MTUNLEARN_REQUIRE_EXTENSION"
+_ISA_ENV = "MTUNLEARN_CPU_ISA"
+#: The CPU kernels' instruction sets, lowest first.
+CPU_ISAS = ("baseline", "avx2", "avx512")
+
+if os.environ.get(_ISA_ENV, "") not in ("", *CPU_ISAS):
+    raise ValueError(f"mtunlearn_ext: {_ISA_ENV} must be one of {', '.join(CPU_ISAS)} (or unset), "
+                     f"got {os.environ[_ISA_ENV]!r}")
 
 try:
     from mtunlearn_ext import _C  # noqa: F401  (loading it registers torch.ops.mtunlearn)
@@ -54,3 +68,37 @@ def build_info() -> dict[str, Any]:
     info["torch_runtime"] = torch.__version__
     info["threads_runtime"] = torch.get_num_threads()
     return info
+
+
+def cpu_isa() -> dict[str, str]:
+    """The CPU kernels' instruction set: ``{"detected": what this CPU supports, "limit": the
+    cap (:func:`set_cpu_isa`, ``MTUNLEARN_CPU_ISA``), "active": the lower of the two}``, each
+    one of :data:`CPU_ISAS`. Without the compiled extension every entry is ``"none"``."""
+    if _C is None:
+        return {"detected": "none", "limit": "none", "active": "none"}
+    return dict(_C.cpu_isa())
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Cap the CPU kernels' instruction set at ``isa`` (one of :data:`CPU_ISAS`; a cap above
+    what the CPU supports leaves the CPU's best). Returns the previous cap. The AVX-512 and
+    AVX2 kernels give equal results bit for bit; the baseline kernels (no FMA) round
+    differently within the ops' tolerances."""
+    if isa not in CPU_ISAS:
+        raise ValueError(f"set_cpu_isa: `isa` must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
+    if _C is None:
+        raise RuntimeError("set_cpu_isa: the compiled extension is not loaded")
+    previous = str(_C.cpu_isa()["limit"])
+    _C.set_cpu_isa_limit(isa)
+    return previous
+
+
+@contextlib.contextmanager
+def cpu_isa_limit(isa: str) -> Iterator[None]:
+    """``with cpu_isa_limit("avx2"): ...`` runs the block with the CPU kernels capped at
+    ``isa`` (see :func:`set_cpu_isa`) and restores the previous cap after."""
+    previous = set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)

@@ -5,7 +5,7 @@ Layers: Gram matrices / inner products (one pass over the inputs) -> coefficient
 ops (:func:`project_out`, :func:`project_nonconflicting`, :func:`pcgrad`) chain the three.
 """
 
-from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext._extension import CPU_ISAS, cpu_isa, cpu_isa_limit, has_extension, set_cpu_isa
 from mtunlearn_ext.ops.combine import combine, combine_list
 from mtunlearn_ext.ops.gram import gram, gram_list, gram_list_stacked, inner, inner_list
 from mtunlearn_ext.ops.projections import pcgrad, project_nonconflicting, project_out
@@ -20,8 +20,11 @@ if has_extension():
     from mtunlearn_ext.ops import _registration  # noqa: F401
 
 __all__ = [
+    "CPU_ISAS",
     "combine",
     "combine_list",
+    "cpu_isa",
+    "cpu_isa_limit",
     "gram",
     "gram_list",
     "gram_list_stacked",
@@ -34,4 +37,5 @@ __all__ = [
     "project_nonconflicting",
     "project_out",
     "ridge_solve",
+    "set_cpu_isa",
 ]

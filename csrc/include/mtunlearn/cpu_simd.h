@@ -1,15 +1,19 @@
 // CPU building blocks shared by the reduce and combine kernels: 32-byte vector types (GCC vector
 // extensions: AVX2 registers in the AVX2 build of a kernel, pairs of SSE registers otherwise),
-// dtype conversions that turn fp16/bf16 rows into float tiles, and the runtime AVX2 check.
+// 64-byte pairs of them for AVX-512, dtype conversions that turn fp16/bf16 rows into float
+// tiles, and the runtime instruction-set checks (cpu_isa.h).
 //
-// Each kernel body is an always-inline template instantiated twice: once inside a function
-// compiled with target("avx2,fma,f16c") and once for the baseline x86-64 target, picked at run
-// time. That keeps one portable binary (no -march=native) that still runs at AVX2 speed.
+// Each kernel body is an always-inline template instantiated once inside a function compiled
+// with target("avx2,fma,f16c"), once for the baseline x86-64 target and, where a kernel has an
+// AVX-512 variant, once with target("avx512f,..."), picked at run time. That keeps one portable
+// binary (no -march=native) that still runs at the machine's vector width.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "mtunlearn/cpu_isa.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -19,10 +23,12 @@
 // conversion intrinsics (target functions, which GCC refuses to always-inline into the
 // target-less templates between) end up in AVX2 code.
 #define MTU_AVX2_FLATTEN __attribute__((target("avx2,fma,f16c"), flatten))
+#define MTU_AVX512_FLATTEN __attribute__((target("avx2,fma,f16c,avx512f"), flatten))
 #else
 #define MTU_X86 0
 #define MTU_AVX2_TARGET
 #define MTU_AVX2_FLATTEN
+#define MTU_AVX512_FLATTEN
 #endif
 
 #define MTU_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -33,10 +39,26 @@ namespace cpu_simd {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef double v4d __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
 
 template <typename Acc> struct VecOf;
-template <> struct VecOf<float> { using type = v8f; static constexpr int lanes = 8; };
-template <> struct VecOf<double> { using type = v4d; static constexpr int lanes = 4; };
+template <> struct VecOf<float> { using type = v8f; using pair = v16f; static constexpr int lanes = 8; };
+template <> struct VecOf<double> { using type = v4d; using pair = v8d; static constexpr int lanes = 4; };
+
+// Two 32-byte vectors side by side in one 64-byte (zmm) register: `twice(a)` repeats one,
+// `join(a, b)` concatenates two. An AVX-512 kernel multiplies twice(a) by join(b, c) to compute
+// a * b and a * c in one instruction, each half exactly as the 32-byte kernel computes it.
+MTU_ALWAYS_INLINE v16f twice(v8f a) {
+  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+MTU_ALWAYS_INLINE v8d twice(v4d a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 0, 1, 2, 3); }
+MTU_ALWAYS_INLINE v16f join(v8f a, v8f b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+MTU_ALWAYS_INLINE v8d join(v4d a, v4d b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
+}
 
 template <typename V>
 MTU_ALWAYS_INLINE V load_vec(const void* p) {
@@ -58,15 +80,9 @@ MTU_ALWAYS_INLINE double hsum(V v) {
   return s;
 }
 
-inline bool has_avx2() {
-#if MTU_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
+inline bool has_avx2() { return cpu_isa::active() >= cpu_isa::Isa::Avx2; }
+
+inline bool has_avx512() { return cpu_isa::active() >= cpu_isa::Isa::Avx512; }
 
 // ---- scalar conversions (exact, round-to-nearest-even) ----
 MTU_ALWAYS_INLINE float bf16_to_float(uint16_t h) {
