@@ -21,6 +21,13 @@ from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import (
+    Inputs,
+    call_with,
+    check_inputs,
+    inputs_to,
+    leaves,
+)
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
@@ -42,8 +49,12 @@ __all__ = ["API_RECORD_SCHEMA", "DataLike", "build_problem", "save_unlearned",
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
 #: the order of ``tasks`` (default: every pair whose task has a target tensor is supervised).
-DataLike = Union[MultiTaskDataset, tuple[torch.Tensor, Mapping[str, torch.Tensor]],
-                 tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]]
+#: ``inputs`` is ``[N, ...]``, or for a model with several inputs a tuple / list of ``[N, ...]``
+#: tensors (the model is called ``model(*inputs)``) or a dict name -> ``[N, ...]``
+#: (``model(**inputs)``): the first element is the inputs whatever its type, so
+#: ``((ids, mask), targets)`` is unambiguous.
+DataLike = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
+                 tuple[Inputs, Mapping[str, torch.Tensor], torch.Tensor]]
 
 #: Which parameters are the shared trunk: names, the parameters themselves, or a predicate on
 #: the parameter's name.
@@ -53,7 +64,9 @@ SharedSpec = Union[Iterable[Union[str, nn.Parameter]], Callable[[str], bool]]
 class _SplitModel(nn.Module):
     """A user's module with an explicit shared/heads split (what the unlearners read), whose
     forward returns a plain ``dict`` of task outputs. The user's module is held as ``module``,
-    so the unlearned module is ``wrapper.module``."""
+    so the unlearned module is ``wrapper.module``. The library passes a batch's inputs along
+    as one object; here, at the user's module, several inputs are unpacked (``module(*x)``
+    for a tuple, ``module(**x)`` for a dict)."""
 
     def __init__(self, module: nn.Module, shared: Sequence[str],
                  heads: Mapping[str, Sequence[str]]) -> None:
@@ -63,11 +76,11 @@ class _SplitModel(nn.Module):
                                      {t: tuple(f"module.{n}" for n in names)
                                       for t, names in heads.items()})
 
-    def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None
+    def forward(self, x: Inputs, tasks: Sequence[str] | None = None
                 ) -> dict[str, torch.Tensor]:
         # ``tasks`` (the evaluation's task subset) is a hint a plain module cannot take: every
         # output is returned and callers pick theirs.
-        out = self.module(x)
+        out = call_with(self.module, x)
         if not isinstance(out, Mapping):
             raise TypeError(f"unlearn: the model must return a mapping task -> output, got "
                             f"{type(out).__name__}")
@@ -193,6 +206,21 @@ def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> tor
     return labels
 
 
+def _check_data_like(data: object, what: str) -> None:
+    """Refuse, naming ``what``, a ``data`` that is neither a :class:`MultiTaskDataset` nor
+    ``(inputs, targets[, supervision])`` with ``targets`` a mapping: ``(ids, mask, targets)``,
+    several inputs not grouped into one tuple, would otherwise read ``mask`` as the targets."""
+    if isinstance(data, MultiTaskDataset):
+        return
+    if not isinstance(data, tuple) or len(data) not in (2, 3):
+        raise TypeError(f"unlearn: `{what}` must be a MultiTaskDataset or (inputs, targets"
+                        f"[, supervision])")
+    if not isinstance(data[1], Mapping):
+        raise TypeError(f"unlearn: `{what}`[1] must be the targets, a mapping task -> "
+                        f"[N, ...] tensor, got {type(data[1]).__name__}; several inputs go "
+                        f"in one tuple or dict: ((ids, mask), targets)")
+
+
 def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
                 like: MultiTaskDataset | None = None, id_offset: int = 0) -> MultiTaskDataset:
     """``data`` in the data contract. Tasks without a target tensor get an all-unsupervised
@@ -202,11 +230,9 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
             raise ValueError(f"unlearn: `{what}` has tasks {data.task_names}, expected "
                              f"{[s.name for s in specs]}")
         return data
-    if not isinstance(data, tuple) or len(data) not in (2, 3):
-        raise TypeError(f"unlearn: `{what}` must be a MultiTaskDataset or (inputs, targets"
-                        f"[, supervision])")
+    _check_data_like(data, what)
     inputs, targets = data[0], dict(data[1])
-    n = inputs.shape[0]
+    n = check_inputs(inputs, f"unlearn: the inputs of `{what}`")
     supervision = data[2] if len(data) == 3 else None
     full_targets: dict[str, torch.Tensor] = {}
     columns = []
@@ -228,8 +254,9 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
 
 def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset) -> None:
     """``forget_data`` and ``retain_data`` come without shared ids, so an instance given in both
-    shows only as equal inputs: refuse a forget pair whose input is also a retain row that
-    supervises the same task (the retain term would teach the label back)."""
+    shows only as equal inputs (every one of them, for a multi-input model): refuse a forget
+    pair whose input is also a retain row that supervises the same task (the retain term would
+    teach the label back)."""
     if not len(forget) or not len(retain):
         return
 
@@ -242,12 +269,22 @@ def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset
         return list(zip(flat.sum(1, dtype=torch.float64).tolist(),
                         flat[:, 0].double().tolist(), flat[:, -1].double().tolist()))
 
+    def prints(inputs: Inputs) -> list[tuple[float, ...]]:
+        # One input: its print; several: their prints joined, so a key matches only where
+        # every input does.
+        per_leaf = [fingerprint(leaf) for leaf in leaves(inputs)]
+        return [tuple(v for part in row for v in part) for row in zip(*per_leaf)]
+
+    def same_row(f_row: int, r_row: int) -> bool:
+        return all(torch.equal(f[f_row], r[r_row])
+                   for f, r in zip(leaves(forget.inputs), leaves(retain.inputs)))
+
     by_print: dict[tuple[float, ...], list[int]] = {}
-    for row, key in enumerate(fingerprint(retain.inputs)):
+    for row, key in enumerate(prints(retain.inputs)):
         by_print.setdefault(key, []).append(row)
-    for f_row, key in enumerate(fingerprint(forget.inputs)):
+    for f_row, key in enumerate(prints(forget.inputs)):
         for r_row in by_print.get(key, []):
-            if not torch.equal(forget.inputs[f_row], retain.inputs[r_row]):
+            if not same_row(f_row, r_row):
                 continue
             clash = forget.supervision[f_row] & retain.supervision[r_row]
             if bool(clash.any()):
@@ -299,7 +336,7 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
     rows = min(limit, len(data))
     for start in range(0, rows, batch_size):
         batch = data.batch(torch.arange(start, min(start + batch_size, rows)))
-        out = model(batch["input"].to(device))  # type: ignore[union-attr]
+        out = model(inputs_to(batch["input"], device))  # type: ignore[arg-type]
         for c, spec in enumerate(data.tasks):
             mask = batch["supervision"][:, c].to(device)  # type: ignore[index]
             if not bool(mask.any()):
@@ -351,7 +388,9 @@ def build_problem(model: nn.Module, *,
     :func:`~mtunlearn_ext.unlearning.interference.interference_matrix` (forget/retain gradient
     cosines before and after the projections) or several methods on one request
     (``get_unlearner(name, settings).unlearn(problem)``). The problem's model wraps ``model``
-    (its parameters, not a copy) with the shared/head split; methods never modify it.
+    (its parameters, not a copy) with the shared/head split; methods never modify it. Data
+    given as tuples may hold several inputs per instance (see :data:`DataLike`): the problem's
+    data sets keep them as a tuple or dict, and its model unpacks them into ``model``.
 
     ``fresh_model`` (a function returning a newly initialised model of the same architecture,
     the same initialisation seed as the original) and ``train_config`` (the recipe:
@@ -374,6 +413,10 @@ def build_problem(model: nn.Module, *,
     if (train_data is None) == (forget_data is None):
         raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")
+    for what, data in (("train_data", train_data), ("forget_data", forget_data),
+                       ("retain_data", retain_data), ("held_out_data", held_out_data)):
+        if data is not None:
+            _check_data_like(data, what)
     specs = _task_specs(tasks, [train_data, forget_data, retain_data])
     names = [s.name for s in specs]
     if train_data is not None:
@@ -453,8 +496,9 @@ def unlearn(model: nn.Module, *,
             ) -> tuple[nn.Module, UnlearningReport]:
     """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
 
-    The model maps an input batch to ``{task: prediction}``; its parameters split into a shared
-    trunk ``theta_s`` and one head ``theta_t`` per task. A request removes the pairs
+    The model maps an input batch (one tensor, or several inputs: see below) to
+    ``{task: prediction}``; its parameters split into a shared trunk ``theta_s`` and one head
+    ``theta_t`` per task. A request removes the pairs
     ``F x S`` (forget instances ``F``, target tasks ``S``); everything else is retained, including,
     in a *partial* request (``S`` a proper subset of the tasks), the other tasks' labels of ``F``.
     The default method (:class:`~mtunlearn_ext.unlearning.interference_aware.InterferenceAware`)
@@ -475,6 +519,13 @@ def unlearn(model: nn.Module, *,
     - ``forget_data`` (the forget instances with targets for the target tasks) and
       ``retain_data`` (every retained pair), plus ``target_tasks`` (default: the tasks with
       targets in ``forget_data``).
+
+    Each is a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
+    supervision])`` (:data:`DataLike`): ``targets`` task -> ``[N, ...]``; ``inputs`` one
+    ``[N, ...]`` tensor (``model(x)``), or a model's several inputs as a tuple
+    (``((ids, mask), targets)``: ``model(ids, mask)``) or a dict (``({"ids": ids, "mask":
+    mask}, targets)``: ``model(ids=ids, mask=mask)``) of tensors of any dtypes whose first
+    dimension is the instance (``N`` rows each).
 
     Args:
         model: any ``nn.Module`` returning a mapping task -> output (a ``torch.compile``'d
@@ -596,7 +647,10 @@ def state_dict_sha256(model: nn.Module) -> str:
     for name, value in model.state_dict().items():
         tensor = value.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as
+        # bytes; for every other tensor the bytes are the same.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
     return digest.hexdigest()
 
 

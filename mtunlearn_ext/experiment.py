@@ -37,6 +37,7 @@ from torch import nn
 
 from mtunlearn_ext._io import write_text_atomic
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
 from mtunlearn_ext.models import MultiTaskModel, build_model
@@ -199,10 +200,16 @@ def _digest(payload: Any) -> str:
 
 
 def dataset_fingerprint(dataset: MultiTaskDataset) -> str:
-    """SHA-256 over the data set's tensors (inputs, targets, ids, supervision) and task specs."""
+    """SHA-256 over the data set's tensors (inputs, targets, ids, supervision) and task specs.
+    Several inputs add each one's path (``[0]``, ``['mask']``) before its tensors, so that
+    reordered or renamed inputs print differently; one input tensor adds nothing (the print of
+    a tensor-input data set is what it always was)."""
     digest = hashlib.sha256()
-    for tensor in (dataset.inputs, dataset.ids, dataset.supervision,
-                   *(dataset.targets[n] for n in dataset.task_names)):
+    inputs = named_leaves(dataset.inputs)
+    for path, _ in inputs:
+        digest.update(path.encode())
+    for tensor in ([leaf for _, leaf in inputs] + [dataset.ids, dataset.supervision] +
+                   [dataset.targets[n] for n in dataset.task_names]):
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest.update(repr([dataclasses.astuple(t) for t in dataset.tasks]).encode())

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.losses import masked_multitask_loss
 from mtunlearn_ext.models.base import MultiTaskModel
 
@@ -228,7 +229,10 @@ def _cpu_threads(num_threads: int | None) -> Iterator[None]:
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if device.type == "cpu":
         return batch
-    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+    # The inputs may be a tuple or dict of tensors (a user's multi-input model, reached
+    # through the API's wrapper); the targets are a dict task -> tensor.
+    return {k: (inputs_to(v, device) if k == "input" else
+                {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
             for k, v in batch.items()}
 
 

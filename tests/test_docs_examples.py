@@ -25,7 +25,8 @@ def test_unlearning_guide_examples_run(tmp_path, monkeypatch) -> None:  # type: 
     assert isinstance(summary, dict) and 0.0 <= summary["forget_mia_auc_after"] <= 1.0
     assert (tmp_path / "unlearned.pt").is_file()
     assert (tmp_path / "unlearned.pt.record.json").is_file()
-    # The multi-input example: the wrapped model comes back unlearned, the original untouched.
+    # The multi-input example: the model taking (ids, mask) comes back unlearned, the original
+    # untouched.
     text_model, unlearned = scope["text_model"], scope["text_model_unlearned"]
     assert type(unlearned) is type(text_model) and unlearned is not text_model
     assert not torch.equal(unlearned.trunk.weight, text_model.trunk.weight)

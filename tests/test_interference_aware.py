@@ -1009,3 +1009,25 @@ def test_parameter_groups_split_a_canonical_list(original) -> None:  # type: ign
     assert groups.split(some, ["depth"])[1] == {"depth": heads["depth"]}
     with pytest.raises(ValueError, match="values for"):
         groups.split(names[:-1])
+
+
+def test_state_dict_sha256_reads_0d_buffers_and_sees_them() -> None:
+    """BatchNorm's ``num_batches_tracked`` is a 0-d int64 buffer: hashed (no crash), and a change
+    of it changes the hash; a model without such buffers hashes as it did (the bytes of every
+    other tensor are unchanged by the flattening)."""
+    from mtunlearn_ext.api import state_dict_sha256
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    first = state_dict_sha256(model)
+    model[1].num_batches_tracked += 1
+    assert state_dict_sha256(model) != first
+    plain = nn.Linear(2, 1)
+    with torch.no_grad():
+        plain.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        plain.bias.fill_(3.0)
+    expected = hashlib.sha256()
+    for name, value in (("weight", plain.weight), ("bias", plain.bias)):
+        expected.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        expected.update(value.detach().numpy().tobytes())
+    assert state_dict_sha256(plain) == expected.hexdigest()

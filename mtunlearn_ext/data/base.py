@@ -1,5 +1,6 @@
 """Multi-task data in memory: inputs, one target tensor per task, instance ids, and a supervision
-mask saying which (instance, task) pairs carry a label.
+mask saying which (instance, task) pairs carry a label. The inputs are one tensor or, for a model
+with several inputs, a tuple or dict of tensors (:mod:`mtunlearn_ext.data.inputs`).
 
 The supervision mask is what unlearning edits: a partial-task request clears the target tasks'
 pairs of the forget instances and leaves their other tasks' labels in place.
@@ -13,6 +14,15 @@ from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
+
+from mtunlearn_ext.data.inputs import (
+    Inputs,
+    check_inputs,
+    map_leaves,
+    named_leaves,
+    num_rows,
+    take_rows,
+)
 
 TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression"]
 TASK_KINDS: tuple[str, ...] = ("classification", "segmentation", "depth", "normals", "regression")
@@ -78,22 +88,25 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
     """Tensor-backed multi-task data set.
 
     Args:
-        inputs: ``[N, ...]``.
+        inputs: ``[N, ...]``, or several inputs of one instance each: a tuple / list of
+            ``[N, ...]`` tensors (the model is called ``model(*inputs)``) or a dict name ->
+            ``[N, ...]`` (``model(**inputs)``); every leaf's first dimension is the instance.
         targets: task name -> ``[N, ...]`` target tensor, one per task in ``tasks``.
         tasks: the task specs, in a fixed order (the columns of ``supervision``).
         ids: ``[N]`` unique instance ids (default ``arange(N)``); requests name instances by id.
         supervision: ``[N, T]`` bool, ``True`` where the pair carries a label (default all).
 
-    Items are dicts ``{"input", "targets": {task: t}, "supervision": [T] bool, "id": long}``,
-    which the default collate function batches. Items and :meth:`batch` carry a neutral target
+    Items are dicts ``{"input", "targets": {task: t}, "supervision": [T] bool, "id": long}``
+    (``"input"`` in the structure of ``inputs``, one row of each leaf), which the default
+    collate function batches. Items and :meth:`batch` carry a neutral target
     (:func:`neutral_unsupervised`) on every unsupervised pair, whatever the data set stores
     there (NaN, an out-of-range label): no loss ever reads one, and none can poison a gradient.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: Mapping[str, torch.Tensor],
+    def __init__(self, inputs: Inputs, targets: Mapping[str, torch.Tensor],
                  tasks: Sequence[TaskSpec], ids: torch.Tensor | None = None,
                  supervision: torch.Tensor | None = None) -> None:
-        n = inputs.shape[0]
+        n = check_inputs(inputs, "MultiTaskDataset: `inputs`")
         self.tasks: list[TaskSpec] = list(tasks)
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
@@ -105,7 +118,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
             if t.shape[0] != n:
                 raise ValueError(f"MultiTaskDataset: targets[{name!r}] has {t.shape[0]} rows, "
                                  f"inputs have {n}")
-        self.inputs = inputs
+        self.inputs: Inputs = inputs
         self.targets = {name: targets[name] for name in names}
         self.ids = torch.arange(n) if ids is None else ids.to(torch.long)
         if self.ids.shape != (n,) or torch.unique(self.ids).numel() != n:
@@ -128,12 +141,12 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         return names.index(name)
 
     def __len__(self) -> int:
-        return self.inputs.shape[0]
+        return num_rows(self.inputs)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         supervision = self.supervision[index]
         return {
-            "input": self.inputs[index],
+            "input": map_leaves(lambda x: x[index], self.inputs),
             "targets": {spec.name: neutral_unsupervised(
                 spec, self.targets[spec.name][index].unsqueeze(0), supervision[c:c + 1])[0]
                 for c, spec in enumerate(self.tasks)},
@@ -143,7 +156,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
 
     def check_values(self, what: str = "data set") -> None:
         """Raise ``ValueError`` naming ``what``, the task and the first offending row for values
-        no loss can use: non-finite floating-point inputs, and on *supervised* pairs (the only
+        no loss can use: non-finite values in a floating-point input (integer and bool inputs,
+        token ids or masks, are never non-finite), and on *supervised* pairs (the only
         targets any loss reads) class labels outside ``[0, num_classes)`` other than
         ``ignore_index``, non-finite regression targets, and non-finite depth or normal values
         at pixels the losses count as labelled (``valid_pixel_mask``: depth ``> 0``, a normal
@@ -153,12 +167,14 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         row to name the offender."""
         if len(self) == 0:
             return
-        if not _all_finite(self.inputs):
-            bad = ~torch.isfinite(self.inputs.reshape(len(self), -1)).all(dim=1)
+        for path, leaf in named_leaves(self.inputs):
+            if _all_finite(leaf):
+                continue
+            bad = ~torch.isfinite(leaf.reshape(len(self), -1)).all(dim=1)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten()
-                raise ValueError(f"{what}: the inputs hold NaN or Inf in {rows.numel()} rows "
-                                 f"(first: row {int(rows[0])}, id {int(self.ids[rows[0]])})")
+                raise ValueError(f"{what}: the inputs{path} hold NaN or Inf in {rows.numel()} "
+                                 f"rows (first: row {int(rows[0])}, id {int(self.ids[rows[0]])})")
         for column, spec in enumerate(self.tasks):
             supervised = self.supervision[:, column]
             every_row = bool(supervised.all())
@@ -218,7 +234,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         if pos.numel() == len(self) and torch.equal(pos, torch.arange(len(self))):
             return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids,
                                     self.supervision)
-        return MultiTaskDataset(self.inputs[pos], {k: v[pos] for k, v in self.targets.items()},
+        return MultiTaskDataset(take_rows(self.inputs, pos),
+                                {k: v[pos] for k, v in self.targets.items()},
                                 self.tasks, self.ids[pos], self.supervision[pos])
 
     def with_supervision(self, supervision: torch.Tensor) -> MultiTaskDataset:
@@ -232,7 +249,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         pos = torch.as_tensor(positions, dtype=torch.long)
         supervision = self.supervision[pos]
         return {
-            "input": self.inputs[pos],
+            "input": take_rows(self.inputs, pos),
             "targets": {spec.name: neutral_unsupervised(spec, self.targets[spec.name][pos],
                                                         supervision[:, c])
                         for c, spec in enumerate(self.tasks)},

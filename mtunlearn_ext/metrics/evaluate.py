@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.task_metrics import make_accumulator
 from mtunlearn_ext.models.base import MultiTaskModel
@@ -68,7 +69,8 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
             wanted = [(c, s) for c, s in resolved if bool(sup[:, c].any())]
             if not wanted:
                 continue
-            out = model(dataset.inputs[positions].to(device), [s.name for _, s in wanted])
+            out = model(inputs_to(take_rows(dataset.inputs, positions), device),
+                        [s.name for _, s in wanted])
             for column, spec in wanted:
                 rows = sup[:, column].to(device)
                 target = dataset.targets[spec.name][positions].to(device)
@@ -95,7 +97,8 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
             rows = dataset.batch(positions)  # neutral targets on unsupervised pairs
-            out = model(dataset.inputs[positions].to(device), [s.name for _, s in resolved])
+            out = model(inputs_to(take_rows(dataset.inputs, positions), device),
+                        [s.name for _, s in resolved])
             for k, (column, spec) in enumerate(resolved):
                 target = rows["targets"][spec.name].to(device)  # type: ignore[index]
                 value = task_loss(spec, out[spec.name], target).double().cpu()

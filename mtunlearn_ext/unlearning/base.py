@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 
@@ -214,17 +215,18 @@ class UnlearningProblem:
                 picks.add(int(rows_of_task[0]))
         positions = torch.tensor(sorted(picks))
         rows = self.retain.batch(positions)
-        inputs, targets = rows["input"], rows["targets"]
-        assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
+        inputs: Inputs = rows["input"]  # type: ignore[assignment]
+        targets = rows["targets"]
+        assert isinstance(targets, Mapping)
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            out = self.model(inputs.to(device))
+            out = self.model(inputs_to(inputs, device))
         except Exception as error:
             raise ValueError(f"UnlearningProblem: the model fails on the data's inputs (a "
-                             f"batch of shape {tuple(inputs.shape)}): {type(error).__name__}: "
+                             f"batch of {describe(inputs)}): {type(error).__name__}: "
                              f"{error}") from error
         finally:
             for m, training in modes:

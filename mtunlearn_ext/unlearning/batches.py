@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.data.inputs import inputs_to, slice_rows
 
 __all__ = ["Batch", "BatchStream", "batch_to", "child_generator"]
 
@@ -29,10 +30,13 @@ def child_generator(parent: torch.Generator) -> torch.Generator:
 
 
 def batch_rows(batch: Mapping[str, object], start: int, stop: int) -> Batch:
-    """Rows ``start:stop`` of a collated batch (views; per-task target dicts sliced too)."""
+    """Rows ``start:stop`` of a collated batch (views; per-task target dicts and every input of
+    a multi-input batch sliced too)."""
     out: Batch = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
+        if key == "input":
+            out[key] = slice_rows(value, start, stop)  # type: ignore[arg-type]
+        elif isinstance(value, torch.Tensor):
             out[key] = value[start:stop]
         elif isinstance(value, Mapping):
             out[key] = {k: v[start:stop] for k, v in value.items()}
@@ -42,10 +46,13 @@ def batch_rows(batch: Mapping[str, object], start: int, stop: int) -> Batch:
 
 
 def batch_to(batch: Mapping[str, object], device: torch.device | str) -> Batch:
-    """The batch with every tensor (targets included) on ``device`` (non-blocking copies)."""
+    """The batch with every tensor (targets and every input included) on ``device``
+    (non-blocking copies)."""
     out: Batch = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
+        if key == "input":
+            out[key] = inputs_to(value, device, non_blocking=True)  # type: ignore[arg-type]
+        elif isinstance(value, torch.Tensor):
             out[key] = value.to(device, non_blocking=True)
         elif isinstance(value, Mapping):
             out[key] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v

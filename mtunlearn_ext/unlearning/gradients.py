@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
+from mtunlearn_ext.data.inputs import Inputs, map_leaves
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning.norm_statistics import check_samples_independent
 
@@ -224,19 +225,22 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
         raise ValueError(f"{caller}: `task_scale` needs one factor per task ({len(specs)}), got "
                          f"{len(task_scale)}")
     loss_fn = _per_sample_supervised_loss(specs, task_scale, per_task)
-    inputs = batch["input"]
+    inputs: Inputs = batch["input"]  # type: ignore[assignment]
     targets = batch["targets"]
     supervision = batch["supervision"]
-    assert isinstance(inputs, torch.Tensor) and isinstance(targets, Mapping)
+    assert isinstance(targets, Mapping)
     assert isinstance(supervision, torch.Tensor)
     # Neutral targets on unsupervised pairs (the ``where`` of the loss keeps their values out of
     # the sum, not a NaN out of the gradient), also for batches not made by a data set.
     task_targets = {s.name: neutral_unsupervised(s, targets[s.name], supervision[:, c])
                     for c, s in enumerate(specs)}
 
-    def one(p: dict[str, torch.Tensor], x: torch.Tensor, tgt: dict[str, torch.Tensor],
+    # ``vmap`` maps over the leading dimension of every input (a tuple or dict of inputs is a
+    # pytree): ``one`` sees one row of each, and gives the model a batch of one of each.
+    def one(p: dict[str, torch.Tensor], x: Inputs, tgt: dict[str, torch.Tensor],
             sup: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = functional_call(model, p, (x.unsqueeze(0),), strict=False)
+        out = functional_call(model, p, (map_leaves(lambda v: v.unsqueeze(0), x),),
+                              strict=False)
         return loss_fn(out, {k: v.unsqueeze(0) for k, v in tgt.items()}, sup)
 
     differentiate = jacrev if per_task else grad

@@ -74,6 +74,7 @@ from typing import ClassVar
 import torch
 
 from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.data.inputs import cat_rows, num_rows
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 from mtunlearn_ext.surgery import (
     inner_list_stats,
@@ -357,7 +358,7 @@ def _per_task_grads(ctx: StepContext, losses: Mapping[str, torch.Tensor], tasks:
 
 def _split_rows(batch: Batch, groups: int) -> list[Batch]:
     """The batch cut into ``groups`` contiguous row groups (fewer if it has fewer rows)."""
-    rows = batch["input"].shape[0]  # type: ignore[union-attr]
+    rows = num_rows(batch["input"])  # type: ignore[arg-type]
     bounds = torch.linspace(0, rows, min(groups, rows) + 1).round().long().tolist()
     return [batch_rows(batch, start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
@@ -367,7 +368,9 @@ def _concat_batches(a: Batch, b: Batch) -> Batch:
     out: Batch = {}
     for key, value in a.items():
         other = b[key]
-        if isinstance(value, torch.Tensor):
+        if key == "input":  # one tensor, or every input of a multi-input batch
+            out[key] = cat_rows([value, other])  # type: ignore[list-item]
+        elif isinstance(value, torch.Tensor):
             assert isinstance(other, torch.Tensor)
             out[key] = torch.cat([value, other])
         elif isinstance(value, Mapping):

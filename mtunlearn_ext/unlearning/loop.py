@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from mtunlearn_ext.data.inputs import Inputs
 from mtunlearn_ext.unlearning.base import (
     CurveRecorder,
     Unlearner,
@@ -170,8 +171,9 @@ class StepContext:
     state: dict[str, Any] = field(default_factory=dict)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        inputs = batch["input"]
-        assert isinstance(inputs, torch.Tensor)
+        # The whole input structure goes to the model: a library model takes its tensor, a
+        # user's multi-input module is unpacked by the API's wrapper (``_SplitModel``).
+        inputs: Inputs = batch["input"]  # type: ignore[assignment]
         return self.model(inputs)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.data.inputs import Inputs, inputs_to
 
 __all__ = [
     "check_samples_independent",
@@ -104,9 +105,8 @@ def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, bat
     try:
         with _collecting(modules):
             for start, stop in zip(bounds[:-1], bounds[1:]):
-                inputs = data.batch(torch.arange(start, stop))["input"]
-                assert isinstance(inputs, torch.Tensor)
-                model(inputs.to(device))
+                inputs: Inputs = data.batch(torch.arange(start, stop))["input"]  # type: ignore[assignment]
+                model(inputs_to(inputs, device))
     finally:
         for m, training in modes:
             m.train(training)
