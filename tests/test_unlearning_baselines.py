@@ -427,6 +427,33 @@ def test_mean_target_for_dense_tasks() -> None:
         assert (worse > values).all()
 
 
+def test_segmentation_reference_is_the_per_pixel_class_frequency() -> None:
+    """Counted pixel by pixel in Python: each pixel's class frequencies over the retain set's
+    labelled pixels (ignored ones skipped); a pixel never labelled takes the global prior."""
+    from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+
+    gen = torch.Generator().manual_seed(3)
+    spec = TaskSpec("seg", "segmentation", num_classes=4, ignore_index=-1)
+    targets = torch.randint(0, 4, (30, 3, 5), generator=gen)
+    targets[torch.rand(targets.shape, generator=gen) < 0.3] = -1
+    targets[:, 2, 4] = -1  # never labelled
+    data = MultiTaskDataset(torch.zeros(30, 1), {"seg": targets}, [spec])
+    objective = CappedAscentObjective(spec)
+    objective.prepare(data, torch.Generator().manual_seed(0), "cpu")
+    assert objective.reference is not None
+    labelled = targets[targets >= 0]
+    prior = [float((labelled == c).sum()) / labelled.numel() for c in range(4)]
+    for h in range(3):
+        for w in range(5):
+            column = targets[:, h, w]
+            column = column[column >= 0]
+            for c in range(4):
+                expected = (float((column == c).sum()) / column.numel() if column.numel()
+                            else prior[c])
+                assert abs(float(objective.reference[c, h, w]) - expected) < 1e-6, (h, w, c)
+
+
 def test_depth_weighted_abs_error_against_a_float64_reference() -> None:
     """``sum_p d_p |d_hat_p - d_p| / sum_p d_p`` over valid pixels, per sample; unlabelled
     pixels (``d = 0``) and their predictions do not count; a sample without a valid pixel

@@ -150,9 +150,15 @@ class _ReferenceObjective(ForgetObjective):
             counts = torch.bincount(labels, minlength=spec.num_classes).double()
             return (counts / counts.sum().clamp(min=1)).float()
         if spec.kind == "segmentation":
+            # Per-pixel class counts as one bincount over (class, pixel) codes: the counts of a
+            # one-hot sum without its [N, H, W, C] int64 tensor (230 MB for 540 images of
+            # 64 x 64 with 13 classes).
             valid = targets != spec.ignore_index
-            onehot = F.one_hot(torch.where(valid, targets, 0).long(), spec.num_classes)
-            counts = (onehot * valid.unsqueeze(-1)).sum(dim=0).permute(2, 0, 1).double()
+            pixels = targets[0].numel()
+            codes = (targets.long() * pixels + torch.arange(pixels, device=targets.device)
+                     .view_as(targets[0]))[valid]
+            counts = torch.bincount(codes, minlength=spec.num_classes * pixels).view(
+                spec.num_classes, *targets.shape[1:]).double()
             total = counts.sum(dim=0, keepdim=True)
             # A pixel never labelled in the retain set falls back to the global class prior.
             global_prior = counts.sum(dim=(1, 2)) / counts.sum().clamp(min=1)
