@@ -94,6 +94,36 @@ def test_every_variant_matches_float64_references(isa: str, dtype: torch.dtype) 
             assert _scaled_error(result, ref.gram(flat.double()), flat, flat) <= GRAM_TOL[dtype]
 
 
+COMBINE_TOL = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3,
+               torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_combine_variant_matches_float64_references(isa: str, dtype: torch.dtype) -> None:
+    """The combine kernel (``C @ X``, and ``beta * base + C @ X`` in place over a list) has a
+    baseline and an AVX2 variant too."""
+    with ops.cpu_isa_limit(isa):
+        for m, k in [(1, 1), (1, 8), (3, 5), (4, 16), (2, 64)]:
+            xs = _rows(k, dtype, 50 + k)
+            coeffs = _rand(m, k, dtype=torch.float64, seed=m * k)
+            for x in xs:
+                expected = ref.combine(coeffs, x.double())
+                result = ops.combine(coeffs, x)
+                bound = coeffs.abs() @ x.double().abs() + 1e-300
+                assert not torch.isnan(result).any(), (isa, m, k)
+                assert float(((result.double() - expected) / bound).abs().max()) <= \
+                    COMBINE_TOL[dtype], (isa, m, k, x.shape)
+            bases = [_rand(m, x.shape[1], dtype=dtype, seed=3) for x in xs]
+            outs = [torch.empty_like(b) for b in bases]
+            ops.combine_list(coeffs, xs, outs, beta=-0.5, bases=bases)
+            for x, base, out in zip(xs, bases, outs):
+                expected = coeffs @ x.double() - 0.5 * base.double()
+                bound = coeffs.abs() @ x.double().abs() + 0.5 * base.double().abs() + 1e-300
+                assert float(((out.double() - expected) / bound).abs().max()) <= \
+                    COMBINE_TOL[dtype], (isa, m, k, x.shape)
+
+
 @NEEDS_AVX512
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_avx512_kernels_give_the_avx2_bits(dtype: torch.dtype) -> None:
