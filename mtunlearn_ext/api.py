@@ -404,8 +404,8 @@ def build_problem(model: nn.Module, *,
     # Likewise a (Distributed)DataParallel wrapper: the request runs in this one process.
     while True:
         if type(model).__name__ == "OptimizedModule" and isinstance(
-                getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+                orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         else:
@@ -444,7 +444,7 @@ def build_problem(model: nn.Module, *,
         if unknown or not targets:
             raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "
                              f"{names}")
-        forget = _as_dataset(forget_data, specs, "forget_data", like=retain,  # type: ignore[arg-type]
+        forget = _as_dataset(forget_data, specs, "forget_data", like=retain,
                              id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
         columns = torch.tensor([t in targets for t in names])

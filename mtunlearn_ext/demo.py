@@ -182,6 +182,7 @@ def run_demo(args: argparse.Namespace) -> int:
     stages.set_postfix_str("report")
     prepared = prepare_experiment(configs["partial"])  # cached: loads only
     unlearned = prepared.factory()
+    assert unlearned_state is not None  # the partial request's job (keep_model) returned it
     unlearned.load_state_dict(unlearned_state)
     models = {"original": prepared.original, "retrained": prepared.retrained, METHOD: unlearned}
     figures = {}

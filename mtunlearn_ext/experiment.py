@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -54,6 +54,9 @@ from mtunlearn_ext.unlearning import (
     available_unlearners,
     get_unlearner,
 )
+
+if TYPE_CHECKING:
+    from mtunlearn_ext.data.registry import Size
 
 __all__ = [
     "ExperimentConfig",
@@ -107,7 +110,7 @@ class ExperimentConfig:
     """
 
     benchmark: str = "indoor"
-    size: str = "small"
+    size: Size = "small"
     data_root: str | None = None
     request: str = "full"
     forget_fraction: float = 0.1
@@ -441,6 +444,7 @@ def run_experiment(config: ExperimentConfig,
 
     splits = {"forget": forget, "retain": retain, "test": test_set}
     models: dict[str, dict[str, Any]] = {}
+    model: nn.Module  # a reference model, then the reused gold model or each method's output
     for label, model, record in (("original", original, original_record),
                                  ("retrained", retrained, retrained_record)):
         start = time.perf_counter()

@@ -230,6 +230,7 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
                 ax.text(j, i, f"{value:.2f}" if math.isfinite(value) else "-", ha="center",
                         va="center", fontsize=7, color="white" if abs(value) > 0.6 else "black")
         ax.set_title(panel_title)
+    assert image is not None  # two panels, both drawn
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
     fig.suptitle(title)
     _save_png(fig, path, overwrite=overwrite, dpi=110)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from mtunlearn_ext._io import sha256_of_file
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
+
+if TYPE_CHECKING:
+    from mtunlearn_ext.models import MultiTaskModel
 
 __all__ = [
     "CLI_META_FORMAT",
@@ -99,6 +102,7 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
     or a list; ``None`` stays ``None``. Non-integers raise :class:`UserInputError`."""
     if value is None:
         return None
+    tokens: list[str] | list[int]
     if isinstance(value, str):
         text = value
         path = Path(value[1:] if value.startswith("@") else value)
@@ -146,7 +150,7 @@ def check_device(device: str) -> torch.device:
 class LoadedModel:
     """A checkpoint rebuilt into its model, with the benchmark it was trained on."""
 
-    model: nn.Module
+    model: MultiTaskModel
     checkpoint: Checkpoint
     benchmark: Benchmark
     path: Path

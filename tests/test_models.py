@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mtunlearn_ext.data import TaskSpec
+from mtunlearn_ext.data import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.digits import digits_tasks
 from mtunlearn_ext.data.indoor import indoor_tasks
 from mtunlearn_ext.losses import task_loss
@@ -122,6 +122,23 @@ def test_build_model_argument_errors() -> None:
                     input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match=r"\[C, H, W\]"):
         build_model(DENSE_TASKS, input_shape=(64,))
+
+
+@pytest.mark.parametrize("pack", [lambda a, b: (a, b), lambda a, b: {"x": a, "m": b}],
+                         ids=["tuple", "dict"])
+def test_build_model_refuses_a_benchmark_of_several_inputs(pack) -> None:
+    # The library's models take one tensor: a benchmark holding several inputs per instance
+    # is named in a TypeError (it was an AttributeError on the tuple's / dict's `.shape`).
+    tasks = [TaskSpec("c", "classification", num_classes=2)]
+
+    def data(n: int) -> MultiTaskDataset:
+        return MultiTaskDataset(pack(torch.randn(n, 4), torch.ones(n, 4)),
+                                {"c": torch.zeros(n, dtype=torch.long)}, tasks)
+
+    bench = Benchmark("two-inputs", data(6), data(3), tasks)
+    with pytest.raises(TypeError, match="one input tensor; got several inputs"):
+        build_model(bench)
+    assert isinstance(build_model(bench, input_shape=(4,)), MLPMultiTaskNet)
 
 
 def test_per_sample_gradients_with_torch_func_match_a_loop() -> None:

@@ -112,8 +112,8 @@ def rotation(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
     return r_y @ r_x
 
 
-def _pad(rows: list[list[Sequence[float]]], width: int, fill: float) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
+def _pad(rows: Sequence[Sequence[Sequence[float]]], width: int,
+         fill: float) -> tuple[np.ndarray, np.ndarray]:
     """Stack ragged per-scene lists into ``[n, K, width]`` plus a ``[n, K]`` validity mask."""
     k = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), max(k, 1), width), fill, dtype=np.float64)

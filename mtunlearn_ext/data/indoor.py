@@ -62,9 +62,15 @@ def indoor_tasks() -> list[TaskSpec]:
             TaskSpec("depth", "depth"), TaskSpec("normals", "normals")]
 
 
+def _rgb(values: np.ndarray) -> tuple[float, float, float]:
+    """The three entries of ``values`` as Python floats."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
+
+
 def _albedo(rng: np.random.Generator, cls: int, jitter: float = 0.15) -> tuple[float, float, float]:
     base = np.asarray(_ALBEDO[cls]) * rng.uniform(1 - jitter, 1 + jitter, size=3)
-    return tuple(float(v) for v in np.clip(base, 0.0, 1.0))  # type: ignore[return-value]
+    return _rgb(np.clip(base, 0.0, 1.0))
 
 
 def sample_indoor_scene(rng: np.random.Generator) -> Scene:
@@ -188,10 +194,10 @@ def sample_indoor_scene(rng: np.random.Generator) -> Scene:
                 continue
             u = rng.uniform(u_lo + half_w + 0.1, u_hi - half_w - 0.1)
             v = floor_y + rng.uniform(c_lo, c_hi)
-            albedo = (tuple(float(c) for c in rng.uniform(0.15, 0.95, size=3))
+            albedo = (_rgb(rng.uniform(0.15, 0.95, size=3))
                       if cls == PICTURE else _albedo(rng, cls, 0.08))
             scene.decals.append((plane, u - half_w, u + half_w, v - half_h, v + half_h, cls,
-                                 albedo))  # type: ignore[arg-type]
+                                 albedo))
     return scene
 
 

@@ -88,7 +88,8 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
                               f"(e.g. {missing})")
     if limit is not None:
         indices = indices[:limit]
-    images, targets = [], {_FOLDERS[f][0]: [] for f in folders}
+    images: list[torch.Tensor] = []
+    targets: dict[str, list[torch.Tensor]] = {_FOLDERS[f][0]: [] for f in folders}
     shape: tuple[int, int] | None = None
     for i in indices:
         image = _load_array(split_dir / "image" / f"{i}.npy", "image", 3)
@@ -145,7 +146,7 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
         first_id += inputs.shape[0]
         datasets.append(MultiTaskDataset(inputs, targets, tasks, ids=ids))
     info: dict[str, object] = {
-        "source": str(base), "layout": "LibMTL npy", "size": list(datasets[0].inputs.shape[-2:]),
+        "source": str(base), "layout": "LibMTL npy", "size": list(splits["train"][0].shape[-2:]),
         "rgb_normalisation": [RGB_MEAN, RGB_STD], "test_split": "val",
     }
     if depth_prior is not None:

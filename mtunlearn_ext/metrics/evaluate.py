@@ -27,8 +27,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters (or buffers) live; CPU for a model with neither."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

@@ -120,6 +120,7 @@ def dense_head(spec: TaskSpec, in_channels: int, hidden: int,
         if depth_init is not None:
             if depth_init <= 0:
                 raise ValueError(f"dense_head: `depth_init` must be > 0, got {depth_init}")
+            assert out.bias is not None  # Conv2d's default bias=True
             with torch.no_grad():
                 # softplus^-1(y) = y + log(1 - exp(-y)), stable for large y.
                 out.bias.fill_(depth_init + math.log(-math.expm1(-depth_init)))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mtunlearn_ext.data.base import Benchmark, TaskSpec
+from mtunlearn_ext.data.inputs import describe
 from mtunlearn_ext.models.base import MultiTaskModel
 from mtunlearn_ext.models.dense import DenseMultiTaskNet
 from mtunlearn_ext.models.mlp import MLPMultiTaskNet
@@ -43,7 +44,11 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
         bench = benchmark_or_tasks
         tasks = list(bench.tasks or bench.train.tasks)
         if input_shape is None:
-            input_shape = tuple(bench.train.inputs.shape[1:])
+            inputs = bench.train.inputs
+            if not isinstance(inputs, torch.Tensor):
+                raise TypeError("build_model: the library's models take one input tensor; got "
+                                f"several inputs ({describe(inputs)}): build the model yourself")
+            input_shape = tuple(inputs.shape[1:])
         if depth_init is None and "depth_prior" in bench.info:
             depth_init = float(bench.info["depth_prior"])  # type: ignore[arg-type]
         defaults = bench.info.get("model_config") or {}

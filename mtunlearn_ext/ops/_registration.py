@@ -115,20 +115,20 @@ def _register() -> None:
         return out, x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
 
     # Autograd: d<x_i, x_j> gives dx = (dG + dG^T) x; the rest are bilinear.
-    def _gram_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    def _gram_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[0])
 
-    def _gram_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def _gram_backward(ctx, grad):
         (x,) = ctx.saved_tensors
         sym = (grad + grad.transpose(-1, -2)).contiguous()
         return torch.ops.mtunlearn.combine(sym, x)
 
     torch.library.register_autograd(lib + "gram", _gram_backward, setup_context=_gram_setup)
 
-    def _inner_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    def _inner_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[0], inputs[1])
 
-    def _inner_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def _inner_backward(ctx, grad):
         a, b = ctx.saved_tensors
         grad_a = torch.ops.mtunlearn.combine(grad, b) if ctx.needs_input_grad[0] else None
         grad_b = (torch.ops.mtunlearn.combine(grad.transpose(-1, -2).contiguous(), a)
@@ -137,11 +137,11 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "inner", _inner_backward, setup_context=_inner_setup)
 
-    def _combine_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    def _combine_setup(ctx, inputs, output) -> None:
         ctx.coeffs_dtype = inputs[0].dtype
         ctx.save_for_backward(inputs[0], inputs[1])
 
-    def _combine_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def _combine_backward(ctx, grad):
         coeffs, x = ctx.saved_tensors
         grad_coeffs = grad_x = None
         if ctx.needs_input_grad[0]:

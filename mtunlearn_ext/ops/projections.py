@@ -7,6 +7,8 @@ an input is, so it costs no pass over the inputs.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from mtunlearn_ext._extension import has_extension
@@ -32,6 +34,19 @@ def _check_pair(op: str, g_name: str, g: torch.Tensor, r_name: str, r: torch.Ten
         )
     if r.shape[-2] > MAX_SOLVER_K:
         raise ValueError(f"{op}: `{r_name}` has k={r.shape[-2]} rows; at most {MAX_SOLVER_K}")
+
+
+@overload
+def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = ..., *,
+                check_finite: bool = ..., return_coeffs: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = ..., *,
+                check_finite: bool = ..., return_coeffs: Literal[True]
+                ) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = ..., *,
+                check_finite: bool = ..., return_coeffs: bool
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
@@ -65,6 +80,20 @@ def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
     return (out, coeffs) if return_coeffs else out
 
 
+@overload
+def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = ..., *,
+                           check_finite: bool = ..., return_coeffs: Literal[False] = ...
+                           ) -> torch.Tensor: ...
+@overload
+def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = ..., *,
+                           check_finite: bool = ..., return_coeffs: Literal[True]
+                           ) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = ..., *,
+                           check_finite: bool = ..., return_coeffs: bool
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
                            check_finite: bool = True, return_coeffs: bool = False
                            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +119,17 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
     if check_finite:
         check_finite_result(op, coeffs, [("g", g), ("r", r)])
     return (out, coeffs) if return_coeffs else out
+
+
+@overload
+def pcgrad(x: torch.Tensor, seed: int = ..., *, check_finite: bool = ...,
+           return_coeffs: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def pcgrad(x: torch.Tensor, seed: int = ..., *, check_finite: bool = ...,
+           return_coeffs: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def pcgrad(x: torch.Tensor, seed: int = ..., *, check_finite: bool = ...,
+           return_coeffs: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def pcgrad(x: torch.Tensor, seed: int = 0, *, check_finite: bool = True,

@@ -10,15 +10,20 @@ dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 
 from mtunlearn_ext import ops
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
 #: A reduction of coefficient-space statistics across processes (identity when single-process):
 #: Gram matrices and inner products are sums over parameter coordinates, so shards reduce by SUM.
 StatsReduce = Callable[[torch.Tensor], torch.Tensor]
 
+_DTensor: type[DTensor] | None
 try:  # DTensor (FSDP2 parameters and gradients) exists only where torch.distributed is built.
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # pragma: no cover - torch built without distributed
@@ -33,7 +38,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a DTensor (a parameter or gradient sharded by FSDP2 / tensor parallel)."""
     return _DTensor is not None and isinstance(t, _DTensor)
 

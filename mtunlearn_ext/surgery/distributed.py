@@ -33,6 +33,7 @@ NCCL and CPU ones gloo.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,7 @@ def _supports_avg(t: torch.Tensor, group: ProcessGroup | None) -> bool:
 
 def _all_reduce_mean(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
     world = dist.get_world_size(group)
-    pending = []
+    pending: list[tuple[dist.Work, torch.Tensor | None]] = []
     for t in tensors:
         if t.numel() == 0:
             continue
@@ -134,7 +135,8 @@ def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, 
     or parameter lists split across ranks). Defaults to ``per_task="backward"`` when the
     parameters are DTensors (FSDP2 reduce-scatters inside ``backward``); other keyword
     arguments go to :class:`GradientSurgery`."""
-    params = list(shared_params)
+    # list() keeps the kind of the iterable (bare tensors or (name, tensor) pairs).
+    params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
     tensors = [p[1] if isinstance(p, tuple) else p for p in params]
     if "per_task" not in kwargs:
         kwargs["per_task"] = "backward" if any(is_dtensor(t) for t in tensors) else "autograd"

@@ -269,16 +269,17 @@ class GradientSurgery:
                 for h, g in enumerate(grads[n_shared:]):
                     if g is not None:
                         # Out of place: autograd may hand back expanded (stride-0) gradients.
-                        head_sums[h] = g if head_sums[h] is None else head_sums[h] + g
+                        total = head_sums[h]
+                        head_sums[h] = g if total is None else total + g
         written = []
-        for head, g in zip(heads, head_sums):
-            if g is None:
+        for head, summed in zip(heads, head_sums):
+            if summed is None:
                 continue
             if head.grad is None:
-                head.grad = (g if g.is_contiguous()
-                             else g.clone(memory_format=torch.contiguous_format))
+                head.grad = (summed if summed.is_contiguous()
+                             else summed.clone(memory_format=torch.contiguous_format))
             else:
-                head.grad.add_(g)
+                head.grad.add_(summed)
             written.append(head.grad)
         return written
 

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_BatchT = TypeVar("_BatchT", bound=Mapping[str, object])
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,8 @@ def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor],
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def summed_pass_grads(batches: Iterable[Mapping[str, object]],
-                      loss_of: Callable[[Mapping[str, object]], tuple[torch.Tensor | None, int]],
+def summed_pass_grads(batches: Iterable[_BatchT],
+                      loss_of: Callable[[_BatchT], tuple[torch.Tensor | None, int]],
                       params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
     """The gradient of ``sum_batches loss_of(batch)[0]`` with respect to ``params``, one backward
     per batch (a whole data set's gradient without holding its graph), and the total of the

@@ -635,7 +635,9 @@ class InterferenceAware(GradientUnlearner):
         subspaces: dict[tuple[str, ...], ProtectedSubspace] = ctx.state["subspaces"]
         groups = ctx.groups
         names = ctx.problem.task_names
-        totals = retain_batch["supervision"].sum(dim=0)  # type: ignore[union-attr]
+        supervision = retain_batch["supervision"]
+        assert isinstance(supervision, torch.Tensor)
+        totals = supervision.sum(dim=0)
         shared = groups.shared_params
         retain_shared = [torch.zeros_like(p) for p in shared]
         retain_heads = {t: [torch.zeros_like(p) for p in groups.head_params(t)]
@@ -643,7 +645,9 @@ class InterferenceAware(GradientUnlearner):
         losses: dict[str, torch.Tensor] = {t: torch.zeros(()) for t in names}
         pushed = 0
         for group in _split_rows(retain_batch, cfg.snapshot_groups):
-            counts = group["supervision"].sum(dim=0)  # type: ignore[union-attr]
+            group_supervision = group["supervision"]
+            assert isinstance(group_supervision, torch.Tensor)
+            counts = group_supervision.sum(dim=0)
             out = ctx.forward(group)
             terms = retain_terms(out, group, ctx.problem.tasks)
             if subspaces:
@@ -843,7 +847,9 @@ class InterferenceAware(GradientUnlearner):
         if k < rows:
             rest = batch_rows(retain_batch, k, rows)
             rest_terms = self.retain_step_terms(ctx, rest)
-            rest_counts = rest["supervision"].sum(dim=0).tolist()  # type: ignore[union-attr]
+            rest_supervision = rest["supervision"]
+            assert isinstance(rest_supervision, torch.Tensor)
+            rest_counts = rest_supervision.sum(dim=0).tolist()
             total: torch.Tensor | None = None
             for t, n, m in zip(tasks, counts, rest_counts):
                 if not n or not m:

@@ -145,20 +145,24 @@ class _ReferenceObjective(ForgetObjective):
         """The reference: class probabilities (``[C]`` / ``[C, H, W]``) for classification and
         segmentation, a target-shaped value (``[1|3, H, W]`` / ``[d]``) otherwise."""
         spec = self.spec
+        # Set for the class tasks (TaskSpec.__post_init__ refuses them without it).
+        num_classes = spec.num_classes
         if spec.kind == "classification":
+            assert num_classes is not None
             labels = targets[targets != spec.ignore_index].long()
-            counts = torch.bincount(labels, minlength=spec.num_classes).double()
+            counts = torch.bincount(labels, minlength=num_classes).double()
             return (counts / counts.sum().clamp(min=1)).float()
         if spec.kind == "segmentation":
             # Per-pixel class counts as one bincount over (class, pixel) codes: the counts of a
             # one-hot sum without its [N, H, W, C] int64 tensor (230 MB for 540 images of
             # 64 x 64 with 13 classes).
+            assert num_classes is not None
             valid = targets != spec.ignore_index
             pixels = targets[0].numel()
             codes = (targets.long() * pixels + torch.arange(pixels, device=targets.device)
                      .view_as(targets[0]))[valid]
-            counts = torch.bincount(codes, minlength=spec.num_classes * pixels).view(
-                spec.num_classes, *targets.shape[1:]).double()
+            counts = torch.bincount(codes, minlength=num_classes * pixels).view(
+                num_classes, *targets.shape[1:]).double()
             total = counts.sum(dim=0, keepdim=True)
             # A pixel never labelled in the retain set falls back to the global class prior.
             global_prior = counts.sum(dim=(1, 2)) / counts.sum().clamp(min=1)

@@ -64,11 +64,15 @@ class PCGradUnlearner(GradientUnlearner):
         stats.forget = self.forget_step_terms(ctx, forget_batch)
         stats.retain = self.retain_step_terms(ctx, retain_batch)
         if cfg.granularity == "split":
-            named = {}
+            named: dict[str, torch.Tensor] = {}
             if stats.forget.objective and cfg.forget_weight > 0:
-                named["forget"] = cfg.forget_weight * stats.forget.total()  # type: ignore[operator]
+                forget_total = stats.forget.total()
+                assert forget_total is not None  # the objective has a task
+                named["forget"] = cfg.forget_weight * forget_total
             if cfg.retain_weight > 0:
-                named["retain"] = cfg.retain_weight * stats.retain.total()  # type: ignore[operator]
+                retain_total = stats.retain.total()
+                assert retain_total is not None  # the retain loss has every task
+                named["retain"] = cfg.retain_weight * retain_total
         else:
             named = {f"forget/{t}": cfg.forget_weight * v
                      for t, v in stats.forget.objective.items() if cfg.forget_weight > 0}

@@ -60,7 +60,10 @@ class Retrain(Unlearner):
         if self.config.epochs is not None:
             recipe = TrainConfig(**{**recipe.to_dict(), "epochs": self.config.epochs})
         fresh = problem.model_factory().to(problem.device)
-        result = train(fresh, problem.retain, None, recipe, progress=self.config.progress)
+        # A MultiTaskModel, or the API's _SplitModel around a user's module: not a subclass,
+        # but it has what train() uses (``heads``, ``forward(x, tasks)``).
+        result = train(fresh, problem.retain, None, recipe,  # type: ignore[arg-type]
+                       progress=self.config.progress)
         steps_per_epoch = result.steps // max(len(result.epoch_losses), 1)
         for epoch, loss in enumerate(result.epoch_losses):
             recorder.log((epoch + 1) * steps_per_epoch - 1, retain_loss=loss)
