@@ -6,7 +6,9 @@
 // bitwise reproducible. Within an item, columns are processed in cache-sized tiles: each tile of
 // every row is converted once to the accumulation type (fp16/bf16 -> fp32), then a 3 x 4
 // register-blocked micro-kernel computes the inner products (upper triangle only for a Gram).
-// Tile sums are accumulated in double, so fp32 inputs lose nothing over long rows.
+// Tile sums are accumulated in double, so fp32 inputs lose nothing over long rows. On CPUs with
+// AVX-512 the micro-kernel runs as grids of up to 6 x 8 products on zmm registers, each lane
+// doing the AVX2 kernel's operations in its order (block_dot_wide_grid): the same bits, faster.
 //
 // Small problems (a Gram of <= 16 rows, <= 8 x 16 inner products: every surgery step) take
 // another path: exact register blocks over the rows where they lie, fp16/bf16 converted in
@@ -178,7 +180,8 @@ MTU_ALWAYS_INLINE void block_dot_wide(const Acc* const* a_rows, const Acc* const
 // lanes[i] + j * kMR * kNR. The 8 rows of B are paired once per column step and every row of A
 // repeated once for all of them: a 6 x 8 grid makes 24 zmm FMAs per 14 vector loads, where
 // 3 x 4 blocks make 6 per 7 (and the AVX2 kernel 12 ymm FMAs per 7), so the pass is no longer
-// bound by loads from L2 (32 x 192 rows: 36.6 -> 30 ms with 3 x 8).
+// bound by loads from L2 (32 x 192 rows of 227k values: 36.8 ms with AVX2, 30 with 3 x 8
+// grids, 25.5 with 6 x 8; benchmarks/memory_inner_shapes.py).
 template <typename Acc, int MU, int NA>
 MTU_ALWAYS_INLINE void block_dot_wide_grid(const Acc* const* a_rows, const Acc* const* b_rows,
                                            int64_t width,
@@ -391,8 +394,7 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
           // Every block of the grid is needed: in a Gram, (bi + na - 1, bj) reaches the
           // diagonal (then so do the blocks above and to its right).
           const bool grid = bj + 1 < blocks_j && full_b(bj) && full_b(bj + 1) &&
-                            !(p.symmetric && (bj + 1) * kNR <= (bi + na - 1) * kMR) &&
-                            (p.symmetric || mu == kMR || !two_a);
+                            !(p.symmetric && (bj + 1) * kNR <= (bi + na - 1) * kMR);
           if (!grid) {
             for (int64_t i = bi; i < bi + na; ++i) one_block(i, bj);
             continue;
@@ -600,8 +602,9 @@ MTU_ALWAYS_INLINE void process_item_small(const ReduceProblem& p, const Item& it
 }
 
 // One contiguous range of items, run by one thread. Instantiated for the baseline target and,
-// inside a target("avx2,fma,f16c") function, for AVX2: parallel_for's lambda would not inherit
-// a target attribute, so the dispatch happens below it.
+// inside target("avx2,fma,f16c") / target("...,avx512f") functions, for AVX2 and AVX-512
+// (kWide): parallel_for's lambda would not inherit a target attribute, so the dispatch happens
+// below it.
 template <typename Tag, bool kAvx2, bool kWide = false>
 MTU_ALWAYS_INLINE void run_range_impl(const ReduceProblem& p, const Item* items, int64_t count,
                                       double* partials) {
