@@ -215,7 +215,9 @@ def dataset_fingerprint(dataset: MultiTaskDataset) -> str:
                    [dataset.targets[n] for n in dataset.task_names]):
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(repr([dataclasses.astuple(t) for t in dataset.tasks]).encode())
+    # The four defining fields, as dataclasses.astuple gave them before TaskSpec had a `loss`
+    # (so that cached models keep their keys); a custom loss adds its name.
+    digest.update(repr([tuple(t.describe().values()) for t in dataset.tasks]).encode())
     return digest.hexdigest()
 
 
@@ -494,7 +496,7 @@ def run_experiment(config: ExperimentConfig,
         "benchmark": {
             "name": bench.name, "size": config.size, "num_train": len(train_set),
             "num_test": len(test_set),
-            "tasks": [dataclasses.asdict(t) for t in tasks],
+            "tasks": [t.describe() for t in tasks],
             "data_sha256": data_key,
         },
         "recipe": recipe.to_dict(),

@@ -12,7 +12,8 @@ Within a dense sample the loss is a mean over that sample's *valid* pixels only:
   ``P = {p : n_p != 0}``; the prediction is re-normalised here, so a head need not do it.
 * ``regression``: ``(1 / d) |y_hat - y|^2`` (mean squared error over the target's ``d`` entries).
 
-A sample with no valid pixel gets loss 0 (and gradient 0) rather than NaN.
+A sample with no valid pixel gets loss 0 (and gradient 0) rather than NaN. A task whose spec
+carries its own ``loss`` (:class:`~mtunlearn_ext.data.base.TaskSpec`) uses that instead.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
     if pred.shape[0] != target.shape[0]:
         raise ValueError(f"task_loss[{spec.name}]: pred has {pred.shape[0]} samples, target "
                          f"{target.shape[0]}")
+    if spec.loss is not None:
+        value = spec.loss(pred, target)
+        if not isinstance(value, torch.Tensor) or value.shape != (pred.shape[0],):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"task_loss[{spec.name}]: the task's `loss` must return one loss "
+                             f"per sample, shape ({pred.shape[0]},), got {shape}")
+        return value
     kind = spec.kind
     if kind == "classification":
         if pred.dim() != 2 or target.dim() != 1:

@@ -8,7 +8,7 @@ pairs of the forget instances and leaves their other tasks' labels in place.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,18 +36,44 @@ class TaskSpec:
     long, ``ignore_index`` for unlabelled pixels. ``depth``: ``[1, H, W]`` float, ``0`` where
     unknown. ``normals``: ``[3, H, W]`` unit vectors, all-zero where unknown. ``regression``:
     ``[d]`` float.
+
+    ``loss`` replaces the kind's loss (:func:`mtunlearn_ext.losses.task_loss`) wherever the
+    library takes this task's loss: training and retraining, the retain terms and per-sample
+    gradients of unlearning, the forgetting objective's capped ascent and its caps, and the
+    membership attack. It maps ``(prediction [B, ...], target [B, ...])`` to per-sample losses
+    ``[B]`` (a label-smoothed or focal cross-entropy, a Huber loss, ...) and must accept the
+    kind's "no label" value on unsupervised pairs (``ignore_index`` for class labels, 0 for
+    dense and regression targets), whose losses are masked out; it must be ``torch.func``
+    friendly (the per-sample pass calls it on batches of one under ``vmap``). The kind still
+    decides the metrics, the unlabelled-pixel rules, the reference predictions and the
+    likelihood of the sampled-target snapshots that the task projection protects
+    (:mod:`mtunlearn_ext.unlearning.fisher`).
     """
 
     name: str
     kind: TaskKind
     num_classes: int | None = None
     ignore_index: int = -1
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"TaskSpec: `kind` must be one of {TASK_KINDS}, got {self.kind!r}")
         if self.kind in ("classification", "segmentation") and not self.num_classes:
             raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
+        if self.loss is not None and not callable(self.loss):
+            raise TypeError(f"TaskSpec: task {self.name!r}: `loss` must be a callable "
+                            f"(prediction, target) -> [B] losses, got {type(self.loss).__name__}")
+
+    def describe(self) -> dict[str, object]:
+        """The spec as plain data (records, fingerprints): the four defining fields, and the
+        custom loss's qualified name when there is one."""
+        out: dict[str, object] = {"name": self.name, "kind": self.kind,
+                                  "num_classes": self.num_classes,
+                                  "ignore_index": self.ignore_index}
+        if self.loss is not None:
+            out["loss"] = getattr(self.loss, "__qualname__", type(self.loss).__qualname__)
+        return out
 
 
 def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,

@@ -266,17 +266,22 @@ class CappedAscentObjective(_ReferenceObjective):
     def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
                 device: torch.device | str) -> None:
         super().prepare(retain, generator, device)
-        if self.spec.kind in ("classification", "segmentation"):
+        class_kind = self.spec.kind in ("classification", "segmentation")
+        if class_kind and self.spec.loss is None:
             assert self.spec.num_classes is not None
             self.cap = math.log(self.spec.num_classes)
             return
         targets = _supervised_targets(self.spec, retain).to(device)
         losses = []
         assert self.reference is not None
+        # The reference as a prediction (class frequencies as logits, their logarithms;
+        # normals: a unit vector field; regression: a row). With the kind's own loss this is
+        # what log C is for classes; a task's custom loss measures its cap the same way.
+        reference = self.reference.clamp(min=1e-12).log() if class_kind else self.reference
         for start in range(0, targets.shape[0], 256):
-            chunk = targets[start:start + 256].float()
-            # The reference as a prediction (normals: a unit vector field; regression: a row).
-            pred = self.reference.unsqueeze(0).expand(chunk.shape[0], *self.reference.shape)
+            chunk = targets[start:start + 256]
+            chunk = chunk if class_kind else chunk.float()
+            pred = reference.unsqueeze(0).expand(chunk.shape[0], *reference.shape)
             losses.append(self.loss(pred, chunk))
         self.cap = float(torch.cat(losses).mean())
 
