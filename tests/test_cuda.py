@@ -236,3 +236,32 @@ def test_batchnorm_model_unlearns_on_cuda_like_on_cpu() -> None:
         states[device] = {k: v.detach().cpu() for k, v in new.state_dict().items()}
     for name, want in states["cpu"].items():
         torch.testing.assert_close(states["cuda"][name], want, rtol=1e-7, atol=1e-9)
+
+
+def test_several_inputs_and_a_custom_loss_unlearn_on_cuda_like_on_cpu() -> None:
+    """Dict inputs (long ids, bool mask) moved to the device with the batches, and a task's own
+    loss under the per-sample vmap, float64 on both devices: the same weights and buffers."""
+    import torch.nn.functional as F
+
+    from mtunlearn_ext.data.base import TaskSpec
+    from test_multi_input import TokensAndMask, _text_data
+
+    def huber(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.huber_loss(pred, target.to(pred.dtype), reduction="none",
+                            delta=0.5).flatten(1).mean(1)
+
+    ids, mask, labels = _text_data()
+    labels = {"topic": labels["topic"], "score": labels["score"].double()}
+    torch.manual_seed(1)
+    model = TokensAndMask().double().eval()
+    tasks = {"topic": "classification", "score": TaskSpec("score", "regression", loss=huber)}
+    states = {}
+    for device in ("cpu", "cuda"):
+        new, _ = mtunlearn_ext.unlearn(
+            model, tasks=tasks, train_data=({"ids": ids, "mask": mask}, labels),
+            forget_request=mtunlearn_ext.ForgetRequest.create(range(6), ["topic"]),
+            shared_parameters=lambda n: n.startswith("trunk."),
+            config={"steps": 3, "lr": 1e-2}, device=device, seed=0)
+        states[device] = {k: v.detach().cpu() for k, v in new.state_dict().items()}
+    for name, want in states["cpu"].items():
+        torch.testing.assert_close(states["cuda"][name], want, rtol=1e-7, atol=1e-9)
