@@ -151,6 +151,40 @@ def test_inner_list_torch_cat_mm(benchmark: BenchmarkFixture, stacks: list[torch
     _close(result.float(), a @ b.T, stacks[0].dtype, baseline=True)
 
 
+# Many rows (the instance memory's Gram update: 32 new per-sample rows against 192 remembered
+# ones, 24 parameters of 4718 values), per CPU kernel variant this machine runs from AVX2 up
+# (the AVX-512 grids give the AVX2 bits), beside MKL on flat copies.
+MEMORY_ISAS = [i for i in ops.CPU_ISAS[1:ops.CPU_ISAS.index(ops.cpu_isa()["detected"]) + 1]]
+
+
+@pytest.fixture(scope="module")
+def memory_rows() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(4)
+    new = [torch.randn(32, 4718, generator=gen) for _ in range(24)]
+    kept = [torch.randn(192, 4718, generator=gen) for _ in range(24)]
+    return new, kept
+
+
+@pytest.mark.benchmark(group="inner_list_many_rows")
+@pytest.mark.parametrize("isa", MEMORY_ISAS)
+def test_inner_list_many_rows(benchmark: BenchmarkFixture, isa: str,
+                              memory_rows: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    new, kept = memory_rows
+    with ops.cpu_isa_limit(isa):
+        result = benchmark(ops.inner_list, new, kept)
+    _close(result, bc.flat_cat(new).double() @ bc.flat_cat(kept).double().T, torch.float32)
+
+
+@pytest.mark.benchmark(group="inner_list_many_rows")
+def test_inner_list_many_rows_torch_cat_mm(
+        benchmark: BenchmarkFixture,
+        memory_rows: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    new, kept = memory_rows
+    result = benchmark(lambda: bc.flat_cat(new) @ bc.flat_cat(kept).T)
+    _close(result, bc.flat_cat(new).double() @ bc.flat_cat(kept).double().T, torch.float32,
+           baseline=True)
+
+
 @pytest.mark.benchmark(group="gram_list_stacked")
 def test_gram_list_stacked(benchmark: BenchmarkFixture, stacks: list[torch.Tensor]) -> None:
     g_list, r_list = [s[:1] for s in stacks], [s[1:] for s in stacks]
