@@ -22,7 +22,8 @@ GRAM_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torc
 RUNNABLE = ops.CPU_ISAS[:ops.CPU_ISAS.index(ops.cpu_isa()["detected"]) + 1]
 NEEDS_AVX512 = pytest.mark.skipif(
     ops.cpu_isa()["detected"] != "avx512",
-    reason="compares the AVX-512 kernels with the AVX2 ones: needs a CPU with AVX-512")
+    reason="compares the AVX-512 kernels with the AVX2 ones: needs a CPU with AVX-512 and a "
+           "build with those kernels (a compiler with __builtin_shufflevector)")
 # m x k inner products around the AVX-512 grids (two 3-row blocks of A by two 4-row blocks of
 # B): partial blocks, one block of A, odd B rows, many rows (the sweep), few rows (transposed).
 INNER_SHAPES = [(6, 8), (7, 24), (9, 17), (6, 17), (10, 9), (13, 26), (12, 8), (11, 20),

@@ -12,6 +12,20 @@
 #include <cstdlib>
 #include <cstring>
 
+// The AVX-512 kernels pair 32-byte vectors with __builtin_shufflevector (GCC 12+, clang); a
+// compiler without it builds the AVX2 and baseline kernels only, and reports AVX2 at most.
+// (-DMTU_HAVE_AVX512_KERNELS=0 builds without them anywhere.)
+#ifndef MTU_HAVE_AVX512_KERNELS
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define MTU_HAVE_AVX512_KERNELS 1
+#endif
+#endif
+#endif
+#ifndef MTU_HAVE_AVX512_KERNELS
+#define MTU_HAVE_AVX512_KERNELS 0
+#endif
+
 namespace mtunlearn {
 namespace cpu_isa {
 
@@ -34,15 +48,16 @@ inline bool parse(const char* text, Isa* isa) {
   return false;
 }
 
-// What this CPU runs. __builtin_cpu_supports also checks that the OS saves the vector state
-// (XCR0), so "avx512f" here means zmm registers are usable.
+// What this CPU runs (with this build's kernels). __builtin_cpu_supports also checks that the
+// OS saves the vector state (XCR0), so "avx512f" here means zmm registers are usable.
 inline Isa detected() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const Isa isa = [] {
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
     if (!avx2) return Isa::Baseline;
-    return __builtin_cpu_supports("avx512f") ? Isa::Avx512 : Isa::Avx2;
+    return MTU_HAVE_AVX512_KERNELS && __builtin_cpu_supports("avx512f") ? Isa::Avx512
+                                                                         : Isa::Avx2;
   }();
   return isa;
 #else

@@ -46,6 +46,7 @@ template <typename Acc> struct VecOf;
 template <> struct VecOf<float> { using type = v8f; using pair = v16f; static constexpr int lanes = 8; };
 template <> struct VecOf<double> { using type = v4d; using pair = v8d; static constexpr int lanes = 4; };
 
+#if MTU_HAVE_AVX512_KERNELS
 // Two 32-byte vectors side by side in one 64-byte (zmm) register: `twice(a)` repeats one,
 // `join(a, b)` concatenates two. An AVX-512 kernel multiplies twice(a) by join(b, c) to compute
 // a * b and a * c in one instruction, each half exactly as the 32-byte kernel computes it.
@@ -59,6 +60,7 @@ MTU_ALWAYS_INLINE v16f join(v8f a, v8f b) {
 MTU_ALWAYS_INLINE v8d join(v4d a, v4d b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
 }
+#endif
 
 template <typename V>
 MTU_ALWAYS_INLINE V load_vec(const void* p) {

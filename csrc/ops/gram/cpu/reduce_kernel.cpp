@@ -127,6 +127,7 @@ MTU_ALWAYS_INLINE void block_dot_nu(int nu, const Acc* const* a_rows, const Acc*
   }
 }
 
+#if MTU_HAVE_AVX512_KERNELS
 // block_dot on AVX-512: the lanes of products (r, c) and (r, c + 1) sit side by side in `lanes`,
 // so one zmm register holds both, and twice(a_r) * join(b_c, b_c+1) updates both in one FMA
 // (a 3 x 4 block: 6 zmm FMAs per 8 columns instead of 12 ymm ones). Every lane sees the
@@ -216,10 +217,13 @@ MTU_ALWAYS_INLINE void block_dot_wide_grid(const Acc* const* a_rows, const Acc* 
     for (int q = 0; q < NP; ++q) store_vec(lane_of(r, q), acc[r][q]);
 }
 
+#endif
+
 // block_dot (kWide: block_dot_wide) over the first `nu` (1..kNR) rows of B, MU rows of A.
 template <typename Acc, int MU, bool kWide>
 MTU_ALWAYS_INLINE void block_dot_tile(int nu, const Acc* const* a_rows, const Acc* const* b_rows,
                                       int64_t width, typename VecOf<Acc>::type* lanes) {
+#if MTU_HAVE_AVX512_KERNELS
   if constexpr (kWide) {
     switch (nu) {
       case 1: block_dot<Acc, kMR, kNR, 1, MU>(a_rows, b_rows, width, lanes); break;
@@ -227,9 +231,10 @@ MTU_ALWAYS_INLINE void block_dot_tile(int nu, const Acc* const* a_rows, const Ac
       case 3: block_dot_wide<Acc, kMR, kNR, 3, MU>(a_rows, b_rows, width, lanes); break;
       default: block_dot_wide<Acc, kMR, kNR, kNR, MU>(a_rows, b_rows, width, lanes); break;
     }
-  } else {
-    block_dot_nu<Acc, MU>(nu, a_rows, b_rows, width, lanes);
+    return;
   }
+#endif
+  block_dot_nu<Acc, MU>(nu, a_rows, b_rows, width, lanes);
 }
 
 constexpr int64_t kFlushCols = 2048;
@@ -382,6 +387,7 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
         default: block_dot_tile<Acc, kMR, kWide>(nu, ab, bb, wpad, blk); break;
       }
     };
+#if MTU_HAVE_AVX512_KERNELS
     if constexpr (kWide) {
       // Grids of two blocks of A (when both are full) by two full blocks of B; whatever
       // is left (a last single block of A or B, blocks a Gram skips) goes block by block.
@@ -416,7 +422,9 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
         }
         bi += na;
       }
-    } else {
+    } else
+#endif
+    {
       for (int64_t bi = 0; bi < blocks_i; ++bi)
         for (int64_t bj = 0; bj < blocks_j; ++bj) one_block(bi, bj);
     }
@@ -649,6 +657,7 @@ MTU_DEFINE_AVX2_RANGE(F32)
 MTU_DEFINE_AVX2_RANGE(F16)
 MTU_DEFINE_AVX2_RANGE(BF16)
 #undef MTU_DEFINE_AVX2_RANGE
+#if MTU_HAVE_AVX512_KERNELS
 // The AVX-512 entries: the general path's register blocks on zmm pairs (block_dot_wide);
 // conversions, the sweep and the small-problem path are the AVX2 code.
 #define MTU_DEFINE_AVX512_RANGE(TAG)                                                        \
@@ -661,6 +670,10 @@ MTU_DEFINE_AVX512_RANGE(F32)
 MTU_DEFINE_AVX512_RANGE(F16)
 MTU_DEFINE_AVX512_RANGE(BF16)
 #undef MTU_DEFINE_AVX512_RANGE
+#define MTU_AVX512_RANGE(TAG) run_range_avx512_##TAG
+#else
+#define MTU_AVX512_RANGE(TAG) nullptr
+#endif
 #endif
 
 template <typename Tag>
@@ -791,13 +804,13 @@ void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_seg
     switch (kind) {
 #if MTU_X86
       case ScalarKind::Float64: run_items<F64>(p, items, partials.data(), run_range_avx2_F64,
-                                                 run_range_avx512_F64); break;
+                                                 MTU_AVX512_RANGE(F64)); break;
       case ScalarKind::Float32: run_items<F32>(p, items, partials.data(), run_range_avx2_F32,
-                                                 run_range_avx512_F32); break;
+                                                 MTU_AVX512_RANGE(F32)); break;
       case ScalarKind::Float16: run_items<F16>(p, items, partials.data(), run_range_avx2_F16,
-                                                 run_range_avx512_F16); break;
+                                                 MTU_AVX512_RANGE(F16)); break;
       case ScalarKind::BFloat16: run_items<BF16>(p, items, partials.data(), run_range_avx2_BF16,
-                                                 run_range_avx512_BF16); break;
+                                                 MTU_AVX512_RANGE(BF16)); break;
 #else
       case ScalarKind::Float64: run_items<F64>(p, items, partials.data(), nullptr, nullptr); break;
       case ScalarKind::Float32: run_items<F32>(p, items, partials.data(), nullptr, nullptr); break;
