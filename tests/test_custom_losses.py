@@ -20,7 +20,7 @@ from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning.gradients import per_sample_retain_grads_and_losses
 from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
 
-from unlearning_helpers import TwoHeads, fit_kind_and_size
+from unlearning_helpers import TwoHeads, memorised_kind_and_size
 
 
 class Counted:
@@ -47,12 +47,7 @@ def huber(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def user_setup():  # type: ignore[no-untyped-def]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 6, generator=generator)
-    y = {"kind": torch.randint(0, 3, (120,), generator=generator),
-         "size": torch.randn(120, 1, generator=generator)}
-    torch.manual_seed(0)
-    return fit_kind_and_size(TwoHeads(), x, y, steps=150), x, y
+    return memorised_kind_and_size()
 
 
 def test_task_loss_uses_the_spec_loss_and_checks_its_shape() -> None:

@@ -45,7 +45,7 @@ from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.terms import RetainTerms
 
-from unlearning_helpers import TwoHeads, fit_kind_and_size, step_context
+from unlearning_helpers import TwoHeads, memorised_kind_and_size, step_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -487,14 +487,7 @@ def test_deterministic_by_seed(bench, original) -> None:  # type: ignore[no-unty
 
 @pytest.fixture(scope="module")
 def user_setup():  # type: ignore[no-untyped-def]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 6, generator=generator)
-    y = {"kind": torch.randint(0, 3, (120,), generator=generator),
-         "size": torch.randn(120, 1, generator=generator)}
-    torch.manual_seed(0)
-    # Memorise a little, so there is something to forget.
-    model = fit_kind_and_size(TwoHeads(), x, y, steps=150)
-    return model, x, y
+    return memorised_kind_and_size()
 
 
 def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-untyped-def]

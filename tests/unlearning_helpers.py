@@ -58,3 +58,14 @@ def fit_kind_and_size(model: nn.Module, x: torch.Tensor, y: dict[str, torch.Tens
         loss.backward()
         optimizer.step()
     return model
+
+
+def memorised_kind_and_size() -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
+    """A :class:`TwoHeads` model fitted (150 steps, memorising a little, so there is something
+    to forget) on 120 random instances, with its data ``(model, x, y)``."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=generator)
+    y = {"kind": torch.randint(0, 3, (120,), generator=generator),
+         "size": torch.randn(120, 1, generator=generator)}
+    torch.manual_seed(0)
+    return fit_kind_and_size(TwoHeads(), x, y, steps=150), x, y
