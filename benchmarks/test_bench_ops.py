@@ -154,7 +154,7 @@ def test_inner_list_torch_cat_mm(benchmark: BenchmarkFixture, stacks: list[torch
 # Many rows (the instance memory's Gram update: 32 new per-sample rows against 192 remembered
 # ones, 24 parameters of 4718 values), per CPU kernel variant this machine runs from AVX2 up
 # (the AVX-512 grids give the AVX2 bits), beside MKL on flat copies.
-MEMORY_ISAS = [i for i in ops.CPU_ISAS[1:ops.CPU_ISAS.index(ops.cpu_isa()["detected"]) + 1]]
+MEMORY_ISAS = list(ops.CPU_ISAS[1:ops.CPU_ISAS.index(ops.cpu_isa()["detected"]) + 1])
 
 
 @pytest.fixture(scope="module")

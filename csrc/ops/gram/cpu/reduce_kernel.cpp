@@ -128,58 +128,13 @@ MTU_ALWAYS_INLINE void block_dot_nu(int nu, const Acc* const* a_rows, const Acc*
 }
 
 #if MTU_HAVE_AVX512_KERNELS
-// block_dot on AVX-512: the lanes of products (r, c) and (r, c + 1) sit side by side in `lanes`,
-// so one zmm register holds both, and twice(a_r) * join(b_c, b_c+1) updates both in one FMA
-// (a 3 x 4 block: 6 zmm FMAs per 8 columns instead of 12 ymm ones). Every lane sees the
-// operations of block_dot, in its order: the results are bitwise those of the AVX2 kernel.
-// An odd last row of B (NU = 1, 3) takes a 32-byte accumulator as in block_dot.
-template <typename Acc, int MR, int NR, int NU = NR, int MU = MR>
-MTU_ALWAYS_INLINE void block_dot_wide(const Acc* const* a_rows, const Acc* const* b_rows,
-                                      int64_t width, typename VecOf<Acc>::type* lanes) {
-  static_assert(NU >= 1 && NU <= NR, "block_dot_wide: 1 <= NU <= NR");
-  static_assert(MU >= 1 && MU <= MR, "block_dot_wide: 1 <= MU <= MR");
-  using V = typename VecOf<Acc>::type;
-  using W = typename VecOf<Acc>::pair;
-  constexpr int L = VecOf<Acc>::lanes;
-  constexpr int NP = NU / 2;          // pairs of B rows
-  constexpr bool kOdd = NU % 2 != 0;  // a last B row on its own
-  constexpr int NPA = NP > 0 ? NP : 1;
-  W acc[MU][NPA];
-  V last[MU];
-  const Acc* a[MU];
-  const Acc* b[NU];
-  for (int r = 0; r < MU; ++r) a[r] = a_rows[r];
-  for (int c = 0; c < NU; ++c) b[c] = b_rows[c];
-  for (int r = 0; r < MU; ++r) {
-    for (int q = 0; q < NP; ++q) acc[r][q] = load_vec<W>(lanes + r * NR + 2 * q);
-    if constexpr (kOdd) last[r] = lanes[r * NR + NU - 1];
-  }
-  for (int64_t col = 0; col < width; col += L) {
-    V av[MU];
-    W aw[MU];
-    for (int r = 0; r < MU; ++r) {
-      av[r] = load_vec<V>(a[r] + col);
-      aw[r] = twice(av[r]);
-    }
-    for (int q = 0; q < NP; ++q) {
-      const W bw = join(load_vec<V>(b[2 * q] + col), load_vec<V>(b[2 * q + 1] + col));
-      for (int r = 0; r < MU; ++r) acc[r][q] += aw[r] * bw;
-    }
-    if constexpr (kOdd) {
-      const V bv = load_vec<V>(b[NU - 1] + col);
-      for (int r = 0; r < MU; ++r) last[r] += av[r] * bv;
-    }
-  }
-  for (int r = 0; r < MU; ++r) {
-    for (int q = 0; q < NP; ++q) store_vec(lanes + r * NR + 2 * q, acc[r][q]);
-    if constexpr (kOdd) lanes[r * NR + NU - 1] = last[r];
-  }
-}
-
-// block_dot_wide over two full blocks of B side by side (rows [0, 2 kNR) of b_rows) and NA
-// blocks of A (NA = 2: rows [0, 2 kMR) of a_rows, both full): the lanes of block (i, j) are at
-// lanes[i] + j * kMR * kNR. The 8 rows of B are paired once per column step and every row of A
-// repeated once for all of them: a 6 x 8 grid makes 24 zmm FMAs per 14 vector loads, where
+// block_dot on AVX-512, over two full blocks of B side by side (rows [0, 2 kNR) of b_rows) and
+// NA blocks of A (NA = 2: rows [0, 2 kMR) of a_rows, both full): the lanes of block (i, j) are
+// at lanes[i] + j * kMR * kNR. The lanes of products (r, c) and (r, c + 1) sit side by side, so
+// one zmm register holds both, and twice(a_r) * join(b_c, b_c+1) updates both in one FMA; every
+// lane sees the operations of block_dot, in its order, so the results are bitwise those of the
+// AVX2 kernel. The 8 rows of B are paired once per column step and every row of A repeated
+// once for all of them: a 6 x 8 grid makes 24 zmm FMAs per 14 vector loads, where
 // 3 x 4 blocks make 6 per 7 (and the AVX2 kernel 12 ymm FMAs per 7), so the pass is no longer
 // bound by loads from L2 (32 x 192 rows of 227k values: 36.8 ms with AVX2, 30 with 3 x 8
 // grids, 25.5 with 6 x 8; benchmarks/memory_inner_shapes.py).
@@ -218,24 +173,6 @@ MTU_ALWAYS_INLINE void block_dot_wide_grid(const Acc* const* a_rows, const Acc* 
 }
 
 #endif
-
-// block_dot (kWide: block_dot_wide) over the first `nu` (1..kNR) rows of B, MU rows of A.
-template <typename Acc, int MU, bool kWide>
-MTU_ALWAYS_INLINE void block_dot_tile(int nu, const Acc* const* a_rows, const Acc* const* b_rows,
-                                      int64_t width, typename VecOf<Acc>::type* lanes) {
-#if MTU_HAVE_AVX512_KERNELS
-  if constexpr (kWide) {
-    switch (nu) {
-      case 1: block_dot<Acc, kMR, kNR, 1, MU>(a_rows, b_rows, width, lanes); break;
-      case 2: block_dot_wide<Acc, kMR, kNR, 2, MU>(a_rows, b_rows, width, lanes); break;
-      case 3: block_dot_wide<Acc, kMR, kNR, 3, MU>(a_rows, b_rows, width, lanes); break;
-      default: block_dot_wide<Acc, kMR, kNR, kNR, MU>(a_rows, b_rows, width, lanes); break;
-    }
-    return;
-  }
-#endif
-  block_dot_nu<Acc, MU>(nu, a_rows, b_rows, width, lanes);
-}
 
 constexpr int64_t kFlushCols = 2048;
 // A rows per pass of the many-rows-against-a-direction sweep (process_item_impl). Against one
@@ -382,15 +319,16 @@ MTU_ALWAYS_INLINE void process_item_impl(const ReduceProblem& p, const Item& ite
       const int nu = p.symmetric ? kNR : static_cast<int>(std::min<int64_t>(kNR, p.k - bj * kNR));
       const int mu = p.symmetric ? kMR : static_cast<int>(std::min<int64_t>(kMR, p.m - bi * kMR));
       switch (mu) {
-        case 1: block_dot_tile<Acc, 1, kWide>(nu, ab, bb, wpad, blk); break;
-        case 2: block_dot_tile<Acc, 2, kWide>(nu, ab, bb, wpad, blk); break;
-        default: block_dot_tile<Acc, kMR, kWide>(nu, ab, bb, wpad, blk); break;
+        case 1: block_dot_nu<Acc, 1>(nu, ab, bb, wpad, blk); break;
+        case 2: block_dot_nu<Acc, 2>(nu, ab, bb, wpad, blk); break;
+        default: block_dot_nu<Acc, kMR>(nu, ab, bb, wpad, blk); break;
       }
     };
 #if MTU_HAVE_AVX512_KERNELS
     if constexpr (kWide) {
       // Grids of two blocks of A (when both are full) by two full blocks of B; whatever
-      // is left (a last single block of A or B, blocks a Gram skips) goes block by block.
+      // is left (a last single block of A or B, blocks a Gram skips) goes block by block
+      // through the AVX2 blocks (zmm pairs there measured no faster: 1-3%, within noise).
       auto full_b = [&](int64_t bj) { return p.k - bj * kNR >= kNR; };
       for (int64_t bi = 0; bi < blocks_i;) {
         const bool two_a = bi + 1 < blocks_i && p.m - (bi + 1) * kMR >= kMR;
@@ -658,7 +596,7 @@ MTU_DEFINE_AVX2_RANGE(F16)
 MTU_DEFINE_AVX2_RANGE(BF16)
 #undef MTU_DEFINE_AVX2_RANGE
 #if MTU_HAVE_AVX512_KERNELS
-// The AVX-512 entries: the general path's register blocks on zmm pairs (block_dot_wide);
+// The AVX-512 entries: the general path's register grids on zmm pairs (block_dot_wide_grid);
 // conversions, the sweep and the small-problem path are the AVX2 code.
 #define MTU_DEFINE_AVX512_RANGE(TAG)                                                        \
   MTU_AVX512_FLATTEN void run_range_avx512_##TAG(const ReduceProblem& p, const Item* items,  \
