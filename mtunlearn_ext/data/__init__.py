@@ -7,15 +7,17 @@ from mtunlearn_ext.data.libmtl import LayoutError, load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.registry import (
     BENCHMARKS,
     SIZES,
+    UNSEEN_SEED_OFFSET,
     default_cache_dir,
     load_benchmark,
     read_benchmark,
     save_benchmark,
+    unseen_instances,
 )
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.data.street import STREET_CLASSES, make_street
 
-__all__ = ["BENCHMARKS", "INDOOR_CLASSES", "SIZES", "STREET_CLASSES", "Benchmark",
-           "ForgetRequest", "LayoutError", "MultiTaskDataset", "TaskSpec", "default_cache_dir",
-           "load_benchmark", "load_cityscapes", "load_nyuv2", "make_digits", "make_indoor",
-           "make_street", "read_benchmark", "save_benchmark"]
+__all__ = ["BENCHMARKS", "INDOOR_CLASSES", "SIZES", "STREET_CLASSES", "UNSEEN_SEED_OFFSET",
+           "Benchmark", "ForgetRequest", "LayoutError", "MultiTaskDataset", "TaskSpec",
+           "default_cache_dir", "load_benchmark", "load_cityscapes", "load_nyuv2", "make_digits",
+           "make_indoor", "make_street", "read_benchmark", "save_benchmark", "unseen_instances"]

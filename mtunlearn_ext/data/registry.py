@@ -44,13 +44,16 @@ from mtunlearn_ext.data.indoor import INDOOR_VERSION, make_indoor
 from mtunlearn_ext.data.libmtl import load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.street import STREET_VERSION, make_street
 
-__all__ = ["BENCHMARKS", "SIZES", "default_cache_dir", "load_benchmark", "read_benchmark",
-           "save_benchmark"]
+__all__ = ["BENCHMARKS", "SIZES", "UNSEEN_SEED_OFFSET", "default_cache_dir", "load_benchmark",
+           "read_benchmark", "save_benchmark", "unseen_instances"]
 
 Size = Literal["tiny", "small", "medium"]
 SIZES: tuple[str, ...] = ("tiny", "small", "medium")
 BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits", "nyuv2", "cityscapes")
 _CACHE_FORMAT = "mtunlearn_ext.benchmark/1"
+#: :func:`unseen_instances` draws from generator seeds at and above this one, which no
+#: benchmark seed reaches in practice.
+UNSEEN_SEED_OFFSET = 2**40
 
 # name -> size -> keyword arguments of the generator / loader
 _GENERATED: dict[str, tuple[Callable[..., Benchmark], int, dict[str, dict[str, Any]]]] = {
@@ -207,3 +210,27 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
     benchmark = generate(seed=seed, **kwargs)
     save_benchmark(benchmark, path, overwrite=True)
     return _with_recipe(benchmark, name, size)
+
+
+def unseen_instances(name: str, count: int, *, seed: int = 0, size: Size = "small"
+                     ) -> MultiTaskDataset:
+    """``count`` fresh instances of the generated benchmark ``name`` at ``size``: scenes from
+    the same distribution as ``load_benchmark(name, seed=s, size=size)``'s splits, from the
+    generator seed ``UNSEEN_SEED_OFFSET + seed``, so no model trained on a benchmark seed has
+    seen them (the unseen pool of :func:`~mtunlearn_ext.metrics.uis_floor`). Not cached; the
+    same arguments give the same tensors.
+    """
+    if name not in _GENERATED:
+        raise ValueError(f"unseen_instances: {name!r} is not a generated benchmark; choose one "
+                         f"of {sorted(_GENERATED)}")
+    if size not in SIZES:
+        raise ValueError(f"unseen_instances: unknown size {size!r}; choose one of {SIZES}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"unseen_instances: `count` must be a positive int, got {count!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < UNSEEN_SEED_OFFSET:
+        raise ValueError(f"unseen_instances: `seed` must be an int in [0, 2**40), got {seed!r}")
+    generate, _, sizes = _GENERATED[name]
+    # The test split of a generator seed is its own stream: one training instance is the
+    # generators' minimum and changes nothing in it.
+    return generate(seed=UNSEEN_SEED_OFFSET + seed, num_train=1, num_test=count,
+                    num_validation=0, size=sizes[size]["size"]).test

@@ -1,4 +1,5 @@
-"""Metrics: per-task metrics per split, membership inference, UIS and the gap to retraining."""
+"""Metrics: per-task metrics per split, membership inference, UIS (and its sampling floor) and
+the gap to retraining."""
 
 from mtunlearn_ext.metrics.evaluate import evaluate, evaluate_splits, per_sample_task_losses
 from mtunlearn_ext.metrics.membership import MIAResult, membership_attack, mia_auc
@@ -12,8 +13,10 @@ from mtunlearn_ext.metrics.task_metrics import (
     make_accumulator,
     segmentation_scores,
 )
+from mtunlearn_ext.metrics.uis_floor import UISFloor, uis_floor
 
-__all__ = ["METRICS", "MIAResult", "MetricAccumulator", "MetricInfo", "angle_errors_deg",
-           "confusion_matrix", "evaluate", "evaluate_splits", "make_accumulator",
-           "membership_attack", "mia_auc", "per_sample_task_losses", "retrain_gap",
-           "retrain_gap_terms", "segmentation_scores", "uis", "uis_terms"]
+__all__ = ["METRICS", "MIAResult", "MetricAccumulator", "MetricInfo", "UISFloor",
+           "angle_errors_deg", "confusion_matrix", "evaluate", "evaluate_splits",
+           "make_accumulator", "membership_attack", "mia_auc", "per_sample_task_losses",
+           "retrain_gap", "retrain_gap_terms", "segmentation_scores", "uis", "uis_floor",
+           "uis_terms"]

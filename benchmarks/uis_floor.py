@@ -1,0 +1,162 @@
+"""The UIS floor of the evaluation's benchmarks, beside the targets and the measured UIS.
+
+    python benchmarks/uis_floor.py --recipe memorising --seeds 0,1,2,3,4,5,6
+    python benchmarks/uis_floor.py --seeds 0 --sizes 60,120,240,480 --pool 2000
+
+For every benchmark and seed, the cached original model (the one ``unlearning_eval.py`` trained;
+trained here if the cache lacks it) is scored by :func:`mtunlearn_ext.metrics.uis_floor`: its
+test-split score ``O_t`` against random forget sets of ``n`` instances it never saw (fresh scenes
+of the same generator, :func:`mtunlearn_ext.data.unseen_instances`), with its test score left
+as it is. That is the UIS of an ideal unlearner whose forget pairs look exactly like unseen data
+and whose test score does not move: full requests over every task, partial requests over the
+target task (``segmentation``). ``n`` defaults to the evaluation's forget set (10% of the
+training split: 60 instances on ``small``).
+
+With ``--eval-dir`` (the evaluation's output, default
+``runs/unlearning_eval_<recipe>``) the table also shows, per request, the UIS target (0.7x /
+0.5x the best baseline's), the method's UIS, the best baseline's and the retrained model's,
+means over the same seeds. Nothing here is tuned or selected: the floor is a property of the
+benchmark, the forget-set size and the original model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository's package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mtunlearn_ext._io import write_text_atomic  # noqa: E402
+from mtunlearn_ext.data import unseen_instances  # noqa: E402
+from mtunlearn_ext.experiment import ExperimentConfig, prepare_experiment  # noqa: E402
+from mtunlearn_ext.metrics import evaluate, uis_floor  # noqa: E402
+from mtunlearn_ext.unlearning.presets import RECIPES  # noqa: E402
+
+METHOD = "interference_aware"
+BASELINES = ("finetune", "gradient_ascent", "neggrad_plus", "random_labels", "salun",
+             "orthograd", "pcgrad")
+RATIO = {"full": 0.7, "partial": 0.5}
+PARTIAL_TASK = "segmentation"
+
+
+def floors_for_seed(benchmark: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """request -> size -> the floor's summary, for one benchmark and seed."""
+    config = ExperimentConfig(
+        benchmark=benchmark, size=args.size, request="full", forget_fraction=0.1, methods=[],
+        seed=seed, output=os.devnull, cache_dir=args.cache_dir,
+        train_overrides=dict(RECIPES[args.recipe]), threads=args.threads, progress=False)
+    prepared = prepare_experiment(config)
+    model, test = prepared.original, prepared.benchmark.test
+    pool = unseen_instances(benchmark, args.pool, seed=seed, size=args.size)
+    original_test = evaluate(model, test)
+    sizes = args.sizes or [len(prepared.forget)]
+    out: dict[str, Any] = {}
+    for request in ("full", "partial"):
+        tasks = None if request == "full" else [PARTIAL_TASK]
+        for n in sizes:
+            floor = uis_floor(model, test, pool, n, tasks=tasks, draws=args.draws, seed=seed,
+                              original_test=original_test)
+            out.setdefault(request, {})[str(n)] = {
+                "mean": floor.mean, "q05": floor.quantile(0.05), "q95": floor.quantile(0.95),
+                "forget_change": floor.forget_change}
+    return out
+
+
+def measured(eval_dir: Path, benchmark: str, request: str, seeds: list[int]
+             ) -> dict[str, float] | None:
+    """Mean UIS over ``seeds`` of the method, the best baseline, the retrained and the
+    untouched model, from the evaluation's run files (None when any is missing)."""
+    per_model: dict[str, list[float]] = {}
+    for seed in seeds:
+        path = eval_dir / "runs" / f"{benchmark}-{request}-seed{seed}.json"
+        if not path.is_file():
+            return None
+        models = json.loads(path.read_text())["models"]
+        for name in (METHOD, "original", "retrained", *BASELINES):
+            if name in models and "uis" in models[name]:
+                per_model.setdefault(name, []).append(float(models[name]["uis"]))
+    means = {m: sum(v) / len(v) for m, v in per_model.items() if len(v) == len(seeds)}
+    baselines = {m: means[m] for m in BASELINES if m in means}
+    if METHOD not in means or not baselines:
+        return None
+    best = min(baselines, key=baselines.__getitem__)
+    return {"method": means[METHOD], "best_baseline": baselines[best], "best_name": best,
+            "retrained": means.get("retrained", float("nan")),
+            "original": means.get("original", float("nan")),
+            "target": RATIO[request] * baselines[best]}
+
+
+def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
+    seeds = args.seeds
+    lines = [f"UIS floor: the original model untouched, forget sets of unseen instances "
+             f"(recipe {args.recipe}, seeds {seeds}, {args.draws} draws each, pool "
+             f"{args.pool}); mean over seeds of each seed's mean [mean of the 5% / 95% "
+             f"draw quantiles]", ""]
+    eval_dir = Path(args.eval_dir or f"runs/unlearning_eval_{args.recipe}")
+    header = ("| benchmark / request | n | floor | target | method | best baseline | "
+              "retrained | untouched |")
+    lines += [header, "|---|---|---|---|---|---|---|---|"]
+    for benchmark, per_seed in results.items():
+        for request in ("full", "partial"):
+            known = measured(eval_dir, benchmark, request, seeds)
+            for n in per_seed[seeds[0]][request]:
+                def mean(key: str) -> float:
+                    return sum(per_seed[s][request][n][key] for s in seeds) / len(seeds)
+                cells = [f"{benchmark} / {request}", n,
+                         f"{mean('mean'):.2f} [{mean('q05'):.2f}, {mean('q95'):.2f}]"]
+                if known is None:
+                    cells += ["-"] * 5
+                else:
+                    cells += [f"{known['target']:.2f}", f"{known['method']:.2f}",
+                              f"{known['best_baseline']:.2f} ({known['best_name']})",
+                              f"{known['retrained']:.2f}", f"{known['original']:.2f}"]
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmarks", default="indoor,street")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="memorising")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sizes", default="",
+                        help="forget-set sizes n (default: the evaluation's forget set)")
+    parser.add_argument("--pool", type=int, default=1000, help="unseen instances per seed")
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default=".cache/mtunlearn")
+    parser.add_argument("--eval-dir", default=None,
+                        help="the evaluation's output (default runs/unlearning_eval_<recipe>)")
+    parser.add_argument("--json", default=None, help="also write every figure here")
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    if not args.seeds:
+        parser.error("--seeds: give at least one seed")
+    torch.set_num_threads(args.threads)
+    results: dict[str, dict[int, Any]] = {}
+    for benchmark in [b for b in args.benchmarks.split(",") if b]:
+        for seed in args.seeds:
+            results.setdefault(benchmark, {})[seed] = floors_for_seed(benchmark, seed, args)
+            print(f"[uis_floor] {benchmark} seed {seed}: " + ", ".join(
+                f"{r} n={n} {v['mean']:.2f}" for r, sizes in results[benchmark][seed].items()
+                for n, v in sizes.items()), flush=True)
+    text = table(results, args)
+    print(text)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(
+            {"args": {k: v for k, v in vars(args).items()}, "floors": results, "table": text},
+            indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

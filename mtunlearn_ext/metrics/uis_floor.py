@@ -1,0 +1,170 @@
+"""The UIS an ideal unlearner gets: the score's sampling floor on a given data set.
+
+UIS compares the forget pairs' score ``U_u`` with the original model's score on the test split
+``O_t`` (:func:`~mtunlearn_ext.metrics.uis`). A forget set of ``n`` instances is a finite
+sample, so even instances the model never saw do not score exactly ``O_t``: their score
+scatters around the level of unseen data with a spread that shrinks like ``1 / sqrt(n)``, and
+``O_t`` (itself measured on a finite test split) carries its own error. :func:`uis_floor`
+measures what UIS gives a model whose test score did not move at all (``U_t = O_t``) and whose
+forget pairs are a random sample of ``n`` instances it never saw::
+
+    floor = E_S [ UIS(O_t, O_t, score(S)) ],   S = n instances drawn from ``unseen``
+
+This is the score of an unlearner that leaves the model untouched on unseen data and makes the
+forget pairs look exactly like unseen data: the ideal of unlearning, and of a model retrained
+without the forget set, minus the change retraining makes on the test split. A method reaches
+below it only where its forget score lands nearer ``O_t`` than a sample of unseen data does,
+which says nothing about having forgotten; a UIS target under the floor cannot be met in
+expectation by a method whose forget pairs behave like unseen data. The spread of the draws
+shows how far one forget set's luck moves the score.
+
+Each draw needs the model's outputs on ``n`` rows; all draws share one forward pass over
+``unseen``, streamed batch by batch into per-draw metric accumulators (memory: the draws'
+accumulators, not the outputs).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import inputs_to, take_rows
+from mtunlearn_ext.metrics.evaluate import _device_of, _EvalMode, _resolve, evaluate
+from mtunlearn_ext.metrics.scores import Scores, uis, uis_terms
+from mtunlearn_ext.metrics.task_metrics import MetricAccumulator, make_accumulator
+from mtunlearn_ext.models.base import MultiTaskModel
+
+__all__ = ["UISFloor", "uis_floor"]
+
+
+@dataclass(frozen=True)
+class UISFloor:
+    """The UIS of each draw of :func:`uis_floor` and what it is made of.
+
+    Attributes:
+        draws: ``[draws]`` float64, the UIS (x100) of each random forget set of unseen data.
+        forget_change: task -> metric -> mean over the draws of ``100 |O_t - S| / O_t``.
+        original_test: the ``O_t`` the draws were compared with.
+        forget_size: ``n``, instances per draw.
+        pool_size: instances of the unseen pool the draws came from.
+    """
+
+    draws: torch.Tensor
+    forget_change: dict[str, dict[str, float]]
+    original_test: dict[str, dict[str, float]]
+    forget_size: int
+    pool_size: int
+
+    @property
+    def mean(self) -> float:
+        """The floor: the expected UIS over forget sets of unseen data."""
+        return float(self.draws.mean())
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile of the draws' UIS (e.g. 0.05 and 0.95 for a 90% range)."""
+        return float(torch.quantile(self.draws, q))
+
+
+def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_size: int,
+                tasks: Sequence[TaskSpec | str] | None, draws: int, batch_size: int
+                ) -> list[str]:
+    if isinstance(forget_size, bool) or not isinstance(forget_size, int) or forget_size < 1:
+        raise ValueError(f"uis_floor: `forget_size` must be a positive int, got {forget_size!r}")
+    if forget_size > len(unseen):
+        raise ValueError(f"uis_floor: `forget_size` ({forget_size}) exceeds the `unseen` pool "
+                         f"({len(unseen)} instances); draws are without replacement")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"uis_floor: `draws` must be a positive int, got {draws!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"uis_floor: `batch_size` must be a positive int, got {batch_size!r}")
+    names = (list(reference.task_names) if tasks is None
+             else [t if isinstance(t, str) else t.name for t in tasks])
+    if not names:
+        raise ValueError("uis_floor: `tasks` is empty")
+    for label, data in (("reference", reference), ("unseen", unseen)):
+        unknown = [t for t in names if t not in data.task_names]
+        if unknown:
+            raise ValueError(f"uis_floor: unknown task(s) {unknown} for `{label}` (its tasks: "
+                             f"{data.task_names})")
+    return names
+
+
+def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiTaskDataset,
+              forget_size: int, *, tasks: Sequence[TaskSpec | str] | None = None,
+              draws: int = 200, seed: int = 0, batch_size: int = 64,
+              original_test: Scores | None = None) -> UISFloor:
+    """The UIS of ``model`` left untouched, with random sets of unseen instances as the forget
+    set: the lowest UIS a forget set that looks like unseen data gets (see the module).
+
+    Args:
+        model: the original model (evaluated, never modified).
+        reference: the split UIS compares with (the test split): ``O_t`` is ``model``'s score
+            on it, unless ``original_test`` gives it.
+        unseen: a pool of instances ``model`` never trained on, from the distribution of the
+            forget set (e.g. fresh draws of a generated benchmark,
+            :func:`~mtunlearn_ext.data.unseen_instances`); never the ``reference`` split, whose
+            instances ``O_t`` already contains.
+        forget_size: ``n``, instances per draw (the forget set's size); at most ``len(unseen)``.
+        tasks: the tasks UIS averages over (the request's target tasks; default all of
+            ``reference``'s).
+        draws: random forget sets drawn (without replacement within a draw).
+        seed: seeds the draws.
+        batch_size: rows per forward pass.
+        original_test: ``O_t`` (task -> metric -> value) when already measured.
+    """
+    names = _check_args(reference, unseen, forget_size, tasks, draws, batch_size)
+    o_t = (evaluate(model, reference, names, batch_size) if original_test is None
+           else {t: dict(original_test[t]) for t in names if t in original_test})
+    generator = torch.Generator().manual_seed(seed)
+    # member[d, i]: row i of the pool is in draw d.
+    member = torch.zeros(draws, len(unseen), dtype=torch.bool)
+    for d in range(draws):
+        member[d, torch.randperm(len(unseen), generator=generator)[:forget_size]] = True
+    resolved = _resolve(unseen, names)
+    accumulators: list[dict[str, MetricAccumulator]] = [
+        {spec.name: make_accumulator(spec) for _, spec in resolved} for _ in range(draws)]
+    device = _device_of(model)
+    with _EvalMode(model):
+        for start in range(0, len(unseen), batch_size):
+            positions = torch.arange(start, min(start + batch_size, len(unseen)))
+            in_draw = member[:, positions]
+            if not bool(in_draw.any()):
+                continue
+            supervision = unseen.supervision[positions]
+            out = model(inputs_to(take_rows(unseen.inputs, positions), device),
+                        [spec.name for _, spec in resolved])
+            targets = {spec.name: unseen.targets[spec.name][positions].to(device)
+                       for _, spec in resolved}
+            for d in torch.nonzero(in_draw.any(dim=1)).flatten().tolist():
+                for column, spec in resolved:
+                    rows = (in_draw[d] & supervision[:, column]).to(device)
+                    if bool(rows.any()):
+                        accumulators[d][spec.name].update(out[spec.name][rows],
+                                                          targets[spec.name][rows])
+    values = torch.empty(draws, dtype=torch.float64)
+    changes: dict[str, dict[str, list[float]]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # O_t == 0 terms are dropped by design
+        for d, draw in enumerate(accumulators):
+            scores = {name: acc.compute() for name, acc in draw.items() if acc.count > 0}
+            present = [t for t in names if t in scores and t in o_t]
+            if not present:
+                raise ValueError(f"uis_floor: draw {d} has no supervised pair of {names} (the "
+                                 f"`unseen` pool must supervise the tasks UIS is taken over)")
+            values[d] = uis(o_t, o_t, scores, tasks=present)
+            for task, metrics in uis_terms(o_t, o_t, scores, tasks=present).items():
+                for metric, term in metrics.items():
+                    changes.setdefault(task, {}).setdefault(metric, []).append(
+                        term["forget_change"])
+    forget_change = {t: {m: sum(v) / len(v) for m, v in metrics.items()}
+                     for t, metrics in changes.items()}
+    if not math.isfinite(float(values.sum())):
+        raise ValueError("uis_floor: a draw's UIS is not finite (non-finite model outputs?)")
+    return UISFloor(values, forget_change, {t: dict(m) for t, m in o_t.items()}, forget_size,
+                    len(unseen))
+

@@ -1,0 +1,109 @@
+"""``uis_floor``: the UIS of an untouched model with random sets of unseen instances as the forget
+set, and ``unseen_instances``, the fresh scenes it draws them from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtunlearn_ext.data import load_benchmark, unseen_instances
+from mtunlearn_ext.metrics import evaluate, uis, uis_floor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pool():  # type: ignore[no-untyped-def]
+    return unseen_instances("indoor", 40, seed=0, size="tiny")
+
+
+def test_unseen_instances_are_fresh_and_reproducible(indoor_tiny, pool) -> None:  # type: ignore[no-untyped-def]
+    assert len(pool) == 40 and pool.task_names == indoor_tiny.train.task_names
+    assert pool.inputs.shape[1:] == indoor_tiny.train.inputs.shape[1:]  # type: ignore[union-attr]
+    again = unseen_instances("indoor", 40, seed=0, size="tiny")
+    assert torch.equal(again.inputs, pool.inputs)  # type: ignore[arg-type]
+    other = unseen_instances("indoor", 40, seed=1, size="tiny")
+    assert not torch.equal(other.inputs, pool.inputs)  # type: ignore[arg-type]
+    # None of them is an image of the benchmark's own splits.
+    seen = torch.cat([indoor_tiny.train.inputs, indoor_tiny.test.inputs]).flatten(1)
+    distances = torch.cdist(pool.inputs.flatten(1), seen)  # type: ignore[union-attr]
+    assert float(distances.min()) > 1.0
+    street = unseen_instances("street", 3, size="tiny")
+    assert street.task_names == load_benchmark("street", size="tiny").train.task_names
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": "digits", "count": 3}, "not a generated benchmark"),
+    ({"name": "indoor", "count": 0}, "`count`"),
+    ({"name": "indoor", "count": 3, "seed": -1}, "`seed`"),
+    ({"name": "indoor", "count": 3, "size": "huge"}, "unknown size"),
+])
+def test_unseen_instances_rejects_bad_arguments(kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        unseen_instances(**kwargs)
+
+
+def test_a_draw_of_the_whole_pool_is_the_pools_uis(indoor_tiny, indoor_tiny_model, pool) -> None:  # type: ignore[no-untyped-def]
+    test = indoor_tiny.test
+    floor = uis_floor(indoor_tiny_model, test, pool, len(pool), draws=3, batch_size=16)
+    # Same batches, same rows, same order of the pooled sums: equal to the last bit.
+    original = evaluate(indoor_tiny_model, test, batch_size=16)
+    expected = uis(original, original, evaluate(indoor_tiny_model, pool, batch_size=16))
+    assert floor.draws.shape == (3,) and floor.draws.dtype == torch.float64
+    assert torch.equal(floor.draws, torch.full((3,), expected, dtype=torch.float64))
+    assert floor.forget_size == len(pool) and floor.pool_size == len(pool)
+    assert floor.original_test == original
+    assert expected > 0.0
+
+
+def test_the_reference_itself_has_no_distance(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+    test = indoor_tiny.test
+    floor = uis_floor(indoor_tiny_model, test, test, len(test), draws=2, batch_size=64)
+    assert floor.mean == 0.0 and floor.quantile(0.95) == 0.0
+    assert all(v == 0.0 for metrics in floor.forget_change.values() for v in metrics.values())
+
+
+def test_draws_are_seeded_and_smaller_sets_scatter_more(indoor_tiny, indoor_tiny_model, pool) -> None:  # type: ignore[no-untyped-def]
+    test = indoor_tiny.test
+    model = indoor_tiny_model.train()  # evaluated in eval mode, then put back
+    first = uis_floor(model, test, pool, 10, draws=20, seed=3)
+    assert model.training
+    model.eval()
+    again = uis_floor(model, test, pool, 10, draws=20, seed=3)
+    other = uis_floor(model, test, pool, 10, draws=20, seed=4)
+    assert torch.equal(first.draws, again.draws) and not torch.equal(first.draws, other.draws)
+    assert len(set(first.draws.tolist())) > 10  # the draws differ from each other
+    assert first.quantile(0.05) <= first.mean <= first.quantile(0.95)
+    # Sets of 4 instances scatter further from the test level than sets of 40 (the whole pool)
+    # on average: the floor falls with n.
+    small = uis_floor(model, test, pool, 4, draws=40, seed=3)
+    whole = uis_floor(model, test, pool, len(pool), draws=1)
+    assert small.mean > whole.mean
+
+
+def test_target_tasks_and_a_given_original_score(indoor_tiny, indoor_tiny_model, pool) -> None:  # type: ignore[no-untyped-def]
+    test = indoor_tiny.test
+    floor = uis_floor(indoor_tiny_model, test, pool, 8, tasks=["segmentation"], draws=5)
+    assert set(floor.forget_change) == {"segmentation"}
+    assert set(floor.original_test) == {"segmentation"}
+    # O_t given: the draws are compared with it, not with a fresh evaluation.
+    shifted = {"segmentation": {m: v * 0.5 for m, v in
+                                evaluate(indoor_tiny_model, test)["segmentation"].items()}}
+    moved = uis_floor(indoor_tiny_model, test, pool, 8, tasks=["segmentation"], draws=5,
+                      original_test=shifted)
+    assert moved.original_test == shifted and moved.mean > floor.mean
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"forget_size": 41}, "exceeds the `unseen` pool"),
+    ({"forget_size": 0}, "`forget_size`"),
+    ({"forget_size": True}, "`forget_size`"),
+    ({"forget_size": 4, "draws": 0}, "`draws`"),
+    ({"forget_size": 4, "batch_size": 0}, "`batch_size`"),
+    ({"forget_size": 4, "tasks": ["colour"]}, r"unknown task\(s\) \['colour'\]"),
+    ({"forget_size": 4, "tasks": []}, "`tasks` is empty"),
+])
+def test_uis_floor_rejects_bad_arguments(indoor_tiny, indoor_tiny_model, pool, kwargs,  # type: ignore[no-untyped-def]
+                                         message) -> None:
+    with pytest.raises(ValueError, match=message):
+        uis_floor(indoor_tiny_model, indoor_tiny.test, pool, **kwargs)
