@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "sha256_of_file", "write_text_atomic"]
+__all__ = ["atomic_torch_save", "sha256_of_file", "temporary_file_beside", "write_text_atomic"]
 
 
 def sha256_of_file(path: str | os.PathLike[str]) -> str:
@@ -20,6 +20,33 @@ def sha256_of_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
+def temporary_file_beside(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """``(fd, path)`` of a new temporary file in ``target``'s folder, to be renamed or linked
+    onto ``target``, with the permissions a plain ``open(target, "w")`` would give it
+    (``0o666`` less the umask): ``mkstemp`` makes it owner-only, which the finished file would
+    keep."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:  # file systems without POSIX modes: keep what mkstemp made
+        pass
+    return fd, name
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -41,7 +68,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     ``os.replace``): readers see the old file or the whole new one, never a part."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = temporary_file_beside(target)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -67,7 +94,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = temporary_file_beside(target)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from mtunlearn_ext._io import temporary_file_beside
 
 __all__ = ["INTERFERENCE_EXPLANATION", "interference_to_json", "plot_interference",
            "write_report"]
@@ -54,7 +55,7 @@ def _save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> 
     an existing file, or with ``overwrite`` a rename over it)."""
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    fd, tmp = temporary_file_beside(path, suffix=".png")
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
@@ -341,7 +342,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
             if drawn:
                 written.append(png)
             lines += section
-        fd, tmp = tempfile.mkstemp(prefix=".report.md.", dir=output_dir)
+        fd, tmp = temporary_file_beside(md)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write("\n".join(lines))

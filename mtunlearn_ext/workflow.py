@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import sha256_of_file
+from mtunlearn_ext._io import sha256_of_file, temporary_file_beside
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
@@ -431,7 +430,7 @@ def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         raise FileExistsError(f"{target} exists; refusing to overwrite it")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = temporary_file_beside(target)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, allow_nan=False, sort_keys=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,14 @@ def test_report_without_or_with_a_failed_matrix(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="interference"):
         write_report(_record(interference={"labels": ["x"]}), tmp_path / "bad")
     assert list((tmp_path / "bad").iterdir()) == []  # the plots drawn before are removed
+
+
+def test_report_files_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        written = write_report(_record(interference=_json_data()), tmp_path / "rep")
+    finally:
+        os.umask(previous)
+    assert {p.suffix for p in written} == {".md", ".png"}
+    for path in written:  # not mkstemp's owner-only 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
