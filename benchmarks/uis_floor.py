@@ -57,7 +57,7 @@ def floors_for_seed(benchmark: str, seed: int, args: argparse.Namespace) -> dict
     pool = unseen_instances(benchmark, args.pool, seed=seed, size=args.size)
     original_test = evaluate(model, test)
     sizes = args.sizes or [len(prepared.forget)]
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"evaluation_forget_size": len(prepared.forget)}
     for request in ("full", "partial"):
         tasks = None if request == "full" else [PARTIAL_TASK]
         for n in sizes:
@@ -94,6 +94,8 @@ def measured(eval_dir: Path, benchmark: str, request: str, seeds: list[int]
 
 
 def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
+    """The floors beside the evaluation's figures; those are shown on the rows of the
+    evaluation's own forget-set size only (they were measured at that ``n``)."""
     seeds = args.seeds
     lines = [f"UIS floor: the original model untouched, forget sets of unseen instances "
              f"(recipe {args.recipe}, seeds {seeds}, {args.draws} draws each, pool "
@@ -104,6 +106,8 @@ def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
               "retrained | untouched |")
     lines += [header, "|---|---|---|---|---|---|---|---|"]
     for benchmark, per_seed in results.items():
+        if not all(s in per_seed for s in seeds):
+            raise ValueError(f"uis_floor: {benchmark} lacks seeds {seeds}")
         for request in ("full", "partial"):
             known = measured(eval_dir, benchmark, request, seeds)
             for n in per_seed[seeds[0]][request]:
@@ -111,7 +115,8 @@ def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
                     return sum(per_seed[s][request][n][key] for s in seeds) / len(seeds)
                 cells = [f"{benchmark} / {request}", n,
                          f"{mean('mean'):.2f} [{mean('q05'):.2f}, {mean('q95'):.2f}]"]
-                if known is None:
+                evaluated = all(per_seed[s]["evaluation_forget_size"] == int(n) for s in seeds)
+                if known is None or not evaluated:
                     cells += ["-"] * 5
                 else:
                     cells += [f"{known['target']:.2f}", f"{known['method']:.2f}",
@@ -136,7 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-dir", default=None,
                         help="the evaluation's output (default runs/unlearning_eval_<recipe>)")
     parser.add_argument("--json", default=None, help="also write every figure here")
+    parser.add_argument("--table-from", default=None,
+                        help="print the table of a --json file written before (no computing)")
     args = parser.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        for key in ("benchmarks", "size", "recipe", "seeds", "sizes", "pool", "draws"):
+            setattr(args, key, saved["args"][key])
+        floors = {b: {int(seed): v for seed, v in per_seed.items()}
+                  for b, per_seed in saved["floors"].items()}
+        print(table(floors, args))
+        return 0
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if not args.seeds:
@@ -147,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             results.setdefault(benchmark, {})[seed] = floors_for_seed(benchmark, seed, args)
             print(f"[uis_floor] {benchmark} seed {seed}: " + ", ".join(
-                f"{r} n={n} {v['mean']:.2f}" for r, sizes in results[benchmark][seed].items()
-                for n, v in sizes.items()), flush=True)
+                f"{r} n={n} {v['mean']:.2f}" for r in ("full", "partial")
+                for n, v in results[benchmark][seed][r].items()), flush=True)
     text = table(results, args)
     print(text)
     if args.json:
