@@ -194,13 +194,45 @@ def run_demo(args: argparse.Namespace) -> int:
             out / f"interference_{request}.png", overwrite=True)
     figures["samples"] = _plot_samples(models, prepared.forget, prepared.benchmark,
                                        prepared.target_tasks, out / "samples.png")
+    floors = _uis_floors(prepared, results, args)
+    for request, floor in floors.items():
+        log(f"UIS floor of the {request}-task request (the original model untouched, forget "
+            f"sets of {floor.forget_size} unseen instances): {floor.mean:.2f}")
     total = time.perf_counter() - start
-    report = _report(results, matrices, figures, baselines, total, args)
+    report = _report(results, matrices, figures, baselines, total, args, floors)
     (out / "report.md").write_text(report)
     stages.update()
     stages.close()
     print(f"\nreport: {out / 'report.md'} (plots beside it); demo wall time {total:.0f} s")
     return 0
+
+
+#: Unseen scenes and random forget sets behind the demo's UIS floors (a few seconds on
+#: ``small``).
+FLOOR_POOL, FLOOR_DRAWS = 400, 100
+
+
+def _uis_floors(prepared: Any, results: Mapping[str, Mapping[str, Any]],
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Per request, :func:`~mtunlearn_ext.metrics.uis_floor` of the original model at the
+    request's forget-set size, over the request's target tasks, on fresh scenes of the
+    benchmark (generated benchmarks only: others have no unseen pool to draw from)."""
+    from mtunlearn_ext.data.registry import unseen_instances
+    from mtunlearn_ext.metrics import uis_floor
+
+    if args.benchmark not in ("indoor", "street"):
+        return {}
+    pool = unseen_instances(args.benchmark, FLOOR_POOL, seed=args.seed, size=args.size)
+    floors = {}
+    for request, res in results.items():
+        size = res["request"]["num_forget_instances"]
+        if size > len(pool):
+            continue
+        floors[request] = uis_floor(prepared.original, prepared.benchmark.test, pool, size,
+                                    tasks=res["request"]["target_tasks"], draws=FLOOR_DRAWS,
+                                    seed=args.seed,
+                                    original_test=res["models"]["original"]["metrics"]["test"])
+    return floors
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -312,7 +344,7 @@ def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
 
 def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any],
             figures: Mapping[str, str], baselines: Sequence[str], total: float,
-            args: argparse.Namespace) -> str:
+            args: argparse.Namespace, floors: Mapping[str, Any] | None = None) -> str:
     from mtunlearn_ext.experiment import format_table
     from mtunlearn_ext.report import INTERFERENCE_EXPLANATION
 
@@ -350,6 +382,14 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
             lines.append(f"| {name} | {'-' if uis_value is None else f'{uis_value:.2f}'} | "
                          f"{'-' if gap is None else f'{gap:.2f}'} | {entry['mia_auc']:.3f} | "
                          f"{'-' if wall is None else f'{wall:.1f}'} |")
+        floor = (floors or {}).get(request)
+        if floor is not None:
+            lines += ["", f"UIS floor: {floor.mean:.2f} (5-95% of draws "
+                      f"{floor.quantile(0.05):.2f}-{floor.quantile(0.95):.2f}), the UIS of the "
+                      "original model left untouched with random sets of "
+                      f"{floor.forget_size} unseen instances as the forget set: what forget "
+                      "pairs that look exactly like unseen data score. UIS differences below "
+                      "its spread are one forget set's sampling scatter."]
         lines += ["", "Every metric (primary metric per task; the JSON "
                   f"`{request}.json` holds all of them):", "", "```text",
                   format_table(res), "```", "",

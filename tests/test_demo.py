@@ -30,5 +30,9 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys):
             "interference_partial.png", "samples.png"} <= set(images)
     for image in images:
         assert (out / image).stat().st_size > 1000, image
+    # Each request's table is followed by its UIS floor.
+    floors = re.findall(r"UIS floor: (\d+\.\d+) \(5-95% of draws", report)
+    assert len(floors) == 2 and all(float(f) > 0 for f in floors)
+    assert "UIS floor of the partial-task request" in text
     # Three trainings were scheduled (original, one gold model per request), none skipped.
     assert len(re.findall(r"model (trained|from the cache)", text)) == 3
