@@ -92,6 +92,21 @@ def test_target_tasks_and_a_given_original_score(indoor_tiny, indoor_tiny_model,
     moved = uis_floor(indoor_tiny_model, test, pool, 8, tasks=["segmentation"], draws=5,
                       original_test=shifted)
     assert moved.original_test == shifted and moved.mean > floor.mean
+    with pytest.raises(ValueError, match=r"`original_test` lacks task\(s\) \['depth'\]"):
+        uis_floor(indoor_tiny_model, test, pool, 8, tasks=["segmentation", "depth"],
+                  original_test=shifted)
+
+
+def test_non_finite_outputs_are_an_error(indoor_tiny, pool) -> None:  # type: ignore[no-untyped-def]
+    from mtunlearn_ext.models import build_model
+
+    model = build_model(indoor_tiny, seed=0)
+    with torch.no_grad():
+        next(iter(model.parameters())).fill_(float("nan"))
+    original = {"depth": {"abs_err": 1.0, "rel_err": 0.5, "delta_1.25": 0.5}}
+    with pytest.raises(ValueError, match="non-finite"):
+        uis_floor(model, indoor_tiny.test, pool, 4, tasks=["depth"], draws=2,
+                  original_test=original)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -118,8 +118,11 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
         original_test: ``O_t`` (task -> metric -> value) when already measured.
     """
     names = _check_args(reference, unseen, forget_size, tasks, draws, batch_size)
+    if original_test is not None and any(t not in original_test for t in names):
+        raise ValueError(f"uis_floor: `original_test` lacks task(s) "
+                         f"{[t for t in names if t not in original_test]} of {names}")
     o_t = (evaluate(model, reference, names, batch_size) if original_test is None
-           else {t: dict(original_test[t]) for t in names if t in original_test})
+           else {t: dict(original_test[t]) for t in names})
     generator = torch.Generator().manual_seed(seed)
     # member[d, i]: row i of the pool is in draw d.
     member = torch.zeros(draws, len(unseen), dtype=torch.bool)
@@ -152,6 +155,11 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
         warnings.simplefilter("ignore", RuntimeWarning)  # O_t == 0 terms are dropped by design
         for d, draw in enumerate(accumulators):
             scores = {name: acc.compute() for name, acc in draw.items() if acc.count > 0}
+            bad = [f"{t}/{m}" for t, ms in scores.items() for m, v in ms.items()
+                   if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"uis_floor: draw {d} scores non-finite {bad} (non-finite "
+                                 f"model outputs on `unseen`?)")
             present = [t for t in names if t in scores and t in o_t]
             if not present:
                 raise ValueError(f"uis_floor: draw {d} has no supervised pair of {names} (the "
@@ -163,8 +171,6 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
                         term["forget_change"])
     forget_change = {t: {m: sum(v) / len(v) for m, v in metrics.items()}
                      for t, metrics in changes.items()}
-    if not math.isfinite(float(values.sum())):
-        raise ValueError("uis_floor: a draw's UIS is not finite (non-finite model outputs?)")
     return UISFloor(values, forget_change, {t: dict(m) for t, m in o_t.items()}, forget_size,
                     len(unseen))
 
