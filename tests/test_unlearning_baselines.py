@@ -608,3 +608,19 @@ def test_custom_method_plugs_into_the_interface(bench, original) -> None:  # typ
     clone.target_tasks = ["nope"]
     with pytest.raises(ValueError, match="target tasks"):
         get_unlearner("_test_heads_only").unlearn(clone)
+
+
+def test_retrain_with_another_seed_is_a_second_gold_model(bench, original) -> None:  # type: ignore[no-untyped-def]
+    problem = _problem(bench, original, partial=False)
+    gold = _state(get_unlearner("retrain").unlearn(problem).model)
+    # The recipe's own seed is the gold standard itself.
+    same = _state(get_unlearner("retrain", {"seed": RECIPE.seed}).unlearn(problem).model)
+    assert all(torch.equal(gold[k], same[k]) for k in gold)
+    # Another seed orders the batches differently: another model of the same retain pairs.
+    result = get_unlearner("retrain", {"seed": RECIPE.seed + 1}).unlearn(problem)
+    other = _state(result.model)
+    assert any(not torch.equal(gold[k], other[k]) for k in gold)
+    assert result.report.extra["recipe"]["seed"] == RECIPE.seed + 1
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="`seed`"):
+            get_unlearner("retrain", {"seed": bad})

@@ -30,15 +30,23 @@ __all__ = ["Retrain", "RetrainConfig"]
 @dataclass
 class RetrainConfig(UnlearnerConfig):
     """``epochs``: override of the recipe's epochs (``None``: the original recipe, the gold
-    standard; fewer epochs give a cheaper, weaker "retrain with a budget"). ``progress``: show a
-    progress bar."""
+    standard; fewer epochs give a cheaper, weaker "retrain with a budget"). ``seed``: override
+    of the recipe's seed, which orders the training batches (``None``: the original's, the gold
+    standard; another seed gives a second model retrained on the same retain pairs from the
+    same initialisation, whose distance to the gold model is the run-to-run noise of
+    retraining itself). ``progress``: show a progress bar."""
 
     epochs: int | None = None
+    seed: int | None = None
     progress: bool = False
 
     def validate(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"RetrainConfig: `epochs` must be >= 1 or None, got {self.epochs}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed < 0):
+            raise ValueError(f"RetrainConfig: `seed` must be an int >= 0 or None, got "
+                             f"{self.seed!r}")
 
 
 @register_unlearner
@@ -59,6 +67,8 @@ class Retrain(Unlearner):
         recipe: TrainConfig = problem.train_config
         if self.config.epochs is not None:
             recipe = TrainConfig(**{**recipe.to_dict(), "epochs": self.config.epochs})
+        if self.config.seed is not None:
+            recipe = TrainConfig(**{**recipe.to_dict(), "seed": self.config.seed})
         fresh = problem.model_factory().to(problem.device)
         # A MultiTaskModel, or the API's _SplitModel around a user's module: not a subclass,
         # but it has what train() uses (``heads``, ``forward(x, tasks)``).
