@@ -27,13 +27,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository's package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _eval_common as cells  # noqa: E402
+
 from mtunlearn_ext.experiment import ExperimentConfig, run_experiment  # noqa: E402
 from mtunlearn_ext.unlearning.presets import RECIPES  # noqa: E402
-
-METHOD = "interference_aware"
-BASELINES = ("finetune", "gradient_ascent", "neggrad_plus", "random_labels", "salun",
-             "orthograd", "pcgrad")
-PARTIAL_TASK = "segmentation"
 
 
 def run_one(benchmark: str, request: str, seed: int, args: argparse.Namespace) -> Path:
@@ -43,7 +40,7 @@ def run_one(benchmark: str, request: str, seed: int, args: argparse.Namespace) -
         return output
     config = ExperimentConfig(
         benchmark=benchmark, size=args.size, request=request, forget_fraction=0.1,
-        target_tasks=[PARTIAL_TASK] if request == "partial" else None, methods=["retrain"],
+        target_tasks=[cells.PARTIAL_TASK] if request == "partial" else None, methods=["retrain"],
         method_configs={"retrain": {"seed": args.seed_offset + seed}}, seed=seed,
         output=str(output), cache_dir=args.cache_dir,
         train_overrides=dict(RECIPES[args.recipe]), threads=1, progress=False)
@@ -60,7 +57,6 @@ def _mean(values: list[float]) -> float:
 
 
 def summary(args: argparse.Namespace) -> str:
-    eval_dir = Path(args.eval_dir or f"runs/unlearning_eval_{args.recipe}")
     lines = [f"A second gold model (retrained with batch-order seed {args.seed_offset} + seed, "
              f"same initialisation) against the gold model, recipe {args.recipe}, seeds "
              f"{args.seeds}; means over the seeds (min-max over seeds in brackets)", "",
@@ -80,12 +76,12 @@ def summary(args: argparse.Namespace) -> str:
                 distances.append(abs(models["retrain"]["mia_auc"]
                                      - models["retrained"]["mia_auc"]))
                 gold_uis.append(models["retrained"]["uis"])
-                evaluated = eval_dir / "runs" / f"{benchmark}-{request}-seed{seed}.json"
+                evaluated = cells.evaluation_run(args, benchmark, request, seed)
                 if evaluated.is_file():
                     known = json.loads(evaluated.read_text())["models"]
-                    if METHOD in known:
-                        method_gaps.append(known[METHOD]["retrain_gap"])
-                    for name in BASELINES:
+                    if cells.METHOD in known:
+                        method_gaps.append(known[cells.METHOD]["retrain_gap"])
+                    for name in cells.STEP_BASELINES:
                         if name in known:
                             baseline_gaps.setdefault(name, []).append(known[name]["retrain_gap"])
             complete = {n: _mean(v) for n, v in baseline_gaps.items() if len(v) == len(args.seeds)}
@@ -102,24 +98,15 @@ def summary(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--benchmarks", default="indoor,street")
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="memorising")
-    parser.add_argument("--seeds", default="0,1,2")
+    cells.add_cell_arguments(parser)
     parser.add_argument("--seed-offset", type=int, default=1000,
                         help="the second gold model's batch-order seed is this plus the seed")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")
-    parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     parser.add_argument("--output-dir", default=None,
                         help="run files (default runs/retrain_noise_<recipe>)")
-    parser.add_argument("--eval-dir", default=None,
-                        help="the evaluation's output (default runs/unlearning_eval_<recipe>)")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args(argv)
-    args.benchmarks = [b for b in args.benchmarks.split(",") if b]
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    if not args.seeds:
-        parser.error("--seeds: give at least one seed")
+    cells.parse_cells(parser, args)
     args.output_dir = args.output_dir or f"runs/retrain_noise_{args.recipe}"
     if not args.summarize_only:
         jobs = [(b, r, s, args) for s in args.seeds for b in args.benchmarks

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import _eval_common as cells  # noqa: E402
 
 from mtunlearn_ext._io import write_text_atomic  # noqa: E402
 from mtunlearn_ext.data import unseen_instances  # noqa: E402
@@ -39,11 +40,7 @@ from mtunlearn_ext.experiment import ExperimentConfig, prepare_experiment  # noq
 from mtunlearn_ext.metrics import evaluate, uis_floor  # noqa: E402
 from mtunlearn_ext.unlearning.presets import RECIPES  # noqa: E402
 
-METHOD = "interference_aware"
-BASELINES = ("finetune", "gradient_ascent", "neggrad_plus", "random_labels", "salun",
-             "orthograd", "pcgrad")
 RATIO = {"full": 0.7, "partial": 0.5}
-PARTIAL_TASK = "segmentation"
 
 
 def floors_for_seed(benchmark: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -59,7 +56,7 @@ def floors_for_seed(benchmark: str, seed: int, args: argparse.Namespace) -> dict
     sizes = args.sizes or [len(prepared.forget)]
     out: dict[str, Any] = {"evaluation_forget_size": len(prepared.forget)}
     for request in ("full", "partial"):
-        tasks = None if request == "full" else [PARTIAL_TASK]
+        tasks = None if request == "full" else [cells.PARTIAL_TASK]
         for n in sizes:
             floor = uis_floor(model, test, pool, n, tasks=tasks, draws=args.draws, seed=seed,
                               original_test=original_test)
@@ -69,25 +66,26 @@ def floors_for_seed(benchmark: str, seed: int, args: argparse.Namespace) -> dict
     return out
 
 
-def measured(eval_dir: Path, benchmark: str, request: str, seeds: list[int]
+def measured(args: argparse.Namespace, benchmark: str, request: str
              ) -> dict[str, float] | None:
     """Mean UIS over ``seeds`` of the method, the best baseline, the retrained and the
     untouched model, from the evaluation's run files (None when any is missing)."""
+    seeds = args.seeds
     per_model: dict[str, list[float]] = {}
     for seed in seeds:
-        path = eval_dir / "runs" / f"{benchmark}-{request}-seed{seed}.json"
+        path = cells.evaluation_run(args, benchmark, request, seed)
         if not path.is_file():
             return None
         models = json.loads(path.read_text())["models"]
-        for name in (METHOD, "original", "retrained", *BASELINES):
+        for name in (cells.METHOD, "original", "retrained", *cells.STEP_BASELINES):
             if name in models and "uis" in models[name]:
                 per_model.setdefault(name, []).append(float(models[name]["uis"]))
     means = {m: sum(v) / len(v) for m, v in per_model.items() if len(v) == len(seeds)}
-    baselines = {m: means[m] for m in BASELINES if m in means}
-    if METHOD not in means or not baselines:
+    baselines = {m: means[m] for m in cells.STEP_BASELINES if m in means}
+    if cells.METHOD not in means or not baselines:
         return None
     best = min(baselines, key=baselines.__getitem__)
-    return {"method": means[METHOD], "best_baseline": baselines[best], "best_name": best,
+    return {"method": means[cells.METHOD], "best_baseline": baselines[best], "best_name": best,
             "retrained": means.get("retrained", float("nan")),
             "original": means.get("original", float("nan")),
             "target": RATIO[request] * baselines[best]}
@@ -101,7 +99,6 @@ def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
              f"(recipe {args.recipe}, seeds {seeds}, {args.draws} draws each, pool "
              f"{args.pool}); mean over seeds of each seed's mean [mean of the 5% / 95% "
              f"draw quantiles]", ""]
-    eval_dir = Path(args.eval_dir or f"runs/unlearning_eval_{args.recipe}")
     header = ("| benchmark / request | n | floor | target | method | best baseline | "
               "retrained | untouched |")
     lines += [header, "|---|---|---|---|---|---|---|---|"]
@@ -109,7 +106,7 @@ def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
         if not all(s in per_seed for s in seeds):
             raise ValueError(f"uis_floor: {benchmark} lacks seeds {seeds}")
         for request in ("full", "partial"):
-            known = measured(eval_dir, benchmark, request, seeds)
+            known = measured(args, benchmark, request)
             for n in per_seed[seeds[0]][request]:
                 def mean(key: str) -> float:
                     return sum(per_seed[s][request][n][key] for s in seeds) / len(seeds)
@@ -128,18 +125,12 @@ def table(results: dict[str, dict[int, Any]], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--benchmarks", default="indoor,street")
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="memorising")
-    parser.add_argument("--seeds", default="0,1,2")
+    cells.add_cell_arguments(parser)
     parser.add_argument("--sizes", default="",
                         help="forget-set sizes n (default: the evaluation's forget set)")
     parser.add_argument("--pool", type=int, default=1000, help="unseen instances per seed")
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", default=".cache/mtunlearn")
-    parser.add_argument("--eval-dir", default=None,
-                        help="the evaluation's output (default runs/unlearning_eval_<recipe>)")
     parser.add_argument("--json", default=None, help="also write every figure here")
     parser.add_argument("--table-from", default=None,
                         help="print the table of a --json file written before (no computing)")
@@ -148,17 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.table_from).read_text())
         for key in ("benchmarks", "size", "recipe", "seeds", "sizes", "pool", "draws"):
             setattr(args, key, saved["args"][key])
+        args.eval_dir = args.eval_dir or f"runs/unlearning_eval_{args.recipe}"
         floors = {b: {int(seed): v for seed, v in per_seed.items()}
                   for b, per_seed in saved["floors"].items()}
         print(table(floors, args))
         return 0
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    cells.parse_cells(parser, args)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
-    if not args.seeds:
-        parser.error("--seeds: give at least one seed")
     torch.set_num_threads(args.threads)
     results: dict[str, dict[int, Any]] = {}
-    for benchmark in [b for b in args.benchmarks.split(",") if b]:
+    for benchmark in args.benchmarks:
         for seed in args.seeds:
             results.setdefault(benchmark, {})[seed] = floors_for_seed(benchmark, seed, args)
             print(f"[uis_floor] {benchmark} seed {seed}: " + ", ".join(

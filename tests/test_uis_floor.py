@@ -13,20 +13,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pool():  # type: ignore[no-untyped-def]
+def pool():
     return unseen_instances("indoor", 40, seed=0, size="tiny")
 
 
-def test_unseen_instances_are_fresh_and_reproducible(indoor_tiny, pool) -> None:  # type: ignore[no-untyped-def]
+def test_unseen_instances_are_fresh_and_reproducible(indoor_tiny, pool) -> None:
     assert len(pool) == 40 and pool.task_names == indoor_tiny.train.task_names
-    assert pool.inputs.shape[1:] == indoor_tiny.train.inputs.shape[1:]  # type: ignore[union-attr]
+    assert pool.inputs.shape[1:] == indoor_tiny.train.inputs.shape[1:]
     again = unseen_instances("indoor", 40, seed=0, size="tiny")
-    assert torch.equal(again.inputs, pool.inputs)  # type: ignore[arg-type]
+    assert torch.equal(again.inputs, pool.inputs)
     other = unseen_instances("indoor", 40, seed=1, size="tiny")
-    assert not torch.equal(other.inputs, pool.inputs)  # type: ignore[arg-type]
+    assert not torch.equal(other.inputs, pool.inputs)
     # None of them is an image of the benchmark's own splits.
     seen = torch.cat([indoor_tiny.train.inputs, indoor_tiny.test.inputs]).flatten(1)
-    distances = torch.cdist(pool.inputs.flatten(1), seen)  # type: ignore[union-attr]
+    distances = torch.cdist(pool.inputs.flatten(1), seen)
     assert float(distances.min()) > 1.0
     street = unseen_instances("street", 3, size="tiny")
     assert street.task_names == load_benchmark("street", size="tiny").train.task_names
@@ -38,12 +38,12 @@ def test_unseen_instances_are_fresh_and_reproducible(indoor_tiny, pool) -> None:
     ({"name": "indoor", "count": 3, "seed": -1}, "`seed`"),
     ({"name": "indoor", "count": 3, "size": "huge"}, "unknown size"),
 ])
-def test_unseen_instances_rejects_bad_arguments(kwargs, message) -> None:  # type: ignore[no-untyped-def]
+def test_unseen_instances_rejects_bad_arguments(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         unseen_instances(**kwargs)
 
 
-def test_a_draw_of_the_whole_pool_is_the_pools_uis(indoor_tiny, indoor_tiny_model, pool) -> None:  # type: ignore[no-untyped-def]
+def test_a_draw_of_the_whole_pool_is_the_pools_uis(indoor_tiny, indoor_tiny_model, pool) -> None:
     test = indoor_tiny.test
     floor = uis_floor(indoor_tiny_model, test, pool, len(pool), draws=3, batch_size=16)
     # Same batches, same rows, same order of the pooled sums: equal to the last bit.
@@ -56,14 +56,15 @@ def test_a_draw_of_the_whole_pool_is_the_pools_uis(indoor_tiny, indoor_tiny_mode
     assert expected > 0.0
 
 
-def test_the_reference_itself_has_no_distance(indoor_tiny, indoor_tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_the_reference_itself_has_no_distance(indoor_tiny, indoor_tiny_model) -> None:
     test = indoor_tiny.test
     floor = uis_floor(indoor_tiny_model, test, test, len(test), draws=2, batch_size=64)
     assert floor.mean == 0.0 and floor.quantile(0.95) == 0.0
     assert all(v == 0.0 for metrics in floor.forget_change.values() for v in metrics.values())
 
 
-def test_draws_are_seeded_and_smaller_sets_scatter_more(indoor_tiny, indoor_tiny_model, pool) -> None:  # type: ignore[no-untyped-def]
+def test_draws_are_seeded_and_smaller_sets_scatter_more(indoor_tiny, indoor_tiny_model,
+                                                        pool) -> None:
     test = indoor_tiny.test
     model = indoor_tiny_model.train()  # evaluated in eval mode, then put back
     first = uis_floor(model, test, pool, 10, draws=20, seed=3)
@@ -81,7 +82,7 @@ def test_draws_are_seeded_and_smaller_sets_scatter_more(indoor_tiny, indoor_tiny
     assert small.mean > whole.mean
 
 
-def test_target_tasks_and_a_given_original_score(indoor_tiny, indoor_tiny_model, pool) -> None:  # type: ignore[no-untyped-def]
+def test_target_tasks_and_a_given_original_score(indoor_tiny, indoor_tiny_model, pool) -> None:
     test = indoor_tiny.test
     floor = uis_floor(indoor_tiny_model, test, pool, 8, tasks=["segmentation"], draws=5)
     assert set(floor.forget_change) == {"segmentation"}
@@ -97,7 +98,7 @@ def test_target_tasks_and_a_given_original_score(indoor_tiny, indoor_tiny_model,
                   original_test=shifted)
 
 
-def test_non_finite_outputs_are_an_error(indoor_tiny, pool) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_outputs_are_an_error(indoor_tiny, pool) -> None:
     from mtunlearn_ext.models import build_model
 
     model = build_model(indoor_tiny, seed=0)
@@ -118,7 +119,7 @@ def test_non_finite_outputs_are_an_error(indoor_tiny, pool) -> None:  # type: ig
     ({"forget_size": 4, "tasks": ["colour"]}, r"unknown task\(s\) \['colour'\]"),
     ({"forget_size": 4, "tasks": []}, "`tasks` is empty"),
 ])
-def test_uis_floor_rejects_bad_arguments(indoor_tiny, indoor_tiny_model, pool, kwargs,  # type: ignore[no-untyped-def]
+def test_uis_floor_rejects_bad_arguments(indoor_tiny, indoor_tiny_model, pool, kwargs,
                                          message) -> None:
     with pytest.raises(ValueError, match=message):
         uis_floor(indoor_tiny_model, indoor_tiny.test, pool, **kwargs)

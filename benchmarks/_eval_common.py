@@ -1,0 +1,41 @@
+"""Shared by the scripts that read the unlearning evaluation's cells (benchmark x request x seed):
+their command-line arguments and the method / baseline names the evaluation reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mtunlearn_ext.unlearning import BASELINES
+from mtunlearn_ext.unlearning.presets import RECIPES
+
+METHOD = "interference_aware"
+#: The baselines an unlearned model is compared with (retraining is the gold standard).
+STEP_BASELINES: tuple[str, ...] = tuple(b for b in BASELINES if b != "retrain")
+PARTIAL_TASK = "segmentation"
+
+
+def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--benchmarks --size --recipe --seeds --cache-dir --eval-dir``."""
+    parser.add_argument("--benchmarks", default="indoor,street")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="memorising")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--cache-dir", default=".cache/mtunlearn")
+    parser.add_argument("--eval-dir", default=None,
+                        help="the evaluation's output (default runs/unlearning_eval_<recipe>)")
+
+
+def parse_cells(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Turn the comma lists of :func:`add_cell_arguments` into ``args.benchmarks`` (names) and
+    ``args.seeds`` (ints), and default ``args.eval_dir``."""
+    args.benchmarks = [b for b in args.benchmarks.split(",") if b]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    if not args.seeds:
+        parser.error("--seeds: give at least one seed")
+    args.eval_dir = args.eval_dir or f"runs/unlearning_eval_{args.recipe}"
+
+
+def evaluation_run(args: argparse.Namespace, benchmark: str, request: str, seed: int) -> Path:
+    """The evaluation's run file of one cell."""
+    return Path(args.eval_dir) / "runs" / f"{benchmark}-{request}-seed{seed}.json"
