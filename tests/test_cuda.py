@@ -265,3 +265,21 @@ def test_several_inputs_and_a_custom_loss_unlearn_on_cuda_like_on_cpu() -> None:
         states[device] = {k: v.detach().cpu() for k, v in new.state_dict().items()}
     for name, want in states["cpu"].items():
         torch.testing.assert_close(states["cuda"][name], want, rtol=1e-7, atol=1e-9)
+
+
+def test_uis_floor_on_cuda_matches_cpu() -> None:
+    """The floor's streamed draws with the model and its outputs on the device and the draw
+    masks on the host: the same draws, and metrics equal up to float32 rounding (a pixel whose
+    argmax or threshold flips moves a pooled metric by ~1e-4)."""
+    from mtunlearn_ext.data import load_benchmark, unseen_instances
+    from mtunlearn_ext.metrics import uis_floor
+    from mtunlearn_ext.models import build_model
+
+    bench = load_benchmark("indoor", size="tiny", seed=0)
+    pool = unseen_instances("indoor", 30, seed=0, size="tiny")
+    model = build_model(bench, seed=0).eval()
+    floors = {device: uis_floor(model.to(device), bench.test, pool, 10, draws=8, seed=2,
+                                batch_size=8)
+              for device in ("cpu", "cuda")}
+    torch.testing.assert_close(floors["cuda"].draws, floors["cpu"].draws, rtol=1e-3, atol=1e-3)
+    assert floors["cuda"].forget_change.keys() == floors["cpu"].forget_change.keys()
