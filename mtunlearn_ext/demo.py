@@ -217,10 +217,10 @@ def _uis_floors(prepared: Any, results: Mapping[str, Mapping[str, Any]],
     """Per request, :func:`~mtunlearn_ext.metrics.uis_floor` of the original model at the
     request's forget-set size, over the request's target tasks, on fresh scenes of the
     benchmark (generated benchmarks only: others have no unseen pool to draw from)."""
-    from mtunlearn_ext.data.registry import unseen_instances
+    from mtunlearn_ext.data.registry import GENERATED_BENCHMARKS, unseen_instances
     from mtunlearn_ext.metrics import uis_floor
 
-    if args.benchmark not in ("indoor", "street"):
+    if args.benchmark not in GENERATED_BENCHMARKS:
         return {}
     pool = unseen_instances(args.benchmark, FLOOR_POOL, seed=args.seed, size=args.size)
     floors = {}

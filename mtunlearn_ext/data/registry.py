@@ -44,8 +44,9 @@ from mtunlearn_ext.data.indoor import INDOOR_VERSION, make_indoor
 from mtunlearn_ext.data.libmtl import load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.street import STREET_VERSION, make_street
 
-__all__ = ["BENCHMARKS", "SIZES", "UNSEEN_SEED_OFFSET", "default_cache_dir", "load_benchmark",
-           "read_benchmark", "save_benchmark", "unseen_instances"]
+__all__ = ["BENCHMARKS", "GENERATED_BENCHMARKS", "SIZES", "UNSEEN_SEED_OFFSET",
+           "default_cache_dir", "load_benchmark", "read_benchmark", "save_benchmark",
+           "unseen_instances"]
 
 Size = Literal["tiny", "small", "medium"]
 SIZES: tuple[str, ...] = ("tiny", "small", "medium")
@@ -70,6 +71,8 @@ _GENERATED: dict[str, tuple[Callable[..., Benchmark], int, dict[str, dict[str, A
                    "size": (96, 192)},
     }),
 }
+#: The benchmarks drawn from a generator (any number of fresh instances: :func:`unseen_instances`).
+GENERATED_BENCHMARKS: tuple[str, ...] = tuple(_GENERATED)
 _DIGITS = {"tiny": {"num_samples": 400}, "small": {}, "medium": {}}
 _REAL: dict[str, tuple[Callable[..., Benchmark], dict[str, dict[str, Any]]]] = {
     "nyuv2": (load_nyuv2, {
@@ -220,9 +223,9 @@ def unseen_instances(name: str, count: int, *, seed: int = 0, size: Size = "smal
     seen them (the unseen pool of :func:`~mtunlearn_ext.metrics.uis_floor`). Not cached; the
     same arguments give the same tensors.
     """
-    if name not in _GENERATED:
+    if name not in GENERATED_BENCHMARKS:
         raise ValueError(f"unseen_instances: {name!r} is not a generated benchmark; choose one "
-                         f"of {sorted(_GENERATED)}")
+                         f"of {GENERATED_BENCHMARKS}")
     if size not in SIZES:
         raise ValueError(f"unseen_instances: unknown size {size!r}; choose one of {SIZES}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from mtunlearn_ext.metrics.task_metrics import METRICS
 
-__all__ = ["retrain_gap", "retrain_gap_terms", "uis", "uis_terms"]
+__all__ = ["retrain_gap", "retrain_gap_terms", "uis", "uis_of_terms", "uis_terms"]
 
 Scores = Mapping[str, Mapping[str, float]]
 
@@ -99,7 +99,13 @@ def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
         tasks: tasks to include (default: those in all three inputs; in partial-task unlearning
             these are the target tasks, the non-target tasks having no forget pairs).
     """
-    terms = uis_terms(original_test, unlearned_test, unlearned_forget, higher_is_better, tasks)
+    return uis_of_terms(uis_terms(original_test, unlearned_test, unlearned_forget,
+                                  higher_is_better, tasks))
+
+
+def uis_of_terms(terms: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
+    """:func:`uis` from its :func:`uis_terms` (for callers that keep the terms too): the mean
+    over tasks of the mean over each task's metrics."""
     if not terms:
         raise ValueError("uis: no (task, metric) present in all three inputs with O_t != 0")
     per_task = [sum(v["uis"] for v in metrics.values()) / len(metrics)

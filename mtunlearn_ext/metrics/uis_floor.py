@@ -35,7 +35,7 @@ import torch
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import _device_of, _EvalMode, _resolve, evaluate
-from mtunlearn_ext.metrics.scores import Scores, uis, uis_terms
+from mtunlearn_ext.metrics.scores import Scores, uis_of_terms, uis_terms
 from mtunlearn_ext.metrics.task_metrics import MetricAccumulator, make_accumulator
 from mtunlearn_ext.models.base import MultiTaskModel
 
@@ -164,8 +164,9 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
             if not present:
                 raise ValueError(f"uis_floor: draw {d} has no supervised pair of {names} (the "
                                  f"`unseen` pool must supervise the tasks UIS is taken over)")
-            values[d] = uis(o_t, o_t, scores, tasks=present)
-            for task, metrics in uis_terms(o_t, o_t, scores, tasks=present).items():
+            terms = uis_terms(o_t, o_t, scores, tasks=present)
+            values[d] = uis_of_terms(terms)
+            for task, metrics in terms.items():
                 for metric, term in metrics.items():
                     changes.setdefault(task, {}).setdefault(metric, []).append(
                         term["forget_change"])

@@ -64,11 +64,9 @@ class Retrain(Unlearner):
         if problem.model_factory is None or problem.train_config is None:
             raise ValueError("retrain: the problem needs `model_factory` and `train_config` "
                              "(the original architecture/initialisation and recipe)")
-        recipe: TrainConfig = problem.train_config
-        if self.config.epochs is not None:
-            recipe = TrainConfig(**{**recipe.to_dict(), "epochs": self.config.epochs})
-        if self.config.seed is not None:
-            recipe = TrainConfig(**{**recipe.to_dict(), "seed": self.config.seed})
+        overrides = {k: v for k, v in (("epochs", self.config.epochs),
+                                       ("seed", self.config.seed)) if v is not None}
+        recipe = TrainConfig(**{**problem.train_config.to_dict(), **overrides})
         fresh = problem.model_factory().to(problem.device)
         # A MultiTaskModel, or the API's _SplitModel around a user's module: not a subclass,
         # but it has what train() uses (``heads``, ``forward(x, tasks)``).
