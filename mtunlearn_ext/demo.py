@@ -111,6 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
+    from mtunlearn_ext._io import write_text_atomic
     from mtunlearn_ext.experiment import ExperimentConfig, format_table, prepare_experiment
     from mtunlearn_ext.report import plot_interference
     from mtunlearn_ext.unlearning.presets import tuned_settings
@@ -200,7 +201,7 @@ def run_demo(args: argparse.Namespace) -> int:
             f"sets of {floor.forget_size} unseen instances): {floor.mean:.2f}")
     total = time.perf_counter() - start
     report = _report(results, matrices, figures, baselines, total, args, floors)
-    (out / "report.md").write_text(report)
+    write_text_atomic(out / "report.md", report)
     stages.update()
     stages.close()
     print(f"\nreport: {out / 'report.md'} (plots beside it); demo wall time {total:.0f} s")
@@ -250,6 +251,7 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
     import matplotlib.pyplot as plt
 
     from mtunlearn_ext.experiment import PRIMARY_METRIC, SPLITS
+    from mtunlearn_ext.report import save_png
 
     tasks = results["benchmark"]["tasks"]
     targets = set(results["request"]["target_tasks"])
@@ -278,8 +280,7 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
     fig.suptitle(f"{results['request']['type']}-task request: per-task metrics "
                  f"(closer to 'retrained' is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, overwrite=True, dpi=110)
     return path.name
 
 
@@ -291,6 +292,8 @@ def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
+
+    from mtunlearn_ext.report import save_png
 
     rows = list(range(min(count, len(forget))))
     batch = forget.batch(torch.tensor(rows))
@@ -334,8 +337,7 @@ def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
     fig.suptitle("forget instances of the partial request: targets are forgotten, other tasks "
                  "kept", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, overwrite=True, dpi=110)
     return path.name
 
 

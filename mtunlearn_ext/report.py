@@ -26,7 +26,7 @@ from typing import Any
 from mtunlearn_ext._io import temporary_file_beside
 
 __all__ = ["INTERFERENCE_EXPLANATION", "interference_to_json", "plot_interference",
-           "write_report"]
+           "save_png", "write_report"]
 
 #: What the interference plot shows; the demo's report and :func:`write_report` both print it.
 INTERFERENCE_EXPLANATION = (
@@ -50,7 +50,7 @@ def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
     return next(iter(sorted(kind_or_values)), None)
 
 
-def _save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
+def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
     """Save a figure atomically to ``path`` (temporary file, fsync, then a link, which refuses
     an existing file, or with ``overwrite`` a rename over it)."""
     import matplotlib.pyplot as plt
@@ -98,7 +98,7 @@ def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
     ax.set_title(f"{split}: primary metric per task" +
                  (f" (hatched: {reference})" if reference else ""))
     ax.legend(fontsize=7)
-    _save_png(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -130,7 +130,7 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     ax.set_ylabel("loss")
     ax.set_title("loss during unlearning (solid: forget, dashed: retain)")
     ax.legend(fontsize=7)
-    _save_png(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -234,7 +234,7 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
     assert image is not None  # two panels, both drawn
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
     fig.suptitle(title)
-    _save_png(fig, path, overwrite=overwrite, dpi=110)
+    save_png(fig, path, overwrite=overwrite, dpi=110)
     return path.name
 
 
