@@ -27,6 +27,8 @@ from mtunlearn_ext.data.inputs import (
     check_inputs,
     inputs_to,
     leaves,
+    num_rows,
+    take_rows,
 )
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
@@ -115,13 +117,20 @@ def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) 
     return names
 
 
+def _has_own_split(model: nn.Module, shared: SharedSpec | None,
+                   heads: Mapping[str, Iterable[str | nn.Parameter]] | None) -> bool:
+    """The model is used as it is (no :class:`_SplitModel` around it, so it receives a
+    batch's inputs as one object): it has ``parameter_split()`` and no split is given."""
+    return shared is None and heads is None and callable(getattr(model, "parameter_split", None))
+
+
 def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec | None,
                  heads: Mapping[str, Iterable[str | nn.Parameter]] | None) -> nn.Module:
     """The model itself when it already exposes ``parameter_split()`` and no split is given,
     else a :class:`_SplitModel` around it."""
+    if _has_own_split(model, shared, heads):
+        return model
     if shared is None and heads is None:
-        if callable(getattr(model, "parameter_split", None)):
-            return model
         raise ValueError("unlearn: say which parameters are shared: pass `shared_parameters` "
                          "(names, parameters, or a predicate on names), or use a model with "
                          "`parameter_split()` (a mtunlearn_ext MultiTaskModel)")
@@ -160,8 +169,45 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
     return _SplitModel(model, shared_names, head_names)
 
 
+@torch.no_grad()
+def _predicted_classes(model: nn.Module, unpack: bool, data: Any,
+                       tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec]
+                       ) -> dict[str, int]:
+    """Task -> the size of dimension 1 of the model's prediction (its number of classes), for
+    each classification or segmentation task given by kind only, from one eval-mode forward of
+    the first two rows of ``data``. Empty when the forward fails: the problem's validation
+    then reports that failure with the whole context."""
+    if not isinstance(tasks, Mapping):
+        return {}
+    wanted = [name for name, kind in tasks.items()
+              if kind in ("classification", "segmentation")]
+    if not wanted or data is None:
+        return {}
+    try:
+        inputs = data.inputs if isinstance(data, MultiTaskDataset) else data[0]
+        rows = take_rows(inputs, torch.arange(min(2, num_rows(inputs))))
+        param = next(model.parameters(), None)
+        if param is not None:
+            rows = inputs_to(rows, param.device)
+    except Exception:  # malformed inputs: refused with a clear message further on
+        return {}
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = call_with(model, rows) if unpack else model(rows)
+    except Exception:
+        return {}
+    finally:
+        for m, training in modes:
+            m.train(training)
+    if not isinstance(out, Mapping):
+        return {}
+    return {name: int(out[name].shape[1]) for name in wanted
+            if isinstance(out.get(name), torch.Tensor) and out[name].dim() >= 2}
+
+
 def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
-                datasets: Sequence[Any]) -> list[TaskSpec]:
+                datasets: Sequence[Any], predicted_classes: Mapping[str, int]) -> list[TaskSpec]:
     if not isinstance(tasks, Mapping):
         specs = list(tasks)
         if not all(isinstance(s, TaskSpec) for s in specs):
@@ -177,8 +223,9 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                              f"{TASK_KINDS}")
         num_classes = None
         if kind in ("classification", "segmentation"):
-            # The number of classes, when not given as a TaskSpec: one past the largest label of
-            # a supervised pair (an unsupervised pair's target may hold anything).
+            # The number of classes, when not given as a TaskSpec: the model's (a class that no
+            # supervised pair has is still one of them), else one past the largest label of a
+            # supervised pair (an unsupervised pair's target may hold anything).
             labels = [_supervised_labels(d, name, len(tasks), list(tasks).index(name))
                       for d in datasets if d is not None and (
                           isinstance(d, MultiTaskDataset) or name in d[1])]
@@ -187,6 +234,14 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 raise ValueError(f"unlearn: task {name!r} ({kind}) has no supervised label to "
                                  "count its classes from; pass a TaskSpec with num_classes")
             num_classes = int(max(int(t.max()) for t in labels)) + 1
+            predicted = predicted_classes.get(name)
+            if predicted is not None:
+                if num_classes > predicted:
+                    raise ValueError(f"unlearn: task {name!r} ({kind}) has class labels up to "
+                                     f"{num_classes - 1}, but the model predicts {predicted} "
+                                     f"classes for it (dimension 1 of its output); labels must "
+                                     f"lie in [0, {predicted})")
+                num_classes = predicted
         specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
     return specs
 
@@ -417,7 +472,9 @@ def build_problem(model: nn.Module, *,
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
         if data is not None:
             _check_data_like(data, what)
-    specs = _task_specs(tasks, [train_data, forget_data, retain_data])
+    specs = _task_specs(tasks, [train_data, forget_data, retain_data], _predicted_classes(
+        model, not _has_own_split(model, shared_parameters, head_parameters),
+        train_data if train_data is not None else retain_data, tasks))
     names = [s.name for s in specs]
     if train_data is not None:
         if forget_request is None:

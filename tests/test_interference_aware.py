@@ -571,6 +571,35 @@ def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> Non
         run(model, x, spec=two_classes)
 
 
+def test_public_api_counts_classes_from_the_model_and_checks_them(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """A task given by kind takes its number of classes from the model's prediction, not from
+    the largest label (a class no instance has is still a class); labels past the model's
+    classes, or a TaskSpec that disagrees with it, are named before any work."""
+    model, x, y = user_setup
+    tasks = {"kind": "classification", "size": "regression"}
+    common = dict(forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+                  shared_parameters=lambda n: n.startswith("trunk"))
+    no_class_2 = {"kind": y["kind"].clamp(max=1), "size": y["size"]}
+    from mtunlearn_ext.api import build_problem
+
+    problem = build_problem(model, tasks=tasks, train_data=(x, no_class_2), **common)
+    assert problem.spec("kind").num_classes == 3
+    # The mean-target objective averages over the classes: it needs the model's count.
+    _, report = mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, no_class_2),
+                                      config={"steps": 2, "forget_objective": "mean_target"},
+                                      **common)
+    assert report.extra["forget_objectives"] == {"kind": "mean_target"}
+    past = y["kind"].clone()
+    past[40] = 3
+    with pytest.raises(ValueError, match=r"task 'kind' \(classification\) has class labels up to "
+                                         r"3, but the model predicts 3 classes"):
+        mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, {**y, "kind": past}), **common)
+    four = {"kind": TaskSpec("kind", "classification", num_classes=4), "size": "regression"}
+    with pytest.raises(ValueError, match=r"prediction for task 'kind' \(classification\) has "
+                                         r"shape \(\d+, 3\), but the task has num_classes 4"):
+        mtunlearn_ext.unlearn(model, tasks=four, train_data=(x, y), **common)
+
+
 def test_public_api_ignores_whatever_unsupervised_pairs_hold(user_setup) -> None:  # type: ignore[no-untyped-def]
     model, x, y = user_setup
     supervision = torch.ones(120, 2, dtype=torch.bool)

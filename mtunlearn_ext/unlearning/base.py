@@ -239,6 +239,16 @@ class UnlearningProblem:
             raise ValueError(f"UnlearningProblem: the model's output has no prediction for "
                              f"tasks {missing} (it returns {sorted(out)})")
         for column, spec in enumerate(self.tasks):
+            pred = out[spec.name]
+            if spec.kind in ("classification", "segmentation") and (
+                    not isinstance(pred, torch.Tensor) or pred.dim() < 2
+                    or pred.shape[1] != spec.num_classes):
+                # The metrics and the forgetting objectives count classes along dimension 1.
+                shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred)
+                raise ValueError(f"UnlearningProblem: the model's prediction for task "
+                                 f"{spec.name!r} ({spec.kind}) has shape {shape}, but the task "
+                                 f"has num_classes {spec.num_classes}: dimension 1 must hold "
+                                 f"one score per class")
             labelled = supervision[positions, column].to(device)
             if bool(labelled.any()):  # the loss names the task in its errors
                 task_loss(spec, out[spec.name][labelled], targets[spec.name].to(device)[labelled])
