@@ -220,6 +220,29 @@ def test_errors() -> None:
         surgery.backward([torch.ones(())])
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_non_finite_task_gradients_name_the_loss_and_the_parameter(per_task: str) -> None:
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    surgery = GradientSurgery(model.trunk.named_parameters(), UPGrad(), per_task=per_task)
+    losses = _losses(model, x, y)
+    losses[1] = losses[1] * float("nan")
+    first = next(iter(dict(model.trunk.named_parameters())))
+    with pytest.raises(FloatingPointError) as raised:
+        surgery.backward(losses)
+    message = str(raised.value)
+    assert message.startswith("GradientSurgery: the gradients of ")
+    assert f"losses[1] (first in '{first}')" in message and "check_finite=False" in message
+    if per_task != "batched":  # a batched backward spreads one task's NaN over every row
+        assert "losses[0]" not in message and "losses[2]" not in message
+    # Inf in one parameter of one task only: that task, that parameter.
+    losses = _losses(model, x, y)
+    last_name, last = list(model.trunk.named_parameters())[-1]
+    poisoned = [losses[0], losses[1] + (last * float("inf")).sum(), *losses[2:]]
+    with pytest.raises(FloatingPointError, match=rf"losses\[1\] \(first in '{last_name}'\)"):
+        surgery.backward(poisoned)
+
+
 # ------------------------------------------------------------------ LibMTL-style trainer
 
 

@@ -326,6 +326,27 @@ class GradientSurgery:
         if self.reducer is not None:
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in head_grads])
         outs, betas = self._grad_outputs()
-        return aggregate_list(self.aggregator, stacks, outs, betas, per_layer=self.per_layer,
-                              reduce=None if self.reducer is None else self.reducer.reduce_stats,
-                              check_finite=self.check_finite)
+        try:
+            return aggregate_list(self.aggregator, stacks, outs, betas, per_layer=self.per_layer,
+                                  reduce=None if self.reducer is None
+                                  else self.reducer.reduce_stats,
+                                  check_finite=self.check_finite)
+        except FloatingPointError as error:
+            raise FloatingPointError(self._non_finite_message(stacks, error)) from error
+
+    def _non_finite_message(self, stacks: list[torch.Tensor], error: FloatingPointError) -> str:
+        """Which tasks' gradients are not finite, and in which parameter first (the ops' own
+        message names only their argument, a stack of every task's gradients). Runs only
+        once the check has failed, so it costs nothing on the normal path."""
+        tasks = stacks[0].shape[0] if stacks else 0
+        first: dict[int, str] = {}
+        for name, stack in zip(self.names, stacks):
+            rows = (~torch.isfinite(stack.reshape(tasks, -1))).any(dim=1).nonzero().flatten()
+            for t in rows.tolist():
+                first.setdefault(t, name)
+        hint = ("; if the losses are scaled by a GradScaler, pass check_finite=False so that "
+                "the overflow reaches .grad and the scaler skips the step")
+        if not first:  # finite gradients whose Gram overflowed
+            return f"GradientSurgery: {error}{hint}"
+        listed = ", ".join(f"losses[{t}] (first in {first[t]!r})" for t in sorted(first))
+        return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{hint}"
