@@ -476,6 +476,29 @@ def test_list_ops_reject_mixed_devices_in_the_fake_kernels() -> None:
                                           0.0, False)
 
 
+def test_wrappers_propagate_shapes_of_meta_and_fake_tensors_with_the_finite_check_on() -> None:
+    """Shape propagation (meta tensors, FakeTensorMode) through the checked wrappers with their
+    default ``check_finite=True``: there are no values to check, so the check steps aside
+    instead of failing on ``.item()``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def shapes(device: str | None) -> list[tuple[int, ...]]:
+        kw = {} if device is None else {"device": device}
+        basis, g = torch.randn(4, 10, **kw), torch.randn(2, 10, **kw)
+        xs = [torch.randn(4, 5, **kw), torch.randn(4, 3, 2, **kw)]
+        results = [ops.gram(basis), ops.inner(g, basis), ops.gram_list(xs),
+                   ops.project_out(g, basis), ops.project_nonconflicting(g, basis),
+                   ops.pcgrad(basis), ops.combine(torch.ones(2, 4, **kw), basis)]
+        return [tuple(r.shape) for r in results]
+
+    expected = [(4, 4), (2, 4), (4, 4), (2, 10), (2, 10), (10,), (2, 10)]
+    assert shapes("meta") == expected
+    with FakeTensorMode():
+        assert shapes(None) == expected
+    with pytest.raises(FloatingPointError, match="`x` contains NaN or Inf"):
+        ops.gram(torch.full((2, 3), float("nan")))  # real tensors are still checked
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_ridge_solve_matches_linalg(device: str) -> None:
     for k, m in [(1, 1), (5, 3), (16, 1), (64, 4), (256, 2)]:

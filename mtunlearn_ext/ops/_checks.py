@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext._extension import has_extension
 
@@ -50,6 +51,11 @@ def check_same_dtype(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None
             )
 
 
+def _has_no_values(t: torch.Tensor) -> bool:
+    """A tensor with a shape but no data: on the meta device, or a FakeTensor."""
+    return t.device.type == "meta" or is_fake(t)
+
+
 def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str, torch.Tensor]]
                         ) -> None:
     """Raise if ``result`` (a small coefficient-space tensor) holds NaN/Inf.
@@ -59,6 +65,8 @@ def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str
     inputs. Only on this rare failing path are the inputs scanned, to name the culprit
     (``named`` may be a generator: it is consumed only then).
     """
+    if _has_no_values(result):  # meta or fake tensors (shape propagation): nothing to read
+        return
     # One reduction on the fast path: the sum of finite values is finite unless it overflows,
     # and only then (or with a real NaN/Inf) is the element-wise check needed.
     if math.isfinite(result.sum().item()) or bool(torch.isfinite(result).all()):
