@@ -113,6 +113,14 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     return value
 
 
+
+def _check_seed(seed: int | None) -> None:
+    """Seeds are integers >= 0 (every generator the commands seed takes those)."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    if seed is not None and seed < 0:
+        raise UserInputError("--seed", "an integer >= 0", seed)
+
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """An aligned plain-text table (the end-of-command summary)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
@@ -166,6 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
 
     device = check_device(args.device)
+    _check_seed(args.seed)
     overrides = _json_arg(args.train, "--train")
     if args.epochs is not None:
         overrides["epochs"] = int(args.epochs)
@@ -254,6 +263,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
 
     started = utc_now()
     device = check_device(args.device)
+    _check_seed(args.seed)
     checkpoint = Path(args.checkpoint)
     settings = _json_arg(args.method_config, "--method-config")
     forget_ids = parse_ids(args.forget_ids, "--forget-ids")
@@ -348,6 +358,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         write_json_new,
     )
 
+    _check_seed(args.seed)
     loaded = load_model(args.checkpoint)
     bench = loaded.benchmark
     seed = int(args.seed if args.seed is not None else loaded.meta["seed"])

@@ -108,6 +108,11 @@ def test_refuses_overwrite_and_rerun_gets_new_name(trained: Path, tmp_path: Path
     assert "not an input" in capsys.readouterr().err
     assert cli.main(["train", "--epochs", "1", "--output", str(existing), "--quiet"]) == 2
     assert existing.read_bytes() == b"keep me"
+    capsys.readouterr()
+    assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--seed", "-1",
+                     "--output", str(tmp_path / "new.pt"), "--quiet"]) == 2
+    assert "--seed: expected an integer >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "new.pt").exists()
 
 
 def test_config_file_and_flag_override(trained: Path, tmp_path: Path) -> None:
@@ -141,6 +146,7 @@ BAD_INPUTS = [
     (["--forget-ids", ids(1), "--method-config", '{"steps": -1}'], "--method-config", "steps"),
     (["--forget-ids", ids(1), "--method-config", '{"no_such": 1}'], "--method-config", "no_such"),
     (["--forget-ids", ids(1), "--device", "cuda:7"], "--device", "cuda"),
+    (["--forget-ids", ids(1), "--seed", "-1"], "--seed", "integer >= 0"),
 ]
 
 

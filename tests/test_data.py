@@ -387,6 +387,9 @@ def test_registry_names_and_errors(tmp_path: Path) -> None:
         load_benchmark("imagenet")
     with pytest.raises(ValueError, match="unknown size"):
         load_benchmark("indoor", size="huge")  # type: ignore[arg-type]
+    for name, seed in (("digits", -1), ("indoor", -1), ("street", 1.5), ("indoor", True)):
+        with pytest.raises(ValueError, match=r"`seed` must be an integer >= 0, got "):
+            load_benchmark(name, size="tiny", seed=seed, use_cache=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="data_root"):
         load_benchmark("nyuv2")
     _write_libmtl(tmp_path, with_normals=True)

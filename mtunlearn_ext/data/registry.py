@@ -187,6 +187,8 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
     """
     if size not in SIZES:
         raise ValueError(f"load_benchmark: unknown size {size!r}; choose one of {SIZES}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"load_benchmark: `seed` must be an integer >= 0, got {seed!r}")
     if name == "digits":
         return _with_recipe(make_digits(seed=seed, **_DIGITS[size]), name, size)
     if name in _REAL:
