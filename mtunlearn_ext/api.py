@@ -240,7 +240,9 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                     raise ValueError(f"unlearn: task {name!r} ({kind}) has class labels up to "
                                      f"{num_classes - 1}, but the model predicts {predicted} "
                                      f"classes for it (dimension 1 of its output); labels must "
-                                     f"lie in [0, {predicted})")
+                                     f"lie in [0, {predicted}), or -1 where unlabelled (another "
+                                     f"value for that: TaskSpec({name!r}, {kind!r}, "
+                                     f"num_classes={predicted}, ignore_index=...))")
                 num_classes = predicted
         specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
     return specs
