@@ -373,3 +373,16 @@ def test_backend_choice() -> None:
 
     expected = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     assert default_backend() == expected
+
+
+def test_surgery_without_a_process_group_is_refused_when_built() -> None:
+    """In a process without ``init_process_group`` (this one) the distributed surgeries refuse at
+    construction, naming themselves, instead of failing inside the first ``backward``."""
+    from mtunlearn_ext.surgery import replicated_surgery, sharded_surgery
+
+    assert not dist.is_initialized()
+    trunk = nn.Linear(4, 4)
+    for build in (sharded_surgery, replicated_surgery):
+        with pytest.raises(RuntimeError, match=rf"{build.__name__}: torch.distributed has no "
+                                               r"default process group"):
+            build(trunk.parameters(), UPGrad())

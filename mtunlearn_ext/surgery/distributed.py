@@ -128,6 +128,15 @@ class ReplicatedReducer:
         return stats
 
 
+def _require_process_group(caller: str, group: ProcessGroup | None) -> None:
+    """Refuse at construction, not at the first ``backward``, when there is no process group
+    to reduce over."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{caller}: torch.distributed has no default process group; call "
+                           "torch.distributed.init_process_group first, pass `group`, or use "
+                           "GradientSurgery in a single process")
+
+
 def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                     aggregator: Aggregator | Weighting, *, group: ProcessGroup | None = None,
                     **kwargs: object) -> GradientSurgery:
@@ -135,6 +144,7 @@ def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, 
     or parameter lists split across ranks). Defaults to ``per_task="backward"`` when the
     parameters are DTensors (FSDP2 reduce-scatters inside ``backward``); other keyword
     arguments go to :class:`GradientSurgery`."""
+    _require_process_group("sharded_surgery", group)
     # list() keeps the kind of the iterable (bare tensors or (name, tensor) pairs).
     params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
     tensors = [p[1] if isinstance(p, tuple) else p for p in params]
@@ -151,6 +161,7 @@ def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[st
     head gradients are averaged across ``group`` before the aggregation. Needs
     ``per_task="autograd"`` or ``"batched"`` (the default ``"autograd"``): with ``"backward"`` a
     DDP module would reduce on its own."""
+    _require_process_group("replicated_surgery", group)
     if kwargs.get("per_task", "autograd") == "backward":
         raise ValueError("replicated_surgery: per_task='backward' is not supported (DDP's hooks "
                          "cannot run k backward passes per forward); use 'autograd' or 'batched'")
