@@ -100,7 +100,7 @@ class _SplitModel(nn.Module):
 def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:
     by_id = {id(p): n for n, p in model.named_parameters()}
     known = set(by_id.values())
-    names: list[str] = []
+    names: list[str] = []  # in the order given, each once (a list may name one twice)
     for item in items:
         if isinstance(item, str):
             if item not in known:
@@ -114,7 +114,7 @@ def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) 
         else:
             raise TypeError(f"unlearn: `{what}` must hold names or parameters, got "
                             f"{type(item).__name__}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _has_own_split(model: nn.Module, shared: SharedSpec | None,

@@ -600,6 +600,48 @@ def test_public_api_counts_classes_from_the_model_and_checks_them(user_setup) ->
         mtunlearn_ext.unlearn(model, tasks=four, train_data=(x, y), **common)
 
 
+@pytest.mark.parametrize("frozen", ["kind", "size"])
+@pytest.mark.parametrize("full", [False, True])
+def test_every_method_runs_with_a_frozen_head(user_setup, frozen: str, full: bool) -> None:  # type: ignore[no-untyped-def]
+    """A head without trainable parameters (a frozen probe, say) belongs to no group: it stays
+    as it is and the rest of the model is unlearned (the retain gradient used to fail to add
+    its empty gradient list)."""
+    from mtunlearn_ext.unlearning import available_unlearners
+
+    model, x, y = user_setup
+    model = copy.deepcopy(model)
+    for p in model.heads[frozen].parameters():
+        p.requires_grad_(False)
+    request = ForgetRequest.create(range(10), None if full else ["kind"])
+    for method in sorted(set(available_unlearners()) - {"retrain"}):
+        new, _ = mtunlearn_ext.unlearn(model, tasks={"kind": "classification",
+                                                     "size": "regression"},
+                                       train_data=(x, y), forget_request=request,
+                                       shared_parameters=lambda n: n.startswith("trunk."),
+                                       method=method, config={"steps": 2})
+        before, after = model.state_dict(), new.state_dict()
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert not any(k.startswith(f"heads.{frozen}.") for k in moved), (method, moved)
+        assert any(k.startswith("trunk.") for k in moved), method
+
+
+def test_a_parameter_belongs_to_one_group(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    common = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(10), ["kind"]),
+                  config={"steps": 1})
+    trunk = list(model.trunk.parameters())
+    with pytest.raises(ValueError, match=r"parameter 'module.trunk.0.weight' is listed under "
+                                         r"both 'kind' and 'size'.*`shared_parameters`"):
+        mtunlearn_ext.unlearn(model, shared_parameters=[], head_parameters={
+            "kind": trunk + list(model.heads["kind"].parameters()),
+            "size": trunk + list(model.heads["size"].parameters())}, **common)
+    # Naming a parameter twice in one list is the same as naming it once.
+    once, _ = mtunlearn_ext.unlearn(model, shared_parameters=trunk, **common)
+    twice, _ = mtunlearn_ext.unlearn(model, shared_parameters=trunk + trunk[:1], **common)
+    assert all(torch.equal(v, twice.state_dict()[k]) for k, v in once.state_dict().items())
+
+
 def test_public_api_ignores_whatever_unsupervised_pairs_hold(user_setup) -> None:  # type: ignore[no-untyped-def]
     model, x, y = user_setup
     supervision = torch.ones(120, 2, dtype=torch.bool)

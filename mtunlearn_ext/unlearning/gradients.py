@@ -65,6 +65,17 @@ class ParameterGroups:
             return ParameterGroups(tuple((n, p) for n, p in named.items() if p.requires_grad),
                                    {t: () for t in (task_names or [])})
         split = split_fn()
+        owner: dict[str, str] = {}
+        for group, names in [("shared", split.shared), *split.heads.items()]:
+            for n in names:
+                if n in owner:
+                    where = (f"twice under {group!r}" if owner[n] == group
+                             else f"under both {owner[n]!r} and {group!r}")
+                    raise ValueError(
+                        f"ParameterGroups: parameter {n!r} is listed {where}; each parameter "
+                        "belongs to one group (one that several tasks use is shared: with "
+                        "mtunlearn_ext.unlearn, list it in `shared_parameters`)")
+                owner[n] = group
         shared = tuple((n, named[n]) for n in split.shared if named[n].requires_grad)
         heads = {t: tuple((n, named[n]) for n in names if named[n].requires_grad)
                  for t, names in split.heads.items()}

@@ -667,7 +667,8 @@ class InterferenceAware(GradientUnlearner):
             grads_shared, grads_heads = groups.split(grads_of(weighted, groups.all_params))
             torch._foreach_add_(retain_shared, grads_shared)
             for t, head in grads_heads.items():
-                torch._foreach_add_(retain_heads[t], head)
+                if head:  # a head without trainable parameters (frozen) has nothing to add
+                    torch._foreach_add_(retain_heads[t], head)
         stream: BatchStream | None = ctx.state.get("coupled_stream")
         if subspaces and stream is not None and ctx.state["coupled_tasks"]:
             for group in _split_rows(stream.next(), cfg.snapshot_groups):
