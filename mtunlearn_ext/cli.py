@@ -395,10 +395,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from mtunlearn_ext.records import verify_record
 
     result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance)
-    rows = [["sha256", "ok" if not any("SHA-256" in m for m in result.mismatches) else
-             "MISMATCH"], ["metrics", "ok" if not any(m.startswith("after") for m in
-                                                       result.mismatches) else "MISMATCH"]]
-    print(_table(rows, ["check", "result"]))
+    print(_table([[check, outcome] for check, outcome in result.checks.items()],
+                 ["check", "result"]))
     for m in result.mismatches:
         print(f"mismatch: {m}", file=sys.stderr)
     print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record}")

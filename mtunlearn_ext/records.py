@@ -138,13 +138,18 @@ def compare_measurements(expected: Any, actual: Any, tolerance: float, where: st
 
 @dataclass
 class VerifyResult:
-    """Outcome of :func:`verify_record`: ``ok`` and every mismatch found, as messages."""
+    """Outcome of :func:`verify_record`: ``ok``, every mismatch found (as messages) and the
+    outcome of each check, ``checks``: ``"sha256"`` (the checkpoint's hash), ``"ids"`` (the
+    recorded ids against their hash), ``"metrics"`` (the re-measurement), each ``"ok"``,
+    ``"MISMATCH"`` or, for ``"metrics"`` when the recorded request does not apply to the
+    checkpoint's data, ``"not measured"``."""
 
     ok: bool
     checkpoint: str
     sha256: str
     mismatches: list[str] = field(default_factory=list)
     measured: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, str] = field(default_factory=dict)
 
 
 def verify_record(record_path: str | os.PathLike[str],
@@ -168,24 +173,39 @@ def verify_record(record_path: str | os.PathLike[str],
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else Path(
         record["output"]["checkpoint"])
     mismatches: list[str] = []
+    checks: dict[str, str] = {}
     sha = sha256_of_file(ckpt) if ckpt.is_file() else ""
     if not sha:
         raise RecordError(f"checkpoint {ckpt} does not exist")
-    if sha != record["output"]["sha256"]:
+    checks["sha256"] = "ok" if sha == record["output"]["sha256"] else "MISMATCH"
+    if checks["sha256"] != "ok":
         mismatches.append(f"checkpoint SHA-256 {sha} differs from the record's "
                           f"{record['output']['sha256']}")
     req = record["request"]
-    request = ForgetRequest.create(req["instance_ids"], req.get("target_tasks_arg"))
-    if request.ids_hash() != req["ids_sha256"]:
+    try:
+        request = ForgetRequest.create(req["instance_ids"], req.get("target_tasks_arg"))
+    except (TypeError, ValueError) as error:
+        raise RecordError(f"record {record_path}: its request cannot be read: {error}") from error
+    checks["ids"] = "ok" if request.ids_hash() == req["ids_sha256"] else "MISMATCH"
+    if checks["ids"] != "ok":
         mismatches.append(f"ids hash of the recorded ids {request.ids_hash()} differs from the "
                           f"recorded ids_sha256 {req['ids_sha256']} (record edited?)")
     loaded = load_model(ckpt)
     train_set = loaded.benchmark.train
-    request.validate(train_set)
-    forget, retain = request.split(train_set)
-    retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
+    try:
+        request.validate(train_set)
+        forget, retain = request.split(train_set)
+        retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
+    except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
+        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+        mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
+                          f"{reason}")
+        checks["metrics"] = "not measured"
+        return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
     size = batch_size or int(record.get("eval_batch_size", 64))
     measured = measure(loaded.model, forget, retain, loaded.benchmark.test,
                        request.resolved_tasks(train_set), int(record["seed"]), size)
-    mismatches.extend(compare_measurements(record["after"], measured, tolerance, "after"))
-    return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured)
+    differences = compare_measurements(record["after"], measured, tolerance, "after")
+    checks["metrics"] = "MISMATCH" if differences else "ok"
+    mismatches.extend(differences)
+    return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)

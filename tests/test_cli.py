@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -86,7 +87,21 @@ def test_round_trip_and_record(trained: Path, tmp_path: Path,
     assert cli.main(["verify", "--record", str(record_path)]) == 0
     # The wrong model: non-zero exit, the hash mismatch reported.
     assert cli.main(["verify", "--record", str(record_path), "--checkpoint", str(trained)]) == 1
-    assert "SHA-256" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "SHA-256" in printed.err
+    assert re.search(r"sha256\s+MISMATCH", printed.out) and re.search(r"ids\s+ok", printed.out)
+    # A record whose ids were edited to one the data set lacks: both reported, nothing
+    # measured, no traceback.
+    edited = json.loads(record_path.read_text())
+    edited["request"]["instance_ids"] = [10 ** 6]
+    edited_path = tmp_path / "edited.record.json"
+    edited_path.write_text(json.dumps(edited))
+    assert cli.main(["verify", "--record", str(edited_path)]) == 1
+    printed = capsys.readouterr()
+    assert re.search(r"ids\s+MISMATCH", printed.out)
+    assert re.search(r"metrics\s+not measured", printed.out)
+    assert "does not fit the checkpoint's training set: instance ids not in the data set: " \
+           "[1000000]" in printed.err and "Traceback" not in printed.err
     # A report from the record.
     assert cli.main(["report", "--results", str(record_path), "--output-dir",
                      str(tmp_path / "rep")]) == 0
