@@ -107,7 +107,35 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in record]
     if missing:
         raise RecordError(f"record {p} lacks the fields {missing}")
+    wrong = [f"{field} ({description})" for field, description, ok in _field_checks(record)
+             if not ok]
+    if wrong:
+        raise RecordError(f"record {p} has malformed fields: {', '.join(wrong)}")
     return record
+
+
+def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """(field, what it must be, whether it is) for every field that verification reads."""
+    request, output = record["request"], record["output"]
+    request_ok = isinstance(request, Mapping)
+    output_ok = isinstance(output, Mapping)
+    ids = request.get("instance_ids") if request_ok else None
+    return [
+        ("seed", "an integer >= 0",
+         isinstance(record["seed"], int) and not isinstance(record["seed"], bool)
+         and record["seed"] >= 0),
+        ("request", "a mapping", request_ok),
+        ("request.instance_ids", "a list of integers",
+         isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                       for i in ids)),
+        ("request.ids_sha256", "a string",
+         request_ok and isinstance(request.get("ids_sha256"), str)),
+        ("output", "a mapping", output_ok),
+        ("output.checkpoint", "a string",
+         output_ok and isinstance(output.get("checkpoint"), str)),
+        ("output.sha256", "a string", output_ok and isinstance(output.get("sha256"), str)),
+        ("after", "a mapping", isinstance(record["after"], Mapping)),
+    ]
 
 
 def compare_measurements(expected: Any, actual: Any, tolerance: float, where: str = ""

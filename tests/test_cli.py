@@ -102,6 +102,13 @@ def test_round_trip_and_record(trained: Path, tmp_path: Path,
     assert re.search(r"metrics\s+not measured", printed.out)
     assert "does not fit the checkpoint's training set: instance ids not in the data set: " \
            "[1000000]" in printed.err and "Traceback" not in printed.err
+    # Fields of the wrong type are named (exit 2), not met as a TypeError halfway through.
+    edited = json.loads(record_path.read_text())
+    edited["seed"], edited["output"] = "abc", None
+    edited_path.write_text(json.dumps(edited))
+    assert cli.main(["verify", "--record", str(edited_path)]) == 2
+    assert "has malformed fields: seed (an integer >= 0), output (a mapping), " \
+           "output.checkpoint (a string)" in capsys.readouterr().err
     # A report from the record.
     assert cli.main(["report", "--results", str(record_path), "--output-dir",
                      str(tmp_path / "rep")]) == 0
