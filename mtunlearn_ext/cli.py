@@ -57,7 +57,11 @@ def _load_config(path: str) -> dict[str, Any]:
         elif p.suffix in (".yaml", ".yml"):
             import yaml
 
-            values = yaml.safe_load(p.read_text()) or {}
+            try:
+                values = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as error:  # not a ValueError; its text spans lines
+                raise UserInputError("--config", "valid YAML/TOML", path,
+                                     " ".join(str(error).split())) from error
         else:
             raise UserInputError("--config", "a .yaml, .yml or .toml file", path)
     except (ValueError, OSError) as error:

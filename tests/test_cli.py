@@ -137,7 +137,8 @@ def test_refuses_overwrite_and_rerun_gets_new_name(trained: Path, tmp_path: Path
     assert not (tmp_path / "new.pt").exists()
 
 
-def test_config_file_and_flag_override(trained: Path, tmp_path: Path) -> None:
+def test_config_file_and_flag_override(trained: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'checkpoint = "{trained}"\nforget_ids = [{ids(4, 6)}]\nmethod = "finetune"\n'
                       f'method_config = "{{\\"steps\\": 2}}"\nquiet = true\n'
@@ -153,6 +154,13 @@ def test_config_file_and_flag_override(trained: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("checkpoint: x\nnot_an_option: 1\n")
     assert cli.main(["unlearn", "--config", str(bad)]) == 2
+    for name, text in (("broken.yaml", "checkpoint: [x\n"), ("broken.toml", "checkpoint = [\n")):
+        capsys.readouterr()
+        (tmp_path / name).write_text(text)
+        assert cli.main(["unlearn", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mtunlearn: error: --config: expected valid YAML/TOML, got")
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 BAD_INPUTS = [
