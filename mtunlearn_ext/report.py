@@ -276,13 +276,10 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "report"
-                 ) -> list[Path]:
-    """Write ``report.md`` and its PNGs into ``output_dir``; return the written paths.
-
-    Raises :class:`~mtunlearn_ext.workflow.UserInputError` for an input that is neither
-    experiment results nor a record, or when a file to write exists already.
-    """
+def _report_inputs(results: Mapping[str, Any]
+                   ) -> tuple[dict[str, Any], dict[str, Any], str | None, list[str]]:
+    """(models' measurements by label, loss curves by method, the reference label, the
+    introduction lines) of experiment results or a record."""
     from mtunlearn_ext.records import RECORD_SCHEMA
     from mtunlearn_ext.workflow import UserInputError
 
@@ -311,6 +308,27 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     else:
         raise UserInputError("--results", "experiment results (mtunlearn_ext.experiment/1) or "
                              f"an unlearning record ({RECORD_SCHEMA})", schema)
+    return models, curves, reference, intro
+
+
+def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "report"
+                 ) -> list[Path]:
+    """Write ``report.md`` and its PNGs into ``output_dir``; return the written paths.
+
+    Raises :class:`~mtunlearn_ext.workflow.UserInputError` for an input that is neither
+    experiment results nor a record, or when a file to write exists already.
+    """
+    from mtunlearn_ext.workflow import UserInputError
+
+    if not isinstance(results, Mapping):
+        raise UserInputError("--results", "a JSON object (experiment results or a record)",
+                             type(results).__name__)
+    try:
+        models, curves, reference, intro = _report_inputs(results)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        raise UserInputError("--results", "complete experiment results or a complete record",
+                             results.get("schema"),
+                             f"a field is missing or malformed: {error!r}") from error
     output_dir.mkdir(parents=True, exist_ok=True)
     md = output_dir / "report.md"
     interference = results.get("interference")

@@ -103,6 +103,19 @@ def test_report_without_or_with_a_failed_matrix(tmp_path: Path) -> None:
     assert list((tmp_path / "bad").iterdir()) == []  # the plots drawn before are removed
 
 
+def test_report_names_inputs_that_are_not_complete_results(tmp_path: Path) -> None:
+    """A JSON list, or a record without a field the report reads, is a user error naming
+    --results (exit 2 in the CLI), not an AttributeError or KeyError."""
+    with pytest.raises(UserInputError, match=r"--results: expected a JSON object .* got 'list'"):
+        write_report([1], tmp_path / "list")  # type: ignore[arg-type]
+    record = _record()
+    del record["method"]
+    with pytest.raises(UserInputError, match=r"--results: expected complete experiment results "
+                                             r"or a complete record.*KeyError\('method'\)"):
+        write_report(record, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+
+
 def test_report_files_follow_the_umask(tmp_path: Path) -> None:
     previous = os.umask(0o027)
     try:
