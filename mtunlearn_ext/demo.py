@@ -24,12 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_BASELINES", "main"]
+__all__ = ["DEMO_BASELINES", "DEMO_BENCHMARKS", "check_args", "main"]
 
 #: The baselines the demo runs beside the method: the strongest of the full evaluation
 #: (benchmarks/UNLEARNING_RESULTS.md) by retrain gap over both benchmarks and requests, NegGrad+
 #: and PCGrad, plus OrthoGrad, the method's nearest relative.
 DEMO_BASELINES: tuple[str, ...] = ("neggrad_plus", "orthograd", "pcgrad")
+#: The benchmarks the demo runs on: the ones the library makes itself (no data root needed).
+DEMO_BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits")
 METHOD = "interference_aware"
 _COLORS = {"original": "#7f7f7f", "retrained": "#2ca02c", METHOD: "#d62728"}
 
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "method and baselines, full- and partial-task requests, with a report.")
     parser.add_argument("--showcase", action="store_true",
                         help="run the compiled-ops showcase instead (remaining options go to it)")
-    parser.add_argument("--benchmark", default="indoor")
+    parser.add_argument("--benchmark", default="indoor", choices=list(DEMO_BENCHMARKS),
+                        help="a benchmark the library generates (the real data sets need "
+                             "`mtunlearn train --data-root`)")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forget-fraction", type=float, default=0.1)
@@ -67,8 +71,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mtunlearn_ext.showcase import main as showcase
 
         return showcase([a for a in argv if a != "--showcase"])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))  # exit 2, one line, before any work
     return run_demo(args)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that would otherwise fail inside a worker process, with a traceback, after
+    minutes of training: counts, the JSON recipe overrides, the methods and settings of both
+    requests, and the partial request's task."""
+    from mtunlearn_ext.data import load_benchmark
+
+    for name in ("jobs", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
+    try:
+        overrides = json.loads(args.train)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--train: expected a JSON object, got {args.train!r}; {error}") from error
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--train: expected a JSON object, got {args.train!r}")
+    flags = {"methods": "--baselines", "`seed`": "--seed", "forget_fraction": "--forget-fraction"}
+    for config in _configs(args).values():
+        try:
+            config.validate()
+        except ValueError as error:
+            flag = next((f for key, f in flags.items() if key in str(error)), "arguments")
+            raise ValueError(f"{flag}: {error}") from error
+    tasks = load_benchmark(args.benchmark, seed=args.seed, size=args.size).train.task_names
+    if args.partial_task is not None and args.partial_task not in tasks:
+        raise ValueError(f"--partial-task: expected one of the benchmark's tasks {tasks}, got "
+                         f"{args.partial_task!r}")
 
 
 # -- the demo ------------------------------------------------------------------------------------
@@ -104,6 +141,27 @@ def _request_job(config: Any, keep_model: bool) -> tuple[dict[str, Any], dict[st
     return results, matrix, state
 
 
+def _baselines(args: argparse.Namespace) -> list[str]:
+    return [m for m in args.baselines.split(",") if m]
+
+
+def _configs(args: argparse.Namespace) -> dict[str, Any]:
+    """The full and the partial request's :class:`~mtunlearn_ext.experiment.ExperimentConfig`."""
+    from mtunlearn_ext.experiment import ExperimentConfig
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    methods = ["retrain", *_baselines(args), METHOD]
+    out = Path(args.output_dir)
+    return {request: ExperimentConfig(
+        benchmark=args.benchmark, size=args.size, request=request,
+        forget_fraction=args.forget_fraction,
+        target_tasks=[args.partial_task] if request == "partial" and args.partial_task else None,
+        methods=methods, method_configs=tuned_settings(request, methods), seed=args.seed,
+        output=str(out / f"{request}.json"), cache_dir=args.cache_dir,
+        train_overrides=json.loads(args.train), progress=False, threads=args.threads)
+        for request in ("full", "partial")}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import multiprocessing
     import warnings
@@ -112,27 +170,16 @@ def run_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mtunlearn_ext._io import write_text_atomic
-    from mtunlearn_ext.experiment import ExperimentConfig, format_table, prepare_experiment
+    from mtunlearn_ext.experiment import format_table, prepare_experiment
     from mtunlearn_ext.report import plot_interference
-    from mtunlearn_ext.unlearning.presets import tuned_settings
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # undefined UIS ratios, by design
     start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    baselines = [m for m in args.baselines.split(",") if m]
+    baselines = _baselines(args)
     methods = ["retrain", *baselines, METHOD]
-    train_overrides = json.loads(args.train)
-    configs: dict[str, ExperimentConfig] = {}
-    for request in ("full", "partial"):
-        configs[request] = ExperimentConfig(
-            benchmark=args.benchmark, size=args.size, request=request,
-            forget_fraction=args.forget_fraction,
-            target_tasks=[args.partial_task] if request == "partial" and args.partial_task
-            else None,
-            methods=methods, method_configs=tuned_settings(request, methods), seed=args.seed,
-            output=str(out / f"{request}.json"), cache_dir=args.cache_dir,
-            train_overrides=train_overrides, progress=False, threads=args.threads)
+    configs = _configs(args)
 
     def log(message: str) -> None:
         tqdm.write(f"[{time.perf_counter() - start:6.0f} s] {message}")
@@ -284,9 +331,27 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
     return path.name
 
 
+def _input_image(x: Any, benchmark: Any) -> Any:
+    """One input as an image to show, or ``None``: ``[C, H, W]`` with 1 or 3 channels (the
+    benchmark's RGB normalisation undone), or a flat vector of a square length (``digits``'
+    8 x 8 pixels)."""
+    import math
+
+    if x.dim() == 3 and x.shape[0] in (1, 3):
+        mean, std = benchmark.info.get("rgb_normalisation", [0.5, 0.25])
+        image = (x * std + mean).clamp(0, 1).permute(1, 2, 0)
+        return image[..., 0].numpy() if x.shape[0] == 1 else image.numpy()
+    side = math.isqrt(x.numel()) if x.dim() == 1 else 0
+    if side and side * side == x.numel():
+        return x.reshape(side, side).numpy()
+    return None
+
+
 def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
                   target_tasks: Sequence[str], path: Path, count: int = 3) -> str:
-    """Forget instances: input, then per task the ground truth and each model's prediction."""
+    """Forget instances: the input (when it is an image), then per task the ground truth and
+    each model's prediction: a map for segmentation and depth, the label for a per-instance
+    task (classification, regression)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,20 +367,32 @@ def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
         for label, model in models.items():
             model = copy.deepcopy(model).eval().cpu()
             outputs[label] = model(batch["input"])
-    mean, std = benchmark.info.get("rgb_normalisation", [0.5, 0.25])
-    tasks = [t for t in benchmark.train.tasks if t.kind in ("segmentation", "depth")]
-    columns = 1 + len(tasks) * (1 + len(models))
+    inputs = batch["input"]
+    images = ([_input_image(inputs[r], benchmark) for r in range(len(rows))]
+              if isinstance(inputs, torch.Tensor) else [None] * len(rows))
+    shown_inputs = any(image is not None for image in images)
+    tasks = [t for t in benchmark.train.tasks if t.kind != "normals"]
+    dense = [t for t in tasks if t.kind in ("segmentation", "depth")]
+    per_instance = [t for t in tasks if t not in dense]
+    columns = int(shown_inputs) + len(dense) * (1 + len(models)) + len(per_instance)
     fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 1.7 * len(rows)),
                              squeeze=False)
     targets_all = benchmark.train.targets
     ids = batch["id"].tolist()
     positions = benchmark.train.positions_of(ids)
+
+    def role(name: str) -> str:
+        return "target" if name in target_tasks else "kept"
+
     for r in range(len(rows)):
-        image = (batch["input"][r].permute(1, 2, 0) * std + mean).clamp(0, 1).numpy()
-        axes[r][0].imshow(image)
-        axes[r][0].set_title(f"id {ids[r]}" if r == 0 else "", fontsize=7)
-        c = 1
-        for spec in tasks:
+        c = 0
+        if shown_inputs:
+            image = images[r]
+            if image is not None:
+                axes[r][0].imshow(image, cmap="gray" if image.ndim == 2 else None)
+            axes[r][0].set_title(f"id {ids[r]}", fontsize=7)
+            c = 1
+        for spec in dense:
             truth = targets_all[spec.name][positions[r]]
             panels = [("truth", truth)] + [
                 (label, outputs[label][spec.name][r]) for label in models]
@@ -329,9 +406,23 @@ def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
                     axes[r][c].imshow(value[0].numpy(), cmap="viridis", vmin=0,
                                       vmax=float(truth.max()))
                 if r == 0:
-                    role = "target" if spec.name in target_tasks else "kept"
-                    axes[r][c].set_title(f"{spec.name} ({role})\n{label}", fontsize=7)
+                    axes[r][c].set_title(f"{spec.name} ({role(spec.name)})\n{label}",
+                                         fontsize=7)
                 c += 1
+        for spec in per_instance:
+            def text(value: Any) -> str:
+                if spec.kind == "classification":
+                    return str(int(value.argmax()) if value.dim() else int(value))
+                return ", ".join(f"{float(v):.2f}" for v in value.reshape(-1)[:3])
+
+            truth = targets_all[spec.name][positions[r]]
+            lines = [f"truth: {text(truth)}"] + [
+                f"{label}: {text(outputs[label][spec.name][r])}" for label in models]
+            axes[r][c].text(0.02, 0.5, "\n".join(lines), fontsize=7, va="center",
+                            family="monospace")
+            if r == 0:
+                axes[r][c].set_title(f"{spec.name} ({role(spec.name)})", fontsize=7)
+            c += 1
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("forget instances of the partial request: targets are forgotten, other tasks "

@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from mtunlearn_ext import _io, demo
 from mtunlearn_ext import report as report_module
 
@@ -52,3 +54,35 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     assert "UIS floor of the partial-task request" in text
     # Three trainings were scheduled (original, one gold model per request), none skipped.
     assert len(re.findall(r"model (trained|from the cache)", text)) == 3
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--jobs", "0"], "--jobs: expected an integer >= 1, got 0"),
+    (["--baselines", "nope"], "--baselines: ExperimentConfig: unknown methods ['nope']"),
+    (["--seed", "-1"], "--seed: ExperimentConfig: `seed` must be >= 0, got -1"),
+    (["--train", "{bad"], "--train: expected a JSON object, got '{bad'"),
+    (["--partial-task", "nope"], "--partial-task: expected one of the benchmark's tasks"),
+    (["--benchmark", "nyuv2"], "invalid choice: 'nyuv2'"),
+])
+def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
+    """Each of these used to fail inside a worker process with a traceback (after the
+    trainings, for some); now the demo stops at once with exit 2 and one line."""
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--size", "tiny", "--output-dir", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), *argv])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_demo_on_a_benchmark_of_flat_inputs_and_per_instance_tasks(tmp_path):
+    """digits: 64 pixel values per instance and three classification tasks; the sample figure
+    shows the input as an 8 x 8 image and each task's labels as text."""
+    out = tmp_path / "demo"
+    assert demo.main(["--benchmark", "digits", "--size", "tiny", "--baselines", "finetune",
+                      "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = (out / "report.md").read_text()
+    assert "![samples](samples.png)" in report and "UIS floor" not in report
+    assert (out / "samples.png").stat().st_size > 1000
