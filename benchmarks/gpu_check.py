@@ -286,7 +286,7 @@ def list_timings(stages: Stages) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", default="gpu_results.md")
     parser.add_argument("--budget", type=float, default=520.0,
                         help="seconds for the whole run; stages that no longer fit are skipped")

@@ -94,7 +94,7 @@ def _synchronised(fn: Callable[[], object]) -> Callable[[], None]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--models", nargs="+", default=["resnet50", "vitb16"],
                         choices=sorted(bc.MODEL_SHAPES))
     parser.add_argument("--k", type=int, default=8)
