@@ -289,6 +289,15 @@ def test_aggregate_list_accumulates_with_beta() -> None:
     torch.testing.assert_close(out[0], stacks[0].mean(0))
 
 
+@pytest.mark.parametrize("make", [Mean, Sum, UPGrad, MGDA, PCGrad])
+def test_aggregate_list_refuses_zero_tasks(make) -> None:  # type: ignore[no-untyped-def]
+    """k = 0 is refused as the matrix form refuses an empty matrix (it was a ZeroDivisionError
+    or an IndexError for some aggregators, a silent zero update for others)."""
+    with pytest.raises(ValueError, match=r"aggregate_list: `grads_list` must hold at least one "
+                                         r"task's gradient \(k >= 1\)"):
+        aggregate_list(make(), [torch.zeros(0, 5)], [torch.empty(5)])
+
+
 def test_mixed_dtype_parameter_lists() -> None:
     """bf16 weights beside fp32 norms: one Gram (fp32) over both dtype classes."""
     j = _random_jacobian(3, 20, 13)

@@ -308,6 +308,9 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
 
     def aggregate() -> torch.Tensor:
         k = grads_list[0].shape[0]
+        if k == 0:
+            raise ValueError(f"{op}: `grads_list` must hold at least one task's gradient "
+                             f"(k >= 1), got stacks of shape {tuple(grads_list[0].shape)}")
         layers, layer_count = layer_index(per_layer, len(grads_list), op, num_layers)
         if weighting.needs_gram:
             gram = gram_stats(grads_list, layers, layer_count, check_finite=check_finite)
