@@ -90,6 +90,13 @@ def test_accumulate_then_apply_sees_the_summed_task_gradients() -> None:
         torch.testing.assert_close(p.grad, a + b)
     with pytest.raises(RuntimeError, match="nothing accumulated"):
         surgery.apply()
+    # A micro-batch with another number of tasks would drop what is pending: refused.
+    surgery.accumulate(_losses(model, x1, y1))
+    with pytest.raises(ValueError, match=r"accumulate: got 2 losses, but the micro-batches "
+                                         r"accumulated since the last apply\(\) have 3 tasks"):
+        surgery.accumulate(_losses(model, x2, y2)[:2])
+    surgery.apply()  # the pending micro-batch is still there
+    surgery.accumulate(_losses(model, x2, y2)[:2])  # after apply(), a new step may differ
 
 
 def test_apply_from_external_buffers() -> None:

@@ -181,6 +181,11 @@ class GradientSurgery:
         (large-batch semantics), not one surgery per micro-batch."""
         losses = self._check_losses(losses)
         k = len(losses)
+        if self._pending and self._buffered_tasks != k:
+            raise ValueError(f"GradientSurgery.accumulate: got {k} losses, but the micro-batches "
+                             f"accumulated since the last apply() have {self._buffered_tasks} "
+                             "tasks; every micro-batch of one step needs the same tasks, in "
+                             "the same order")
         if self._buffers is None or self._buffered_tasks != k:
             self._buffers = [torch.empty((k, *local_tensor(p).shape), dtype=p.dtype,
                                          device=local_tensor(p).device) for p in self.params]
