@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -109,6 +110,21 @@ def test_registry_lists_every_baseline() -> None:
         get_unlearner("neggrad_plus", steps=-1)
     with pytest.raises(ValueError, match="forget objective"):
         get_unlearner("gradient_ascent", forget_objective="nope")
+
+    # Every method's settings are checked against their types (these were accepted, and used
+    # half-way: a float step count, a string as a switch).
+    for method, settings, message in (
+            ("neggrad_plus", {"steps": 1.5}, "`steps` must be an integer, got 1.5"),
+            ("interference_aware", {"task_projection": "yes"},
+             "`task_projection` must be True or False, got 'yes'"),
+            ("interference_aware", {"coupled": -1}, "`coupled` must be True or False, got -1"),
+            ("interference_aware", {"cap_rows": "all"}, "`cap_rows` must be an integer"),
+            ("orthograd", {"retain_batch_size": 2.5}, "`retain_batch_size` must be an integer"),
+            ("retrain", {"epochs": "10"}, "`epochs` must be an integer or None, got '10'"),
+            ("finetune", {"lr": True}, "`lr` must be a number, got True")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            get_unlearner(method, settings)
+    get_unlearner("finetune", {"lr": 1, "steps": 3})  # an integer is a number
     method = get_unlearner("orthograd", {"steps": 3}, lr=0.5)
     assert method.config.steps == 3 and method.config.lr == 0.5
 

@@ -115,6 +115,7 @@ class StepConfig(UnlearnerConfig):
     recalibrate_norms: bool = True
 
     def validate(self) -> None:
+        super().validate()
         name = type(self).__name__
         if self.steps < 0:
             raise ValueError(f"{name}: `steps` must be >= 0, got {self.steps}")

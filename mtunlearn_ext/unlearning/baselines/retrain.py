@@ -41,6 +41,7 @@ class RetrainConfig(UnlearnerConfig):
     progress: bool = False
 
     def validate(self) -> None:
+        super().validate()
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"RetrainConfig: `epochs` must be >= 1 or None, got {self.epochs}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
