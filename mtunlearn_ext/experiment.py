@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import write_text_atomic
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
@@ -129,6 +130,7 @@ class ExperimentConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        check_field_types(self)
         if self.request not in ("full", "partial"):
             raise ValueError(f"ExperimentConfig: `request` must be 'full' or 'partial', got "
                              f"{self.request!r}")

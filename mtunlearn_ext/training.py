@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
@@ -67,6 +68,7 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.epochs < 0:
             raise ValueError(f"TrainConfig: `epochs` must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

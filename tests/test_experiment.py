@@ -169,3 +169,11 @@ def test_write_json_atomic(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_json_atomic(path, {"nan": float("nan")})
     assert json.loads(path.read_text()) == {"b": 1}  # a failed write leaves the old file
+
+
+def test_experiment_config_checks_types_also_with_annotations_for_type_checkers_only() -> None:
+    """``size`` is annotated with a name imported under TYPE_CHECKING only: the other fields are
+    still checked (``seed=1.5`` was accepted), and ``size`` is left to its own check."""
+    with pytest.raises(ValueError, match=r"ExperimentConfig: `seed` must be an integer, got 1.5"):
+        ExperimentConfig(benchmark="digits", seed=1.5).validate()  # type: ignore[arg-type]
+    ExperimentConfig(benchmark="digits", size="tiny").validate()

@@ -286,3 +286,18 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, _tiny_model())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epochs", 1.5, "`epochs` must be an integer, got 1.5"),
+    ("lr", "1e-3", "`lr` must be a number, got '1e-3'"),
+    ("seed", True, "`seed` must be an integer, got True"),
+    ("grad_clip", "x", "`grad_clip` must be a number or None, got 'x'"),
+    ("task_weights", [1.0, 2.0], "`task_weights` must be a mapping or None"),
+    ("optimizer", "rmsprop", "`optimizer` must be one of 'adamw', 'adam', 'sgd'"),
+])
+def test_train_config_names_a_setting_of_the_wrong_type(field: str, value: object,
+                                                        message: str) -> None:
+    with pytest.raises(ValueError, match="TrainConfig: " + message.replace("(", r"\(")):
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
+    assert TrainConfig(lr=1).lr == 1  # an integer is a number

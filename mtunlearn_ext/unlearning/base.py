@@ -15,14 +15,11 @@ Subclasses implement :meth:`Unlearner._unlearn` only.
 
 from __future__ import annotations
 
-import collections.abc
 import copy
 import dataclasses
 import math
 import random
 import time
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
@@ -268,12 +266,7 @@ class UnlearnerConfig:
         """Raise ``ValueError`` naming the field for a value of the wrong type (here: each
         field against its annotation, so that ``steps=1.5`` or ``coupled="yes"`` is refused
         rather than half-used) or, in subclasses, out of range."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _has_type(value, hints[f.name]):
-                raise ValueError(f"{type(self).__name__}: `{f.name}` must be "
-                                 f"{_describe_type(hints[f.name])}, got {value!r}")
+        check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -281,48 +274,6 @@ class UnlearnerConfig:
     def replace(self, **changes: Any) -> UnlearnerConfig:
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
-
-
-def _has_type(value: Any, annotation: Any) -> bool:
-    """Whether ``value`` fits a config field's annotation: ``bool``, ``int`` (not a bool),
-    ``float`` (an int or float, not a bool), ``str``, a ``Literal``, a mapping or sequence
-    (outer type only), a union of those (``X | None``); anything else is not checked."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, arm) for arm in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (dict, Mapping, collections.abc.Mapping):
-        return isinstance(value, Mapping)
-    if origin in (list, tuple, collections.abc.Sequence):
-        return isinstance(value, (list, tuple))
-    return True
-
-
-def _describe_type(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe_type(arm) for arm in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "None"
-    names = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
-    if annotation in names:
-        return names[annotation]
-    if origin in (dict, Mapping, collections.abc.Mapping):
-        return "a mapping"
-    return "a list" if origin in (list, tuple, collections.abc.Sequence) else str(annotation)
 
 
 class CurveRecorder:

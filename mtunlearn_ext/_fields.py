@@ -1,0 +1,86 @@
+"""Type checks of configuration dataclasses against their field annotations, so that a
+setting of the wrong type (``steps=1.5``, ``coupled="yes"``, ``lr="1e-3"``) is refused with the
+field's name instead of being half-used or failing deep inside a run."""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any
+
+__all__ = ["check_field_types"]
+
+
+def check_field_types(config: Any) -> None:
+    """Raise ``ValueError`` naming the first field of the dataclass instance ``config`` whose
+    value does not fit its annotation (``Class: `field` must be an integer, got 1.5``)."""
+    hints = _annotations(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _has_type(value, hints.get(f.name, Any)):
+            raise ValueError(f"{type(config).__name__}: `{f.name}` must be "
+                             f"{_describe_type(hints[f.name])}, got {value!r}")
+
+
+def _annotations(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of ``cls``; a field whose annotation names something its
+    module imports for type checkers only is left out (not checked)."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        pass
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        namespace = vars(sys.modules[klass.__module__]) if klass.__module__ in sys.modules else {}
+        for name, annotation in vars(klass).get("__annotations__", {}).items():
+            try:
+                hints[name] = (eval(annotation, dict(namespace))  # noqa: S307 (own annotations)
+                               if isinstance(annotation, str) else annotation)
+            except NameError:
+                hints.pop(name, None)
+    return hints
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a config field's annotation: ``bool``, ``int`` (not a bool),
+    ``float`` (an int or float, not a bool), ``str``, a ``Literal``, a mapping or sequence
+    (outer type only), a union of those (``X | None``); anything else is not checked."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arm) for arm in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, collections.abc.Mapping)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _describe_type(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arm) for arm in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    names = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    return "a list" if origin in (list, tuple, collections.abc.Sequence) else str(annotation)
