@@ -243,6 +243,22 @@ def test_batch_matches_default_collate() -> None:
     assert sorted(seen.tolist()) == sorted(data.ids.tolist())
 
 
+def test_forget_request_takes_integer_ids_only() -> None:
+    """Ids come exactly as given (no float32 detour: 2**24 + 1 stays itself), from lists,
+    ranges, generators, NumPy arrays and tensors, integral floats included; a mask, a fraction,
+    NaN or a string is refused instead of truncated or split."""
+    assert ForgetRequest.create([16777217.0, 2 ** 62 + 1]).instance_ids == (16777217, 2 ** 62 + 1)
+    assert ForgetRequest.create(np.array([3.0, 4.0])).instance_ids == (3, 4)
+    assert ForgetRequest.create(i for i in range(3)).instance_ids == (0, 1, 2)
+    assert ForgetRequest.create(torch.tensor([[1, 2], [3, 4]])).instance_ids == (1, 2, 3, 4)
+    assert ForgetRequest.create(5).instance_ids == (5,)
+    for bad in ([1.5], torch.tensor([True, False]), [True], [float("nan")], ["a"], "12", 2.5):
+        with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(ids, not a mask\)"):
+            ForgetRequest.create(bad)  # type: ignore[arg-type]
+    # One task may be named by a plain string (it used to become one task per character).
+    assert ForgetRequest.create([1], "depth").target_tasks == ("depth",)
+
+
 def test_partial_split_keeps_non_target_labels_of_forget_instances() -> None:
     bench = make_indoor(10, 2, size=(16, 24), seed=0)
     data = bench.train

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -24,8 +25,13 @@ class ForgetRequest:
 
     @staticmethod
     def create(instance_ids: Sequence[int] | torch.Tensor,
-               target_tasks: Sequence[str] | None = None) -> ForgetRequest:
-        ids = tuple(int(i) for i in torch.as_tensor(instance_ids).reshape(-1).tolist())
+               target_tasks: Sequence[str] | str | None = None) -> ForgetRequest:
+        """A request from ids (a sequence, NumPy array or tensor of integers; integral floats,
+        as a data frame's column may hold, are accepted) and target task names (one name may
+        be given as a plain string; ``None``: every task, a full request)."""
+        ids = _integer_ids(instance_ids)
+        if isinstance(target_tasks, str):
+            target_tasks = (target_tasks,)
         return ForgetRequest(ids, None if target_tasks is None else tuple(target_tasks))
 
     def resolved_tasks(self, dataset: MultiTaskDataset) -> list[str]:
@@ -84,3 +90,35 @@ class ForgetRequest:
         forget = dataset.with_supervision(forget_pairs).subset(forget_rows)
         retain = dataset.with_supervision(retain_sup).subset(retain_rows)
         return forget, retain
+
+
+def _integer_ids(instance_ids: object) -> tuple[int, ...]:
+    """The ids as Python ints, exactly (no detour through float32); a bool, a fraction, NaN or a
+    non-number is refused: a mask or a score column passed by mistake must not become ids."""
+    def refuse(shown: object) -> TypeError:
+        return TypeError(f"ForgetRequest: `instance_ids` must be integers (ids, not a mask), "
+                         f"got {shown!r:.80}")
+
+    if isinstance(instance_ids, int) and not isinstance(instance_ids, bool):
+        return (instance_ids,)  # one id
+    if isinstance(instance_ids, torch.Tensor) or hasattr(instance_ids, "__array__"):
+        try:
+            values = torch.as_tensor(instance_ids)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise refuse(instance_ids) from error
+        if values.dtype == torch.bool or values.is_complex() or (
+                values.is_floating_point() and not bool((values == values.round()).all())):
+            raise refuse(values.reshape(-1)[:5].tolist())
+        return tuple(int(i) for i in values.reshape(-1).tolist())
+    try:
+        items = list(cast(Iterable[Any], instance_ids))
+    except TypeError as error:
+        raise refuse(instance_ids) from error
+    ids = []
+    for value in items:
+        if isinstance(value, bool) or not (
+                isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                or hasattr(value, "__index__")):
+            raise refuse(value)
+        ids.append(int(value))
+    return tuple(ids)
