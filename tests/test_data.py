@@ -257,6 +257,12 @@ def test_forget_request_takes_integer_ids_only() -> None:
             ForgetRequest.create(bad)  # type: ignore[arg-type]
     # One task may be named by a plain string (it used to become one task per character).
     assert ForgetRequest.create([1], "depth").target_tasks == ("depth",)
+    # A data set's own ids: the same rule (fractions were truncated into duplicates or not).
+    specs = [TaskSpec("kind", "classification", num_classes=3)]
+    x, y = torch.randn(3, 4), {"kind": torch.tensor([0, 1, 2])}
+    assert MultiTaskDataset(x, y, specs, ids=torch.tensor([0.0, 1.0, 2.0])).ids.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"`ids` must be N unique integers, got torch.float32"):
+        MultiTaskDataset(x, y, specs, ids=torch.tensor([0.5, 1.5, 2.5]))
 
 
 def test_partial_split_keeps_non_target_labels_of_forget_instances() -> None:

@@ -146,6 +146,10 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                                  f"inputs have {n}")
         self.inputs: Inputs = inputs
         self.targets = {name: targets[name] for name in names}
+        if ids is not None and (ids.dtype == torch.bool or ids.is_complex() or (
+                ids.is_floating_point() and not bool((ids == ids.round()).all()))):
+            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, got "
+                             f"{ids.dtype} values {ids.reshape(-1)[:5].tolist()}")
         self.ids = torch.arange(n) if ids is None else ids.to(torch.long)
         if self.ids.shape != (n,) or torch.unique(self.ids).numel() != n:
             raise ValueError("MultiTaskDataset: `ids` must be N unique integers")
