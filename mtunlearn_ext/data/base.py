@@ -76,6 +76,14 @@ class TaskSpec:
         return out
 
 
+def integer_valued(values: torch.Tensor) -> bool:
+    """Whether every entry is an integer: an integer dtype, or floats without a fraction (a
+    data frame's id column may be float); never a bool mask, NaN or a complex number."""
+    if values.dtype == torch.bool or values.is_complex():
+        return False
+    return not values.is_floating_point() or bool((values == values.round()).all())
+
+
 def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,
                          supervised: torch.Tensor) -> torch.Tensor:
     """``target`` (``[B, ...]``) with the rows where ``supervised`` (``[B]`` bool) is False set
@@ -146,8 +154,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                                  f"inputs have {n}")
         self.inputs: Inputs = inputs
         self.targets = {name: targets[name] for name in names}
-        if ids is not None and (ids.dtype == torch.bool or ids.is_complex() or (
-                ids.is_floating_point() and not bool((ids == ids.round()).all()))):
+        if ids is not None and not integer_valued(ids):
             raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, got "
                              f"{ids.dtype} values {ids.reshape(-1)[:5].tolist()}")
         self.ids = torch.arange(n) if ids is None else ids.to(torch.long)

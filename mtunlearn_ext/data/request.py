@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import torch
 
-from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.data.base import MultiTaskDataset, integer_valued
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,7 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
             values = torch.as_tensor(instance_ids)
         except (TypeError, ValueError, RuntimeError) as error:
             raise refuse(instance_ids) from error
-        if values.dtype == torch.bool or values.is_complex() or (
-                values.is_floating_point() and not bool((values == values.round()).all())):
+        if not integer_valued(values):
             raise refuse(values.reshape(-1)[:5].tolist())
         return tuple(int(i) for i in values.reshape(-1).tolist())
     try:
