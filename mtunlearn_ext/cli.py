@@ -117,13 +117,13 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     return value
 
 
-
 def _check_seed(seed: int | None) -> None:
     """Seeds are integers >= 0 (every generator the commands seed takes those)."""
     from mtunlearn_ext.workflow import UserInputError
 
     if seed is not None and seed < 0:
         raise UserInputError("--seed", "an integer >= 0", seed)
+
 
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """An aligned plain-text table (the end-of-command summary)."""

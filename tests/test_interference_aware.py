@@ -613,7 +613,9 @@ def test_every_method_runs_with_a_frozen_head(user_setup, frozen: str, full: boo
     for p in model.heads[frozen].parameters():
         p.requires_grad_(False)
     request = ForgetRequest.create(range(10), None if full else ["kind"])
-    for method in sorted(set(available_unlearners()) - {"retrain"}):
+    # The library's methods (tests may register private ones, named with a leading "_").
+    for method in sorted(m for m in available_unlearners()
+                         if m != "retrain" and not m.startswith("_")):
         new, _ = mtunlearn_ext.unlearn(model, tasks={"kind": "classification",
                                                      "size": "regression"},
                                        train_data=(x, y), forget_request=request,

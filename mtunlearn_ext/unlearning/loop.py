@@ -122,21 +122,20 @@ class StepConfig(UnlearnerConfig):
         for field_name in ("lr", "head_lr_scale", "forget_weight", "retain_weight",
                            "weight_decay", "momentum"):
             value = getattr(self, field_name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: `{field_name}` must be a finite number >= 0, got "
                                  f"{value!r}")
         if self.lr <= 0:
             raise ValueError(f"{name}: `lr` must be > 0, got {self.lr}")
-        if not (isinstance(self.adam_beta2, (int, float)) and 0.0 <= self.adam_beta2 < 1.0):
+        if not 0.0 <= self.adam_beta2 < 1.0:
             raise ValueError(f"{name}: `adam_beta2` must be in [0, 1), got {self.adam_beta2!r}")
-        if not (isinstance(self.adam_eps, (int, float)) and math.isfinite(self.adam_eps)
-                and self.adam_eps > 0):
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
             raise ValueError(f"{name}: `adam_eps` must be a finite number > 0, got "
                              f"{self.adam_eps!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"{name}: `optimizer` must be 'sgd' or 'adam', got "
                              f"{self.optimizer!r}")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+        if self.warmup_steps < 0:
             raise ValueError(f"{name}: `warmup_steps` must be an integer >= 0, got "
                              f"{self.warmup_steps!r}")
         for field_name in ("forget_batch_size", "retain_batch_size", "log_every"):
@@ -145,10 +144,6 @@ class StepConfig(UnlearnerConfig):
                                  f"{getattr(self, field_name)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"{name}: `grad_clip` must be > 0 or None, got {self.grad_clip}")
-        for field_name in ("train_mode", "recalibrate_norms"):
-            if not isinstance(getattr(self, field_name), bool):
-                raise ValueError(f"{name}: `{field_name}` must be True or False, got "
-                                 f"{getattr(self, field_name)!r}")
         choices = ([] if self.forget_objective is None else
                    [self.forget_objective] if isinstance(self.forget_objective, str) else
                    list(self.forget_objective.values()))

@@ -44,8 +44,7 @@ class RetrainConfig(UnlearnerConfig):
         super().validate()
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"RetrainConfig: `epochs` must be >= 1 or None, got {self.epochs}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or self.seed < 0):
+        if self.seed is not None and self.seed < 0:
             raise ValueError(f"RetrainConfig: `seed` must be an int >= 0 or None, got "
                              f"{self.seed!r}")
 
