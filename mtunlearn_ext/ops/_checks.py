@@ -52,7 +52,11 @@ def check_same_dtype(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None
 
 
 def _has_no_values(t: torch.Tensor) -> bool:
-    """A tensor with a shape but no data: on the meta device, or a FakeTensor."""
+    """A tensor with a shape but no data: on the meta device, or a FakeTensor outside
+    ``torch.compile`` (while tracing, the check below breaks the graph as it always did, and
+    runs on the real values)."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "meta" or is_fake(t)
 
 
