@@ -670,12 +670,17 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    try:
+    try:  # every input checked before any training: exit 2 with one line
         config.validate()
-    except ValueError as error:
+        benchmark = _load_benchmark(config)
+        unknown = [t for t in config.target_tasks or [] if t not in benchmark.train.task_names]
+        if unknown:
+            raise ValueError(f"--target-tasks: unknown tasks {unknown}; {config.benchmark!r} has "
+                             f"{benchmark.train.task_names}")
+    except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: a real data root
         print(f"error: {error}", file=sys.stderr)
         return 2
-    results = run_experiment(config)
+    results = run_experiment(config, benchmark)
     print(format_table(results))
     print(f"results written to {config.output}")
     return 0

@@ -156,6 +156,14 @@ def test_cli_full_request(tmp_path: Path) -> None:
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--methods", "nope", "--benchmark", "digits"]) == 2
     assert "unknown methods" in capsys.readouterr().err
+    # Checked before any training (these failed with a traceback, exit 1).
+    assert main(["--benchmark", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert main(["--benchmark", "digits", "--size", "tiny", "--request", "partial",
+                 "--target-tasks", "nope"]) == 2
+    assert "--target-tasks: unknown tasks ['nope']" in capsys.readouterr().err
+    assert main(["--benchmark", "nyuv2", "--data-root", "/nonexistent"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--request", "sideways"])
 
