@@ -187,6 +187,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             bench = load_benchmark(args.benchmark, seed=args.seed, size=args.size,
                                    data_root=args.data_root)
+        except OSError as error:  # a real data set's root: missing, or not LibMTL's layout
+            raise UserInputError("--data-root", f"a folder holding {args.benchmark!r} in "
+                                 "LibMTL's layout", args.data_root, str(error)) from error
         except ValueError as error:
             raise UserInputError("--benchmark", "a loadable benchmark", args.benchmark,
                                  str(error)) from error

@@ -135,6 +135,11 @@ def test_refuses_overwrite_and_rerun_gets_new_name(trained: Path, tmp_path: Path
                      "--output", str(tmp_path / "new.pt"), "--quiet"]) == 2
     assert "--seed: expected an integer >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "new.pt").exists()
+    assert cli.main(["train", "--benchmark", "nyuv2", "--data-root", str(tmp_path / "none"),
+                     "--output", str(tmp_path / "new.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root: expected a folder holding 'nyuv2' in LibMTL's layout" in err, err
+    assert "Traceback" not in err and not (tmp_path / "new.pt").exists()
 
 
 def test_config_file_and_flag_override(trained: Path, tmp_path: Path,
