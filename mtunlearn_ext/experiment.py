@@ -667,10 +667,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         threads=args.threads)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    try:  # every input checked before any training: exit 2 with one line
+def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
+    """The command lines' check of every input before any training: ``config``, its benchmark
+    (name, data root) and target tasks. Returns the loaded benchmark, or prints one line
+    (``error: ...``) and returns ``None`` (the caller exits with code 2)."""
+    try:
         config.validate()
         benchmark = _load_benchmark(config)
         unknown = [t for t in config.target_tasks or [] if t not in benchmark.train.task_names]
@@ -679,6 +680,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{benchmark.train.task_names}")
     except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: a real data root
         print(f"error: {error}", file=sys.stderr)
+        return None
+    return benchmark
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    benchmark = checked_benchmark(config)
+    if benchmark is None:
         return 2
     results = run_experiment(config, benchmark)
     print(format_table(results))

@@ -15,6 +15,7 @@ experiment. The chosen settings print as a ``--method-config`` JSON for the expe
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -24,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtunlearn_ext.data.base import Benchmark
 from mtunlearn_ext.experiment import (
     ExperimentConfig,
     build_parser as experiment_parser,
+    checked_benchmark,
     config_from_args,
     prepare_experiment,
     write_json_atomic,
@@ -38,11 +41,12 @@ __all__ = ["main", "tune"]
 
 
 def tune(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[int],
-         retain_eval: int = 200, base: dict[str, dict[str, Any]] | None = None
-         ) -> dict[str, Any]:
+         retain_eval: int = 200, base: dict[str, dict[str, Any]] | None = None,
+         benchmark: Benchmark | None = None) -> dict[str, Any]:
     """Score every ``(method, lr, steps)`` of the grid; return the records and the best setting
-    of each method (lowest forget+retain gap to the retrained model)."""
-    prepared = prepare_experiment(config)
+    of each method (lowest forget+retain gap to the retrained model). ``benchmark``: the
+    loaded data (default: loaded by name)."""
+    prepared = prepare_experiment(config, benchmark)
     problem = prepared.problem(config)
     generator = torch.Generator().manual_seed(config.seed)
     rows = torch.randperm(len(prepared.retain), generator=generator)[:retain_eval]
@@ -104,12 +108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="retain instances scored at each checkpoint (seeded subset)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
+    try:
+        lrs = [float(v) for v in args.lrs.split(",")]
+        checkpoints = sorted(int(v) for v in args.checkpoints.split(","))
+        if not all(math.isfinite(v) and v > 0 for v in lrs) or min(checkpoints) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --lrs / --checkpoints: expected positive numbers / step counts, got "
+              f"{args.lrs!r} / {args.checkpoints!r}", file=sys.stderr)
+        return 2
+    benchmark = checked_benchmark(config)
+    if benchmark is None:
+        return 2
     config.methods = [m for m in config.methods if m != "retrain"]
     base = config.method_configs
     config.method_configs = {}
-    lrs = [float(v) for v in args.lrs.split(",")]
-    checkpoints = sorted(int(v) for v in args.checkpoints.split(","))
-    result = tune(config, lrs, checkpoints, args.retain_eval, base)
+    result = tune(config, lrs, checkpoints, args.retain_eval, base, benchmark)
     result["config"] = {"experiment": vars(args)}
     write_json_atomic(config.output, json.loads(json.dumps(result, default=str)))
     print("best settings (--method-config):")
