@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -31,6 +32,22 @@ _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is dete
 _SAFETY = ("Outputs are new files only (existing files and inputs are never overwritten), "
            "written atomically (temporary file, fsync, rename); an interrupted run leaves no "
            "output and the input untouched.")
+
+
+def _at_least(low: float, kind: type = int) -> Any:
+    """An argparse type: ``kind`` (int or float) and ``>= low``, or an error that says so."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} >= {low:g}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -445,7 +462,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML (.yaml/.yml) or TOML (.toml) file whose keys are this command's "
                         "options (e.g. forget_ids: [1, 2]); command-line options override it")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_at_least(1), default=None,
                    help="torch intra-op CPU threads (default: torch's choice; 1 is best on a "
                         "busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -464,7 +481,8 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seeds the forget-id draw, the method and the attack (default: the "
                         "checkpoint's seed)")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--eval-batch-size", type=_at_least(1), default=64,
+                   help="evaluation batch size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark size")
     p.add_argument("--data-root", default=None, help="LibMTL data root (nyuv2 / cityscapes)")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=_at_least(0), default=None,
+                   help="override the recipe's epochs")
     p.add_argument("--train", default=None, metavar="JSON",
                    help='JSON overrides of the training recipe, e.g. {"lr": 1e-3}')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -532,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", default=None, metavar="JSON", help="the unlearning record")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint to verify (default: the record's output checkpoint)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=_at_least(0.0, float), default=1e-4,
                    help="metric tolerance (absolute below 1, relative above)")
     _common(p)
     p.set_defaults(func=_cmd_verify, _required=["record"])
