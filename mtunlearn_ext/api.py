@@ -731,6 +731,15 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     Returns:
         The record (a plain JSON-able dict).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_unlearned: `model` must be the unlearned nn.Module, got "
+                        f"{type(model).__name__}")
+    if not isinstance(report, UnlearningReport):
+        raise TypeError(f"save_unlearned: `report` must be the UnlearningReport that unlearn() "
+                        f"returned with the model, got {type(report).__name__}")
+    if original is not None and not isinstance(original, nn.Module):
+        raise TypeError(f"save_unlearned: `original` must be the nn.Module the model was "
+                        f"unlearned from (or None), got {type(original).__name__}")
     target = Path(path)
     record_path = target.with_name(target.name + ".record.json")
     for p in (target, record_path):

@@ -744,6 +744,14 @@ def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_set
     with pytest.raises(FileExistsError, match="other.pt.record.json exists"):
         mtunlearn_ext.save_unlearned(new, report, tmp_path / "other.pt")
     assert not (tmp_path / "other.pt").exists()
+    # Arguments swapped or a report rebuilt by hand: named before anything is written.
+    with pytest.raises(TypeError, match=r"`report` must be the UnlearningReport that unlearn\(\) "
+                                        r"returned with the model, got dict"):
+        mtunlearn_ext.save_unlearned(new, report.to_dict(), tmp_path / "third.pt")
+    with pytest.raises(TypeError, match=r"`model` must be the unlearned nn.Module, got "
+                                        r"UnlearningReport"):
+        mtunlearn_ext.save_unlearned(report, new, tmp_path / "third.pt")  # type: ignore[arg-type]
+    assert not (tmp_path / "third.pt").exists()
     # A record that cannot be written takes its checkpoint with it.
     import mtunlearn_ext.workflow as workflow
 
