@@ -135,6 +135,10 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
                          "(names, parameters, or a predicate on names), or use a model with "
                          "`parameter_split()` (a mtunlearn_ext MultiTaskModel)")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if shared is not None and not callable(shared) and (
+            isinstance(shared, (str, bytes)) or not isinstance(shared, Iterable)):
+        raise TypeError(f"unlearn: `shared_parameters` must be names, parameters or a predicate "
+                        f"on names, got {type(shared).__name__}")
     if shared is None:
         shared_names: list[str] = []
     elif callable(shared):

@@ -644,6 +644,22 @@ def test_a_parameter_belongs_to_one_group(user_setup) -> None:  # type: ignore[n
     assert all(torch.equal(v, twice.state_dict()[k]) for k, v in once.state_dict().items())
 
 
+def test_public_api_names_arguments_of_the_wrong_type(user_setup) -> None:  # type: ignore[no-untyped-def]
+    model, x, y = user_setup
+    common = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(10), ["kind"]),
+                  shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 1})
+    for change, error, message in (
+            ({"config": [1, 2]}, TypeError, r"interference_aware: `config` must be a mapping of "
+                                            r"settings or a config object"),
+            ({"seed": 1.5}, ValueError, r"`seed` must be an integer >= 0, got 1.5"),
+            ({"device": "tpu"}, ValueError, r"`device` 'tpu' is no torch device"),
+            ({"shared_parameters": 5}, TypeError, r"`shared_parameters` must be names, "
+                                                  r"parameters or a predicate on names, got int")):
+        with pytest.raises(error, match=message):
+            mtunlearn_ext.unlearn(model, **{**common, **change})
+
+
 def test_public_api_ignores_whatever_unsupervised_pairs_hold(user_setup) -> None:  # type: ignore[no-untyped-def]
     model, x, y = user_setup
     supervision = torch.ones(120, 2, dtype=torch.bool)

@@ -156,9 +156,14 @@ class UnlearningProblem:
         if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
             raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
                              "build it with ForgetRequest.split")
-        if self.seed < 0:
-            raise ValueError(f"UnlearningProblem: `seed` must be >= 0, got {self.seed}")
-        device = torch.device(self.device)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"UnlearningProblem: `seed` must be an integer >= 0, got "
+                             f"{self.seed!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"UnlearningProblem: `device` {self.device!r} is no torch device "
+                             f"({error})") from error
         if device.type == "cuda" and (not torch.cuda.is_available() or (
                 device.index is not None and device.index >= torch.cuda.device_count())):
             raise ValueError(f"UnlearningProblem: `device` {str(device)!r} is not available here "

@@ -55,4 +55,7 @@ def get_unlearner(name: str, config: Mapping[str, Any] | UnlearnerConfig | None 
         values = dict(config or {})
         values.update(overrides)
         return cls(config_from_mapping(cls.config_class, values))
+    if not isinstance(config, cls.config_class):
+        raise TypeError(f"{name}: `config` must be a mapping of settings or a config object "
+                        f"({cls.config_class.__name__}), got {type(config).__name__}")
     return cls(config, **overrides)
