@@ -728,6 +728,26 @@ def test_torch_compile_traces_the_ops() -> None:
     assert torch.allclose(compiled(grads, forget), surgery(grads, forget), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_keeps_the_default_finite_check_as_a_device_assert() -> None:
+    """With the default ``check_finite=True`` the wrappers trace under ``fullgraph=True`` on the
+    CPU (the host-side check would need a sync: inside a graph it is an assert), give the eager
+    results, and a NaN still fails the call."""
+    from mtunlearn_ext.surgery import project_out_list
+
+    def surgery(grads: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+        update = ops.combine(ops.pcgrad_weights(ops.gram(grads), 3).unsqueeze(0), grads)
+        projected = project_out_list([forget.unsqueeze(0)], [grads])[0]
+        return update.squeeze(0) + projected.squeeze(0) + ops.inner(grads, grads).sum()
+
+    compiled = torch.compile(surgery, backend="aot_eager", fullgraph=True)
+    grads, forget = _rand(4, 300, seed=7), _rand(300, seed=8)
+    assert torch.allclose(compiled(grads, forget), surgery(grads, forget), rtol=1e-5, atol=1e-5)
+    poisoned = grads.clone()
+    poisoned[1, 7] = float("nan")
+    with pytest.raises(RuntimeError, match=r"mtunlearn_ext.ops.gram: NaN or Inf in the inputs"):
+        compiled(poisoned, forget)
+
+
 def test_errors_name_the_argument() -> None:
     x = torch.randn(3, 10)
     with pytest.raises(TypeError, match="`x` must have dtype"):

@@ -53,8 +53,7 @@ def check_same_dtype(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None
 
 def _has_no_values(t: torch.Tensor) -> bool:
     """A tensor with a shape but no data: on the meta device, or a FakeTensor outside
-    ``torch.compile`` (while tracing, the check below breaks the graph as it always did, and
-    runs on the real values)."""
+    ``torch.compile`` (while tracing, the check below becomes a device-side assert)."""
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "meta" or is_fake(t)
@@ -70,6 +69,15 @@ def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str
     (``named`` may be a generator: it is consumed only then).
     """
     if _has_no_values(result):  # meta or fake tensors (shape propagation): nothing to read
+        return
+    if torch.compiler.is_compiling() and result.device.type == "cpu":
+        # Inside a graph, on the CPU, an assert in the graph fails the same call (a
+        # RuntimeError, without the input's name, which needs a second look at the values). Not
+        # on CUDA: a device-side assert there leaves the CUDA context unusable, so the host
+        # check below runs instead (a graph break, as before).
+        torch._assert_async(torch.isfinite(result).all(),
+                            f"{op}: NaN or Inf in the inputs, or an overflowing accumulation "
+                            "(check_finite=False lets them propagate)")
         return
     # One reduction on the fast path: the sum of finite values is finite unless it overflows,
     # and only then (or with a real NaN/Inf) is the element-wise check needed.
