@@ -361,6 +361,16 @@ def test_loader_rejects_bad_labels(tmp_path: Path) -> None:
     np.save(tmp_path / "train" / "label" / "0.npy", np.full((8, 12), 9.0, dtype=np.float32))
     with pytest.raises(LayoutError, match="labels outside"):
         load_cityscapes(tmp_path)
+    # A fraction is no class (it was rounded to one); NaN pixels in an image are refused at
+    # load, not met later as a failed training step.
+    np.save(tmp_path / "train" / "label" / "0.npy", np.full((8, 12), 2.5, dtype=np.float32))
+    with pytest.raises(LayoutError, match=r"label/0.npy holds labels that are not whole numbers: "
+                                          r"\[2.5\]"):
+        load_cityscapes(tmp_path)
+    np.save(tmp_path / "train" / "label" / "0.npy", np.full((8, 12), 2.0, dtype=np.float32))
+    np.save(tmp_path / "train" / "image" / "1.npy", np.full((8, 12, 3), np.nan, dtype=np.float32))
+    with pytest.raises(LayoutError, match=r"image/1.npy holds NaN or Inf"):
+        load_cityscapes(tmp_path)
 
 
 # -- registry and cache --------------------------------------------------------------------------

@@ -98,6 +98,8 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
         elif image.shape[:2] != shape:
             raise LayoutError(f"{split_dir}/image/{i}.npy is {image.shape[:2]}, the first image "
                               f"{shape}; all images of a split must have one size")
+        if not np.isfinite(image).all():
+            raise LayoutError(f"{split_dir}/image/{i}.npy holds NaN or Inf")
         rgb = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
         images.append(_resize(rgb, size, "bilinear"))
         for folder in folders:
@@ -107,6 +109,11 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
                 raise LayoutError(f"{split_dir}/{folder}/{i}.npy is {array.shape[:2]}, its image "
                                   f"{shape}")
             if channels is None:
+                # Labels come as floats in LibMTL's files: whole numbers, up to rounding.
+                fractional = np.abs(array - np.rint(array)) > 1e-3
+                if fractional.any():
+                    raise LayoutError(f"{split_dir}/label/{i}.npy holds labels that are not whole "
+                                      f"numbers: {sorted(set(array[fractional].tolist()))[:5]}")
                 label = torch.from_numpy(np.rint(array).astype(np.int64))
                 bad = (label < -1) | (label >= num_classes)
                 if bool(bad.any()):
