@@ -668,6 +668,7 @@ def unlearn(model: nn.Module, *,
     if audit_data is not None:
         audit = _as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
+        problem.check_model_on(audit, "`audit_data`")
         if isinstance(audit_data, MultiTaskDataset):  # tuple data gets ids of its own
             problem.check_unseen(audit, "unlearn: `audit_data`")
         target_columns = [audit.task_index(t) for t in problem.target_tasks]

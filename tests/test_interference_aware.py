@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import warnings
 
 import pytest
@@ -658,6 +659,13 @@ def test_public_api_names_arguments_of_the_wrong_type(user_setup) -> None:  # ty
                                                   r"parameters or a predicate on names, got int")):
         with pytest.raises(error, match=message):
             mtunlearn_ext.unlearn(model, **{**common, **change})
+    # Held-out and audit sets the model cannot read are named before any work (the held-out set
+    # was accepted and failed only where a method used it; the audit set failed in the attack).
+    wrong = (torch.randn(20, 5), {"kind": torch.randint(0, 3, (20,)), "size": torch.randn(20, 1)})
+    for name, what in (("held_out_data", "the held_out set"), ("audit_data", "`audit_data`")):
+        with pytest.raises(ValueError, match=rf"the model fails on {re.escape(what)}'s inputs "
+                                             r"\(a batch of shape \(2, 5\)\)"):
+            mtunlearn_ext.unlearn(model, **{**common, name: wrong})
 
 
 def test_public_api_ignores_whatever_unsupervised_pairs_hold(user_setup) -> None:  # type: ignore[no-untyped-def]

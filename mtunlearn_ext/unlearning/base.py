@@ -174,7 +174,9 @@ class UnlearningProblem:
                 raise ValueError("UnlearningProblem: the held_out set is empty (pass None to "
                                  "go without one)")
             self.check_unseen(self.held_out, "UnlearningProblem: the held_out set")
-        self._check_model_outputs()
+        self.check_model_on(self.retain)
+        if self.held_out is not None:
+            self.check_model_on(self.held_out, "the held_out set")
 
     def check_unseen(self, data: MultiTaskDataset, what: str) -> None:
         """Raise if ``data`` shares an instance id with the training set (forget or retain):
@@ -208,19 +210,23 @@ class UnlearningProblem:
                 "forget (ForgetRequest.split removes them)")
 
     @torch.no_grad()
-    def _check_model_outputs(self) -> None:
-        """One eval-mode forward of a few retain rows (the first two and the first supervised
-        row of each task): the model must run on the data's inputs and return a prediction for
-        every task that the task's loss accepts on a supervised row (an unsupervised pair's
-        target may hold anything, so it is never fed to a loss)."""
-        supervision = self.retain.supervision
-        picks = set(range(min(2, len(self.retain))))
+    def check_model_on(self, data: MultiTaskDataset, what: str = "the data") -> None:
+        """One eval-mode forward of a few rows of ``data`` (the first two and the first
+        supervised row of each task): the model must run on its inputs and return a prediction
+        for every task that the task's loss accepts on a supervised row (an unsupervised pair's
+        target may hold anything, so it is never fed to a loss). ``what`` names the set in the
+        errors (validation checks the retain set and the held-out set; :func:`unlearn` the
+        audit set)."""
+        if len(data) == 0:
+            return
+        supervision = data.supervision
+        picks = set(range(min(2, len(data))))
         for column in range(supervision.shape[1]):
             rows_of_task = supervision[:, column].nonzero().flatten()
             if rows_of_task.numel():
                 picks.add(int(rows_of_task[0]))
         positions = torch.tensor(sorted(picks))
-        rows = self.retain.batch(positions)
+        rows = data.batch(positions)
         inputs: Inputs = rows["input"]  # type: ignore[assignment]
         targets = rows["targets"]
         assert isinstance(targets, Mapping)
@@ -231,7 +237,7 @@ class UnlearningProblem:
         try:
             out = self.model(inputs_to(inputs, device))
         except Exception as error:
-            raise ValueError(f"UnlearningProblem: the model fails on the data's inputs (a "
+            raise ValueError(f"UnlearningProblem: the model fails on {what}'s inputs (a "
                              f"batch of {describe(inputs)}): {type(error).__name__}: "
                              f"{error}") from error
         finally:
