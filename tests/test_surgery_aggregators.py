@@ -298,6 +298,13 @@ def test_aggregate_list_refuses_zero_tasks(make) -> None:  # type: ignore[no-unt
         aggregate_list(make(), [torch.zeros(0, 5)], [torch.empty(5)])
 
 
+@pytest.mark.parametrize("seed", ["a", 1.5, -1, True])
+def test_pcgrad_seed_must_be_a_non_negative_integer(seed) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"PCGradWeighting: `seed` must be an integer >= 0 or "
+                                         r"None, got "):
+        PCGrad(seed=seed)
+
+
 def test_mixed_dtype_parameter_lists() -> None:
     """bf16 weights beside fp32 norms: one Gram (fp32) over both dtype classes."""
     j = _random_jacobian(3, 20, 13)

@@ -88,8 +88,9 @@ class PCGradWeighting(Weighting):
 
     def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
         super().__init__()
-        if seed is not None and seed < 0:
-            raise ValueError(f"PCGradWeighting: `seed` must be >= 0 or None, got {seed}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"PCGradWeighting: `seed` must be an integer >= 0 or None, got "
+                             f"{seed!r}")
         self.seed = seed
         self.reshuffle = reshuffle
         self.calls = 0
