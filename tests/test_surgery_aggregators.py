@@ -305,6 +305,15 @@ def test_pcgrad_seed_must_be_a_non_negative_integer(seed) -> None:  # type: igno
         PCGrad(seed=seed)
 
 
+def test_mgda_weighting_lets_nan_through_like_the_others() -> None:
+    """A Gram with NaN (checks off) gives NaN weights, not an indexing error in the simplex
+    projection; finite Grams are unaffected (the guard is a no-op there)."""
+    assert torch.isnan(MGDAWeighting()(torch.full((3, 3), float("nan")))).all()
+    j = _random_jacobian(3, 10, 21)
+    weights = MGDAWeighting()(j @ j.T)
+    assert torch.isfinite(weights).all() and float(weights.sum()) == pytest.approx(1.0)
+
+
 def test_mixed_dtype_parameter_lists() -> None:
     """bf16 weights beside fp32 norms: one Gram (fp32) over both dtype classes."""
     j = _random_jacobian(3, 20, 13)

@@ -24,8 +24,10 @@ def _project_simplex(v: torch.Tensor) -> torch.Tensor:
     u, _ = torch.sort(v, dim=-1, descending=True)
     shifted_cumsum = u.cumsum(-1) - 1.0
     ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
-    # The condition holds exactly on a prefix of the sorted entries, and always for the first one.
-    support_size = (u - shifted_cumsum / ranks > 0).sum(-1, keepdim=True)
+    # The condition holds exactly on a prefix of the sorted entries, and always for the first one
+    # (the clamp changes nothing then; with NaN in ``v`` it keeps the index valid, so NaN comes
+    # out as the weights, as everywhere else, instead of an indexing error).
+    support_size = (u - shifted_cumsum / ranks > 0).sum(-1, keepdim=True).clamp_min(1)
     theta = shifted_cumsum.gather(-1, support_size - 1) / support_size.to(v.dtype)
     return (v - theta).clamp_min(0.0)
 
