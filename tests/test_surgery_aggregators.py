@@ -129,6 +129,11 @@ def test_upgrad_pref_vector_and_validation() -> None:
         UPGrad(pref_vector=torch.ones(2, dtype=F64))(j)
     with pytest.raises(ValueError, match="reg_eps"):
         UPGradWeighting(reg_eps=-1.0)
+    # A list (as TorchJD users write it) is the same preference; NaN is refused at once (it
+    # failed later, as `coeffs` of a combination).
+    torch.testing.assert_close(UPGrad(pref_vector=[0.5, 0.2, 0.3])(j), pref @ j)
+    with pytest.raises(ValueError, match=r"`pref_vector` must be finite, got \[1.0, nan, 1.0\]"):
+        UPGrad(pref_vector=[1.0, float("nan"), 1.0])
 
 
 # ----------------------------------------------------------------------------- MGDA

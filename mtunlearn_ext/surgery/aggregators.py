@@ -11,6 +11,7 @@ handed to ``torchjd.autojac.jac_to_grad`` / ``mtl_backward`` (which only call th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -94,7 +95,8 @@ class UPGrad(Aggregator):
     """Each row projected onto the dual cone of all rows, then combined with the preferences
     (TorchJD ``UPGrad``; see :class:`UPGradWeighting`)."""
 
-    def __init__(self, pref_vector: torch.Tensor | None = None, reg_eps: float = 0.0) -> None:
+    def __init__(self, pref_vector: torch.Tensor | Sequence[float] | None = None,
+                 reg_eps: float = 0.0) -> None:
         super().__init__(UPGradWeighting(pref_vector=pref_vector, reg_eps=reg_eps))
 
 

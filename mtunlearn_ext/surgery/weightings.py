@@ -17,6 +17,7 @@ scaler: scaled gradients give the scaled update.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -124,11 +125,19 @@ class UPGradWeighting(Weighting):
             exact cone; the dual solver is stable on semi-definite ``G``.
     """
 
-    def __init__(self, pref_vector: torch.Tensor | None = None, reg_eps: float = 0.0) -> None:
+    def __init__(self, pref_vector: torch.Tensor | Sequence[float] | None = None,
+                 reg_eps: float = 0.0) -> None:
         super().__init__()
-        if pref_vector is not None and pref_vector.dim() != 1:
-            raise ValueError(f"UPGradWeighting: `pref_vector` must be 1-D, got shape "
-                             f"{tuple(pref_vector.shape)}")
+        if pref_vector is not None:
+            pref_vector = torch.as_tensor(pref_vector)  # a list or array is fine too
+            if pref_vector.dim() != 1:
+                raise ValueError(f"UPGradWeighting: `pref_vector` must be 1-D, got shape "
+                                 f"{tuple(pref_vector.shape)}")
+            if not pref_vector.is_floating_point():
+                pref_vector = pref_vector.double()
+            if not bool(torch.isfinite(pref_vector).all()):
+                raise ValueError(f"UPGradWeighting: `pref_vector` must be finite, got "
+                                 f"{pref_vector.tolist()}")
         if not reg_eps >= 0.0:
             raise ValueError(f"UPGradWeighting: `reg_eps` must be >= 0, got {reg_eps}")
         self.pref_vector = pref_vector
