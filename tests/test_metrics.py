@@ -150,6 +150,11 @@ def test_evaluate_counts_only_supervised_pairs() -> None:
     model.train()
     evaluate(model, data)
     assert model.training  # mode restored
+    for bad in (0, -1, 2.5, True):  # a zero batch size looped on range(0, n, 0)
+        with pytest.raises(ValueError, match=r"`batch_size` must be an integer >= 1, got "):
+            evaluate(model, data, batch_size=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"per_sample_task_losses: `batch_size` must be"):
+            per_sample_task_losses(model, data, batch_size=bad)  # type: ignore[arg-type]
 
 
 # -- membership inference -------------------------------------------------------------------------
