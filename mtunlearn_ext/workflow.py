@@ -102,6 +102,7 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
     if value is None:
         return None
     tokens: list[str] | list[int]
+    path: Path | None = None
     if isinstance(value, str):
         text = value
         path = Path(value[1:] if value.startswith("@") else value)
@@ -115,8 +116,12 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
         try:
             ids.append(int(token))
         except (TypeError, ValueError):
-            raise UserInputError(argument, "integer instance ids (comma/space separated)",
-                                 token) from None
+            # A lone word that is no id was most likely meant as a file of ids.
+            missing_file = (path is not None and len(tokens) == 1 and not path.is_file()
+                            and any(c.isalpha() or c in "/\\" for c in str(token)))
+            raise UserInputError(argument, "integer instance ids (comma/space separated, or a "
+                                 "file holding them)", token,
+                                 f"no file {str(path)!r} either" if missing_file else "") from None
     return ids
 
 

@@ -178,6 +178,7 @@ BAD_INPUTS = [
     (["--forget-ids", ""], "--forget-ids", "empty"),
     (["--forget-ids", ids(1) + ",99999"], "--forget-ids", "99999"),
     (["--forget-ids", "1,x"], "--forget-ids", "'x'"),
+    (["--forget-ids", "missing_ids.txt"], "--forget-ids", "no file 'missing_ids.txt' either"),
     (["--forget-ids", ids(1, 2), "--retain-ids", ids(2, 3)], "--retain-ids", "overlapping"),
     (["--forget-ids", ids(1), "--request", "partial", "--target-tasks", "digit,parity,magnitude"],
      "--target-tasks", "names every task"),
