@@ -84,7 +84,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything that would otherwise fail inside a worker process, with a traceback, after
     minutes of training: counts, the JSON recipe overrides, the methods and settings of both
     requests, and the partial request's task."""
-    from mtunlearn_ext.data import load_benchmark
+    from mtunlearn_ext.experiment import check_experiment
 
     for name in ("jobs", "threads"):
         if getattr(args, name) < 1:
@@ -95,17 +95,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--train: expected a JSON object, got {args.train!r}; {error}") from error
     if not isinstance(overrides, dict):
         raise ValueError(f"--train: expected a JSON object, got {args.train!r}")
-    flags = {"methods": "--baselines", "`seed`": "--seed", "forget_fraction": "--forget-fraction"}
+    flags = {"methods": "--baselines", "`seed`": "--seed", "forget_fraction": "--forget-fraction",
+             "--target-tasks": "--partial-task", "--train": ""}
     for config in _configs(args).values():
         try:
-            config.validate()
+            check_experiment(config)
         except ValueError as error:
             flag = next((f for key, f in flags.items() if key in str(error)), "arguments")
-            raise ValueError(f"{flag}: {error}") from error
-    tasks = load_benchmark(args.benchmark, seed=args.seed, size=args.size).train.task_names
-    if args.partial_task is not None and args.partial_task not in tasks:
-        raise ValueError(f"--partial-task: expected one of the benchmark's tasks {tasks}, got "
-                         f"{args.partial_task!r}")
+            message = str(error).replace("--target-tasks: ", "")
+            raise ValueError(f"{flag}: {message}" if flag else message) from error
 
 
 # -- the demo ------------------------------------------------------------------------------------

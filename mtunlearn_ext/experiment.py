@@ -667,21 +667,32 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         threads=args.threads)
 
 
-def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
-    """The command lines' check of every input before any training: ``config``, its benchmark
-    (name, data root) and target tasks. Returns the loaded benchmark, or prints one line
-    (``error: ...``) and returns ``None`` (the caller exits with code 2)."""
+def check_experiment(config: ExperimentConfig) -> Benchmark:
+    """Every input of an experiment checked before any training: ``config``, its benchmark
+    (name, data root), the target tasks and the training recipe's overrides. Returns the loaded
+    benchmark; raises ``ValueError`` (``FileNotFoundError`` for a real data set's root) naming
+    what is wrong."""
+    config.validate()
+    benchmark = _load_benchmark(config)
+    unknown = [t for t in config.target_tasks or [] if t not in benchmark.train.task_names]
+    if unknown:
+        raise ValueError(f"--target-tasks: unknown tasks {unknown}; {config.benchmark!r} has "
+                         f"{benchmark.train.task_names}")
     try:
-        config.validate()
-        benchmark = _load_benchmark(config)
-        unknown = [t for t in config.target_tasks or [] if t not in benchmark.train.task_names]
-        if unknown:
-            raise ValueError(f"--target-tasks: unknown tasks {unknown}; {config.benchmark!r} has "
-                             f"{benchmark.train.task_names}")
-    except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: a real data root
+        default_recipe(benchmark, config.seed, config.train_overrides)
+    except (TypeError, ValueError) as error:  # an unknown field, or a bad value, of TrainConfig
+        raise ValueError(f"--train: {error}") from error
+    return benchmark
+
+
+def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
+    """:func:`check_experiment` for the command lines: the loaded benchmark, or one line
+    (``error: ...``) printed and ``None`` (the caller exits with code 2)."""
+    try:
+        return check_experiment(config)
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return None
-    return benchmark
 
 
 def main(argv: Sequence[str] | None = None) -> int:

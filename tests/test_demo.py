@@ -61,7 +61,8 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     (["--baselines", "nope"], "--baselines: ExperimentConfig: unknown methods ['nope']"),
     (["--seed", "-1"], "--seed: ExperimentConfig: `seed` must be >= 0, got -1"),
     (["--train", "{bad"], "--train: expected a JSON object, got '{bad'"),
-    (["--partial-task", "nope"], "--partial-task: expected one of the benchmark's tasks"),
+    (["--partial-task", "nope"], "--partial-task: unknown tasks ['nope']; 'indoor' has"),
+    (["--train", '{"epochs": "x"}'], "--train: TrainConfig: `epochs` must be an integer"),
     (["--benchmark", "nyuv2"], "invalid choice: 'nyuv2'"),
 ])
 def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):

@@ -164,6 +164,9 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--target-tasks: unknown tasks ['nope']" in capsys.readouterr().err
     assert main(["--benchmark", "nyuv2", "--data-root", "/nonexistent"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["--benchmark", "digits", "--size", "tiny", "--train", '{"nope": 1}']) == 2
+    assert "--train: TrainConfig.__init__() got an unexpected keyword argument 'nope'" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--request", "sideways"])
 
