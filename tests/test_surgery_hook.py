@@ -227,6 +227,24 @@ def test_errors() -> None:
         surgery.backward([torch.ones(())])
 
 
+def test_parameter_lists_are_checked_when_the_surgery_is_built() -> None:
+    """A parameter listed twice counts once (it was in the Gram twice); a computed tensor (no
+    .grad kept: the surgery did nothing) and a head parameter that is also shared are refused."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    shared = list(model.trunk.parameters())
+    GradientSurgery(shared, UPGrad()).backward(_losses(model, x, y))
+    once = [p.grad.clone() for p in shared]
+    for p in model.parameters():
+        p.grad = None
+    GradientSurgery(shared + shared[:1], UPGrad()).backward(_losses(model, x, y))
+    assert all(torch.equal(p.grad, g) for p, g in zip(shared, once))
+    with pytest.raises(ValueError, match=r"shared parameter 'param0' is not a leaf tensor"):
+        GradientSurgery([shared[0] * 2], UPGrad())
+    with pytest.raises(ValueError, match=r"`head_params` holds shared parameters"):
+        GradientSurgery(shared, UPGrad(), head_params=[*model.heads.parameters(), shared[0]])
+
+
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_non_finite_task_gradients_name_the_loss_and_the_parameter(per_task: str) -> None:
     model = MultiTaskNet()

@@ -50,6 +50,7 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
                  ) -> tuple[list[str], list[torch.Tensor]]:
     names: list[str] = []
     tensors: list[torch.Tensor] = []
+    listed: set[int] = set()
     for i, item in enumerate(params):
         if isinstance(item, tuple):
             name, t = item
@@ -58,9 +59,17 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"GradientSurgery: shared parameter {name!r} is a "
                             f"{type(t).__name__}, not a tensor")
-        if t.requires_grad:
-            names.append(name)
-            tensors.append(t)
+        if not t.requires_grad:
+            continue
+        if not t.is_leaf:  # its .grad is never filled: the surgery would silently do nothing
+            raise ValueError(f"GradientSurgery: shared parameter {name!r} is not a leaf tensor "
+                             "(a computed one, whose .grad autograd does not keep); pass the "
+                             "model's parameters")
+        if id(t) in listed:  # listed twice: it counts once in the Gram, not twice
+            continue
+        listed.add(id(t))
+        names.append(name)
+        tensors.append(t)
     return names, tensors
 
 
@@ -149,6 +158,11 @@ class GradientSurgery:
         self.reducer = reducer
         self.check_finite = check_finite
         self._shared_ids = {id(p) for p in self.params}
+        if self.head_params is not None and any(id(p) in self._shared_ids
+                                                for p in self.head_params):
+            raise ValueError("GradientSurgery: `head_params` holds shared parameters; a "
+                             "parameter is either shared (its gradient goes through the "
+                             "aggregator) or a head's (its gradients are summed)")
         # State of accumulate() / apply(): per-task buffers and the heads they touched.
         self._buffers: list[torch.Tensor] | None = None
         self._buffered_tasks: int | None = None
