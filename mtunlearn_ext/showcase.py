@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4_000_000, help="vector length (parameters)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 2 <= args.k <= 256 or args.n < 1 or args.seed < 0:
+        parser.error(f"expected 2 <= --k <= 256 (the solvers' limit), --n >= 1 and --seed >= 0, "
+                     f"got {args.k}, {args.n} and {args.seed}")
 
     info = mtunlearn_ext.build_info()
     print("mtunlearn_ext build:", {k: v for k, v in info.items() if k != "parallel_backend"})
