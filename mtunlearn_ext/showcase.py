@@ -33,7 +33,8 @@ def _pcgrad_loop(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser = argparse.ArgumentParser(prog="python -m mtunlearn_ext.showcase",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--k", type=int, default=8, help="number of gradient vectors (tasks)")
     parser.add_argument("--n", type=int, default=4_000_000, help="vector length (parameters)")
     parser.add_argument("--seed", type=int, default=0)
