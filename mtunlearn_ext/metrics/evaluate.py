@@ -23,9 +23,11 @@ def _resolve(dataset: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None
     return [(dataset.task_index(n), dataset.tasks[dataset.task_index(n)]) for n in names]
 
 
-def _check_batch_size(batch_size: object, caller: str) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{caller}: `batch_size` must be an integer >= 1, got {batch_size!r}")
+def check_positive_int(value: object, name: str, caller: str) -> None:
+    """Raise ``ValueError`` (``caller: `name` must be an integer >= 1, got ...``) unless
+    ``value`` is an int >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{caller}: `{name}` must be an integer >= 1, got {value!r}")
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -64,7 +66,7 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     left out of the result (a partial-task forget set, for instance, has only target tasks). The
     model runs in eval mode without gradients and is put back in its previous mode.
     """
-    _check_batch_size(batch_size, "evaluate")
+    check_positive_int(batch_size, "batch_size", "evaluate")
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
     device = _device_of(model)
@@ -96,7 +98,7 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
                            ) -> torch.Tensor:
     """``[N, T]`` float64: :func:`~mtunlearn_ext.losses.task_loss` of every row and task, NaN
     where the pair is not supervised (columns follow ``tasks``, default the data set's)."""
-    _check_batch_size(batch_size, "per_sample_task_losses")
+    check_positive_int(batch_size, "batch_size", "per_sample_task_losses")
     resolved = _resolve(dataset, tasks)
     losses = torch.full((len(dataset), len(resolved)), float("nan"), dtype=torch.double)
     device = _device_of(model)

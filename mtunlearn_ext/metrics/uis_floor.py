@@ -34,7 +34,13 @@ import torch
 
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
-from mtunlearn_ext.metrics.evaluate import _device_of, _EvalMode, _resolve, evaluate
+from mtunlearn_ext.metrics.evaluate import (
+    _device_of,
+    _EvalMode,
+    _resolve,
+    check_positive_int,
+    evaluate,
+)
 from mtunlearn_ext.metrics.scores import Scores, uis_of_terms, uis_terms
 from mtunlearn_ext.metrics.task_metrics import MetricAccumulator, make_accumulator
 from mtunlearn_ext.models.base import MultiTaskModel
@@ -73,15 +79,12 @@ class UISFloor:
 def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_size: int,
                 tasks: Sequence[TaskSpec | str] | None, draws: int, batch_size: int
                 ) -> list[str]:
-    if isinstance(forget_size, bool) or not isinstance(forget_size, int) or forget_size < 1:
-        raise ValueError(f"uis_floor: `forget_size` must be a positive int, got {forget_size!r}")
+    check_positive_int(forget_size, "forget_size", "uis_floor")
     if forget_size > len(unseen):
         raise ValueError(f"uis_floor: `forget_size` ({forget_size}) exceeds the `unseen` pool "
                          f"({len(unseen)} instances); draws are without replacement")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"uis_floor: `draws` must be a positive int, got {draws!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"uis_floor: `batch_size` must be a positive int, got {batch_size!r}")
+    check_positive_int(draws, "draws", "uis_floor")
+    check_positive_int(batch_size, "batch_size", "uis_floor")
     names = (list(reference.task_names) if tasks is None
              else [t if isinstance(t, str) else t.name for t in tasks])
     if not names:
