@@ -146,6 +146,53 @@ def test_per_layer_surgery() -> None:
     torch.testing.assert_close(got[cut:], UPGrad()(jacobian[:, cut:]))
 
 
+def _jacobian(losses: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, params, retain_graph=True)]) for loss in losses])
+
+
+def test_per_layer_ids_are_given_per_tensor_as_passed() -> None:
+    """The ids follow the list the user passes: a frozen tensor keeps its place in them (it
+    was a length error at the first backward), a layer left without trainable tensors drops
+    out, and a tensor listed twice must carry one id both times."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    trunk = list(model.trunk.parameters())  # layer 0: weight, bias; layer 1: weight, bias
+    trunk[0].requires_grad_(False)
+    surgery = GradientSurgery(trunk, UPGrad(), per_layer=[0, 0, 1, 1])
+    losses = _losses(model, x, y)
+    jacobian = _jacobian(losses, trunk[1:])
+    weights = surgery.backward(losses)
+    assert weights.shape == (2, TASKS) and trunk[0].grad is None
+    cut = trunk[1].numel()
+    torch.testing.assert_close(trunk[1].grad.reshape(-1), UPGrad()(jacobian[:, :cut]))
+    torch.testing.assert_close(torch.cat([trunk[2].grad.reshape(-1), trunk[3].grad.reshape(-1)]),
+                               UPGrad()(jacobian[:, cut:]))
+
+    trunk[1].requires_grad_(False)  # layer 0 wholly frozen: one problem, over layer 1
+    for p in model.parameters():
+        p.grad = None
+    losses = _losses(model, x, y)
+    jacobian = _jacobian(losses, trunk[2:])
+    weights = GradientSurgery(trunk + trunk[2:3], UPGrad(), per_layer=[0, 0, 3, 3, 3]).backward(
+        losses)
+    assert weights.shape == (1, TASKS)
+    torch.testing.assert_close(torch.cat([trunk[2].grad.reshape(-1), trunk[3].grad.reshape(-1)]),
+                               UPGrad()(jacobian))
+
+    with pytest.raises(ValueError, match=r"one layer id per shared tensor as passed \(4, "
+                                         r"frozen ones included\), got 2"):
+        GradientSurgery(trunk, UPGrad(), per_layer=[0, 1])
+    with pytest.raises(ValueError, match=r"'param2' is listed twice, with layer ids 1 and 0"):
+        GradientSurgery(trunk + trunk[2:3], UPGrad(), per_layer=[0, 0, 1, 1, 0])
+    with pytest.raises(TypeError, match=r"`per_layer` ids must be integers"):
+        GradientSurgery(trunk, UPGrad(), per_layer=[0, 0, 1.0, 1])
+    with pytest.raises(ValueError, match=r"`per_layer` ids must be non-negative"):
+        GradientSurgery(trunk, UPGrad(), per_layer=[0, 0, -1, -1])
+    with pytest.raises(TypeError, match=r"`per_layer` must be a bool or a sequence"):
+        GradientSurgery(trunk, UPGrad(), per_layer="0011")
+
+
 def test_bf16_autocast_matches_its_own_per_task_gradients() -> None:
     model = MultiTaskNet(torch.float32)
     x, y = _batch(torch.float32)

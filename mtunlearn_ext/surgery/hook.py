@@ -12,7 +12,9 @@ ever made; the only extra memory is the ``k`` stacks.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -46,11 +48,21 @@ class GradReducer(Protocol):
         """The global Gram matrix from the local one (SUM over shards, or identity)."""
 
 
+@dataclass
+class _SharedList:
+    """The shared parameters that take part (frozen and repeated ones do not), and where each
+    of the given list's entries went: ``slot[i]`` is the index in ``tensors`` of given entry
+    ``i``, ``None`` for a frozen one."""
+
+    names: list[str]
+    tensors: list[torch.Tensor]
+    slot: list[int | None]
+
+
 def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-                 ) -> tuple[list[str], list[torch.Tensor]]:
-    names: list[str] = []
-    tensors: list[torch.Tensor] = []
-    listed: set[int] = set()
+                 ) -> _SharedList:
+    shared = _SharedList([], [], [])
+    listed: dict[int, int] = {}
     for i, item in enumerate(params):
         if isinstance(item, tuple):
             name, t = item
@@ -60,17 +72,53 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
             raise TypeError(f"GradientSurgery: shared parameter {name!r} is a "
                             f"{type(t).__name__}, not a tensor")
         if not t.requires_grad:
+            shared.slot.append(None)
             continue
         if not t.is_leaf:  # its .grad is never filled: the surgery would silently do nothing
             raise ValueError(f"GradientSurgery: shared parameter {name!r} is not a leaf tensor "
                              "(a computed one, whose .grad autograd does not keep); pass the "
                              "model's parameters")
         if id(t) in listed:  # listed twice: it counts once in the Gram, not twice
+            shared.slot.append(listed[id(t)])
             continue
-        listed.add(id(t))
-        names.append(name)
-        tensors.append(t)
-    return names, tensors
+        listed[id(t)] = len(shared.tensors)
+        shared.slot.append(len(shared.tensors))
+        shared.names.append(name)
+        shared.tensors.append(t)
+    return shared
+
+
+def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList) -> bool | list[int]:
+    """``per_layer`` as the user gives it (one id per shared tensor as passed, frozen and
+    repeated ones included) -> one id per tensor that takes part, renumbered ``0..L-1`` in id
+    order (a layer whose tensors are all frozen drops out)."""
+    if isinstance(per_layer, bool):
+        return per_layer
+    if isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Sequence):
+        raise TypeError(f"GradientSurgery: `per_layer` must be a bool or a sequence of layer "
+                        f"ids, got {type(per_layer).__name__}")
+    try:
+        if any(isinstance(i, bool) for i in per_layer):
+            raise TypeError
+        ids = [operator.index(i) for i in per_layer]
+    except TypeError:
+        raise TypeError(f"GradientSurgery: `per_layer` ids must be integers, got "
+                        f"{list(per_layer)}") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"GradientSurgery: `per_layer` ids must be non-negative, got {ids}")
+    if len(ids) != len(shared.slot):
+        raise ValueError(f"GradientSurgery: `per_layer` must give one layer id per shared tensor "
+                         f"as passed ({len(shared.slot)}, frozen ones included), got {len(ids)}")
+    kept: list[int | None] = [None] * len(shared.tensors)
+    for layer, slot in zip(ids, shared.slot):
+        if slot is None:
+            continue
+        if kept[slot] is not None and kept[slot] != layer:
+            raise ValueError(f"GradientSurgery: shared parameter {shared.names[slot]!r} is "
+                             f"listed twice, with layer ids {kept[slot]} and {layer}")
+        kept[slot] = layer
+    renumber = {layer: new for new, layer in enumerate(sorted({i for i in kept if i is not None}))}
+    return [renumber[layer] for layer in kept if layer is not None]
 
 
 def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,7 +173,9 @@ class GradientSurgery:
             Ignored with ``per_task="backward"``, where heads accumulate natively.
         per_task: how per-task gradients are computed (:data:`PerTaskMode`).
         per_layer: one aggregation per layer instead of one global one (``True``: per tensor;
-            or a layer id per shared tensor).
+            or a layer id per shared tensor as passed, frozen ones included: layers are
+            renumbered ``0..L-1`` in id order over the tensors that take part, and the rows of
+            the returned weights follow that order).
         reducer: cross-process steps (``None``: single process).
         check_finite: raise on NaN/Inf task gradients. Set ``False`` under a ``GradScaler``
             (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
@@ -138,7 +188,8 @@ class GradientSurgery:
                  head_params: Iterable[torch.Tensor] | None = None,
                  per_task: PerTaskMode = "autograd", per_layer: bool | Sequence[int] = False,
                  reducer: GradReducer | None = None, check_finite: bool = True) -> None:
-        self.names, self.params = _split_named(shared_params)
+        shared = _split_named(shared_params)
+        self.names, self.params = shared.names, shared.tensors
         if not self.params:
             raise ValueError("GradientSurgery: `shared_params` holds no tensor requiring grad")
         if per_task not in ("autograd", "batched", "backward"):
@@ -154,7 +205,7 @@ class GradientSurgery:
         self.head_params = None if head_params is None else [p for p in head_params
                                                              if p.requires_grad]
         self.per_task: PerTaskMode = per_task
-        self.per_layer = per_layer
+        self.per_layer = _kept_layer_ids(per_layer, shared)
         self.reducer = reducer
         self.check_finite = check_finite
         self._shared_ids = {id(p) for p in self.params}
