@@ -599,8 +599,9 @@ def unlearn(model: nn.Module, *,
             settings ``train_mode`` and ``recalibrate_norms``).
         tasks: task specs, or a mapping task -> kind (``"classification"``, ``"regression"``,
             ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the task's loss
-            (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective; the number of
-            classes is one past the largest label when given as a kind.
+            (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective. Given as a
+            kind, a classification or segmentation task has as many classes as the model
+            predicts (dimension 1 of its output), and every label must be one of them.
         held_out_data: optional instances the model was never trained on (a validation
             split, never the data you evaluate on), same layout as ``retain_data``. A retrained
             model fits the forget instances about as well as unseen data, so the default
@@ -657,6 +658,8 @@ def unlearn(model: nn.Module, *,
             config={"steps": 30, "lr": 1e-2})
         print(report.extra["summary"])
     """
+    if not isinstance(progress, bool):  # a string such as "no" would be taken as true
+        raise TypeError(f"unlearn: `progress` must be True or False, got {progress!r}")
     problem = build_problem(
         model, tasks=tasks, train_data=train_data, forget_request=forget_request,
         forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,

@@ -656,7 +656,9 @@ def test_public_api_names_arguments_of_the_wrong_type(user_setup) -> None:  # ty
             ({"seed": 1.5}, ValueError, r"`seed` must be an integer >= 0, got 1.5"),
             ({"device": "tpu"}, ValueError, r"`device` 'tpu' is no torch device"),
             ({"shared_parameters": 5}, TypeError, r"`shared_parameters` must be names, "
-                                                  r"parameters or a predicate on names, got int")):
+                                                  r"parameters or a predicate on names, got int"),
+            ({"progress": "no"}, TypeError, r"unlearn: `progress` must be True or False, got "
+                                            r"'no'")):
         with pytest.raises(error, match=message):
             mtunlearn_ext.unlearn(model, **{**common, **change})
     # Held-out and audit sets the model cannot read are named before any work (the held-out set
