@@ -27,8 +27,11 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, spy)
-    rc = demo.main(["--size", "tiny", "--baselines", "finetune", "--jobs", "2",
-                    "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
+    # The default recipe (10 epochs): the test's trainings take a quarter of the memorising
+    # recipe's time; test_the_recipe_sets_training_and_method_settings covers the choice.
+    rc = demo.main(["--size", "tiny", "--recipe", "default", "--baselines", "finetune",
+                    "--jobs", "2", "--output-dir", str(out),
+                    "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
     printed = capsys.readouterr()
     text = printed.out + printed.err
@@ -64,6 +67,7 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     (["--partial-task", "nope"], "--partial-task: unknown tasks ['nope']; 'indoor' has"),
     (["--train", '{"epochs": "x"}'], "--train: TrainConfig: `epochs` must be an integer"),
     (["--benchmark", "nyuv2"], "invalid choice: 'nyuv2'"),
+    (["--recipe", "long"], "invalid choice: 'long'"),
 ])
 def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
     """Each of these used to fail inside a worker process with a traceback (after the
@@ -82,8 +86,29 @@ def test_demo_on_a_benchmark_of_flat_inputs_and_per_instance_tasks(tmp_path):
     """digits: 64 pixel values per instance and three classification tasks; the sample figure
     shows the input as an 8 x 8 image and each task's labels as text."""
     out = tmp_path / "demo"
-    assert demo.main(["--benchmark", "digits", "--size", "tiny", "--baselines", "finetune",
+    assert demo.main(["--benchmark", "digits", "--size", "tiny", "--recipe", "default",
+                      "--baselines", "finetune",
                       "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     report = (out / "report.md").read_text()
     assert "![samples](samples.png)" in report and "UIS floor" not in report
     assert (out / "samples.png").stat().st_size > 1000
+
+
+def test_the_recipe_sets_training_and_method_settings() -> None:
+    """``--recipe`` picks the trainings' epochs and the settings selected for that recipe;
+    ``--train`` overrides go on top of the recipe, not in place of it."""
+    from mtunlearn_ext.unlearning.presets import RECIPES, tuned_settings
+
+    assert set(demo.DEMO_RECIPES) == set(RECIPES) and demo.DEMO_RECIPES[0] == "memorising"
+    parser = demo.build_parser()
+    for argv, recipe, overrides in (([], "memorising", {"epochs": 40}),
+                                    (["--recipe", "default"], "default", {}),
+                                    (["--train", '{"lr": 0.01}'], "memorising",
+                                     {"epochs": 40, "lr": 0.01})):
+        configs = demo._configs(parser.parse_args(argv))
+        for request, config in configs.items():
+            assert config.train_overrides == overrides
+            assert config.method_configs == tuned_settings(request, config.methods, recipe)
+    # The two recipes' settings differ, so the choice is not a no-op.
+    assert tuned_settings("full", [demo.METHOD], "memorising") != tuned_settings(
+        "full", [demo.METHOD], "default")
