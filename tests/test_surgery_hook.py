@@ -180,6 +180,9 @@ def test_per_layer_ids_are_given_per_tensor_as_passed() -> None:
     torch.testing.assert_close(torch.cat([trunk[2].grad.reshape(-1), trunk[3].grad.reshape(-1)]),
                                UPGrad()(jacobian))
 
+    # Integer arrays and tensors are sequences of ids too.
+    same = GradientSurgery(trunk, UPGrad(), per_layer=torch.tensor([0, 0, 1, 1]))
+    assert same.per_layer == GradientSurgery(trunk, UPGrad(), per_layer=(5, 5, 9, 9)).per_layer
     with pytest.raises(ValueError, match=r"one layer id per shared tensor as passed \(4, "
                                          r"frozen ones included\), got 2"):
         GradientSurgery(trunk, UPGrad(), per_layer=[0, 1])

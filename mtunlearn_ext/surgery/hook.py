@@ -94,16 +94,17 @@ def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList) -> boo
     order (a layer whose tensors are all frozen drops out)."""
     if isinstance(per_layer, bool):
         return per_layer
-    if isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Sequence):
+    if isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Iterable):
         raise TypeError(f"GradientSurgery: `per_layer` must be a bool or a sequence of layer "
                         f"ids, got {type(per_layer).__name__}")
+    given = list(per_layer)  # a list, tuple, NumPy array or integer tensor
     try:
-        if any(isinstance(i, bool) for i in per_layer):
+        if any(isinstance(i, bool) for i in given):
             raise TypeError
-        ids = [operator.index(i) for i in per_layer]
+        ids = [operator.index(i) for i in given]
     except TypeError:
         raise TypeError(f"GradientSurgery: `per_layer` ids must be integers, got "
-                        f"{list(per_layer)}") from None
+                        f"{given}") from None
     if any(i < 0 for i in ids):
         raise ValueError(f"GradientSurgery: `per_layer` ids must be non-negative, got {ids}")
     if len(ids) != len(shared.slot):
