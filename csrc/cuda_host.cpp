@@ -105,8 +105,18 @@ void combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64
                "combine");
 }
 
+// The solver kernels read the Gram, rhs and output as one type, float or double (the entries
+// convert anything else first); a mismatch would read or write past the buffers.
+static void check_solver_types(const at::Tensor& gram, const at::Tensor* rhs, const at::Tensor& out) {
+  const at::ScalarType type = gram.scalar_type();
+  TORCH_INTERNAL_ASSERT(type == at::kFloat || type == at::kDouble, "solver kernels: gram is ", type);
+  TORCH_INTERNAL_ASSERT(out.scalar_type() == type && (rhs == nullptr || rhs->scalar_type() == type),
+                        "solver kernels: gram, rhs and out must share one dtype");
+}
+
 void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out, double ridge,
                  double pivot_floor) {
+  check_solver_types(gram, &rhs, out);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1), m = rhs.size(-1);
@@ -121,6 +131,7 @@ void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor
 }
 
 void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out) {
+  check_solver_types(gram, &rhs, out);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1), m = rhs.size(-2);
@@ -137,6 +148,7 @@ void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at
 }
 
 void pcgrad_weights(const at::Tensor& gram, const at::Tensor& out, int64_t seed) {
+  check_solver_types(gram, nullptr, out);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1);

@@ -194,6 +194,34 @@ def test_solvers_match_cpu(k: int, dtype: torch.dtype) -> None:
     assert torch.isfinite(ops.nonconflicting_dual(bad.cuda(), c.cuda())[1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_solvers_take_half_precision_grams(dtype: torch.dtype) -> None:
+    """The CUDA solver kernels exist for float and double only: a half-precision Gram was read
+    as float (out-of-bounds reads and writes). Now it is solved in float and written in its own
+    dtype, like the CPU path (which solves in double). A double rhs with a float Gram is solved
+    in double on both."""
+    from mtunlearn_ext import ops
+
+    k = 40  # the block-per-problem path when it is on, the one-thread path otherwise
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(k, 2 * k, generator=gen, dtype=torch.float64)
+    gram = (rows @ rows.T / (2 * k)).to(dtype)
+    rhs = torch.randn(k, 3, generator=gen, dtype=torch.float64).to(dtype)
+    c = torch.randn(4, k, generator=gen, dtype=torch.float64).to(dtype)
+    pairs = [(ops.ridge_solve(gram, rhs, ridge=1e-3),
+              ops.ridge_solve(gram.cuda(), rhs.cuda(), ridge=1e-3)),
+             (ops.nonconflicting_dual(gram, c), ops.nonconflicting_dual(gram.cuda(), c.cuda())),
+             (ops.pcgrad_weights(gram), ops.pcgrad_weights(gram.cuda()))]
+    for want, got in pairs:
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        # Both round one solution to the half dtype; they may differ by a unit of it.
+        torch.testing.assert_close(got.cpu().double(), want.double(), rtol=2e-2,
+                                   atol=2e-2 * float(want.double().abs().max()))
+    mixed = ops.ridge_solve(gram.float().cuda(), rhs.double().cuda(), ridge=1e-3)
+    torch.testing.assert_close(mixed.cpu(), ops.ridge_solve(gram.float(), rhs.double(), ridge=1e-3),
+                               rtol=1e-6, atol=1e-9)
+
+
 def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
     """A mixed list dispatches to the CUDA entry (CUDA outranks CPU), which must refuse it; the
     wrapper then names the tensor as the reference path does (the Python checks run only after
