@@ -222,6 +222,23 @@ def test_solvers_take_half_precision_grams(dtype: torch.dtype) -> None:
                                rtol=1e-6, atol=1e-9)
 
 
+def test_gram_and_inner_past_the_grid_limit_of_output_tiles() -> None:
+    """More 32 x 32 output tiles than a grid's y dimension holds (65535): a Gram of 11600 rows
+    (66066 tiles on or above the diagonal) and an inner product of 2.1 M rows
+    against one. The launch failed with "invalid configuration argument"; the tiles now stride
+    over the grid."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(11600, 40, device="cuda", generator=gen)
+    want = (x.double() @ x.double().T).float()
+    torch.testing.assert_close(ops.gram(x), want, rtol=1e-5, atol=1e-4)
+    a = torch.randn(32 * 65536 + 7, 24, device="cuda", generator=gen)
+    b = torch.randn(1, 24, device="cuda", generator=gen)
+    torch.testing.assert_close(ops.inner(a, b), (a.double() @ b.double().T).float(), rtol=1e-5,
+                               atol=1e-4)
+
+
 def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
     """A mixed list dispatches to the CUDA entry (CUDA outranks CPU), which must refuse it; the
     wrapper then names the tensor as the reference path does (the Python checks run only after

@@ -131,66 +131,71 @@ constexpr int kSlab = 32;
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(kThreads)
 reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
-                    const ReduceItem* __restrict__ items, int m, int k, int tiles_k,
+                    const ReduceItem* __restrict__ items, int m, int k, int tiles_k, int num_tiles,
                     typename AccOf<T>::type* __restrict__ partials) {
   using A = typename AccOf<T>::type;
-  // Map blockIdx.y to an output tile; for a Gram only tiles on or above the diagonal.
-  int ti, tj;
-  if (SYM) {
-    int y = blockIdx.y;
-    ti = 0;
-    while (y >= tiles_k - ti) {
-      y -= tiles_k - ti;
-      ++ti;
-    }
-    tj = ti + y;
-  } else {
-    ti = blockIdx.y / tiles_k;
-    tj = blockIdx.y % tiles_k;
-  }
   const ReduceItem item = items[blockIdx.x];
   const ReduceSegment seg = segments[item.segment];
   const T* b = static_cast<const T*>(seg.b);
   __shared__ A sa[kTile][kSlab + 1];
   __shared__ A sb[kTile][kSlab + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
-  const int i0 = ti * kTile, j0 = tj * kTile;
-  for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += kSlab) {
-    for (int e = threadIdx.x; e < kTile * kSlab; e += kThreads) {
-      const int r = e / kSlab, c = e % kSlab;
-      const int64_t col = c0 + c;
-      const bool in_cols = col < item.col_end;
-      sa[r][c] = (in_cols && i0 + r < m) ? to_acc(segment_row_a<T>(seg, i0 + r)[col]) : A(0);
-      if constexpr (SYM) {
-        sb[r][c] = (in_cols && j0 + r < k) ? to_acc(segment_row_a<T>(seg, j0 + r)[col]) : A(0);
-      } else {
-        sb[r][c] = (in_cols && j0 + r < k) ? to_acc(b[(j0 + r) * seg.b_row_stride + col]) : A(0);
+  // Output tiles stride over gridDim.y, which holds at most 65535 blocks (a Gram of k >= 11553
+  // rows has more tiles). The loop bound is the same for the whole block, and every tile ends
+  // on the column loop's last barrier, so the next tile may refill the shared slabs.
+  for (int tile = blockIdx.y; tile < num_tiles; tile += gridDim.y) {
+    // Map the tile index to an output tile; for a Gram only tiles on or above the diagonal.
+    int ti, tj;
+    if (SYM) {
+      int y = tile;
+      ti = 0;
+      while (y >= tiles_k - ti) {
+        y -= tiles_k - ti;
+        ++ti;
       }
+      tj = ti + y;
+    } else {
+      ti = tile / tiles_k;
+      tj = tile % tiles_k;
     }
-    __syncthreads();
+    A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
+    const int i0 = ti * kTile, j0 = tj * kTile;
+    for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += kSlab) {
+      for (int e = threadIdx.x; e < kTile * kSlab; e += kThreads) {
+        const int r = e / kSlab, c = e % kSlab;
+        const int64_t col = c0 + c;
+        const bool in_cols = col < item.col_end;
+        sa[r][c] = (in_cols && i0 + r < m) ? to_acc(segment_row_a<T>(seg, i0 + r)[col]) : A(0);
+        if constexpr (SYM) {
+          sb[r][c] = (in_cols && j0 + r < k) ? to_acc(segment_row_a<T>(seg, j0 + r)[col]) : A(0);
+        } else {
+          sb[r][c] = (in_cols && j0 + r < k) ? to_acc(b[(j0 + r) * seg.b_row_stride + col]) : A(0);
+        }
+      }
+      __syncthreads();
 #pragma unroll 8
-    for (int c = 0; c < kSlab; ++c) {
-      const A a0 = sa[ty][c], a1 = sa[ty + 16][c];
-      const A b0 = sb[tx][c], b1 = sb[tx + 16][c];
-      acc[0][0] += a0 * b0;
-      acc[0][1] += a0 * b1;
-      acc[1][0] += a1 * b0;
-      acc[1][1] += a1 * b1;
-    }
-    __syncthreads();
-  }
-  A* dst = partials + static_cast<int64_t>(blockIdx.x) * m * k;
-#pragma unroll
-  for (int di = 0; di < 2; ++di)
-#pragma unroll
-    for (int dj = 0; dj < 2; ++dj) {
-      const int i = i0 + ty + 16 * di, j = j0 + tx + 16 * dj;
-      if (i < m && j < k) {
-        dst[static_cast<int64_t>(i) * k + j] = acc[di][dj];
-        if (SYM && ti != tj) dst[static_cast<int64_t>(j) * k + i] = acc[di][dj];
+      for (int c = 0; c < kSlab; ++c) {
+        const A a0 = sa[ty][c], a1 = sa[ty + 16][c];
+        const A b0 = sb[tx][c], b1 = sb[tx + 16][c];
+        acc[0][0] += a0 * b0;
+        acc[0][1] += a0 * b1;
+        acc[1][0] += a1 * b0;
+        acc[1][1] += a1 * b1;
       }
+      __syncthreads();
     }
+    A* dst = partials + static_cast<int64_t>(blockIdx.x) * m * k;
+#pragma unroll
+    for (int di = 0; di < 2; ++di)
+#pragma unroll
+      for (int dj = 0; dj < 2; ++dj) {
+        const int i = i0 + ty + 16 * di, j = j0 + tx + 16 * dj;
+        if (i < m && j < k) {
+          dst[static_cast<int64_t>(i) * k + j] = acc[di][dj];
+          if (SYM && ti != tj) dst[static_cast<int64_t>(j) * k + i] = acc[di][dj];
+        }
+      }
+  }
 }
 
 // One warp per output entry: lane l sums items l, l + 32, ... in order, then a fixed shuffle
@@ -241,12 +246,14 @@ void launch_stage1(const ReduceSegment* segments, const ReduceItem* items, int64
     return;
   }
   const int tiles_m = (m + kTile - 1) / kTile, tiles_k = (k + kTile - 1) / kTile;
+  const int num_tiles = symmetric ? tiles_k * (tiles_k + 1) / 2 : tiles_m * tiles_k;
+  const dim3 g2(static_cast<unsigned>(num_items), static_cast<unsigned>(num_tiles < 65535 ? num_tiles : 65535));
   if (symmetric) {
-    const dim3 g2(static_cast<unsigned>(num_items), static_cast<unsigned>(tiles_k * (tiles_k + 1) / 2));
-    reduce_tiled_kernel<T, true><<<g2, kThreads, 0, stream>>>(segments, items, m, k, tiles_k, part);
+    reduce_tiled_kernel<T, true><<<g2, kThreads, 0, stream>>>(segments, items, m, k, tiles_k,
+                                                             num_tiles, part);
   } else {
-    const dim3 g2(static_cast<unsigned>(num_items), static_cast<unsigned>(tiles_m * tiles_k));
-    reduce_tiled_kernel<T, false><<<g2, kThreads, 0, stream>>>(segments, items, m, k, tiles_k, part);
+    reduce_tiled_kernel<T, false><<<g2, kThreads, 0, stream>>>(segments, items, m, k, tiles_k,
+                                                              num_tiles, part);
   }
 }
 
