@@ -514,6 +514,15 @@ def test_ridge_solve_matches_linalg(device: str) -> None:
         assert torch.allclose(result, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
 
 
+def test_ridge_solve_refuses_more_rhs_entries_than_its_32_bit_index() -> None:
+    """One problem's k x m right-hand sides are indexed with 32-bit ints; past 2**31 - 1 the
+    index wrapped. A stride-0 rhs gives the size without the memory."""
+    rhs = torch.zeros(2, 1, dtype=torch.float64).expand(2, 2**30 + 1)
+    with pytest.raises(ValueError, match=r"`rhs` must have at most 2\*\*31 - 1 entries per "
+                                         r"problem \(k x m\), got k=2, m=1073741825"):
+        ops.ridge_solve(torch.eye(2, dtype=torch.float64), rhs, ridge=0.0)
+
+
 def _pinv_projection(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     b = basis.double()
     return g.double() - (g.double() @ torch.linalg.pinv(b)) @ b

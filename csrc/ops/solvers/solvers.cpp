@@ -6,6 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "mtunlearn/checks.h"
@@ -73,6 +75,10 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
   check_rhs(gram, rhs, /*rows_are_k=*/true, op);
   TORCH_CHECK_VALUE(ridge >= 0.0, op, ": `ridge` must be >= 0, got ", ridge);
   const int64_t k = gram.size(-1), m = rhs.size(-1);
+  // The solver indexes one problem's k x m right-hand sides with 32-bit ints (on both backends).
+  TORCH_CHECK_VALUE(k * m <= std::numeric_limits<int32_t>::max(), op,
+                    ": `rhs` must have at most 2**31 - 1 entries per problem (k x m), got k=", k,
+                    ", m=", m, "; split its columns into several calls");
   at::Tensor out = at::empty(rhs.sizes(), rhs.options().dtype(gram.scalar_type()));
   if (out.numel() == 0) return out;
   if (!gram.is_cpu()) {
