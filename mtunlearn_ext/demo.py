@@ -31,7 +31,7 @@ __all__ = ["DEMO_BASELINES", "DEMO_BENCHMARKS", "DEMO_RECIPES", "check_args", "m
 #: The baselines the demo runs beside the method: on the memorising recipe's evaluation
 #: (benchmarks/UNLEARNING_RESULTS.md, seeds 0-6) the three with the lowest UIS on both full
 #: requests (OrthoGrad, the method's nearest relative, then NegGrad+ and PCGrad); on the partial
-#: requests OrthoGrad and NegGrad+ are the best two as well.
+#: requests the best baseline is OrthoGrad (indoor) or NegGrad+ (street).
 DEMO_BASELINES: tuple[str, ...] = ("neggrad_plus", "orthograd", "pcgrad")
 #: The benchmarks the demo runs on: the ones the library makes itself (no data root needed).
 DEMO_BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits")
