@@ -491,6 +491,34 @@ def user_setup():  # type: ignore[no-untyped-def]
     return memorised_kind_and_size()
 
 
+def test_forget_instances_missing_some_target_labels(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """A full request whose forget instances 0-4 have no "size" label, one forget instance per
+    batch: batches then hold one target or both. Under protect="others" (a subspace per target)
+    a one-target batch raised "'sum' is not a target task"; and the instance memory restarted
+    whenever the batch's targets changed (its rows covered only the present targets' heads)."""
+    model, x, y = user_setup
+    supervision = torch.ones(120, 2, dtype=torch.bool)
+    supervision[0:5, 1] = False
+    common = dict(tasks={"kind": "classification", "size": "regression"},
+                  train_data=(x, y, supervision),
+                  forget_request=ForgetRequest.create(range(10)),
+                  shared_parameters=lambda n: n.startswith("trunk."))
+    mtunlearn_ext.unlearn(model, **common, config={
+        "steps": 6, "protect": "others", "forget_batch_size": 1, "refresh_every": 1})
+    _, report = mtunlearn_ext.unlearn(model, **common, config={
+        "steps": 10, "instance_memory": 3, "forget_batch_size": 1, "num_per_sample": 4,
+        "retain_batch_size": 8})
+    assert [int(v) for v in report.curves["instance_constraints"]] == [4, 8, 12] + [16] * 7
+
+
+def test_coupled_rows_keep_a_task_the_retain_batch_lacks() -> None:
+    """A task without any pair in the retain batch has no term in its rows; its factor weighs
+    only the coupled rows (the forget instances' retained pairs), and 0 erased their constraint
+    for that step. The factor is now 1, the value of a fully supervised batch."""
+    supervision = torch.tensor([[True, False], [True, False], [False, False], [True, False]])
+    assert InterferenceAware.instance_task_scale({"supervision": supervision}) == [4 / 3, 1.0]
+
+
 def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-untyped-def]
     model, x, y = user_setup
     before = _state(model)

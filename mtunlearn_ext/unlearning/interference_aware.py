@@ -753,15 +753,19 @@ class InterferenceAware(GradientUnlearner):
     @staticmethod
     def instance_task_scale(retain_batch: Batch) -> list[float]:
         """``s_t = B / n_t`` for every task (``n_t``: the retain batch's supervised pairs of
-        ``t``, ``B`` its rows; 0 for a task it never supervises). Each instance constraint is
+        ``t``, ``B`` its rows; 1 for a task it never supervises). Each instance constraint is
         the gradient of that instance's term of the retain objective ``sum_t mean_i l_t(i)``,
         ``r_i = d/d theta sum_t s_t m_it l_t(i)``, so that the mean of a whole batch's rows is
         the batch's retain gradient (a partial request's retain batch holds forget instances
-        without their target-task labels, so ``n_t`` differs between tasks)."""
+        without their target-task labels, so ``n_t`` differs between tasks).
+
+        A task the batch never supervises has no term in its rows, so its factor only weighs
+        the coupled rows (the forget instances' retained pairs, drawn apart): 1, the value of a
+        fully supervised batch, keeps their constraint (0 erased it for that step)."""
         supervision = retain_batch["supervision"]
         assert isinstance(supervision, torch.Tensor)
         rows = supervision.shape[0]
-        return [rows / n if n else 0.0 for n in supervision.sum(dim=0).tolist()]
+        return [rows / n if n else 1.0 for n in supervision.sum(dim=0).tolist()]
 
     def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
                          param_names: Sequence[str], batch: Batch,
@@ -911,7 +915,10 @@ class InterferenceAware(GradientUnlearner):
                 assert total_forget is not None
                 heads = [p for t in targets for p in groups.head_params(t)]
                 raw, forget_heads = groups.split(grads_of(total_forget, shared + heads), targets)
-                projected = self.task_project(ctx, {"sum": raw})
+                # Keyed by a target present here: they share its subspace (under
+                # protect="others" other targets of the request may have their own, which a
+                # batch without their labels does not involve).
+                projected = self.task_project(ctx, {targets[0]: raw})
                 forget_shared = [s[0] for s in projected]
             else:
                 # A subspace per target task: each f_t is projected off its own, then summed.
@@ -924,9 +931,18 @@ class InterferenceAware(GradientUnlearner):
                 _norm(forget_shared) / _norm(raw).clamp(min=1e-30))
 
             if cfg.instance_projection != "off":
-                names = [n for n, _ in groups.shared] + [n for t in targets
+                # Over the heads of every target task of the request, also those without a
+                # pair in this forget batch (a zero forget direction there): the rows then
+                # cover the same parameters at every step, so the instance memory keeps them
+                # (it restarts when the parameters change), and a head the step moves through
+                # the projection is one the constraints see.
+                heads = [t for t in ctx.problem.target_tasks if t in groups.heads]
+                for t in heads:
+                    if t not in forget_heads:
+                        forget_heads[t] = [torch.zeros_like(p) for p in groups.head_params(t)]
+                names = [n for n, _ in groups.shared] + [n for t in heads
                                                          for n, _ in groups.heads[t]]
-                step_dir = [-g for g in forget_shared] + [-g for t in targets
+                step_dir = [-g for g in forget_shared] + [-g for t in heads
                                                            for g in forget_heads[t]]
                 before = _norm(step_dir)
                 assert instance_rows is not None
@@ -943,7 +959,7 @@ class InterferenceAware(GradientUnlearner):
                     max(memory.filled, per_sample[0].shape[0]))
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
-                forget_shared, forget_heads = groups.split([-d for d in projected_dir], targets)
+                forget_shared, forget_heads = groups.split([-d for d in projected_dir], heads)
 
         # Update: retain descent everywhere, alpha * projected forget on theta_s and S's heads.
         for p, r, f in zip(shared, retain_shared, forget_shared):
