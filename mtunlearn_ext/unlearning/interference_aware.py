@@ -135,9 +135,13 @@ class InterferenceAwareConfig(StepConfig):
     Loop (inherited, defaults re-chosen for this method):
         steps: optimisation steps.
         lr: learning rate of the shared backbone; ``head_lr_scale``: heads' rate relative to it.
-        optimizer / momentum / weight_decay: ``"sgd"`` by default: a plain (or momentum) SGD step
-            is a positive multiple of ``-.grad``, so the first-order guarantees of the
-            projections carry over to the step; Adam's per-coordinate scaling would not keep them.
+        optimizer / momentum / weight_decay: ``"sgd"`` by default. A plain SGD step
+            (``momentum=0``) is a positive multiple of ``-.grad`` (with the heads' part scaled
+            by ``head_lr_scale``, which the instance constraints take into account), so the
+            first-order guarantees of the projections carry over to the step exactly. Momentum
+            (0.9 by default) adds earlier steps' directions, each projected against its own
+            step's rows, so they hold for the new part of each step only; Adam's
+            per-coordinate scaling keeps them only approximately.
         forget_batch_size / retain_batch_size: rows per step of the forget and retain sets.
         grad_clip: maximum global norm of the update (scaling keeps every projection property).
         forget_objective: objective name for every target task, or task name / task kind ->
@@ -779,12 +783,23 @@ class InterferenceAware(GradientUnlearner):
         with task ``t`` scaled by ``task_scale[t]``, see :meth:`instance_task_scale`), and
         with the rows ``memory`` keeps from earlier steps (this step's rows are added to it).
 
-        Returns (the projected direction ``d``, this batch's per-sample gradient stacks
-        ``[B, *shape]``). ``step_dir`` is left as it was (the step counts its conflicts after).
+        With ``head_lr_scale != 1`` the rows' head parts are scaled by it, so that the step
+        the optimizer takes (the heads' part of ``d`` times ``head_lr_scale``) is the one that
+        keeps the constraints.
+
+        Returns (the projected direction ``d``, this batch's constraint rows ``[B, *shape]``).
+        ``step_dir`` is left as it was (the step counts its conflicts after).
         """
         cfg = self.config
         if per_sample is None:
             per_sample, _, _ = self.per_sample_rows(ctx, batch, param_names, task_scale)
+        if cfg.head_lr_scale != 1.0:
+            # The optimizer moves the heads by head_lr_scale times their part of the direction
+            # (a diagonal D), so the step is D d: <D d, r_j> = <d, D r_j>, and the constraint
+            # rows take the same scaling of their head parts.
+            shared = {name for name, _ in ctx.groups.shared}
+            per_sample = [rows if name in shared else rows * cfg.head_lr_scale
+                          for name, rows in zip(param_names, per_sample)]
         constraints = per_sample if memory is None else memory.add(param_names, per_sample)
         kept = (memory.gram() if memory is not None and memory.track_gram and memory.filled
                 else None)
