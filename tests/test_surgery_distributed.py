@@ -238,6 +238,46 @@ def _scenario_ddp(rank: int, agg: str, dtype_name: str) -> float:
     return err
 
 
+def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
+    """The hook on a parameter list split across ranks (rank 0 holds layers 0-1, rank 1 layers
+    2-3), one problem per layer, against the hook on the whole list in one process. With
+    global ids and ``num_layers`` every rank reduces one [L, k, k] layout; without
+    ``num_layers`` each rank would have numbered its own layers from 0 (the all-reduce then
+    added Grams of different layers: wrong weights, silently), so it is refused."""
+    from mtunlearn_ext.surgery import GradientSurgery, sharded_surgery
+
+    gen = torch.Generator().manual_seed(7)
+    params = [nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen)) for _ in range(4)]
+    x = torch.randn(5, 3, dtype=F64, generator=gen)
+
+    def losses() -> list[torch.Tensor]:
+        z = x
+        for p in params:
+            z = torch.tanh(z @ p)
+        return [(z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean() - 0.7 * (z[:, 0] ** 2).mean()]
+
+    expected_weights = GradientSurgery(params, UPGrad(), per_layer=[0, 1, 2, 3]).backward(
+        losses())
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    mine = [0, 1] if rank == 0 else [2, 3]
+    try:
+        sharded_surgery([params[i] for i in mine], UPGrad(), per_layer=mine)
+    except ValueError as error:
+        assert "need `num_layers`" in str(error)
+    else:
+        raise AssertionError("per_layer ids without num_layers were accepted")
+    surgery = sharded_surgery([params[i] for i in mine], UPGrad(), per_layer=mine, num_layers=4)
+    weights = surgery.backward(losses())
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-11, atol=1e-11)
+    err = 0.0
+    for i in mine:
+        torch.testing.assert_close(params[i].grad, expected[i], rtol=1e-11, atol=1e-11)
+        err = max(err, (params[i].grad - expected[i]).abs().max().item())
+    return err
+
+
 # ----------------------------------------------------------------------------- harness
 
 
@@ -258,6 +298,8 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
         table[f"ddp-{agg}-fp32"] = lambda r, a=agg: _scenario_ddp(r, a, "fp32")
     table["fsdp2-upgrad-fp64"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp64")
     table["fsdp2_accumulate-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32", 2)
+    table["sharded_surgery_split_per_layer-upgrad-fp64"] = (
+        _scenario_sharded_surgery_split_per_layer)
     return table
 
 

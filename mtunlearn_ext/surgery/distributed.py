@@ -143,8 +143,16 @@ def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, 
     """A :class:`GradientSurgery` for sharded shared parameters (FSDP2 ``fully_shard`` modules,
     or parameter lists split across ranks). Defaults to ``per_task="backward"`` when the
     parameters are DTensors (FSDP2 reduce-scatters inside ``backward``); other keyword
-    arguments go to :class:`GradientSurgery`."""
+    arguments go to :class:`GradientSurgery`. Per-layer ids (``per_layer=[...]``) are global
+    layer ids and need ``num_layers``."""
     _require_process_group("sharded_surgery", group)
+    per_layer = kwargs.get("per_layer", False)
+    if not isinstance(per_layer, bool) and kwargs.get("num_layers") is None:
+        # Without it each rank would number its own layers 0..L_r-1, and the all-reduce would
+        # add the Grams of different layers together.
+        raise ValueError("sharded_surgery: `per_layer` ids need `num_layers` (the global "
+                         "number of layers), so that every rank reduces [L, k, k] Grams of one "
+                         "layout")
     # list() keeps the kind of the iterable (bare tensors or (name, tensor) pairs).
     params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
     tensors = [p[1] if isinstance(p, tuple) else p for p in params]

@@ -88,10 +88,20 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
     return shared
 
 
-def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList) -> bool | list[int]:
+def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
+                    num_layers: int | None = None) -> bool | list[int]:
     """``per_layer`` as the user gives it (one id per shared tensor as passed, frozen and
     repeated ones included) -> one id per tensor that takes part, renumbered ``0..L-1`` in id
-    order (a layer whose tensors are all frozen drops out)."""
+    order (a layer whose tensors are all frozen drops out). With ``num_layers`` the ids are
+    global (a rank's part of a split list) and kept as they are, each below ``num_layers``."""
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"GradientSurgery: `num_layers` must be an integer >= 1, got "
+                             f"{num_layers!r}")
+        if isinstance(per_layer, bool):
+            raise ValueError("GradientSurgery: `num_layers` goes with `per_layer` ids (the "
+                             "global layer id of each shared tensor), got per_layer="
+                             f"{per_layer}")
     if isinstance(per_layer, bool):
         return per_layer
     if isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Iterable):
@@ -118,6 +128,11 @@ def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList) -> boo
             raise ValueError(f"GradientSurgery: shared parameter {shared.names[slot]!r} is "
                              f"listed twice, with layer ids {kept[slot]} and {layer}")
         kept[slot] = layer
+    if num_layers is not None:
+        if any(i >= num_layers for i in ids):
+            raise ValueError(f"GradientSurgery: `per_layer` ids must lie in 0..{num_layers - 1} "
+                             f"(`num_layers`={num_layers}), got {sorted(set(ids))}")
+        return [layer for layer in kept if layer is not None]
     renumber = {layer: new for new, layer in enumerate(sorted({i for i in kept if i is not None}))}
     return [renumber[layer] for layer in kept if layer is not None]
 
@@ -177,6 +192,10 @@ class GradientSurgery:
             or a layer id per shared tensor as passed, frozen ones included: layers are
             renumbered ``0..L-1`` in id order over the tensors that take part, and the rows of
             the returned weights follow that order).
+        num_layers: the global number of layers ``L`` when each rank passes its part of a
+            parameter list split across ranks with global ``per_layer`` ids (needed there:
+            every rank must reduce ``[L, k, k]`` Grams of one layout); the ids are then kept
+            as given, and a layer with no tensor here contributes nothing to the local Gram.
         reducer: cross-process steps (``None``: single process).
         check_finite: raise on NaN/Inf task gradients. Set ``False`` under a ``GradScaler``
             (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
@@ -188,7 +207,8 @@ class GradientSurgery:
                  aggregator: Aggregator | Weighting, *,
                  head_params: Iterable[torch.Tensor] | None = None,
                  per_task: PerTaskMode = "autograd", per_layer: bool | Sequence[int] = False,
-                 reducer: GradReducer | None = None, check_finite: bool = True) -> None:
+                 num_layers: int | None = None, reducer: GradReducer | None = None,
+                 check_finite: bool = True) -> None:
         shared = _split_named(shared_params)
         self.names, self.params = shared.names, shared.tensors
         if not self.params:
@@ -206,7 +226,8 @@ class GradientSurgery:
         self.head_params = None if head_params is None else [p for p in head_params
                                                              if p.requires_grad]
         self.per_task: PerTaskMode = per_task
-        self.per_layer = _kept_layer_ids(per_layer, shared)
+        self.per_layer = _kept_layer_ids(per_layer, shared, num_layers)
+        self.num_layers = num_layers
         self.reducer = reducer
         self.check_finite = check_finite
         self._shared_ids = {id(p) for p in self.params}
@@ -399,6 +420,7 @@ class GradientSurgery:
         outs, betas = self._grad_outputs()
         try:
             return aggregate_list(self.aggregator, stacks, outs, betas, per_layer=self.per_layer,
+                                  num_layers=self.num_layers,
                                   reduce=None if self.reducer is None
                                   else self.reducer.reduce_stats,
                                   check_finite=self.check_finite)
