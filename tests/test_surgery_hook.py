@@ -295,6 +295,45 @@ def test_parameter_lists_are_checked_when_the_surgery_is_built() -> None:
         GradientSurgery(shared, UPGrad(), head_params=[*model.heads.parameters(), shared[0]])
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched"])
+def test_heads_sharing_one_autograd_gradient_get_their_own_grad(per_task: str) -> None:
+    """Autograd returns one tensor as the gradient of both h1 and h2 in ``h1 + h2``; stored as
+    is, the two ``.grad`` were one tensor, so a second micro-batch added twice into it (and
+    clipping scaled it twice). With Sum the result must equal ``sum(losses).backward()``."""
+    gen = torch.Generator().manual_seed(0)
+    w, h1, h2, h3 = (nn.Parameter(torch.randn(*shape, dtype=F64, generator=gen))
+                     for shape in ((3, 4), (4,), (4,), (4,)))
+    x = torch.randn(5, 3, dtype=F64, generator=gen)
+
+    def losses() -> list[torch.Tensor]:
+        z = x @ w
+        return [((z * (h1 + h2)).sum(-1) ** 2).mean(), ((z * h3).sum(-1) ** 2).mean()]
+
+    for _ in range(2):
+        sum(losses()).backward()
+    expected = [p.grad.clone() for p in (w, h1, h2, h3)]
+    for p in (w, h1, h2, h3):
+        p.grad = None
+    surgery = GradientSurgery([w], Sum(), per_task=per_task)
+    for _ in range(2):
+        surgery.backward(losses())
+    assert h1.grad is not h2.grad and h1.grad.data_ptr() != h2.grad.data_ptr()
+    for p, want in zip((w, h1, h2, h3), expected):
+        torch.testing.assert_close(p.grad, want)
+
+
+def test_a_failed_backward_leaves_no_uninitialised_grad() -> None:
+    """The shared ``.grad`` buffers are allocated before the aggregation; when it raises (NaN
+    task gradients), those it allocated go back to None instead of holding garbage."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    losses = _losses(model, x, y)
+    losses[1] = losses[1] * float("nan")
+    with pytest.raises(FloatingPointError):
+        GradientSurgery(model.trunk.parameters(), UPGrad()).backward(losses)
+    assert all(p.grad is None for p in model.trunk.parameters())
+
+
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_non_finite_task_gradients_name_the_loss_and_the_parameter(per_task: str) -> None:
     model = MultiTaskNet()

@@ -364,12 +364,19 @@ class GradientSurgery:
                         total = head_sums[h]
                         head_sums[h] = g if total is None else total + g
         written = []
+        fresh: list[torch.Tensor] = []
         for head, summed in zip(heads, head_sums):
             if summed is None:
                 continue
             if head.grad is None:
-                head.grad = (summed if summed.is_contiguous()
-                             else summed.clone(memory_format=torch.contiguous_format))
+                # Autograd may return one tensor for two leaves (the gradient of h1 + h2 is the
+                # same object for both): stored as is, the two .grad would be one tensor, and an
+                # in-place change to one (accumulation, clipping, unscaling) would hit both.
+                aliased = any(summed.data_ptr() == other.data_ptr() for other in fresh)
+                if aliased or not summed.is_contiguous():
+                    summed = summed.clone(memory_format=torch.contiguous_format)
+                head.grad = summed
+                fresh.append(summed)
             else:
                 head.grad.add_(summed)
             written.append(head.grad)
@@ -425,7 +432,19 @@ class GradientSurgery:
                                   else self.reducer.reduce_stats,
                                   check_finite=self.check_finite)
         except FloatingPointError as error:
+            self._drop_unwritten_grads(betas)
             raise FloatingPointError(self._non_finite_message(stacks, error)) from error
+        except BaseException:
+            self._drop_unwritten_grads(betas)
+            raise
+
+    def _drop_unwritten_grads(self, betas: Sequence[float]) -> None:
+        """After a failed aggregation: the ``.grad`` buffers :meth:`_grad_outputs` allocated for
+        it (uninitialised memory) go back to ``None``, so that a caller who catches the error
+        and goes on does not step on garbage."""
+        for p, beta in zip(self.params, betas):
+            if beta == 0.0:
+                p.grad = None
 
     def _non_finite_message(self, stacks: list[torch.Tensor], error: FloatingPointError) -> str:
         """Which tasks' gradients are not finite, and in which parameter first (the ops' own
