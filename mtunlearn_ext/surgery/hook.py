@@ -197,7 +197,9 @@ class GradientSurgery:
             every rank must reduce ``[L, k, k]`` Grams of one layout); the ids are then kept
             as given, and a layer with no tensor here contributes nothing to the local Gram.
         reducer: cross-process steps (``None``: single process).
-        check_finite: raise on NaN/Inf task gradients. Set ``False`` under a ``GradScaler``
+        check_finite: raise on NaN/Inf task gradients (read from the Gram matrix, so not with
+            ``Mean`` / ``Sum``, which need none: there NaN reaches ``.grad`` as with
+            ``sum(losses).backward()``). Set ``False`` under a ``GradScaler``
             (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
             it, and the aggregators' weights are scale-invariant, so scaled losses give the
             scaled update the scaler expects.

@@ -284,8 +284,10 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         per_layer: ``False``, ``True`` (one layer per tensor) or a layer id per tensor.
         num_layers: ``L`` for a partial list (see :func:`project_out_list`).
         reduce: cross-process SUM of the Gram matrices, for sharded stacks.
-        check_finite: raise on NaN/Inf gradients. ``False`` lets them reach ``outs`` as NaN
-            (what a ``GradScaler`` needs to detect and skip an overflowing step).
+        check_finite: raise on NaN/Inf gradients, read from the Gram matrix (so not for the
+            weightings that need no Gram, ``Mean`` and ``Sum``: there NaN reaches ``outs`` as
+            it would in a plain sum). ``False`` lets them reach ``outs`` as NaN (what a
+            ``GradScaler`` needs to detect and skip an overflowing step).
 
     Returns:
         The weights, ``[k]`` (or ``[L, k]`` per layer), in the Gram's dtype.
