@@ -3,6 +3,8 @@ matrix (float64 textbook formulas), per layer, in place, low precision, NaN poli
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -276,3 +278,20 @@ def test_bad_lists_are_named_and_write_nothing(case: str) -> None:
     assert message.startswith("mtunlearn_ext."), message
     assert argument in message, message
     assert all(bool((o == 7.0).all()) for o in outputs)
+
+
+def test_mixed_dtype_lists_write_nothing_when_an_output_is_wrong() -> None:
+    """A list of two dtypes is combined in two calls; a wrong output in the second group was
+    refused after the first group had been written, and named by its place in its group."""
+    bf = torch.bfloat16
+    grads = [torch.randn(3, 4), torch.randn(3, 5).to(bf), torch.randn(3, 6)]
+    for bad in (1, 2):
+        outs = [torch.full((4,), 7.0), torch.full((5,), 7.0, dtype=bf), torch.full((6,), 7.0)]
+        outs[bad] = torch.full((7,), 7.0, dtype=outs[bad].dtype)
+        shape = tuple(grads[bad].shape[1:])
+        with pytest.raises(ValueError, match=re.escape(f"`outs[{bad}]` must have shape {shape}")):
+            aggregate_list(UPGrad(), grads, outs)
+        assert all(bool((o == 7).all()) for o in outs)
+    outs = [torch.zeros(4), torch.zeros(5, dtype=bf), torch.zeros(6, dtype=bf)]
+    with pytest.raises(TypeError, match=r"`outs\[2\]` must have dtype torch.float32"):
+        aggregate_list(UPGrad(), grads, outs)

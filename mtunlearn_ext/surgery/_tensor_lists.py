@@ -231,6 +231,9 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
         groups = {}
         for p, key in enumerate(zip(dtypes, map(float, betas))):
             groups.setdefault(key, []).append(p)
+        # Several calls: a wrong tensor in a later group would be refused after the earlier
+        # groups were written, and named by its place in its group. Checked first instead.
+        _check_outputs(coeffs, xs, outs, bases, layers)
     for (_, beta), members in groups.items():
         if len(members) == len(xs):
             member_xs, member_outs, member_bases = xs, outs, bases
@@ -244,6 +247,28 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
             ids = torch.tensor([layers[p] for p in members], device=coeffs.device)
             ops.combine_list(coeffs.index_select(0, ids), member_xs, member_outs, beta=beta,
                              per_tensor=True, bases=member_bases, check_finite=check_finite)
+
+
+def _check_outputs(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
+                   outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor] | None,
+                   layers: list[int] | None) -> None:
+    """Every output (and base) has its stack's trailing shape (after the combination's rows,
+    if the coefficients have rows), dtype and device, named by its place in the whole list."""
+    if len(outs) != len(xs) or (bases is not None and len(bases) != len(xs)):
+        raise ValueError(f"combine: `outs` must hold one tensor per stack ({len(xs)}), got "
+                         f"{len(outs)}" + ("" if bases is None else f" (bases: {len(bases)})"))
+    rows = coeffs.shape[-2] if coeffs.dim() - (layers is not None) == 2 else None
+    for name, tensors in (("outs", outs), ("bases", bases)):
+        if tensors is None:
+            continue
+        for p, (x, t) in enumerate(zip(xs, tensors)):
+            shape = tuple(x.shape[1:]) if rows is None else (rows, *x.shape[1:])
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"combine: `{name}[{p}]` must have shape {shape}, got {got}")
+            if t.dtype != x.dtype or t.device != x.device:
+                raise TypeError(f"combine: `{name}[{p}]` must have dtype {x.dtype} on "
+                                f"{x.device} (its stack's), got {t.dtype} on {t.device}")
 
 
 def guard_nonfinite(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
