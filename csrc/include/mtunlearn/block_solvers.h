@@ -126,7 +126,7 @@ MTU_BLOCK void ridge_solve(Block& block, const A* gram, const A* rhs, A* out, in
 }
 
 // solvers::nonconflicting_dual for one (problem, row): gram k x k, c and out k, in the input
-// dtype A. workspace: 2 k^2 + k doubles; idx: k ints. Shared: s_w, s_grad, s_trial (k doubles
+// dtype A. workspace: 2 k^2 + 3k doubles; idx: k ints. Shared: s_w, s_grad, s_trial (k doubles
 // each), s_scalar (one double), s_count (one int). Every thread computes each coordinate's step
 // itself (same inputs, same result), so only the gradient update is shared out, with a barrier
 // on each side of it.
@@ -159,7 +159,8 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
   }
   const double tol = solvers::dual_tolerance(scale);
   const int max_sweeps = solvers::dual_max_sweeps(k);
-  for (int sweep = 0; sweep < max_sweeps; ++sweep) {
+  bool converged = false;
+  for (int sweep = 0; sweep < max_sweeps && !converged; ++sweep) {
     double largest = 0.0;
     for (int i = 0; i < k; ++i) {
       const double gii = g[i * k + i];
@@ -174,7 +175,7 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
         block.sync();
       }
     }
-    if (largest <= tol) break;
+    converged = largest <= tol;  // the same on every thread
   }
   // Polish on the active set, as in solvers::nonconflicting_dual.
   if (rank == 0) {
@@ -218,6 +219,11 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
     for (int i = rank; i < k; i += size) s_w[i] = 0.0;
     block.sync();
     for (int a = rank; a < na; a += size) s_w[idx[a]] = s_trial[a];
+    block.sync();
+  } else if (!converged) {
+    // As in solvers::nonconflicting_dual: the exact active-set method, on one thread (it is the
+    // rare case of dependent rows and a descent out of sweeps; its steps are sequential).
+    if (rank == 0) solvers::dual_active_set(g, k, c, scale, s_w, factor, idx);
     block.sync();
   }
   for (int e = rank; e < k; e += size) out[e] = static_cast<A>(s_w[e]);

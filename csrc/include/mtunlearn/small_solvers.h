@@ -124,10 +124,124 @@ MTU_HD void ridge_solve(const double* gram, int k, const double* rhs, int m, dou
   for (int c = 0; c < m; ++c) cholesky_solve(scratch, k, out + c, m);
 }
 
+// The exact dual by Lawson and Hanson's active-set method, the fallback of
+// nonconflicting_dual when its coordinate descent ran out of sweeps and the polish below could
+// not finish it (dependent constraint rows, e.g. more tasks than dimensions, make G singular and
+// the descent slow). It solves min_{w >= 0} 1/2 w^T G w + c^T w (the NNLS min |R^T w + g| in
+// Gram form) from w = 0: a coordinate whose constraint is violated most (relative to |r_j|)
+// joins the passive set P; the problem restricted to P is solved exactly (least squares:
+// cholesky_dropping gives a row dependent on the others a zero coefficient), and if that leaves
+// a coordinate <= 0, the iterate moves toward it until the first coordinate reaches 0, which
+// leaves P. Each outer step lowers the objective. Returns true, with its answer in w_out, once
+// the KKT conditions hold; false (w_out untouched) if its budget ran out (a cycle from rounding).
+// scratch: 2k + k*k doubles; idx: k ints.
+MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double scale,
+                            double* w_out, double* scratch, int* idx) {
+  double* w = scratch;              // k
+  double* z = scratch + k;          // k
+  double* factor = scratch + 2 * k; // k*k
+  double largest_diag = 0.0;
+  for (int i = 0; i < k; ++i) {
+    w[i] = 0.0;
+    largest_diag = dmax(largest_diag, gram[i * k + i]);
+  }
+  const double floor = 1e-9 * largest_diag + DBL_MIN;
+  int np = 0;
+  for (int outer = 0; outer < 3 * k + 10; ++outer) {
+    int best = -1;
+    double most = -1e-9 * scale;  // a violation below this is rounding
+    for (int j = 0; j < k; ++j) {
+      const double gjj = gram[j * k + j];
+      if (!(gjj > 0.0)) continue;  // r_j = 0: its constraint always holds
+      bool passive = false;
+      for (int a = 0; a < np; ++a) passive = passive || idx[a] == j;
+      if (passive) continue;
+      double gj = c[j];
+      for (int a = 0; a < np; ++a) gj += gram[j * k + idx[a]] * w[idx[a]];
+      const double violation = gj / sqrt(gjj);  // <d, r_j> / |r_j|
+      if (violation < most) {
+        most = violation;
+        best = j;
+      }
+    }
+    if (best < 0) {
+      for (int i = 0; i < k; ++i) w_out[i] = w[i];
+      return true;
+    }
+    idx[np++] = best;
+    for (int inner = 0; inner <= k && np > 0; ++inner) {
+      cholesky_dropping(gram, k, idx, np, 0.0, floor, factor);
+      for (int a = 0; a < np; ++a) z[a] = -c[idx[a]];
+      cholesky_solve(factor, np, z, 1);
+      bool positive = true;
+      for (int a = 0; a < np; ++a) positive = positive && z[a] > 0.0;
+      if (positive) {
+        for (int a = 0; a < np; ++a) w[idx[a]] = z[a];
+        break;
+      }
+      double alpha = 1.0;
+      int limit = -1;
+      for (int a = 0; a < np; ++a) {
+        if (z[a] > 0.0) continue;
+        const double wa = w[idx[a]];
+        const double ratio = wa > 0.0 ? wa / (wa - z[a]) : 0.0;
+        if (limit < 0 || ratio < alpha) {
+          alpha = ratio;
+          limit = a;
+        }
+      }
+      int kept = 0;
+      for (int a = 0; a < np; ++a) {
+        const int i = idx[a];
+        w[i] += alpha * (z[a] - w[i]);
+        if (a == limit || !(w[i] > 0.0)) {
+          w[i] = 0.0;
+        } else {
+          idx[kept++] = i;
+        }
+      }
+      np = kept;
+    }
+  }
+  return false;
+}
+
+// Keeps w when the exact solve on its active set (G_AA w_A = -c_A) gives w_A > 0 and the
+// inactive constraints a non-negative gradient (KKT): true then, with w exact to rounding.
+// A singular active block (dependent r_j) has no unique solution: false.
+MTU_HD bool dual_polish(const double* gram, int k, const double* c, double scale, double* w,
+                        double* trial, double* factor, int* idx) {
+  int na = 0;
+  for (int i = 0; i < k; ++i)
+    if (w[i] > 0.0) idx[na++] = i;
+  if (na == 0) return true;
+  double active_scale = 0.0;
+  for (int a = 0; a < na; ++a) active_scale = dmax(active_scale, gram[idx[a] * k + idx[a]]);
+  if (cholesky_dropping(gram, k, idx, na, 0.0, 1e-9 * active_scale + DBL_MIN, factor) > 0)
+    return false;
+  for (int a = 0; a < na; ++a) trial[a] = -c[idx[a]];
+  cholesky_solve(factor, na, trial, 1);
+  for (int a = 0; a < na; ++a)
+    if (!(trial[a] > 0.0)) return false;
+  for (int i = 0; i < k; ++i) {
+    bool active = false;
+    for (int a = 0; a < na; ++a) active = active || idx[a] == i;
+    if (active) continue;
+    double gi = c[i];
+    for (int a = 0; a < na; ++a) gi += gram[i * k + idx[a]] * trial[a];
+    if (gi < -1e-9 * scale * sqrt(dmax(gram[i * k + i], 0.0))) return false;
+  }
+  for (int i = 0; i < k; ++i) w[i] = 0.0;
+  for (int a = 0; a < na; ++a) w[idx[a]] = trial[a];
+  return true;
+}
+
 // min_{w >= 0} 1/2 w^T G w + c^T w, the dual of projecting g onto {d : <d, r_j> >= 0} with
 // G = R R^T, c = R g (then d = g + w R). Projected coordinate descent (Gauss-Seidel, keeping
 // grad = G w + c current) to a relative tolerance, then an exact solve on the active set that
-// is kept when it satisfies the KKT conditions. Non-finite input gives an all-NaN w.
+// is kept when it satisfies the KKT conditions (dual_polish); when neither the descent
+// converged nor the polish succeeded, the exact active-set method (dual_active_set). Non-finite
+// input gives an all-NaN w.
 // scratch: k*k + 2k doubles + k ints (idx).
 MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, double* w,
                                 double* scratch, int* idx) {
@@ -152,7 +266,8 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
   if (scale == 0.0) return;  // g is orthogonal to every r_j (or every r_j is zero)
   const double tol = dual_tolerance(scale);
   const int max_sweeps = dual_max_sweeps(k);
-  for (int sweep = 0; sweep < max_sweeps; ++sweep) {
+  bool converged = false;
+  for (int sweep = 0; sweep < max_sweeps && !converged; ++sweep) {
     double largest = 0.0;
     for (int i = 0; i < k; ++i) {
       const double gii = gram[i * k + i];
@@ -165,33 +280,10 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
         largest = dmax(largest, dabs(delta) * sqrt(gii));
       }
     }
-    if (largest <= tol) break;
+    converged = largest <= tol;
   }
-  // Polish: solve G_AA w_A = -c_A on the active set; keep it if w_A > 0 and the inactive
-  // constraints keep a non-negative gradient (KKT), which makes the answer exact to rounding.
-  int na = 0;
-  for (int i = 0; i < k; ++i)
-    if (w[i] > 0.0) idx[na++] = i;
-  if (na == 0) return;
-  // A singular active block (dependent r_j, e.g. more constraints than dimensions) has no
-  // unique exact solution: keep the coordinate-descent answer then.
-  double active_scale = 0.0;
-  for (int a = 0; a < na; ++a) active_scale = dmax(active_scale, gram[idx[a] * k + idx[a]]);
-  if (cholesky_dropping(gram, k, idx, na, 0.0, 1e-9 * active_scale + DBL_MIN, factor) > 0) return;
-  for (int a = 0; a < na; ++a) trial[a] = -c[idx[a]];
-  cholesky_solve(factor, na, trial, 1);
-  for (int a = 0; a < na; ++a)
-    if (!(trial[a] > 0.0)) return;
-  for (int i = 0; i < k; ++i) {
-    bool active = false;
-    for (int a = 0; a < na; ++a) active = active || idx[a] == i;
-    if (active) continue;
-    double gi = c[i];
-    for (int a = 0; a < na; ++a) gi += gram[i * k + idx[a]] * trial[a];
-    if (gi < -1e-9 * scale * sqrt(dmax(gram[i * k + i], 0.0))) return;
-  }
-  for (int i = 0; i < k; ++i) w[i] = 0.0;
-  for (int a = 0; a < na; ++a) w[idx[a]] = trial[a];
+  if (dual_polish(gram, k, c, scale, w, trial, factor, idx) || converged) return;
+  dual_active_set(gram, k, c, scale, w, scratch, idx);
 }
 
 // splitmix64: the generator behind PCGrad's task orders; must match
