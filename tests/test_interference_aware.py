@@ -547,6 +547,22 @@ def test_the_step_taken_keeps_the_instance_constraints_with_a_head_learning_rate
             assert float(cosine) <= 1e-4, float(cosine)
 
 
+def test_a_cap_reference_without_a_task_warns(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """Held-out instances with no "size" label: that task's forget cap cannot come from them;
+    it kept the objective's own cap without a word."""
+    model, x, y = user_setup
+    gen = torch.Generator().manual_seed(5)
+    held = (torch.randn(30, x.shape[1], generator=gen),
+            {"kind": torch.randint(0, 3, (30,), generator=gen), "size": torch.randn(30, 1)},
+            torch.tensor([[True, False]] * 30))
+    with pytest.warns(UserWarning, match=r"no supervised pair of task 'size' among the first 128 "
+                                         r"rows of the held_out set"):
+        mtunlearn_ext.unlearn(model, tasks={"kind": "classification", "size": "regression"},
+                              train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+                              held_out_data=held, shared_parameters=lambda n: n.startswith("trunk."),
+                              config={"steps": 2, "cap_reference": "held_out"})
+
+
 def test_coupled_rows_keep_a_task_the_retain_batch_lacks() -> None:
     """A task without any pair in the retain batch has no term in its rows; its factor weighs
     only the coupled rows (the forget instances' retained pairs), and 0 erased their constraint

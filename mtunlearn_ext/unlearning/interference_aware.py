@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -559,6 +560,12 @@ class InterferenceAware(GradientUnlearner):
         for task, objective in capped.items():
             values = losses[task]
             if values.numel() == 0:
+                warnings.warn(
+                    f"interference_aware: no supervised pair of task {task!r} among the first "
+                    f"{cfg.cap_rows} rows of the {source} set, so its forget cap stays the "
+                    f"objective's own instead of the {source} losses' {cfg.cap_quantile!r} "
+                    f"level; label some, raise `cap_rows`, or choose another `cap_reference`",
+                    stacklevel=2)
                 continue
             if not rank_matched:
                 assert isinstance(cfg.cap_quantile, (int, float))
