@@ -958,13 +958,13 @@ class InterferenceAware(GradientUnlearner):
                 # cover the same parameters at every step, so the instance memory keeps them
                 # (it restarts when the parameters change), and a head the step moves through
                 # the projection is one the constraints see.
-                heads = [t for t in ctx.problem.target_tasks if t in groups.heads]
-                for t in heads:
+                head_tasks = [t for t in ctx.problem.target_tasks if t in groups.heads]
+                for t in head_tasks:
                     if t not in forget_heads:
                         forget_heads[t] = [torch.zeros_like(p) for p in groups.head_params(t)]
-                names = [n for n, _ in groups.shared] + [n for t in heads
+                names = [n for n, _ in groups.shared] + [n for t in head_tasks
                                                          for n, _ in groups.heads[t]]
-                step_dir = [-g for g in forget_shared] + [-g for t in heads
+                step_dir = [-g for g in forget_shared] + [-g for t in head_tasks
                                                            for g in forget_heads[t]]
                 before = _norm(step_dir)
                 assert instance_rows is not None
@@ -981,7 +981,8 @@ class InterferenceAware(GradientUnlearner):
                     max(memory.filled, per_sample[0].shape[0]))
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
-                forget_shared, forget_heads = groups.split([-d for d in projected_dir], heads)
+                forget_shared, forget_heads = groups.split([-d for d in projected_dir],
+                                                           head_tasks)
 
         # Update: retain descent everywhere, alpha * projected forget on theta_s and S's heads.
         for p, r, f in zip(shared, retain_shared, forget_shared):
