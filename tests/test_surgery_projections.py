@@ -295,3 +295,13 @@ def test_mixed_dtype_lists_write_nothing_when_an_output_is_wrong() -> None:
     outs = [torch.zeros(4), torch.zeros(5, dtype=bf), torch.zeros(6, dtype=bf)]
     with pytest.raises(TypeError, match=r"`outs\[2\]` must have dtype torch.float32"):
         aggregate_list(UPGrad(), grads, outs)
+
+
+def test_mixed_dtype_lists_name_a_non_finite_tensor_by_its_place_in_the_list() -> None:
+    """The Gram pass runs once per dtype class; its NaN error named the tensor by its place in
+    its class (`xs[1]` for the third tensor)."""
+    grads = [torch.randn(3, 4), torch.randn(3, 5).to(torch.bfloat16), torch.randn(3, 6)]
+    grads[2][1, 0] = float("nan")
+    outs = [torch.zeros(4), torch.zeros(5, dtype=torch.bfloat16), torch.zeros(6)]
+    with pytest.raises(FloatingPointError, match=r"`xs\[2\]` contains NaN or Inf"):
+        aggregate_list(UPGrad(), grads, outs)

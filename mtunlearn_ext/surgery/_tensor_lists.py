@@ -9,6 +9,7 @@ dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeGuard
 
@@ -177,13 +178,31 @@ def _summed_by_class(op: Callable[..., torch.Tensor], lists: Sequence[Sequence[t
                         device=device)
     for cls in classes:
         members = [[tensors[i] for i in cls] for tensors in lists]
-        if layers is None:
-            total += op(*members, check_finite=check_finite).to(out_dtype)
-        else:
-            per_tensor = op(*members, per_tensor=True, check_finite=check_finite)
-            ids = torch.tensor([layers[i] for i in cls], device=device)
-            total.index_add_(0, ids, per_tensor.to(out_dtype))
+        try:
+            if layers is None:
+                total += op(*members, check_finite=check_finite).to(out_dtype)
+            else:
+                per_tensor = op(*members, per_tensor=True, check_finite=check_finite)
+                ids = torch.tensor([layers[i] for i in cls], device=device)
+                total.index_add_(0, ids, per_tensor.to(out_dtype))
+        except (FloatingPointError, TypeError, ValueError) as error:
+            raise _in_whole_list(error, cls) from error
     return total
+
+
+def _in_whole_list(error: Exception, members: Sequence[int]) -> Exception:
+    """``error`` of a call on one dtype class of a list, with each tensor it names
+    (```xs[1]```) renamed by its place in the whole list."""
+    def whole(match: re.Match[str]) -> str:
+        place = int(match.group(2))
+        return (f"`{match.group(1)}[{members[place]}]`" if place < len(members)
+                else match.group(0))
+
+    message = re.sub(r"`(\w+)\[(\d+)\]`", whole, str(error))
+    try:
+        return type(error)(message)
+    except Exception:  # an exception type built otherwise: keep it as it is
+        return error
 
 
 def gram_stats(xs: Sequence[torch.Tensor], layers: list[int] | None, num_layers: int, *,
