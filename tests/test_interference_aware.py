@@ -589,11 +589,14 @@ def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-unty
     assert report.extra["interference_aware"]["coupled_instances"] == 10
     assert report.extra["interference_aware"]["shared_layers"] == 2  # two Linear layers
 
-    # The other way in: forget and retain data directly, parameters given as tensors.
-    new2, report2 = mtunlearn_ext.unlearn(
-        model, tasks=tasks, forget_data=(x[:10], {"kind": y["kind"][:10]}),
-        retain_data=(x[10:], {t: v[10:] for t, v in y.items()}),
-        shared_parameters=list(model.trunk.parameters()), config=config, seed=0)
+    # The other way in: forget and retain data directly, parameters given as tensors. The
+    # forget instances' "size" pairs are then in no set: the method says it cannot protect them.
+    with pytest.warns(UserWarning, match=r"the retain set holds no retained pair of the forget "
+                                         r"instances"):
+        new2, report2 = mtunlearn_ext.unlearn(
+            model, tasks=tasks, forget_data=(x[:10], {"kind": y["kind"][:10]}),
+            retain_data=(x[10:], {t: v[10:] for t, v in y.items()}),
+            shared_parameters=list(model.trunk.parameters()), config=config, seed=0)
     assert report2.request["target_tasks"] == ["kind"] and not report2.request["full"]
     assert report2.extra["summary"]["forget_loss_after"]["kind"] > \
         report2.extra["summary"]["forget_loss_before"]["kind"]
@@ -882,11 +885,14 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
     with pytest.raises(ValueError, match=r"`forget_data` row 0 is also `retain_data` row 0 "
                                          r"\(same input\), which still supervises task 'kind'"):
         mtunlearn_ext.unlearn(model, forget_data=forget, retain_data=(x, y), **common)
-    # Without those pairs (their "size" labels kept: a partial request) it runs.
+    # Without those pairs (their "size" labels kept: a partial request) it runs. Tuple data
+    # does not link the forget rows to their retained "size" pairs (ids of their own), so the
+    # method says it cannot protect those explicitly.
     supervision = torch.ones(120, 2, dtype=torch.bool)
     supervision[:10, 0] = False
-    _, report = mtunlearn_ext.unlearn(model, forget_data=forget,
-                                      retain_data=(x, y, supervision), **common)
+    with pytest.warns(UserWarning, match=r"no retained pair of the forget instances"):
+        _, report = mtunlearn_ext.unlearn(model, forget_data=forget,
+                                          retain_data=(x, y, supervision), **common)
     assert report.request["target_tasks"] == ["kind"]
     # Data sets with ids: the problem refuses a pair supervised on both sides.
     specs = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]
