@@ -105,50 +105,60 @@ void combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64
                "combine");
 }
 
-// The solver kernels read the Gram, rhs and output as one type, float or double (the entries
-// convert anything else first); a mismatch would read or write past the buffers.
-static void check_solver_types(const at::Tensor& gram, const at::Tensor* rhs, const at::Tensor& out) {
+// The solver kernels read the Gram and rhs as one type, float or double (the entries convert
+// anything else first), and write that type: an output of another dtype, or not contiguous, is
+// written through a buffer of it (see solver_result and write_back).
+static void check_solver_types(const at::Tensor& gram, const at::Tensor* rhs) {
   const at::ScalarType type = gram.scalar_type();
   TORCH_INTERNAL_ASSERT(type == at::kFloat || type == at::kDouble, "solver kernels: gram is ", type);
-  TORCH_INTERNAL_ASSERT(out.scalar_type() == type && (rhs == nullptr || rhs->scalar_type() == type),
-                        "solver kernels: gram, rhs and out must share one dtype");
+  TORCH_INTERNAL_ASSERT(rhs == nullptr || rhs->scalar_type() == type,
+                        "solver kernels: gram and rhs must share one dtype");
+}
+
+static at::Tensor solver_result(const at::Tensor& gram, const at::Tensor& out) {
+  const bool direct = out.is_contiguous() && out.scalar_type() == gram.scalar_type();
+  return direct ? out : at::empty(out.sizes(), out.options().dtype(gram.scalar_type()));
+}
+
+static void write_back(const at::Tensor& result, const at::Tensor& out) {
+  if (!result.is_same(out)) out.copy_(result);
 }
 
 void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out, double ridge,
                  double pivot_floor) {
-  check_solver_types(gram, &rhs, out);
+  check_solver_types(gram, &rhs);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1), m = rhs.size(-1);
   const int64_t batch = gram.numel() / (k * k);
   at::Tensor work = at::empty({batch * (2 * k * k + 2 * k * m)}, gram.options().dtype(at::kDouble));
-  at::Tensor result = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+  at::Tensor result = solver_result(gram, out);
   check_launch(cuda::ridge_solve(gram.scalar_type() == at::kDouble, gram.data_ptr(), rhs.data_ptr(),
                                  result.data_ptr(), batch, static_cast<int>(k), static_cast<int>(m),
                                  ridge, pivot_floor, work.data_ptr<double>(), stream),
                "ridge_solve");
-  if (!result.is_same(out)) out.copy_(result);
+  write_back(result, out);
 }
 
 void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out) {
-  check_solver_types(gram, &rhs, out);
+  check_solver_types(gram, &rhs);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1), m = rhs.size(-2);
   const int64_t batch = gram.numel() / (k * k);
   at::Tensor work = at::empty({batch * m * (2 * k * k + 4 * k)}, gram.options().dtype(at::kDouble));
   at::Tensor iwork = at::empty({batch * m * k}, gram.options().dtype(at::kInt));
-  at::Tensor result = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+  at::Tensor result = solver_result(gram, out);
   check_launch(cuda::nonconflicting_dual(gram.scalar_type() == at::kDouble, gram.data_ptr(),
                                          rhs.data_ptr(), result.data_ptr(), batch,
                                          static_cast<int>(k), static_cast<int>(m),
                                          work.data_ptr<double>(), iwork.data_ptr<int>(), stream),
                "nonconflicting_dual");
-  if (!result.is_same(out)) out.copy_(result);
+  write_back(result, out);
 }
 
 void pcgrad_weights(const at::Tensor& gram, const at::Tensor& out, int64_t seed) {
-  check_solver_types(gram, nullptr, out);
+  check_solver_types(gram, nullptr);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1);
@@ -157,10 +167,12 @@ void pcgrad_weights(const at::Tensor& gram, const at::Tensor& out, int64_t seed)
   // k ints per task.
   at::Tensor work = at::empty({batch * 2 * k * k}, gram.options().dtype(at::kDouble));
   at::Tensor iwork = at::empty({batch * k * k}, gram.options().dtype(at::kInt));
+  at::Tensor result = solver_result(gram, out);
   check_launch(cuda::pcgrad_weights(gram.scalar_type() == at::kDouble, gram.data_ptr(),
-                                    out.data_ptr(), batch, static_cast<int>(k), seed,
+                                    result.data_ptr(), batch, static_cast<int>(k), seed,
                                     work.data_ptr<double>(), iwork.data_ptr<int>(), stream),
                "pcgrad_weights");
+  write_back(result, out);
 }
 
 }  // namespace cuda_host

@@ -289,11 +289,12 @@ def test_mixed_dtype_lists_write_nothing_when_an_output_is_wrong() -> None:
         outs = [torch.full((4,), 7.0), torch.full((5,), 7.0, dtype=bf), torch.full((6,), 7.0)]
         outs[bad] = torch.full((7,), 7.0, dtype=outs[bad].dtype)
         shape = tuple(grads[bad].shape[1:])
-        with pytest.raises(ValueError, match=re.escape(f"`outs[{bad}]` must have shape {shape}")):
+        with pytest.raises(ValueError, match=re.escape(f"outs[{bad}] must have shape {shape}")):
             aggregate_list(UPGrad(), grads, outs)
         assert all(bool((o == 7).all()) for o in outs)
     outs = [torch.zeros(4), torch.zeros(5, dtype=bf), torch.zeros(6, dtype=bf)]
-    with pytest.raises(TypeError, match=r"`outs\[2\]` must have dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"`outs\[2\]` has dtype torch.bfloat16 but `xs\[0\]` "
+                                        r"has torch.float32"):
         aggregate_list(UPGrad(), grads, outs)
 
 

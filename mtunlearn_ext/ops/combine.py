@@ -97,10 +97,10 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     checked_list_call(
         compiled,
         lambda: _reference_combine_list(coeffs, xs, outs, beta, per_tensor, base_list),
-        lambda: _check_combine_list(op, coeffs, xs, outs, per_tensor, base_list, beta))
+        lambda: check_combine_list(op, coeffs, xs, outs, per_tensor, base_list, beta))
 
 
-def _check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
+def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
                         outs: list[torch.Tensor], per_tensor: bool,
                         bases: list[torch.Tensor] | None, beta: float) -> None:
     lead_dims = 1 if per_tensor else 0

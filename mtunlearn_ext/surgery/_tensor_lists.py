@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeGuard
 import torch
 
 from mtunlearn_ext import ops
+from mtunlearn_ext.ops.combine import check_combine_list
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -191,14 +192,14 @@ def _summed_by_class(op: Callable[..., torch.Tensor], lists: Sequence[Sequence[t
 
 
 def _in_whole_list(error: Exception, members: Sequence[int]) -> Exception:
-    """``error`` of a call on one dtype class of a list, with each tensor it names
-    (```xs[1]```) renamed by its place in the whole list."""
+    """``error`` of a call on one group of a list (one dtype class), with each tensor it names
+    (``xs[1]``) renamed by its place in the whole list."""
     def whole(match: re.Match[str]) -> str:
         place = int(match.group(2))
-        return (f"`{match.group(1)}[{members[place]}]`" if place < len(members)
+        return (f"{match.group(1)}[{members[place]}]" if place < len(members)
                 else match.group(0))
 
-    message = re.sub(r"`(\w+)\[(\d+)\]`", whole, str(error))
+    message = re.sub(r"\b([A-Za-z_]\w*)\[(\d+)\]", whole, str(error))
     try:
         return type(error)(message)
     except Exception:  # an exception type built otherwise: keep it as it is
@@ -250,44 +251,29 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
         groups = {}
         for p, key in enumerate(zip(dtypes, map(float, betas))):
             groups.setdefault(key, []).append(p)
-        # Several calls: a wrong tensor in a later group would be refused after the earlier
-        # groups were written, and named by its place in its group. Checked first instead.
-        _check_outputs(coeffs, xs, outs, bases, layers)
+    calls = []
     for (_, beta), members in groups.items():
         if len(members) == len(xs):
             member_xs, member_outs, member_bases = xs, outs, bases
         else:
             member_xs, member_outs = [xs[p] for p in members], [outs[p] for p in members]
             member_bases = None if bases is None else [bases[p] for p in members]
-        if layers is None:
-            ops.combine_list(coeffs, member_xs, member_outs, beta=beta, bases=member_bases,
-                             check_finite=check_finite)
-        else:
-            ids = torch.tensor([layers[p] for p in members], device=coeffs.device)
-            ops.combine_list(coeffs.index_select(0, ids), member_xs, member_outs, beta=beta,
-                             per_tensor=True, bases=member_bases, check_finite=check_finite)
-
-
-def _check_outputs(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
-                   outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor] | None,
-                   layers: list[int] | None) -> None:
-    """Every output (and base) has its stack's trailing shape (after the combination's rows,
-    if the coefficients have rows), dtype and device, named by its place in the whole list."""
-    if len(outs) != len(xs) or (bases is not None and len(bases) != len(xs)):
-        raise ValueError(f"combine: `outs` must hold one tensor per stack ({len(xs)}), got "
-                         f"{len(outs)}" + ("" if bases is None else f" (bases: {len(bases)})"))
-    rows = coeffs.shape[-2] if coeffs.dim() - (layers is not None) == 2 else None
-    for name, tensors in (("outs", outs), ("bases", bases)):
-        if tensors is None:
-            continue
-        for p, (x, t) in enumerate(zip(xs, tensors)):
-            shape = tuple(x.shape[1:]) if rows is None else (rows, *x.shape[1:])
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"combine: `{name}[{p}]` must have shape {shape}, got {got}")
-            if t.dtype != x.dtype or t.device != x.device:
-                raise TypeError(f"combine: `{name}[{p}]` must have dtype {x.dtype} on "
-                                f"{x.device} (its stack's), got {t.dtype} on {t.device}")
+        block = coeffs if layers is None else coeffs.index_select(
+            0, torch.tensor([layers[p] for p in members], device=coeffs.device))
+        calls.append((block, list(member_xs), list(member_outs),
+                      None if member_bases is None else list(member_bases), beta, members))
+    if len(calls) > 1:
+        # Several calls: a wrong tensor in a later one would be refused after the earlier ones
+        # had written, so every call's arguments are checked first (named in the whole list).
+        for block, member_xs, member_outs, member_bases, beta, members in calls:
+            try:
+                check_combine_list("combine", block, member_xs, member_outs, layers is not None,
+                                   member_bases, beta)
+            except (TypeError, ValueError) as error:
+                raise _in_whole_list(error, members) from error
+    for block, member_xs, member_outs, member_bases, beta, _ in calls:
+        ops.combine_list(block, member_xs, member_outs, beta=beta, per_tensor=layers is not None,
+                         bases=member_bases, check_finite=check_finite)
 
 
 def guard_nonfinite(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

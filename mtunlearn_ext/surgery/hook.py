@@ -19,7 +19,12 @@ from typing import Literal, Protocol
 
 import torch
 
-from mtunlearn_ext.surgery._tensor_lists import is_dtensor, local_tensor, new_grad_like
+from mtunlearn_ext.surgery._tensor_lists import (
+    is_dtensor,
+    layer_index,
+    local_tensor,
+    new_grad_like,
+)
 from mtunlearn_ext.surgery.aggregators import Aggregator
 from mtunlearn_ext.surgery.projections import aggregate_list
 from mtunlearn_ext.surgery.weightings import Weighting
@@ -129,10 +134,9 @@ def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
                              f"listed twice, with layer ids {kept[slot]} and {layer}")
         kept[slot] = layer
     if num_layers is not None:
-        if any(i >= num_layers for i in ids):
-            raise ValueError(f"GradientSurgery: `per_layer` ids must lie in 0..{num_layers - 1} "
-                             f"(`num_layers`={num_layers}), got {sorted(set(ids))}")
-        return [layer for layer in kept if layer is not None]
+        global_ids = [layer for layer in kept if layer is not None]
+        layer_index(global_ids, len(global_ids), "GradientSurgery", num_layers)  # range check
+        return global_ids
     renumber = {layer: new for new, layer in enumerate(sorted({i for i in kept if i is not None}))}
     return [renumber[layer] for layer in kept if layer is not None]
 
@@ -433,11 +437,10 @@ class GradientSurgery:
                                   reduce=None if self.reducer is None
                                   else self.reducer.reduce_stats,
                                   check_finite=self.check_finite)
-        except FloatingPointError as error:
+        except BaseException as error:
             self._drop_unwritten_grads(betas)
-            raise FloatingPointError(self._non_finite_message(stacks, error)) from error
-        except BaseException:
-            self._drop_unwritten_grads(betas)
+            if isinstance(error, FloatingPointError):
+                raise FloatingPointError(self._non_finite_message(stacks, error)) from error
             raise
 
     def _drop_unwritten_grads(self, betas: Sequence[float]) -> None:

@@ -944,9 +944,8 @@ class InterferenceAware(GradientUnlearner):
                 assert total_forget is not None
                 heads = [p for t in targets for p in groups.head_params(t)]
                 raw, forget_heads = groups.split(grads_of(total_forget, shared + heads), targets)
-                # Keyed by a target present here: they share its subspace (under
-                # protect="others" other targets of the request may have their own, which a
-                # batch without their labels does not involve).
+                # Keyed by a target present here: they all share its subspace (under
+                # protect="others" absent targets may have their own).
                 projected = self.task_project(ctx, {targets[0]: raw})
                 forget_shared = [s[0] for s in projected]
             else:

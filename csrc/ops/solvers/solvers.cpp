@@ -48,22 +48,14 @@ double pivot_floor(const at::Tensor& gram) { return gram.scalar_type() == at::kD
 at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
 #ifdef MTU_WITH_CUDA
-// The CUDA solver kernels exist for float and double, with the Gram, rhs and output of one
-// type. A half-precision Gram is solved in float (it was read as float: out-of-bounds reads and
-// writes), a double rhs makes the solve double (the CPU path solves everything in double), and
-// the result is then written in the output's dtype.
+// The CUDA solver kernels exist for float and double, with the Gram and rhs of one type: a
+// half-precision Gram is solved in float (it was read as float: out-of-bounds reads and
+// writes), a double rhs makes the solve double (the CPU path solves everything in double). The
+// launchers write the result in the output's dtype.
 at::ScalarType cuda_solve_type(const at::Tensor& gram, const at::Tensor* rhs) {
   const bool wide = gram.scalar_type() == at::kDouble ||
                     (rhs != nullptr && rhs->scalar_type() == at::kDouble);
   return wide ? at::kDouble : at::kFloat;
-}
-
-at::Tensor solve_buffer(const at::Tensor& out, at::ScalarType type) {
-  return out.scalar_type() == type ? out : at::empty(out.sizes(), out.options().dtype(type));
-}
-
-void write_back(const at::Tensor& result, const at::Tensor& out) {
-  if (!result.is_same(out)) out.copy_(result);
 }
 #endif
 
@@ -84,10 +76,8 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
   if (!gram.is_cpu()) {
 #ifdef MTU_WITH_CUDA
     const at::ScalarType type = cuda_solve_type(gram, &rhs);
-    at::Tensor result = solve_buffer(out, type);
-    cuda_host::ridge_solve(gram.to(type).contiguous(), rhs.to(type).contiguous(), result, ridge,
+    cuda_host::ridge_solve(gram.to(type).contiguous(), rhs.to(type).contiguous(), out, ridge,
                            pivot_floor(gram));
-    write_back(result, out);
     return out;
 #else
     TORCH_CHECK(false, op, ": this build has no CUDA kernels");
@@ -120,9 +110,7 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
   if (!gram.is_cpu()) {
 #ifdef MTU_WITH_CUDA
     const at::ScalarType type = cuda_solve_type(gram, &rhs);
-    at::Tensor result = solve_buffer(out, type);
-    cuda_host::nonconflicting_dual(gram.to(type).contiguous(), rhs.to(type).contiguous(), result);
-    write_back(result, out);
+    cuda_host::nonconflicting_dual(gram.to(type).contiguous(), rhs.to(type).contiguous(), out);
     return out;
 #else
     TORCH_CHECK(false, op, ": this build has no CUDA kernels");
@@ -155,10 +143,7 @@ at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
   if (out.numel() == 0) return out;
   if (!gram.is_cpu()) {
 #ifdef MTU_WITH_CUDA
-    const at::ScalarType type = cuda_solve_type(gram, nullptr);
-    at::Tensor result = solve_buffer(out, type);
-    cuda_host::pcgrad_weights(gram.to(type).contiguous(), result, seed);
-    write_back(result, out);
+    cuda_host::pcgrad_weights(gram.to(cuda_solve_type(gram, nullptr)).contiguous(), out, seed);
     return out;
 #else
     TORCH_CHECK(false, op, ": this build has no CUDA kernels");
