@@ -103,8 +103,11 @@ def _cpu_model() -> str:
 
 def _git_state() -> dict[str, Any]:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:  # no git on the machine (a GPU machine gets the tree without it)
+            return ""
 
     dirty = git("status", "--porcelain", "--", "csrc", "mtunlearn_ext/ops")
     return {"head": git("rev-parse", "--short", "HEAD"), "ops_or_csrc_modified": bool(dirty)}

@@ -20,7 +20,9 @@ failing or hanging stage still leaves the others' results:
    allocator off (each tensor its own allocation, so an out-of-bounds access is seen).
 5. timings: every op at k x n sizes from 2 x 1e8 to 256 x 1e7 against ``torch`` and against the
    time to read the input once; a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists
-   against ``cat`` + the same aggregation on the flat matrix + split.
+   against ``cat`` + the same aggregation on the flat matrix + split; then one unlearning step on
+   an 86M-parameter backbone (``benchmarks/large_model.py --device cuda``, B = 8 / k = 6 and
+   B = k = 32; its tables go beside ``--out``).
 6. racecheck: a few fuzz cases under ``compute-sanitizer --tool racecheck`` (shared-memory races
    in the tiled reductions), then the block-per-problem solvers (k >= 32) under memcheck and racecheck.
 
@@ -295,6 +297,8 @@ def main() -> int:
     parser.add_argument("--skip-sanitizer", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer timing sizes")
     parser.add_argument("--fuzz-cases", type=int, default=2000)
+    parser.add_argument("--skip-large-model", action="store_true",
+                        help="leave out benchmarks/large_model.py --device cuda")
     parser.add_argument("--block-solvers", action="store_true",
                         help="time with the opt-in block-per-problem solvers "
                              "(MTUNLEARN_CUDA_BLOCK_SOLVERS=1 for the whole run)")
@@ -344,6 +348,14 @@ def main() -> int:
         timing_lines = (op_timings(args.quick, stages) + [""] + kernel_breakdown() + [""]
                         + list_timings(stages) + [""] + host_overhead_timings(stages))
         stages.summary.append(f"| timings | ok | {time.monotonic() - t0:.0f} |")
+    if not args.skip_large_model:
+        # One unlearning step on an 86M-parameter ViT-B-like backbone, compiled ops against the
+        # usual cat + mm + QR way, at the default sizes and at many rows (k = B = 32).
+        out_dir = Path(args.out).resolve().parent
+        for tag, sizes in (("b8-k6", []), ("b32-k32", ["--per-sample", "32", "--snapshots", "32"])):
+            stages.command(f"large model step ({tag})", [
+                py, "benchmarks/large_model.py", "--device", "cuda", "--repeats", "5", *sizes,
+                "--markdown", str(out_dir / f"large_model_{tag}.md")], 120, need=40, env=checked)
     if tool is not None:
         stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,
                                      "scripts/fuzz_ops.py", "--device", "cuda", "--cases", "40"],

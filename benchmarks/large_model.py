@@ -39,7 +39,7 @@ ops, and >= 4x less surgery time than the usual way.
 Usage (repository root; ~10 GB of RAM at the default B=8, ~3 min on 2 loaded cores)::
 
     .venv/bin/python benchmarks/large_model.py [--per-sample 8] [--snapshots 6] [--repeats 3]
-        [--json out.json] [--markdown out.md]
+        [--device cuda] [--json out.json] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -164,18 +164,26 @@ def task_losses(logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tenso
 
 
 class PhaseTimer:
-    """Wall time per named phase, one list of samples per phase (one sample per repeat)."""
+    """Wall time per named phase, one list of samples per phase (one sample per repeat).
 
-    def __init__(self) -> None:
+    On CUDA each phase synchronises the device at its start and end, so that a phase is charged
+    for its own kernels and not for those queued before it."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.samples: dict[str, list[float]] = defaultdict(list)
         self._current: dict[str, float] = {}
+        self._sync: Callable[[], None] = (
+            torch.cuda.synchronize if device is not None and device.type == "cuda"
+            else (lambda: None))
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._sync()
             self._current[name] = self._current.get(name, 0.0) + time.perf_counter() - start
 
     def end_repeat(self) -> None:
@@ -385,27 +393,37 @@ def main() -> int:
                         help="one forget gradient per target task, each projected (default: "
                              "the gradient of the summed forgetting losses, as the library)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (every tensor there)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     cfg = StepConfig(per_sample=args.per_sample, snapshots=args.snapshots, depth=args.depth,
                      forget_sum=not args.per_task_forget)
     cfg.validate()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    # Every tensor the step makes (model, batches, ring, solver buffers) lands on the device.
+    torch.set_default_device(device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     meta = bc.machine_info()
     meta["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    meta["device"] = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
     model = MultiTaskViT(cfg)
     named = model.shared_named()
     names, params = [n for n, _ in named], [p for _, p in named]
     n = sum(p.numel() for p in params)
     peak = estimate_peak_bytes(n, cfg)
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mem_available()
     print(f"# large_model.py {meta['date']}: backbone {n / 1e6:.1f}M parameters in {len(params)} "
           f"tensors, {cfg.tasks} tasks, k={cfg.snapshots} snapshots, B={cfg.per_sample} "
           f"per-sample grads, {cfg.tokens} tokens; estimated peak {bc.human_bytes(peak)} "
-          f"(available {bc.human_bytes(mem_available())}); load {meta['loadavg']}", flush=True)
-    if peak > 0.9 * mem_available():
+          f"(available {bc.human_bytes(available)}) on {device}; load {meta['loadavg']}",
+          flush=True)
+    if peak > 0.9 * available:
         print("not enough memory for this size: lower --per-sample or --snapshots",
               file=sys.stderr)
         return 2
@@ -414,7 +432,8 @@ def main() -> int:
     grads_compiled = [torch.zeros_like(p) for p in params]
     grads_usual = [torch.zeros_like(p) for p in params]
 
-    timer_common, timer_compiled, timer_usual = PhaseTimer(), PhaseTimer(), PhaseTimer()
+    timer_common, timer_compiled, timer_usual = (PhaseTimer(device), PhaseTimer(device),
+                                                 PhaseTimer(device))
     rel_diffs: list[float] = []
     for repeat in range(args.repeats):
         inputs = backward_passes(model, cfg, gen, timer_common)
@@ -494,7 +513,8 @@ def build_report(cfg: StepConfig, n: int, num_tensors: int, num_layers: int,
 
     lines = [f"# Large-model unlearning step ({meta['date']})", "",
              f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['host_cpus']} CPUs ({meta['cpu']}), torch {meta['torch']} with "
+             f"Machine: {meta['host_cpus']} CPUs ({meta['cpu']}), device {meta['device']}, "
+             f"torch {meta['torch']} with "
              f"{meta['torch_threads']} threads, load average {meta['loadavg']} at start, "
              f"{[round(v, 2) for v in os.getloadavg()]} at end; git {meta['git']['head']}.", "",
              f"Backbone: ViT-B-like, {cfg.depth} blocks, d={cfg.dim}, MLP {cfg.mlp}, "
