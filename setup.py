@@ -6,6 +6,9 @@ with no GPU attached; otherwise a CPU-only extension is built. Environment overr
 * ``MTUNLEARN_CUDA=1`` forces CUDA (fails clearly if impossible), ``MTUNLEARN_CUDA=0`` forbids it.
 * ``TORCH_CUDA_ARCH_LIST`` is respected; the default covers Ampere and Hopper plus PTX.
 * ``MAX_JOBS`` bounds ninja's parallelism (default: the number of CPUs).
+* ``CXX`` / ``CC`` choose the compiler as usual. Whatever it is, the extension takes the C++
+  runtime from torch's ``libstdc++.so`` (see ``_CXX_RUNTIME_LINK``), and the build fails with
+  an explanation if the linked library does not.
 * ``MTUNLEARN_METADATA_ONLY=1`` leaves the extension out: only the package metadata and the
   ``mtunlearn`` console script. scripts/setup_env.sh uses it for an editable install on top of
   its incremental ``build_ext --inplace``: a plain editable install recompiles every source in a
@@ -35,6 +38,48 @@ from torch.utils.cpp_extension import (  # noqa: E402
 )
 
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+# Some toolchains link a private libstdc++ into every shared object (a g++ wrapper that adds
+# -static-libstdc++: the GPU machine's /opt/gcc/bin/g++). The extension then loads and computes,
+# but an error raised by an op (TORCH_CHECK) unwinds with two C++ runtimes in play: its message
+# comes out cut short, or the interpreter dies with a segmentation fault (seen on an H200 machine;
+# tests/test_build.py reproduces the private copy). Naming the shared runtime right after our
+# objects makes the linker take every C++ runtime symbol from libstdc++.so, so the static archive
+# the driver appends later has nothing left to supply.
+_CXX_RUNTIME_LINK = ["-Wl,-lstdc++"] if sys.platform.startswith("linux") else []
+
+
+def _load_elf_reader():  # type: ignore[no-untyped-def]
+    """mtunlearn_ext/_elf.py by path: the package itself cannot be imported mid-build."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_mtunlearn_elf", os.path.join(ROOT, "mtunlearn_ext", "_elf.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, then a check that the linked library shares torch's C++ runtime."""
+
+    def build_extension(self, ext):  # type: ignore[no-untyped-def]
+        super().build_extension(ext)
+        if not sys.platform.startswith("linux"):
+            return
+        library = self.get_ext_fullpath(ext.name)
+        torch_library = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+        if not os.path.exists(torch_library):
+            return
+        if _load_elf_reader().shares_cxx_runtime(library, torch_library) is False:
+            os.remove(library)
+            sys.exit(
+                f"mtunlearn_ext: {library} was linked with a private copy of the C++ runtime "
+                f"instead of torch's libstdc++.so (compiler: {os.environ.get('CXX', 'c++')}); "
+                "an error raised by an op would crash the interpreter, so the library was "
+                "removed. Build with a compiler that links libstdc++ dynamically, e.g. "
+                "`CXX=/usr/bin/g++ CC=/usr/bin/gcc python setup.py build_ext --inplace`."
+            )
 
 
 def _cuda_wanted() -> bool:
@@ -96,7 +141,7 @@ def _extension():  # type: ignore[no-untyped-def]
         include_dirs=[os.path.join(ROOT, csrc, "include")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *_CXX_RUNTIME_LINK],
     )
 
 
@@ -106,7 +151,7 @@ setup(
     description="Interference-aware multi-task machine unlearning on compiled gradient-surgery ops",
     packages=find_packages(include=["mtunlearn_ext", "mtunlearn_ext.*"]),
     ext_modules=[] if _metadata_only() else [_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     entry_points={"console_scripts": ["mtunlearn = mtunlearn_ext.cli:main"]},
 )

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from mtunlearn_ext._elf import shares_cxx_runtime
 
 _REQUIRE_ENV = "MTUNLEARN_REQUIRE_EXTENSION"
 _ISA_ENV = "MTUNLEARN_CPU_ISA"
@@ -31,6 +34,40 @@ if os.environ.get(_ISA_ENV, "") not in ("", *CPU_ISAS):
     raise ValueError(f"mtunlearn_ext: {_ISA_ENV} must be one of {', '.join(CPU_ISAS)} (or unset), "
                      f"got {os.environ[_ISA_ENV]!r}")
 
+
+def private_cxx_runtime_error(library: str) -> str | None:
+    """Why the compiled library at ``library`` must not be used, or ``None`` when it may.
+
+    A library that carries its own copy of the C++ runtime (a toolchain that links
+    ``libstdc++`` statically into shared objects) computes right, but the first error an op
+    raises corrupts its message or crashes the interpreter (:mod:`mtunlearn_ext._elf`).
+    """
+    if not sys.platform.startswith("linux") or not os.path.isfile(library):
+        return None
+    torch_library = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    if not os.path.exists(torch_library) or shares_cxx_runtime(library, torch_library) is not False:
+        return None
+    return (f"{library} does not load torch's C++ runtime (its toolchain links libstdc++ "
+            "statically into shared objects), so an error raised by a compiled op would "
+            "crash the interpreter. Rebuild it with `python setup.py build_ext --inplace` from "
+            "this version's setup.py, which links libstdc++ dynamically and checks that it did")
+
+
+def _refuse(reason: str, error: BaseException | None) -> None:
+    if os.environ.get(_REQUIRE_ENV, "") not in ("", "0"):
+        raise ImportError(
+            f"mtunlearn_ext: the compiled extension could not be used ({reason}) and "
+            f"{_REQUIRE_ENV} is set; build it with `python setup.py build_ext --inplace`"
+        ) from error
+    warnings.warn(
+        "mtunlearn_ext: compiled extension not used; falling back to the slow pure-PyTorch "
+        f"reference implementations ({reason}). Build it with "
+        "`python setup.py build_ext --inplace`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 try:
     from mtunlearn_ext import _C  # noqa: F401  (loading it registers torch.ops.mtunlearn)
 
@@ -38,17 +75,13 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without a build
     _C = None
     _LOAD_ERROR = error
-    if os.environ.get(_REQUIRE_ENV, "") not in ("", "0"):
-        raise ImportError(
-            f"mtunlearn_ext: the compiled extension could not be loaded ({error}) and "
-            f"{_REQUIRE_ENV} is set; build it with `python setup.py build_ext --inplace`"
-        ) from error
-    warnings.warn(
-        "mtunlearn_ext: compiled extension not found; using the slow pure-PyTorch reference "
-        f"implementations ({error}). Build it with `python setup.py build_ext --inplace`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    _refuse(f"not found: {error}", error)
+else:
+    _unsafe = private_cxx_runtime_error(str(getattr(_C, "__file__", "")))
+    if _unsafe is not None:  # pragma: no cover - only with such a toolchain
+        _C = None
+        _LOAD_ERROR = RuntimeError(_unsafe)
+        _refuse(_unsafe, None)
 
 
 def has_extension() -> bool:
