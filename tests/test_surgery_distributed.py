@@ -13,7 +13,9 @@ Scenarios:
 - FSDP2 (``fully_shard`` on CPU / gloo): the hook in ``per_task="backward"`` mode on DTensor
   shards, two SGD steps (also with two accumulated micro-batches per step), parameters equal to
   single-process training on the full batch;
-- DDP: ``replicated_surgery`` (per-task stacks averaged) under ``no_sync``, same check.
+- DDP: ``replicated_surgery`` (per-task stacks averaged) under ``no_sync``, same check;
+- a task whose loss reaches its head on one rank only: with ``head_params`` the single-process
+  gradients of the rank-mean losses, without them a ValueError on every rank.
 """
 
 from __future__ import annotations
@@ -238,6 +240,48 @@ def _scenario_ddp(rank: int, agg: str, dtype_name: str) -> float:
     return err
 
 
+def _scenario_replicated_unreached_head(rank: int, per_task: str) -> float:
+    """Task 2 has no labels in rank 1's batch, whose loss for it is a zero that reaches no
+    head. With ``head_params`` every rank gets the single-process gradients of the rank-mean
+    losses (task 2's: rank 0's loss / 2), head 2 included; without them every rank raises
+    (before the fix the ranks paired different tensors in the all-reduce, and rank 0 waited
+    for a partner until the peer left)."""
+    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+
+    def rank_losses(model: _Net, r: int) -> list[torch.Tensor]:
+        x, y = _rank_batch(*_data(7, F64), r)
+        outs = model(x)
+        losses = _losses(outs, y)
+        if r == 1:
+            losses[2] = outs[0].sum() * 0.0
+        return losses
+
+    reference = _Net(F64)
+    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
+    GradientSurgery(reference.trunk.parameters(), UPGrad()).backward(
+        [sum(ls[t] for ls in per_rank) / WORLD for t in range(3)])
+    expected = [p.grad for p in reference.parameters()]
+
+    model = _Net(F64)
+    try:
+        replicated_surgery(model.trunk.parameters(), UPGrad(), per_task=per_task).backward(
+            rank_losses(model, rank))
+    except ValueError as error:
+        assert "reached different task-specific parameters" in str(error), error
+    else:
+        raise AssertionError("ranks reaching different heads were not refused")
+    model.zero_grad(set_to_none=True)
+    surgery = replicated_surgery(model.trunk.parameters(), UPGrad(), per_task=per_task,
+                                 head_params=iter(list(model.heads.parameters())))
+    surgery.backward(rank_losses(model, rank))
+    err = 0.0
+    for p, ref in zip(model.parameters(), expected):
+        assert p.grad is not None and ref is not None
+        torch.testing.assert_close(p.grad, ref, rtol=1e-12, atol=1e-12)
+        err = max(err, (p.grad - ref).abs().max().item())
+    return err
+
+
 def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
     """The hook on a parameter list split across ranks (rank 0 holds layers 0-1, rank 1 layers
     2-3), one problem per layer, against the hook on the whole list in one process. With
@@ -300,6 +344,9 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     table["fsdp2_accumulate-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32", 2)
     table["sharded_surgery_split_per_layer-upgrad-fp64"] = (
         _scenario_sharded_surgery_split_per_layer)
+    for mode in ("autograd", "batched"):
+        table[f"replicated_unreached_head-{mode}-fp64"] = (
+            lambda r, m=mode: _scenario_replicated_unreached_head(r, m))
     return table
 
 

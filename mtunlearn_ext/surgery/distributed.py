@@ -113,19 +113,66 @@ class ShardedReducer:
 class ReplicatedReducer:
     """Each rank holds all shared parameters and per-task gradients of its own data: the stacks
     (and head gradients) are averaged across ranks before the surgery (see the module text for
-    why the Gram cannot be reduced instead)."""
+    why the Gram cannot be reduced instead).
 
-    def __init__(self, group: ProcessGroup | None = None) -> None:
+    Heads: the ranks must average the same head tensors in the same order. With ``head_params``
+    (every task-specific parameter) each rank reduces all of them, a head that no loss reached
+    on a rank counting as a zero gradient there (a task without labels in that rank's batch,
+    say): its ``.grad`` is then the same average on every rank, and stays ``None`` only if no
+    rank reached it. Without them the heads are found per rank from the losses' graphs, and a
+    small all-reduce checks that every rank found the same ones: if not, every rank raises
+    (instead of pairing different tensors across ranks, or waiting forever).
+    """
+
+    def __init__(self, group: ProcessGroup | None = None,
+                 head_params: Iterable[torch.Tensor] | None = None) -> None:
         self.group = group
+        self.head_params: list[torch.Tensor] | None = None
+        if head_params is not None:
+            unique = {id(p): p for p in head_params if p.requires_grad}
+            self.head_params = list(unique.values())
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
                           ) -> None:
         """Average of every per-task stack and head gradient over the ranks, in place."""
-        _all_reduce_mean([*stacks, *head_grads], self.group)
+        device = stacks[0].device if stacks else torch.device("cpu")
+        if self.head_params is None:
+            _check_same_heads(head_grads, device, self.group)
+            _all_reduce_mean([*stacks, *head_grads], self.group)
+            return
+        heads = self.head_params
+        fillers = {id(p): torch.zeros_like(local_tensor(p), memory_format=torch.contiguous_format)
+                   for p in heads if p.grad is None}
+        grads = [fillers[id(p)] if id(p) in fillers else local_tensor(cast(torch.Tensor, p.grad))
+                 for p in heads]
+        reached = torch.tensor([float(id(p) not in fillers) for p in heads], device=device)
+        _all_reduce_mean([*stacks, *grads, reached], self.group)
+        for p, grad, anywhere in zip(heads, grads, reached.tolist()):
+            if id(p) in fillers and anywhere > 0:
+                p.grad = grad
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Identity: the Gram of averaged gradients is already global on every rank."""
         return stats
+
+
+def _check_same_heads(head_grads: list[torch.Tensor], device: torch.device,
+                      group: ProcessGroup | None) -> None:
+    """Raise on every rank if the ranks found different head gradients to average (their count
+    or their sizes in order differ): one all-reduce of four integers."""
+    count = len(head_grads)
+    layout = sum((i + 1) * g.numel() for i, g in enumerate(head_grads)) % (1 << 61)
+    mine = torch.tensor([count, layout, -count, -layout], dtype=torch.int64, device=device)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
+    most, high, fewest, low = mine.tolist()
+    fewest, low = -fewest, -low
+    if most != fewest or high != low:
+        raise ValueError(
+            "replicated_surgery: the ranks' losses reached different task-specific parameters "
+            f"(from {fewest} to {most} tensors with a gradient, or the same number of other "
+            "sizes), so their gradients cannot be averaged tensor by tensor. Pass `head_params` "
+            "(every task-specific parameter): a head that no loss reaches on a rank then counts "
+            "as a zero gradient there")
 
 
 def _require_process_group(caller: str, group: ProcessGroup | None) -> None:
@@ -168,10 +215,19 @@ def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[st
     """A :class:`GradientSurgery` for data-parallel replicas (DDP-style): per-task gradients and
     head gradients are averaged across ``group`` before the aggregation. Needs
     ``per_task="autograd"`` or ``"batched"`` (the default ``"autograd"``): with ``"backward"`` a
-    DDP module would reduce on its own."""
+    DDP module would reduce on its own.
+
+    Pass ``head_params`` (every task-specific parameter) when a task's loss may not reach its
+    head on some rank (no labels of that task in the rank's batch): the head then counts as a
+    zero gradient there and every rank gets the same average. Without them the ranks must reach
+    the same heads; if they do not, every rank raises a ValueError saying so
+    (:class:`ReplicatedReducer`)."""
     _require_process_group("replicated_surgery", group)
     if kwargs.get("per_task", "autograd") == "backward":
         raise ValueError("replicated_surgery: per_task='backward' is not supported (DDP's hooks "
                          "cannot run k backward passes per forward); use 'autograd' or 'batched'")
-    return GradientSurgery(shared_params, aggregator, reducer=ReplicatedReducer(group),
-                           **kwargs)  # type: ignore[arg-type]
+    surgery = GradientSurgery(shared_params, aggregator, reducer=ReplicatedReducer(group),
+                              **kwargs)  # type: ignore[arg-type]
+    # With the surgery's own head list (an iterator given as head_params is consumed by now).
+    surgery.reducer = ReplicatedReducer(group, surgery.head_params)
+    return surgery
