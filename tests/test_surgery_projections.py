@@ -293,16 +293,52 @@ def test_mixed_dtype_lists_write_nothing_when_an_output_is_wrong() -> None:
             aggregate_list(UPGrad(), grads, outs)
         assert all(bool((o == 7).all()) for o in outs)
     outs = [torch.zeros(4), torch.zeros(5, dtype=bf), torch.zeros(6, dtype=bf)]
-    with pytest.raises(TypeError, match=r"`outs\[2\]` has dtype torch.bfloat16 but `xs\[0\]` "
-                                        r"has torch.float32"):
+    with pytest.raises(TypeError, match=r"^mtunlearn_ext.surgery.aggregate_list: `outs\[2\]` has "
+                                        r"dtype torch.bfloat16 but `grads_list\[0\]` has "
+                                        r"torch.float32"):
         aggregate_list(UPGrad(), grads, outs)
 
 
 def test_mixed_dtype_lists_name_a_non_finite_tensor_by_its_place_in_the_list() -> None:
     """The Gram pass runs once per dtype class; its NaN error named the tensor by its place in
-    its class (`xs[1]` for the third tensor)."""
+    its class (`xs[1]` for the third tensor), and by the op's name for the list."""
     grads = [torch.randn(3, 4), torch.randn(3, 5).to(torch.bfloat16), torch.randn(3, 6)]
     grads[2][1, 0] = float("nan")
     outs = [torch.zeros(4), torch.zeros(5, dtype=torch.bfloat16), torch.zeros(6)]
-    with pytest.raises(FloatingPointError, match=r"`xs\[2\]` contains NaN or Inf"):
+    with pytest.raises(FloatingPointError, match=r"^mtunlearn_ext.surgery.aggregate_list: "
+                                                 r"`grads_list\[2\]` contains NaN or Inf"):
         aggregate_list(UPGrad(), grads, outs)
+
+
+def test_errors_of_the_list_ops_name_the_callers_arguments() -> None:
+    """The surgery functions call the ops' list passes on their own arguments; an error of such
+    a pass named the op and its argument (`mtunlearn_ext.ops.gram_list: `xs[2]``), not the
+    function the user called and the list the user passed."""
+    def stacks(rows: int, bad: int | None = None) -> list[torch.Tensor]:
+        out = [torch.randn(rows, 3), torch.randn(rows, 2, 2), torch.randn(rows, 5)]
+        if bad is not None:
+            out[bad][0, 0] = float("inf")
+        return out
+
+    cases = [
+        (lambda: aggregate_list(UPGrad(), stacks(2, bad=1), [torch.zeros(3), torch.zeros(2, 2),
+                                                              torch.zeros(5)]),
+         "aggregate_list", "grads_list[1]"),
+        (lambda: project_out_list(stacks(1, bad=2), stacks(2)), "project_out_list", "g_list[2]"),
+        (lambda: project_out_list(stacks(1), stacks(2, bad=0)), "project_out_list",
+         "basis_list[0]"),
+        (lambda: project_nonconflicting_list(stacks(1), stacks(2, bad=2)),
+         "project_nonconflicting_list", "r_list[2]"),
+        (lambda: gram_list_stats(stacks(2, bad=1)), "gram_list_stats", "basis_list[1]"),
+        (lambda: inner_list_stats(stacks(1), stacks(2, bad=2)), "inner_list_stats",
+         "b_list[2]"),
+    ]
+    for call, function, tensor in cases:
+        with pytest.raises(FloatingPointError) as caught:
+            call()
+        assert str(caught.value).startswith(f"mtunlearn_ext.surgery.{function}: `{tensor}` "
+                                            "contains NaN or Inf"), str(caught.value)
+    basis_gram = gram_list_stats(stacks(2))
+    with pytest.raises(FloatingPointError, match=r"^mtunlearn_ext.surgery.project_out_list: "
+                                                 r"`g_list\[1\]` contains NaN"):
+        project_out_list(stacks(1, bad=1), stacks(2), basis_gram=basis_gram)

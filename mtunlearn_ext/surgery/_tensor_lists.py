@@ -154,12 +154,33 @@ def check_paired(op: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
                             "they must match")
 
 
-def _summed_by_class(op: Callable[..., torch.Tensor], lists: Sequence[Sequence[torch.Tensor]],
-                     size: tuple[int, ...], layers: list[int] | None, num_layers: int, *,
-                     check_finite: bool) -> torch.Tensor:
-    """``op`` (a list op of ``mtunlearn_ext.ops`` taking one list per entry of ``lists``, whose
-    output is ``size``) summed over the parameters, or per layer (``[L, *size]``): one call per
-    dtype class of ``lists[0]``, accumulated in :func:`stats_dtype`."""
+#: Who called a statistics helper, for its errors: the caller's name and its list arguments in
+#: the order the helper takes them (``("mtunlearn_ext.surgery.aggregate_list",
+#: ("grads_list",))``).
+Caller = tuple[str, Sequence[str]]
+
+
+def _summed_by_class(op: Callable[..., torch.Tensor], op_lists: Sequence[str],
+                     lists: Sequence[Sequence[torch.Tensor]], size: tuple[int, ...],
+                     layers: list[int] | None, num_layers: int, *, check_finite: bool,
+                     caller: Caller | None) -> torch.Tensor:
+    """``op`` (a list op of ``mtunlearn_ext.ops`` taking one list per entry of ``lists``, named
+    ``op_lists`` there, whose output is ``size``) summed over the parameters, or per layer
+    (``[L, *size]``): one call per dtype class of ``lists[0]``, accumulated in
+    :func:`stats_dtype`. Its errors name the caller and the caller's lists (:data:`Caller`)."""
+    try:
+        return _summed_by_class_unnamed(op, lists, size, layers, num_layers,
+                                        check_finite=check_finite)
+    except (FloatingPointError, TypeError, ValueError) as error:
+        if caller is None:
+            raise
+        raise _in_callers_words(error, op_lists, caller) from error
+
+
+def _summed_by_class_unnamed(op: Callable[..., torch.Tensor],
+                             lists: Sequence[Sequence[torch.Tensor]], size: tuple[int, ...],
+                             layers: list[int] | None, num_layers: int, *,
+                             check_finite: bool) -> torch.Tensor:
     first = lists[0]
     classes = dtype_classes(first)
     if len(classes) == 1:
@@ -199,7 +220,21 @@ def _in_whole_list(error: Exception, members: Sequence[int]) -> Exception:
         return (f"{match.group(1)}[{members[place]}]" if place < len(members)
                 else match.group(0))
 
-    message = re.sub(r"\b([A-Za-z_]\w*)\[(\d+)\]", whole, str(error))
+    return _reworded(error, re.sub(r"\b([A-Za-z_]\w*)\[(\d+)\]", whole, str(error)))
+
+
+def _in_callers_words(error: Exception, op_lists: Sequence[str], caller: Caller) -> Exception:
+    """``error`` of an op of :mod:`mtunlearn_ext.ops` as the caller would say it: its name for
+    the op's (``mtunlearn_ext.ops.gram_list: `xs[2]` ...`` from ``aggregate_list`` becomes
+    ``mtunlearn_ext.surgery.aggregate_list: `grads_list[2]` ...``)."""
+    name, caller_lists = caller
+    message = re.sub(r"^mtunlearn_ext\.ops\.\w+:", f"{name}:", str(error))
+    for op_list, caller_list in zip(op_lists, caller_lists):
+        message = re.sub(rf"(?<![\w.]){re.escape(op_list)}\[", f"{caller_list}[", message)
+    return _reworded(error, message)
+
+
+def _reworded(error: Exception, message: str) -> Exception:
     try:
         return type(error)(message)
     except Exception:  # an exception type built otherwise: keep it as it is
@@ -207,38 +242,41 @@ def _in_whole_list(error: Exception, members: Sequence[int]) -> Exception:
 
 
 def gram_stats(xs: Sequence[torch.Tensor], layers: list[int] | None, num_layers: int, *,
-               check_finite: bool) -> torch.Tensor:
+               check_finite: bool, caller: Caller | None = None) -> torch.Tensor:
     """``G[i, j] = sum_p <xs[p][i], xs[p][j]>`` (``[k, k]``), or per layer (``[L, k, k]``)."""
     k = xs[0].shape[0]
-    return _summed_by_class(ops.gram_list, [xs], (k, k), layers, num_layers,
-                            check_finite=check_finite)
+    return _summed_by_class(ops.gram_list, ("xs",), [xs], (k, k), layers, num_layers,
+                            check_finite=check_finite, caller=caller)
 
 
 def inner_stats(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], layers: list[int] | None,
-                num_layers: int, *, check_finite: bool) -> torch.Tensor:
+                num_layers: int, *, check_finite: bool, caller: Caller | None = None
+                ) -> torch.Tensor:
     """``C[i, j] = sum_p <a[p][i], b[p][j]>`` (``[m, k]``), or per layer (``[L, m, k]``): one
     ``ops.inner_list`` pass per dtype class, no concatenation."""
     m, k = a[0].shape[0], b[0].shape[0]
-    return _summed_by_class(ops.inner_list, [a, b], (m, k), layers, num_layers,
-                            check_finite=check_finite)
+    return _summed_by_class(ops.inner_list, ("as_", "bs"), [a, b], (m, k), layers, num_layers,
+                            check_finite=check_finite, caller=caller)
 
 
 def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
                   layers: list[int] | None, num_layers: int, *,
-                  check_finite: bool) -> torch.Tensor:
+                  check_finite: bool, caller: Caller | None = None) -> torch.Tensor:
     """The Gram matrix of the ``m`` vectors ``g`` stacked above the ``k`` vectors ``r``
     (``[m + k, m + k]``, or ``[L, m + k, m + k]`` per layer): ``r``'s Gram and the cross products
     with ``g`` from one ``ops.gram_list_stacked`` pass per dtype class, reading ``r`` once."""
     s = g[0].shape[0] + r[0].shape[0]
-    return _summed_by_class(ops.gram_list_stacked, [g, r], (s, s), layers, num_layers,
-                            check_finite=check_finite)
+    return _summed_by_class(ops.gram_list_stacked, ("xs", "ys"), [g, r], (s, s), layers,
+                            num_layers, check_finite=check_finite, caller=caller)
 
 
 def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
                  betas: Sequence[float], layers: list[int] | None, *,
-                 bases: Sequence[torch.Tensor] | None = None, check_finite: bool) -> None:
+                 bases: Sequence[torch.Tensor] | None = None, check_finite: bool,
+                 caller: Caller | None = None) -> None:
     """``outs[p] = betas[p] * bases[p] + coeffs_(layer of p) @ xs[p]`` in place (``bases``
-    defaults to ``outs``).
+    defaults to ``outs``); errors in the caller's words with ``caller``'s names for ``xs``,
+    ``outs`` and ``bases``.
 
     ``coeffs`` is ``[k]`` or ``[m, k]`` (one problem), or ``[L, k]`` / ``[L, m, k]`` per layer.
     Tensors are grouped by (dtype, beta), each group one ``combine_list`` call (per layer, the
@@ -262,18 +300,28 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
             0, torch.tensor([layers[p] for p in members], device=coeffs.device))
         calls.append((block, list(member_xs), list(member_outs),
                       None if member_bases is None else list(member_bases), beta, members))
+    op_lists = ("xs", "outs", "bases")
+
+    def named(error: Exception, members: Sequence[int]) -> Exception:
+        error = _in_whole_list(error, members) if len(calls) > 1 else error
+        return error if caller is None else _in_callers_words(error, op_lists, caller)
+
     if len(calls) > 1:
         # Several calls: a wrong tensor in a later one would be refused after the earlier ones
         # had written, so every call's arguments are checked first (named in the whole list).
         for block, member_xs, member_outs, member_bases, beta, members in calls:
             try:
-                check_combine_list("combine", block, member_xs, member_outs, layers is not None,
-                                   member_bases, beta)
+                check_combine_list("mtunlearn_ext.ops.combine_list", block, member_xs,
+                                   member_outs, layers is not None, member_bases, beta)
             except (TypeError, ValueError) as error:
-                raise _in_whole_list(error, members) from error
-    for block, member_xs, member_outs, member_bases, beta, _ in calls:
-        ops.combine_list(block, member_xs, member_outs, beta=beta, per_tensor=layers is not None,
-                         bases=member_bases, check_finite=check_finite)
+                raise named(error, members) from error
+    for block, member_xs, member_outs, member_bases, beta, members in calls:
+        try:
+            ops.combine_list(block, member_xs, member_outs, beta=beta,
+                             per_tensor=layers is not None, bases=member_bases,
+                             check_finite=check_finite)
+        except (FloatingPointError, TypeError, ValueError) as error:
+            raise named(error, members) from error
 
 
 def guard_nonfinite(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,7 +93,7 @@ def _check_projection_args(op: str, g_name: str, g_list: list[torch.Tensor], b_n
 def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Tensor],
                  layers: list[int] | None, num_layers: int, reduce: StatsReduce | None,
                  check_finite: bool, basis_gram: torch.Tensor | None,
-                 transposed: bool = False) -> torch.Tensor:
+                 transposed: bool = False, basis_name: str = "basis_list") -> torch.Tensor:
     """``[B B^T | B g^T]`` (``[..., k, k + m]``), or with ``transposed`` ``[B B^T; g B^T]``
     (``[..., k + m, k]``, the dual's layout), reduced across processes in one collective: from
     one pass over ``[g; B]``, or, with a kept (already reduced) ``basis_gram``, only the cross
@@ -102,12 +102,15 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     dim = -2 if transposed else -1
     if basis_gram is None:
         # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
-        full = stacked_stats(g_list, basis_list, layers, num_layers, check_finite=check_finite)
+        full = stacked_stats(g_list, basis_list, layers, num_layers, check_finite=check_finite,
+                             caller=(op, ("g_list", basis_name)))
         cross = full[..., :m, m:] if transposed else full[..., m:, :m]
         stats = torch.cat([full[..., m:, m:], cross], dim=dim)
         return reduce(stats) if reduce is not None else stats
     pair = (g_list, basis_list) if transposed else (basis_list, g_list)
-    cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite)
+    names = ("g_list", basis_name) if transposed else (basis_name, "g_list")
+    cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite,
+                        caller=(op, names))
     expected = (k, k) if layers is None else (num_layers, k, k)
     if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
         raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, got "
@@ -127,7 +130,8 @@ def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Seq
     basis_list = list(basis_list)
     check_stacks(op, "basis_list", basis_list)
     layers, num_layers = layer_index(per_layer, len(basis_list), op, num_layers)
-    return gram_stats(basis_list, layers, num_layers, check_finite=check_finite)
+    return gram_stats(basis_list, layers, num_layers, check_finite=check_finite,
+                      caller=(op, ("basis_list",)))
 
 
 def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor], *,
@@ -144,7 +148,8 @@ def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tens
     check_stacks(op, "b_list", b_list)
     check_paired(op, "a_list", a_list, "b_list", b_list)
     layers, num_layers = layer_index(per_layer, len(a_list), op, num_layers)
-    return inner_stats(a_list, b_list, layers, num_layers, check_finite=check_finite)
+    return inner_stats(a_list, b_list, layers, num_layers, check_finite=check_finite,
+                       caller=(op, ("a_list", "b_list")))
 
 
 def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
@@ -203,7 +208,7 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
             coeffs = poison_nonfinite(coeffs, finite)
         targets = _prepare_outs(op, g_list, outs)
         combine_into(-coeffs, basis_list, targets, [1.0] * len(targets), layers, bases=g_list,
-                     check_finite=check_finite)
+                     check_finite=check_finite, caller=(op, ("basis_list", "outs", "g_list")))
         return (targets, coeffs) if return_coeffs else targets
 
     return check_on_failure(project, lambda: _check_projection_args(
@@ -245,7 +250,7 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
         k = r_list[0].shape[0]
         layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
         stats = _basis_stats(op, g_list, r_list, layers, layer_count, reduce, check_finite,
-                             basis_gram, transposed=True)
+                             basis_gram, transposed=True, basis_name="r_list")
         finite = None
         if not check_finite:
             stats, finite = guard_nonfinite(stats, k)
@@ -255,7 +260,8 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
             coeffs = poison_nonfinite(coeffs, finite)
         targets = _prepare_outs(op, g_list, outs)
         combine_into(float(sign) * coeffs, r_list, targets, [1.0] * len(targets), layers,
-                     bases=g_list, check_finite=check_finite)
+                     bases=g_list, check_finite=check_finite,
+                     caller=(op, ("r_list", "outs", "g_list")))
         return (targets, coeffs) if return_coeffs else targets
 
     return check_on_failure(project, lambda: _check_projection_args(
@@ -315,7 +321,8 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
                              f"(k >= 1), got stacks of shape {tuple(grads_list[0].shape)}")
         layers, layer_count = layer_index(per_layer, len(grads_list), op, num_layers)
         if weighting.needs_gram:
-            gram = gram_stats(grads_list, layers, layer_count, check_finite=check_finite)
+            gram = gram_stats(grads_list, layers, layer_count, check_finite=check_finite,
+                              caller=(op, ("grads_list",)))
             if reduce is not None:
                 gram = reduce(gram)
         else:
@@ -329,7 +336,8 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         weights = weighting(gram)
         if finite is not None:
             weights = poison_nonfinite(weights, finite)
-        combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite)
+        combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite,
+                     caller=(op, ("grads_list", "outs", "outs")))
         return weights
 
     return check_on_failure(aggregate, lambda: check_stacks(op, "grads_list", grads_list))
