@@ -313,13 +313,19 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 
 
-def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset) -> None:
+def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
+                               link: bool) -> MultiTaskDataset:
     """``forget_data`` and ``retain_data`` come without shared ids, so an instance given in both
-    shows only as equal inputs (every one of them, for a multi-input model): refuse a forget
-    pair whose input is also a retain row that supervises the same task (the retain term would
-    teach the label back)."""
+    shows only as equal inputs (every one of them, for a multi-input model).
+
+    A forget pair whose input is also a retain row that supervises the same task is refused (the
+    retain term would teach the label back). With ``link`` (a partial request), a forget row
+    whose input is a retain row supervising other tasks only is that instance: it takes the
+    retain row's id, so that the method sees the row's pairs as the forget instance's retained
+    pairs (and protects them, ``coupled``), as with ``train_data`` and a ``ForgetRequest``. Each
+    retain row links one forget row at most. Returns ``forget`` with the linked ids."""
     if not len(forget) or not len(retain):
-        return
+        return forget
 
     def fingerprint(x: torch.Tensor) -> list[tuple[float, ...]]:
         # Row sums (accumulated in float64, no widened copy) and the first and last values:
@@ -343,6 +349,8 @@ def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset
     by_print: dict[tuple[float, ...], list[int]] = {}
     for row, key in enumerate(prints(retain.inputs)):
         by_print.setdefault(key, []).append(row)
+    ids = forget.ids.clone()
+    taken: set[int] = set()
     for f_row, key in enumerate(prints(forget.inputs)):
         for r_row in by_print.get(key, []):
             if not same_row(f_row, r_row):
@@ -354,6 +362,13 @@ def _check_no_copies_retained(forget: MultiTaskDataset, retain: MultiTaskDataset
                     f"unlearn: `forget_data` row {f_row} is also `retain_data` row {r_row} "
                     f"(same input), which still supervises task {task!r}; take the pairs to "
                     "forget out of `retain_data` (or pass `train_data` and a `forget_request`)")
+            if (link and r_row not in taken and bool(retain.supervision[r_row].any())
+                    and int(ids[f_row]) == int(forget.ids[f_row])):
+                ids[f_row] = retain.ids[r_row]
+                taken.add(r_row)
+    if torch.equal(ids, forget.ids):
+        return forget
+    return MultiTaskDataset(forget.inputs, forget.targets, forget.tasks, ids, forget.supervision)
 
 
 def _progress_bar(unlearner: Unlearner) -> Any:
@@ -512,8 +527,9 @@ def build_problem(model: nn.Module, *,
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
         columns = torch.tensor([t in targets for t in names])
         forget = forget.with_supervision(forget.supervision & columns)
-        _check_no_copies_retained(forget, retain)
-        request = ForgetRequest.create(forget.ids, None if set(targets) == set(names) else targets)
+        partial = set(targets) != set(names)
+        forget = _linked_to_retained_copies(forget, retain, link=partial)
+        request = ForgetRequest.create(forget.ids, targets if partial else None)
     held_out = None
     if held_out_data is not None:
         # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
@@ -581,7 +597,10 @@ def unlearn(model: nn.Module, *,
       belong to the forget instances and protects them explicitly.
     - ``forget_data`` (the forget instances with targets for the target tasks) and
       ``retain_data`` (every retained pair), plus ``target_tasks`` (default: the tasks with
-      targets in ``forget_data``).
+      targets in ``forget_data``). In a partial request, a forget row whose input equals a
+      ``retain_data`` row's is taken to be that instance, so that its retained pairs are known
+      (and protected) as with ``train_data``; one that would still supervise a target pair there
+      is refused.
 
     Each is a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
     supervision])`` (:data:`DataLike`): ``targets`` task -> ``[N, ...]``; ``inputs`` one

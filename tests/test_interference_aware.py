@@ -885,15 +885,31 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
     with pytest.raises(ValueError, match=r"`forget_data` row 0 is also `retain_data` row 0 "
                                          r"\(same input\), which still supervises task 'kind'"):
         mtunlearn_ext.unlearn(model, forget_data=forget, retain_data=(x, y), **common)
-    # Without those pairs (their "size" labels kept: a partial request) it runs. Tuple data
-    # does not link the forget rows to their retained "size" pairs (ids of their own), so the
-    # method says it cannot protect those explicitly.
+    # Without those pairs (their "size" labels kept: a partial request) it runs, and the forget
+    # rows are linked to the retain rows with their inputs: their "size" pairs are the coupled
+    # rows, as with train_data and a ForgetRequest (before, the method could not know them and
+    # warned that it protected none).
     supervision = torch.ones(120, 2, dtype=torch.bool)
     supervision[:10, 0] = False
-    with pytest.warns(UserWarning, match=r"no retained pair of the forget instances"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         _, report = mtunlearn_ext.unlearn(model, forget_data=forget,
                                           retain_data=(x, y, supervision), **common)
     assert report.request["target_tasks"] == ["kind"]
+    assert report.extra["interference_aware"]["coupled_instances"] == 10
+    # The forget rows took retain rows 0-9's ids: the request of train_data's instances 0-9,
+    # and the same unlearned model as that way in, to the bit.
+    assert report.request["ids_sha256"] == ForgetRequest.create(range(10), ["kind"]).ids_hash()
+    steps = dict(common, config={"steps": 4})
+    linked, _ = mtunlearn_ext.unlearn(model, forget_data=forget,
+                                      retain_data=(x, y, supervision), **steps)
+    by_request, _ = mtunlearn_ext.unlearn(
+        model, train_data=(x, y), forget_request=ForgetRequest.create(range(10), ["kind"]),
+        **steps)
+    for key, value in by_request.state_dict().items():
+        assert torch.equal(linked.state_dict()[key], value), key
+    assert not torch.equal(by_request.state_dict()["trunk.0.weight"],
+                           model.state_dict()["trunk.0.weight"])
     # Data sets with ids: the problem refuses a pair supervised on both sides.
     specs = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]
     train = mtunlearn_ext.data.MultiTaskDataset(x, y, specs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+import warnings
 
 import pytest
 import torch
@@ -456,12 +457,16 @@ def test_forget_rows_equal_to_retain_rows_are_refused_on_every_input(text_setup)
         _, report = mtunlearn_ext.unlearn(model, forget_data=forget,  # type: ignore[arg-type]
                                           retain_data=((ids, other_mask), labels), **common)
     assert report.request["target_tasks"] == ["topic"]
-    # Dict inputs, the forget rows' topic labels taken out of the retain data: a partial request.
+    # Dict inputs, the forget rows' topic labels taken out of the retain data: a partial request,
+    # each forget row linked to the retain row with both its inputs (its retained pair is
+    # protected; none is when one input differs, above).
     supervision = torch.ones(N, 2, dtype=torch.bool)
     supervision[:10, 0] = False
-    with pytest.warns(UserWarning, match=r"no retained pair of the forget instances"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         _, report = mtunlearn_ext.unlearn(
             model, forget_data=({"ids": ids[:10], "mask": mask[:10]},  # type: ignore[arg-type]
                                 {"topic": labels["topic"][:10]}),
             retain_data=({"ids": ids, "mask": mask}, labels, supervision), **common)
     assert not report.request["full"]
+    assert report.extra["interference_aware"]["coupled_instances"] == 10

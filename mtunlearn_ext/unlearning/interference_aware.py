@@ -453,9 +453,9 @@ class InterferenceAware(GradientUnlearner):
             warnings.warn(
                 "interference_aware: coupled=True, but the retain set holds no retained pair of "
                 "the forget instances (no retain row has a forget instance's id), so none is "
-                "protected explicitly. Instances given as tuple `forget_data` get ids of their "
-                "own, which `retain_data` cannot share: give `train_data` and a ForgetRequest "
-                "(or MultiTaskDatasets with shared ids) to link them", stacklevel=2)
+                "protected explicitly. Tuple `forget_data` rows are linked to `retain_data` rows "
+                "with equal inputs only; otherwise give `train_data` and a ForgetRequest (or "
+                "MultiTaskDatasets with shared ids) to link them", stacklevel=2)
         if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
             num_tasks = len(problem.task_names)
             per_step = self._rows_per_step(problem, coupled is not None)
