@@ -229,3 +229,112 @@ def test_retrain_gap_by_hand() -> None:
     assert retrain_gap(retrained, retrained) == 0.0
     with pytest.raises(ValueError, match="both"):
         retrain_gap(unlearned, retrained, 0.6, None)
+
+
+# -- models that diverged, and other edge cases ---------------------------------------------------
+
+def test_normals_median_of_a_nan_prediction_is_nan_not_a_perfect_score() -> None:
+    """A NaN angle cast to a histogram bin landed in bin 0: an all-NaN prediction got a median
+    of 0.005 degrees, the best score there is."""
+    target = torch.tensor([[0.0, 0.0, 1.0]] * 4).T.reshape(1, 3, 1, 4)
+    pred = torch.full_like(target, float("nan"))
+    acc = make_accumulator(NORMALS)
+    acc.update(pred, target)
+    out = acc.compute()
+    assert math.isnan(out["median_angle"]) and math.isnan(out["mean_angle"])
+    assert out["within_11.25"] == 0.0
+    # Half NaN: the median is NaN as numpy's; the finite half is still binned as before.
+    half = torch.tensor([_unit(10.0), _unit(30.0)] + [[float("nan")] * 3] * 2).T.reshape(1, 3, 1, 4)
+    acc = make_accumulator(NORMALS)
+    acc.update(half, target)
+    assert math.isnan(acc.compute()["median_angle"])
+    assert math.isnan(float(np.median([10.0, 30.0, np.nan, np.nan])))
+    finite = make_accumulator(NORMALS)
+    finite.update(half[..., :2], target[..., :2])
+    assert abs(finite.compute()["median_angle"] - 20.0) <= 0.005 + 1e-9
+
+
+def test_an_ignore_index_inside_the_classes_is_no_class_of_the_miou() -> None:
+    """Class 0 is the ignore label: it labels no pixel, but predictions of it gave it a union
+    and an IoU of 0 in the mean."""
+    spec = TaskSpec("seg", "segmentation", num_classes=3, ignore_index=0)
+    target = torch.tensor([[[1, 1, 2, 2, 0]]])
+    pred_labels = torch.tensor([[[1, 0, 2, 2, 1]]])  # one labelled pixel predicted as class 0
+    logits = nn.functional.one_hot(pred_labels, 3).permute(0, 3, 1, 2).float()
+    acc = make_accumulator(spec)
+    acc.update(logits, target)
+    out = acc.compute()
+    # class 1: tp 1, union 2 -> 0.5; class 2: tp 2, union 2 -> 1.0 (the ignored pixel counts not)
+    assert math.isclose(out["miou"], 0.75)
+    assert math.isclose(out["pixel_acc"], 3 / 4)
+    confusion = confusion_matrix(pred_labels, target, 3, ignore_index=0)
+    assert math.isclose(segmentation_scores(confusion)["miou"], (0.0 + 0.5 + 1.0) / 3)
+
+
+def test_scores_count_a_diverged_models_metrics_as_infinitely_far() -> None:
+    """A NaN (or infinite) metric of the unlearned model was dropped from the retrain gap and
+    the UIS, so a model that diverged on one task scored better than one that did not."""
+    retrained = {"test": {"depth": {"abs_err": 0.5, "rel_err": 0.2, "delta_1.25": 0.8}}}
+    broken = {"test": {"depth": {"abs_err": float("nan"), "rel_err": float("inf"),
+                                 "delta_1.25": 0.8}}}
+    terms = retrain_gap_terms(broken, retrained)
+    assert terms["test/depth/abs_err"] == math.inf and terms["test/depth/rel_err"] == math.inf
+    assert terms["test/depth/delta_1.25"] == 0.0
+    assert retrain_gap(broken, retrained) == math.inf
+    assert retrain_gap(broken, retrained, float("nan"), 0.6) == math.inf
+    assert retrain_gap_terms(retrained, retrained, float("nan"), 0.6)["mia_auc"] == math.inf
+    # Undefined for the gold model too (no labelled pixel): left out, as before.
+    gold_nan = {"test": {"depth": {"abs_err": float("nan"), "rel_err": 0.2, "delta_1.25": 0.8}}}
+    assert set(retrain_gap_terms(broken, gold_nan)) == {"test/depth/rel_err",
+                                                        "test/depth/delta_1.25"}
+    assert "mia_auc" not in retrain_gap_terms(retrained, retrained, 0.6, float("nan"))
+    original = {"depth": {"abs_err": 0.5, "delta_1.25": 0.8}}
+    diverged = {"depth": {"abs_err": float("nan"), "delta_1.25": 0.8}}
+    assert uis(original, diverged, diverged) == math.inf
+    term = uis_terms(original, diverged, original)["depth"]["abs_err"]
+    assert term["uis"] == math.inf and term["forget_change"] == 0.0
+
+
+class _NaNOnFlag(nn.Module):
+    """Logits, NaN on the rows whose column 2 is negative (a model that diverged there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.one_hot(x[:, 0].long(), 3).float() * 4.0
+        return torch.where(x[:, 2:3] < 0, torch.full_like(logits, float("nan")), logits)
+
+
+def test_mia_of_a_model_with_nan_losses_is_undefined_not_computed_on_the_rest() -> None:
+    """Rows of supervised pairs whose loss is NaN were dropped as if unsupervised: the attack
+    then scored the model on the rows where it still worked."""
+    model = MultiTaskModel(_Echo(), {"cls": _NaNOnFlag()}, [CLS])
+    members, test, forget = _mia_data(60, True, 0), _mia_data(60, False, 1), _mia_data(20, True, 2)
+    assert membership_attack(model, members, test, forget).num_forget == 20  # all finite
+    forget.inputs[:4, 2] = -1.0
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite on 4 forget, 0 member and 0 "):
+        result = membership_attack(model, members, test, forget)
+    assert math.isnan(result.auc) and math.isnan(result.member_auc)
+    assert result.num_forget == 20 and result.num_members_fit == 30
+    # Unsupervised pairs are still left out (by the mask): 5 forget rows without a label.
+    partial = MultiTaskDataset(forget.inputs[4:], {"cls": forget.targets["cls"][4:]}, [CLS],
+                               supervision=torch.arange(16).unsqueeze(1) >= 5)
+    assert membership_attack(model, members, test, partial).num_forget == 11
+
+
+class _HalfOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :3] * 3.0).to(torch.bfloat16)
+
+
+def test_per_sample_losses_of_half_precision_outputs_are_computed_in_float32() -> None:
+    """The attack ranks per-sample losses; computed in bf16 they were rounded to 3 digits and
+    tied."""
+    model = MultiTaskModel(_Echo(), {"cls": _HalfOut()}, [CLS])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    labels = torch.randint(0, 3, (64,), generator=g)
+    data = MultiTaskDataset(x, {"cls": labels}, [CLS])
+    losses = per_sample_task_losses(model, data)[:, 0]
+    logits = (x * 3.0).to(torch.bfloat16).float()
+    expected = nn.functional.cross_entropy(logits, labels, reduction="none").double()
+    torch.testing.assert_close(losses, expected, rtol=1e-6, atol=1e-7)
+    assert len(set(losses.tolist())) == 64

@@ -110,7 +110,11 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
                         [s.name for _, s in resolved])
             for k, (column, spec) in enumerate(resolved):
                 target = rows["targets"][spec.name].to(device)  # type: ignore[index]
-                value = task_loss(spec, out[spec.name], target).double().cpu()
+                # Half-precision outputs in float32 first: losses rounded to 3 digits would tie
+                # (the membership attack ranks them).
+                pred = out[spec.name]
+                pred = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+                value = task_loss(spec, pred, target).double().cpu()
                 sup = dataset.supervision[positions, column]
                 losses[positions, k] = torch.where(sup, value, torch.tensor(float("nan"),
                                                                              dtype=torch.double))

@@ -20,6 +20,7 @@ model's AUC (forget instances may be easier or harder than test ones); compare t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -54,11 +55,17 @@ class MIAResult:
 
 
 def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[str],
-              batch_size: int) -> np.ndarray:
-    """``[n, |S|]`` log-losses of the rows with every attacked task supervised."""
+              batch_size: int) -> tuple[np.ndarray, int]:
+    """``[n, |S|]`` log-losses of the rows with every attacked task supervised, and how many of
+    those rows have a non-finite loss (a model that diverged on them)."""
     losses = per_sample_task_losses(model, dataset, list(tasks), batch_size)
-    complete = ~torch.isnan(losses).any(dim=1)
-    return torch.log(losses[complete] + 1e-8).numpy()
+    columns = [dataset.task_index(t) for t in tasks]
+    # Rows by the supervision mask, not by NaN losses: a NaN loss of a supervised pair is the
+    # model's, and dropping its row would attack the model on the rest only.
+    complete = dataset.supervision[:, columns].all(dim=1)
+    chosen = losses[complete]
+    undefined = int((~torch.isfinite(chosen)).any(dim=1).sum())
+    return torch.log(chosen + 1e-8).numpy(), undefined
 
 
 def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
@@ -87,9 +94,9 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     if not names:
         raise ValueError("membership_attack: the forget set has no supervised pair")
     rng = np.random.default_rng(seed)
-    forget_x = _features(model, forget, names, batch_size)
-    member_x = _features(model, members, names, batch_size)
-    test_x = _features(model, non_members, names, batch_size)
+    forget_x, forget_bad = _features(model, forget, names, batch_size)
+    member_x, member_bad = _features(model, members, names, batch_size)
+    test_x, test_bad = _features(model, non_members, names, batch_size)
     if len(forget_x) == 0:
         raise ValueError(f"membership_attack: no forget instance has every task of {names}")
     if len(test_x) < 4 or len(member_x) < 4:
@@ -99,6 +106,16 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     test_x = test_x[rng.permutation(len(test_x))]
     member_fit, member_eval = np.array_split(member_x, 2)
     test_fit, test_eval = np.array_split(test_x, 2)
+    if forget_bad or member_bad or test_bad:
+        # A diverged model: no attack can rank a NaN loss, and the AUC is undefined (NaN);
+        # the retrain gap counts an undefined AUC of an unlearned model as infinitely far.
+        warnings.warn(f"membership_attack: the model's loss on tasks {names} is NaN or infinite "
+                      f"on {forget_bad} forget, {member_bad} member and {test_bad} non-member "
+                      "rows; the AUCs are NaN", RuntimeWarning, stacklevel=2)
+        nan = float("nan")
+        return MIAResult(auc=nan, member_auc=nan, tasks=tuple(names), num_forget=len(forget_x),
+                         num_members_fit=len(member_fit), num_non_members_fit=len(test_fit),
+                         num_non_members_eval=len(test_eval))
 
     fit_x = np.concatenate([member_fit, test_fit])
     mean, std = fit_x.mean(axis=0), fit_x.std(axis=0) + 1e-12

@@ -35,7 +35,9 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
     O_t}`` with ``s = +1`` for higher-is-better metrics and ``-1`` for errors, so
     ``forget_advantage > 0`` means the forget set still scores *better* than unseen data (not yet
     forgotten) and ``< 0`` that it scores worse (over-forgotten). Terms with ``O_t == 0`` or a
-    non-finite value are skipped with a warning (the ratio is undefined).
+    non-finite ``O_t`` are skipped with a warning (the ratio is undefined). A non-finite ``U_t``
+    or ``U_u`` (a model that diverged) is an infinite change: its term's ``uis`` is ``inf``,
+    never left out (leaving it out would score a broken model better).
     """
     names = tasks if tasks is not None else [
         t for t in original_test if t in unlearned_test and t in unlearned_forget]
@@ -52,12 +54,12 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
             o_t = float(original_test[task][metric])
             u_t = float(unlearned_test[task][metric])
             u_u = float(unlearned_forget[task][metric])
-            if not all(math.isfinite(v) for v in (o_t, u_t, u_u)) or o_t == 0.0:
+            if not math.isfinite(o_t) or o_t == 0.0:
                 warnings.warn(f"uis: skipping {task}/{metric} (O_t={o_t}, U_t={u_t}, U_u={u_u}): "
                               "the relative change is undefined", RuntimeWarning, stacklevel=2)
                 continue
-            test_change = abs(o_t - u_t) / abs(o_t)
-            forget_change = abs(o_t - u_u) / abs(o_t)
+            test_change = _change(o_t, u_t)
+            forget_change = _change(o_t, u_u)
             out.setdefault(task, {})[metric] = {
                 "uis": 100.0 * (test_change + forget_change) / 2.0,
                 "test_change": 100.0 * test_change,
@@ -65,6 +67,11 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
                 "forget_advantage": 100.0 * sign * (u_u - o_t) / abs(o_t),
             }
     return out
+
+
+def _change(reference: float, value: float) -> float:
+    """``|reference - value| / |reference|``; ``inf`` for a non-finite ``value``."""
+    return abs(reference - value) / abs(reference) if math.isfinite(value) else math.inf
 
 
 def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
@@ -141,14 +148,19 @@ def retrain_gap_terms(unlearned: Mapping[str, Scores], retrained: Mapping[str, S
                 if metric not in retrained[split][task]:
                     continue
                 gold = float(retrained[split][task][metric])
-                if not (math.isfinite(float(value)) and math.isfinite(gold)):
-                    continue
-                terms[f"{split}/{task}/{metric}"] = 100.0 * _normalised_gap(
-                    metric, float(value), gold, bounded)
+                if not math.isfinite(gold):
+                    continue  # undefined for the gold model too (e.g. no labelled pixel)
+                # A non-finite value of the unlearned model (it diverged) is an infinite gap,
+                # never a term left out, which would score the broken model better.
+                terms[f"{split}/{task}/{metric}"] = (
+                    100.0 * _normalised_gap(metric, float(value), gold, bounded)
+                    if math.isfinite(float(value)) else math.inf)
     if (unlearned_mia_auc is None) != (retrained_mia_auc is None):
         raise ValueError("retrain_gap: give both MIA AUCs or neither")
-    if unlearned_mia_auc is not None and retrained_mia_auc is not None:
-        terms["mia_auc"] = 100.0 * abs(float(unlearned_mia_auc) - float(retrained_mia_auc))
+    if (unlearned_mia_auc is not None and retrained_mia_auc is not None
+            and math.isfinite(float(retrained_mia_auc))):
+        terms["mia_auc"] = (100.0 * abs(float(unlearned_mia_auc) - float(retrained_mia_auc))
+                            if math.isfinite(float(unlearned_mia_auc)) else math.inf)
     return terms
 
 
@@ -167,7 +179,9 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
     fractions, so their absolute gap is already a share of the full scale (x100: percentage
     points). Errors in metres or degrees have no common scale, so their gap is taken relative to
     the retrained model's value (x100: percent of the gold error); ``r_k == 0`` falls back to
-    the absolute gap. A flat mean: every entry counts once, the AUC as one entry.
+    the absolute gap. A flat mean: every entry counts once, the AUC as one entry. An entry
+    undefined for the retrained model (NaN: no labelled pixel, say) is left out; a non-finite
+    entry of the unlearned model makes the gap ``inf`` (a model that diverged is not close).
 
     Args:
         unlearned / retrained: split -> task -> metric -> value.

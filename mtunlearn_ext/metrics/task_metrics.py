@@ -77,12 +77,16 @@ def confusion_matrix(pred_labels: torch.Tensor, target: torch.Tensor, num_classe
         num_classes, num_classes)
 
 
-def segmentation_scores(confusion: torch.Tensor) -> dict[str, float]:
-    """``miou`` and ``pixel_acc`` of a confusion matrix (see the module docstring)."""
+def segmentation_scores(confusion: torch.Tensor, ignore_index: int = -1) -> dict[str, float]:
+    """``miou`` and ``pixel_acc`` of a confusion matrix (see the module docstring). An
+    ``ignore_index`` inside ``[0, C)`` labels no pixel and is no class of the mean: predictions
+    of it on labelled pixels count as errors of their own class only."""
     m = confusion.double()
     tp = m.diag()
     union = m.sum(dim=1) + m.sum(dim=0) - tp
     present = union > 0
+    if 0 <= ignore_index < len(present):
+        present[ignore_index] = False
     total = m.sum()
     miou = (tp[present] / union[present]).mean().item() if present.any() else float("nan")
     pixel_acc = (tp.sum() / total).item() if total > 0 else float("nan")
@@ -143,7 +147,7 @@ class _Segmentation(MetricAccumulator):
                                            self.num_classes, self.ignore_index)
 
     def compute(self) -> dict[str, float]:
-        return segmentation_scores(self.confusion)
+        return segmentation_scores(self.confusion, self.ignore_index)
 
     @property
     def count(self) -> int:
@@ -190,10 +194,15 @@ class _Normals(MetricAccumulator):
         self.angle_sum = 0.0
         self.within = [0, 0, 0]
         self.total = 0
+        self.undefined = 0  # angles of non-finite predictions (NaN)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         errors = angle_errors_deg(pred, target).cpu()
-        index = (errors / self._BIN_DEG).long().clamp(0, self.bins - 1)
+        finite = torch.isfinite(errors)
+        # A NaN angle has no bin (cast to an integer it would land in bin 0, a perfect score);
+        # it makes the median NaN, as in numpy, and the mean through the sum.
+        self.undefined += int((~finite).sum())
+        index = (errors[finite] / self._BIN_DEG).long().clamp(0, self.bins - 1)
         self.histogram += torch.bincount(index, minlength=self.bins)
         self.angle_sum += float(errors.sum())
         for k, threshold in enumerate(self._THRESHOLDS):
@@ -219,7 +228,7 @@ class _Normals(MetricAccumulator):
                                               "within_22.5", "within_30")}
         return {
             "mean_angle": self.angle_sum / self.total,
-            "median_angle": self._median(),
+            "median_angle": float("nan") if self.undefined else self._median(),
             "within_11.25": self.within[0] / self.total,
             "within_22.5": self.within[1] / self.total,
             "within_30": self.within[2] / self.total,
