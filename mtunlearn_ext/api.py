@@ -26,7 +26,7 @@ from mtunlearn_ext.data.inputs import (
     call_with,
     check_inputs,
     inputs_to,
-    leaves,
+    named_leaves,
     num_rows,
     take_rows,
 )
@@ -280,6 +280,11 @@ def _check_data_like(data: object, what: str) -> None:
         raise TypeError(f"unlearn: `{what}`[1] must be the targets, a mapping task -> "
                         f"[N, ...] tensor, got {type(data[1]).__name__}; several inputs go "
                         f"in one tuple or dict: ((ids, mask), targets)")
+    for name, value in data[1].items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            got = type(value).__name__ if not isinstance(value, torch.Tensor) else "a 0-d tensor"
+            raise TypeError(f"unlearn: `{what}` targets of task {name!r} must be a tensor "
+                            f"[N, ...] (one row per instance), got {got}")
 
 
 def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
@@ -290,10 +295,20 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
         if data.task_names != [s.name for s in specs]:
             raise ValueError(f"unlearn: `{what}` has tasks {data.task_names}, expected "
                              f"{[s.name for s in specs]}")
+        for own, spec in zip(data.tasks, specs):
+            # The losses follow `tasks`, the targets and their checks the data set's specs.
+            if own != spec:
+                raise ValueError(f"unlearn: `{what}` describes task {spec.name!r} as {own}, but "
+                                 f"`tasks` as {spec}; they must agree")
         return data
     _check_data_like(data, what)
     inputs, targets = data[0], dict(data[1])
     n = check_inputs(inputs, f"unlearn: the inputs of `{what}`")
+    names = [s.name for s in specs]
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise KeyError(f"unlearn: `{what}` has targets for unknown tasks {unknown}; the tasks "
+                       f"are {names}")
     supervision = data[2] if len(data) == 3 else None
     full_targets: dict[str, torch.Tensor] = {}
     columns = []
@@ -307,6 +322,15 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
             columns.append(False)
         else:
             raise KeyError(f"unlearn: `{what}` has no targets for task {spec.name!r}")
+    if supervision is not None and isinstance(supervision, torch.Tensor) \
+            and supervision.dim() == 2 and supervision.shape[1] == len(specs):
+        # A placeholder column has no labels to supervise: marked supervised, it would invent
+        # zeros as labels.
+        invented = [spec.name for spec, given in zip(specs, columns)
+                    if not given and bool(supervision[:, names.index(spec.name)].any())]
+        if invented:
+            raise ValueError(f"unlearn: `{what}`'s supervision marks pairs of {invented} "
+                             "supervised, but it has no targets for them")
     if supervision is None:
         supervision = torch.tensor(columns, dtype=torch.bool).expand(n, len(specs)).clone()
     ids = torch.arange(id_offset, id_offset + n)
@@ -327,31 +351,40 @@ def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDatase
     if not len(forget) or not len(retain):
         return forget
 
+    # Several inputs are matched by name (a dict's keys, a tuple's positions), so that the
+    # order of a dict's keys does not matter; inputs named differently are never equal.
+    f_inputs, r_inputs = dict(named_leaves(forget.inputs)), dict(named_leaves(retain.inputs))
+    if f_inputs.keys() != r_inputs.keys():
+        return forget
+    names = sorted(f_inputs)
+    f_leaves, r_leaves = [f_inputs[k] for k in names], [r_inputs[k] for k in names]
+
     def fingerprint(x: torch.Tensor) -> list[tuple[float, ...]]:
         # Row sums (accumulated in float64, no widened copy) and the first and last values:
-        # equal rows have equal prints; equal prints are then compared exactly.
-        flat = x.reshape(len(x), -1)
+        # equal rows have equal prints; equal prints are then compared exactly. Summed in
+        # memory order of a contiguous row, so that the rounding does not depend on the layout.
+        flat = x.reshape(len(x), -1).contiguous()
         if flat.shape[1] == 0:
             return [()] * len(x)
         return list(zip(flat.sum(1, dtype=torch.float64).tolist(),
                         flat[:, 0].double().tolist(), flat[:, -1].double().tolist()))
 
-    def prints(inputs: Inputs) -> list[tuple[float, ...]]:
+    def prints(tensors: list[torch.Tensor]) -> list[tuple[float, ...]]:
         # One input: its print; several: their prints joined, so a key matches only where
         # every input does.
-        per_leaf = [fingerprint(leaf) for leaf in leaves(inputs)]
+        per_leaf = [fingerprint(leaf) for leaf in tensors]
         return [tuple(v for part in row for v in part) for row in zip(*per_leaf)]
 
     def same_row(f_row: int, r_row: int) -> bool:
-        return all(torch.equal(f[f_row], r[r_row])
-                   for f, r in zip(leaves(forget.inputs), leaves(retain.inputs)))
+        return all(f.shape[1:] == r.shape[1:] and torch.equal(f[f_row], r[r_row])
+                   for f, r in zip(f_leaves, r_leaves))
 
     by_print: dict[tuple[float, ...], list[int]] = {}
-    for row, key in enumerate(prints(retain.inputs)):
+    for row, key in enumerate(prints(r_leaves)):
         by_print.setdefault(key, []).append(row)
     ids = forget.ids.clone()
     taken: set[int] = set()
-    for f_row, key in enumerate(prints(forget.inputs)):
+    for f_row, key in enumerate(prints(f_leaves)):
         for r_row in by_print.get(key, []):
             if not same_row(f_row, r_row):
                 continue
@@ -502,6 +535,9 @@ def build_problem(model: nn.Module, *,
             raise ValueError("unlearn: `train_data` needs a `forget_request`")
         if target_tasks is not None:
             raise ValueError("unlearn: with `forget_request`, the target tasks are the request's")
+        if retain_data is not None:
+            raise ValueError("unlearn: `retain_data` goes with `forget_data`; with `train_data` "
+                             "and a `forget_request` the retain set is the rest of `train_data`")
         full = _as_dataset(train_data, specs, "train_data")
         request = forget_request
         request.validate(full)
@@ -510,7 +546,16 @@ def build_problem(model: nn.Module, *,
     else:
         if retain_data is None:
             raise ValueError("unlearn: `forget_data` needs `retain_data`")
-        retain = _as_dataset(retain_data, specs, "retain_data")
+        if forget_request is not None:
+            raise ValueError("unlearn: a `forget_request` names instances of `train_data`; with "
+                             "`forget_data` the forget set is that data itself (its target tasks "
+                             "in `target_tasks`)")
+        # Tuple data gets ids 0..N-1; a MultiTaskDataset keeps its own. A tuple retain set
+        # beside a forget data set starts past the forget set's ids, so that the two never
+        # name different instances by one id.
+        retain_offset = (int(forget_data.ids.max()) + 1
+                         if isinstance(forget_data, MultiTaskDataset) and len(forget_data) else 0)
+        retain = _as_dataset(retain_data, specs, "retain_data", id_offset=retain_offset)
         if isinstance(forget_data, MultiTaskDataset):
             given = [t for t in names if bool(forget_data.supervision[:, forget_data.task_index(t)]
                                               .any())]
@@ -518,6 +563,8 @@ def build_problem(model: nn.Module, *,
             assert forget_data is not None
             given = [t for t in names if t in forget_data[1]]
         targets = list(target_tasks) if target_tasks is not None else given
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"unlearn: `target_tasks` {targets} names a task twice")
         unknown = [t for t in targets if t not in names]
         if unknown or not targets:
             raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "

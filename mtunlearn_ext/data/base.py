@@ -118,6 +118,66 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _check_target(name: str, target: object) -> None:
+    """Refuse a task's targets that are not a tensor with a row dimension, naming the task
+    (NumPy arrays and lists have no ``shape`` / ``numel`` the losses and metrics rely on; a 0-d
+    tensor has no rows)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"MultiTaskDataset: `targets[{name!r}]` must be a tensor [N, ...] (one "
+                        f"row per instance), got {type(target).__name__}; convert it with "
+                        f"torch.as_tensor")
+    if target.dim() == 0:
+        raise ValueError(f"MultiTaskDataset: `targets[{name!r}]` must be a tensor [N, ...] (one "
+                         f"row per instance), got a 0-d tensor")
+
+
+def _id_tensor(ids: object) -> torch.Tensor:
+    """``ids`` (a tensor, or a list / NumPy array of integers, as ``ForgetRequest.create``
+    takes them) as a long tensor; a bool mask, fractions or NaN are refused, not truncated."""
+    if isinstance(ids, torch.Tensor):
+        values = ids
+    else:
+        try:
+            values = torch.as_tensor(ids)
+            if values.is_floating_point() and not hasattr(ids, "__array__"):
+                # Python floats default to float32, which would round ids above 2**24.
+                values = torch.as_tensor(ids, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"MultiTaskDataset: `ids` must be N unique integers (a tensor, "
+                            f"list or NumPy array), got {ids!r:.80}") from error
+    if not integer_valued(values):
+        raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, got "
+                         f"{values.dtype} values {values.reshape(-1)[:5].tolist()}")
+    return values.to(torch.long)
+
+
+def _row_positions(positions: object, n: int, method: str) -> torch.Tensor:
+    """``positions`` as a 1-d long tensor of rows: integer positions, or a bool mask of length
+    ``n`` (its True rows). A mask must not be read as positions 0/1, nor a fraction truncated
+    into another row."""
+    what = f"MultiTaskDataset.{method}: `positions`"
+    try:
+        pos = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{what} must be integer row positions or a bool mask of length {n}, "
+                        f"got {positions!r:.80}") from error
+    if pos.dtype == torch.bool:
+        if pos.shape != (n,):
+            raise ValueError(f"{what}: a bool mask must have shape [{n}] (one entry per row), "
+                             f"got {tuple(pos.shape)}")
+        return pos.nonzero().flatten()
+    if pos.numel() == 0:
+        return pos.to(torch.long).reshape(-1)  # [] converts to float32
+    if pos.is_floating_point() or pos.is_complex():
+        shown = (f"{pos.dtype} values {pos.reshape(-1)[:5].tolist()}"
+                 if isinstance(positions, torch.Tensor) else f"{positions!r:.80}")
+        raise TypeError(f"{what} must be integer row positions or a bool mask of length {n}, "
+                        f"got {shown}")
+    if pos.dim() > 1:
+        raise ValueError(f"{what} must be 1-d, got shape {tuple(pos.shape)}")
+    return pos.to(torch.long).reshape(-1)
+
+
 class MultiTaskDataset(Dataset[dict[str, object]]):
     """Tensor-backed multi-task data set.
 
@@ -128,6 +188,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         targets: task name -> ``[N, ...]`` target tensor, one per task in ``tasks``.
         tasks: the task specs, in a fixed order (the columns of ``supervision``).
         ids: ``[N]`` unique instance ids (default ``arange(N)``); requests name instances by id.
+            A tensor, list or NumPy array of integers (integral floats are taken as integers).
         supervision: ``[N, T]`` bool, ``True`` where the pair carries a label (default all).
 
     Items are dicts ``{"input", "targets": {task: t}, "supervision": [T] bool, "id": long}``
@@ -138,7 +199,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
     """
 
     def __init__(self, inputs: Inputs, targets: Mapping[str, torch.Tensor],
-                 tasks: Sequence[TaskSpec], ids: torch.Tensor | None = None,
+                 tasks: Sequence[TaskSpec], ids: torch.Tensor | Sequence[int] | None = None,
                  supervision: torch.Tensor | None = None) -> None:
         n = check_inputs(inputs, "MultiTaskDataset: `inputs`")
         self.tasks: list[TaskSpec] = list(tasks)
@@ -149,19 +210,20 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
             raise ValueError(f"MultiTaskDataset: `targets` has tasks {sorted(targets)} but "
                              f"`tasks` names {names}")
         for name, t in targets.items():
+            _check_target(name, t)
             if t.shape[0] != n:
                 raise ValueError(f"MultiTaskDataset: targets[{name!r}] has {t.shape[0]} rows, "
                                  f"inputs have {n}")
         self.inputs: Inputs = inputs
         self.targets = {name: targets[name] for name in names}
-        if ids is not None and not integer_valued(ids):
-            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, got "
-                             f"{ids.dtype} values {ids.reshape(-1)[:5].tolist()}")
-        self.ids = torch.arange(n) if ids is None else ids.to(torch.long)
+        self.ids = torch.arange(n) if ids is None else _id_tensor(ids)
         if self.ids.shape != (n,) or torch.unique(self.ids).numel() != n:
             raise ValueError("MultiTaskDataset: `ids` must be N unique integers")
         if supervision is None:
             supervision = torch.ones(n, len(names), dtype=torch.bool)
+        if not isinstance(supervision, torch.Tensor):
+            raise TypeError(f"MultiTaskDataset: `supervision` must be a bool tensor "
+                            f"[{n}, {len(names)}], got {type(supervision).__name__}")
         if supervision.shape != (n, len(names)) or supervision.dtype != torch.bool:
             raise ValueError(f"MultiTaskDataset: `supervision` must be bool [{n}, {len(names)}], "
                              f"got {supervision.dtype} {tuple(supervision.shape)}")
@@ -264,10 +326,11 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         return torch.tensor([lookup[int(i)] for i in wanted.tolist()], dtype=torch.long)
 
     def subset(self, positions: torch.Tensor | Sequence[int]) -> MultiTaskDataset:
-        """The rows at ``positions`` (ids and supervision kept). All rows in their order share
+        """The rows at ``positions`` (integer row positions, or a bool mask of length ``N``
+        selecting its True rows; ids and supervision kept). All rows in their order share
         this set's tensors (a partial request's retain set is every instance: no copy of the
         inputs); any other selection copies them."""
-        pos = torch.as_tensor(positions, dtype=torch.long)
+        pos = _row_positions(positions, len(self), "subset")
         if pos.numel() == len(self) and torch.equal(pos, torch.arange(len(self))):
             return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids,
                                     self.supervision)
@@ -280,10 +343,11 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids, supervision)
 
     def batch(self, positions: torch.Tensor | Sequence[int]) -> dict[str, object]:
-        """The rows at ``positions`` already collated: the same dict layout that the default
-        collate function makes of ``[self[i] for i in positions]``, built by one index per tensor
-        (the per-item path costs more than a small model's step on CPU)."""
-        pos = torch.as_tensor(positions, dtype=torch.long)
+        """The rows at ``positions`` (as in :meth:`subset`) already collated: the same dict
+        layout that the default collate function makes of ``[self[i] for i in positions]``,
+        built by one index per tensor (the per-item path costs more than a small model's step
+        on CPU)."""
+        pos = _row_positions(positions, len(self), "batch")
         supervision = self.supervision[pos]
         return {
             "input": take_rows(self.inputs, pos),

@@ -44,9 +44,9 @@ from mtunlearn_ext.data.indoor import INDOOR_VERSION, make_indoor
 from mtunlearn_ext.data.libmtl import load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.street import STREET_VERSION, make_street
 
-__all__ = ["BENCHMARKS", "GENERATED_BENCHMARKS", "SIZES", "UNSEEN_SEED_OFFSET",
-           "default_cache_dir", "load_benchmark", "read_benchmark", "save_benchmark",
-           "unseen_instances"]
+__all__ = ["BENCHMARKS", "GENERATED_BENCHMARKS", "SIZES", "UNSEEN_ID_OFFSET",
+           "UNSEEN_SEED_OFFSET", "default_cache_dir", "load_benchmark", "read_benchmark",
+           "save_benchmark", "unseen_instances"]
 
 Size = Literal["tiny", "small", "medium"]
 SIZES: tuple[str, ...] = ("tiny", "small", "medium")
@@ -55,6 +55,12 @@ _CACHE_FORMAT = "mtunlearn_ext.benchmark/1"
 #: :func:`unseen_instances` draws from generator seeds at and above this one, which no
 #: benchmark seed reaches in practice.
 UNSEEN_SEED_OFFSET = 2**40
+#: The first instance id of :func:`unseen_instances`' data sets (its ids are
+#: ``UNSEEN_ID_OFFSET + 0 .. count - 1``): far above every id of :func:`load_benchmark`'s
+#: splits (generated ones number their train, test and validation instances from 0, a few
+#: thousand at most), so an unseen pool never shares an id with a training set and passes as
+#: audit or held-out data.
+UNSEEN_ID_OFFSET = 2**40
 
 # name -> size -> keyword arguments of the generator / loader
 _GENERATED: dict[str, tuple[Callable[..., Benchmark], int, dict[str, dict[str, Any]]]] = {
@@ -222,8 +228,11 @@ def unseen_instances(name: str, count: int, *, seed: int = 0, size: Size = "smal
     """``count`` fresh instances of the generated benchmark ``name`` at ``size``: scenes from
     the same distribution as ``load_benchmark(name, seed=s, size=size)``'s splits, from the
     generator seed ``UNSEEN_SEED_OFFSET + seed``, so no model trained on a benchmark seed has
-    seen them (the unseen pool of :func:`~mtunlearn_ext.metrics.uis_floor`). Not cached; the
-    same arguments give the same tensors.
+    seen them (the unseen pool of :func:`~mtunlearn_ext.metrics.uis_floor`). Their ids are
+    ``UNSEEN_ID_OFFSET + 0 .. count - 1`` (:data:`UNSEEN_ID_OFFSET`), outside every benchmark
+    split's ids, so the pool may serve as audit or held-out data of a model trained on a
+    benchmark (the generator's own test ids start at 1 and would collide with the training
+    ids). Not cached; the same arguments give the same tensors.
     """
     if name not in GENERATED_BENCHMARKS:
         raise ValueError(f"unseen_instances: {name!r} is not a generated benchmark; choose one "
@@ -237,5 +246,7 @@ def unseen_instances(name: str, count: int, *, seed: int = 0, size: Size = "smal
     generate, _, sizes = _GENERATED[name]
     # The test split of a generator seed is its own stream: one training instance is the
     # generators' minimum and changes nothing in it.
-    return generate(seed=UNSEEN_SEED_OFFSET + seed, num_train=1, num_test=count,
-                    num_validation=0, size=sizes[size]["size"]).test
+    fresh = generate(seed=UNSEEN_SEED_OFFSET + seed, num_train=1, num_test=count,
+                     num_validation=0, size=sizes[size]["size"]).test
+    return MultiTaskDataset(fresh.inputs, fresh.targets, fresh.tasks,
+                            UNSEEN_ID_OFFSET + torch.arange(count), fresh.supervision)

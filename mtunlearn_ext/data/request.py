@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -18,10 +19,19 @@ class ForgetRequest:
 
     Full-task unlearning names every task (or ``target_tasks=None``); partial-task unlearning a
     proper subset, and the other tasks' labels of those instances stay in the retain pairs.
+    Built directly or by :meth:`create`, the ids are checked and held as Python ints the same
+    way (a mask or fractions are refused), so ``ids_hash`` does not depend on how they came.
     """
 
     instance_ids: tuple[int, ...]
     target_tasks: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # A request built directly (not by ``create``) gets the same ids, the same refusals and
+        # the same ``ids_hash``: a tuple of floats was truncated, bools became ids 0/1, and a
+        # tensor's elements (distinct objects) passed the duplicate check of ``validate``.
+        object.__setattr__(self, "instance_ids", _integer_ids(self.instance_ids))
+        object.__setattr__(self, "target_tasks", _task_names(self.target_tasks))
 
     @staticmethod
     def create(instance_ids: Sequence[int] | torch.Tensor,
@@ -29,10 +39,7 @@ class ForgetRequest:
         """A request from ids (a sequence, NumPy array or tensor of integers; integral floats,
         as a data frame's column may hold, are accepted) and target task names (one name may
         be given as a plain string; ``None``: every task, a full request)."""
-        ids = _integer_ids(instance_ids)
-        if isinstance(target_tasks, str):
-            target_tasks = (target_tasks,)
-        return ForgetRequest(ids, None if target_tasks is None else tuple(target_tasks))
+        return ForgetRequest(_integer_ids(instance_ids), _task_names(target_tasks))
 
     def resolved_tasks(self, dataset: MultiTaskDataset) -> list[str]:
         return list(dataset.task_names) if self.target_tasks is None else list(self.target_tasks)
@@ -51,7 +58,9 @@ class ForgetRequest:
         if len(self.instance_ids) == 0:
             raise ValueError("ForgetRequest: `instance_ids` is empty; name at least one instance")
         if len(set(self.instance_ids)) != len(self.instance_ids):
-            raise ValueError("ForgetRequest: `instance_ids` holds duplicates")
+            repeated = sorted(i for i, k in Counter(self.instance_ids).items() if k > 1)
+            raise ValueError(f"ForgetRequest: `instance_ids` holds duplicates: {repeated[:10]}"
+                             f"{' ...' if len(repeated) > 10 else ''}")
         dataset.positions_of(self.instance_ids)  # KeyError naming unknown ids
         tasks = self.resolved_tasks(dataset)
         if len(tasks) == 0:
@@ -115,9 +124,38 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
         raise refuse(instance_ids) from error
     ids = []
     for value in items:
-        if isinstance(value, bool) or not (
+        if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
+            # A 0-d tensor or NumPy scalar: ``int()`` would truncate 1.7 and take True as 1.
+            try:
+                one = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise refuse(value) from error
+            if one.numel() != 1 or not integer_valued(one):
+                raise refuse(value)
+            ids.append(int(one.reshape(-1)[0].item()))
+        elif isinstance(value, bool) or not (
                 isinstance(value, int) or (isinstance(value, float) and value.is_integer())
                 or hasattr(value, "__index__")):
             raise refuse(value)
-        ids.append(int(value))
+        else:
+            ids.append(int(value))
     return tuple(ids)
+
+
+def _task_names(target_tasks: object) -> tuple[str, ...] | None:
+    """The task names as a tuple (``None``: every task). One name may be a plain string, which
+    must stay one task (iterating it would make one task per character)."""
+    if target_tasks is None:
+        return None
+    if isinstance(target_tasks, str):
+        return (target_tasks,)
+    try:
+        names = tuple(cast(Iterable[Any], target_tasks))
+    except TypeError as error:
+        raise TypeError(f"ForgetRequest: `target_tasks` must be task names (a string or a "
+                        f"sequence of strings) or None, got {target_tasks!r:.80}") from error
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"ForgetRequest: `target_tasks` must be task names (strings), got "
+                            f"{name!r:.80} in {names!r:.80}")
+    return names

@@ -156,6 +156,11 @@ class UnlearningProblem:
         if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
             raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
                              "build it with ForgetRequest.split")
+        target_cols = [self.forget.task_index(t) for t in self.target_tasks]
+        if not bool(self.forget.supervision[:, target_cols].any()):
+            raise ValueError(f"UnlearningProblem: the forget set supervises no pair of the target "
+                             f"tasks {self.target_tasks}: there is nothing to forget (are its "
+                             "targets or its supervision mask those of other tasks?)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"UnlearningProblem: `seed` must be an integer >= 0, got "
                              f"{self.seed!r}")
@@ -175,6 +180,7 @@ class UnlearningProblem:
                                  "go without one)")
             self.check_unseen(self.held_out, "UnlearningProblem: the held_out set")
         self.check_model_on(self.retain)
+        self.check_model_on(self.forget, "the forget set")
         if self.held_out is not None:
             self.check_model_on(self.held_out, "the held_out set")
 
@@ -215,7 +221,7 @@ class UnlearningProblem:
         supervised row of each task): the model must run on its inputs and return a prediction
         for every task that the task's loss accepts on a supervised row (an unsupervised pair's
         target may hold anything, so it is never fed to a loss). ``what`` names the set in the
-        errors (validation checks the retain set and the held-out set; :func:`unlearn` the
+        errors (validation checks the retain, forget and held-out sets; :func:`unlearn` the
         audit set)."""
         if len(data) == 0:
             return

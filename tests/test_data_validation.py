@@ -1,0 +1,149 @@
+"""Input validation of the data layer: forget requests built directly, row selections by mask or
+position, targets and ids of a data set, and the ids of the unseen pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtunlearn_ext.data import ForgetRequest, MultiTaskDataset, TaskSpec, registry
+from mtunlearn_ext.data.registry import UNSEEN_ID_OFFSET, unseen_instances
+
+SPECS = [TaskSpec("a", "classification", num_classes=3), TaskSpec("b", "regression")]
+
+
+def _data(n: int = 6, ids: object = None) -> MultiTaskDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = {"a": torch.randint(0, 3, (n,), generator=g), "b": torch.randn(n, 1, generator=g)}
+    return MultiTaskDataset(x, y, SPECS, ids=ids)  # type: ignore[arg-type]
+
+
+# -- ForgetRequest built directly (bug 11) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, shown", [
+    ((1.7, 2.2), "1.7"),  # was truncated to ids 1 and 2
+    ((True, False), "True"),  # was ids 1 and 0
+    ([torch.tensor(True)], "tensor(True)"),
+    ([torch.tensor(1.5)], "tensor(1.5"),
+    (torch.tensor([0.5, 1.0]), "0.5"),
+    (("1", "2"), "'1'"),
+])
+def test_direct_forget_request_refuses_non_integer_ids(bad: object, shown: str) -> None:
+    with pytest.raises(TypeError, match=r"ForgetRequest: `instance_ids` must be integers") as info:
+        ForgetRequest(bad, ("a",))  # type: ignore[arg-type]
+    assert shown in str(info.value)
+
+
+def test_direct_forget_request_normalises_ids_and_hash() -> None:
+    """However the ids are given, a request holds Python ints and hashes them the same way."""
+    expected = ForgetRequest.create([1, 2], "a")
+    for ids in (torch.tensor([2, 1]), np.array([1, 2]), (1.0, 2.0), [np.int64(1), torch.tensor(2)]):
+        request = ForgetRequest(ids, ("a",))  # type: ignore[arg-type]
+        assert all(type(i) is int for i in request.instance_ids)
+        assert sorted(request.instance_ids) == [1, 2]
+        assert request.ids_hash() == expected.ids_hash()
+    # One task named by a plain string stays one task, as in ``create``.
+    assert ForgetRequest((1, 2), "a").target_tasks == ("a",)  # type: ignore[arg-type]
+    assert ForgetRequest((1, 2), ["a"]).target_tasks == ("a",)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`target_tasks` must be task names"):
+        ForgetRequest((1, 2), (3,))  # type: ignore[arg-type]
+
+
+def test_direct_forget_request_with_tensor_duplicates_is_refused() -> None:
+    """A tensor's elements are distinct objects: the duplicate check used to miss ``[1, 1, 2]``."""
+    request = ForgetRequest(torch.tensor([1, 1, 2]), ("a",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`instance_ids` holds duplicates: \[1\]"):
+        request.validate(_data())
+    with pytest.raises(ValueError, match=r"`instance_ids` holds duplicates"):
+        request.split(_data())
+
+
+# -- unseen_instances' ids (bug 12) ---------------------------------------------------------------
+
+
+def test_unseen_instances_ids_lie_outside_every_benchmark_split(  # type: ignore[no-untyped-def]
+        indoor_tiny) -> None:
+    pool = unseen_instances("indoor", 8, seed=0, size="tiny")
+    assert pool.ids.tolist() == list(range(UNSEEN_ID_OFFSET, UNSEEN_ID_OFFSET + 8))
+    splits = [indoor_tiny.train, indoor_tiny.test, indoor_tiny.validation]
+    seen = set(torch.cat([s.ids for s in splits if s is not None]).tolist())
+    assert seen.isdisjoint(pool.ids.tolist())
+    # Above the largest id any generated benchmark size can produce.
+    for _, _, sizes in registry._GENERATED.values():
+        for kwargs in sizes.values():
+            total = kwargs["num_train"] + kwargs["num_test"] + kwargs["num_validation"]
+            assert total < UNSEEN_ID_OFFSET
+    # The same arguments still give the same pool, whose rows are the generator's.
+    again = unseen_instances("indoor", 8, seed=0, size="tiny")
+    assert torch.equal(again.inputs, pool.inputs) and torch.equal(again.ids, pool.ids)
+
+
+# -- subset / batch positions (bug 13) -------------------------------------------------------------
+
+
+def test_subset_and_batch_take_a_bool_mask_as_a_mask() -> None:
+    data = _data(ids=torch.arange(100, 106))
+    mask = torch.tensor([False, False, False, True, True, True])
+    assert data.subset(mask).ids.tolist() == [103, 104, 105]
+    assert data.batch(mask)["id"].tolist() == [103, 104, 105]
+    assert data.subset([True, False, True, False, False, False]).ids.tolist() == [100, 102]
+    for method in ("subset", "batch"):
+        with pytest.raises(ValueError, match=rf"MultiTaskDataset.{method}: `positions`: a bool "
+                                             r"mask must have shape \[6\]"):
+            getattr(data, method)(torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("positions", [[0.7, 2.2], torch.tensor([0.0, 2.0]), np.array([1.5])])
+def test_subset_and_batch_refuse_non_integer_positions(positions: object) -> None:
+    data = _data()
+    for method in ("subset", "batch"):
+        with pytest.raises(TypeError, match=rf"MultiTaskDataset.{method}: `positions` must be "
+                                            r"integer row positions"):
+            getattr(data, method)(positions)
+
+
+def test_subset_and_batch_still_take_integer_positions() -> None:
+    data = _data(ids=torch.arange(100, 106))
+    assert data.subset([4, 1]).ids.tolist() == [104, 101]
+    assert data.subset(np.array([2, 3], dtype=np.int32)).ids.tolist() == [102, 103]
+    assert data.batch(torch.tensor([5, 0], dtype=torch.int32))["id"].tolist() == [105, 100]
+    assert len(data.subset([])) == 0
+
+
+# -- targets and ids of MultiTaskDataset (bug 14) -------------------------------------------------
+
+
+@pytest.mark.parametrize("convert, kind", [(lambda t: t.numpy(), "ndarray"),
+                                           (lambda t: t.tolist(), "list")])
+def test_dataset_refuses_non_tensor_targets_naming_the_task(  # type: ignore[no-untyped-def]
+        convert, kind: str) -> None:
+    x, a = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(TypeError, match=rf"MultiTaskDataset: `targets\['a'\]` must be a tensor "
+                                        rf"\[N, ...\].*got {kind}"):
+        MultiTaskDataset(x, {"a": convert(a), "b": torch.randn(4, 1)}, SPECS)
+
+
+def test_dataset_refuses_a_0d_target_naming_the_task() -> None:
+    with pytest.raises(ValueError, match=r"MultiTaskDataset: `targets\['a'\]` must be a tensor "
+                                         r"\[N, ...\].*got a 0-d tensor"):
+        MultiTaskDataset(torch.randn(4, 2), {"a": torch.tensor(1), "b": torch.randn(4, 1)}, SPECS)
+
+
+def test_dataset_takes_ids_as_a_list_or_numpy_array() -> None:
+    assert _data(ids=[10, 11, 12, 13, 14, 15]).ids.tolist() == [10, 11, 12, 13, 14, 15]
+    from_numpy = _data(ids=np.arange(6))
+    assert from_numpy.ids.dtype == torch.long and from_numpy.ids.tolist() == list(range(6))
+    # Exact, as ForgetRequest.create takes them: no float32 rounding of 2**24 + 1.
+    big = [16777217.0 + i for i in range(6)]
+    assert _data(ids=big).ids.tolist() == [16777217 + i for i in range(6)]
+    with pytest.raises(ValueError, match=r"MultiTaskDataset: `ids` must be N unique integers"):
+        _data(ids=[0.5, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match=r"MultiTaskDataset: `ids` must be N unique integers"):
+        _data(ids=[True, False, True, False, True, False])
+    with pytest.raises(TypeError, match=r"MultiTaskDataset: `ids` must be N unique integers"):
+        _data(ids=["a", "b", "c", "d", "e", "f"])
+    with pytest.raises(ValueError, match=r"MultiTaskDataset: `ids` must be N unique integers"):
+        _data(ids=[0, 0, 1, 2, 3, 4])
