@@ -355,7 +355,7 @@ def _unlearn_both(model: nn.Module, kind: str, train: Text, data: dict[str, Text
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])
-@pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
+@pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus", "orthograd"])
 @pytest.mark.parametrize("full", [True, False])
 def test_unlearn_on_a_two_input_model_equals_the_packing_wrapper(text_setup, kind: str,
                                                                  method: str, full: bool) -> None:  # type: ignore[no-untyped-def]
@@ -366,6 +366,8 @@ def test_unlearn_on_a_two_input_model_equals_the_packing_wrapper(text_setup, kin
                                  "retain_batch_size": 16}
     if method == "interference_aware":  # the cap from unseen data's losses: held-out inputs
         config.update(num_per_sample=8, num_coupled_per_sample=4, cap_reference="held_out")
+    if method == "orthograd":  # fewer per-sample rows than the retain batch: a cut of each input
+        config.update(num_per_sample=4)
     (new, report), (packed, packed_report) = _unlearn_both(
         model, kind, (ids, mask, labels), {"held_out_data": (u_ids, u_mask, u_labels)},
         forget_request=request, method=method, config=config, seed=2)

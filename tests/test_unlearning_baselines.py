@@ -640,3 +640,40 @@ def test_retrain_with_another_seed_is_a_second_gold_model(bench, original) -> No
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="`seed`"):
             get_unlearner("retrain", {"seed": bad})
+
+
+class _DropoutNormNet(torch.nn.Module):
+    def __init__(self, tasks: list) -> None:  # type: ignore[type-arg]
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                            torch.nn.ReLU(), torch.nn.Dropout(0.3))
+        self.heads = torch.nn.ModuleDict({t.name: torch.nn.Linear(32, t.num_classes)
+                                          for t in tasks})
+
+    def forward(self, x: torch.Tensor, tasks: object = None) -> dict[str, torch.Tensor]:
+        z = self.backbone(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+@pytest.mark.parametrize("method", ["finetune", "gradient_ascent"])
+def test_log_every_changes_what_is_recorded_only(method: str) -> None:
+    """At logging steps the loop forwards a batch of the set a method does not use, for its
+    curve. In training mode that forward drew dropout masks (shifting every later one) and
+    wrote the batch into BatchNorm's running statistics (fine-tuning took in forget batches):
+    log_every changed the unlearned weights (by up to 0.023) and buffers."""
+    bench = load_benchmark("digits", size="tiny", seed=0)
+    torch.manual_seed(0)
+    model = _DropoutNormNet(bench.tasks)
+    train(model, bench.train, None, TrainConfig(epochs=1, batch_size=32, lr=3e-3, seed=0),
+          progress=False)
+    model.eval()
+    problem = UnlearningProblem.from_request(model, bench.train,
+                                             ForgetRequest.create(bench.train.ids[:30]), seed=0)
+    states = []
+    for log_every in (1, 100):
+        result = get_unlearner(method, steps=6, lr=1e-3, train_mode=True, log_every=log_every,
+                               recalibrate_norms=False).unlearn(problem)
+        states.append(result.model.state_dict())
+        assert len(result.report.curves["retain_loss"]) == (6 if log_every == 1 else 2)
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

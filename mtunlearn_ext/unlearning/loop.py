@@ -325,14 +325,29 @@ class GradientUnlearner(Unlearner):
     def _fill_missing_stats(self, ctx: StepContext, stats: StepStats, forget_batch: Batch | None,
                             retain_batch: Batch | None) -> None:
         """Measure (without gradients) the terms a method did not need, so every method has both
-        curves; costs a forward pass only at logging steps."""
-        with torch.no_grad():
-            if stats.forget is None and forget_batch is not None:
-                stats.forget = forget_terms(ctx.forward(forget_batch), forget_batch,
-                                            ctx.problem.tasks, ctx.objectives)
-            if stats.retain is None and retain_batch is not None:
-                stats.retain = retain_terms(ctx.forward(retain_batch), retain_batch,
-                                            ctx.problem.tasks)
+        curves; costs a forward pass only at logging steps. In eval mode: a training-mode
+        forward made only for the curves would draw dropout masks (shifting every later one)
+        and write the batch into BatchNorm's running statistics (fine-tuning would take in
+        forget batches), so that ``log_every`` changed the unlearned model."""
+        missing_forget = stats.forget is None and forget_batch is not None
+        missing_retain = stats.retain is None and retain_batch is not None
+        if not (missing_forget or missing_retain):
+            return
+        modes = [(module, module.training) for module in ctx.model.modules()]
+        ctx.model.eval()
+        try:
+            with torch.no_grad():
+                if missing_forget:
+                    assert forget_batch is not None
+                    stats.forget = forget_terms(ctx.forward(forget_batch), forget_batch,
+                                                ctx.problem.tasks, ctx.objectives)
+                if missing_retain:
+                    assert retain_batch is not None
+                    stats.retain = retain_terms(ctx.forward(retain_batch), retain_batch,
+                                                ctx.problem.tasks)
+        finally:
+            for module, training in modes:
+                module.training = training
 
     @staticmethod
     def _log(recorder: CurveRecorder, step: int, stats: StepStats,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mtunlearn_ext.surgery import project_out_list
-from mtunlearn_ext.unlearning.batches import Batch
+from mtunlearn_ext.unlearning.batches import Batch, batch_rows
 from mtunlearn_ext.unlearning.gradients import assign_grads, grads_of, per_sample_retain_grads
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.registry import register_unlearner
@@ -61,19 +61,6 @@ class OrthoGradConfig(StepConfig):
                              f"{self.chunk_size}")
 
 
-def _head(batch: Batch, count: int) -> Batch:
-    """The first ``count`` rows of a collated batch."""
-    out: Batch = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value[:count]
-        elif isinstance(value, dict):
-            out[key] = {k: v[:count] for k, v in value.items()}
-        else:
-            out[key] = value
-    return out
-
-
 @register_unlearner
 class OrthoGrad(GradientUnlearner):
     """Forget gradient projected orthogonal to per-sample retain gradients, plus retain descent."""
@@ -99,7 +86,7 @@ class OrthoGrad(GradientUnlearner):
         update = [torch.zeros_like(p) for p in params]
         if forget_total is not None and cfg.forget_weight > 0:
             forget_grads = grads_of(forget_total, params)
-            sample_batch = _head(retain_batch, cfg.num_per_sample)
+            sample_batch = batch_rows(retain_batch, 0, cfg.num_per_sample)
             per_sample = per_sample_retain_grads(ctx.model, sample_batch, ctx.problem.tasks,
                                                  names, cfg.chunk_size)  # [B, *shape_p] each
             projected = project_out_list([f.unsqueeze(0).contiguous() for f in forget_grads],
