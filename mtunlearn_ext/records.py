@@ -180,6 +180,17 @@ class VerifyResult:
     checks: dict[str, str] = field(default_factory=dict)
 
 
+def recorded_path(recorded: str, record_path: str | os.PathLike[str]) -> Path:
+    """A file the record names, found from wherever ``verify`` runs: the path as recorded
+    (absolute in new records; relative to the folder ``unlearn`` ran in, in older ones), else
+    the same name beside the record (the default layout, also after the folder moved)."""
+    path = Path(recorded)
+    beside = Path(record_path).parent / path.name
+    if not path.is_file() and beside.is_file():
+        return beside
+    return path
+
+
 def verify_record(record_path: str | os.PathLike[str],
                   checkpoint_path: str | os.PathLike[str] | None = None,
                   tolerance: float = 1e-4, batch_size: int | None = None) -> VerifyResult:
@@ -198,8 +209,8 @@ def verify_record(record_path: str | os.PathLike[str],
     from mtunlearn_ext.workflow import load_model, measure, restrict_retain
 
     record = read_record(record_path)
-    ckpt = Path(checkpoint_path) if checkpoint_path is not None else Path(
-        record["output"]["checkpoint"])
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else recorded_path(
+        record["output"]["checkpoint"], record_path)
     mismatches: list[str] = []
     checks: dict[str, str] = {}
     sha = sha256_of_file(ckpt) if ckpt.is_file() else ""

@@ -96,6 +96,15 @@ def _short(value: object, limit: int = 120) -> str:
 # -- parsing ---------------------------------------------------------------------------------------
 
 
+def is_existing_file(path: Path) -> bool:
+    """``path.is_file()``, and ``False`` for text that cannot name a file at all (a component
+    over the system's name limit, as a long id list or a JSON value is, raises OSError)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | None:
     """Instance ids from ``"1,2 3"``, a file holding such text (``@path`` or an existing path),
     or a list; ``None`` stays ``None``. Non-integers raise :class:`UserInputError`."""
@@ -106,7 +115,7 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
     if isinstance(value, str):
         text = value
         path = Path(value[1:] if value.startswith("@") else value)
-        if (value.startswith("@") or len(value) < 4096) and path.is_file():
+        if is_existing_file(path):
             text = path.read_text()
         tokens = text.replace(",", " ").split()
     else:
@@ -117,7 +126,7 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
             ids.append(int(token))
         except (TypeError, ValueError):
             # A lone word that is no id was most likely meant as a file of ids.
-            missing_file = (path is not None and len(tokens) == 1 and not path.is_file()
+            missing_file = (path is not None and len(tokens) == 1 and not is_existing_file(path)
                             and any(c.isalpha() or c in "/\\" for c in str(token)))
             raise UserInputError(argument, "integer instance ids (comma/space separated, or a "
                                  "file holding them)", token,
@@ -381,9 +390,14 @@ def measure(model: nn.Module, forget: MultiTaskDataset, retain: MultiTaskDataset
 
 class _FiniteGuard:
     """Step callback: after each optimizer step, the update (``.grad``) and the parameters must
-    be finite. The update holds the loss's gradient, so a NaN loss shows here too."""
+    be finite. The update holds the loss's gradient, so a NaN loss shows here too. It keeps the
+    number of steps done, to name the step in which a method's own check fails."""
+
+    def __init__(self) -> None:
+        self.steps_done = 0
 
     def __call__(self, steps_done: int, model: nn.Module) -> None:
+        self.steps_done = steps_done
         for name, p in model.named_parameters():
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 raise NonFiniteError(steps_done - 1, f"gradient of {name}")
@@ -407,9 +421,18 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
     except (TypeError, ValueError) as error:
         raise UserInputError("--method-config", f"valid settings of {method!r}",
                              dict(settings), str(error)) from error
+    guard = _FiniteGuard()
     if isinstance(unlearner, GradientUnlearner):
-        unlearner.step_callbacks.append(_FiniteGuard())
-    result = unlearner.unlearn(problem)
+        unlearner.step_callbacks.append(guard)
+    try:
+        result = unlearner.unlearn(problem)
+    except NonFiniteError:
+        raise
+    except FloatingPointError as error:
+        # A method's own check (the surgery ops refuse NaN/Inf gradients) stops it inside a
+        # step, before the guard's callback: the same policy and exit status.
+        step = guard.steps_done if isinstance(unlearner, GradientUnlearner) else None
+        raise NonFiniteError(step, str(error)) from error
     for name, p in result.model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise NonFiniteError(result.report.steps, f"parameter {name} after the run")
@@ -481,9 +504,16 @@ class OutputTransaction:
         for other_arg, other in self.outputs.items():
             if resolved == other.resolve():
                 raise UserInputError(argument, f"a path different from {other_arg}", str(p))
-        if p.exists():
+        if os.path.lexists(p):  # a dangling symbolic link too: writing would follow it
             raise UserInputError(argument, "a path that does not exist yet", str(p),
                                  "refusing to overwrite; choose a new path")
+        # The folder must be one (or creatable): found only after the whole run otherwise.
+        for parent in p.absolute().parents:
+            if os.path.lexists(parent):
+                if not parent.is_dir():
+                    raise UserInputError(argument, "a path in a folder", str(p),
+                                         f"{str(parent)!r} is a file, not a folder")
+                break
         self.outputs[argument] = p
         return p
 
