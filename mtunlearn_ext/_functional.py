@@ -15,7 +15,11 @@ def unit_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.T
     map (20 ms against 2.8 ms forward and backward for a ``[32, 3, 64, 64]`` normal map, one
     thread, torch 2.14): the surface-normal head and loss made it a fifth of a training step.
     The clamp sits on the squared norm, so a zero vector gets a zero gradient rather than the
-    ``0 / 0`` of differentiating a square root at zero.
+    ``0 / 0`` of differentiating a square root at zero. Half-precision inputs square and sum
+    in float32: in fp16, components above ~150 overflow the square (a zero vector came out),
+    below ~2e-4 it underflows, and ``eps**2`` itself rounds to 0 (a zero vector gave NaN).
     """
-    squared = (x * x).sum(dim=dim, keepdim=True)
-    return x * torch.rsqrt(squared.clamp_min(eps * eps))
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    squared = (wide * wide).sum(dim=dim, keepdim=True)
+    # The scale 1/eps of a zero vector is no fp16 number: scaled in float32, then cast.
+    return (wide * torch.rsqrt(squared.clamp_min(eps * eps))).to(x.dtype)

@@ -38,3 +38,16 @@ def test_low_precision_rows_have_unit_norm(dtype: torch.dtype) -> None:
     norms = unit_normalize(x).double().pow(2).sum(1).sqrt()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_vectors_of_any_scale_normalise(dtype: torch.dtype) -> None:
+    """In fp16 the square overflowed above ~150 (a zero vector came out), underflowed below
+    ~2e-4 (a wrong direction), and eps**2 rounded to 0 (a zero vector gave NaN)."""
+    direction = torch.tensor([1.0, 2.0, 2.0]) / 3.0
+    for scale in (1e-4, 1.0, 200.0, 3e4):
+        x = (direction * scale).to(dtype).reshape(1, 3, 1, 1)
+        expected = F.normalize(x.float(), dim=1).to(dtype)
+        torch.testing.assert_close(unit_normalize(x), expected, rtol=1e-2, atol=1e-2)
+    zero = torch.zeros(1, 3, 1, 1, dtype=dtype)
+    assert torch.equal(unit_normalize(zero), zero)

@@ -166,6 +166,13 @@ def test_recalibration_batches_are_near_equal_and_never_single_rows(trained) -> 
     assert all(torch.equal(v, before[k]) for k, v in copy_.named_buffers())
     with pytest.raises(ValueError, match="batch_size"):
         recalibrate_running_statistics(copy_, data, 0)
+    # Batch sizes 1 and 2 with an odd row count made a single-row batch ([0, 1, 3]).
+    three = MultiTaskDataset(x[:3], {t: v[:3] for t, v in y.items()}, specs, torch.arange(3))
+    for batch_size in (1, 2):
+        assert recalibrate_running_statistics(copy_, three, batch_size) == 3
+    reference = _reference_statistics(copy_, x[:3], [3])
+    for (_, norm), (mean, var) in zip(running_statistics_modules(copy_), reference):
+        torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
 
 
 def test_per_sample_gradients_refuse_batch_statistics_with_a_clear_error(trained) -> None:  # type: ignore[no-untyped-def]
@@ -183,6 +190,10 @@ def test_per_sample_gradients_refuse_batch_statistics_with_a_clear_error(trained
                               shared_parameters=is_trunk,
                               config={"steps": 2, "train_mode": True}, seed=0)
     check_samples_independent(copy_.eval(), "test")  # eval mode: fine
+    # ... unless a BatchNorm keeps no running statistics: it uses the batch's in eval mode too.
+    batch_only = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) keeps no running statistics"):
+        check_samples_independent(batch_only.eval(), "test")
     # In eval mode each row's gradient is that of the row alone, dropout or not.
     rows = per_sample_retain_grads(copy_, batch, specs, names)
     alone = copy_(x[2:3])

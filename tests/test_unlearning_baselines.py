@@ -677,3 +677,29 @@ def test_log_every_changes_what_is_recorded_only(method: str) -> None:
         assert len(result.report.curves["retain_loss"]) == (6 if log_every == 1 else 2)
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_capped_objectives_ignore_nan_at_unlabelled_retain_pixels() -> None:
+    """The data contract lets an unlabelled depth or normals pixel hold NaN; the per-pixel
+    reference masked it by multiplying (NaN * 0 is NaN), so the cap and every value of the
+    default objective were NaN."""
+    from mtunlearn_ext.data.base import TaskSpec as Spec
+    from mtunlearn_ext.data import MultiTaskDataset
+
+    depth, normals = Spec("dep", "depth"), Spec("nor", "normals")
+    g = torch.Generator().manual_seed(0)
+    td = torch.rand(4, 1, 4, 4, generator=g) + 0.5
+    tn = torch.nn.functional.normalize(torch.randn(4, 3, 4, 4, generator=g), dim=1)
+    td[0, 0, 0, 0] = float("nan")
+    tn[0, :, 0, 0] = float("nan")
+    retain = MultiTaskDataset(torch.randn(4, 2, 4, 4, generator=g), {"dep": td, "nor": tn},
+                              [depth, normals])
+    retain.check_values("retain")
+    objectives = make_forget_objectives([depth, normals], retain, g, "cpu", "capped_ascent")
+    valid = torch.nan_to_num(td) > 0
+    reference = torch.where(valid, torch.nan_to_num(td), 0).sum(0) / valid.sum(0)
+    expected_cap = task_loss(depth, reference.expand(4, 1, 4, 4), td).mean()
+    assert math.isclose(objectives["dep"].cap, float(expected_cap), rel_tol=1e-5)  # type: ignore[attr-defined]
+    assert math.isfinite(objectives["nor"].cap)  # type: ignore[attr-defined]
+    pred = torch.rand(2, 1, 4, 4, generator=g) + 0.5
+    assert torch.isfinite(objectives["dep"].per_sample(pred, td[1:3])).all()

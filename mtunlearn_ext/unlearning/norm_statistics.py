@@ -48,7 +48,16 @@ def check_samples_independent(model: nn.Module, caller: str) -> None:
     of its batch or writes running statistics (a ``_BatchNorm`` in training mode, or any norm
     layer updating running statistics): per-sample gradients are then undefined."""
     for name, module in model.named_modules():
-        if not module.training or not isinstance(module, _NormBase):
+        if not isinstance(module, _NormBase):
+            continue
+        if isinstance(module, _BatchNorm) and module.running_mean is None:
+            # Without running statistics a BatchNorm uses the batch's in eval mode too.
+            raise ValueError(
+                f"{caller}: layer {name!r} ({type(module).__name__}) keeps no running "
+                "statistics (track_running_stats=False), so it normalises with the batch's "
+                "statistics in eval mode too, and a sample's gradient depends on the rest of "
+                "its batch: per-sample gradients are undefined for this model.")
+        if not module.training:
             continue
         if isinstance(module, _BatchNorm) or module.track_running_stats:
             raise ValueError(
@@ -98,7 +107,8 @@ def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, bat
     if batch_size < 1:
         raise ValueError(f"recalibrate_running_statistics: `batch_size` must be >= 1, got "
                          f"{batch_size}")
-    batches = -(-rows // max(batch_size, 2))
+    # At most rows // 2 batches: none of them a single row (no variance; BatchNorm refuses it).
+    batches = max(1, min(-(-rows // batch_size), rows // 2))
     bounds = [rows * i // batches for i in range(batches + 1)]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

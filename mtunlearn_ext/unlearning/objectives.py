@@ -172,7 +172,8 @@ class _ReferenceObjective(ForgetObjective):
         if spec.kind == "regression":
             return targets.float().mean(dim=0)
         valid = valid_pixel_mask(spec, targets.float()).unsqueeze(1)  # [N, 1, H, W]
-        summed = (targets.float() * valid).sum(dim=0)
+        # torch.where, not a product: an unlabelled pixel may hold NaN (NaN * 0 is NaN).
+        summed = torch.where(valid, targets.float(), 0.0).sum(dim=0)
         count = valid.sum(dim=0).clamp(min=1)
         mean = summed / count
         if spec.kind == "normals":
