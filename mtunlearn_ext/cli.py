@@ -2,11 +2,13 @@
 
 Subcommands: ``train``, ``unlearn``, ``evaluate``, ``verify``, ``benchmark``, ``report``; each has
 ``--help``. Every option can also come from ``--config file.yaml|file.toml`` whose keys are the
-option names (``forget_ids`` or ``forget-ids``); options on the command line override it.
+option names (``forget_ids`` or ``forget-ids``); options on the command line override it, and a
+null value (YAML ``null``) leaves the option at its default.
 
 Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
 argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
-(the step is reported; nothing written); 130 interrupted (nothing written).
+(the step is reported; nothing written); 130 interrupted by Ctrl-C or SIGTERM (a
+``mtunlearn: interrupted`` line on stderr; nothing written).
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _load_config(path: str) -> dict[str, Any]:
-    from mtunlearn_ext.workflow import UserInputError
+    from mtunlearn_ext.workflow import UserInputError, is_existing_file
 
     p = Path(path)
-    if not p.is_file():
+    if not is_existing_file(path):
         raise UserInputError("--config", "an existing .yaml/.yml/.toml file", path)
     try:
         if p.suffix == ".toml":
@@ -90,9 +92,30 @@ def _load_config(path: str) -> dict[str, Any]:
     return values
 
 
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A config value as the option's default, in the form its own parsing takes: JSON text
+    for a mapping, comma-separated text for a list, and for a positional list (``benchmark``'s
+    ``extra``) the words as on the command line (a string is split like a shell would)."""
+    import shlex
+
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):  # bool("false") would be True
+            raise ValueError("a boolean (true or false)")
+        return value
+    if action.nargs in ("*", "+", argparse.REMAINDER):
+        words = value if isinstance(value, (list, tuple)) else shlex.split(str(value))
+        return [str(v) for v in words]
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
     """Make config values the defaults of ``parser`` (so command-line flags override them).
-    Values go through the option's own parsing: lists become comma-separated text."""
+    Values go through the option's own parsing (:func:`_config_value`); a null value (YAML
+    ``null`` / ``~``) means the option is not given: it keeps its default."""
     from mtunlearn_ext.workflow import UserInputError
 
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -102,15 +125,13 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
         if dest not in actions:
             raise UserInputError("--config", f"keys among {sorted(actions)}", key,
                                  "unknown option")
-        action = actions[dest]
-        if isinstance(action, argparse._StoreTrueAction):
-            defaults[dest] = bool(value)
-        elif isinstance(value, (dict)):
-            defaults[dest] = json.dumps(value)
-        elif isinstance(value, (list, tuple)):
-            defaults[dest] = ",".join(str(v) for v in value)
-        else:
-            defaults[dest] = str(value)
+        if value is None:
+            continue
+        try:
+            defaults[dest] = _config_value(actions[dest], value)
+        except ValueError as error:  # not a boolean for a flag, an unbalanced quote
+            raise UserInputError("--config", f"a valid value for {key!r}", value,
+                                 str(error)) from error
     parser.set_defaults(**defaults)
 
 
@@ -118,12 +139,15 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
 
 
 def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
-    from mtunlearn_ext.workflow import UserInputError
+    from mtunlearn_ext.workflow import UserInputError, is_existing_file
 
     if text is None or text == "":
         return {}
-    source = Path(text)
-    raw = source.read_text() if len(text) < 4096 and source.is_file() else text
+    try:
+        raw = Path(text).read_text() if is_existing_file(text) else text
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(argument, "a JSON object or a readable file holding one", text,
+                             str(error)) from error
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as error:
@@ -134,12 +158,21 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     return value
 
 
+#: The largest seed: numpy's and scikit-learn's ``random_state`` (the data splits) take
+#: ``[0, 2**32 - 1]``; torch's generators take more.
+_MAX_SEED = 2**32 - 1
+
+
 def _check_seed(seed: int | None) -> None:
-    """Seeds are integers >= 0 (every generator the commands seed takes those)."""
+    """Seeds are integers in ``[0, _MAX_SEED]``, the range every generator the commands seed
+    takes (a larger one would fail deep inside, blamed on another argument)."""
     from mtunlearn_ext.workflow import UserInputError
 
     if seed is not None and seed < 0:
         raise UserInputError("--seed", "an integer >= 0", seed)
+    if seed is not None and seed > _MAX_SEED:
+        raise UserInputError("--seed", "an integer in [0, 2**32-1]", seed,
+                             f"numpy/scikit-learn seeds are 32-bit (at most {_MAX_SEED})")
 
 
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
@@ -220,8 +253,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": args.data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
-                "train_steps": result.steps, "train_seconds": result.seconds,
-                "final_loss": result.final_loss}
+                "train_steps": result.steps, "final_loss": result.final_loss}
+        # No wall time in the checkpoint: the same command must give the same file (SHA-256),
+        # so a pipeline rerun from its command lines reproduces the records' hashes. The
+        # seconds are printed in the summary below instead.
         sha = tx.write(output, lambda p: save_checkpoint(p, model, meta))
     print(_table([[bench.name, args.size, args.seed, result.steps, result.final_loss,
                    round(result.seconds, 2), str(output), sha[:16]]],
@@ -271,10 +306,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext.models import build_model
     from mtunlearn_ext.records import RECORD_SCHEMA, code_version, utc_now, write_record
     from mtunlearn_ext.training import save_checkpoint
-    from mtunlearn_ext.unlearning import UnlearningProblem
+    from mtunlearn_ext.unlearning import UnlearningProblem, available_unlearners
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
         OutputTransaction,
+        UserInputError,
         build_user_request,
         check_device,
         load_model,
@@ -288,6 +324,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     started = utc_now()
     device = check_device(args.device)
     _check_seed(args.seed)
+    if args.method not in available_unlearners():  # before it names the output files
+        raise UserInputError("--method", f"one of {available_unlearners()}", args.method)
     checkpoint = Path(args.checkpoint)
     settings = _json_arg(args.method_config, "--method-config")
     forget_ids = parse_ids(args.forget_ids, "--forget-ids")
@@ -371,6 +409,26 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str]) -> None:
+    """``evaluate`` without a request (no ``--forget-ids`` / ``--forget-fraction``) measures
+    every task on train and test: ``--target-tasks`` and ``--request`` would be silently
+    ignored, so they are refused (an unknown task name first, as with a request)."""
+    from mtunlearn_ext.workflow import UserInputError, parse_tasks
+
+    unknown = [t for t in parse_tasks(args.target_tasks) or [] if t not in task_names]
+    if unknown:
+        raise UserInputError("--target-tasks", f"task names among {list(task_names)}", unknown,
+                             "unknown task names")
+    given = [(flag, value) for flag, value in (("--target-tasks", args.target_tasks),
+                                               ("--request", args.request)) if value is not None]
+    if given:
+        flags = " and ".join(flag for flag, _ in given)
+        raise UserInputError(given[0][0], "--forget-ids or --forget-fraction with it",
+                             given[0][1], f"without a request, {flags} "
+                             f"{'has' if len(given) == 1 else 'have'} no effect (evaluate then "
+                             "measures every task on train and test)")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mtunlearn_ext.workflow import (
         OutputTransaction,
@@ -390,6 +448,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         output = tx.reserve("--output", args.output) if args.output else None
         forget_ids = parse_ids(args.forget_ids, "--forget-ids")
         if forget_ids is None and args.forget_fraction is None:
+            _refuse_request_options(args, bench.train.task_names)
             from mtunlearn_ext.metrics import evaluate
 
             result: dict[str, Any] = {"metrics": {
@@ -447,7 +506,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     source = Path(args.results)
     try:
         results = json.loads(source.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
                              str(error)) from error
     written = write_report(results, Path(args.output_dir), title=args.title or source.name)
@@ -590,9 +649,13 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: exit 130 with the "interrupted" line (documented)."""
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # Turned into an exception so that the output transaction deletes what it created.
-    raise SystemExit(128 + signum)
+    raise _Terminated(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -630,8 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"mtunlearn: error: {error}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("mtunlearn: interrupted; no output was written, inputs are unchanged",
+    except KeyboardInterrupt as interrupt:
+        how = " by SIGTERM" if isinstance(interrupt, _Terminated) else ""
+        print(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",
               file=sys.stderr)
         return 130
 

@@ -12,14 +12,17 @@ Either may hold an optional ``interference`` entry (:func:`interference_to_json`
 unlearn`` records one): the task-gradient cosine matrices before and after the
 interference-aware projections, drawn by :func:`plot_interference` and explained in the report.
 
-Files are new files only: an existing ``report.md`` or PNG in the output folder is refused.
+Files are new files only: an existing ``report.md`` or PNG in the output folder is refused. The
+values the report shows are checked before anything is written (a metric that is not a number is
+a ``UserInputError`` naming ``--results`` and the field), and a failure while writing removes the
+files written so far.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +265,88 @@ def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
     return lines + [""], True
 
 
+def _is_value(value: Any) -> bool:
+    """A value the report can draw and print with ``:.4f``: a number (not a bool) or null."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+_Problem = tuple[str, str, object]  # (where, expected, received)
+
+
+def _metrics_problem(models: Mapping[str, Any]) -> _Problem | None:
+    """The first shown metric (a task's primary metric, an MIA AUC) that is not a number or
+    null, or a level above it that is not a mapping."""
+    for label, entry in models.items():
+        if not isinstance(entry, Mapping):
+            return str(label), "a mapping", type(entry).__name__
+        splits = entry.get("metrics", {})
+        if not isinstance(splits, Mapping):
+            return f"{label}.metrics", "a mapping", type(splits).__name__
+        for split, tasks in splits.items():
+            if not isinstance(tasks, Mapping):
+                return f"{label}.metrics.{split}", "a mapping", type(tasks).__name__
+            for task, metrics in tasks.items():
+                where = f"{label}.metrics.{split}.{task}"
+                if not isinstance(metrics, Mapping):
+                    return where, "a mapping", type(metrics).__name__
+                name = _primary(metrics)
+                if name is not None and not _is_value(metrics[name]):
+                    return f"{where}.{name}", "a number or null", metrics[name]
+        if not _is_value(entry.get("mia_auc")):
+            return f"{label}.mia_auc", "a number or null", entry.get("mia_auc")
+    return None
+
+
+def _curves_problem(curves: Mapping[str, Any]) -> _Problem | None:
+    """The first loss curve (or its steps) that is not a list of numbers / nulls, or whose
+    steps do not match its points."""
+    for label, report in curves.items():
+        if not isinstance(report, Mapping):
+            return f"{label} report", "a mapping", type(report).__name__
+        values, steps = report.get("curves") or {}, report.get("curve_steps") or {}
+        for key, held in (("curves", values), ("curve_steps", steps)):
+            if not isinstance(held, Mapping):
+                return f"{label} report.{key}", "a mapping", type(held).__name__
+        for name in ("forget_loss", "retain_loss"):
+            ys, xs = values.get(name) or [], steps.get(name) or []
+            if not isinstance(ys, list) or not all(map(_is_value, ys)):
+                return f"{label} report.curves.{name}", "a list of numbers or nulls", ys
+            if not isinstance(xs, list) or not all(v is not None and _is_value(v) for v in xs):
+                return f"{label} report.curve_steps.{name}", "a list of step numbers", xs
+            if ys and xs and len(xs) != len(ys):
+                return (f"{label} report.curve_steps.{name}", f"{len(ys)} steps (one per point)",
+                        f"{len(xs)} steps")
+    return None
+
+
+def _kept_problem(interference: Any) -> _Problem | None:
+    """A share of the forget gradient kept (``interference.forget_kept``) that is not a number
+    or null; the matrices are checked where they are drawn (:func:`plot_interference`)."""
+    if not isinstance(interference, Mapping) or "error" in interference:
+        return None
+    kept = interference.get("forget_kept") or {}
+    if not isinstance(kept, Mapping):
+        return "interference.forget_kept", "a mapping", type(kept).__name__
+    for task, share in kept.items():
+        if not _is_value(share):
+            return f"interference.forget_kept.{task}", "a number or null", share
+    return None
+
+
+def _check_values(models: Mapping[str, Any], curves: Mapping[str, Any], interference: Any
+                  ) -> None:
+    """Refuse, before anything is written, a value the report would fail on halfway (a
+    traceback and a half-written folder otherwise): ``UserInputError`` naming ``--results``
+    and the field."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    problem = (_metrics_problem(models) or _curves_problem(curves)
+               or _kept_problem(interference))
+    if problem is not None:
+        where, expected, received = problem
+        raise UserInputError("--results", f"{expected} at {where}", received)
+
+
 def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = ["| model | split | task | metric | value |", "|---|---|---|---|---|"]
     for label, entry in models.items():
@@ -311,12 +396,53 @@ def _report_inputs(results: Mapping[str, Any]
     return models, curves, reference, intro
 
 
+def _write_text_new(path: Path, text: str) -> bool:
+    """Write ``text`` atomically to the new file ``path`` (an existing one is refused)."""
+    fd, tmp = temporary_file_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+class _NewFiles:
+    """The files a report writes, registered *before* each write, so that a failure at any
+    point (also between a write and its return) removes every one of them; a file refused
+    because it exists already is not ours and stays."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def write(self, path: Path, writer: Callable[[Path], bool]) -> bool:
+        """``writer(path)``, which returns whether it wrote the file."""
+        self.paths.append(path)
+        try:
+            written = writer(path)
+        except FileExistsError:
+            self.paths.remove(path)
+            raise
+        if not written:
+            self.paths.remove(path)
+        return written
+
+    def remove(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
 def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "report"
                  ) -> list[Path]:
     """Write ``report.md`` and its PNGs into ``output_dir``; return the written paths.
 
     Raises :class:`~mtunlearn_ext.workflow.UserInputError` for an input that is neither
-    experiment results nor a record, or when a file to write exists already.
+    experiment results nor a record, for a field the report shows that is missing or not a
+    number (checked before anything is written), or when a file to write exists already. On
+    any failure the files written so far are removed again.
     """
     from mtunlearn_ext.workflow import UserInputError
 
@@ -325,13 +451,15 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                              type(results).__name__)
     try:
         models, curves, reference, intro = _report_inputs(results)
-    except (KeyError, TypeError, AttributeError, IndexError) as error:
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
+        if isinstance(error, UserInputError):
+            raise
         raise UserInputError("--results", "complete experiment results or a complete record",
                              results.get("schema"),
                              f"a field is missing or malformed: {error!r}") from error
-    output_dir.mkdir(parents=True, exist_ok=True)
-    md = output_dir / "report.md"
     interference = results.get("interference")
+    _check_values(models, curves, interference)
+    md = output_dir / "report.md"
     planned = [md] + [output_dir / f"metrics_{s}.png" for s in ("forget", "retain", "test")] + [
         output_dir / "loss_curves.png"] + ([output_dir / "interference.png"]
                                            if interference is not None else [])
@@ -339,39 +467,36 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     if taken:
         raise UserInputError("--output-dir", "a folder without report files", taken[0],
                              "refusing to overwrite; choose a new folder")
-    written: list[Path] = []
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserInputError("--output-dir", "a folder that can be created", str(output_dir),
+                             str(error)) from error
+    files = _NewFiles()
     try:
         lines = [f"# {title}", "", *intro, "", "## Per-task metrics", ""]
         for split in ("forget", "retain", "test"):
             png = output_dir / f"metrics_{split}.png"
-            if _bar_chart(models, split, png, reference):
-                written.append(png)
+            if files.write(png, lambda p: _bar_chart(models, split, p, reference)):
                 lines.append(f"![{split}]({png.name})")
         lines += ["", *_md_metrics(models), ""]
         png = output_dir / "loss_curves.png"
-        if _curves_chart(curves, png):
-            written.append(png)
+        if files.write(png, lambda p: _curves_chart(curves, p)):
             lines += ["## Loss curves during unlearning", "", f"![loss curves]({png.name})", ""]
         else:
             lines += ["(no loss curves recorded)", ""]
         if interference is not None:
-            png = output_dir / "interference.png"
-            section, drawn = _md_interference(interference, png)
-            if drawn:
-                written.append(png)
+            section: list[str] = []
+
+            def draw(p: Path) -> bool:
+                text, drawn = _md_interference(interference, p)
+                section.extend(text)
+                return drawn
+
+            files.write(output_dir / "interference.png", draw)
             lines += section
-        fd, tmp = temporary_file_beside(md)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("\n".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, md)
-        finally:
-            os.unlink(tmp)
-        written.append(md)
+        files.write(md, lambda p: _write_text_new(p, "\n".join(lines)))
     except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
+        files.remove()
         raise
-    return written
+    return files.paths

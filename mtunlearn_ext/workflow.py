@@ -96,12 +96,13 @@ def _short(value: object, limit: int = 120) -> str:
 # -- parsing ---------------------------------------------------------------------------------------
 
 
-def is_existing_file(path: Path) -> bool:
-    """``path.is_file()``, and ``False`` for text that cannot name a file at all (a component
-    over the system's name limit, as a long id list or a JSON value is, raises OSError)."""
+def is_existing_file(path: str | os.PathLike[str]) -> bool:
+    """``Path(path).is_file()``, and ``False`` for text that cannot name a file at all (a
+    component over the system's name limit, as a long id list or a JSON value is, raises
+    OSError; a NUL byte ValueError), which the callers then take as the literal value."""
     try:
-        return path.is_file()
-    except OSError:
+        return Path(path).is_file()
+    except (OSError, ValueError):
         return False
 
 

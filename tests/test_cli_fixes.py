@@ -1,0 +1,252 @@
+"""``mtunlearn`` fixes: config nulls and positional lists, evaluate's request options, the seed
+range, SIGTERM (exit 130), report values checked before writing, reproducible ``train``
+checkpoints, and arguments too long to be a file name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_cli import _listing, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
+from test_report import _json_data, _record
+
+from mtunlearn_ext import cli
+from mtunlearn_ext._io import sha256_of_file
+
+torch.set_num_threads(1)
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    """stderr of the last command: one line, no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _train(output: Path, *extra: str) -> int:
+    return cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--epochs", "1",
+                     "--output", str(output), "--quiet", "--threads", "1", *extra])
+
+
+# -- 4: a null config value means "not given" ------------------------------------------------
+
+
+def test_config_null_keeps_the_default(trained: Path, tmp_path: Path,  # noqa: F811
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # a checkpoint named "None" would land here
+    ckpt = tmp_path / "orig.pt"
+    shutil.copy(trained, ckpt)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"checkpoint: {ckpt}\nforget_ids: [{ids(1, 2)}]\n"
+                      "method_config: {steps: 2}\noutput: null\nrecord: ~\nseed: null\n"
+                      "target_tasks: null\nrequest: null\nquiet: true\n")
+    assert cli.main(["unlearn", "--config", str(config)]) == 0
+    assert _listing(tmp_path) == {"orig.pt", "c.yaml", "orig.interference_aware.pt",
+                                  "orig.interference_aware.record.json"}
+    record = json.loads((tmp_path / "orig.interference_aware.record.json").read_text())
+    assert record["seed"] == 0 and record["request"]["type"] == "full"  # the defaults
+    config.write_text(f"checkpoint: {ckpt}\nforget_ids: [{ids(1, 2)}]\ntarget_tasks: null\n")
+    assert cli.main(["evaluate", "--config", str(config), "--quiet"]) == 0
+    config.write_text(f"output: {tmp_path / 't.pt'}\nseed: null\nepochs: 1\nquiet: true\n")
+    assert cli.main(["train", "--config", str(config)]) == 0
+    meta = torch.load(tmp_path / "t.pt", weights_only=True)["meta"]
+    assert meta["seed"] == 0
+    capsys.readouterr()
+    # A flag's value must be a boolean: the string "false" is not silently true.
+    config.write_text(f"checkpoint: {ckpt}\nquiet: \"false\"\n")
+    assert cli.main(["evaluate", "--config", str(config)]) == 2
+    err = _err(capsys)
+    assert "--config: expected a valid value for 'quiet', got 'false'" in err, err
+
+
+# -- 5: benchmark's positional `extra` from a config --------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "text"), [("c.yaml", 'extra: ["--repeats", "3"]\n'),
+                                            ("c.toml", 'extra = "--repeats 3"\n')])
+def test_benchmark_extra_from_config_is_words(tmp_path: Path, name: str, text: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / name
+    config.write_text(text)
+    assert cli.main(["benchmark", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith(" --repeats 3"), out  # as `mtunlearn benchmark -- --repeats 3`
+    assert cli.main(["benchmark", "--config", str(config), "--dry-run", "--", "--other"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith(" --other") and "--repeats" not in out, out  # the command line wins
+
+
+# -- 6: evaluate refuses request options without a request ---------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "argument", "fragment"), [
+    (["--target-tasks", "nope"], "--target-tasks", "got ['nope']; unknown task names"),
+    (["--target-tasks", "digit"], "--target-tasks", "--target-tasks has no effect"),
+    (["--request", "partial"], "--request", "--request has no effect"),
+    (["--target-tasks", "digit", "--request", "partial"], "--target-tasks",
+     "--target-tasks and --request have no effect"),
+])
+def test_evaluate_refuses_request_options_without_request(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
+        extra: list[str], argument: str, fragment: str) -> None:
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--output", str(out),
+                     "--quiet", *extra]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"mtunlearn: error: {argument}: expected") and fragment in err, err
+    assert not out.exists()
+    # With a request they are used (and an unknown task is still named).
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--quiet", *extra]) == (2 if "nope" in extra else 0)
+
+
+# -- 8: the seed range ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64])
+def test_seed_beyond_32_bits_is_blamed_on_seed(trained: Path, tmp_path: Path,  # noqa: F811
+                                               capsys: pytest.CaptureFixture[str],
+                                               seed: int) -> None:
+    expected = f"mtunlearn: error: --seed: expected an integer in [0, 2**32-1], got {seed}"
+    assert _train(tmp_path / "t.pt", "--seed", str(seed)) == 2
+    assert _err(capsys).startswith(expected)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-fraction", "0.02",
+                    "--seed", str(seed)) == 2
+    assert _err(capsys).startswith(expected)
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-fraction", "0.02",
+                     "--seed", str(seed), "--quiet"]) == 2
+    assert _err(capsys).startswith(expected)
+    assert _listing(tmp_path) == set()
+
+
+def test_largest_seed_works_end_to_end(tmp_path: Path) -> None:
+    assert _train(tmp_path / "t.pt", "--seed", str(2**32 - 1)) == 0
+    assert _unlearn(tmp_path / "t.pt", tmp_path / "u.pt", "--forget-fraction", "0.02") == 0
+
+
+# -- 9: SIGTERM is an interruption: exit 130, the "interrupted" line, nothing left -------------
+
+
+def test_sigterm_exits_130_and_leaves_nothing(trained: Path, tmp_path: Path,  # noqa: F811
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from mtunlearn_ext import records
+
+    sha = sha256_of_file(trained)
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args: object, **kwargs: object) -> str:
+        # A real SIGTERM after the checkpoint is written, while the record is being written.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(records, "write_record", terminated)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 130
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: interrupted") and "no output was written" in err, err
+    assert _listing(tmp_path) == set() and sha256_of_file(trained) == sha
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+
+
+# -- 10: report: bad values refused before anything is written ------------------------------------
+
+
+def _with(path: tuple[str, ...], value: Any, **extra: Any) -> dict[str, Any]:
+    record = json.loads(json.dumps(_record(**extra)))
+    node = record
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return record
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    (_with(("after", "metrics", "test", "a", "accuracy"), "0.5"), "after.metrics.test.a.accuracy"),
+    (_with(("before", "mia_auc"), "high"), "before.mia_auc"),
+    (_with(("interference", "forget_kept", "a"), "n/a", interference=_json_data()),
+     "interference.forget_kept.a"),
+    (_with(("report",), {"curves": {"forget_loss": [1.0, "x"]}}), "report.curves.forget_loss"),
+    (_with(("report",), {"curves": {"forget_loss": [1.0, 0.5]},
+                         "curve_steps": {"forget_loss": [0, 1, 2]}}),
+     "report.curve_steps.forget_loss"),
+])
+def test_report_refuses_bad_values_and_writes_nothing(tmp_path: Path, record: dict[str, Any],
+                                                      field: str,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(record))
+    assert cli.main(["report", "--results", str(source), "--output-dir",
+                     str(tmp_path / "rep")]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --results: expected") and field in err, err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_removes_a_png_written_before_a_failure(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    from mtunlearn_ext import report
+
+    def fails_after_writing(data: Any, title: str, path: Any, **kwargs: Any) -> str:
+        Path(path).write_bytes(b"half")
+        raise ValueError("interference data: failed after writing")
+
+    monkeypatch.setattr(report, "plot_interference", fails_after_writing)
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(_record(interference=_json_data())))
+    assert cli.main(["report", "--results", str(source), "--output-dir",
+                     str(tmp_path / "rep")]) == 2
+    assert "--results" in _err(capsys)
+    assert _listing(tmp_path / "rep") == set()  # interference.png too
+
+
+# -- 11: the same train command writes the same checkpoint file ---------------------------------
+
+
+def test_train_is_reproducible_to_the_file_hash(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(tmp_path / "a.pt") == 0
+    assert _train(tmp_path / "b.pt") == 0
+    assert sha256_of_file(tmp_path / "a.pt") == sha256_of_file(tmp_path / "b.pt")
+    assert "train_seconds" not in torch.load(tmp_path / "a.pt", weights_only=True)["meta"]
+    assert "seconds" in capsys.readouterr().out  # the wall time is printed instead
+
+
+# -- 2: text too long to be a file name is the literal value -------------------------------------
+
+
+def test_long_json_and_config_are_not_file_names(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    long_json = '{"epochs": 1' + " " * 300 + "}"
+    assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--train", long_json,
+                     "--output", str(tmp_path / "t.pt"), "--quiet", "--threads", "1"]) == 0
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["meta"]["recipe"]["epochs"] == 1
+    capsys.readouterr()
+    long_name = str(tmp_path / ("c" * 300 + ".yaml"))
+    assert cli.main(["train", "--config", long_name]) == 2
+    assert "--config: expected an existing .yaml/.yml/.toml file" in _err(capsys)
+
+
+def test_an_unknown_method_is_refused_before_it_names_the_outputs(trained,  # noqa: F811
+                                                                   capsys) -> None:  # type: ignore[no-untyped-def]
+    """`--method foo/bar` went into the default output names first: a ValueError traceback
+    ("Invalid name 'orig.foo/bar.pt'") instead of the unknown-method error."""
+    folder = trained.parent  # where the default outputs would go
+    before = sorted(p.name for p in folder.iterdir())
+    code = cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", "3,7",
+                     "--method", "foo/bar"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--method: expected one of [" in err and "'interference_aware'" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == before
