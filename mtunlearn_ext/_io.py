@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "sha256_of_file", "temporary_file_beside", "write_text_atomic"]
+__all__ = ["atomic_torch_save", "sha256_of_file", "temporary_file_beside", "write_text_atomic",
+           "write_text_new"]
 
 
 def sha256_of_file(path: str | os.PathLike[str]) -> str:
@@ -63,10 +64,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same directory, fsync,
-    ``os.replace``): readers see the old file or the whole new one, never a part."""
-    target = Path(path)
+def _text_beside(target: Path, text: str) -> str:
+    """``text`` in a new temporary file in ``target``'s folder, flushed to disk; its name. The
+    file is removed again if the write fails."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = temporary_file_beside(target)
     try:
@@ -74,8 +74,48 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+    return tmp_name
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory, fsync,
+    ``os.replace``): readers see the old file or the whole new one, never a part."""
+    target = Path(path)
+    tmp_name = _text_beside(target, text)
+    try:
         os.replace(tmp_name, target)
         _fsync_dir(target.parent)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def write_text_new(path: str | os.PathLike[str], text: str) -> str:
+    """Write ``text`` to a *new* file ``path`` atomically; return the file's SHA-256.
+
+    Temporary file in the same directory, fsync, then a hard link onto ``path`` (atomic, and
+    failing if ``path`` appeared meanwhile): an existing file is never replaced
+    (``FileExistsError``) and a reader never sees a partial file. On a file system without
+    hard links the check and a rename take its place.
+    """
+    target = Path(path)
+    if os.path.lexists(target):
+        raise FileExistsError(f"{target} exists; refusing to overwrite it")
+    tmp_name = _text_beside(target, text)
+    try:
+        try:
+            os.link(tmp_name, target)
+        except FileExistsError:
+            raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
+        except OSError:  # no hard links on this file system: check, then rename
+            if os.path.lexists(target):
+                raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
+            os.replace(tmp_name, target)
+        _fsync_dir(target.parent)
+        return sha256_of_file(target)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import temporary_file_beside
+from mtunlearn_ext._io import temporary_file_beside, write_text_new
 
 __all__ = ["INTERFERENCE_EXPLANATION", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -396,20 +396,6 @@ def _report_inputs(results: Mapping[str, Any]
     return models, curves, reference, intro
 
 
-def _write_text_new(path: Path, text: str) -> bool:
-    """Write ``text`` atomically to the new file ``path`` (an existing one is refused)."""
-    fd, tmp = temporary_file_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    return True
-
-
 class _NewFiles:
     """The files a report writes, registered *before* each write, so that a failure at any
     point (also between a write and its return) removes every one of them; a file refused
@@ -495,7 +481,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
 
             files.write(output_dir / "interference.png", draw)
             lines += section
-        files.write(md, lambda p: _write_text_new(p, "\n".join(lines)))
+        files.write(md, lambda p: bool(write_text_new(p, "\n".join(lines))))
     except BaseException:
         files.remove()
         raise

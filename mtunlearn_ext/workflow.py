@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import sha256_of_file, temporary_file_beside
+from mtunlearn_ext._io import write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
@@ -449,35 +449,10 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
 
 
 def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
-    """Write ``payload`` as JSON to a *new* file atomically; return the file's SHA-256.
-
-    Temporary file in the same directory, fsync, then a hard link onto ``path`` (atomic and
-    failing if ``path`` appeared meanwhile), so an existing file is never replaced and a reader
-    never sees a partial file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; refusing to overwrite it")
-    fd, tmp_name = temporary_file_beside(target)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp_name, target)
-        except FileExistsError:
-            raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
-        except OSError:  # no hard links on this file system: check, then rename
-            if target.exists():
-                raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
-            os.replace(tmp_name, target)
-        return sha256_of_file(target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    """Write ``payload`` as JSON to a *new* file atomically; return the file's SHA-256
+    (:func:`~mtunlearn_ext._io.write_text_new`: an existing file is never replaced, a reader
+    never sees a partial file). NaN/Inf are refused (``allow_nan=False``)."""
+    return write_text_new(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 @dataclass
