@@ -25,6 +25,7 @@ UIS <= 0.7x (full) / 0.5x (partial) the best baseline's, the lowest retrain gap 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -65,6 +66,26 @@ def _config(benchmark: str, request: str, seed: int, args: argparse.Namespace,
         progress=False)
 
 
+#: The run settings that fix a run file's reference models (original, retrained) and its
+#: scores: a file made with other values is another experiment, never reused or merged into.
+_RUN_FIELDS = ("size", "data_root", "forget_fraction", "forget_ids", "target_tasks",
+               "train_overrides", "mia_attack", "eval_batch_size", "device")
+
+
+def _run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`_RUN_FIELDS` of a run's ``config`` (an ExperimentConfig as a dict)."""
+    return {k: config.get(k) for k in _RUN_FIELDS}
+
+
+def _same_run(path: Path, identity: Mapping[str, Any]) -> bool:
+    """Whether the run file at ``path`` was made with the run settings ``identity``."""
+    try:
+        stored = json.loads(path.read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
+    return _run_identity(stored) == dict(identity)
+
+
 def _stale_methods(path: Path, methods: Sequence[str],
                    settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The methods of ``methods`` that the run file at ``path`` lacks, or holds with settings
@@ -85,9 +106,16 @@ def _merge_methods(path: Path, update: Mapping[str, Any], methods: Sequence[str]
     of ``update``, a run of the same (benchmark, request, seed): its original and retrained
     models are the same cached checkpoints, so every other entry stays valid."""
     stored = json.loads(path.read_text())
-    for key in ("benchmark", "request"):
+    for key in ("benchmark", "request", "recipe"):
         if stored[key] != update[key]:
             raise RuntimeError(f"{path}: cannot merge a run with a different {key}")
+    if _run_identity(stored["config"]) != _run_identity(update["config"]):
+        raise RuntimeError(f"{path}: cannot merge a run with other run settings "
+                           f"({_run_identity(update['config'])})")
+    for reference in ("original", "retrained"):  # the models every score was measured against
+        if stored["models"][reference].get("sha256") != update["models"][reference].get("sha256"):
+            raise RuntimeError(f"{path}: cannot merge a run scored against another {reference} "
+                               "model")
     for method in methods:
         stored["models"][method] = update["models"][method]
         stored["config"]["method_configs"][method] = update["config"]["method_configs"].get(
@@ -107,14 +135,18 @@ def _run_unit(benchmark: str, seed: int, args: argparse.Namespace) -> list[str]:
     for request in args.requests:
         path = Path(args.output_dir) / "runs" / f"{benchmark}-{request}-seed{seed}.json"
         settings = tuned_settings(request, args.methods, args.recipe)
-        stale = list(args.methods) if args.rerun else _stale_methods(path, args.methods, settings)
+        identity = _run_identity(dataclasses.asdict(_config(benchmark, request, seed, args, path)))
+        # A file made with other run settings (size, recipe overrides, forget fraction, ...)
+        # is another experiment: run afresh, never kept or merged into.
+        rerun = args.rerun or (path.is_file() and not _same_run(path, identity))
+        stale = list(args.methods) if rerun else _stale_methods(path, args.methods, settings)
         # Methods whose code changed since their runs: re-run and merged like stale ones.
         stale += [m for m in args.methods if m in args.refresh and m not in stale]
         if not stale:
             done.append(f"{path} (kept)")
             continue
         start = time.perf_counter()
-        if path.is_file() and not args.rerun:
+        if path.is_file() and not rerun:
             partial = path.with_name(path.stem + ".update.json")
             config = _config(benchmark, request, seed, args, partial)
             config.methods = stale
@@ -132,10 +164,15 @@ def _run_unit(benchmark: str, seed: int, args: argparse.Namespace) -> list[str]:
 # -- aggregation ---------------------------------------------------------------------------------
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and standard deviation over the seeds. A missing or non-finite value (a seed on
+    which the method diverged: its gap is inf, its UIS and AUC null) makes the mean inf: left
+    out, it would score a broken method better on the seeds it survived."""
+    if not values:
         return math.nan, math.nan
+    if any(v is None or not math.isfinite(v) for v in values):
+        return math.inf, math.nan
+    finite = [float(v) for v in values if v is not None]
     return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
@@ -193,15 +230,25 @@ def _paired_intervals(per_seed: Mapping[str, Sequence[float]], best: str, lowest
 
 
 def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[str],
-              methods: Sequence[str], recipe: str = "default") -> dict[str, Any]:
+              methods: Sequence[str], recipe: str = "default",
+              run_settings: Callable[[str, str], Mapping[str, Any]] | None = None
+              ) -> dict[str, Any]:
     """Mean/std over the seeds found on disk, per benchmark, request and method, and the
     issue's targets checked for the interference-aware method. A run file that lacks a method,
-    or holds one with settings other than ``recipe``'s presets, is left out (and named)."""
+    holds one with settings other than ``recipe``'s presets, or (with ``run_settings``:
+    (benchmark, request) -> :func:`_run_identity` expected) was made with other run settings,
+    is left out (and named)."""
     summary: dict[str, Any] = {}
     for benchmark in benchmarks:
         for request in requests:
             runs = sorted((output_dir / "runs").glob(f"{benchmark}-{request}-seed*.json"))
             settings = tuned_settings(request, methods, recipe)
+            if run_settings is not None:
+                expected = run_settings(benchmark, request)
+                for path in [p for p in runs if not _same_run(p, expected)]:
+                    print(f"left out of the summary: {path} (made with other run settings "
+                          f"than {dict(expected)})", file=sys.stderr)
+                    runs.remove(path)
             stale = {p: _stale_methods(p, methods, settings) for p in runs}
             for path, names in stale.items():
                 if names:
@@ -224,7 +271,8 @@ def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[st
                     "uis": _mean_std(values("uis")),
                     "retrain_gap": _mean_std(values("retrain_gap")),
                     "mia_auc": _mean_std(mia),
-                    "mia_distance": _mean_std([abs(a - b) for a, b in zip(mia, gold_mia)]),
+                    "mia_distance": _mean_std([None if a is None or b is None else abs(a - b)
+                                               for a, b in zip(mia, gold_mia)]),
                     "wall_time_s": _mean_std(values("wall_time_s")),
                     "time_ratio": _mean_std([w / t if w is not None and t else math.nan
                                              for w, t in zip(values("wall_time_s"),
@@ -787,7 +835,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for line in _run_unit(b, s, args):
                     print(line, flush=True)
         print(f"all runs done in {time.perf_counter() - start:.0f}s")
-    summary = summarize(output_dir, args.benchmarks, args.requests, args.methods, args.recipe)
+    summary = summarize(output_dir, args.benchmarks, args.requests, args.methods, args.recipe,
+                        run_settings=lambda benchmark, request: _run_identity(dataclasses.asdict(
+                            _config(benchmark, request, 0, args, output_dir))))
     write_json_atomic(output_dir / "summary.json", _plain(summary))
     markdown = to_markdown(summary)
     write_text_atomic(output_dir / "summary.md", markdown)

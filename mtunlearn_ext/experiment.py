@@ -379,8 +379,11 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
 
     data_key = dataset_fingerprint(train_set)
     model_key = repr(factory())  # the architecture, as printed by torch
+    # The intra-op thread count and the device change the trained weights (the order of float
+    # sums) and the recorded training time: a model trained otherwise is another model.
     base_key = {"benchmark": bench.name, "size": config.size, "seed": config.seed,
-                "data": data_key, "model": _digest(model_key), "recipe": recipe.to_dict()}
+                "data": data_key, "model": _digest(model_key), "recipe": recipe.to_dict(),
+                "threads": torch.get_num_threads(), "device": torch.device(config.device).type}
     request_key = {"ids": request.ids_hash(), "target_tasks": sorted(target_tasks)}
     cache = Path(config.cache_dir) / f"{bench.name}-{config.size}-seed{config.seed}"
     original_key = _digest(base_key)

@@ -188,3 +188,22 @@ def test_experiment_config_checks_types_also_with_annotations_for_type_checkers_
     with pytest.raises(ValueError, match=r"ExperimentConfig: `seed` must be an integer, got 1.5"):
         ExperimentConfig(benchmark="digits", seed=1.5).validate()  # type: ignore[arg-type]
     ExperimentConfig(benchmark="digits", size="tiny").validate()
+
+
+def test_the_model_cache_key_holds_the_thread_count_and_the_device(tmp_path: Path,
+                                                                   digits) -> None:  # type: ignore[no-untyped-def]
+    """Models trained under another intra-op thread count differ (float sums in another
+    order; up to 1.6e-6 after 12 epochs) and took another time, but shared one cache key: the
+    model behind a seed depended on which command filled the cache first."""
+    from mtunlearn_ext.experiment import _setup
+
+    paths = {}
+    for threads in (1, 2):
+        setup = _setup(_config(tmp_path, threads=threads), digits)
+        paths[threads] = {which: str(entry[0]) for which, entry in setup.checkpoints.items()}
+        assert setup.checkpoints["original"][1]["threads"] == threads
+        assert setup.checkpoints["original"][1]["device"] == "cpu"
+    assert paths[1]["original"] != paths[2]["original"]
+    assert paths[1]["retrained"] != paths[2]["retrained"]
+    again = _setup(_config(tmp_path, threads=1), digits)
+    assert str(again.checkpoints["original"][0]) == paths[1]["original"]

@@ -3,6 +3,7 @@ methods it changes, and merged entries replace exactly those methods."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -23,13 +24,19 @@ def evaluation():
     return module
 
 
+#: The run settings of a run file made with _run_unit's default arguments (small, 10%, ...).
+IDENTITY = {"size": "small", "data_root": None, "forget_fraction": 0.1, "forget_ids": None,
+            "target_tasks": None, "train_overrides": {}, "mia_attack": "logistic",
+            "eval_batch_size": 64, "device": "cpu"}
+REFERENCES = {"original": {"uis": 2.0, "sha256": "aa"}, "retrained": {"uis": 0.0, "sha256": "bb"}}
+
+
 def _run_file(path: Path, models: dict, configs: dict) -> None:
     path.write_text(json.dumps({
-        "benchmark": {"name": "indoor"}, "request": {"type": "full"},
-        "config": {"methods": list(models), "method_configs": configs},
+        "benchmark": {"name": "indoor"}, "request": {"type": "full"}, "recipe": {},
+        "config": {"methods": list(models), "method_configs": configs, **IDENTITY},
         "phases_seconds": {f"unlearn/{m}": 1.0 for m in models},
-        "models": {**{m: {"uis": 1.0, "marker": "old"} for m in models},
-                   "original": {"uis": 2.0}, "retrained": {"uis": 0.0}}}))
+        "models": {**{m: {"uis": 1.0, "marker": "old"} for m in models}, **REFERENCES}}))
 
 
 def test_stale_methods(evaluation, tmp_path):
@@ -50,11 +57,12 @@ def test_merge_replaces_only_the_given_methods(evaluation, tmp_path):
     path = tmp_path / "run.json"
     _run_file(path, {"finetune": 0, "interference_aware": 0},
               {"finetune": {"lr": 1e-3}, "interference_aware": {"alpha": 3.0}})
-    update = {"benchmark": {"name": "indoor"}, "request": {"type": "full"},
-              "config": {"method_configs": {"interference_aware": {"alpha": 1.0}}},
+    update = {"benchmark": {"name": "indoor"}, "request": {"type": "full"}, "recipe": {},
+              "config": {"method_configs": {"interference_aware": {"alpha": 1.0}}, **IDENTITY},
               "phases_seconds": {"unlearn/interference_aware": 5.0},
               "models": {"interference_aware": {"uis": 0.5, "marker": "new"},
-                         "original": {"uis": 99.0}}}
+                         "original": {"uis": 99.0, "sha256": "aa"},
+                         "retrained": {"sha256": "bb"}}}
     evaluation._merge_methods(path, update, ["interference_aware"])
     merged = json.loads(path.read_text())
     assert merged["models"]["interference_aware"]["marker"] == "new"
@@ -62,6 +70,18 @@ def test_merge_replaces_only_the_given_methods(evaluation, tmp_path):
     assert merged["models"]["original"]["uis"] == 2.0  # the reference rows are kept
     assert merged["config"]["method_configs"]["interference_aware"] == {"alpha": 1.0}
     assert merged["phases_seconds"]["unlearn/interference_aware"] == 5.0
+    # Scores of another experiment are never merged in: other run settings (a size, recipe
+    # overrides, ...), another recipe, or other reference models (merged before, a 3-epoch
+    # run's scores sat beside a 2-epoch run's original and gold models).
+    for key, value in (("recipe", {"epochs": 3}),):
+        with pytest.raises(RuntimeError, match=f"different {key}"):
+            evaluation._merge_methods(path, {**update, key: value}, ["interference_aware"])
+    other_size = {**update, "config": {**update["config"], "size": "tiny"}}
+    with pytest.raises(RuntimeError, match="other run settings"):
+        evaluation._merge_methods(path, other_size, ["interference_aware"])
+    other_gold = {**update, "models": {**update["models"], "retrained": {"sha256": "cc"}}}
+    with pytest.raises(RuntimeError, match="another retrained model"):
+        evaluation._merge_methods(path, other_gold, ["interference_aware"])
     update["request"] = {"type": "partial"}
     with pytest.raises(RuntimeError, match="different request"):
         evaluation._merge_methods(path, update, ["interference_aware"])
@@ -428,10 +448,12 @@ def test_refresh_reruns_methods_whose_settings_did_not_change(evaluation, tmp_pa
 
     def fake_run(config):  # type: ignore[no-untyped-def]
         ran.append(list(config.methods))
-        return {"benchmark": {"name": "indoor"}, "request": {"type": "full"},
-                "config": {"method_configs": config.method_configs},
+        return {"benchmark": {"name": "indoor"}, "request": {"type": "full"}, "recipe": {},
+                "config": {"method_configs": config.method_configs,
+                           **evaluation._run_identity(dataclasses.asdict(config))},
                 "phases_seconds": {f"unlearn/{m}": 2.0 for m in config.methods},
-                "models": {m: {"uis": 0.5, "marker": "new"} for m in config.methods}}
+                "models": {**{m: {"uis": 0.5, "marker": "new"} for m in config.methods},
+                           **REFERENCES}}
 
     monkeypatch.setattr(evaluation, "run_experiment", fake_run)
     args = Namespace(requests=["full"], methods=methods, recipe="default", rerun=False,
@@ -444,3 +466,25 @@ def test_refresh_reruns_methods_whose_settings_did_not_change(evaluation, tmp_pa
     assert ran == [["pcgrad"]]
     models = json.loads(path.read_text())["models"]
     assert models["pcgrad"]["marker"] == "new" and models["finetune"]["marker"] == "old"
+    # Other run settings (here recipe overrides): the file is another experiment, run afresh
+    # (it was kept: "(kept)", no work, the old scores reported as the new setting's).
+    ran.clear()
+    args.refresh, args.train = [], {"epochs": 3}
+    evaluation._run_unit("indoor", 0, args)
+    assert ran == [methods]
+
+
+def test_a_seed_on_which_a_method_diverged_is_not_averaged_away(evaluation, tmp_path,
+                                                               monkeypatch):
+    """A diverged method's run stores a null UIS and AUC and an infinite gap: the summary
+    crashed on the AUC distance, and the mean left the seed out (a broken method then scored
+    better on the seeds it survived)."""
+    methods = ["finetune"]
+    _full_run(tmp_path, 0, methods, {"finetune": (1.0, 2.0, 0.55)})
+    _full_run(tmp_path, 1, methods, {"finetune": (None, float("inf"), None)})  # type: ignore[dict-item]
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    row = summary["indoor/full"]["methods"]["finetune"]
+    assert summary["indoor/full"]["seeds"] == [0, 1]
+    assert row["uis"][0] == float("inf") and row["retrain_gap"][0] == float("inf")
+    assert row["mia_distance"][0] == float("inf")
+    assert evaluation._mean_std([1.0, 3.0]) == (2.0, pytest.approx(1.4142135623730951))
