@@ -1,7 +1,8 @@
 // CUDA kernels of the coefficient-space solvers: the same code as the CPU
 // (include/mtunlearn/small_solvers.h) in double, one thread per problem (PCGrad: one per task of
-// each problem; opt-in: one block per problem from k = 32), on a per-problem workspace. The
-// problems are k x k with k <= 256; keeping them on the device avoids any host sync.
+// each problem; from k = 32 one block per problem, unless MTUNLEARN_CUDA_BLOCK_SOLVERS=0), on a
+// per-problem workspace. The problems are k x k with k <= 256; keeping them on the device
+// avoids any host sync.
 #include <cstdlib>
 
 #include "mtunlearn/block_solvers.h"
