@@ -65,13 +65,8 @@ class _BuildExtension(BuildExtension):
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
         super().build_extension(ext)
-        if not sys.platform.startswith("linux"):
-            return
         library = self.get_ext_fullpath(ext.name)
-        torch_library = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
-        if not os.path.exists(torch_library):
-            return
-        if _load_elf_reader().shares_cxx_runtime(library, torch_library) is False:
+        if _load_elf_reader().carries_private_cxx_runtime(library):
             os.remove(library)
             sys.exit(
                 f"mtunlearn_ext: {library} was linked with a private copy of the C++ runtime "

@@ -8,8 +8,9 @@ extension then loads fine and computes right, but the first error it raises corr
 message or kills the interpreter with a segmentation fault. Such a build is recognised by the
 missing ``libstdc++`` entry among its ``DT_NEEDED`` libraries (torch's ``libc10.so`` has one).
 
-Read with the standard library alone: ``setup.py`` checks the library it just linked before torch
-or the package can be imported from the build tree, and no ``readelf`` is assumed.
+Read with the standard library alone (torch only to find its own ``libc10.so``): ``setup.py``
+loads this file by path to check the library it just linked, before the package can be imported
+from the build tree, and no ``readelf`` is assumed.
 """
 
 from __future__ import annotations
@@ -114,3 +115,18 @@ def shares_cxx_runtime(library: str | Path, reference: str | Path) -> bool | Non
     if ours is None or not theirs:
         return None
     return bool(ours & theirs)
+
+
+def carries_private_cxx_runtime(library: str | Path) -> bool:
+    """Whether the shared object at ``library`` does *not* load torch's C++ runtime (the
+    ``libstdc++`` that torch's ``libc10.so`` names): ``False`` too where this cannot be told
+    (not Linux, no ``libc10.so`` beside torch, not an ELF file). Imports torch, which both
+    callers have loaded anyway."""
+    import sys
+
+    import torch
+
+    if not sys.platform.startswith("linux") or not Path(library).is_file():
+        return False
+    torch_library = Path(torch.__file__).parent / "lib" / "libc10.so"
+    return torch_library.is_file() and shares_cxx_runtime(library, torch_library) is False

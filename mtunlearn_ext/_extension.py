@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from mtunlearn_ext._elf import shares_cxx_runtime
+from mtunlearn_ext._elf import carries_private_cxx_runtime
 
 _REQUIRE_ENV = "MTUNLEARN_REQUIRE_EXTENSION"
 _ISA_ENV = "MTUNLEARN_CPU_ISA"
@@ -42,10 +41,7 @@ def private_cxx_runtime_error(library: str) -> str | None:
     ``libstdc++`` statically into shared objects) computes right, but the first error an op
     raises corrupts its message or crashes the interpreter (:mod:`mtunlearn_ext._elf`).
     """
-    if not sys.platform.startswith("linux") or not os.path.isfile(library):
-        return None
-    torch_library = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
-    if not os.path.exists(torch_library) or shares_cxx_runtime(library, torch_library) is not False:
+    if not carries_private_cxx_runtime(library):
         return None
     return (f"{library} does not load torch's C++ runtime (its toolchain links libstdc++ "
             "statically into shared objects), so an error raised by a compiled op would "

@@ -34,6 +34,7 @@ from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.models.base import ParameterSplit
+from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.records import code_version, utc_now
 from mtunlearn_ext.training import TrainConfig
 from mtunlearn_ext.unlearning import (
@@ -195,15 +196,11 @@ def _predicted_classes(model: nn.Module, unpack: bool, data: Any,
             rows = inputs_to(rows, param.device)
     except Exception:  # malformed inputs: refused with a clear message further on
         return {}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        out = call_with(model, rows) if unpack else model(rows)
+        with eval_mode(model):
+            out = call_with(model, rows) if unpack else model(rows)
     except Exception:
         return {}
-    finally:
-        for m, training in modes:
-            m.train(training)
     if not isinstance(out, Mapping):
         return {}
     return {name: int(out[name].shape[1]) for name in wanted

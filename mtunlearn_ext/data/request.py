@@ -38,8 +38,9 @@ class ForgetRequest:
                target_tasks: Sequence[str] | str | None = None) -> ForgetRequest:
         """A request from ids (a sequence, NumPy array or tensor of integers; integral floats,
         as a data frame's column may hold, are accepted) and target task names (one name may
-        be given as a plain string; ``None``: every task, a full request)."""
-        return ForgetRequest(_integer_ids(instance_ids), _task_names(target_tasks))
+        be given as a plain string; ``None``: every task, a full request). The constructor
+        itself normalises both (``__post_init__``)."""
+        return ForgetRequest(instance_ids, target_tasks)  # type: ignore[arg-type]
 
     def resolved_tasks(self, dataset: MultiTaskDataset) -> list[str]:
         return list(dataset.task_names) if self.target_tasks is None else list(self.target_tasks)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -11,6 +12,7 @@ from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.task_metrics import make_accumulator
 from mtunlearn_ext.models.base import MultiTaskModel
+from mtunlearn_ext.models.modes import eval_mode
 
 __all__ = ["evaluate", "evaluate_splits", "per_sample_task_losses"]
 
@@ -39,21 +41,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class _EvalMode:
-    """``model.eval()`` and ``torch.no_grad()`` for a block, then the previous mode again."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.was_training = model.training
-        self.no_grad = torch.no_grad()
-
-    def __enter__(self) -> None:
-        self.model.eval()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.no_grad.__exit__(*exc)
-        self.model.train(self.was_training)
+@contextmanager
+def _measuring(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (:func:`~mtunlearn_ext.models.modes.eval_mode`) and ``torch.no_grad()`` for a
+    block of measurements."""
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
@@ -70,7 +63,7 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
     device = _device_of(model)
-    with _EvalMode(model):
+    with _measuring(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
             sup = dataset.supervision[positions]
@@ -102,7 +95,7 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
     resolved = _resolve(dataset, tasks)
     losses = torch.full((len(dataset), len(resolved)), float("nan"), dtype=torch.double)
     device = _device_of(model)
-    with _EvalMode(model):
+    with _measuring(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
             rows = dataset.batch(positions)  # neutral targets on unsupervised pairs

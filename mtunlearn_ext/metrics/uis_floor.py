@@ -36,7 +36,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import (
     _device_of,
-    _EvalMode,
+    _measuring,
     _resolve,
     check_positive_int,
     evaluate,
@@ -135,7 +135,7 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
     accumulators: list[dict[str, MetricAccumulator]] = [
         {spec.name: make_accumulator(spec) for _, spec in resolved} for _ in range(draws)]
     device = _device_of(model)
-    with _EvalMode(model):
+    with _measuring(model):
         for start in range(0, len(unseen), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(unseen)))
             in_draw = member[:, positions]

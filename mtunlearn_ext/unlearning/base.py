@@ -34,6 +34,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models.modes import eval_mode
 
 __all__ = [
     "CurveRecorder",
@@ -238,17 +239,13 @@ class UnlearningProblem:
         assert isinstance(targets, Mapping)
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
         try:
-            out = self.model(inputs_to(inputs, device))
+            with eval_mode(self.model):
+                out = self.model(inputs_to(inputs, device))
         except Exception as error:
             raise ValueError(f"UnlearningProblem: the model fails on {what}'s inputs (a "
                              f"batch of {describe(inputs)}): {type(error).__name__}: "
                              f"{error}") from error
-        finally:
-            for m, training in modes:
-                m.train(training)
         if not isinstance(out, Mapping):
             raise ValueError(f"UnlearningProblem: the model must return a mapping task -> "
                              f"prediction, got {type(out).__name__}")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext.data.inputs import Inputs
+from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.unlearning.base import (
     CurveRecorder,
     Unlearner,
@@ -333,21 +334,15 @@ class GradientUnlearner(Unlearner):
         missing_retain = stats.retain is None and retain_batch is not None
         if not (missing_forget or missing_retain):
             return
-        modes = [(module, module.training) for module in ctx.model.modules()]
-        ctx.model.eval()
-        try:
-            with torch.no_grad():
-                if missing_forget:
-                    assert forget_batch is not None
-                    stats.forget = forget_terms(ctx.forward(forget_batch), forget_batch,
-                                                ctx.problem.tasks, ctx.objectives)
-                if missing_retain:
-                    assert retain_batch is not None
-                    stats.retain = retain_terms(ctx.forward(retain_batch), retain_batch,
-                                                ctx.problem.tasks)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with eval_mode(ctx.model), torch.no_grad():
+            if missing_forget:
+                assert forget_batch is not None
+                stats.forget = forget_terms(ctx.forward(forget_batch), forget_batch,
+                                            ctx.problem.tasks, ctx.objectives)
+            if missing_retain:
+                assert retain_batch is not None
+                stats.retain = retain_terms(ctx.forward(retain_batch), retain_batch,
+                                            ctx.problem.tasks)
 
     @staticmethod
     def _log(recorder: CurveRecorder, step: int, stats: StepStats,

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import Inputs, inputs_to
+from mtunlearn_ext.models.modes import eval_mode
 
 __all__ = [
     "check_samples_independent",
@@ -110,14 +111,8 @@ def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, bat
     # At most rows // 2 batches: none of them a single row (no variance; BatchNorm refuses it).
     batches = max(1, min(-(-rows // batch_size), rows // 2))
     bounds = [rows * i // batches for i in range(batches + 1)]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with _collecting(modules):
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                inputs: Inputs = data.batch(torch.arange(start, stop))["input"]  # type: ignore[assignment]
-                model(inputs_to(inputs, device))
-    finally:
-        for m, training in modes:
-            m.train(training)
+    with eval_mode(model), _collecting(modules):
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            inputs: Inputs = data.batch(torch.arange(start, stop))["input"]  # type: ignore[assignment]
+            model(inputs_to(inputs, device))
     return rows
