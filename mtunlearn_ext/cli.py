@@ -411,8 +411,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
 
 def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str]) -> None:
     """``evaluate`` without a request (no ``--forget-ids`` / ``--forget-fraction``) measures
-    every task on train and test: ``--target-tasks`` and ``--request`` would be silently
-    ignored, so they are refused (an unknown task name first, as with a request)."""
+    every task on train and test: ``--target-tasks``, ``--request`` and ``--seed`` (which
+    seeds the forget draw and the attack) would be silently ignored, so they are refused (an
+    unknown task name first, as with a request)."""
     from mtunlearn_ext.workflow import UserInputError, parse_tasks
 
     unknown = [t for t in parse_tasks(args.target_tasks) or [] if t not in task_names]
@@ -420,9 +421,11 @@ def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str])
         raise UserInputError("--target-tasks", f"task names among {list(task_names)}", unknown,
                              "unknown task names")
     given = [(flag, value) for flag, value in (("--target-tasks", args.target_tasks),
-                                               ("--request", args.request)) if value is not None]
+                                               ("--request", args.request),
+                                               ("--seed", args.seed)) if value is not None]
     if given:
-        flags = " and ".join(flag for flag, _ in given)
+        names = [flag for flag, _ in given]
+        flags = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         raise UserInputError(given[0][0], "--forget-ids or --forget-fraction with it",
                              given[0][1], f"without a request, {flags} "
                              f"{'has' if len(given) == 1 else 'have'} no effect (evaluate then "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,26 @@ def _square(values: Any, size: int, name: str) -> Any:
     return array
 
 
+def _interference_arrays(matrix: Any) -> tuple[list[str], Any, Any, Any]:
+    """(labels, before, after, projections) of an interference matrix or its JSON form, the
+    matrices as ``k x k`` float arrays; ``ValueError`` for malformed data."""
+    if isinstance(matrix, Mapping):
+        missing = [k for k in ("labels", "before", "after") if k not in matrix]
+        if missing:
+            raise ValueError(f"interference data: missing {missing}")
+        labels, before, after = matrix["labels"], matrix["before"], matrix["after"]
+        projections = matrix.get("projections")
+    else:
+        labels, before, after = matrix.labels, matrix.before, matrix.after
+        projections = None
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise ValueError(f"interference data: 'labels' is a {type(labels).__name__}, expected "
+                         "a list of names")
+    names = [str(label) for label in labels]
+    return (names, _square(before, len(names), "before"), _square(after, len(names), "after"),
+            projections)
+
+
 def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
                       overwrite: bool = False) -> str:
     """Draw the task-gradient cosine (interference) matrices before and after the projections
@@ -204,19 +224,9 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if isinstance(matrix, Mapping):
-        missing = [k for k in ("labels", "before", "after") if k not in matrix]
-        if missing:
-            raise ValueError(f"interference data: missing {missing}")
-        labels, before, after = matrix["labels"], matrix["before"], matrix["after"]
-        projections = matrix.get("projections")
-    else:
-        labels, before, after = matrix.labels, matrix.before, matrix.after
-        projections = None
-    labels = [str(label) for label in labels]
-    panels = ((_square(before, len(labels), "before"), "before projection"),
-              (_square(after, len(labels), "after"),
-               f"after projection ({projections})" if projections else "after projection"))
+    labels, before, after, projections = _interference_arrays(matrix)
+    panels = ((before, "before projection"),
+              (after, f"after projection ({projections})" if projections else "after projection"))
     path = Path(path)
     # Room for the cell values: the default suits the usual 2-6 rows, larger matrices grow.
     side = max(4.8, 0.7 * len(labels))
@@ -319,11 +329,19 @@ def _curves_problem(curves: Mapping[str, Any]) -> _Problem | None:
     return None
 
 
-def _kept_problem(interference: Any) -> _Problem | None:
-    """A share of the forget gradient kept (``interference.forget_kept``) that is not a number
-    or null; the matrices are checked where they are drawn (:func:`plot_interference`)."""
-    if not isinstance(interference, Mapping) or "error" in interference:
+def _interference_problem(interference: Any) -> _Problem | None:
+    """Interference data the report cannot draw: not a mapping, malformed matrices, or a share
+    of the forget gradient kept (``interference.forget_kept``) that is not a number or null."""
+    if interference is None:
         return None
+    if not isinstance(interference, Mapping):
+        return "interference", "a mapping", type(interference).__name__
+    if "error" in interference:
+        return None
+    try:
+        _interference_arrays(interference)
+    except ValueError as error:
+        return "interference", "labels, before and after matrices", str(error)
     kept = interference.get("forget_kept") or {}
     if not isinstance(kept, Mapping):
         return "interference.forget_kept", "a mapping", type(kept).__name__
@@ -341,7 +359,7 @@ def _check_values(models: Mapping[str, Any], curves: Mapping[str, Any], interfer
     from mtunlearn_ext.workflow import UserInputError
 
     problem = (_metrics_problem(models) or _curves_problem(curves)
-               or _kept_problem(interference))
+               or _interference_problem(interference))
     if problem is not None:
         where, expected, received = problem
         raise UserInputError("--results", f"{expected} at {where}", received)
@@ -421,6 +439,23 @@ class _NewFiles:
             path.unlink(missing_ok=True)
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, deepest first."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed report created, deepest first, where they are still empty
+    (a file someone else put there keeps its folder)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "report"
                  ) -> list[Path]:
     """Write ``report.md`` and its PNGs into ``output_dir``; return the written paths.
@@ -454,7 +489,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
         raise UserInputError("--output-dir", "a folder without report files", taken[0],
                              "refusing to overwrite; choose a new folder")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_folder(output_dir)
     except OSError as error:
         raise UserInputError("--output-dir", "a folder that can be created", str(output_dir),
                              str(error)) from error
@@ -484,5 +519,6 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
         files.write(md, lambda p: bool(write_text_new(p, "\n".join(lines))))
     except BaseException:
         files.remove()
+        _remove_empty(created)
         raise
     return files.paths

@@ -93,6 +93,10 @@ def test_benchmark_extra_from_config_is_words(tmp_path: Path, name: str, text: s
     (["--request", "partial"], "--request", "--request has no effect"),
     (["--target-tasks", "digit", "--request", "partial"], "--target-tasks",
      "--target-tasks and --request have no effect"),
+    (["--seed", "3"], "--seed", "--seed has no effect"),
+    (["--request", "full", "--seed", "3"], "--request", "--request and --seed have no effect"),
+    (["--target-tasks", "digit", "--request", "partial", "--seed", "3"], "--target-tasks",
+     "--target-tasks, --request and --seed have no effect"),
 ])
 def test_evaluate_refuses_request_options_without_request(
         trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811

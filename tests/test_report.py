@@ -98,9 +98,33 @@ def test_report_without_or_with_a_failed_matrix(tmp_path: Path) -> None:
     write_report(_record(interference={"error": "too few rows"}), tmp_path / "failed")
     assert not (tmp_path / "failed" / "interference.png").exists()
     assert "not computed: too few rows" in (tmp_path / "failed" / "report.md").read_text()
-    with pytest.raises(UserInputError, match="interference"):
-        write_report(_record(interference={"labels": ["x"]}), tmp_path / "bad")
-    assert list((tmp_path / "bad").iterdir()) == []  # the plots drawn before are removed
+    # Malformed matrices are refused before anything is written: no folder is left behind.
+    for name, bad in [("missing", {"labels": ["x"]}),
+                      ("shape", {"labels": ["x", "y"], "before": [[1.0]], "after": [[1.0]]}),
+                      ("labels", {"labels": "xy", "before": [[1.0]], "after": [[1.0]]}),
+                      ("type", [1, 2])]:
+        with pytest.raises(UserInputError, match="--results: expected .*interference"):
+            write_report(_record(interference=bad), tmp_path / name / "deeper")
+        assert not (tmp_path / name).exists(), name
+
+
+def test_a_failed_report_removes_the_folders_it_created(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A failure after the first plot (here: the loss-curve chart) removes the plots drawn and
+    the folders the report created, but not a folder that existed, nor one holding a file
+    someone else put there."""
+    import mtunlearn_ext.report as report
+
+    def broken(*args: Any) -> bool:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "_curves_chart", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(_record(), tmp_path / "new" / "rep")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        write_report(_record(), tmp_path / "kept" / "rep")
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_report_names_inputs_that_are_not_complete_results(tmp_path: Path) -> None:
