@@ -67,18 +67,36 @@ class Stages:
             return False
         print(f"\n[gpu_check] === {name} (limit {limit:.0f} s) ===", flush=True)
         t0 = time.monotonic()
+        path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"),
+                                             os.environ.get("PYTHONPATH")]))
+        proc = subprocess.Popen(argv, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": path, **(env or {})})
+        # The limit holds the grace a stopped stage gets to print its summary.
+        grace = min(15.0, limit / 4)
         try:
-            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-            proc = subprocess.run(argv, cwd=ROOT, timeout=limit,
-                                  env={**os.environ, "PYTHONPATH": path, **(env or {})})
-            result = "ok" if proc.returncode == 0 else f"FAILED (rc={proc.returncode})"
+            returncode = proc.wait(timeout=limit - grace)
+            result = "ok" if returncode == 0 else f"FAILED (rc={returncode})"
         except subprocess.TimeoutExpired:
+            interrupt(proc, grace)
             result = f"FAILED (timed out after {limit:.0f} s)"
         seconds = time.monotonic() - t0
         print(f"[gpu_check] {name}: {result}, {seconds:.1f} s", flush=True)
         self.summary.append(f"| {name} | {result} | {seconds:.0f} |")
         self.failed |= result != "ok"
         return result == "ok"
+
+
+def interrupt(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop a stage that ran out of time: SIGINT first, so that pytest still prints its summary
+    (which tests failed, which were running), then SIGKILL after ``grace`` seconds."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 BLOCK_SOLVER_CASES = """
@@ -136,7 +154,7 @@ def pytest_parallel_args() -> list[str]:
     are not slowed by oversubscription; a per-test limit where pytest-timeout is installed."""
     import importlib.util
 
-    args = ["-rfE", "--durations=10"]
+    args = ["-rfE", "--durations=10", "-p", "_failures_as_they_happen"]
     if importlib.util.find_spec("xdist") is not None:
         args += ["-n", "8", "--max-worker-restart", "100"]
     if importlib.util.find_spec("pytest_timeout") is not None:

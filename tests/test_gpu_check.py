@@ -4,8 +4,10 @@ time that cannot be had back: what of it can run here is checked here."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+
+# As Stages.command runs the test stages: benchmarks/ (the failure-naming plugin) importable.
+STAGE_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
 
 
 def test_the_error_path_stage_passes_on_a_good_build() -> None:
@@ -47,7 +52,7 @@ def test_pytest_takes_the_stage_arguments() -> None:
     args = gpu_check.pytest_parallel_args()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "--collect-only", *args, "tests/test_gpu_check.py"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=STAGE_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -57,3 +62,37 @@ def test_without_a_gpu_it_says_so_and_exits_2() -> None:
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
+
+
+def test_a_failed_test_is_named_as_it_happens(tmp_path: Path) -> None:
+    """The op-test stages name each failure at once (run 6 was stopped before pytest's summary
+    and left "1 failed" unnamed), also under xdist where installed."""
+    (tmp_path / "test_sample.py").write_text(
+        "def test_good():\n    assert True\n\n"
+        "def test_bad():\n    assert 1 == 2, 'one is not two'\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *gpu_check.pytest_parallel_args(), str(tmp_path / "test_sample.py")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=STAGE_ENV)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    named = [line for line in proc.stdout.splitlines() if line.startswith("[gpu_check] FAILED")]
+    assert len(named) == 1 and "test_sample.py::test_bad (call)" in named[0], proc.stdout
+    assert "one is not two" in named[0], named
+
+
+def test_a_stage_out_of_time_is_interrupted_first(tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """A stage past its limit gets SIGINT (pytest then prints its summary) before SIGKILL, and
+    is reported as timed out."""
+    script = ("import time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
+              "except KeyboardInterrupt:\n    print('summary printed', flush=True)\n")
+    stages = gpu_check.Stages(budget=60)
+    assert not stages.command("slow", [sys.executable, "-c", script], 4, need=1)
+    out = capfd.readouterr().out
+    assert "started" in out and "summary printed" in out, out
+    assert "timed out after 4 s" in stages.summary[-1]
+    stages = gpu_check.Stages(budget=60)  # one that ignores SIGINT is killed after the grace
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
+    start = time.monotonic()
+    assert not stages.command("stubborn", [sys.executable, "-c", stubborn], 4, need=1)
+    assert time.monotonic() - start < 10
