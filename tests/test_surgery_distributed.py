@@ -15,7 +15,11 @@ Scenarios:
   single-process training on the full batch;
 - DDP: ``replicated_surgery`` (per-task stacks averaged) under ``no_sync``, same check;
 - a task whose loss reaches its head on one rank only: with ``head_params`` the single-process
-  gradients of the rank-mean losses, without them a ValueError on every rank.
+  gradients of the rank-mean losses, without them a ValueError on every rank (also when the
+  ranks reached as many heads of one shape, but different ones);
+- a shared parameter reached on one rank only gets the average on every rank, one reached on
+  none keeps ``.grad`` None on every rank;
+- ``sharded_surgery(per_layer=True)``: per tensor on FSDP2 shards, refused on a split list.
 """
 
 from __future__ import annotations
@@ -163,12 +167,13 @@ def _losses(outs: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _single_process_training(agg: str, dtype: torch.dtype, steps: int,
-                             micro_batches: int = 1) -> list[torch.Tensor]:
+                             micro_batches: int = 1, per_layer: bool = False
+                             ) -> list[torch.Tensor]:
     from mtunlearn_ext.surgery import GradientSurgery
 
     model = _Net(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    surgery = GradientSurgery(model.trunk.parameters(), AGGREGATORS[agg]())
+    surgery = GradientSurgery(model.trunk.parameters(), AGGREGATORS[agg](), per_layer=per_layer)
     for step in range(steps):
         opt.zero_grad()
         for micro in range(micro_batches):
@@ -183,7 +188,8 @@ def _rank_batch(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tens
     return x[rank * per:(rank + 1) * per], y[:, rank * per:(rank + 1) * per]
 
 
-def _scenario_fsdp2(rank: int, agg: str, dtype_name: str, micro_batches: int = 1) -> float:
+def _scenario_fsdp2(rank: int, agg: str, dtype_name: str, micro_batches: int = 1,
+                    per_layer: bool = False) -> float:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -192,14 +198,16 @@ def _scenario_fsdp2(rank: int, agg: str, dtype_name: str, micro_batches: int = 1
 
     dtype = DTYPES[dtype_name]
     steps = 2
-    expected = _single_process_training(agg, dtype, steps, micro_batches)
+    expected = _single_process_training(agg, dtype, steps, micro_batches, per_layer)
     model = _Net(dtype)
     mesh = init_device_mesh("cpu", (WORLD,))
     fully_shard(model.trunk, mesh=mesh)
     fully_shard(model, mesh=mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    surgery = sharded_surgery(model.trunk.parameters(), AGGREGATORS[agg]())
+    # per_layer=True: every rank holds a shard of every tensor, so one layer per tensor lines
+    # the ranks' [L, k, k] Grams up.
+    surgery = sharded_surgery(model.trunk.parameters(), AGGREGATORS[agg](), per_layer=per_layer)
     assert surgery.per_task == "backward"
     for step in range(steps):
         opt.zero_grad()
@@ -282,6 +290,92 @@ def _scenario_replicated_unreached_head(rank: int, per_task: str) -> float:
     return err
 
 
+def _scenario_replicated_same_shape_heads(rank: int, per_task: str) -> float:
+    """Rank 0's batch has no labels for task 2, rank 1's none for task 1 (zero stand-in losses
+    reaching only the trunk): both ranks reach two heads of one shape, heads 0 and 1 on rank
+    0, heads 0 and 2 on rank 1. A check of their number and sizes passed, and head 1 of one
+    rank was averaged with head 2 of the other, silently; every rank must raise."""
+    from mtunlearn_ext.surgery import replicated_surgery
+
+    model = _Net(F64)
+    x, y = _rank_batch(*_data(8, F64), rank)
+    z = model.trunk(x)
+    missing = 2 if rank == 0 else 1
+    losses = [z.sum() * 0.0 if t == missing else ((head(z).squeeze(-1) - y[t]) ** 2).mean()
+              for t, head in enumerate(model.heads)]
+    surgery = replicated_surgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    try:
+        surgery.backward(losses)
+    except ValueError as error:
+        assert ("reached different task-specific parameters (4 tensors with a gradient on "
+                "every rank, but reached by other tasks or of other shapes)") in str(error), error
+    else:
+        raise AssertionError("ranks reaching different heads of one shape were not refused")
+    return 0.0
+
+
+def _scenario_replicated_unreached_shared(rank: int, per_task: str) -> float:
+    """Shared parameters no loss reaches keep ``.grad`` None (as with sum(losses).backward()),
+    but the replicas must agree: ``spare`` is reached on rank 1 only, so its averaged stack is
+    not zero and every rank writes it; ``idle`` is reached nowhere and stays None everywhere.
+    Against one process on the rank-mean losses."""
+    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+
+    def build() -> tuple[_Net, nn.Linear, nn.Linear]:
+        model = _Net(F64)
+        return model, nn.Linear(4, 4).to(F64), nn.Linear(4, 4).to(F64)
+
+    def rank_losses(model: _Net, spare: nn.Linear, r: int) -> list[torch.Tensor]:
+        x, y = _rank_batch(*_data(9, F64), r)
+        z = model.trunk(x)
+        if r == 1:
+            z = z + torch.tanh(spare(z))
+        return _losses([h(z).squeeze(-1) for h in model.heads], y)
+
+    model, spare, idle = build()
+    shared = [*model.trunk.parameters(), *spare.parameters(), *idle.parameters()]
+    per_rank = [rank_losses(model, spare, r) for r in range(WORLD)]
+    GradientSurgery(shared, UPGrad()).backward(
+        [sum(ls[t] for ls in per_rank) / WORLD for t in range(3)])
+    expected = [None if p.grad is None else p.grad.clone() for p in shared]
+    assert expected[-1] is None and expected[-3] is not None
+
+    err = 0.0
+    for with_heads in (False, True):  # the flags travel with either path's collectives
+        model, spare, idle = build()
+        shared = [*model.trunk.parameters(), *spare.parameters(), *idle.parameters()]
+        heads = {"head_params": model.heads.parameters()} if with_heads else {}
+        replicated_surgery(shared, UPGrad(), per_task=per_task, **heads).backward(
+            rank_losses(model, spare, rank))
+        for p, ref in zip(shared, expected):
+            if ref is None:
+                assert p.grad is None
+                continue
+            assert p.grad is not None
+            torch.testing.assert_close(p.grad, ref, rtol=1e-12, atol=1e-12)
+            err = max(err, (p.grad - ref).abs().max().item())
+    return err
+
+
+def _scenario_sharded_per_layer_true_on_a_split(rank: int) -> float:
+    """``per_layer=True`` on a list split across ranks (rank 0 two tensors, rank 1 one): each
+    rank numbered its own tensors as layers, and the all-reduce of Grams of other layouts
+    aborted a process in gloo ("Received data size doesn't match"), or with as many tensors
+    added the Grams of unrelated tensors. Refused on every rank, before any collective."""
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    first, second = nn.Linear(3, 4).to(F64), nn.Linear(4, 2).to(F64)
+    mine = list(first.parameters()) if rank == 0 else [second.weight]
+    try:
+        sharded_surgery(mine, UPGrad(), per_layer=True)
+    except ValueError as error:
+        assert "per_layer=True (one problem per tensor) needs every shared parameter to be a " \
+               "DTensor" in str(error), error
+    else:
+        raise AssertionError("per_layer=True on a split parameter list was accepted")
+    return 0.0
+
+
 def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
     """The hook on a parameter list split across ranks (rank 0 holds layers 0-1, rank 1 layers
     2-3), one problem per layer, against the hook on the whole list in one process. With
@@ -344,9 +438,16 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     table["fsdp2_accumulate-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32", 2)
     table["sharded_surgery_split_per_layer-upgrad-fp64"] = (
         _scenario_sharded_surgery_split_per_layer)
+    table["fsdp2_per_layer-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32",
+                                                                        per_layer=True)
+    table["sharded_per_layer_true_on_a_split"] = _scenario_sharded_per_layer_true_on_a_split
     for mode in ("autograd", "batched"):
         table[f"replicated_unreached_head-{mode}-fp64"] = (
             lambda r, m=mode: _scenario_replicated_unreached_head(r, m))
+        table[f"replicated_same_shape_heads-{mode}-fp64"] = (
+            lambda r, m=mode: _scenario_replicated_same_shape_heads(r, m))
+        table[f"replicated_unreached_shared-{mode}-fp64"] = (
+            lambda r, m=mode: _scenario_replicated_unreached_shared(r, m))
     return table
 
 

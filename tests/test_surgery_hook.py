@@ -125,11 +125,12 @@ def test_explicit_head_params_and_unused_parameters() -> None:
     surgery.backward(_losses(model, x, y))
     for p, ref in zip(model.heads.parameters(), heads_ref):
         torch.testing.assert_close(p.grad, ref)
-    # A shared parameter that no task reaches gets a zero update, not an error.
+    # A shared parameter that no task reaches is no error; its .grad stays None, as with
+    # sum(losses).backward() (see test_shared_parameter_no_task_reaches_keeps_its_grad).
     extra = nn.Parameter(torch.ones(3, dtype=F64))
     surgery = GradientSurgery([*model.trunk.parameters(), extra], Mean())
     surgery.backward(_losses(model, x, y))
-    torch.testing.assert_close(extra.grad, torch.zeros(3, dtype=F64))
+    assert extra.grad is None
 
 
 def test_per_layer_surgery() -> None:
@@ -271,6 +272,15 @@ def test_errors() -> None:
     surgery = GradientSurgery(model.trunk.parameters(), Mean())
     with pytest.raises(ValueError, match="at least one"):
         surgery.backward([])
+    x, y = _batch(torch.float32)
+    one = _losses(model, x, y)[0]  # one loss where a list is expected: it was "iteration
+    with pytest.raises(TypeError, match=r"^GradientSurgery: `losses` must be a sequence of k "
+                                        r"scalar losses \(one per task\), got one 0-d tensor; "
+                                        r"for a single task pass \[loss\]$"):
+        surgery.backward(one)  # over a 0-d tensor", from list()
+    with pytest.raises(TypeError, match=r"`losses` must be a sequence of k scalar losses "
+                                        r"\(one per task\), got float"):
+        surgery.backward(1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scalar"):
         surgery.backward([torch.ones(2, requires_grad=True)])
     with pytest.raises(ValueError, match="does not require grad"):
@@ -355,6 +365,193 @@ def test_non_finite_task_gradients_name_the_loss_and_the_parameter(per_task: str
     poisoned = [losses[0], losses[1] + (last * float("inf")).sum(), *losses[2:]]
     with pytest.raises(FloatingPointError, match=rf"losses\[1\] \(first in '{last_name}'\)"):
         surgery.backward(poisoned)
+
+
+# ------------------------------------------------------------------ sum(losses).backward() parity
+
+
+class _Branched(MultiTaskNet):
+    """A trunk with a branch that no task's loss reaches in this step (an unused conditional
+    branch, an idle mixture-of-experts expert)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(F64, seed)
+        self.branch = nn.Linear(8, 8).to(F64)
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["backward", "accumulate-apply"])
+def test_shared_parameter_no_task_reaches_keeps_its_grad(per_task: str,
+                                                         accumulate: bool) -> None:
+    """``sum(losses).backward()`` leaves the ``.grad`` of a parameter no loss reaches ``None``,
+    and optimizers skip it; the surgery wrote zeros, so AdamW's weight decay moved it (4e-3
+    after one step). With Sum, training must equal the plain loop, the branch untouched."""
+    plain, hooked = _Branched(seed=5), _Branched(seed=5)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.1, weight_decay=0.1)
+    opt_hooked = torch.optim.AdamW(hooked.parameters(), lr=0.1, weight_decay=0.1)
+    surgery = GradientSurgery([*hooked.trunk.parameters(), *hooked.branch.parameters()], Sum(),
+                              per_task=per_task)
+    for step in range(2):
+        batches = [_batch(F64, seed=20 + 2 * step), _batch(F64, seed=21 + 2 * step)]
+        opt_plain.zero_grad()
+        opt_hooked.zero_grad()
+        for x, y in batches:
+            sum(_losses(plain, x, y)).backward()
+            if accumulate:
+                surgery.accumulate(_losses(hooked, x, y))
+            else:
+                surgery.backward(_losses(hooked, x, y))
+        if accumulate:
+            surgery.apply()
+        assert hooked.branch.weight.grad is None and hooked.branch.bias.grad is None
+        opt_plain.step()
+        opt_hooked.step()
+    for a, b in zip(plain.parameters(), hooked.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hooked.branch.weight, _Branched(seed=5).branch.weight,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_unreached_shared_parameter_is_left_out_of_the_update(per_task: str) -> None:
+    """An existing ``.grad`` of an unreached parameter is left as it is (the same tensor, the
+    same values, NaN weights could not reach it); the others get the surgery of the reached
+    ones, and per layer the weights keep one row per layer, the unreached layer's included."""
+    model = _Branched()
+    x, y = _batch(F64)
+    shared_ref, _, jacobian = _reference(model, x, y, UPGrad())
+    kept = torch.full_like(model.branch.weight, 0.25)
+    model.branch.weight.grad = kept
+    shared = [*model.trunk.parameters(), *model.branch.parameters()]
+    GradientSurgery(shared, UPGrad(), per_task=per_task).backward(_losses(model, x, y))
+    assert model.branch.weight.grad is kept and bool((kept == 0.25).all())
+    assert model.branch.bias.grad is None
+    for p, ref in zip(model.trunk.parameters(), shared_ref):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-10, atol=1e-12)
+
+    for p in model.parameters():
+        p.grad = None
+    weights = GradientSurgery(shared, UPGrad(), per_task=per_task,
+                              per_layer=[0, 0, 2, 2, 1, 1]).backward(_losses(model, x, y))
+    assert weights.shape == (3, TASKS)  # layers 0 (trunk[0]), 1 (branch), 2 (trunk[2])
+    cut = sum(p.numel() for p in list(model.trunk.parameters())[:2])
+    got = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    torch.testing.assert_close(got[:cut], UPGrad()(jacobian[:, :cut]))
+    torch.testing.assert_close(got[cut:], UPGrad()(jacobian[:, cut:]))
+    assert model.branch.weight.grad is None and model.branch.bias.grad is None
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_trainability_is_read_at_each_call(per_task: str) -> None:
+    """Staged fine-tuning freezes and unfreezes trunk layers between steps. Read once when the
+    surgery was built: a layer unfrozen later got the plain sum (taken for a head), one frozen
+    later crashed autograd ("One of the differentiated Tensors does not require grad") or got
+    zeros written into its .grad. Each tensor keeps the layer id it was given."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    trunk = list(model.trunk.parameters())  # layer 0: weight, bias; layer 1: weight, bias
+    trunk[0].requires_grad_(False)
+    surgery = GradientSurgery(model.trunk.named_parameters(), MGDA(), per_task=per_task,
+                              per_layer=[0, 0, 1, 1])
+    assert surgery.params == trunk[1:] and surgery.per_layer == [0, 1, 1]
+
+    def check(layers: list[list[int]]) -> None:
+        for p in model.parameters():
+            p.grad = None
+        losses = _losses(model, x, y)
+        members = [i for layer in layers for i in layer]
+        jacobian = _jacobian(losses, [trunk[i] for i in members])
+        weights = surgery.backward(losses)
+        assert weights.shape == (len(layers), TASKS)
+        start = 0
+        for layer in layers:
+            size = sum(trunk[i].numel() for i in layer)
+            got = torch.cat([trunk[i].grad.reshape(-1) for i in layer])
+            torch.testing.assert_close(got, MGDA()(jacobian[:, start:start + size]),
+                                       rtol=1e-9, atol=1e-12)
+            start += size
+        for i in set(range(4)) - set(members):
+            assert trunk[i].grad is None
+
+    trunk[0].requires_grad_(True)  # unfrozen: in the surgery, with layer 0
+    check([[0, 1], [2, 3]])
+    trunk[2].requires_grad_(False)  # frozen later: left out, its .grad untouched
+    check([[0, 1], [3]])
+    trunk[0].requires_grad_(False)
+    trunk[1].requires_grad_(False)  # layer 0 wholly frozen: one problem, layer 1's bias
+    check([[3]])
+    assert surgery.names == ["2.bias"]
+    trunk[3].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"GradientSurgery.backward: none of the shared "
+                                         r"parameters requires grad now"):
+        surgery.backward(_losses(model, x, y))
+
+    for p in trunk:
+        p.requires_grad_(True)
+    surgery.accumulate(_losses(model, x, y))
+    trunk[1].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"the shared parameters requiring grad changed since "
+                                         r"the last micro-batch"):
+        surgery.accumulate(_losses(model, x, y))
+    surgery.apply()  # the pending micro-batch, over the parameters it was taken for
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "backward"])
+def test_sparse_head_gets_the_sparse_sum(per_task: str) -> None:
+    """A task's ``nn.Embedding(sparse=True)`` is a head: it gets the plain sum of its gradients,
+    sparse, as ``sum(losses).backward()`` gives it (twice: added to the one already there).
+    The default mode failed in the head's clone ("unsupported memory format option")."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 4).to(F64)
+    emb = nn.Embedding(10, 4, sparse=True).to(F64)
+    x = torch.randn(3, 4, dtype=F64)
+    idx = torch.tensor([1, 2, 2])
+
+    def losses() -> list[torch.Tensor]:
+        h = torch.tanh(trunk(x))
+        return [h.pow(2).sum(), (h * emb(idx)).sum(), -(h * emb(idx + 1)).pow(2).sum()]
+
+    for _ in range(2):
+        sum(losses()).backward()
+    expected = [p.grad.to_dense() for p in (trunk.weight, trunk.bias, emb.weight)]
+    for p in (trunk.weight, trunk.bias, emb.weight):
+        p.grad = None
+    surgery = GradientSurgery(trunk.parameters(), Sum(), per_task=per_task)
+    for _ in range(2):
+        surgery.backward(losses())
+    assert emb.weight.grad.layout == torch.sparse_coo
+    for p, want in zip((trunk.weight, trunk.bias, emb.weight), expected):
+        torch.testing.assert_close(p.grad.to_dense(), want)
+
+
+def test_sparse_head_in_batched_mode_is_refused_by_name() -> None:
+    """vmap has no batching rule for sparse gradients ("Could not run 'aten::view' with
+    arguments from the 'SparseCPU' backend"): refused, naming the head and the way out."""
+    trunk = nn.Linear(4, 4)
+    emb = nn.Embedding(10, 4, sparse=True)
+    h = trunk(torch.randn(3, 4))
+    losses = [h.pow(2).sum(), (h * emb(torch.tensor([1, 2, 3]))).sum()]
+    with pytest.raises(ValueError, match=r"per_task='batched' cannot compute sparse gradients "
+                                         r".* a head parameter of shape \(10, 4\) gets one .* "
+                                         r"use per_task='autograd'"):
+        GradientSurgery(trunk.parameters(), UPGrad(), per_task="batched").backward(losses)
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_sparse_shared_parameter_is_refused_by_name(per_task: str) -> None:
+    """A shared parameter whose gradient is sparse cannot go into the dense per-task stacks:
+    the error names it (it was an unnamed "copy_() between dense and sparse Tensors")."""
+    emb = nn.Embedding(10, 3, sparse=True)
+    out = emb(torch.tensor([1, 2]))
+    surgery = GradientSurgery(emb.named_parameters(), UPGrad(), per_task=per_task)
+    with pytest.raises(ValueError, match=r"shared parameter 'weight' got a sparse gradient "
+                                         r"\(torch.sparse_coo"):
+        surgery.backward([out.sum(), out.pow(2).sum()])
+    assert emb.weight.grad is None  # the scratch .grad of "backward" is put back
+    sparse = nn.Parameter(torch.eye(3).to_sparse())
+    with pytest.raises(ValueError, match=r"shared parameter 'param0' is a torch.sparse_coo "
+                                         r"tensor"):
+        GradientSurgery([sparse], UPGrad())
 
 
 # ------------------------------------------------------------------ LibMTL-style trainer

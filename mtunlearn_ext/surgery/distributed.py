@@ -32,7 +32,8 @@ NCCL and CPU ones gloo.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 import torch
@@ -101,9 +102,12 @@ class ShardedReducer:
         self.group = group
         self._reduce = stats_all_reduce(group)
 
-    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
-                          ) -> None:
-        """Nothing to do: shard-local per-task gradients are already the global ones."""
+    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
+                          reached: list[bool] | None = None,
+                          head_tasks: Sequence[int] | None = None) -> None:
+        """Nothing to do: shard-local per-task gradients are already the global ones (and
+        whether a task reached a shard is this rank's own business: it writes only its
+        shards)."""
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Global Gram matrix = SUM over ranks of the shard Grams (one ``k x k`` all-reduce)."""
@@ -113,66 +117,95 @@ class ShardedReducer:
 class ReplicatedReducer:
     """Each rank holds all shared parameters and per-task gradients of its own data: the stacks
     (and head gradients) are averaged across ranks before the surgery (see the module text for
-    why the Gram cannot be reduced instead).
+    why the Gram cannot be reduced instead). A shared parameter that some rank's losses reached
+    gets the average on every rank; one that no rank's losses reached keeps its ``.grad``
+    everywhere (the flags travel with the collective that is there anyway).
 
     Heads: the ranks must average the same head tensors in the same order. With ``head_params``
-    (every task-specific parameter) each rank reduces all of them, a head that no loss reached
-    on a rank counting as a zero gradient there (a task without labels in that rank's batch,
-    say): its ``.grad`` is then the same average on every rank, and stays ``None`` only if no
-    rank reached it. Without them the heads are found per rank from the losses' graphs, and a
-    small all-reduce checks that every rank found the same ones: if not, every rank raises
-    (instead of pairing different tensors across ranks, or waiting forever).
+    (every task-specific parameter) each rank reduces all of them (those requiring grad), a
+    head that no loss reached on a rank counting as a zero gradient there (a task without
+    labels in that rank's batch, say): its ``.grad`` is then the same average on every rank,
+    and stays ``None`` only if no rank reached it. Without them the heads are found per rank
+    from the losses' graphs, and a small all-reduce checks that every rank found the same
+    ones, each known by which tasks' losses reach it, its shape and dtype, in order: if not,
+    every rank raises (instead of pairing different tensors across ranks, or waiting
+    forever). Heads that the same tasks reach with the same shapes cannot be told apart that
+    way (a data-dependent choice between two such heads): pass ``head_params`` there.
     """
 
     def __init__(self, group: ProcessGroup | None = None,
                  head_params: Iterable[torch.Tensor] | None = None) -> None:
         self.group = group
         self.head_params: list[torch.Tensor] | None = None
-        if head_params is not None:
-            unique = {id(p): p for p in head_params if p.requires_grad}
+        if head_params is not None:  # frozen ones are left out at each call
+            unique = {id(p): p for p in head_params}
             self.head_params = list(unique.values())
 
-    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
-                          ) -> None:
-        """Average of every per-task stack and head gradient over the ranks, in place."""
+    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
+                          reached: list[bool] | None = None,
+                          head_tasks: Sequence[int] | None = None) -> None:
+        """Average of every per-task stack and head gradient over the ranks, in place;
+        ``reached`` (per stack) becomes whether any rank reached the parameter."""
         device = stacks[0].device if stacks else torch.device("cpu")
+        flags = [] if reached is None else reached
         if self.head_params is None:
-            _check_same_heads(head_grads, device, self.group)
+            anywhere = _check_same_heads(head_grads, head_tasks, flags, device, self.group)
             _all_reduce_mean([*stacks, *head_grads], self.group)
+            flags[:] = anywhere
             return
-        heads = self.head_params
+        heads = [p for p in self.head_params if p.requires_grad]
         fillers = {id(p): torch.zeros_like(local_tensor(p), memory_format=torch.contiguous_format)
                    for p in heads if p.grad is None}
         grads = [fillers[id(p)] if id(p) in fillers else local_tensor(cast(torch.Tensor, p.grad))
                  for p in heads]
-        reached = torch.tensor([float(id(p) not in fillers) for p in heads], device=device)
-        _all_reduce_mean([*stacks, *grads, reached], self.group)
-        for p, grad, anywhere in zip(heads, grads, reached.tolist()):
-            if id(p) in fillers and anywhere > 0:
+        hits = torch.tensor([float(id(p) not in fillers) for p in heads]
+                            + [float(r) for r in flags], device=device)
+        _all_reduce_mean([*stacks, *grads, hits], self.group)
+        somewhere = [share > 0 for share in hits.tolist()]
+        for p, grad, anywhere_ in zip(heads, grads, somewhere):
+            if id(p) in fillers and anywhere_:
                 p.grad = grad
+        flags[:] = somewhere[len(heads):]
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Identity: the Gram of averaged gradients is already global on every rank."""
         return stats
 
 
-def _check_same_heads(head_grads: list[torch.Tensor], device: torch.device,
-                      group: ProcessGroup | None) -> None:
-    """Raise on every rank if the ranks found different head gradients to average (their count
-    or their sizes in order differ): one all-reduce of four integers."""
+def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] | None) -> int:
+    """A 62-bit digest of the heads in order: which tasks reach each (when known), its shape and
+    dtype. The same on every process for the same heads (no per-process salt, unlike
+    ``hash``); two ranks that reached different heads of one shape differ in the tasks."""
+    tasks: Sequence[int | None] = ([None] * len(head_grads) if head_tasks is None
+                                   else head_tasks)
+    described = repr([(t, tuple(g.shape), str(g.dtype)) for t, g in zip(tasks, head_grads)])
+    return int.from_bytes(hashlib.blake2b(described.encode(), digest_size=8).digest(),
+                          "big") >> 2
+
+
+def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] | None,
+                      reached: Sequence[bool], device: torch.device,
+                      group: ProcessGroup | None) -> list[bool]:
+    """Raise on every rank if the ranks found different head gradients to average (their
+    count, or which tasks reach them and their shapes, in order, differ); returns, per flag of
+    ``reached``, whether any rank set it. One all-reduce (MAX) of a few integers."""
     count = len(head_grads)
-    layout = sum((i + 1) * g.numel() for i, g in enumerate(head_grads)) % (1 << 61)
-    mine = torch.tensor([count, layout, -count, -layout], dtype=torch.int64, device=device)
+    digest = _heads_digest(head_grads, head_tasks)
+    mine = torch.tensor([count, digest, -count, -digest, *(int(r) for r in reached)],
+                        dtype=torch.int64, device=device)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
-    most, high, fewest, low = mine.tolist()
+    most, high, fewest, low, *anywhere = mine.tolist()
     fewest, low = -fewest, -low
     if most != fewest or high != low:
+        found = (f"from {fewest} to {most} tensors with a gradient" if most != fewest else
+                 f"{most} tensors with a gradient on every rank, but reached by other tasks or "
+                 "of other shapes")
         raise ValueError(
             "replicated_surgery: the ranks' losses reached different task-specific parameters "
-            f"(from {fewest} to {most} tensors with a gradient, or the same number of other "
-            "sizes), so their gradients cannot be averaged tensor by tensor. Pass `head_params` "
-            "(every task-specific parameter): a head that no loss reaches on a rank then counts "
-            "as a zero gradient there")
+            f"({found}), so their gradients cannot be averaged tensor by tensor. Pass "
+            "`head_params` (every task-specific parameter): a head that no loss reaches on a "
+            "rank then counts as a zero gradient there")
+    return [flag > 0 for flag in anywhere]
 
 
 def _require_process_group(caller: str, group: ProcessGroup | None) -> None:
@@ -191,8 +224,12 @@ def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, 
     or parameter lists split across ranks). Defaults to ``per_task="backward"`` when the
     parameters are DTensors (FSDP2 reduce-scatters inside ``backward``); other keyword
     arguments go to :class:`GradientSurgery`. Per-layer ids (``per_layer=[...]``) are global
-    layer ids and need ``num_layers``."""
+    layer ids and need ``num_layers``; ``per_layer=True`` (one layer per tensor) only with
+    DTensor parameters, where every rank holds a shard of every tensor."""
     _require_process_group("sharded_surgery", group)
+    # list() keeps the kind of the iterable (bare tensors or (name, tensor) pairs).
+    params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
     per_layer = kwargs.get("per_layer", False)
     if not isinstance(per_layer, bool) and kwargs.get("num_layers") is None:
         # Without it each rank would number its own layers 0..L_r-1, and the all-reduce would
@@ -200,9 +237,15 @@ def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, 
         raise ValueError("sharded_surgery: `per_layer` ids need `num_layers` (the global "
                          "number of layers), so that every rank reduces [L, k, k] Grams of one "
                          "layout")
-    # list() keeps the kind of the iterable (bare tensors or (name, tensor) pairs).
-    params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
-    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    if per_layer is True and not all(is_dtensor(t) for t in tensors):
+        # One layer per tensor lines the ranks' Grams up only when every rank holds a shard of
+        # every tensor (DTensors); a split list has other tensors, or another number of them,
+        # per rank: the all-reduce added unrelated Grams, or failed on mismatched sizes.
+        raise ValueError("sharded_surgery: per_layer=True (one problem per tensor) needs every "
+                         "shared parameter to be a DTensor (FSDP2: each rank holds a shard of "
+                         "every tensor); for a parameter list split across ranks pass global "
+                         "`per_layer` ids (one per tensor here) and `num_layers`, so that every "
+                         "rank reduces [L, k, k] Grams of one layout")
     if "per_task" not in kwargs:
         kwargs["per_task"] = "backward" if any(is_dtensor(t) for t in tensors) else "autograd"
     return GradientSurgery(params, aggregator, reducer=ShardedReducer(group),
@@ -220,8 +263,8 @@ def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[st
     Pass ``head_params`` (every task-specific parameter) when a task's loss may not reach its
     head on some rank (no labels of that task in the rank's batch): the head then counts as a
     zero gradient there and every rank gets the same average. Without them the ranks must reach
-    the same heads; if they do not, every rank raises a ValueError saying so
-    (:class:`ReplicatedReducer`)."""
+    the same heads (each known by which tasks reach it and its shape); if they do not, every
+    rank raises a ValueError saying so (:class:`ReplicatedReducer`)."""
     _require_process_group("replicated_surgery", group)
     if kwargs.get("per_task", "autograd") == "backward":
         raise ValueError("replicated_surgery: per_task='backward' is not supported (DDP's hooks "

@@ -8,12 +8,16 @@ gradient accumulation over micro-batches works as with ``backward``). Parameters
 shared set that the losses reach (task heads) receive the plain sum of their task gradients,
 as ``sum(losses).backward()`` would give them. No flat copy of the parameters or gradients is
 ever made; the only extra memory is the ``k`` stacks.
+
+As with ``sum(losses).backward()``, a shared parameter that no task's loss reaches keeps its
+``.grad`` as it is (``None`` stays ``None``, so optimizers skip it), and which shared parameters
+take part is read from ``requires_grad`` at each call (layers frozen or unfrozen between steps).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -32,10 +36,12 @@ from mtunlearn_ext.surgery.weightings import Weighting
 #: How per-task gradients are obtained.
 #:
 #: ``"autograd"``: ``torch.autograd.grad`` once per task (retaining the graph between tasks); the
-#: head gradients come out of the same passes. Works with eager and ``torch.compile``\\ d models.
+#: head gradients come out of the same passes. Works with eager and ``torch.compile``\\ d models,
+#: and with heads whose gradients are sparse (``nn.Embedding(sparse=True)``).
 #: ``"batched"``: one vmapped ``torch.autograd.grad`` over the stacked losses
 #: (``is_grads_batched``); fastest for small models in eager mode, but every op on the path
-#: needs a batching rule and inductor-compiled backward graphs do not support it.
+#: needs a batching rule (sparse gradients have none) and inductor-compiled backward graphs do
+#: not support it.
 #: ``"backward"``: ``loss.backward()`` once per task, harvesting ``.grad`` after each. Needed when
 #: gradient hooks of a wrapper must run (FSDP2's reduce-scatter) and for trainers built around
 #: ``.backward`` (LibMTL's ``mode='backward'``); head gradients accumulate natively.
@@ -45,9 +51,17 @@ PerTaskMode = Literal["autograd", "batched", "backward"]
 class GradReducer(Protocol):
     """Cross-process steps of a surgery (see :mod:`mtunlearn_ext.surgery.distributed`)."""
 
-    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
-                          ) -> None:
-        """In place, before the Gram pass: e.g. average data-parallel per-task gradients."""
+    def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
+                          reached: list[bool] | None = None,
+                          head_tasks: Sequence[int] | None = None) -> None:
+        """In place, before the Gram pass: e.g. average data-parallel per-task gradients.
+
+        ``reached`` (one flag per stack: some task's loss reached that shared parameter in this
+        process) is updated in place to what the aggregation must write: a parameter whose
+        averaged stack comes from other processes too is reached if any of them reached it.
+        ``head_tasks``: for each head gradient, the bit mask of the tasks whose loss reached it
+        (how processes that find their heads on their own can tell whether they found the
+        same ones); ``None`` when not known."""
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """The global Gram matrix from the local one (SUM over shards, or identity)."""
@@ -55,13 +69,34 @@ class GradReducer(Protocol):
 
 @dataclass
 class _SharedList:
-    """The shared parameters that take part (frozen and repeated ones do not), and where each
-    of the given list's entries went: ``slot[i]`` is the index in ``tensors`` of given entry
-    ``i``, ``None`` for a frozen one."""
+    """The shared parameters as given, each tensor once, frozen ones included (which of them
+    take part is decided at each call, from ``requires_grad`` then): ``slot[i]`` is the index
+    in ``tensors`` of given entry ``i`` (a tensor listed twice has one place)."""
 
     names: list[str]
     tensors: list[torch.Tensor]
-    slot: list[int | None]
+    slot: list[int]
+
+
+@dataclass
+class _Active:
+    """The shared parameters taking part in one call, those requiring grad at that moment, with
+    their per-layer ids (each tensor keeps the id given for it; see :func:`_active_layer_ids`)."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    per_layer: bool | list[int]
+
+
+@dataclass
+class _TaskPass:
+    """What the per-task pass of one call (or of the micro-batches of one step) left: for each
+    shared parameter whether any task's loss reached it, the heads' ``.grad`` tensors it wrote,
+    and for each of those the bit mask of the tasks that reached it (``None``: not collected)."""
+
+    reached: list[bool]
+    heads: list[torch.Tensor]
+    head_tasks: list[int] | None
 
 
 def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -76,13 +111,14 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"GradientSurgery: shared parameter {name!r} is a "
                             f"{type(t).__name__}, not a tensor")
-        if not t.requires_grad:
-            shared.slot.append(None)
-            continue
         if not t.is_leaf:  # its .grad is never filled: the surgery would silently do nothing
             raise ValueError(f"GradientSurgery: shared parameter {name!r} is not a leaf tensor "
                              "(a computed one, whose .grad autograd does not keep); pass the "
                              "model's parameters")
+        if t.layout != torch.strided:  # the per-task stacks and the combination are dense
+            raise ValueError(f"GradientSurgery: shared parameter {name!r} is a {t.layout} "
+                             "tensor; the surgery needs dense shared parameters (leave it out "
+                             "of `shared_params`: it then gets the plain sum, as a head)")
         if id(t) in listed:  # listed twice: it counts once in the Gram, not twice
             shared.slot.append(listed[id(t)])
             continue
@@ -93,12 +129,13 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
     return shared
 
 
-def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
-                    num_layers: int | None = None) -> bool | list[int]:
+def _given_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
+                     num_layers: int | None = None) -> bool | list[int]:
     """``per_layer`` as the user gives it (one id per shared tensor as passed, frozen and
-    repeated ones included) -> one id per tensor that takes part, renumbered ``0..L-1`` in id
-    order (a layer whose tensors are all frozen drops out). With ``num_layers`` the ids are
-    global (a rank's part of a split list) and kept as they are, each below ``num_layers``."""
+    repeated ones included) -> one id per tensor of ``shared.tensors``, checked. Which of them
+    take part, and so how the ids are renumbered, is decided at each call
+    (:func:`_active_layer_ids`). With ``num_layers`` the ids are global (a rank's part of a
+    split list), each below ``num_layers``."""
     if num_layers is not None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"GradientSurgery: `num_layers` must be an integer >= 1, got "
@@ -127,39 +164,94 @@ def _kept_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
                          f"as passed ({len(shared.slot)}, frozen ones included), got {len(ids)}")
     kept: list[int | None] = [None] * len(shared.tensors)
     for layer, slot in zip(ids, shared.slot):
-        if slot is None:
-            continue
         if kept[slot] is not None and kept[slot] != layer:
             raise ValueError(f"GradientSurgery: shared parameter {shared.names[slot]!r} is "
                              f"listed twice, with layer ids {kept[slot]} and {layer}")
         kept[slot] = layer
+    layers = [layer for layer in kept if layer is not None]  # every slot has its id by now
     if num_layers is not None:
-        global_ids = [layer for layer in kept if layer is not None]
-        layer_index(global_ids, len(global_ids), "GradientSurgery", num_layers)  # range check
-        return global_ids
-    renumber = {layer: new for new, layer in enumerate(sorted({i for i in kept if i is not None}))}
-    return [renumber[layer] for layer in kept if layer is not None]
+        layer_index(layers, len(layers), "GradientSurgery", num_layers)  # range check
+    return layers
 
 
-def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node)."""
+def _active_layer_ids(given: bool | list[int], active: Sequence[int],
+                      num_layers: int | None) -> bool | list[int]:
+    """The ids of the tensors taking part in a call (``active``: their places in the given
+    list), each its own given id: as given with ``num_layers`` (global ids), else renumbered
+    ``0..L-1`` in id order (a layer whose tensors are all frozen drops out)."""
+    if isinstance(given, bool):
+        return given
+    ids = [given[i] for i in active]
+    if num_layers is not None:
+        return ids
+    renumber = {layer: new for new, layer in enumerate(sorted(set(ids)))}
+    return [renumber[layer] for layer in ids]
+
+
+def _member_layer_ids(per_layer: bool | list[int], count: int, members: Sequence[int],
+                      num_layers: int | None) -> tuple[bool | list[int], int | None]:
+    """The layer ids of ``members`` (some of the ``count`` stacks of a call) with the number of
+    layers of the whole call, so that the weights keep their ``[L, k]`` shape and each layer
+    its row: a layer left without members has a zero Gram, as its zero stacks gave it."""
+    if per_layer is False:
+        return False, num_layers
+    ids = list(range(count)) if per_layer is True else per_layer
+    total = num_layers if num_layers is not None else max(ids) + 1  # renumbered: 0..L-1
+    return [ids[p] for p in members], total
+
+
+def _graph_nodes(losses: Sequence[torch.Tensor]) -> Iterator[object]:
+    """Every autograd node the losses depend on, once each."""
     # Visited nodes are kept alive, not only their ids: a node's Python wrapper can be freed once
     # popped, and a new wrapper (of another node) can then reuse its address, so a set of bare
     # ids skipped unvisited parts of the graph (seen with Python 3.12 / torch 2.11, on the CPU
     # and on CUDA: every head left without its gradient; never with Python 3.11).
     seen: dict[int, object] = {}
-    found: dict[int, torch.Tensor] = {}
     stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen[id(node)] = node
+        yield node
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+
+def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node)."""
+    found: dict[int, torch.Tensor] = {}
+    for node in _graph_nodes(losses):
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             found[id(variable)] = variable
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     return list(found.values())
+
+
+def _sparse_fed_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaves that get a sparse gradient: those fed by a node saved with ``sparse=True``
+    (``nn.Embedding`` / ``nn.EmbeddingBag`` built with ``sparse=True``). Only for naming the
+    culprit once a pass has failed: it reads no saved tensor, so it works on a freed graph."""
+    found: dict[int, torch.Tensor] = {}
+    for node in _graph_nodes(losses):
+        if getattr(node, "_saved_sparse", False) is not True:
+            continue
+        for nxt, _ in getattr(node, "next_functions", ()):
+            variable = getattr(nxt, "variable", None)
+            if isinstance(variable, torch.Tensor):
+                found[id(variable)] = variable
+    return list(found.values())
+
+
+def _tasks_reaching(losses: Sequence[torch.Tensor], heads: Sequence[torch.Tensor]) -> list[int]:
+    """For each head, the bit mask of the losses whose graph reaches it (one walk per loss)."""
+    place = {id(h): i for i, h in enumerate(heads)}
+    masks = [0] * len(heads)
+    for t, loss in enumerate(losses):
+        for leaf in _reachable_leaves([loss]):
+            i = place.get(id(leaf))
+            if i is not None:
+                masks[i] |= 1 << t
+    return masks
 
 
 def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], *,
@@ -178,24 +270,48 @@ def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], 
         torch._foreach_zero_([slot for slot, g in zip(slots, grads) if g is None])
 
 
+def _sparse_shared_error(name: str, layout: torch.layout) -> ValueError:
+    return ValueError(f"GradientSurgery: shared parameter {name!r} got a sparse gradient "
+                      f"({layout}, e.g. from nn.Embedding(sparse=True)); the surgery needs "
+                      "dense per-task gradients of the shared parameters: build that module "
+                      "with sparse=False, or leave the parameter out of `shared_params` (it "
+                      "then gets the plain sum of its gradients, as a head)")
+
+
+def _store_named(active: _Active, slots: Sequence[torch.Tensor],
+                 grads: Sequence[torch.Tensor | None], *, add: bool) -> None:
+    """:func:`_store`, whose failure on a sparse gradient (a copy into a dense stack) names the
+    parameter; looked for only once the store has failed, so the normal path pays nothing."""
+    try:
+        _store(slots, grads, add=add)
+    except RuntimeError as error:
+        for name, g in zip(active.names, grads):
+            if g is not None and g.layout != torch.strided:
+                raise _sparse_shared_error(name, g.layout) from error
+        raise
+
+
 class GradientSurgery:
     """Apply an aggregator to per-task gradients of the shared parameters, into ``.grad``.
 
     Args:
         shared_params: the shared (backbone) parameters, as tensors or ``(name, tensor)`` pairs
-            (``model.trunk.named_parameters()``); those without ``requires_grad`` are skipped.
+            (``model.trunk.named_parameters()``). Those that do not require grad at a call
+            are left out of it: trainability is read at each call, so layers may be frozen or
+            unfrozen between steps (a parameter passed here is never treated as a head).
             FSDP2 (DTensor) parameters are handled shard-locally: use ``per_task="backward"`` and
             a sharded reducer (:func:`mtunlearn_ext.surgery.distributed.sharded_surgery`).
         aggregator: an :class:`~mtunlearn_ext.surgery.Aggregator` or a
             :class:`~mtunlearn_ext.surgery.Weighting`.
         head_params: the non-shared parameters. ``None``: every other leaf the losses reach,
             found by a walk of the autograd graph at each call (pass them to skip the walk).
-            Ignored with ``per_task="backward"``, where heads accumulate natively.
+            Those not requiring grad at a call are left out of it. Ignored with
+            ``per_task="backward"``, where heads accumulate natively.
         per_task: how per-task gradients are computed (:data:`PerTaskMode`).
         per_layer: one aggregation per layer instead of one global one (``True``: per tensor;
-            or a layer id per shared tensor as passed, frozen ones included: layers are
-            renumbered ``0..L-1`` in id order over the tensors that take part, and the rows of
-            the returned weights follow that order).
+            or a layer id per shared tensor as passed, frozen ones included: at each call the
+            layers are renumbered ``0..L-1`` in id order over the tensors that take part, and
+            the rows of the returned weights follow that order).
         num_layers: the global number of layers ``L`` when each rank passes its part of a
             parameter list split across ranks with global ``per_layer`` ids (needed there:
             every rank must reduce ``[L, k, k]`` Grams of one layout); the ids are then kept
@@ -215,57 +331,86 @@ class GradientSurgery:
                  per_task: PerTaskMode = "autograd", per_layer: bool | Sequence[int] = False,
                  num_layers: int | None = None, reducer: GradReducer | None = None,
                  check_finite: bool = True) -> None:
-        shared = _split_named(shared_params)
-        self.names, self.params = shared.names, shared.tensors
-        if not self.params:
-            raise ValueError("GradientSurgery: `shared_params` holds no tensor requiring grad")
+        self._given = _split_named(shared_params)
+        if not self._given.tensors:
+            raise ValueError("GradientSurgery: `shared_params` holds no tensor")
         if per_task not in ("autograd", "batched", "backward"):
             raise ValueError(f"GradientSurgery: `per_task` must be 'autograd', 'batched' or "
                              f"'backward', got {per_task!r}")
-        if per_task != "backward" and any(is_dtensor(p) for p in self.params):
+        if per_task != "backward" and any(is_dtensor(p) for p in self._given.tensors):
             raise ValueError("GradientSurgery: DTensor (FSDP2) parameters need "
                              "per_task='backward', so that FSDP2's reduce-scatter hooks run")
         if not isinstance(aggregator, (Aggregator, Weighting)):
             raise TypeError(f"GradientSurgery: `aggregator` must be a mtunlearn_ext.surgery "
                             f"Aggregator or Weighting, got {type(aggregator).__name__}")
         self.aggregator = aggregator
-        self.head_params = None if head_params is None else [p for p in head_params
-                                                             if p.requires_grad]
+        # Each head once (listed twice, it would get its gradient twice); frozen ones are
+        # filtered at each call, like the shared parameters.
+        self.head_params = None if head_params is None else list(
+            {id(p): p for p in head_params}.values())
         self.per_task: PerTaskMode = per_task
-        self.per_layer = _kept_layer_ids(per_layer, shared, num_layers)
+        self._layer_ids = _given_layer_ids(per_layer, self._given, num_layers)
         self.num_layers = num_layers
         self.reducer = reducer
         self.check_finite = check_finite
-        self._shared_ids = {id(p) for p in self.params}
+        # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
+        self._shared_ids = {id(p) for p in self._given.tensors}
         if self.head_params is not None and any(id(p) in self._shared_ids
                                                 for p in self.head_params):
             raise ValueError("GradientSurgery: `head_params` holds shared parameters; a "
                              "parameter is either shared (its gradient goes through the "
                              "aggregator) or a head's (its gradients are summed)")
-        # State of accumulate() / apply(): per-task buffers and the heads they touched.
+        self._everything = _Active(self._given.names, self._given.tensors,
+                                   _active_layer_ids(self._layer_ids,
+                                                     range(len(self._given.tensors)),
+                                                     num_layers))
+        # State of accumulate() / apply(): per-task buffers, the parameters they are for, and
+        # what the pending micro-batches reached.
         self._buffers: list[torch.Tensor] | None = None
         self._buffered_tasks: int | None = None
+        self._buffered_for: _Active | None = None
         self._pending = False
+        self._pending_reached: list[bool] = []
         self._pending_heads: dict[int, torch.Tensor] = {}
+        self._pending_tasks: dict[int, int] | None = {}
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the shared parameters that take part now (those requiring grad)."""
+        return self._active_now().names
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The shared parameters that take part now (those requiring grad), in the order of
+        the stacks :meth:`apply` takes."""
+        return self._active_now().params
+
+    @property
+    def per_layer(self) -> bool | list[int]:
+        """The layer id of each parameter in :attr:`params` (or the ``per_layer`` flag)."""
+        return self._active_now().per_layer
 
     def backward(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False
                  ) -> torch.Tensor:
         """Per-task gradients of ``losses`` -> aggregated update added into ``.grad``.
 
         Args:
-            losses: ``k`` scalar task losses (scaled ones under a ``GradScaler``).
+            losses: a sequence of ``k`` scalar task losses (scaled ones under a
+                ``GradScaler``).
             retain_graph: keep the graph after the last task (as in ``Tensor.backward``).
 
         Returns:
             The aggregator's weights (``[k]``, or ``[L, k]`` per layer).
         """
         losses = self._check_losses(losses)
+        active = self._take_part("GradientSurgery.backward")
         stacks = [torch.empty((len(losses), *local_tensor(p).shape), dtype=p.dtype,
-                              device=local_tensor(p).device) for p in self.params]
-        heads = self._per_task_grads(losses, stacks, add=False, retain_graph=retain_graph)
-        return self._aggregate(stacks, heads)
+                              device=local_tensor(p).device) for p in active.params]
+        found = self._per_task_grads(losses, active, stacks, add=False,
+                                     retain_graph=retain_graph)
+        return self._aggregate(active, stacks, found)
 
     def accumulate(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False) -> None:
         """Add the per-task gradients of ``losses`` to internal per-task buffers (one stack per
@@ -274,57 +419,106 @@ class GradientSurgery:
         (large-batch semantics), not one surgery per micro-batch."""
         losses = self._check_losses(losses)
         k = len(losses)
+        active = self._take_part("GradientSurgery.accumulate")
         if self._pending and self._buffered_tasks != k:
             raise ValueError(f"GradientSurgery.accumulate: got {k} losses, but the micro-batches "
                              f"accumulated since the last apply() have {self._buffered_tasks} "
                              "tasks; every micro-batch of one step needs the same tasks, in "
                              "the same order")
-        if self._buffers is None or self._buffered_tasks != k:
+        same_params = (self._buffered_for is not None
+                       and _same_tensors(self._buffered_for.params, active.params))
+        if self._pending and not same_params:
+            raise ValueError("GradientSurgery.accumulate: the shared parameters requiring grad "
+                             "changed since the last micro-batch (a layer was frozen or "
+                             "unfrozen); call apply() before changing them")
+        if self._buffers is None or self._buffered_tasks != k or not same_params:
             self._buffers = [torch.empty((k, *local_tensor(p).shape), dtype=p.dtype,
-                                         device=local_tensor(p).device) for p in self.params]
+                                         device=local_tensor(p).device) for p in active.params]
             self._buffered_tasks = k
+            self._buffered_for = active
             self._pending = False
-        heads = self._per_task_grads(losses, self._buffers, add=self._pending,
+        if not self._pending:
+            self._pending_reached = [False] * len(active.params)
+            self._pending_heads = {}
+            self._pending_tasks = {}
+        found = self._per_task_grads(losses, active, self._buffers, add=self._pending,
                                      retain_graph=retain_graph)
         self._pending = True
-        for h in heads:
+        # Across micro-batches: a parameter any of them reached is reached.
+        self._pending_reached = [a or b for a, b in zip(self._pending_reached, found.reached)]
+        for i, h in enumerate(found.heads):
             self._pending_heads[id(h)] = h
+            if self._pending_tasks is not None and found.head_tasks is not None:
+                self._pending_tasks[id(h)] = self._pending_tasks.get(id(h), 0) | found.head_tasks[i]
+        if found.head_tasks is None:
+            self._pending_tasks = None
 
     def apply(self, per_task_grads: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Aggregate per-task gradients that already sit in buffers into ``.grad``.
 
         Args:
-            per_task_grads: one stack ``[k, *shape_p]`` per shared parameter (the local shard's
-                shape for FSDP2), in the order of ``self.params``; they may be modified in place
-                by a reducer. ``None``: the buffers filled by :meth:`accumulate`, which are then
-                marked consumed.
+            per_task_grads: one stack ``[k, *shape_p]`` per shared parameter taking part (those
+                requiring grad: :attr:`params`; the local shard's shape for FSDP2), in the order
+                of :attr:`params`; they may be modified in place by a reducer. ``None``: the
+                buffers filled by :meth:`accumulate`, which are then marked consumed (a shared
+                parameter none of their micro-batches reached keeps its ``.grad``).
 
         Returns:
             The aggregator's weights.
         """
         if per_task_grads is None:
-            if not self._pending or self._buffers is None:
+            if not self._pending or self._buffers is None or self._buffered_for is None:
                 raise RuntimeError("GradientSurgery.apply: nothing accumulated; call "
                                    "accumulate(losses) first or pass `per_task_grads`")
             heads = list(self._pending_heads.values())
+            tasks = (None if self._pending_tasks is None
+                     else [self._pending_tasks[id(h)] for h in heads])
+            found = _TaskPass(self._pending_reached, heads, tasks)
             self._pending = False
             self._pending_heads = {}
-            return self._aggregate(self._buffers, heads)
+            self._pending_tasks = {}
+            return self._aggregate(self._buffered_for, self._buffers, found)
+        active = self._take_part("GradientSurgery.apply")
         stacks = list(per_task_grads)
-        if len(stacks) != len(self.params):
-            raise ValueError(f"GradientSurgery.apply: expected {len(self.params)} stacks (one per "
-                             f"shared parameter), got {len(stacks)}")
-        for name, p, s in zip(self.names, self.params, stacks):
+        if len(stacks) != len(active.params):
+            raise ValueError(f"GradientSurgery.apply: expected {len(active.params)} stacks (one "
+                             f"per shared parameter requiring grad), got {len(stacks)}")
+        for name, p, s in zip(active.names, active.params, stacks):
             if tuple(s.shape[1:]) != tuple(local_tensor(p).shape):
                 raise ValueError(f"GradientSurgery.apply: the stack for {name!r} must be "
                                  f"[k, *{tuple(local_tensor(p).shape)}], got {tuple(s.shape)}")
-        return self._aggregate(stacks, [])
+        return self._aggregate(active, stacks, _TaskPass([True] * len(stacks), [], []))
 
     # ------------------------------------------------------------------ internals
 
+    def _active_now(self) -> _Active:
+        """The shared parameters requiring grad now (none left out: the one prepared list)."""
+        tensors = self._given.tensors
+        active = [i for i, t in enumerate(tensors) if t.requires_grad]
+        if len(active) == len(tensors):
+            return self._everything
+        return _Active([self._given.names[i] for i in active], [tensors[i] for i in active],
+                       _active_layer_ids(self._layer_ids, active, self.num_layers))
+
+    def _take_part(self, caller: str) -> _Active:
+        active = self._active_now()
+        if not active.params:
+            raise ValueError(f"{caller}: none of the shared parameters requires grad now "
+                             "(all frozen), so there is nothing to aggregate; while the shared "
+                             "part is frozen, call sum(losses).backward() instead")
+        return active
+
     @staticmethod
     def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        losses = list(losses)
+        expected = "`losses` must be a sequence of k scalar losses (one per task)"
+        if isinstance(losses, torch.Tensor) and losses.dim() == 0:
+            raise TypeError(f"GradientSurgery: {expected}, got one 0-d tensor; for a single "
+                            "task pass [loss]")
+        try:
+            losses = list(losses)
+        except TypeError:
+            raise TypeError(f"GradientSurgery: {expected}, got "
+                            f"{type(losses).__name__}") from None
         if not losses:
             raise ValueError("GradientSurgery: `losses` must hold at least one loss")
         for t, loss in enumerate(losses):
@@ -336,128 +530,177 @@ class GradientSurgery:
 
     def _heads(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.head_params is not None:
-            return self.head_params
+            return [p for p in self.head_params if p.requires_grad]
         return [v for v in _reachable_leaves(losses)
                 if v.requires_grad and id(v) not in self._shared_ids]
 
-    def _per_task_grads(self, losses: list[torch.Tensor], stacks: list[torch.Tensor], *,
-                        add: bool, retain_graph: bool) -> list[torch.Tensor]:
-        """Fill (or add into) ``stacks[p][t]`` with d losses[t] / d params[p]; head gradients
-        summed into their ``.grad``. Returns the heads' ``.grad`` tensors it wrote."""
+    def _per_task_grads(self, losses: list[torch.Tensor], active: _Active,
+                        stacks: list[torch.Tensor], *, add: bool, retain_graph: bool
+                        ) -> _TaskPass:
+        """Fill (or add into) ``stacks[p][t]`` with d losses[t] / d active.params[p]; head
+        gradients summed into their ``.grad``."""
         k = len(losses)
         if self.per_task == "backward":
-            return self._per_task_by_backward(losses, stacks, add=add, retain_graph=retain_graph)
+            reached = self._per_task_by_backward(losses, active, stacks, add=add,
+                                                 retain_graph=retain_graph)
+            return _TaskPass(reached, [], [])
         heads = self._heads(losses)
-        inputs = [*self.params, *heads]
-        n_shared = len(self.params)
+        inputs = [*active.params, *heads]
+        n_shared = len(active.params)
         head_sums: list[torch.Tensor | None] = [None] * len(heads)
+        head_tasks: list[int] | None
         if self.per_task == "batched":
             stacked = torch.stack([loss.reshape(()) for loss in losses])
             eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
-            grads = torch.autograd.grad(stacked, inputs, grad_outputs=eye, is_grads_batched=True,
-                                        retain_graph=retain_graph, allow_unused=True)
-            _store(stacks, grads[:n_shared], add=add)
+            try:
+                grads = torch.autograd.grad(stacked, inputs, grad_outputs=eye,
+                                            is_grads_batched=True, retain_graph=retain_graph,
+                                            allow_unused=True)
+            except RuntimeError as error:
+                raise self._batched_failure(losses, active, error) from error
+            reached = [g is not None for g in grads[:n_shared]]
+            _store_named(active, stacks, grads[:n_shared], add=add)
             head_sums = [None if g is None else g.sum(0) for g in grads[n_shared:]]
+            # Which tasks reach each head, for reducers that match heads across processes;
+            # the batched pass does not tell, so only then is the graph walked once per loss.
+            head_tasks = (_tasks_reaching(losses, heads)
+                          if self.reducer is not None and self.head_params is None else None)
         else:
             rows = [s.unbind(0) for s in stacks]  # rows[p][t]: task t's slot of parameter p
+            reached = [False] * n_shared
+            head_tasks = [0] * len(heads)
             for t, loss in enumerate(losses):
                 keep = retain_graph or t < k - 1
                 grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-                _store([r[t] for r in rows], grads[:n_shared], add=add)
+                shared = grads[:n_shared]
+                reached = [r or g is not None for r, g in zip(reached, shared)]
+                _store_named(active, [r[t] for r in rows], shared, add=add)
                 for h, g in enumerate(grads[n_shared:]):
                     if g is not None:
+                        head_tasks[h] |= 1 << t
                         # Out of place: autograd may hand back expanded (stride-0) gradients.
                         total = head_sums[h]
                         head_sums[h] = g if total is None else total + g
-        written = []
-        fresh: list[torch.Tensor] = []
-        for head, summed in zip(heads, head_sums):
-            if summed is None:
-                continue
-            if head.grad is None:
-                # Autograd may return one tensor for two leaves (the gradient of h1 + h2 is the
-                # same object for both): stored as is, the two .grad would be one tensor, and an
-                # in-place change to one (accumulation, clipping, unscaling) would hit both.
-                aliased = any(summed.data_ptr() == other.data_ptr() for other in fresh)
-                if aliased or not summed.is_contiguous():
-                    summed = summed.clone(memory_format=torch.contiguous_format)
-                head.grad = summed
-                fresh.append(summed)
-            else:
-                head.grad.add_(summed)
-            written.append(head.grad)
-        return written
+        written = _write_heads(heads, head_sums)
+        return _TaskPass(reached, [grad for _, grad in written],
+                         None if head_tasks is None else [head_tasks[h] for h, _ in written])
 
-    def _per_task_by_backward(self, losses: list[torch.Tensor], stacks: list[torch.Tensor], *,
-                              add: bool, retain_graph: bool) -> list[torch.Tensor]:
+    def _batched_failure(self, losses: list[torch.Tensor], active: _Active,
+                         error: RuntimeError) -> Exception:
+        """A failed vmapped pass in the words of the surgery when a sparse gradient (which has
+        no batching rule) caused it; else the error as it came."""
+        sparse = _sparse_fed_leaves(losses)
+        names = {id(p): name for name, p in zip(active.names, active.params)}
+        for leaf in sparse:
+            if id(leaf) in names:
+                return _sparse_shared_error(names[id(leaf)], torch.sparse_coo)
+        heads = [leaf for leaf in sparse if leaf.requires_grad and id(leaf) not in self._shared_ids]
+        if not heads:
+            return error
+        described = ", ".join(f"a head parameter of shape {tuple(h.shape)}" for h in heads)
+        return ValueError(f"GradientSurgery: per_task='batched' cannot compute sparse gradients "
+                          f"(vmap has no batching rule for them), and {described} gets one "
+                          "(nn.Embedding(sparse=True) or alike); use per_task='autograd' (the "
+                          "default), which gives a head the sparse sum of its gradients as "
+                          "sum(losses).backward() does")
+
+    def _per_task_by_backward(self, losses: list[torch.Tensor], active: _Active,
+                              stacks: list[torch.Tensor], *, add: bool, retain_graph: bool
+                              ) -> list[bool]:
+        """The per-task stacks from ``loss.backward()`` per task; returns, per parameter,
+        whether any task's loss reached it."""
         k = len(losses)
+        params = active.params
         # .grad of the shared parameters is borrowed as scratch for one task at a time; what it
         # held before (earlier micro-batches) is put back untouched.
-        stash = [p.grad for p in self.params]
-        for p in self.params:
+        stash = [p.grad for p in params]
+        for p in params:
             p.grad = None
         rows = [s.unbind(0) for s in stacks]
+        reached = [False] * len(params)
         try:
             for t, loss in enumerate(losses):
                 loss.backward(retain_graph=retain_graph or t < k - 1)
-                _store([r[t] for r in rows],
-                       [None if p.grad is None else local_tensor(p.grad) for p in self.params],
-                       add=add)
-                for param in self.params:
+                grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
+                reached = [r or g is not None for r, g in zip(reached, grads)]
+                _store_named(active, [r[t] for r in rows], grads, add=add)
+                for param in params:
                     param.grad = None
         finally:
-            for param, g in zip(self.params, stash):
+            for param, g in zip(params, stash):
                 param.grad = g
-        return []
+        return reached
 
-    def _grad_outputs(self) -> tuple[list[torch.Tensor], list[float]]:
-        """The local tensor of each shared ``.grad`` to write into, and 1 (accumulate into an
-        existing gradient) or 0 (a fresh one, whose garbage contents beta=0 ignores)."""
-        outs: list[torch.Tensor] = []
-        betas: list[float] = []
-        for p in self.params:
-            if p.grad is None:
-                p.grad = new_grad_like(p)
-                betas.append(0.0)
-            else:
-                if not local_tensor(p.grad).is_contiguous():
-                    p.grad = p.grad.contiguous()
-                betas.append(1.0)
-            outs.append(local_tensor(p.grad))
-        return outs, betas
-
-    def _aggregate(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor]
+    def _aggregate(self, active: _Active, stacks: list[torch.Tensor], found: _TaskPass
                    ) -> torch.Tensor:
+        reached = list(found.reached)
         if self.reducer is not None:
-            self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in head_grads])
-        outs, betas = self._grad_outputs()
+            self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads],
+                                           reached=reached, head_tasks=found.head_tasks)
+        # A shared parameter no task's loss reached keeps its .grad as it is (None stays None,
+        # as sum(losses).backward() leaves it, so that optimizers skip it and weight decay or
+        # momentum does not move it); its zero stack adds nothing to the Gram.
+        members = [p for p, r in enumerate(reached) if r]
+        per_layer, num_layers = active.per_layer, self.num_layers
+        if len(members) < len(stacks):
+            # With none reached, one zero stack (into scratch) still gives the weights and
+            # takes part in the reducer's collective.
+            members = members or [0]
+            per_layer, num_layers = _member_layer_ids(per_layer, len(stacks), members,
+                                                      num_layers)
+        params = [active.params[p] for p in members]
+        outs, betas, allocated = self._grad_outputs(params, [reached[p] for p in members])
         try:
-            return aggregate_list(self.aggregator, stacks, outs, betas, per_layer=self.per_layer,
-                                  num_layers=self.num_layers,
+            return aggregate_list(self.aggregator, [stacks[p] for p in members], outs, betas,
+                                  per_layer=per_layer, num_layers=num_layers,
                                   reduce=None if self.reducer is None
                                   else self.reducer.reduce_stats,
                                   check_finite=self.check_finite)
         except BaseException as error:
-            self._drop_unwritten_grads(betas)
+            # The .grad buffers allocated for it (uninitialised memory) go back to None, so
+            # that a caller who catches the error and goes on does not step on garbage.
+            for p in allocated:
+                p.grad = None
             if isinstance(error, FloatingPointError):
-                raise FloatingPointError(self._non_finite_message(stacks, error)) from error
+                raise FloatingPointError(self._non_finite_message(active.names, stacks,
+                                                                  error)) from error
             raise
 
-    def _drop_unwritten_grads(self, betas: Sequence[float]) -> None:
-        """After a failed aggregation: the ``.grad`` buffers :meth:`_grad_outputs` allocated for
-        it (uninitialised memory) go back to ``None``, so that a caller who catches the error
-        and goes on does not step on garbage."""
-        for p, beta in zip(self.params, betas):
-            if beta == 0.0:
-                p.grad = None
+    @staticmethod
+    def _grad_outputs(params: list[torch.Tensor], reached: list[bool]
+                      ) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
+        """The local tensor of each shared ``.grad`` to write into, 1 (accumulate into an
+        existing gradient) or 0 (a fresh one, whose garbage contents beta=0 ignores) for each,
+        and the parameters whose ``.grad`` was allocated here. An unreached parameter gets
+        scratch, its ``.grad`` untouched."""
+        outs: list[torch.Tensor] = []
+        betas: list[float] = []
+        allocated: list[torch.Tensor] = []
+        for p, hit in zip(params, reached):
+            if not hit:
+                outs.append(local_tensor(new_grad_like(p)))
+                betas.append(0.0)
+            elif p.grad is None:
+                p.grad = new_grad_like(p)
+                allocated.append(p)
+                outs.append(local_tensor(p.grad))
+                betas.append(0.0)
+            else:
+                if not local_tensor(p.grad).is_contiguous():
+                    p.grad = p.grad.contiguous()
+                outs.append(local_tensor(p.grad))
+                betas.append(1.0)
+        return outs, betas, allocated
 
-    def _non_finite_message(self, stacks: list[torch.Tensor], error: FloatingPointError) -> str:
+    @staticmethod
+    def _non_finite_message(names: list[str], stacks: list[torch.Tensor],
+                            error: FloatingPointError) -> str:
         """Which tasks' gradients are not finite, and in which parameter first (the ops' own
         message names only their argument, a stack of every task's gradients). Runs only
         once the check has failed, so it costs nothing on the normal path."""
         tasks = stacks[0].shape[0] if stacks else 0
         first: dict[int, str] = {}
-        for name, stack in zip(self.names, stacks):
+        for name, stack in zip(names, stacks):
             rows = (~torch.isfinite(stack.reshape(tasks, -1))).any(dim=1).nonzero().flatten()
             for t in rows.tolist():
                 first.setdefault(t, name)
@@ -467,3 +710,40 @@ class GradientSurgery:
             return f"GradientSurgery: {error}{hint}"
         listed = ", ".join(f"losses[{t}] (first in {first[t]!r})" for t in sorted(first))
         return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{hint}"
+
+
+def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _write_heads(heads: Sequence[torch.Tensor], head_sums: Sequence[torch.Tensor | None]
+                 ) -> list[tuple[int, torch.Tensor]]:
+    """Each head's summed gradient into its ``.grad`` (added to one already there), as
+    ``AccumulateGrad`` stores it; returns (place in ``heads``, ``.grad``) of each head written."""
+    written: list[tuple[int, torch.Tensor]] = []
+    fresh: list[torch.Tensor] = []
+    for h, (head, summed) in enumerate(zip(heads, head_sums)):
+        if summed is None:
+            continue
+        if head.grad is None:
+            # Autograd may return one tensor for two leaves (the gradient of h1 + h2 is the
+            # same object for both): stored as is, the two .grad would be one tensor, and an
+            # in-place change to one (accumulation, clipping, unscaling) would hit both.
+            if summed.layout != torch.strided:
+                # A sparse gradient (nn.Embedding(sparse=True)) has no storage pointer nor
+                # memory format: it is stored sparse, as sum(losses).backward() stores it.
+                if any(summed is other for other in fresh):
+                    summed = summed.clone()
+            else:
+                aliased = any(other.layout == torch.strided
+                              and summed.data_ptr() == other.data_ptr() for other in fresh)
+                if aliased or not summed.is_contiguous():
+                    summed = summed.clone(memory_format=torch.contiguous_format)
+            head.grad = summed
+            fresh.append(summed)
+        elif head.grad.layout != torch.strided and summed.layout == torch.strided:
+            head.grad = summed + head.grad  # a dense sum where a sparse one cannot take it
+        else:
+            head.grad.add_(summed)
+        written.append((h, head.grad))
+    return written
