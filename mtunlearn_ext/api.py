@@ -69,7 +69,11 @@ class _SplitModel(nn.Module):
     forward returns a plain ``dict`` of task outputs. The user's module is held as ``module``,
     so the unlearned module is ``wrapper.module``. The library passes a batch's inputs along
     as one object; here, at the user's module, several inputs are unpacked (``module(*x)``
-    for a tuple, ``module(**x)`` for a dict)."""
+    for a tuple, ``module(**x)`` for a dict).
+
+    The wrapper has no mode of its own: its ``training`` is the user's module's (setting it
+    sets that module's flag, as ``train()`` / ``eval()`` do on every module below), so code
+    that saves and restores ``wrapper.training`` restores what the user's module had."""
 
     def __init__(self, module: nn.Module, shared: Sequence[str],
                  heads: Mapping[str, Sequence[str]]) -> None:
@@ -78,6 +82,21 @@ class _SplitModel(nn.Module):
         self._split = ParameterSplit(tuple(f"module.{n}" for n in shared),
                                      {t: tuple(f"module.{n}" for n in names)
                                       for t, names in heads.items()})
+
+    @property
+    def training(self) -> bool:
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is None:  # inside nn.Module.__init__, before the user's module is held
+            return bool(self.__dict__.get("_training", True))
+        return bool(module.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is None:
+            self.__dict__["_training"] = mode
+        else:
+            module.training = mode
 
     def forward(self, x: Inputs, tasks: Sequence[str] | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -433,24 +452,24 @@ def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDatase
 @torch.no_grad()
 def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
                  batch_size: int = 64) -> dict[str, float]:
-    """Mean task loss over the supervised pairs of the first ``limit`` rows (for the report)."""
-    was_training = model.training
-    model.eval()
+    """Mean task loss over the supervised pairs of the first ``limit`` rows (for the report).
+    In eval mode, then every module's own mode back (``model`` may be the caller's model,
+    whose modules may be in mixed modes: ``model.train(was_training)`` would flip them all)."""
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
     device = next(model.parameters()).device
     rows = min(limit, len(data))
-    for start in range(0, rows, batch_size):
-        batch = data.batch(torch.arange(start, min(start + batch_size, rows)))
-        out = model(inputs_to(batch["input"], device))  # type: ignore[arg-type]
-        for c, spec in enumerate(data.tasks):
-            mask = batch["supervision"][:, c].to(device)  # type: ignore[index]
-            if not bool(mask.any()):
-                continue
-            values = task_loss(spec, out[spec.name], batch["targets"][spec.name].to(device))  # type: ignore[index]
-            totals[spec.name] = totals.get(spec.name, 0.0) + float(values[mask].sum())
-            counts[spec.name] = counts.get(spec.name, 0) + int(mask.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, rows, batch_size):
+            batch = data.batch(torch.arange(start, min(start + batch_size, rows)))
+            out = model(inputs_to(batch["input"], device))  # type: ignore[arg-type]
+            for c, spec in enumerate(data.tasks):
+                mask = batch["supervision"][:, c].to(device)  # type: ignore[index]
+                if not bool(mask.any()):
+                    continue
+                values = task_loss(spec, out[spec.name], batch["targets"][spec.name].to(device))  # type: ignore[index]
+                totals[spec.name] = totals.get(spec.name, 0.0) + float(values[mask].sum())
+                counts[spec.name] = counts.get(spec.name, 0) + int(mask.sum())
     return {t: totals[t] / counts[t] for t in totals}
 
 
@@ -540,6 +559,13 @@ def build_problem(model: nn.Module, *,
         request.validate(full)
         forget, retain = request.split(full)
         targets = request.resolved_tasks(full)
+        if not len(forget):  # said here, where the request and its data are known by name
+            count = len(request.instance_ids)
+            raise ValueError(f"unlearn: `forget_request` names {count} instance"
+                             f"{'s' if count != 1 else ''}, none with a supervised pair of the "
+                             f"target task{'s' if len(targets) != 1 else ''} {targets} in "
+                             "`train_data` (its supervision mask marks those pairs unlabelled): "
+                             "there is nothing to forget")
     else:
         if retain_data is None:
             raise ValueError("unlearn: `forget_data` needs `retain_data`")
@@ -656,7 +682,8 @@ def unlearn(model: nn.Module, *,
     Args:
         model: any ``nn.Module`` returning a mapping task -> output (a ``torch.compile``'d
             one, or a ``DataParallel`` / ``DistributedDataParallel`` wrapper, is unlearned
-            through the module it wraps, which is what comes back); never modified. Layers
+            through the module it wraps, which is what comes back); never modified (weights,
+            buffers, and each module's train/eval mode). Layers
             with running statistics (BatchNorm) and dropout are fine: the steps run in eval
             mode and the statistics are recomputed from the retain data after them (the
             settings ``train_mode`` and ``recalibrate_norms``).
@@ -691,7 +718,7 @@ def unlearn(model: nn.Module, *,
 
     Returns:
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
-        mode), and an :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose
+        mode, its parameters without ``.grad``), and an :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose
         ``extra["summary"]`` holds the mean task losses on forget and retain pairs before and
         after (``forget_loss_before``, ``forget_loss_after``, ...; first 256 rows of each set).
 

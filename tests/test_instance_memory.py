@@ -65,6 +65,34 @@ def test_ring_wraps_a_smaller_batch_across_its_end() -> None:
     assert len(_rows_as_set(first) & _rows_as_set(out)) == 2
 
 
+def test_memory_keeps_the_newest_rows_not_the_last_steps() -> None:
+    """The ring counts rows: ``(steps + 1) * B`` of them, ``B`` the first batch's rows. After a
+    short batch (the last of a pass over the retain set) it keeps rows of more than ``steps``
+    earlier steps, the oldest in part (its last rows). The docstring said "the current step and
+    the last ``steps`` steps"; it now says this, with this example (behaviour unchanged: it
+    decides every result)."""
+    memory = PerSampleMemory(1, track_gram=True)
+    origins = []
+    for step, rows in enumerate([16, 16, 6, 16]):
+        stacks = [torch.full((rows, 3, 2), float(step)), torch.arange(rows).float()[:, None]
+                  .expand(rows, 5).clone()]
+        stored = memory.add(NAMES, stacks)
+        origins.append(sorted((int(a), int(b)) for a, b in zip(stored[0][:, 0, 0].tolist(),
+                                                                stored[1][:, 0].tolist())))
+    assert memory.capacity == 32
+    # After the third add: its 6 rows, the 16 of the second, the last 10 of the first (rows
+    # 6-15: its rows 0-5 were overwritten).
+    assert origins[2] == ([(0, r) for r in range(6, 16)] + [(1, r) for r in range(16)]
+                          + [(2, r) for r in range(6)])
+    # After the fourth: its 16, the 6 of the third and the last 10 of the second, so rows of
+    # two earlier steps with steps=1.
+    assert origins[3] == ([(1, r) for r in range(6, 16)] + [(2, r) for r in range(6)]
+                          + [(3, r) for r in range(16)])
+    doc = PerSampleMemory.__doc__ or ""
+    assert doc.splitlines()[0] == "The newest per-sample gradient rows, up to ``(steps + 1) * B`` of them."
+    assert "16, 16, 6 and 16 rows" in doc and "last 10 of the first" in doc
+
+
 def test_other_parameters_or_a_larger_batch_start_afresh() -> None:
     memory = PerSampleMemory(2)
     memory.add(NAMES, _stacks(3, 0))

@@ -144,24 +144,28 @@ class UnlearningProblem:
                                  f"the problem {names} (same tasks, same order required)")
         for label, ds in parts:
             ds.check_values(f"UnlearningProblem: the {label} set")
-        if len(self.forget) == 0:
-            raise ValueError("UnlearningProblem: the forget set is empty")
-        self._check_disjoint_pairs()
-        if len(self.retain) == 0:
-            raise ValueError("UnlearningProblem: the retain set is empty")
         unknown = [t for t in self.target_tasks if t not in names]
         if unknown or not self.target_tasks:
             raise ValueError(f"UnlearningProblem: target tasks {self.target_tasks} must be a "
                              f"non-empty subset of {names}")
-        non_target_cols = [self.forget.task_index(t) for t in self.non_target_tasks]
-        if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
-            raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
-                             "build it with ForgetRequest.split")
+        # Before the bare emptiness checks: an empty forget set is most often a request whose
+        # instances have no label of the target tasks, and the error must say which tasks.
         target_cols = [self.forget.task_index(t) for t in self.target_tasks]
+        if len(self.forget) == 0:
+            raise ValueError(f"UnlearningProblem: the forget set is empty: no instance of the "
+                             f"request has a supervised pair of the target tasks "
+                             f"{self.target_tasks}, so there is nothing to forget")
         if not bool(self.forget.supervision[:, target_cols].any()):
             raise ValueError(f"UnlearningProblem: the forget set supervises no pair of the target "
                              f"tasks {self.target_tasks}: there is nothing to forget (are its "
                              "targets or its supervision mask those of other tasks?)")
+        self._check_disjoint_pairs()
+        if len(self.retain) == 0:
+            raise ValueError("UnlearningProblem: the retain set is empty")
+        non_target_cols = [self.forget.task_index(t) for t in self.non_target_tasks]
+        if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
+            raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
+                             "build it with ForgetRequest.split")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"UnlearningProblem: `seed` must be an integer >= 0, got "
                              f"{self.seed!r}")
@@ -394,9 +398,9 @@ class Unlearner(ABC):
         """Unlearn ``problem`` and return a new model; ``problem.model`` is left untouched.
 
         Seeds Python/NumPy/torch from ``problem.seed`` inside a forked random state (so a run is
-        reproducible on one device and the caller's generators are left as they were),
-        deep-copies the model to ``problem.device``, runs :meth:`_unlearn` and returns the copy
-        in eval mode with a report.
+        reproducible on one device with one thread count, and the caller's generators are left
+        as they were), deep-copies the model to ``problem.device``, runs :meth:`_unlearn` and
+        returns the copy in eval mode, its parameters without ``.grad``, with a report.
         """
         problem.validate()
         device = torch.device(problem.device)
@@ -431,6 +435,10 @@ class Unlearner(ABC):
         if model is None:
             raise RuntimeError(f"{type(self).__name__}._unlearn returned no model")
         model.eval()
+        # The last step's update direction is no gradient of the returned model (and a copy of
+        # the original's, from the deep copy, none either): it comes back without any.
+        for param in model.parameters():
+            param.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()  # wall time must include the queued kernels
         report.wall_time_s = time.perf_counter() - start

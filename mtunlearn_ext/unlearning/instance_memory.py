@@ -3,10 +3,14 @@
 The instance-level orthogonalization keeps a forget step off the span of the per-sample retain
 gradients of the current retain batch ``R`` (``B`` rows). Every step sees a new batch, so each
 step protects only ``B`` retained instances, and the directions it protects change from step to
-step: what one step leaves alone, the next may move. Keeping the per-sample gradients of the last
-``m`` batches in the constraint set (as GEM keeps an episodic memory of past tasks' gradients)
-makes each step respect ``(m + 1) B`` instances for the price of a larger ``k x k`` Gram matrix,
-with no extra backward pass. The remembered gradients were taken at earlier parameters; with
+step: what one step leaves alone, the next may move. Keeping the newest ``(m + 1) B`` per-sample
+gradients in the constraint set (as GEM keeps an episodic memory of past tasks' gradients;
+``B`` is the row count of the first step, and with batches of that size these are the rows of
+the current and the last ``m`` batches) makes each step respect ``(m + 1) B`` instances for the
+price of a larger ``k x k`` Gram matrix, with no extra backward pass. The memory counts rows,
+not steps: after a smaller batch (the last one of a pass over the retain set, or a short batch
+of coupled rows) it keeps rows of more than ``m`` earlier steps, the oldest of them in part (see
+:class:`PerSampleMemory`). The remembered gradients were taken at earlier parameters; with
 the small learning rates of unlearning they stay close to the current ones (the step is a few
 ``lr`` away), and they are exactly the directions the earlier steps already avoided.
 
@@ -31,10 +35,23 @@ __all__ = ["PerSampleMemory"]
 
 
 class PerSampleMemory:
-    """The per-sample gradient rows of the current step and of the last ``steps`` steps.
+    """The newest per-sample gradient rows, up to ``(steps + 1) * B`` of them.
+
+    A ring of ``capacity = (steps + 1) * B`` rows, ``B`` being the row count of the :meth:`add`
+    that sized it: the first one, or a later one with more rows than ``B`` (which re-sizes the
+    ring and starts it afresh, as do rows over other parameters or of another shape, dtype or
+    device). Each :meth:`add` writes its rows over the oldest stored ones, so the memory holds
+    the current step's rows and the most recent earlier rows that fit, whatever steps they came
+    from. With every batch of ``B`` rows that is exactly the current step's rows and the last
+    ``steps`` steps'. After a smaller batch it is not: it then holds rows of more than ``steps``
+    earlier steps, the oldest of them in part (its last rows). For example, ``steps=1`` and
+    batches of 16, 16, 6 and 16 rows: after the third add the memory holds its 6 rows, the 16 of
+    the second and the last 10 of the first; after the fourth, its 16, the 6 of the third and
+    the last 10 of the second.
 
     Args:
-        steps: earlier steps whose rows are kept (``0``: only the current step's).
+        steps: with ``B`` the sizing batch's rows, the ring holds ``(steps + 1) * B`` rows
+            (``0``: no memory, :meth:`add` returns the current step's rows themselves).
         track_gram: keep the stored rows' Gram matrix (see :meth:`gram`).
     """
 
@@ -62,7 +79,8 @@ class PerSampleMemory:
 
     def add(self, names: Sequence[str], stacks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Store this step's rows (one ``[B, *shape_p]`` stack per parameter of ``names``) over
-        the oldest ones and return every stored row, one ``[rows, *shape_p]`` view per parameter.
+        the oldest stored rows and return every stored row (the newest ``capacity`` rows added
+        since the ring was last sized), one ``[rows, *shape_p]`` view per parameter.
 
         Rows over other parameters than the stored ones (a different ``names``) or of another
         shape, dtype or device start the memory afresh. The first call sizes the ring for

@@ -47,9 +47,10 @@ levels, and each step of this method removes one:
      orthogonal complement, while the guarantee that matters (no retained instance gets worse to
      first order) is kept.
 
-   With ``instance_memory = m`` the per-sample gradients of the last ``m`` steps' batches stay in
-   the constraint set (:mod:`~mtunlearn_ext.unlearning.instance_memory`), so a step also avoids
-   what the previous steps protected, at no extra backward pass.
+   With ``instance_memory = m`` the newest ``(m + 1) B`` per-sample gradients (``B``: the first
+   step's rows; with batches of that size, those of this step's and the last ``m`` steps'
+   batches) stay in the constraint set (:mod:`~mtunlearn_ext.unlearning.instance_memory`), so a
+   step also avoids what the previous steps protected, at no extra backward pass.
 4. **Update.** ``.grad`` of ``theta_s`` is ``w_r * r + alpha * (-d)``, with ``r`` the retain
    gradient of all tasks; each target head gets its forget part of ``-d`` plus its retain
    gradient; every other head its retain gradient only. The optimizer steps along ``-.grad``.
@@ -136,13 +137,13 @@ class InterferenceAwareConfig(StepConfig):
     Loop (inherited, defaults re-chosen for this method):
         steps: optimisation steps.
         lr: learning rate of the shared backbone; ``head_lr_scale``: heads' rate relative to it.
-        optimizer / momentum / weight_decay: ``"sgd"`` by default. A plain SGD step
-            (``momentum=0``) is a positive multiple of ``-.grad`` (with the heads' part scaled
-            by ``head_lr_scale``, which the instance constraints take into account), so the
-            first-order guarantees of the projections carry over to the step exactly. Momentum
-            (0.9 by default) adds earlier steps' directions, each projected against its own
-            step's rows, so they hold for the new part of each step only; Adam's
-            per-coordinate scaling keeps them only approximately.
+        optimizer / momentum / weight_decay: ``"sgd"`` by default, ``momentum`` in ``[0, 1)``.
+            A plain SGD step (``momentum=0``) is a positive multiple of ``-.grad`` (with the
+            heads' part scaled by ``head_lr_scale``, which the instance constraints take into
+            account), so the first-order guarantees of the projections carry over to the step
+            exactly. Momentum (0.9 by default) adds earlier steps' directions, each projected
+            against its own step's rows, so they hold for the new part of each step only;
+            Adam's per-coordinate scaling keeps them only approximately.
         forget_batch_size / retain_batch_size: rows per step of the forget and retain sets.
         grad_clip: maximum global norm of the update (scaling keeps every projection property).
         forget_objective: objective name for every target task, or task name / task kind ->
@@ -191,9 +192,11 @@ class InterferenceAwareConfig(StepConfig):
             * T`` must stay within the solver's limit).
         instance_memory: earlier steps whose per-sample gradients stay in the instance
             constraints (:class:`~mtunlearn_ext.unlearning.instance_memory.PerSampleMemory`):
-            each step then respects the ``(instance_memory + 1) * B`` retained instances of its
-            own and the last batches, at the cost of a larger Gram matrix and no extra backward
-            pass (0: the current batch only).
+            each step then respects the newest ``(instance_memory + 1) * B`` rows, ``B`` being
+            the first step's (its own and, with batches of that size, the last
+            ``instance_memory`` steps'; after a smaller batch, part of an older step's too),
+            at the cost of a larger Gram matrix and no extra backward pass (0: the current
+            batch only).
         chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds memory).
         cap_quantile: with a capped objective (``capped_ascent`` or a variant), the cap of
             task ``t`` becomes this quantile of the original model's per-sample losses (in the
@@ -489,12 +492,21 @@ class InterferenceAware(GradientUnlearner):
         _check_fits(memory_plan, torch.device(problem.device))
         caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
                             else ({}, None))
+        # What the run protects, as it runs: the task-level fields describe the protected
+        # subspaces (none without the task projection), and the coupled instances count where
+        # a component reads their retained pairs: the task projection's snapshots (of the
+        # non-target tasks, into the subspaces) or the instance constraints' rows
+        # (`num_coupled_per_sample` of them per step).
+        coupled_used = coupled is not None and (
+            (bool(subspaces) and bool(coupled_tasks))
+            or (self._uses_instance_constraints() and cfg.num_coupled_per_sample > 0))
         report.extra["interference_aware"] = {
             "forget_caps": caps,
             "forget_caps_from": cap_source,
-            "protected_tasks": protect,
-            "protected_by_target": {t: list(tasks) for t, tasks in plan.items()},
-            "coupled_instances": 0 if coupled is None else len(coupled),
+            "protected_tasks": protect if cfg.task_projection else [],
+            "protected_by_target": ({t: list(tasks) for t, tasks in plan.items()}
+                                    if cfg.task_projection else {}),
+            "coupled_instances": len(coupled) if coupled_used and coupled is not None else 0,
             "shared_layers": next(iter(subspaces.values())).num_layers if subspaces else 0,
             "shared_numel": sum(p.numel() for p in ctx.groups.shared_params),
             "gradient_memory_bytes": memory_plan,
@@ -955,8 +967,9 @@ class InterferenceAware(GradientUnlearner):
                        for p in range(len(shared))]
                 projected = self.task_project(ctx, per_task)
                 forget_shared = [s.sum(0) for s in projected]
-            stats.extra["task_kept_fraction"] = (
-                _norm(forget_shared) / _norm(raw).clamp(min=1e-30))
+            if ctx.state["subspaces"]:  # a curve only where a task projection runs
+                stats.extra["task_kept_fraction"] = (
+                    _norm(forget_shared) / _norm(raw).clamp(min=1e-30))
 
             if cfg.instance_projection != "off":
                 # Over the heads of every target task of the request, also those without a

@@ -64,7 +64,7 @@ class StepConfig(UnlearnerConfig):
         lr: learning rate of the shared backbone.
         head_lr_scale: learning rate of the heads relative to ``lr``.
         optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
-        momentum: SGD momentum.
+        momentum: SGD momentum, in ``[0, 1)``.
         adam_beta2: Adam's second-moment decay (``betas = (0.9, adam_beta2)``).
         adam_eps: Adam's ``eps``: a coordinate whose gradient stays well below it moves by
             about ``lr * |g| / eps`` (an SGD-like step) instead of ``lr``; the default is
@@ -75,7 +75,9 @@ class StepConfig(UnlearnerConfig):
         grad_clip: maximum global norm of the update, or ``None``.
         forget_objective: one objective name for every target task, or task name / kind ->
             name, or ``None`` for the method's default (see
-            :mod:`mtunlearn_ext.unlearning.objectives`).
+            :mod:`mtunlearn_ext.unlearning.objectives`). Every key of a mapping must be a task
+            of the problem or a task kind (checked when the run starts, where the tasks are
+            known): a misspelt key is refused, not ignored.
         warmup_steps: the learning rates rise linearly over the first this many steps (step
             ``s < warmup_steps`` uses ``(s + 1) / warmup_steps`` of them), then stay constant;
             0: constant from the start. A fresh Adam state moves every coordinate by about
@@ -128,6 +130,10 @@ class StepConfig(UnlearnerConfig):
                                  f"{value!r}")
         if self.lr <= 0:
             raise ValueError(f"{name}: `lr` must be > 0, got {self.lr}")
+        if not self.momentum < 1.0:
+            # The velocity is a geometric sum of earlier updates with ratio `momentum`: at 1 or
+            # more it never decays and the steps grow without bound.
+            raise ValueError(f"{name}: `momentum` must be in [0, 1), got {self.momentum!r}")
         if not 0.0 <= self.adam_beta2 < 1.0:
             raise ValueError(f"{name}: `adam_beta2` must be in [0, 1), got {self.adam_beta2!r}")
         if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
@@ -148,6 +154,12 @@ class StepConfig(UnlearnerConfig):
         choices = ([] if self.forget_objective is None else
                    [self.forget_objective] if isinstance(self.forget_objective, str) else
                    list(self.forget_objective.values()))
+        if isinstance(self.forget_objective, Mapping):
+            # The keys name tasks (checked against the problem's when the run starts) or kinds.
+            bad_keys = [k for k in self.forget_objective if not isinstance(k, str) or not k]
+            if bad_keys:
+                raise ValueError(f"{name}: the keys of `forget_objective` must be task names or "
+                                 f"task kinds, got {bad_keys}")
         unknown = [c for c in choices if c not in FORGET_OBJECTIVES]
         if unknown:
             raise ValueError(f"{name}: unknown forget objective(s) {unknown}; known: "

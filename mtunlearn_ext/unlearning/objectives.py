@@ -71,6 +71,7 @@ __all__ = [
     "DEFAULT_FORGET_OBJECTIVES",
     "FORGET_OBJECTIVES",
     "ForgetObjective",
+    "check_objective_keys",
     "depth_weighted_abs_error",
     "make_forget_objectives",
 ]
@@ -401,6 +402,17 @@ FORGET_OBJECTIVES: dict[str, type[ForgetObjective]] = {
 DEFAULT_FORGET_OBJECTIVES: dict[str, str] = {kind: "capped_ascent" for kind in TASK_KINDS}
 
 
+def check_objective_keys(choice: Mapping[str, str], task_names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``forget_objective`` and the offending keys when a key of
+    the mapping ``choice`` is neither one of ``task_names`` (every task of the problem) nor a
+    task kind (:data:`~mtunlearn_ext.data.base.TASK_KINDS`)."""
+    unknown = [key for key in choice if key not in task_names and key not in TASK_KINDS]
+    if unknown:
+        raise ValueError(f"`forget_objective` has key(s) {unknown} that are neither a task of the "
+                         f"problem nor a task kind; valid keys: the tasks {list(task_names)} "
+                         f"or the kinds {list(TASK_KINDS)}")
+
+
 def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
                            generator: torch.Generator, device: torch.device | str,
                            choice: str | Mapping[str, str] | None = None,
@@ -409,9 +421,15 @@ def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
 
     Args:
         choice: one objective name for every task, or a mapping from task name *or* task kind
-            to a name (task name wins), or ``None`` for :data:`DEFAULT_FORGET_OBJECTIVES`.
+            to a name (task name wins), or ``None`` for :data:`DEFAULT_FORGET_OBJECTIVES`. A
+            mapping's every key must be a task of the problem (``retain``'s tasks, targets or
+            not) or a task kind (:data:`~mtunlearn_ext.data.base.TASK_KINDS`); any other key
+            (a misspelt task or kind, which would silently leave its task at the default) is
+            refused with a ``ValueError`` naming it.
         generator: parent generator; each objective gets its own seeded child stream.
     """
+    if isinstance(choice, Mapping):
+        check_objective_keys(choice, retain.task_names)
     objectives: dict[str, ForgetObjective] = {}
     for spec in specs:
         if choice is None:
