@@ -10,8 +10,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "sha256_of_file", "temporary_file_beside", "write_text_atomic",
-           "write_text_new"]
+__all__ = ["atomic_torch_save", "link_new", "name_max", "sha256_of_file", "temporary_file_beside",
+           "write_text_atomic", "write_text_new"]
+
+#: The name limit assumed where the file system does not say (``pathconf`` unsupported).
+_DEFAULT_NAME_MAX = 255
+#: The random part ``mkstemp`` puts between a temporary file's prefix and suffix.
+_RANDOM_CHARS = 8
 
 
 def sha256_of_file(path: str | os.PathLike[str]) -> str:
@@ -37,12 +42,34 @@ def _umask() -> int:
     return mask
 
 
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name (in bytes) the file system holding ``folder`` takes
+    (``pathconf(folder, "PC_NAME_MAX")``; 255 where it cannot say, or for a missing folder)."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder, no pathconf (Windows)
+        return _DEFAULT_NAME_MAX
+    return limit if limit > 0 else _DEFAULT_NAME_MAX
+
+
+def _temporary_prefix(name: str, suffix: str, limit: int) -> str:
+    """``.{name}.``, with ``name`` cut short where needed so that the temporary file's name
+    (prefix, ``mkstemp``'s random part and ``suffix``) fits in ``limit`` bytes: it only has to
+    be unique and beside the target, so any legal target name can be written."""
+    room = limit - _RANDOM_CHARS - len(os.fsencode(suffix)) - 2  # the two dots
+    while name and len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}."
+
+
 def temporary_file_beside(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
     """``(fd, path)`` of a new temporary file in ``target``'s folder, to be renamed or linked
     onto ``target``, with the permissions a plain ``open(target, "w")`` would give it
     (``0o666`` less the umask): ``mkstemp`` makes it owner-only, which the finished file would
-    keep."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    keep. Its name is ``.{target name}.XXXXXXXX{suffix}``, the target's name shortened where
+    that would exceed the file system's name limit."""
+    prefix = _temporary_prefix(target.name, suffix, name_max(target.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     except OSError:  # file systems without POSIX modes: keep what mkstemp made
@@ -62,6 +89,21 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str) -> None:
+    """Put the finished temporary file ``tmp`` at the *new* path ``target``: a hard link, which
+    fails atomically if ``target`` appeared meanwhile (``FileExistsError(exists_message)``); on
+    a file system without hard links (``os.link`` raising another ``OSError``, e.g. ``EPERM``)
+    a check, then a rename. ``tmp`` is left for the caller to remove if it is still there."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(exists_message) from None
+    except OSError:  # no hard links on this file system: check, then rename
+        if os.path.lexists(target):  # a dangling symbolic link too: never written through
+            raise FileExistsError(exists_message) from None
+        os.replace(tmp, target)
 
 
 def _text_beside(target: Path, text: str) -> str:
@@ -106,14 +148,7 @@ def write_text_new(path: str | os.PathLike[str], text: str) -> str:
         raise FileExistsError(f"{target} exists; refusing to overwrite it")
     tmp_name = _text_beside(target, text)
     try:
-        try:
-            os.link(tmp_name, target)
-        except FileExistsError:
-            raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
-        except OSError:  # no hard links on this file system: check, then rename
-            if os.path.lexists(target):
-                raise FileExistsError(f"{target} exists; refusing to overwrite it") from None
-            os.replace(tmp_name, target)
+        link_new(tmp_name, target, f"{target} exists; refusing to overwrite it")
         _fsync_dir(target.parent)
         return sha256_of_file(target)
     finally:
@@ -145,16 +180,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
         if overwrite:
             os.replace(tmp, target)
         else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise FileExistsError(f"{target} exists; pass overwrite=True to replace it") \
-                    from None
-            except OSError:  # file systems without hard links: check-then-rename
-                if target.exists():
-                    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it") \
-                        from None
-                os.replace(tmp, target)
+            link_new(tmp, target, f"{target} exists; pass overwrite=True to replace it")
         _fsync_dir(target.parent)
         return sha
     finally:

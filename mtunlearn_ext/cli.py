@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -192,7 +193,8 @@ def _fmt(value: object) -> str:
 
 def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any]
                  ) -> list[list[object]]:
-    """Rows ``split, task, metric, before, after`` of the primary metrics, and the MIA AUC."""
+    """Rows ``split, task, metric, before, after`` of the primary metrics, and the MIA AUC of
+    the forget split when there is one (``evaluate`` without a request has none)."""
     from mtunlearn_ext.experiment import PRIMARY_METRIC
 
     rows: list[list[object]] = []
@@ -203,7 +205,9 @@ def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any]
                 name = sorted(values)[0]
             prev = (before or {}).get("metrics", {}).get(split, {}).get(task, {}).get(name)
             rows.append([split, task, name, prev, values.get(name)])
-    rows.append(["forget", "*", "mia_auc", (before or {}).get("mia_auc"), after.get("mia_auc")])
+    if "forget" in after["metrics"] or "mia_auc" in after:
+        rows.append(["forget", "*", "mia_auc", (before or {}).get("mia_auc"),
+                     after.get("mia_auc")])
     return rows
 
 
@@ -222,6 +226,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mtunlearn_ext.training import save_checkpoint, train
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
+        NonFiniteError,
         OutputTransaction,
         UserInputError,
         check_device,
@@ -229,7 +234,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     device = check_device(args.device)
     _check_seed(args.seed)
-    overrides = _json_arg(args.train, "--train")
+    given = _json_arg(args.train, "--train")
+    overrides = dict(given)
     if args.epochs is not None:
         overrides["epochs"] = int(args.epochs)
     with OutputTransaction() as tx:
@@ -246,10 +252,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             recipe = default_recipe(bench, args.seed, overrides)
         except (TypeError, ValueError) as error:
-            raise UserInputError("--train", "fields of TrainConfig", overrides,
+            raise UserInputError("--train", "fields of TrainConfig", given,
                                  str(error)) from error
         model = build_model(bench, seed=args.seed).to(device)
-        result = train(model, bench.train, None, recipe, progress=not args.quiet)
+        try:
+            result = train(model, bench.train, None, recipe, progress=not args.quiet)
+        except NonFiniteError:
+            raise
+        except FloatingPointError as error:  # train's non-finite loss: the NaN/Inf policy
+            raise _training_nonfinite(error) from error
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": args.data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
@@ -265,6 +276,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_nonfinite(error: FloatingPointError) -> Exception:
+    """``training.train``'s ``FloatingPointError`` (``train: non-finite loss nan at step 1
+    (per task: ...)``) as the :class:`~mtunlearn_ext.workflow.NonFiniteError` of the NaN/Inf
+    policy (exit 3, one line with the step)."""
+    import re
+
+    from mtunlearn_ext.workflow import NonFiniteError
+
+    text = str(error)
+    found = re.search(r"non-finite loss (\S+) at step (\d+)(.*)", text)
+    if found is None:
+        return NonFiniteError(None, f"training: {text}")
+    value, step, rest = found.groups()
+    return NonFiniteError(int(step), f"training loss {value}{rest}")
+
+
 def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
     """``<stem>.<method>.pt`` / ``<stem>.<method>.record.json`` beside the input, with a
     numeric suffix if taken (so a rerun never collides with an earlier run)."""
@@ -272,7 +299,9 @@ def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
         tag = method if n == 1 else f"{method}-{n}"
         ckpt = checkpoint.with_name(f"{checkpoint.stem}.{tag}.pt")
         rec = checkpoint.with_name(f"{checkpoint.stem}.{tag}.record.json")
-        if not ckpt.exists() and not rec.exists():
+        # lexists: False (not an OSError) for a name too long for the file system, which
+        # reserve() then refuses, naming the argument.
+        if not os.path.lexists(ckpt) and not os.path.lexists(rec):
             return ckpt, rec
     raise FileExistsError(f"no free output name beside {checkpoint}")
 
@@ -391,8 +420,10 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "code": code_version(),
             "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
                                                           "data_root", "data_sha256")},
-            "input": {"checkpoint": str(checkpoint), "sha256": loaded.checkpoint.sha256},
-            "output": {"checkpoint": str(out_ckpt), "sha256": out_sha},
+            # Absolute paths: `verify` finds the files from any folder.
+            "input": {"checkpoint": str(checkpoint.resolve()),
+                      "sha256": loaded.checkpoint.sha256},
+            "output": {"checkpoint": str(out_ckpt.resolve()), "sha256": out_sha},
             "before": before, "after": after,
             "report": result.report.to_dict(),
             "interference": interference,

@@ -39,6 +39,12 @@ DEMO_BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits")
 DEMO_RECIPES: tuple[str, ...] = ("memorising", "default")
 METHOD = "interference_aware"
 _COLORS = {"original": "#7f7f7f", "retrained": "#2ca02c", METHOD: "#d62728"}
+#: The baselines' colours, in order: matplotlib's default cycle without the colours reserved
+#: above (its 3rd and 4th are retrained's green and the method's red, which a baseline drawn
+#: with the default cycle took).
+_BASELINE_COLORS = tuple(c for c in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                                     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+                         if c not in _COLORS.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +307,15 @@ def _model_order(results: Mapping[str, Any], baselines: Sequence[str]) -> list[s
     return ["original", "retrained", *[b for b in baselines if b in results["models"]], METHOD]
 
 
+def _series_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A colour per model: the fixed ones of original, retrained and the method, and for the
+    baselines (in order) :data:`_BASELINE_COLORS`, which skips those (cycling past 7)."""
+    baselines = [label for label in labels if label not in _COLORS]
+    return {label: _COLORS.get(label) or _BASELINE_COLORS[baselines.index(label)
+                                                          % len(_BASELINE_COLORS)]
+            for label in labels}
+
+
 def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Path) -> str:
     """Per task: the primary metric on forget / retain / test for every model."""
     import matplotlib
@@ -314,6 +329,7 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
     tasks = results["benchmark"]["tasks"]
     targets = set(results["request"]["target_tasks"])
     labels = _model_order(results, baselines)
+    colors = _series_colors(labels)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     width = 0.8 / len(labels)
     for ax, spec in zip(axes[0], tasks):
@@ -323,7 +339,7 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
             values = [results["models"][label]["metrics"].get(s, {}).get(spec["name"], {})
                       .get(metric, float("nan")) for s in splits]
             ax.bar([x + (i - (len(labels) - 1) / 2) * width for x in range(len(splits))], values,
-                   width, label=label, color=_COLORS.get(label))
+                   width, label=label, color=colors[label])
         ax.set_xticks(range(len(splits)), splits)
         ax.set_title(f"{spec['name']} ({metric})" + (" [target]" if spec["name"] in targets
                                                      else ""))

@@ -298,7 +298,14 @@ def _load_benchmark(config: ExperimentConfig) -> Benchmark:
 def default_recipe(benchmark: Benchmark, seed: int,
                    overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """The benchmark's training recipe (``benchmark.info["train_config"]`` when the data module
-    provides one, else :class:`TrainConfig` defaults), seeded, with ``overrides`` applied."""
+    provides one, else :class:`TrainConfig` defaults), seeded, with ``overrides`` applied.
+
+    ``overrides`` may not hold ``seed`` (``ValueError``): the recipe's seed is always ``seed``,
+    the run's own (the commands' ``--seed``), so an override of it would be silently ignored.
+    """
+    if overrides and "seed" in overrides:
+        raise ValueError(f"seed ({overrides['seed']!r}) is not a recipe override: the "
+                         "training seed is the run's seed; use --seed")
     base = benchmark.info.get("train_config")
     values: dict[str, Any] = {}
     if isinstance(base, TrainConfig):

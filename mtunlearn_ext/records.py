@@ -4,12 +4,16 @@ A record is one JSON file (schema :data:`RECORD_SCHEMA`), written atomically nex
 unlearned checkpoint and never over an existing file. Fields:
 
 - ``request``: ``type`` (``"full"`` / ``"partial"``), ``instance_ids`` and their ``ids_sha256``
-  (:meth:`~mtunlearn_ext.data.ForgetRequest.ids_hash`), ``target_tasks``, ``retain_ids`` (explicit
-  retain ids, or ``null``), pair counts;
+  (:meth:`~mtunlearn_ext.data.ForgetRequest.ids_hash`), ``target_tasks`` (resolved: every task
+  of a full request), ``target_tasks_arg`` (the request's own target tasks: ``null`` for a full
+  request; optional, :func:`verify_record` falls back to ``type`` and ``target_tasks``),
+  ``retain_ids`` (explicit retain ids, or ``null``), pair counts;
 - ``method``: registry ``name`` and its resolved ``settings``; ``seed``; ``device``;
+  ``eval_batch_size`` (optional, default 64: the batch size verification measures with);
 - ``code``: ``mtunlearn_ext`` version, git ``commit`` / ``dirty`` (``null`` without git);
 - ``benchmark``: name, size, seed, data root, data SHA-256;
-- ``input`` / ``output``: checkpoint path and SHA-256;
+- ``input`` / ``output``: checkpoint path (absolute; older records may hold it relative to the
+  folder ``unlearn`` ran in, :func:`recorded_path`) and SHA-256;
 - ``before`` / ``after``: per-split, per-task metrics and the membership-inference AUC
   (:func:`mtunlearn_ext.workflow.measure`);
 - ``report``: the unlearner's report (wall time, steps, forget/retain loss curves);
@@ -182,13 +186,29 @@ class VerifyResult:
 
 def recorded_path(recorded: str, record_path: str | os.PathLike[str]) -> Path:
     """A file the record names, found from wherever ``verify`` runs: the path as recorded
-    (absolute in new records; relative to the folder ``unlearn`` ran in, in older ones), else
-    the same name beside the record (the default layout, also after the folder moved)."""
+    (absolute in new records; relative to the folder ``unlearn`` ran in, in older ones, so
+    tried from the current folder), else that relative path from the record's folder, else the
+    same name beside the record (the default layout, also after the folder moved). The path as
+    recorded when none of them is a file."""
     path = Path(recorded)
-    beside = Path(record_path).parent / path.name
-    if not path.is_file() and beside.is_file():
-        return beside
-    return path
+    folder = Path(record_path).parent
+    candidates = [path] + ([] if path.is_absolute() else [folder / path]) + [folder / path.name]
+    return next((c for c in candidates if c.is_file()), path)
+
+
+def _request_from_record(req: Mapping[str, Any]) -> tuple[list[int], list[str] | None]:
+    """``(instance_ids, target_tasks)`` to rebuild a record's :class:`ForgetRequest` from:
+    ``target_tasks_arg`` (the request's own target tasks, ``None`` for a full request) when the
+    record has it, else ``target_tasks`` for a partial request and ``None`` for a full one."""
+    if "target_tasks_arg" in req:
+        return req["instance_ids"], req["target_tasks_arg"]
+    kind = req.get("type")
+    if kind == "partial":
+        return req["instance_ids"], req.get("target_tasks")
+    if kind == "full":
+        return req["instance_ids"], None
+    raise ValueError(f"request.type is {kind!r}, expected 'full' or 'partial' (the record has "
+                     "no request.target_tasks_arg)")
 
 
 def verify_record(record_path: str | os.PathLike[str],
@@ -202,27 +222,40 @@ def verify_record(record_path: str | os.PathLike[str],
     (:func:`mtunlearn_ext.workflow.measure` with the record's seed), comparing every metric and
     the MIA AUC with ``after`` within ``tolerance`` (relative above 1, absolute below). Raises
     :class:`RecordError` for an unreadable record and
-    :class:`~mtunlearn_ext.workflow.UserInputError` for an unusable checkpoint; mismatches are
-    returned, not raised.
+    :class:`~mtunlearn_ext.workflow.UserInputError` for a missing or unusable checkpoint (naming
+    ``--checkpoint`` when given, else ``--record``); mismatches are returned, not raised.
+
+    The request is rebuilt from ``request.target_tasks_arg`` when the record has it, else from
+    ``request.type`` and ``request.target_tasks``; the measurement uses the record's
+    ``eval_batch_size`` (64 when absent) unless ``batch_size`` is given.
     """
     from mtunlearn_ext.data.request import ForgetRequest
-    from mtunlearn_ext.workflow import load_model, measure, restrict_retain
+    from mtunlearn_ext.workflow import UserInputError, load_model, measure, restrict_retain
 
     record = read_record(record_path)
-    ckpt = Path(checkpoint_path) if checkpoint_path is not None else recorded_path(
-        record["output"]["checkpoint"], record_path)
+    if checkpoint_path is not None:
+        ckpt = Path(checkpoint_path)
+        if not ckpt.is_file():
+            raise UserInputError("--checkpoint", "an existing checkpoint file", str(ckpt))
+    else:
+        recorded = record["output"]["checkpoint"]
+        ckpt = recorded_path(recorded, record_path)
+        if not ckpt.is_file():
+            raise UserInputError("--record", "a record whose output checkpoint exists",
+                                 str(record_path),
+                                 f"its output.checkpoint {recorded!r} is no file (from "
+                                 f"{os.getcwd()!r}, nor from the record's folder); pass "
+                                 "--checkpoint")
     mismatches: list[str] = []
     checks: dict[str, str] = {}
-    sha = sha256_of_file(ckpt) if ckpt.is_file() else ""
-    if not sha:
-        raise RecordError(f"checkpoint {ckpt} does not exist")
+    sha = sha256_of_file(ckpt)
     checks["sha256"] = "ok" if sha == record["output"]["sha256"] else "MISMATCH"
     if checks["sha256"] != "ok":
         mismatches.append(f"checkpoint SHA-256 {sha} differs from the record's "
                           f"{record['output']['sha256']}")
     req = record["request"]
     try:
-        request = ForgetRequest.create(req["instance_ids"], req.get("target_tasks_arg"))
+        request = ForgetRequest.create(*_request_from_record(req))
     except (TypeError, ValueError) as error:
         raise RecordError(f"record {record_path}: its request cannot be read: {error}") from error
     checks["ids"] = "ok" if request.ids_hash() == req["ids_sha256"] else "MISMATCH"

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import temporary_file_beside, write_text_new
+from mtunlearn_ext._io import link_new, temporary_file_beside, write_text_new
 
-__all__ = ["INTERFERENCE_EXPLANATION", "interference_to_json", "plot_interference",
+__all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
 
 #: What the interference plot shows; the demo's report and :func:`write_report` both print it.
@@ -55,7 +55,9 @@ def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
 
 def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
     """Save a figure atomically to ``path`` (temporary file, fsync, then a link, which refuses
-    an existing file, or with ``overwrite`` a rename over it)."""
+    an existing file, or with ``overwrite`` a rename over it). Where the file system has no
+    hard links, the no-overwrite step is a check and a rename (:func:`~mtunlearn_ext._io.link_new`,
+    as for every other output)."""
     import matplotlib.pyplot as plt
 
     fd, tmp = temporary_file_beside(path, suffix=".png")
@@ -67,16 +69,21 @@ def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> N
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
+            link_new(tmp, path, f"{path} exists; refusing to overwrite it")
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+#: The text drawn instead of a bar for a missing (null) value: no bar, unlike a real 0.
+MISSING_LABEL = "n/a"
+
+
 def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
                reference: str | None) -> bool:
-    """Grouped bars: tasks on x, one bar per model, primary metric of ``split``."""
+    """Grouped bars: tasks on x, one bar per model, primary metric of ``split``; a missing
+    (null) value is marked :data:`MISSING_LABEL` instead of a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,8 +101,14 @@ def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
             name = _primary(metrics)
             values.append(metrics.get(name) if name else None)
         xs = [k + i * width for k in range(len(tasks))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width,
+        # A missing value gets no bar (NaN height: nothing drawn) and an "n/a" mark, so that it
+        # cannot be taken for a real 0.
+        ax.bar(xs, [v if v is not None else math.nan for v in values], width,
                label=label, hatch="//" if label == reference else None)
+        for x, v in zip(xs, values):
+            if v is None:
+                ax.text(x, 0.0, MISSING_LABEL, ha="center", va="bottom", rotation=90,
+                        fontsize=7, color="0.35")
     ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(tasks))])
     ax.set_xticklabels(tasks)
     ax.set_title(f"{split}: primary metric per task" +
@@ -276,8 +289,14 @@ def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
 
 
 def _is_value(value: Any) -> bool:
-    """A value the report can draw and print with ``:.4f``: a number (not a bool) or null."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    """A value the report can draw and print with ``:.4f``: a finite number (not a bool) or
+    null. ``json.loads`` accepts ``NaN`` / ``Infinity``, which no writer of results or records
+    produces (they store a non-finite value as null): such a value is refused, naming the
+    field, rather than drawn as an unreadable bar."""
+    if value is None:
+        return True
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 _Problem = tuple[str, str, object]  # (where, expected, received)
@@ -301,9 +320,9 @@ def _metrics_problem(models: Mapping[str, Any]) -> _Problem | None:
                     return where, "a mapping", type(metrics).__name__
                 name = _primary(metrics)
                 if name is not None and not _is_value(metrics[name]):
-                    return f"{where}.{name}", "a number or null", metrics[name]
+                    return f"{where}.{name}", "a finite number or null", metrics[name]
         if not _is_value(entry.get("mia_auc")):
-            return f"{label}.mia_auc", "a number or null", entry.get("mia_auc")
+            return f"{label}.mia_auc", "a finite number or null", entry.get("mia_auc")
     return None
 
 
@@ -320,7 +339,7 @@ def _curves_problem(curves: Mapping[str, Any]) -> _Problem | None:
         for name in ("forget_loss", "retain_loss"):
             ys, xs = values.get(name) or [], steps.get(name) or []
             if not isinstance(ys, list) or not all(map(_is_value, ys)):
-                return f"{label} report.curves.{name}", "a list of numbers or nulls", ys
+                return f"{label} report.curves.{name}", "a list of finite numbers or nulls", ys
             if not isinstance(xs, list) or not all(v is not None and _is_value(v) for v in xs):
                 return f"{label} report.curve_steps.{name}", "a list of step numbers", xs
             if ys and xs and len(xs) != len(ys):
@@ -347,7 +366,7 @@ def _interference_problem(interference: Any) -> _Problem | None:
         return "interference.forget_kept", "a mapping", type(kept).__name__
     for task, share in kept.items():
         if not _is_value(share):
-            return f"interference.forget_kept.{task}", "a number or null", share
+            return f"interference.forget_kept.{task}", "a finite number or null", share
     return None
 
 
@@ -423,13 +442,21 @@ class _NewFiles:
         self.paths: list[Path] = []
 
     def write(self, path: Path, writer: Callable[[Path], bool]) -> bool:
-        """``writer(path)``, which returns whether it wrote the file."""
+        """``writer(path)``, which returns whether it wrote the file. A file that cannot be
+        written (it appeared meanwhile, the disk is full, ...) is a
+        :class:`~mtunlearn_ext.workflow.UserInputError` naming ``--output-dir``."""
+        from mtunlearn_ext.workflow import UserInputError
+
         self.paths.append(path)
         try:
             written = writer(path)
-        except FileExistsError:
+        except FileExistsError as error:
             self.paths.remove(path)
-            raise
+            raise UserInputError("--output-dir", "a folder without report files", str(path),
+                                 "it appeared during the run; refusing to overwrite") from error
+        except OSError as error:
+            raise UserInputError("--output-dir", "a folder the report files can be written to",
+                                 str(path), error.strerror or str(error)) from error
         if not written:
             self.paths.remove(path)
         return written
@@ -484,7 +511,8 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     planned = [md] + [output_dir / f"metrics_{s}.png" for s in ("forget", "retain", "test")] + [
         output_dir / "loss_curves.png"] + ([output_dir / "interference.png"]
                                            if interference is not None else [])
-    taken = [str(p) for p in planned if p.exists()]
+    # lexists: a dangling symbolic link is taken too (writing would follow it, or fail).
+    taken = [str(p) for p in planned if os.path.lexists(p)]
     if taken:
         raise UserInputError("--output-dir", "a folder without report files", taken[0],
                              "refusing to overwrite; choose a new folder")

@@ -459,10 +459,13 @@ def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
 class OutputTransaction:
     """All-or-nothing outputs of one command.
 
-    ``reserve`` checks up front that every output path is new, distinct, and none of the inputs
-    (so a run fails before doing any work rather than after); files created through
-    :meth:`write` are deleted again if the block exits with any exception, including
-    ``KeyboardInterrupt`` and the ``SystemExit`` the CLI raises on SIGTERM. Inputs are never
+    ``reserve`` checks up front that every output path is new, distinct, none of the inputs,
+    and one that can be created: in a folder (or where one can be made) the user can write to,
+    with names the file system takes (at most ``PC_NAME_MAX`` bytes each) and no NUL byte. So a
+    run fails before doing any work rather than after. Files created through :meth:`write` are
+    deleted again if the block exits with any exception, including ``KeyboardInterrupt`` and
+    the ``SystemExit`` the CLI raises on SIGTERM; a write failing with an ``OSError`` (disk
+    full, ...) is a :class:`UserInputError` naming the output's argument. Inputs are never
     touched.
     """
 
@@ -472,6 +475,8 @@ class OutputTransaction:
 
     def reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
+        if "\0" in str(p):
+            raise UserInputError(argument, "a file path", str(p), "it holds a NUL byte")
         resolved = p.resolve()
         for inp in self.inputs:
             if resolved == inp.resolve():
@@ -483,13 +488,7 @@ class OutputTransaction:
         if os.path.lexists(p):  # a dangling symbolic link too: writing would follow it
             raise UserInputError(argument, "a path that does not exist yet", str(p),
                                  "refusing to overwrite; choose a new path")
-        # The folder must be one (or creatable): found only after the whole run otherwise.
-        for parent in p.absolute().parents:
-            if os.path.lexists(parent):
-                if not parent.is_dir():
-                    raise UserInputError(argument, "a path in a folder", str(p),
-                                         f"{str(parent)!r} is a file, not a folder")
-                break
+        _check_creatable(argument, p)
         self.outputs[argument] = p
         return p
 
@@ -497,13 +496,19 @@ class OutputTransaction:
         """``writer(path)`` (an atomic, no-overwrite write returning a SHA-256), with ``path``
         deleted again if the block fails later. It is registered *before* the write, so an
         interrupt between the final rename and the return still removes it; a write refused
-        because the file already exists un-registers it (that file is not ours)."""
+        because the file already exists un-registers it (that file is not ours). Any other
+        ``OSError`` of the write becomes a :class:`UserInputError` naming the output's
+        argument (one line on the command line, exit 2)."""
         self._created.append(path)
         try:
             return writer(path)
         except FileExistsError:
             self._created.remove(path)
             raise
+        except OSError as error:
+            argument = next((a for a, p in self.outputs.items() if p == path), "output")
+            raise UserInputError(argument, "a path that can be written", str(path),
+                                 f"{error.strerror or error}; nothing was written") from error
 
     def __enter__(self) -> OutputTransaction:
         return self
@@ -512,11 +517,38 @@ class OutputTransaction:
                  tb: TracebackType | None) -> None:
         if exc_type is None:
             return
+        # Every path is tried: one that cannot be removed (or never existed, or whose name the
+        # file system refuses) must not keep the others, written before it, in place.
         for path in reversed(self._created):
             try:
                 path.unlink()
-            except FileNotFoundError:
+            except OSError:
                 pass
+
+
+def _check_creatable(argument: str, p: Path) -> None:
+    """Refuse an output path that cannot be created: under a file, in a folder the user cannot
+    write to, or with a name longer than the file system takes (``PC_NAME_MAX`` bytes, checked
+    for every part still to be created; the temporary file written beside it is shortened to
+    fit, :func:`~mtunlearn_ext._io.temporary_file_beside`)."""
+    from mtunlearn_ext._io import name_max
+
+    absolute = p.absolute()
+    existing = next((parent for parent in absolute.parents if os.path.lexists(parent)),
+                    Path(absolute.anchor))
+    if not existing.is_dir():
+        raise UserInputError(argument, "a path in a folder", str(p),
+                             f"{str(existing)!r} is a file, not a folder")
+    limit = name_max(existing)
+    for part in absolute.relative_to(existing).parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UserInputError(argument, f"file and folder names of at most {limit} bytes "
+                                 "(the file system's limit)", str(p),
+                                 f"{part[:24]!r}... has {size} bytes; choose a shorter name")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(argument, "a path in a folder you can write to", str(p),
+                             f"{str(existing)!r} is not writable")
 
 
 def input_paths(paths: Iterable[str | os.PathLike[str] | None]) -> list[Path]:

@@ -50,3 +50,82 @@ def test_temporary_file_beside(tmp_path: Path) -> None:
     path = Path(name)
     assert path.parent == tmp_path and path.name.startswith(".out.bin.")
     assert path.name.endswith(".part")
+
+
+def _no_hard_links(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``os.link`` failing as on a file system without hard links; the calls it got."""
+    import errno
+
+    calls: list[str] = []
+
+    def link(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        calls.append(str(dst))
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", link)
+    return calls
+
+
+def _png(path: Path, overwrite: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtunlearn_ext.report import save_png
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    save_png(fig, path, overwrite=overwrite)
+
+
+def test_writers_fall_back_to_check_then_rename_without_hard_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """report.save_png used os.link with no fallback: no plot could be written where hard
+    links are not supported, unlike the text and checkpoint writers."""
+    from mtunlearn_ext._io import write_text_new
+
+    calls = _no_hard_links(monkeypatch)
+    _png(tmp_path / "a.png")
+    write_text_new(tmp_path / "b.json", "{}")
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "c.pt")
+    assert len(calls) == 3  # each tried the link first
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+    # Still no overwrite: an existing file (or a dangling link) is refused.
+    (tmp_path / "d.png").symlink_to(tmp_path / "nowhere.png")
+    for path in (tmp_path / "a.png", tmp_path / "d.png"):
+        with pytest.raises(FileExistsError, match="exists; refusing to overwrite"):
+            _png(path)
+    with pytest.raises(FileExistsError):
+        write_text_new(tmp_path / "b.json", "{}")
+    with pytest.raises(FileExistsError):
+        atomic_torch_save({}, tmp_path / "c.pt")
+    _png(tmp_path / "a.png", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.json", "c.pt", "d.png"]
+
+
+def test_a_name_at_the_file_systems_limit_can_be_written(tmp_path: Path) -> None:
+    """`.{name}.XXXXXXXX.tmp` is 14 characters longer than the name: a legal name near 255
+    characters could never be written. The temporary name is now shortened to fit."""
+    from mtunlearn_ext._io import name_max, write_text_new
+
+    limit = name_max(tmp_path)
+    for stem, suffix in (("a", ".json"), ("b", ".pt"), ("c", ".png"), ("é", ".txt")):
+        # Up to the limit in bytes (a two-byte character for "é").
+        name = stem * ((limit - len(suffix)) // len(stem.encode())) + suffix
+        assert len(name.encode()) <= limit
+        fd, tmp = temporary_file_beside(tmp_path / name, suffix=".part")
+        os.close(fd)
+        assert len(os.fsencode(Path(tmp).name)) <= limit and Path(tmp).name.startswith(".")
+        os.unlink(tmp)
+        target = tmp_path / name
+        if suffix == ".json":
+            write_text_new(target, "{}")
+        elif suffix == ".pt":
+            atomic_torch_save({"w": torch.ones(1)}, target)
+        elif suffix == ".png":
+            _png(target)
+        else:
+            write_text_atomic(target, "x")
+        assert target.is_file()
+    assert len(list(tmp_path.iterdir())) == 4  # no temporary file left

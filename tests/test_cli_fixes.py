@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -212,7 +213,13 @@ def test_report_removes_a_png_written_before_a_failure(tmp_path: Path,
     assert cli.main(["report", "--results", str(source), "--output-dir",
                      str(tmp_path / "rep")]) == 2
     assert "--results" in _err(capsys)
-    assert _listing(tmp_path / "rep") == set()  # interference.png too
+    # interference.png too, and the folder the report created (kept only if it existed).
+    assert not (tmp_path / "rep").exists()
+    (tmp_path / "rep").mkdir()
+    assert cli.main(["report", "--results", str(source), "--output-dir",
+                     str(tmp_path / "rep")]) == 2
+    assert "--results" in _err(capsys)
+    assert _listing(tmp_path / "rep") == set()
 
 
 # -- 11: the same train command writes the same checkpoint file ---------------------------------
@@ -254,3 +261,195 @@ def test_an_unknown_method_is_refused_before_it_names_the_outputs(trained,  # no
     err = capsys.readouterr().err
     assert "--method: expected one of [" in err and "'interference_aware'" in err, err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+# -- review of the docs: output paths, NaN in train, verify from elsewhere, small fixes -----------
+
+
+FAST_STEPS = '{"steps": 2}'
+
+
+def _fail_if_run(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the method ran although an output could not be written")
+
+
+def test_unlearn_refuses_a_record_name_too_long_before_any_work(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A --record name over the file system's limit passed reserve() (lexists() is False on
+    any OSError): the whole method ran, the checkpoint was written, the record failed with
+    ENAMETOOLONG, and the cleanup's own ENAMETOOLONG left the checkpoint behind (traceback,
+    exit 1)."""
+    from mtunlearn_ext import workflow
+
+    monkeypatch.setattr(workflow, "run_unlearning", _fail_if_run)
+    monkeypatch.chdir(tmp_path)
+    long_record = "r" * 260 + ".json"
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2),
+                    "--record", long_record) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected file and folder names of at "
+                          "most"), err
+    assert "choose a shorter name" in err, err
+    assert _listing(tmp_path) == set()
+    # A folder still to be created is checked too, and so is a default name made too long.
+    assert _unlearn(trained, tmp_path / ("d" * 300) / "u.pt", "--forget-ids", ids(1, 2)) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --output: expected file and folder "
+                                   "names of at most")
+    long_input = tmp_path / ("i" * 240 + ".pt")
+    shutil.copy(trained, long_input)
+    assert cli.main(["unlearn", "--checkpoint", str(long_input), "--forget-ids", ids(1, 2),
+                     "--quiet"]) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --output: expected file and folder "
+                                   "names of at most")
+    assert _listing(tmp_path) == {long_input.name}
+
+
+def test_an_output_write_failing_is_one_line_and_removes_what_was_written(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError while writing an output (disk full, ...) after the checkpoint was written:
+    a traceback before; now one line naming the argument, exit 2, the checkpoint removed."""
+    import errno
+
+    from mtunlearn_ext import records
+
+    def disk_full(*args: Any, **kwargs: Any) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(records, "write_record", disk_full)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected a path that can be written"), err
+    assert "No space left on device" in err and "nothing was written" in err, err
+    assert _listing(tmp_path) == set()
+
+
+def test_train_writes_a_legal_name_of_the_longest_length(tmp_path: Path) -> None:
+    """The temporary file `.{name}.XXXXXXXX.tmp` is 14 characters longer than the target: a
+    legal name over 241 characters trained, then failed with ENAMETOOLONG."""
+    from mtunlearn_ext._io import name_max
+
+    name = "o" * (name_max(tmp_path) - 3) + ".pt"
+    assert _train(tmp_path / name) == 0
+    assert _listing(tmp_path) == {name}
+
+
+def test_train_nan_loss_is_the_nonfinite_policy(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --train '{"lr": 1e30}'` raised FloatingPointError (traceback, exit 1); the
+    documented policy is exit 3 with one line naming the step, nothing written."""
+    assert _train(tmp_path / "nan.pt", "--train", '{"lr": 1e30}') == 3
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: non-finite values (NaN/Inf) at step 1: training "
+                          "loss nan"), err
+    assert "nothing was written" in err
+    assert _listing(tmp_path) == set()
+
+
+def test_train_refuses_a_seed_in_the_recipe_overrides(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--train '{"seed": 5}'` was silently replaced by --seed (0): a model of seed 0."""
+    assert _train(tmp_path / "s.pt", "--train", '{"seed": 5}') == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --train: expected fields of TrainConfig, got "
+                          "{'seed': 5}") and "use --seed" in err, err
+    assert _listing(tmp_path) == set()
+
+
+def test_verify_from_another_folder_after_relative_paths(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`unlearn --output ck/m.pt --record recs/m.json` stored the paths as typed; `verify`
+    from another folder failed ("checkpoint ck/m.pt does not exist", naming no argument)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained, run / "orig.pt")
+    monkeypatch.chdir(run)
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1, 2),
+                     "--method-config", FAST_STEPS, "--quiet", "--output", "ck/m.pt",
+                     "--record", "recs/m.json"]) == 0
+    record = json.loads((run / "recs" / "m.json").read_text())
+    assert record["output"]["checkpoint"] == str(run / "ck" / "m.pt")
+    assert record["input"]["checkpoint"] == str(run / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", "run/recs/m.json"]) == 0
+    assert "verified" in capsys.readouterr().out
+    # A checkpoint that is not there: one line naming the argument it came from.
+    (run / "ck" / "m.pt").rename(run / "ck" / "moved.pt")
+    assert cli.main(["verify", "--record", "run/recs/m.json"]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected a record whose output "
+                          "checkpoint exists") and "pass --checkpoint" in err, err
+    assert cli.main(["verify", "--record", "run/recs/m.json", "--checkpoint", "nope.pt"]) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --checkpoint: expected an existing "
+                                   "checkpoint file, got 'nope.pt'")
+    assert cli.main(["verify", "--record", "run/recs/m.json",
+                     "--checkpoint", "run/ck/moved.pt"]) == 0
+
+
+def test_verify_a_partial_record_without_target_tasks_arg(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """`verify` rebuilt the request from the undocumented `request.target_tasks_arg` only: a
+    partial record without it was measured as a full request (metrics mismatch, exit 1)."""
+    out = tmp_path / "u.pt"
+    assert _unlearn(trained, out, "--forget-ids", ids(1, 2, 3), "--target-tasks", "digit") == 0
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert record["request"]["type"] == "partial" and "eval_batch_size" in record
+    del record["request"]["target_tasks_arg"]
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(edited)]) == 0, capsys.readouterr().err
+    # The fields verify reads are documented in the record format.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    record_format = doc.split("### The unlearning record", 1)[1].split("\n### ", 1)[0]
+    for name in ("target_tasks_arg", "eval_batch_size", "retain_ids"):
+        assert f"`{name}`" in record_format, name
+
+
+def test_evaluate_without_a_request_has_no_mia_row(trained: Path,  # noqa: F811
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a request there is no forget split: the summary printed `forget * mia_auc - -`."""
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--quiet"]) == 0
+    table = capsys.readouterr().out.split("{", 1)[0]
+    assert "train" in table and "mia_auc" not in table and "forget" not in table, table
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--quiet"]) == 0
+    table = capsys.readouterr().out.split("{", 1)[0]
+    assert re.search(r"^forget\s+\*\s+mia_auc", table, flags=re.M), table
+
+
+def test_report_refuses_a_dangling_link_in_the_folder_naming_output_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dangling symbolic link named like a report file passed the exists() check; writing
+    failed with `mtunlearn: error: [Errno 17] File exists: ...` (no argument named)."""
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(_record()))
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    for name in ("metrics_test.png", "report.md"):
+        link = folder / name
+        link.symlink_to(tmp_path / "nowhere" / name)
+        assert cli.main(["report", "--results", str(source), "--output-dir", str(folder)]) == 2
+        err = _err(capsys)
+        assert err.startswith("mtunlearn: error: --output-dir: expected a folder without "
+                              f"report files, got '{link}'"), err
+        assert _listing(folder) == {name} and link.is_symlink()
+        link.unlink()
+
+
+def test_dropin_guide_says_per_layer_true_is_one_problem_per_tensor() -> None:
+    """docs/dropin.md said `per_layer=True` solves "one problem per layer"; the code makes one
+    per parameter tensor (a layer's weight and bias are two); a layer id list groups them."""
+    from mtunlearn_ext.surgery._tensor_lists import layer_index
+
+    assert layer_index(True, 4, "op") == ([0, 1, 2, 3], 4)
+    assert layer_index([0, 0, 1, 1], 4, "op") == ([0, 0, 1, 1], 2)
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "dropin.md").read_text()
+                   .split())
+    assert "per_layer=True)` (or a layer id per parameter) solves one problem per layer" \
+        not in doc
+    assert "`GradientSurgery(..., per_layer=True)` solves one problem per parameter *tensor*" \
+        in doc

@@ -112,3 +112,34 @@ def test_the_recipe_sets_training_and_method_settings() -> None:
     # The two recipes' settings differ, so the choice is not a no-op.
     assert tuned_settings("full", [demo.METHOD], "memorising") != tuned_settings(
         "full", [demo.METHOD], "default")
+
+
+def test_every_bar_series_has_its_own_colour(tmp_path, monkeypatch):
+    """Baselines took matplotlib's default cycle, whose 3rd and 4th colours are the ones fixed
+    for 'retrained' (green) and the method (red): PCGrad was drawn in retrained's green."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(report_module, "save_png",
+                        lambda fig, path, overwrite=False, dpi=100: figures.append(fig))
+    # The demo's baselines and more, up to the seven colours the baselines' palette holds.
+    baselines = [*demo.DEMO_BASELINES, "finetune", "scrub", "salun", "random_label"]
+    labels = ["original", "retrained", *baselines, demo.METHOD]
+    metrics = {s: {"a": {"accuracy": 0.5 + 0.01 * i}} for i, s in enumerate(("forget", "retain",
+                                                                             "test"))}
+    results = {"benchmark": {"tasks": [{"name": "a", "kind": "classification"}]},
+               "request": {"type": "full", "target_tasks": ["a"]},
+               "models": {label: {"metrics": metrics} for label in labels}}
+    demo._plot_metrics(results, baselines, tmp_path / "m.png")
+    (ax,) = figures[0].axes
+    colours = {}
+    for container in ax.containers:
+        faces = {mcolors.to_hex(bar.get_facecolor()) for bar in container}
+        assert len(faces) == 1
+        colours[container.get_label()] = faces.pop()
+    plt.close(figures[0])
+    assert list(colours) == labels
+    reserved = {"original": "#7f7f7f", "retrained": "#2ca02c", demo.METHOD: "#d62728"}
+    assert {label: colours[label] for label in reserved} == reserved
+    assert len(set(colours.values())) == len(labels), colours  # every series its own colour

@@ -207,3 +207,14 @@ def test_the_model_cache_key_holds_the_thread_count_and_the_device(tmp_path: Pat
     assert paths[1]["retrained"] != paths[2]["retrained"]
     again = _setup(_config(tmp_path, threads=1), digits)
     assert str(again.checkpoints["original"][0]) == paths[1]["original"]
+
+
+def test_default_recipe_refuses_a_seed_override() -> None:
+    """An override's `seed` was silently replaced by the run's seed."""
+    from mtunlearn_ext.data import load_benchmark
+    from mtunlearn_ext.experiment import default_recipe
+
+    bench = load_benchmark("digits", size="tiny")
+    with pytest.raises(ValueError, match=r"seed \(5\) is not a recipe override.*use --seed"):
+        default_recipe(bench, 0, {"seed": 5})
+    assert default_recipe(bench, 3, {"epochs": 2}).seed == 3

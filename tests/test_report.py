@@ -118,11 +118,13 @@ def test_a_failed_report_removes_the_folders_it_created(tmp_path: Path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(report, "_curves_chart", broken)
-    with pytest.raises(OSError, match="disk full"):
+    # A file that cannot be written is a user error naming --output-dir (one line in the CLI).
+    fails = r"^--output-dir: expected a folder the report files can be written to, .*disk full"
+    with pytest.raises(UserInputError, match=fails):
         write_report(_record(), tmp_path / "new" / "rep")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "kept").mkdir()
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserInputError, match=fails):
         write_report(_record(), tmp_path / "kept" / "rep")
     assert list((tmp_path / "kept").iterdir()) == []
 
@@ -149,3 +151,62 @@ def test_report_files_follow_the_umask(tmp_path: Path) -> None:
     assert {p.suffix for p in written} == {".md", ".png"}
     for path in written:  # not mkstemp's owner-only 0o600
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The figures the report saves (kept open for inspection: nothing is written)."""
+    import mtunlearn_ext.report as report
+
+    figures: list[Any] = []
+
+    def keep(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
+        figures.append(fig)
+
+    monkeypatch.setattr(report, "save_png", keep)
+    return figures
+
+
+def test_a_missing_metric_is_marked_not_drawn_as_a_zero_bar(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A null metric was drawn as a 0 bar, the same as a real 0."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from mtunlearn_ext.report import MISSING_LABEL, _bar_chart
+
+    figures = _drawn(monkeypatch)
+    models = {"before": {"metrics": {"test": {"a": {"accuracy": 0.0}, "b": {"accuracy": 0.5}}}},
+              "after": {"metrics": {"test": {"a": {"accuracy": None}, "b": {"accuracy": 0.7}}}}}
+    assert _bar_chart(models, "test", tmp_path / "m.png", "before")
+    (ax,) = figures[0].axes
+    before, after = ax.containers
+    assert [bar.get_height() for bar in before] == [0.0, 0.5]  # a real 0: a bar of height 0
+    assert math.isnan(after[0].get_height()) and after[1].get_height() == 0.7
+    marks = [t for t in ax.texts if t.get_text() == MISSING_LABEL]
+    assert len(marks) == 1  # only the missing one, at its bar
+    assert marks[0].get_position()[0] == pytest.approx(after[0].get_x() + after[0].get_width() / 2)
+    plt.close(figures[0])
+
+
+@pytest.mark.parametrize(("path", "field"), [
+    (("after", "metrics", "test", "a", "accuracy"), "after.metrics.test.a.accuracy"),
+    (("before", "mia_auc"), "before.mia_auc"),
+    (("report",), "report.curves.forget_loss"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_values_are_refused_naming_the_field(tmp_path: Path, path: tuple[str, ...],
+                                                        field: str, value: float) -> None:
+    """json.loads accepts NaN/Infinity, which the report drew (or failed on); the docs promise
+    "a number or null"."""
+    record = json.loads(json.dumps(_record()))  # no dicts shared between before and after
+    node: Any = record
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = {"curves": {"forget_loss": [1.0, value]}} if path == ("report",) else value
+    source = json.loads(json.dumps(record))  # as read back: Infinity / NaN
+    with pytest.raises(UserInputError, match=rf"^--results: expected a (list of )?finite "
+                                             rf"numbers? or nulls? at .*{field}, got"):
+        write_report(source, tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()

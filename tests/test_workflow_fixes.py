@@ -99,3 +99,66 @@ def test_verify_finds_the_checkpoint_beside_the_record_from_any_folder(tmp_path:
     assert recorded_path(str(run / "out.pt"), record) == run / "out.pt"
     assert recorded_path(os.path.join("run", "out.pt"), record) == Path("run/out.pt")
     assert recorded_path("gone.pt", record) == Path("gone.pt")
+
+
+def test_cleanup_removes_every_output_past_one_it_cannot_remove(tmp_path: Path) -> None:
+    """__exit__ caught only FileNotFoundError: unlinking a path whose name the file system
+    refuses (ENAMETOOLONG) raised, and the checkpoint written before it stayed. The write's
+    own OSError is a UserInputError naming the argument."""
+    from mtunlearn_ext._io import write_text_new
+
+    written = tmp_path / "u.pt"
+    too_long = tmp_path / ("r" * 300 + ".json")
+    with pytest.raises(UserInputError, match=r"^--record: expected a path that can be "
+                                             r"written, got .*File name too long"):
+        with OutputTransaction() as tx:
+            tx.outputs["--output"], tx.outputs["--record"] = written, too_long  # not reserved
+            tx.write(written, lambda p: write_text_new(p, "checkpoint"))
+            assert written.is_file()
+            tx.write(too_long, lambda p: write_text_new(p, "record"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reserve_refuses_paths_that_cannot_be_created(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtunlearn_ext._io import name_max
+
+    limit = name_max(tmp_path)
+    with OutputTransaction() as tx:
+        for path in (tmp_path / ("r" * (limit + 1)), tmp_path / ("d" * (limit + 1)) / "x.pt"):
+            with pytest.raises(UserInputError, match=rf"^--record: expected file and folder "
+                                                     rf"names of at most {limit} bytes"):
+                tx.reserve("--record", path)
+        # Bytes, not characters: 128 two-byte characters are 256 bytes.
+        with pytest.raises(UserInputError, match="has 256 bytes"):
+            tx.reserve("--record", tmp_path / ("é" * 128))
+        with pytest.raises(UserInputError, match="--output: expected a file path, got .*NUL"):
+            tx.reserve("--output", str(tmp_path / "a\0b.pt"))
+        assert tx.reserve("--output", tmp_path / ("o" * limit)).name == "o" * limit
+        monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+        with pytest.raises(UserInputError, match="--record: expected a path in a folder you can "
+                                                 "write to, got .* is not writable"):
+            tx.reserve("--record", tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_rebuilds_the_request_from_type_and_target_tasks() -> None:
+    """Without `target_tasks_arg` a partial record was rebuilt as a full request."""
+    from mtunlearn_ext.records import _request_from_record
+
+    partial = {"type": "partial", "instance_ids": [1, 2], "target_tasks": ["a"]}
+    assert _request_from_record(partial) == ([1, 2], ["a"])
+    assert _request_from_record({**partial, "type": "full", "target_tasks": ["a", "b"]}) == (
+        [1, 2], None)
+    assert _request_from_record({**partial, "target_tasks_arg": ["b"]}) == ([1, 2], ["b"])
+    with pytest.raises(ValueError, match="request.type is 'odd'"):
+        _request_from_record({**partial, "type": "odd"})
+
+
+def test_recorded_relative_paths_are_tried_from_the_record_folder(tmp_path: Path,
+                                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    run = tmp_path / "run"
+    (run / "ck").mkdir(parents=True)
+    (run / "ck" / "m.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path("ck/m.pt", run / "m.json") == run / "ck" / "m.pt"
