@@ -692,6 +692,14 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated(signal.Signals(signum).name)
 
 
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (captured)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mtunlearn`` command; returns the exit code (see the module docstring)."""
     from mtunlearn_ext.records import RecordError
@@ -727,6 +735,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"mtunlearn: error: {error}", file=sys.stderr)
         return 3
+    except BrokenPipeError:
+        # The reader of stdout went away (`mtunlearn evaluate ... | head`): no traceback, and
+        # stdout pointed at /dev/null so that the interpreter's final flush does not raise
+        # again. Outputs not yet committed were removed by their transaction.
+        _silence_stdout()
+        print("mtunlearn: stdout was closed by its reader", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     except KeyboardInterrupt as interrupt:
         how = " by SIGTERM" if isinstance(interrupt, _Terminated) else ""
         print(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -453,3 +455,16 @@ def test_dropin_guide_says_per_layer_true_is_one_problem_per_tensor() -> None:
         not in doc
     assert "`GradientSurgery(..., per_layer=True)` solves one problem per parameter *tensor*" \
         in doc
+
+
+def test_a_closed_stdout_pipe_is_one_line_not_a_traceback(trained: Path) -> None:  # noqa: F811
+    """`mtunlearn evaluate ... | head` closed the pipe under the JSON print: a BrokenPipeError
+    traceback (and a second one from the interpreter's final flush). `true` closes the pipe
+    at once, seconds before evaluate prints."""
+
+    command = (f"{sys.executable} -m mtunlearn_ext.cli evaluate --checkpoint {trained} "
+               "--threads 1 | true; echo \"rc=${PIPESTATUS[0]}\" >&2")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert "mtunlearn: stdout was closed by its reader" in proc.stderr, proc.stderr
+    assert "rc=141" in proc.stderr, proc.stderr
