@@ -140,7 +140,8 @@ void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor
   write_back(result, out);
 }
 
-void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out) {
+void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out,
+                         double pivot_floor) {
   check_solver_types(gram, &rhs);
   const c10::cuda::CUDAGuard guard(gram.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
@@ -151,7 +152,7 @@ void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at
   at::Tensor result = solver_result(gram, out);
   check_launch(cuda::nonconflicting_dual(gram.scalar_type() == at::kDouble, gram.data_ptr(),
                                          rhs.data_ptr(), result.data_ptr(), batch,
-                                         static_cast<int>(k), static_cast<int>(m),
+                                         static_cast<int>(k), static_cast<int>(m), pivot_floor,
                                          work.data_ptr<double>(), iwork.data_ptr<int>(), stream),
                "nonconflicting_dual");
   write_back(result, out);

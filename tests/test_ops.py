@@ -391,12 +391,104 @@ def test_combine_list_from_bases_that_are_the_outputs() -> None:
         ops.combine_list(coeffs, xs, outs, beta=1.0, bases=[outs[0]])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_in_place_over_its_own_coefficients(device: str) -> None:
+    """``out`` may be ``coeffs`` (n == k) or share its memory: the kernels read a private copy of
+    the coefficients (they read them while writing ``out``; the result was A @ X computed from
+    coefficients already overwritten)."""
+    kw = {"dtype": torch.float32, "device": device}
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], **kw)
+    x = torch.tensor([[1.0, 1.0], [1.0, -1.0]], **kw)
+    expected = a @ x
+    assert ops.combine(a, x, out=a) is a
+    torch.testing.assert_close(a, expected, rtol=0, atol=0)
+    # Batched, float64 (no dtype conversion, so no copy happened by the way either).
+    c = _rand(3, 5, 5, dtype=torch.float64, device=device, seed=1)
+    xs = _rand(3, 5, 5, dtype=torch.float64, device=device, seed=2)
+    expected = c @ xs
+    ops.combine(c, xs, out=c)
+    torch.testing.assert_close(c, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_list_outputs_over_the_coefficients(device: str) -> None:
+    c = torch.tensor([1.0, 2.0], device=device)
+    ops.combine_list(c, [torch.ones(2, 2, device=device)], [c])
+    assert c.tolist() == [3.0, 3.0]  # was [3.0, 5.0]: c[1] read after c[0] was written
+    # One block per tensor: outs[1] is block 0, written while block 1 is read for outs[0] (and
+    # the reverse); each output must come from the coefficients as they were.
+    blocks = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device)
+    xs = [torch.ones(2, 2, device=device), torch.ones(2, 2, device=device)]
+    for order in ([blocks[1], blocks[0]], [blocks[0], blocks[1]]):
+        blocks.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        ops.combine_list(blocks, xs, order, per_tensor=True)
+        assert order[0].tolist() == [3.0, 3.0] and order[1].tolist() == [7.0, 7.0]
+
+
+def test_combine_list_refuses_outputs_that_share_memory_across_the_list() -> None:
+    """outs[p] against every xs[q], bases[q] and outs[q] (q != p): the kernels write every output
+    while they read every input and base, on any thread. outs[0] being a view of xs[1] gave
+    results that depended on the thread count."""
+    n = 1 << 16
+    x0, x1 = torch.ones(1, n), torch.full((1, n), 2.0)
+    with pytest.raises(ValueError, match=r"combine_list: outs\[0\] overlaps xs\[1\]; an output "
+                                         r"must not share memory"):
+        ops.combine_list(torch.tensor([1.0]), [x0, x1], [x1[0], torch.zeros(n)])
+    assert bool((x1 == 2.0).all())  # refused before anything was written
+    buf = torch.zeros(10)
+    with pytest.raises(ValueError, match=r"outs\[0\] overlaps outs\[1\]"):
+        ops.combine_list(torch.ones(1), [torch.ones(1, 6), torch.ones(1, 6)], [buf[:6], buf[4:]])
+    with pytest.raises(ValueError, match=r"outs\[1\] overlaps xs\[1\]"):  # was a RuntimeError
+        ops.combine_list(torch.ones(1), [torch.ones(1, 4), buf.view(1, 10)], [buf[:4] * 0, buf])
+    outs = [torch.zeros(5), torch.zeros(5)]
+    with pytest.raises(ValueError, match=r"outs\[1\] overlaps bases\[0\]"):
+        ops.combine_list(torch.ones(1), [torch.ones(1, 5)] * 2, outs, beta=1.0,
+                         bases=[outs[1], outs[1].clone()])
+    # What the kernels do not share is accepted: bases[p] = outs[p] itself; bases ignored by
+    # beta = 0; an input that is not dense (read from a private copy, made before any write);
+    # rows of one buffer that interleave with an output without touching it.
+    ops.combine_list(torch.ones(1), [torch.ones(1, 5)] * 2, outs, beta=1.0, bases=outs)
+    assert outs[0].tolist() == [1.0] * 5 and outs[1].tolist() == [1.0] * 5
+    ops.combine_list(torch.ones(1), [torch.ones(1, 5)] * 2, outs, beta=0.0, bases=outs[::-1])
+    grid = torch.arange(24.0).reshape(4, 6)
+    transposed = grid.view(4, 2, 3).transpose(1, 2)  # [k=4, 3, 2], trailing dims not dense
+    expected = transposed.sum(0).clone()
+    out = grid[0, :6].view(3, 2)  # the memory of xs[0]'s first row
+    with pytest.raises(ValueError, match=r"outs\[0\] overlaps xs\[0\]"):
+        ops.combine_list(torch.ones(4), [grid.view(4, 3, 2)], [out])
+    ops.combine_list(torch.ones(4), [transposed], [out])
+    torch.testing.assert_close(out, expected)
+    rows = torch.zeros(4, 5)
+    ops.combine_list(torch.ones(2), [rows[::2], rows[::2]], [rows[1], rows[3]])  # rows 0, 2 read
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_combine_list_refuses_an_output_over_another_slots_input_at_any_thread_count(
+        threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = 1 << 20
+        x0, x1 = torch.ones(1, n), torch.full((1, n), 2.0)
+        with pytest.raises(ValueError, match=r"outs\[0\] overlaps xs\[1\]"):
+            ops.combine_list(torch.tensor([1.0]), [x0, x1], [x1[0], torch.zeros(n)])
+    finally:
+        torch.set_num_threads(previous)
+    import mtunlearn_ext.ops._checks as checks
+
+    monkeypatch.setattr(checks, "has_extension", lambda: False)  # the reference path refuses too
+    with pytest.raises(ValueError, match=r"outs\[0\] overlaps xs\[1\]"):
+        ops.combine_list(torch.tensor([1.0]), [torch.ones(1, 8), x1[:, :8]], [x1[0, :8],
+                                                                            torch.zeros(8)])
+
+
 def _bad_list_calls() -> dict[str, object]:
     """Calls of the list ops with one thing wrong each (the compiled path checks them in C++)."""
     x, y = torch.randn(3, 4), torch.randn(2, 4)
     meta = torch.randn(3, 4, device="meta")
     ints = torch.ones(3, 4, dtype=torch.int64)
     ones = torch.ones(3)
+    shared = torch.zeros(8)
     return {
         "gram_list empty": lambda: ops.gram_list([]),
         "gram_list not a tensor": lambda: ops.gram_list([x, 5]),
@@ -443,6 +535,12 @@ def _bad_list_calls() -> dict[str, object]:
                                                         bases=[torch.ones(4).double()]),
         "combine bases device": lambda: ops.combine_list(ones, [x], [torch.ones(4)], beta=1.0,
                                                          bases=[torch.ones(4, device="meta")]),
+        "combine out over another input": lambda: ops.combine_list(
+            ones, [torch.randn(3, 4), x], [x[1], torch.zeros(4)]),
+        "combine out over its own input": lambda: ops.combine_list(ones, [x], [x[1]]),
+        "combine outs overlap": lambda: ops.combine_list(ones, [x, x], [shared[:4], shared[2:6]]),
+        "combine out over another base": lambda: ops.combine_list(
+            ones, [x, x], [shared[:4], shared[4:]], beta=1.0, bases=[shared[4:], shared[4:]]),
     }
 
 
@@ -615,6 +713,75 @@ def test_project_nonconflicting_is_exact_with_more_rows_than_dimensions(device: 
     assert np.abs(d.cpu().numpy() - expected).max() <= 1e-9 * scale
 
 
+def _rows_near_one_direction(rng: np.random.Generator, k: int, n: int, noise: float
+                             ) -> np.ndarray:
+    """``k`` rows ``a_i u + noise`` (``cond(R) ~ 1 / noise``): with ``k > n`` a singular,
+    ill-conditioned Gram, where the dual's descent runs out of sweeps, its polish meets dependent
+    rows and the exact active-set fallback must finish."""
+    return (rng.standard_normal((k, 1)) @ rng.standard_normal((1, n))
+            + noise * rng.standard_normal((k, n)))
+
+
+def _nnls_error_and_violation(d: torch.Tensor, g: np.ndarray, r: np.ndarray
+                              ) -> tuple[float, float]:
+    """``|d - d_nnls| / |g|`` and the largest constraint violation ``-<d, r_j> / (|r_j| |g|)``
+    (``sign=1``), in float64 on the values the op saw."""
+    dd = d.double().cpu().numpy()[0]
+    scale = float(np.linalg.norm(g))
+    error = float(np.linalg.norm(dd - _nnls_projection(g[0], r, 1))) / scale
+    violation = float(-(r @ dd / np.linalg.norm(r, axis=1)).min()) / scale
+    return error, violation
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_project_nonconflicting_finishes_the_reviewed_k_gt_n_case(device: str) -> None:
+    """k = 12 rows in n = 6 dimensions near one direction (float64, cond(R) = 6e3): the active-set
+    fallback re-added a row whose Cholesky pivot it had dropped as dependent until its budget ran
+    out, and the op returned the unconverged descent iterate, 0.75 |g| from SciPy's NNLS with a
+    constraint violated by 7e-3 |g|."""
+    rng = np.random.default_rng(2)
+    for _ in range(12):  # the 12th draw of this stream
+        r, g = _rows_near_one_direction(rng, 12, 6, 1e-3), rng.standard_normal((1, 6))
+    assert 5e3 < np.linalg.cond(r) < 7e3
+    d, w = ops.project_nonconflicting(torch.tensor(g, device=device),
+                                      torch.tensor(r, device=device), return_coeffs=True)
+    error, violation = _nnls_error_and_violation(d, g, r)
+    assert error <= 1e-7 and violation <= 1e-10 and bool((w >= 0).all())
+    # The dual objective 1/2 |R^T w + g|^2 is NNLS's minimum.
+    expected = _nnls_projection(g[0], r, 1)
+    objective = 0.5 * float(np.sum((w.cpu().numpy()[0] @ r + g[0]) ** 2))
+    assert objective <= 0.5 * float(np.sum(expected**2)) * (1 + 1e-9)
+
+
+# (noises, tolerance on |d - d_nnls| / |g|, on the violation). cond(R) ~ 1 / noise; past 1e-3
+# (cond 1e5) the Gram form cannot resolve the rows' independent parts any more (pivots ~ cond^-2
+# reach its rounding level). A float32 Gram's rounding (1e-7 of its largest entry) already blurs
+# them at noise 0.3 (some 0.25 |g| off): float32 is checked where it is determined.
+_NEAR_ONE_DIRECTION = {torch.float64: ([1.0, 0.3, 0.1, 1e-2, 1e-3], 1e-6, 1e-8),
+                       torch.float32: ([1.0], 1e-3, 1e-4)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k,n", [(5, 3), (12, 6), (40, 20), (256, 50)])
+def test_project_nonconflicting_with_more_rows_near_one_direction_matches_nnls(
+        device: str, dtype: torch.dtype, k: int, n: int) -> None:
+    """k > n rows near one common direction, down to cond(R) = 1e4 in float64: the projection is
+    SciPy's NNLS (the descent, the polish or the active set, whichever finishes) and feasible.
+    Before the active set excluded the rows its Cholesky drops as dependent, up to 0.99 |g| off
+    in float64 (noise 1e-3) and 0.13 |g| in float32 (noise 1)."""
+    noises, tol, feasibility = _NEAR_ONE_DIRECTION[dtype]
+    rng = np.random.default_rng(1000 + k)
+    for noise in noises:
+        for trial in range(20 if k < 100 else 4):
+            r = torch.tensor(_rows_near_one_direction(rng, k, n, noise), dtype=dtype, device=device)
+            g = torch.tensor(rng.standard_normal((1, n)), dtype=dtype, device=device)
+            d = ops.project_nonconflicting(g, r)
+            error, violation = _nnls_error_and_violation(d, g.double().cpu().numpy(),
+                                                         r.double().cpu().numpy())
+            assert error <= tol and violation <= feasibility, (noise, trial, error, violation)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_singular_grams_stay_finite_and_feasible(device: str, dtype: torch.dtype) -> None:
@@ -731,6 +898,28 @@ def test_opcheck_every_op(device: str) -> None:
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_solver_fake_kernels_give_contiguous_results_for_a_transposed_rhs() -> None:
+    """The real ridge_solve and nonconflicting_dual return contiguous tensors whatever rhs's
+    strides; their fake kernels kept rhs's strides (empty_like), so opcheck failed and inductor's
+    stride assert stopped torch.compile(fullgraph=True) on ``ridge_solve(G, rhs_t.mT)``."""
+    b = _rand(3, 8, dtype=torch.float64, seed=1)
+    gm = ops.gram(b)
+    rhs_t = _rand(4, 3, dtype=torch.float64, seed=2)  # rhs_t.mT: [k=3, m=4], strides (1, 3)
+    torch.library.opcheck(torch.ops.mtunlearn.ridge_solve.default, (gm, rhs_t.mT, 1e-6))
+    torch.library.opcheck(torch.ops.mtunlearn.nonconflicting_dual.default,
+                          (gm, _rand(3, 4, dtype=torch.float64, seed=3).mT))
+
+    def solve(gram_matrix: torch.Tensor, rhs_rows: torch.Tensor) -> torch.Tensor:
+        a = ops.ridge_solve(gram_matrix, rhs_rows.mT, 1e-6)
+        w = ops.nonconflicting_dual(gram_matrix, (-a).mT.contiguous().mT.mT)
+        return a * 2.0 + w.mT
+
+    with torch._inductor.config.patch(force_disable_caches=True):  # type: ignore[attr-defined]
+        compiled = torch.compile(solve, backend="inductor", fullgraph=True)
+        torch.testing.assert_close(compiled(gm, rhs_t), solve(gm, rhs_t), rtol=0, atol=0)
+
+
 def test_autograd_formulas() -> None:
     x = _rand(3, 11, dtype=torch.float64, seed=1).requires_grad_()
     a = _rand(2, 11, dtype=torch.float64, seed=2).requires_grad_()
@@ -801,6 +990,28 @@ def test_errors_name_the_argument() -> None:
     # The registered ops check too (for callers that bypass the wrappers).
     with pytest.raises(ValueError, match="mtunlearn::inner: `a`"):
         torch.ops.mtunlearn.inner(x, torch.randn(2, 11))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pcgrad_surfaces_non_finite_input_for_any_k(device: str) -> None:
+    """k = 1 reads no Gram entry in the projection steps, and a +Inf inner product is no
+    conflict: the weights stayed finite and ``check_finite`` let NaN/Inf through. A non-finite
+    Gram now gives all-NaN weights, as in ridge_solve and nonconflicting_dual."""
+    for k in (1, 2, 40):  # 40: the CUDA kernels' larger launch, the same per-task check
+        x = _rand(k, 10, device=device, seed=k)
+        x[0, 3] = float("nan")
+        with pytest.raises(FloatingPointError, match="`x` contains NaN or Inf"):
+            ops.pcgrad(x)
+        assert bool(torch.isnan(ops.pcgrad(x, check_finite=False)).all())
+    inf = float("inf")
+    for gram_matrix in ([[float("nan")]], [[inf]], [[1.0, inf], [inf, 1.0]],
+                        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -inf]]):
+        g = torch.tensor(gram_matrix, dtype=torch.float64, device=device)
+        assert bool(torch.isnan(ops.pcgrad_weights(g)).all()), gram_matrix
+        assert bool(torch.isnan(ops.pcgrad_weights(g.float(), seed=-1)).all()), gram_matrix
+    # Finite Grams keep their bits (the check only reads).
+    g = ops.gram(_rand(5, 30, dtype=torch.float64, device=device, seed=4))
+    assert torch.equal(ops.pcgrad_weights(g, 3), ops.pcgrad_weights(g.clone(), 3))
 
 
 def test_non_finite_policy() -> None:

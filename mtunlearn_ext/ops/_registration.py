@@ -87,11 +87,11 @@ def _register() -> None:
     @torch.library.register_fake(lib + "ridge_solve")
     def _ridge_solve_fake(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6
                           ) -> torch.Tensor:
-        return torch.empty_like(rhs, dtype=gram.dtype)
+        return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
     @torch.library.register_fake(lib + "nonconflicting_dual")
     def _dual_fake(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(rhs, dtype=gram.dtype)
+        return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
     @torch.library.register_fake(lib + "pcgrad_weights")
     def _pcgrad_weights_fake(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:

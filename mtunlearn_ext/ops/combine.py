@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
+    _has_no_values,
     check_finite_result,
     check_float_tensor,
     check_same_device,
@@ -78,7 +80,10 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     them); given, ``bases[p]`` has the shape and dtype of ``outs[p]``, any strides, and is either
     ``outs[p]`` itself or memory apart from it: the projections write ``g - C @ B`` into new
     outputs this way without first copying ``g`` there, one launch per parameter fewer.
-    ``beta=0`` ignores the bases (their contents, NaN included).
+    ``beta=0`` ignores the bases (their contents, NaN included). Every output is written while
+    every input and base is read, so an output that shares memory with any input, another
+    output or another output's base is refused (``ValueError`` naming both); ``coeffs`` may be
+    an output (the kernels read a private copy of it).
     """
     op = "mtunlearn_ext.ops.combine_list"
     xs, outs = list(xs), list(outs)
@@ -136,8 +141,14 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
                                                            for p, o in enumerate(outs)]
     check_same_device(op, [("coeffs", coeffs)] + named)
     check_same_dtype(op, named)
-    if bases is None or beta == 0.0:
-        return
+    read_bases = None if bases is None or beta == 0.0 else bases  # beta = 0 ignores them
+    if read_bases is not None:
+        _check_bases(op, read_bases, outs)
+    if not (torch.compiler.is_compiling() or _has_no_values(xs[0])):
+        _check_no_cross_overlap(op, coeffs, xs, outs, read_bases, has_rows=bool(lead))
+
+
+def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
     for p, (b, o) in enumerate(zip(bases, outs)):
         check_float_tensor(op, f"bases[{p}]", b)
         check_same_device(op, [(f"outs[{p}]", o), (f"bases[{p}]", b)])
@@ -150,6 +161,82 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
         same = b.data_ptr() == o.data_ptr() and b.stride() == o.stride()
         if not same and _shares_memory(b, o):
             raise ValueError(f"{op}: bases[{p}] overlaps outs[{p}] without being the same tensor")
+
+
+# The memory the kernels touch, as rows (start, stride, rows, length) in bytes: the same
+# decisions as combine.cpp's check_no_cross_overlap (see there), so that both paths refuse the
+# same calls with the same message. An input or base whose trailing dims are not dense is read
+# from a private copy (stack_rows): None.
+_Rows = tuple[int, int, int, int]
+
+
+def _rows_read(t: torch.Tensor, row_dims: int) -> _Rows | None:
+    n, dense = 1, True
+    for d in range(t.dim() - 1, row_dims - 1, -1):
+        if t.shape[d] != 1 and t.stride(d) != n:
+            dense = False
+        n *= t.shape[d]
+    no_rows = row_dims == 0 or t.dim() == 0
+    rows = 1 if no_rows else t.shape[0]
+    if t.numel() == 0 or not dense:
+        return None
+    size = t.element_size()
+    return t.data_ptr(), (n if no_rows else t.stride(0)) * size, rows, n * size
+
+
+def _rows_meet(r: _Rows | None, lo: int, hi: int) -> bool:
+    if r is None or hi <= lo:
+        return False
+    start, stride, rows, length = r
+    a, b = lo - start, hi - start
+    if stride == 0:
+        return 0 < b and length > a
+    return max(0, (a - length) // stride + 1) <= min(rows - 1, (b - 1) // stride)
+
+
+def _check_no_cross_overlap(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
+                            outs: list[torch.Tensor], bases: list[torch.Tensor] | None,
+                            has_rows: bool) -> None:
+    """Refuse outputs that share memory with another tensor of the call: every output is
+    written while every input and base is read (``bases[p]`` may be ``outs[p]`` itself)."""
+    if has_rows and coeffs.shape[-2] == 0:
+        return  # m = 0: nothing is written
+    k = coeffs.shape[-1]
+    out_rows = [_rows_read(o, 0) for o in outs]  # contiguous: one range each
+    x_rows = [_rows_read(x, 1) if k else None for x in xs]
+    base_rows = [] if bases is None else [_rows_read(b, 1 if has_rows else 0) for b in bases]
+    # Sorted output ranges: overlapping outputs are neighbours; once they are disjoint, the ones
+    # a read range can meet are a run from the first that ends after its start.
+    spans = sorted((r[0], r[0] + r[3], p) for p, r in enumerate(out_rows) if r is not None)
+    ends = [end for _, end, _ in spans]
+    conflict = any(spans[i][0] < ends[i - 1] for i in range(1, len(spans)))
+    reads = [(r, -1) for r in x_rows] + [(r, q) for q, r in enumerate(base_rows)]
+    for r, own in reads:
+        if conflict:
+            break
+        if r is None:
+            continue
+        hi = r[0] + (r[2] - 1) * r[1] + r[3]
+        i = bisect.bisect_right(ends, r[0])
+        while i < len(spans) and spans[i][0] < hi and not conflict:
+            conflict = spans[i][2] != own and _rows_meet(r, spans[i][0], spans[i][1])
+            i += 1
+    if not conflict:
+        return
+    for p, o in enumerate(out_rows):
+        if o is None:
+            continue
+        lo, hi = o[0], o[0] + o[3]
+        for q in range(len(outs)):
+            hit = (("outs" if q != p and _rows_meet(out_rows[q], lo, hi) else None)
+                   or ("xs" if _rows_meet(x_rows[q], lo, hi) else None)
+                   or ("bases" if q != p and base_rows and _rows_meet(base_rows[q], lo, hi)
+                       else None))
+            if hit:
+                raise ValueError(
+                    f"{op}: outs[{p}] overlaps {hit}[{q}]; an output must not share memory with "
+                    "any input, another output or another output's base (clone() one of them "
+                    "first)")
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -107,6 +107,27 @@ std::vector<double> gram_of_random_rows(int k, int cols, std::mt19937_64& rng) {
   return g;
 }
 
+// More rows than dimensions (k > cols), all close to one common direction (a_i u + noise):
+// singular and ill-conditioned, the case where the dual's descent runs out of sweeps, its polish
+// meets dependent rows and the exact active-set fallback finishes (excluding rows that its
+// Cholesky drops as dependent).
+std::vector<double> gram_of_correlated_rows(int k, int cols, double noise, std::mt19937_64& rng) {
+  std::normal_distribution<double> normal;
+  std::vector<double> u(cols), r(static_cast<size_t>(k) * cols), g(static_cast<size_t>(k) * k);
+  for (auto& v : u) v = normal(rng);
+  for (int i = 0; i < k; ++i) {
+    const double a = normal(rng);
+    for (int p = 0; p < cols; ++p) r[i * cols + p] = a * u[p] + noise * normal(rng);
+  }
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < k; ++j) {
+      double s = 0.0;
+      for (int p = 0; p < cols; ++p) s += r[i * cols + p] * r[j * cols + p];
+      g[i * k + j] = s;
+    }
+  return g;
+}
+
 void check_ridge(const char* what, int k, int m, int threads, const std::vector<double>& g,
                  double ridge, std::mt19937_64& rng) {
   std::normal_distribution<double> normal;
@@ -124,18 +145,19 @@ void check_ridge(const char* what, int k, int m, int threads, const std::vector<
 }
 
 void check_dual(const char* what, int k, int threads, const std::vector<double>& g,
-                std::vector<double> c) {
+                std::vector<double> c, double pivot_floor = 1e-14) {
   std::vector<double> want(k), got(k, -7.0), scratch(static_cast<size_t>(k) * k + 2 * k);
   std::vector<int> idx(k);
-  solvers::nonconflicting_dual(g.data(), k, c.data(), want.data(), scratch.data(), idx.data());
+  solvers::nonconflicting_dual(g.data(), k, c.data(), pivot_floor, want.data(), scratch.data(),
+                               idx.data());
   std::vector<double> workspace(2 * static_cast<size_t>(k) * k + 4 * k, -7.0);
   std::vector<double> s_w(k), s_grad(k), s_trial(k);
   std::vector<int> block_idx(k, -1);
   double s_scalar = 0.0;
   int s_count = 0;
   run_block(threads, [&](ThreadBlock& block) {
-    block_solvers::nonconflicting_dual(block, g.data(), c.data(), got.data(), k, workspace.data(),
-                                       block_idx.data(), s_w.data(), s_grad.data(),
+    block_solvers::nonconflicting_dual(block, g.data(), c.data(), got.data(), k, pivot_floor,
+                                       workspace.data(), block_idx.data(), s_w.data(), s_grad.data(),
                                        s_trial.data(), &s_scalar, &s_count);
   });
   expect_close(what, k, threads, got, want, 1e-9);
@@ -166,6 +188,12 @@ int main() {
     check_dual("dual, nothing conflicts", k, threads, well, std::vector<double>(k, 1.0));
     check_dual("dual, zero rhs", k, threads, well, std::vector<double>(k, 0.0));
     check_dual("dual, NaN in the Gram", k, threads, bad, c);
+    // k > n, rows near one direction: the active-set fallback, at both dtypes' floors.
+    const std::vector<double> correlated = gram_of_correlated_rows(k, k / 2, 1e-3, rng);
+    std::vector<double> c_corr(k);
+    for (auto& v : c_corr) v = 3.0 * normal(rng);
+    check_dual("dual, k > n correlated (active set)", k, threads, correlated, c_corr);
+    check_dual("dual, the same at the fp32 floor", k, threads, correlated, c_corr, 1e-6);
   }
   std::printf("%s: %d mismatching case(s)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;

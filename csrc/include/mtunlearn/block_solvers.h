@@ -126,13 +126,14 @@ MTU_BLOCK void ridge_solve(Block& block, const A* gram, const A* rhs, A* out, in
 }
 
 // solvers::nonconflicting_dual for one (problem, row): gram k x k, c and out k, in the input
-// dtype A. workspace: 2 k^2 + 3k doubles; idx: k ints. Shared: s_w, s_grad, s_trial (k doubles
+// dtype A; pivot_floor: the Gram's relative rounding level (the active-set fallback's dependence
+// floor). workspace: 2 k^2 + 3k doubles; idx: k ints. Shared: s_w, s_grad, s_trial (k doubles
 // each), s_scalar (one double), s_count (one int). Every thread computes each coordinate's step
 // itself (same inputs, same result), so only the gradient update is shared out, with a barrier
 // on each side of it.
 template <class Block, typename A>
 MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A* out, int k,
-                                   double* workspace, int* idx, double* s_w, double* s_grad,
+                                   double pivot_floor, double* workspace, int* idx, double* s_w, double* s_grad,
                                    double* s_trial, double* s_scalar, int* s_count) {
   const int rank = block.rank(), size = block.size();
   const int64_t kk = static_cast<int64_t>(k) * k;
@@ -222,8 +223,9 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
     block.sync();
   } else if (!converged) {
     // As in solvers::nonconflicting_dual: the exact active-set method, on one thread (it is the
-    // rare case of dependent rows and a descent out of sweeps; its steps are sequential).
-    if (rank == 0) solvers::dual_active_set(g, k, c, scale, s_w, factor, idx);
+    // rare case of dependent rows and a descent out of sweeps; its steps are sequential). s_w
+    // holds the descent iterate, which it keeps if its own budget runs out on a worse one.
+    if (rank == 0) solvers::dual_active_set(g, k, c, scale, pivot_floor, s_w, factor, idx);
     block.sync();
   }
   for (int e = rank; e < k; e += size) out[e] = static_cast<A>(s_w[e]);

@@ -22,7 +22,8 @@ void combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64
 // Solvers on contiguous accumulation-type tensors (one thread per problem).
 void ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out,
                  double ridge, double pivot_floor);
-void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out);
+void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at::Tensor& out,
+                         double pivot_floor);
 void pcgrad_weights(const at::Tensor& gram, const at::Tensor& out, int64_t seed);
 
 }  // namespace cuda_host

@@ -96,7 +96,8 @@ int combine(ScalarKind kind, const CombineSegment* segments, const ReduceItem* i
 int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
                 int m, double ridge, double pivot_floor, double* workspace, void* stream);
 int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
-                        int k, int m, double* workspace, int* int_workspace, void* stream);
+                        int k, int m, double pivot_floor, double* workspace, int* int_workspace,
+                        void* stream);
 int pcgrad_weights(bool dbl, const void* gram, void* out, int64_t batch, int k, int64_t seed,
                    double* workspace, int* int_workspace, void* stream);
 }  // namespace cuda

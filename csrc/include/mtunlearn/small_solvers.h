@@ -124,19 +124,46 @@ MTU_HD void ridge_solve(const double* gram, int k, const double* rhs, int m, dou
   for (int c = 0; c < m; ++c) cholesky_solve(scratch, k, out + c, m);
 }
 
+// The dual objective 1/2 w^T G w + c^T w (= 1/2 |R^T w + g|^2 - 1/2 |g|^2): which of two
+// feasible iterates is the better answer.
+MTU_HD double dual_objective(const double* gram, int k, const double* c, const double* w) {
+  double f = 0.0;
+  for (int i = 0; i < k; ++i) {
+    if (w[i] == 0.0) continue;
+    double gw = 0.0;
+    for (int j = 0; j < k; ++j) gw += gram[i * k + j] * w[j];
+    f += w[i] * (0.5 * gw + c[i]);
+  }
+  return f;
+}
+
 // The exact dual by Lawson and Hanson's active-set method, the fallback of
 // nonconflicting_dual when its coordinate descent ran out of sweeps and the polish below could
 // not finish it (dependent constraint rows, e.g. more tasks than dimensions, make G singular and
 // the descent slow). It solves min_{w >= 0} 1/2 w^T G w + c^T w (the NNLS min |R^T w + g| in
 // Gram form) from w = 0: a coordinate whose constraint is violated most (relative to |r_j|)
-// joins the passive set P; the problem restricted to P is solved exactly (least squares:
-// cholesky_dropping gives a row dependent on the others a zero coefficient), and if that leaves
-// a coordinate <= 0, the iterate moves toward it until the first coordinate reaches 0, which
-// leaves P. Each outer step lowers the objective. Returns true, with its answer in w_out, once
-// the KKT conditions hold; false (w_out untouched) if its budget ran out (a cycle from rounding).
-// scratch: 2k + k*k doubles; idx: k ints.
+// joins the passive set P; the problem restricted to P is solved exactly, and if that leaves a
+// coordinate <= 0, the iterate moves toward it until the first coordinate reaches 0, which
+// leaves P. Each outer step lowers the objective.
+//
+// A row whose Cholesky pivot on joining P falls below `pivot_floor` * max diag G (the Gram's
+// rounding level) lies in the span of P to that level: the solve gives it a zero coefficient and
+// drops it again, and its violation is the rounding of its dependence (d is orthogonal to the
+// passive rows), so it is excluded from selection until a row leaves P, after which it may be
+// independent again. (Re-adding it every step used to exhaust the budget and return the
+// unconverged descent iterate.) Exclusions do not use the budget: at most k of them between two
+// real steps. The floor must be the rounding level and no more: a row whose independent part is
+// small but above it can still move the projection by O(|d|) (1e-9 in fp64 left results 0.7 |g|
+// off SciPy's NNLS, 1e-12 some 2e-3 |g|, at cond(R) 1e3-1e4).
+//
+// Returns true, with its answer in w_out, once the KKT conditions hold on the rows not
+// excluded. If its budget runs out (a cycle from rounding) it returns false and leaves in w_out
+// the better, by the dual objective, of its own iterate and what w_out held (the caller's
+// descent iterate); both are feasible (w >= 0).
+// scratch: 2k + k*k doubles; idx: k ints (the passive set from the front, the excluded rows
+// from the back).
 MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double scale,
-                            double* w_out, double* scratch, int* idx) {
+                            double pivot_floor, double* w_out, double* scratch, int* idx) {
   double* w = scratch;              // k
   double* z = scratch + k;          // k
   double* factor = scratch + 2 * k; // k*k
@@ -145,17 +172,19 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
     w[i] = 0.0;
     largest_diag = dmax(largest_diag, gram[i * k + i]);
   }
-  const double floor = 1e-9 * largest_diag + DBL_MIN;
-  int np = 0;
-  for (int outer = 0; outer < 3 * k + 10; ++outer) {
+  const double floor = pivot_floor * largest_diag + DBL_MIN;
+  int np = 0;  // passive rows: idx[0, np)
+  int ne = 0;  // excluded rows (dependent on the passive ones): idx[k - ne, k)
+  for (int outer = 0; outer < 3 * k + 10;) {
     int best = -1;
     double most = -1e-9 * scale;  // a violation below this is rounding
     for (int j = 0; j < k; ++j) {
       const double gjj = gram[j * k + j];
       if (!(gjj > 0.0)) continue;  // r_j = 0: its constraint always holds
-      bool passive = false;
-      for (int a = 0; a < np; ++a) passive = passive || idx[a] == j;
-      if (passive) continue;
+      bool skip = false;
+      for (int a = 0; a < np; ++a) skip = skip || idx[a] == j;
+      for (int a = k - ne; a < k; ++a) skip = skip || idx[a] == j;
+      if (skip) continue;
       double gj = c[j];
       for (int a = 0; a < np; ++a) gj += gram[j * k + idx[a]] * w[idx[a]];
       const double violation = gj / sqrt(gjj);  // <d, r_j> / |r_j|
@@ -168,9 +197,17 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       for (int i = 0; i < k; ++i) w_out[i] = w[i];
       return true;
     }
-    idx[np++] = best;
+    idx[np++] = best;  // np + ne <= k: best was neither passive nor excluded
+    cholesky_dropping(gram, k, idx, np, 0.0, floor, factor);
+    if (factor[(np - 1) * np + (np - 1)] == 0.0) {  // best's pivot was dropped
+      --np;
+      idx[k - 1 - ne] = best;
+      ++ne;
+      continue;
+    }
+    ++outer;
     for (int inner = 0; inner <= k && np > 0; ++inner) {
-      cholesky_dropping(gram, k, idx, np, 0.0, floor, factor);
+      if (inner > 0) cholesky_dropping(gram, k, idx, np, 0.0, floor, factor);
       for (int a = 0; a < np; ++a) z[a] = -c[idx[a]];
       cholesky_solve(factor, np, z, 1);
       bool positive = true;
@@ -201,8 +238,11 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
         }
       }
       np = kept;
+      ne = 0;  // a row left P: the rows excluded as dependent on P may not be any more
     }
   }
+  if (dual_objective(gram, k, c, w) < dual_objective(gram, k, c, w_out))
+    for (int i = 0; i < k; ++i) w_out[i] = w[i];
   return false;
 }
 
@@ -240,11 +280,12 @@ MTU_HD bool dual_polish(const double* gram, int k, const double* c, double scale
 // G = R R^T, c = R g (then d = g + w R). Projected coordinate descent (Gauss-Seidel, keeping
 // grad = G w + c current) to a relative tolerance, then an exact solve on the active set that
 // is kept when it satisfies the KKT conditions (dual_polish); when neither the descent
-// converged nor the polish succeeded, the exact active-set method (dual_active_set). Non-finite
-// input gives an all-NaN w.
+// converged nor the polish succeeded, the exact active-set method (dual_active_set, whose
+// dependence floor is `pivot_floor` * max diag G: the Gram's relative rounding level, 1e-14 for
+// a float64 Gram and 1e-6 for float32). Non-finite input gives an all-NaN w.
 // scratch: k*k + 2k doubles + k ints (idx).
-MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, double* w,
-                                double* scratch, int* idx) {
+MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, double pivot_floor,
+                                double* w, double* scratch, int* idx) {
   bool finite = true;
   for (int i = 0; i < k * k; ++i) finite = finite && is_finite(gram[i]);
   for (int i = 0; i < k; ++i) finite = finite && is_finite(c[i]);
@@ -283,7 +324,7 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
     converged = largest <= tol;
   }
   if (dual_polish(gram, k, c, scale, w, trial, factor, idx) || converged) return;
-  dual_active_set(gram, k, c, scale, w, scratch, idx);
+  dual_active_set(gram, k, c, scale, pivot_floor, w, scratch, idx);
 }
 
 // splitmix64: the generator behind PCGrad's task orders; must match
@@ -315,9 +356,16 @@ MTU_HD void pcgrad_order(int k, int task, int64_t seed, int* order) {
 // PCGrad in coefficient space, one task: v starts at e_task and, for each j in the task's
 // order, v -= min(<v, x_j>, 0) / |x_j|^2 e_j with <v, x_j> = v . G[:, j]. Tasks are independent
 // (the CUDA backend runs one thread per task). order: k ints.
+// A NaN or Inf in the task's row of G makes v all-NaN: every entry of G is in some task's row, so
+// non-finite input always surfaces in the summed weights, as in ridge_solve and
+// nonconflicting_dual (the steps alone can lose it: k = 1 reads no entry, a +Inf <v, x_j> is no
+// conflict).
 MTU_HD void pcgrad_task_weights(const double* gram, int k, int64_t seed, int task, double* v,
                                 int* order) {
-  for (int l = 0; l < k; ++l) v[l] = l == task ? 1.0 : 0.0;
+  bool finite = true;
+  for (int l = 0; l < k; ++l) finite = finite && is_finite(gram[task * k + l]);
+  for (int l = 0; l < k; ++l) v[l] = !finite ? NAN : l == task ? 1.0 : 0.0;
+  if (!finite) return;
   pcgrad_order(k, task, seed, order);
   for (int t = 0; t < k - 1; ++t) {
     const int j = order[t];

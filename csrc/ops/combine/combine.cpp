@@ -6,6 +6,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "mtunlearn/checks.h"
@@ -35,6 +39,14 @@ void run_combine(ScalarKind kind, const std::vector<CombineSegment>& segments, i
 #endif
 }
 
+// The coefficients in the accumulation type, contiguous, in memory of their own (copied even
+// when they have that dtype and layout already): the kernels read them while they write the
+// outputs, which may be the coefficients' own memory. Tiny: [B, m, k] or [P, m, k].
+at::Tensor private_coeffs(const at::Tensor& coeffs, at::ScalarType x_type) {
+  return coeffs.to(acc_type(x_type), /*non_blocking=*/false, /*copy=*/true,
+                   at::MemoryFormat::Contiguous);
+}
+
 void check_combine_args(const at::Tensor& coeffs, const at::Tensor& x, const char* op) {
   check_min_dim(coeffs, 2, op, "coeffs");
   check_min_dim(x, 2, op, "x");
@@ -54,8 +66,10 @@ void combine_into(const at::Tensor& out, const at::Tensor& base, const at::Tenso
   if (out.numel() == 0) return;
   const ScalarKind kind = scalar_kind(x_in, op, "x");
   const int64_t m = coeffs_in.size(-2), k = coeffs_in.size(-1), n = x_in.size(-1);
-  at::Tensor coeffs =
-      coeffs_in.to(acc_type(x_in.scalar_type())).contiguous().reshape({leading_numel(coeffs_in), m, k});
+  // A private copy, always: `out` may be `coeffs` itself (or share its memory), and the kernels
+  // read the coefficients while they write the output.
+  at::Tensor coeffs = private_coeffs(coeffs_in, x_in.scalar_type())
+                          .reshape({leading_numel(coeffs_in), m, k});
   at::Tensor x = as_batched(x_in);
   at::Tensor o = out.view({leading_numel(out), m, n});
   at::Tensor b = base.defined() ? as_batched(base) : at::Tensor();
@@ -118,6 +132,109 @@ void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor&
 
 namespace {
 
+// ---- Memory shared between the tensors of one combine_list call -------------------------------
+// The kernels write every output while they read every input and base, in any order and on any
+// thread, so an output may share memory with none of them, except that bases[p] may be outs[p]
+// itself (each element reads its own base element first; checked in combine_list_impl). What
+// counts is the memory the kernels touch: an output is one dense byte range; an input or a base
+// is read as rows of dense elements (stack_rows), or from a private copy when its trailing dims
+// are not dense (then nothing is shared). mtunlearn_ext.ops.combine.check_combine_list makes
+// the same decisions and raises the same message.
+
+// Rows read by a kernel: row i is [start + i * stride, start + i * stride + length) in bytes.
+struct RowsRead {
+  std::intptr_t start = 0;
+  int64_t stride = 0;  // >= 0 (torch strides are)
+  int64_t rows = 0;
+  int64_t length = 0;
+  bool empty() const { return rows <= 0 || length <= 0; }
+  std::intptr_t end() const { return start + (rows - 1) * stride + length; }  // of the last row
+};
+
+int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+// Whether any of the rows meets the byte range [lo, hi).
+bool rows_meet(const RowsRead& r, std::intptr_t lo, std::intptr_t hi) {
+  if (r.empty() || hi <= lo) return false;
+  const int64_t a = lo - r.start, b = hi - r.start;  // row i meets it iff i*S < b and i*S + L > a
+  if (r.stride == 0) return 0 < b && r.length > a;
+  const int64_t first = std::max<int64_t>(0, floor_div(a - r.length, r.stride) + 1);
+  const int64_t last = std::min<int64_t>(r.rows - 1, floor_div(b - 1, r.stride));
+  return first <= last;
+}
+
+RowsRead rows_read(const void* data, int64_t row_stride, int64_t rows, int64_t cols,
+                   int64_t esize) {
+  return {reinterpret_cast<std::intptr_t>(data), row_stride * esize, rows, cols * esize};
+}
+
+// The first tensor, in the order below, that shares memory with outs[p]: outs[q] (q != p), xs[q],
+// bases[q] (q != p); for p in order. The error names it.
+std::optional<std::pair<const char*, int64_t>> first_overlap(
+    const std::vector<RowsRead>& outs, const std::vector<RowsRead>& xs,
+    const std::vector<RowsRead>& bases, int64_t p) {
+  const RowsRead& o = outs[p];
+  const std::intptr_t lo = o.start, hi = o.end();
+  for (size_t q = 0; q < outs.size(); ++q) {
+    const bool other = static_cast<int64_t>(q) != p;
+    if (other && rows_meet(outs[q], lo, hi)) return std::make_pair("outs", static_cast<int64_t>(q));
+    if (rows_meet(xs[q], lo, hi)) return std::make_pair("xs", static_cast<int64_t>(q));
+    if (other && !bases.empty() && rows_meet(bases[q], lo, hi))
+      return std::make_pair("bases", static_cast<int64_t>(q));
+  }
+  return std::nullopt;
+}
+
+// Refuses a call whose outputs share memory with another tensor of the call (see above). The
+// common case (nothing shared) costs a sort of the P output ranges and a binary search per
+// input or base; only on a conflict are the pairs scanned in order, to name the first one.
+void check_no_cross_overlap(const std::vector<CombineSegment>& segments, int64_t m, int64_t k,
+                            int64_t esize, bool reads_bases, bool has_rows, const char* op) {
+  if (m == 0) return;  // nothing is written
+  const size_t count = segments.size();
+  std::vector<RowsRead> outs(count), xs(count), bases(reads_bases ? count : 0);
+  std::vector<std::pair<std::intptr_t, int64_t>> order;  // (output start, p) of non-empty outputs
+  order.reserve(count);
+  for (size_t p = 0; p < count; ++p) {
+    const CombineSegment& s = segments[p];
+    outs[p] = rows_read(s.out, 0, 1, m * s.ncols, esize);  // contiguous: one range
+    xs[p] = rows_read(s.x, s.x_row_stride, k, s.ncols, esize);
+    if (reads_bases) bases[p] = rows_read(s.base, s.base_row_stride, has_rows ? m : 1, s.ncols, esize);
+    if (!outs[p].empty()) order.emplace_back(outs[p].start, static_cast<int64_t>(p));
+  }
+  std::sort(order.begin(), order.end());
+  bool conflict = false;
+  for (size_t i = 1; i < order.size() && !conflict; ++i)
+    conflict = order[i].first < outs[order[i - 1].second].end();
+  // The outputs are disjoint from here on, so sorted by start they are sorted by end too: the
+  // ones a read range [lo, hi) can meet are a run starting at the first whose end is past lo.
+  auto check_reads = [&](const RowsRead& r, int64_t own) {
+    if (r.empty() || conflict) return;
+    const std::intptr_t lo = r.start, hi = r.end();
+    auto it = std::partition_point(order.begin(), order.end(), [&](const auto& e) {
+      return outs[e.second].end() <= lo;
+    });
+    for (; it != order.end() && it->first < hi && !conflict; ++it)
+      conflict = it->second != own && rows_meet(r, it->first, outs[it->second].end());
+  };
+  for (size_t q = 0; q < count; ++q) {
+    check_reads(xs[q], -1);
+    if (reads_bases) check_reads(bases[q], static_cast<int64_t>(q));  // bases[q] may be outs[q]
+  }
+  if (!conflict) return;
+  for (size_t p = 0; p < count; ++p) {
+    if (outs[p].empty()) continue;
+    const auto hit = first_overlap(outs, xs, bases, static_cast<int64_t>(p));
+    TORCH_CHECK_VALUE(!hit, op, ": ", ArgName("outs", static_cast<int64_t>(p)), " overlaps ",
+                      ArgName(hit->first, hit->second),
+                      "; an output must not share memory with any input, another output or "
+                      "another output's base (clone() one of them first)");
+  }
+}
+
 // outs[p] = beta * bases[p] + C_p @ xs[p] for every p; without `bases` (null) bases = outs.
 void combine_list_impl(at::TensorList outs, const at::TensorList* bases,
                        const at::Tensor& coeffs_in, at::TensorList xs, double beta,
@@ -163,7 +280,6 @@ void combine_list_impl(at::TensorList outs, const at::TensorList* bases,
                       xs[p].sizes(), " and `coeffs`), got ", outs[p].sizes());
     TORCH_CHECK_VALUE(outs[p].is_contiguous(), op, ": ", on,
                       " must be contiguous (it is written in place)");
-    at::assert_no_overlap(outs[p], xs[p]);
     const int64_t cols = outs[p].numel() / std::max<int64_t>(m, 1);
     const StackRows x = k == 0 ? StackRows{xs[p].data_ptr(), 0, cols} : stack_rows(xs[p], copies);
     CombineSegment s;
@@ -195,7 +311,9 @@ void combine_list_impl(at::TensorList outs, const at::TensorList* bases,
     s.coeff_index = per_tensor ? i : 0;
     segments.push_back(s);
   }
-  at::Tensor coeffs = coeffs_in.to(acc_type(xs[0].scalar_type())).contiguous();
+  check_no_cross_overlap(segments, m, k, element_size(kind), bases != nullptr && beta != 0.0,
+                         has_rows, op);
+  at::Tensor coeffs = private_coeffs(coeffs_in, xs[0].scalar_type());
   run_combine(kind, segments, m, k, coeffs, beta, xs[0].device());
 }
 

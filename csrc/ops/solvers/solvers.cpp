@@ -44,6 +44,17 @@ void check_rhs(const at::Tensor& gram, const at::Tensor& rhs, bool rows_are_k, c
 // Relative rounding level of a Gram matrix of this dtype (fp32 accumulation vs fp64).
 double pivot_floor(const at::Tensor& gram) { return gram.scalar_type() == at::kDouble ? 1e-12 : 1e-6; }
 
+// Below this pivot (relative to max diag G) nonconflicting_dual's active set takes a constraint
+// row to lie in the span of the passive ones (see solvers::dual_active_set): a few tens of ulps
+// of the largest diagonal, where the pivot is rounding. Lower than ridge_solve's fp64 floor,
+// which regularises a solve: here a row whose independent part is above rounding can still move
+// the projection by O(|d|) (SciPy-NNLS scans of k > n rows near one direction, cond(R) 1e3-1e4:
+// 1e-12 left some 2e-3 |g| off, 1e-14 none above 1e-6 |g|). In fp32, the pivots below 1e-6 are
+// rounding noise that selects rows and inflates w.
+double dual_dependence_floor(const at::Tensor& gram) {
+  return gram.scalar_type() == at::kDouble ? 1e-14 : 1e-6;
+}
+
 // Solver inputs as contiguous double on the CPU path (the problems are tiny).
 at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -110,7 +121,8 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
   if (!gram.is_cpu()) {
 #ifdef MTU_WITH_CUDA
     const at::ScalarType type = cuda_solve_type(gram, &rhs);
-    cuda_host::nonconflicting_dual(gram.to(type).contiguous(), rhs.to(type).contiguous(), out);
+    cuda_host::nonconflicting_dual(gram.to(type).contiguous(), rhs.to(type).contiguous(), out,
+                                   dual_dependence_floor(gram));
     return out;
 #else
     TORCH_CHECK(false, op, ": this build has no CUDA kernels");
@@ -122,13 +134,14 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
   const double* gp = g.data_ptr<double>();
   const double* rp = r.data_ptr<double>();
   double* op_ = o.data_ptr<double>();
+  const double floor = dual_dependence_floor(gram);
   at::parallel_for(0, batch * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(k * k + 2 * k);
     std::vector<int> idx(k);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / m;
-      solvers::nonconflicting_dual(gp + b * k * k, static_cast<int>(k), rp + p * k, op_ + p * k,
-                                   scratch.data(), idx.data());
+      solvers::nonconflicting_dual(gp + b * k * k, static_cast<int>(k), rp + p * k, floor,
+                                   op_ + p * k, scratch.data(), idx.data());
     }
   });
   out.copy_(o);

@@ -36,7 +36,7 @@ __global__ void ridge_solve_kernel(const A* __restrict__ gram, const A* __restri
 template <typename A>
 __global__ void nonconflicting_dual_kernel(const A* __restrict__ gram, const A* __restrict__ rhs,
                                            A* __restrict__ out, int64_t batch, int k, int m,
-                                           double* __restrict__ workspace,
+                                           double pivot_floor, double* __restrict__ workspace,
                                            int* __restrict__ int_workspace) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= batch * m) return;
@@ -50,7 +50,7 @@ __global__ void nonconflicting_dual_kernel(const A* __restrict__ gram, const A* 
   int* idx = int_workspace + p * k;
   for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
   for (int e = 0; e < k; ++e) c[e] = static_cast<double>(rhs[p * k + e]);
-  solvers::nonconflicting_dual(g, k, c, sol, scratch, idx);
+  solvers::nonconflicting_dual(g, k, c, pivot_floor, sol, scratch, idx);
   for (int e = 0; e < k; ++e) out[p * k + e] = static_cast<A>(sol[e]);
 }
 
@@ -116,7 +116,7 @@ ridge_solve_block_kernel(const A* gram, const A* rhs, A* out, int k, int m, doub
 template <typename A>
 __global__ void __launch_bounds__(kBlockSolverThreads)
 nonconflicting_dual_block_kernel(const A* gram, const A* rhs, A* out, int k, int m,
-                                 double* workspace, int* int_workspace) {
+                                 double pivot_floor, double* workspace, int* int_workspace) {
   __shared__ double s_w[solvers::kMaxSolverK], s_grad[solvers::kMaxSolverK];
   __shared__ double s_trial[solvers::kMaxSolverK];
   __shared__ double s_warps[kBlockSolverThreads / 32];
@@ -126,7 +126,8 @@ nonconflicting_dual_block_kernel(const A* gram, const A* rhs, A* out, int k, int
   const int64_t p = blockIdx.x, b = p / m;
   const int64_t kk = static_cast<int64_t>(k) * k;
   block_solvers::nonconflicting_dual(block, gram + b * kk, rhs + p * k, out + p * k, k,
-                                     workspace + p * (2 * kk + 4 * k), int_workspace + p * k,
+                                     pivot_floor, workspace + p * (2 * kk + 4 * k),
+                                     int_workspace + p * k,
                                      s_w, s_grad, s_trial, &s_scalar, &s_count);
 }
 
@@ -185,7 +186,7 @@ void launch_ridge_solve(const void* gram, const void* rhs, void* out, int64_t ba
 
 template <typename A>
 void launch_nonconflicting_dual(const void* gram, const void* rhs, void* out, int64_t batch, int k,
-                                int m, double* workspace, int* int_workspace,
+                                int m, double pivot_floor, double* workspace, int* int_workspace,
                                 cudaStream_t stream) {
   auto* g = static_cast<const A*>(gram);
   auto* r = static_cast<const A*>(rhs);
@@ -193,10 +194,10 @@ void launch_nonconflicting_dual(const void* gram, const void* rhs, void* out, in
   if (by_block(k)) {
     nonconflicting_dual_block_kernel<A>
         <<<static_cast<unsigned>(batch * m), block_threads_for(k), 0, stream>>>(
-            g, r, o, k, m, workspace, int_workspace);
+            g, r, o, k, m, pivot_floor, workspace, int_workspace);
   } else {
     nonconflicting_dual_kernel<A><<<blocks_for(batch * m), kThreads, 0, stream>>>(
-        g, r, o, batch, k, m, workspace, int_workspace);
+        g, r, o, batch, k, m, pivot_floor, workspace, int_workspace);
   }
 }
 
@@ -230,14 +231,15 @@ int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t 
 }
 
 int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
-                        int k, int m, double* workspace, int* int_workspace, void* stream_ptr) {
+                        int k, int m, double pivot_floor, double* workspace, int* int_workspace,
+                        void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (dbl) {
-    launch_nonconflicting_dual<double>(gram, rhs, out, batch, k, m, workspace, int_workspace,
-                                       stream);
+    launch_nonconflicting_dual<double>(gram, rhs, out, batch, k, m, pivot_floor, workspace,
+                                       int_workspace, stream);
   } else {
-    launch_nonconflicting_dual<float>(gram, rhs, out, batch, k, m, workspace, int_workspace,
-                                      stream);
+    launch_nonconflicting_dual<float>(gram, rhs, out, batch, k, m, pivot_floor, workspace,
+                                      int_workspace, stream);
   }
   return static_cast<int>(cudaGetLastError());
 }
