@@ -29,6 +29,18 @@ def poisoned_outputs():  # type: ignore[no-untyped-def]
     torch.use_deterministic_algorithms(previous)
 
 
+@pytest.fixture(autouse=True)
+def _restore_thread_count():  # type: ignore[no-untyped-def]
+    """Every test leaves torch's intra-op thread count as it found it. Code under test sets it
+    (``mtunlearn ... --threads 1``, ``ExperimentConfig.threads``); leaked into the later modules,
+    a single-threaded run hid thread-count dependence from the determinism tests and never ran
+    the kernels' multi-chunk ``at::parallel_for`` paths."""
+    previous = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != previous:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def one_thread():  # type: ignore[no-untyped-def]
     """One intra-op thread for a module of tiny-model tests: on a shared 2-core machine

@@ -18,8 +18,6 @@ from mtunlearn_ext._io import sha256_of_file
 from mtunlearn_ext.records import RECORD_SCHEMA, read_record
 from mtunlearn_ext.workflow import UserInputError, check_parameter_split
 
-torch.set_num_threads(1)
-
 FAST = '{"steps": 3}'
 _TRAIN_IDS: list[int] = []
 
@@ -31,6 +29,13 @@ def ids(*positions: int) -> str:
 
         _TRAIN_IDS.extend(load_benchmark("digits", size="tiny").train.ids.tolist())
     return ",".join(str(_TRAIN_IDS[p]) for p in positions)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here (and the module's `trained` checkpoint) runs single-threaded
+    (conftest.one_thread: set for this module only and restored after it, never at import,
+    which would make every later module of a `pytest tests` run single-threaded too)."""
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,11 @@ from test_report import _json_data, _record
 from mtunlearn_ext import cli
 from mtunlearn_ext._io import sha256_of_file
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only, restored
+    after it; never set at import, which would leave the whole `pytest tests` run on one thread)."""
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,11 +100,28 @@ COMBINE_TOL = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3,
                torch.bfloat16: 8e-3}
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+def _combine_variants() -> tuple[str, ...]:
+    """The instruction sets the combine kernel has its own variant for, read from its source:
+    the extension reports the CPU's instruction set and the cap, not which variants each kernel
+    was built with. Each SIMD variant is defined by an ``MTU_DEFINE_<ISA>_RANGE`` macro (the
+    Gram/inner kernel defines AVX2 and AVX-512 ones; the combine kernel only AVX2, so a cap at
+    AVX-512 runs its AVX2 variant)."""
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "ops" / "combine" / "cpu"
+              / "combine_kernel.cpp").read_text()
+    simd = [isa for isa in ops.CPU_ISAS[1:] if f"MTU_DEFINE_{isa.upper()}_RANGE(F64)" in source]
+    assert "avx2" in simd, "the combine kernel's variants could not be read from its source"
+    return ("baseline", *simd)
+
+
+COMBINE_VARIANTS = _combine_variants()
+
+
+@pytest.mark.parametrize("isa", [isa for isa in RUNNABLE if isa in COMBINE_VARIANTS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_combine_variant_matches_float64_references(isa: str, dtype: torch.dtype) -> None:
     """The combine kernel (``C @ X``, and ``beta * base + C @ X`` in place over a list) has a
-    baseline and an AVX2 variant too."""
+    baseline and an AVX2 variant too (parametrised over the variants it has, see
+    _combine_variants: a cap without a variant of its own would only repeat the one below)."""
     with ops.cpu_isa_limit(isa):
         for m, k in [(1, 1), (1, 8), (3, 5), (4, 16), (2, 64)]:
             xs = _rows(k, dtype, 50 + k)
@@ -123,6 +141,21 @@ def test_every_combine_variant_matches_float64_references(isa: str, dtype: torch
                 bound = coeffs.abs() @ x.double().abs() + 0.5 * base.double().abs() + 1e-300
                 assert float(((out.double() - expected) / bound).abs().max()) <= \
                     COMBINE_TOL[dtype], (isa, m, k, x.shape)
+
+
+@pytest.mark.skipif("avx512" in COMBINE_VARIANTS or "avx512" not in RUNNABLE,
+                    reason="needs an AVX-512 CPU, and a combine kernel without an AVX-512 variant")
+def test_combine_capped_at_avx512_runs_its_avx2_variant() -> None:
+    """No AVX-512 combine variant: an AVX-512 cap runs the AVX2 one (same bits), not the
+    baseline (no FMA: other bits)."""
+    x = _rand(16, 4096 + 37, dtype=torch.float32, seed=1)
+    coeffs = _rand(3, 16, dtype=torch.float32, seed=2)
+    results = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        with ops.cpu_isa_limit(isa):
+            results[isa] = ops.combine(coeffs, x)
+    assert torch.equal(results["avx512"], results["avx2"])
+    assert not torch.equal(results["avx2"], results["baseline"])
 
 
 @NEEDS_AVX512

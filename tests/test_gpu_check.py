@@ -7,7 +7,6 @@ import ast
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -92,7 +91,16 @@ def test_a_stage_out_of_time_is_interrupted_first(tmp_path: Path,
     assert "started" in out and "summary printed" in out, out
     assert "timed out after 4 s" in stages.summary[-1]
     stages = gpu_check.Stages(budget=60)  # one that ignores SIGINT is killed after the grace
-    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
-    start = time.monotonic()
+    pid_file, done_file = tmp_path / "pid", tmp_path / "done"
+    stubborn = ("import os, signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                f"time.sleep(60)\nopen({str(done_file)!r}, 'w').write('done')\n")
     assert not stages.command("stubborn", [sys.executable, "-c", stubborn], 4, need=1)
-    assert time.monotonic() - start < 10
+    out = capfd.readouterr().out
+    assert "[gpu_check] stubborn: FAILED (timed out after 4 s)" in out, out
+    assert "timed out after 4 s" in stages.summary[-1]
+    # Killed, not run to its end: the process is gone (reaped) and never reached its last line.
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not done_file.exists()
