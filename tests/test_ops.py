@@ -639,10 +639,14 @@ def test_project_out_matches_pseudo_inverse(device: str, dtype: torch.dtype, m: 
     expected = _pinv_projection(g, basis)
     tol = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
     assert float((out.double() - expected).abs().max()) <= tol[dtype] * float(g.double().abs().max())
-    # Orthogonal to every basis row, relative to the row norms.
+    # Orthogonal to every basis row, relative to |g| |b| (relative to |out|, a cosine, the
+    # bound could not fail: a cosine is at most 1). Measured: 1.3e-10 / 1.8e-7 / 1.2e-4 /
+    # 4.9e-4 for fp64 / fp32 / fp16 / bf16; the output's own rounding sets the last two.
+    orthogonality = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-3,
+                     torch.bfloat16: 4e-3}
     residual = ref.inner(out.double(), basis.double()) / (
-        out.double().norm(dim=-1, keepdim=True) * basis.double().norm(dim=-1) + 1e-300)
-    assert float(residual.abs().max()) <= 50 * tol[dtype]
+        g.double().norm(dim=-1, keepdim=True) * basis.double().norm(dim=-1))
+    assert float(residual.abs().max()) <= orthogonality[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)
