@@ -59,13 +59,18 @@ def utc_now() -> str:
 
 
 def _git_commit(root: Path) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout holding ``root``, ``(None, None)`` without git (not
-    installed, not a checkout, or too slow): a record must never fail for want of git."""
+    """``(commit, dirty)`` of the checkout whose top folder is ``root``, ``(None, None)``
+    without git (not installed, not a checkout, or too slow): a record must never fail for want
+    of git. Only ``root``'s own checkout counts: an installed package that lies inside some
+    other repository (a virtual environment in the user's project) is not that project's
+    commit."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               timeout=5, check=True).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return None, None
         commit = git("rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError, ValueError):
         return None, None
@@ -80,7 +85,9 @@ def code_version() -> dict[str, Any]:
     """``{"mtunlearn_ext": version, "commit": sha or None, "dirty": bool or None}``."""
     import mtunlearn_ext
 
-    commit, dirty = _git_commit(Path(__file__).resolve().parent)
+    source_tree = Path(__file__).resolve().parent.parent  # a checkout holds setup.py there
+    commit, dirty = ((None, None) if not (source_tree / "setup.py").is_file()
+                     else _git_commit(source_tree))
     return {"mtunlearn_ext": mtunlearn_ext.__version__, "commit": commit, "dirty": dirty}
 
 
