@@ -4,7 +4,13 @@ realistic parameter shapes, task-gradient generators, the LibMTL-style PCGrad lo
 Timing rules (the machine is shared, timings are noisy): every contender of a case, the floor
 candidates included, runs in the same process on the same tensors, interleaved (one sample of
 each in turn, the order rotated every round, so that a burst of load from a neighbour hits all
-of them alike); each reports its best and median sample. Ratios use the best samples.
+of them alike); every timed contender of a case gets the same number of samples in the same
+rounds (the floor candidates at least as many; see :func:`measure`); each reports its best and
+median sample, and the tables say which statistic a ratio uses.
+
+Agreement: before timing, :func:`check_agreement` runs every baseline and the op it is paired
+with once and raises :class:`Disagreement` when their results differ by more than a stated
+relative tolerance, so that a table never times two different quantities against each other.
 
 The memory floor of a case is the time to read its inputs once: the fastest of a few plain
 reductions over the very same tensors (each reads every byte once and writes ``O(k)`` bytes):
@@ -129,6 +135,12 @@ class Contender:
         est_s: estimate of one call in seconds, or ``None`` (skipped above the budget).
         note: shown in the tables (e.g. what the baseline computes).
         scale: factor applied to its times (a floor measured on a sample of the bytes).
+        result: for the agreement check, a call returning the value to compare (a tensor or a
+            list of tensors), when ``fn``'s return value is not it (``fn`` writes into buffers,
+            or its task order must be aligned with the op it is compared with); default ``fn``.
+        agree_tol: relative tolerance of a baseline's agreement check, when looser than
+            :func:`default_tolerance` (say why in ``agree_note``).
+        agree_note: why this pair agrees less closely (shown beside the difference).
     """
 
     name: str
@@ -139,6 +151,9 @@ class Contender:
     est_s: float | None = None
     note: str = ""
     scale: float = 1.0
+    result: Callable[[], object] | None = None
+    agree_tol: float | None = None
+    agree_note: str = ""
 
 
 @dataclass
@@ -153,6 +168,7 @@ class Timing:
     calls_per_sample: int = 1
     skipped: str | None = None
     error: str | None = None
+    note_sampling: str = ""
 
     @property
     def best(self) -> float:
@@ -176,35 +192,62 @@ def _call_time(fn: Callable[[], object], number: int) -> float:
     return (time.perf_counter() - start) / number
 
 
-def measure(contenders: Sequence[Contender], repeats: int = 5, min_sample_s: float = 0.001,
+def case_samples(costs: Sequence[float], repeats: int, budget_s: float, cheap_samples: int,
+                 cheap_s: float) -> int:
+    """Samples for sample costs ``costs`` (seconds): ``repeats``, or ``cheap_samples`` when even
+    the slowest costs under ``cheap_s``; fewer (at least one) when the slowest one's samples
+    would exceed ``budget_s``. (The floor candidates' own count; :func:`measure` decides the
+    timed contenders' count as it measures.)"""
+    finite = [c for c in costs if math.isfinite(c)]
+    if not finite:
+        return 0
+    slowest = max(finite)
+    target = max(repeats, cheap_samples) if slowest < cheap_s else repeats
+    return max(1, min(target, int(budget_s / max(slowest, 1e-9))))
+
+
+def measure(contenders: Sequence[Contender], repeats: int = 15, min_sample_s: float = 0.001,
             budget_s: float = 20.0, max_extra_bytes: float = math.inf,
-            cheap_samples: int = 60, cheap_s: float = 0.05, ours_repeats: int = 10,
-            slow_s: float = 1.0) -> list[Timing]:
+            cheap_samples: int = 60, cheap_s: float = 0.05, slow_s: float = 1.0
+            ) -> list[Timing]:
     """Time every contender, interleaved, in this process.
 
-    Each contender is called once to warm up (and to estimate its cost). Only calls shorter than
-    ``min_sample_s`` are repeated inside a sample (timer resolution); anything longer is timed
-    call by call, because on a loaded machine a parallel region whose second thread is not
-    scheduled stalls for a whole scheduler slice (~4-12 ms): averaging calls would fold those
-    stalls into every sample, while single calls let the best sample show the op's own time.
+    Equal samples: every contender of the case whose role is ``"ours"`` or ``"baseline"`` gets
+    the same number of samples, taken in the same rounds (one sample of each per round, the
+    order rotated every round). On a noisy machine the best of more samples is lower, so a
+    contender sampled more often than another would look faster for that reason alone (a
+    reviewer measured an ``x faster`` inflated by ~19% when ours had 60 samples and the
+    baseline 5). The count is decided for the whole case while it is measured: rounds go on to
+    ``repeats``, or to ``cheap_samples`` when the slowest contender's mean sample so far is
+    under ``cheap_s``, and stop earlier (at least one round) when one more round would take the
+    slowest contender's time past ``budget_s``.
 
-    A baseline gets ``repeats`` samples, one of our contenders ``ours_repeats`` (either gets
-    ``cheap_samples`` when a sample costs under ``cheap_s``: more samples, more chances of an
-    undisturbed one). The floor candidates and references get at least as many as the most
-    sampled of our contenders: the best of more samples is lower on a noisy machine, so a floor
-    sampled less often than an op would look slower and flatter the op's ratio (the opposite
-    bias only makes our ratios look worse). Any contender gets fewer samples when they would
-    exceed ``budget_s`` (at least one: a call slower than the budget
-    keeps its warm-up call as its only sample; a call slower than ``slow_s`` keeps it as its
-    first sample). Contenders whose ``est_s`` exceeds the budget or whose ``extra_bytes``
-    exceed ``max_extra_bytes`` are skipped.
+    Cost estimate: each contender is called once to warm up (a cold call: page faults, lazy
+    initialisation, caches; never kept as a sample), then, when that call took under
+    ``slow_s``, once or (under 0.1 s) twice more, timed: the least warm call is the estimate
+    (one cold call says little about the next). Only calls shorter than ``min_sample_s`` are
+    repeated inside a sample (timer resolution; ``calls_per_sample`` then says how many, and the
+    sample is their mean: back-to-back calls find warmer caches than a single call between
+    other contenders, so a ratio between contenders with different ``calls_per_sample`` can
+    lean either way for calls under ``min_sample_s``); anything longer is timed call by call,
+    because on a loaded machine a parallel region whose second thread is not scheduled stalls
+    for a whole scheduler slice (~4-12 ms): single calls let the best sample show the op's own
+    time.
+
+    Floor candidates and references get a sample in each of those rounds and then more rounds
+    of their own up to their own count (:func:`case_samples`: ``cheap_samples`` when their
+    samples are cheap): a floor sampled less often would look slower and flatter the ops'
+    ratios to it; sampled more often it can only make them look worse.
+
+    Exceptions, flagged in :attr:`Timing.note_sampling`: a contender whose single call exceeds
+    ``budget_s`` keeps its cold warm-up call as its only sample (and takes no part in the
+    rounds). Contenders whose ``est_s`` exceeds the budget or whose ``extra_bytes`` exceed
+    ``max_extra_bytes`` are skipped.
     """
     timings = [Timing(c.name, c.role, c.vs, c.note) for c in contenders]
-    plan: list[int] = []  # samples wanted per contender
-    sample_cost: list[float] = []  # seconds per sample, from the warm-up call
+    sample_cost: list[float] = []  # seconds per sample estimated from the warm calls
     gc.collect()
     for c, t in zip(contenders, timings):
-        plan.append(0)
         sample_cost.append(math.inf)
         if c.est_s is not None and c.est_s > budget_s:
             t.skipped = f"estimated {c.est_s:.0f} s per call > budget {budget_s:.0f} s"
@@ -214,49 +257,168 @@ def measure(contenders: Sequence[Contender], repeats: int = 5, min_sample_s: flo
                          f"{max_extra_bytes / 2**30:.1f} GiB")
             continue
         try:
-            warm = _call_time(c.fn, 1)
+            cold = _call_time(c.fn, 1)
+            gc.collect()
+            if cold > budget_s:
+                t.samples.append(c.scale * cold)
+                t.note_sampling = "1 cold call only (one call exceeds the budget)"
+                continue
+            if cold > slow_s:
+                warm = cold
+            else:  # the least of two warm calls (one alone can be a stall), one if slow
+                warm = min(_call_time(c.fn, 1) for _ in range(2 if cold < 0.1 else 1))
         except Exception as exc:  # report, do not abort the whole table
             t.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             continue
         gc.collect()
-        if warm > budget_s:
-            t.samples.append(c.scale * warm)
-            continue
-        if warm > slow_s:  # first-call effects are noise at this scale: keep the warm-up call
-            t.samples.append(c.scale * warm)
         t.calls_per_sample = max(1, min(1000, math.ceil(min_sample_s / max(warm, 1e-7))))
         sample_cost[-1] = warm * t.calls_per_sample
-    def wanted(i: int, slow: int) -> int:
-        target = cheap_samples if sample_cost[i] < cheap_s else slow
-        return max(1, min(target, int(budget_s / sample_cost[i])))
 
-    for i, c in enumerate(contenders):
-        if math.isfinite(sample_cost[i]) and c.role in ("baseline", "ours"):
-            plan[i] = wanted(i, repeats if c.role == "baseline" else max(repeats, ours_repeats))
-    most_ours = max((p for p, c in zip(plan, contenders) if c.role == "ours"), default=0)
-    for i, c in enumerate(contenders):
-        if math.isfinite(sample_cost[i]) and c.role not in ("baseline", "ours"):
-            # Floor candidates and references: at least as many samples as any of our
-            # contenders (a floor sampled less often would look slower and flatter the ops).
-            plan[i] = max(wanted(i, max(repeats, ours_repeats)), most_ours)
-    plan = [max(0, p - len(t.samples)) for p, t in zip(plan, timings)]
-    rounds = max(plan, default=0)
+    timed = [i for i, c in enumerate(contenders)
+             if c.role in ("baseline", "ours") and math.isfinite(sample_cost[i])]
+    others = [i for i, c in enumerate(contenders)
+              if c.role not in ("baseline", "ours") and math.isfinite(sample_cost[i])]
+    # Floor candidates and references: their own count (``cheap_samples`` when cheap), and at
+    # least as many as the timed contenders (extended below once that count is known).
+    own = {i: case_samples([sample_cost[i]], repeats, budget_s, cheap_samples, cheap_s)
+           for i in others}
+    spent = {i: 0.0 for i in timed}
     order = list(range(len(contenders)))
     gc_was_enabled = gc.isenabled()
+
+    def sample(i: int) -> None:
+        gc.disable()
+        seconds = _call_time(contenders[i].fn, timings[i].calls_per_sample)
+        gc.enable()
+        timings[i].samples.append(contenders[i].scale * seconds)
+        if i in spent:
+            spent[i] += seconds * timings[i].calls_per_sample
+
     try:
-        for r in range(rounds):
+        # Rounds of every timed contender (and the floors), until the case's count: `repeats`,
+        # raised to `cheap_samples` once the slowest contender's mean sample is seen to be
+        # under `cheap_s`, lowered when one more round would take the slowest contender past
+        # `budget_s`. Measured as it goes, so one slow warm-up call cannot set the count.
+        target, rounds = repeats, 0
+        while timed:
+            rotated = order[rounds % len(order):] + order[:rounds % len(order)]
+            for i in rotated:
+                if i in spent or i in own:
+                    sample(i)
+            gc.collect()
+            rounds += 1
+            slowest = max(spent[i] / rounds for i in timed)
+            if rounds >= target:
+                if target < cheap_samples and slowest < cheap_s:
+                    target = cheap_samples
+                else:
+                    break
+            if max(spent.values()) + slowest > budget_s:
+                break
+        # Floor candidates and references: the rest of their own count, in further rounds.
+        for r in range(rounds, max([own[i] for i in others], default=0)):
             rotated = order[r % len(order):] + order[:r % len(order)]
             for i in rotated:
-                if r < plan[i]:
-                    gc.disable()
-                    timings[i].samples.append(contenders[i].scale * _call_time(
-                        contenders[i].fn, timings[i].calls_per_sample))
-                    gc.enable()
+                if i in own and r < own[i]:
+                    sample(i)
             gc.collect()
     finally:
         if gc_was_enabled:
             gc.enable()
     return timings
+
+
+# -- agreement -----------------------------------------------------------------------------------
+
+
+class Disagreement(AssertionError):
+    """A baseline's result differs from the op it is timed against by more than the tolerance."""
+
+
+#: Relative rounding allowance per value of the row length for float32 / 16-bit products: the
+#: baselines' ``torch.mm`` (MKL) accumulates long rows in float32 and loses accuracy with the
+#: length. Its Gram of ``[8, n]`` task gradients against float64, measured here: 4.6e-5 at
+#: n = 1e6, 1.4e-3 at 1e7, 7.3e-3 at 3e7, 2.8e-2 at 8e7 (ours: 2e-8, float64 tile sums).
+ROUNDING_PER_VALUE = 1e-9
+
+
+def default_tolerance(dtype: torch.dtype, row_length: int = 0) -> float:
+    """Relative tolerance of an agreement check: 1e-3 for float32 / float64 results (the same
+    quantity by different code: summation order, a ridge of 1e-6 against an exact solve), 3e-2
+    for 16-bit inputs (every product's inputs and outputs rounded), plus, below float64,
+    :data:`ROUNDING_PER_VALUE` per value of the row length (a float32 ``torch.mm`` over rows of
+    ``1e7`` values is off by ~1e-3). Different quantities differ far more: PCGrad in other task
+    orders 0.1-0.2, ``project_nonconflicting`` against TorchJD's UPGrad 0.7-2.2."""
+    base = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    return base + (0.0 if dtype == torch.float64 else ROUNDING_PER_VALUE * row_length)
+
+
+def _as_flat64(value: object) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(-1).to(torch.float64)
+    if isinstance(value, (list, tuple)):
+        return torch.cat([_as_flat64(v) for v in value])
+    raise TypeError(f"cannot compare a {type(value).__name__}")
+
+
+def relative_difference(actual: object, expected: object) -> float:
+    """``||a - b|| / ||b||`` in float64 over every value (tensors or lists of tensors)."""
+    a, b = _as_flat64(actual), _as_flat64(expected)
+    if a.shape != b.shape:
+        raise Disagreement(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    scale = b.norm().item()
+    return (a - b).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def _result_of(c: Contender) -> object:
+    value = (c.result or c.fn)()
+    # Clone: a contender that writes into shared buffers must not see the next one's output.
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return [v.detach().clone() for v in value]
+    raise TypeError(f"{c.name}: its result is a {type(value).__name__}, not tensors; give the "
+                    "contender a `result` call")
+
+
+def check_agreement(contenders: Sequence[Contender], dtype: torch.dtype, row_length: int = 0
+                    ) -> dict[str, dict[str, Any]]:
+    """One call of every baseline and of the op it is paired with (``vs``): their relative
+    difference (:func:`relative_difference`, the baseline as reference) against the pair's
+    tolerance (its ``agree_tol`` or :func:`default_tolerance` of the dtype and ``row_length``,
+    the values per task, whichever is larger). Returns
+    ``{baseline: {"vs", "rel_diff", "tol", "note"}}``; raises
+    :class:`Disagreement` naming every pair that differs by more than its tolerance. A pair
+    whose side fails to run (an error the timing reports too) is recorded with
+    ``rel_diff = nan`` and an ``error``."""
+    by_name = {c.name: c for c in contenders}
+    cache: dict[str, object] = {}
+    out: dict[str, dict[str, Any]] = {}
+    bad = []
+    for c in contenders:
+        if c.role != "baseline" or c.vs is None or c.vs not in by_name:
+            continue
+        tol = max(c.agree_tol or 0.0, default_tolerance(dtype, row_length))
+        row: dict[str, Any] = {"vs": c.vs, "tol": tol, "note": c.agree_note}
+        try:
+            if c.vs not in cache:
+                cache[c.vs] = _result_of(by_name[c.vs])
+            row["rel_diff"] = relative_difference(cache[c.vs], _result_of(c))
+        except Disagreement:
+            raise
+        except Exception as exc:  # the timing reports the error too
+            row["rel_diff"] = math.nan
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        out[c.name] = row
+        if "error" not in row and not row["rel_diff"] <= tol:  # NaN results disagree too
+            bad.append(f"{c.name} vs {c.vs}: relative difference {row['rel_diff']:.2e} > "
+                       f"tolerance {tol:.0e}")
+    cache.clear()
+    gc.collect()
+    if bad:
+        raise Disagreement("results disagree, so the timings would compare different "
+                           "quantities: " + "; ".join(bad))
+    return out
 
 
 #: Largest flat buffer a list floor is measured on; above it the time is scaled by bytes (a read
@@ -454,26 +616,71 @@ MODEL_SHAPES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
 # -- baselines written the usual way -------------------------------------------------------------
 
 
-def libmtl_style_pcgrad(grads: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """PCGrad as a LibMTL-style weighting computes it: a per-pair Python loop on ``[k, n]``.
-
-    For each task ``i``: copy its gradient, visit the other tasks in a shuffled order and, when
-    the running gradient conflicts with ``g_j`` (negative dot product, read on the host), remove
-    its component along ``g_j`` (with ``|g_j|^2`` recomputed each time, as such loops do); the
-    update is the sum of the projected gradients. Up to ``k (k - 1)`` dot products and axpys,
-    each a pass over ``n`` values.
-    """
+def libmtl_orders(k: int, seed: int = 0) -> list[list[int]]:
+    """The task orders :func:`libmtl_style_pcgrad` uses for a seed: for each task ``i``, the
+    other tasks shuffled by ``random.Random(seed)`` (one generator, drawn task after task)."""
     rng = random.Random(seed)
-    k = grads.shape[0]
-    projected = grads.clone()
+    orders = []
     for i in range(k):
         others = [j for j in range(k) if j != i]
         rng.shuffle(others)
-        for j in others:
+        orders.append(others)
+    return orders
+
+
+def libmtl_style_pcgrad(grads: torch.Tensor, seed: int = 0,
+                        orders: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """PCGrad as a LibMTL-style weighting computes it: a per-pair Python loop on ``[k, n]``.
+
+    For each task ``i``: copy its gradient, visit the other tasks in a shuffled order
+    (:func:`libmtl_orders`, or ``orders[i]`` when given: the agreement check aligns it with the
+    op it is compared with, PCGrad's result depending on the order) and, when the running
+    gradient conflicts with ``g_j`` (negative dot product, read on the host), remove its
+    component along ``g_j`` (with ``|g_j|^2`` recomputed each time, as such loops do); the
+    update is the sum of the projected gradients. Up to ``k (k - 1)`` dot products and axpys,
+    each a pass over ``n`` values.
+    """
+    k = grads.shape[0]
+    if orders is None:
+        orders = libmtl_orders(k, seed)
+    projected = grads.clone()
+    for i in range(k):
+        for j in orders[i]:
             dot = torch.dot(projected[i], grads[j])
             if dot < 0:
                 projected[i] -= dot * grads[j] / grads[j].norm().pow(2)
     return projected.sum(dim=0)
+
+
+class randperm_orders:
+    """``with randperm_orders(orders): torchjd_pcgrad(x)`` makes TorchJD's PCGrad visit, for task
+    ``i``, the other tasks in ``orders[i]``, for an agreement check against an op that uses
+    those orders (PCGrad's result depends on the order; TorchJD draws one ``torch.randperm(k)``
+    per task, in task order, and skips ``i`` in it). Raises if TorchJD did not draw exactly
+    ``k`` permutations (its way of drawing them changed: the check could not align them)."""
+
+    def __init__(self, orders: Sequence[Sequence[int]]) -> None:
+        self.orders = [list(o) for o in orders]
+        self.calls = 0
+        self._real = torch.randperm
+
+    def _fake(self, n: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        i = self.calls
+        self.calls += 1
+        if i >= len(self.orders) or n != len(self.orders):
+            raise RuntimeError("torch.randperm called more often, or with another size, than "
+                               "the PCGrad orders being aligned")
+        return torch.tensor([i, *self.orders[i]], dtype=torch.long)
+
+    def __enter__(self) -> None:
+        self.calls = 0
+        torch.randperm = self._fake  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        torch.randperm = self._real
+        if exc[0] is None and self.calls != len(self.orders):
+            raise RuntimeError(f"TorchJD's PCGrad drew {self.calls} permutations for "
+                               f"{len(self.orders)} tasks: its orders could not be aligned")
 
 
 def flat_cat(stacks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,12 @@ gradients (as a few per-parameter stacks, as FSDP2 would). Three ways to aggrega
 
 "payload" is the size of the collective's result on each rank; "sent/rank" is the ring-algorithm
 volume each rank sends (all-gather: ``(R-1)/R`` of the result; all-reduce: ``2 (R-1)/R``). Times
-are the median over ``--reps`` runs of the slowest rank, collective only and whole step.
+are the median over ``--reps`` runs of the slowest rank, collective only and whole step. Both
+steps run the ops with ``check_finite=False`` (no NaN/Inf check, so no device -> host sync for
+it): the sharded one through ``aggregate_list(..., check_finite=False)``, the gather one as the
+aggregator's forward on the gathered matrix with the ops' ``check_finite=False`` (until
+2026-11-30 it called ``aggregator(matrix)``, which checks: two syncs per step more than the
+sharded step).
 
 Run: ``python benchmarks/bench_comm.py [--world-size 2] [--tasks 2 4 8] [--numel 1e5 1e6 4e6]``
 (gloo on CPU; NCCL is used for CUDA tensors with ``--device cuda``).
@@ -54,6 +59,7 @@ def _timed(fn: Callable[[], None], reps: int, device: torch.device) -> float:
 
 
 def _bench_one(k: int, n: int, reps: int, device: torch.device) -> dict[str, float]:
+    from mtunlearn_ext import ops
     from mtunlearn_ext.surgery import UPGrad, aggregate_list, stats_all_reduce
 
     world = dist.get_world_size()
@@ -81,7 +87,10 @@ def _bench_one(k: int, n: int, reps: int, device: torch.device) -> dict[str, flo
     def gather_step() -> None:
         gather_only()
         jacobian = torch.cat([torch.cat(parts, dim=1) for parts in gathered], dim=1)
-        aggregator(jacobian)
+        # aggregator(jacobian) with check_finite=False, as the sharded step (no NaN/Inf check,
+        # so no device -> host sync for it on either side)
+        weights = aggregator.weighting(ops.gram(jacobian, check_finite=False))
+        ops.combine(weights.unsqueeze(0), jacobian, check_finite=False)
 
     def replicated_all_reduce() -> None:
         for s in stacks:

@@ -12,6 +12,11 @@ it replaces (concatenate, compute on the flat matrix, split back).
 On CUDA (``--device cuda``) each call is followed by a synchronisation, so a time there is the
 host work plus the launches' latency: what a training step waits for.
 
+Timing (``_bench_common.measure``): every call of the table gets the same number of samples
+(60 when every call is under 50 ms, as here), interleaved; a call shorter than 1 ms is repeated
+back to back within a sample and the sample is the mean of those calls (the ``samples`` column:
+``60x4`` is 60 samples of 4 calls each). "best" is the fastest sample, "median" the median one.
+
 Run (repository root)::
 
     .venv/bin/python benchmarks/host_overhead.py [--models resnet50 vitb16] [--k 8]
@@ -107,18 +112,18 @@ def main() -> int:
     rows, record = [], []
     for model in args.models:
         count = len(bc.MODEL_SHAPES[model]())
-        timings = bc.measure(contenders(model, args.k, args.device), repeats=30,
-                             ours_repeats=30)
+        timings = bc.measure(contenders(model, args.k, args.device), repeats=30)
         by_name = {t.name: t for t in timings}
         for t in timings:
             versus = ""
             if t.vs is not None and t.vs in by_name:
                 versus = f"{t.best / by_name[t.vs].best:.1f}x ours"
             rows.append([model, str(count), t.name, f"{t.best * 1e6:.0f}",
-                         f"{t.median * 1e6:.0f}", versus])
+                         f"{t.median * 1e6:.0f}", f"{len(t.samples)}x{t.calls_per_sample}",
+                         versus])
             record.append({"model": model, "tensors": count, "k": args.k, **t.as_dict()})
     print(bc.markdown_table(["model", "tensors", "call", "best (us)", "median (us)",
-                             "baseline / ours"], rows))
+                             "samples x calls", "baseline / ours (best)"], rows))
     where = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "host"
     print(f"\n{bc.machine_info()['cpu']} ({where}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), k = {args.k}, {VALUES_PER_TENSOR} values per "

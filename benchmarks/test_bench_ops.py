@@ -13,23 +13,32 @@ selected. Commands (repository root)::
     # smoke run: every benchmark body once, untimed (checks that each contender still runs)
     .venv/bin/python -m pytest benchmarks/test_bench_ops.py -m benchmark --benchmark-disable
 
-Each benchmark also checks its result against the float64 / plain-PyTorch value, so a fast but
-wrong op fails. Sizes: ``k = 8`` vectors of ``n = 2^18`` (1 MiB per fp32 row), a 24-tensor
-parameter list, ResNet-50's 159 parameters at four values each (the host work of a list
-projection), solvers at ``k = 8`` and ``k = 64``. For the comparison tables at realistic sizes
-(memory floor, TorchJD, LibMTL) see ``benchmarks/compare.py``.
+Each benchmark, ours and baselines alike, also checks its result against a float64 reference
+written independently in this file (float64 products, ``numpy.linalg`` solves and least squares,
+an exhaustive active-set solve of the small QPs, the KKT conditions of the non-conflicting dual,
+and for PCGrad an order-aware textbook loop run in the task orders of the implementation under
+test), so a fast but wrong op, or a baseline that computes something else, fails. A group only
+holds contenders of the same quantity: TorchJD's ``UPGrad`` (``k`` projections, summed) is in
+the ``upgrad`` group with our ``surgery.UPGrad``, not beside ``project_nonconflicting`` (one
+projection), whose baseline is ``torch.mm`` + quadprog. Sizes: ``k = 8`` vectors of
+``n = 2^18`` (1 MiB per fp32 row), a 24-tensor parameter list, ResNet-50's 159 parameters at four
+values each (the host work of a list projection), solvers at ``k = 8`` and ``k = 64``. For the
+comparison tables at realistic sizes (memory floor, TorchJD, LibMTL) see
+``benchmarks/compare.py``.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
+from collections.abc import Sequence
 
 import _bench_common as bc  # noqa: F401  (sets up sys.path and requires the extension)
+import numpy as np
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from mtunlearn_ext import ops
+from mtunlearn_ext import ops, surgery
 
 K = 8
 N = 1 << 18
@@ -79,8 +88,99 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
 
 def _solver_problem(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``k x k`` Gram matrix of conflicting gradients and ``c = R g`` for one more gradient."""
-    x = bc.task_gradients(k + 1, 4096, torch.float32, seed=3)
+    x = _solver_rows(k)
     return ops.gram(x[1:]), ops.inner(x[:1], x[1:])
+
+
+def _solver_rows(k: int) -> torch.Tensor:
+    """The ``k + 1`` gradients behind :func:`_solver_problem` (``g`` first)."""
+    return bc.task_gradients(k + 1, 4096, torch.float32, seed=3)
+
+
+# -- float64 references, written here independently of the code under test ----------------------
+
+
+def _pcgrad_textbook64(x: torch.Tensor, orders: Sequence[Sequence[int]]) -> torch.Tensor:
+    """PCGrad (Yu et al. 2020, Algorithm 1) on float64 copies of the rows of ``x``: for each task
+    ``i``, ``v <- g_i``; for ``j`` in ``orders[i]``: if ``<v, g_j> < 0``,
+    ``v <- v - <v, g_j> / |g_j|^2 g_j``; the update is the sum of the ``v``. PCGrad's result
+    depends on the order, so the caller passes the orders of the implementation it checks."""
+    rows = x.reshape(x.shape[0], -1).double()
+    total = torch.zeros_like(rows[0])
+    for i, order in enumerate(orders):
+        v = rows[i].clone()
+        for j in order:
+            dot = torch.dot(v, rows[j])
+            if dot < 0:
+                v -= dot / torch.dot(rows[j], rows[j]) * rows[j]
+        total += v
+    return total
+
+
+def _torchjd_orders(k: int, seed: int) -> list[list[int]]:
+    """The orders TorchJD's PCGrad draws after ``torch.manual_seed(seed)``: one
+    ``torch.randperm(k)`` per task, in task order, the task itself skipped."""
+    torch.manual_seed(seed)
+    return [[j for j in torch.randperm(k).tolist() if j != i] for i in range(k)]
+
+
+def _nonneg_qp64(gram: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``argmin_{w >= 0} w^T G w / 2 + c^T w`` (``G`` positive definite) by exhaustive active
+    sets: for every support ``S`` solve ``G_SS w_S = -c_S``; among the nonnegative solutions the
+    one of least objective is the minimiser (the optimum is the solution on its own support).
+    ``2^k`` small solves: for ``k <= 12`` only."""
+    k = len(c)
+    best, best_obj = np.zeros(k), 0.0
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            idx = list(support)
+            w_s = np.linalg.solve(gram[np.ix_(idx, idx)], -c[idx])
+            if (w_s < 0).any():
+                continue
+            w = np.zeros(k)
+            w[idx] = w_s
+            obj = 0.5 * w @ gram @ w + c @ w
+            if obj < best_obj:
+                best, best_obj = w, obj
+    return best
+
+
+def _nonconflicting64(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``g`` projected onto the dual cone of the rows of ``r`` (``{d: <d, r_j> >= 0}``):
+    ``d = g + w^T R`` with ``w`` the non-negative dual (:func:`_nonneg_qp64`), in float64."""
+    g64, r64 = g.reshape(1, -1).double().numpy(), r.reshape(r.shape[0], -1).double().numpy()
+    w = _nonneg_qp64(r64 @ r64.T, (r64 @ g64.T)[:, 0])
+    return torch.from_numpy(g64 + w[None] @ r64)
+
+
+def _upgrad64(x: torch.Tensor) -> torch.Tensor:
+    """UPGrad (Quinton & Rey 2024) with preferences ``1/k``, in float64: each ``g_i / k``
+    projected onto the dual cone of all rows (:func:`_nonconflicting64`), summed."""
+    rows = x.reshape(x.shape[0], -1).double()
+    k = rows.shape[0]
+    return sum((_nonconflicting64(rows[i:i + 1] / k, rows)[0] for i in range(k)),
+               torch.zeros_like(rows[0]))
+
+
+def _project_out64(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``g`` minus its orthogonal projection onto the span of the rows of ``basis``, in float64
+    (``numpy.linalg.lstsq``; exact, no ridge)."""
+    g64 = g.reshape(1, -1).double().numpy()
+    b64 = basis.reshape(basis.shape[0], -1).double().numpy()
+    coeffs = np.linalg.lstsq(b64.T, g64.T, rcond=None)[0]
+    return torch.from_numpy(g64 - coeffs.T @ b64)
+
+
+def _assert_dual_kkt(gram: torch.Tensor, c: torch.Tensor, w: torch.Tensor, rel: float) -> None:
+    """KKT conditions of ``min_{w >= 0} w^T G w / 2 + c^T w`` in float64: ``w >= 0``, slack
+    ``G w + c >= 0`` and ``w_j (G w + c)_j = 0``, to ``rel`` of the problem's scale."""
+    g64, c64, w64 = gram.double(), c.reshape(-1).double(), w.reshape(-1).double()
+    slack = g64 @ w64 + c64
+    scale = max(g64.diagonal().max().item(), c64.abs().max().item())
+    wscale = max(w64.abs().max().item(), 1.0)
+    assert w64.min().item() >= -rel * wscale, f"negative weight {w64.min().item():.2e}"
+    assert slack.min().item() >= -rel * scale, f"conflict left: slack {slack.min().item():.2e}"
+    assert (w64 * slack).abs().max().item() <= rel * scale * wscale, "not complementary"
 
 
 # -- Gram and inner products -----------------------------------------------------------------------
@@ -278,8 +378,7 @@ def test_host_project_out_list(benchmark: BenchmarkFixture, tiny_stacks: list[to
     g, basis = [s[:1] for s in tiny_stacks], [s[1:] for s in tiny_stacks]
     outs = [torch.zeros(1, 4) for _ in tiny_stacks]
     benchmark(lambda: project_out_list(g, basis, outs=outs))
-    expected = ops.project_out(bc.flat_cat(g).double(), bc.flat_cat(basis).double())
-    _close(bc.flat_cat(outs), expected, torch.float32)
+    _close(bc.flat_cat(outs), _project_out64(bc.flat_cat(g), bc.flat_cat(basis)), torch.float32)
 
 
 @pytest.mark.benchmark(group="host_project_out_list")
@@ -295,11 +394,20 @@ def test_host_project_out_torch_cat_split(benchmark: BenchmarkFixture,
         bc.split_copy_((gf - coeffs.T @ bf)[0], outs)
 
     benchmark(cat_solve_split)
-    expected = ops.project_out(bc.flat_cat(g).double(), bc.flat_cat(basis).double())
-    _close(bc.flat_cat(outs), expected, torch.float32, baseline=True)
+    _close(bc.flat_cat(outs), _project_out64(bc.flat_cat(g), bc.flat_cat(basis)), torch.float32,
+           baseline=True)
 
 
 # -- solvers (k x k, independent of n) -------------------------------------------------------------
+
+
+def _ridge64(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(G + lambda I)^{-1} rhs`` with ``lambda = ridge tr(G) / k``, ``numpy.linalg.solve`` in
+    float64."""
+    g64 = gram.double().numpy()
+    k = g64.shape[0]
+    lam = ridge * np.trace(g64) / k
+    return torch.from_numpy(np.linalg.solve(g64 + lam * np.eye(k), rhs.double().numpy()))
 
 
 @pytest.mark.parametrize("k", [8, 64])
@@ -308,10 +416,7 @@ def test_ridge_solve(benchmark: BenchmarkFixture, k: int) -> None:
     gram, cross = _solver_problem(k)
     rhs = cross.T.contiguous()
     a = benchmark(ops.ridge_solve, gram, rhs, 1e-6)
-    lam = 1e-6 * gram.diagonal().sum().double() / k
-    expected = torch.linalg.solve(gram.double() + lam * torch.eye(k, dtype=torch.float64),
-                                  rhs.double())
-    _close(a, expected, torch.float32)
+    _close(a, _ridge64(gram, rhs, 1e-6), torch.float32)
 
 
 @pytest.mark.parametrize("k", [8, 64])
@@ -324,7 +429,8 @@ def test_ridge_solve_torch_linalg(benchmark: BenchmarkFixture, k: int) -> None:
     def solve() -> torch.Tensor:
         return torch.linalg.solve(gram + 1e-6 * gram.diagonal().sum() / k * eye, rhs)
 
-    benchmark(solve)
+    a = benchmark(solve)
+    _close(a, _ridge64(gram, rhs, 1e-6), torch.float32, baseline=True)
 
 
 @pytest.mark.parametrize("k", [8, 64])
@@ -334,20 +440,19 @@ def test_nonconflicting_dual(benchmark: BenchmarkFixture, k: int) -> None:
     w = benchmark(ops.nonconflicting_dual, gram, cross)
     assert bool((w >= 0).all())
     # KKT: the projected vector has no conflict left: G w + c >= 0 (to solver tolerance).
-    slack = gram.double() @ w[0].double() + cross[0].double()
-    assert slack.min().item() >= -1e-5 * gram.diagonal().max().item()
+    _assert_dual_kkt(gram, cross, w, 1e-5)
 
 
 @pytest.mark.parametrize("k", [8, 64])
 @pytest.mark.benchmark(group="nonconflicting_dual")
 def test_nonconflicting_dual_quadprog(benchmark: BenchmarkFixture, k: int) -> None:
-    import numpy as np
     import quadprog
 
     gram, cross = _solver_problem(k)
     g = gram.double().numpy() + 1e-9 * float(gram.diagonal().mean()) * np.eye(k)
     c = cross[0].double().numpy()
-    benchmark(lambda: quadprog.solve_qp(g, -c, np.eye(k), np.zeros(k))[0])
+    w = benchmark(lambda: quadprog.solve_qp(g, -c, np.eye(k), np.zeros(k))[0])
+    _assert_dual_kkt(gram, cross, torch.from_numpy(w), 1e-5)
 
 
 @pytest.mark.parametrize("k", [8, 64])
@@ -355,7 +460,10 @@ def test_nonconflicting_dual_quadprog(benchmark: BenchmarkFixture, k: int) -> No
 def test_pcgrad_weights(benchmark: BenchmarkFixture, k: int) -> None:
     gram, _ = _solver_problem(k)
     w = benchmark(ops.pcgrad_weights, gram, 0)
-    assert w.shape == (k,) and bool(torch.isfinite(w).all())
+    assert w.shape == (k,)
+    rows = _solver_rows(k)[1:]
+    expected = _pcgrad_textbook64(rows, [ops.pcgrad_order(k, i, 0) for i in range(k)])
+    _close(w.double() @ rows.double(), expected, torch.float32)
 
 
 @pytest.mark.parametrize("k", [8, 64])
@@ -366,6 +474,13 @@ def test_pcgrad_weights_torchjd(benchmark: BenchmarkFixture, k: int) -> None:
     gram, _ = _solver_problem(k)
     weighting = PCGradWeighting()
     benchmark(weighting, gram)
+    # The result depends on the orders TorchJD draws: draw them again, from a known seed.
+    orders = _torchjd_orders(k, seed=5)
+    torch.manual_seed(5)
+    w = weighting(gram)
+    rows = _solver_rows(k)[1:]
+    _close(w.double() @ rows.double(), _pcgrad_textbook64(rows, orders), torch.float32,
+           baseline=True)
 
 
 # -- whole surgery steps ---------------------------------------------------------------------------
@@ -378,13 +493,15 @@ def test_project_out(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
     residual = out.double() @ basis.double().T
     assert residual.abs().max().item() <= (2e-3 if x.dtype == torch.float32 else 5e-2) * (
         g.double().norm() * basis.double().norm(dim=1).max()).item()
+    _close(out, _project_out64(g, basis), x.dtype)  # the ridge (1e-6) moves it by ~1e-6
 
 
 @pytest.mark.benchmark(group="project_out")
 def test_project_out_torch_qr(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
     from compare import qr_project_out
 
-    benchmark(qr_project_out, x[:1], x[1:])
+    out = benchmark(qr_project_out, x[:1], x[1:])
+    _close(out, _project_out64(x[:1], x[1:]), x.dtype, baseline=True)
 
 
 @pytest.mark.benchmark(group="project_nonconflicting")
@@ -393,33 +510,64 @@ def test_project_nonconflicting(benchmark: BenchmarkFixture, x: torch.Tensor) ->
     d = benchmark(ops.project_nonconflicting, g, r)
     inner = (d.double() @ r.double().T).min().item()
     assert inner >= -1e-3 * (g.double().norm() * r.double().norm(dim=1).max()).item()
+    _close(d, _nonconflicting64(g, r), x.dtype)
 
 
 @pytest.mark.benchmark(group="project_nonconflicting")
-def test_project_nonconflicting_torchjd_upgrad(benchmark: BenchmarkFixture,
-                                               x: torch.Tensor) -> None:
+def test_project_nonconflicting_mm_quadprog(benchmark: BenchmarkFixture,
+                                            x: torch.Tensor) -> None:
+    """The same projection (one row onto the dual cone of the others) written with
+    ``torch.mm`` and quadprog, GEM's recipe."""
+    from compare import mm_quadprog_nonconflicting
+
+    g, r = x[:1], x[1:]
+    d = benchmark(mm_quadprog_nonconflicting, g, r)
+    _close(d, _nonconflicting64(g, r), x.dtype, baseline=True)
+
+
+# -- UPGrad: every row projected onto the dual cone of all rows (k projections), summed ----------
+
+
+@pytest.mark.benchmark(group="upgrad")
+def test_upgrad(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
+    out = benchmark(surgery.UPGrad(), x)
+    _close(out, _upgrad64(x), x.dtype)
+
+
+@pytest.mark.benchmark(group="upgrad")
+def test_upgrad_torchjd(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
     from torchjd.aggregation import UPGrad
 
     if x.dtype == torch.bfloat16:
         pytest.skip("TorchJD's UPGrad hands bfloat16 to NumPy, which has no bfloat16")
-    benchmark(UPGrad(), x)
+    out = benchmark(UPGrad(), x)
+    # TorchJD regularises the Gram (reg_eps = 1e-4): ~2e-4 from the exact projection.
+    _close(out, _upgrad64(x), x.dtype, baseline=True)
+
+
+# -- PCGrad: each checked against the textbook loop in its own task orders -----------------------
 
 
 @pytest.mark.benchmark(group="pcgrad")
 def test_pcgrad(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
     out = benchmark(ops.pcgrad, x, 0)
-    weights = ops.pcgrad_weights(_gram64(x).float(), 0).double()
-    _close(out, weights @ x.double(), x.dtype)
+    orders = [ops.pcgrad_order(K, i, 0) for i in range(K)]
+    _close(out, _pcgrad_textbook64(x, orders), x.dtype)
 
 
 @pytest.mark.benchmark(group="pcgrad")
 def test_pcgrad_torchjd(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
     from torchjd.aggregation import PCGrad
 
-    benchmark(PCGrad(), x)
+    aggregator = PCGrad()
+    benchmark(aggregator, x)
+    orders = _torchjd_orders(K, seed=7)
+    torch.manual_seed(7)
+    out = aggregator(x)
+    _close(out, _pcgrad_textbook64(x, orders), x.dtype, baseline=True)
 
 
 @pytest.mark.benchmark(group="pcgrad")
 def test_pcgrad_libmtl_style_loop(benchmark: BenchmarkFixture, x: torch.Tensor) -> None:
     out = benchmark(bc.libmtl_style_pcgrad, x, 0)
-    assert out.shape == (N,) and math.isfinite(out.float().norm().item())
+    _close(out, _pcgrad_textbook64(x, bc.libmtl_orders(K, 0)), x.dtype, baseline=True)

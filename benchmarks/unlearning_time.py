@@ -9,11 +9,14 @@ The evaluation (``benchmarks/unlearning_eval.py``) divides each method's wall ti
 the cached gold model took to train, which may have been measured under another load of this
 shared machine. Here, for each (benchmark, request), the gold model is retrained from scratch
 (same recipe, seed and thread count as the cached one) and the interference-aware method (with
-its preset settings) and its ablations are run right after, alternately, in the same process
-and thread setting, so that the ratio compares like with like. Nothing is evaluated: only the
-two wall times. The best of ``--repeats`` is reported for each. ``--variant`` also times the
-method with its preset changed by those settings (``interference_aware+variant``), alternately
-with the others, to check that a candidate setting fits the time target before it is selected.
+its preset settings) and its ablations are run back to back with it, in the same process and
+thread setting, so that the ratio compares like with like. The order alternates across repeats:
+retraining first, then the methods, in even repeats (the first one included, so with
+``--repeats 1`` retraining always goes first); the methods first, in reverse order, then
+retraining, in odd ones. Nothing is evaluated: only the wall times. The best of ``--repeats``
+is reported for each. ``--variant`` also times the method with its preset changed by those
+settings (``interference_aware+variant``), in the same rotation, to check that a candidate
+setting fits the time target before it is selected.
 """
 
 from __future__ import annotations
@@ -55,16 +58,24 @@ def measure(benchmark: str, request: str, args: argparse.Namespace) -> dict:
         settings[VARIANT] = (METHOD, {**config.method_configs[METHOD], **args.variant})
         methods = [*methods, VARIANT]
     times: dict[str, list[float]] = {"retrain": [], **{m: [] for m in methods}}
-    for _ in range(args.repeats):
+
+    def retrain() -> None:
         model = prepared.factory()
         start = time.perf_counter()
         train(model, prepared.retain, None, prepared.recipe, progress=False)
         times["retrain"].append(time.perf_counter() - start)
-        for method in methods:
-            unlearner = get_unlearner(*settings[method])
-            start = time.perf_counter()
-            unlearner.unlearn(problem)
-            times[method].append(time.perf_counter() - start)
+
+    def run_method(method: str) -> None:
+        unlearner = get_unlearner(*settings[method])
+        start = time.perf_counter()
+        unlearner.unlearn(problem)
+        times[method].append(time.perf_counter() - start)
+
+    jobs = [retrain, *(lambda m=m: run_method(m) for m in methods)]
+    for repeat in range(args.repeats):
+        # Even repeats: retraining first; odd ones: the methods first (reversed), retraining last.
+        for job in (jobs if repeat % 2 == 0 else jobs[::-1]):
+            job()
     best = {k: min(v) for k, v in times.items()}
     row = {"benchmark": benchmark, "request": request, "seconds": times, "best": best,
            "ratio": {m: best[m] / best["retrain"] for m in methods},
