@@ -510,6 +510,9 @@ def run_tuning(args: argparse.Namespace) -> int:
     from mtunlearn_ext.metrics import evaluate, retrain_gap
     from mtunlearn_ext.unlearning import get_unlearner
 
+    # The runs below unlearn and score at the run's thread count; prepare_experiment restores
+    # the caller's count when it returns, so it is set for the whole tuning here.
+    torch.set_num_threads(args.threads)
     out = Path(args.output_dir) / "tuning"
     for benchmark in args.benchmarks:
         for seed in args.seeds:

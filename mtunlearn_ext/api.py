@@ -9,7 +9,6 @@ model is never modified; a new one is returned with a report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +35,7 @@ from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.models.base import ParameterSplit
 from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.records import code_version, utc_now
-from mtunlearn_ext.training import TrainConfig
+from mtunlearn_ext.training import TrainConfig, state_dict_sha256
 from mtunlearn_ext.unlearning import (
     GradientUnlearner,
     Unlearner,
@@ -795,20 +794,6 @@ def unlearn(model: nn.Module, *,
 
 
 API_RECORD_SCHEMA = "mtunlearn_ext.api-record/1"
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """SHA-256 over a model's state (names, dtypes, shapes and bytes, in order): which weights
-    a record speaks of, independent of how a checkpoint file was serialised."""
-    digest = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as
-        # bytes; for every other tensor the bytes are the same.
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.PathLike[str], *,

@@ -10,24 +10,32 @@ UIS and the gap to the retrained model.
 
 The results file is JSON (schema ``mtunlearn_ext.experiment/1``) written atomically (temporary
 file, fsync, rename). Checkpoints of the original and retrained models are cached under
-``cache_dir``, keyed by benchmark, size, seed, a fingerprint of the training data, the model and
-the recipe (and, for the retrained model, the request), so several methods can be compared
-without retraining. Everything is a function of the seed: the forget ids, the training runs, the
-unlearning runs and the attack's data halving.
+``cache_dir``, keyed by benchmark, size, seed, a fingerprint of the training data (with what
+each custom task loss computes: :func:`loss_identity`), the model's architecture and initial
+weights, the recipe, the thread count and the device (and, for the retrained model, the
+request), so several methods can be compared without retraining. A cache entry is verified
+when read (the hash of its weights, stored in the file) and rebuilt if corrupt; it is written
+once, by the first process that trains it (the others use that file), and holds no wall time
+(that goes to a ``.time.json`` file beside it), so its bytes are a function of the key. Models
+of a custom loss that cannot be identified are not cached. Everything is a function of the
+seed: the forget ids, the training runs, the unlearning runs and the attack's data halving.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import sys
 import time
+import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,10 +51,12 @@ from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
 from mtunlearn_ext.models import MultiTaskModel, build_model
 from mtunlearn_ext.training import (
+    Checkpoint,
     CheckpointError,
     TrainConfig,
     load_checkpoint,
     save_checkpoint,
+    state_dict_sha256,
     train,
 )
 from mtunlearn_ext.unlearning import (
@@ -64,7 +74,9 @@ __all__ = [
     "ExperimentData",
     "PreparedExperiment",
     "build_request",
+    "experiment_threads",
     "format_table",
+    "loss_identity",
     "main",
     "prepare_experiment",
     "run_experiment",
@@ -204,11 +216,184 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class _Unidentifiable(Exception):
+    """A custom loss whose behaviour :func:`loss_identity` cannot pin down (the reason)."""
+
+
+#: Packages whose functions and classes a loss identity names (module and qualified name)
+#: instead of reading their code: the standard library, this library, and anything installed
+#: (site-packages); their behaviour changes with their version, as the kinds' own losses do.
+_LIBRARY_ROOTS = frozenset(sys.stdlib_module_names) | {"builtins", "mtunlearn_ext"}
+
+
+def _is_library(module: str | None) -> bool:
+    if not module:
+        return False
+    root = module.partition(".")[0]
+    if root in _LIBRARY_ROOTS:
+        return True
+    file = getattr(sys.modules.get(root), "__file__", None) or ""
+    return "site-packages" in file or "dist-packages" in file
+
+
+def _code_identity(code: types.CodeType) -> list[Any]:
+    """A code object's behaviour: its bytecode, constants (nested code recursively), names
+    and signature counts; not its file or line numbers."""
+    return ["code", code.co_code.hex(), [_const_identity(c) for c in code.co_consts],
+            list(code.co_names), list(code.co_varnames), list(code.co_freevars),
+            list(code.co_cellvars), code.co_argcount, code.co_posonlyargcount,
+            code.co_kwonlyargcount, code.co_flags]
+
+
+def _const_identity(value: Any) -> Any:
+    if isinstance(value, types.CodeType):
+        return _code_identity(value)
+    if isinstance(value, (tuple, frozenset)):
+        items = [_const_identity(v) for v in value]
+        if isinstance(value, frozenset):  # iteration order follows the hash seed
+            items.sort(key=repr)
+        return [type(value).__name__, items]
+    return [type(value).__name__, repr(value)]
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _value_identity(value: Any, active: list[int]) -> Any:
+    """The identity of a value a loss holds (an argument of a ``partial``, a default, a
+    closure cell, a global it reads): plain data and tensors by content, modules by name,
+    library functions and classes by name, other functions by :func:`_callable_identity`."""
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):
+        return [type(value).__name__, repr(value)]
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized:
+            raise _Unidentifiable(f"it holds a {value.layout} tensor")
+        data = value.detach().cpu().contiguous().reshape(-1)
+        return ["tensor", str(value.dtype), list(value.shape),
+                hashlib.sha256(data.view(torch.uint8).numpy().tobytes()
+                               if data.numel() else b"").hexdigest()]
+    if isinstance(value, (torch.dtype, torch.device)):
+        return [type(value).__name__, str(value)]
+    if type(value) in (list, tuple):
+        return [type(value).__name__, [_value_identity(v, active) for v in value]]
+    if type(value) in (set, frozenset):
+        return [type(value).__name__,
+                sorted((_value_identity(v, active) for v in value), key=repr)]
+    if type(value) is dict:
+        return ["dict", sorted(([_value_identity(k, active), _value_identity(v, active)]
+                                for k, v in value.items()), key=repr)]
+    if isinstance(value, types.ModuleType):
+        return ["module", value.__name__]
+    if isinstance(value, type):
+        if _is_library(value.__module__):
+            return ["class", value.__module__, value.__qualname__]
+        raise _Unidentifiable(f"it uses the class {value.__qualname__!r} defined outside a "
+                              "library (its methods are not read)")
+    if callable(value):
+        return _callable_identity(value, active)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
+        array = numpy.ascontiguousarray(value)
+        if array.dtype.hasobject:
+            raise _Unidentifiable("it holds a NumPy array of Python objects")
+        return ["numpy", str(array.dtype), list(array.shape),
+                hashlib.sha256(array.tobytes()).hexdigest()]
+    raise _Unidentifiable(f"it holds a {type(value).__module__}.{type(value).__qualname__} "
+                          "object, whose state is not read")
+
+
+def _callable_identity(fn: Any, active: list[int]) -> Any:
+    """What a callable does, as plain data, or :class:`_Unidentifiable`.
+
+    ``functools.partial``: its function, arguments and keywords, recursively. A Python
+    function: its module and qualified name, its code (:func:`_code_identity`), defaults,
+    keyword defaults, closure cells and the globals its code names (by value); functions of
+    a library (:func:`_is_library`) and built-ins by module and qualified name. Anything
+    else (a bound method, an ``nn.Module`` or other object with ``__call__``) is refused: its
+    behaviour hangs on state this does not read."""
+    if isinstance(fn, functools.partial):
+        return ["partial", _callable_identity(fn.func, active),
+                [_value_identity(a, active) for a in fn.args],
+                sorted([k, _value_identity(v, active)] for k, v in fn.keywords.items())]
+    if isinstance(fn, types.BuiltinFunctionType):  # also C methods (bound: __self__)
+        owner = getattr(fn, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            raise _Unidentifiable(f"it is the method {fn.__qualname__!r} bound to a "
+                                  f"{type(owner).__qualname__} object")
+        return ["builtin", getattr(fn, "__module__", None) or getattr(owner, "__name__", ""),
+                fn.__qualname__]
+    if isinstance(fn, types.FunctionType):
+        if _is_library(fn.__module__):
+            return ["function", fn.__module__, fn.__qualname__]
+        if id(fn) in active:  # recursion (a function reading itself as a global)
+            return ["recursive", fn.__module__, fn.__qualname__]
+        active.append(id(fn))
+        try:
+            code = fn.__code__
+            cells = []
+            for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    cells.append([name, "<empty>"])
+                    continue
+                cells.append([name, _value_identity(contents, active)])
+            globals_ = fn.__globals__
+            read = [[name, _value_identity(globals_[name], active)]
+                    for name in sorted(_global_names(code)) if name in globals_]
+            return ["function", fn.__module__, fn.__qualname__, _code_identity(code),
+                    _value_identity(fn.__defaults__, active),
+                    _value_identity(fn.__kwdefaults__, active), cells, read]
+        finally:
+            active.pop()
+    if isinstance(fn, types.MethodType):
+        raise _Unidentifiable(f"it is the method {fn.__qualname__!r} bound to a "
+                              f"{type(fn.__self__).__qualname__} object")
+    raise _Unidentifiable(f"it is a {type(fn).__module__}.{type(fn).__qualname__} object, "
+                          "whose state is not read")
+
+
+def loss_identity(loss: Callable[..., Any]) -> str | None:
+    """A digest of what a task's custom loss computes, or ``None`` where that cannot be told
+    reliably (:func:`_callable_identity`: an object's or a bound method's state, a class
+    defined outside a library, ...). Two losses of one qualified name but other arguments,
+    defaults, closure values or code (``partial(ls, eps=0.0)`` and ``partial(ls, eps=0.9)``;
+    two lambdas) get different digests."""
+    try:
+        return _digest(_callable_identity(loss, []))
+    except _Unidentifiable:
+        return None
+    except RecursionError:
+        return None
+
+
+def _loss_problems(tasks: Sequence[TaskSpec]) -> list[str]:
+    """Why the custom losses of ``tasks`` cannot be identified (one line per such task)."""
+    problems = []
+    for task in tasks:
+        if task.loss is None:
+            continue
+        try:
+            _callable_identity(task.loss, [])
+        except _Unidentifiable as why:
+            problems.append(f"task {task.name!r}: {why}")
+        except RecursionError:
+            problems.append(f"task {task.name!r}: its values nest too deeply")
+    return problems
+
+
 def dataset_fingerprint(dataset: MultiTaskDataset) -> str:
     """SHA-256 over the data set's tensors (inputs, targets, ids, supervision) and task specs.
     Several inputs add each one's path (``[0]``, ``['mask']``) before its tensors, so that
     reordered or renamed inputs print differently; one input tensor adds nothing (the print of
-    a tensor-input data set is what it always was)."""
+    a tensor-input data set is what it always was). A task's custom loss adds its name and
+    :func:`loss_identity` (``None`` for a loss that cannot be identified: the experiment then
+    does not cache its models)."""
     digest = hashlib.sha256()
     inputs = named_leaves(dataset.inputs)
     for path, _ in inputs:
@@ -220,38 +405,137 @@ def dataset_fingerprint(dataset: MultiTaskDataset) -> str:
     # The four defining fields, as dataclasses.astuple gave them before TaskSpec had a `loss`
     # (so that cached models keep their keys); a custom loss adds its name.
     digest.update(repr([tuple(t.describe().values()) for t in dataset.tasks]).encode())
+    losses = [(t.name, loss_identity(t.loss)) for t in dataset.tasks if t.loss is not None]
+    if losses:
+        digest.update(repr(losses).encode())
     return digest.hexdigest()
 
 
-def _train_cached(path: Path, meta: dict[str, Any], factory: Callable[[], MultiTaskModel],
-                  dataset: MultiTaskDataset, recipe: TrainConfig, device: str,
-                  progress: bool) -> tuple[MultiTaskModel, dict[str, Any]]:
-    """Load the model at ``path`` if its metadata matches ``meta``, else train and save it.
+#: Problems already warned about in this process (each warning once).
+_WARNED: set[str] = set()
 
-    Returns the model and a record (``cached``, ``train_seconds`` of the run that produced it,
-    ``checkpoint``, ``sha256``).
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _timing_path(path: Path) -> Path:
+    """The file beside a cached checkpoint holding the wall time of the run that wrote it
+    (kept out of the checkpoint, whose bytes are then a function of the recipe alone)."""
+    return path.with_name(path.stem + ".time.json")
+
+
+def _recorded_seconds(path: Path, sha: str) -> float | None:
+    """The training time recorded beside ``path`` for the checkpoint of SHA-256 ``sha``."""
+    try:
+        record = json.loads(_timing_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("checkpoint_sha256") != sha:
+        return None
+    seconds = record.get("train_seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
+
+
+def _read_entry(path: Path, meta: Mapping[str, Any],
+                model: MultiTaskModel) -> tuple[Checkpoint | None, str | None]:
+    """The verified checkpoint at ``path`` loaded into ``model`` if it is this entry's, else
+    ``None`` and why (``None`` for a missing file)."""
+    if not path.is_file():
+        return None, None
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        return None, f"unreadable or corrupt checkpoint ({error})"
+    if checkpoint.state_sha256 is None:
+        return None, "checkpoint without a weights hash (an older version wrote it)"
+    if checkpoint.meta.get("key") != meta["key"]:
+        return None, "cache key differs"
+    try:
+        model.load_state_dict(checkpoint.state_dict)
+    except RuntimeError as error:
+        return None, f"weights do not fit the model ({str(error).splitlines()[0]})"
+    return checkpoint, None
+
+
+def _remove_if_unchanged(path: Path, seen: os.stat_result | None) -> None:
+    """Remove the bad cache entry ``path`` unless another process replaced it since it was
+    read (then the new file is left to the next reader)."""
+    if seen is None:
+        return
+    try:
+        now = os.stat(path)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) == (seen.st_ino, seen.st_size,
+                                                          seen.st_mtime_ns):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _train_cached(path: Path | None, meta: dict[str, Any],
+                  factory: Callable[[], MultiTaskModel], dataset: MultiTaskDataset,
+                  recipe: TrainConfig, device: str,
+                  progress: bool) -> tuple[MultiTaskModel, dict[str, Any]]:
+    """Load the model at ``path`` if it is a verified checkpoint of this entry (``meta["key"]``,
+    weights matching the hash recorded in the file), else train it and save it there.
+
+    An unreadable, corrupt, foreign or old entry is warned about, removed and rebuilt. The
+    entry is written only if it is still new: when another process filled it meanwhile, its
+    file (verified) is the one used, so the record always names the checkpoint on disk.
+    ``path=None``: train, do not cache. Returns the model and a record (``cached``,
+    ``train_seconds`` of the run that produced it, ``checkpoint``, ``sha256`` of the file,
+    ``state_sha256`` of the weights, ``train_steps``).
     """
     model = factory()
-    if path.is_file():
+    if path is not None:
         try:
-            checkpoint = load_checkpoint(path)
-            if checkpoint.meta.get("key") == meta["key"]:
-                model.load_state_dict(checkpoint.state_dict)
-                return model.to(device), {
-                    "cached": True, "checkpoint": str(path), "sha256": checkpoint.sha256,
-                    "train_seconds": checkpoint.meta.get("train_seconds"),
-                    "train_steps": checkpoint.meta.get("train_steps")}
-            warnings.warn(f"{path}: cache key differs; retraining", RuntimeWarning, stacklevel=2)
-        except CheckpointError as error:
-            warnings.warn(f"{path}: unreadable checkpoint ({error}); retraining", RuntimeWarning,
-                          stacklevel=2)
+            seen: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            seen = None
+        checkpoint, problem = _read_entry(path, meta, model)
+        if checkpoint is not None:
+            return model.to(device), {
+                "cached": True, "checkpoint": str(path), "sha256": checkpoint.sha256,
+                "state_sha256": checkpoint.state_sha256,
+                "train_seconds": _recorded_seconds(path, checkpoint.sha256),
+                "train_steps": checkpoint.meta.get("train_steps")}
+        if problem is not None:
+            warnings.warn(f"{path}: {problem}; retraining", RuntimeWarning, stacklevel=3)
+            _remove_if_unchanged(path, seen)
+        model = factory()  # a failed load may have written part of the weights
     model = model.to(device)
     result = train(model, dataset, None, recipe, progress=progress)
-    record_meta = {**meta, "train_seconds": result.seconds, "train_steps": result.steps,
-                   "final_loss": result.final_loss}
-    sha = save_checkpoint(path, model, record_meta, overwrite=True)
-    return model, {"cached": False, "checkpoint": str(path), "sha256": sha,
-                   "train_seconds": result.seconds, "train_steps": result.steps}
+    record = {"cached": False, "checkpoint": None, "sha256": None,
+              "state_sha256": state_dict_sha256(model), "train_seconds": result.seconds,
+              "train_steps": result.steps}
+    if path is None:
+        return model, record
+    # No wall time in the file: the same entry is the same bytes whichever run writes it.
+    file_meta = {**meta, "train_steps": result.steps, "final_loss": result.final_loss}
+    try:
+        sha = save_checkpoint(path, model, file_meta)
+    except FileExistsError:
+        # Another process wrote the entry while this one trained: use its file, so that this
+        # run's record names the weights on disk.
+        winner = factory()
+        checkpoint, problem = _read_entry(path, meta, winner)
+        if checkpoint is None:
+            warnings.warn(f"{path}: written by another process meanwhile, but unusable "
+                          f"({problem}); this run's model is used, not cached", RuntimeWarning,
+                          stacklevel=3)
+            return model, record
+        if checkpoint.state_sha256 != record["state_sha256"]:
+            warnings.warn(f"{path}: another process wrote different weights for this entry "
+                          "meanwhile (training is not reproducible here?); using its file",
+                          RuntimeWarning, stacklevel=3)
+        return winner.to(device), {**record, "checkpoint": str(path),
+                                   "sha256": checkpoint.sha256,
+                                   "state_sha256": checkpoint.state_sha256}
+    write_text_atomic(_timing_path(path), json.dumps({"checkpoint_sha256": sha,
+                                                      "train_seconds": result.seconds}) + "\n")
+    return model, {**record, "checkpoint": str(path), "sha256": sha}
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -353,17 +637,32 @@ class PreparedExperiment(ExperimentData):
 
 @dataclass
 class _Setup:
-    """The experiment's data and where (and under which key) its two models are cached."""
+    """The experiment's data and where (and under which key) its two models are cached (the
+    path is ``None`` where they are not cached: a custom loss that cannot be identified)."""
 
     data: ExperimentData
-    checkpoints: dict[str, tuple[Path, dict[str, Any], MultiTaskDataset]]
+    checkpoints: dict[str, tuple[Path | None, dict[str, Any], MultiTaskDataset]]
     phases: dict[str, float]
 
 
+@contextmanager
+def experiment_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` torch intra-op threads (``ExperimentConfig.threads``;
+    ``None``: torch's setting as it is), then restore the count it had before."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
+    """The experiment's data, request and cache entries. Call it under
+    :func:`experiment_threads` (the key holds ``config.threads``, else the current count)."""
     config.validate()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     phases: dict[str, float] = {}
     torch.manual_seed(config.seed)
 
@@ -385,20 +684,31 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
         return build_model(bench, seed=config.seed)
 
     data_key = dataset_fingerprint(train_set)
-    model_key = repr(factory())  # the architecture, as printed by torch
+    initial = factory()
+    # The architecture as printed by torch, and the initial weights (the seed, the depth
+    # prior, the initialisation code): two models that start apart are two entries.
+    model_key = {"architecture": _digest(repr(initial)), "init": state_dict_sha256(initial)}
     # The intra-op thread count and the device change the trained weights (the order of float
     # sums) and the recorded training time: a model trained otherwise is another model.
+    threads = config.threads if config.threads is not None else torch.get_num_threads()
     base_key = {"benchmark": bench.name, "size": config.size, "seed": config.seed,
-                "data": data_key, "model": _digest(model_key), "recipe": recipe.to_dict(),
-                "threads": torch.get_num_threads(), "device": torch.device(config.device).type}
+                "data": data_key, "model": model_key, "recipe": recipe.to_dict(),
+                "threads": threads, "device": torch.device(config.device).type}
     request_key = {"ids": request.ids_hash(), "target_tasks": sorted(target_tasks)}
     cache = Path(config.cache_dir) / f"{bench.name}-{config.size}-seed{config.seed}"
     original_key = _digest(base_key)
     retrain_key = _digest({**base_key, "request": request_key})
-    checkpoints = {
-        "original": (cache / f"original-{original_key[:16]}.pt",
+    problems = _loss_problems(train_set.tasks)
+    if problems:
+        # A loss whose behaviour cannot be told apart from another's of the same name would
+        # share their entry: train, but neither read nor write the cache.
+        _warn_once(f"{bench.name}: the models are not cached (trained on every run): a custom "
+                   f"loss cannot be identified reliably, so a cached model could be another "
+                   f"loss's; {'; '.join(problems)}")
+    checkpoints: dict[str, tuple[Path | None, dict[str, Any], MultiTaskDataset]] = {
+        "original": (None if problems else cache / f"original-{original_key[:16]}.pt",
                      {"key": original_key, **base_key}, train_set),
-        "retrained": (cache / f"retrain-{retrain_key[:16]}.pt",
+        "retrained": (None if problems else cache / f"retrain-{retrain_key[:16]}.pt",
                       {"key": retrain_key, **base_key, "request": request_key}, retain),
     }
     data = ExperimentData(bench, request, forget, retain, target_tasks, recipe, factory, data_key)
@@ -409,8 +719,9 @@ def _reference_model(setup: _Setup, which: str, config: ExperimentConfig
                      ) -> tuple[MultiTaskModel, dict[str, Any]]:
     path, meta, dataset = setup.checkpoints[which]
     start = time.perf_counter()
-    result = _train_cached(path, meta, setup.data.factory, dataset, setup.data.recipe,
-                           config.device, config.progress)
+    with experiment_threads(config.threads):
+        result = _train_cached(path, meta, setup.data.factory, dataset, setup.data.recipe,
+                               config.device, config.progress)
     setup.phases[f"{which}_model"] = time.perf_counter() - start
     return result
 
@@ -419,21 +730,28 @@ def train_reference_model(config: ExperimentConfig, which: str,
                           benchmark: Benchmark | None = None) -> dict[str, Any]:
     """Train (or find in the cache) only the ``"original"`` or the ``"retrained"`` model of
     ``config``'s experiment, so that both can be trained in parallel processes before
-    :func:`run_experiment` loads them. Returns the model's cache record."""
+    :func:`run_experiment` loads them. Returns the model's cache record. The thread count is
+    ``config.threads`` meanwhile, and restored after."""
     if which not in ("original", "retrained"):
         raise ValueError(f"train_reference_model: `which` must be 'original' or 'retrained', "
                          f"got {which!r}")
-    _, record = _reference_model(_setup(config, benchmark), which, config)
+    with experiment_threads(config.threads):
+        _, record = _reference_model(_setup(config, benchmark), which, config)
     return record
 
 
 def prepare_experiment(config: ExperimentConfig,
                        benchmark: Benchmark | None = None) -> PreparedExperiment:
     """Load the data, build and split the request, and get the original and retrained models
-    (from the cache when their keys match). ``benchmark`` may be passed directly (tests)."""
-    setup = _setup(config, benchmark)
-    original, original_record = _reference_model(setup, "original", config)
-    retrained, retrained_record = _reference_model(setup, "retrained", config)
+    (from the cache when their keys match). ``benchmark`` may be passed directly (tests).
+
+    The thread count is ``config.threads`` meanwhile and restored on return: a caller that
+    goes on to unlearn or evaluate at that count runs its work under
+    :func:`experiment_threads` itself (:func:`run_experiment` does)."""
+    with experiment_threads(config.threads):
+        setup = _setup(config, benchmark)
+        original, original_record = _reference_model(setup, "original", config)
+        retrained, retrained_record = _reference_model(setup, "retrained", config)
     data = {f.name: getattr(setup.data, f.name) for f in dataclasses.fields(ExperimentData)}
     return PreparedExperiment(**data, original=original, original_record=original_record,
                               retrained=retrained, retrained_record=retrained_record,
@@ -444,8 +762,14 @@ def run_experiment(config: ExperimentConfig,
                    benchmark: Benchmark | None = None) -> dict[str, Any]:
     """Run the experiment, write the JSON results file, and return its content.
 
-    ``benchmark`` may be passed directly (tests); otherwise it is loaded by name.
+    ``benchmark`` may be passed directly (tests); otherwise it is loaded by name. The whole run
+    uses ``config.threads`` intra-op threads; the count is restored on return.
     """
+    with experiment_threads(config.threads):
+        return _run_experiment(config, benchmark)
+
+
+def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> dict[str, Any]:
     prepared = prepare_experiment(config, benchmark)
     bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
                                       prepared.retain)
@@ -689,9 +1013,13 @@ def check_experiment(config: ExperimentConfig) -> Benchmark:
         raise ValueError(f"--target-tasks: unknown tasks {unknown}; {config.benchmark!r} has "
                          f"{benchmark.train.task_names}")
     try:
-        default_recipe(benchmark, config.seed, config.train_overrides)
+        recipe = default_recipe(benchmark, config.seed, config.train_overrides)
     except (TypeError, ValueError) as error:  # an unknown field, or a bad value, of TrainConfig
         raise ValueError(f"--train: {error}") from error
+    unknown = sorted(set(recipe.task_weights or {}) - set(benchmark.train.task_names))
+    if unknown:
+        raise ValueError(f"--train: `task_weights` names unknown tasks {unknown}; "
+                         f"{config.benchmark!r} has {benchmark.train.task_names}")
     return benchmark
 
 

@@ -8,7 +8,11 @@ standard.
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import io
 import math
+import numbers
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,14 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mtunlearn_ext._fields import check_field_types
-from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
+from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.losses import masked_multitask_loss
 from mtunlearn_ext.models.base import MultiTaskModel
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
-           "make_optimizer", "save_checkpoint", "train"]
+           "make_optimizer", "save_checkpoint", "state_dict_sha256", "train"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +43,16 @@ class TrainConfig:
         epochs: passes over the data.
         batch_size: rows per step (the last batch of an epoch may be smaller).
         lr: peak learning rate.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, a finite number >= 0.
         optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (with ``momentum``).
-        momentum: SGD momentum.
+        momentum: SGD momentum, in ``[0, 1)`` (checked whatever the optimizer).
         schedule: ``"cosine"`` (to 0 over all steps, after ``warmup_steps`` linear warm-up) or
             ``"constant"``.
         warmup_steps: linear warm-up steps.
         grad_clip: max global gradient norm, or ``None``.
         seed: seeds the data order and any randomness inside the model.
-        task_weights: task name -> loss weight (default 1 for every task).
+        task_weights: task name -> loss weight, a finite number >= 0 (default 1 for every
+            task); :func:`train` refuses names that are not tasks of its data set.
         num_threads: intra-op CPU threads during training (restored afterwards); ``None`` leaves
             torch's setting. On a CPU shared with other jobs, 1 thread avoids OpenMP barriers
             waiting on descheduled threads (measured >10x faster on a busy 2-core machine), and
@@ -75,8 +80,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: `batch_size` must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: `lr` must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig: `weight_decay` must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig: `weight_decay` must be a finite number >= 0, got "
+                             f"{self.weight_decay}")
+        if not (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0):
+            # torch's SGD refuses a negative momentum only inside the run; at 1 or more the
+            # velocity (a geometric sum of earlier steps) never decays and the steps diverge.
+            raise ValueError(f"TrainConfig: `momentum` must be in [0, 1), got {self.momentum}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
             raise ValueError(f"TrainConfig: unknown optimizer {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
@@ -88,12 +98,34 @@ class TrainConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"TrainConfig: `num_threads` must be >= 1 or None, got "
                              f"{self.num_threads}")
+        for task, weight in (self.task_weights or {}).items():
+            if not isinstance(task, str):
+                raise ValueError(f"TrainConfig: `task_weights` keys must be task names, got "
+                                 f"{task!r}")
+            if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+                    or not (math.isfinite(weight) and weight >= 0)):
+                raise ValueError(f"TrainConfig: `task_weights[{task!r}]` must be a finite "
+                                 f"number >= 0, got {weight!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-type dict (for checkpoint metadata and run records)."""
-        out = asdict(self)
-        out["task_weights"] = None if self.task_weights is None else dict(self.task_weights)
+        """Plain-type dict (for checkpoint metadata and run records): numbers as Python's own
+        ``int`` / ``float`` (a NumPy float passes the field checks but is no plain type)."""
+        out = {k: _plain_number(v) for k, v in asdict(self).items()}
+        out["task_weights"] = None if self.task_weights is None else {
+            k: _plain_number(v) for k, v in self.task_weights.items()}
         return out
+
+
+def _plain_number(value: Any) -> Any:
+    """``value`` as a Python ``int`` / ``float`` when it is a number of another type (NumPy's);
+    anything else as it is."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 @dataclass
@@ -164,6 +196,10 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
         progress: show a tqdm bar over epochs.
     """
     config = config or TrainConfig()
+    unknown = sorted(set(config.task_weights or {}) - set(dataset.task_names))
+    if unknown:
+        raise ValueError(f"train: `task_weights` names unknown tasks {unknown}; the data set "
+                         f"has {dataset.task_names}")
     specs, supervision = _select_tasks(dataset, tasks)
     missing = [s.name for s in specs if s.name not in model.heads]
     if missing:
@@ -247,27 +283,88 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated, corrupt or not the expected one."""
 
 
+def state_dict_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a model's state (names, dtypes, shapes and bytes, in order): which weights
+    a record speaks of, independent of how a checkpoint file was serialised. Takes a module or
+    a ``state_dict``; the same digest as :func:`mtunlearn_ext.api.state_dict_sha256`."""
+    state = (model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module)
+             else model_or_state)
+    digest = hashlib.sha256()
+    for name, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as
+        # bytes; for every other tensor the bytes are the same.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model's ``state_dict``, its metadata, and the file's SHA-256."""
+    """A loaded checkpoint: the model's ``state_dict``, its metadata, the file's SHA-256, and
+    the :func:`state_dict_sha256` of the weights that the file recorded when it was written
+    (checked on load; ``None`` for a file written before checkpoints held it)."""
 
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]
     sha256: str
+    state_sha256: str | None = None
+
+
+#: The exact types metadata may hold: what ``torch.load(weights_only=True)`` reads back as it
+#: was written (a subclass, e.g. ``numpy.float64`` of ``float``, is refused by the reader).
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+_PLAIN_CONTAINERS = (list, tuple, dict, collections.OrderedDict)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise ``TypeError`` naming the entry (``meta['a'][0]``) that is not plain data."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS or kind in (torch.Tensor, torch.nn.Parameter):
+        return
+    if kind in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if kind in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            if type(key) not in _PLAIN_SCALARS:
+                raise TypeError(f"save_checkpoint: {where} has a key {key!r} of type "
+                                f"{type(key).__name__}; metadata keys must be str, int, float, "
+                                f"bool or None")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    raise TypeError(f"save_checkpoint: {where} is a {kind.__module__}.{kind.__qualname__} "
+                    f"({text}); checkpoint metadata must be plain data (None, bool, int, "
+                    f"float, str, tensors, and lists, tuples and dicts of them), which "
+                    f"load_checkpoint can read back without running code: convert it "
+                    f"(float(x), str(path), sorted(a_set))")
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
                     meta: Mapping[str, Any] | None = None, *, overwrite: bool = False) -> str:
     """Write ``model.state_dict()`` and ``meta`` to ``path`` atomically; return its SHA-256.
 
-    ``meta`` must hold plain types (str, int, float, bool, None, lists, dicts, tensors), because
-    :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``, which executes no code.
-    An existing file is never overwritten unless ``overwrite=True``.
+    ``meta`` must hold plain data (None, bool, int, float, str, tensors, and lists, tuples and
+    dicts of them; exactly those types, not subclasses such as NumPy scalars), because
+    :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``, which executes no
+    code: anything else is refused here with a ``TypeError`` naming the entry, before the
+    file is written. The file also holds the :func:`state_dict_sha256` of the weights, which
+    :func:`load_checkpoint` checks (``torch.load`` does not check the archive's CRCs: a flipped
+    bit in a weight would load silently). An existing file is never overwritten unless
+    ``overwrite=True``.
     """
+    meta = dict(meta or {})
+    _check_plain(meta, "meta")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": _CHECKPOINT_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
+        "state_dict": state,
+        "meta": meta,
+        "state_sha256": state_dict_sha256(state),
     }
     return atomic_torch_save(payload, path, overwrite=overwrite)
 
@@ -276,25 +373,44 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
                     model: torch.nn.Module | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    The file is read once: its SHA-256 and the loaded weights come from the same bytes (a file
+    replaced between a hash and a second read could otherwise pass as the expected one).
     Raises :class:`CheckpointError` with the path and the reason when the file is missing, its
-    SHA-256 differs from ``expected_sha256``, or it is truncated/corrupt/not a checkpoint. With
-    ``model`` the state dict is also loaded into it (strictly).
+    SHA-256 differs from ``expected_sha256``, it is truncated/corrupt/not a checkpoint, or its
+    weights differ from the hash recorded at save time. With ``model`` the state dict is also
+    loaded into it (strictly).
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
-    sha = sha256_of_file(p)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as error:  # removed since the check
+        raise CheckpointError(f"checkpoint {p} does not exist") from error
+    sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise CheckpointError(f"checkpoint {p} has SHA-256 {sha}, expected {expected_sha256} "
                               "(truncated, modified or a different file)")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged zip archive
         raise CheckpointError(f"checkpoint {p} cannot be read (truncated or corrupt?): "
                               f"{type(error).__name__}: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not an mtunlearn_ext checkpoint ({_CHECKPOINT_FORMAT})")
-    checkpoint = Checkpoint(payload["state_dict"], payload["meta"], sha)
+    state, meta, recorded = (payload.get("state_dict"), payload.get("meta"),
+                             payload.get("state_sha256"))
+    if (not isinstance(state, dict) or not isinstance(meta, dict)
+            or not all(isinstance(v, torch.Tensor) for v in state.values())
+            or not (recorded is None or isinstance(recorded, str))):
+        raise CheckpointError(f"checkpoint {p} is damaged: its state dict or metadata is not "
+                              "what save_checkpoint writes")
+    if recorded is not None:
+        actual = state_dict_sha256(state)
+        if actual != recorded:
+            raise CheckpointError(f"checkpoint {p} is corrupt: its weights hash to {actual}, "
+                                  f"the file recorded {recorded} when it was written")
+    checkpoint = Checkpoint(state, meta, sha, recorded)
     if model is not None:
         model.load_state_dict(checkpoint.state_dict)
     return checkpoint

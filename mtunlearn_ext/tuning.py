@@ -31,6 +31,7 @@ from mtunlearn_ext.experiment import (
     build_parser as experiment_parser,
     checked_benchmark,
     config_from_args,
+    experiment_threads,
     prepare_experiment,
     write_json_atomic,
 )
@@ -45,7 +46,14 @@ def tune(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[i
          benchmark: Benchmark | None = None) -> dict[str, Any]:
     """Score every ``(method, lr, steps)`` of the grid; return the records and the best setting
     of each method (lowest forget+retain gap to the retrained model). ``benchmark``: the
-    loaded data (default: loaded by name)."""
+    loaded data (default: loaded by name). Runs at ``config.threads`` (restored after)."""
+    with experiment_threads(config.threads):
+        return _tune_grid(config, lrs, checkpoints, retain_eval, base, benchmark)
+
+
+def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[int],
+               retain_eval: int, base: dict[str, dict[str, Any]] | None,
+               benchmark: Benchmark | None) -> dict[str, Any]:
     prepared = prepare_experiment(config, benchmark)
     problem = prepared.problem(config)
     generator = torch.Generator().manual_seed(config.seed)

@@ -66,6 +66,14 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     (["--train", "{bad"], "--train: expected a JSON object, got '{bad'"),
     (["--partial-task", "nope"], "--partial-task: unknown tasks ['nope']; 'indoor' has"),
     (["--train", '{"epochs": "x"}'], "--train: TrainConfig: `epochs` must be an integer"),
+    (["--train", '{"optimizer": "sgd", "momentum": -1.0}'],
+     "--train: TrainConfig: `momentum` must be in [0, 1), got -1.0"),
+    (["--train", '{"weight_decay": NaN}'],
+     "--train: TrainConfig: `weight_decay` must be a finite number >= 0, got nan"),
+    (["--train", '{"task_weights": {"depth": -1}}'],
+     "--train: TrainConfig: `task_weights['depth']` must be a finite number >= 0, got -1"),
+    (["--train", '{"task_weights": {"dpeth": 2.0}}'],
+     "--train: `task_weights` names unknown tasks ['dpeth']; 'indoor' has"),
     (["--benchmark", "nyuv2"], "invalid choice: 'nyuv2'"),
     (["--recipe", "long"], "invalid choice: 'long'"),
 ])
@@ -143,3 +151,66 @@ def test_every_bar_series_has_its_own_colour(tmp_path, monkeypatch):
     reserved = {"original": "#7f7f7f", "retrained": "#2ca02c", demo.METHOD: "#d62728"}
     assert {label: colours[label] for label in reserved} == reserved
     assert len(set(colours.values())) == len(labels), colours  # every series its own colour
+
+
+def test_the_wall_time_counts_the_argument_checks(tmp_path, monkeypatch):
+    """The clock started after check_args, which loads (on a first run generates) every
+    benchmark: 4.6 s of a first indoor/small run went uncounted."""
+    import time
+
+    events: list[tuple[str, float]] = []
+
+    def slow_check(args):  # type: ignore[no-untyped-def]
+        events.append(("check", time.perf_counter()))
+
+    def fake_run(args, start=None):  # type: ignore[no-untyped-def]
+        events.append(("start", start))
+        return 0
+
+    monkeypatch.setattr(demo, "check_args", slow_check)
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    assert demo.main(["--size", "tiny", "--output-dir", str(tmp_path / "o")]) == 0
+    (_, checked), (_, start) = events
+    assert start is not None and start < checked
+
+
+def test_a_request_job_runs_every_step_at_the_run_thread_count(monkeypatch):
+    """prepare_experiment restores the thread count on return; the job's interference matrix
+    and the kept model's unlearning ran after it, relying on the count it had left set (the
+    kept weights must be those evaluated)."""
+    import torch
+
+    from mtunlearn_ext import experiment
+    from mtunlearn_ext.unlearning import interference
+
+    seen: dict[str, int] = {}
+
+    class Prepared:
+        def problem(self, config):  # type: ignore[no-untyped-def]
+            seen["problem"] = torch.get_num_threads()
+            return "problem"
+
+    class Unlearner:
+        def unlearn(self, problem):  # type: ignore[no-untyped-def]
+            seen["unlearn"] = torch.get_num_threads()
+            return type("R", (), {"model": torch.nn.Linear(1, 1)})()
+
+    def prepare(config):  # type: ignore[no-untyped-def]
+        with experiment.experiment_threads(config.threads):
+            pass
+        return Prepared()
+
+    def matrix(problem, settings):  # type: ignore[no-untyped-def]
+        seen["matrix"] = torch.get_num_threads()
+        return {}
+
+    monkeypatch.setattr(experiment, "run_experiment", lambda config: {})
+    monkeypatch.setattr(experiment, "prepare_experiment", prepare)
+    monkeypatch.setattr(interference, "interference_matrix", matrix)
+    monkeypatch.setattr(report_module, "interference_to_json", lambda m, s: {})
+    monkeypatch.setattr("mtunlearn_ext.unlearning.get_unlearner", lambda name, s: Unlearner())
+    args = demo.build_parser().parse_args(["--size", "tiny", "--threads", "1"])
+    torch.set_num_threads(2)  # conftest restores the count after the test
+    demo._request_job(demo._configs(args)["partial"], True)
+    assert seen == {"problem": 1, "matrix": 1, "unlearn": 1}
+    assert torch.get_num_threads() == 2

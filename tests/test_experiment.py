@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.experiment import (
@@ -218,3 +219,238 @@ def test_default_recipe_refuses_a_seed_override() -> None:
     with pytest.raises(ValueError, match=r"seed \(5\) is not a recipe override.*use --seed"):
         default_recipe(bench, 0, {"seed": 5})
     assert default_recipe(bench, 3, {"epochs": 2}).seed == 3
+
+
+# -- the model cache: verified entries, keys, concurrent fills; checks; thread count ------------
+
+ONE_EPOCH = {"epochs": 1}
+
+
+def _cache_config(tmp: Path, **changes: object) -> ExperimentConfig:
+    return _config(tmp, methods=["finetune"], method_configs={}, train_overrides=ONE_EPOCH,
+                   threads=1, **changes)
+
+
+def torch_threads(n: int):  # type: ignore[no-untyped-def]
+    from mtunlearn_ext.experiment import experiment_threads
+
+    return experiment_threads(n)
+
+
+def _flip_first_weight(path: Path) -> None:
+    """Flip the top exponent bit of every float of the first tensor record in the archive
+    (as tests/test_training.py): the zip still reads, the weights are wrong."""
+    import struct
+    import zipfile
+
+    raw = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data/0"))
+    n, e = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + n + e
+    for j in range(0, info.file_size, 4):
+        raw[start + j + 3] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_corrupted_cache_entry_is_rebuilt_not_used(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    """torch.load checks no CRC: an entry with flipped bits in a weight was loaded and used
+    (`cached: True`, test accuracy 0.38 -> 0.33). Entries hold their weights' hash."""
+    import hashlib
+
+    from mtunlearn_ext.experiment import train_reference_model
+    from mtunlearn_ext.training import load_checkpoint
+
+    config = _cache_config(tmp_path)
+    first = train_reference_model(config, "original", digits)
+    path = Path(first["checkpoint"])
+    assert first["cached"] is False
+    assert first["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_checkpoint(path).state_sha256 == first["state_sha256"]
+    _flip_first_weight(path)
+    with pytest.warns(RuntimeWarning, match="unreadable or corrupt checkpoint.*retraining"):
+        rebuilt = train_reference_model(config, "original", digits)
+    assert rebuilt["cached"] is False and rebuilt["state_sha256"] == first["state_sha256"]
+    assert rebuilt["sha256"] == first["sha256"]  # the same bytes again: no wall time inside
+    again = train_reference_model(config, "original", digits)
+    assert again["cached"] is True and again["sha256"] == first["sha256"]
+    assert again["train_seconds"] == rebuilt["train_seconds"]  # kept beside the entry
+    # An entry written before checkpoints held the hash is rebuilt too.
+    checkpoint = load_checkpoint(path)
+    path.unlink()
+    torch.save({"format": "mtunlearn_ext.checkpoint/1", "meta": checkpoint.meta,
+                "state_dict": checkpoint.state_dict}, path)
+    with pytest.warns(RuntimeWarning, match="without a weights hash"):
+        assert train_reference_model(config, "original", digits)["cached"] is False
+    assert load_checkpoint(path).state_sha256 == first["state_sha256"]
+
+
+def test_the_cache_key_holds_the_initial_weights(tmp_path: Path, indoor_tiny) -> None:  # type: ignore[no-untyped-def]
+    """The model was keyed by its printed architecture: indoor's depth prior 3.0 and 8.0 (the
+    depth head's initial bias) shared an entry, and the prior-8 run got the prior-3 model."""
+    import copy
+
+    from mtunlearn_ext.experiment import _setup
+
+    other = copy.copy(indoor_tiny)
+    other.info = {**indoor_tiny.info, "depth_prior": 8.0}
+    config = _config(tmp_path, benchmark="indoor", request="full", target_tasks=None,
+                     methods=["finetune"], method_configs={}, threads=1)
+    with torch_threads(1):
+        keys = [_setup(config, bench).checkpoints for bench in (indoor_tiny, other)]
+    assert keys[0]["original"][0] != keys[1]["original"][0]
+    assert keys[0]["retrained"][0] != keys[1]["retrained"][0]
+    assert keys[0]["original"][1]["model"]["init"] != keys[1]["original"][1]["model"]["init"]
+    assert (keys[0]["original"][1]["model"]["architecture"]
+            == keys[1]["original"][1]["model"]["architecture"])
+
+
+def _smoothed(pred, target, eps):  # type: ignore[no-untyped-def]
+    import torch.nn.functional as F
+
+    return F.cross_entropy(pred, target.clamp(min=0), reduction="none", label_smoothing=eps)
+
+
+def _scaled_loss(scale: float):  # type: ignore[no-untyped-def]
+    def loss(pred, target):  # type: ignore[no-untyped-def]
+        return _smoothed(pred, target, 0.0) * scale
+    return loss
+
+
+class _CallableLoss:
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+
+    def __call__(self, pred, target):  # type: ignore[no-untyped-def]
+        return _smoothed(pred, target, self.eps)
+
+
+def test_custom_losses_are_identified_by_what_they_compute() -> None:
+    """Losses were keyed by their __qualname__: partial(ls, eps=0.0) and partial(ls, eps=0.9)
+    (both 'ls'), two lambdas, two closures over other values shared one cache entry."""
+    import functools
+
+    from mtunlearn_ext.experiment import loss_identity
+
+    same = [functools.partial(_smoothed, eps=0.0), functools.partial(_smoothed, eps=0.0)]
+    assert loss_identity(same[0]) == loss_identity(same[1]) is not None
+    distinct = [functools.partial(_smoothed, eps=0.0), functools.partial(_smoothed, eps=0.9),
+                functools.partial(_smoothed, eps=0), lambda p, t: _smoothed(p, t, 0.1),
+                lambda p, t: _smoothed(p, t, 0.2), _scaled_loss(1.0), _scaled_loss(2.0),
+                _smoothed]
+    identities = [loss_identity(f) for f in distinct]
+    assert None not in identities and len(set(identities)) == len(identities)
+    assert loss_identity(_scaled_loss(2.0)) == loss_identity(_scaled_loss(2.0))
+    weights = [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0])]
+    assert len({loss_identity(functools.partial(_smoothed, eps=w)) for w in weights}) == 2
+    # Library functions are named, not read; objects and bound methods are not identified.
+    import torch.nn.functional as F
+
+    assert loss_identity(F.l1_loss) is not None
+    assert loss_identity(_CallableLoss(0.1)) is None
+    assert loss_identity(_CallableLoss(0.1).__call__) is None
+    assert loss_identity(functools.partial(_smoothed, eps=_CallableLoss(0.1))) is None
+
+
+def test_models_of_a_custom_loss_are_cached_per_loss(tmp_path: Path, digits,  # type: ignore[no-untyped-def]
+                                                     monkeypatch) -> None:
+    """The eps=0.9 run got the cached eps=0.0 model; a loss that cannot be identified is not
+    cached at all (warned once, saying why)."""
+    import dataclasses
+    import functools
+    import warnings
+
+    from mtunlearn_ext import experiment
+    from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
+
+    def with_loss(loss):  # type: ignore[no-untyped-def]
+        tasks = [dataclasses.replace(t, loss=loss) if t.name == "digit" else t
+                 for t in digits.tasks]
+
+        def ds(x):  # type: ignore[no-untyped-def]
+            return MultiTaskDataset(x.inputs, x.targets, tasks, x.ids, x.supervision)
+        return Benchmark(digits.name, ds(digits.train), ds(digits.test), tasks, dict(digits.info),
+                         None if digits.validation is None else ds(digits.validation))
+
+    config = _cache_config(tmp_path)
+    with torch_threads(1):
+        paths = {eps: experiment._setup(config, with_loss(functools.partial(_smoothed, eps=eps)))
+                 .checkpoints["original"][0] for eps in (0.0, 0.9)}
+    assert paths[0.0] is not None and paths[0.0] != paths[0.9]
+
+    monkeypatch.setattr(experiment, "_WARNED", set())
+    opaque = with_loss(_CallableLoss(0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = experiment.train_reference_model(config, "original", opaque)
+        second = experiment.train_reference_model(config, "original", opaque)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "not cached" in messages[0] and "task 'digit'" in messages[0]
+    assert "_CallableLoss object" in messages[0]
+    assert first["cached"] is second["cached"] is False and first["checkpoint"] is None
+    assert first["state_sha256"] == second["state_sha256"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_concurrently_filled_entry_is_kept_and_used(tmp_path: Path, digits,  # type: ignore[no-untyped-def]
+                                                      monkeypatch) -> None:
+    """Two processes filling one entry: the last writer replaced the first's file, whose
+    record then named a SHA-256 no longer on disk. The entry is written only if new; a
+    process that finds it written meanwhile uses that file."""
+    import hashlib
+
+    from mtunlearn_ext import experiment
+    from mtunlearn_ext.models import build_model
+    from mtunlearn_ext.training import save_checkpoint, state_dict_sha256
+
+    config = _cache_config(tmp_path)
+    with torch_threads(1):
+        path, meta, _ = experiment._setup(config, digits).checkpoints["original"]
+    assert path is not None
+    # The other process's weights (different, to see whose are used), written while this
+    # process trains.
+    theirs = build_model(digits, seed=7)
+    real_train = experiment.train
+
+    def train_while_another_writes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_train(*args, **kwargs)
+        save_checkpoint(path, theirs, {**meta, "train_steps": 1})
+        return result
+
+    monkeypatch.setattr(experiment, "train", train_while_another_writes)
+    with pytest.warns(RuntimeWarning, match="another process wrote different weights"):
+        record = experiment.train_reference_model(config, "original", digits)
+        written = path.read_bytes()
+    assert record["sha256"] == hashlib.sha256(written).hexdigest()  # the file on disk
+    assert record["state_sha256"] == state_dict_sha256(theirs)
+    assert "train_seconds" not in experiment.load_checkpoint(path).meta
+
+
+def test_check_experiment_refuses_task_weights_of_unknown_tasks(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """They were ignored (training went on with a typo'd task at weight 1)."""
+    assert main(["--benchmark", "digits", "--size", "tiny",
+                 "--train", '{"task_weights": {"dgit": 2.0}}']) == 2
+    err = capsys.readouterr().err
+    assert "--train: `task_weights` names unknown tasks ['dgit']; 'digits' has" in err
+    assert main(["--benchmark", "digits", "--size", "tiny",
+                 "--train", '{"optimizer": "sgd", "momentum": -1.0}']) == 2
+    assert "--train: TrainConfig: `momentum` must be in [0, 1), got -1.0" in \
+        capsys.readouterr().err
+
+
+def test_the_experiment_functions_restore_the_thread_count(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    """prepare_experiment(threads=1) left the process at one thread for good."""
+    from mtunlearn_ext.experiment import prepare_experiment, train_reference_model
+
+    config = _cache_config(tmp_path)
+    torch.set_num_threads(2)  # conftest restores the module's count after the test
+    train_reference_model(config, "original", digits)
+    assert torch.get_num_threads() == 2
+    prepare_experiment(config, digits)
+    assert torch.get_num_threads() == 2
+    run_experiment(config, digits)
+    assert torch.get_num_threads() == 2
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2

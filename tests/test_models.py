@@ -94,6 +94,20 @@ def test_parameter_split_rejects_tied_weights() -> None:
         model.parameter_split()
 
 
+def test_a_task_named_shared_is_refused() -> None:
+    """'shared' is the owner name of the backbone's parameters: a task of that name made
+    ParameterSplit.owner() call its head's parameters shared and names('shared') return the
+    backbone's instead of the head's."""
+    from mtunlearn_ext.models import ParameterSplit
+
+    tasks = [TaskSpec("shared", "classification", num_classes=3), TaskSpec("b", "regression")]
+    with pytest.raises(ValueError, match="MultiTaskModel: a task may not be named 'shared'"):
+        build_model(tasks, input_shape=[8])
+    with pytest.raises(ValueError, match="ParameterSplit: a task may not be named 'shared'"):
+        ParameterSplit(("backbone.w",), {"shared": ("heads.shared.w",)})
+    build_model([TaskSpec("Shared", "regression")], input_shape=[8])  # only the exact name
+
+
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(123)
     before = torch.get_rng_state()

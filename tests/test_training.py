@@ -301,3 +301,140 @@ def test_train_config_names_a_setting_of_the_wrong_type(field: str, value: objec
     with pytest.raises(ValueError, match="TrainConfig: " + message.replace("(", r"\(")):
         TrainConfig(**{field: value})  # type: ignore[arg-type]
     assert TrainConfig(lr=1).lr == 1  # an integer is a number
+
+
+# -- review fixes: weights hash, one read, plain metadata, recipe checks ------------------------
+
+def _flip_first_weight(path: Path) -> None:
+    """Flip the top exponent bit of every float of the first tensor record in the archive:
+    the zip still reads (torch.load checks no CRC), the weights are wrong."""
+    import struct
+    import zipfile
+
+    raw = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data/0"))
+    n, e = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + n + e
+    for j in range(0, info.file_size, 4):
+        raw[start + j + 3] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_not_loaded(tmp_path: Path) -> None:
+    """torch.load does not check the archive's CRCs: a bit flipped in a weight loaded silently
+    (and a cached model was used with it). The checkpoint holds the hash of its weights."""
+    from mtunlearn_ext.training import state_dict_sha256
+
+    model = _tiny_model()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, {"a": 1})
+    loaded = load_checkpoint(path)
+    assert loaded.state_sha256 == state_dict_sha256(model)
+    _flip_first_weight(path)
+    with pytest.raises(CheckpointError, match="is corrupt: its weights hash to"):
+        load_checkpoint(path)
+    # A file of an older version (no hash) still loads.
+    torch.save({"format": "mtunlearn_ext.checkpoint/1", "meta": {},
+                "state_dict": dict(model.state_dict())}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").state_sha256 is None
+
+
+def test_state_dict_sha256_is_the_api_one() -> None:
+    """Checkpoints record the same weights hash that api records carry."""
+    from mtunlearn_ext.api import state_dict_sha256 as api_sha
+    from mtunlearn_ext.training import state_dict_sha256
+
+    model = build_model([SEG, DEPTH], input_shape=(3, 8, 8), seed=0, widths=(4, 4, 4, 4))
+    model.backbone.add_module("bn", torch.nn.BatchNorm2d(4))  # a 0-d buffer too
+    assert state_dict_sha256(model) == state_dict_sha256(model.state_dict()) == api_sha(model)
+
+
+def test_load_checkpoint_hashes_the_bytes_it_loads(tmp_path: Path, monkeypatch) -> None:
+    """The file was hashed in one read and loaded in another: replaced in between (another
+    process rewriting it), B's weights came back under A's verified SHA-256."""
+    import shutil
+
+    a, b = _tiny_model(), build_model([CLS], input_shape=(6,), seed=7, hidden=(8,))
+    sha_a = save_checkpoint(tmp_path / "a.pt", a)
+    save_checkpoint(tmp_path / "b.pt", b)
+    target = tmp_path / "target.pt"
+    shutil.copyfile(tmp_path / "a.pt", target)
+    real_load = torch.load
+
+    def load_after_a_swap(f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        shutil.copyfile(tmp_path / "b.pt", target)  # the file changes after it was hashed
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_after_a_swap)
+    loaded = load_checkpoint(target, expected_sha256=sha_a)
+    for name, value in a.state_dict().items():
+        assert torch.equal(loaded.state_dict[name], value), name
+
+
+@pytest.mark.parametrize(("meta", "where"), [
+    ({"data_root": Path("/x")}, "meta['data_root'] is a pathlib.PosixPath"),
+    ({"loss": __import__("numpy").float64(0.5)}, "meta['loss'] is a numpy.float64"),
+    ({"s": {1, 2}}, "meta['s'] is a builtins.set"),
+    ({"nested": {"list": [1, Path("/y")]}}, "meta['nested']['list'][1] is a pathlib"),
+    ({1.5j: 1}, "meta has a key 1.5j of type complex"),
+])
+def test_save_checkpoint_refuses_metadata_it_could_not_read_back(tmp_path: Path, meta: dict,
+                                                                  where: str) -> None:
+    """Such metadata was written, and load_checkpoint (weights_only) then failed on it,
+    blaming a truncated or corrupt file."""
+    with pytest.raises(TypeError, match=r"save_checkpoint: " + where.replace("[", r"\[")
+                       .replace("]", r"\]").replace(".", r"\.")):
+        save_checkpoint(tmp_path / "m.pt", _tiny_model(), meta)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_plain_metadata_round_trips(tmp_path: Path) -> None:
+    import collections
+
+    meta = {"t": (1, 2.5), "l": [None, True, "x"], "d": collections.OrderedDict(a=1),
+            "tensor": torch.arange(3), 3: "int key"}
+    sha = save_checkpoint(tmp_path / "m.pt", _tiny_model(), meta)
+    loaded = load_checkpoint(tmp_path / "m.pt", sha).meta
+    assert loaded["t"] == (1, 2.5) and loaded["l"] == [None, True, "x"] and loaded[3] == "int key"
+    assert torch.equal(loaded["tensor"], torch.arange(3)) and loaded["d"] == {"a": 1}
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"optimizer": "sgd", "momentum": -1.0}, r"`momentum` must be in \[0, 1\), got -1.0"),
+    ({"momentum": 1.0}, r"`momentum` must be in \[0, 1\), got 1.0"),
+    ({"momentum": float("nan")}, r"`momentum` must be in \[0, 1\), got nan"),
+    ({"weight_decay": float("nan")}, "`weight_decay` must be a finite number >= 0, got nan"),
+    ({"weight_decay": float("inf")}, "`weight_decay` must be a finite number >= 0, got inf"),
+    ({"task_weights": {"a": float("nan")}}, r"`task_weights\['a'\]` must be a finite number"),
+    ({"task_weights": {"a": -1.0}}, r"`task_weights\['a'\]` must be a finite number >= 0"),
+    ({"task_weights": {"a": float("inf")}}, r"`task_weights\['a'\]` must be a finite number"),
+    ({"task_weights": {"a": "2"}}, r"`task_weights\['a'\]` must be a finite number"),
+    ({"task_weights": {"a": True}}, r"`task_weights\['a'\]` must be a finite number"),
+    ({"task_weights": {1: 1.0}}, "`task_weights` keys must be task names, got 1"),
+])
+def test_train_config_refuses_what_the_optimizer_or_loss_would_fail_on(bad: dict,
+                                                                       message: str) -> None:
+    """These were accepted and failed (or diverged) inside a run: SGD refuses a negative
+    momentum only when built, NaN weight decay or task weights give NaN weights."""
+    with pytest.raises(ValueError, match="TrainConfig: " + message):
+        TrainConfig(**bad)
+
+
+def test_train_config_to_dict_holds_plain_numbers() -> None:
+    """NumPy numbers pass the type checks; the recipe goes into checkpoint metadata, which
+    takes plain types only."""
+    import numpy as np
+
+    out = TrainConfig(lr=np.float64(0.01), epochs=2, task_weights={"a": np.float32(2.0)}
+                      ).to_dict()
+    assert type(out["lr"]) is float and type(out["task_weights"]["a"]) is float
+    assert TrainConfig(task_weights={"a": 2}).to_dict()["task_weights"] == {"a": 2}
+
+
+def test_train_refuses_task_weights_of_unknown_tasks(digits) -> None:  # type: ignore[no-untyped-def]
+    """A weight for a task the data set does not have was silently ignored (a typo'd name
+    trained with weight 1)."""
+    model = build_model(digits, seed=0)
+    with pytest.raises(ValueError, match=r"train: `task_weights` names unknown tasks \['dgit'\]"):
+        train(model, digits.train, None, TrainConfig(epochs=1, task_weights={"dgit": 2.0}),
+              progress=False)

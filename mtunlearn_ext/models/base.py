@@ -21,7 +21,12 @@ from mtunlearn_ext.data.base import TaskSpec
 __all__ = ["MultiTaskModel", "ParameterSplit", "SHARED"]
 
 SHARED = "shared"
-"""Owner name of the backbone's parameters in a :class:`ParameterSplit`."""
+"""Owner name of the backbone's parameters in a :class:`ParameterSplit` (so no task may be
+named so)."""
+
+_SHARED_NAME_MESSAGE = (f"{{where}}: a task may not be named {SHARED!r}, the owner name of the "
+                        f"shared (backbone) parameters in ParameterSplit.owner() / names(); "
+                        f"rename the task")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class ParameterSplit:
 
     shared: tuple[str, ...]
     heads: Mapping[str, tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        if SHARED in self.heads:
+            raise ValueError(_SHARED_NAME_MESSAGE.format(where="ParameterSplit"))
 
     def owner(self, name: str) -> str:
         """:data:`SHARED` or the task name owning parameter ``name``; ``KeyError`` if none."""
@@ -65,7 +74,8 @@ class MultiTaskModel(nn.Module):
         backbone: ``g``, maps an input batch to shared features.
         heads: task name -> ``h_t``, maps the shared features to the task's prediction (output
             activations such as positive depth or unit normals belong to the head).
-        tasks: the task specs; their names must be the keys of ``heads``.
+        tasks: the task specs; their names must be the keys of ``heads``, and none may be
+            :data:`SHARED` (``"shared"``, the owner name of the backbone's parameters).
 
     ``forward(x)`` returns task name -> prediction for every task (or the ``tasks`` asked for).
     """
@@ -74,6 +84,8 @@ class MultiTaskModel(nn.Module):
                  tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
         names = [t.name for t in tasks]
+        if SHARED in names:
+            raise ValueError(_SHARED_NAME_MESSAGE.format(where="MultiTaskModel"))
         if sorted(names) != sorted(heads):
             raise ValueError(f"MultiTaskModel: `heads` has tasks {sorted(heads)} but `tasks` "
                              f"names {names}")
