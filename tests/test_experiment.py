@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import _flip_first_weight  # a weight's bits flipped inside the archive
 
 from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.experiment import (
@@ -235,21 +236,6 @@ def torch_threads(n: int):  # type: ignore[no-untyped-def]
     from mtunlearn_ext.experiment import experiment_threads
 
     return experiment_threads(n)
-
-
-def _flip_first_weight(path: Path) -> None:
-    """Flip the top exponent bit of every float of the first tensor record in the archive
-    (as tests/test_training.py): the zip still reads, the weights are wrong."""
-    import struct
-    import zipfile
-
-    raw = bytearray(path.read_bytes())
-    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data/0"))
-    n, e = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
-    start = info.header_offset + 30 + n + e
-    for j in range(0, info.file_size, 4):
-        raw[start + j + 3] ^= 0x40
-    path.write_bytes(bytes(raw))
 
 
 def test_a_corrupted_cache_entry_is_rebuilt_not_used(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
