@@ -654,3 +654,32 @@ def test_head_discovery_survives_wrapper_address_reuse() -> None:
     losses = [Loss(tree(2)) for _ in range(3)]
     found = {id(t) for t in _reachable_leaves(losses)}  # type: ignore[arg-type]
     assert found == {id(t) for t in leaves}
+
+
+def test_a_reducer_of_the_first_protocol_form_still_works() -> None:
+    """A user's reducer written before `reached` / `head_tasks` existed (two positional
+    arguments) is called as before, and every shared parameter is written (it cannot tell the
+    surgery which parameters other processes reached)."""
+    calls: list[int] = []
+
+    class OldReducer:
+        def reduce_task_grads(self, stacks: list[torch.Tensor],
+                              head_grads: list[torch.Tensor]) -> None:
+            calls.append(len(stacks))
+
+        def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+            return stats
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 4)
+    unused = torch.nn.Parameter(torch.randn(3))  # no loss reaches it
+    heads = [torch.nn.Linear(4, 1) for _ in range(2)]
+    x = torch.randn(5, 4)
+    surgery = GradientSurgery([*trunk.parameters(), unused], Sum(), reducer=OldReducer())
+    surgery.backward([h(trunk(x)).pow(2).mean() for h in heads])
+    assert calls == [3]
+    assert unused.grad is not None and torch.equal(unused.grad, torch.zeros(3))
+    reference = torch.nn.Linear(4, 4)
+    reference.load_state_dict(trunk.state_dict())
+    sum(h(reference(x)).pow(2).mean() for h in heads).backward()  # type: ignore[union-attr]
+    assert torch.allclose(trunk.weight.grad, reference.weight.grad, rtol=1e-6, atol=1e-7)

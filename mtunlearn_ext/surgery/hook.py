@@ -270,6 +270,18 @@ def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], 
         torch._foreach_zero_([slot for slot, g in zip(slots, grads) if g is None])
 
 
+def _takes_reach(reducer: GradReducer) -> bool:
+    """Whether ``reducer.reduce_task_grads`` accepts the ``reached`` / ``head_tasks`` keywords."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(reducer.reduce_task_grads).parameters
+    except (TypeError, ValueError):  # no introspectable signature: assume the current form
+        return True
+    return ("reached" in parameters and "head_tasks" in parameters) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def _sparse_shared_error(name: str, layout: torch.layout) -> ValueError:
     return ValueError(f"GradientSurgery: shared parameter {name!r} got a sparse gradient "
                       f"({layout}, e.g. from nn.Embedding(sparse=True)); the surgery needs "
@@ -352,6 +364,10 @@ class GradientSurgery:
         self._layer_ids = _given_layer_ids(per_layer, self._given, num_layers)
         self.num_layers = num_layers
         self.reducer = reducer
+        # A reducer written against the first form of the protocol (two positional arguments)
+        # is still called that way; it cannot merge which parameters the ranks reached, so
+        # every shared parameter is then written, as that form of the protocol did.
+        self._reducer_merges_reach = reducer is None or _takes_reach(reducer)
         self.check_finite = check_finite
         # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
         self._shared_ids = {id(p) for p in self._given.tensors}
@@ -634,9 +650,12 @@ class GradientSurgery:
     def _aggregate(self, active: _Active, stacks: list[torch.Tensor], found: _TaskPass
                    ) -> torch.Tensor:
         reached = list(found.reached)
-        if self.reducer is not None:
+        if self.reducer is not None and self._reducer_merges_reach:
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads],
                                            reached=reached, head_tasks=found.head_tasks)
+        elif self.reducer is not None:
+            self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads])
+            reached = [True] * len(stacks)
         # A shared parameter no task's loss reached keeps its .grad as it is (None stays None,
         # as sum(losses).backward() leaves it, so that optimizers skip it and weight decay or
         # momentum does not move it); its zero stack adds nothing to the Gram.
