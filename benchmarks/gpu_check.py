@@ -69,8 +69,12 @@ class Stages:
         t0 = time.monotonic()
         path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"),
                                              os.environ.get("PYTHONPATH")]))
+        # SIGINT at its default in the stage: a job started in the background (nohup ... &, a
+        # CI runner) inherits it ignored, and Python then installs no KeyboardInterrupt, so the
+        # interrupt below would not give pytest its summary.
         proc = subprocess.Popen(argv, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": path, **(env or {})})
+                                env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                                preexec_fn=_default_sigint)
         # The limit holds the grace a stopped stage gets to print its summary.
         grace = min(15.0, limit / 4)
         try:
@@ -84,6 +88,12 @@ class Stages:
         self.summary.append(f"| {name} | {result} | {seconds:.0f} |")
         self.failed |= result != "ok"
         return result == "ok"
+
+
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(proc: subprocess.Popen[bytes], grace: float) -> None:

@@ -277,19 +277,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _training_nonfinite(error: FloatingPointError) -> Exception:
-    """``training.train``'s ``FloatingPointError`` (``train: non-finite loss nan at step 1
-    (per task: ...)``) as the :class:`~mtunlearn_ext.workflow.NonFiniteError` of the NaN/Inf
-    policy (exit 3, one line with the step)."""
-    import re
-
+    """``training.train``'s non-finite loss as the :class:`~mtunlearn_ext.workflow.NonFiniteError`
+    of the NaN/Inf policy (exit 3, one line with the step)."""
+    from mtunlearn_ext.training import NonFiniteLoss
     from mtunlearn_ext.workflow import NonFiniteError
 
-    text = str(error)
-    found = re.search(r"non-finite loss (\S+) at step (\d+)(.*)", text)
-    if found is None:
-        return NonFiniteError(None, f"training: {text}")
-    value, step, rest = found.groups()
-    return NonFiniteError(int(step), f"training loss {value}{rest}")
+    if not isinstance(error, NonFiniteLoss):
+        return NonFiniteError(None, f"training: {error}")
+    return NonFiniteError(error.step,
+                          f"training loss {error.value} (per task: {error.per_task})")
 
 
 def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:

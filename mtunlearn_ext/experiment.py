@@ -34,8 +34,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,7 @@ from mtunlearn_ext.training import (
     Checkpoint,
     CheckpointError,
     TrainConfig,
+    cpu_threads,
     load_checkpoint,
     save_checkpoint,
     state_dict_sha256,
@@ -645,18 +645,9 @@ class _Setup:
     phases: dict[str, float]
 
 
-@contextmanager
-def experiment_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with ``threads`` torch intra-op threads (``ExperimentConfig.threads``;
-    ``None``: torch's setting as it is), then restore the count it had before."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+#: Run a block with ``threads`` torch intra-op threads (``ExperimentConfig.threads``; ``None``:
+#: torch's setting as it is), then restore the count it had before.
+experiment_threads = cpu_threads
 
 
 def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:

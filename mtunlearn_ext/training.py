@@ -213,7 +213,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     steps_per_epoch = math.ceil(rows.numel() / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
-    with _cpu_threads(config.num_threads), torch.random.fork_rng(devices=[]):
+    with cpu_threads(config.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         order_generator = torch.Generator().manual_seed(config.seed)
         model.train()
@@ -232,9 +232,8 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
                 loss, per_task = masked_multitask_loss(out, batch, specs, batch_sup,
                                                        config.task_weights)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"train: non-finite loss {loss.item()} at step "
-                                             f"{result.steps} (per task: "
-                                             f"{ {k: v.item() for k, v in per_task.items()} })")
+                    raise NonFiniteLoss(result.steps, loss.item(),
+                                        {k: v.item() for k, v in per_task.items()})
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip is not None:
@@ -252,16 +251,28 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     return result
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training met a NaN/Inf loss: the ``step`` (0-based) and the loss ``value``, with each
+    task's loss (``per_task``), as attributes for callers that report them their own way."""
+
+    def __init__(self, step: int, value: float, per_task: dict[str, float]) -> None:
+        super().__init__(f"train: non-finite loss {value} at step {step} (per task: "
+                         f"{per_task})")
+        self.step, self.value, self.per_task = step, value, per_task
+
+
 @contextmanager
-def _cpu_threads(num_threads: int | None) -> Iterator[None]:
-    """Run a block with ``num_threads`` intra-op threads, then restore the previous count."""
+def cpu_threads(num_threads: int | None) -> Iterator[None]:
+    """Run a block with ``num_threads`` torch intra-op threads (``None``: the setting as it
+    is), then restore the count it had before."""
     before = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -286,7 +297,7 @@ class CheckpointError(RuntimeError):
 def state_dict_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over a model's state (names, dtypes, shapes and bytes, in order): which weights
     a record speaks of, independent of how a checkpoint file was serialised. Takes a module or
-    a ``state_dict``; the same digest as :func:`mtunlearn_ext.api.state_dict_sha256`."""
+    a ``state_dict``; also :func:`mtunlearn_ext.api.state_dict_sha256`, which records carry."""
     state = (model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module)
              else model_or_state)
     digest = hashlib.sha256()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import write_text_new
+from mtunlearn_ext._io import name_max, write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
@@ -531,7 +531,6 @@ def _check_creatable(argument: str, p: Path) -> None:
     write to, or with a name longer than the file system takes (``PC_NAME_MAX`` bytes, checked
     for every part still to be created; the temporary file written beside it is shortened to
     fit, :func:`~mtunlearn_ext._io.temporary_file_beside`)."""
-    from mtunlearn_ext._io import name_max
 
     absolute = p.absolute()
     existing = next((parent for parent in absolute.parents if os.path.lexists(parent)),

@@ -410,8 +410,22 @@ def test_combine_in_place_over_its_own_coefficients(device: str) -> None:
     torch.testing.assert_close(c, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture(params=["compiled", "reference"])
+def op_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each op through the compiled kernels, and through the pure-PyTorch references that
+    ``import mtunlearn_ext`` falls back to without a built extension (the same contract)."""
+    if request.param == "reference":
+        import importlib
+
+        # By module path: `mtunlearn_ext.ops.combine` and `.gram` are also the ops' names.
+        for name in ("_checks", "combine", "gram", "projections", "solvers"):
+            module = importlib.import_module(f"mtunlearn_ext.ops.{name}")
+            monkeypatch.setattr(module, "has_extension", lambda: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_combine_list_outputs_over_the_coefficients(device: str) -> None:
+def test_combine_list_outputs_over_the_coefficients(device: str, op_path: str) -> None:
     c = torch.tensor([1.0, 2.0], device=device)
     ops.combine_list(c, [torch.ones(2, 2, device=device)], [c])
     assert c.tolist() == [3.0, 3.0]  # was [3.0, 5.0]: c[1] read after c[0] was written
@@ -997,7 +1011,7 @@ def test_errors_name_the_argument() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pcgrad_surfaces_non_finite_input_for_any_k(device: str) -> None:
+def test_pcgrad_surfaces_non_finite_input_for_any_k(device: str, op_path: str) -> None:
     """k = 1 reads no Gram entry in the projection steps, and a +Inf inner product is no
     conflict: the weights stayed finite and ``check_finite`` let NaN/Inf through. A non-finite
     Gram now gives all-NaN weights, as in ridge_solve and nonconflicting_dual."""

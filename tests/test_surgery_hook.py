@@ -493,6 +493,9 @@ def test_trainability_is_read_at_each_call(per_task: str) -> None:
     with pytest.raises(ValueError, match=r"the shared parameters requiring grad changed since "
                                          r"the last micro-batch"):
         surgery.accumulate(_losses(model, x, y))
+    with pytest.raises(ValueError, match=r"changed since accumulate\(\)"):
+        surgery.apply()  # else the frozen trunk[1] would get a .grad, and an optimizer step
+    trunk[1].requires_grad_(True)
     surgery.apply()  # the pending micro-batch, over the parameters it was taken for
 
 
@@ -683,3 +686,21 @@ def test_a_reducer_of_the_first_protocol_form_still_works() -> None:
     reference.load_state_dict(trunk.state_dict())
     sum(h(reference(x)).pow(2).mean() for h in heads).backward()  # type: ignore[union-attr]
     assert torch.allclose(trunk.weight.grad, reference.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_freezing_between_accumulate_and_apply_is_refused() -> None:
+    """apply() aggregated over the parameters trainable at accumulate() time: a layer frozen in
+    between still got its .grad (and an optimizer steps every parameter that has one)."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    heads = [torch.nn.Linear(4, 1) for _ in range(2)]
+    x = torch.randn(5, 4)
+    surgery = GradientSurgery(trunk.parameters(), UPGrad())
+    surgery.accumulate([h(trunk(x)).pow(2).mean() for h in heads])
+    trunk[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="changed since accumulate"):
+        surgery.apply()
+    assert trunk[0].weight.grad is None
+    trunk[0].weight.requires_grad_(True)  # as they were: the buffered step can still be applied
+    surgery.apply()
+    assert all(p.grad is not None for p in trunk.parameters())

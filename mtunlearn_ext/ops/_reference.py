@@ -150,6 +150,10 @@ def pcgrad_weights(gram_matrix: torch.Tensor, seed: int) -> torch.Tensor:
                                torch.zeros_like(dot))
             w[..., j] = w[..., j] - step
         total = total + w
+    # A non-finite Gram gives non-finite weights, as in the kernels (with k = 1 the loop above
+    # never reads the Gram, and a NaN gradient would pass any check of the weights).
+    finite = torch.isfinite(g).flatten(-2).all(-1)
+    total = torch.where(finite[..., None], total, torch.full_like(total, float("nan")))
     return total.to(gram_matrix.dtype)
 
 

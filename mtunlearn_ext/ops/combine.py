@@ -259,6 +259,8 @@ def _reference_combine_list(coeffs: torch.Tensor, xs: list[torch.Tensor],
                             bases: list[torch.Tensor] | None = None) -> None:
     if len(xs) == 0:
         return
+    # An output may be the coefficients themselves: read a private copy, as the kernels do.
+    coeffs = coeffs.clone()
     k = coeffs.shape[-1]
     for p, (x, o) in enumerate(zip(xs, outs)):
         block = coeffs[p] if per_tensor else coeffs

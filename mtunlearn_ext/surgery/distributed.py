@@ -188,7 +188,7 @@ def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] 
                       group: ProcessGroup | None) -> list[bool]:
     """Raise on every rank if the ranks found different head gradients to average (their
     count, or which tasks reach them and their shapes, in order, differ); returns, per flag of
-    ``reached``, whether any rank set it. One all-reduce (MAX) of a few integers."""
+    ``reached``, whether any rank set it. One all-reduce (MAX) of 4 integers and one flag per shared parameter."""
     count = len(head_grads)
     digest = _heads_digest(head_grads, head_tasks)
     mine = torch.tensor([count, digest, -count, -digest, *(int(r) for r in reached)],

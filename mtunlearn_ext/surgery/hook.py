@@ -486,6 +486,12 @@ class GradientSurgery:
             if not self._pending or self._buffers is None or self._buffered_for is None:
                 raise RuntimeError("GradientSurgery.apply: nothing accumulated; call "
                                    "accumulate(losses) first or pass `per_task_grads`")
+            if not _same_tensors(self._buffered_for.params, self._active_now().params):
+                # Else a layer frozen since would still get its .grad, and an optimizer steps
+                # every parameter that has one. The buffers stay, for the layers as they were.
+                raise ValueError("GradientSurgery.apply: the shared parameters requiring grad "
+                                 "changed since accumulate() (a layer was frozen or unfrozen); "
+                                 "change them only after apply()")
             heads = list(self._pending_heads.values())
             tasks = (None if self._pending_tasks is None
                      else [self._pending_tasks[id(h)] for h in heads])
