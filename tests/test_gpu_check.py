@@ -66,8 +66,10 @@ def test_without_a_gpu_it_says_so_and_exits_2() -> None:
 def test_a_failed_test_is_named_as_it_happens(tmp_path: Path) -> None:
     """The op-test stages name each failure at once (run 6 was stopped before pytest's summary
     and left "1 failed" unnamed), also under xdist where installed."""
+    # A sample suite for the stage to run: one test that passes (it must not be named) and
+    # one that fails (it must be, with its message).
     (tmp_path / "test_sample.py").write_text(
-        "def test_good():\n    assert True\n\n"
+        "def test_sorting_passes():\n    assert sorted([3, 1, 2]) == [1, 2, 3]\n\n"
         "def test_bad():\n    assert 1 == 2, 'one is not two'\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            *gpu_check.pytest_parallel_args(), str(tmp_path / "test_sample.py")],
@@ -77,6 +79,7 @@ def test_a_failed_test_is_named_as_it_happens(tmp_path: Path) -> None:
     named = [line for line in proc.stdout.splitlines() if line.startswith("[gpu_check] FAILED")]
     assert len(named) == 1 and "test_sample.py::test_bad (call)" in named[0], proc.stdout
     assert "one is not two" in named[0], named
+    assert "1 failed, 1 passed" in proc.stdout, proc.stdout  # the passing sample ran, unnamed
 
 
 def test_a_stage_out_of_time_is_interrupted_first(tmp_path: Path,
