@@ -57,6 +57,7 @@ from mtunlearn_ext.training import (
     load_checkpoint,
     save_checkpoint,
     state_dict_sha256,
+    tensor_bytes,
     train,
 )
 from mtunlearn_ext.unlearning import (
@@ -273,10 +274,8 @@ def _value_identity(value: Any, active: list[int]) -> Any:
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_quantized:
             raise _Unidentifiable(f"it holds a {value.layout} tensor")
-        data = value.detach().cpu().contiguous().reshape(-1)
         return ["tensor", str(value.dtype), list(value.shape),
-                hashlib.sha256(data.view(torch.uint8).numpy().tobytes()
-                               if data.numel() else b"").hexdigest()]
+                hashlib.sha256(tensor_bytes(value)).hexdigest()]
     if isinstance(value, (torch.dtype, torch.device)):
         return [type(value).__name__, str(value)]
     if type(value) in (list, tuple):

@@ -302,13 +302,17 @@ def state_dict_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tenso
              else model_or_state)
     digest = hashlib.sha256()
     for name, value in state.items():
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as
-        # bytes; for every other tensor the bytes are the same.
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(tensor_bytes(value))
     return digest.hexdigest()
+
+
+def tensor_bytes(value: torch.Tensor) -> bytes:
+    """The raw bytes of a (strided) tensor's values, in row-major order, on the CPU."""
+    # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes;
+    # for every other tensor the bytes are the same.
+    flat = value.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 @dataclass

@@ -531,7 +531,6 @@ def _check_creatable(argument: str, p: Path) -> None:
     write to, or with a name longer than the file system takes (``PC_NAME_MAX`` bytes, checked
     for every part still to be created; the temporary file written beside it is shortened to
     fit, :func:`~mtunlearn_ext._io.temporary_file_beside`)."""
-
     absolute = p.absolute()
     existing = next((parent for parent in absolute.parents if os.path.lexists(parent)),
                     Path(absolute.anchor))

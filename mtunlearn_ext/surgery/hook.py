@@ -595,7 +595,9 @@ class GradientSurgery:
                 keep = retain_graph or t < k - 1
                 grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
                 shared = grads[:n_shared]
-                reached = [r or g is not None for r, g in zip(reached, shared)]
+                for i, g in enumerate(shared):  # marked in place: no new list per task
+                    if g is not None:
+                        reached[i] = True
                 _store_named(active, [r[t] for r in rows], shared, add=add)
                 for h, g in enumerate(grads[n_shared:]):
                     if g is not None:
@@ -644,7 +646,9 @@ class GradientSurgery:
             for t, loss in enumerate(losses):
                 loss.backward(retain_graph=retain_graph or t < k - 1)
                 grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
-                reached = [r or g is not None for r, g in zip(reached, grads)]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        reached[i] = True
                 _store_named(active, [r[t] for r in rows], grads, add=add)
                 for param in params:
                     param.grad = None
