@@ -659,6 +659,33 @@ def test_head_discovery_survives_wrapper_address_reuse() -> None:
     assert found == {id(t) for t in leaves}
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_one_walk_finds_which_tasks_reach_each_leaf(seed: int) -> None:
+    """The single walk behind batched mode's head masks agrees with one walk per loss, on
+    random graphs whose intermediate results are shared between tasks (diamonds, chains, a
+    leaf reached by every task or by none)."""
+    from mtunlearn_ext.surgery.hook import _leaves_with_tasks, _reachable_leaves
+
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(3, generator=gen, requires_grad=True) for _ in range(10)]
+    unused = torch.randn(3, generator=gen, requires_grad=True)
+    nodes: list[torch.Tensor] = [leaf * 1.0 for leaf in leaves]
+    for _ in range(25):  # each new node combines two earlier ones
+        i, j = torch.randint(len(nodes), (2,), generator=gen).tolist()
+        nodes.append(torch.tanh(nodes[i]) + nodes[j] * 0.5)
+    picks = torch.randint(len(nodes), (5, 2), generator=gen).tolist()
+    losses = [(nodes[i] * nodes[j]).sum() for i, j in picks]
+    losses.append(losses[0] * 2.0)  # a loss built on another loss
+    found = {id(v): mask for v, mask in _leaves_with_tasks(losses)}
+    expected: dict[int, int] = {}
+    for t, loss in enumerate(losses):
+        for v in _reachable_leaves([loss]):
+            expected[id(v)] = expected.get(id(v), 0) | 1 << t
+    assert found == expected
+    assert id(unused) not in found
+    assert all(mask != 0 for mask in found.values())
+
+
 def test_a_reducer_of_the_first_protocol_form_still_works() -> None:
     """A user's reducer written before `reached` / `head_tasks` existed (two positional
     arguments) is called as before, and every shared parameter is written (it cannot tell the

@@ -242,16 +242,49 @@ def _sparse_fed_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def _tasks_reaching(losses: Sequence[torch.Tensor], heads: Sequence[torch.Tensor]) -> list[int]:
-    """For each head, the bit mask of the losses whose graph reaches it (one walk per loss)."""
-    place = {id(h): i for i, h in enumerate(heads)}
-    masks = [0] * len(heads)
+def _leaves_with_tasks(losses: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Every leaf the losses depend on, with the bit mask of the losses whose graph reaches it,
+    from one walk of the graph: a depth-first post-order puts every node after all the nodes it
+    leads to, so in the reverse order each node's mask is final before it is passed on to its
+    inputs. A walk per loss took 7.3 ms where this takes 1.3 ms (300-layer MLP, k = 8)."""
+    # Each node's inputs are read once and kept with the node, which also keeps its wrapper
+    # alive (see _graph_nodes: a freed wrapper's address can be reused by another node's).
+    inputs_of: dict[int, tuple[object, list[object]]] = {}
+    post_order: list[int] = []
+
+    def enter(node: object) -> list[object]:
+        inputs = [nxt for nxt, _ in node.next_functions if nxt is not None]  # type: ignore[attr-defined]
+        inputs_of[id(node)] = (node, inputs)
+        return inputs
+
+    for root in (loss.grad_fn for loss in losses):
+        if root is None or id(root) in inputs_of:
+            continue
+        path = [(id(root), iter(enter(root)))]
+        while path:
+            key, pending = path[-1]
+            for nxt in pending:
+                if id(nxt) not in inputs_of:
+                    path.append((id(nxt), iter(enter(nxt))))
+                    break
+            else:
+                path.pop()
+                post_order.append(key)
+    masks: dict[int, int] = {}
     for t, loss in enumerate(losses):
-        for leaf in _reachable_leaves([loss]):
-            i = place.get(id(leaf))
-            if i is not None:
-                masks[i] |= 1 << t
-    return masks
+        if loss.grad_fn is not None:
+            masks[id(loss.grad_fn)] = masks.get(id(loss.grad_fn), 0) | 1 << t
+    leaves: dict[int, tuple[torch.Tensor, int]] = {}
+    for key in reversed(post_order):
+        node, inputs = inputs_of[key]
+        mask = masks.get(key, 0)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            _, before = leaves.get(id(variable), (variable, 0))
+            leaves[id(variable)] = (variable, before | mask)
+        for nxt in inputs:
+            masks[id(nxt)] = masks.get(id(nxt), 0) | mask
+    return list(leaves.values())
 
 
 def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], *,
@@ -556,6 +589,13 @@ class GradientSurgery:
         return [v for v in _reachable_leaves(losses)
                 if v.requires_grad and id(v) not in self._shared_ids]
 
+    def _heads_with_tasks(self, losses: list[torch.Tensor]
+                          ) -> tuple[list[torch.Tensor], list[int]]:
+        """The heads (walked as in ``_heads``) and the bit mask of the tasks reaching each."""
+        found = [(v, mask) for v, mask in _leaves_with_tasks(losses)
+                 if v.requires_grad and id(v) not in self._shared_ids]
+        return [v for v, _ in found], [mask for _, mask in found]
+
     def _per_task_grads(self, losses: list[torch.Tensor], active: _Active,
                         stacks: list[torch.Tensor], *, add: bool, retain_graph: bool
                         ) -> _TaskPass:
@@ -566,7 +606,16 @@ class GradientSurgery:
             reached = self._per_task_by_backward(losses, active, stacks, add=add,
                                                  retain_graph=retain_graph)
             return _TaskPass(reached, [], [])
-        heads = self._heads(losses)
+        # Which tasks reach each head, for reducers that match heads across processes. The
+        # batched pass does not tell, so only then are the tasks told apart, in the same walk
+        # that finds the heads.
+        walk_tasks = (self.per_task == "batched" and self.reducer is not None
+                      and self.head_params is None)
+        batched_head_tasks: list[int] | None = None
+        if walk_tasks:
+            heads, batched_head_tasks = self._heads_with_tasks(losses)
+        else:
+            heads = self._heads(losses)
         inputs = [*active.params, *heads]
         n_shared = len(active.params)
         head_sums: list[torch.Tensor | None] = [None] * len(heads)
@@ -583,10 +632,7 @@ class GradientSurgery:
             reached = [g is not None for g in grads[:n_shared]]
             _store_named(active, stacks, grads[:n_shared], add=add)
             head_sums = [None if g is None else g.sum(0) for g in grads[n_shared:]]
-            # Which tasks reach each head, for reducers that match heads across processes;
-            # the batched pass does not tell, so only then is the graph walked once per loss.
-            head_tasks = (_tasks_reaching(losses, heads)
-                          if self.reducer is not None and self.head_params is None else None)
+            head_tasks = batched_head_tasks
         else:
             rows = [s.unbind(0) for s in stacks]  # rows[p][t]: task t's slot of parameter p
             reached = [False] * n_shared
