@@ -410,6 +410,31 @@ def test_combine_in_place_over_its_own_coefficients(device: str) -> None:
     torch.testing.assert_close(c, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combine_reads_coefficients_in_any_layout(device: str, dtype: torch.dtype) -> None:
+    """Coefficients that already have the accumulation dtype are read in place unless an output
+    shares their memory, so a transposed (non-contiguous) block must still be made dense first:
+    ``Tensor.to(memory_format=contiguous)`` returns a transposed matrix as it is."""
+    x = _rand(5, 300, dtype=dtype, device=device, seed=3)
+    square = _rand(5, 3, dtype=torch.float64, device=device, seed=4)
+    for coeffs in (square.T.to(dtype), square.T, square.to(dtype).T.contiguous()[:, ::1]):
+        before = coeffs.clone()
+        expected = coeffs.to(torch.float64) @ x.to(torch.float64)
+        out = ops.combine(coeffs, x)
+        torch.testing.assert_close(out.to(torch.float64), expected, rtol=1e-5, atol=1e-5)
+        outs = [torch.full((3, 300), float("nan"), dtype=dtype, device=device)]
+        ops.combine_list(coeffs, [x], outs)
+        torch.testing.assert_close(outs[0].to(torch.float64), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(coeffs, before)
+    # Per-tensor blocks given transposed ([P, m, k] from [P, k, m]).
+    blocks = _rand(2, 5, 3, dtype=dtype, device=device, seed=5).transpose(1, 2)
+    outs = [torch.full((3, 300), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+    ops.combine_list(blocks, [x, x], outs, per_tensor=True)
+    for p in range(2):
+        torch.testing.assert_close(outs[p], blocks[p] @ x, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(params=["compiled", "reference"])
 def op_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each op through the compiled kernels, and through the pure-PyTorch references that

@@ -39,12 +39,19 @@ void run_combine(ScalarKind kind, const std::vector<CombineSegment>& segments, i
 #endif
 }
 
-// The coefficients in the accumulation type, contiguous, in memory of their own (copied even
-// when they have that dtype and layout already): the kernels read them while they write the
-// outputs, which may be the coefficients' own memory. Tiny: [B, m, k] or [P, m, k].
-at::Tensor private_coeffs(const at::Tensor& coeffs, at::ScalarType x_type) {
-  return coeffs.to(acc_type(x_type), /*non_blocking=*/false, /*copy=*/true,
-                   at::MemoryFormat::Contiguous);
+// The coefficients as the kernels read them: in the accumulation type, contiguous. The kernels
+// read them while they write the outputs, so where an output shares their memory
+// (combine(A, X, out=A)) they get a private copy; otherwise a tensor that already has that dtype
+// and layout is used as it is, with no copy per call. Tiny: [B, m, k] or [P, m, k].
+at::Tensor coeffs_for_kernels(const at::Tensor& coeffs, at::ScalarType x_type, at::TensorList outs) {
+  // .contiguous(), not to(..., MemoryFormat::Contiguous): `to` counts a transposed matrix as
+  // contiguous enough (its suggested memory format is) and returns it as it is.
+  at::Tensor c = coeffs.to(acc_type(x_type)).contiguous();
+  const bool shares_an_output =
+      c.is_same(coeffs) && std::any_of(outs.begin(), outs.end(), [&](const at::Tensor& out) {
+        return out.storage().is_alias_of(c.storage());
+      });
+  return shares_an_output ? c.clone() : c;
 }
 
 void check_combine_args(const at::Tensor& coeffs, const at::Tensor& x, const char* op) {
@@ -66,9 +73,7 @@ void combine_into(const at::Tensor& out, const at::Tensor& base, const at::Tenso
   if (out.numel() == 0) return;
   const ScalarKind kind = scalar_kind(x_in, op, "x");
   const int64_t m = coeffs_in.size(-2), k = coeffs_in.size(-1), n = x_in.size(-1);
-  // A private copy, always: `out` may be `coeffs` itself (or share its memory), and the kernels
-  // read the coefficients while they write the output.
-  at::Tensor coeffs = private_coeffs(coeffs_in, x_in.scalar_type())
+  at::Tensor coeffs = coeffs_for_kernels(coeffs_in, x_in.scalar_type(), {out})
                           .reshape({leading_numel(coeffs_in), m, k});
   at::Tensor x = as_batched(x_in);
   at::Tensor o = out.view({leading_numel(out), m, n});
@@ -100,7 +105,6 @@ at::Tensor combine(const at::Tensor& coeffs, const at::Tensor& x) {
   shape.push_back(coeffs.size(-2));
   shape.push_back(x.size(-1));
   at::Tensor out = at::empty(shape, x.options());
-  advise_huge_pages(out);
   combine_into(out, at::Tensor(), coeffs, x, 0.0, op);
   return out;
 }
@@ -110,7 +114,6 @@ at::Tensor combine_with_base(const at::Tensor& coeffs, const at::Tensor& x, cons
   constexpr const char* op = "mtunlearn::combine";
   check_combine_args(coeffs, x, op);
   at::Tensor out = at::empty(base.sizes(), base.options());
-  advise_huge_pages(out);
   combine_into(out, base, coeffs, x, beta, op);
   return out;
 }
@@ -313,7 +316,7 @@ void combine_list_impl(at::TensorList outs, const at::TensorList* bases,
   }
   check_no_cross_overlap(segments, m, k, element_size(kind), bases != nullptr && beta != 0.0,
                          has_rows, op);
-  at::Tensor coeffs = private_coeffs(coeffs_in, xs[0].scalar_type());
+  at::Tensor coeffs = coeffs_for_kernels(coeffs_in, xs[0].scalar_type(), outs);
   run_combine(kind, segments, m, k, coeffs, beta, xs[0].device());
 }
 
