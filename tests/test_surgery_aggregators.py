@@ -176,6 +176,45 @@ def test_mgda_is_exact_for_tasks_of_very_different_scales(seed: int) -> None:
     assert value <= best * (1 + 1e-9) + 1e-300, (value, best)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_min_norm_on_the_cpu_is_the_compiled_qp_and_matches_the_iterative_solver(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the hull does not hold the origin, the CPU answer is the compiled non-negative QP
+    scaled onto the simplex; it must be the point the iterative solver (and brute force) finds."""
+    from mtunlearn_ext.surgery import min_norm
+
+    gen = torch.Generator().manual_seed(seed)
+    k = 2 + seed
+    scales = torch.logspace(0, -(seed % 5), k, dtype=F64)
+    j = torch.randn(k, 40, generator=gen, dtype=F64) * scales[:, None]
+    if seed % 2:
+        j[:, 0] += 2.0
+    gram = j @ j.T
+    taken: list[bool] = []
+    by_dual = min_norm._min_norm_by_dual
+    monkeypatch.setattr(min_norm, "_min_norm_by_dual",
+                        lambda g: taken.append(by_dual(g) is not None) or by_dual(g))
+    fast = min_norm_simplex(gram)
+    assert taken == [True]
+    monkeypatch.setattr(min_norm, "_min_norm_by_dual", lambda g: None)
+    slow = min_norm_simplex(gram)
+    torch.testing.assert_close(fast @ j, slow @ j, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast @ j, _min_norm_brute_force(gram) @ j, rtol=1e-9, atol=1e-12)
+
+
+def test_min_norm_with_the_origin_in_the_hull_falls_back_to_the_iterative_solver() -> None:
+    """The QP behind the compiled path is unbounded when some convex combination is zero; its
+    answer fails the optimality check and the iterative solver finishes the problem."""
+    from mtunlearn_ext.surgery import min_norm
+
+    j = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.3, 0.2]], dtype=F64)
+    gram = j @ j.T
+    assert min_norm._min_norm_by_dual(gram) is None
+    w = min_norm_simplex(gram)
+    assert torch.all(w >= 0) and abs(float(w.sum()) - 1.0) < 1e-12
+    assert float((w @ j).norm()) < 1e-9
+
+
 def test_mgda_two_tasks_closed_form() -> None:
     j = _random_jacobian(2, 10, 3)
     g1, g2 = j
