@@ -66,6 +66,13 @@ def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     its active rows when its Cholesky pivot is below ``eps * max_i G_ii`` (``eps`` = 1e-6 for a
     float32 Gram, 1e-14 for float64: the Gram's rounding level).
 
+    The rows of ``rhs`` are meant to be of the projection's form ``c = R g``. For a singular
+    ``G`` and any other ``c`` (not in the span of ``G``'s columns) the problem can be unbounded
+    below, and the active-set method takes a row that depends on its active rows as satisfied,
+    so the answer can miss the optimum: for ``c = -1`` (the min-norm point of a convex hull, as
+    MGDA uses it) with 5 rows in 3 dimensions, ``w`` came out at 31 against 2448. Check such
+    answers against the KKT conditions, as :func:`mtunlearn_ext.surgery.min_norm_simplex` does.
+
     Args:
         gram: ``[..., k, k]``; rhs: ``[..., m, k]``.
 

@@ -149,12 +149,14 @@ MTU_HD double dual_objective(const double* gram, int k, const double* c, const d
 // A row whose Cholesky pivot on joining P falls below `pivot_floor` * max diag G (the Gram's
 // rounding level) lies in the span of P to that level: the solve gives it a zero coefficient and
 // drops it again, and its violation is the rounding of its dependence (d is orthogonal to the
-// passive rows), so it is excluded from selection until a row leaves P, after which it may be
-// independent again. (Re-adding it every step used to exhaust the budget and return the
-// unconverged descent iterate.) Exclusions do not use the budget: at most k of them between two
-// real steps. The floor must be the rounding level and no more: a row whose independent part is
-// small but above it can still move the projection by O(|d|) (1e-9 in fp64 left results 0.7 |g|
-// off SciPy's NNLS, 1e-12 some 2e-3 |g|, at cond(R) 1e3-1e4).
+// passive rows; this needs c = R g, the projection's form: for c outside the span of G's
+// columns a dependent row's violation can be real and the answer misses the optimum, see
+// mtunlearn_ext.ops.nonconflicting_dual), so it is excluded from selection until a row leaves
+// P, after which it may be independent again. (Re-adding it every step used to exhaust the
+// budget and return the unconverged descent iterate.) Exclusions do not use the budget: at most
+// k of them between two real steps. The floor must be the rounding level and no more: a row
+// whose independent part is small but above it can still move the projection by O(|d|) (1e-9
+// in fp64 left results 0.7 |g| off SciPy's NNLS, 1e-12 some 2e-3 |g|, at cond(R) 1e3-1e4).
 //
 // Returns true, with its answer in w_out, once the KKT conditions hold on the rows not
 // excluded. If its budget runs out (a cycle from rounding) it returns false and leaves in w_out
