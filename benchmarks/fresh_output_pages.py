@@ -89,11 +89,15 @@ def main() -> None:
     for pause in args.pauses:
         for name, write in _writers(numel).items():
             times = []
-            for _ in range(args.calls):
-                time.sleep(pause)
-                start = time.perf_counter()
-                write()
-                times.append((time.perf_counter() - start) * 1e3)
+            try:
+                for _ in range(args.calls):
+                    time.sleep(pause)
+                    start = time.perf_counter()
+                    write()
+                    times.append((time.perf_counter() - start) * 1e3)
+            except OSError as error:  # a kernel without transparent huge pages
+                print(f"| {name} | {pause:g} | - | - | - | unavailable: {error} |", flush=True)
+                continue
             print(f"| {name} | {pause:g} | {min(times):.1f} | {statistics.median(times):.1f} | "
                   f"{max(times):.1f} | {' '.join(f'{t:.0f}' for t in times)} |", flush=True)
 

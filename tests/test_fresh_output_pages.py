@@ -22,6 +22,8 @@ def test_prints_one_timed_row_per_way_and_pause() -> None:
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == ways * 2  # rows[0] is the header
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
+        if cells[0] == "huge pages (madvise)" and cells[5].startswith("unavailable: "):
+            continue  # a kernel without transparent huge pages says so instead of timing
         low, median, high = (float(c) for c in cells[2:5])
         assert 0 <= low <= median <= high
         assert len(cells[5].split()) == 2  # every call
