@@ -234,6 +234,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     device = check_device(args.device)
     _check_seed(args.seed)
+    _check_data_root(args.benchmark, args.data_root)
     given = _json_arg(args.train, "--train")
     overrides = dict(given)
     if args.epochs is not None:
@@ -254,6 +255,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as error:
             raise UserInputError("--train", "fields of TrainConfig", given,
                                  str(error)) from error
+        if recipe.epochs < 1:  # --epochs itself is refused by argparse below 1
+            raise UserInputError("--train", "epochs >= 1", given,
+                                 "0 epochs trains nothing: the checkpoint would be the untrained "
+                                 "initialisation with no final loss")
         model = build_model(bench, seed=args.seed).to(device)
         try:
             result = train(model, bench.train, None, recipe, progress=not args.quiet)
@@ -274,6 +279,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  ["benchmark", "size", "seed", "steps", "final_loss", "seconds", "checkpoint",
                   "sha256"]))
     return 0
+
+
+#: The benchmarks ``load_benchmark`` reads from ``data_root`` (LibMTL's preprocessed real data
+#: sets); the others are generated or bundled (digits) and ignore it.
+_DATA_ROOT_BENCHMARKS = ("nyuv2", "cityscapes")
+
+
+def _check_data_root(benchmark: str, data_root: str | None) -> None:
+    """Refuse ``--data-root`` for a benchmark that reads none: it would be ignored, yet stored in
+    the checkpoint's metadata (changing its SHA-256) as if the data came from there. Like
+    ``evaluate``'s request options without a request, an option without effect is refused.
+    An unknown benchmark is left to ``load_benchmark``'s error, which names ``--benchmark``."""
+    from mtunlearn_ext.data import BENCHMARKS
+    from mtunlearn_ext.workflow import UserInputError
+
+    if data_root is not None and benchmark in BENCHMARKS \
+            and benchmark not in _DATA_ROOT_BENCHMARKS:
+        raise UserInputError("--data-root", "no value unless --benchmark is one of "
+                             f"{list(_DATA_ROOT_BENCHMARKS)} (the real data sets it locates)",
+                             data_root, f"{benchmark!r} reads no data root; drop --data-root")
 
 
 def _training_nonfinite(error: FloatingPointError) -> Exception:
@@ -324,6 +349,20 @@ def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dic
         return {"error": str(error)}
     return {**interference_to_json(matrix, config),
             "settings_from": "the method's settings" if own else "interference_aware defaults"}
+
+
+def _resolved_settings(report: Any) -> dict[str, Any]:
+    """The method's settings as the run used them, for the record: the config, with a
+    ``forget_objective`` left at ``None`` (the method's default) replaced by the objectives the
+    run actually built (``report.extra["forget_objectives"]``, target task -> name): one name
+    when every target task used the same, else that mapping (both valid settings that
+    reproduce the run). The report's own ``config`` is left as the method stored it."""
+    settings = dict(report.config)
+    used = report.extra.get("forget_objectives")
+    if settings.get("forget_objective", "absent") is None and isinstance(used, Mapping) and used:
+        names = set(used.values())
+        settings["forget_objective"] = names.pop() if len(names) == 1 else dict(used)
+    return settings
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
@@ -411,7 +450,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "retain_ids": retain_ids,
                         "num_forget_pairs": int(forget.supervision.sum()),
                         "num_retain_pairs": int(retain.supervision.sum())},
-            "method": {"name": args.method, "settings": result.report.config},
+            "method": {"name": args.method, "settings": _resolved_settings(result.report)},
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
             "code": code_version(),
             "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
@@ -498,9 +537,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                    **json_safe(result)}
         if output is not None:
             tx.write(output, lambda p: write_json_new(p, payload))
-    print(_table(_metric_rows(None, payload), ["split", "task", "metric", "-", "value"]))
+    # One measurement, so no "before" column (_metric_rows' fourth cell is always empty here).
+    table = _table([[split, task, metric, value]
+                    for split, task, metric, _, value in _metric_rows(None, payload)],
+                   ["split", "task", "metric", "value"])
     if output is None:
+        # The JSON is the output: stdout holds it alone, so that it can be piped into a JSON
+        # reader; the summary table still ends the command, on stderr.
+        print(table, file=sys.stderr)
         print(json.dumps(payload, indent=1))
+    else:
+        print(table)
     return 0
 
 
@@ -523,9 +570,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         command = [sys.executable, str(compare), "--quick", *args.extra]
     else:
         command = [sys.executable, "-m", "mtunlearn_ext.showcase", *args.extra]
-    print("running: " + " ".join(command), flush=True)
     if args.dry_run:
+        print("would run: " + " ".join(command), flush=True)
         return 0
+    print("running: " + " ".join(command), flush=True)
     return subprocess.run(command, cwd=root, check=False).returncode
 
 
@@ -589,10 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark name: indoor, street, digits, nyuv2, cityscapes")
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"],
                    help="benchmark size")
-    p.add_argument("--data-root", default=None, help="LibMTL data root (nyuv2 / cityscapes)")
+    p.add_argument("--data-root", default=None,
+                   help="LibMTL data root (only for " + " / ".join(_DATA_ROOT_BENCHMARKS)
+                        + "; refused for the others, which read none)")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
-    p.add_argument("--epochs", type=_at_least(0), default=None,
-                   help="override the recipe's epochs")
+    p.add_argument("--epochs", type=_at_least(1), default=None,
+                   help="override the recipe's epochs (at least 1)")
     p.add_argument("--train", default=None, metavar="JSON",
                    help='JSON overrides of the training recipe, e.g. {"lr": 1e-3}')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -630,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint to evaluate")
     _request_options(p, required=False)
     p.add_argument("--output", default=None, metavar="JSON",
-                   help="new JSON file for the metrics (default: print to stdout)")
+                   help="new JSON file for the metrics (default: print the JSON alone to "
+                        "stdout, the summary table to stderr)")
     _common(p)
     p.set_defaults(func=_cmd_evaluate, _required=["checkpoint"])
 

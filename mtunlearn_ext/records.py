@@ -50,7 +50,21 @@ _REQUIRED = ("schema", "request", "method", "seed", "code", "benchmark", "input"
 
 
 class RecordError(ValueError):
-    """A record file that is missing, unreadable or not an unlearning record."""
+    """A record file that is missing, unreadable or not an unlearning record.
+
+    Its message has the one-line form of :class:`~mtunlearn_ext.workflow.UserInputError`: the
+    argument that gave the record (``--record``), what was expected and what was received.
+    """
+
+
+def _record_error(argument: str, expected: str, received: object, hint: str = ""
+                  ) -> RecordError:
+    """A :class:`RecordError` worded as the CLI's bad-input line (the type stays RecordError,
+    which callers of :func:`read_record` catch; the wording comes from UserInputError so that
+    both read alike)."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    return RecordError(str(UserInputError(argument, expected, received, hint)))
 
 
 def utc_now() -> str:
@@ -102,26 +116,32 @@ def write_record(path: str | os.PathLike[str], record: Mapping[str, Any]) -> str
     return write_json_new(path, dict(record))
 
 
-def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a record file; :class:`RecordError` names the path and the problem."""
+def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dict[str, Any]:
+    """Read and check a record file; :class:`RecordError` names ``argument`` (the option that
+    gave the path), what a record must be, the path and the problem."""
     p = Path(path)
     if not p.is_file():
-        raise RecordError(f"record {p} does not exist")
+        raise _record_error(argument, "an existing unlearning record file (JSON)", str(p),
+                            "no such file" if not p.exists() else "not a file")
     try:
         record = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RecordError(f"record {p} cannot be read: {error}") from error
+        raise _record_error(argument, "a readable JSON unlearning record", str(p),
+                            str(error)) from error
     if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
-        got = record.get("schema") if isinstance(record, dict) else type(record).__name__
-        raise RecordError(f"{p} is not an unlearning record: schema {got!r}, expected "
-                          f"{RECORD_SCHEMA!r}")
+        found = (f"its schema is {record.get('schema')!r}" if isinstance(record, dict)
+                 else f"it holds a JSON {type(record).__name__}, not an object")
+        raise _record_error(argument, f"an unlearning record (schema {RECORD_SCHEMA!r})",
+                            str(p), found)
     missing = [k for k in _REQUIRED if k not in record]
     if missing:
-        raise RecordError(f"record {p} lacks the fields {missing}")
+        raise _record_error(argument, "a complete unlearning record", str(p),
+                            f"it lacks the fields {missing}")
     wrong = [f"{field} ({description})" for field, description, ok in _field_checks(record)
              if not ok]
     if wrong:
-        raise RecordError(f"record {p} has malformed fields: {', '.join(wrong)}")
+        raise _record_error(argument, "a well-formed unlearning record", str(p),
+                            f"it has malformed fields: {', '.join(wrong)}")
     return record
 
 
@@ -264,7 +284,8 @@ def verify_record(record_path: str | os.PathLike[str],
     try:
         request = ForgetRequest.create(*_request_from_record(req))
     except (TypeError, ValueError) as error:
-        raise RecordError(f"record {record_path}: its request cannot be read: {error}") from error
+        raise _record_error("--record", "a record whose request can be rebuilt",
+                            str(record_path), f"its request cannot be read: {error}") from error
     checks["ids"] = "ok" if request.ids_hash() == req["ids_sha256"] else "MISMATCH"
     if checks["ids"] != "ok":
         mismatches.append(f"ids hash of the recorded ids {request.ids_hash()} differs from the "

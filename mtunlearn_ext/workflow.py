@@ -257,6 +257,20 @@ def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
 
 # -- requests -----------------------------------------------------------------------------------
 
+#: How many valid ids an unknown-id error shows: enough to see the pattern of sparse ids
+#: (``digits`` keeps a subset of scikit-learn's rows: 3, 7, 13, ...), short enough for one line.
+_IDS_SHOWN = 8
+#: Where to get them all (docs/cli.md has it as a one-line command).
+_LIST_IDS_HINT = "all of them: mtunlearn_ext.workflow.load_model(CKPT).benchmark.train.ids"
+
+
+def _describe_ids(dataset: MultiTaskDataset, shown: int = _IDS_SHOWN) -> str:
+    """The valid instance ids of ``dataset`` in a few words, for an error: how many, their
+    range and the first ``shown`` of them (ids need not be contiguous)."""
+    ids = sorted(dataset.ids.tolist())
+    first = ", ".join(str(i) for i in ids[:shown]) + (", ..." if len(ids) > shown else "")
+    return f"{len(ids)} instances in [{ids[0]}, {ids[-1]}]: {first}" if ids else "none"
+
 
 def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] | None,
                        forget_fraction: float | None, target_tasks: Sequence[str] | None,
@@ -302,10 +316,9 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
         known = set(dataset.ids.tolist())
         missing = [i for i in forget_ids if i not in known]
         if missing:
-            lo, hi = int(dataset.ids.min()), int(dataset.ids.max())
-            raise UserInputError("--forget-ids", f"ids of training instances (in [{lo}, {hi}], "
-                                 f"{len(dataset)} instances)",
-                                 f"{len(missing)} unknown ids {missing[:10]}")
+            raise UserInputError("--forget-ids", f"ids of training instances "
+                                 f"({_describe_ids(dataset)})",
+                                 f"{len(missing)} unknown ids {missing[:10]}", _LIST_IDS_HINT)
     else:
         if forget_fraction is None or not 0.0 < float(forget_fraction) < 1.0:
             raise UserInputError("--forget-fraction", "a number in (0, 1) (or --forget-ids)",
@@ -341,8 +354,9 @@ def restrict_retain(retain: MultiTaskDataset, request: ForgetRequest,
     known = set(full_train.ids.tolist())
     missing = [i for i in retain_ids if i not in known]
     if missing:
-        raise UserInputError("--retain-ids", "ids of training instances",
-                             f"{len(missing)} unknown ids {missing[:10]}")
+        raise UserInputError("--retain-ids", f"ids of training instances "
+                             f"({_describe_ids(full_train)})",
+                             f"{len(missing)} unknown ids {missing[:10]}", _LIST_IDS_HINT)
     wanted = set(retain_ids) | set(request.instance_ids)  # coupled pairs of a partial request
     rows = [p for p, i in enumerate(retain.ids.tolist()) if i in wanted]
     return retain.subset(torch.tensor(rows, dtype=torch.long))

@@ -417,13 +417,14 @@ def test_verify_a_partial_record_without_target_tasks_arg(
 
 def test_evaluate_without_a_request_has_no_mia_row(trained: Path,  # noqa: F811
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """Without a request there is no forget split: the summary printed `forget * mia_auc - -`."""
+    """Without a request there is no forget split: the summary printed `forget * mia_auc - -`.
+    (Without --output the table is on stderr, the JSON alone on stdout.)"""
     assert cli.main(["evaluate", "--checkpoint", str(trained), "--quiet"]) == 0
-    table = capsys.readouterr().out.split("{", 1)[0]
+    table = capsys.readouterr().err
     assert "train" in table and "mia_auc" not in table and "forget" not in table, table
     assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
                      "--quiet"]) == 0
-    table = capsys.readouterr().out.split("{", 1)[0]
+    table = capsys.readouterr().err
     assert re.search(r"^forget\s+\*\s+mia_auc", table, flags=re.M), table
 
 
