@@ -49,19 +49,47 @@ def private_cxx_runtime_error(library: str) -> str | None:
             "this version's setup.py, which links libstdc++ dynamically and checks that it did")
 
 
+#: How to build the extension: in a checkout, and as a package (the README's commands).
+BUILD_COMMANDS = ("in a checkout `python setup.py build_ext --inplace` (./run.sh and ./test.sh "
+                  "run it), as a package `pip install ninja && pip install "
+                  "--no-build-isolation .`")
+
+
 def _refuse(reason: str, error: BaseException | None) -> None:
+    """Fail the import (``MTUNLEARN_REQUIRE_EXTENSION=1``) or warn and fall back. ``reason``
+    says what is wrong and how to fix it; ``error``'s own text comes last, as detail."""
+    detail = f" (import error: {error})" if error is not None else ""
     if os.environ.get(_REQUIRE_ENV, "") not in ("", "0"):
         raise ImportError(
-            f"mtunlearn_ext: the compiled extension could not be used ({reason}) and "
-            f"{_REQUIRE_ENV} is set; build it with `python setup.py build_ext --inplace`"
+            f"mtunlearn_ext: {reason}. {_REQUIRE_ENV} is set, so there is no fallback to the "
+            f"pure-PyTorch references{detail}"
         ) from error
     warnings.warn(
-        "mtunlearn_ext: compiled extension not used; falling back to the slow pure-PyTorch "
-        f"reference implementations ({reason}). Build it with "
-        "`python setup.py build_ext --inplace`.",
+        f"mtunlearn_ext: {reason}. Falling back to the slow pure-PyTorch reference "
+        f"implementations{detail}",
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def load_failure_reason(package_dir: str) -> str:
+    """Why ``import mtunlearn_ext._C`` failed, in plain words, with how to build it. (Python
+    words a missing submodule of a package that is still being imported as ``cannot import name
+    '_C' from partially initialized module ... (most likely due to a circular import)``, which
+    sends a reader hunting an import cycle that does not exist.)"""
+    import importlib.machinery
+
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    try:
+        built = sorted(name for name in os.listdir(package_dir)
+                       if name.startswith("_C.") and name.endswith(suffixes))
+    except OSError:
+        built = []
+    if not built:
+        return (f"the compiled extension mtunlearn_ext._C is not built or not installed (no "
+                f"_C{suffixes[0]} in {package_dir}); build it: {BUILD_COMMANDS}")
+    return (f"the compiled extension {os.path.join(package_dir, built[0])} exists but failed to "
+            f"load (built against another torch or Python?); rebuild it: {BUILD_COMMANDS}")
 
 
 try:
@@ -70,8 +98,10 @@ try:
     _LOAD_ERROR: BaseException | None = None
 except ImportError as error:  # pragma: no cover - exercised only without a build
     _C = None
-    _LOAD_ERROR = error
-    _refuse(f"not found: {error}", error)
+    _reason = load_failure_reason(os.path.dirname(os.path.abspath(__file__)))
+    # build_info() reports it: the plain reason first, Python's own words after.
+    _LOAD_ERROR = ImportError(f"{_reason} (import error: {error})")
+    _refuse(_reason, error)
 else:
     _unsafe = private_cxx_runtime_error(str(getattr(_C, "__file__", "")))
     if _unsafe is not None:  # pragma: no cover - only with such a toolchain

@@ -37,6 +37,14 @@ DEMO_BASELINES: tuple[str, ...] = ("neggrad_plus", "orthograd", "pcgrad")
 DEMO_BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits")
 #: Training recipes (:data:`mtunlearn_ext.unlearning.presets.RECIPES`), the demo's default first.
 DEMO_RECIPES: tuple[str, ...] = ("memorising", "default")
+#: Training epochs of each recipe per benchmark (every size), for ``--help``: the ``default``
+#: recipe is the benchmark's own (``mtunlearn_ext.data.registry``), ``memorising`` sets 40
+#: epochs everywhere (``mtunlearn_ext.unlearning.presets.RECIPES``). Written out so that
+#: ``--help`` imports nothing heavy; a test checks them against those sources.
+RECIPE_EPOCHS: dict[str, dict[str, int]] = {
+    "memorising": {"indoor": 40, "street": 40, "digits": 40},
+    "default": {"indoor": 10, "street": 10, "digits": 30},
+}
 METHOD = "interference_aware"
 _COLORS = {"original": "#7f7f7f", "retrained": "#2ca02c", METHOD: "#d62728"}
 #: The baselines' colours, in order: matplotlib's default cycle without the colours reserved
@@ -45,6 +53,19 @@ _COLORS = {"original": "#7f7f7f", "retrained": "#2ca02c", METHOD: "#d62728"}
 _BASELINE_COLORS = tuple(c for c in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                                      "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
                          if c not in _COLORS.values())
+
+
+def _epochs_text(recipe: str) -> str:
+    """``recipe``'s epochs in words: "40 epochs", or "10 epochs on indoor and street, 30 on
+    digits" when the benchmarks differ."""
+    by_epochs: dict[int, list[str]] = {}
+    for benchmark in DEMO_BENCHMARKS:
+        by_epochs.setdefault(RECIPE_EPOCHS[recipe][benchmark], []).append(benchmark)
+    if len(by_epochs) == 1:
+        return f"{next(iter(by_epochs))} epochs"
+    parts = [f"{epochs}{' epochs' if i == 0 else ''} on {' and '.join(names)}"
+             for i, (epochs, names) in enumerate(by_epochs.items())]
+    return ", ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated baselines to compare with")
     parser.add_argument("--recipe", default=DEMO_RECIPES[0], choices=list(DEMO_RECIPES),
                         help="training recipe of the original and retrained models, and the "
-                             "method settings selected for it: 'memorising' (40 epochs: the "
-                             "original model memorises its training instances, the case "
-                             "unlearning is for) or 'default' (the benchmark's 10 epochs: "
-                             "4x faster, but the model barely memorises)")
+                             "method settings selected for it: 'memorising' ("
+                             f"{_epochs_text('memorising')}: the original model memorises its "
+                             "training instances, the case unlearning is for) or 'default' (each "
+                             f"benchmark's own recipe, {_epochs_text('default')}: faster, but the "
+                             "model memorises less; on indoor a forget-set attack AUC of 0.50 "
+                             "before any unlearning, against 0.89 with 'memorising')")
     parser.add_argument("--train", default="{}",
                         help='JSON overrides on top of the recipe, e.g. {"epochs": 5} (the '
                              'method settings stay those of --recipe)')
@@ -167,12 +190,19 @@ def _baselines(args: argparse.Namespace) -> list[str]:
     return [m for m in args.baselines.split(",") if m]
 
 
+def _methods(args: argparse.Namespace) -> list[str]:
+    """The methods each request runs: the baselines and the method. Not ``"retrain"``: the
+    experiment runner answers it (with no settings) with the gold model it already trained and
+    evaluates as ``retrained``, the same checkpoint, so its row repeated ``retrained``'s."""
+    return [*_baselines(args), METHOD]
+
+
 def _configs(args: argparse.Namespace) -> dict[str, Any]:
     """The full and the partial request's :class:`~mtunlearn_ext.experiment.ExperimentConfig`."""
     from mtunlearn_ext.experiment import ExperimentConfig
     from mtunlearn_ext.unlearning.presets import RECIPES, tuned_settings
 
-    methods = ["retrain", *_baselines(args), METHOD]
+    methods = _methods(args)
     out = Path(args.output_dir)
     return {request: ExperimentConfig(
         benchmark=args.benchmark, size=args.size, request=request,
@@ -204,7 +234,7 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     baselines = _baselines(args)
-    methods = ["retrain", *baselines, METHOD]
+    methods = _methods(args)
     configs = _configs(args)
 
     def log(message: str) -> None:
@@ -240,7 +270,7 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
                     del pending[name]
             for request, names in needs.items():
                 if request not in runs and all(n not in pending for n in names):
-                    log(f"{request}-task request: unlearning with {', '.join(methods[1:])} "
+                    log(f"{request}-task request: unlearning with {', '.join(methods)} "
                         "and evaluating every model")
                     runs[request] = pool.submit(_request_job, configs[request],
                                                 request == "partial")

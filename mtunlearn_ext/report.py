@@ -39,9 +39,18 @@ INTERFERENCE_EXPLANATION = (
     "step raises that retain loss. The right panel recomputes the cosines after the "
     "interference-aware projections of the forget gradients (the retain rows do not change): "
     "forget/retain cosines near zero or positive there mean that the protection holds beyond "
-    "the snapshots it was built from. Unseen rows, when present, are each task's loss on "
-    "held-out instances no model trained on: a negative forget/unseen cosine means the forget "
-    "step raises the loss on unseen data, the test-score change that UIS counts.")
+    "the snapshots it was built from. A forget/retain cosine can also grow more negative there, "
+    "because the projections are built from another retain batch than the one shown: the task "
+    "projection removes the forget gradient's components along that batch's protected "
+    "gradients, and the sign-aware instance projection makes the forget step d = -(forget "
+    "gradient) non-conflicting with that batch's per-sample retain gradients r_j (<d, r_j> <= "
+    "0: none of their losses rises to first order). Nothing constrains the retain gradient "
+    "shown, so what is left of the forget gradient may conflict with it more than the whole "
+    "did, and the cosine divides by the projected gradient's smaller norm (the share kept), "
+    "which turns a small remaining conflict into a larger negative cosine. Unseen rows, when "
+    "present, are each task's loss on held-out instances no model trained on: a negative "
+    "forget/unseen cosine means the forget step raises the loss on unseen data, the test-score "
+    "change that UIS counts.")
 
 
 def _primary(kind_or_values: Mapping[str, Any]) -> str | None:

@@ -89,3 +89,71 @@ def test_needed_libraries_of_files_that_are_not_shared_objects(tmp_path: Path) -
     assert _elf.needed_libraries(truncated) is None
     assert _elf.cxx_runtime_libraries(text) is None
     assert _elf.shares_cxx_runtime(text, TORCH_C10) is None
+
+
+# Run in a fresh interpreter with only the copy importable: an editable install's finder (this
+# checkout's .venv has one) would map mtunlearn_ext._C to the checkout's library.
+_IMPORT_THE_COPY = """
+import sys, warnings
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+warnings.simplefilter("always")
+import mtunlearn_ext
+print("extension:", mtunlearn_ext.has_extension())
+print("build_info error:", mtunlearn_ext.build_info().get("error"))
+"""
+
+
+def _import_copy_without_library(tmp_path: Path, require: bool, library: bytes | None
+                                  ) -> subprocess.CompletedProcess[str]:
+    """Import a copy of the package whose compiled library is missing (``library`` None) or is
+    the given bytes (a file that is there but cannot load)."""
+    import importlib.machinery
+    import os
+
+    package = Path(mtunlearn_ext.__file__).parent
+    copy = tmp_path / "site" / "mtunlearn_ext"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    if library is not None:
+        (copy / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(library)
+    env = {**os.environ, "PYTHONPATH": str(copy.parent),
+           "MTUNLEARN_REQUIRE_EXTENSION": "1" if require else "0"}
+    return subprocess.run([sys.executable, "-c", _IMPORT_THE_COPY], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@linux_only
+@pytest.mark.parametrize("require", [True, False], ids=["required", "fallback"])
+def test_a_missing_library_is_called_not_built_not_a_circular_import(tmp_path: Path,
+                                                                      require: bool) -> None:
+    """Python words the missing submodule as ``cannot import name '_C' from partially
+    initialized module 'mtunlearn_ext' (most likely due to a circular import)``; the message
+    led with it, sending users hunting an import cycle."""
+    run = _import_copy_without_library(tmp_path, require, None)
+    output = run.stdout + run.stderr
+    lead = "mtunlearn_ext: the compiled extension mtunlearn_ext._C is not built or not installed"
+    build = "python setup.py build_ext --inplace"
+    if require:
+        assert run.returncode != 0
+        message = output.strip().splitlines()[-1]
+        assert message.startswith(f"ImportError: {lead}"), message
+    else:
+        assert run.returncode == 0, output
+        assert "extension: False" in output
+        message = next(line for line in output.splitlines() if "RuntimeWarning" in line)
+        assert f"RuntimeWarning: {lead}" in message
+        error = next(line for line in output.splitlines() if line.startswith("build_info error"))
+        assert error.startswith(f"build_info error: {lead[len('mtunlearn_ext: '):]}"), error
+    # How to build it, then Python's own words as detail, last.
+    assert build in message and "pip install --no-build-isolation ." in message
+    assert message.index(build) < message.index("(import error: cannot import name '_C'")
+
+
+@linux_only
+def test_a_library_that_fails_to_load_is_called_so(tmp_path: Path) -> None:
+    run = _import_copy_without_library(tmp_path, True, b"not a shared object")
+    message = (run.stdout + run.stderr).strip().splitlines()[-1]
+    assert run.returncode != 0
+    assert "exists but failed to load (built against another torch or Python?)" in message
+    assert "rebuild it: in a checkout `python setup.py build_ext --inplace`" in message
+    # The loader's own words ("file too short", "invalid ELF header", ...) last, as detail.
+    assert message.index("rebuild it") < message.index("(import error: "), message

@@ -39,6 +39,8 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     for request in ("full", "partial"):
         results = json.loads((out / f"{request}.json").read_text())
         assert {"original", "retrained", "finetune", demo.METHOD} <= set(results["models"])
+        # The gold model once: a "retrain" row was the same checkpoint as "retrained".
+        assert "retrain" not in results["models"]
         assert results["request"]["type"] == request
     partial = json.loads((out / "partial.json").read_text())
     assert partial["request"]["target_tasks"] == ["segmentation"]
@@ -214,3 +216,34 @@ def test_a_request_job_runs_every_step_at_the_run_thread_count(monkeypatch):
     demo._request_job(demo._configs(args)["partial"], True)
     assert seen == {"problem": 1, "matrix": 1, "unlearn": 1}
     assert torch.get_num_threads() == 2
+
+
+def test_the_gold_model_is_one_row_not_two() -> None:
+    """The tables printed identical ``retrained`` and ``retrain`` rows: the runner answers
+    ``retrain`` (no settings) with the very checkpoint it evaluates as ``retrained``."""
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    args = demo.build_parser().parse_args(["--baselines", "orthograd,pcgrad"])
+    for request, config in demo._configs(args).items():
+        assert config.methods == ["orthograd", "pcgrad", demo.METHOD]
+        # Had it stayed, it would have been the reused gold model (no settings of its own).
+        assert not tuned_settings(request, ["retrain"], args.recipe).get("retrain")
+
+
+def test_the_recipe_help_gives_each_benchmarks_epochs() -> None:
+    """``--help`` said 'default' is "the benchmark's 10 epochs"; digits' recipe has 30."""
+    from mtunlearn_ext.data.registry import _RECIPES, SIZES
+    from mtunlearn_ext.unlearning.presets import RECIPES
+
+    for recipe in demo.DEMO_RECIPES:
+        for benchmark in demo.DEMO_BENCHMARKS:
+            for size in SIZES:  # what _configs trains: the benchmark's recipe, then the overrides
+                trained = {**_RECIPES[benchmark][size][1], **RECIPES[recipe]}
+                assert demo.RECIPE_EPOCHS[recipe][benchmark] == trained["epochs"], (
+                    recipe, benchmark, size)
+    assert demo._epochs_text("memorising") == "40 epochs"
+    assert demo._epochs_text("default") == "10 epochs on indoor and street, 30 on digits"
+    text = " ".join(demo.build_parser().format_help().split())
+    assert ("'default' (each benchmark's own recipe, 10 epochs on indoor and street, 30 on "
+            "digits:" in text)
+    assert "'memorising' (40 epochs:" in text and "4x faster" not in text

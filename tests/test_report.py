@@ -90,6 +90,69 @@ def test_report_embeds_the_interference_plot(tmp_path: Path) -> None:
     assert "a: 0.80" in markdown  # the share of the forget gradient kept
 
 
+def test_report_explains_why_an_after_cosine_can_be_more_negative(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digits partial request's forget/retain cosine went from -0.04 before to -0.20 after
+    projection, which the report did not explain. Its explanation, and that it is what the
+    code does: the after-row's forget gradient is -d, d the forget step made non-conflicting
+    with another retain batch's per-sample gradients (<d, r_j> <= 0), not with the row shown."""
+    from torch import nn
+
+    from mtunlearn_ext import ForgetRequest
+    from mtunlearn_ext.api import build_problem
+    from mtunlearn_ext.unlearning.interference import interference_matrix
+    from mtunlearn_ext.unlearning.interference_aware import InterferenceAware
+
+    write_report(_record(interference=_json_data()), tmp_path / "rep", title="t")
+    markdown = " ".join((tmp_path / "rep" / "report.md").read_text().split())
+    assert ("A forget/retain cosine can also grow more negative there, because the projections "
+            "are built from another retain batch than the one shown") in markdown
+    assert "non-conflicting with that batch's per-sample retain gradients r_j (<d, r_j> <= 0" \
+        in markdown
+    assert "divides by the projected gradient's smaller norm (the share kept)" in markdown
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(8, 16), nn.Tanh()),
+                           "kind": nn.Linear(16, 3), "size": nn.Linear(16, 1)})
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = model
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.parts["trunk"](x)
+            return {"kind": self.parts["kind"](z), "size": self.parts["size"](z)}
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 8, generator=generator)
+    y = {"kind": torch.randint(0, 3, (120,), generator=generator),
+         "size": torch.randn(120, 1, generator=generator)}
+    problem = build_problem(TwoHeads(), tasks={"kind": "classification", "size": "regression"},
+                            train_data=(x, y),
+                            forget_request=ForgetRequest.create(range(12), ["kind"]),
+                            shared_parameters=lambda name: ".trunk." in f".{name}")
+    projected: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    instance_project = InterferenceAware.instance_project
+
+    def recorded(self: InterferenceAware, ctx: Any, step_dir: Any, names: Any, batch: Any,
+                 *args: Any, **kwargs: Any) -> Any:
+        d, rows = instance_project(self, ctx, step_dir, names, batch, *args, **kwargs)
+        projected.append((d, rows))
+        return d, rows
+
+    monkeypatch.setattr(InterferenceAware, "instance_project", recorded)
+    config = InterferenceAwareConfig()
+    assert config.instance_projection == "nonconflicting"
+    interference_matrix(problem, config)
+    assert projected
+    for d, rows in projected:
+        step = torch.cat([v.detach().flatten().double() for v in d])
+        per_sample = torch.cat([r.detach().flatten(1).double() for r in rows], dim=1)
+        cosines = per_sample @ step / (per_sample.norm(dim=1) * step.norm())
+        assert float(cosines.max()) <= 1e-6, cosines  # <d, r_j> <= 0 up to rounding
+
+
 def test_report_without_or_with_a_failed_matrix(tmp_path: Path) -> None:
     # Records from before the field existed: no section, no PNG.
     write_report(_record(), tmp_path / "old")
