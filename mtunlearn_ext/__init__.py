@@ -12,12 +12,13 @@ from mtunlearn_ext import ops
 __version__ = "0.1.0"
 
 __all__ = ["ForgetRequest", "__version__", "build_info", "has_extension", "ops",
-           "save_unlearned", "unlearn"]
+           "save_unlearned", "uis_floor", "unlearn"]
 
 # The unlearning API pulls in data, models and every method; it is loaded on first use so that
 # ``import mtunlearn_ext`` (and ``mtunlearn_ext.ops``) stays as light as before.
 _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
          "save_unlearned": ("mtunlearn_ext.api", "save_unlearned"),
+         "uis_floor": ("mtunlearn_ext.api", "uis_floor"),
          "ForgetRequest": ("mtunlearn_ext.data.request", "ForgetRequest")}
 
 

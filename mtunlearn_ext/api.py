@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
@@ -32,7 +33,10 @@ from mtunlearn_ext.data.inputs import (
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
-from mtunlearn_ext.models.base import ParameterSplit
+from mtunlearn_ext.metrics.scores import Scores
+from mtunlearn_ext.metrics.uis_floor import UISFloor
+from mtunlearn_ext.metrics.uis_floor import uis_floor as _measure_uis_floor
+from mtunlearn_ext.models.base import MultiTaskModel, ParameterSplit
 from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.records import code_version, utc_now
 from mtunlearn_ext.training import TrainConfig, state_dict_sha256
@@ -46,7 +50,7 @@ from mtunlearn_ext.unlearning import (
 )
 
 __all__ = ["API_RECORD_SCHEMA", "DataLike", "build_problem", "save_unlearned",
-           "state_dict_sha256", "unlearn"]
+           "state_dict_sha256", "uis_floor", "unlearn"]
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
@@ -226,7 +230,8 @@ def _predicted_classes(model: nn.Module, unpack: bool, data: Any,
 
 
 def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
-                datasets: Sequence[Any], predicted_classes: Mapping[str, int]) -> list[TaskSpec]:
+                datasets: Sequence[Any], predicted_classes: Mapping[str, int],
+                data_names: Sequence[str] | None = None) -> list[TaskSpec]:
     if not isinstance(tasks, Mapping):
         specs = list(tasks)
         if not all(isinstance(s, TaskSpec) for s in specs):
@@ -256,8 +261,11 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
             predicted = predicted_classes.get(name)
             if predicted is not None:
                 if num_classes > predicted:
+                    first = _first_label_from(datasets, data_names, name, len(tasks),
+                                              list(tasks).index(name), predicted)
                     raise ValueError(f"unlearn: task {name!r} ({kind}) has class labels up to "
-                                     f"{num_classes - 1}, but the model predicts {predicted} "
+                                     f"{num_classes - 1} ({first}), but the model predicts "
+                                     f"{predicted} "
                                      f"classes for it (dimension 1 of its output); labels must "
                                      f"lie in [0, {predicted}), or -1 where unlabelled (another "
                                      f"value for that: TaskSpec({name!r}, {kind!r}, "
@@ -265,6 +273,31 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 num_classes = predicted
         specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
     return specs
+
+
+def _first_label_from(datasets: Sequence[Any], data_names: Sequence[str] | None, name: str,
+                      num_tasks: int, column: int, limit: int) -> str:
+    """Where the first supervised label of task ``name`` at or above ``limit`` is, in the words
+    of the problem's row checks: "first: `train_data` row 17" (the data set's id too)."""
+    for position, data in enumerate(datasets):
+        if data is None or not (isinstance(data, MultiTaskDataset) or name in data[1]):
+            continue
+        if isinstance(data, MultiTaskDataset):
+            labels, supervised = data.targets[name], data.supervision[:, data.task_index(name)]
+        else:
+            labels = data[1][name]
+            supervised = (data[2][:, column].to(torch.bool)
+                          if len(data) == 3 and data[2].shape[1] == num_tasks
+                          else torch.ones(len(labels), dtype=torch.bool))
+        bad = supervised & (labels.reshape(len(labels), -1) >= limit).any(dim=1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            what = f"`{data_names[position]}`" if data_names else "the data"
+            ids = f", id {int(data.ids[row])}" if isinstance(data, MultiTaskDataset) else ""
+            count = int(bad.sum())
+            rows = "row" if count == 1 else "rows"
+            return f"{count} supervised {rows}, first: {what} row {row}{ids}"
+    return "no supervised row found"
 
 
 def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> torch.Tensor:
@@ -543,7 +576,8 @@ def build_problem(model: nn.Module, *,
             _check_data_like(data, what)
     specs = _task_specs(tasks, [train_data, forget_data, retain_data], _predicted_classes(
         model, not _has_own_split(model, shared_parameters, head_parameters),
-        train_data if train_data is not None else retain_data, tasks))
+        train_data if train_data is not None else retain_data, tasks),
+        ["train_data", "forget_data", "retain_data"])
     names = [s.name for s in specs]
     if train_data is not None:
         if forget_request is None:
@@ -850,3 +884,125 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+# -- the UIS floor on unlearn()'s forms of model and data ----------------------------------------
+
+#: What ``uis_floor``'s ``tasks`` may be: names (or specs) of the tasks UIS averages over, or, as
+#: for :func:`unlearn`, a mapping task -> kind (or spec), which tuple data needs.
+UISTasks = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[str, TaskSpec]]]
+
+_DATA_FORMS = ("a MultiTaskDataset or (inputs, targets[, supervision]) as mtunlearn_ext.unlearn "
+               "takes them")
+
+
+@contextmanager
+def _named_for_uis_floor() -> Iterator[None]:
+    """Errors of the data normalisation shared with :func:`unlearn` (messages that start
+    ``unlearn: ``), re-raised as the same type under ``uis_floor``'s name."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError) as error:
+        message = error.args[0] if len(error.args) == 1 else None
+        if not isinstance(message, str) or not message.startswith("unlearn: "):
+            raise
+        raise type(error)("uis_floor: " + message[len("unlearn: "):]) from error
+
+
+def _uis_floor_specs(model: nn.Module, tasks: UISTasks | None,
+                     data: Sequence[tuple[str, Any]]) -> list[TaskSpec]:
+    """The specs of ``tasks`` when some of the data come as tuples, which carry no task kinds:
+    a mapping task -> kind (or spec) counts classes as :func:`unlearn` does; specs are taken as
+    given; names are looked up in a split given as a :class:`MultiTaskDataset`."""
+    datasets = [d for _, d in data if isinstance(d, MultiTaskDataset)]
+    if isinstance(tasks, Mapping):
+        first_tuple = next(d for _, d in data if not isinstance(d, MultiTaskDataset))
+        unpack = not _has_own_split(model, None, None)
+        # Classes are counted on the tuples and on a data set holding every task (one that
+        # lacks some is refused by name afterwards).
+        counted = [(label, d) for label, d in data
+                   if not isinstance(d, MultiTaskDataset) or set(tasks) <= set(d.task_names)]
+        return _task_specs(tasks, [d for _, d in counted],
+                           _predicted_classes(model, unpack, first_tuple, tasks),
+                           [label for label, _ in counted])
+    if tasks is not None and all(isinstance(t, TaskSpec) for t in tasks):
+        return [cast(TaskSpec, t) for t in tasks]
+    if not datasets:
+        tuples = [label for label, _ in data]
+        names = [t if isinstance(t, str) else t.name for t in tasks or []] or ["task"]
+        example = ", ".join(f"{name!r}: 'classification'" for name in names)
+        raise TypeError(f"uis_floor: {' and '.join(f'`{t}`' for t in tuples)} given as "
+                        f"(inputs, targets) carry no task kinds, so `tasks` must give them: a "
+                        f"mapping task -> kind (e.g. {{{example}}}; kinds: "
+                        f"{', '.join(TASK_KINDS)}) or TaskSpecs, as for unlearn(); got {tasks!r}")
+    known = datasets[0]
+    names = (known.task_names if tasks is None
+             else [t if isinstance(t, str) else t.name for t in tasks])
+    unknown = [t for t in names if t not in known.task_names]
+    if unknown:
+        raise ValueError(f"uis_floor: unknown task(s) {unknown} (the tasks of the data set "
+                         f"given: {known.task_names})")
+    return [known.tasks[known.task_index(t)] for t in names]
+
+
+def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_size: int, *,
+              tasks: UISTasks | None = None, draws: int = 200, seed: int = 0,
+              batch_size: int = 64, original_test: Scores | None = None) -> UISFloor:
+    """:func:`mtunlearn_ext.metrics.uis_floor` on the model and data as :func:`unlearn` takes
+    them: the UIS of ``model`` left untouched, with random sets of ``forget_size`` unseen
+    instances as the forget set (how low a UIS can meaningfully go).
+
+    Args:
+        model: the original model (evaluated, never modified): a
+            :class:`~mtunlearn_ext.models.MultiTaskModel`, or any module returning a mapping
+            task -> output, called as :func:`unlearn` calls it.
+        reference: the split UIS compares with (the test split).
+        unseen: instances ``model`` never trained on, from the forget set's distribution (a
+            validation split, instances held back from training); never ``reference``.
+            Both: a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
+            supervision])`` (:data:`DataLike`; a supervision mask's columns follow ``tasks``;
+            targets of other tasks are left out).
+        tasks: the tasks UIS averages over (the request's target tasks; default every task of
+            ``reference``): names or TaskSpecs, or a mapping task -> kind as for
+            :func:`unlearn`. Tuples carry no kinds: then each task's kind comes from this
+            mapping, from TaskSpecs, or from the other split when that is a data set.
+        draws, seed, batch_size, original_test: as for
+            :func:`mtunlearn_ext.metrics.uis_floor`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"uis_floor: `model` must be an nn.Module returning task -> output, got "
+                        f"{type(model).__name__}")
+    if tasks is not None and not len(tasks):
+        raise ValueError("uis_floor: `tasks` is empty")
+    data = [("reference", reference), ("unseen", unseen)]
+    for label, value in data:
+        if value is None:
+            raise TypeError(f"uis_floor: `{label}` is None; expected {_DATA_FORMS}"
+                            + (": a pool of instances the model never trained on (a "
+                               "validation split, or instances held back from training)"
+                               if label == "unseen" else ": the test split"))
+    # Called model(inputs, tasks), as the metrics call a MultiTaskModel.
+    measured = cast(MultiTaskModel, model if _has_own_split(model, None, None)
+                    else _SplitModel(model, (), {}))
+    if all(isinstance(value, MultiTaskDataset) for _, value in data):
+        return _measure_uis_floor(measured, cast(MultiTaskDataset, reference),
+                                  cast(MultiTaskDataset, unseen), forget_size,
+                                  tasks=None if tasks is None else list(tasks), draws=draws,
+                                  seed=seed, batch_size=batch_size, original_test=original_test)
+    with _named_for_uis_floor():
+        for label, value in data:
+            _check_data_like(value, label)
+        specs = _uis_floor_specs(model, tasks, data)
+        names = [spec.name for spec in specs]
+        converted = []
+        for label, value in data:
+            if not isinstance(value, MultiTaskDataset):
+                # Only the measured tasks' targets: the data may carry every task of the model
+                # (as for unlearn), and UIS averages over some of them.
+                own = cast(tuple, value)
+                kept = {t: v for t, v in own[1].items() if t in names}
+                value = _as_dataset(cast(DataLike, (own[0], kept, *own[2:])), specs, label)
+            converted.append(value)
+    return _measure_uis_floor(measured, converted[0], converted[1], forget_size, tasks=names,
+                              draws=draws, seed=seed, batch_size=batch_size,
+                              original_test=original_test)

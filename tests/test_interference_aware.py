@@ -739,7 +739,8 @@ def test_public_api_counts_classes_from_the_model_and_checks_them(user_setup) ->
     past = y["kind"].clone()
     past[40] = 3
     with pytest.raises(ValueError, match=r"task 'kind' \(classification\) has class labels up to "
-                                         r"3, but the model predicts 3 classes"):
+                                         r"3 \(1 supervised row, first: `train_data` row 40\), "
+                                         r"but the model predicts 3 classes"):
         mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, {**y, "kind": past}), **common)
     four = {"kind": TaskSpec("kind", "classification", num_classes=4), "size": "regression"}
     with pytest.raises(ValueError, match=r"prediction for task 'kind' \(classification\) has "

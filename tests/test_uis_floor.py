@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtunlearn_ext.data import load_benchmark, unseen_instances
+from mtunlearn_ext.data import MultiTaskDataset, TaskSpec, load_benchmark, unseen_instances
 from mtunlearn_ext.metrics import evaluate, uis, uis_floor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,3 +123,121 @@ def test_uis_floor_rejects_bad_arguments(indoor_tiny, indoor_tiny_model, pool, k
                                          message) -> None:
     with pytest.raises(ValueError, match=message):
         uis_floor(indoor_tiny_model, indoor_tiny.test, pool, **kwargs)
+
+
+# -- the data forms of mtunlearn_ext.unlearn ------------------------------------------------------
+
+
+class _TwoHeads(torch.nn.Module):
+    """A user's own module, as in unlearn()'s example: ``model(x)`` -> task -> output, no
+    ``parameter_split()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU())
+        self.heads = torch.nn.ModuleDict({"kind": torch.nn.Linear(32, 3),
+                                          "size": torch.nn.Linear(32, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: head(z) for t, head in self.heads.items()}
+
+
+class _CalledWithTasks(torch.nn.Module):
+    """The same module called as the library calls a MultiTaskModel, ``model(x, tasks)``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, tasks: object = None) -> dict[str, torch.Tensor]:
+        return self.module(x)
+
+
+def _tuple_data(rows: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 8, generator=generator),
+            {"kind": torch.randint(0, 3, (rows,), generator=generator),
+             "size": torch.randn(rows, 1, generator=generator)})
+
+
+def _as_dataset(data: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> MultiTaskDataset:
+    x, y = data
+    return MultiTaskDataset(x, {"kind": y["kind"]},
+                            [TaskSpec("kind", "classification", num_classes=3)])
+
+
+def test_tuple_data_and_a_plain_module_as_unlearn_takes_them() -> None:
+    """mtunlearn_ext.uis_floor takes the data forms unlearn() takes. The metric's own function
+    compared ``forget_size`` with the tuple's length (2), and then read ``.task_names`` off the
+    tuple (AttributeError)."""
+    from mtunlearn_ext import uis_floor as api_uis_floor
+
+    model = _TwoHeads().eval()
+    test, pool = _tuple_data(60, seed=1), _tuple_data(50, seed=2)
+    floor = api_uis_floor(model, test, pool, 10, tasks={"kind": "classification"}, draws=20)
+    # The same measurement on the same values given as data sets, with the module called as a
+    # MultiTaskModel is: equal to the last bit.
+    expected = uis_floor(_CalledWithTasks(model), _as_dataset(test), _as_dataset(pool), 10,
+                         tasks=["kind"], draws=20)
+    assert torch.equal(floor.draws, expected.draws)
+    assert floor.pool_size == 50 and floor.forget_size == 10
+    assert set(floor.original_test) == {"kind"}  # the other task's targets are left out
+    # One split a data set, the other a tuple: the task's kind comes from the data set.
+    mixed = api_uis_floor(model, _as_dataset(test), pool, 10, tasks=["kind"], draws=20)
+    assert torch.equal(mixed.draws, expected.draws)
+    # A supervision mask (columns in the order of `tasks`) keeps its unlabelled rows out: the
+    # whole pool scores as the labelled rows alone.
+    supervised = torch.ones(50, 1, dtype=torch.bool)
+    supervised[:10] = False
+    masked = api_uis_floor(model, test, (pool[0], pool[1], supervised), 50,
+                       tasks={"kind": "classification"}, draws=1)
+    labelled = api_uis_floor(model, test, (pool[0][10:], {"kind": pool[1]["kind"][10:]}), 40,
+                         tasks={"kind": "classification"}, draws=1)
+    assert torch.equal(masked.draws, labelled.draws)
+
+
+def test_tuple_data_needs_the_task_kinds_and_none_is_refused_by_name() -> None:
+    from mtunlearn_ext import uis_floor as api_uis_floor
+
+    model = _TwoHeads().eval()
+    test, pool = _tuple_data(60, seed=1), _tuple_data(50, seed=2)
+    with pytest.raises(TypeError, match=r"uis_floor: `reference` and `unseen` given as \(inputs, "
+                                        r"targets\) carry no task kinds, so `tasks` must give "
+                                        r"them: a mapping task -> kind \(e.g. \{'kind': "):
+        api_uis_floor(model, test, pool, 10, tasks=["kind"])
+    # A benchmark without a validation split: `unseen` None was `object of type 'NoneType'
+    # has no len()`.
+    with pytest.raises(TypeError, match=r"uis_floor: `unseen` is None; expected a "
+                                        r"MultiTaskDataset or \(inputs, targets"
+                                        r"\[, supervision\]\).*never trained on"):
+        api_uis_floor(model, test, None, 10, tasks={"kind": "classification"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"uis_floor: `reference` is None; .*test split"):
+        api_uis_floor(model, None, pool, 10, tasks={"kind": "classification"})  # type: ignore[arg-type]
+    # unlearn()'s own checks of the forms, under this function's name.
+    with pytest.raises(TypeError, match=r"^uis_floor: `unseen`\[1\] must be the targets"):
+        api_uis_floor(model, test, (pool[0], pool[1]["kind"]), 10,  # type: ignore[arg-type]
+                  tasks={"kind": "classification"})
+    with pytest.raises(ValueError, match=r"uis_floor: task 'kind' \(classification\) has class "
+                                         r"labels up to 5\b.*, but the model predicts 3 classes"):
+        bad = {"kind": pool[1]["kind"].clone()}
+        bad["kind"][7] = 5
+        api_uis_floor(model, test, (pool[0], bad), 10, tasks={"kind": "classification"})
+    with pytest.raises(ValueError, match="`tasks` is empty"):
+        api_uis_floor(model, test, pool, 10, tasks={})
+
+
+def test_the_metric_itself_refuses_other_forms_and_names_the_api_function() -> None:
+    """mtunlearn_ext.metrics sits below the API: its uis_floor takes data sets only, and says
+    where the other forms are taken (``None`` was ``object of type 'NoneType' has no len()``,
+    a tuple ``forget_size (10) exceeds the unseen pool (2 instances)``)."""
+    test, pool = _tuple_data(60, seed=1), _tuple_data(50, seed=2)
+    model = _CalledWithTasks(_TwoHeads().eval())
+    with pytest.raises(TypeError, match=r"uis_floor: `unseen` must be a MultiTaskDataset: a pool "
+                                        r"of instances the model never trained on .*got NoneType "
+                                        r".*use mtunlearn_ext\.uis_floor"):
+        uis_floor(model, _as_dataset(test), None, 10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"uis_floor: `reference` must be a MultiTaskDataset: the "
+                                        r"split UIS compares with .*got tuple"):
+        uis_floor(model, test, _as_dataset(pool), 10)  # type: ignore[arg-type]
