@@ -408,6 +408,18 @@ def test_combine_in_place_over_its_own_coefficients(device: str) -> None:
     expected = c @ xs
     ops.combine(c, xs, out=c)
     torch.testing.assert_close(c, expected, rtol=1e-12, atol=1e-12)
+    # The same memory under another storage (torch.from_dlpack): storage identity cannot tell
+    # that `out` is the coefficients (the result was off by 3e4 when only it was checked).
+    c = _rand(16, 256, dtype=torch.float32, device=device, seed=3)
+    x = _rand(256, 256, dtype=torch.float32, device=device, seed=4)
+    expected = c.double() @ x.double()
+    alias = torch.from_dlpack(c)
+    assert alias.data_ptr() == c.data_ptr()
+    ops.combine(c, x, out=alias)
+    torch.testing.assert_close(c.double(), expected, rtol=1e-4, atol=1e-3)
+    c = _rand(16, 256, dtype=torch.float32, device=device, seed=3)
+    ops.combine_list(c, [x], [torch.from_dlpack(c)])
+    torch.testing.assert_close(c.double(), expected, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -40,18 +40,23 @@ void run_combine(ScalarKind kind, const std::vector<CombineSegment>& segments, i
 }
 
 // The coefficients as the kernels read them: in the accumulation type, contiguous. The kernels
-// read them while they write the outputs, so where an output shares their memory
+// read them while they write the outputs, so where an output's bytes meet theirs
 // (combine(A, X, out=A)) they get a private copy; otherwise a tensor that already has that dtype
-// and layout is used as it is, with no copy per call. Tiny: [B, m, k] or [P, m, k].
+// and layout is used as it is, with no copy per call. Tiny: [B, m, k] or [P, m, k]. Byte ranges,
+// not storage identity: two storages can share memory (torch.from_dlpack, from_numpy twice).
 at::Tensor coeffs_for_kernels(const at::Tensor& coeffs, at::ScalarType x_type, at::TensorList outs) {
   // .contiguous(), not to(..., MemoryFormat::Contiguous): `to` counts a transposed matrix as
   // contiguous enough (its suggested memory format is) and returns it as it is.
   at::Tensor c = coeffs.to(acc_type(x_type)).contiguous();
-  const bool shares_an_output =
-      c.is_same(coeffs) && std::any_of(outs.begin(), outs.end(), [&](const at::Tensor& out) {
-        return out.storage().is_alias_of(c.storage());
-      });
-  return shares_an_output ? c.clone() : c;
+  if (!c.is_same(coeffs) || c.numel() == 0) return c;  // converted: memory of its own
+  const auto lo = reinterpret_cast<std::uintptr_t>(c.data_ptr());
+  const std::uintptr_t hi = lo + c.nbytes();
+  const bool meets_an_output = std::any_of(outs.begin(), outs.end(), [&](const at::Tensor& out) {
+    if (out.numel() == 0) return false;
+    const auto out_lo = reinterpret_cast<std::uintptr_t>(out.data_ptr());
+    return out_lo < hi && lo < out_lo + out.nbytes();  // outputs are contiguous: one range
+  });
+  return meets_an_output ? c.clone() : c;
 }
 
 void check_combine_args(const at::Tensor& coeffs, const at::Tensor& x, const char* op) {
