@@ -277,42 +277,44 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
 
 def _first_label_from(datasets: Sequence[Any], data_names: Sequence[str] | None, name: str,
                       num_tasks: int, column: int, limit: int) -> str:
-    """Where the first supervised label of task ``name`` at or above ``limit`` is, in the words
-    of the problem's row checks: "first: `train_data` row 17" (the data set's id too)."""
+    """How many supervised labels of task ``name`` are at or above ``limit`` over ``datasets``,
+    and where the first is, in the words of the problem's row checks: "first: `train_data` row
+    17" (the data set's id too)."""
+    count, first = 0, ""
     for position, data in enumerate(datasets):
         if data is None or not (isinstance(data, MultiTaskDataset) or name in data[1]):
             continue
-        if isinstance(data, MultiTaskDataset):
-            labels, supervised = data.targets[name], data.supervision[:, data.task_index(name)]
-        else:
-            labels = data[1][name]
-            supervised = (data[2][:, column].to(torch.bool)
-                          if len(data) == 3 and data[2].shape[1] == num_tasks
-                          else torch.ones(len(labels), dtype=torch.bool))
+        labels, supervised = _labels_and_supervision(data, name, num_tasks, column)
+        if not len(labels):
+            continue
         bad = supervised & (labels.reshape(len(labels), -1) >= limit).any(dim=1)
-        if bool(bad.any()):
+        count += int(bad.sum())
+        if not first and bool(bad.any()):
             row = int(bad.nonzero()[0])
             what = f"`{data_names[position]}`" if data_names else "the data"
             ids = f", id {int(data.ids[row])}" if isinstance(data, MultiTaskDataset) else ""
-            count = int(bad.sum())
-            rows = "row" if count == 1 else "rows"
-            return f"{count} supervised {rows}, first: {what} row {row}{ids}"
-    return "no supervised row found"
+            first = f"first: {what} row {row}{ids}"
+    if not count:
+        return "no supervised row found"
+    return f"{count} supervised {'row' if count == 1 else 'rows'}, {first}"
+
+
+def _labels_and_supervision(data: Any, name: str, num_tasks: int, column: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``name``'s labels in ``data`` (a data set, or a tuple whose optional third element
+    is the ``[N, T]`` supervision mask) and which rows are supervised (``[N]`` bool)."""
+    if isinstance(data, MultiTaskDataset):
+        return data.targets[name], data.supervision[:, data.task_index(name)].to(torch.bool)
+    labels = data[1][name]
+    if len(data) == 3 and data[2].shape[1] == num_tasks:
+        return labels, data[2][:, column].to(torch.bool)
+    return labels, torch.ones(len(labels), dtype=torch.bool, device=labels.device)
 
 
 def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> torch.Tensor:
-    """The labels of task ``name`` on the supervised pairs of ``data`` (a data set, or a tuple
-    whose optional third element is the ``[N, T]`` supervision mask)."""
-    supervision: torch.Tensor | None
-    if isinstance(data, MultiTaskDataset):
-        labels, supervision = data.targets[name], data.supervision[:, data.task_index(name)]
-    else:
-        labels = data[1][name]
-        supervision = (data[2][:, column] if len(data) == 3 and data[2].shape[1] == num_tasks
-                       else None)
-    if supervision is not None:
-        labels = labels[supervision.to(torch.bool)]
-    return labels
+    """The labels of task ``name`` on the supervised pairs of ``data``."""
+    labels, supervised = _labels_and_supervision(data, name, num_tasks, column)
+    return labels[supervised]
 
 
 def _check_data_like(data: object, what: str) -> None:
@@ -935,7 +937,7 @@ def _uis_floor_specs(model: nn.Module, tasks: UISTasks | None,
                         f"(inputs, targets) carry no task kinds, so `tasks` must give them: a "
                         f"mapping task -> kind (e.g. {{{example}}}; kinds: "
                         f"{', '.join(TASK_KINDS)}) or TaskSpecs, as for unlearn(); got {tasks!r}")
-    known = datasets[0]
+    known = datasets[0]  # `reference` when it is a data set (the order of `data`)
     names = (known.task_names if tasks is None
              else [t if isinstance(t, str) else t.name for t in tasks])
     unknown = [t for t in names if t not in known.task_names]
@@ -943,6 +945,25 @@ def _uis_floor_specs(model: nn.Module, tasks: UISTasks | None,
         raise ValueError(f"uis_floor: unknown task(s) {unknown} (the tasks of the data set "
                          f"given: {known.task_names})")
     return [known.tasks[known.task_index(t)] for t in names]
+
+
+def _uis_floor_check_kinds(data: Sequence[tuple[str, Any]],
+                           tasks: Mapping[str, str | TaskSpec] | Sequence[TaskSpec]) -> None:
+    """Refuse a split given as a data set that describes a task otherwise than ``tasks`` (a
+    kind, or a whole TaskSpec), as :func:`unlearn` refuses it: the metric would read the
+    data set's own description and score another kind of task than the one asked for."""
+    given = tasks.items() if isinstance(tasks, Mapping) else [(s.name, s) for s in tasks]
+    for label, value in data:
+        if not isinstance(value, MultiTaskDataset):
+            continue
+        for name, want in given:
+            if name not in value.task_names:
+                raise ValueError(f"uis_floor: `{label}` has no task {name!r} (its tasks: "
+                                 f"{value.task_names})")
+            own = value.tasks[value.task_index(name)]
+            if (own != want) if isinstance(want, TaskSpec) else (own.kind != want):
+                raise ValueError(f"uis_floor: `{label}` describes task {name!r} as {own}, but "
+                                 f"`tasks` as {want!r}; they must agree")
 
 
 def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_size: int, *,
@@ -962,16 +983,21 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
             Both: a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
             supervision])`` (:data:`DataLike`; a supervision mask's columns follow ``tasks``;
             targets of other tasks are left out).
-        tasks: the tasks UIS averages over (the request's target tasks; default every task of
-            ``reference``): names or TaskSpecs, or a mapping task -> kind as for
-            :func:`unlearn`. Tuples carry no kinds: then each task's kind comes from this
-            mapping, from TaskSpecs, or from the other split when that is a data set.
+        tasks: the tasks UIS averages over (the request's target tasks): names or TaskSpecs,
+            or a mapping task -> kind as for :func:`unlearn`. Default: every task of
+            ``reference`` when it is a data set, else of ``unseen`` (two tuples need
+            ``tasks``). Tuples carry no kinds: then each task's kind comes from this mapping,
+            from TaskSpecs, or from the other split when that is a data set; a split given as
+            a data set must describe each task as ``tasks`` does.
         draws, seed, batch_size, original_test: as for
             :func:`mtunlearn_ext.metrics.uis_floor`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"uis_floor: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
+    if isinstance(tasks, str):
+        raise TypeError(f"uis_floor: `tasks` must be a list of task names, TaskSpecs or a "
+                        f"mapping task -> kind, got the string {tasks!r} (write [{tasks!r}])")
     if tasks is not None and not len(tasks):
         raise ValueError("uis_floor: `tasks` is empty")
     data = [("reference", reference), ("unseen", unseen)]
@@ -984,6 +1010,10 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
     # Called model(inputs, tasks), as the metrics call a MultiTaskModel.
     measured = cast(MultiTaskModel, model if _has_own_split(model, None, None)
                     else _SplitModel(model, (), {}))
+    if tasks is not None and (isinstance(tasks, Mapping)
+                              or all(isinstance(t, TaskSpec) for t in tasks)):
+        _uis_floor_check_kinds(data, cast(Union[Mapping[str, Union[str, TaskSpec]],
+                                                Sequence[TaskSpec]], tasks))
     if all(isinstance(value, MultiTaskDataset) for _, value in data):
         return _measure_uis_floor(measured, cast(MultiTaskDataset, reference),
                                   cast(MultiTaskDataset, unseen), forget_size,

@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=7,
                         help="timed calls of each side of a row (interleaved; the median counts)")
     args = parser.parse_args(argv)
-    if not 2 <= args.k <= 256 or args.n < 1 or args.seed < 0 or args.samples < 1:
-        parser.error(f"expected 2 <= --k <= 256 (the solvers' limit), --n >= 1, --seed >= 0 and "
+    # --n > --k: with no more values than vectors the retain rows span the whole space, so the
+    # projections are zero (no agreement to check against) and the baseline's Gram is singular.
+    if not 2 <= args.k <= 256 or args.n <= args.k or args.seed < 0 or args.samples < 1:
+        parser.error(f"expected 2 <= --k <= 256 (the solvers' limit), --n > --k, --seed >= 0 and "
                      f"--samples >= 1, got {args.k}, {args.n}, {args.seed} and {args.samples}")
 
     info = mtunlearn_ext.build_info()

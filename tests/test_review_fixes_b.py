@@ -73,3 +73,62 @@ def test_a_label_past_the_models_classes_names_its_row_when_tasks_are_kinds() ->
                               forget_request=mtunlearn_ext.ForgetRequest.create(range(5), ["kind"]),
                               shared_parameters=lambda name: name.startswith("trunk."),
                               config={"steps": 1})
+
+
+def test_the_label_error_counts_every_data_set_and_survives_an_empty_one() -> None:
+    """The row-naming label check read ``labels.reshape(0, -1)`` on an empty data set (a
+    RuntimeError instead of the ValueError), and counted only the first data set with a bad
+    row."""
+    import mtunlearn_ext
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=generator)
+    y = {"kind": torch.randint(0, 3, (40,), generator=generator),
+         "size": torch.randn(40, 1, generator=generator)}
+    y["kind"][17] = 7
+    common = {"tasks": {"kind": "classification", "size": "regression"},
+              "shared_parameters": lambda name: name.startswith("trunk."), "config": {"steps": 1}}
+    empty = (x[:0], {"kind": y["kind"][:0], "size": y["size"][:0]})
+    with pytest.raises(ValueError, match=r"labels up to 7 \(1 supervised row, first: "
+                                         r"`retain_data` row 17\)"):
+        mtunlearn_ext.unlearn(_TwoHeads(), forget_data=empty, retain_data=(x, y), **common)
+    retain = {**y, "kind": torch.where(torch.arange(40) < 3, 8, y["kind"])}
+    forget = (x[:5], {"kind": torch.tensor([0, 1, 9, 0, 0])})
+    with pytest.raises(ValueError, match=r"labels up to 9 \(5 supervised rows, first: "
+                                         r"`forget_data` row 2\)"):
+        mtunlearn_ext.unlearn(_TwoHeads(), forget_data=forget, retain_data=(x, retain), **common)
+
+
+def test_uis_floor_refuses_a_data_set_that_describes_a_task_otherwise() -> None:
+    """With a mapping ``tasks``, a split given as a data set must describe each task as the
+    mapping does (unlearn() refuses the same): both data sets used to be measured as the data
+    sets said, and a tuple beside a data set failed deep inside the UIS computation."""
+    import mtunlearn_ext
+    from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
+
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (torch.randn(n, 8, generator=generator),
+                {"kind": torch.randint(0, 3, (n,), generator=generator)})
+
+    test, pool = split(60), split(50)
+    spec = TaskSpec("kind", "classification", num_classes=3)
+    as_set = [MultiTaskDataset(d[0], d[1], [spec]) for d in (test, pool)]
+    model = _TwoHeads().eval()
+    message = (r"uis_floor: `reference` describes task 'kind' as TaskSpec\(name='kind', "
+               r"kind='classification'.*but `tasks` as 'regression'; they must agree")
+    with pytest.raises(ValueError, match=message):
+        mtunlearn_ext.uis_floor(model, as_set[0], as_set[1], 10, tasks={"kind": "regression"})
+    with pytest.raises(ValueError, match=message):
+        mtunlearn_ext.uis_floor(model, as_set[0], (pool[0], {"kind": pool[1]["kind"][:, None]
+                                                             .float()}),
+                                10, tasks={"kind": "regression"})
+    with pytest.raises(TypeError, match=r"`tasks` must be a list of task names.*got the string "
+                                        r"'kind' \(write \['kind'\]\)"):
+        mtunlearn_ext.uis_floor(model, as_set[0], as_set[1], 10, tasks="kind")
+    # Agreeing kinds are measured, the same as the names alone.
+    agreeing = mtunlearn_ext.uis_floor(model, as_set[0], as_set[1], 10,
+                                       tasks={"kind": "classification"}, draws=5)
+    by_name = mtunlearn_ext.uis_floor(model, as_set[0], as_set[1], 10, tasks=["kind"], draws=5)
+    assert torch.equal(agreeing.draws, by_name.draws)

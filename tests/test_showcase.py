@@ -87,7 +87,8 @@ def test_a_pair_that_disagrees_is_not_timed(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("argv", [["--k", "0"], ["--k", "300"], ["--n", "0"], ["--seed", "-1"],
-                                  ["--samples", "0"]])
+                                  ["--samples", "0"], ["--k", "8", "--n", "4"],
+                                  ["--k", "8", "--n", "8"]])
 def test_showcase_refuses_sizes_it_cannot_run(argv: list[str],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:

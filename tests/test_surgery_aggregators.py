@@ -215,6 +215,20 @@ def test_min_norm_with_the_origin_in_the_hull_falls_back_to_the_iterative_solver
     assert float((w @ j).norm()) < 1e-9
 
 
+def test_min_norm_weights_are_constants_even_for_a_gram_that_requires_grad() -> None:
+    """The weightings' weights are documented as computed without autograd. Through the compiled
+    QP a Gram that required grad gave a result that looked differentiable, with torch's warning
+    that the op has no autograd kernel ("silently incorrect")."""
+    import warnings
+
+    j = _random_jacobian(4, 12, 0).requires_grad_(True)
+    gram = j @ j.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = min_norm_simplex(gram)
+    assert not weights.requires_grad and weights.grad_fn is None
+
+
 def test_mgda_two_tasks_closed_form() -> None:
     j = _random_jacobian(2, 10, 3)
     g1, g2 = j

@@ -183,7 +183,9 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     if iterations < 1:
         raise ValueError(f"min_norm_simplex: `iterations` must be >= 1, got {iterations}")
     k = gram.shape[-1]
-    g = gram.to(torch.float64)
+    # No autograd through the solve (the weightings document weights as constants): the compiled
+    # QP has no backward formula, and the iterative path's graph would differ from it.
+    g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.transpose(-1, -2))
     tiny = torch.finfo(torch.float64).tiny
     scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
