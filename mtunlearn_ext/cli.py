@@ -255,10 +255,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as error:
             raise UserInputError("--train", "fields of TrainConfig", given,
                                  str(error)) from error
-        if recipe.epochs < 1:  # --epochs itself is refused by argparse below 1
-            raise UserInputError("--train", "epochs >= 1", given,
-                                 "0 epochs trains nothing: the checkpoint would be the untrained "
-                                 "initialisation with no final loss")
         model = build_model(bench, seed=args.seed).to(device)
         try:
             result = train(model, bench.train, None, recipe, progress=not args.quiet)

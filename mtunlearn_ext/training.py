@@ -74,8 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.epochs < 0:
-            raise ValueError(f"TrainConfig: `epochs` must be >= 0, got {self.epochs}")
+        if self.epochs < 1:  # 0 epochs trains nothing and has no final loss
+            raise ValueError(f"TrainConfig: `epochs` must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"TrainConfig: `batch_size` must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -132,8 +132,8 @@ def test_train_refuses_zero_epochs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert stopped.value.code == 2
     assert "argument --epochs: expected an integer >= 1, got '0'" in _err(capsys)
     assert cli.main([*base, "--train", '{"epochs": 0}']) == 2
-    assert _err(capsys).startswith("mtunlearn: error: --train: expected epochs >= 1, got "
-                                   "{'epochs': 0}")
+    assert _err(capsys).startswith("mtunlearn: error: --train: expected fields of TrainConfig, "
+                                   "got {'epochs': 0}; TrainConfig: `epochs` must be >= 1")
     assert _listing(tmp_path) == set()
 
 

@@ -221,7 +221,7 @@ def test_training_respects_the_supervision_mask(digits) -> None:
 
 
 def test_train_config_validation() -> None:
-    for bad in ({"epochs": -1}, {"batch_size": 0}, {"lr": 0.0}, {"lr": float("nan")},
+    for bad in ({"epochs": -1}, {"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"lr": float("nan")},
                 {"optimizer": "lbfgs"}, {"schedule": "step"}, {"grad_clip": 0.0},
                 {"weight_decay": -1.0}, {"num_threads": 0}):
         with pytest.raises(ValueError):
