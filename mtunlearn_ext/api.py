@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, cast
 
@@ -34,7 +33,7 @@ from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.metrics.scores import Scores
-from mtunlearn_ext.metrics.uis_floor import UISFloor
+from mtunlearn_ext.metrics.uis_floor import WHAT_EACH_SPLIT_IS, UISFloor
 from mtunlearn_ext.metrics.uis_floor import uis_floor as _measure_uis_floor
 from mtunlearn_ext.models.base import MultiTaskModel, ParameterSplit
 from mtunlearn_ext.models.modes import eval_mode
@@ -231,11 +230,12 @@ def _predicted_classes(model: nn.Module, unpack: bool, data: Any,
 
 def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 datasets: Sequence[Any], predicted_classes: Mapping[str, int],
-                data_names: Sequence[str] | None = None) -> list[TaskSpec]:
+                data_names: Sequence[str] | None = None, *, op: str = "unlearn"
+                ) -> list[TaskSpec]:
     if not isinstance(tasks, Mapping):
         specs = list(tasks)
         if not all(isinstance(s, TaskSpec) for s in specs):
-            raise TypeError("unlearn: `tasks` must be TaskSpecs or a mapping task -> kind")
+            raise TypeError(f"{op}: `tasks` must be TaskSpecs or a mapping task -> kind")
         return specs
     specs = []
     for name, kind in tasks.items():
@@ -243,7 +243,7 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
             specs.append(kind)
             continue
         if kind not in TASK_KINDS:
-            raise ValueError(f"unlearn: task {name!r} has unknown kind {kind!r}; kinds: "
+            raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: "
                              f"{TASK_KINDS}")
         num_classes = None
         if kind in ("classification", "segmentation"):
@@ -255,7 +255,7 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                           isinstance(d, MultiTaskDataset) or name in d[1])]
             labels = [t for t in labels if t.numel()]
             if not labels:
-                raise ValueError(f"unlearn: task {name!r} ({kind}) has no supervised label to "
+                raise ValueError(f"{op}: task {name!r} ({kind}) has no supervised label to "
                                  "count its classes from; pass a TaskSpec with num_classes")
             num_classes = int(max(int(t.max()) for t in labels)) + 1
             predicted = predicted_classes.get(name)
@@ -263,7 +263,7 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 if num_classes > predicted:
                     first = _first_label_from(datasets, data_names, name, len(tasks),
                                               list(tasks).index(name), predicted)
-                    raise ValueError(f"unlearn: task {name!r} ({kind}) has class labels up to "
+                    raise ValueError(f"{op}: task {name!r} ({kind}) has class labels up to "
                                      f"{num_classes - 1} ({first}), but the model predicts "
                                      f"{predicted} "
                                      f"classes for it (dimension 1 of its output); labels must "
@@ -317,47 +317,48 @@ def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> tor
     return labels[supervised]
 
 
-def _check_data_like(data: object, what: str) -> None:
+def _check_data_like(data: object, what: str, op: str = "unlearn") -> None:
     """Refuse, naming ``what``, a ``data`` that is neither a :class:`MultiTaskDataset` nor
     ``(inputs, targets[, supervision])`` with ``targets`` a mapping: ``(ids, mask, targets)``,
     several inputs not grouped into one tuple, would otherwise read ``mask`` as the targets."""
     if isinstance(data, MultiTaskDataset):
         return
     if not isinstance(data, tuple) or len(data) not in (2, 3):
-        raise TypeError(f"unlearn: `{what}` must be a MultiTaskDataset or (inputs, targets"
+        raise TypeError(f"{op}: `{what}` must be a MultiTaskDataset or (inputs, targets"
                         f"[, supervision])")
     if not isinstance(data[1], Mapping):
-        raise TypeError(f"unlearn: `{what}`[1] must be the targets, a mapping task -> "
+        raise TypeError(f"{op}: `{what}`[1] must be the targets, a mapping task -> "
                         f"[N, ...] tensor, got {type(data[1]).__name__}; several inputs go "
                         f"in one tuple or dict: ((ids, mask), targets)")
     for name, value in data[1].items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             got = type(value).__name__ if not isinstance(value, torch.Tensor) else "a 0-d tensor"
-            raise TypeError(f"unlearn: `{what}` targets of task {name!r} must be a tensor "
+            raise TypeError(f"{op}: `{what}` targets of task {name!r} must be a tensor "
                             f"[N, ...] (one row per instance), got {got}")
 
 
 def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
-                like: MultiTaskDataset | None = None, id_offset: int = 0) -> MultiTaskDataset:
+                like: MultiTaskDataset | None = None, id_offset: int = 0, *,
+                op: str = "unlearn") -> MultiTaskDataset:
     """``data`` in the data contract. Tasks without a target tensor get an all-unsupervised
     placeholder column shaped like ``like``'s (for a forget set listing only target tasks)."""
     if isinstance(data, MultiTaskDataset):
         if data.task_names != [s.name for s in specs]:
-            raise ValueError(f"unlearn: `{what}` has tasks {data.task_names}, expected "
+            raise ValueError(f"{op}: `{what}` has tasks {data.task_names}, expected "
                              f"{[s.name for s in specs]}")
         for own, spec in zip(data.tasks, specs):
             # The losses follow `tasks`, the targets and their checks the data set's specs.
             if own != spec:
-                raise ValueError(f"unlearn: `{what}` describes task {spec.name!r} as {own}, but "
+                raise ValueError(f"{op}: `{what}` describes task {spec.name!r} as {own}, but "
                                  f"`tasks` as {spec}; they must agree")
         return data
-    _check_data_like(data, what)
+    _check_data_like(data, what, op)
     inputs, targets = data[0], dict(data[1])
-    n = check_inputs(inputs, f"unlearn: the inputs of `{what}`")
+    n = check_inputs(inputs, f"{op}: the inputs of `{what}`")
     names = [s.name for s in specs]
     unknown = [t for t in targets if t not in names]
     if unknown:
-        raise KeyError(f"unlearn: `{what}` has targets for unknown tasks {unknown}; the tasks "
+        raise KeyError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
                        f"are {names}")
     supervision = data[2] if len(data) == 3 else None
     full_targets: dict[str, torch.Tensor] = {}
@@ -371,7 +372,7 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
             full_targets[spec.name] = torch.zeros((n, *ref.shape[1:]), dtype=ref.dtype)
             columns.append(False)
         else:
-            raise KeyError(f"unlearn: `{what}` has no targets for task {spec.name!r}")
+            raise KeyError(f"{op}: `{what}` has no targets for task {spec.name!r}")
     if supervision is not None and isinstance(supervision, torch.Tensor) \
             and supervision.dim() == 2 and supervision.shape[1] == len(specs):
         # A placeholder column has no labels to supervise: marked supervised, it would invent
@@ -379,7 +380,7 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
         invented = [spec.name for spec, given in zip(specs, columns)
                     if not given and bool(supervision[:, names.index(spec.name)].any())]
         if invented:
-            raise ValueError(f"unlearn: `{what}`'s supervision marks pairs of {invented} "
+            raise ValueError(f"{op}: `{what}`'s supervision marks pairs of {invented} "
                              "supervised, but it has no targets for them")
     if supervision is None:
         supervision = torch.tensor(columns, dtype=torch.bool).expand(n, len(specs)).clone()
@@ -898,19 +899,6 @@ _DATA_FORMS = ("a MultiTaskDataset or (inputs, targets[, supervision]) as mtunle
                "takes them")
 
 
-@contextmanager
-def _named_for_uis_floor() -> Iterator[None]:
-    """Errors of the data normalisation shared with :func:`unlearn` (messages that start
-    ``unlearn: ``), re-raised as the same type under ``uis_floor``'s name."""
-    try:
-        yield
-    except (TypeError, ValueError, KeyError) as error:
-        message = error.args[0] if len(error.args) == 1 else None
-        if not isinstance(message, str) or not message.startswith("unlearn: "):
-            raise
-        raise type(error)("uis_floor: " + message[len("unlearn: "):]) from error
-
-
 def _uis_floor_specs(model: nn.Module, tasks: UISTasks | None,
                      data: Sequence[tuple[str, Any]]) -> list[TaskSpec]:
     """The specs of ``tasks`` when some of the data come as tuples, which carry no task kinds:
@@ -926,7 +914,7 @@ def _uis_floor_specs(model: nn.Module, tasks: UISTasks | None,
                    if not isinstance(d, MultiTaskDataset) or set(tasks) <= set(d.task_names)]
         return _task_specs(tasks, [d for _, d in counted],
                            _predicted_classes(model, unpack, first_tuple, tasks),
-                           [label for label, _ in counted])
+                           [label for label, _ in counted], op="uis_floor")
     if tasks is not None and all(isinstance(t, TaskSpec) for t in tasks):
         return [cast(TaskSpec, t) for t in tasks]
     if not datasets:
@@ -1003,10 +991,8 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
     data = [("reference", reference), ("unseen", unseen)]
     for label, value in data:
         if value is None:
-            raise TypeError(f"uis_floor: `{label}` is None; expected {_DATA_FORMS}"
-                            + (": a pool of instances the model never trained on (a "
-                               "validation split, or instances held back from training)"
-                               if label == "unseen" else ": the test split"))
+            raise TypeError(f"uis_floor: `{label}` is None; expected {_DATA_FORMS}: "
+                            f"{WHAT_EACH_SPLIT_IS[label]}")
     # Called model(inputs, tasks), as the metrics call a MultiTaskModel.
     measured = cast(MultiTaskModel, model if _has_own_split(model, None, None)
                     else _SplitModel(model, (), {}))
@@ -1019,20 +1005,20 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
                                   cast(MultiTaskDataset, unseen), forget_size,
                                   tasks=None if tasks is None else list(tasks), draws=draws,
                                   seed=seed, batch_size=batch_size, original_test=original_test)
-    with _named_for_uis_floor():
-        for label, value in data:
-            _check_data_like(value, label)
-        specs = _uis_floor_specs(model, tasks, data)
-        names = [spec.name for spec in specs]
-        converted = []
-        for label, value in data:
-            if not isinstance(value, MultiTaskDataset):
-                # Only the measured tasks' targets: the data may carry every task of the model
-                # (as for unlearn), and UIS averages over some of them.
-                own = cast(tuple, value)
-                kept = {t: v for t, v in own[1].items() if t in names}
-                value = _as_dataset(cast(DataLike, (own[0], kept, *own[2:])), specs, label)
-            converted.append(value)
+    for label, value in data:
+        _check_data_like(value, label, "uis_floor")
+    specs = _uis_floor_specs(model, tasks, data)
+    names = [spec.name for spec in specs]
+    converted = []
+    for label, value in data:
+        if not isinstance(value, MultiTaskDataset):
+            # Only the measured tasks' targets: the data may carry every task of the model (as
+            # for unlearn), and UIS averages over some of them.
+            own = cast(tuple, value)
+            kept = {t: v for t, v in own[1].items() if t in names}
+            value = _as_dataset(cast(DataLike, (own[0], kept, *own[2:])), specs, label,
+                                op="uis_floor")
+        converted.append(value)
     return _measure_uis_floor(measured, converted[0], converted[1], forget_size, tasks=names,
                               draws=draws, seed=seed, batch_size=batch_size,
                               original_test=original_test)

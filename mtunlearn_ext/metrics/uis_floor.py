@@ -76,8 +76,9 @@ class UISFloor:
         return float(torch.quantile(self.draws, q))
 
 
-#: What each split is, for the error when one is missing or in another form.
-_WHAT_EACH_SPLIT_IS = {
+#: What each split is, for the errors (here and in mtunlearn_ext.uis_floor) when one is missing
+#: or in another form.
+WHAT_EACH_SPLIT_IS = {
     "reference": "the split UIS compares with (the test split)",
     "unseen": ("a pool of instances the model never trained on (a validation split, instances "
                "held back from training, or, for a generated benchmark, "
@@ -93,7 +94,7 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
             # (inputs, targets) tuples and plain modules are unlearn()'s forms; the API layer
             # converts them (this layer sits below it).
             raise TypeError(f"uis_floor: `{label}` must be a MultiTaskDataset: "
-                            f"{_WHAT_EACH_SPLIT_IS[label]}; got {type(data).__name__} (for "
+                            f"{WHAT_EACH_SPLIT_IS[label]}; got {type(data).__name__} (for "
                             f"(inputs, targets) tuples and plain modules, as unlearn() takes "
                             f"them, use mtunlearn_ext.uis_floor)")
     check_positive_int(forget_size, "forget_size", "uis_floor")
