@@ -14,9 +14,14 @@ Scenarios:
   shards, two SGD steps (also with two accumulated micro-batches per step), parameters equal to
   single-process training on the full batch;
 - DDP: ``replicated_surgery`` (per-task stacks averaged) under ``no_sync``, same check;
-- a task whose loss reaches its head on one rank only: with ``head_params`` the single-process
-  gradients of the rank-mean losses, without them a ValueError on every rank (also when the
-  ranks reached as many heads of one shape, but different ones);
+- a task whose loss reaches its head on one rank only (its loss on the other an attached zero,
+  or a constant ``torch.zeros(())``): with ``head_params`` the single-process gradients of the
+  rank-mean losses, without them a ValueError on every rank that says which heads differ (also
+  when the ranks reached as many heads of one shape, but different ones);
+- accumulate() / apply() where one rank meets a head only in its second micro-batch (the task
+  has no labels in its first): the single-process gradients, with or without ``head_params``;
+- FSDP2 with only the trunk sharded and a constant loss on one rank: every rank still runs one
+  backward pass per task, and the trunk gets the gradients of the rank-mean losses;
 - a shared parameter reached on one rank only gets the average on every rank, one reached on
   none keeps ``.grad`` None on every rank;
 - ``sharded_surgery(per_layer=True)``: per tensor on FSDP2 shards, refused on a split list.
@@ -248,12 +253,15 @@ def _scenario_ddp(rank: int, agg: str, dtype_name: str) -> float:
     return err
 
 
-def _scenario_replicated_unreached_head(rank: int, per_task: str) -> float:
+def _scenario_replicated_unreached_head(rank: int, per_task: str, standin: str) -> float:
     """Task 2 has no labels in rank 1's batch, whose loss for it is a zero that reaches no
-    head. With ``head_params`` every rank gets the single-process gradients of the rank-mean
-    losses (task 2's: rank 0's loss / 2), head 2 included; without them every rank raises
-    (before the fix the ranks paired different tensors in the all-reduce, and rank 0 waited
-    for a partner until the peer left)."""
+    head (``standin``: "attached", a zero computed from head 0's output, or "constant", a
+    ``torch.zeros(())`` that does not require grad, which rank 1 refused alone while rank 0
+    waited in the all-reduce). With ``head_params`` every rank gets the single-process
+    gradients of the rank-mean losses (task 2's: rank 0's loss / 2), head 2 included; without
+    them every rank raises, saying which heads differ (before the fix the ranks paired
+    different tensors in the all-reduce, and rank 0 waited for a partner until the peer
+    left)."""
     from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
 
     def rank_losses(model: _Net, r: int) -> list[torch.Tensor]:
@@ -261,7 +269,7 @@ def _scenario_replicated_unreached_head(rank: int, per_task: str) -> float:
         outs = model(x)
         losses = _losses(outs, y)
         if r == 1:
-            losses[2] = outs[0].sum() * 0.0
+            losses[2] = outs[0].sum() * 0.0 if standin == "attached" else torch.zeros(())
         return losses
 
     reference = _Net(F64)
@@ -276,6 +284,10 @@ def _scenario_replicated_unreached_head(rank: int, per_task: str) -> float:
             rank_losses(model, rank))
     except ValueError as error:
         assert "reached different task-specific parameters" in str(error), error
+        if standin == "constant":  # rank 1 reached heads 0 and 1 only, each by its own task
+            assert ("(tensors with a gradient per rank: rank 0: 6, rank 1: 4; rank 0 has a "
+                    "(1, 4) float64 tensor reached by losses[2], a (1,) float64 tensor reached "
+                    "by losses[2] where rank 1 has nothing else)") in str(error), error
     else:
         raise AssertionError("ranks reaching different heads were not refused")
     model.zero_grad(set_to_none=True)
@@ -308,10 +320,89 @@ def _scenario_replicated_same_shape_heads(rank: int, per_task: str) -> float:
         surgery.backward(losses)
     except ValueError as error:
         assert ("reached different task-specific parameters (4 tensors with a gradient on "
-                "every rank, but reached by other tasks or of other shapes)") in str(error), error
+                "every rank; rank 0 has a (1, 4) float64 tensor reached by losses[1], a (1,) "
+                "float64 tensor reached by losses[1] where rank 1 has a (1, 4) float64 tensor "
+                "reached by losses[2], a (1,) float64 tensor reached by losses[2])"
+                ) in str(error), error
     else:
         raise AssertionError("ranks reaching different heads of one shape were not refused")
     return 0.0
+
+
+def _scenario_replicated_accumulate_head_met_late(rank: int, per_task: str) -> float:
+    """accumulate() over two micro-batches; task 2 has no labels in rank 1's first one, whose
+    loss for it there is a zero stand-in, so rank 1 meets head 2 only in its second
+    micro-batch while rank 0 meets it in its first. Both ranks reach the same heads with the
+    same tasks over the step, yet without ``head_params`` they listed them in the order they
+    met them, and the check reported different heads on every rank. Against one process
+    accumulating the rank-mean losses of each micro-batch: with a stand-in attached to the
+    trunk (the reported case), with a constant one, and with ``head_params``."""
+    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+
+    def rank_losses(model: _Net, r: int, micro: int, standin: str) -> list[torch.Tensor]:
+        x, y = _rank_batch(*_data(20 + micro, F64), r)
+        z = model.trunk(x)
+        losses = _losses([h(z).squeeze(-1) for h in model.heads], y)
+        if r == 1 and micro == 0:
+            losses[2] = z.sum() * 0.0 if standin == "attached" else torch.zeros(())
+        return losses
+
+    err = 0.0
+    for standin, with_heads in (("attached", False), ("constant", False), ("constant", True)):
+        reference = _Net(F64)
+        single = GradientSurgery(reference.trunk.parameters(), UPGrad())
+        for micro in range(2):
+            per_rank = [rank_losses(reference, r, micro, standin) for r in range(WORLD)]
+            single.accumulate([sum(ls[t] for ls in per_rank) / WORLD for t in range(3)])
+        expected_weights = single.apply()
+        model = _Net(F64)
+        heads = {"head_params": model.heads.parameters()} if with_heads else {}
+        surgery = replicated_surgery(model.trunk.parameters(), UPGrad(), per_task=per_task,
+                                     **heads)
+        for micro in range(2):
+            surgery.accumulate(rank_losses(model, rank, micro, standin))
+        weights = surgery.apply()
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+        for p, ref in zip(model.parameters(), reference.parameters()):
+            assert p.grad is not None and ref.grad is not None
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-12, atol=1e-12)
+            err = max(err, (p.grad - ref.grad).abs().max().item())
+    return err
+
+
+def _scenario_fsdp2_trunk_constant_standin(rank: int) -> float:
+    """FSDP2 on the trunk only; task 2 has no labels on rank 1, whose loss for it is a
+    constant. FSDP2 reduce-scatters inside each backward pass, so rank 1 must run one for task
+    2 too (of zero): skipping it left rank 0 waiting. The trunk gets the single-process
+    gradients of the rank-mean losses (the heads, not sharded, are each rank's own)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mtunlearn_ext.surgery import GradientSurgery, sharded_surgery
+
+    def rank_losses(model: _Net, r: int) -> list[torch.Tensor]:
+        x, y = _rank_batch(*_data(30, F64), r)
+        losses = _losses(model(x), y)
+        if r == 1:
+            losses[2] = torch.zeros(())
+        return losses
+
+    reference = _Net(F64)
+    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
+    GradientSurgery(reference.trunk.parameters(), UPGrad()).backward(
+        [sum(ls[t] for ls in per_rank) / WORLD for t in range(3)])
+    model = _Net(F64)
+    fully_shard(model.trunk, mesh=init_device_mesh("cpu", (WORLD,)))
+    surgery = sharded_surgery(model.trunk.parameters(), UPGrad())
+    assert surgery.per_task == "backward"
+    surgery.backward(rank_losses(model, rank))
+    err = 0.0
+    for p, ref in zip(model.trunk.parameters(), reference.trunk.parameters()):
+        assert p.grad is not None and ref.grad is not None
+        full = p.grad.full_tensor()
+        torch.testing.assert_close(full, ref.grad, rtol=1e-12, atol=1e-12)
+        err = max(err, (full - ref.grad).abs().max().item())
+    return err
 
 
 def _scenario_replicated_unreached_shared(rank: int, per_task: str) -> float:
@@ -441,9 +532,13 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     table["fsdp2_per_layer-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32",
                                                                         per_layer=True)
     table["sharded_per_layer_true_on_a_split"] = _scenario_sharded_per_layer_true_on_a_split
+    table["fsdp2_trunk_constant_standin-upgrad-fp64"] = _scenario_fsdp2_trunk_constant_standin
     for mode in ("autograd", "batched"):
-        table[f"replicated_unreached_head-{mode}-fp64"] = (
-            lambda r, m=mode: _scenario_replicated_unreached_head(r, m))
+        for standin in ("attached", "constant"):
+            table[f"replicated_unreached_head-{standin}-{mode}-fp64"] = (
+                lambda r, m=mode, s=standin: _scenario_replicated_unreached_head(r, m, s))
+        table[f"replicated_accumulate_head_met_late-{mode}-fp64"] = (
+            lambda r, m=mode: _scenario_replicated_accumulate_head_met_late(r, m))
         table[f"replicated_same_shape_heads-{mode}-fp64"] = (
             lambda r, m=mode: _scenario_replicated_same_shape_heads(r, m))
         table[f"replicated_unreached_shared-{mode}-fp64"] = (

@@ -1,5 +1,6 @@
 """GradientSurgery in training loops: per-task modes, heads, accumulation, buffers, compile,
-AMP / GradScaler, per-layer, and a LibMTL-style weighting wrapper."""
+AMP / GradScaler, per-layer, a LibMTL-style weighting wrapper, constant (label-less) losses,
+post-accumulate-grad hooks, refused steps, gradient layouts and misuse messages."""
 
 from __future__ import annotations
 
@@ -283,7 +284,9 @@ def test_errors() -> None:
         surgery.backward(1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scalar"):
         surgery.backward([torch.ones(2, requires_grad=True)])
-    with pytest.raises(ValueError, match="does not require grad"):
+    # Constants only: no gradient at all, refused as sum(losses).backward() refuses it (a
+    # constant among attached losses is a zero gradient: test_constant_losses_...).
+    with pytest.raises(ValueError, match="none of the 1 losses requires grad"):
         surgery.backward([torch.ones(())])
 
 
@@ -731,3 +734,230 @@ def test_freezing_between_accumulate_and_apply_is_refused() -> None:
     trunk[0].weight.requires_grad_(True)  # as they were: the buffered step can still be applied
     surgery.apply()
     assert all(p.grad is not None for p in trunk.parameters())
+
+
+MODES = ["autograd", "batched", "backward"]
+
+
+def _with_standin(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor,
+                  standin: str) -> list[torch.Tensor]:
+    """The losses of a batch with no labels for task 2: its loss a zero attached to the trunk
+    (``z.sum() * 0``, accepted all along) or a constant (``torch.zeros(())``, float32 on the
+    CPU whatever the model: it does not require grad)."""
+    z = model.trunk(x)
+    outs = [head(z).squeeze(-1) for head in model.heads]
+    losses = [((outs[t] - (-1) ** t * y[t]) ** 2).mean() for t in range(2)]
+    return [*losses, z.sum() * 0.0 if standin == "attached" else torch.zeros(())]
+
+
+@pytest.mark.parametrize("per_task", MODES)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["backward", "accumulate-apply"])
+def test_a_constant_loss_is_a_zero_gradient(per_task: str, accumulate: bool) -> None:
+    """A task with no labels in the batch, its loss a constant stand-in: refused in every mode
+    ("losses[2] does not require grad") while sum(losses).backward() takes it. It is a zero
+    gradient row now: the same .grad as the attached zero, head 2 left None (no loss reached
+    it), in every mode, and with accumulate() where only the first micro-batch lacks labels."""
+    grads = {}
+    for standin in ("attached", "constant"):
+        model = MultiTaskNet(F64)
+        surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+        if accumulate:
+            x, y = _batch(F64, 1)
+            surgery.accumulate(_with_standin(model, x, y, standin))
+            x, y = _batch(F64, 2)
+            surgery.accumulate(_losses(model, x, y))
+            weights = surgery.apply()
+        else:
+            x, y = _batch(F64)
+            losses = _with_standin(model, x, y, standin)
+            weights = surgery.backward(losses)
+            # The graph is freed after the last loss that has one, as with retain_graph=False.
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                losses[0].backward()
+        grads[standin] = (weights, [p.grad for p in model.parameters()])
+    (w_attached, attached), (w_constant, constant) = grads["attached"], grads["constant"]
+    torch.testing.assert_close(w_constant, w_attached, rtol=1e-14, atol=1e-14)
+    assert [g is None for g in constant] == [g is None for g in attached]
+    assert (constant[-1] is None) != accumulate  # head 2's bias: reached only by micro-batch 2
+    for got, want in zip(constant, attached):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("per_task", MODES)
+def test_a_nan_constant_loss_is_refused_by_name(per_task: str) -> None:
+    """A constant that is NaN is a broken loss, not a task without labels: its gradient row is
+    NaN, so the step is refused naming it (and with check_finite=False, NaN reaches .grad for a
+    GradScaler to skip the step)."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+
+    def losses() -> list[torch.Tensor]:
+        task_losses = _losses(model, x, y)
+        task_losses[1] = torch.tensor(float("nan"))
+        return task_losses
+
+    with pytest.raises(FloatingPointError, match=r"the gradients of losses\[1\] \(first in "
+                                                 r"'param0'\) hold NaN or Inf; losses\[1\] did "
+                                                 r"not require grad \(a constant"):
+        GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task).backward(losses())
+    assert all(p.grad is None for p in model.trunk.parameters())
+    GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,
+                    check_finite=False).backward(losses())
+    assert all(bool(p.grad.isnan().all()) for p in model.trunk.parameters())
+
+
+@pytest.mark.parametrize("per_task", MODES)
+def test_post_accumulate_grad_hooks_are_refused_by_name(per_task: str) -> None:
+    """A post-accumulate-grad hook (optimizer step in backward) never ran in the "autograd" and
+    "batched" modes and ran once per task on raw per-task gradients in "backward" mode: the
+    surgery writes .grad itself. Refused before anything is written, naming the parameter: a
+    shared one, a head found in the graph, a head given as head_params ("backward"), and one
+    hooked between accumulate() and apply()."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    ran: list[torch.Tensor] = []
+    surgery = GradientSurgery(model.trunk.named_parameters(), UPGrad(), per_task=per_task)
+    handle = model.trunk[0].weight.register_post_accumulate_grad_hook(ran.append)
+    for call in (surgery.backward, surgery.accumulate):
+        with pytest.raises(RuntimeError, match=r"\.(backward|accumulate): shared parameter "
+                                               r"'0\.weight' carries a post-accumulate-grad hook"
+                                               r".*the surgery cannot honour"):
+            call(_losses(model, x, y))
+    handle.remove()
+    head_hook = model.heads[1].weight.register_post_accumulate_grad_hook(ran.append)
+    if per_task == "backward":  # heads accumulate natively: known when they are given
+        surgery = GradientSurgery(model.trunk.named_parameters(), UPGrad(), per_task=per_task,
+                                  head_params=model.heads.parameters())
+    with pytest.raises(RuntimeError, match=r"the head parameter of shape \(1, 8\) carries a "
+                                           r"post-accumulate-grad hook"):
+        surgery.backward(_losses(model, x, y))
+    assert ran == [] and all(p.grad is None for p in model.parameters())
+    head_hook.remove()
+    surgery.accumulate(_losses(model, x, y))
+    model.trunk[2].bias.register_post_accumulate_grad_hook(ran.append)
+    with pytest.raises(RuntimeError, match=r"apply: shared parameter '2\.bias' carries"):
+        surgery.apply()
+    assert ran == [] and all(p.grad is None for p in model.trunk.parameters())
+
+
+def test_misuse_is_named_in_the_callers_words() -> None:
+    """A dict of losses was taken for its keys ("losses[0] must be a scalar tensor"), stacks
+    of another dtype were refused in the list op's words (`outs[0]` ... `grads_list[0]`), and a
+    class given for an aggregator was "got type"."""
+    model = MultiTaskNet(F64)
+    with pytest.raises(TypeError, match=r"got the class UPGrad itself; instantiate it: "
+                                        r"UPGrad\(\)"):
+        GradientSurgery(model.trunk.parameters(), UPGrad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got the module Sequential; pass its parameters\(\) "
+                                        r"or named_parameters\(\)"):
+        GradientSurgery(model.trunk, UPGrad())  # type: ignore[arg-type]
+    surgery = GradientSurgery(model.trunk.named_parameters(), UPGrad())
+    x, y = _batch(F64)
+    losses = _losses(model, x, y)
+    with pytest.raises(TypeError, match=r"`losses` must be a sequence of k scalar losses \(one "
+                                        r"per task\), got a dict \(a mapping\); pass its losses "
+                                        r"as a list in a fixed task order, e\.g\. "
+                                        r"list\(losses\.values\(\)\)"):
+        surgery.backward({"a": losses[0], "b": losses[1]})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"losses\[1\] must be a scalar tensor, got a float"):
+        surgery.backward([losses[0], 0.0])  # type: ignore[list-item]
+    stacks = [torch.randn(TASKS, *p.shape, dtype=F64) for p in model.trunk.parameters()]
+    with pytest.raises(TypeError, match=r"^GradientSurgery\.apply: per_task_grads\[0\] \(the "
+                                        r"per-task gradients of '0\.weight'\) is torch\.float32, "
+                                        r"but the parameter is torch\.float64"):
+        surgery.apply([s.float() for s in stacks])
+    with pytest.raises(ValueError, match=r"^GradientSurgery\.apply: per_task_grads\[1\] \(the "
+                                         r"per-task gradients of '0\.bias'\) holds 2 tasks, "
+                                         r"per_task_grads\[0\] 3"):
+        surgery.apply([stacks[0], stacks[1][:2], *stacks[2:]])
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched"])
+def test_a_refused_step_leaves_every_grad_as_it_was(per_task: str) -> None:
+    """NaN task gradients: the heads' .grad were written before the check refused the step,
+    the trunk's not. Now nothing is written, heads included, whether .grad held a gradient
+    (same tensor, same values) or None."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = [p.grad for p in model.parameters()]
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    for _ in range(2):
+        losses = _losses(model, x, y)
+        losses[1] = losses[1] * float("nan")
+        with pytest.raises(FloatingPointError, match=r"losses\[1\]"):
+            surgery.backward(losses)
+        if before[0] is None:
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            for p, grad in zip(model.parameters(), before):
+                assert p.grad is grad and bool((grad == 0.5).all())
+        model.zero_grad(set_to_none=True)
+        before = [None] * len(before)
+
+
+@pytest.mark.parametrize("per_task", MODES)
+def test_grads_keep_the_layout_autograd_gives(per_task: str) -> None:
+    """channels_last and transposed parameters got contiguous .grad, and an existing
+    non-contiguous .grad was replaced by a contiguous copy (another object). Now a new .grad has
+    the strides sum(losses).backward() gives it, an existing one stays the same tensor with its
+    strides, and the values are the aggregation's."""
+    def build() -> tuple[nn.Module, nn.ModuleList, nn.Parameter]:
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3)).to(F64)
+        heads = nn.ModuleList([nn.Conv2d(4, 2, 2) for _ in range(2)]).to(F64)
+        trunk.to(memory_format=torch.channels_last)
+        heads.to(memory_format=torch.channels_last)
+        mix = nn.Parameter(torch.randn(4, 4, dtype=F64).t())  # transposed: strides (1, 4)
+        return trunk, heads, mix
+
+    x = torch.randn(2, 3, 8, 8, dtype=F64).to(memory_format=torch.channels_last)
+
+    def losses(trunk: nn.Module, heads: nn.ModuleList, mix: torch.Tensor) -> list[torch.Tensor]:
+        z = torch.einsum("nchw,cd->ndhw", trunk(x), mix)
+        return [(h(z) ** 2).mean() * (1 + t) - t * h(z).mean() for t, h in enumerate(heads)]
+
+    trunk, heads, mix = build()
+    shared = [*trunk.parameters(), mix]
+    sum(losses(trunk, heads, mix)).backward()
+    autograd_strides = [p.grad.stride() for p in [*shared, *heads.parameters()]]
+    for p in [*shared, *heads.parameters()]:
+        p.grad = None
+    jacobian = _jacobian(losses(trunk, heads, mix), shared)
+    update = UPGrad()(jacobian)
+    expected, start = [], 0
+    for p in shared:
+        expected.append(update[start:start + p.numel()].reshape(p.shape))
+        start += p.numel()
+    assert not trunk[0].weight.is_contiguous() and not mix.is_contiguous()
+
+    surgery = GradientSurgery(shared, UPGrad(), per_task=per_task)
+    surgery.backward(losses(trunk, heads, mix))
+    assert [p.grad.stride() for p in [*shared, *heads.parameters()]] == autograd_strides
+    for p, want in zip(shared, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
+    kept = [p.grad for p in shared]
+    surgery.backward(losses(trunk, heads, mix))  # into the existing .grad
+    for p, grad, want in zip(shared, kept, expected):
+        assert p.grad is grad
+        torch.testing.assert_close(p.grad, 2 * want, rtol=1e-12, atol=1e-12)
+    assert [p.grad.stride() for p in [*shared, *heads.parameters()]] == autograd_strides
+
+
+def test_batched_mode_on_an_inductor_compiled_model_names_the_cause() -> None:
+    """per_task="batched" runs the backward under vmap, which an inductor-compiled backward
+    graph cannot run: torch said only "Cannot access data pointer of Tensor that doesn't have
+    storage". The surgery names the cause and the modes that work."""
+    model = MultiTaskNet(torch.float32)
+    compiled = torch.compile(model, backend="inductor")
+    x, y = _batch(torch.float32)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="batched")
+    with pytest.raises(RuntimeError, match=r"per_task='batched' failed in the backward graph of "
+                                           r"a torch\.compile'd model: .*an inductor-compiled "
+                                           r"backward graph cannot run; use "
+                                           r"per_task='autograd' \(the default\) or 'backward'"):
+        surgery.backward(_losses(compiled, x, y))
+    assert all(p.grad is None for p in model.trunk.parameters())

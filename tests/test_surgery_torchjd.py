@@ -16,7 +16,10 @@ How each is compared, and why:
   RNG seed: the same ``randperm`` draws give its orders, and a textbook loop in those orders
   must reproduce it, while ours reproduces the same textbook loop in its own orders
   (test_surgery_aggregators.py): same algorithm, different order source.
-- Drop-in: our aggregators work unchanged in ``torchjd.autojac.backward`` + ``jac_to_grad``.
+- Interop, as docs/dropin.md states it: ``jac_to_grad`` with ours writes ``.grad`` but returns
+  ``None`` (not the weights) and refuses ``optimize_gramian_computation=True`` (TorchJD checks
+  for its own classes); ``GradientSurgery.apply`` on the ``.jac`` stacks gives the same
+  ``.grad`` and the weights; TorchJD's aggregators are refused by ``GradientSurgery`` by name.
 """
 
 from __future__ import annotations
@@ -146,3 +149,49 @@ def test_drop_in_for_torchjd_autojac(make) -> None:
     jacobian = param.jac.clone()
     jac_to_grad([param], make())
     torch.testing.assert_close(param.grad, make()(jacobian))
+
+
+def _jac_problem() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    params = [torch.randn(6, dtype=F64, requires_grad=True),
+              torch.randn(3, 2, dtype=F64, requires_grad=True)]
+    p, q = params
+    losses = [(p * torch.arange(6.0, dtype=F64)).sum() + q.sum(),
+              (p ** 2).sum() - p.sum() * 3 + (q ** 3).sum()]
+    return params, losses
+
+
+@pytest.mark.parametrize("make", [surgery.Mean, surgery.UPGrad, surgery.MGDA])
+def test_jac_to_grad_works_but_returns_no_weights_and_no_gramian_option(make) -> None:
+    """What docs/dropin.md says of TorchJD 0.18's ``jac_to_grad`` with our aggregators: the
+    update reaches ``.grad``, the weights are not returned (TorchJD returns them only for its
+    own WeightedAggregator classes), and ``optimize_gramian_computation=True`` is refused; the
+    surgery's ``apply`` on the ``.jac`` stacks gives the same ``.grad`` and the weights."""
+    from torchjd.autojac import backward, jac_to_grad
+
+    params, losses = _jac_problem()
+    backward(losses, retain_graph=True)
+    jacobians = [p.jac.clone() for p in params]
+    assert jac_to_grad(params, make()) is None
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    backward(losses, retain_graph=True)
+    with pytest.raises(ValueError, match="optimize_gramian_computation=True"):
+        jac_to_grad(params, make(), optimize_gramian_computation=True)
+    for p in params:
+        p.grad = None
+    backward(losses)
+    weights = surgery.GradientSurgery(params, make()).apply([p.jac for p in params])
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-13)
+    matrix = torch.cat([j.reshape(2, -1) for j in jacobians], dim=1)
+    torch.testing.assert_close(weights, make().weighting(matrix @ matrix.T), rtol=1e-12,
+                               atol=1e-13)
+
+
+def test_a_torchjd_aggregator_is_refused_naming_ours() -> None:
+    params, _ = _jac_problem()
+    with pytest.raises(TypeError, match=r"got torchjd\.aggregation\.\w+\.UPGrad; use the one of "
+                                        r"mtunlearn_ext\.surgery"):
+        surgery.GradientSurgery(params, tja.UPGrad())

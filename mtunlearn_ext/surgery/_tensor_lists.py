@@ -45,12 +45,21 @@ def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
-def new_grad_like(param: torch.Tensor) -> torch.Tensor:
-    """An uninitialised gradient for ``param``: a contiguous tensor of its (local) shape and
-    dtype, wrapped as a DTensor with the parameter's mesh and placements when the parameter is
-    one (an FSDP2 shard's ``.grad`` must be a DTensor like the parameter)."""
-    local = torch.empty(local_tensor(param).shape, dtype=param.dtype,
-                        device=local_tensor(param).device)
+def new_grad_like(param: torch.Tensor, *, like_autograd: bool = False) -> torch.Tensor:
+    """An uninitialised gradient for ``param`` of its (local) shape and dtype, wrapped as a
+    DTensor with the parameter's mesh and placements when the parameter is one (an FSDP2
+    shard's ``.grad`` must be a DTensor like the parameter). Contiguous, or with
+    ``like_autograd`` laid out as autograd's ``AccumulateGrad`` lays out a new gradient: with
+    the parameter's strides where it is dense (channels_last, a transposed weight), else
+    contiguous."""
+    source = local_tensor(param)
+    local = None
+    if like_autograd and not source.is_contiguous():
+        local = torch.empty_like(source)  # a dense tensor's own strides
+        if local.stride() != source.stride():  # not dense: autograd's gradient is contiguous
+            local = None
+    if local is None:
+        local = torch.empty(source.shape, dtype=param.dtype, device=source.device)
     if is_dtensor(param):
         assert _DTensor is not None
         return _DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,

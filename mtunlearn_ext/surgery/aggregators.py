@@ -1,12 +1,18 @@
-"""Aggregators: drop-in replacements for TorchJD's ``Aggregator`` on the compiled ops.
+"""Aggregators called like TorchJD's ``Aggregator``, on the compiled ops.
 
 ``agg(matrix)`` takes the ``[k, n]`` matrix of task gradients (a Jacobian) and returns the
 ``[n]`` update ``w @ J`` with ``w = agg.weighting(J J^T)``: one Gram pass
 (:func:`mtunlearn_ext.ops.gram`), a ``k x k`` solve on device, one combination pass
-(:func:`mtunlearn_ext.ops.combine`). They are ``nn.Module``\\ s like TorchJD's, so they can be
-handed to ``torchjd.autojac.jac_to_grad`` / ``mtl_backward`` (which only call them), and their
-``weighting`` (TorchJD's ``gramian_weighting``) can be used with TorchJD's autogram engine or with
-:func:`mtunlearn_ext.surgery.aggregate_list` on per-parameter gradient lists.
+(:func:`mtunlearn_ext.ops.combine`). They are ``nn.Module``\\ s called like TorchJD's, but not
+subclasses of TorchJD's classes (TorchJD is not a dependency). So ``torchjd.autojac.jac_to_grad``
+(after TorchJD's ``backward`` / ``mtl_backward`` have filled ``.jac``) writes their update into
+``.grad``, but returns ``None`` instead of the weights and refuses
+``optimize_gramian_computation=True``: it recognises weighted aggregators by TorchJD's own
+classes. ``GradientSurgery(params, agg).apply([p.jac for p in params])`` does what that option
+does (Gram summed per tensor, no concatenated Jacobian) and returns the weights. Their
+``weighting`` (TorchJD's ``gramian_weighting``) maps a Gram matrix to weights, e.g. one from
+TorchJD's autogram engine, or serves :func:`mtunlearn_ext.surgery.aggregate_list` on
+per-parameter gradient lists.
 """
 
 from __future__ import annotations

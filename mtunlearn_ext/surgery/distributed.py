@@ -33,6 +33,7 @@ NCCL and CPU ones gloo.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import cast
 
@@ -126,11 +127,14 @@ class ReplicatedReducer:
     head that no loss reached on a rank counting as a zero gradient there (a task without
     labels in that rank's batch, say): its ``.grad`` is then the same average on every rank,
     and stays ``None`` only if no rank reached it. Without them the heads are found per rank
-    from the losses' graphs, and a small all-reduce checks that every rank found the same
-    ones, each known by which tasks' losses reach it, its shape and dtype, in order: if not,
-    every rank raises (instead of pairing different tensors across ranks, or waiting
-    forever). Heads that the same tasks reach with the same shapes cannot be told apart that
-    way (a data-dependent choice between two such heads): pass ``head_params`` there.
+    from the losses' graphs, each known by which tasks' losses reach it, its shape and dtype;
+    every rank puts them in the order of those (the order a rank meets them in depends on its
+    data: with accumulation, a head whose task has no labels in one micro-batch is met in a
+    later one), and a small all-reduce checks that every rank found the same ones: if not,
+    every rank raises, saying which heads differ (instead of pairing different tensors across
+    ranks, or waiting forever). Heads that the same tasks reach with the same shapes cannot be
+    told apart that way (a data-dependent choice between two such heads): pass
+    ``head_params`` there.
     """
 
     def __init__(self, group: ProcessGroup | None = None,
@@ -149,8 +153,9 @@ class ReplicatedReducer:
         device = stacks[0].device if stacks else torch.device("cpu")
         flags = [] if reached is None else reached
         if self.head_params is None:
-            anywhere = _check_same_heads(head_grads, head_tasks, flags, device, self.group)
-            _all_reduce_mean([*stacks, *head_grads], self.group)
+            heads, tasks = _canonical_order(head_grads, head_tasks)
+            anywhere = _check_same_heads(heads, tasks, flags, device, self.group)
+            _all_reduce_mean([*stacks, *heads], self.group)
             flags[:] = anywhere
             return
         heads = [p for p in self.head_params if p.requires_grad]
@@ -172,13 +177,38 @@ class ReplicatedReducer:
         return stats
 
 
-def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] | None) -> int:
-    """A 62-bit digest of the heads in order: which tasks reach each (when known), its shape and
-    dtype. The same on every process for the same heads (no per-process salt, unlike
-    ``hash``); two ranks that reached different heads of one shape differ in the tasks."""
+#: What a process knows of a head found in its losses' graphs, the same on every process for
+#: the same head: the bit mask of the tasks whose loss reaches it (``None``: not known), its
+#: shape and its dtype.
+_HeadDescription = tuple[int | None, tuple[int, ...], str]
+
+
+def _describe(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] | None
+              ) -> list[_HeadDescription]:
     tasks: Sequence[int | None] = ([None] * len(head_grads) if head_tasks is None
                                    else head_tasks)
-    described = repr([(t, tuple(g.shape), str(g.dtype)) for t, g in zip(tasks, head_grads)])
+    return [(t, tuple(g.shape), str(g.dtype)) for t, g in zip(tasks, head_grads)]
+
+
+def _canonical_order(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] | None
+                     ) -> tuple[list[torch.Tensor], list[int] | None]:
+    """The heads sorted by their description (tasks, shape, dtype), the order they were found
+    in kept among equal ones: the same order on every process that found the same heads,
+    whatever order its graph walks and micro-batches met them in."""
+    described = _describe(head_grads, head_tasks)
+    order = sorted(range(len(head_grads)),
+                   key=lambda h: (-1 if described[h][0] is None else described[h][0],
+                                  described[h][1], described[h][2]))
+    return ([head_grads[h] for h in order],
+            None if head_tasks is None else [head_tasks[h] for h in order])
+
+
+def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] | None) -> int:
+    """A 62-bit digest of the heads in order (:func:`_canonical_order`): which tasks reach each
+    (when known), its shape and dtype. The same on every process for the same heads (no
+    per-process salt, unlike ``hash``); two ranks that reached different heads of one shape
+    differ in the tasks."""
+    described = repr(_describe(head_grads, head_tasks))
     return int.from_bytes(hashlib.blake2b(described.encode(), digest_size=8).digest(),
                           "big") >> 2
 
@@ -187,8 +217,10 @@ def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] 
                       reached: Sequence[bool], device: torch.device,
                       group: ProcessGroup | None) -> list[bool]:
     """Raise on every rank if the ranks found different head gradients to average (their
-    count, or which tasks reach them and their shapes, in order, differ); returns, per flag of
-    ``reached``, whether any rank set it. One all-reduce (MAX) of 4 integers and one flag per shared parameter."""
+    count, or which tasks reach them and their shapes, in order, differ), saying which;
+    returns, per flag of ``reached``, whether any rank set it. One all-reduce (MAX) of 4
+    integers and one flag per shared parameter; on a mismatch, one gather of every rank's
+    heads for the message."""
     count = len(head_grads)
     digest = _heads_digest(head_grads, head_tasks)
     mine = torch.tensor([count, digest, -count, -digest, *(int(r) for r in reached)],
@@ -197,15 +229,50 @@ def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] 
     most, high, fewest, low, *anywhere = mine.tolist()
     fewest, low = -fewest, -low
     if most != fewest or high != low:
-        found = (f"from {fewest} to {most} tensors with a gradient" if most != fewest else
-                 f"{most} tensors with a gradient on every rank, but reached by other tasks or "
-                 "of other shapes")
+        # Every rank sees the same reduced numbers, so every rank takes this branch and its
+        # gather: no rank is left waiting in a collective.
+        per_rank: list[list[_HeadDescription] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(per_rank, _describe(head_grads, head_tasks), group=group)
         raise ValueError(
             "replicated_surgery: the ranks' losses reached different task-specific parameters "
-            f"({found}), so their gradients cannot be averaged tensor by tensor. Pass "
-            "`head_params` (every task-specific parameter): a head that no loss reaches on a "
-            "rank then counts as a zero gradient there")
+            f"({_head_differences(per_rank)}), so their gradients cannot be averaged tensor "
+            "by tensor. Pass `head_params` (every task-specific parameter): a head that no loss "
+            "reaches on a rank then counts as a zero gradient there")
     return [flag > 0 for flag in anywhere]
+
+
+def _head_differences(per_rank: Sequence[Sequence[_HeadDescription] | None]) -> str:
+    """What the ranks' heads differ in, each rank against rank 0: how many each has and the
+    heads (tasks, shape, dtype) that only one of the two has."""
+    counts = [len(heads or ()) for heads in per_rank]
+    if len(set(counts)) > 1:
+        said = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+        parts = [f"tensors with a gradient per rank: {said}"]
+    else:
+        parts = [f"{counts[0]} tensors with a gradient on every rank"]
+    first = Counter(per_rank[0] or ())
+    for r, heads in enumerate(per_rank[1:], start=1):
+        theirs = Counter(heads or ())
+        only_first, only_theirs = first - theirs, theirs - first
+        if only_first or only_theirs:
+            parts.append(f"rank 0 has {_listed(only_first)} where rank {r} has "
+                         f"{_listed(only_theirs)}")
+    return "; ".join(parts)
+
+
+def _listed(heads: Counter[_HeadDescription], most: int = 6) -> str:
+    """``heads`` in words (``a (1, 4) float64 tensor reached by losses[2]``), the first
+    ``most`` of them (a model has hundreds of parameters)."""
+    if not heads:
+        return "nothing else"
+    described = []
+    for (tasks, shape, dtype), times in sorted(heads.items(), key=lambda item: repr(item[0])):
+        reach = ("" if not tasks else " reached by " +
+                 ", ".join(f"losses[{t}]" for t in range(tasks.bit_length()) if tasks >> t & 1))
+        count = "" if times == 1 else f"{times} x "
+        described.append(f"{count}a {shape} {dtype.removeprefix('torch.')} tensor{reach}")
+    shown = ", ".join(described[:most])
+    return shown if len(described) <= most else f"{shown} and {len(described) - most} more"
 
 
 def _require_process_group(caller: str, group: ProcessGroup | None) -> None:

@@ -12,12 +12,14 @@ ever made; the only extra memory is the ``k`` stacks.
 As with ``sum(losses).backward()``, a shared parameter that no task's loss reaches keeps its
 ``.grad`` as it is (``None`` stays ``None``, so optimizers skip it), and which shared parameters
 take part is read from ``requires_grad`` at each call (layers frozen or unfrozen between steps).
+A loss that does not require grad (a constant stand-in for a task with no labels in the batch)
+counts as a zero gradient, as it does in the plain sum.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -92,15 +94,40 @@ class _Active:
 class _TaskPass:
     """What the per-task pass of one call (or of the micro-batches of one step) left: for each
     shared parameter whether any task's loss reached it, the heads' ``.grad`` tensors it wrote,
-    and for each of those the bit mask of the tasks that reached it (``None``: not collected)."""
+    for each of those the bit mask of the tasks that reached it (``None``: not collected), and
+    the tasks whose loss was a constant (for the message of a refused step)."""
 
     reached: list[bool]
     heads: list[torch.Tensor]
     head_tasks: list[int] | None
+    constants: frozenset[int] = frozenset()
+
+
+@dataclass
+class _HeadSums:
+    """The heads' gradients of one per-task pass, summed over the tasks but not yet in
+    ``.grad``: ``sums[h]`` is ``None`` where no task reached head ``h``, ``tasks[h]`` the bit
+    mask of the tasks that reached it (``tasks`` is ``None`` when not collected). Kept apart so
+    that a step can be refused (NaN task gradients) before any ``.grad`` is written."""
+
+    heads: list[torch.Tensor]
+    sums: list[torch.Tensor | None]
+    tasks: list[int] | None
+
+    def write(self) -> tuple[list[torch.Tensor], list[int] | None]:
+        """Each sum into its head's ``.grad``; returns the ``.grad`` tensors written and the
+        task mask of each (as :class:`_TaskPass` holds them)."""
+        written = _write_heads(self.heads, self.sums)
+        return ([grad for _, grad in written],
+                None if self.tasks is None else [self.tasks[h] for h, _ in written])
 
 
 def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
                  ) -> _SharedList:
+    if isinstance(params, torch.nn.Module):  # iterating a module fails, or yields submodules
+        raise TypeError(f"GradientSurgery: `shared_params` must be the shared parameters, got "
+                        f"the module {type(params).__name__}; pass its parameters() or "
+                        "named_parameters()")
     shared = _SharedList([], [], [])
     listed: dict[int, int] = {}
     for i, item in enumerate(params):
@@ -336,6 +363,68 @@ def _store_named(active: _Active, slots: Sequence[torch.Tensor],
         raise
 
 
+def _store_rows(active: _Active, stacks: Sequence[torch.Tensor], tasks: Sequence[int],
+                grads: Sequence[torch.Tensor | None], *, add: bool) -> None:
+    """``stacks[p][tasks] = grads[p]`` (``+=`` with ``add``), ``grads[p]`` holding one row per
+    entry of ``tasks``; without ``add`` the other rows (constant losses) become zero. The
+    batched pass's store when some losses are constants: one op per parameter, a path taken
+    only then."""
+    others: list[int] = sorted(set(range(stacks[0].shape[0])) - set(tasks)) if stacks else []
+    for name, stack, g in zip(active.names, stacks, grads):
+        if g is None:
+            if not add:
+                stack.zero_()
+            continue
+        if g.layout != torch.strided:
+            raise _sparse_shared_error(name, g.layout)
+        rows = torch.tensor(tasks, device=stack.device)
+        if add:
+            stack.index_add_(0, rows, g)
+        else:
+            stack.index_fill_(0, torch.tensor(others, dtype=torch.long, device=stack.device), 0)
+            stack.index_copy_(0, rows, g)
+
+
+def _poison_if_not_finite(rows: list[torch.Tensor], constant: torch.Tensor) -> None:
+    """A constant loss has a zero gradient, but a NaN or Inf one is a broken loss, not a task
+    without labels: its rows then turn NaN, so that the check of the task gradients refuses the
+    step (on every process, once a reducer has averaged the stacks) and a ``GradScaler``
+    (``check_finite=False``) skips it, as for a loss whose NaN reaches its gradients.
+    ``rows += 0 * constant`` (0 where finite, NaN where not) decides on the rows' device,
+    without a host sync; a constant on the CPU beside rows on a device is read on the host
+    instead (free), rather than copied to the device."""
+    if not rows:
+        return
+    value = constant.detach().reshape(())
+    if value.device != rows[0].device and value.device.type == "cpu":
+        if not bool(torch.isfinite(value)):
+            torch._foreach_add_(rows, float("nan"))
+        return
+    torch._foreach_add_(rows, value.to(rows[0].device).mul(0))
+
+
+def _refuse_post_accumulate_hooks(caller: str, described: Iterable[tuple[str, torch.Tensor]]
+                                  ) -> None:
+    """Refuse parameters carrying a post-accumulate-grad hook
+    (``Tensor.register_post_accumulate_grad_hook``, PyTorch's optimizer step in backward).
+    Autograd runs such a hook when its ``AccumulateGrad`` node has written ``.grad``; the
+    surgery writes ``.grad`` itself after combining the tasks, so the hook would never run
+    (``"autograd"`` / ``"batched"``: a step silently lost), or run once per task on that
+    task's raw gradient (``"backward"``). Torch has no public way to list or run a tensor's
+    hooks, so they cannot be fired once ``.grad`` is final: the dict they live in (the one
+    torch's own FSDP2 reads) is only looked at, one attribute read per parameter."""
+    hooked = [name for name, t in described if getattr(t, "_post_accumulate_grad_hooks", None)]
+    if hooked:
+        raise RuntimeError(
+            f"{caller}: {', '.join(hooked)} carr{'ies' if len(hooked) == 1 else 'y'} a "
+            "post-accumulate-grad hook (Tensor.register_post_accumulate_grad_hook, e.g. an "
+            "optimizer step in backward), which the surgery cannot honour: it writes .grad "
+            "itself after combining the tasks' gradients, so the hook would never run "
+            "(per_task='autograd' or 'batched') or would run once per task on that task's "
+            "own gradient (per_task='backward'). Remove the hook and run its work (the "
+            "optimizer step) after surgery.backward()")
+
+
 class GradientSurgery:
     """Apply an aggregator to per-task gradients of the shared parameters, into ``.grad``.
 
@@ -350,8 +439,10 @@ class GradientSurgery:
             :class:`~mtunlearn_ext.surgery.Weighting`.
         head_params: the non-shared parameters. ``None``: every other leaf the losses reach,
             found by a walk of the autograd graph at each call (pass them to skip the walk).
-            Those not requiring grad at a call are left out of it. Ignored with
-            ``per_task="backward"``, where heads accumulate natively.
+            Those not requiring grad at a call are left out of it. With
+            ``per_task="backward"`` heads accumulate natively, and the list serves only to
+            refuse heads that carry a post-accumulate-grad hook (as shared parameters that do
+            are refused: the surgery cannot honour such hooks).
         per_task: how per-task gradients are computed (:data:`PerTaskMode`).
         per_layer: one aggregation per layer instead of one global one (``True``: per tensor;
             or a layer id per shared tensor as passed, frozen ones included: at each call the
@@ -386,8 +477,7 @@ class GradientSurgery:
             raise ValueError("GradientSurgery: DTensor (FSDP2) parameters need "
                              "per_task='backward', so that FSDP2's reduce-scatter hooks run")
         if not isinstance(aggregator, (Aggregator, Weighting)):
-            raise TypeError(f"GradientSurgery: `aggregator` must be a mtunlearn_ext.surgery "
-                            f"Aggregator or Weighting, got {type(aggregator).__name__}")
+            raise TypeError(f"GradientSurgery: {_not_an_aggregator(aggregator)}")
         self.aggregator = aggregator
         # Each head once (listed twice, it would get its gradient twice); frozen ones are
         # filtered at each call, like the shared parameters.
@@ -422,6 +512,7 @@ class GradientSurgery:
         self._pending_reached: list[bool] = []
         self._pending_heads: dict[int, torch.Tensor] = {}
         self._pending_tasks: dict[int, int] | None = {}
+        self._pending_constants: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ public API
 
@@ -447,28 +538,44 @@ class GradientSurgery:
 
         Args:
             losses: a sequence of ``k`` scalar task losses (scaled ones under a
-                ``GradScaler``).
+                ``GradScaler``). A loss that does not require grad (a constant stand-in for a
+                task with no labels in the batch) counts as a zero gradient, as in
+                ``sum(losses).backward()``; a NaN or Inf constant makes its gradient NaN.
             retain_graph: keep the graph after the last task (as in ``Tensor.backward``).
 
         Returns:
             The aggregator's weights (``[k]``, or ``[L, k]`` per layer).
         """
-        losses = self._check_losses(losses)
-        active = self._take_part("GradientSurgery.backward")
+        caller = "GradientSurgery.backward"
+        losses, constants = self._check_losses(losses)
+        active = self._take_part(caller)
+        self._check_some_loss_attached(caller, len(losses), constants)
+        _refuse_post_accumulate_hooks(caller, _described_shared(active))
         stacks = [torch.empty((len(losses), *local_tensor(p).shape), dtype=p.dtype,
                               device=local_tensor(p).device) for p in active.params]
-        found = self._per_task_grads(losses, active, stacks, add=False,
-                                     retain_graph=retain_graph)
-        return self._aggregate(active, stacks, found)
+        reached, head_sums = self._per_task_grads(losses, constants, active, stacks, add=False,
+                                                  retain_graph=retain_graph, caller=caller)
+        if self.reducer is None:
+            # The heads' .grad are written once the aggregation has gone through: a step it
+            # refuses (NaN or Inf task gradients) leaves every .grad as it was.
+            weights = self._aggregate(active, stacks, _TaskPass(reached, [], [], constants))
+            head_sums.write()
+            return weights
+        # A reducer averages the heads' .grad across processes before the aggregation.
+        heads, head_tasks = head_sums.write()
+        return self._aggregate(active, stacks, _TaskPass(reached, heads, head_tasks, constants))
 
     def accumulate(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False) -> None:
         """Add the per-task gradients of ``losses`` to internal per-task buffers (one stack per
         shared parameter); heads get their gradients in ``.grad`` at once. Call :meth:`apply`
         after the last micro-batch: the surgery then sees the accumulated per-task gradients
         (large-batch semantics), not one surgery per micro-batch."""
-        losses = self._check_losses(losses)
+        caller = "GradientSurgery.accumulate"
+        losses, constants = self._check_losses(losses)
         k = len(losses)
-        active = self._take_part("GradientSurgery.accumulate")
+        active = self._take_part(caller)
+        self._check_some_loss_attached(caller, k, constants)
+        _refuse_post_accumulate_hooks(caller, _described_shared(active))
         if self._pending and self._buffered_tasks != k:
             raise ValueError(f"GradientSurgery.accumulate: got {k} losses, but the micro-batches "
                              f"accumulated since the last apply() have {self._buffered_tasks} "
@@ -490,9 +597,13 @@ class GradientSurgery:
             self._pending_reached = [False] * len(active.params)
             self._pending_heads = {}
             self._pending_tasks = {}
-        found = self._per_task_grads(losses, active, self._buffers, add=self._pending,
-                                     retain_graph=retain_graph)
+            self._pending_constants = frozenset()
+        reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
+                                                  add=self._pending, retain_graph=retain_graph,
+                                                  caller=caller)
+        found = _TaskPass(reached, *head_sums.write())
         self._pending = True
+        self._pending_constants |= constants
         # Across micro-batches: a parameter any of them reached is reached.
         self._pending_reached = [a or b for a, b in zip(self._pending_reached, found.reached)]
         for i, h in enumerate(found.heads):
@@ -525,23 +636,19 @@ class GradientSurgery:
                 raise ValueError("GradientSurgery.apply: the shared parameters requiring grad "
                                  "changed since accumulate() (a layer was frozen or unfrozen); "
                                  "change them only after apply()")
+            _refuse_post_accumulate_hooks("GradientSurgery.apply",
+                                          _described_shared(self._buffered_for))
             heads = list(self._pending_heads.values())
             tasks = (None if self._pending_tasks is None
                      else [self._pending_tasks[id(h)] for h in heads])
-            found = _TaskPass(self._pending_reached, heads, tasks)
+            found = _TaskPass(self._pending_reached, heads, tasks, self._pending_constants)
             self._pending = False
             self._pending_heads = {}
             self._pending_tasks = {}
             return self._aggregate(self._buffered_for, self._buffers, found)
         active = self._take_part("GradientSurgery.apply")
-        stacks = list(per_task_grads)
-        if len(stacks) != len(active.params):
-            raise ValueError(f"GradientSurgery.apply: expected {len(active.params)} stacks (one "
-                             f"per shared parameter requiring grad), got {len(stacks)}")
-        for name, p, s in zip(active.names, active.params, stacks):
-            if tuple(s.shape[1:]) != tuple(local_tensor(p).shape):
-                raise ValueError(f"GradientSurgery.apply: the stack for {name!r} must be "
-                                 f"[k, *{tuple(local_tensor(p).shape)}], got {tuple(s.shape)}")
+        _refuse_post_accumulate_hooks("GradientSurgery.apply", _described_shared(active))
+        stacks = self._check_stacks(active, per_task_grads)
         return self._aggregate(active, stacks, _TaskPass([True] * len(stacks), [], []))
 
     # ------------------------------------------------------------------ internals
@@ -564,11 +671,20 @@ class GradientSurgery:
         return active
 
     @staticmethod
-    def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _check_losses(losses: Sequence[torch.Tensor]
+                      ) -> tuple[list[torch.Tensor], frozenset[int]]:
+        """The losses as a list, and the tasks whose loss is a constant (does not require
+        grad: a zero gradient)."""
         expected = "`losses` must be a sequence of k scalar losses (one per task)"
         if isinstance(losses, torch.Tensor) and losses.dim() == 0:
             raise TypeError(f"GradientSurgery: {expected}, got one 0-d tensor; for a single "
                             "task pass [loss]")
+        if isinstance(losses, Mapping):  # iterating it gives its keys, not its losses
+            raise TypeError(f"GradientSurgery: {expected}, got a {type(losses).__name__} (a "
+                            "mapping); pass its losses as a list in a fixed task order, e.g. "
+                            "list(losses.values())")
+        if isinstance(losses, (str, bytes)):
+            raise TypeError(f"GradientSurgery: {expected}, got a {type(losses).__name__}")
         try:
             losses = list(losses)
         except TypeError:
@@ -576,12 +692,73 @@ class GradientSurgery:
                             f"{type(losses).__name__}") from None
         if not losses:
             raise ValueError("GradientSurgery: `losses` must hold at least one loss")
+        constants = []
         for t, loss in enumerate(losses):
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor")
+            if not isinstance(loss, torch.Tensor):
+                raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor, got "
+                                 f"a {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor, got "
+                                 f"shape {tuple(loss.shape)}")
             if not loss.requires_grad:
-                raise ValueError(f"GradientSurgery: losses[{t}] does not require grad")
-        return losses
+                constants.append(t)
+        return losses, frozenset(constants)
+
+    def _check_some_loss_attached(self, caller: str, k: int, constants: frozenset[int]) -> None:
+        """Refuse a call whose losses are all constants where nothing can be done with them.
+        Under a reducer the call goes on with zero gradients (a process whose batch has no
+        labels at all still takes part in the other processes' collectives), except with
+        ``per_task="backward"``, whose collectives (FSDP2's reduce-scatters) run inside the
+        backward passes that constants cannot make."""
+        if len(constants) < k:
+            return
+        if self.reducer is None:
+            raise ValueError(f"{caller}: none of the {k} losses requires grad (each is a "
+                             "constant), so there is no gradient to take, as "
+                             "sum(losses).backward() would also say; were they computed under "
+                             "torch.no_grad(), or from detached outputs?")
+        if self.per_task == "backward":
+            raise ValueError(f"{caller}: none of the {k} losses requires grad (each is a "
+                             "constant); per_task='backward' under a reducer runs one backward "
+                             "pass per task on every process (FSDP2 reduce-scatters in them), "
+                             "which needs at least one loss attached to the graph on each")
+
+    @staticmethod
+    def _check_stacks(active: _Active, per_task_grads: Sequence[torch.Tensor]
+                      ) -> list[torch.Tensor]:
+        """``apply``'s stacks, checked in its own words (the list ops would name their own
+        arguments): one tensor ``[k, *shape]`` per parameter, one ``k``, the parameter's dtype
+        and device."""
+        if isinstance(per_task_grads, torch.Tensor):
+            raise TypeError("GradientSurgery.apply: `per_task_grads` must be a list of stacks "
+                            "(one [k, *shape] tensor per shared parameter), got one tensor")
+        stacks = list(per_task_grads)
+        if len(stacks) != len(active.params):
+            raise ValueError(f"GradientSurgery.apply: expected {len(active.params)} stacks (one "
+                             f"per shared parameter requiring grad), got {len(stacks)}")
+        k: int | None = None
+        for i, (name, p, s) in enumerate(zip(active.names, active.params, stacks)):
+            what = f"per_task_grads[{i}] (the per-task gradients of {name!r})"
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"GradientSurgery.apply: {what} must be a tensor, got "
+                                f"{type(s).__name__}")
+            local = local_tensor(p)
+            if s.dim() < 1 or tuple(s.shape[1:]) != tuple(local.shape):
+                raise ValueError(f"GradientSurgery.apply: the stack for {name!r} must be "
+                                 f"[k, *{tuple(local.shape)}], got {tuple(s.shape)}")
+            if k is None:
+                k = s.shape[0]
+            elif s.shape[0] != k:
+                raise ValueError(f"GradientSurgery.apply: {what} holds {s.shape[0]} tasks, "
+                                 f"per_task_grads[0] {k}; every stack needs the same tasks")
+            if s.dtype != p.dtype:
+                raise TypeError(f"GradientSurgery.apply: {what} is {s.dtype}, but the "
+                                f"parameter is {p.dtype}; pass the stacks in the parameters' "
+                                f"dtypes (e.g. s.to({p.dtype}))")
+            if s.device != local.device:
+                raise ValueError(f"GradientSurgery.apply: {what} is on {s.device}, but the "
+                                 f"parameter is on {local.device}")
+        return stacks
 
     def _heads(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.head_params is not None:
@@ -596,16 +773,24 @@ class GradientSurgery:
                  if v.requires_grad and id(v) not in self._shared_ids]
         return [v for v, _ in found], [mask for _, mask in found]
 
-    def _per_task_grads(self, losses: list[torch.Tensor], active: _Active,
-                        stacks: list[torch.Tensor], *, add: bool, retain_graph: bool
-                        ) -> _TaskPass:
-        """Fill (or add into) ``stacks[p][t]`` with d losses[t] / d active.params[p]; head
-        gradients summed into their ``.grad``."""
+    def _per_task_grads(self, losses: list[torch.Tensor], constants: frozenset[int],
+                        active: _Active, stacks: list[torch.Tensor], *, add: bool,
+                        retain_graph: bool, caller: str
+                        ) -> tuple[list[bool], _HeadSums]:
+        """Fill (or add into) ``stacks[p][t]`` with d losses[t] / d active.params[p] (zero for
+        the ``constants``); returns, per parameter, whether any task's loss reached it, and the
+        head gradients summed over the tasks, not yet written."""
         k = len(losses)
+        attached = [t for t in range(k) if t not in constants]
         if self.per_task == "backward":
-            reached = self._per_task_by_backward(losses, active, stacks, add=add,
+            if self.head_params is not None:  # the heads accumulate natively: known only so
+                _refuse_post_accumulate_hooks(caller, ((_head_description(h), h)
+                                                       for h in self.head_params
+                                                       if h.requires_grad))
+            reached = self._per_task_by_backward(losses, constants, active, stacks, add=add,
                                                  retain_graph=retain_graph)
-            return _TaskPass(reached, [], [])
+            self._poison_constant_rows(losses, constants, stacks)
+            return reached, _HeadSums([], [], [])
         # Which tasks reach each head, for reducers that match heads across processes. The
         # batched pass does not tell, so only then are the tasks told apart, in the same walk
         # that finds the heads.
@@ -616,29 +801,34 @@ class GradientSurgery:
             heads, batched_head_tasks = self._heads_with_tasks(losses)
         else:
             heads = self._heads(losses)
+        _refuse_post_accumulate_hooks(caller, ((_head_description(h), h) for h in heads))
         inputs = [*active.params, *heads]
         n_shared = len(active.params)
         head_sums: list[torch.Tensor | None] = [None] * len(heads)
         head_tasks: list[int] | None
         if self.per_task == "batched":
-            stacked = torch.stack([loss.reshape(()) for loss in losses])
-            eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
-            try:
-                grads = torch.autograd.grad(stacked, inputs, grad_outputs=eye,
-                                            is_grads_batched=True, retain_graph=retain_graph,
-                                            allow_unused=True)
-            except RuntimeError as error:
-                raise self._batched_failure(losses, active, error) from error
+            if not attached:  # constants only (a process under a reducer): zero gradients
+                grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
+            else:
+                grads = self._batched_grads([losses[t] for t in attached], inputs, losses,
+                                            active, retain_graph=retain_graph)
             reached = [g is not None for g in grads[:n_shared]]
-            _store_named(active, stacks, grads[:n_shared], add=add)
+            if constants:
+                _store_rows(active, stacks, attached, grads[:n_shared], add=add)
+            else:
+                _store_named(active, stacks, grads[:n_shared], add=add)
             head_sums = [None if g is None else g.sum(0) for g in grads[n_shared:]]
             head_tasks = batched_head_tasks
         else:
             rows = [s.unbind(0) for s in stacks]  # rows[p][t]: task t's slot of parameter p
             reached = [False] * n_shared
             head_tasks = [0] * len(heads)
+            last = attached[-1] if attached else -1
             for t, loss in enumerate(losses):
-                keep = retain_graph or t < k - 1
+                if t in constants:  # a zero gradient: nothing to take
+                    _store_named(active, [r[t] for r in rows], [None] * n_shared, add=add)
+                    continue
+                keep = retain_graph or t < last
                 grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
                 shared = grads[:n_shared]
                 for i, g in enumerate(shared):  # marked in place: no new list per task
@@ -651,14 +841,32 @@ class GradientSurgery:
                         # Out of place: autograd may hand back expanded (stride-0) gradients.
                         total = head_sums[h]
                         head_sums[h] = g if total is None else total + g
-        written = _write_heads(heads, head_sums)
-        return _TaskPass(reached, [grad for _, grad in written],
-                         None if head_tasks is None else [head_tasks[h] for h, _ in written])
+        self._poison_constant_rows(losses, constants, stacks)
+        return reached, _HeadSums(heads, head_sums, head_tasks)
+
+    def _batched_grads(self, attached: list[torch.Tensor], inputs: list[torch.Tensor],
+                       losses: list[torch.Tensor], active: _Active, *, retain_graph: bool
+                       ) -> Sequence[torch.Tensor | None]:
+        """One vmapped pass over the ``attached`` losses: per input, ``[len(attached), *shape]``
+        (``None`` where no loss reached it)."""
+        stacked = torch.stack([loss.reshape(()) for loss in attached])
+        eye = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
+        try:
+            return torch.autograd.grad(stacked, inputs, grad_outputs=eye, is_grads_batched=True,
+                                       retain_graph=retain_graph, allow_unused=True)
+        except RuntimeError as error:
+            raise self._batched_failure(losses, active, error) from error
+
+    @staticmethod
+    def _poison_constant_rows(losses: list[torch.Tensor], constants: frozenset[int],
+                              stacks: list[torch.Tensor]) -> None:
+        for t in sorted(constants):
+            _poison_if_not_finite([s[t] for s in stacks], losses[t])
 
     def _batched_failure(self, losses: list[torch.Tensor], active: _Active,
                          error: RuntimeError) -> Exception:
         """A failed vmapped pass in the words of the surgery when a sparse gradient (which has
-        no batching rule) caused it; else the error as it came."""
+        no batching rule) or a compiled backward graph caused it; else the error as it came."""
         sparse = _sparse_fed_leaves(losses)
         names = {id(p): name for name, p in zip(active.names, active.params)}
         for leaf in sparse:
@@ -666,6 +874,19 @@ class GradientSurgery:
                 return _sparse_shared_error(names[id(leaf)], torch.sparse_coo)
         heads = [leaf for leaf in sparse if leaf.requires_grad and id(leaf) not in self._shared_ids]
         if not heads:
+            compiled = any(type(node).__name__ == "CompiledFunctionBackward"
+                           for node in _graph_nodes(losses))
+            if compiled:
+                # Inductor's compiled backward reads its inputs' storage, which the batched
+                # tensors of vmap do not have ("Cannot access data pointer of Tensor that
+                # doesn't have storage"); aot_eager's runs.
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                return RuntimeError(
+                    "GradientSurgery: per_task='batched' failed in the backward graph of a "
+                    "torch.compile'd model: the batched pass runs the backward under vmap "
+                    "(is_grads_batched), which an inductor-compiled backward graph cannot run; "
+                    "use per_task='autograd' (the default) or 'backward', which run the "
+                    f"compiled backward once per task (torch's error: {first_line})")
             return error
         described = ", ".join(f"a head parameter of shape {tuple(h.shape)}" for h in heads)
         return ValueError(f"GradientSurgery: per_task='batched' cannot compute sparse gradients "
@@ -674,13 +895,22 @@ class GradientSurgery:
                           "default), which gives a head the sparse sum of its gradients as "
                           "sum(losses).backward() does")
 
-    def _per_task_by_backward(self, losses: list[torch.Tensor], active: _Active,
-                              stacks: list[torch.Tensor], *, add: bool, retain_graph: bool
-                              ) -> list[bool]:
+    def _per_task_by_backward(self, losses: list[torch.Tensor], constants: frozenset[int],
+                              active: _Active, stacks: list[torch.Tensor], *, add: bool,
+                              retain_graph: bool) -> list[bool]:
         """The per-task stacks from ``loss.backward()`` per task; returns, per parameter,
         whether any task's loss reached it."""
         k = len(losses)
         params = active.params
+        attached = [t for t in range(k) if t not in constants]
+        # Under a reducer a constant still gets a backward pass (of zero): the other processes
+        # run one per task, and FSDP2 reduce-scatters inside each, so every process must run
+        # as many. The zero flows through the attached losses' graph, and what the reduce-
+        # scatter leaves in .grad is the other processes' gradients of that task averaged with
+        # this zero, as for the rank-mean loss.
+        zero_passes = self.reducer is not None and bool(constants)
+        last = k - 1 if zero_passes else (attached[-1] if attached else -1)
+        zero: torch.Tensor | None = None
         # .grad of the shared parameters is borrowed as scratch for one task at a time; what it
         # held before (earlier micro-batches) is put back untouched.
         stash = [p.grad for p in params]
@@ -690,7 +920,18 @@ class GradientSurgery:
         reached = [False] * len(params)
         try:
             for t, loss in enumerate(losses):
-                loss.backward(retain_graph=retain_graph or t < k - 1)
+                if t in constants:
+                    if not zero_passes:  # a zero gradient: nothing to take
+                        _store_named(active, [r[t] for r in rows], [None] * len(params),
+                                     add=add)
+                        continue
+                    if zero is None:
+                        total = losses[attached[0]].reshape(())
+                        for a in attached[1:]:
+                            total = total + losses[a].reshape(())
+                        zero = total * 0.0
+                    loss = zero
+                loss.backward(retain_graph=retain_graph or t < last)
                 grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
                 for i, g in enumerate(grads):
                     if g is not None:
@@ -724,52 +965,71 @@ class GradientSurgery:
             per_layer, num_layers = _member_layer_ids(per_layer, len(stacks), members,
                                                       num_layers)
         params = [active.params[p] for p in members]
-        outs, betas, allocated = self._grad_outputs(params, [reached[p] for p in members])
+        outs, betas, allocated, copies = self._grad_outputs(params,
+                                                            [reached[p] for p in members])
         try:
-            return aggregate_list(self.aggregator, [stacks[p] for p in members], outs, betas,
-                                  per_layer=per_layer, num_layers=num_layers,
-                                  reduce=None if self.reducer is None
-                                  else self.reducer.reduce_stats,
-                                  check_finite=self.check_finite)
+            weights = aggregate_list(self.aggregator, [stacks[p] for p in members], outs, betas,
+                                     per_layer=per_layer, num_layers=num_layers,
+                                     reduce=None if self.reducer is None
+                                     else self.reducer.reduce_stats,
+                                     check_finite=self.check_finite)
         except BaseException as error:
             # The .grad buffers allocated for it (uninitialised memory) go back to None, so
             # that a caller who catches the error and goes on does not step on garbage.
             for p in allocated:
                 p.grad = None
             if isinstance(error, FloatingPointError):
-                raise FloatingPointError(self._non_finite_message(active.names, stacks,
-                                                                  error)) from error
+                raise FloatingPointError(self._non_finite_message(
+                    active.names, stacks, error, found.constants)) from error
             raise
+        if copies:
+            torch._foreach_copy_([grad for grad, _ in copies], [out for _, out in copies])
+        return weights
 
     @staticmethod
     def _grad_outputs(params: list[torch.Tensor], reached: list[bool]
-                      ) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
-        """The local tensor of each shared ``.grad`` to write into, 1 (accumulate into an
+                      ) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor],
+                                 list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The tensor to write each shared parameter's gradient into, 1 (accumulate into an
         existing gradient) or 0 (a fresh one, whose garbage contents beta=0 ignores) for each,
-        and the parameters whose ``.grad`` was allocated here. An unreached parameter gets
-        scratch, its ``.grad`` untouched."""
+        the parameters whose ``.grad`` was allocated here, and the copies to make once the
+        aggregation has gone through. An unreached parameter gets scratch, its ``.grad``
+        untouched.
+
+        A new ``.grad`` is laid out as autograd lays it out (a channels_last parameter's
+        gradient is channels_last). The ops write contiguous outputs only, so a ``.grad`` of
+        another layout (new, or already there) is computed in a contiguous stand-in and copied
+        back into the same tensor afterwards (``copies``: (``.grad``'s local tensor, its
+        stand-in)): the ``.grad`` object and its strides stay, at one more pass over that
+        parameter, and a failed aggregation leaves it untouched."""
         outs: list[torch.Tensor] = []
         betas: list[float] = []
         allocated: list[torch.Tensor] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for p, hit in zip(params, reached):
             if not hit:
                 outs.append(local_tensor(new_grad_like(p)))
                 betas.append(0.0)
-            elif p.grad is None:
-                p.grad = new_grad_like(p)
+                continue
+            if p.grad is None:
+                p.grad = new_grad_like(p, like_autograd=True)
                 allocated.append(p)
-                outs.append(local_tensor(p.grad))
+                grad = local_tensor(p.grad)
+                out = grad if grad.is_contiguous() else torch.empty(
+                    grad.shape, dtype=grad.dtype, device=grad.device)
                 betas.append(0.0)
             else:
-                if not local_tensor(p.grad).is_contiguous():
-                    p.grad = p.grad.contiguous()
-                outs.append(local_tensor(p.grad))
+                grad = local_tensor(p.grad)
+                out = grad if grad.is_contiguous() else grad.contiguous()
                 betas.append(1.0)
-        return outs, betas, allocated
+            if out is not grad:
+                copies.append((grad, out))
+            outs.append(out)
+        return outs, betas, allocated, copies
 
     @staticmethod
     def _non_finite_message(names: list[str], stacks: list[torch.Tensor],
-                            error: FloatingPointError) -> str:
+                            error: FloatingPointError, constants: frozenset[int]) -> str:
         """Which tasks' gradients are not finite, and in which parameter first (the ops' own
         message names only their argument, a stack of every task's gradients). Runs only
         once the check has failed, so it costs nothing on the normal path."""
@@ -784,11 +1044,40 @@ class GradientSurgery:
         if not first:  # finite gradients whose Gram overflowed
             return f"GradientSurgery: {error}{hint}"
         listed = ", ".join(f"losses[{t}] (first in {first[t]!r})" for t in sorted(first))
+        stand_ins = [t for t in sorted(first) if t in constants]
+        if stand_ins:  # a NaN or Inf constant poisons its row (_poison_if_not_finite)
+            hint = (f"; {', '.join(f'losses[{t}]' for t in stand_ins)} did not require grad "
+                    "(a constant, whose gradient is zero unless the constant itself is NaN or "
+                    f"Inf, which makes it NaN){hint}")
         return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{hint}"
+
+
+def _not_an_aggregator(given: object) -> str:
+    """Why ``given`` is not an aggregator, with the likely fix: a class passed uninstantiated,
+    or an aggregator of another library (TorchJD's share our classes' names)."""
+    wanted = "`aggregator` must be a mtunlearn_ext.surgery Aggregator or Weighting"
+    if isinstance(given, type):
+        if issubclass(given, (Aggregator, Weighting)):
+            return (f"{wanted}, got the class {given.__name__} itself; instantiate it: "
+                    f"{given.__name__}()")
+        return f"{wanted}, got the class {given.__module__}.{given.__qualname__}"
+    kind = type(given)
+    if kind.__module__.split(".")[0] not in ("builtins", "mtunlearn_ext"):
+        return (f"{wanted}, got {kind.__module__}.{kind.__qualname__}; use the one of "
+                "mtunlearn_ext.surgery (UPGrad, MGDA, PCGrad, Mean, Sum)")
+    return f"{wanted}, got {kind.__name__}"
 
 
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _head_description(head: torch.Tensor) -> str:
+    return f"the head parameter of shape {tuple(head.shape)}"
+
+
+def _described_shared(active: _Active) -> Iterator[tuple[str, torch.Tensor]]:
+    return ((f"shared parameter {name!r}", p) for name, p in zip(active.names, active.params))
 
 
 def _write_heads(heads: Sequence[torch.Tensor], head_sums: Sequence[torch.Tensor | None]
@@ -812,8 +1101,13 @@ def _write_heads(heads: Sequence[torch.Tensor], head_sums: Sequence[torch.Tensor
             else:
                 aliased = any(other.layout == torch.strided
                               and summed.data_ptr() == other.data_ptr() for other in fresh)
-                if aliased or not summed.is_contiguous():
-                    summed = summed.clone(memory_format=torch.contiguous_format)
+                if aliased or not (summed.is_contiguous() and head.is_contiguous()):
+                    # Stored as AccumulateGrad stores a gradient: in the parameter's layout
+                    # (channels_last, say), a copy where the sum is laid out otherwise
+                    # (expanded, stride 0) or aliased.
+                    laid_out = new_grad_like(head, like_autograd=True)
+                    if aliased or laid_out.stride() != summed.stride():
+                        summed = laid_out.copy_(summed)
             head.grad = summed
             fresh.append(summed)
         elif head.grad.layout != torch.strided and summed.layout == torch.strided:
