@@ -21,6 +21,13 @@ _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
          "uis_floor": ("mtunlearn_ext.api", "uis_floor"),
          "ForgetRequest": ("mtunlearn_ext.data.request", "ForgetRequest")}
 
+#: The public submodules, imported on first attribute access (PEP 562), so that
+#: ``import mtunlearn_ext; mtunlearn_ext.data.TaskSpec`` works as the guides write it, while
+#: ``import mtunlearn_ext`` itself loads none of them.
+_SUBMODULES = ("api", "cli", "data", "demo", "experiment", "losses", "metrics", "models",
+               "records", "report", "showcase", "surgery", "training", "tuning", "unlearning",
+               "workflow")
+
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
@@ -30,4 +37,13 @@ def __getattr__(name: str) -> object:
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        import importlib
+
+        # Importing a submodule binds it as this package's attribute.
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mtunlearn_ext' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

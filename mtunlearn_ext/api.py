@@ -10,8 +10,11 @@ model is never modified; a new one is returned with a report.
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, cast
 
@@ -25,6 +28,7 @@ from mtunlearn_ext.data.inputs import (
     call_with,
     check_inputs,
     inputs_to,
+    map_leaves,
     named_leaves,
     num_rows,
     take_rows,
@@ -168,18 +172,17 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
     else:
         shared_names = _names_of(model, shared, "shared_parameters")
     if heads is not None:
+        if not isinstance(heads, Mapping):
+            raise TypeError(f"unlearn: `head_parameters` must be a mapping task -> names or "
+                            f"parameters, got {type(heads).__name__}")
+        unknown = [t for t in heads if t not in task_names]
+        if unknown:
+            raise ValueError(f"unlearn: `head_parameters` has key(s) {unknown} that are not "
+                             f"tasks; its keys must be tasks of `tasks`: {list(task_names)}")
         head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]")
                       for t in task_names if t in heads}
     else:
-        # Name-based default: a parameter belongs to the head of task t when one component of
-        # its dotted name is t (``heads.depth.0.weight``, ``depth.weight``).
-        head_names = {t: [] for t in task_names}
-        for n in trainable:
-            if n in shared_names:
-                continue
-            owners = [t for t in task_names if t in n.split(".")]
-            if len(owners) == 1:
-                head_names[owners[0]].append(n)
+        head_names = _heads_by_name(model, task_names, trainable, shared_names)
     assigned = set(shared_names) | {n for names in head_names.values() for n in names}
     stray = [n for n in trainable if n not in assigned]
     if stray:
@@ -193,6 +196,41 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
         head_names[t] = []
     # Frozen parameters belong to no group (they never move); the split lists trainable ones.
     return _SplitModel(model, shared_names, head_names)
+
+
+def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Sequence[str],
+                   shared_names: Sequence[str]) -> dict[str, list[str]]:
+    """The default split's heads: a parameter belongs to the head of task t when one component
+    of its dotted name is t (``heads.depth.0.weight``, ``depth.weight``).
+
+    A module held in two places (one ``proj`` inside the heads of two tasks) has one parameter
+    under several names, of which ``named_parameters()`` lists the first only: every name it is
+    reachable under counts, and one in the heads of two tasks is refused unless it is shared
+    (in a single head, the other task's forget gradient would never reach it and nothing
+    would protect it as shared)."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    aliases: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(first[id(p)], []).append(n)
+    shared = set(shared_names)
+    head_names: dict[str, list[str]] = {t: [] for t in task_names}
+    for n in trainable:
+        if n in shared:
+            continue
+        owners: dict[str, str] = {}  # task -> the first name placing the parameter in its head
+        for alias in aliases.get(n, [n]):
+            found = [t for t in task_names if t in alias.split(".")]
+            if len(found) == 1:
+                owners.setdefault(found[0], alias)
+        if len(owners) > 1:
+            (task, name), (other, other_name) = list(owners.items())[:2]
+            raise ValueError(
+                f"unlearn: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
+                f"{other!r} (as {other_name!r}): one module serves both heads, so both tasks use "
+                f"it; a parameter several tasks use is shared: list it in `shared_parameters`")
+        if owners:
+            head_names[next(iter(owners))].append(n)
+    return head_names
 
 
 @torch.no_grad()
@@ -388,6 +426,102 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 
 
+def _row_fingerprints(x: torch.Tensor) -> list[tuple[float, ...]]:
+    """One print per row of ``x``: its sum (accumulated in float64, no widened copy) and its
+    first and last values. Equal rows have equal prints; rows with equal prints are then
+    compared exactly. Summed in memory order of a contiguous row, so that the rounding does
+    not depend on the layout."""
+    flat = x.reshape(len(x), -1).contiguous()
+    if flat.shape[1] == 0:
+        return [()] * len(x)
+    return list(zip(flat.sum(1, dtype=torch.float64).tolist(),
+                    flat[:, 0].double().tolist(), flat[:, -1].double().tolist()))
+
+
+def _row_prints(tensors: list[torch.Tensor]) -> list[tuple[float, ...]]:
+    """One input: its rows' prints; several: their prints joined, so that a print matches only
+    where every input does."""
+    per_leaf = [_row_fingerprints(leaf) for leaf in tensors]
+    return [tuple(v for part in row for v in part) for row in zip(*per_leaf)]
+
+
+def _equal_input_rows(inputs: Inputs, reference: Inputs, reference_rows: torch.Tensor
+                      ) -> list[tuple[int, int]]:
+    """``(row, reference row)`` for every row of ``inputs`` whose inputs equal those of one of
+    ``reference``'s ``reference_rows`` (the first such), by row prints and then an exact
+    comparison: one pass over each side, not every pair. Several inputs are matched by name (a
+    dict's keys, a tuple's positions) and must all be equal; inputs named or shaped
+    differently never are."""
+    named, ref_named = dict(named_leaves(inputs)), dict(named_leaves(reference))
+    if named.keys() != ref_named.keys():
+        return []
+    names = sorted(named)
+    own, ref = [named[k] for k in names], [ref_named[k] for k in names]
+    if any(a.shape[1:] != b.shape[1:] for a, b in zip(own, ref)):
+        return []
+    if not len(own[0]) or not reference_rows.numel():
+        return []
+    ref_prints = _row_prints(ref)
+    by_print: dict[tuple[float, ...], list[int]] = {}
+    for row in reference_rows.tolist():
+        by_print.setdefault(ref_prints[row], []).append(row)
+    found = []
+    for row, key in enumerate(_row_prints(own)):
+        for ref_row in by_print.get(key, []):
+            if all(torch.equal(a[row], b[ref_row].to(a.device)) for a, b in zip(own, ref)):
+                found.append((row, ref_row))
+                break
+    return found
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """Training rows as the caller gave them, for the checks that held-out and audit data are
+    unseen: ``label`` is the argument (``train_data``, ``forget_data``, ``retain_data``),
+    ``data`` its data set (its row positions are the argument's rows), ``rows`` the positions
+    the model trained on (a row of ``train_data`` with no supervised pair is in neither set),
+    ``own_ids`` whether the ids are the caller's (a data set's) or made by :func:`unlearn`
+    (``0..N-1`` for a tuple, which name no instance of the caller's)."""
+
+    label: str
+    data: MultiTaskDataset
+    rows: torch.Tensor
+    own_ids: bool
+
+
+def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
+                  trained: Sequence[_Trained]) -> None:
+    """Refuse ``data`` (``held_out_data`` or ``audit_data``, named ``what``) when it holds a
+    training instance. Two data sets with ids of their caller's are compared by id; where
+    either side's ids were made by :func:`unlearn` (data given as a tuple) ids say nothing, so
+    the rows are compared by their inputs."""
+    if own_ids:
+        known: set[int] = set()
+        for part in trained:
+            if part.own_ids:
+                known.update(part.data.ids[part.rows].tolist())
+        shared = sorted(known.intersection(data.ids.tolist()))
+        if shared:
+            raise ValueError(f"unlearn: `{what}` shares {len(shared)} instance ids with the "
+                             f"training set (first: {shared[:5]}); it must hold instances the "
+                             "model was never trained on")
+    for part in trained:
+        if own_ids and part.own_ids:
+            continue
+        equal = _equal_input_rows(data.inputs, part.data.inputs, part.rows)
+        if equal:
+            row, train_row = equal[0]
+            made = (f" (ids are not compared: `{part.label}`, given as (inputs, targets), got "
+                    f"ids {int(part.data.ids.min())}..{int(part.data.ids.max())} from unlearn, "
+                    f"which name none of your instances)" if own_ids and not part.own_ids
+                    else "")
+            raise ValueError(
+                f"unlearn: `{what}` row {row} has the same inputs as `{part.label}` row "
+                f"{train_row} ({len(equal)} row{'s' if len(equal) != 1 else ''} of `{what}` "
+                f"equal training rows){made}; it must hold instances the model was never "
+                f"trained on")
+
+
 def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
                                link: bool) -> MultiTaskDataset:
     """``forget_data`` and ``retain_data`` come without shared ids, so an instance given in both
@@ -410,32 +544,16 @@ def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDatase
     names = sorted(f_inputs)
     f_leaves, r_leaves = [f_inputs[k] for k in names], [r_inputs[k] for k in names]
 
-    def fingerprint(x: torch.Tensor) -> list[tuple[float, ...]]:
-        # Row sums (accumulated in float64, no widened copy) and the first and last values:
-        # equal rows have equal prints; equal prints are then compared exactly. Summed in
-        # memory order of a contiguous row, so that the rounding does not depend on the layout.
-        flat = x.reshape(len(x), -1).contiguous()
-        if flat.shape[1] == 0:
-            return [()] * len(x)
-        return list(zip(flat.sum(1, dtype=torch.float64).tolist(),
-                        flat[:, 0].double().tolist(), flat[:, -1].double().tolist()))
-
-    def prints(tensors: list[torch.Tensor]) -> list[tuple[float, ...]]:
-        # One input: its print; several: their prints joined, so a key matches only where
-        # every input does.
-        per_leaf = [fingerprint(leaf) for leaf in tensors]
-        return [tuple(v for part in row for v in part) for row in zip(*per_leaf)]
-
     def same_row(f_row: int, r_row: int) -> bool:
         return all(f.shape[1:] == r.shape[1:] and torch.equal(f[f_row], r[r_row])
                    for f, r in zip(f_leaves, r_leaves))
 
     by_print: dict[tuple[float, ...], list[int]] = {}
-    for row, key in enumerate(prints(r_leaves)):
+    for row, key in enumerate(_row_prints(r_leaves)):
         by_print.setdefault(key, []).append(row)
     ids = forget.ids.clone()
     taken: set[int] = set()
-    for f_row, key in enumerate(prints(f_leaves)):
+    for f_row, key in enumerate(_row_prints(f_leaves)):
         for r_row in by_print.get(key, []):
             if not same_row(f_row, r_row):
                 continue
@@ -534,7 +652,7 @@ def build_problem(model: nn.Module, *,
                   forget_request: ForgetRequest | None = None,
                   forget_data: DataLike | None = None,
                   retain_data: DataLike | None = None,
-                  target_tasks: Sequence[str] | None = None,
+                  target_tasks: Sequence[str] | str | None = None,
                   held_out_data: DataLike | None = None,
                   shared_parameters: SharedSpec | None = None,
                   head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
@@ -558,6 +676,98 @@ def build_problem(model: nn.Module, *,
     the gold-standard model on the retain pairs, with the library's trainer (the masked
     multi-task loss of :func:`~mtunlearn_ext.losses.masked_multitask_loss`).
     """
+    return _build_problem(
+        model, tasks=tasks, train_data=train_data, forget_request=forget_request,
+        forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
+        held_out_data=held_out_data, shared_parameters=shared_parameters,
+        head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
+        train_config=train_config)[0]
+
+
+def _target_task_names(target_tasks: object) -> list[str] | None:
+    """``target_tasks`` as a list of names (``None``: not given). One name may be a plain
+    string, as in :meth:`ForgetRequest.create`: iterated, it would be one task per
+    character."""
+    if target_tasks is None:
+        return None
+    if isinstance(target_tasks, str):
+        return [target_tasks]
+    if isinstance(target_tasks, Mapping) or not isinstance(target_tasks, Iterable):
+        raise TypeError(f"unlearn: `target_tasks` must be a task name or a list of task names, "
+                        f"got {type(target_tasks).__name__}")
+    names = list(target_tasks)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"unlearn: `target_tasks` must be a task name or a list of task "
+                            f"names (strings), got {name!r:.80} in it")
+    return names
+
+
+def _check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
+                     rows: torch.Tensor | None = None) -> None:
+    """:meth:`MultiTaskDataset.check_values` naming the argument ``what`` and its row. ``rows``:
+    the rows the problem reads (default: all; a row of ``train_data`` with no supervised pair
+    is in neither set, so its inputs may hold anything). A tuple's ids (``own_ids`` false),
+    made by :func:`unlearn` and possibly offset past another set's, are shown as its rows.
+    Clean data costs the one check; the rest runs only to word a failure."""
+    try:
+        data.check_values(f"unlearn: `{what}`")
+        return
+    except ValueError:
+        partial = rows is not None and rows.numel() != len(data)
+        if own_ids and not partial:
+            raise
+    inputs = data.inputs
+    if rows is not None and rows.numel() != len(data):
+        read = torch.zeros(len(data), dtype=torch.bool)
+        read[rows] = True
+
+        def blank(x: torch.Tensor) -> torch.Tensor:
+            keep = read.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+            return x.masked_fill(~keep, 0)
+
+        inputs = map_leaves(blank, inputs)
+    # Ids 0..N-1 (the rows) for a tuple, the caller's own otherwise.
+    MultiTaskDataset(inputs, data.targets, data.tasks, data.ids if own_ids else None,
+                     data.supervision).check_values(f"unlearn: `{what}`")
+
+
+def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, own_ids: bool) -> None:
+    """Refuse, naming ``forget_request`` and the ids ``train_data`` has, a request for ids
+    that are not in ``train_data``."""
+    if not isinstance(request, ForgetRequest):
+        raise TypeError(f"unlearn: `forget_request` must be a ForgetRequest (ForgetRequest.create"
+                        f"(ids, target_tasks)), got {type(request).__name__}")
+    known = set(full.ids.tolist())
+    unknown = [i for i in request.instance_ids if i not in known]
+    if not unknown:
+        return
+    shown = f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} ({len(unknown)} in all)"
+    if own_ids:
+        low, high = int(full.ids.min()), int(full.ids.max())
+        valid = (f"`train_data` (a MultiTaskDataset) names its {len(full)} instances by its "
+                 f"`ids`, from {low} to {high}" + ("" if high - low + 1 == len(full)
+                                                    else ", not every id between"))
+    else:
+        valid = (f"`train_data`, given as (inputs, targets), names its {len(full)} instances "
+                 f"by row: ids 0 to {len(full) - 1}")
+    raise KeyError(f"unlearn: `forget_request` names instance ids that are not in `train_data`: "
+                   f"{shown}; {valid}")
+
+
+def _build_problem(model: nn.Module, *,
+                   tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                   train_data: DataLike | None, forget_request: ForgetRequest | None,
+                   forget_data: DataLike | None, retain_data: DataLike | None,
+                   target_tasks: Sequence[str] | str | None, held_out_data: DataLike | None,
+                   shared_parameters: SharedSpec | None,
+                   head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None,
+                   device: torch.device | str, seed: int,
+                   fresh_model: Callable[[], nn.Module] | None,
+                   train_config: TrainConfig | Mapping[str, Any] | None
+                   ) -> tuple[UnlearningProblem, list[_Trained]]:
+    """:func:`build_problem`, and the training rows as given (for the checks that held-out
+    and audit data are unseen)."""
     # A torch.compile'd model is unlearned through its eager module: per-sample gradients
     # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
     # those of the user's own module; the returned model is that module's unlearned copy.
@@ -591,9 +801,14 @@ def build_problem(model: nn.Module, *,
             raise ValueError("unlearn: `retain_data` goes with `forget_data`; with `train_data` "
                              "and a `forget_request` the retain set is the rest of `train_data`")
         full = _as_dataset(train_data, specs, "train_data")
+        own = isinstance(train_data, MultiTaskDataset)
+        read = full.supervision.any(dim=1).nonzero().flatten()  # the rows in forget or retain
+        _check_values_of(full, "train_data", own, read)
         request = forget_request
+        _check_request_ids(request, full, own)
         request.validate(full)
         forget, retain = request.split(full)
+        trained = [_Trained("train_data", full, read, own)]
         targets = request.resolved_tasks(full)
         if not len(forget):  # said here, where the request and its data are known by name
             count = len(request.instance_ids)
@@ -621,7 +836,8 @@ def build_problem(model: nn.Module, *,
         else:
             assert forget_data is not None
             given = [t for t in names if t in forget_data[1]]
-        targets = list(target_tasks) if target_tasks is not None else given
+        named = _target_task_names(target_tasks)
+        targets = named if named is not None else given
         if len(set(targets)) != len(targets):
             raise ValueError(f"unlearn: `target_tasks` {targets} names a task twice")
         unknown = [t for t in targets if t not in names]
@@ -633,15 +849,32 @@ def build_problem(model: nn.Module, *,
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
         columns = torch.tensor([t in targets for t in names])
         forget = forget.with_supervision(forget.supervision & columns)
+        own_forget = isinstance(forget_data, MultiTaskDataset)
+        own_retain = isinstance(retain_data, MultiTaskDataset)
+        _check_values_of(retain, "retain_data", own_retain)
+        _check_values_of(forget, "forget_data", own_forget)
         partial = set(targets) != set(names)
         forget = _linked_to_retained_copies(forget, retain, link=partial)
         request = ForgetRequest.create(forget.ids, targets if partial else None)
+        trained = [_Trained("forget_data", forget, torch.arange(len(forget)), own_forget),
+                   _Trained("retain_data", retain, torch.arange(len(retain)), own_retain)]
     held_out = None
     if held_out_data is not None:
         # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
-        # the problem's validation rejects one that shares ids with the training set.
+        # one that shares ids with a training data set is refused. Against ids made for a
+        # tuple (which name no instance of the caller's) rows are compared by their inputs.
         top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
         held_out = _as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
+        own_held_out = isinstance(held_out_data, MultiTaskDataset)
+        _check_values_of(held_out, "held_out_data", own_held_out)
+        _check_unseen(held_out, "held_out_data", own_held_out, trained)
+        if own_held_out and len(held_out) and not set(held_out.ids.tolist()).isdisjoint(
+                forget.ids.tolist() + retain.ids.tolist()):
+            # Its ids met only ids made for a tuple (the check above): new ones past them, so
+            # that no id names two instances (the problem's own check compares ids).
+            held_out = MultiTaskDataset(held_out.inputs, held_out.targets, held_out.tasks,
+                                        torch.arange(top, top + len(held_out)),
+                                        held_out.supervision)
     wrapped = _split_model(model, names, shared_parameters, head_parameters)
     if (fresh_model is None) != (train_config is None):
         raise ValueError("unlearn: `fresh_model` and `train_config` go together (retraining "
@@ -657,7 +890,7 @@ def build_problem(model: nn.Module, *,
                                 seed=seed, held_out=held_out, train_config=recipe,
                                 model_factory=factory)
     problem.validate()
-    return problem
+    return problem, trained
 
 
 def unlearn(model: nn.Module, *,
@@ -666,7 +899,7 @@ def unlearn(model: nn.Module, *,
             forget_request: ForgetRequest | None = None,
             forget_data: DataLike | None = None,
             retain_data: DataLike | None = None,
-            target_tasks: Sequence[str] | None = None,
+            target_tasks: Sequence[str] | str | None = None,
             held_out_data: DataLike | None = None,
             audit_data: DataLike | None = None,
             shared_parameters: SharedSpec | None = None,
@@ -702,8 +935,8 @@ def unlearn(model: nn.Module, *,
       full request). Preferred for partial requests: the method then knows which retained pairs
       belong to the forget instances and protects them explicitly.
     - ``forget_data`` (the forget instances with targets for the target tasks) and
-      ``retain_data`` (every retained pair), plus ``target_tasks`` (default: the tasks with
-      targets in ``forget_data``). In a partial request, a forget row whose input equals a
+      ``retain_data`` (every retained pair), plus ``target_tasks`` (a task name or a list of
+      them; default: the tasks with targets in ``forget_data``). In a partial request, a forget row whose input equals a
       ``retain_data`` row's is taken to be that instance, so that its retained pairs are known
       (and protected) as with ``train_data``; one that would still supervise a target pair there
       is refused.
@@ -731,16 +964,22 @@ def unlearn(model: nn.Module, *,
         held_out_data: optional instances the model was never trained on (a validation
             split, never the data you evaluate on), same layout as ``retain_data``. A retrained
             model fits the forget instances about as well as unseen data, so the default
-            method can stop raising a forget pair's loss where such data's loss lies (its
-            ``cap_reference="held_out"``).
+            method can stop raising a forget pair's loss where such data's loss lies: with
+            ``config={"cap_reference": "held_out"}`` (or ``"auto"``) its forget caps come
+            from this data. Its defaults (``cap_reference="retain"``) and the other methods do
+            not read it: the run is then the same as without it, and a ``UserWarning`` names
+            the setting to change.
         audit_data: optional instances the model was never trained on, distinct from
             ``held_out_data`` (which the method may use), at least 8 rows with the target tasks'
-            labels: the report's summary then holds a loss-based membership-inference audit of
-            the forget set before and after (:func:`~mtunlearn_ext.metrics.membership_attack`,
-            fitted on up to 2000 retain rows against half of ``audit_data``, scored against the
-            other half): ``forget_mia_auc_*`` near 0.5 means the forget instances look like
-            unseen data to the attack; ``member_mia_auc_*`` (held-back retain rows against the
-            same unseen half) shows that the attack itself still separates members.
+            labels. Held-out and audit data are refused when they hold a training instance:
+            by id where both are data sets, else (data given as tuples, whose ids ``unlearn``
+            makes up) by equal inputs. The report's summary then holds a loss-based
+            membership-inference audit of the forget set before and after
+            (:func:`~mtunlearn_ext.metrics.membership_attack`, fitted on up to 2000 retain rows
+            against half of ``audit_data``, scored against the other half):
+            ``forget_mia_auc_*`` near 0.5 means the forget instances look like unseen data to
+            the attack; ``member_mia_auc_*`` (held-back retain rows against the same unseen
+            half) shows that the attack itself still separates members.
         shared_parameters: the trunk: names, parameters, or a predicate on names. Not needed
             for a model with ``parameter_split()``.
         head_parameters: task -> its head's names or parameters (default: a parameter whose
@@ -786,7 +1025,7 @@ def unlearn(model: nn.Module, *,
     """
     if not isinstance(progress, bool):  # a string such as "no" would be taken as true
         raise TypeError(f"unlearn: `progress` must be True or False, got {progress!r}")
-    problem = build_problem(
+    problem, trained = _build_problem(
         model, tasks=tasks, train_data=train_data, forget_request=forget_request,
         forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
         held_out_data=held_out_data, shared_parameters=shared_parameters,
@@ -798,14 +1037,22 @@ def unlearn(model: nn.Module, *,
         audit = _as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
         problem.check_model_on(audit, "`audit_data`")
-        if isinstance(audit_data, MultiTaskDataset):  # tuple data gets ids of its own
-            problem.check_unseen(audit, "unlearn: `audit_data`")
+        # A data set's ids against the training data sets' ids; tuple data (ids of its own,
+        # 0..N-1) and training data given as tuples: by equal inputs.
+        _check_unseen(audit, "audit_data", isinstance(audit_data, MultiTaskDataset), trained)
         target_columns = [audit.task_index(t) for t in problem.target_tasks]
         labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
         if labelled < 8:
             raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
                              f"the target tasks {problem.target_tasks}, got {labelled}")
     unlearner = get_unlearner(method, config)
+    if isinstance(unlearner, GradientUnlearner) and not any(
+            p.requires_grad for p in wrapped.parameters()):
+        count = sum(1 for _ in wrapped.parameters())
+        raise ValueError(f"unlearn: no parameter of `model` requires grad (requires_grad is "
+                         f"False for all {count}), so method {unlearner.name!r} has nothing to "
+                         f"update; unfreeze the parameters it may change (at least the shared "
+                         f"trunk's: `p.requires_grad_(True)`)")
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)
     audit_before = _audit(wrapped, problem, audit, seed) if audit is not None else {}
@@ -826,8 +1073,49 @@ def unlearn(model: nn.Module, *,
         for key in audit_before:
             result.report.extra["summary"][f"{key}_before"] = audit_before[key]
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]
+    if held_out_data is not None:
+        unused = _held_out_unused(unlearner, result.report)
+        if unused is not None:
+            warnings.warn(f"unlearn: `held_out_data` was not used: {unused}", UserWarning,
+                          stacklevel=2)
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
     return out, result.report
+
+
+def _held_out_unused(unlearner: Unlearner, report: UnlearningReport) -> str | None:
+    """Why a run of one of the library's methods did not read the problem's held-out data, and
+    the setting that would make it; ``None`` when it did, or for a method defined outside the
+    library (which may read ``problem.held_out`` itself). Among the library's methods only the
+    interference-aware one (and its ablations) reads it, for the forget caps; it says in its
+    report which set its caps came from."""
+    from mtunlearn_ext.unlearning.interference_aware import InterferenceAware
+
+    if not type(unlearner).__module__.startswith("mtunlearn_ext."):
+        return None
+    if not isinstance(unlearner, InterferenceAware):
+        return (f"method {unlearner.name!r} does not read held-out data (of the library's "
+                f"methods only 'interference_aware' and its ablations do, for their forget caps "
+                f"with cap_reference='held_out' or 'auto'); leave it out, or run "
+                f"method='interference_aware' with config={{'cap_reference': 'held_out'}}")
+    extra = report.extra.get("interference_aware", {})
+    if "forget_caps_from" not in extra:  # not said: not known
+        return None
+    source = extra["forget_caps_from"]
+    if source == "held_out":
+        return None
+    cfg = unlearner.config
+    if cfg.cap_quantile is None:
+        return ("the forget caps are the objectives' own (cap_quantile=None), so no set is "
+                "measured for them; set config={'cap_quantile': 0.9 (or 'rank'), "
+                "'cap_reference': 'held_out'} to raise forget losses to the held-out level")
+    if source is None:  # no capped objective: no caps measured on any set
+        return (f"no target task has a capped forget objective (forget objectives "
+                f"{report.extra.get('forget_objectives')}), so there are no caps to take from "
+                f"it; use a capped objective ('capped_ascent', the default) in "
+                f"`forget_objective`")
+    return ("the forget caps come from the retain set (cap_reference='retain', the "
+            "default); pass config={'cap_reference': 'held_out'} (or 'auto') to take them "
+            "from `held_out_data`, the level a retrained model reaches on unseen data")
 
 
 API_RECORD_SCHEMA = "mtunlearn_ext.api-record/1"
@@ -846,7 +1134,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     and its settings, the summary (losses before and after; the membership-inference audit
     when ``audit_data`` was given), steps and wall time, the code version, the checkpoint
     file's SHA-256, and :func:`state_dict_sha256` of the unlearned model and, when
-    ``original`` is given, of the model it came from.
+    ``original`` is given, of the model it came from. A value JSON cannot hold, NaN or an
+    infinity (a diverged run's loss), is written as ``null``, as
+    :meth:`UnlearningReport.to_dict` writes it.
 
     Returns:
         The record (a plain JSON-able dict).
@@ -869,9 +1159,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         "schema": API_RECORD_SCHEMA,
         "written_at": utc_now(),
         "code": code_version(),
-        "request": dict(report.request),
-        "method": {"name": report.method, "settings": dict(report.config)},
-        "summary": report.extra.get("summary", {}),
+        "request": _finite_or_none(dict(report.request)),
+        "method": {"name": report.method, "settings": _finite_or_none(dict(report.config))},
+        "summary": _finite_or_none(report.extra.get("summary", {})),
         "steps": report.steps,
         "wall_time_s": report.wall_time_s,
         "model_state_sha256": state_dict_sha256(model),
@@ -887,6 +1177,20 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts, lists and tuples) replaced
+    by ``None``, JSON's ``null``; everything else as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_finite_or_none(v) for v in value)
+    return value
 
 
 # -- the UIS floor on unlearn()'s forms of model and data ----------------------------------------

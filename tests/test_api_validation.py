@@ -321,3 +321,335 @@ def test_a_request_without_a_pair_of_its_target_tasks_names_them() -> None:
                                          r"has a supervised pair of the target tasks "
                                          r"\['a', 'b'\]"):
         dataclasses.replace(problem, forget=empty).validate()
+
+
+# -- found by the review of the user-facing API --------------------------------------------------
+
+
+def _trunk(name: str) -> bool:
+    return name.startswith("trunk.")
+
+
+def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class _SharedProjection(nn.Module):
+    """Two heads that hold one ``proj`` module: its parameters are reachable as
+    ``heads.a.0.*`` and ``heads.b.0.*``, and ``named_parameters()`` lists the first only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        proj = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.heads = nn.ModuleDict({"a": nn.Sequential(proj, nn.Linear(16, 3)),
+                                    "b": nn.Sequential(proj, nn.Linear(16, 1))})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def test_a_module_serving_two_heads_is_refused_unless_it_is_shared() -> None:
+    """The default split put `proj` into task a's head only (named_parameters drops the second
+    name): task b's forget gradient never reached it and nothing protected it as shared."""
+    x, y = _data()
+    model = _SharedProjection()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(
+        range(5), ["b"]))
+    message = (r"unlearn: parameter 'heads\.a\.0\.0\.weight' is in the heads of both 'a' \(as "
+               r"'heads\.a\.0\.0\.weight'\) and 'b' \(as 'heads\.b\.0\.0\.weight'\).* list it in "
+               r"`shared_parameters`")
+    with pytest.raises(ValueError, match=message):
+        build_problem(model, shared_parameters=_trunk, **common)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        mtunlearn_ext.unlearn(model, shared_parameters=_trunk, config={"steps": 1},
+                              **common)  # type: ignore[arg-type]
+    # Declared shared, it is the trunk's; each head keeps its own last layer.
+    problem = build_problem(model, shared_parameters=lambda n: _trunk(n) or n.startswith(
+        "heads.a.0."), **common)  # type: ignore[arg-type]
+    split = problem.model.parameter_split()
+    assert "module.heads.a.0.0.weight" in split.shared
+    assert split.heads == {"a": ("module.heads.a.1.weight", "module.heads.a.1.bias"),
+                           "b": ("module.heads.b.1.weight", "module.heads.b.1.bias")}
+
+
+def test_head_parameters_keys_must_be_tasks() -> None:
+    """A misspelt key was ignored: its parameters went nowhere or to the name-based default."""
+    x, y = _data()
+    model = _TwoHeads()
+    heads = {"a": ["heads.a.weight", "heads.a.bias"], "b": ["heads.b.weight", "heads.b.bias"]}
+    with pytest.raises(ValueError, match=re.escape(
+            "unlearn: `head_parameters` has key(s) ['rgression'] that are not tasks; its keys "
+            "must be tasks of `tasks`: ['a', 'b']")):
+        build_problem(model, tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(5)),
+                      head_parameters={**heads, "rgression": ["heads.b.weight"]})
+    problem = build_problem(model, tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                            forget_request=ForgetRequest.create(range(5)), head_parameters=heads)
+    assert problem.model.parameter_split().heads["b"] == ("module.heads.b.weight",
+                                                         "module.heads.b.bias")
+
+
+def test_a_data_set_beside_tuple_training_data_is_compared_by_inputs_not_ids() -> None:
+    """`train_data` as a tuple gets ids 0..N-1 from unlearn; a held-out or audit data set with
+    its default ids 0..M-1 was refused as sharing them, though no instance was shared."""
+    x, y = _data(60)
+    xs, ys = _data(40, seed=1)  # unseen instances
+    held = MultiTaskDataset(xs[:20], {t: v[:20] for t, v in ys.items()}, SPECS)  # ids 0..19
+    audit = MultiTaskDataset(xs[20:], {t: v[20:] for t, v in ys.items()}, SPECS)  # ids 0..19
+    common = dict(tasks=SPECS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                  shared_parameters=_trunk, config={"steps": 3, "cap_reference": "held_out"})
+    new, report = mtunlearn_ext.unlearn(_TwoHeads(), held_out_data=held, audit_data=audit,
+                                        **common)  # type: ignore[arg-type]
+    assert report.extra["interference_aware"]["forget_caps_from"] == "held_out"
+    # The same instances as tuples (ids made by unlearn): the same run.
+    same, again = mtunlearn_ext.unlearn(
+        _TwoHeads(), held_out_data=(held.inputs, dict(held.targets)),
+        audit_data=(audit.inputs, dict(audit.targets)), **common)  # type: ignore[arg-type]
+    assert _same_state(new, same) and report.extra["summary"] == again.extra["summary"]
+    problem = build_problem(_TwoHeads(), tasks=SPECS, train_data=(x, y), shared_parameters=_trunk,
+                            forget_request=ForgetRequest.create(range(5)), held_out_data=held)
+    assert problem.held_out is not None
+    assert set(problem.held_out.ids.tolist()).isdisjoint(
+        problem.forget.ids.tolist() + problem.retain.ids.tolist())
+    # A forget data set beside a tuple retain set: ids against the forget set's, inputs against
+    # the retain rows (whose ids 5..59 unlearn made).
+    forget = MultiTaskDataset(x[:5], {t: v[:5] for t, v in y.items()}, SPECS)  # ids 0..4
+    split = dict(tasks=SPECS, shared_parameters=_trunk, forget_data=forget,
+                 retain_data=(x[5:], {t: v[5:] for t, v in y.items()}))
+    problem = build_problem(_TwoHeads(), held_out_data=MultiTaskDataset(
+        xs[:20], {t: v[:20] for t, v in ys.items()}, SPECS, ids=torch.arange(5, 25)), **split)  # type: ignore[arg-type]
+    assert problem.held_out is not None and problem.retain.ids.tolist() == list(range(5, 60))
+    assert set(problem.held_out.ids.tolist()).isdisjoint(range(60))
+    with pytest.raises(ValueError, match=re.escape("`held_out_data` shares 2 instance ids with "
+                                                   "the training set (first: [3, 4])")):
+        build_problem(_TwoHeads(), held_out_data=MultiTaskDataset(
+            xs[:20], {t: v[:20] for t, v in ys.items()}, SPECS, ids=torch.arange(3, 23)),
+            **split)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape(
+            "`held_out_data` row 0 has the same inputs as `retain_data` row 5 (10 rows of "
+            "`held_out_data` equal training rows) (ids are not compared: `retain_data`, given as "
+            "(inputs, targets), got ids 5..59 from unlearn")):
+        build_problem(_TwoHeads(), held_out_data=MultiTaskDataset(
+            x[10:20], {t: v[10:20] for t, v in y.items()}, SPECS, ids=torch.arange(100, 110)),
+            **split)  # type: ignore[arg-type]
+    # Beside a training data set (ids of the caller's), a data set's ids are compared.
+    with pytest.raises(ValueError, match=re.escape(
+            "unlearn: `held_out_data` shares 20 instance ids with the training set (first: "
+            "[0, 1, 2, 3, 4])")):
+        build_problem(_TwoHeads(), tasks=SPECS, train_data=MultiTaskDataset(x, y, SPECS),
+                      shared_parameters=_trunk, forget_request=ForgetRequest.create(range(5)),
+                      held_out_data=held)
+    # A data set that does hold training rows is refused by its inputs, saying why its ids
+    # were not compared.
+    trained = MultiTaskDataset(x[10:30], {t: v[10:30] for t, v in y.items()}, SPECS)
+    for name in ("held_out_data", "audit_data"):
+        with pytest.raises(ValueError, match=(
+                rf"unlearn: `{name}` row 0 has the same inputs as `train_data` row 10 \(20 rows "
+                rf"of `{name}` equal training rows\) \(ids are not compared: `train_data`, given "
+                r"as \(inputs, targets\), got ids 0\.\.59 from unlearn, which name none of your "
+                r"instances\); it must hold instances the model was never trained on")):
+            mtunlearn_ext.unlearn(_TwoHeads(), **{**common, name: trained})  # type: ignore[arg-type]
+
+
+def test_held_out_and_audit_tuples_holding_training_rows_are_refused() -> None:
+    """Tuples were never checked against the training data (only data sets, by id): an audit
+    set of training rows gave "evidence" that the forget set looked unseen."""
+    x, y = _data(60)
+    rows = (x[20:40], {t: v[20:40] for t, v in y.items()})
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+                  shared_parameters=_trunk, config={"steps": 1, "cap_reference": "held_out"})
+    for name in ("held_out_data", "audit_data"):
+        with pytest.raises(ValueError, match=(
+                rf"unlearn: `{name}` row 0 has the same inputs as `train_data` row 20 \(20 rows "
+                rf"of `{name}` equal training rows\); it must hold instances the model was never "
+                r"trained on")):
+            mtunlearn_ext.unlearn(_TwoHeads(), **{**common, name: rows})  # type: ignore[arg-type]
+    # One training row among unseen ones, and a training data set: by inputs too.
+    xs, ys = _data(20, seed=1)
+    xs[7] = x[3]
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(100, 160))
+    with pytest.raises(ValueError, match=r"`audit_data` row 7 has the same inputs as `train_data` "
+                                         r"row 3 \(1 row of `audit_data` equal training rows\)"):
+        mtunlearn_ext.unlearn(_TwoHeads(), **{**common, "tasks": SPECS, "train_data": data,
+                                              "forget_request": ForgetRequest.create(
+                                                  range(100, 110)), "audit_data": (xs, ys)})  # type: ignore[arg-type]
+    # The other way in: named by the argument that holds the row; several inputs all equal.
+    mask = torch.ones_like(x)
+    with pytest.raises(ValueError, match=r"`held_out_data` row 0 has the same inputs as "
+                                         r"`retain_data` row 15"):
+        build_problem(_TwoInputs(), tasks=TASKS, shared_parameters=_trunk,
+                      forget_data=((x[:5], mask[:5]), {"a": y["a"][:5]}),
+                      retain_data=((x[5:], mask[5:]), {t: v[5:] for t, v in y.items()}),
+                      held_out_data=((x[20:25], mask[20:25]), {t: v[20:25] for t, v in y.items()}))
+    # Equal in one input only: another instance.
+    problem = build_problem(_TwoInputs(), tasks=TASKS, shared_parameters=_trunk,
+                            forget_data=((x[:5], mask[:5]), {"a": y["a"][:5]}),
+                            retain_data=((x[5:], mask[5:]), {t: v[5:] for t, v in y.items()}),
+                            held_out_data=((x[20:25], 2 * mask[20:25]),
+                                           {t: v[20:25] for t, v in y.items()}))
+    assert problem.held_out is not None and len(problem.held_out) == 5
+
+
+def test_the_unseen_check_hashes_rows_instead_of_comparing_every_pair() -> None:
+    """Thousands of rows on each side: one pass over each (a comparison of every pair, 16
+    million here, would take minutes)."""
+    import time
+
+    from mtunlearn_ext.api import _equal_input_rows
+
+    a, b = torch.randn(4000, 32), torch.randn(4000, 32)
+    b[1234] = a[17]
+    start = time.perf_counter()
+    assert _equal_input_rows(b, a, torch.arange(4000)) == [(1234, 17)]
+    assert time.perf_counter() - start < 20
+    assert _equal_input_rows(b, a, torch.arange(17)) == []  # only the rows trained on count
+
+
+class _ClsReg(_TwoHeads):
+    """Tasks with names longer than one character ("cls", "reg")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({"cls": self.heads["a"], "reg": self.heads["b"]})
+
+
+def test_one_target_task_may_be_a_plain_string() -> None:
+    """`target_tasks="cls"` became the tasks ['c', 'l', 's'] (a string iterated), where
+    ForgetRequest.create takes one name."""
+    x, y = _data()
+    tasks = {"cls": "classification", "reg": "regression"}
+    labels = {"cls": y["a"], "reg": y["b"]}
+    common = dict(tasks=tasks, shared_parameters=_trunk, forget_data=(x[:5], {"cls": y["a"][:5]}),
+                  retain_data=(x[5:], {t: v[5:] for t, v in labels.items()}))
+    one = build_problem(_ClsReg(), target_tasks="cls", **common)  # type: ignore[arg-type]
+    assert one.target_tasks == ["cls"] and not one.is_full
+    # (the forget rows' own `reg` pairs are not in retain_data: nothing coupled to protect)
+    config = {"steps": 2, "coupled": False}
+    new, _ = mtunlearn_ext.unlearn(_ClsReg(), target_tasks="cls", config=config,
+                                   **common)  # type: ignore[arg-type]
+    same, _ = mtunlearn_ext.unlearn(_ClsReg(), target_tasks=["cls"], config=config,
+                                    **common)  # type: ignore[arg-type]
+    assert _same_state(new, same)
+    with pytest.raises(TypeError, match=r"`target_tasks` must be a task name or a list of task "
+                                        r"names \(strings\), got 1 in it"):
+        build_problem(_ClsReg(), target_tasks=["cls", 1], **common)  # type: ignore[arg-type,list-item]
+
+
+def test_errors_in_train_data_name_train_data_and_its_row() -> None:
+    """A NaN input or a bad label in `train_data` was reported in "the retain set", at a row of
+    that set (with ids of the library's)."""
+    x, y = _data()
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("unlearn: `train_data`: the inputs hold NaN "
+                                                   "or Inf in 1 rows (first: row 3, id 3)")):
+        _problem(train_data=(bad, y), forget_request=ForgetRequest.create([0]))
+    labels = {**y, "b": y["b"].clone()}
+    labels["b"][4] = float("inf")
+    with pytest.raises(ValueError, match=r"unlearn: `train_data`: task 'b' \(regression\) has NaN "
+                                         r"or Inf targets on 1 supervised rows \(first: row 4"):
+        _problem(train_data=(x, labels), forget_request=ForgetRequest.create([0]))
+    # forget_data / retain_data: their own rows (a tuple's ids are the library's, left out).
+    with pytest.raises(ValueError, match=re.escape("unlearn: `retain_data`: the inputs hold NaN "
+                                                   "or Inf in 1 rows (first: row 3, id 3)")):
+        _problem(forget_data=(x[:5], {"a": y["a"][:5]}), retain_data=(bad, y))
+    with pytest.raises(ValueError, match=re.escape("unlearn: `forget_data`: the inputs hold NaN "
+                                                   "or Inf in 1 rows (first: row 3, id 3)")):
+        _problem(forget_data=(bad[:5], {"a": y["a"][:5]}), retain_data=_rest(x, y))
+    # A row of train_data with no supervised pair is in neither set: still anything goes.
+    supervision = torch.ones(40, 2, dtype=torch.bool)
+    supervision[3] = False
+    problem = _problem(train_data=(bad, y, supervision), forget_request=ForgetRequest.create([0]))
+    assert 3 not in problem.retain.ids.tolist() + problem.forget.ids.tolist()
+
+
+def test_unknown_forget_ids_name_the_request_and_the_ids_there_are() -> None:
+    x, y = _data()
+    with pytest.raises(KeyError, match=re.escape(
+            "unlearn: `forget_request` names instance ids that are not in `train_data`: [40, -1] "
+            "(2 in all); `train_data`, given as (inputs, targets), names its 40 instances by "
+            "row: ids 0 to 39")):
+        _problem(train_data=(x, y), forget_request=ForgetRequest.create([0, 40, -1]))
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(40) * 2 + 100)
+    with pytest.raises(KeyError, match=re.escape(
+            "names instance ids that are not in `train_data`: [101] (1 in all); `train_data` (a "
+            "MultiTaskDataset) names its 40 instances by its `ids`, from 100 to 178, not every id "
+            "between")):
+        build_problem(_TwoHeads(), tasks=SPECS, train_data=data, shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create([100, 101]))
+    with pytest.raises(TypeError, match=r"`forget_request` must be a ForgetRequest"):
+        _problem(train_data=(x, y), forget_request=[0, 1])
+
+
+def test_a_model_with_every_parameter_frozen_is_refused_as_such() -> None:
+    """It said "the model has no shared parameter", although a trunk was given."""
+    x, y = _data()
+    model = _TwoHeads()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for method in ("interference_aware", "finetune"):
+        with pytest.raises(ValueError, match=rf"unlearn: no parameter of `model` requires grad "
+                                             rf"\(requires_grad is False for all 6\), so method "
+                                             rf"'{method}' has nothing to update"):
+            mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y), method=method,
+                                  forget_request=ForgetRequest.create(range(5)),
+                                  shared_parameters=_trunk, config={"steps": 1})
+
+
+def test_save_unlearned_writes_non_finite_summary_values_as_null(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A diverged run's NaN loss made the save fail with a bare "Out of range float values are
+    not JSON compliant"; the record holds None there, as report.to_dict() does."""
+    import json
+
+    x, y = _data()
+    model = _TwoHeads()
+    new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                        forget_request=ForgetRequest.create(range(5)),
+                                        shared_parameters=_trunk, config={"steps": 1})
+    report.extra["summary"]["forget_loss_after"] = {"a": float("nan"), "b": float("inf")}
+    record = mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
+    stored = json.loads((tmp_path / "u.pt.record.json").read_text())
+    assert stored == record
+    assert stored["summary"]["forget_loss_after"] == {"a": None, "b": None}
+    assert stored["summary"]["forget_loss_before"] == report.extra["summary"]["forget_loss_before"]
+    assert report.extra["summary"]["forget_loss_after"]["b"] == float("inf")  # report untouched
+
+
+def test_the_public_submodules_are_attributes_of_the_package() -> None:
+    """`import mtunlearn_ext; mtunlearn_ext.data.TaskSpec` (as the guides write it) raised
+    AttributeError unless something had imported the submodule; `import mtunlearn_ext` alone
+    still loads none of them."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    public = sorted(m.name for m in pkgutil.iter_modules(mtunlearn_ext.__path__)
+                    if not m.name.startswith("_"))
+    assert sorted(mtunlearn_ext._SUBMODULES + ("ops",)) == public
+    code = (
+        "import sys, mtunlearn_ext\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('mtunlearn_ext.'))\n"
+        "assert not [m for m in loaded if m.split('.')[1] in mtunlearn_ext._SUBMODULES], loaded\n"
+        "assert mtunlearn_ext.api.build_problem.__name__ == 'build_problem'\n"
+        "assert mtunlearn_ext.data.TaskSpec.__name__ == 'TaskSpec'\n"
+        "assert 'interference_aware' in mtunlearn_ext.unlearning.available_unlearners()\n"
+        "assert mtunlearn_ext.training.TrainConfig.__name__ == 'TrainConfig'\n"
+        "assert mtunlearn_ext.models.MultiTaskModel.__name__ == 'MultiTaskModel'\n"
+        "assert 'data' in dir(mtunlearn_ext)\n"
+        "try:\n"
+        "    mtunlearn_ext.nope\n"
+        "except AttributeError as e:\n"
+        "    assert \"has no attribute 'nope'\" in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -249,7 +249,8 @@ def test_forget_request_takes_integer_ids_only() -> None:
     assert ForgetRequest.create([16777217.0, 2 ** 62 + 1]).instance_ids == (16777217, 2 ** 62 + 1)
     assert ForgetRequest.create(np.array([3.0, 4.0])).instance_ids == (3, 4)
     assert ForgetRequest.create(i for i in range(3)).instance_ids == (0, 1, 2)
-    assert ForgetRequest.create(torch.tensor([[1, 2], [3, 4]])).instance_ids == (1, 2, 3, 4)
+    with pytest.raises(TypeError, match=r"`instance_ids` must be one-dimensional"):
+        ForgetRequest.create(torch.tensor([[1, 2], [3, 4]]))  # was flattened without a word
     assert ForgetRequest.create(5).instance_ids == (5,)
     for bad in ([1.5], torch.tensor([True, False]), [True], [float("nan")], ["a"], "12", 2.5):
         with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(ids, not a mask\)"):

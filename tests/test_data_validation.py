@@ -52,6 +52,17 @@ def test_direct_forget_request_normalises_ids_and_hash() -> None:
         ForgetRequest((1, 2), (3,))  # type: ignore[arg-type]
 
 
+def test_forget_request_refuses_id_matrices() -> None:
+    """A ``[2, 2]`` tensor or array used to be flattened into four ids without a word; a 0-d
+    tensor stays one id and a 1-D one a list."""
+    for ids in (torch.tensor([[1, 2], [3, 4]]), np.array([[1], [2]])):
+        with pytest.raises(TypeError, match=r"`instance_ids` must be one-dimensional \(one id per "
+                                            r"instance\), got shape \((2, 2|2, 1)\)"):
+            ForgetRequest.create(ids, "a")
+    assert ForgetRequest.create(torch.tensor(3), "a").instance_ids == (3,)
+    assert ForgetRequest.create(np.array([3, 1]), "a").instance_ids == (3, 1)
+
+
 def test_direct_forget_request_with_tensor_duplicates_is_refused() -> None:
     """A tensor's elements are distinct objects: the duplicate check used to miss ``[1, 1, 2]``."""
     request = ForgetRequest(torch.tensor([1, 1, 2]), ("a",))  # type: ignore[arg-type]

@@ -703,3 +703,46 @@ def test_capped_objectives_ignore_nan_at_unlabelled_retain_pixels() -> None:
     assert math.isfinite(objectives["nor"].cap)  # type: ignore[attr-defined]
     pred = torch.rand(2, 1, 4, 4, generator=g) + 0.5
     assert torch.isfinite(objectives["dep"].per_sample(pred, td[1:3])).all()
+
+
+def test_capped_ascent_needs_retain_pairs_only_for_its_own_cap() -> None:
+    """Review: capped ascent built its retain reference whatever it was for, so a partial request
+    removing a task from every instance was refused ("the retain set has no supervised pair
+    ... to build a reference from") even where the cap needs no reference (log C) or comes from
+    elsewhere. The reference only measures the objective's own cap: without retain pairs a class
+    task under its kind's loss keeps log C, any other has no cap until one is set, and running
+    without one says why and what works."""
+    from mtunlearn_ext.data import MultiTaskDataset
+    from mtunlearn_ext.data.base import TaskSpec as Spec
+    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+
+    kind, size = Spec("kind", "classification", num_classes=3), Spec("size", "regression")
+    g = torch.Generator().manual_seed(0)
+    retain = MultiTaskDataset(torch.randn(6, 4, generator=g),
+                              {"kind": torch.randint(0, 3, (6,), generator=g),
+                               "size": torch.randn(6, 1, generator=g)}, [kind, size],
+                              supervision=torch.zeros(6, 2, dtype=torch.bool))
+    objectives = make_forget_objectives([kind, size], retain, g, "cpu", "capped_ascent")
+    on_kind, on_size = objectives["kind"], objectives["size"]
+    assert isinstance(on_kind, CappedAscentObjective) and isinstance(on_size, CappedAscentObjective)
+    assert on_kind.cap == pytest.approx(math.log(3)) and on_kind.cap_missing is None
+    logits, labels = torch.randn(5, 3, generator=g), torch.randint(0, 3, (5,), generator=g)
+    torch.testing.assert_close(on_kind.per_sample(logits, labels),
+                               -task_loss(kind, logits, labels).clamp(max=math.log(3)))
+    assert math.isnan(on_size.cap)
+    missing = on_size.cap_missing
+    assert missing is not None and "'size'" in missing and "`forget_request`" in missing
+    pred, target = torch.randn(5, 1, generator=g), torch.randn(5, 1, generator=g)
+    with pytest.raises(ValueError, match=r"forget objective 'capped_ascent' of task 'size' has no "
+                                         r"cap: .*retain set has none.*"
+                                         r"forget_objective=\{'size': 'ascent'\}.*"
+                                         r"cap_reference='held_out'"):
+        on_size.per_sample(pred, target)
+    on_size.cap = 0.25  # a cap from elsewhere (the interference-aware method's calibration)
+    assert on_size.cap_missing is None
+    torch.testing.assert_close(on_size.per_sample(pred, target),
+                               -task_loss(size, pred, target).clamp(max=0.25))
+    # An objective that needs the retain pairs themselves still refuses, saying what works.
+    with pytest.raises(ValueError, match=r"'mean_target': the retain set has no supervised pair "
+                                         r"of task 'size'.*forget_objective=\{'size': 'ascent'\}"):
+        make_forget_objectives([size], retain, g, "cpu", "mean_target")

@@ -116,6 +116,12 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
             values = torch.as_tensor(instance_ids)
         except (TypeError, ValueError, RuntimeError) as error:
             raise refuse(instance_ids) from error
+        if values.dim() > 1:
+            # A matrix is no list of ids: flattening a [2, 2] block (or a mask table) would
+            # silently pick instances the caller never named.
+            raise TypeError(f"ForgetRequest: `instance_ids` must be one-dimensional (one id "
+                            f"per instance), got shape {tuple(values.shape)}; pass "
+                            f"`ids.flatten()` if every entry is an id")
         if not integer_valued(values):
             raise refuse(values.reshape(-1)[:5].tolist())
         return tuple(int(i) for i in values.reshape(-1).tolist())

@@ -99,7 +99,7 @@ from mtunlearn_ext.unlearning.gradients import (
 )
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
-from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+from mtunlearn_ext.unlearning.objectives import CappedAscentObjective, needs_no_retain_pair
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.registry import register_unlearner
 from mtunlearn_ext.unlearning.terms import RetainTerms, retain_terms
@@ -217,7 +217,10 @@ class InterferenceAwareConfig(StepConfig):
             forget pairs look unseen), ``"retain"`` (retain pairs: a level the model fits,
             lower than the unseen one when it memorises; the default) or ``"auto"``
             (``held_out`` when the problem has it, else ``retain``).
-        cap_rows: rows of that set used to estimate the quantile.
+        cap_rows: pairs of each task used to estimate its quantile: the first ``cap_rows``
+            rows of that set that supervise the task, in the set's order (in a partial request
+            the retain set holds the forget instances without their target-task labels; they
+            take none of them).
     """
 
     steps: int = 25
@@ -340,14 +343,36 @@ def protected_tasks(problem: UnlearningProblem, mode: str) -> list[str]:
 
 def coupled_retain_set(problem: UnlearningProblem) -> MultiTaskDataset | None:
     """The forget instances with their *retained* pairs (``F x (T \\ S)``), taken from the
-    retain set; ``None`` in a full request (the forget instances keep nothing)."""
+    retain set; ``None`` in a full request (the forget instances keep nothing).
+
+    The forget instances are those of the forget set: a requested id with no supervised pair
+    of the target tasks has nothing to forget, is not in it, and its pairs are plain retain
+    pairs."""
     if problem.is_full:
         return None
-    wanted = set(int(i) for i in problem.request.instance_ids)
+    wanted = set(int(i) for i in problem.forget.ids.tolist())
     rows = [p for p, i in enumerate(problem.retain.ids.tolist()) if int(i) in wanted]
     if not rows:
         return None
     return problem.retain.subset(torch.tensor(rows, dtype=torch.long))
+
+
+def _cap_reference_rows(data: MultiTaskDataset, tasks: Sequence[str], limit: int
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The rows whose losses calibrate the forget caps of ``tasks``: for each task its first
+    ``limit`` rows of ``data`` *supervised for it*, in ``data``'s order. Returns (the union of
+    those rows, ascending: what is forwarded; task -> ``[len(union)]`` bool, the task's own
+    rows among them). Where the first ``limit`` rows supervise every task, the union is
+    ``arange(min(limit, len(data)))``."""
+    chosen: dict[str, torch.Tensor] = {}
+    for task in tasks:
+        supervised = data.supervision[:, data.task_index(task)]
+        chosen[task] = supervised & (supervised.cumsum(0) <= limit)
+    union = torch.zeros(len(data), dtype=torch.bool, device=data.supervision.device)
+    for mask in chosen.values():
+        union |= mask
+    rows = union.nonzero().flatten()
+    return rows, {task: mask[rows] for task, mask in chosen.items()}
 
 
 def _per_task_grads(ctx: StepContext, losses: Mapping[str, torch.Tensor], tasks: Sequence[str]
@@ -492,6 +517,7 @@ class InterferenceAware(GradientUnlearner):
         _check_fits(memory_plan, torch.device(problem.device))
         caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
                             else ({}, None))
+        self._check_caps(ctx, cap_source)
         # What the run protects, as it runs: the task-level fields describe the protected
         # subspaces (none without the task projection), and the coupled instances count where
         # a component reads their retained pairs: the task projection's snapshots (of the
@@ -552,8 +578,18 @@ class InterferenceAware(GradientUnlearner):
         """Set each capped objective's cap to the ``cap_quantile`` of the (original)
         model's per-sample losses of its task on the ``cap_reference`` set (with ``"rank"``:
         one cap per forget pair, see the config); returns the caps (their mean for
-        rank-matched caps) and the set's name. One forward pass per batch of the set's first
-        ``cap_rows`` rows serves every task."""
+        rank-matched caps) and the set's name.
+
+        The losses of task ``t`` are those of the set's first ``cap_rows`` rows *supervised for
+        t*, in the set's order (:func:`_cap_reference_rows`): in a partial request the retain
+        set holds the forget instances without their target-task labels, and wherever they sit
+        they take none of ``t``'s rows. One forward pass per batch of the union of the tasks'
+        rows serves every task; only a task's own rows count for its quantile. Where the first
+        ``cap_rows`` rows all supervise every capped task, the rows and batches are those of
+        the set's first ``cap_rows`` rows.
+
+        A task the set has no pair of keeps the objective's own cap (with a warning); one whose
+        objective has no cap of its own either is refused (:meth:`_check_caps`)."""
         cfg = self.config
         assert cfg.cap_quantile is not None
         capped = {t: o for t, o in ctx.objectives.items() if isinstance(o, CappedAscentObjective)}
@@ -569,8 +605,9 @@ class InterferenceAware(GradientUnlearner):
                              "`held_out` instances (or use 'auto' / 'retain')")
         # Each cap is measured in its own objective's loss, which is what the ascent raises.
         loss_fns = {task: objective.loss for task, objective in capped.items()}
-        losses, _ = self._original_losses(ctx, reference, loss_fns,
-                                          torch.arange(min(cfg.cap_rows, len(reference))))
+        rows, selected = _cap_reference_rows(reference, list(capped), cfg.cap_rows)
+        losses, _ = self._original_losses(ctx, reference, loss_fns, rows, selected,
+                                          split=int((rows < cfg.cap_rows).sum()))
         rank_matched = cfg.cap_quantile == RANK_MATCHED_CAPS
         if rank_matched:
             forget_losses, forget_ids = self._original_losses(
@@ -579,12 +616,20 @@ class InterferenceAware(GradientUnlearner):
         for task, objective in capped.items():
             values = losses[task]
             if values.numel() == 0:
-                warnings.warn(
-                    f"interference_aware: no supervised pair of task {task!r} among the first "
-                    f"{cfg.cap_rows} rows of the {source} set, so its forget cap stays the "
-                    f"objective's own instead of the {source} losses' {cfg.cap_quantile!r} "
-                    f"level; label some, raise `cap_rows`, or choose another `cap_reference`",
-                    stacklevel=2)
+                if objective.cap_missing is None:  # else refused by _check_caps
+                    if source == "retain":
+                        why = " (the request removes the task from every instance labelled for it)"
+                        fix = (f"pass held-out data labelled for {task!r} with "
+                               "cap_reference='held_out'")
+                    else:
+                        why = ""
+                        fix = f"label some of its {task!r} pairs, or use cap_reference='retain'"
+                    # stacklevel 3: past torch.no_grad's wrapper, to setup().
+                    warnings.warn(
+                        f"interference_aware: the {source} set has no supervised pair of task "
+                        f"{task!r}{why}, so its forget cap stays the objective's own "
+                        f"({objective.cap:.4g}) instead of the {source} losses' "
+                        f"{cfg.cap_quantile!r} level; {fix}", stacklevel=3)
                 continue
             if not rank_matched:
                 assert isinstance(cfg.cap_quantile, (int, float))
@@ -600,34 +645,73 @@ class InterferenceAware(GradientUnlearner):
             levels = (ranks + 0.5) / own.numel()
             pair_caps = torch.quantile(values.double(), levels)
             objective.set_pair_caps(forget_ids[task], pair_caps)
+            if objective.cap_missing is not None:
+                # Every forget pair has its own cap; a row without one (a row that does not
+                # supervise the task, masked out of the objective) needs some finite value.
+                objective.cap = float(pair_caps.max())
             caps[task] = float(pair_caps.mean())
         return caps, source
+
+    def _check_caps(self, ctx: StepContext, cap_source: str | None) -> None:
+        """Refuse, before the first step, a capped objective left without a cap: its own cap
+        needs the retain set's pairs of its task (none there), and no calibrated cap replaced
+        it (``cap_quantile=None``, or the ``cap_reference`` set has no pair of the task)."""
+        cfg = self.config
+        for task, objective in ctx.objectives.items():
+            if not isinstance(objective, CappedAscentObjective):
+                continue
+            missing = objective.cap_missing
+            forget = ctx.problem.forget
+            if missing is None or not bool(forget.supervision[:, forget.task_index(task)].any()):
+                continue  # (without a forget pair of the task the objective never runs)
+            if cfg.cap_quantile is None:
+                why = "and `cap_quantile=None` calibrates none in its place"
+            else:
+                why = (f"the {cap_source} set that `cap_reference={cfg.cap_reference!r}` "
+                       f"calibrates the caps on has no supervised pair of {task!r} either")
+            raise ValueError(
+                f"interference_aware: {missing}; {why}. Calibrate the cap on held-out data "
+                f"labelled for {task!r} (`held_out_data`, with cap_reference='held_out' or "
+                f"'auto' and a `cap_quantile`), or choose an objective that needs no retain "
+                f"pair: {needs_no_retain_pair(objective.spec)}")
 
     @staticmethod
     def _original_losses(ctx: StepContext, data: MultiTaskDataset,
                          loss_fns: Mapping[str, Callable[[torch.Tensor, torch.Tensor],
                                                          torch.Tensor]],
-                         rows: torch.Tensor) -> tuple[dict[str, torch.Tensor],
-                                                      dict[str, torch.Tensor]]:
+                         rows: torch.Tensor,
+                         selected: Mapping[str, torch.Tensor] | None = None,
+                         split: int | None = None,
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The model's per-sample losses (task -> ``loss_fns[task](pred, target)``) on the
-        supervised pairs of ``data``'s ``rows`` (float32, CPU), and those pairs' instance
-        ids."""
+        supervised pairs of ``data``'s ``rows`` (float32, CPU), and those pairs' instance ids.
+
+        ``selected`` (task -> ``[len(rows)]`` bool) restricts each task to its own rows of
+        ``rows``. Batches of 64 rows; with ``split``, no batch straddles position ``split`` of
+        ``rows`` (the rows before it are batched as they would be alone)."""
         tasks = list(loss_fns)
         losses: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
         ids: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
-        for start in range(0, rows.numel(), 64):
-            batch = batch_to(data.batch(rows[start:start + 64]), ctx.problem.device)
+        total = rows.numel()
+        split = total if split is None else min(max(split, 0), total)
+        bounds = [(start, min(start + 64, split)) for start in range(0, split, 64)]
+        bounds += [(start, min(start + 64, total)) for start in range(split, total, 64)]
+        for start, stop in bounds:
+            batch = batch_to(data.batch(rows[start:stop]), ctx.problem.device)
             out = ctx.forward(batch)
             supervision = batch["supervision"]
             batch_ids = batch["id"]
             assert isinstance(supervision, torch.Tensor) and isinstance(batch_ids, torch.Tensor)
             for task in tasks:
                 mask = supervision[:, data.task_index(task)]
+                if selected is not None:
+                    mask = mask & selected[task][start:stop].to(mask.device)
                 values = loss_fns[task](out[task], batch["targets"][task])  # type: ignore[index]
                 losses[task].append(values[mask].float().cpu())
                 ids[task].append(batch_ids[mask].cpu())
-        return ({t: torch.cat(v) for t, v in losses.items()},
-                {t: torch.cat(v) for t, v in ids.items()})
+        return ({t: torch.cat(v) if v else torch.zeros(0) for t, v in losses.items()},
+                {t: torch.cat(v) if v else torch.zeros(0, dtype=torch.long)
+                 for t, v in ids.items()})
 
     # -- building blocks (also used by the interference diagnostics) --------------------------------
 

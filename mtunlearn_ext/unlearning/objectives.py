@@ -139,7 +139,9 @@ class _ReferenceObjective(ForgetObjective):
         targets = _supervised_targets(self.spec, retain)
         if targets.shape[0] == 0:
             raise ValueError(f"forget objective {self.name!r}: the retain set has no supervised "
-                             f"pair of task {self.spec.name!r} to build a reference from")
+                             f"pair of task {self.spec.name!r} to build a reference from "
+                             f"{_no_retain_pairs(self.spec)}; choose an objective that needs "
+                             f"none: {needs_no_retain_pair(self.spec)}")
         self.reference = self._reference_from(targets).to(device)
 
     def _reference_from(self, targets: torch.Tensor) -> torch.Tensor:
@@ -204,6 +206,18 @@ class _ReferenceObjective(ForgetObjective):
         return task_loss(spec, pred, masked_ref)
 
 
+def _no_retain_pairs(spec: TaskSpec) -> str:
+    """The usual reason a retain set has no pair of ``spec``'s task."""
+    return (f"(a `forget_request` that removes task {spec.name!r} from every instance leaves "
+            "none there)")
+
+
+def needs_no_retain_pair(spec: TaskSpec) -> str:
+    """The objectives that need no retain pair of ``spec``'s task, as a setting to choose."""
+    other = " (or 'uniform')" if spec.kind in ("classification", "segmentation") else ""
+    return f"forget_objective={{{spec.name!r}: 'ascent'}}{other}"
+
+
 def _mean_over(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-sample mean of ``[B, H, W]`` values over ``valid`` pixels (0 where none)."""
     kept = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype,
@@ -224,6 +238,13 @@ class CappedAscentObjective(_ReferenceObjective):
     """``-min(task_loss, c)``: ascent that stops once a sample's loss reaches the reference
     predictor's mean loss ``c`` on the retain set (``log C`` for classes).
 
+    The retain set's reference prediction serves only to measure ``c``: a class task under its
+    kind's own loss needs none (``c = log C``). Where ``c`` needs it and the retain set has no
+    pair of the task (a partial request removing the task from every instance), :meth:`prepare`
+    leaves ``cap`` NaN and :attr:`cap_missing` says why: a caller may set ``cap`` itself (the
+    interference-aware method calibrates it on a held-out set), and the objective refuses to
+    run without one.
+
     :meth:`set_pair_caps` gives chosen instances their own cap ``c_i`` (rows of other
     instances keep ``c``)."""
 
@@ -232,8 +253,17 @@ class CappedAscentObjective(_ReferenceObjective):
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__(spec)
         self.cap: float = math.nan
+        self._no_cap = "call prepare() first"
         self._pair_ids: torch.Tensor | None = None  # sorted
         self._pair_caps: torch.Tensor | None = None  # aligned with _pair_ids
+
+    @property
+    def cap_missing(self) -> str | None:
+        """``None`` once the objective has a cap (``cap`` not NaN), else why it has none."""
+        if not math.isnan(self.cap):
+            return None
+        return f"forget objective {self.name!r} of task {self.spec.name!r} has no cap: " \
+            f"{self._no_cap}"
 
     def set_pair_caps(self, ids: torch.Tensor, caps: torch.Tensor) -> None:
         """Cap the loss of instance ``ids[i]`` at ``caps[i]`` (1-D, same length, distinct
@@ -267,13 +297,28 @@ class CappedAscentObjective(_ReferenceObjective):
 
     def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
                 device: torch.device | str) -> None:
-        super().prepare(retain, generator, device)
         class_kind = self.spec.kind in ("classification", "segmentation")
-        if class_kind and self.spec.loss is None:
+        own_loss = class_kind and self.spec.loss is None
+        targets = _supervised_targets(self.spec, retain)
+        if targets.shape[0] == 0:
+            self.reference = None
+            if own_loss:
+                assert self.spec.num_classes is not None
+                self.cap = math.log(self.spec.num_classes)
+                return
+            self.cap = math.nan
+            self._no_cap = (
+                f"its cap is the loss of an input-independent prediction built from the retain "
+                f"set's pairs of {self.spec.name!r} (its {'custom ' if class_kind else ''}"
+                f"loss against the retain {'class frequencies' if class_kind else 'mean'}), "
+                f"and the retain set has none {_no_retain_pairs(self.spec)}")
+            return
+        super().prepare(retain, generator, device)
+        if own_loss:
             assert self.spec.num_classes is not None
             self.cap = math.log(self.spec.num_classes)
             return
-        targets = _supervised_targets(self.spec, retain).to(device)
+        targets = targets.to(device)
         losses = []
         assert self.reference is not None
         # The reference as a prediction (class frequencies as logits, their logarithms;
@@ -298,7 +343,13 @@ class CappedAscentObjective(_ReferenceObjective):
     def per_pair(self, pred: torch.Tensor, target: torch.Tensor,
                  ids: torch.Tensor | None) -> torch.Tensor:
         loss = self.loss(pred, target)
-        return -loss.clamp(max=self.caps_for(ids, loss))
+        caps = self.caps_for(ids, loss)
+        if isinstance(caps, float) and math.isnan(caps):
+            raise ValueError(f"{self.cap_missing}. Choose an objective that needs no retain "
+                             f"pair: {needs_no_retain_pair(self.spec)}; or give the objective a "
+                             "cap from elsewhere (the interference-aware method calibrates it "
+                             "on held-out data with cap_reference='held_out')")
+        return -loss.clamp(max=caps)
 
 
 def depth_weighted_abs_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
