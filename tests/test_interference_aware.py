@@ -665,6 +665,28 @@ def test_forget_caps_do_not_depend_on_where_the_forget_ids_sit(user_setup) -> No
             _quantile_cap(model, x, y, "kind", [kind_rows]), rel=1e-6)
 
 
+def _record_cap_batches(monkeypatch) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """The ids of every batch the caps' loss pass (``_original_losses``) forwards, in order."""
+    batches: list[list[int]] = []
+    original = InterferenceAware._original_losses
+
+    def spy(ctx, data, loss_fns, rows, selected=None, split=None):  # type: ignore[no-untyped-def]
+        inner = ctx.forward
+
+        def recording(batch):  # type: ignore[no-untyped-def]
+            batches.append(batch["id"].tolist())
+            return inner(batch)
+
+        monkeypatch.setattr(ctx, "forward", recording)
+        try:
+            return original(ctx, data, loss_fns, rows, selected, split)
+        finally:
+            monkeypatch.setattr(ctx, "forward", inner)
+
+    monkeypatch.setattr(InterferenceAware, "_original_losses", staticmethod(spy))
+    return batches
+
+
 def test_forget_caps_take_each_tasks_own_first_rows_in_one_pass(user_setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Two capped tasks, "size" unlabelled on rows 0-29: the "kind" cap comes from rows 0-39,
     the "size" cap from rows 30-69; one pass over their union (rows 0-69: two batches, split
@@ -674,29 +696,13 @@ def test_forget_caps_take_each_tasks_own_first_rows_in_one_pass(user_setup, monk
     model, x, y = user_setup
     supervision = torch.ones(120, 2, dtype=torch.bool)
     supervision[:30, 1] = False
-    forwarded: list[int] = []
-    original = InterferenceAware._original_losses
-
-    def spy(ctx, data, loss_fns, rows, selected=None, split=None):  # type: ignore[no-untyped-def]
-        inner = ctx.forward
-
-        def counting(batch):  # type: ignore[no-untyped-def]
-            forwarded.append(int(batch["id"].numel()))
-            return inner(batch)
-
-        monkeypatch.setattr(ctx, "forward", counting)
-        try:
-            return original(ctx, data, loss_fns, rows, selected, split)
-        finally:
-            monkeypatch.setattr(ctx, "forward", inner)
-
-    monkeypatch.setattr(InterferenceAware, "_original_losses", staticmethod(spy))
+    batches = _record_cap_batches(monkeypatch)
     _, report = mtunlearn_ext.unlearn(
         model, tasks={"kind": "classification", "size": "regression"},
         train_data=(x, y, supervision), forget_request=ForgetRequest.create(range(100, 120)),
         shared_parameters=lambda n: n.startswith("trunk."),
         config={"steps": 1, "cap_rows": 40})
-    assert forwarded == [40, 30]
+    assert [len(b) for b in batches] == [40, 30]
     caps = report.extra["interference_aware"]["forget_caps"]
     # Exactly the old computation for "kind" (its first 40 rows, in one batch of 40).
     assert caps["kind"] == _quantile_cap(model, x, y, "kind", [torch.arange(40)])
@@ -717,23 +723,7 @@ def test_fully_labelled_cap_reference_keeps_its_first_rows_and_batches(user_setu
     held_x = torch.randn(150, x.shape[1], generator=gen)
     held_y = {"kind": torch.randint(0, 3, (150,), generator=gen),
               "size": torch.randn(150, 1, generator=gen)}
-    batches: list[list[int]] = []
-    original = InterferenceAware._original_losses
-
-    def spy(ctx, data, loss_fns, rows, selected=None, split=None):  # type: ignore[no-untyped-def]
-        inner = ctx.forward
-
-        def recording(batch):  # type: ignore[no-untyped-def]
-            batches.append(batch["id"].tolist())
-            return inner(batch)
-
-        monkeypatch.setattr(ctx, "forward", recording)
-        try:
-            return original(ctx, data, loss_fns, rows, selected, split)
-        finally:
-            monkeypatch.setattr(ctx, "forward", inner)
-
-    monkeypatch.setattr(InterferenceAware, "_original_losses", staticmethod(spy))
+    batches = _record_cap_batches(monkeypatch)
     _, report = mtunlearn_ext.unlearn(
         model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
         forget_request=ForgetRequest.create(range(10)), held_out_data=(held_x, held_y),
