@@ -14,6 +14,7 @@ from mtunlearn_ext.ops._checks import (
     check_finite_result,
     check_float_tensor,
     check_same_device,
+    check_on_failure,
     check_same_dtype,
     checked_list_call,
 )
@@ -25,9 +26,17 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
 
     Args:
         coeffs: ``[..., m, k]``, any float dtype (used in float32, float64 for float64 ``x``).
-        x: ``[..., k, n]``.
+        x: ``[..., k, n]``, any strides.
         out: optional ``[..., m, n]`` tensor of ``x``'s dtype, written in place (must be
-            contiguous); when omitted a new tensor is returned and ``beta`` must be 0.
+            contiguous); when omitted a new tensor is returned and ``beta`` must be 0. ``out``
+            is written while every row of ``x`` is read, so an ``out`` that shares any byte
+            with ``x`` as the kernels read it is refused (``ValueError`` naming ``out`` and
+            ``x``, nothing written), ``out=x`` included; the bytes decide, not the storage, so
+            two tensors over one buffer (``torch.from_numpy`` twice, ``torch.from_dlpack``) are
+            caught too. An ``x`` whose last dim is not unit-stride, or whose leading dims do
+            not merge into one, is read from a private copy and never conflicts. ``out`` may
+            share memory with ``coeffs`` (``combine(A, X, out=A)``): the kernels then read a
+            private copy of the coefficients.
         beta: scale of the previous ``out`` (``0`` ignores its contents, NaN included).
         check_finite: raise if ``coeffs`` holds NaN/Inf (``x`` is not scanned: NaN/Inf in ``x``
             propagate to the result, which is what a gradient combination should do).
@@ -35,6 +44,10 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
     Returns:
         ``[..., m, n]`` in ``x``'s dtype (``out`` itself when given). Accumulation in float32
         (float64 for float64).
+
+    Autograd: without ``out``, differentiable in ``coeffs`` and ``x``. With ``out`` the write is
+    in place and not recorded (the result does not require grad, whatever the inputs): call it
+    on detached tensors, as ``torch.matmul(..., out=)`` demands.
     """
     op = "mtunlearn_ext.ops.combine"
     check_float_tensor(op, "coeffs", coeffs, min_dim=2)
@@ -61,10 +74,48 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
     if not out.is_contiguous():
         raise ValueError(f"{op}: `out` must be contiguous (it is written in place)")
     if has_extension():
-        torch.ops.mtunlearn.combine_(out, coeffs, x, float(beta))
+        check_on_failure(lambda: torch.ops.mtunlearn.combine_(out, coeffs, x, float(beta)),
+                         lambda: _check_out_apart_from_x(op, out, x))
     else:
+        _check_out_apart_from_x(op, out, x)
         out.copy_(_reference.combine(coeffs, x, base=out, beta=beta))
     return out
+
+
+def _check_out_apart_from_x(op: str, out: torch.Tensor, x: torch.Tensor) -> None:
+    """Refuse an ``out`` that shares bytes with ``x`` as the kernels read it: the same decision
+    as combine.cpp's ``combine_into`` (byte ranges, not storages, which two tensors over one
+    buffer need not share). ``x`` is read in place when its rows are unit-stride and its
+    leading dims merge into one (a view ``[B, k, n]``), else from a private copy."""
+    if torch.compiler.is_compiling() or _has_no_values(x) or out.numel() == 0 or x.numel() == 0:
+        return
+    k, n = x.shape[-2], x.shape[-1]
+    if n > 1 and x.stride(-1) != 1:
+        return  # read from a copy
+    try:
+        batched = x.view(-1, k, n)
+    except RuntimeError:
+        return  # read from a copy
+    lo = out.data_ptr()
+    if _batched_rows_meet(batched, lo, lo + out.numel() * out.element_size()):
+        raise ValueError(f"{op}: `out` overlaps `x`; `out` must not share memory with `x`, which "
+                         "is read while `out` is written (clone() one of them first)")
+
+
+def _batched_rows_meet(x: torch.Tensor, lo: int, hi: int) -> bool:
+    """Whether a row of ``x`` (``[B, r, n]``, unit-stride rows) meets the byte range
+    ``[lo, hi)``: the extent first, then one :func:`_rows_meet` per index of the shorter of
+    ``B`` and ``r`` (as combine.cpp's ``batched_rows_meet``)."""
+    size = x.element_size()
+    b, r, n = x.shape
+    start = x.data_ptr()
+    end = start + ((b - 1) * x.stride(0) + (r - 1) * x.stride(1) + n) * size
+    if end <= lo or hi <= start:
+        return False
+    outer, inner, outer_stride, inner_stride = ((b, r, x.stride(0), x.stride(1)) if b <= r
+                                                else (r, b, x.stride(1), x.stride(0)))
+    return any(_rows_meet((start + i * outer_stride * size, inner_stride * size, inner, n * size),
+                          lo, hi) for i in range(outer))
 
 
 def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
@@ -72,18 +123,37 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
                  bases: Sequence[torch.Tensor] | None = None, check_finite: bool = True) -> None:
     """In place, for every parameter ``p``: ``outs[p] = beta * bases[p] + C_p @ xs[p]``.
 
-    ``xs[p]`` is ``[k, *shape_p]``. ``C_p`` is ``coeffs`` itself, or with ``per_tensor=True``
-    ``coeffs[p]`` (one coefficient block per parameter, e.g. per-layer projections in one
-    launch). A block of shape ``[k]`` gives ``outs[p]`` of shape ``shape_p`` (for example each
-    parameter's ``.grad``); ``[m, k]`` gives ``[m, *shape_p]``. No flat copy is made; on CUDA the
-    whole list is one kernel launch. ``bases`` defaults to ``outs`` (``beta=1`` accumulates into
-    them); given, ``bases[p]`` has the shape and dtype of ``outs[p]``, any strides, and is either
-    ``outs[p]`` itself or memory apart from it: the projections write ``g - C @ B`` into new
-    outputs this way without first copying ``g`` there, one launch per parameter fewer.
-    ``beta=0`` ignores the bases (their contents, NaN included). Every output is written while
-    every input and base is read, so an output that shares memory with any input, another
-    output or another output's base is refused (``ValueError`` naming both); ``coeffs`` may be
-    an output (the kernels read a private copy of it).
+    ``xs[p]`` is ``[k, *shape_p]``, any strides. ``C_p`` is ``coeffs`` itself, or with
+    ``per_tensor=True`` ``coeffs[p]`` (one coefficient block per parameter, e.g. per-layer
+    projections in one launch). A block of shape ``[k]`` gives ``outs[p]`` of shape ``shape_p``
+    (for example each parameter's ``.grad``); ``[m, k]`` gives ``[m, *shape_p]``. Every
+    ``outs[p]`` must be contiguous in the default (row-major) layout, ``is_contiguous()``: a
+    ``channels_last`` or otherwise strided output is refused (``ValueError``; write into a
+    contiguous tensor, then copy it into the strided one). No flat copy is made; on
+    CUDA the whole list is one kernel launch. ``bases`` defaults to ``outs`` (``beta=1``
+    accumulates into them); given, ``bases[p]`` has the shape and dtype of ``outs[p]``, any
+    strides, and is either ``outs[p]`` itself (each element at the same address) or memory
+    apart from it: the projections write ``g - C @ B`` into new outputs this way without first
+    copying ``g`` there, one launch per parameter fewer. ``beta=0`` ignores the bases (their
+    contents, NaN included).
+
+    Every output is written while every input and base is read, so an output that shares a
+    byte with any input, another output, another output's base, or its own base other than as
+    the same tensor, is refused (``ValueError`` naming both; nothing is written). The bytes the
+    kernels read decide, not storages: two tensors over one buffer (``torch.from_numpy`` twice,
+    ``torch.from_dlpack``) are caught, and a strided base or input whose rows interleave with an
+    output without touching it is accepted. An input whose dims after the first are not dense
+    together, or a base that is not dense (after its first dim, with ``[m, k]`` blocks), is read
+    from a private copy made before any write, so it may share memory with anything.
+    ``coeffs`` may be an output (the kernels read a private copy of it). The checks cost
+    O(number of tensors), no pass over the data.
+
+    ``check_finite`` raises if ``coeffs`` holds NaN/Inf (``xs`` and ``bases`` are not scanned:
+    their NaN/Inf propagate to the outputs).
+
+    Not differentiable: the writes are in place and not recorded by autograd (an output that
+    requires grad gets no gradient from ``coeffs`` or ``xs``); call it on detached tensors or
+    under ``torch.no_grad()``, as on ``.grad``.
     """
     op = "mtunlearn_ext.ops.combine_list"
     xs, outs = list(xs), list(outs)
@@ -143,12 +213,13 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
     check_same_dtype(op, named)
     read_bases = None if bases is None or beta == 0.0 else bases  # beta = 0 ignores them
     if read_bases is not None:
-        _check_bases(op, read_bases, outs)
+        _check_bases(op, read_bases, outs, has_rows=bool(lead))
     if not (torch.compiler.is_compiling() or _has_no_values(xs[0])):
         _check_no_cross_overlap(op, coeffs, xs, outs, read_bases, has_rows=bool(lead))
 
 
-def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor],
+                 has_rows: bool) -> None:
     for p, (b, o) in enumerate(zip(bases, outs)):
         check_float_tensor(op, f"bases[{p}]", b)
         check_same_device(op, [(f"outs[{p}]", o), (f"bases[{p}]", b)])
@@ -158,9 +229,20 @@ def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor]) -
                              f"{tuple(o.shape)}, got {tuple(b.shape)}")
         if torch.compiler.is_compiling():
             continue  # no data pointers while tracing: the compiled op checks the overlap
-        same = b.data_ptr() == o.data_ptr() and b.stride() == o.stride()
-        if not same and _shares_memory(b, o):
+        # The base may be its output itself (each element reads its own base element first),
+        # but not other bytes of it, under any storage; a base whose trailing dims are not dense
+        # is read from a copy (combine.cpp's combine_list_impl decides the same).
+        if _has_no_values(o) or _same_elements(b, o):
+            continue
+        lo = o.data_ptr()
+        if _rows_meet(_rows_read(b, 1 if has_rows else 0), lo, lo + o.numel() * o.element_size()):
             raise ValueError(f"{op}: bases[{p}] overlaps outs[{p}] without being the same tensor")
+
+
+def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape put every element at the same address."""
+    return a.data_ptr() == b.data_ptr() and all(
+        size <= 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
 # The memory the kernels touch, as rows (start, stride, rows, length) in bytes: the same
@@ -239,21 +321,6 @@ def _check_no_cross_overlap(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor
                     "first)")
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges of two tensors of one storage intersect (a conservative test)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
-    def span(t: torch.Tensor) -> tuple[int, int]:
-        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
 def _reference_combine_list(coeffs: torch.Tensor, xs: list[torch.Tensor],
                             outs: list[torch.Tensor], beta: float, per_tensor: bool,
                             bases: list[torch.Tensor] | None = None) -> None:
@@ -262,10 +329,15 @@ def _reference_combine_list(coeffs: torch.Tensor, xs: list[torch.Tensor],
     # An output may be the coefficients themselves: read a private copy, as the kernels do.
     coeffs = coeffs.clone()
     k = coeffs.shape[-1]
+    results = []
     for p, (x, o) in enumerate(zip(xs, outs)):
         block = coeffs[p] if per_tensor else coeffs
         c2 = block.reshape(-1, k)
         base = o if bases is None else bases[p]
         res = _reference.combine(c2, x.reshape(k, -1), base=base.reshape(c2.shape[0], -1),
                                  beta=beta)
-        o.copy_(res.reshape(o.shape))
+        results.append(res.reshape(o.shape))
+    # Written only once everything is read, as the kernels (which read an input or base that
+    # is not dense from a copy made before any write): an accepted call gives the same result.
+    for o, res in zip(outs, results):
+        o.copy_(res)

@@ -2,7 +2,19 @@
 
 They run on the tensors' device in float64 internally (``k <= 256``: a few microseconds on a
 CPU core), with no host synchronisation on CUDA. Inputs are Gram matrices as returned by
-:func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype.
+:func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype, whatever ``rhs``'s (the
+accumulation dtype for a Gram from :func:`~mtunlearn_ext.ops.gram`: float32, or float64; a
+float16 or bfloat16 Gram gives float16 or bfloat16 outputs, rounded from the float64 solve).
+
+Unlike the Gram, combine and projection wrappers they take no ``check_finite``: NaN or Inf in
+``gram`` or ``rhs`` propagate to the outputs (NaN, with no error), which the library's own
+callers rely on. Check the inputs or outputs yourself where that matters
+(``torch.isfinite(w).all()``).
+
+Not differentiable: no autograd formula is registered. With inputs that require grad the
+outputs still report ``requires_grad=True``, but backward gives the inputs no gradient (PyTorch
+warns that no autograd kernel was registered): call them on detached tensors or under
+``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -32,14 +44,15 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> t
     Args:
         gram: ``[..., k, k]`` symmetric PSD; rhs: ``[..., k, m]``.
         ridge: relative Tikhonov term. A row whose Cholesky pivot falls below
-            ``eps * max_i G_ii`` (``eps`` = 1e-6 for a float32 Gram, the rounding level of its
+            ``eps * (G_jj + lambda)``, its own diagonal (``eps`` = 1e-6 for a float32 Gram, the rounding level of its
             fp32 accumulation; 1e-12 for float64) depends on the previous rows and is dropped
             (coefficient 0), so a rank-deficient ``G`` (duplicated or dependent rows, more rows
             than dimensions) is solved stably, even with ``ridge=0``: the result is still the
             least-squares solution on the span.
 
     Returns:
-        ``a``: ``[..., k, m]``.
+        ``a``: ``[..., k, m]`` in ``gram``'s dtype. NaN/Inf in the inputs propagate (no
+        ``check_finite``); not differentiable (see the module docstring).
     """
     op = "mtunlearn_ext.ops.ridge_solve"
     k = _check_gram(op, gram)
@@ -63,7 +76,7 @@ def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     projected coordinate descent to a relative tolerance of ``1e-12``, then polished by an exact
     solve on the active set; when neither finishes (dependent rows, e.g. more rows than
     dimensions), by Lawson and Hanson's exact active-set method, which takes a row to depend on
-    its active rows when its Cholesky pivot is below ``eps * max_i G_ii`` (``eps`` = 1e-6 for a
+    its active rows when its Cholesky pivot is below ``eps * G_jj``, its own diagonal (``eps`` = 1e-6 for a
     float32 Gram, 1e-14 for float64: the Gram's rounding level).
 
     The rows of ``rhs`` are meant to be of the projection's form ``c = R g``. For a singular
@@ -77,7 +90,8 @@ def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         gram: ``[..., k, k]``; rhs: ``[..., m, k]``.
 
     Returns:
-        ``w >= 0``: ``[..., m, k]``.
+        ``w >= 0``: ``[..., m, k]`` in ``gram``'s dtype. NaN/Inf in the inputs propagate (no
+        ``check_finite``); not differentiable (see the module docstring).
     """
     op = "mtunlearn_ext.ops.nonconflicting_dual"
     k = _check_gram(op, gram)
@@ -98,6 +112,9 @@ def pcgrad_weights(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     order :func:`pcgrad_order` gives for ``(k, i, seed)``: if ``<v_i, x_j> < 0`` then
     ``v_i -= <v_i, x_j> / |x_j|^2 x_j``. Inner products come from ``G``; the update is the sum of
     the ``v_i`` (as in the PCGrad paper and LibMTL). ``seed < 0`` keeps the natural order.
+
+    Returns ``w`` in ``gram``'s dtype. NaN/Inf in ``gram`` propagate (no ``check_finite``); not
+    differentiable (see the module docstring).
     """
     op = "mtunlearn_ext.ops.pcgrad_weights"
     _check_gram(op, gram)

@@ -30,15 +30,18 @@ namespace block_solvers {
 // number of dropped rows (the same on every thread). s_pivot: one shared double.
 template <class Block>
 MTU_BLOCK int cholesky_dropping(Block& block, const double* a, int lda, const int* idx, int k_sub,
-                                double lam, double floor, double* l, double* s_pivot) {
+                                double lam, double relative_floor, double* l,
+                                double* s_pivot) {
   const int rank = block.rank(), size = block.size();
   int dropped = 0;
   for (int j = 0; j < k_sub; ++j) {
     const int gj = idx ? idx[j] : j;
     if (rank == 0) {
-      double d = a[gj * lda + gj] + lam;
+      const double own = a[gj * lda + gj] + lam;
+      double d = own;
       for (int p = 0; p < j; ++p) d -= l[j * k_sub + p] * l[j * k_sub + p];
-      *s_pivot = (!(d > floor) && d == d) ? 0.0 : sqrt(d);  // 0: dropped (sqrt(d) > 0 otherwise)
+      // 0: dropped (sqrt(d) > 0 otherwise)
+      *s_pivot = (!(d > relative_floor * own + DBL_MIN) && d == d) ? 0.0 : sqrt(d);
     }
     block.sync();
     const double ljj = *s_pivot;
@@ -116,11 +119,7 @@ MTU_BLOCK void ridge_solve(Block& block, const A* gram, const A* rhs, A* out, in
   block.sync();
   const double lam = s_scalar[0];
   block.sync();
-  if (rank == 0) s_scalar[0] = pivot_floor * solvers::max_diagonal(g, k) + DBL_MIN;
-  block.sync();
-  const double floor = s_scalar[0];
-  block.sync();
-  cholesky_dropping(block, g, k, nullptr, k, lam, floor, l, s_scalar);
+  cholesky_dropping(block, g, k, nullptr, k, lam, pivot_floor, l, s_scalar);
   for (int c = 0; c < m; ++c) cholesky_solve(block, l, k, r + c, m);
   for (int64_t e = rank; e < km; e += size) out[e] = static_cast<A>(r[e]);
 }
@@ -181,23 +180,16 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
   // Polish on the active set, as in solvers::nonconflicting_dual.
   if (rank == 0) {
     int na = 0;
-    double active_scale = 0.0;
     for (int i = 0; i < k; ++i)
-      if (s_w[i] > 0.0) {
-        idx[na++] = i;
-        active_scale = solvers::dmax(active_scale, g[i * k + i]);
-      }
+      if (s_w[i] > 0.0) idx[na++] = i;
     *s_count = na;
-    s_scalar[0] = active_scale;
   }
   block.sync();
   const int na = *s_count;
-  const double active_scale = s_scalar[0];
   block.sync();
   bool keep_descent = na == 0;
   if (!keep_descent)
-    keep_descent = cholesky_dropping(block, g, k, idx, na, 0.0, 1e-9 * active_scale + DBL_MIN,
-                                     factor, s_scalar) > 0;
+    keep_descent = cholesky_dropping(block, g, k, idx, na, 0.0, 1e-9, factor, s_scalar) > 0;
   if (!keep_descent) {
     for (int a = rank; a < na; a += size) s_trial[a] = -c[idx[a]];
     block.sync();

@@ -44,21 +44,27 @@ MTU_HD double ridge_lambda(const double* gram, int k, double ridge) {
 }
 
 // Cholesky of (A + lam I) restricted to the rows/cols listed in `idx` (size k_sub), reading A
-// with leading dimension `lda` and writing L into `l` (k_sub x k_sub, row-major). A pivot below
-// `floor` (the Gram's rounding level) means that row depends on the previous ones: it is dropped
-// (its column of L is zero and its diagonal is the sentinel 0, so cholesky_solve gives it a
-// zero coefficient). For dependent rows that is still the exact least-squares projection (they
-// add nothing to the span), and unlike clamping the pivot it cannot amplify rounding noise.
-// NaN pivots are kept so that non-finite inputs surface. Returns the number of dropped rows.
+// with leading dimension `lda` and writing L into `l` (k_sub x k_sub, row-major). A pivot at or
+// below `relative_floor` times the row's own diagonal (A_jj + lam; the Gram's relative rounding
+// level) means that row depends on the previous ones to rounding: its part outside their span is
+// at most sqrt(relative_floor) of its own norm. It is dropped (its column of L is zero and its
+// diagonal is the sentinel 0, so cholesky_solve gives it a zero coefficient). For dependent rows
+// that is still the exact least-squares projection (they add nothing to the span), and unlike
+// clamping the pivot it cannot amplify rounding noise. The floor is the row's own: a pivot's
+// rounding scales with its row's norm, and a row that is merely small (a task gradient 1e4 times
+// shorter than another) is as independent as a large one (a floor relative to the largest
+// diagonal dropped such rows, leaving their directions unprojected). NaN pivots are kept so
+// that non-finite inputs surface. Returns the number of dropped rows.
 MTU_HD int cholesky_dropping(const double* a, int lda, const int* idx, int k_sub, double lam,
-                             double floor, double* l) {
+                             double relative_floor, double* l) {
   int dropped = 0;
   for (int j = 0; j < k_sub; ++j) {
     const int gj = idx ? idx[j] : j;
-    double d = a[gj * lda + gj] + lam;
+    const double own = a[gj * lda + gj] + lam;
+    double d = own;
     for (int p = 0; p < j; ++p) d -= l[j * k_sub + p] * l[j * k_sub + p];
     for (int i = 0; i < j; ++i) l[i * k_sub + j] = 0.0;
-    if (!(d > floor) && d == d) {
+    if (!(d > relative_floor * own + DBL_MIN) && d == d) {
       ++dropped;
       for (int i = j; i < k_sub; ++i) l[i * k_sub + j] = 0.0;
       continue;
@@ -73,13 +79,6 @@ MTU_HD int cholesky_dropping(const double* a, int lda, const int* idx, int k_sub
     }
   }
   return dropped;
-}
-
-// Largest diagonal entry (the scale that pivot floors are relative to).
-MTU_HD double max_diagonal(const double* gram, int k) {
-  double m = 0.0;
-  for (int i = 0; i < k; ++i) m = dmax(m, gram[i * k + i]);
-  return m;
 }
 
 // Solve L L^T x = b in place (b has stride `inc`); dropped rows (diagonal 0) get x = 0.
@@ -104,9 +103,10 @@ MTU_HD void cholesky_solve(const double* l, int k, double* b, int64_t inc) {
 }
 
 // (G + lam I) X = RHS for one problem. gram: k x k (double); rhs/out: k x m with row stride m.
-// Rows whose pivot falls below pivot_floor * max diag G are dropped as dependent: `pivot_floor`
-// is the relative rounding level of the Gram (1e-6 when it was accumulated in fp32, 1e-12 in
-// fp64), so even ridge = 0 gives the finite least-squares projection on a singular Gram.
+// Rows whose pivot falls to pivot_floor times their own diagonal are dropped as dependent:
+// `pivot_floor` is the relative rounding level of the Gram (1e-6 when it was accumulated in
+// fp32, 1e-12 in fp64), so even ridge = 0 gives the finite least-squares projection on a
+// singular Gram.
 // scratch: k*k doubles.
 MTU_HD void ridge_solve(const double* gram, int k, const double* rhs, int m, double ridge,
                         double pivot_floor, double* out, double* scratch) {
@@ -118,8 +118,7 @@ MTU_HD void ridge_solve(const double* gram, int k, const double* rhs, int m, dou
     return;
   }
   const double lam = ridge_lambda(gram, k, ridge);
-  cholesky_dropping(gram, k, nullptr, k, lam, pivot_floor * max_diagonal(gram, k) + DBL_MIN,
-                    scratch);
+  cholesky_dropping(gram, k, nullptr, k, lam, pivot_floor, scratch);
   for (int i = 0; i < k * m; ++i) out[i] = rhs[i];
   for (int c = 0; c < m; ++c) cholesky_solve(scratch, k, out + c, m);
 }
@@ -146,8 +145,8 @@ MTU_HD double dual_objective(const double* gram, int k, const double* c, const d
 // coordinate <= 0, the iterate moves toward it until the first coordinate reaches 0, which
 // leaves P. Each outer step lowers the objective.
 //
-// A row whose Cholesky pivot on joining P falls below `pivot_floor` * max diag G (the Gram's
-// rounding level) lies in the span of P to that level: the solve gives it a zero coefficient and
+// A row whose Cholesky pivot on joining P falls to `pivot_floor` times its own diagonal (the
+// Gram's relative rounding level) lies in the span of P to that level: the solve gives it a zero coefficient and
 // drops it again, and its violation is the rounding of its dependence (d is orthogonal to the
 // passive rows; this needs c = R g, the projection's form: for c outside the span of G's
 // columns a dependent row's violation can be real and the answer misses the optimum, see
@@ -169,12 +168,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
   double* w = scratch;              // k
   double* z = scratch + k;          // k
   double* factor = scratch + 2 * k; // k*k
-  double largest_diag = 0.0;
-  for (int i = 0; i < k; ++i) {
-    w[i] = 0.0;
-    largest_diag = dmax(largest_diag, gram[i * k + i]);
-  }
-  const double floor = pivot_floor * largest_diag + DBL_MIN;
+  for (int i = 0; i < k; ++i) w[i] = 0.0;
   int np = 0;  // passive rows: idx[0, np)
   int ne = 0;  // excluded rows (dependent on the passive ones): idx[k - ne, k)
   for (int outer = 0; outer < 3 * k + 10;) {
@@ -200,7 +194,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       return true;
     }
     idx[np++] = best;  // np + ne <= k: best was neither passive nor excluded
-    cholesky_dropping(gram, k, idx, np, 0.0, floor, factor);
+    cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor);
     if (factor[(np - 1) * np + (np - 1)] == 0.0) {  // best's pivot was dropped
       --np;
       idx[k - 1 - ne] = best;
@@ -209,7 +203,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
     }
     ++outer;
     for (int inner = 0; inner <= k && np > 0; ++inner) {
-      if (inner > 0) cholesky_dropping(gram, k, idx, np, 0.0, floor, factor);
+      if (inner > 0) cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor);
       for (int a = 0; a < np; ++a) z[a] = -c[idx[a]];
       cholesky_solve(factor, np, z, 1);
       bool positive = true;
@@ -257,10 +251,7 @@ MTU_HD bool dual_polish(const double* gram, int k, const double* c, double scale
   for (int i = 0; i < k; ++i)
     if (w[i] > 0.0) idx[na++] = i;
   if (na == 0) return true;
-  double active_scale = 0.0;
-  for (int a = 0; a < na; ++a) active_scale = dmax(active_scale, gram[idx[a] * k + idx[a]]);
-  if (cholesky_dropping(gram, k, idx, na, 0.0, 1e-9 * active_scale + DBL_MIN, factor) > 0)
-    return false;
+  if (cholesky_dropping(gram, k, idx, na, 0.0, 1e-9, factor) > 0) return false;
   for (int a = 0; a < na; ++a) trial[a] = -c[idx[a]];
   cholesky_solve(factor, na, trial, 1);
   for (int a = 0; a < na; ++a)
@@ -283,8 +274,8 @@ MTU_HD bool dual_polish(const double* gram, int k, const double* c, double scale
 // grad = G w + c current) to a relative tolerance, then an exact solve on the active set that
 // is kept when it satisfies the KKT conditions (dual_polish); when neither the descent
 // converged nor the polish succeeded, the exact active-set method (dual_active_set, whose
-// dependence floor is `pivot_floor` * max diag G: the Gram's relative rounding level, 1e-14 for
-// a float64 Gram and 1e-6 for float32). Non-finite input gives an all-NaN w.
+// dependence floor is `pivot_floor` times a row's own diagonal: the Gram's relative rounding
+// level, 1e-14 for a float64 Gram and 1e-6 for float32). Non-finite input gives an all-NaN w.
 // scratch: k*k + 2k doubles + k ints (idx).
 MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, double pivot_floor,
                                 double* w, double* scratch, int* idx) {

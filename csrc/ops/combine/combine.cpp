@@ -1,7 +1,6 @@
 // Entries of combine, combine_, combine_list_ and combine_list_from_: checks, segment lists, and
 // the backend choice.
 // Kernels: cpu/combine_kernel.cpp and cuda/combine_kernel.cu.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -23,6 +22,66 @@
 namespace mtunlearn {
 namespace {
 
+// Rows read by a kernel: row i is [start + i * stride, start + i * stride + length) in bytes.
+struct RowsRead {
+  std::intptr_t start = 0;
+  int64_t stride = 0;  // >= 0 (torch strides are)
+  int64_t rows = 0;
+  int64_t length = 0;
+  bool empty() const { return rows <= 0 || length <= 0; }
+  std::intptr_t end() const { return start + (rows - 1) * stride + length; }  // of the last row
+};
+
+int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+// Whether any of the rows meets the byte range [lo, hi).
+bool rows_meet(const RowsRead& r, std::intptr_t lo, std::intptr_t hi) {
+  if (r.empty() || hi <= lo) return false;
+  const int64_t a = lo - r.start, b = hi - r.start;  // row i meets it iff i*S < b and i*S + L > a
+  if (r.stride == 0) return 0 < b && r.length > a;
+  const int64_t first = std::max<int64_t>(0, floor_div(a - r.length, r.stride) + 1);
+  const int64_t last = std::min<int64_t>(r.rows - 1, floor_div(b - 1, r.stride));
+  return first <= last;
+}
+
+RowsRead rows_read(const void* data, int64_t row_stride, int64_t rows, int64_t cols,
+                   int64_t esize) {
+  return {reinterpret_cast<std::intptr_t>(data), row_stride * esize, rows, cols * esize};
+}
+
+// Whether any row that `x` ([B, r, n], unit-stride or single-element rows, as the kernels read
+// it) has meets the byte range [lo, hi). First the byte extent of x (O(1); disjoint extents are
+// the usual case), then exact: the rows of the shorter of the two leading dims, each against the
+// byte range, one rows_meet per index of the other dim (O(min(B, r))).
+bool batched_rows_meet(const at::Tensor& x, std::intptr_t lo, std::intptr_t hi) {
+  if (x.numel() == 0 || hi <= lo) return false;
+  const int64_t esize = static_cast<int64_t>(x.element_size());
+  const int64_t b = x.size(0), r = x.size(1), n = x.size(2);
+  const auto start = reinterpret_cast<std::intptr_t>(x.data_ptr());
+  const std::intptr_t end = start + ((b - 1) * x.stride(0) + (r - 1) * x.stride(1) + n) * esize;
+  if (end <= lo || hi <= start) return false;
+  const bool by_batch = b <= r;  // loop over the shorter dim
+  const int64_t outer = by_batch ? b : r, inner = by_batch ? r : b;
+  const int64_t outer_stride = (by_batch ? x.stride(0) : x.stride(1)) * esize;
+  const int64_t inner_stride = (by_batch ? x.stride(1) : x.stride(0)) * esize;
+  for (int64_t i = 0; i < outer; ++i) {
+    if (rows_meet({start + i * outer_stride, inner_stride, inner, n * esize}, lo, hi)) return true;
+  }
+  return false;
+}
+
+// Whether two tensors of one shape put every element at the same address (strides compared only
+// along dims of size > 1, where they matter).
+bool same_elements(const at::Tensor& a, const at::Tensor& b) {
+  if (a.data_ptr() != b.data_ptr() || a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
 
 void run_combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64_t m,
                  int64_t k, const at::Tensor& coeffs, double beta, const at::Device& device) {
@@ -78,9 +137,18 @@ void combine_into(const at::Tensor& out, const at::Tensor& base, const at::Tenso
   if (out.numel() == 0) return;
   const ScalarKind kind = scalar_kind(x_in, op, "x");
   const int64_t m = coeffs_in.size(-2), k = coeffs_in.size(-1), n = x_in.size(-1);
+  at::Tensor x = as_batched(x_in);
+  // The kernels write `out` while they read any row of `x`, on any thread, so `x` as they read
+  // it (itself, or the copy as_batched made) may not meet `out`'s bytes. Byte ranges, not storages:
+  // two storages can share memory (torch.from_numpy twice, torch.from_dlpack). The
+  // coefficients may meet `out`: the kernels read a private copy of them then.
+  const auto out_lo = reinterpret_cast<std::intptr_t>(out.data_ptr());
+  const auto out_hi = out_lo + static_cast<std::intptr_t>(out.nbytes());
+  TORCH_CHECK_VALUE(!batched_rows_meet(x, out_lo, out_hi), op,
+                    ": `out` overlaps `x`; `out` must not share memory with `x`, which is read "
+                    "while `out` is written (clone() one of them first)");
   at::Tensor coeffs = coeffs_for_kernels(coeffs_in, x_in.scalar_type(), {out})
                           .reshape({leading_numel(coeffs_in), m, k});
-  at::Tensor x = as_batched(x_in);
   at::Tensor o = out.view({leading_numel(out), m, n});
   at::Tensor b = base.defined() ? as_batched(base) : at::Tensor();
   const int64_t esize = element_size(kind);
@@ -134,7 +202,6 @@ void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor&
   TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape), op, ": `out` must have shape ",
                     at::IntArrayRef(shape), ", got ", out.sizes());
   TORCH_CHECK_VALUE(out.is_contiguous(), op, ": `out` must be contiguous (it is written in place)");
-  at::assert_no_overlap(out, x);
   combine_into(out, beta != 0.0 ? out : at::Tensor(), coeffs, x, beta, op);
 }
 
@@ -144,40 +211,11 @@ namespace {
 // The kernels write every output while they read every input and base, in any order and on any
 // thread, so an output may share memory with none of them, except that bases[p] may be outs[p]
 // itself (each element reads its own base element first; checked in combine_list_impl). What
-// counts is the memory the kernels touch: an output is one dense byte range; an input or a base
-// is read as rows of dense elements (stack_rows), or from a private copy when its trailing dims
-// are not dense (then nothing is shared). mtunlearn_ext.ops.combine.check_combine_list makes
-// the same decisions and raises the same message.
-
-// Rows read by a kernel: row i is [start + i * stride, start + i * stride + length) in bytes.
-struct RowsRead {
-  std::intptr_t start = 0;
-  int64_t stride = 0;  // >= 0 (torch strides are)
-  int64_t rows = 0;
-  int64_t length = 0;
-  bool empty() const { return rows <= 0 || length <= 0; }
-  std::intptr_t end() const { return start + (rows - 1) * stride + length; }  // of the last row
-};
-
-int64_t floor_div(int64_t a, int64_t b) {  // b > 0
-  const int64_t q = a / b;
-  return (a % b != 0 && a < 0) ? q - 1 : q;
-}
-
-// Whether any of the rows meets the byte range [lo, hi).
-bool rows_meet(const RowsRead& r, std::intptr_t lo, std::intptr_t hi) {
-  if (r.empty() || hi <= lo) return false;
-  const int64_t a = lo - r.start, b = hi - r.start;  // row i meets it iff i*S < b and i*S + L > a
-  if (r.stride == 0) return 0 < b && r.length > a;
-  const int64_t first = std::max<int64_t>(0, floor_div(a - r.length, r.stride) + 1);
-  const int64_t last = std::min<int64_t>(r.rows - 1, floor_div(b - 1, r.stride));
-  return first <= last;
-}
-
-RowsRead rows_read(const void* data, int64_t row_stride, int64_t rows, int64_t cols,
-                   int64_t esize) {
-  return {reinterpret_cast<std::intptr_t>(data), row_stride * esize, rows, cols * esize};
-}
+// counts is the memory the kernels touch, by address (never storage identity: two storages can
+// hold one buffer): an output is one dense byte range; an input or a base is read as rows of
+// dense elements (stack_rows), or from a private copy when its trailing dims are not dense (then
+// nothing is shared). Exact, no false refusals. mtunlearn_ext.ops.combine.check_combine_list
+// makes the same decisions and raises the same message.
 
 // The first tensor, in the order below, that shares memory with outs[p]: outs[q] (q != p), xs[q],
 // bases[q] (q != p); for p in order. The error names it.
@@ -302,13 +340,20 @@ void combine_list_impl(at::TensorList outs, const at::TensorList* bases,
       check_same_dtype(outs[p], on, b, bn, op);
       TORCH_CHECK_VALUE(b.sizes() == outs[p].sizes(), op, ": ", bn, " must have the shape of ", on,
                         ", ", outs[p].sizes(), ", got ", b.sizes());
-      // Each output element reads its own base element: the base may be the output itself,
-      // but not a shifted or re-strided view of its memory.
-      const bool same_memory = b.data_ptr() == outs[p].data_ptr() && b.strides() == outs[p].strides();
-      TORCH_CHECK_VALUE(same_memory || !b.storage().is_alias_of(outs[p].storage()) ||
-                            at::get_overlap_status(outs[p], b) == at::MemOverlapStatus::No,
-                        op, ": ", bn, " overlaps ", on, " without being the same tensor");
+      // Each output element reads its own base element first: the base may be the output
+      // itself, but no other memory of it: not a shifted or re-strided view, nor the same bytes
+      // under another storage (torch.from_numpy twice, from_dlpack), so bytes are compared, not
+      // storages. As with the inputs, what counts is the memory the kernels read: the base's
+      // rows (exact, O(1)), or a private copy when its trailing dims are not dense.
       const StackRows base = stack_rows(b, copies, has_rows ? 1 : 0);
+      if (base.data == b.data_ptr() && !same_elements(b, outs[p])) {
+        const auto out_lo = reinterpret_cast<std::intptr_t>(outs[p].data_ptr());
+        const auto out_hi = out_lo + static_cast<std::intptr_t>(outs[p].nbytes());
+        const RowsRead read = rows_read(base.data, base.row_stride, has_rows ? m : 1, cols,
+                                        element_size(kind));
+        TORCH_CHECK_VALUE(!rows_meet(read, out_lo, out_hi), op, ": ", bn, " overlaps ", on,
+                          " without being the same tensor");
+      }
       s.base = base.data;
       s.base_row_stride = base.row_stride;
     }

@@ -41,12 +41,13 @@ void check_rhs(const at::Tensor& gram, const at::Tensor& rhs, bool rows_are_k, c
                     ", got ", rhs.sizes());
 }
 
-// Relative rounding level of a Gram matrix of this dtype (fp32 accumulation vs fp64).
+// Relative rounding level of a Gram matrix of this dtype (fp32 accumulation vs fp64): a row whose
+// Cholesky pivot falls to this fraction of its own diagonal is taken as dependent.
 double pivot_floor(const at::Tensor& gram) { return gram.scalar_type() == at::kDouble ? 1e-12 : 1e-6; }
 
-// Below this pivot (relative to max diag G) nonconflicting_dual's active set takes a constraint
+// Below this pivot (relative to the row's own diagonal) nonconflicting_dual's active set takes a constraint
 // row to lie in the span of the passive ones (see solvers::dual_active_set): a few tens of ulps
-// of the largest diagonal, where the pivot is rounding. Lower than ridge_solve's fp64 floor,
+// of the row's own diagonal, where the pivot is rounding. Lower than ridge_solve's fp64 floor,
 // which regularises a solve: here a row whose independent part is above rounding can still move
 // the projection by O(|d|) (SciPy-NNLS scans of k > n rows near one direction, cond(R) 1e3-1e4:
 // 1e-12 left some 2e-3 |g| off, 1e-14 none above 1e-6 |g|). In fp32, the pivots below 1e-6 are
