@@ -70,10 +70,18 @@ def temporary_file_beside(target: Path, suffix: str = ".tmp") -> tuple[int, str]
     that would exceed the file system's name limit."""
     prefix = _temporary_prefix(target.name, suffix, name_max(target.parent))
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    except OSError:  # file systems without POSIX modes: keep what mkstemp made
-        pass
+    try:  # until the caller has (fd, name), no one else can remove the file: do it here
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except OSError:  # file systems without POSIX modes: keep what mkstemp made
+            pass
+    except BaseException:  # KeyboardInterrupt, a signal turned into an exception, ...
+        os.close(fd)
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+        raise
     return fd, name
 
 
@@ -170,8 +178,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     fd, tmp_name = temporary_file_beside(target)
-    tmp = Path(tmp_name)
     try:
+        tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -184,4 +192,4 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
         _fsync_dir(target.parent)
         return sha
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp_name).unlink(missing_ok=True)

@@ -403,6 +403,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         request, request_type = build_user_request(
             train_set, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
             target_tasks=target_tasks, request_type=args.request, seed=seed)
+        if forget_ids is None:  # a data-removal tool must not choose what to remove silently
+            print(f"mtunlearn: no --forget-ids: forgetting a random "
+                  f"{100 * float(args.forget_fraction):g}% of the training instances "
+                  f"(--forget-fraction {args.forget_fraction:g}, seed {seed}): "
+                  f"{len(request.instance_ids)} instances", file=sys.stderr)
         forget, retain = request.split(train_set)
         retain = restrict_retain(retain, request, retain_ids, train_set)
         targets = request.resolved_tasks(train_set)
@@ -603,10 +608,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--forget-ids", default=None, metavar="IDS",
-                   help="instance ids to forget: '1,2,3', or a file (or @file) holding them")
+                   help="instance ids to forget: '1,2,3', or a file (or @file) holding them "
+                        "(text that is both an id list and a file's name is refused: @3 or ./3 "
+                        "for the file, '3,' for the id)"
+                        + ("; without it, a random 10%% of the training instances is forgotten "
+                           "(--forget-fraction 0.1, drawn with --seed), as a line on stderr "
+                           "says" if required else ""))
     p.add_argument("--forget-fraction", type=float, default=0.1 if required else None,
-                   help="share of training instances to forget, chosen with --seed (ignored "
-                        "with --forget-ids)")
+                   help="share of training instances to forget, drawn with --seed (ignored "
+                        "with --forget-ids)" + ("; default 0.1" if required else ""))
     p.add_argument("--target-tasks", default=None, metavar="TASKS",
                    help="comma-separated target tasks; a proper subset makes a partial request")
     p.add_argument("--request", default=None, choices=["full", "partial"],

@@ -166,7 +166,38 @@ def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
          output_ok and isinstance(output.get("checkpoint"), str)),
         ("output.sha256", "a string", output_ok and isinstance(output.get("sha256"), str)),
         ("after", "a mapping", isinstance(record["after"], Mapping)),
+        ("request.retain_ids", "null or a list of integers",
+         not request_ok or _is_id_list(request.get("retain_ids"), allow_null=True)),
+        ("eval_batch_size", "an integer >= 1 (optional)",
+         "eval_batch_size" not in record
+         or (_is_int(record["eval_batch_size"]) and record["eval_batch_size"] >= 1)),
     ]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id_list(value: object, allow_null: bool = False) -> bool:
+    if value is None:
+        return allow_null
+    return isinstance(value, list) and all(_is_int(i) for i in value)
+
+
+def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
+    """What the checkpoint says of its own making (``unlearn`` writes the method, the SHA-256 of
+    the checkpoint it started from and the hash of the forgotten ids into its metadata) against
+    what the record says: an edited record must not verify against a checkpoint that
+    contradicts it. Fields the checkpoint does not carry (one written by ``train``) are not
+    compared."""
+    method = record.get("method")
+    pairs = [("method", "method.name", method.get("name") if isinstance(method, Mapping) else None),
+             ("parent_sha256", "input.sha256", (record.get("input") or {}).get("sha256")
+              if isinstance(record.get("input"), Mapping) else None),
+             ("ids_sha256", "request.ids_sha256", record["request"].get("ids_sha256"))]
+    return [f"the checkpoint's metadata has {key} {meta[key]!r}, the record's {field} "
+            f"{value!r} (record edited, or another run's checkpoint?)"
+            for key, field, value in pairs if key in meta and meta[key] != value]
 
 
 def compare_measurements(expected: Any, actual: Any, tolerance: float, where: str = ""
@@ -249,8 +280,11 @@ def verify_record(record_path: str | os.PathLike[str],
     (:func:`mtunlearn_ext.workflow.measure` with the record's seed), comparing every metric and
     the MIA AUC with ``after`` within ``tolerance`` (relative above 1, absolute below). Raises
     :class:`RecordError` for an unreadable record and
-    :class:`~mtunlearn_ext.workflow.UserInputError` for a missing or unusable checkpoint (naming
-    ``--checkpoint`` when given, else ``--record``); mismatches are returned, not raised.
+    :class:`~mtunlearn_ext.workflow.UserInputError` for a missing or unreadable checkpoint, or
+    one whose bytes are the recorded ones but cannot be loaded (naming ``--checkpoint`` when
+    given, else ``--record`` and its ``output.checkpoint``); mismatches are returned, not
+    raised. A checkpoint whose SHA-256 differs from the record's is a mismatch even when it
+    cannot be loaded (tampered, truncated, empty): its metrics are then ``"not measured"``.
 
     The request is rebuilt from ``request.target_tasks_arg`` when the record has it, else from
     ``request.type`` and ``request.target_tasks``; the measurement uses the record's
@@ -273,9 +307,21 @@ def verify_record(record_path: str | os.PathLike[str],
                                  f"its output.checkpoint {recorded!r} is no file (from "
                                  f"{os.getcwd()!r}, nor from the record's folder); pass "
                                  "--checkpoint")
+    # The argument that supplied the checkpoint, for errors about it: --checkpoint when given,
+    # else the record (its output.checkpoint field).
+    if checkpoint_path is not None:
+        argument, source = "--checkpoint", str(ckpt)
+        where = ""
+    else:
+        argument, source = "--record", str(record_path)
+        where = f"its output.checkpoint {str(ckpt)!r}: "
     mismatches: list[str] = []
     checks: dict[str, str] = {}
-    sha = sha256_of_file(ckpt)
+    try:
+        sha = sha256_of_file(ckpt)
+    except OSError as error:
+        raise UserInputError(argument, "a readable checkpoint file", source,
+                             f"{where}{error.strerror or error}") from error
     checks["sha256"] = "ok" if sha == record["output"]["sha256"] else "MISMATCH"
     if checks["sha256"] != "ok":
         mismatches.append(f"checkpoint SHA-256 {sha} differs from the record's "
@@ -290,7 +336,24 @@ def verify_record(record_path: str | os.PathLike[str],
     if checks["ids"] != "ok":
         mismatches.append(f"ids hash of the recorded ids {request.ids_hash()} differs from the "
                           f"recorded ids_sha256 {req['ids_sha256']} (record edited?)")
-    loaded = load_model(ckpt)
+    try:
+        loaded = load_model(ckpt, argument)
+    except UserInputError as error:
+        if checks["sha256"] == "ok":  # the recorded bytes, yet unusable: nothing to compare
+            if checkpoint_path is None:
+                unusable = f"{error.received} is not {error.expected}"
+                raise UserInputError("--record", "a record whose output checkpoint can be "
+                                     "loaded", source, f"its output.checkpoint {unusable}"
+                                     + (f": {error.hint}" if error.hint else "")) from error
+            raise
+        # Bytes other than the recorded ones (tampered, truncated, empty): a mismatch.
+        mismatches.append("the checkpoint cannot be loaded, so it was not measured: "
+                          f"{error.hint or 'not ' + error.expected}")
+        checks["metrics"] = "not measured"
+        return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
+    provenance = _provenance_differences(loaded.meta, record)
+    checks["provenance"] = "MISMATCH" if provenance else "ok"
+    mismatches.extend(provenance)
     train_set = loaded.benchmark.train
     try:
         request.validate(train_set)

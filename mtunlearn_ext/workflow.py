@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class UserInputError(ValueError):
 
     def __init__(self, argument: str, expected: str, received: object, hint: str = "") -> None:
         self.argument, self.expected, self.received = argument, expected, received
+        self.hint = hint
         text = f"{argument}: expected {expected}, got {_short(received)}"
         super().__init__(text + (f"; {hint}" if hint else ""))
 
@@ -106,9 +108,24 @@ def is_existing_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def _id_tokens(text: str) -> list[str]:
+    return text.replace(",", " ").split()
+
+
+def _is_id_list(text: str) -> bool:
+    """Whether ``text`` reads as a non-empty list of integer ids."""
+    tokens = _id_tokens(text)
+    try:
+        return bool(tokens) and all(isinstance(int(t), int) for t in tokens)
+    except ValueError:
+        return False
+
+
 def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | None:
     """Instance ids from ``"1,2 3"``, a file holding such text (``@path`` or an existing path),
-    or a list; ``None`` stays ``None``. Non-integers raise :class:`UserInputError`."""
+    or a list; ``None`` stays ``None``. Non-integers, a file that is not readable text, and text
+    that is both an id list and an existing file's name (``3`` beside a file ``3``: write
+    ``@3`` or ``./3`` for the file, ``3,`` for the id) raise :class:`UserInputError`."""
     if value is None:
         return None
     tokens: list[str] | list[int]
@@ -117,8 +134,19 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
         text = value
         path = Path(value[1:] if value.startswith("@") else value)
         if is_existing_file(path):
-            text = path.read_text()
-        tokens = text.replace(",", " ").split()
+            if not value.startswith("@") and _is_id_list(value):
+                raise UserInputError(argument, "instance ids or a file of them, unambiguously",
+                                     value, f"it is both an id list and the name of a file "
+                                     f"here; for the file write @{value} (or ./{value}), for "
+                                     f"the ids {value}, (a trailing comma)")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                reason = (f"the file is not UTF-8 text ({error})"
+                          if isinstance(error, UnicodeDecodeError) else str(error))
+                raise UserInputError(argument, "instance ids or a readable text file of them",
+                                     value, reason) from error
+        tokens = _id_tokens(text)
     else:
         tokens = list(value)
     ids: list[int] = []
@@ -340,12 +368,15 @@ def restrict_retain(retain: MultiTaskDataset, request: ForgetRequest,
 
     Refuses ids shared with the forget ids (a pair cannot be both forgotten and retained; in a
     partial request the forget instances' other tasks are retained automatically), ids not in
-    the training set, and an empty list.
+    the training set, duplicates, and an empty list.
     """
     if retain_ids is None:
         return retain
     if len(retain_ids) == 0:
         raise UserInputError("--retain-ids", "at least one instance id", "an empty list")
+    dupes = sorted(i for i, n in Counter(retain_ids).items() if n > 1)
+    if dupes:  # as for --forget-ids: a repeated id is most likely a typo
+        raise UserInputError("--retain-ids", "distinct ids", f"duplicates {dupes[:10]}")
     overlap = sorted(set(retain_ids) & set(request.instance_ids))
     if overlap:
         raise UserInputError("--retain-ids", "ids disjoint from --forget-ids",
@@ -510,17 +541,23 @@ class OutputTransaction:
         """``writer(path)`` (an atomic, no-overwrite write returning a SHA-256), with ``path``
         deleted again if the block fails later. It is registered *before* the write, so an
         interrupt between the final rename and the return still removes it; a write refused
-        because the file already exists un-registers it (that file is not ours). Any other
-        ``OSError`` of the write becomes a :class:`UserInputError` naming the output's
+        because the file already exists un-registers it (that file is not ours) and is a
+        :class:`UserInputError` naming the output's argument (the file appeared during the run,
+        e.g. written by a concurrent run). Any other ``OSError`` of the write becomes a :class:`UserInputError` naming the output's
         argument (one line on the command line, exit 2)."""
         self._created.append(path)
+        argument = next((a for a, p in self.outputs.items() if p == path), "output")
         try:
             return writer(path)
-        except FileExistsError:
+        except FileExistsError as error:
             self._created.remove(path)
-            raise
+            # reserve() found the path free: something else made it since (another run
+            # writing the same default name, say).
+            raise UserInputError(argument, "a path that does not exist yet", str(path),
+                                 "the file appeared during the run (another run writing the "
+                                 "same name?); this run wrote nothing: run it again or choose "
+                                 f"another {argument}") from error
         except OSError as error:
-            argument = next((a for a, p in self.outputs.items() if p == path), "output")
             raise UserInputError(argument, "a path that can be written", str(path),
                                  f"{error.strerror or error}; nothing was written") from error
 
