@@ -445,13 +445,14 @@ def _row_prints(tensors: list[torch.Tensor]) -> list[tuple[float, ...]]:
     return [tuple(v for part in row for v in part) for row in zip(*per_leaf)]
 
 
-def _equal_input_rows(inputs: Inputs, reference: Inputs, reference_rows: torch.Tensor
+def _equal_input_rows(inputs: Inputs, reference: Inputs, reference_rows: torch.Tensor,
+                      also: Callable[[int, int], bool] | None = None
                       ) -> list[tuple[int, int]]:
     """``(row, reference row)`` for every row of ``inputs`` whose inputs equal those of one of
-    ``reference``'s ``reference_rows`` (the first such), by row prints and then an exact
-    comparison: one pass over each side, not every pair. Several inputs are matched by name (a
-    dict's keys, a tuple's positions) and must all be equal; inputs named or shaped
-    differently never are."""
+    ``reference``'s ``reference_rows`` (the first such for which ``also(row, reference row)``
+    holds, when given), by row prints and then an exact comparison: one pass over each side,
+    not every pair. Several inputs are matched by name (a dict's keys, a tuple's positions) and
+    must all be equal; inputs named or shaped differently never are."""
     named, ref_named = dict(named_leaves(inputs)), dict(named_leaves(reference))
     if named.keys() != ref_named.keys():
         return []
@@ -468,10 +469,30 @@ def _equal_input_rows(inputs: Inputs, reference: Inputs, reference_rows: torch.T
     found = []
     for row, key in enumerate(_row_prints(own)):
         for ref_row in by_print.get(key, []):
-            if all(torch.equal(a[row], b[ref_row].to(a.device)) for a, b in zip(own, ref)):
+            if (all(torch.equal(a[row], b[ref_row].to(a.device)) for a, b in zip(own, ref))
+                    and (also is None or also(row, ref_row))):
                 found.append((row, ref_row))
                 break
     return found
+
+
+def _same_labels(data: MultiTaskDataset, row: int, other: MultiTaskDataset, other_row: int
+                 ) -> bool:
+    """Whether two rows supervise a task in common and agree on every task they both
+    supervise: with equal inputs, the same (input, label) pairs, so the same instance as far as
+    the model can tell."""
+    common = 0
+    for task in data.task_names:
+        if task not in other.task_names:
+            continue
+        if not (bool(data.supervision[row, data.task_index(task)])
+                and bool(other.supervision[other_row, other.task_index(task)])):
+            continue
+        common += 1
+        mine, theirs = data.targets[task][row], other.targets[task][other_row]
+        if not torch.equal(mine, theirs.to(mine.device)):
+            return False
+    return common > 0
 
 
 @dataclass(frozen=True)
@@ -494,7 +515,9 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
     """Refuse ``data`` (``held_out_data`` or ``audit_data``, named ``what``) when it holds a
     training instance. Two data sets with ids of their caller's are compared by id; where
     either side's ids were made by :func:`unlearn` (data given as a tuple) ids say nothing, so
-    the rows are compared by their inputs."""
+    rows are compared by their inputs and labels: equal inputs with equal labels on every task
+    both rows supervise are a training pair as far as the model can tell; equal inputs labelled
+    otherwise (duplicate images, categorical features) are another instance and pass."""
     if own_ids:
         known: set[int] = set()
         for part in trained:
@@ -508,7 +531,10 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
     for part in trained:
         if own_ids and part.own_ids:
             continue
-        equal = _equal_input_rows(data.inputs, part.data.inputs, part.rows)
+        def same_pairs(row: int, train_row: int, part: _Trained = part) -> bool:
+            return _same_labels(data, row, part.data, train_row)
+
+        equal = _equal_input_rows(data.inputs, part.data.inputs, part.rows, same_pairs)
         if equal:
             row, train_row = equal[0]
             made = (f" (ids are not compared: `{part.label}`, given as (inputs, targets), got "
@@ -517,9 +543,9 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                     else "")
             raise ValueError(
                 f"unlearn: `{what}` row {row} has the same inputs as `{part.label}` row "
-                f"{train_row} ({len(equal)} row{'s' if len(equal) != 1 else ''} of `{what}` "
-                f"equal training rows){made}; it must hold instances the model was never "
-                f"trained on")
+                f"{train_row}, and the same labels ({len(equal)} row{'s' if len(equal) != 1 else ''} "
+                f"of `{what}` equal training pairs){made}; it must hold instances the model was "
+                f"never trained on")
 
 
 def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
@@ -973,7 +999,7 @@ def unlearn(model: nn.Module, *,
             ``held_out_data`` (which the method may use), at least 8 rows with the target tasks'
             labels. Held-out and audit data are refused when they hold a training instance:
             by id where both are data sets, else (data given as tuples, whose ids ``unlearn``
-            makes up) by equal inputs. The report's summary then holds a loss-based
+            makes up) by equal inputs and labels. The report's summary then holds a loss-based
             membership-inference audit of the forget set before and after
             (:func:`~mtunlearn_ext.metrics.membership_attack`, fitted on up to 2000 retain rows
             against half of ``audit_data``, scored against the other half):
@@ -1038,7 +1064,7 @@ def unlearn(model: nn.Module, *,
         audit.check_values("unlearn: `audit_data`")
         problem.check_model_on(audit, "`audit_data`")
         # A data set's ids against the training data sets' ids; tuple data (ids of its own,
-        # 0..N-1) and training data given as tuples: by equal inputs.
+        # 0..N-1) and training data given as tuples: by equal inputs and labels.
         _check_unseen(audit, "audit_data", isinstance(audit_data, MultiTaskDataset), trained)
         target_columns = [audit.task_index(t) for t in problem.target_tasks]
         labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())

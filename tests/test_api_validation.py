@@ -434,8 +434,9 @@ def test_a_data_set_beside_tuple_training_data_is_compared_by_inputs_not_ids() -
             xs[:20], {t: v[:20] for t, v in ys.items()}, SPECS, ids=torch.arange(3, 23)),
             **split)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=re.escape(
-            "`held_out_data` row 0 has the same inputs as `retain_data` row 5 (10 rows of "
-            "`held_out_data` equal training rows) (ids are not compared: `retain_data`, given as "
+            "`held_out_data` row 0 has the same inputs as `retain_data` row 5, and the same "
+            "labels (10 rows of `held_out_data` equal training pairs) (ids are not compared: "
+            "`retain_data`, given as "
             "(inputs, targets), got ids 5..59 from unlearn")):
         build_problem(_TwoHeads(), held_out_data=MultiTaskDataset(
             x[10:20], {t: v[10:20] for t, v in y.items()}, SPECS, ids=torch.arange(100, 110)),
@@ -452,8 +453,9 @@ def test_a_data_set_beside_tuple_training_data_is_compared_by_inputs_not_ids() -
     trained = MultiTaskDataset(x[10:30], {t: v[10:30] for t, v in y.items()}, SPECS)
     for name in ("held_out_data", "audit_data"):
         with pytest.raises(ValueError, match=(
-                rf"unlearn: `{name}` row 0 has the same inputs as `train_data` row 10 \(20 rows "
-                rf"of `{name}` equal training rows\) \(ids are not compared: `train_data`, given "
+                rf"unlearn: `{name}` row 0 has the same inputs as `train_data` row 10, and the "
+                rf"same labels \(20 rows of `{name}` equal training pairs\) \(ids are not "
+                r"compared: `train_data`, given "
                 r"as \(inputs, targets\), got ids 0\.\.59 from unlearn, which name none of your "
                 r"instances\); it must hold instances the model was never trained on")):
             mtunlearn_ext.unlearn(_TwoHeads(), **{**common, name: trained})  # type: ignore[arg-type]
@@ -468,16 +470,20 @@ def test_held_out_and_audit_tuples_holding_training_rows_are_refused() -> None:
                   shared_parameters=_trunk, config={"steps": 1, "cap_reference": "held_out"})
     for name in ("held_out_data", "audit_data"):
         with pytest.raises(ValueError, match=(
-                rf"unlearn: `{name}` row 0 has the same inputs as `train_data` row 20 \(20 rows "
-                rf"of `{name}` equal training rows\); it must hold instances the model was never "
+                rf"unlearn: `{name}` row 0 has the same inputs as `train_data` row 20, and the "
+                rf"same labels \(20 rows of `{name}` equal training pairs\); it must hold "
+                r"instances the model was never "
                 r"trained on")):
             mtunlearn_ext.unlearn(_TwoHeads(), **{**common, name: rows})  # type: ignore[arg-type]
     # One training row among unseen ones, and a training data set: by inputs too.
     xs, ys = _data(20, seed=1)
     xs[7] = x[3]
+    for task in ys:  # the same pair: inputs and labels
+        ys[task][7] = y[task][3]
     data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(100, 160))
     with pytest.raises(ValueError, match=r"`audit_data` row 7 has the same inputs as `train_data` "
-                                         r"row 3 \(1 row of `audit_data` equal training rows\)"):
+                                         r"row 3, and the same labels \(1 row of `audit_data` "
+                                         r"equal training pairs\)"):
         mtunlearn_ext.unlearn(_TwoHeads(), **{**common, "tasks": SPECS, "train_data": data,
                                               "forget_request": ForgetRequest.create(
                                                   range(100, 110)), "audit_data": (xs, ys)})  # type: ignore[arg-type]
@@ -496,6 +502,29 @@ def test_held_out_and_audit_tuples_holding_training_rows_are_refused() -> None:
                             held_out_data=((x[20:25], 2 * mask[20:25]),
                                            {t: v[20:25] for t, v in y.items()}))
     assert problem.held_out is not None and len(problem.held_out) == 5
+
+
+def test_equal_inputs_labelled_otherwise_are_another_instance() -> None:
+    """Final review: tuple held-out/audit rows were refused whenever their inputs equalled a
+    training row's, also when labelled otherwise (duplicate images, categorical features), with
+    no way out. Equal inputs *and* equal labels on the tasks both rows supervise are a training
+    pair; equal inputs labelled otherwise pass."""
+    x, y = _data(60)
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+                  shared_parameters=_trunk, config={"steps": 1})
+    xs, ys = _data(20, seed=1)
+    xs[:5] = x[20:25]  # the same inputs as five training rows ...
+    ys["a"][:5] = (y["a"][20:25] + 1) % 3  # ... labelled otherwise
+    ys["b"][:5] = y["b"][20:25] + 1
+    new, report = mtunlearn_ext.unlearn(_TwoHeads(), audit_data=(xs, ys), **common)  # type: ignore[arg-type]
+    assert "forget_mia_auc_after" in report.extra["summary"]
+    ys["a"][2] = y["a"][22]  # row 2 now agrees on task "a" but not on "b": still another pair
+    mtunlearn_ext.unlearn(_TwoHeads(), audit_data=(xs, ys), **common)  # type: ignore[arg-type]
+    for task in ys:
+        ys[task][2] = y[task][22]
+    with pytest.raises(ValueError, match=r"`audit_data` row 2 has the same inputs as `train_data` "
+                                         r"row 22, and the same labels"):
+        mtunlearn_ext.unlearn(_TwoHeads(), audit_data=(xs, ys), **common)  # type: ignore[arg-type]
 
 
 def test_the_unseen_check_hashes_rows_instead_of_comparing_every_pair() -> None:

@@ -1046,9 +1046,12 @@ class GradientSurgery:
         listed = ", ".join(f"losses[{t}] (first in {first[t]!r})" for t in sorted(first))
         stand_ins = [t for t in sorted(first) if t in constants]
         if stand_ins:  # a NaN or Inf constant poisons its row (_poison_if_not_finite)
+            # With accumulate() the constants are those of any micro-batch: the NaN may come
+            # from another micro-batch's attached loss of the task, so "may", not "is".
             hint = (f"; {', '.join(f'losses[{t}]' for t in stand_ins)} did not require grad "
-                    "(a constant, whose gradient is zero unless the constant itself is NaN or "
-                    f"Inf, which makes it NaN){hint}")
+                    "in this step's call (or one of its accumulated calls): a constant, whose "
+                    "gradient is zero unless the constant itself is NaN or Inf, which makes it "
+                    f"NaN{hint}")
         return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{hint}"
 
 
