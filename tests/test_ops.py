@@ -1040,8 +1040,29 @@ def test_errors_name_the_argument() -> None:
         ops.project_nonconflicting(x[:1], x, sign=0)
     with pytest.raises(ValueError, match="at most 256"):
         ops.pcgrad(torch.randn(257, 3))
-    with pytest.raises(ValueError, match="`ridge` must be >= 0"):
+    with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
         ops.project_out(x[:1], x, ridge=-1.0)
+    # Review: an infinite ridge made every coefficient 0 silently; a seed of 1.5 ran as 1, True
+    # as 1, and 2**64 got the schema's "expected int, found int".
+    for ridge in (math.inf, math.nan, "1e-3", True):
+        with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
+            ops.project_out(x[:1], x, ridge=ridge)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
+            ops.ridge_solve(ops.gram(x), ops.inner(x, x[:1]), ridge=ridge)  # type: ignore[arg-type]
+    for seed, error, said in ((1.5, TypeError, "must be an integer, got float"),
+                              (True, TypeError, "must be an integer, got the bool True"),
+                              (2 ** 64, ValueError, r"must lie in \[-2\*\*63, 2\*\*63 - 1\]")):
+        with pytest.raises(error, match=f"`seed` {said}"):
+            ops.pcgrad(x, seed)  # type: ignore[arg-type]
+        with pytest.raises(error, match=f"`seed` {said}"):
+            ops.pcgrad_weights(ops.gram(x), seed)  # type: ignore[arg-type]
+        with pytest.raises(error, match=f"`seed` {said}"):
+            ops.pcgrad_order(4, 0, seed)  # type: ignore[arg-type]
+    # Integers of other types are integers (NumPy, 0-d tensors); the extremes of int64 run.
+    assert torch.equal(ops.pcgrad(x, np.int64(3)), ops.pcgrad(x, 3))
+    assert torch.equal(ops.pcgrad(x, torch.tensor(3)), ops.pcgrad(x, 3))  # type: ignore[arg-type]
+    ops.pcgrad(x, 2 ** 63 - 1)
+    ops.pcgrad(x, -(2 ** 63))
     # The registered ops check too (for callers that bypass the wrappers).
     with pytest.raises(ValueError, match="mtunlearn::inner: `a`"):
         torch.ops.mtunlearn.inner(x, torch.randn(2, 11))

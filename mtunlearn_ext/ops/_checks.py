@@ -4,6 +4,7 @@ expected and what was received."""
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -29,6 +30,36 @@ def check_float_tensor(op: str, name: str, t: object, min_dim: int = 0) -> torch
             f"{op}: `{name}` must have at least {min_dim} dims, got shape {tuple(t.shape)}"
         )
     return t
+
+
+def check_seed(op: str, seed: object) -> int:
+    """``seed`` as a Python int in the signed 64-bit range the kernels take. A bool or a
+    fraction is refused (``int()`` would take True as 1 and truncate 1.5 to 1), and so is a
+    value outside int64 (the schema's own message was "expected int, found int")."""
+    if isinstance(seed, bool):
+        raise TypeError(f"{op}: `seed` must be an integer, got the bool {seed}")
+    try:
+        value = operator.index(seed)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{op}: `seed` must be an integer, got {type(seed).__name__} "
+                        f"{seed!r:.40}") from None
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise ValueError(f"{op}: `seed` must lie in [-2**63, 2**63 - 1] (the kernels' int64), "
+                         f"got {value}")
+    return value
+
+
+def check_ridge(op: str, ridge: object) -> float:
+    """``ridge`` as a finite float >= 0 (an infinite one made every coefficient 0 silently)."""
+    value = math.nan
+    if not isinstance(ridge, (bool, str, bytes)):
+        try:
+            value = float(ridge)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{op}: `ridge` must be a finite number >= 0, got {ridge!r:.40}")
+    return value
 
 
 def check_same_device(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:

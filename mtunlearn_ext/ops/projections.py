@@ -18,6 +18,8 @@ from mtunlearn_ext.ops._checks import (
     check_float_tensor,
     check_same_device,
     check_same_dtype,
+    check_ridge,
+    check_seed,
 )
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 
@@ -67,8 +69,7 @@ def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
     """
     op = "mtunlearn_ext.ops.project_out"
     _check_pair(op, "g", g, "basis", basis)
-    if not ridge >= 0.0:
-        raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
+    ridge = check_ridge(op, ridge)
     if has_extension():
         out, coeffs = torch.ops.mtunlearn.project_out(g, basis, float(ridge))
     else:
@@ -146,9 +147,9 @@ def pcgrad(x: torch.Tensor, seed: int = 0, *, check_finite: bool = True,
     if x.shape[-2] > MAX_SOLVER_K:
         raise ValueError(f"{op}: `x` has k={x.shape[-2]} rows; at most {MAX_SOLVER_K}")
     if has_extension():
-        out, coeffs = torch.ops.mtunlearn.pcgrad(x, int(seed))
+        out, coeffs = torch.ops.mtunlearn.pcgrad(x, check_seed(op, seed))
     else:
-        coeffs = _reference.pcgrad_weights(_reference.gram(x), int(seed))
+        coeffs = _reference.pcgrad_weights(_reference.gram(x), check_seed(op, seed))
         out = _reference.combine(coeffs.unsqueeze(-2), x).squeeze(-2)
     if check_finite:
         check_finite_result(op, coeffs, [("x", x)])

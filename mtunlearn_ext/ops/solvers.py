@@ -23,7 +23,12 @@ import torch
 
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
-from mtunlearn_ext.ops._checks import check_float_tensor, check_same_device
+from mtunlearn_ext.ops._checks import (
+    check_float_tensor,
+    check_ridge,
+    check_same_device,
+    check_seed,
+)
 
 MAX_SOLVER_K = 256
 
@@ -61,8 +66,7 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> t
     if rhs.shape[:-2] != gram.shape[:-2] or rhs.shape[-2] != k:
         raise ValueError(f"{op}: `rhs` must be [..., k={k}, m] with the Gram's leading dims, got "
                          f"{tuple(rhs.shape)}")
-    if not ridge >= 0.0:
-        raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
+    ridge = check_ridge(op, ridge)
     if has_extension():
         return torch.ops.mtunlearn.ridge_solve(gram, rhs, float(ridge))
     return _reference.ridge_solve(gram, rhs, ridge)
@@ -119,11 +123,11 @@ def pcgrad_weights(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     op = "mtunlearn_ext.ops.pcgrad_weights"
     _check_gram(op, gram)
     if has_extension():
-        return torch.ops.mtunlearn.pcgrad_weights(gram, int(seed))
-    return _reference.pcgrad_weights(gram, int(seed))
+        return torch.ops.mtunlearn.pcgrad_weights(gram, check_seed(op, seed))
+    return _reference.pcgrad_weights(gram, check_seed(op, seed))
 
 
 def pcgrad_order(k: int, task: int, seed: int) -> list[int]:
     """The order in which PCGrad projects ``task`` against the other ``k - 1`` tasks for a seed
     (identical in the compiled kernels, on every device)."""
-    return _reference.pcgrad_order(k, task, seed)
+    return _reference.pcgrad_order(k, task, check_seed("mtunlearn_ext.ops.pcgrad_order", seed))
