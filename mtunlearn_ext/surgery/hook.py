@@ -19,7 +19,7 @@ counts as a zero gradient, as it does in the plain sum.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -403,8 +403,8 @@ def _poison_if_not_finite(rows: list[torch.Tensor], constant: torch.Tensor) -> N
     torch._foreach_add_(rows, value.to(rows[0].device).mul(0))
 
 
-def _refuse_post_accumulate_hooks(caller: str, described: Iterable[tuple[str, torch.Tensor]]
-                                  ) -> None:
+def _refuse_post_accumulate_hooks(caller: str, tensors: Iterable[torch.Tensor],
+                                  describe: Callable[[int, torch.Tensor], str]) -> None:
     """Refuse parameters carrying a post-accumulate-grad hook
     (``Tensor.register_post_accumulate_grad_hook``, PyTorch's optimizer step in backward).
     Autograd runs such a hook when its ``AccumulateGrad`` node has written ``.grad``; the
@@ -412,8 +412,10 @@ def _refuse_post_accumulate_hooks(caller: str, described: Iterable[tuple[str, to
     (``"autograd"`` / ``"batched"``: a step silently lost), or run once per task on that
     task's raw gradient (``"backward"``). Torch has no public way to list or run a tensor's
     hooks, so they cannot be fired once ``.grad`` is final: the dict they live in (the one
-    torch's own FSDP2 reads) is only looked at, one attribute read per parameter."""
-    hooked = [name for name, t in described if getattr(t, "_post_accumulate_grad_hooks", None)]
+    torch's own FSDP2 reads) is only looked at, one attribute read per parameter and step;
+    ``describe(i, tensor)`` names a hooked one (only those: this runs at every step)."""
+    hooked = [describe(i, t) for i, t in enumerate(tensors)
+              if getattr(t, "_post_accumulate_grad_hooks", None)]
     if hooked:
         raise RuntimeError(
             f"{caller}: {', '.join(hooked)} carr{'ies' if len(hooked) == 1 else 'y'} a "
@@ -550,7 +552,7 @@ class GradientSurgery:
         losses, constants = self._check_losses(losses)
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, len(losses), constants)
-        _refuse_post_accumulate_hooks(caller, _described_shared(active))
+        _refuse_hooked_shared(caller, active)
         stacks = [torch.empty((len(losses), *local_tensor(p).shape), dtype=p.dtype,
                               device=local_tensor(p).device) for p in active.params]
         reached, head_sums = self._per_task_grads(losses, constants, active, stacks, add=False,
@@ -575,7 +577,7 @@ class GradientSurgery:
         k = len(losses)
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, k, constants)
-        _refuse_post_accumulate_hooks(caller, _described_shared(active))
+        _refuse_hooked_shared(caller, active)
         if self._pending and self._buffered_tasks != k:
             raise ValueError(f"GradientSurgery.accumulate: got {k} losses, but the micro-batches "
                              f"accumulated since the last apply() have {self._buffered_tasks} "
@@ -636,8 +638,7 @@ class GradientSurgery:
                 raise ValueError("GradientSurgery.apply: the shared parameters requiring grad "
                                  "changed since accumulate() (a layer was frozen or unfrozen); "
                                  "change them only after apply()")
-            _refuse_post_accumulate_hooks("GradientSurgery.apply",
-                                          _described_shared(self._buffered_for))
+            _refuse_hooked_shared("GradientSurgery.apply", self._buffered_for)
             heads = list(self._pending_heads.values())
             tasks = (None if self._pending_tasks is None
                      else [self._pending_tasks[id(h)] for h in heads])
@@ -647,7 +648,7 @@ class GradientSurgery:
             self._pending_tasks = {}
             return self._aggregate(self._buffered_for, self._buffers, found)
         active = self._take_part("GradientSurgery.apply")
-        _refuse_post_accumulate_hooks("GradientSurgery.apply", _described_shared(active))
+        _refuse_hooked_shared("GradientSurgery.apply", active)
         stacks = self._check_stacks(active, per_task_grads)
         return self._aggregate(active, stacks, _TaskPass([True] * len(stacks), [], []))
 
@@ -784,9 +785,8 @@ class GradientSurgery:
         attached = [t for t in range(k) if t not in constants]
         if self.per_task == "backward":
             if self.head_params is not None:  # the heads accumulate natively: known only so
-                _refuse_post_accumulate_hooks(caller, ((_head_description(h), h)
-                                                       for h in self.head_params
-                                                       if h.requires_grad))
+                _refuse_post_accumulate_hooks(
+                    caller, (h for h in self.head_params if h.requires_grad), _head_description)
             reached = self._per_task_by_backward(losses, constants, active, stacks, add=add,
                                                  retain_graph=retain_graph)
             self._poison_constant_rows(losses, constants, stacks)
@@ -801,7 +801,7 @@ class GradientSurgery:
             heads, batched_head_tasks = self._heads_with_tasks(losses)
         else:
             heads = self._heads(losses)
-        _refuse_post_accumulate_hooks(caller, ((_head_description(h), h) for h in heads))
+        _refuse_post_accumulate_hooks(caller, heads, _head_description)
         inputs = [*active.params, *heads]
         n_shared = len(active.params)
         head_sums: list[torch.Tensor | None] = [None] * len(heads)
@@ -1075,12 +1075,13 @@ def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def _head_description(head: torch.Tensor) -> str:
+def _head_description(_index: int, head: torch.Tensor) -> str:
     return f"the head parameter of shape {tuple(head.shape)}"
 
 
-def _described_shared(active: _Active) -> Iterator[tuple[str, torch.Tensor]]:
-    return ((f"shared parameter {name!r}", p) for name, p in zip(active.names, active.params))
+def _refuse_hooked_shared(caller: str, active: _Active) -> None:
+    _refuse_post_accumulate_hooks(caller, active.params,
+                                  lambda i, _: f"shared parameter {active.names[i]!r}")
 
 
 def _write_heads(heads: Sequence[torch.Tensor], head_sums: Sequence[torch.Tensor | None]
