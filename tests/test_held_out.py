@@ -16,6 +16,7 @@ from mtunlearn_ext.data.registry import read_benchmark, save_benchmark
 from mtunlearn_ext.data.street import make_street
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.unlearning import UnlearningProblem, get_unlearner
+from unlearning_helpers import TwoHeads
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -206,17 +207,9 @@ def test_cap_quantile_rejects_unknown_strings() -> None:
 # -- held-out data the run does not read ---------------------------------------------------------
 
 
-class _Small(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU())
-        self.heads = torch.nn.ModuleDict({"kind": torch.nn.Linear(16, 3),
-                                          "size": torch.nn.Linear(16, 1)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {t: h(z) for t, h in self.heads.items()}
+def _small() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TwoHeads()
 
 
 def _small_data(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -231,7 +224,7 @@ def _run(**kwargs):  # type: ignore[no-untyped-def]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         new, report = mtunlearn_ext.unlearn(
-            _Small(), tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+            _small(), tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
             forget_request=ForgetRequest.create(range(5)),
             shared_parameters=lambda n: n.startswith("trunk."), **kwargs)
     unused = [str(w.message) for w in caught if "`held_out_data` was not used" in str(w.message)]

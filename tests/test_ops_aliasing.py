@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -288,6 +289,21 @@ def _random_view(rng: random.Random, s: torch.Tensor, shape: tuple[int, ...],
     return torch.as_strided(s, shape, (row_len, 1, rest[0]), offset)
 
 
+def _accepted_as_the_oracle_says(call: Callable[[], object], shares: bool,
+                                 buffer: torch.Tensor) -> bool:
+    """Run ``call``: a refusal (ValueError) must come exactly where the oracle says memory is
+    shared, and leave ``buffer`` as it was; returns whether the call was accepted."""
+    before = buffer.clone()
+    try:
+        call()
+    except ValueError as error:
+        assert shares, f"false refusal: {error}"
+        assert torch.equal(buffer, before)
+        return False
+    assert not shares, "an overlap was accepted"
+    return True
+
+
 def test_combine_list_overlap_decisions_match_an_element_oracle(op_path: str) -> None:
     """Random views of one buffer: refused exactly when an output shares an element with
     another output, an input, another output's base, or its own base (unless the base is the
@@ -337,15 +353,11 @@ def test_combine_list_overlap_decisions_match_an_element_oracle(op_path: str) ->
         expected = [(c2 @ x.clone().reshape(k, -1)).reshape(o.shape)
                     + (beta * old_bases[p] if beta else 0.0)
                     for p, (x, o) in enumerate(zip(xs, outs))]
-        before = s.clone()
-        try:
-            ops.combine_list(coeffs, xs, outs, beta, bases=bases if use_bases else None)
-        except ValueError as error:
-            assert shares, f"false refusal: {error}"
-            assert torch.equal(s, before)
+        if not _accepted_as_the_oracle_says(
+                lambda: ops.combine_list(coeffs, xs, outs, beta,
+                                         bases=bases if use_bases else None), shares, s):
             refused += 1
             continue
-        assert not shares, "an overlap was accepted"
         for o, e in zip(outs, expected):
             torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12)
         accepted += 1
@@ -390,15 +402,9 @@ def test_combine_out_overlap_decisions_match_an_element_oracle(op_path: str) -> 
         ptr = s.data_ptr()
         shares = read_in_place and bool(_elements(out, ptr) & _elements(x, ptr))
         expected = coeffs @ x.clone()
-        before = s.clone()
-        try:
-            ops.combine(coeffs, x, out=out)
-        except ValueError as error:
-            assert shares, f"false refusal: {error}"
-            assert torch.equal(s, before)
+        if not _accepted_as_the_oracle_says(lambda: ops.combine(coeffs, x, out=out), shares, s):
             refused += 1
             continue
-        assert not shares, "an overlap was accepted"
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         accepted += 1
     assert refused > 10 and accepted > 100
