@@ -258,7 +258,12 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     differentiate = jacrev if per_task else grad
     per_sample = vmap(differentiate(one, has_aux=True), in_dims=(None, 0, 0, 0),
                       chunk_size=chunk_size, randomness="different")
-    grads, losses = per_sample(params, inputs, task_targets, supervision)
+    # Under no_grad, which torch.func's transforms ignore inside: the parameters outside
+    # `param_names` (held fixed, not detached: functional_call reads them from the model) would
+    # otherwise make every per-sample gradient require grad, and the outer autograd keep the
+    # whole vmapped pass alive for as long as those gradients live.
+    with torch.no_grad():
+        grads, losses = per_sample(params, inputs, task_targets, supervision)
     return [grads[n] for n in param_names], losses
 
 
