@@ -75,3 +75,17 @@ def indoor_tiny_model(indoor_tiny):  # type: ignore[no-untyped-def]
     finally:
         torch.set_num_threads(previous)
     return model.eval()
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def op_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each op through the compiled kernels, and through the pure-PyTorch references that
+    ``import mtunlearn_ext`` falls back to without a built extension (the same contract)."""
+    if request.param == "reference":
+        import importlib
+
+        # By module path: `mtunlearn_ext.ops.combine` and `.gram` are also the ops' names.
+        for name in ("_checks", "combine", "gram", "projections", "solvers"):
+            module = importlib.import_module(f"mtunlearn_ext.ops.{name}")
+            monkeypatch.setattr(module, "has_extension", lambda: False)
+    return str(request.param)

@@ -447,20 +447,6 @@ def test_combine_reads_coefficients_in_any_layout(device: str, dtype: torch.dtyp
         torch.testing.assert_close(outs[p], blocks[p] @ x, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=["compiled", "reference"])
-def op_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each op through the compiled kernels, and through the pure-PyTorch references that
-    ``import mtunlearn_ext`` falls back to without a built extension (the same contract)."""
-    if request.param == "reference":
-        import importlib
-
-        # By module path: `mtunlearn_ext.ops.combine` and `.gram` are also the ops' names.
-        for name in ("_checks", "combine", "gram", "projections", "solvers"):
-            module = importlib.import_module(f"mtunlearn_ext.ops.{name}")
-            monkeypatch.setattr(module, "has_extension", lambda: False)
-    return str(request.param)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_combine_list_outputs_over_the_coefficients(device: str, op_path: str) -> None:
     c = torch.tensor([1.0, 2.0], device=device)

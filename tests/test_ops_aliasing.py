@@ -8,7 +8,6 @@ references ``import mtunlearn_ext`` falls back to without a built extension."""
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable
 
@@ -20,15 +19,6 @@ from mtunlearn_ext import ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 F64 = torch.float64
-
-
-@pytest.fixture(params=["compiled", "reference"])
-def op_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "reference":
-        for name in ("_checks", "combine", "gram", "projections", "solvers"):
-            module = importlib.import_module(f"mtunlearn_ext.ops.{name}")
-            monkeypatch.setattr(module, "has_extension", lambda: False)
-    return str(request.param)
 
 
 def _numpy_pair(buffer: np.ndarray, a: slice, b: slice) -> tuple[torch.Tensor, torch.Tensor]:

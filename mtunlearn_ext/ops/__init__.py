@@ -17,7 +17,7 @@ from mtunlearn_ext.ops.solvers import (
 )
 
 if has_extension():
-    from mtunlearn_ext.ops import _registration  # noqa: F401
+    from mtunlearn_ext.ops import _batching, _registration  # noqa: F401
 
 __all__ = [
     "CPU_ISAS",

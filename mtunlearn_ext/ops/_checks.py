@@ -82,12 +82,58 @@ def check_same_dtype(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None
             )
 
 
+def check_no_autograd_through_out(
+        op: str, named: Sequence[tuple[str, torch.Tensor | Sequence[torch.Tensor]]]) -> None:
+    """Refuse an in-place write into outputs while autograd would need to record it, as
+    ``torch.matmul(..., out=)`` does: the kernels' writes are not recorded, so an output that
+    requires grad (or one computed from inputs that do) would carry silently wrong gradients.
+    One C++ pass over the lists when grad mode is on; nothing otherwise."""
+    if not torch.is_grad_enabled():
+        return
+    # Dynamo cannot trace the C++ helper; while tracing, the loop below is folded away.
+    if not torch.compiler.is_compiling() and not torch._C._any_requires_grad(
+            *(arg for _, arg in named)):
+        return
+    name = next((name if isinstance(arg, torch.Tensor) else f"{name}[{p}]"
+                 for name, arg in named
+                 for p, t in enumerate([arg] if isinstance(arg, torch.Tensor) else arg)
+                 if t.requires_grad), None)
+    if name is None:
+        return
+    raise RuntimeError(
+        f"{op}: writes into its outputs in place, which autograd does not record, but `{name}` "
+        "requires grad; call it under torch.no_grad() or on detached tensors (`combine` without "
+        "`out` is differentiable)")
+
+
+def check_not_transformed(op: str, tensors: Iterable[torch.Tensor]) -> None:
+    """Refuse tensors of ``torch.func`` transforms (vmap, grad) in an in-place op: its kernels
+    write through raw pointers, which such tensors do not have (torch's own message was
+    "Cannot access data pointer of Tensor that doesn't have storage")."""
+    if torch.compiler.is_compiling():  # traced tensors: dynamo cannot call the C++ helper
+        return
+    if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+           for t in tensors):
+        raise RuntimeError(f"{op}: writes in place, which torch.vmap and torch.func transforms "
+                           "do not support; inside them use `combine` without `out` (it has a "
+                           "vmap rule and a derivative)")
+
+
 def _has_no_values(t: torch.Tensor) -> bool:
     """A tensor with a shape but no data: on the meta device, or a FakeTensor outside
     ``torch.compile`` (while tracing, the check below becomes a device-side assert)."""
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "meta" or is_fake(t)
+
+
+def plain_values(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind ``torch.func``'s wrappers (vmap's batched tensors, grad's
+    tracking tensors; nested ones too): every sample's values, readable with ``.item()``."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str, torch.Tensor]]
@@ -110,12 +156,16 @@ def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str
                             f"{op}: NaN or Inf in the inputs, or an overflowing accumulation "
                             "(check_finite=False lets them propagate)")
         return
+    # Under torch.func transforms (vmap, grad) the values behind the wrappers are read at once:
+    # `.item()` has no per-sample meaning inside vmap, and one NaN sample fails the whole call,
+    # as it would in a loop.
+    result = plain_values(result)
     # One reduction on the fast path: the sum of finite values is finite unless it overflows,
     # and only then (or with a real NaN/Inf) is the element-wise check needed.
     if math.isfinite(result.sum().item()) or bool(torch.isfinite(result).all()):
         return
     for name, t in named:
-        if not bool(torch.isfinite(t).all()):
+        if not bool(torch.isfinite(plain_values(t)).all()):
             raise FloatingPointError(
                 f"{op}: `{name}` contains NaN or Inf; pass finite values "
                 "(or check_finite=False to let them propagate)"

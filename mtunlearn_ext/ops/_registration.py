@@ -1,11 +1,18 @@
-"""Fake (meta) kernels, so that ``torch.compile`` and ``torch.export`` trace the ops, and
-autograd formulas for the differentiable ones (``gram``, ``inner``, ``combine``)."""
+"""Fake (meta) kernels, so that ``torch.compile`` and ``torch.export`` trace the ops, and the
+ops' autograd: formulas for the bilinear ones (``gram``, ``inner``, ``combine`` and the list
+forms ``gram_list``, ``inner_list``, ``gram_list_stacked``), and a clear error for a backward
+pass through the others (solvers, projections, PCGrad), whose results torch would otherwise
+treat as constants with only a warning (wrong gradients, silently)."""
 
 from __future__ import annotations
 
 import torch
 
 from mtunlearn_ext.ops._reference import acc_dtype
+
+#: The ops with no derivative: their backward raises (see ``_no_derivative``).
+NOT_DIFFERENTIABLE = ("ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
+                      "project_nonconflicting", "pcgrad")
 
 
 def _check_one_device(op: str, *named_lists: tuple[str, list[torch.Tensor]]) -> None:
@@ -153,6 +160,90 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "combine", _combine_backward,
                                     setup_context=_combine_setup)
+
+    # The list forms: the same formulas, one tensor of the list at a time.
+    def _list_setup(ctx, inputs, output) -> None:
+        # inputs: (xs, per_tensor) or (first list, second list, per_tensor); the lists are
+        # saved as one tuple and split again at `split`.
+        *lists, ctx.per_tensor = inputs
+        ctx.split = len(lists[0])
+        ctx.save_for_backward(*(t for tensors in lists for t in tensors))
+
+    def _gram_list_backward(ctx, grad):
+        xs = list(ctx.saved_tensors)
+        sym = grad + grad.transpose(-1, -2)
+        return _products(sym, xs, ctx.per_tensor), None
+
+    torch.library.register_autograd(lib + "gram_list", _gram_list_backward,
+                                    setup_context=_list_setup)
+
+    def _inner_list_backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        as_, bs = saved[:ctx.split], saved[ctx.split:]
+        grad_as = _products(grad, bs, ctx.per_tensor) if ctx.needs_input_grad[0] else None
+        grad_bs = (_products(grad.transpose(-1, -2), as_, ctx.per_tensor)
+                   if ctx.needs_input_grad[1] else None)
+        return grad_as, grad_bs, None
+
+    torch.library.register_autograd(lib + "inner_list", _inner_list_backward,
+                                    setup_context=_list_setup)
+
+    def _gram_list_stacked_backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        xs, ys = saved[:ctx.split], saved[ctx.split:]
+        m = xs[0].shape[0]
+        sym = grad + grad.transpose(-1, -2)
+        # Row i of [X; Y] gets sum_j sym[i, j] [X; Y]_j: the X rows' and the Y rows' parts.
+        grad_xs = _sum_lists(_products(sym[..., :m, :m], xs, ctx.per_tensor),
+                             _products(sym[..., :m, m:], ys, ctx.per_tensor))
+        grad_ys = _sum_lists(_products(sym[..., m:, :m], xs, ctx.per_tensor),
+                             _products(sym[..., m:, m:], ys, ctx.per_tensor))
+        return grad_xs, grad_ys, None
+
+    torch.library.register_autograd(lib + "gram_list_stacked", _gram_list_stacked_backward,
+                                    setup_context=_list_setup)
+
+    for name in NOT_DIFFERENTIABLE:
+        torch.library.register_autograd(lib + name, _no_derivative(name),
+                                        setup_context=_nothing_saved)
+
+
+def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
+              ) -> list[torch.Tensor]:
+    """``[C_p @ xs[p]]`` (``C_p = coeffs[p]`` per tensor, else ``coeffs``), each shaped like
+    ``xs[p]`` with ``coeffs``' row count in front: the gradient of a list op's input.
+
+    With ``create_graph`` (grad mode on inside backward) one differentiable ``combine`` per
+    tensor, so that the gradient has a gradient; otherwise one ``combine_list_`` launch."""
+    if torch.is_grad_enabled():
+        return [torch.ops.mtunlearn.combine(
+                    (coeffs[p] if per_tensor else coeffs).to(acc_dtype(x.dtype)).contiguous(),
+                    x.reshape(x.shape[0], -1)).reshape(-1, *x.shape[1:])
+                for p, x in enumerate(xs)]
+    rows = coeffs.shape[-2]
+    outs = [x.new_empty((rows, *x.shape[1:])) for x in xs]
+    if xs:
+        torch.ops.mtunlearn.combine_list_(outs, coeffs.contiguous(), xs, 0.0, per_tensor)
+    return outs
+
+
+def _sum_lists(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x + y for x, y in zip(a, b)]
+
+
+def _nothing_saved(ctx, inputs, output) -> None:
+    return None
+
+
+def _no_derivative(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"mtunlearn_ext.ops.{name} is not differentiable: a backward pass reached it through "
+            "an input that requires grad. Detach its inputs (or call it under torch.no_grad()) "
+            "to use its result as a constant; gram, inner and combine (without `out`) and their "
+            "list forms have derivatives")
+
+    return backward
 
 
 _register()

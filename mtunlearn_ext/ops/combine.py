@@ -13,6 +13,8 @@ from mtunlearn_ext.ops._checks import (
     _has_no_values,
     check_finite_result,
     check_float_tensor,
+    check_no_autograd_through_out,
+    check_not_transformed,
     check_same_device,
     check_on_failure,
     check_same_dtype,
@@ -45,9 +47,11 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
         ``[..., m, n]`` in ``x``'s dtype (``out`` itself when given). Accumulation in float32
         (float64 for float64).
 
-    Autograd: without ``out``, differentiable in ``coeffs`` and ``x``. With ``out`` the write is
-    in place and not recorded (the result does not require grad, whatever the inputs): call it
-    on detached tensors, as ``torch.matmul(..., out=)`` demands.
+    Autograd: without ``out``, differentiable in ``coeffs`` and ``x`` (twice: the backward
+    is made of ``combine`` and ``inner``). With ``out`` the write is in place and not recorded,
+    so while grad mode is on, an ``out``, ``coeffs`` or ``x`` that requires grad is refused
+    (``RuntimeError``), as ``torch.matmul(..., out=)`` refuses it: call it under
+    ``torch.no_grad()`` or on detached tensors.
     """
     op = "mtunlearn_ext.ops.combine"
     check_float_tensor(op, "coeffs", coeffs, min_dim=2)
@@ -66,6 +70,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
         if has_extension():
             return torch.ops.mtunlearn.combine(coeffs, x)
         return _reference.combine(coeffs, x)
+    check_no_autograd_through_out(op, [("out", out), ("coeffs", coeffs), ("x", x)])
     expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
     if tuple(out.shape) != expected:
         raise ValueError(f"{op}: `out` must have shape {expected}, got {tuple(out.shape)}")
@@ -87,6 +92,7 @@ def _check_out_apart_from_x(op: str, out: torch.Tensor, x: torch.Tensor) -> None
     as combine.cpp's ``combine_into`` (byte ranges, not storages, which two tensors over one
     buffer need not share). ``x`` is read in place when its rows are unit-stride and its
     leading dims merge into one (a view ``[B, k, n]``), else from a private copy."""
+    check_not_transformed(op, (out, x))
     if torch.compiler.is_compiling() or _has_no_values(x) or out.numel() == 0 or x.numel() == 0:
         return
     k, n = x.shape[-2], x.shape[-1]
@@ -151,13 +157,16 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     ``check_finite`` raises if ``coeffs`` holds NaN/Inf (``xs`` and ``bases`` are not scanned:
     their NaN/Inf propagate to the outputs).
 
-    Not differentiable: the writes are in place and not recorded by autograd (an output that
-    requires grad gets no gradient from ``coeffs`` or ``xs``); call it on detached tensors or
-    under ``torch.no_grad()``, as on ``.grad``.
+    Not differentiable: the writes are in place and not recorded by autograd, so while grad
+    mode is on, any of ``outs``, ``coeffs``, ``xs`` or ``bases`` that requires grad is refused
+    (``RuntimeError`` naming it, nothing written); call it under ``torch.no_grad()`` or on
+    detached tensors, as on ``.grad``.
     """
     op = "mtunlearn_ext.ops.combine_list"
     xs, outs = list(xs), list(outs)
     base_list = None if bases is None else list(bases)
+    check_no_autograd_through_out(op, [("outs", outs), ("coeffs", coeffs), ("xs", xs),
+                                       ("bases", base_list or [])])
     if check_finite:
         check_float_tensor(op, "coeffs", coeffs)
         check_finite_result(op, coeffs, [("coeffs", coeffs)])
@@ -178,6 +187,7 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
 def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
                         outs: list[torch.Tensor], per_tensor: bool,
                         bases: list[torch.Tensor] | None, beta: float) -> None:
+    check_not_transformed(op, [coeffs, *xs, *outs, *(bases or [])])
     lead_dims = 1 if per_tensor else 0
     check_float_tensor(op, "coeffs", coeffs, min_dim=1 + lead_dims)
     if coeffs.dim() > 2 + lead_dims:

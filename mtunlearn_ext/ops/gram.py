@@ -3,6 +3,9 @@
 Inputs are read in their own dtype and accumulated in float32 (float64 for float64 inputs);
 the result has that accumulation dtype, because Gram entries feed small solves where half
 precision would lose them.
+
+Every op here is differentiable, twice (the backward is made of ``combine`` and these ops; the
+gradient has its input's dtype), and ``gram`` and ``inner`` have ``torch.vmap`` batch rules.
 """
 
 from __future__ import annotations

@@ -11,10 +11,9 @@ Unlike the Gram, combine and projection wrappers they take no ``check_finite``: 
 callers rely on. Check the inputs or outputs yourself where that matters
 (``torch.isfinite(w).all()``).
 
-Not differentiable: no autograd formula is registered. With inputs that require grad the
-outputs still report ``requires_grad=True``, but backward gives the inputs no gradient (PyTorch
-warns that no autograd kernel was registered): call them on detached tensors or under
-``torch.no_grad()``.
+Not differentiable: with inputs that require grad the outputs report ``requires_grad=True``
+(torch cannot know better), and a backward pass that reaches them raises a ``RuntimeError``
+naming the op: call them on detached tensors or under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
