@@ -464,9 +464,12 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
         raise UserInputError("--method", f"one of {available_unlearners()}", method)
     try:
         unlearner = get_unlearner(method, dict(settings))
-    except (TypeError, ValueError) as error:
+        unlearner.check_problem(problem)  # settings that name what the problem lacks
+    except (TypeError, ValueError, KeyError) as error:
         raise UserInputError("--method-config", f"valid settings of {method!r}",
-                             dict(settings), str(error)) from error
+                             dict(settings),
+                             str(error.args[0] if isinstance(error, KeyError) else error)
+                             ) from error
     guard = _FiniteGuard()
     if isinstance(unlearner, GradientUnlearner):
         unlearner.step_callbacks.append(guard)

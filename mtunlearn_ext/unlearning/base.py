@@ -403,6 +403,7 @@ class Unlearner(ABC):
         returns the copy in eval mode, its parameters without ``.grad``, with a report.
         """
         problem.validate()
+        self.check_problem(problem)
         device = torch.device(problem.device)
         # The caller's random state is left as it was: the run draws from seeded forks.
         python_state, numpy_state = random.getstate(), np.random.get_state()
@@ -413,6 +414,12 @@ class Unlearner(ABC):
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+    def check_problem(self, problem: UnlearningProblem) -> None:
+        """Raise ``ValueError`` / ``KeyError`` if this method's settings cannot run on
+        ``problem`` (a setting that names a task the problem lacks, a data set it does not
+        hold), before any work; :meth:`unlearn` calls it, and so may a caller that wants to
+        report such an error as bad settings. The base class accepts every problem."""
 
     def _run(self, problem: UnlearningProblem, device: torch.device) -> UnlearningResult:
         start = time.perf_counter()

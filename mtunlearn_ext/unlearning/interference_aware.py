@@ -99,7 +99,12 @@ from mtunlearn_ext.unlearning.gradients import (
 )
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
-from mtunlearn_ext.unlearning.objectives import CappedAscentObjective, needs_no_retain_pair
+from mtunlearn_ext.unlearning.objectives import (
+    FORGET_OBJECTIVES,
+    CappedAscentObjective,
+    needs_no_retain_pair,
+    objective_names,
+)
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.registry import register_unlearner
 from mtunlearn_ext.unlearning.terms import RetainTerms, retain_terms
@@ -456,6 +461,10 @@ def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
 
 
+_NO_HELD_OUT = ("interference_aware: cap_reference='held_out' needs a problem with `held_out` "
+                "instances (or use 'auto' / 'retain')")
+
+
 @register_unlearner
 class InterferenceAware(GradientUnlearner):
     """Task-aware gradient projection + instance-level orthogonalization (see the module doc)."""
@@ -466,6 +475,20 @@ class InterferenceAware(GradientUnlearner):
     config: InterferenceAwareConfig
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def check_problem(self, problem: UnlearningProblem) -> None:
+        """Also: ``cap_reference='held_out'`` needs held-out instances when caps are measured
+        (``cap_quantile`` set) and a target task's objective is capped."""
+        super().check_problem(problem)
+        cfg = self.config
+        if (cfg.cap_reference != "held_out" or cfg.cap_quantile is None
+                or problem.held_out is not None):
+            return
+        names = objective_names(problem.target_specs(), problem.task_names,
+                                self._objective_choice())
+        if any(issubclass(FORGET_OBJECTIVES[name], CappedAscentObjective)
+               for name in names.values()):
+            raise ValueError(_NO_HELD_OUT)
 
     def setup(self, ctx: StepContext, report: UnlearningReport) -> None:
         cfg = self.config
@@ -601,8 +624,7 @@ class InterferenceAware(GradientUnlearner):
             source = "held_out" if problem.held_out is not None else "retain"
         reference = problem.held_out if source == "held_out" else problem.retain
         if reference is None:
-            raise ValueError("interference_aware: cap_reference='held_out' needs a problem with "
-                             "`held_out` instances (or use 'auto' / 'retain')")
+            raise ValueError(_NO_HELD_OUT)
         # Each cap is measured in its own objective's loss, which is what the ascent raises.
         loss_fns = {task: objective.loss for task, objective in capped.items()}
         rows, selected = _cap_reference_rows(reference, list(capped), cfg.cap_rows)

@@ -43,6 +43,7 @@ from mtunlearn_ext.unlearning.objectives import (
     FORGET_OBJECTIVES,
     ForgetObjective,
     make_forget_objectives,
+    objective_names,
 )
 from mtunlearn_ext.unlearning.terms import (
     ForgetTerms,
@@ -279,6 +280,11 @@ class GradientUnlearner(Unlearner):
 
     def _objective_choice(self) -> str | Mapping[str, str] | None:
         return self.config.forget_objective or self.default_forget_objective
+
+    def check_problem(self, problem: UnlearningProblem) -> None:
+        """``forget_objective``'s keys must name tasks of the problem or task kinds (checked
+        as :meth:`_unlearn` builds the objectives, before any work)."""
+        objective_names(problem.target_specs(), problem.task_names, self._objective_choice())
 
     def _unlearn(self, model: nn.Module | None, problem: UnlearningProblem,
                  generator: torch.Generator, recorder: CurveRecorder,

@@ -74,6 +74,7 @@ __all__ = [
     "check_objective_keys",
     "depth_weighted_abs_error",
     "make_forget_objectives",
+    "objective_names",
 ]
 
 _DENSE = ("segmentation", "depth", "normals")
@@ -464,6 +465,29 @@ def check_objective_keys(choice: Mapping[str, str], task_names: Sequence[str]) -
                          f"or the kinds {list(TASK_KINDS)}")
 
 
+def objective_names(specs: Sequence[TaskSpec], task_names: Sequence[str],
+                    choice: str | Mapping[str, str] | None = None) -> dict[str, str]:
+    """The objective name of each target task in ``specs`` for ``choice`` (as in
+    :func:`make_forget_objectives`, which builds them), checking a mapping's keys against
+    ``task_names`` (every task of the problem) and every name against
+    :data:`FORGET_OBJECTIVES`: what a run would refuse, without building anything."""
+    if isinstance(choice, Mapping):
+        check_objective_keys(choice, task_names)
+    names: dict[str, str] = {}
+    for spec in specs:
+        if choice is None:
+            name = DEFAULT_FORGET_OBJECTIVES[spec.kind]
+        elif isinstance(choice, str):
+            name = choice
+        else:
+            name = choice.get(spec.name, choice.get(spec.kind, DEFAULT_FORGET_OBJECTIVES[spec.kind]))
+        if name not in FORGET_OBJECTIVES:
+            raise KeyError(f"unknown forget objective {name!r} for task {spec.name!r}; known: "
+                           f"{sorted(FORGET_OBJECTIVES)}")
+        names[spec.name] = name
+    return names
+
+
 def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
                            generator: torch.Generator, device: torch.device | str,
                            choice: str | Mapping[str, str] | None = None,
@@ -479,20 +503,10 @@ def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
             refused with a ``ValueError`` naming it.
         generator: parent generator; each objective gets its own seeded child stream.
     """
-    if isinstance(choice, Mapping):
-        check_objective_keys(choice, retain.task_names)
+    names = objective_names(specs, retain.task_names, choice)
     objectives: dict[str, ForgetObjective] = {}
     for spec in specs:
-        if choice is None:
-            name = DEFAULT_FORGET_OBJECTIVES[spec.kind]
-        elif isinstance(choice, str):
-            name = choice
-        else:
-            name = choice.get(spec.name, choice.get(spec.kind, DEFAULT_FORGET_OBJECTIVES[spec.kind]))
-        if name not in FORGET_OBJECTIVES:
-            raise KeyError(f"unknown forget objective {name!r} for task {spec.name!r}; known: "
-                           f"{sorted(FORGET_OBJECTIVES)}")
-        objective = FORGET_OBJECTIVES[name](spec)
+        objective = FORGET_OBJECTIVES[names[spec.name]](spec)
         child = torch.Generator()
         child.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
         objective.prepare(retain, child, device)
