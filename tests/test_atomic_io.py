@@ -1,16 +1,19 @@
 """Atomic writers: whole files or none, and the permissions a plain ``open(path, "w")`` gives
 (``mkstemp``'s owner-only temporary file used to leave every checkpoint, record and report
-unreadable to the user's group and other users)."""
+unreadable to the user's group and other users), and no temporary file left by an interrupt
+between creating it and renaming it."""
 
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from mtunlearn_ext import _io
 from mtunlearn_ext._io import atomic_torch_save, temporary_file_beside, write_text_atomic
 from mtunlearn_ext.training import save_checkpoint
 from mtunlearn_ext.workflow import write_json_new
@@ -129,3 +132,21 @@ def test_a_name_at_the_file_systems_limit_can_be_written(tmp_path: Path) -> None
             write_text_atomic(target, "x")
         assert target.is_file()
     assert len(list(tmp_path.iterdir())) == 4  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["_umask", "fchmod"])
+def test_interrupt_after_mkstemp_leaves_no_temporary_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt  # as if SIGINT arrived here
+
+    if where == "_umask":
+        monkeypatch.setattr(_io, "_umask", interrupted)
+    else:
+        monkeypatch.setattr(_io.os, "fchmod", interrupted)
+    for write in (lambda: _io.write_text_atomic(tmp_path / "a.json", "{}"),
+                  lambda: _io.write_text_new(tmp_path / "b.json", "{}"),
+                  lambda: _io.atomic_torch_save({"x": 1}, tmp_path / "c.pt")):
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,7 @@
-"""Reports: the interference plot from JSON data and its section in ``report.md``."""
+"""Reports: the interference plot from JSON data and its section in ``report.md``; and
+``mtunlearn report``'s refusals, before anything is written or with what was written
+removed: values in the record that are not numbers, a failure after a plot was written, and
+a link named like a report file in the output folder."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from cli_helpers import _err
+from test_cli import _listing
 
+from mtunlearn_ext import cli
 from mtunlearn_ext.records import RECORD_SCHEMA
 from mtunlearn_ext.report import interference_to_json, plot_interference, write_report
 from mtunlearn_ext.unlearning.interference import InterferenceMatrix
@@ -273,3 +279,82 @@ def test_non_finite_values_are_refused_naming_the_field(tmp_path: Path, path: tu
                                              rf"numbers? or nulls? at .*{field}, got"):
         write_report(source, tmp_path / "rep")
     assert not (tmp_path / "rep").exists()
+
+
+# -- `mtunlearn report`: refusals that leave nothing written --------------------------------------
+
+
+def _with(path: tuple[str, ...], value: Any, **extra: Any) -> dict[str, Any]:
+    record = json.loads(json.dumps(_record(**extra)))
+    node = record
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return record
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    (_with(("after", "metrics", "test", "a", "accuracy"), "0.5"), "after.metrics.test.a.accuracy"),
+    (_with(("before", "mia_auc"), "high"), "before.mia_auc"),
+    (_with(("interference", "forget_kept", "a"), "n/a", interference=_json_data()),
+     "interference.forget_kept.a"),
+    (_with(("report",), {"curves": {"forget_loss": [1.0, "x"]}}), "report.curves.forget_loss"),
+    (_with(("report",), {"curves": {"forget_loss": [1.0, 0.5]},
+                         "curve_steps": {"forget_loss": [0, 1, 2]}}),
+     "report.curve_steps.forget_loss"),
+])
+def test_report_refuses_bad_values_and_writes_nothing(tmp_path: Path, record: dict[str, Any],
+                                                      field: str,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(record))
+    assert cli.main(["report", "--results", str(source), "--output-dir",
+                     str(tmp_path / "rep")]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --results: expected") and field in err, err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_removes_a_png_written_before_a_failure(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    from mtunlearn_ext import report
+
+    def fails_after_writing(data: Any, title: str, path: Any, **kwargs: Any) -> str:
+        Path(path).write_bytes(b"half")
+        raise ValueError("interference data: failed after writing")
+
+    monkeypatch.setattr(report, "plot_interference", fails_after_writing)
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(_record(interference=_json_data())))
+    assert cli.main(["report", "--results", str(source), "--output-dir",
+                     str(tmp_path / "rep")]) == 2
+    assert "--results" in _err(capsys)
+    # interference.png too, and the folder the report created (kept only if it existed).
+    assert not (tmp_path / "rep").exists()
+    (tmp_path / "rep").mkdir()
+    assert cli.main(["report", "--results", str(source), "--output-dir",
+                     str(tmp_path / "rep")]) == 2
+    assert "--results" in _err(capsys)
+    assert _listing(tmp_path / "rep") == set()
+
+
+def test_report_refuses_a_dangling_link_in_the_folder_naming_output_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dangling symbolic link named like a report file passed the exists() check; writing
+    failed with `mtunlearn: error: [Errno 17] File exists: ...` (no argument named)."""
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(_record()))
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    for name in ("metrics_test.png", "report.md"):
+        link = folder / name
+        link.symlink_to(tmp_path / "nowhere" / name)
+        assert cli.main(["report", "--results", str(source), "--output-dir", str(folder)]) == 2
+        err = _err(capsys)
+        assert err.startswith("mtunlearn: error: --output-dir: expected a folder without "
+                              f"report files, got '{link}'"), err
+        assert _listing(folder) == {name} and link.is_symlink()
+        link.unlink()

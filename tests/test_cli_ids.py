@@ -1,0 +1,157 @@
+"""``mtunlearn``'s instance-id arguments (``--forget-ids``, ``--retain-ids``): an id list longer
+than a file name, text that is both an id list and a file's name (``@file`` and ``./file`` read
+the file), id files that are not text, unknown ids (the valid ones shown, and the documented
+command that lists them), duplicate retain ids, and the random 10% forgotten when no ids are
+given."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import ROOT, _err
+from test_cli import FAST, _listing, ids, trained  # noqa: F401  (trained: a fixture)
+
+from mtunlearn_ext import cli
+from mtunlearn_ext.data import load_benchmark
+from mtunlearn_ext.workflow import UserInputError, parse_ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only, restored
+    after it; never set at import, which would leave the whole `pytest tests` run on one thread)."""
+
+
+# -- an id list or a file of ids ------------------------------------------------------------------
+
+
+def test_a_long_id_list_is_ids_not_a_file_name() -> None:
+    """Text past the system's file-name limit made Path.is_file() raise OSError (Errno 36):
+    about 80 ids on the command line crashed."""
+    ids = list(range(3, 400, 4))
+    text = ",".join(map(str, ids))
+    assert len(text) > 255
+    assert parse_ids(text, "--forget-ids") == ids
+    with pytest.raises(UserInputError, match="--forget-ids: expected integer instance ids"):
+        parse_ids("x" * 300, "--forget-ids")
+
+
+def test_an_id_list_that_is_also_a_file_name_is_refused(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mtunlearn_ext.workflow import UserInputError, parse_ids
+
+    monkeypatch.chdir(tmp_path)
+    first, second = ids(1), ids(2)
+    Path(first).write_text(f"{second}\n")
+    with pytest.raises(UserInputError) as caught:
+        parse_ids(first, "--forget-ids")
+    message = str(caught.value)
+    assert message.startswith("--forget-ids: expected instance ids or a file of them, "
+                              "unambiguously")
+    assert f"@{first}" in message and f"./{first}" in message and f"{first}," in message
+    assert parse_ids(f"@{first}", "--forget-ids") == [int(second)]
+    assert parse_ids(f"./{first}", "--forget-ids") == [int(second)]
+    assert parse_ids(f"{first},", "--forget-ids") == [int(first)]
+    assert parse_ids(f"{first},{second}", "--forget-ids") == [int(first), int(second)]
+    # A file name that is no id list stays a file.
+    Path("ids.txt").write_text(f"{first} {second}")
+    assert parse_ids("ids.txt", "--retain-ids") == [int(first), int(second)]
+    # The CLI: one line, exit 2, nothing written.
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", first,
+                     "--output", "o.pt", "--quiet"]) == 2
+    assert "both an id list and the name of a file" in _err(capsys)
+    assert not Path("o.pt").exists()
+
+
+@pytest.mark.parametrize("argument", ["--forget-ids", "--retain-ids"])
+def test_a_binary_id_file_exits_2_naming_the_argument(
+        trained: Path, tmp_path: Path, argument: str,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    extra = [] if argument == "--forget-ids" else ["--forget-ids", ids(1)]
+    for given in (str(trained), "@" + str(trained)):
+        assert cli.main(["unlearn", "--checkpoint", str(trained), argument, given, *extra,
+                         "--output", str(tmp_path / "o.pt"), "--quiet"]) == 2
+        err = _err(capsys)
+        assert err.startswith(f"mtunlearn: error: {argument}: expected instance ids or a "
+                              "readable text file") and "not UTF-8 text" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- unknown and duplicate ids --------------------------------------------------------------------
+
+
+def test_unknown_ids_show_valid_ones_and_the_docs_list_them(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    train_ids = load_benchmark("digits", size="tiny").train.ids.tolist()
+    first = ", ".join(str(i) for i in sorted(train_ids)[:8])
+    unknown = next(i for i in range(10**6) if i not in set(train_ids))
+    for flag, extra in (("--forget-ids", ["--forget-ids", str(unknown)]),
+                        ("--retain-ids", ["--forget-ids", ids(0), "--retain-ids",
+                                          str(unknown)])):
+        assert cli.main(["unlearn", "--checkpoint", str(trained), *extra,
+                         "--output", str(tmp_path / "u.pt"), "--quiet"]) == 2
+        err = _err(capsys)
+        assert f"{flag}: expected ids of training instances ({len(train_ids)} instances in " \
+               f"[{min(train_ids)}, {max(train_ids)}]: {first}, ...), got '1 unknown ids " \
+               f"[{unknown}]'; all of them: mtunlearn_ext.workflow.load_model(CKPT)" in err, err
+    assert _listing(tmp_path) == set()
+    # The documented one-liner prints every id of the checkpoint's training set.
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    command = next(line for line in re.findall(r"```bash\n(.*?)```", doc, flags=re.S)[0]
+                   .splitlines() if "load_model" in line)
+    assert command.startswith("python -c ") and trained.name == "orig.pt"
+    command = shlex.quote(sys.executable) + command[len("python"):]  # this environment's
+    proc = subprocess.run(["bash", "-c", command], cwd=trained.parent, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [int(i) for i in proc.stdout.strip().split(",")] == train_ids
+
+
+def test_duplicate_retain_ids_are_refused(trained: Path, tmp_path: Path,  # noqa: F811
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    kept = ids(3)
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1),
+                     "--retain-ids", f"{kept},{ids(4)},{kept}", "--method-config", FAST,
+                     "--output", str(tmp_path / "o.pt"), "--quiet"]) == 2
+    assert _err(capsys) == (f"mtunlearn: error: --retain-ids: expected distinct ids, got "
+                            f"'duplicates [{kept}]'")
+    assert list(tmp_path.iterdir()) == []
+    docs = " ".join((ROOT / "docs" / "cli.md").read_text().split())
+    assert "YAML 1.1, which takes `1e-3` for a string: write `1.0e-3`" in docs
+
+
+# -- no ids: a random 10%, said in --help and at run time -----------------------------------------
+
+
+def test_unlearn_without_forget_ids_says_it_forgets_a_random_share(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    help_text = " ".join(cli._subparser(cli.build_parser(), "unlearn").format_help().split())
+    assert "without it, a random 10% of the training instances is forgotten" in help_text
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--method-config", FAST,
+                     "--output", str(out), "--seed", "5", "--quiet"]) == 0
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: no --forget-ids: forgetting a random 10% of the training "
+                          "instances (--forget-fraction 0.1, seed 5)"), err
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert f"{len(record['request']['instance_ids'])} instances" in err
+    # The same from a config with forget_ids: null, and not with ids.
+    config = tmp_path / "c.yaml"
+    config.write_text(f"checkpoint: {trained}\nforget_ids: null\nforget_fraction: 0.05\n"
+                      f"method_config: '{FAST}'\noutput: {tmp_path / 'v.pt'}\nquiet: true\n")
+    assert cli.main(["unlearn", "--config", str(config)]) == 0
+    assert "forgetting a random 5% of the training instances (--forget-fraction 0.05" \
+        in _err(capsys)
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1),
+                     "--method-config", FAST, "--output", str(tmp_path / "w.pt"),
+                     "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    docs = " ".join((ROOT / "docs" / "cli.md").read_text().split())
+    assert "without `--forget-ids`, `unlearn` forgets a random 10%" in docs.lower()

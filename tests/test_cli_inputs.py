@@ -1,0 +1,204 @@
+"""``mtunlearn``'s arguments other than ids, and its exit codes for bad input (2) and for NaN/Inf
+(3): request options given to ``evaluate`` without a request, seeds outside [0, 2**32-1] or inside
+``--train``, an unknown ``--method``, fewer than one epoch, and ``--data-root`` for a benchmark
+that reads none are refused in one line naming the argument, before any work; a diverging
+``train`` or ``unlearn`` (the default method's own step included) exits 3, as the README says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import ROOT, _err, _train
+from test_cli import _listing, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
+from torch import nn
+
+from mtunlearn_ext import cli
+from mtunlearn_ext.api import build_problem
+from mtunlearn_ext.workflow import NonFiniteError, run_unlearning
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only, restored
+    after it; never set at import, which would leave the whole `pytest tests` run on one thread)."""
+
+
+# -- evaluate refuses request options without a request -------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "argument", "fragment"), [
+    (["--target-tasks", "nope"], "--target-tasks", "got ['nope']; unknown task names"),
+    (["--target-tasks", "digit"], "--target-tasks", "--target-tasks has no effect"),
+    (["--request", "partial"], "--request", "--request has no effect"),
+    (["--target-tasks", "digit", "--request", "partial"], "--target-tasks",
+     "--target-tasks and --request have no effect"),
+    (["--seed", "3"], "--seed", "--seed has no effect"),
+    (["--request", "full", "--seed", "3"], "--request", "--request and --seed have no effect"),
+    (["--target-tasks", "digit", "--request", "partial", "--seed", "3"], "--target-tasks",
+     "--target-tasks, --request and --seed have no effect"),
+])
+def test_evaluate_refuses_request_options_without_request(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
+        extra: list[str], argument: str, fragment: str) -> None:
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--output", str(out),
+                     "--quiet", *extra]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"mtunlearn: error: {argument}: expected") and fragment in err, err
+    assert not out.exists()
+    # With a request they are used (and an unknown task is still named).
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--quiet", *extra]) == (2 if "nope" in extra else 0)
+
+
+# -- the seed: its range, and not inside --train --------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64])
+def test_seed_beyond_32_bits_is_blamed_on_seed(trained: Path, tmp_path: Path,  # noqa: F811
+                                               capsys: pytest.CaptureFixture[str],
+                                               seed: int) -> None:
+    expected = f"mtunlearn: error: --seed: expected an integer in [0, 2**32-1], got {seed}"
+    assert _train(tmp_path / "t.pt", "--seed", str(seed)) == 2
+    assert _err(capsys).startswith(expected)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-fraction", "0.02",
+                    "--seed", str(seed)) == 2
+    assert _err(capsys).startswith(expected)
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-fraction", "0.02",
+                     "--seed", str(seed), "--quiet"]) == 2
+    assert _err(capsys).startswith(expected)
+    assert _listing(tmp_path) == set()
+
+
+def test_largest_seed_works_end_to_end(tmp_path: Path) -> None:
+    assert _train(tmp_path / "t.pt", "--seed", str(2**32 - 1)) == 0
+    assert _unlearn(tmp_path / "t.pt", tmp_path / "u.pt", "--forget-fraction", "0.02") == 0
+
+
+def test_train_refuses_a_seed_in_the_recipe_overrides(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--train '{"seed": 5}'` was silently replaced by --seed (0): a model of seed 0."""
+    assert _train(tmp_path / "s.pt", "--train", '{"seed": 5}') == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --train: expected fields of TrainConfig, got "
+                          "{'seed': 5}") and "use --seed" in err, err
+    assert _listing(tmp_path) == set()
+
+
+# -- other arguments refused before any work ------------------------------------------------------
+
+
+def test_an_unknown_method_is_refused_before_it_names_the_outputs(trained,  # noqa: F811
+                                                                   capsys) -> None:  # type: ignore[no-untyped-def]
+    """`--method foo/bar` went into the default output names first: a ValueError traceback
+    ("Invalid name 'orig.foo/bar.pt'") instead of the unknown-method error."""
+    folder = trained.parent  # where the default outputs would go
+    before = sorted(p.name for p in folder.iterdir())
+    code = cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", "3,7",
+                     "--method", "foo/bar"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--method: expected one of [" in err and "'interference_aware'" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_train_refuses_zero_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --epochs 0` exited 0 with `final_loss nan` and a checkpoint holding NaN."""
+    base = ["train", "--benchmark", "digits", "--size", "tiny", "--quiet",
+            "--output", str(tmp_path / "t.pt")]
+    with pytest.raises(SystemExit) as stopped:  # argparse refuses it: exit 2
+        cli.main([*base, "--epochs", "0"])
+    assert stopped.value.code == 2
+    assert "argument --epochs: expected an integer >= 1, got '0'" in _err(capsys)
+    assert cli.main([*base, "--train", '{"epochs": 0}']) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --train: expected fields of TrainConfig, "
+                                   "got {'epochs': 0}; TrainConfig: `epochs` must be >= 1")
+    assert _listing(tmp_path) == set()
+
+
+def test_train_refuses_data_root_for_a_benchmark_that_reads_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --benchmark digits --data-root /nonexistent` was accepted, and the ignored path,
+    stored in the metadata, changed the checkpoint's SHA-256."""
+    assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--data-root",
+                     "/nonexistent", "--output", str(tmp_path / "t.pt"), "--quiet"]) == 2
+    assert _err(capsys) == (
+        "mtunlearn: error: --data-root: expected no value unless --benchmark is one of "
+        "['nyuv2', 'cityscapes'] (the real data sets it locates), got '/nonexistent'; "
+        "'digits' reads no data root; drop --data-root")
+    assert _listing(tmp_path) == set()
+    # The benchmarks named are exactly those load_benchmark reads from a data root.
+    from mtunlearn_ext.data import registry
+
+    assert set(cli._DATA_ROOT_BENCHMARKS) == set(registry._REAL)
+
+
+# -- NaN/Inf: exit 3, nothing written -------------------------------------------------------------
+
+
+def test_train_nan_loss_is_the_nonfinite_policy(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --train '{"lr": 1e30}'` raised FloatingPointError (traceback, exit 1); the
+    documented policy is exit 3 with one line naming the step, nothing written."""
+    assert _train(tmp_path / "nan.pt", "--train", '{"lr": 1e30}') == 3
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: non-finite values (NaN/Inf) at step 1: training "
+                          "loss nan"), err
+    assert "nothing was written" in err
+    assert _listing(tmp_path) == set()
+
+
+def _flat(text: str) -> str:
+    """Markdown text with its line breaks folded into single spaces."""
+    return " ".join(text.split())
+
+
+def test_readme_gives_exit_3_for_nonfinite_values(trained: Path, tmp_path: Path,  # noqa: F811
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The README listed "NaN/Inf losses or gradients" among the bad input that "exits with
+    code 2"; a diverging run exits 3 (docs/cli.md, the NaN/Inf policy)."""
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(0, 1),
+                     "--method", "neggrad_plus", "--method-config", '{"lr": 1e30, "steps": 3}',
+                     "--output", str(tmp_path / "u.pt"), "--quiet"]) == 3
+    assert "non-finite values (NaN/Inf)" in _err(capsys)
+    readme = _flat((ROOT / "README.md").read_text())
+    passage = readme.split("## Command line, records and safety", 1)[1].split("\n## ", 1)[0]
+    two = passage.split("exits with code 2", 1)[0]
+    assert "NaN/Inf" not in two.rsplit("bad input", 1)[-1], two
+    assert "a NaN/Inf loss, gradient or parameter during a run stops it with exit code 3" \
+        in passage
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
+        self.heads = nn.ModuleDict({"a": nn.Linear(12, 3), "b": nn.Linear(12, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def _request():  # type: ignore[no-untyped-def]
+    from mtunlearn_ext import ForgetRequest
+
+    return ForgetRequest.create(range(5))
+
+
+def test_nan_inside_the_default_methods_step_is_the_nonfinite_error() -> None:
+    """The interference-aware method's ops refuse NaN/Inf gradients inside a step, before the
+    guard's callback: a FloatingPointError traceback (exit 1) instead of the NaN/Inf policy's
+    NonFiniteError with the step (exit 3)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
+    problem = build_problem(_Net(), tasks={"a": "classification", "b": "regression"},
+                            train_data=(x, y), forget_request=_request(),
+                            shared_parameters=lambda n: n.startswith("trunk."))
+    with pytest.raises(NonFiniteError, match=r"at step \d+: .*NaN or Inf") as caught:
+        run_unlearning(problem, "interference_aware", {"steps": 5, "lr": 1e30})
+    assert isinstance(caught.value.step, int) and caught.value.step >= 1

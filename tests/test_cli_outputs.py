@@ -1,0 +1,243 @@
+"""The files ``mtunlearn`` writes (checkpoints, records): output paths refused before any work
+(names too long for the file system, dangling links, a file where a folder should be, folders
+that cannot be written to), names at the file system's limit, an output made by a concurrent
+run, a write failing after another output was written, interrupts (Ctrl-C, SIGTERM: exit 130)
+that leave no output and no temporary file, and ``train``'s reproducible checkpoint file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cli_helpers import _err, _train
+from test_cli import FAST, _listing, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
+
+from mtunlearn_ext import _io, cli
+from mtunlearn_ext._io import sha256_of_file
+from mtunlearn_ext.workflow import OutputTransaction, UserInputError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only, restored
+    after it; never set at import, which would leave the whole `pytest tests` run on one thread)."""
+
+
+# -- output paths checked before the run ----------------------------------------------------------
+
+
+def test_reserve_refuses_paths_that_cannot_be_created(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtunlearn_ext._io import name_max
+
+    limit = name_max(tmp_path)
+    with OutputTransaction() as tx:
+        for path in (tmp_path / ("r" * (limit + 1)), tmp_path / ("d" * (limit + 1)) / "x.pt"):
+            with pytest.raises(UserInputError, match=rf"^--record: expected file and folder "
+                                                     rf"names of at most {limit} bytes"):
+                tx.reserve("--record", path)
+        # Bytes, not characters: 128 two-byte characters are 256 bytes.
+        with pytest.raises(UserInputError, match="has 256 bytes"):
+            tx.reserve("--record", tmp_path / ("é" * 128))
+        with pytest.raises(UserInputError, match="--output: expected a file path, got .*NUL"):
+            tx.reserve("--output", str(tmp_path / "a\0b.pt"))
+        assert tx.reserve("--output", tmp_path / ("o" * limit)).name == "o" * limit
+        monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+        with pytest.raises(UserInputError, match="--record: expected a path in a folder you can "
+                                                 "write to, got .* is not writable"):
+            tx.reserve("--record", tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_refused_before_the_run_when_they_cannot_be_written(tmp_path: Path) -> None:
+    """A dangling symbolic link passed (exists() follows it) and so did a path under a file;
+    both failed only after the whole run, naming no option."""
+    dangling = tmp_path / "out.pt"
+    dangling.symlink_to(tmp_path / "nowhere" / "target.pt")
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    with OutputTransaction() as tx:
+        with pytest.raises(UserInputError, match="--output: expected a path that does not "
+                                                 "exist yet"):
+            tx.reserve("--output", dangling)
+        with pytest.raises(UserInputError, match=r"--record: expected a path in a folder, got "
+                                                 r".*afile/x.json.* is a file, not a folder"):
+            tx.reserve("--record", a_file / "x.json")
+        assert tx.reserve("--output", tmp_path / "new" / "deeper" / "x.pt").name == "x.pt"
+
+
+def _fail_if_run(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the method ran although an output could not be written")
+
+
+def test_unlearn_refuses_a_record_name_too_long_before_any_work(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A --record name over the file system's limit passed reserve() (lexists() is False on
+    any OSError): the whole method ran, the checkpoint was written, the record failed with
+    ENAMETOOLONG, and the cleanup's own ENAMETOOLONG left the checkpoint behind (traceback,
+    exit 1)."""
+    from mtunlearn_ext import workflow
+
+    monkeypatch.setattr(workflow, "run_unlearning", _fail_if_run)
+    monkeypatch.chdir(tmp_path)
+    long_record = "r" * 260 + ".json"
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2),
+                    "--record", long_record) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected file and folder names of at "
+                          "most"), err
+    assert "choose a shorter name" in err, err
+    assert _listing(tmp_path) == set()
+    # A folder still to be created is checked too, and so is a default name made too long.
+    assert _unlearn(trained, tmp_path / ("d" * 300) / "u.pt", "--forget-ids", ids(1, 2)) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --output: expected file and folder "
+                                   "names of at most")
+    long_input = tmp_path / ("i" * 240 + ".pt")
+    shutil.copy(trained, long_input)
+    assert cli.main(["unlearn", "--checkpoint", str(long_input), "--forget-ids", ids(1, 2),
+                     "--quiet"]) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --output: expected file and folder "
+                                   "names of at most")
+    assert _listing(tmp_path) == {long_input.name}
+
+
+def test_train_writes_a_legal_name_of_the_longest_length(tmp_path: Path) -> None:
+    """The temporary file `.{name}.XXXXXXXX.tmp` is 14 characters longer than the target: a
+    legal name over 241 characters trained, then failed with ENAMETOOLONG."""
+    from mtunlearn_ext._io import name_max
+
+    name = "o" * (name_max(tmp_path) - 3) + ".pt"
+    assert _train(tmp_path / name) == 0
+    assert _listing(tmp_path) == {name}
+
+
+# -- an output that appears during the run is named by its argument -------------------------------
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_an_output_made_by_a_concurrent_run_names_the_argument(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], named: bool) -> None:
+    import mtunlearn_ext.training as training
+
+    real = training.save_checkpoint
+
+    def racing(path: Path, *args: Any, **kwargs: Any) -> str:
+        path.write_bytes(b"the other run's")  # the other run got there first
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(training, "save_checkpoint", racing)
+    shutil.copy(trained, tmp_path / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    extra = ["--output", "mine.pt"] if named else []
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
+                     "--method-config", FAST, "--quiet", *extra]) == 2
+    err = _err(capsys)
+    name = "mine.pt" if named else "orig.interference_aware.pt"
+    assert err.startswith(f"mtunlearn: error: --output: expected a path that does not exist "
+                          f"yet, got '{name}'; the file appeared during the run"), err
+    assert "overwrite=True" not in err
+    assert (tmp_path / name).read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["orig.pt", name])
+
+
+# -- a failed write removes what was written ------------------------------------------------------
+
+
+def test_an_output_write_failing_is_one_line_and_removes_what_was_written(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError while writing an output (disk full, ...) after the checkpoint was written:
+    a traceback before; now one line naming the argument, exit 2, the checkpoint removed."""
+    import errno
+
+    from mtunlearn_ext import records
+
+    def disk_full(*args: Any, **kwargs: Any) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(records, "write_record", disk_full)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected a path that can be written"), err
+    assert "No space left on device" in err and "nothing was written" in err, err
+    assert _listing(tmp_path) == set()
+
+
+def test_cleanup_removes_every_output_past_one_it_cannot_remove(tmp_path: Path) -> None:
+    """__exit__ caught only FileNotFoundError: unlinking a path whose name the file system
+    refuses (ENAMETOOLONG) raised, and the checkpoint written before it stayed. The write's
+    own OSError is a UserInputError naming the argument."""
+    from mtunlearn_ext._io import write_text_new
+
+    written = tmp_path / "u.pt"
+    too_long = tmp_path / ("r" * 300 + ".json")
+    with pytest.raises(UserInputError, match=r"^--record: expected a path that can be "
+                                             r"written, got .*File name too long"):
+        with OutputTransaction() as tx:
+            tx.outputs["--output"], tx.outputs["--record"] = written, too_long  # not reserved
+            tx.write(written, lambda p: write_text_new(p, "checkpoint"))
+            assert written.is_file()
+            tx.write(too_long, lambda p: write_text_new(p, "record"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- interrupts (Ctrl-C, SIGTERM): exit 130, nothing left -----------------------------------------
+
+
+def test_interrupted_unlearn_leaves_no_temporary_file(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The reviewer's tmp_leak.py: the CLI's own interrupt handling around the write."""
+    shutil.copy(trained, tmp_path / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_io, "_umask", interrupted)
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--quiet"]) == 130
+    assert "interrupted" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orig.pt"]
+
+
+def test_sigterm_exits_130_and_leaves_nothing(trained: Path, tmp_path: Path,  # noqa: F811
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from mtunlearn_ext import records
+
+    sha = sha256_of_file(trained)
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args: object, **kwargs: object) -> str:
+        # A real SIGTERM after the checkpoint is written, while the record is being written.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(records, "write_record", terminated)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 130
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: interrupted") and "no output was written" in err, err
+    assert _listing(tmp_path) == set() and sha256_of_file(trained) == sha
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+
+
+# -- the same train command writes the same checkpoint file ---------------------------------------
+
+
+def test_train_is_reproducible_to_the_file_hash(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(tmp_path / "a.pt") == 0
+    assert _train(tmp_path / "b.pt") == 0
+    assert sha256_of_file(tmp_path / "a.pt") == sha256_of_file(tmp_path / "b.pt")
+    assert "train_seconds" not in torch.load(tmp_path / "a.pt", weights_only=True)["meta"]
+    assert "seconds" in capsys.readouterr().out  # the wall time is printed instead

@@ -1,0 +1,105 @@
+"""What ``mtunlearn`` prints, and on which stream: ``evaluate``'s JSON alone on stdout (read
+through a pipe) with its summary table on stderr, or the table on stdout with ``--output``; no MIA
+row without a request; one line, exit 141, when the reader closes the pipe; and ``benchmark
+--dry-run``'s "would run"."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import ids, trained  # noqa: F401  (trained: a fixture)
+
+from mtunlearn_ext import cli
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only, restored
+    after it; never set at import, which would leave the whole `pytest tests` run on one thread)."""
+
+
+# -- evaluate: the JSON on stdout, the table beside it --------------------------------------------
+
+
+def test_evaluate_stdout_is_pure_json_and_the_table_has_real_headers(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    payload = json.loads(printed.out)  # the whole of stdout, nothing before or after
+    assert set(payload["metrics"]) == {"train", "test"}
+    header = printed.err.splitlines()[0].split()
+    assert header == ["split", "task", "metric", "value"], printed.err
+    assert re.search(r"^train\s+digit\s+accuracy\s+\d\.\d{4}\s*$", printed.err, flags=re.M)
+    # With --output the file holds the JSON and the table is the summary on stdout.
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--output", str(out),
+                     "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(out.read_text()) == payload
+    assert printed.out.split()[:4] == ["split", "task", "metric", "value"] and not printed.err
+
+
+def test_evaluate_pipes_into_a_json_reader(trained: Path) -> None:  # noqa: F811
+    """The reviewer's pipe: `mtunlearn evaluate ... --quiet | python -c json.load(...)`."""
+    reader = f"{shlex.quote(sys.executable)} -c 'import json,sys; json.load(sys.stdin)'"
+    command = (f"{shlex.quote(sys.executable)} -m mtunlearn_ext.cli evaluate --checkpoint "
+               f"{shlex.quote(str(trained))} --quiet --threads 1 | {reader}")
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "metric" in proc.stderr  # the summary table, on stderr
+
+
+def test_evaluate_without_a_request_has_no_mia_row(trained: Path,  # noqa: F811
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a request there is no forget split: the summary printed `forget * mia_auc - -`.
+    (Without --output the table is on stderr, the JSON alone on stdout.)"""
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--quiet"]) == 0
+    table = capsys.readouterr().err
+    assert "train" in table and "mia_auc" not in table and "forget" not in table, table
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--quiet"]) == 0
+    table = capsys.readouterr().err
+    assert re.search(r"^forget\s+\*\s+mia_auc", table, flags=re.M), table
+
+
+# -- a reader that closes the pipe ----------------------------------------------------------------
+
+
+def test_a_closed_stdout_pipe_is_one_line_not_a_traceback(trained: Path) -> None:  # noqa: F811
+    """`mtunlearn evaluate ... | head` closed the pipe under the JSON print: a BrokenPipeError
+    traceback (and a second one from the interpreter's final flush). `true` closes the pipe
+    at once, seconds before evaluate prints."""
+
+    command = (f"{sys.executable} -m mtunlearn_ext.cli evaluate --checkpoint {trained} "
+               "--threads 1 | true; echo \"rc=${PIPESTATUS[0]}\" >&2")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert "mtunlearn: stdout was closed by its reader" in proc.stderr, proc.stderr
+    assert "rc=141" in proc.stderr, proc.stderr
+
+
+# -- benchmark --dry-run says what would run ------------------------------------------------------
+
+
+def test_benchmark_dry_run_says_would_run(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["benchmark", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("would run: ") and "running" not in out, out
+    # A real run still says it is running (the subprocess itself is stubbed out here).
+    calls: list[list[str]] = []
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    assert cli.main(["benchmark"]) == 0
+    assert capsys.readouterr().out.startswith("running: ") and len(calls) == 1

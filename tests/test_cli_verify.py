@@ -1,0 +1,298 @@
+"""``mtunlearn verify`` and the unlearning record it checks: record files that are missing or not
+a JSON object, malformed fields (exit 2 naming the field), a changed or unloadable checkpoint, a
+record edited against the checkpoint's own metadata (a mismatch, exit 1), paths recorded relative
+to another folder, a partial request rebuilt from its type and target tasks, and the resolved
+``forget_objective`` the record shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from cli_helpers import _err
+from test_cli import FAST, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
+
+from mtunlearn_ext import cli
+from mtunlearn_ext.records import recorded_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only, restored
+    after it; never set at import, which would leave the whole `pytest tests` run on one thread)."""
+
+
+@pytest.fixture(scope="module")
+def unlearned(trained: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+              ) -> tuple[Path, Path]:
+    """``(checkpoint, record)`` of one unlearning run of ``trained``."""
+    folder = tmp_path_factory.mktemp("verify")
+    out = folder / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--output", str(out), "--quiet"]) == 0
+    return out, Path(str(out) + ".record.json")
+
+
+# -- the record file and its fields ---------------------------------------------------------------
+
+
+def test_verify_record_errors_name_the_argument(trained: Path, tmp_path: Path,  # noqa: F811
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.json"
+    assert cli.main(["verify", "--record", str(missing)]) == 2
+    assert _err(capsys) == ("mtunlearn: error: --record: expected an existing unlearning "
+                            f"record file (JSON), got '{missing}'; no such file")
+    assert cli.main(["verify", "--record", str(trained)]) == 2  # a checkpoint, not JSON
+    assert _err(capsys).startswith("mtunlearn: error: --record: expected a readable JSON "
+                                   f"unlearning record, got '{trained}'; 'utf-8' codec")
+    listing = tmp_path / "list.json"
+    listing.write_text("[1]")
+    assert cli.main(["verify", "--record", str(listing)]) == 2
+    assert _err(capsys).endswith(f"got '{listing}'; it holds a JSON list, not an object")
+
+
+@pytest.mark.parametrize(("path", "value", "field"), [
+    (("eval_batch_size",), 0, "eval_batch_size"),
+    (("eval_batch_size",), "abc", "eval_batch_size"),
+    (("eval_batch_size",), True, "eval_batch_size"),
+    (("request", "retain_ids"), 5, "request.retain_ids"),
+    (("request", "retain_ids"), ["a"], "request.retain_ids"),
+])
+def test_verify_malformed_fields_exit_2_naming_the_field(
+        unlearned: tuple[Path, Path], tmp_path: Path, path: tuple[str, ...], value: Any,
+        field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, record = unlearned
+    payload = json.loads(record.read_text())
+    node = payload
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(bad)]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record:") and f"{field} (" in err, err
+
+
+# -- the checkpoint checked against the record ----------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["flip", "truncate", "empty"])
+def test_verify_a_changed_checkpoint_is_a_mismatch(
+        unlearned: tuple[Path, Path], tmp_path: Path, change: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, record = unlearned
+    data = bytearray(ckpt.read_bytes())
+    if change == "flip":
+        data[len(data) // 2] ^= 1
+    elif change == "truncate":
+        data = data[:200]
+    else:
+        data = bytearray()
+    copy = tmp_path / "r.json"
+    changed = tmp_path / "changed.pt"
+    changed.write_bytes(bytes(data))
+    payload = json.loads(record.read_text())
+    payload["output"]["checkpoint"] = str(changed)
+    copy.write_text(json.dumps(payload))
+    for argv in (["verify", "--record", str(copy)],
+                 ["verify", "--record", str(record), "--checkpoint", str(changed)]):
+        assert cli.main(argv) == 1, argv
+        printed = capsys.readouterr()
+        assert "--checkpoint" not in printed.err and "Traceback" not in printed.err
+        assert "SHA-256" in printed.err and "differs from the record's" in printed.err
+        assert printed.out.split()[:2] == ["check", "result"], printed.out
+        assert printed.out.split()[4:6] == ["sha256", "MISMATCH"], printed.out
+        assert "FAILED" in printed.out
+
+
+@pytest.mark.parametrize(("path", "value", "said"), [
+    (("method", "name"), "retrain", "metadata has method 'interference_aware'"),
+    (("input", "sha256"), "0" * 64, "metadata has parent_sha256"),
+    (("request", "ids_sha256"), None, "metadata has ids_sha256"),  # None: ids and hash edited
+])
+def test_verify_compares_the_checkpoints_own_metadata(
+        unlearned: tuple[Path, Path], tmp_path: Path, path: tuple[str, str], value: Any,
+        said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: a record edited to name another method, another input checkpoint, or other ids
+    (with their hash edited to match) still verified, although the unlearned checkpoint's
+    metadata says otherwise. It is now a mismatch (exit 1, `provenance MISMATCH`)."""
+    from mtunlearn_ext.data.request import ForgetRequest
+
+    _, record = unlearned
+    payload = json.loads(record.read_text())
+    if value is None:  # other ids, consistently hashed: only the checkpoint can tell
+        request = payload["request"]
+        request["instance_ids"] = [i + 1 for i in request["instance_ids"]]
+        value = ForgetRequest(tuple(request["instance_ids"]), None).ids_hash()
+    payload[path[0]][path[1]] = value
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(edited)]) == 1
+    printed = capsys.readouterr()
+    assert "provenance" in printed.out and said in printed.err, (printed.out, printed.err)
+    rows = printed.out.split()
+    assert rows[rows.index("provenance") + 1] == "MISMATCH"
+    assert cli.main(["verify", "--record", str(record)]) == 0  # the record as written
+    assert "provenance" in capsys.readouterr().out
+
+
+def test_verify_an_unloadable_recorded_checkpoint_names_the_record(
+        unlearned: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Bytes that are the recorded ones but cannot be loaded (here: a record whose SHA-256 is
+    that of a damaged file) are bad input, named by the argument that supplied the file."""
+    from mtunlearn_ext._io import sha256_of_file
+
+    ckpt, record = unlearned
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(ckpt.read_bytes()[:200])
+    payload = json.loads(record.read_text())
+    payload["output"].update(checkpoint=str(damaged), sha256=sha256_of_file(damaged))
+    copy = tmp_path / "r.json"
+    copy.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(copy)]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected a record whose output "
+                          "checkpoint can be loaded") and "output.checkpoint" in err, err
+    assert "--checkpoint" not in err
+    assert cli.main(["verify", "--record", str(copy), "--checkpoint", str(damaged)]) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --checkpoint: expected a readable")
+
+
+# -- recorded paths, from any folder --------------------------------------------------------------
+
+
+FAST_STEPS = '{"steps": 2}'
+
+
+def test_verify_from_another_folder_after_relative_paths(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`unlearn --output ck/m.pt --record recs/m.json` stored the paths as typed; `verify`
+    from another folder failed ("checkpoint ck/m.pt does not exist", naming no argument)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained, run / "orig.pt")
+    monkeypatch.chdir(run)
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1, 2),
+                     "--method-config", FAST_STEPS, "--quiet", "--output", "ck/m.pt",
+                     "--record", "recs/m.json"]) == 0
+    record = json.loads((run / "recs" / "m.json").read_text())
+    assert record["output"]["checkpoint"] == str(run / "ck" / "m.pt")
+    assert record["input"]["checkpoint"] == str(run / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", "run/recs/m.json"]) == 0
+    assert "verified" in capsys.readouterr().out
+    # A checkpoint that is not there: one line naming the argument it came from.
+    (run / "ck" / "m.pt").rename(run / "ck" / "moved.pt")
+    assert cli.main(["verify", "--record", "run/recs/m.json"]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: expected a record whose output "
+                          "checkpoint exists") and "pass --checkpoint" in err, err
+    assert cli.main(["verify", "--record", "run/recs/m.json", "--checkpoint", "nope.pt"]) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --checkpoint: expected an existing "
+                                   "checkpoint file, got 'nope.pt'")
+    assert cli.main(["verify", "--record", "run/recs/m.json",
+                     "--checkpoint", "run/ck/moved.pt"]) == 0
+
+
+def test_verify_finds_the_checkpoint_beside_the_record_from_any_folder(tmp_path: Path,
+                                                                        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Records named their checkpoint relative to the folder `unlearn` ran in; `verify` from
+    another folder failed with "does not exist"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "out.pt").write_bytes(b"x")
+    record = run / "out.pt.record.json"
+    record.write_text(json.dumps({"output": {"checkpoint": "out.pt"}}))
+    monkeypatch.chdir(tmp_path)
+    assert not Path("out.pt").exists()
+    assert recorded_path("out.pt", record) == run / "out.pt"
+    # A path that exists as recorded (absolute, or relative from here) is taken as it is.
+    assert recorded_path(str(run / "out.pt"), record) == run / "out.pt"
+    assert recorded_path(os.path.join("run", "out.pt"), record) == Path("run/out.pt")
+    assert recorded_path("gone.pt", record) == Path("gone.pt")
+
+
+def test_recorded_relative_paths_are_tried_from_the_record_folder(tmp_path: Path,
+                                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    run = tmp_path / "run"
+    (run / "ck").mkdir(parents=True)
+    (run / "ck" / "m.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path("ck/m.pt", run / "m.json") == run / "ck" / "m.pt"
+
+
+# -- the request rebuilt from the record ----------------------------------------------------------
+
+
+def test_verify_a_partial_record_without_target_tasks_arg(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """`verify` rebuilt the request from the undocumented `request.target_tasks_arg` only: a
+    partial record without it was measured as a full request (metrics mismatch, exit 1)."""
+    out = tmp_path / "u.pt"
+    assert _unlearn(trained, out, "--forget-ids", ids(1, 2, 3), "--target-tasks", "digit") == 0
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert record["request"]["type"] == "partial" and "eval_batch_size" in record
+    del record["request"]["target_tasks_arg"]
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(edited)]) == 0, capsys.readouterr().err
+    # The fields verify reads are documented in the record format.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    record_format = doc.split("### The unlearning record", 1)[1].split("\n### ", 1)[0]
+    for name in ("target_tasks_arg", "eval_batch_size", "retain_ids"):
+        assert f"`{name}`" in record_format, name
+
+
+def test_verify_rebuilds_the_request_from_type_and_target_tasks() -> None:
+    """Without `target_tasks_arg` a partial record was rebuilt as a full request."""
+    from mtunlearn_ext.records import _request_from_record
+
+    partial = {"type": "partial", "instance_ids": [1, 2], "target_tasks": ["a"]}
+    assert _request_from_record(partial) == ([1, 2], ["a"])
+    assert _request_from_record({**partial, "type": "full", "target_tasks": ["a", "b"]}) == (
+        [1, 2], None)
+    assert _request_from_record({**partial, "target_tasks_arg": ["b"]}) == ([1, 2], ["b"])
+    with pytest.raises(ValueError, match="request.type is 'odd'"):
+        _request_from_record({**partial, "type": "odd"})
+
+
+# -- the record shows the forget objective the run used -------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "settings", "expected"), [
+    ("interference_aware", {"steps": 2}, "capped_ascent"),  # docs/unlearning.md's default
+    ("neggrad_plus", {"steps": 2}, "ascent"),
+    ("interference_aware", {"steps": 2, "forget_objective": "ascent"}, "ascent"),  # as given
+])
+def test_record_settings_show_the_forget_objective_used(
+        trained: Path, tmp_path: Path, method: str, settings: dict[str, object],  # noqa: F811
+        expected: str) -> None:
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(0, 1),
+                     "--method", method, "--method-config", json.dumps(settings),
+                     "--output", str(out), "--quiet"]) == 0
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert record["method"]["settings"]["forget_objective"] == expected
+    used = set(record["report"]["extra"]["forget_objectives"].values())
+    assert used == {expected}
+
+
+def test_resolved_settings_keep_per_task_objectives_and_methods_without_one() -> None:
+    report = SimpleNamespace(config={"steps": 3, "forget_objective": None},
+                             extra={"forget_objectives": {"digit": "capped_ascent",
+                                                          "parity": "uniform"}})
+    assert cli._resolved_settings(report)["forget_objective"] == {
+        "digit": "capped_ascent", "parity": "uniform"}
+    assert report.config["forget_objective"] is None  # the report itself is not changed
+    retrain = SimpleNamespace(config={"epochs": 2}, extra={})
+    assert cli._resolved_settings(retrain) == {"epochs": 2}
