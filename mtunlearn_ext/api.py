@@ -426,16 +426,37 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 
 
+_BITS_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_PRINT_CHUNK_BYTES = 1 << 26
+
+
 def _row_fingerprints(x: torch.Tensor) -> list[tuple[float, ...]]:
-    """One print per row of ``x``: its sum (accumulated in float64, no widened copy) and its
-    first and last values. Equal rows have equal prints; rows with equal prints are then
-    compared exactly. Summed in memory order of a contiguous row, so that the rounding does
-    not depend on the layout."""
-    flat = x.reshape(len(x), -1).contiguous()
-    if flat.shape[1] == 0:
-        return [()] * len(x)
-    return list(zip(flat.sum(1, dtype=torch.float64).tolist(),
-                    flat[:, 0].double().tolist(), flat[:, -1].double().tolist()))
+    """One print per row of ``x``: the sum of its values' bit patterns (as integers, modulo
+    2**64) and its first and last values. Equal rows have equal prints; rows with equal prints
+    are then compared exactly.
+
+    Integer sums are exact, so a row's print does not depend on how many rows ``x`` has, its
+    layout, the thread count or the device: a float sum did (two threads split a long row's
+    reduction otherwise when it is alone, so a held-out row equal to a training row of 300k
+    values could get another print and pass unnoticed). ``-0.0`` is counted as ``0.0``, which
+    it equals. The rows are read in chunks of at most 64 MiB (a non-contiguous input is copied
+    a chunk at a time, not whole)."""
+    n = len(x)
+    width = x[:1].numel()
+    if width == 0:
+        return [()] * n
+    bits = _BITS_OF_SIZE.get(x.element_size())
+    step = max(1, _PRINT_CHUNK_BYTES // (width * x.element_size()))
+    prints: list[tuple[float, ...]] = []
+    for start in range(0, n, step):
+        chunk = x[start:start + step].reshape(-1, width)
+        if chunk.is_floating_point():
+            chunk = chunk + 0.0  # -0.0 + 0.0 is +0.0; a new contiguous tensor
+        chunk = chunk.contiguous()
+        as_bits = chunk.view(bits) if bits is not None else chunk.view(torch.uint8)
+        prints.extend(zip(as_bits.sum(1, dtype=torch.int64).tolist(),
+                          chunk[:, 0].double().tolist(), chunk[:, -1].double().tolist()))
+    return prints
 
 
 def _row_prints(tensors: list[torch.Tensor]) -> list[tuple[float, ...]]:
