@@ -369,6 +369,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext.unlearning import UnlearningProblem, available_unlearners
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
+        UNKNOWN_METHOD_HINT,
         OutputTransaction,
         UserInputError,
         build_user_request,
@@ -385,7 +386,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     _check_seed(args.seed)
     if args.method not in available_unlearners():  # before it names the output files
-        raise UserInputError("--method", f"one of {available_unlearners()}", args.method)
+        raise UserInputError("--method", f"one of {available_unlearners()}", args.method,
+                             UNKNOWN_METHOD_HINT)
     checkpoint = Path(args.checkpoint)
     settings = _json_arg(args.method_config, "--method-config")
     forget_ids = parse_ids(args.forget_ids, "--forget-ids")
@@ -604,6 +606,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op CPU threads (default: torch's choice; 1 is best on a "
                         "busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import MODULE first (a module name, found on the Python path or in "
+                        "the current folder, or a .py file): methods or forget objectives it "
+                        "registers become available; repeatable")
 
 
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -757,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mtunlearn`` command; returns the exit code (see the module docstring)."""
     from mtunlearn_ext.records import RecordError
     from mtunlearn_ext.training import CheckpointError
-    from mtunlearn_ext.workflow import NonFiniteError, UserInputError
+    from mtunlearn_ext.workflow import NonFiniteError, UserInputError, import_plugins
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -772,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserInputError(missing[0], "a value (flag or config key)", None,
                                  f"`mtunlearn {args.command}` requires it")
         _threads(args)
+        import_plugins(args.imports or [])
         previous = None
         try:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,48 @@ __all__ = [
 
 #: ``meta["format"]`` of checkpoints written by ``mtunlearn train`` / ``mtunlearn unlearn``.
 CLI_META_FORMAT = "mtunlearn_ext.cli-checkpoint/1"
+
+
+#: What to do about a method name the registry does not know.
+UNKNOWN_METHOD_HINT = ("a method of your own: register it (@register_unlearner) in a module and "
+                       "pass --import MODULE")
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import each of ``modules`` (``--import``): a module name, found on ``sys.path`` or in the
+    current folder (which a console script does not search), or the path of a ``.py`` file.
+    Importing a module runs its registrations (``@register_unlearner`` and the like)."""
+    import importlib
+    import importlib.util
+
+    for module in modules:
+        try:
+            if module.endswith(".py"):
+                path = Path(module)
+                if not is_existing_file(path):
+                    raise FileNotFoundError(f"no such file: {module}")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {module} as a module")
+                loaded = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = loaded
+                try:
+                    spec.loader.exec_module(loaded)
+                except BaseException:
+                    del sys.modules[path.stem]
+                    raise
+            else:
+                added = os.getcwd() not in sys.path
+                if added:
+                    sys.path.append(os.getcwd())
+                try:
+                    importlib.import_module(module)
+                finally:
+                    if added:
+                        sys.path.remove(os.getcwd())
+        except Exception as error:  # the module's own errors too: they name what went wrong
+            raise UserInputError("--import", "an importable module name or .py file", module,
+                                 f"{type(error).__name__}: {error}") from error
 
 
 class UserInputError(ValueError):
@@ -461,7 +504,8 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
     from mtunlearn_ext.unlearning import GradientUnlearner, available_unlearners, get_unlearner
 
     if method not in available_unlearners():
-        raise UserInputError("--method", f"one of {available_unlearners()}", method)
+        raise UserInputError("--method", f"one of {available_unlearners()}", method,
+                             UNKNOWN_METHOD_HINT)
     try:
         unlearner = get_unlearner(method, dict(settings))
         unlearner.check_problem(problem)  # settings that name what the problem lacks

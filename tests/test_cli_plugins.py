@@ -1,0 +1,81 @@
+"""``mtunlearn --import MODULE``: methods registered in the user's own module are usable from
+the command line (the registry only knew the built-in names, and the console script does not
+search the current folder), and an unknown ``--method`` says how to add one."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from cli_helpers import _err
+from test_cli import ids, trained  # noqa: F401  (trained: a fixture)
+
+from mtunlearn_ext import cli
+from mtunlearn_ext.unlearning.registry import UNLEARNERS
+
+PLUGIN = textwrap.dedent('''
+    from dataclasses import dataclass
+
+    from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig
+    from mtunlearn_ext.unlearning.registry import register_unlearner
+
+
+    @dataclass
+    class RetainOnlyConfig(StepConfig):
+        steps: int = 2
+        forget_weight: float = 0.0
+
+
+    @register_unlearner
+    class RetainOnly(GradientUnlearner):
+        name = "{name}"
+        config_class = RetainOnlyConfig
+        uses_forget = False
+
+        def compute_update(self, ctx, forget_batch, retain_batch):
+            return self.weighted_update(ctx, None, retain_batch)
+    ''')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread, for this module only)."""
+
+
+@pytest.fixture
+def registry_restored():  # type: ignore[no-untyped-def]
+    before = dict(UNLEARNERS)
+    yield
+    UNLEARNERS.clear()
+    UNLEARNERS.update(before)
+
+
+@pytest.mark.parametrize("how", ["module in the current folder", "path of a .py file"])
+def test_a_method_registered_in_an_imported_module_runs(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], registry_restored: None, how: str) -> None:
+    name = "retain_only_" + ("module" if how.startswith("module") else "file")
+    module = f"plugin_{name}"
+    (tmp_path / f"{module}.py").write_text(PLUGIN.format(name=name))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "u.pt"
+    base = ["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2), "--method", name,
+            "--output", str(out), "--quiet"]
+    assert cli.main(base) == 2  # not registered without the import
+    assert "--import MODULE" in _err(capsys)
+    target = module if how.startswith("module") else str(tmp_path / f"{module}.py")
+    assert cli.main([*base, "--import", target]) == 0, capsys.readouterr().err
+    assert out.is_file() and name in UNLEARNERS
+
+
+def test_an_import_that_fails_is_bad_input_naming_the_module(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('plugin failed')\n")
+    for target, reason in [("no_such_plugin_module", "ModuleNotFoundError"),
+                           (str(tmp_path / "missing.py"), "FileNotFoundError"),
+                           (str(tmp_path / "broken_plugin.py"), "RuntimeError: plugin failed")]:
+        assert cli.main(["benchmark", "--dry-run", "--import", target]) == 2
+        err = _err(capsys)
+        assert err.startswith("mtunlearn: error: --import: expected an importable module name "
+                              "or .py file") and reason in err, err
