@@ -1126,7 +1126,20 @@ def unlearn(model: nn.Module, *,
             warnings.warn(f"unlearn: `held_out_data` was not used: {unused}", UserWarning,
                           stacklevel=2)
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
+    diverged = _non_finite_parameters(out)
+    if diverged:
+        warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "
+                      f"{len(diverged)} parameter(s) (first: {diverged[0]}); lower the learning "
+                      f"rate or the step count (`config`), or keep gradient clipping on; "
+                      f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
+
+
+def _non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters and floating-point buffers that hold NaN/Inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _held_out_unused(unlearner: Unlearner, report: UnlearningReport) -> str | None:
@@ -1197,6 +1210,11 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     if original is not None and not isinstance(original, nn.Module):
         raise TypeError(f"save_unlearned: `original` must be the nn.Module the model was "
                         f"unlearned from (or None), got {type(original).__name__}")
+    diverged = _non_finite_parameters(model)
+    if diverged:
+        raise ValueError(f"save_unlearned: `model` has NaN/Inf in {len(diverged)} parameter(s) "
+                         f"or buffer(s) (first: {diverged[0]}); a diverged run is no unlearned "
+                         "model: nothing was written")
     target = Path(path)
     record_path = target.with_name(target.name + ".record.json")
     for p in (target, record_path):

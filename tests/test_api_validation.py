@@ -652,6 +652,23 @@ def test_save_unlearned_writes_non_finite_summary_values_as_null(tmp_path) -> No
     assert report.extra["summary"]["forget_loss_after"]["b"] == float("inf")  # report untouched
 
 
+def test_a_diverged_run_warns_and_save_unlearned_refuses_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """unlearn() returned a model with NaN weights without a word, and save_unlearned wrote it
+    with its record (the CLI stops the same run with exit 3)."""
+    x, y = _data()
+    model = _TwoHeads()
+    with pytest.warns(UserWarning, match=r"the run diverged: the returned model has NaN/Inf in "
+                                         r"\d+ parameter\(s\) \(first: "):
+        new, report = mtunlearn_ext.unlearn(
+            model, tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+            shared_parameters=_trunk, method="gradient_ascent",
+            config={"steps": 30, "lr": 1e6, "grad_clip": None})
+    with pytest.raises(ValueError, match=r"save_unlearned: `model` has NaN/Inf .* nothing was "
+                                         r"written"):
+        mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_public_submodules_are_attributes_of_the_package() -> None:
     """`import mtunlearn_ext; mtunlearn_ext.data.TaskSpec` (as the guides write it) raised
     AttributeError unless something had imported the submodule; `import mtunlearn_ext` alone
