@@ -70,7 +70,16 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
         raise ValueError(f"task_loss[{spec.name}]: pred has {pred.shape[0]} samples, target "
                          f"{target.shape[0]}")
     if spec.loss is not None:
-        value = spec.loss(pred, target)
+        try:
+            value = spec.loss(pred, target)
+        except Exception as error:  # its own message may name neither the task nor the rules
+            error.add_note(
+                f"(raised by the custom `loss` of task {spec.name!r}, pred "
+                f"{tuple(pred.shape)}, target {tuple(target.shape)}: a task's loss must give one "
+                f"loss per sample, accept the unsupervised pairs' neutral targets (the ignore "
+                f"index {spec.ignore_index} for labels) and run under torch.func.vmap; see "
+                "TaskSpec.loss)")
+            raise
         if not isinstance(value, torch.Tensor) or value.shape != (pred.shape[0],):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"task_loss[{spec.name}]: the task's `loss` must return one loss "

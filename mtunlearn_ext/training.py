@@ -29,7 +29,7 @@ from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.losses import masked_multitask_loss
-from mtunlearn_ext.models.base import MultiTaskModel
+from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
            "make_optimizer", "save_checkpoint", "state_dict_sha256", "train"]
@@ -196,6 +196,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
         progress: show a tqdm bar over epochs.
     """
     config = config or TrainConfig()
+    check_takes_task_names(model, "train")
     unknown = sorted(set(config.task_weights or {}) - set(dataset.task_names))
     if unknown:
         raise ValueError(f"train: `task_weights` names unknown tasks {unknown}; the data set "

@@ -163,3 +163,17 @@ def test_retrain_trains_on_the_custom_loss(user_setup) -> None:  # type: ignore[
         fresh_model=TwoHeads, train_config=TrainConfig(epochs=2, batch_size=32, lr=1e-2),
         shared_parameters=lambda n: n.startswith("trunk"))
     assert size_loss.calls >= 2 * math.ceil(108 / 32)  # every training batch, at least
+
+
+def test_an_error_raised_by_a_custom_loss_names_the_task_and_the_rules() -> None:
+    """torch's own message ("Target -1 is out of bounds", from cross-entropy's default
+    ignore_index) named neither the task nor what a task's loss must accept."""
+    def smoothed(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(pred, target, label_smoothing=0.1,
+                               reduction="none")  # ignore_index left at -100
+
+    spec = TaskSpec("cls", "classification", num_classes=3, loss=smoothed)
+    with pytest.raises(IndexError) as raised:
+        task_loss(spec, torch.randn(4, 3), torch.tensor([0, 2, spec.ignore_index, 1]))
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "custom `loss` of task 'cls'" in notes and f"ignore index {spec.ignore_index}" in notes

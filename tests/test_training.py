@@ -438,3 +438,38 @@ def test_train_refuses_task_weights_of_unknown_tasks(digits) -> None:  # type: i
     with pytest.raises(ValueError, match=r"train: `task_weights` names unknown tasks \['dgit'\]"):
         train(model, digits.train, None, TrainConfig(epochs=1, task_weights={"dgit": 2.0}),
               progress=False)
+
+
+def test_train_and_evaluate_name_the_model_contract_for_a_plain_forward() -> None:
+    """A model with forward(x) (the guide's own example for unlearn, which wraps it) failed in
+    train/evaluate with torch's bare "takes 2 positional arguments but 3 were given"."""
+    from torch import nn
+
+    from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
+    from mtunlearn_ext.metrics import evaluate
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(4, 8)
+            self.heads = nn.ModuleDict({"kind": nn.Linear(8, 3), "size": nn.Linear(8, 1)})
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.trunk(x)
+            return {t: h(z) for t, h in self.heads.items()}
+
+    class WithTasks(Plain):
+        def forward(self, x: torch.Tensor, tasks: object = None  # type: ignore[override]
+                    ) -> dict[str, torch.Tensor]:
+            return super().forward(x)
+
+    tasks = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]
+    data = MultiTaskDataset(torch.randn(20, 4), {"kind": torch.randint(0, 3, (20,)),
+                                                 "size": torch.randn(20, 1)}, tasks)
+    for op, call in [("evaluate", lambda m: evaluate(m, data)),
+                     ("train", lambda m: train(m, data, config=TrainConfig(epochs=1),
+                                               progress=False))]:
+        with pytest.raises(TypeError, match=rf"{op}: `model` must take \(inputs, task names\).*"
+                                            r"Plain.forward\(x"):
+            call(Plain())
+        call(WithTasks())  # a second parameter is all it takes

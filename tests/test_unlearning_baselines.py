@@ -746,3 +746,20 @@ def test_capped_ascent_needs_retain_pairs_only_for_its_own_cap() -> None:
     with pytest.raises(ValueError, match=r"'mean_target': the retain set has no supervised pair "
                                          r"of task 'size'.*forget_objective=\{'size': 'ascent'\}"):
         make_forget_objectives([size], retain, g, "cpu", "mean_target")
+
+
+def test_a_problem_whose_model_has_no_parameter_split_warns() -> None:
+    """Such a model silently counted as all-shared (no head task-specific for any method; the
+    extensibility review measured other weights than with the split given)."""
+    bench = load_benchmark("digits", size="tiny", seed=0)
+    torch.manual_seed(0)
+    problem = UnlearningProblem.from_request(_DropoutNormNet(bench.tasks), bench.train,
+                                             ForgetRequest.create(bench.train.ids[:30]), seed=0)
+    with pytest.warns(UserWarning, match=r"has no parameter_split\(\), so every parameter "
+                                         r"counts as shared .*build_problem"):
+        problem.validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnlearningProblem.from_request(build_model(bench, seed=0), bench.train,
+                                       ForgetRequest.create(bench.train.ids[:30]),
+                                       seed=0).validate()

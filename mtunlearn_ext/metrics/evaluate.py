@@ -11,7 +11,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.task_metrics import make_accumulator
-from mtunlearn_ext.models.base import MultiTaskModel
+from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
 from mtunlearn_ext.models.modes import eval_mode
 
 __all__ = ["evaluate", "evaluate_splits", "per_sample_task_losses"]
@@ -60,6 +60,7 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     model runs in eval mode without gradients and is put back in its previous mode.
     """
     check_positive_int(batch_size, "batch_size", "evaluate")
+    check_takes_task_names(model, "evaluate")
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
     device = _device_of(model)

@@ -18,7 +18,7 @@ from torch import nn
 
 from mtunlearn_ext.data.base import TaskSpec
 
-__all__ = ["MultiTaskModel", "ParameterSplit", "SHARED"]
+__all__ = ["MultiTaskModel", "ParameterSplit", "SHARED", "check_takes_task_names"]
 
 SHARED = "shared"
 """Owner name of the backbone's parameters in a :class:`ParameterSplit` (so no task may be
@@ -27,6 +27,26 @@ named so)."""
 _SHARED_NAME_MESSAGE = (f"{{where}}: a task may not be named {SHARED!r}, the owner name of the "
                         f"shared (backbone) parameters in ParameterSplit.owner() / names(); "
                         f"rename the task")
+
+
+def check_takes_task_names(model: nn.Module, op: str) -> None:
+    """Raise ``TypeError`` if ``model`` cannot be called as ``model(inputs, task_names)``, the
+    :class:`MultiTaskModel` contract that ``op`` (training, evaluation) relies on: a plain
+    ``forward(x)`` failed with torch's bare "takes 2 positional arguments but 3 were given"."""
+    import inspect
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read (a C-implemented forward)
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"{op}: `model` must take (inputs, task names), as MultiTaskModel.forward does; "
+            f"{type(model).__name__}.forward{signature} takes no task names. Subclass "
+            "MultiTaskModel, or give forward a second parameter (`tasks=None`, which it may "
+            "ignore); mtunlearn_ext.unlearn wraps a plain model itself") from None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -133,8 +134,17 @@ class UnlearningProblem:
         return [t for t in self.tasks if t.name in self.target_tasks]
 
     def validate(self) -> None:
-        """Raise a clear error if the parts of the problem do not fit together."""
+        """Raise a clear error if the parts of the problem do not fit together (and warn when
+        a model of several tasks has no ``parameter_split()``: every parameter then counts as
+        shared, so no head is task-specific for the methods)."""
         names = self.task_names
+        if len(names) > 1 and getattr(self.model, "parameter_split", None) is None:
+            warnings.warn(
+                f"UnlearningProblem: the model ({type(self.model).__name__}) has no "
+                "parameter_split(), so every parameter counts as shared and no head as "
+                f"task-specific for the tasks {names}; subclass MultiTaskModel, or build the "
+                "problem with mtunlearn_ext.api.build_problem(..., shared_parameters=...)",
+                UserWarning, stacklevel=3)
         parts = [("forget", self.forget), ("retain", self.retain)]
         if self.held_out is not None:
             parts.append(("held_out", self.held_out))
