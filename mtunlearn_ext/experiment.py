@@ -658,7 +658,12 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
 
     start = time.perf_counter()
     bench = benchmark if benchmark is not None else _load_benchmark(config)
+    if bench.name != config.benchmark:
+        raise ValueError(f"ExperimentConfig: `benchmark` is {config.benchmark!r} but the "
+                         f"benchmark passed is {bench.name!r}; set config.benchmark to its name "
+                         "(the results record it)")
     train_set = bench.train
+    _check_validation_unseen(bench)
     phases["load_data"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -705,6 +710,21 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     return _Setup(data, checkpoints, phases)
 
 
+def _check_validation_unseen(bench: Benchmark) -> None:
+    """The validation split becomes every problem's held-out set, whose instances must be
+    unseen: ids shared with the training split are refused here, before any model is trained
+    (the problem refused them only at the first method, naming a set the user never passed)."""
+    if bench.validation is None:
+        return
+    shared = sorted(set(bench.validation.ids.tolist()) & set(bench.train.ids.tolist()))
+    if shared:
+        raise ValueError(f"{bench.name}: the validation split shares {len(shared)} instance ids "
+                         f"with the training split (first: {shared[:5]}); it becomes the "
+                         "unlearning problems' held-out set of unseen instances, so give it ids "
+                         "of its own (e.g. offset them past the training ids: ids=... in "
+                         "MultiTaskDataset)")
+
+
 def _reference_model(setup: _Setup, which: str, config: ExperimentConfig
                      ) -> tuple[MultiTaskModel, dict[str, Any]]:
     path, meta, dataset = setup.checkpoints[which]
@@ -733,7 +753,8 @@ def train_reference_model(config: ExperimentConfig, which: str,
 def prepare_experiment(config: ExperimentConfig,
                        benchmark: Benchmark | None = None) -> PreparedExperiment:
     """Load the data, build and split the request, and get the original and retrained models
-    (from the cache when their keys match). ``benchmark`` may be passed directly (tests).
+    (from the cache when their keys match). ``benchmark`` may be passed directly (a benchmark
+    of your own, which has no name to load it by: ``config.benchmark`` must be its name).
 
     The thread count is ``config.threads`` meanwhile and restored on return: a caller that
     goes on to unlearn or evaluate at that count runs its work under
@@ -752,7 +773,8 @@ def run_experiment(config: ExperimentConfig,
                    benchmark: Benchmark | None = None) -> dict[str, Any]:
     """Run the experiment, write the JSON results file, and return its content.
 
-    ``benchmark`` may be passed directly (tests); otherwise it is loaded by name. The whole run
+    ``benchmark`` may be passed directly (a benchmark of your own; ``config.benchmark`` must be
+    its name, which the results record); otherwise it is loaded by name. The whole run
     uses ``config.threads`` intra-op threads; the count is restored on return.
     """
     with experiment_threads(config.threads):

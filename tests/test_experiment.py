@@ -440,3 +440,29 @@ def test_the_experiment_functions_restore_the_thread_count(tmp_path: Path, digit
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
+
+
+def test_a_benchmark_of_ones_own_is_checked_before_any_training(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A validation split built with default ids (the training split's too) trained and scored
+    both models, then failed at the first method naming a 'held_out set' the user never passed;
+    a passed benchmark whose name differed from config.benchmark ran, recording the wrong one."""
+    from mtunlearn_ext.data import Benchmark, MultiTaskDataset, TaskSpec
+
+    tasks = [TaskSpec("cls", "classification", num_classes=3), TaskSpec("reg", "regression")]
+
+    def split(n: int, first_id: int = 0) -> MultiTaskDataset:
+        return MultiTaskDataset(torch.randn(n, 6), {"cls": torch.randint(0, 3, (n,)),
+                                                    "reg": torch.randn(n, 1)}, tasks,
+                                ids=torch.arange(first_id, first_id + n))
+
+    config = ExperimentConfig(benchmark="toy", methods=[], output=str(tmp_path / "r.json"),
+                              cache_dir=str(tmp_path / "cache"), threads=1)
+    colliding = Benchmark("toy", split(60), split(30), tasks, validation=split(20))
+    with pytest.raises(ValueError, match=r"toy: the validation split shares 20 instance ids with "
+                                         r"the training split \(first: \[0, 1, 2, 3, 4\]\)"):
+        run_experiment(config, benchmark=colliding)
+    assert not (tmp_path / "cache").exists()  # nothing trained
+    renamed = Benchmark("other", split(60), split(30), tasks, validation=split(20, 1000))
+    with pytest.raises(ValueError, match=r"`benchmark` is 'toy' but the benchmark passed is "
+                                         r"'other'"):
+        run_experiment(config, benchmark=renamed)
