@@ -8,6 +8,7 @@ pairs of the forget instances and leaves their other tasks' labels in place.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -67,13 +68,41 @@ class TaskSpec:
 
     def describe(self) -> dict[str, object]:
         """The spec as plain data (records, fingerprints): the four defining fields, and the
-        custom loss's qualified name when there is one."""
+        custom loss's qualified name when there is one (a ``functools.partial`` as
+        ``partial(<function>, <arguments>)``, :func:`describe_callable`)."""
         out: dict[str, object] = {"name": self.name, "kind": self.kind,
                                   "num_classes": self.num_classes,
                                   "ignore_index": self.ignore_index}
         if self.loss is not None:
-            out["loss"] = getattr(self.loss, "__qualname__", type(self.loss).__qualname__)
+            out["loss"] = describe_callable(self.loss)
         return out
+
+
+#: Longest argument text :func:`describe_callable` shows; a longer one shows its type.
+_MAX_ARGUMENT_TEXT = 40
+
+
+def describe_callable(fn: Callable[..., object]) -> str:
+    """A short, deterministic name of ``fn``: its qualified name (a callable object's: its
+    type's); a ``functools.partial`` as ``partial(name, arg, ..., key=value, ...)`` with the
+    keywords sorted. An argument shows its ``repr`` when that is one line of at most 40
+    characters without a memory address, a callable its own description, anything else its
+    type (``<Tensor>``)."""
+    if isinstance(fn, functools.partial):
+        parts = [describe_callable(fn.func)]
+        parts += [_describe_argument(a) for a in fn.args]
+        parts += [f"{k}={_describe_argument(v)}" for k, v in sorted(fn.keywords.items())]
+        return f"partial({', '.join(parts)})"
+    return str(getattr(fn, "__qualname__", type(fn).__qualname__))
+
+
+def _describe_argument(value: object) -> str:
+    if callable(value):
+        return describe_callable(value)
+    text = repr(value)
+    if len(text) > _MAX_ARGUMENT_TEXT or "\n" in text or " at 0x" in text:
+        return f"<{type(value).__qualname__}>"
+    return text
 
 
 def integer_valued(values: torch.Tensor) -> bool:

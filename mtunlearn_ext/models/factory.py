@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -21,7 +22,8 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
                 input_shape: Sequence[int] | None = None, seed: int = 0,
                 widths: Sequence[int] | None = None, head_hidden: int | None = None,
                 hidden: Sequence[int] | None = None,
-                depth_init: float | None = None) -> MultiTaskModel:
+                depth_init: float | None = None,
+                regression_dims: Mapping[str, int] | None = None) -> MultiTaskModel:
     """A freshly initialised multi-task model, the same for the same arguments and seed.
 
     Dense tasks (segmentation/depth/normals) and an input of shape ``[C, H, W]`` give a
@@ -32,14 +34,20 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
         benchmark_or_tasks: a :class:`Benchmark` or a list of task specs (then ``input_shape``
             is required). From a benchmark come the tasks, the input shape, the depth prior
             (``info["depth_prior"]``) and the default architecture (``info["model_config"]``:
-            ``widths`` / ``head_hidden`` / ``hidden``, as the registry sizes them).
+            ``widths`` / ``head_hidden`` / ``hidden``, as the registry sizes them) and each
+            regression head's output size (the entries of one training target row: ``d`` for
+            targets ``[N, d]``, 1 for ``[N]``).
         input_shape: one input's shape, without the batch dimension.
         seed: initialisation seed; the global RNG state is left as it was.
         widths: encoder widths of the dense backbone (default ``(16, 32, 48, 64)``).
         head_hidden: hidden channels of each dense head (default ``widths[0]``).
         hidden: shared layer widths of the MLP (default ``(128, 128)``).
         depth_init: initial depth output in metres (default: the benchmark's ``depth_prior``).
+        regression_dims: regression task -> its output size ``d``. From a benchmark every entry
+            is read from its training targets (a value given here must agree with them); with
+            a task list a regression task not in it gets one output.
     """
+    bench: Benchmark | None = None
     if isinstance(benchmark_or_tasks, Benchmark):
         bench = benchmark_or_tasks
         tasks = list(bench.tasks or bench.train.tasks)
@@ -62,6 +70,13 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
             raise ValueError("build_model: pass `input_shape` with a task list")
     if not tasks:
         raise ValueError("build_model: no tasks")
+    regression = [t.name for t in tasks if t.kind == "regression"]
+    unknown = [name for name in regression_dims or {} if name not in regression]
+    if unknown:
+        raise ValueError(f"build_model: `regression_dims` names {unknown}, which are not "
+                         f"regression tasks; the regression tasks are {regression}")
+    if bench is not None:
+        regression_dims = _regression_dims(bench, tasks, regression_dims)
     shape = tuple(int(s) for s in input_shape)
     dense = [t.kind in _DENSE_KINDS for t in tasks]
     with torch.random.fork_rng(devices=[]):
@@ -76,6 +91,33 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
             if len(shape) != 1:
                 raise ValueError(f"build_model: flat tasks need inputs [D], got {shape}")
             return MLPMultiTaskNet(tasks, in_features=shape[0],
-                                   hidden=tuple(hidden) if hidden else (128, 128))
+                                   hidden=tuple(hidden) if hidden else (128, 128),
+                                   regression_dims=regression_dims)
     raise ValueError(f"build_model: cannot mix dense and flat tasks: "
                      f"{[(t.name, t.kind) for t in tasks]}")
+
+
+def _regression_dims(bench: Benchmark, tasks: Sequence[TaskSpec],
+                     given: Mapping[str, int] | None) -> dict[str, int]:
+    """Each regression task's output size from ``bench``'s training targets (the entries of
+    one row), checked against ``given``."""
+    dims: dict[str, int] = {}
+    for t in tasks:
+        if t.kind != "regression":
+            continue
+        target = bench.train.targets.get(t.name)
+        if target is None:
+            raise ValueError(f"build_model: the benchmark's training set has no targets of "
+                             f"regression task {t.name!r} to size its head from; it has "
+                             f"{sorted(bench.train.targets)}")
+        d = math.prod(target.shape[1:])
+        if d < 1:
+            raise ValueError(f"build_model: regression task {t.name!r} has targets of shape "
+                             f"{tuple(target.shape)}, with no entry per row; expected [N, d], "
+                             f"d >= 1")
+        if given is not None and t.name in given and given[t.name] != d:
+            raise ValueError(f"build_model: `regression_dims[{t.name!r}]` is {given[t.name]!r}, "
+                             f"but the task's training targets have {d} entries per row "
+                             f"(shape {tuple(target.shape)})")
+        dims[t.name] = d
+    return dims

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -28,16 +28,29 @@ class MLPMultiTaskNet(MultiTaskModel):
     (task-aware projections and head-only baselines need something to act on).
 
     Args:
-        tasks: classification or regression specs (regression heads output 1 value).
+        tasks: classification or regression specs.
         in_features: input size (64 for 8x8 digits).
         hidden: widths of the shared layers.
         head_hidden: width of each head's hidden layer.
+        regression_dims: regression task name -> its target size ``d`` (the head outputs
+            ``[B, d]``); a regression task not in it gets one output.
     """
 
     def __init__(self, tasks: Sequence[TaskSpec], in_features: int = 64,
-                 hidden: Sequence[int] = (128, 128), head_hidden: int = 64) -> None:
+                 hidden: Sequence[int] = (128, 128), head_hidden: int = 64,
+                 regression_dims: Mapping[str, int] | None = None) -> None:
         if not hidden:
             raise ValueError("MLPMultiTaskNet: `hidden` needs at least one layer width")
+        dims = dict(regression_dims or {})
+        regression = [t.name for t in tasks if t.kind == "regression"]
+        unknown = [name for name in dims if name not in regression]
+        if unknown:
+            raise ValueError(f"MLPMultiTaskNet: `regression_dims` names {unknown}, which are not "
+                             f"regression tasks; the regression tasks are {regression}")
+        for name, d in dims.items():
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise ValueError(f"MLPMultiTaskNet: `regression_dims[{name!r}]` must be an int "
+                                 f">= 1, got {d!r}")
         backbone = _mlp([in_features, *hidden], final_activation=True)
         heads: dict[str, nn.Module] = {}
         for t in tasks:
@@ -45,7 +58,7 @@ class MLPMultiTaskNet(MultiTaskModel):
                 assert t.num_classes is not None
                 out = t.num_classes
             elif t.kind == "regression":
-                out = 1
+                out = dims.get(t.name, 1)
             else:
                 raise ValueError(f"MLPMultiTaskNet: task {t.name!r} of kind {t.kind} needs a "
                                  "dense model")

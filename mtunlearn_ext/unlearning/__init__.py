@@ -29,6 +29,7 @@ from mtunlearn_ext.unlearning.objectives import (
     FORGET_OBJECTIVES,
     ForgetObjective,
     make_forget_objectives,
+    register_forget_objective,
 )
 from mtunlearn_ext.unlearning.registry import (
     UNLEARNERS,
@@ -75,6 +76,7 @@ __all__ = [
     "per_sample_retain_grads",
     "per_sample_retain_grads_and_losses",
     "per_sample_task_grads_and_losses",
+    "register_forget_objective",
     "register_unlearner",
     "retain_terms",
     "seed_everything",

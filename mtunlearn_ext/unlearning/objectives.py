@@ -56,10 +56,11 @@ whose definitions use it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,7 @@ __all__ = [
     "depth_weighted_abs_error",
     "make_forget_objectives",
     "objective_names",
+    "register_forget_objective",
 ]
 
 _DENSE = ("segmentation", "depth", "normals")
@@ -444,11 +446,54 @@ class RandomTargetObjective(ForgetObjective):
         return task_loss(self.spec, pred, self.random_targets(target))
 
 
-FORGET_OBJECTIVES: dict[str, type[ForgetObjective]] = {
-    cls.name: cls for cls in (AscentObjective, CappedAscentObjective,
-                              DepthWeightedCappedAscentObjective, MeanTargetObjective,
-                              UniformObjective, RandomTargetObjective)
-}
+#: Objective name -> class: the built-in objectives and those added by
+#: :func:`register_forget_objective` (add to it only through that function).
+FORGET_OBJECTIVES: dict[str, type[ForgetObjective]] = {}
+
+O = TypeVar("O", bound=type[ForgetObjective])
+
+
+def register_forget_objective(cls: O) -> O:
+    """Class decorator: add the forgetting objective ``cls`` to :data:`FORGET_OBJECTIVES`
+    under ``cls.name``, so that every method's ``forget_objective`` setting can name it.
+
+    ``cls`` must be a concrete :class:`ForgetObjective` subclass (``per_sample`` defined) with
+    a non-empty ``name`` and ``kinds``, a non-empty tuple of task kinds
+    (:data:`~mtunlearn_ext.data.base.TASK_KINDS`) it applies to. A name taken by another
+    class (a built-in one included) is refused; the same definition run again (equal module
+    and qualified name: a reloaded module) replaces its entry.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, ForgetObjective):
+        raise TypeError(f"register_forget_objective: expected a subclass of ForgetObjective, "
+                        f"got {cls!r}")
+    what = f"register_forget_objective: {cls.__module__}.{cls.__qualname__}"
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} has no `name` (a non-empty str), got {name!r}")
+    kinds = cls.kinds
+    if not isinstance(kinds, tuple) or not kinds or not all(isinstance(k, str) for k in kinds):
+        raise ValueError(f"{what}: `kinds` must be a non-empty tuple of task kinds (of "
+                         f"{TASK_KINDS}), got {kinds!r}")
+    unknown = [k for k in kinds if k not in TASK_KINDS]
+    if unknown:
+        raise ValueError(f"{what}: `kinds` has unknown task kinds {unknown}; known: "
+                         f"{TASK_KINDS}")
+    if inspect.isabstract(cls):
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        raise TypeError(f"{what} is abstract: define {missing}")
+    existing = FORGET_OBJECTIVES.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (
+            cls.__module__, cls.__qualname__):
+        raise ValueError(f"{what}: the name {name!r} is taken by "
+                         f"{existing.__module__}.{existing.__qualname__}; choose another name")
+    FORGET_OBJECTIVES[name] = cls
+    return cls
+
+
+for _builtin in (AscentObjective, CappedAscentObjective, DepthWeightedCappedAscentObjective,
+                 MeanTargetObjective, UniformObjective, RandomTargetObjective):
+    register_forget_objective(_builtin)
+del _builtin
 
 #: The default objective of each task kind (see the module docstring for the measurement).
 DEFAULT_FORGET_OBJECTIVES: dict[str, str] = {kind: "capped_ascent" for kind in TASK_KINDS}

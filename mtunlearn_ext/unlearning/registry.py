@@ -19,18 +19,43 @@ UNLEARNERS: dict[str, type[Unlearner]] = {}
 U = TypeVar("U", bound=type[Unlearner])
 
 
+def _same_definition(a: type, b: type) -> bool:
+    """Whether ``a`` and ``b`` are one class, or the same definition run again: equal module
+    and qualified name (a reloaded module, a re-run notebook cell, autoreload)."""
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
+
+
 def register_unlearner(cls: U) -> U:
-    """Class decorator: add ``cls`` to :data:`UNLEARNERS` under ``cls.name``."""
+    """Class decorator: add ``cls`` to :data:`UNLEARNERS` under ``cls.name``.
+
+    ``cls`` must subclass :class:`Unlearner` and set ``name``, and its ``config_class`` must be
+    a dataclass of its own (decorated with ``@dataclass``) subclassing
+    :class:`UnlearnerConfig`. A name taken by another class is refused; the same definition
+    run again (equal module and qualified name: a reloaded module) replaces its entry.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, Unlearner):
+        raise TypeError(f"register_unlearner: expected a subclass of Unlearner, got {cls!r}")
     name = cls.name
-    if not name:
-        raise ValueError(f"register_unlearner: {cls.__name__} has no `name`")
+    if not name or not isinstance(name, str):
+        raise ValueError(f"register_unlearner: {cls.__qualname__} has no `name` (a non-empty "
+                         f"str), got {name!r}")
     existing = UNLEARNERS.get(name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"register_unlearner: the name {name!r} is taken by "
-                         f"{existing.__module__}.{existing.__qualname__}")
-    if not issubclass(cls.config_class, UnlearnerConfig):
-        raise TypeError(f"register_unlearner: {cls.__name__}.config_class must subclass "
-                        f"UnlearnerConfig")
+    if existing is not None and not _same_definition(existing, cls):
+        raise ValueError(f"register_unlearner: the name {name!r} of "
+                         f"{cls.__module__}.{cls.__qualname__} is taken by "
+                         f"{existing.__module__}.{existing.__qualname__}; choose another name")
+    config_class = cls.config_class
+    if not isinstance(config_class, type) or not issubclass(config_class, UnlearnerConfig):
+        raise TypeError(f"register_unlearner: {cls.__qualname__}.config_class must subclass "
+                        f"UnlearnerConfig, got {config_class!r}")
+    if "__dataclass_fields__" not in config_class.__dict__:
+        # Without its own @dataclass a subclass keeps its parent's fields and __init__: its
+        # declared defaults are ignored and its new fields refused as unknown settings.
+        parent = next(c for c in config_class.__mro__[1:] if "__dataclass_fields__" in c.__dict__)
+        raise TypeError(f"register_unlearner: {cls.__qualname__}.config_class "
+                        f"{config_class.__qualname__} is not a dataclass itself, so it has the "
+                        f"fields and defaults of {parent.__qualname__} and not its own; add "
+                        f"@dataclass above `class {config_class.__name__}`")
     UNLEARNERS[name] = cls
     return cls
 
