@@ -79,3 +79,67 @@ def test_an_import_that_fails_is_bad_input_naming_the_module(
         err = _err(capsys)
         assert err.startswith("mtunlearn: error: --import: expected an importable module name "
                               "or .py file") and reason in err, err
+
+
+BENCHMARK_PLUGIN = textwrap.dedent('''
+    import torch
+
+    from mtunlearn_ext.data import Benchmark, MultiTaskDataset, TaskSpec, register_benchmark
+
+    TASKS = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]
+
+
+    @register_benchmark("{name}")
+    def toy(seed, size, data_root):
+        gen = torch.Generator().manual_seed(seed)
+
+        def split(n, first_id):
+            x = torch.randn(n, 6, generator=gen)
+            targets = {{"kind": (x[:, 0] > 0).long() + (x[:, 1] > 1).long(),
+                       "size": x[:, 2:3] * 2.0}}
+            return MultiTaskDataset(x, targets, TASKS, ids=torch.arange(first_id, first_id + n))
+
+        return Benchmark("{name}", split(80, 0), split(40, 1000), TASKS,
+                         info={{"train_config": {{"epochs": 2, "batch_size": 16}}}})
+    ''')
+
+
+def test_a_benchmark_registered_in_an_imported_module_trains_unlearns_and_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """load_benchmark knew only the built-in names; a registered benchmark is loaded by name
+    by every command that --imports its module (a checkpoint records the name)."""
+    from mtunlearn_ext.data import registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    (tmp_path / "toy_plugin.py").write_text(BENCHMARK_PLUGIN.format(name="toy_cli"))
+    monkeypatch.chdir(tmp_path)
+    plugin = ["--import", "toy_plugin", "--quiet", "--threads", "1"]
+    assert cli.main(["train", "--benchmark", "toy_cli", "--output", "orig.pt"]) == 2
+    assert "register_benchmark" in _err(capsys)
+    assert cli.main(["train", "--benchmark", "toy_cli", "--output", "orig.pt", *plugin]) == 0
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", "3,7",
+                     "--method-config", '{"steps": 2}', "--output", "u.pt", *plugin]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", "u.pt.record.json", *plugin]) == 0, \
+        capsys.readouterr().err
+
+
+def test_register_benchmark_refuses_built_in_and_taken_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtunlearn_ext.data import load_benchmark, register_benchmark, registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    with pytest.raises(ValueError, match="'digits' is a built-in benchmark"):
+        register_benchmark("digits", lambda **kwargs: None)  # type: ignore[arg-type,return-value]
+    def returns_none(**kwargs: object) -> None:
+        return None
+
+    def returns_one(**kwargs: object) -> int:
+        return 1
+
+    register_benchmark("mine", returns_none)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="the name 'mine' is taken by .*returns_none"):
+        register_benchmark("mine", returns_one)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must return a Benchmark named 'mine', got NoneType"):
+        load_benchmark("mine")

@@ -11,6 +11,8 @@ from mtunlearn_ext.data.registry import (
     default_cache_dir,
     load_benchmark,
     read_benchmark,
+    register_benchmark,
+    registered_benchmarks,
     save_benchmark,
     unseen_instances,
 )
@@ -20,4 +22,5 @@ from mtunlearn_ext.data.street import STREET_CLASSES, make_street
 __all__ = ["BENCHMARKS", "INDOOR_CLASSES", "SIZES", "STREET_CLASSES", "UNSEEN_SEED_OFFSET",
            "Benchmark", "ForgetRequest", "LayoutError", "MultiTaskDataset", "TaskSpec",
            "default_cache_dir", "load_benchmark", "load_cityscapes", "load_nyuv2", "make_digits",
-           "make_indoor", "make_street", "read_benchmark", "save_benchmark", "unseen_instances"]
+           "make_indoor", "make_street", "read_benchmark", "register_benchmark",
+           "registered_benchmarks", "save_benchmark", "unseen_instances"]

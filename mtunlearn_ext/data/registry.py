@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 from mtunlearn_ext._io import atomic_torch_save
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, describe_callable
 from mtunlearn_ext.data.digits import make_digits
 from mtunlearn_ext.data.indoor import INDOOR_VERSION, make_indoor
 from mtunlearn_ext.data.libmtl import load_cityscapes, load_nyuv2
@@ -46,7 +46,7 @@ from mtunlearn_ext.data.street import STREET_VERSION, make_street
 
 __all__ = ["BENCHMARKS", "GENERATED_BENCHMARKS", "SIZES", "UNSEEN_ID_OFFSET",
            "UNSEEN_SEED_OFFSET", "default_cache_dir", "load_benchmark", "read_benchmark",
-           "save_benchmark", "unseen_instances"]
+           "register_benchmark", "registered_benchmarks", "save_benchmark", "unseen_instances"]
 
 Size = Literal["tiny", "small", "medium"]
 SIZES: tuple[str, ...] = ("tiny", "small", "medium")
@@ -158,7 +158,23 @@ def _from_dict(payload: dict[str, Any]) -> Benchmark:
 def save_benchmark(benchmark: Benchmark, path: str | os.PathLike[str],
                    overwrite: bool = True) -> str:
     """Write ``benchmark`` to ``path`` atomically (``torch.save`` of plain types); returns the
-    file's SHA-256. ``info`` must hold plain types and tensors."""
+    file's SHA-256. ``info`` must hold plain types and tensors.
+
+    A task with a custom ``loss`` (in ``benchmark.tasks`` or a split's tasks) is refused
+    (``ValueError`` naming it): the file holds data, not code, so the loss cannot be stored.
+    Save the benchmark with tasks without ``loss`` and give them their loss again after
+    :func:`read_benchmark`.
+    """
+    splits = [benchmark.train, benchmark.test]
+    if benchmark.validation is not None:
+        splits.append(benchmark.validation)
+    for task in [*benchmark.tasks, *(t for split in splits for t in split.tasks)]:
+        if task.loss is not None:
+            raise ValueError(
+                f"save_benchmark: task {task.name!r} has a custom loss "
+                f"({describe_callable(task.loss)}), which a benchmark file cannot store (it "
+                f"holds data, not code); save the benchmark with tasks without `loss` and give "
+                f"them their loss again after read_benchmark")
     payload = {"format": _CACHE_FORMAT, "name": benchmark.name,
                "tasks": [_task_dict(t) for t in benchmark.tasks],
                "train": _dataset_dict(benchmark.train), "test": _dataset_dict(benchmark.test),
@@ -174,6 +190,50 @@ def read_benchmark(path: str | os.PathLike[str]) -> Benchmark:
     if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
         raise ValueError(f"{path} is not an mtunlearn_ext benchmark file ({_CACHE_FORMAT})")
     return _from_dict(payload)
+
+
+#: Benchmarks of the user's own: name -> ``builder(seed=, size=, data_root=) -> Benchmark``.
+_REGISTERED: dict[str, Callable[..., Benchmark]] = {}
+
+
+def register_benchmark(name: str, builder: Callable[..., Benchmark] | None = None) -> Any:
+    """Make ``load_benchmark(name, seed=, size=, data_root=)`` build a benchmark of your own
+    with ``builder(seed=seed, size=size, data_root=data_root)`` (a :class:`Benchmark` named
+    ``name``), so that everything that loads benchmarks by name takes it: the experiment
+    runner, checkpoints that record it, and the ``mtunlearn`` command with ``--import`` of the
+    module that registers it. Also a decorator: ``@register_benchmark("toy")``.
+
+    The builder's benchmark is not cached; its ``info`` may hold ``train_config`` (the training
+    recipe, a mapping of :class:`~mtunlearn_ext.training.TrainConfig` fields) and
+    ``model_config`` (``build_model``'s architecture arguments). A built-in name, or one taken
+    by another builder, is refused; the same builder defined again (equal module and qualified
+    name: a reloaded module) replaces its entry."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"register_benchmark: `name` must be an identifier-like string, got "
+                         f"{name!r}")
+    if name in BENCHMARKS:
+        raise ValueError(f"register_benchmark: {name!r} is a built-in benchmark; choose another "
+                         "name")
+
+    def register(fn: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
+        if not callable(fn):
+            raise TypeError(f"register_benchmark: `builder` must be callable, got "
+                            f"{type(fn).__name__}")
+        existing = _REGISTERED.get(name)
+        if existing is not None and existing is not fn and not (
+                getattr(existing, "__module__", None) == getattr(fn, "__module__", None)
+                and getattr(existing, "__qualname__", None) == getattr(fn, "__qualname__", None)):
+            raise ValueError(f"register_benchmark: the name {name!r} is taken by "
+                             f"{existing.__module__}.{existing.__qualname__}")
+        _REGISTERED[name] = fn
+        return fn
+
+    return register if builder is None else register(builder)
+
+
+def registered_benchmarks() -> tuple[str, ...]:
+    """The names :func:`load_benchmark` knows: the built-in ones, then the registered ones."""
+    return BENCHMARKS + tuple(_REGISTERED)
 
 
 def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
@@ -195,6 +255,15 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         raise ValueError(f"load_benchmark: unknown size {size!r}; choose one of {SIZES}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"load_benchmark: `seed` must be an integer >= 0, got {seed!r}")
+    if name in _REGISTERED:
+        benchmark = _REGISTERED[name](seed=seed, size=size, data_root=data_root)
+        if not isinstance(benchmark, Benchmark) or benchmark.name != name:
+            got = (f"one named {benchmark.name!r}" if isinstance(benchmark, Benchmark)
+                   else type(benchmark).__name__)
+            raise ValueError(f"load_benchmark: the builder registered for {name!r} must return "
+                             f"a Benchmark named {name!r}, got {got}")
+        benchmark.info.setdefault("size_name", size)
+        return benchmark
     if name == "digits":
         return _with_recipe(make_digits(seed=seed, **_DIGITS[size]), name, size)
     if name in _REAL:
@@ -205,7 +274,8 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         return _with_recipe(loader(data_root, **sizes[size]), name, size)
     if name not in _GENERATED:
         raise ValueError(f"load_benchmark: unknown benchmark {name!r}; choose one of "
-                         f"{BENCHMARKS}")
+                         f"{registered_benchmarks()} (one of your own: register_benchmark, and "
+                         "--import its module on the command line)")
     generate, version, sizes = _GENERATED[name]
     kwargs = sizes[size]
     if not use_cache:
