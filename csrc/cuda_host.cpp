@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -56,10 +57,19 @@ std::vector<cuda::ReduceItem> make_items(const std::vector<Segment>& segments, i
   return items;
 }
 
+// The kernels take the row counts as 32-bit integers: more rows than that would be truncated
+// silently, so they are refused (the CPU kernels take any count).
+void check_row_counts(int64_t m, int64_t k, const char* what) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(m <= kMax && k <= kMax, "mtunlearn: the CUDA ", what,
+              " kernels take at most 2**31 - 1 rows on each side; got ", m, " x ", k);
+}
+
 }  // namespace
 
 void reduce(ScalarKind kind, const std::vector<ReduceSegment>& segments_in, int64_t m, int64_t k,
             bool symmetric, const at::Tensor& out) {
+  check_row_counts(m, k, "Gram/inner product");
   const c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
   std::vector<ReduceSegment> segments(segments_in);
@@ -89,6 +99,7 @@ void reduce(ScalarKind kind, const std::vector<ReduceSegment>& segments_in, int6
 
 void combine(ScalarKind kind, const std::vector<CombineSegment>& segments, int64_t m, int64_t k,
              const at::Tensor& coeffs, double beta) {
+  check_row_counts(m, k, "combination");
   const c10::cuda::CUDAGuard guard(coeffs.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(coeffs.device().index()).stream();
   const std::vector<cuda::ReduceItem> items = make_items(segments, 1, 8192);

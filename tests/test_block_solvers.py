@@ -25,4 +25,4 @@ def test_block_solvers_match_the_one_thread_solvers(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ok: 0 mismatching case(s)" in run.stdout
     # Every kind of case ran, at the largest k the solvers accept too.
-    assert run.stdout.count("k=256") == 11 and "dropped rows" in run.stdout
+    assert run.stdout.count("k=256") == 12 and "dropped rows" in run.stdout

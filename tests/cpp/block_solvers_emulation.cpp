@@ -194,6 +194,14 @@ int main() {
     for (auto& v : c_corr) v = 3.0 * normal(rng);
     check_dual("dual, k > n correlated (active set)", k, threads, correlated, c_corr);
     check_dual("dual, the same at the fp32 floor", k, threads, correlated, c_corr, 1e-6);
+    // Not positive semi-definite: the descent overflows (NaN) out of sweeps with no active row.
+    // The one-thread solver returns that iterate (the polish has nothing to solve); the block
+    // solver ran the exact active-set method instead and returned finite weights.
+    std::vector<double> indefinite(static_cast<size_t>(k) * k, 0.0);
+    for (int i = 0; i < k; ++i) indefinite[i * k + i] = 1.0;
+    indefinite[1] = indefinite[k] = -2.0;
+    check_dual("dual, indefinite (descent overflows)", k, threads, indefinite,
+               std::vector<double>(k, -1.0));
   }
   std::printf("%s: %d mismatching case(s)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;

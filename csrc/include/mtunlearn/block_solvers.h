@@ -213,10 +213,12 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
     block.sync();
     for (int a = rank; a < na; a += size) s_w[idx[a]] = s_trial[a];
     block.sync();
-  } else if (!converged) {
+  } else if (!converged && na > 0) {
     // As in solvers::nonconflicting_dual: the exact active-set method, on one thread (it is the
     // rare case of dependent rows and a descent out of sweeps; its steps are sequential). s_w
     // holds the descent iterate, which it keeps if its own budget runs out on a worse one.
+    // With no active row there is nothing to polish and the iterate stands (dual_polish's
+    // `na == 0`), also when the descent did not converge (NaN from an overflowing Gram).
     if (rank == 0) solvers::dual_active_set(g, k, c, scale, pivot_floor, s_w, factor, idx);
     block.sync();
   }

@@ -47,7 +47,7 @@ combine_kernel(const CombineSegment* __restrict__ segments, const ReduceItem* __
       for (int j = 0; j < k; ++j) {
         A xv[V];
         load16(x + j * seg.x_row_stride + col, xv);
-        const A cij = __ldg(c + i * k + j);
+        const A cij = __ldg(c + static_cast<int64_t>(i) * k + j);
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[v] += cij * xv[v];
       }
@@ -57,7 +57,7 @@ combine_kernel(const CombineSegment* __restrict__ segments, const ReduceItem* __
   for (int64_t col = vec_end + threadIdx.x; col < end; col += kThreads) {
     for (int i = 0; i < m; ++i) {
       A acc = use_base ? beta * to_acc(base[i * seg.base_row_stride + col]) : A(0);
-      for (int j = 0; j < k; ++j) acc += __ldg(c + i * k + j) * to_acc(x[j * seg.x_row_stride + col]);
+      for (int j = 0; j < k; ++j) acc += __ldg(c + static_cast<int64_t>(i) * k + j) * to_acc(x[j * seg.x_row_stride + col]);
       store1(out + i * seg.out_row_stride + col, acc);
     }
   }

@@ -3,7 +3,9 @@
 // each problem; from k = 32 one block per problem, unless MTUNLEARN_CUDA_BLOCK_SOLVERS=0), on a
 // per-problem workspace. The problems are k x k with k <= 256; keeping them on the device
 // avoids any host sync.
+#include <cctype>
 #include <cstdlib>
+#include <string>
 
 #include "mtunlearn/block_solvers.h"
 #include "mtunlearn/cuda_common.cuh"
@@ -67,8 +69,12 @@ constexpr int kBlockSolverThreads = 256;
 // (benchmarks/gpu_check.py tests both ways).
 bool block_solvers_enabled() {
   static const bool enabled = [] {
+    // Read once, at the first CUDA solver call. Off: 0, false, off or no (any case).
     const char* value = std::getenv("MTUNLEARN_CUDA_BLOCK_SOLVERS");
-    return value == nullptr || value[0] != '0';
+    if (value == nullptr) return true;
+    std::string text(value);
+    for (char& ch : text) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    return !(text == "0" || text == "false" || text == "off" || text == "no");
   }();
   return enabled;
 }
