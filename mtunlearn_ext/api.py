@@ -426,36 +426,32 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 
 
-_BITS_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _PRINT_CHUNK_BYTES = 1 << 26
 
 
 def _row_fingerprints(x: torch.Tensor) -> list[tuple[float, ...]]:
-    """One print per row of ``x``: the sum of its values' bit patterns (as integers, modulo
-    2**64) and its first and last values. Equal rows have equal prints; rows with equal prints
-    are then compared exactly.
+    """One print per row of ``x``: the sum of its values' float64 bit patterns (as integers,
+    modulo 2**64) and its first and last values. Equal rows have equal prints, in any dtype
+    (every value is read as float64, which holds the other float dtypes and integers up to
+    2**53 exactly); rows with equal prints are then compared exactly.
 
     Integer sums are exact, so a row's print does not depend on how many rows ``x`` has, its
     layout, the thread count or the device: a float sum did (two threads split a long row's
     reduction otherwise when it is alone, so a held-out row equal to a training row of 300k
     values could get another print and pass unnoticed). ``-0.0`` is counted as ``0.0``, which
-    it equals. The rows are read in chunks of at most 64 MiB (a non-contiguous input is copied
-    a chunk at a time, not whole)."""
+    it equals. The rows are read in chunks of at most 64 MiB of float64 (a non-contiguous input
+    is copied a chunk at a time, not whole)."""
     n = len(x)
     width = x[:1].numel()
     if width == 0:
         return [()] * n
-    bits = _BITS_OF_SIZE.get(x.element_size())
-    step = max(1, _PRINT_CHUNK_BYTES // (width * x.element_size()))
+    step = max(1, _PRINT_CHUNK_BYTES // (width * 8))
     prints: list[tuple[float, ...]] = []
     for start in range(0, n, step):
-        chunk = x[start:start + step].reshape(-1, width)
-        if chunk.is_floating_point():
-            chunk = chunk + 0.0  # -0.0 + 0.0 is +0.0; a new contiguous tensor
-        chunk = chunk.contiguous()
-        as_bits = chunk.view(bits) if bits is not None else chunk.view(torch.uint8)
-        prints.extend(zip(as_bits.sum(1, dtype=torch.int64).tolist(),
-                          chunk[:, 0].double().tolist(), chunk[:, -1].double().tolist()))
+        # float64 + 0.0: one dtype for every input, -0.0 as +0.0, a new contiguous tensor.
+        chunk = x[start:start + step].reshape(-1, width).to(torch.float64) + 0.0
+        prints.extend(zip(chunk.view(torch.int64).sum(1, dtype=torch.int64).tolist(),
+                          chunk[:, 0].tolist(), chunk[:, -1].tolist()))
     return prints
 
 
@@ -1136,10 +1132,10 @@ def unlearn(model: nn.Module, *,
 
 
 def _non_finite_parameters(model: nn.Module) -> list[str]:
-    """Names of ``model``'s parameters and floating-point buffers that hold NaN/Inf."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    return [name for name, t in tensors
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of ``model``'s parameters that hold NaN/Inf (buffers may hold Inf on purpose: an
+    additive attention mask of -inf)."""
+    return [name for name, p in model.named_parameters()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
 def _held_out_unused(unlearner: Unlearner, report: UnlearningReport) -> str | None:
@@ -1213,8 +1209,8 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     diverged = _non_finite_parameters(model)
     if diverged:
         raise ValueError(f"save_unlearned: `model` has NaN/Inf in {len(diverged)} parameter(s) "
-                         f"or buffer(s) (first: {diverged[0]}); a diverged run is no unlearned "
-                         "model: nothing was written")
+                         f"(first: {diverged[0]}); a diverged run is no unlearned model: nothing "
+                         "was written")
     target = Path(path)
     record_path = target.with_name(target.name + ".record.json")
     for p in (target, record_path):

@@ -5,6 +5,7 @@ an error naming the argument, or handled as the docs say."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -667,6 +668,15 @@ def test_a_diverged_run_warns_and_save_unlearned_refuses_it(tmp_path) -> None:  
                                          r"written"):
         mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
     assert list(tmp_path.iterdir()) == []
+    # A buffer may hold Inf on purpose (an additive attention mask): not a diverged model.
+    masked = _TwoHeads()
+    masked.register_buffer("mask", torch.full((3, 3), float("-inf")).triu(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept, kept_report = mtunlearn_ext.unlearn(
+            masked, tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+            shared_parameters=_trunk, config={"steps": 1})
+    mtunlearn_ext.save_unlearned(kept, kept_report, tmp_path / "m.pt")
 
 
 def test_the_public_submodules_are_attributes_of_the_package() -> None:

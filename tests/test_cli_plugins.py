@@ -143,3 +143,10 @@ def test_register_benchmark_refuses_built_in_and_taken_names(
         register_benchmark("mine", returns_one)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must return a Benchmark named 'mine', got NoneType"):
         load_benchmark("mine")
+    # Callable objects and partials are one definition only as one object (their module and
+    # name say nothing of what they hold): two of them under one name are refused.
+    import functools
+
+    register_benchmark("mine_partial", functools.partial(returns_none, flavour=1))
+    with pytest.raises(ValueError, match="the name 'mine_partial' is taken by functools.partial"):
+        register_benchmark("mine_partial", functools.partial(returns_none, flavour=2))

@@ -212,6 +212,22 @@ def test_register_unlearner_refuses_a_config_that_is_not_a_dataclass(
     method = get_unlearner("_test_no_dataclass", {"my_knob": 1.0})
     assert method.config.steps == 7 and method.config.my_knob == 1.0  # type: ignore[attr-defined]
 
+    # A subclass that declares no field (only a stricter check) needs no @dataclass of its own.
+    class StricterConfig(StepConfig):
+        def validate(self) -> None:
+            super().validate()
+            if self.steps > 50:
+                raise ValueError("at most 50 steps")
+
+    class Strict(Mine):
+        name = "_test_stricter"
+        config_class = StricterConfig
+
+    register_unlearner(Strict)
+    assert get_unlearner("_test_stricter", {"steps": 5}).config.steps == 5
+    with pytest.raises(ValueError, match="at most 50 steps"):
+        get_unlearner("_test_stricter", {"steps": 60})
+
 
 # -- 4. TaskSpec.describe of a functools.partial loss ------------------------------------------------
 

@@ -305,3 +305,14 @@ def test_equal_rows_are_found_whatever_the_rows_around_them() -> None:
     images = torch.randn(6, 3, 40, 50, generator=torch.Generator().manual_seed(1))
     channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     assert _equal_input_rows(channels_last[2:4], images, torch.arange(6)) == [(0, 2), (1, 3)]
+
+
+def test_equal_rows_in_other_dtypes_are_found() -> None:
+    """Prints of the values' own bit patterns missed a training row stored in another float
+    dtype (float32 training data, the same row as float64 held-out data)."""
+    from mtunlearn_ext.api import _equal_input_rows
+
+    train = torch.randn(6, 50, generator=torch.Generator().manual_seed(2))
+    for other, reference in [(train.double(), train), (train.half(), train.half().float()),
+                             (train.to(torch.bfloat16), train.to(torch.bfloat16).double())]:
+        assert _equal_input_rows(other[2:3], reference, torch.arange(6)) == [(0, 2)], other.dtype

@@ -320,3 +320,45 @@ def test_vmap_over_the_in_place_ops_is_refused_by_name(op_path: str) -> None:
         torch.vmap(into_out)(coeffs, x, torch.zeros(4, 2, 5, dtype=F64))
     with pytest.raises(RuntimeError, match=r"combine_list: writes in place, which torch\.vmap"):
         torch.vmap(into_list)(coeffs[:, 0], x, torch.zeros(4, 5, dtype=F64))
+
+
+@pytest.mark.parametrize("case", ["no rows", "no columns", "empty first side"])
+def test_list_op_second_derivatives_and_vmap_with_empty_shapes(case: str) -> None:
+    """reshape(..., -1) of an empty tensor has no size to infer: create_graph backward and
+    vmap of the list ops failed on k = 0, n = 0 and an empty side."""
+    rows, cols = {"no rows": (0, 3), "no columns": (2, 0), "empty first side": (2, 3)}[case]
+    m = 0 if case == "empty first side" else rows
+    xs = [_rand(m, cols, seed=60).requires_grad_()]
+    ys = [_rand(rows, cols, seed=61).requires_grad_()]
+    for out in (ops.gram_list(ys), ops.gram_list_stacked(xs, ys)):
+        grads = torch.autograd.grad(out.sum(), [*xs, *ys] if out.shape[-1] != rows else ys,
+                                    create_graph=True, allow_unused=True)
+        assert all(g is None or g.shape in ((m, cols), (rows, cols)) for g in grads)
+    batch = _rand(3, rows, cols, seed=62)
+    assert torch.vmap(lambda t: ops.gram_list([t]))(batch).shape == (3, rows, rows)
+    assert torch.vmap(lambda t: ops.gram_list_stacked([t[:m]], [t]))(batch).shape == (
+        3, m + rows, m + rows)
+
+
+def test_list_op_backward_computes_only_the_gradients_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """needs_input_grad of a list input is a list of bools, always truthy when non-empty: the
+    side that needs no gradient was computed anyway."""
+    from mtunlearn_ext.ops import _registration
+
+    calls: list[int] = []
+    real = _registration._products
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_registration, "_products", counted)
+    a = _stacks(2, seed=63)
+    b = [t.requires_grad_() for t in _stacks(3, seed=64)]
+    ops.inner_list(a, b).sum().backward()
+    assert len(calls) == 1 and all(t.grad is not None for t in b)
+    calls.clear()
+    ys = [t.detach().requires_grad_() for t in b]
+    ops.gram_list_stacked(a, ys).sum().backward()
+    assert len(calls) == 2

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from mtunlearn_ext._definitions import defined_name, same_definition
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, describe_callable
 from mtunlearn_ext.data.digits import make_digits
@@ -220,11 +221,9 @@ def register_benchmark(name: str, builder: Callable[..., Benchmark] | None = Non
             raise TypeError(f"register_benchmark: `builder` must be callable, got "
                             f"{type(fn).__name__}")
         existing = _REGISTERED.get(name)
-        if existing is not None and existing is not fn and not (
-                getattr(existing, "__module__", None) == getattr(fn, "__module__", None)
-                and getattr(existing, "__qualname__", None) == getattr(fn, "__qualname__", None)):
+        if existing is not None and not same_definition(existing, fn):
             raise ValueError(f"register_benchmark: the name {name!r} is taken by "
-                             f"{existing.__module__}.{existing.__qualname__}")
+                             f"{defined_name(existing)}")
         _REGISTERED[name] = fn
         return fn
 

@@ -16,6 +16,7 @@ sums may differ from the one-launch list op's in the last bits). The in-place op
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def _rows_by_batch(tensors: list[torch.Tensor], dims: list[int | None], size: in
     out = []
     for t, d in zip(tensors, dims):
         t = _batch_in_front(t, d, size)
-        out.append(t.reshape(size, t.shape[1], -1))
+        out.append(t.reshape(size, t.shape[1], math.prod(t.shape[2:])))
     return out
 
 

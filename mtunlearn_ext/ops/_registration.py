@@ -6,6 +6,8 @@ treat as constants with only a warning (wrong gradients, silently)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mtunlearn_ext.ops._reference import acc_dtype
@@ -177,12 +179,14 @@ def _register() -> None:
     torch.library.register_autograd(lib + "gram_list", _gram_list_backward,
                                     setup_context=_list_setup)
 
+    # For a list input, needs_input_grad holds one bool per tensor (a non-empty list is truthy).
     def _inner_list_backward(ctx, grad):
         saved = list(ctx.saved_tensors)
         as_, bs = saved[:ctx.split], saved[ctx.split:]
-        grad_as = _products(grad, bs, ctx.per_tensor) if ctx.needs_input_grad[0] else None
+        grad_as = (_products(grad, bs, ctx.per_tensor) if any(ctx.needs_input_grad[0])
+                   else [None] * len(as_))
         grad_bs = (_products(grad.transpose(-1, -2), as_, ctx.per_tensor)
-                   if ctx.needs_input_grad[1] else None)
+                   if any(ctx.needs_input_grad[1]) else [None] * len(bs))
         return grad_as, grad_bs, None
 
     torch.library.register_autograd(lib + "inner_list", _inner_list_backward,
@@ -194,10 +198,14 @@ def _register() -> None:
         m = xs[0].shape[0]
         sym = grad + grad.transpose(-1, -2)
         # Row i of [X; Y] gets sum_j sym[i, j] [X; Y]_j: the X rows' and the Y rows' parts.
-        grad_xs = _sum_lists(_products(sym[..., :m, :m], xs, ctx.per_tensor),
-                             _products(sym[..., :m, m:], ys, ctx.per_tensor))
-        grad_ys = _sum_lists(_products(sym[..., m:, :m], xs, ctx.per_tensor),
-                             _products(sym[..., m:, m:], ys, ctx.per_tensor))
+        grad_xs: list[torch.Tensor | None] = [None] * len(xs)
+        grad_ys: list[torch.Tensor | None] = [None] * len(ys)
+        if any(ctx.needs_input_grad[0]):
+            grad_xs = _sum_lists(_products(sym[..., :m, :m], xs, ctx.per_tensor),
+                                 _products(sym[..., :m, m:], ys, ctx.per_tensor))
+        if any(ctx.needs_input_grad[1]):
+            grad_ys = _sum_lists(_products(sym[..., m:, :m], xs, ctx.per_tensor),
+                                 _products(sym[..., m:, m:], ys, ctx.per_tensor))
         return grad_xs, grad_ys, None
 
     torch.library.register_autograd(lib + "gram_list_stacked", _gram_list_stacked_backward,
@@ -216,9 +224,10 @@ def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
     With ``create_graph`` (grad mode on inside backward) one differentiable ``combine`` per
     tensor, so that the gradient has a gradient; otherwise one ``combine_list_`` launch."""
     if torch.is_grad_enabled():
+        rows = coeffs.shape[-2]
         return [torch.ops.mtunlearn.combine(
                     (coeffs[p] if per_tensor else coeffs).to(acc_dtype(x.dtype)).contiguous(),
-                    x.reshape(x.shape[0], -1)).reshape(-1, *x.shape[1:])
+                    x.reshape(x.shape[0], math.prod(x.shape[1:]))).reshape(rows, *x.shape[1:])
                 for p, x in enumerate(xs)]
     rows = coeffs.shape[-2]
     outs = [x.new_empty((rows, *x.shape[1:])) for x in xs]

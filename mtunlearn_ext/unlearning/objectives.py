@@ -65,6 +65,7 @@ from typing import ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
+from mtunlearn_ext._definitions import defined_name, same_definition
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.losses import task_loss, valid_pixel_mask
 
@@ -482,10 +483,9 @@ def register_forget_objective(cls: O) -> O:
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
         raise TypeError(f"{what} is abstract: define {missing}")
     existing = FORGET_OBJECTIVES.get(name)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (
-            cls.__module__, cls.__qualname__):
-        raise ValueError(f"{what}: the name {name!r} is taken by "
-                         f"{existing.__module__}.{existing.__qualname__}; choose another name")
+    if existing is not None and not same_definition(existing, cls):
+        raise ValueError(f"{what}: the name {name!r} is taken by {defined_name(existing)}; "
+                         "choose another name")
     FORGET_OBJECTIVES[name] = cls
     return cls
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from mtunlearn_ext._definitions import same_definition
 from mtunlearn_ext.unlearning.base import Unlearner, UnlearnerConfig, config_from_mapping
 
 __all__ = ["UNLEARNERS", "available_unlearners", "get_unlearner", "register_unlearner"]
@@ -19,10 +20,12 @@ UNLEARNERS: dict[str, type[Unlearner]] = {}
 U = TypeVar("U", bound=type[Unlearner])
 
 
-def _same_definition(a: type, b: type) -> bool:
-    """Whether ``a`` and ``b`` are one class, or the same definition run again: equal module
-    and qualified name (a reloaded module, a re-run notebook cell, autoreload)."""
-    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
+def _declares_fields(config_class: type) -> bool:
+    """Whether ``config_class`` itself annotates a field or sets a class attribute named like a
+    field of its dataclass parents (a new default)."""
+    own = config_class.__dict__
+    inherited = getattr(config_class, "__dataclass_fields__", {})
+    return bool(own.get("__annotations__")) or any(name in own for name in inherited)
 
 
 def register_unlearner(cls: U) -> U:
@@ -40,7 +43,7 @@ def register_unlearner(cls: U) -> U:
         raise ValueError(f"register_unlearner: {cls.__qualname__} has no `name` (a non-empty "
                          f"str), got {name!r}")
     existing = UNLEARNERS.get(name)
-    if existing is not None and not _same_definition(existing, cls):
+    if existing is not None and not same_definition(existing, cls):
         raise ValueError(f"register_unlearner: the name {name!r} of "
                          f"{cls.__module__}.{cls.__qualname__} is taken by "
                          f"{existing.__module__}.{existing.__qualname__}; choose another name")
@@ -48,9 +51,10 @@ def register_unlearner(cls: U) -> U:
     if not isinstance(config_class, type) or not issubclass(config_class, UnlearnerConfig):
         raise TypeError(f"register_unlearner: {cls.__qualname__}.config_class must subclass "
                         f"UnlearnerConfig, got {config_class!r}")
-    if "__dataclass_fields__" not in config_class.__dict__:
+    if "__dataclass_fields__" not in config_class.__dict__ and _declares_fields(config_class):
         # Without its own @dataclass a subclass keeps its parent's fields and __init__: its
-        # declared defaults are ignored and its new fields refused as unknown settings.
+        # declared defaults are ignored and its new fields refused as unknown settings. (One
+        # that declares none, e.g. only a stricter validate(), is fine as it is.)
         parent = next(c for c in config_class.__mro__[1:] if "__dataclass_fields__" in c.__dict__)
         raise TypeError(f"register_unlearner: {cls.__qualname__}.config_class "
                         f"{config_class.__qualname__} is not a dataclass itself, so it has the "
