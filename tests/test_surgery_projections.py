@@ -342,3 +342,19 @@ def test_errors_of_the_list_ops_name_the_callers_arguments() -> None:
     with pytest.raises(FloatingPointError, match=r"^mtunlearn_ext.surgery.project_out_list: "
                                                  r"`g_list\[1\]` contains NaN"):
         project_out_list(stacks(1, bad=1), stacks(2), basis_gram=basis_gram)
+
+
+def test_list_surgery_reads_stacks_that_require_grad_as_values() -> None:
+    """They write in place and run under no_grad, as an optimizer step does: stacks that
+    require grad were refused mid-call (after earlier dtype groups' outputs were written) once
+    combine_list began refusing arguments that require grad while autograd records."""
+    from mtunlearn_ext import surgery
+
+    stacks = [torch.randn(2, 4), torch.randn(2, 3, dtype=torch.float64).requires_grad_()]
+    outs = [torch.zeros(4), torch.zeros(3, dtype=torch.float64)]
+    surgery.aggregate_list(surgery.Mean(), stacks, outs)
+    for out, stack in zip(outs, stacks):
+        torch.testing.assert_close(out, stack.detach().mean(0))
+        assert not out.requires_grad
+    projected = surgery.project_out_list([s[:1] for s in stacks], [s[1:] for s in stacks])
+    assert not any(p.requires_grad for p in projected)

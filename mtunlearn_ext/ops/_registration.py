@@ -163,34 +163,40 @@ def _register() -> None:
     torch.library.register_autograd(lib + "combine", _combine_backward,
                                     setup_context=_combine_setup)
 
-    # The list forms: the same formulas, one tensor of the list at a time.
-    def _list_setup(ctx, inputs, output) -> None:
-        # inputs: (xs, per_tensor) or (first list, second list, per_tensor); the lists are
-        # saved as one tuple and split again at `split`.
-        *lists, ctx.per_tensor = inputs
-        ctx.split = len(lists[0])
-        ctx.save_for_backward(*(t for tensors in lists for t in tensors))
+    # The list forms: the same formulas, one tensor of the list at a time. The backward
+    # returns one entry per entry of needs_input_grad: per_tensor has one only when it was
+    # given other than its default (torch 2.13 refuses an extra None; 2.14 ignores it).
+    def _list_setup(num_lists: int):
+        def setup(ctx, inputs, output) -> None:
+            lists = inputs[:num_lists]
+            ctx.per_tensor = bool(inputs[num_lists]) if len(inputs) > num_lists else False
+            ctx.split = len(lists[0])
+            ctx.save_for_backward(*(t for tensors in lists for t in tensors))
+
+        return setup
+
+    def _rest(ctx, num_lists: int) -> tuple[None, ...]:
+        return (None,) * (len(ctx.needs_input_grad) - num_lists)
 
     def _gram_list_backward(ctx, grad):
         xs = list(ctx.saved_tensors)
         sym = grad + grad.transpose(-1, -2)
-        return _products(sym, xs, ctx.per_tensor), None
+        return (_products(sym, xs, ctx.per_tensor), *_rest(ctx, 1))
 
     torch.library.register_autograd(lib + "gram_list", _gram_list_backward,
-                                    setup_context=_list_setup)
+                                    setup_context=_list_setup(1))
 
-    # For a list input, needs_input_grad holds one bool per tensor (a non-empty list is truthy).
     def _inner_list_backward(ctx, grad):
         saved = list(ctx.saved_tensors)
         as_, bs = saved[:ctx.split], saved[ctx.split:]
-        grad_as = (_products(grad, bs, ctx.per_tensor) if any(ctx.needs_input_grad[0])
+        grad_as = (_products(grad, bs, ctx.per_tensor) if _needed(ctx.needs_input_grad[0])
                    else [None] * len(as_))
         grad_bs = (_products(grad.transpose(-1, -2), as_, ctx.per_tensor)
-                   if any(ctx.needs_input_grad[1]) else [None] * len(bs))
-        return grad_as, grad_bs, None
+                   if _needed(ctx.needs_input_grad[1]) else [None] * len(bs))
+        return (grad_as, grad_bs, *_rest(ctx, 2))
 
     torch.library.register_autograd(lib + "inner_list", _inner_list_backward,
-                                    setup_context=_list_setup)
+                                    setup_context=_list_setup(2))
 
     def _gram_list_stacked_backward(ctx, grad):
         saved = list(ctx.saved_tensors)
@@ -200,16 +206,16 @@ def _register() -> None:
         # Row i of [X; Y] gets sum_j sym[i, j] [X; Y]_j: the X rows' and the Y rows' parts.
         grad_xs: list[torch.Tensor | None] = [None] * len(xs)
         grad_ys: list[torch.Tensor | None] = [None] * len(ys)
-        if any(ctx.needs_input_grad[0]):
+        if _needed(ctx.needs_input_grad[0]):
             grad_xs = _sum_lists(_products(sym[..., :m, :m], xs, ctx.per_tensor),
                                  _products(sym[..., :m, m:], ys, ctx.per_tensor))
-        if any(ctx.needs_input_grad[1]):
+        if _needed(ctx.needs_input_grad[1]):
             grad_ys = _sum_lists(_products(sym[..., m:, :m], xs, ctx.per_tensor),
                                  _products(sym[..., m:, m:], ys, ctx.per_tensor))
-        return grad_xs, grad_ys, None
+        return (grad_xs, grad_ys, *_rest(ctx, 2))
 
     torch.library.register_autograd(lib + "gram_list_stacked", _gram_list_stacked_backward,
-                                    setup_context=_list_setup)
+                                    setup_context=_list_setup(2))
 
     for name in NOT_DIFFERENTIABLE:
         torch.library.register_autograd(lib + name, _no_derivative(name),
@@ -234,6 +240,12 @@ def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
     if xs:
         torch.ops.mtunlearn.combine_list_(outs, coeffs.contiguous(), xs, 0.0, per_tensor)
     return outs
+
+
+def _needed(flag: object) -> bool:
+    """``needs_input_grad`` of a list input: one bool per tensor (a non-empty list is truthy
+    whatever it holds), or one bool (torch 2.13)."""
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
 
 
 def _sum_lists(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:

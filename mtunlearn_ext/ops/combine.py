@@ -10,6 +10,7 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
+    call_op,
     _has_no_values,
     check_finite_result,
     check_float_tensor,
@@ -68,7 +69,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
         if beta != 0.0:
             raise ValueError(f"{op}: `beta` must be 0 when `out` is not given, got {beta}")
         if has_extension():
-            return torch.ops.mtunlearn.combine(coeffs, x)
+            return call_op(torch.ops.mtunlearn.combine, coeffs, x)
         return _reference.combine(coeffs, x)
     check_no_autograd_through_out(op, [("out", out), ("coeffs", coeffs), ("x", x)])
     expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
@@ -165,8 +166,6 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     op = "mtunlearn_ext.ops.combine_list"
     xs, outs = list(xs), list(outs)
     base_list = None if bases is None else list(bases)
-    check_no_autograd_through_out(op, [("outs", outs), ("coeffs", coeffs), ("xs", xs),
-                                       ("bases", base_list or [])])
     if check_finite:
         check_float_tensor(op, "coeffs", coeffs)
         check_finite_result(op, coeffs, [("coeffs", coeffs)])
@@ -188,6 +187,9 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
                         outs: list[torch.Tensor], per_tensor: bool,
                         bases: list[torch.Tensor] | None, beta: float) -> None:
     check_not_transformed(op, [coeffs, *xs, *outs, *(bases or [])])
+    # The compiled entry refuses these too (cheaply, in C++); named here in the caller's words.
+    check_no_autograd_through_out(op, [("outs", outs), ("coeffs", coeffs), ("xs", xs),
+                                       ("bases", bases or [])])
     lead_dims = 1 if per_tensor else 0
     check_float_tensor(op, "coeffs", coeffs, min_dim=1 + lead_dims)
     if coeffs.dim() > 2 + lead_dims:

@@ -17,6 +17,7 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
+    call_op,
     check_finite_result,
     check_float_tensor,
     check_same_device,
@@ -62,7 +63,7 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
     op = f"mtunlearn_ext.ops.{name}"
     a_list, b_list = list(a), list(b)
     result = checked_list_call(
-        lambda: getattr(torch.ops.mtunlearn, name)(a_list, b_list, per_tensor),
+        lambda: call_op(getattr(torch.ops.mtunlearn, name), a_list, b_list, per_tensor),
         lambda: getattr(_reference, name)(a_list, b_list, per_tensor),
         lambda: _check_paired_stacks(op, a_name, a_list, b_name, b_list))
     if check_finite:
@@ -84,7 +85,7 @@ def gram(x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
     """
     op = "mtunlearn_ext.ops.gram"
     check_float_tensor(op, "x", x, min_dim=2)
-    result = torch.ops.mtunlearn.gram(x) if has_extension() else _reference.gram(x)
+    result = call_op(torch.ops.mtunlearn.gram, x) if has_extension() else _reference.gram(x)
     if check_finite:
         check_finite_result(op, result, [("x", x)])
     return result
@@ -102,7 +103,7 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     """
     op = "mtunlearn_ext.ops.gram_list"
     xs = list(xs)
-    result = checked_list_call(lambda: torch.ops.mtunlearn.gram_list(xs, per_tensor),
+    result = checked_list_call(lambda: call_op(torch.ops.mtunlearn.gram_list, xs, per_tensor),
                                lambda: _reference.gram_list(xs, per_tensor),
                                lambda: _check_stacks(op, xs))
     if check_finite:
@@ -145,7 +146,7 @@ def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> tor
             f"{op}: `a` [..., m, n] and `b` [..., k, n] must share leading dims and n; got "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         )
-    result = torch.ops.mtunlearn.inner(a, b) if has_extension() else _reference.inner(a, b)
+    result = call_op(torch.ops.mtunlearn.inner, a, b) if has_extension() else _reference.inner(a, b)
     if check_finite:
         check_finite_result(op, result, [("a", a), ("b", b)])
     return result

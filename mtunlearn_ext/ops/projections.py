@@ -14,6 +14,7 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
+    call_op,
     check_finite_result,
     check_float_tensor,
     check_same_device,
@@ -71,7 +72,7 @@ def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
     _check_pair(op, "g", g, "basis", basis)
     ridge = check_ridge(op, ridge)
     if has_extension():
-        out, coeffs = torch.ops.mtunlearn.project_out(g, basis, float(ridge))
+        out, coeffs = call_op(torch.ops.mtunlearn.project_out, g, basis, float(ridge))
     else:
         gm = _reference.gram(basis)
         coeffs = _reference.ridge_solve(gm, _reference.inner(basis, g), ridge).transpose(-1, -2)
@@ -113,7 +114,7 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
     if sign not in (1, -1):
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
     if has_extension():
-        out, coeffs = torch.ops.mtunlearn.project_nonconflicting(g, r, int(sign))
+        out, coeffs = call_op(torch.ops.mtunlearn.project_nonconflicting, g, r, int(sign))
     else:
         coeffs = _reference.nonconflicting_dual(_reference.gram(r), sign * _reference.inner(g, r))
         out = _reference.combine(sign * coeffs, r, base=g, beta=1.0)
@@ -147,7 +148,7 @@ def pcgrad(x: torch.Tensor, seed: int = 0, *, check_finite: bool = True,
     if x.shape[-2] > MAX_SOLVER_K:
         raise ValueError(f"{op}: `x` has k={x.shape[-2]} rows; at most {MAX_SOLVER_K}")
     if has_extension():
-        out, coeffs = torch.ops.mtunlearn.pcgrad(x, check_seed(op, seed))
+        out, coeffs = call_op(torch.ops.mtunlearn.pcgrad, x, check_seed(op, seed))
     else:
         coeffs = _reference.pcgrad_weights(_reference.gram(x), check_seed(op, seed))
         out = _reference.combine(coeffs.unsqueeze(-2), x).squeeze(-2)

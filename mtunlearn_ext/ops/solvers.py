@@ -23,6 +23,7 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
+    call_op,
     check_float_tensor,
     check_ridge,
     check_same_device,
@@ -67,7 +68,7 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> t
                          f"{tuple(rhs.shape)}")
     ridge = check_ridge(op, ridge)
     if has_extension():
-        return torch.ops.mtunlearn.ridge_solve(gram, rhs, float(ridge))
+        return call_op(torch.ops.mtunlearn.ridge_solve, gram, rhs, float(ridge))
     return _reference.ridge_solve(gram, rhs, ridge)
 
 
@@ -104,7 +105,7 @@ def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{op}: `rhs` must be [..., m, k={k}] with the Gram's leading dims, got "
                          f"{tuple(rhs.shape)}")
     if has_extension():
-        return torch.ops.mtunlearn.nonconflicting_dual(gram, rhs)
+        return call_op(torch.ops.mtunlearn.nonconflicting_dual, gram, rhs)
     return _reference.nonconflicting_dual(gram, rhs)
 
 
@@ -122,7 +123,7 @@ def pcgrad_weights(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     op = "mtunlearn_ext.ops.pcgrad_weights"
     _check_gram(op, gram)
     if has_extension():
-        return torch.ops.mtunlearn.pcgrad_weights(gram, check_seed(op, seed))
+        return call_op(torch.ops.mtunlearn.pcgrad_weights, gram, check_seed(op, seed))
     return _reference.pcgrad_weights(gram, check_seed(op, seed))
 
 

@@ -20,6 +20,10 @@ stacks are shards of longer vectors the global statistics are the SUM over proce
 local ones. ``reduce`` is applied once, to all statistics packed in one small tensor (one
 collective per call), before the solve; every process then solves the same problem and writes
 its own shards. See :mod:`mtunlearn_ext.surgery.distributed`.
+
+The projections and :func:`aggregate_list` write in place and run under ``torch.no_grad()``,
+as an optimizer step does: stacks that require grad are read as values, and nothing is
+recorded (the ops' autograd layer is skipped, which matters on these hot paths).
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tens
                        caller=(op, ("a_list", "b_list")))
 
 
+@torch.no_grad()
 def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
                      ridge: float = 1e-6, *, outs: Sequence[torch.Tensor] | None = None,
                      per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
@@ -215,6 +220,7 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
         op, "g_list", g_list, "basis_list", basis_list, outs))
 
 
+@torch.no_grad()
 def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence[torch.Tensor],
                                 sign: int = 1, *, outs: Sequence[torch.Tensor] | None = None,
                                 per_layer: bool | Sequence[int] = False,
@@ -268,6 +274,7 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
         op, "g_list", g_list, "r_list", r_list, outs))
 
 
+@torch.no_grad()
 def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torch.Tensor],
                    outs: Sequence[torch.Tensor], beta: float | Sequence[float] = 0.0, *,
                    per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
