@@ -117,10 +117,23 @@ class _SplitModel(nn.Module):
     def parameter_split(self) -> ParameterSplit:
         return self._split
 
-    @property
-    def heads(self) -> dict[str, tuple[str, ...]]:
-        """Task -> its head's parameter names (what the trainer checks a model against)."""
-        return dict(self._split.heads)
+    def __getattr__(self, name: str) -> Any:
+        # A method's code sees this wrapper as ``ctx.model``: what it reaches for on the
+        # user's module (``model.heads[t]``, ``model.trunk``) is that module's own attribute.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("__"):
+                raise
+            try:
+                return getattr(module, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"neither the unlearning wrapper nor the wrapped {type(module).__name__} "
+                    f"has an attribute {name!r}; a method reads the parameter split from "
+                    "`ctx.groups` (`shared`, `heads[task]`: (name, parameter) pairs) or "
+                    "`model.parameter_split()` (names)") from None
 
 
 def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:

@@ -202,7 +202,9 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
         raise ValueError(f"train: `task_weights` names unknown tasks {unknown}; the data set "
                          f"has {dataset.task_names}")
     specs, supervision = _select_tasks(dataset, tasks)
-    missing = [s.name for s in specs if s.name not in model.heads]
+    split = getattr(model, "parameter_split", None)
+    head_tasks = split().heads if split is not None else model.heads
+    missing = [s.name for s in specs if s.name not in head_tasks]
     if missing:
         raise KeyError(f"train: the model has no head for tasks {missing}")
     rows = supervision.any(dim=1).nonzero().flatten()

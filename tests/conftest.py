@@ -89,3 +89,18 @@ def op_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
             module = importlib.import_module(f"mtunlearn_ext.ops.{name}")
             monkeypatch.setattr(module, "has_extension", lambda: False)
     return str(request.param)
+
+
+@pytest.fixture
+def registries_restored():  # type: ignore[no-untyped-def]
+    """The method, forgetting-objective and benchmark registries as they were before the test
+    (their public names are read-only views; the dicts behind them are restored)."""
+    from mtunlearn_ext.data import registry as benchmarks
+    from mtunlearn_ext.unlearning import objectives, registry as methods
+
+    saved = [(d, dict(d)) for d in (methods._unlearners, objectives._forget_objectives,
+                                    benchmarks._REGISTERED)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)

@@ -43,18 +43,10 @@ def _one_thread(one_thread):  # type: ignore[no-untyped-def]
     """Every test here runs single-threaded (conftest.one_thread, for this module only)."""
 
 
-@pytest.fixture
-def registry_restored():  # type: ignore[no-untyped-def]
-    before = dict(UNLEARNERS)
-    yield
-    UNLEARNERS.clear()
-    UNLEARNERS.update(before)
-
-
 @pytest.mark.parametrize("how", ["module in the current folder", "path of a .py file"])
 def test_a_method_registered_in_an_imported_module_runs(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        capsys: pytest.CaptureFixture[str], registry_restored: None, how: str) -> None:
+        capsys: pytest.CaptureFixture[str], registries_restored: None, how: str) -> None:
     name = "retain_only_" + ("module" if how.startswith("module") else "file")
     module = f"plugin_{name}"
     (tmp_path / f"{module}.py").write_text(PLUGIN.format(name=name))

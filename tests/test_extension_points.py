@@ -14,7 +14,6 @@ import re
 import sys
 import textwrap
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "unlearning.md"
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):  # type: ignore[no-untyped-def]
     """Every test here runs single-threaded (conftest.one_thread, for this module only)."""
-
-
-@pytest.fixture
-def registries_restored() -> Iterator[None]:
-    """The method and objective registries as they were before the test."""
-    methods, objectives = dict(UNLEARNERS), dict(FORGET_OBJECTIVES)
-    yield
-    UNLEARNERS.clear()
-    UNLEARNERS.update(methods)
-    FORGET_OBJECTIVES.clear()
-    FORGET_OBJECTIVES.update(objectives)
 
 
 def huber(pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
@@ -369,3 +357,83 @@ def test_the_guides_extension_example_runs(monkeypatch: pytest.MonkeyPatch,
     assert report.method == "descent_ascent"  # type: ignore[attr-defined]
     assert report.extra["forget_objectives"] == {"kind": "entropy_max"}  # type: ignore[attr-defined]
     assert report.config["steps"] == 10  # type: ignore[attr-defined]
+
+
+# -- the model a method sees: the user's attributes through the API's wrapper ---------------------
+
+def test_a_method_reaches_the_users_module_attributes_through_the_wrapper(
+        registries_restored: None) -> None:
+    """unlearn() wraps a user's module (its split named by the caller) before a method sees it.
+    The wrapper's own ``heads`` (names) hid the module's ``heads`` (modules), so a method
+    written against ``ctx.model.heads[t].parameters()`` failed with "'tuple' object has no
+    attribute 'parameters'" inside unlearn. Attributes the wrapper lacks are now the user's
+    module's; one that neither has is refused naming both and pointing at ``ctx.groups``."""
+    import mtunlearn_ext
+    from mtunlearn_ext.unlearning import GradientUnlearner, StepConfig, register_unlearner
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+            self.heads = nn.ModuleDict({"kind": nn.Linear(16, 3), "size": nn.Linear(16, 1)})
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.trunk(x)
+            return {t: h(z) for t, h in self.heads.items()}
+
+    seen: dict[str, object] = {}
+
+    @register_unlearner
+    class HeadsOnly(GradientUnlearner):  # steps only the target tasks' heads
+        name = "_test_model_heads"
+        config_class = StepConfig
+
+        def compute_update(self, ctx, forget_batch, retain_batch):  # type: ignore[no-untyped-def]
+            stats = self.weighted_update(ctx, forget_batch, retain_batch)
+            keep = {id(p) for t in ctx.problem.target_tasks
+                    for p in ctx.model.heads[t].parameters()}
+            for p in ctx.model.parameters():
+                if id(p) not in keep:
+                    p.grad = None
+            seen["trunk"] = ctx.model.trunk
+            return stats
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unlearned, _ = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"},
+        train_data=(torch.randn(40, 8), {"kind": torch.randint(0, 3, (40,)),
+                                         "size": torch.randn(40, 1)}),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(8), ["kind"]),
+        shared_parameters=lambda name: name.startswith("trunk."),
+        method="_test_model_heads", config={"steps": 3})
+    assert isinstance(seen["trunk"], nn.Sequential)
+    after = dict(unlearned.named_parameters())
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == ["heads.kind.bias", "heads.kind.weight"]
+
+    from mtunlearn_ext.api import _SplitModel
+
+    wrapper = _SplitModel(model, ["trunk.0.weight", "trunk.0.bias"],
+                          {"kind": ["heads.kind.weight", "heads.kind.bias"],
+                           "size": ["heads.size.weight", "heads.size.bias"]})
+    assert wrapper.heads is model.heads
+    with pytest.raises(AttributeError, match=r"neither the unlearning wrapper nor the wrapped "
+                                             r"TwoHeads has an attribute 'encoder'.*ctx\.groups"):
+        wrapper.encoder  # noqa: B018
+    assert not hasattr(wrapper, "__array_interface__")
+
+
+def test_the_registries_are_read_only_views() -> None:
+    """FORGET_OBJECTIVES and UNLEARNERS were plain dicts: a write skipped the registration's
+    checks (a malformed class, or a silent replacement of the default ``capped_ascent``).
+    Both are read-only views of what the register functions add."""
+    from mtunlearn_ext.unlearning.objectives import CappedAscentObjective
+
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        FORGET_OBJECTIVES["capped_ascent"] = _EntropyMax  # type: ignore[index]
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        UNLEARNERS["interference_aware"] = UNLEARNERS["neggrad_plus"]  # type: ignore[index]
+    assert FORGET_OBJECTIVES["capped_ascent"] is CappedAscentObjective
+    assert UNLEARNERS["interference_aware"].name == "interference_aware"

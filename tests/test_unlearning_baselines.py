@@ -21,7 +21,7 @@ from mtunlearn_ext import ops
 from mtunlearn_ext.data import ForgetRequest
 from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.losses import task_loss
-from mtunlearn_ext.models import build_model
+from mtunlearn_ext.models import ParameterSplit, build_model
 from mtunlearn_ext.training import TrainConfig, train
 from mtunlearn_ext.unlearning import (
     BASELINES,
@@ -601,7 +601,7 @@ def test_adam_settings_reach_the_optimizer_and_its_first_step() -> None:
             get_unlearner("neggrad_plus", **{field_name: bad})
 
 
-def test_custom_method_plugs_into_the_interface(bench, original) -> None:  # type: ignore[no-untyped-def]
+def test_custom_method_plugs_into_the_interface(bench, original, registries_restored) -> None:  # type: ignore[no-untyped-def]
     """A new step-based method needs only a name, a config and ``compute_update``."""
 
     @register_unlearner
@@ -653,6 +653,12 @@ class _DropoutNormNet(torch.nn.Module):
     def forward(self, x: torch.Tensor, tasks: object = None) -> dict[str, torch.Tensor]:
         z = self.backbone(x)
         return {t: h(z) for t, h in self.heads.items()}
+
+    def parameter_split(self) -> ParameterSplit:
+        return ParameterSplit(
+            tuple(f"backbone.{n}" for n, _ in self.backbone.named_parameters()),
+            {t: tuple(f"heads.{t}.{n}" for n, _ in h.named_parameters())
+             for t, h in self.heads.items()})
 
 
 @pytest.mark.parametrize("method", ["finetune", "gradient_ascent"])

@@ -60,6 +60,7 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import ClassVar, TypeVar
 
 import torch
@@ -447,9 +448,12 @@ class RandomTargetObjective(ForgetObjective):
         return task_loss(self.spec, pred, self.random_targets(target))
 
 
+_forget_objectives: dict[str, type[ForgetObjective]] = {}
+
 #: Objective name -> class: the built-in objectives and those added by
-#: :func:`register_forget_objective` (add to it only through that function).
-FORGET_OBJECTIVES: dict[str, type[ForgetObjective]] = {}
+#: :func:`register_forget_objective`. A read-only view: a write would skip that function's
+#: checks (and could silently replace the default ``capped_ascent``).
+FORGET_OBJECTIVES: Mapping[str, type[ForgetObjective]] = MappingProxyType(_forget_objectives)
 
 O = TypeVar("O", bound=type[ForgetObjective])
 
@@ -486,7 +490,7 @@ def register_forget_objective(cls: O) -> O:
     if existing is not None and not same_definition(existing, cls):
         raise ValueError(f"{what}: the name {name!r} is taken by {defined_name(existing)}; "
                          "choose another name")
-    FORGET_OBJECTIVES[name] = cls
+    _forget_objectives[name] = cls
     return cls
 
 

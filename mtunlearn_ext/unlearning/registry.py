@@ -8,6 +8,7 @@ registry is complete once the package is imported.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from mtunlearn_ext._definitions import same_definition
@@ -15,7 +16,11 @@ from mtunlearn_ext.unlearning.base import Unlearner, UnlearnerConfig, config_fro
 
 __all__ = ["UNLEARNERS", "available_unlearners", "get_unlearner", "register_unlearner"]
 
-UNLEARNERS: dict[str, type[Unlearner]] = {}
+_unlearners: dict[str, type[Unlearner]] = {}
+
+#: Method name -> class, a read-only view: methods are added by :func:`register_unlearner`,
+#: whose checks a write would skip.
+UNLEARNERS: Mapping[str, type[Unlearner]] = MappingProxyType(_unlearners)
 
 U = TypeVar("U", bound=type[Unlearner])
 
@@ -60,7 +65,7 @@ def register_unlearner(cls: U) -> U:
                         f"{config_class.__qualname__} is not a dataclass itself, so it has the "
                         f"fields and defaults of {parent.__qualname__} and not its own; add "
                         f"@dataclass above `class {config_class.__name__}`")
-    UNLEARNERS[name] = cls
+    _unlearners[name] = cls
     return cls
 
 
