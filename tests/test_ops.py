@@ -1035,6 +1035,12 @@ def test_errors_name_the_argument() -> None:
             ops.project_out(x[:1], x, ridge=ridge)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
             ops.ridge_solve(ops.gram(x), ops.inner(x, x[:1]), ridge=ridge)  # type: ignore[arg-type]
+    # Review: the registered ops (what torch.compile and C++ callers reach) took ridge=inf.
+    for ridge in (math.inf, -math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
+            torch.ops.mtunlearn.ridge_solve(ops.gram(x), ops.inner(x, x[:1]), ridge)
+        with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
+            torch.ops.mtunlearn.project_out(x[:1], x, ridge)
     for seed, error, said in ((1.5, TypeError, "must be an integer, got float"),
                               (True, TypeError, "must be an integer, got the bool True"),
                               (2 ** 64, ValueError, r"must lie in \[-2\*\*63, 2\*\*63 - 1\]")):
@@ -1074,6 +1080,28 @@ def test_pcgrad_surfaces_non_finite_input_for_any_k(device: str, op_path: str) -
     # Finite Grams keep their bits (the check only reads).
     g = ops.gram(_rand(5, 30, dtype=torch.float64, device=device, seed=4))
     assert torch.equal(ops.pcgrad_weights(g, 3), ops.pcgrad_weights(g.clone(), 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projections_on_an_empty_basis_surface_non_finite_g(device: str, op_path: str) -> None:
+    """With k = 0 rows to project on there are no coefficients for NaN to reach, and the
+    default check_finite read only those: a NaN in g came back unchanged, without the error it
+    gives at k = 1. The output (g's copy) is read instead."""
+    g = _rand(2, 7, device=device, seed=1)
+    g[1, 4] = float("nan")
+    empty = torch.empty(0, 7, device=device)
+    with pytest.raises(FloatingPointError, match="project_out: `g` contains NaN or Inf"):
+        ops.project_out(g, empty)
+    for sign in (1, -1):
+        with pytest.raises(FloatingPointError,
+                           match="project_nonconflicting: `g` contains NaN or Inf"):
+            ops.project_nonconflicting(g, empty, sign)
+    out = ops.project_out(g, empty, check_finite=False)
+    assert torch.equal(out.isnan(), g.isnan()) and torch.equal(out.nan_to_num(), g.nan_to_num())
+    good = _rand(2, 7, device=device, seed=2)
+    assert torch.equal(ops.project_out(good, empty), good)
+    assert torch.equal(ops.project_nonconflicting(good, empty), good)
+    assert ops.project_out(torch.empty(0, 7, device=device), empty).shape == (0, 7)
 
 
 def test_non_finite_policy() -> None:

@@ -1009,3 +1009,103 @@ def test_batched_mode_on_an_inductor_compiled_model_names_the_cause() -> None:
                                            r"per_task='autograd' \(the default\) or 'backward'"):
         surgery.backward(_losses(compiled, x, y))
     assert all(p.grad is None for p in model.trunk.parameters())
+
+
+# ----------------------------------------------------------------- a drop-in user's review
+
+def test_a_surgery_whose_shared_parameters_were_replaced_warns() -> None:
+    """load_state_dict(..., assign=True) (or fully_shard, to_empty) replaces the parameter
+    objects; a surgery built before held the old ones, which no loss reaches. It took the new
+    trunk for heads and gave it the plain sum, silently, with believable weights 1/k."""
+    model = MultiTaskNet()
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad())
+    model.load_state_dict({n: p.detach().clone() for n, p in model.state_dict().items()},
+                          assign=True)
+    x, y = _batch(torch.float32)
+    with pytest.warns(UserWarning, match=r"no task's loss reached any of the 4 shared "
+                                         r"parameters.*build the surgery again"):
+        surgery.backward(_losses(model, x, y))
+    fresh = GradientSurgery(model.trunk.parameters(), UPGrad())  # rebuilt: no warning
+    for p in model.parameters():
+        p.grad = None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.backward(_losses(model, x, y))
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_a_parameter_in_neither_list_is_refused_where_it_would_get_no_gradient(
+        per_task: str) -> None:
+    """With `head_params` given, the "autograd" and "batched" passes take gradients for the
+    two lists only: a parameter the losses reach that is in neither (learned loss weights) got
+    no .grad, silently, where sum(losses).backward() and the "backward" mode give it one."""
+    model = MultiTaskNet()
+    log_vars = nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+    x, y = _batch(torch.float32)
+
+    def losses() -> list[torch.Tensor]:
+        return [loss * torch.exp(-v) + v for loss, v in zip(_losses(model, x, y), log_vars)]
+
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,  # type: ignore[arg-type]
+                              head_params=model.heads.parameters())
+    if per_task == "backward":
+        surgery.backward(losses())
+        expected = torch.autograd.grad(sum(losses()), [log_vars])[0]
+        torch.testing.assert_close(log_vars.grad, expected)
+        return
+    with pytest.raises(ValueError, match=r"reach 1 parameter\(s\) requiring grad that are in "
+                                         r"neither `shared_params` nor `head_params` "
+                                         r"\(shapes \(3,\)\).*Add them to `head_params`"):
+        surgery.backward(losses())
+    assert all(p.grad is None for p in model.parameters()) and log_vars.grad is None
+    listed = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,  # type: ignore[arg-type]
+                             head_params=[*model.heads.parameters(), log_vars])
+    listed.backward(losses())
+    expected = torch.autograd.grad(sum(losses()), [log_vars])[0]
+    torch.testing.assert_close(log_vars.grad, expected)
+
+
+def test_detached_copies_are_refused_as_shared_parameters() -> None:
+    """`model.trunk.state_dict().values()` was taken, and the first backward said the shared
+    parameters were "all frozen": the wrong cause."""
+    model = MultiTaskNet()
+    for given in (model.trunk.state_dict().values(), model.trunk.state_dict().items(),
+                  [p.detach() for p in model.trunk.parameters()]):
+        with pytest.raises(ValueError, match=r"is a plain tensor that does not require grad, "
+                                             r"a detached copy"):
+            GradientSurgery(given, UPGrad())  # type: ignore[arg-type]
+    frozen = MultiTaskNet()
+    frozen.trunk[0].weight.requires_grad_(False)
+    GradientSurgery(frozen.trunk.parameters(), UPGrad())  # a frozen Parameter is fine
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_reentrant_activation_checkpointing_gets_the_surgerys_words(per_task: str) -> None:
+    """torch.utils.checkpoint with use_reentrant=True cannot run under torch.autograd.grad:
+    torch's error spoke of a .grad() call the user never made. It now names the two ways that
+    work; the "backward" mode runs it and matches the plain model."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(MultiTaskNet):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            z = checkpoint(self.trunk, x, use_reentrant=True)
+            return [head(z).squeeze(-1) for head in self.heads]
+
+    model, plain = Checkpointed(), MultiTaskNet()
+    x, y = _batch(torch.float32)
+    x.requires_grad_(True)  # a reentrant segment needs an input that requires grad
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)  # type: ignore[arg-type]
+    if per_task != "backward":
+        with pytest.raises(RuntimeError, match=rf"per_task='{per_task}' takes each task's "
+                                               r"gradient with torch.autograd.grad, which "
+                                               r"activation checkpointing with "
+                                               r"use_reentrant=True cannot run; use .*"
+                                               r"use_reentrant=False.*or per_task='backward'"):
+            surgery.backward(_losses(model, x, y))
+        return
+    surgery.backward(_losses(model, x, y))
+    GradientSurgery(plain.trunk.parameters(), UPGrad(), per_task="backward").backward(
+        _losses(plain, x, y))
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

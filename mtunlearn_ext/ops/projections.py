@@ -78,7 +78,10 @@ def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
         coeffs = _reference.ridge_solve(gm, _reference.inner(basis, g), ridge).transpose(-1, -2)
         out = _reference.combine(-coeffs, basis, base=g, beta=1.0)
     if check_finite:
-        check_finite_result(op, coeffs, [("g", g), ("basis", basis)])
+        # With an empty basis (k = 0) there are no coefficients for NaN to reach: the output,
+        # a copy of g, is read instead (the op's whole work is that copy).
+        check_finite_result(op, coeffs if basis.shape[-2] else out,
+                            [("g", g), ("basis", basis)])
     return (out, coeffs) if return_coeffs else out
 
 
@@ -119,7 +122,7 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
         coeffs = _reference.nonconflicting_dual(_reference.gram(r), sign * _reference.inner(g, r))
         out = _reference.combine(sign * coeffs, r, base=g, beta=1.0)
     if check_finite:
-        check_finite_result(op, coeffs, [("g", g), ("r", r)])
+        check_finite_result(op, coeffs if r.shape[-2] else out, [("g", g), ("r", r)])
     return (out, coeffs) if return_coeffs else out
 
 

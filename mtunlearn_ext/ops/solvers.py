@@ -52,8 +52,14 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> t
             ``eps * (G_jj + lambda)``, its own diagonal (``eps`` = 1e-6 for a float32 Gram, the rounding level of its
             fp32 accumulation; 1e-12 for float64) depends on the previous rows and is dropped
             (coefficient 0), so a rank-deficient ``G`` (duplicated or dependent rows, more rows
-            than dimensions) is solved stably, even with ``ridge=0``: the result is still the
-            least-squares solution on the span.
+            than dimensions) is solved stably, even with ``ridge=0``. The kept rows' equations
+            are solved exactly; the dropped rows' hold when ``rhs`` lies in the range of ``G``,
+            as ``rhs = B g^T`` of a projection always does (then ``B^T a`` is the exact
+            least-squares projection), and not otherwise (``G = [[1, 1], [1, 1]]``,
+            ``rhs = [1, -1]`` gives ``[1, 0]``). A ``lambda`` below the pivot floor does not
+            keep a dependent row: it is dropped all the same, so the result is then not
+            ``(G + lambda I)^-1 rhs``. An indefinite ``gram`` (not a Gram matrix) is outside
+            the contract: its rows with a non-positive pivot are dropped as dependent.
 
     Returns:
         ``a``: ``[..., k, m]`` in ``gram``'s dtype. NaN/Inf in the inputs propagate (no

@@ -133,8 +133,13 @@ def check_stacks(op: str, name: str, stacks: Sequence[torch.Tensor], k: int | No
         if k is None:
             k = s.shape[0]
         if s.shape[0] != k:
-            raise ValueError(f"{op}: every `{name}[p]` must have leading size k={k}; `{name}[{p}]` "
-                             f"has shape {tuple(s.shape)}")
+            first = stacks[0]
+            source = (f" (that of `{name}[0]`, shape {tuple(first.shape)})"
+                      if p > 0 and first.dim() >= 1 and first.shape[0] == k else "")
+            hint = ("; a single vector per parameter still needs its leading stack dimension "
+                    "(`t.unsqueeze(0)`)" if stacks[0].dim() == 1 or s.dim() == 1 else "")
+            raise ValueError(f"{op}: every `{name}[p]` must be a stack [k, *shape_p] with leading "
+                             f"size k={k}{source}; `{name}[{p}]` has shape {tuple(s.shape)}{hint}")
     assert k is not None
     return k
 

@@ -19,6 +19,7 @@ counts as a zero gradient, as it does in the plain sum.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -142,6 +143,13 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
             raise ValueError(f"GradientSurgery: shared parameter {name!r} is not a leaf tensor "
                              "(a computed one, whose .grad autograd does not keep); pass the "
                              "model's parameters")
+        if not t.requires_grad and not isinstance(t, torch.nn.Parameter):
+            # A frozen parameter is an nn.Parameter; a plain tensor that does not require grad
+            # is a copy (state_dict() values, .data, .detach()) that no loss can reach.
+            raise ValueError(f"GradientSurgery: shared parameter {name!r} is a plain tensor "
+                             "that does not require grad, a detached copy (the values of "
+                             "state_dict(), .data or .detach()) that no loss reaches; pass the "
+                             "model's parameters() or named_parameters()")
         if t.layout != torch.strided:  # the per-task stacks and the combination are dense
             raise ValueError(f"GradientSurgery: shared parameter {name!r} is a {t.layout} "
                              "tensor; the surgery needs dense shared parameters (leave it out "
@@ -515,6 +523,7 @@ class GradientSurgery:
         self._pending_heads: dict[int, torch.Tensor] = {}
         self._pending_tasks: dict[int, int] | None = {}
         self._pending_constants: frozenset[int] = frozenset()
+        self._listed_heads_checked = False
 
     # ------------------------------------------------------------------ public API
 
@@ -761,8 +770,10 @@ class GradientSurgery:
                                  f"parameter is on {local.device}")
         return stacks
 
-    def _heads(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _heads(self, losses: list[torch.Tensor], caller: str) -> list[torch.Tensor]:
         if self.head_params is not None:
+            if not self._listed_heads_checked:
+                self._check_listed_heads(losses, caller)
             return [p for p in self.head_params if p.requires_grad]
         return [v for v in _reachable_leaves(losses)
                 if v.requires_grad and id(v) not in self._shared_ids]
@@ -773,6 +784,33 @@ class GradientSurgery:
         found = [(v, mask) for v, mask in _leaves_with_tasks(losses)
                  if v.requires_grad and id(v) not in self._shared_ids]
         return [v for v, _ in found], [mask for _, mask in found]
+
+    def _check_listed_heads(self, losses: list[torch.Tensor], caller: str) -> None:
+        """At the first call with ``head_params``: the losses must reach no parameter that is
+        in neither list. The "autograd" and "batched" passes take gradients for the two lists
+        only, so such a parameter (learned loss weights, a head left out of the list) got no
+        gradient, silently, where ``sum(losses).backward()`` gives it one. One walk of the
+        graph, once: the lists are fixed, and a model's structure seldom changes."""
+        listed = {id(p) for p in self.head_params or ()}
+        missing = [v for v in _reachable_leaves(losses) if v.requires_grad
+                   and id(v) not in self._shared_ids and id(v) not in listed]
+        if not missing:
+            self._listed_heads_checked = True
+            return
+        shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
+        message = (f"{caller}: the losses reach {len(missing)} parameter(s) requiring grad "
+                   f"that are in neither `shared_params` nor `head_params` (shapes {shapes}"
+                   f"{', ...' if len(missing) > 5 else ''}); per_task={self.per_task!r} takes "
+                   "gradients for those two lists only, so they would get none, where "
+                   "sum(losses).backward() gives them one. Add them to `head_params` (their "
+                   "gradients are summed over the tasks), or leave `head_params` out (the "
+                   "heads are then found at each call)")
+        if self.reducer is None:
+            raise ValueError(message)
+        # Under a reducer the other processes may not see the same leaves (a data-dependent
+        # branch): one process raising would leave the others waiting in a collective.
+        self._listed_heads_checked = True
+        warnings.warn(message, stacklevel=4)
 
     def _per_task_grads(self, losses: list[torch.Tensor], constants: frozenset[int],
                         active: _Active, stacks: list[torch.Tensor], *, add: bool,
@@ -800,7 +838,7 @@ class GradientSurgery:
         if walk_tasks:
             heads, batched_head_tasks = self._heads_with_tasks(losses)
         else:
-            heads = self._heads(losses)
+            heads = self._heads(losses, caller)
         _refuse_post_accumulate_hooks(caller, heads, _head_description)
         inputs = [*active.params, *heads]
         n_shared = len(active.params)
@@ -829,7 +867,11 @@ class GradientSurgery:
                     _store_named(active, [r[t] for r in rows], [None] * n_shared, add=add)
                     continue
                 keep = retain_graph or t < last
-                grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(loss, inputs, retain_graph=keep,
+                                                allow_unused=True)
+                except RuntimeError as error:
+                    raise _explained_grad_failure(error, self.per_task) from error
                 shared = grads[:n_shared]
                 for i, g in enumerate(shared):  # marked in place: no new list per task
                     if g is not None:
@@ -867,6 +909,9 @@ class GradientSurgery:
                          error: RuntimeError) -> Exception:
         """A failed vmapped pass in the words of the surgery when a sparse gradient (which has
         no batching rule) or a compiled backward graph caused it; else the error as it came."""
+        explained = _explained_grad_failure(error, self.per_task)
+        if explained is not error:
+            return explained
         sparse = _sparse_fed_leaves(losses)
         names = {id(p): name for name, p in zip(active.names, active.params)}
         for leaf in sparse:
@@ -953,6 +998,14 @@ class GradientSurgery:
         elif self.reducer is not None:
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads])
             reached = [True] * len(stacks)
+        if not any(reached):  # (under a reducer, every process's reach: each warns alike)
+            warnings.warn(
+                f"GradientSurgery: no task's loss reached any of the {len(reached)} shared "
+                "parameters taking part, so their .grad stays as it was and nothing was "
+                "aggregated. If the model's parameters were replaced after the surgery was "
+                "built (load_state_dict(..., assign=True), fully_shard, to_empty), build the "
+                "surgery again from the new ones; if the shared part is meant to get no "
+                "gradient (detached features), this warning does not apply", stacklevel=3)
         # A shared parameter no task's loss reached keeps its .grad as it is (None stays None,
         # as sum(losses).backward() leaves it, so that optimizers skip it and weight decay or
         # momentum does not move it); its zero stack adds nothing to the Gram.
@@ -1077,6 +1130,19 @@ def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
 
 def _head_description(_index: int, head: torch.Tensor) -> str:
     return f"the head parameter of shape {tuple(head.shape)}"
+
+
+def _explained_grad_failure(error: RuntimeError, per_task: str) -> RuntimeError:
+    """torch's error for a per-task gradient pass, with what to do when the surgery's way of
+    taking gradients caused it; else the error itself."""
+    if "use_reentrant=True" in str(error):
+        return RuntimeError(
+            f"GradientSurgery: per_task={per_task!r} takes each task's gradient with "
+            "torch.autograd.grad, which activation checkpointing with use_reentrant=True "
+            "cannot run; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (the "
+            "default PyTorch recommends), or per_task='backward', which runs loss.backward() "
+            "per task")
+    return error
 
 
 def _refuse_hooked_shared(caller: str, active: _Active) -> None:

@@ -84,7 +84,9 @@ class PCGradWeighting(Weighting):
             as the PCGrad paper does per step. The orders come from a call counter, not from a
             random generator, so that every process of a distributed job, calling once per step,
             uses the same orders and so the same weights; TorchJD's PCGrad draws them from
-            ``torch.randperm`` instead.
+            ``torch.randperm`` instead. The counter is part of ``state_dict()`` (as extra
+            state), so a run resumed from a checkpoint that saved it draws the orders the
+            uninterrupted run would have.
     """
 
     def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
@@ -103,6 +105,16 @@ class PCGradWeighting(Weighting):
             order_seed = self.seed + (self.calls if self.reshuffle else 0)
         self.calls += 1
         return ops.pcgrad_weights(gram, seed=order_seed)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: Any) -> None:
+        calls = state.get("calls") if isinstance(state, dict) else None
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"PCGradWeighting.load_state_dict: expected extra state "
+                             f"{{'calls': <int >= 0>}}, got {state!r}")
+        self.calls = calls
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}, reshuffle={self.reshuffle}"

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -77,7 +78,8 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
   constexpr const char* op = "mtunlearn::ridge_solve";
   check_gram(gram, op);
   check_rhs(gram, rhs, /*rows_are_k=*/true, op);
-  TORCH_CHECK_VALUE(ridge >= 0.0, op, ": `ridge` must be >= 0, got ", ridge);
+  TORCH_CHECK_VALUE(std::isfinite(ridge) && ridge >= 0.0, op,
+                    ": `ridge` must be a finite number >= 0, got ", ridge);
   const int64_t k = gram.size(-1), m = rhs.size(-1);
   // The solver indexes one problem's k x m right-hand sides with 32-bit ints (on both backends).
   TORCH_CHECK_VALUE(k * m <= std::numeric_limits<int32_t>::max(), op,

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "mtunlearn/checks.h"
@@ -33,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> project_out(const at::Tensor& g, const at::Te
                                                double ridge) {
   constexpr const char* op = "mtunlearn::project_out";
   check_pair(g, "g", basis, "basis", op);
-  TORCH_CHECK_VALUE(ridge >= 0.0, op, ": `ridge` must be >= 0, got ", ridge);
+  TORCH_CHECK_VALUE(std::isfinite(ridge) && ridge >= 0.0, op,
+                    ": `ridge` must be a finite number >= 0, got ", ridge);
   // One pass over g and basis together: the stacked Gram holds B B^T and B g^T.
   const int64_t m = g.size(-2);
   const at::Tensor full = mtunlearn::stacked_gram(g, basis);           // [..., m+k, m+k]
