@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Builds the op library with CMake against libtorch (the C++ users' build) and checks that
-# torch.ops.load_library registers every op from it. Usage: scripts/build_cmake.sh [cmake args]
+# torch.ops.load_library registers every op from it, then runs a C++ program linked to it.
+# Usage: [BUILD_DIR=build-cmake] [PYTHON=.venv/bin/python] scripts/build_cmake.sh [cmake args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  echo "build_cmake.sh: $PY cannot import torch; set PYTHON to a Python with torch" \
+       "(./test.sh creates .venv)" >&2
+  exit 2
+fi
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-cmake -S . -B build-cmake -G Ninja -DCMAKE_PREFIX_PATH="$prefix" "$@"
-cmake --build build-cmake
+export BUILD_DIR=${BUILD_DIR:-build-cmake}
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" "$@"
+cmake --build "$BUILD_DIR"
 "$PY" - <<'PYEOF'
 import importlib.util
 import os
@@ -16,9 +23,10 @@ spec = importlib.util.spec_from_file_location("_elf", "mtunlearn_ext/_elf.py")
 elf = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(elf)
 c10 = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
-shares = elf.shares_cxx_runtime("build-cmake/libmtunlearn_ops.so", c10)
-assert shares is not False, "build-cmake/libmtunlearn_ops.so carries a private C++ runtime"
-torch.ops.load_library("build-cmake/libmtunlearn_ops.so")
+library = os.path.join(os.environ["BUILD_DIR"], "libmtunlearn_ops.so")
+shares = elf.shares_cxx_runtime(library, c10)
+assert shares is not False, f"{library} carries a private C++ runtime"
+torch.ops.load_library(library)
 x = torch.randn(4, 1000)
 g = torch.ops.mtunlearn.gram(x)
 assert torch.allclose(g, x @ x.T, rtol=1e-4, atol=1e-3)
@@ -29,7 +37,12 @@ except ValueError as error:  # the error path through the library's frames
     assert str(error).endswith("[4, 999]"), error
 else:
     raise AssertionError("inner accepted mismatched inputs")
-print("CMake build OK: torch.ops.mtunlearn loaded from build-cmake/libmtunlearn_ops.so;",
+print(f"CMake build OK: torch.ops.mtunlearn loaded from {library};",
       "gram and pcgrad run:", tuple(g.shape), tuple(out.shape), "; shares torch's C++ runtime:",
       shares, "; an op error arrives whole")
 PYEOF
+# A C++ program linked to the library as a user links it (CMake's target_link_libraries):
+# the ops through mtunlearn::ops against float64 ATen references.
+if [ -x "$BUILD_DIR/mtunlearn_consumer_check" ]; then
+  "$BUILD_DIR/mtunlearn_consumer_check"
+fi

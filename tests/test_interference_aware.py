@@ -479,6 +479,53 @@ def test_ablation_switches_change_the_update(bench, original) -> None:  # type: 
             assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a]), (a, b)
 
 
+def test_an_ablation_leaves_the_other_components_coupled_rows_as_they_are(
+        bench, original, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Review: in a partial request a refresh's snapshots and the instance constraints draw the
+    forget instances' retained rows from one stream, so switching one component off gave the
+    other different rows (the `_no_task` ablation's instance rows were not the method's). The
+    switched-off component now moves the stream on as it would have drawn."""
+    from mtunlearn_ext.unlearning import interference_aware as ia
+
+    drawn: list[tuple[str, list[int]]] = []
+    real_refresh, real_instance = ia.InterferenceAware.refresh, ia.InterferenceAware.instance_batch
+
+    def refresh(self, ctx, retain_batch):  # type: ignore[no-untyped-def]
+        stream = ctx.state["coupled_stream"]
+        real_next = stream.next
+
+        def logged():  # type: ignore[no-untyped-def]
+            batch = real_next()
+            drawn.append(("snapshots", batch["id"].tolist()))
+            return batch
+        stream.next = logged
+        try:
+            return real_refresh(self, ctx, retain_batch)
+        finally:
+            stream.next = real_next
+
+    def instance_batch(self, ctx, retain_batch):  # type: ignore[no-untyped-def]
+        batch = real_instance(self, ctx, retain_batch)
+        drawn.append(("instances", batch["id"].tolist()[self.config.num_per_sample:]))
+        return batch
+
+    monkeypatch.setattr(ia.InterferenceAware, "refresh", refresh)
+    monkeypatch.setattr(ia.InterferenceAware, "instance_batch", instance_batch)
+    problem = _problem(bench, original, partial=True)
+    settings = {**TINY, "steps": 5, "refresh_every": 2, "forget_batch_size": 3,
+                "num_coupled_per_sample": 2}
+    rows = {}
+    for name in ("interference_aware", "interference_aware_no_task",
+                 "interference_aware_no_instance"):
+        drawn.clear()
+        get_unlearner(name, settings).unlearn(problem)
+        rows[name] = list(drawn)
+    method = rows["interference_aware"]
+    assert {kind for kind, _ in method} == {"snapshots", "instances"}
+    assert rows["interference_aware_no_task"] == [d for d in method if d[0] == "instances"]
+    assert rows["interference_aware_no_instance"] == [d for d in method if d[0] == "snapshots"]
+
+
 def test_deterministic_by_seed(bench, original) -> None:  # type: ignore[no-untyped-def]
     settings = {**TINY, "steps": 3}
     runs = [get_unlearner("interference_aware", settings).unlearn(

@@ -198,6 +198,25 @@ def test_combine_with_out_refuses_arguments_that_require_grad(argument: str, op_
                                tensors["coeffs"].detach() @ tensors["x"].detach())
 
 
+@pytest.mark.parametrize("argument", ["out", "coeffs", "x"])
+def test_the_registered_combine_refuses_arguments_that_require_grad(argument: str) -> None:
+    """C++ review: only the Python wrapper refused; torch.ops.mtunlearn.combine_ (what C++
+    callers and torch.compile'd code reach) overwrote a leaf that requires grad, or lost x's
+    gradient, without a word, where combine_list_ refuses in its C++ entry."""
+    tensors = {"out": torch.full((2, 5), float("nan"), dtype=F64),
+               "coeffs": _rand(2, 3, seed=7), "x": _rand(3, 5, seed=8)}
+    tensors[argument].requires_grad_()
+    with pytest.raises(RuntimeError, match=rf"mtunlearn::combine_: writes into `out` in place, "
+                                           rf"which autograd does not record, but `{argument}` "
+                                           r"requires grad"):
+        torch.ops.mtunlearn.combine_(tensors["out"], tensors["coeffs"], tensors["x"], 0.0)
+    assert tensors["out"].detach().isnan().all()
+    with torch.no_grad():
+        torch.ops.mtunlearn.combine_(tensors["out"], tensors["coeffs"], tensors["x"], 0.0)
+    torch.testing.assert_close(tensors["out"].detach(),
+                               tensors["coeffs"].detach() @ tensors["x"].detach())
+
+
 @pytest.mark.parametrize("argument,name", [("outs", "outs[1]"), ("coeffs", "coeffs"),
                                            ("xs", "xs[1]"), ("bases", "bases[1]")])
 def test_combine_list_refuses_arguments_that_require_grad(argument: str, name: str,

@@ -103,13 +103,21 @@ class BatchStream:
 
     def next(self) -> Batch:
         """The next minibatch (starting a new pass when the current one is used up)."""
+        return batch_to(self.dataset.batch(self._advance()), self.device)
+
+    def skip(self) -> None:
+        """Move on as :meth:`next` does, without building the batch: a consumer switched off
+        (an ablation) keeps the rows every other consumer of the stream is given."""
+        self._advance()
+
+    def _advance(self) -> torch.Tensor:
         n = len(self.dataset)
         remaining = n - self._cursor
         if self.epoch == 0 or remaining <= 0 or (self.drop_last and remaining < self.batch_size):
             self._new_pass()
         positions = self._order[self._cursor:self._cursor + self.batch_size]
         self._cursor += positions.numel()
-        return batch_to(self.dataset.batch(positions), self.device)
+        return positions
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

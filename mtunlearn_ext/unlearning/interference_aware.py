@@ -963,6 +963,23 @@ class InterferenceAware(GradientUnlearner):
             task_scale=task_scale)
         return [g.flatten(0, 1) for g in per_task], len(ctx.problem.tasks), losses
 
+    def _skip_coupled_rows(self, ctx: StepContext, *, snapshots: bool) -> None:
+        """Both components draw the forget instances' retained rows from one stream (a
+        refresh's snapshots first, then the instance constraints). A component switched off by
+        its ablation still moves the stream on where it would have drawn, so that the other
+        component sees the rows it sees in the full method: an ablation changes its own
+        component only."""
+        cfg = self.config
+        stream: BatchStream | None = ctx.state.get("coupled_stream")
+        if stream is None:
+            return
+        if snapshots:
+            plan: dict[str, tuple[str, ...]] = ctx.state["protect_plan"]
+            if ctx.state["coupled_tasks"] and any(plan.values()):
+                stream.skip()
+        elif cfg.alpha > 0 and cfg.num_coupled_per_sample > 0:
+            stream.skip()
+
     def _uses_instance_constraints(self) -> bool:
         """The step projects against per-sample retain gradients (whose pass, outside refresh
         steps, also supplies part of the retain gradient)."""
@@ -1026,7 +1043,8 @@ class InterferenceAware(GradientUnlearner):
 
         # Retain: grouped per-task gradients at refresh steps (they feed the snapshots), else
         # one backward of the total (only the sum is needed for the descent term).
-        refresh = cfg.task_projection and ctx.step % cfg.refresh_every == 0
+        refresh_step = ctx.step % cfg.refresh_every == 0
+        refresh = cfg.task_projection and refresh_step
         retain_shared = [torch.zeros_like(p) for p in shared]
         retain_heads: dict[str, list[torch.Tensor]] = {}
         # The instance constraints' rows are the first rows of the retain batch: outside
@@ -1036,8 +1054,12 @@ class InterferenceAware(GradientUnlearner):
         if refresh:
             stats.retain, retain_shared, retain_heads, pushed = self.refresh(ctx, retain_batch)
             stats.extra["snapshots_pushed"] = float(pushed)
+        elif refresh_step:
+            self._skip_coupled_rows(ctx, snapshots=True)
         instance_rows = (self.instance_batch(ctx, retain_batch)
                          if self._uses_instance_constraints() else None)
+        if instance_rows is None:
+            self._skip_coupled_rows(ctx, snapshots=False)
         if not refresh and instance_rows is not None:
             per_sample_all, stats.retain, retain_all = self._retain_with_per_sample(
                 ctx, retain_batch, instance_rows)

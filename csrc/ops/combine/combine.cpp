@@ -195,6 +195,17 @@ at::Tensor combine_with_base(const at::Tensor& coeffs, const at::Tensor& x, cons
 void combine_(const at::Tensor& out, const at::Tensor& coeffs, const at::Tensor& x, double beta) {
   constexpr const char* op = "mtunlearn::combine_";
   check_combine_args(coeffs, x, op);
+  // As combine_list_: autograd does not record an in-place write (a parameter overwritten, or
+  // x's gradient lost), so while it records no argument may require grad.
+  if (c10::GradMode::is_enabled()) {
+    const char* culprit = out.requires_grad()      ? "`out`"
+                          : coeffs.requires_grad() ? "`coeffs`"
+                          : x.requires_grad()      ? "`x`"
+                                                   : nullptr;
+    TORCH_CHECK(culprit == nullptr, op,
+                ": writes into `out` in place, which autograd does not record, but ", culprit,
+                " requires grad; call it under torch.no_grad() or on detached tensors");
+  }
   check_same_device(x, "x", out, "out", op);
   check_same_dtype(x, "x", out, "out", op);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
