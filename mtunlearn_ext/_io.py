@@ -181,7 +181,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
     try:
         tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as error:
+                # A failed write (disk full) raises OSError inside torch.save, whose zip writer
+                # then fails again while closing ("unexpected pos ...") and replaces it with
+                # that RuntimeError: the OSError is what happened.
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         sha = sha256_of_file(tmp)

@@ -63,6 +63,32 @@ class _Parser(argparse.ArgumentParser):
 # -- configuration files ------------------------------------------------------------------------
 
 
+def _strict_int_loader() -> type:
+    """yaml's SafeLoader, except that an integer must be written in plain decimal. YAML 1.1
+    reads ``0020`` as octal 16, ``1:13`` as 73 and ``1_3`` as 13: in ``forget_ids`` each would
+    forget another instance than the one meant (``--forget-ids 0020`` on the command line is
+    20), so those forms are refused, naming the value, where PyYAML would convert them."""
+    import re
+
+    import yaml
+
+    class StrictIntLoader(yaml.SafeLoader):
+        pass
+
+    def construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+        text = str(node.value)
+        if not re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text):
+            read = loader.construct_yaml_int(node)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is not a plain decimal integer: YAML 1.1 reads it as "
+                f"{read} (octal, sexagesimal, hexadecimal, binary or with '_'); write the "
+                "decimal number meant, without leading zeros, or quote it", node.start_mark)
+        return int(text)
+
+    StrictIntLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    return StrictIntLoader
+
+
 def _load_config(path: str) -> dict[str, Any]:
     from mtunlearn_ext.workflow import UserInputError, is_existing_file
 
@@ -78,7 +104,7 @@ def _load_config(path: str) -> dict[str, Any]:
             import yaml
 
             try:
-                values = yaml.safe_load(p.read_text()) or {}
+                values = yaml.load(p.read_text(), Loader=_strict_int_loader()) or {}
             except yaml.YAMLError as error:  # not a ValueError; its text spans lines
                 raise UserInputError("--config", "valid YAML/TOML", path,
                                      " ".join(str(error).split())) from error
@@ -562,7 +588,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                  ["check", "result"]))
     for m in result.mismatches:
         print(f"mismatch: {m}", file=sys.stderr)
-    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record}")
+    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
+          f"(metric tolerance {args.tolerance:g})")
     return 0 if result.ok else 1
 
 
@@ -761,6 +788,39 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mtunlearn`` command; returns the exit code (see the module docstring)."""
+    # SIGTERM is an interrupt from the start (the imports below take about a second), and so
+    # is a Ctrl-C during them: one line, exit 130, as for an interrupt during the work.
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: no handler, the atomic writes still hold
+        pass
+    loaded = sys.modules.get("mtunlearn_ext.workflow")
+    if loaded is not None:  # an earlier command in this process (tests, notebooks)
+        loaded.COMMITTED_OUTPUTS.clear()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as interrupt:
+        # Not imported here: the interrupt may have cut that very import short.
+        workflow = sys.modules.get("mtunlearn_ext.workflow")
+        committed: list[Path] = list(getattr(workflow, "COMMITTED_OUTPUTS", []))
+        how = " by SIGTERM" if isinstance(interrupt, _Terminated) else ""
+        if committed:
+            # The outputs were complete before the interrupt (it came while the summary was
+            # printed): they stay, and the message says so.
+            written = ", ".join(str(p) for p in committed)
+            print(f"mtunlearn: interrupted{how} after its outputs were written in full "
+                  f"({written}); inputs are unchanged", file=sys.stderr)
+        else:
+            print(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",
+                  file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from mtunlearn_ext.records import RecordError
     from mtunlearn_ext.training import CheckpointError
     from mtunlearn_ext.workflow import NonFiniteError, UserInputError, import_plugins
@@ -779,16 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"`mtunlearn {args.command}` requires it")
         _threads(args)
         import_plugins(args.imports or [])
-        previous = None
-        try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread: no handler, the atomic writes still hold
-            pass
-        try:
-            return int(args.func(args))
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+        return int(args.func(args))
     except (UserInputError, CheckpointError, RecordError, FileExistsError) as error:
         print(f"mtunlearn: error: {error}", file=sys.stderr)
         return 2
@@ -802,11 +853,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         print("mtunlearn: stdout was closed by its reader", file=sys.stderr)
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
-    except KeyboardInterrupt as interrupt:
-        how = " by SIGTERM" if isinstance(interrupt, _Terminated) else ""
-        print(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",
-              file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

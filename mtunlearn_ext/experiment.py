@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import types
@@ -947,9 +948,16 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 def _parse_ids(text: str) -> list[int]:
     path = Path(text)
-    if path.is_file():
-        text = path.read_text()
-    return [int(tok) for tok in text.replace(",", " ").split()]
+    if path.is_file():  # as the mtunlearn command reads one: no BOM, '#' comments
+        text = "\n".join(line.split("#", 1)[0]
+                         for line in path.read_text(encoding="utf-8-sig").splitlines())
+    tokens = text.replace(",", " ").split()
+    # int() also takes "1_3" (13), "+3" and non-ASCII digits: a typo would name another id.
+    bad = [t for t in tokens if not re.fullmatch(r"-?[0-9]+", t)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"ids are decimal integers in ASCII digits, got "
+                                         f"{bad[0]!r}")
+    return [int(tok) for tok in tokens]
 
 
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:

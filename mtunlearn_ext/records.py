@@ -230,9 +230,11 @@ def compare_measurements(expected: Any, actual: Any, tolerance: float, where: st
 class VerifyResult:
     """Outcome of :func:`verify_record`: ``ok``, every mismatch found (as messages) and the
     outcome of each check, ``checks``: ``"sha256"`` (the checkpoint's hash), ``"ids"`` (the
-    recorded ids against their hash), ``"metrics"`` (the re-measurement), each ``"ok"``,
-    ``"MISMATCH"`` or, for ``"metrics"`` when the recorded request does not apply to the
-    checkpoint's data, ``"not measured"``."""
+    recorded ids against their hash), ``"provenance"``, ``"metrics"`` (the re-measurement of
+    ``after``) and ``"before"`` (the input model's, when its checkpoint is found), each
+    ``"ok"``, ``"MISMATCH"`` or, for ``"metrics"`` when the recorded request does not apply to
+    the checkpoint's data, ``"not measured"``; ``"before"`` says why when it was not
+    measured."""
 
     ok: bool
     checkpoint: str
@@ -371,4 +373,36 @@ def verify_record(record_path: str | os.PathLike[str],
     differences = compare_measurements(record["after"], measured, tolerance, "after")
     checks["metrics"] = "MISMATCH" if differences else "ok"
     mismatches.extend(differences)
+    checks["before"] = _verify_before(record, record_path, forget, retain, loaded.benchmark.test,
+                                      request.resolved_tasks(train_set), size, tolerance,
+                                      mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
+
+
+def _verify_before(record: Mapping[str, Any], record_path: str | os.PathLike[str],
+                   forget: Any, retain: Any, test: Any, tasks: Any, batch_size: int,
+                   tolerance: float, mismatches: list[str]) -> str:
+    """The ``before`` check: the input model re-measured as ``unlearn`` measured it, when its
+    checkpoint is still where the record says, with the recorded bytes. An edited ``before``
+    makes the forgetting look larger than it was. An input checkpoint that is gone (deleted
+    with the data it was trained on, say) or replaced is reported ``not measured``, not as a
+    mismatch: the output's own provenance already ties it to the recorded input hash."""
+    from mtunlearn_ext.workflow import load_model, measure
+
+    inp = record.get("input")
+    if not isinstance(inp, Mapping) or not isinstance(record.get("before"), Mapping):
+        return "not recorded"
+    recorded = inp.get("checkpoint")
+    if not isinstance(recorded, str):
+        return "not recorded"
+    path = recorded_path(recorded, record_path)
+    if not path.is_file():
+        return "not measured (input checkpoint not found)"
+    if sha256_of_file(path) != inp.get("sha256"):
+        return "not measured (the input checkpoint found is not the recorded one)"
+    original = load_model(path, "--record")
+    measured = measure(original.model, forget, retain, test, tasks, int(record["seed"]),
+                       batch_size)
+    differences = compare_measurements(record["before"], measured, tolerance, "before")
+    mismatches.extend(differences)
+    return "MISMATCH" if differences else "ok"

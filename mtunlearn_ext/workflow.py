@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -151,6 +152,9 @@ def is_existing_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes "1_3", "+3" and "３"
+
+
 def _id_tokens(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
@@ -158,10 +162,13 @@ def _id_tokens(text: str) -> list[str]:
 def _is_id_list(text: str) -> bool:
     """Whether ``text`` reads as a non-empty list of integer ids."""
     tokens = _id_tokens(text)
-    try:
-        return bool(tokens) and all(isinstance(int(t), int) for t in tokens)
-    except ValueError:
-        return False
+    return bool(tokens) and all(_ID.fullmatch(t) for t in tokens)
+
+
+def _file_id_tokens(text: str) -> list[tuple[str, int]]:
+    """(token, line number) of an id file; ``#`` starts a comment to the end of its line."""
+    return [(token, number) for number, line in enumerate(text.splitlines(), 1)
+            for token in _id_tokens(line.split("#", 1)[0])]
 
 
 def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | None:
@@ -183,26 +190,38 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
                                      f"here; for the file write @{value} (or ./{value}), for "
                                      f"the ids {value}, (a trailing comma)")
             try:
-                text = path.read_text(encoding="utf-8")
+                # utf-8-sig: a byte-order mark (Windows editors write one) is not an id.
+                text = path.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as error:
                 reason = (f"the file is not UTF-8 text ({error})"
                           if isinstance(error, UnicodeDecodeError) else str(error))
                 raise UserInputError(argument, "instance ids or a readable text file of them",
                                      value, reason) from error
-        tokens = _id_tokens(text)
+            located = _file_id_tokens(text)
+            tokens = [token for token, _ in located]
+            lines = {i: number for i, (_, number) in enumerate(located)}
+        else:
+            tokens, lines = _id_tokens(text), {}
     else:
-        tokens = list(value)
+        tokens, lines = list(value), {}
     ids: list[int] = []
-    for token in tokens:
-        try:
+    for i, token in enumerate(tokens):
+        if isinstance(token, str) and _ID.fullmatch(token):
             ids.append(int(token))
-        except (TypeError, ValueError):
+        elif isinstance(token, int) and not isinstance(token, bool):
+            ids.append(token)
+        else:
+            where = f"line {lines[i]} of {str(path)!r}" if i in lines else ""
             # A lone word that is no id was most likely meant as a file of ids.
-            missing_file = (path is not None and len(tokens) == 1 and not is_existing_file(path)
+            missing_file = (path is not None and not lines and len(tokens) == 1
+                            and not is_existing_file(path)
                             and any(c.isalpha() or c in "/\\" for c in str(token)))
+            detail = (f"no file {str(path)!r} either" if missing_file
+                      else f"{where}: ids are decimal integers in ASCII digits"
+                      if where else "ids are decimal integers in ASCII digits (no '_', '+' "
+                      "or other digit characters)" if isinstance(token, str) else "")
             raise UserInputError(argument, "integer instance ids (comma/space separated, or a "
-                                 "file holding them)", token,
-                                 f"no file {str(path)!r} either" if missing_file else "") from None
+                                 "file holding them)", token, detail) from None
     return ids
 
 
@@ -547,6 +566,12 @@ def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
     return write_text_new(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
+#: Outputs of the transactions that completed in this process, in order: what an interrupt
+#: arriving after them (while the command prints its summary) leaves, written in full. The
+#: command line clears it when a command starts.
+COMMITTED_OUTPUTS: list[Path] = []
+
+
 @dataclass
 class OutputTransaction:
     """All-or-nothing outputs of one command.
@@ -614,6 +639,7 @@ class OutputTransaction:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is None:
+            COMMITTED_OUTPUTS.extend(self._created)
             return
         # Every path is tried: one that cannot be removed (or never existed, or whose name the
         # file system refuses) must not keep the others, written before it, in place.

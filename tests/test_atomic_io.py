@@ -150,3 +150,51 @@ def test_interrupt_after_mkstemp_leaves_no_temporary_file(
         with pytest.raises(KeyboardInterrupt):
             write()
     assert list(tmp_path.iterdir()) == []
+
+
+class _FullDisk:
+    """A file object over ``fd`` whose writes fail with ENOSPC once ``room`` bytes are in."""
+
+    real_fdopen = staticmethod(os.fdopen)
+
+    def __init__(self, fd: int, room: int) -> None:
+        self.file = self.real_fdopen(fd, "wb")
+        self.room = room
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= size
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def test_a_full_disk_is_an_os_error_and_leaves_nothing(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI review: on a full file system torch.save's OSError (ENOSPC) was replaced by its zip
+    writer's second failure while closing ("unexpected pos 102400 vs 102352"), a RuntimeError
+    that the CLI showed as a traceback with exit 1 instead of its one line and exit 2."""
+    from mtunlearn_ext.workflow import OutputTransaction, UserInputError
+
+    monkeypatch.setattr(_io.os, "fdopen", lambda fd, mode: _FullDisk(fd, room=4096))
+    target = tmp_path / "model.pt"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        atomic_torch_save({"w": torch.zeros(100_000)}, target)
+    assert caught.value.errno == 28
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserInputError, match=r"--output: expected a path that can be written, "
+                                             r"got .*No space left on device; nothing was "
+                                             r"written"):
+        with OutputTransaction() as outputs:
+            path = outputs.reserve("--output", target)
+            outputs.write(path, lambda p: atomic_torch_save({"w": torch.zeros(100_000)}, p))
+    assert list(tmp_path.iterdir()) == []

@@ -155,3 +155,56 @@ def test_unlearn_without_forget_ids_says_it_forgets_a_random_share(
     assert capsys.readouterr().err == ""
     docs = " ".join((ROOT / "docs" / "cli.md").read_text().split())
     assert "without `--forget-ids`, `unlearn` forgets a random 10%" in docs.lower()
+
+
+# -- ids mean what they say: decimal digits only ------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1_3", "+3", "３", "0x1f", "3.0", "1e2"])
+def test_ids_are_plain_decimal_digits(text: str) -> None:
+    """CLI review: int() took "1_3" as 13 (a typo of "1,3" named another instance), and "+3"
+    and full-width digits as ids: the record then held an instance nobody asked for."""
+    with pytest.raises(UserInputError, match=rf"--forget-ids: expected integer instance ids .*"
+                                             rf"got {re.escape(repr(text))}; ids are decimal "
+                                             r"integers in ASCII digits"):
+        parse_ids(f"7,{text}", "--forget-ids")
+    assert parse_ids("0020, 7 -3", "--forget-ids") == [20, 7, -3]  # negatives: refused later
+
+
+def test_id_files_take_a_bom_and_comments_and_errors_name_the_line(tmp_path: Path) -> None:
+    """CLI review: a file saved with a byte-order mark (Windows Notepad) was refused as
+    '\\ufeff3', '#' comment lines were refused as ids, and an error named no file or line."""
+    good = tmp_path / "ids.txt"
+    good.write_text("\ufeff# forget request 2026-11\n3, 7  # two instances\n\n13\n",
+                    encoding="utf-8")
+    assert parse_ids(f"@{good}", "--forget-ids") == [3, 7, 13]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3\n7\n1_3\n")
+    with pytest.raises(UserInputError, match=rf"got '1_3'; line 3 of {re.escape(repr(str(bad)))}"
+                                             r": ids are decimal integers in ASCII digits"):
+        parse_ids(f"@{bad}", "--forget-ids")
+
+
+def test_yaml_configs_refuse_integers_yaml_would_convert(
+        trained: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: YAML 1.1 reads 0020 as octal 16 and 0032 as 26, both training ids here: the
+    run forgot instances 16 and 26, exit 0, where --forget-ids 0020,0032 names 20 and 32."""
+    config = tmp_path / "request.yaml"
+    config.write_text("forget_ids: [0020, 0032]\n")
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--config", str(config),
+                     "--method-config", FAST, "--output", str(out), "--quiet"]) == 2
+    assert re.search(r"^mtunlearn: error: --config: .*'0020' is not a plain decimal integer: "
+                     r"YAML 1\.1 reads it as 16 .*write the decimal number meant", _err(capsys))
+    assert not out.exists()
+    for text, read in (("1:13", 73), ("1_3", 13), ("0x10", 16)):
+        config.write_text(f"seed: {text}\n")
+        assert cli.main(["unlearn", "--checkpoint", str(trained), "--config", str(config),
+                         "--output", str(out), "--quiet"]) == 2
+        assert f"{text!r} is not a plain decimal integer: YAML 1.1 reads it as {read}" in _err(
+            capsys)
+    config.write_text("forget_ids: ['0020', 7]\nseed: 0\n")  # quoted: the decimal text
+    from mtunlearn_ext.cli import _load_config
+
+    assert _load_config(str(config)) == {"forget_ids": ["0020", 7], "seed": 0}

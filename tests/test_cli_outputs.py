@@ -231,6 +231,61 @@ def test_sigterm_exits_130_and_leaves_nothing(trained: Path, tmp_path: Path,  # 
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
+def test_an_interrupt_after_the_outputs_are_complete_says_they_are(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: an interrupt while the summary was printed (the outputs already committed)
+    said "no output was written", yet the checkpoint and record were there, complete."""
+    real_print = print
+
+    def interrupted_summary(*args: object, **kwargs: object) -> None:
+        if kwargs.get("file") is None and args and "u.pt" in str(args[0]):
+            raise KeyboardInterrupt
+        real_print(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.print", interrupted_summary)
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--output", str(tmp_path / "u.pt"),
+                     "--quiet"]) == 130
+    monkeypatch.undo()
+    err = _err(capsys)
+    assert (f"mtunlearn: interrupted after its outputs were written in full "
+            f"({tmp_path / 'u.pt'}, {tmp_path / 'u.pt.record.json'}); inputs are unchanged"
+            in err), err
+    assert _listing(tmp_path) == {"u.pt", "u.pt.record.json"}
+    assert cli.main(["verify", "--record", str(tmp_path / "u.pt.record.json")]) == 0
+
+
+def test_an_interrupt_during_the_commands_imports_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: main() imported records/training/workflow (about a second) before its
+    handler, so a Ctrl-C then printed a traceback from the imports, and SIGTERM killed the
+    process silently (its handler came after the argument parsing)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "mtunlearn_ext.records":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    assert cli.main(["train", "--benchmark", "digits"]) == 130
+    monkeypatch.undo()
+    assert _err(capsys) == "mtunlearn: interrupted; no output was written, inputs are unchanged"
+    handler = signal.getsignal(signal.SIGTERM)
+    seen: list[object] = []
+
+    def parse_known_args(*args: object, **kwargs: object) -> None:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.argparse.ArgumentParser, "parse_known_args", parse_known_args)
+    assert cli.main(["train"]) == 130
+    assert seen == [cli._on_sigterm] and signal.getsignal(signal.SIGTERM) == handler
+
+
 # -- the same train command writes the same checkpoint file ---------------------------------------
 
 

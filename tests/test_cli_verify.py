@@ -111,6 +111,33 @@ def test_verify_a_changed_checkpoint_is_a_mismatch(
         assert "FAILED" in printed.out
 
 
+def test_verify_re_measures_the_input_model_when_its_checkpoint_is_there(
+        trained: Path, unlearned: tuple[Path, Path], tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: an edited `before` (the forget-set attack AUC raised to 0.99, so the
+    forgetting looks larger) verified ok: only `after` was re-measured."""
+    ckpt, record = unlearned
+    assert cli.main(["verify", "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert ["before", "ok"] in [line.split() for line in out.splitlines()], out
+    assert "(metric tolerance 0.0001)" in out
+    payload = json.loads(record.read_text())
+    payload["before"]["mia_auc"] = 0.99
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(edited), "--checkpoint", str(ckpt)]) == 1
+    printed = capsys.readouterr()
+    assert ["before", "MISMATCH"] in [line.split() for line in printed.out.splitlines()]
+    assert "before" in printed.err and "mia_auc" in printed.err, printed.err
+    # The input checkpoint gone (deleted with its data): the rest is verified, `before` is
+    # reported as not measured.
+    payload["input"]["checkpoint"] = str(tmp_path / "deleted.pt")
+    edited.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(edited), "--checkpoint", str(ckpt)]) == 0
+    rows = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
+    assert ["before", "not measured (input checkpoint not found)"] in rows
+
+
 @pytest.mark.parametrize(("path", "value", "said"), [
     (("method", "name"), "retrain", "metadata has method 'interference_aware'"),
     (("input", "sha256"), "0" * 64, "metadata has parent_sha256"),
