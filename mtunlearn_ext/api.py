@@ -14,14 +14,14 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, cast
 
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import atomic_torch_save
+from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import (
     Inputs,
@@ -52,8 +52,8 @@ from mtunlearn_ext.unlearning import (
     get_unlearner,
 )
 
-__all__ = ["API_RECORD_SCHEMA", "DataLike", "build_problem", "save_unlearned",
-           "state_dict_sha256", "uis_floor", "unlearn"]
+__all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "save_unlearned",
+           "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
@@ -1251,6 +1251,83 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+@dataclass
+class SavedCheck:
+    """Outcome of :func:`verify_saved`: ``ok``, the mismatches found (as messages) and the
+    outcome of each check (``"ok"``, ``"MISMATCH"`` or why it was not made)."""
+
+    ok: bool
+    checkpoint: str
+    checks: dict[str, str] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+
+def verify_saved(record: str | os.PathLike[str], *,
+                 checkpoint: str | os.PathLike[str] | None = None,
+                 model: nn.Module | None = None, original: nn.Module | None = None,
+                 forget_ids: Iterable[int] | None = None) -> SavedCheck:
+    """Check a :func:`save_unlearned` record against what it describes.
+
+    Re-hashes the checkpoint file (``checkpoint``, default the record's: found as recorded,
+    else beside the record) against ``checkpoint.sha256``, hashes its weights against ``model_state_sha256``, and, when given, the unlearned
+    ``model`` in memory against the same hash, the ``original`` model against
+    ``original_state_sha256`` and ``forget_ids`` against the request's ``ids_sha256`` (the
+    record keeps the ids' hash, not the ids). The model and data are the caller's, so no
+    metric is re-measured: evaluate them with your own code (or the harness's
+    :func:`mtunlearn_ext.metrics.evaluate`). Raises ``ValueError`` for a file that is not such
+    a record and ``FileNotFoundError`` for a missing checkpoint; mismatches are returned."""
+    from mtunlearn_ext.records import recorded_path
+
+    record_path = Path(record)
+    try:
+        payload = json.loads(record_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"verify_saved: {record_path} is not a JSON record: {error}") from error
+    if not isinstance(payload, dict) or payload.get("schema") != API_RECORD_SCHEMA:
+        found = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"verify_saved: {record_path} is not a save_unlearned record (schema "
+                         f"{API_RECORD_SCHEMA!r}), got {found!r}")
+    saved = payload.get("checkpoint") or {}
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"verify_saved: `checkpoint` {str(path)!r} is not a file")
+    else:
+        path = recorded_path(str(saved.get("path", "")), record_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"verify_saved: the record's checkpoint "
+                                    f"{saved.get('path')!r} is not a file (as recorded, nor "
+                                    f"beside {record_path})")
+    result = SavedCheck(True, str(path))
+
+    def check(name: str, found: str | None, expected: object, what: str) -> None:
+        if found == expected:
+            result.checks[name] = "ok"
+            return
+        result.checks[name] = "MISMATCH"
+        result.mismatches.append(f"{what} {found} differs from the record's {expected}")
+
+    check("sha256", sha256_of_file(path), saved.get("sha256"), "checkpoint SHA-256")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights: str | None = state_dict_sha256(state)
+    except Exception as error:  # noqa: BLE001 (any unreadable file is the same finding)
+        weights = f"(unreadable: {error})"
+    check("weights", weights, payload.get("model_state_sha256"), "checkpoint weights' hash")
+    if model is not None:
+        check("model", state_dict_sha256(model), payload.get("model_state_sha256"),
+              "`model`'s state hash")
+    if original is not None:
+        check("original", state_dict_sha256(original), payload.get("original_state_sha256"),
+              "`original`'s state hash")
+    if forget_ids is not None:
+        ids_hash = ForgetRequest.create([int(i) for i in forget_ids]).ids_hash()
+        check("forget_ids", ids_hash, (payload.get("request") or {}).get("ids_sha256"),
+              "`forget_ids`' hash")
+    result.ok = not result.mismatches
+    return result
 
 
 def _finite_or_none(value: Any) -> Any:

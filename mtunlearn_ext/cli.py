@@ -391,7 +391,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
     from mtunlearn_ext.records import RECORD_SCHEMA, code_version, utc_now, write_record
-    from mtunlearn_ext.training import save_checkpoint
+    from mtunlearn_ext.training import save_checkpoint, state_dict_sha256
     from mtunlearn_ext.unlearning import UnlearningProblem, available_unlearners
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
@@ -458,6 +458,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"running {args.method}")
             result = run_unlearning(problem, args.method, settings)
             bar.update()
+            if state_dict_sha256(result.model) == state_dict_sha256(loaded.model):
+                # A run that changed nothing (steps 0, a learning rate of 0) would otherwise be
+                # recorded and verified like any other.
+                print(f"mtunlearn: warning: {args.method} left the weights exactly as they "
+                      f"were ({result.report.steps} steps): the output model is the input "
+                      "model", file=sys.stderr)
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
@@ -581,8 +587,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.api import API_RECORD_SCHEMA
     from mtunlearn_ext.records import verify_record
 
+    if _schema_of(args.record) == API_RECORD_SCHEMA:
+        return _verify_api_record(args)
     result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance)
     print(_table([[check, outcome] for check, outcome in result.checks.items()],
                  ["check", "result"]))
@@ -590,6 +599,39 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"mismatch: {m}", file=sys.stderr)
     print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
           f"(metric tolerance {args.tolerance:g})")
+    return 0 if result.ok else 1
+
+
+def _schema_of(path: str) -> object:
+    """The ``schema`` of a JSON record, or None when the file is no JSON object (verify_record
+    then says what is wrong with it)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return payload.get("schema") if isinstance(payload, dict) else None
+
+
+def _verify_api_record(args: argparse.Namespace) -> int:
+    """A record of mtunlearn_ext.save_unlearned: its model and data are the caller's, which the
+    command cannot rebuild, so the files are checked (hashes) and nothing is re-measured."""
+    from mtunlearn_ext.api import verify_saved
+    from mtunlearn_ext.workflow import UserInputError
+
+    try:
+        result = verify_saved(args.record, checkpoint=args.checkpoint)
+    except FileNotFoundError as error:
+        argument = "--checkpoint" if args.checkpoint else "--record"
+        raise UserInputError(argument, "a record whose checkpoint exists", args.checkpoint
+                             or args.record, str(error)) from error
+    rows = [[check, outcome] for check, outcome in result.checks.items()]
+    rows.append(["metrics", "not measured (a save_unlearned record: the model and data are "
+                            "the caller's; re-measure them with your code)"])
+    print(_table(rows, ["check", "result"]))
+    for m in result.mismatches:
+        print(f"mismatch: {m}", file=sys.stderr)
+    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
+          "(files and hashes only)")
     return 0 if result.ok else 1
 
 
@@ -640,23 +682,30 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
+    # required: `unlearn`, which forgets the request; else `evaluate`, which only measures the
+    # model on the request's forget / retain split.
     p.add_argument("--forget-ids", default=None, metavar="IDS",
-                   help="instance ids to forget: '1,2,3', or a file (or @file) holding them "
+                   help=("instance ids to forget" if required else "instance ids of the forget "
+                         "split to measure (nothing is unlearned)")
+                        + ": '1,2,3' (ASCII decimal digits), or a file (or @file) holding them "
                         "(text that is both an id list and a file's name is refused: @3 or ./3 "
                         "for the file, '3,' for the id)"
                         + ("; without it, a random 10%% of the training instances is forgotten "
                            "(--forget-fraction 0.1, drawn with --seed), as a line on stderr "
                            "says" if required else ""))
     p.add_argument("--forget-fraction", type=float, default=0.1 if required else None,
-                   help="share of training instances to forget, drawn with --seed (ignored "
-                        "with --forget-ids)" + ("; default 0.1" if required else ""))
+                   help=("share of training instances to forget" if required else "share of "
+                         "training instances in the forget split")
+                        + ", drawn with --seed (ignored with --forget-ids)"
+                        + ("; default 0.1" if required else ""))
     p.add_argument("--target-tasks", default=None, metavar="TASKS",
                    help="comma-separated target tasks; a proper subset makes a partial request")
     p.add_argument("--request", default=None, choices=["full", "partial"],
                    help="request type (default: partial iff --target-tasks is a proper subset)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seeds the forget-id draw, the method and the attack (default: the "
-                        "checkpoint's seed)")
+                   help=("seeds the forget-id draw, the method and the attack" if required else
+                         "seeds the forget-id draw and the attack")
+                        + " (default: the checkpoint's seed)")
     p.add_argument("--eval-batch-size", type=_at_least(1), default=64,
                    help="evaluation batch size")
 

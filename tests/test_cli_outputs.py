@@ -296,3 +296,18 @@ def test_train_is_reproducible_to_the_file_hash(tmp_path: Path,
     assert sha256_of_file(tmp_path / "a.pt") == sha256_of_file(tmp_path / "b.pt")
     assert "train_seconds" not in torch.load(tmp_path / "a.pt", weights_only=True)["meta"]
     assert "seconds" in capsys.readouterr().out  # the wall time is printed instead
+
+
+def test_a_run_that_changes_no_weight_says_so(trained: Path, tmp_path: Path,  # noqa: F811
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: --method-config '{"steps": 0}' wrote an "unlearned" checkpoint equal to
+    the input and a record that verify accepts, without a word."""
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", '{"steps": 0}', "--output", str(out), "--quiet"]) == 0
+    assert ("mtunlearn: warning: interference_aware left the weights exactly as they were "
+            "(0 steps): the output model is the input model") in capsys.readouterr().err
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--output", str(tmp_path / "v.pt"),
+                     "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err

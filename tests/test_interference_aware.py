@@ -1125,6 +1125,43 @@ def test_public_api_unlearns_compiled_and_parallel_models_through_their_module(u
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in wrapped.state_dict().items())
 
 
+def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """CLI review: `mtunlearn verify` refused save_unlearned's records (another schema) and the
+    API had no check of its own: an engineer with their own module had no way to re-check the
+    files against the record. verify_saved checks the hashes (the model and data are the
+    caller's, so nothing is re-measured), and `mtunlearn verify` runs it on such records."""
+    from mtunlearn_ext import cli
+
+    model, x, y = user_setup
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+        shared_parameters=lambda n: n.startswith("trunk"), config={"steps": 2})
+    path = tmp_path / "unlearned.pt"
+    mtunlearn_ext.save_unlearned(new, report, path, original=model)
+    record = tmp_path / "unlearned.pt.record.json"
+    result = mtunlearn_ext.verify_saved(record, model=new, original=model,
+                                        forget_ids=range(10))
+    assert result.ok and result.checks == {"sha256": "ok", "weights": "ok", "model": "ok",
+                                           "original": "ok", "forget_ids": "ok"}
+    wrong = mtunlearn_ext.verify_saved(record, model=model, forget_ids=range(11))
+    assert not wrong.ok and wrong.checks["model"] == wrong.checks["forget_ids"] == "MISMATCH"
+    assert cli.main(["verify", "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert ["sha256", "ok"] in [line.split() for line in out.splitlines()]
+    assert "metrics  not measured (a save_unlearned record" in out and "verified" in out
+    tampered = tmp_path / "tampered.pt"
+    state = torch.load(path)
+    state["trunk.0.bias"] = state["trunk.0.bias"] + 1e-3
+    torch.save(state, tampered)
+    assert cli.main(["verify", "--record", str(record), "--checkpoint", str(tampered)]) == 1
+    printed = capsys.readouterr()
+    assert "checkpoint SHA-256" in printed.err and "checkpoint weights' hash" in printed.err
+    assert "FAILED" in printed.out
+    assert cli.main(["verify", "--record", str(record), "--checkpoint",
+                     str(tmp_path / "missing.pt")]) == 2
+
+
 def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_setup, tmp_path,
                                                                         monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from mtunlearn_ext.api import state_dict_sha256
