@@ -544,7 +544,10 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
         # A method's own check (the surgery ops refuse NaN/Inf gradients) stops it inside a
         # step, before the guard's callback: the same policy and exit status.
         step = guard.steps_done if isinstance(unlearner, GradientUnlearner) else None
-        raise NonFiniteError(step, str(error)) from error
+        # The op's advice to its caller (check_finite=False) is no option of a run's.
+        where = str(error).replace("; pass finite values (or check_finite=False to let them "
+                                   "propagate)", "")
+        raise NonFiniteError(step, where) from error
     for name, p in result.model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise NonFiniteError(result.report.steps, f"parameter {name} after the run")

@@ -150,6 +150,19 @@ def test_train_nan_loss_is_the_nonfinite_policy(tmp_path: Path,
     assert _listing(tmp_path) == set()
 
 
+def test_nonfinite_op_errors_leave_the_ops_own_advice_out(trained: Path, tmp_path: Path,  # noqa: F811
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """CLI review: a NaN caught by the surgery ops inside interference_aware told the command
+    line's user to "pass finite values (or check_finite=False ...)", an op argument the
+    command has no way to set."""
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(0, 1),
+                     "--method-config", '{"lr": 1e38, "steps": 4}',
+                     "--output", str(tmp_path / "u.pt"), "--quiet"]) == 3
+    err = _err(capsys)
+    assert "non-finite values (NaN/Inf)" in err and "check_finite" not in err, err
+
+
 def _flat(text: str) -> str:
     """Markdown text with its line breaks folded into single spaces."""
     return " ".join(text.split())
