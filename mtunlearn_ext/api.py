@@ -1289,13 +1289,16 @@ def verify_saved(record: str | os.PathLike[str], *,
         found = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"verify_saved: {record_path} is not a save_unlearned record (schema "
                          f"{API_RECORD_SCHEMA!r}), got {found!r}")
-    saved = payload.get("checkpoint") or {}
+    saved = payload.get("checkpoint")
+    if not isinstance(saved, dict) or not isinstance(saved.get("path"), str):
+        raise ValueError(f"verify_saved: {record_path} has no `checkpoint` object with a "
+                         f"`path` (got {saved!r}): not a record save_unlearned wrote, or edited")
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"verify_saved: `checkpoint` {str(path)!r} is not a file")
     else:
-        path = recorded_path(str(saved.get("path", "")), record_path)
+        path = recorded_path(saved["path"], record_path)
         if not path.is_file():
             raise FileNotFoundError(f"verify_saved: the record's checkpoint "
                                     f"{saved.get('path')!r} is not a file (as recorded, nor "
@@ -1319,12 +1322,16 @@ def verify_saved(record: str | os.PathLike[str], *,
     if model is not None:
         check("model", state_dict_sha256(model), payload.get("model_state_sha256"),
               "`model`'s state hash")
-    if original is not None:
+    if original is not None and payload.get("original_state_sha256") is None:
+        result.checks["original"] = "not recorded (saved without `original`)"
+    elif original is not None:
         check("original", state_dict_sha256(original), payload.get("original_state_sha256"),
               "`original`'s state hash")
     if forget_ids is not None:
         ids_hash = ForgetRequest.create([int(i) for i in forget_ids]).ids_hash()
-        check("forget_ids", ids_hash, (payload.get("request") or {}).get("ids_sha256"),
+        request = payload.get("request")
+        check("forget_ids", ids_hash,
+              request.get("ids_sha256") if isinstance(request, dict) else None,
               "`forget_ids`' hash")
     result.ok = not result.mismatches
     return result

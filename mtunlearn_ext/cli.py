@@ -461,9 +461,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             if state_dict_sha256(result.model) == state_dict_sha256(loaded.model):
                 # A run that changed nothing (steps 0, a learning rate of 0) would otherwise be
                 # recorded and verified like any other.
-                print(f"mtunlearn: warning: {args.method} left the weights exactly as they "
-                      f"were ({result.report.steps} steps): the output model is the input "
-                      "model", file=sys.stderr)
+                bar.write(f"mtunlearn: warning: {args.method} left the weights exactly as they "
+                          f"were ({result.report.steps} steps): the output model is the input "
+                          "model", file=sys.stderr)
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
@@ -621,9 +621,14 @@ def _verify_api_record(args: argparse.Namespace) -> int:
     try:
         result = verify_saved(args.record, checkpoint=args.checkpoint)
     except FileNotFoundError as error:
-        argument = "--checkpoint" if args.checkpoint else "--record"
-        raise UserInputError(argument, "a record whose checkpoint exists", args.checkpoint
-                             or args.record, str(error)) from error
+        if args.checkpoint:
+            raise UserInputError("--checkpoint", "an existing checkpoint file",
+                                 args.checkpoint) from error
+        raise UserInputError("--record", "a record whose checkpoint exists", args.record,
+                             str(error)) from error
+    except ValueError as error:
+        raise UserInputError("--record", "a readable save_unlearned record", args.record,
+                             str(error)) from error
     rows = [[check, outcome] for check, outcome in result.checks.items()]
     rows.append(["metrics", "not measured (a save_unlearned record: the model and data are "
                             "the caller's; re-measure them with your code)"])
@@ -651,7 +656,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from mtunlearn_ext.report import write_report
-    from mtunlearn_ext.workflow import UserInputError
+    from mtunlearn_ext.workflow import COMMITTED_OUTPUTS, UserInputError
 
     source = Path(args.results)
     try:
@@ -660,6 +665,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
                              str(error)) from error
     written = write_report(results, Path(args.output_dir), title=args.title or source.name)
+    COMMITTED_OUTPUTS.extend(written)  # an interrupt from here on finds them complete
     print(_table([[str(p), p.stat().st_size] for p in written], ["file", "bytes"]))
     return 0
 

@@ -305,6 +305,9 @@ def state_dict_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tenso
              else model_or_state)
     digest = hashlib.sha256()
     for name, value in state.items():
+        if not isinstance(value, torch.Tensor):  # a module's extra state (a counter, say)
+            digest.update(f"{name}:{value!r};".encode())
+            continue
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
         digest.update(tensor_bytes(value))
     return digest.hexdigest()

@@ -256,6 +256,30 @@ def test_an_interrupt_after_the_outputs_are_complete_says_they_are(
     assert cli.main(["verify", "--record", str(tmp_path / "u.pt.record.json")]) == 0
 
 
+def test_an_interrupted_report_says_its_files_were_written(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Final review: `report` writes its files itself (not through an output transaction), so
+    an interrupt during its summary still said "no output was written" beside the files."""
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--output", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    real_table = cli._table
+
+    def interrupted_table(*args: Any, **kwargs: Any) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_table", interrupted_table)
+    folder = tmp_path / "report"
+    assert cli.main(["report", "--results", str(out) + ".record.json", "--output-dir",
+                     str(folder), "--quiet"]) == 130
+    monkeypatch.setattr(cli, "_table", real_table)
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: interrupted after its outputs were written in full (")
+    assert str(folder / "report.md") in err and (folder / "report.md").is_file()
+
+
 def test_an_interrupt_during_the_commands_imports_is_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """CLI review: main() imported records/training/workflow (about a second) before its

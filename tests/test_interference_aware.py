@@ -1160,6 +1160,20 @@ def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -
     assert "FAILED" in printed.out
     assert cli.main(["verify", "--record", str(record), "--checkpoint",
                      str(tmp_path / "missing.pt")]) == 2
+    assert "--checkpoint: expected an existing checkpoint file" in capsys.readouterr().err
+    # Saved without `original`: an original given to the check is "not recorded", no mismatch.
+    mtunlearn_ext.save_unlearned(new, report, tmp_path / "plain.pt")
+    plain = mtunlearn_ext.verify_saved(tmp_path / "plain.pt.record.json", original=model)
+    assert plain.ok and plain.checks["original"] == "not recorded (saved without `original`)"
+    # A hand-edited record: a clear error, exit 2 on the command line.
+    payload = json.loads(record.read_text())
+    payload["checkpoint"] = "unlearned.pt"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="has no `checkpoint` object with a `path`"):
+        mtunlearn_ext.verify_saved(edited)
+    assert cli.main(["verify", "--record", str(edited)]) == 2
+    assert "--record: expected a readable save_unlearned record" in capsys.readouterr().err
 
 
 def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_setup, tmp_path,
@@ -1260,8 +1274,10 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
     problem = UnlearningProblem(model=model, tasks=specs, forget=forget_set, retain=train,
                                 request=ForgetRequest.create(range(10), ["kind"]),
                                 target_tasks=["kind"])
-    with pytest.raises(ValueError, match=r"10 pairs are supervised in both the forget and the "
-                                         r"retain set \(first: instance id 0, task 'kind'\)"):
+    # (A plain module in a problem built by hand: the split warning is expected too.)
+    with pytest.warns(UserWarning, match=r"has no parameter_split\(\)"), pytest.raises(
+            ValueError, match=r"10 pairs are supervised in both the forget and the retain set "
+                              r"\(first: instance id 0, task 'kind'\)"):
         problem.validate()
 
 

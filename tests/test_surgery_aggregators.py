@@ -310,6 +310,23 @@ def test_pcgrad_call_counter_is_saved_so_a_resumed_run_draws_the_same_orders() -
         assert torch.equal(resumed(j), expected[call])
     with pytest.raises(ValueError, match="expected extra state"):
         PCGrad().load_state_dict({"weighting._extra_state": {"calls": -1}})
+    # A state saved before the counter was state (final review): it still loads, strictly, as
+    # a fresh counter, inside a module too; and the state hashes as any other.
+    fresh = PCGrad(seed=3)
+    fresh.load_state_dict({})
+    assert fresh.weighting.calls == 0
+
+    class Trainer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            self.aggregator = PCGrad()
+
+    old_state = {k: v for k, v in Trainer().state_dict().items() if "extra_state" not in k}
+    Trainer().load_state_dict(old_state)
+    from mtunlearn_ext.training import state_dict_sha256
+
+    assert state_dict_sha256(resumed) != state_dict_sha256(PCGrad(seed=3))
 
 
 # ----------------------------------------------------------------------------- shared behaviour

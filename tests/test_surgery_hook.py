@@ -1066,6 +1066,49 @@ def test_a_parameter_in_neither_list_is_refused_where_it_would_get_no_gradient(
     torch.testing.assert_close(log_vars.grad, expected)
 
 
+class _LocalReducer:
+    """A reducer of one process: nothing to average."""
+
+    def reduce_task_grads(self, stacks, head_grads, *, reached=None, head_tasks=None):  # type: ignore[no-untyped-def]
+        return None
+
+    def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        return stats
+
+
+def test_the_listed_heads_check_spares_inputs_and_warns_at_the_callers_line() -> None:
+    """Final review: an input that requires grad (a reentrant checkpoint's, an adversarial
+    perturbation) is a leaf the losses reach too, and was refused as "a parameter in neither
+    list"; under a reducer the warning pointed into the library instead of the caller's call."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    x.requires_grad_(True)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(),
+                              head_params=model.heads.parameters())
+    surgery.backward(_losses(model, x, y))  # no error: x is an input, not a parameter
+    assert x.grad is None and all(p.grad is not None for p in model.parameters())
+    log_vars = nn.Parameter(torch.zeros(3))
+    reduced = GradientSurgery(model.trunk.parameters(), UPGrad(), reducer=_LocalReducer(),
+                              head_params=model.heads.parameters())
+    with pytest.warns(UserWarning, match="in neither `shared_params` nor `head_params`") as seen:
+        reduced.backward([loss + v for loss, v in zip(_losses(model, x, y), log_vars)])
+    assert [w.filename for w in seen] == [__file__]
+
+
+def test_a_failed_gradient_pass_keeps_torchs_error_without_a_cycle_of_causes() -> None:
+    """Final review: an error the surgery has nothing to add to was raised `from` itself, so
+    its __cause__ was itself (code that walks the causes looped forever)."""
+    for per_task in ("autograd", "batched"):
+        model = MultiTaskNet()
+        x, y = _batch(torch.float32)
+        losses = _losses(model, x, y)
+        sum(losses).backward()  # the graph is freed: the surgery's pass fails
+        surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="backward through the graph a second time") as caught:
+            surgery.backward(losses)
+        assert caught.value.__cause__ is not caught.value, per_task
+
+
 def test_detached_copies_are_refused_as_shared_parameters() -> None:
     """`model.trunk.state_dict().values()` was taken, and the first backward said the shared
     parameters were "all frozen": the wrong cause."""

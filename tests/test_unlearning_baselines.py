@@ -759,7 +759,11 @@ def test_a_problem_whose_model_has_no_parameter_split_warns() -> None:
     extensibility review measured other weights than with the split given)."""
     bench = load_benchmark("digits", size="tiny", seed=0)
     torch.manual_seed(0)
-    problem = UnlearningProblem.from_request(_DropoutNormNet(bench.tasks), bench.train,
+
+    class Unsplit(_DropoutNormNet):
+        parameter_split = None  # type: ignore[assignment]  # a multi-task model without one
+
+    problem = UnlearningProblem.from_request(Unsplit(bench.tasks), bench.train,
                                              ForgetRequest.create(bench.train.ids[:30]), seed=0)
     with pytest.warns(UserWarning, match=r"has no parameter_split\(\), so every parameter "
                                          r"counts as shared .*build_problem"):

@@ -792,7 +792,10 @@ class GradientSurgery:
         gradient, silently, where ``sum(losses).backward()`` gives it one. One walk of the
         graph, once: the lists are fixed, and a model's structure seldom changes."""
         listed = {id(p) for p in self.head_params or ()}
-        missing = [v for v in _reachable_leaves(losses) if v.requires_grad
+        # Parameters only: an input that requires grad (a reentrant checkpoint's, an
+        # adversarial perturbation) is a leaf too, and needs no .grad from the surgery.
+        missing = [v for v in _reachable_leaves(losses)
+                   if isinstance(v, torch.nn.Parameter) and v.requires_grad
                    and id(v) not in self._shared_ids and id(v) not in listed]
         if not missing:
             self._listed_heads_checked = True
@@ -810,7 +813,8 @@ class GradientSurgery:
         # Under a reducer the other processes may not see the same leaves (a data-dependent
         # branch): one process raising would leave the others waiting in a collective.
         self._listed_heads_checked = True
-        warnings.warn(message, stacklevel=4)
+        # user -> backward/accumulate -> _per_task_grads -> _heads -> here
+        warnings.warn(message, stacklevel=5)
 
     def _per_task_grads(self, losses: list[torch.Tensor], constants: frozenset[int],
                         active: _Active, stacks: list[torch.Tensor], *, add: bool,
@@ -871,7 +875,10 @@ class GradientSurgery:
                     grads = torch.autograd.grad(loss, inputs, retain_graph=keep,
                                                 allow_unused=True)
                 except RuntimeError as error:
-                    raise _explained_grad_failure(error, self.per_task) from error
+                    explained = _explained_grad_failure(error, self.per_task)
+                    if explained is error:
+                        raise
+                    raise explained from error
                 shared = grads[:n_shared]
                 for i, g in enumerate(shared):  # marked in place: no new list per task
                     if g is not None:
@@ -897,7 +904,10 @@ class GradientSurgery:
             return torch.autograd.grad(stacked, inputs, grad_outputs=eye, is_grads_batched=True,
                                        retain_graph=retain_graph, allow_unused=True)
         except RuntimeError as error:
-            raise self._batched_failure(losses, active, error) from error
+            explained = self._batched_failure(losses, active, error)
+            if explained is error:  # (never `raise error from error`: a cycle of causes)
+                raise
+            raise explained from error
 
     @staticmethod
     def _poison_constant_rows(losses: list[torch.Tensor], constants: frozenset[int],

@@ -97,6 +97,7 @@ class PCGradWeighting(Weighting):
         self.seed = seed
         self.reshuffle = reshuffle
         self.calls = 0
+        self._register_load_state_dict_pre_hook(_default_call_count)
 
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
         if self.seed is None:
@@ -118,6 +119,12 @@ class PCGradWeighting(Weighting):
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}, reshuffle={self.reshuffle}"
+
+
+def _default_call_count(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A state saved before the call counter was part of it (no ``_extra_state`` key) loads
+    with ``strict=True`` as a fresh counter, which is what those runs used."""
+    state_dict.setdefault(prefix + "_extra_state", {"calls": 0})
 
 
 class UPGradWeighting(Weighting):
