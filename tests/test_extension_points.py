@@ -36,6 +36,19 @@ def huber(pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> torch
     return F.huber_loss(pred, target, reduction="none", delta=delta).mean(dim=1)
 
 
+class TwoHeads(nn.Module):
+    """The guide's kind of user model: a trunk and a ModuleDict of heads, forward(x) -> dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.heads = nn.ModuleDict({"kind": nn.Linear(16, 3), "size": nn.Linear(16, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
 class _EntropyMax(ForgetObjective):
     name = "_test_entropy_max"
     kinds = ("classification",)
@@ -336,16 +349,6 @@ def test_the_guides_extension_example_runs(monkeypatch: pytest.MonkeyPatch,
     text = DOC.read_text().split("## Extending the library", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
-    class TwoHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
-            self.heads = nn.ModuleDict({"kind": nn.Linear(16, 3), "size": nn.Linear(16, 1)})
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.trunk(x)
-            return {t: h(z) for t, h in self.heads.items()}
-
     torch.manual_seed(0)
     module = types.ModuleType("_ext_points_guide")  # @dataclass looks its module up
     monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -370,16 +373,6 @@ def test_a_method_reaches_the_users_module_attributes_through_the_wrapper(
     module's; one that neither has is refused naming both and pointing at ``ctx.groups``."""
     import mtunlearn_ext
     from mtunlearn_ext.unlearning import GradientUnlearner, StepConfig, register_unlearner
-
-    class TwoHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
-            self.heads = nn.ModuleDict({"kind": nn.Linear(16, 3), "size": nn.Linear(16, 1)})
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.trunk(x)
-            return {t: h(z) for t, h in self.heads.items()}
 
     seen: dict[str, object] = {}
 
