@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 import types
@@ -947,17 +946,14 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def _parse_ids(text: str) -> list[int]:
-    path = Path(text)
-    if path.is_file():  # as the mtunlearn command reads one: no BOM, '#' comments
-        text = "\n".join(line.split("#", 1)[0]
-                         for line in path.read_text(encoding="utf-8-sig").splitlines())
-    tokens = text.replace(",", " ").split()
-    # int() also takes "1_3" (13), "+3" and non-ASCII digits: a typo would name another id.
-    bad = [t for t in tokens if not re.fullmatch(r"-?[0-9]+", t)]
-    if bad:
-        raise argparse.ArgumentTypeError(f"ids are decimal integers in ASCII digits, got "
-                                         f"{bad[0]!r}")
-    return [int(tok) for tok in tokens]
+    # The mtunlearn command's reading of ids (ASCII digits, id files with a BOM or '#'
+    # comments), in argparse's words.
+    from mtunlearn_ext.workflow import UserInputError, parse_ids
+
+    try:
+        return parse_ids(text, "--forget-ids") or []
+    except UserInputError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--forget-ids: ")) from None
 
 
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:

@@ -466,3 +466,18 @@ def test_a_benchmark_of_ones_own_is_checked_before_any_training(tmp_path) -> Non
     with pytest.raises(ValueError, match=r"`benchmark` is 'toy' but the benchmark passed is "
                                          r"'other'"):
         run_experiment(config, benchmark=renamed)
+
+
+def test_the_runners_forget_ids_read_as_the_commands_do(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """The experiment runner's --forget-ids takes ids as `mtunlearn` does (one parser): ASCII
+    digits only, id files with a byte-order mark and '#' comments."""
+    from mtunlearn_ext.experiment import build_parser
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\ufeff# request 7\n3, 7\n", encoding="utf-8")
+    assert build_parser().parse_args(["--forget-ids", str(ids)]).forget_ids == [3, 7]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--forget-ids", "7,1_3"])
+    assert "got '1_3'; ids are decimal integers in ASCII digits" in capsys.readouterr().err
