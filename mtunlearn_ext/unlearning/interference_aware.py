@@ -806,7 +806,7 @@ class InterferenceAware(GradientUnlearner):
                 if head:  # a head without trainable parameters (frozen) has nothing to add
                     torch._foreach_add_(retain_heads[t], head)
         stream: BatchStream | None = ctx.state.get("coupled_stream")
-        if subspaces and stream is not None and ctx.state["coupled_tasks"]:
+        if subspaces and stream is not None and self._snapshots_draw_coupled_rows(ctx):
             for group in _split_rows(stream.next(), cfg.snapshot_groups):
                 out = ctx.forward(group)
                 terms = retain_terms(out, group, ctx.problem.tasks)
@@ -881,7 +881,7 @@ class InterferenceAware(GradientUnlearner):
         cfg = self.config
         batch = batch_rows(retain_batch, 0, cfg.num_per_sample)
         stream: BatchStream | None = ctx.state.get("coupled_stream")
-        if stream is not None and cfg.num_coupled_per_sample > 0:
+        if stream is not None and self._instances_draw_coupled_rows(ctx):
             batch = _concat_batches(
                 batch, batch_rows(stream.next(), 0, cfg.num_coupled_per_sample))
         return batch
@@ -963,21 +963,31 @@ class InterferenceAware(GradientUnlearner):
             task_scale=task_scale)
         return [g.flatten(0, 1) for g in per_task], len(ctx.problem.tasks), losses
 
+    @staticmethod
+    def _snapshots_draw_coupled_rows(ctx: StepContext) -> bool:
+        """A refresh of the full method pushes snapshots of the forget instances' retained
+        pairs: the request has such pairs, tasks they supervise, and a protected subspace."""
+        plan: dict[str, tuple[str, ...]] = ctx.state["protect_plan"]
+        return (ctx.state.get("coupled_stream") is not None and bool(ctx.state["coupled_tasks"])
+                and any(plan.values()))
+
+    def _instances_draw_coupled_rows(self, ctx: StepContext) -> bool:
+        """A step of the full method adds forget instances' retained pairs to its instance
+        constraints."""
+        cfg = self.config
+        return (ctx.state.get("coupled_stream") is not None and cfg.alpha > 0
+                and cfg.num_coupled_per_sample > 0)
+
     def _skip_coupled_rows(self, ctx: StepContext, *, snapshots: bool) -> None:
         """Both components draw the forget instances' retained rows from one stream (a
         refresh's snapshots first, then the instance constraints). A component switched off by
-        its ablation still moves the stream on where it would have drawn, so that the other
-        component sees the rows it sees in the full method: an ablation changes its own
-        component only."""
-        cfg = self.config
+        its ablation still moves the stream on where the full method would have drawn (the
+        same predicates decide both), so that the other component sees the rows it sees in
+        the full method: an ablation changes its own component only."""
         stream: BatchStream | None = ctx.state.get("coupled_stream")
-        if stream is None:
-            return
-        if snapshots:
-            plan: dict[str, tuple[str, ...]] = ctx.state["protect_plan"]
-            if ctx.state["coupled_tasks"] and any(plan.values()):
-                stream.skip()
-        elif cfg.alpha > 0 and cfg.num_coupled_per_sample > 0:
+        draws = (self._snapshots_draw_coupled_rows(ctx) if snapshots
+                 else self._instances_draw_coupled_rows(ctx))
+        if stream is not None and draws:
             stream.skip()
 
     def _uses_instance_constraints(self) -> bool:
