@@ -136,16 +136,27 @@ class _SplitModel(nn.Module):
                     "`model.parameter_split()` (names)") from None
 
 
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's name in ``named_parameters()`` (the first it is reachable under) ->
+    every name it is reachable under: a module held in two places, or a weight tied between
+    two modules (``head.weight = embed.weight``), has one parameter under several names."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    aliases: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(first[id(p)], []).append(n)
+    return aliases
+
+
 def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:
     by_id = {id(p): n for n, p in model.named_parameters()}
-    known = set(by_id.values())
+    canonical = {alias: n for n, names in _aliases(model).items() for alias in names}
     names: list[str] = []  # in the order given, each once (a list may name one twice)
     for item in items:
         if isinstance(item, str):
-            if item not in known:
+            if item not in canonical:
                 raise KeyError(f"unlearn: `{what}` names {item!r}, which is not a parameter of "
                                f"the model")
-            names.append(item)
+            names.append(canonical[item])
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
                 raise KeyError(f"unlearn: a tensor in `{what}` is not a parameter of the model")
@@ -178,10 +189,13 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
             isinstance(shared, (str, bytes)) or not isinstance(shared, Iterable)):
         raise TypeError(f"unlearn: `shared_parameters` must be names, parameters or a predicate "
                         f"on names, got {type(shared).__name__}")
+    aliases = _aliases(model)
     if shared is None:
         shared_names: list[str] = []
     elif callable(shared):
-        shared_names = [n for n in trainable if shared(n)]
+        # A parameter the trunk and a head both hold (tied weights) is shared when any of its
+        # names is: every task reaches it through the trunk.
+        shared_names = [n for n in trainable if any(shared(a) for a in aliases[n])]
     else:
         shared_names = _names_of(model, shared, "shared_parameters")
     if heads is not None:
@@ -203,7 +217,11 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
                          f"`head_parameters` (task -> names) or widen `shared_parameters`")
     overlap = set(shared_names) & {n for names in head_names.values() for n in names}
     if overlap:
-        raise ValueError(f"unlearn: parameters both shared and in a head: {sorted(overlap)}")
+        tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
+        raise ValueError(f"unlearn: parameters both shared and in a head: {sorted(overlap)}"
+                         + (f" (tied: one parameter under the names {tied}; a parameter the "
+                            "trunk uses is shared, so leave it out of `head_parameters`)"
+                            if tied else ""))
     missing = [t for t in task_names if t not in head_names]
     for t in missing:
         head_names[t] = []
@@ -216,31 +234,39 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
     """The default split's heads: a parameter belongs to the head of task t when one component
     of its dotted name is t (``heads.depth.0.weight``, ``depth.weight``).
 
-    A module held in two places (one ``proj`` inside the heads of two tasks) has one parameter
-    under several names, of which ``named_parameters()`` lists the first only: every name it is
-    reachable under counts, and one in the heads of two tasks is refused unless it is shared
-    (in a single head, the other task's forget gradient would never reach it and nothing
-    would protect it as shared)."""
-    first = {id(p): n for n, p in model.named_parameters()}
-    aliases: dict[str, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(first[id(p)], []).append(n)
+    A parameter reachable under several names (a module held in two places, a tied weight)
+    counts under every name: one in the heads of two tasks is refused unless it is shared (in
+    a single head, the other task's forget gradient would never reach it and nothing would
+    protect it as shared), and so is one also reachable outside every head (a head's weight
+    tied to the trunk's embedding: every task uses it, so it is shared)."""
+    aliases = _aliases(model)
     shared = set(shared_names)
     head_names: dict[str, list[str]] = {t: [] for t in task_names}
     for n in trainable:
         if n in shared:
             continue
         owners: dict[str, str] = {}  # task -> the first name placing the parameter in its head
+        outside: list[str] = []  # names in no head
         for alias in aliases.get(n, [n]):
             found = [t for t in task_names if t in alias.split(".")]
             if len(found) == 1:
                 owners.setdefault(found[0], alias)
+            elif not found:
+                outside.append(alias)
         if len(owners) > 1:
             (task, name), (other, other_name) = list(owners.items())[:2]
             raise ValueError(
                 f"unlearn: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
                 f"{other!r} (as {other_name!r}): one module serves both heads, so both tasks use "
                 f"it; a parameter several tasks use is shared: list it in `shared_parameters`")
+        if owners and outside:
+            (task, name), = owners.items()
+            raise ValueError(
+                f"unlearn: parameter {n!r} is tied between the head of {task!r} (as {name!r}) "
+                f"and {outside[0]!r}, outside every head: every task that uses {outside[0]!r} "
+                f"reaches it, so it is shared: list {outside[0]!r} in `shared_parameters` (or, "
+                f"where {outside[0]!r} only names the head's module a second time, give "
+                "`head_parameters`)")
         if owners:
             head_names[next(iter(owners))].append(n)
     return head_names

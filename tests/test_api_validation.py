@@ -381,6 +381,65 @@ def test_a_module_serving_two_heads_is_refused_unless_it_is_shared() -> None:
                            "b": ("module.heads.b.1.weight", "module.heads.b.1.bias")}
 
 
+class _TiedTrunkHead(nn.Module):
+    """Head a's first layer uses the trunk's second layer's weight (tied weights, as a
+    language model's output layer ties its embedding). ``named_parameters()`` names the
+    tied weight after whichever module was registered first."""
+
+    def __init__(self, heads_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        heads = nn.ModuleDict({"a": nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
+                               "b": nn.Linear(16, 1)})
+        heads["a"][0].weight = trunk[2].weight
+        if heads_first:
+            self.heads = heads
+            self.trunk = trunk
+        else:
+            self.trunk = trunk
+            self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_a_weight_tied_between_the_trunk_and_a_head_is_shared(heads_first: bool) -> None:
+    """Review: the split read the first name `named_parameters()` gives a parameter only. With
+    the heads registered first, the trunk's tied weight was named `heads.a.0.weight`, so the
+    trunk predicate missed it and it became head a's, silently: no forget direction, no
+    projection, on a weight every task uses; naming it `trunk.2.weight` was a KeyError."""
+    x, y = _data()
+    model = _TiedTrunkHead(heads_first)
+    tied = "heads.a.0.weight" if heads_first else "trunk.2.weight"
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(
+        range(5), ["b"]))
+    by_predicate = build_problem(model, shared_parameters=_trunk,
+                                 **common).model.parameter_split()  # type: ignore[arg-type]
+    trunk_names = ["trunk.0.weight", "trunk.0.bias", "trunk.2.weight", "trunk.2.bias"]
+    by_names = build_problem(model, shared_parameters=trunk_names,
+                             **common).model.parameter_split()  # type: ignore[arg-type]
+    for split in (by_predicate, by_names):
+        assert f"module.{tied}" in split.shared
+        assert split.heads["a"] == ("module.heads.a.0.bias", "module.heads.a.2.weight",
+                                    "module.heads.a.2.bias")
+    # Left out of the trunk's names, it is refused (as a trunk weight outside the split is),
+    # not given to head a alone.
+    with pytest.raises(ValueError, match=r"unlearn: parameter '.*' is tied between the head "
+                       r"of 'a' \(as 'heads\.a\.0\.weight'\) and 'trunk\.2\.weight', outside "
+                       r"every head.*list 'trunk\.2\.weight' in `shared_parameters`"):
+        build_problem(model, shared_parameters=["trunk.0.weight", "trunk.0.bias",
+                                                "trunk.2.bias"], **common)  # type: ignore[arg-type]
+    # Listed in a head as well as shared, the message names the tie.
+    heads = {"a": ["heads.a.0.weight", "heads.a.0.bias", "heads.a.2.weight", "heads.a.2.bias"],
+             "b": ["heads.b.weight", "heads.b.bias"]}
+    with pytest.raises(ValueError, match=r"both shared and in a head.*tied: one parameter"):
+        build_problem(model, shared_parameters=_trunk, head_parameters=heads,
+                      **common)  # type: ignore[arg-type]
+
+
 def test_head_parameters_keys_must_be_tasks() -> None:
     """A misspelt key was ignored: its parameters went nowhere or to the name-based default."""
     x, y = _data()
