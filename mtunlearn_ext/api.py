@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
-from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.inputs import (
     Inputs,
     call_with,
@@ -57,7 +57,9 @@ __all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "save
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
-#: the order of ``tasks`` (default: every pair whose task has a target tensor is supervised).
+#: the order of ``tasks`` (default: every pair whose task has a target tensor and whose row
+#: carries a label is supervised: a class label other than the task's ``ignore_index``, -1, a
+#: dense map with a labelled pixel, any regression row; ``data.base.labelled_rows``).
 #: ``inputs`` is ``[N, ...]``, or for a model with several inputs a tuple / list of ``[N, ...]``
 #: tensors (the model is called ``model(*inputs)``) or a dict name -> ``[N, ...]``
 #: (``model(**inputs)``): the first element is the inputs whatever its type, so
@@ -460,7 +462,12 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
             raise ValueError(f"{op}: `{what}`'s supervision marks pairs of {invented} "
                              "supervised, but it has no targets for them")
     if supervision is None:
-        supervision = torch.tensor(columns, dtype=torch.bool).expand(n, len(specs)).clone()
+        # A row written as "no label" (a -1 class, a map without a labelled pixel) is no pair.
+        supervision = torch.stack(
+            [labelled_rows(spec, full_targets[spec.name]).cpu()
+             if given and full_targets[spec.name].shape[0] == n  # else refused just below
+             else torch.full((n,), given, dtype=torch.bool) for spec, given in zip(specs, columns)],
+            dim=1) if specs else torch.ones(n, 0, dtype=torch.bool)
     ids = torch.arange(id_offset, id_offset + n)
     return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
 

@@ -66,6 +66,30 @@ def test_a_forget_set_without_a_pair_of_the_target_tasks_is_refused() -> None:
                  retain_data=_rest(x, y))
 
 
+def test_a_no_label_value_without_a_mask_is_no_pair() -> None:
+    """Review: without a supervision mask a `-1` class label (the "unlabelled" value the
+    library's own messages suggest) counted as a supervised pair whose loss is always 0: a
+    request for instances labelled -1 ran, reported 10 forget pairs, and forgot nothing; -1
+    rows also diluted the task's retain average."""
+    x, y = _data()
+    y["a"][:5] = -1
+    with pytest.raises(ValueError, match="none with a supervised pair of the target task"):
+        build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(5), ["a"]))
+    problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                            shared_parameters=_trunk,
+                            forget_request=ForgetRequest.create(range(3, 8), ["a"]))
+    assert int(problem.forget.supervision[:, 0].sum()) == 3  # ids 5, 6, 7
+    assert int(problem.retain.supervision[:, 0].sum()) == 40 - 5 - 3
+    assert bool(problem.retain.supervision[:, 1].all())  # task b: every row labelled
+    # The same through a data set built without a mask, and with an explicit mask (kept as
+    # given: the mask is the user's word).
+    data = MultiTaskDataset(x, y, SPECS)
+    assert data.supervision[:, 0].tolist() == [False] * 5 + [True] * 35
+    given = MultiTaskDataset(x, y, SPECS, supervision=torch.ones(40, 2, dtype=torch.bool))
+    assert bool(given.supervision.all())
+
+
 def test_a_data_set_whose_specs_differ_from_tasks_is_refused() -> None:
     """The losses follow `tasks`, the targets the data set's specs: a different ignore_index
     failed with "Target -1 is out of bounds" inside the step."""

@@ -527,3 +527,31 @@ def test_batches_carry_neutral_targets_on_unsupervised_pairs() -> None:
                               [TaskSpec("kind", "classification", num_classes=256)],
                               supervision=torch.tensor([[True], [False]]))
     assert narrow.batch([0, 1])["targets"]["kind"].tolist() == [1, -1]
+
+
+def test_rows_without_a_label_are_unsupervised_when_no_mask_is_given() -> None:
+    """Each kind's "no label" value, over a whole row, makes the row no pair of its task (the
+    losses' labelled-pixel rules); a row with one labelled element is a pair."""
+    from mtunlearn_ext.data.base import labelled_rows
+
+    seg = torch.full((3, 2, 2), 255)
+    seg[1, 0, 1] = 4
+    seg[2] = 0
+    depth = torch.zeros(3, 1, 2, 2)
+    depth[1, 0, 1, 1] = 2.5
+    depth[2] = float("nan")  # NaN reads as unlabelled
+    normals = torch.zeros(3, 3, 2, 2)
+    normals[0, 2, 0, 0] = 1.0
+    cls = torch.tensor([-1, 2, 0])
+    specs = [TaskSpec("seg", "segmentation", num_classes=5, ignore_index=255),
+             TaskSpec("depth", "depth"), TaskSpec("normals", "normals"),
+             TaskSpec("cls", "classification", num_classes=3), TaskSpec("reg", "regression")]
+    targets = {"seg": seg, "depth": depth, "normals": normals, "cls": cls,
+               "reg": torch.zeros(3, 2)}
+    assert {s.name: labelled_rows(s, targets[s.name]).tolist() for s in specs} == {
+        "seg": [False, True, True], "depth": [False, True, False],
+        "normals": [True, False, False], "cls": [False, True, True], "reg": [True, True, True]}
+    data = MultiTaskDataset(torch.zeros(3, 4), targets, specs)
+    assert data.supervision.tolist() == [[False, False, True, False, True],
+                                         [True, True, False, True, True],
+                                         [True, False, False, True, True]]

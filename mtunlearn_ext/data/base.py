@@ -135,6 +135,25 @@ def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,
     return torch.where(mask, target, fill)
 
 
+def labelled_rows(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the rows of ``target`` (``[N, ...]``) that carry a label of their own: a
+    class label other than ``ignore_index``, a segmentation map with a labelled pixel, a depth
+    map with a pixel ``> 0``, a normal map with a non-zero vector (the losses' labelled-pixel
+    rules); every regression row. Without a supervision mask, these rows are the supervised
+    ones: a row written as "no label" (a ``-1`` class) then counts as no pair of its task, not
+    as a pair whose loss is always zero."""
+    n = target.shape[0]
+    if n == 0 or spec.kind == "regression":
+        return torch.ones(n, dtype=torch.bool, device=target.device)
+    if spec.kind in ("classification", "segmentation"):
+        return (target.reshape(n, -1) != spec.ignore_index).any(dim=1)
+    if spec.kind == "depth":
+        return (target.reshape(n, -1) > 0).any(dim=1)
+    if spec.kind == "normals" and target.dim() >= 2:
+        return (target.abs().sum(dim=1).reshape(n, -1) > 0).any(dim=1)
+    return torch.ones(n, dtype=torch.bool, device=target.device)
+
+
 def _all_finite(values: torch.Tensor) -> bool:
     """True when ``values`` holds no NaN or Inf (always for integer tensors), from one min/max
     pass (NaN propagates through both; an Inf is the min or the max), about 10x faster on CPU
@@ -218,7 +237,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         tasks: the task specs, in a fixed order (the columns of ``supervision``).
         ids: ``[N]`` unique instance ids (default ``arange(N)``); requests name instances by id.
             A tensor, list or NumPy array of integers (integral floats are taken as integers).
-        supervision: ``[N, T]`` bool, ``True`` where the pair carries a label (default all).
+        supervision: ``[N, T]`` bool, ``True`` where the pair carries a label (default: the rows
+            :func:`labelled_rows` finds, which is every row of a fully labelled task).
 
     Items are dicts ``{"input", "targets": {task: t}, "supervision": [T] bool, "id": long}``
     (``"input"`` in the structure of ``inputs``, one row of each leaf), which the default
@@ -249,7 +269,9 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         if self.ids.shape != (n,) or torch.unique(self.ids).numel() != n:
             raise ValueError("MultiTaskDataset: `ids` must be N unique integers")
         if supervision is None:
-            supervision = torch.ones(n, len(names), dtype=torch.bool)
+            supervision = torch.stack([labelled_rows(spec, self.targets[spec.name]).cpu()
+                                       for spec in self.tasks], dim=1) if names else \
+                torch.ones(n, 0, dtype=torch.bool)
         if not isinstance(supervision, torch.Tensor):
             raise TypeError(f"MultiTaskDataset: `supervision` must be a bool tensor "
                             f"[{n}, {len(names)}], got {type(supervision).__name__}")
