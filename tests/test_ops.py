@@ -392,6 +392,43 @@ def test_combine_list_from_bases_that_are_the_outputs() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("write", ["combine", "combine_list", "combine_list_from", "raw"])
+def test_writes_bump_the_version_counter_so_autograd_refuses_a_stale_graph(
+        device: str, write: str) -> None:
+    """Review: the in-place ops wrote without bumping the written tensors' version counters,
+    so a backward through a graph that had saved a tensor they overwrote ran and gave wrong
+    gradients (torch's own in-place ops make it fail). Every written tensor of a list counts;
+    inference tensors have no counter and are written as before."""
+    x = torch.tensor([1.0, 2.0, 3.0], device=device, requires_grad=True)
+    h = torch.ones(3, device=device)
+    other = torch.ones(2, device=device)
+    y = (x * h).sum()  # saves h
+    versions = (h._version, other._version)
+    coeffs, xs = torch.ones(1, 1, device=device), torch.full((1, 3), 10.0, device=device)
+    with torch.no_grad():
+        if write == "combine":
+            ops.combine(coeffs, xs, out=h.view(1, 3))
+        elif write == "combine_list":
+            ops.combine_list(torch.ones(1, device=device), [xs[0].unsqueeze(0),
+                             torch.ones(1, 2, device=device)], [h, other])
+        elif write == "combine_list_from":
+            ops.combine_list(torch.ones(1, device=device), [xs[0].unsqueeze(0),
+                             torch.ones(1, 2, device=device)], [h, other], beta=1.0,
+                             bases=[h, other])
+        else:
+            torch.ops.mtunlearn.combine_(h.view(1, 3), coeffs, xs, 0.0)
+    assert h._version > versions[0]
+    if write in ("combine_list", "combine_list_from"):
+        assert other._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        frozen = torch.zeros(1, 3, device=device)
+    ops.combine(coeffs, xs, out=frozen)
+    assert frozen.tolist() == [[10.0, 10.0, 10.0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_combine_in_place_over_its_own_coefficients(device: str) -> None:
     """``out`` may be ``coeffs`` (n == k) or share its memory: the kernels read a private copy of
     the coefficients (they read them while writing ``out``; the result was A @ X computed from

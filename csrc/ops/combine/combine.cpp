@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -413,6 +415,47 @@ TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
   m.impl("combine_", &combine_);
   m.impl("combine_list_", &combine_list_);
   m.impl("combine_list_from_", &combine_list_from_);
+}
+
+namespace {
+
+// The ADInplaceOrView kernel of an op that writes through arguments annotated `(a!)` and
+// returns nothing: it runs the op, then bumps the version counter of every tensor written, as
+// torch's own in-place ops do, so that autograd refuses a backward through a tensor these ops
+// overwrote after a graph saved it (without the bump it computed wrong gradients silently).
+// torch's ADInplaceOrView fallback bumps written *returns* only. Inference tensors carry no
+// version counter (nor autograd history) and are left as they are.
+void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                            torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = (*stack)[first + i];
+    if (value.isTensor()) {
+      written.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorVector()) written.push_back(t);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtunlearn, ADInplaceOrView, m) {
+  m.impl("combine_", torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
+  m.impl("combine_list_", torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
+  m.impl("combine_list_from_",
+         torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
 }
 
 #ifdef MTU_WITH_CUDA
