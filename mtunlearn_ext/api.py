@@ -83,6 +83,10 @@ class _SplitModel(nn.Module):
     sets that module's flag, as ``train()`` / ``eval()`` do on every module below), so code
     that saves and restores ``wrapper.training`` restores what the user's module had."""
 
+    #: What the wrapper puts before the user's names; messages drop it (the user's module has
+    #: no `module.` in its names).
+    wrapped_prefix = "module."
+
     def __init__(self, module: nn.Module, shared: Sequence[str],
                  heads: Mapping[str, Sequence[str]]) -> None:
         super().__init__()
@@ -333,6 +337,11 @@ def _task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                       for d in datasets if d is not None and (
                           isinstance(d, MultiTaskDataset) or name in d[1])]
             labels = [t for t in labels if t.numel()]
+            given = [d for d in datasets if d is not None and not isinstance(d, MultiTaskDataset)]
+            if not labels and given and all(name not in d[1] for d in given):
+                raise ValueError(f"{op}: task {name!r} of `tasks` has no targets in the data "
+                                 f"(whose targets are for {sorted(given[0][1])}); the names of "
+                                 "`tasks` must be the targets' keys")
             if not labels:
                 raise ValueError(f"{op}: task {name!r} ({kind}) has no supervised label to "
                                  "count its classes from; pass a TaskSpec with num_classes")
@@ -403,8 +412,15 @@ def _check_data_like(data: object, what: str, op: str = "unlearn") -> None:
     if isinstance(data, MultiTaskDataset):
         return
     if not isinstance(data, tuple) or len(data) not in (2, 3):
+        hint = ""
+        if isinstance(data, list) and len(data) in (2, 3):
+            hint = f"; got a list: pass it as a tuple, `tuple({what})`"
+        elif isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+            hint = (f"; got a {type(data).__name__}: the data is read in memory, so gather its "
+                    "rows into tensors first: (inputs [N, ...], {task: targets [N, ...]}"
+                    "[, supervision [N, T] bool])")
         raise TypeError(f"{op}: `{what}` must be a MultiTaskDataset or (inputs, targets"
-                        f"[, supervision])")
+                        f"[, supervision]){hint}")
     if not isinstance(data[1], Mapping):
         raise TypeError(f"{op}: `{what}`[1] must be the targets, a mapping task -> "
                         f"[N, ...] tensor, got {type(data[1]).__name__}; several inputs go "
@@ -414,6 +430,13 @@ def _check_data_like(data: object, what: str, op: str = "unlearn") -> None:
             got = type(value).__name__ if not isinstance(value, torch.Tensor) else "a 0-d tensor"
             raise TypeError(f"{op}: `{what}` targets of task {name!r} must be a tensor "
                             f"[N, ...] (one row per instance), got {got}")
+    if len(data) == 3:
+        mask = data[2]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype != torch.bool:
+            got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                   else type(mask).__name__)
+            raise TypeError(f"{op}: `{what}`[2], the supervision mask, must be a bool tensor "
+                            f"[N, T] (one column per task, in the order of `tasks`), got {got}")
 
 
 def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
@@ -876,6 +899,13 @@ def _build_problem(model: nn.Module, *,
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
         if data is not None:
             _check_data_like(data, what)
+    try:
+        meta = torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        meta = False  # refused, with its reason, by the problem's validation
+    if meta:
+        raise ValueError("unlearn: `device` 'meta' holds no values; unlearning computes on "
+                         "'cpu' or 'cuda'")
     specs = _task_specs(tasks, [train_data, forget_data, retain_data], _predicted_classes(
         model, not _has_own_split(model, shared_parameters, head_parameters),
         train_data if train_data is not None else retain_data, tasks),
@@ -1361,7 +1391,12 @@ def verify_saved(record: str | os.PathLike[str], *,
         check("original", state_dict_sha256(original), payload.get("original_state_sha256"),
               "`original`'s state hash")
     if forget_ids is not None:
-        ids_hash = ForgetRequest.create([int(i) for i in forget_ids]).ids_hash()
+        if isinstance(forget_ids, (str, bytes)):
+            raise TypeError(f"verify_saved: `forget_ids` must be integer ids, got "
+                            f"{type(forget_ids).__name__} {forget_ids!r}")
+        # The request's own rules (no fractions, bools or strings): int() would read 1.9 as 1
+        # and report a match for other ids.
+        ids_hash = ForgetRequest.create(list(forget_ids)).ids_hash()
         request = payload.get("request")
         check("forget_ids", ids_hash,
               request.get("ids_sha256") if isinstance(request, dict) else None,

@@ -792,3 +792,111 @@ def test_the_public_submodules_are_attributes_of_the_package() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+# -- review of bad inputs (each ran, or failed deep inside, before) ------------------------------
+
+
+def test_a_retain_set_without_a_supervised_pair_is_refused() -> None:
+    """It ran with no retain signal at all (empty retain losses) and changed the model."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"the retain set has 35 instances but no supervised "
+                                         r"pair"):
+        _problem(forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+                 retain_data=(x[5:], {t: v[5:] for t, v in y.items()},
+                              torch.zeros(35, 2, dtype=torch.bool)))
+
+
+def test_a_supervision_mask_of_the_wrong_form_is_named() -> None:
+    """A 1-d mask failed with `IndexError: tuple index out of range` inside the API."""
+    x, y = _data()
+    for mask, got in ((torch.ones(35, dtype=torch.bool), r"torch\.bool \(35,\)"),
+                      (torch.ones(35, 2), r"torch\.float32 \(35, 2\)"),
+                      ([[True, True]] * 35, "list")):
+        with pytest.raises(TypeError, match=r"`retain_data`\[2\], the supervision mask, must be "
+                                            rf"a bool tensor \[N, T\].*got {got}"):
+            _problem(forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+                     retain_data=(x[5:], {t: v[5:] for t, v in y.items()}, mask))
+
+
+def test_data_given_as_a_list_or_a_torch_dataset_is_refused_with_the_way_out() -> None:
+    x, y = _data()
+    request = ForgetRequest.create(range(5))
+    with pytest.raises(TypeError, match=r"got a list: pass it as a tuple"):
+        _problem(train_data=[x, y], forget_request=request)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y["a"]))
+    with pytest.raises(TypeError, match=r"got a DataLoader: the data is read in memory, so "
+                                        r"gather its rows into tensors first"):
+        _problem(train_data=loader, forget_request=request)
+
+
+def test_a_task_name_missing_from_the_targets_is_named() -> None:
+    """A typo in `tasks` said the task had no supervised label to count its classes from."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"task 'A' of `tasks` has no targets in the data "
+                                         r"\(whose targets are for \['a', 'b'\]\)"):
+        build_problem(_TwoHeads(), tasks={"A": "classification", "b": "regression"},
+                      train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                      shared_parameters=_trunk)
+
+
+def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() -> None:
+    """NaN weights failed with a message about the forget caps; a meta model or device with
+    torch's internals; a bfloat16 model ran and rounded most updates away."""
+    x, y = _data()
+    request = ForgetRequest.create(range(5))
+    broken = _TwoHeads()
+    with torch.no_grad():
+        broken.trunk[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the model's parameter 'trunk\.0\.weight' holds NaN "
+                                         r"or Inf"):
+        mtunlearn_ext.unlearn(broken, tasks=TASKS, train_data=(x, y), forget_request=request,
+                              shared_parameters=_trunk, config={"steps": 1})
+    with torch.device("meta"):
+        meta = _TwoHeads()
+    with pytest.raises(ValueError, match=r"parameter 'trunk\.0\.weight' is on the meta device"):
+        mtunlearn_ext.unlearn(meta, tasks=SPECS, train_data=(x, y), forget_request=request,
+                              shared_parameters=_trunk, config={"steps": 1})
+    with pytest.raises(ValueError, match=r"`device` 'meta' holds no values"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                              forget_request=request, shared_parameters=_trunk, device="meta")
+    for dtype in (torch.bfloat16, torch.float16):
+        low = _TwoHeads().to(dtype)
+        with pytest.raises(ValueError, match=rf"6 trainable parameter\(s\) are {dtype} \(first: "
+                                             r"'trunk\.0\.weight'\).*`unlearn\(model\.float\(\)"):
+            mtunlearn_ext.unlearn(low, tasks=SPECS, train_data=(x.to(dtype), y),
+                                  forget_request=request, shared_parameters=_trunk,
+                                  config={"steps": 1})
+
+
+def test_a_seed_beyond_64_bits_is_named() -> None:
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*63\)"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5)),
+                              shared_parameters=_trunk, config={"steps": 1}, seed=2 ** 70)
+
+
+def test_a_diverging_run_of_the_method_names_the_step_not_an_op() -> None:
+    """The method stopped with the op's `project_out_list: g_list[0] contains NaN or Inf;
+    pass finite values (or check_finite=False ...)`: no setting of the run's."""
+    x, y = _data()
+    with pytest.raises(FloatingPointError, match=r"interference_aware: the run diverged at step "
+                                                 r"\d+ of 5 \(.*\); lower the learning rate") as info:
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5)),
+                              shared_parameters=_trunk, seed=0,
+                              config={"steps": 5, "lr": 1e30, "grad_clip": None})
+    assert "check_finite" not in str(info.value)
+
+
+def test_a_frozen_trunk_is_named_as_why_the_method_cannot_run() -> None:
+    x, y = _data()
+    model = _TwoHeads()
+    model.trunk.requires_grad_(False)
+    for method in ("interference_aware", "interference_aware_no_task"):
+        with pytest.raises(ValueError, match=rf"^{method}: the model has no trainable shared "
+                                             r"parameter \(its frozen parameters.*'neggrad_plus'"):
+            mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y), method=method,
+                                  forget_request=ForgetRequest.create(range(5), ["a"]),
+                                  shared_parameters=_trunk, config={"steps": 1})

@@ -1041,7 +1041,7 @@ def test_public_api_names_arguments_of_the_wrong_type(user_setup) -> None:  # ty
     for change, error, message in (
             ({"config": [1, 2]}, TypeError, r"interference_aware: `config` must be a mapping of "
                                             r"settings or a config object"),
-            ({"seed": 1.5}, ValueError, r"`seed` must be an integer >= 0, got 1.5"),
+            ({"seed": 1.5}, ValueError, r"`seed` must be an integer in \[0, 2\*\*63\), got 1.5"),
             ({"device": "tpu"}, ValueError, r"`device` 'tpu' is no torch device"),
             ({"shared_parameters": 5}, TypeError, r"`shared_parameters` must be names, "
                                                   r"parameters or a predicate on names, got int"),
@@ -1146,6 +1146,11 @@ def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -
                                            "original": "ok", "forget_ids": "ok"}
     wrong = mtunlearn_ext.verify_saved(record, model=model, forget_ids=range(11))
     assert not wrong.ok and wrong.checks["model"] == wrong.checks["forget_ids"] == "MISMATCH"
+    # Review: the ids went through int(), so 0.9, 1.9, ... "matched" ids 0-9.
+    with pytest.raises(TypeError, match="must be integers"):
+        mtunlearn_ext.verify_saved(record, forget_ids=[i + 0.9 for i in range(10)])
+    with pytest.raises(TypeError, match="`forget_ids` must be integer ids, got str"):
+        mtunlearn_ext.verify_saved(record, forget_ids="0123456789")
     assert cli.main(["verify", "--record", str(record)]) == 0
     out = capsys.readouterr().out
     assert ["sha256", "ok"] in [line.split() for line in out.splitlines()]

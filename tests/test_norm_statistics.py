@@ -129,6 +129,7 @@ def test_recalibration_uses_the_retain_rows_only(trained) -> None:  # type: igno
         shared_parameters=is_trunk, config={"steps": 4, "lr": 1e-2, "retain_batch_size": 24},
         seed=0)
     assert report.extra["norm_statistics_rows"] == 72
+    assert report.extra["norm_statistics_layers"] == ["trunk.1", "trunk.4"]
     keep = torch.tensor([i for i in range(96) if i not in forget])
     # The retain set in its own order: 72 rows as three batches of 24. The statistics are
     # recomputed under the unlearned weights from those rows alone.
@@ -184,6 +185,14 @@ def test_per_sample_gradients_refuse_batch_statistics_with_a_clear_error(trained
     copy_ = _double_copy(model).float().train()
     with pytest.raises(ValueError, match=r"'trunk.1' \(BatchNorm2d\) is in training mode"):
         per_sample_retain_grads(copy_, batch, specs, names)
+    # The user's names, without the wrapper's `module.` (review: the message named
+    # 'module.trunk.1', which the user's model does not have).
+    from mtunlearn_ext.api import build_problem
+    wrapped = build_problem(copy_, tasks=TASKS, train_data=(x, y), shared_parameters=is_trunk,
+                            forget_request=ForgetRequest.create(range(8), ["kind"])).model
+    with pytest.raises(ValueError, match=r"^test: layer 'trunk\.1' \(BatchNorm2d\) is in "
+                                         r"training mode"):
+        check_samples_independent(wrapped.train(), "test")
     with pytest.raises(ValueError, match="train_mode"):
         mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
                               forget_request=ForgetRequest.create(range(8), ["kind"]),

@@ -172,12 +172,18 @@ class UnlearningProblem:
         self._check_disjoint_pairs()
         if len(self.retain) == 0:
             raise ValueError("UnlearningProblem: the retain set is empty")
+        if not bool(self.retain.supervision.any()):
+            raise ValueError(f"UnlearningProblem: the retain set has {len(self.retain)} "
+                             "instances but no supervised pair: nothing would keep the other "
+                             "tasks and instances as they are (is its supervision mask all "
+                             "False, or are its targets the 'no label' value?)")
         non_target_cols = [self.forget.task_index(t) for t in self.non_target_tasks]
         if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
             raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
                              "build it with ForgetRequest.split")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"UnlearningProblem: `seed` must be an integer >= 0, got "
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"UnlearningProblem: `seed` must be an integer in [0, 2**63), got "
                              f"{self.seed!r}")
         try:
             device = torch.device(self.device)
@@ -194,10 +200,45 @@ class UnlearningProblem:
                 raise ValueError("UnlearningProblem: the held_out set is empty (pass None to "
                                  "go without one)")
             self.check_unseen(self.held_out, "UnlearningProblem: the held_out set")
+        self.check_model_state()
         self.check_model_on(self.retain)
         self.check_model_on(self.forget, "the forget set")
         if self.held_out is not None:
             self.check_model_on(self.held_out, "the held_out set")
+
+    def check_model_state(self) -> None:
+        """Raise naming the first offending tensor when the model's parameters or buffers hold
+        no values (the meta device), when a parameter holds NaN or Inf (a broken model: every
+        loss and projection after would read them, and the errors would name whatever fails
+        first), or when a trainable parameter is float16 / bfloat16: the steps write straight
+        into the parameters, and in those formats most unlearning updates round away (a
+        bfloat16 weight keeps 8 bits)."""
+        prefix = getattr(self.model, "wrapped_prefix", "")
+        named: list[tuple[str, str, torch.Tensor]] = [
+            ("parameter", n, t) for n, t in self.model.named_parameters()]
+        named += [("buffer", n, t) for n, t in self.model.named_buffers()]
+        for kind, name, tensor in named:
+            shown = name.removeprefix(prefix)
+            if tensor.is_meta:
+                raise ValueError(f"UnlearningProblem: the model's {kind} {shown!r} is on the "
+                                 "meta device and holds no values; load the trained weights "
+                                 "first")
+            # Buffers may hold Inf on purpose (an attention mask); weights may not.
+            if kind == "parameter" and tensor.is_floating_point() \
+                    and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"UnlearningProblem: the model's {kind} {shown!r} holds NaN or "
+                                 "Inf: the model is broken (unlearning would read non-finite "
+                                 "losses); check the checkpoint")
+        low = [(n, p.dtype) for n, p in self.model.named_parameters()
+               if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+        if low:
+            name, dtype = low[0]
+            raise ValueError(
+                f"UnlearningProblem: {len(low)} trainable parameter(s) are {dtype} (first: "
+                f"{name.removeprefix(prefix)!r}); the unlearning steps write into the parameters, "
+                f"and in {str(dtype).removeprefix('torch.')} most updates would round away. "
+                "Unlearn a float32 copy and cast the result back: "
+                f"`unlearn(model.float(), ...)`, then `result.model.to({dtype})`")
 
     def check_unseen(self, data: MultiTaskDataset, what: str) -> None:
         """Raise if ``data`` shares an instance id with the training set (forget or retain):

@@ -495,8 +495,13 @@ class InterferenceAware(GradientUnlearner):
         problem = ctx.problem
         shared_names = [n for n, _ in ctx.groups.shared]
         if not shared_names:
-            raise ValueError("interference_aware: the model has no shared parameter; nothing "
-                             "couples the tasks (use a per-task method)")
+            frozen = any(not p.requires_grad for p in ctx.model.parameters())
+            raise ValueError(
+                f"{self.name}: the model has no trainable shared parameter"
+                + (" (its frozen parameters are no method's to change: a frozen trunk, as in a "
+                   "linear probe, couples no task)" if frozen else "")
+                + "; nothing couples the tasks, which is what this method protects: use a "
+                "per-task method such as 'neggrad_plus' or 'finetune'")
         plan = protection_plan(problem, cfg.protect)
         protect = protected_tasks(problem, cfg.protect)
         coupled = coupled_retain_set(problem) if cfg.coupled else None

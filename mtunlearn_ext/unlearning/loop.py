@@ -320,8 +320,19 @@ class GradientUnlearner(Unlearner):
             forget_batch = forget_stream.next() if self.uses_forget or log_now else None
             retain_batch = retain_stream.next() if self.uses_retain or log_now else None
             optimizer.zero_grad(set_to_none=True)
-            stats = self.compute_update(ctx, forget_batch if self.uses_forget else None,
-                                        retain_batch if self.uses_retain else None)
+            try:
+                stats = self.compute_update(ctx, forget_batch if self.uses_forget else None,
+                                            retain_batch if self.uses_retain else None)
+            except FloatingPointError as error:
+                # The model was finite when the run began (the problem's checks): a NaN or Inf
+                # gradient inside a step is the run diverging, not the user's input; the op's
+                # own advice (check_finite=False) is no setting of the run's.
+                where = str(error).replace("; pass finite values (or check_finite=False to let "
+                                           "them propagate)", "")
+                raise FloatingPointError(
+                    f"{self.name}: the run diverged at step {step} of {cfg.steps} ({where}); "
+                    "lower the learning rate or the step count (`config`), or keep gradient "
+                    "clipping on") from error
             for p in params:  # a parameter no term reaches must not be skipped by Adam's state
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -337,6 +348,11 @@ class GradientUnlearner(Unlearner):
                 callback(step + 1, model)
         report.steps = cfg.steps
         if cfg.recalibrate_norms and running_statistics_modules(model):
+            # Which layers were rewritten (frozen ones included: their statistics were averaged
+            # over the forget instances too whenever they ran in training mode).
+            prefix = getattr(model, "wrapped_prefix", "")
+            report.extra["norm_statistics_layers"] = [
+                name.removeprefix(prefix) for name, _ in running_statistics_modules(model)]
             report.extra["norm_statistics_rows"] = recalibrate_running_statistics(
                 model, problem.retain, cfg.retain_batch_size, device)
         return None

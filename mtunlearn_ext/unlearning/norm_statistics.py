@@ -48,7 +48,9 @@ def check_samples_independent(model: nn.Module, caller: str) -> None:
     """Raise if a layer's training-mode forward makes one sample's output depend on the others
     of its batch or writes running statistics (a ``_BatchNorm`` in training mode, or any norm
     layer updating running statistics): per-sample gradients are then undefined."""
-    for name, module in model.named_modules():
+    prefix = getattr(model, "wrapped_prefix", "")
+    for wrapped_name, module in model.named_modules():
+        name = wrapped_name.removeprefix(prefix)
         if not isinstance(module, _NormBase):
             continue
         if isinstance(module, _BatchNorm) and module.running_mean is None:
