@@ -203,8 +203,9 @@ def test_uis_by_hand() -> None:
     assert math.isclose(terms["seg"]["miou"]["forget_advantage"], 12.5)       # score rose: +
     # Perfect: unchanged on test and the forget set at the unseen-data level.
     assert uis(original, original, original) == 0.0
-    # Only tasks present in all three (partial-task forget sets have only the target tasks).
-    assert math.isclose(uis(original, unlearned_test, {"depth": {"abs_err": 0.4}}), 20.0)
+    # Partial-task forget sets have only the target tasks: named in `tasks`.
+    assert math.isclose(uis(original, unlearned_test, {"depth": {"abs_err": 0.4}},
+                            tasks=["depth"]), 20.0)
     with pytest.warns(RuntimeWarning, match="undefined"):
         value = uis({"a": {"accuracy": 0.0}, "b": {"accuracy": 0.5}},
                     {"a": {"accuracy": 0.1}, "b": {"accuracy": 0.5}},
@@ -229,6 +230,66 @@ def test_retrain_gap_by_hand() -> None:
     assert retrain_gap(retrained, retrained) == 0.0
     with pytest.raises(ValueError, match="both"):
         retrain_gap(unlearned, retrained, 0.6, None)
+
+
+def test_uis_refuses_inputs_that_name_other_tasks_or_metrics() -> None:
+    """A task or metric key in one input only was skipped: a typo in a task name of
+    `unlearned_test` left out the task the model had lost and scored it ~20x better."""
+    original = {"kind": {"accuracy": 0.8}, "size": {"mse": 1.0}}
+    unlearned_test = {"kind": {"accuracy": 0.78}, "Size": {"mse": 9.0}}
+    forget = {"kind": {"accuracy": 0.5}, "size": {"mse": 9.0}}
+    with pytest.raises(ValueError, match=r"uis: the tasks of `unlearned_test` differ from those "
+                                         r"of `original_test`: missing \['size'\], extra "
+                                         r"\['Size'\].*pass `tasks`"):
+        uis(original, unlearned_test, forget)
+    with pytest.raises(ValueError, match=r"the tasks of `unlearned_forget`.*missing \['size'\], "
+                                         r"extra \[\]"):
+        uis(original, original, {"kind": {"accuracy": 0.5}})
+    # Within a task the metrics must agree too, `tasks` given or not.
+    fewer = {"kind": {"accuracy": 0.5}, "size": {"mae": 9.0}}
+    for tasks in (None, ["size"]):
+        with pytest.raises(ValueError, match=r"uis: the metrics of task 'size' of "
+                                             r"`unlearned_forget` differ from those of "
+                                             r"`original_test`: missing \['mse'\], extra "
+                                             r"\['mae'\]"):
+            uis_terms(original, original, fewer, tasks=tasks)
+    # The keys agreeing, the score is the one computed term by term.
+    fixed = {"kind": {"accuracy": 0.78}, "size": {"mse": 9.0}}
+    assert math.isclose(uis(original, fixed, forget),
+                        ((2.5 + 37.5) / 2 + (800.0 + 800.0) / 2) / 2)
+    # An explicit subset selects the tasks named in every input.
+    assert math.isclose(uis(original, unlearned_test, forget, tasks=["kind"]), (2.5 + 37.5) / 2)
+
+
+def test_retrain_gap_refuses_inputs_that_name_other_keys_and_aucs_outside_0_1() -> None:
+    unlearned = {"forget": {"kind": {"accuracy": 0.5}}, "test": {"kind": {"accuracy": 0.2}}}
+    typo = {"forget": {"kind": {"accuracy": 0.6}}, "Test": {"kind": {"accuracy": 0.79}}}
+    with pytest.raises(ValueError, match=r"retrain_gap: the splits of `retrained` differ from "
+                                         r"those of `unlearned`: missing \['test'\], extra "
+                                         r"\['Test'\]"):
+        retrain_gap(unlearned, typo)
+    other_task = {"forget": {"kind": {"accuracy": 0.6}}, "test": {"Kind": {"accuracy": 0.79}}}
+    with pytest.raises(ValueError, match=r"the tasks of split 'test' of `retrained`.*missing "
+                                         r"\['kind'\], extra \['Kind'\]"):
+        retrain_gap_terms(unlearned, other_task)
+    other_metric = {"forget": {"kind": {"accuracy": 0.6}}, "test": {"kind": {"miou": 0.79}}}
+    with pytest.raises(ValueError, match=r"the metrics of test/kind of `retrained`.*missing "
+                                         r"\['accuracy'\], extra \['miou'\]"):
+        retrain_gap(unlearned, other_metric)
+    gold = {"forget": {"kind": {"accuracy": 0.6}}, "test": {"kind": {"accuracy": 0.79}}}
+    assert math.isclose(retrain_gap(unlearned, gold), 100 * (0.1 + 0.59) / 2)
+    for bad in (5.0, -3.0, float("inf"), 1.0000001):
+        with pytest.raises(ValueError, match=r"retrain_gap: `unlearned_mia_auc` must be a number "
+                                             r"in \[0, 1\]"):
+            retrain_gap(unlearned, gold, bad, 0.5)
+        with pytest.raises(ValueError, match=r"`retrained_mia_auc` must be a number in \[0, 1\]"):
+            retrain_gap(unlearned, gold, 0.5, bad)
+    for bad in (True, "0.5"):
+        with pytest.raises(TypeError, match=r"`unlearned_mia_auc` must be a number"):
+            retrain_gap(unlearned, gold, bad, 0.5)  # type: ignore[arg-type]
+    # The bounds themselves and NaN (an attack that could not be scored) are accepted.
+    assert math.isclose(retrain_gap(unlearned, gold, 0.0, 1.0), 100 * (0.1 + 0.59 + 1.0) / 3)
+    assert retrain_gap(unlearned, gold, float("nan"), 0.5) == math.inf
 
 
 # -- models that diverged, and other edge cases ---------------------------------------------------

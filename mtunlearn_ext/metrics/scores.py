@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mtunlearn_ext.metrics.task_metrics import METRICS
 
@@ -25,10 +26,23 @@ def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool
     raise KeyError(f"unknown metric {metric!r}: give its direction in `higher_is_better`")
 
 
+def _check_same_keys(caller: str, what: str, reference: Mapping[str, Any], reference_label: str,
+                     other: Mapping[str, Any], other_label: str, hint: str = "") -> None:
+    """Raise ``ValueError`` when ``other`` has other keys than ``reference``, naming both
+    arguments and the missing and extra keys. A key in one input only used to be skipped: a
+    typo in one task name (``'Size'`` for ``'size'``) left that task out and scored a model
+    that had lost it as if it had kept it."""
+    missing = [k for k in reference if k not in other]
+    extra = [k for k in other if k not in reference]
+    if missing or extra:
+        raise ValueError(f"{caller}: the {what} of `{other_label}` differ from those of "
+                         f"`{reference_label}`: missing {missing}, extra {extra}{hint}")
+
+
 def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
               higher_is_better: Mapping[str, bool] | None = None,
               tasks: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Per task and metric, the pieces of :func:`uis` (each x100).
+    """Per task and metric, the pieces of :func:`uis` (each x100); the inputs as in :func:`uis`.
 
     Returns task -> metric -> ``{"uis": (test_change + forget_change) / 2, "test_change":
     |O_t - U_t| / O_t, "forget_change": |O_t - U_u| / O_t, "forget_advantage": s (U_u - O_t) /
@@ -39,16 +53,25 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
     or ``U_u`` (a model that diverged) is an infinite change: its term's ``uis`` is ``inf``,
     never left out (leaving it out would score a broken model better).
     """
-    names = tasks if tasks is not None else [
-        t for t in original_test if t in unlearned_test and t in unlearned_forget]
+    if tasks is None:
+        hint = (" (pass `tasks` to score a subset, e.g. the target tasks of a partial-task "
+                "request, whose forget set has no other task)")
+        _check_same_keys("uis", "tasks", original_test, "original_test", unlearned_test,
+                         "unlearned_test", hint)
+        _check_same_keys("uis", "tasks", original_test, "original_test", unlearned_forget,
+                         "unlearned_forget", hint)
+    names = tasks if tasks is not None else list(original_test)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for task in names:
         for source, label in ((original_test, "original_test"), (unlearned_test, "unlearned_test"),
                               (unlearned_forget, "unlearned_forget")):
             if task not in source:
                 raise KeyError(f"uis: task {task!r} missing from `{label}`")
-        metrics = [m for m in original_test[task]
-                   if m in unlearned_test[task] and m in unlearned_forget[task]]
+        for source, label in ((unlearned_test, "unlearned_test"),
+                              (unlearned_forget, "unlearned_forget")):
+            _check_same_keys("uis", f"metrics of task {task!r}", original_test[task],
+                             "original_test", source[task], label)
+        metrics = list(original_test[task])
         for metric in metrics:
             sign = 1.0 if _direction(metric, higher_is_better) else -1.0
             o_t = float(original_test[task][metric])
@@ -79,7 +102,7 @@ def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
         tasks: Sequence[str] | None = None) -> float:
     """Unlearning Impact Score, OrthoGrad's formula (lower is better), x100.
 
-    For every task ``t`` and metric ``m`` present in all three inputs, with ``O_t`` the original
+    For every task ``t`` (of ``tasks``, default all) and metric ``m``, with ``O_t`` the original
     model's test score, ``U_t`` the unlearned model's test score and ``U_u`` its forget-set
     score::
 
@@ -103,8 +126,14 @@ def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
         unlearned_test: the unlearned model's test metrics.
         unlearned_forget: the unlearned model's forget-set metrics (only the forget pairs).
         higher_is_better: directions of metrics unknown to :data:`METRICS` (or overrides).
-        tasks: tasks to include (default: those in all three inputs; in partial-task unlearning
-            these are the target tasks, the non-target tasks having no forget pairs).
+        tasks: tasks to include (default: every task; in partial-task unlearning pass the
+            target tasks, the non-target tasks having no forget pairs).
+
+    Raises:
+        ValueError: without ``tasks``, when the three inputs do not name the same tasks; for
+            every task included, when they do not name the same metrics of it (a key in one
+            input only is a typo or a mismatched evaluation, never a term to skip).
+        KeyError: a task of ``tasks`` missing from an input; a metric of unknown direction.
     """
     return uis_of_terms(uis_terms(original_test, unlearned_test, unlearned_forget,
                                   higher_is_better, tasks))
@@ -131,22 +160,42 @@ def _normalised_gap(metric: str, unlearned: float, retrained: float,
     return gap if is_bounded or retrained == 0.0 else gap / abs(retrained)
 
 
+def _check_auc(value: object, name: str) -> None:
+    """Refuse an attack AUC that is no number in ``[0, 1]``; NaN (an attack that could not be
+    scored) passes and is handled by the caller."""
+    what = (f"retrain_gap: `{name}` must be a number in [0, 1] (or NaN where the attack is "
+            f"undefined), got {value!r}")
+    if value is None:
+        return
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(what)
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise TypeError(what) from error
+    if not (math.isnan(number) or 0.0 <= number <= 1.0):
+        raise ValueError(what)
+
+
 def retrain_gap_terms(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores],
                       unlearned_mia_auc: float | None = None,
                       retrained_mia_auc: float | None = None,
                       bounded: Mapping[str, bool] | None = None) -> dict[str, float]:
     """The normalised gaps of :func:`retrain_gap`, keyed ``"split/task/metric"`` (and
     ``"mia_auc"``), each x100."""
+    _check_auc(unlearned_mia_auc, "unlearned_mia_auc")
+    _check_auc(retrained_mia_auc, "retrained_mia_auc")
+    _check_same_keys("retrain_gap", "splits", unlearned, "unlearned", retrained, "retrained")
+    for split, tasks in unlearned.items():
+        _check_same_keys("retrain_gap", f"tasks of split {split!r}", tasks, "unlearned",
+                         retrained[split], "retrained")
+        for task, metrics in tasks.items():
+            _check_same_keys("retrain_gap", f"metrics of {split}/{task}", metrics, "unlearned",
+                             retrained[split][task], "retrained")
     terms: dict[str, float] = {}
     for split, tasks in unlearned.items():
-        if split not in retrained:
-            continue
         for task, metrics in tasks.items():
-            if task not in retrained[split]:
-                continue
             for metric, value in metrics.items():
-                if metric not in retrained[split][task]:
-                    continue
                 gold = float(retrained[split][task][metric])
                 if not math.isfinite(gold):
                     continue  # undefined for the gold model too (e.g. no labelled pixel)
@@ -169,8 +218,9 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
                 bounded: Mapping[str, bool] | None = None) -> float:
     """Mean normalised gap to the retrained (gold) model, x100; 0 = indistinguishable.
 
-    Over every ``(split, task, metric)`` present in both inputs (split -> task -> metric ->
-    value, e.g. splits forget / retain / test) and the attack AUC when both are given::
+    Over every ``(split, task, metric)`` (split -> task -> metric -> value, e.g. splits forget
+    / retain / test; both inputs must name the same ones, else ``ValueError`` naming the
+    missing and extra keys) and the attack AUC when both are given (each in ``[0, 1]``)::
 
         gap = 100 * mean_k g_k,   g_k = |u_k - r_k|          for fractions in [0, 1]
                                   g_k = |u_k - r_k| / |r_k|  for unbounded errors
