@@ -101,6 +101,91 @@ def test_normal_metrics_by_hand() -> None:
     assert abs(even.compute()["median_angle"] - median) <= 0.005 + 1e-9
 
 
+class _OneOutput(nn.Module):
+    """A regression head of 1 output, for targets of 3 entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, tasks: object = None) -> dict[str, torch.Tensor]:
+        return {"size": self.l(x)}
+
+
+def test_evaluate_refuses_a_head_whose_output_does_not_fit_its_targets() -> None:
+    """Broadcast against [B, 3] targets, a [B, 1] head got an mse and an mae; its loss was
+    already refused."""
+    torch.manual_seed(0)
+    data = MultiTaskDataset(torch.randn(10, 8), {"size": torch.randn(10, 3)},
+                            [TaskSpec("size", "regression")])
+    with pytest.raises(ValueError, match=r"metrics\[size\]: regression pred \(10, 1\) and "
+                                         r"target \(10, 3\) differ"):
+        evaluate(_OneOutput(), data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spec, pred, target, message", [
+    (CLS, torch.zeros(4), torch.zeros(4, dtype=torch.long), r"classification wants pred \[B, C\]"),
+    (CLS, torch.zeros(4, 3), torch.zeros(4, 1, dtype=torch.long), r"and target \[B\]"),
+    (CLS, torch.zeros(4, 3), torch.zeros(5, dtype=torch.long), r"pred has 4 samples, target 5"),
+    (SEG, torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long),
+     r"segmentation target must be \[B, H, W\] = \(2, 4, 4\), got \(2, 4, 5\)"),
+    (DEPTH, torch.ones(2, 1, 4, 4), torch.ones(2, 4, 4), r"depth pred \(2, 1, 4, 4\) and target"),
+    (DEPTH, torch.ones(2, 4, 4), torch.ones(2, 4, 4), r"depth wants pred \[B, C, H, W\]"),
+    (NORMALS, torch.ones(2, 3, 1, 1), torch.ones(2, 3, 2, 2), r"normals pred \(2, 3, 1, 1\)"),
+    (TaskSpec("r", "regression"), torch.zeros(3, 1), torch.zeros(3, 2), r"regression pred"),
+])
+def test_accumulators_refuse_the_layouts_the_losses_refuse(spec: TaskSpec, pred: torch.Tensor,
+                                                           target: torch.Tensor,
+                                                           message: str) -> None:
+    with pytest.raises(ValueError, match=rf"metrics\[{spec.name}\]: .*{message}"):
+        make_accumulator(spec).update(pred, target)
+
+
+def test_regression_accumulator_still_takes_a_flat_prediction_of_one_output() -> None:
+    # task_loss takes [B] against [B, 1] (the same entries per row): so do the metrics.
+    acc = make_accumulator(TaskSpec("r", "regression"))
+    acc.update(torch.tensor([1.0, 2.0]), torch.tensor([[0.0], [0.0]]))
+    assert acc.compute() == {"mse": 2.5, "mae": 1.5}
+
+
+def test_confusion_matrix_refuses_labels_outside_the_classes() -> None:
+    """A prediction of 7 was clamped into class 2 and one of -4 into class 0; a target of 5 was
+    dropped."""
+    with pytest.raises(ValueError, match=r"confusion_matrix: `pred_labels` has 2 predictions "
+                                         r"outside \[0, 3\) at counted entries \(first: 7\)"):
+        confusion_matrix(torch.tensor([7, -4]), torch.tensor([2, 0]), 3)
+    with pytest.raises(ValueError, match=r"confusion_matrix: `target` has 1 labels outside "
+                                         r"\[0, 3\) other than ignore_index -1 \(first: 5\)"):
+        confusion_matrix(torch.tensor([1, 2]), torch.tensor([5, 0]), 3)
+    with pytest.raises(ValueError, match=r"`target` has 1 labels outside \[0, 3\) other than "
+                                         r"ignore_index 255 \(first: -1\)"):
+        confusion_matrix(torch.tensor([1, 2]), torch.tensor([-1, 0]), 3, ignore_index=255)
+    for bad, name in ((torch.tensor([0.5, 1.0]), "pred_labels"),
+                      (torch.tensor([float("nan"), 1.0]), "pred_labels")):
+        with pytest.raises(ValueError, match=rf"`{name}` must be integer class labels, got "
+                                             r"torch.float32 values with a fraction"):
+            confusion_matrix(bad, torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match=r"`target` must be integer class labels"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0.0, 1.7]), 3)
+    with pytest.raises(ValueError, match=r"`num_classes` must be an integer >= 1, got 0"):
+        confusion_matrix(torch.tensor([0]), torch.tensor([0]), 0)
+    # The ignore label stays allowed, inside [0, C) or outside, and a prediction at an ignored
+    # entry is never read; integral floats are labels.
+    assert confusion_matrix(torch.tensor([-1, 1, 9]), torch.tensor([255, 1, 255]), 3,
+                            ignore_index=255).tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert confusion_matrix(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]), 3,
+                            ignore_index=0).sum() == 0
+    assert confusion_matrix(torch.tensor([2.0, 1.0]), torch.tensor([1, 1]),
+                            3).tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 0]]
+
+
+def test_angle_errors_refuse_shapes_that_differ() -> None:
+    """Broadcast, one normal was compared with two images' pixels: 8 angles from 1 prediction."""
+    with pytest.raises(ValueError, match=r"angle_errors_deg: pred \(1, 3, 1, 1\) and target "
+                                         r"\(2, 3, 2, 2\) differ"):
+        angle_errors_deg(torch.randn(1, 3, 1, 1), torch.randn(2, 3, 2, 2))
+
+
 def test_metric_table_names_every_reported_metric() -> None:
     reported = set()
     for spec in (SEG, DEPTH, NORMALS, CLS, TaskSpec("r", "regression")):

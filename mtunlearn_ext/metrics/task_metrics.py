@@ -22,6 +22,8 @@ degrees.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -64,17 +66,53 @@ def confusion_matrix(pred_labels: torch.Tensor, target: torch.Tensor, num_classe
                      ignore_index: int = -1) -> torch.Tensor:
     """``[C, C]`` int64 ``M[g, p]``: pixels (or samples) with label ``g`` predicted ``p``.
 
-    Entries whose target is ``ignore_index`` (or outside ``[0, C)``) are left out.
+    Entries whose target is ``ignore_index`` are left out. Every other target, and the
+    prediction of every entry counted, must be a class in ``[0, C)``, and both tensors must
+    hold integers (an integer or bool dtype, or floats without a fraction): ``ValueError``
+    otherwise, naming the argument.
     """
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 1):
+        raise ValueError(f"confusion_matrix: `num_classes` must be an integer >= 1, got "
+                         f"{num_classes!r}")
     if pred_labels.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred {tuple(pred_labels.shape)} and target "
                          f"{tuple(target.shape)} differ")
+    _check_integer_labels(pred_labels, "pred_labels")
+    _check_integer_labels(target, "target")
     t = target.reshape(-1).long()
     p = pred_labels.reshape(-1).long()
-    keep = (t != ignore_index) & (t >= 0) & (t < num_classes)
-    index = t[keep] * num_classes + p[keep].clamp(0, num_classes - 1)
+    in_range = (t >= 0) & (t < num_classes)
+    keep = (t != ignore_index) & in_range
+    # An out-of-range label used to be dropped (target) or clamped into the first or last
+    # class (prediction): counted as a class it is not, or not at all, without a word.
+    bad_target = (t != ignore_index) & ~in_range
+    if bool(bad_target.any()):
+        raise ValueError(f"confusion_matrix: `target` has {int(bad_target.sum())} labels "
+                         f"outside [0, {num_classes}) other than ignore_index {ignore_index} "
+                         f"(first: {int(t[bad_target][0])})")
+    bad_pred = keep & ((p < 0) | (p >= num_classes))
+    if bool(bad_pred.any()):
+        raise ValueError(f"confusion_matrix: `pred_labels` has {int(bad_pred.sum())} "
+                         f"predictions outside [0, {num_classes}) at counted entries (first: "
+                         f"{int(p[bad_pred][0])})")
+    index = t[keep] * num_classes + p[keep]
     return torch.bincount(index, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes)
+
+
+def _check_integer_labels(labels: torch.Tensor, name: str) -> None:
+    """Refuse labels with a fraction, NaN or Inf (``.long()`` would truncate them into another
+    class) and complex ones; integer and bool dtypes, and integral floats, pass."""
+    if labels.is_complex():
+        raise ValueError(f"confusion_matrix: `{name}` must be integer class labels, got "
+                         f"{labels.dtype}")
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        flat = labels.reshape(-1)
+        first = flat[flat != flat.round()][0]
+        raise ValueError(f"confusion_matrix: `{name}` must be integer class labels, got "
+                         f"{labels.dtype} values with a fraction or NaN/Inf (first: "
+                         f"{float(first)})")
 
 
 def segmentation_scores(confusion: torch.Tensor, ignore_index: int = -1) -> dict[str, float]:
@@ -95,14 +133,54 @@ def segmentation_scores(confusion: torch.Tensor, ignore_index: int = -1) -> dict
 
 def angle_errors_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Angle in degrees between predicted and target normals ``[B, 3, H, W]``, at the valid
-    pixels (target not the zero vector), as a flat tensor."""
+    pixels (target not the zero vector), as a flat tensor. ``pred`` and ``target`` must have
+    the same shape (``ValueError``): broadcast, one image's normals were compared with
+    another's pixels."""
+    if pred.shape != target.shape:
+        raise ValueError(f"angle_errors_deg: pred {tuple(pred.shape)} and target "
+                         f"{tuple(target.shape)} differ; both must be normals [B, 3, H, W]")
     valid = target.abs().sum(dim=1) > 0
     cosine = (unit_normalize(pred.double(), dim=1, eps=1e-12) * target.double()).sum(dim=1)
     return torch.rad2deg(torch.arccos(cosine[valid].clamp(-1.0, 1.0)))
 
 
+def _check_metric_shapes(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the task for a prediction and target whose layouts do not
+    fit the task's kind: the checks of :func:`~mtunlearn_ext.losses.task_loss`. Without them a
+    head of the wrong size broadcast against its targets and got a metric (a regression head
+    with 1 output against 3-entry targets, say), while its loss was refused."""
+    where = f"metrics[{spec.name}]"
+    if pred.dim() == 0 or target.dim() == 0:
+        raise ValueError(f"{where}: pred and target need a batch dimension, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(f"{where}: pred has {pred.shape[0]} samples, target {target.shape[0]}")
+    kind = spec.kind
+    if kind == "classification":
+        if pred.dim() != 2 or target.dim() != 1:
+            raise ValueError(f"{where}: classification wants pred [B, C] and target [B], got "
+                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        return
+    if kind == "regression":
+        if math.prod(pred.shape[1:]) != math.prod(target.shape[1:]):
+            raise ValueError(f"{where}: regression pred {tuple(pred.shape)} and target "
+                             f"{tuple(target.shape)} differ")
+        return
+    if pred.dim() != 4:
+        raise ValueError(f"{where}: {kind} wants pred [B, C, H, W], got {tuple(pred.shape)}")
+    if kind == "segmentation":
+        if target.shape != (pred.shape[0], *pred.shape[2:]):
+            raise ValueError(f"{where}: segmentation target must be [B, H, W] = "
+                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}")
+    elif target.shape != pred.shape:
+        raise ValueError(f"{where}: {kind} pred {tuple(pred.shape)} and target "
+                         f"{tuple(target.shape)} differ")
+
+
 class MetricAccumulator:
-    """Pools one task's metric statistics over batches; :meth:`compute` gives the metrics."""
+    """Pools one task's metric statistics over batches; :meth:`compute` gives the metrics.
+    :meth:`update` takes the task's prediction and target batch in the layouts of
+    :func:`~mtunlearn_ext.losses.task_loss` (``ValueError`` naming the task otherwise)."""
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         raise NotImplementedError
@@ -118,11 +196,13 @@ class MetricAccumulator:
 
 class _Classification(MetricAccumulator):
     def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
         self.ignore_index = spec.ignore_index
         self.correct = 0
         self.total = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        _check_metric_shapes(self.spec, pred, target)
         keep = target != self.ignore_index
         self.correct += int((pred.argmax(dim=1)[keep] == target[keep]).sum())
         self.total += int(keep.sum())
@@ -137,12 +217,14 @@ class _Classification(MetricAccumulator):
 
 class _Segmentation(MetricAccumulator):
     def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
         assert spec.num_classes is not None
         self.num_classes = spec.num_classes
         self.ignore_index = spec.ignore_index
         self.confusion = torch.zeros(spec.num_classes, spec.num_classes, dtype=torch.long)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        _check_metric_shapes(self.spec, pred, target)
         self.confusion += confusion_matrix(pred.argmax(dim=1).cpu(), target.cpu(),
                                            self.num_classes, self.ignore_index)
 
@@ -156,12 +238,14 @@ class _Segmentation(MetricAccumulator):
 
 class _Depth(MetricAccumulator):
     def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
         self.abs_sum = 0.0
         self.rel_sum = 0.0
         self.delta_hits = 0
         self.total = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        _check_metric_shapes(self.spec, pred, target)
         valid = target > 0
         d_hat = pred[valid].double()
         d = target[valid].double()
@@ -189,6 +273,7 @@ class _Normals(MetricAccumulator):
     _THRESHOLDS = (11.25, 22.5, 30.0)
 
     def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
         self.bins = int(round(180.0 / self._BIN_DEG))
         self.histogram = torch.zeros(self.bins, dtype=torch.long)
         self.angle_sum = 0.0
@@ -197,6 +282,7 @@ class _Normals(MetricAccumulator):
         self.undefined = 0  # angles of non-finite predictions (NaN)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        _check_metric_shapes(self.spec, pred, target)
         errors = angle_errors_deg(pred, target).cpu()
         finite = torch.isfinite(errors)
         # A NaN angle has no bin (cast to an integer it would land in bin 0, a perfect score);
@@ -241,11 +327,13 @@ class _Normals(MetricAccumulator):
 
 class _Regression(MetricAccumulator):
     def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
         self.sq_sum = 0.0
         self.abs_sum = 0.0
         self.total = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        _check_metric_shapes(self.spec, pred, target)
         diff = pred.reshape(pred.shape[0], -1).double() - target.reshape(
             target.shape[0], -1).double()
         self.sq_sum += float(diff.pow(2).sum())
