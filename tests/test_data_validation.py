@@ -5,6 +5,8 @@ counted) and data sets that describe a task otherwise than ``tasks``."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,97 @@ def test_dataset_takes_ids_as_a_list_or_numpy_array() -> None:
         _data(ids=["a", "b", "c", "d", "e", "f"])
     with pytest.raises(ValueError, match=r"MultiTaskDataset: `ids` must be N unique integers"):
         _data(ids=[0, 0, 1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("ids, shown", [
+    (np.arange(6, dtype=np.uint64) + np.uint64(2 ** 63), "9223372036854775808"),  # wrapped to -2**63
+    (torch.tensor([2 ** 63 + 5, 1, 2, 3, 4, 5], dtype=torch.uint64), "9223372036854775813"),
+    ([2 ** 63, 1, 2, 3, 4, 5], "9223372036854775808"),
+    ([2 ** 64, 1, 2, 3, 4, 5], "18446744073709551616"),
+    ([1e19, 1.0, 2.0, 3.0, 4.0, 5.0], "1e+19"),  # saturated to 2**63 - 1
+    ([float("inf"), 1.0, 2.0, 3.0, 4.0, 5.0], "inf"),
+])
+def test_dataset_refuses_ids_outside_int64(ids: object, shown: str) -> None:
+    with pytest.raises(ValueError, match=r"MultiTaskDataset: `ids` must be N unique integers in "
+                                         r"the int64 range \[-2\*\*63, 2\*\*63\), got " + re.escape(shown)):
+        _data(ids=ids)
+
+
+def test_dataset_takes_ids_at_the_ends_of_int64() -> None:
+    top = np.arange(6, dtype=np.uint64) + np.uint64(2 ** 63 - 6)
+    assert _data(ids=top).ids.tolist() == [2 ** 63 - 6 + i for i in range(6)]
+    assert _data(ids=[-2 ** 63, 1, 2, 3, 4, 5]).ids[0].item() == -2 ** 63
+    assert _data(ids=torch.tensor(range(6), dtype=torch.uint64)).ids.tolist() == list(range(6))
+
+
+def test_dataset_id_errors_say_what_is_wrong() -> None:
+    """One message, "`ids` must be N unique integers", stood for a wrong length, a matrix and
+    duplicates alike."""
+    with pytest.raises(ValueError, match=r"`ids` must be N unique integers, one per row: expected "
+                                         r"shape \[6\], got \(5,\)"):
+        _data(ids=torch.arange(5))
+    with pytest.raises(ValueError, match=r"one per row: expected shape \[6\], got \(2, 3\)"):
+        _data(ids=torch.arange(6).reshape(2, 3))
+    with pytest.raises(ValueError, match=r"`ids` must be N unique integers: id 7 appears 3 times "
+                                         r"\(ids repeated: 2\)"):
+        _data(ids=[7, 9, 7, 9, 7, 2])
+
+
+@pytest.mark.parametrize("tasks, shown", [
+    ({"a": "classification", "b": "regression"}, r"got dict: build them, e.g. \[TaskSpec"),
+    ({"a": SPECS[0], "b": SPECS[1]}, r"got dict"),
+    ("ab", r"got str"),
+    (SPECS[0], r"got TaskSpec"),
+    ([SPECS[0], "b"], r"got str 'b' at position 1"),
+])
+def test_dataset_refuses_tasks_that_are_no_sequence_of_specs(tasks: object, shown: str) -> None:
+    """A dict of kinds failed with AttributeError: 'str' object has no attribute 'name'."""
+    x = torch.randn(4, 2)
+    y = {"a": torch.tensor([0, 1, 2, 0]), "b": torch.randn(4, 1)}
+    with pytest.raises(TypeError, match=r"MultiTaskDataset: `tasks` must be a sequence of TaskSpec "
+                                        rf"\(one per task, in column order\), {shown}"):
+        MultiTaskDataset(x, y, tasks)  # type: ignore[arg-type]
+    assert MultiTaskDataset(x, y, tuple(SPECS)).task_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"name": None}, TypeError, r"`name` must be a non-empty string, got NoneType None"),
+    ({"name": 3}, TypeError, r"`name` must be a non-empty string, got int 3"),
+    ({"name": ""}, ValueError, r"`name` must be a non-empty string, got ''"),
+    ({"num_classes": -3}, ValueError, r"task 'k': `num_classes` must be an integer >= 1 or None, "
+                                      r"got -3"),
+    ({"num_classes": 0}, ValueError, r"`num_classes` must be an integer >= 1 or None, got 0"),
+    ({"num_classes": "3"}, TypeError, r"`num_classes` must be an integer >= 1 or None, got str"),
+    ({"num_classes": True}, TypeError, r"`num_classes` must be an integer >= 1 or None, got bool"),
+    ({"num_classes": 3.0}, TypeError, r"`num_classes` must be an integer >= 1 or None, got float"),
+    ({"ignore_index": True}, TypeError, r"`ignore_index` must be an integer, got bool"),
+    ({"ignore_index": "-1"}, TypeError, r"`ignore_index` must be an integer, got str"),
+])
+def test_task_spec_validates_its_fields(kwargs: dict[str, object], error: type[Exception],
+                                        message: str) -> None:
+    """num_classes -3, '3' and True and a None name were kept as given."""
+    fields: dict[str, object] = {"name": "k", "kind": "classification", "num_classes": 3, **kwargs}
+    with pytest.raises(error, match=rf"TaskSpec: .*{message}"):
+        TaskSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_task_spec_still_takes_valid_fields() -> None:
+    assert TaskSpec("k", "classification", num_classes=1, ignore_index=255).num_classes == 1
+    assert TaskSpec("r", "regression").num_classes is None
+    with pytest.raises(ValueError, match=r"needs num_classes"):
+        TaskSpec("k", "segmentation")
+
+
+@pytest.mark.parametrize("positions, shown", [([-1], "-1"), ([100], "100"), ([0, 6], "6"),
+                                              (torch.tensor([2, -6]), "-6")])
+def test_subset_and_batch_refuse_positions_outside_the_rows(positions: object, shown: str) -> None:
+    """-1 silently selected the last row; 100 raised a bare IndexError."""
+    data = _data()
+    for method in ("subset", "batch"):
+        with pytest.raises(IndexError, match=rf"MultiTaskDataset.{method}: `positions` must be row "
+                                             rf"positions in \[0, 6\), got {shown} \(1 outside\)"):
+            getattr(data, method)(positions)
+    assert data.subset([0, 5]).ids.tolist() == [0, 5]
 
 
 # -- labels and task kinds checked against the model and `tasks` (unlearn, uis_floor) -------------

@@ -9,10 +9,11 @@ pairs of the forget instances and leaves their other tasks' labels in place.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -58,10 +59,28 @@ class TaskSpec:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        # A name or count of another type was kept as given and failed far away (a None name
+        # as a model's head key, num_classes '3' in a head's width) or never (-3, True).
+        if not isinstance(self.name, str):
+            raise TypeError(f"TaskSpec: `name` must be a non-empty string, got "
+                            f"{type(self.name).__name__} {self.name!r}")
+        if not self.name:
+            raise ValueError("TaskSpec: `name` must be a non-empty string, got ''")
         if self.kind not in TASK_KINDS:
             raise ValueError(f"TaskSpec: `kind` must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.num_classes is not None:
+            if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+                raise TypeError(f"TaskSpec: task {self.name!r}: `num_classes` must be an integer "
+                                f">= 1 or None, got {type(self.num_classes).__name__} "
+                                f"{self.num_classes!r}")
+            if self.num_classes < 1:
+                raise ValueError(f"TaskSpec: task {self.name!r}: `num_classes` must be an "
+                                 f"integer >= 1 or None, got {self.num_classes}")
         if self.kind in ("classification", "segmentation") and not self.num_classes:
             raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"TaskSpec: task {self.name!r}: `ignore_index` must be an integer, "
+                            f"got {type(self.ignore_index).__name__} {self.ignore_index!r}")
         if self.loss is not None and not callable(self.loss):
             raise TypeError(f"TaskSpec: task {self.name!r}: `loss` must be a callable "
                             f"(prediction, target) -> [B] losses, got {type(self.loss).__name__}")
@@ -191,12 +210,43 @@ def _id_tensor(ids: object) -> torch.Tensor:
                 # Python floats default to float32, which would round ids above 2**24.
                 values = torch.as_tensor(ids, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as error:
+            huge = _first_python_int_outside_int64(ids)
+            if huge is not None:
+                raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers in the "
+                                 f"int64 range [-2**63, 2**63), got {huge}") from error
             raise TypeError(f"MultiTaskDataset: `ids` must be N unique integers (a tensor, "
                             f"list or NumPy array), got {ids!r:.80}") from error
     if not integer_valued(values):
         raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, got "
                          f"{values.dtype} values {values.reshape(-1)[:5].tolist()}")
+    # The cast to int64 below wraps uint64 ids >= 2**63 to negative ones and saturates huge
+    # floats: another instance's id, or a duplicate, without a word.
+    if values.dtype == torch.uint64:
+        over = values.view(torch.int64) < 0  # read as int64, exactly the ids >= 2**63
+        if bool(over.any()):
+            first = int(values.view(torch.int64)[over][0]) + 2 ** 64
+            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers in the int64 "
+                             f"range [-2**63, 2**63), got {first}")
+    elif values.is_floating_point():
+        over = (values >= 2.0 ** 63) | (values < -2.0 ** 63)
+        if bool(over.any()):
+            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers in the int64 "
+                             f"range [-2**63, 2**63), got {float(values[over][0])!r}")
     return values.to(torch.long)
+
+
+def _first_python_int_outside_int64(ids: object) -> int | None:
+    """The first Python integer of ``ids`` (a list, tuple or object array, flat or nested)
+    outside int64, which is why torch could not convert it; None if there is none."""
+    try:
+        flat = np.asarray(ids, dtype=object).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    for value in flat:
+        if isinstance(value, int) and not isinstance(value, bool) and not (
+                -2 ** 63 <= value < 2 ** 63):
+            return value
+    return None
 
 
 def _row_positions(positions: object, n: int, method: str) -> torch.Tensor:
@@ -223,7 +273,32 @@ def _row_positions(positions: object, n: int, method: str) -> torch.Tensor:
                         f"got {shown}")
     if pos.dim() > 1:
         raise ValueError(f"{what} must be 1-d, got shape {tuple(pos.shape)}")
-    return pos.to(torch.long).reshape(-1)
+    pos = pos.to(torch.long).reshape(-1)
+    # A negative position would index from the end (-1: the last row) and one past the end
+    # raised a bare IndexError; rows are named by their position in [0, n) only.
+    outside = (pos < 0) | (pos >= n)
+    if bool(outside.any()):
+        raise IndexError(f"{what} must be row positions in [0, {n}), got {int(pos[outside][0])}"
+                         f" ({int(outside.sum())} outside)")
+    return pos
+
+
+def _task_list(tasks: object) -> list[TaskSpec]:
+    """``tasks`` as a list of :class:`TaskSpec`; a mapping (``{"kind": "classification"}``,
+    whose keys would be taken for specs), a string or any other element is refused naming
+    ``tasks``."""
+    what = ("MultiTaskDataset: `tasks` must be a sequence of TaskSpec (one per task, in column "
+            "order)")
+    if isinstance(tasks, (Mapping, str, bytes)) or not isinstance(tasks, Iterable):
+        hint = (": build them, e.g. [TaskSpec(name, kind, num_classes=...)]"
+                if isinstance(tasks, Mapping) else "")
+        raise TypeError(f"{what}, got {type(tasks).__name__}{hint}")
+    specs = list(tasks)
+    for position, spec in enumerate(specs):
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"{what}, got {type(spec).__name__} {spec!r:.60} at position "
+                            f"{position}")
+    return specs
 
 
 class MultiTaskDataset(Dataset[dict[str, object]]):
@@ -251,7 +326,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                  tasks: Sequence[TaskSpec], ids: torch.Tensor | Sequence[int] | None = None,
                  supervision: torch.Tensor | None = None) -> None:
         n = check_inputs(inputs, "MultiTaskDataset: `inputs`")
-        self.tasks: list[TaskSpec] = list(tasks)
+        self.tasks: list[TaskSpec] = _task_list(tasks)
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"MultiTaskDataset: duplicate task names in {names}")
@@ -266,8 +341,15 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         self.inputs: Inputs = inputs
         self.targets = {name: targets[name] for name in names}
         self.ids = torch.arange(n) if ids is None else _id_tensor(ids)
-        if self.ids.shape != (n,) or torch.unique(self.ids).numel() != n:
-            raise ValueError("MultiTaskDataset: `ids` must be N unique integers")
+        if self.ids.shape != (n,):
+            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, one per row: "
+                             f"expected shape [{n}], got {tuple(self.ids.shape)}")
+        if torch.unique(self.ids).numel() != n:
+            values, counts = torch.unique(self.ids, return_counts=True)
+            repeated = values[counts > 1]
+            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers: id "
+                             f"{int(repeated[0])} appears {int(counts[counts > 1][0])} times "
+                             f"(ids repeated: {repeated.numel()})")
         if supervision is None:
             supervision = torch.stack([labelled_rows(spec, self.targets[spec.name]).cpu()
                                        for spec in self.tasks], dim=1) if names else \
