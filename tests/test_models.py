@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -136,6 +137,44 @@ def test_build_model_argument_errors() -> None:
                     input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match=r"\[C, H, W\]"):
         build_model(DENSE_TASKS, input_shape=(64,))
+
+
+FLAT_TASKS = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]
+
+
+@pytest.mark.parametrize("shape, error, message", [
+    ((8.7,), TypeError, r"got float 8.7 in \(8.7,\)"),  # was 8 inputs
+    ("64", TypeError, r"\(one input's shape, without the batch dimension\), got str '64'"),  # (6, 4)
+    (8, TypeError, r"got int 8"),
+    ((True,), TypeError, r"got bool True"),
+    ((0,), ValueError, r"got 0 in \(0,\)"),
+    ((3, -16, 16), ValueError, r"got -16"),
+])
+def test_build_model_refuses_an_input_shape_of_no_integer_sizes(shape: object,
+                                                                error: type[Exception],
+                                                                message: str) -> None:
+    with pytest.raises(error, match=r"build_model: `input_shape` must be a sequence of integer "
+                                    rf"sizes >= 1.*{message}"):
+        build_model(FLAT_TASKS, input_shape=shape)  # type: ignore[arg-type]
+
+
+def test_build_model_takes_sizes_of_any_integer_type() -> None:
+    for shape in ((8,), [8], torch.Size([8]), (np.int64(8),), np.array([8])):
+        model = build_model(FLAT_TASKS, input_shape=shape)  # type: ignore[arg-type]
+        assert isinstance(model, MLPMultiTaskNet) and model.backbone[0].in_features == 8
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ({"kind": "classification"}, r"got dict: build the specs, e.g. \[TaskSpec\(name, kind"),
+    ({"kind": FLAT_TASKS[0]}, r"got dict"),
+    ("kind", r"got str"),
+    ([FLAT_TASKS[0], "size"], r"got str 'size' at position 1"),
+])
+def test_build_model_refuses_tasks_that_are_no_specs(tasks: object, message: str) -> None:
+    """A dict of kinds failed with AttributeError: 'str' object has no attribute 'kind'."""
+    with pytest.raises(TypeError, match=r"build_model: `benchmark_or_tasks` must be a Benchmark "
+                                        rf"or a sequence of TaskSpec, {message}"):
+        build_model(tasks, input_shape=(8,))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("pack", [lambda a, b: (a, b), lambda a, b: {"x": a, "m": b}],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -65,7 +66,7 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
         head_hidden = head_hidden if head_hidden is not None else defaults.get("head_hidden")
         hidden = hidden if hidden is not None else defaults.get("hidden")
     else:
-        tasks = list(benchmark_or_tasks)
+        tasks = _task_list(benchmark_or_tasks)
         if input_shape is None:
             raise ValueError("build_model: pass `input_shape` with a task list")
     if not tasks:
@@ -77,7 +78,7 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
                          f"regression tasks; the regression tasks are {regression}")
     if bench is not None:
         regression_dims = _regression_dims(bench, tasks, regression_dims)
-    shape = tuple(int(s) for s in input_shape)
+    shape = _input_shape(input_shape)
     dense = [t.kind in _DENSE_KINDS for t in tasks]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -95,6 +96,45 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
                                    regression_dims=regression_dims)
     raise ValueError(f"build_model: cannot mix dense and flat tasks: "
                      f"{[(t.name, t.kind) for t in tasks]}")
+
+
+def _task_list(tasks: object) -> list[TaskSpec]:
+    """``tasks`` as a list of :class:`TaskSpec`; a mapping of kinds (its keys would be taken
+    for specs: AttributeError on a str), a string or any other element is refused."""
+    what = "build_model: `benchmark_or_tasks` must be a Benchmark or a sequence of TaskSpec"
+    if isinstance(tasks, (Mapping, str, bytes)) or not isinstance(tasks, Iterable):
+        hint = (": build the specs, e.g. [TaskSpec(name, kind, num_classes=...)]"
+                if isinstance(tasks, Mapping) else "")
+        raise TypeError(f"{what}, got {type(tasks).__name__}{hint}")
+    specs = list(tasks)
+    for position, spec in enumerate(specs):
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"{what}, got {type(spec).__name__} {spec!r:.60} at position "
+                            f"{position}")
+    return specs
+
+
+def _input_shape(input_shape: object) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of sizes >= 1. ``int()`` of each entry truncated 8.7 to 8
+    and a string was read one digit at a time ('64' -> (6, 4)); both are refused."""
+    what = "build_model: `input_shape` must be a sequence of integer sizes >= 1"
+    if isinstance(input_shape, (str, bytes, Mapping)) or not isinstance(input_shape, Iterable):
+        raise TypeError(f"{what} (one input's shape, without the batch dimension), got "
+                        f"{type(input_shape).__name__} {input_shape!r:.60}")
+    sizes = list(input_shape)
+    shape: list[int] = []
+    for size in sizes:
+        try:
+            if isinstance(size, bool):
+                raise TypeError
+            value = operator.index(size)
+        except TypeError:
+            raise TypeError(f"{what}, got {type(size).__name__} {size!r:.40} in "
+                            f"{tuple(sizes)!r:.80}") from None
+        if value < 1:
+            raise ValueError(f"{what}, got {value} in {tuple(sizes)!r:.80}")
+        shape.append(value)
+    return tuple(shape)
 
 
 def _regression_dims(bench: Benchmark, tasks: Sequence[TaskSpec],
