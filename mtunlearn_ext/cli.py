@@ -2,8 +2,9 @@
 
 Subcommands: ``train``, ``unlearn``, ``evaluate``, ``verify``, ``benchmark``, ``report``; each has
 ``--help``. Every option can also come from ``--config file.yaml|file.toml`` whose keys are the
-option names (``forget_ids`` or ``forget-ids``); options on the command line override it, and a
-null value (YAML ``null``) leaves the option at its default.
+option names (``forget_ids`` or ``forget-ids``; ``import``, or ``imports``, a list or one string,
+for the repeatable ``--import``, which the command line adds to); options on the command line
+override it, and a null value (YAML ``null``) leaves the option at its default.
 
 Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
 argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
@@ -129,6 +130,14 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
         if not isinstance(value, bool):  # bool("false") would be True
             raise ValueError("a boolean (true or false)")
         return value
+    if isinstance(action, argparse._AppendAction):
+        # The default of a repeatable option is the list of its values; a lone string would be
+        # iterated one character at a time (`imports = "mymethods"` imported a module 'm').
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"a string or a list of strings ({action.option_strings[0]} is "
+                             "repeatable)")
+        return list(items)
     if action.nargs in ("*", "+", argparse.REMAINDER):
         words = value if isinstance(value, (list, tuple)) else shlex.split(str(value))
         return [str(v) for v in words]
@@ -145,17 +154,32 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
     ``null`` / ``~``) means the option is not given: it keeps its default."""
     from mtunlearn_ext.workflow import UserInputError
 
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        actions[action.dest] = action
+        # The option's own name too: `--import` stores into `imports`, and the documented
+        # rule is that a key is the option's name.
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                actions.setdefault(flag[2:].replace("-", "_"), action)
     defaults: dict[str, Any] = {}
+    given: dict[str, str] = {}  # dest -> the key that set it
     for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in actions:
+        name = str(key).replace("-", "_")
+        if name not in actions:
             raise UserInputError("--config", f"keys among {sorted(actions)}", key,
                                  "unknown option")
+        dest = actions[name].dest
+        if dest in given:  # `import` and `imports`, `forget_ids` and `forget-ids`
+            raise UserInputError("--config", "one key per option", key,
+                                 f"{given[dest]!r} sets the same option")
+        given[dest] = str(key)
         if value is None:
             continue
         try:
-            defaults[dest] = _config_value(actions[dest], value)
+            defaults[dest] = _config_value(actions[name], value)
         except ValueError as error:  # not a boolean for a flag, an unbalanced quote
             raise UserInputError("--config", f"a valid value for {key!r}", value,
                                  str(error)) from error
@@ -684,7 +708,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
                    help="import MODULE first (a module name, found on the Python path or in "
                         "the current folder, or a .py file): methods or forget objectives it "
-                        "registers become available; repeatable")
+                        "registers become available; repeatable (config key `import`: a "
+                        "list or one name; the command line's add to the config's)")
 
 
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:

@@ -1,20 +1,24 @@
 """``mtunlearn``'s settings from files and inline text: a ``--config`` file's null value keeps the
 default and a flag's value must be a boolean, ``benchmark``'s pass-through arguments given in a
-YAML or TOML config, and inline JSON (``--train``) or a ``--config`` name too long to be a file
-name."""
+YAML or TOML config, ``--import`` from a config (its option name as the key, a list or one
+string), and inline JSON (``--train``) or a ``--config`` name too long to be a file name."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import _err
 from test_cli import _listing, ids, trained  # noqa: F401  (trained: a fixture)
+from test_cli_plugins import PLUGIN
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.unlearning.registry import UNLEARNERS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,6 +74,66 @@ def test_benchmark_extra_from_config_is_words(tmp_path: Path, name: str, text: s
     assert cli.main(["benchmark", "--config", str(config), "--dry-run", "--", "--other"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.endswith(" --other") and "--repeats" not in out, out  # the command line wins
+
+
+# -- --import from a config ----------------------------------------------------------------------
+
+_PLUGIN_NUMBER = itertools.count()
+
+
+def _plugin(folder: Path) -> tuple[str, str]:
+    """A new module in ``folder`` that registers a method; returns (module, method) names, both
+    unused so far in this process (an imported module stays in ``sys.modules``)."""
+    n = next(_PLUGIN_NUMBER)
+    module, method = f"cfg_plugin_{n}", f"cfg_method_{n}"
+    (folder / f"{module}.py").write_text(PLUGIN.format(name=method))
+    return module, method
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("c.yaml", "import: {m}\n"),       # the option's name (docs/cli.md: keys are option names)
+    ("c.yaml", "import: [{m}]\n"),
+    ("c.yaml", "imports: [{m}]\n"),    # the name argparse stores it under, as before
+    ("c.toml", 'imports = "{m}"\n'),   # one string is one module, not its characters
+    ("c.toml", 'import = ["{m}"]\n')])
+def test_config_import_takes_the_option_name_and_a_list_or_a_string(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        registries_restored: None, name: str, text: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    module, method = _plugin(tmp_path)
+    config = tmp_path / name
+    config.write_text("dry_run = true\n" + text.format(m=module) if name.endswith(".toml")
+                      else "dry_run: true\n" + text.format(m=module))
+    try:
+        assert cli.main(["benchmark", "--config", str(config)]) == 0, capsys.readouterr().err
+        assert method in UNLEARNERS  # the module was imported, under its whole name
+    finally:
+        sys.modules.pop(module, None)
+
+
+def test_config_imports_add_to_the_command_line_and_bad_values_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        registries_restored: None) -> None:
+    monkeypatch.chdir(tmp_path)
+    (m1, name1), (m2, name2), (m3, name3) = (_plugin(tmp_path) for _ in range(3))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dry_run: true\nimport: [{m1}, {m2}]\n")
+    try:
+        # A repeatable option: --import on the command line imports one more module.
+        assert cli.main(["benchmark", "--config", str(config), "--import", m3]) == 0
+        assert {name1, name2, name3} <= set(UNLEARNERS)
+    finally:
+        for module in (m1, m2, m3):
+            sys.modules.pop(module, None)
+    capsys.readouterr()
+    config.write_text("dry_run: true\nimport: 5\n")
+    assert cli.main(["benchmark", "--config", str(config)]) == 2
+    assert _err(capsys) == ("mtunlearn: error: --config: expected a valid value for 'import', "
+                            "got 5; a string or a list of strings (--import is repeatable)")
+    config.write_text("dry_run: true\nimport: a\nimports: [b]\n")
+    assert cli.main(["benchmark", "--config", str(config)]) == 2
+    assert _err(capsys) == ("mtunlearn: error: --config: expected one key per option, got "
+                            "'imports'; 'import' sets the same option")
 
 
 # -- text too long to be a file name is the literal value -----------------------------------------
