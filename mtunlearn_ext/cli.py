@@ -730,9 +730,11 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                         + ", drawn with --seed (ignored with --forget-ids)"
                         + ("; default 0.1" if required else ""))
     p.add_argument("--target-tasks", default=None, metavar="TASKS",
-                   help="comma-separated target tasks; a proper subset makes a partial request")
+                   help="comma-separated target tasks; a proper subset makes a partial "
+                        "request (which needs them)")
     p.add_argument("--request", default=None, choices=["full", "partial"],
-                   help="request type (default: partial iff --target-tasks is a proper subset)")
+                   help="request type (default: partial iff --target-tasks is a proper "
+                        "subset); partial needs --target-tasks")
     p.add_argument("--seed", type=int, default=None,
                    help=("seeds the forget-id draw, the method and the attack" if required else
                          "seeds the forget-id draw and the attack")

@@ -371,7 +371,8 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
     tasks, full otherwise. The ids come from ``forget_ids`` or a seeded ``forget_fraction``
     (:func:`mtunlearn_ext.experiment.build_request`). Raises :class:`UserInputError` for an unknown
     task, an empty or duplicated id list, ids not in the data set, a fraction outside (0, 1), a
-    partial request naming every task, and a request that would leave nothing to retain.
+    partial request without target tasks or naming every task, and a request that would leave
+    nothing to retain.
     """
     from mtunlearn_ext.experiment import build_request
 
@@ -390,6 +391,13 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
                         else "full")
     if request_type not in ("full", "partial"):
         raise UserInputError("--request", "'full' or 'partial'", request_type)
+    if request_type == "partial" and target_tasks is None:
+        # build_request would target the first task: a user could forget the labels of a
+        # task they never named, so the command line makes them name it.
+        raise UserInputError("--target-tasks", "the target tasks of a partial request (a "
+                             f"proper subset of {names})", "no --target-tasks",
+                             f"a partial request concerns the named tasks only; name "
+                             f"them, e.g. --target-tasks {names[0]}")
     if request_type == "partial" and target_tasks is not None and set(target_tasks) == set(names):
         raise UserInputError("--target-tasks", "a proper subset of the tasks for a partial "
                              "request", list(target_tasks),
