@@ -230,6 +230,35 @@ def test_bad_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "o.pt").exists()
 
 
+@pytest.mark.parametrize(("kind", "detail"), [
+    ("json", "(Unsupported operand 123)"),
+    ("pickle", "(Unsupported operand 149)"),  # protocol 4: torch also warned about it
+    ("module", "(Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an allowed "
+               "global by default)")])
+def test_a_file_that_is_no_checkpoint_is_one_line_without_torchs_unsafe_advice(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, detail: str) -> None:
+    import pickle
+    import warnings
+
+    path = tmp_path / "x.pt"
+    if kind == "json":
+        path.write_text('{"a": 1}\n')
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    else:
+        torch.save(nn.Linear(2, 2), path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["evaluate", "--checkpoint", str(path), "--quiet"]) == 2
+    assert [str(w.message) for w in caught] == []  # a warning would be more lines on stderr
+    err = capsys.readouterr().err
+    # torch's own text spanned 6 lines and advised weights_only=False, which runs the file's code.
+    assert err == (f"mtunlearn: error: --checkpoint: expected a readable mtunlearn checkpoint, "
+                   f"got {str(path)!r}; checkpoint {path} is not an mtunlearn checkpoint: "
+                   f"torch's safe (weights-only) loader refuses its contents {detail}; only the "
+                   "files `mtunlearn train` and `mtunlearn unlearn` write are read\n"), err
+
+
 def test_model_without_split_is_refused() -> None:
     plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(UserInputError, match="shared/head split"):
