@@ -1,0 +1,112 @@
+"""docs/cli.md against the code it describes: the command table names every option that a
+command's ``--help`` lists, and the NaN/Inf paragraph says which ops raise for a non-finite input
+and which let it through, as they do."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import pytest
+import torch
+from cli_helpers import ROOT
+
+from mtunlearn_ext import cli, ops
+
+DOC = (ROOT / "docs" / "cli.md").read_text()
+#: The options of every command, documented once in the introduction, not in each row.
+COMMON = {"--config", "--threads", "--quiet", "--import"}
+
+
+def _command_rows() -> dict[str, str]:
+    """command name -> its row of the command table."""
+    table = DOC.split("| command | does |", 1)[1].split("\n\n", 1)[0]
+    return {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)[ `].*$", table, re.M)}
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_the_command_table_names_every_option_of_help() -> None:
+    rows = _command_rows()
+    missing = {}
+    for name, parser in _subparsers().items():
+        options = [flag for action in parser._actions for flag in action.option_strings
+                   if flag.startswith("--") and flag != "--help"]
+        assert COMMON <= set(options), name
+        row = rows[name]
+        # `--output` must not count as named by `--output-dir`.
+        absent = [o for o in options
+                  if o not in COMMON and not re.search(re.escape(o) + r"(?![\w-])", row)]
+        if absent:
+            missing[name] = absent
+    assert missing == {}, f"docs/cli.md's command table omits {missing}"
+    intro = DOC.split("| command | does |", 1)[0] + DOC.split("Every command also takes", 1)[1]
+    assert all(f"`{o}" in intro for o in COMMON)
+
+
+def _nan_paragraph() -> str:
+    section = DOC.split("### NaN/Inf policy", 1)[1].split("\n### ", 1)[0]
+    text = " ".join(section.split())
+    assert "At the op level a NaN/Inf input raises" not in text  # the blanket claim, untrue
+    return text
+
+
+def _nan(*shape: int) -> torch.Tensor:
+    t = torch.randn(*shape)
+    t.view(-1)[0] = math.nan
+    return t
+
+
+#: The ops docs/cli.md says raise FloatingPointError naming the argument, with the argument.
+RAISING = {
+    "gram": (lambda: ops.gram(_nan(3, 8)), "x"),
+    "gram_list": (lambda: ops.gram_list([_nan(3, 8)]), "xs[0]"),
+    "gram_list_stacked": (lambda: ops.gram_list_stacked([torch.randn(2, 8)], [_nan(3, 8)]),
+                          "ys[0]"),
+    "inner": (lambda: ops.inner(torch.randn(2, 8), _nan(3, 8)), "b"),
+    "inner_list": (lambda: ops.inner_list([_nan(2, 8)], [torch.randn(3, 8)]), "as_[0]"),
+    "project_out": (lambda: ops.project_out(torch.randn(2, 8), _nan(3, 8)), "basis"),
+    "project_nonconflicting": (lambda: ops.project_nonconflicting(_nan(2, 8),
+                                                                  torch.randn(3, 8)), "g"),
+    "pcgrad": (lambda: ops.pcgrad(_nan(3, 8)), "x"),
+    "combine": (lambda: ops.combine(_nan(2, 3), torch.randn(3, 8)), "coeffs"),
+}
+
+
+def _combine_list_nan_xs() -> torch.Tensor:
+    out = torch.zeros(2, 8)
+    ops.combine_list(torch.randn(2, 3), [_nan(3, 8)], [out])
+    return out
+
+
+#: The ops it says let NaN/Inf through (no error, non-finite output).
+PROPAGATING = {
+    "combine": lambda: ops.combine(torch.randn(2, 3), _nan(3, 8)),  # `x` is not scanned
+    "combine_list": _combine_list_nan_xs,
+    "ridge_solve": lambda: ops.ridge_solve(_nan(3, 3), torch.randn(3, 2)),
+    "nonconflicting_dual": lambda: ops.nonconflicting_dual(_nan(3, 3), torch.randn(2, 3)),
+    "pcgrad_weights": lambda: ops.pcgrad_weights(_nan(3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAISING))
+def test_the_ops_docs_say_raise_do_raise_naming_the_argument(name: str) -> None:
+    text = _nan_paragraph()
+    says_raise = text.split("raise `FloatingPointError`", 1)[0].rsplit("check_finite=True", 1)[1]
+    assert f"`{name}`" in says_raise or (name == "combine" and "check `coeffs` only" in text)
+    call, argument = RAISING[name]
+    with pytest.raises(FloatingPointError, match=f"`{re.escape(argument)}` contains NaN or Inf"):
+        call()
+
+
+@pytest.mark.parametrize("name", sorted(PROPAGATING))
+def test_the_ops_docs_say_propagate_do_propagate(name: str) -> None:
+    text = _nan_paragraph()
+    says_propagate = text.split("raise `FloatingPointError`", 1)[1]
+    assert f"`{name}`" in says_propagate, name
+    assert not bool(torch.isfinite(PROPAGATING[name]()).all())
