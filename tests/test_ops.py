@@ -582,6 +582,15 @@ def _bad_list_calls() -> dict[str, object]:
         "inner_list not a tensor": lambda: ops.inner_list([y], [[1.0]]),
         "stacked trailing": lambda: ops.gram_list_stacked([y], [torch.randn(3, 2, 2)]),
         "stacked device": lambda: ops.gram_list_stacked([y, y], [x, meta]),
+        # Review: a string reached the schema, whose pybind11 cast error named no argument.
+        "gram_list per_tensor not a bool": lambda: ops.gram_list(
+            [x], per_tensor="no"),  # type: ignore[arg-type]
+        "inner_list per_tensor not a bool": lambda: ops.inner_list(
+            [y], [x], per_tensor="no"),  # type: ignore[arg-type]
+        "stacked per_tensor not a bool": lambda: ops.gram_list_stacked(
+            [y], [x], per_tensor=[1]),  # type: ignore[arg-type]
+        "combine per_tensor not a bool": lambda: ops.combine_list(
+            torch.ones(1, 3), [x], [torch.ones(4)], per_tensor="no"),  # type: ignore[arg-type]
         "combine coeffs 0-d": lambda: ops.combine_list(torch.tensor(1.0), [x], [ones]),
         "combine coeffs 3-d": lambda: ops.combine_list(torch.ones(1, 1, 3), [x], [ones]),
         "combine coeffs integer": lambda: ops.combine_list(torch.ones(3, dtype=torch.int64), [x],
@@ -1095,6 +1104,58 @@ def test_errors_name_the_argument() -> None:
     # The registered ops check too (for callers that bypass the wrappers).
     with pytest.raises(ValueError, match="mtunlearn::inner: `a`"):
         torch.ops.mtunlearn.inner(x, torch.randn(2, 11))
+
+
+def test_list_arguments_refuse_a_single_tensor(op_path: str) -> None:
+    """Review: a tensor where a list of per-parameter tensors is expected was iterated into its
+    rows: `gram_list(x)` with x [5, 3] returned a 5 x 5 Gram (k = 5), as if given five
+    parameters. Every list argument refuses one tensor, naming itself, and writes nothing."""
+    x, y = torch.randn(5, 3), torch.randn(2, 3)
+    out = torch.full((3,), 7.0)
+    ones = torch.ones(5)
+    calls = {
+        "xs": [lambda: ops.gram_list(x), lambda: ops.gram_list_stacked(x, [y]),
+               lambda: ops.combine_list(ones, x, [out])],
+        "as_": [lambda: ops.inner_list(y, [x])],
+        "bs": [lambda: ops.inner_list([y], x)],
+        "ys": [lambda: ops.gram_list_stacked([y], x)],
+        "outs": [lambda: ops.combine_list(ones, [x], out.unsqueeze(0))],
+        "bases": [lambda: ops.combine_list(ones, [x], [out], beta=1.0, bases=out.unsqueeze(0))],
+    }
+    for name, named_calls in calls.items():
+        for call in named_calls:
+            with pytest.raises(TypeError, match=rf"^mtunlearn_ext\.ops\.\w+: `{name}` must be a "
+                                                r"list of tensors \(one per parameter\), got a "
+                                                r"torch\.Tensor of shape .*pass a list, e\.g\. "
+                                                r"`\[x\]`"):
+                call()
+    assert bool((out == 7.0).all())
+    # As lists, the same tensors are one parameter each.
+    assert ops.gram_list([x]).shape == (5, 5) and ops.gram_list([y.T]).shape == (3, 3)
+    assert ops.inner_list([y], [x]).shape == (2, 5)
+
+
+def test_combine_names_an_out_that_is_not_a_float_tensor() -> None:
+    """Review: an ndarray `out` got "`out` is on cpu but `x` is on cpu", a list an
+    AttributeError on `.shape`."""
+    coeffs, x = torch.ones(1, 2), torch.ones(2, 3)
+    for out, said in ((np.zeros((1, 3), np.float32), "must be a torch.Tensor, got ndarray"),
+                      ([[0.0, 0.0, 0.0]], "must be a torch.Tensor, got list"),
+                      (torch.zeros(1, 3, dtype=torch.int64), "must have dtype float64")):
+        with pytest.raises(TypeError, match=rf"^mtunlearn_ext\.ops\.combine: `out` {said}"):
+            ops.combine(coeffs, x, out=out)  # type: ignore[arg-type]
+
+
+def test_list_ops_take_every_flag_the_schema_takes(op_path: str) -> None:
+    """The `per_tensor` check refuses only what the registered ops' bool refuses: NumPy's bools
+    and numbers ran before it and still do, on both paths."""
+    x = torch.randn(3, 4)
+    for flag in (np.True_, 1, np.int64(1)):
+        assert ops.gram_list([x], per_tensor=flag).shape == (1, 3, 3)  # type: ignore[arg-type]
+    assert ops.gram_list([x], per_tensor=np.False_).shape == (3, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^mtunlearn_ext\.ops\.gram_list: `per_tensor` must be "
+                                        r"a bool, got str 'no'$"):
+        ops.gram_list([x], per_tensor="no")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,6 +3,7 @@ matrix (float64 textbook formulas), per layer, in place, low precision, NaN poli
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -209,6 +210,48 @@ def test_argument_errors() -> None:
         project_out_list([], [])
     with pytest.raises(ValueError, match="outs"):
         project_out_list(g, basis, outs=[torch.empty(1)])
+
+
+def test_list_functions_refuse_a_single_tensor() -> None:
+    """Review: a tensor passed for a list was iterated into its rows: `project_out_list(g, b)`
+    with g, b of shape [2, 4] projected each row off one scalar and returned zeros. Every list
+    argument refuses one tensor, naming the function and itself, and writes nothing."""
+    g, basis = torch.randn(2, 4, dtype=F64), torch.randn(2, 4, dtype=F64)
+    outs = [torch.full((2, 4), 7.0, dtype=F64)]
+    grads, grad_outs = torch.randn(3, 5, dtype=F64), [torch.full((5,), 7.0, dtype=F64)]
+    calls = [
+        ("project_out_list", "g_list", lambda: project_out_list(g, [basis], outs=outs)),
+        ("project_out_list", "basis_list", lambda: project_out_list([g], basis, outs=outs)),
+        ("project_out_list", "outs", lambda: project_out_list([g], [basis], outs=outs[0])),
+        ("project_nonconflicting_list", "g_list",
+         lambda: project_nonconflicting_list(g, [basis], outs=outs)),
+        ("project_nonconflicting_list", "r_list",
+         lambda: project_nonconflicting_list([g], basis, outs=outs)),
+        ("project_nonconflicting_list", "outs",
+         lambda: project_nonconflicting_list([g], [basis], outs=outs[0])),
+        ("aggregate_list", "grads_list", lambda: aggregate_list(UPGrad(), grads, grad_outs)),
+        ("aggregate_list", "grads_list", lambda: aggregate_list(Mean(), grads, grad_outs)),
+        ("aggregate_list", "outs", lambda: aggregate_list(Mean(), [grads], grad_outs[0])),
+        ("gram_list_stats", "basis_list", lambda: gram_list_stats(basis)),
+        ("inner_list_stats", "a_list", lambda: inner_list_stats(g, [basis])),
+        ("inner_list_stats", "b_list", lambda: inner_list_stats([g], basis)),
+    ]
+    for function, name, call in calls:
+        with pytest.raises(TypeError, match=rf"^mtunlearn_ext\.surgery\.{function}: `{name}` "
+                                            r"must be a list of tensors \(one per parameter\), "
+                                            r"got a torch\.Tensor of shape"):
+            call()
+    assert bool((outs[0] == 7.0).all()) and bool((grad_outs[0] == 7.0).all())
+
+
+def test_project_out_list_names_itself_for_a_bad_ridge() -> None:
+    """Review: an infinite ridge was refused by `mtunlearn_ext.ops.ridge_solve`, a function
+    the caller never called (the surgery's own check let inf through)."""
+    g, basis = _stacks(1, 90), _stacks(2, 91)
+    for ridge in (math.inf, math.nan, -1.0, "1e-3"):
+        with pytest.raises(ValueError, match=r"^mtunlearn_ext\.surgery\.project_out_list: "
+                                             r"`ridge` must be a finite number >= 0, got "):
+            project_out_list(g, basis, ridge=ridge)  # type: ignore[arg-type]
 
 
 def _bad_projection_calls() -> tuple[dict[str, tuple[str, object]], list[torch.Tensor]]:

@@ -4,6 +4,7 @@ expected and what was received."""
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
@@ -60,6 +61,30 @@ def check_ridge(op: str, ridge: object) -> float:
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{op}: `ridge` must be a finite number >= 0, got {ridge!r:.40}")
     return value
+
+
+def check_tensor_list(op: str, name: str, tensors: object) -> None:
+    """Refuse one tensor where a list of tensors (one per parameter) is expected: iterated, a
+    tensor gives its rows, so ``gram_list(x)`` with ``x`` of shape ``[5, 3]`` ran as a list of
+    five stacks of 3 (k = 5) without a word."""
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a list of tensors (one per parameter), got a "
+                        f"torch.Tensor of shape {tuple(tensors.shape)} (iterating it would take "
+                        "its rows for the list); pass a list, e.g. `[x]` for a single tensor")
+
+
+def check_flag(op: str, name: str, flag: object) -> None:
+    """Refuse a ``flag`` the compiled ops' ``bool`` arguments refuse (a string, a list: torch's
+    own message is a pybind11 cast error naming the op's schema). What the schema takes (a
+    bool, a number, NumPy's scalars, a one-element tensor, None) passes, so that both paths
+    accept the same calls."""
+    if flag is None or isinstance(flag, numbers.Number):
+        return
+    if isinstance(flag, torch.Tensor) and flag.numel() == 1:
+        return
+    if type(flag).__module__ == "numpy" and getattr(flag, "size", None) == 1:
+        return
+    raise TypeError(f"{op}: `{name}` must be a bool, got {type(flag).__name__} {flag!r:.40}")
 
 
 def check_same_device(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:

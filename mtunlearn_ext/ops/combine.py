@@ -13,12 +13,14 @@ from mtunlearn_ext.ops._checks import (
     call_op,
     _has_no_values,
     check_finite_result,
+    check_flag,
     check_float_tensor,
     check_no_autograd_through_out,
     check_not_transformed,
     check_same_device,
     check_on_failure,
     check_same_dtype,
+    check_tensor_list,
     checked_list_call,
 )
 
@@ -71,6 +73,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
         if has_extension():
             return call_op(torch.ops.mtunlearn.combine, coeffs, x)
         return _reference.combine(coeffs, x)
+    check_float_tensor(op, "out", out)
     check_no_autograd_through_out(op, [("out", out), ("coeffs", coeffs), ("x", x)])
     expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
     if tuple(out.shape) != expected:
@@ -164,6 +167,9 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     detached tensors, as on ``.grad``.
     """
     op = "mtunlearn_ext.ops.combine_list"
+    check_tensor_list(op, "xs", xs)
+    check_tensor_list(op, "outs", outs)
+    check_tensor_list(op, "bases", bases)
     xs, outs = list(xs), list(outs)
     base_list = None if bases is None else list(bases)
     if check_finite:
@@ -186,6 +192,7 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
 def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
                         outs: list[torch.Tensor], per_tensor: bool,
                         bases: list[torch.Tensor] | None, beta: float) -> None:
+    check_flag(op, "per_tensor", per_tensor)
     check_not_transformed(op, [coeffs, *xs, *outs, *(bases or [])])
     # The compiled entry refuses these too (cheaply, in C++); named here in the caller's words.
     check_no_autograd_through_out(op, [("outs", outs), ("coeffs", coeffs), ("xs", xs),

@@ -19,9 +19,11 @@ from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     call_op,
     check_finite_result,
+    check_flag,
     check_float_tensor,
     check_same_device,
     check_same_dtype,
+    check_tensor_list,
     checked_list_call,
 )
 
@@ -61,11 +63,17 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
                     check_finite: bool) -> torch.Tensor:
     """Validate two paired stack lists and run the list op ``name`` (compiled or reference)."""
     op = f"mtunlearn_ext.ops.{name}"
+    check_tensor_list(op, a_name, a)
+    check_tensor_list(op, b_name, b)
     a_list, b_list = list(a), list(b)
+
+    def check() -> None:
+        check_flag(op, "per_tensor", per_tensor)
+        _check_paired_stacks(op, a_name, a_list, b_name, b_list)
+
     result = checked_list_call(
         lambda: call_op(getattr(torch.ops.mtunlearn, name), a_list, b_list, per_tensor),
-        lambda: getattr(_reference, name)(a_list, b_list, per_tensor),
-        lambda: _check_paired_stacks(op, a_name, a_list, b_name, b_list))
+        lambda: getattr(_reference, name)(a_list, b_list, per_tensor), check)
     if check_finite:
         check_finite_result(op, result, _named_pairs(a_name, a_list, b_name, b_list))
     return result
@@ -102,10 +110,15 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     kernel launch.
     """
     op = "mtunlearn_ext.ops.gram_list"
+    check_tensor_list(op, "xs", xs)
     xs = list(xs)
+
+    def check() -> None:
+        check_flag(op, "per_tensor", per_tensor)
+        _check_stacks(op, xs)
+
     result = checked_list_call(lambda: call_op(torch.ops.mtunlearn.gram_list, xs, per_tensor),
-                               lambda: _reference.gram_list(xs, per_tensor),
-                               lambda: _check_stacks(op, xs))
+                               lambda: _reference.gram_list(xs, per_tensor), check)
     if check_finite:
         check_finite_result(op, result, ((f"xs[{p}]", x) for p, x in enumerate(xs)))
     return result

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops._checks import check_on_failure
+from mtunlearn_ext.ops._checks import check_on_failure, check_ridge, check_tensor_list
 from mtunlearn_ext.surgery._tensor_lists import (
     StatsReduce,
     check_paired,
@@ -131,6 +131,7 @@ def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Seq
     ``ops.gram_list`` pass per dtype). Keep it to pass as ``basis_gram`` to
     :func:`project_out_list` while the basis does not change."""
     op = "mtunlearn_ext.surgery.gram_list_stats"
+    check_tensor_list(op, "basis_list", basis_list)
     basis_list = list(basis_list)
     check_stacks(op, "basis_list", basis_list)
     layers, num_layers = layer_index(per_layer, len(basis_list), op, num_layers)
@@ -147,6 +148,8 @@ def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tens
     grows a basis by a few rows updates a kept ``basis_gram`` (new rows against all) instead of
     recomputing it."""
     op = "mtunlearn_ext.surgery.inner_list_stats"
+    check_tensor_list(op, "a_list", a_list)
+    check_tensor_list(op, "b_list", b_list)
     a_list, b_list = list(a_list), list(b_list)
     check_stacks(op, "a_list", a_list)
     check_stacks(op, "b_list", b_list)
@@ -194,10 +197,13 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
         The projected stacks (``outs``), and the coefficients if asked.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
+    check_tensor_list(op, "g_list", g_list)
+    check_tensor_list(op, "basis_list", basis_list)
+    check_tensor_list(op, "outs", outs)
     g_list, basis_list = list(g_list), list(basis_list)
     check_same_length(op, "g_list", g_list, "basis_list", basis_list)
-    if not ridge >= 0.0:
-        raise ValueError(f"{op}: `ridge` must be >= 0, got {ridge}")
+    # Checked here so that an error names this function, not the ridge_solve it calls.
+    ridge = check_ridge(op, ridge)
 
     def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         k = basis_list[0].shape[0]
@@ -247,6 +253,9 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
             the ``k x m`` cross products are then computed.
     """
     op = "mtunlearn_ext.surgery.project_nonconflicting_list"
+    check_tensor_list(op, "g_list", g_list)
+    check_tensor_list(op, "r_list", r_list)
+    check_tensor_list(op, "outs", outs)
     g_list, r_list = list(g_list), list(r_list)
     check_same_length(op, "g_list", g_list, "r_list", r_list)
     if sign not in (1, -1):
@@ -310,6 +319,8 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
     if not isinstance(weighting, Weighting):
         raise TypeError(f"{op}: `aggregator` must be a mtunlearn_ext.surgery Aggregator or "
                         f"Weighting, got {type(aggregator).__name__}")
+    check_tensor_list(op, "grads_list", grads_list)
+    check_tensor_list(op, "outs", outs)
     grads_list, outs = list(grads_list), list(outs)
     if len(outs) != len(grads_list):
         raise ValueError(f"{op}: `outs` must have one tensor per parameter ({len(grads_list)}), "
