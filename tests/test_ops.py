@@ -1135,6 +1135,34 @@ def test_list_arguments_refuse_a_single_tensor(op_path: str) -> None:
     assert ops.inner_list([y], [x]).shape == (2, 5)
 
 
+def test_combine_refuses_a_non_finite_beta_while_checking(op_path: str) -> None:
+    """Review: `combine(..., out=o, beta=nan)` wrote NaN into every element of `o` with
+    check_finite=True, which checked the coefficients only. With the check on, a NaN or
+    infinite `beta` is refused by name and nothing is written; with it off it propagates."""
+    coeffs, x = torch.ones(1, 2), torch.ones(2, 3)
+    for beta in (math.nan, math.inf, -math.inf):
+        out = torch.full((1, 3), 7.0)
+        with pytest.raises(ValueError, match=r"^mtunlearn_ext\.ops\.combine: `beta` must be a "
+                                             r"finite number, got"):
+            ops.combine(coeffs, x, out=out, beta=beta)
+        assert bool((out == 7.0).all())
+        outs = [torch.full((3,), 7.0)]
+        with pytest.raises(ValueError, match=r"^mtunlearn_ext\.ops\.combine_list: `beta` must "
+                                             r"be a finite number, got"):
+            ops.combine_list(torch.ones(2), [x], outs, beta=beta)
+        assert bool((outs[0] == 7.0).all())
+    out = torch.full((1, 3), 7.0)
+    ops.combine(coeffs, x, out=out, beta=math.nan, check_finite=False)
+    assert bool(out.isnan().all())
+    for beta in ("0.5", True):
+        with pytest.raises(ValueError, match="`beta` must be a"):
+            ops.combine(coeffs, x, out=torch.zeros(1, 3), beta=beta)  # type: ignore[arg-type]
+    # Finite betas of any number type run as before.
+    out = torch.full((1, 3), 7.0)
+    ops.combine(coeffs, x, out=out, beta=np.float32(0.5))  # type: ignore[arg-type]
+    assert torch.equal(out, torch.full((1, 3), 5.5))
+
+
 def test_combine_names_an_out_that_is_not_a_float_tensor() -> None:
     """Review: an ndarray `out` got "`out` is on cpu but `x` is on cpu", a list an
     AttributeError on `.shape`."""
@@ -1156,6 +1184,26 @@ def test_list_ops_take_every_flag_the_schema_takes(op_path: str) -> None:
     with pytest.raises(TypeError, match=r"^mtunlearn_ext\.ops\.gram_list: `per_tensor` must be "
                                         r"a bool, got str 'no'$"):
         ops.gram_list([x], per_tensor="no")  # type: ignore[arg-type]
+
+
+def test_pcgrad_order_refuses_a_task_or_k_out_of_range() -> None:
+    """Review: `pcgrad_order(3, task=5, seed=0)` returned an order of all three tasks and
+    `pcgrad_order(-2, 0, 0)` an empty one."""
+    with pytest.raises(ValueError, match=r"^mtunlearn_ext\.ops\.pcgrad_order: `task` must be an "
+                                         r"integer in \[0, 2\], got 5$"):
+        ops.pcgrad_order(3, 5, 0)
+    with pytest.raises(ValueError, match=r"`task` must be an integer in \[0, 2\], got -1$"):
+        ops.pcgrad_order(3, -1, 0)
+    for k in (0, -2):
+        with pytest.raises(ValueError, match=rf"`k` must be an integer >= 1, got {k}$"):
+            ops.pcgrad_order(k, 0, 0)
+    with pytest.raises(TypeError, match=r"`k` must be an integer, got float 3\.0"):
+        ops.pcgrad_order(3.0, 0, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`task` must be an integer, got the bool True"):
+        ops.pcgrad_order(3, True, 0)
+    numpy_k, numpy_task = np.int64(3), np.int64(1)
+    assert ops.pcgrad_order(numpy_k, numpy_task, 0) == ops.pcgrad_order(3, 1, 0)  # type: ignore[arg-type]
+    assert ops.pcgrad_order(1, 0, 5) == [] and ops.pcgrad_order(3, 1, -1) == [0, 2]
 
 
 @pytest.mark.parametrize("device", DEVICES)

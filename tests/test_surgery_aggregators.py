@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from mtunlearn_ext.surgery import (
     PCGrad,
     PCGradWeighting,
     Sum,
+    SumWeighting,
     UPGrad,
     UPGradWeighting,
     aggregate_list,
@@ -421,6 +423,55 @@ def test_pcgrad_seed_must_be_a_non_negative_integer(seed) -> None:  # type: igno
     with pytest.raises(ValueError, match=r"PCGradWeighting: `seed` must be an integer >= 0 or "
                                          r"None, got "):
         PCGrad(seed=seed)
+
+
+def test_weighting_arguments_are_checked_when_built() -> None:
+    """Review: `UPGradWeighting(reg_eps=inf)` gave NaN weights, `MGDAWeighting(nan)` was
+    accepted (it reached range() only on the paths that iterate), NumPy's integers were refused
+    as PCGrad seeds, and a string `reshuffle` decided by its truth value."""
+    for reg_eps in (math.inf, math.nan, -1.0, "1e-4", True):
+        with pytest.raises(ValueError, match=r"^UPGradWeighting: `reg_eps` must be a finite "
+                                             r"number >= 0, got "):
+            UPGradWeighting(reg_eps=reg_eps)  # type: ignore[arg-type]
+    for iterations, error, said in ((math.nan, TypeError, "must be an integer, got float nan"),
+                                    (2.0, TypeError, "must be an integer, got float 2.0"),
+                                    (True, TypeError, "must be an integer, got the bool True"),
+                                    (0, ValueError, "must be an integer >= 1, got 0")):
+        with pytest.raises(error, match=rf"^MGDAWeighting: `iterations` {said}$"):
+            MGDAWeighting(iterations)  # type: ignore[arg-type]
+        with pytest.raises(error, match=rf"^min_norm_simplex: `iterations` {said}$"):
+            min_norm_simplex(torch.eye(2, dtype=F64), iterations)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^PCGradWeighting: `reshuffle` must be a bool, got str"):
+        PCGradWeighting(reshuffle="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^PCGradWeighting: `seed` must be below 2\*\*63"):
+        PCGradWeighting(2 ** 63)
+    # Integers of other types are integers, and give the same weights.
+    j = _random_jacobian(4, 9, 30)
+    numpy_seeded = PCGradWeighting(np.int64(3), reshuffle=np.True_)  # type: ignore[arg-type]
+    assert type(numpy_seeded.seed) is int and numpy_seeded.reshuffle is True
+    assert torch.equal(numpy_seeded(j @ j.T), PCGradWeighting(3)(j @ j.T))
+    assert MGDAWeighting(np.int64(7)).iterations == 7  # type: ignore[arg-type]
+    reg_eps = np.float32(1e-4)
+    assert UPGradWeighting(reg_eps=reg_eps).reg_eps == float(reg_eps)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [MeanWeighting, SumWeighting, PCGradWeighting, UPGradWeighting,
+                                  MGDAWeighting])
+def test_weightings_refuse_an_integer_gram(make) -> None:  # type: ignore[no-untyped-def]
+    """Review: Mean and MGDA returned [0, 0] for an integer Gram (weights in its dtype)."""
+    with pytest.raises(TypeError, match=rf"^{make.__name__}: `gram` must have a floating-point "
+                                        r"dtype, got torch.int64$"):
+        make()(torch.eye(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("make", [MeanWeighting, SumWeighting, PCGradWeighting, UPGradWeighting,
+                                  MGDAWeighting])
+def test_weightings_of_no_task_are_empty(make) -> None:  # type: ignore[no-untyped-def]
+    """k = 0: Sum and PCGrad gave empty weights, Mean a ZeroDivisionError, UPGrad too, MGDA an
+    IndexError; all give the empty weights now, batched too."""
+    for shape in ((0, 0), (3, 0, 0)):
+        weights = make()(torch.empty(shape, dtype=F64))
+        assert weights.shape == shape[:-1] and weights.dtype == F64
 
 
 def test_mgda_weighting_lets_nan_through_like_the_others() -> None:

@@ -254,6 +254,24 @@ def test_project_out_list_names_itself_for_a_bad_ridge() -> None:
             project_out_list(g, basis, ridge=ridge)  # type: ignore[arg-type]
 
 
+def test_aggregate_list_refuses_a_non_finite_beta_while_checking() -> None:
+    """A NaN or infinite `beta` turned every output into NaN/Inf although check_finite was on;
+    it is refused by name (one per parameter too) and nothing is written. check_finite=False
+    lets it through."""
+    grads = [torch.randn(2, 3, dtype=F64), torch.randn(2, 4, dtype=F64)]
+    for make in (Mean, UPGrad):
+        for beta, name in ((math.nan, "beta"), (math.inf, "beta"), ([0.0, -math.inf], "beta[1]"),
+                           ([1.0, math.nan], "beta[1]")):
+            outs = [torch.full((3,), 7.0, dtype=F64), torch.full((4,), 7.0, dtype=F64)]
+            with pytest.raises(ValueError, match=rf"^mtunlearn_ext\.surgery\.aggregate_list: "
+                                                 rf"`{re.escape(name)}` must be a finite number"):
+                aggregate_list(make(), grads, outs, beta)
+            assert all(bool((o == 7.0).all()) for o in outs)
+    outs = [torch.full((3,), 7.0, dtype=F64), torch.full((4,), 7.0, dtype=F64)]
+    aggregate_list(Mean(), grads, outs, [1.0, math.nan], check_finite=False)
+    assert bool(torch.isfinite(outs[0]).all()) and bool(outs[1].isnan().all())
+
+
 def _bad_projection_calls() -> tuple[dict[str, tuple[str, object]], list[torch.Tensor]]:
     """(argument the error must name, call) per case: one thing wrong in each, all of them
     found by the ops' C++ checks first and then named by the surgery layer's own checks; and the

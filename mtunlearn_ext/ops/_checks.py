@@ -50,17 +50,59 @@ def check_seed(op: str, seed: object) -> int:
     return value
 
 
-def check_ridge(op: str, ridge: object) -> float:
-    """``ridge`` as a finite float >= 0 (an infinite one made every coefficient 0 silently)."""
+def check_int(op: str, name: str, number: object, *, at_least: int | None = None,
+              below: int | None = None) -> int:
+    """``number`` as a Python int (NumPy's and 0-d tensors' integers too) within
+    ``[at_least, below)``. A bool or a fraction is refused: ``int()`` would take True as 1 and
+    truncate 2.5 to 2."""
+    if isinstance(number, bool):
+        raise TypeError(f"{op}: `{name}` must be an integer, got the bool {number}")
+    try:
+        value = operator.index(number)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{op}: `{name}` must be an integer, got {type(number).__name__} "
+                        f"{number!r:.40}") from None
+    if (at_least is not None and value < at_least) or (below is not None and value >= below):
+        bound = (f" >= {at_least}" if below is None else f" < {below}" if at_least is None
+                 else f" in [{at_least}, {below - 1}]")
+        raise ValueError(f"{op}: `{name}` must be an integer{bound}, got {value}")
+    return value
+
+
+def check_number(op: str, name: str, number: object, *,
+                 at_least: float | None = None) -> float:
+    """``number`` as a finite float (``>= at_least`` where given). A bool or a string is
+    refused: ``float()`` would take True as 1 and "1e-3" as a number."""
     value = math.nan
-    if not isinstance(ridge, (bool, str, bytes)):
+    if not isinstance(number, (bool, str, bytes)):
         try:
-            value = float(ridge)  # type: ignore[arg-type]
+            value = float(number)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             pass
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{op}: `ridge` must be a finite number >= 0, got {ridge!r:.40}")
+    if not (math.isfinite(value) and (at_least is None or value >= at_least)):
+        bound = "" if at_least is None else f" >= {at_least:g}"
+        raise ValueError(f"{op}: `{name}` must be a finite number{bound}, got {number!r:.40}")
     return value
+
+
+def check_ridge(op: str, ridge: object) -> float:
+    """``ridge`` as a finite float >= 0 (an infinite one made every coefficient 0 silently)."""
+    return check_number(op, "ridge", ridge, at_least=0.0)
+
+
+def check_beta(op: str, beta: object, check_finite: bool, name: str = "beta") -> float:
+    """``beta`` (the scale of an output's previous contents) as a float; with ``check_finite``
+    a finite one: NaN or Inf times the old contents is NaN/Inf in every output element, which
+    the finite check (it reads the coefficients only) would let through."""
+    if check_finite:
+        return check_number(op, name, beta)
+    if isinstance(beta, (bool, str, bytes)):
+        raise ValueError(f"{op}: `{name}` must be a number, got {beta!r:.40}")
+    try:
+        return float(beta)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: `{name}` must be a number, got {type(beta).__name__} "
+                         f"{beta!r:.40}") from None
 
 
 def check_tensor_list(op: str, name: str, tensors: object) -> None:
@@ -71,6 +113,15 @@ def check_tensor_list(op: str, name: str, tensors: object) -> None:
         raise TypeError(f"{op}: `{name}` must be a list of tensors (one per parameter), got a "
                         f"torch.Tensor of shape {tuple(tensors.shape)} (iterating it would take "
                         "its rows for the list); pass a list, e.g. `[x]` for a single tensor")
+
+
+def check_bool(op: str, name: str, flag: object) -> bool:
+    """``flag`` as a bool (NumPy's too). Anything else is refused: its truth value would
+    decide silently (the string "no" is true)."""
+    if isinstance(flag, bool) or (type(flag).__module__ == "numpy"
+                                  and type(flag).__name__ in ("bool", "bool_")):
+        return bool(flag)
+    raise TypeError(f"{op}: `{name}` must be a bool, got {type(flag).__name__} {flag!r:.40}")
 
 
 def check_flag(op: str, name: str, flag: object) -> None:

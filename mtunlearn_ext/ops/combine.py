@@ -12,6 +12,7 @@ from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     call_op,
     _has_no_values,
+    check_beta,
     check_finite_result,
     check_flag,
     check_float_tensor,
@@ -43,8 +44,9 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
             share memory with ``coeffs`` (``combine(A, X, out=A)``): the kernels then read a
             private copy of the coefficients.
         beta: scale of the previous ``out`` (``0`` ignores its contents, NaN included).
-        check_finite: raise if ``coeffs`` holds NaN/Inf (``x`` is not scanned: NaN/Inf in ``x``
-            propagate to the result, which is what a gradient combination should do).
+        check_finite: raise if ``coeffs`` holds NaN/Inf, and refuse a NaN or infinite ``beta``
+            (``ValueError``) (``x`` is not scanned: NaN/Inf in ``x`` propagate to the result,
+            which is what a gradient combination should do).
 
     Returns:
         ``[..., m, n]`` in ``x``'s dtype (``out`` itself when given). Accumulation in float32
@@ -74,6 +76,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
             return call_op(torch.ops.mtunlearn.combine, coeffs, x)
         return _reference.combine(coeffs, x)
     check_float_tensor(op, "out", out)
+    beta = check_beta(op, beta, check_finite)
     check_no_autograd_through_out(op, [("out", out), ("coeffs", coeffs), ("x", x)])
     expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
     if tuple(out.shape) != expected:
@@ -158,8 +161,9 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     ``coeffs`` may be an output (the kernels read a private copy of it). The checks cost
     O(number of tensors), no pass over the data.
 
-    ``check_finite`` raises if ``coeffs`` holds NaN/Inf (``xs`` and ``bases`` are not scanned:
-    their NaN/Inf propagate to the outputs).
+    ``check_finite`` raises if ``coeffs`` holds NaN/Inf and refuses a NaN or infinite ``beta``
+    (``ValueError``) (``xs`` and ``bases`` are not scanned: their NaN/Inf propagate to the
+    outputs).
 
     Not differentiable: the writes are in place and not recorded by autograd, so while grad
     mode is on, any of ``outs``, ``coeffs``, ``xs`` or ``bases`` that requires grad is refused
@@ -172,6 +176,7 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     check_tensor_list(op, "bases", bases)
     xs, outs = list(xs), list(outs)
     base_list = None if bases is None else list(bases)
+    beta = check_beta(op, beta, check_finite)
     if check_finite:
         check_float_tensor(op, "coeffs", coeffs)
         check_finite_result(op, coeffs, [("coeffs", coeffs)])

@@ -25,6 +25,7 @@ from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     call_op,
     check_float_tensor,
+    check_int,
     check_ridge,
     check_same_device,
     check_seed,
@@ -135,5 +136,10 @@ def pcgrad_weights(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def pcgrad_order(k: int, task: int, seed: int) -> list[int]:
     """The order in which PCGrad projects ``task`` against the other ``k - 1`` tasks for a seed
-    (identical in the compiled kernels, on every device)."""
-    return _reference.pcgrad_order(k, task, check_seed("mtunlearn_ext.ops.pcgrad_order", seed))
+    (identical in the compiled kernels, on every device). ``k >= 1`` and ``0 <= task < k``."""
+    op = "mtunlearn_ext.ops.pcgrad_order"
+    # Out of range, the shuffle still ran: task=5 of k=3 gave an order of all three tasks, and
+    # k=-2 an empty one, as if they were valid.
+    k = check_int(op, "k", k, at_least=1)
+    task = check_int(op, "task", task, at_least=0, below=k)
+    return _reference.pcgrad_order(k, task, check_seed(op, seed))

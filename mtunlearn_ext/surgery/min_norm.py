@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from mtunlearn_ext import ops
+from mtunlearn_ext.ops._checks import check_int
 
 #: Coordinates of the iterate above this are the support handed to the exact polish.
 _SUPPORT_THRESHOLD = 1e-9
@@ -180,9 +181,10 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     """
     if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"min_norm_simplex: `gram` must be [..., k, k], got {tuple(gram.shape)}")
-    if iterations < 1:
-        raise ValueError(f"min_norm_simplex: `iterations` must be >= 1, got {iterations}")
+    iterations = check_int("min_norm_simplex", "iterations", iterations, at_least=1)
     k = gram.shape[-1]
+    if k == 0:  # no task, no weight (the step size's amax has nothing to reduce)
+        return torch.zeros(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
     # No autograd through the solve (the weightings document weights as constants): the compiled
     # QP has no backward formula, and the iterative path's graph would differ from it.
     g = gram.detach().to(torch.float64)

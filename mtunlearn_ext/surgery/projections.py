@@ -28,12 +28,14 @@ recorded (the ops' autograd layer is skipped, which matters on these hot paths).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops._checks import check_on_failure, check_ridge, check_tensor_list
+from mtunlearn_ext.ops._checks import check_beta, check_on_failure, check_ridge, check_tensor_list
 from mtunlearn_ext.surgery._tensor_lists import (
     StatsReduce,
     check_paired,
@@ -302,7 +304,8 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         outs: ``shape_p`` per parameter, contiguous, the dtype of ``grads_list[p]`` (e.g. the
             ``.grad`` of each parameter, or its local shard).
         beta: scale of the previous contents of ``outs`` (``1`` accumulates, ``0`` overwrites,
-            ignoring NaN there); one value, or one per parameter.
+            ignoring NaN there); one value, or one per parameter; finite with
+            ``check_finite``.
         per_layer: ``False``, ``True`` (one layer per tensor) or a layer id per tensor.
         num_layers: ``L`` for a partial list (see :func:`project_out_list`).
         reduce: cross-process SUM of the Gram matrices, for sharded stacks.
@@ -325,10 +328,15 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
     if len(outs) != len(grads_list):
         raise ValueError(f"{op}: `outs` must have one tensor per parameter ({len(grads_list)}), "
                          f"got {len(outs)}")
-    if isinstance(beta, (int, float)):
-        betas = [float(beta)] * len(outs)
+    if isinstance(beta, (float, numbers.Number)) or getattr(beta, "ndim", None) == 0:
+        betas = [check_beta(op, beta, check_finite)] * len(outs)
     else:
-        betas = [float(b) for b in beta]
+        betas = list(beta)
+        # The hook passes one Python float per parameter at every step: builtins only then.
+        if not (all(type(b) is float for b in betas)
+                and (not check_finite or all(map(math.isfinite, betas)))):
+            betas = [check_beta(op, b, check_finite, name=f"beta[{p}]")
+                     for p, b in enumerate(betas)]
     if len(betas) != len(outs):
         raise ValueError(f"{op}: `beta` must be a number or one per parameter, got {len(betas)}")
 

@@ -16,6 +16,7 @@ scaler: scaled gradients give the scaled update.
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext import ops
+from mtunlearn_ext.ops._checks import check_bool, check_int, check_number
 from mtunlearn_ext.surgery.min_norm import min_norm_simplex
 
 
@@ -45,6 +47,10 @@ class Weighting(nn.Module, ABC):
             shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
             raise ValueError(f"{type(self).__name__}: `gram` must be a [..., k, k] tensor, got "
                              f"{shape}")
+        if not gram.is_floating_point():
+            # Weights in an integer dtype are truncated: Mean and MGDA gave [0, 0] for k = 2.
+            raise TypeError(f"{type(self).__name__}: `gram` must have a floating-point dtype, "
+                            f"got {gram.dtype}")
         with torch.no_grad():
             return super().__call__(gram)
 
@@ -56,7 +62,9 @@ class MeanWeighting(Weighting):
 
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
         k = gram.shape[-1]
-        return torch.full(gram.shape[:-1], 1.0 / k, dtype=gram.dtype, device=gram.device)
+        # k = 0: no task, no weight (an empty tensor, as Sum and PCGrad give).
+        return torch.full(gram.shape[:-1], 1.0 / k if k else 0.0, dtype=gram.dtype,
+                          device=gram.device)
 
 
 class SumWeighting(Weighting):
@@ -91,11 +99,20 @@ class PCGradWeighting(Weighting):
 
     def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
         super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"PCGradWeighting: `seed` must be an integer >= 0 or None, got "
-                             f"{seed!r}")
+        if seed is not None:
+            # NumPy's integers are integers (np.int64(3) was refused); bools and fractions not.
+            try:
+                value = None if isinstance(seed, bool) else operator.index(seed)
+            except TypeError:
+                value = None
+            if value is None or value < 0:
+                raise ValueError(f"PCGradWeighting: `seed` must be an integer >= 0 or None, got "
+                                 f"{seed!r:.40}")
+            if value >= 2 ** 63:  # the order seed goes to the kernels as an int64
+                raise ValueError(f"PCGradWeighting: `seed` must be below 2**63, got {value}")
+            seed = value
         self.seed = seed
-        self.reshuffle = reshuffle
+        self.reshuffle = check_bool("PCGradWeighting", "reshuffle", reshuffle)
         self.calls = 0
         self._register_load_state_dict_pre_hook(_default_call_count)
 
@@ -157,15 +174,16 @@ class UPGradWeighting(Weighting):
             if not bool(torch.isfinite(pref_vector).all()):
                 raise ValueError(f"UPGradWeighting: `pref_vector` must be finite, got "
                                  f"{pref_vector.tolist()}")
-        if not reg_eps >= 0.0:
-            raise ValueError(f"UPGradWeighting: `reg_eps` must be >= 0, got {reg_eps}")
+        # An infinite reg_eps gave NaN weights.
+        reg_eps = check_number("UPGradWeighting", "reg_eps", reg_eps, at_least=0.0)
         self.pref_vector = pref_vector
         self.reg_eps = reg_eps
 
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
         k = gram.shape[-1]
         if self.pref_vector is None:
-            pref = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+            # k = 0: empty weights, as Sum and PCGrad give (1 / k was a ZeroDivisionError).
+            pref = torch.full((k,), 1.0 / k if k else 0.0, dtype=gram.dtype, device=gram.device)
         else:
             if self.pref_vector.shape[0] != k:
                 raise ValueError(f"UPGradWeighting: `pref_vector` has {self.pref_vector.shape[0]} "
@@ -195,9 +213,8 @@ class MGDAWeighting(Weighting):
 
     def __init__(self, iterations: int = 200) -> None:
         super().__init__()
-        if iterations < 1:
-            raise ValueError(f"MGDAWeighting: `iterations` must be >= 1, got {iterations}")
-        self.iterations = iterations
+        # NaN passed `iterations < 1` and reached range() only on the paths that iterate.
+        self.iterations = check_int("MGDAWeighting", "iterations", iterations, at_least=1)
 
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
         return min_norm_simplex(gram, self.iterations)
