@@ -4,7 +4,11 @@ argument errors. Outputs are NaN-poisoned (see conftest.poisoned_outputs)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1204,6 +1208,49 @@ def test_pcgrad_order_refuses_a_task_or_k_out_of_range() -> None:
     numpy_k, numpy_task = np.int64(3), np.int64(1)
     assert ops.pcgrad_order(numpy_k, numpy_task, 0) == ops.pcgrad_order(3, 1, 0)  # type: ignore[arg-type]
     assert ops.pcgrad_order(1, 0, 5) == [] and ops.pcgrad_order(3, 1, -1) == [0, 2]
+
+
+def test_readme_ops_table_gives_the_wrappers_signatures() -> None:
+    """Review: the README's row gave `combine_list(coeffs, xs, outs, beta=0, bases=None)`,
+    without `per_tensor` and with the keyword-only `bases` as if positional. Each row written
+    with the wrappers' own parameter names must list them in order, with their defaults and a
+    `*` before the keyword-only ones; only trailing keyword-only options (`check_finite`) may
+    be left out. Rows in the math's notation (`G` for the Gram matrix) are not compared."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)\(([^)]*)\)` \|", text, flags=re.MULTILINE)
+    compared = []
+    for name, args in rows:
+        real = list(inspect.signature(getattr(ops, name)).parameters.values())
+        listed = [a.strip() for a in args.split(",")]
+        if not all(a == "*" or a.split("=")[0] in {p.name for p in real} for a in listed):
+            continue
+        written = []
+        keyword_only = False
+        for a in listed:
+            if a == "*":
+                keyword_only = True
+                continue
+            arg, _, default = a.partition("=")
+            written.append((arg, keyword_only, ast.literal_eval(default) if default else None))
+        shown = [(p.name, p.kind is inspect.Parameter.KEYWORD_ONLY,
+                  None if p.default is inspect.Parameter.empty else p.default)
+                 for p in real[:len(written)]]
+        assert written == shown, (name, written, shown)
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in real[len(written):]), name
+        compared.append(name)
+    assert {"combine_list", "combine", "gram_list", "project_out"} <= set(compared), compared
+
+
+def test_nonconflicting_dual_docstring_states_the_kernels_tolerance() -> None:
+    """Review: the docstring gave a relative tolerance of 1e-12; the kernels stop the descent
+    at ``dual_tolerance(scale)``, 1e-13 times the problem's scale (as the README says)."""
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "mtunlearn"
+              / "small_solvers.h").read_text(encoding="utf-8")
+    found = re.search(r"double dual_tolerance\(double scale\) \{ return ([0-9.e+-]+) \* scale; \}",
+                      header)
+    assert found is not None
+    doc = " ".join((ops.nonconflicting_dual.__doc__ or "").split())
+    assert f"``{found.group(1)} * scale``" in doc, doc
 
 
 @pytest.mark.parametrize("device", DEVICES)

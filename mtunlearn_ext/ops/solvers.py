@@ -84,7 +84,9 @@ def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
     This is the dual of projecting a vector ``g`` onto the cone ``{d : <d, r_j> >= 0}`` with
     ``G = R R^T`` and ``c = R g``: the projection is ``d = g + w @ R`` (GEM, UPGrad). Solved by
-    projected coordinate descent to a relative tolerance of ``1e-12``, then polished by an exact
+    projected coordinate descent until a sweep's largest step, measured in ``d``-space
+    (``|delta w_i| sqrt(G_ii)``), is at most ``1e-13 * scale``, where ``scale`` is the largest
+    projection of ``g`` on a row, ``max_i |c_i| / sqrt(G_ii)``; then polished by an exact
     solve on the active set; when neither finishes (dependent rows, e.g. more rows than
     dimensions), by Lawson and Hanson's exact active-set method, which takes a row to depend on
     its active rows when its Cholesky pivot is below ``eps * G_jj``, its own diagonal (``eps`` = 1e-6 for a
