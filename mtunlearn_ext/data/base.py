@@ -49,7 +49,15 @@ class TaskSpec:
     friendly (the per-sample pass calls it on batches of one under ``vmap``). The kind still
     decides the metrics, the unlabelled-pixel rules, the reference predictions and the
     likelihood of the sampled-target snapshots that the task projection protects
-    (:mod:`mtunlearn_ext.unlearning.fisher`).
+    (:mod:`mtunlearn_ext.unlearning.fisher`). A regression task's reference prediction is the
+    retain targets' mean, fed to ``loss`` as a prediction: right for a loss whose prediction
+    lives in the targets' space (MSE, Huber), not for one that reads logits (a multi-label
+    task as ``regression`` with a BCE-with-logits ``loss``), where ``capped_ascent``'s cap
+    would be measured at the wrong point; let the interference-aware method calibrate its
+    caps on unseen data instead (``cap_reference="held_out"`` with ``held_out_data``), or use
+    the ``"ascent"`` objective. Per-token
+    labels (sequence tagging) fit ``segmentation`` as ``[B, C, L, 1]`` predictions and
+    ``[L, 1]`` targets.
     """
 
     name: str
