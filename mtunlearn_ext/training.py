@@ -408,6 +408,9 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
         data = p.read_bytes()
     except FileNotFoundError as error:  # removed since the check
         raise CheckpointError(f"checkpoint {p} does not exist") from error
+    if not data:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes: a save that never wrote, or "
+                              "a file truncated to nothing)")
     sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise CheckpointError(f"checkpoint {p} has SHA-256 {sha}, expected {expected_sha256} "

@@ -273,6 +273,10 @@ def test_truncated_or_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    # An empty file said `EOFError:` and nothing more.
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt is empty \(0 bytes"):
+        load_checkpoint(tmp_path / "empty.pt")
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
