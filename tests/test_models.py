@@ -165,7 +165,7 @@ def test_build_model_takes_sizes_of_any_integer_type() -> None:
 
 
 @pytest.mark.parametrize("tasks, message", [
-    ({"kind": "classification"}, r"got dict: build the specs, e.g. \[TaskSpec\(name, kind"),
+    ({"kind": "classification"}, r"got dict: build them, e.g. \[TaskSpec\(name, kind"),
     ({"kind": FLAT_TASKS[0]}, r"got dict"),
     ("kind", r"got str"),
     ([FLAT_TASKS[0], "size"], r"got str 'size' at position 1"),

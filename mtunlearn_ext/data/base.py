@@ -291,12 +291,10 @@ def _row_positions(positions: object, n: int, method: str) -> torch.Tensor:
     return pos
 
 
-def _task_list(tasks: object) -> list[TaskSpec]:
+def task_spec_list(tasks: object, what: str) -> list[TaskSpec]:
     """``tasks`` as a list of :class:`TaskSpec`; a mapping (``{"kind": "classification"}``,
-    whose keys would be taken for specs), a string or any other element is refused naming
-    ``tasks``."""
-    what = ("MultiTaskDataset: `tasks` must be a sequence of TaskSpec (one per task, in column "
-            "order)")
+    whose keys would be taken for specs: AttributeError on a str), a string or any other
+    element is refused in a ``TypeError`` starting with ``what`` (the argument's rule)."""
     if isinstance(tasks, (Mapping, str, bytes)) or not isinstance(tasks, Iterable):
         hint = (": build them, e.g. [TaskSpec(name, kind, num_classes=...)]"
                 if isinstance(tasks, Mapping) else "")
@@ -334,7 +332,9 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                  tasks: Sequence[TaskSpec], ids: torch.Tensor | Sequence[int] | None = None,
                  supervision: torch.Tensor | None = None) -> None:
         n = check_inputs(inputs, "MultiTaskDataset: `inputs`")
-        self.tasks: list[TaskSpec] = _task_list(tasks)
+        self.tasks: list[TaskSpec] = task_spec_list(
+            tasks, "MultiTaskDataset: `tasks` must be a sequence of TaskSpec (one per task, in "
+            "column order)")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"MultiTaskDataset: duplicate task names in {names}")

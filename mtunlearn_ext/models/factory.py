@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from mtunlearn_ext.data.base import Benchmark, TaskSpec
+from mtunlearn_ext.data.base import Benchmark, TaskSpec, task_spec_list
 from mtunlearn_ext.data.inputs import describe
 from mtunlearn_ext.models.base import MultiTaskModel
 from mtunlearn_ext.models.dense import DenseMultiTaskNet
@@ -66,7 +66,8 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
         head_hidden = head_hidden if head_hidden is not None else defaults.get("head_hidden")
         hidden = hidden if hidden is not None else defaults.get("hidden")
     else:
-        tasks = _task_list(benchmark_or_tasks)
+        tasks = task_spec_list(benchmark_or_tasks, "build_model: `benchmark_or_tasks` must be a "
+                               "Benchmark or a sequence of TaskSpec")
         if input_shape is None:
             raise ValueError("build_model: pass `input_shape` with a task list")
     if not tasks:
@@ -96,22 +97,6 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
                                    regression_dims=regression_dims)
     raise ValueError(f"build_model: cannot mix dense and flat tasks: "
                      f"{[(t.name, t.kind) for t in tasks]}")
-
-
-def _task_list(tasks: object) -> list[TaskSpec]:
-    """``tasks`` as a list of :class:`TaskSpec`; a mapping of kinds (its keys would be taken
-    for specs: AttributeError on a str), a string or any other element is refused."""
-    what = "build_model: `benchmark_or_tasks` must be a Benchmark or a sequence of TaskSpec"
-    if isinstance(tasks, (Mapping, str, bytes)) or not isinstance(tasks, Iterable):
-        hint = (": build the specs, e.g. [TaskSpec(name, kind, num_classes=...)]"
-                if isinstance(tasks, Mapping) else "")
-        raise TypeError(f"{what}, got {type(tasks).__name__}{hint}")
-    specs = list(tasks)
-    for position, spec in enumerate(specs):
-        if not isinstance(spec, TaskSpec):
-            raise TypeError(f"{what}, got {type(spec).__name__} {spec!r:.60} at position "
-                            f"{position}")
-    return specs
 
 
 def _input_shape(input_shape: object) -> tuple[int, ...]:

@@ -33,17 +33,22 @@ def check_float_tensor(op: str, name: str, t: object, min_dim: int = 0) -> torch
     return t
 
 
-def check_seed(op: str, seed: object) -> int:
-    """``seed`` as a Python int in the signed 64-bit range the kernels take. A bool or a
-    fraction is refused (``int()`` would take True as 1 and truncate 1.5 to 1), and so is a
-    value outside int64 (the schema's own message was "expected int, found int")."""
-    if isinstance(seed, bool):
-        raise TypeError(f"{op}: `seed` must be an integer, got the bool {seed}")
+def _as_int(op: str, name: str, number: object) -> int:
+    """``number`` as a Python int (NumPy's and 0-d tensors' integers too). A bool or a
+    fraction is refused: ``int()`` would take True as 1 and truncate 2.5 to 2."""
+    if isinstance(number, bool):
+        raise TypeError(f"{op}: `{name}` must be an integer, got the bool {number}")
     try:
-        value = operator.index(seed)  # type: ignore[arg-type]
+        return operator.index(number)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{op}: `seed` must be an integer, got {type(seed).__name__} "
-                        f"{seed!r:.40}") from None
+        raise TypeError(f"{op}: `{name}` must be an integer, got {type(number).__name__} "
+                        f"{number!r:.40}") from None
+
+
+def check_seed(op: str, seed: object) -> int:
+    """``seed`` as a Python int in the signed 64-bit range the kernels take (the schema's own
+    message for a value outside it was "expected int, found int")."""
+    value = _as_int(op, "seed", seed)
     if not -(2 ** 63) <= value < 2 ** 63:
         raise ValueError(f"{op}: `seed` must lie in [-2**63, 2**63 - 1] (the kernels' int64), "
                          f"got {value}")
@@ -52,16 +57,8 @@ def check_seed(op: str, seed: object) -> int:
 
 def check_int(op: str, name: str, number: object, *, at_least: int | None = None,
               below: int | None = None) -> int:
-    """``number`` as a Python int (NumPy's and 0-d tensors' integers too) within
-    ``[at_least, below)``. A bool or a fraction is refused: ``int()`` would take True as 1 and
-    truncate 2.5 to 2."""
-    if isinstance(number, bool):
-        raise TypeError(f"{op}: `{name}` must be an integer, got the bool {number}")
-    try:
-        value = operator.index(number)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{op}: `{name}` must be an integer, got {type(number).__name__} "
-                        f"{number!r:.40}") from None
+    """``number`` as a Python int (:func:`_as_int`) within ``[at_least, below)``."""
+    value = _as_int(op, name, number)
     if (at_least is not None and value < at_least) or (below is not None and value >= below):
         bound = (f" >= {at_least}" if below is None else f" < {below}" if at_least is None
                  else f" in [{at_least}, {below - 1}]")
