@@ -18,7 +18,6 @@ counts as a zero gradient, as it does in the plain sum.
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,9 +26,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from mtunlearn_ext.ops._checks import _has_no_values
 from mtunlearn_ext.surgery._tensor_lists import (
-    gram_stats,
     is_dtensor,
     layer_index,
     local_tensor,
@@ -438,23 +435,6 @@ def _refuse_post_accumulate_hooks(caller: str, tensors: Iterable[torch.Tensor],
             "optimizer step) after surgery.backward()")
 
 
-def _refuse_non_finite(stacks: list[torch.Tensor]) -> None:
-    """Raise :class:`FloatingPointError` if the task gradients hold NaN or Inf, for the
-    weightings that need no Gram (Mean, Sum): ``aggregate_list`` reads the finite check from
-    the Gram, which it does not compute for them, so NaN reached ``.grad``. One Gram pass (one
-    read of the stacks, one launch per dtype, a ``k x k`` result read once, as the other
-    weightings pay); the stacks themselves are scanned only when it is not finite, to tell
-    NaN or Inf in them (refused) from finite gradients whose Gram overflowed (which Mean and
-    Sum, reading no Gram, take as they are)."""
-    gram = gram_stats(stacks, None, 1, check_finite=False)
-    if _has_no_values(gram) or math.isfinite(gram.sum().item()) or bool(
-            torch.isfinite(gram).all()):
-        return
-    if all(bool(torch.isfinite(s).all()) for s in stacks):
-        return
-    raise FloatingPointError("the task gradients hold NaN or Inf")
-
-
 class GradientSurgery:
     """Apply an aggregator to per-task gradients of the shared parameters, into ``.grad``.
 
@@ -483,10 +463,9 @@ class GradientSurgery:
             every rank must reduce ``[L, k, k]`` Grams of one layout); the ids are then kept
             as given, and a layer with no tensor here contributes nothing to the local Gram.
         reducer: cross-process steps (``None``: single process).
-        check_finite: raise on NaN/Inf task gradients, before writing any shared ``.grad``
-            (read from the Gram matrix; ``Mean`` / ``Sum``, which need none, compute it for
-            this check alone: one more read of the task gradients per step, which
-            ``check_finite=False`` saves). Set ``False`` under a ``GradScaler``
+        check_finite: raise on NaN/Inf task gradients (read from the Gram matrix, so not with
+            ``Mean`` / ``Sum``, which need none: there NaN reaches ``.grad`` as with
+            ``sum(losses).backward()``). Set ``False`` under a ``GradScaler``
             (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
             it, and the aggregators' weights are scale-invariant, so scaled losses give the
             scaled update the scaler expects.
@@ -1052,10 +1031,6 @@ class GradientSurgery:
         outs, betas, allocated, copies = self._grad_outputs(params,
                                                             [reached[p] for p in members])
         try:
-            weighting = (self.aggregator.weighting if isinstance(self.aggregator, Aggregator)
-                         else self.aggregator)
-            if self.check_finite and not weighting.needs_gram:
-                _refuse_non_finite([stacks[p] for p in members])
             weights = aggregate_list(self.aggregator, [stacks[p] for p in members], outs, betas,
                                      per_layer=per_layer, num_layers=num_layers,
                                      reduce=None if self.reducer is None
