@@ -947,6 +947,19 @@ def test_a_refused_step_leaves_every_grad_as_it_was(per_task: str) -> None:
         before = [None] * len(before)
 
 
+@pytest.mark.parametrize("aggregator", [Mean, Sum])
+def test_mean_and_sum_let_nan_through_as_the_plain_sum_does(aggregator) -> None:  # type: ignore[no-untyped-def]
+    """As docs/dropin.md says: the finite check reads the Gram matrix, which Mean and Sum do not
+    compute, so a NaN task gradient reaches .grad (a GradScaler then skips the step) with the
+    default check_finite, as with sum(losses).backward()."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    losses = _losses(model, x, y)
+    losses[1] = losses[1] * float("nan")
+    GradientSurgery(model.trunk.parameters(), aggregator()).backward(losses)
+    assert all(bool(torch.isnan(p.grad).any()) for p in model.trunk.parameters())
+
+
 @pytest.mark.parametrize("per_task", MODES)
 def test_grads_keep_the_layout_autograd_gives(per_task: str) -> None:
     """channels_last and transposed parameters got contiguous .grad, and an existing
