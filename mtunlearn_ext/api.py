@@ -142,15 +142,25 @@ class _SplitModel(nn.Module):
                     "`model.parameter_split()` (names)") from None
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Each parameter's name in ``named_parameters()`` (the first it is reachable under) ->
-    every name it is reachable under: a module held in two places, or a weight tied between
-    two modules (``head.weight = embed.weight``), has one parameter under several names."""
+def _owners(model: nn.Module) -> dict[str, list[list[str]]]:
+    """Each parameter's name in ``named_parameters()`` (the first it is reachable under) -> the
+    modules that hold it, each as every name it is reachable under through that module. One
+    module held in two places (a head also listed in a ``ModuleList``) is one owner with two
+    names; a weight tied between two modules (``head.weight = embed.weight``) has two owners."""
     first = {id(p): n for n, p in model.named_parameters()}
-    aliases: dict[str, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(first[id(p)], []).append(n)
-    return aliases
+    owners: dict[str, dict[int, list[str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module._parameters.items():
+            if p is not None:
+                full = f"{module_name}.{name}" if module_name else name
+                owners.setdefault(first[id(p)], {}).setdefault(id(module), []).append(full)
+    return {n: list(by_module.values()) for n, by_module in owners.items()}
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's first name -> every name it is reachable under (:func:`_owners`)."""
+    return {n: [alias for names in owners for alias in names]
+            for n, owners in _owners(model).items()}
 
 
 def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:
@@ -195,13 +205,15 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
             isinstance(shared, (str, bytes)) or not isinstance(shared, Iterable)):
         raise TypeError(f"unlearn: `shared_parameters` must be names, parameters or a predicate "
                         f"on names, got {type(shared).__name__}")
-    aliases = _aliases(model)
+    owners = _owners(model)
+    aliases = {n: [a for names in held for a in names] for n, held in owners.items()}
     if shared is None:
         shared_names: list[str] = []
     elif callable(shared):
-        # A parameter the trunk and a head both hold (tied weights) is shared when any of its
-        # names is: every task reaches it through the trunk.
-        shared_names = [n for n in trainable if any(shared(a) for a in aliases[n])]
+        # A weight that the trunk and a head both hold (two modules, tied) is shared when the
+        # predicate takes either module's name: every task reaches it through the trunk. A
+        # module merely held in two places is judged by its first name, as before.
+        shared_names = [n for n in trainable if any(shared(names[0]) for names in owners[n])]
     else:
         shared_names = _names_of(model, shared, "shared_parameters")
     if heads is not None:
@@ -245,20 +257,23 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
     a single head, the other task's forget gradient would never reach it and nothing would
     protect it as shared), and so is one also reachable outside every head (a head's weight
     tied to the trunk's embedding: every task uses it, so it is shared)."""
-    aliases = _aliases(model)
+    held_by = _owners(model)
     shared = set(shared_names)
     head_names: dict[str, list[str]] = {t: [] for t in task_names}
     for n in trainable:
         if n in shared:
             continue
         owners: dict[str, str] = {}  # task -> the first name placing the parameter in its head
-        outside: list[str] = []  # names in no head
-        for alias in aliases.get(n, [n]):
-            found = [t for t in task_names if t in alias.split(".")]
-            if len(found) == 1:
-                owners.setdefault(found[0], alias)
-            elif not found:
-                outside.append(alias)
+        outside: list[str] = []  # the first name of each holding module outside every head
+        for names in held_by.get(n, [[n]]):
+            in_head = False
+            for alias in names:
+                found = [t for t in task_names if t in alias.split(".")]
+                if len(found) == 1:
+                    owners.setdefault(found[0], alias)
+                in_head = in_head or bool(found)
+            if not in_head:
+                outside.append(names[0])
         if len(owners) > 1:
             (task, name), (other, other_name) = list(owners.items())[:2]
             raise ValueError(
@@ -270,9 +285,7 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
             raise ValueError(
                 f"unlearn: parameter {n!r} is tied between the head of {task!r} (as {name!r}) "
                 f"and {outside[0]!r}, outside every head: every task that uses {outside[0]!r} "
-                f"reaches it, so it is shared: list {outside[0]!r} in `shared_parameters` (or, "
-                f"where {outside[0]!r} only names the head's module a second time, give "
-                "`head_parameters`)")
+                f"reaches it, so it is shared: list {outside[0]!r} in `shared_parameters`")
         if owners:
             head_names[next(iter(owners))].append(n)
     return head_names
@@ -1396,7 +1409,10 @@ def verify_saved(record: str | os.PathLike[str], *,
                             f"{type(forget_ids).__name__} {forget_ids!r}")
         # The request's own rules (no fractions, bools or strings): int() would read 1.9 as 1
         # and report a match for other ids.
-        ids_hash = ForgetRequest.create(list(forget_ids)).ids_hash()
+        try:
+            ids_hash = ForgetRequest.create(list(forget_ids)).ids_hash()
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"verify_saved: `forget_ids`: {error}") from None
         request = payload.get("request")
         check("forget_ids", ids_hash,
               request.get("ids_sha256") if isinstance(request, dict) else None,

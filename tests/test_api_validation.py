@@ -464,6 +464,32 @@ def test_a_weight_tied_between_the_trunk_and_a_head_is_shared(heads_first: bool)
                       **common)  # type: ignore[arg-type]
 
 
+class _HeadsListedTwice(_TwoHeads):
+    """The heads also held in a list for iteration: each head parameter is reachable as
+    `heads.a.weight` and `head_list.0.weight` (one module in two places, not a tie)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_list = nn.ModuleList(self.heads.values())
+
+
+def test_a_head_also_held_in_a_list_stays_its_tasks_head() -> None:
+    """Final review: once every name counted, `head_list.0.weight` (no task in it) made the
+    predicate `not heads.` share every head parameter, and the trunk's names were refused as
+    a trunk-head tie. A module held in two places is one holder: its head names decide."""
+    x, y = _data()
+    model = _HeadsListedTwice()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)))
+    heads = {"a": ("module.heads.a.weight", "module.heads.a.bias"),
+             "b": ("module.heads.b.weight", "module.heads.b.bias")}
+    for shared in (_trunk, lambda n: not n.startswith("heads."),
+                   ["trunk.0.weight", "trunk.0.bias"]):
+        split = build_problem(model, shared_parameters=shared,  # type: ignore[arg-type]
+                              **common).model.parameter_split()  # type: ignore[arg-type]
+        assert split.shared == ("module.trunk.0.weight", "module.trunk.0.bias")
+        assert split.heads == heads
+
+
 def test_head_parameters_keys_must_be_tasks() -> None:
     """A misspelt key was ignored: its parameters went nowhere or to the name-based default."""
     x, y = _data()

@@ -239,6 +239,10 @@ def test_task_spec_validates_its_fields(kwargs: dict[str, object], error: type[E
 
 def test_task_spec_still_takes_valid_fields() -> None:
     assert TaskSpec("k", "classification", num_classes=1, ignore_index=255).num_classes == 1
+    # NumPy integers (`y.max() + 1`) were taken before the checks; kept, as Python ints.
+    spec = TaskSpec("k", "segmentation", num_classes=np.int64(5), ignore_index=np.uint8(255))
+    assert (spec.num_classes, spec.ignore_index) == (5, 255)
+    assert type(spec.num_classes) is int and type(spec.ignore_index) is int
     assert TaskSpec("r", "regression").num_classes is None
     with pytest.raises(ValueError, match=r"needs num_classes"):
         TaskSpec("k", "segmentation")

@@ -1147,7 +1147,7 @@ def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -
     wrong = mtunlearn_ext.verify_saved(record, model=model, forget_ids=range(11))
     assert not wrong.ok and wrong.checks["model"] == wrong.checks["forget_ids"] == "MISMATCH"
     # Review: the ids went through int(), so 0.9, 1.9, ... "matched" ids 0-9.
-    with pytest.raises(TypeError, match="must be integers"):
+    with pytest.raises(TypeError, match="verify_saved: `forget_ids`: .*must be integers"):
         mtunlearn_ext.verify_saved(record, forget_ids=[i + 0.9 for i in range(10)])
     with pytest.raises(TypeError, match="`forget_ids` must be integer ids, got str"):
         mtunlearn_ext.verify_saved(record, forget_ids="0123456789")

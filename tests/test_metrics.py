@@ -121,6 +121,14 @@ def test_evaluate_refuses_a_head_whose_output_does_not_fit_its_targets() -> None
     with pytest.raises(ValueError, match=r"metrics\[size\]: regression pred \(10, 1\) and "
                                          r"target \(10, 3\) differ"):
         evaluate(_OneOutput(), data)  # type: ignore[arg-type]
+    # A custom loss may read another layout (training took it): the message says why the
+    # metrics still refuse it.
+    custom = MultiTaskDataset(torch.randn(10, 8), {"size": torch.randn(10, 3)},
+                              [TaskSpec("size", "regression", loss=lambda p, t: (p - t[:, :1])
+                                        .pow(2).flatten(1).mean(1))])
+    with pytest.raises(ValueError, match=r"differ \(task 'size' has a custom `loss`, which may "
+                                         r"read another layout"):
+        evaluate(_OneOutput(), custom)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("spec, pred, target, message", [

@@ -9,6 +9,7 @@ pairs of the forget instances and leaves their other tasks' labels in place.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +29,17 @@ from mtunlearn_ext.data.inputs import (
 
 TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression"]
 TASK_KINDS: tuple[str, ...] = ("classification", "segmentation", "depth", "normals", "regression")
+
+
+def _integer_or_none(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer of any type (NumPy's too), else
+    ``None``: a bool (``True`` would read as 1), a fraction, a string."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,18 +89,23 @@ class TaskSpec:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"TaskSpec: `kind` must be one of {TASK_KINDS}, got {self.kind!r}")
         if self.num_classes is not None:
-            if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            number = _integer_or_none(self.num_classes)
+            if number is None:
                 raise TypeError(f"TaskSpec: task {self.name!r}: `num_classes` must be an integer "
                                 f">= 1 or None, got {type(self.num_classes).__name__} "
                                 f"{self.num_classes!r}")
+            # NumPy's integers (`y.max() + 1`) are kept as the Python int they stand for.
+            object.__setattr__(self, "num_classes", number)
             if self.num_classes < 1:
                 raise ValueError(f"TaskSpec: task {self.name!r}: `num_classes` must be an "
                                  f"integer >= 1 or None, got {self.num_classes}")
         if self.kind in ("classification", "segmentation") and not self.num_classes:
             raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        ignore_index = _integer_or_none(self.ignore_index)
+        if ignore_index is None:
             raise TypeError(f"TaskSpec: task {self.name!r}: `ignore_index` must be an integer, "
                             f"got {type(self.ignore_index).__name__} {self.ignore_index!r}")
+        object.__setattr__(self, "ignore_index", ignore_index)
         if self.loss is not None and not callable(self.loss):
             raise TypeError(f"TaskSpec: task {self.name!r}: `loss` must be a callable "
                             f"(prediction, target) -> [B] losses, got {type(self.loss).__name__}")

@@ -144,7 +144,7 @@ def angle_errors_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(cosine[valid].clamp(-1.0, 1.0)))
 
 
-def _check_metric_shapes(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the task for a prediction and target whose layouts do not
     fit the task's kind: the checks of :func:`~mtunlearn_ext.losses.task_loss`. Without them a
     head of the wrong size broadcast against its targets and got a metric (a regression head
@@ -175,6 +175,20 @@ def _check_metric_shapes(spec: TaskSpec, pred: torch.Tensor, target: torch.Tenso
     elif target.shape != pred.shape:
         raise ValueError(f"{where}: {kind} pred {tuple(pred.shape)} and target "
                          f"{tuple(target.shape)} differ")
+
+
+def _check_metric_shapes(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> None:
+    """:func:`_check_layout`, saying so when the task has a custom ``loss``: such a loss may
+    read another layout (a mean and a log-variance per target) that training accepted, while
+    the kind's metrics score the kind's own."""
+    try:
+        _check_layout(spec, pred, target)
+    except ValueError as error:
+        if spec.loss is None:
+            raise
+        raise ValueError(f"{error} (task {spec.name!r} has a custom `loss`, which may read "
+                         f"another layout; the {spec.kind} metrics score the kind's own: map "
+                         "the prediction to it before evaluating)") from None
 
 
 class MetricAccumulator:
