@@ -18,30 +18,59 @@ carries its own ``loss`` (:class:`~mtunlearn_ext.data.base.TaskSpec`) uses that 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mtunlearn_ext._functional import unit_normalize
-from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
+from mtunlearn_ext.data.base import TaskSpec, labelled_pixels, neutral_unsupervised
 
-__all__ = ["masked_multitask_loss", "per_sample_losses", "task_loss", "valid_pixel_mask"]
+__all__ = ["check_layout", "masked_multitask_loss", "per_sample_losses", "task_loss",
+           "valid_pixel_mask"]
 
 
 def valid_pixel_mask(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
     """``[B, H, W]`` bool: the pixels of a dense target that carry a label.
 
     Segmentation: label ``!= ignore_index``; depth ``[B, 1, H, W]``: ``> 0``; normals
-    ``[B, 3, H, W]``: not the zero vector.
+    ``[B, 3, H, W]``: not the zero vector (the rule lives beside the data's "no label" values,
+    :func:`mtunlearn_ext.data.base.labelled_pixels`, which also decides the default
+    supervision mask).
     """
-    if spec.kind == "segmentation":
-        return target != spec.ignore_index
-    if spec.kind == "depth":
-        return target[:, 0] > 0
-    if spec.kind == "normals":
-        return target.abs().sum(dim=1) > 0
-    raise ValueError(f"valid_pixel_mask: task {spec.name!r} of kind {spec.kind} is not dense")
+    return labelled_pixels(spec, target)
+
+
+def check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor, where: str) -> None:
+    """Raise ``ValueError`` (prefixed ``where``) when a prediction and target do not have the
+    layouts of the task's kind: the rules :func:`task_loss` and the metrics share (without them
+    a head of the wrong size broadcasts against its targets)."""
+    if pred.dim() == 0 or target.dim() == 0:
+        raise ValueError(f"{where}: pred and target need a batch dimension, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(f"{where}: pred has {pred.shape[0]} samples, target {target.shape[0]}")
+    kind = spec.kind
+    if kind == "classification":
+        if pred.dim() != 2 or target.dim() != 1:
+            raise ValueError(f"{where}: classification wants pred [B, C] and target [B], got "
+                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        return
+    if kind == "regression":
+        if math.prod(pred.shape[1:]) != math.prod(target.shape[1:]):
+            raise ValueError(f"{where}: regression pred {tuple(pred.shape)} and target "
+                             f"{tuple(target.shape)} differ")
+        return
+    if pred.dim() != 4:
+        raise ValueError(f"{where}: {kind} wants pred [B, C, H, W], got {tuple(pred.shape)}")
+    if kind == "segmentation":
+        if target.shape != (pred.shape[0], *pred.shape[2:]):
+            raise ValueError(f"{where}: segmentation target must be [B, H, W] = "
+                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}")
+    elif target.shape != pred.shape:
+        raise ValueError(f"{where}: {kind} pred {tuple(pred.shape)} and target "
+                         f"{tuple(target.shape)} differ")
 
 
 def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -66,7 +95,7 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
             (regression; ``[B]`` also accepted).
         target: the task's target batch, layout as in :class:`TaskSpec`.
     """
-    if pred.shape[0] != target.shape[0]:
+    if pred.dim() and target.dim() and pred.shape[0] != target.shape[0]:
         raise ValueError(f"task_loss[{spec.name}]: pred has {pred.shape[0]} samples, target "
                          f"{target.shape[0]}")
     if spec.loss is not None:
@@ -85,33 +114,19 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
             raise ValueError(f"task_loss[{spec.name}]: the task's `loss` must return one loss "
                              f"per sample, shape ({pred.shape[0]},), got {shape}")
         return value
+    check_layout(spec, pred, target, f"task_loss[{spec.name}]")
     kind = spec.kind
     if kind == "classification":
-        if pred.dim() != 2 or target.dim() != 1:
-            raise ValueError(f"task_loss[{spec.name}]: classification wants pred [B, C] and "
-                             f"target [B], got {tuple(pred.shape)} and {tuple(target.shape)}")
         return F.cross_entropy(pred, target.long(), reduction="none",
                                ignore_index=spec.ignore_index)
     if kind == "regression":
         pred2 = pred.reshape(pred.shape[0], -1)
         target2 = target.reshape(target.shape[0], -1).to(pred.dtype)
-        if pred2.shape != target2.shape:
-            raise ValueError(f"task_loss[{spec.name}]: regression pred {tuple(pred.shape)} and "
-                             f"target {tuple(target.shape)} differ")
         return (pred2 - target2).pow(2).mean(dim=1)
-    if pred.dim() != 4:
-        raise ValueError(f"task_loss[{spec.name}]: {kind} wants pred [B, C, H, W], "
-                         f"got {tuple(pred.shape)}")
     if kind == "segmentation":
-        if target.shape != (pred.shape[0], *pred.shape[2:]):
-            raise ValueError(f"task_loss[{spec.name}]: segmentation target must be [B, H, W] = "
-                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}")
         target = target.long()
         per_pixel = F.cross_entropy(pred, target, reduction="none", ignore_index=spec.ignore_index)
         return _mean_over_valid(per_pixel, valid_pixel_mask(spec, target))
-    if target.shape != pred.shape:
-        raise ValueError(f"task_loss[{spec.name}]: {kind} pred {tuple(pred.shape)} and target "
-                         f"{tuple(target.shape)} differ")
     target = target.to(pred.dtype)
     valid = valid_pixel_mask(spec, target)
     # An unlabelled pixel may hold NaN (it reads as unlabelled); zeroed here, it cannot reach

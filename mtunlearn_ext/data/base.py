@@ -179,23 +179,33 @@ def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,
     return torch.where(mask, target, fill)
 
 
+def labelled_pixels(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` bool: the pixels of a dense target that carry a label (the losses'
+    rule; NaN reads as no label). Segmentation: label ``!= ignore_index``; depth
+    ``[B, 1, H, W]``: ``> 0``; normals ``[B, 3, H, W]``: not the zero vector."""
+    if spec.kind == "segmentation":
+        return target != spec.ignore_index
+    if spec.kind == "depth":
+        return target[:, 0] > 0
+    if spec.kind == "normals":
+        return target.abs().sum(dim=1) > 0
+    raise ValueError(f"valid_pixel_mask: task {spec.name!r} of kind {spec.kind} is not dense")
+
+
 def labelled_rows(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
     """``[N]`` bool: the rows of ``target`` (``[N, ...]``) that carry a label of their own: a
-    class label other than ``ignore_index``, a segmentation map with a labelled pixel, a depth
-    map with a pixel ``> 0``, a normal map with a non-zero vector (the losses' labelled-pixel
-    rules); every regression row. Without a supervision mask, these rows are the supervised
-    ones: a row written as "no label" (a ``-1`` class) then counts as no pair of its task, not
-    as a pair whose loss is always zero."""
+    class label other than ``ignore_index``, a dense map with a labelled pixel
+    (:func:`labelled_pixels`); every regression row. Without a supervision mask, these rows
+    are the supervised ones: a row written as "no label" (a ``-1`` class) then counts as no
+    pair of its task, not as a pair whose loss is always zero."""
     n = target.shape[0]
     if n == 0 or spec.kind == "regression":
         return torch.ones(n, dtype=torch.bool, device=target.device)
-    if spec.kind in ("classification", "segmentation"):
+    if spec.kind == "classification":
         return (target.reshape(n, -1) != spec.ignore_index).any(dim=1)
-    if spec.kind == "depth":
-        return (target.reshape(n, -1) > 0).any(dim=1)
-    if spec.kind == "normals" and target.dim() >= 2:
-        return (target.abs().sum(dim=1).reshape(n, -1) > 0).any(dim=1)
-    return torch.ones(n, dtype=torch.bool, device=target.device)
+    if target.dim() < 2:  # no map: refused, naming the task, by the data set's value checks
+        return torch.ones(n, dtype=torch.bool, device=target.device)
+    return labelled_pixels(spec, target).reshape(n, -1).any(dim=1)
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -22,7 +22,6 @@ degrees.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import torch
 
 from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.losses import check_layout
 
 __all__ = ["METRICS", "MetricAccumulator", "MetricInfo", "angle_errors_deg", "confusion_matrix",
            "make_accumulator", "segmentation_scores"]
@@ -144,45 +144,12 @@ def angle_errors_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(cosine[valid].clamp(-1.0, 1.0)))
 
 
-def _check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming the task for a prediction and target whose layouts do not
-    fit the task's kind: the checks of :func:`~mtunlearn_ext.losses.task_loss`. Without them a
-    head of the wrong size broadcast against its targets and got a metric (a regression head
-    with 1 output against 3-entry targets, say), while its loss was refused."""
-    where = f"metrics[{spec.name}]"
-    if pred.dim() == 0 or target.dim() == 0:
-        raise ValueError(f"{where}: pred and target need a batch dimension, got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.shape[0] != target.shape[0]:
-        raise ValueError(f"{where}: pred has {pred.shape[0]} samples, target {target.shape[0]}")
-    kind = spec.kind
-    if kind == "classification":
-        if pred.dim() != 2 or target.dim() != 1:
-            raise ValueError(f"{where}: classification wants pred [B, C] and target [B], got "
-                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
-        return
-    if kind == "regression":
-        if math.prod(pred.shape[1:]) != math.prod(target.shape[1:]):
-            raise ValueError(f"{where}: regression pred {tuple(pred.shape)} and target "
-                             f"{tuple(target.shape)} differ")
-        return
-    if pred.dim() != 4:
-        raise ValueError(f"{where}: {kind} wants pred [B, C, H, W], got {tuple(pred.shape)}")
-    if kind == "segmentation":
-        if target.shape != (pred.shape[0], *pred.shape[2:]):
-            raise ValueError(f"{where}: segmentation target must be [B, H, W] = "
-                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}")
-    elif target.shape != pred.shape:
-        raise ValueError(f"{where}: {kind} pred {tuple(pred.shape)} and target "
-                         f"{tuple(target.shape)} differ")
-
-
 def _check_metric_shapes(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> None:
-    """:func:`_check_layout`, saying so when the task has a custom ``loss``: such a loss may
-    read another layout (a mean and a log-variance per target) that training accepted, while
-    the kind's metrics score the kind's own."""
+    """:func:`~mtunlearn_ext.losses.check_layout`, saying so when the task has a custom
+    ``loss``: such a loss may read another layout (a mean and a log-variance per target) that
+    training accepted, while the kind's metrics score the kind's own."""
     try:
-        _check_layout(spec, pred, target)
+        check_layout(spec, pred, target, f"metrics[{spec.name}]")
     except ValueError as error:
         if spec.loss is None:
             raise
