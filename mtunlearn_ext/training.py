@@ -14,7 +14,10 @@ import io
 import math
 import numbers
 import os
+import pickle
+import re
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -390,6 +393,18 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
     return atomic_torch_save(payload, path, overwrite=overwrite)
 
 
+def _not_a_checkpoint(path: Path, error: pickle.UnpicklingError) -> str:
+    """One line for a file torch's weights-only loader refuses (a pickle, a JSON text). torch's
+    own refusal spans several lines and advises loading the file again with
+    ``weights_only=False``, which runs whatever code it holds: only its reason (``Unsupported
+    operand 123``, ``Unsupported global: GLOBAL x.Y``) is kept."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+    detail = re.split(r"(?<=\.)\s", found.group(1).strip())[0].rstrip(".") if found else ""
+    return (f"checkpoint {path} is not an mtunlearn checkpoint: torch's safe (weights-only) "
+            f"loader refuses its contents{f' ({detail})' if detail else ''}; only the files "
+            "`mtunlearn train` and `mtunlearn unlearn` write are read")
+
+
 def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = None,
                     model: torch.nn.Module | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
@@ -416,10 +431,18 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
         raise CheckpointError(f"checkpoint {p} has SHA-256 {sha}, expected {expected_sha256} "
                               "(truncated, modified or a different file)")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol other than its own before it refuses such a
+            # file: two lines on stderr beside the one-line error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(_not_a_checkpoint(p, error)) from error
     except Exception as error:  # torch raises several types for a damaged zip archive
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
         raise CheckpointError(f"checkpoint {p} cannot be read (truncated or corrupt?): "
-                              f"{type(error).__name__}: {error}") from error
+                              f"{type(error).__name__}: {first}") from error
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not an mtunlearn_ext checkpoint ({_CHECKPOINT_FORMAT})")
     state, meta, recorded = (payload.get("state_dict"), payload.get("meta"),

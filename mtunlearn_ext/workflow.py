@@ -24,10 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -318,22 +316,6 @@ def check_finite_parameters(model: nn.Module, argument: str) -> None:
         raise UserInputError(argument, "finite parameters", f"NaN/Inf in {bad[:5]}")
 
 
-def _checkpoint_reason(error: CheckpointError, path: Path) -> str:
-    """Why a checkpoint cannot be read, in one line. torch's refusal of a file that is no
-    checkpoint (a pickle, a JSON text) spans several lines and advises loading it again with
-    ``weights_only=False``, which runs whatever code the file holds: that advice is dropped, and
-    only its reason (``Unsupported operand 123``, ``Unsupported global: GLOBAL x.Y ...``) kept."""
-    text = str(error)
-    if isinstance(error.__cause__, pickle.UnpicklingError) or "weights_only" in text:
-        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error.__cause__ or text))
-        detail = re.split(r"(?<=\.)\s", found.group(1).strip())[0].rstrip(".") if found else ""
-        return (f"checkpoint {path} is not an mtunlearn checkpoint: torch's safe (weights-only) "
-                f"loader refuses its contents{f' ({detail})' if detail else ''}; only the files "
-                "`mtunlearn train` and `mtunlearn unlearn` write are read")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
                expected_sha256: str | None = None) -> LoadedModel:
     """Read a CLI checkpoint, rebuild its benchmark and model, and check both.
@@ -345,15 +327,10 @@ def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
 
     p = Path(path)
     try:
-        with warnings.catch_warnings():
-            # torch warns about a pickle protocol other than its own before it refuses such a
-            # file: two lines on stderr beside the one-line error.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol",
-                                    category=UserWarning)
-            checkpoint = load_checkpoint(p, expected_sha256=expected_sha256)
+        checkpoint = load_checkpoint(p, expected_sha256=expected_sha256)
     except CheckpointError as error:
         raise UserInputError(argument, "a readable mtunlearn checkpoint", str(p),
-                             _checkpoint_reason(error, p)) from error
+                             str(error)) from error
     bench = benchmark_from_meta(checkpoint.meta, argument)
     model = build_model(bench, seed=int(checkpoint.meta["seed"]))
     try:
