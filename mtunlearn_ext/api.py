@@ -23,6 +23,7 @@ from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec, labelled_rows
+from mtunlearn_ext.data.gathering import gather
 from mtunlearn_ext.data.inputs import (
     Inputs,
     call_with,
@@ -63,7 +64,8 @@ __all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "save
 #: ``inputs`` is ``[N, ...]``, or for a model with several inputs a tuple / list of ``[N, ...]``
 #: tensors (the model is called ``model(*inputs)``) or a dict name -> ``[N, ...]``
 #: (``model(**inputs)``): the first element is the inputs whatever its type, so
-#: ``((ids, mask), targets)`` is unambiguous.
+#: ``((ids, mask), targets)`` is unambiguous. :func:`unlearn` also reads a torch ``Dataset`` or
+#: ``DataLoader`` of instances, through :func:`~mtunlearn_ext.data.gather`.
 DataLike = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
                  tuple[Inputs, Mapping[str, torch.Tensor], torch.Tensor]]
 
@@ -418,6 +420,29 @@ def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> tor
     return labels[supervised]
 
 
+def _read_in(data: object, tasks: object, what: str, op: str = "unlearn") -> object:
+    """A torch ``Dataset`` or ``DataLoader`` given as ``what``, read into memory by
+    :func:`~mtunlearn_ext.data.gather` and passed on as a tuple (its instances named by
+    position, ``0..N-1``, the dataset's indices, as any tuple's); other data as it is."""
+    if isinstance(data, MultiTaskDataset) or not isinstance(
+            data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        return data
+    if isinstance(tasks, Mapping):
+        # Reading labels needs only each task's kind and "no label" value; a task given by
+        # kind has the default one, and its classes are counted on the tuple afterwards, as
+        # for any tuple. The count here is a placeholder no label can exceed.
+        specs = [kind if isinstance(kind, TaskSpec) else TaskSpec(
+            str(name), kind, num_classes=None if kind not in ("classification", "segmentation")
+            else 2**62) for name, kind in tasks.items()]
+    else:
+        specs = list(cast(Iterable[TaskSpec], tasks))
+    try:
+        read = gather(data, specs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: `{what}`: {error}") from None
+    return (read.inputs, read.targets, read.supervision)
+
+
 def _check_data_like(data: object, what: str, op: str = "unlearn") -> None:
     """Refuse, naming ``what``, a ``data`` that is neither a :class:`MultiTaskDataset` nor
     ``(inputs, targets[, supervision])`` with ``targets`` a mapping: ``(ids, mask, targets)``,
@@ -429,9 +454,8 @@ def _check_data_like(data: object, what: str, op: str = "unlearn") -> None:
         if isinstance(data, list) and len(data) in (2, 3):
             hint = f"; got a list: pass it as a tuple, `tuple({what})`"
         elif isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
-            hint = (f"; got a {type(data).__name__}: the data is read in memory, so gather its "
-                    "rows into tensors first: (inputs [N, ...], {task: targets [N, ...]}"
-                    "[, supervision [N, T] bool])")
+            hint = (f"; got a {type(data).__name__}: read it into memory first, "
+                    f"mtunlearn_ext.data.gather({what}, tasks=[TaskSpec(...), ...])")
         raise TypeError(f"{op}: `{what}` must be a MultiTaskDataset or (inputs, targets"
                         f"[, supervision]){hint}")
     if not isinstance(data[1], Mapping):
@@ -908,6 +932,10 @@ def _build_problem(model: nn.Module, *,
     if (train_data is None) == (forget_data is None):
         raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")
+    train_data, forget_data, retain_data, held_out_data = (
+        cast(Any, _read_in(data, tasks, what)) for what, data in (
+            ("train_data", train_data), ("forget_data", forget_data),
+            ("retain_data", retain_data), ("held_out_data", held_out_data)))
     for what, data in (("train_data", train_data), ("forget_data", forget_data),
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
         if data is not None:
@@ -1078,7 +1106,10 @@ def unlearn(model: nn.Module, *,
     ``[N, ...]`` tensor (``model(x)``), or a model's several inputs as a tuple
     (``((ids, mask), targets)``: ``model(ids, mask)``) or a dict (``({"ids": ids, "mask":
     mask}, targets)``: ``model(ids=ids, mask=mask)``) of tensors of any dtypes whose first
-    dimension is the instance (``N`` rows each).
+    dimension is the instance (``N`` rows each). A torch ``Dataset`` or ``DataLoader`` of
+    instances ``(input, {task: label})`` is read into memory first
+    (:func:`~mtunlearn_ext.data.gather`: a missing or ``None`` label is an unsupervised pair)
+    and taken as a tuple: its instances are named by position, a map-style dataset's indices.
 
     Args:
         model: any ``nn.Module`` returning a mapping task -> output (a ``torch.compile``'d
@@ -1166,6 +1197,7 @@ def unlearn(model: nn.Module, *,
     wrapped, forget, retain = problem.model, problem.forget, problem.retain
     audit = None
     if audit_data is not None:
+        audit_data = cast(Any, _read_in(audit_data, problem.tasks, "audit_data"))
         audit = _as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
         problem.check_model_on(audit, "`audit_data`")

@@ -850,9 +850,10 @@ def test_data_given_as_a_list_or_a_torch_dataset_is_refused_with_the_way_out() -
     request = ForgetRequest.create(range(5))
     with pytest.raises(TypeError, match=r"got a list: pass it as a tuple"):
         _problem(train_data=[x, y], forget_request=request)
+    # A loader is read in (tests/test_gathering.py); one of unnamed labels cannot be.
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y["a"]))
-    with pytest.raises(TypeError, match=r"got a DataLoader: the data is read in memory, so "
-                                        r"gather its rows into tensors first"):
+    with pytest.raises(TypeError, match=r"unlearn: `train_data`: gather: the targets of batch 0 "
+                                        r"must be a mapping task -> label, got Tensor"):
         _problem(train_data=loader, forget_request=request)
 
 

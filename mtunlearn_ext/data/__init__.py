@@ -2,6 +2,7 @@
 
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.digits import make_digits
+from mtunlearn_ext.data.gathering import gather
 from mtunlearn_ext.data.indoor import INDOOR_CLASSES, make_indoor
 from mtunlearn_ext.data.libmtl import LayoutError, load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.registry import (
@@ -21,6 +22,7 @@ from mtunlearn_ext.data.street import STREET_CLASSES, make_street
 
 __all__ = ["BENCHMARKS", "INDOOR_CLASSES", "SIZES", "STREET_CLASSES", "UNSEEN_SEED_OFFSET",
            "Benchmark", "ForgetRequest", "LayoutError", "MultiTaskDataset", "TaskSpec",
-           "default_cache_dir", "load_benchmark", "load_cityscapes", "load_nyuv2", "make_digits",
+           "default_cache_dir", "gather", "load_benchmark", "load_cityscapes", "load_nyuv2",
+           "make_digits",
            "make_indoor", "make_street", "read_benchmark", "register_benchmark",
            "registered_benchmarks", "save_benchmark", "unseen_instances"]

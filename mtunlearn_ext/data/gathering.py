@@ -1,0 +1,382 @@
+"""Reading a torch ``Dataset``, a ``DataLoader`` or any iterable of instances into a
+:class:`~mtunlearn_ext.data.MultiTaskDataset`.
+
+The unlearning methods draw minibatches of arbitrary rows at every step, and compare forget,
+retain and held-out rows by id, so they read data held in tensors. Data usually arrives one
+instance at a time instead, with some tasks' labels missing for some instances. :func:`gather`
+reads it once, in order, into one ``[N, ...]`` tensor per input and per task, plus the ``[N, T]``
+supervision mask that says which (instance, task) pairs carry a label.
+
+An instance (an item of the source) is either
+
+* ``(input, targets)``: ``targets`` maps a task name to its label; a task absent from the
+  mapping, or mapped to ``None``, has no label for this instance; or
+* ``{"input": ..., "targets": {...}}``, optionally with ``"supervision"`` (``[T]`` bool, in the
+  order of ``tasks``) and ``"id"``: the layout of a ``MultiTaskDataset``'s own items.
+
+``input`` is a tensor, a tuple or list of tensors, or a dict name -> tensor (a model with several
+inputs, called ``model(*x)`` / ``model(**x)``); NumPy arrays and numbers are converted with
+``torch.as_tensor``, and a tuple or list holding only numbers is one feature vector. Every
+instance must have the same shapes (pad variable-length sequences in the dataset, with a mask
+input and the task's ``ignore_index``): the error names the first instance that differs.
+
+A ``DataLoader``'s batches are collated instances in the same two layouts (the default collate
+function makes them). Its rows are read in its order, so a shuffling loader is refused unless
+its batches carry ``"id"``: positions in a random order name no instance.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+
+from mtunlearn_ext.data.base import (
+    MultiTaskDataset,
+    TaskSpec,
+    labelled_rows,
+    neutral_unsupervised,
+    task_spec_list,
+)
+from mtunlearn_ext.data.inputs import Inputs, cat_rows, describe, named_leaves
+
+__all__ = ["gather"]
+
+
+def _tensor(value: object, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, numbers.Number)):
+        return torch.as_tensor(value)
+    if isinstance(value, (tuple, list)):  # numbers, or nested lists of them
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"gather: {what} must be a tensor, a NumPy array, a number or a "
+                            f"list of numbers; torch.as_tensor refused it: {error}") from None
+    raise TypeError(f"gather: {what} must be a tensor, a NumPy array, a number or a list of "
+                    f"numbers, got {type(value).__name__}")
+
+
+def _input_structure(value: object, what: str) -> Inputs:
+    """One instance's input as tensors, keeping a tuple / list / dict of several inputs."""
+    if isinstance(value, Mapping):
+        return {str(k): _tensor(v, f"{what}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        if value and all(isinstance(v, numbers.Number) for v in value):
+            return torch.as_tensor(value)  # a feature vector, not several scalar inputs
+        parts = [_tensor(v, f"{what}[{i}]") for i, v in enumerate(value)]
+        return parts if isinstance(value, list) else tuple(parts)
+    return _tensor(value, what)
+
+
+class _Instance:
+    """One source row, read into tensors."""
+
+    __slots__ = ("input", "targets", "supervision", "id")
+
+    def __init__(self, input: Inputs, targets: dict[str, torch.Tensor | None],
+                 supervision: torch.Tensor | None, id: int | None) -> None:
+        self.input = input
+        self.targets = targets
+        self.supervision = supervision
+        self.id = id
+
+
+def _unpack(item: object, where: str, names: Sequence[str]) -> tuple[object, Mapping[str, Any],
+                                                                    object, object]:
+    """``(input, targets, supervision or None, id or None)`` of one item or collated batch."""
+    if isinstance(item, Mapping):
+        if "input" not in item or "targets" not in item:
+            raise TypeError(f"gather: {where} is a dict with keys {sorted(map(str, item))}; an "
+                            f"instance as a dict needs 'input' and 'targets' (and optionally "
+                            f"'supervision', 'id'), or give (input, targets) tuples")
+        unknown = set(item) - {"input", "targets", "supervision", "id"}
+        if unknown:
+            raise ValueError(f"gather: {where} has keys {sorted(map(str, unknown))} besides "
+                             f"'input', 'targets', 'supervision' and 'id'")
+        raw_input, targets = item["input"], item["targets"]
+        supervision, identity = item.get("supervision"), item.get("id")
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        raw_input, targets = item
+        supervision = identity = None
+    else:
+        got = (f"a {type(item).__name__} of {len(item)}" if isinstance(item, (tuple, list))
+               else type(item).__name__)
+        raise TypeError(f"gather: {where} must be (input, {{task: label}}) or a dict with "
+                        f"'input' and 'targets', got {got}")
+    if not isinstance(targets, Mapping):
+        raise TypeError(f"gather: the targets of {where} must be a mapping task -> label, got "
+                        f"{type(targets).__name__}")
+    unknown_tasks = [str(k) for k in targets if k not in names]
+    if unknown_tasks:
+        raise ValueError(f"gather: {where} has labels of unknown tasks {unknown_tasks}; `tasks` "
+                         f"names {list(names)}")
+    return raw_input, targets, supervision, identity
+
+
+def _instance(item: object, index: int, names: Sequence[str]) -> _Instance:
+    where = f"instance {index}"
+    raw_input, targets, supervision, identity = _unpack(item, where, names)
+    mask = None
+    if supervision is not None:
+        mask = _tensor(supervision, f"the supervision of {where}")
+        if mask.dtype != torch.bool or mask.shape != (len(names),):
+            raise ValueError(f"gather: the supervision of {where} must be bool [{len(names)}] "
+                             f"(one per task of `tasks`), got {mask.dtype} {tuple(mask.shape)}")
+    return _Instance(_input_structure(raw_input, f"the input of {where}"),
+                     {name: None if targets.get(name) is None
+                      else _tensor(targets[name], f"the {name!r} label of {where}")
+                      for name in names},
+                     mask, None if identity is None else _integer_id(identity, where))
+
+
+def _integer_id(value: object, where: str) -> int:
+    tensor = _tensor(value, f"the id of {where}")
+    if tensor.numel() != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool:
+        raise ValueError(f"gather: the id of {where} must be one integer, got {value!r:.60}")
+    return int(tensor.item())
+
+
+def _stack(values: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+    first = values[0]
+    for index, value in enumerate(values):
+        if value.shape != first.shape:
+            raise ValueError(f"gather: {what} has shape {tuple(value.shape)} in instance "
+                             f"{index} but {tuple(first.shape)} in instance 0; every instance "
+                             f"needs the same shape (pad sequences to one length, with a mask "
+                             f"input and the task's ignore_index)")
+    return torch.stack(list(values))
+
+
+def _stack_inputs(instances: Sequence[_Instance]) -> Inputs:
+    first = instances[0].input
+    paths = [path for path, _ in named_leaves(first)]
+    columns: list[list[torch.Tensor]] = [[] for _ in paths]
+    for index, instance in enumerate(instances):
+        leaves = named_leaves(instance.input)
+        if ([p for p, _ in leaves] != paths
+                or type(instance.input) is not type(first)):
+            raise ValueError(f"gather: the input of instance {index} is {describe(instance.input)}"
+                             f", instance 0's is {describe(first)}: every instance needs the "
+                             f"same structure")
+        for column, (_, leaf) in zip(columns, leaves):
+            column.append(leaf)
+    stacked = [_stack(column, f"the input{path}") for path, column in zip(paths, columns)]
+    if isinstance(first, torch.Tensor):
+        return stacked[0]
+    if isinstance(first, Mapping):
+        return dict(zip(first, stacked))
+    return stacked if isinstance(first, list) else tuple(stacked)
+
+
+def _task_column(spec: TaskSpec, instances: Sequence[_Instance], column: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's ``[N, ...]`` targets (the kind's "no label" value on unlabelled rows) and
+    ``[N]`` bool: rows with a label that the instance's own supervision, if any, keeps."""
+    values = [instance.targets[spec.name] for instance in instances]
+    given = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    labelled = [v for v in values if v is not None]
+    if not labelled:
+        raise ValueError(f"gather: no instance has a label of task {spec.name!r}; a task "
+                         f"without labels cannot be read (leave it out of `tasks`)")
+    shapes = {tuple(v.shape) for v in labelled}
+    if len(shapes) > 1:
+        index, odd = next((i, v) for i, v in enumerate(values) if v is not None
+                          and tuple(v.shape) != tuple(labelled[0].shape))
+        raise ValueError(f"gather: the {spec.name!r} label has shape {tuple(odd.shape)} "
+                         f"in instance {index} but {tuple(labelled[0].shape)} in the first "
+                         f"labelled instance; every instance needs the same shape (pad "
+                         f"sequences to one length, with the task's ignore_index)")
+    filler = torch.zeros_like(labelled[0])
+    target = torch.stack([filler if v is None else v for v in values])
+    target = neutral_unsupervised(spec, target, given)
+    supervised = given & labelled_rows(spec, target).cpu()
+    own = [instance.supervision for instance in instances]
+    if any(mask is not None for mask in own):
+        if any(mask is None for mask in own):
+            raise ValueError("gather: some instances carry 'supervision' and others do not")
+        supervised &= torch.stack([mask[column] for mask in own if mask is not None]).cpu()
+    return target, supervised
+
+
+_SHUFFLED = ("gather: the DataLoader shuffles (its sampler is not sequential), so the "
+             "position of a row names no instance: pass the dataset itself, a loader with "
+             "shuffle=False, `ids` in the loader's order, or items with an 'id'")
+
+
+def _ids(own: Sequence[object], ids: object, ordered: bool, what: str) -> object:
+    """The ids to give the rows: ``ids``, else the ones the source carries (``own``, one per
+    instance or batch), else ``None`` (positions), which only an ordered source may use."""
+    carried = [i is not None for i in own]
+    if ids is not None:
+        if any(carried):
+            raise ValueError(f"gather: the {what} carry their own 'id'; do not pass `ids` too")
+        return ids
+    if own and all(carried):
+        return own
+    if any(carried):
+        raise ValueError(f"gather: some {what} carry an 'id' and others do not")
+    if not ordered:
+        raise ValueError(_SHUFFLED)
+    return None  # positions 0..N-1, the dataset's own indices
+
+
+def _in_order(loader: DataLoader[Any]) -> bool:
+    """Whether ``loader`` reads its dataset in the dataset's own order."""
+    if isinstance(loader.dataset, IterableDataset):
+        return loader.num_workers == 0  # workers interleave their shares of the stream
+    sampler = loader.sampler if loader.batch_sampler is None else getattr(
+        loader.batch_sampler, "sampler", None)
+    return isinstance(sampler, SequentialSampler)
+
+
+def _batch(batch: object, index: int, names: Sequence[str]) -> _Instance:
+    """A collated batch, its rows still stacked."""
+    raw_input, targets, supervision, identity = _unpack(batch, f"batch {index}", names)
+    return _Instance(_input_structure(raw_input, f"the input of batch {index}"),
+                     {name: None if targets.get(name) is None
+                      else _tensor(targets[name], f"the {name!r} labels of batch {index}")
+                      for name in names},
+                     None if supervision is None else _tensor(supervision, "supervision"),
+                     None if identity is None else identity)  # type: ignore[arg-type]
+
+
+def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: object
+                    ) -> MultiTaskDataset:
+    names = [spec.name for spec in specs]
+    if loader.drop_last:
+        raise ValueError("gather: the DataLoader drops its last incomplete batch "
+                         "(drop_last=True): those instances would be missing")
+    batches = [_batch(batch, i, names) for i, batch in enumerate(_loaded(loader))]
+    if not batches:
+        raise ValueError("gather: the DataLoader gave no batch")
+    inputs = cat_rows([b.input for b in batches])
+    rows = [int(next(iter(named_leaves(b.input)))[1].shape[0]) for b in batches]
+    targets: dict[str, torch.Tensor] = {}
+    columns = []
+    for column, spec in enumerate(specs):
+        parts = []
+        for i, (b, n) in enumerate(zip(batches, rows)):
+            value = b.targets[spec.name]
+            if value is None or value.shape[:1] != (n,):
+                raise ValueError(f"gather: batch {i} holds {n} instances but its {spec.name!r} "
+                                 f"labels are {'missing' if value is None else tuple(value.shape)}"
+                                 f"; a collated batch needs every task's labels, one row per "
+                                 f"instance (unlabelled pairs marked by 'supervision')")
+            parts.append(value)
+        target = torch.cat(parts)
+        supervised = labelled_rows(spec, target).cpu()
+        masks = [b.supervision for b in batches]
+        if any(m is not None for m in masks):
+            if any(m is None for m in masks):
+                raise ValueError("gather: some batches carry 'supervision' and others do not")
+            mask = torch.cat([m for m in masks if m is not None])
+            if mask.dtype != torch.bool or mask.shape != (len(target), len(specs)):
+                raise ValueError(f"gather: the batches' supervision must be bool [B, "
+                                 f"{len(specs)}], got {mask.dtype} {tuple(mask.shape)}")
+            supervised &= mask[:, column].cpu()
+        targets[spec.name] = target
+        columns.append(supervised)
+    row_ids = _ids([b.id for b in batches], ids, _in_order(loader), "batches")
+    if ids is None and row_ids is not None:  # the batches' own: one tensor of ids per batch
+        row_ids = torch.cat([_tensor(i, "the ids of a batch").reshape(-1)
+                             for i in row_ids])  # type: ignore[attr-defined]
+    return MultiTaskDataset(inputs, targets, specs, row_ids,  # type: ignore[arg-type]
+                            torch.stack(columns, dim=1))
+
+
+def _loaded(loader: DataLoader[Any]) -> Iterator[object]:
+    """The loader's batches. A loader fails to collate instances with a missing label (the
+    default collate function cannot batch ``None``) or of different shapes: such an error
+    comes back with that reason and the way round it."""
+    iterator = iter(loader)
+    index = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (TypeError, RuntimeError) as error:
+            raise TypeError(f"gather: the DataLoader could not make batch {index} ({error}); "
+                            f"a collate function cannot batch instances with a missing (None) "
+                            f"label or of different shapes: pass the dataset itself, which "
+                            f"gather reads one instance at a time") from error
+        yield batch
+        index += 1
+
+
+def _as_list(items: list[object]) -> list[object]:
+    return items
+
+
+def _items(source: object, num_workers: int, batch_size: int) -> Iterator[object]:
+    if num_workers == 0:
+        if isinstance(source, Dataset) and not isinstance(source, IterableDataset) \
+                and hasattr(source, "__len__"):
+            return (source[i] for i in range(len(source)))
+        return iter(source)  # type: ignore[call-overload]
+    if isinstance(source, IterableDataset) or not hasattr(source, "__getitem__") \
+            or not hasattr(source, "__len__"):
+        raise ValueError("gather: `num_workers` > 0 needs a map-style Dataset (with __len__ and "
+                         "__getitem__); workers would each read a whole iterable")
+    loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers,  # type: ignore
+                        collate_fn=_as_list)
+    return (item for batch in loader for item in batch)
+
+
+def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
+           tasks: Sequence[TaskSpec], *, ids: Sequence[int] | torch.Tensor | None = None,
+           num_workers: int = 0, batch_size: int = 64) -> MultiTaskDataset:
+    """Read ``source`` into a :class:`MultiTaskDataset` (the module docstring gives the layouts).
+
+    Args:
+        source: a map-style ``Dataset`` (read at indices ``0..len - 1``), an ``IterableDataset``
+            or any iterable of instances (read in order), or a ``DataLoader`` of collated
+            batches (read in its order; ``drop_last`` refused).
+        tasks: the task specs, in column order; every label key of an instance must be one.
+        ids: the instances' ids, one per row in the order read. Default: the instances' own
+            ``"id"`` when they carry one, else their positions ``0..N-1``, which for a map-style
+            dataset are its indices, so ``ForgetRequest(ids=[17])`` forgets ``source[17]``.
+        num_workers: worker processes reading a map-style dataset (a ``DataLoader`` that keeps
+            the order); 0 reads in this process.
+        batch_size: instances per worker task when ``num_workers`` > 0.
+
+    Returns:
+        the data set: a pair is supervised when the instance gives its label (not ``None``),
+        the label is not the kind's "no label" value (``ignore_index``; a dense map without a
+        labelled pixel) and, when instances carry ``"supervision"``, that mask keeps it.
+    """
+    specs = task_spec_list(tasks, "gather: `tasks` must be a sequence of TaskSpec (one per "
+                                  "task, in column order)")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"gather: `num_workers` must be an integer >= 0, got {num_workers!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"gather: `batch_size` must be an integer >= 1, got {batch_size!r}")
+    ordered = True
+    if isinstance(source, DataLoader):
+        if source.batch_size is not None:
+            return _gather_batches(source, specs, ids)
+        ordered = _in_order(source)  # no automatic batching: the loader yields instances
+    if isinstance(source, (torch.Tensor, str, bytes)) or not (
+            isinstance(source, Iterable) or hasattr(source, "__getitem__")):
+        raise TypeError(f"gather: `source` must be a Dataset, a DataLoader or an iterable of "
+                        f"instances, got {type(source).__name__}")
+    names = [spec.name for spec in specs]
+    instances = [_instance(item, index, names)
+                 for index, item in enumerate(_items(source, num_workers, batch_size))]
+    if not instances:
+        raise ValueError("gather: `source` holds no instance")
+    inputs = _stack_inputs(instances)
+    targets: dict[str, torch.Tensor] = {}
+    supervision = []
+    for column, spec in enumerate(specs):
+        targets[spec.name], supervised = _task_column(spec, instances, column)
+        supervision.append(supervised)
+    row_ids = _ids([instance.id for instance in instances], ids, ordered, "instances")
+    return MultiTaskDataset(inputs, targets, specs, row_ids,  # type: ignore[arg-type]
+                            torch.stack(supervision, dim=1))

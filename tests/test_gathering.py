@@ -1,0 +1,320 @@
+"""``mtunlearn_ext.data.gather``: a torch Dataset, DataLoader or iterable of instances read into a
+``MultiTaskDataset`` (labels missing or ``None`` as unsupervised pairs, ids by position or the
+instances' own), and ``unlearn`` taking such data directly with the same result as the tensors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+import mtunlearn_ext
+from mtunlearn_ext.data import ForgetRequest, MultiTaskDataset, TaskSpec, gather
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPECS = [TaskSpec("topic", "classification", num_classes=3), TaskSpec("score", "regression")]
+N = 40
+
+
+def _tensors(n: int = N, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    return x, {"topic": torch.randint(0, 3, (n,), generator=g),
+               "score": torch.randn(n, 1, generator=g)}
+
+
+def _unlabelled(i: int) -> bool:
+    """Instances without a topic label in the datasets below."""
+    return i % 7 == 3
+
+
+class _Instances(Dataset):
+    """A user's map-style dataset: ``(x, {task: label})``, the topic label ``None`` on some
+    instances and absent from the mapping on others."""
+
+    def __init__(self, x: torch.Tensor, y: dict[str, torch.Tensor]) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, object]]:
+        labels: dict[str, object] = {"score": self.y["score"][i]}
+        if not _unlabelled(i):
+            labels["topic"] = int(self.y["topic"][i])
+        elif i % 2:
+            labels["topic"] = None
+        return self.x[i], labels
+
+
+def _expected(x: torch.Tensor, y: dict[str, torch.Tensor]) -> MultiTaskDataset:
+    supervision = torch.ones(len(x), 2, dtype=torch.bool)
+    supervision[[i for i in range(len(x)) if _unlabelled(i)], 0] = False
+    topic = y["topic"].clone()
+    topic[~supervision[:, 0]] = SPECS[0].ignore_index
+    return MultiTaskDataset(x, {"topic": topic, "score": y["score"]}, SPECS,
+                            supervision=supervision)
+
+
+def _assert_same(a: MultiTaskDataset, b: MultiTaskDataset) -> None:
+    assert a.task_names == b.task_names
+    assert torch.equal(a.ids, b.ids)
+    assert torch.equal(a.supervision, b.supervision)
+    for name in a.task_names:
+        assert a.targets[name].dtype == b.targets[name].dtype, name
+        assert torch.equal(a.targets[name], b.targets[name]), name
+    if isinstance(a.inputs, torch.Tensor):
+        assert torch.equal(a.inputs, b.inputs)  # type: ignore[arg-type]
+    else:
+        assert type(a.inputs) is type(b.inputs)
+        left = a.inputs.values() if isinstance(a.inputs, dict) else a.inputs
+        right = b.inputs.values() if isinstance(b.inputs, dict) else b.inputs  # type: ignore
+        for u, v in zip(left, right):  # type: ignore[call-overload]
+            assert torch.equal(u, v)
+
+
+def test_a_map_style_dataset_reads_missing_labels_as_unsupervised_pairs() -> None:
+    x, y = _tensors()
+    read = gather(_Instances(x, y), SPECS)
+    _assert_same(read, _expected(x, y))
+    assert torch.equal(read.ids, torch.arange(N))  # the dataset's indices
+    assert int((~read.supervision[:, 0]).sum()) == sum(_unlabelled(i) for i in range(N)) > 0
+
+
+def test_a_label_written_as_no_label_is_no_pair() -> None:
+    # -1 (the task's ignore_index) given as the label: the same as no label, as for tensors.
+    items = [(torch.zeros(2), {"topic": -1 if i == 1 else 2, "score": [0.5]}) for i in range(3)]
+    read = gather(items, SPECS)
+    assert read.supervision[:, 0].tolist() == [True, False, True]
+    assert read.supervision[:, 1].all()
+
+
+def test_a_multitaskdataset_round_trips_with_its_ids_and_mask() -> None:
+    x, y = _tensors()
+    mask = torch.rand(N, 2, generator=torch.Generator().manual_seed(1)) > 0.3
+    original = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) * 5 + 100, supervision=mask)
+    read = gather(original, SPECS)
+    assert torch.equal(read.ids, original.ids)
+    assert torch.equal(read.supervision, mask)
+    assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
+    # Unsupervised pairs come back as the "no label" value the items carry.
+    assert torch.equal(read.targets["topic"][mask[:, 0]], y["topic"][mask[:, 0]])
+    assert (read.targets["topic"][~mask[:, 0]] == -1).all()
+
+
+@pytest.mark.parametrize("structure", ["tuple", "list", "dict"])
+def test_several_inputs_keep_their_structure(structure: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (6, 4), generator=g)
+    mask = torch.rand(6, 4, generator=g) > 0.5
+    pair = {"tuple": (ids, mask), "list": [ids, mask], "dict": {"ids": ids, "mask": mask}}[structure]
+    items = []
+    for i in range(6):
+        one = ({k: v[i] for k, v in pair.items()} if isinstance(pair, dict)
+               else type(pair)(v[i] for v in pair))
+        items.append((one, {"topic": i % 3, "score": torch.tensor([float(i)])}))
+    read = gather(items, SPECS)
+    _assert_same(read, MultiTaskDataset(pair, {"topic": torch.arange(6) % 3,  # type: ignore
+                                               "score": torch.arange(6.0).reshape(6, 1)}, SPECS))
+
+
+def test_numpy_values_and_number_lists_become_tensors() -> None:
+    items = [(np.array([1.0, 2.0]), {"topic": np.int64(i % 3), "score": [float(i)]})
+             for i in range(4)]
+    items.append(([3.0, 4.0], {"topic": 1, "score": np.array([4.0])}))  # a feature list
+    read = gather(items, SPECS)
+    assert read.inputs.shape == (5, 2)  # type: ignore[union-attr]
+    assert read.targets["topic"].tolist() == [0, 1, 2, 0, 1]
+    assert read.targets["score"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_dict_items_carry_their_own_supervision_and_ids() -> None:
+    items = [{"input": torch.full((2,), float(i)), "targets": {"topic": 1, "score": [0.0]},
+              "supervision": torch.tensor([i != 2, True]), "id": 10 * i} for i in range(4)]
+    read = gather(items, SPECS)
+    assert read.ids.tolist() == [0, 10, 20, 30]
+    assert read.supervision[:, 0].tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match="carry their own 'id'; do not pass `ids`"):
+        gather(items, SPECS, ids=[1, 2, 3, 4])
+    items[1].pop("id")
+    with pytest.raises(ValueError, match="some instances carry an 'id' and others do not"):
+        gather(items, SPECS)
+
+
+def test_explicit_ids_name_the_rows() -> None:
+    x, y = _tensors(6)
+    read = gather(_Instances(x, y), SPECS, ids=[5, 4, 3, 2, 1, 0])
+    assert read.ids.tolist() == [5, 4, 3, 2, 1, 0]
+
+
+def test_an_iterable_and_a_generator_read_in_order() -> None:
+    x, y = _tensors()
+
+    class Stream(IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            data = _Instances(x, y)
+            return (data[i] for i in range(len(data)))
+
+    _assert_same(gather(Stream(), SPECS), _expected(x, y))
+    data = _Instances(x, y)
+    _assert_same(gather((data[i] for i in range(N)), SPECS), _expected(x, y))
+
+
+def test_workers_read_the_same_rows_in_the_same_order() -> None:
+    x, y = _tensors()
+    _assert_same(gather(_Instances(x, y), SPECS, num_workers=2, batch_size=3), _expected(x, y))
+    with pytest.raises(ValueError, match="needs a map-style Dataset"):
+        gather(iter([]), SPECS, num_workers=1)
+
+
+def test_a_loader_of_collated_batches_reads_in_its_order() -> None:
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS)
+    _assert_same(gather(DataLoader(data, batch_size=7), SPECS), data)
+    # A (input, targets) loader, as a training loop's, with a partial last batch.
+    pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
+    _assert_same(gather(DataLoader(pairs, batch_size=16), SPECS), data)  # type: ignore
+
+
+def test_a_shuffling_loader_needs_ids() -> None:
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) + 1000)
+    loader = DataLoader(data, batch_size=8, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    read = gather(loader, SPECS)  # the items carry "id": rows found by id whatever the order
+    order = torch.argsort(read.ids)
+    _assert_same(read.subset(order), data)
+    assert not torch.equal(read.ids, data.ids)  # it did shuffle
+    pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
+    with pytest.raises(ValueError, match="shuffles .* names no instance"):
+        gather(DataLoader(pairs, batch_size=8, shuffle=True), SPECS)  # type: ignore
+    with pytest.raises(ValueError, match="shuffles"):
+        gather(DataLoader(_Instances(x, y), batch_size=None, shuffle=True), SPECS)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        gather(DataLoader(data, batch_size=8, drop_last=True), SPECS)
+
+
+def test_a_loader_that_cannot_collate_missing_labels_says_why() -> None:
+    x, y = _tensors()
+    with pytest.raises(TypeError, match=r"could not make batch 0 .*None.*pass the dataset itself"):
+        gather(DataLoader(_Instances(x, y), batch_size=4), SPECS)
+
+
+@pytest.mark.parametrize("items, message", [
+    ([(torch.zeros(2), {"topc": 1})], r"instance 0 has labels of unknown tasks \['topc'\]"),
+    ([(torch.zeros(2), {"topic": 1}), (torch.zeros(3), {"topic": 1})],
+     r"the input has shape \(3,\) in instance 1 but \(2,\) in instance 0.*pad"),
+    ([(torch.zeros(2), {"topic": torch.zeros(2, dtype=torch.long)}),
+      (torch.zeros(2), {"topic": torch.zeros(3, dtype=torch.long)})],
+     r"'topic' label has shape \(3,\) in instance 1"),
+    ([(torch.zeros(2), {"score": [1.0]})], "no instance has a label of task 'topic'"),
+    ([], "holds no instance"),
+    ([torch.zeros(2)], r"instance 0 must be \(input, \{task: label\}\)"),
+    ([(torch.zeros(2), [1, 2])], "the targets of instance 0 must be a mapping"),
+    ([{"x": torch.zeros(2)}], "needs 'input' and 'targets'"),
+    ([{"input": torch.zeros(2), "targets": {"topic": 1}, "weight": 1.0}],
+     r"keys \['weight'\] besides"),
+    ([{"input": torch.zeros(2), "targets": {"topic": 1}, "supervision": torch.ones(3).bool()}],
+     r"supervision of instance 0 must be bool \[2\]"),
+    ([{"input": torch.zeros(2), "targets": {"topic": 1, "score": [0.0]}, "id": 1.5}],
+     "the id of instance 0 must be one integer"),
+    ([(torch.zeros(2), {"topic": "cat"})], "'topic' label of instance 0 must be a tensor"),
+])
+def test_bad_instances_are_refused_naming_what_and_where(items: list[object],
+                                                          message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        gather(items, SPECS)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="`source` must be a Dataset"):
+        gather(torch.zeros(3, 2), SPECS)
+    with pytest.raises(TypeError, match="`tasks` must be a sequence of TaskSpec"):
+        gather([(torch.zeros(2), {"topic": 1})], ["topic"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="`num_workers` must be an integer >= 0"):
+        gather([], SPECS, num_workers=-1)
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
+        gather([], SPECS, batch_size=0)
+
+
+# -- unlearn on a Dataset -------------------------------------------------------------------------
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
+        self.heads = nn.ModuleDict({"topic": nn.Linear(16, 3), "score": nn.Linear(16, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in model.state_dict().values()]
+
+
+@pytest.mark.parametrize("tasks", ["specs", "kinds"])
+def test_unlearn_on_a_dataset_equals_unlearn_on_its_tensors(tasks: str) -> None:
+    x, y = _tensors()
+    expected = _expected(x, y)
+    given = (SPECS if tasks == "specs"
+             else {"topic": "classification", "score": "regression"})
+    common = dict(forget_request=ForgetRequest.create([1, 2, 5], target_tasks=["topic"]),
+                  shared_parameters=lambda name: name.startswith("trunk"),
+                  config={"steps": 3})
+    model = _TwoHeads()
+    from_tensors, report = mtunlearn_ext.unlearn(
+        model, tasks=given, train_data=(expected.inputs, expected.targets, expected.supervision),
+        **common)  # type: ignore[arg-type]
+    from_dataset, report_d = mtunlearn_ext.unlearn(model, tasks=given,
+                                                   train_data=_Instances(x, y),
+                                                   **common)  # type: ignore[arg-type]
+    from_loader, _ = mtunlearn_ext.unlearn(model, tasks=given,  # no automatic batching
+                                           train_data=DataLoader(_Instances(x, y),
+                                                                 batch_size=None),
+                                           **common)  # type: ignore[arg-type]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(from_tensors), _weights(from_dataset)))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(from_tensors), _weights(from_loader)))
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(from_dataset)))
+    assert report.extra["summary"] == report_d.extra["summary"]
+
+
+def test_unlearn_held_out_and_audit_datasets_are_not_matched_by_position() -> None:
+    # Every dataset's positions are 0..N-1: were they compared as ids, held-out data would
+    # "overlap" the training data. They are compared by content, as tuples are.
+    x, y = _tensors()
+    unseen_x, unseen_y = _tensors(24, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # held-out data unused by the defaults
+        _, report = mtunlearn_ext.unlearn(
+            _TwoHeads(), tasks=SPECS, train_data=_Instances(x, y),
+            forget_request=ForgetRequest.create([1, 2, 5]),
+            held_out_data=_Instances(unseen_x[:12], {t: v[:12] for t, v in unseen_y.items()}),
+            audit_data=_Instances(unseen_x[12:], {t: v[12:] for t, v in unseen_y.items()}),
+            shared_parameters=lambda name: name.startswith("trunk"), config={"steps": 2})
+    assert "forget_mia_auc_after" in report.extra["summary"]
+    # A training instance among them is still found (by its inputs and labels).
+    with pytest.raises(ValueError, match="held_out_data"):
+        mtunlearn_ext.unlearn(
+            _TwoHeads(), tasks=SPECS, train_data=_Instances(x, y),
+            forget_request=ForgetRequest.create([1]),
+            held_out_data=_Instances(x[:12], {t: v[:12] for t, v in y.items()}),
+            shared_parameters=lambda name: name.startswith("trunk"), config={"steps": 1})
+
+
+def test_unlearn_names_the_argument_a_bad_dataset_came_as() -> None:
+    x, y = _tensors()
+    with pytest.raises(ValueError, match=r"unlearn: `retain_data`: gather: .*unknown tasks"):
+        mtunlearn_ext.unlearn(
+            _TwoHeads(), tasks=SPECS, forget_data=(x[:3], {"topic": y["topic"][:3]}),
+            retain_data=DataLoader([(x[i], {"topc": 1}) for i in range(5)],  # type: ignore
+                                   batch_size=None),
+            shared_parameters=lambda name: name.startswith("trunk"))
