@@ -11,12 +11,13 @@ from mtunlearn_ext import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ForgetRequest", "__version__", "build_info", "has_extension", "ops",
+__all__ = ["ForgetRequest", "__version__", "build_info", "evaluate", "has_extension", "ops",
            "save_unlearned", "uis_floor", "unlearn", "verify_saved"]
 
 # The unlearning API pulls in data, models and every method; it is loaded on first use so that
 # ``import mtunlearn_ext`` (and ``mtunlearn_ext.ops``) stays as light as before.
 _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
+         "evaluate": ("mtunlearn_ext.api", "evaluate"),
          "save_unlearned": ("mtunlearn_ext.api", "save_unlearned"),
          "uis_floor": ("mtunlearn_ext.api", "uis_floor"),
          "verify_saved": ("mtunlearn_ext.api", "verify_saved"),

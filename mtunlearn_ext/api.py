@@ -36,6 +36,8 @@ from mtunlearn_ext.data.inputs import (
 )
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.metrics.evaluate import check_positive_int
+from mtunlearn_ext.metrics.evaluate import evaluate as evaluate_metrics
 from mtunlearn_ext.metrics.membership import membership_attack
 from mtunlearn_ext.metrics.scores import Scores
 from mtunlearn_ext.metrics.uis_floor import WHAT_EACH_SPLIT_IS, UISFloor
@@ -53,8 +55,8 @@ from mtunlearn_ext.unlearning import (
     get_unlearner,
 )
 
-__all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "save_unlearned",
-           "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
+__all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "evaluate",
+           "save_unlearned", "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
 #: supervision)`` with ``targets`` task -> ``[N, ...]`` and ``supervision`` ``[N, T]`` bool in
@@ -500,6 +502,15 @@ def _as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
         raise KeyError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
                        f"are {names}")
     supervision = data[2] if len(data) == 3 else None
+    given_order = [t for t in targets if t in names]
+    if supervision is not None and given_order != [t for t in names if t in targets]:
+        # The mask's columns follow `tasks`; targets written in another order leave it unclear
+        # which order the mask was built in, and a mask built in the targets' order would
+        # silently supervise the wrong pairs.
+        raise ValueError(f"{op}: `{what}` has targets in the order {given_order} but `tasks` "
+                         f"in the order {[t for t in names if t in targets]}; its supervision "
+                         f"mask's columns follow `tasks`: write the targets (and the mask's "
+                         f"columns) in the order of `tasks`")
     full_targets: dict[str, torch.Tensor] = {}
     columns = []
     for spec in specs:
@@ -634,7 +645,8 @@ class _Trained:
 
 
 def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
-                  trained: Sequence[_Trained]) -> None:
+                  trained: Sequence[_Trained], *, against: str = "the training set",
+                  must: str = "hold instances the model was never trained on") -> None:
     """Refuse ``data`` (``held_out_data`` or ``audit_data``, named ``what``) when it holds a
     training instance. Two data sets with ids of their caller's are compared by id; where
     either side's ids were made by :func:`unlearn` (data given as a tuple) ids say nothing, so
@@ -648,9 +660,8 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                 known.update(part.data.ids[part.rows].tolist())
         shared = sorted(known.intersection(data.ids.tolist()))
         if shared:
-            raise ValueError(f"unlearn: `{what}` shares {len(shared)} instance ids with the "
-                             f"training set (first: {shared[:5]}); it must hold instances the "
-                             "model was never trained on")
+            raise ValueError(f"unlearn: `{what}` shares {len(shared)} instance ids with "
+                             f"{against} (first: {shared[:5]}); it must {must}")
     for part in trained:
         if own_ids and part.own_ids:
             continue
@@ -667,8 +678,8 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
             raise ValueError(
                 f"unlearn: `{what}` row {row} has the same inputs as `{part.label}` row "
                 f"{train_row}, and the same labels ({len(equal)} row{'s' if len(equal) != 1 else ''} "
-                f"of `{what}` equal training pairs){made}; it must hold instances the model was "
-                f"never trained on")
+                f"of `{what}` equal {'training ' if against == 'the training set' else ''}"
+                f"pairs){made}; it must {must}")
 
 
 def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
@@ -815,7 +826,10 @@ def build_problem(model: nn.Module, *,
     :func:`~mtunlearn_ext.unlearning.interference.interference_matrix` (forget/retain gradient
     cosines before and after the projections) or several methods on one request
     (``get_unlearner(name, settings).unlearn(problem)``). The problem's model wraps ``model``
-    (its parameters, not a copy) with the shared/head split; methods never modify it. Data
+    (its parameters, not a copy) with the shared/head split; methods never modify it. A
+    method's result model is such a wrapper too (its forward takes ``(inputs, task_names)``):
+    your module is its ``.module`` (what :func:`unlearn` returns), unless ``model`` was a
+    :class:`~mtunlearn_ext.models.MultiTaskModel`, which is used as it is. Data
     given as tuples may hold several inputs per instance (see :data:`DataLike`): the problem's
     data sets keep them as a tuple or dict, and its model unpacks them into ``model``.
 
@@ -1203,7 +1217,19 @@ def unlearn(model: nn.Module, *,
         problem.check_model_on(audit, "`audit_data`")
         # A data set's ids against the training data sets' ids; tuple data (ids of its own,
         # 0..N-1) and training data given as tuples: by equal inputs and labels.
-        _check_unseen(audit, "audit_data", isinstance(audit_data, MultiTaskDataset), trained)
+        own_audit = isinstance(audit_data, MultiTaskDataset)
+        _check_unseen(audit, "audit_data", own_audit, trained)
+        if problem.held_out is not None and len(problem.held_out):
+            # The forget caps are measured on the held-out instances: an audit on them would
+            # compare the forget set with the very losses it was steered to.
+            _check_unseen(audit, "audit_data", own_audit,
+                          [_Trained("held_out_data", problem.held_out,
+                                    torch.arange(len(problem.held_out)),
+                                    isinstance(held_out_data, MultiTaskDataset)
+                                    and torch.equal(problem.held_out.ids, held_out_data.ids))],
+                          against="`held_out_data`",
+                          must="be distinct from `held_out_data` (the instances the forget "
+                               "caps may be measured on)")
         target_columns = [audit.task_index(t) for t in problem.target_tasks]
         labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
         if labelled < 8:
@@ -1237,6 +1263,7 @@ def unlearn(model: nn.Module, *,
         for key in audit_before:
             result.report.extra["summary"][f"{key}_before"] = audit_before[key]
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]
+    _name_the_request_ids(result.report, train_data, forget_data, len(forget))
     if held_out_data is not None:
         unused = _held_out_unused(unlearner, result.report)
         if unused is not None:
@@ -1250,6 +1277,26 @@ def unlearn(model: nn.Module, *,
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
+
+
+def _name_the_request_ids(report: UnlearningReport, train_data: object, forget_data: object,
+                          num_forget: int) -> None:
+    """Say in the report's request what its ``ids_sha256`` hashes, in the caller's terms. With
+    ``forget_data`` given as a tuple (or a torch dataset) the problem names the forget rows by
+    ids :func:`unlearn` made (past the retain rows', or a linked retain row's): the hash is
+    then of the rows' positions in ``forget_data``, ``0..n-1``, which the caller can name."""
+    if forget_data is None:
+        own = isinstance(train_data, MultiTaskDataset)
+        report.request["ids_named_by"] = ("the ids of `train_data`" if own
+                                          else "row positions in `train_data`")
+        return
+    if isinstance(forget_data, MultiTaskDataset):
+        ids = forget_data.ids.tolist()
+        report.request["ids_named_by"] = "the ids of `forget_data`"
+    else:
+        ids = list(range(num_forget))
+        report.request["ids_named_by"] = "row positions in `forget_data`"
+    report.request["ids_sha256"] = ForgetRequest.create(ids).ids_hash()
 
 
 def _non_finite_parameters(model: nn.Module) -> list[str]:
@@ -1307,7 +1354,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     link): an existing file is never replaced, a reader never sees a partial one, and the
     record, written last, marks a complete save (if it cannot be written the checkpoint is
     removed again). The record holds the request as :func:`unlearn` reported it (pair counts,
-    target tasks, the SHA-256 of the sorted instance ids, not the ids themselves), the method
+    target tasks, the SHA-256 of the sorted instance ids, not the ids themselves, and
+    ``ids_named_by``: the ids of ``train_data`` / ``forget_data`` when it is a data set, else
+    row positions in it), the method
     and its settings, the summary (losses before and after; the membership-inference audit
     when ``audit_data`` was given), steps and wall time, the code version, the checkpoint
     file's SHA-256, and :func:`state_dict_sha256` of the unlearned model and, when
@@ -1382,9 +1431,9 @@ def verify_saved(record: str | os.PathLike[str], *,
     else beside the record) against ``checkpoint.sha256``, hashes its weights against ``model_state_sha256``, and, when given, the unlearned
     ``model`` in memory against the same hash, the ``original`` model against
     ``original_state_sha256`` and ``forget_ids`` against the request's ``ids_sha256`` (the
-    record keeps the ids' hash, not the ids). The model and data are the caller's, so no
-    metric is re-measured: evaluate them with your own code (or the harness's
-    :func:`mtunlearn_ext.metrics.evaluate`). Raises ``ValueError`` for a file that is not such
+    record keeps the ids' hash, not the ids; the request's ``ids_named_by`` says which ids).
+    The model and data are the caller's, so no metric is re-measured: :func:`evaluate` gives
+    them for any model and data as :func:`unlearn` takes them. Raises ``ValueError`` for a file that is not such
     a record and ``FileNotFoundError`` for a missing checkpoint; mismatches are returned."""
     from mtunlearn_ext.records import recorded_path
 
@@ -1451,6 +1500,37 @@ def verify_saved(record: str | os.PathLike[str], *,
               "`forget_ids`' hash")
     result.ok = not result.mismatches
     return result
+
+
+def evaluate(model: nn.Module, data: DataLike, *,
+             tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec] | None = None,
+             batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Task name -> metric name -> value of ``model`` on ``data``, over its supervised pairs
+    (:func:`mtunlearn_ext.metrics.evaluate`'s metrics), with the model and data as
+    :func:`unlearn` takes them: any module returning a mapping task -> output (called as
+    ``unlearn`` calls it, several inputs unpacked), or a
+    :class:`~mtunlearn_ext.models.MultiTaskModel`; data as a data set, a tuple ``(inputs,
+    targets[, supervision])`` or a torch ``Dataset`` / ``DataLoader``. ``tasks`` as for
+    ``unlearn`` (default: a data set's own). The model is evaluated in eval mode without
+    gradients and left as it was. E.g. the forget rows before and after a request:
+    ``evaluate(model, (x[ids], {t: y[t][ids] for t in y}), tasks=tasks)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"evaluate: `model` must be an nn.Module returning task -> output, got "
+                        f"{type(model).__name__}")
+    check_positive_int(batch_size, "batch_size", "evaluate")
+    if tasks is None:
+        if not isinstance(data, MultiTaskDataset):
+            raise TypeError("evaluate: `tasks` is needed for data given as a tuple or torch "
+                            "dataset (a mapping task -> kind, or TaskSpecs, as for unlearn)")
+        tasks = data.tasks
+    data = cast(DataLike, _read_in(data, tasks, "data", "evaluate"))
+    own_split = _has_own_split(model, None, None)
+    specs = _task_specs(tasks, [data], _predicted_classes(model, not own_split, data, tasks),
+                        ["data"], op="evaluate")
+    dataset = _as_dataset(data, specs, "data", op="evaluate")
+    dataset.check_values("evaluate: `data`")
+    measured = cast(MultiTaskModel, model if own_split else _SplitModel(model, (), {}))
+    return evaluate_metrics(measured, dataset, batch_size=batch_size)
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -927,3 +927,129 @@ def test_a_frozen_trunk_is_named_as_why_the_method_cannot_run() -> None:
             mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y), method=method,
                                   forget_request=ForgetRequest.create(range(5), ["a"]),
                                   shared_parameters=_trunk, config={"steps": 1})
+
+
+# -- an NLP practitioner's review (twenty-sixth session) ------------------------------------------
+
+
+def test_a_mask_beside_targets_in_another_order_than_tasks_is_refused() -> None:
+    """The mask's columns follow `tasks`; a mask built in the targets' order (here: column 0
+    for 'b') silently supervised the wrong pairs."""
+    x, y = _data()
+    mask = torch.ones(40, 2, dtype=torch.bool)
+    mask[30:, 0] = False
+    reordered = {"b": y["b"], "a": y["a"]}
+    with pytest.raises(ValueError, match=r"`train_data` has targets in the order \['b', 'a'\] "
+                                         r"but `tasks` in the order \['a', 'b'\]; its supervision "
+                                         r"mask's columns follow `tasks`"):
+        _problem(train_data=(x, reordered, mask), forget_request=ForgetRequest.create(range(5)))
+    # Without a mask, the order of the targets does not matter; in `tasks` order a mask is fine.
+    assert _problem(train_data=(x, reordered), forget_request=ForgetRequest.create(range(5)))
+    problem = _problem(train_data=(x, y, mask), forget_request=ForgetRequest.create(range(5)))
+    assert problem.retain.supervision[:, 0].sum() == 25
+
+
+def _unseen(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return _data(n, seed=seed)
+
+
+@pytest.mark.parametrize("as_datasets", [False, True])
+def test_audit_data_overlapping_held_out_data_is_refused(as_datasets: bool) -> None:
+    """Accepted, and an audit on the instances the forget caps were measured on reported."""
+    x, y = _data()
+    ux, uy = _unseen(30, seed=5)
+
+    def wrap(xs: torch.Tensor, ys: dict[str, torch.Tensor], start: int) -> object:
+        if not as_datasets:
+            return (xs, ys)
+        return MultiTaskDataset(xs, ys, SPECS, ids=torch.arange(len(xs)) + 1000 + start)
+
+    held = wrap(ux[:15], {t: v[:15] for t, v in uy.items()}, 0)
+    overlapping = wrap(ux[10:], {t: v[10:] for t, v in uy.items()}, 10)
+    common = dict(tasks=SPECS if as_datasets else TASKS, forget_request=ForgetRequest.create(
+        range(5)), shared_parameters=_trunk, config={"steps": 1, "cap_reference": "held_out",
+                                                     "cap_quantile": 0.9})
+    with pytest.raises(ValueError, match=r"`audit_data` .*`held_out_data`.* it must be distinct "
+                                         r"from `held_out_data`"):
+        mtunlearn_ext.unlearn(_TwoHeads(), train_data=(x, y), held_out_data=held,
+                              audit_data=overlapping, **common)  # type: ignore[arg-type]
+    distinct = wrap(ux[15:], {t: v[15:] for t, v in uy.items()}, 15)
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), train_data=(x, y), held_out_data=held,
+                                      audit_data=distinct, **common)  # type: ignore[arg-type]
+    assert "forget_mia_auc_after" in report.extra["summary"]
+
+
+def test_the_record_names_forget_data_rows_by_position(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With forget_data/retain_data tuples the record hashed ids unlearn had made (past the
+    retain rows'): verify_saved(forget_ids=range(10)) said MISMATCH."""
+    x, y = _data()
+    model = _TwoHeads()
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks=TASKS, forget_data=(x[:10], {t: v[:10] for t, v in y.items()}),
+        retain_data=_rest(x, y, 10), shared_parameters=_trunk, config={"steps": 1})
+    assert report.request["ids_named_by"] == "row positions in `forget_data`"
+    mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
+    check = mtunlearn_ext.verify_saved(tmp_path / "u.pt.record.json", forget_ids=range(10))
+    assert check.checks["forget_ids"] == "ok", check.mismatches
+    assert not mtunlearn_ext.verify_saved(tmp_path / "u.pt.record.json",
+                                          forget_ids=range(30, 40)).ok
+    # A partial request links forget rows to their retained copies; the record still names
+    # the forget rows as the caller gave them.
+    _, partial = mtunlearn_ext.unlearn(
+        model, tasks=TASKS, forget_data=(x[:10], {"a": y["a"][:10]}),
+        retain_data=(x, {"a": torch.cat([torch.full((10,), -1), y["a"][10:]]), "b": y["b"]}),
+        shared_parameters=_trunk, config={"steps": 1})
+    assert partial.request["ids_sha256"] == ForgetRequest.create(range(10)).ids_hash()
+    own = MultiTaskDataset(x[:10], {t: v[:10] for t, v in y.items()}, SPECS,
+                           ids=torch.arange(10) + 500)
+    _, by_id = mtunlearn_ext.unlearn(model, tasks=SPECS, forget_data=own,
+                                     retain_data=_rest(x, y, 10), shared_parameters=_trunk,
+                                     config={"steps": 1})
+    assert by_id.request["ids_named_by"] == "the ids of `forget_data`"
+    assert by_id.request["ids_sha256"] == ForgetRequest.create(range(500, 510)).ids_hash()
+    _, train = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                     forget_request=ForgetRequest.create([3, 4]),
+                                     shared_parameters=_trunk, config={"steps": 1})
+    assert train.request["ids_named_by"] == "row positions in `train_data`"
+    assert train.request["ids_sha256"] == ForgetRequest.create([3, 4]).ids_hash()
+
+
+def test_evaluate_takes_any_model_and_data_as_unlearn_does() -> None:
+    """metrics.evaluate (the function verify_saved's docs pointed to) called a two-input
+    model as model(inputs, task_names): a cryptic error from inside the model."""
+    x, y = _data()
+    mask = torch.ones_like(x)
+    model = _TwoInputs()
+    metrics = mtunlearn_ext.evaluate(model, ((x, mask), y), tasks=TASKS)
+    with torch.no_grad():
+        out = model(x, mask)
+    assert metrics["a"]["accuracy"] == pytest.approx(
+        float((out["a"].argmax(1) == y["a"]).float().mean()))
+    assert metrics["b"]["mse"] == pytest.approx(float(((out["b"] - y["b"]) ** 2).mean()),
+                                                rel=1e-5)
+    problem = build_problem(model, tasks=TASKS, train_data=((x, mask), y),
+                            forget_request=ForgetRequest.create(range(5)),
+                            shared_parameters=_trunk)
+    from mtunlearn_ext.metrics import evaluate as evaluate_metrics
+
+    assert mtunlearn_ext.evaluate(model, problem.forget) == evaluate_metrics(problem.model,
+                                                                             problem.forget)
+    with pytest.raises(TypeError, match="evaluate: `tasks` is needed"):
+        mtunlearn_ext.evaluate(model, ((x, mask), y))
+    with pytest.raises(ValueError, match=r"evaluate: `data`: task 'a' .*labels outside"):
+        mtunlearn_ext.evaluate(model, ((x, mask), {"a": y["a"] + 5, "b": y["b"]}), tasks=SPECS)
+
+
+def test_interference_matrix_takes_settings_as_a_mapping() -> None:
+    from mtunlearn_ext.unlearning.interference import interference_matrix
+    from mtunlearn_ext.unlearning.interference_aware import InterferenceAwareConfig
+
+    x, y = _data()
+    problem = _problem(train_data=(x, y), forget_request=ForgetRequest.create(range(5), ["a"]))
+    by_mapping = interference_matrix(problem, {"num_snapshots": 4})
+    by_config = interference_matrix(problem, InterferenceAwareConfig(num_snapshots=4))
+    assert by_mapping.labels == by_config.labels
+    assert torch.equal(by_mapping.before, by_config.before)
+    assert torch.equal(by_mapping.after, by_config.after)
+    with pytest.raises(TypeError, match=r"unknown settings \['num_snapshot'\]"):
+        interference_matrix(problem, {"num_snapshot": 4})

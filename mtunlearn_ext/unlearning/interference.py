@@ -17,12 +17,18 @@ constraint on training instances targets directly.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.unlearning.base import UnlearningProblem, UnlearningReport
+from mtunlearn_ext.unlearning.base import (
+    UnlearningProblem,
+    UnlearningReport,
+    config_from_mapping,
+)
 from mtunlearn_ext.unlearning.batches import BatchStream, batch_rows, child_generator
 from mtunlearn_ext.unlearning.gradients import ParameterGroups
 from mtunlearn_ext.unlearning.interference_aware import (
@@ -61,7 +67,7 @@ def cosine_matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
 
 
 def interference_matrix(problem: UnlearningProblem,
-                        config: InterferenceAwareConfig | None = None, *,
+                        config: InterferenceAwareConfig | Mapping[str, Any] | None = None, *,
                         batch_size: int = 16) -> InterferenceMatrix:
     """Forget/retain gradient cosines on the shared parameters before and after projection.
 
@@ -69,9 +75,15 @@ def interference_matrix(problem: UnlearningProblem,
     subspaces (as a refresh step would) and supplies the per-sample gradients of the instance
     step; a second, disjoint retain batch gives the displayed ``r_t``; with ``problem.held_out``
     a batch of it gives ``u_t``. The problem's model is not modified (a copy is
-    differentiated). Seeded by ``problem.seed``.
+    differentiated). Seeded by ``problem.seed``. ``config``: the method's settings, a
+    :class:`InterferenceAwareConfig` or a mapping of its fields (as :func:`mtunlearn_ext.unlearn`
+    takes them).
     """
-    cfg = config or InterferenceAwareConfig()
+    if isinstance(config, Mapping):  # as unlearn and get_unlearner take settings
+        cfg = cast(InterferenceAwareConfig,
+                   config_from_mapping(InterferenceAwareConfig, config))
+    else:
+        cfg = config or InterferenceAwareConfig()
     method = InterferenceAware(cfg)
     model = copy.deepcopy(problem.model).to(problem.device)
     model.train(cfg.train_mode)
