@@ -740,6 +740,8 @@ def _progress_bar(unlearner: Unlearner) -> Any:
     from tqdm.auto import tqdm
 
     steps = getattr(unlearner.config, "steps", None)
+    if steps is not None:
+        steps += getattr(unlearner.config, "head_refit_steps", 0)
     bar = tqdm(total=steps, desc=unlearner.name, unit="step")
 
     def advance(step: int, model: nn.Module) -> None:

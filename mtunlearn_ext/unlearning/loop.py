@@ -92,6 +92,14 @@ class StepConfig(UnlearnerConfig):
             gradients need, and no forget batch writes its statistics into the buffers) and
             dropout is off (the steps are deterministic). For models without such layers, the
             project's own included, both modes compute the same.
+        head_refit_steps: after the ``steps``, this many steps that move the heads alone, by
+            descent on the retain loss of a retain batch, the trunk held fixed (its learning
+            rate 0; the optimizer and its state continue). The forget steps move the trunk, and
+            with it the features every head reads: refitting each head to the features the
+            retained instances now have restores what the move cost retained and unseen data,
+            while no refit step sees a forget pair and a head alone cannot single out instances
+            the trunk no longer separates. Step callbacks count these steps after the others;
+            the report's ``steps`` counts the forget steps only.
         recalibrate_norms: after the steps, recompute the running statistics of every
             BatchNorm-like layer from the retain instances alone, under the unlearned weights
             (:func:`~mtunlearn_ext.unlearning.norm_statistics.recalibrate_running_statistics`;
@@ -116,6 +124,7 @@ class StepConfig(UnlearnerConfig):
     retain_weight: float = 1.0
     log_every: int = 1
     train_mode: bool = False
+    head_refit_steps: int = 0
     recalibrate_norms: bool = True
 
     def validate(self) -> None:
@@ -143,9 +152,11 @@ class StepConfig(UnlearnerConfig):
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"{name}: `optimizer` must be 'sgd' or 'adam', got "
                              f"{self.optimizer!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"{name}: `warmup_steps` must be an integer >= 0, got "
-                             f"{self.warmup_steps!r}")
+        for field_name in ("warmup_steps", "head_refit_steps"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: `{field_name}` must be an integer >= 0, got "
+                                 f"{value!r}")
         for field_name in ("forget_batch_size", "retain_batch_size", "log_every"):
             if getattr(self, field_name) < 1:
                 raise ValueError(f"{name}: `{field_name}` must be >= 1, got "
@@ -242,6 +253,23 @@ class GradientUnlearner(Unlearner):
         """Forward a retain batch and evaluate every task's retain loss (with graph)."""
         return retain_terms(ctx.forward(batch), batch, ctx.problem.tasks)
 
+    def head_refit_update(self, ctx: StepContext, retain_batch: Batch) -> StepStats:
+        """``.grad`` of the retain loss on the heads alone (``head_refit_steps``): the trunk's
+        parameters are held fixed, so no graph is built through them and they get no
+        gradient (the loop gives them zeros, which a learning rate of 0 leaves in place)."""
+        shared = ctx.groups.shared_params
+        for p in shared:
+            p.requires_grad_(False)
+        try:
+            terms = self.retain_step_terms(ctx, retain_batch)
+            total = terms.total()
+            if total is not None:
+                total.backward()
+        finally:
+            for p in shared:
+                p.requires_grad_(True)
+        return StepStats(retain=terms)
+
     def weighted_update(self, ctx: StepContext, forget_batch: Batch | None,
                         retain_batch: Batch | None) -> StepStats:
         """``.grad = d/d theta [w_f sum_{t in S} O_t + w_r sum_t L^r_t]``: one backward through
@@ -310,19 +338,29 @@ class GradientUnlearner(Unlearner):
         optimizer = self._make_optimizer(groups)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         params = groups.all_params
-        for step in range(cfg.steps):
+        total_steps = cfg.steps + cfg.head_refit_steps
+        for step in range(total_steps):
             ctx.step = step
-            if cfg.warmup_steps:
+            refit = step >= cfg.steps
+            if refit:
+                # The optimizer's first group is the trunk (_make_optimizer): held in place.
+                optimizer.param_groups[0]["lr"] = 0.0
+            elif cfg.warmup_steps:
                 scale = min(1.0, (step + 1) / cfg.warmup_steps)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * scale
-            log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
-            forget_batch = forget_stream.next() if self.uses_forget or log_now else None
-            retain_batch = retain_stream.next() if self.uses_retain or log_now else None
+            log_now = step % cfg.log_every == 0 or step == total_steps - 1
+            forget_batch = (forget_stream.next() if (self.uses_forget and not refit) or log_now
+                            else None)
+            retain_batch = retain_stream.next() if self.uses_retain or refit or log_now else None
             optimizer.zero_grad(set_to_none=True)
             try:
-                stats = self.compute_update(ctx, forget_batch if self.uses_forget else None,
-                                            retain_batch if self.uses_retain else None)
+                if refit:
+                    assert retain_batch is not None
+                    stats = self.head_refit_update(ctx, retain_batch)
+                else:
+                    stats = self.compute_update(ctx, forget_batch if self.uses_forget else None,
+                                                retain_batch if self.uses_retain else None)
             except FloatingPointError as error:
                 # The model was finite when the run began (the problem's checks): a NaN or Inf
                 # gradient inside a step is the run diverging, not the user's input; the op's
@@ -330,7 +368,7 @@ class GradientUnlearner(Unlearner):
                 where = str(error).replace("; pass finite values (or check_finite=False to let "
                                            "them propagate)", "")
                 raise FloatingPointError(
-                    f"{self.name}: the run diverged at step {step} of {cfg.steps} ({where}); "
+                    f"{self.name}: the run diverged at step {step} of {total_steps} ({where}); "
                     "lower the learning rate or the step count (`config`), or keep gradient "
                     "clipping on") from error
             for p in params:  # a parameter no term reaches must not be skipped by Adam's state
@@ -347,6 +385,8 @@ class GradientUnlearner(Unlearner):
             for callback in self.step_callbacks:
                 callback(step + 1, model)
         report.steps = cfg.steps
+        if cfg.head_refit_steps:
+            report.extra["head_refit_steps"] = cfg.head_refit_steps
         if cfg.recalibrate_norms and running_statistics_modules(model):
             # Which layers were rewritten (frozen ones included: their statistics were averaged
             # over the forget instances too whenever they ran in training mode).
