@@ -1,6 +1,7 @@
 """Sequence models (token ids and a padding mask in, per-sequence and per-token outputs): the
 per-sample pass on PyTorch's own ``nn.TransformerEncoder`` (whose eval-mode fast path vmap
-cannot batch), and a forward vmap cannot batch, named with the ways out."""
+cannot batch), a forward vmap cannot batch named with the ways out, and the layout hints for
+per-token outputs."""
 
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ class Encoder(nn.Module):
     """Embeddings, PyTorch's ``nn.TransformerEncoder`` with its defaults (nested tensors on, so
     in eval mode with a padding mask it takes the fast path), a sentence head on the mean of
     the real tokens and a tagging head laid out ``[B, C, L, 1]``. ``trim``: the forward cuts
-    the batch to its longest sequence (``int(...)`` of a tensor: data-dependent)."""
+    the batch to its longest sequence (``int(...)`` of a tensor: data-dependent). ``per_token``:
+    the tagging head's logits as they come, ``[B, L, C]``."""
 
-    def __init__(self, trim: bool = False) -> None:
+    def __init__(self, trim: bool = False, per_token: bool = False) -> None:
         super().__init__()
-        self.trim = trim
+        self.trim, self.per_token = trim, per_token
         self.embed = nn.Embedding(VOCAB, D)
         layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)
         with warnings.catch_warnings():
@@ -54,8 +56,10 @@ class Encoder(nn.Module):
         h = self.encoder(self.embed(input_ids), src_key_padding_mask=~attention_mask)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        tag = self.heads["tag"](h).transpose(1, 2).unsqueeze(-1)  # [B, C, L, 1]
-        tag = nn.functional.pad(tag, (0, 0, 0, length - tag.shape[2]))
+        tag = self.heads["tag"](h)  # [B, L, C]
+        if not self.per_token:
+            tag = tag.transpose(1, 2).unsqueeze(-1)  # [B, C, L, 1]
+            tag = nn.functional.pad(tag, (0, 0, 0, length - tag.shape[2]))
         return {"sent": self.heads["sent"](pooled), "tag": tag}
 
 
@@ -71,9 +75,9 @@ def _text() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return {"input_ids": ids, "attention_mask": mask}, labels
 
 
-def _model(trim: bool = False) -> Encoder:
+def _model(trim: bool = False, per_token: bool = False) -> Encoder:
     torch.manual_seed(0)
-    return Encoder(trim).eval()
+    return Encoder(trim, per_token).eval()
 
 
 def _batch_and_wrapped(model: nn.Module) -> tuple[dict[str, object], nn.Module]:
@@ -160,3 +164,63 @@ def test_instance_projection_off_runs_a_forward_vmap_cannot_batch() -> None:
         config={"steps": 2, "instance_projection": "off"})
     assert report.extra["summary"]["forget_loss_after"]["tag"] > 0
 
+
+# -- token tagging layouts ------------------------------------------------------------------------
+
+TOKEN_LOGITS = (r"; for a sequence's per-token logits \[B, L, C\] \(token tagging\), return "
+                r"`logits.permute\(0, 2, 1\).unsqueeze\(-1\)` \(\[B, C, L, 1\]; logits already "
+                r"\[B, C, L\]: `logits.unsqueeze\(-1\)`\) with targets \[N, L, 1\]$")
+
+
+@pytest.mark.parametrize("spec, pred, target, message", [
+    (SPECS[1], torch.zeros(2, L, 4), torch.zeros(2, L, 1, dtype=torch.long),
+     r"segmentation wants pred \[B, C, H, W\], got \(2, 6, 4\)" + TOKEN_LOGITS),
+    (SPECS[1], torch.zeros(2, 4, L), torch.zeros(2, L, dtype=torch.long),
+     r"segmentation wants pred \[B, C, H, W\], got \(2, 4, 6\)" + TOKEN_LOGITS),
+    (SPECS[1], torch.zeros(2, 4, L, 1), torch.zeros(2, L, dtype=torch.long),
+     r"segmentation target must be \[B, H, W\] = \(2, 6, 1\), got \(2, 6\); per-token targets "
+     r"\[N, L\] need a trailing 1: `tags.unsqueeze\(-1\)`$"),
+    (TaskSpec("tag", "classification", num_classes=4), torch.zeros(2, L, 4),
+     torch.zeros(2, L, dtype=torch.long),
+     r"classification wants pred \[B, C\] and target \[B\], got \(2, 6, 4\) and \(2, 6\); "
+     r"per-token labels \(token tagging\) are a `segmentation` task: return the logits "
+     r"\[B, L, C\] as `logits.permute\(0, 2, 1\).unsqueeze\(-1\)` \(\[B, C, L, 1\]\) with "
+     r"targets \[N, L, 1\]$"),
+])
+def test_sequence_layouts_get_the_token_tagging_layout(spec: TaskSpec, pred: torch.Tensor,
+                                                        target: torch.Tensor,
+                                                        message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^task_loss\[{spec.name}\]: {message}"):
+        task_loss(spec, pred, target)
+
+
+@pytest.mark.parametrize("spec, pred, target", [
+    (SPECS[1], torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long)),  # an image
+    (TaskSpec("d", "depth"), torch.zeros(2, 4, 4), torch.zeros(2, 1, 4, 4)),
+    (SPECS[0], torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.long)),
+])
+def test_other_layout_errors_get_no_token_hint(spec: TaskSpec, pred: torch.Tensor,
+                                               target: torch.Tensor) -> None:
+    with pytest.raises(ValueError) as caught:
+        task_loss(spec, pred, target)
+    assert "token" not in str(caught.value)
+
+
+@pytest.mark.parametrize("tasks, message", [
+    # a spec: the class count check sees dimension 1 (L) is not the 4 classes
+    (SPECS, r"UnlearningProblem: the model's prediction for task 'tag' \(segmentation\) has "
+            r"shape \(\d+, 6, 4\), but the task has num_classes 4: dimension 1 must hold one "
+            r"score per class"),
+    # by kind: the class count is read from dimension 1, and the loss refuses the layout
+    ({"sent": "classification", "tag": "segmentation"},
+     r"task_loss\[tag\]: segmentation wants pred \[B, C, H, W\], got \(\d+, 6, 4\)"),
+])
+def test_unlearn_names_the_token_tagging_layout_for_per_token_logits(tasks: object,
+                                                                     message: str) -> None:
+    inputs, labels = _text()
+    with pytest.raises(ValueError, match=message + TOKEN_LOGITS):
+        mtunlearn_ext.unlearn(_model(per_token=True), tasks=tasks,  # type: ignore[arg-type]
+                              train_data=(inputs, labels),
+                              forget_request=ForgetRequest.create(range(3), ["tag"]),
+                              shared_parameters=lambda n: not n.startswith("heads."),
+                              config={"steps": 1})

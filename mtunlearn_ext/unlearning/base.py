@@ -34,7 +34,7 @@ from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
-from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.losses import _token_tagging_hint, task_loss
 from mtunlearn_ext.models.modes import eval_mode
 
 __all__ = [
@@ -315,10 +315,12 @@ class UnlearningProblem:
                     or pred.shape[1] != spec.num_classes):
                 # The metrics and the forgetting objectives count classes along dimension 1.
                 shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred)
+                hint = (_token_tagging_hint(spec.kind, pred)
+                        if isinstance(pred, torch.Tensor) else "")
                 raise ValueError(f"UnlearningProblem: the model's prediction for task "
                                  f"{spec.name!r} ({spec.kind}) has shape {shape}, but the task "
                                  f"has num_classes {spec.num_classes}: dimension 1 must hold "
-                                 f"one score per class")
+                                 f"one score per class{hint}")
             labelled = supervision[positions, column].to(device)
             if bool(labelled.any()):  # the loss names the task in its errors
                 task_loss(spec, out[spec.name][labelled], targets[spec.name].to(device)[labelled])
