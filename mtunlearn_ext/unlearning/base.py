@@ -19,10 +19,11 @@ import copy
 import dataclasses
 import math
 import random
+import re
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +47,22 @@ __all__ = [
     "UnlearningResult",
     "seed_everything",
 ]
+
+
+# mtunlearn_ext.unlearn's split wrapper (api._SplitModel) refuses a module's output that is no
+# mapping inside its own forward, with this TypeError: read back here, so that the validation
+# says the model ran and returned the wrong type, not that it "fails on the inputs".
+_WRAPPER_OUTPUT_REFUSAL = re.compile(r"the model must return a mapping task -> output, got (\S+)$")
+
+
+def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
+    """The error for a model whose forward returns a ``type_name`` (a tuple, a dataclass)
+    instead of a mapping task -> prediction: which type, and the dict to return instead."""
+    keys = ", ".join(f"{t!r}: ..." for t in task_names)
+    return ValueError(
+        f"UnlearningProblem: the model must return a mapping task -> prediction, got "
+        f"{type_name}: return a dict from its forward, {{{keys}}} (a tuple or a dataclass does "
+        "not say which output is which task's)")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -298,12 +315,15 @@ class UnlearningProblem:
             with eval_mode(self.model):
                 out = self.model(inputs_to(inputs, device))
         except Exception as error:
+            refused = (_WRAPPER_OUTPUT_REFUSAL.search(str(error))
+                       if isinstance(error, TypeError) else None)
+            if refused is not None:  # the model ran: its output has the wrong type
+                raise _output_type_error(refused.group(1), self.task_names) from error
             raise ValueError(f"UnlearningProblem: the model fails on {what}'s inputs (a "
                              f"batch of {describe(inputs)}): {type(error).__name__}: "
                              f"{error}") from error
         if not isinstance(out, Mapping):
-            raise ValueError(f"UnlearningProblem: the model must return a mapping task -> "
-                             f"prediction, got {type(out).__name__}")
+            raise _output_type_error(type(out).__name__, self.task_names)
         missing = [t for t in self.task_names if t not in out]
         if missing:
             raise ValueError(f"UnlearningProblem: the model's output has no prediction for "
