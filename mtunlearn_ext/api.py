@@ -54,6 +54,7 @@ from mtunlearn_ext.unlearning import (
     UnlearningReport,
     get_unlearner,
 )
+from mtunlearn_ext.unlearning.base import ModelOutputError
 
 __all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "evaluate",
            "save_unlearned", "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
@@ -120,8 +121,7 @@ class _SplitModel(nn.Module):
         # output is returned and callers pick theirs.
         out = call_with(self.module, x)
         if not isinstance(out, Mapping):
-            raise TypeError(f"unlearn: the model must return a mapping task -> output, got "
-                            f"{type(out).__name__}")
+            raise ModelOutputError(type(out).__name__)
         return dict(out)
 
     def parameter_split(self) -> ParameterSplit:

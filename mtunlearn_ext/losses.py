@@ -42,6 +42,34 @@ def valid_pixel_mask(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
     return labelled_pixels(spec, target)
 
 
+# Token tagging (one label per token of a sequence) is a segmentation task over an L x 1 image:
+# the layout is stated in TaskSpec, but a sequence model's natural output is [B, L, C], which the
+# bare layout errors leave to be translated.
+def _token_tagging_hint(kind: str, pred: torch.Tensor) -> str:
+    """The token tagging layout, to append to a layout error about a class-label task's
+    prediction shaped like a sequence's per-token logits (3 dimensions: ``[B, L, C]`` or
+    ``[B, C, L]``); empty for other predictions and kinds."""
+    if pred.dim() != 3:
+        return ""
+    if kind == "segmentation":
+        return ("; for a sequence's per-token logits [B, L, C] (token tagging), return "
+                "`logits.permute(0, 2, 1).unsqueeze(-1)` ([B, C, L, 1]; logits already "
+                "[B, C, L]: `logits.unsqueeze(-1)`) with targets [N, L, 1]")
+    if kind == "classification":
+        return ("; per-token labels (token tagging) are a `segmentation` task: return the "
+                "logits [B, L, C] as `logits.permute(0, 2, 1).unsqueeze(-1)` ([B, C, L, 1]) "
+                "with targets [N, L, 1]")
+    return ""
+
+
+def _token_targets_hint(pred: torch.Tensor, target: torch.Tensor) -> str:
+    """A hint for sequence-shaped segmentation (pred ``[B, C, L, 1]``) given targets ``[B, L]``
+    without the trailing 1. Empty for other layouts."""
+    if pred.shape[3] != 1 or target.shape != pred.shape[:1] + pred.shape[2:3]:
+        return ""
+    return "; per-token targets [N, L] need a trailing 1: `tags.unsqueeze(-1)`"
+
+
 def check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor, where: str) -> None:
     """Raise ``ValueError`` (prefixed ``where``) when a prediction and target do not have the
     layouts of the task's kind: the rules :func:`task_loss` and the metrics share (without them
@@ -55,7 +83,8 @@ def check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor, where
     if kind == "classification":
         if pred.dim() != 2 or target.dim() != 1:
             raise ValueError(f"{where}: classification wants pred [B, C] and target [B], got "
-                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
+                             f"{tuple(pred.shape)} and {tuple(target.shape)}"
+                             f"{_token_tagging_hint(kind, pred)}")
         return
     if kind == "regression":
         if math.prod(pred.shape[1:]) != math.prod(target.shape[1:]):
@@ -63,11 +92,13 @@ def check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor, where
                              f"{tuple(target.shape)} differ")
         return
     if pred.dim() != 4:
-        raise ValueError(f"{where}: {kind} wants pred [B, C, H, W], got {tuple(pred.shape)}")
+        raise ValueError(f"{where}: {kind} wants pred [B, C, H, W], got {tuple(pred.shape)}"
+                         f"{_token_tagging_hint(kind, pred)}")
     if kind == "segmentation":
         if target.shape != (pred.shape[0], *pred.shape[2:]):
             raise ValueError(f"{where}: segmentation target must be [B, H, W] = "
-                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}")
+                             f"{(pred.shape[0], *pred.shape[2:])}, got {tuple(target.shape)}"
+                             f"{_token_targets_hint(pred, target)}")
     elif target.shape != pred.shape:
         raise ValueError(f"{where}: {kind} pred {tuple(pred.shape)} and target "
                          f"{tuple(target.shape)} differ")

@@ -4,6 +4,7 @@ an error naming the argument, or handled as the docs say."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 
@@ -15,6 +16,7 @@ import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest
 from mtunlearn_ext.api import build_problem
 from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.unlearning import UnlearningProblem
 
 TASKS = {"a": "classification", "b": "regression"}
 SPECS = [TaskSpec("a", "classification", num_classes=3), TaskSpec("b", "regression")]
@@ -1053,3 +1055,50 @@ def test_interference_matrix_takes_settings_as_a_mapping() -> None:
     assert torch.equal(by_mapping.after, by_config.after)
     with pytest.raises(TypeError, match=r"unknown settings \['num_snapshot'\]"):
         interference_matrix(problem, {"num_snapshot": 4})
+
+
+# -- a model that returns a tuple or a dataclass --------------------------------------------------
+
+
+class _TupleOut(_TwoHeads):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        out = super().forward(x)
+        return out["a"], out["b"]
+
+
+@dataclasses.dataclass
+class _Outputs:
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class _DataclassOut(_TwoHeads):
+    def forward(self, x: torch.Tensor) -> _Outputs:  # type: ignore[override]
+        return _Outputs(**super().forward(x))
+
+
+@pytest.mark.parametrize("model, shown", [(_TupleOut, "tuple"), (_DataclassOut, "_Outputs")])
+def test_a_model_returning_no_mapping_is_told_to_return_a_dict(model: type[nn.Module],
+                                                               shown: str) -> None:
+    """The error said "the model fails on the data's inputs ... TypeError: ... got tuple",
+    which reads as if the forward had failed: it ran, and returned the wrong type."""
+    x, y = _data()
+    message = (f"UnlearningProblem: the model must return a mapping task -> prediction, got "
+               f"{shown}: return a dict from its forward, {{'a': ..., 'b': ...}} (a tuple or a "
+               "dataclass does not say which output is which task's)")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$") as info:
+        mtunlearn_ext.unlearn(model(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5), ["a"]),
+                              shared_parameters=_trunk, config={"steps": 1})
+    assert isinstance(info.value.__cause__, TypeError)  # the wrapper's refusal, chained
+
+
+def test_a_problem_built_directly_on_a_model_returning_no_mapping_says_so_too() -> None:
+    # A problem built directly (a MultiTaskModel, not wrapped by unlearn): its own type check.
+    x, y = _data()
+    problem = UnlearningProblem.from_request(
+        _TupleOut(), MultiTaskDataset(x, y, SPECS), ForgetRequest.create(range(5), ["a"]))
+    with pytest.raises(ValueError, match=r"^UnlearningProblem: the model must return a mapping "
+                                         r"task -> prediction, got tuple: return a dict from its "
+                                         r"forward, \{'a': \.\.\., 'b': \.\.\.\}"):
+        problem.check_model_on(problem.retain)

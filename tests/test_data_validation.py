@@ -352,3 +352,57 @@ def test_uis_floor_refuses_a_data_set_that_describes_a_task_otherwise() -> None:
                                        tasks={"kind": "classification"}, draws=5)
     by_name = mtunlearn_ext.uis_floor(model, as_set[0], as_set[1], 10, tasks=["kind"], draws=5)
     assert torch.equal(agreeing.draws, by_name.draws)
+
+
+# -- labels padded with another negative value than the ignore index -----------------------------
+
+
+def _padded_labels(pad: int) -> MultiTaskDataset:
+    """Per-token tags ``[N, L, 1]`` padded with ``pad`` past each sequence's length, a task
+    whose ignore index is the default -1."""
+    tags = torch.tensor([[0, 2, 1, pad], [1, pad, pad, pad], [2, 2, 0, 1]]).unsqueeze(-1)
+    spec = TaskSpec("tag", "segmentation", num_classes=3)
+    return MultiTaskDataset(torch.zeros(3, 4), {"tag": tags}, [spec])
+
+
+def test_negative_labels_outside_the_classes_suggest_them_as_the_ignore_index() -> None:
+    # Hugging Face pads token labels with -100: the error said "outside [0, 3) other than
+    # ignore_index -1" and left the way out (the spec's ignore_index) to be guessed.
+    with pytest.raises(ValueError, match=re.escape(
+            "train set: task 'tag' (segmentation) has labels outside [0, 3) other than "
+            "ignore_index -1 on 2 supervised rows (first: row 0, id 0); if -100 marks unlabelled "
+            "positions (Hugging Face pads labels with -100), pass the task as "
+            "`TaskSpec('tag', 'segmentation', num_classes=3, ignore_index=-100)`") + "$"):
+        _padded_labels(-100).check_values("train set")
+    data = _padded_labels(-2)
+    data.targets["tag"][2, 0, 0] = -7  # two values: the most common one is the padding
+    with pytest.raises(ValueError, match=r"; if -2 marks unlabelled positions .*"
+                                         r"ignore_index=-2\)`$"):
+        data.check_values("train set")
+
+
+def test_labels_past_the_classes_get_no_ignore_index_hint() -> None:
+    data = _padded_labels(-1)
+    data.targets["tag"][0, 0, 0] = 5
+    with pytest.raises(ValueError, match=r"labels outside \[0, 3\) other than ignore_index -1 on "
+                                         r"1 supervised rows \(first: row 0, id 0\)$"):
+        data.check_values("train set")
+
+
+def test_unlearn_suggests_the_ignore_index_of_negative_labels_for_a_task_by_kind() -> None:
+    import mtunlearn_ext
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=generator)
+    y = {"kind": torch.randint(0, 3, (40,), generator=generator),
+         "size": torch.randn(40, 1, generator=generator)}
+    y["kind"][[4, 9]] = -100
+    with pytest.raises(ValueError, match=r"`train_data`: task 'kind' \(classification\) has "
+                                         r"labels outside \[0, 3\) other than ignore_index -1 .*"
+                                         r"`TaskSpec\('kind', 'classification', num_classes=3, "
+                                         r"ignore_index=-100\)`"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks={"kind": "classification", "size": "regression"},
+                              train_data=(x, y),
+                              forget_request=mtunlearn_ext.ForgetRequest.create(range(5), ["kind"]),
+                              shared_parameters=lambda name: name.startswith("trunk."),
+                              config={"steps": 1})

@@ -220,6 +220,20 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _ignore_index_hint(spec: TaskSpec, outside: torch.Tensor) -> str:
+    """For class labels ``outside`` the classes (and not the ignore index): when some are
+    negative, most likely a padding value the spec does not know (Hugging Face pads labels
+    with -100), the spec that would take the most common one as its ignore index; empty when
+    none is negative (labels past the classes want another ``num_classes``)."""
+    negative = outside[outside < 0]
+    if not negative.numel():
+        return ""
+    value = int(torch.mode(negative.flatten()).values)
+    return (f"; if {value} marks unlabelled positions (Hugging Face pads labels with -100), "
+            f"pass the task as `TaskSpec({spec.name!r}, {spec.kind!r}, "
+            f"num_classes={spec.num_classes}, ignore_index={value})`")
+
+
 def _check_target(name: str, target: object) -> None:
     """Refuse a task's targets that are not a tensor with a row dimension, naming the task
     (NumPy arrays and lists have no ``shape`` / ``numel`` the losses and metrics rely on; a 0-d
@@ -449,6 +463,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
             if target.numel() == 0:
                 continue
             flat = target.reshape(target.shape[0], -1)
+            hint = ""
             if spec.kind in ("classification", "segmentation"):
                 assert spec.num_classes is not None
                 if flat.is_floating_point() and not bool((flat == flat.round()).all()):
@@ -460,6 +475,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 ok = (flat == spec.ignore_index) | ((flat >= 0) & (flat < spec.num_classes))
                 problem = (f"labels outside [0, {spec.num_classes}) other than ignore_index "
                            f"{spec.ignore_index}")
+                hint = _ignore_index_hint(spec, flat[~ok])
             elif spec.kind == "regression":
                 if _all_finite(flat):
                     continue
@@ -480,7 +496,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 row = int(rows[bad.nonzero()[0]])
                 raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) has {problem} on "
                                  f"{int(bad.sum())} supervised rows (first: row {row}, id "
-                                 f"{int(self.ids[row])})")
+                                 f"{int(self.ids[row])}){hint}")
 
     def positions_of(self, instance_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Row positions of the given instance ids; raises ``KeyError`` naming unknown ids."""

@@ -22,7 +22,7 @@ import random
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,11 +34,12 @@ from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
-from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.losses import _token_tagging_hint, task_loss
 from mtunlearn_ext.models.modes import eval_mode
 
 __all__ = [
     "CurveRecorder",
+    "ModelOutputError",
     "Unlearner",
     "UnlearnerConfig",
     "UnlearningProblem",
@@ -46,6 +47,28 @@ __all__ = [
     "UnlearningResult",
     "seed_everything",
 ]
+
+
+class ModelOutputError(TypeError):
+    """A model's forward ran and returned something other than a mapping task -> prediction
+    (a tuple, a dataclass). Raised by wrappers that read the output inside their own forward
+    (``mtunlearn_ext.unlearn``'s), so that the problem's validation can say the model ran and
+    returned the wrong type, not that it "fails on the inputs". ``type_name``: what it
+    returned."""
+
+    def __init__(self, type_name: str) -> None:
+        super().__init__(f"the model must return a mapping task -> output, got {type_name}")
+        self.type_name = type_name
+
+
+def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
+    """The error for a model whose forward returns a ``type_name`` (a tuple, a dataclass)
+    instead of a mapping task -> prediction: which type, and the dict to return instead."""
+    keys = ", ".join(f"{t!r}: ..." for t in task_names)
+    return ValueError(
+        f"UnlearningProblem: the model must return a mapping task -> prediction, got "
+        f"{type_name}: return a dict from its forward, {{{keys}}} (a tuple or a dataclass does "
+        "not say which output is which task's)")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -298,12 +321,13 @@ class UnlearningProblem:
             with eval_mode(self.model):
                 out = self.model(inputs_to(inputs, device))
         except Exception as error:
+            if isinstance(error, ModelOutputError):  # it ran: its output has the wrong type
+                raise _output_type_error(error.type_name, self.task_names) from error
             raise ValueError(f"UnlearningProblem: the model fails on {what}'s inputs (a "
                              f"batch of {describe(inputs)}): {type(error).__name__}: "
                              f"{error}") from error
         if not isinstance(out, Mapping):
-            raise ValueError(f"UnlearningProblem: the model must return a mapping task -> "
-                             f"prediction, got {type(out).__name__}")
+            raise _output_type_error(type(out).__name__, self.task_names)
         missing = [t for t in self.task_names if t not in out]
         if missing:
             raise ValueError(f"UnlearningProblem: the model's output has no prediction for "
@@ -315,10 +339,12 @@ class UnlearningProblem:
                     or pred.shape[1] != spec.num_classes):
                 # The metrics and the forgetting objectives count classes along dimension 1.
                 shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred)
+                hint = (_token_tagging_hint(spec.kind, pred)
+                        if isinstance(pred, torch.Tensor) else "")
                 raise ValueError(f"UnlearningProblem: the model's prediction for task "
                                  f"{spec.name!r} ({spec.kind}) has shape {shape}, but the task "
                                  f"has num_classes {spec.num_classes}: dimension 1 must hold "
-                                 f"one score per class")
+                                 f"one score per class{hint}")
             labelled = supervision[positions, column].to(device)
             if bool(labelled.any()):  # the loss names the task in its errors
                 task_loss(spec, out[spec.name][labelled], targets[spec.name].to(device)[labelled])

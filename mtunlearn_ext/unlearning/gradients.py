@@ -7,12 +7,15 @@ Every method here works on lists of per-parameter tensors in a fixed order, the 
 Per-sample gradients use ``torch.func``: ``vmap(grad(loss_of_one_sample))`` over the batch, with
 the model called functionally on a dict of parameters. That needs a model without batch
 statistics in training mode (the project's models use GroupNorm; the step loop runs other
-models in eval mode, see :mod:`~mtunlearn_ext.unlearning.norm_statistics`).
+models in eval mode, see :mod:`~mtunlearn_ext.unlearning.norm_statistics`), and a forward that
+vmap can batch: no data-dependent shapes or control flow, no in-place writes into its inputs.
+The pass turns PyTorch's multi-head-attention fast path off (``_mha_fast_path_off``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -223,6 +226,63 @@ def _per_sample_supervised_loss(specs: Sequence[TaskSpec], task_scale: Sequence[
     return loss
 
 
+@contextmanager
+def _mha_fast_path_off() -> Iterator[None]:
+    """PyTorch's fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` switched off
+    inside, the previous setting restored after (also on an error).
+
+    In eval mode with a padding mask, ``nn.TransformerEncoder`` (``enable_nested_tensor=True``,
+    its default) tests on that path whether the mask suits a nested tensor, with an op vmap has
+    no batching rule for (``aten::_nested_tensor_from_mask_left_aligned``); nested tensors and
+    the fused kernels after it have none either. The ordinary path computes the same attention,
+    and a model without such modules runs exactly as before.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+# Lower-case pieces of the messages torch's vmap raises for what it cannot batch: `.item()` or
+# data-dependent control flow, ops with data-dependent output shapes, in-place writes into an
+# unbatched tensor, ops without a batching rule.
+_VMAP_ERROR_MARKS = ("vmap", "batching rule")
+
+
+def _is_vmap_error(error: BaseException) -> bool:
+    """Whether ``error`` is torch's refusal to batch something under ``torch.func.vmap``."""
+    return isinstance(error, RuntimeError) and any(
+        mark in str(error).lower() for mark in _VMAP_ERROR_MARKS)
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of ``error``'s message (torch's vmap errors run to several)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
+
+
+def _vmap_failure(caller: str, error: BaseException) -> RuntimeError:
+    """The error to raise (from ``error``) when vmap could not batch the model's forward: what
+    the pass does, what it cannot take, and the ways out (torch's own words name neither). Only
+    torch's first sentence is repeated; the rest stays in the chained error."""
+    said = _first_sentence(error)
+    return RuntimeError(
+        f"{caller}: the per-sample gradient step runs the model under torch.func.vmap, one "
+        "instance at a time (each a batch of one), and torch could not batch its forward (or "
+        f"backward) there ({said}). Not supported under vmap: data-dependent shapes "
+        "or control flow (`.item()`, `int(mask.sum(1).max())` to trim a batch to its longest "
+        "sequence, `if x.any():`, boolean-mask indexing) and in-place writes into the inputs. "
+        "Either turn the per-sample step off (config `instance_projection=\"off\"` of the "
+        "interference-aware method, or a method without per-sample gradients: orthograd always "
+        "takes them), or make the forward vmap-friendly (keep the padded length and mask "
+        "instead of trimming, use torch.where instead of branching on values, copy an input "
+        "before writing into it).")
+
+
 def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Sequence[TaskSpec],
                      param_names: Sequence[str], chunk_size: int | None,
                      task_scale: Sequence[float] | None, per_task: bool, caller: str
@@ -262,8 +322,13 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     # `param_names` (held fixed, not detached: functional_call reads them from the model) would
     # otherwise make every per-sample gradient require grad, and the outer autograd keep the
     # whole vmapped pass alive for as long as those gradients live.
-    with torch.no_grad():
-        grads, losses = per_sample(params, inputs, task_targets, supervision)
+    with torch.no_grad(), _mha_fast_path_off():
+        try:
+            grads, losses = per_sample(params, inputs, task_targets, supervision)
+        except RuntimeError as error:
+            if not _is_vmap_error(error):
+                raise
+            raise _vmap_failure(caller, error) from error
     return [grads[n] for n in param_names], losses
 
 
