@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import link_new, temporary_file_beside, write_text_new
+from mtunlearn_ext._io import link_new, new_temporary_beside, write_text_new
 
 __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -69,20 +69,18 @@ def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> N
     as for every other output)."""
     import matplotlib.pyplot as plt
 
-    fd, tmp = temporary_file_beside(path, suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            link_new(tmp, path, f"{path} exists; refusing to overwrite it")
+        with new_temporary_beside(path, suffix=".png") as (fd, tmp):
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+                f.flush()
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                link_new(tmp, path, f"{path} exists; refusing to overwrite it")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 #: The text drawn instead of a bar for a missing (null) value: no bar, unlike a real 0.
