@@ -4,7 +4,8 @@ Subcommands: ``train``, ``unlearn``, ``evaluate``, ``verify``, ``benchmark``, ``
 ``--help``. Every option can also come from ``--config file.yaml|file.toml`` whose keys are the
 option names (``forget_ids`` or ``forget-ids``; ``import``, or ``imports``, a list or one string,
 for the repeatable ``--import``, which the command line adds to); options on the command line
-override it, and a null value (YAML ``null``) leaves the option at its default.
+override it, and a null value (YAML ``null``) leaves the option at its default (``forget_ids:
+null`` is refused: only an absent key draws a random share to forget).
 
 Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
 argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
@@ -148,10 +149,37 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
     return str(value)
 
 
+class _NullInConfig(str):
+    """The default of an option whose config value was null although null may not stand for
+    "not given" there (:data:`_NO_NULL`); refused once the command line is parsed, unless the
+    command line gives the option (:func:`_refuse_config_nulls`)."""
+
+
+#: Options a config may not set to null: the value has an effect of its own that a null (an
+#: empty value, perhaps a template's placeholder or a variable that did not expand) must not
+#: choose. Without ``forget_ids``, ``unlearn`` forgets a random share of the instances: a
+#: data-removal tool takes that from an absent key, never from an empty one.
+_NO_NULL = {"forget_ids": "(then a random --forget-fraction of the training instances is "
+                          "forgotten)"}
+
+
+def _refuse_config_nulls(args: argparse.Namespace) -> None:
+    from mtunlearn_ext.workflow import UserInputError
+
+    for dest, absent in _NO_NULL.items():
+        key = getattr(args, dest, None)
+        if isinstance(key, _NullInConfig):
+            raise UserInputError("--config", f"instance ids for {str(key)!r}, or no {key} key "
+                                 + absent, "null", f"an empty {key} is refused, not taken for a "
+                                 "random draw: list the ids, or remove the key to draw them")
+
+
 def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
     """Make config values the defaults of ``parser`` (so command-line flags override them).
     Values go through the option's own parsing (:func:`_config_value`); a null value (YAML
-    ``null`` / ``~``) means the option is not given: it keeps its default."""
+    ``null`` / ``~``) means the option is not given: it keeps its default, except for the
+    options of :data:`_NO_NULL` (``forget_ids``), where it is refused unless the command line
+    gives the option."""
     from mtunlearn_ext.workflow import UserInputError
 
     actions: dict[str, argparse.Action] = {}
@@ -177,6 +205,8 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
                                  f"{given[dest]!r} sets the same option")
         given[dest] = str(key)
         if value is None:
+            if dest in _NO_NULL:
+                defaults[dest] = _NullInConfig(key)
             continue
         try:
             defaults[dest] = _config_value(actions[name], value)
@@ -919,6 +949,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if missing:
             raise UserInputError(missing[0], "a value (flag or config key)", None,
                                  f"`mtunlearn {args.command}` requires it")
+        _refuse_config_nulls(args)
         _threads(args)
         import_plugins(args.imports or [])
         return int(args.func(args))
