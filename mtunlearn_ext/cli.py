@@ -452,14 +452,19 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         UNKNOWN_METHOD_HINT,
         OutputTransaction,
         UserInputError,
+        REMOVALS_KEY,
         build_user_request,
         check_device,
+        exclude_removed,
+        lineage_removals,
         load_model,
         measure,
         parse_ids,
         parse_tasks,
+        removal_entry,
         restrict_retain,
         run_unlearning,
+        unknown_removals_hint,
     )
 
     started = utc_now()
@@ -479,6 +484,20 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         out_rec = tx.reserve("--record", args.record or (
             default_rec if args.output is None else Path(str(out_ckpt) + ".record.json")))
         loaded = load_model(checkpoint)
+        # What earlier requests of this checkpoint's lineage removed stays removed: out of the
+        # retain set (and so out of retraining). Unknown removals (an older unlearned
+        # checkpoint keeps only their hash) are refused unless --retain-ids names the retain
+        # set itself.
+        earlier = lineage_removals(loaded.meta)
+        if earlier is None:
+            if retain_ids is None:
+                raise UserInputError("--checkpoint", "a checkpoint whose earlier removals are "
+                                     "known (an original, or one unlearned by this version)",
+                                     str(checkpoint), unknown_removals_hint(loaded.meta))
+            print(f"mtunlearn: warning: {checkpoint} is an unlearned checkpoint whose earlier "
+                  "removals are not known (only their hash is kept): the retain set is "
+                  "--retain-ids as given, which must leave the ids forgotten before out",
+                  file=sys.stderr)
         bench, seed = loaded.benchmark, int(args.seed if args.seed is not None
                                             else loaded.meta["seed"])
         train_set = bench.train
@@ -492,6 +511,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                   f"{len(request.instance_ids)} instances", file=sys.stderr)
         forget, retain = request.split(train_set)
         retain = restrict_retain(retain, request, retain_ids, train_set)
+        retain, excluded = exclude_removed(retain, earlier or [], retain_ids)
+        if earlier:
+            removed_ids = len({i for e in earlier for i in e["instance_ids"]})
+            print(f"mtunlearn: {len(earlier)} earlier request(s) of the checkpoint's lineage "
+                  f"removed {removed_ids} instance(s): they stay removed ({excluded} pairs kept "
+                  "out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
         from tqdm.auto import tqdm
 
@@ -528,7 +553,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "data_root",
                                                    "recipe", "data_sha256")},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
-                "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash()}
+                "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
+                REMOVALS_KEY: None if earlier is None else [*earlier, removal_entry(request)]}
         out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
         record = {
             "schema": RECORD_SCHEMA,
@@ -537,6 +563,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "target_tasks_arg": (None if request.target_tasks is None
                                              else list(request.target_tasks)),
                         "retain_ids": retain_ids,
+                        "earlier_removals": earlier,
+                        "num_excluded_pairs": excluded,
                         "num_forget_pairs": int(forget.supervision.sum()),
                         "num_retain_pairs": int(retain.supervision.sum())},
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
@@ -560,6 +588,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "
           f"{len(request.instance_ids)} instances, tasks {targets}")
+    if earlier:
+        print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
+              f"{excluded} pairs stayed out of the retain set")
+    elif earlier is None:
+        print("earlier removals: unknown (the input keeps only their hash); the retain set was "
+              "--retain-ids")
     print(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
     return 0
 
@@ -591,6 +625,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mtunlearn_ext.workflow import (
         OutputTransaction,
         build_user_request,
+        exclude_removed,
+        lineage_removals,
         load_model,
         measure,
         parse_ids,
@@ -618,8 +654,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
                 seed=seed)
             forget, retain = request.split(bench.train)
+            # As `unlearn` measured: the pairs the checkpoint's lineage removed are no retain
+            # pairs (the record's before/after of a chained request are measured so).
+            earlier = lineage_removals(loaded.meta)
+            retain, excluded = exclude_removed(retain, earlier or [])
             result = measure(loaded.model, forget, retain, bench.test,
                              request.resolved_tasks(bench.train), seed, args.eval_batch_size)
+            result["earlier_removals_excluded"] = (excluded if earlier is not None
+                                                   else "unknown (the checkpoint keeps only "
+                                                        "their hash)")
         from mtunlearn_ext.workflow import json_safe
 
         payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,

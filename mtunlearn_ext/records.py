@@ -7,7 +7,11 @@ unlearned checkpoint and never over an existing file. Fields:
   (:meth:`~mtunlearn_ext.data.ForgetRequest.ids_hash`), ``target_tasks`` (resolved: every task
   of a full request), ``target_tasks_arg`` (the request's own target tasks: ``null`` for a full
   request; optional, :func:`verify_record` falls back to ``type`` and ``target_tasks``),
-  ``retain_ids`` (explicit retain ids, or ``null``), pair counts;
+  ``retain_ids`` (explicit retain ids, or ``null``), ``earlier_removals`` (what earlier
+  requests of the input checkpoint's lineage removed, kept out of the retain set: a list of
+  ``{instance_ids, target_tasks, ids_sha256}``, ``[]`` for an original input, ``null`` when
+  the input did not say; optional, absent in older records), pair counts
+  (``num_excluded_pairs``: the retain pairs the earlier removals kept out);
 - ``method``: registry ``name`` and its resolved ``settings``; ``seed``; ``device``;
   ``eval_batch_size`` (optional, default 64: the batch size verification measures with);
 - ``code``: ``mtunlearn_ext`` version, git ``commit`` / ``dirty`` (``null`` without git);
@@ -168,10 +172,18 @@ def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
         ("after", "a mapping", isinstance(record["after"], Mapping)),
         ("request.retain_ids", "null or a list of integers",
          not request_ok or _is_id_list(request.get("retain_ids"), allow_null=True)),
+        ("request.earlier_removals", "null or a list of {instance_ids, target_tasks} "
+         "(optional)", not request_ok or _is_removals(request.get("earlier_removals"))),
         ("eval_batch_size", "an integer >= 1 (optional)",
          "eval_batch_size" not in record
          or (_is_int(record["eval_batch_size"]) and record["eval_batch_size"] >= 1)),
     ]
+
+
+def _is_removals(value: object) -> bool:
+    from mtunlearn_ext.workflow import is_removal_list
+
+    return value is None or is_removal_list(value)
 
 
 def _is_int(value: object) -> bool:
@@ -293,7 +305,13 @@ def verify_record(record_path: str | os.PathLike[str],
     ``eval_batch_size`` (64 when absent) unless ``batch_size`` is given.
     """
     from mtunlearn_ext.data.request import ForgetRequest
-    from mtunlearn_ext.workflow import UserInputError, load_model, measure, restrict_retain
+    from mtunlearn_ext.workflow import (
+        UserInputError,
+        exclude_removed,
+        load_model,
+        measure,
+        restrict_retain,
+    )
 
     record = read_record(record_path)
     if checkpoint_path is not None:
@@ -361,6 +379,7 @@ def verify_record(record_path: str | os.PathLike[str],
         request.validate(train_set)
         forget, retain = request.split(train_set)
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
+        retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
         reason = error.args[0] if isinstance(error, KeyError) and error.args else error
         mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
