@@ -554,6 +554,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                                    "recipe", "data_sha256")},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
                 "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
+                # The request itself, so that verify can tell a record edited to another
+                # request type or other tasks from the checkpoint's own.
+                "request_type": request_type, "target_tasks": list(targets),
                 REMOVALS_KEY: None if earlier is None else [*earlier, removal_entry(request)]}
         out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
         record = {

@@ -196,20 +196,69 @@ def _is_id_list(value: object, allow_null: bool = False) -> bool:
     return isinstance(value, list) and all(_is_int(i) for i in value)
 
 
-def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
-    """What the checkpoint says of its own making (``unlearn`` writes the method, the SHA-256 of
-    the checkpoint it started from and the hash of the forgotten ids into its metadata) against
-    what the record says: an edited record must not verify against a checkpoint that
-    contradicts it. Fields the checkpoint does not carry (one written by ``train``) are not
-    compared."""
+#: What ``verify``'s provenance row says when the checkpoint predates the request fields in its
+#: metadata (``request_type``, ``target_tasks``, ``removals``): the rest was compared.
+OLDER_CHECKPOINT_NOTE = "ok (older checkpoint: no request type/tasks in its metadata)"
+
+
+def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]
+                            ) -> tuple[list[str], bool]:
+    """What the checkpoint says of its own making against what the record says, as messages,
+    and whether the checkpoint held the request's own fields (newer checkpoints).
+
+    The checkpoint must be an unlearned one (``kind: unlearned``: a checkpoint of ``train`` is
+    no unlearning run's output), the record's output must not be its input (the same SHA-256),
+    and what ``unlearn`` writes into the output's metadata must agree with the record: the
+    method, the SHA-256 of the checkpoint it started from, the hash of the forgotten ids, and,
+    in checkpoints of this version, the request type, its resolved target tasks and the
+    lineage's removals (the record's earlier removals, then this request). An edited record
+    must not verify against a checkpoint that contradicts it. Fields an older checkpoint does
+    not carry are not compared (the second value is then ``False``)."""
+    request = record["request"]
+    inp = record.get("input")
+    input_sha = inp.get("sha256") if isinstance(inp, Mapping) else None
+    out: list[str] = []
+    kind = meta.get("kind")
+    if kind != "unlearned":
+        made_by = " (written by `mtunlearn train`)" if kind == "original" else ""
+        out.append(f"the checkpoint's metadata has kind {kind!r}{made_by}, not 'unlearned': it "
+                   "is not the output of an unlearning run, so not this record's output")
+    if input_sha is not None and record["output"]["sha256"] == input_sha:
+        out.append(f"the record's output.sha256 is its input.sha256 ({str(input_sha)[:16]}...): "
+                   "the output checkpoint is the input checkpoint, so nothing was unlearned")
     method = record.get("method")
-    pairs = [("method", "method.name", method.get("name") if isinstance(method, Mapping) else None),
-             ("parent_sha256", "input.sha256", (record.get("input") or {}).get("sha256")
-              if isinstance(record.get("input"), Mapping) else None),
-             ("ids_sha256", "request.ids_sha256", record["request"].get("ids_sha256"))]
-    return [f"the checkpoint's metadata has {key} {meta[key]!r}, the record's {field} "
-            f"{value!r} (record edited, or another run's checkpoint?)"
-            for key, field, value in pairs if key in meta and meta[key] != value]
+    target_tasks = request.get("target_tasks")
+    pairs: list[tuple[str, str, Any]] = [
+        ("method", "method.name", method.get("name") if isinstance(method, Mapping) else None),
+        ("parent_sha256", "input.sha256", input_sha),
+        ("ids_sha256", "request.ids_sha256", request.get("ids_sha256")),
+        ("request_type", "request.type", request.get("type")),
+        ("target_tasks", "request.target_tasks",
+         list(target_tasks) if isinstance(target_tasks, (list, tuple)) else target_tasks)]
+    out.extend(f"the checkpoint's metadata has {key} {meta[key]!r}, the record's {field} "
+               f"{value!r} (record edited, or another run's checkpoint?)"
+               for key, field, value in pairs if key in meta and meta[key] != value)
+    removals = meta.get("removals")
+    if isinstance(removals, list) and removals and "earlier_removals" in request:
+        earlier = request.get("earlier_removals")
+
+        def key(entries: Any) -> Any:
+            return ([(sorted(e.get("instance_ids") or []), e.get("target_tasks"))
+                     for e in entries] if isinstance(entries, list) else entries)
+
+        last = removals[-1] if isinstance(removals[-1], Mapping) else {}
+        if key(removals[:-1]) != key(earlier):
+            out.append(f"the checkpoint's metadata lists {len(removals) - 1} earlier removals, "
+                       f"the record's request.earlier_removals "
+                       f"{'null' if earlier is None else len(earlier)} that differ from them "
+                       "(record edited, or another run's checkpoint?)")
+        own = request.get("target_tasks_arg", last.get("target_tasks"))
+        if (sorted(last.get("instance_ids") or []) != sorted(request.get("instance_ids") or [])
+                or last.get("target_tasks") != own):
+            out.append("the checkpoint's metadata has removed other pairs than the record's "
+                       "request (instance_ids, target_tasks_arg)")
+    newer = all(k in meta for k in ("request_type", "target_tasks", "removals"))
+    return out, newer
 
 
 def compare_measurements(expected: Any, actual: Any, tolerance: float, where: str = ""
@@ -371,8 +420,9 @@ def verify_record(record_path: str | os.PathLike[str],
                           f"{error.hint or 'not ' + error.expected}")
         checks["metrics"] = "not measured"
         return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
-    provenance = _provenance_differences(loaded.meta, record)
-    checks["provenance"] = "MISMATCH" if provenance else "ok"
+    provenance, newer = _provenance_differences(loaded.meta, record)
+    checks["provenance"] = ("MISMATCH" if provenance else "ok" if newer
+                            else OLDER_CHECKPOINT_NOTE)
     mismatches.extend(provenance)
     train_set = loaded.benchmark.train
     try:
