@@ -537,12 +537,18 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"running {args.method}")
             result = run_unlearning(problem, args.method, settings)
             bar.update()
-            if state_dict_sha256(result.model) == state_dict_sha256(loaded.model):
-                # A run that changed nothing (steps 0, a learning rate of 0) would otherwise be
-                # recorded and verified like any other.
+            # The input's weights as read from its file (a method may work on the loaded
+            # model in place).
+            input_weights = state_dict_sha256(loaded.checkpoint.state_dict)
+            weights_changed = state_dict_sha256(result.model) != input_weights
+            if not weights_changed:
+                # A run that changed nothing (steps 0, a learning rate of 0): said here, kept
+                # in the record (weights_changed: false) and in the checkpoint, and `verify`
+                # does not pass it.
                 bar.write(f"mtunlearn: warning: {args.method} left the weights exactly as they "
                           f"were ({result.report.steps} steps): the output model is the input "
-                          "model", file=sys.stderr)
+                          "model; the record says so (weights_changed: false) and verify will "
+                          "not pass it", file=sys.stderr)
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
@@ -557,6 +563,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 # The request itself, so that verify can tell a record edited to another
                 # request type or other tasks from the checkpoint's own.
                 "request_type": request_type, "target_tasks": list(targets),
+                "parent_state_sha256": input_weights,
                 REMOVALS_KEY: None if earlier is None else [*earlier, removal_entry(request)]}
         out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
         record = {
@@ -579,6 +586,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "input": {"checkpoint": str(checkpoint.resolve()),
                       "sha256": loaded.checkpoint.sha256},
             "output": {"checkpoint": str(out_ckpt.resolve()), "sha256": out_sha},
+            "weights_changed": weights_changed,
             "before": before, "after": after,
             "report": result.report.to_dict(),
             "interference": interference,
@@ -688,7 +696,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mtunlearn_ext.api import API_RECORD_SCHEMA
-    from mtunlearn_ext.records import verify_record
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED, verify_record
 
     if _schema_of(args.record) == API_RECORD_SCHEMA:
         return _verify_api_record(args)
@@ -697,8 +705,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                  ["check", "result"]))
     for m in result.mismatches:
         print(f"mismatch: {m}", file=sys.stderr)
-    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
-          f"(metric tolerance {args.tolerance:g})")
+    if result.ok:
+        print(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
+              "and the re-measured metrics agree with the record (metric tolerance "
+              f"{args.tolerance:g}); this checks the files and the record, not how much was "
+              "forgotten: the record's before/after metrics show that")
+    elif result.checks.get("weights") == WEIGHTS_UNCHANGED:
+        print(f"FAILED: {result.checkpoint} against {args.record}: not verified, its weights "
+              "are the input model's, so nothing was unlearned (metric tolerance "
+              f"{args.tolerance:g})")
+    else:
+        print(f"FAILED: {result.checkpoint} against {args.record} (metric tolerance "
+              f"{args.tolerance:g})")
     return 0 if result.ok else 1
 
 

@@ -18,6 +18,8 @@ unlearned checkpoint and never over an existing file. Fields:
 - ``benchmark``: name, size, seed, data root, data SHA-256;
 - ``input`` / ``output``: checkpoint path (absolute; older records may hold it relative to the
   folder ``unlearn`` ran in, :func:`recorded_path`) and SHA-256;
+- ``weights_changed`` (optional, written by ``mtunlearn unlearn``): whether the output's weights
+  differ from the input model's (``false``: the run changed nothing; ``verify`` fails it);
 - ``before`` / ``after``: per-split, per-task metrics and the membership-inference AUC
   (:func:`mtunlearn_ext.workflow.measure`);
 - ``report``: the unlearner's report (wall time, steps, forget/retain loss curves);
@@ -27,7 +29,9 @@ unlearned checkpoint and never over an existing file. Fields:
 - ``started_at`` / ``finished_at``: UTC ISO-8601 timestamps.
 
 :func:`verify_record` re-hashes the checkpoint, re-checks the ids hash and re-measures the
-model, comparing with ``after`` within a tolerance.
+model, comparing with ``after`` within a tolerance, and checks that the checkpoint is the
+record's unlearned output whose weights differ from the input model's. It checks that files and
+record agree, not how much was forgotten.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ from typing import Any
 
 from mtunlearn_ext._io import sha256_of_file
 
-__all__ = ["RECORD_SCHEMA", "RecordError", "VerifyResult", "code_version", "compare_measurements",
-           "read_record", "utc_now", "verify_record", "write_record"]
+__all__ = ["RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError", "VerifyResult", "code_version",
+           "compare_measurements", "read_record", "utc_now", "verify_record", "write_record"]
 
 RECORD_SCHEMA = "mtunlearn_ext.unlearning-record/1"
 
@@ -174,6 +178,8 @@ def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
          not request_ok or _is_id_list(request.get("retain_ids"), allow_null=True)),
         ("request.earlier_removals", "null or a list of {instance_ids, target_tasks} "
          "(optional)", not request_ok or _is_removals(request.get("earlier_removals"))),
+        ("weights_changed", "true or false (optional)",
+         record.get("weights_changed") is None or isinstance(record["weights_changed"], bool)),
         ("eval_batch_size", "an integer >= 1 (optional)",
          "eval_batch_size" not in record
          or (_is_int(record["eval_batch_size"]) and record["eval_batch_size"] >= 1)),
@@ -292,7 +298,8 @@ class VerifyResult:
     """Outcome of :func:`verify_record`: ``ok``, every mismatch found (as messages) and the
     outcome of each check, ``checks``: ``"sha256"`` (the checkpoint's hash), ``"ids"`` (the
     recorded ids against their hash), ``"provenance"``, ``"metrics"`` (the re-measurement of
-    ``after``) and ``"before"`` (the input model's, when its checkpoint is found), each
+    ``after``), ``"before"`` (the input model's, when its checkpoint is found) and
+    ``"weights"`` (:data:`WEIGHTS_UNCHANGED` for an output whose weights are the input's), each
     ``"ok"``, ``"MISMATCH"`` or, for ``"metrics"`` when the recorded request does not apply to
     the checkpoint's data, ``"not measured"``; ``"before"`` says why when it was not
     measured."""
@@ -445,7 +452,59 @@ def verify_record(record_path: str | os.PathLike[str],
     checks["before"] = _verify_before(record, record_path, forget, retain, loaded.benchmark.test,
                                       request.resolved_tasks(train_set), size, tolerance,
                                       mismatches)
+    checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
+
+
+#: ``verify``'s ``weights`` row for an output whose weights are the input model's.
+WEIGHTS_UNCHANGED = "UNCHANGED"
+
+
+def _verify_weights(record: Mapping[str, Any], record_path: str | os.PathLike[str],
+                    checkpoint: Any, mismatches: list[str]) -> str:
+    """The ``weights`` check: the output's weights must differ from the input model's (a run
+    that changed nothing, e.g. ``steps: 0``, unlearned nothing, however consistent its files
+    and record are). Known from the checkpoint's ``parent_state_sha256`` (the input's weights
+    hash, written by ``unlearn``), else from the input checkpoint when it is still where the
+    record says with the recorded SHA-256; the record's ``weights_changed`` must agree, and
+    ``false`` there fails the check too. ``"ok"``, :data:`WEIGHTS_UNCHANGED`, or ``"not
+    checked"`` and why (an older record and checkpoint whose input is gone)."""
+    from mtunlearn_ext.training import CheckpointError, load_checkpoint, state_dict_sha256
+
+    own = checkpoint.state_sha256 or state_dict_sha256(checkpoint.state_dict)
+    parent = checkpoint.meta.get("parent_state_sha256")
+    if not isinstance(parent, str):
+        parent = None
+        inp = record.get("input")
+        inp = inp if isinstance(inp, Mapping) else {}
+        recorded = inp.get("checkpoint")
+        if isinstance(recorded, str):
+            path = recorded_path(recorded, record_path)
+            if path.is_file():
+                try:
+                    original = load_checkpoint(path, expected_sha256=inp.get("sha256"))
+                    parent = original.state_sha256 or state_dict_sha256(original.state_dict)
+                except CheckpointError:  # gone or replaced: as for `before`, not a mismatch
+                    pass
+    claimed = record.get("weights_changed")
+    if parent is not None and own == parent:
+        mismatches.append("the output checkpoint's weights are exactly the input model's "
+                          f"(weights SHA-256 {own[:16]}...): the run changed nothing, so "
+                          "nothing was unlearned"
+                          + (" (the record's weights_changed says true)" if claimed is True
+                             else ""))
+        return WEIGHTS_UNCHANGED
+    if claimed is False:
+        if parent is None:
+            mismatches.append("the record says weights_changed: false: the run left the "
+                              "weights as they were, so nothing was unlearned")
+            return WEIGHTS_UNCHANGED
+        mismatches.append("the record says weights_changed: false, but the output's weights "
+                          "differ from the input model's (record edited?)")
+        return "MISMATCH"
+    if parent is None:
+        return "not checked (no input weights hash: an older checkpoint whose input is gone)"
+    return "ok"
 
 
 def _verify_before(record: Mapping[str, Any], record_path: str | os.PathLike[str],
