@@ -599,6 +599,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "
           f"{len(request.instance_ids)} instances, tasks {targets}")
+    print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
+                        "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
         print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
               f"{excluded} pairs stayed out of the retain set")
@@ -609,10 +611,24 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retain_note(split: Mapping[str, Any]) -> str:
+    """One line on the retain split the metrics were measured on: its size, and whether
+    ``--retain-ids`` limited it (then the retain metrics describe those instances only)."""
+    ids = split.get("retain_ids")
+    size = f"{split.get('pairs')} pairs of {split.get('instances')} instances"
+    excluded = split.get("earlier_removals_excluded")
+    earlier = (f"; {excluded} pairs removed by earlier requests kept out"
+               if isinstance(excluded, int) and excluded else "")
+    return (f"retain split: {size}, limited by --retain-ids to {len(ids)} instances (the retain "
+            f"metrics describe these only){earlier}" if ids is not None
+            else f"retain split: {size} (every training pair outside the request{earlier})")
+
+
 def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str]) -> None:
     """``evaluate`` without a request (no ``--forget-ids`` / ``--forget-fraction``) measures
-    every task on train and test: ``--target-tasks``, ``--request`` and ``--seed`` (which
-    seeds the forget draw and the attack) would be silently ignored, so they are refused (an
+    every task on train and test: ``--target-tasks``, ``--request``, ``--retain-ids`` and
+    ``--seed`` (which seeds the forget draw and the attack) would be silently ignored, so they
+    are refused (an
     unknown task name first, as with a request)."""
     from mtunlearn_ext.workflow import UserInputError, parse_tasks
 
@@ -622,6 +638,7 @@ def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str])
                              "unknown task names")
     given = [(flag, value) for flag, value in (("--target-tasks", args.target_tasks),
                                                ("--request", args.request),
+                                               ("--retain-ids", args.retain_ids),
                                                ("--seed", args.seed)) if value is not None]
     if given:
         names = [flag for flag, _ in given]
@@ -642,6 +659,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         measure,
         parse_ids,
         parse_tasks,
+        restrict_retain,
         write_json_new,
     )
 
@@ -665,15 +683,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
                 seed=seed)
             forget, retain = request.split(bench.train)
-            # As `unlearn` measured: the pairs the checkpoint's lineage removed are no retain
-            # pairs (the record's before/after of a chained request are measured so).
+            # As `unlearn` measured: limited to --retain-ids when given, and without the pairs
+            # the checkpoint's lineage removed (the record's before/after of a chained request
+            # are measured so).
+            retain_ids = parse_ids(args.retain_ids, "--retain-ids")
+            retain = restrict_retain(retain, request, retain_ids, bench.train)
             earlier = lineage_removals(loaded.meta)
             retain, excluded = exclude_removed(retain, earlier or [])
             result = measure(loaded.model, forget, retain, bench.test,
                              request.resolved_tasks(bench.train), seed, args.eval_batch_size)
-            result["earlier_removals_excluded"] = (excluded if earlier is not None
-                                                   else "unknown (the checkpoint keeps only "
-                                                        "their hash)")
+            result["retain_split"] = {
+                "pairs": int(retain.supervision.sum()), "instances": len(retain),
+                "retain_ids": retain_ids,
+                "earlier_removals_excluded": (excluded if earlier is not None else
+                                              "unknown (the checkpoint keeps only their hash)")}
         from mtunlearn_ext.workflow import json_safe
 
         payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,
@@ -684,6 +707,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table = _table([[split, task, metric, value]
                     for split, task, metric, _, value in _metric_rows(None, payload)],
                    ["split", "task", "metric", "value"])
+    if "retain_split" in payload:
+        table += "\n" + _retain_note(payload["retain_split"])
     if output is None:
         # The JSON is the output: stdout holds it alone, so that it can be piped into a JSON
         # reader; the summary table still ends the command, on stderr.
@@ -829,6 +854,10 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--request", default=None, choices=["full", "partial"],
                    help="request type (default: partial iff --target-tasks is a proper "
                         "subset); partial needs --target-tasks")
+    p.add_argument("--retain-ids", default=None, metavar="IDS",
+                   help="optional explicit retain instances (disjoint from --forget-ids), as "
+                        "for --forget-ids" + ("" if required else "; measures the retain split "
+                                              "`unlearn --retain-ids` used (needs a request)"))
     p.add_argument("--seed", type=int, default=None,
                    help=("seeds the forget-id draw, the method and the attack" if required else
                          "seeds the forget-id draw and the attack")
@@ -873,8 +902,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="input checkpoint (from `mtunlearn train`); never modified")
     _request_options(p, required=True)
-    p.add_argument("--retain-ids", default=None, metavar="IDS",
-                   help="optional explicit retain instances (disjoint from --forget-ids)")
     p.add_argument("--method", default="interference_aware",
                    help="unlearning method (registry name, e.g. interference_aware, "
                         "neggrad_plus, finetune, retrain)")

@@ -100,7 +100,7 @@ def test_a_chained_request_keeps_earlier_removals_out_of_the_retain_set(
     evaluated = json.loads(capsys.readouterr().out)
     record = json.loads(record_path.read_text())
     assert evaluated["metrics"] == record["before"]["metrics"]
-    assert evaluated["earlier_removals_excluded"] == 11
+    assert evaluated["retain_split"]["earlier_removals_excluded"] == 11
     # A record edited to drop the earlier removals no longer verifies (the retain set changes).
     record["request"]["earlier_removals"] = []
     edited = tmp_path / "edited.json"
