@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "link_new", "name_max", "sha256_of_file", "temporary_file_beside",
-           "write_text_atomic", "write_text_new"]
+__all__ = ["atomic_torch_save", "interrupts_held", "link_new", "name_max", "new_temporary_beside",
+           "sha256_of_file", "temporary_file_beside", "write_text_atomic", "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
 _DEFAULT_NAME_MAX = 255
@@ -62,27 +67,108 @@ def _temporary_prefix(name: str, suffix: str, limit: int) -> str:
     return f".{name}."
 
 
+class _HeldInterrupts:
+    """SIGINT and SIGTERM held back while the block runs, then handled as they would have been.
+
+    Python runs a signal's handler (the ``KeyboardInterrupt`` of Ctrl-C, the command line's
+    SIGTERM exception) between any two bytecodes of the main thread, so one arriving inside
+    ``mkstemp``, after it created the file and before its caller has the name, left an empty
+    temporary file that nothing could remove. Inside the block the handlers only note the
+    signal; leaving the block puts the previous handlers back and calls them for the signals
+    that came (a default action is taken by sending the signal again), so the exception is
+    raised once the block's work, the creation and the registration of a file, is complete.
+    Handlers can only be replaced in the main thread: elsewhere (where no handler raises) the
+    block runs as it is.
+    """
+
+    _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
+                     if s is not None)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.pending: list[int] = []
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+
+    def __enter__(self) -> _HeldInterrupts:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in self._SIGNALS:
+            current = signal.getsignal(signum)
+            if current is None:  # set outside Python: it could not be put back
+                continue
+            try:
+                self.previous[signum] = signal.signal(signum, self._note)
+            except (OSError, ValueError):  # pragma: no cover - no handlers here
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(self.pending):
+            handler = self.previous.get(signum)
+            if callable(handler):
+                handler(signum, None)  # raises KeyboardInterrupt / the command's exception
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)  # the default action (termination)
+
+
+def interrupts_held() -> _HeldInterrupts:
+    """A context manager holding SIGINT / SIGTERM back while its block runs
+    (:class:`_HeldInterrupts`): one that arrives meanwhile is handled when the block ends."""
+    return _HeldInterrupts()
+
+
 def temporary_file_beside(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
     """``(fd, path)`` of a new temporary file in ``target``'s folder, to be renamed or linked
     onto ``target``, with the permissions a plain ``open(target, "w")`` would give it
     (``0o666`` less the umask): ``mkstemp`` makes it owner-only, which the finished file would
     keep. Its name is ``.{target name}.XXXXXXXX{suffix}``, the target's name shortened where
-    that would exceed the file system's name limit."""
+    that would exceed the file system's name limit. An interrupt (SIGINT / SIGTERM) arriving
+    while the file is created is handled once ``(fd, path)`` are known, and the file is then
+    removed; callers that must never leave the file behind create it with
+    :func:`new_temporary_beside`, which also covers the moment the caller takes the name."""
     prefix = _temporary_prefix(target.name, suffix, name_max(target.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
-    try:  # until the caller has (fd, name), no one else can remove the file: do it here
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-        except OSError:  # file systems without POSIX modes: keep what mkstemp made
-            pass
+    name: str | None = None
+    try:
+        with interrupts_held():  # mkstemp's creation and our knowing the name: one step
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+            try:
+                os.fchmod(fd, 0o666 & ~_umask())
+            except OSError:  # file systems without POSIX modes: keep what mkstemp made
+                pass
     except BaseException:  # KeyboardInterrupt, a signal turned into an exception, ...
-        os.close(fd)
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
+        if name is not None:  # until the caller has (fd, name), no one else can remove it
+            os.close(fd)
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
         raise
     return fd, name
+
+
+@contextmanager
+def new_temporary_beside(target: Path, suffix: str = ".tmp") -> Iterator[tuple[int, str]]:
+    """``(fd, path)`` of a new temporary file beside ``target`` (:func:`temporary_file_beside`)
+    for the block, removed when the block ends if it is still there (renamed or linked onto
+    ``target``, it is gone or a second name of the target). The file is created, and its name
+    known to this clean-up, with interrupts held (:func:`interrupts_held`), so an interrupt at
+    any point leaves no temporary file. The block owns ``fd`` (closes it, e.g. by
+    ``os.fdopen``)."""
+    name: str | None = None
+    try:
+        with interrupts_held():
+            fd, name = temporary_file_beside(target, suffix)
+        yield fd, name
+    finally:
+        if name is not None:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -114,33 +200,23 @@ def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str) -> 
         os.replace(tmp, target)
 
 
-def _text_beside(target: Path, text: str) -> str:
-    """``text`` in a new temporary file in ``target``'s folder, flushed to disk; its name. The
-    file is removed again if the write fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = temporary_file_beside(target)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-    return tmp_name
+def _write_text_fd(fd: int, text: str) -> None:
+    """``text`` into the new file ``fd`` (closed afterwards), flushed to disk."""
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file in the same directory, fsync,
     ``os.replace``): readers see the old file or the whole new one, never a part."""
     target = Path(path)
-    tmp_name = _text_beside(target, text)
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with new_temporary_beside(target) as (fd, tmp_name):
+        _write_text_fd(fd, text)
         os.replace(tmp_name, target)
         _fsync_dir(target.parent)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def write_text_new(path: str | os.PathLike[str], text: str) -> str:
@@ -154,14 +230,12 @@ def write_text_new(path: str | os.PathLike[str], text: str) -> str:
     target = Path(path)
     if os.path.lexists(target):
         raise FileExistsError(f"{target} exists; refusing to overwrite it")
-    tmp_name = _text_beside(target, text)
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with new_temporary_beside(target) as (fd, tmp_name):
+        _write_text_fd(fd, text)
         link_new(tmp_name, target, f"{target} exists; refusing to overwrite it")
         _fsync_dir(target.parent)
         return sha256_of_file(target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> str:
@@ -177,18 +251,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    fd, tmp_name = temporary_file_beside(target)
-    try:
+    with new_temporary_beside(target) as (fd, tmp_name):
         tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
             try:
                 torch.save(obj, f)
             except RuntimeError as error:
-                # A failed write (disk full) raises OSError inside torch.save, whose zip writer
-                # then fails again while closing ("unexpected pos ...") and replaces it with
-                # that RuntimeError: the OSError is what happened.
-                if isinstance(error.__context__, OSError):
-                    raise error.__context__ from None
+                # An exception inside torch.save (a failed write: OSError, disk full; an
+                # interrupt: KeyboardInterrupt, or the command line's SIGTERM exception) makes
+                # its zip writer fail again while closing ("unexpected pos ...") and replace it
+                # with that RuntimeError: the first exception is what happened.
+                cause = error.__context__
+                if isinstance(cause, (OSError, KeyboardInterrupt, SystemExit)):
+                    raise cause from None
                 raise
             f.flush()
             os.fsync(f.fileno())
@@ -199,5 +274,3 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
             link_new(tmp, target, f"{target} exists; pass overwrite=True to replace it")
         _fsync_dir(target.parent)
         return sha
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)

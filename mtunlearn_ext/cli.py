@@ -4,7 +4,8 @@ Subcommands: ``train``, ``unlearn``, ``evaluate``, ``verify``, ``benchmark``, ``
 ``--help``. Every option can also come from ``--config file.yaml|file.toml`` whose keys are the
 option names (``forget_ids`` or ``forget-ids``; ``import``, or ``imports``, a list or one string,
 for the repeatable ``--import``, which the command line adds to); options on the command line
-override it, and a null value (YAML ``null``) leaves the option at its default.
+override it, and a null value (YAML ``null``) leaves the option at its default (``forget_ids:
+null`` is refused: only an absent key draws a random share to forget).
 
 Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
 argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
@@ -148,10 +149,37 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
     return str(value)
 
 
+class _NullInConfig(str):
+    """The default of an option whose config value was null although null may not stand for
+    "not given" there (:data:`_NO_NULL`); refused once the command line is parsed, unless the
+    command line gives the option (:func:`_refuse_config_nulls`)."""
+
+
+#: Options a config may not set to null: the value has an effect of its own that a null (an
+#: empty value, perhaps a template's placeholder or a variable that did not expand) must not
+#: choose. Without ``forget_ids``, ``unlearn`` forgets a random share of the instances: a
+#: data-removal tool takes that from an absent key, never from an empty one.
+_NO_NULL = {"forget_ids": "(then a random --forget-fraction of the training instances is "
+                          "forgotten)"}
+
+
+def _refuse_config_nulls(args: argparse.Namespace) -> None:
+    from mtunlearn_ext.workflow import UserInputError
+
+    for dest, absent in _NO_NULL.items():
+        key = getattr(args, dest, None)
+        if isinstance(key, _NullInConfig):
+            raise UserInputError("--config", f"instance ids for {str(key)!r}, or no {key} key "
+                                 + absent, "null", f"an empty {key} is refused, not taken for a "
+                                 "random draw: list the ids, or remove the key to draw them")
+
+
 def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
     """Make config values the defaults of ``parser`` (so command-line flags override them).
     Values go through the option's own parsing (:func:`_config_value`); a null value (YAML
-    ``null`` / ``~``) means the option is not given: it keeps its default."""
+    ``null`` / ``~``) means the option is not given: it keeps its default, except for the
+    options of :data:`_NO_NULL` (``forget_ids``), where it is refused unless the command line
+    gives the option."""
     from mtunlearn_ext.workflow import UserInputError
 
     actions: dict[str, argparse.Action] = {}
@@ -177,6 +205,8 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
                                  f"{given[dest]!r} sets the same option")
         given[dest] = str(key)
         if value is None:
+            if dest in _NO_NULL:
+                defaults[dest] = _NullInConfig(key)
             continue
         try:
             defaults[dest] = _config_value(actions[name], value)
@@ -422,14 +452,19 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         UNKNOWN_METHOD_HINT,
         OutputTransaction,
         UserInputError,
+        REMOVALS_KEY,
         build_user_request,
         check_device,
+        exclude_removed,
+        lineage_removals,
         load_model,
         measure,
         parse_ids,
         parse_tasks,
+        removal_entry,
         restrict_retain,
         run_unlearning,
+        unknown_removals_hint,
     )
 
     started = utc_now()
@@ -449,6 +484,20 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         out_rec = tx.reserve("--record", args.record or (
             default_rec if args.output is None else Path(str(out_ckpt) + ".record.json")))
         loaded = load_model(checkpoint)
+        # What earlier requests of this checkpoint's lineage removed stays removed: out of the
+        # retain set (and so out of retraining). Unknown removals (an older unlearned
+        # checkpoint keeps only their hash) are refused unless --retain-ids names the retain
+        # set itself.
+        earlier = lineage_removals(loaded.meta)
+        if earlier is None:
+            if retain_ids is None:
+                raise UserInputError("--checkpoint", "a checkpoint whose earlier removals are "
+                                     "known (an original, or one unlearned by this version)",
+                                     str(checkpoint), unknown_removals_hint(loaded.meta))
+            print(f"mtunlearn: warning: {checkpoint} is an unlearned checkpoint whose earlier "
+                  "removals are not known (only their hash is kept): the retain set is "
+                  "--retain-ids as given, which must leave the ids forgotten before out",
+                  file=sys.stderr)
         bench, seed = loaded.benchmark, int(args.seed if args.seed is not None
                                             else loaded.meta["seed"])
         train_set = bench.train
@@ -462,6 +511,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                   f"{len(request.instance_ids)} instances", file=sys.stderr)
         forget, retain = request.split(train_set)
         retain = restrict_retain(retain, request, retain_ids, train_set)
+        retain, excluded = exclude_removed(retain, earlier or [], retain_ids)
+        if earlier:
+            removed_ids = len({i for e in earlier for i in e["instance_ids"]})
+            print(f"mtunlearn: {len(earlier)} earlier request(s) of the checkpoint's lineage "
+                  f"removed {removed_ids} instance(s): they stay removed ({excluded} pairs kept "
+                  "out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
         from tqdm.auto import tqdm
 
@@ -482,12 +537,18 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"running {args.method}")
             result = run_unlearning(problem, args.method, settings)
             bar.update()
-            if state_dict_sha256(result.model) == state_dict_sha256(loaded.model):
-                # A run that changed nothing (steps 0, a learning rate of 0) would otherwise be
-                # recorded and verified like any other.
+            # The input's weights as read from its file (a method may work on the loaded
+            # model in place).
+            input_weights = state_dict_sha256(loaded.checkpoint.state_dict)
+            weights_changed = state_dict_sha256(result.model) != input_weights
+            if not weights_changed:
+                # A run that changed nothing (steps 0, a learning rate of 0): said here, kept
+                # in the record (weights_changed: false) and in the checkpoint, and `verify`
+                # does not pass it.
                 bar.write(f"mtunlearn: warning: {args.method} left the weights exactly as they "
                           f"were ({result.report.steps} steps): the output model is the input "
-                          "model", file=sys.stderr)
+                          "model; the record says so (weights_changed: false) and verify will "
+                          "not pass it", file=sys.stderr)
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
@@ -498,7 +559,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "data_root",
                                                    "recipe", "data_sha256")},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
-                "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash()}
+                "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
+                # The request itself, so that verify can tell a record edited to another
+                # request type or other tasks from the checkpoint's own.
+                "request_type": request_type, "target_tasks": list(targets),
+                "parent_state_sha256": input_weights,
+                REMOVALS_KEY: None if earlier is None else [*earlier, removal_entry(request)]}
         out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
         record = {
             "schema": RECORD_SCHEMA,
@@ -507,6 +573,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "target_tasks_arg": (None if request.target_tasks is None
                                              else list(request.target_tasks)),
                         "retain_ids": retain_ids,
+                        "earlier_removals": earlier,
+                        "num_excluded_pairs": excluded,
                         "num_forget_pairs": int(forget.supervision.sum()),
                         "num_retain_pairs": int(retain.supervision.sum())},
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
@@ -518,6 +586,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "input": {"checkpoint": str(checkpoint.resolve()),
                       "sha256": loaded.checkpoint.sha256},
             "output": {"checkpoint": str(out_ckpt.resolve()), "sha256": out_sha},
+            "weights_changed": weights_changed,
             "before": before, "after": after,
             "report": result.report.to_dict(),
             "interference": interference,
@@ -530,14 +599,36 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "
           f"{len(request.instance_ids)} instances, tasks {targets}")
+    print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
+                        "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
+    if earlier:
+        print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
+              f"{excluded} pairs stayed out of the retain set")
+    elif earlier is None:
+        print("earlier removals: unknown (the input keeps only their hash); the retain set was "
+              "--retain-ids")
     print(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
     return 0
 
 
+def _retain_note(split: Mapping[str, Any]) -> str:
+    """One line on the retain split the metrics were measured on: its size, and whether
+    ``--retain-ids`` limited it (then the retain metrics describe those instances only)."""
+    ids = split.get("retain_ids")
+    size = f"{split.get('pairs')} pairs of {split.get('instances')} instances"
+    excluded = split.get("earlier_removals_excluded")
+    earlier = (f"; {excluded} pairs removed by earlier requests kept out"
+               if isinstance(excluded, int) and excluded else "")
+    return (f"retain split: {size}, limited by --retain-ids to {len(ids)} instances (the retain "
+            f"metrics describe these only){earlier}" if ids is not None
+            else f"retain split: {size} (every training pair outside the request{earlier})")
+
+
 def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str]) -> None:
     """``evaluate`` without a request (no ``--forget-ids`` / ``--forget-fraction``) measures
-    every task on train and test: ``--target-tasks``, ``--request`` and ``--seed`` (which
-    seeds the forget draw and the attack) would be silently ignored, so they are refused (an
+    every task on train and test: ``--target-tasks``, ``--request``, ``--retain-ids`` and
+    ``--seed`` (which seeds the forget draw and the attack) would be silently ignored, so they
+    are refused (an
     unknown task name first, as with a request)."""
     from mtunlearn_ext.workflow import UserInputError, parse_tasks
 
@@ -547,6 +638,7 @@ def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str])
                              "unknown task names")
     given = [(flag, value) for flag, value in (("--target-tasks", args.target_tasks),
                                                ("--request", args.request),
+                                               ("--retain-ids", args.retain_ids),
                                                ("--seed", args.seed)) if value is not None]
     if given:
         names = [flag for flag, _ in given]
@@ -561,10 +653,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mtunlearn_ext.workflow import (
         OutputTransaction,
         build_user_request,
+        exclude_removed,
+        lineage_removals,
         load_model,
         measure,
         parse_ids,
         parse_tasks,
+        restrict_retain,
         write_json_new,
     )
 
@@ -588,8 +683,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
                 seed=seed)
             forget, retain = request.split(bench.train)
+            # As `unlearn` measured: limited to --retain-ids when given, and without the pairs
+            # the checkpoint's lineage removed (the record's before/after of a chained request
+            # are measured so).
+            retain_ids = parse_ids(args.retain_ids, "--retain-ids")
+            retain = restrict_retain(retain, request, retain_ids, bench.train)
+            earlier = lineage_removals(loaded.meta)
+            retain, excluded = exclude_removed(retain, earlier or [])
             result = measure(loaded.model, forget, retain, bench.test,
                              request.resolved_tasks(bench.train), seed, args.eval_batch_size)
+            result["retain_split"] = {
+                "pairs": int(retain.supervision.sum()), "instances": len(retain),
+                "retain_ids": retain_ids,
+                "earlier_removals_excluded": (excluded if earlier is not None else
+                                              "unknown (the checkpoint keeps only their hash)")}
         from mtunlearn_ext.workflow import json_safe
 
         payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,
@@ -600,6 +707,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table = _table([[split, task, metric, value]
                     for split, task, metric, _, value in _metric_rows(None, payload)],
                    ["split", "task", "metric", "value"])
+    if "retain_split" in payload:
+        table += "\n" + _retain_note(payload["retain_split"])
     if output is None:
         # The JSON is the output: stdout holds it alone, so that it can be piped into a JSON
         # reader; the summary table still ends the command, on stderr.
@@ -612,7 +721,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mtunlearn_ext.api import API_RECORD_SCHEMA
-    from mtunlearn_ext.records import verify_record
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED, verify_record
 
     if _schema_of(args.record) == API_RECORD_SCHEMA:
         return _verify_api_record(args)
@@ -621,8 +730,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                  ["check", "result"]))
     for m in result.mismatches:
         print(f"mismatch: {m}", file=sys.stderr)
-    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
-          f"(metric tolerance {args.tolerance:g})")
+    if result.ok:
+        print(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
+              "and the re-measured metrics agree with the record (metric tolerance "
+              f"{args.tolerance:g}); this checks the files and the record, not how much was "
+              "forgotten: the record's before/after metrics show that")
+    elif result.checks.get("weights") == WEIGHTS_UNCHANGED:
+        print(f"FAILED: {result.checkpoint} against {args.record}: not verified, its weights "
+              "are the input model's, so nothing was unlearned (metric tolerance "
+              f"{args.tolerance:g})")
+    else:
+        print(f"FAILED: {result.checkpoint} against {args.record} (metric tolerance "
+              f"{args.tolerance:g})")
     return 0 if result.ok else 1
 
 
@@ -735,6 +854,10 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--request", default=None, choices=["full", "partial"],
                    help="request type (default: partial iff --target-tasks is a proper "
                         "subset); partial needs --target-tasks")
+    p.add_argument("--retain-ids", default=None, metavar="IDS",
+                   help="optional explicit retain instances (disjoint from --forget-ids), as "
+                        "for --forget-ids" + ("" if required else "; measures the retain split "
+                                              "`unlearn --retain-ids` used (needs a request)"))
     p.add_argument("--seed", type=int, default=None,
                    help=("seeds the forget-id draw, the method and the attack" if required else
                          "seeds the forget-id draw and the attack")
@@ -779,8 +902,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="input checkpoint (from `mtunlearn train`); never modified")
     _request_options(p, required=True)
-    p.add_argument("--retain-ids", default=None, metavar="IDS",
-                   help="optional explicit retain instances (disjoint from --forget-ids)")
     p.add_argument("--method", default="interference_aware",
                    help="unlearning method (registry name, e.g. interference_aware, "
                         "neggrad_plus, finetune, retrain)")
@@ -919,6 +1040,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if missing:
             raise UserInputError(missing[0], "a value (flag or config key)", None,
                                  f"`mtunlearn {args.command}` requires it")
+        _refuse_config_nulls(args)
         _threads(args)
         import_plugins(args.imports or [])
         return int(args.func(args))

@@ -7,13 +7,19 @@ unlearned checkpoint and never over an existing file. Fields:
   (:meth:`~mtunlearn_ext.data.ForgetRequest.ids_hash`), ``target_tasks`` (resolved: every task
   of a full request), ``target_tasks_arg`` (the request's own target tasks: ``null`` for a full
   request; optional, :func:`verify_record` falls back to ``type`` and ``target_tasks``),
-  ``retain_ids`` (explicit retain ids, or ``null``), pair counts;
+  ``retain_ids`` (explicit retain ids, or ``null``), ``earlier_removals`` (what earlier
+  requests of the input checkpoint's lineage removed, kept out of the retain set: a list of
+  ``{instance_ids, target_tasks, ids_sha256}``, ``[]`` for an original input, ``null`` when
+  the input did not say; optional, absent in older records), pair counts
+  (``num_excluded_pairs``: the retain pairs the earlier removals kept out);
 - ``method``: registry ``name`` and its resolved ``settings``; ``seed``; ``device``;
   ``eval_batch_size`` (optional, default 64: the batch size verification measures with);
 - ``code``: ``mtunlearn_ext`` version, git ``commit`` / ``dirty`` (``null`` without git);
 - ``benchmark``: name, size, seed, data root, data SHA-256;
 - ``input`` / ``output``: checkpoint path (absolute; older records may hold it relative to the
   folder ``unlearn`` ran in, :func:`recorded_path`) and SHA-256;
+- ``weights_changed`` (optional, written by ``mtunlearn unlearn``): whether the output's weights
+  differ from the input model's (``false``: the run changed nothing; ``verify`` fails it);
 - ``before`` / ``after``: per-split, per-task metrics and the membership-inference AUC
   (:func:`mtunlearn_ext.workflow.measure`);
 - ``report``: the unlearner's report (wall time, steps, forget/retain loss curves);
@@ -23,7 +29,9 @@ unlearned checkpoint and never over an existing file. Fields:
 - ``started_at`` / ``finished_at``: UTC ISO-8601 timestamps.
 
 :func:`verify_record` re-hashes the checkpoint, re-checks the ids hash and re-measures the
-model, comparing with ``after`` within a tolerance.
+model, comparing with ``after`` within a tolerance, and checks that the checkpoint is the
+record's unlearned output whose weights differ from the input model's. It checks that files and
+record agree, not how much was forgotten.
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ from typing import Any
 
 from mtunlearn_ext._io import sha256_of_file
 
-__all__ = ["RECORD_SCHEMA", "RecordError", "VerifyResult", "code_version", "compare_measurements",
-           "read_record", "utc_now", "verify_record", "write_record"]
+__all__ = ["RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError", "VerifyResult", "code_version",
+           "compare_measurements", "read_record", "utc_now", "verify_record", "write_record"]
 
 RECORD_SCHEMA = "mtunlearn_ext.unlearning-record/1"
 
@@ -168,10 +176,20 @@ def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
         ("after", "a mapping", isinstance(record["after"], Mapping)),
         ("request.retain_ids", "null or a list of integers",
          not request_ok or _is_id_list(request.get("retain_ids"), allow_null=True)),
+        ("request.earlier_removals", "null or a list of {instance_ids, target_tasks} "
+         "(optional)", not request_ok or _is_removals(request.get("earlier_removals"))),
+        ("weights_changed", "true or false (optional)",
+         record.get("weights_changed") is None or isinstance(record["weights_changed"], bool)),
         ("eval_batch_size", "an integer >= 1 (optional)",
          "eval_batch_size" not in record
          or (_is_int(record["eval_batch_size"]) and record["eval_batch_size"] >= 1)),
     ]
+
+
+def _is_removals(value: object) -> bool:
+    from mtunlearn_ext.workflow import is_removal_list
+
+    return value is None or is_removal_list(value)
 
 
 def _is_int(value: object) -> bool:
@@ -184,20 +202,69 @@ def _is_id_list(value: object, allow_null: bool = False) -> bool:
     return isinstance(value, list) and all(_is_int(i) for i in value)
 
 
-def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
-    """What the checkpoint says of its own making (``unlearn`` writes the method, the SHA-256 of
-    the checkpoint it started from and the hash of the forgotten ids into its metadata) against
-    what the record says: an edited record must not verify against a checkpoint that
-    contradicts it. Fields the checkpoint does not carry (one written by ``train``) are not
-    compared."""
+#: What ``verify``'s provenance row says when the checkpoint predates the request fields in its
+#: metadata (``request_type``, ``target_tasks``, ``removals``): the rest was compared.
+OLDER_CHECKPOINT_NOTE = "ok (older checkpoint: no request type/tasks in its metadata)"
+
+
+def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]
+                            ) -> tuple[list[str], bool]:
+    """What the checkpoint says of its own making against what the record says, as messages,
+    and whether the checkpoint held the request's own fields (newer checkpoints).
+
+    The checkpoint must be an unlearned one (``kind: unlearned``: a checkpoint of ``train`` is
+    no unlearning run's output), the record's output must not be its input (the same SHA-256),
+    and what ``unlearn`` writes into the output's metadata must agree with the record: the
+    method, the SHA-256 of the checkpoint it started from, the hash of the forgotten ids, and,
+    in checkpoints of this version, the request type, its resolved target tasks and the
+    lineage's removals (the record's earlier removals, then this request). An edited record
+    must not verify against a checkpoint that contradicts it. Fields an older checkpoint does
+    not carry are not compared (the second value is then ``False``)."""
+    request = record["request"]
+    inp = record.get("input")
+    input_sha = inp.get("sha256") if isinstance(inp, Mapping) else None
+    out: list[str] = []
+    kind = meta.get("kind")
+    if kind != "unlearned":
+        made_by = " (written by `mtunlearn train`)" if kind == "original" else ""
+        out.append(f"the checkpoint's metadata has kind {kind!r}{made_by}, not 'unlearned': it "
+                   "is not the output of an unlearning run, so not this record's output")
+    if input_sha is not None and record["output"]["sha256"] == input_sha:
+        out.append(f"the record's output.sha256 is its input.sha256 ({str(input_sha)[:16]}...): "
+                   "the output checkpoint is the input checkpoint, so nothing was unlearned")
     method = record.get("method")
-    pairs = [("method", "method.name", method.get("name") if isinstance(method, Mapping) else None),
-             ("parent_sha256", "input.sha256", (record.get("input") or {}).get("sha256")
-              if isinstance(record.get("input"), Mapping) else None),
-             ("ids_sha256", "request.ids_sha256", record["request"].get("ids_sha256"))]
-    return [f"the checkpoint's metadata has {key} {meta[key]!r}, the record's {field} "
-            f"{value!r} (record edited, or another run's checkpoint?)"
-            for key, field, value in pairs if key in meta and meta[key] != value]
+    target_tasks = request.get("target_tasks")
+    pairs: list[tuple[str, str, Any]] = [
+        ("method", "method.name", method.get("name") if isinstance(method, Mapping) else None),
+        ("parent_sha256", "input.sha256", input_sha),
+        ("ids_sha256", "request.ids_sha256", request.get("ids_sha256")),
+        ("request_type", "request.type", request.get("type")),
+        ("target_tasks", "request.target_tasks",
+         list(target_tasks) if isinstance(target_tasks, (list, tuple)) else target_tasks)]
+    out.extend(f"the checkpoint's metadata has {key} {meta[key]!r}, the record's {field} "
+               f"{value!r} (record edited, or another run's checkpoint?)"
+               for key, field, value in pairs if key in meta and meta[key] != value)
+    removals = meta.get("removals")
+    if isinstance(removals, list) and removals and "earlier_removals" in request:
+        earlier = request.get("earlier_removals")
+
+        def key(entries: Any) -> Any:
+            return ([(sorted(e.get("instance_ids") or []), e.get("target_tasks"))
+                     for e in entries] if isinstance(entries, list) else entries)
+
+        last = removals[-1] if isinstance(removals[-1], Mapping) else {}
+        if key(removals[:-1]) != key(earlier):
+            out.append(f"the checkpoint's metadata lists {len(removals) - 1} earlier removals, "
+                       f"the record's request.earlier_removals "
+                       f"{'null' if earlier is None else len(earlier)} that differ from them "
+                       "(record edited, or another run's checkpoint?)")
+        own = request.get("target_tasks_arg", last.get("target_tasks"))
+        if (sorted(last.get("instance_ids") or []) != sorted(request.get("instance_ids") or [])
+                or last.get("target_tasks") != own):
+            out.append("the checkpoint's metadata has removed other pairs than the record's "
+                       "request (instance_ids, target_tasks_arg)")
+    newer = all(k in meta for k in ("request_type", "target_tasks", "removals"))
+    return out, newer
 
 
 def compare_measurements(expected: Any, actual: Any, tolerance: float, where: str = ""
@@ -231,7 +298,8 @@ class VerifyResult:
     """Outcome of :func:`verify_record`: ``ok``, every mismatch found (as messages) and the
     outcome of each check, ``checks``: ``"sha256"`` (the checkpoint's hash), ``"ids"`` (the
     recorded ids against their hash), ``"provenance"``, ``"metrics"`` (the re-measurement of
-    ``after``) and ``"before"`` (the input model's, when its checkpoint is found), each
+    ``after``), ``"before"`` (the input model's, when its checkpoint is found) and
+    ``"weights"`` (:data:`WEIGHTS_UNCHANGED` for an output whose weights are the input's), each
     ``"ok"``, ``"MISMATCH"`` or, for ``"metrics"`` when the recorded request does not apply to
     the checkpoint's data, ``"not measured"``; ``"before"`` says why when it was not
     measured."""
@@ -293,7 +361,13 @@ def verify_record(record_path: str | os.PathLike[str],
     ``eval_batch_size`` (64 when absent) unless ``batch_size`` is given.
     """
     from mtunlearn_ext.data.request import ForgetRequest
-    from mtunlearn_ext.workflow import UserInputError, load_model, measure, restrict_retain
+    from mtunlearn_ext.workflow import (
+        UserInputError,
+        exclude_removed,
+        load_model,
+        measure,
+        restrict_retain,
+    )
 
     record = read_record(record_path)
     if checkpoint_path is not None:
@@ -353,14 +427,16 @@ def verify_record(record_path: str | os.PathLike[str],
                           f"{error.hint or 'not ' + error.expected}")
         checks["metrics"] = "not measured"
         return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
-    provenance = _provenance_differences(loaded.meta, record)
-    checks["provenance"] = "MISMATCH" if provenance else "ok"
+    provenance, newer = _provenance_differences(loaded.meta, record)
+    checks["provenance"] = ("MISMATCH" if provenance else "ok" if newer
+                            else OLDER_CHECKPOINT_NOTE)
     mismatches.extend(provenance)
     train_set = loaded.benchmark.train
     try:
         request.validate(train_set)
         forget, retain = request.split(train_set)
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
+        retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
         reason = error.args[0] if isinstance(error, KeyError) and error.args else error
         mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
@@ -376,7 +452,59 @@ def verify_record(record_path: str | os.PathLike[str],
     checks["before"] = _verify_before(record, record_path, forget, retain, loaded.benchmark.test,
                                       request.resolved_tasks(train_set), size, tolerance,
                                       mismatches)
+    checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
+
+
+#: ``verify``'s ``weights`` row for an output whose weights are the input model's.
+WEIGHTS_UNCHANGED = "UNCHANGED"
+
+
+def _verify_weights(record: Mapping[str, Any], record_path: str | os.PathLike[str],
+                    checkpoint: Any, mismatches: list[str]) -> str:
+    """The ``weights`` check: the output's weights must differ from the input model's (a run
+    that changed nothing, e.g. ``steps: 0``, unlearned nothing, however consistent its files
+    and record are). Known from the checkpoint's ``parent_state_sha256`` (the input's weights
+    hash, written by ``unlearn``), else from the input checkpoint when it is still where the
+    record says with the recorded SHA-256; the record's ``weights_changed`` must agree, and
+    ``false`` there fails the check too. ``"ok"``, :data:`WEIGHTS_UNCHANGED`, or ``"not
+    checked"`` and why (an older record and checkpoint whose input is gone)."""
+    from mtunlearn_ext.training import CheckpointError, load_checkpoint, state_dict_sha256
+
+    own = checkpoint.state_sha256 or state_dict_sha256(checkpoint.state_dict)
+    parent = checkpoint.meta.get("parent_state_sha256")
+    if not isinstance(parent, str):
+        parent = None
+        inp = record.get("input")
+        inp = inp if isinstance(inp, Mapping) else {}
+        recorded = inp.get("checkpoint")
+        if isinstance(recorded, str):
+            path = recorded_path(recorded, record_path)
+            if path.is_file():
+                try:
+                    original = load_checkpoint(path, expected_sha256=inp.get("sha256"))
+                    parent = original.state_sha256 or state_dict_sha256(original.state_dict)
+                except CheckpointError:  # gone or replaced: as for `before`, not a mismatch
+                    pass
+    claimed = record.get("weights_changed")
+    if parent is not None and own == parent:
+        mismatches.append("the output checkpoint's weights are exactly the input model's "
+                          f"(weights SHA-256 {own[:16]}...): the run changed nothing, so "
+                          "nothing was unlearned"
+                          + (" (the record's weights_changed says true)" if claimed is True
+                             else ""))
+        return WEIGHTS_UNCHANGED
+    if claimed is False:
+        if parent is None:
+            mismatches.append("the record says weights_changed: false: the run left the "
+                              "weights as they were, so nothing was unlearned")
+            return WEIGHTS_UNCHANGED
+        mismatches.append("the record says weights_changed: false, but the output's weights "
+                          "differ from the input model's (record edited?)")
+        return "MISMATCH"
+    if parent is None:
+        return "not checked (no input weights hash: an older checkpoint whose input is gone)"
+    return "ok"
 
 
 def _verify_before(record: Mapping[str, Any], record_path: str | os.PathLike[str],

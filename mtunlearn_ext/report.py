@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import link_new, temporary_file_beside, write_text_new
+from mtunlearn_ext._io import link_new, new_temporary_beside, write_text_new
 
 __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -69,20 +69,18 @@ def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> N
     as for every other output)."""
     import matplotlib.pyplot as plt
 
-    fd, tmp = temporary_file_beside(path, suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            link_new(tmp, path, f"{path} exists; refusing to overwrite it")
+        with new_temporary_beside(path, suffix=".png") as (fd, tmp):
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+                f.flush()
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                link_new(tmp, path, f"{path} exists; refusing to overwrite it")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 #: The text drawn instead of a bar for a missing (null) value: no bar, unlike a real 0.
@@ -407,6 +405,27 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _md_retain(request: Mapping[str, Any]) -> str:
+    """The retain split a record's retain metrics (and the attack's members) were measured on:
+    its size and whether ``--retain-ids`` limited it, and the pairs earlier removals kept out."""
+    pairs = request.get("num_retain_pairs")
+    size = f" ({pairs} pairs)" if isinstance(pairs, int) else ""
+    ids = request.get("retain_ids")
+    if isinstance(ids, list):
+        text = (f"Retain split: limited by `--retain-ids` to {len(ids)} instances{size}, not "
+                "the whole retain set: the retain metrics and the attack's member set describe "
+                "these instances only.")
+    else:
+        text = f"Retain split: every training pair outside the request{size}."
+    earlier = request.get("earlier_removals")
+    if isinstance(earlier, list) and earlier:
+        text += (f" {request.get('num_excluded_pairs')} pairs that {len(earlier)} earlier "
+                 "request(s) of the input checkpoint's lineage removed are kept out of it.")
+    elif "earlier_removals" in request and earlier is None:
+        text += " The input checkpoint's earlier removals were not known."
+    return text
+
+
 def _report_inputs(results: Mapping[str, Any]
                    ) -> tuple[dict[str, Any], dict[str, Any], str | None, list[str]]:
     """(models' measurements by label, loss curves by method, the reference label, the
@@ -424,7 +443,7 @@ def _report_inputs(results: Mapping[str, Any]
                  f"{results['request']['target_tasks']}, "
                  f"{len(results['request']['instance_ids'])} instances; output "
                  f"`{results['output']['checkpoint']}` (SHA-256 "
-                 f"`{results['output']['sha256'][:16]}`)."]
+                 f"`{results['output']['sha256'][:16]}`).", "", _md_retain(results["request"])]
     elif schema == "mtunlearn_ext.experiment/1":
         models = dict(results["models"])
         curves = {m: e["report"] for m, e in models.items()

@@ -55,11 +55,14 @@ __all__ = [
     "check_device",
     "check_finite_parameters",
     "check_parameter_split",
+    "exclude_removed",
     "json_safe",
+    "lineage_removals",
     "load_model",
     "measure",
     "parse_ids",
     "parse_tasks",
+    "removal_entry",
     "restrict_retain",
     "run_unlearning",
     "write_json_new",
@@ -461,6 +464,103 @@ def restrict_retain(retain: MultiTaskDataset, request: ForgetRequest,
     wanted = set(retain_ids) | set(request.instance_ids)  # coupled pairs of a partial request
     rows = [p for p, i in enumerate(retain.ids.tolist()) if i in wanted]
     return retain.subset(torch.tensor(rows, dtype=torch.long))
+
+
+# -- earlier removals (a checkpoint's lineage) ---------------------------------------------------
+
+#: ``meta["removals"]`` of an unlearned checkpoint: every request its lineage removed, oldest
+#: first, its own last; each ``{"instance_ids", "target_tasks" (None: every task),
+#: "ids_sha256"}``. ``None`` where they are not known.
+REMOVALS_KEY = "removals"
+
+
+def removal_entry(request: ForgetRequest) -> dict[str, Any]:
+    """A request as an entry of a checkpoint's ``removals`` and a record's
+    ``request.earlier_removals``: its ids (sorted), its own target tasks (``None``: every
+    task) and the ids' hash."""
+    return {"instance_ids": sorted(request.instance_ids),
+            "target_tasks": None if request.target_tasks is None else list(request.target_tasks),
+            "ids_sha256": request.ids_hash()}
+
+
+def is_removal_list(value: object) -> bool:
+    """Whether ``value`` is a list of removal entries (:func:`removal_entry`'s form)."""
+    def ints(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                           for i in v)
+
+    return isinstance(value, list) and all(
+        isinstance(e, Mapping) and ints(e.get("instance_ids"))
+        and (e.get("target_tasks") is None or (isinstance(e.get("target_tasks"), list) and all(
+            isinstance(t, str) for t in e["target_tasks"])))
+        for e in value)
+
+
+def lineage_removals(meta: Mapping[str, Any], argument: str = "--checkpoint"
+                     ) -> list[dict[str, Any]] | None:
+    """What the requests that made this checkpoint removed (:data:`REMOVALS_KEY`): ``[]`` for
+    an original (``mtunlearn train``), the recorded list for an unlearned checkpoint, ``None``
+    where it is not known: an unlearned checkpoint written before checkpoints kept the ids
+    (its metadata has only their hash, ``ids_sha256``), or after an unlearning run whose own
+    input's removals were unknown. A malformed list is a :class:`UserInputError`."""
+    if REMOVALS_KEY in meta:
+        removals = meta[REMOVALS_KEY]
+        if removals is None:
+            return None
+        if not is_removal_list(removals):
+            raise UserInputError(argument, "a checkpoint whose metadata lists its removals "
+                                 "(instance ids, target tasks)", meta.get(REMOVALS_KEY),
+                                 f"its {REMOVALS_KEY!r} is malformed")
+        return [dict(e) for e in removals]
+    return [] if meta.get("kind") == "original" else None
+
+
+def unknown_removals_hint(meta: Mapping[str, Any]) -> str:
+    """Why a checkpoint's earlier removals are unknown, and the way out, for an error."""
+    return (f"it is an unlearned checkpoint (method {meta.get('method')!r}, from the checkpoint "
+            f"with SHA-256 {str(meta.get('parent_sha256'))[:16]}...) whose metadata keeps only "
+            "the hash of the ids it forgot (ids_sha256), not the ids: its retain set would hold "
+            "them again and they would be re-learned; unlearn from the original checkpoint with "
+            "the earlier ids and the new ones together, or name the retain set, without the "
+            "earlier ids, with --retain-ids")
+
+
+def exclude_removed(retain: MultiTaskDataset, removals: Sequence[Mapping[str, Any]],
+                    retain_ids: Sequence[int] | None = None) -> tuple[MultiTaskDataset, int]:
+    """``retain`` without the pairs that ``removals`` (earlier requests of the checkpoint's
+    lineage) took out: their target tasks' supervision (every task for a full request) of the
+    instances they name; instances left with no supervised pair are dropped. Returns the
+    retain set and the number of pairs taken out. An id of ``retain_ids`` that an earlier
+    request removed entirely is refused (:class:`UserInputError` naming ``--retain-ids``): a
+    removed instance stays removed."""
+    if not removals:
+        return retain, 0
+    supervision = retain.supervision.clone()
+    rows = {int(i): p for p, i in enumerate(retain.ids.tolist())}
+    for entry in removals:
+        tasks = entry.get("target_tasks") or retain.task_names
+        unknown = [t for t in tasks if t not in retain.task_names]
+        if unknown:
+            raise UserInputError("--checkpoint", f"earlier removals of the tasks "
+                                 f"{retain.task_names}", unknown, "unknown task names in the "
+                                 "checkpoint's removals")
+        columns = torch.tensor([retain.task_index(t) for t in tasks])
+        positions = [rows[i] for i in entry["instance_ids"] if i in rows]
+        if positions:
+            supervision[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = False
+    excluded = int(retain.supervision.sum()) - int(supervision.sum())
+    kept = supervision.any(dim=1)
+    if retain_ids is not None:
+        gone = sorted(i for i in retain_ids if i in rows and not bool(kept[rows[i]]))
+        if gone:
+            raise UserInputError("--retain-ids", "ids that no earlier request of the "
+                                 "checkpoint's lineage removed",
+                                 f"{len(gone)} removed ids {gone[:10]}",
+                                 "an instance removed earlier stays removed; leave them out")
+    if not bool(kept.any()):
+        raise UserInputError("request", "a request that leaves something to retain",
+                             "nothing", "the earlier removals and this request take every pair")
+    return (retain.with_supervision(supervision).subset(kept.nonzero().flatten()), excluded)
 
 
 # -- measuring ------------------------------------------------------------------------------------

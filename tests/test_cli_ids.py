@@ -142,9 +142,9 @@ def test_unlearn_without_forget_ids_says_it_forgets_a_random_share(
                           "instances (--forget-fraction 0.1, seed 5)"), err
     record = json.loads(Path(str(out) + ".record.json").read_text())
     assert f"{len(record['request']['instance_ids'])} instances" in err
-    # The same from a config with forget_ids: null, and not with ids.
+    # The same from a config without a forget_ids key, and not with ids.
     config = tmp_path / "c.yaml"
-    config.write_text(f"checkpoint: {trained}\nforget_ids: null\nforget_fraction: 0.05\n"
+    config.write_text(f"checkpoint: {trained}\nforget_fraction: 0.05\n"
                       f"method_config: '{FAST}'\noutput: {tmp_path / 'v.pt'}\nquiet: true\n")
     assert cli.main(["unlearn", "--config", str(config)]) == 0
     assert "forgetting a random 5% of the training instances (--forget-fraction 0.05" \
@@ -155,6 +155,32 @@ def test_unlearn_without_forget_ids_says_it_forgets_a_random_share(
     assert capsys.readouterr().err == ""
     docs = " ".join((ROOT / "docs" / "cli.md").read_text().split())
     assert "without `--forget-ids`, `unlearn` forgets a random 10%" in docs.lower()
+
+
+@pytest.mark.parametrize("empty", ["forget_ids: null", "forget_ids: ~", "forget_ids:",
+                                   "forget-ids: null"])
+def test_an_empty_forget_ids_in_a_config_is_refused(
+        trained: Path, tmp_path: Path, empty: str,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: `forget_ids: null` (a YAML null: a template's blank, a variable that did not
+    expand) silently forgot a random 10%. Only an absent key draws; an empty one is refused
+    (exit 2, nothing written) unless the command line names the ids."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"checkpoint: {trained}\n{empty}\nmethod_config: '{FAST}'\n"
+                      f"output: {tmp_path / 'v.pt'}\nquiet: true\n")
+    assert cli.main(["unlearn", "--config", str(config)]) == 2
+    key = empty.split(":")[0]
+    assert _err(capsys) == (
+        f"mtunlearn: error: --config: expected instance ids for '{key}', or no {key} key (then "
+        "a random --forget-fraction of the training instances is forgotten), got 'null'; an "
+        f"empty {key} is refused, not taken for a random draw: list the ids, or remove the key "
+        "to draw them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+    assert cli.main(["evaluate", "--config", str(config)]) == 2  # every command alike
+    capsys.readouterr()
+    # The command line's ids override the config's empty value.
+    assert cli.main(["unlearn", "--config", str(config), "--forget-ids", ids(1, 2)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 # -- ids mean what they say: decimal digits only ------------------------------------------------

@@ -6,6 +6,7 @@ that leave no output and no temporary file, and ``train``'s reproducible checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -231,6 +232,45 @@ def test_sigterm_exits_130_and_leaves_nothing(trained: Path, tmp_path: Path,  # 
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
+def test_sigterm_while_the_checkpoint_is_written_exits_130(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review (intr.py): SIGTERM while torch.save wrote the checkpoint gave exit 1 and the
+    traceback `RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos`: the
+    zip writer's second failure hid the interrupt. It is exit 130 and the `interrupted` line."""
+    real_fdopen = os.fdopen
+
+    class Terminated:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.file, self.written = real_fdopen(fd, mode), 0
+
+        def write(self, data: Any) -> int:
+            self.written += memoryview(data).nbytes
+            if self.written > 2048:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)  # the handler interrupts this
+            return int(self.file.write(data))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.file, name)
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(_io.os, "fdopen",
+                        lambda fd, mode="r", *a: Terminated(fd, mode) if "b" in mode
+                        else real_fdopen(fd, mode, *a))
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 130
+    monkeypatch.undo()
+    err = _err(capsys)
+    assert err == ("mtunlearn: interrupted by SIGTERM; no output was written, inputs are "
+                   "unchanged"), err
+    assert _listing(tmp_path) == set()
+
+
 def test_an_interrupt_after_the_outputs_are_complete_says_they_are(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -335,3 +375,59 @@ def test_a_run_that_changes_no_weight_says_so(trained: Path, tmp_path: Path,  # 
                      "--method-config", FAST, "--output", str(tmp_path / "v.pt"),
                      "--quiet"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # CLI review: the run exited 0 and its record kept no trace, so `verify` said "verified".
+    # The record says so, and verify does not pass it (exit 1), with or without the record's
+    # word, and says what it checks when it passes.
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert record["weights_changed"] is False
+    assert json.loads((tmp_path / "v.pt.record.json").read_text())["weights_changed"] is True
+    assert cli.main(["verify", "--record", str(out) + ".record.json"]) == 1
+    printed = capsys.readouterr()
+    rows = [line.split() for line in printed.out.splitlines()]
+    assert ["weights", "UNCHANGED"] in rows and ["metrics", "ok"] in rows, printed.out
+    assert printed.out.splitlines()[-1].startswith(
+        f"FAILED: {out} against {out}.record.json: not verified, its weights are the input "
+        "model's, so nothing was unlearned"), printed.out
+    assert "the output checkpoint's weights are exactly the input model's" in printed.err
+    record["weights_changed"] = True
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(record))
+    assert cli.main(["verify", "--record", str(edited), "--checkpoint", str(out)]) == 1
+    assert "(the record's weights_changed says true)" in capsys.readouterr().err
+    assert cli.main(["verify", "--record", str(tmp_path / "v.pt.record.json")]) == 0
+    printed = capsys.readouterr()
+    assert ["weights", "ok"] in [line.split() for line in printed.out.splitlines()]
+    assert printed.out.splitlines()[-1].endswith(
+        "this checks the files and the record, not how much was forgotten: the record's "
+        "before/after metrics show that"), printed.out
+
+
+def test_unchanged_weights_of_an_older_checkpoint_are_found_from_its_input(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """A record and checkpoint from before `weights_changed` / `parent_state_sha256`: the
+    input checkpoint, when still there, tells; when gone, the row says it was not checked."""
+    from mtunlearn_ext.training import save_checkpoint
+    from mtunlearn_ext.workflow import load_model
+
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", '{"steps": 0}', "--output", str(out), "--quiet"]) == 0
+    loaded = load_model(out)
+    meta = {k: v for k, v in loaded.meta.items() if k != "parent_state_sha256"}
+    older = tmp_path / "older.pt"
+    sha = save_checkpoint(older, loaded.model, meta)
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    del record["weights_changed"]
+    record["output"] = {"checkpoint": str(older), "sha256": sha}
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(path)]) == 1
+    assert ["weights", "UNCHANGED"] in [line.split() for line in
+                                        capsys.readouterr().out.splitlines()]
+    record["input"]["checkpoint"] = str(tmp_path / "gone.pt")
+    path.write_text(json.dumps(record))
+    assert cli.main(["verify", "--record", str(path)]) == 0
+    rows = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
+    assert ["weights", "not checked (no input weights hash: an older checkpoint whose input is "
+                       "gone)"] in [[r[0], r[1].strip()] for r in rows if len(r) == 2]

@@ -103,3 +103,50 @@ def test_benchmark_dry_run_says_would_run(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(cli.subprocess, "run", fake_run)
     assert cli.main(["benchmark"]) == 0
     assert capsys.readouterr().out.startswith("running: ") and len(calls) == 1
+
+
+# -- a retain split limited by --retain-ids: said, and measurable by evaluate ---------------------
+
+
+def test_a_limited_retain_split_is_said_and_evaluate_measures_it(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """CLI review: with --retain-ids the record and report showed metrics of a 10-instance
+    retain split, `evaluate` (which had no --retain-ids) those of the whole retain set, and
+    report.md did not say that the split was limited."""
+    out = tmp_path / "u.pt"
+    retain = ids(*range(10, 20))
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--retain-ids", retain, "--method-config", '{"steps": 3}', "--output",
+                     str(out), "--quiet"]) == 0
+    assert ("retain split: 30 pairs of 10 instances, limited by --retain-ids to 10 instances "
+            "(the retain metrics describe these only)") in capsys.readouterr().out
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert cli.main(["evaluate", "--checkpoint", str(out), "--forget-ids", ids(1, 2),
+                     "--retain-ids", retain, "--quiet"]) == 0
+    printed = capsys.readouterr()
+    evaluated = json.loads(printed.out)
+    assert evaluated["metrics"] == record["after"]["metrics"]
+    assert evaluated["mia_auc"] == record["after"]["mia_auc"]
+    assert evaluated["retain_split"] == {"pairs": 30, "instances": 10,
+                                         "retain_ids": [int(i) for i in retain.split(",")],
+                                         "earlier_removals_excluded": 0}
+    assert "limited by --retain-ids to 10 instances" in printed.err  # beside the table
+    # Without a request there is no retain split: refused like the other request options.
+    assert cli.main(["evaluate", "--checkpoint", str(out), "--retain-ids", retain]) == 2
+    assert "--retain-ids: expected --forget-ids or --forget-fraction with it" in \
+        capsys.readouterr().err
+    folder = tmp_path / "rep"
+    assert cli.main(["report", "--results", str(out) + ".record.json", "--output-dir",
+                     str(folder), "--quiet"]) == 0
+    report = (folder / "report.md").read_text()
+    assert ("Retain split: limited by `--retain-ids` to 10 instances (30 pairs), not the whole "
+            "retain set: the retain metrics and the attack's member set describe these "
+            "instances only.") in report
+    # A run without --retain-ids says that its retain split is the whole retain set.
+    whole = tmp_path / "w.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", '{"steps": 3}', "--output", str(whole), "--quiet"]) == 0
+    assert cli.main(["report", "--results", str(whole) + ".record.json", "--output-dir",
+                     str(tmp_path / "rep2"), "--quiet"]) == 0
+    assert ("Retain split: every training pair outside the request (894 pairs)."
+            in (tmp_path / "rep2" / "report.md").read_text())

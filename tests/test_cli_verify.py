@@ -142,6 +142,9 @@ def test_verify_re_measures_the_input_model_when_its_checkpoint_is_there(
     (("method", "name"), "retrain", "metadata has method 'interference_aware'"),
     (("input", "sha256"), "0" * 64, "metadata has parent_sha256"),
     (("request", "ids_sha256"), None, "metadata has ids_sha256"),  # None: ids and hash edited
+    (("request", "type"), "partial", "metadata has request_type 'full'"),
+    (("request", "target_tasks"), ["digit"], "metadata has target_tasks ['digit', 'parity', "
+                                             "'magnitude']"),
 ])
 def test_verify_compares_the_checkpoints_own_metadata(
         unlearned: tuple[Path, Path], tmp_path: Path, path: tuple[str, str], value: Any,
@@ -167,6 +170,84 @@ def test_verify_compares_the_checkpoints_own_metadata(
     assert rows[rows.index("provenance") + 1] == "MISMATCH"
     assert cli.main(["verify", "--record", str(record)]) == 0  # the record as written
     assert "provenance" in capsys.readouterr().out
+
+
+def test_verify_fails_for_a_checkpoint_that_is_not_the_records_unlearned_output(
+        trained: Path, unlearned: tuple[Path, Path], tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: a record edited so that its output is the original checkpoint (with its
+    SHA-256) and `after` = `before` verified ok on every check: the provenance check skipped a
+    checkpoint of `kind: original`, and nothing compared output.sha256 with input.sha256."""
+    from mtunlearn_ext._io import sha256_of_file
+
+    _, record = unlearned
+    payload = json.loads(record.read_text())
+    payload["output"] = {"checkpoint": str(trained), "sha256": sha256_of_file(trained)}
+    payload["after"] = payload["before"]
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(forged)]) == 1
+    printed = capsys.readouterr()
+    rows = [line.split() for line in printed.out.splitlines()]
+    assert ["provenance", "MISMATCH"] in rows and ["metrics", "ok"] in rows, printed.out
+    assert ("mismatch: the checkpoint's metadata has kind 'original' (written by `mtunlearn "
+            "train`), not 'unlearned': it is not the output of an unlearning run, so not this "
+            "record's output") in printed.err
+    assert ("mismatch: the record's output.sha256 is its input.sha256 (" in printed.err
+            and "the output checkpoint is the input checkpoint, so nothing was unlearned"
+            in printed.err), printed.err
+    assert "FAILED" in printed.out
+
+
+def test_verify_fails_for_a_partial_checkpoint_recorded_as_a_full_request(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """CLI review: the checkpoint's metadata did not hold the request type or target tasks, so a
+    partial request's checkpoint verified against its record edited to `type: full` with the
+    metrics of a full request (consistent, re-measurable numbers)."""
+    out = tmp_path / "part.pt"
+    assert _unlearn(trained, out, "--forget-ids", ids(1, 2, 3), "--target-tasks", "digit") == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", str(out), "--forget-ids", ids(1, 2, 3),
+                     "--quiet"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    payload = json.loads(Path(str(out) + ".record.json").read_text())
+    payload["request"].update(type="full", target_tasks=["digit", "parity", "magnitude"],
+                              target_tasks_arg=None)
+    payload["after"] = {k: full[k] for k in payload["after"]}
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(forged)]) == 1
+    printed = capsys.readouterr()
+    rows = [line.split() for line in printed.out.splitlines()]
+    assert ["provenance", "MISMATCH"] in rows and ["metrics", "ok"] in rows, printed.out
+    assert "metadata has request_type 'partial', the record's request.type 'full'" in printed.err
+    assert "metadata has target_tasks ['digit'], the record's request.target_tasks" in printed.err
+    assert "removed other pairs than the record's request" in printed.err
+
+
+def test_provenance_of_older_checkpoints_and_lineages() -> None:
+    """An older genuine checkpoint (no request type, tasks or removals in its metadata) still
+    verifies, and says what was not compared; a record whose earlier removals differ from the
+    checkpoint's lineage is a mismatch."""
+    from mtunlearn_ext.records import OLDER_CHECKPOINT_NOTE, _provenance_differences
+
+    record = {"method": {"name": "m"}, "input": {"sha256": "a"}, "output": {"sha256": "b"},
+              "request": {"type": "full", "instance_ids": [3], "ids_sha256": "h",
+                          "target_tasks": ["x", "y"], "target_tasks_arg": None,
+                          "earlier_removals": []}}
+    older = {"kind": "unlearned", "method": "m", "parent_sha256": "a", "ids_sha256": "h"}
+    assert _provenance_differences(older, record) == ([], False)
+    assert OLDER_CHECKPOINT_NOTE.startswith("ok (")
+    newer = {**older, "request_type": "full", "target_tasks": ["x", "y"],
+             "removals": [{"instance_ids": [3], "target_tasks": None, "ids_sha256": "h"}]}
+    assert _provenance_differences(newer, record) == ([], True)
+    chained = {**newer, "removals": [{"instance_ids": [1], "target_tasks": None},
+                                     *newer["removals"]]}
+    differences, _ = _provenance_differences(chained, record)
+    assert len(differences) == 1 and "lists 1 earlier removals" in differences[0]
+    same = {**record, "output": {"sha256": "a"}}
+    differences, _ = _provenance_differences(newer, same)
+    assert len(differences) == 1 and "nothing was unlearned" in differences[0]
 
 
 def test_verify_an_unloadable_recorded_checkpoint_names_the_record(
