@@ -350,7 +350,10 @@ class GradientUnlearner(Unlearner):
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * scale
             log_now = step % cfg.log_every == 0 or step == total_steps - 1
-            forget_batch = (forget_stream.next() if (self.uses_forget and not refit) or log_now
+            # A refit step needs no forget batch; its forget-loss curve point is measured at
+            # the last step only (a forward pass per refit step cost as much as the step).
+            log_forget = log_now and (not refit or step == total_steps - 1)
+            forget_batch = (forget_stream.next() if (self.uses_forget and not refit) or log_forget
                             else None)
             retain_batch = retain_stream.next() if self.uses_retain or refit or log_now else None
             optimizer.zero_grad(set_to_none=True)
