@@ -43,6 +43,10 @@ from mtunlearn_ext.unlearning.registry import register_unlearner
 @dataclass
 class HeadRefitConfig(InterferenceAwareConfig):
     refit_from: int = 40
+    #: Round 42: the trunk's learning rate in the refit steps, as a fraction of its own (0: the
+    #: heads alone, round 41 and the library's ``head_refit_steps``; above 0 the refit steps
+    #: are plain retain descent on the whole model, the trunk at this fraction of its rate).
+    refit_trunk_lr_scale: float = 0.0
 
 
 @register_unlearner
@@ -61,10 +65,12 @@ class HeadRefit(InterferenceAware):
         if ctx.step < self.config.refit_from:
             trunk_group["lr"] = self._trunk_lr
             return super().compute_update(ctx, forget_batch, retain_batch)
-        trunk_group["lr"] = 0.0
-        # The step the library now takes as `head_refit_steps` (written out here in round 41;
-        # the library's gives this run's models bit for bit).
-        return self.head_refit_update(ctx, retain_batch)
+        trunk_group["lr"] = self._trunk_lr * self.config.refit_trunk_lr_scale
+        if self.config.refit_trunk_lr_scale == 0.0:
+            # The step the library now takes as `head_refit_steps` (written out here in round
+            # 41; the library's gives this run's models bit for bit).
+            return self.head_refit_update(ctx, retain_batch)
+        return self.weighted_update(ctx, None, retain_batch)
 
 
 if __name__ == "__main__":
