@@ -374,7 +374,10 @@ class GradientUnlearner(Unlearner):
                     f"{self.name}: the run diverged at step {step} of {total_steps} ({where}); "
                     "lower the learning rate or the step count (`config`), or keep gradient "
                     "clipping on") from error
-            for p in params:  # a parameter no term reaches must not be skipped by Adam's state
+            # A parameter no term reaches must not be skipped by Adam's state. In a refit step
+            # the trunk is the exception: it never moves again, so its state no longer matters,
+            # and leaving its gradients None lets the optimizer skip its tensors.
+            for p in (params[groups.num_shared:] if refit else params):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             self.mask_update(ctx)
