@@ -24,7 +24,9 @@ Scenarios:
   backward pass per task, and the trunk gets the gradients of the rank-mean losses;
 - a shared parameter reached on one rank only gets the average on every rank, one reached on
   none keeps ``.grad`` None on every rank;
-- ``sharded_surgery(per_layer=True)``: per tensor on FSDP2 shards, refused on a split list.
+- ``sharded_surgery(per_layer=True)``: per tensor on FSDP2 shards, refused on a split list;
+- a NaN in one rank's shard of a sharded list op: every rank raises (none waits in the
+  all-reduce), and the next call's collectives still pair up.
 """
 
 from __future__ import annotations
@@ -126,6 +128,47 @@ def _scenario_sharded_projections(rank: int, dtype_name: str) -> float:
             torch.testing.assert_close(a, b, rtol=TOL[dtype_name], atol=TOL[dtype_name])
             err = max(err, (a.to(F64) - b.to(F64)).abs().max().item())
     return err
+
+
+def _scenario_sharded_nonfinite(rank: int, call: str) -> float:
+    """A NaN in one rank's shard: every rank raises FloatingPointError at the same step (the
+    check reads the summed statistics), the rank holding it naming the tensor, the other saying
+    that its own shards are finite; no rank is left waiting in the all-reduce. A second call
+    with finite shards afterwards still pairs the ranks' collectives."""
+    import re
+
+    from mtunlearn_ext.surgery import gram_list_stats, stats_all_reduce
+
+    def run(g: list[torch.Tensor], basis: list[torch.Tensor]) -> list[torch.Tensor]:
+        if call == "aggregate":
+            outs = [torch.empty(t.shape[1:], dtype=F64) for t in g]
+            aggregate_list(UPGrad(), g, outs, reduce=stats_all_reduce())
+            return outs
+        if call == "project_out":
+            return project_out_list(g, basis, ridge=1e-6, reduce=stats_all_reduce())
+        if call == "project_out_kept_gram":
+            kept = stats_all_reduce()(gram_list_stats(basis))
+            return project_out_list(g, basis, ridge=1e-6, reduce=stats_all_reduce(),
+                                    basis_gram=kept)
+        return project_nonconflicting_list(g, basis, sign=-1, reduce=stats_all_reduce())
+
+    g, _ = _local(_full_stacks(3, F64, seed=5), rank)
+    basis, _ = _local(_full_stacks(2, F64, seed=6), rank)
+    poisoned = [t.clone() for t in g]
+    if rank == 0:
+        poisoned[1][2, 3] = float("nan")
+    try:
+        run(poisoned, basis)
+    except FloatingPointError as error:
+        message = str(error)
+    else:
+        raise AssertionError(f"rank {rank}: no FloatingPointError for a NaN on rank 0")
+    wanted = (r"`(grads_list|g_list)\[1\]` contains NaN or Inf on this process" if rank == 0
+              else r"this process's shards are finite: another process's shards contain NaN")
+    assert re.search(wanted, message), message
+    clean = run(g, basis)  # the ranks' collectives still pair up
+    assert all(bool(torch.isfinite(t).all()) for t in clean)
+    return 0.0
 
 
 def _scenario_replicated_reducer(rank: int, dtype_name: str) -> float:
@@ -520,6 +563,8 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
             lambda r, a=agg: _scenario_sharded_aggregate(r, a, "fp64", per_layer=True))
     for dt in ("fp32", "fp64"):
         table[f"sharded_projections-{dt}"] = lambda r, d=dt: _scenario_sharded_projections(r, d)
+    for call in ("aggregate", "project_out", "project_out_kept_gram", "nonconflicting"):
+        table[f"sharded_nonfinite-{call}"] = lambda r, c=call: _scenario_sharded_nonfinite(r, c)
     for dt in ("fp32", "bf16"):
         table[f"replicated_reducer-{dt}"] = lambda r, d=dt: _scenario_replicated_reducer(r, d)
     for agg in ("upgrad", "pcgrad", "mgda"):

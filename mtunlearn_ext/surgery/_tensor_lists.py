@@ -9,6 +9,7 @@ dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeGuard
@@ -282,6 +283,31 @@ def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
     s = g[0].shape[0] + r[0].shape[0]
     return _summed_by_class(ops.gram_list_stacked, ("xs", "ys"), [g, r], (s, s), layers,
                             num_layers, check_finite=check_finite, caller=caller)
+
+
+def reduced_stats(op: str, stats: torch.Tensor, reduce: StatsReduce,
+                  named: Sequence[tuple[str, Sequence[torch.Tensor]]], *,
+                  check_finite: bool) -> torch.Tensor:
+    """``reduce(stats)`` (the statistics summed over the processes), checked for NaN/Inf after
+    the collective when ``check_finite``; the local statistics must have been computed without
+    the check. A NaN or Inf in one process's shards reaches every process's sum, so every
+    process raises alike: checked before the collective, the process holding it raised alone
+    and left the others waiting in the all-reduce. ``named``: the caller's lists, scanned only
+    once the check has failed, to say whether this process's shards hold the culprit."""
+    total = reduce(stats)
+    if not check_finite or math.isfinite(total.sum().item()) or bool(torch.isfinite(total).all()):
+        return total
+    for name, tensors in named:
+        for p, t in enumerate(tensors):
+            if not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(
+                    f"{op}: `{name}[{p}]` contains NaN or Inf on this process (rank-local "
+                    "shards; every process raises this step); pass finite values (or "
+                    "check_finite=False to let them propagate)")
+    raise FloatingPointError(
+        f"{op}: the statistics summed over the processes hold NaN or Inf, and this process's "
+        "shards are finite: another process's shards contain NaN or Inf, or the sum "
+        "overflowed (every process raises this step; check_finite=False lets them propagate)")
 
 
 def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],

@@ -19,7 +19,10 @@ Distributed (``reduce``): every statistic is a sum over parameter coordinates, s
 stacks are shards of longer vectors the global statistics are the SUM over processes of the
 local ones. ``reduce`` is applied once, to all statistics packed in one small tensor (one
 collective per call), before the solve; every process then solves the same problem and writes
-its own shards. See :mod:`mtunlearn_ext.surgery.distributed`.
+its own shards. With ``check_finite`` the NaN/Inf check reads the reduced statistics, so that
+a non-finite shard on one process makes every process raise (not the one holding it alone,
+which would leave the others waiting in the collective). See
+:mod:`mtunlearn_ext.surgery.distributed`.
 
 The projections and :func:`aggregate_list` write in place and run under ``torch.no_grad()``,
 as an optimizer step does: stacks that require grad are read as values, and nothing is
@@ -47,6 +50,7 @@ from mtunlearn_ext.surgery._tensor_lists import (
     inner_stats,
     layer_index,
     poison_nonfinite,
+    reduced_stats,
     stacked_stats,
     stats_dtype,
 )
@@ -108,21 +112,26 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     dim = -2 if transposed else -1
     if basis_gram is None:
         # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
-        full = stacked_stats(g_list, basis_list, layers, num_layers, check_finite=check_finite,
+        full = stacked_stats(g_list, basis_list, layers, num_layers,
+                             check_finite=check_finite and reduce is None,
                              caller=(op, ("g_list", basis_name)))
         cross = full[..., :m, m:] if transposed else full[..., m:, :m]
         stats = torch.cat([full[..., m:, m:], cross], dim=dim)
-        return reduce(stats) if reduce is not None else stats
+        if reduce is None:
+            return stats
+        return reduced_stats(op, stats, reduce, [("g_list", g_list), (basis_name, basis_list)],
+                             check_finite=check_finite)
     pair = (g_list, basis_list) if transposed else (basis_list, g_list)
     names = ("g_list", basis_name) if transposed else (basis_name, "g_list")
-    cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite,
+    cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite and reduce is None,
                         caller=(op, names))
     expected = (k, k) if layers is None else (num_layers, k, k)
     if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
         raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, got "
                          f"{list(basis_gram.shape)} on {basis_gram.device}")
     if reduce is not None:
-        cross = reduce(cross)
+        cross = reduced_stats(op, cross, reduce, [(names[0], pair[0]), (names[1], pair[1])],
+                              check_finite=check_finite)
     return torch.cat([basis_gram.to(cross.dtype), cross], dim=dim)
 
 
@@ -347,10 +356,12 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
                              f"(k >= 1), got stacks of shape {tuple(grads_list[0].shape)}")
         layers, layer_count = layer_index(per_layer, len(grads_list), op, num_layers)
         if weighting.needs_gram:
-            gram = gram_stats(grads_list, layers, layer_count, check_finite=check_finite,
+            gram = gram_stats(grads_list, layers, layer_count,
+                              check_finite=check_finite and reduce is None,
                               caller=(op, ("grads_list",)))
             if reduce is not None:
-                gram = reduce(gram)
+                gram = reduced_stats(op, gram, reduce, [("grads_list", grads_list)],
+                                     check_finite=check_finite)
         else:
             # Mean / Sum look only at k: skip the pass over the gradients and the collective.
             shape = (k, k) if layers is None else (layer_count, k, k)
