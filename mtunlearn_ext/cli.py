@@ -10,7 +10,9 @@ null`` is refused: only an absent key draws a random share to forget).
 Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
 argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
 (the step is reported; nothing written); 130 interrupted by Ctrl-C or SIGTERM (a
-``mtunlearn: interrupted`` line on stderr; nothing written).
+``mtunlearn: interrupted`` line on stderr; nothing written, unless the interrupt came after the
+outputs were complete, which then stay and are named); 141 stdout closed by its reader (files
+already committed stay). docs/cli.md has the details.
 """
 
 from __future__ import annotations

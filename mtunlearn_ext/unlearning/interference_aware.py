@@ -1,4 +1,4 @@
-"""The interference-aware multi-task unlearner (PAPER.md, "The project's formulation").
+"""The interference-aware multi-task unlearner (after arXiv 2605.19042; docs/unlearning.md).
 
 A request ``(F, S)`` removes the supervision of the target tasks ``S`` for the instances ``F``.
 Because the backbone ``theta_s`` is shared, forgetting interferes with what must be kept at two
@@ -7,8 +7,8 @@ levels, and each step of this method removes one:
 1. **Per-task forget gradients.** On a forget minibatch, for each target task ``t in S``, the
    gradient ``f_t`` of that task's bounded forgetting objective ``O_t``
    (:mod:`~mtunlearn_ext.unlearning.objectives`, chosen per task kind; by default
-   ``capped_ascent`` with a cap calibrated on the retain set or, when the problem has one, on
-   a held-out validation set: see ``cap_quantile`` and ``cap_reference``) with respect to
+   ``capped_ascent`` with a cap calibrated on the retain set, or with ``cap_reference``
+   ``"held_out"`` / ``"auto"`` on a held-out validation set: see ``cap_quantile``) with respect to
    ``theta_s`` and the task's head ``theta_t``.
 2. **Task-aware gradient projection** (task-level interference). Every ``refresh_every`` steps,
    retain-gradient snapshots of the tasks to protect ``P`` are pushed into a per-layer
@@ -183,7 +183,9 @@ class InterferenceAwareConfig(StepConfig):
             instance-level step; one subspace, forget gradient and projection per target task).
         coupled: in a partial request, also protect the forget instances' retained pairs
             ``F x (T \\ S)`` (snapshots and per-sample gradients from them).
-        ridge: relative Tikhonov term of every solve (``lambda = ridge * tr(G) / k``).
+        ridge: relative Tikhonov term (``lambda = ridge * tr(G) / k``) of the task projection's
+            solves and of the orthogonal instance projection; the sign-aware
+            (``"nonconflicting"``) instance projection solves its dual without one.
         num_per_sample: retain instances (the first of each retain batch) whose per-sample
             gradients define the instance-level constraints.
         num_coupled_per_sample: forget instances with their retained pairs added to those

@@ -4,7 +4,10 @@ A :class:`GradientUnlearner` runs ``steps`` optimisation steps. Each step draws 
 one retain minibatch from seeded :class:`~mtunlearn_ext.unlearning.batches.BatchStream`\\ s, asks
 the method for an update direction (:meth:`GradientUnlearner.compute_update`, which writes every
 parameter's ``.grad``), optionally masks it (:meth:`GradientUnlearner.mask_update`), clips its
-global norm and lets the optimizer step. The shared backbone and the heads are separate optimizer
+global norm and lets the optimizer step. Then ``head_refit_steps`` more steps (default 0) move
+the heads alone by retain descent (:meth:`GradientUnlearner.head_refit_update`): they draw
+retain batches only (a forget batch at the last one, for the forget-loss curve), and the trunk
+is held where the forget steps left it. The shared backbone and the heads are separate optimizer
 parameter groups, so their learning rates can differ (``head_lr_scale``).
 
 Sign convention: ``.grad`` always holds the gradient of a quantity to *minimise*; forgetting is
@@ -256,7 +259,8 @@ class GradientUnlearner(Unlearner):
     def head_refit_update(self, ctx: StepContext, retain_batch: Batch) -> StepStats:
         """``.grad`` of the retain loss on the heads alone (``head_refit_steps``): the trunk's
         parameters are held fixed, so no graph is built through them and they get no
-        gradient (the loop gives them zeros, which a learning rate of 0 leaves in place)."""
+        gradient (the loop leaves their ``.grad`` None, so the optimizer skips them; their
+        learning rate is 0 besides)."""
         shared = ctx.groups.shared_params
         for p in shared:
             p.requires_grad_(False)
