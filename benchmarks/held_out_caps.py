@@ -6,10 +6,10 @@ The measurement behind docs/unlearning.md's "What the defaults do": a two-layer 
 (the docs' ``TwoHeads``) memorises 60 instances whose class labels are random, 10 of them are
 forgotten (a full request), 30 unseen instances are the held-out set and 30 others the audit
 set of the membership attack. Five runs of the interference-aware method from the same model:
-the library's defaults, the defaults with ``cap_reference="held_out"``, and the memorising
-full-request preset (``tuned_settings("full", ..., recipe="memorising")``), and that preset at a 10x learning
-rate for its 40 steps and for 100 (the preset's rate was selected for the benchmarks'
-convolutional models, whose steps move more per unit rate). Each prints the
+the library's defaults, the defaults with ``cap_reference="held_out"``, the memorising
+full-request preset (``tuned_settings("full", ..., recipe="memorising")``), and that preset at
+a 10x learning rate for its 40 steps and for 100 (the preset's rate was selected for the
+benchmarks' convolutional models). Each prints the
 forget-set attack AUC before -> after (0.5: the forget instances look like unseen ones), the
 forget and retain losses before -> after (class task, mean cross-entropy) and the attack AUC
 of the retained members after (it should stay high: they are still members). Seeded: the

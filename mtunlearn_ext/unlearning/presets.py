@@ -3,7 +3,8 @@
 Two recipes: ``"default"`` (the benchmarks' own, ``load_benchmark(...).info["train_config"]``:
 10 epochs on ``indoor`` / ``street``) and ``"memorising"`` (the same with 40 epochs, after which
 the original model memorises its training instances: forget-set attack AUC on full requests
-0.87 / 0.75 against 0.50 / 0.51 for the retrained model, seeds 0-6 of the first machine). :func:`tuned_settings` gives a method's settings for a request.
+0.87 / 0.75 against 0.50 / 0.51 for the retrained model, seeds 0-6 of the first machine).
+:func:`tuned_settings` gives a method's settings for a request.
 
 How they were chosen (``python benchmarks/unlearning_eval.py --tune`` then ``--select``): on
 seed 0 only, for each method a grid (learning rates, and for the interference-aware method also
