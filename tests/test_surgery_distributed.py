@@ -550,6 +550,46 @@ def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
     return err
 
 
+def _scenario_sharded_surgery_nonfinite_on_one_rank(rank: int) -> float:
+    """The hook on a split parameter list where rank 0's gradient of one layer turns NaN: both
+    ranks' ``backward`` raise FloatingPointError in the same step (rank 0 naming the losses, rank
+    1 saying its own shards are finite), no ``.grad`` is written, and the next step runs on
+    both ranks."""
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    gen = torch.Generator().manual_seed(8)
+    params = [nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen)) for _ in range(4)]
+    x = torch.randn(5, 3, dtype=F64, generator=gen)
+
+    def losses() -> list[torch.Tensor]:
+        z = x
+        for p in params:
+            z = torch.tanh(z @ p)
+        return [(z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean()]
+
+    mine = [0, 1] if rank == 0 else [2, 3]
+    surgery = sharded_surgery([params[i] for i in mine], UPGrad())
+    hook = (params[1].register_hook(lambda g: torch.full_like(g, float("nan"))) if rank == 0
+            else None)
+    try:
+        surgery.backward(losses())
+    except FloatingPointError as error:
+        message = str(error)
+    else:
+        raise AssertionError(f"rank {rank}: a NaN gradient on rank 0 was not refused")
+    finally:
+        if hook is not None:
+            hook.remove()
+    wanted = ("the gradients of losses[0] (first in 'param1'), losses[1] (first in 'param1') "
+              "hold NaN" if rank == 0 else "this process's shards are finite")
+    assert wanted in message, message
+    assert all(params[i].grad is None for i in mine)
+    surgery.backward(losses())
+    assert all(params[i].grad is not None and bool(torch.isfinite(params[i].grad).all())
+               for i in mine)
+    return 0.0
+
+
 # ----------------------------------------------------------------------------- harness
 
 
@@ -577,6 +617,7 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     table["fsdp2_per_layer-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32",
                                                                         per_layer=True)
     table["sharded_per_layer_true_on_a_split"] = _scenario_sharded_per_layer_true_on_a_split
+    table["sharded_surgery_nonfinite_on_one_rank"] = _scenario_sharded_surgery_nonfinite_on_one_rank
     table["fsdp2_trunk_constant_standin-upgrad-fp64"] = _scenario_fsdp2_trunk_constant_standin
     for mode in ("autograd", "batched"):
         for standin in ("attached", "constant"):
