@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,44 @@ def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> N
 #: The text drawn instead of a bar for a missing (null) value: no bar, unlike a real 0.
 MISSING_LABEL = "n/a"
 
+#: Characters of a name that Markdown would read as markup, and how each is written instead:
+#: ``|`` ends a table cell, ``<`` / ``&`` start raw HTML or an entity, a backtick a code span,
+#: ``*`` emphasis and ``$`` a formula (GitHub renders ``$...$`` as math).
+_MD_ESCAPES = (("\\", "\\\\"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"),
+               ("`", "\\`"), ("*", "\\*"), ("$", "\\$"))
+
+
+def _md_text(value: object) -> str:
+    """``value`` (a task, method or model name, a title: anything the user named) as Markdown
+    text that renders as itself on one line, in a paragraph or a table cell."""
+    text = " ".join(str(value).split())  # a line break would end the table row or heading
+    for raw, escaped in _MD_ESCAPES:
+        text = text.replace(raw, escaped)
+    return text
+
+
+def _md_code(value: object) -> str:
+    """``value`` (a name, a path) as a Markdown code span: delimited by one backtick more than
+    the longest run of backticks inside, so that a backtick in it cannot end the span early."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_names(names: Any) -> str:
+    """A list of task names for a sentence: each in a code span, comma-separated (a Python
+    list's repr would pass ``<``, ``|`` and backticks through as markup)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        return _md_code(names)
+    return ", ".join(_md_code(name) for name in names) or "(none)"
+
+
+def _plot_text(value: object) -> str:
+    """``value`` as matplotlib text that is drawn as itself: a ``$`` would start mathtext
+    (a name such as ``cost $x$`` drawn as a formula, an unbalanced one failing the plot)."""
+    return str(value).replace("$", r"\$")
+
 
 def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
                reference: str | None) -> bool:
@@ -111,15 +150,15 @@ def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
         # A missing value gets no bar (NaN height: nothing drawn) and an "n/a" mark, so that it
         # cannot be taken for a real 0.
         ax.bar(xs, [v if v is not None else math.nan for v in values], width,
-               label=label, hatch="//" if label == reference else None)
+               label=_plot_text(label), hatch="//" if label == reference else None)
         for x, v in zip(xs, values):
             if v is None:
                 ax.text(x, 0.0, MISSING_LABEL, ha="center", va="bottom", rotation=90,
                         fontsize=7, color="0.35")
     ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(tasks))])
-    ax.set_xticklabels(tasks)
+    ax.set_xticklabels([_plot_text(t) for t in tasks])
     ax.set_title(f"{split}: primary metric per task" +
-                 (f" (hatched: {reference})" if reference else ""))
+                 (f" (hatched: {_plot_text(reference)})" if reference else ""))
     ax.legend(fontsize=7)
     save_png(fig, path)
     return True
@@ -142,7 +181,7 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
                 continue
             xs = steps.get(name) or list(range(len(ys)))
             ax.plot(xs, [float("nan") if y is None else y for y in ys], style,
-                    label=f"{label} {name}")
+                    label=f"{_plot_text(label)} {name}")
             drawn = True
     if not drawn:
         import matplotlib.pyplot as plt2
@@ -245,8 +284,10 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
     import matplotlib.pyplot as plt
 
     labels, before, after, projections = _interference_arrays(matrix)
+    labels = [_plot_text(label) for label in labels]
     panels = ((before, "before projection"),
-              (after, f"after projection ({projections})" if projections else "after projection"))
+              (after, f"after projection ({_plot_text(projections)})" if projections
+               else "after projection"))
     path = Path(path)
     # Room for the cell values: the default suits the usual 2-6 rows, larger matrices grow.
     side = max(4.8, 0.7 * len(labels))
@@ -266,7 +307,7 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
         ax.set_title(panel_title)
     assert image is not None  # two panels, both drawn
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
-    fig.suptitle(title)
+    fig.suptitle(_plot_text(title))
     save_png(fig, path, overwrite=overwrite, dpi=110)
     return path.name
 
@@ -279,7 +320,8 @@ def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
     if not isinstance(data, Mapping):
         raise UserInputError("--results", "an 'interference' mapping", type(data).__name__)
     if "error" in data:
-        return lines + [f"(interference matrix not computed: {data['error']})", ""], False
+        return lines + [f"(interference matrix not computed: {_md_text(data['error'])})",
+                        ""], False
     try:
         plot_interference(data, "cosines of shared-backbone task gradients", png)
     except ValueError as error:
@@ -289,9 +331,9 @@ def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
     kept = data.get("forget_kept") or {}
     if kept:
         lines += ["", "Share of each forget gradient's norm kept by the projections: " + ", ".join(
-            f"{t}: {'-' if v is None else f'{v:.2f}'}" for t, v in kept.items()) + "."]
+            f"{_md_text(t)}: {'-' if v is None else f'{v:.2f}'}" for t, v in kept.items()) + "."]
     if data.get("settings_from"):
-        lines += ["", f"Projection settings: {data['settings_from']}."]
+        lines += ["", f"Projection settings: {_md_text(data['settings_from'])}."]
     return lines + [""], True
 
 
@@ -398,10 +440,12 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
             for task, metrics in tasks.items():
                 name = _primary(metrics)
                 value = metrics.get(name) if name else None
-                lines.append(f"| {label} | {split} | {task} | {name} | "
+                lines.append(f"| {_md_text(label)} | {_md_text(split)} | {_md_text(task)} | "
+                             f"{_md_text(name)} | "
                              f"{'-' if value is None else f'{value:.4f}'} |")
         if entry.get("mia_auc") is not None:
-            lines.append(f"| {label} | forget | * | mia_auc | {entry['mia_auc']:.4f} |")
+            lines.append(f"| {_md_text(label)} | forget | * | mia_auc | "
+                         f"{entry['mia_auc']:.4f} |")
     return lines
 
 
@@ -438,12 +482,13 @@ def _report_inputs(results: Mapping[str, Any]
         models = {"before": results["before"], "after": results["after"]}
         curves = {results["method"]["name"]: results.get("report", {})}
         reference: str | None = "before"
-        intro = [f"Unlearning record: method `{results['method']['name']}`, "
-                 f"{results['request']['type']} request on tasks "
-                 f"{results['request']['target_tasks']}, "
+        intro = [f"Unlearning record: method {_md_code(results['method']['name'])}, "
+                 f"{_md_text(results['request']['type'])} request on tasks "
+                 f"{_md_names(results['request']['target_tasks'])}, "
                  f"{len(results['request']['instance_ids'])} instances; output "
-                 f"`{results['output']['checkpoint']}` (SHA-256 "
-                 f"`{results['output']['sha256'][:16]}`).", "", _md_retain(results["request"])]
+                 f"{_md_code(results['output']['checkpoint'])} (SHA-256 "
+                 f"{_md_code(results['output']['sha256'][:16])}).", "",
+                 _md_retain(results["request"])]
     elif schema == "mtunlearn_ext.experiment/1":
         models = dict(results["models"])
         curves = {m: e["report"] for m, e in models.items()
@@ -451,9 +496,10 @@ def _report_inputs(results: Mapping[str, Any]
         reference = "retrained"
         from mtunlearn_ext.experiment import format_table
 
-        intro = [f"Experiment on `{results['benchmark']['name']}` "
-                 f"({results['benchmark']['size']}), {results['request']['type']} request on "
-                 f"{results['request']['target_tasks']}.", "", "```",
+        intro = [f"Experiment on {_md_code(results['benchmark']['name'])} "
+                 f"({_md_text(results['benchmark']['size'])}), "
+                 f"{_md_text(results['request']['type'])} request on "
+                 f"{_md_names(results['request']['target_tasks'])}.", "", "```",
                  format_table(results), "```"]
     else:
         raise UserInputError("--results", "experiment results (mtunlearn_ext.experiment/1) or "
@@ -551,7 +597,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                              str(error)) from error
     files = _NewFiles()
     try:
-        lines = [f"# {title}", "", *intro, "", "## Per-task metrics", ""]
+        lines = [f"# {_md_text(title)}", "", *intro, "", "## Per-task metrics", ""]
         for split in ("forget", "retain", "test"):
             png = output_dir / f"metrics_{split}.png"
             if files.write(png, lambda p: _bar_chart(models, split, p, reference)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,40 @@ def test_report_refuses_a_dangling_link_in_the_folder_naming_output_dir(
                               f"report files, got '{link}'"), err
         assert _listing(folder) == {name} and link.is_symlink()
         link.unlink()
+
+
+# -- names the user chose (tasks, methods, titles) -------------------------------------------------
+
+ODD_NAMES = ["a|b", "<img src=x onerror=alert(1)>", "R&D", "cost $x$ $\\frac{a$"]
+
+
+def _odd_record() -> dict[str, Any]:
+    metrics = {split: {name: {"accuracy": 0.5} for name in ODD_NAMES}
+               for split in ("forget", "retain", "test")}
+    return {**_record(), "method": {"name": "my`<m>`|x", "settings": {}},
+            "request": {"type": "partial", "target_tasks": [ODD_NAMES[0]], "instance_ids": [1]},
+            "before": {"metrics": metrics, "mia_auc": 0.6},
+            "after": {"metrics": metrics, "mia_auc": 0.5},
+            "report": {"curves": {"forget_loss": [1.0, 0.5]}},
+            "interference": {"labels": [f"forget/{ODD_NAMES[3]}", f"retain/{ODD_NAMES[1]}"],
+                             "before": [[1.0, -0.5], [-0.5, 1.0]],
+                             "after": [[1.0, 0.1], [0.1, 1.0]],
+                             "forget_kept": {ODD_NAMES[1]: 0.5}}}
+
+
+def test_names_with_markup_are_escaped_and_drawn_as_they_are(tmp_path: Path) -> None:
+    """A task named 'a|b' split its table row into an extra column, '<img ...>' went into the
+    Markdown as raw HTML, a backtick in a method name ended its code span, and a task named
+    with '$' signs was parsed by matplotlib as a formula: an unbalanced one made the plot (and
+    the report) fail with a mathtext traceback."""
+    # The plots draw the names as they are ('$' escaped for matplotlib): no formula is parsed.
+    written = write_report(_odd_record(), tmp_path / "rep", title="T <script>")
+    assert {p.name for p in written} >= {"report.md", "metrics_test.png", "interference.png"}
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "<img" not in markdown and "<script>" not in markdown and "&lt;img" in markdown
+    assert "# T &lt;script&gt;" in markdown and "R&amp;D" in markdown
+    assert "``my`<m>`|x``" in markdown  # a code span that the backticks inside cannot end
+    # Every table row has as many cells as its header: no '|' of a name splits a cell.
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len({len(re.findall(r"(?<!\\)\|", row)) for row in rows}) == 1, rows
+    assert any("a\\|b" in row for row in rows)
