@@ -433,20 +433,108 @@ def _check_values(models: Mapping[str, Any], curves: Mapping[str, Any], interfer
         raise UserInputError("--results", f"{expected} at {where}", received)
 
 
-def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    lines = ["| model | split | task | metric | value |", "|---|---|---|---|---|"]
-    for label, entry in models.items():
+def _direction(metric: str) -> str:
+    """" ↑" / " ↓" after a metric's name (higher / lower is better, :data:`~mtunlearn_ext.metrics.
+    METRICS`); nothing for a metric it does not know."""
+    from mtunlearn_ext.metrics import METRICS
+
+    info = METRICS.get(metric)
+    return "" if info is None else (" ↑" if info.higher_is_better else " ↓")
+
+
+def _value(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _metric_rows(models: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(split, task, primary metric) of every value any model holds: the splits forget, retain,
+    test first, tasks in the order they appear."""
+    rows: dict[tuple[str, str], str] = {}
+    for entry in models.values():
         for split, tasks in entry.get("metrics", {}).items():
             for task, metrics in tasks.items():
                 name = _primary(metrics)
-                value = metrics.get(name) if name else None
-                lines.append(f"| {_md_text(label)} | {_md_text(split)} | {_md_text(task)} | "
-                             f"{_md_text(name)} | "
-                             f"{'-' if value is None else f'{value:.4f}'} |")
-        if entry.get("mia_auc") is not None:
-            lines.append(f"| {_md_text(label)} | forget | * | mia_auc | "
-                         f"{entry['mia_auc']:.4f} |")
+                if name is not None:
+                    rows.setdefault((split, task), name)
+    order = {split: i for i, split in enumerate(("forget", "retain", "test"))}
+    keys = sorted(rows, key=lambda key: order.get(key[0], len(order)))  # stable: tasks in order
+    return [(split, task, rows[(split, task)]) for split, task in keys]
+
+
+def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
+                record: bool) -> list[str]:
+    """The per-task comparison: a row per split, task and primary metric with its direction,
+    a column per model (a record: before, after and the change), then the attack AUC, and what
+    to compare them with."""
+    labels = list(models)
+    change = record and labels == ["before", "after"]
+    header = ["split", "task", "metric", *labels] + (["change"] if change else [])
+    lines = ["| " + " | ".join(_md_text(h) for h in header) + " |",
+             "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+
+    def row(split: str, task: str, metric: str, values: list[Any]) -> str:
+        cells = [_md_text(split), _md_text(task), _md_text(metric), *map(_value, values)]
+        if change:
+            delta = None if None in values else values[1] - values[0]
+            cells.append("-" if delta is None else f"{delta:+.4f}")
+        return "| " + " | ".join(cells) + " |"
+
+    for split, task, metric in _metric_rows(models):
+        values = [models[m].get("metrics", {}).get(split, {}).get(task, {}).get(metric)
+                  for m in labels]
+        lines.append(row(split, task, metric + _direction(metric), values))
+    aucs = [models[m].get("mia_auc") for m in labels]
+    if any(v is not None for v in aucs):
+        lines.append(row("forget", "(forget instances)", "MIA AUC", aucs))
+    if record:
+        goal = ("A record holds no retrained model: one would score on the forget split about "
+                "as on the test split.")
+    else:
+        goal = (f"Here that is the {_md_code(reference)} model (trained without the forget "
+                "pairs), the reference on every split." if reference else "")
+    lines += ["", "↑ / ↓: the metric itself is better higher / lower. On the forget split "
+              "unlearning should not raise it but move it towards what a model that never saw "
+              f"those pairs scores. {goal} MIA AUC: a membership-inference attack's AUC on the "
+              "forget instances against unseen test instances; 0.5 means the attack cannot "
+              "tell them apart (a value well below 0.5 singles them out too). -: not measured."
+              + (" change: after - before." if change else "")]
     return lines
+
+
+def _md_provenance(record: Mapping[str, Any]) -> list[str]:
+    """What a reader who must trust the record needs to find and check its files: the input and
+    output checkpoints with their SHA-256, the forgotten ids' hash, whether the weights changed,
+    the data and the code, and when it ran (each "not recorded" where the record lacks it)."""
+    def get(*keys: str) -> Any:
+        node: Any = record
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node
+
+    def code(*keys: str) -> str:
+        value = get(*keys)
+        return "not recorded" if value is None else _md_code(value)
+
+    changed = {True: "yes", False: "**no: nothing was unlearned**"}.get(get("weights_changed"),
+                                                                       "not recorded")
+    commit = get("code", "commit")
+    return ["## Provenance", "",
+            f"- input checkpoint: {code('input', 'checkpoint')}, SHA-256 "
+            f"{code('input', 'sha256')}",
+            f"- output checkpoint: {code('output', 'checkpoint')}, SHA-256 "
+            f"{code('output', 'sha256')}",
+            f"- forgotten instance ids: SHA-256 {code('request', 'ids_sha256')} (the record's "
+            "`request.instance_ids` lists them)",
+            f"- output weights differ from the input's: {changed}",
+            f"- data: {code('benchmark', 'benchmark')} ({code('benchmark', 'size')}), "
+            f"SHA-256 {code('benchmark', 'data_sha256')}",
+            f"- code: mtunlearn_ext {code('code', 'mtunlearn_ext')}"
+            + (f", commit {_md_code(commit)}" + (" with uncommitted changes"
+                                                  if get("code", "dirty") else "")
+               if commit else ""),
+            f"- run: {code('started_at')} to {code('finished_at')} (UTC)",
+            "", "`mtunlearn verify --record RECORD` re-checks the files and the metrics against "
+            "the record.", ""]
 
 
 def _md_retain(request: Mapping[str, Any]) -> str:
@@ -566,6 +654,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     number (checked before anything is written), or when a file to write exists already. On
     any failure the files written so far are removed again.
     """
+    from mtunlearn_ext.records import RECORD_SCHEMA
     from mtunlearn_ext.workflow import UserInputError
 
     if not isinstance(results, Mapping):
@@ -573,6 +662,9 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                              type(results).__name__)
     try:
         models, curves, reference, intro = _report_inputs(results)
+        record = results.get("schema") == RECORD_SCHEMA
+        if record:
+            intro += ["", *_md_provenance(results)]
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
         if isinstance(error, UserInputError):
             raise
@@ -602,7 +694,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
             png = output_dir / f"metrics_{split}.png"
             if files.write(png, lambda p: _bar_chart(models, split, p, reference)):
                 lines.append(f"![{split}]({png.name})")
-        lines += ["", *_md_metrics(models), ""]
+        lines += ["", *_md_metrics(models, reference, record), ""]
         png = output_dir / "loss_curves.png"
         if files.write(png, lambda p: _curves_chart(curves, p)):
             lines += ["## Loss curves during unlearning", "", f"![loss curves]({png.name})", ""]

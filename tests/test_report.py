@@ -396,3 +396,43 @@ def test_names_with_markup_are_escaped_and_drawn_as_they_are(tmp_path: Path) -> 
     rows = [line for line in markdown.splitlines() if line.startswith("|")]
     assert len({len(re.findall(r"(?<!\\)\|", row)) for row in rows}) == 1, rows
     assert any("a\\|b" in row for row in rows)
+
+
+def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) -> None:
+    """The table listed before and after in separate blocks of rows (a row per model, split and
+    task), gave no metric's direction (an error such as mse is better lower), no change and no
+    word on the attack AUC; and the report said nothing of the input checkpoint, the ids' hash
+    or whether the weights changed, which a reader who must trust the record looks for."""
+    record = json.loads(json.dumps(_record(weights_changed=False)))
+    for which, value in (("before", 2.0), ("after", None)):
+        record[which]["metrics"]["test"]["size"] = {"mse": value}
+    record["input"] = {"checkpoint": "/data/orig.pt", "sha256": "ab" * 32}
+    record["request"]["ids_sha256"] = "cd" * 32
+    write_report(record, tmp_path / "rep")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    lines = markdown.splitlines()
+    assert "| split | task | metric | before | after | change |" in lines
+    assert "| forget | a | accuracy ↑ | 0.5000 | 0.5000 | +0.0000 |" in lines
+    assert "| test | size | mse ↓ | 2.0000 | - | - |" in lines  # a null stays '-'
+    assert "| forget | (forget instances) | MIA AUC | 0.6000 | 0.5000 | -0.1000 |" in lines
+    rows = [line for line in lines if line.startswith("| ")]
+    assert len(rows) == 1 + 3 * 2 + 1 + 1  # header, 3 splits x 2 tasks, size, MIA: one row each
+    assert "0.5 means the attack cannot tell them apart" in markdown
+    assert f"SHA-256 `{'ab' * 32}`" in markdown and f"SHA-256 `{'cd' * 32}`" in markdown
+    assert "output weights differ from the input's: **no: nothing was unlearned**" in markdown
+
+
+def test_an_experiment_report_has_a_column_per_model_with_the_retrained_one(
+        tmp_path: Path) -> None:
+    metrics = {"original": 0.9, "retrained": 0.6, "m": 0.65}
+    results = {"schema": "mtunlearn_ext.experiment/1",
+               "benchmark": {"name": "b", "size": "tiny",
+                             "tasks": [{"name": "a", "kind": "classification"}]},
+               "request": {"type": "full", "target_tasks": ["a"]},
+               "models": {label: {"metrics": {"forget": {"a": {"accuracy": value}}},
+                                  "mia_auc": None} for label, value in metrics.items()}}
+    write_report(results, tmp_path / "rep")
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "| split | task | metric | original | retrained | m |" in lines
+    assert "| forget | a | accuracy ↑ | 0.9000 | 0.6000 | 0.6500 |" in lines
+    assert not any("MIA AUC |" in line for line in lines)  # no attack measured: no row
