@@ -126,46 +126,64 @@ def _plot_text(value: object) -> str:
     return str(value).replace("$", r"\$")
 
 
+def _model_colors(labels: Sequence[str]) -> dict[str, Any]:
+    """A colour per model, the same in every plot of the report: matplotlib's ten-colour cycle,
+    or ``tab20`` for more models, so that no two models (up to 20) share one."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
 def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
                reference: str | None) -> bool:
-    """Grouped bars: tasks on x, one bar per model, primary metric of ``split``; a missing
-    (null) value is marked :data:`MISSING_LABEL` instead of a bar."""
+    """Grouped bars: tasks on x (in the order they appear), each labelled with its primary
+    metric and direction, one bar per model; a missing (null) value is marked
+    :data:`MISSING_LABEL` instead of a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({t for m in models.values() for t in m.get("metrics", {}).get(split, {})})
-    if not tasks:
+    rows = [(task, metric) for s, task, metric in _metric_rows(models) if s == split]
+    if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * max(1, len(models)) / 3), 3.5))
+    colors = _model_colors(list(models))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) * max(1, len(models)) / 3), 3.5))
     width = 0.8 / max(1, len(models))
     for i, (label, entry) in enumerate(models.items()):
-        values = []
-        for t in tasks:
-            metrics = entry.get("metrics", {}).get(split, {}).get(t, {})
-            name = _primary(metrics)
-            values.append(metrics.get(name) if name else None)
-        xs = [k + i * width for k in range(len(tasks))]
+        values = [entry.get("metrics", {}).get(split, {}).get(t, {}).get(metric)
+                  for t, metric in rows]
+        xs = [k + i * width for k in range(len(rows))]
         # A missing value gets no bar (NaN height: nothing drawn) and an "n/a" mark, so that it
         # cannot be taken for a real 0.
         ax.bar(xs, [v if v is not None else math.nan for v in values], width,
-               label=_plot_text(label), hatch="//" if label == reference else None)
+               label=_plot_text(label), color=colors[label],
+               hatch="//" if label == reference else None)
         for x, v in zip(xs, values):
             if v is None:
                 ax.text(x, 0.0, MISSING_LABEL, ha="center", va="bottom", rotation=90,
                         fontsize=7, color="0.35")
-    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(tasks))])
-    ax.set_xticklabels([_plot_text(t) for t in tasks])
+    # Each task's own metric and direction: tasks of different kinds share the y axis (an
+    # accuracy beside an mse), so the axis itself has no single name.
+    names = [f"{_plot_text(t)}\n{_plot_text(metric + _direction(metric))}" for t, metric in rows]
+    long = max(len(t) for t, _ in rows) > 12
+    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(rows))])
+    ax.set_xticklabels(names, rotation=30 if long else 0, ha="right" if long else "center",
+                       fontsize=8)
+    ax.set_ylabel("metric value (↑ / ↓: higher / lower is better)", fontsize=8)
     ax.set_title(f"{split}: primary metric per task" +
                  (f" (hatched: {_plot_text(reference)})" if reference else ""))
-    ax.legend(fontsize=7)
+    # Beside the axes, not over the bars (the default "best" place covers some with many models).
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)
     return True
 
 
-def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
-    """Forget and retain loss against the step, one line per model and curve."""
+def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
+                  colors: Mapping[str, Any]) -> bool:
+    """Forget and retain loss against the step: a colour per model (``colors``, the bar charts'
+    ones), a line style per curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,17 +199,15 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
                 continue
             xs = steps.get(name) or list(range(len(ys)))
             ax.plot(xs, [float("nan") if y is None else y for y in ys], style,
-                    label=f"{_plot_text(label)} {name}")
+                    color=colors.get(label), label=f"{_plot_text(label)} {name}")
             drawn = True
     if not drawn:
-        import matplotlib.pyplot as plt2
-
-        plt2.close(fig)
+        plt.close(fig)
         return False
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("loss during unlearning (solid: forget, dashed: retain)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)
     return True
 
@@ -696,7 +712,10 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                 lines.append(f"![{split}]({png.name})")
         lines += ["", *_md_metrics(models, reference, record), ""]
         png = output_dir / "loss_curves.png"
-        if files.write(png, lambda p: _curves_chart(curves, p)):
+        # The method of a record is its "after" model: the same colour as its bars.
+        colors = _model_colors(list(models))
+        colors = {m: colors.get("after" if record else m) for m in curves}
+        if files.write(png, lambda p: _curves_chart(curves, p, colors)):
             lines += ["## Loss curves during unlearning", "", f"![loss curves]({png.name})", ""]
         else:
             lines += ["(no loss curves recorded)", ""]

@@ -436,3 +436,39 @@ def test_an_experiment_report_has_a_column_per_model_with_the_retrained_one(
     assert "| split | task | metric | original | retrained | m |" in lines
     assert "| forget | a | accuracy ↑ | 0.9000 | 0.6000 | 0.6500 |" in lines
     assert not any("MIA AUC |" in line for line in lines)  # no attack measured: no row
+
+
+def test_plots_give_each_model_one_colour_and_each_task_its_metric(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss-curve chart took a new colour from the 10-colour cycle for every line, forget
+    and retain alike: with 6 methods the 11th line (the 6th method's forget loss) was drawn in
+    the 1st method's colour and style, and a method's two curves had different colours. The bar
+    charts named no metric: an accuracy and an mse (lower is better) shared an unnamed axis."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    figures = _drawn(monkeypatch)
+    methods = [f"m{i}" for i in range(6)]
+    tasks = [{"name": "a", "kind": "classification"}, {"name": "size", "kind": "regression"}]
+    results = {"schema": "mtunlearn_ext.experiment/1",
+               "benchmark": {"name": "b", "size": "tiny", "tasks": tasks},
+               "request": {"type": "full", "target_tasks": ["a", "size"]},
+               "models": {label: {"metrics": {"test": {"a": {"accuracy": 0.5},
+                                                       "size": {"mse": 0.2}}},
+                                  "report": {"curves": {"forget_loss": [1.0, 2.0],
+                                                        "retain_loss": [0.5, 0.4]}}}
+                          for label in ["original", "retrained", *methods]}}
+    write_report(results, tmp_path / "rep")
+    (bars,) = [fig for fig in figures if fig.axes[0].get_title().startswith("test")]
+    ticks = [t.get_text() for t in bars.axes[0].get_xticklabels()]
+    assert ticks == ["a\naccuracy ↑", "size\nmse ↓"]
+    (curves,) = [fig for fig in figures if fig.axes[0].get_title().startswith("loss")]
+    colour = {line.get_label(): to_hex(line.get_color()) for line in curves.axes[0].get_lines()}
+    for method in methods:  # both curves of a method in its colour, which is its bars' colour
+        assert colour[f"{method} forget_loss"] == colour[f"{method} retain_loss"], method
+    assert len({colour[f"{m} forget_loss"] for m in methods}) == len(methods)
+    bar_colour = {c.get_label(): to_hex(c.patches[0].get_facecolor()) for c in
+                  bars.axes[0].containers}
+    assert all(bar_colour[m] == colour[f"{m} forget_loss"] for m in methods)
+    for fig in figures:
+        plt.close(fig)
