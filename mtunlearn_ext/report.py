@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,47 +87,103 @@ def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> N
 #: The text drawn instead of a bar for a missing (null) value: no bar, unlike a real 0.
 MISSING_LABEL = "n/a"
 
+#: Characters of a name that Markdown would read as markup, and how each is written instead:
+#: ``|`` ends a table cell, ``<`` / ``&`` start raw HTML or an entity, a backtick a code span,
+#: ``*`` emphasis and ``$`` a formula (GitHub renders ``$...$`` as math).
+_MD_ESCAPES = (("\\", "\\\\"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"),
+               ("`", "\\`"), ("*", "\\*"), ("$", "\\$"))
+
+
+def _md_text(value: object) -> str:
+    """``value`` (a task, method or model name, a title: anything the user named) as Markdown
+    text that renders as itself on one line, in a paragraph or a table cell."""
+    text = " ".join(str(value).split())  # a line break would end the table row or heading
+    for raw, escaped in _MD_ESCAPES:
+        text = text.replace(raw, escaped)
+    return text
+
+
+def _md_code(value: object) -> str:
+    """``value`` (a name, a path) as a Markdown code span: delimited by one backtick more than
+    the longest run of backticks inside, so that a backtick in it cannot end the span early."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_names(names: Any) -> str:
+    """A list of task names for a sentence: each in a code span, comma-separated (a Python
+    list's repr would pass ``<``, ``|`` and backticks through as markup)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        return _md_code(names)
+    return ", ".join(_md_code(name) for name in names) or "(none)"
+
+
+def _plot_text(value: object) -> str:
+    """``value`` as matplotlib text that is drawn as itself: a ``$`` would start mathtext
+    (a name such as ``cost $x$`` drawn as a formula, an unbalanced one failing the plot)."""
+    return str(value).replace("$", r"\$")
+
+
+def _model_colors(labels: Sequence[str]) -> dict[str, Any]:
+    """A colour per model, the same in every plot of the report: matplotlib's ten-colour cycle,
+    or ``tab20`` for more models, so that no two models (up to 20) share one."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
 
 def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
                reference: str | None) -> bool:
-    """Grouped bars: tasks on x, one bar per model, primary metric of ``split``; a missing
-    (null) value is marked :data:`MISSING_LABEL` instead of a bar."""
+    """Grouped bars: tasks on x (in the order they appear), each labelled with its primary
+    metric and direction, one bar per model; a missing (null) value is marked
+    :data:`MISSING_LABEL` instead of a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({t for m in models.values() for t in m.get("metrics", {}).get(split, {})})
-    if not tasks:
+    rows = [(task, metric) for s, task, metric in _metric_rows(models) if s == split]
+    if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * max(1, len(models)) / 3), 3.5))
+    colors = _model_colors(list(models))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) * max(1, len(models)) / 3), 3.5))
     width = 0.8 / max(1, len(models))
     for i, (label, entry) in enumerate(models.items()):
-        values = []
-        for t in tasks:
-            metrics = entry.get("metrics", {}).get(split, {}).get(t, {})
-            name = _primary(metrics)
-            values.append(metrics.get(name) if name else None)
-        xs = [k + i * width for k in range(len(tasks))]
+        values = [entry.get("metrics", {}).get(split, {}).get(t, {}).get(metric)
+                  for t, metric in rows]
+        xs = [k + i * width for k in range(len(rows))]
         # A missing value gets no bar (NaN height: nothing drawn) and an "n/a" mark, so that it
         # cannot be taken for a real 0.
         ax.bar(xs, [v if v is not None else math.nan for v in values], width,
-               label=label, hatch="//" if label == reference else None)
+               label=_plot_text(label), color=colors[label],
+               hatch="//" if label == reference else None)
         for x, v in zip(xs, values):
             if v is None:
                 ax.text(x, 0.0, MISSING_LABEL, ha="center", va="bottom", rotation=90,
                         fontsize=7, color="0.35")
-    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(tasks))])
-    ax.set_xticklabels(tasks)
+    # Each task's own metric and direction: tasks of different kinds share the y axis (an
+    # accuracy beside an mse), so the axis itself has no single name.
+    names = [f"{_plot_text(t)}\n{_plot_text(metric + _direction(metric))}" for t, metric in rows]
+    long = max(len(t) for t, _ in rows) > 12
+    ax.set_xticks([k + width * (len(models) - 1) / 2 for k in range(len(rows))])
+    ax.set_xticklabels(names, rotation=30 if long else 0, ha="right" if long else "center",
+                       fontsize=8)
+    ax.set_ylabel("metric value (↑ / ↓: higher / lower is better)", fontsize=8)
     ax.set_title(f"{split}: primary metric per task" +
-                 (f" (hatched: {reference})" if reference else ""))
-    ax.legend(fontsize=7)
+                 (f" (hatched: {_plot_text(reference)})" if reference else ""))
+    # Beside the axes, not over the bars (the default "best" place covers some with many models).
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)
     return True
 
 
-def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
-    """Forget and retain loss against the step, one line per model and curve."""
+def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
+                  colors: Mapping[str, Any]) -> bool:
+    """Forget and retain loss against the step: a colour per model (``colors``, the bar charts'
+    ones), a line style per curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,17 +199,15 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
                 continue
             xs = steps.get(name) or list(range(len(ys)))
             ax.plot(xs, [float("nan") if y is None else y for y in ys], style,
-                    label=f"{label} {name}")
+                    color=colors.get(label), label=f"{_plot_text(label)} {name}")
             drawn = True
     if not drawn:
-        import matplotlib.pyplot as plt2
-
-        plt2.close(fig)
+        plt.close(fig)
         return False
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("loss during unlearning (solid: forget, dashed: retain)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)
     return True
 
@@ -245,8 +300,10 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
     import matplotlib.pyplot as plt
 
     labels, before, after, projections = _interference_arrays(matrix)
+    labels = [_plot_text(label) for label in labels]
     panels = ((before, "before projection"),
-              (after, f"after projection ({projections})" if projections else "after projection"))
+              (after, f"after projection ({_plot_text(projections)})" if projections
+               else "after projection"))
     path = Path(path)
     # Room for the cell values: the default suits the usual 2-6 rows, larger matrices grow.
     side = max(4.8, 0.7 * len(labels))
@@ -266,7 +323,7 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
         ax.set_title(panel_title)
     assert image is not None  # two panels, both drawn
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
-    fig.suptitle(title)
+    fig.suptitle(_plot_text(title))
     save_png(fig, path, overwrite=overwrite, dpi=110)
     return path.name
 
@@ -279,7 +336,8 @@ def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
     if not isinstance(data, Mapping):
         raise UserInputError("--results", "an 'interference' mapping", type(data).__name__)
     if "error" in data:
-        return lines + [f"(interference matrix not computed: {data['error']})", ""], False
+        return lines + [f"(interference matrix not computed: {_md_text(data['error'])})",
+                        ""], False
     try:
         plot_interference(data, "cosines of shared-backbone task gradients", png)
     except ValueError as error:
@@ -289,9 +347,9 @@ def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
     kept = data.get("forget_kept") or {}
     if kept:
         lines += ["", "Share of each forget gradient's norm kept by the projections: " + ", ".join(
-            f"{t}: {'-' if v is None else f'{v:.2f}'}" for t, v in kept.items()) + "."]
+            f"{_md_text(t)}: {'-' if v is None else f'{v:.2f}'}" for t, v in kept.items()) + "."]
     if data.get("settings_from"):
-        lines += ["", f"Projection settings: {data['settings_from']}."]
+        lines += ["", f"Projection settings: {_md_text(data['settings_from'])}."]
     return lines + [""], True
 
 
@@ -391,18 +449,108 @@ def _check_values(models: Mapping[str, Any], curves: Mapping[str, Any], interfer
         raise UserInputError("--results", f"{expected} at {where}", received)
 
 
-def _md_metrics(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    lines = ["| model | split | task | metric | value |", "|---|---|---|---|---|"]
-    for label, entry in models.items():
+def _direction(metric: str) -> str:
+    """" ↑" / " ↓" after a metric's name (higher / lower is better, :data:`~mtunlearn_ext.metrics.
+    METRICS`); nothing for a metric it does not know."""
+    from mtunlearn_ext.metrics import METRICS
+
+    info = METRICS.get(metric)
+    return "" if info is None else (" ↑" if info.higher_is_better else " ↓")
+
+
+def _value(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _metric_rows(models: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(split, task, primary metric) of every value any model holds: the splits forget, retain,
+    test first, tasks in the order they appear."""
+    rows: dict[tuple[str, str], str] = {}
+    for entry in models.values():
         for split, tasks in entry.get("metrics", {}).items():
             for task, metrics in tasks.items():
                 name = _primary(metrics)
-                value = metrics.get(name) if name else None
-                lines.append(f"| {label} | {split} | {task} | {name} | "
-                             f"{'-' if value is None else f'{value:.4f}'} |")
-        if entry.get("mia_auc") is not None:
-            lines.append(f"| {label} | forget | * | mia_auc | {entry['mia_auc']:.4f} |")
+                if name is not None:
+                    rows.setdefault((split, task), name)
+    order = {split: i for i, split in enumerate(("forget", "retain", "test"))}
+    keys = sorted(rows, key=lambda key: order.get(key[0], len(order)))  # stable: tasks in order
+    return [(split, task, rows[(split, task)]) for split, task in keys]
+
+
+def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
+                record: bool) -> list[str]:
+    """The per-task comparison: a row per split, task and primary metric with its direction,
+    a column per model (a record: before, after and the change), then the attack AUC, and what
+    to compare them with."""
+    labels = list(models)
+    change = record and labels == ["before", "after"]
+    header = ["split", "task", "metric", *labels] + (["change"] if change else [])
+    lines = ["| " + " | ".join(_md_text(h) for h in header) + " |",
+             "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+
+    def row(split: str, task: str, metric: str, values: list[Any]) -> str:
+        cells = [_md_text(split), _md_text(task), _md_text(metric), *map(_value, values)]
+        if change:
+            delta = None if None in values else values[1] - values[0]
+            cells.append("-" if delta is None else f"{delta:+.4f}")
+        return "| " + " | ".join(cells) + " |"
+
+    for split, task, metric in _metric_rows(models):
+        values = [models[m].get("metrics", {}).get(split, {}).get(task, {}).get(metric)
+                  for m in labels]
+        lines.append(row(split, task, metric + _direction(metric), values))
+    aucs = [models[m].get("mia_auc") for m in labels]
+    if any(v is not None for v in aucs):
+        lines.append(row("forget", "(forget instances)", "MIA AUC", aucs))
+    if record:
+        goal = ("A record holds no retrained model: one would score on the forget split about "
+                "as on the test split.")
+    else:
+        goal = (f"Here that is the {_md_code(reference)} model (trained without the forget "
+                "pairs), the reference on every split." if reference else "")
+    lines += ["", "↑ / ↓: the metric itself is better higher / lower. On the forget split "
+              "unlearning should not raise it but move it towards what a model that never saw "
+              f"those pairs scores. {goal} MIA AUC: a membership-inference attack's AUC on the "
+              "forget instances against unseen test instances; 0.5 means the attack cannot "
+              "tell them apart (a value well below 0.5 singles them out too). -: not measured."
+              + (" change: after - before." if change else "")]
     return lines
+
+
+def _md_provenance(record: Mapping[str, Any]) -> list[str]:
+    """What a reader who must trust the record needs to find and check its files: the input and
+    output checkpoints with their SHA-256, the forgotten ids' hash, whether the weights changed,
+    the data and the code, and when it ran (each "not recorded" where the record lacks it)."""
+    def get(*keys: str) -> Any:
+        node: Any = record
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node
+
+    def code(*keys: str) -> str:
+        value = get(*keys)
+        return "not recorded" if value is None else _md_code(value)
+
+    changed = {True: "yes", False: "**no: nothing was unlearned**"}.get(get("weights_changed"),
+                                                                       "not recorded")
+    commit = get("code", "commit")
+    return ["## Provenance", "",
+            f"- input checkpoint: {code('input', 'checkpoint')}, SHA-256 "
+            f"{code('input', 'sha256')}",
+            f"- output checkpoint: {code('output', 'checkpoint')}, SHA-256 "
+            f"{code('output', 'sha256')}",
+            f"- forgotten instance ids: SHA-256 {code('request', 'ids_sha256')} (the record's "
+            "`request.instance_ids` lists them)",
+            f"- output weights differ from the input's: {changed}",
+            f"- data: {code('benchmark', 'benchmark')} ({code('benchmark', 'size')}), "
+            f"SHA-256 {code('benchmark', 'data_sha256')}",
+            f"- code: mtunlearn_ext {code('code', 'mtunlearn_ext')}"
+            + (f", commit {_md_code(commit)}" + (" with uncommitted changes"
+                                                  if get("code", "dirty") else "")
+               if commit else ""),
+            f"- run: {code('started_at')} to {code('finished_at')} (UTC)",
+            "", "`mtunlearn verify --record RECORD` re-checks the files and the metrics against "
+            "the record.", ""]
 
 
 def _md_retain(request: Mapping[str, Any]) -> str:
@@ -438,12 +586,13 @@ def _report_inputs(results: Mapping[str, Any]
         models = {"before": results["before"], "after": results["after"]}
         curves = {results["method"]["name"]: results.get("report", {})}
         reference: str | None = "before"
-        intro = [f"Unlearning record: method `{results['method']['name']}`, "
-                 f"{results['request']['type']} request on tasks "
-                 f"{results['request']['target_tasks']}, "
+        intro = [f"Unlearning record: method {_md_code(results['method']['name'])}, "
+                 f"{_md_text(results['request']['type'])} request on tasks "
+                 f"{_md_names(results['request']['target_tasks'])}, "
                  f"{len(results['request']['instance_ids'])} instances; output "
-                 f"`{results['output']['checkpoint']}` (SHA-256 "
-                 f"`{results['output']['sha256'][:16]}`).", "", _md_retain(results["request"])]
+                 f"{_md_code(results['output']['checkpoint'])} (SHA-256 "
+                 f"{_md_code(results['output']['sha256'][:16])}).", "",
+                 _md_retain(results["request"])]
     elif schema == "mtunlearn_ext.experiment/1":
         models = dict(results["models"])
         curves = {m: e["report"] for m, e in models.items()
@@ -451,9 +600,10 @@ def _report_inputs(results: Mapping[str, Any]
         reference = "retrained"
         from mtunlearn_ext.experiment import format_table
 
-        intro = [f"Experiment on `{results['benchmark']['name']}` "
-                 f"({results['benchmark']['size']}), {results['request']['type']} request on "
-                 f"{results['request']['target_tasks']}.", "", "```",
+        intro = [f"Experiment on {_md_code(results['benchmark']['name'])} "
+                 f"({_md_text(results['benchmark']['size'])}), "
+                 f"{_md_text(results['request']['type'])} request on "
+                 f"{_md_names(results['request']['target_tasks'])}.", "", "```",
                  format_table(results), "```"]
     else:
         raise UserInputError("--results", "experiment results (mtunlearn_ext.experiment/1) or "
@@ -520,6 +670,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     number (checked before anything is written), or when a file to write exists already. On
     any failure the files written so far are removed again.
     """
+    from mtunlearn_ext.records import RECORD_SCHEMA
     from mtunlearn_ext.workflow import UserInputError
 
     if not isinstance(results, Mapping):
@@ -527,6 +678,9 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                              type(results).__name__)
     try:
         models, curves, reference, intro = _report_inputs(results)
+        record = results.get("schema") == RECORD_SCHEMA
+        if record:
+            intro += ["", *_md_provenance(results)]
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
         if isinstance(error, UserInputError):
             raise
@@ -551,14 +705,17 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
                              str(error)) from error
     files = _NewFiles()
     try:
-        lines = [f"# {title}", "", *intro, "", "## Per-task metrics", ""]
+        lines = [f"# {_md_text(title)}", "", *intro, "", "## Per-task metrics", ""]
         for split in ("forget", "retain", "test"):
             png = output_dir / f"metrics_{split}.png"
             if files.write(png, lambda p: _bar_chart(models, split, p, reference)):
                 lines.append(f"![{split}]({png.name})")
-        lines += ["", *_md_metrics(models), ""]
+        lines += ["", *_md_metrics(models, reference, record), ""]
         png = output_dir / "loss_curves.png"
-        if files.write(png, lambda p: _curves_chart(curves, p)):
+        # The method of a record is its "after" model: the same colour as its bars.
+        colors = _model_colors(list(models))
+        colors = {m: colors.get("after" if record else m) for m in curves}
+        if files.write(png, lambda p: _curves_chart(curves, p, colors)):
             lines += ["## Loss curves during unlearning", "", f"![loss curves]({png.name})", ""]
         else:
             lines += ["(no loss curves recorded)", ""]

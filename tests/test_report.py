@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,116 @@ def test_report_refuses_a_dangling_link_in_the_folder_naming_output_dir(
                               f"report files, got '{link}'"), err
         assert _listing(folder) == {name} and link.is_symlink()
         link.unlink()
+
+
+# -- names the user chose (tasks, methods, titles) -------------------------------------------------
+
+ODD_NAMES = ["a|b", "<img src=x onerror=alert(1)>", "R&D", "cost $x$ $\\frac{a$"]
+
+
+def _odd_record() -> dict[str, Any]:
+    metrics = {split: {name: {"accuracy": 0.5} for name in ODD_NAMES}
+               for split in ("forget", "retain", "test")}
+    return {**_record(), "method": {"name": "my`<m>`|x", "settings": {}},
+            "request": {"type": "partial", "target_tasks": [ODD_NAMES[0]], "instance_ids": [1]},
+            "before": {"metrics": metrics, "mia_auc": 0.6},
+            "after": {"metrics": metrics, "mia_auc": 0.5},
+            "report": {"curves": {"forget_loss": [1.0, 0.5]}},
+            "interference": {"labels": [f"forget/{ODD_NAMES[3]}", f"retain/{ODD_NAMES[1]}"],
+                             "before": [[1.0, -0.5], [-0.5, 1.0]],
+                             "after": [[1.0, 0.1], [0.1, 1.0]],
+                             "forget_kept": {ODD_NAMES[1]: 0.5}}}
+
+
+def test_names_with_markup_are_escaped_and_drawn_as_they_are(tmp_path: Path) -> None:
+    """A task named 'a|b' split its table row into an extra column, '<img ...>' went into the
+    Markdown as raw HTML, a backtick in a method name ended its code span, and a task named
+    with '$' signs was parsed by matplotlib as a formula: an unbalanced one made the plot (and
+    the report) fail with a mathtext traceback."""
+    # The plots draw the names as they are ('$' escaped for matplotlib): no formula is parsed.
+    written = write_report(_odd_record(), tmp_path / "rep", title="T <script>")
+    assert {p.name for p in written} >= {"report.md", "metrics_test.png", "interference.png"}
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "<img" not in markdown and "<script>" not in markdown and "&lt;img" in markdown
+    assert "# T &lt;script&gt;" in markdown and "R&amp;D" in markdown
+    assert "``my`<m>`|x``" in markdown  # a code span that the backticks inside cannot end
+    # Every table row has as many cells as its header: no '|' of a name splits a cell.
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len({len(re.findall(r"(?<!\\)\|", row)) for row in rows}) == 1, rows
+    assert any("a\\|b" in row for row in rows)
+
+
+def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) -> None:
+    """The table listed before and after in separate blocks of rows (a row per model, split and
+    task), gave no metric's direction (an error such as mse is better lower), no change and no
+    word on the attack AUC; and the report said nothing of the input checkpoint, the ids' hash
+    or whether the weights changed, which a reader who must trust the record looks for."""
+    record = json.loads(json.dumps(_record(weights_changed=False)))
+    for which, value in (("before", 2.0), ("after", None)):
+        record[which]["metrics"]["test"]["size"] = {"mse": value}
+    record["input"] = {"checkpoint": "/data/orig.pt", "sha256": "ab" * 32}
+    record["request"]["ids_sha256"] = "cd" * 32
+    write_report(record, tmp_path / "rep")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    lines = markdown.splitlines()
+    assert "| split | task | metric | before | after | change |" in lines
+    assert "| forget | a | accuracy ↑ | 0.5000 | 0.5000 | +0.0000 |" in lines
+    assert "| test | size | mse ↓ | 2.0000 | - | - |" in lines  # a null stays '-'
+    assert "| forget | (forget instances) | MIA AUC | 0.6000 | 0.5000 | -0.1000 |" in lines
+    rows = [line for line in lines if line.startswith("| ")]
+    assert len(rows) == 1 + 3 * 2 + 1 + 1  # header, 3 splits x 2 tasks, size, MIA: one row each
+    assert "0.5 means the attack cannot tell them apart" in markdown
+    assert f"SHA-256 `{'ab' * 32}`" in markdown and f"SHA-256 `{'cd' * 32}`" in markdown
+    assert "output weights differ from the input's: **no: nothing was unlearned**" in markdown
+
+
+def test_an_experiment_report_has_a_column_per_model_with_the_retrained_one(
+        tmp_path: Path) -> None:
+    metrics = {"original": 0.9, "retrained": 0.6, "m": 0.65}
+    results = {"schema": "mtunlearn_ext.experiment/1",
+               "benchmark": {"name": "b", "size": "tiny",
+                             "tasks": [{"name": "a", "kind": "classification"}]},
+               "request": {"type": "full", "target_tasks": ["a"]},
+               "models": {label: {"metrics": {"forget": {"a": {"accuracy": value}}},
+                                  "mia_auc": None} for label, value in metrics.items()}}
+    write_report(results, tmp_path / "rep")
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "| split | task | metric | original | retrained | m |" in lines
+    assert "| forget | a | accuracy ↑ | 0.9000 | 0.6000 | 0.6500 |" in lines
+    assert not any("MIA AUC |" in line for line in lines)  # no attack measured: no row
+
+
+def test_plots_give_each_model_one_colour_and_each_task_its_metric(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss-curve chart took a new colour from the 10-colour cycle for every line, forget
+    and retain alike: with 6 methods the 11th line (the 6th method's forget loss) was drawn in
+    the 1st method's colour and style, and a method's two curves had different colours. The bar
+    charts named no metric: an accuracy and an mse (lower is better) shared an unnamed axis."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    figures = _drawn(monkeypatch)
+    methods = [f"m{i}" for i in range(6)]
+    tasks = [{"name": "a", "kind": "classification"}, {"name": "size", "kind": "regression"}]
+    results = {"schema": "mtunlearn_ext.experiment/1",
+               "benchmark": {"name": "b", "size": "tiny", "tasks": tasks},
+               "request": {"type": "full", "target_tasks": ["a", "size"]},
+               "models": {label: {"metrics": {"test": {"a": {"accuracy": 0.5},
+                                                       "size": {"mse": 0.2}}},
+                                  "report": {"curves": {"forget_loss": [1.0, 2.0],
+                                                        "retain_loss": [0.5, 0.4]}}}
+                          for label in ["original", "retrained", *methods]}}
+    write_report(results, tmp_path / "rep")
+    (bars,) = [fig for fig in figures if fig.axes[0].get_title().startswith("test")]
+    ticks = [t.get_text() for t in bars.axes[0].get_xticklabels()]
+    assert ticks == ["a\naccuracy ↑", "size\nmse ↓"]
+    (curves,) = [fig for fig in figures if fig.axes[0].get_title().startswith("loss")]
+    colour = {line.get_label(): to_hex(line.get_color()) for line in curves.axes[0].get_lines()}
+    for method in methods:  # both curves of a method in its colour, which is its bars' colour
+        assert colour[f"{method} forget_loss"] == colour[f"{method} retain_loss"], method
+    assert len({colour[f"{m} forget_loss"] for m in methods}) == len(methods)
+    bar_colour = {c.get_label(): to_hex(c.patches[0].get_facecolor()) for c in
+                  bars.axes[0].containers}
+    assert all(bar_colour[m] == colour[f"{m} forget_loss"] for m in methods)
+    for fig in figures:
+        plt.close(fig)
