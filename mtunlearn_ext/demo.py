@@ -20,9 +20,11 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +227,8 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from mtunlearn_ext._io import write_text_atomic
-    from mtunlearn_ext.experiment import experiment_threads, format_table, prepare_experiment
-    from mtunlearn_ext.report import plot_interference
+    from mtunlearn_ext._io import interrupts_held, write_text_atomic
+    from mtunlearn_ext.experiment import format_table
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # undefined UIS ratios, by design
     start = time.perf_counter() if start is None else start
@@ -284,6 +285,37 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
             stages.update()
 
     stages.set_postfix_str("report")
+    # The plots are drawn into a staging folder and moved beside the report only once every
+    # one of them and the report exist, the report last: an interrupt or error before then
+    # leaves the previous demo's report and plots as they were (new plots never sit beside an
+    # old report), and the staging folder is removed.
+    staging = Path(tempfile.mkdtemp(prefix=".demo-staging-", dir=out))
+    try:
+        report_text = _draw_report(args, out, staging, configs, results, matrices,
+                                   unlearned_state, baselines, start, log)
+        with interrupts_held():
+            for plot in sorted(staging.iterdir()):
+                os.replace(plot, out / plot.name)
+            write_text_atomic(out / "report.md", report_text)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    stages.update()
+    stages.close()
+    total = time.perf_counter() - start
+    print(f"\nreport: {out / 'report.md'} (plots beside it); demo wall time {total:.0f} s "
+          "(from the start, the argument checks included)")
+    return 0
+
+
+def _draw_report(args: argparse.Namespace, out: Path, staging: Path,
+                 configs: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]],
+                 matrices: Mapping[str, Any], unlearned_state: Any, baselines: Sequence[str],
+                 start: float, log: Callable[[str], None]) -> str:
+    """The report's plots, drawn into ``staging`` under the names the report links to (the
+    files of ``out`` once moved), and the report's text."""
+    from mtunlearn_ext.experiment import experiment_threads, prepare_experiment
+    from mtunlearn_ext.report import plot_interference
+
     # The report's models, samples and UIS floors at the workers' thread count (the floors'
     # metrics depend on it).
     with experiment_threads(args.threads):
@@ -295,24 +327,18 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
         figures = {}
         for request in ("full", "partial"):
             figures[f"metrics_{request}"] = _plot_metrics(results[request], baselines,
-                                                          out / f"metrics_{request}.png")
+                                                          staging / f"metrics_{request}.png")
             figures[f"interference_{request}"] = plot_interference(
                 matrices[request], f"{request}-task request: cosines of shared-backbone gradients",
-                out / f"interference_{request}.png", overwrite=True)
+                staging / f"interference_{request}.png", overwrite=True)
         figures["samples"] = _plot_samples(models, prepared.forget, prepared.benchmark,
-                                           prepared.target_tasks, out / "samples.png")
+                                           prepared.target_tasks, staging / "samples.png")
         floors = _uis_floors(prepared, results, args)
         for request, floor in floors.items():
             log(f"UIS floor of the {request}-task request (the original model untouched, forget "
                 f"sets of {floor.forget_size} unseen instances): {floor.mean:.2f}")
-    total = time.perf_counter() - start
-    report = _report(results, matrices, figures, baselines, total, args, floors)
-    write_text_atomic(out / "report.md", report)
-    stages.update()
-    stages.close()
-    print(f"\nreport: {out / 'report.md'} (plots beside it); demo wall time {total:.0f} s "
-          "(from the start, the argument checks included)")
-    return 0
+    return _report(results, matrices, figures, baselines, time.perf_counter() - start, args,
+                   floors)
 
 
 #: Unseen scenes and random forget sets behind the demo's UIS floors (a few seconds on

@@ -247,3 +247,28 @@ def test_the_recipe_help_gives_each_benchmarks_epochs() -> None:
     assert ("'default' (each benchmark's own recipe, 10 epochs on indoor and street, 30 on "
             "digits:" in text)
     assert "'memorising' (40 epochs:" in text and "4x faster" not in text
+
+
+def test_an_interrupt_while_drawing_leaves_the_previous_report_and_plots_alone(tmp_path,
+                                                                               monkeypatch):
+    """The plots are drawn into a staging folder and moved beside the report only with it: an
+    interrupt while drawing leaves the previous demo's report and plots as they were (not new
+    plots beside an old report) and no staging folder."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    previous = {"report.md": b"the previous report", "metrics_full.png": b"previous plot",
+                "interference_full.png": b"previous plot"}
+    for name, content in previous.items():
+        (out / name).write_bytes(content)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_plot_samples", interrupted)  # after the metric plots
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(["--size", "tiny", "--recipe", "default", "--baselines", "finetune",
+                   "--jobs", "2", "--output-dir", str(out), "--cache-dir",
+                   str(tmp_path / "cache")])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")} \
+        == previous
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
