@@ -344,8 +344,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise
         except FloatingPointError as error:  # train's non-finite loss: the NaN/Inf policy
             raise _training_nonfinite(error) from error
+        # The absolute root: unlearn, evaluate and verify reload the data from it, from any
+        # folder (a relative --data-root only resolved from the folder train ran in).
+        data_root = (None if args.data_root is None
+                     else str(Path(args.data_root).expanduser().resolve()))
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
-                "size": args.size, "seed": args.seed, "data_root": args.data_root,
+                "size": args.size, "seed": args.seed, "data_root": data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
                 "train_steps": result.steps, "final_loss": result.final_loss}
         # No wall time in the checkpoint: the same command must give the same file (SHA-256),

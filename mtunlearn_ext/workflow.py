@@ -277,11 +277,36 @@ def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint")
                              f"{CLI_META_FORMAT!r})", meta.get("format"),
                              f"its metadata lacks {missing or ['format']}")
     try:
-        return load_benchmark(str(meta["benchmark"]), seed=int(meta["seed"]),
-                              size=meta["size"], data_root=meta.get("data_root"))
+        bench = load_benchmark(str(meta["benchmark"]), seed=int(meta["seed"]),
+                               size=meta["size"], data_root=meta.get("data_root"))
     except (ValueError, KeyError, OSError) as error:
         raise UserInputError(argument, "a checkpoint whose benchmark can be loaded",
                              meta.get("benchmark"), str(error)) from error
+    _check_data_unchanged(meta, bench, argument)
+    return bench
+
+
+def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: str) -> None:
+    """Refuse data read from a data root that is no longer what the checkpoint was trained on.
+
+    Instance ids name files by number (:mod:`mtunlearn_ext.data.libmtl`): after files were
+    added, removed or renumbered, a request would name other images than those the model saw,
+    and its retain set would not be the training set; the ``data_sha256`` that ``train``
+    stores was never compared. Generated benchmarks are left alone (they are regenerated, not
+    read, and carry no data root)."""
+    root, recorded = meta.get("data_root"), meta.get("data_sha256")
+    if root is None or recorded is None:
+        return
+    from mtunlearn_ext.experiment import dataset_fingerprint
+
+    now = dataset_fingerprint(bench.train)
+    if now != recorded:
+        raise UserInputError(argument, f"a checkpoint trained on the data now under {root}",
+                             meta.get("benchmark"),
+                             f"its training data had SHA-256 {str(recorded)[:16]}..., the data "
+                             f"read now {now[:16]}... (files added, removed, renumbered or "
+                             "edited): instance ids name files by number, so a request would "
+                             "name other instances; restore the data or train again")
 
 
 def check_parameter_split(model: nn.Module, task_names: Sequence[str],

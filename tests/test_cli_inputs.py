@@ -171,6 +171,43 @@ def test_train_refuses_data_root_for_a_benchmark_that_reads_none(
     assert set(cli._DATA_ROOT_BENCHMARKS) == set(registry._REAL)
 
 
+
+def test_a_data_root_is_stored_absolute_and_its_data_checked_on_reload(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """`train --data-root data` stored 'data' as given, so `evaluate` from another folder could
+    not find it; and the `data_sha256` that `train` stores was never compared: after train
+    files 0 and 1 were swapped on disk, `unlearn --forget-ids 0` forgot the image the model had
+    learnt as instance 1."""
+    from test_data import _write_libmtl
+
+    from mtunlearn_ext.training import load_checkpoint
+
+    data = tmp_path / "work" / "data"
+    _write_libmtl(data, with_normals=True)
+    orig = tmp_path / "orig.pt"
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli.main(["train", "--benchmark", "nyuv2", "--size", "tiny", "--data-root", "data",
+                     "--epochs", "1", "--output", str(orig), "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert load_checkpoint(orig).meta["data_root"] == str(data.resolve())
+    assert cli.main(["evaluate", "--checkpoint", str(orig), "--output",
+                     str(tmp_path / "e.json"), "--quiet"]) == 0
+    capsys.readouterr()
+    for folder in (data / "train").iterdir():
+        (folder / "0.npy").rename(folder / "x.npy")
+        (folder / "1.npy").rename(folder / "0.npy")
+        (folder / "x.npy").rename(folder / "1.npy")
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(orig), "--forget-ids", "0", "--output",
+                     str(out), "--record", str(tmp_path / "u.json"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"mtunlearn: error: --checkpoint: expected a checkpoint trained on "
+                          f"the data now under {data.resolve()}, got 'nyuv2'; its training data "
+                          f"had SHA-256 "), err
+    assert "instance ids name files by number" in err
+    assert not out.exists() and not (tmp_path / "u.json").exists()
+
 # -- NaN/Inf: exit 3, nothing written -------------------------------------------------------------
 
 

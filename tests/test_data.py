@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -371,6 +373,85 @@ def test_loader_rejects_bad_labels(tmp_path: Path) -> None:
     np.save(tmp_path / "train" / "image" / "1.npy", np.full((8, 12, 3), np.nan, dtype=np.float32))
     with pytest.raises(LayoutError, match=r"image/1.npy holds NaN or Inf"):
         load_cityscapes(tmp_path)
+
+
+def _rename_everywhere(split_dir: Path, old: str, new: str) -> None:
+    for folder in split_dir.iterdir():
+        (folder / old).rename(folder / new)
+
+
+def test_loader_refuses_numbering_that_would_misname_instances(tmp_path: Path) -> None:
+    """Files were sorted by number and given ids by position: with train files 0, 1, 4 file
+    4.npy got id 2, so a request for file 2 forgot another image; a zero-padded copy
+    ``01.npy`` next to ``1.npy`` loaded ``1.npy`` twice."""
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    _rename_everywhere(tmp_path / "train", "2.npy", "4.npy")
+    with pytest.raises(LayoutError, match=r"train/image: expected files numbered 0.npy .. "
+                                          r"2.npy without gaps .* got 3 files up to 4.npy; "
+                                          r"missing e.g. \[2, 3\]"):
+        load_cityscapes(tmp_path)
+    _rename_everywhere(tmp_path / "train", "4.npy", "2.npy")
+    for folder in (tmp_path / "train").iterdir():
+        shutil.copy(folder / "1.npy", folder / "01.npy")
+    with pytest.raises(LayoutError, match=r"expected files named <i>.npy without leading zeros "
+                                          r"\(0.npy, 1.npy, ...\), got \['01.npy'\]"):
+        load_cityscapes(tmp_path)
+    for folder in (tmp_path / "train").iterdir():
+        (folder / "01.npy").unlink()
+    # Ids are file numbers: train file i is id i, val file j is id N_train + j.
+    bench = load_cityscapes(tmp_path)
+    for split, dataset, first in (("train", bench.train, 0), ("val", bench.test, 3)):
+        for j in range(len(dataset)):
+            image = torch.from_numpy(np.load(tmp_path / split / "image" / f"{j}.npy"))
+            row = dataset.positions_of([first + j])[0]
+            assert torch.allclose(dataset.inputs[row], (image.permute(2, 0, 1) - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize("folder, value, message", [
+    ("image", lambda a: a * 255, r"image/0.npy: image must be RGB in \[0, 1\], got values in "
+                                 r"\[.*\] \(dtype float32\); divide images stored in \[0, 255\]"),
+    ("image", lambda a: (a * 255).astype(np.uint8), r"\(dtype uint8\); divide images"),
+    ("depth", lambda a: a - 10, r"depth/0.npy: depth must be >= 0 \(0 = unknown\), got values "
+                                r"down to -"),
+    ("depth", lambda a: np.where(a > 4, np.inf, a), r"depth/0.npy holds Inf depth values"),
+    ("normal", lambda a: (a + 1) / 2, r"normal/0.npy: normals must be unit vectors \(all zero = "
+                                      r"unknown\), got lengths up to"),
+    ("normal", lambda a: a * 255, r"normals must be unit vectors"),
+    ("label", lambda a: np.full(a.shape, "x"), r"label/0.npy: label must hold real numbers \(a "
+                                              r"float or integer dtype\), got dtype <U1"),
+    ("label", lambda a: np.where(a > 5, np.nan, a), r"label/0.npy holds NaN or Inf labels"),
+    ("depth", lambda a: a.astype(np.complex64), r"depth must hold real numbers .* complex64"),
+    ("label", lambda a: np.where(a > 5, 15, a), r"labels outside \[-1, 13\): \[15\]; "
+                                               r"`num_classes` must be the label set's"),
+])
+def test_loader_refuses_values_no_loss_can_use(tmp_path: Path, folder, value, message) -> None:
+    """Each loaded without a word (an image in [0, 255] became inputs up to ~1000, normals
+    stored as colours trained a wrong cosine, negative depth was silently unlabelled) or
+    failed inside numpy (string labels)."""
+    _write_libmtl(tmp_path, with_normals=True)
+    path = tmp_path / "train" / folder / "0.npy"
+    np.save(path, value(np.load(path)))
+    with pytest.raises(LayoutError, match=message):
+        load_nyuv2(tmp_path)
+
+
+def test_loader_reads_nan_as_unknown_and_checks_its_arguments(tmp_path: Path) -> None:
+    _write_libmtl(tmp_path, with_normals=True)
+    depth = np.load(tmp_path / "train" / "depth" / "0.npy")
+    depth[1, 1, 0] = np.nan  # unknown, as the losses read it
+    np.save(tmp_path / "train" / "depth" / "0.npy", depth)
+    assert torch.isnan(load_nyuv2(tmp_path).train.targets["depth"][0, 0, 1, 1])
+    # These failed inside torch (size (0, 5), max_train 0) or were taken by Python's slicing
+    # (max_train -1 dropped the last file).
+    for kwargs, shown in (({"size": (0, 5)}, "nyuv2: `size` must be None or (height, width), "
+                                             "two integers >= 1, got (0, 5)"),
+                          ({"size": (4,)}, "got (4,)"), ({"size": (4.5, 6)}, "got (4.5, 6)"),
+                          ({"max_train": 0}, "`max_train` must be None or an integer >= 1, "
+                                             "got 0"),
+                          ({"max_train": -1}, "got -1"), ({"max_test": True}, "got True")):
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            load_nyuv2(tmp_path, **kwargs)
+    assert load_nyuv2(tmp_path, size=[4, 6]).train.inputs.shape == (3, 3, 4, 6)
 
 
 # -- registry and cache --------------------------------------------------------------------------

@@ -4,15 +4,26 @@ Expected layout (one ``.npy`` per instance and target, numbered ``0.npy, 1.npy, 
 
     root/train/image/<i>.npy    float [H, W, 3], RGB in [0, 1]
     root/train/label/<i>.npy    [H, W], class index, -1 = unlabelled
-    root/train/depth/<i>.npy    [H, W, 1] (or [H, W]), 0 = unknown
-    root/train/normal/<i>.npy   [H, W, 3] unit normals, 0 = unknown   (NYUv2 only)
+    root/train/depth/<i>.npy    [H, W, 1] (or [H, W]), >= 0, 0 (or NaN) = unknown
+    root/train/normal/<i>.npy   [H, W, 3] unit normals, 0 (or NaN) = unknown   (NYUv2 only)
     root/val/...                the same, used as the test split
+
+Files are numbered ``0 .. n-1`` without gaps or leading zeros, the same ``n`` in every folder of a
+split (as LibMTL reads them): train instance ``i`` is ``train/*/<i>.npy`` and has id ``i``, so a
+forget request names train files by number; ``val/*/<j>.npy`` has id ``N_train + j`` (``N_train``
+after ``max_train``). Values no loss can use are refused at load (:class:`LayoutError` naming the
+file): RGB outside ``[0, 1]`` (an image kept in ``[0, 255]``), labels outside ``[-1,
+num_classes)``, negative or infinite depth, normals that are not unit vectors (stored as colours).
 
 NYUv2 (13 classes, 288x384) has ``image``, ``label``, ``depth``, ``normal``; Cityscapes (7
 classes, 128x256) ``image``, ``label``, ``depth``. Inputs are normalised like the generated
 benchmarks, ``(rgb - 0.5) / 0.25``. ``size`` resizes on load: RGB bilinearly, labels, depth and
 normals with nearest neighbour, so unknown (0) and unlabelled (-1) values are never blended into
-valid ones.
+valid ones; it may change the aspect ratio (the registry's sizes keep it).
+
+Everything is read into memory as float32 (labels int64): about 3.8 MiB per instance of NYUv2 at
+its full 288x384 (5.4 GiB for its 795 + 654 instances), 0.24 MiB at 72x96; resizing happens per
+file, so a smaller ``size`` needs no full-size copy of the split.
 """
 
 from __future__ import annotations
@@ -30,24 +41,43 @@ from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 __all__ = ["LayoutError", "load_cityscapes", "load_libmtl", "load_nyuv2"]
 
 RGB_MEAN, RGB_STD = 0.5, 0.25
-_INDEX = re.compile(r"^(\d+)\.npy$")
+_INDEX = re.compile(r"^(0|[1-9]\d*)\.npy$")
+_NUMBERED = re.compile(r"^\d+\.npy$")
 # LibMTL folder -> (task name, channels of the stored array, or None for a label map)
 _FOLDERS = {"label": ("segmentation", None), "depth": ("depth", 1), "normal": ("normals", 3)}
+# How far an RGB value may stray outside [0, 1]: a resampling filter overshoots a little, an
+# image kept in [0, 255] is far outside (and would become inputs up to ~1000 once normalised).
+_RGB_SLACK = 0.05
+# A labelled normal is a unit vector; one resampled from unit vectors is shorter, never longer.
+# Normals stored as colours ((n + 1) / 2, or x 255) are longer than 1 or mostly far from it.
+_NORMAL_SLACK = 0.1
 
 
 class LayoutError(FileNotFoundError):
     """The data root does not hold the expected LibMTL layout."""
 
 
-def _indices(folder: Path) -> list[int]:
+def _count(folder: Path) -> int:
+    """The number of instances in ``folder``, whose files must be ``0.npy .. <n-1>.npy``: LibMTL
+    reads instance ``i`` from ``<i>.npy`` and so do instance ids here, so a gap or a renamed
+    file would silently give another file the id a request names."""
     if not folder.is_dir():
         raise LayoutError(f"missing folder {folder} (expected LibMTL layout "
                           "<root>/{train,val}/{image,label,depth[,normal]}/<i>.npy)")
-    found = sorted(int(m.group(1)) for name in os.listdir(folder)
-                   if (m := _INDEX.match(name)) is not None)
+    names = os.listdir(folder)
+    padded = sorted(n for n in names if _NUMBERED.match(n) and not _INDEX.match(n))
+    if padded:
+        raise LayoutError(f"{folder}: expected files named <i>.npy without leading zeros "
+                          f"(0.npy, 1.npy, ...), got {padded[:5]}")
+    found = sorted(int(m.group(1)) for name in names if (m := _INDEX.match(name)) is not None)
     if not found:
         raise LayoutError(f"no <i>.npy files in {folder}")
-    return found
+    if found[-1] != len(found) - 1:
+        missing = sorted(set(range(found[-1] + 1)) - set(found))[:10]
+        raise LayoutError(f"{folder}: expected files numbered 0.npy .. {len(found) - 1}.npy "
+                          f"without gaps (instance i is <i>.npy, its id i), got {len(found)} "
+                          f"files up to {found[-1]}.npy; missing e.g. {missing}")
+    return len(found)
 
 
 def _load_array(path: Path, what: str, channels: int | None) -> np.ndarray:
@@ -55,6 +85,9 @@ def _load_array(path: Path, what: str, channels: int | None) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise LayoutError(f"cannot read {path}: {error}") from error
+    if array.dtype.kind not in "fiu":
+        raise LayoutError(f"{path}: {what} must hold real numbers (a float or integer dtype), "
+                          f"got dtype {array.dtype}")
     if channels is None:
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -68,6 +101,55 @@ def _load_array(path: Path, what: str, channels: int | None) -> np.ndarray:
     return array
 
 
+def _check_rgb(path: Path, image: np.ndarray) -> None:
+    if not np.isfinite(image).all():
+        raise LayoutError(f"{path} holds NaN or Inf")
+    low, high = float(image.min()), float(image.max())
+    if low < -_RGB_SLACK or high > 1 + _RGB_SLACK:
+        hint = "; divide images stored in [0, 255] by 255 first" if high > 1.5 else ""
+        raise LayoutError(f"{path}: image must be RGB in [0, 1], got values in [{low:.4g}, "
+                          f"{high:.4g}] (dtype {image.dtype}){hint}")
+
+
+def _label_map(path: Path, array: np.ndarray, num_classes: int) -> torch.Tensor:
+    if not np.isfinite(array).all():
+        raise LayoutError(f"{path} holds NaN or Inf labels (unlabelled pixels are -1)")
+    # Labels come as floats in LibMTL's files: whole numbers, up to rounding.
+    fractional = np.abs(array - np.rint(array)) > 1e-3
+    if fractional.any():
+        raise LayoutError(f"{path} holds labels that are not whole numbers: "
+                          f"{sorted(set(array[fractional].tolist()))[:5]}")
+    label = torch.from_numpy(np.rint(array).astype(np.int64))
+    bad = (label < -1) | (label >= num_classes)
+    if bool(bad.any()):
+        raise LayoutError(f"{path} has labels outside [-1, {num_classes}): "
+                          f"{sorted(set(label[bad].tolist()))[:5]}; `num_classes` must be the "
+                          f"label set's class count (LibMTL's Cityscapes labels have 7, its "
+                          f"19-class set 19)")
+    return label
+
+
+def _check_dense(path: Path, folder: str, array: np.ndarray) -> None:
+    """Depth ``>= 0`` (0 or NaN: unknown, as the losses read it), normals unit vectors (all
+    zero or NaN: unknown); anything else would be trained on, or dropped, silently."""
+    if np.isinf(array).any():
+        raise LayoutError(f"{path} holds Inf {folder} values (mark unknown pixels with 0)")
+    if folder == "depth":
+        if (array < 0).any():
+            raise LayoutError(f"{path}: depth must be >= 0 (0 = unknown), got values down to "
+                              f"{float(np.nanmin(array)):.4g}")
+        return
+    length = np.linalg.norm(array.astype(np.float32), axis=-1)
+    length = length[np.isfinite(length) & (length > 0)]
+    if length.size == 0:
+        return
+    median, longest = float(np.median(length)), float(length.max())
+    if longest > 1 + _NORMAL_SLACK or median < 1 - _NORMAL_SLACK:
+        raise LayoutError(f"{path}: normals must be unit vectors (all zero = unknown), got "
+                          f"lengths up to {longest:.4g} (median {median:.4g}); map normals "
+                          f"stored as colours in [0, 1] or [0, 255] back to [-1, 1] first")
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.Tensor:
     """``x [C, H, W]`` resized to ``size``."""
     if size is None or tuple(x.shape[-2:]) == tuple(size):
@@ -76,55 +158,77 @@ def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.T
     return F.interpolate(x[None].float(), size=size, mode=mode, **kwargs)[0]
 
 
+def _empty_targets(folders: list[str], count: int, size: tuple[int, ...]
+                   ) -> dict[str, torch.Tensor]:
+    targets = {}
+    for folder in folders:
+        task, channels = _FOLDERS[folder]
+        targets[task] = (torch.empty(count, *size, dtype=torch.long) if channels is None
+                         else torch.empty(count, channels, *size))
+    return targets
+
+
 def _load_split(split_dir: Path, folders: list[str], num_classes: int,
                 size: tuple[int, int] | None, limit: int | None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    indices = _indices(split_dir / "image")
+    count = _count(split_dir / "image")
     for folder in folders:
-        other = _indices(split_dir / folder)
-        if other != indices:
-            missing = sorted(set(indices) ^ set(other))[:10]
+        other = _count(split_dir / folder)
+        if other != count:
             raise LayoutError(f"{split_dir}: image/ and {folder}/ hold different instances "
-                              f"(e.g. {missing})")
+                              f"({count} and {other} files)")
     if limit is not None:
-        indices = indices[:limit]
-    images: list[torch.Tensor] = []
-    targets: dict[str, list[torch.Tensor]] = {_FOLDERS[f][0]: [] for f in folders}
+        count = min(count, limit)
+    # Filled in place, one instance at a time: a list of per-instance tensors stacked at the
+    # end held every array twice (40 full-size NYUv2 instances: peak RSS 325 -> 242 MiB).
+    inputs = torch.empty(0)
+    targets: dict[str, torch.Tensor] = {}
     shape: tuple[int, int] | None = None
-    for i in indices:
-        image = _load_array(split_dir / "image" / f"{i}.npy", "image", 3)
+    for i in range(count):
+        path = split_dir / "image" / f"{i}.npy"
+        image = _load_array(path, "image", 3)
         if shape is None:
             shape = image.shape[:2]
         elif image.shape[:2] != shape:
-            raise LayoutError(f"{split_dir}/image/{i}.npy is {image.shape[:2]}, the first image "
-                              f"{shape}; all images of a split must have one size")
-        if not np.isfinite(image).all():
-            raise LayoutError(f"{split_dir}/image/{i}.npy holds NaN or Inf")
+            raise LayoutError(f"{path} is {image.shape[:2]}, the first image {shape}; all "
+                              "images of a split must have one size")
+        _check_rgb(path, image)
         rgb = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-        images.append(_resize(rgb, size, "bilinear"))
+        rgb = _resize(rgb, size, "bilinear")
+        if i == 0:
+            out = tuple(rgb.shape[-2:])
+            inputs = torch.empty(count, 3, *out)
+            targets = _empty_targets(folders, count, out)
+        inputs[i] = rgb
         for folder in folders:
             task, channels = _FOLDERS[folder]
-            array = _load_array(split_dir / folder / f"{i}.npy", folder, channels)
+            path = split_dir / folder / f"{i}.npy"
+            array = _load_array(path, folder, channels)
             if array.shape[:2] != shape:
-                raise LayoutError(f"{split_dir}/{folder}/{i}.npy is {array.shape[:2]}, its image "
-                                  f"{shape}")
+                raise LayoutError(f"{path} is {array.shape[:2]}, its image {shape}")
             if channels is None:
-                # Labels come as floats in LibMTL's files: whole numbers, up to rounding.
-                fractional = np.abs(array - np.rint(array)) > 1e-3
-                if fractional.any():
-                    raise LayoutError(f"{split_dir}/label/{i}.npy holds labels that are not whole "
-                                      f"numbers: {sorted(set(array[fractional].tolist()))[:5]}")
-                label = torch.from_numpy(np.rint(array).astype(np.int64))
-                bad = (label < -1) | (label >= num_classes)
-                if bool(bad.any()):
-                    raise LayoutError(f"{split_dir}/label/{i}.npy has labels outside [-1, "
-                                      f"{num_classes}): {sorted(set(label[bad].tolist()))[:5]}")
-                targets[task].append(_resize(label[None], size, "nearest")[0].long())
+                label = _label_map(path, array, num_classes)
+                targets[task][i] = _resize(label[None], size, "nearest")[0].long()
             else:
+                _check_dense(path, folder, array)
                 value = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-                targets[task].append(_resize(value.permute(2, 0, 1), size, "nearest"))
-    inputs = (torch.stack(images) - RGB_MEAN) / RGB_STD
-    return inputs, {task: torch.stack(values) for task, values in targets.items()}
+                targets[task][i] = _resize(value.permute(2, 0, 1), size, "nearest")
+    inputs.sub_(RGB_MEAN).div_(RGB_STD)
+    return inputs, targets
+
+
+def _check_arguments(name: str, size: object, max_train: object, max_test: object) -> None:
+    # Checked here: torch's interpolate and Python's slicing took them otherwise (a negative
+    # max_train dropped the last files, 0 failed in torch.stack, size (0, 5) deep in torch).
+    if size is not None and not (
+            isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        raise ValueError(f"{name}: `size` must be None or (height, width), two integers >= 1, "
+                         f"got {size!r}")
+    for arg, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name}: `{arg}` must be None or an integer >= 1, got {value!r}")
 
 
 def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
@@ -134,8 +238,11 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     """Load a LibMTL-layout data set at ``root`` (``train/`` -> train, ``val/`` -> test).
 
     Raises :class:`LayoutError` naming the problem when the root, a folder or a file is missing
-    or malformed. Train ids are ``0 .. N_train - 1`` (file order), test ids follow.
+    or malformed, and ``ValueError`` for a ``size`` other than two integers >= 1 or a
+    ``max_train`` / ``max_test`` other than an integer >= 1. Train ids are the file numbers
+    ``0 .. N_train - 1``; test ids follow (``val/*/<j>.npy`` has id ``N_train + j``).
     """
+    _check_arguments(name, size, max_train, max_test)
     base = Path(root).expanduser()
     if not base.is_dir():
         raise LayoutError(f"{name}: data root {base} does not exist or is not a directory")
@@ -144,7 +251,8 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     splits = {}
     for split in ("train", "val"):
         limit = max_train if split == "train" else max_test
-        splits[split] = _load_split(base / split, folders, seg.num_classes, size, limit)
+        splits[split] = _load_split(base / split, folders, seg.num_classes,
+                                    None if size is None else (size[0], size[1]), limit)
     datasets = []
     first_id = 0
     for split in ("train", "val"):
