@@ -406,7 +406,9 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
         splits = [s for s in SPLITS if s != "forget" or spec["name"] in targets]
         for i, label in enumerate(labels):
             values = [results["models"][label]["metrics"].get(s, {}).get(spec["name"], {})
-                      .get(metric, float("nan")) for s in splits]
+                      .get(metric) for s in splits]
+            # A missing (null) value draws no bar, not a bar of 0.
+            values = [float("nan") if v is None else v for v in values]
             ax.bar([x + (i - (len(labels) - 1) / 2) * width for x in range(len(splits))], values,
                    width, label=label, color=colors[label])
         ax.set_xticks(range(len(splits)), splits)
@@ -419,6 +421,8 @@ def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Pa
             low, high = min(finite), max(finite)
             pad = max(high - low, 1e-3) * 0.6
             ax.set_ylim(max(0.0, low - pad), high + pad)
+            if low - pad > 0:  # zoomed in on the differences: say so, bars look taller
+                ax.set_ylabel(f"{metric} (axis from {low - pad:.3g}, not 0)", fontsize=7)
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{results['request']['type']}-task request: per-task metrics "
                  f"(closer to 'retrained' is better)")
@@ -531,6 +535,12 @@ def _plot_samples(models: Mapping[str, Any], forget: Any, benchmark: Any,
 # -- the report ----------------------------------------------------------------------------------
 
 
+def _fixed(value: float | None, digits: int) -> str:
+    """``value`` with ``digits`` decimals, ``-`` for a missing (null) one (a method that
+    diverged has no attack AUC or UIS; the report must still be written)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any],
             figures: Mapping[str, str], baselines: Sequence[str], total: float,
             args: argparse.Namespace, floors: Mapping[str, Any] | None = None) -> str:
@@ -562,7 +572,8 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
                   + (f", including the forget instances' {req['non_target_tasks']} labels"
                      if req["non_target_tasks"] else "") + ").", "",
                   "| model | UIS ↓ | retrain gap ↓ | MIA AUC (retrained: "
-                  f"{res['models']['retrained']['mia_auc']:.3f}) | unlearning time (s) |",
+                  f"{_fixed(res['models']['retrained'].get('mia_auc'), 3)}) | "
+                  "unlearning time (s) |",
                   "|---|---|---|---|---|"]
         for label in _model_order(res, baselines):
             entry = res["models"][label]
@@ -570,9 +581,8 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
             gap = entry.get("retrain_gap")
             wall = entry.get("wall_time_s")
             name = f"**{label}**" if label == METHOD else label
-            lines.append(f"| {name} | {'-' if uis_value is None else f'{uis_value:.2f}'} | "
-                         f"{'-' if gap is None else f'{gap:.2f}'} | {entry['mia_auc']:.3f} | "
-                         f"{'-' if wall is None else f'{wall:.1f}'} |")
+            lines.append(f"| {name} | {_fixed(uis_value, 2)} | {_fixed(gap, 2)} | "
+                         f"{_fixed(entry.get('mia_auc'), 3)} | {_fixed(wall, 1)} |")
         floor = (floors or {}).get(request)
         if floor is not None:
             lines += ["", f"UIS floor: {floor.mean:.2f} (5-95% of draws "
@@ -586,8 +596,7 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
                   format_table(res), "```", "",
                   f"![per-task metrics]({figures[f'metrics_{request}']})", ""]
         m = matrices[request]
-        kept = ", ".join(f"{t}: {v:.2f}" for t, v in m["forget_kept"].items()
-                         if v is not None)
+        kept = ", ".join(f"{t}: {_fixed(v, 2)}" for t, v in m["forget_kept"].items())
         lines += [f"![interference]({figures[f'interference_{request}']})", "",
                   f"{INTERFERENCE_EXPLANATION} Share of each forget gradient's norm kept by the "
                   f"projections: {kept}.", ""]

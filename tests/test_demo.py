@@ -3,6 +3,7 @@ the tables, and a report whose every image exists."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     assert "UIS floor of the partial-task request" in text
     # Three trainings were scheduled (original, one gold model per request), none skipped.
     assert len(re.findall(r"model (trained|from the cache)", text)) == 3
+    # A method that diverged has no attack AUC or UIS, a projection no kept share: the report
+    # is still written, with '-' for them.
+    results = {r: json.loads((out / f"{r}.json").read_text()) for r in ("full", "partial")}
+    broken = results["full"]["models"]["finetune"]
+    broken["mia_auc"] = broken["uis"] = broken["retrain_gap"] = None
+    matrices = {r: {"forget_kept": {"segmentation": None, "depth": 0.5}}
+                for r in ("full", "partial")}
+    figures = {f"{kind}_{r}": f"{kind}_{r}.png" for kind in ("metrics", "interference")
+               for r in ("full", "partial")} | {"samples": "samples.png"}
+    text = demo._report(results, matrices, figures, ["finetune"], 1.0,
+                        argparse.Namespace(seed=0, recipe="default"))
+    assert "| finetune | - | - | - |" in text
+    assert "segmentation: -, depth: 0.50" in text
 
 
 @pytest.mark.parametrize(("argv", "message"), [
