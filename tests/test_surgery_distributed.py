@@ -510,6 +510,24 @@ def _scenario_sharded_per_layer_true_on_a_split(rank: int) -> float:
     return 0.0
 
 
+def _tanh_chain(seed: int, conflict: float = 0.0
+                ) -> tuple[list[nn.Parameter], Callable[[], list[torch.Tensor]]]:
+    """Four seeded 3x3 float64 layers of a tanh chain and its two task losses (the second
+    minus ``conflict`` times the first: conflicting tasks), for the hook on a split list."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen)) for _ in range(4)]
+    x = torch.randn(5, 3, dtype=F64, generator=gen)
+
+    def losses() -> list[torch.Tensor]:
+        z = x
+        for p in params:
+            z = torch.tanh(z @ p)
+        first, second = (z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean()
+        return [first, second - conflict * first if conflict else second]
+
+    return params, losses
+
+
 def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
     """The hook on a parameter list split across ranks (rank 0 holds layers 0-1, rank 1 layers
     2-3), one problem per layer, against the hook on the whole list in one process. With
@@ -518,16 +536,7 @@ def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
     added Grams of different layers: wrong weights, silently), so it is refused."""
     from mtunlearn_ext.surgery import GradientSurgery, sharded_surgery
 
-    gen = torch.Generator().manual_seed(7)
-    params = [nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen)) for _ in range(4)]
-    x = torch.randn(5, 3, dtype=F64, generator=gen)
-
-    def losses() -> list[torch.Tensor]:
-        z = x
-        for p in params:
-            z = torch.tanh(z @ p)
-        return [(z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean() - 0.7 * (z[:, 0] ** 2).mean()]
-
+    params, losses = _tanh_chain(seed=7, conflict=0.7)
     expected_weights = GradientSurgery(params, UPGrad(), per_layer=[0, 1, 2, 3]).backward(
         losses())
     expected = [p.grad.clone() for p in params]
@@ -557,16 +566,7 @@ def _scenario_sharded_surgery_nonfinite_on_one_rank(rank: int) -> float:
     both ranks."""
     from mtunlearn_ext.surgery import sharded_surgery
 
-    gen = torch.Generator().manual_seed(8)
-    params = [nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen)) for _ in range(4)]
-    x = torch.randn(5, 3, dtype=F64, generator=gen)
-
-    def losses() -> list[torch.Tensor]:
-        z = x
-        for p in params:
-            z = torch.tanh(z @ p)
-        return [(z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean()]
-
+    params, losses = _tanh_chain(seed=8)
     mine = [0, 1] if rank == 0 else [2, 3]
     surgery = sharded_surgery([params[i] for i in mine], UPGrad())
     hook = (params[1].register_hook(lambda g: torch.full_like(g, float("nan"))) if rank == 0
