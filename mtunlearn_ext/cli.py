@@ -547,8 +547,6 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 model_factory=lambda: build_model(bench, seed=int(loaded.meta["seed"])),
                 held_out=bench.validation)
             bar.set_postfix_str(f"running {args.method}")
-            # Recorded: the weights' last bits depend on it (torch's default is the core count).
-            threads = torch.get_num_threads()
             result = run_unlearning(problem, args.method, settings)
             bar.update()
             # The input's weights as read from its file (a method may work on the loaded
@@ -593,7 +591,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "num_retain_pairs": int(retain.supervision.sum())},
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
-            "code": code_version(), "environment": run_environment(threads),
+            "code": code_version(), "environment": run_environment(result.report.threads),
             "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
                                                           "data_root", "data_sha256")},
             # Absolute paths: `verify` finds the files from any folder.

@@ -409,6 +409,9 @@ class UnlearningReport:
         curve_steps: ``name -> step index`` of each point.
         request: number of forget instances, target tasks, full or partial, ids hash.
         extra: method-specific facts (e.g. the saliency mask's density).
+        seed, device, threads: the problem's seed, the device and torch's intra-op CPU thread
+            count of the run: with the same code and torch build, what the weights depend on
+            (``None`` in a report not made by :meth:`Unlearner.unlearn`).
     """
 
     method: str
@@ -419,6 +422,9 @@ class UnlearningReport:
     curve_steps: dict[str, list[int]] = field(default_factory=dict)
     request: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    device: str | None = None
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -504,7 +510,11 @@ class Unlearner(ABC):
         # The input model is never handed to a method: either a private copy or nothing.
         model = copy.deepcopy(problem.model).to(problem.device) if self.edits_original else None
         recorder = CurveRecorder()
-        report = UnlearningReport(method=self.name, config=self.config.to_dict())
+        # What a rerun must repeat besides the settings: another thread count splits the sums
+        # otherwise, so the weights differ in their last bits.
+        report = UnlearningReport(method=self.name, config=self.config.to_dict(),
+                                  seed=problem.seed, device=str(device),
+                                  threads=torch.get_num_threads())
         report.request = {
             "num_forget_instances": len(problem.forget),
             "num_forget_pairs": int(problem.forget.supervision.sum()),
