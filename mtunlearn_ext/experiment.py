@@ -24,6 +24,7 @@ seed: the forget ids, the training runs, the unlearning runs and the attack's da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,7 +35,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -649,12 +650,29 @@ class _Setup:
 experiment_threads = cpu_threads
 
 
+@contextlib.contextmanager
+def _callers_random_state_kept(config: ExperimentConfig) -> Iterator[None]:
+    """Run a block whose draws from torch's global generators :func:`_setup` seeds with
+    ``config.seed`` (the numbers depend on the seed alone), and give the caller's generators
+    back after it: an experiment must not restart the caller's own random stream. Only the
+    generators the run can draw from are seeded, and those are restored: the CPU one, and
+    the CUDA ones for a CUDA run (``torch.manual_seed`` would also reseed the CUDA generators
+    of a CPU run, which could not be restored without starting CUDA)."""
+    cuda = torch.device(config.device).type == "cuda"
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     """The experiment's data, request and cache entries. Call it under
-    :func:`experiment_threads` (the key holds ``config.threads``, else the current count)."""
+    :func:`experiment_threads` (the key holds ``config.threads``, else the current count)
+    and :func:`_callers_random_state_kept` (it seeds torch's global generators)."""
     config.validate()
     phases: dict[str, float] = {}
-    torch.manual_seed(config.seed)
+    torch.random.default_generator.manual_seed(config.seed)
+    if torch.device(config.device).type == "cuda":
+        torch.cuda.manual_seed_all(config.seed)
 
     start = time.perf_counter()
     bench = benchmark if benchmark is not None else _load_benchmark(config)
@@ -741,11 +759,11 @@ def train_reference_model(config: ExperimentConfig, which: str,
     """Train (or find in the cache) only the ``"original"`` or the ``"retrained"`` model of
     ``config``'s experiment, so that both can be trained in parallel processes before
     :func:`run_experiment` loads them. Returns the model's cache record. The thread count is
-    ``config.threads`` meanwhile, and restored after."""
+    ``config.threads`` meanwhile, and restored after, as is the caller's random state."""
     if which not in ("original", "retrained"):
         raise ValueError(f"train_reference_model: `which` must be 'original' or 'retrained', "
                          f"got {which!r}")
-    with experiment_threads(config.threads):
+    with experiment_threads(config.threads), _callers_random_state_kept(config):
         _, record = _reference_model(_setup(config, benchmark), which, config)
     return record
 
@@ -758,7 +776,15 @@ def prepare_experiment(config: ExperimentConfig,
 
     The thread count is ``config.threads`` meanwhile and restored on return: a caller that
     goes on to unlearn or evaluate at that count runs its work under
-    :func:`experiment_threads` itself (:func:`run_experiment` does)."""
+    :func:`experiment_threads` itself (:func:`run_experiment` does). The caller's random
+    state is restored on return too (the models depend on ``config.seed`` alone)."""
+    with experiment_threads(config.threads), _callers_random_state_kept(config):
+        return _prepare(config, benchmark)
+
+
+def _prepare(config: ExperimentConfig, benchmark: Benchmark | None) -> PreparedExperiment:
+    # prepare_experiment's work, leaving torch's generators as _setup seeded them:
+    # run_experiment goes on from there (as it always did) and restores the caller's state.
     with experiment_threads(config.threads):
         setup = _setup(config, benchmark)
         original, original_record = _reference_model(setup, "original", config)
@@ -775,14 +801,15 @@ def run_experiment(config: ExperimentConfig,
 
     ``benchmark`` may be passed directly (a benchmark of your own; ``config.benchmark`` must be
     its name, which the results record); otherwise it is loaded by name. The whole run
-    uses ``config.threads`` intra-op threads; the count is restored on return.
+    uses ``config.threads`` intra-op threads; the count is restored on return, and so is the
+    caller's random state (the numbers depend on ``config.seed`` alone).
     """
-    with experiment_threads(config.threads):
+    with experiment_threads(config.threads), _callers_random_state_kept(config):
         return _run_experiment(config, benchmark)
 
 
 def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> dict[str, Any]:
-    prepared = prepare_experiment(config, benchmark)
+    prepared = _prepare(config, benchmark)
     bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
                                       prepared.retain)
     train_set, test_set = bench.train, bench.test
