@@ -24,7 +24,6 @@ seed: the forget ids, the training runs, the unlearning runs and the attack's da
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,7 +34,8 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ from torch import nn
 
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import write_text_atomic
+from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import ForgetRequest
@@ -650,18 +651,12 @@ class _Setup:
 experiment_threads = cpu_threads
 
 
-@contextlib.contextmanager
-def _callers_random_state_kept(config: ExperimentConfig) -> Iterator[None]:
+def _callers_random_state_kept(config: ExperimentConfig) -> AbstractContextManager[None]:
     """Run a block whose draws from torch's global generators :func:`_setup` seeds with
     ``config.seed`` (the numbers depend on the seed alone), and give the caller's generators
     back after it: an experiment must not restart the caller's own random stream. Only the
-    generators the run can draw from are seeded, and those are restored: the CPU one, and
-    the CUDA ones for a CUDA run (``torch.manual_seed`` would also reseed the CUDA generators
-    of a CPU run, which could not be restored without starting CUDA)."""
-    cuda = torch.device(config.device).type == "cuda"
-    devices = list(range(torch.cuda.device_count())) if cuda else []
-    with torch.random.fork_rng(devices=devices):
-        yield
+    generators a run on ``config.device`` draws from are seeded, and those are restored."""
+    return forked_generators(config.device)
 
 
 def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
@@ -670,9 +665,7 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     and :func:`_callers_random_state_kept` (it seeds torch's global generators)."""
     config.validate()
     phases: dict[str, float] = {}
-    torch.random.default_generator.manual_seed(config.seed)
-    if torch.device(config.device).type == "cuda":
-        torch.cuda.manual_seed_all(config.seed)
+    seed_generators(config.seed, config.device)
 
     start = time.perf_counter()
     bench = benchmark if benchmark is not None else _load_benchmark(config)
