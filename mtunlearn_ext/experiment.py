@@ -51,6 +51,7 @@ from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
 from mtunlearn_ext.models import MultiTaskModel, build_model
+from mtunlearn_ext.records import code_version, run_environment
 from mtunlearn_ext.training import (
     Checkpoint,
     CheckpointError,
@@ -861,6 +862,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
         "schema": SCHEMA,
         "config": dataclasses.asdict(config),
         "environment": _environment(config.device),
+        "code": code_version(),  # which commit to check out to rerun the experiment
         "benchmark": {
             "name": bench.name, "size": config.size, "num_train": len(train_set),
             "num_test": len(test_set),
@@ -885,10 +887,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
 
 
 def _environment(device: str) -> dict[str, Any]:
-    from mtunlearn_ext import build_info
-
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "device": device,
-            "threads": torch.get_num_threads(), "extension": bool(build_info().get("extension"))}
+    return {**run_environment(torch.get_num_threads()), "device": device}
 
 
 def _json_safe(value: Any) -> Any:

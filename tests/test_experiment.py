@@ -76,6 +76,11 @@ def test_run_experiment_writes_every_field(tmp_path: Path, digits) -> None:  # t
     results = run_experiment(config, benchmark=digits)
     on_disk = json.loads(Path(config.output).read_text())
     assert on_disk == results and on_disk["schema"] == SCHEMA
+    # Reproducibility review: the results named torch, Python and the thread count but not
+    # the code that made them (a rerun months later could not say which commit to check out).
+    from mtunlearn_ext.records import code_version
+
+    assert on_disk["code"] == code_version()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file
 
     request = on_disk["request"]
