@@ -314,6 +314,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_device,
     )
 
+    from mtunlearn_ext.records import run_environment
+
     device = check_device(args.device)
     _check_seed(args.seed)
     _check_data_root(args.benchmark, args.data_root)
@@ -351,7 +353,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
-                "train_steps": result.steps, "final_loss": result.final_loss}
+                "train_steps": result.steps, "final_loss": result.final_loss,
+                # The weights' last bits depend on the thread count (torch's default: the
+                # core count) and the torch build: the same command reproduces the file with
+                # the same ones.
+                "environment": run_environment(recipe.num_threads or torch.get_num_threads())}
         # No wall time in the checkpoint: the same command must give the same file (SHA-256),
         # so a pipeline rerun from its command lines reproduces the records' hashes. The
         # seconds are printed in the summary below instead.

@@ -129,7 +129,8 @@ def run_environment(threads: int | None) -> dict[str, Any]:
 
     from mtunlearn_ext import build_info
 
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "threads": threads,
+    # str(): torch's TorchVersion is a str subclass, which checkpoint metadata refuses.
+    return {"torch": str(torch.__version__), "python": sys.version.split()[0], "threads": threads,
             "extension": bool(build_info().get("extension"))}
 
 
