@@ -44,7 +44,7 @@ from mtunlearn_ext.metrics.uis_floor import WHAT_EACH_SPLIT_IS, UISFloor
 from mtunlearn_ext.metrics.uis_floor import uis_floor as _measure_uis_floor
 from mtunlearn_ext.models.base import MultiTaskModel, ParameterSplit
 from mtunlearn_ext.models.modes import eval_mode
-from mtunlearn_ext.records import code_version, utc_now
+from mtunlearn_ext.records import code_version, run_environment, utc_now
 from mtunlearn_ext.training import TrainConfig, state_dict_sha256
 from mtunlearn_ext.unlearning import (
     GradientUnlearner,
@@ -1359,7 +1359,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     target tasks, the SHA-256 of the sorted instance ids, not the ids themselves, and
     ``ids_named_by``: the ids of ``train_data`` / ``forget_data`` when it is a data set, else
     row positions in it), the method
-    and its settings, the summary (losses before and after; the membership-inference audit
+    and its settings, the run's ``seed`` and ``device``, its ``environment`` (torch and Python
+    versions, the intra-op thread count during the run, whether the compiled ops ran:
+    :func:`~mtunlearn_ext.records.run_environment`), the summary (losses before and after; the membership-inference audit
     when ``audit_data`` was given), steps and wall time, the code version, the checkpoint
     file's SHA-256, and :func:`state_dict_sha256` of the unlearned model and, when
     ``original`` is given, of the model it came from. A value JSON cannot hold, NaN or an
@@ -1392,6 +1394,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         "schema": API_RECORD_SCHEMA,
         "written_at": utc_now(),
         "code": code_version(),
+        # What the weights depend on besides the code and the settings, for a rerun.
+        "seed": report.seed, "device": report.device,
+        "environment": run_environment(report.threads),
         "request": _finite_or_none(dict(report.request)),
         "method": {"name": report.method, "settings": _finite_or_none(dict(report.config))},
         "summary": _finite_or_none(report.extra.get("summary", {})),

@@ -314,6 +314,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_device,
     )
 
+    from mtunlearn_ext.records import run_environment
+
     device = check_device(args.device)
     _check_seed(args.seed)
     _check_data_root(args.benchmark, args.data_root)
@@ -351,7 +353,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
-                "train_steps": result.steps, "final_loss": result.final_loss}
+                "train_steps": result.steps, "final_loss": result.final_loss,
+                # The weights' last bits depend on the thread count (torch's default: the
+                # core count) and the torch build: the same command reproduces the file with
+                # the same ones.
+                "environment": run_environment(recipe.num_threads or torch.get_num_threads())}
         # No wall time in the checkpoint: the same command must give the same file (SHA-256),
         # so a pipeline rerun from its command lines reproduces the records' hashes. The
         # seconds are printed in the summary below instead.
@@ -450,7 +456,13 @@ def _resolved_settings(report: Any) -> dict[str, Any]:
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
-    from mtunlearn_ext.records import RECORD_SCHEMA, code_version, utc_now, write_record
+    from mtunlearn_ext.records import (
+        RECORD_SCHEMA,
+        code_version,
+        run_environment,
+        utc_now,
+        write_record,
+    )
     from mtunlearn_ext.training import save_checkpoint, state_dict_sha256
     from mtunlearn_ext.unlearning import UnlearningProblem, available_unlearners
     from mtunlearn_ext.workflow import (
@@ -585,7 +597,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "num_retain_pairs": int(retain.supervision.sum())},
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
-            "code": code_version(),
+            "code": code_version(), "environment": run_environment(result.report.threads),
             "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
                                                           "data_root", "data_sha256")},
             # Absolute paths: `verify` finds the files from any folder.

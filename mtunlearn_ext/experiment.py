@@ -35,6 +35,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,11 +45,13 @@ from torch import nn
 
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import write_text_atomic
+from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
 from mtunlearn_ext.models import MultiTaskModel, build_model
+from mtunlearn_ext.records import code_version, run_environment
 from mtunlearn_ext.training import (
     Checkpoint,
     CheckpointError,
@@ -649,12 +652,21 @@ class _Setup:
 experiment_threads = cpu_threads
 
 
+def _callers_random_state_kept(config: ExperimentConfig) -> AbstractContextManager[None]:
+    """Run a block whose draws from torch's global generators :func:`_setup` seeds with
+    ``config.seed`` (the numbers depend on the seed alone), and give the caller's generators
+    back after it: an experiment must not restart the caller's own random stream. Only the
+    generators a run on ``config.device`` draws from are seeded, and those are restored."""
+    return forked_generators(config.device)
+
+
 def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     """The experiment's data, request and cache entries. Call it under
-    :func:`experiment_threads` (the key holds ``config.threads``, else the current count)."""
+    :func:`experiment_threads` (the key holds ``config.threads``, else the current count)
+    and :func:`_callers_random_state_kept` (it seeds torch's global generators)."""
     config.validate()
     phases: dict[str, float] = {}
-    torch.manual_seed(config.seed)
+    seed_generators(config.seed, config.device)
 
     start = time.perf_counter()
     bench = benchmark if benchmark is not None else _load_benchmark(config)
@@ -741,11 +753,11 @@ def train_reference_model(config: ExperimentConfig, which: str,
     """Train (or find in the cache) only the ``"original"`` or the ``"retrained"`` model of
     ``config``'s experiment, so that both can be trained in parallel processes before
     :func:`run_experiment` loads them. Returns the model's cache record. The thread count is
-    ``config.threads`` meanwhile, and restored after."""
+    ``config.threads`` meanwhile, and restored after, as is the caller's random state."""
     if which not in ("original", "retrained"):
         raise ValueError(f"train_reference_model: `which` must be 'original' or 'retrained', "
                          f"got {which!r}")
-    with experiment_threads(config.threads):
+    with experiment_threads(config.threads), _callers_random_state_kept(config):
         _, record = _reference_model(_setup(config, benchmark), which, config)
     return record
 
@@ -758,7 +770,15 @@ def prepare_experiment(config: ExperimentConfig,
 
     The thread count is ``config.threads`` meanwhile and restored on return: a caller that
     goes on to unlearn or evaluate at that count runs its work under
-    :func:`experiment_threads` itself (:func:`run_experiment` does)."""
+    :func:`experiment_threads` itself (:func:`run_experiment` does). The caller's random
+    state is restored on return too (the models depend on ``config.seed`` alone)."""
+    with experiment_threads(config.threads), _callers_random_state_kept(config):
+        return _prepare(config, benchmark)
+
+
+def _prepare(config: ExperimentConfig, benchmark: Benchmark | None) -> PreparedExperiment:
+    # prepare_experiment's work, leaving torch's generators as _setup seeded them:
+    # run_experiment goes on from there (as it always did) and restores the caller's state.
     with experiment_threads(config.threads):
         setup = _setup(config, benchmark)
         original, original_record = _reference_model(setup, "original", config)
@@ -775,14 +795,15 @@ def run_experiment(config: ExperimentConfig,
 
     ``benchmark`` may be passed directly (a benchmark of your own; ``config.benchmark`` must be
     its name, which the results record); otherwise it is loaded by name. The whole run
-    uses ``config.threads`` intra-op threads; the count is restored on return.
+    uses ``config.threads`` intra-op threads; the count is restored on return, and so is the
+    caller's random state (the numbers depend on ``config.seed`` alone).
     """
-    with experiment_threads(config.threads):
+    with experiment_threads(config.threads), _callers_random_state_kept(config):
         return _run_experiment(config, benchmark)
 
 
 def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> dict[str, Any]:
-    prepared = prepare_experiment(config, benchmark)
+    prepared = _prepare(config, benchmark)
     bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
                                       prepared.retain)
     train_set, test_set = bench.train, bench.test
@@ -841,6 +862,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
         "schema": SCHEMA,
         "config": dataclasses.asdict(config),
         "environment": _environment(config.device),
+        "code": code_version(),  # which commit to check out to rerun the experiment
         "benchmark": {
             "name": bench.name, "size": config.size, "num_train": len(train_set),
             "num_test": len(test_set),
@@ -865,10 +887,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
 
 
 def _environment(device: str) -> dict[str, Any]:
-    from mtunlearn_ext import build_info
-
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "device": device,
-            "threads": torch.get_num_threads(), "extension": bool(build_info().get("extension"))}
+    return {**run_environment(torch.get_num_threads()), "device": device}
 
 
 def _json_safe(value: Any) -> Any:

@@ -15,6 +15,9 @@ unlearned checkpoint and never over an existing file. Fields:
 - ``method``: registry ``name`` and its resolved ``settings``; ``seed``; ``device``;
   ``eval_batch_size`` (optional, default 64: the batch size verification measures with);
 - ``code``: ``mtunlearn_ext`` version, git ``commit`` / ``dirty`` (``null`` without git);
+- ``environment`` (optional, absent in older records): ``torch`` and ``python`` versions,
+  ``threads`` (torch's intra-op CPU threads during the run) and ``extension`` (whether the
+  compiled ops ran): besides the seed, what decides a run's last bits (:func:`run_environment`);
 - ``benchmark``: name, size, seed, data root, data SHA-256;
 - ``input`` / ``output``: checkpoint path (absolute; older records may hold it relative to the
   folder ``unlearn`` ran in, :func:`recorded_path`) and SHA-256;
@@ -40,6 +43,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,7 +53,8 @@ from typing import Any
 from mtunlearn_ext._io import sha256_of_file
 
 __all__ = ["RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError", "VerifyResult", "code_version",
-           "compare_measurements", "read_record", "utc_now", "verify_record", "write_record"]
+           "compare_measurements", "read_record", "run_environment", "utc_now", "verify_record",
+           "write_record"]
 
 RECORD_SCHEMA = "mtunlearn_ext.unlearning-record/1"
 
@@ -111,6 +116,22 @@ def code_version() -> dict[str, Any]:
     commit, dirty = ((None, None) if not (source_tree / "setup.py").is_file()
                      else _git_commit(source_tree))
     return {"mtunlearn_ext": mtunlearn_ext.__version__, "commit": commit, "dirty": dirty}
+
+
+def run_environment(threads: int | None) -> dict[str, Any]:
+    """``{"torch": version, "python": version, "threads": threads, "extension": bool}``.
+
+    The same seed gives the same weights only with the same thread count and the same torch
+    build (another count or build splits and rounds the sums otherwise: docs/unlearning.md), so
+    a record must name them for a run to be repeated months later, on another machine.
+    ``threads``: torch's intra-op CPU threads during the run (``None``: not known)."""
+    import torch
+
+    from mtunlearn_ext import build_info
+
+    # str(): torch's TorchVersion is a str subclass, which checkpoint metadata refuses.
+    return {"torch": str(torch.__version__), "python": sys.version.split()[0], "threads": threads,
+            "extension": bool(build_info().get("extension"))}
 
 
 def write_record(path: str | os.PathLike[str], record: Mapping[str, Any]) -> str:

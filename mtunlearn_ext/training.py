@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import atomic_torch_save
+from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.losses import masked_multitask_loss
@@ -219,8 +220,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     steps_per_epoch = math.ceil(rows.numel() / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
-    with cpu_threads(config.num_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with cpu_threads(config.num_threads), seeded_generators(config.seed, device):
         order_generator = torch.Generator().manual_seed(config.seed)
         model.train()
         bar = tqdm(range(config.epochs), desc="train", disable=not progress, leave=False)

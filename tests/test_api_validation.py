@@ -764,6 +764,39 @@ def test_save_unlearned_writes_non_finite_summary_values_as_null(tmp_path) -> No
     assert report.extra["summary"]["forget_loss_after"]["b"] == float("inf")  # report untouched
 
 
+def test_save_unlearned_records_the_seed_device_and_threads_of_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Reproducibility review: the record held the request, the method and its settings, but
+    not the seed the result depends on, nor the device, the thread count and the torch build
+    (docs/unlearning.md: same seed, same result on the same device with the same number of
+    threads), so the run could not be repeated from the record. The thread count is the
+    run's, not the one in effect when saving."""
+    import platform
+
+    from mtunlearn_ext.training import cpu_threads
+
+    x, y = _data()
+    model = _TwoHeads()
+    with cpu_threads(1):
+        new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                            forget_request=ForgetRequest.create(range(5)),
+                                            shared_parameters=_trunk, config={"steps": 1},
+                                            seed=7)
+    with cpu_threads(2):
+        record = mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
+    assert record["seed"] == 7 and record["device"] == "cpu"
+    assert record["environment"] == {"torch": torch.__version__,
+                                     "python": platform.python_version(), "threads": 1,
+                                     "extension": mtunlearn_ext.build_info()["extension"]}
+    # Rerun with what the record says: the same weights.
+    with cpu_threads(record["environment"]["threads"]):
+        again, _ = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                         forget_request=ForgetRequest.create(range(5)),
+                                         shared_parameters=_trunk,
+                                         config=record["method"]["settings"],
+                                         seed=record["seed"], device=record["device"])
+    assert mtunlearn_ext.api.state_dict_sha256(again) == record["model_state_sha256"]
+
+
 def test_a_diverged_run_warns_and_save_unlearned_refuses_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """unlearn() returned a model with NaN weights without a word, and save_unlearned wrote it
     with its record (the CLI stops the same run with exit 3)."""

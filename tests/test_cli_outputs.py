@@ -19,6 +19,7 @@ import torch
 from cli_helpers import _err, _train
 from test_cli import FAST, _listing, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
 
+import mtunlearn_ext
 from mtunlearn_ext import _io, cli
 from mtunlearn_ext._io import sha256_of_file
 from mtunlearn_ext.workflow import OutputTransaction, UserInputError
@@ -358,8 +359,45 @@ def test_train_is_reproducible_to_the_file_hash(tmp_path: Path,
     assert _train(tmp_path / "a.pt") == 0
     assert _train(tmp_path / "b.pt") == 0
     assert sha256_of_file(tmp_path / "a.pt") == sha256_of_file(tmp_path / "b.pt")
-    assert "train_seconds" not in torch.load(tmp_path / "a.pt", weights_only=True)["meta"]
+    meta = torch.load(tmp_path / "a.pt", weights_only=True)["meta"]
+    assert "train_seconds" not in meta
     assert "seconds" in capsys.readouterr().out  # the wall time is printed instead
+    # Reproducibility review: the same command gave another file with another thread count
+    # (indoor/tiny, 1 epoch: 1 thread against 2), torch's default being the core count, and
+    # the checkpoint did not say which count, nor which torch build, made it.
+    assert meta["environment"]["threads"] == 1  # _train passes --threads 1
+    assert meta["environment"]["torch"] == torch.__version__
+
+
+def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
+        trained: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Reproducibility review: the record held the seed, the method's settings and the request
+    but not the thread count nor the torch build, which decide the weights' last bits too
+    (indoor/tiny, 6 steps: 1 thread against 2 gave other bytes, up to 1.5e-8 apart), so a
+    rerun months later on a machine with another core count (torch's default count) gave
+    another checkpoint, and the record could not say why."""
+    import platform
+
+    out = tmp_path / "u.pt"
+    assert _unlearn(trained, out, "--forget-ids", ids(1, 2, 3), "--target-tasks", "digit") == 0
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    assert record["environment"] == {"torch": torch.__version__,
+                                     "python": platform.python_version(),
+                                     "threads": torch.get_num_threads(),
+                                     "extension": mtunlearn_ext.build_info()["extension"]}
+    # Everything a rerun needs, read from the record alone, gives the same file.
+    request = record["request"]
+    again = tmp_path / "again.pt"
+    args = ["unlearn", "--checkpoint", record["input"]["checkpoint"], "--output", str(again),
+            "--forget-ids", ",".join(map(str, request["instance_ids"])),
+            "--request", request["type"], "--target-tasks", ",".join(request["target_tasks_arg"]),
+            "--method", record["method"]["name"],
+            "--method-config", json.dumps(record["method"]["settings"]),
+            "--seed", str(record["seed"]), "--device", record["device"],
+            "--eval-batch-size", str(record["eval_batch_size"]),
+            "--threads", str(record["environment"]["threads"]), "--quiet"]
+    assert cli.main(args) == 0
+    assert sha256_of_file(again) == record["output"]["sha256"]
 
 
 def test_a_run_that_changes_no_weight_says_so(trained: Path, tmp_path: Path,  # noqa: F811

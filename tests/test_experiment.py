@@ -76,6 +76,11 @@ def test_run_experiment_writes_every_field(tmp_path: Path, digits) -> None:  # t
     results = run_experiment(config, benchmark=digits)
     on_disk = json.loads(Path(config.output).read_text())
     assert on_disk == results and on_disk["schema"] == SCHEMA
+    # Reproducibility review: the results named torch, Python and the thread count but not
+    # the code that made them (a rerun months later could not say which commit to check out).
+    from mtunlearn_ext.records import code_version
+
+    assert on_disk["code"] == code_version()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file
 
     request = on_disk["request"]
@@ -440,6 +445,29 @@ def test_the_experiment_functions_restore_the_thread_count(tmp_path: Path, digit
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
+
+
+def test_the_experiment_functions_leave_the_callers_random_state(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    """Reproducibility review: the experiment seeded torch's global generator with its own
+    seed and left it so, so a caller's random stream restarted at ``config.seed`` after
+    every experiment (two experiments in a loop reset the caller's draws each time). Its
+    numbers never depended on the caller's state, and still do not."""
+    from mtunlearn_ext.experiment import prepare_experiment, train_reference_model
+
+    config = _cache_config(tmp_path)
+    runs = {"train_reference_model": lambda: train_reference_model(config, "original", digits),
+            "prepare_experiment": lambda: prepare_experiment(config, digits),
+            "run_experiment": lambda: run_experiment(config, digits)}
+    results = []
+    for seed, (name, run) in zip((11, 12, 13), runs.items()):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        results.append(run())
+        assert torch.equal(torch.get_rng_state(), state), name
+    torch.manual_seed(99)
+    again = run_experiment(config, digits)
+    for label, entry in results[-1]["models"].items():
+        assert again["models"][label]["metrics"] == entry["metrics"], label
 
 
 def test_a_benchmark_of_ones_own_is_checked_before_any_training(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -193,6 +193,25 @@ def test_deterministic_by_seed(bench, original, method: str) -> None:  # type: i
     assert any(not torch.equal(first[k], third[k]) for k in first)
 
 
+@pytest.mark.parametrize("method", ["neggrad_plus", "retrain"])
+def test_a_cpu_run_leaves_the_cuda_generators_alone(bench, original, method: str,  # type: ignore[no-untyped-def]
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reproducibility review: unlearn (and the trainer and model factory that retraining
+    uses) seeded with torch.manual_seed, which reseeds every CUDA generator too, but gave back
+    only the CPU one: on a machine with a GPU a CPU run reset the caller's CUDA random streams
+    (or queued that reset until CUDA starts). A CPU run now seeds the CPU generator alone."""
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    problem = _problem(bench, original, partial=False)
+    first = get_unlearner(method, SETTINGS[method]).unlearn(problem).model.state_dict()
+    assert seeded == []
+    # And the run still depends on its seed alone.
+    torch.random.default_generator.manual_seed(321)
+    second = get_unlearner(method, SETTINGS[method]).unlearn(problem).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_partial_request_keeps_non_target_supervision(bench, original) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=True)
     forget_ids = set(problem.request.instance_ids)

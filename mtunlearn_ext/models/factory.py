@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import Benchmark, TaskSpec, task_spec_list
 from mtunlearn_ext.data.inputs import describe
 from mtunlearn_ext.models.base import MultiTaskModel
@@ -81,8 +82,7 @@ def build_model(benchmark_or_tasks: Benchmark | Sequence[TaskSpec], *,
         regression_dims = _regression_dims(bench, tasks, regression_dims)
     shape = _input_shape(input_shape)
     dense = [t.kind in _DENSE_KINDS for t in tasks]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_generators(seed, "cpu"):  # the caller's generators, CUDA ones too, untouched
         if all(dense):
             if len(shape) != 3:
                 raise ValueError(f"build_model: dense tasks need inputs [C, H, W], got {shape}")

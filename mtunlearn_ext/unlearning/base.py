@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._fields import check_field_types
+from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
@@ -71,13 +72,18 @@ def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
         "not say which output is which task's)")
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, device: torch.device | str | None = None) -> torch.Generator:
     """Seed Python, NumPy and torch's global generators; return a fresh CPU generator seeded with
     ``seed`` for the method's own sampling (so that sampling does not depend on what else drew
-    from the global generator before)."""
+    from the global generator before). ``device``: seed only the torch generators a run there
+    draws from (the CPU one, and that CUDA device's), so that the caller's others are left
+    alone; ``None``: every one (``torch.manual_seed``)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    if device is None:
+        torch.manual_seed(seed)
+    else:
+        seed_generators(seed, device)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
@@ -409,6 +415,9 @@ class UnlearningReport:
         curve_steps: ``name -> step index`` of each point.
         request: number of forget instances, target tasks, full or partial, ids hash.
         extra: method-specific facts (e.g. the saliency mask's density).
+        seed, device, threads: the problem's seed, the device and torch's intra-op CPU thread
+            count of the run: with the same code and torch build, what the weights depend on
+            (``None`` in a report not made by :meth:`Unlearner.unlearn`).
     """
 
     method: str
@@ -419,6 +428,9 @@ class UnlearningReport:
     curve_steps: dict[str, list[int]] = field(default_factory=dict)
     request: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    device: str | None = None
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -484,9 +496,8 @@ class Unlearner(ABC):
         device = torch.device(problem.device)
         # The caller's random state is left as it was: the run draws from seeded forks.
         python_state, numpy_state = random.getstate(), np.random.get_state()
-        fork_devices = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=fork_devices):
+            with forked_generators(device):
                 return self._run(problem, device)
         finally:
             random.setstate(python_state)
@@ -500,11 +511,15 @@ class Unlearner(ABC):
 
     def _run(self, problem: UnlearningProblem, device: torch.device) -> UnlearningResult:
         start = time.perf_counter()
-        generator = seed_everything(problem.seed)
+        generator = seed_everything(problem.seed, device)  # the generators forked above
         # The input model is never handed to a method: either a private copy or nothing.
         model = copy.deepcopy(problem.model).to(problem.device) if self.edits_original else None
         recorder = CurveRecorder()
-        report = UnlearningReport(method=self.name, config=self.config.to_dict())
+        # What a rerun must repeat besides the settings: another thread count splits the sums
+        # otherwise, so the weights differ in their last bits.
+        report = UnlearningReport(method=self.name, config=self.config.to_dict(),
+                                  seed=problem.seed, device=str(device),
+                                  threads=torch.get_num_threads())
         report.request = {
             "num_forget_instances": len(problem.forget),
             "num_forget_pairs": int(problem.forget.supervision.sum()),
