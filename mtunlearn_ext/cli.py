@@ -1048,6 +1048,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # --threads sets torch's process-wide count; a caller of main() in its own process (a
+    # notebook, a test, a pipeline step) gets its count back.
+    callers_threads = torch.get_num_threads()
     try:
         pre, _ = parser.parse_known_args(argv)
         if getattr(pre, "config", None):
@@ -1075,6 +1078,9 @@ def _main(argv: Sequence[str] | None) -> int:
         _silence_stdout()
         print("mtunlearn: stdout was closed by its reader", file=sys.stderr)
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+    finally:
+        if torch.get_num_threads() != callers_threads:
+            torch.set_num_threads(callers_threads)
 
 
 if __name__ == "__main__":

@@ -369,6 +369,18 @@ def test_train_is_reproducible_to_the_file_hash(tmp_path: Path,
     assert meta["environment"]["torch"] == torch.__version__
 
 
+def test_threads_flag_gives_the_callers_count_back(tmp_path: Path) -> None:
+    """``--threads`` sets torch's process-wide count for the command; ``main`` called in the
+    caller's own process (a notebook, a pipeline step) left it set after returning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _train(tmp_path / "a.pt") == 0  # passes --threads 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
         trained: Path, tmp_path: Path) -> None:  # noqa: F811
     """Reproducibility review: the record held the seed, the method's settings and the request
