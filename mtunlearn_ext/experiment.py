@@ -779,10 +779,10 @@ def prepare_experiment(config: ExperimentConfig,
 def _prepare(config: ExperimentConfig, benchmark: Benchmark | None) -> PreparedExperiment:
     # prepare_experiment's work, leaving torch's generators as _setup seeded them:
     # run_experiment goes on from there (as it always did) and restores the caller's state.
-    with experiment_threads(config.threads):
-        setup = _setup(config, benchmark)
-        original, original_record = _reference_model(setup, "original", config)
-        retrained, retrained_record = _reference_model(setup, "retrained", config)
+    # Both callers hold experiment_threads(config.threads) around it.
+    setup = _setup(config, benchmark)
+    original, original_record = _reference_model(setup, "original", config)
+    retrained, retrained_record = _reference_model(setup, "retrained", config)
     data = {f.name: getattr(setup.data, f.name) for f in dataclasses.fields(ExperimentData)}
     return PreparedExperiment(**data, original=original, original_record=original_record,
                               retrained=retrained, retrained_record=retrained_record,
