@@ -119,19 +119,25 @@ def code_version() -> dict[str, Any]:
 
 
 def run_environment(threads: int | None) -> dict[str, Any]:
-    """``{"torch": version, "python": version, "threads": threads, "extension": bool}``.
+    """``{"torch": version, "python": version, "threads": threads, "extension": bool,
+    "cpu_isa": {"torch": ..., "mtunlearn_ext": ...}}``.
 
-    The same seed gives the same weights only with the same thread count and the same torch
-    build (another count or build splits and rounds the sums otherwise: docs/unlearning.md), so
-    a record must name them for a run to be repeated months later, on another machine.
+    The same seed gives the same weights only with the same thread count, the same torch
+    build and the same CPU instruction sets (another count or build splits and rounds the sums
+    otherwise: docs/unlearning.md), so a record must name them for a run to be repeated months
+    later, on another machine. ``cpu_isa``: torch's CPU capability (``ATEN_CPU_CAPABILITY``
+    caps it) and this extension's active kernels (``MTUNLEARN_CPU_ISA`` caps them; the
+    baseline kernels round differently from the AVX2 / AVX-512 ones, which agree bit for bit).
     ``threads``: torch's intra-op CPU threads during the run (``None``: not known)."""
     import torch
 
-    from mtunlearn_ext import build_info
+    from mtunlearn_ext._extension import build_info, cpu_isa
 
     # str(): torch's TorchVersion is a str subclass, which checkpoint metadata refuses.
     return {"torch": str(torch.__version__), "python": sys.version.split()[0], "threads": threads,
-            "extension": bool(build_info().get("extension"))}
+            "extension": bool(build_info().get("extension")),
+            "cpu_isa": {"torch": str(torch.backends.cpu.get_cpu_capability()),
+                        "mtunlearn_ext": cpu_isa()["active"]}}
 
 
 def write_record(path: str | os.PathLike[str], record: Mapping[str, Any]) -> str:

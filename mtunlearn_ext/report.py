@@ -89,9 +89,16 @@ MISSING_LABEL = "n/a"
 
 #: Characters of a name that Markdown would read as markup, and how each is written instead:
 #: ``|`` ends a table cell, ``<`` / ``&`` start raw HTML or an entity, a backtick a code span,
-#: ``*`` emphasis and ``$`` a formula (GitHub renders ``$...$`` as math).
+#: ``*`` emphasis, ``$`` a formula (GitHub renders ``$...$`` as math), ``~`` strikethrough and
+#: ``[`` / ``]`` a link (a name ``[x](y)``).
 _MD_ESCAPES = (("\\", "\\\\"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"),
-               ("`", "\\`"), ("*", "\\*"), ("$", "\\$"))
+               ("`", "\\`"), ("*", "\\*"), ("$", "\\$"), ("~", "\\~"), ("[", "\\["),
+               ("]", "\\]"))
+
+#: An underscore that could open or close emphasis: one not between two letters or digits.
+#: Markdown never reads an intraword ``_`` as emphasis, so ``neggrad_plus`` stays as it is in
+#: the raw file while ``_x_`` (which renders as an italic x) is escaped.
+_MD_EMPHASIS_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 
 
 def _md_text(value: object) -> str:
@@ -100,7 +107,15 @@ def _md_text(value: object) -> str:
     text = " ".join(str(value).split())  # a line break would end the table row or heading
     for raw, escaped in _MD_ESCAPES:
         text = text.replace(raw, escaped)
-    return text
+    return _MD_EMPHASIS_UNDERSCORE.sub(r"\\_", text)
+
+
+def _md_code_block(text: str, info: str = "") -> list[str]:
+    """``text`` as the lines of a fenced code block whose fence is longer than any run of
+    backticks inside it, so that a name holding three backticks cannot close the block."""
+    longest = max(map(len, re.findall("`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, text, fence]
 
 
 def _md_code(value: object) -> str:
@@ -603,8 +618,8 @@ def _report_inputs(results: Mapping[str, Any]
         intro = [f"Experiment on {_md_code(results['benchmark']['name'])} "
                  f"({_md_text(results['benchmark']['size'])}), "
                  f"{_md_text(results['request']['type'])} request on "
-                 f"{_md_names(results['request']['target_tasks'])}.", "", "```",
-                 format_table(results), "```"]
+                 f"{_md_names(results['request']['target_tasks'])}.", "",
+                 *_md_code_block(format_table(results))]
     else:
         raise UserInputError("--results", "experiment results (mtunlearn_ext.experiment/1) or "
                              f"an unlearning record ({RECORD_SCHEMA})", schema)

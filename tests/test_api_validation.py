@@ -786,7 +786,9 @@ def test_save_unlearned_records_the_seed_device_and_threads_of_the_run(tmp_path)
     assert record["seed"] == 7 and record["device"] == "cpu"
     assert record["environment"] == {"torch": torch.__version__,
                                      "python": platform.python_version(), "threads": 1,
-                                     "extension": mtunlearn_ext.build_info()["extension"]}
+                                     "extension": mtunlearn_ext.build_info()["extension"],
+                                     "cpu_isa": {"torch": torch.backends.cpu.get_cpu_capability(),
+                                                 "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}}
     # Rerun with what the record says: the same weights.
     with cpu_threads(record["environment"]["threads"]):
         again, _ = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),

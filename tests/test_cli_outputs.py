@@ -396,7 +396,9 @@ def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
     assert record["environment"] == {"torch": torch.__version__,
                                      "python": platform.python_version(),
                                      "threads": torch.get_num_threads(),
-                                     "extension": mtunlearn_ext.build_info()["extension"]}
+                                     "extension": mtunlearn_ext.build_info()["extension"],
+                                     "cpu_isa": {"torch": torch.backends.cpu.get_cpu_capability(),
+                                                 "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}}
     # Everything a rerun needs, read from the record alone, gives the same file.
     request = record["request"]
     again = tmp_path / "again.pt"

@@ -398,6 +398,28 @@ def test_names_with_markup_are_escaped_and_drawn_as_they_are(tmp_path: Path) -> 
     assert any("a\\|b" in row for row in rows)
 
 
+def test_names_that_would_italicise_strike_or_link_are_escaped_and_plain_names_are_not(
+        tmp_path: Path) -> None:
+    """A task named '_x_' rendered as an italic x, '~~old~~' struck through and '[x](y)' as a
+    link; three backticks inside a task name closed the experiment report's code block, so the
+    rest of its table rendered as Markdown. Intraword underscores (neggrad_plus) cannot start
+    emphasis and stay as they are in the raw file."""
+    names = ["_x_", "~~old~~", "[x](y)", "neggrad_plus", "a```b"]
+    results = {"schema": "mtunlearn_ext.experiment/1",
+               "benchmark": {"name": "b", "size": "tiny",
+                             "tasks": [{"name": n, "kind": "classification"} for n in names]},
+               "request": {"type": "full", "target_tasks": names},
+               "models": {label: {"metrics": {"test": {n: {"accuracy": 0.5} for n in names}},
+                                  "mia_auc": None} for label in ("original", "retrained")}}
+    write_report(results, tmp_path / "rep")
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    cells = [line.split(" | ")[1] for line in lines if line.startswith("| test | ")]
+    assert cells == ["\\_x\\_", "\\~\\~old\\~\\~", "\\[x\\](y)", "neggrad_plus", "a\\`\\`\\`b"]
+    start = lines.index("````")  # a fence longer than the name's three backticks
+    assert lines.index("````", start + 1) > start + 1
+    assert "```" not in [line.strip() for line in lines]
+
+
 def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) -> None:
     """The table listed before and after in separate blocks of rows (a row per model, split and
     task), gave no metric's direction (an error such as mse is better lower), no change and no
