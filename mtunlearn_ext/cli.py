@@ -817,7 +817,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from mtunlearn_ext.report import write_report
-    from mtunlearn_ext.workflow import COMMITTED_OUTPUTS, UserInputError
+    from mtunlearn_ext.workflow import UserInputError
 
     source = Path(args.results)
     try:
@@ -825,8 +825,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
                              str(error)) from error
+    # write_report registers its files as written in full (COMMITTED_OUTPUTS) as report.md
+    # lands: an interrupt from then on finds them complete.
     written = write_report(results, Path(args.output_dir), title=args.title or source.name)
-    COMMITTED_OUTPUTS.extend(written)  # an interrupt from here on finds them complete
     print(_table([[str(p), p.stat().st_size] for p in written], ["file", "bytes"]))
     return 0
 

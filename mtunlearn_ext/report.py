@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import link_new, new_temporary_beside, write_text_new
+from mtunlearn_ext._io import interrupts_held, link_new, new_temporary_beside, write_text_new
 
 __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -683,10 +683,12 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     Raises :class:`~mtunlearn_ext.workflow.UserInputError` for an input that is neither
     experiment results nor a record, for a field the report shows that is missing or not a
     number (checked before anything is written), or when a file to write exists already. On
-    any failure the files written so far are removed again.
+    any failure the files written so far are removed again. Once ``report.md`` is in place the
+    files are complete and listed in ``workflow.COMMITTED_OUTPUTS``; an interrupt arriving as
+    it lands is raised after that, and leaves them.
     """
     from mtunlearn_ext.records import RECORD_SCHEMA
-    from mtunlearn_ext.workflow import UserInputError
+    from mtunlearn_ext.workflow import COMMITTED_OUTPUTS, UserInputError
 
     if not isinstance(results, Mapping):
         raise UserInputError("--results", "a JSON object (experiment results or a record)",
@@ -719,6 +721,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
         raise UserInputError("--output-dir", "a folder that can be created", str(output_dir),
                              str(error)) from error
     files = _NewFiles()
+    complete = False
     try:
         lines = [f"# {_md_text(title)}", "", *intro, "", "## Per-task metrics", ""]
         for split in ("forget", "retain", "test"):
@@ -744,9 +747,16 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
 
             files.write(output_dir / "interference.png", draw)
             lines += section
-        files.write(md, lambda p: bool(write_text_new(p, "\n".join(lines))))
+        # The report is complete once report.md is in place; an interrupt arriving as it lands
+        # is held until the files are registered as written in full, so that the command says
+        # so instead of "no output was written" beside a complete report.
+        with interrupts_held():
+            files.write(md, lambda p: bool(write_text_new(p, "\n".join(lines))))
+            COMMITTED_OUTPUTS.extend(files.paths)
+            complete = True
     except BaseException:
-        files.remove()
-        _remove_empty(created)
+        if not complete:
+            files.remove()
+            _remove_empty(created)
         raise
     return files.paths

@@ -321,6 +321,40 @@ def test_an_interrupted_report_says_its_files_were_written(
     assert str(folder / "report.md") in err and (folder / "report.md").is_file()
 
 
+def test_a_signal_as_the_report_lands_keeps_the_complete_report_and_says_so(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The files were registered as complete only after write_report returned: a SIGINT in
+    between (here: as report.md's last byte lands) removed a complete report, or, a moment
+    later, left it beside "no output was written". Now the signal is held until the files are
+    registered, the report stays and the message says it was written in full."""
+    import os
+    import signal
+
+    from mtunlearn_ext import report
+
+    out = tmp_path / "u.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--output", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    real_write = report.write_text_new
+
+    def write_then_interrupt(path: Path, text: str) -> Any:
+        written = real_write(path, text)
+        os.kill(os.getpid(), signal.SIGINT)
+        return written
+
+    monkeypatch.setattr(report, "write_text_new", write_then_interrupt)
+    folder = tmp_path / "report"
+    assert cli.main(["report", "--results", str(out) + ".record.json", "--output-dir",
+                     str(folder)]) == 130
+    monkeypatch.undo()
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: interrupted after its outputs were written in full ("), err
+    assert (folder / "report.md").read_text().startswith("# u.pt.record.json")
+    assert {p.name for p in folder.iterdir()} >= {"report.md", "metrics_test.png"}
+
+
 def test_an_interrupt_during_the_commands_imports_is_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """CLI review: main() imported records/training/workflow (about a second) before its
