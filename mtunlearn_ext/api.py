@@ -74,7 +74,9 @@ DataLike = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
 
 #: Which parameters are the shared trunk: names, the parameters themselves, or a predicate on
 #: the parameter's name.
-SharedSpec = Union[Iterable[Union[str, nn.Parameter]], Callable[[str], bool]]
+#: Parameters named, given, or held by modules: a head's or the trunk's parameters.
+ParameterSpec = Union[nn.Module, Iterable[Union[str, nn.Parameter, nn.Module]]]
+SharedSpec = Union[ParameterSpec, Callable[[str], bool]]
 
 
 class _SplitModel(nn.Module):
@@ -167,12 +169,21 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
             for n, owners in _owners(model).items()}
 
 
-def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) -> list[str]:
+def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
     by_id = {id(p): n for n, p in model.named_parameters()}
     canonical = {alias: n for n, names in _aliases(model).items() for alias in names}
     names: list[str] = []  # in the order given, each once (a list may name one twice)
+    if isinstance(items, nn.Module):
+        items = [items]
     for item in items:
-        if isinstance(item, str):
+        if isinstance(item, nn.Module):  # a submodule stands for every parameter it holds
+            outside = [n for n, p in item.named_parameters() if id(p) not in by_id]
+            if outside:
+                raise KeyError(f"unlearn: a module in `{what}` ({type(item).__name__}) holds "
+                               f"parameters that are not the model's: {outside[:3]}; pass a "
+                               f"submodule of the model")
+            names.extend(by_id[id(p)] for p in item.parameters())
+        elif isinstance(item, str):
             if item not in canonical:
                 raise KeyError(f"unlearn: `{what}` names {item!r}, which is not a parameter of "
                                f"the model")
@@ -182,33 +193,35 @@ def _names_of(model: nn.Module, items: Iterable[str | nn.Parameter], what: str) 
                 raise KeyError(f"unlearn: a tensor in `{what}` is not a parameter of the model")
             names.append(by_id[id(item)])
         else:
-            raise TypeError(f"unlearn: `{what}` must hold names or parameters, got "
+            raise TypeError(f"unlearn: `{what}` must hold names, parameters or modules, got "
                             f"{type(item).__name__}")
     return list(dict.fromkeys(names))
 
 
 def _has_own_split(model: nn.Module, shared: SharedSpec | None,
-                   heads: Mapping[str, Iterable[str | nn.Parameter]] | None) -> bool:
+                   heads: Mapping[str, ParameterSpec] | None) -> bool:
     """The model is used as it is (no :class:`_SplitModel` around it, so it receives a
     batch's inputs as one object): it has ``parameter_split()`` and no split is given."""
     return shared is None and heads is None and callable(getattr(model, "parameter_split", None))
 
 
 def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec | None,
-                 heads: Mapping[str, Iterable[str | nn.Parameter]] | None) -> nn.Module:
+                 heads: Mapping[str, ParameterSpec] | None) -> nn.Module:
     """The model itself when it already exposes ``parameter_split()`` and no split is given,
     else a :class:`_SplitModel` around it."""
     if _has_own_split(model, shared, heads):
         return model
     if shared is None and heads is None:
         raise ValueError("unlearn: say which parameters are shared: pass `shared_parameters` "
-                         "(names, parameters, or a predicate on names), or use a model with "
-                         "`parameter_split()` (a mtunlearn_ext MultiTaskModel)")
+                         "(names, parameters, modules, or a predicate on names), or use a model "
+                         "with `parameter_split()` (a mtunlearn_ext MultiTaskModel)")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(shared, nn.Module):  # callable, but its parameters are meant, not a predicate
+        shared = [shared]
     if shared is not None and not callable(shared) and (
             isinstance(shared, (str, bytes)) or not isinstance(shared, Iterable)):
-        raise TypeError(f"unlearn: `shared_parameters` must be names, parameters or a predicate "
-                        f"on names, got {type(shared).__name__}")
+        raise TypeError(f"unlearn: `shared_parameters` must be names, parameters, modules or a "
+                        f"predicate on names, got {type(shared).__name__}")
     owners = _owners(model)
     aliases = {n: [a for names in held for a in names] for n, held in owners.items()}
     if shared is None:
@@ -251,6 +264,16 @@ def _split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec
     return _SplitModel(model, shared_names, head_names)
 
 
+def _tasks_named_in(name: str, task_names: Sequence[str]) -> list[str]:
+    """The tasks whose name is a component of the parameter name ``name``: of its modules'
+    path first, its own attribute name only where no module is named after a task. A task
+    called ``weight`` or ``bias`` would otherwise also claim ``heads.age.weight``, which then
+    sat in two heads and in none."""
+    *path, own = name.split(".")
+    return ([t for t in task_names if t in path]
+            or [t for t in task_names if t == own])
+
+
 def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Sequence[str],
                    shared_names: Sequence[str]) -> dict[str, list[str]]:
     """The default split's heads: a parameter belongs to the head of task t when one component
@@ -272,7 +295,7 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
         for names in held_by.get(n, [[n]]):
             in_head = False
             for alias in names:
-                found = [t for t in task_names if t in alias.split(".")]
+                found = _tasks_named_in(alias, task_names)
                 if len(found) == 1:
                     owners.setdefault(found[0], alias)
                 in_head = in_head or bool(found)
@@ -817,7 +840,7 @@ def build_problem(model: nn.Module, *,
                   target_tasks: Sequence[str] | str | None = None,
                   held_out_data: DataLike | None = None,
                   shared_parameters: SharedSpec | None = None,
-                  head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
+                  head_parameters: Mapping[str, ParameterSpec] | None = None,
                   device: torch.device | str = "cpu",
                   seed: int = 0,
                   fresh_model: Callable[[], nn.Module] | None = None,
@@ -926,7 +949,7 @@ def _build_problem(model: nn.Module, *,
                    forget_data: DataLike | None, retain_data: DataLike | None,
                    target_tasks: Sequence[str] | str | None, held_out_data: DataLike | None,
                    shared_parameters: SharedSpec | None,
-                   head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None,
+                   head_parameters: Mapping[str, ParameterSpec] | None,
                    device: torch.device | str, seed: int,
                    fresh_model: Callable[[], nn.Module] | None,
                    train_config: TrainConfig | Mapping[str, Any] | None
@@ -1079,7 +1102,7 @@ def unlearn(model: nn.Module, *,
             held_out_data: DataLike | None = None,
             audit_data: DataLike | None = None,
             shared_parameters: SharedSpec | None = None,
-            head_parameters: Mapping[str, Iterable[str | nn.Parameter]] | None = None,
+            head_parameters: Mapping[str, ParameterSpec] | None = None,
             method: str = "interference_aware",
             config: Mapping[str, Any] | UnlearnerConfig | None = None,
             device: torch.device | str = "cpu",
@@ -1159,10 +1182,13 @@ def unlearn(model: nn.Module, *,
             ``forget_mia_auc_*`` near 0.5 means the forget instances look like unseen data to
             the attack; ``member_mia_auc_*`` (held-back retain rows against the same unseen
             half) shows that the attack itself still separates members.
-        shared_parameters: the trunk: names, parameters, or a predicate on names. Not needed
-            for a model with ``parameter_split()``.
-        head_parameters: task -> its head's names or parameters (default: a parameter whose
-            dotted name contains the task's name as a component, e.g. ``heads.depth.weight``).
+        shared_parameters: the trunk: names, parameters, modules (``model.backbone``: all
+            its parameters), or a predicate on names. Not needed for a model with
+            ``parameter_split()``.
+        head_parameters: task -> its head's names, parameters or module(s) (default: a
+            parameter whose dotted name contains the task's name as a component, e.g.
+            ``heads.depth.weight``; the modules' names are looked at before the parameter's
+            own, so a task named ``weight`` does not claim every ``....weight``).
         method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
         config: the method's settings (a mapping or its config object); defaults otherwise.
         device: where to compute; seed: seeds every random choice (same seed, same result).

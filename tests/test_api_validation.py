@@ -492,6 +492,57 @@ def test_a_head_also_held_in_a_list_stays_its_tasks_head() -> None:
         assert split.heads == heads
 
 
+def test_modules_stand_for_their_parameters_in_the_split() -> None:
+    """Review: `shared_parameters=model.trunk` was taken for a predicate (a module is
+    callable) and called on name strings, failing deep in conv2d/linear with a TypeError on
+    `str`; `head_parameters={"a": model.heads.a}` failed with "'Linear' object is not
+    iterable". Neither named the argument."""
+    x, y = _data()
+    model = _TwoHeads()
+    request = ForgetRequest.create(range(5))
+    by_module = build_problem(model, tasks=TASKS, train_data=(x, y), forget_request=request,
+                              shared_parameters=model.trunk,
+                              head_parameters={"a": model.heads.a, "b": [model.heads.b]})
+    by_name = build_problem(model, tasks=TASKS, train_data=(x, y), forget_request=request,
+                            shared_parameters=_trunk)
+    assert by_module.model.parameter_split() == by_name.model.parameter_split()
+    assert by_module.model.parameter_split().shared == ("module.trunk.0.weight",
+                                                         "module.trunk.0.bias")
+    with pytest.raises(KeyError, match=r"a module in `shared_parameters` \(Linear\) holds "
+                                       r"parameters that are not the model's"):
+        build_problem(model, tasks=TASKS, train_data=(x, y), forget_request=request,
+                      shared_parameters=nn.Linear(8, 16))
+
+
+class _HeadsNamedLikeAttributes(nn.Module):
+    """Tasks named `weight` and `age`: `heads.age.weight` has both names as components."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.heads = nn.ModuleDict({"weight": nn.Linear(16, 3), "age": nn.Linear(16, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def test_a_task_named_like_a_parameter_attribute_claims_only_its_own_head() -> None:
+    """Review: with tasks `weight` and `age`, `heads.age.weight` matched both task names, so
+    it went to no head and was refused as "neither shared nor in a head" (its bias was
+    accepted): the module path names the head, not the attribute."""
+    x, y = _data()
+    labels = {"weight": y["a"], "age": y["b"]}
+    problem = build_problem(_HeadsNamedLikeAttributes(),
+                            tasks={"weight": "classification", "age": "regression"},
+                            train_data=(x, labels), forget_request=ForgetRequest.create(range(5)),
+                            shared_parameters=_trunk)
+    assert problem.model.parameter_split().heads == {
+        "weight": ("module.heads.weight.weight", "module.heads.weight.bias"),
+        "age": ("module.heads.age.weight", "module.heads.age.bias")}
+
+
 def test_head_parameters_keys_must_be_tasks() -> None:
     """A misspelt key was ignored: its parameters went nowhere or to the name-based default."""
     x, y = _data()
@@ -927,10 +978,26 @@ def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() 
     for dtype in (torch.bfloat16, torch.float16):
         low = _TwoHeads().to(dtype)
         with pytest.raises(ValueError, match=rf"6 trainable parameter\(s\) are {dtype} \(first: "
-                                             r"'trunk\.0\.weight'\).*`unlearn\(model\.float\(\)"):
+                                             r"'trunk\.0\.weight'\).*`new, report = unlearn\(model\.float\(\), "
+                                             r"\.\.\.\)`, then `new\.to\("):
             mtunlearn_ext.unlearn(low, tasks=SPECS, train_data=(x.to(dtype), y),
                                   forget_request=request, shared_parameters=_trunk,
                                   config={"steps": 1})
+
+
+def test_a_numpy_integer_seed_is_an_integer() -> None:
+    """Review: `seed=np.int64(3)` was refused as "must be an integer in [0, 2**63)"."""
+    import numpy as np
+
+    x, y = _data()
+    runs = [mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                  forget_request=ForgetRequest.create(range(5)),
+                                  shared_parameters=_trunk, config={"steps": 2}, seed=seed)
+            for seed in (np.int64(3), 3)]
+    (by_numpy, report), (by_int, _) = runs
+    assert report.seed == 3 and type(report.seed) is int
+    for a, b in zip(by_numpy.parameters(), by_int.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_a_seed_beyond_64_bits_is_named() -> None:

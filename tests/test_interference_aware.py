@@ -673,6 +673,25 @@ def test_a_cap_reference_without_a_task_warns(user_setup) -> None:  # type: igno
                               config={"steps": 2, "cap_reference": "held_out"})
 
 
+def test_a_loss_that_is_nan_on_the_cap_reference_is_named(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """Review: a custom loss that is NaN on some rows (sqrt(pred - target)) made every cap
+    quantile NaN, and the run failed saying the retain set "has no supervised pair of 'size'",
+    though it had dozens."""
+    model, x, y = user_setup
+
+    def sqrt_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(pred - target).mean(1)
+
+    tasks = {"kind": "classification", "size": TaskSpec("size", "regression", loss=sqrt_loss)}
+    with pytest.raises(ValueError, match=r"interference_aware: the original model's 'size' "
+                                         r"loss is NaN or infinite on \d+ of the \d+ supervised "
+                                         r"pairs of the retain set"):
+        mtunlearn_ext.unlearn(model, tasks=tasks, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(10)),
+                              shared_parameters=lambda n: n.startswith("trunk."),
+                              config={"steps": 2, "cap_reference": "retain"})
+
+
 KIND_SIZE = {"kind": TaskSpec("kind", "classification", num_classes=3),
              "size": TaskSpec("size", "regression")}
 
@@ -1044,7 +1063,7 @@ def test_public_api_names_arguments_of_the_wrong_type(user_setup) -> None:  # ty
             ({"seed": 1.5}, ValueError, r"`seed` must be an integer in \[0, 2\*\*63\), got 1.5"),
             ({"device": "tpu"}, ValueError, r"`device` 'tpu' is no torch device"),
             ({"shared_parameters": 5}, TypeError, r"`shared_parameters` must be names, "
-                                                  r"parameters or a predicate on names, got int"),
+                                                  r"parameters, modules or a predicate on names, got int"),
             ({"progress": "no"}, TypeError, r"unlearn: `progress` must be True or False, got "
                                             r"'no'")):
         with pytest.raises(error, match=message):

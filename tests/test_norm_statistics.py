@@ -121,6 +121,22 @@ def _double_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double()
 
 
+def test_a_retain_set_of_one_row_leaves_the_statistics_and_says_so(trained) -> None:  # type: ignore[no-untyped-def]
+    """Review: with one retain row the running statistics (which averaged the forget
+    instances in) were silently kept; only `norm_statistics_rows: 0` in the report said so."""
+    model, x, y = trained
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with pytest.warns(UserWarning, match=r"the retain set has 1 row\(s\), too few to recompute "
+                                         r"the running statistics of 2 normalisation layer"):
+        new, report = mtunlearn_ext.unlearn(
+            model, tasks=TASKS, train_data=(x, y),
+            forget_request=ForgetRequest.create(range(1, 96)), shared_parameters=is_trunk,
+            config={"steps": 1}, seed=0)
+    assert report.extra["norm_statistics_rows"] == 0
+    after = new.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_recalibration_uses_the_retain_rows_only(trained) -> None:  # type: ignore[no-untyped-def]
     model, x, y = trained
     forget = list(range(0, 96, 4))  # 24 forget instances, 72 retained

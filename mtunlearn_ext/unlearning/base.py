@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import random
 import time
 import warnings
@@ -210,6 +211,8 @@ class UnlearningProblem:
         if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
             raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
                              "build it with ForgetRequest.split")
+        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
+            self.seed = int(self.seed)  # numpy's integers: an int is what generators take
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"UnlearningProblem: `seed` must be an integer in [0, 2**63), got "
@@ -267,7 +270,7 @@ class UnlearningProblem:
                 f"{name.removeprefix(prefix)!r}); the unlearning steps write into the parameters, "
                 f"and in {str(dtype).removeprefix('torch.')} most updates would round away. "
                 "Unlearn a float32 copy and cast the result back: "
-                f"`unlearn(model.float(), ...)`, then `result.model.to({dtype})`")
+                f"`new, report = unlearn(model.float(), ...)`, then `new.to({dtype})`")
 
     def check_unseen(self, data: MultiTaskDataset, what: str) -> None:
         """Raise if ``data`` shares an instance id with the training set (forget or retain):

@@ -364,6 +364,21 @@ def coupled_retain_set(problem: UnlearningProblem) -> MultiTaskDataset | None:
     return problem.retain.subset(torch.tensor(rows, dtype=torch.long))
 
 
+def _refuse_non_finite_losses(losses: Mapping[str, torch.Tensor], where: str,
+                              cap_reference: str) -> None:
+    """Refuse losses the caps cannot be calibrated on: a NaN in them made every quantile NaN,
+    and the run then failed with a message blaming a set without labels."""
+    for task, values in losses.items():
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            raise ValueError(
+                f"interference_aware: the original model's {task!r} loss is NaN or infinite on "
+                f"{int(bad.sum())} of the {values.numel()} supervised pairs of {where} that the "
+                f"forget caps are calibrated on (cap_reference={cap_reference!r}); the caps "
+                f"need finite per-sample losses: check {task!r}'s loss function and labels "
+                f"there (a loss such as sqrt(pred - target) is NaN wherever pred < target)")
+
+
 def _cap_reference_rows(data: MultiTaskDataset, tasks: Sequence[str], limit: int
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The rows whose losses calibrate the forget caps of ``tasks``: for each task its first
@@ -641,6 +656,9 @@ class InterferenceAware(GradientUnlearner):
         if rank_matched:
             forget_losses, forget_ids = self._original_losses(
                 ctx, problem.forget, loss_fns, torch.arange(len(problem.forget)))
+        _refuse_non_finite_losses(losses, f"the {source} set", cfg.cap_reference)
+        if rank_matched:
+            _refuse_non_finite_losses(forget_losses, "the forget set", cfg.cap_reference)
         caps: dict[str, float] = {}
         for task, objective in capped.items():
             values = losses[task]

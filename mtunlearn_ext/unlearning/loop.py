@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -403,8 +404,16 @@ class GradientUnlearner(Unlearner):
             prefix = getattr(model, "wrapped_prefix", "")
             report.extra["norm_statistics_layers"] = [
                 name.removeprefix(prefix) for name, _ in running_statistics_modules(model)]
-            report.extra["norm_statistics_rows"] = recalibrate_running_statistics(
-                model, problem.retain, cfg.retain_batch_size, device)
+            rows = recalibrate_running_statistics(model, problem.retain, cfg.retain_batch_size,
+                                                  device)
+            report.extra["norm_statistics_rows"] = rows
+            if rows == 0:  # one row has no variance: the statistics stay the original's
+                warnings.warn(
+                    f"{self.name}: the retain set has {len(problem.retain)} row(s), too few to "
+                    f"recompute the running statistics of "
+                    f"{len(report.extra['norm_statistics_layers'])} normalisation layer(s): "
+                    "they stay the original model's, which averaged the forget instances in "
+                    "too (recalibrate_norms needs at least two retain rows)", stacklevel=3)
         return None
 
     def _fill_missing_stats(self, ctx: StepContext, stats: StepStats, forget_batch: Batch | None,

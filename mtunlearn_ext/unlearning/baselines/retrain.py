@@ -63,7 +63,9 @@ class Retrain(Unlearner):
                  report: UnlearningReport) -> nn.Module | None:
         if problem.model_factory is None or problem.train_config is None:
             raise ValueError("retrain: the problem needs `model_factory` and `train_config` "
-                             "(the original architecture/initialisation and recipe)")
+                             "(the original architecture/initialisation and recipe): pass "
+                             "`fresh_model` (a function returning a new, untrained model) and "
+                             "`train_config` to unlearn / build_problem")
         overrides = {k: v for k, v in (("epochs", self.config.epochs),
                                        ("seed", self.config.seed)) if v is not None}
         recipe = TrainConfig(**{**problem.train_config.to_dict(), **overrides})
