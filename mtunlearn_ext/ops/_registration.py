@@ -32,6 +32,17 @@ def _check_one_device(op: str, *named_lists: tuple[str, list[torch.Tensor]]) -> 
                                  "device")
 
 
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    """:func:`_check_one_device` for an op's single tensors: a CPU tensor beside a meta one
+    reached this fake kernel, which returned an empty CPU tensor (uninitialised values) from a
+    call the real kernels would have refused."""
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(f"mtunlearn::{op}: `{name}` is on {t.device} but `{first_name}` is "
+                             f"on {first.device}; all tensors must be on one device")
+
+
 def _register() -> None:
     lib = "mtunlearn::"
 
@@ -49,6 +60,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "inner")
     def _inner_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _check_same_device("inner", a=a, b=b)
         return a.new_empty((*a.shape[:-1], b.shape[-2]), dtype=acc_dtype(a.dtype))
 
     @torch.library.register_fake(lib + "inner_list")
@@ -69,11 +81,13 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "combine")
     def _combine_fake(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        _check_same_device("combine", coeffs=coeffs, x=x)
         return x.new_empty((*x.shape[:-2], coeffs.shape[-2], x.shape[-1]))
 
     @torch.library.register_fake(lib + "combine_")
     def _combine_inplace_fake(out: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor,
                               beta: float = 0.0) -> None:
+        _check_same_device("combine_", out=out, coeffs=coeffs, x=x)
         return None
 
     @torch.library.register_fake(lib + "combine_list_")
@@ -96,10 +110,12 @@ def _register() -> None:
     @torch.library.register_fake(lib + "ridge_solve")
     def _ridge_solve_fake(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6
                           ) -> torch.Tensor:
+        _check_same_device("ridge_solve", gram=gram, rhs=rhs)
         return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
     @torch.library.register_fake(lib + "nonconflicting_dual")
     def _dual_fake(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        _check_same_device("nonconflicting_dual", gram=gram, rhs=rhs)
         return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
     @torch.library.register_fake(lib + "pcgrad_weights")
@@ -109,12 +125,14 @@ def _register() -> None:
     @torch.library.register_fake(lib + "project_out")
     def _project_out_fake(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6
                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_same_device("project_out", g=g, basis=basis)
         coeffs = g.new_empty((*g.shape[:-1], basis.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
     @torch.library.register_fake(lib + "project_nonconflicting")
     def _project_nc_fake(g: torch.Tensor, r: torch.Tensor, sign: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_same_device("project_nonconflicting", g=g, r=r)
         coeffs = g.new_empty((*g.shape[:-1], r.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 

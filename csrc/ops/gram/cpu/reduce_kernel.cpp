@@ -615,7 +615,7 @@ MTU_DEFINE_AVX512_RANGE(BF16)
 #endif
 
 template <typename Tag>
-void run_items(const ReduceProblem& p, const std::vector<Item>& items, double* partials,
+void run_items(const ReduceProblem& p, const Item* items, int64_t count, double* partials,
                RangeFn avx2_range, RangeFn avx512_range) {
   RangeFn fn = &run_range_baseline<Tag>;
   if (avx512_range && has_avx512() && !p.small_plan) {
@@ -623,8 +623,8 @@ void run_items(const ReduceProblem& p, const std::vector<Item>& items, double* p
   } else if (avx2_range && has_avx2()) {
     fn = avx2_range;
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    fn(p, items.data() + begin, end - begin, partials + begin * p.m * p.k);
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    fn(p, items + begin, end - begin, partials + begin * p.m * p.k);
   });
 }
 
@@ -737,32 +737,41 @@ void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_seg
         64, std::min<int64_t>(4096, kSmallTileBytes / (rows * element_size(kind)) / 64 * 64));
   }
 
-  std::vector<double> partials(items.size() * m * k);
-  if (!items.empty()) {
+  // Items run in waves whose partials fit kMaxPartialDoubles, each wave reduced into the
+  // outputs in item order before the next: a list of many tensors (at least one item each)
+  // needs no partial per tensor at once (1000 tensors at m = k = 256 took 500 MiB), and every
+  // output element is summed in the same order, so the bits do not depend on the wave size.
+  const int64_t per_item = m * k;
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t wave = std::max<int64_t>(1, kMaxPartialDoubles / per_item);
+  std::vector<double> partials(std::min(wave, num_items) * per_item);
+  std::vector<double> total(out_elems, 0.0);
+  for (int64_t first = 0; first < num_items; first += wave) {
+    const int64_t count = std::min(wave, num_items - first);
+    const Item* batch = items.data() + first;
+    double* buf = partials.data();
     switch (kind) {
 #if MTU_X86
-      case ScalarKind::Float64: run_items<F64>(p, items, partials.data(), run_range_avx2_F64,
+      case ScalarKind::Float64: run_items<F64>(p, batch, count, buf, run_range_avx2_F64,
                                                  MTU_AVX512_RANGE(F64)); break;
-      case ScalarKind::Float32: run_items<F32>(p, items, partials.data(), run_range_avx2_F32,
+      case ScalarKind::Float32: run_items<F32>(p, batch, count, buf, run_range_avx2_F32,
                                                  MTU_AVX512_RANGE(F32)); break;
-      case ScalarKind::Float16: run_items<F16>(p, items, partials.data(), run_range_avx2_F16,
+      case ScalarKind::Float16: run_items<F16>(p, batch, count, buf, run_range_avx2_F16,
                                                  MTU_AVX512_RANGE(F16)); break;
-      case ScalarKind::BFloat16: run_items<BF16>(p, items, partials.data(), run_range_avx2_BF16,
+      case ScalarKind::BFloat16: run_items<BF16>(p, batch, count, buf, run_range_avx2_BF16,
                                                  MTU_AVX512_RANGE(BF16)); break;
 #else
-      case ScalarKind::Float64: run_items<F64>(p, items, partials.data(), nullptr, nullptr); break;
-      case ScalarKind::Float32: run_items<F32>(p, items, partials.data(), nullptr, nullptr); break;
-      case ScalarKind::Float16: run_items<F16>(p, items, partials.data(), nullptr, nullptr); break;
-      case ScalarKind::BFloat16: run_items<BF16>(p, items, partials.data(), nullptr, nullptr); break;
+      case ScalarKind::Float64: run_items<F64>(p, batch, count, buf, nullptr, nullptr); break;
+      case ScalarKind::Float32: run_items<F32>(p, batch, count, buf, nullptr, nullptr); break;
+      case ScalarKind::Float16: run_items<F16>(p, batch, count, buf, nullptr, nullptr); break;
+      case ScalarKind::BFloat16: run_items<BF16>(p, batch, count, buf, nullptr, nullptr); break;
 #endif
     }
-  }
-  // Fixed-order reduction of the partials into each output, then the mirror for Grams.
-  std::vector<double> total(out_elems, 0.0);
-  for (size_t it = 0; it < items.size(); ++it) {
-    double* dst = total.data() + item_out[it] * m * k;
-    const double* src = partials.data() + it * m * k;
-    for (int64_t e = 0; e < m * k; ++e) dst[e] += src[e];
+    for (int64_t it = 0; it < count; ++it) {
+      double* dst = total.data() + item_out[first + it] * per_item;
+      const double* src = buf + it * per_item;
+      for (int64_t e = 0; e < per_item; ++e) dst[e] += src[e];
+    }
   }
   if (symmetric) {
     for (int64_t o = 0; o < num_outputs; ++o) {
