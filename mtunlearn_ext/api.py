@@ -747,6 +747,35 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                 f"pairs){made}; it must {must}")
 
 
+def _check_rows_given_once(forget: MultiTaskDataset, what: str) -> None:
+    """Refuse a ``forget_data`` tuple (``what``) that holds one forget row twice: equal inputs
+    and the same target pairs with equal labels. Its rows have no ids of the caller's, so a
+    repeat would count as another instance (``num_forget_instances`` twice as large, the
+    instance's forget pairs weighted twice), where :class:`ForgetRequest` refuses an id named
+    twice. Equal inputs with other labels, or other target pairs, are another instance (as for
+    held-out data): duplicate images, categorical features."""
+    if len(forget) < 2:
+        return
+
+    def same_pairs(row: int, earlier: int) -> bool:
+        if earlier >= row or not torch.equal(forget.supervision[row],
+                                             forget.supervision[earlier]):
+            return False
+        tasks = [forget.task_names[c] for c in forget.supervision[row].nonzero().flatten()]
+        return bool(tasks) and all(
+            torch.equal(forget.targets[t][row], forget.targets[t][earlier]) for t in tasks)
+
+    repeats = _equal_input_rows(forget.inputs, forget.inputs, torch.arange(len(forget)),
+                                same_pairs)
+    if repeats:
+        row, earlier = repeats[0]
+        raise ValueError(f"unlearn: `{what}` row {row} repeats row {earlier} (the same inputs "
+                         f"and the same labels of the target tasks; {len(repeats)} "
+                         f"row{'s' if len(repeats) != 1 else ''} repeat an earlier one): give "
+                         f"each forget instance once, or it is counted and forgotten as "
+                         f"several")
+
+
 def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
                                link: bool) -> MultiTaskDataset:
     """``forget_data`` and ``retain_data`` come without shared ids, so an instance given in both
@@ -1102,6 +1131,8 @@ def _build_problem(model: nn.Module, *,
         own_retain = isinstance(retain_data, MultiTaskDataset)
         _check_values_of(retain, "retain_data", own_retain)
         _check_values_of(forget, "forget_data", own_forget)
+        if not own_forget:  # a data set's ids name its instances: each is there once
+            _check_rows_given_once(forget, "forget_data")
         partial = set(targets) != set(names)
         forget = _linked_to_retained_copies(forget, retain, link=partial)
         request = ForgetRequest.create(forget.ids, targets if partial else None)
@@ -1197,7 +1228,9 @@ def unlearn(model: nn.Module, *,
       them; default: the tasks with targets in ``forget_data``). In a partial request, a forget row whose input equals a
       ``retain_data`` row's is taken to be that instance, so that its retained pairs are known
       (and protected) as with ``train_data``; one that would still supervise a target pair there
-      is refused.
+      is refused. As a request names an id once, a ``forget_data`` tuple gives each instance
+      once: a row repeating an earlier one (equal inputs, equal labels of the same target
+      tasks) is refused; equal inputs labelled otherwise are another instance.
 
     Each is a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
     supervision])`` (:data:`DataLike`): ``targets`` task -> ``[N, ...]``; ``inputs`` one

@@ -1051,6 +1051,40 @@ def test_the_record_names_forget_data_rows_by_position(tmp_path) -> None:  # typ
     assert train.request["ids_sha256"] == ForgetRequest.create([3, 4]).ids_hash()
 
 
+def test_a_forget_data_row_given_twice_is_refused_as_a_request_id_named_twice() -> None:
+    """Three rows given twice were taken as six instances: num_forget_instances 6 in the
+    report and the record, each row's forget pairs weighted twice."""
+    x, y = _data()
+    common = dict(tasks=TASKS, shared_parameters=_trunk, config={"steps": 1})
+    twice = torch.tensor([0, 1, 2, 0, 1, 2])
+    for targets in (y, {"a": y["a"]}):  # a full and a partial request
+        retain = _rest(x, y, 3) if len(targets) == 2 else (x, {
+            "a": torch.cat([torch.full((3,), -1), y["a"][3:]]), "b": y["b"]})
+        with pytest.raises(ValueError, match=re.escape(
+                "unlearn: `forget_data` row 3 repeats row 0 (the same inputs and the same "
+                "labels of the target tasks; 3 rows repeat an earlier one)")):
+            mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[twice], {
+                t: v[twice] for t, v in targets.items()}), retain_data=retain,
+                **common)  # type: ignore[arg-type]
+    # Equal inputs labelled otherwise are another instance (a duplicate image), and so are
+    # a data set's rows under ids of their own.
+    labels = {t: v[twice].clone() for t, v in y.items()}
+    labels["a"][3:] = (labels["a"][3:] + 1) % 3
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[twice], labels),
+                                      retain_data=_rest(x, y, 3),
+                                      **common)  # type: ignore[arg-type]
+    assert report.request["num_forget_instances"] == 6
+    own = MultiTaskDataset(x[twice], {t: v[twice] for t, v in y.items()}, SPECS,
+                           ids=torch.arange(6) + 500)
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_data=own, retain_data=_rest(x, y, 3),
+                                      **common)  # type: ignore[arg-type]
+    assert report.request["num_forget_instances"] == 6
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[:3], {
+        t: v[:3] for t, v in y.items()}), retain_data=_rest(x, y, 3),
+        **common)  # type: ignore[arg-type]
+    assert report.request["num_forget_instances"] == 3
+
+
 def test_evaluate_takes_any_model_and_data_as_unlearn_does() -> None:
     """metrics.evaluate (the function verify_saved's docs pointed to) called a two-input
     model as model(inputs, task_names): a cryptic error from inside the model."""
