@@ -1293,7 +1293,9 @@ def unlearn(model: nn.Module, *,
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
         mode, its parameters without ``.grad``), and an :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose
         ``extra["summary"]`` holds the mean task losses on forget and retain pairs before and
-        after (``forget_loss_before``, ``forget_loss_after``, ...; first 256 rows of each set).
+        after (``forget_loss_before``, ``forget_loss_after``, ...; first 256 rows of each set)
+        and ``extra["weights_changed"]``: ``False`` (with a ``UserWarning``) when the run left
+        every weight and buffer exactly as it was (``steps: 0``), which unlearned nothing.
 
     Example::
 
@@ -1392,6 +1394,18 @@ def unlearn(model: nn.Module, *,
             warnings.warn(f"unlearn: `held_out_data` was not used: {unused}", UserWarning,
                           stacklevel=2)
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
+    source = wrapped.module if isinstance(wrapped, _SplitModel) else wrapped
+    # Compared in place (the input is never modified, so it still holds the weights the run
+    # started from): no copy or hash of a large model's state.
+    changed = _states_differ(out, source)
+    result.report.extra["weights_changed"] = changed
+    if not changed:
+        # As `mtunlearn unlearn` says it (steps 0, a learning rate of 0): save_unlearned keeps
+        # it in the record (weights_changed: false) and verify_saved does not pass it.
+        warnings.warn(f"unlearn: {unlearner.name} left the weights exactly as they were "
+                      f"({result.report.steps} steps): the returned model is the input model, "
+                      f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
+                      f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
     diverged = _non_finite_parameters(out)
     if diverged:
         warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "
@@ -1399,6 +1413,27 @@ def unlearn(model: nn.Module, *,
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
+
+
+def _states_differ(model: nn.Module, other: nn.Module) -> bool:
+    """Whether two modules' states (parameters and buffers, by name) differ in any name,
+    shape, dtype or value: what :func:`state_dict_sha256` tells apart, without hashing."""
+    mine, theirs = model.state_dict(), other.state_dict()
+    if list(mine) != list(theirs):
+        return True
+    for name, value in mine.items():
+        other_value = theirs[name]
+        if not isinstance(value, torch.Tensor) or not isinstance(other_value, torch.Tensor):
+            if repr(value) != repr(other_value):  # a module's extra state, hashed by its repr
+                return True
+        elif value.dtype != other_value.dtype or value.shape != other_value.shape:
+            return True
+        elif not torch.equal(value, other_value := other_value.to(value.device)):
+            # NaN never equals itself, but the same NaN is the same state (as hashed).
+            if not (value.is_floating_point() or value.is_complex()) or not bool(
+                    ((value == other_value) | (value.isnan() & other_value.isnan())).all()):
+                return True
+    return False
 
 
 def _non_finite_parameters(model: nn.Module) -> list[str]:
@@ -1465,8 +1500,13 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     :func:`~mtunlearn_ext.records.run_environment`), the summary (losses before and after; the membership-inference audit
     when ``audit_data`` was given), steps and wall time, the code version, the checkpoint
     file's SHA-256, and :func:`state_dict_sha256` of the unlearned model and, when
-    ``original`` is given, of the model it came from. A value JSON cannot hold, NaN or an
-    infinity (a diverged run's loss), is written as ``null``, as
+    ``original`` is given, of the model it came from, and ``weights_changed``: whether the
+    model's weights differ from ``original``'s, or, without it, from those of the model
+    :func:`unlearn` started from (as its report says; absent from a report of another
+    source). A run that changed nothing (``steps: 0``) is written all the same, with a
+    ``UserWarning`` and ``weights_changed: false``, which :func:`verify_saved` fails, as
+    ``mtunlearn unlearn`` and ``mtunlearn verify`` treat such a run. A value JSON cannot hold,
+    NaN or an infinity (a diverged run's loss), is written as ``null``, as
     :meth:`UnlearningReport.to_dict` writes it.
 
     Returns:
@@ -1491,6 +1531,18 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     for p in (target, record_path):
         if p.exists():
             raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
+    model_sha = state_dict_sha256(model)
+    original_sha = None if original is None else state_dict_sha256(original)
+    claimed = report.extra.get("weights_changed")
+    weights_changed = (model_sha != original_sha if original_sha is not None
+                       else claimed if isinstance(claimed, bool) else None)
+    if weights_changed is False:
+        # Written all the same, as `mtunlearn unlearn` writes such a run: the record says what
+        # happened, and verification fails it.
+        warnings.warn("save_unlearned: `model` has exactly the weights of the model it was "
+                      "unlearned from: nothing was unlearned; the record says so "
+                      "(weights_changed: false) and verify_saved will not pass it", UserWarning,
+                      stacklevel=2)
     record: dict[str, Any] = {
         "schema": API_RECORD_SCHEMA,
         "written_at": utc_now(),
@@ -1503,9 +1555,11 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         "summary": _finite_or_none(report.extra.get("summary", {})),
         "steps": report.steps,
         "wall_time_s": report.wall_time_s,
-        "model_state_sha256": state_dict_sha256(model),
-        "original_state_sha256": None if original is None else state_dict_sha256(original),
+        "model_state_sha256": model_sha,
+        "original_state_sha256": original_sha,
     }
+    if weights_changed is not None:
+        record["weights_changed"] = weights_changed
     from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
 
     record["checkpoint"] = {"path": str(target),
@@ -1516,6 +1570,40 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+def _weights_changed_check(payload: Mapping[str, Any], weights: str | None,
+                           original_sha: str | None, mismatches: list[str]) -> str:
+    """The ``weights_changed`` check of :func:`verify_saved`: a run that left the weights as
+    they were unlearned nothing, however consistent its files and record are (as ``mtunlearn
+    verify`` fails such a run of its own). Known from the checkpoint's weights against the
+    recorded ``original_state_sha256`` or the ``original`` given (``original_sha``), else from
+    the record's ``weights_changed``, which must agree with them. An older record has no
+    ``weights_changed``: it is judged by the hashes alone, or not checked without any."""
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED
+
+    recorded = payload.get("original_state_sha256")
+    references = [h for h in (recorded, original_sha) if isinstance(h, str)]
+    claimed = payload.get("weights_changed")
+    if weights is not None and weights in references:
+        mismatches.append(f"the checkpoint's weights are exactly the original model's (state "
+                          f"SHA-256 {weights[:16]}...): the run changed nothing, so nothing "
+                          "was unlearned"
+                          + (" (the record's weights_changed says true)" if claimed is True
+                             else ""))
+        return WEIGHTS_UNCHANGED
+    if claimed is False:
+        if references:
+            mismatches.append("the record says weights_changed: false, but the checkpoint's "
+                              "weights differ from the original model's (record edited?)")
+            return "MISMATCH"
+        mismatches.append("the record says weights_changed: false: the run left the weights "
+                          "as they were, so nothing was unlearned")
+        return WEIGHTS_UNCHANGED
+    if not references and claimed is None:
+        return ("not checked (an older record, saved without `original`: no "
+                "weights_changed, no original state hash)")
+    return "ok"
 
 
 @dataclass
@@ -1540,6 +1628,10 @@ def verify_saved(record: str | os.PathLike[str], *,
     ``model`` in memory against the same hash, the ``original`` model against
     ``original_state_sha256`` and ``forget_ids`` against the request's ``ids_sha256`` (the
     record keeps the ids' hash, not the ids; the request's ``ids_named_by`` says which ids).
+    It fails a run that left the weights unchanged (check ``weights_changed``:
+    :data:`~mtunlearn_ext.records.WEIGHTS_UNCHANGED` when the checkpoint's weights are the
+    recorded or given original's, or the record says ``weights_changed: false``; a record
+    of an older version, without the field, is judged by the hashes it has).
     The model and data are the caller's, so no metric is re-measured: :func:`evaluate` gives
     them for any model and data as :func:`unlearn` takes them. Raises ``ValueError`` for a file that is not such
     a record and ``FileNotFoundError`` for a missing checkpoint; mismatches are returned."""
@@ -1587,11 +1679,14 @@ def verify_saved(record: str | os.PathLike[str], *,
     if model is not None:
         check("model", state_dict_sha256(model), payload.get("model_state_sha256"),
               "`model`'s state hash")
+    original_sha = None if original is None else state_dict_sha256(original)
     if original is not None and payload.get("original_state_sha256") is None:
         result.checks["original"] = "not recorded (saved without `original`)"
     elif original is not None:
-        check("original", state_dict_sha256(original), payload.get("original_state_sha256"),
+        check("original", original_sha, payload.get("original_state_sha256"),
               "`original`'s state hash")
+    result.checks["weights_changed"] = _weights_changed_check(payload, weights, original_sha,
+                                                              result.mismatches)
     if forget_ids is not None:
         if isinstance(forget_ids, (str, bytes)):
             raise TypeError(f"verify_saved: `forget_ids` must be integer ids, got "
