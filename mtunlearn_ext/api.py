@@ -14,7 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union, cast
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec, labelled_rows
-from mtunlearn_ext.data.gathering import gather
+from mtunlearn_ext.data.gathering import _gather
 from mtunlearn_ext.data.inputs import (
     Inputs,
     call_with,
@@ -68,7 +68,8 @@ __all__ = ["API_RECORD_SCHEMA", "DataLike", "SavedCheck", "build_problem", "eval
 #: tensors (the model is called ``model(*inputs)``) or a dict name -> ``[N, ...]``
 #: (``model(**inputs)``): the first element is the inputs whatever its type, so
 #: ``((ids, mask), targets)`` is unambiguous. :func:`unlearn` also reads a torch ``Dataset`` or
-#: ``DataLoader`` of instances, through :func:`~mtunlearn_ext.data.gather`.
+#: ``DataLoader`` of instances, through :func:`~mtunlearn_ext.data.gather` (named by the
+#: ``"id"`` they carry, else by position).
 DataLike = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
                  tuple[Inputs, Mapping[str, torch.Tensor], torch.Tensor]]
 
@@ -445,10 +446,18 @@ def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> tor
     return labels[supervised]
 
 
-def _read_in(data: object, tasks: object, what: str, op: str = "unlearn") -> object:
+def _read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
+             keep_ids: bool = False) -> object:
     """A torch ``Dataset`` or ``DataLoader`` given as ``what``, read into memory by
-    :func:`~mtunlearn_ext.data.gather` and passed on as a tuple (its instances named by
-    position, ``0..N-1``, the dataset's indices, as any tuple's); other data as it is."""
+    :func:`~mtunlearn_ext.data.gather`; other data as it is. Instances that carry no ``"id"``
+    are named by position, ``0..N-1`` (a map-style dataset's indices), as a tuple's rows are,
+    and come back as a tuple. With ``keep_ids``, instances (or a loader's batches) that carry
+    an ``"id"`` come back as a :class:`MultiTaskDataset` with those ids, so that they name the
+    instances as a data set's own ids do (its tasks are placeholders when ``tasks`` gives
+    kinds: :func:`_with_tasks` puts the real ones in); without, the ids are dropped (a caller
+    that names no instance, such as :func:`evaluate`). A loader's rows are put in the order of
+    their ids: a shuffling loader reads them in a random order, which would otherwise change
+    the run (minibatches are drawn by row) with the global random state."""
     if isinstance(data, MultiTaskDataset) or not isinstance(
             data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
         return data
@@ -462,10 +471,43 @@ def _read_in(data: object, tasks: object, what: str, op: str = "unlearn") -> obj
     else:
         specs = list(cast(Iterable[TaskSpec], tasks))
     try:
-        read = gather(data, specs)
+        read, own_ids = _gather(data, specs)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{op}: `{what}`: {error}") from None
-    return (read.inputs, read.targets, read.supervision)
+    if not (keep_ids and own_ids):
+        return (read.inputs, read.targets, read.supervision)
+    if isinstance(data, torch.utils.data.DataLoader):
+        order = torch.argsort(read.ids)
+        read = MultiTaskDataset(take_rows(read.inputs, order),
+                                {t: v[order] for t, v in read.targets.items()}, read.tasks,
+                                read.ids[order], read.supervision[order])
+    return read
+
+
+def _with_tasks(data: object, specs: Sequence[TaskSpec]) -> object:
+    """A data set :func:`_read_in` made (with the ids its instances carry) with the task specs
+    the problem uses, in place of the placeholders it was read with; ``data`` as it is
+    otherwise (a tuple). Never for the caller's own data set: its specs must agree with
+    ``tasks``, and are checked against them."""
+    if not isinstance(data, MultiTaskDataset) or data.tasks == list(specs):
+        return data
+    return MultiTaskDataset(data.inputs, data.targets, specs, data.ids, data.supervision)
+
+
+def _names_instances(what: str, given: object, own_ids: bool, count: int) -> str:
+    """How the caller's ``what`` (``given``, as passed; ``own_ids``: read with ids of the
+    caller's) names its ``count`` instances, for messages: by a data set's ``ids``, by the
+    ``"id"`` a torch dataset's instances (a loader's batches) carry, else by row."""
+    if isinstance(given, MultiTaskDataset):
+        return f"`{what}` (a MultiTaskDataset) names its {count} instances by its `ids`"
+    if not isinstance(given, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        return f"`{what}`, given as (inputs, targets), names its {count} instances by row"
+    items = "batches" if isinstance(given, torch.utils.data.DataLoader) else "instances"
+    if own_ids:
+        return (f"`{what}` (a {type(given).__name__} whose {items} carry an 'id') names its "
+                f"{count} instances by those ids")
+    return (f"`{what}` (a {type(given).__name__} whose {items} carry no 'id') names its "
+            f"{count} instances by position")
 
 
 def _check_data_like(data: object, what: str, op: str = "unlearn") -> None:
@@ -667,6 +709,29 @@ class _Trained:
     own_ids: bool
 
 
+@dataclass(frozen=True)
+class _Naming:
+    """How the caller names the request's instances, for the report: ``named_by`` (its
+    ``ids_named_by``), ``ids`` the ids its ``ids_sha256`` hashes (``None``: the request's own,
+    which are already the caller's), and ``own_held_out`` whether the problem's held-out ids
+    are the caller's (not made by :func:`unlearn`), which decides how audit data is compared
+    with them."""
+
+    named_by: str
+    ids: list[int] | None
+    own_held_out: bool = False
+
+
+def _ids_named_by(what: str, given: object, own_ids: bool) -> str:
+    """The report's ``ids_named_by`` for the request's ids coming from ``what`` (``given``, as
+    passed; ``own_ids``: read with ids of the caller's)."""
+    if isinstance(given, MultiTaskDataset):
+        return f"the ids of `{what}`"
+    if own_ids:
+        return f"the 'id' each instance of `{what}` carries"
+    return f"row positions in `{what}`"
+
+
 def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                   trained: Sequence[_Trained], *, against: str = "the training set",
                   must: str = "hold instances the model was never trained on") -> None:
@@ -703,6 +768,35 @@ def _check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                 f"{train_row}, and the same labels ({len(equal)} row{'s' if len(equal) != 1 else ''} "
                 f"of `{what}` equal {'training ' if against == 'the training set' else ''}"
                 f"pairs){made}; it must {must}")
+
+
+def _check_rows_given_once(forget: MultiTaskDataset, what: str) -> None:
+    """Refuse a ``forget_data`` tuple (``what``) that holds one forget row twice: equal inputs
+    and the same target pairs with equal labels. Its rows have no ids of the caller's, so a
+    repeat would count as another instance (``num_forget_instances`` twice as large, the
+    instance's forget pairs weighted twice), where :class:`ForgetRequest` refuses an id named
+    twice. Equal inputs with other labels, or other target pairs, are another instance (as for
+    held-out data): duplicate images, categorical features."""
+    if len(forget) < 2:
+        return
+
+    def same_pairs(row: int, earlier: int) -> bool:
+        if earlier >= row or not torch.equal(forget.supervision[row],
+                                             forget.supervision[earlier]):
+            return False
+        tasks = [forget.task_names[c] for c in forget.supervision[row].nonzero().flatten()]
+        return bool(tasks) and all(
+            torch.equal(forget.targets[t][row], forget.targets[t][earlier]) for t in tasks)
+
+    repeats = _equal_input_rows(forget.inputs, forget.inputs, torch.arange(len(forget)),
+                                same_pairs)
+    if repeats:
+        row, earlier = repeats[0]
+        raise ValueError(f"unlearn: `{what}` row {row} repeats row {earlier} (the same inputs "
+                         f"and the same labels of the target tasks; {len(repeats)} "
+                         f"row{'s' if len(repeats) != 1 else ''} repeat an earlier one): give "
+                         f"each forget instance once, or it is counted and forgotten as "
+                         f"several")
 
 
 def _linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
@@ -920,9 +1014,11 @@ def _check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
                      data.supervision).check_values(f"unlearn: `{what}`")
 
 
-def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, own_ids: bool) -> None:
-    """Refuse, naming ``forget_request`` and the ids ``train_data`` has, a request for ids
-    that are not in ``train_data``."""
+def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: object,
+                       own_ids: bool) -> None:
+    """Refuse, naming ``forget_request`` and the ids ``train_data`` (``given``, as passed;
+    ``own_ids``: read with ids of the caller's) has, a request for ids that are not in
+    ``train_data``."""
     if not isinstance(request, ForgetRequest):
         raise TypeError(f"unlearn: `forget_request` must be a ForgetRequest (ForgetRequest.create"
                         f"(ids, target_tasks)), got {type(request).__name__}")
@@ -931,14 +1027,13 @@ def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, own_ids: 
     if not unknown:
         return
     shown = f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} ({len(unknown)} in all)"
+    valid = _names_instances("train_data", given, own_ids, len(full))
     if own_ids:
         low, high = int(full.ids.min()), int(full.ids.max())
-        valid = (f"`train_data` (a MultiTaskDataset) names its {len(full)} instances by its "
-                 f"`ids`, from {low} to {high}" + ("" if high - low + 1 == len(full)
-                                                    else ", not every id between"))
+        valid += f", from {low} to {high}" + ("" if high - low + 1 == len(full)
+                                              else ", not every id between")
     else:
-        valid = (f"`train_data`, given as (inputs, targets), names its {len(full)} instances "
-                 f"by row: ids 0 to {len(full) - 1}")
+        valid += f": ids 0 to {len(full) - 1}"
     raise KeyError(f"unlearn: `forget_request` names instance ids that are not in `train_data`: "
                    f"{shown}; {valid}")
 
@@ -953,9 +1048,9 @@ def _build_problem(model: nn.Module, *,
                    device: torch.device | str, seed: int,
                    fresh_model: Callable[[], nn.Module] | None,
                    train_config: TrainConfig | Mapping[str, Any] | None
-                   ) -> tuple[UnlearningProblem, list[_Trained]]:
-    """:func:`build_problem`, and the training rows as given (for the checks that held-out
-    and audit data are unseen)."""
+                   ) -> tuple[UnlearningProblem, list[_Trained], _Naming]:
+    """:func:`build_problem`, the training rows as given (for the checks that held-out
+    and audit data are unseen), and how the caller's data names the request's instances."""
     # A torch.compile'd model is unlearned through its eager module: per-sample gradients
     # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
     # those of the user's own module; the returned model is that module's unlearned copy.
@@ -971,10 +1066,13 @@ def _build_problem(model: nn.Module, *,
     if (train_data is None) == (forget_data is None):
         raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")
+    as_passed = (train_data, forget_data, retain_data, held_out_data)
+    given_train, given_forget = train_data, forget_data
+    # Instances that carry an "id" come back as a data set with those ids and take the data
+    # set's path from here on: its ids name them in the request, the split and the checks.
     train_data, forget_data, retain_data, held_out_data = (
-        cast(Any, _read_in(data, tasks, what)) for what, data in (
-            ("train_data", train_data), ("forget_data", forget_data),
-            ("retain_data", retain_data), ("held_out_data", held_out_data)))
+        cast(Any, _read_in(data, tasks, what, keep_ids=True)) for what, data in zip(
+            ("train_data", "forget_data", "retain_data", "held_out_data"), as_passed))
     for what, data in (("train_data", train_data), ("forget_data", forget_data),
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
         if data is not None:
@@ -990,6 +1088,9 @@ def _build_problem(model: nn.Module, *,
         model, not _has_own_split(model, shared_parameters, head_parameters),
         train_data if train_data is not None else retain_data, tasks),
         ["train_data", "forget_data", "retain_data"])
+    train_data, forget_data, retain_data, held_out_data = (
+        data if data is as_given else cast(Any, _with_tasks(data, specs)) for data, as_given
+        in zip((train_data, forget_data, retain_data, held_out_data), as_passed))
     names = [s.name for s in specs]
     if train_data is not None:
         if forget_request is None:
@@ -1004,10 +1105,11 @@ def _build_problem(model: nn.Module, *,
         read = full.supervision.any(dim=1).nonzero().flatten()  # the rows in forget or retain
         _check_values_of(full, "train_data", own, read)
         request = forget_request
-        _check_request_ids(request, full, own)
+        _check_request_ids(request, full, given_train, own)
         request.validate(full)
         forget, retain = request.split(full)
         trained = [_Trained("train_data", full, read, own)]
+        naming = _Naming(_ids_named_by("train_data", given_train, own), None)
         targets = request.resolved_tasks(full)
         if not len(forget):  # said here, where the request and its data are known by name
             count = len(request.instance_ids)
@@ -1052,11 +1154,20 @@ def _build_problem(model: nn.Module, *,
         own_retain = isinstance(retain_data, MultiTaskDataset)
         _check_values_of(retain, "retain_data", own_retain)
         _check_values_of(forget, "forget_data", own_forget)
+        if not own_forget:  # a data set's ids name its instances: each is there once
+            _check_rows_given_once(forget, "forget_data")
         partial = set(targets) != set(names)
         forget = _linked_to_retained_copies(forget, retain, link=partial)
         request = ForgetRequest.create(forget.ids, targets if partial else None)
         trained = [_Trained("forget_data", forget, torch.arange(len(forget)), own_forget),
                    _Trained("retain_data", retain, torch.arange(len(retain)), own_retain)]
+        # Given as a tuple, the problem names the forget rows by ids made for them (past the
+        # retain rows', or a linked retain row's): the record hashes their positions in
+        # `forget_data`, 0..n-1, which the caller can name; a data set's ids are its own
+        # (before a row took the id of the retain row it is linked to).
+        naming = _Naming(_ids_named_by("forget_data", given_forget, own_forget),
+                         cast(MultiTaskDataset, forget_data).ids.tolist() if own_forget
+                         else list(range(len(forget))))
     held_out = None
     if held_out_data is not None:
         # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
@@ -1074,6 +1185,8 @@ def _build_problem(model: nn.Module, *,
             held_out = MultiTaskDataset(held_out.inputs, held_out.targets, held_out.tasks,
                                         torch.arange(top, top + len(held_out)),
                                         held_out.supervision)
+        else:
+            naming = replace(naming, own_held_out=own_held_out)
     wrapped = _split_model(model, names, shared_parameters, head_parameters)
     if (fresh_model is None) != (train_config is None):
         raise ValueError("unlearn: `fresh_model` and `train_config` go together (retraining "
@@ -1089,7 +1202,7 @@ def _build_problem(model: nn.Module, *,
                                 seed=seed, held_out=held_out, train_config=recipe,
                                 model_factory=factory)
     problem.validate()
-    return problem, trained
+    return problem, trained, naming
 
 
 def unlearn(model: nn.Module, *,
@@ -1138,7 +1251,9 @@ def unlearn(model: nn.Module, *,
       them; default: the tasks with targets in ``forget_data``). In a partial request, a forget row whose input equals a
       ``retain_data`` row's is taken to be that instance, so that its retained pairs are known
       (and protected) as with ``train_data``; one that would still supervise a target pair there
-      is refused.
+      is refused. As a request names an id once, a ``forget_data`` tuple gives each instance
+      once: a row repeating an earlier one (equal inputs, equal labels of the same target
+      tasks) is refused; equal inputs labelled otherwise are another instance.
 
     Each is a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
     supervision])`` (:data:`DataLike`): ``targets`` task -> ``[N, ...]``; ``inputs`` one
@@ -1147,8 +1262,12 @@ def unlearn(model: nn.Module, *,
     mask}, targets)``: ``model(ids=ids, mask=mask)``) of tensors of any dtypes whose first
     dimension is the instance (``N`` rows each). A torch ``Dataset`` or ``DataLoader`` of
     instances ``(input, {task: label})`` is read into memory first
-    (:func:`~mtunlearn_ext.data.gather`: a missing or ``None`` label is an unsupervised pair)
-    and taken as a tuple: its instances are named by position, a map-style dataset's indices.
+    (:func:`~mtunlearn_ext.data.gather`: a missing or ``None`` label is an unsupervised pair).
+    Instances that carry an ``"id"`` (a loader's batches: one per row) are then a data set
+    with those ids: the ids name them in ``forget_request``, the split, the report and the
+    checks of held-out and audit data (a loader's rows taken in id order, so that a shuffling
+    loader's order does not change the run); others are taken as a tuple, named by position,
+    a map-style dataset's indices.
 
     Args:
         model: any ``nn.Module`` returning a mapping task -> output (a ``torch.compile``'d
@@ -1200,7 +1319,9 @@ def unlearn(model: nn.Module, *,
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
         mode, its parameters without ``.grad``), and an :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose
         ``extra["summary"]`` holds the mean task losses on forget and retain pairs before and
-        after (``forget_loss_before``, ``forget_loss_after``, ...; first 256 rows of each set).
+        after (``forget_loss_before``, ``forget_loss_after``, ...; first 256 rows of each set)
+        and ``extra["weights_changed"]``: ``False`` (with a ``UserWarning``) when the run left
+        every weight and buffer exactly as it was (``steps: 0``), which unlearned nothing.
 
     Example::
 
@@ -1230,7 +1351,7 @@ def unlearn(model: nn.Module, *,
     """
     if not isinstance(progress, bool):  # a string such as "no" would be taken as true
         raise TypeError(f"unlearn: `progress` must be True or False, got {progress!r}")
-    problem, trained = _build_problem(
+    problem, trained, naming = _build_problem(
         model, tasks=tasks, train_data=train_data, forget_request=forget_request,
         forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
         held_out_data=held_out_data, shared_parameters=shared_parameters,
@@ -1239,7 +1360,8 @@ def unlearn(model: nn.Module, *,
     wrapped, forget, retain = problem.model, problem.forget, problem.retain
     audit = None
     if audit_data is not None:
-        audit_data = cast(Any, _read_in(audit_data, problem.tasks, "audit_data"))
+        audit_data = cast(Any, _read_in(audit_data, problem.tasks, "audit_data",
+                                        keep_ids=True))
         audit = _as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
         problem.check_model_on(audit, "`audit_data`")
@@ -1252,9 +1374,7 @@ def unlearn(model: nn.Module, *,
             # compare the forget set with the very losses it was steered to.
             _check_unseen(audit, "audit_data", own_audit,
                           [_Trained("held_out_data", problem.held_out,
-                                    torch.arange(len(problem.held_out)),
-                                    isinstance(held_out_data, MultiTaskDataset)
-                                    and torch.equal(problem.held_out.ids, held_out_data.ids))],
+                                    torch.arange(len(problem.held_out)), naming.own_held_out)],
                           against="`held_out_data`",
                           must="be distinct from `held_out_data` (the instances the forget "
                                "caps may be measured on)")
@@ -1291,13 +1411,27 @@ def unlearn(model: nn.Module, *,
         for key in audit_before:
             result.report.extra["summary"][f"{key}_before"] = audit_before[key]
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]
-    _name_the_request_ids(result.report, train_data, forget_data, len(forget))
+    result.report.request["ids_named_by"] = naming.named_by
+    if naming.ids is not None:
+        result.report.request["ids_sha256"] = ForgetRequest.create(naming.ids).ids_hash()
     if held_out_data is not None:
         unused = _held_out_unused(unlearner, result.report)
         if unused is not None:
             warnings.warn(f"unlearn: `held_out_data` was not used: {unused}", UserWarning,
                           stacklevel=2)
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
+    source = wrapped.module if isinstance(wrapped, _SplitModel) else wrapped
+    # Compared in place (the input is never modified, so it still holds the weights the run
+    # started from): no copy or hash of a large model's state.
+    changed = _states_differ(out, source)
+    result.report.extra["weights_changed"] = changed
+    if not changed:
+        # As `mtunlearn unlearn` says it (steps 0, a learning rate of 0): save_unlearned keeps
+        # it in the record (weights_changed: false) and verify_saved does not pass it.
+        warnings.warn(f"unlearn: {unlearner.name} left the weights exactly as they were "
+                      f"({result.report.steps} steps): the returned model is the input model, "
+                      f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
+                      f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
     diverged = _non_finite_parameters(out)
     if diverged:
         warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "
@@ -1307,24 +1441,25 @@ def unlearn(model: nn.Module, *,
     return out, result.report
 
 
-def _name_the_request_ids(report: UnlearningReport, train_data: object, forget_data: object,
-                          num_forget: int) -> None:
-    """Say in the report's request what its ``ids_sha256`` hashes, in the caller's terms. With
-    ``forget_data`` given as a tuple (or a torch dataset) the problem names the forget rows by
-    ids :func:`unlearn` made (past the retain rows', or a linked retain row's): the hash is
-    then of the rows' positions in ``forget_data``, ``0..n-1``, which the caller can name."""
-    if forget_data is None:
-        own = isinstance(train_data, MultiTaskDataset)
-        report.request["ids_named_by"] = ("the ids of `train_data`" if own
-                                          else "row positions in `train_data`")
-        return
-    if isinstance(forget_data, MultiTaskDataset):
-        ids = forget_data.ids.tolist()
-        report.request["ids_named_by"] = "the ids of `forget_data`"
-    else:
-        ids = list(range(num_forget))
-        report.request["ids_named_by"] = "row positions in `forget_data`"
-    report.request["ids_sha256"] = ForgetRequest.create(ids).ids_hash()
+def _states_differ(model: nn.Module, other: nn.Module) -> bool:
+    """Whether two modules' states (parameters and buffers, by name) differ in any name,
+    shape, dtype or value: what :func:`state_dict_sha256` tells apart, without hashing."""
+    mine, theirs = model.state_dict(), other.state_dict()
+    if list(mine) != list(theirs):
+        return True
+    for name, value in mine.items():
+        other_value = theirs[name]
+        if not isinstance(value, torch.Tensor) or not isinstance(other_value, torch.Tensor):
+            if repr(value) != repr(other_value):  # a module's extra state, hashed by its repr
+                return True
+        elif value.dtype != other_value.dtype or value.shape != other_value.shape:
+            return True
+        elif not torch.equal(value, other_value := other_value.to(value.device)):
+            # NaN never equals itself, but the same NaN is the same state (as hashed).
+            if not (value.is_floating_point() or value.is_complex()) or not bool(
+                    ((value == other_value) | (value.isnan() & other_value.isnan())).all()):
+                return True
+    return False
 
 
 def _non_finite_parameters(model: nn.Module) -> list[str]:
@@ -1383,15 +1518,21 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     record, written last, marks a complete save (if it cannot be written the checkpoint is
     removed again). The record holds the request as :func:`unlearn` reported it (pair counts,
     target tasks, the SHA-256 of the sorted instance ids, not the ids themselves, and
-    ``ids_named_by``: the ids of ``train_data`` / ``forget_data`` when it is a data set, else
-    row positions in it), the method
+    ``ids_named_by``: the ids of ``train_data`` / ``forget_data`` when it is a data set, the
+    ``"id"`` its instances carry when it is a torch dataset of such instances, else row
+    positions in it), the method
     and its settings, the run's ``seed`` and ``device``, its ``environment`` (torch and Python
     versions, the intra-op thread count during the run, whether the compiled ops ran:
     :func:`~mtunlearn_ext.records.run_environment`), the summary (losses before and after; the membership-inference audit
     when ``audit_data`` was given), steps and wall time, the code version, the checkpoint
     file's SHA-256, and :func:`state_dict_sha256` of the unlearned model and, when
-    ``original`` is given, of the model it came from. A value JSON cannot hold, NaN or an
-    infinity (a diverged run's loss), is written as ``null``, as
+    ``original`` is given, of the model it came from, and ``weights_changed``: whether the
+    model's weights differ from ``original``'s, or, without it, from those of the model
+    :func:`unlearn` started from (as its report says; absent from a report of another
+    source). A run that changed nothing (``steps: 0``) is written all the same, with a
+    ``UserWarning`` and ``weights_changed: false``, which :func:`verify_saved` fails, as
+    ``mtunlearn unlearn`` and ``mtunlearn verify`` treat such a run. A value JSON cannot hold,
+    NaN or an infinity (a diverged run's loss), is written as ``null``, as
     :meth:`UnlearningReport.to_dict` writes it.
 
     Returns:
@@ -1416,6 +1557,18 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     for p in (target, record_path):
         if p.exists():
             raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
+    model_sha = state_dict_sha256(model)
+    original_sha = None if original is None else state_dict_sha256(original)
+    claimed = report.extra.get("weights_changed")
+    weights_changed = (model_sha != original_sha if original_sha is not None
+                       else claimed if isinstance(claimed, bool) else None)
+    if weights_changed is False:
+        # Written all the same, as `mtunlearn unlearn` writes such a run: the record says what
+        # happened, and verification fails it.
+        warnings.warn("save_unlearned: `model` has exactly the weights of the model it was "
+                      "unlearned from: nothing was unlearned; the record says so "
+                      "(weights_changed: false) and verify_saved will not pass it", UserWarning,
+                      stacklevel=2)
     record: dict[str, Any] = {
         "schema": API_RECORD_SCHEMA,
         "written_at": utc_now(),
@@ -1428,9 +1581,11 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         "summary": _finite_or_none(report.extra.get("summary", {})),
         "steps": report.steps,
         "wall_time_s": report.wall_time_s,
-        "model_state_sha256": state_dict_sha256(model),
-        "original_state_sha256": None if original is None else state_dict_sha256(original),
+        "model_state_sha256": model_sha,
+        "original_state_sha256": original_sha,
     }
+    if weights_changed is not None:
+        record["weights_changed"] = weights_changed
     from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
 
     record["checkpoint"] = {"path": str(target),
@@ -1441,6 +1596,40 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+def _weights_changed_check(payload: Mapping[str, Any], weights: str | None,
+                           original_sha: str | None, mismatches: list[str]) -> str:
+    """The ``weights_changed`` check of :func:`verify_saved`: a run that left the weights as
+    they were unlearned nothing, however consistent its files and record are (as ``mtunlearn
+    verify`` fails such a run of its own). Known from the checkpoint's weights against the
+    recorded ``original_state_sha256`` or the ``original`` given (``original_sha``), else from
+    the record's ``weights_changed``, which must agree with them. An older record has no
+    ``weights_changed``: it is judged by the hashes alone, or not checked without any."""
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED
+
+    recorded = payload.get("original_state_sha256")
+    references = [h for h in (recorded, original_sha) if isinstance(h, str)]
+    claimed = payload.get("weights_changed")
+    if weights is not None and weights in references:
+        mismatches.append(f"the checkpoint's weights are exactly the original model's (state "
+                          f"SHA-256 {weights[:16]}...): the run changed nothing, so nothing "
+                          "was unlearned"
+                          + (" (the record's weights_changed says true)" if claimed is True
+                             else ""))
+        return WEIGHTS_UNCHANGED
+    if claimed is False:
+        if references:
+            mismatches.append("the record says weights_changed: false, but the checkpoint's "
+                              "weights differ from the original model's (record edited?)")
+            return "MISMATCH"
+        mismatches.append("the record says weights_changed: false: the run left the weights "
+                          "as they were, so nothing was unlearned")
+        return WEIGHTS_UNCHANGED
+    if not references and claimed is None:
+        return ("not checked (an older record, saved without `original`: no "
+                "weights_changed, no original state hash)")
+    return "ok"
 
 
 @dataclass
@@ -1465,6 +1654,10 @@ def verify_saved(record: str | os.PathLike[str], *,
     ``model`` in memory against the same hash, the ``original`` model against
     ``original_state_sha256`` and ``forget_ids`` against the request's ``ids_sha256`` (the
     record keeps the ids' hash, not the ids; the request's ``ids_named_by`` says which ids).
+    It fails a run that left the weights unchanged (check ``weights_changed``:
+    :data:`~mtunlearn_ext.records.WEIGHTS_UNCHANGED` when the checkpoint's weights are the
+    recorded or given original's, or the record says ``weights_changed: false``; a record
+    of an older version, without the field, is judged by the hashes it has).
     The model and data are the caller's, so no metric is re-measured: :func:`evaluate` gives
     them for any model and data as :func:`unlearn` takes them. Raises ``ValueError`` for a file that is not such
     a record and ``FileNotFoundError`` for a missing checkpoint; mismatches are returned."""
@@ -1512,11 +1705,14 @@ def verify_saved(record: str | os.PathLike[str], *,
     if model is not None:
         check("model", state_dict_sha256(model), payload.get("model_state_sha256"),
               "`model`'s state hash")
+    original_sha = None if original is None else state_dict_sha256(original)
     if original is not None and payload.get("original_state_sha256") is None:
         result.checks["original"] = "not recorded (saved without `original`)"
     elif original is not None:
-        check("original", state_dict_sha256(original), payload.get("original_state_sha256"),
+        check("original", original_sha, payload.get("original_state_sha256"),
               "`original`'s state hash")
+    result.checks["weights_changed"] = _weights_changed_check(payload, weights, original_sha,
+                                                              result.mismatches)
     if forget_ids is not None:
         if isinstance(forget_ids, (str, bytes)):
             raise TypeError(f"verify_saved: `forget_ids` must be integer ids, got "

@@ -777,6 +777,7 @@ def _verify_api_record(args: argparse.Namespace) -> int:
     """A record of mtunlearn_ext.save_unlearned: its model and data are the caller's, which the
     command cannot rebuild, so the files are checked (hashes) and nothing is re-measured."""
     from mtunlearn_ext.api import verify_saved
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED
     from mtunlearn_ext.workflow import UserInputError
 
     try:
@@ -796,8 +797,11 @@ def _verify_api_record(args: argparse.Namespace) -> int:
     print(_table(rows, ["check", "result"]))
     for m in result.mismatches:
         print(f"mismatch: {m}", file=sys.stderr)
+    unchanged = (", not verified, its weights are the original model's, so nothing was "
+                 "unlearned" if result.checks.get("weights_changed") == WEIGHTS_UNCHANGED
+                 else "")
     print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
-          "(files and hashes only)")
+          f"(files and hashes only){unchanged}")
     return 0 if result.ok else 1
 
 

@@ -876,6 +876,69 @@ def test_a_diverged_run_warns_and_save_unlearned_refuses_it(tmp_path) -> None:  
     mtunlearn_ext.save_unlearned(kept, kept_report, tmp_path / "m.pt")
 
 
+def test_a_run_that_left_the_weights_unchanged_is_said_recorded_and_not_verified(
+        tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """steps 0 returned the input weights without a word; save_unlearned's record had no
+    weights_changed, and verify_saved / `mtunlearn verify` passed it (exit 0), where the CLI
+    warns about such a run of its own, records weights_changed: false and fails it."""
+    import json
+
+    from mtunlearn_ext import cli
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED
+
+    x, y = _data()
+    model = _TwoHeads()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create([0, 1]),
+                  shared_parameters=_trunk)
+    with pytest.warns(UserWarning, match=r"unlearn: interference_aware left the weights "
+                                         r"exactly as they were \(0 steps\)"):
+        same, report = mtunlearn_ext.unlearn(model, config={"steps": 0},
+                                             **common)  # type: ignore[arg-type]
+    assert _same_state(same, model) and report.extra["weights_changed"] is False
+    for name, original in (("with.pt", model), ("without.pt", None)):
+        with pytest.warns(UserWarning, match=r"save_unlearned: `model` has exactly the weights "
+                                             r"of the model it was unlearned from"):
+            record = mtunlearn_ext.save_unlearned(same, report, tmp_path / name,
+                                                  original=original)
+        assert record["weights_changed"] is False
+        check = mtunlearn_ext.verify_saved(tmp_path / f"{name}.record.json", model=same)
+        assert not check.ok and check.checks["weights_changed"] == WEIGHTS_UNCHANGED
+        assert any("nothing was unlearned" in m for m in check.mismatches)
+        assert cli.main(["verify", "--record", str(tmp_path / f"{name}.record.json")]) == 1
+        assert "FAILED" in capsys.readouterr().out
+    # A run that moved the weights: recorded true, verified; no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new, moved = mtunlearn_ext.unlearn(model, config={"steps": 2},
+                                           **common)  # type: ignore[arg-type]
+        record = mtunlearn_ext.save_unlearned(new, moved, tmp_path / "moved.pt", original=model)
+    assert moved.extra["weights_changed"] is True and record["weights_changed"] is True
+    check = mtunlearn_ext.verify_saved(tmp_path / "moved.pt.record.json", original=model)
+    assert check.ok and check.checks["weights_changed"] == "ok", check.mismatches
+    # The original model saved with the other run's report: the hashes say unchanged.
+    with pytest.warns(UserWarning, match="nothing was unlearned"):
+        record = mtunlearn_ext.save_unlearned(model, moved, tmp_path / "swapped.pt",
+                                              original=model)
+    assert record["weights_changed"] is False
+    # Older records, without the field, stay readable: judged by the hashes they hold.
+    payload = json.loads((tmp_path / "with.pt.record.json").read_text())
+    del payload["weights_changed"]
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    old = mtunlearn_ext.verify_saved(tmp_path / "old.json")
+    assert not old.ok and old.checks["weights_changed"] == WEIGHTS_UNCHANGED
+    payload["original_state_sha256"] = None
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    assert mtunlearn_ext.verify_saved(tmp_path / "old.json").checks["weights_changed"] \
+        .startswith("not checked")
+    assert not mtunlearn_ext.verify_saved(tmp_path / "old.json", original=model).ok
+    # An edited record claiming no change for changed weights is a mismatch.
+    payload = json.loads((tmp_path / "moved.pt.record.json").read_text())
+    payload["weights_changed"] = False
+    (tmp_path / "edited.json").write_text(json.dumps(payload))
+    edited = mtunlearn_ext.verify_saved(tmp_path / "edited.json")
+    assert not edited.ok and edited.checks["weights_changed"] == "MISMATCH"
+
+
 def test_the_public_submodules_are_attributes_of_the_package() -> None:
     """`import mtunlearn_ext; mtunlearn_ext.data.TaskSpec` (as the guides write it) raised
     AttributeError unless something had imported the submodule; `import mtunlearn_ext` alone
@@ -1116,6 +1179,40 @@ def test_the_record_names_forget_data_rows_by_position(tmp_path) -> None:  # typ
                                      shared_parameters=_trunk, config={"steps": 1})
     assert train.request["ids_named_by"] == "row positions in `train_data`"
     assert train.request["ids_sha256"] == ForgetRequest.create([3, 4]).ids_hash()
+
+
+def test_a_forget_data_row_given_twice_is_refused_as_a_request_id_named_twice() -> None:
+    """Three rows given twice were taken as six instances: num_forget_instances 6 in the
+    report and the record, each row's forget pairs weighted twice."""
+    x, y = _data()
+    common = dict(tasks=TASKS, shared_parameters=_trunk, config={"steps": 1})
+    twice = torch.tensor([0, 1, 2, 0, 1, 2])
+    for targets in (y, {"a": y["a"]}):  # a full and a partial request
+        retain = _rest(x, y, 3) if len(targets) == 2 else (x, {
+            "a": torch.cat([torch.full((3,), -1), y["a"][3:]]), "b": y["b"]})
+        with pytest.raises(ValueError, match=re.escape(
+                "unlearn: `forget_data` row 3 repeats row 0 (the same inputs and the same "
+                "labels of the target tasks; 3 rows repeat an earlier one)")):
+            mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[twice], {
+                t: v[twice] for t, v in targets.items()}), retain_data=retain,
+                **common)  # type: ignore[arg-type]
+    # Equal inputs labelled otherwise are another instance (a duplicate image), and so are
+    # a data set's rows under ids of their own.
+    labels = {t: v[twice].clone() for t, v in y.items()}
+    labels["a"][3:] = (labels["a"][3:] + 1) % 3
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[twice], labels),
+                                      retain_data=_rest(x, y, 3),
+                                      **common)  # type: ignore[arg-type]
+    assert report.request["num_forget_instances"] == 6
+    own = MultiTaskDataset(x[twice], {t: v[twice] for t, v in y.items()}, SPECS,
+                           ids=torch.arange(6) + 500)
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_data=own, retain_data=_rest(x, y, 3),
+                                      **common)  # type: ignore[arg-type]
+    assert report.request["num_forget_instances"] == 6
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[:3], {
+        t: v[:3] for t, v in y.items()}), retain_data=_rest(x, y, 3),
+        **common)  # type: ignore[arg-type]
+    assert report.request["num_forget_instances"] == 3
 
 
 def test_evaluate_takes_any_model_and_data_as_unlearn_does() -> None:

@@ -318,3 +318,143 @@ def test_unlearn_names_the_argument_a_bad_dataset_came_as() -> None:
             retain_data=DataLoader([(x[i], {"topc": 1}) for i in range(5)],  # type: ignore
                                    batch_size=None),
             shared_parameters=lambda name: name.startswith("trunk"))
+
+
+class _Keyed(Dataset):
+    """A user's dataset whose instances carry an ``"id"`` (a database key), as a
+    ``MultiTaskDataset``'s own items do; the keys run backwards, so no id is its position."""
+
+    def __init__(self, data: MultiTaskDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        return self.data[i]
+
+
+def _keyed(x: torch.Tensor, y: dict[str, torch.Tensor]) -> MultiTaskDataset:
+    return MultiTaskDataset(x, y, SPECS, ids=1000 + torch.arange(len(x)).flip(0))
+
+
+def _rows_of(inputs: torch.Tensor, x: torch.Tensor) -> list[int]:
+    return [next(i for i in range(len(x)) if torch.equal(row, x[i])) for row in inputs]
+
+
+@pytest.mark.parametrize("tasks", ["specs", "kinds"])
+def test_unlearn_names_a_datasets_instances_by_the_ids_they_carry(tasks: str) -> None:
+    """They were named by position: ForgetRequest.create([0]) forgot dataset[0] whatever its
+    id, and the instances' own ids were unknown ("ids 0 to 39")."""
+    x, y = _tensors()
+    data = _keyed(x, y)  # dataset[i] carries id 1039 - i
+    given = (SPECS if tasks == "specs"
+             else {"topic": "classification", "score": "regression"})
+    common = dict(tasks=given, shared_parameters=lambda name: name.startswith("trunk"))
+    request = ForgetRequest.create([1039, 1030], target_tasks=["topic"])  # dataset[0], [9]
+    problem = mtunlearn_ext.api.build_problem(_TwoHeads(), train_data=_Keyed(data),
+                                              forget_request=request, **common)  # type: ignore
+    assert sorted(_rows_of(problem.forget.inputs, x)) == [0, 9]  # type: ignore[arg-type]
+    assert sorted(problem.forget.ids.tolist()) == [1030, 1039]
+    assert sorted(problem.retain.ids.tolist()) == sorted(data.ids.tolist())
+    # The same run as on the data set itself, and the record names the ids it was given.
+    model = _TwoHeads()
+    from_dataset, report = mtunlearn_ext.unlearn(model, train_data=_Keyed(data),
+                                                 forget_request=request, config={"steps": 3},
+                                                 **common)  # type: ignore[arg-type]
+    from_ids, _ = mtunlearn_ext.unlearn(model, train_data=data, forget_request=request,
+                                        config={"steps": 3}, **common)  # type: ignore[arg-type]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(from_dataset), _weights(from_ids)))
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(from_dataset)))
+    assert report.request["ids_sha256"] == request.ids_hash()
+    assert report.request["ids_named_by"] == "the 'id' each instance of `train_data` carries"
+    # Positions name no instance now; the message gives the ids there are.
+    with pytest.raises(KeyError, match=r"not in `train_data`: \[0\] .*`train_data` \(a _Keyed "
+                                       r"whose instances carry an 'id'\) names its 40 instances "
+                                       r"by those ids, from 1000 to 1039"):
+        mtunlearn_ext.api.build_problem(_TwoHeads(), train_data=_Keyed(data),
+                                        forget_request=ForgetRequest.create([0]),
+                                        **common)  # type: ignore[arg-type]
+
+
+def test_unlearn_takes_the_ids_forget_held_out_and_audit_datasets_carry() -> None:
+    x, y = _tensors()
+    data = _keyed(x, y)
+    common = dict(tasks=SPECS, shared_parameters=lambda name: name.startswith("trunk"),
+                  config={"steps": 2})
+    rows = torch.tensor([0, 9, 17])
+    # forget_data / retain_data: the record hashes the ids the forget instances carry.
+    _, report = mtunlearn_ext.unlearn(
+        _TwoHeads(), forget_data=_Keyed(data.subset(rows)), retain_data=_Keyed(
+            data.subset(torch.arange(20, N))), **common)  # type: ignore[arg-type]
+    assert report.request["ids_sha256"] == ForgetRequest.create([1039, 1030, 1022]).ids_hash()
+    assert report.request["ids_named_by"] == "the 'id' each instance of `forget_data` carries"
+    # Held-out and audit data are compared with the training data by the ids they carry, as
+    # data sets are: a held-out instance with a training id is refused...
+    unseen_x, unseen_y = _tensors(24, seed=7)
+    held = MultiTaskDataset(unseen_x[:12], {t: v[:12] for t, v in unseen_y.items()}, SPECS,
+                            ids=torch.arange(1035, 1047))
+    with pytest.raises(ValueError, match=r"`held_out_data` shares 5 instance ids with the "
+                                         r"training set \(first: \[1035, 1036"):
+        mtunlearn_ext.unlearn(_TwoHeads(), train_data=_Keyed(data), held_out_data=_Keyed(held),
+                              forget_request=ForgetRequest.create([1039]),
+                              **common)  # type: ignore[arg-type]
+    # ... and ids of their own keep an audit set apart from the held-out set by id.
+    audit = MultiTaskDataset(unseen_x[12:], {t: v[12:] for t, v in unseen_y.items()}, SPECS,
+                             ids=torch.arange(3000, 3012))
+    held = MultiTaskDataset(held.inputs, held.targets, SPECS, ids=torch.arange(2000, 2012))
+    with pytest.raises(ValueError, match=r"`audit_data` shares 9 instance ids with "
+                                         r"`held_out_data` \(first: \[2003, 2004"):
+        mtunlearn_ext.unlearn(
+            _TwoHeads(), train_data=_Keyed(data), held_out_data=_Keyed(held),
+            audit_data=_Keyed(MultiTaskDataset(audit.inputs, audit.targets, SPECS,
+                                               ids=torch.arange(2003, 2015))),
+            forget_request=ForgetRequest.create([1039]), **common)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # held-out data unused by the defaults
+        _, report = mtunlearn_ext.unlearn(
+            _TwoHeads(), train_data=_Keyed(data), held_out_data=_Keyed(held),
+            audit_data=_Keyed(audit), forget_request=ForgetRequest.create([1039]),
+            **common)  # type: ignore[arg-type]
+    assert "forget_mia_auc_after" in report.extra["summary"]
+
+
+def test_unlearn_on_a_shuffling_loader_forgets_the_instances_its_ids_name() -> None:
+    """The rows were named by the shuffled read order: ForgetRequest.create([1039]) forgot an
+    instance drawn by the global random state, while the record said id 1039."""
+    x, y = _tensors()
+    data = _keyed(x, y)
+    common = dict(tasks=SPECS, shared_parameters=lambda name: name.startswith("trunk"))
+    request = ForgetRequest.create([1039, 1030])  # dataset[0], dataset[9]
+    model = _TwoHeads()
+    in_id_order = data.subset(torch.argsort(data.ids))
+    expected, _ = mtunlearn_ext.unlearn(model, train_data=in_id_order, forget_request=request,
+                                        config={"steps": 3}, **common)  # type: ignore[arg-type]
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        loader = DataLoader(data, batch_size=8, shuffle=True)  # batches carry "id"
+        problem = mtunlearn_ext.api.build_problem(model, train_data=loader,
+                                                  forget_request=request,
+                                                  **common)  # type: ignore[arg-type]
+        assert sorted(_rows_of(problem.forget.inputs, x)) == [0, 9]  # type: ignore[arg-type]
+        torch.manual_seed(seed)
+        new, report = mtunlearn_ext.unlearn(
+            model, train_data=DataLoader(data, batch_size=8, shuffle=True),
+            forget_request=request, config={"steps": 3}, **common)  # type: ignore[arg-type]
+        # Read in id order: the same run whatever order the loader shuffled the rows into.
+        assert all(torch.equal(a, b) for a, b in zip(_weights(new), _weights(expected)))
+        assert report.request["ids_sha256"] == request.ids_hash()
+
+
+def test_instances_carrying_one_id_twice_are_refused_naming_the_argument() -> None:
+    x, y = _tensors(6)
+    items = [{"input": x[i], "targets": {"topic": y["topic"][i], "score": y["score"][i]},
+              "id": [7, 8, 9, 8, 10, 11][i]} for i in range(6)]
+    with pytest.raises(ValueError, match=r"gather: the instances carry duplicate ids: id 8 "
+                                         r"names rows \[1, 3\]"):
+        gather(items, SPECS)
+    with pytest.raises(ValueError, match=r"unlearn: `train_data`: gather: the batches carry "
+                                         r"duplicate ids: id 8 names rows \[1, 3\]"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=SPECS, train_data=DataLoader(
+            items, batch_size=4), forget_request=ForgetRequest.create([7]),  # type: ignore
+            shared_parameters=lambda name: name.startswith("trunk"))

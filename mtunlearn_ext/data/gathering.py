@@ -226,6 +226,20 @@ def _ids(own: Sequence[object], ids: object, ordered: bool, what: str) -> object
     return None  # positions 0..N-1, the dataset's own indices
 
 
+def _distinct(row_ids: object, what: str) -> None:
+    """Refuse ids the source carries that name two rows: a request for such an id would name
+    two instances (the data set refuses them too, but without saying where they are)."""
+    values = torch.as_tensor(row_ids).reshape(-1)
+    unique, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    if unique.numel() == values.numel():
+        return
+    first = int(counts.gt(1).nonzero()[0])
+    rows = (inverse == first).nonzero().flatten().tolist()
+    raise ValueError(f"gather: the {what} carry duplicate ids: id {int(unique[first])} names "
+                     f"rows {rows[:5]} (in the order read; {int(counts.gt(1).sum())} ids "
+                     f"repeated); each instance needs an id of its own")
+
+
 def _in_order(loader: DataLoader[Any]) -> bool:
     """Whether ``loader`` reads its dataset in the dataset's own order."""
     if isinstance(loader.dataset, IterableDataset):
@@ -247,7 +261,7 @@ def _batch(batch: object, index: int, names: Sequence[str]) -> _Instance:
 
 
 def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: object
-                    ) -> MultiTaskDataset:
+                    ) -> tuple[MultiTaskDataset, bool]:
     names = [spec.name for spec in specs]
     if loader.drop_last:
         raise ValueError("gather: the DataLoader drops its last incomplete batch "
@@ -286,8 +300,9 @@ def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: obj
     if ids is None and row_ids is not None:  # the batches' own: one tensor of ids per batch
         row_ids = torch.cat([_tensor(i, "the ids of a batch").reshape(-1)
                              for i in row_ids])  # type: ignore[attr-defined]
+        _distinct(row_ids, "batches")
     return MultiTaskDataset(inputs, targets, specs, row_ids,  # type: ignore[arg-type]
-                            torch.stack(columns, dim=1))
+                            torch.stack(columns, dim=1)), row_ids is not None
 
 
 def _loaded(loader: DataLoader[Any]) -> Iterator[object]:
@@ -340,8 +355,9 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
             batches (read in its order; ``drop_last`` refused).
         tasks: the task specs, in column order; every label key of an instance must be one.
         ids: the instances' ids, one per row in the order read. Default: the instances' own
-            ``"id"`` when they carry one, else their positions ``0..N-1``, which for a map-style
-            dataset are its indices, so ``ForgetRequest(ids=[17])`` forgets ``source[17]``.
+            ``"id"`` when they carry one (an id carried twice is refused), else their
+            positions ``0..N-1``, which for a map-style dataset are its indices, so
+            ``ForgetRequest(ids=[17])`` forgets ``source[17]``.
         num_workers: worker processes reading a map-style dataset (a ``DataLoader`` that keeps
             the order); 0 reads in this process.
         batch_size: instances per worker task when ``num_workers`` > 0.
@@ -351,6 +367,17 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         the label is not the kind's "no label" value (``ignore_index``; a dense map without a
         labelled pixel) and, when instances carry ``"supervision"``, that mask keeps it.
     """
+    return _gather(source, tasks, ids=ids, num_workers=num_workers,
+                   batch_size=batch_size)[0]
+
+
+def _gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
+            tasks: Sequence[TaskSpec], *, ids: Sequence[int] | torch.Tensor | None = None,
+            num_workers: int = 0, batch_size: int = 64) -> tuple[MultiTaskDataset, bool]:
+    """:func:`gather`, and whether the rows' ids name the instances (the source's own
+    ``"id"``, or ``ids``) rather than being their positions ``0..N-1``: a caller that keeps
+    the ids apart from positions (``unlearn``, which compares ids with other data sets') needs
+    to know, and ids that happen to equal the positions do not say it."""
     specs = task_spec_list(tasks, "gather: `tasks` must be a sequence of TaskSpec (one per "
                                   "task, in column order)")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -378,5 +405,7 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         targets[spec.name], supervised = _task_column(spec, instances, column)
         supervision.append(supervised)
     row_ids = _ids([instance.id for instance in instances], ids, ordered, "instances")
+    if ids is None and row_ids is not None:
+        _distinct(row_ids, "instances")
     return MultiTaskDataset(inputs, targets, specs, row_ids,  # type: ignore[arg-type]
-                            torch.stack(supervision, dim=1))
+                            torch.stack(supervision, dim=1)), row_ids is not None
