@@ -163,5 +163,5 @@ setup(
     ext_modules=[] if _metadata_only() else [_extension()],
     cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.11",  # tomllib (--config *.toml)
-    entry_points={"console_scripts": ["mtunlearn = mtunlearn_ext.cli:main"]},
+    entry_points={"console_scripts": ["mtunlearn = mtunlearn_ext.cli:console_main"]},
 )

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "console_main", "main"]
 
 _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is detected after the "
                "step it appears in; the run stops, the step is reported, nothing is written, "
@@ -61,6 +61,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit 2) instead of usage + message."""
 
     def error(self, message: str) -> NoReturn:
+        if "expected one argument" in message:
+            # argparse takes a value starting with '-' for an option: "--forget-ids -3" or
+            # "--output -x.pt" fail here before any check of ours could name the fix.
+            option = message.split(":")[0].removeprefix("argument").strip().split("/")[-1]
+            message += f"; a value that starts with '-' is written with '=': {option}=-..."
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -985,7 +990,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None, help="report title")
     _common(p)
     p.set_defaults(func=_cmd_report, _required=["results", "output_dir"])
+    _say_required(parser)
     return parser
+
+
+def _say_required(parser: argparse.ArgumentParser) -> None:
+    """Mark in each subcommand's help the options it requires: they are optional to argparse
+    (a --config file may give them; :func:`_main` checks), so the usage line shows them in
+    brackets like any other."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in action.choices.values():
+            required = sub.get_default("_required") or []
+            for option in sub._actions:
+                if option.dest in required and option.help and "(required" not in option.help:
+                    option.help += " (required: here or as a --config key)"
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -1088,5 +1108,22 @@ def _main(argv: Sequence[str] | None) -> int:
             torch.set_num_threads(callers_threads)
 
 
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """The ``mtunlearn`` command itself (and ``python -m mtunlearn_ext.cli``): :func:`main`,
+    then SIGINT and SIGTERM ignored for the interpreter's shutdown, which takes torch about a
+    second and a half. The exit code is final once ``main`` returns, its outputs complete; a
+    signal in that time ended the process with exit 130 or 143 and nothing said, or a
+    traceback from a clean-up with exit 0, and a pipeline retrying on 130 would have run the
+    request again. (:func:`main` itself gives the caller's handlers back: a notebook or test
+    that calls it keeps its Ctrl-C.)"""
+    code = main(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread: nothing to ignore from here
+            pass
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -786,6 +786,16 @@ class OutputTransaction:
                 pass
 
 
+def _path_max(folder: Path) -> int:
+    """The longest path (in bytes) the system takes for a file under ``folder``
+    (``PC_PATH_MAX``; 4096, Linux's, where it cannot say)."""
+    try:
+        limit = os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 4096
+    return limit if limit > 0 else 4096
+
+
 def _check_creatable(argument: str, p: Path) -> None:
     """Refuse an output path that cannot be created: under a file, in a folder the user cannot
     write to, or with a name longer than the file system takes (``PC_NAME_MAX`` bytes, checked
@@ -804,6 +814,17 @@ def _check_creatable(argument: str, p: Path) -> None:
             raise UserInputError(argument, f"file and folder names of at most {limit} bytes "
                                  "(the file system's limit)", str(p),
                                  f"{part[:24]!r}... has {size} bytes; choose a shorter name")
+    # The whole path too (the run would fail at its very end otherwise), with room for the
+    # temporary file beside the output: `.{name}.{8 random}{suffix}`, within the name limit.
+    temporary = min(limit, len(os.fsencode(absolute.name)) + 24)
+    longest = max(len(os.fsencode(str(absolute))),
+                  len(os.fsencode(str(absolute.parent))) + 1 + temporary)
+    path_limit = _path_max(existing)
+    if longest >= path_limit:
+        raise UserInputError(argument, f"a path shorter than {path_limit} bytes (the system's "
+                             "limit, with room for the temporary file written beside it)",
+                             str(p)[:64] + "...", f"it has {len(os.fsencode(str(absolute)))} "
+                             "bytes; choose a shorter path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(argument, "a path in a folder you can write to", str(p),
                              f"{str(existing)!r} is not writable")
