@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from mtunlearn_ext import ops
 from mtunlearn_ext.surgery import (
     MGDA,
+    Aggregator,
     Mean,
     MeanWeighting,
     MGDAWeighting,
@@ -481,6 +483,47 @@ def test_mgda_weighting_lets_nan_through_like_the_others() -> None:
     j = _random_jacobian(3, 10, 21)
     weights = MGDAWeighting()(j @ j.T)
     assert torch.isfinite(weights).all() and float(weights.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("make", [UPGrad, MGDA, PCGrad])
+def test_a_non_finite_matrix_is_refused_in_its_words(make: type[Aggregator]) -> None:
+    """Review: `UPGrad()(J)` with an Inf in J said "mtunlearn_ext.ops.gram: `x` contains NaN
+    or Inf; pass finite values (or check_finite=False ...)": the op's argument, not the
+    caller's, and advice the aggregator refused (a TypeError). The error now names the
+    aggregator and `matrix`, and the advice it gives (build it with check_finite=False) works."""
+    name = make.__name__
+    j = _random_jacobian(3, 10, 22).to(torch.float32)
+    for bad, said in ((float("inf"), "contains NaN or Inf"), (float("nan"), "contains NaN or Inf"),
+                      (None, "is finite but its Gram matrix overflowed torch.float32")):
+        matrix = j * 1e20 if bad is None else j.clone()
+        if bad is not None:
+            matrix[1, 2] = bad
+        with pytest.raises(FloatingPointError) as caught:
+            make()(matrix)
+        message = str(caught.value)
+        assert message.startswith(f"{name}: `matrix` {said}"), message
+        assert f"{name}(..., check_finite=False)" in message
+        assert "`x`" not in message and "mtunlearn_ext.ops" not in message
+        update = make(check_finite=False)(matrix)  # the advice, followed: a NaN update
+        assert update.shape == (10,) and torch.isnan(update).all()
+
+
+@pytest.mark.parametrize("make", [Mean, Sum, lambda **kw: PCGrad(reshuffle=False, **kw), UPGrad,
+                                  MGDA])
+def test_check_finite_false_keeps_a_finite_update(make: Callable[..., Aggregator]) -> None:
+    """`check_finite=False` only skips the host read: a finite matrix gets the same update,
+    that of the float64 textbook computation on the rounded matrix."""
+    j = _random_jacobian(4, 40, 23).to(torch.float32)
+    checked, unchecked = make()(j), make(check_finite=False)(j)
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
+    j64 = j.to(F64)
+    expected = make().weighting(j64 @ j64.T) @ j64
+    torch.testing.assert_close(unchecked.to(F64), expected, rtol=1e-5, atol=1e-6)
+    assert make(check_finite=False).check_finite is False
+    assert "check_finite=False" in repr(make(check_finite=False))
+    assert "check_finite" not in repr(make())
+    with pytest.raises(TypeError, match=r"`check_finite` must be a bool, got str 'no'"):
+        make(check_finite="no")
 
 
 def test_mixed_dtype_parameter_lists() -> None:
