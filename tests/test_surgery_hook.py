@@ -1126,6 +1126,37 @@ def test_a_loss_that_is_a_leaf_gets_its_gradient_as_in_the_plain_sum(per_task: s
     assert reg.grad is None
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+@pytest.mark.parametrize("scale", [1e-22, 1e-30])
+def test_a_saturated_tasks_tiny_gradient_keeps_its_upgrad_constraint(per_task: str,
+                                                                   scale: float) -> None:
+    """Review: in float32 a task whose trunk gradient is tiny (a saturated loss) had its Gram
+    diagonal entry underflow to zero, and UPGrad's update conflicted with it (cosine -0.96).
+    The trunk's .grad is now the float64 UPGrad update of the float32 task gradients, and
+    conflicts with none of them."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+
+    def losses() -> list[torch.Tensor]:
+        values = _losses(model, x, y)
+        return [values[0], values[1], values[2] * scale]
+
+    trunk = list(model.trunk.parameters())
+    rows = []
+    for loss in losses():
+        grads = torch.autograd.grad(loss, trunk, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).to(F64))
+    jacobian = torch.stack(rows)
+    assert 0 < float(jacobian[2].norm()) < 1e3 * scale
+    expected = UPGrad().weighting(jacobian @ jacobian.T) @ jacobian
+    GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task).backward(  # type: ignore[arg-type]
+        losses())
+    got = torch.cat([p.grad.reshape(-1) for p in trunk]).to(F64)
+    assert float((got - expected).norm() / expected.norm()) < 2e-6
+    cosines = (jacobian @ got) / (jacobian.norm(dim=1) * got.norm())
+    assert bool((cosines >= -1e-6).all()), cosines
+
+
 class _LocalReducer:
     """A reducer of one process: nothing to average."""
 

@@ -24,8 +24,13 @@ import torch
 from torch import nn
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops._checks import check_bool
-from mtunlearn_ext.surgery._tensor_lists import guard_nonfinite, poison_nonfinite, stats_dtype
+from mtunlearn_ext.ops._checks import check_bool, check_finite_result
+from mtunlearn_ext.surgery._tensor_lists import (
+    guard_nonfinite,
+    poison_nonfinite,
+    solvable_gram,
+    stats_dtype,
+)
 from mtunlearn_ext.surgery.weightings import (
     MeanWeighting,
     MGDAWeighting,
@@ -49,7 +54,8 @@ class Aggregator(nn.Module):
     ``Mean`` and ``Sum``, which compute none, never raise. ``False`` lets the step through as
     NaN instead: the weights of a non-finite problem are NaN without running a solver on it, so
     the whole update is NaN, which is what a ``GradScaler`` (``torchjd.autojac.jac_to_grad``
-    writing the update into ``.grad``) needs to see to skip an overflowing step; no host read.
+    writing the update into ``.grad``) needs to see to skip an overflowing step; on CUDA
+    without a device-to-host read (on the CPU the Gram is still read, for tiny gradients).
     It applies where the aggregator is called on a matrix (``agg(J)``, ``jac_to_grad``);
     :class:`~mtunlearn_ext.surgery.GradientSurgery` and
     :func:`~mtunlearn_ext.surgery.aggregate_list` use only the ``weighting`` and take their
@@ -69,26 +75,37 @@ class Aggregator(nn.Module):
     def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
         k = matrix.shape[0]
         if self.weighting.needs_gram:
-            gram = self._gram(matrix)
+            gram, weights_dtype = self._gram(matrix)
         else:
             # Mean / Sum look only at k: no pass over the matrix.
             gram = matrix.new_zeros((k, k), dtype=stats_dtype([matrix]))
+            weights_dtype = gram.dtype
         finite = None
         if not self.check_finite and self.weighting.needs_gram:
             gram, finite = guard_nonfinite(gram, k)
         weights = self.weighting(gram)
         if finite is not None:
             weights = poison_nonfinite(weights, finite)
+        if weights.dtype != weights_dtype:  # solved on a rescued float64 Gram
+            weights = weights.to(weights_dtype)
         return ops.combine(weights.unsqueeze(0), matrix,
                            check_finite=self.check_finite).squeeze(0)
 
-    def _gram(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``matrix @ matrix.T`` from :func:`mtunlearn_ext.ops.gram`, whose NaN/Inf errors are
-        told in the aggregator's words: the op names its own argument (`x`) and suggests its
-        own ``check_finite=False``, neither of which the caller of ``agg(matrix)`` can see."""
+    def _gram(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """``matrix @ matrix.T`` from :func:`mtunlearn_ext.ops.gram` as the weighting needs it
+        (:func:`~mtunlearn_ext.surgery._tensor_lists.solvable_gram`: rows of tiny gradients
+        that float32 underflow lost are recomputed), and the dtype of the weights. NaN/Inf
+        errors are told in the aggregator's words: the op names its own argument (`x`) and
+        suggests its own ``check_finite=False``, neither of which the caller of
+        ``agg(matrix)`` can see."""
         with torch.no_grad():
+            detached = matrix.detach()
+            local = ops.gram(detached, check_finite=False)
             try:
-                return ops.gram(matrix.detach(), check_finite=self.check_finite)
+                return solvable_gram(
+                    local, [detached], None, 1, None, check_finite=self.check_finite,
+                    check=lambda g: check_finite_result("mtunlearn_ext.ops.gram", g,
+                                                        [("x", detached)]))
             except FloatingPointError as error:
                 raise FloatingPointError(self._non_finite_message(matrix)) from error
 
