@@ -26,7 +26,9 @@ Scenarios:
   none keeps ``.grad`` None on every rank;
 - ``sharded_surgery(per_layer=True)``: per tensor on FSDP2 shards, refused on a split list;
 - a NaN in one rank's shard of a sharded list op: every rank raises (none waits in the
-  all-reduce), and the next call's collectives still pair up.
+  all-reduce), and the next call's collectives still pair up;
+- a task's tiny float32 gradient (1e-24) in one rank's shards only: every rank recomputes
+  (or joins the recomputation of) the underflowed Gram row alike, against float64 references.
 """
 
 from __future__ import annotations
@@ -108,6 +110,48 @@ def _scenario_sharded_aggregate(rank: int, agg: str, dtype_name: str, per_layer:
     for got, ref in zip(local_outs, reference):
         torch.testing.assert_close(got, ref[0], rtol=TOL[dtype_name], atol=TOL[dtype_name])
         err = max(err, (got.to(F64) - ref[0].to(F64)).abs().max().item())
+    return err
+
+
+def _scenario_sharded_aggregate_tiny_task(rank: int, agg: str, per_layer: bool) -> float:
+    """A task whose float32 gradient is tiny (1e-24) and lives in rank 1's shards only (zero
+    in rank 0's): its Gram row underflowed in float32. The summed Gram tells every rank alike
+    to recompute that row; rank 1 does from rescaled copies, rank 0 finds nothing to recompute,
+    and both take part in the second (float64) all-reduce. Every shard gets the float64 update
+    of the float32 gradients, the weights stay float32."""
+    from mtunlearn_ext.surgery import stats_all_reduce
+
+    stacks = _full_stacks(3, F64, seed=4)
+    for p, stack in enumerate(stacks):
+        flat = stack.reshape(3, -1)
+        flat[2] = -(flat[0] + flat[1]) * 0.7 + 0.3 * flat[2] if p == 3 else 0.0
+        if p == 3:
+            flat[2] *= 1e-24
+    stacks = [s.to(torch.float32) for s in stacks]
+    layer_all = list(range(len(SHAPES))) if per_layer else [0] * len(SHAPES)
+    expected_outs: list[torch.Tensor] = [torch.empty(0)] * len(SHAPES)
+    expected_weights = []
+    for layer in sorted(set(layer_all)):
+        members = [p for p, ell in enumerate(layer_all) if ell == layer]
+        j = torch.cat([stacks[p].to(F64).reshape(3, -1) for p in members], dim=1)
+        w = AGGREGATORS[agg]().weighting(j @ j.T)
+        expected_weights.append(w)
+        for p in members:
+            expected_outs[p] = (w @ stacks[p].to(F64).reshape(3, -1)).reshape(SHAPES[p])
+    local, owners = _local(stacks, rank)
+    local_outs = [torch.empty(s.shape[1:]) for s in local]
+    weights = aggregate_list(AGGREGATORS[agg](), local, local_outs,
+                             per_layer=owners if per_layer else False,
+                             num_layers=len(SHAPES) if per_layer else None,
+                             reduce=stats_all_reduce())
+    assert weights.dtype == torch.float32
+    reference_weights = torch.stack(expected_weights) if per_layer else expected_weights[0]
+    torch.testing.assert_close(weights.to(F64), reference_weights, rtol=1e-5, atol=1e-7)
+    reference, _ = _local([o.unsqueeze(0) for o in expected_outs], rank)
+    err = 0.0
+    for got, ref in zip(local_outs, reference):
+        torch.testing.assert_close(got.to(F64), ref[0], rtol=1e-5, atol=1e-6)
+        err = max(err, (got.to(F64) - ref[0]).abs().max().item())
     return err
 
 
@@ -601,6 +645,10 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
                 lambda r, a=agg, d=dt: _scenario_sharded_aggregate(r, a, d, per_layer=False))
         table[f"sharded_aggregate_per_layer-{agg}-fp64"] = (
             lambda r, a=agg: _scenario_sharded_aggregate(r, a, "fp64", per_layer=True))
+    for agg in ("upgrad", "pcgrad", "mgda"):
+        for per_layer in (False, True):
+            table[f"sharded_aggregate_tiny_task-{agg}-{'per_layer' if per_layer else 'global'}"] = (
+                lambda r, a=agg, pl=per_layer: _scenario_sharded_aggregate_tiny_task(r, a, pl))
     for dt in ("fp32", "fp64"):
         table[f"sharded_projections-{dt}"] = lambda r, d=dt: _scenario_sharded_projections(r, d)
     for call in ("aggregate", "project_out", "project_out_kept_gram", "nonconflicting"):

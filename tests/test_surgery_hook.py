@@ -1079,6 +1079,84 @@ def test_a_parameter_in_neither_list_is_refused_where_it_would_get_no_gradient(
     torch.testing.assert_close(log_vars.grad, expected)
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+@pytest.mark.parametrize("reduced", [False, True], ids=["local", "reducer"])
+def test_a_loss_that_is_a_leaf_gets_its_gradient_as_in_the_plain_sum(per_task: str,
+                                                                     reduced: bool) -> None:
+    """Review: a loss that is itself a parameter (a learned regulariser, no grad_fn) got no
+    .grad in the "autograd" and "batched" modes, silently: the head search walks from the
+    losses' grad_fn and skipped it. sum(losses).backward() and the "backward" mode give it
+    d loss / d loss = 1, and the docs promise every leaf the losses reach the plain sum. The
+    trunk's task row for that loss is zero; everything is checked in float64."""
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64)
+    reg = nn.Parameter(torch.tensor(2.0, dtype=F64))
+
+    def losses() -> list[torch.Tensor]:
+        return [*_losses(model, x, y), reg]
+
+    trunk, heads = list(model.trunk.parameters()), list(model.heads.parameters())
+    rows = []
+    for loss in losses():
+        grads = torch.autograd.grad(loss, trunk, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), dtype=F64) if g is None
+                               else g.reshape(-1) for p, g in zip(trunk, grads)]))
+    update = UPGrad()(torch.stack(rows))
+    plain = torch.autograd.grad(sum(losses()), [*heads, reg])
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,  # type: ignore[arg-type]
+                              reducer=_LocalReducer() if reduced else None)
+    surgery.backward(losses())
+    assert reg.grad is not None
+    torch.testing.assert_close(reg.grad, plain[-1], rtol=0, atol=0)
+    for p, expected in zip(heads, plain[:-1]):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in trunk]), update,
+                               rtol=1e-10, atol=1e-12)
+    if per_task == "backward" or reduced:
+        return
+    # With `head_params` that leave it out, the check of the listed heads now sees it too.
+    model.zero_grad()
+    reg.grad = None
+    listed = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,  # type: ignore[arg-type]
+                             head_params=model.heads.parameters())
+    with pytest.raises(ValueError, match=r"reach 1 parameter\(s\) requiring grad that are in "
+                                         r"neither `shared_params` nor `head_params` "
+                                         r"\(shapes \(\)\)"):
+        listed.backward(losses())
+    assert reg.grad is None
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+@pytest.mark.parametrize("scale", [1e-22, 1e-30])
+def test_a_saturated_tasks_tiny_gradient_keeps_its_upgrad_constraint(per_task: str,
+                                                                   scale: float) -> None:
+    """Review: in float32 a task whose trunk gradient is tiny (a saturated loss) had its Gram
+    diagonal entry underflow to zero, and UPGrad's update conflicted with it (cosine -0.96).
+    The trunk's .grad is now the float64 UPGrad update of the float32 task gradients, and
+    conflicts with none of them."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+
+    def losses() -> list[torch.Tensor]:
+        values = _losses(model, x, y)
+        return [values[0], values[1], values[2] * scale]
+
+    trunk = list(model.trunk.parameters())
+    rows = []
+    for loss in losses():
+        grads = torch.autograd.grad(loss, trunk, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).to(F64))
+    jacobian = torch.stack(rows)
+    assert 0 < float(jacobian[2].norm()) < 1e3 * scale
+    expected = UPGrad().weighting(jacobian @ jacobian.T) @ jacobian
+    GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task).backward(  # type: ignore[arg-type]
+        losses())
+    got = torch.cat([p.grad.reshape(-1) for p in trunk]).to(F64)
+    assert float((got - expected).norm() / expected.norm()) < 2e-6
+    cosines = (jacobian @ got) / (jacobian.norm(dim=1) * got.norm())
+    assert bool((cosines >= -1e-6).all()), cosines
+
+
 class _LocalReducer:
     """A reducer of one process: nothing to average."""
 

@@ -190,6 +190,56 @@ def test_jac_to_grad_works_but_returns_no_weights_and_no_gramian_option(make) ->
                                atol=1e-13)
 
 
+@pytest.mark.parametrize("make", [surgery.UPGrad, surgery.MGDA, surgery.PCGrad])
+def test_jac_to_grad_under_a_grad_scaler(make: type[surgery.Aggregator]) -> None:
+    """A TorchJD user under a GradScaler: an overflowing step must reach ``.grad`` as NaN/Inf
+    so that ``scaler.step`` skips it. By default the aggregator refuses the matrix, naming
+    itself and the way out; built with ``check_finite=False`` it writes a NaN update, the
+    scaler skips the step and lowers its scale, and a finite step goes through unscaled."""
+    from torchjd.autojac import backward, jac_to_grad
+
+    params, losses = _jac_problem()
+    reference = [p.detach().clone() for p in params]
+    backward(losses)
+    jacobian = torch.cat([p.jac.reshape(2, -1) for p in params], dim=1)
+    expected = make()(jacobian)  # the float64 update of the unscaled losses
+    params, losses = _jac_problem()  # fresh parameters, equal to the first ones
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    backward([scaler.scale(loss) for loss in losses])
+    jac_to_grad(params, make(check_finite=False))
+    scaler.unscale_(optimizer)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected,
+                               rtol=1e-12, atol=1e-12)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 8
+    moved = [p.detach().clone() for p in params]
+    assert not all(torch.equal(a, b) for a, b in zip(moved, reference))
+
+    optimizer.zero_grad()
+    p, q = params
+    losses = [(p * torch.arange(6.0, dtype=F64)).sum() + q.sum(),
+              ((p ** 2).sum() - p.sum() * 3 + (q ** 3).sum()) * float("inf")]  # overflowing
+    backward([scaler.scale(loss) for loss in losses], retain_graph=True)
+    with pytest.raises(FloatingPointError, match=rf"^{make.__name__}: `matrix` contains NaN or "
+                                                 rf"Inf.*{make.__name__}\(\.\.\., "
+                                                 r"check_finite=False\)"):
+        jac_to_grad(params, make())
+    assert all(t.grad is None for t in params)
+    for t in params:
+        if hasattr(t, "jac"):
+            del t.jac
+    backward([scaler.scale(loss) for loss in losses])
+    jac_to_grad(params, make(check_finite=False))
+    assert all(torch.isnan(t.grad).all() for t in params)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 8  # detected and skipped
+    for t, before in zip(params, moved):
+        torch.testing.assert_close(t.detach(), before, rtol=0, atol=0)
+
+
 def test_a_torchjd_aggregator_is_refused_naming_ours() -> None:
     params, _ = _jac_problem()
     with pytest.raises(TypeError, match=r"got torchjd\.aggregation\.\w+\.UPGrad; use the one of "

@@ -189,7 +189,7 @@ def _summed_by_class(op: Callable[..., torch.Tensor], op_lists: Sequence[str],
     except (FloatingPointError, TypeError, ValueError) as error:
         if caller is None:
             raise
-        raise _in_callers_words(error, op_lists, caller) from error
+        raise in_callers_words(error, op_lists, caller) from error
 
 
 def _summed_by_class_unnamed(op: Callable[..., torch.Tensor],
@@ -238,7 +238,7 @@ def _in_whole_list(error: Exception, members: Sequence[int]) -> Exception:
     return _reworded(error, re.sub(r"\b([A-Za-z_]\w*)\[(\d+)\]", whole, str(error)))
 
 
-def _in_callers_words(error: Exception, op_lists: Sequence[str], caller: Caller) -> Exception:
+def in_callers_words(error: Exception, op_lists: Sequence[str], caller: Caller) -> Exception:
     """``error`` of an op of :mod:`mtunlearn_ext.ops` as the caller would say it: its name for
     the op's (``mtunlearn_ext.ops.gram_list: `xs[2]` ...`` from ``aggregate_list`` becomes
     ``mtunlearn_ext.surgery.aggregate_list: `grads_list[2]` ...``)."""
@@ -289,14 +289,23 @@ def reduced_stats(op: str, stats: torch.Tensor, reduce: StatsReduce,
                   named: Sequence[tuple[str, Sequence[torch.Tensor]]], *,
                   check_finite: bool) -> torch.Tensor:
     """``reduce(stats)`` (the statistics summed over the processes), checked for NaN/Inf after
-    the collective when ``check_finite``; the local statistics must have been computed without
-    the check. A NaN or Inf in one process's shards reaches every process's sum, so every
-    process raises alike: checked before the collective, the process holding it raised alone
-    and left the others waiting in the all-reduce. ``named``: the caller's lists, scanned only
-    once the check has failed, to say whether this process's shards hold the culprit."""
+    the collective when ``check_finite`` (:func:`check_reduced`); the local statistics must
+    have been computed without the check."""
     total = reduce(stats)
-    if not check_finite or math.isfinite(total.sum().item()) or bool(torch.isfinite(total).all()):
-        return total
+    if check_finite:
+        check_reduced(op, total, named)
+    return total
+
+
+def check_reduced(op: str, total: torch.Tensor,
+                  named: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> None:
+    """Raise if the statistics summed over the processes hold NaN/Inf. A NaN or Inf in one
+    process's shards reaches every process's sum, so every process raises alike: checked
+    before the collective, the process holding it raised alone and left the others waiting in
+    the all-reduce. ``named``: the caller's lists, scanned only once the check has failed, to
+    say whether this process's shards hold the culprit."""
+    if math.isfinite(total.sum().item()) or bool(torch.isfinite(total).all()):
+        return
     for name, tensors in named:
         for p, t in enumerate(tensors):
             if not bool(torch.isfinite(t).all()):
@@ -344,7 +353,7 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
 
     def named(error: Exception, members: Sequence[int]) -> Exception:
         error = _in_whole_list(error, members) if len(calls) > 1 else error
-        return error if caller is None else _in_callers_words(error, op_lists, caller)
+        return error if caller is None else in_callers_words(error, op_lists, caller)
 
     if len(calls) > 1:
         # Several calls: a wrong tensor in a later one would be refused after the earlier ones
@@ -387,3 +396,216 @@ def poison_nonfinite(coeffs: torch.Tensor, finite: torch.Tensor) -> torch.Tensor
     extra = coeffs.dim() - finite.dim()
     mask = finite.reshape(*finite.shape, *([1] * extra))
     return torch.where(mask, coeffs, torch.full_like(coeffs, float("nan")))
+
+
+# ----------------------------------------------------------------- float32 underflow rescue
+
+#: Smallest diagonal entry (a squared gradient norm) of a float32-accumulated Gram matrix taken
+#: as computed. The kernels multiply in float32 (float64 only sums the tiles), and a product
+#: below 2**-126 is subnormal or flushed: each of the ``n`` coordinates may lose up to 2**-126
+#: of it, products and partial sums together at most ``n * 2**-125``. Above this floor that is
+#: under float32's own rounding (2**-24 of the entry) for any ``n <= 2**41``. Below it, a task
+#: gradient of norm 3e-23 had a zero diagonal entry and UPGrad's update conflicted with it
+#: (cosine -0.96). Training gradients sit far above it (norm >= 1e-9).
+UNDERFLOW_FLOOR = 2.0 ** -60
+
+#: Checks a (reduced) Gram matrix for NaN/Inf, raising the caller's error.
+GramCheck = Callable[[torch.Tensor], None]
+
+
+def solvable_gram(local: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[int] | None,
+                  num_layers: int, reduce: StatsReduce | None, *, check_finite: bool,
+                  check: GramCheck) -> tuple[torch.Tensor, torch.dtype]:
+    """The Gram matrix a weighting solves on, and the dtype its weights are used in.
+
+    ``local`` is ``G`` of the stacks ``xs`` (``[k, k]``, or ``[L, k, k]`` per layer), computed
+    without the NaN/Inf check; it is summed over the processes by ``reduce`` and, with
+    ``check_finite``, checked by ``check``. A float32 ``G`` whose smallest diagonal entry is
+    below :data:`UNDERFLOW_FLOOR` has lost the rows of tiny gradients to float32 underflow
+    inside the kernels, which no float64 output could give back: those rows are recomputed
+    from copies scaled by powers of two (:func:`_rescaled_rows`) and the result is a float64
+    ``G`` (the weights go back to float32, the dtype they always have here).
+
+    Telling needs the matrix on the host: the NaN/Inf check's own read, on the CPU also
+    without it. On CUDA without the check (no host read allowed), inside ``torch.compile``
+    and under ``torch.func`` transforms the float32 ``G`` is used as it is, as before.
+    """
+    gram = local if reduce is None else reduce(local)
+    if not _readable(gram, check_finite):
+        if check_finite:
+            check(gram)
+        return gram, gram.dtype
+    total, smallest = _sum_and_smallest_diagonal(gram)
+    if not math.isfinite(total):
+        if check_finite:
+            check(gram)  # raises, unless only the sum of finite entries overflowed
+        return gram, gram.dtype
+    if not smallest < UNDERFLOW_FLOOR:
+        return gram, gram.dtype
+    return _rescued_gram(gram, xs, layers, num_layers, reduce), gram.dtype
+
+
+def _readable(gram: torch.Tensor, check_finite: bool) -> bool:
+    """Whether :func:`solvable_gram` may read ``gram`` on the host to look for underflow: a
+    float32 Gram (float64 ones have 2**-1022 to spare) of plain values, on the CPU or where
+    the NaN/Inf check reads it anyway, outside ``torch.compile`` (a graph break). A FakeTensor
+    is a subclass, a torch.func wrapper is not plain either."""
+    return (gram.dtype == torch.float32 and type(gram) is torch.Tensor
+            and (check_finite or gram.device.type == "cpu") and gram.device.type != "meta"
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(gram)
+            and gram.numel() > 0)
+
+
+def _sum_and_smallest_diagonal(gram: torch.Tensor) -> tuple[float, float]:
+    """The sum of ``gram``'s entries (finite iff they are, unless it overflows: what the
+    NaN/Inf check reads) and its smallest diagonal entry, in one host read. A single ``k x k``
+    matrix of a few tasks is read whole: cheaper than the reductions, on the CPU as on CUDA."""
+    k = gram.shape[-1]
+    if gram.dim() == 2 and k <= 16:
+        values = gram.tolist()
+        return sum(map(sum, values)), min(values[i][i] for i in range(k))
+    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)
+    if gram.device.type == "cpu":  # two reads cost less than stacking the two results
+        return gram.sum().item(), diagonal.amin().item()
+    total, smallest = torch.stack((gram.sum(), diagonal.amin())).tolist()
+    return total, smallest
+
+
+def _rescued_gram(gram: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[int] | None,
+                  num_layers: int, reduce: StatsReduce | None) -> torch.Tensor:
+    """``gram`` (float32), or as float64 with its suspect rows (diagonal entry below the floor,
+    per problem) recomputed from power-of-two rescaled copies of those rows.
+
+    A suspect row whose whole row of ``gram`` is zero, in a problem that has a row above the
+    floor, is taken for what it nearly always is, a task without a gradient (no labels in the
+    batch, a constant loss), at no cost: a tiny gradient on the coordinates the other tasks
+    use has float32 products with them, so its row is not zero; one on coordinates none of
+    them uses is orthogonal to them, and every weighting here treats such a task alike whether
+    its diagonal entry is tiny or zero (to a relative ``|g_i|**2 / |g_j|**2``). Only a gradient
+    whose products with the others' values all stay below 2**-150, where they round to zero
+    (1e-23 beside 1e-22 on the same coordinates), falls between the two. The other suspect
+    rows of each tensor are scaled by
+    ``2**-e``, ``2**e`` bounding their largest magnitude (exact: a power of two only moves the
+    exponent), so that their products are normal numbers, and the scale is divided out in
+    float64 (:func:`_rescaled_rows`); rows found all zero then need nothing, and when all of
+    them are, ``gram`` is exact and comes back as it is. Under ``reduce`` all of this is read
+    off the summed ``gram``, the same on every process, and every process takes part in one
+    more reduction, of its float64 share of the recomputed rows (zeros where it holds none)."""
+    k = gram.shape[-1]
+    if gram.dim() == 2 and k <= 16 and _only_tasks_without_gradient(gram.tolist()):
+        return gram  # the usual way here, tested on the host without a dispatch
+    problems = gram.reshape(-1, k, k)
+    suspect = torch.diagonal(problems, dim1=-2, dim2=-1) < UNDERFLOW_FLOOR
+    without_gradient = (problems == 0).all(-1) & (~suspect).any(-1, keepdim=True)
+    suspect &= ~without_gradient
+    rows = suspect.any(0).nonzero().flatten().tolist()
+    if not rows:
+        return gram
+    in_suspect_layer = suspect.any(1).tolist()
+    # (A layer may have no tensor here: one that no loss reached, or none of this process's.)
+    members = [p for p in range(len(xs)) if in_suspect_layer[0 if layers is None else layers[p]]]
+    chosen: list[int] = []
+    if members:
+        peaks = _row_peaks([xs[p][i] for p in members for i in rows]).reshape(len(members), -1)
+        chosen = [j for j, nonzero in enumerate((peaks > 0).any(1).tolist()) if nonzero]
+    if chosen:
+        fresh = _rescaled_rows([members[j] for j in chosen], peaks[chosen], rows, xs, layers,
+                               num_layers)
+    elif reduce is None:
+        return gram  # the suspect rows are zero here: their float32 entries are exact zeros
+    else:  # zero here, maybe not on the other processes: this one adds zeros
+        fresh = torch.zeros((suspect.shape[0], len(rows), k), dtype=torch.float64,
+                            device=gram.device)
+    if reduce is not None:
+        fresh = reduce(fresh)
+    rescued = gram.to(torch.float64)
+    flat = rescued.view(-1, k, k)
+    for a, i in enumerate(rows):
+        flat[suspect[:, i], i, :] = fresh[suspect[:, i], a, :]
+        flat[suspect[:, i], :, i] = fresh[suspect[:, i], a, :]
+    return rescued
+
+
+def _only_tasks_without_gradient(values: list[list[float]]) -> bool:
+    """For one small Gram matrix (as lists): whether every row below the floor is all zero
+    while some row is above it (the test of :func:`_rescued_gram`)."""
+    suspect = [row for i, row in enumerate(values) if row[i] < UNDERFLOW_FLOOR]
+    return len(suspect) < len(values) and not any(map(any, suspect))
+
+
+def _row_peaks(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``max |row|`` of each row, in float64 (``[len(rows)]``; 0 for an empty one). From
+    ``aminmax``: torch's ``ord=inf`` norms took ~10x a pass over the data on the CPU."""
+    device = rows[0].device
+    extremes = [torch.aminmax(r.reshape(-1)) for r in rows if r.numel() > 0]
+    peaks = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    if extremes:
+        low = torch.stack([e.min for e in extremes]).to(torch.float64)
+        high = torch.stack([e.max for e in extremes]).to(torch.float64)
+        filled = torch.tensor([r.numel() > 0 for r in rows], device=device)
+        peaks[filled] = torch.maximum(high, -low)
+    return peaks
+
+
+def _rescaled_rows(members: list[int], peaks: torch.Tensor, rows: list[int],
+                   xs: Sequence[torch.Tensor], layers: list[int] | None,
+                   num_layers: int) -> torch.Tensor:
+    """``F[l, a, j] = sum_(p in layer l) <xs[p][rows[a]], xs[p][j]>`` in float64
+    (``[L, len(rows), k]``, ``L = 1`` for one problem) over the ``members``, whose largest
+    magnitudes in ``rows`` are ``peaks`` (``[len(members), len(rows)]``).
+
+    ``gram_list_stacked`` passes read each member once beside scaled copies of its ``rows``
+    (``2**-e`` with ``e`` the exponent of the row's peak, capped so that the scale stays
+    finite in the tensor's dtype): the products of a scaled row with an unscaled one give
+    ``F`` where ``j`` is not one of ``rows``, those of two scaled rows where it is. The copies
+    are written into one reused buffer, a chunk of members at a time: a fresh copy of each
+    member cost more in page faults on the CPU than its arithmetic (100 tensors of 40k floats,
+    k = 3: a step of 25 ms, 15.7 ms with the buffer, 6 ms without a tiny row)."""
+    k, m = xs[0].shape[0], len(rows)
+    device = peaks.device
+    index = torch.tensor(rows, device=device)
+    exponent = torch.frexp(peaks).exponent  # peak = f * 2**e, 0.5 <= f < 1 (0 for a zero row)
+    total = torch.zeros((1 if layers is None else num_layers, m, k), dtype=torch.float64,
+                        device=device)
+    for cls in dtype_classes([xs[p] for p in members]):
+        dtype = xs[members[cls[0]]].dtype
+        largest = math.frexp(torch.finfo(dtype).max)[1]  # 128 for float32 and bfloat16
+        scales = torch.ldexp(torch.ones_like(peaks[cls]),
+                             (-exponent[cls]).clamp_max(largest - 2))  # [len(cls), m], float64
+        blocks = _scaled_row_blocks([xs[members[c]] for c in cls], rows,
+                                    scales.to(dtype).tolist())
+        cross = blocks[:, :m, m:] / scales[:, :, None]  # <s_a x_a, x_j> / s_a
+        cross[:, :, index] = blocks[:, :m, :m] / (scales[:, :, None] * scales[:, None, :])
+        ids = torch.tensor([0 if layers is None else layers[members[c]] for c in cls],
+                           device=device)
+        total.index_add_(0, ids, cross)
+    return total
+
+
+#: Elements of scaled row copies alive at once in :func:`_scaled_row_blocks` (4 MiB of float32).
+_COPY_CHUNK = 1 << 20
+
+
+def _scaled_row_blocks(stacks: list[torch.Tensor], rows: list[int],
+                       scales: list[list[float]]) -> torch.Tensor:
+    """``gram_list_stacked(copies, stacks, per_tensor=True)`` in float64, ``copies[p]`` the
+    ``rows`` of ``stacks[p]`` times ``scales[p]`` (powers of two, exact), all of one dtype."""
+    m = len(rows)
+    sizes = [m * s[0].numel() for s in stacks]
+    buffer = torch.empty(max(_COPY_CHUNK, *sizes), dtype=stacks[0].dtype, device=stacks[0].device)
+    blocks = []
+    start = 0
+    while start < len(stacks):
+        stop, used, copies = start, 0, []
+        while stop < len(stacks) and (stop == start or used + sizes[stop] <= buffer.numel()):
+            copy = buffer[used:used + sizes[stop]].view(m, *stacks[stop].shape[1:])
+            for a, i in enumerate(rows):
+                torch.mul(stacks[stop][i], scales[stop][a], out=copy[a])
+            copies.append(copy)
+            used += sizes[stop]
+            stop += 1
+        blocks.append(ops.gram_list_stacked(copies, stacks[start:stop], per_tensor=True,
+                                            check_finite=False).to(torch.float64))
+        start = stop
+    return torch.cat(blocks)

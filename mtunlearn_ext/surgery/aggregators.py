@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.surgery._tensor_lists import stats_dtype
+from mtunlearn_ext.ops._checks import check_bool, check_finite_result
+from mtunlearn_ext.surgery._tensor_lists import (
+    guard_nonfinite,
+    poison_nonfinite,
+    solvable_gram,
+    stats_dtype,
+)
 from mtunlearn_ext.surgery.weightings import (
     MeanWeighting,
     MGDAWeighting,
@@ -41,11 +47,25 @@ class Aggregator(nn.Module):
     The weights are constants for autograd (as in TorchJD's non-differentiable aggregators); the
     combination is differentiable with respect to the matrix. Low-precision matrices are
     combined with float32 accumulation and returned in their own dtype.
+
+    ``check_finite`` (keyword, default ``True``): a matrix holding NaN or Inf, or one whose Gram
+    matrix overflows, raises :class:`FloatingPointError` naming the aggregator and ``matrix``.
+    The check reads the ``k x k`` Gram matrix only (one tiny device-to-host read on CUDA), so
+    ``Mean`` and ``Sum``, which compute none, never raise. ``False`` lets the step through as
+    NaN instead: the weights of a non-finite problem are NaN without running a solver on it, so
+    the whole update is NaN, which is what a ``GradScaler`` (``torchjd.autojac.jac_to_grad``
+    writing the update into ``.grad``) needs to see to skip an overflowing step; on CUDA
+    without a device-to-host read (on the CPU the Gram is still read, for tiny gradients).
+    It applies where the aggregator is called on a matrix (``agg(J)``, ``jac_to_grad``);
+    :class:`~mtunlearn_ext.surgery.GradientSurgery` and
+    :func:`~mtunlearn_ext.surgery.aggregate_list` use only the ``weighting`` and take their
+    own ``check_finite``.
     """
 
-    def __init__(self, weighting: Weighting) -> None:
+    def __init__(self, weighting: Weighting, *, check_finite: bool = True) -> None:
         super().__init__()
         self.weighting = weighting
+        self.check_finite = check_bool(type(self).__name__, "check_finite", check_finite)
 
     @property
     def gramian_weighting(self) -> Weighting:
@@ -55,13 +75,51 @@ class Aggregator(nn.Module):
     def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
         k = matrix.shape[0]
         if self.weighting.needs_gram:
-            with torch.no_grad():
-                gram = ops.gram(matrix.detach())
+            gram, weights_dtype = self._gram(matrix)
         else:
             # Mean / Sum look only at k: no pass over the matrix.
             gram = matrix.new_zeros((k, k), dtype=stats_dtype([matrix]))
+            weights_dtype = gram.dtype
+        finite = None
+        if not self.check_finite and self.weighting.needs_gram:
+            gram, finite = guard_nonfinite(gram, k)
         weights = self.weighting(gram)
-        return ops.combine(weights.unsqueeze(0), matrix).squeeze(0)
+        if finite is not None:
+            weights = poison_nonfinite(weights, finite)
+        if weights.dtype != weights_dtype:  # solved on a rescued float64 Gram
+            weights = weights.to(weights_dtype)
+        return ops.combine(weights.unsqueeze(0), matrix,
+                           check_finite=self.check_finite).squeeze(0)
+
+    def _gram(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """``matrix @ matrix.T`` from :func:`mtunlearn_ext.ops.gram` as the weighting needs it
+        (:func:`~mtunlearn_ext.surgery._tensor_lists.solvable_gram`: rows of tiny gradients
+        that float32 underflow lost are recomputed), and the dtype of the weights. NaN/Inf
+        errors are told in the aggregator's words: the op names its own argument (`x`) and
+        suggests its own ``check_finite=False``, neither of which the caller of
+        ``agg(matrix)`` can see."""
+        with torch.no_grad():
+            detached = matrix.detach()
+            local = ops.gram(detached, check_finite=False)
+            try:
+                return solvable_gram(
+                    local, [detached], None, 1, None, check_finite=self.check_finite,
+                    check=lambda g: check_finite_result("mtunlearn_ext.ops.gram", g,
+                                                        [("x", detached)]))
+            except FloatingPointError as error:
+                raise FloatingPointError(self._non_finite_message(matrix)) from error
+
+    def _non_finite_message(self, matrix: torch.Tensor) -> str:
+        name = type(self).__name__
+        advice = (f"build the aggregator with check_finite=False ({name}(..., "
+                  "check_finite=False)) to let the step through as a NaN update, e.g. for a "
+                  "GradScaler to skip it")
+        if not bool(torch.isfinite(matrix.detach()).all()):
+            return (f"{name}: `matrix` contains NaN or Inf; pass finite task gradients, or "
+                    f"{advice}")
+        return (f"{name}: `matrix` is finite but its Gram matrix overflowed "
+                f"{stats_dtype([matrix])} (task gradients too large; rescale them), or "
+                f"{advice}")
 
     def __call__(self, matrix: torch.Tensor, /) -> Any:
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
@@ -73,28 +131,31 @@ class Aggregator(nn.Module):
         return super().__call__(matrix)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.weighting.extra_repr()})"
+        arguments = [self.weighting.extra_repr(), "" if self.check_finite else "check_finite=False"]
+        return f"{type(self).__name__}({', '.join(a for a in arguments if a)})"
 
 
 class Mean(Aggregator):
     """Average of the rows (TorchJD ``Mean``)."""
 
-    def __init__(self) -> None:
-        super().__init__(MeanWeighting())
+    def __init__(self, *, check_finite: bool = True) -> None:
+        super().__init__(MeanWeighting(), check_finite=check_finite)
 
 
 class Sum(Aggregator):
     """Sum of the rows (TorchJD ``Sum``)."""
 
-    def __init__(self) -> None:
-        super().__init__(SumWeighting())
+    def __init__(self, *, check_finite: bool = True) -> None:
+        super().__init__(SumWeighting(), check_finite=check_finite)
 
 
 class PCGrad(Aggregator):
     """PCGrad, summed (TorchJD ``PCGrad``; see :class:`PCGradWeighting` for the task orders)."""
 
-    def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
-        super().__init__(PCGradWeighting(seed=seed, reshuffle=reshuffle))
+    def __init__(self, seed: int | None = 0, reshuffle: bool = True, *,
+                 check_finite: bool = True) -> None:
+        super().__init__(PCGradWeighting(seed=seed, reshuffle=reshuffle),
+                         check_finite=check_finite)
 
 
 class UPGrad(Aggregator):
@@ -102,13 +163,14 @@ class UPGrad(Aggregator):
     (TorchJD ``UPGrad``; see :class:`UPGradWeighting`)."""
 
     def __init__(self, pref_vector: torch.Tensor | Sequence[float] | None = None,
-                 reg_eps: float = 0.0) -> None:
-        super().__init__(UPGradWeighting(pref_vector=pref_vector, reg_eps=reg_eps))
+                 reg_eps: float = 0.0, *, check_finite: bool = True) -> None:
+        super().__init__(UPGradWeighting(pref_vector=pref_vector, reg_eps=reg_eps),
+                         check_finite=check_finite)
 
 
 class MGDA(Aggregator):
     """Min-norm point of the convex hull of the rows (TorchJD ``MGDA``, solved to optimality on
     device instead of by a fixed-tolerance Frank-Wolfe loop; see :class:`MGDAWeighting`)."""
 
-    def __init__(self, iterations: int = 200) -> None:
-        super().__init__(MGDAWeighting(iterations=iterations))
+    def __init__(self, iterations: int = 200, *, check_finite: bool = True) -> None:
+        super().__init__(MGDAWeighting(iterations=iterations), check_finite=check_finite)

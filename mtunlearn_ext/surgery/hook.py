@@ -252,13 +252,26 @@ def _graph_nodes(losses: Sequence[torch.Tensor]) -> Iterator[object]:
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
 
 
+def _leaf_losses(losses: Sequence[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """The losses that are themselves leaves requiring grad (a learned regulariser passed as
+    a loss, ``nn.Parameter(torch.tensor(2.0))``), with their task index. Such a loss has no
+    ``grad_fn``, so no walk from the losses' nodes finds it, yet ``sum(losses).backward()``
+    gives it the gradient 1 (d loss / d loss): it is a leaf the losses reach."""
+    for t, loss in enumerate(losses):
+        if loss.grad_fn is None and loss.requires_grad:
+            yield t, loss
+
+
 def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node)."""
+    """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node,
+    and every loss that is a leaf itself)."""
     found: dict[int, torch.Tensor] = {}
     for node in _graph_nodes(losses):
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             found[id(variable)] = variable
+    for _, loss in _leaf_losses(losses):
+        found.setdefault(id(loss), loss)
     return list(found.values())
 
 
@@ -278,10 +291,11 @@ def _sparse_fed_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _leaves_with_tasks(losses: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-    """Every leaf the losses depend on, with the bit mask of the losses whose graph reaches it,
-    from one walk of the graph: a depth-first post-order puts every node after all the nodes it
-    leads to, so in the reverse order each node's mask is final before it is passed on to its
-    inputs. A walk per loss took 7.3 ms where this takes 1.3 ms (300-layer MLP, k = 8)."""
+    """Every leaf the losses depend on (a loss that is a leaf included), with the bit mask of
+    the losses whose graph reaches it, from one walk of the graph: a depth-first post-order
+    puts every node after all the nodes it leads to, so in the reverse order each node's mask
+    is final before it is passed on to its inputs. A walk per loss took 7.3 ms where this takes
+    1.3 ms (300-layer MLP, k = 8)."""
     # Each node's inputs are read once and kept with the node, which also keeps its wrapper
     # alive (see _graph_nodes: a freed wrapper's address can be reused by another node's).
     inputs_of: dict[int, tuple[object, list[object]]] = {}
@@ -319,6 +333,9 @@ def _leaves_with_tasks(losses: Sequence[torch.Tensor]) -> list[tuple[torch.Tenso
             leaves[id(variable)] = (variable, before | mask)
         for nxt in inputs:
             masks[id(nxt)] = masks.get(id(nxt), 0) | mask
+    for t, loss in _leaf_losses(losses):  # a loss that is a leaf reaches itself only
+        _, before = leaves.get(id(loss), (loss, 0))
+        leaves[id(loss)] = (loss, before | 1 << t)
     return list(leaves.values())
 
 
@@ -447,8 +464,9 @@ class GradientSurgery:
             a sharded reducer (:func:`mtunlearn_ext.surgery.distributed.sharded_surgery`).
         aggregator: an :class:`~mtunlearn_ext.surgery.Aggregator` or a
             :class:`~mtunlearn_ext.surgery.Weighting`.
-        head_params: the non-shared parameters. ``None``: every other leaf the losses reach,
-            found by a walk of the autograd graph at each call (pass them to skip the walk).
+        head_params: the non-shared parameters. ``None``: every other leaf the losses reach
+            (a loss that is itself a leaf, such as a learned regulariser, included), found by
+            a walk of the autograd graph at each call (pass them to skip the walk).
             Those not requiring grad at a call are left out of it. With
             ``per_task="backward"`` heads accumulate natively, and the list serves only to
             refuse heads that carry a post-accumulate-grad hook (as shared parameters that do

@@ -38,19 +38,28 @@ from collections.abc import Sequence
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops._checks import check_beta, check_on_failure, check_ridge, check_tensor_list
+from mtunlearn_ext.ops._checks import (
+    check_beta,
+    check_finite_result,
+    check_on_failure,
+    check_ridge,
+    check_tensor_list,
+)
 from mtunlearn_ext.surgery._tensor_lists import (
     StatsReduce,
     check_paired,
+    check_reduced,
     check_same_length,
     check_stacks,
     combine_into,
     gram_stats,
     guard_nonfinite,
+    in_callers_words,
     inner_stats,
     layer_index,
     poison_nonfinite,
     reduced_stats,
+    solvable_gram,
     stacked_stats,
     stats_dtype,
 )
@@ -294,6 +303,20 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
         op, "g_list", g_list, "r_list", r_list, outs))
 
 
+def _check_gram(op: str, gram: torch.Tensor, grads_list: list[torch.Tensor],
+                reduced: bool) -> None:
+    """Raise if ``gram`` (of ``grads_list``, summed over the processes if ``reduced``) holds
+    NaN/Inf, naming ``grads_list[p]`` as the list ops name their argument."""
+    if reduced:
+        check_reduced(op, gram, [("grads_list", grads_list)])
+        return
+    try:
+        check_finite_result("mtunlearn_ext.ops.gram_list", gram,
+                            ((f"xs[{p}]", x) for p, x in enumerate(grads_list)))
+    except FloatingPointError as error:
+        raise in_callers_words(error, ("xs",), (op, ("grads_list",))) from error
+
+
 @torch.no_grad()
 def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torch.Tensor],
                    outs: Sequence[torch.Tensor], beta: float | Sequence[float] = 0.0, *,
@@ -324,7 +347,10 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
             ``GradScaler`` needs to detect and skip an overflowing step).
 
     Returns:
-        The weights, ``[k]`` (or ``[L, k]`` per layer), in the Gram's dtype.
+        The weights, ``[k]`` (or ``[L, k]`` per layer), in the Gram's accumulation dtype
+        (float32; float64 for float64 stacks). Float32 Gram rows that underflowed (task
+        gradients of norm below ~1e-19) are recomputed and solved in float64 first (see
+        :func:`~mtunlearn_ext.surgery._tensor_lists.solvable_gram`).
     """
     op = "mtunlearn_ext.surgery.aggregate_list"
     weighting = aggregator.weighting if isinstance(aggregator, Aggregator) else aggregator
@@ -356,23 +382,25 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
                              f"(k >= 1), got stacks of shape {tuple(grads_list[0].shape)}")
         layers, layer_count = layer_index(per_layer, len(grads_list), op, num_layers)
         if weighting.needs_gram:
-            gram = gram_stats(grads_list, layers, layer_count,
-                              check_finite=check_finite and reduce is None,
-                              caller=(op, ("grads_list",)))
-            if reduce is not None:
-                gram = reduced_stats(op, gram, reduce, [("grads_list", grads_list)],
-                                     check_finite=check_finite)
+            local = gram_stats(grads_list, layers, layer_count, check_finite=False,
+                               caller=(op, ("grads_list",)))
+            gram, weights_dtype = solvable_gram(
+                local, grads_list, layers, layer_count, reduce, check_finite=check_finite,
+                check=lambda g: _check_gram(op, g, grads_list, reduce is not None))
         else:
             # Mean / Sum look only at k: skip the pass over the gradients and the collective.
             shape = (k, k) if layers is None else (layer_count, k, k)
             gram = torch.zeros(shape, dtype=stats_dtype(grads_list),
                                device=grads_list[0].device)
+            weights_dtype = gram.dtype
         finite = None
         if not check_finite:
             gram, finite = guard_nonfinite(gram, k)
         weights = weighting(gram)
         if finite is not None:
             weights = poison_nonfinite(weights, finite)
+        if weights.dtype != weights_dtype:  # solved on a rescued float64 Gram
+            weights = weights.to(weights_dtype)
         combine_into(weights, grads_list, outs, betas, layers, check_finite=check_finite,
                      caller=(op, ("grads_list", "outs", "outs")))
         return weights
