@@ -407,6 +407,41 @@ def test_loader_refuses_numbering_that_would_misname_instances(tmp_path: Path) -
             assert torch.allclose(dataset.inputs[row], (image.permute(2, 0, 1) - 0.5) / 0.25)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_loader_refuses_a_fifo_or_directory_named_like_an_instance(tmp_path: Path) -> None:
+    """A FIFO named train/depth/1.npy made `train` hang forever (np.load waited for a writer);
+    a directory failed with numpy's IsADirectoryError. Both are refused naming the file."""
+    import threading
+
+    _write_libmtl(tmp_path, with_normals=True)
+    fifo = tmp_path / "train" / "depth" / "1.npy"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_nyuv2(tmp_path)
+        except BaseException as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # blocked in open(): a writer that closes at once unblocks it
+        with open(fifo, "wb"):
+            pass
+        thread.join(timeout=30)
+        pytest.fail(f"loading hung on the FIFO {fifo}")
+    assert len(errors) == 1 and isinstance(errors[0], LayoutError), errors
+    assert str(errors[0]) == (f"{fifo} is a FIFO (named pipe), not a regular file: every "
+                              "<i>.npy of the layout must be a .npy array file")
+    fifo.unlink()
+    fifo.mkdir()
+    with pytest.raises(LayoutError, match=re.escape(f"{fifo} is a directory, not a regular")):
+        load_nyuv2(tmp_path)
+
+
 @pytest.mark.parametrize("folder, value, message", [
     ("image", lambda a: a * 255, r"image/0.npy: image must be RGB in \[0, 1\], got values in "
                                  r"\[.*\] \(dtype float32\); divide images stored in \[0, 255\]"),

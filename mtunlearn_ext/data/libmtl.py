@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,33 @@ def _count(folder: Path) -> int:
     return len(found)
 
 
+def _kind_of(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def _load_array(path: Path, what: str, channels: int | None) -> np.ndarray:
+    # Opened without blocking and checked before numpy reads it: np.load on a FIFO named
+    # <i>.npy waited forever for a writer (`train` hung), on a directory it failed obscurely.
+    # The check is on the open descriptor, so the file cannot be swapped after it.
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise LayoutError(f"cannot read {path}: {error}") from error
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise LayoutError(f"cannot read {path}: {error.strerror or error}") from error
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before fdopen, which refuses a directory itself
+        os.close(fd)
+        raise LayoutError(f"{path} is {_kind_of(mode)}, not a regular file: every <i>.npy of "
+                          "the layout must be a .npy array file")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            array = np.load(handle, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise LayoutError(f"cannot read {path}: {error}") from error
     if array.dtype.kind not in "fiu":
         raise LayoutError(f"{path}: {what} must hold real numbers (a float or integer dtype), "
                           f"got dtype {array.dtype}")
