@@ -442,6 +442,24 @@ def test_loader_refuses_a_fifo_or_directory_named_like_an_instance(tmp_path: Pat
         load_nyuv2(tmp_path)
 
 
+def test_loader_says_a_file_is_no_npy_array_without_advising_pickles(tmp_path: Path) -> None:
+    """A text file named train/image/1.npy gave numpy's "This file contains pickled (object)
+    data. If you trust the file you can load it unsafely using the `allow_pickle=` keyword":
+    it is no pickle, and the advice would run a file's code."""
+    _write_libmtl(tmp_path, with_normals=True)
+    path = tmp_path / "train" / "image" / "1.npy"
+    path.write_text("garbage\n")
+    with pytest.raises(LayoutError) as caught:
+        load_nyuv2(tmp_path)
+    assert str(caught.value) == (f"{path} is not a .npy array file (it starts with b'garbag', "
+                                 "not numpy's .npy header b'\\x93NUMPY'); save each instance "
+                                 "with numpy.save")
+    assert "pickle" not in str(caught.value)
+    path.write_bytes(b"")
+    with pytest.raises(LayoutError, match=r"is not a .npy array file \(it is empty, not numpy's"):
+        load_nyuv2(tmp_path)
+
+
 @pytest.mark.parametrize("folder, value, message", [
     ("image", lambda a: a * 255, r"image/0.npy: image must be RGB in \[0, 1\], got values in "
                                  r"\[.*\] \(dtype float32\); divide images stored in \[0, 255\]"),

@@ -52,6 +52,8 @@ _RGB_SLACK = 0.05
 # A labelled normal is a unit vector; one resampled from unit vectors is shorter, never longer.
 # Normals stored as colours ((n + 1) / 2, or x 255) are longer than 1 or mostly far from it.
 _NORMAL_SLACK = 0.1
+# How every .npy file starts (numpy.lib.format.MAGIC_PREFIX).
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class LayoutError(FileNotFoundError):
@@ -104,6 +106,15 @@ def _load_array(path: Path, what: str, channels: int | None) -> np.ndarray:
         raise LayoutError(f"{path} is {_kind_of(mode)}, not a regular file: every <i>.npy of "
                           "the layout must be a .npy array file")
     with os.fdopen(fd, "rb") as handle:
+        # np.load takes anything without numpy's magic for a pickle and advises loading it
+        # "unsafely using allow_pickle=": a text file named <i>.npy is no pickle, and that
+        # advice would run whatever code a file of unknown origin holds.
+        magic = handle.read(len(_NPY_MAGIC))
+        if magic != _NPY_MAGIC:
+            start = f"starts with {magic!r}" if magic else "is empty"
+            raise LayoutError(f"{path} is not a .npy array file (it {start}, not numpy's .npy "
+                              f"header {_NPY_MAGIC!r}); save each instance with numpy.save")
+        handle.seek(0)
         try:
             array = np.load(handle, allow_pickle=False)
         except (OSError, ValueError) as error:
