@@ -460,6 +460,36 @@ def test_loader_says_a_file_is_no_npy_array_without_advising_pickles(tmp_path: P
         load_nyuv2(tmp_path)
 
 
+def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> None:
+    """With train/image/2.npy a symbolic link to 1.npy one image had ids 1 and 2, so forgetting
+    id 1 left it in the retain set as id 2. A hard link, and a val file linked to a train one,
+    are the same file too."""
+    _write_libmtl(tmp_path, with_normals=True)
+    image = tmp_path / "train" / "image"
+    (image / "2.npy").unlink()
+    (image / "2.npy").symlink_to("1.npy")
+    with pytest.raises(LayoutError) as caught:
+        load_nyuv2(tmp_path)
+    assert str(caught.value) == (
+        f"{image / '2.npy'} and {image / '1.npy'} are the same file (a symbolic or hard link): "
+        "one instance would have two ids, and forgetting one id would leave it in the data "
+        "under the other; give each instance its own file")
+    (image / "2.npy").unlink()
+    os.link(image / "0.npy", image / "2.npy")
+    with pytest.raises(LayoutError, match=r"image/2.npy and .*image/0.npy are the same file"):
+        load_nyuv2(tmp_path)
+    (image / "2.npy").unlink()
+    shutil.copy(image / "0.npy", image / "2.npy")  # a copy is another file: loads
+    val = tmp_path / "val" / "depth" / "1.npy"
+    val.unlink()
+    val.symlink_to(tmp_path / "train" / "depth" / "1.npy")
+    with pytest.raises(LayoutError, match=r"val/depth/1.npy and .*train/depth/1.npy are the same"):
+        load_nyuv2(tmp_path)
+    val.unlink()
+    shutil.copy(tmp_path / "train" / "depth" / "1.npy", val)
+    assert len(load_nyuv2(tmp_path).train) == 3
+
+
 @pytest.mark.parametrize("folder, value, message", [
     ("image", lambda a: a * 255, r"image/0.npy: image must be RGB in \[0, 1\], got values in "
                                  r"\[.*\] \(dtype float32\); divide images stored in \[0, 255\]"),
