@@ -444,7 +444,9 @@ def verify_record(record_path: str | os.PathLike[str],
     except UserInputError as error:
         if checks["sha256"] == "ok":  # the recorded bytes, yet unusable: nothing to compare
             if checkpoint_path is None:
-                unusable = f"{error.received} is not {error.expected}"
+                # The path, not error.received: that is whatever load_model judged, e.g. the
+                # benchmark's name for data that changed ("nyuv2 is not a checkpoint ...").
+                unusable = f"{str(ckpt)!r} is not {error.expected}"
                 raise UserInputError("--record", "a record whose output checkpoint can be "
                                      "loaded", source, f"its output.checkpoint {unusable}"
                                      + (f": {error.hint}" if error.hint else "")) from error
