@@ -353,6 +353,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
+                # The test split too (hashed in memory, as the training split): unlearn,
+                # evaluate and verify measure the test metrics and the attack's AUC on it.
+                "test_data_sha256": dataset_fingerprint(bench.test),
                 "train_steps": result.steps, "final_loss": result.final_loss,
                 # The weights' last bits depend on the thread count (torch's default: the
                 # core count) and the torch build: the same command reproduces the file with
@@ -576,6 +579,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.update()
         meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "data_root",
                                                    "recipe", "data_sha256")},
+                # Absent from checkpoints written before it was recorded: not carried as null.
+                **{k: loaded.meta[k] for k in ("test_data_sha256",) if k in loaded.meta},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
                 "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
                 # The request itself, so that verify can tell a record edited to another
@@ -599,7 +604,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
             "code": code_version(), "environment": run_environment(result.report.threads),
             "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
-                                                          "data_root", "data_sha256")},
+                                                          "data_root", "data_sha256",
+                                                          "test_data_sha256")},
             # Absolute paths: `verify` finds the files from any folder.
             "input": {"checkpoint": str(checkpoint.resolve()),
                       "sha256": loaded.checkpoint.sha256},

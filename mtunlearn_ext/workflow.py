@@ -292,21 +292,32 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
     Instance ids name files by number (:mod:`mtunlearn_ext.data.libmtl`): after files were
     added, removed or renumbered, a request would name other images than those the model saw,
     and its retain set would not be the training set; the ``data_sha256`` that ``train``
-    stores was never compared. Generated benchmarks are left alone (they are regenerated, not
+    stores was never compared. The test split (``val/``) is compared with ``test_data_sha256``
+    when the checkpoint has it (``train`` records it since; older checkpoints are read as
+    before): the test metrics and the attack's AUC are measured on it, and a changed split
+    gave other numbers under the same record (``verify`` then reported 20 metric mismatches
+    with no word on the data). Generated benchmarks are left alone (they are regenerated, not
     read, and carry no data root)."""
     root, recorded = meta.get("data_root"), meta.get("data_sha256")
     if root is None or recorded is None:
         return
     from mtunlearn_ext.experiment import dataset_fingerprint
 
-    now = dataset_fingerprint(bench.train)
-    if now != recorded:
-        raise UserInputError(argument, f"a checkpoint trained on the data now under {root}",
-                             meta.get("benchmark"),
-                             f"its training data had SHA-256 {str(recorded)[:16]}..., the data "
-                             f"read now {now[:16]}... (files added, removed, renumbered or "
-                             "edited): instance ids name files by number, so a request would "
-                             "name other instances; restore the data or train again")
+    splits = [("training data", "", bench.train, recorded,
+               "instance ids name files by number, so a request would name other instances")]
+    test_recorded = meta.get("test_data_sha256")
+    if test_recorded is not None:
+        splits.append(("test data (val/)", " in val/", bench.test, test_recorded,
+                       "the test metrics and the attack's AUC would be measured on other data "
+                       "than the checkpoint's"))
+    for what, where, dataset, expected, why in splits:
+        now = dataset_fingerprint(dataset)
+        if now != expected:
+            raise UserInputError(argument, f"a checkpoint trained on the data now under {root}",
+                                 meta.get("benchmark"),
+                                 f"its {what} had SHA-256 {str(expected)[:16]}..., the data read "
+                                 f"now {now[:16]}... (files added, removed, renumbered or "
+                                 f"edited{where}): {why}; restore the data or train again")
 
 
 def check_parameter_split(model: nn.Module, task_names: Sequence[str],

@@ -67,3 +67,56 @@ def test_verify_on_changed_data_names_the_checkpoint_path(
         f"on the data now under {real.data}: its training data had SHA-256 "), err
     assert "'nyuv2'" not in err
     assert cli.main(["verify", "--record", str(real.record), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("change", ["edit", "add"])
+def test_a_changed_test_split_is_refused_naming_val(
+        real: SimpleNamespace, change: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the training split was hashed: after val/image/0.npy was edited, or a val instance
+    added, `unlearn` exited 0 measuring the test metrics and the attack's AUC on the changed
+    data, and `verify` exited 1 with 20 metric mismatches and no word on the data."""
+    out, record = tmp_path / "u2.pt", tmp_path / "u2.json"
+    with _restored(real.data):
+        if change == "edit":
+            _edit_image(real.data / "val" / "image" / "0.npy")
+        else:
+            for folder in (real.data / "val").iterdir():
+                shutil.copy(folder / "0.npy", folder / "2.npy")
+        for argv in (["unlearn", "--checkpoint", str(real.orig), "--forget-ids", "1",
+                      "--method-config", '{"steps": 2}', "--output", str(out), "--record",
+                      str(record)],
+                     ["evaluate", "--checkpoint", str(real.out), "--output",
+                      str(tmp_path / "e.json")],
+                     ["verify", "--record", str(real.record)]):
+            assert cli.main([*argv, "--quiet"]) == 2, argv
+            err = _err(capsys)
+            assert " its test data (val/) had SHA-256 " in err, err
+            assert ("(files added, removed, renumbered or edited in val/): the test metrics and "
+                    "the attack's AUC would be measured on other data than the checkpoint's; "
+                    "restore the data or train again") in err, err
+        assert not out.exists() and not record.exists() and not (tmp_path / "e.json").exists()
+    assert cli.main(["verify", "--record", str(real.record), "--quiet"]) == 0
+
+
+def test_checkpoints_without_a_test_data_hash_keep_working(
+        real: SimpleNamespace, tmp_path: Path) -> None:
+    """A checkpoint written before the test split was hashed (no test_data_sha256) is read as
+    before: its training data is checked, its test split is not."""
+    import torch
+
+    from mtunlearn_ext.training import load_checkpoint
+
+    loaded = load_checkpoint(real.orig)
+    assert isinstance(loaded.meta.get("test_data_sha256"), str)
+    assert load_checkpoint(real.out).meta["test_data_sha256"] == loaded.meta["test_data_sha256"]
+    record = __import__("json").loads(real.record.read_text())
+    assert record["benchmark"]["test_data_sha256"] == loaded.meta["test_data_sha256"]
+    payload = torch.load(real.orig, weights_only=True)
+    older = tmp_path / "older.pt"
+    del payload["meta"]["test_data_sha256"]
+    torch.save(payload, older)
+    with _restored(real.data):
+        _edit_image(real.data / "val" / "image" / "0.npy")
+        assert cli.main(["evaluate", "--checkpoint", str(older), "--output",
+                         str(tmp_path / "e.json"), "--quiet"]) == 0
