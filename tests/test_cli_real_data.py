@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from cli_helpers import _err
+from cli_helpers import _err, _train
 from test_data import _write_libmtl
 
 from mtunlearn_ext import cli
@@ -120,3 +120,63 @@ def test_checkpoints_without_a_test_data_hash_keep_working(
         _edit_image(real.data / "val" / "image" / "0.npy")
         assert cli.main(["evaluate", "--checkpoint", str(older), "--output",
                          str(tmp_path / "e.json"), "--quiet"]) == 0
+
+
+def test_moved_data_are_found_with_data_root_when_they_hash_alike(
+        real: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`data_root` is stored absolute and unlearn / evaluate / verify took no --data-root: after
+    the data folder moved, every command exited 2 with no way back but recreating the path.
+    The new root is accepted when its data hash to the recorded ones; the outputs say which root
+    was read."""
+    import json
+
+    from mtunlearn_ext.training import load_checkpoint
+
+    moved = tmp_path / "elsewhere"
+    real.data.rename(moved)
+    try:
+        assert cli.main(["evaluate", "--checkpoint", str(real.orig), "--quiet"]) == 2
+        assert _err(capsys).endswith("; if the data moved, pass --data-root with its new folder")
+        evaluated = tmp_path / "e.json"
+        assert cli.main(["evaluate", "--checkpoint", str(real.orig), "--data-root", str(moved),
+                         "--output", str(evaluated), "--quiet"]) == 0
+        assert json.loads(evaluated.read_text())["data_root"] == str(moved.resolve())
+        out, record = tmp_path / "u2.pt", tmp_path / "u2.json"
+        assert cli.main(["unlearn", "--checkpoint", str(real.orig), "--forget-ids", "1",
+                         "--method-config", '{"steps": 2}', "--data-root", str(moved),
+                         "--output", str(out), "--record", str(record), "--quiet"]) == 0
+        written = json.loads(record.read_text())["benchmark"]
+        assert written["data_root"] == str(moved.resolve())
+        assert written["input_data_root"] == str(real.data)
+        assert load_checkpoint(out).meta["data_root"] == str(moved.resolve())
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", str(record), "--quiet"]) == 0
+        assert cli.main(["verify", "--record", str(real.record), "--data-root", str(moved),
+                         "--quiet"]) == 0
+        assert f"data read from {moved.resolve()} (--data-root;" in capsys.readouterr().out
+        # Other data at the new root: refused naming --data-root and the split.
+        for split in ("train", "val"):
+            with _restored(moved):
+                _edit_image(moved / split / "image" / "1.npy")
+                assert cli.main(["verify", "--record", str(real.record), "--data-root",
+                                 str(moved), "--quiet"]) == 2
+                err = _err(capsys)
+                assert err.startswith(f"mtunlearn: error: --data-root: expected a folder "
+                                      f"holding the data the checkpoint was trained on "
+                                      f"(recorded under {real.data}), got '{moved}'; its "), err
+                assert (" its test data (val/) had SHA-256 " if split == "val" else
+                        " its training data had SHA-256 ") in err, err
+    finally:
+        moved.rename(real.data)
+
+
+def test_data_root_is_refused_for_a_generated_benchmark(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    orig = tmp_path / "orig.pt"
+    assert _train(orig) == 0
+    assert cli.main(["evaluate", "--checkpoint", str(orig), "--data-root", str(tmp_path),
+                     "--quiet"]) == 2
+    assert _err(capsys) == (
+        f"mtunlearn: error: --data-root: expected no value for a checkpoint of a benchmark "
+        f"that reads no data root (only for one trained on nyuv2 / cityscapes data), got "
+        f"'{tmp_path}'; the checkpoint's benchmark 'digits' reads none; drop --data-root")
