@@ -358,6 +358,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": data_root,
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
+                # The test split too (hashed in memory, as the training split): unlearn,
+                # evaluate and verify measure the test metrics and the attack's AUC on it.
+                "test_data_sha256": dataset_fingerprint(bench.test),
                 "train_steps": result.steps, "final_loss": result.final_loss,
                 # The weights' last bits depend on the thread count (torch's default: the
                 # core count) and the torch build: the same command reproduces the file with
@@ -506,7 +509,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         out_ckpt = tx.reserve("--output", args.output or default_ckpt)
         out_rec = tx.reserve("--record", args.record or (
             default_rec if args.output is None else Path(str(out_ckpt) + ".record.json")))
-        loaded = load_model(checkpoint)
+        loaded = load_model(checkpoint, data_root=args.data_root)
         # What earlier requests of this checkpoint's lineage removed stays removed: out of the
         # retain set (and so out of retraining). Unknown removals (an older unlearned
         # checkpoint keeps only their hash) are refused unless --retain-ids names the retain
@@ -579,8 +582,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str("interference matrix")
             interference = _interference(problem, args.method, settings)
             bar.update()
-        meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "data_root",
-                                                   "recipe", "data_sha256")},
+        meta = {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed", "recipe",
+                                                   "data_sha256")},
+                # Where the data were read (--data-root when they moved), so that the output is
+                # used with them there.
+                "data_root": loaded.data_root,
+                # Absent from checkpoints written before it was recorded: not carried as null.
+                **{k: loaded.meta[k] for k in ("test_data_sha256",) if k in loaded.meta},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
                 "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
                 # The request itself, so that verify can tell a record edited to another
@@ -603,8 +611,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
             "code": code_version(), "environment": run_environment(result.report.threads),
-            "benchmark": {k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
-                                                          "data_root", "data_sha256")},
+            "benchmark": {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
+                                                             "data_sha256", "test_data_sha256")},
+                          # The root read; the input's own when --data-root moved it.
+                          "data_root": loaded.data_root,
+                          **({"input_data_root": loaded.meta.get("data_root")}
+                             if loaded.data_root != loaded.meta.get("data_root") else {})},
             # Absolute paths: `verify` finds the files from any folder.
             "input": {"checkpoint": str(checkpoint.resolve()),
                       "sha256": loaded.checkpoint.sha256},
@@ -687,7 +699,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
     _check_seed(args.seed)
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, data_root=args.data_root)
     bench = loaded.benchmark
     seed = int(args.seed if args.seed is not None else loaded.meta["seed"])
     with OutputTransaction(inputs=[Path(args.checkpoint)]) as tx:
@@ -723,6 +735,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from mtunlearn_ext.workflow import json_safe
 
         payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,
+                   # Real data: which root was measured (--data-root when they moved).
+                   **({"data_root": loaded.data_root} if loaded.data_root is not None else {}),
                    **json_safe(result)}
         if output is not None:
             tx.write(output, lambda p: write_json_new(p, payload))
@@ -745,14 +759,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mtunlearn_ext.api import API_RECORD_SCHEMA
     from mtunlearn_ext.records import WEIGHTS_UNCHANGED, verify_record
+    from mtunlearn_ext.workflow import UserInputError
 
     if _schema_of(args.record) == API_RECORD_SCHEMA:
+        if args.data_root is not None:  # nothing is re-measured, so no data are read
+            raise UserInputError("--data-root", "no value for a save_unlearned record (its "
+                                 "model and data are the caller's; nothing is re-measured)",
+                                 args.data_root, "drop --data-root")
         return _verify_api_record(args)
-    result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance)
+    result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance,
+                           data_root=args.data_root)
     print(_table([[check, outcome] for check, outcome in result.checks.items()],
                  ["check", "result"]))
     for m in result.mismatches:
         print(f"mismatch: {m}", file=sys.stderr)
+    if args.data_root is not None:
+        print(f"data read from {Path(args.data_root).expanduser().resolve()} (--data-root; it "
+              "hashes to the data the checkpoint records)")
     if result.ok:
         print(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
               "and the re-measured metrics agree with the record (metric tolerance "
@@ -940,6 +963,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new checkpoint path (default: <input>.<method>.pt, numbered if taken)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="record path (default: beside the output checkpoint)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
+                        "when it moved since train: accepted only if its data hash to the "
+                        "checkpoint's recorded ones; refused for generated benchmarks")
     _common(p)
     p.set_defaults(func=_cmd_unlearn, _required=["checkpoint"])
 
@@ -952,6 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="JSON",
                    help="new JSON file for the metrics (default: print the JSON alone to "
                         "stdout, the summary table to stderr)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
+                        "when it moved since train: accepted only if its data hash to the "
+                        "checkpoint's recorded ones; refused for generated benchmarks")
     _common(p)
     p.set_defaults(func=_cmd_evaluate, _required=["checkpoint"])
 
@@ -963,6 +994,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to verify (default: the record's output checkpoint)")
     p.add_argument("--tolerance", type=_at_least(0.0, float), default=1e-4,
                    help="metric tolerance (absolute below 1, relative above)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
+                        "when it moved since train: accepted only if its data hash to the "
+                        "checkpoint's recorded ones; refused for generated benchmarks")
     _common(p)
     p.set_defaults(func=_cmd_verify, _required=["record"])
 

@@ -368,7 +368,8 @@ def _request_from_record(req: Mapping[str, Any]) -> tuple[list[int], list[str] |
 
 def verify_record(record_path: str | os.PathLike[str],
                   checkpoint_path: str | os.PathLike[str] | None = None,
-                  tolerance: float = 1e-4, batch_size: int | None = None) -> VerifyResult:
+                  tolerance: float = 1e-4, batch_size: int | None = None,
+                  data_root: str | os.PathLike[str] | None = None) -> VerifyResult:
     """Check a model against its record.
 
     Recomputes the SHA-256 of ``checkpoint_path`` (default: the record's output checkpoint)
@@ -385,7 +386,9 @@ def verify_record(record_path: str | os.PathLike[str],
 
     The request is rebuilt from ``request.target_tasks_arg`` when the record has it, else from
     ``request.type`` and ``request.target_tasks``; the measurement uses the record's
-    ``eval_batch_size`` (64 when absent) unless ``batch_size`` is given.
+    ``eval_batch_size`` (64 when absent) unless ``batch_size`` is given. ``data_root``: where a
+    real data set is now when it moved (``--data-root``), accepted only when its data hash to
+    the checkpoints' recorded ones.
     """
     from mtunlearn_ext.data.request import ForgetRequest
     from mtunlearn_ext.workflow import (
@@ -440,11 +443,15 @@ def verify_record(record_path: str | os.PathLike[str],
         mismatches.append(f"ids hash of the recorded ids {request.ids_hash()} differs from the "
                           f"recorded ids_sha256 {req['ids_sha256']} (record edited?)")
     try:
-        loaded = load_model(ckpt, argument)
+        loaded = load_model(ckpt, argument, data_root=data_root)
     except UserInputError as error:
+        if error.argument == "--data-root":  # the data given, not the checkpoint, are wrong
+            raise
         if checks["sha256"] == "ok":  # the recorded bytes, yet unusable: nothing to compare
             if checkpoint_path is None:
-                unusable = f"{error.received} is not {error.expected}"
+                # The path, not error.received: that is whatever load_model judged, e.g. the
+                # benchmark's name for data that changed ("nyuv2 is not a checkpoint ...").
+                unusable = f"{str(ckpt)!r} is not {error.expected}"
                 raise UserInputError("--record", "a record whose output checkpoint can be "
                                      "loaded", source, f"its output.checkpoint {unusable}"
                                      + (f": {error.hint}" if error.hint else "")) from error
@@ -478,7 +485,11 @@ def verify_record(record_path: str | os.PathLike[str],
     mismatches.extend(differences)
     checks["before"] = _verify_before(record, record_path, forget, retain, loaded.benchmark.test,
                                       request.resolved_tasks(train_set), size, tolerance,
-                                      mismatches)
+                                      mismatches,
+                                      # The input's data are the output's: read from where the
+                                      # output's were (its root differs from the input's own
+                                      # when unlearn ran with --data-root).
+                                      data_root if data_root is not None else loaded.data_root)
     checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
 
@@ -536,7 +547,8 @@ def _verify_weights(record: Mapping[str, Any], record_path: str | os.PathLike[st
 
 def _verify_before(record: Mapping[str, Any], record_path: str | os.PathLike[str],
                    forget: Any, retain: Any, test: Any, tasks: Any, batch_size: int,
-                   tolerance: float, mismatches: list[str]) -> str:
+                   tolerance: float, mismatches: list[str],
+                   data_root: str | os.PathLike[str] | None = None) -> str:
     """The ``before`` check: the input model re-measured as ``unlearn`` measured it, when its
     checkpoint is still where the record says, with the recorded bytes. An edited ``before``
     makes the forgetting look larger than it was. An input checkpoint that is gone (deleted
@@ -555,7 +567,7 @@ def _verify_before(record: Mapping[str, Any], record_path: str | os.PathLike[str
         return "not measured (input checkpoint not found)"
     if sha256_of_file(path) != inp.get("sha256"):
         return "not measured (the input checkpoint found is not the recorded one)"
-    original = load_model(path, "--record")
+    original = load_model(path, "--record", data_root=data_root)
     measured = measure(original.model, forget, retain, test, tasks, int(record["seed"]),
                        batch_size)
     differences = compare_measurements(record["before"], measured, tolerance, "before")

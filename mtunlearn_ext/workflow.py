@@ -261,14 +261,42 @@ class LoadedModel:
     checkpoint: Checkpoint
     benchmark: Benchmark
     path: Path
+    #: The absolute data root the benchmark was read from (``--data-root`` when given, else the
+    #: checkpoint's); None for a benchmark that reads none.
+    data_root: str | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
         return self.checkpoint.meta
 
 
-def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint") -> Benchmark:
-    """The benchmark named by a CLI checkpoint's metadata (name, size, seed, data root)."""
+def data_root_of(meta: Mapping[str, Any], data_root: str | os.PathLike[str] | None
+                 ) -> str | None:
+    """The absolute data root to read a checkpoint's benchmark from: ``data_root``
+    (``--data-root``: the data moved since ``train``) or the checkpoint's own. Refuses
+    ``data_root`` for a checkpoint whose benchmark reads none (a generated one: it would be
+    ignored, yet recorded as if the data came from there, as ``train`` refuses it) and for one
+    without the recorded hash that the data found there must match."""
+    recorded = meta.get("data_root")
+    if data_root is None:
+        return None if recorded is None else str(recorded)
+    if recorded is None:
+        raise UserInputError("--data-root", "no value for a checkpoint of a benchmark that "
+                             "reads no data root (only for one trained on nyuv2 / cityscapes "
+                             "data)", str(data_root), f"the checkpoint's benchmark "
+                             f"{meta.get('benchmark')!r} reads none; drop --data-root")
+    if meta.get("data_sha256") is None:
+        raise UserInputError("--data-root", "no value for a checkpoint without the hash of its "
+                             "training data (the data at another root could not be checked)",
+                             str(data_root), f"restore the data at {recorded}")
+    return str(Path(data_root).expanduser().resolve())
+
+
+def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint",
+                        data_root: str | os.PathLike[str] | None = None) -> Benchmark:
+    """The benchmark named by a CLI checkpoint's metadata (name, size, seed, data root), read
+    from ``data_root`` when given (see :func:`data_root_of`), which must hold the data the
+    checkpoint recorded the hashes of."""
     from mtunlearn_ext.data.registry import load_benchmark
 
     missing = [k for k in ("benchmark", "size", "seed") if k not in meta]
@@ -276,37 +304,67 @@ def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint")
         raise UserInputError(argument, f"a checkpoint written by `mtunlearn train` (meta format "
                              f"{CLI_META_FORMAT!r})", meta.get("format"),
                              f"its metadata lacks {missing or ['format']}")
+    root = data_root_of(meta, data_root)
     try:
         bench = load_benchmark(str(meta["benchmark"]), seed=int(meta["seed"]),
-                               size=meta["size"], data_root=meta.get("data_root"))
-    except (ValueError, KeyError, OSError) as error:
+                               size=meta["size"], data_root=root)
+    except OSError as error:
+        if data_root is not None:
+            raise UserInputError("--data-root", f"a folder holding {meta.get('benchmark')!r} "
+                                 "in LibMTL's layout", str(data_root), str(error)) from error
+        moved = ("; if the data moved, pass --data-root with its new folder"
+                 if root is not None else "")
+        raise UserInputError(argument, "a checkpoint whose benchmark can be loaded",
+                             meta.get("benchmark"), f"{error}{moved}") from error
+    except (ValueError, KeyError) as error:
         raise UserInputError(argument, "a checkpoint whose benchmark can be loaded",
                              meta.get("benchmark"), str(error)) from error
-    _check_data_unchanged(meta, bench, argument)
+    if data_root is None:
+        _check_data_unchanged(meta, bench, argument)
+    else:
+        _check_data_unchanged(meta, bench, "--data-root", root, str(data_root))
     return bench
 
 
-def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: str) -> None:
+def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: str,
+                          moved_to: str | None = None, given: str | None = None) -> None:
     """Refuse data read from a data root that is no longer what the checkpoint was trained on.
 
     Instance ids name files by number (:mod:`mtunlearn_ext.data.libmtl`): after files were
     added, removed or renumbered, a request would name other images than those the model saw,
     and its retain set would not be the training set; the ``data_sha256`` that ``train``
-    stores was never compared. Generated benchmarks are left alone (they are regenerated, not
-    read, and carry no data root)."""
+    stores was never compared. The test split (``val/``) is compared with ``test_data_sha256``
+    when the checkpoint has it (``train`` records it since; older checkpoints are read as
+    before): the test metrics and the attack's AUC are measured on it, and a changed split
+    gave other numbers under the same record (``verify`` then reported 20 metric mismatches
+    with no word on the data). Generated benchmarks are left alone (they are regenerated, not
+    read, and carry no data root). ``moved_to``: the root ``--data-root`` gave (``given``),
+    which is accepted only when its data hash to the recorded ones."""
     root, recorded = meta.get("data_root"), meta.get("data_sha256")
     if root is None or recorded is None:
         return
     from mtunlearn_ext.experiment import dataset_fingerprint
 
-    now = dataset_fingerprint(bench.train)
-    if now != recorded:
-        raise UserInputError(argument, f"a checkpoint trained on the data now under {root}",
-                             meta.get("benchmark"),
-                             f"its training data had SHA-256 {str(recorded)[:16]}..., the data "
-                             f"read now {now[:16]}... (files added, removed, renumbered or "
-                             "edited): instance ids name files by number, so a request would "
-                             "name other instances; restore the data or train again")
+    splits = [("training data", "", bench.train, recorded,
+               "instance ids name files by number, so a request would name other instances")]
+    test_recorded = meta.get("test_data_sha256")
+    if test_recorded is not None:
+        splits.append(("test data (val/)", " in val/", bench.test, test_recorded,
+                       "the test metrics and the attack's AUC would be measured on other data "
+                       "than the checkpoint's"))
+    for what, where, dataset, expected, why in splits:
+        now = dataset_fingerprint(dataset)
+        if now != expected and moved_to is not None:
+            raise UserInputError(argument, f"a folder holding the data the checkpoint was "
+                                 f"trained on (recorded under {root})", given,
+                                 f"its {what} had SHA-256 {str(expected)[:16]}..., the data "
+                                 f"under {moved_to} {now[:16]}...: not the same files; {why}")
+        if now != expected:
+            raise UserInputError(argument, f"a checkpoint trained on the data now under {root}",
+                                 meta.get("benchmark"),
+                                 f"its {what} had SHA-256 {str(expected)[:16]}..., the data read "
+                                 f"now {now[:16]}... (files added, removed, renumbered or "
+                                 f"edited{where}): {why}; restore the data or train again")
 
 
 def check_parameter_split(model: nn.Module, task_names: Sequence[str],
@@ -345,11 +403,13 @@ def check_finite_parameters(model: nn.Module, argument: str) -> None:
 
 
 def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
-               expected_sha256: str | None = None) -> LoadedModel:
+               expected_sha256: str | None = None,
+               data_root: str | os.PathLike[str] | None = None) -> LoadedModel:
     """Read a CLI checkpoint, rebuild its benchmark and model, and check both.
 
     Raises :class:`UserInputError` (wrong or damaged file, state that does not fit the
-    benchmark's model, no shared/head split, non-finite parameters).
+    benchmark's model, no shared/head split, non-finite parameters). ``data_root``: where the
+    real data are now, when they moved since ``train`` (see :func:`benchmark_from_meta`).
     """
     from mtunlearn_ext.models import build_model
 
@@ -359,7 +419,7 @@ def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
     except CheckpointError as error:
         raise UserInputError(argument, "a readable mtunlearn checkpoint", str(p),
                              str(error)) from error
-    bench = benchmark_from_meta(checkpoint.meta, argument)
+    bench = benchmark_from_meta(checkpoint.meta, argument, data_root)
     model = build_model(bench, seed=int(checkpoint.meta["seed"]))
     try:
         model.load_state_dict(checkpoint.state_dict)
@@ -370,7 +430,7 @@ def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
     check_parameter_split(model, bench.train.task_names, argument)
     check_finite_parameters(model, argument)
     model.eval()
-    return LoadedModel(model, checkpoint, bench, p)
+    return LoadedModel(model, checkpoint, bench, p, data_root_of(checkpoint.meta, data_root))
 
 
 # -- requests -----------------------------------------------------------------------------------

@@ -407,6 +407,89 @@ def test_loader_refuses_numbering_that_would_misname_instances(tmp_path: Path) -
             assert torch.allclose(dataset.inputs[row], (image.permute(2, 0, 1) - 0.5) / 0.25)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_loader_refuses_a_fifo_or_directory_named_like_an_instance(tmp_path: Path) -> None:
+    """A FIFO named train/depth/1.npy made `train` hang forever (np.load waited for a writer);
+    a directory failed with numpy's IsADirectoryError. Both are refused naming the file."""
+    import threading
+
+    _write_libmtl(tmp_path, with_normals=True)
+    fifo = tmp_path / "train" / "depth" / "1.npy"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_nyuv2(tmp_path)
+        except BaseException as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # blocked in open(): a writer that closes at once unblocks it
+        with open(fifo, "wb"):
+            pass
+        thread.join(timeout=30)
+        pytest.fail(f"loading hung on the FIFO {fifo}")
+    assert len(errors) == 1 and isinstance(errors[0], LayoutError), errors
+    assert str(errors[0]) == (f"{fifo} is a FIFO (named pipe), not a regular file: every "
+                              "<i>.npy of the layout must be a .npy array file")
+    fifo.unlink()
+    fifo.mkdir()
+    with pytest.raises(LayoutError, match=re.escape(f"{fifo} is a directory, not a regular")):
+        load_nyuv2(tmp_path)
+
+
+def test_loader_says_a_file_is_no_npy_array_without_advising_pickles(tmp_path: Path) -> None:
+    """A text file named train/image/1.npy gave numpy's "This file contains pickled (object)
+    data. If you trust the file you can load it unsafely using the `allow_pickle=` keyword":
+    it is no pickle, and the advice would run a file's code."""
+    _write_libmtl(tmp_path, with_normals=True)
+    path = tmp_path / "train" / "image" / "1.npy"
+    path.write_text("garbage\n")
+    with pytest.raises(LayoutError) as caught:
+        load_nyuv2(tmp_path)
+    assert str(caught.value) == (f"{path} is not a .npy array file (it starts with b'garbag', "
+                                 "not numpy's .npy header b'\\x93NUMPY'); save each instance "
+                                 "with numpy.save")
+    assert "pickle" not in str(caught.value)
+    path.write_bytes(b"")
+    with pytest.raises(LayoutError, match=r"is not a .npy array file \(it is empty, not numpy's"):
+        load_nyuv2(tmp_path)
+
+
+def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> None:
+    """With train/image/2.npy a symbolic link to 1.npy one image had ids 1 and 2, so forgetting
+    id 1 left it in the retain set as id 2. A hard link, and a val file linked to a train one,
+    are the same file too."""
+    _write_libmtl(tmp_path, with_normals=True)
+    image = tmp_path / "train" / "image"
+    (image / "2.npy").unlink()
+    (image / "2.npy").symlink_to("1.npy")
+    with pytest.raises(LayoutError) as caught:
+        load_nyuv2(tmp_path)
+    assert str(caught.value) == (
+        f"{image / '2.npy'} and {image / '1.npy'} are the same file (a symbolic or hard link): "
+        "one instance would have two ids, and forgetting one id would leave it in the data "
+        "under the other; give each instance its own file")
+    (image / "2.npy").unlink()
+    os.link(image / "0.npy", image / "2.npy")
+    with pytest.raises(LayoutError, match=r"image/2.npy and .*image/0.npy are the same file"):
+        load_nyuv2(tmp_path)
+    (image / "2.npy").unlink()
+    shutil.copy(image / "0.npy", image / "2.npy")  # a copy is another file: loads
+    val = tmp_path / "val" / "depth" / "1.npy"
+    val.unlink()
+    val.symlink_to(tmp_path / "train" / "depth" / "1.npy")
+    with pytest.raises(LayoutError, match=r"val/depth/1.npy and .*train/depth/1.npy are the same"):
+        load_nyuv2(tmp_path)
+    val.unlink()
+    shutil.copy(tmp_path / "train" / "depth" / "1.npy", val)
+    assert len(load_nyuv2(tmp_path).train) == 3
+
+
 @pytest.mark.parametrize("folder, value, message", [
     ("image", lambda a: a * 255, r"image/0.npy: image must be RGB in \[0, 1\], got values in "
                                  r"\[.*\] \(dtype float32\); divide images stored in \[0, 255\]"),

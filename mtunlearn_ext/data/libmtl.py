@@ -14,6 +14,8 @@ forget request names train files by number; ``val/*/<j>.npy`` has id ``N_train +
 after ``max_train``). Values no loss can use are refused at load (:class:`LayoutError` naming the
 file): RGB outside ``[0, 1]`` (an image kept in ``[0, 255]``), labels outside ``[-1,
 num_classes)``, negative or infinite depth, normals that are not unit vectors (stored as colours).
+So are files that are no regular file (a FIFO, a directory), no ``.npy`` array, or one file
+behind two names (a symbolic or hard link): one image with two ids could not be forgotten.
 
 NYUv2 (13 classes, 288x384) has ``image``, ``label``, ``depth``, ``normal``; Cityscapes (7
 classes, 128x256) ``image``, ``label``, ``depth``. Inputs are normalised like the generated
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,8 @@ _RGB_SLACK = 0.05
 # A labelled normal is a unit vector; one resampled from unit vectors is shorter, never longer.
 # Normals stored as colours ((n + 1) / 2, or x 255) are longer than 1 or mostly far from it.
 _NORMAL_SLACK = 0.1
+# How every .npy file starts (numpy.lib.format.MAGIC_PREFIX).
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class LayoutError(FileNotFoundError):
@@ -80,11 +85,56 @@ def _count(folder: Path) -> int:
     return len(found)
 
 
-def _load_array(path: Path, what: str, channels: int | None) -> np.ndarray:
+def _kind_of(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+#: Files already read in one load, by ``(st_dev, st_ino)``: two instance files that are one file.
+_Seen = dict[tuple[int, int], Path]
+
+
+def _load_array(path: Path, what: str, channels: int | None, seen: _Seen) -> np.ndarray:
+    # Opened without blocking and checked before numpy reads it: np.load on a FIFO named
+    # <i>.npy waited forever for a writer (`train` hung), on a directory it failed obscurely.
+    # The check is on the open descriptor, so the file cannot be swapped after it.
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise LayoutError(f"cannot read {path}: {error}") from error
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise LayoutError(f"cannot read {path}: {error.strerror or error}") from error
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses a directory itself
+        os.close(fd)
+        raise LayoutError(f"{path} is {_kind_of(info.st_mode)}, not a regular file: every "
+                          "<i>.npy of the layout must be a .npy array file")
+    # One file behind two names (2.npy a symbolic or hard link to 1.npy) would be one image
+    # with two ids: forgetting id 1 would leave it in the retain set as id 2. Checked by
+    # device and inode of the open file, which costs no read.
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        os.close(fd)
+        raise LayoutError(f"{path} and {seen[key]} are the same file (a symbolic or hard link): "
+                          "one instance would have two ids, and forgetting one id would leave it "
+                          "in the data under the other; give each instance its own file")
+    seen[key] = path
+    with os.fdopen(fd, "rb") as handle:
+        # np.load takes anything without numpy's magic for a pickle and advises loading it
+        # "unsafely using allow_pickle=": a text file named <i>.npy is no pickle, and that
+        # advice would run whatever code a file of unknown origin holds.
+        magic = handle.read(len(_NPY_MAGIC))
+        if magic != _NPY_MAGIC:
+            start = f"starts with {magic!r}" if magic else "is empty"
+            raise LayoutError(f"{path} is not a .npy array file (it {start}, not numpy's .npy "
+                              f"header {_NPY_MAGIC!r}); save each instance with numpy.save")
+        handle.seek(0)
+        try:
+            array = np.load(handle, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise LayoutError(f"cannot read {path}: {error}") from error
     if array.dtype.kind not in "fiu":
         raise LayoutError(f"{path}: {what} must hold real numbers (a float or integer dtype), "
                           f"got dtype {array.dtype}")
@@ -169,7 +219,7 @@ def _empty_targets(folders: list[str], count: int, size: tuple[int, ...]
 
 
 def _load_split(split_dir: Path, folders: list[str], num_classes: int,
-                size: tuple[int, int] | None, limit: int | None
+                size: tuple[int, int] | None, limit: int | None, seen: _Seen
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     count = _count(split_dir / "image")
     for folder in folders:
@@ -186,7 +236,7 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
     shape: tuple[int, int] | None = None
     for i in range(count):
         path = split_dir / "image" / f"{i}.npy"
-        image = _load_array(path, "image", 3)
+        image = _load_array(path, "image", 3, seen)
         if shape is None:
             shape = image.shape[:2]
         elif image.shape[:2] != shape:
@@ -203,7 +253,7 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
         for folder in folders:
             task, channels = _FOLDERS[folder]
             path = split_dir / folder / f"{i}.npy"
-            array = _load_array(path, folder, channels)
+            array = _load_array(path, folder, channels, seen)
             if array.shape[:2] != shape:
                 raise LayoutError(f"{path} is {array.shape[:2]}, its image {shape}")
             if channels is None:
@@ -249,10 +299,11 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     seg = next(t for t in tasks if t.kind == "segmentation")
     assert seg.num_classes is not None
     splits = {}
+    seen: _Seen = {}  # over both splits: a train file linked into val/ is refused too
     for split in ("train", "val"):
         limit = max_train if split == "train" else max_test
         splits[split] = _load_split(base / split, folders, seg.num_classes,
-                                    None if size is None else (size[0], size[1]), limit)
+                                    None if size is None else (size[0], size[1]), limit, seen)
     datasets = []
     first_id = 0
     for split in ("train", "val"):
