@@ -462,8 +462,9 @@ def test_loader_says_a_file_is_no_npy_array_without_advising_pickles(tmp_path: P
 
 def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> None:
     """With train/image/2.npy a symbolic link to 1.npy one image had ids 1 and 2, so forgetting
-    id 1 left it in the retain set as id 2. A hard link, and a val file linked to a train one,
-    are the same file too."""
+    id 1 left it in the retain set as id 2. A hard link, and a val image linked to a train one,
+    are the same file too. Label maps may share a file (a deduplicated copy of identical
+    labels): two images with equal labels are two instances."""
     _write_libmtl(tmp_path, with_normals=True)
     image = tmp_path / "train" / "image"
     (image / "2.npy").unlink()
@@ -480,14 +481,19 @@ def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> No
         load_nyuv2(tmp_path)
     (image / "2.npy").unlink()
     shutil.copy(image / "0.npy", image / "2.npy")  # a copy is another file: loads
-    val = tmp_path / "val" / "depth" / "1.npy"
+    val = tmp_path / "val" / "image" / "1.npy"
     val.unlink()
-    val.symlink_to(tmp_path / "train" / "depth" / "1.npy")
-    with pytest.raises(LayoutError, match=r"val/depth/1.npy and .*train/depth/1.npy are the same"):
+    val.symlink_to(tmp_path / "train" / "image" / "1.npy")
+    with pytest.raises(LayoutError, match=r"val/image/1.npy and .*train/image/1.npy are the same"):
         load_nyuv2(tmp_path)
     val.unlink()
-    shutil.copy(tmp_path / "train" / "depth" / "1.npy", val)
-    assert len(load_nyuv2(tmp_path).train) == 3
+    shutil.copy(tmp_path / "train" / "image" / "1.npy", val)
+    depth = tmp_path / "train" / "depth"
+    (depth / "2.npy").unlink()
+    os.link(depth / "1.npy", depth / "2.npy")  # one label file for two images: loads
+    loaded = load_nyuv2(tmp_path)
+    assert len(loaded.train) == 3
+    assert torch.equal(loaded.train.targets["depth"][1], loaded.train.targets["depth"][2])
 
 
 @pytest.mark.parametrize("folder, value, message", [

@@ -14,8 +14,9 @@ forget request names train files by number; ``val/*/<j>.npy`` has id ``N_train +
 after ``max_train``). Values no loss can use are refused at load (:class:`LayoutError` naming the
 file): RGB outside ``[0, 1]`` (an image kept in ``[0, 255]``), labels outside ``[-1,
 num_classes)``, negative or infinite depth, normals that are not unit vectors (stored as colours).
-So are files that are no regular file (a FIFO, a directory), no ``.npy`` array, or one file
-behind two names (a symbolic or hard link): one image with two ids could not be forgotten.
+So are files that are no regular file (a FIFO, a directory), no ``.npy`` array, or one image
+file behind two names (a symbolic or hard link): one image with two ids could not be
+forgotten (label maps may share a file: identical labels of two images are harmless).
 
 NYUv2 (13 classes, 288x384) has ``image``, ``label``, ``depth``, ``normal``; Cityscapes (7
 classes, 128x256) ``image``, ``label``, ``depth``. Inputs are normalised like the generated
@@ -98,7 +99,8 @@ def _kind_of(mode: int) -> str:
 _Seen = dict[tuple[int, int], Path]
 
 
-def _load_array(path: Path, what: str, channels: int | None, seen: _Seen) -> np.ndarray:
+def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None = None
+                ) -> np.ndarray:
     # Opened without blocking and checked before numpy reads it: np.load on a FIFO named
     # <i>.npy waited forever for a writer (`train` hung), on a directory it failed obscurely.
     # The check is on the open descriptor, so the file cannot be swapped after it.
@@ -115,12 +117,13 @@ def _load_array(path: Path, what: str, channels: int | None, seen: _Seen) -> np.
     # with two ids: forgetting id 1 would leave it in the retain set as id 2. Checked by
     # device and inode of the open file, which costs no read.
     key = (info.st_dev, info.st_ino)
-    if key in seen:
+    if seen is not None and key in seen:  # images only: label maps may share a file
         os.close(fd)
         raise LayoutError(f"{path} and {seen[key]} are the same file (a symbolic or hard link): "
                           "one instance would have two ids, and forgetting one id would leave it "
                           "in the data under the other; give each instance its own file")
-    seen[key] = path
+    if seen is not None:
+        seen[key] = path
     with os.fdopen(fd, "rb") as handle:
         # np.load takes anything without numpy's magic for a pickle and advises loading it
         # "unsafely using allow_pickle=": a text file named <i>.npy is no pickle, and that
@@ -253,7 +256,7 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
         for folder in folders:
             task, channels = _FOLDERS[folder]
             path = split_dir / folder / f"{i}.npy"
-            array = _load_array(path, folder, channels, seen)
+            array = _load_array(path, folder, channels)
             if array.shape[:2] != shape:
                 raise LayoutError(f"{path} is {array.shape[:2]}, its image {shape}")
             if channels is None:
