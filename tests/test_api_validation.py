@@ -838,8 +838,7 @@ def test_save_unlearned_records_the_seed_device_and_threads_of_the_run(tmp_path)
     assert record["environment"] == {"torch": torch.__version__,
                                      "python": platform.python_version(), "threads": 1,
                                      "extension": mtunlearn_ext.build_info()["extension"],
-                                     "cpu_isa": {"torch": torch.backends.cpu.get_cpu_capability(),
-                                                 "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}}
+                                     "cpu_isa": _cpu_isas()}
     # Rerun with what the record says: the same weights.
     with cpu_threads(record["environment"]["threads"]):
         again, _ = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
@@ -1041,8 +1040,8 @@ def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() 
     for dtype in (torch.bfloat16, torch.float16):
         low = _TwoHeads().to(dtype)
         with pytest.raises(ValueError, match=rf"6 trainable parameter\(s\) are {dtype} \(first: "
-                                             r"'trunk\.0\.weight'\).*`new, report = unlearn\(model\.float\(\), "
-                                             r"\.\.\.\)`, then `new\.to\("):
+                                             r"'trunk\.0\.weight'\).*`new, report = unlearn\("
+                                             r"model\.float\(\), \.\.\.\)`, then `new\.to\("):
             mtunlearn_ext.unlearn(low, tasks=SPECS, train_data=(x.to(dtype), y),
                                   forget_request=request, shared_parameters=_trunk,
                                   config={"steps": 1})
@@ -1301,3 +1300,9 @@ def test_a_problem_built_directly_on_a_model_returning_no_mapping_says_so_too() 
                                          r"task -> prediction, got tuple: return a dict from its "
                                          r"forward, \{'a': \.\.\., 'b': \.\.\.\}"):
         problem.check_model_on(problem.retain)
+
+
+def _cpu_isas() -> dict[str, str]:
+    """What a record's ``environment`` says of the CPU instruction sets in this process."""
+    return {"torch": torch.backends.cpu.get_cpu_capability(),
+            "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}

@@ -480,8 +480,7 @@ def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
                                      "python": platform.python_version(),
                                      "threads": torch.get_num_threads(),
                                      "extension": mtunlearn_ext.build_info()["extension"],
-                                     "cpu_isa": {"torch": torch.backends.cpu.get_cpu_capability(),
-                                                 "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}}
+                                     "cpu_isa": _cpu_isas()}
     # Everything a rerun needs, read from the record alone, gives the same file.
     request = record["request"]
     again = tmp_path / "again.pt"
@@ -566,3 +565,9 @@ def test_unchanged_weights_of_an_older_checkpoint_are_found_from_its_input(
     rows = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
     assert ["weights", "not checked (no input weights hash: an older checkpoint whose input is "
                        "gone)"] in [[r[0], r[1].strip()] for r in rows if len(r) == 2]
+
+
+def _cpu_isas() -> dict[str, str]:
+    """What a record's ``environment`` says of the CPU instruction sets in this process."""
+    return {"torch": torch.backends.cpu.get_cpu_capability(),
+            "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}

@@ -1066,7 +1066,8 @@ def test_public_api_names_arguments_of_the_wrong_type(user_setup) -> None:  # ty
             ({"seed": 1.5}, ValueError, r"`seed` must be an integer in \[0, 2\*\*63\), got 1.5"),
             ({"device": "tpu"}, ValueError, r"`device` 'tpu' is no torch device"),
             ({"shared_parameters": 5}, TypeError, r"`shared_parameters` must be names, "
-                                                  r"parameters, modules or a predicate on names, got int"),
+                                                  r"parameters, modules or a predicate on "
+                                                  r"names, got int"),
             ({"progress": "no"}, TypeError, r"unlearn: `progress` must be True or False, got "
                                             r"'no'")):
         with pytest.raises(error, match=message):

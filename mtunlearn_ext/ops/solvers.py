@@ -7,8 +7,9 @@ every solver; at ``k = 64`` ``ridge_solve`` and ``pcgrad_weights`` ~0.2 ms,
 ``nonconflicting_dual`` 0.1 ms for random rows and 10 ms for 64 rows clustered around one
 direction (most constraints active); at ``k = 256`` ``ridge_solve`` 3-8 ms,
 ``pcgrad_weights`` ~40 ms and ``nonconflicting_dual`` 0.5-8 ms for random rows but up to
-1.3 s for clustered ones (its active-set sweeps; still exact to ~1e-8 against SciPy's NNLS). Inputs are Gram matrices as returned by
-:func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype, whatever ``rhs``'s (the
+1.3 s for clustered ones (its active-set sweeps; still exact to ~1e-8 against SciPy's NNLS).
+
+Inputs are Gram matrices as returned by :func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype, whatever ``rhs``'s (the
 accumulation dtype for a Gram from :func:`~mtunlearn_ext.ops.gram`: float32, or float64; a
 float16 or bfloat16 Gram gives float16 or bfloat16 outputs, rounded from the float64 solve).
 
