@@ -427,15 +427,17 @@ def test_zero_rows_and_normal_gradients_leave_the_float32_gram_as_it_is(monkeypa
     assert weights.dtype == torch.float32 and weights.shape == (2, 4)
 
 
-@pytest.mark.parametrize("make", [lambda: PCGrad(reshuffle=False), UPGrad, MGDA],
-                         ids=["pcgrad", "upgrad", "mgda"])
+# MGDA with one tiny task only: its answer between two tiny gradients is below its solver's
+# tolerance, so the comparison would measure the tolerance, not the rescue.
+@pytest.mark.parametrize("make, tiny_tasks", [
+    (lambda: PCGrad(reshuffle=False), (2,)), (lambda: PCGrad(reshuffle=False), (1, 2)),
+    (UPGrad, (2,)), (UPGrad, (1, 2)), (MGDA, (2,))],
+    ids=["pcgrad-one_tiny", "pcgrad-two_tiny", "upgrad-one_tiny", "upgrad-two_tiny",
+         "mgda-one_tiny"])
 @pytest.mark.parametrize("per_layer", [False, [0, 0, 1, 1]], ids=["global", "per_layer"])
 @pytest.mark.parametrize("check_finite", [True, False])
-@pytest.mark.parametrize("tiny_tasks", [(2,), (1, 2)], ids=["one_tiny", "two_tiny"])
-def test_aggregate_list_rescues_tiny_rows_per_layer_and_dtype(make, per_layer,  # type: ignore[no-untyped-def]
-                                                              check_finite: bool,
-                                                              tiny_tasks: tuple[int, ...],
-                                                              monkeypatch) -> None:
+def test_aggregate_list_rescues_tiny_rows_per_layer_and_dtype(  # type: ignore[no-untyped-def]
+        make, per_layer, check_finite: bool, tiny_tasks: tuple[int, ...], monkeypatch) -> None:
     """The list form (GradientSurgery's core): tasks whose gradients are tiny (per layer: in
     the second layer only, the one problem to rescue), a task without any gradient (not for
     MGDA, whose answer it makes the origin), and bf16 tensors beside float32 ones; the scaled
@@ -443,8 +445,6 @@ def test_aggregate_list_rescues_tiny_rows_per_layer_and_dtype(make, per_layer,  
     update equal the float64 ones of the same values; the weights stay float32 as always."""
     from mtunlearn_ext.surgery import _tensor_lists
 
-    if isinstance(make(), MGDA) and len(tiny_tasks) > 1:
-        pytest.skip("MGDA's answer between two tiny gradients is below its solver's tolerance")
     monkeypatch.setattr(_tensor_lists, "_COPY_CHUNK", 24)
     with_zero_task = not isinstance(make(), MGDA)
     gen = torch.Generator().manual_seed(33)
