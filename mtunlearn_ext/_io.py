@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_torch_save", "interrupts_held", "link_new", "name_max", "new_temporary_beside",
-           "sha256_of_file", "temporary_file_beside", "write_text_atomic", "write_text_new"]
+           "path_max", "sha256_of_file", "temporary_file_beside", "write_text_atomic", "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
 _DEFAULT_NAME_MAX = 255
+#: The path limit assumed where the system does not say.
+_DEFAULT_PATH_MAX = 4096
 #: The random part ``mkstemp`` puts between a temporary file's prefix and suffix.
 _RANDOM_CHARS = 8
 
@@ -55,6 +57,16 @@ def name_max(folder: str | os.PathLike[str]) -> int:
     except (OSError, ValueError, AttributeError):  # no such folder, no pathconf (Windows)
         return _DEFAULT_NAME_MAX
     return limit if limit > 0 else _DEFAULT_NAME_MAX
+
+
+def path_max(folder: str | os.PathLike[str]) -> int:
+    """The longest path (in bytes) the system takes for a file under ``folder``
+    (``pathconf(folder, "PC_PATH_MAX")``; 4096, Linux's, where it cannot say)."""
+    try:
+        limit = os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder, no pathconf (Windows)
+        return _DEFAULT_PATH_MAX
+    return limit if limit > 0 else _DEFAULT_PATH_MAX
 
 
 def _temporary_prefix(name: str, suffix: str, limit: int) -> str:

@@ -1421,9 +1421,9 @@ def unlearn(model: nn.Module, *,
                           stacklevel=2)
     out = result.model.module if isinstance(result.model, _SplitModel) else result.model
     source = wrapped.module if isinstance(wrapped, _SplitModel) else wrapped
-    # Compared in place (the input is never modified, so it still holds the weights the run
-    # started from): no copy or hash of a large model's state.
-    changed = _states_differ(out, source)
+    # The input is never modified, so it still holds the weights the run started from; the
+    # hashes tell apart what save_unlearned's and the CLI's tell apart.
+    changed = state_dict_sha256(out) != state_dict_sha256(source)
     result.report.extra["weights_changed"] = changed
     if not changed:
         # As `mtunlearn unlearn` says it (steps 0, a learning rate of 0): save_unlearned keeps
@@ -1439,27 +1439,6 @@ def unlearn(model: nn.Module, *,
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
-
-
-def _states_differ(model: nn.Module, other: nn.Module) -> bool:
-    """Whether two modules' states (parameters and buffers, by name) differ in any name,
-    shape, dtype or value: what :func:`state_dict_sha256` tells apart, without hashing."""
-    mine, theirs = model.state_dict(), other.state_dict()
-    if list(mine) != list(theirs):
-        return True
-    for name, value in mine.items():
-        other_value = theirs[name]
-        if not isinstance(value, torch.Tensor) or not isinstance(other_value, torch.Tensor):
-            if repr(value) != repr(other_value):  # a module's extra state, hashed by its repr
-                return True
-        elif value.dtype != other_value.dtype or value.shape != other_value.shape:
-            return True
-        elif not torch.equal(value, other_value := other_value.to(value.device)):
-            # NaN never equals itself, but the same NaN is the same state (as hashed).
-            if not (value.is_floating_point() or value.is_complex()) or not bool(
-                    ((value == other_value) | (value.isnan() & other_value.isnan())).all()):
-                return True
-    return False
 
 
 def _non_finite_parameters(model: nn.Module) -> list[str]:
@@ -1600,36 +1579,20 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
 
 def _weights_changed_check(payload: Mapping[str, Any], weights: str | None,
                            original_sha: str | None, mismatches: list[str]) -> str:
-    """The ``weights_changed`` check of :func:`verify_saved`: a run that left the weights as
-    they were unlearned nothing, however consistent its files and record are (as ``mtunlearn
-    verify`` fails such a run of its own). Known from the checkpoint's weights against the
-    recorded ``original_state_sha256`` or the ``original`` given (``original_sha``), else from
-    the record's ``weights_changed``, which must agree with them. An older record has no
-    ``weights_changed``: it is judged by the hashes alone, or not checked without any."""
-    from mtunlearn_ext.records import WEIGHTS_UNCHANGED
+    """The ``weights_changed`` check of :func:`verify_saved`
+    (:func:`~mtunlearn_ext.records.judge_weights_changed`): the checkpoint's weights against
+    the recorded ``original_state_sha256`` and the ``original`` given (``original_sha``), and
+    the record's ``weights_changed``. An older record has no ``weights_changed``: it is judged
+    by the hashes alone, or not checked without any."""
+    from mtunlearn_ext.records import judge_weights_changed
 
-    recorded = payload.get("original_state_sha256")
-    references = [h for h in (recorded, original_sha) if isinstance(h, str)]
-    claimed = payload.get("weights_changed")
-    if weights is not None and weights in references:
-        mismatches.append(f"the checkpoint's weights are exactly the original model's (state "
-                          f"SHA-256 {weights[:16]}...): the run changed nothing, so nothing "
-                          "was unlearned"
-                          + (" (the record's weights_changed says true)" if claimed is True
-                             else ""))
-        return WEIGHTS_UNCHANGED
-    if claimed is False:
-        if references:
-            mismatches.append("the record says weights_changed: false, but the checkpoint's "
-                              "weights differ from the original model's (record edited?)")
-            return "MISMATCH"
-        mismatches.append("the record says weights_changed: false: the run left the weights "
-                          "as they were, so nothing was unlearned")
-        return WEIGHTS_UNCHANGED
-    if not references and claimed is None:
-        return ("not checked (an older record, saved without `original`: no "
-                "weights_changed, no original state hash)")
-    return "ok"
+    references = [h for h in (payload.get("original_state_sha256"), original_sha)
+                  if isinstance(h, str)]
+    return judge_weights_changed(
+        weights, references, payload.get("weights_changed"), mismatches,
+        weights="the checkpoint's weights", reference="the original model's", hash_name="state",
+        not_checked="not checked (an older record, saved without `original`: no "
+                    "weights_changed, no original state hash)")
 
 
 @dataclass

@@ -44,7 +44,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -524,25 +524,40 @@ def _verify_weights(record: Mapping[str, Any], record_path: str | os.PathLike[st
                     parent = original.state_sha256 or state_dict_sha256(original.state_dict)
                 except CheckpointError:  # gone or replaced: as for `before`, not a mismatch
                     pass
-    claimed = record.get("weights_changed")
-    if parent is not None and own == parent:
-        mismatches.append("the output checkpoint's weights are exactly the input model's "
-                          f"(weights SHA-256 {own[:16]}...): the run changed nothing, so "
-                          "nothing was unlearned"
+    return judge_weights_changed(
+        own, [] if parent is None else [parent], record.get("weights_changed"), mismatches,
+        weights="the output checkpoint's weights", reference="the input model's",
+        hash_name="weights",
+        not_checked="not checked (no input weights hash: an older checkpoint whose input is "
+                    "gone)")
+
+
+def judge_weights_changed(own: str | None, references: Sequence[str], claimed: object,
+                          mismatches: list[str], *, weights: str, reference: str,
+                          hash_name: str, not_checked: str) -> str:
+    """Whether a run changed the weights, for :func:`verify_record` and
+    :func:`mtunlearn_ext.api.verify_saved`: a run that left them as they were unlearned
+    nothing, however consistent its files and record are. ``own``: the output's state hash;
+    ``references``: the hashes of the model it came from that are known; ``claimed``: the
+    record's ``weights_changed`` (``None`` in older records), which must agree with them.
+    ``"ok"``, :data:`WEIGHTS_UNCHANGED`, ``"MISMATCH"`` (a record claiming no change for
+    changed weights) or ``not_checked`` (no reference and no claim of no change); messages name
+    ``weights`` and ``reference`` as the caller says them."""
+    if own is not None and own in references:
+        mismatches.append(f"{weights} are exactly {reference} ({hash_name} SHA-256 "
+                          f"{own[:16]}...): the run changed nothing, so nothing was unlearned"
                           + (" (the record's weights_changed says true)" if claimed is True
                              else ""))
         return WEIGHTS_UNCHANGED
     if claimed is False:
-        if parent is None:
+        if not references:
             mismatches.append("the record says weights_changed: false: the run left the "
                               "weights as they were, so nothing was unlearned")
             return WEIGHTS_UNCHANGED
-        mismatches.append("the record says weights_changed: false, but the output's weights "
-                          "differ from the input model's (record edited?)")
+        mismatches.append(f"the record says weights_changed: false, but {weights} differ from "
+                          f"{reference} (record edited?)")
         return "MISMATCH"
-    if parent is None:
-        return "not checked (no input weights hash: an older checkpoint whose input is gone)"
-    return "ok"
+    return "ok" if references else not_checked
 
 
 def _verify_before(record: Mapping[str, Any], record_path: str | os.PathLike[str],

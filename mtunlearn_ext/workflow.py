@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import name_max, write_text_new
+from mtunlearn_ext._io import name_max, path_max, write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
@@ -846,16 +846,6 @@ class OutputTransaction:
                 pass
 
 
-def _path_max(folder: Path) -> int:
-    """The longest path (in bytes) the system takes for a file under ``folder``
-    (``PC_PATH_MAX``; 4096, Linux's, where it cannot say)."""
-    try:
-        limit = os.pathconf(folder, "PC_PATH_MAX")
-    except (OSError, ValueError, AttributeError):
-        return 4096
-    return limit if limit > 0 else 4096
-
-
 def _check_creatable(argument: str, p: Path) -> None:
     """Refuse an output path that cannot be created: under a file, in a folder the user cannot
     write to, or with a name longer than the file system takes (``PC_NAME_MAX`` bytes, checked
@@ -879,7 +869,7 @@ def _check_creatable(argument: str, p: Path) -> None:
     temporary = min(limit, len(os.fsencode(absolute.name)) + 24)
     longest = max(len(os.fsencode(str(absolute))),
                   len(os.fsencode(str(absolute.parent))) + 1 + temporary)
-    path_limit = _path_max(existing)
+    path_limit = path_max(existing)
     if longest >= path_limit:
         raise UserInputError(argument, f"a path shorter than {path_limit} bytes (the system's "
                              "limit, with room for the temporary file written beside it)",
