@@ -1,0 +1,136 @@
+"""The package's layers, as the README's architecture section states them: nothing imports
+upward. Checked on the source (every import statement, those inside functions included, since
+a lazy import is still a dependency) and on what a fresh interpreter loads."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mtunlearn_ext"
+
+#: Private helpers every layer may use (they import nothing but each other and ``_C``).
+FOUNDATION = frozenset({"_C", "_definitions", "_elf", "_extension", "_fields", "_functional",
+                        "_io", "_random"})
+#: The top: the public API, the CLI, experiments, records and reports.
+TOP = frozenset({"api", "cli", "demo", "experiment", "records", "report", "showcase", "tuning",
+                 "workflow"})
+#: Component -> the components (besides the foundation and itself) it may import.
+ALLOWED: dict[str, frozenset[str]] = {
+    "ops": frozenset(),
+    "surgery": frozenset({"ops"}),
+    "data": frozenset(),
+    "losses": frozenset({"data"}),
+    "models": frozenset({"data"}),
+    "metrics": frozenset({"data", "losses", "models"}),
+    "training": frozenset({"data", "losses", "models"}),
+    "unlearning": frozenset({"ops", "surgery", "data", "losses", "models", "metrics",
+                             "training"}),
+}
+
+
+def _component(module: str) -> str:
+    """``mtunlearn_ext.surgery.hook`` -> ``surgery``; the package itself -> ``<package>``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "<package>"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every ``mtunlearn_ext`` module ``path`` imports, relative imports resolved and
+    ``from mtunlearn_ext import ops`` read as the submodule it names."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "mtunlearn_ext")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "mtunlearn_ext":
+                continue
+            for alias in node.names:
+                candidate = f"{target}.{alias.name}"
+                as_module = PACKAGE.parent.joinpath(*candidate.split("."))
+                is_module = (as_module.is_dir() or as_module.with_suffix(".py").exists()
+                             or candidate == "mtunlearn_ext._C")
+                found.add(candidate if is_module else target)
+    return found
+
+
+def _violations() -> list[str]:
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _component(_module_name(path))
+        if source in TOP or source == "<package>":
+            continue  # the top may use anything; the package's __init__ loads lazily
+        for target in sorted(_imported_modules(path)):
+            component = _component(target)
+            if component == source or component in FOUNDATION:
+                continue
+            if source in FOUNDATION:
+                problems.append(f"{path.relative_to(PACKAGE.parent)} (a private helper) imports "
+                                f"{target}")
+            elif component not in ALLOWED.get(source, frozenset()):
+                problems.append(f"{path.relative_to(PACKAGE.parent)} ({source}) imports {target}"
+                                f" ({component})")
+    return problems
+
+
+def test_every_component_is_placed_in_a_layer() -> None:
+    """A new subpackage or top-level module must be given its place here (or the check below
+    would wave its imports through)."""
+    components = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+                  if (p.suffix == ".py" and p.name != "__init__.py")
+                  or (p.is_dir() and (p / "__init__.py").exists())}
+    unplaced = sorted(components - FOUNDATION - TOP - set(ALLOWED))
+    assert not unplaced, f"components without a layer: {unplaced}"
+
+
+def test_nothing_imports_upward() -> None:
+    assert _violations() == []
+
+
+def test_the_check_sees_a_lazy_upward_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    """The checker itself: an import of the CLI inside a surgery function is reported."""
+    fake = tmp_path / "mtunlearn_ext"
+    (fake / "surgery").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("")
+    (fake / "ops.py").write_text("")
+    (fake / "surgery" / "__init__.py").write_text("from . import hook\n")
+    (fake / "surgery" / "hook.py").write_text(
+        "def step():\n    from ..cli import main\n    from mtunlearn_ext import ops\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert _violations() == ["mtunlearn_ext/surgery/hook.py (surgery) imports mtunlearn_ext.cli "
+                             "(cli)"]
+
+
+@pytest.mark.parametrize("module, must_not_load", [
+    ("mtunlearn_ext.ops", ("surgery", "unlearning", "data", "models", "metrics") + tuple(TOP)),
+    ("mtunlearn_ext.surgery", ("unlearning", "data", "models", "metrics") + tuple(TOP)),
+    ("mtunlearn_ext.unlearning", tuple(TOP)),
+    ("mtunlearn_ext.metrics", ("unlearning", "surgery") + tuple(TOP)),
+])
+def test_importing_a_layer_loads_nothing_above_it(module: str,
+                                                  must_not_load: tuple[str, ...]) -> None:
+    script = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+              "print(' '.join(sorted(m for m in sys.modules if m.startswith('mtunlearn_ext.'))))")
+    proc = subprocess.run([sys.executable, "-c", script, module], capture_output=True, text=True,
+                          timeout=300, cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr
+    loaded = {_component(m) for m in proc.stdout.split()}
+    assert loaded & set(must_not_load) == set(), f"{module} loaded {loaded & set(must_not_load)}"
