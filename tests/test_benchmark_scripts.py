@@ -1,0 +1,78 @@
+"""The performance scripts of benchmarks/ still run, at sizes of a few seconds (the README quotes
+their tables; nothing else in the suite runs them). Smoke runs: they check that every contender
+runs and agrees with the others, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+#: One thread: the smoke runs share CI's two cores with nothing to measure.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_pytest_benchmark_suite_runs_every_contender(tmp_path: Path) -> None:
+    """Each benchmark checks its result against a float64 reference, so the untimed run fails
+    on a contender that is wrong as well as on one that no longer runs."""
+    out = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(BENCHMARKS /
+                                                                   "test_bench_ops.py"),
+                "-m", "benchmark", "--benchmark-disable", "-rs"], cwd=tmp_path)
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, out
+    # The one skip is TorchJD's bfloat16 UPGrad (NumPy has no bfloat16), said in the output.
+    skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+    assert all("bfloat16" in line for line in skips), skips
+
+
+def test_compare_times_every_contender_of_the_step(tmp_path: Path) -> None:
+    out_json = tmp_path / "compare.json"
+    stdout = _run([str(BENCHMARKS / "compare.py"), "--k", "2", "--n", "1000", "--dtype", "fp32",
+                   "--cases", "gram", "step", "--repeats", "2", "--min-sample", "0",
+                   "--cheap-samples", "2", "--budget", "1", "--no-memory", "--threads", "1",
+                   "--json", str(out_json)], cwd=tmp_path)
+    payload = json.loads(out_json.read_text())
+    timings = {(r["kind"], t["name"]): t for r in payload["results"] for t in r["timings"]}
+    assert {kind for kind, _ in timings} == {"gram", "step"}
+    failed = {key: (t["error"], t["skipped"]) for key, t in timings.items()
+              if t["error"] or t["skipped"]}
+    assert failed == {}
+    names = {name for _, name in timings}
+    for contender in ("ops.gram", "torch.mm(x, x.T)", "ops.pcgrad", "TorchJD UPGrad",
+                      "LibMTL-style PCGrad loop", "surgery.UPGrad()(x)"):
+        assert contender in names, sorted(names)
+    assert all(t["median_s"] > 0 for t in timings.values())
+    assert "## Targets" in stdout
+
+
+def test_large_model_step_agrees_with_plain_torch(tmp_path: Path) -> None:
+    out_json = tmp_path / "large.json"
+    _run([str(BENCHMARKS / "large_model.py"), "--per-sample", "2", "--snapshots", "2",
+          "--depth", "1", "--repeats", "1", "--json", str(out_json)], cwd=tmp_path)
+    payload = json.loads(out_json.read_text())
+    assert payload["config"]["depth"] == 1 and payload["shared_params"] > 7_000_000
+    # The compiled surgery's .grad against the same algorithm in plain torch, and against
+    # OrthoGrad's exact QR (which differs by the ridge only).
+    assert max(payload["rel_diff_gram"]) < 1e-4
+    assert max(payload["rel_diff_qr"]) < 1e-3
+    assert all(math.isfinite(v) and v > 0 for v in payload["surgery_compiled"])
+
+
+def test_bench_comm_runs_on_two_gloo_ranks(tmp_path: Path) -> None:
+    stdout = _run([str(BENCHMARKS / "bench_comm.py"), "--world-size", "2", "--tasks", "2",
+                   "--numel", "1000", "--reps", "1"], cwd=tmp_path)
+    assert "world size 2, backend gloo" in stdout
+    row = [line for line in stdout.splitlines() if line.startswith("2 ")]
+    assert len(row) == 1 and row[0].split()[1] == "1,000", stdout
