@@ -76,3 +76,21 @@ def test_bench_comm_runs_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert "world size 2, backend gloo" in stdout
     row = [line for line in stdout.splitlines() if line.startswith("2 ")]
     assert len(row) == 1 and row[0].split()[1] == "1,000", stdout
+
+
+def test_host_overhead_times_the_list_ops_over_resnet50_shapes(tmp_path: Path) -> None:
+    stdout = _run([str(BENCHMARKS / "host_overhead.py"), "--models", "resnet50", "--k", "2",
+                   "--threads", "1"], cwd=tmp_path)
+    rows = [line for line in stdout.splitlines() if line.startswith("| resnet50 | 159 ")]
+    contenders = {line.split("|")[3].strip() for line in rows}
+    assert {"surgery.aggregate_list(UPGrad)", "cat + UPGrad + split-copy",
+            "surgery.project_out_list"} <= contenders, stdout
+
+
+def test_memory_inner_shapes_times_every_kernel_variant(tmp_path: Path) -> None:
+    stdout = _run([str(BENCHMARKS / "memory_inner_shapes.py"), "--tensors", "4", "--values",
+                   "1000", "--repeats", "2", "--threads", "1", "--shapes", "4x8,gram4"],
+                  cwd=tmp_path)
+    ops_timed = [line.split("|")[1].strip() for line in stdout.splitlines()
+                 if line.startswith("| inner_list") or line.startswith("| gram_list")]
+    assert ops_timed == ["inner_list", "gram_list"], stdout
