@@ -13,6 +13,7 @@ import json
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -715,11 +716,14 @@ class _Naming:
     ``ids_named_by``), ``ids`` the ids its ``ids_sha256`` hashes (``None``: the request's own,
     which are already the caller's), and ``own_held_out`` whether the problem's held-out ids
     are the caller's (not made by :func:`unlearn`), which decides how audit data is compared
-    with them."""
+    with them; ``earlier`` the requests removed before this one (``earlier_requests``) and
+    ``excluded_pairs`` how many pairs of ``train_data`` they took out of the retain set."""
 
     named_by: str
     ids: list[int] | None
     own_held_out: bool = False
+    earlier: tuple[ForgetRequest, ...] = ()
+    excluded_pairs: int = 0
 
 
 def _ids_named_by(what: str, given: object, own_ids: bool) -> str:
@@ -938,7 +942,8 @@ def build_problem(model: nn.Module, *,
                   device: torch.device | str = "cpu",
                   seed: int = 0,
                   fresh_model: Callable[[], nn.Module] | None = None,
-                  train_config: TrainConfig | Mapping[str, Any] | None = None
+                  train_config: TrainConfig | Mapping[str, Any] | None = None,
+                  earlier_requests: Sequence[ForgetRequest] | None = None
                   ) -> UnlearningProblem:
     """The validated :class:`~mtunlearn_ext.unlearning.UnlearningProblem` that :func:`unlearn`
     runs, from the same arguments (see there): for the layers below it, such as
@@ -963,7 +968,7 @@ def build_problem(model: nn.Module, *,
         forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
         held_out_data=held_out_data, shared_parameters=shared_parameters,
         head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
-        train_config=train_config)[0]
+        train_config=train_config, earlier_requests=earlier_requests)[0]
 
 
 def _target_task_names(target_tasks: object) -> list[str] | None:
@@ -1015,12 +1020,12 @@ def _check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
 
 
 def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: object,
-                       own_ids: bool) -> None:
-    """Refuse, naming ``forget_request`` and the ids ``train_data`` (``given``, as passed;
+                       own_ids: bool, what: str = "`forget_request`") -> None:
+    """Refuse, naming ``what`` (the argument) and the ids ``train_data`` (``given``, as passed;
     ``own_ids``: read with ids of the caller's) has, a request for ids that are not in
     ``train_data``."""
     if not isinstance(request, ForgetRequest):
-        raise TypeError(f"unlearn: `forget_request` must be a ForgetRequest (ForgetRequest.create"
+        raise TypeError(f"unlearn: {what} must be a ForgetRequest (ForgetRequest.create"
                         f"(ids, target_tasks)), got {type(request).__name__}")
     known = set(full.ids.tolist())
     unknown = [i for i in request.instance_ids if i not in known]
@@ -1034,8 +1039,65 @@ def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: ob
                                               else ", not every id between")
     else:
         valid += f": ids 0 to {len(full) - 1}"
-    raise KeyError(f"unlearn: `forget_request` names instance ids that are not in `train_data`: "
+    raise KeyError(f"unlearn: {what} names instance ids that are not in `train_data`: "
                    f"{shown}; {valid}")
+
+
+#: Models returned by :func:`unlearn` -> the requests removed from them, in order, named by
+#: the ids of the ``train_data`` they were given with (``None``: a run given ``forget_data``,
+#: whose ids were made up for the call and name nothing of a later ``train_data``). Kept for
+#: the life of the returned module, so that a second request on it keeps the first removed.
+_REMOVED: weakref.WeakKeyDictionary[nn.Module, tuple[ForgetRequest, ...] | None] = (
+    weakref.WeakKeyDictionary())
+
+
+def _earlier_requests(model: nn.Module, given: Sequence[ForgetRequest] | None,
+                      forget_data_given: bool) -> tuple[ForgetRequest, ...]:
+    """The requests already removed from ``model``: ``given`` (``earlier_requests``), else
+    those :func:`unlearn` removed to return this very module (none for any other model)."""
+    if given is not None:
+        if isinstance(given, ForgetRequest) or not isinstance(given, Sequence):
+            raise TypeError(f"unlearn: `earlier_requests` must be a list of ForgetRequests "
+                            f"(the requests already removed from `model`), got "
+                            f"{type(given).__name__}")
+        for i, request in enumerate(given):
+            if not isinstance(request, ForgetRequest):
+                raise TypeError(f"unlearn: `earlier_requests[{i}]` must be a ForgetRequest, "
+                                f"got {type(request).__name__}")
+        if given and forget_data_given:
+            raise ValueError("unlearn: `earlier_requests` names instances of `train_data`; with "
+                             "`forget_data` and `retain_data` the retain set is what you give: "
+                             "leave the pairs removed earlier out of `retain_data`")
+        return tuple(given)
+    carried = _REMOVED.get(model, ())
+    if carried is None:
+        if not forget_data_given:
+            warnings.warn("unlearn: `model` was returned by an earlier unlearn() given "
+                          "`forget_data`, whose instances `train_data` cannot name: the pairs it "
+                          "removed are in `train_data`'s retain set again unless you pass them "
+                          "as `earlier_requests`", UserWarning, stacklevel=4)
+        return ()
+    if carried and forget_data_given:
+        warnings.warn(f"unlearn: `model` was returned by unlearn() after {len(carried)} "
+                      f"request(s) on `train_data`; with `forget_data` and `retain_data` they "
+                      f"cannot be checked: leave the pairs they removed out of `retain_data`",
+                      UserWarning, stacklevel=4)
+    return carried
+
+
+def _without_earlier_removals(full: MultiTaskDataset, earlier: Sequence[ForgetRequest],
+                              given: object, own_ids: bool) -> tuple[MultiTaskDataset, int]:
+    """``full`` with the pairs ``earlier`` removed marked unsupervised (never trained on
+    again, nor forgotten twice), and how many pairs that took out."""
+    removed = torch.zeros_like(full.supervision)
+    for i, request in enumerate(earlier):
+        _check_request_ids(request, full, given, own_ids, f"`earlier_requests[{i}]`")
+        try:
+            removed |= request.forget_mask(full)
+        except (KeyError, ValueError) as error:
+            detail = error.args[0] if error.args else error  # a KeyError's str() is quoted
+            raise type(error)(f"unlearn: `earlier_requests[{i}]`: {detail}") from None
+    return full.with_supervision(full.supervision & ~removed), int(removed.sum())
 
 
 def _build_problem(model: nn.Module, *,
@@ -1047,7 +1109,8 @@ def _build_problem(model: nn.Module, *,
                    head_parameters: Mapping[str, ParameterSpec] | None,
                    device: torch.device | str, seed: int,
                    fresh_model: Callable[[], nn.Module] | None,
-                   train_config: TrainConfig | Mapping[str, Any] | None
+                   train_config: TrainConfig | Mapping[str, Any] | None,
+                   earlier_requests: Sequence[ForgetRequest] | None = None
                    ) -> tuple[UnlearningProblem, list[_Trained], _Naming]:
     """:func:`build_problem`, the training rows as given (for the checks that held-out
     and audit data are unseen), and how the caller's data names the request's instances."""
@@ -1063,6 +1126,7 @@ def _build_problem(model: nn.Module, *,
             model = model.module
         else:
             break
+    earlier = _earlier_requests(model, earlier_requests, forget_data is not None)
     if (train_data is None) == (forget_data is None):
         raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")
@@ -1107,17 +1171,30 @@ def _build_problem(model: nn.Module, *,
         request = forget_request
         _check_request_ids(request, full, given_train, own)
         request.validate(full)
-        forget, retain = request.split(full)
         trained = [_Trained("train_data", full, read, own)]
-        naming = _Naming(_ids_named_by("train_data", given_train, own), None)
+        # Pairs an earlier request removed are neither retained (the model would learn them
+        # again) nor forgotten a second time.
+        remaining, excluded = _without_earlier_removals(full, earlier, given_train, own)
+        forget, retain = request.split(remaining)
+        naming = _Naming(_ids_named_by("train_data", given_train, own), None, earlier=earlier,
+                         excluded_pairs=excluded)
         targets = request.resolved_tasks(full)
         if not len(forget):  # said here, where the request and its data are known by name
             count = len(request.instance_ids)
+            if bool(request.forget_mask(full).any()):
+                raise ValueError(f"unlearn: every pair `forget_request` names ({count} instance"
+                                 f"{'s' if count != 1 else ''}, target tasks {targets}) was "
+                                 f"removed already by `earlier_requests`"
+                                 f"{'' if earlier_requests is not None else ' (the requests the earlier unlearn() that returned `model` removed)'}"
+                                 f": there is nothing left to forget")
             raise ValueError(f"unlearn: `forget_request` names {count} instance"
                              f"{'s' if count != 1 else ''}, none with a supervised pair of the "
                              f"target task{'s' if len(targets) != 1 else ''} {targets} in "
                              "`train_data` (its supervision mask marks those pairs unlabelled): "
                              "there is nothing to forget")
+        if not len(retain):
+            raise ValueError("unlearn: `forget_request` and `earlier_requests` together take "
+                             "every pair of `train_data`: nothing would be left to retain")
     else:
         if retain_data is None:
             raise ValueError("unlearn: `forget_data` needs `retain_data`")
@@ -1222,7 +1299,8 @@ def unlearn(model: nn.Module, *,
             seed: int = 0,
             progress: bool = False,
             fresh_model: Callable[[], nn.Module] | None = None,
-            train_config: TrainConfig | Mapping[str, Any] | None = None
+            train_config: TrainConfig | Mapping[str, Any] | None = None,
+            earlier_requests: Sequence[ForgetRequest] | None = None
             ) -> tuple[nn.Module, UnlearningReport]:
     """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
 
@@ -1314,6 +1392,14 @@ def unlearn(model: nn.Module, *,
         progress: show a progress bar over the steps of a step-based method (tqdm, stderr).
         fresh_model, train_config: what ``method="retrain"`` (the gold standard: training from
             scratch on the retain pairs) needs; see :func:`build_problem`.
+        earlier_requests: the requests already removed from ``model`` (a chain of removals),
+            with ``train_data``: their pairs are left out of the retain set, which would
+            otherwise train the model on them again, and a request naming only such pairs is
+            refused. A model that :func:`unlearn` returned carries its own (for the life of
+            the object): a second request on it keeps the first removed without this
+            argument. Pass them for a model loaded from a checkpoint (the record keeps only
+            the ids' hashes; ``report.request["earlier_requests"]`` lists them). With
+            ``forget_data`` / ``retain_data``, leave removed pairs out of ``retain_data``.
 
     Returns:
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
@@ -1356,7 +1442,7 @@ def unlearn(model: nn.Module, *,
         forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
         held_out_data=held_out_data, shared_parameters=shared_parameters,
         head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
-        train_config=train_config)
+        train_config=train_config, earlier_requests=earlier_requests)
     wrapped, forget, retain = problem.model, problem.forget, problem.retain
     audit = None
     if audit_data is not None:
@@ -1414,6 +1500,14 @@ def unlearn(model: nn.Module, *,
     result.report.request["ids_named_by"] = naming.named_by
     if naming.ids is not None:
         result.report.request["ids_sha256"] = ForgetRequest.create(naming.ids).ids_hash()
+    if train_data is not None:
+        # The chain of removals, by the ids' hashes as the request's own: a record shows that
+        # the retain set left the earlier requests' pairs out.
+        result.report.request["earlier_requests"] = [
+            {"ids_sha256": r.ids_hash(), "num_instances": len(r.instance_ids),
+             "target_tasks": None if r.target_tasks is None else list(r.target_tasks)}
+            for r in naming.earlier]
+        result.report.request["earlier_pairs_excluded"] = naming.excluded_pairs
     if held_out_data is not None:
         unused = _held_out_unused(unlearner, result.report)
         if unused is not None:
@@ -1432,6 +1526,8 @@ def unlearn(model: nn.Module, *,
                       f"({result.report.steps} steps): the returned model is the input model, "
                       f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
                       f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
+    _REMOVED[out] = (None if train_data is None
+                     else (*naming.earlier, cast(ForgetRequest, forget_request)))
     diverged = _non_finite_parameters(out)
     if diverged:
         warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "
@@ -1499,7 +1595,8 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     target tasks, the SHA-256 of the sorted instance ids, not the ids themselves, and
     ``ids_named_by``: the ids of ``train_data`` / ``forget_data`` when it is a data set, the
     ``"id"`` its instances carry when it is a torch dataset of such instances, else row
-    positions in it), the method
+    positions in it; in a chain of removals, ``earlier_requests``: each earlier request's
+    ids hash, instance count and target tasks), the method
     and its settings, the run's ``seed`` and ``device``, its ``environment`` (torch and Python
     versions, the intra-op thread count during the run, whether the compiled ops ran:
     :func:`~mtunlearn_ext.records.run_environment`), the summary (losses before and after; the membership-inference audit
