@@ -596,7 +596,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 "request_type": request_type, "target_tasks": list(targets),
                 "parent_state_sha256": input_weights,
                 REMOVALS_KEY: None if earlier is None else [*earlier, removal_entry(request)]}
-        out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
+        # Everything the record holds but the output's hash is made before the checkpoint
+        # lands (the code version runs git): what follows its rename is the record's own
+        # write, the window in which a SIGKILL leaves a checkpoint without its record.
         record = {
             "schema": RECORD_SCHEMA,
             "request": {"type": request_type, "instance_ids": list(request.instance_ids),
@@ -620,7 +622,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             # Absolute paths: `verify` finds the files from any folder.
             "input": {"checkpoint": str(checkpoint.resolve()),
                       "sha256": loaded.checkpoint.sha256},
-            "output": {"checkpoint": str(out_ckpt.resolve()), "sha256": out_sha},
+            "output": {"checkpoint": str(out_ckpt.resolve()), "sha256": None},
             "weights_changed": weights_changed,
             "before": before, "after": after,
             "report": result.report.to_dict(),
@@ -629,7 +631,10 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         }
         from mtunlearn_ext.workflow import json_safe
 
-        tx.write(out_rec, lambda p: write_record(p, json_safe(record)))
+        record = json_safe(record)
+        out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
+        record["output"]["sha256"] = out_sha
+        tx.write(out_rec, lambda p: write_record(p, record))
     print(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "

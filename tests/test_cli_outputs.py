@@ -574,3 +574,33 @@ def _cpu_isas() -> dict[str, str]:
     """What a record's ``environment`` says of the CPU instruction sets in this process."""
     return {"torch": torch.backends.cpu.get_cpu_capability(),
             "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}
+
+
+def test_the_record_is_ready_before_the_checkpoint_lands(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Data-removal review: the code version (three git calls) was read after the checkpoint's
+    final rename, widening to ~24 ms the window in which a SIGKILL leaves a checkpoint without
+    its record. Between the two writes now: nothing but the record's own write."""
+    from mtunlearn_ext import records, training
+
+    calls: list[str] = []
+    real_code, real_save, real_write = (records.code_version, training.save_checkpoint,
+                                        records.write_record)
+
+    def code_version() -> dict[str, Any]:
+        calls.append("code_version")
+        return real_code()
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> str:
+        calls.append("save_checkpoint")
+        return real_save(*args, **kwargs)
+
+    def write_record(*args: Any, **kwargs: Any) -> str:
+        calls.append("write_record")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(records, "code_version", code_version)
+    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(records, "write_record", write_record)
+    assert _unlearn(trained, tmp_path / "u.pt") == 0
+    assert calls == ["code_version", "save_checkpoint", "write_record"]
