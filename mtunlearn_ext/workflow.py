@@ -799,7 +799,8 @@ def erased_instances(bench: Benchmark) -> dict[int, set[str]]:
     """Instance id -> the LibMTL folders (``"image"``, ``"label"``, ...) whose file of it was
     erased after a removal (:data:`ERASED_KEY`; empty for data read complete)."""
     out: dict[int, set[str]] = {}
-    for path in bench.info.get(ERASED_KEY) or []:  # type: ignore[union-attr]
+    erased = bench.info.get(ERASED_KEY)
+    for path in erased if isinstance(erased, list) else []:
         folder, number = _file_number(str(path))
         out.setdefault(number, set()).add(folder)
     return out

@@ -282,8 +282,8 @@ def _instances(split_dir: Path, folders: list[str], limit: int | None, erasable:
     images = _numbers(split_dir / "image")
     present = {folder: _numbers(split_dir / folder) for folder in folders}
     below = (lambda i: True) if limit is None else (lambda i: i < limit)
-    for folder, numbers in present.items():
-        orphans = sorted(i for i in numbers - images if below(i))
+    for folder, found in present.items():
+        orphans = sorted(i for i in found - images if below(i))
         if orphans:
             i = orphans[0]
             raise LayoutError(f"{split_dir / 'image' / f'{i}.npy'} is missing, yet "
