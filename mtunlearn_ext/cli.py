@@ -313,6 +313,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mtunlearn_ext.training import save_checkpoint, train
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
+        TRAIN_FILES_KEY,
         NonFiniteError,
         OutputTransaction,
         UserInputError,
@@ -361,6 +362,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 # The test split too (hashed in memory, as the training split): unlearn,
                 # evaluate and verify measure the test metrics and the attack's AUC on it.
                 "test_data_sha256": dataset_fingerprint(bench.test),
+                # Every training file's SHA-256: once a removal was honoured, the person's
+                # files may be erased and the rest still be checked file by file.
+                **({TRAIN_FILES_KEY: bench.info[TRAIN_FILES_KEY]}
+                   if data_root is not None and TRAIN_FILES_KEY in bench.info else {}),
                 "train_steps": result.steps, "final_loss": result.final_loss,
                 # The weights' last bits depend on the thread count (torch's default: the
                 # core count) and the torch build: the same command reproduces the file with
@@ -479,6 +484,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         OutputTransaction,
         UserInputError,
         REMOVALS_KEY,
+        TRAIN_FILES_KEY,
         build_user_request,
         check_device,
         exclude_removed,
@@ -487,6 +493,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         measure,
         parse_ids,
         parse_tasks,
+        refuse_erased_ids,
         removal_entry,
         restrict_retain,
         run_unlearning,
@@ -527,6 +534,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         bench, seed = loaded.benchmark, int(args.seed if args.seed is not None
                                             else loaded.meta["seed"])
         train_set = bench.train
+        refuse_erased_ids(bench, forget_ids, target_tasks)
         request, request_type = build_user_request(
             train_set, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
             target_tasks=target_tasks, request_type=args.request, seed=seed)
@@ -588,7 +596,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 # used with them there.
                 "data_root": loaded.data_root,
                 # Absent from checkpoints written before it was recorded: not carried as null.
-                **{k: loaded.meta[k] for k in ("test_data_sha256",) if k in loaded.meta},
+                **{k: loaded.meta[k] for k in ("test_data_sha256", TRAIN_FILES_KEY)
+                   if k in loaded.meta},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
                 "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
                 # The request itself, so that verify can tell a record edited to another
@@ -699,6 +708,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         measure,
         parse_ids,
         parse_tasks,
+        refuse_erased_ids,
         restrict_retain,
         write_json_new,
     )
@@ -718,6 +728,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "train": evaluate(loaded.model, bench.train, None, args.eval_batch_size),
                 "test": evaluate(loaded.model, bench.test, None, args.eval_batch_size)}}
         else:
+            refuse_erased_ids(bench, forget_ids, parse_tasks(args.target_tasks))
             request, _ = build_user_request(
                 bench.train, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
@@ -763,7 +774,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mtunlearn_ext.api import API_RECORD_SCHEMA
-    from mtunlearn_ext.records import WEIGHTS_UNCHANGED, verify_record
+    from mtunlearn_ext.records import FORGET_ERASED_CHECK, WEIGHTS_UNCHANGED, verify_record
     from mtunlearn_ext.workflow import UserInputError
 
     if _schema_of(args.record) == API_RECORD_SCHEMA:
@@ -781,6 +792,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         print(f"data read from {Path(args.data_root).expanduser().resolve()} (--data-root; it "
               "hashes to the data the checkpoint records)")
+    if FORGET_ERASED_CHECK in result.checks:
+        print(f"note: before/after forget metrics: {result.checks[FORGET_ERASED_CHECK]}")
     if result.ok:
         print(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
               "and the re-measured metrics agree with the record (metric tolerance "

@@ -52,7 +52,7 @@ from typing import Any
 
 from mtunlearn_ext._io import sha256_of_file
 
-__all__ = ["RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError", "VerifyResult", "code_version",
+__all__ = ["FORGET_ERASED_CHECK", "RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError", "VerifyResult", "code_version",
            "compare_measurements", "read_record", "run_environment", "utc_now", "verify_record",
            "write_record"]
 
@@ -466,6 +466,9 @@ def verify_record(record_path: str | os.PathLike[str],
                             else OLDER_CHECKPOINT_NOTE)
     mismatches.extend(provenance)
     train_set = loaded.benchmark.train
+    if _forget_erased(loaded.benchmark, request):
+        return _verify_erased(record, record_path, request, loaded, ckpt, sha, data_root,
+                              batch_size, tolerance, mismatches, checks)
     try:
         request.validate(train_set)
         forget, retain = request.split(train_set)
@@ -490,6 +493,109 @@ def verify_record(record_path: str | os.PathLike[str],
                                       # output's were (its root differs from the input's own
                                       # when unlearn ran with --data-root).
                                       data_root if data_root is not None else loaded.data_root)
+    checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
+    return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
+
+
+#: ``verify``'s row for a record whose forget instances' files were erased since the run.
+FORGET_ERASED_CHECK = "forget metrics"
+FORGET_ERASED_NOTE = "not re-measured, the forget instances' files were erased after the run"
+
+
+def _forget_erased(bench: Any, request: Any) -> bool:
+    """Whether any of the request's forget pairs lost its file after the run (the person's data
+    erased once the removal was honoured): its forget metrics and attack AUC cannot be
+    re-measured then."""
+    from mtunlearn_ext.data.libmtl import FOLDER_OF_TASK
+    from mtunlearn_ext.workflow import erased_instances
+
+    erased = erased_instances(bench)
+    folders = ({"image", *FOLDER_OF_TASK.values()} if request.target_tasks is None
+               else {FOLDER_OF_TASK.get(t, t) for t in request.target_tasks})
+    return any(erased.get(int(i), set()) & folders for i in request.instance_ids)
+
+
+def _retain_without(train_set: Any, request: Any) -> Any:
+    """The request's retain split when some of its forget instances are gone: the training
+    set without the forget pairs of those still there (``ForgetRequest.split`` refuses ids the
+    data set lacks)."""
+    import torch
+
+    rows = {int(i): p for p, i in enumerate(train_set.ids.tolist())}
+    positions = [rows[int(i)] for i in request.instance_ids if int(i) in rows]
+    supervision = train_set.supervision.clone()
+    if positions:
+        columns = torch.tensor([train_set.task_index(t)
+                                for t in request.resolved_tasks(train_set)])
+        supervision[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = False
+    kept = supervision.any(dim=1).nonzero().flatten()
+    return train_set.with_supervision(supervision).subset(kept)
+
+
+def _kept_part(measurement: Any) -> dict[str, Any]:
+    """The retain and test metrics of a recorded measurement (what :func:`measure_kept`
+    re-measures)."""
+    metrics = measurement.get("metrics") if isinstance(measurement, Mapping) else None
+    metrics = metrics if isinstance(metrics, Mapping) else {}
+    return {"metrics": {k: metrics.get(k) for k in ("retain", "test")}}
+
+
+def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str],
+                   request: Any, loaded: Any, ckpt: Path, sha: str,
+                   data_root: str | os.PathLike[str] | None, batch_size: int | None,
+                   tolerance: float, mismatches: list[str], checks: dict[str, str]
+                   ) -> VerifyResult:
+    """:func:`verify_record`'s measurement once the forget instances' files were erased
+    (which the data check allowed only for files the lineage removed): the retain and test
+    metrics of the output (and of the input, when found) are re-measured and compared; the
+    forget metrics and the attack's AUC cannot be, and the ``forget metrics`` row says so.
+    The weights, hash, ids and provenance checks are unchanged."""
+    from mtunlearn_ext.workflow import (
+        exclude_removed,
+        lineage_removals,
+        load_model,
+        measure_kept,
+        restrict_retain,
+    )
+
+    req = record["request"]
+    train_set, test = loaded.benchmark.train, loaded.benchmark.test
+    try:
+        retain = _retain_without(train_set, request)
+        retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
+        retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
+    except (KeyError, ValueError) as error:
+        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+        mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
+                          f"{reason}")
+        checks["metrics"] = "not measured"
+        return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
+    size = batch_size or int(record.get("eval_batch_size", 64))
+    checks[FORGET_ERASED_CHECK] = FORGET_ERASED_NOTE
+    measured = measure_kept(loaded.model, retain, test, size)
+    differences = compare_measurements(_kept_part(record["after"]), measured, tolerance, "after")
+    checks["metrics"] = "MISMATCH" if differences else "ok"
+    mismatches.extend(differences)
+    checks["before"] = "not recorded"
+    inp = record.get("input")
+    recorded = inp.get("checkpoint") if isinstance(inp, Mapping) else None
+    if isinstance(inp, Mapping) and isinstance(recorded, str) \
+            and isinstance(record.get("before"), Mapping):
+        path = recorded_path(recorded, record_path)
+        if not path.is_file():
+            checks["before"] = "not measured (input checkpoint not found)"
+        elif sha256_of_file(path) != inp.get("sha256"):
+            checks["before"] = "not measured (the input checkpoint found is not the recorded one)"
+        else:
+            # The input's lineage did not remove what this run did: the output's removals
+            # say which files may be gone.
+            original = load_model(path, "--record", data_root=data_root if data_root is not None
+                                  else loaded.data_root, removals=lineage_removals(loaded.meta))
+            before = compare_measurements(_kept_part(record["before"]),
+                                          measure_kept(original.model, retain, test, size),
+                                          tolerance, "before")
+            mismatches.extend(before)
+            checks["before"] = "MISMATCH" if before else "ok"
     checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from mtunlearn_ext._io import name_max, path_max, write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
+from mtunlearn_ext.data.libmtl import FOLDER_OF_TASK, TRAIN_FILES_KEY
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLI_META_FORMAT",
+    "ERASED_KEY",
+    "TRAIN_FILES_KEY",
     "LoadedModel",
     "NonFiniteError",
     "OutputTransaction",
@@ -55,13 +58,18 @@ __all__ = [
     "check_device",
     "check_finite_parameters",
     "check_parameter_split",
+    "erased_forget_pairs",
+    "erased_instances",
     "exclude_removed",
     "json_safe",
     "lineage_removals",
     "load_model",
     "measure",
+    "measure_kept",
     "parse_ids",
     "parse_tasks",
+    "refuse_erased_ids",
+    "removed_files",
     "removal_entry",
     "restrict_retain",
     "run_unlearning",
@@ -293,10 +301,14 @@ def data_root_of(meta: Mapping[str, Any], data_root: str | os.PathLike[str] | No
 
 
 def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint",
-                        data_root: str | os.PathLike[str] | None = None) -> Benchmark:
+                        data_root: str | os.PathLike[str] | None = None,
+                        removals: Sequence[Mapping[str, Any]] | None = None) -> Benchmark:
     """The benchmark named by a CLI checkpoint's metadata (name, size, seed, data root), read
     from ``data_root`` when given (see :func:`data_root_of`), which must hold the data the
-    checkpoint recorded the hashes of."""
+    checkpoint recorded the hashes of. A checkpoint that recorded its training files' digests
+    (:data:`TRAIN_FILES_KEY`) reads data whose removed files were erased: the files its
+    lineage's removals took out (or ``removals``', a descendant's, for ``verify``'s look at an
+    input model) may be missing; which were is ``info[ERASED_KEY]``."""
     from mtunlearn_ext.data.registry import load_benchmark
 
     missing = [k for k in ("benchmark", "size", "seed") if k not in meta]
@@ -306,8 +318,11 @@ def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint",
                              f"its metadata lacks {missing or ['format']}")
     root = data_root_of(meta, data_root)
     try:
+        files = recorded_train_files(meta)
+        erasable: dict[str, Any] = ({} if files is None else
+                                    {"allow_erased": True, "num_train": _num_train(files)})
         bench = load_benchmark(str(meta["benchmark"]), seed=int(meta["seed"]),
-                               size=meta["size"], data_root=root)
+                               size=meta["size"], data_root=root, **erasable)
     except OSError as error:
         if data_root is not None:
             raise UserInputError("--data-root", f"a folder holding {meta.get('benchmark')!r} "
@@ -320,14 +335,129 @@ def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint",
         raise UserInputError(argument, "a checkpoint whose benchmark can be loaded",
                              meta.get("benchmark"), str(error)) from error
     if data_root is None:
-        _check_data_unchanged(meta, bench, argument)
+        _check_data_unchanged(meta, bench, argument, removals=removals)
     else:
-        _check_data_unchanged(meta, bench, "--data-root", root, str(data_root))
+        _check_data_unchanged(meta, bench, "--data-root", root, str(data_root), removals)
     return bench
 
 
+#: ``Benchmark.info`` key of the training files found erased (``"image/5.npy"``, sorted), set by
+#: :func:`benchmark_from_meta` for a checkpoint with recorded file digests.
+ERASED_KEY = "erased_train_files"
+
+
+def recorded_train_files(meta: Mapping[str, Any]) -> dict[str, str] | None:
+    """The training files' SHA-256 digests a checkpoint recorded (``"image/5.npy" -> hex``),
+    or None: an older checkpoint, or a benchmark read from no data root."""
+    files = meta.get(TRAIN_FILES_KEY)
+    if isinstance(files, Mapping) and files and all(
+            isinstance(k, str) and isinstance(v, str) and _FILE.fullmatch(k)
+            for k, v in files.items()):
+        return dict(files)
+    return None
+
+
+_FILE = re.compile(r"([a-z]+)/(0|[1-9][0-9]*)\.npy")
+
+
+def _file_number(path: str) -> tuple[str, int]:
+    """``"label/7.npy"`` -> ``("label", 7)``."""
+    folder, name = path.split("/")
+    return folder, int(name[:-len(".npy")])
+
+
+def _num_train(files: Mapping[str, str]) -> int:
+    """The training split's size when it was recorded: where its test ids start."""
+    return 1 + max(_file_number(p)[1] for p in files)
+
+
+def removed_files(removals: Sequence[Mapping[str, Any]], files: Iterable[str],
+                  task_names: Sequence[str]) -> set[str]:
+    """Those of ``files`` (``"folder/<i>.npy"``) that ``removals`` took out, and so may be
+    erased: every file of a full request's instances (one naming every task is full), the
+    label files of a partial request's target tasks (:data:`FOLDER_OF_TASK`), not its
+    instances' images, which still carry their other tasks."""
+    full: set[int] = set()
+    partial: dict[int, set[str]] = {}
+    for entry in removals:
+        tasks = entry.get("target_tasks")
+        ids = [int(i) for i in entry["instance_ids"]]
+        if tasks is None or set(task_names) <= set(tasks):
+            full.update(ids)
+            continue
+        for i in ids:
+            partial.setdefault(i, set()).update(FOLDER_OF_TASK.get(t, t) for t in tasks)
+    out = set()
+    for path in files:
+        folder, number = _file_number(path)
+        if number in full or folder in partial.get(number, ()):
+            out.add(path)
+    return out
+
+
+def _first(paths: Sequence[str], shown: int = 3) -> str:
+    """A few of ``paths`` as ``train/...`` names, for an error."""
+    more = f" (and {len(paths) - shown} more)" if len(paths) > shown else ""
+    return ", ".join(f"train/{p}" for p in paths[:shown]) + more
+
+
+def _check_train_files(meta: Mapping[str, Any], bench: Benchmark, argument: str,
+                       refuse: Callable[[str], UserInputError],
+                       removals: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """The recorded training files now missing, once it is checked that they were erased as
+    removals allow (``[]`` when none is missing: the whole-split hash is then compared as
+    before). With files missing, the split's hash cannot match; instead every file present
+    must hash to its recorded digest (a removed file overwritten or blanked instead of deleted
+    is refused: it would be read as data), no file may have been added, and every missing one
+    must have been removed by the checkpoint's lineage (``removals`` when given): a file
+    erased without a request would silently leave the training set."""
+    recorded = recorded_train_files(meta)
+    now = bench.info.get(TRAIN_FILES_KEY)
+    if recorded is None or not isinstance(now, Mapping):
+        return []
+    missing = [p for p in recorded if p not in now]
+    if not missing:
+        return []
+    changed = [p for p in recorded if p in now and now[p] != recorded[p]]
+    if changed:
+        p = changed[0]
+        raise refuse(f"{_first(changed)} does not hash to the SHA-256 recorded at training "
+                     f"(train/{p}: {recorded[p][:16]}..., now {str(now[p])[:16]}...): files "
+                     "were edited or overwritten; a removed instance's files must be deleted, "
+                     "not blanked; restore the data or train again")
+    added = [p for p in now if p not in recorded]
+    if added:
+        raise refuse(f"{_first(added)} was not in the training data when the checkpoint was "
+                     "trained (files added or renumbered); restore the data or train again")
+    known = removals if removals is not None else lineage_removals(meta, argument)
+    allowed = removed_files(known or [], missing, bench.train.task_names)
+    stray = [p for p in missing if p not in allowed]
+    if stray:
+        folder, number = _file_number(stray[0])
+        named = {int(i) for e in known or [] for i in e["instance_ids"]}
+        why = ("the checkpoint's earlier removals are unknown (it keeps only their hash)"
+               if known is None else
+               f"instance {number} was never removed" if number not in named else
+               f"instance {number} was removed only from the tasks of a partial request, "
+               f"whose {folder}/ file stays")
+        verb = "is" if len(stray) == 1 else "are"
+        raise refuse(f"{_first(stray)} {verb} missing but {why}: only files that requests "
+                     "of the checkpoint's lineage removed may be erased; restore them")
+    return missing
+
+
+def _differing_files(meta: Mapping[str, Any], bench: Benchmark) -> list[str]:
+    """The training files added, missing or edited against the recorded digests (``[]``
+    without them), to name in the whole-split hash's error (a blanked file, say)."""
+    files, now = recorded_train_files(meta), bench.info.get(TRAIN_FILES_KEY)
+    if files is None or not isinstance(now, Mapping):
+        return []
+    return sorted(set(files) ^ set(now) | {p for p in files if p in now and now[p] != files[p]})
+
+
 def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: str,
-                          moved_to: str | None = None, given: str | None = None) -> None:
+                          moved_to: str | None = None, given: str | None = None,
+                          removals: Sequence[Mapping[str, Any]] | None = None) -> None:
     """Refuse data read from a data root that is no longer what the checkpoint was trained on.
 
     Instance ids name files by number (:mod:`mtunlearn_ext.data.libmtl`): after files were
@@ -339,14 +469,29 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
     gave other numbers under the same record (``verify`` then reported 20 metric mismatches
     with no word on the data). Generated benchmarks are left alone (they are regenerated, not
     read, and carry no data root). ``moved_to``: the root ``--data-root`` gave (``given``),
-    which is accepted only when its data hash to the recorded ones."""
+    which is accepted only when its data hash to the recorded ones. With the training files'
+    digests recorded, files that removals took out may have been erased
+    (:func:`_check_train_files`); they are listed in ``bench.info[ERASED_KEY]``."""
     root, recorded = meta.get("data_root"), meta.get("data_sha256")
     if root is None or recorded is None:
         return
     from mtunlearn_ext.experiment import dataset_fingerprint
 
-    splits = [("training data", "", bench.train, recorded,
-               "instance ids name files by number, so a request would name other instances")]
+    def refuse(detail: str) -> UserInputError:
+        if moved_to is not None:
+            return UserInputError(argument, f"a folder holding the data the checkpoint was "
+                                  f"trained on (recorded under {root})", given,
+                                  f"under {moved_to}: {detail}")
+        return UserInputError(argument, f"a checkpoint trained on the data now under {root}",
+                              meta.get("benchmark"), detail)
+
+    erased = _check_train_files(meta, bench, argument, refuse, removals)
+    bench.info[ERASED_KEY] = erased
+    changed = _differing_files(meta, bench)
+    splits = [] if erased else [
+        ("training data", f"; {_first(changed)} differ from the recorded files" if changed
+         else "", bench.train, recorded,
+         "instance ids name files by number, so a request would name other instances")]
     test_recorded = meta.get("test_data_sha256")
     if test_recorded is not None:
         splits.append(("test data (val/)", " in val/", bench.test, test_recorded,
@@ -404,12 +549,14 @@ def check_finite_parameters(model: nn.Module, argument: str) -> None:
 
 def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
                expected_sha256: str | None = None,
-               data_root: str | os.PathLike[str] | None = None) -> LoadedModel:
+               data_root: str | os.PathLike[str] | None = None,
+               removals: Sequence[Mapping[str, Any]] | None = None) -> LoadedModel:
     """Read a CLI checkpoint, rebuild its benchmark and model, and check both.
 
     Raises :class:`UserInputError` (wrong or damaged file, state that does not fit the
     benchmark's model, no shared/head split, non-finite parameters). ``data_root``: where the
-    real data are now, when they moved since ``train`` (see :func:`benchmark_from_meta`).
+    real data are now, when they moved since ``train``; ``removals``: those whose files may be
+    erased, when not the checkpoint's own lineage's (see :func:`benchmark_from_meta`).
     """
     from mtunlearn_ext.models import build_model
 
@@ -419,7 +566,7 @@ def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
     except CheckpointError as error:
         raise UserInputError(argument, "a readable mtunlearn checkpoint", str(p),
                              str(error)) from error
-    bench = benchmark_from_meta(checkpoint.meta, argument, data_root)
+    bench = benchmark_from_meta(checkpoint.meta, argument, data_root, removals)
     model = build_model(bench, seed=int(checkpoint.meta["seed"]))
     try:
         model.load_state_dict(checkpoint.state_dict)
@@ -646,6 +793,62 @@ def exclude_removed(retain: MultiTaskDataset, removals: Sequence[Mapping[str, An
         raise UserInputError("request", "a request that leaves something to retain",
                              "nothing", "the earlier removals and this request take every pair")
     return (retain.with_supervision(supervision).subset(kept.nonzero().flatten()), excluded)
+
+
+def erased_instances(bench: Benchmark) -> dict[int, set[str]]:
+    """Instance id -> the LibMTL folders (``"image"``, ``"label"``, ...) whose file of it was
+    erased after a removal (:data:`ERASED_KEY`; empty for data read complete)."""
+    out: dict[int, set[str]] = {}
+    erased = bench.info.get(ERASED_KEY)
+    for path in erased if isinstance(erased, list) else []:
+        folder, number = _file_number(str(path))
+        out.setdefault(number, set()).add(folder)
+    return out
+
+
+def erased_forget_pairs(bench: Benchmark, ids: Sequence[int],
+                        tasks: Sequence[str] | None) -> list[int]:
+    """The ids among ``ids`` whose pairs of ``tasks`` (``None``: every task) were erased: the
+    instance is gone (its image was erased), or, for named tasks, each one's label file is."""
+    erased = erased_instances(bench)
+    present = set(bench.train.ids.tolist())
+    out = []
+    for i in ids:
+        gone = erased.get(int(i), set())
+        if not gone:
+            continue
+        if int(i) not in present or (tasks is not None and tasks and all(
+                FOLDER_OF_TASK.get(t, t) in gone for t in tasks)):
+            out.append(int(i))
+    return out
+
+
+def refuse_erased_ids(bench: Benchmark, forget_ids: Sequence[int] | None,
+                      target_tasks: Sequence[str] | None) -> None:
+    """Refuse ``--forget-ids`` naming data already removed whose files were erased: nothing
+    of them is left to forget (the generic "unknown ids" error would not say why)."""
+    if not forget_ids:
+        return
+    tasks = (None if target_tasks is None or set(bench.train.task_names) <= set(target_tasks)
+             else target_tasks)
+    gone = erased_forget_pairs(bench, forget_ids, tasks)
+    if gone:
+        raise UserInputError("--forget-ids", "ids of training data still present",
+                             f"{len(gone)} erased ids {gone[:10]}",
+                             "an earlier request of the checkpoint's lineage already removed "
+                             "them and their files were erased since; leave them out")
+
+
+def measure_kept(model: nn.Module, retain: MultiTaskDataset, test: MultiTaskDataset,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """The part of :func:`measure` that needs no forget set: the retain and test metrics, as
+    ``{"metrics": {"retain", "test"}}``. For ``verify`` once the forget instances' files were
+    erased: their metrics and the attack's AUC can no longer be re-measured."""
+    from mtunlearn_ext.metrics import evaluate
+
+    return json_safe({"metrics": {
+        name: evaluate(model, ds, None, batch_size)  # type: ignore[arg-type]
+        for name, ds in (("retain", retain), ("test", test))}})
 
 
 # -- measuring ------------------------------------------------------------------------------------

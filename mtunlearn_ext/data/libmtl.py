@@ -24,6 +24,16 @@ benchmarks, ``(rgb - 0.5) / 0.25``. ``size`` resizes on load: RGB bilinearly, la
 normals with nearest neighbour, so unknown (0) and unlabelled (-1) values are never blended into
 valid ones; it may change the aspect ratio (the registry's sizes keep it).
 
+Erased data (``allow_erased=True``, which ``mtunlearn`` passes for a checkpoint that recorded its
+training files' digests; never for ``train``): after a removal request was honoured, the
+person's files may be deleted from the training split. An instance number whose files are all
+gone is then absent (the others keep their numbers as ids: nothing is renumbered); one whose
+label file of a task is gone (a partial request on that task) has that task's pair
+unsupervised. An instance still present needs its image. ``val/`` never takes a gap. Whether
+the missing files were removed by a request is for the caller to check (see
+:func:`mtunlearn_ext.workflow.benchmark_from_meta`); every training file's SHA-256 is in
+``info["train_files_sha256"]`` (``"image/5.npy" -> hex``) for that.
+
 Everything is read into memory as float32 (labels int64): about 3.8 MiB per instance of NYUv2 at
 its full 288x384 (5.4 GiB for its 795 + 654 instances), 0.24 MiB at 72x96; resizing happens per
 file, so a smaller ``size`` needs no full-size copy of the split.
@@ -31,6 +41,8 @@ file, so a smaller ``size`` needs no full-size copy of the split.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import stat
@@ -40,15 +52,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, labelled_rows
 
-__all__ = ["LayoutError", "load_cityscapes", "load_libmtl", "load_nyuv2"]
+__all__ = ["FOLDER_OF_TASK", "TRAIN_FILES_KEY", "LayoutError", "load_cityscapes", "load_libmtl",
+           "load_nyuv2"]
 
 RGB_MEAN, RGB_STD = 0.5, 0.25
 _INDEX = re.compile(r"^(0|[1-9]\d*)\.npy$")
 _NUMBERED = re.compile(r"^\d+\.npy$")
 # LibMTL folder -> (task name, channels of the stored array, or None for a label map)
 _FOLDERS = {"label": ("segmentation", None), "depth": ("depth", 1), "normal": ("normals", 3)}
+#: Task name -> its LibMTL folder: the file a partial request on that task removes.
+FOLDER_OF_TASK = {task: folder for folder, (task, _) in _FOLDERS.items()}
+#: ``Benchmark.info`` key (and checkpoint metadata key) of the training files' SHA-256 digests,
+#: ``"<folder>/<i>.npy" -> hex``: what tells an erased file from a changed or added one.
+TRAIN_FILES_KEY = "train_files_sha256"
 # How far an RGB value may stray outside [0, 1]: a resampling filter overshoots a little, an
 # image kept in [0, 255] is far outside (and would become inputs up to ~1000 once normalised).
 _RGB_SLACK = 0.05
@@ -86,6 +104,20 @@ def _count(folder: Path) -> int:
     return len(found)
 
 
+def _numbers(folder: Path) -> set[int]:
+    """The instance numbers of ``folder``'s ``<i>.npy`` files, gaps allowed (erased data): the
+    folder must exist and its names must have no leading zeros, as :func:`_count` asks."""
+    if not folder.is_dir():
+        raise LayoutError(f"missing folder {folder} (expected LibMTL layout "
+                          "<root>/{train,val}/{image,label,depth[,normal]}/<i>.npy)")
+    names = os.listdir(folder)
+    padded = sorted(n for n in names if _NUMBERED.match(n) and not _INDEX.match(n))
+    if padded:
+        raise LayoutError(f"{folder}: expected files named <i>.npy without leading zeros "
+                          f"(0.npy, 1.npy, ...), got {padded[:5]}")
+    return {int(m.group(1)) for name in names if (m := _INDEX.match(name)) is not None}
+
+
 def _kind_of(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
@@ -99,8 +131,8 @@ def _kind_of(mode: int) -> str:
 _Seen = dict[tuple[int, int], Path]
 
 
-def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None = None
-                ) -> np.ndarray:
+def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None = None,
+                digests: dict[str, str] | None = None) -> np.ndarray:
     # Opened without blocking and checked before numpy reads it: np.load on a FIFO named
     # <i>.npy waited forever for a writer (`train` hung), on a directory it failed obscurely.
     # The check is on the open descriptor, so the file cannot be swapped after it.
@@ -134,8 +166,13 @@ def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None 
             raise LayoutError(f"{path} is not a .npy array file (it {start}, not numpy's .npy "
                               f"header {_NPY_MAGIC!r}); save each instance with numpy.save")
         handle.seek(0)
+        source: io.BufferedIOBase = handle
+        if digests is not None:  # the bytes read once, for their digest and for numpy
+            raw = handle.read()
+            digests[f"{path.parent.name}/{path.name}"] = hashlib.sha256(raw).hexdigest()
+            source = io.BytesIO(raw)
         try:
-            array = np.load(handle, allow_pickle=False)
+            array = np.load(source, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise LayoutError(f"cannot read {path}: {error}") from error
     if array.dtype.kind not in "fiu":
@@ -221,25 +258,62 @@ def _empty_targets(folders: list[str], count: int, size: tuple[int, ...]
     return targets
 
 
+def _fill_missing(targets: dict[str, torch.Tensor], task: str, row: int) -> None:
+    """A task's target of an instance whose file was erased: "no label" (-1, or 0 = unknown)."""
+    targets[task][row] = -1 if targets[task].dtype == torch.long else 0
+
+
+def _instances(split_dir: Path, folders: list[str], limit: int | None, erasable: bool
+               ) -> tuple[list[int], dict[str, set[int]]]:
+    """The instance numbers to read, in order, and each task folder's numbers present.
+
+    Complete data: ``0 .. n-1`` in every folder (:func:`_count`). Erased data (``erasable``):
+    any numbers, an instance being there when any of its files is, which must include its
+    image; ``limit`` keeps the numbers below it (the instances a complete split would give)."""
+    if not erasable:
+        count = _count(split_dir / "image")
+        for folder in folders:
+            other = _count(split_dir / folder)
+            if other != count:
+                raise LayoutError(f"{split_dir}: image/ and {folder}/ hold different instances "
+                                  f"({count} and {other} files)")
+        numbers = list(range(count if limit is None else min(count, limit)))
+        return numbers, {folder: set(numbers) for folder in folders}
+    images = _numbers(split_dir / "image")
+    present = {folder: _numbers(split_dir / folder) for folder in folders}
+    below = (lambda i: True) if limit is None else (lambda i: i < limit)
+    for folder, found in present.items():
+        orphans = sorted(i for i in found - images if below(i))
+        if orphans:
+            i = orphans[0]
+            raise LayoutError(f"{split_dir / 'image' / f'{i}.npy'} is missing, yet "
+                              f"{split_dir / folder / f'{i}.npy'} is there: an instance still "
+                              "in the data needs its image (erase every file of a removed "
+                              "instance, or only the label files of a partial request's tasks)")
+    numbers = sorted(i for i in images if below(i))
+    if not numbers:
+        raise LayoutError(f"no <i>.npy files in {split_dir / 'image'}")
+    return numbers, present
+
+
 def _load_split(split_dir: Path, folders: list[str], num_classes: int,
-                size: tuple[int, int] | None, limit: int | None, seen: _Seen
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    count = _count(split_dir / "image")
-    for folder in folders:
-        other = _count(split_dir / folder)
-        if other != count:
-            raise LayoutError(f"{split_dir}: image/ and {folder}/ hold different instances "
-                              f"({count} and {other} files)")
-    if limit is not None:
-        count = min(count, limit)
+                size: tuple[int, int] | None, limit: int | None, seen: _Seen,
+                erasable: bool = False, digests: dict[str, str] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int], torch.Tensor | None]:
+    """``(inputs, targets, instance numbers, presence)`` of a split; ``presence`` (``[N, T]``
+    bool, False where a task's file was erased) is None when every file is there."""
+    numbers, present = _instances(split_dir, folders, limit, erasable)
+    count = len(numbers)
+    presence = torch.tensor([[i in present[f] for f in folders] for i in numbers],
+                            dtype=torch.bool).reshape(count, len(folders))
     # Filled in place, one instance at a time: a list of per-instance tensors stacked at the
     # end held every array twice (40 full-size NYUv2 instances: peak RSS 325 -> 242 MiB).
     inputs = torch.empty(0)
     targets: dict[str, torch.Tensor] = {}
     shape: tuple[int, int] | None = None
-    for i in range(count):
+    for row, i in enumerate(numbers):
         path = split_dir / "image" / f"{i}.npy"
-        image = _load_array(path, "image", 3, seen)
+        image = _load_array(path, "image", 3, seen, digests)
         if shape is None:
             shape = image.shape[:2]
         elif image.shape[:2] != shape:
@@ -248,26 +322,29 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
         _check_rgb(path, image)
         rgb = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
         rgb = _resize(rgb, size, "bilinear")
-        if i == 0:
+        if row == 0:
             out = tuple(rgb.shape[-2:])
             inputs = torch.empty(count, 3, *out)
             targets = _empty_targets(folders, count, out)
-        inputs[i] = rgb
-        for folder in folders:
+        inputs[row] = rgb
+        for column, folder in enumerate(folders):
             task, channels = _FOLDERS[folder]
+            if not bool(presence[row, column]):
+                _fill_missing(targets, task, row)
+                continue
             path = split_dir / folder / f"{i}.npy"
-            array = _load_array(path, folder, channels)
+            array = _load_array(path, folder, channels, None, digests)
             if array.shape[:2] != shape:
                 raise LayoutError(f"{path} is {array.shape[:2]}, its image {shape}")
             if channels is None:
                 label = _label_map(path, array, num_classes)
-                targets[task][i] = _resize(label[None], size, "nearest")[0].long()
+                targets[task][row] = _resize(label[None], size, "nearest")[0].long()
             else:
                 _check_dense(path, folder, array)
                 value = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-                targets[task][i] = _resize(value.permute(2, 0, 1), size, "nearest")
+                targets[task][row] = _resize(value.permute(2, 0, 1), size, "nearest")
     inputs.sub_(RGB_MEAN).div_(RGB_STD)
-    return inputs, targets
+    return inputs, targets, numbers, None if bool(presence.all()) else presence
 
 
 def _check_arguments(name: str, size: object, max_train: object, max_test: object) -> None:
@@ -287,13 +364,20 @@ def _check_arguments(name: str, size: object, max_train: object, max_test: objec
 def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
                 folders: list[str], *, size: tuple[int, int] | None = None,
                 max_train: int | None = None, max_test: int | None = None,
-                depth_prior: float | None = None) -> Benchmark:
+                depth_prior: float | None = None, allow_erased: bool = False,
+                num_train: int | None = None) -> Benchmark:
     """Load a LibMTL-layout data set at ``root`` (``train/`` -> train, ``val/`` -> test).
 
     Raises :class:`LayoutError` naming the problem when the root, a folder or a file is missing
     or malformed, and ``ValueError`` for a ``size`` other than two integers >= 1 or a
     ``max_train`` / ``max_test`` other than an integer >= 1. Train ids are the file numbers
     ``0 .. N_train - 1``; test ids follow (``val/*/<j>.npy`` has id ``N_train + j``).
+
+    ``allow_erased``: the training split may lack the files of removed data (see the module's
+    docstring): absent instances, unsupervised pairs whose label file is gone. ``num_train``
+    is then the split's size before anything was erased, where the test ids start (default:
+    the highest train number + 1, wrong once the last instance was erased).
+    ``info["train_files_sha256"]`` holds every training file's SHA-256.
     """
     _check_arguments(name, size, max_train, max_test)
     base = Path(root).expanduser()
@@ -301,43 +385,60 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
         raise LayoutError(f"{name}: data root {base} does not exist or is not a directory")
     seg = next(t for t in tasks if t.kind == "segmentation")
     assert seg.num_classes is not None
-    splits = {}
+    shape = None if size is None else (size[0], size[1])
     seen: _Seen = {}  # over both splits: a train file linked into val/ is refused too
-    for split in ("train", "val"):
-        limit = max_train if split == "train" else max_test
-        splits[split] = _load_split(base / split, folders, seg.num_classes,
-                                    None if size is None else (size[0], size[1]), limit, seen)
-    datasets = []
-    first_id = 0
-    for split in ("train", "val"):
-        inputs, targets = splits[split]
-        ids = torch.arange(first_id, first_id + inputs.shape[0])
-        first_id += inputs.shape[0]
-        datasets.append(MultiTaskDataset(inputs, targets, tasks, ids=ids))
+    digests: dict[str, str] = {}
+    train = _load_split(base / "train", folders, seg.num_classes, shape, max_train, seen,
+                        allow_erased, digests)
+    test = _load_split(base / "val", folders, seg.num_classes, shape, max_test, seen)
+    inputs, targets, numbers, presence = train
+    supervision = None
+    if presence is not None:  # erased label files: those pairs carry no label
+        supervision = torch.stack([labelled_rows(t, targets[t.name]) for t in tasks], dim=1)
+        columns = [folders.index(FOLDER_OF_TASK[t.name]) for t in tasks]
+        supervision &= presence[:, columns]
+    datasets = [MultiTaskDataset(inputs, targets, tasks, ids=torch.tensor(numbers),
+                                 supervision=supervision)]
+    first_test = (numbers[-1] + 1 if num_train is None else num_train) if allow_erased \
+        else len(numbers)
+    test_inputs, test_targets, test_numbers, _ = test
+    datasets.append(MultiTaskDataset(test_inputs, test_targets, tasks,
+                                     ids=torch.tensor(test_numbers) + first_test))
     info: dict[str, object] = {
-        "source": str(base), "layout": "LibMTL npy", "size": list(splits["train"][0].shape[-2:]),
+        "source": str(base), "layout": "LibMTL npy", "size": list(inputs.shape[-2:]),
         "rgb_normalisation": [RGB_MEAN, RGB_STD], "test_split": "val",
+        TRAIN_FILES_KEY: dict(sorted(digests.items(), key=_file_order)),
     }
     if depth_prior is not None:
         info["depth_prior"] = depth_prior
     return Benchmark(name, datasets[0], datasets[1], tasks, info)
 
 
+def _file_order(item: tuple[str, str]) -> tuple[str, int]:
+    """``"image/10.npy"`` after ``"image/9.npy"``: digests listed by folder, then number."""
+    folder, name = item[0].split("/")
+    return folder, int(name.split(".")[0])
+
+
 def load_nyuv2(root: str | os.PathLike[str], *, size: tuple[int, int] | None = None,
                max_train: int | None = None, max_test: int | None = None,
-               num_classes: int = 13) -> Benchmark:
+               num_classes: int = 13, allow_erased: bool = False,
+               num_train: int | None = None) -> Benchmark:
     """NYUv2 (LibMTL layout): tasks ``segmentation`` (13 classes), ``depth``, ``normals``."""
     tasks = [TaskSpec("segmentation", "segmentation", num_classes=num_classes),
              TaskSpec("depth", "depth"), TaskSpec("normals", "normals")]
     return load_libmtl(root, "nyuv2", tasks, ["label", "depth", "normal"], size=size,
-                       max_train=max_train, max_test=max_test, depth_prior=2.5)
+                       max_train=max_train, max_test=max_test, depth_prior=2.5,
+                       allow_erased=allow_erased, num_train=num_train)
 
 
 def load_cityscapes(root: str | os.PathLike[str], *, size: tuple[int, int] | None = None,
                     max_train: int | None = None, max_test: int | None = None,
-                    num_classes: int = 7) -> Benchmark:
+                    num_classes: int = 7, allow_erased: bool = False,
+                    num_train: int | None = None) -> Benchmark:
     """Cityscapes (LibMTL layout): tasks ``segmentation`` (7 classes) and ``depth``."""
     tasks = [TaskSpec("segmentation", "segmentation", num_classes=num_classes),
              TaskSpec("depth", "depth")]
     return load_libmtl(root, "cityscapes", tasks, ["label", "depth"], size=size,
-                       max_train=max_train, max_test=max_test)
+                       max_train=max_train, max_test=max_test, allow_erased=allow_erased,
+                       num_train=num_train)

@@ -238,7 +238,8 @@ def registered_benchmarks() -> tuple[str, ...]:
 def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
                    data_root: str | os.PathLike[str] | None = None,
                    cache_dir: str | os.PathLike[str] | None = None,
-                   use_cache: bool = True) -> Benchmark:
+                   use_cache: bool = True, allow_erased: bool = False,
+                   num_train: int | None = None) -> Benchmark:
     """The benchmark ``name`` (one of :data:`BENCHMARKS`) at ``size`` (see the module table).
 
     Args:
@@ -249,6 +250,8 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         data_root: the LibMTL-layout root of ``nyuv2`` / ``cityscapes`` (required for them).
         cache_dir: where generated benchmarks are cached (default :func:`default_cache_dir`).
         use_cache: read and write the cache (``False``: always generate, write nothing).
+        allow_erased, num_train: ``nyuv2`` / ``cityscapes`` only: read a training split whose
+            removed data were erased (see :func:`mtunlearn_ext.data.libmtl.load_libmtl`).
     """
     if size not in SIZES:
         raise ValueError(f"load_benchmark: unknown size {size!r}; choose one of {SIZES}")
@@ -270,7 +273,9 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         if data_root is None:
             raise ValueError(f"load_benchmark: {name!r} is real data; pass `data_root`, the "
                              f"folder holding LibMTL's preprocessed train/ and val/ folders")
-        return _with_recipe(loader(data_root, **sizes[size]), name, size)
+        erased: dict[str, Any] = ({"allow_erased": True, "num_train": num_train}
+                                  if allow_erased else {})
+        return _with_recipe(loader(data_root, **sizes[size], **erased), name, size)
     if name not in _GENERATED:
         raise ValueError(f"load_benchmark: unknown benchmark {name!r}; choose one of "
                          f"{registered_benchmarks()} (one of your own: register_benchmark, and "

@@ -1,0 +1,203 @@
+"""Erasing a person's raw files after ``mtunlearn unlearn`` removed them (a fake Cityscapes in
+LibMTL's layout). Deleting ``train/*/5.npy`` after forgetting id 5 made `verify`, `evaluate` and a
+chained `unlearn` exit 2 (the loader refused the gap, the data hash no longer matched): a data
+removal tool that breaks once the data are removed. Files removed by the checkpoint's lineage
+may now be missing; anything else (a file erased without a request, a removed file blanked
+instead of deleted, an image of a partial request's instance) is still refused, naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import _err
+from test_cli_real_data import _restored
+from test_data import _write_libmtl
+
+from mtunlearn_ext import cli
+from mtunlearn_ext.data.libmtl import TRAIN_FILES_KEY, LayoutError, load_cityscapes
+from mtunlearn_ext.training import load_checkpoint
+
+NOTE = ("before/after forget metrics: not re-measured, the forget instances' files were erased "
+        "after the run")
+STEPS = ["--method-config", '{"steps": 2}', "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs single-threaded (conftest.one_thread: for this module only)."""
+
+
+@pytest.fixture(scope="module")
+def erasable(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A fake Cityscapes (8 train, 3 val instances) under ``cs``, ``orig.pt`` trained on it,
+    ``u1.pt`` forgetting id 5 (full request) and ``p1.pt`` forgetting id 2's segmentation
+    (partial), each with its record beside it."""
+    folder = tmp_path_factory.mktemp("erased")
+    data = folder / "cs"
+    _write_libmtl(data, with_normals=False, counts=(8, 3), hw=(8, 16), num_classes=7)
+    orig, u1, p1 = folder / "orig.pt", folder / "u1.pt", folder / "p1.pt"
+    assert cli.main(["train", "--benchmark", "cityscapes", "--size", "tiny", "--data-root",
+                     str(data), "--epochs", "1", "--output", str(orig), "--quiet"]) == 0
+    assert cli.main(["unlearn", "--checkpoint", str(orig), "--forget-ids", "5", "--output",
+                     str(u1), *STEPS]) == 0
+    assert cli.main(["unlearn", "--checkpoint", str(orig), "--forget-ids", "2",
+                     "--target-tasks", "segmentation", "--output", str(p1), *STEPS]) == 0
+    return SimpleNamespace(folder=folder, data=data, orig=orig, u1=u1, p1=p1)
+
+
+def _record(checkpoint: Path) -> str:
+    return str(checkpoint) + ".record.json"
+
+
+def _erase(data: Path, *files: str) -> None:
+    for name in files:
+        (data / "train" / name).unlink()
+
+
+def _instance(i: int) -> list[str]:
+    return [f"{folder}/{i}.npy" for folder in ("image", "label", "depth")]
+
+
+def test_train_records_every_training_file_digest_and_unlearn_carries_it(
+        erasable: SimpleNamespace) -> None:
+    files = load_checkpoint(erasable.orig).meta[TRAIN_FILES_KEY]
+    assert sorted(files) == sorted(f for i in range(8) for f in _instance(i))
+    assert all(isinstance(v, str) and len(v) == 64 for v in files.values())
+    assert load_checkpoint(erasable.u1).meta[TRAIN_FILES_KEY] == files
+
+
+def test_erasing_a_removed_instance_keeps_verify_evaluate_and_chained_unlearn_working(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The reviewer's reproduction: after `rm train/*/5.npy`, verify exited 2."""
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(5))
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", _record(erasable.u1)]) == 0
+        out = capsys.readouterr().out
+        assert NOTE in out and "verified:" in out, out
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.u1), "--output",
+                         str(tmp_path / "e.json"), "--quiet"]) == 0
+        u2 = tmp_path / "u2.pt"
+        assert cli.main(["unlearn", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
+                         "--output", str(u2), *STEPS]) == 0
+        record = json.loads(Path(_record(u2)).read_text())
+        assert record["request"]["earlier_removals"][0]["instance_ids"] == [5]
+        assert cli.main(["verify", "--record", _record(u2), "--quiet"]) == 0
+        # Nothing of id 5 is left to forget or measure: said naming --forget-ids.
+        capsys.readouterr()
+        for argv in (["unlearn", "--checkpoint", str(erasable.u1), "--forget-ids", "5",
+                      "--output", str(tmp_path / "u3.pt"), *STEPS],
+                     ["evaluate", "--checkpoint", str(erasable.u1), "--forget-ids", "5",
+                      "--quiet"]):
+            assert cli.main(argv) == 2, argv
+            err = _err(capsys)
+            assert err.startswith("mtunlearn: error: --forget-ids: expected ids of training "
+                                  "data still present, got '1 erased ids [5]'; "), err
+            assert "already removed them and their files were erased" in err, err
+        assert not (tmp_path / "u3.pt").exists()
+        # The original was trained on id 5 and never removed it: its data are gone.
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.orig), "--quiet"]) == 2
+        assert "instance 5 was never removed" in _err(capsys)
+
+
+def test_erasing_an_instance_never_removed_is_refused_naming_the_file(
+        erasable: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(5), *_instance(7))
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
+        err = _err(capsys)
+        assert ("train/depth/7.npy, train/image/7.npy, train/label/7.npy are missing but "
+                "instance 7 was never removed") in err, err
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.u1), "--quiet"]) == 2
+        assert "instance 7 was never removed" in _err(capsys)
+
+
+@pytest.mark.parametrize("also_delete", [True, False])
+def test_a_removed_file_blanked_instead_of_deleted_is_refused(
+        erasable: SimpleNamespace, also_delete: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A blanked image is still read as an image (zeros are valid RGB): it must be deleted."""
+    with _restored(erasable.data):
+        image = erasable.data / "train" / "image" / "5.npy"
+        np.save(image, np.zeros_like(np.load(image)))
+        if also_delete:
+            _erase(erasable.data, "label/5.npy", "depth/5.npy")
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
+        err = _err(capsys)
+        assert "train/image/5.npy" in err, err
+        assert ("does not hash to the SHA-256 recorded at training" if also_delete
+                else "differ from the recorded files") in err, err
+
+
+def test_a_partial_request_may_erase_its_tasks_label_files_only(
+        erasable: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    with _restored(erasable.data):
+        _erase(erasable.data, "label/2.npy")
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", _record(erasable.p1)]) == 0
+        assert NOTE in capsys.readouterr().out
+        # Its depth is still there to forget; its segmentation is not.
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.p1), "--forget-ids", "2",
+                         "--target-tasks", "depth", "--quiet"]) == 0
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.p1), "--forget-ids", "2",
+                         "--target-tasks", "segmentation", "--quiet"]) == 2
+        assert "--forget-ids: expected ids of training data still present" in _err(capsys)
+        _erase(erasable.data, "depth/2.npy")
+        assert cli.main(["verify", "--record", _record(erasable.p1), "--quiet"]) == 2
+        assert ("train/depth/2.npy is missing but instance 2 was removed only from the tasks "
+                "of a partial request") in _err(capsys)
+    with _restored(erasable.data):
+        _erase(erasable.data, "label/2.npy", "image/2.npy")
+        assert cli.main(["verify", "--record", _record(erasable.p1), "--quiet"]) == 2
+        assert "image/2.npy is missing, yet " in _err(capsys)
+
+
+def test_train_still_refuses_a_root_with_a_gap(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(3))
+        assert cli.main(["train", "--benchmark", "cityscapes", "--size", "tiny", "--data-root",
+                         str(erasable.data), "--epochs", "1", "--output",
+                         str(tmp_path / "o.pt"), "--quiet"]) == 2
+        assert "without gaps" in _err(capsys)
+
+
+def test_a_checkpoint_without_file_digests_keeps_the_old_behaviour(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Older checkpoints (no train_files_sha256) read complete data only, as before."""
+    payload = torch.load(erasable.u1, weights_only=True)
+    del payload["meta"][TRAIN_FILES_KEY]
+    older = tmp_path / "older.pt"
+    torch.save(payload, older)
+    assert cli.main(["evaluate", "--checkpoint", str(older), "--quiet"]) == 0
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(5))
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--checkpoint", str(older), "--quiet"]) == 2
+        assert "without gaps" in _err(capsys)
+
+
+def test_the_loader_reads_erased_data_only_when_asked(erasable: SimpleNamespace) -> None:
+    """Ids stay file numbers, an erased label file unsupervises its pair, test ids still start
+    at the complete split's size, val/ takes no gap."""
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(7), "label/2.npy")
+        with pytest.raises(LayoutError, match="without gaps"):
+            load_cityscapes(erasable.data)
+        bench = load_cityscapes(erasable.data, allow_erased=True, num_train=8)
+        assert bench.train.ids.tolist() == [0, 1, 2, 3, 4, 5, 6]
+        assert bench.test.ids.tolist() == [8, 9, 10]
+        assert bench.train.supervision[2].tolist() == [False, True]
+        assert bench.train.supervision[[0, 1, 3]].all()
+        assert "image/7.npy" not in bench.info[TRAIN_FILES_KEY]
+        (erasable.data / "val" / "image" / "1.npy").unlink()
+        with pytest.raises(LayoutError):
+            load_cityscapes(erasable.data, allow_erased=True, num_train=8)
