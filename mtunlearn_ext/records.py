@@ -52,9 +52,9 @@ from typing import Any
 
 from mtunlearn_ext._io import sha256_of_file
 
-__all__ = ["FORGET_ERASED_CHECK", "RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError", "VerifyResult", "code_version",
-           "compare_measurements", "read_record", "run_environment", "utc_now", "verify_record",
-           "write_record"]
+__all__ = ["FORGET_ERASED_CHECK", "RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError",
+           "VerifyResult", "code_version", "compare_measurements", "read_record",
+           "run_environment", "utc_now", "verify_record", "write_record"]
 
 RECORD_SCHEMA = "mtunlearn_ext.unlearning-record/1"
 
