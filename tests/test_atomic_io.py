@@ -107,6 +107,58 @@ def test_writers_fall_back_to_check_then_rename_without_hard_links(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.json", "c.pt", "d.png"]
 
 
+def _durability_log(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[tuple[str, str]]:
+    """The writers' ``os.fsync``, ``os.replace`` and ``os.link`` calls, in order (each still
+    done): ``("fsync file", its size)``, ``("fsync dir", "folder")`` for ``folder``,
+    ``("replace" or "link", the target's name)``."""
+    log: list[tuple[str, str]] = []
+    fsync, replace, link = os.fsync, os.replace, os.link
+
+    def logged_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            log.append(("fsync dir", "folder" if info.st_ino == folder.stat().st_ino else "?"))
+        else:
+            log.append(("fsync file", str(info.st_size)))
+        fsync(fd)
+
+    def logged_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        log.append(("replace", Path(dst).name))
+        replace(src, dst, *args, **kwargs)
+
+    def logged_link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        log.append(("link", Path(dst).name))
+        link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(_io.os, "fsync", logged_fsync)
+    monkeypatch.setattr(_io.os, "replace", logged_replace)
+    monkeypatch.setattr(_io.os, "link", logged_link)
+    return log
+
+
+def test_writers_fsync_the_file_before_its_rename_and_the_folder_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Atomic means durable too: the whole file reaches the disk before it gets its name (or a
+    crash can leave the name on an empty or partial file), and the folder's new entry after
+    (or a crash can lose the rename itself)."""
+    from mtunlearn_ext._io import write_text_new
+
+    log = _durability_log(monkeypatch, tmp_path)
+    write_text_atomic(tmp_path / "a.json", "{}")
+    assert log == [("fsync file", "2"), ("replace", "a.json"), ("fsync dir", "folder")]
+    log.clear()
+    write_text_new(tmp_path / "b.json", "[1]")
+    assert log == [("fsync file", "3"), ("link", "b.json"), ("fsync dir", "folder")]
+    for overwrite, step in ((False, "link"), (True, "replace")):
+        log.clear()
+        atomic_torch_save({"w": torch.ones(2)}, tmp_path / "c.pt", overwrite=overwrite)
+        assert [entry[0] for entry in log] == ["fsync file", step, "fsync dir"]
+        assert log[0][1] == str((tmp_path / "c.pt").stat().st_size)  # the whole file
+        assert log[1:] == [(step, "c.pt"), ("fsync dir", "folder")]
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert torch.equal(torch.load(tmp_path / "c.pt")["w"], torch.ones(2))
+
+
 def test_a_name_at_the_file_systems_limit_can_be_written(tmp_path: Path) -> None:
     """`.{name}.XXXXXXXX.tmp` is 14 characters longer than the name: a legal name near 255
     characters could never be written. The temporary name is now shortened to fit."""

@@ -121,6 +121,27 @@ def test_subspace_ring_buffer_keeps_newest_k() -> None:
     torch.testing.assert_close(gram[0].double(), stack0 @ stack0.T)
 
 
+def test_an_empty_subspace_projects_into_outs_as_a_copy() -> None:
+    """With no snapshot yet the projection is the identity: written into ``outs`` it must copy
+    ``g`` there (left unwritten, the caller stepped along the zeros ``outs`` held). ``outs``
+    that alias ``g`` are left as they are, and without ``outs`` the result is a new copy."""
+    torch.manual_seed(0)
+    params = [torch.zeros(3, 2), torch.zeros(4)]
+    sub = ProtectedSubspace(params, [0, 1], k=2)
+    g = [torch.randn(2, 3, 2), torch.randn(2, 4)]
+    outs = [torch.zeros_like(x) for x in g]
+    result = sub.project(g, outs=outs)
+    assert all(r is o for r, o in zip(result, outs))
+    for o, x in zip(outs, g):
+        assert torch.equal(o, x)
+    kept = [x.clone() for x in g]
+    same = sub.project(g, outs=g)
+    assert all(r is x for r, x in zip(same, g))
+    assert all(torch.equal(x, k) for x, k in zip(g, kept))
+    fresh = sub.project(g)
+    assert all(torch.equal(f, x) and f.data_ptr() != x.data_ptr() for f, x in zip(fresh, g))
+
+
 def test_subspace_keeps_its_gram_until_the_next_push() -> None:
     """The cached per-layer Gram gives the same projection as a fresh one, and a push (which
     changes the basis) invalidates it."""

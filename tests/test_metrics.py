@@ -4,6 +4,7 @@ attack; UIS and the retrain gap."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.metrics import membership as membership_module
 from mtunlearn_ext.metrics import (
     METRICS,
     angle_errors_deg,
@@ -310,6 +312,27 @@ def test_uis_by_hand() -> None:
                higher_is_better={"f1": True}) == pytest.approx(10.0)
 
 
+def test_uis_skips_a_term_whose_original_score_is_not_finite() -> None:
+    """A NaN original score (the original model undefined there, e.g. no labelled pixel) has no
+    relative change: the term is skipped with a warning naming it. Scored, its NaN ratio made
+    the whole UIS NaN."""
+    original = {"seg": {"miou": float("nan"), "pixel_acc": 0.8}, "depth": {"abs_err": 0.5}}
+    unlearned_test = {"seg": {"miou": 0.7, "pixel_acc": 0.6}, "depth": {"abs_err": 0.6}}
+    unlearned_forget = {"seg": {"miou": 0.9, "pixel_acc": 1.0}, "depth": {"abs_err": 0.4}}
+    with pytest.warns(RuntimeWarning, match=r"uis: skipping seg/miou \(O_t=nan, U_t=0\.7, "
+                                            r"U_u=0\.9\): the relative change is undefined"):
+        value = uis(original, unlearned_test, unlearned_forget)
+    # seg: pixel_acc alone, (0.2/0.8 + 0.2/0.8)/2 = 25; depth (0.2 + 0.2)/2 = 20
+    assert math.isclose(value, (25.0 + 20.0) / 2)
+    # The same as the UIS of the valid terms alone.
+    assert math.isclose(value, uis({"seg": {"pixel_acc": 0.8}, "depth": {"abs_err": 0.5}},
+                                   {"seg": {"pixel_acc": 0.6}, "depth": {"abs_err": 0.6}},
+                                   {"seg": {"pixel_acc": 1.0}, "depth": {"abs_err": 0.4}}))
+    with pytest.warns(RuntimeWarning, match=r"skipping seg/miou \(O_t=nan"):
+        terms = uis_terms(original, unlearned_test, unlearned_forget)
+    assert set(terms["seg"]) == {"pixel_acc"}
+
+
 def test_retrain_gap_by_hand() -> None:
     unlearned = {"test": {"seg": {"miou": 0.7}, "depth": {"abs_err": 0.6}},
                  "forget": {"seg": {"miou": 0.75}}}
@@ -472,6 +495,74 @@ def test_mia_of_a_model_with_nan_losses_is_undefined_not_computed_on_the_rest() 
     partial = MultiTaskDataset(forget.inputs[4:], {"cls": forget.targets["cls"][4:]}, [CLS],
                                supervision=torch.arange(16).unsqueeze(1) >= 5)
     assert membership_attack(model, members, test, partial).num_forget == 11
+
+
+TASK_A = TaskSpec("A", "classification", num_classes=3)
+TASK_B = TaskSpec("B", "classification", num_classes=3)
+
+
+def _two_task_mia_data(n: int, member: bool, seed: int) -> MultiTaskDataset:
+    """Tasks "A" and "B" read the same column; every 4th row lacks B's label."""
+    one = _mia_data(n, member, seed)
+    labels = one.targets["cls"]
+    supervision = torch.stack([torch.ones(n, dtype=torch.bool), torch.arange(n) % 4 != 3], dim=1)
+    return MultiTaskDataset(one.inputs, {"A": labels, "B": labels}, [TASK_A, TASK_B],
+                            supervision=supervision)
+
+
+def test_mia_over_two_tasks_uses_only_the_rows_labelled_for_both() -> None:
+    """Rows are chosen by the supervision mask of *every* attacked task: a row missing task B's
+    label has a NaN loss there, and taking it (a row with *any* label) made the attack call a
+    sound model diverged (a RuntimeWarning and a NaN AUC)."""
+    model = MultiTaskModel(_Echo(), {"A": _Memoriser(), "B": _Memoriser()}, [TASK_A, TASK_B])
+    members = _two_task_mia_data(80, True, 0)
+    test = _two_task_mia_data(80, False, 1)
+    forget = _two_task_mia_data(20, True, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = membership_attack(model, members, test, forget, tasks=["A", "B"])
+    assert math.isfinite(result.auc) and math.isfinite(result.member_auc)
+    assert result.auc > 0.99 and result.tasks == ("A", "B")
+    # 15 of the 20 forget rows and 60 of the 80 members and non-members have both labels.
+    assert result.num_forget == 15
+    assert result.num_members_fit == 30
+    assert result.num_non_members_fit == 30 and result.num_non_members_eval == 30
+
+
+def test_mia_auc_negatives_are_the_held_out_half_of_the_test_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported AUCs rank against the half of the test set the attack was *not* fitted on;
+    scored against the fitting half, the negatives were data the attack had seen (with 61 test
+    rows the halves differ in size too: 31 fit, 30 held out)."""
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test = _mia_data(50, True, 0), _mia_data(61, False, 1)
+    forget = _mia_data(12, True, 2)
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+    real = membership_module.roc_auc_score
+
+    def capture(labels: np.ndarray, scores: np.ndarray) -> float:
+        calls.append((np.asarray(labels), np.asarray(scores)))
+        return float(real(labels, scores))
+
+    monkeypatch.setattr(membership_module, "roc_auc_score", capture)
+    result = membership_attack(model, members, test, forget, attack="loss", seed=0)
+    assert result.num_non_members_fit == 31 and result.num_non_members_eval == 30
+    # The halves as the attack draws them: the members' permutation first, then the test set's.
+    rng = np.random.default_rng(0)
+    member_x = np.log(per_sample_task_losses(model, members)[:, 0].numpy() + 1e-8)
+    test_x = np.log(per_sample_task_losses(model, test)[:, 0].numpy() + 1e-8)
+    member_x = member_x[rng.permutation(len(member_x))]
+    test_x = test_x[rng.permutation(len(test_x))]
+    member_fit, member_eval = np.array_split(member_x, 2)
+    test_fit, test_eval = np.array_split(test_x, 2)
+    fit_x = np.concatenate([member_fit, test_fit])
+    mean, std = fit_x.mean(), fit_x.std() + 1e-12
+    expected_negatives = -(test_eval - mean) / std
+    assert len(calls) == 2  # the forget AUC, then the member AUC
+    for (labels, scores), positives in zip(calls, (len(forget), len(member_eval))):
+        np.testing.assert_array_equal(labels[positives:], np.zeros(len(test_eval)))
+        np.testing.assert_allclose(scores[positives:], expected_negatives, rtol=1e-9, atol=1e-12)
+    assert math.isclose(result.auc, float(real(*calls[0])))
 
 
 class _HalfOut(nn.Module):

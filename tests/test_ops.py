@@ -735,6 +735,37 @@ def test_wrappers_propagate_shapes_of_meta_and_fake_tensors_with_the_finite_chec
         ops.gram(torch.full((2, 3), float("nan")))  # real tensors are still checked
 
 
+def test_fake_kernels_give_the_projections_coefficients_of_m_rows_by_k() -> None:
+    """Under meta tensors and FakeTensorMode the coefficients come from the fake kernels: ``a^T``
+    of project_out and ``w`` of project_nonconflicting are ``[..., m, k]`` (m rows of g, k of
+    the basis), pcgrad's ``w`` is ``[..., k]``. With m != k a ``[..., m, m]`` shape shows, and
+    would mislead torch.compile's shape propagation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def shapes(device: str | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        kw = {} if device is None else {"device": device}
+        g, basis = torch.randn(3, 2, 10, **kw), torch.randn(3, 5, 10, **kw)
+        half = torch.randn(3, 5, 10, dtype=torch.float16, **kw)
+        results = [ops.project_out(g, basis, return_coeffs=True)[1],
+                   ops.project_out(basis, g, return_coeffs=True)[1],
+                   ops.project_nonconflicting(g, basis, return_coeffs=True)[1],
+                   ops.project_nonconflicting(basis, g, -1, return_coeffs=True)[1],
+                   ops.project_out(half[:, :2], half, return_coeffs=True)[1],
+                   ops.pcgrad(basis, return_coeffs=True)[1]]
+        return [(tuple(r.shape), r.dtype) for r in results]
+
+    f32 = torch.float32
+    expected = [((3, 2, 5), f32), ((3, 5, 2), f32), ((3, 2, 5), f32), ((3, 5, 2), f32),
+                ((3, 2, 5), f32), ((3, 5), f32)]
+    assert shapes(None) == expected  # the real kernels, the contract
+    assert shapes("meta") == expected
+    with FakeTensorMode():
+        assert shapes(None) == expected
+    g, basis = _rand(2, 9, seed=1), _rand(5, 9, seed=2)
+    torch.library.opcheck(torch.ops.mtunlearn.project_out, (g, basis, 1e-6))
+    torch.library.opcheck(torch.ops.mtunlearn.project_nonconflicting, (g, basis, 1))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_ridge_solve_matches_linalg(device: str) -> None:
     for k, m in [(1, 1), (5, 3), (16, 1), (64, 4), (256, 2)]:
@@ -1107,7 +1138,9 @@ def test_torch_compile_keeps_the_default_finite_check_as_a_device_assert() -> No
         compiled(poisoned, forget)
 
 
-def test_errors_name_the_argument() -> None:
+def test_errors_name_the_argument(op_path: str) -> None:
+    """Over both paths: the wrappers' own checks (not only the kernels', which the compiled
+    path reaches after them) refuse each bad argument, by name and under the wrapper's name."""
     x = torch.randn(3, 10)
     with pytest.raises(TypeError, match="`x` must have dtype"):
         ops.gram(torch.ones(3, 4, dtype=torch.int64))
@@ -1123,8 +1156,10 @@ def test_errors_name_the_argument() -> None:
         ops.gram_list([torch.randn(3, 4), torch.randn(2, 4)])
     with pytest.raises(ValueError, match="outs\\[0\\] must have shape"):
         ops.combine_list(torch.ones(3), [torch.randn(3, 4)], [torch.zeros(5)])
-    with pytest.raises(ValueError, match="`sign` must be 1 or -1"):
-        ops.project_nonconflicting(x[:1], x, sign=0)
+    for sign in (0, 2, -2):
+        with pytest.raises(ValueError, match=r"^mtunlearn_ext\.ops\.project_nonconflicting: "
+                                             rf"`sign` must be 1 or -1, got {sign}$"):
+            ops.project_nonconflicting(x[:1], x, sign=sign)
     with pytest.raises(ValueError, match="at most 256"):
         ops.pcgrad(torch.randn(257, 3))
     with pytest.raises(ValueError, match="`ridge` must be a finite number >= 0"):
@@ -1144,7 +1179,11 @@ def test_errors_name_the_argument() -> None:
             torch.ops.mtunlearn.project_out(x[:1], x, ridge)
     for seed, error, said in ((1.5, TypeError, "must be an integer, got float"),
                               (True, TypeError, "must be an integer, got the bool True"),
-                              (2 ** 64, ValueError, r"must lie in \[-2\*\*63, 2\*\*63 - 1\]")):
+                              (2 ** 64, ValueError, r"must lie in \[-2\*\*63, 2\*\*63 - 1\]"),
+                              # The first integers outside int64, on either side.
+                              (2 ** 63, ValueError, r"must lie in \[-2\*\*63, 2\*\*63 - 1\]"),
+                              (-(2 ** 63) - 1, ValueError, r"must lie in \[-2\*\*63, "
+                                                          r"2\*\*63 - 1\]")):
         with pytest.raises(error, match=f"`seed` {said}"):
             ops.pcgrad(x, seed)  # type: ignore[arg-type]
         with pytest.raises(error, match=f"`seed` {said}"):
@@ -1367,3 +1406,20 @@ def test_non_finite_policy() -> None:
     assert torch.isnan(ops.pcgrad(bad, check_finite=False)).any()
     with pytest.raises(FloatingPointError, match="`coeffs` contains NaN"):
         ops.combine(torch.tensor([[float("nan"), 1.0, 0.0, 0.0]]), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_finite_result_whose_sum_overflows_passes_the_finite_check(device: str,
+                                                                     op_path: str) -> None:
+    """The check's fast path sums the result; a sum that overflows float32 (four entries of
+    1.96e38) is no non-finite result, and the element-wise look that follows lets it pass.
+    Without that look the check called finite inputs and a finite Gram an overflow."""
+    x = torch.full((2, 1), 1.4e19, device=device)
+    expected = torch.full((2, 2), 1.4e19 ** 2, dtype=torch.float64)
+    assert not math.isfinite(float(expected.float().sum()))  # the case: the float32 sum is inf
+    result = ops.gram(x)
+    assert result.dtype == torch.float32 and bool(torch.isfinite(result).all())
+    torch.testing.assert_close(result.cpu().double(), expected, rtol=1e-6, atol=0.0)
+    # Through the list form and a second orientation too: the same check of the same result.
+    torch.testing.assert_close(ops.gram_list([x]).cpu().double(), expected, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(ops.inner(x, x).cpu().double(), expected, rtol=1e-6, atol=0.0)

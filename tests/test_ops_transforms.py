@@ -112,6 +112,28 @@ def test_list_op_gradient_to_one_side_only() -> None:
     torch.testing.assert_close(out.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", LIST_OPS)
+def test_list_op_gradient_reaches_the_one_tensor_of_a_list_that_requires_grad(name: str
+                                                                              ) -> None:
+    """A list is differentiated when *any* of its tensors requires grad (a model with frozen
+    parameters): asking that all of them do left the trainable tensors without a gradient."""
+    a = _stacks(3, seed=6)
+    b = _stacks(2, seed=16)
+    a[0].requires_grad_()
+    b[-1].requires_grad_()
+    out = _call(name, a, b, False)
+    weight = _rand(*out.shape, seed=98)
+    (out * weight).sum().backward()
+    a64 = [t.detach().clone().requires_grad_(t.requires_grad) for t in a]
+    b64 = [t.detach().clone().requires_grad_(t.requires_grad) for t in b]
+    (_reference(name, a64, b64, False) * weight).sum().backward()
+    checked = [(a[0], a64[0])] + ([] if name == "gram_list" else [(b[-1], b64[-1])])
+    for got, expected in checked:
+        assert got.grad is not None and expected.grad is not None
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-12, atol=1e-12)
+    assert all(t.grad is None for t in a[1:] + b[:-1])
+
+
 def test_gram_list_stacked_gradient_with_an_empty_side() -> None:
     xs = [t.requires_grad_() for t in _stacks(0, seed=4)]
     ys = [t.requires_grad_() for t in _stacks(3, seed=14)]

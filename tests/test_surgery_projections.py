@@ -212,6 +212,28 @@ def test_argument_errors() -> None:
         project_out_list(g, basis, outs=[torch.empty(1)])
 
 
+def test_per_layer_ids_must_lie_below_num_layers() -> None:
+    """With ``num_layers`` (a rank's shards) the ids may skip layers but must lie in
+    ``0..num_layers-1``: id 2 of 2 layers indexed a ``[2, k, k]`` Gram out of range (an
+    IndexError from deep inside, or a layer silently dropped) instead of naming ``per_layer``."""
+    g, basis = _stacks(1, 72)[:2], _stacks(3, 73)[:2]
+    calls = {
+        "project_out_list": lambda ids: project_out_list(g, basis, per_layer=ids, num_layers=2),
+        "project_nonconflicting_list": lambda ids: project_nonconflicting_list(
+            g, basis, per_layer=ids, num_layers=2),
+        "gram_list_stats": lambda ids: gram_list_stats(basis, per_layer=ids, num_layers=2),
+        "inner_list_stats": lambda ids: inner_list_stats(g, basis, per_layer=ids, num_layers=2),
+    }
+    for name, call in calls.items():
+        for ids, said in (([0, 2], r"\[0, 2\]"), ([2, 2], r"\[2\]"), ([-1, 1], r"\[-1, 1\]")):
+            with pytest.raises(ValueError, match=rf"{name}: `per_layer` ids must lie in 0\.\.1, "
+                                                 rf"got {said}$"):
+                call(ids)
+        call([1, 1])  # the largest id allowed; layer 0 has no tensor on this rank
+    stats = gram_list_stats(basis, per_layer=[1, 1], num_layers=2)
+    assert stats.shape == (2, 3, 3) and not bool(stats[0].any())
+
+
 def test_list_functions_refuse_a_single_tensor() -> None:
     """Review: a tensor passed for a list was iterated into its rows: `project_out_list(g, b)`
     with g, b of shape [2, 4] projected each row off one scalar and returned zeros. Every list

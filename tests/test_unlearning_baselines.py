@@ -361,6 +361,45 @@ def test_salun_moves_only_salient_weights(bench, original) -> None:  # type: ign
         get_unlearner("salun", weight_decay=1e-4)
 
 
+def test_salun_mask_keeps_exactly_its_share_of_entries(  # type: ignore[no-untyped-def]
+        bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With distinct saliencies the mask ``|g| >= gamma`` (gamma the keep-th largest) keeps
+    exactly ``keep`` entries, the largest; ``|g| > gamma`` kept one fewer, and none at all for a
+    share below one entry (SalUn then moved nothing)."""
+    from mtunlearn_ext.unlearning.baselines import salun as salun_module
+
+    model = build_model(bench, seed=0)
+    size = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(5)
+    # Every magnitude 1..size once (exact in float32), random signs, spread over the tensors.
+    values = torch.randperm(size, generator=gen).double() + 1.0
+    values *= torch.where(torch.rand(size, generator=gen) < 0.5, -1.0, 1.0).double()
+
+    def distinct_saliency(batches, loss_of, params):  # type: ignore[no-untyped-def]
+        chunks = values.split([p.numel() for p in params])
+        return [c.reshape(p.shape).to(p.dtype) for c, p in zip(chunks, params)], 30
+
+    masks: list[list[torch.Tensor]] = []
+    mask_update = salun_module.SalUn.mask_update
+
+    def recorded(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        masks.append(ctx.state["saliency_masks"])
+        mask_update(self, ctx)
+
+    monkeypatch.setattr(salun_module, "summed_pass_grads", distinct_saliency)
+    monkeypatch.setattr(salun_module.SalUn, "mask_update", recorded)
+    problem = _problem(bench, model, partial=False)
+    for fraction, keep in ((0.2, round(0.2 * size)), (1e-9, 1)):
+        masks.clear()
+        unlearner = get_unlearner("salun", steps=1, lr=1e-3, saliency_fraction=fraction)
+        result = unlearner.unlearn(problem)
+        assert round(result.report.extra["saliency"]["density"] * size) == keep
+        mask = torch.cat([m.reshape(-1) for m in masks[0]])
+        assert int(mask.sum()) == keep
+        assert set(mask.nonzero().reshape(-1).tolist()) == set(
+            values.abs().topk(keep).indices.tolist())
+
+
 def test_summed_pass_grads_is_the_gradient_of_the_whole_sum() -> None:
     """One backward per batch adds up to the gradient of the loss summed over every batch (a
     float64 reference in one graph); a batch without a loss adds neither gradient nor count."""
