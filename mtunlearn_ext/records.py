@@ -244,7 +244,8 @@ def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]
     and what ``unlearn`` writes into the output's metadata must agree with the record: the
     method, the SHA-256 of the checkpoint it started from, the hash of the forgotten ids, and,
     in checkpoints of this version, the request type, its resolved target tasks and the
-    lineage's removals (the record's earlier removals, then this request). An edited record
+    lineage's removals (the record's earlier removals, then this request), and the data the
+    record names (benchmark, size, seed and the data hashes of its ``benchmark`` block). An edited record
     must not verify against a checkpoint that contradicts it. Fields an older checkpoint does
     not carry are not compared (the second value is then ``False``)."""
     request = record["request"]
@@ -268,6 +269,12 @@ def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]
         ("request_type", "request.type", request.get("type")),
         ("target_tasks", "request.target_tasks",
          list(target_tasks) if isinstance(target_tasks, (list, tuple)) else target_tasks)]
+    # The data the run read: the record's benchmark block copies the checkpoint's own.
+    benchmark = record.get("benchmark")
+    if isinstance(benchmark, Mapping):
+        pairs.extend((key, f"benchmark.{key}", benchmark.get(key))
+                     for key in ("benchmark", "size", "seed", "data_sha256", "test_data_sha256")
+                     if key in benchmark)
     out.extend(f"the checkpoint's metadata has {key} {meta[key]!r}, the record's {field} "
                f"{value!r} (record edited, or another run's checkpoint?)"
                for key, field, value in pairs if key in meta and meta[key] != value)

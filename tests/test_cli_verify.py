@@ -145,6 +145,9 @@ def test_verify_re_measures_the_input_model_when_its_checkpoint_is_there(
     (("request", "type"), "partial", "metadata has request_type 'full'"),
     (("request", "target_tasks"), ["digit"], "metadata has target_tasks ['digit', 'parity', "
                                              "'magnitude']"),
+    # Data-removal review: the record's data hash and seed were not compared with anything.
+    (("benchmark", "data_sha256"), "0" * 64, "metadata has data_sha256"),
+    (("benchmark", "seed"), 99, "the record's benchmark.seed 99"),
 ])
 def test_verify_compares_the_checkpoints_own_metadata(
         unlearned: tuple[Path, Path], tmp_path: Path, path: tuple[str, str], value: Any,
