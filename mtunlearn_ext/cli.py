@@ -487,6 +487,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         TRAIN_FILES_KEY,
         build_user_request,
         check_device,
+        erased_instances,
         exclude_removed,
         lineage_removals,
         load_model,
@@ -651,8 +652,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
                         "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
+        gone = len(erased_instances(bench))
+        erased = (f" ({gone} of their instances' files erased since, so not read at all)"
+                  if gone else "")
         print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
-              f"{excluded} pairs stayed out of the retain set")
+              f"{excluded} pairs still in the data stayed out of the retain set{erased}")
     elif earlier is None:
         print("earlier removals: unknown (the input keeps only their hash); the retain set was "
               "--retain-ids")

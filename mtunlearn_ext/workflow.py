@@ -327,8 +327,9 @@ def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint",
         if data_root is not None:
             raise UserInputError("--data-root", f"a folder holding {meta.get('benchmark')!r} "
                                  "in LibMTL's layout", str(data_root), str(error)) from error
+        # The hint fits a root that is gone, not a file missing inside one that is there.
         moved = ("; if the data moved, pass --data-root with its new folder"
-                 if root is not None else "")
+                 if root is not None and not Path(root).is_dir() else "")
         raise UserInputError(argument, "a checkpoint whose benchmark can be loaded",
                              meta.get("benchmark"), f"{error}{moved}") from error
     except (ValueError, KeyError) as error:

@@ -85,6 +85,10 @@ def test_erasing_a_removed_instance_keeps_verify_evaluate_and_chained_unlearn_wo
         u2 = tmp_path / "u2.pt"
         assert cli.main(["unlearn", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
                          "--output", str(u2), *STEPS]) == 0
+        # Not "their 0 pairs stayed out": the erased instance is not read at all.
+        assert ("earlier removals: 1 request(s) of the input's lineage; their 0 pairs still "
+                "in the data stayed out of the retain set (1 of their instances' files erased "
+                "since, so not read at all)") in capsys.readouterr().out
         record = json.loads(Path(_record(u2)).read_text())
         assert record["request"]["earlier_removals"][0]["instance_ids"] == [5]
         assert cli.main(["verify", "--record", _record(u2), "--quiet"]) == 0
@@ -157,7 +161,9 @@ def test_a_partial_request_may_erase_its_tasks_label_files_only(
     with _restored(erasable.data):
         _erase(erasable.data, "label/2.npy", "image/2.npy")
         assert cli.main(["verify", "--record", _record(erasable.p1), "--quiet"]) == 2
-        assert "image/2.npy is missing, yet " in _err(capsys)
+        err = _err(capsys)
+        assert "image/2.npy is missing, yet " in err, err
+        assert "--data-root" not in err, err  # the data did not move: no hint that they did
 
 
 def test_train_still_refuses_a_root_with_a_gap(
