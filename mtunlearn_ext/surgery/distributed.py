@@ -22,8 +22,10 @@ local Gram, so averaging local Grams would be wrong (it is the Gram of a differe
 problem). :class:`ReplicatedReducer` therefore averages the per-task gradient stacks themselves
 (``k x n`` per step, the volume of ``k`` DDP all-reduces) and then every rank aggregates
 locally with no further collective. Use it with a plain module (parameters broadcast once) or
-with a DDP module whose forward runs under ``ddp_model.no_sync()`` (DDP's own hooks cannot
-handle ``k`` backward passes per forward).
+with a DDP module, preferably under ``ddp_model.no_sync()``: the per-task gradients come from
+``torch.autograd.grad``, which runs none of DDP's hooks, so DDP never reduces them itself
+(``per_task="backward"``, which would, is refused); ``no_sync`` skips DDP's preparation of a
+reduction that never comes.
 
 Backend: collectives go to the backend of the tensors' device; initialise with
 :func:`default_backend` (``"cpu:gloo,cuda:nccl"`` when CUDA is present) so that CUDA Grams use
