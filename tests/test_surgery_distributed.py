@@ -29,6 +29,12 @@ Scenarios:
   all-reduce), and the next call's collectives still pair up;
 - a task's tiny float32 gradient (1e-24) in one rank's shards only: every rank recomputes
   (or joins the recomputation of) the underflowed Gram row alike, against float64 references.
+
+A second spawn, with a 15 s collective timeout (a regression there hangs or aborts), runs the
+scenarios where ranks must agree before a collective: a sparse head one rank does not reach
+(the sparse rank average on both), a rank whose shard is frozen or empty (it takes part; the
+single-process result), and ranks disagreeing on k, num_layers or the Gram's dtype (a
+ValueError naming it on every rank, the group still in step afterwards).
 """
 
 from __future__ import annotations
@@ -634,6 +640,150 @@ def _scenario_sharded_surgery_nonfinite_on_one_rank(rank: int) -> float:
     return 0.0
 
 
+# ------------------------------------------- ranks that must agree (own spawn, short timeout)
+
+
+def _scenario_replicated_sparse_head_unreached(rank: int) -> float:
+    """A sparse head (``nn.Embedding(sparse=True)``, listed in ``head_params``) that rank 1
+    does not reach (its task has no labels there: a constant stand-in). Rank 1 filled it with
+    a dense zero while rank 0 held a sparse gradient: a dense all-reduce against a sparse one,
+    and both ranks waited until the timeout. Every rank must get the sparse rank average (the
+    single-process gradients of the rank-mean losses)."""
+    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+
+    def build() -> tuple[nn.Linear, nn.Embedding, nn.Linear]:
+        torch.manual_seed(0)
+        return (nn.Linear(4, 4).double(), nn.Embedding(10, 4, sparse=True).double(),
+                nn.Linear(4, 1).double())
+
+    def rank_losses(parts: tuple[nn.Linear, nn.Embedding, nn.Linear], r: int
+                    ) -> list[torch.Tensor]:
+        trunk, emb, head = parts
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(r), dtype=F64)
+        f = trunk(x)
+        first = ((f * emb(torch.tensor([1, 2, 3]))).sum() if r == 0
+                 else torch.zeros((), dtype=F64))
+        return [first, head(f).pow(2).mean()]
+
+    reference = build()
+    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
+    GradientSurgery(reference[0].parameters(), UPGrad()).backward(
+        [sum(ls[t] for ls in per_rank) / WORLD for t in range(2)])
+    parts = build()
+    surgery = replicated_surgery(parts[0].parameters(), UPGrad(),
+                                 head_params=[*parts[1].parameters(), *parts[2].parameters()])
+    surgery.backward(rank_losses(parts, rank))
+    got_emb, ref_emb = parts[1].weight.grad, reference[1].weight.grad
+    assert got_emb is not None and ref_emb is not None
+    assert got_emb.layout == torch.sparse_coo, got_emb.layout
+    err = 0.0
+    pairs = [(got_emb.to_dense(), ref_emb.to_dense())]
+    pairs += [(p.grad, q.grad) for m, n in ((parts[0], reference[0]), (parts[2], reference[2]))
+              for p, q in zip(m.parameters(), n.parameters())]
+    for got, ref in pairs:
+        assert got is not None and ref is not None
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        err = max(err, (got - ref).abs().max().item())
+    return err
+
+
+def _scenario_sharded_shard_frozen_or_empty(rank: int, how: str) -> float:
+    """Rank 0 holds layers 0-1 of a split list and rank 1 layers 2-3, which are frozen on
+    every rank this step (``how="frozen"``: staged fine-tuning), or rank 1 holds no shard at
+    all (``how="empty"``, fewer tensors than ranks; its layers frozen too, so that the list
+    is all the surgery reaches), also with global per-layer ids (``"empty_per_layer"``).
+    Rank 1 raised alone ("none of the shared parameters requires grad" / "holds no tensor")
+    and rank 0 waited in the all-reduce. It must take part with a zero Gram (in rank 0's
+    float64, from its own float32 stand-in): both ranks get the weights of the single-process
+    surgery over layers 0-1, rank 0 its update, rank 1's layers keep ``.grad`` None."""
+    from mtunlearn_ext.surgery import GradientSurgery, sharded_surgery
+
+    params, losses = _tanh_chain(seed=9, conflict=0.6)
+    for p in params[2:]:
+        p.requires_grad_(False)
+    per_layer = how == "empty_per_layer"
+    expected_weights = GradientSurgery(params[:2], UPGrad(),
+                                       per_layer=[0, 1] if per_layer else False).backward(
+        losses())
+    expected = [p.grad.clone() for p in params[:2]]
+    for p in params:
+        p.grad = None
+    mine = [0, 1] if rank == 0 else ([] if how.startswith("empty") else [2, 3])
+    kwargs: dict[str, object] = {"per_layer": mine, "num_layers": 2} if per_layer else {}
+    surgery = sharded_surgery([params[i] for i in mine], UPGrad(), **kwargs)
+    current = losses()
+    if rank == 1:  # nothing of its own to update: its copies of layers 0-1 are not its shard
+        for p in params[:2]:
+            p.requires_grad_(False)
+        current = losses()
+    weights = surgery.backward(current)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-11, atol=1e-11)
+    assert all(p.grad is None for p in params[2:])
+    err = 0.0
+    if rank == 0:
+        for p, ref in zip(params[:2], expected):
+            assert p.grad is not None
+            torch.testing.assert_close(p.grad, ref, rtol=1e-11, atol=1e-11)
+            err = max(err, (p.grad - ref).abs().max().item())
+    return err
+
+
+def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
+    """Ranks that disagree on k (the number of losses), on ``num_layers`` or on the Gram's
+    dtype: the collectives got different sizes, and gloo aborted both processes (SIGABRT,
+    uncatchable; NCCL hangs). Every rank must raise a ValueError naming what differs with
+    each rank's value, and the next collective must still pair up."""
+    from mtunlearn_ext.surgery import replicated_surgery, sharded_surgery
+
+    params, losses = _tanh_chain(seed=10, conflict=0.5)
+    current = losses()
+    if what == "dtype" and rank == 1:  # float32 shards here: a float32 Gram
+        params = [nn.Parameter(p.detach().float()) for p in params]
+        z = torch.ones(5, 3)
+        for p in params:
+            z = torch.tanh(z @ p)
+        current = [(z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean()]
+    mine = [0, 1] if rank == 0 else [2, 3]
+    if what.startswith("k"):
+        k = 2 + rank
+        current = [*current, current[0] * 0.5][:k]
+    if what == "k_replicated" or what == "k_replicated_heads":
+        heads = {"head_params": params[2:]} if what.endswith("heads") else {}
+        surgery = replicated_surgery(params[:2], UPGrad(), **heads)  # type: ignore[arg-type]
+        wanted = ("replicated_surgery: the ranks passed different numbers of losses k "
+                  "(rank 0: 2, rank 1: 3)")
+    elif what == "num_layers":
+        surgery = sharded_surgery([params[i] for i in mine], UPGrad(), per_layer=mine,
+                                  num_layers=4 + rank)
+        wanted = "differ in num_layers (rank 0: 4, rank 1: 5)"
+    else:
+        surgery = sharded_surgery([params[i] for i in mine], UPGrad())
+        wanted = ("differ in the number of losses k (rank 0: 2, rank 1: 3)" if what == "k"
+                  else "differ in dtype (rank 0: float64, rank 1: float32)")
+    try:
+        surgery.backward(current)
+    except ValueError as error:
+        assert wanted in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: ranks disagreeing on {what} were not refused")
+    check = torch.ones(1)
+    dist.all_reduce(check)  # still in step
+    assert check.item() == WORLD
+    return 0.0
+
+
+def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
+    table: dict[str, Callable[[int], float]] = {
+        "replicated_sparse_head_unreached-upgrad-fp64": _scenario_replicated_sparse_head_unreached,
+    }
+    for how in ("frozen", "empty", "empty_per_layer"):
+        table[f"sharded_shard_{how}-upgrad-fp64"] = (
+            lambda r, h=how: _scenario_sharded_shard_frozen_or_empty(r, h))
+    for what in ("k", "num_layers", "dtype", "k_replicated", "k_replicated_heads"):
+        table[f"disagreeing_ranks-{what}"] = lambda r, w=what: _scenario_disagreeing_ranks(r, w)
+    return table
+
+
 # ----------------------------------------------------------------------------- harness
 
 
@@ -680,7 +830,17 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     return table
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+#: Each table runs in its own spawn. The agreement scenarios, whose regressions hang (a
+#: collective no other rank joins) or abort a process, get a short collective timeout, so that a
+#: regression fails in seconds instead of holding CI, and cannot leave the main table's process
+#: group out of step.
+_TABLES: dict[str, tuple[Callable[[], dict[str, Callable[[int], float]]], int]] = {
+    "main": (_scenarios, 60),
+    "agreement": (_agreement_scenarios, 15),
+}
+
+
+def _worker(rank: int, init_file: str, out_dir: str, table: str = "main") -> None:
     import warnings
 
     # The process's own stderr (C++ aborts included) goes to a file the fixture can quote.
@@ -688,11 +848,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.dup2(log, 2)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # two processes on two cores
+    scenarios, timeout_s = _TABLES[table]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=timeout_s))
     results: dict[str, dict[str, object]] = {}
     try:
-        for name, run in _scenarios().items():
+        for name, run in scenarios().items():
             try:
                 results[name] = {"ok": True, "max_err": run(rank)}
             except Exception:  # recorded per scenario; the other rank runs the same collectives
@@ -726,9 +887,10 @@ def _teardown_report(out_dir: str | os.PathLike[str]) -> str:
     return "\n".join(lines)
 
 
-def _recorded_results(out_dir: str | os.PathLike[str]) -> list[dict[str, dict]] | None:
+def _recorded_results(out_dir: str | os.PathLike[str], table: str = "main"
+                      ) -> list[dict[str, dict]] | None:
     """Both ranks' outcomes when each wrote one for every scenario, else None."""
-    names = set(_scenarios())
+    names = set(_TABLES[table][0]())
     results = []
     for r in range(WORLD):
         path = Path(out_dir, f"rank{r}.json")
@@ -744,6 +906,16 @@ def _recorded_results(out_dir: str | os.PathLike[str]) -> list[dict[str, dict]] 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
+    return _spawn_table(tmp_path_factory, "main")
+
+
+@pytest.fixture(scope="module")
+def agreement_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
+    return _spawn_table(tmp_path_factory, "agreement")
+
+
+def _spawn_table(tmp_path_factory: pytest.TempPathFactory, table: str
+                 ) -> list[dict[str, dict]]:
     # A scenario's own failure is recorded in the rank's JSON and never raises; an exception out
     # of spawn is the process group failing to form or to tear down (seen once in ~12 full runs
     # on the shared 2-core machine). That gets one retry in a fresh directory, and a warning
@@ -758,9 +930,9 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[s
         out_dir = tmp_path_factory.mktemp("dist")
         init_file = os.path.join(out_dir, "init")
         try:
-            mp.spawn(_worker, args=(init_file, str(out_dir)), nprocs=WORLD, join=True)
+            mp.spawn(_worker, args=(init_file, str(out_dir), table), nprocs=WORLD, join=True)
         except Exception as error:  # noqa: BLE001 - re-raised below on the second attempt
-            recorded = _recorded_results(out_dir)
+            recorded = _recorded_results(out_dir, table)
             if recorded is not None:
                 warnings.warn(f"distributed workers failed after recording every scenario "
                               f"(teardown): {error!r}\n{_teardown_report(out_dir)}",
@@ -773,7 +945,7 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[s
             warnings.warn(f"distributed workers failed, retrying once: {error!r}\n"
                           f"{_teardown_report(out_dir)}", stacklevel=1)
             continue
-        recorded = _recorded_results(out_dir)
+        recorded = _recorded_results(out_dir, table)
         assert recorded is not None, "a worker exited cleanly without recording every scenario"
         return recorded
     raise AssertionError("unreachable")
@@ -783,6 +955,16 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[s
 def test_distributed_equals_single_process(distributed_results: list[dict[str, dict]],
                                           scenario: str) -> None:
     for rank, results in enumerate(distributed_results):
+        outcome = results[scenario]
+        assert outcome["ok"], f"rank {rank}:\n{outcome.get('error')}"
+
+
+@pytest.mark.parametrize("scenario", sorted(_agreement_scenarios()))
+def test_ranks_agree_or_all_raise(agreement_results: list[dict[str, dict]],
+                                  scenario: str) -> None:
+    """Each rank's own outcome: a rank left waiting or aborted fails, as does one that raised
+    alone or said something else."""
+    for rank, results in enumerate(agreement_results):
         outcome = results[scenario]
         assert outcome["ok"], f"rank {rank}:\n{outcome.get('error')}"
 

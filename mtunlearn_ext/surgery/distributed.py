@@ -22,8 +22,10 @@ local Gram, so averaging local Grams would be wrong (it is the Gram of a differe
 problem). :class:`ReplicatedReducer` therefore averages the per-task gradient stacks themselves
 (``k x n`` per step, the volume of ``k`` DDP all-reduces) and then every rank aggregates
 locally with no further collective. Use it with a plain module (parameters broadcast once) or
-with a DDP module whose forward runs under ``ddp_model.no_sync()`` (DDP's own hooks cannot
-handle ``k`` backward passes per forward).
+with a DDP module, preferably under ``ddp_model.no_sync()``: the per-task gradients come from
+``torch.autograd.grad``, which runs none of DDP's hooks, so DDP never reduces them itself
+(``per_task="backward"``, which would, is refused); ``no_sync`` skips DDP's preparation of a
+reduction that never comes.
 
 Backend: collectives go to the backend of the tensors' device; initialise with
 :func:`default_backend` (``"cpu:gloo,cuda:nccl"`` when CUDA is present) so that CUDA Grams use
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 import torch
@@ -65,6 +67,8 @@ def _supports_avg(t: torch.Tensor, group: ProcessGroup | None) -> bool:
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
+    """The average of each tensor over the ranks, in place (gloo's sparse all-reduce writes
+    its input too)."""
     world = dist.get_world_size(group)
     pending: list[tuple[dist.Work, torch.Tensor | None]] = []
     for t in tensors:
@@ -83,12 +87,104 @@ def _all_reduce_mean(tensors: list[torch.Tensor], group: ProcessGroup | None) ->
             to_scale.div_(world)
 
 
+#: Gram / statistics dtypes in the header of a statistics all-reduce (0: none, a rank that holds
+#: no shard and takes whatever the others have).
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
+_OTHER_DTYPE = 9
+#: A joining rank's negated dtype code: below any real one, so it never decides the minimum.
+_NO_DTYPE = -(1 << 62)
+
+
+def _stats_header(stats: torch.Tensor, joining: bool) -> list[int]:
+    """What every rank must agree on before the statistics all-reduce: ``k`` (the last
+    dimension), the number of layers (the first of an ``[L, ., k]`` tensor, else 1), the dtype
+    and the number of elements (anything else that makes the sizes differ)."""
+    k = stats.shape[-1] if stats.dim() else 1
+    layers = stats.shape[0] if stats.dim() >= 3 else 1
+    code = 0 if joining else _DTYPE_CODES.get(stats.dtype, _OTHER_DTYPE)
+    return [k, layers, code, stats.numel()]
+
+
+def _agreed_stats(stats: torch.Tensor, group: ProcessGroup | None, joining: bool
+                  ) -> torch.Tensor:
+    """``stats`` once every rank has checked that the ranks reduce statistics of one size and
+    dtype, in the dtype they agree on (``joining``: this rank holds no shard, its zero
+    statistics take the others' dtype). One all-reduce (MAX) of 8 integers, each value beside
+    its negation, so that one call gives the largest and the smallest over the ranks: a
+    mismatch raises on every rank (collectives of different sizes abort gloo with an
+    uncatchable SIGABRT, and hang NCCL)."""
+    mine = _stats_header(stats, joining)
+    negated = [-v for v in mine]
+    if joining:
+        negated[2] = _NO_DTYPE
+    header = torch.tensor([*mine, *negated], dtype=torch.int64, device=stats.device)
+    dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
+    values = header.tolist()
+    most, fewest = values[:4], [-v for v in values[4:]]
+    if most[2] == 0:  # every rank joining: nothing to agree on
+        fewest[2] = 0
+    if most != fewest:
+        # Every rank sees the same reduced header, so every rank gathers here and raises.
+        per_rank: list[list[int] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(per_rank, mine, group=group)
+        raise ValueError(_header_mismatch(per_rank))
+    if joining and most[2] in _DTYPE_NAMES:
+        stats = stats.to(next(d for d, c in _DTYPE_CODES.items() if c == most[2]))
+    return stats
+
+
+def _header_mismatch(per_rank: Sequence[Sequence[int] | None]) -> str:
+    """The first of k, the number of layers, the dtype and the size that the ranks disagree
+    on, with each rank's value."""
+    headers = [list(h or (0, 0, 0, 0)) for h in per_rank]
+
+    def each(place: int, show: Callable[[int], str] = str) -> str:
+        return ", ".join(f"rank {r}: {show(h[place])}" for r, h in enumerate(headers))
+
+    def differ(place: int) -> bool:
+        seen = {h[place] for h in headers if place != 2 or h[2] != 0}
+        return len(seen) > 1
+
+    prefix = "sharded surgery (stats_all_reduce): the ranks' Gram statistics differ in"
+    if differ(0):
+        return (f"{prefix} the number of losses k ({each(0)}); every rank must pass the same "
+                "k losses in the same task order (a task without labels in a rank's batch: "
+                "a zero stand-in loss there), so that the k x k Grams line up")
+    if differ(1):
+        return (f"{prefix} num_layers ({each(1)}); pass the same global `num_layers` (and "
+                "global `per_layer` ids) on every rank, so that every rank reduces [L, k, k] "
+                "Grams of one layout")
+    if differ(2):
+        names = each(2, lambda c: _DTYPE_NAMES.get(c, "no shard" if c == 0 else "other"))
+        return (f"{prefix} dtype ({names}); the Gram is float64 where a rank's shard holds a "
+                "float64 tensor and float32 otherwise: give the shared parameters one "
+                "floating dtype class on every rank (all float64, or none)")
+    return (f"{prefix} size ({each(3)} elements); every rank must reduce statistics of one "
+            "layout")
+
+
 def stats_all_reduce(group: ProcessGroup | None = None) -> StatsReduce:
     """The ``reduce`` argument of the list projections for shards spread over ``group``:
-    an in-place ``all_reduce(SUM)`` of the packed coefficient-space statistics."""
+    an in-place ``all_reduce(SUM)`` of the packed coefficient-space statistics, after a check
+    (one 8-integer all-reduce) that every rank reduces statistics of one size and dtype: ranks
+    that disagree on ``k``, the number of layers or the dtype all raise a ValueError saying
+    which, instead of aborting (gloo) or hanging (NCCL) in a collective of mismatched sizes."""
 
     def reduce(stats: torch.Tensor) -> torch.Tensor:
-        stats = stats.contiguous()
+        stats = _agreed_stats(stats.contiguous(), group, joining=False)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        return stats
+
+    return reduce
+
+
+def _joining_all_reduce(group: ProcessGroup | None) -> StatsReduce:
+    """:func:`stats_all_reduce` for a rank that holds no shard (or only frozen ones): its zero
+    statistics take the dtype of the others' before the SUM."""
+
+    def reduce(stats: torch.Tensor) -> torch.Tensor:
+        stats = _agreed_stats(stats.contiguous(), group, joining=True).contiguous()
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         return stats
 
@@ -102,6 +198,7 @@ class ShardedReducer:
     def __init__(self, group: ProcessGroup | None = None) -> None:
         self.group = group
         self._reduce = stats_all_reduce(group)
+        self._join = _joining_all_reduce(group)
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
@@ -111,8 +208,15 @@ class ShardedReducer:
         shards)."""
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        """Global Gram matrix = SUM over ranks of the shard Grams (one ``k x k`` all-reduce)."""
+        """Global Gram matrix = SUM over ranks of the shard Grams (one ``k x k`` all-reduce,
+        after the 8-integer header that checks the ranks agree on its size and dtype)."""
         return self._reduce(stats)
+
+    def join_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """:meth:`reduce_stats` for a rank with nothing to aggregate (no shard, or only frozen
+        ones): its zero ``stats`` take the other ranks' dtype, so that it can still take part
+        in every collective of theirs."""
+        return self._join(stats)
 
 
 class ReplicatedReducer:
@@ -152,15 +256,26 @@ class ReplicatedReducer:
         ``reached`` (per stack) becomes whether any rank reached the parameter."""
         device = stacks[0].device if stacks else torch.device("cpu")
         flags = [] if reached is None else reached
+        # k: a rank without shared stacks (all frozen, as on every replica) has nothing of k
+        # to pair up, and says 0.
+        k = stacks[0].shape[0] if stacks else 0
         if self.head_params is None:
             heads, tasks = _canonical_order(head_grads, head_tasks)
-            anywhere = _check_same_heads(heads, tasks, flags, device, self.group)
+            anywhere = _check_same_heads(heads, tasks, flags, device, self.group, k)
             _all_reduce_mean([*stacks, *heads], self.group)
             flags[:] = anywhere
             return
         heads = [p for p in self.head_params if p.requires_grad]
-        fillers = {id(p): torch.zeros_like(local_tensor(p), memory_format=torch.contiguous_format)
-                   for p in heads if p.grad is None}
+        layouts = _agreed_head_layouts(heads, k, device, self.group)
+        fillers = {id(p): _zero_grad(p, sparse_dims)
+                   for p, sparse_dims in zip(heads, layouts) if p.grad is None}
+        for p, sparse_dims in zip(heads, layouts):
+            if p.grad is not None and _sparse_dims(p.grad) != sparse_dims:
+                # Reached here in another layout than on some other rank (a dense sum of
+                # sparse and dense micro-batches): gloo pairs a sparse all-reduce only with
+                # sparse ones.
+                grad = p.grad
+                p.grad = grad.to_dense() if sparse_dims == 0 else grad.to_sparse(sparse_dims)
         grads = [fillers[id(p)] if id(p) in fillers else local_tensor(cast(torch.Tensor, p.grad))
                  for p in heads]
         hits = torch.tensor([float(id(p) not in fillers) for p in heads]
@@ -175,6 +290,64 @@ class ReplicatedReducer:
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Identity: the Gram of averaged gradients is already global on every rank."""
         return stats
+
+    def nonfinite_note(self) -> str:
+        """Which process refused the step: the per-task gradients it read are the averages
+        over the ranks, so the NaN or Inf may come from any rank's batch."""
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        return (f" [rank {rank} of {world}: the task gradients are averaged over the ranks "
+                "before the check, so every rank refuses this step alike and the NaN or Inf "
+                "may come from any rank's batch]")
+
+
+def _sparse_dims(grad: torch.Tensor) -> int:
+    """0 for a dense gradient, else 1 + its number of sparse dimensions (a sparse COO one,
+    as ``nn.Embedding(sparse=True)`` gives: 1 + 1)."""
+    return 0 if grad.layout == torch.strided else 1 + grad.sparse_dim()
+
+
+def _zero_grad(head: torch.Tensor, sparse_dims: int) -> torch.Tensor:
+    """The gradient of a head no loss reached here: dense zeros, or an empty sparse tensor of
+    the head's shape (``sparse_dims``: as :func:`_sparse_dims`) where another rank's is
+    sparse."""
+    local = local_tensor(head)
+    if sparse_dims == 0:
+        return torch.zeros_like(local, memory_format=torch.contiguous_format)
+    dims = sparse_dims - 1
+    indices = torch.empty((dims, 0), dtype=torch.int64, device=local.device)
+    values = torch.empty((0, *local.shape[dims:]), dtype=local.dtype, device=local.device)
+    return torch.sparse_coo_tensor(indices, values, local.shape, check_invariants=True,
+                                   is_coalesced=True)
+
+
+def _agreed_head_layouts(heads: Sequence[torch.Tensor], k: int, device: torch.device,
+                         group: ProcessGroup | None) -> list[int]:
+    """Before the average of the stacks and the listed heads: every rank checks that the ranks
+    passed the same number of losses (else the stacks' all-reduce pairs different sizes), and
+    learns each head's layout (:func:`_sparse_dims`, the largest over the ranks: sparse where
+    some rank's gradient is sparse). A head no loss reached here gets a zero of that layout:
+    a dense zero beside another rank's sparse gradient made the two ranks run different
+    collectives (a sparse all-reduce against a dense one), and both waited forever. One
+    all-reduce (MAX) of 2 integers and one per head."""
+    mine = [k, -k, *(0 if p.grad is None else _sparse_dims(p.grad) for p in heads)]
+    header = torch.tensor(mine, dtype=torch.int64, device=device)
+    dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
+    most, fewest, *layouts = header.tolist()
+    if most != -fewest:
+        raise ValueError(_losses_mismatch(k, group))
+    return layouts
+
+
+def _losses_mismatch(k: int, group: ProcessGroup | None) -> str:
+    """Each rank's number of losses, for the message of ranks that disagree on it (every rank
+    takes this gather, having seen the same reduced header)."""
+    per_rank: list[int | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(per_rank, k, group=group)
+    said = ", ".join(f"rank {r}: {c}" for r, c in enumerate(per_rank))
+    return ("replicated_surgery: the ranks passed different numbers of losses k "
+            f"({said}), so their per-task gradients cannot be averaged task by task; every "
+            "rank must pass the same k losses in the same task order (a task without labels "
+            "in a rank's batch: a zero stand-in loss there)")
 
 
 #: What a process knows of a head found in its losses' graphs, the same on every process for
@@ -215,19 +388,23 @@ def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] 
 
 def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] | None,
                       reached: Sequence[bool], device: torch.device,
-                      group: ProcessGroup | None) -> list[bool]:
-    """Raise on every rank if the ranks found different head gradients to average (their
-    count, or which tasks reach them and their shapes, in order, differ), saying which;
-    returns, per flag of ``reached``, whether any rank set it. One all-reduce (MAX) of 4
-    integers and one flag per shared parameter; on a mismatch, one gather of every rank's
-    heads for the message."""
+                      group: ProcessGroup | None, k: int = 0) -> list[bool]:
+    """Raise on every rank if the ranks passed different numbers of losses ``k`` or found
+    different head gradients to average (their count, or which tasks reach them and their
+    shapes, in order, differ), saying which; returns, per flag of ``reached``, whether any rank
+    set it. One all-reduce (MAX) of 6 integers and one flag per shared parameter; on a
+    mismatch, one gather for the message."""
     count = len(head_grads)
     digest = _heads_digest(head_grads, head_tasks)
-    mine = torch.tensor([count, digest, -count, -digest, *(int(r) for r in reached)],
+    mine = torch.tensor([k, count, digest, -k, -count, -digest, *(int(r) for r in reached)],
                         dtype=torch.int64, device=device)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
-    most, high, fewest, low, *anywhere = mine.tolist()
-    fewest, low = -fewest, -low
+    most_k, most, high, fewest_k, fewest, low, *anywhere = mine.tolist()
+    fewest_k, fewest, low = -fewest_k, -fewest, -low
+    if most_k != fewest_k:
+        # k first: with another number of losses the heads differ too (the tasks reaching
+        # them), and "pass head_params" would not help.
+        raise ValueError(_losses_mismatch(k, group))
     if most != fewest or high != low:
         # Every rank sees the same reduced numbers, so every rank takes this branch and its
         # gather: no rank is left waiting in a collective.
@@ -336,7 +513,12 @@ def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[st
     if kwargs.get("per_task", "autograd") == "backward":
         raise ValueError("replicated_surgery: per_task='backward' is not supported (DDP's hooks "
                          "cannot run k backward passes per forward); use 'autograd' or 'batched'")
-    surgery = GradientSurgery(shared_params, aggregator, reducer=ReplicatedReducer(group),
+    params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
+    if not params:
+        # Replicas hold the same list: every rank raises alike (GradientSurgery lets an empty
+        # list through under a reducer, for a sharded rank without a shard).
+        raise ValueError("replicated_surgery: `shared_params` holds no tensor")
+    surgery = GradientSurgery(params, aggregator, reducer=ReplicatedReducer(group),
                               **kwargs)  # type: ignore[arg-type]
     # With the surgery's own head list (an iterator given as head_params is consumed by now).
     surgery.reducer = ReplicatedReducer(group, surgery.head_params)

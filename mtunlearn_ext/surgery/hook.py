@@ -102,6 +102,10 @@ class _TaskPass:
     heads: list[torch.Tensor]
     head_tasks: list[int] | None
     constants: frozenset[int] = frozenset()
+    #: The number of tasks and the losses' device: what a process with no shared parameter
+    #: taking part (under a reducer) needs to join the others' collectives.
+    tasks: int = 0
+    device: torch.device | None = None
 
 
 @dataclass
@@ -460,6 +464,9 @@ class GradientSurgery:
             (``model.trunk.named_parameters()``). Those that do not require grad at a call
             are left out of it: trainability is read at each call, so layers may be frozen or
             unfrozen between steps (a parameter passed here is never treated as a head).
+            Under a reducer the list may be empty, or all frozen at a call (a rank without a
+            shard, or whose shard is frozen): that process then takes part in the others'
+            collectives with a zero Gram and nothing to update.
             FSDP2 (DTensor) parameters are handled shard-locally: use ``per_task="backward"`` and
             a sharded reducer (:func:`mtunlearn_ext.surgery.distributed.sharded_surgery`).
         aggregator: an :class:`~mtunlearn_ext.surgery.Aggregator` or a
@@ -496,7 +503,9 @@ class GradientSurgery:
                  num_layers: int | None = None, reducer: GradReducer | None = None,
                  check_finite: bool = True) -> None:
         self._given = _split_named(shared_params)
-        if not self._given.tensors:
+        # Under a reducer an empty list is a rank without a shard (fewer tensors than ranks):
+        # it still takes part in the others' collectives, contributing a zero Gram.
+        if not self._given.tensors and reducer is None:
             raise ValueError("GradientSurgery: `shared_params` holds no tensor")
         if per_task not in ("autograd", "batched", "backward"):
             raise ValueError(f"GradientSurgery: `per_task` must be 'autograd', 'batched' or "
@@ -541,6 +550,7 @@ class GradientSurgery:
         self._pending_heads: dict[int, torch.Tensor] = {}
         self._pending_tasks: dict[int, int] | None = {}
         self._pending_constants: frozenset[int] = frozenset()
+        self._pending_device: torch.device | None = None
         self._listed_heads_checked = False
 
     # ------------------------------------------------------------------ public API
@@ -584,15 +594,18 @@ class GradientSurgery:
                               device=local_tensor(p).device) for p in active.params]
         reached, head_sums = self._per_task_grads(losses, constants, active, stacks, add=False,
                                                   retain_graph=retain_graph, caller=caller)
+        device = _losses_device(losses, constants)
         if self.reducer is None:
             # The heads' .grad are written once the aggregation has gone through: a step it
             # refuses (NaN or Inf task gradients) leaves every .grad as it was.
-            weights = self._aggregate(active, stacks, _TaskPass(reached, [], [], constants))
+            weights = self._aggregate(active, stacks, _TaskPass(reached, [], [], constants,
+                                                                len(losses), device))
             head_sums.write()
             return weights
         # A reducer averages the heads' .grad across processes before the aggregation.
         heads, head_tasks = head_sums.write()
-        return self._aggregate(active, stacks, _TaskPass(reached, heads, head_tasks, constants))
+        return self._aggregate(active, stacks, _TaskPass(reached, heads, head_tasks, constants,
+                                                         len(losses), device))
 
     def accumulate(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False) -> None:
         """Add the per-task gradients of ``losses`` to internal per-task buffers (one stack per
@@ -627,12 +640,15 @@ class GradientSurgery:
             self._pending_heads = {}
             self._pending_tasks = {}
             self._pending_constants = frozenset()
+            self._pending_device = None
         reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
                                                   add=self._pending, retain_graph=retain_graph,
                                                   caller=caller)
         found = _TaskPass(reached, *head_sums.write())
         self._pending = True
         self._pending_constants |= constants
+        if self._pending_device is None:
+            self._pending_device = _losses_device(losses, constants)
         # Across micro-batches: a parameter any of them reached is reached.
         self._pending_reached = [a or b for a, b in zip(self._pending_reached, found.reached)]
         for i, h in enumerate(found.heads):
@@ -669,12 +685,14 @@ class GradientSurgery:
             heads = list(self._pending_heads.values())
             tasks = (None if self._pending_tasks is None
                      else [self._pending_tasks[id(h)] for h in heads])
-            found = _TaskPass(self._pending_reached, heads, tasks, self._pending_constants)
+            found = _TaskPass(self._pending_reached, heads, tasks, self._pending_constants,
+                              self._buffered_tasks or 0, self._pending_device)
             self._pending = False
             self._pending_heads = {}
             self._pending_tasks = {}
             return self._aggregate(self._buffered_for, self._buffers, found)
-        active = self._take_part("GradientSurgery.apply")
+        # Explicit stacks tell k only through themselves: none to take part is refused here.
+        active = self._take_part("GradientSurgery.apply", allow_none=False)
         _refuse_hooked_shared("GradientSurgery.apply", active)
         stacks = self._check_stacks(active, per_task_grads)
         return self._aggregate(active, stacks, _TaskPass([True] * len(stacks), [], []))
@@ -690,9 +708,13 @@ class GradientSurgery:
         return _Active([self._given.names[i] for i in active], [tensors[i] for i in active],
                        _active_layer_ids(self._layer_ids, active, self.num_layers))
 
-    def _take_part(self, caller: str) -> _Active:
+    def _take_part(self, caller: str, *, allow_none: bool = True) -> _Active:
         active = self._active_now()
-        if not active.params:
+        # Under a reducer a process whose shared parameters are all frozen (staged fine-tuning
+        # where the layers one rank holds are frozen) still joins the others' collectives,
+        # with nothing to update (as _check_some_loss_attached lets an all-constant one go
+        # on): refused on one rank only, it left the others waiting in the all-reduce.
+        if not active.params and (self.reducer is None or not allow_none):
             raise ValueError(f"{caller}: none of the shared parameters requires grad now "
                              "(all frozen), so there is nothing to aggregate; while the shared "
                              "part is frozen, call sum(losses).backward() instead")
@@ -867,7 +889,9 @@ class GradientSurgery:
         head_sums: list[torch.Tensor | None] = [None] * len(heads)
         head_tasks: list[int] | None
         if self.per_task == "batched":
-            if not attached:  # constants only (a process under a reducer): zero gradients
+            # Constants only, or nothing to differentiate (a process under a reducer with no
+            # shared parameter taking part and no head): zero gradients.
+            if not attached or not inputs:
                 grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
             else:
                 grads = self._batched_grads([losses[t] for t in attached], inputs, losses,
@@ -885,7 +909,9 @@ class GradientSurgery:
             head_tasks = [0] * len(heads)
             last = attached[-1] if attached else -1
             for t, loss in enumerate(losses):
-                if t in constants:  # a zero gradient: nothing to take
+                # A zero gradient (a constant), or nothing to take it for (torch.autograd.grad
+                # refuses an empty list of inputs): nothing to take.
+                if t in constants or not inputs:
                     _store_named(active, [r[t] for r in rows], [None] * n_shared, add=add)
                     continue
                 keep = retain_graph or t < last
@@ -1026,6 +1052,8 @@ class GradientSurgery:
         elif self.reducer is not None:
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads])
             reached = [True] * len(stacks)
+        if not stacks:
+            return self._join_collectives(active, found)
         if not any(reached):  # (under a reducer, every process's reach: each warns alike)
             warnings.warn(
                 f"GradientSurgery: no task's loss reached any of the {len(reached)} shared "
@@ -1061,11 +1089,40 @@ class GradientSurgery:
                 p.grad = None
             if isinstance(error, FloatingPointError):
                 raise FloatingPointError(self._non_finite_message(
-                    active.names, stacks, error, found.constants)) from error
+                    active.names, stacks, error, found.constants)
+                    + self._reducer_note()) from error
             raise
         if copies:
             torch._foreach_copy_([grad for grad, _ in copies], [out for _, out in copies])
         return weights
+
+    def _join_collectives(self, active: _Active, found: _TaskPass) -> torch.Tensor:
+        """The aggregation of a process under a reducer with no shared parameter taking part
+        (no shard, or only frozen ones): one zero-size stack in the aggregation takes it
+        through the same collectives as the others (a zero Gram into the SUM, the recomputation
+        of underflowed rows), with nothing to write; returns the same weights."""
+        assert self.reducer is not None  # only reducers let an empty list through
+        if found.tasks < 1:
+            raise ValueError("GradientSurgery: no shared parameter takes part and the number "
+                             "of tasks is unknown")
+        device = found.device or torch.device("cpu")
+        empty = torch.zeros((found.tasks, 0), dtype=torch.float32, device=device)
+        # The others' dtype is not known here: a sharded reducer's join_stats takes theirs.
+        reduce = getattr(self.reducer, "join_stats", self.reducer.reduce_stats)
+        per_layer: bool | list[int] = False if active.per_layer is False else [0]
+        try:
+            return aggregate_list(self.aggregator, [empty], [torch.empty(0, device=device)],
+                                  per_layer=per_layer, num_layers=self.num_layers,
+                                  reduce=reduce, check_finite=self.check_finite)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"GradientSurgery: {error} (this process holds no shared "
+                                     "parameter taking part)" + self._reducer_note()
+                                     ) from error
+
+    def _reducer_note(self) -> str:
+        """What the reducer adds to a refused step's message (which process this is)."""
+        note = getattr(self.reducer, "nonfinite_note", None)
+        return note() if callable(note) else ""
 
     @staticmethod
     def _grad_outputs(params: list[torch.Tensor], reached: list[bool]
@@ -1150,6 +1207,14 @@ def _not_an_aggregator(given: object) -> str:
         return (f"{wanted}, got {kind.__module__}.{kind.__qualname__}; use the one of "
                 "mtunlearn_ext.surgery (UPGrad, MGDA, PCGrad, Mean, Sum)")
     return f"{wanted}, got {kind.__name__}"
+
+
+def _losses_device(losses: Sequence[torch.Tensor], constants: frozenset[int]
+                   ) -> torch.device:
+    """The device of the first loss attached to the graph (a constant stand-in may sit on the
+    CPU beside a model on a device), else of the first loss."""
+    attached = [loss for t, loss in enumerate(losses) if t not in constants]
+    return (attached or list(losses))[0].device
 
 
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
