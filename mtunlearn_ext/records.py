@@ -482,11 +482,7 @@ def verify_record(record_path: str | os.PathLike[str],
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
-        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
-        mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
-                          f"{reason}")
-        checks["metrics"] = "not measured"
-        return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
+        return _request_misfit(error, ckpt, sha, mismatches, checks)
     size = batch_size or int(record.get("eval_batch_size", 64))
     measured = measure(loaded.model, forget, retain, loaded.benchmark.test,
                        request.resolved_tasks(train_set), int(record["seed"]), size)
@@ -502,6 +498,17 @@ def verify_record(record_path: str | os.PathLike[str],
                                       data_root if data_root is not None else loaded.data_root)
     checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
+
+
+def _request_misfit(error: Exception, ckpt: Path, sha: str, mismatches: list[str],
+                    checks: dict[str, str]) -> VerifyResult:
+    """The failed verification of a record whose request does not apply to the checkpoint's
+    training set (unknown ids, ...): nothing can be measured."""
+    reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+    mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
+                      f"{reason}")
+    checks["metrics"] = "not measured"
+    return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
 
 
 #: ``verify``'s row for a record whose forget instances' files were erased since the run.
@@ -572,11 +579,7 @@ def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:
-        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
-        mismatches.append(f"the recorded request does not fit the checkpoint's training set: "
-                          f"{reason}")
-        checks["metrics"] = "not measured"
-        return VerifyResult(False, str(ckpt), sha, mismatches, {}, checks)
+        return _request_misfit(error, ckpt, sha, mismatches, checks)
     size = batch_size or int(record.get("eval_batch_size", 64))
     checks[FORGET_ERASED_CHECK] = FORGET_ERASED_NOTE
     measured = measure_kept(loaded.model, retain, test, size)

@@ -85,15 +85,7 @@ def _count(folder: Path) -> int:
     """The number of instances in ``folder``, whose files must be ``0.npy .. <n-1>.npy``: LibMTL
     reads instance ``i`` from ``<i>.npy`` and so do instance ids here, so a gap or a renamed
     file would silently give another file the id a request names."""
-    if not folder.is_dir():
-        raise LayoutError(f"missing folder {folder} (expected LibMTL layout "
-                          "<root>/{train,val}/{image,label,depth[,normal]}/<i>.npy)")
-    names = os.listdir(folder)
-    padded = sorted(n for n in names if _NUMBERED.match(n) and not _INDEX.match(n))
-    if padded:
-        raise LayoutError(f"{folder}: expected files named <i>.npy without leading zeros "
-                          f"(0.npy, 1.npy, ...), got {padded[:5]}")
-    found = sorted(int(m.group(1)) for name in names if (m := _INDEX.match(name)) is not None)
+    found = sorted(_numbers(folder))
     if not found:
         raise LayoutError(f"no <i>.npy files in {folder}")
     if found[-1] != len(found) - 1:
@@ -106,7 +98,7 @@ def _count(folder: Path) -> int:
 
 def _numbers(folder: Path) -> set[int]:
     """The instance numbers of ``folder``'s ``<i>.npy`` files, gaps allowed (erased data): the
-    folder must exist and its names must have no leading zeros, as :func:`_count` asks."""
+    folder must exist and its names must have no leading zeros."""
     if not folder.is_dir():
         raise LayoutError(f"missing folder {folder} (expected LibMTL layout "
                           "<root>/{train,val}/{image,label,depth[,normal]}/<i>.npy)")
