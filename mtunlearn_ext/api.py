@@ -13,7 +13,6 @@ import json
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -724,6 +723,7 @@ class _Naming:
     own_held_out: bool = False
     earlier: tuple[ForgetRequest, ...] = ()
     excluded_pairs: int = 0
+    lineage: _Lineage | None = None
 
 
 def _ids_named_by(what: str, given: object, own_ids: bool) -> str:
@@ -1043,60 +1043,129 @@ def _check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: ob
                    f"{shown}; {valid}")
 
 
-#: Models returned by :func:`unlearn` -> the requests removed from them, in order, named by
-#: the ids of the ``train_data`` they were given with (``None``: a run given ``forget_data``,
-#: whose ids were made up for the call and name nothing of a later ``train_data``). Kept for
-#: the life of the returned module, so that a second request on it keeps the first removed.
-_REMOVED: weakref.WeakKeyDictionary[nn.Module, tuple[ForgetRequest, ...] | None] = (
-    weakref.WeakKeyDictionary())
+@dataclass(frozen=True)
+class _Lineage:
+    """What :func:`unlearn` removed from a model it returned, kept on that module (an
+    attribute, so that ``copy.deepcopy`` and pickling keep it too; ``state_dict`` does not).
+
+    ``requests`` name instances by the ids of the ``train_data`` they were made on:
+    ``own_ids`` whether those are the data set's own ids (else row positions, which name the
+    same instances only in data of the same ``num_rows``). ``complete`` is False once a run
+    given ``forget_data`` removed pairs that no ``train_data`` id names."""
+
+    requests: tuple[ForgetRequest, ...]
+    complete: bool = True
+    own_ids: bool = True
+    num_rows: int = 0
+
+
+#: The attribute of a returned module that holds its :class:`_Lineage`.
+_LINEAGE = "_mtunlearn_lineage"
+
+
+def _carried_lineage(model: nn.Module) -> _Lineage | None:
+    carried = model.__dict__.get(_LINEAGE)
+    return carried if isinstance(carried, _Lineage) else None
+
+
+def _checked_requests(given: object, forget_data_given: bool) -> tuple[ForgetRequest, ...]:
+    """``earlier_requests`` as given, checked."""
+    if isinstance(given, ForgetRequest) or not isinstance(given, Sequence):
+        raise TypeError(f"unlearn: `earlier_requests` must be a list of ForgetRequests "
+                        f"(the requests already removed from `model`), got "
+                        f"{type(given).__name__}")
+    for i, request in enumerate(given):
+        if not isinstance(request, ForgetRequest):
+            raise TypeError(f"unlearn: `earlier_requests[{i}]` must be a ForgetRequest, "
+                            f"got {type(request).__name__}")
+    if given and forget_data_given:
+        raise ValueError("unlearn: `earlier_requests` names instances of `train_data`; with "
+                         "`forget_data` and `retain_data` the retain set is what you give: "
+                         "leave the pairs removed earlier out of `retain_data`")
+    return tuple(given)
+
+
+def _request_key(request: ForgetRequest) -> tuple[tuple[int, ...], tuple[str, ...] | None]:
+    tasks = None if request.target_tasks is None else tuple(sorted(request.target_tasks))
+    return tuple(sorted(request.instance_ids)), tasks
 
 
 def _earlier_requests(model: nn.Module, given: Sequence[ForgetRequest] | None,
-                      forget_data_given: bool) -> tuple[ForgetRequest, ...]:
-    """The requests already removed from ``model``: ``given`` (``earlier_requests``), else
-    those :func:`unlearn` removed to return this very module (none for any other model)."""
+                      forget_data_given: bool) -> tuple[tuple[ForgetRequest, ...], bool]:
+    """The requests already removed from ``model``, and whether they came from ``model``
+    itself (:class:`_Lineage`) rather than ``earlier_requests``. Given, the list replaces what
+    the model carries (a warning names the carried requests it leaves out)."""
+    carried = _carried_lineage(model)
     if given is not None:
-        if isinstance(given, ForgetRequest) or not isinstance(given, Sequence):
-            raise TypeError(f"unlearn: `earlier_requests` must be a list of ForgetRequests "
-                            f"(the requests already removed from `model`), got "
-                            f"{type(given).__name__}")
-        for i, request in enumerate(given):
-            if not isinstance(request, ForgetRequest):
-                raise TypeError(f"unlearn: `earlier_requests[{i}]` must be a ForgetRequest, "
-                                f"got {type(request).__name__}")
-        if given and forget_data_given:
-            raise ValueError("unlearn: `earlier_requests` names instances of `train_data`; with "
-                             "`forget_data` and `retain_data` the retain set is what you give: "
-                             "leave the pairs removed earlier out of `retain_data`")
-        return tuple(given)
-    carried = _REMOVED.get(model, ())
+        requests = _checked_requests(given, forget_data_given)
+        if carried is not None:
+            named = {_request_key(r) for r in requests}
+            dropped = [r for r in carried.requests if _request_key(r) not in named]
+            if dropped:
+                warnings.warn(f"unlearn: `earlier_requests` replaces the {len(carried.requests)} "
+                              f"request(s) `model` carries from the unlearn() that returned it; "
+                              f"{len(dropped)} of them are not in it, so their pairs are in the "
+                              f"retain set again", UserWarning, stacklevel=4)
+        return requests, False
     if carried is None:
-        if not forget_data_given:
-            warnings.warn("unlearn: `model` was returned by an earlier unlearn() given "
-                          "`forget_data`, whose instances `train_data` cannot name: the pairs it "
-                          "removed are in `train_data`'s retain set again unless you pass them "
-                          "as `earlier_requests`", UserWarning, stacklevel=4)
-        return ()
-    if carried and forget_data_given:
-        warnings.warn(f"unlearn: `model` was returned by unlearn() after {len(carried)} "
-                      f"request(s) on `train_data`; with `forget_data` and `retain_data` they "
-                      f"cannot be checked: leave the pairs they removed out of `retain_data`",
+        return (), False
+    if not carried.complete and not forget_data_given:
+        warnings.warn("unlearn: `model` comes from an unlearn() given `forget_data`, whose "
+                      "instances `train_data` cannot name: the pairs that run removed are in "
+                      "`train_data`'s retain set again unless you pass them as "
+                      "`earlier_requests`" + (f" (the {len(carried.requests)} request(s) on "
+                                              "`train_data` before it are kept out)"
+                                              if carried.requests else ""),
                       UserWarning, stacklevel=4)
-    return carried
+    if carried.requests and forget_data_given:
+        warnings.warn(f"unlearn: `model` was returned by unlearn() after "
+                      f"{len(carried.requests)} request(s) on `train_data`; with `forget_data` "
+                      f"and `retain_data` they cannot be checked: leave the pairs they removed "
+                      f"out of `retain_data`", UserWarning, stacklevel=4)
+    return carried.requests, True
+
+
+def _check_carried_fits(carried: _Lineage | None, full: MultiTaskDataset, own_ids: bool) -> None:
+    """Refuse a ``train_data`` in which the requests ``model`` carries name other instances:
+    row positions of data with another number of rows (rows dropped or added since), or the
+    other kind of ids."""
+    if carried is None or not carried.requests:
+        return
+    if carried.own_ids != own_ids or (not own_ids and carried.num_rows != len(full)):
+        made = (f"the ids of a data set" if carried.own_ids
+                else f"row positions of a `train_data` of {carried.num_rows} rows")
+        now = "ids of its own" if own_ids else f"{len(full)} rows named by position"
+        raise ValueError(f"unlearn: `model` carries {len(carried.requests)} earlier request(s) "
+                         f"naming instances by {made}, and this `train_data` has {now}: the "
+                         f"same numbers would name other instances; pass the earlier requests "
+                         f"in this data's terms as `earlier_requests` (or give the data the "
+                         f"ids it had: a MultiTaskDataset keeps its ids when rows are dropped)")
 
 
 def _without_earlier_removals(full: MultiTaskDataset, earlier: Sequence[ForgetRequest],
-                              given: object, own_ids: bool) -> tuple[MultiTaskDataset, int]:
+                              given: object, own_ids: bool, carried: bool
+                              ) -> tuple[MultiTaskDataset, int]:
     """``full`` with the pairs ``earlier`` removed marked unsupervised (never trained on
-    again, nor forgotten twice), and how many pairs that took out."""
+    again, nor forgotten twice), and how many pairs that took out. A data set's own ids that
+    it no longer holds are instances dropped since (their data erased): nothing of them is
+    left to keep out. Row positions must all exist (:func:`_check_carried_fits`)."""
     removed = torch.zeros_like(full.supervision)
+    present = set(full.ids.tolist())
     for i, request in enumerate(earlier):
-        _check_request_ids(request, full, given, own_ids, f"`earlier_requests[{i}]`")
+        where = (f"the requests `model` carries (from the unlearn() that returned it), request "
+                 f"{i}" if carried else f"`earlier_requests[{i}]`")
+        if own_ids:
+            kept = [j for j in request.instance_ids if j in present]
+            if not kept:
+                continue
+            request = ForgetRequest(tuple(kept), request.target_tasks)
+        else:
+            _check_request_ids(request, full, given, own_ids, where)
         try:
             removed |= request.forget_mask(full)
         except (KeyError, ValueError) as error:
             detail = error.args[0] if error.args else error  # a KeyError's str() is quoted
-            raise type(error)(f"unlearn: `earlier_requests[{i}]`: {detail}") from None
+            raise type(error)(f"unlearn: {where}: {detail}") from None
     return full.with_supervision(full.supervision & ~removed), int(removed.sum())
 
 
@@ -1126,7 +1195,8 @@ def _build_problem(model: nn.Module, *,
             model = model.module
         else:
             break
-    earlier = _earlier_requests(model, earlier_requests, forget_data is not None)
+    earlier, carried = _earlier_requests(model, earlier_requests, forget_data is not None)
+    lineage = _carried_lineage(model)
     if (train_data is None) == (forget_data is None):
         raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")
@@ -1174,18 +1244,23 @@ def _build_problem(model: nn.Module, *,
         trained = [_Trained("train_data", full, read, own)]
         # Pairs an earlier request removed are neither retained (the model would learn them
         # again) nor forgotten a second time.
-        remaining, excluded = _without_earlier_removals(full, earlier, given_train, own)
+        if carried:
+            _check_carried_fits(lineage, full, own)
+        remaining, excluded = _without_earlier_removals(full, earlier, given_train, own, carried)
         forget, retain = request.split(remaining)
         naming = _Naming(_ids_named_by("train_data", given_train, own), None, earlier=earlier,
-                         excluded_pairs=excluded)
+                         excluded_pairs=excluded,
+                         lineage=_Lineage((*earlier, request),
+                                          not carried or lineage is None or lineage.complete,
+                                          own, len(full)))
         targets = request.resolved_tasks(full)
         if not len(forget):  # said here, where the request and its data are known by name
             count = len(request.instance_ids)
             if bool(request.forget_mask(full).any()):
                 raise ValueError(f"unlearn: every pair `forget_request` names ({count} instance"
                                  f"{'s' if count != 1 else ''}, target tasks {targets}) was "
-                                 f"removed already by `earlier_requests`"
-                                 f"{'' if earlier_requests is not None else ' (the requests the earlier unlearn() that returned `model` removed)'}"
+                                 f"removed already by "
+                                 f"{'the requests `model` carries (from the unlearn() that returned it)' if carried else '`earlier_requests`'}"
                                  f": there is nothing left to forget")
             raise ValueError(f"unlearn: `forget_request` names {count} instance"
                              f"{'s' if count != 1 else ''}, none with a supervised pair of the "
@@ -1395,10 +1470,15 @@ def unlearn(model: nn.Module, *,
         earlier_requests: the requests already removed from ``model`` (a chain of removals),
             with ``train_data``: their pairs are left out of the retain set, which would
             otherwise train the model on them again, and a request naming only such pairs is
-            refused. A model that :func:`unlearn` returned carries its own (for the life of
-            the object): a second request on it keeps the first removed without this
-            argument. Pass them for a model loaded from a checkpoint (the record keeps only
-            the ids' hashes; ``report.request["earlier_requests"]`` lists them). With
+            refused. A model that :func:`unlearn` returned carries its own (an attribute,
+            kept by ``copy.deepcopy`` and pickling, not by ``state_dict``): a second request
+            on it keeps the first removed without this argument. Pass them for a model loaded
+            from a ``state_dict`` (the record keeps only the ids' hashes;
+            ``report.request["earlier_requests"]`` lists them); given, the list replaces what
+            the model carries (a warning names carried requests it leaves out). Ids of a
+            ``MultiTaskDataset`` no longer in ``train_data`` (rows dropped, their data erased)
+            are skipped; requests named by row positions need ``train_data`` of the same
+            number of rows (else refused: the positions would name other instances). With
             ``forget_data`` / ``retain_data``, leave removed pairs out of ``retain_data``.
 
     Returns:
@@ -1526,8 +1606,14 @@ def unlearn(model: nn.Module, *,
                       f"({result.report.steps} steps): the returned model is the input model, "
                       f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
                       f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
-    _REMOVED[out] = (None if train_data is None
-                     else (*naming.earlier, cast(ForgetRequest, forget_request)))
+    if naming.lineage is not None:
+        lineage = naming.lineage
+    else:  # forget_data: what it removed no later train_data id names
+        before = _carried_lineage(source)
+        lineage = (_Lineage((), False) if before is None
+                   else replace(before, complete=False))
+    if out is not source:  # the input is never modified
+        out.__dict__[_LINEAGE] = lineage
     diverged = _non_finite_parameters(out)
     if diverged:
         warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "

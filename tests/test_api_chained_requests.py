@@ -4,6 +4,7 @@ the full ``train_data`` passed as the docs show, and no word said)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest
 from mtunlearn_ext.api import build_problem
+from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
 
 TASKS = {"a": "classification", "b": "regression"}
 
@@ -71,8 +73,9 @@ def test_retraining_on_the_removed_pairs_is_what_the_chain_prevents() -> None:
                                   **_kwargs(steps=1))
     second = ForgetRequest.create([20])
     chained, _ = mtunlearn_ext.unlearn(m1, forget_request=second, **_kwargs(steps=150))
-    relearned, _ = mtunlearn_ext.unlearn(m1, forget_request=second, earlier_requests=[],
-                                         **_kwargs(steps=150))
+    with pytest.warns(UserWarning, match=r"replaces the 1 request\(s\) `model` carries"):
+        relearned, _ = mtunlearn_ext.unlearn(m1, forget_request=second, earlier_requests=[],
+                                             **_kwargs(steps=150))
     removed = list(range(5))
     assert _loss_a(relearned, removed) < 0.8 * _loss_a(chained, removed)
 
@@ -107,8 +110,8 @@ def test_a_partial_removal_then_a_full_one_forgets_what_is_left() -> None:
 def test_a_request_for_pairs_already_removed_is_refused() -> None:
     m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
                                   **_kwargs())
-    with pytest.raises(ValueError, match=r"removed already by `earlier_requests` \(the requests "
-                                         r"the earlier unlearn\(\)"):
+    with pytest.raises(ValueError, match=r"removed already by the requests `model` carries "
+                                         r"\(from the unlearn\(\) that returned it\)"):
         mtunlearn_ext.unlearn(m1, forget_request=ForgetRequest.create([3]), **_kwargs())
     with pytest.raises(ValueError, match="removed already by `earlier_requests`: there is nothing"):
         build_problem(_TwoHeads(), tasks=TASKS, train_data=_data(),
@@ -158,3 +161,76 @@ def test_the_other_way_in_says_what_it_cannot_check() -> None:
         warnings.simplefilter("error")  # told explicitly: no warning
         mtunlearn_ext.unlearn(m_tuple, forget_request=ForgetRequest.create([20]),
                               earlier_requests=[ForgetRequest.create(range(5))], **_kwargs())
+
+
+def test_a_copy_of_a_returned_model_keeps_its_removals() -> None:
+    """Review: the removals were kept beside the object (a weak mapping), so a deepcopy, the
+    natural way to keep a snapshot, trained on them again without a word."""
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
+                                  **_kwargs())
+    _, report = mtunlearn_ext.unlearn(copy.deepcopy(m1),
+                                      forget_request=ForgetRequest.create([20]), **_kwargs())
+    assert report.request["earlier_pairs_excluded"] == 10
+    assert "_mtunlearn_lineage" not in m1.state_dict()  # weights only in a state_dict
+
+
+def test_earlier_requests_that_leave_out_carried_ones_warn() -> None:
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
+                                  **_kwargs())
+    with pytest.warns(UserWarning, match=r"1 of them are not in it, so their pairs are in the "
+                                         r"retain set again"):
+        _, report = mtunlearn_ext.unlearn(m1, forget_request=ForgetRequest.create([20]),
+                                          earlier_requests=[ForgetRequest.create([7])],
+                                          **_kwargs())
+    assert report.request["earlier_pairs_excluded"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the carried request among those given: no warning
+        _, report = mtunlearn_ext.unlearn(
+            m1, forget_request=ForgetRequest.create([20]),
+            earlier_requests=[ForgetRequest.create([4, 3, 2, 1, 0]), ForgetRequest.create([7])],
+            **_kwargs())
+    assert report.request["earlier_pairs_excluded"] == 12
+
+
+def test_rows_dropped_since_are_refused_by_position_and_skipped_by_id() -> None:
+    """Review: after dropping the forgotten rows (their data erased), a tuple's positions
+    named other instances (rows 5..9 kept out instead of 0..4, silently); a data set's ids
+    still name the same instances, and ids no longer there have nothing left to keep out."""
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
+                                  **_kwargs())
+    x, y = _data()
+    dropped = (x[5:], {t: v[5:] for t, v in y.items()})
+    with pytest.raises(ValueError, match=r"carries 1 earlier request\(s\) naming instances by "
+                                         r"row positions of a `train_data` of 40 rows, and this "
+                                         r"`train_data` has 35 rows"):
+        mtunlearn_ext.unlearn(m1, forget_request=ForgetRequest.create([20]),
+                              **{**_kwargs(), "train_data": dropped})
+    data = MultiTaskDataset(x, y, [TaskSpec("a", "classification", num_classes=3),
+                                   TaskSpec("b", "regression")])
+    kwargs = {**_kwargs(), "train_data": data}
+    d1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create([0, 1, 2]),
+                                  **kwargs)
+    kept = data.subset(torch.arange(2, 40))  # rows 0 and 1 erased, row 2 still there
+    _, report = mtunlearn_ext.unlearn(d1, forget_request=ForgetRequest.create([20]),
+                                      **{**kwargs, "train_data": kept})
+    assert report.request["earlier_pairs_excluded"] == 2  # instance 2's two pairs
+    assert report.request["num_retain_pairs"] == 2 * 38 - 2 - 2
+
+
+def test_a_forget_data_run_inside_a_chain_keeps_the_earlier_removals() -> None:
+    """Review: a run given forget_data dropped what the model carried, so the first
+    request's pairs went back into the next retain set."""
+    x, y = _data()
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
+                                  **_kwargs())
+    common = {"tasks": TASKS, "method": "finetune", "config": {"steps": 2},
+              "shared_parameters": lambda name: name.startswith("trunk.")}
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        m2, _ = mtunlearn_ext.unlearn(
+            m1, forget_data=(x[30:32], {t: v[30:32] for t, v in y.items()}),
+            retain_data=(x[5:30], {t: v[5:30] for t, v in y.items()}), **common)
+    with pytest.warns(UserWarning, match=r"the 1 request\(s\) on `train_data` before it are "
+                                         r"kept out"):
+        _, report = mtunlearn_ext.unlearn(m2, forget_request=ForgetRequest.create([20]),
+                                          **_kwargs())
+    assert report.request["earlier_pairs_excluded"] == 10
