@@ -207,7 +207,10 @@ def _label_map(path: Path, array: np.ndarray, num_classes: int) -> torch.Tensor:
         raise LayoutError(f"{path} has labels outside [-1, {num_classes}): "
                           f"{sorted(set(label[bad].tolist()))[:5]}; `num_classes` must be the "
                           f"label set's class count (LibMTL's Cityscapes labels have 7, its "
-                          f"19-class set 19)")
+                          f"19-class set 19; the benchmarks `nyuv2` / `cityscapes`, which the "
+                          f"CLI reads, take LibMTL's preprocessing, 13 / 7 classes: for another "
+                          f"label set call load_nyuv2 / load_cityscapes with num_classes= and "
+                          f"unlearn through the Python API)")
     return label
 
 
