@@ -377,9 +377,11 @@ def removed_files(removals: Sequence[Mapping[str, Any]], files: Iterable[str],
     """Those of ``files`` (``"folder/<i>.npy"``) that ``removals`` took out, and so may be
     erased: every file of a full request's instances (one naming every task is full), the
     label files of a partial request's target tasks (:data:`FOLDER_OF_TASK`), not its
-    instances' images, which still carry their other tasks."""
+    instances' images, which still carry their other tasks. An instance whose partial
+    requests together name every task counts as removed by a full one: nothing of it is
+    trained on any more, so its image may go too."""
     full: set[int] = set()
-    partial: dict[int, set[str]] = {}
+    partial: dict[int, set[str]] = {}  # instance id -> the tasks its partial requests named
     for entry in removals:
         tasks = entry.get("target_tasks")
         ids = [int(i) for i in entry["instance_ids"]]
@@ -387,11 +389,14 @@ def removed_files(removals: Sequence[Mapping[str, Any]], files: Iterable[str],
             full.update(ids)
             continue
         for i in ids:
-            partial.setdefault(i, set()).update(FOLDER_OF_TASK.get(t, t) for t in tasks)
+            partial.setdefault(i, set()).update(tasks)
+    # Looked at one request at a time, `seg` then `depth` of one id never erased its image.
+    full.update(i for i, tasks in partial.items() if set(task_names) <= tasks)
+    folders = {i: {FOLDER_OF_TASK.get(t, t) for t in tasks} for i, tasks in partial.items()}
     out = set()
     for path in files:
         folder, number = _file_number(path)
-        if number in full or folder in partial.get(number, ()):
+        if number in full or folder in folders.get(number, ()):
             out.add(path)
     return out
 
@@ -810,16 +815,17 @@ def erased_instances(bench: Benchmark) -> dict[int, set[str]]:
 def erased_forget_pairs(bench: Benchmark, ids: Sequence[int],
                         tasks: Sequence[str] | None) -> list[int]:
     """The ids among ``ids`` whose pairs of ``tasks`` (``None``: every task) were erased: the
-    instance is gone (its image was erased), or, for named tasks, each one's label file is."""
+    instance is gone (its image was erased), or each task's label file is (for a full request
+    too: partial requests that together named every task may leave only the image)."""
     erased = erased_instances(bench)
     present = set(bench.train.ids.tolist())
+    names = list(tasks) if tasks else list(bench.train.task_names)
     out = []
     for i in ids:
         gone = erased.get(int(i), set())
         if not gone:
             continue
-        if int(i) not in present or (tasks is not None and tasks and all(
-                FOLDER_OF_TASK.get(t, t) in gone for t in tasks)):
+        if int(i) not in present or all(FOLDER_OF_TASK.get(t, t) in gone for t in names):
             out.append(int(i))
     return out
 

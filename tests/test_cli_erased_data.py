@@ -207,3 +207,42 @@ def test_the_loader_reads_erased_data_only_when_asked(erasable: SimpleNamespace)
         (erasable.data / "val" / "image" / "1.npy").unlink()
         with pytest.raises(LayoutError):
             load_cityscapes(erasable.data, allow_erased=True, num_train=8)
+
+
+@pytest.fixture(scope="module")
+def both_tasks(erasable: SimpleNamespace) -> Path:
+    """``p1.pt`` (id 2's segmentation forgotten) then id 2's depth: two partial requests that
+    together remove every task of id 2."""
+    b = erasable.folder / "b.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2",
+                     "--target-tasks", "depth", "--output", str(b), *STEPS]) == 0
+    return b
+
+
+def test_partial_requests_naming_every_task_together_let_the_whole_instance_be_erased(
+        erasable: SimpleNamespace, both_tasks: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each removal was looked at alone: id 2's image could never be erased, and a full
+    request on 2 once its label files were erased ended in a traceback (exit 1)."""
+    with _restored(erasable.data):
+        _erase(erasable.data, "label/2.npy", "depth/2.npy")
+        capsys.readouterr()
+        for argv in (["unlearn", "--checkpoint", str(both_tasks), "--forget-ids", "2",
+                      "--output", str(tmp_path / "c.pt"), *STEPS],
+                     ["evaluate", "--checkpoint", str(both_tasks), "--forget-ids", "2",
+                      "--quiet"]):
+            assert cli.main(argv) == 2, argv
+            err = _err(capsys)
+            assert err.startswith("mtunlearn: error: --forget-ids: expected ids of training "
+                                  "data still present, got '1 erased ids [2]'; "), err
+        _erase(erasable.data, "image/2.npy")
+        assert cli.main(["verify", "--record", _record(both_tasks)]) == 0
+        assert NOTE in capsys.readouterr().out
+        assert cli.main(["evaluate", "--checkpoint", str(both_tasks), "--quiet"]) == 0
+        capsys.readouterr()
+        # p1's lineage removed only id 2's segmentation: its image was still trained on.
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.p1), "--quiet"]) == 2
+        err = _err(capsys)
+        assert ("train/depth/2.npy, train/image/2.npy are missing but instance 2 was removed "
+                "only from the tasks of a partial request") in err, err
+    assert not (tmp_path / "c.pt").exists()
