@@ -487,6 +487,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         TRAIN_FILES_KEY,
         build_user_request,
         check_device,
+        check_forget_left,
         erased_instances,
         exclude_removed,
         lineage_removals,
@@ -499,6 +500,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         restrict_retain,
         run_unlearning,
         unknown_removals_hint,
+        without_removed,
     )
 
     started = utc_now()
@@ -536,15 +538,26 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                             else loaded.meta["seed"])
         train_set = bench.train
         refuse_erased_ids(bench, forget_ids, target_tasks)
+        # The pairs the lineage removed are not forgotten again (nor drawn by
+        # --forget-fraction): only what is left of the request is.
+        remaining = without_removed(train_set, earlier or [])
         request, request_type = build_user_request(
-            train_set, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
+            remaining, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
             target_tasks=target_tasks, request_type=args.request, seed=seed)
         if forget_ids is None:  # a data-removal tool must not choose what to remove silently
             print(f"mtunlearn: no --forget-ids: forgetting a random "
                   f"{100 * float(args.forget_fraction):g}% of the training instances "
                   f"(--forget-fraction {args.forget_fraction:g}, seed {seed}): "
                   f"{len(request.instance_ids)} instances", file=sys.stderr)
-        forget, retain = request.split(train_set)
+        already = check_forget_left(train_set, remaining, request, "--forget-ids"
+                                    if forget_ids is not None else "--forget-fraction")
+        forget, _ = request.split(remaining)
+        if already:
+            print(f"mtunlearn: earlier requests of the checkpoint's lineage already removed "
+                  f"pairs of {len(already)} of the ids named ({_ids_text(already)}): only the "
+                  f"other {int(forget.supervision.sum())} pairs are forgotten", file=sys.stderr)
+        # The retain split as before; exclude_removed takes the earlier removals out of it.
+        _, retain = request.split(train_set)
         retain = restrict_retain(retain, request, retain_ids, train_set)
         retain, excluded = exclude_removed(retain, earlier or [], retain_ids)
         if earlier:
@@ -662,6 +675,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
               "--retain-ids")
     print(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
     return 0
+
+
+def _ids_text(ids: Sequence[int], shown: int = 10) -> str:
+    """``ids [3, 4]`` for a message, the first ``shown`` of them."""
+    return f"ids {list(ids[:shown])}" + (" ..." if len(ids) > shown else "")
 
 
 def _retain_note(split: Mapping[str, Any]) -> str:

@@ -57,6 +57,7 @@ __all__ = [
     "build_user_request",
     "check_device",
     "check_finite_parameters",
+    "check_forget_left",
     "check_parameter_split",
     "erased_forget_pairs",
     "erased_instances",
@@ -73,6 +74,7 @@ __all__ = [
     "removal_entry",
     "restrict_retain",
     "run_unlearning",
+    "without_removed",
     "write_json_new",
 ]
 
@@ -763,6 +765,59 @@ def unknown_removals_hint(meta: Mapping[str, Any]) -> str:
             "earlier ids, with --retain-ids")
 
 
+def _removed_mask(dataset: MultiTaskDataset, removals: Sequence[Mapping[str, Any]]
+                  ) -> torch.Tensor:
+    """``[N, T]`` bool: the pairs of ``dataset`` that ``removals`` name (their target tasks,
+    every task for a full request, of the instances still in ``dataset``)."""
+    mask = torch.zeros_like(dataset.supervision)
+    rows = {int(i): p for p, i in enumerate(dataset.ids.tolist())}
+    for entry in removals:
+        tasks = entry.get("target_tasks") or dataset.task_names
+        unknown = [t for t in tasks if t not in dataset.task_names]
+        if unknown:
+            raise UserInputError("--checkpoint", f"earlier removals of the tasks "
+                                 f"{dataset.task_names}", unknown, "unknown task names in the "
+                                 "checkpoint's removals")
+        columns = torch.tensor([dataset.task_index(t) for t in tasks])
+        positions = [rows[int(i)] for i in entry["instance_ids"] if int(i) in rows]
+        if positions:
+            mask[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = True
+    return mask
+
+
+def without_removed(dataset: MultiTaskDataset, removals: Sequence[Mapping[str, Any]]
+                    ) -> MultiTaskDataset:
+    """``dataset`` with the pairs that ``removals`` (earlier requests of the checkpoint's
+    lineage) took out marked unsupervised: what is left to forget. A removed pair is not
+    forgotten a second time (gradient ascent on it again would only damage the model further;
+    ``mtunlearn_ext.unlearn`` refuses it too), nor drawn by ``--forget-fraction``."""
+    if not removals:
+        return dataset
+    return dataset.with_supervision(dataset.supervision & ~_removed_mask(dataset, removals))
+
+
+def check_forget_left(train: MultiTaskDataset, remaining: MultiTaskDataset,
+                      request: ForgetRequest, argument: str) -> list[int]:
+    """The ids of ``request`` some of whose pairs the lineage removed already (``train``'s
+    supervised pairs missing from ``remaining``, :func:`without_removed`), to say that only
+    the rest is forgotten. A request left with nothing to forget is a :class:`UserInputError`
+    naming ``argument``: the unlearners would refuse the empty forget set with a traceback."""
+    named, left = request.forget_mask(train), request.forget_mask(remaining)
+    targets = request.resolved_tasks(train)
+    if not bool(left.any()):
+        if bool(named.any()):
+            gone = sorted(int(i) for i in train.ids[named.any(dim=1)].tolist())
+            raise UserInputError(argument, f"ids with pairs of the target tasks {targets} "
+                                 "not removed yet", f"{len(gone)} removed ids {gone[:10]}",
+                                 "earlier requests of the checkpoint's lineage already removed "
+                                 "every pair this request names: nothing is left to forget; "
+                                 "leave them out")
+        raise UserInputError(argument, f"ids with a supervised pair of the target tasks "
+                             f"{targets}", f"{len(request.instance_ids)} ids without one",
+                             "nothing is left to forget")
+    return sorted(int(i) for i in train.ids[(named & ~left).any(dim=1)].tolist())
+
+
 def exclude_removed(retain: MultiTaskDataset, removals: Sequence[Mapping[str, Any]],
                     retain_ids: Sequence[int] | None = None) -> tuple[MultiTaskDataset, int]:
     """``retain`` without the pairs that ``removals`` (earlier requests of the checkpoint's
@@ -773,19 +828,8 @@ def exclude_removed(retain: MultiTaskDataset, removals: Sequence[Mapping[str, An
     removed instance stays removed."""
     if not removals:
         return retain, 0
-    supervision = retain.supervision.clone()
     rows = {int(i): p for p, i in enumerate(retain.ids.tolist())}
-    for entry in removals:
-        tasks = entry.get("target_tasks") or retain.task_names
-        unknown = [t for t in tasks if t not in retain.task_names]
-        if unknown:
-            raise UserInputError("--checkpoint", f"earlier removals of the tasks "
-                                 f"{retain.task_names}", unknown, "unknown task names in the "
-                                 "checkpoint's removals")
-        columns = torch.tensor([retain.task_index(t) for t in tasks])
-        positions = [rows[i] for i in entry["instance_ids"] if i in rows]
-        if positions:
-            supervision[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = False
+    supervision = retain.supervision & ~_removed_mask(retain, removals)
     excluded = int(retain.supervision.sum()) - int(supervision.sum())
     kept = supervision.any(dim=1)
     if retain_ids is not None:

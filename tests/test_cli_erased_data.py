@@ -246,3 +246,43 @@ def test_partial_requests_naming_every_task_together_let_the_whole_instance_be_e
         assert ("train/depth/2.npy, train/image/2.npy are missing but instance 2 was removed "
                 "only from the tasks of a partial request") in err, err
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_pairs_the_lineage_removed_are_not_forgotten_again(
+        erasable: SimpleNamespace, both_tasks: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Files not erased: `unlearn` ran gradient ascent again on pairs removed before (the API
+    refuses that), `--forget-fraction` drew them, and a request left with nothing to forget
+    ended in a traceback."""
+    capsys.readouterr()
+    for checkpoint, tasks in ((both_tasks, []), (erasable.p1, ["--target-tasks",
+                                                               "segmentation"])):
+        assert cli.main(["unlearn", "--checkpoint", str(checkpoint), "--forget-ids", "2",
+                         *tasks, "--output", str(tmp_path / "none.pt"), *STEPS]) == 2
+        err = _err(capsys)
+        assert err.startswith("mtunlearn: error: --forget-ids: expected ids with pairs of the "
+                              "target tasks "), err
+        assert "not removed yet, got '1 removed ids [2]'; " in err, err
+    assert not (tmp_path / "none.pt").exists()
+    # Id 2's segmentation was removed: of 2 and 3, only 3's segmentation is forgotten.
+    some = tmp_path / "some.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2,3",
+                     "--target-tasks", "segmentation", "--output", str(some), *STEPS]) == 0
+    assert ("earlier requests of the checkpoint's lineage already removed pairs of 1 of the "
+            "ids named (ids [2]): only the other 1 pairs are forgotten") in \
+        capsys.readouterr().err
+    request = json.loads(Path(_record(some)).read_text())["request"]
+    assert request["instance_ids"] == [2, 3] and request["num_forget_pairs"] == 1
+    # verify splits the request as unlearn did.
+    assert cli.main(["verify", "--record", _record(some), "--quiet"]) == 0
+    # A full request on 2: its depth only.
+    full = tmp_path / "full.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2",
+                     "--output", str(full), *STEPS]) == 0
+    assert json.loads(Path(_record(full)).read_text())["request"]["num_forget_pairs"] == 1
+    # The draw is among the instances whose segmentation is still there: never id 2.
+    drawn = tmp_path / "drawn.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-fraction", "0.875",
+                     "--target-tasks", "segmentation", "--output", str(drawn), *STEPS]) == 0
+    request = json.loads(Path(_record(drawn)).read_text())["request"]
+    assert request["instance_ids"] == [0, 1, 3, 4, 5, 6, 7], request
