@@ -665,9 +665,17 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
                         "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
-        gone = len(erased_instances(bench))
-        erased = (f" ({gone} of their instances' files erased since, so not read at all)"
-                  if gone else "")
+        # An instance is not read at all only once its image is gone; one that lost some
+        # label files only (a partial request's) is still read, for its other tasks.
+        present = set(train_set.ids.tolist())
+        erased_ids = erased_instances(bench)
+        gone = sum(1 for i in erased_ids if i not in present)
+        labels = sum(1 for i in erased_ids if i in present)
+        notes = ([f"{gone} of their instances' files erased since, so not read at all"]
+                 if gone else []) + ([f"some of their label files erased since ({labels} "
+                                      "instance(s) still read for their other tasks)"]
+                                     if labels else [])
+        erased = f" ({'; '.join(notes)})" if notes else ""
         print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
               f"{excluded} pairs still in the data stayed out of the retain set{erased}")
     elif earlier is None:

@@ -286,3 +286,18 @@ def test_pairs_the_lineage_removed_are_not_forgotten_again(
                      "--target-tasks", "segmentation", "--output", str(drawn), *STEPS]) == 0
     request = json.loads(Path(_record(drawn)).read_text())["request"]
     assert request["instance_ids"] == [0, 1, 3, 4, 5, 6, 7], request
+
+
+def test_the_chained_line_tells_a_partial_erasure_from_an_instance_gone(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Erasing only id 2's label file (p1's partial request) was counted as an instance "not
+    read at all", though 2 is still read for its depth."""
+    with _restored(erasable.data):
+        _erase(erasable.data, "label/2.npy")
+        capsys.readouterr()
+        assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "6",
+                         "--output", str(tmp_path / "u.pt"), *STEPS]) == 0
+        out = capsys.readouterr().out
+        assert "not read at all" not in out, out
+        assert ("stayed out of the retain set (some of their label files erased since (1 "
+                "instance(s) still read for their other tasks))") in out, out
