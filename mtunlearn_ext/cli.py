@@ -538,6 +538,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                             else loaded.meta["seed"])
         train_set = bench.train
         refuse_erased_ids(bench, forget_ids, target_tasks)
+        refuse_erased_ids(bench, retain_ids, None, "--retain-ids")
         # The pairs the lineage removed are not forgotten again (nor drawn by
         # --forget-fraction): only what is left of the request is.
         remaining = without_removed(train_set, earlier or [])
@@ -759,6 +760,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "test": evaluate(loaded.model, bench.test, None, args.eval_batch_size)}}
         else:
             refuse_erased_ids(bench, forget_ids, parse_tasks(args.target_tasks))
+            retain_ids = parse_ids(args.retain_ids, "--retain-ids")
+            refuse_erased_ids(bench, retain_ids, None, "--retain-ids")
             request, _ = build_user_request(
                 bench.train, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
@@ -767,7 +770,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             # As `unlearn` measured: limited to --retain-ids when given, and without the pairs
             # the checkpoint's lineage removed (the record's before/after of a chained request
             # are measured so).
-            retain_ids = parse_ids(args.retain_ids, "--retain-ids")
             retain = restrict_retain(retain, request, retain_ids, bench.train)
             earlier = lineage_removals(loaded.meta)
             retain, excluded = exclude_removed(retain, earlier or [])

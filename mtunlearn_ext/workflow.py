@@ -445,7 +445,11 @@ def _check_train_files(meta: Mapping[str, Any], bench: Benchmark, argument: str,
         named = {int(i) for e in known or [] for i in e["instance_ids"]}
         why = ("the checkpoint's earlier removals are unknown (it keeps only their hash)"
                if known is None else
-               f"instance {number} was never removed" if number not in named else
+               # The usual cause: a later request's files were erased and an earlier
+               # checkpoint (whose lineage stops before it) is used; "never" misled there.
+               f"instance {number} was not removed by this checkpoint's lineage (if a later "
+               "request removed it, use that request's output, the latest checkpoint)"
+               if number not in named else
                f"instance {number} was removed only from the tasks of a partial request, "
                f"whose {folder}/ file stays")
         verb = "is" if len(stray) == 1 else "are"
@@ -875,16 +879,18 @@ def erased_forget_pairs(bench: Benchmark, ids: Sequence[int],
 
 
 def refuse_erased_ids(bench: Benchmark, forget_ids: Sequence[int] | None,
-                      target_tasks: Sequence[str] | None) -> None:
-    """Refuse ``--forget-ids`` naming data already removed whose files were erased: nothing
-    of them is left to forget (the generic "unknown ids" error would not say why)."""
+                      target_tasks: Sequence[str] | None, argument: str = "--forget-ids"
+                      ) -> None:
+    """Refuse ``--forget-ids`` (or ``argument``: ``--retain-ids``, with every task) naming
+    data already removed whose files were erased: nothing of them is left to forget or
+    retain (the generic "unknown ids" error would not say why)."""
     if not forget_ids:
         return
     tasks = (None if target_tasks is None or set(bench.train.task_names) <= set(target_tasks)
              else target_tasks)
     gone = erased_forget_pairs(bench, forget_ids, tasks)
     if gone:
-        raise UserInputError("--forget-ids", "ids of training data still present",
+        raise UserInputError(argument, "ids of training data still present",
                              f"{len(gone)} erased ids {gone[:10]}",
                              "an earlier request of the checkpoint's lineage already removed "
                              "them and their files were erased since; leave them out")

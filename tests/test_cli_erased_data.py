@@ -103,10 +103,30 @@ def test_erasing_a_removed_instance_keeps_verify_evaluate_and_chained_unlearn_wo
             assert err.startswith("mtunlearn: error: --forget-ids: expected ids of training "
                                   "data still present, got '1 erased ids [5]'; "), err
             assert "already removed them and their files were erased" in err, err
+        # --retain-ids too: it said "unknown ids [5]", not why.
+        for argv in (["unlearn", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
+                      "--retain-ids", "5,7", "--output", str(tmp_path / "u3.pt"), *STEPS],
+                     ["evaluate", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
+                      "--retain-ids", "5,7", "--quiet"]):
+            assert cli.main(argv) == 2, argv
+            err = _err(capsys)
+            assert err.startswith("mtunlearn: error: --retain-ids: expected ids of training "
+                                  "data still present, got '1 erased ids [5]'; "), err
         assert not (tmp_path / "u3.pt").exists()
-        # The original was trained on id 5 and never removed it: its data are gone.
+        # The original was trained on id 5 and its lineage did not remove it: its data are gone.
         assert cli.main(["evaluate", "--checkpoint", str(erasable.orig), "--quiet"]) == 2
-        assert "instance 5 was never removed" in _err(capsys)
+        assert ("instance 5 was not removed by this checkpoint's lineage (if a later request "
+                "removed it, use that request's output, the latest checkpoint)") in _err(capsys)
+        # A later request's files erased: the earlier record is refused (u2 removed 6, not
+        # u1's lineage), saying so (it said that 6 "was never removed"); the latest
+        # checkpoint's record verifies.
+        _erase(erasable.data, *_instance(6))
+        assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
+        err = _err(capsys)
+        assert ("are missing but instance 6 was not removed by this checkpoint's lineage (if a "
+                "later request removed it, use that request's output, the latest checkpoint)"
+                ) in err, err
+        assert cli.main(["verify", "--record", _record(u2), "--quiet"]) == 0
 
 
 def test_erasing_an_instance_never_removed_is_refused_naming_the_file(
@@ -117,9 +137,9 @@ def test_erasing_an_instance_never_removed_is_refused_naming_the_file(
         assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
         err = _err(capsys)
         assert ("train/depth/7.npy, train/image/7.npy, train/label/7.npy are missing but "
-                "instance 7 was never removed") in err, err
+                "instance 7 was not removed by this checkpoint's lineage") in err, err
         assert cli.main(["evaluate", "--checkpoint", str(erasable.u1), "--quiet"]) == 2
-        assert "instance 7 was never removed" in _err(capsys)
+        assert "instance 7 was not removed by this checkpoint's lineage" in _err(capsys)
 
 
 @pytest.mark.parametrize("also_delete", [True, False])
