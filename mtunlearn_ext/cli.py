@@ -487,6 +487,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         TRAIN_FILES_KEY,
         build_user_request,
         check_device,
+        check_forget_left,
         erased_instances,
         exclude_removed,
         lineage_removals,
@@ -499,6 +500,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         restrict_retain,
         run_unlearning,
         unknown_removals_hint,
+        without_removed,
     )
 
     started = utc_now()
@@ -536,15 +538,27 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                             else loaded.meta["seed"])
         train_set = bench.train
         refuse_erased_ids(bench, forget_ids, target_tasks)
+        refuse_erased_ids(bench, retain_ids, None, "--retain-ids")
+        # The pairs the lineage removed are not forgotten again (nor drawn by
+        # --forget-fraction): only what is left of the request is.
+        remaining = without_removed(train_set, earlier or [])
         request, request_type = build_user_request(
-            train_set, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
+            remaining, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
             target_tasks=target_tasks, request_type=args.request, seed=seed)
         if forget_ids is None:  # a data-removal tool must not choose what to remove silently
             print(f"mtunlearn: no --forget-ids: forgetting a random "
                   f"{100 * float(args.forget_fraction):g}% of the training instances "
                   f"(--forget-fraction {args.forget_fraction:g}, seed {seed}): "
                   f"{len(request.instance_ids)} instances", file=sys.stderr)
-        forget, retain = request.split(train_set)
+        already = check_forget_left(train_set, remaining, request, "--forget-ids"
+                                    if forget_ids is not None else "--forget-fraction")
+        forget, _ = request.split(remaining)
+        if already:
+            print(f"mtunlearn: earlier requests of the checkpoint's lineage already removed "
+                  f"pairs of {len(already)} of the ids named ({_ids_text(already)}): only the "
+                  f"other {int(forget.supervision.sum())} pairs are forgotten", file=sys.stderr)
+        # The retain split as before; exclude_removed takes the earlier removals out of it.
+        _, retain = request.split(train_set)
         retain = restrict_retain(retain, request, retain_ids, train_set)
         retain, excluded = exclude_removed(retain, earlier or [], retain_ids)
         if earlier:
@@ -652,9 +666,17 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
                         "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
-        gone = len(erased_instances(bench))
-        erased = (f" ({gone} of their instances' files erased since, so not read at all)"
-                  if gone else "")
+        # An instance is not read at all only once its image is gone; one that lost some
+        # label files only (a partial request's) is still read, for its other tasks.
+        present = set(train_set.ids.tolist())
+        erased_ids = erased_instances(bench)
+        gone = sum(1 for i in erased_ids if i not in present)
+        labels = sum(1 for i in erased_ids if i in present)
+        notes = ([f"{gone} of their instances' files erased since, so not read at all"]
+                 if gone else []) + ([f"some of their label files erased since ({labels} "
+                                      "instance(s) still read for their other tasks)"]
+                                     if labels else [])
+        erased = f" ({'; '.join(notes)})" if notes else ""
         print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
               f"{excluded} pairs still in the data stayed out of the retain set{erased}")
     elif earlier is None:
@@ -662,6 +684,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
               "--retain-ids")
     print(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
     return 0
+
+
+def _ids_text(ids: Sequence[int], shown: int = 10) -> str:
+    """``ids [3, 4]`` for a message, the first ``shown`` of them."""
+    return f"ids {list(ids[:shown])}" + (" ..." if len(ids) > shown else "")
 
 
 def _retain_note(split: Mapping[str, Any]) -> str:
@@ -733,6 +760,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "test": evaluate(loaded.model, bench.test, None, args.eval_batch_size)}}
         else:
             refuse_erased_ids(bench, forget_ids, parse_tasks(args.target_tasks))
+            retain_ids = parse_ids(args.retain_ids, "--retain-ids")
+            refuse_erased_ids(bench, retain_ids, None, "--retain-ids")
             request, _ = build_user_request(
                 bench.train, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
@@ -741,7 +770,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             # As `unlearn` measured: limited to --retain-ids when given, and without the pairs
             # the checkpoint's lineage removed (the record's before/after of a chained request
             # are measured so).
-            retain_ids = parse_ids(args.retain_ids, "--retain-ids")
             retain = restrict_retain(retain, request, retain_ids, bench.train)
             earlier = lineage_removals(loaded.meta)
             retain, excluded = exclude_removed(retain, earlier or [])

@@ -404,6 +404,7 @@ def verify_record(record_path: str | os.PathLike[str],
         load_model,
         measure,
         restrict_retain,
+        without_removed,
     )
 
     record = read_record(record_path)
@@ -478,7 +479,9 @@ def verify_record(record_path: str | os.PathLike[str],
                               batch_size, tolerance, mismatches, checks)
     try:
         request.validate(train_set)
-        forget, retain = request.split(train_set)
+        # As `unlearn` split it: the pairs the lineage removed before are not forgotten again.
+        forget, _ = request.split(without_removed(train_set, req.get("earlier_removals") or []))
+        _, retain = request.split(train_set)
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply

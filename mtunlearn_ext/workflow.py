@@ -57,6 +57,7 @@ __all__ = [
     "build_user_request",
     "check_device",
     "check_finite_parameters",
+    "check_forget_left",
     "check_parameter_split",
     "erased_forget_pairs",
     "erased_instances",
@@ -73,6 +74,7 @@ __all__ = [
     "removal_entry",
     "restrict_retain",
     "run_unlearning",
+    "without_removed",
     "write_json_new",
 ]
 
@@ -377,9 +379,11 @@ def removed_files(removals: Sequence[Mapping[str, Any]], files: Iterable[str],
     """Those of ``files`` (``"folder/<i>.npy"``) that ``removals`` took out, and so may be
     erased: every file of a full request's instances (one naming every task is full), the
     label files of a partial request's target tasks (:data:`FOLDER_OF_TASK`), not its
-    instances' images, which still carry their other tasks."""
+    instances' images, which still carry their other tasks. An instance whose partial
+    requests together name every task counts as removed by a full one: nothing of it is
+    trained on any more, so its image may go too."""
     full: set[int] = set()
-    partial: dict[int, set[str]] = {}
+    partial: dict[int, set[str]] = {}  # instance id -> the tasks its partial requests named
     for entry in removals:
         tasks = entry.get("target_tasks")
         ids = [int(i) for i in entry["instance_ids"]]
@@ -387,11 +391,14 @@ def removed_files(removals: Sequence[Mapping[str, Any]], files: Iterable[str],
             full.update(ids)
             continue
         for i in ids:
-            partial.setdefault(i, set()).update(FOLDER_OF_TASK.get(t, t) for t in tasks)
+            partial.setdefault(i, set()).update(tasks)
+    # Looked at one request at a time, `seg` then `depth` of one id never erased its image.
+    full.update(i for i, tasks in partial.items() if set(task_names) <= tasks)
+    folders = {i: {FOLDER_OF_TASK.get(t, t) for t in tasks} for i, tasks in partial.items()}
     out = set()
     for path in files:
         folder, number = _file_number(path)
-        if number in full or folder in partial.get(number, ()):
+        if number in full or folder in folders.get(number, ()):
             out.add(path)
     return out
 
@@ -438,7 +445,11 @@ def _check_train_files(meta: Mapping[str, Any], bench: Benchmark, argument: str,
         named = {int(i) for e in known or [] for i in e["instance_ids"]}
         why = ("the checkpoint's earlier removals are unknown (it keeps only their hash)"
                if known is None else
-               f"instance {number} was never removed" if number not in named else
+               # The usual cause: a later request's files were erased and an earlier
+               # checkpoint (whose lineage stops before it) is used; "never" misled there.
+               f"instance {number} was not removed by this checkpoint's lineage (if a later "
+               "request removed it, use that request's output, the latest checkpoint)"
+               if number not in named else
                f"instance {number} was removed only from the tasks of a partial request, "
                f"whose {folder}/ file stays")
         verb = "is" if len(stray) == 1 else "are"
@@ -758,6 +769,59 @@ def unknown_removals_hint(meta: Mapping[str, Any]) -> str:
             "earlier ids, with --retain-ids")
 
 
+def _removed_mask(dataset: MultiTaskDataset, removals: Sequence[Mapping[str, Any]]
+                  ) -> torch.Tensor:
+    """``[N, T]`` bool: the pairs of ``dataset`` that ``removals`` name (their target tasks,
+    every task for a full request, of the instances still in ``dataset``)."""
+    mask = torch.zeros_like(dataset.supervision)
+    rows = {int(i): p for p, i in enumerate(dataset.ids.tolist())}
+    for entry in removals:
+        tasks = entry.get("target_tasks") or dataset.task_names
+        unknown = [t for t in tasks if t not in dataset.task_names]
+        if unknown:
+            raise UserInputError("--checkpoint", f"earlier removals of the tasks "
+                                 f"{dataset.task_names}", unknown, "unknown task names in the "
+                                 "checkpoint's removals")
+        columns = torch.tensor([dataset.task_index(t) for t in tasks])
+        positions = [rows[int(i)] for i in entry["instance_ids"] if int(i) in rows]
+        if positions:
+            mask[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = True
+    return mask
+
+
+def without_removed(dataset: MultiTaskDataset, removals: Sequence[Mapping[str, Any]]
+                    ) -> MultiTaskDataset:
+    """``dataset`` with the pairs that ``removals`` (earlier requests of the checkpoint's
+    lineage) took out marked unsupervised: what is left to forget. A removed pair is not
+    forgotten a second time (gradient ascent on it again would only damage the model further;
+    ``mtunlearn_ext.unlearn`` refuses it too), nor drawn by ``--forget-fraction``."""
+    if not removals:
+        return dataset
+    return dataset.with_supervision(dataset.supervision & ~_removed_mask(dataset, removals))
+
+
+def check_forget_left(train: MultiTaskDataset, remaining: MultiTaskDataset,
+                      request: ForgetRequest, argument: str) -> list[int]:
+    """The ids of ``request`` some of whose pairs the lineage removed already (``train``'s
+    supervised pairs missing from ``remaining``, :func:`without_removed`), to say that only
+    the rest is forgotten. A request left with nothing to forget is a :class:`UserInputError`
+    naming ``argument``: the unlearners would refuse the empty forget set with a traceback."""
+    named, left = request.forget_mask(train), request.forget_mask(remaining)
+    targets = request.resolved_tasks(train)
+    if not bool(left.any()):
+        if bool(named.any()):
+            gone = sorted(int(i) for i in train.ids[named.any(dim=1)].tolist())
+            raise UserInputError(argument, f"ids with pairs of the target tasks {targets} "
+                                 "not removed yet", f"{len(gone)} removed ids {gone[:10]}",
+                                 "earlier requests of the checkpoint's lineage already removed "
+                                 "every pair this request names: nothing is left to forget; "
+                                 "leave them out")
+        raise UserInputError(argument, f"ids with a supervised pair of the target tasks "
+                             f"{targets}", f"{len(request.instance_ids)} ids without one",
+                             "nothing is left to forget")
+    return sorted(int(i) for i in train.ids[(named & ~left).any(dim=1)].tolist())
+
+
 def exclude_removed(retain: MultiTaskDataset, removals: Sequence[Mapping[str, Any]],
                     retain_ids: Sequence[int] | None = None) -> tuple[MultiTaskDataset, int]:
     """``retain`` without the pairs that ``removals`` (earlier requests of the checkpoint's
@@ -768,19 +832,8 @@ def exclude_removed(retain: MultiTaskDataset, removals: Sequence[Mapping[str, An
     removed instance stays removed."""
     if not removals:
         return retain, 0
-    supervision = retain.supervision.clone()
     rows = {int(i): p for p, i in enumerate(retain.ids.tolist())}
-    for entry in removals:
-        tasks = entry.get("target_tasks") or retain.task_names
-        unknown = [t for t in tasks if t not in retain.task_names]
-        if unknown:
-            raise UserInputError("--checkpoint", f"earlier removals of the tasks "
-                                 f"{retain.task_names}", unknown, "unknown task names in the "
-                                 "checkpoint's removals")
-        columns = torch.tensor([retain.task_index(t) for t in tasks])
-        positions = [rows[i] for i in entry["instance_ids"] if i in rows]
-        if positions:
-            supervision[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = False
+    supervision = retain.supervision & ~_removed_mask(retain, removals)
     excluded = int(retain.supervision.sum()) - int(supervision.sum())
     kept = supervision.any(dim=1)
     if retain_ids is not None:
@@ -810,31 +863,34 @@ def erased_instances(bench: Benchmark) -> dict[int, set[str]]:
 def erased_forget_pairs(bench: Benchmark, ids: Sequence[int],
                         tasks: Sequence[str] | None) -> list[int]:
     """The ids among ``ids`` whose pairs of ``tasks`` (``None``: every task) were erased: the
-    instance is gone (its image was erased), or, for named tasks, each one's label file is."""
+    instance is gone (its image was erased), or each task's label file is (for a full request
+    too: partial requests that together named every task may leave only the image)."""
     erased = erased_instances(bench)
     present = set(bench.train.ids.tolist())
+    names = list(tasks) if tasks else list(bench.train.task_names)
     out = []
     for i in ids:
         gone = erased.get(int(i), set())
         if not gone:
             continue
-        if int(i) not in present or (tasks is not None and tasks and all(
-                FOLDER_OF_TASK.get(t, t) in gone for t in tasks)):
+        if int(i) not in present or all(FOLDER_OF_TASK.get(t, t) in gone for t in names):
             out.append(int(i))
     return out
 
 
 def refuse_erased_ids(bench: Benchmark, forget_ids: Sequence[int] | None,
-                      target_tasks: Sequence[str] | None) -> None:
-    """Refuse ``--forget-ids`` naming data already removed whose files were erased: nothing
-    of them is left to forget (the generic "unknown ids" error would not say why)."""
+                      target_tasks: Sequence[str] | None, argument: str = "--forget-ids"
+                      ) -> None:
+    """Refuse ``--forget-ids`` (or ``argument``: ``--retain-ids``, with every task) naming
+    data already removed whose files were erased: nothing of them is left to forget or
+    retain (the generic "unknown ids" error would not say why)."""
     if not forget_ids:
         return
     tasks = (None if target_tasks is None or set(bench.train.task_names) <= set(target_tasks)
              else target_tasks)
     gone = erased_forget_pairs(bench, forget_ids, tasks)
     if gone:
-        raise UserInputError("--forget-ids", "ids of training data still present",
+        raise UserInputError(argument, "ids of training data still present",
                              f"{len(gone)} erased ids {gone[:10]}",
                              "an earlier request of the checkpoint's lineage already removed "
                              "them and their files were erased since; leave them out")

@@ -103,10 +103,30 @@ def test_erasing_a_removed_instance_keeps_verify_evaluate_and_chained_unlearn_wo
             assert err.startswith("mtunlearn: error: --forget-ids: expected ids of training "
                                   "data still present, got '1 erased ids [5]'; "), err
             assert "already removed them and their files were erased" in err, err
+        # --retain-ids too: it said "unknown ids [5]", not why.
+        for argv in (["unlearn", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
+                      "--retain-ids", "5,7", "--output", str(tmp_path / "u3.pt"), *STEPS],
+                     ["evaluate", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
+                      "--retain-ids", "5,7", "--quiet"]):
+            assert cli.main(argv) == 2, argv
+            err = _err(capsys)
+            assert err.startswith("mtunlearn: error: --retain-ids: expected ids of training "
+                                  "data still present, got '1 erased ids [5]'; "), err
         assert not (tmp_path / "u3.pt").exists()
-        # The original was trained on id 5 and never removed it: its data are gone.
+        # The original was trained on id 5 and its lineage did not remove it: its data are gone.
         assert cli.main(["evaluate", "--checkpoint", str(erasable.orig), "--quiet"]) == 2
-        assert "instance 5 was never removed" in _err(capsys)
+        assert ("instance 5 was not removed by this checkpoint's lineage (if a later request "
+                "removed it, use that request's output, the latest checkpoint)") in _err(capsys)
+        # A later request's files erased: the earlier record is refused (u2 removed 6, not
+        # u1's lineage), saying so (it said that 6 "was never removed"); the latest
+        # checkpoint's record verifies.
+        _erase(erasable.data, *_instance(6))
+        assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
+        err = _err(capsys)
+        assert ("are missing but instance 6 was not removed by this checkpoint's lineage (if a "
+                "later request removed it, use that request's output, the latest checkpoint)"
+                ) in err, err
+        assert cli.main(["verify", "--record", _record(u2), "--quiet"]) == 0
 
 
 def test_erasing_an_instance_never_removed_is_refused_naming_the_file(
@@ -117,9 +137,9 @@ def test_erasing_an_instance_never_removed_is_refused_naming_the_file(
         assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
         err = _err(capsys)
         assert ("train/depth/7.npy, train/image/7.npy, train/label/7.npy are missing but "
-                "instance 7 was never removed") in err, err
+                "instance 7 was not removed by this checkpoint's lineage") in err, err
         assert cli.main(["evaluate", "--checkpoint", str(erasable.u1), "--quiet"]) == 2
-        assert "instance 7 was never removed" in _err(capsys)
+        assert "instance 7 was not removed by this checkpoint's lineage" in _err(capsys)
 
 
 @pytest.mark.parametrize("also_delete", [True, False])
@@ -207,3 +227,97 @@ def test_the_loader_reads_erased_data_only_when_asked(erasable: SimpleNamespace)
         (erasable.data / "val" / "image" / "1.npy").unlink()
         with pytest.raises(LayoutError):
             load_cityscapes(erasable.data, allow_erased=True, num_train=8)
+
+
+@pytest.fixture(scope="module")
+def both_tasks(erasable: SimpleNamespace) -> Path:
+    """``p1.pt`` (id 2's segmentation forgotten) then id 2's depth: two partial requests that
+    together remove every task of id 2."""
+    b = erasable.folder / "b.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2",
+                     "--target-tasks", "depth", "--output", str(b), *STEPS]) == 0
+    return b
+
+
+def test_partial_requests_naming_every_task_together_let_the_whole_instance_be_erased(
+        erasable: SimpleNamespace, both_tasks: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each removal was looked at alone: id 2's image could never be erased, and a full
+    request on 2 once its label files were erased ended in a traceback (exit 1)."""
+    with _restored(erasable.data):
+        _erase(erasable.data, "label/2.npy", "depth/2.npy")
+        capsys.readouterr()
+        for argv in (["unlearn", "--checkpoint", str(both_tasks), "--forget-ids", "2",
+                      "--output", str(tmp_path / "c.pt"), *STEPS],
+                     ["evaluate", "--checkpoint", str(both_tasks), "--forget-ids", "2",
+                      "--quiet"]):
+            assert cli.main(argv) == 2, argv
+            err = _err(capsys)
+            assert err.startswith("mtunlearn: error: --forget-ids: expected ids of training "
+                                  "data still present, got '1 erased ids [2]'; "), err
+        _erase(erasable.data, "image/2.npy")
+        assert cli.main(["verify", "--record", _record(both_tasks)]) == 0
+        assert NOTE in capsys.readouterr().out
+        assert cli.main(["evaluate", "--checkpoint", str(both_tasks), "--quiet"]) == 0
+        capsys.readouterr()
+        # p1's lineage removed only id 2's segmentation: its image was still trained on.
+        assert cli.main(["evaluate", "--checkpoint", str(erasable.p1), "--quiet"]) == 2
+        err = _err(capsys)
+        assert ("train/depth/2.npy, train/image/2.npy are missing but instance 2 was removed "
+                "only from the tasks of a partial request") in err, err
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_pairs_the_lineage_removed_are_not_forgotten_again(
+        erasable: SimpleNamespace, both_tasks: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Files not erased: `unlearn` ran gradient ascent again on pairs removed before (the API
+    refuses that), `--forget-fraction` drew them, and a request left with nothing to forget
+    ended in a traceback."""
+    capsys.readouterr()
+    for checkpoint, tasks in ((both_tasks, []), (erasable.p1, ["--target-tasks",
+                                                               "segmentation"])):
+        assert cli.main(["unlearn", "--checkpoint", str(checkpoint), "--forget-ids", "2",
+                         *tasks, "--output", str(tmp_path / "none.pt"), *STEPS]) == 2
+        err = _err(capsys)
+        assert err.startswith("mtunlearn: error: --forget-ids: expected ids with pairs of the "
+                              "target tasks "), err
+        assert "not removed yet, got '1 removed ids [2]'; " in err, err
+    assert not (tmp_path / "none.pt").exists()
+    # Id 2's segmentation was removed: of 2 and 3, only 3's segmentation is forgotten.
+    some = tmp_path / "some.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2,3",
+                     "--target-tasks", "segmentation", "--output", str(some), *STEPS]) == 0
+    assert ("earlier requests of the checkpoint's lineage already removed pairs of 1 of the "
+            "ids named (ids [2]): only the other 1 pairs are forgotten") in \
+        capsys.readouterr().err
+    request = json.loads(Path(_record(some)).read_text())["request"]
+    assert request["instance_ids"] == [2, 3] and request["num_forget_pairs"] == 1
+    # verify splits the request as unlearn did.
+    assert cli.main(["verify", "--record", _record(some), "--quiet"]) == 0
+    # A full request on 2: its depth only.
+    full = tmp_path / "full.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2",
+                     "--output", str(full), *STEPS]) == 0
+    assert json.loads(Path(_record(full)).read_text())["request"]["num_forget_pairs"] == 1
+    # The draw is among the instances whose segmentation is still there: never id 2.
+    drawn = tmp_path / "drawn.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-fraction", "0.875",
+                     "--target-tasks", "segmentation", "--output", str(drawn), *STEPS]) == 0
+    request = json.loads(Path(_record(drawn)).read_text())["request"]
+    assert request["instance_ids"] == [0, 1, 3, 4, 5, 6, 7], request
+
+
+def test_the_chained_line_tells_a_partial_erasure_from_an_instance_gone(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Erasing only id 2's label file (p1's partial request) was counted as an instance "not
+    read at all", though 2 is still read for its depth."""
+    with _restored(erasable.data):
+        _erase(erasable.data, "label/2.npy")
+        capsys.readouterr()
+        assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "6",
+                         "--output", str(tmp_path / "u.pt"), *STEPS]) == 0
+        out = capsys.readouterr().out
+        assert "not read at all" not in out, out
+        assert ("stayed out of the retain set (some of their label files erased since (1 "
+                "instance(s) still read for their other tasks))") in out, out
