@@ -993,6 +993,14 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
         result = unlearner.unlearn(problem)
     except NonFiniteError:
         raise
+    except ValueError as error:
+        # Refused before the first step: the method's setup found the request and settings
+        # do not fit (a capped objective whose task the request leaves no retain pair of,
+        # say); a user's input, said in one line, not a traceback. Later ones are bugs.
+        if isinstance(unlearner, GradientUnlearner) and guard.steps_done == 0:
+            raise UserInputError("--method-config", f"settings of {method!r} that fit this "
+                                 "request", dict(settings), str(error)) from error
+        raise
     except FloatingPointError as error:
         # A method's own check (the surgery ops refuse NaN/Inf gradients) stops it inside a
         # step, before the guard's callback: the same policy and exit status.

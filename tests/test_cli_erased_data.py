@@ -321,3 +321,20 @@ def test_the_chained_line_tells_a_partial_erasure_from_an_instance_gone(
         assert "not read at all" not in out, out
         assert ("stayed out of the retain set (some of their label files erased since (1 "
                 "instance(s) still read for their other tasks))") in out, out
+
+
+def test_a_request_leaving_a_capped_task_no_retain_pair_is_a_one_line_error(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: forgetting every instance's depth left the retain set no depth pair, and the
+    method's setup refused it with a traceback (exit 1) instead of the usual one-line error."""
+    out = tmp_path / "all_depth.pt"
+    code = cli.main(["unlearn", "--checkpoint", str(erasable.orig), "--forget-ids",
+                     ",".join(str(i) for i in range(8)), "--target-tasks", "depth", "--output",
+                     str(out), "--method-config", '{"steps": 2, "cap_quantile": null}',
+                     "--quiet"])
+    err = _err(capsys)
+    assert code == 2, err
+    assert err.startswith("mtunlearn: error: --method-config: expected settings of "
+                          "'interference_aware' that fit this request"), err
+    assert "the retain set has none" in err and "forget_objective={'depth': 'ascent'}" in err, err
+    assert not out.exists()
