@@ -1257,11 +1257,11 @@ def _build_problem(model: nn.Module, *,
         if not len(forget):  # said here, where the request and its data are known by name
             count = len(request.instance_ids)
             if bool(request.forget_mask(full).any()):
+                by = ("the requests `model` carries (from the unlearn() that returned it)"
+                      if carried else "`earlier_requests`")
                 raise ValueError(f"unlearn: every pair `forget_request` names ({count} instance"
                                  f"{'s' if count != 1 else ''}, target tasks {targets}) was "
-                                 f"removed already by "
-                                 f"{'the requests `model` carries (from the unlearn() that returned it)' if carried else '`earlier_requests`'}"
-                                 f": there is nothing left to forget")
+                                 f"removed already by {by}: there is nothing left to forget")
             raise ValueError(f"unlearn: `forget_request` names {count} instance"
                              f"{'s' if count != 1 else ''}, none with a supervised pair of the "
                              f"target task{'s' if len(targets) != 1 else ''} {targets} in "

@@ -245,9 +245,9 @@ def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]
     method, the SHA-256 of the checkpoint it started from, the hash of the forgotten ids, and,
     in checkpoints of this version, the request type, its resolved target tasks and the
     lineage's removals (the record's earlier removals, then this request), and the data the
-    record names (benchmark, size, seed and the data hashes of its ``benchmark`` block). An edited record
-    must not verify against a checkpoint that contradicts it. Fields an older checkpoint does
-    not carry are not compared (the second value is then ``False``)."""
+    record names (benchmark, size, seed and the data hashes of its ``benchmark`` block). An
+    edited record must not verify against a checkpoint that contradicts it. Fields an older
+    checkpoint does not carry are not compared (the second value is then ``False``)."""
     request = record["request"]
     inp = record.get("input")
     input_sha = inp.get("sha256") if isinstance(inp, Mapping) else None
