@@ -467,6 +467,7 @@ def _resolved_settings(report: Any) -> dict[str, Any]:
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.erasure import erased_instances, refuse_erased_ids
     from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
     from mtunlearn_ext.records import (
@@ -488,14 +489,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         build_user_request,
         check_device,
         check_forget_left,
-        erased_instances,
         exclude_removed,
         lineage_removals,
         load_model,
         measure,
         parse_ids,
         parse_tasks,
-        refuse_erased_ids,
         removal_entry,
         restrict_retain,
         run_unlearning,
@@ -730,6 +729,7 @@ def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str])
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtunlearn_ext.erasure import refuse_erased_ids
     from mtunlearn_ext.workflow import (
         OutputTransaction,
         build_user_request,
@@ -739,7 +739,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         measure,
         parse_ids,
         parse_tasks,
-        refuse_erased_ids,
         restrict_retain,
         write_json_new,
     )

@@ -524,7 +524,7 @@ def _forget_erased(bench: Any, request: Any) -> bool:
     erased once the removal was honoured): its forget metrics and attack AUC cannot be
     re-measured then."""
     from mtunlearn_ext.data.libmtl import FOLDER_OF_TASK
-    from mtunlearn_ext.workflow import erased_instances
+    from mtunlearn_ext.erasure import erased_instances
 
     erased = erased_instances(bench)
     folders = ({"image", *FOLDER_OF_TASK.values()} if request.target_tasks is None
