@@ -1132,7 +1132,7 @@ def _check_carried_fits(carried: _Lineage | None, full: MultiTaskDataset, own_id
     if carried is None or not carried.requests:
         return
     if carried.own_ids != own_ids or (not own_ids and carried.num_rows != len(full)):
-        made = (f"the ids of a data set" if carried.own_ids
+        made = ("the ids of a data set" if carried.own_ids
                 else f"row positions of a `train_data` of {carried.num_rows} rows")
         now = "ids of its own" if own_ids else f"{len(full)} rows named by position"
         raise ValueError(f"unlearn: `model` carries {len(carried.requests)} earlier request(s) "
