@@ -772,9 +772,116 @@ def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
     return 0.0
 
 
+def _scenario_replicated_sparse_head_mixed_layout(rank: int) -> float:
+    """Review of the fix above: a head sparse on one rank (``emb(idx)``) and dense on the
+    other (``F.embedding(idx, emb.weight)``) was converted with the wrong number of sparse
+    dimensions (2 for 1), and the sparse all-reduces aborted both processes. Every rank must
+    get the rank average (the single-process gradient of the rank-mean losses)."""
+    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+
+    def build() -> tuple[nn.Linear, nn.Embedding]:
+        torch.manual_seed(1)
+        return nn.Linear(4, 4).double(), nn.Embedding(10, 4, sparse=True).double()
+
+    def rank_losses(parts: tuple[nn.Linear, nn.Embedding], r: int) -> list[torch.Tensor]:
+        trunk, emb = parts
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(r), dtype=F64)
+        f = trunk(x)
+        idx = torch.tensor([1, 2, 3])
+        rows = emb(idx) if r == 0 else nn.functional.embedding(idx, emb.weight)
+        return [(f * rows).sum(), f.pow(2).mean()]
+
+    reference = build()
+    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
+    GradientSurgery(reference[0].parameters(), UPGrad()).backward(
+        [sum(ls[t] for ls in per_rank) / WORLD for t in range(2)])
+    parts = build()
+    surgery = replicated_surgery(parts[0].parameters(), UPGrad(),
+                                 head_params=list(parts[1].parameters()))
+    surgery.backward(rank_losses(parts, rank))
+    got, ref = parts[1].weight.grad, reference[1].weight.grad
+    assert got is not None and ref is not None and got.layout == torch.sparse_coo
+    torch.testing.assert_close(got.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-12)
+    return (got.to_dense() - ref.to_dense()).abs().max().item()
+
+
+def _scenario_sharded_unreached_float64(rank: int) -> float:
+    """Review of the fix above: rank 0 holds A (float32, reached) and B (float64, not reached
+    this step), rank 1 holds C (float64). Rank 0's Gram, over the reached A alone, was float32
+    and rank 1's float64: the step was refused although the shard holds a float64 tensor and
+    the whole list aggregates fine in one process. It must give the single-process weights."""
+    from mtunlearn_ext.surgery import GradientSurgery, sharded_surgery
+
+    gen = torch.Generator().manual_seed(4)
+    a = nn.Parameter(torch.randn(3, 3, generator=gen))
+    b = nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen))
+    c = nn.Parameter(torch.randn(3, 3, dtype=F64, generator=gen))
+    x = torch.randn(5, 3, dtype=F64, generator=gen)
+
+    def losses() -> list[torch.Tensor]:
+        z = torch.tanh(torch.tanh(x @ a.double()) @ c)  # b: not reached this step
+        return [(z[:, 0] ** 2).mean(), ((z[:, 1] - 1) ** 2).mean() - 0.5 * (z[:, 0] ** 2).mean()]
+
+    expected = GradientSurgery([a, b, c], UPGrad()).backward(losses())
+    for p in (a, b, c):
+        p.grad = None
+    weights = sharded_surgery([a, b] if rank == 0 else [c], UPGrad()).backward(losses())
+    torch.testing.assert_close(weights.double(), expected.double(), rtol=1e-5, atol=1e-6)
+    assert b.grad is None
+    return (weights.double() - expected.double()).abs().max().item()
+
+
+def _scenario_sharded_every_shard_frozen(rank: int) -> float:
+    """Every rank's shard frozen: each rank joined with a zero Gram and the step passed with
+    made-up weights and no word. Every rank must raise, as one process does."""
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    params, losses = _tanh_chain(seed=11, conflict=0.5)
+    for p in params:
+        p.requires_grad_(False)
+    params[0].requires_grad_(True)  # something for the losses to reach, outside the shards
+    surgery = sharded_surgery(params[2:] if rank == 0 else params[3:], UPGrad(),
+                              head_params=[params[0]])
+    try:
+        surgery.backward(losses())
+    except ValueError as error:
+        assert "no rank holds a shared parameter taking part" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: a step with every shard frozen was not refused")
+    check = torch.ones(1)
+    dist.all_reduce(check)
+    assert check.item() == WORLD
+    return 0.0
+
+
+def _scenario_apply_on_a_rank_without_a_shard(rank: int) -> float:
+    """``apply(stacks)`` on a rank without a shard cannot know k: it raised "all frozen",
+    which misled. It says so and names the calls that join (the other rank does not call
+    here: it would wait for this one until the timeout)."""
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    params, _ = _tanh_chain(seed=12)
+    if rank == 1:
+        try:
+            sharded_surgery([], UPGrad()).apply([])
+        except ValueError as error:
+            assert "explicit stacks cannot tell it the number of tasks k" in str(error)
+        else:
+            raise AssertionError("apply([]) on a rank without a shard was not refused")
+    check = torch.ones(1)
+    dist.all_reduce(check)
+    assert check.item() == WORLD
+    return 0.0
+
+
 def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
     table: dict[str, Callable[[int], float]] = {
         "replicated_sparse_head_unreached-upgrad-fp64": _scenario_replicated_sparse_head_unreached,
+        "replicated_sparse_head_mixed_layout-upgrad-fp64":
+            _scenario_replicated_sparse_head_mixed_layout,
+        "sharded_unreached_float64-upgrad": _scenario_sharded_unreached_float64,
+        "sharded_every_shard_frozen-upgrad": _scenario_sharded_every_shard_frozen,
+        "sharded_apply_without_a_shard": _scenario_apply_on_a_rank_without_a_shard,
     }
     for how in ("frozen", "empty", "empty_per_layer"):
         table[f"sharded_shard_{how}-upgrad-fp64"] = (

@@ -122,8 +122,12 @@ def _agreed_stats(stats: torch.Tensor, group: ProcessGroup | None, joining: bool
     dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
     values = header.tolist()
     most, fewest = values[:4], [-v for v in values[4:]]
-    if most[2] == 0:  # every rank joining: nothing to agree on
-        fewest[2] = 0
+    if most[2] == 0:
+        # Every rank joining: no rank holds a shared parameter taking part. Each sees this
+        # header, so each raises (a single process raises the same).
+        raise ValueError("sharded surgery: no rank holds a shared parameter taking part (every "
+                         "shard empty or frozen), so there is nothing to aggregate; while the "
+                         "shared part is frozen, call sum(losses).backward() instead")
     if most != fewest:
         # Every rank sees the same reduced header, so every rank gathers here and raises.
         per_rank: list[list[int] | None] = [None] * dist.get_world_size(group)
@@ -275,7 +279,9 @@ class ReplicatedReducer:
                 # sparse and dense micro-batches): gloo pairs a sparse all-reduce only with
                 # sparse ones.
                 grad = p.grad
-                p.grad = grad.to_dense() if sparse_dims == 0 else grad.to_sparse(sparse_dims)
+                # (the layout code is 1 + the number of sparse dimensions)
+                p.grad = (grad.to_dense() if sparse_dims == 0
+                          else grad.to_sparse(sparse_dims - 1))
         grads = [fillers[id(p)] if id(p) in fillers else local_tensor(cast(torch.Tensor, p.grad))
                  for p in heads]
         hits = torch.tensor([float(id(p) not in fillers) for p in heads]

@@ -692,6 +692,16 @@ class GradientSurgery:
             self._pending_tasks = {}
             return self._aggregate(self._buffered_for, self._buffers, found)
         # Explicit stacks tell k only through themselves: none to take part is refused here.
+        # Under a reducer that refusal is this process's alone (the others wait in their
+        # collective until its timeout): a rank without a shard must use backward() or
+        # accumulate(), whose losses tell k.
+        active = self._active_now()
+        if not active.params and self.reducer is not None:
+            raise ValueError("GradientSurgery.apply: this process holds no shared parameter "
+                             "taking part (an empty or frozen shard), so explicit stacks cannot "
+                             "tell it the number of tasks k that the other processes' "
+                             "collectives need; on such a rank call backward(losses) or "
+                             "accumulate(losses) + apply(), which join them")
         active = self._take_part("GradientSurgery.apply", allow_none=False)
         _refuse_hooked_shared("GradientSurgery.apply", active)
         stacks = self._check_stacks(active, per_task_grads)
@@ -1071,6 +1081,14 @@ class GradientSurgery:
             # With none reached, one zero stack (into scratch) still gives the weights and
             # takes part in the reducer's collective.
             members = members or [0]
+            wide = [p for p in range(len(stacks)) if stacks[p].dtype == torch.float64]
+            if (self.reducer is not None and wide
+                    and all(stacks[p].dtype != torch.float64 for p in members)):
+                # The Gram is float64 when a member is: with the only float64 parameter
+                # unreached this step, this rank's Gram would be float32 and the others'
+                # float64, a step refused (the ranks' statistics must agree) that depends on
+                # the data. Its zero stack (into scratch) keeps the dtype the shard's.
+                members = sorted({*members, min(wide, key=lambda p: stacks[p].numel())})
             per_layer, num_layers = _member_layer_ids(per_layer, len(stacks), members,
                                                       num_layers)
         params = [active.params[p] for p in members]
