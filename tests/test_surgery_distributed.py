@@ -46,6 +46,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -643,13 +644,28 @@ def _scenario_sharded_surgery_nonfinite_on_one_rank(rank: int) -> float:
 # ------------------------------------------- ranks that must agree (own spawn, short timeout)
 
 
+def _rank_mean_reference(build: Callable[[], Any], rank_losses: Callable[[Any, int],
+                                                                      list[torch.Tensor]]
+                         ) -> Any:
+    """Modules from ``build()`` with the single-process surgery's gradients (UPGrad over the
+    first module's parameters) of the rank-mean losses: what every rank must get."""
+    from mtunlearn_ext.surgery import GradientSurgery
+
+    reference = build()
+    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
+    k = len(per_rank[0])
+    GradientSurgery(reference[0].parameters(), UPGrad()).backward(
+        [sum(ls[t] for ls in per_rank) / WORLD for t in range(k)])
+    return reference
+
+
 def _scenario_replicated_sparse_head_unreached(rank: int) -> float:
     """A sparse head (``nn.Embedding(sparse=True)``, listed in ``head_params``) that rank 1
     does not reach (its task has no labels there: a constant stand-in). Rank 1 filled it with
     a dense zero while rank 0 held a sparse gradient: a dense all-reduce against a sparse one,
     and both ranks waited until the timeout. Every rank must get the sparse rank average (the
     single-process gradients of the rank-mean losses)."""
-    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+    from mtunlearn_ext.surgery import replicated_surgery
 
     def build() -> tuple[nn.Linear, nn.Embedding, nn.Linear]:
         torch.manual_seed(0)
@@ -665,10 +681,7 @@ def _scenario_replicated_sparse_head_unreached(rank: int) -> float:
                  else torch.zeros((), dtype=F64))
         return [first, head(f).pow(2).mean()]
 
-    reference = build()
-    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
-    GradientSurgery(reference[0].parameters(), UPGrad()).backward(
-        [sum(ls[t] for ls in per_rank) / WORLD for t in range(2)])
+    reference = _rank_mean_reference(build, rank_losses)
     parts = build()
     surgery = replicated_surgery(parts[0].parameters(), UPGrad(),
                                  head_params=[*parts[1].parameters(), *parts[2].parameters()])
@@ -777,7 +790,7 @@ def _scenario_replicated_sparse_head_mixed_layout(rank: int) -> float:
     other (``F.embedding(idx, emb.weight)``) was converted with the wrong number of sparse
     dimensions (2 for 1), and the sparse all-reduces aborted both processes. Every rank must
     get the rank average (the single-process gradient of the rank-mean losses)."""
-    from mtunlearn_ext.surgery import GradientSurgery, replicated_surgery
+    from mtunlearn_ext.surgery import replicated_surgery
 
     def build() -> tuple[nn.Linear, nn.Embedding]:
         torch.manual_seed(1)
@@ -791,10 +804,7 @@ def _scenario_replicated_sparse_head_mixed_layout(rank: int) -> float:
         rows = emb(idx) if r == 0 else nn.functional.embedding(idx, emb.weight)
         return [(f * rows).sum(), f.pow(2).mean()]
 
-    reference = build()
-    per_rank = [rank_losses(reference, r) for r in range(WORLD)]
-    GradientSurgery(reference[0].parameters(), UPGrad()).backward(
-        [sum(ls[t] for ls in per_rank) / WORLD for t in range(2)])
+    reference = _rank_mean_reference(build, rank_losses)
     parts = build()
     surgery = replicated_surgery(parts[0].parameters(), UPGrad(),
                                  head_params=list(parts[1].parameters()))
