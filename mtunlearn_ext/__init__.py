@@ -26,9 +26,9 @@ _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
 #: The public submodules, imported on first attribute access (PEP 562), so that
 #: ``import mtunlearn_ext; mtunlearn_ext.data.TaskSpec`` works as the guides write it, while
 #: ``import mtunlearn_ext`` itself loads none of them.
-_SUBMODULES = ("api", "cli", "data", "demo", "experiment", "losses", "metrics", "models",
-               "records", "report", "showcase", "surgery", "training", "tuning", "unlearning",
-               "workflow")
+_SUBMODULES = ("api", "cli", "data", "demo", "erasure", "experiment", "losses", "metrics",
+               "models", "records", "report", "showcase", "surgery", "training", "tuning",
+               "unlearning", "workflow")
 
 
 def __getattr__(name: str) -> object:
