@@ -526,9 +526,11 @@ class InterferenceAware(GradientUnlearner):
             warnings.warn(
                 "interference_aware: coupled=True, but the retain set holds no retained pair of "
                 "the forget instances (no retain row has a forget instance's id), so none is "
-                "protected explicitly. Tuple `forget_data` rows are linked to `retain_data` rows "
-                "with equal inputs only; otherwise give `train_data` and a ForgetRequest (or "
-                "MultiTaskDatasets with shared ids) to link them", stacklevel=2)
+                "protected explicitly: their other tasks' pairs are unlabelled or were removed "
+                "by earlier requests, or the data do not link them (tuple `forget_data` rows "
+                "are linked to `retain_data` rows with equal inputs only; give `train_data` and "
+                "a ForgetRequest, or MultiTaskDatasets with shared ids, to link them)",
+                stacklevel=2)
         if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
             num_tasks = len(problem.task_names)
             per_step = self._rows_per_step(problem, coupled is not None)
