@@ -532,23 +532,6 @@ def _forget_erased(bench: Any, request: Any) -> bool:
     return any(erased.get(int(i), set()) & folders for i in request.instance_ids)
 
 
-def _retain_without(train_set: Any, request: Any) -> Any:
-    """The request's retain split when some of its forget instances are gone: the training
-    set without the forget pairs of those still there (``ForgetRequest.split`` refuses ids the
-    data set lacks)."""
-    import torch
-
-    rows = {int(i): p for p, i in enumerate(train_set.ids.tolist())}
-    positions = [rows[int(i)] for i in request.instance_ids if int(i) in rows]
-    supervision = train_set.supervision.clone()
-    if positions:
-        columns = torch.tensor([train_set.task_index(t)
-                                for t in request.resolved_tasks(train_set)])
-        supervision[torch.tensor(positions).unsqueeze(1), columns.unsqueeze(0)] = False
-    kept = supervision.any(dim=1).nonzero().flatten()
-    return train_set.with_supervision(supervision).subset(kept)
-
-
 def _kept_part(measurement: Any) -> dict[str, Any]:
     """The retain and test metrics of a recorded measurement (what :func:`measure_kept`
     re-measures)."""
@@ -572,13 +555,16 @@ def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str
         lineage_removals,
         load_model,
         measure_kept,
+        removal_entry,
         restrict_retain,
     )
 
     req = record["request"]
     train_set, test = loaded.benchmark.train, loaded.benchmark.test
     try:
-        retain = _retain_without(train_set, request)
+        # The training set without this request's pairs (of the instances still there:
+        # ForgetRequest.split refuses ids the data set lacks), as the lineage's are taken out.
+        retain, _ = exclude_removed(train_set, [removal_entry(request)])
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:
