@@ -695,14 +695,14 @@ def test_the_unseen_check_hashes_rows_instead_of_comparing_every_pair() -> None:
     million here, would take minutes)."""
     import time
 
-    from mtunlearn_ext.api import _equal_input_rows
+    from mtunlearn_ext.api._instance_matching import equal_input_rows
 
     a, b = torch.randn(4000, 32), torch.randn(4000, 32)
     b[1234] = a[17]
     start = time.perf_counter()
-    assert _equal_input_rows(b, a, torch.arange(4000)) == [(1234, 17)]
+    assert equal_input_rows(b, a, torch.arange(4000)) == [(1234, 17)]
     assert time.perf_counter() - start < 20
-    assert _equal_input_rows(b, a, torch.arange(17)) == []  # only the rows trained on count
+    assert equal_input_rows(b, a, torch.arange(17)) == []  # only the rows trained on count
 
 
 class _ClsReg(_TwoHeads):

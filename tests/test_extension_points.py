@@ -406,9 +406,9 @@ def test_a_method_reaches_the_users_module_attributes_through_the_wrapper(
     changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
     assert changed == ["heads.kind.bias", "heads.kind.weight"]
 
-    from mtunlearn_ext.api import _SplitModel
+    from mtunlearn_ext.api._model_split import SplitModel
 
-    wrapper = _SplitModel(model, ["trunk.0.weight", "trunk.0.bias"],
+    wrapper = SplitModel(model, ["trunk.0.weight", "trunk.0.bias"],
                           {"kind": ["heads.kind.weight", "heads.kind.bias"],
                            "size": ["heads.size.weight", "heads.size.bias"]})
     assert wrapper.heads is model.heads

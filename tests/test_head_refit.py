@@ -108,9 +108,9 @@ def test_step_callbacks_and_the_progress_bar_count_the_refit_steps() -> None:
     unlearner.step_callbacks.append(lambda step, model: seen.append(step))
     unlearner.unlearn(problem)
     assert seen == [1, 2, 3, 4, 5]
-    from mtunlearn_ext.api import _progress_bar
+    from mtunlearn_ext.api._unlearn import progress_bar
 
-    bar = _progress_bar(get_unlearner("interference_aware",
+    bar = progress_bar(get_unlearner("interference_aware",
                                       {"steps": 2, "head_refit_steps": 3}))
     assert bar is not None and bar.total == 5
     bar.close()

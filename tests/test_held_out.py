@@ -274,15 +274,15 @@ def test_held_out_data_that_sets_the_caps_is_not_warned_about(reference: str) ->
 
 def test_a_method_from_outside_the_library_is_not_second_guessed() -> None:
     """A method defined elsewhere may read problem.held_out itself: no warning for it."""
-    from mtunlearn_ext.api import _held_out_unused
+    from mtunlearn_ext.api._unlearn import held_out_unused
     from mtunlearn_ext.unlearning import UnlearningReport
     from mtunlearn_ext.unlearning.baselines.neggrad_plus import NegGradPlus
 
     class Mine(NegGradPlus):
         name = "mine"
 
-    assert _held_out_unused(Mine(), UnlearningReport(method="mine", config={})) is None
-    assert _held_out_unused(NegGradPlus(), UnlearningReport(method="neggrad_plus", config={})) is not None
+    assert held_out_unused(Mine(), UnlearningReport(method="mine", config={})) is None
+    assert held_out_unused(NegGradPlus(), UnlearningReport(method="neggrad_plus", config={})) is not None
 
 
 def test_equal_rows_are_found_whatever_the_rows_around_them() -> None:
@@ -290,29 +290,29 @@ def test_equal_rows_are_found_whatever_the_rows_around_them() -> None:
     two threads a long row alone is split between them, so 2-4 of 20 single-row views of
     1M-value rows got another print than in the training tensor and a held-out row equal to a
     training row went unnoticed. The prints are now integer sums of the bit patterns."""
-    from mtunlearn_ext.api import _equal_input_rows
+    from mtunlearn_ext.api._instance_matching import equal_input_rows
 
     torch.set_num_threads(2)  # restored by conftest's autouse fixture
     train = torch.randn(20, 1_000_003, generator=torch.Generator().manual_seed(0))
     for row in range(20):
-        assert _equal_input_rows(train[row:row + 1], train, torch.arange(20)) == [(0, row)]
+        assert equal_input_rows(train[row:row + 1], train, torch.arange(20)) == [(0, row)]
     # -0.0 equals 0.0; a permuted (non-contiguous) layout holds the same rows.
     signed = train[:3].clone()
     signed[1, 7] = -0.0
     unsigned = train[:3].clone()
     unsigned[1, 7] = 0.0
-    assert _equal_input_rows(signed[1:2], unsigned, torch.arange(3)) == [(0, 1)]
+    assert equal_input_rows(signed[1:2], unsigned, torch.arange(3)) == [(0, 1)]
     images = torch.randn(6, 3, 40, 50, generator=torch.Generator().manual_seed(1))
     channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    assert _equal_input_rows(channels_last[2:4], images, torch.arange(6)) == [(0, 2), (1, 3)]
+    assert equal_input_rows(channels_last[2:4], images, torch.arange(6)) == [(0, 2), (1, 3)]
 
 
 def test_equal_rows_in_other_dtypes_are_found() -> None:
     """Prints of the values' own bit patterns missed a training row stored in another float
     dtype (float32 training data, the same row as float64 held-out data)."""
-    from mtunlearn_ext.api import _equal_input_rows
+    from mtunlearn_ext.api._instance_matching import equal_input_rows
 
     train = torch.randn(6, 50, generator=torch.Generator().manual_seed(2))
     for other, reference in [(train.double(), train), (train.half(), train.half().float()),
                              (train.to(torch.bfloat16), train.to(torch.bfloat16).double())]:
-        assert _equal_input_rows(other[2:3], reference, torch.arange(6)) == [(0, 2)], other.dtype
+        assert equal_input_rows(other[2:3], reference, torch.arange(6)) == [(0, 2)], other.dtype

@@ -197,7 +197,7 @@ class StepContext:
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         # The whole input structure goes to the model: a library model takes its tensor, a
-        # user's multi-input module is unpacked by the API's wrapper (``_SplitModel``).
+        # user's multi-input module is unpacked by the API's wrapper (``SplitModel``).
         inputs: Inputs = batch["input"]  # type: ignore[assignment]
         return self.model(inputs)
 

@@ -70,7 +70,7 @@ class Retrain(Unlearner):
                                        ("seed", self.config.seed)) if v is not None}
         recipe = TrainConfig(**{**problem.train_config.to_dict(), **overrides})
         fresh = problem.model_factory().to(problem.device)
-        # A MultiTaskModel, or the API's _SplitModel around a user's module: not a subclass,
+        # A MultiTaskModel, or the API's SplitModel around a user's module: not a subclass,
         # but it has what train() uses (``heads``, ``forward(x, tasks)``).
         result = train(fresh, problem.retain, None, recipe,  # type: ignore[arg-type]
                        progress=self.config.progress)

@@ -1,0 +1,262 @@
+"""The caller's data in the project's data contract: tuples ``(inputs, targets[,
+supervision])``, torch datasets and loaders, and data sets read into a
+:class:`~mtunlearn_ext.data.MultiTaskDataset`, checked with errors that name the argument (and
+how it names its instances: ids of a data set, the ``"id"`` instances carry, or row
+positions)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
+
+import torch
+
+from mtunlearn_ext.api._types import DataLike
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
+from mtunlearn_ext.data.gathering import _gather
+from mtunlearn_ext.data.inputs import check_inputs, map_leaves, take_rows
+from mtunlearn_ext.data.request import ForgetRequest
+
+
+def read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
+             keep_ids: bool = False) -> object:
+    """A torch ``Dataset`` or ``DataLoader`` given as ``what``, read into memory by
+    :func:`~mtunlearn_ext.data.gather`; other data as it is. Instances that carry no ``"id"``
+    are named by position, ``0..N-1`` (a map-style dataset's indices), as a tuple's rows are,
+    and come back as a tuple. With ``keep_ids``, instances (or a loader's batches) that carry
+    an ``"id"`` come back as a :class:`MultiTaskDataset` with those ids, so that they name the
+    instances as a data set's own ids do (its tasks are placeholders when ``tasks`` gives
+    kinds: :func:`with_tasks` puts the real ones in); without, the ids are dropped (a caller
+    that names no instance, such as :func:`evaluate`). A loader's rows are put in the order of
+    their ids: a shuffling loader reads them in a random order, which would otherwise change
+    the run (minibatches are drawn by row) with the global random state."""
+    if isinstance(data, MultiTaskDataset) or not isinstance(
+            data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        return data
+    if isinstance(tasks, Mapping):
+        # Reading labels needs only each task's kind and "no label" value; a task given by
+        # kind has the default one, and its classes are counted on the tuple afterwards, as
+        # for any tuple. The count here is a placeholder no label can exceed.
+        specs = [kind if isinstance(kind, TaskSpec) else TaskSpec(
+            str(name), kind, num_classes=None if kind not in ("classification", "segmentation")
+            else 2**62) for name, kind in tasks.items()]
+    else:
+        specs = list(cast(Iterable[TaskSpec], tasks))
+    try:
+        read, own_ids = _gather(data, specs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: `{what}`: {error}") from None
+    if not (keep_ids and own_ids):
+        return (read.inputs, read.targets, read.supervision)
+    if isinstance(data, torch.utils.data.DataLoader):
+        order = torch.argsort(read.ids)
+        read = MultiTaskDataset(take_rows(read.inputs, order),
+                                {t: v[order] for t, v in read.targets.items()}, read.tasks,
+                                read.ids[order], read.supervision[order])
+    return read
+
+
+def with_tasks(data: object, specs: Sequence[TaskSpec]) -> object:
+    """A data set :func:`read_in` made (with the ids its instances carry) with the task specs
+    the problem uses, in place of the placeholders it was read with; ``data`` as it is
+    otherwise (a tuple). Never for the caller's own data set: its specs must agree with
+    ``tasks``, and are checked against them."""
+    if not isinstance(data, MultiTaskDataset) or data.tasks == list(specs):
+        return data
+    return MultiTaskDataset(data.inputs, data.targets, specs, data.ids, data.supervision)
+
+
+def _names_instances(what: str, given: object, own_ids: bool, count: int) -> str:
+    """How the caller's ``what`` (``given``, as passed; ``own_ids``: read with ids of the
+    caller's) names its ``count`` instances, for messages: by a data set's ``ids``, by the
+    ``"id"`` a torch dataset's instances (a loader's batches) carry, else by row."""
+    if isinstance(given, MultiTaskDataset):
+        return f"`{what}` (a MultiTaskDataset) names its {count} instances by its `ids`"
+    if not isinstance(given, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        return f"`{what}`, given as (inputs, targets), names its {count} instances by row"
+    items = "batches" if isinstance(given, torch.utils.data.DataLoader) else "instances"
+    if own_ids:
+        return (f"`{what}` (a {type(given).__name__} whose {items} carry an 'id') names its "
+                f"{count} instances by those ids")
+    return (f"`{what}` (a {type(given).__name__} whose {items} carry no 'id') names its "
+            f"{count} instances by position")
+
+
+def check_data_like(data: object, what: str, op: str = "unlearn") -> None:
+    """Refuse, naming ``what``, a ``data`` that is neither a :class:`MultiTaskDataset` nor
+    ``(inputs, targets[, supervision])`` with ``targets`` a mapping: ``(ids, mask, targets)``,
+    several inputs not grouped into one tuple, would otherwise read ``mask`` as the targets."""
+    if isinstance(data, MultiTaskDataset):
+        return
+    if not isinstance(data, tuple) or len(data) not in (2, 3):
+        hint = ""
+        if isinstance(data, list) and len(data) in (2, 3):
+            hint = f"; got a list: pass it as a tuple, `tuple({what})`"
+        elif isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+            hint = (f"; got a {type(data).__name__}: read it into memory first, "
+                    f"mtunlearn_ext.data.gather({what}, tasks=[TaskSpec(...), ...])")
+        raise TypeError(f"{op}: `{what}` must be a MultiTaskDataset or (inputs, targets"
+                        f"[, supervision]){hint}")
+    if not isinstance(data[1], Mapping):
+        raise TypeError(f"{op}: `{what}`[1] must be the targets, a mapping task -> "
+                        f"[N, ...] tensor, got {type(data[1]).__name__}; several inputs go "
+                        f"in one tuple or dict: ((ids, mask), targets)")
+    for name, value in data[1].items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            got = type(value).__name__ if not isinstance(value, torch.Tensor) else "a 0-d tensor"
+            raise TypeError(f"{op}: `{what}` targets of task {name!r} must be a tensor "
+                            f"[N, ...] (one row per instance), got {got}")
+    if len(data) == 3:
+        mask = data[2]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype != torch.bool:
+            got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                   else type(mask).__name__)
+            raise TypeError(f"{op}: `{what}`[2], the supervision mask, must be a bool tensor "
+                            f"[N, T] (one column per task, in the order of `tasks`), got {got}")
+
+
+def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
+                like: MultiTaskDataset | None = None, id_offset: int = 0, *,
+                op: str = "unlearn") -> MultiTaskDataset:
+    """``data`` in the data contract. Tasks without a target tensor get an all-unsupervised
+    placeholder column shaped like ``like``'s (for a forget set listing only target tasks)."""
+    if isinstance(data, MultiTaskDataset):
+        if data.task_names != [s.name for s in specs]:
+            raise ValueError(f"{op}: `{what}` has tasks {data.task_names}, expected "
+                             f"{[s.name for s in specs]}")
+        for own, spec in zip(data.tasks, specs):
+            # The losses follow `tasks`, the targets and their checks the data set's specs.
+            if own != spec:
+                raise ValueError(f"{op}: `{what}` describes task {spec.name!r} as {own}, but "
+                                 f"`tasks` as {spec}; they must agree")
+        return data
+    check_data_like(data, what, op)
+    inputs, targets = data[0], dict(data[1])
+    n = check_inputs(inputs, f"{op}: the inputs of `{what}`")
+    names = [s.name for s in specs]
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise KeyError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
+                       f"are {names}")
+    supervision = data[2] if len(data) == 3 else None
+    given_order = [t for t in targets if t in names]
+    if supervision is not None and given_order != [t for t in names if t in targets]:
+        # The mask's columns follow `tasks`; targets written in another order leave it unclear
+        # which order the mask was built in, and a mask built in the targets' order would
+        # silently supervise the wrong pairs.
+        raise ValueError(f"{op}: `{what}` has targets in the order {given_order} but `tasks` "
+                         f"in the order {[t for t in names if t in targets]}; its supervision "
+                         f"mask's columns follow `tasks`: write the targets (and the mask's "
+                         f"columns) in the order of `tasks`")
+    full_targets: dict[str, torch.Tensor] = {}
+    columns = []
+    for spec in specs:
+        if spec.name in targets:
+            full_targets[spec.name] = targets[spec.name]
+            columns.append(True)
+        elif like is not None:
+            ref = like.targets[spec.name]
+            full_targets[spec.name] = torch.zeros((n, *ref.shape[1:]), dtype=ref.dtype)
+            columns.append(False)
+        else:
+            raise KeyError(f"{op}: `{what}` has no targets for task {spec.name!r}")
+    if supervision is not None and isinstance(supervision, torch.Tensor) \
+            and supervision.dim() == 2 and supervision.shape[1] == len(specs):
+        # A placeholder column has no labels to supervise: marked supervised, it would invent
+        # zeros as labels.
+        invented = [spec.name for spec, given in zip(specs, columns)
+                    if not given and bool(supervision[:, names.index(spec.name)].any())]
+        if invented:
+            raise ValueError(f"{op}: `{what}`'s supervision marks pairs of {invented} "
+                             "supervised, but it has no targets for them")
+    if supervision is None:
+        # A row written as "no label" (a -1 class, a map without a labelled pixel) is no pair.
+        supervision = torch.stack(
+            [labelled_rows(spec, full_targets[spec.name]).cpu()
+             if given and full_targets[spec.name].shape[0] == n  # else refused just below
+             else torch.full((n,), given, dtype=torch.bool) for spec, given in zip(specs, columns)],
+            dim=1) if specs else torch.ones(n, 0, dtype=torch.bool)
+    ids = torch.arange(id_offset, id_offset + n)
+    return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
+
+
+def ids_named_by_text(what: str, given: object, own_ids: bool) -> str:
+    """The report's ``ids_named_by`` for the request's ids coming from ``what`` (``given``, as
+    passed; ``own_ids``: read with ids of the caller's)."""
+    if isinstance(given, MultiTaskDataset):
+        return f"the ids of `{what}`"
+    if own_ids:
+        return f"the 'id' each instance of `{what}` carries"
+    return f"row positions in `{what}`"
+
+
+def target_task_names(target_tasks: object) -> list[str] | None:
+    """``target_tasks`` as a list of names (``None``: not given). One name may be a plain
+    string, as in :meth:`ForgetRequest.create`: iterated, it would be one task per
+    character."""
+    if target_tasks is None:
+        return None
+    if isinstance(target_tasks, str):
+        return [target_tasks]
+    if isinstance(target_tasks, Mapping) or not isinstance(target_tasks, Iterable):
+        raise TypeError(f"unlearn: `target_tasks` must be a task name or a list of task names, "
+                        f"got {type(target_tasks).__name__}")
+    names = list(target_tasks)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"unlearn: `target_tasks` must be a task name or a list of task "
+                            f"names (strings), got {name!r:.80} in it")
+    return names
+
+
+def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
+                     rows: torch.Tensor | None = None) -> None:
+    """:meth:`MultiTaskDataset.check_values` naming the argument ``what`` and its row. ``rows``:
+    the rows the problem reads (default: all; a row of ``train_data`` with no supervised pair
+    is in neither set, so its inputs may hold anything). A tuple's ids (``own_ids`` false),
+    made by :func:`unlearn` and possibly offset past another set's, are shown as its rows.
+    Clean data costs the one check; the rest runs only to word a failure."""
+    try:
+        data.check_values(f"unlearn: `{what}`")
+        return
+    except ValueError:
+        partial = rows is not None and rows.numel() != len(data)
+        if own_ids and not partial:
+            raise
+    inputs = data.inputs
+    if rows is not None and rows.numel() != len(data):
+        read = torch.zeros(len(data), dtype=torch.bool)
+        read[rows] = True
+
+        def blank(x: torch.Tensor) -> torch.Tensor:
+            keep = read.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+            return x.masked_fill(~keep, 0)
+
+        inputs = map_leaves(blank, inputs)
+    # Ids 0..N-1 (the rows) for a tuple, the caller's own otherwise.
+    MultiTaskDataset(inputs, data.targets, data.tasks, data.ids if own_ids else None,
+                     data.supervision).check_values(f"unlearn: `{what}`")
+
+
+def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: object,
+                       own_ids: bool, what: str = "`forget_request`") -> None:
+    """Refuse, naming ``what`` (the argument) and the ids ``train_data`` (``given``, as passed;
+    ``own_ids``: read with ids of the caller's) has, a request for ids that are not in
+    ``train_data``."""
+    if not isinstance(request, ForgetRequest):
+        raise TypeError(f"unlearn: {what} must be a ForgetRequest (ForgetRequest.create"
+                        f"(ids, target_tasks)), got {type(request).__name__}")
+    known = set(full.ids.tolist())
+    unknown = [i for i in request.instance_ids if i not in known]
+    if not unknown:
+        return
+    shown = f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} ({len(unknown)} in all)"
+    valid = _names_instances("train_data", given, own_ids, len(full))
+    if own_ids:
+        low, high = int(full.ids.min()), int(full.ids.max())
+        valid += f", from {low} to {high}" + ("" if high - low + 1 == len(full)
+                                              else ", not every id between")
+    else:
+        valid += f": ids 0 to {len(full) - 1}"
+    raise KeyError(f"unlearn: {what} names instance ids that are not in `train_data`: "
+                   f"{shown}; {valid}")

@@ -1,0 +1,276 @@
+"""The split of a caller's module into a shared trunk and one head per task: named,
+given as parameters or modules, by a predicate, or found by the tasks' names in the parameters'
+dotted names (tied weights and modules held in two places counted under every name), and the
+wrapper (:class:`SplitModel`) through which the library's methods call the caller's module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.api._types import ParameterSpec, SharedSpec
+from mtunlearn_ext.data.inputs import Inputs, call_with
+from mtunlearn_ext.models.base import ParameterSplit
+from mtunlearn_ext.unlearning.base import ModelOutputError
+
+
+class SplitModel(nn.Module):
+    """A user's module with an explicit shared/heads split (what the unlearners read), whose
+    forward returns a plain ``dict`` of task outputs. The user's module is held as ``module``,
+    so the unlearned module is ``wrapper.module``. The library passes a batch's inputs along
+    as one object; here, at the user's module, several inputs are unpacked (``module(*x)``
+    for a tuple, ``module(**x)`` for a dict).
+
+    The wrapper has no mode of its own: its ``training`` is the user's module's (setting it
+    sets that module's flag, as ``train()`` / ``eval()`` do on every module below), so code
+    that saves and restores ``wrapper.training`` restores what the user's module had."""
+
+    #: What the wrapper puts before the user's names; messages drop it (the user's module has
+    #: no `module.` in its names).
+    wrapped_prefix = "module."
+
+    def __init__(self, module: nn.Module, shared: Sequence[str],
+                 heads: Mapping[str, Sequence[str]]) -> None:
+        super().__init__()
+        self.module = module
+        self._split = ParameterSplit(tuple(f"module.{n}" for n in shared),
+                                     {t: tuple(f"module.{n}" for n in names)
+                                      for t, names in heads.items()})
+
+    @property
+    def training(self) -> bool:
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is None:  # inside nn.Module.__init__, before the user's module is held
+            return bool(self.__dict__.get("_training", True))
+        return bool(module.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is None:
+            self.__dict__["_training"] = mode
+        else:
+            module.training = mode
+
+    def forward(self, x: Inputs, tasks: Sequence[str] | None = None
+                ) -> dict[str, torch.Tensor]:
+        # ``tasks`` (the evaluation's task subset) is a hint a plain module cannot take: every
+        # output is returned and callers pick theirs.
+        out = call_with(self.module, x)
+        if not isinstance(out, Mapping):
+            raise ModelOutputError(type(out).__name__)
+        return dict(out)
+
+    def parameter_split(self) -> ParameterSplit:
+        return self._split
+
+    def __getattr__(self, name: str) -> Any:
+        # A method's code sees this wrapper as ``ctx.model``: what it reaches for on the
+        # user's module (``model.heads[t]``, ``model.trunk``) is that module's own attribute.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("__"):
+                raise
+            try:
+                return getattr(module, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"neither the unlearning wrapper nor the wrapped {type(module).__name__} "
+                    f"has an attribute {name!r}; a method reads the parameter split from "
+                    "`ctx.groups` (`shared`, `heads[task]`: (name, parameter) pairs) or "
+                    "`model.parameter_split()` (names)") from None
+
+
+def _owners(model: nn.Module) -> dict[str, list[list[str]]]:
+    """Each parameter's name in ``named_parameters()`` (the first it is reachable under) -> the
+    modules that hold it, each as every name it is reachable under through that module. One
+    module held in two places (a head also listed in a ``ModuleList``) is one owner with two
+    names; a weight tied between two modules (``head.weight = embed.weight``) has two owners."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[str, dict[int, list[str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module._parameters.items():
+            if p is not None:
+                full = f"{module_name}.{name}" if module_name else name
+                owners.setdefault(first[id(p)], {}).setdefault(id(module), []).append(full)
+    return {n: list(by_module.values()) for n, by_module in owners.items()}
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's first name -> every name it is reachable under (:func:`_owners`)."""
+    return {n: [alias for names in owners for alias in names]
+            for n, owners in _owners(model).items()}
+
+
+def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    canonical = {alias: n for n, names in _aliases(model).items() for alias in names}
+    names: list[str] = []  # in the order given, each once (a list may name one twice)
+    if isinstance(items, nn.Module):
+        items = [items]
+    for item in items:
+        if isinstance(item, nn.Module):  # a submodule stands for every parameter it holds
+            outside = [n for n, p in item.named_parameters() if id(p) not in by_id]
+            if outside:
+                raise KeyError(f"unlearn: a module in `{what}` ({type(item).__name__}) holds "
+                               f"parameters that are not the model's: {outside[:3]}; pass a "
+                               f"submodule of the model")
+            names.extend(by_id[id(p)] for p in item.parameters())
+        elif isinstance(item, str):
+            if item not in canonical:
+                raise KeyError(f"unlearn: `{what}` names {item!r}, which is not a parameter of "
+                               f"the model")
+            names.append(canonical[item])
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise KeyError(f"unlearn: a tensor in `{what}` is not a parameter of the model")
+            names.append(by_id[id(item)])
+        else:
+            raise TypeError(f"unlearn: `{what}` must hold names, parameters or modules, got "
+                            f"{type(item).__name__}")
+    return list(dict.fromkeys(names))
+
+
+def has_own_split(model: nn.Module, shared: SharedSpec | None,
+                   heads: Mapping[str, ParameterSpec] | None) -> bool:
+    """The model is used as it is (no :class:`SplitModel` around it, so it receives a
+    batch's inputs as one object): it has ``parameter_split()`` and no split is given."""
+    return shared is None and heads is None and callable(getattr(model, "parameter_split", None))
+
+
+def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec | None,
+                 heads: Mapping[str, ParameterSpec] | None) -> nn.Module:
+    """The model itself when it already exposes ``parameter_split()`` and no split is given,
+    else a :class:`SplitModel` around it."""
+    if has_own_split(model, shared, heads):
+        return model
+    if shared is None and heads is None:
+        raise ValueError("unlearn: say which parameters are shared: pass `shared_parameters` "
+                         "(names, parameters, modules, or a predicate on names), or use a model "
+                         "with `parameter_split()` (a mtunlearn_ext MultiTaskModel)")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(shared, nn.Module):  # callable, but its parameters are meant, not a predicate
+        shared = [shared]
+    if shared is not None and not callable(shared) and (
+            isinstance(shared, (str, bytes)) or not isinstance(shared, Iterable)):
+        raise TypeError(f"unlearn: `shared_parameters` must be names, parameters, modules or a "
+                        f"predicate on names, got {type(shared).__name__}")
+    owners = _owners(model)
+    aliases = {n: [a for names in held for a in names] for n, held in owners.items()}
+    if shared is None:
+        shared_names: list[str] = []
+    elif callable(shared):
+        # A weight that the trunk and a head both hold (two modules, tied) is shared when the
+        # predicate takes either module's name: every task reaches it through the trunk. A
+        # module merely held in two places is judged by its first name, as before.
+        shared_names = [n for n in trainable if any(shared(names[0]) for names in owners[n])]
+    else:
+        shared_names = _names_of(model, shared, "shared_parameters")
+    if heads is not None:
+        if not isinstance(heads, Mapping):
+            raise TypeError(f"unlearn: `head_parameters` must be a mapping task -> names or "
+                            f"parameters, got {type(heads).__name__}")
+        unknown = [t for t in heads if t not in task_names]
+        if unknown:
+            raise ValueError(f"unlearn: `head_parameters` has key(s) {unknown} that are not "
+                             f"tasks; its keys must be tasks of `tasks`: {list(task_names)}")
+        head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]")
+                      for t in task_names if t in heads}
+    else:
+        head_names = _heads_by_name(model, task_names, trainable, shared_names)
+    assigned = set(shared_names) | {n for names in head_names.values() for n in names}
+    stray = [n for n in trainable if n not in assigned]
+    if stray:
+        raise ValueError(f"unlearn: parameters neither shared nor in a head: {stray}; pass "
+                         f"`head_parameters` (task -> names) or widen `shared_parameters`")
+    overlap = set(shared_names) & {n for names in head_names.values() for n in names}
+    if overlap:
+        tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
+        raise ValueError(f"unlearn: parameters both shared and in a head: {sorted(overlap)}"
+                         + (f" (tied: one parameter under the names {tied}; a parameter the "
+                            "trunk uses is shared, so leave it out of `head_parameters`)"
+                            if tied else ""))
+    missing = [t for t in task_names if t not in head_names]
+    for t in missing:
+        head_names[t] = []
+    # Frozen parameters belong to no group (they never move); the split lists trainable ones.
+    return SplitModel(model, shared_names, head_names)
+
+
+def _tasks_named_in(name: str, task_names: Sequence[str]) -> list[str]:
+    """The tasks whose name is a component of the parameter name ``name``: of its modules'
+    path first, its own attribute name only where no module is named after a task. A task
+    called ``weight`` or ``bias`` would otherwise also claim ``heads.age.weight``, which then
+    sat in two heads and in none."""
+    *path, own = name.split(".")
+    return ([t for t in task_names if t in path]
+            or [t for t in task_names if t == own])
+
+
+def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Sequence[str],
+                   shared_names: Sequence[str]) -> dict[str, list[str]]:
+    """The default split's heads: a parameter belongs to the head of task t when one component
+    of its dotted name is t (``heads.depth.0.weight``, ``depth.weight``).
+
+    A parameter reachable under several names (a module held in two places, a tied weight)
+    counts under every name: one in the heads of two tasks is refused unless it is shared (in
+    a single head, the other task's forget gradient would never reach it and nothing would
+    protect it as shared), and so is one also reachable outside every head (a head's weight
+    tied to the trunk's embedding: every task uses it, so it is shared)."""
+    held_by = _owners(model)
+    shared = set(shared_names)
+    head_names: dict[str, list[str]] = {t: [] for t in task_names}
+    for n in trainable:
+        if n in shared:
+            continue
+        owners: dict[str, str] = {}  # task -> the first name placing the parameter in its head
+        outside: list[str] = []  # the first name of each holding module outside every head
+        for names in held_by.get(n, [[n]]):
+            in_head = False
+            for alias in names:
+                found = _tasks_named_in(alias, task_names)
+                if len(found) == 1:
+                    owners.setdefault(found[0], alias)
+                in_head = in_head or bool(found)
+            if not in_head:
+                outside.append(names[0])
+        if len(owners) > 1:
+            (task, name), (other, other_name) = list(owners.items())[:2]
+            raise ValueError(
+                f"unlearn: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
+                f"{other!r} (as {other_name!r}): one module serves both heads, so both tasks use "
+                f"it; a parameter several tasks use is shared: list it in `shared_parameters`")
+        if owners and outside:
+            (task, name), = owners.items()
+            raise ValueError(
+                f"unlearn: parameter {n!r} is tied between the head of {task!r} (as {name!r}) "
+                f"and {outside[0]!r}, outside every head: every task that uses {outside[0]!r} "
+                f"reaches it, so it is shared: list {outside[0]!r} in `shared_parameters`")
+        if owners:
+            head_names[next(iter(owners))].append(n)
+    return head_names
+
+
+def fresh_split_model(fresh_model: Callable[[], nn.Module], wrapped: nn.Module,
+                       names: Sequence[str]) -> Callable[[], nn.Module]:
+    """A factory of fresh models split like ``wrapped`` (by parameter name: the split may have
+    been given as the original model's parameter objects)."""
+    split = wrapped.parameter_split() if isinstance(wrapped, SplitModel) else None
+
+    def make() -> nn.Module:
+        fresh = fresh_model()
+        if not isinstance(fresh, nn.Module):
+            raise TypeError(f"unlearn: `fresh_model` must return an nn.Module, got "
+                            f"{type(fresh).__name__}")
+        if split is None:  # the model splits itself (parameter_split())
+            return split_model(fresh, names, None, None)
+        strip = len("module.")
+        return split_model(fresh, names, [n[strip:] for n in split.shared],
+                            {t: [n[strip:] for n in ns] for t, ns in split.heads.items()})
+
+    return make

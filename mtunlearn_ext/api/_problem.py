@@ -1,0 +1,289 @@
+""":func:`build_problem`: the caller's model, data and request, checked, as the
+:class:`~mtunlearn_ext.unlearning.UnlearningProblem` the methods run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.api._data_forms import (
+    as_dataset,
+    check_data_like,
+    check_request_ids,
+    check_values_of,
+    ids_named_by_text,
+    read_in,
+    target_task_names,
+    with_tasks,
+)
+from mtunlearn_ext.api._instance_matching import (
+    TrainedRows,
+    check_rows_given_once,
+    check_unseen,
+    linked_to_retained_copies,
+)
+from mtunlearn_ext.api._lineage import (
+    Lineage,
+    carried_lineage,
+    check_carried_fits,
+    requests_removed_before,
+    without_earlier_removals,
+)
+from mtunlearn_ext.api._model_split import fresh_split_model, has_own_split, split_model
+from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs
+from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.training import TrainConfig
+from mtunlearn_ext.unlearning import UnlearningProblem
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How the caller names the request's instances, for the report: ``named_by`` (its
+    ``ids_named_by``), ``ids`` the ids its ``ids_sha256`` hashes (``None``: the request's own,
+    which are already the caller's), and ``own_held_out`` whether the problem's held-out ids
+    are the caller's (not made by :func:`unlearn`), which decides how audit data is compared
+    with them; ``earlier`` the requests removed before this one (``earlier_requests``) and
+    ``excluded_pairs`` how many pairs of ``train_data`` they took out of the retain set."""
+
+    named_by: str
+    ids: list[int] | None
+    own_held_out: bool = False
+    earlier: tuple[ForgetRequest, ...] = ()
+    excluded_pairs: int = 0
+    lineage: Lineage | None = None
+
+
+def build_problem(model: nn.Module, *,
+                  tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                  train_data: DataLike | None = None,
+                  forget_request: ForgetRequest | None = None,
+                  forget_data: DataLike | None = None,
+                  retain_data: DataLike | None = None,
+                  target_tasks: Sequence[str] | str | None = None,
+                  held_out_data: DataLike | None = None,
+                  shared_parameters: SharedSpec | None = None,
+                  head_parameters: Mapping[str, ParameterSpec] | None = None,
+                  device: torch.device | str = "cpu",
+                  seed: int = 0,
+                  fresh_model: Callable[[], nn.Module] | None = None,
+                  train_config: TrainConfig | Mapping[str, Any] | None = None,
+                  earlier_requests: Sequence[ForgetRequest] | None = None
+                  ) -> UnlearningProblem:
+    """The validated :class:`~mtunlearn_ext.unlearning.UnlearningProblem` that :func:`unlearn`
+    runs, from the same arguments (see there): for the layers below it, such as
+    :func:`~mtunlearn_ext.unlearning.interference.interference_matrix` (forget/retain gradient
+    cosines before and after the projections) or several methods on one request
+    (``get_unlearner(name, settings).unlearn(problem)``). The problem's model wraps ``model``
+    (its parameters, not a copy) with the shared/head split; methods never modify it. A
+    method's result model is such a wrapper too (its forward takes ``(inputs, task_names)``):
+    your module is its ``.module`` (what :func:`unlearn` returns), unless ``model`` was a
+    :class:`~mtunlearn_ext.models.MultiTaskModel`, which is used as it is. Data
+    given as tuples may hold several inputs per instance (see :data:`DataLike`): the problem's
+    data sets keep them as a tuple or dict, and its model unpacks them into ``model``.
+
+    ``fresh_model`` (a function returning a newly initialised model of the same architecture,
+    the same initialisation seed as the original) and ``train_config`` (the recipe:
+    :class:`~mtunlearn_ext.training.TrainConfig` or its fields) let ``method="retrain"`` train
+    the gold-standard model on the retain pairs, with the library's trainer (the masked
+    multi-task loss of :func:`~mtunlearn_ext.losses.masked_multitask_loss`).
+    """
+    return build_problem_with_naming(
+        model, tasks=tasks, train_data=train_data, forget_request=forget_request,
+        forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
+        held_out_data=held_out_data, shared_parameters=shared_parameters,
+        head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
+        train_config=train_config, earlier_requests=earlier_requests)[0]
+
+
+def build_problem_with_naming(model: nn.Module, *,
+                   tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                   train_data: DataLike | None, forget_request: ForgetRequest | None,
+                   forget_data: DataLike | None, retain_data: DataLike | None,
+                   target_tasks: Sequence[str] | str | None, held_out_data: DataLike | None,
+                   shared_parameters: SharedSpec | None,
+                   head_parameters: Mapping[str, ParameterSpec] | None,
+                   device: torch.device | str, seed: int,
+                   fresh_model: Callable[[], nn.Module] | None,
+                   train_config: TrainConfig | Mapping[str, Any] | None,
+                   earlier_requests: Sequence[ForgetRequest] | None = None
+                   ) -> tuple[UnlearningProblem, list[TrainedRows], Naming]:
+    """:func:`build_problem`, the training rows as given (for the checks that held-out
+    and audit data are unseen), and how the caller's data names the request's instances."""
+    # A torch.compile'd model is unlearned through its eager module: per-sample gradients
+    # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
+    # those of the user's own module; the returned model is that module's unlearned copy.
+    # Likewise a (Distributed)DataParallel wrapper: the request runs in this one process.
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+                orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    earlier, carried = requests_removed_before(model, earlier_requests, forget_data is not None)
+    lineage = carried_lineage(model)
+    if (train_data is None) == (forget_data is None):
+        raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
+                         "`forget_data` and `retain_data`")
+    as_passed = (train_data, forget_data, retain_data, held_out_data)
+    given_train, given_forget = train_data, forget_data
+    # Instances that carry an "id" come back as a data set with those ids and take the data
+    # set's path from here on: its ids name them in the request, the split and the checks.
+    train_data, forget_data, retain_data, held_out_data = (
+        cast(Any, read_in(data, tasks, what, keep_ids=True)) for what, data in zip(
+            ("train_data", "forget_data", "retain_data", "held_out_data"), as_passed))
+    for what, data in (("train_data", train_data), ("forget_data", forget_data),
+                       ("retain_data", retain_data), ("held_out_data", held_out_data)):
+        if data is not None:
+            check_data_like(data, what)
+    try:
+        meta = torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        meta = False  # refused, with its reason, by the problem's validation
+    if meta:
+        raise ValueError("unlearn: `device` 'meta' holds no values; unlearning computes on "
+                         "'cpu' or 'cuda'")
+    specs = task_specs(tasks, [train_data, forget_data, retain_data], classes_predicted_by(
+        model, not has_own_split(model, shared_parameters, head_parameters),
+        train_data if train_data is not None else retain_data, tasks),
+        ["train_data", "forget_data", "retain_data"])
+    train_data, forget_data, retain_data, held_out_data = (
+        data if data is as_given else cast(Any, with_tasks(data, specs)) for data, as_given
+        in zip((train_data, forget_data, retain_data, held_out_data), as_passed))
+    names = [s.name for s in specs]
+    if train_data is not None:
+        if forget_request is None:
+            raise ValueError("unlearn: `train_data` needs a `forget_request`")
+        if target_tasks is not None:
+            raise ValueError("unlearn: with `forget_request`, the target tasks are the request's")
+        if retain_data is not None:
+            raise ValueError("unlearn: `retain_data` goes with `forget_data`; with `train_data` "
+                             "and a `forget_request` the retain set is the rest of `train_data`")
+        full = as_dataset(train_data, specs, "train_data")
+        own = isinstance(train_data, MultiTaskDataset)
+        read = full.supervision.any(dim=1).nonzero().flatten()  # the rows in forget or retain
+        check_values_of(full, "train_data", own, read)
+        request = forget_request
+        check_request_ids(request, full, given_train, own)
+        request.validate(full)
+        trained = [TrainedRows("train_data", full, read, own)]
+        # Pairs an earlier request removed are neither retained (the model would learn them
+        # again) nor forgotten a second time.
+        if carried:
+            check_carried_fits(lineage, full, own)
+        remaining, excluded = without_earlier_removals(full, earlier, given_train, own, carried)
+        forget, retain = request.split(remaining)
+        naming = Naming(ids_named_by_text("train_data", given_train, own), None, earlier=earlier,
+                         excluded_pairs=excluded,
+                         lineage=Lineage((*earlier, request),
+                                          not carried or lineage is None or lineage.complete,
+                                          own, len(full)))
+        targets = request.resolved_tasks(full)
+        if not len(forget):  # said here, where the request and its data are known by name
+            count = len(request.instance_ids)
+            if bool(request.forget_mask(full).any()):
+                by = ("the requests `model` carries (from the unlearn() that returned it)"
+                      if carried else "`earlier_requests`")
+                raise ValueError(f"unlearn: every pair `forget_request` names ({count} instance"
+                                 f"{'s' if count != 1 else ''}, target tasks {targets}) was "
+                                 f"removed already by {by}: there is nothing left to forget")
+            raise ValueError(f"unlearn: `forget_request` names {count} instance"
+                             f"{'s' if count != 1 else ''}, none with a supervised pair of the "
+                             f"target task{'s' if len(targets) != 1 else ''} {targets} in "
+                             "`train_data` (its supervision mask marks those pairs unlabelled): "
+                             "there is nothing to forget")
+        if not len(retain):
+            raise ValueError("unlearn: `forget_request` and `earlier_requests` together take "
+                             "every pair of `train_data`: nothing would be left to retain")
+    else:
+        if retain_data is None:
+            raise ValueError("unlearn: `forget_data` needs `retain_data`")
+        if forget_request is not None:
+            raise ValueError("unlearn: a `forget_request` names instances of `train_data`; with "
+                             "`forget_data` the forget set is that data itself (its target tasks "
+                             "in `target_tasks`)")
+        # Tuple data gets ids 0..N-1; a MultiTaskDataset keeps its own. A tuple retain set
+        # beside a forget data set starts past the forget set's ids, so that the two never
+        # name different instances by one id.
+        retain_offset = (int(forget_data.ids.max()) + 1
+                         if isinstance(forget_data, MultiTaskDataset) and len(forget_data) else 0)
+        retain = as_dataset(retain_data, specs, "retain_data", id_offset=retain_offset)
+        if isinstance(forget_data, MultiTaskDataset):
+            given = [t for t in names if bool(forget_data.supervision[:, forget_data.task_index(t)]
+                                              .any())]
+        else:
+            assert forget_data is not None
+            given = [t for t in names if t in forget_data[1]]
+        named = target_task_names(target_tasks)
+        targets = named if named is not None else given
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"unlearn: `target_tasks` {targets} names a task twice")
+        unknown = [t for t in targets if t not in names]
+        if unknown or not targets:
+            raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "
+                             f"{names}")
+        forget = as_dataset(forget_data, specs, "forget_data", like=retain,
+                             id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
+        # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
+        columns = torch.tensor([t in targets for t in names])
+        forget = forget.with_supervision(forget.supervision & columns)
+        own_forget = isinstance(forget_data, MultiTaskDataset)
+        own_retain = isinstance(retain_data, MultiTaskDataset)
+        check_values_of(retain, "retain_data", own_retain)
+        check_values_of(forget, "forget_data", own_forget)
+        if not own_forget:  # a data set's ids name its instances: each is there once
+            check_rows_given_once(forget, "forget_data")
+        partial = set(targets) != set(names)
+        forget = linked_to_retained_copies(forget, retain, link=partial)
+        request = ForgetRequest.create(forget.ids, targets if partial else None)
+        trained = [TrainedRows("forget_data", forget, torch.arange(len(forget)), own_forget),
+                   TrainedRows("retain_data", retain, torch.arange(len(retain)), own_retain)]
+        # Given as a tuple, the problem names the forget rows by ids made for them (past the
+        # retain rows', or a linked retain row's): the record hashes their positions in
+        # `forget_data`, 0..n-1, which the caller can name; a data set's ids are its own
+        # (before a row took the id of the retain row it is linked to).
+        naming = Naming(ids_named_by_text("forget_data", given_forget, own_forget),
+                         cast(MultiTaskDataset, forget_data).ids.tolist() if own_forget
+                         else list(range(len(forget))))
+    held_out = None
+    if held_out_data is not None:
+        # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and
+        # one that shares ids with a training data set is refused. Against ids made for a
+        # tuple (which name no instance of the caller's) rows are compared by their inputs.
+        top = max([int(d.ids.max()) + 1 for d in (forget, retain) if len(d)] or [0])
+        held_out = as_dataset(held_out_data, specs, "held_out_data", like=retain, id_offset=top)
+        own_held_out = isinstance(held_out_data, MultiTaskDataset)
+        check_values_of(held_out, "held_out_data", own_held_out)
+        check_unseen(held_out, "held_out_data", own_held_out, trained)
+        if own_held_out and len(held_out) and not set(held_out.ids.tolist()).isdisjoint(
+                forget.ids.tolist() + retain.ids.tolist()):
+            # Its ids met only ids made for a tuple (the check above): new ones past them, so
+            # that no id names two instances (the problem's own check compares ids).
+            held_out = MultiTaskDataset(held_out.inputs, held_out.targets, held_out.tasks,
+                                        torch.arange(top, top + len(held_out)),
+                                        held_out.supervision)
+        else:
+            naming = replace(naming, own_held_out=own_held_out)
+    wrapped = split_model(model, names, shared_parameters, head_parameters)
+    if (fresh_model is None) != (train_config is None):
+        raise ValueError("unlearn: `fresh_model` and `train_config` go together (retraining "
+                         "needs both the architecture and the recipe)")
+    factory: Callable[[], nn.Module] | None = None
+    recipe = None
+    if fresh_model is not None:
+        recipe = (train_config if isinstance(train_config, TrainConfig)
+                  else TrainConfig(**dict(train_config or {})))
+        factory = fresh_split_model(fresh_model, wrapped, names)
+    problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
+                                request=request, target_tasks=list(targets), device=device,
+                                seed=seed, held_out=held_out, train_config=recipe,
+                                model_factory=factory)
+    problem.validate()
+    return problem, trained, naming

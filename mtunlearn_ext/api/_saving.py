@@ -1,0 +1,251 @@
+""":func:`save_unlearned` (the unlearned weights and the record of the request, written
+atomically as new files) and :func:`verify_saved` (the record checked against what it
+describes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
+from mtunlearn_ext.api._unlearn import non_finite_parameters
+from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.records import code_version, run_environment, utc_now
+from mtunlearn_ext.training import state_dict_sha256
+from mtunlearn_ext.unlearning import UnlearningReport
+
+
+API_RECORD_SCHEMA = "mtunlearn_ext.api-record/1"
+
+
+def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.PathLike[str], *,
+                   original: nn.Module | None = None) -> dict[str, Any]:
+    """Save an unlearned model and the record of its request, for an audit trail.
+
+    Writes ``path`` (the model's ``state_dict``) and then ``<path>.record.json`` (schema
+    ``mtunlearn_ext.api-record/1``), both as new files, atomically (temporary file, fsync,
+    link): an existing file is never replaced, a reader never sees a partial one, and the
+    record, written last, marks a complete save (if it cannot be written the checkpoint is
+    removed again). The record holds the request as :func:`unlearn` reported it (pair counts,
+    target tasks, the SHA-256 of the sorted instance ids, not the ids themselves, and
+    ``ids_named_by``: the ids of ``train_data`` / ``forget_data`` when it is a data set, the
+    ``"id"`` its instances carry when it is a torch dataset of such instances, else row
+    positions in it; in a chain of removals, ``earlier_requests``: each earlier request's
+    ids hash, instance count and target tasks), the method
+    and its settings, the run's ``seed`` and ``device``, its ``environment`` (torch and Python
+    versions, the intra-op thread count during the run, whether the compiled ops ran:
+    :func:`~mtunlearn_ext.records.run_environment`), the summary (losses before and after;
+    the membership-inference audit when ``audit_data`` was given), steps and wall time, the code
+    version, the checkpoint file's SHA-256, and :func:`state_dict_sha256` of the unlearned model
+    and, when ``original`` is given, of the model it came from, and ``weights_changed``: whether the
+    model's weights differ from ``original``'s, or, without it, from those of the model
+    :func:`unlearn` started from (as its report says; absent from a report of another
+    source). A run that changed nothing (``steps: 0``) is written all the same, with a
+    ``UserWarning`` and ``weights_changed: false``, which :func:`verify_saved` fails, as
+    ``mtunlearn unlearn`` and ``mtunlearn verify`` treat such a run. A value JSON cannot hold,
+    NaN or an infinity (a diverged run's loss), is written as ``null``, as
+    :meth:`UnlearningReport.to_dict` writes it.
+
+    Returns:
+        The record (a plain JSON-able dict).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_unlearned: `model` must be the unlearned nn.Module, got "
+                        f"{type(model).__name__}")
+    if not isinstance(report, UnlearningReport):
+        raise TypeError(f"save_unlearned: `report` must be the UnlearningReport that unlearn() "
+                        f"returned with the model, got {type(report).__name__}")
+    if original is not None and not isinstance(original, nn.Module):
+        raise TypeError(f"save_unlearned: `original` must be the nn.Module the model was "
+                        f"unlearned from (or None), got {type(original).__name__}")
+    diverged = non_finite_parameters(model)
+    if diverged:
+        raise ValueError(f"save_unlearned: `model` has NaN/Inf in {len(diverged)} parameter(s) "
+                         f"(first: {diverged[0]}); a diverged run is no unlearned model: nothing "
+                         "was written")
+    target = Path(path)
+    record_path = target.with_name(target.name + ".record.json")
+    for p in (target, record_path):
+        if p.exists():
+            raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
+    model_sha = state_dict_sha256(model)
+    original_sha = None if original is None else state_dict_sha256(original)
+    claimed = report.extra.get("weights_changed")
+    weights_changed = (model_sha != original_sha if original_sha is not None
+                       else claimed if isinstance(claimed, bool) else None)
+    if weights_changed is False:
+        # Written all the same, as `mtunlearn unlearn` writes such a run: the record says what
+        # happened, and verification fails it.
+        warnings.warn("save_unlearned: `model` has exactly the weights of the model it was "
+                      "unlearned from: nothing was unlearned; the record says so "
+                      "(weights_changed: false) and verify_saved will not pass it", UserWarning,
+                      stacklevel=2)
+    record: dict[str, Any] = {
+        "schema": API_RECORD_SCHEMA,
+        "written_at": utc_now(),
+        "code": code_version(),
+        # What the weights depend on besides the code and the settings, for a rerun.
+        "seed": report.seed, "device": report.device,
+        "environment": run_environment(report.threads),
+        "request": _finite_or_none(dict(report.request)),
+        "method": {"name": report.method, "settings": _finite_or_none(dict(report.config))},
+        "summary": _finite_or_none(report.extra.get("summary", {})),
+        "steps": report.steps,
+        "wall_time_s": report.wall_time_s,
+        "model_state_sha256": model_sha,
+        "original_state_sha256": original_sha,
+    }
+    if weights_changed is not None:
+        record["weights_changed"] = weights_changed
+    from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
+
+    record["checkpoint"] = {"path": str(target),
+                            "sha256": atomic_torch_save(model.state_dict(), target)}
+    try:
+        write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return record
+
+
+def _weights_changed_check(payload: Mapping[str, Any], weights: str | None,
+                           original_sha: str | None, mismatches: list[str]) -> str:
+    """The ``weights_changed`` check of :func:`verify_saved`
+    (:func:`~mtunlearn_ext.records.judge_weights_changed`): the checkpoint's weights against
+    the recorded ``original_state_sha256`` and the ``original`` given (``original_sha``), and
+    the record's ``weights_changed``. An older record has no ``weights_changed``: it is judged
+    by the hashes alone, or not checked without any."""
+    from mtunlearn_ext.records import judge_weights_changed
+
+    references = [h for h in (payload.get("original_state_sha256"), original_sha)
+                  if isinstance(h, str)]
+    return judge_weights_changed(
+        weights, references, payload.get("weights_changed"), mismatches,
+        weights="the checkpoint's weights", reference="the original model's", hash_name="state",
+        not_checked="not checked (an older record, saved without `original`: no "
+                    "weights_changed, no original state hash)")
+
+
+@dataclass
+class SavedCheck:
+    """Outcome of :func:`verify_saved`: ``ok``, the mismatches found (as messages) and the
+    outcome of each check (``"ok"``, ``"MISMATCH"`` or why it was not made)."""
+
+    ok: bool
+    checkpoint: str
+    checks: dict[str, str] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+
+def verify_saved(record: str | os.PathLike[str], *,
+                 checkpoint: str | os.PathLike[str] | None = None,
+                 model: nn.Module | None = None, original: nn.Module | None = None,
+                 forget_ids: Iterable[int] | None = None) -> SavedCheck:
+    """Check a :func:`save_unlearned` record against what it describes.
+
+    Re-hashes the checkpoint file (``checkpoint``, default the record's: found as recorded,
+    else beside the record) against ``checkpoint.sha256``, hashes its weights against
+    ``model_state_sha256``, and, when given, the unlearned ``model`` in memory against the same
+    hash, the ``original`` model against ``original_state_sha256`` and ``forget_ids`` against the
+    request's ``ids_sha256`` (the record keeps the ids' hash, not the ids; the request's
+    ``ids_named_by`` says which ids).
+    It fails a run that left the weights unchanged (check ``weights_changed``:
+    :data:`~mtunlearn_ext.records.WEIGHTS_UNCHANGED` when the checkpoint's weights are the
+    recorded or given original's, or the record says ``weights_changed: false``; a record
+    of an older version, without the field, is judged by the hashes it has).
+    The model and data are the caller's, so no metric is re-measured: :func:`evaluate` gives
+    them for any model and data as :func:`unlearn` takes them. Raises ``ValueError`` for a
+    file that is not such a record and ``FileNotFoundError`` for a missing checkpoint; mismatches
+    are returned."""
+    from mtunlearn_ext.records import recorded_path
+
+    record_path = Path(record)
+    try:
+        payload = json.loads(record_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"verify_saved: {record_path} is not a JSON record: {error}") from error
+    if not isinstance(payload, dict) or payload.get("schema") != API_RECORD_SCHEMA:
+        found = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"verify_saved: {record_path} is not a save_unlearned record (schema "
+                         f"{API_RECORD_SCHEMA!r}), got {found!r}")
+    saved = payload.get("checkpoint")
+    if not isinstance(saved, dict) or not isinstance(saved.get("path"), str):
+        raise ValueError(f"verify_saved: {record_path} has no `checkpoint` object with a "
+                         f"`path` (got {saved!r}): not a record save_unlearned wrote, or edited")
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"verify_saved: `checkpoint` {str(path)!r} is not a file")
+    else:
+        path = recorded_path(saved["path"], record_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"verify_saved: the record's checkpoint "
+                                    f"{saved.get('path')!r} is not a file (as recorded, nor "
+                                    f"beside {record_path})")
+    result = SavedCheck(True, str(path))
+
+    def check(name: str, found: str | None, expected: object, what: str) -> None:
+        if found == expected:
+            result.checks[name] = "ok"
+            return
+        result.checks[name] = "MISMATCH"
+        result.mismatches.append(f"{what} {found} differs from the record's {expected}")
+
+    check("sha256", sha256_of_file(path), saved.get("sha256"), "checkpoint SHA-256")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights: str | None = state_dict_sha256(state)
+    except Exception as error:  # noqa: BLE001 (any unreadable file is the same finding)
+        weights = f"(unreadable: {error})"
+    check("weights", weights, payload.get("model_state_sha256"), "checkpoint weights' hash")
+    if model is not None:
+        check("model", state_dict_sha256(model), payload.get("model_state_sha256"),
+              "`model`'s state hash")
+    original_sha = None if original is None else state_dict_sha256(original)
+    if original is not None and payload.get("original_state_sha256") is None:
+        result.checks["original"] = "not recorded (saved without `original`)"
+    elif original is not None:
+        check("original", original_sha, payload.get("original_state_sha256"),
+              "`original`'s state hash")
+    result.checks["weights_changed"] = _weights_changed_check(payload, weights, original_sha,
+                                                              result.mismatches)
+    if forget_ids is not None:
+        if isinstance(forget_ids, (str, bytes)):
+            raise TypeError(f"verify_saved: `forget_ids` must be integer ids, got "
+                            f"{type(forget_ids).__name__} {forget_ids!r}")
+        # The request's own rules (no fractions, bools or strings): int() would read 1.9 as 1
+        # and report a match for other ids.
+        try:
+            ids_hash = ForgetRequest.create(list(forget_ids)).ids_hash()
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"verify_saved: `forget_ids`: {error}") from None
+        request = payload.get("request")
+        check("forget_ids", ids_hash,
+              request.get("ids_sha256") if isinstance(request, dict) else None,
+              "`forget_ids`' hash")
+    result.ok = not result.mismatches
+    return result
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts, lists and tuples) replaced
+    by ``None``, JSON's ``null``; everything else as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_finite_or_none(v) for v in value)
+    return value

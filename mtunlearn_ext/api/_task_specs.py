@@ -1,0 +1,141 @@
+"""Task specs from ``tasks`` given by kind: the number of classes counted on the
+supervised labels, checked against what the model predicts (dimension 1 of its output)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
+from mtunlearn_ext.data.inputs import call_with, inputs_to, num_rows, take_rows
+from mtunlearn_ext.models.modes import eval_mode
+
+
+@torch.no_grad()
+def classes_predicted_by(model: nn.Module, unpack: bool, data: Any,
+                       tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec]
+                       ) -> dict[str, int]:
+    """Task -> the size of dimension 1 of the model's prediction (its number of classes), for
+    each classification or segmentation task given by kind only, from one eval-mode forward of
+    the first two rows of ``data``. Empty when the forward fails: the problem's validation
+    then reports that failure with the whole context."""
+    if not isinstance(tasks, Mapping):
+        return {}
+    wanted = [name for name, kind in tasks.items()
+              if kind in ("classification", "segmentation")]
+    if not wanted or data is None:
+        return {}
+    try:
+        inputs = data.inputs if isinstance(data, MultiTaskDataset) else data[0]
+        rows = take_rows(inputs, torch.arange(min(2, num_rows(inputs))))
+        param = next(model.parameters(), None)
+        if param is not None:
+            rows = inputs_to(rows, param.device)
+    except Exception:  # malformed inputs: refused with a clear message further on
+        return {}
+    try:
+        with eval_mode(model):
+            out = call_with(model, rows) if unpack else model(rows)
+    except Exception:
+        return {}
+    if not isinstance(out, Mapping):
+        return {}
+    return {name: int(out[name].shape[1]) for name in wanted
+            if isinstance(out.get(name), torch.Tensor) and out[name].dim() >= 2}
+
+
+def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                datasets: Sequence[Any], predicted_classes: Mapping[str, int],
+                data_names: Sequence[str] | None = None, *, op: str = "unlearn"
+                ) -> list[TaskSpec]:
+    if not isinstance(tasks, Mapping):
+        specs = list(tasks)
+        if not all(isinstance(s, TaskSpec) for s in specs):
+            raise TypeError(f"{op}: `tasks` must be TaskSpecs or a mapping task -> kind")
+        return specs
+    specs = []
+    for name, kind in tasks.items():
+        if isinstance(kind, TaskSpec):
+            specs.append(kind)
+            continue
+        if kind not in TASK_KINDS:
+            raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: "
+                             f"{TASK_KINDS}")
+        num_classes = None
+        if kind in ("classification", "segmentation"):
+            # The number of classes, when not given as a TaskSpec: the model's (a class that no
+            # supervised pair has is still one of them), else one past the largest label of a
+            # supervised pair (an unsupervised pair's target may hold anything).
+            labels = [_supervised_labels(d, name, len(tasks), list(tasks).index(name))
+                      for d in datasets if d is not None and (
+                          isinstance(d, MultiTaskDataset) or name in d[1])]
+            labels = [t for t in labels if t.numel()]
+            given = [d for d in datasets if d is not None and not isinstance(d, MultiTaskDataset)]
+            if not labels and given and all(name not in d[1] for d in given):
+                raise ValueError(f"{op}: task {name!r} of `tasks` has no targets in the data "
+                                 f"(whose targets are for {sorted(given[0][1])}); the names of "
+                                 "`tasks` must be the targets' keys")
+            if not labels:
+                raise ValueError(f"{op}: task {name!r} ({kind}) has no supervised label to "
+                                 "count its classes from; pass a TaskSpec with num_classes")
+            num_classes = int(max(int(t.max()) for t in labels)) + 1
+            predicted = predicted_classes.get(name)
+            if predicted is not None:
+                if num_classes > predicted:
+                    first = _first_label_from(datasets, data_names, name, len(tasks),
+                                              list(tasks).index(name), predicted)
+                    raise ValueError(f"{op}: task {name!r} ({kind}) has class labels up to "
+                                     f"{num_classes - 1} ({first}), but the model predicts "
+                                     f"{predicted} "
+                                     f"classes for it (dimension 1 of its output); labels must "
+                                     f"lie in [0, {predicted}), or -1 where unlabelled (another "
+                                     f"value for that: TaskSpec({name!r}, {kind!r}, "
+                                     f"num_classes={predicted}, ignore_index=...))")
+                num_classes = predicted
+        specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
+    return specs
+
+
+def _first_label_from(datasets: Sequence[Any], data_names: Sequence[str] | None, name: str,
+                      num_tasks: int, column: int, limit: int) -> str:
+    """How many supervised labels of task ``name`` are at or above ``limit`` over ``datasets``,
+    and where the first is, in the words of the problem's row checks: "first: `train_data` row
+    17" (the data set's id too)."""
+    count, first = 0, ""
+    for position, data in enumerate(datasets):
+        if data is None or not (isinstance(data, MultiTaskDataset) or name in data[1]):
+            continue
+        labels, supervised = _labels_and_supervision(data, name, num_tasks, column)
+        if not len(labels):
+            continue
+        bad = supervised & (labels.reshape(len(labels), -1) >= limit).any(dim=1)
+        count += int(bad.sum())
+        if not first and bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            what = f"`{data_names[position]}`" if data_names else "the data"
+            ids = f", id {int(data.ids[row])}" if isinstance(data, MultiTaskDataset) else ""
+            first = f"first: {what} row {row}{ids}"
+    if not count:
+        return "no supervised row found"
+    return f"{count} supervised {'row' if count == 1 else 'rows'}, {first}"
+
+
+def _labels_and_supervision(data: Any, name: str, num_tasks: int, column: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``name``'s labels in ``data`` (a data set, or a tuple whose optional third element
+    is the ``[N, T]`` supervision mask) and which rows are supervised (``[N]`` bool)."""
+    if isinstance(data, MultiTaskDataset):
+        return data.targets[name], data.supervision[:, data.task_index(name)].to(torch.bool)
+    labels = data[1][name]
+    if len(data) == 3 and data[2].shape[1] == num_tasks:
+        return labels, data[2][:, column].to(torch.bool)
+    return labels, torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+
+
+def _supervised_labels(data: Any, name: str, num_tasks: int, column: int) -> torch.Tensor:
+    """The labels of task ``name`` on the supervised pairs of ``data``."""
+    labels, supervised = _labels_and_supervision(data, name, num_tasks, column)
+    return labels[supervised]

@@ -1,0 +1,401 @@
+"""``mtunlearn_ext.unlearn``: run a method on the problem :func:`build_problem` makes,
+and report losses before and after, the optional membership-inference audit, and the chain of
+removals the returned model carries."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from mtunlearn_ext.api._data_forms import as_dataset, read_in
+from mtunlearn_ext.api._instance_matching import TrainedRows, check_unseen
+from mtunlearn_ext.api._lineage import LINEAGE_ATTRIBUTE, Lineage, carried_lineage
+from mtunlearn_ext.api._model_split import SplitModel
+from mtunlearn_ext.api._problem import build_problem_with_naming
+from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.inputs import inputs_to
+from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.metrics.membership import membership_attack
+from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.training import TrainConfig, state_dict_sha256
+from mtunlearn_ext.unlearning import (
+    GradientUnlearner,
+    Unlearner,
+    UnlearnerConfig,
+    UnlearningProblem,
+    UnlearningReport,
+    get_unlearner,
+)
+
+
+def progress_bar(unlearner: Unlearner) -> Any:
+    """A tqdm bar advanced by a step callback of a step-based method (``None`` for others)."""
+    if not isinstance(unlearner, GradientUnlearner):
+        return None
+    from tqdm.auto import tqdm
+
+    steps = getattr(unlearner.config, "steps", None)
+    if steps is not None:
+        steps += getattr(unlearner.config, "head_refit_steps", 0)
+    bar = tqdm(total=steps, desc=unlearner.name, unit="step")
+
+    def advance(step: int, model: nn.Module) -> None:
+        bar.update(step - bar.n)
+
+    unlearner.step_callbacks.append(advance)
+    return bar
+
+
+def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDataset,
+           seed: int, max_members: int = 2000) -> dict[str, float]:
+    """Membership-inference AUCs of the forget set and of held-back members, both against half
+    of ``unseen`` (see :func:`unlearn`'s ``audit_data``)."""
+    members = problem.retain
+    if len(members) > max_members:
+        generator = torch.Generator().manual_seed(seed)
+        members = members.subset(torch.randperm(len(members), generator=generator)[:max_members])
+    result = membership_attack(model, members, unseen, problem.forget,  # type: ignore[arg-type]
+                               problem.target_tasks, max_members=max_members, seed=seed)
+    return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}
+
+
+@torch.no_grad()
+def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
+                 batch_size: int = 64) -> dict[str, float]:
+    """Mean task loss over the supervised pairs of the first ``limit`` rows (for the report).
+    In eval mode, then every module's own mode back (``model`` may be the caller's model,
+    whose modules may be in mixed modes: ``model.train(was_training)`` would flip them all)."""
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    device = next(model.parameters()).device
+    rows = min(limit, len(data))
+    with eval_mode(model):
+        for start in range(0, rows, batch_size):
+            batch = data.batch(torch.arange(start, min(start + batch_size, rows)))
+            out = model(inputs_to(batch["input"], device))  # type: ignore[arg-type]
+            for c, spec in enumerate(data.tasks):
+                mask = batch["supervision"][:, c].to(device)  # type: ignore[index]
+                if not bool(mask.any()):
+                    continue
+                target = batch["targets"][spec.name].to(device)  # type: ignore[index]
+                values = task_loss(spec, out[spec.name], target)
+                totals[spec.name] = totals.get(spec.name, 0.0) + float(values[mask].sum())
+                counts[spec.name] = counts.get(spec.name, 0) + int(mask.sum())
+    return {t: totals[t] / counts[t] for t in totals}
+
+
+def unlearn(model: nn.Module, *,
+            tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+            train_data: DataLike | None = None,
+            forget_request: ForgetRequest | None = None,
+            forget_data: DataLike | None = None,
+            retain_data: DataLike | None = None,
+            target_tasks: Sequence[str] | str | None = None,
+            held_out_data: DataLike | None = None,
+            audit_data: DataLike | None = None,
+            shared_parameters: SharedSpec | None = None,
+            head_parameters: Mapping[str, ParameterSpec] | None = None,
+            method: str = "interference_aware",
+            config: Mapping[str, Any] | UnlearnerConfig | None = None,
+            device: torch.device | str = "cpu",
+            seed: int = 0,
+            progress: bool = False,
+            fresh_model: Callable[[], nn.Module] | None = None,
+            train_config: TrainConfig | Mapping[str, Any] | None = None,
+            earlier_requests: Sequence[ForgetRequest] | None = None
+            ) -> tuple[nn.Module, UnlearningReport]:
+    """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
+
+    The model maps an input batch (one tensor, or several inputs: see below) to
+    ``{task: prediction}``; its parameters split into a shared trunk ``theta_s`` and one head
+    ``theta_t`` per task. A request removes the pairs
+    ``F x S`` (forget instances ``F``, target tasks ``S``); everything else is retained, including,
+    in a *partial* request (``S`` a proper subset of the tasks), the other tasks' labels of ``F``.
+    The default method (:class:`~mtunlearn_ext.unlearning.interference_aware.InterferenceAware`)
+    moves ``theta_s`` by retain descent plus ``alpha`` times the forget direction after
+
+    - a per-layer projection off the recent retain gradients of the tasks to protect,
+      ``f_l <- f_l - M_l^T (M_l M_l^T + lambda I)^-1 M_l f_l`` (task-level interference), and
+    - a sign-aware projection against per-sample retain gradients ``r_j``, so that
+      ``<d, r_j> <= 0``: the step raises no retained instance's loss to first order
+      (instance-level interference).
+
+    Give the data one of two ways:
+
+    - ``train_data`` (the full training set) and ``forget_request``
+      (:class:`~mtunlearn_ext.data.ForgetRequest`: instance ids, target tasks; ``None`` tasks =
+      full request). Preferred for partial requests: the method then knows which retained pairs
+      belong to the forget instances and protects them explicitly.
+    - ``forget_data`` (the forget instances with targets for the target tasks) and
+      ``retain_data`` (every retained pair), plus ``target_tasks`` (a task name or a list of
+      them; default: the tasks with targets in ``forget_data``). In a partial request, a
+      forget row whose input equals a ``retain_data`` row's is taken to be that instance, so that
+      its retained pairs are known (and protected) as with ``train_data``; one that would still
+      supervise a target pair there is refused. As a request names an id once, a ``forget_data``
+      tuple gives each instance once: a row repeating an earlier one (equal inputs, equal labels of
+      the same target tasks) is refused; equal inputs labelled otherwise are another instance.
+
+    Each is a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
+    supervision])`` (:data:`DataLike`): ``targets`` task -> ``[N, ...]``; ``inputs`` one
+    ``[N, ...]`` tensor (``model(x)``), or a model's several inputs as a tuple
+    (``((ids, mask), targets)``: ``model(ids, mask)``) or a dict (``({"ids": ids, "mask":
+    mask}, targets)``: ``model(ids=ids, mask=mask)``) of tensors of any dtypes whose first
+    dimension is the instance (``N`` rows each). A torch ``Dataset`` or ``DataLoader`` of
+    instances ``(input, {task: label})`` is read into memory first
+    (:func:`~mtunlearn_ext.data.gather`: a missing or ``None`` label is an unsupervised pair).
+    Instances that carry an ``"id"`` (a loader's batches: one per row) are then a data set
+    with those ids: the ids name them in ``forget_request``, the split, the report and the
+    checks of held-out and audit data (a loader's rows taken in id order, so that a shuffling
+    loader's order does not change the run); others are taken as a tuple, named by position,
+    a map-style dataset's indices.
+
+    Args:
+        model: any ``nn.Module`` returning a mapping task -> output (a ``torch.compile``'d
+            one, or a ``DataParallel`` / ``DistributedDataParallel`` wrapper, is unlearned
+            through the module it wraps, which is what comes back); never modified (weights,
+            buffers, and each module's train/eval mode). Layers
+            with running statistics (BatchNorm) and dropout are fine: the steps run in eval
+            mode and the statistics are recomputed from the retain data after them (the
+            settings ``train_mode`` and ``recalibrate_norms``).
+        tasks: task specs, or a mapping task -> kind (``"classification"``, ``"regression"``,
+            ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the task's loss
+            (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective. Given as a
+            kind, a classification or segmentation task has as many classes as the model
+            predicts (dimension 1 of its output), and every label must be one of them.
+        held_out_data: optional instances the model was never trained on (a validation
+            split, never the data you evaluate on), same layout as ``retain_data``. A retrained
+            model fits the forget instances about as well as unseen data, so the default
+            method can stop raising a forget pair's loss where such data's loss lies: with
+            ``config={"cap_reference": "held_out"}`` (or ``"auto"``) its forget caps come
+            from this data. Its defaults (``cap_reference="retain"``) and the other methods do
+            not read it: the run is then the same as without it, and a ``UserWarning`` names
+            the setting to change.
+        audit_data: optional instances the model was never trained on, distinct from
+            ``held_out_data`` (which the method may use), at least 8 rows with the target tasks'
+            labels. Held-out and audit data are refused when they hold a training instance:
+            by id where both are data sets, else (data given as tuples, whose ids ``unlearn``
+            makes up) by equal inputs and labels. The report's summary then holds a loss-based
+            membership-inference audit of the forget set before and after
+            (:func:`~mtunlearn_ext.metrics.membership_attack`, fitted on up to 2000 retain rows
+            against half of ``audit_data``, scored against the other half):
+            ``forget_mia_auc_*`` near 0.5 means the forget instances look like unseen data to
+            the attack; ``member_mia_auc_*`` (held-back retain rows against the same unseen
+            half) shows that the attack itself still separates members.
+        shared_parameters: the trunk: names, parameters, modules (``model.backbone``: all
+            its parameters), or a predicate on names. Not needed for a model with
+            ``parameter_split()``.
+        head_parameters: task -> its head's names, parameters or module(s) (default: a
+            parameter whose dotted name contains the task's name as a component, e.g.
+            ``heads.depth.weight``; the modules' names are looked at before the parameter's
+            own, so a task named ``weight`` does not claim every ``....weight``).
+        method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
+        config: the method's settings (a mapping or its config object); defaults otherwise.
+        device: where to compute; seed: seeds every random choice (same seed, same result).
+        progress: show a progress bar over the steps of a step-based method (tqdm, stderr).
+        fresh_model, train_config: what ``method="retrain"`` (the gold standard: training from
+            scratch on the retain pairs) needs; see :func:`build_problem`.
+        earlier_requests: the requests already removed from ``model`` (a chain of removals),
+            with ``train_data``: their pairs are left out of the retain set, which would
+            otherwise train the model on them again, and a request naming only such pairs is
+            refused. A model that :func:`unlearn` returned carries its own (an attribute,
+            kept by ``copy.deepcopy`` and pickling, not by ``state_dict``): a second request
+            on it keeps the first removed without this argument. Pass them for a model loaded
+            from a ``state_dict`` (the record keeps only the ids' hashes;
+            ``report.request["earlier_requests"]`` lists them); given, the list replaces what
+            the model carries (a warning names carried requests it leaves out). Ids of a
+            ``MultiTaskDataset`` no longer in ``train_data`` (rows dropped, their data erased)
+            are skipped; requests named by row positions need ``train_data`` of the same
+            number of rows (else refused: the positions would name other instances). With
+            ``forget_data`` / ``retain_data``, leave removed pairs out of ``retain_data``.
+
+    Returns:
+        ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
+        mode, its parameters without ``.grad``), and an
+        :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose ``extra["summary"]`` holds the
+        mean task losses on forget and retain pairs before and after (``forget_loss_before``,
+        ``forget_loss_after``, ...; first 256 rows of each set) and ``extra["weights_changed"]``:
+        ``False`` (with a ``UserWarning``) when the run left every weight and buffer exactly as
+        it was (``steps: 0``), which unlearned nothing.
+
+    Example::
+
+        import torch
+        from torch import nn
+        import mtunlearn_ext
+
+        class TwoHeads(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+                self.heads = nn.ModuleDict({"kind": nn.Linear(32, 3), "size": nn.Linear(32, 1)})
+            def forward(self, x):
+                z = self.trunk(x)
+                return {t: h(z) for t, h in self.heads.items()}
+
+        x = torch.randn(200, 8)
+        y = {"kind": torch.randint(0, 3, (200,)), "size": torch.randn(200, 1)}
+        model = TwoHeads()  # ... trained on (x, y) ...
+        new_model, report = mtunlearn_ext.unlearn(
+            model, tasks={"kind": "classification", "size": "regression"},
+            train_data=(x, y),
+            forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),  # partial
+            shared_parameters=lambda name: name.startswith("trunk."),
+            config={"steps": 30, "lr": 1e-2})
+        print(report.extra["summary"])
+    """
+    if not isinstance(progress, bool):  # a string such as "no" would be taken as true
+        raise TypeError(f"unlearn: `progress` must be True or False, got {progress!r}")
+    problem, trained, naming = build_problem_with_naming(
+        model, tasks=tasks, train_data=train_data, forget_request=forget_request,
+        forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
+        held_out_data=held_out_data, shared_parameters=shared_parameters,
+        head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
+        train_config=train_config, earlier_requests=earlier_requests)
+    wrapped, forget, retain = problem.model, problem.forget, problem.retain
+    audit = None
+    if audit_data is not None:
+        audit_data = cast(Any, read_in(audit_data, problem.tasks, "audit_data",
+                                        keep_ids=True))
+        audit = as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
+        audit.check_values("unlearn: `audit_data`")
+        problem.check_model_on(audit, "`audit_data`")
+        # A data set's ids against the training data sets' ids; tuple data (ids of its own,
+        # 0..N-1) and training data given as tuples: by equal inputs and labels.
+        own_audit = isinstance(audit_data, MultiTaskDataset)
+        check_unseen(audit, "audit_data", own_audit, trained)
+        if problem.held_out is not None and len(problem.held_out):
+            # The forget caps are measured on the held-out instances: an audit on them would
+            # compare the forget set with the very losses it was steered to.
+            check_unseen(audit, "audit_data", own_audit,
+                          [TrainedRows("held_out_data", problem.held_out,
+                                    torch.arange(len(problem.held_out)), naming.own_held_out)],
+                          against="`held_out_data`",
+                          must="be distinct from `held_out_data` (the instances the forget "
+                               "caps may be measured on)")
+        target_columns = [audit.task_index(t) for t in problem.target_tasks]
+        labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
+        if labelled < 8:
+            raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
+                             f"the target tasks {problem.target_tasks}, got {labelled}")
+    unlearner = get_unlearner(method, config)
+    if isinstance(unlearner, GradientUnlearner) and not any(
+            p.requires_grad for p in wrapped.parameters()):
+        count = sum(1 for _ in wrapped.parameters())
+        raise ValueError(f"unlearn: no parameter of `model` requires grad (requires_grad is "
+                         f"False for all {count}), so method {unlearner.name!r} has nothing to "
+                         f"update; unfreeze the parameters it may change (at least the shared "
+                         f"trunk's: `p.requires_grad_(True)`)")
+    before_f = _mean_losses(wrapped, forget)
+    before_r = _mean_losses(wrapped, retain)
+    audit_before = _audit(wrapped, problem, audit, seed) if audit is not None else {}
+    bar = progress_bar(unlearner) if progress else None
+    try:
+        result = unlearner.unlearn(problem)
+    finally:
+        if bar is not None:
+            bar.close()
+    after_f = _mean_losses(result.model, forget)
+    after_r = _mean_losses(result.model, retain)
+    result.report.extra["summary"] = {
+        "forget_loss_before": before_f, "forget_loss_after": after_f,
+        "retain_loss_before": before_r, "retain_loss_after": after_r,
+    }
+    if audit is not None:
+        audit_after = _audit(result.model, problem, audit, seed)
+        for key in audit_before:
+            result.report.extra["summary"][f"{key}_before"] = audit_before[key]
+            result.report.extra["summary"][f"{key}_after"] = audit_after[key]
+    result.report.request["ids_named_by"] = naming.named_by
+    if naming.ids is not None:
+        result.report.request["ids_sha256"] = ForgetRequest.create(naming.ids).ids_hash()
+    if train_data is not None:
+        # The chain of removals, by the ids' hashes as the request's own: a record shows that
+        # the retain set left the earlier requests' pairs out.
+        result.report.request["earlier_requests"] = [
+            {"ids_sha256": r.ids_hash(), "num_instances": len(r.instance_ids),
+             "target_tasks": None if r.target_tasks is None else list(r.target_tasks)}
+            for r in naming.earlier]
+        result.report.request["earlier_pairs_excluded"] = naming.excluded_pairs
+    if held_out_data is not None:
+        unused = held_out_unused(unlearner, result.report)
+        if unused is not None:
+            warnings.warn(f"unlearn: `held_out_data` was not used: {unused}", UserWarning,
+                          stacklevel=2)
+    out = result.model.module if isinstance(result.model, SplitModel) else result.model
+    source = wrapped.module if isinstance(wrapped, SplitModel) else wrapped
+    # The input is never modified, so it still holds the weights the run started from; the
+    # hashes tell apart what save_unlearned's and the CLI's tell apart.
+    changed = state_dict_sha256(out) != state_dict_sha256(source)
+    result.report.extra["weights_changed"] = changed
+    if not changed:
+        # As `mtunlearn unlearn` says it (steps 0, a learning rate of 0): save_unlearned keeps
+        # it in the record (weights_changed: false) and verify_saved does not pass it.
+        warnings.warn(f"unlearn: {unlearner.name} left the weights exactly as they were "
+                      f"({result.report.steps} steps): the returned model is the input model, "
+                      f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
+                      f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
+    if naming.lineage is not None:
+        lineage = naming.lineage
+    else:  # forget_data: what it removed no later train_data id names
+        before = carried_lineage(source)
+        lineage = (Lineage((), False) if before is None
+                   else replace(before, complete=False))
+    if out is not source:  # the input is never modified
+        out.__dict__[LINEAGE_ATTRIBUTE] = lineage
+    diverged = non_finite_parameters(out)
+    if diverged:
+        warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "
+                      f"{len(diverged)} parameter(s) (first: {diverged[0]}); lower the learning "
+                      f"rate or the step count (`config`), or keep gradient clipping on; "
+                      f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
+    return out, result.report
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that hold NaN/Inf (buffers may hold Inf on purpose: an
+    additive attention mask of -inf)."""
+    return [name for name, p in model.named_parameters()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+
+
+def held_out_unused(unlearner: Unlearner, report: UnlearningReport) -> str | None:
+    """Why a run of one of the library's methods did not read the problem's held-out data, and
+    the setting that would make it; ``None`` when it did, or for a method defined outside the
+    library (which may read ``problem.held_out`` itself). Among the library's methods only the
+    interference-aware one (and its ablations) reads it, for the forget caps; it says in its
+    report which set its caps came from."""
+    from mtunlearn_ext.unlearning.interference_aware import InterferenceAware
+
+    if not type(unlearner).__module__.startswith("mtunlearn_ext."):
+        return None
+    if not isinstance(unlearner, InterferenceAware):
+        return (f"method {unlearner.name!r} does not read held-out data (of the library's "
+                f"methods only 'interference_aware' and its ablations do, for their forget caps "
+                f"with cap_reference='held_out' or 'auto'); leave it out, or run "
+                f"method='interference_aware' with config={{'cap_reference': 'held_out'}}")
+    extra = report.extra.get("interference_aware", {})
+    if "forget_caps_from" not in extra:  # not said: not known
+        return None
+    source = extra["forget_caps_from"]
+    if source == "held_out":
+        return None
+    cfg = unlearner.config
+    if cfg.cap_quantile is None:
+        return ("the forget caps are the objectives' own (cap_quantile=None), so no set is "
+                "measured for them; set config={'cap_quantile': 0.9 (or 'rank'), "
+                "'cap_reference': 'held_out'} to raise forget losses to the held-out level")
+    if source is None:  # no capped objective: no caps measured on any set
+        return (f"no target task has a capped forget objective (forget objectives "
+                f"{report.extra.get('forget_objectives')}), so there are no caps to take from "
+                f"it; use a capped objective ('capped_ascent', the default) in "
+                f"`forget_objective`")
+    return ("the forget caps come from the retain set (cap_reference='retain', the "
+            "default); pass config={'cap_reference': 'held_out'} (or 'auto') to take them "
+            "from `held_out_data`, the level a retrained model reaches on unseen data")
