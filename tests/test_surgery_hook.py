@@ -673,7 +673,7 @@ def test_head_discovery_survives_wrapper_address_reuse() -> None:
     bare ids then missed every parameter (Python 3.11 happened not to reuse those addresses).
     Here wrappers are new objects on every access, as they are once freed, so CPython reuses
     their addresses deterministically: the old walk found 2 of these 12 leaves."""
-    from mtunlearn_ext.surgery.hook import _reachable_leaves
+    from mtunlearn_ext.surgery._autograd_graph import reachable_leaves
 
     class Node:
         def __init__(self, children: list["Node"] | None = None,
@@ -705,7 +705,7 @@ def test_head_discovery_survives_wrapper_address_reuse() -> None:
             self.grad_fn = Wrapper(root)
 
     losses = [Loss(tree(2)) for _ in range(3)]
-    found = {id(t) for t in _reachable_leaves(losses)}  # type: ignore[arg-type]
+    found = {id(t) for t in reachable_leaves(losses)}  # type: ignore[arg-type]
     assert found == {id(t) for t in leaves}
 
 
@@ -714,7 +714,7 @@ def test_one_walk_finds_which_tasks_reach_each_leaf(seed: int) -> None:
     """The single walk behind batched mode's head masks agrees with one walk per loss, on
     random graphs whose intermediate results are shared between tasks (diamonds, chains, a
     leaf reached by every task or by none)."""
-    from mtunlearn_ext.surgery.hook import _leaves_with_tasks, _reachable_leaves
+    from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks, reachable_leaves
 
     gen = torch.Generator().manual_seed(seed)
     leaves = [torch.randn(3, generator=gen, requires_grad=True) for _ in range(10)]
@@ -726,10 +726,10 @@ def test_one_walk_finds_which_tasks_reach_each_leaf(seed: int) -> None:
     picks = torch.randint(len(nodes), (5, 2), generator=gen).tolist()
     losses = [(nodes[i] * nodes[j]).sum() for i, j in picks]
     losses.append(losses[0] * 2.0)  # a loss built on another loss
-    found = {id(v): mask for v, mask in _leaves_with_tasks(losses)}
+    found = {id(v): mask for v, mask in leaves_with_tasks(losses)}
     expected: dict[int, int] = {}
     for t, loss in enumerate(losses):
-        for v in _reachable_leaves([loss]):
+        for v in reachable_leaves([loss]):
             expected[id(v)] = expected.get(id(v), 0) | 1 << t
     assert found == expected
     assert id(unused) not in found

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
+from mtunlearn_ext.surgery._autograd_graph import (
+    graph_nodes,
+    leaves_with_tasks,
+    reachable_leaves,
+    sparse_fed_leaves,
+)
 from mtunlearn_ext.surgery._tensor_lists import (
     is_dtensor,
     layer_index,
@@ -237,110 +243,6 @@ def _member_layer_ids(per_layer: bool | list[int], count: int, members: Sequence
     ids = list(range(count)) if per_layer is True else per_layer
     total = num_layers if num_layers is not None else max(ids) + 1  # renumbered: 0..L-1
     return [ids[p] for p in members], total
-
-
-def _graph_nodes(losses: Sequence[torch.Tensor]) -> Iterator[object]:
-    """Every autograd node the losses depend on, once each."""
-    # Visited nodes are kept alive, not only their ids: a node's Python wrapper can be freed once
-    # popped, and a new wrapper (of another node) can then reuse its address, so a set of bare
-    # ids skipped unvisited parts of the graph (seen with Python 3.12 / torch 2.11, on the CPU
-    # and on CUDA: every head left without its gradient; never with Python 3.11).
-    seen: dict[int, object] = {}
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        yield node
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-
-
-def _leaf_losses(losses: Sequence[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-    """The losses that are themselves leaves requiring grad (a learned regulariser passed as
-    a loss, ``nn.Parameter(torch.tensor(2.0))``), with their task index. Such a loss has no
-    ``grad_fn``, so no walk from the losses' nodes finds it, yet ``sum(losses).backward()``
-    gives it the gradient 1 (d loss / d loss): it is a leaf the losses reach."""
-    for t, loss in enumerate(losses):
-        if loss.grad_fn is None and loss.requires_grad:
-            yield t, loss
-
-
-def _reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors the losses depend on (the ``variable`` of every ``AccumulateGrad`` node,
-    and every loss that is a leaf itself)."""
-    found: dict[int, torch.Tensor] = {}
-    for node in _graph_nodes(losses):
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            found[id(variable)] = variable
-    for _, loss in _leaf_losses(losses):
-        found.setdefault(id(loss), loss)
-    return list(found.values())
-
-
-def _sparse_fed_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaves that get a sparse gradient: those fed by a node saved with ``sparse=True``
-    (``nn.Embedding`` / ``nn.EmbeddingBag`` built with ``sparse=True``). Only for naming the
-    culprit once a pass has failed: it reads no saved tensor, so it works on a freed graph."""
-    found: dict[int, torch.Tensor] = {}
-    for node in _graph_nodes(losses):
-        if getattr(node, "_saved_sparse", False) is not True:
-            continue
-        for nxt, _ in getattr(node, "next_functions", ()):
-            variable = getattr(nxt, "variable", None)
-            if isinstance(variable, torch.Tensor):
-                found[id(variable)] = variable
-    return list(found.values())
-
-
-def _leaves_with_tasks(losses: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-    """Every leaf the losses depend on (a loss that is a leaf included), with the bit mask of
-    the losses whose graph reaches it, from one walk of the graph: a depth-first post-order
-    puts every node after all the nodes it leads to, so in the reverse order each node's mask
-    is final before it is passed on to its inputs. A walk per loss took 7.3 ms where this takes
-    1.3 ms (300-layer MLP, k = 8)."""
-    # Each node's inputs are read once and kept with the node, which also keeps its wrapper
-    # alive (see _graph_nodes: a freed wrapper's address can be reused by another node's).
-    inputs_of: dict[int, tuple[object, list[object]]] = {}
-    post_order: list[int] = []
-
-    def enter(node: object) -> list[object]:
-        inputs = [nxt for nxt, _ in node.next_functions if nxt is not None]  # type: ignore[attr-defined]
-        inputs_of[id(node)] = (node, inputs)
-        return inputs
-
-    for root in (loss.grad_fn for loss in losses):
-        if root is None or id(root) in inputs_of:
-            continue
-        path = [(id(root), iter(enter(root)))]
-        while path:
-            key, pending = path[-1]
-            for nxt in pending:
-                if id(nxt) not in inputs_of:
-                    path.append((id(nxt), iter(enter(nxt))))
-                    break
-            else:
-                path.pop()
-                post_order.append(key)
-    masks: dict[int, int] = {}
-    for t, loss in enumerate(losses):
-        if loss.grad_fn is not None:
-            masks[id(loss.grad_fn)] = masks.get(id(loss.grad_fn), 0) | 1 << t
-    leaves: dict[int, tuple[torch.Tensor, int]] = {}
-    for key in reversed(post_order):
-        node, inputs = inputs_of[key]
-        mask = masks.get(key, 0)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            _, before = leaves.get(id(variable), (variable, 0))
-            leaves[id(variable)] = (variable, before | mask)
-        for nxt in inputs:
-            masks[id(nxt)] = masks.get(id(nxt), 0) | mask
-    for t, loss in _leaf_losses(losses):  # a loss that is a leaf reaches itself only
-        _, before = leaves.get(id(loss), (loss, 0))
-        leaves[id(loss)] = (loss, before | 1 << t)
-    return list(leaves.values())
 
 
 def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], *,
@@ -825,13 +727,13 @@ class GradientSurgery:
             if not self._listed_heads_checked:
                 self._check_listed_heads(losses, caller)
             return [p for p in self.head_params if p.requires_grad]
-        return [v for v in _reachable_leaves(losses)
+        return [v for v in reachable_leaves(losses)
                 if v.requires_grad and id(v) not in self._shared_ids]
 
     def _heads_with_tasks(self, losses: list[torch.Tensor]
                           ) -> tuple[list[torch.Tensor], list[int]]:
         """The heads (walked as in ``_heads``) and the bit mask of the tasks reaching each."""
-        found = [(v, mask) for v, mask in _leaves_with_tasks(losses)
+        found = [(v, mask) for v, mask in leaves_with_tasks(losses)
                  if v.requires_grad and id(v) not in self._shared_ids]
         return [v for v, _ in found], [mask for _, mask in found]
 
@@ -844,7 +746,7 @@ class GradientSurgery:
         listed = {id(p) for p in self.head_params or ()}
         # Parameters only: an input that requires grad (a reentrant checkpoint's, an
         # adversarial perturbation) is a leaf too, and needs no .grad from the surgery.
-        missing = [v for v in _reachable_leaves(losses)
+        missing = [v for v in reachable_leaves(losses)
                    if isinstance(v, torch.nn.Parameter) and v.requires_grad
                    and id(v) not in self._shared_ids and id(v) not in listed]
         if not missing:
@@ -976,7 +878,7 @@ class GradientSurgery:
         explained = _explained_grad_failure(error, self.per_task)
         if explained is not error:
             return explained
-        sparse = _sparse_fed_leaves(losses)
+        sparse = sparse_fed_leaves(losses)
         names = {id(p): name for name, p in zip(active.names, active.params)}
         for leaf in sparse:
             if id(leaf) in names:
@@ -984,7 +886,7 @@ class GradientSurgery:
         heads = [leaf for leaf in sparse if leaf.requires_grad and id(leaf) not in self._shared_ids]
         if not heads:
             compiled = any(type(node).__name__ == "CompiledFunctionBackward"
-                           for node in _graph_nodes(losses))
+                           for node in graph_nodes(losses))
             if compiled:
                 # Inductor's compiled backward reads its inputs' storage, which the batched
                 # tensors of vmap do not have ("Cannot access data pointer of Tensor that
