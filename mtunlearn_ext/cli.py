@@ -590,7 +590,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             input_weights = state_dict_sha256(loaded.checkpoint.state_dict)
             weights_changed = state_dict_sha256(result.model) != input_weights
             if not weights_changed:
-                # A run that changed nothing (steps 0, a learning rate of 0): said here, kept
+                # A run that changed nothing (steps 0): said here, kept
                 # in the record (weights_changed: false) and in the checkpoint, and `verify`
                 # does not pass it.
                 bar.write(f"mtunlearn: warning: {args.method} left the weights exactly as they "
@@ -978,9 +978,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a benchmark's default model with its recipe and write "
                                    "a new checkpoint. " + _SAFETY)
     p.add_argument("--benchmark", default="digits",
-                   help="benchmark name: indoor, street, digits, nyuv2, cityscapes")
+                   help="benchmark name: indoor, street, digits, nyuv2, cityscapes "
+                        "(default: digits)")
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"],
-                   help="benchmark size")
+                   help="benchmark size (default: tiny)")
     p.add_argument("--data-root", default=None,
                    help="LibMTL data root (only for " + " / ".join(_DATA_ROOT_BENCHMARKS)
                         + "; refused for the others, which read none)")
@@ -1004,7 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     _request_options(p, required=True)
     p.add_argument("--method", default="interference_aware",
                    help="unlearning method (registry name, e.g. interference_aware, "
-                        "neggrad_plus, finetune, retrain)")
+                        "neggrad_plus, finetune, retrain; default: interference_aware)")
     p.add_argument("--method-config", default=None, metavar="JSON",
                    help='method settings as JSON or a JSON file, e.g. {"steps": 20}')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

@@ -938,6 +938,82 @@ def test_a_run_that_left_the_weights_unchanged_is_said_recorded_and_not_verified
     assert not edited.ok and edited.checks["weights_changed"] == "MISMATCH"
 
 
+def test_a_run_that_moved_only_running_statistics_is_not_taken_for_an_unlearned_model(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Docs review: steps 0 on a BatchNorm model recomputes the running statistics on the
+    retain rows (recalibrate_norms), so the state's hash changed: no warning, weights_changed
+    true, and verify_saved passed a model whose every parameter was the original's."""
+    import json
+
+    from mtunlearn_ext.records import WEIGHTS_UNCHANGED
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+            self.heads = nn.ModuleDict({"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)})
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.trunk(x)
+            return {t: h(z) for t, h in self.heads.items()}
+
+    torch.manual_seed(0)
+    x, y = _data()
+    model = Normed()
+    model.train()
+    with torch.no_grad():
+        model(x * 3 + 1)  # running statistics of other data than the retain rows'
+    model.eval()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create([0, 1]),
+                  shared_parameters=lambda n: n.startswith("trunk."))
+    with pytest.warns(UserWarning, match=r"left every parameter exactly as it was \(0 steps\); "
+                                         r"only buffers changed"):
+        same, report = mtunlearn_ext.unlearn(model, config={"steps": 0},
+                                             **common)  # type: ignore[arg-type]
+    assert report.extra["weights_changed"] is True
+    assert report.extra["parameters_changed"] is False
+    assert not torch.equal(same.trunk[1].running_mean, model.trunk[1].running_mean)
+    for name, original in (("with.pt", model), ("without.pt", None)):
+        with pytest.warns(UserWarning, match=r"has exactly the parameters of the model"):
+            record = mtunlearn_ext.save_unlearned(same, report, tmp_path / name,
+                                                  original=original)
+        assert record["weights_changed"] is True and record["parameters_changed"] is False
+        check = mtunlearn_ext.verify_saved(tmp_path / f"{name}.record.json", model=same)
+        assert not check.ok and check.checks["parameters_changed"] == WEIGHTS_UNCHANGED
+        assert check.checks["weights_changed"] in ("ok", "as recorded: true (saved without "
+                                                   "`original`: no original state hash to "
+                                                   "compare with)")
+        assert len(check.mismatches) == 1, check.mismatches
+        # Given the original, the checkpoint's parameters are compared whatever the record says.
+        payload = json.loads((tmp_path / f"{name}.record.json").read_text())
+        payload["parameters_changed"] = True
+        (tmp_path / "edited.json").write_text(json.dumps(payload))
+        (tmp_path / "edited.json").rename(tmp_path / f"edited_{name}.json")
+        edited = mtunlearn_ext.verify_saved(tmp_path / f"edited_{name}.json",
+                                            checkpoint=tmp_path / name, original=model)
+        assert not edited.ok and edited.checks["parameters_changed"] == WEIGHTS_UNCHANGED
+        assert any("every parameter of the checkpoint is the original model's" in m
+                   for m in edited.mismatches)
+    # Steps that move the parameters: recorded true and verified, with and without `original`.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new, moved = mtunlearn_ext.unlearn(model, config={"steps": 2},
+                                           **common)  # type: ignore[arg-type]
+        record = mtunlearn_ext.save_unlearned(new, moved, tmp_path / "moved.pt")
+    assert moved.extra["parameters_changed"] is True and record["parameters_changed"] is True
+    alone = mtunlearn_ext.verify_saved(tmp_path / "moved.pt.record.json")
+    assert alone.ok and alone.checks["parameters_changed"].startswith("as recorded: true")
+    check = mtunlearn_ext.verify_saved(tmp_path / "moved.pt.record.json", original=model)
+    assert check.ok and check.checks["parameters_changed"] == "ok", check.mismatches
+    # A record claiming unchanged parameters for moved ones is a mismatch once checked.
+    payload = json.loads((tmp_path / "moved.pt.record.json").read_text())
+    payload["parameters_changed"] = False
+    (tmp_path / "claims.json").write_text(json.dumps(payload))
+    claims = mtunlearn_ext.verify_saved(tmp_path / "claims.json", original=model)
+    assert not claims.ok and claims.checks["parameters_changed"] == "MISMATCH"
+    assert not mtunlearn_ext.verify_saved(tmp_path / "claims.json").ok  # taken at its word
+
+
 def test_the_public_submodules_are_attributes_of_the_package() -> None:
     """`import mtunlearn_ext; mtunlearn_ext.data.TaskSpec` (as the guides write it) raised
     AttributeError unless something had imported the submodule; `import mtunlearn_ext` alone

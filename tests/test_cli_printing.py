@@ -56,6 +56,19 @@ def test_evaluate_pipes_into_a_json_reader(trained: Path) -> None:  # noqa: F811
     assert "metric" in proc.stderr  # the summary table, on stderr
 
 
+def test_python_dash_m_on_the_package_runs_the_command_line() -> None:
+    """Docs review: `python -m mtunlearn_ext --help` failed (no __main__), where `mtunlearn`
+    and `python -m mtunlearn_ext.cli` work; now all three are the same command, exit codes
+    included."""
+    helped = subprocess.run([sys.executable, "-m", "mtunlearn_ext", "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: mtunlearn ") and "unlearn" in helped.stdout
+    refused = subprocess.run([sys.executable, "-m", "mtunlearn_ext", "unlearn"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--checkpoint" in refused.stderr, refused.stderr
+
+
 def test_evaluate_without_a_request_has_no_mia_row(trained: Path,  # noqa: F811
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Without a request there is no forget split: the summary printed `forget * mia_auc - -`.

@@ -1188,7 +1188,7 @@ def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -
                                         forget_ids=range(10))
     assert result.ok and result.checks == {"sha256": "ok", "weights": "ok", "model": "ok",
                                            "original": "ok", "weights_changed": "ok",
-                                           "forget_ids": "ok"}
+                                           "parameters_changed": "ok", "forget_ids": "ok"}
     wrong = mtunlearn_ext.verify_saved(record, model=model, forget_ids=range(11))
     assert not wrong.ok and wrong.checks["model"] == wrong.checks["forget_ids"] == "MISMATCH"
     # Review: the ids went through int(), so 0.9, 1.9, ... "matched" ids 0-9.

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtunlearn_ext"
 FOUNDATION = frozenset({"_C", "_definitions", "_elf", "_extension", "_fields", "_functional",
                         "_io", "_random"})
 #: The top: the public API, the CLI, experiments, records and reports.
-TOP = frozenset({"api", "cli", "demo", "erasure", "experiment", "records", "report",
+TOP = frozenset({"__main__", "api", "cli", "demo", "erasure", "experiment", "records", "report",
                  "showcase", "tuning", "workflow"})
 #: Component -> the components (besides the foundation and itself) it may import.
 ALLOWED: dict[str, frozenset[str]] = {

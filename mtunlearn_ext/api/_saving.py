@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
-from mtunlearn_ext.api._unlearn import non_finite_parameters
+from mtunlearn_ext.api._unlearn import non_finite_parameters, same_parameters
 from mtunlearn_ext.data.request import ForgetRequest
-from mtunlearn_ext.records import code_version, run_environment, utc_now
+from mtunlearn_ext.records import WEIGHTS_UNCHANGED, code_version, run_environment, utc_now
 from mtunlearn_ext.training import state_dict_sha256
 from mtunlearn_ext.unlearning import UnlearningReport
 
@@ -51,7 +51,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     :func:`unlearn` started from (as its report says; absent from a report of another
     source). A run that changed nothing (``steps: 0``) is written all the same, with a
     ``UserWarning`` and ``weights_changed: false``, which :func:`verify_saved` fails, as
-    ``mtunlearn unlearn`` and ``mtunlearn verify`` treat such a run. A value JSON cannot hold,
+    ``mtunlearn unlearn`` and ``mtunlearn verify`` treat such a run; likewise
+    ``parameters_changed: false`` for a run that moved buffers only (BatchNorm statistics
+    recomputed after 0 steps), whose every parameter is the original's. A value JSON cannot hold,
     NaN or an infinity (a diverged run's loss), is written as ``null``, as
     :meth:`UnlearningReport.to_dict` writes it.
 
@@ -89,6 +91,15 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
                       "unlearned from: nothing was unlearned; the record says so "
                       "(weights_changed: false) and verify_saved will not pass it", UserWarning,
                       stacklevel=2)
+    said = report.extra.get("parameters_changed")
+    parameters_changed = (not same_parameters(model, original) if original is not None
+                          else said if isinstance(said, bool) else None)
+    if weights_changed is not False and parameters_changed is False:
+        warnings.warn("save_unlearned: `model` has exactly the parameters of the model it was "
+                      "unlearned from (only buffers, such as running statistics, changed): the "
+                      "request's supervision is still in the weights; the record says so "
+                      "(parameters_changed: false) and verify_saved will not pass it",
+                      UserWarning, stacklevel=2)
     record: dict[str, Any] = {
         "schema": API_RECORD_SCHEMA,
         "written_at": utc_now(),
@@ -106,6 +117,8 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     }
     if weights_changed is not None:
         record["weights_changed"] = weights_changed
+    if parameters_changed is not None:
+        record["parameters_changed"] = parameters_changed
     from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
 
     record["checkpoint"] = {"path": str(target),
@@ -132,8 +145,43 @@ def _weights_changed_check(payload: Mapping[str, Any], weights: str | None,
     return judge_weights_changed(
         weights, references, payload.get("weights_changed"), mismatches,
         weights="the checkpoint's weights", reference="the original model's", hash_name="state",
-        not_checked="not checked (an older record, saved without `original`: no "
-                    "weights_changed, no original state hash)")
+        not_checked=("as recorded: true (saved without `original`: no original state hash "
+                     "to compare with)" if payload.get("weights_changed") is True
+                     else "not checked (an older record, saved without `original`: no "
+                          "weights_changed, no original state hash)"))
+
+
+def _parameters_changed_check(payload: Mapping[str, Any], state: object,
+                              original: nn.Module | None, mismatches: list[str]) -> str:
+    """The ``parameters_changed`` check of :func:`verify_saved`: a run whose every parameter
+    is the original's removed no supervision, whatever its buffers (running statistics
+    recomputed on the retain rows change the state's hash, not what was learned). Judged on
+    the checkpoint's parameters against ``original``'s when it is given, else by the record's
+    ``parameters_changed`` (absent from older records: not checked)."""
+    claimed = payload.get("parameters_changed")
+    if original is not None and isinstance(state, Mapping):
+        own = dict(original.named_parameters())
+        if own and all(isinstance(state.get(n), torch.Tensor) for n in own):
+            same = all(state[n].shape == p.shape and torch.equal(state[n], p.detach().cpu())
+                       for n, p in own.items())
+            if same:
+                mismatches.append("every parameter of the checkpoint is the original model's "
+                                  "(only buffers, such as running statistics, differ): the "
+                                  "request's supervision was not removed")
+                return WEIGHTS_UNCHANGED
+            if claimed is False:
+                mismatches.append("the record says parameters_changed: false, but the "
+                                  "checkpoint's parameters differ from the original model's")
+                return "MISMATCH"
+            return "ok"
+    if claimed is False:
+        mismatches.append("the record says parameters_changed: false: the run left every "
+                          "parameter as it was (only buffers changed), so the request's "
+                          "supervision was not removed")
+        return WEIGHTS_UNCHANGED
+    if claimed is True:
+        return "as recorded: true (no `original` given to compare with)"
+    return "not checked (an older record, and no `original` given)"
 
 
 @dataclass
@@ -162,7 +210,9 @@ def verify_saved(record: str | os.PathLike[str], *,
     It fails a run that left the weights unchanged (check ``weights_changed``:
     :data:`~mtunlearn_ext.records.WEIGHTS_UNCHANGED` when the checkpoint's weights are the
     recorded or given original's, or the record says ``weights_changed: false``; a record
-    of an older version, without the field, is judged by the hashes it has).
+    of an older version, without the field, is judged by the hashes it has), and one that
+    moved buffers only (check ``parameters_changed``: every parameter of the checkpoint is
+    ``original``'s when given, else the record's ``parameters_changed: false``).
     The model and data are the caller's, so no metric is re-measured: :func:`evaluate` gives
     them for any model and data as :func:`unlearn` takes them. Raises ``ValueError`` for a
     file that is not such a record and ``FileNotFoundError`` for a missing checkpoint; mismatches
@@ -202,9 +252,11 @@ def verify_saved(record: str | os.PathLike[str], *,
         result.mismatches.append(f"{what} {found} differs from the record's {expected}")
 
     check("sha256", sha256_of_file(path), saved.get("sha256"), "checkpoint SHA-256")
+    state: object = None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        weights: str | None = state_dict_sha256(state)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        state = loaded
+        weights: str | None = state_dict_sha256(loaded)
     except Exception as error:  # noqa: BLE001 (any unreadable file is the same finding)
         weights = f"(unreadable: {error})"
     check("weights", weights, payload.get("model_state_sha256"), "checkpoint weights' hash")
@@ -219,6 +271,9 @@ def verify_saved(record: str | os.PathLike[str], *,
               "`original`'s state hash")
     result.checks["weights_changed"] = _weights_changed_check(payload, weights, original_sha,
                                                               result.mismatches)
+    result.checks["parameters_changed"] = (
+        WEIGHTS_UNCHANGED if result.checks["weights_changed"] == WEIGHTS_UNCHANGED  # said once
+        else _parameters_changed_check(payload, state, original, result.mismatches))
     if forget_ids is not None:
         if isinstance(forget_ids, (str, bytes)):
             raise TypeError(f"verify_saved: `forget_ids` must be integer ids, got "

@@ -197,7 +197,8 @@ def unlearn(model: nn.Module, *,
             own, so a task named ``weight`` does not claim every ``....weight``).
         method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
         config: the method's settings (a mapping or its config object); defaults otherwise.
-        device: where to compute; seed: seeds every random choice (same seed, same result).
+        device: where to compute; seed: seeds every random choice (same seed, same result
+            on the same device, thread count, torch build and CPU instruction sets).
         progress: show a progress bar over the steps of a step-based method (tqdm, stderr).
         fresh_model, train_config: what ``method="retrain"`` (the gold standard: training from
             scratch on the retain pairs) needs; see :func:`build_problem`.
@@ -222,7 +223,9 @@ def unlearn(model: nn.Module, *,
         mean task losses on forget and retain pairs before and after (``forget_loss_before``,
         ``forget_loss_after``, ...; first 256 rows of each set) and ``extra["weights_changed"]``:
         ``False`` (with a ``UserWarning``) when the run left every weight and buffer exactly as
-        it was (``steps: 0``), which unlearned nothing.
+        it was (``steps: 0``), which unlearned nothing, and ``extra["parameters_changed"]``:
+        ``False`` (with a ``UserWarning``) when every parameter is as it was, whatever the
+        buffers (running statistics recomputed on the retain rows after 0 steps).
 
     Example::
 
@@ -335,12 +338,22 @@ def unlearn(model: nn.Module, *,
     changed = state_dict_sha256(out) != state_dict_sha256(source)
     result.report.extra["weights_changed"] = changed
     if not changed:
-        # As `mtunlearn unlearn` says it (steps 0, a learning rate of 0): save_unlearned keeps
+        # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
         warnings.warn(f"unlearn: {unlearner.name} left the weights exactly as they were "
                       f"({result.report.steps} steps): the returned model is the input model, "
                       f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
                       f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
+    same = same_parameters(out, source)
+    result.report.extra["parameters_changed"] = not same
+    if changed and same:
+        # Buffers alone moved (BatchNorm's running statistics, recomputed on the retain rows
+        # by recalibrate_norms even after 0 steps): the supervision is in the parameters.
+        warnings.warn(f"unlearn: {unlearner.name} left every parameter exactly as it was "
+                      f"({result.report.steps} steps); only buffers changed (running "
+                      f"statistics: recalibrate_norms), so the request's supervision is still "
+                      f"in the weights; save_unlearned's record says so (parameters_changed: "
+                      f"false) and verify_saved will not pass it", UserWarning, stacklevel=2)
     if naming.lineage is not None:
         lineage = naming.lineage
     else:  # forget_data: what it removed no later train_data id names
@@ -363,6 +376,15 @@ def non_finite_parameters(model: nn.Module) -> list[str]:
     additive attention mask of -inf)."""
     return [name for name, p in model.named_parameters()
             if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+
+
+def same_parameters(model: nn.Module, other: nn.Module) -> bool:
+    """Whether ``model`` has ``other``'s parameters (the same names, equal values), whatever
+    their buffers: a run that moved only running statistics unlearned no supervision."""
+    mine, theirs = dict(model.named_parameters()), dict(other.named_parameters())
+    return mine.keys() == theirs.keys() and all(
+        p.shape == theirs[n].shape and torch.equal(p.detach().cpu(), theirs[n].detach().cpu())
+        for n, p in mine.items())
 
 
 def held_out_unused(unlearner: Unlearner, report: UnlearningReport) -> str | None:

@@ -357,7 +357,7 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         ids: the instances' ids, one per row in the order read. Default: the instances' own
             ``"id"`` when they carry one (an id carried twice is refused), else their
             positions ``0..N-1``, which for a map-style dataset are its indices, so
-            ``ForgetRequest(ids=[17])`` forgets ``source[17]``.
+            ``ForgetRequest.create([17])`` forgets ``source[17]``.
         num_workers: worker processes reading a map-style dataset (a ``DataLoader`` that keeps
             the order); 0 reads in this process.
         batch_size: instances per worker task when ``num_workers`` > 0.
