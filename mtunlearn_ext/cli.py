@@ -876,7 +876,9 @@ def _verify_api_record(args: argparse.Namespace) -> int:
         print(f"mismatch: {m}", file=sys.stderr)
     unchanged = (", not verified, its weights are the original model's, so nothing was "
                  "unlearned" if result.checks.get("weights_changed") == WEIGHTS_UNCHANGED
-                 else "")
+                 else ", not verified, its parameters are the original model's (only buffers "
+                      "changed), so the request's supervision was not removed"
+                 if result.checks.get("parameters_changed") == WEIGHTS_UNCHANGED else "")
     print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
           f"(files and hashes only){unchanged}")
     return 0 if result.ok else 1

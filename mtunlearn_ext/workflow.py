@@ -27,7 +27,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -980,8 +980,3 @@ def _check_creatable(argument: str, p: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(argument, "a path in a folder you can write to", str(p),
                              f"{str(existing)!r} is not writable")
-
-
-def input_paths(paths: Iterable[str | os.PathLike[str] | None]) -> list[Path]:
-    """The given input paths that are set (for :class:`OutputTransaction`)."""
-    return [Path(p) for p in paths if p is not None]

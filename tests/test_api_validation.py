@@ -939,12 +939,13 @@ def test_a_run_that_left_the_weights_unchanged_is_said_recorded_and_not_verified
 
 
 def test_a_run_that_moved_only_running_statistics_is_not_taken_for_an_unlearned_model(
-        tmp_path) -> None:  # type: ignore[no-untyped-def]
+        tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """Docs review: steps 0 on a BatchNorm model recomputes the running statistics on the
     retain rows (recalibrate_norms), so the state's hash changed: no warning, weights_changed
     true, and verify_saved passed a model whose every parameter was the original's."""
     import json
 
+    from mtunlearn_ext import cli
     from mtunlearn_ext.records import WEIGHTS_UNCHANGED
 
     class Normed(nn.Module):
@@ -984,6 +985,8 @@ def test_a_run_that_moved_only_running_statistics_is_not_taken_for_an_unlearned_
                                                    "`original`: no original state hash to "
                                                    "compare with)")
         assert len(check.mismatches) == 1, check.mismatches
+        assert cli.main(["verify", "--record", str(tmp_path / f"{name}.record.json")]) == 1
+        assert "its parameters are the original model's" in capsys.readouterr().out
         # Given the original, the checkpoint's parameters are compared whatever the record says.
         payload = json.loads((tmp_path / f"{name}.record.json").read_text())
         payload["parameters_changed"] = True
