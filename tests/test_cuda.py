@@ -258,6 +258,29 @@ def test_gram_and_inner_past_the_grid_limit_of_output_tiles() -> None:
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_gram_of_many_rows_keeps_float32_accuracy_over_long_column_ranges(
+        dtype: torch.dtype) -> None:
+    """Kernel review: the tiled kernel (Grams of more than 16 rows) summed each output over its
+    work item's whole column range in float32, and a Gram of 4096 rows has one item of all n
+    columns: in a replay of the kernel's order on the CPU its diagonal drifts by up to 5.7e-5
+    (float16 data) and 8.2e-5 (float32) relative at n = 2**18 (~1e-3 at 2e6 terms), against
+    1.4e-6 and 9.9e-8 flushed into double every 2048 columns, as the CPU kernel does and the
+    CUDA one now does. The diagonal (squared
+    norms, what the solves' pivots read) against float64."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(4096, 1 << 18, device="cuda", generator=gen) + 0.5).to(dtype)
+    got = torch.diagonal(ops.gram(x)).double()
+    want = x.double().pow(2).sum(dim=1)
+    relative = ((got - want).abs() / want).max().item()
+    assert relative < 1e-5, relative
+    corner = ops.gram(x[:40])  # and the off-diagonal entries of a smaller tiled Gram
+    torch.testing.assert_close(corner.double(), x[:40].double() @ x[:40].double().T,
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
     """A mixed list dispatches to the CUDA entry (CUDA outranks CPU), which must refuse it; the
     wrapper then names the tensor as the reference path does (the Python checks run only after

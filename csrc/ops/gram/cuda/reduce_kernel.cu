@@ -127,6 +127,11 @@ reduce_register_kernel(const ReduceSegment* __restrict__ segments,
 
 constexpr int kTile = 32;
 constexpr int kSlab = 32;
+// A tiled thread sums its outputs over the whole column range of its item (up to n / 4 columns
+// for a Gram of 2048 rows); in float32 such a sum of ~1e6 positive terms drifts by ~1e-3
+// relative (a Gram's diagonal, which the solves read). The float accumulators are moved into
+// double every kFlushSlabs slabs, 2048 columns, as the CPU kernel flushes.
+constexpr int kFlushSlabs = 64;
 
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(kThreads)
@@ -159,6 +164,8 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
       tj = tile % tiles_k;
     }
     A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
+    double wide[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
+    int slabs = 0;
     const int i0 = ti * kTile, j0 = tj * kTile;
     for (int64_t c0 = item.col_begin; c0 < item.col_end; c0 += kSlab) {
       for (int e = threadIdx.x; e < kTile * kSlab; e += kThreads) {
@@ -183,6 +190,16 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
         acc[1][1] += a1 * b1;
       }
       __syncthreads();
+      if (++slabs == kFlushSlabs) {  // the same count in every thread: no divergence
+        slabs = 0;
+#pragma unroll
+        for (int di = 0; di < 2; ++di)
+#pragma unroll
+          for (int dj = 0; dj < 2; ++dj) {
+            wide[di][dj] += static_cast<double>(acc[di][dj]);
+            acc[di][dj] = A(0);
+          }
+      }
     }
     A* dst = partials + static_cast<int64_t>(blockIdx.x) * m * k;
 #pragma unroll
@@ -191,8 +208,9 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
       for (int dj = 0; dj < 2; ++dj) {
         const int i = i0 + ty + 16 * di, j = j0 + tx + 16 * dj;
         if (i < m && j < k) {
-          dst[static_cast<int64_t>(i) * k + j] = acc[di][dj];
-          if (SYM && ti != tj) dst[static_cast<int64_t>(j) * k + i] = acc[di][dj];
+          const A total = static_cast<A>(wide[di][dj] + static_cast<double>(acc[di][dj]));
+          dst[static_cast<int64_t>(i) * k + j] = total;
+          if (SYM && ti != tj) dst[static_cast<int64_t>(j) * k + i] = total;
         }
       }
   }
