@@ -8,6 +8,7 @@ import ast
 import inspect
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -712,6 +713,83 @@ def test_single_tensor_ops_reject_mixed_devices_in_the_fake_kernels() -> None:
             call()
 
 
+def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
+    """Kernel review: the fake kernels checked devices only, so under torch.compile a call the
+    kernels refuse (an inner of two n, a solver past k = 256, a combine of mismatched k) traced
+    into a graph with made-up shapes and failed only when it ran, or raised an IndexError of
+    the fake's own. Each bad call now raises the same exception on meta tensors (the fake
+    kernel) as on the CPU (the C++), naming the op and the argument."""
+    T = torch.ops.mtunlearn
+
+    def t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.ones(shape, dtype=dtype)
+
+    calls: dict[str, tuple[type[Exception], str, Callable[[Callable[..., torch.Tensor]], object]]]
+    calls = {
+        "gram of a vector": (ValueError, "gram: `x`", lambda d: T.gram(d(5))),
+        "gram of ints": (TypeError, "gram: `x`", lambda d: T.gram(d(2, 5, dtype=torch.int64))),
+        "inner of two n": (ValueError, "inner: `a`", lambda d: T.inner(d(2, 5), d(3, 6))),
+        "inner of two leads": (ValueError, "inner: `a`",
+                               lambda d: T.inner(d(4, 2, 5), d(3, 3, 5))),
+        "inner of two dtypes": (TypeError, "inner: `b`",
+                                lambda d: T.inner(d(2, 5), d(3, 5, dtype=torch.float64))),
+        "combine of two k": (ValueError, "combine: `coeffs`",
+                             lambda d: T.combine(d(2, 3), d(4, 5))),
+        "combine of two ranks": (ValueError, "combine: `coeffs`",
+                                 lambda d: T.combine(d(2, 2, 3), d(3, 5))),
+        "combine_ into a wrong shape": (ValueError, "combine_: `out`",
+                                        lambda d: T.combine_(d(3, 5), d(2, 3), d(3, 5), 0.0)),
+        "ridge_solve past k = 256": (ValueError, "ridge_solve: `gram`",
+                                     lambda d: T.ridge_solve(d(300, 300), d(300, 1), 0.0)),
+        "ridge_solve of a non-square gram": (ValueError, "ridge_solve: `gram`",
+                                             lambda d: T.ridge_solve(d(3, 4), d(3, 1), 0.0)),
+        "ridge_solve of a wrong rhs": (ValueError, "ridge_solve: `rhs`",
+                                       lambda d: T.ridge_solve(d(3, 3), d(4, 2), 0.0)),
+        "nonconflicting_dual of a wrong rhs": (ValueError, "nonconflicting_dual: `rhs`",
+                                               lambda d: T.nonconflicting_dual(d(3, 3), d(2, 4))),
+        "pcgrad_weights of a non-square gram": (ValueError, "pcgrad_weights: `gram`",
+                                                lambda d: T.pcgrad_weights(d(3, 4), 0)),
+        "project_out of two n": (ValueError, "project_out: `g`",
+                                 lambda d: T.project_out(d(2, 5), d(3, 6), 0.0)),
+        "project_out past k = 256": (ValueError, "project_out: `basis`",
+                                     lambda d: T.project_out(d(2, 5), d(300, 5), 0.0)),
+        "project_nonconflicting of two dtypes": (
+            TypeError, "project_nonconflicting: `r`",
+            lambda d: T.project_nonconflicting(d(2, 5), d(3, 5, dtype=torch.float64), 1)),
+        "pcgrad past k = 256": (ValueError, "pcgrad: `x`", lambda d: T.pcgrad(d(300, 5), 0)),
+        "gram_list of two k": (ValueError, "gram_list: every tensor in `xs`",
+                               lambda d: T.gram_list([d(3, 4), d(2, 4)], False)),
+        "gram_list of a 0-d tensor": (ValueError, "gram_list: every tensor in `xs`",
+                                      lambda d: T.gram_list([d(3, 4), d()], False)),
+        "inner_list of two trailing shapes": (ValueError, "inner_list: as[0] and bs[0]",
+                                              lambda d: T.inner_list([d(2, 4)], [d(3, 5)], False)),
+        "inner_list of two lengths": (ValueError, "inner_list: `as` and `bs`",
+                                      lambda d: T.inner_list([d(2, 4)], [d(3, 4), d(3, 4)],
+                                                             False)),
+        "gram_list_stacked of two m": (ValueError, "gram_list_stacked: xs[1]",
+                                       lambda d: T.gram_list_stacked([d(2, 4), d(3, 4)],
+                                                                     [d(3, 4), d(3, 4)], False)),
+        "combine_list_ into a wrong shape": (ValueError, "combine_list_: outs[0]",
+                                             lambda d: T.combine_list_([d(4)], d(3), [d(3, 5)],
+                                                                       0.0, False)),
+        "combine_list_ of a 3-d block": (ValueError, "combine_list_: `coeffs`",
+                                         lambda d: T.combine_list_([d(2, 5)], d(1, 2, 3),
+                                                                   [d(3, 5)], 0.0, False)),
+        "combine_list_from_ without a base each": (
+            ValueError, "combine_list_from_: `bases`",
+            lambda d: T.combine_list_from_([d(5)], [], d(3), [d(3, 5)], 1.0, False)),
+    }
+    for case, (error, named, call) in calls.items():
+        for device in ("cpu", "meta"):
+            def make(*shape: int, dtype: torch.dtype = torch.float32,
+                     device: str = device) -> torch.Tensor:
+                return t(*shape, dtype=dtype).to(device)
+
+            with pytest.raises(error, match=re.escape(f"mtunlearn::{named}")) as raised:
+                call(make)
+            assert "IndexError" not in type(raised.value).__name__, (case, device)
+
+
 def test_wrappers_propagate_shapes_of_meta_and_fake_tensors_with_the_finite_check_on() -> None:
     """Shape propagation (meta tensors, FakeTensorMode) through the checked wrappers with their
     default ``check_finite=True``: there are no values to check, so the check steps aside
@@ -797,7 +875,10 @@ def _pinv_projection(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n", [(1, 1, 10), (1, 4, 1000), (3, 8, 5001), (2, 32, 700)])
+# m > k, and m = k past 16, take a Gram of the basis and its inner products with g in two
+# passes (csrc/ops/surgery, gram_and_cross); the others one stacked pass.
+@pytest.mark.parametrize("m,k,n", [(1, 1, 10), (1, 4, 1000), (3, 8, 5001), (2, 32, 700),
+                                   (6, 2, 333), (20, 20, 400), (40, 17, 257)])
 def test_project_out_matches_pseudo_inverse(device: str, dtype: torch.dtype, m: int, k: int,
                                             n: int) -> None:
     g = _rand(m, n, dtype=dtype, device=device, seed=n)
@@ -847,7 +928,8 @@ def _nnls_projection(g: np.ndarray, r: np.ndarray, sign: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("m,k,n", [(1, 1, 5), (1, 3, 50), (2, 8, 400), (3, 16, 1000),
-                                   (1, 64, 3000), (2, 200, 2500)])
+                                   (1, 64, 3000), (2, 200, 2500), (5, 3, 200), (20, 20, 500),
+                                   (33, 8, 300)])
 def test_project_nonconflicting_matches_nnls(device: str, dtype: torch.dtype, sign: int, m: int,
                                              k: int, n: int) -> None:
     r = _rand(k, n, dtype=dtype, device=device, seed=k + n)

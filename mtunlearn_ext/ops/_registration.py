@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from mtunlearn_ext.ops import _fake_checks as check
 from mtunlearn_ext.ops._reference import acc_dtype
 
 #: The ops with no derivative: their backward raises (see ``_no_derivative``).
@@ -43,16 +44,44 @@ def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
                              f"on {first.device}; all tensors must be on one device")
 
 
+def _combine_checks(op: str, coeffs: torch.Tensor, x: torch.Tensor) -> None:
+    """``check_combine_args`` in csrc: ``coeffs [..., m, k]`` against ``x [..., k, n]``."""
+    check.min_dim(op, "coeffs", coeffs, 2)
+    check.min_dim(op, "x", x, 2)
+    check.floating(op, "coeffs", coeffs)
+    check.floating(op, "x", x)
+    _check_same_device(op, coeffs=coeffs, x=x)
+    check.pair(op, "coeffs", coeffs, "x", x, "`coeffs` [..., m, k] and `x` [..., k, n] must "
+               "share leading dims and k", shared_last=False)
+
+
+def _projection_checks(op: str, g: torch.Tensor, g_name: str, r: torch.Tensor, r_name: str
+                       ) -> None:
+    """``check_pair`` in csrc (csrc/ops/surgery): ``g [..., m, n]`` against ``r [..., k, n]``,
+    one dtype, ``k`` within the solvers' reach."""
+    check.min_dim(op, g_name, g, 2)
+    check.min_dim(op, r_name, r, 2)
+    check.floating(op, g_name, g)
+    _check_same_device(op, **{g_name: g, r_name: r})
+    check.same_dtype(op, (g_name, g), (r_name, r))
+    check.pair(op, g_name, g, r_name, r, f"`{g_name}` [..., m, n] and `{r_name}` [..., k, n] "
+               "must share leading dims and n", shared_last=True)
+    check.solver_k(op, r_name, r.shape[-2])
+
+
 def _register() -> None:
     lib = "mtunlearn::"
 
     @torch.library.register_fake(lib + "gram")
     def _gram_fake(x: torch.Tensor) -> torch.Tensor:
+        check.min_dim("gram", "x", x, 2)
+        check.floating("gram", "x", x)
         k = x.shape[-2]
         return x.new_empty((*x.shape[:-2], k, k), dtype=acc_dtype(x.dtype))
 
     @torch.library.register_fake(lib + "gram_list")
     def _gram_list_fake(xs: list[torch.Tensor], per_tensor: bool = False) -> torch.Tensor:
+        check.stacks("gram_list", "xs", xs)
         _check_one_device("gram_list", ("xs", xs))
         k = xs[0].shape[0]
         shape = (len(xs), k, k) if per_tensor else (k, k)
@@ -60,12 +89,19 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "inner")
     def _inner_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        check.min_dim("inner", "a", a, 2)
+        check.min_dim("inner", "b", b, 2)
+        check.floating("inner", "a", a)
         _check_same_device("inner", a=a, b=b)
+        check.same_dtype("inner", ("a", a), ("b", b))
+        check.pair("inner", "a", a, "b", b, "`a` [..., m, n] and `b` [..., k, n] must share "
+                   "leading dims and n", shared_last=True)
         return a.new_empty((*a.shape[:-1], b.shape[-2]), dtype=acc_dtype(a.dtype))
 
     @torch.library.register_fake(lib + "inner_list")
     def _inner_list_fake(as_: list[torch.Tensor], bs: list[torch.Tensor],
                          per_tensor: bool = False) -> torch.Tensor:
+        check.paired_stacks("inner_list", "as", as_, "bs", bs)
         _check_one_device("inner_list", ("as", as_), ("bs", bs))
         m, k = as_[0].shape[0], bs[0].shape[0]
         shape = (len(as_), m, k) if per_tensor else (m, k)
@@ -74,6 +110,7 @@ def _register() -> None:
     @torch.library.register_fake(lib + "gram_list_stacked")
     def _gram_list_stacked_fake(xs: list[torch.Tensor], ys: list[torch.Tensor],
                                 per_tensor: bool = False) -> torch.Tensor:
+        check.paired_stacks("gram_list_stacked", "xs", xs, "ys", ys)
         _check_one_device("gram_list_stacked", ("xs", xs), ("ys", ys))
         s = xs[0].shape[0] + ys[0].shape[0]
         shape = (len(xs), s, s) if per_tensor else (s, s)
@@ -81,19 +118,27 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "combine")
     def _combine_fake(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        _check_same_device("combine", coeffs=coeffs, x=x)
+        _combine_checks("combine", coeffs, x)
         return x.new_empty((*x.shape[:-2], coeffs.shape[-2], x.shape[-1]))
 
     @torch.library.register_fake(lib + "combine_")
     def _combine_inplace_fake(out: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor,
                               beta: float = 0.0) -> None:
+        _combine_checks("combine_", coeffs, x)
         _check_same_device("combine_", out=out, coeffs=coeffs, x=x)
+        check.same_dtype("combine_", ("x", x), ("out", out))
+        shape = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
+        check.require(tuple(out.shape) == shape, f"mtunlearn::combine_: `out` must have shape "
+                                                 f"{shape}, got {tuple(out.shape)}")
+        check.require(out.is_contiguous(), "mtunlearn::combine_: `out` must be contiguous (it is "
+                                           "written in place)")
         return None
 
     @torch.library.register_fake(lib + "combine_list_")
     def _combine_list_fake(outs: list[torch.Tensor], coeffs: torch.Tensor,
                            xs: list[torch.Tensor], beta: float = 0.0,
                            per_tensor: bool = False) -> None:
+        check.combine_lists("combine_list_", outs, None, coeffs, xs, per_tensor)
         if xs:
             _check_one_device("combine_list_", ("xs", xs), ("outs", outs), ("coeffs", [coeffs]))
         return None
@@ -102,6 +147,7 @@ def _register() -> None:
     def _combine_list_from_fake(outs: list[torch.Tensor], bases: list[torch.Tensor],
                                 coeffs: torch.Tensor, xs: list[torch.Tensor], beta: float = 1.0,
                                 per_tensor: bool = False) -> None:
+        check.combine_lists("combine_list_from_", outs, bases, coeffs, xs, per_tensor)
         if xs:
             _check_one_device("combine_list_from_", ("xs", xs), ("outs", outs),
                               ("bases", bases), ("coeffs", [coeffs]))
@@ -110,34 +156,42 @@ def _register() -> None:
     @torch.library.register_fake(lib + "ridge_solve")
     def _ridge_solve_fake(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6
                           ) -> torch.Tensor:
+        check.square_gram("ridge_solve", gram)
+        check.solver_rhs("ridge_solve", gram, rhs, rows_are_k=True)
         _check_same_device("ridge_solve", gram=gram, rhs=rhs)
         return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
     @torch.library.register_fake(lib + "nonconflicting_dual")
     def _dual_fake(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        check.square_gram("nonconflicting_dual", gram)
+        check.solver_rhs("nonconflicting_dual", gram, rhs, rows_are_k=False)
         _check_same_device("nonconflicting_dual", gram=gram, rhs=rhs)
         return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
     @torch.library.register_fake(lib + "pcgrad_weights")
     def _pcgrad_weights_fake(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        check.square_gram("pcgrad_weights", gram)
         return gram.new_empty(gram.shape[:-1])
 
     @torch.library.register_fake(lib + "project_out")
     def _project_out_fake(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_same_device("project_out", g=g, basis=basis)
+        _projection_checks("project_out", g, "g", basis, "basis")
         coeffs = g.new_empty((*g.shape[:-1], basis.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
     @torch.library.register_fake(lib + "project_nonconflicting")
     def _project_nc_fake(g: torch.Tensor, r: torch.Tensor, sign: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_same_device("project_nonconflicting", g=g, r=r)
+        _projection_checks("project_nonconflicting", g, "g", r, "r")
         coeffs = g.new_empty((*g.shape[:-1], r.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
     @torch.library.register_fake(lib + "pcgrad")
     def _pcgrad_fake(x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        check.min_dim("pcgrad", "x", x, 2)
+        check.floating("pcgrad", "x", x)
+        check.solver_k("pcgrad", "x", x.shape[-2])
         out = x.new_empty((*x.shape[:-2], x.shape[-1]))
         return out, x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
 
