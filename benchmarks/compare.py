@@ -81,7 +81,8 @@ import torch
 import mtunlearn_ext
 from mtunlearn_ext import ops, surgery
 
-CASE_KINDS = ("gram", "step", "dtype", "gram_list", "combine_list", "step_list", "breakdown")
+CASE_KINDS = ("gram", "step", "directions", "dtype", "gram_list", "combine_list", "step_list",
+              "breakdown")
 RIDGE = 1e-6
 
 
@@ -228,6 +229,25 @@ def build_step(spec: CaseSpec) -> Case:
         bc.Contender("mm + quadprog (project_nonconflicting)",
                      lambda: mm_quadprog_nonconflicting(g, r), role="baseline",
                      vs="ops.project_nonconflicting"),
+    ])
+
+
+#: Rows of the subspace the directions case projects off.
+DIRECTIONS_BASIS_ROWS = 4
+
+
+def build_directions(spec: CaseSpec) -> Case:
+    """Many directions against a few rows: ``spec.k`` rows of g (per-sample gradients, say)
+    projected off or made non-conflicting with 4 task gradients. The ops take a Gram of r and
+    r g^T here, not the stacked [g; r] Gram, whose g g^T block nothing reads."""
+    rows = DIRECTIONS_BASIS_ROWS
+    x = bc.task_gradients(spec.k + rows, spec.n, bc.DTYPES[spec.dtype])
+    g, r = x[:spec.k], x[spec.k:]
+    return Case(spec, [x], [
+        bc.Contender("ops.project_out", lambda: ops.project_out(g, r, RIDGE)),
+        bc.Contender("ops.project_nonconflicting", lambda: ops.project_nonconflicting(g, r)),
+        bc.Contender("mm + linalg.solve (project_out)", lambda: mm_project_out(g, r),
+                     role="baseline", vs="ops.project_out"),
     ])
 
 
@@ -440,7 +460,8 @@ def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 BUILDERS: dict[str, Callable[[CaseSpec], Case]] = {
-    "gram": build_gram, "step": build_step, "dtype": build_dtype, "gram_list": build_gram_list,
+    "gram": build_gram, "step": build_step, "directions": build_directions,
+    "dtype": build_dtype, "gram_list": build_gram_list,
     "combine_list": build_combine_list, "step_list": build_step_list,
     "breakdown": build_breakdown,
 }
@@ -457,7 +478,8 @@ def input_bytes_of(spec: CaseSpec) -> int:
     else:
         n = spec.n
     factor = 1.5 if spec.kind == "dtype" else 1.0
-    return int(spec.k * n * size * factor)
+    rows = spec.k + (DIRECTIONS_BASIS_ROWS if spec.kind == "directions" else 0)
+    return int(rows * n * size * factor)
 
 
 def run_case(spec: CaseSpec, args: argparse.Namespace, flop_rate: float) -> dict[str, Any]:
@@ -721,6 +743,10 @@ SUMMARY_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
              ("quadprog / proj_noncfl", "ops.project_nonconflicting",
               "mm + quadprog (project_nonconflicting)"),
              ("QR / proj_out", "ops.project_out", "QR of basis, OrthoGrad (project_out)")],
+    "directions": [("proj_out", "ops.project_out", None),
+                   ("proj_noncfl", "ops.project_nonconflicting", None),
+                   ("mm+solve / proj_out", "ops.project_out",
+                    "mm + linalg.solve (project_out)")],
     "gram_list": [("gram_list", "ops.gram_list", None),
                   ("cat+mm / gram_list", "ops.gram_list", "torch.cat + torch.mm"),
                   ("mm loop / gram_list", "ops.gram_list", "per-parameter mm loop")],
@@ -778,6 +804,7 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
         specs = [CaseSpec("gram", "fp32", k, n) for k, n in
                  ((8, 10**7), (16, 10**6), (64, 10**6), (256, 10**5))]
         specs += [CaseSpec("step", "fp32", 8, 10**7), CaseSpec("step", "fp32", 16, 10**5)]
+        specs += [CaseSpec("directions", "fp32", 64, 10**6)]
         specs += [CaseSpec("dtype", "fp32", 8, 10**7)]
         specs += [CaseSpec("gram_list", "fp32", 8, model="resnet50"),
                   CaseSpec("combine_list", "fp32", 4, model="resnet50"),
@@ -789,6 +816,9 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
         if kind in ("gram", "step"):
             specs += [CaseSpec(kind, d, k, int(n)) for d in args.dtype for n in args.n
                       for k in args.k if not (kind == "step" and k < 2)]
+        elif kind == "directions":  # k directions, past the 4 rows they are projected off
+            specs += [CaseSpec(kind, d, k, int(n)) for d in args.dtype for n in args.n
+                      for k in args.k if k > DIRECTIONS_BASIS_ROWS]
         elif kind == "dtype":
             specs += [CaseSpec(kind, "fp32", k, int(n)) for n in args.n for k in args.k
                       if k in (8, 16) and n >= 1e6]

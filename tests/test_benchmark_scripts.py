@@ -39,19 +39,21 @@ def test_the_pytest_benchmark_suite_runs_every_contender(tmp_path: Path) -> None
 
 def test_compare_times_every_contender_of_the_step(tmp_path: Path) -> None:
     out_json = tmp_path / "compare.json"
-    stdout = _run([str(BENCHMARKS / "compare.py"), "--k", "2", "--n", "1000", "--dtype", "fp32",
-                   "--cases", "gram", "step", "--repeats", "2", "--min-sample", "0",
+    stdout = _run([str(BENCHMARKS / "compare.py"), "--k", "2", "6", "--n", "1000", "--dtype",
+                   "fp32", "--cases", "gram", "step", "directions", "--repeats", "2",
+                   "--min-sample", "0",
                    "--cheap-samples", "2", "--budget", "1", "--no-memory", "--threads", "1",
                    "--json", str(out_json)], cwd=tmp_path)
     payload = json.loads(out_json.read_text())
     timings = {(r["kind"], t["name"]): t for r in payload["results"] for t in r["timings"]}
-    assert {kind for kind, _ in timings} == {"gram", "step"}
+    assert {kind for kind, _ in timings} == {"gram", "step", "directions"}
     failed = {key: (t["error"], t["skipped"]) for key, t in timings.items()
               if t["error"] or t["skipped"]}
     assert failed == {}
     names = {name for _, name in timings}
     for contender in ("ops.gram", "torch.mm(x, x.T)", "ops.pcgrad", "TorchJD UPGrad",
-                      "LibMTL-style PCGrad loop", "surgery.UPGrad()(x)"):
+                      "LibMTL-style PCGrad loop", "surgery.UPGrad()(x)",
+                      "mm + linalg.solve (project_out)"):
         assert contender in names, sorted(names)
     assert all(t["median_s"] > 0 for t in timings.values())
     assert "## Targets" in stdout
