@@ -158,12 +158,13 @@ void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index()).stream();
   const int64_t k = gram.size(-1), m = rhs.size(-2);
   const int64_t batch = gram.numel() / (k * k);
-  // One thread (or block) per right-hand side, counted in the launch's 32-bit grid: past it the
-  // rows would wrap and leave the output unwritten.
-  TORCH_CHECK_VALUE(batch * m <= std::numeric_limits<int32_t>::max(),
-                    "mtunlearn::nonconflicting_dual: at most 2**31 - 1 right-hand sides (rows of "
-                    "`rhs` over all problems) per CUDA call, got ", batch * m,
-                    "; split `rhs` into several calls");
+  // The kernels take a problem's row count as a 32-bit int: past it m would wrap negative, every
+  // thread would leave at once and the output would stay unwritten. (Their grids count rows over
+  // all problems in 64 bits, or, one block per row for k >= 32, need a workspace of ~17 KB a
+  // row, which runs out of memory long before 2**31 rows.)
+  TORCH_CHECK_VALUE(m <= std::numeric_limits<int32_t>::max(),
+                    "mtunlearn::nonconflicting_dual: `rhs` must have at most 2**31 - 1 rows per "
+                    "problem on CUDA, got ", m, "; split its rows into several calls");
   at::Tensor work = at::empty({batch * m * (2 * k * k + 4 * k)}, gram.options().dtype(at::kDouble));
   at::Tensor iwork = at::empty({batch * m * k}, gram.options().dtype(at::kInt));
   at::Tensor result = solver_result(gram, out);

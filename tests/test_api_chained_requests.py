@@ -174,6 +174,28 @@ def test_a_copy_of_a_returned_model_keeps_its_removals() -> None:
     assert "_mtunlearn_lineage" not in m1.state_dict()  # weights only in a state_dict
 
 
+def test_a_model_pickled_when_the_api_was_one_module_still_loads() -> None:
+    """Review of the API's split into a package: a returned module pickled before it names its
+    removals' class as `mtunlearn_ext.api._Lineage`, which no longer existed there (unpickling
+    raised AttributeError); the old names stay as aliases."""
+    import pickle
+
+    from mtunlearn_ext.api._lineage import Lineage
+
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
+                                  **_kwargs())
+    module, name = Lineage.__module__, Lineage.__qualname__
+    Lineage.__module__, Lineage.__qualname__ = "mtunlearn_ext.api", "_Lineage"
+    try:
+        old = pickle.dumps(m1)
+    finally:
+        Lineage.__module__, Lineage.__qualname__ = module, name
+    assert b"_Lineage" in old
+    _, report = mtunlearn_ext.unlearn(pickle.loads(old),
+                                      forget_request=ForgetRequest.create([20]), **_kwargs())
+    assert report.request["earlier_pairs_excluded"] == 10
+
+
 def test_earlier_requests_that_leave_out_carried_ones_warn() -> None:
     m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
                                   **_kwargs())

@@ -997,6 +997,20 @@ def test_a_run_that_moved_only_running_statistics_is_not_taken_for_an_unlearned_
         assert not edited.ok and edited.checks["parameters_changed"] == WEIGHTS_UNCHANGED
         assert any("every parameter of the checkpoint is the original model's" in m
                    for m in edited.mismatches)
+    # The original as the caller may hold it, compiled or wrapped: compared through the module
+    # inside, as unlearn() reads it (the wrapper's prefixed names made it look changed).
+    for wrapper in (torch.compile(model), nn.DataParallel(model)):
+        path = tmp_path / f"{type(wrapper).__name__}.pt"
+        with pytest.warns(UserWarning, match=r"has exactly the parameters of the model"):
+            record = mtunlearn_ext.save_unlearned(same, report, path, original=wrapper)
+        assert record["parameters_changed"] is False, type(wrapper).__name__
+        payload = json.loads(path.with_name(path.name + ".record.json").read_text())
+        payload["parameters_changed"] = True
+        edited_record = path.with_name(path.name + ".edited.json")
+        edited_record.write_text(json.dumps(payload))
+        check = mtunlearn_ext.verify_saved(edited_record, checkpoint=path,
+                                           original=wrapper)
+        assert check.checks["parameters_changed"] == WEIGHTS_UNCHANGED, type(wrapper).__name__
     # Steps that move the parameters: recorded true and verified, with and without `original`.
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -778,6 +778,19 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
         "combine_list_from_ without a base each": (
             ValueError, "combine_list_from_: `bases`",
             lambda d: T.combine_list_from_([d(5)], [], d(3), [d(3, 5)], 1.0, False)),
+        "combine_list_ into a strided out": (
+            ValueError, "combine_list_: outs[0] must be contiguous",
+            lambda d: T.combine_list_([d(5, 2).T], d(2, 3), [d(3, 5)], 0.0, False)),
+        "combine_list_from_ of a base of another shape": (
+            ValueError, "combine_list_from_: bases[0]",
+            lambda d: T.combine_list_from_([d(5)], [d(6)], d(3), [d(3, 5)], 1.0, False)),
+        "ridge_solve with a NaN ridge": (ValueError, "ridge_solve: `ridge`",
+                                         lambda d: T.ridge_solve(d(3, 3), d(3, 1), math.nan)),
+        "project_out with a negative ridge": (ValueError, "project_out: `ridge`",
+                                              lambda d: T.project_out(d(2, 5), d(3, 5), -1.0)),
+        "project_nonconflicting with sign 2": (
+            ValueError, "project_nonconflicting: `sign`",
+            lambda d: T.project_nonconflicting(d(2, 5), d(3, 5), 2)),
     }
     for case, (error, named, call) in calls.items():
         for device in ("cpu", "meta"):
@@ -788,6 +801,14 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
             with pytest.raises(error, match=re.escape(f"mtunlearn::{named}")) as raised:
                 call(make)
             assert "IndexError" not in type(raised.value).__name__, (case, device)
+    # What the kernels accept, the fakes accept: a base of another shape is never read at
+    # beta = 0, and a float32 coefficient block goes with half-precision stacks.
+    for device in ("cpu", "meta"):
+        T.combine_list_from_([torch.ones(5, device=device)], [torch.ones(6, device=device)],
+                             torch.ones(3, device=device), [torch.ones(3, 5, device=device)],
+                             0.0, False)
+        T.combine(torch.ones(2, 3, device=device), torch.ones(3, 5, dtype=torch.float16,
+                                                                device=device))
 
 
 def test_wrappers_propagate_shapes_of_meta_and_fake_tensors_with_the_finite_check_on() -> None:

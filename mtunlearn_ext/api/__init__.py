@@ -23,6 +23,8 @@ The package, one concept per module (private; what is public is imported here):
 from __future__ import annotations
 
 from mtunlearn_ext.api._evaluation import UISTasks, evaluate, uis_floor
+from mtunlearn_ext.api._lineage import Lineage
+from mtunlearn_ext.api._model_split import SplitModel
 from mtunlearn_ext.api._problem import build_problem
 from mtunlearn_ext.api._saving import API_RECORD_SCHEMA, SavedCheck, save_unlearned, verify_saved
 from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
@@ -32,3 +34,8 @@ from mtunlearn_ext.training import state_dict_sha256
 __all__ = ["API_RECORD_SCHEMA", "DataLike", "ParameterSpec", "SavedCheck", "SharedSpec",
            "UISTasks", "build_problem", "evaluate", "save_unlearned", "state_dict_sha256",
            "uis_floor", "unlearn", "verify_saved"]
+
+# The names these classes had when the API was one module: a model pickled then (a returned
+# module carries its Lineage; a problem's model is a SplitModel) is found by them.
+_Lineage = Lineage
+_SplitModel = SplitModel

@@ -136,6 +136,21 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's own module inside ``torch.compile``'s and (Distributed)DataParallel's
+    wrappers: per-sample gradients (torch.func) and parameter names ("trunk.0.weight", not
+    "_orig_mod.trunk.0.weight" or "module.trunk.0.weight") are its own, so a request runs, and
+    a saved model is compared, through it (a DataParallel request runs in this one process)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+                orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def has_own_split(model: nn.Module, shared: SharedSpec | None,
                    heads: Mapping[str, ParameterSpec] | None) -> bool:
     """The model is used as it is (no :class:`SplitModel` around it, so it receives a

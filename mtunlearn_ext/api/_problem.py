@@ -33,7 +33,12 @@ from mtunlearn_ext.api._lineage import (
     requests_removed_before,
     without_earlier_removals,
 )
-from mtunlearn_ext.api._model_split import fresh_split_model, has_own_split, split_model
+from mtunlearn_ext.api._model_split import (
+    fresh_split_model,
+    has_own_split,
+    split_model,
+    unwrapped,
+)
 from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs
 from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
@@ -115,18 +120,7 @@ def build_problem_with_naming(model: nn.Module, *,
                    ) -> tuple[UnlearningProblem, list[TrainedRows], Naming]:
     """:func:`build_problem`, the training rows as given (for the checks that held-out
     and audit data are unseen), and how the caller's data names the request's instances."""
-    # A torch.compile'd model is unlearned through its eager module: per-sample gradients
-    # (torch.func) and parameter names ("trunk.0.weight", not "_orig_mod.trunk.0.weight") are
-    # those of the user's own module; the returned model is that module's unlearned copy.
-    # Likewise a (Distributed)DataParallel wrapper: the request runs in this one process.
-    while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(
-                orig := getattr(model, "_orig_mod", None), nn.Module):
-            model = orig
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            break
+    model = unwrapped(model)
     earlier, carried = requests_removed_before(model, earlier_requests, forget_data is not None)
     lineage = carried_lineage(model)
     if (train_data is None) == (forget_data is None):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
+from mtunlearn_ext.api._model_split import unwrapped
 from mtunlearn_ext.api._unlearn import non_finite_parameters, same_parameters
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.records import WEIGHTS_UNCHANGED, code_version, run_environment, utc_now
@@ -69,6 +70,9 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     if original is not None and not isinstance(original, nn.Module):
         raise TypeError(f"save_unlearned: `original` must be the nn.Module the model was "
                         f"unlearned from (or None), got {type(original).__name__}")
+    # As unlearn() reads them: a compiled or DataParallel wrapper's names carry its prefix.
+    model = unwrapped(model)
+    original = None if original is None else unwrapped(original)
     diverged = non_finite_parameters(model)
     if diverged:
         raise ValueError(f"save_unlearned: `model` has NaN/Inf in {len(diverged)} parameter(s) "
@@ -179,9 +183,14 @@ def _parameters_changed_check(payload: Mapping[str, Any], state: object,
                           "parameter as it was (only buffers changed), so the request's "
                           "supervision was not removed")
         return WEIGHTS_UNCHANGED
+    unmatched = original is not None and isinstance(state, Mapping)
     if claimed is True:
-        return "as recorded: true (no `original` given to compare with)"
-    return "not checked (an older record, and no `original` given)"
+        return ("as recorded: true (`original`'s parameter names are not the checkpoint's: not "
+                "compared)" if unmatched else
+                "as recorded: true (no `original` given to compare with)")
+    return ("not checked (an older record, and `original`'s parameter names are not the "
+            "checkpoint's)" if unmatched else
+            "not checked (an older record, and no `original` given)")
 
 
 @dataclass
@@ -220,6 +229,8 @@ def verify_saved(record: str | os.PathLike[str], *,
     from mtunlearn_ext.records import recorded_path
 
     record_path = Path(record)
+    model = None if model is None else unwrapped(model)
+    original = None if original is None else unwrapped(original)
     try:
         payload = json.loads(record_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

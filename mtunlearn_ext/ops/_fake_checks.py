@@ -11,6 +11,7 @@ shape checks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -119,9 +120,11 @@ def paired_stacks(op: str, a_name: str, as_: Sequence[torch.Tensor], b_name: str
 
 
 def combine_lists(op: str, outs: Sequence[torch.Tensor], bases: Sequence[torch.Tensor] | None,
-                  coeffs: torch.Tensor, xs: Sequence[torch.Tensor], per_tensor: bool) -> None:
-    """``outs[p] = beta bases[p] + C_p xs[p]``: lengths, the coefficient block's shape, and
-    each output's exact shape from its stack and the coefficients."""
+                  coeffs: torch.Tensor, xs: Sequence[torch.Tensor], per_tensor: bool,
+                  beta: float) -> None:
+    """``outs[p] = beta bases[p] + C_p xs[p]``: lengths, the coefficient block's shape, each
+    output's exact shape from its stack and the coefficients, and (read only when ``beta`` is
+    not 0) each base's."""
     require(len(outs) == len(xs), f"mtunlearn::{op}: `xs` and `outs` must have the same "
                                   f"length, got {len(xs)} and {len(outs)}")
     require(bases is None or len(bases) == len(outs),
@@ -151,3 +154,20 @@ def combine_lists(op: str, outs: Sequence[torch.Tensor], bases: Sequence[torch.T
         require(tuple(out.shape) == expected,
                 f"mtunlearn::{op}: outs[{p}] must have shape {expected} (from xs[{p}] "
                 f"{tuple(x.shape)} and `coeffs`), got {tuple(out.shape)}")
+        require(out.is_contiguous(), f"mtunlearn::{op}: outs[{p}] must be contiguous (it is "
+                                     "written in place)")
+        if bases is not None and beta != 0.0:
+            base = bases[p]
+            same_dtype(op, (f"outs[{p}]", out), (f"bases[{p}]", base))
+            require(base.shape == out.shape, f"mtunlearn::{op}: bases[{p}] must have the shape "
+                                             f"of outs[{p}], {tuple(out.shape)}, got "
+                                             f"{tuple(base.shape)}")
+
+
+def finite_ridge(op: str, ridge: float) -> None:
+    require(math.isfinite(ridge) and ridge >= 0.0,
+            f"mtunlearn::{op}: `ridge` must be a finite number >= 0, got {ridge}")
+
+
+def unit_sign(op: str, sign: int) -> None:
+    require(sign in (1, -1), f"mtunlearn::{op}: `sign` must be 1 or -1, got {sign}")

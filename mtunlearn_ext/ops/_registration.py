@@ -138,7 +138,7 @@ def _register() -> None:
     def _combine_list_fake(outs: list[torch.Tensor], coeffs: torch.Tensor,
                            xs: list[torch.Tensor], beta: float = 0.0,
                            per_tensor: bool = False) -> None:
-        check.combine_lists("combine_list_", outs, None, coeffs, xs, per_tensor)
+        check.combine_lists("combine_list_", outs, None, coeffs, xs, per_tensor, beta)
         if xs:
             _check_one_device("combine_list_", ("xs", xs), ("outs", outs), ("coeffs", [coeffs]))
         return None
@@ -147,7 +147,8 @@ def _register() -> None:
     def _combine_list_from_fake(outs: list[torch.Tensor], bases: list[torch.Tensor],
                                 coeffs: torch.Tensor, xs: list[torch.Tensor], beta: float = 1.0,
                                 per_tensor: bool = False) -> None:
-        check.combine_lists("combine_list_from_", outs, bases, coeffs, xs, per_tensor)
+        check.combine_lists("combine_list_from_", outs, bases, coeffs, xs, per_tensor,
+                            beta)
         if xs:
             _check_one_device("combine_list_from_", ("xs", xs), ("outs", outs),
                               ("bases", bases), ("coeffs", [coeffs]))
@@ -158,6 +159,7 @@ def _register() -> None:
                           ) -> torch.Tensor:
         check.square_gram("ridge_solve", gram)
         check.solver_rhs("ridge_solve", gram, rhs, rows_are_k=True)
+        check.finite_ridge("ridge_solve", ridge)
         _check_same_device("ridge_solve", gram=gram, rhs=rhs)
         return rhs.new_empty(rhs.shape, dtype=gram.dtype)  # contiguous, as the kernel
 
@@ -177,6 +179,7 @@ def _register() -> None:
     def _project_out_fake(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         _projection_checks("project_out", g, "g", basis, "basis")
+        check.finite_ridge("project_out", ridge)
         coeffs = g.new_empty((*g.shape[:-1], basis.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
@@ -184,6 +187,7 @@ def _register() -> None:
     def _project_nc_fake(g: torch.Tensor, r: torch.Tensor, sign: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         _projection_checks("project_nonconflicting", g, "g", r, "r")
+        check.unit_sign("project_nonconflicting", sign)
         coeffs = g.new_empty((*g.shape[:-1], r.shape[-2]), dtype=acc_dtype(g.dtype))
         return torch.empty_like(g, memory_format=torch.contiguous_format), coeffs
 
