@@ -101,6 +101,40 @@ def test_gram_is_psd_and_deterministic(device: str) -> None:
     assert eig.min() >= -1e-6 * eig.max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_outputs_are_cut_into_blocks_and_match_float64(dtype: torch.dtype) -> None:
+    """Kernel review: the CPU kernels split a problem only into column items, at most
+    2^22 / (m k) of them, so a Gram of 1024 rows ran on 4 threads and one of 2048 rows on one,
+    with buffers growing with m k. Past 256 x 256 output entries the output is now cut into
+    256 x 256 blocks (a Gram's on or above the diagonal, mirrored), one thread each. Ragged
+    blocks, every layout, a batch, an inner product and a list; exactly symmetric, every entry
+    written (outputs are poisoned), and the same bits on 1 and 2 threads."""
+    x = _rand(300, 517, dtype=dtype, seed=5)
+    expected = ref.gram(x.double())
+    for name, variant in _variants(x):
+        result = ops.gram(variant)
+        assert not torch.isnan(result).any(), f"{name}: unwritten output"
+        assert _gram_error(result, expected, x, x) <= GRAM_TOL[dtype], name
+        assert torch.equal(result, result.transpose(0, 1)), f"{name}: not exactly symmetric"
+    batch = _rand(2, 290, 101, dtype=dtype, seed=6)
+    assert _gram_error(ops.gram(batch), ref.gram(batch.double()), batch, batch) \
+        <= GRAM_TOL[dtype]
+    a, b = _rand(270, 333, dtype=dtype, seed=7), _rand(600, 333, dtype=dtype, seed=8)
+    assert _gram_error(ops.inner(a, b), ref.inner(a.double(), b.double()), a, b) \
+        <= GRAM_TOL[dtype]
+    stacks = [x[:, :200], x[:, 200:].reshape(300, 317, 1)]
+    assert _gram_error(ops.gram_list(stacks), expected, x, x) <= GRAM_TOL[dtype]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.gram(x), ops.inner(a, b)
+        torch.set_num_threads(2)
+        two = ops.gram(x), ops.inner(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(p, q) for p, q in zip(one, two))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (0, 3, 5), (2, 0, 5), (3, 4, 0), (3, 5, 17),

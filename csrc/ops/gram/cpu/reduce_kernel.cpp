@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mtunlearn/cpu_simd.h"
@@ -634,7 +635,7 @@ namespace {
 
 void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
                  int64_t k, bool symmetric, int64_t num_outputs, void* out,
-                 int64_t tile_override);
+                 int64_t tile_override, int64_t max_items_override = 0);
 
 // Columns per tile of the general path for an m x k problem (see reduce_impl).
 int64_t general_tile(int64_t m, int64_t k, bool symmetric, bool dbl) {
@@ -685,12 +686,73 @@ bool reduce_transposed(ScalarKind kind, const ReduceSegment* segments, int64_t n
   return true;
 }
 
+// Output blocks of a large problem. Column items alone split an m x k problem into at most
+// 2^22 / (m k) items, so a Gram of 1024 rows ran on 4 threads and one of 2048 rows on one, and
+// every item's buffers grew with m k (226 MiB of them for 2048 rows). Past kOutputBlock^2
+// entries the output is cut into kOutputBlock x kOutputBlock blocks (for a Gram those on or
+// above the diagonal, mirrored), each an independent problem of one item on one thread. The cut
+// depends on m and k only, so the result does not depend on the thread count.
+constexpr int64_t kOutputBlock = 256;
+
+bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
+                    int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out) {
+  if (m * k <= kOutputBlock * kOutputBlock) return false;
+  for (int64_t s = 0; s < num_segments; ++s)
+    if (segments[s].a2 != nullptr) return false;  // a stacked [g; r]: its rows are two tensors
+  const int64_t blocks_m = (m + kOutputBlock - 1) / kOutputBlock;
+  const int64_t blocks_k = (k + kOutputBlock - 1) / kOutputBlock;
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t i = 0; i < blocks_m; ++i)
+    for (int64_t j = symmetric ? i : 0; j < blocks_k; ++j) blocks.emplace_back(i, j);
+  const int64_t in_size = element_size(kind);
+  const bool dbl = kind == ScalarKind::Float64;
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i0 = blocks[b].first * kOutputBlock, j0 = blocks[b].second * kOutputBlock;
+      const int64_t rows = std::min(kOutputBlock, m - i0), cols = std::min(kOutputBlock, k - j0);
+      const bool diagonal = symmetric && i0 == j0;
+      std::vector<ReduceSegment> sub(segments, segments + num_segments);
+      for (ReduceSegment& seg : sub) {
+        // A Gram's B is its A: the block's columns are rows j0.. of the same stack.
+        const char* a = static_cast<const char*>(seg.a);
+        const char* bp = symmetric ? a : static_cast<const char*>(seg.b);
+        const int64_t b_stride = symmetric ? seg.a_row_stride : seg.b_row_stride;
+        seg.a = a + i0 * seg.a_row_stride * in_size;
+        seg.b = bp + j0 * b_stride * in_size;
+        seg.b_row_stride = b_stride;
+      }
+      AlignedBuffer block(static_cast<size_t>(num_outputs * rows * cols * (dbl ? 8 : 4)));
+      // Inside this parallel region the block's own parallel_for runs inline, on this thread.
+      reduce_impl(kind, sub.data(), num_segments, rows, cols, diagonal, num_outputs, block.ptr,
+                  0, /*max_items_override=*/1);
+      for (int64_t o = 0; o < num_outputs; ++o)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t src = (o * rows + r) * cols + c;
+            const int64_t dst = (o * m + i0 + r) * k + j0 + c;
+            const int64_t mirror = (o * m + j0 + c) * k + i0 + r;
+            if (dbl) {
+              const double v = static_cast<const double*>(block.ptr)[src];
+              static_cast<double*>(out)[dst] = v;
+              if (symmetric && !diagonal) static_cast<double*>(out)[mirror] = v;
+            } else {
+              const float v = static_cast<const float*>(block.ptr)[src];
+              static_cast<float*>(out)[dst] = v;
+              if (symmetric && !diagonal) static_cast<float*>(out)[mirror] = v;
+            }
+          }
+    }
+  });
+  return true;
+}
+
 }  // namespace
 
 void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
             int64_t k, bool symmetric, int64_t num_outputs, void* out) {
   if (num_outputs * m * k == 0) return;
   if (reduce_transposed(kind, segments, num_segments, m, k, symmetric, num_outputs, out)) return;
+  if (reduce_blocked(kind, segments, num_segments, m, k, symmetric, num_outputs, out)) return;
   reduce_impl(kind, segments, num_segments, m, k, symmetric, num_outputs, out, 0);
 }
 
@@ -698,14 +760,15 @@ namespace {
 
 void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
                  int64_t k, bool symmetric, int64_t num_outputs, void* out,
-                 int64_t tile_override) {
+                 int64_t tile_override, int64_t max_items_override) {
   const bool dbl = kind == ScalarKind::Float64;
   const int64_t out_elems = num_outputs * m * k;
   if (out_elems == 0) return;
   // Items: column ranges sized from the problem alone (reproducible for any thread count).
   int64_t total_cols = 0;
   for (int64_t s = 0; s < num_segments; ++s) total_cols += segments[s].ncols;
-  const int64_t max_items = std::max<int64_t>(1, std::min<int64_t>(1024, kMaxPartialDoubles / (m * k)));
+  const int64_t max_items = max_items_override > 0 ? max_items_override : std::max<int64_t>(
+      1, std::min<int64_t>(1024, kMaxPartialDoubles / (m * k)));
   const int64_t item_cols = round_up(
       std::max<int64_t>(kMinItemCols, (total_cols + max_items - 1) / max_items), 64);
   std::vector<Item> items;
