@@ -590,9 +590,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             input_weights = state_dict_sha256(loaded.checkpoint.state_dict)
             weights_changed = state_dict_sha256(result.model) != input_weights
             if not weights_changed:
-                # A run that changed nothing (steps 0): said here, kept
-                # in the record (weights_changed: false) and in the checkpoint, and `verify`
-                # does not pass it.
+                # A run that changed nothing (steps 0): said here, kept in the record
+                # (weights_changed: false) and in the checkpoint, and `verify` does not pass it.
                 bar.write(f"mtunlearn: warning: {args.method} left the weights exactly as they "
                           f"were ({result.report.steps} steps): the output model is the input "
                           "model; the record says so (weights_changed: false) and verify will "
