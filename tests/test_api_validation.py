@@ -1399,3 +1399,137 @@ def _cpu_isas() -> dict[str, str]:
     """What a record's ``environment`` says of the CPU instruction sets in this process."""
     return {"torch": torch.backends.cpu.get_cpu_capability(),
             "mtunlearn_ext": mtunlearn_ext.ops.cpu_isa()["active"]}
+
+
+class _Normed(nn.Module):
+    """_TwoHeads with a BatchNorm in the trunk: steps 0 moves its running statistics only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.heads = nn.ModuleDict({"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def test_same_parameters_needs_every_parameter_and_the_same_names() -> None:
+    """Mutation audit: one parameter moved is a changed model (not "same" because another one
+    is); a model of other names is not the same, and comparing it raises nothing."""
+    from mtunlearn_ext.api._unlearn import same_parameters
+
+    a, b = _TwoHeads(), _TwoHeads()
+    assert same_parameters(a, b)
+    with torch.no_grad():
+        b.heads["b"].bias.add_(1.0)
+    assert not same_parameters(a, b)
+    renamed = nn.Sequential(a.trunk, a.heads["a"], a.heads["b"])
+    assert not same_parameters(a, renamed) and not same_parameters(renamed, a)
+
+
+def test_a_run_that_moved_some_parameters_is_recorded_changed_and_verified(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Mutation audit: a run that left one parameter as it was (a frozen or untouched one) and
+    moved the others is an unlearned model: unlearn reports parameters_changed true,
+    save_unlearned records it, and verify_saved (given the original) passes it."""
+    x, y = _data()
+    model = _TwoHeads()
+    new, moved = mtunlearn_ext.unlearn(model, config={"steps": 2}, tasks=TASKS,
+                                       train_data=(x, y),
+                                       forget_request=ForgetRequest.create([0, 1]),
+                                       shared_parameters=_trunk)  # type: ignore[arg-type]
+    with torch.no_grad():  # one parameter back to the original's: the rest moved
+        new.heads["b"].bias.copy_(model.heads["b"].bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        record = mtunlearn_ext.save_unlearned(new, moved, tmp_path / "some.pt", original=model)
+    assert record["parameters_changed"] is True
+    check = mtunlearn_ext.verify_saved(tmp_path / "some.pt.record.json", original=model)
+    assert check.ok and check.checks["parameters_changed"] == "ok", check.mismatches
+
+
+def test_a_wrapped_unlearned_model_is_saved_and_verified_as_the_module_inside(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Mutation audit: save_unlearned / verify_saved take the unlearned `model` through its
+    DataParallel (or compiled) wrapper too, as they do `original`: a buffers-only run saved
+    wrapped is still recorded parameters_changed: false, the checkpoint has the module's own
+    names, and the wrapped model verifies against its record."""
+    x, y = _data()
+    model = _Normed()
+    model.train()
+    with torch.no_grad():
+        model(x * 3 + 1)
+    model.eval()
+    with pytest.warns(UserWarning, match="only buffers changed"):
+        same, report = mtunlearn_ext.unlearn(model, config={"steps": 0}, tasks=TASKS,
+                                             train_data=(x, y),
+                                             forget_request=ForgetRequest.create([0, 1]),
+                                             shared_parameters=_trunk)  # type: ignore[arg-type]
+    for wrapper in (nn.DataParallel(same), torch.compile(same)):
+        path = tmp_path / f"{type(wrapper).__name__}.pt"
+        with pytest.warns(UserWarning, match="has exactly the parameters of the model"):
+            record = mtunlearn_ext.save_unlearned(wrapper, report, path, original=model)
+        assert record["parameters_changed"] is False, type(wrapper).__name__
+        assert record["model_state_sha256"] == mtunlearn_ext.api.state_dict_sha256(same)
+        assert set(torch.load(path, weights_only=True)) == set(same.state_dict())
+        check = mtunlearn_ext.verify_saved(path.with_name(path.name + ".record.json"),
+                                           model=wrapper)
+        assert check.checks["model"] == "ok", (type(wrapper).__name__, check.mismatches)
+
+
+def test_a_run_that_changed_nothing_is_said_once_as_such(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Mutation audit: steps 0 without buffers left the weights as they were: one warning each
+    from unlearn and save_unlearned, about the weights (not the buffers-only one as well), one
+    mismatch from verify_saved, and `mtunlearn verify` says nothing was unlearned (not that
+    only buffers changed)."""
+    from mtunlearn_ext import cli
+
+    x, y = _data()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        same, report = mtunlearn_ext.unlearn(_TwoHeads(), config={"steps": 0}, tasks=TASKS,
+                                             train_data=(x, y),
+                                             forget_request=ForgetRequest.create([0, 1]),
+                                             shared_parameters=_trunk)  # type: ignore[arg-type]
+        mtunlearn_ext.save_unlearned(same, report, tmp_path / "same.pt", original=_TwoHeads())
+    messages = [str(w.message) for w in said if issubclass(w.category, UserWarning)]
+    assert len(messages) == 2 and not any("only buffers" in m for m in messages), messages
+    check = mtunlearn_ext.verify_saved(tmp_path / "same.pt.record.json")
+    assert not check.ok and len(check.mismatches) == 1, check.mismatches
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(tmp_path / "same.pt.record.json")]) == 1
+    out = capsys.readouterr().out
+    assert "so nothing was unlearned" in out and "only buffers" not in out, out
+
+
+def test_unwrapped_reaches_the_module_inside_nested_wrappers() -> None:
+    """Mutation audit: a DataParallel around a compiled module (and the reverse) is unwrapped
+    to the user's module, whose names unlearn and save_unlearned read."""
+    from mtunlearn_ext.api._model_split import unwrapped
+
+    m = _TwoHeads()
+    assert unwrapped(nn.DataParallel(torch.compile(m))) is m
+    assert unwrapped(torch.compile(nn.DataParallel(m))) is m
+    assert unwrapped(m) is m
+
+
+def test_a_split_model_pickled_when_the_api_was_one_module_still_loads() -> None:
+    """Mutation audit: as for `_Lineage`, a problem's model pickled before the split names its
+    class `mtunlearn_ext.api._SplitModel`; the alias keeps it loadable."""
+    import pickle
+
+    from mtunlearn_ext.api._model_split import SplitModel
+
+    split = SplitModel(_TwoHeads(), ["trunk.0.weight", "trunk.0.bias"],
+                       {"a": ["heads.a.weight", "heads.a.bias"],
+                        "b": ["heads.b.weight", "heads.b.bias"]})
+    module, name = SplitModel.__module__, SplitModel.__qualname__
+    SplitModel.__module__, SplitModel.__qualname__ = "mtunlearn_ext.api", "_SplitModel"
+    try:
+        old = pickle.dumps(split)
+    finally:
+        SplitModel.__module__, SplitModel.__qualname__ = module, name
+    assert b"_SplitModel" in old
+    loaded = pickle.loads(old)
+    assert isinstance(loaded, SplitModel)
+    assert torch.equal(loaded.module.heads["a"].weight, split.module.heads["a"].weight)

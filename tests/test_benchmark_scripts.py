@@ -4,6 +4,8 @@ runs and agrees with the others, never how fast anything is."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import math
 import os
@@ -96,3 +98,41 @@ def test_memory_inner_shapes_times_every_kernel_variant(tmp_path: Path) -> None:
     ops_timed = [line.split("|")[1].strip() for line in stdout.splitlines()
                  if line.startswith("| inner_list") or line.startswith("| gram_list")]
     assert ops_timed == ["inner_list", "gram_list"], stdout
+
+
+def _compare_module():  # type: ignore[no-untyped-def]
+    """benchmarks/compare.py as a module (it imports its sibling _bench_common by name)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("compare")
+
+
+def test_the_directions_case_projects_many_directions_off_four_rows() -> None:
+    """Mutation audit: the smoke run checks that the directions case runs and agrees, not that
+    it is the case RESULTS.md reports: k directions (g, k rows) projected off the 4 basis rows
+    (m > k: the two-pass path), not 4 directions off k rows; the quick grid runs it, and the
+    grid only at k past the 4 rows."""
+    compare = _compare_module()
+    case = compare.build_directions(compare.CaseSpec("directions", "fp32", 6, 1000))
+    by_name = {c.name: c for c in case.contenders}
+    (x,) = case.inputs
+    assert x.shape == (6 + compare.DIRECTIONS_BASIS_ROWS, 1000)
+    for name in ("ops.project_out", "ops.project_nonconflicting",
+                 "mm + linalg.solve (project_out)"):
+        assert by_name[name].fn().shape == (6, 1000), name  # one row per direction
+    assert compare.input_bytes_of(case.spec) == case.input_bytes
+    quick = argparse.Namespace(quick=True, cases=list(compare.CASE_KINDS))
+    assert compare.CaseSpec("directions", "fp32", 64, 10**6) in compare.plan_cases(quick)
+    grid = argparse.Namespace(quick=False, cases=["directions"], dtype=["fp32"], n=[1e3],
+                              k=[2, 4, 6])
+    assert [s.k for s in compare.plan_cases(grid)] == [6]
+    rows = {"kind": "directions", "model": "", "n": 1000, "dtype": "fp32", "k": 6,
+            "floor": {"best_s": 1e-3},
+            "timings": [{"name": "ops.project_out", "x_floor": 2.0, "median_s": 1e-3,
+                         "samples": [1e-3], "skipped": None, "error": None},
+                        {"name": "ops.project_nonconflicting", "x_floor": 2.0, "median_s": 1e-3,
+                         "samples": [1e-3], "skipped": None, "error": None},
+                        {"name": "mm + linalg.solve (project_out)", "x_floor": 4.0,
+                         "median_s": 2e-3, "samples": [1e-3], "skipped": None, "error": None}]}
+    summary = compare.summary_markdown([rows])
+    assert "**directions**" in summary and "mm+solve / proj_out" in summary

@@ -845,6 +845,71 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
                                                                 device=device))
 
 
+def test_fake_kernels_refuse_the_rest_of_what_the_compiled_kernels_refuse() -> None:
+    """Mutation audit: the checks the first table leaves out (dtype agreement of lists and
+    in-place outputs, a strided combine_ output, a list's second row count, per_tensor's block
+    count, a non-float coefficient block), each raised on meta (the fake kernel) as on the CPU
+    (the C++), naming the op and the argument."""
+    T = torch.ops.mtunlearn
+    f64 = torch.float64
+
+    calls: dict[str, tuple[type[Exception], str, Callable[[Callable[..., torch.Tensor]], object]]]
+    calls = {
+        "combine_ into a strided out": (
+            ValueError, "combine_: `out` must be contiguous",
+            lambda d: T.combine_(d(5, 2).T, d(2, 3), d(3, 5), 0.0)),
+        "combine_ into an out of another dtype": (
+            TypeError, "combine_: `out`",
+            lambda d: T.combine_(d(2, 5, dtype=f64), d(2, 3), d(3, 5), 0.0)),
+        "combine of an integer x": (
+            TypeError, "combine: `x`", lambda d: T.combine(d(2, 3), d(3, 5, dtype=torch.int64))),
+        "gram_list of two dtypes": (
+            TypeError, "gram_list: `xs[1]`",
+            lambda d: T.gram_list([d(3, 4), d(3, 4, dtype=f64)], False)),
+        "inner_list of two k": (
+            ValueError, "inner_list: bs[1]",
+            lambda d: T.inner_list([d(2, 4), d(2, 4)], [d(3, 4), d(2, 4)], False)),
+        "combine_list_ with per_tensor and too many blocks": (
+            ValueError, "combine_list_: with per_tensor=True",
+            lambda d: T.combine_list_([d(5)], d(2, 3), [d(3, 5)], 0.0, True)),
+        "combine_list_ of integer coeffs": (
+            TypeError, "combine_list_: `coeffs`",
+            lambda d: T.combine_list_([d(5)], d(3, dtype=torch.int64), [d(3, 5)], 0.0, False)),
+        "combine_list_ into an out of another dtype": (
+            TypeError, "combine_list_: `outs[0]`",
+            lambda d: T.combine_list_([d(5, dtype=f64)], d(3), [d(3, 5)], 0.0, False)),
+        "combine_list_from_ of a base of another dtype": (
+            TypeError, "combine_list_from_: `bases[0]`",
+            lambda d: T.combine_list_from_([d(5)], [d(5, dtype=f64)], d(3), [d(3, 5)], 1.0,
+                                           False)),
+        "ridge_solve at k = 257": (ValueError, "ridge_solve: `gram` has k=257",
+                                   lambda d: T.ridge_solve(d(257, 257), d(257, 1), 0.0)),
+        "project_out at k = 257": (ValueError, "project_out: `basis` has k=257",
+                                   lambda d: T.project_out(d(2, 5), d(257, 5), 0.0)),
+        "pcgrad at k = 257": (ValueError, "pcgrad: `x` has k=257",
+                              lambda d: T.pcgrad(d(257, 5), 0)),
+    }
+    for case, (error, named, call) in calls.items():
+        for device in ("cpu", "meta"):
+            def make(*shape: int, dtype: torch.dtype = torch.float32,
+                     device: str = device) -> torch.Tensor:
+                return torch.ones(shape, dtype=dtype, device=device)
+
+            with pytest.raises(error, match=re.escape(f"mtunlearn::{named}")):
+                call(make)
+    # The solvers' bound itself (k = 256) is accepted by both, with the ridge 0 and sign -1
+    # they also accept.
+    for device in ("cpu", "meta"):
+        def ones(*shape: int, device: str = device) -> torch.Tensor:
+            return torch.ones(shape, device=device)
+
+        T.ridge_solve(ones(256, 256), ones(256, 1), 0.0)
+        T.project_out(ones(2, 5), ones(256, 5), 0.0)
+        T.project_nonconflicting(ones(2, 5), ones(256, 5), -1)
+        T.pcgrad(ones(256, 5), 0)
+        T.nonconflicting_dual(ones(3, 3), ones(5, 3))  # rhs [m, k], m != k
+
+
 def test_wrappers_propagate_shapes_of_meta_and_fake_tensors_with_the_finite_check_on() -> None:
     """Shape propagation (meta tensors, FakeTensorMode) through the checked wrappers with their
     default ``check_finite=True``: there are no values to check, so the check steps aside
