@@ -174,6 +174,19 @@ def test_a_copy_of_a_returned_model_keeps_its_removals() -> None:
     assert "_mtunlearn_lineage" not in m1.state_dict()  # weights only in a state_dict
 
 
+def _pickled_under_the_old_name(obj: object, cls: type) -> bytes:
+    """``obj`` pickled as before the API became a package: ``cls`` named
+    ``mtunlearn_ext.api._<name>``."""
+    import pickle
+
+    module, name = cls.__module__, cls.__qualname__
+    cls.__module__, cls.__qualname__ = "mtunlearn_ext.api", f"_{name}"
+    try:
+        return pickle.dumps(obj)
+    finally:
+        cls.__module__, cls.__qualname__ = module, name
+
+
 def test_a_model_pickled_when_the_api_was_one_module_still_loads() -> None:
     """Review of the API's split into a package: a returned module pickled before it names its
     removals' class as `mtunlearn_ext.api._Lineage`, which no longer existed there (unpickling
@@ -184,16 +197,28 @@ def test_a_model_pickled_when_the_api_was_one_module_still_loads() -> None:
 
     m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
                                   **_kwargs())
-    module, name = Lineage.__module__, Lineage.__qualname__
-    Lineage.__module__, Lineage.__qualname__ = "mtunlearn_ext.api", "_Lineage"
-    try:
-        old = pickle.dumps(m1)
-    finally:
-        Lineage.__module__, Lineage.__qualname__ = module, name
+    old = _pickled_under_the_old_name(m1, Lineage)
     assert b"_Lineage" in old
     _, report = mtunlearn_ext.unlearn(pickle.loads(old),
                                       forget_request=ForgetRequest.create([20]), **_kwargs())
     assert report.request["earlier_pairs_excluded"] == 10
+
+
+def test_a_split_model_pickled_when_the_api_was_one_module_still_loads() -> None:
+    """Mutation audit: as for `_Lineage`, a problem's model pickled before the split names its
+    class `mtunlearn_ext.api._SplitModel`; the alias keeps it loadable."""
+    import pickle
+
+    from mtunlearn_ext.api._model_split import SplitModel
+
+    split = SplitModel(_TwoHeads(), ["trunk.0.weight", "trunk.0.bias"],
+                       {"a": ["heads.a.weight", "heads.a.bias"],
+                        "b": ["heads.b.weight", "heads.b.bias"]})
+    old = _pickled_under_the_old_name(split, SplitModel)
+    assert b"_SplitModel" in old
+    loaded = pickle.loads(old)
+    assert isinstance(loaded, SplitModel)
+    assert torch.equal(loaded.module.heads["a"].weight, split.module.heads["a"].weight)
 
 
 def test_earlier_requests_that_leave_out_carried_ones_warn() -> None:

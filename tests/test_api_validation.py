@@ -1511,25 +1511,3 @@ def test_unwrapped_reaches_the_module_inside_nested_wrappers() -> None:
     assert unwrapped(nn.DataParallel(torch.compile(m))) is m
     assert unwrapped(torch.compile(nn.DataParallel(m))) is m
     assert unwrapped(m) is m
-
-
-def test_a_split_model_pickled_when_the_api_was_one_module_still_loads() -> None:
-    """Mutation audit: as for `_Lineage`, a problem's model pickled before the split names its
-    class `mtunlearn_ext.api._SplitModel`; the alias keeps it loadable."""
-    import pickle
-
-    from mtunlearn_ext.api._model_split import SplitModel
-
-    split = SplitModel(_TwoHeads(), ["trunk.0.weight", "trunk.0.bias"],
-                       {"a": ["heads.a.weight", "heads.a.bias"],
-                        "b": ["heads.b.weight", "heads.b.bias"]})
-    module, name = SplitModel.__module__, SplitModel.__qualname__
-    SplitModel.__module__, SplitModel.__qualname__ = "mtunlearn_ext.api", "_SplitModel"
-    try:
-        old = pickle.dumps(split)
-    finally:
-        SplitModel.__module__, SplitModel.__qualname__ = module, name
-    assert b"_SplitModel" in old
-    loaded = pickle.loads(old)
-    assert isinstance(loaded, SplitModel)
-    assert torch.equal(loaded.module.heads["a"].weight, split.module.heads["a"].weight)

@@ -344,7 +344,7 @@ def unlearn(model: nn.Module, *,
                       f"({result.report.steps} steps): the returned model is the input model, "
                       f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
                       f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
-    same = same_parameters(out, source)
+    same = not changed or same_parameters(out, source)  # an equal state: equal parameters
     result.report.extra["parameters_changed"] = not same
     if changed and same:
         # Buffers alone moved (BatchNorm's running statistics, recomputed on the retain rows
