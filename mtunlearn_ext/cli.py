@@ -932,6 +932,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "list or one name; the command line's add to the config's)")
 
 
+def _moved_data_root_option(p: argparse.ArgumentParser) -> None:
+    # For the commands that read a checkpoint: the data is the checkpoint's, found again.
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
+                        "when it moved since train: accepted only if its data hash to the "
+                        "checkpoint's recorded ones; refused for generated benchmarks")
+
+
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     # required: `unlearn`, which forgets the request; else `evaluate`, which only measures the
     # model on the request's forget / retain split.
@@ -1014,10 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new checkpoint path (default: <input>.<method>.pt, numbered if taken)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="record path (default: beside the output checkpoint)")
-    p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
-                        "when it moved since train: accepted only if its data hash to the "
-                        "checkpoint's recorded ones; refused for generated benchmarks")
+    _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_unlearn, _required=["checkpoint"])
 
@@ -1030,10 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="JSON",
                    help="new JSON file for the metrics (default: print the JSON alone to "
                         "stdout, the summary table to stderr)")
-    p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
-                        "when it moved since train: accepted only if its data hash to the "
-                        "checkpoint's recorded ones; refused for generated benchmarks")
+    _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_evaluate, _required=["checkpoint"])
 
@@ -1045,10 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to verify (default: the record's output checkpoint)")
     p.add_argument("--tolerance", type=_at_least(0.0, float), default=1e-4,
                    help="metric tolerance (absolute below 1, relative above)")
-    p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="where a real data set's (nyuv2 / cityscapes) LibMTL folder is now, "
-                        "when it moved since train: accepted only if its data hash to the "
-                        "checkpoint's recorded ones; refused for generated benchmarks")
+    _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_verify, _required=["record"])
 

@@ -24,8 +24,9 @@ import math
 import numpy as np
 import torch
 
-from mtunlearn_ext.data._raycast import RayHits, Scene, cast, focal_length
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data._raycast import RayHits, Scene, cast
+from mtunlearn_ext.data._rendered import RenderedKind, make_rendered_benchmark
+from mtunlearn_ext.data.base import Benchmark, TaskSpec
 
 __all__ = ["STREET_CLASSES", "STREET_FOV_X", "STREET_VERSION", "make_street", "render_street",
            "sample_street_scene", "street_tasks"]
@@ -184,16 +185,12 @@ def render_street(scenes: list[Scene], size: tuple[int, int], noise_rng: np.rand
             "segmentation": torch.from_numpy(seg), "depth": torch.from_numpy(depth)}
 
 
-def _split(num: int, size: tuple[int, int], seed_seq: np.random.SeedSequence, first_id: int,
-           tasks: list[TaskSpec]) -> tuple[MultiTaskDataset, list[list[float]]]:
-    scene_seq, noise_seq = seed_seq.spawn(2)
-    scene_rng = np.random.default_rng(scene_seq)
-    scenes = [sample_street_scene(scene_rng) for _ in range(num)]
-    out = render_street(scenes, size, np.random.default_rng(noise_seq))
-    cameras = [[float(s.camera_height), float(s.yaw), float(s.pitch)] for s in scenes]
-    data = MultiTaskDataset(out["input"], {t.name: out[t.name] for t in tasks}, tasks,
-                            ids=torch.arange(first_id, first_id + num))
-    return data, cameras
+# The stream key keeps street's images apart from indoor's for the same seed.
+_STREET = RenderedKind(
+    name="street", stream_key=0x57EE7, tasks=street_tasks, sample_scene=sample_street_scene,
+    render=render_street, classes=STREET_CLASSES, version=STREET_VERSION, fov_x=STREET_FOV_X,
+    conventions={"depth": "z-depth in metres along the optical axis; 0 = unknown (sky)"},
+    rgb_normalisation=(RGB_MEAN, RGB_STD), depth_prior=DEPTH_PRIOR)
 
 
 def make_street(num_train: int, num_test: int, size: tuple[int, int] = (48, 96),
@@ -202,27 +199,5 @@ def make_street(num_train: int, num_test: int, size: tuple[int, int] = (48, 96),
 
     Ids, seeding and ``info`` as in :func:`~mtunlearn_ext.data.indoor.make_indoor`.
     """
-    if num_train < 1 or num_test < 0 or num_validation < 0:
-        raise ValueError(f"make_street: need num_train >= 1, num_test >= 0 and num_validation "
-                         f">= 0, got {num_train}, {num_test}, {num_validation}")
-    h, w = size
-    if h < 4 or w < 4:
-        raise ValueError(f"make_street: `size` must be at least (4, 4), got {size}")
-    tasks = street_tasks()
-    # The third stream leaves the first two (train, test) as they were before it existed.
-    train_seq, test_seq, validation_seq = np.random.SeedSequence([seed, 0x57EE7]).spawn(3)
-    train, train_cams = _split(num_train, (h, w), train_seq, 0, tasks)
-    test, test_cams = _split(num_test, (h, w), test_seq, num_train, tasks)
-    validation = None
-    if num_validation:
-        validation, _ = _split(num_validation, (h, w), validation_seq, num_train + num_test,
-                               tasks)
-    info: dict[str, object] = {
-        "classes": list(STREET_CLASSES), "size": [h, w], "seed": seed,
-        "generator_version": STREET_VERSION, "fov_x": STREET_FOV_X,
-        "focal_px": focal_length(w, STREET_FOV_X),
-        "depth": "z-depth in metres along the optical axis; 0 = unknown (sky)",
-        "rgb_normalisation": [RGB_MEAN, RGB_STD], "depth_prior": DEPTH_PRIOR,
-        "train_cameras": train_cams, "test_cameras": test_cams,
-    }
-    return Benchmark("street", train, test, tasks, info, validation)
+    return make_rendered_benchmark(_STREET, num_train, num_test, size, seed,
+                                   num_validation)
