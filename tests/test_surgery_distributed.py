@@ -33,8 +33,9 @@ Scenarios:
 A second spawn, with a 15 s collective timeout (a regression there hangs or aborts), runs the
 scenarios where ranks must agree before a collective: a sparse head one rank does not reach
 (the sparse rank average on both), a rank whose shard is frozen or empty (it takes part; the
-single-process result), and ranks disagreeing on k, num_layers or the Gram's dtype (a
-ValueError naming it on every rank, the group still in step afterwards).
+single-process result), and ranks disagreeing on k, num_layers, the Gram's dtype, or (replicated)
+which shared parameters or listed heads they train (a ValueError naming it on every rank, the
+group still in step afterwards).
 """
 
 from __future__ import annotations
@@ -742,10 +743,11 @@ def _scenario_sharded_shard_frozen_or_empty(rank: int, how: str) -> float:
 
 
 def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
-    """Ranks that disagree on k (the number of losses), on ``num_layers`` or on the Gram's
-    dtype: the collectives got different sizes, and gloo aborted both processes (SIGABRT,
-    uncatchable; NCCL hangs). Every rank must raise a ValueError naming what differs with
-    each rank's value, and the next collective must still pair up."""
+    """Ranks that disagree on k (the number of losses), on ``num_layers``, on the Gram's
+    dtype, or on which shared parameters or listed heads they train (replicated): the
+    collectives got different sizes, and gloo aborted both processes (SIGABRT, uncatchable;
+    NCCL hangs). Every rank must raise a ValueError naming what differs with each rank's
+    value, and the next collective must still pair up."""
     from mtunlearn_ext.surgery import replicated_surgery, sharded_surgery
 
     params, losses = _tanh_chain(seed=10, conflict=0.5)
@@ -765,6 +767,30 @@ def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
         surgery = replicated_surgery(params[:2], UPGrad(), **heads)  # type: ignore[arg-type]
         wanted = ("replicated_surgery: the ranks passed different numbers of losses k "
                   "(rank 0: 2, rank 1: 3)")
+    elif what.startswith("frozen_shared"):
+        # One shared layer frozen on rank 1 only ("count": the header sizes differed and gloo
+        # aborted), or a different one of the same shape on each rank ("swapped": the
+        # averages paired layer 0's gradients with layer 1's, silently).
+        frozen = 0 if what.endswith("count") else rank
+        if what.endswith("swapped") or rank == 1:
+            params[frozen].requires_grad_(False)
+        heads = {"head_params": params[2:]} if "heads" in what else {}
+        surgery = replicated_surgery(params[:2], UPGrad(), **heads)  # type: ignore[arg-type]
+        current = losses()
+        wanted = ("replicated_surgery: the ranks take part with different shared parameters "
+                  "(shared parameters requiring grad per rank: "
+                  + ("rank 0: 2, rank 1: 1; rank 0 has 'param0': a (3, 3) float64 tensor "
+                     "where rank 1 has nothing else)" if what.endswith("count") else
+                     "rank 0: 1, rank 1: 1; rank 0 has 'param1': a (3, 3) float64 tensor "
+                     "where rank 1 has 'param0': a (3, 3) float64 tensor)"))
+    elif what == "frozen_head":  # a listed head frozen on rank 1 only: gloo aborted
+        if rank == 1:
+            params[3].requires_grad_(False)
+        surgery = replicated_surgery(params[:2], UPGrad(), head_params=params[2:])
+        current = losses()
+        wanted = ("replicated_surgery: the ranks train different parameters of `head_params` "
+                  "(the positions in it of those requiring grad: rank 0: [0, 1] (2); rank 1: "
+                  "[0] (1))")
     elif what == "num_layers":
         surgery = sharded_surgery([params[i] for i in mine], UPGrad(), per_layer=mine,
                                   num_layers=4 + rank)
@@ -896,7 +922,9 @@ def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
     for how in ("frozen", "empty", "empty_per_layer"):
         table[f"sharded_shard_{how}-upgrad-fp64"] = (
             lambda r, h=how: _scenario_sharded_shard_frozen_or_empty(r, h))
-    for what in ("k", "num_layers", "dtype", "k_replicated", "k_replicated_heads"):
+    for what in ("k", "num_layers", "dtype", "k_replicated", "k_replicated_heads",
+                 "frozen_shared_count", "frozen_shared_swapped", "frozen_shared_heads_count",
+                 "frozen_shared_heads_swapped", "frozen_head"):
         table[f"disagreeing_ranks-{what}"] = lambda r, w=what: _scenario_disagreeing_ranks(r, w)
     return table
 

@@ -765,6 +765,35 @@ def test_a_reducer_of_the_first_protocol_form_still_works() -> None:
     assert torch.allclose(trunk.weight.grad, reference.weight.grad, rtol=1e-6, atol=1e-7)
 
 
+def test_a_reducer_that_names_stack_names_gets_the_shared_parameters_names() -> None:
+    """How replicas tell that they take part with the same shared parameters: a reducer whose
+    signature names `stack_names` (or takes **kwargs) gets one name per stack, those given
+    (named_parameters) or `param<i>` by position in `shared_params`, frozen ones left out;
+    one of the second protocol form (reached / head_tasks only) is called without it."""
+    seen: list[object] = []
+
+    class NamingReducer:
+        def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor],
+                              **keywords: object) -> None:
+            seen.append(keywords.get("stack_names"))
+
+        def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+            return stats
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    heads = [torch.nn.Linear(4, 1) for _ in range(2)]
+    x = torch.randn(5, 4)
+    trunk[0].bias.requires_grad_(False)
+    named = GradientSurgery(trunk.named_parameters(), Sum(), reducer=NamingReducer())
+    named.backward([h(trunk(x)).pow(2).mean() for h in heads])
+    positional = GradientSurgery(trunk.parameters(), Sum(), reducer=NamingReducer())
+    positional.backward([h(trunk(x)).pow(2).mean() for h in heads])
+    assert seen == [["0.weight", "1.weight", "1.bias"], ["param0", "param2", "param3"]]
+    second_form = GradientSurgery(trunk.parameters(), Sum(), reducer=_LocalReducer())
+    second_form.backward([h(trunk(x)).pow(2).mean() for h in heads])  # no TypeError
+
+
 def test_freezing_between_accumulate_and_apply_is_refused() -> None:
     """apply() aggregated over the parameters trainable at accumulate() time: a layer frozen in
     between still got its .grad (and an optimizer steps every parameter that has one)."""

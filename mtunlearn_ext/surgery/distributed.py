@@ -206,7 +206,8 @@ class ShardedReducer:
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
-                          head_tasks: Sequence[int] | None = None) -> None:
+                          head_tasks: Sequence[int] | None = None,
+                          stack_names: Sequence[str] | None = None) -> None:
         """Nothing to do: shard-local per-task gradients are already the global ones (and
         whether a task reached a shard is this rank's own business: it writes only its
         shards)."""
@@ -243,6 +244,11 @@ class ReplicatedReducer:
     ranks, or waiting forever). Heads that the same tasks reach with the same shapes cannot be
     told apart that way (a data-dependent choice between two such heads): pass
     ``head_params`` there.
+
+    Every rank must train the same parameters: the same small all-reduce checks that the ranks
+    take part with the same shared parameters (by name, shape and dtype) and, with
+    ``head_params``, train the same listed heads; a parameter frozen on some ranks only is
+    refused on every rank, naming it.
     """
 
     def __init__(self, group: ProcessGroup | None = None,
@@ -255,22 +261,31 @@ class ReplicatedReducer:
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
-                          head_tasks: Sequence[int] | None = None) -> None:
+                          head_tasks: Sequence[int] | None = None,
+                          stack_names: Sequence[str] | None = None) -> None:
         """Average of every per-task stack and head gradient over the ranks, in place;
-        ``reached`` (per stack) becomes whether any rank reached the parameter."""
+        ``reached`` (per stack) becomes whether any rank reached the parameter.
+        ``stack_names`` (the shared parameters', one per stack) tell the ranks whether they
+        take part with the same ones: one frozen on some ranks only is refused on every rank."""
         device = stacks[0].device if stacks else torch.device("cpu")
         flags = [] if reached is None else reached
         # k: a rank without shared stacks (all frozen, as on every replica) has nothing of k
         # to pair up, and says 0.
         k = stacks[0].shape[0] if stacks else 0
+        shared = _describe_shared(stacks, stack_names)
+        # Which ranks reached each shared parameter travels with the average itself.
+        hits = torch.tensor([float(r) for r in flags], device=device)
         if self.head_params is None:
             heads, tasks = _canonical_order(head_grads, head_tasks)
-            anywhere = _check_same_heads(heads, tasks, flags, device, self.group, k)
-            _all_reduce_mean([*stacks, *heads], self.group)
-            flags[:] = anywhere
+            _check_same_heads(heads, tasks, shared, device, self.group, k)
+            _all_reduce_mean([*stacks, *heads, hits], self.group)
+            flags[:] = [share > 0 for share in hits.tolist()]
             return
-        heads = [p for p in self.head_params if p.requires_grad]
-        layouts = _agreed_head_layouts(heads, k, device, self.group)
+        trainable = [p.requires_grad for p in self.head_params]
+        layouts = _agreed_head_layouts(self.head_params, trainable, shared, k, device,
+                                       self.group)
+        heads = [p for p, t in zip(self.head_params, trainable) if t]
+        layouts = [layout for layout, t in zip(layouts, trainable) if t]
         fillers = {id(p): _zero_grad(p, sparse_dims)
                    for p, sparse_dims in zip(heads, layouts) if p.grad is None}
         for p, sparse_dims in zip(heads, layouts):
@@ -284,8 +299,8 @@ class ReplicatedReducer:
                           else grad.to_sparse(sparse_dims - 1))
         grads = [fillers[id(p)] if id(p) in fillers else local_tensor(cast(torch.Tensor, p.grad))
                  for p in heads]
-        hits = torch.tensor([float(id(p) not in fillers) for p in heads]
-                            + [float(r) for r in flags], device=device)
+        hits = torch.cat([torch.tensor([float(id(p) not in fillers) for p in heads],
+                                       device=device), hits])
         _all_reduce_mean([*stacks, *grads, hits], self.group)
         somewhere = [share > 0 for share in hits.tolist()]
         for p, grad, anywhere_ in zip(heads, grads, somewhere):
@@ -326,22 +341,49 @@ def _zero_grad(head: torch.Tensor, sparse_dims: int) -> torch.Tensor:
                                    is_coalesced=True)
 
 
-def _agreed_head_layouts(heads: Sequence[torch.Tensor], k: int, device: torch.device,
+def _agreed_head_layouts(listed: Sequence[torch.Tensor], trainable: Sequence[bool],
+                         shared: Sequence[_SharedDescription], k: int, device: torch.device,
                          group: ProcessGroup | None) -> list[int]:
     """Before the average of the stacks and the listed heads: every rank checks that the ranks
-    passed the same number of losses (else the stacks' all-reduce pairs different sizes), and
-    learns each head's layout (:func:`_sparse_dims`, the largest over the ranks: sparse where
-    some rank's gradient is sparse). A head no loss reached here gets a zero of that layout:
-    a dense zero beside another rank's sparse gradient made the two ranks run different
-    collectives (a sparse all-reduce against a dense one), and both waited forever. One
-    all-reduce (MAX) of 2 integers and one per head."""
-    mine = [k, -k, *(0 if p.grad is None else _sparse_dims(p.grad) for p in heads)]
+    passed the same number of losses (else the stacks' all-reduce pairs different sizes), take
+    part with the same shared parameters and train the same listed heads (a parameter frozen
+    on some ranks only gave collectives of different sizes, and gloo aborted every process),
+    and learns each listed head's layout (:func:`_sparse_dims`, the largest over the ranks:
+    sparse where some rank's gradient is sparse). A head no loss reached here gets a zero of
+    that layout: a dense zero beside another rank's sparse gradient made the two ranks run
+    different collectives (a sparse all-reduce against a dense one), and both waited forever.
+    One all-reduce (MAX) of 8 integers and one per listed head; on a mismatch, one gather for
+    the message."""
+    shared_digest = _digest(shared)
+    trained = [i for i, t in enumerate(trainable) if t]
+    heads_digest = _digest(trained)
+    agreed = [k, len(shared), shared_digest, heads_digest]
+    mine = [*agreed, *(-v for v in agreed),
+            *(0 if not t or p.grad is None else _sparse_dims(p.grad)
+              for p, t in zip(listed, trainable))]
     header = torch.tensor(mine, dtype=torch.int64, device=device)
     dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
-    most, fewest, *layouts = header.tolist()
-    if most != -fewest:
+    values = header.tolist()
+    most, fewest, layouts = values[:4], [-v for v in values[4:8]], values[8:]
+    if most[0] != fewest[0]:
         raise ValueError(_losses_mismatch(k, group))
+    if most[1:3] != fewest[1:3]:
+        raise ValueError(_shared_mismatch(shared, group))
+    if most[3] != fewest[3]:
+        per_rank: list[list[int] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(per_rank, trained, group=group)
+        said = "; ".join(f"rank {r}: {_indices(t or [])}" for r, t in enumerate(per_rank))
+        raise ValueError(
+            "replicated_surgery: the ranks train different parameters of `head_params` (the "
+            f"positions in it of those requiring grad: {said}), so their gradients cannot be "
+            "averaged tensor by tensor; every rank must freeze and unfreeze the same heads at "
+            "the same step")
     return layouts
+
+
+def _indices(positions: Sequence[int], most: int = 12) -> str:
+    shown = ", ".join(str(i) for i in positions[:most])
+    return f"[{shown}{', ...' if len(positions) > most else ''}] ({len(positions)})"
 
 
 def _losses_mismatch(k: int, group: ProcessGroup | None) -> str:
@@ -387,31 +429,31 @@ def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] 
     (when known), its shape and dtype. The same on every process for the same heads (no
     per-process salt, unlike ``hash``); two ranks that reached different heads of one shape
     differ in the tasks."""
-    described = repr(_describe(head_grads, head_tasks))
-    return int.from_bytes(hashlib.blake2b(described.encode(), digest_size=8).digest(),
-                          "big") >> 2
+    return _digest(_describe(head_grads, head_tasks))
 
 
 def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] | None,
-                      reached: Sequence[bool], device: torch.device,
-                      group: ProcessGroup | None, k: int = 0) -> list[bool]:
-    """Raise on every rank if the ranks passed different numbers of losses ``k`` or found
-    different head gradients to average (their count, or which tasks reach them and their
-    shapes, in order, differ), saying which; returns, per flag of ``reached``, whether any rank
-    set it. One all-reduce (MAX) of 6 integers and one flag per shared parameter; on a
-    mismatch, one gather for the message."""
-    count = len(head_grads)
-    digest = _heads_digest(head_grads, head_tasks)
-    mine = torch.tensor([k, count, digest, -k, -count, -digest, *(int(r) for r in reached)],
-                        dtype=torch.int64, device=device)
+                      shared: Sequence[_SharedDescription], device: torch.device,
+                      group: ProcessGroup | None, k: int = 0) -> None:
+    """Raise on every rank if the ranks passed different numbers of losses ``k``, take part
+    with different shared parameters (one frozen on some ranks only) or found different head
+    gradients to average (their count, or which tasks reach them and their shapes, in order,
+    differ), saying which. One all-reduce (MAX) of 10 integers, of the same size on every rank
+    whatever it found (collectives of different sizes abort gloo); on a mismatch, one gather
+    for the message."""
+    agreed = [k, len(shared), _digest(shared), len(head_grads),
+              _heads_digest(head_grads, head_tasks)]
+    mine = torch.tensor([*agreed, *(-v for v in agreed)], dtype=torch.int64, device=device)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
-    most_k, most, high, fewest_k, fewest, low, *anywhere = mine.tolist()
-    fewest_k, fewest, low = -fewest_k, -fewest, -low
-    if most_k != fewest_k:
+    values = mine.tolist()
+    most, fewest = values[:5], [-v for v in values[5:]]
+    if most[0] != fewest[0]:
         # k first: with another number of losses the heads differ too (the tasks reaching
         # them), and "pass head_params" would not help.
         raise ValueError(_losses_mismatch(k, group))
-    if most != fewest or high != low:
+    if most[1:3] != fewest[1:3]:
+        raise ValueError(_shared_mismatch(shared, group))
+    if most[3:] != fewest[3:]:
         # Every rank sees the same reduced numbers, so every rank takes this branch and its
         # gather: no rank is left waiting in a collective.
         per_rank: list[list[_HeadDescription] | None] = [None] * dist.get_world_size(group)
@@ -421,7 +463,57 @@ def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] 
             f"({_head_differences(per_rank)}), so their gradients cannot be averaged tensor "
             "by tensor. Pass `head_params` (every task-specific parameter): a head that no loss "
             "reaches on a rank then counts as a zero gradient there")
-    return [flag > 0 for flag in anywhere]
+
+
+#: A shared parameter taking part in a replicated step, the same on every process for the same
+#: parameter: its name in the surgery (``None`` where the reducer was not told), shape, dtype.
+_SharedDescription = tuple[str | None, tuple[int, ...], str]
+
+
+def _describe_shared(stacks: Sequence[torch.Tensor], names: Sequence[str] | None
+                     ) -> list[_SharedDescription]:
+    named: Sequence[str | None] = [None] * len(stacks) if names is None else names
+    return [(n, tuple(s.shape[1:]), str(s.dtype)) for n, s in zip(named, stacks)]
+
+
+def _shared_mismatch(shared: Sequence[_SharedDescription], group: ProcessGroup | None) -> str:
+    """The shared parameters each rank takes part with, against rank 0's, for the message of
+    ranks that disagree on them (every rank takes this gather, having seen the same reduced
+    header)."""
+    per_rank: list[list[_SharedDescription] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(per_rank, list(shared), group=group)
+    counts = ", ".join(f"rank {r}: {len(d or ())}" for r, d in enumerate(per_rank))
+    parts = [f"shared parameters requiring grad per rank: {counts}"]
+    first = Counter(per_rank[0] or ())
+    for r, theirs_list in enumerate(per_rank[1:], start=1):
+        theirs = Counter(theirs_list or ())
+        only_first, only_theirs = first - theirs, theirs - first
+        if only_first or only_theirs:
+            parts.append(f"rank 0 has {_listed_shared(only_first)} where rank {r} has "
+                         f"{_listed_shared(only_theirs)}")
+    return ("replicated_surgery: the ranks take part with different shared parameters "
+            f"({'; '.join(parts)}), so their per-task gradients cannot be averaged tensor by "
+            "tensor; every rank must freeze and unfreeze the same shared parameters "
+            "(requires_grad) at the same step")
+
+
+def _listed_shared(shared: Counter[_SharedDescription], most: int = 6) -> str:
+    if not shared:
+        return "nothing else"
+    described = []
+    for (name, shape, dtype), times in sorted(shared.items(), key=lambda item: repr(item[0])):
+        count = "" if times == 1 else f"{times} x "
+        named = "" if name is None else f"{name!r}: "
+        described.append(f"{count}{named}a {shape} {dtype.removeprefix('torch.')} tensor")
+    shown = ", ".join(described[:most])
+    return shown if len(described) <= most else f"{shown} and {len(described) - most} more"
+
+
+def _digest(described: object) -> int:
+    """A 62-bit digest of ``repr(described)``: the same on every process for equal
+    descriptions (no per-process salt, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(repr(described).encode(), digest_size=8).digest(),
+                          "big") >> 2
 
 
 def _head_differences(per_rank: Sequence[Sequence[_HeadDescription] | None]) -> str:

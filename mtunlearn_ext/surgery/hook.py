@@ -62,7 +62,8 @@ class GradReducer(Protocol):
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
-                          head_tasks: Sequence[int] | None = None) -> None:
+                          head_tasks: Sequence[int] | None = None,
+                          stack_names: Sequence[str] | None = None) -> None:
         """In place, before the Gram pass: e.g. average data-parallel per-task gradients.
 
         ``reached`` (one flag per stack: some task's loss reached that shared parameter in this
@@ -70,7 +71,10 @@ class GradReducer(Protocol):
         averaged stack comes from other processes too is reached if any of them reached it.
         ``head_tasks``: for each head gradient, the bit mask of the tasks whose loss reached it
         (how processes that find their heads on their own can tell whether they found the
-        same ones); ``None`` when not known."""
+        same ones); ``None`` when not known. ``stack_names``: the shared parameters' names in
+        the surgery, one per stack (how processes can tell whether they take part with the
+        same ones); passed only to a reducer whose signature names it (or takes
+        ``**kwargs``)."""
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """The global Gram matrix from the local one (SUM over shards, or identity)."""
@@ -261,15 +265,16 @@ def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], 
         torch._foreach_zero_([slot for slot, g in zip(slots, grads) if g is None])
 
 
-def _takes_reach(reducer: GradReducer) -> bool:
-    """Whether ``reducer.reduce_task_grads`` accepts the ``reached`` / ``head_tasks`` keywords."""
+def _takes_keywords(reducer: GradReducer, *names: str) -> bool:
+    """Whether ``reducer.reduce_task_grads`` accepts every keyword of ``names`` (reducers
+    written against an earlier form of the protocol lack the later ones)."""
     import inspect
 
     try:
         parameters = inspect.signature(reducer.reduce_task_grads).parameters
     except (TypeError, ValueError):  # no introspectable signature: assume the current form
         return True
-    return ("reached" in parameters and "head_tasks" in parameters) or any(
+    return all(name in parameters for name in names) or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
@@ -429,7 +434,10 @@ class GradientSurgery:
         # A reducer written against the first form of the protocol (two positional arguments)
         # is still called that way; it cannot merge which parameters the ranks reached, so
         # every shared parameter is then written, as that form of the protocol did.
-        self._reducer_merges_reach = reducer is None or _takes_reach(reducer)
+        self._reducer_merges_reach = reducer is None or _takes_keywords(reducer, "reached",
+                                                                        "head_tasks")
+        self._reducer_takes_names = reducer is not None and _takes_keywords(reducer,
+                                                                            "stack_names")
         self.check_finite = check_finite
         # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
         self._shared_ids = {id(p) for p in self._given.tensors}
@@ -959,8 +967,10 @@ class GradientSurgery:
                    ) -> torch.Tensor:
         reached = list(found.reached)
         if self.reducer is not None and self._reducer_merges_reach:
+            named = {"stack_names": active.names} if self._reducer_takes_names else {}
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads],
-                                           reached=reached, head_tasks=found.head_tasks)
+                                           reached=reached, head_tasks=found.head_tasks,
+                                           **named)
         elif self.reducer is not None:
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads])
             reached = [True] * len(stacks)
