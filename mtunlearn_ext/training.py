@@ -82,11 +82,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: `epochs` must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"TrainConfig: `batch_size` must be >= 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig: `lr` must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        # torch's optimizers pass lr and weight decay to float32 kernels, which refuse a value
+        # past float32's largest with a bare RuntimeError from inside the step.
+        largest = float(torch.finfo(torch.float32).max)
+        if not (0 < self.lr <= largest):
+            raise ValueError(f"TrainConfig: `lr` must be a positive number at most "
+                             f"{largest:.4g} (float32's largest), got {self.lr}")
+        if not (0 <= self.weight_decay <= largest):
             raise ValueError(f"TrainConfig: `weight_decay` must be a finite number >= 0, got "
-                             f"{self.weight_decay}")
+                             f"{self.weight_decay}" + (f" (at most {largest:.4g}, float32's "
+                                                       "largest)" if self.weight_decay > 0
+                                                      else ""))
         if not (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0):
             # torch's SGD refuses a negative momentum only inside the run; at 1 or more the
             # velocity (a geometric sum of earlier steps) never decays and the steps diverge.

@@ -95,16 +95,37 @@ def test_a_loaded_model_is_given_its_earlier_requests() -> None:
 
 
 def test_a_partial_removal_then_a_full_one_forgets_what_is_left() -> None:
-    problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=_data(),
-                            forget_request=ForgetRequest.create([3, 4]),
-                            earlier_requests=[ForgetRequest.create([3], ["a"])],
-                            shared_parameters=lambda name: name.startswith("trunk."))
+    with pytest.warns(UserWarning, match=r"1 of the 4 pairs `forget_request` names \(1 "
+                                         r"instance: 3\) were removed already by "
+                                         r"`earlier_requests`; only the other 3 are forgotten"):
+        problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=_data(),
+                                forget_request=ForgetRequest.create([3, 4]),
+                                earlier_requests=[ForgetRequest.create([3], ["a"])],
+                                shared_parameters=lambda name: name.startswith("trunk."))
     forget = problem.forget
     a, b = forget.task_index("a"), forget.task_index("b")
     rows = {int(i): p for p, i in enumerate(forget.ids.tolist())}
     assert not bool(forget.supervision[rows[3], a]) and bool(forget.supervision[rows[3], b])
     assert bool(forget.supervision[rows[4], a]) and bool(forget.supervision[rows[4], b])
     assert 3 not in problem.retain.ids.tolist() and 4 not in problem.retain.ids.tolist()
+
+
+def test_a_request_naming_some_removed_pairs_forgets_the_rest_and_says_so() -> None:
+    """Audit: the API narrowed such a request without a word (the CLI says so on stderr); the
+    warning points at the caller's line, and a request of pairs not removed yet says nothing."""
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(3)),
+                                  **_kwargs())
+    with pytest.warns(UserWarning, match=r"unlearn: 2 of the 4 pairs `forget_request` names "
+                                         r"\(1 instance: 0\) were removed already by the "
+                                         r"requests `model` carries; only the other 2 are "
+                                         r"forgotten") as seen:
+        _, report = mtunlearn_ext.unlearn(m1, forget_request=ForgetRequest.create([0, 5]),
+                                          **_kwargs())
+    assert [w.filename for w in seen] == [__file__]
+    assert report.request["num_forget_instances"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mtunlearn_ext.unlearn(m1, forget_request=ForgetRequest.create([5, 6]), **_kwargs())
 
 
 def test_a_request_for_pairs_already_removed_is_refused() -> None:

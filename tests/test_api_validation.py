@@ -265,6 +265,28 @@ def test_unlearn_leaves_every_module_mode_output_and_buffer_of_the_model(modes: 
 
 
 @pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
+def test_rates_and_weights_past_float32s_largest_are_refused(method: str) -> None:
+    """Audit: lr 1e39 passed validation (finite and >= 0) and torch's SGD then failed inside the
+    step, "value cannot be converted to type float without overflow" (the CLI: a traceback and
+    exit 1); so did a heads' rate lr x head_lr_scale past it."""
+    from mtunlearn_ext.unlearning import get_unlearner
+
+    largest = r"3\.403e\+38 \(float32's largest\)"
+    for field in ("lr", "head_lr_scale", "forget_weight", "retain_weight", "weight_decay"):
+        with pytest.raises(ValueError, match=rf"`{field}` must be a finite number >= 0 and at "
+                                             rf"most {largest}, got 1e\+39"):
+            get_unlearner(method, {field: 1e39})
+    assert get_unlearner(method, {"lr": 3e38}).config.lr == 3e38  # type: ignore[attr-defined]
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"the heads' learning rate `lr` x `head_lr_scale` "
+                                         rf"\(1e\+20 x 1e\+20\) must be at most {largest}"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5)), method=method,
+                              shared_parameters=lambda n: n.startswith("trunk."),
+                              config={"steps": 1, "lr": 1e20, "head_lr_scale": 1e20})
+
+
+@pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
 def test_momentum_of_one_or_more_is_refused(method: str) -> None:
     """Momentum 1.5 was accepted (only finite and >= 0 were checked) and blew the weights up:
     SGD's velocity is a geometric sum with ratio `momentum`, which never decays at 1 or more."""
@@ -1091,13 +1113,41 @@ def test_a_supervision_mask_of_the_wrong_form_is_named() -> None:
 def test_data_given_as_a_list_or_a_torch_dataset_is_refused_with_the_way_out() -> None:
     x, y = _data()
     request = ForgetRequest.create(range(5))
-    with pytest.raises(TypeError, match=r"got a list: pass it as a tuple"):
+    with pytest.raises(TypeError, match=r"got a list \[inputs, targets\]: pass it as a tuple"):
         _problem(train_data=[x, y], forget_request=request)
     # A loader is read in (tests/test_gathering.py); one of unnamed labels cannot be.
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y["a"]))
     with pytest.raises(TypeError, match=r"unlearn: `train_data`: gather: the targets of batch 0 "
                                         r"must be a mapping task -> label, got Tensor"):
         _problem(train_data=loader, forget_request=request)
+
+
+def test_a_list_of_instances_is_refused_naming_the_argument_and_the_way_in() -> None:
+    """Audit: `evaluate` read a list of (input, targets) instances as a tuple's parts and failed
+    with "'<' not supported between instances of 'dict' and 'Tensor'" (its specs read the
+    targets before the data's form was checked); `unlearn` told a list of 3 instances to
+    become a tuple, which would read instance 0 as the inputs and instance 1 as the targets."""
+    x, y = _data()
+    instances = [(x[i], {t: v[i] for t, v in y.items()}) for i in range(3)]
+    way_in = (r"got a list of 3 items: read instances with mtunlearn_ext\.data\.gather\({}, "
+              r"tasks=\[TaskSpec\(\.\.\.\), \.\.\.\]\) \(a MultiTaskDataset\), or put them "
+              r"in a torch Dataset")
+    forms = (r"must be a MultiTaskDataset, \(inputs, targets\[, supervision\]\) or a torch "
+             r"Dataset / DataLoader of instances; ")
+    with pytest.raises(TypeError, match=r"evaluate: `data` " + forms + way_in.format("data")):
+        mtunlearn_ext.evaluate(_TwoHeads(), instances, tasks=TASKS)
+    with pytest.raises(TypeError, match=r"unlearn: `train_data` " + forms
+                       + way_in.format("train_data")):
+        _problem(train_data=instances, forget_request=ForgetRequest.create([0]))
+    # uis_floor reads no torch data set in itself: gather is the way in, and the only one named.
+    model = _TwoHeads()
+    with pytest.raises(TypeError, match=r"uis_floor: `unseen` must be a MultiTaskDataset or "
+                                        r"\(inputs, targets\[, supervision\]\); got a list of 3 "
+                                        r"items: read instances with mtunlearn_ext\.data\.gather"
+                                        r"\(unseen, tasks=\[TaskSpec\(\.\.\.\), \.\.\.\]\) "
+                                        r"\(a MultiTaskDataset\)$"):
+        mtunlearn_ext.uis_floor(model, reference=(x, y), unseen=instances, forget_size=2,
+                                tasks=TASKS)
 
 
 def test_a_task_name_missing_from_the_targets_is_named() -> None:

@@ -409,6 +409,12 @@ def test_plain_metadata_round_trips(tmp_path: Path) -> None:
     ({"momentum": float("nan")}, r"`momentum` must be in \[0, 1\), got nan"),
     ({"weight_decay": float("nan")}, "`weight_decay` must be a finite number >= 0, got nan"),
     ({"weight_decay": float("inf")}, "`weight_decay` must be a finite number >= 0, got inf"),
+    # Past float32's largest torch's SGD failed inside the step ("value cannot be converted to
+    # type float without overflow"): a traceback and exit 1 from the CLI.
+    ({"lr": 1e39}, r"`lr` must be a positive number at most 3\.403e\+38 \(float32's largest\), "
+                   r"got 1e\+39"),
+    ({"weight_decay": 1e39}, r"`weight_decay` must be a finite number >= 0, got 1e\+39 \(at "
+                             r"most 3\.403e\+38, float32's largest\)"),
     ({"task_weights": {"a": float("nan")}}, r"`task_weights\['a'\]` must be a finite number"),
     ({"task_weights": {"a": -1.0}}, r"`task_weights\['a'\]` must be a finite number >= 0"),
     ({"task_weights": {"a": float("inf")}}, r"`task_weights\['a'\]` must be a finite number"),

@@ -82,21 +82,35 @@ def _names_instances(what: str, given: object, own_ids: bool, count: int) -> str
             f"{count} instances by position")
 
 
-def check_data_like(data: object, what: str, op: str = "unlearn") -> None:
+def check_data_like(data: object, what: str, op: str = "unlearn", *,
+                    reads_torch_data: bool = True) -> None:
     """Refuse, naming ``what``, a ``data`` that is neither a :class:`MultiTaskDataset` nor
     ``(inputs, targets[, supervision])`` with ``targets`` a mapping: ``(ids, mask, targets)``,
-    several inputs not grouped into one tuple, would otherwise read ``mask`` as the targets."""
+    several inputs not grouped into one tuple, would otherwise read ``mask`` as the targets.
+    ``reads_torch_data``: whether ``op`` reads a torch ``Dataset`` / ``DataLoader`` in itself
+    (:func:`read_in`, before this check), which the message then offers."""
     if isinstance(data, MultiTaskDataset):
         return
     if not isinstance(data, tuple) or len(data) not in (2, 3):
         hint = ""
-        if isinstance(data, list) and len(data) in (2, 3):
-            hint = f"; got a list: pass it as a tuple, `tuple({what})`"
+        if isinstance(data, list) and len(data) in (2, 3) \
+                and isinstance(data[0], (torch.Tensor, Mapping, tuple)) \
+                and isinstance(data[1], Mapping) \
+                and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[1].values()):
+            hint = f"; got a list [inputs, targets]: pass it as a tuple, `tuple({what})`"
         elif isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
             hint = (f"; got a {type(data).__name__}: read it into memory first, "
                     f"mtunlearn_ext.data.gather({what}, tasks=[TaskSpec(...), ...])")
-        raise TypeError(f"{op}: `{what}` must be a MultiTaskDataset or (inputs, targets"
-                        f"[, supervision]){hint}")
+        elif isinstance(data, (list, tuple)):
+            hint = (f"; got a {type(data).__name__} of {len(data)} items: read instances "
+                    f"with mtunlearn_ext.data.gather({what}, tasks=[TaskSpec(...), ...]) "
+                    "(a MultiTaskDataset)" + (", or put them in a torch Dataset (a class "
+                                              "with __len__ and __getitem__)"
+                                              if reads_torch_data else ""))
+        forms = ("a MultiTaskDataset, (inputs, targets[, supervision]) or a torch Dataset / "
+                 "DataLoader of instances" if reads_torch_data else
+                 "a MultiTaskDataset or (inputs, targets[, supervision])")
+        raise TypeError(f"{op}: `{what}` must be {forms}{hint}")
     if not isinstance(data[1], Mapping):
         raise TypeError(f"{op}: `{what}`[1] must be the targets, a mapping task -> "
                         f"[N, ...] tensor, got {type(data[1]).__name__}; several inputs go "

@@ -46,6 +46,7 @@ def evaluate(model: nn.Module, data: DataLike, *,
                             "dataset (a mapping task -> kind, or TaskSpecs, as for unlearn)")
         tasks = data.tasks
     data = cast(DataLike, read_in(data, tasks, "data", "evaluate"))
+    check_data_like(data, "data", "evaluate")  # before the specs, which read its targets
     own_split = has_own_split(model, None, None)
     specs = task_specs(tasks, [data], classes_predicted_by(model, not own_split, data, tasks),
                         ["data"], op="evaluate")
@@ -171,7 +172,7 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
                                   tasks=None if tasks is None else list(tasks), draws=draws,
                                   seed=seed, batch_size=batch_size, original_test=original_test)
     for label, value in data:
-        check_data_like(value, label, "uis_floor")
+        check_data_like(value, label, "uis_floor", reads_torch_data=False)
     specs = _uis_floor_specs(model, tasks, data)
     names = [spec.name for spec in specs]
     converted = []

@@ -59,6 +59,8 @@ from mtunlearn_ext.unlearning.terms import (
 
 __all__ = ["GradientUnlearner", "StepConfig", "StepContext", "StepStats"]
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 @dataclass
 class StepConfig(UnlearnerConfig):
@@ -139,11 +141,17 @@ class StepConfig(UnlearnerConfig):
         for field_name in ("lr", "head_lr_scale", "forget_weight", "retain_weight",
                            "weight_decay", "momentum"):
             value = getattr(self, field_name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: `{field_name}` must be a finite number >= 0, got "
-                                 f"{value!r}")
+            # torch's optimizers pass these to float32 kernels, which refuse (with a bare
+            # RuntimeError from inside the step) a value past float32's largest.
+            if not (math.isfinite(value) and 0 <= value <= _FLOAT32_MAX):
+                raise ValueError(f"{name}: `{field_name}` must be a finite number >= 0 and at "
+                                 f"most {_FLOAT32_MAX:.4g} (float32's largest), got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"{name}: `lr` must be > 0, got {self.lr}")
+        if self.lr * self.head_lr_scale > _FLOAT32_MAX:
+            raise ValueError(f"{name}: the heads' learning rate `lr` x `head_lr_scale` "
+                             f"({self.lr!r} x {self.head_lr_scale!r}) must be at most "
+                             f"{_FLOAT32_MAX:.4g} (float32's largest)")
         if not self.momentum < 1.0:
             # The velocity is a geometric sum of earlier updates with ratio `momentum`: at 1 or
             # more it never decays and the steps grow without bound.
