@@ -197,15 +197,15 @@ def build_problem_with_naming(model: nn.Module, *,
         if not len(retain):
             raise ValueError("unlearn: `forget_request` and `earlier_requests` together take "
                              "every pair of `train_data`: nothing would be left to retain")
-        named, left = request.forget_mask(full), request.forget_mask(remaining)
-        gone = sorted(int(i) for i in full.ids[(named & ~left).any(dim=1)].tolist())
+        asked, still = request.forget_mask(full), request.forget_mask(remaining)
+        gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
             shown = ", ".join(str(i) for i in gone[:10]) + (", ..." if len(gone) > 10 else "")
-            warnings.warn(f"unlearn: {int((named & ~left).sum())} of the {int(named.sum())} "
+            warnings.warn(f"unlearn: {int((asked & ~still).sum())} of the {int(asked.sum())} "
                           f"pairs `forget_request` names ({len(gone)} instance"
                           f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
-                          f"{by}; only the other {int(left.sum())} are forgotten",
+                          f"{by}; only the other {int(still.sum())} are forgotten",
                           UserWarning, stacklevel=3)
     else:
         if retain_data is None:
