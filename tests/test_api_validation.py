@@ -4,6 +4,7 @@ an error naming the argument, or handled as the docs say."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import warnings
@@ -936,11 +937,11 @@ def test_a_run_that_left_the_weights_unchanged_is_said_recorded_and_not_verified
     assert moved.extra["weights_changed"] is True and record["weights_changed"] is True
     check = mtunlearn_ext.verify_saved(tmp_path / "moved.pt.record.json", original=model)
     assert check.ok and check.checks["weights_changed"] == "ok", check.mismatches
-    # The original model saved with the other run's report: the hashes say unchanged.
-    with pytest.warns(UserWarning, match="nothing was unlearned"):
-        record = mtunlearn_ext.save_unlearned(model, moved, tmp_path / "swapped.pt",
-                                              original=model)
-    assert record["weights_changed"] is False
+    # The original model saved with the other run's report: refused (the report holds the
+    # returned model's state hash), as the audit of the record's trust asked.
+    with pytest.raises(ValueError, match=r"`model` is not the model unlearn\(\) returned"):
+        mtunlearn_ext.save_unlearned(model, moved, tmp_path / "swapped.pt", original=model)
+    assert not (tmp_path / "swapped.pt").exists()
     # Older records, without the field, stay readable: judged by the hashes they hold.
     payload = json.loads((tmp_path / "with.pt.record.json").read_text())
     del payload["weights_changed"]
@@ -1479,6 +1480,35 @@ def test_same_parameters_needs_every_parameter_and_the_same_names() -> None:
     assert not same_parameters(a, renamed) and not same_parameters(renamed, a)
 
 
+def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Safety audit: save_unlearned(original, report) recorded and verify_saved passed the
+    untouched original as unlearned (weights_changed taken from the report), and run B's
+    model saved with run A's report carried A's ids. The report now holds the returned
+    model's state hash: any other weights are refused, nothing written; the returned model,
+    also through a wrapper, is saved."""
+    x, y = _data()
+    model = _TwoHeads()
+    common = dict(tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                  config={"steps": 2})
+    run_a, report_a = mtunlearn_ext.unlearn(model, forget_request=ForgetRequest.create([0, 1]),
+                                            **common)  # type: ignore[arg-type]
+    run_b, _ = mtunlearn_ext.unlearn(model, forget_request=ForgetRequest.create([2, 3]),
+                                     **common)  # type: ignore[arg-type]
+    changed_since = copy.deepcopy(run_a)
+    with torch.no_grad():
+        changed_since.heads["a"].bias.add_(1e-3)
+    for other in (model, run_b, changed_since):
+        with pytest.raises(ValueError, match=r"save_unlearned: `model` is not the model "
+                                             r"unlearn\(\) returned with `report` \(its state "
+                                             r"hash [0-9a-f]{12}\.\.\. differs from the returned "
+                                             r"model's [0-9a-f]{12}\.\.\.; .*nothing was written"):
+            mtunlearn_ext.save_unlearned(other, report_a, tmp_path / "m.pt")
+        assert not list(tmp_path.iterdir())
+    record = mtunlearn_ext.save_unlearned(nn.DataParallel(run_a), report_a, tmp_path / "m.pt")
+    assert record["model_state_sha256"] == report_a.extra["model_state_sha256"]
+    assert mtunlearn_ext.verify_saved(tmp_path / "m.pt.record.json").ok
+
+
 def test_a_run_that_moved_some_parameters_is_recorded_changed_and_verified(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Mutation audit: a run that left one parameter as it was (a frozen or untouched one) and
     moved the others is an unlearned model: unlearn reports parameters_changed true,
@@ -1491,6 +1521,9 @@ def test_a_run_that_moved_some_parameters_is_recorded_changed_and_verified(tmp_p
                                        shared_parameters=_trunk)  # type: ignore[arg-type]
     with torch.no_grad():  # one parameter back to the original's: the rest moved
         new.heads["b"].bias.copy_(model.heads["b"].bias)
+    # The report ties save_unlearned to the returned weights; a report from before that tie
+    # (no state hash) is judged by the hashes, as here.
+    del moved.extra["model_state_sha256"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         record = mtunlearn_ext.save_unlearned(new, moved, tmp_path / "some.pt", original=model)

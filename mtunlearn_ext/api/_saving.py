@@ -84,6 +84,15 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         if p.exists():
             raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
     model_sha = state_dict_sha256(model)
+    returned_sha = report.extra.get("model_state_sha256")
+    if isinstance(returned_sha, str) and returned_sha != model_sha:
+        # The record would certify, under this report's request, weights the run did not
+        # return: an untouched original, another run's model, or one changed since.
+        raise ValueError(f"save_unlearned: `model` is not the model unlearn() returned with "
+                         f"`report` (its state hash {model_sha[:12]}... differs from the "
+                         f"returned model's {returned_sha[:12]}...; changed since, or another "
+                         "model): a record describes the weights its report's run returned. "
+                         "Pass that model; nothing was written")
     original_sha = None if original is None else state_dict_sha256(original)
     claimed = report.extra.get("weights_changed")
     weights_changed = (model_sha != original_sha if original_sha is not None

@@ -15,7 +15,7 @@ from torch import nn
 from mtunlearn_ext.api._data_forms import as_dataset, read_in
 from mtunlearn_ext.api._instance_matching import TrainedRows, check_unseen
 from mtunlearn_ext.api._lineage import LINEAGE_ATTRIBUTE, Lineage, carried_lineage
-from mtunlearn_ext.api._model_split import SplitModel
+from mtunlearn_ext.api._model_split import SplitModel, unwrapped
 from mtunlearn_ext.api._problem import build_problem_with_naming
 from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
@@ -335,8 +335,11 @@ def unlearn(model: nn.Module, *,
     source = wrapped.module if isinstance(wrapped, SplitModel) else wrapped
     # The input is never modified, so it still holds the weights the run started from; the
     # hashes tell apart what save_unlearned's and the CLI's tell apart.
-    changed = state_dict_sha256(out) != state_dict_sha256(source)
+    out_sha = state_dict_sha256(unwrapped(out))
+    changed = out_sha != state_dict_sha256(source)
     result.report.extra["weights_changed"] = changed
+    # What save_unlearned ties the report to: a record describes these weights and no others.
+    result.report.extra["model_state_sha256"] = out_sha
     if not changed:
         # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
