@@ -94,7 +94,22 @@ def _strict_int_loader() -> type:
                 "decimal number meant, without leading zeros, or quote it", node.start_mark)
         return int(text)
 
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        # PyYAML keeps the last of two equal keys: `forget_ids` written twice forgot the second
+        # list's instances only, without a word (TOML refuses it).
+        loader.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} is given twice; keep one", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=True)
+
     StrictIntLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    StrictIntLoader.add_constructor("tag:yaml.org,2002:map", construct_mapping)
     return StrictIntLoader
 
 
@@ -226,6 +241,19 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
 # -- shared helpers ----------------------------------------------------------------------------
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _DuplicateKey(key)
+        value[key] = item
+    return value
+
+
 def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     from mtunlearn_ext.workflow import UserInputError, is_existing_file
 
@@ -237,10 +265,16 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
         raise UserInputError(argument, "a JSON object or a readable file holding one", text,
                              str(error)) from error
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_pairs_hook=_object_of_unique_keys)
     except json.JSONDecodeError as error:
         raise UserInputError(argument, "a JSON object or a file holding one", text,
                              str(error)) from error
+    except _DuplicateKey as error:  # json keeps the last of two equal keys, without a word
+        raise UserInputError(argument, "a JSON object with each key once", text,
+                             f"key {error.args[0]!r} is given twice") from None
+    except RecursionError:
+        raise UserInputError(argument, "a JSON object or a file holding one", text,
+                             "nested too deeply to read") from None
     if not isinstance(value, dict):
         raise UserInputError(argument, "a JSON object", type(value).__name__)
     return value
@@ -844,7 +878,7 @@ def _schema_of(path: str) -> object:
     then says what is wrong with it)."""
     try:
         payload = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return payload.get("schema") if isinstance(payload, dict) else None
 
@@ -1172,6 +1206,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UserInputError(missing[0], "a value (flag or config key)", None,
                                  f"`mtunlearn {args.command}` requires it")
         _refuse_config_nulls(args)
+        _refuse_empty_paths(args)
         _threads(args)
         import_plugins(args.imports or [])
         return int(args.func(args))
@@ -1191,6 +1226,21 @@ def _main(argv: Sequence[str] | None) -> int:
     finally:
         if torch.get_num_threads() != callers_threads:
             torch.set_num_threads(callers_threads)
+
+
+#: Options that name a file or folder: an empty value named none, and was taken as not given
+#: (`--output ""` wrote to the default name).
+_PATH_OPTIONS = ("output", "output_dir", "record", "checkpoint", "data_root", "results",
+                 "config")
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    from mtunlearn_ext.workflow import UserInputError
+
+    for name in _PATH_OPTIONS:
+        if getattr(args, name, None) == "":
+            raise UserInputError(f"--{name.replace('_', '-')}", "a path (or the option left "
+                                 "out, for its default)", "")
 
 
 def console_main(argv: Sequence[str] | None = None) -> int:

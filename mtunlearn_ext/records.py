@@ -163,6 +163,9 @@ def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dic
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
                             str(error)) from error
+    except RecursionError:  # not a ValueError: it escaped as a traceback with exit 1
+        raise _record_error(argument, "a readable JSON unlearning record", str(p),
+                            "nested too deeply to read") from None
     if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
         found = (f"its schema is {record.get('schema')!r}" if isinstance(record, dict)
                  else f"it holds a JSON {type(record).__name__}, not an object")

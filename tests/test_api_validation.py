@@ -1480,6 +1480,21 @@ def test_same_parameters_needs_every_parameter_and_the_same_names() -> None:
     assert not same_parameters(a, renamed) and not same_parameters(renamed, a)
 
 
+def test_evaluate_refuses_a_model_with_nan_or_inf_parameters() -> None:
+    """Safety audit: evaluate() gave {'accuracy': 0.38, 'mse': nan} for a NaN trunk, numbers
+    that read as a measurement (unlearn and `mtunlearn evaluate` refuse such a model)."""
+    x, y = _data()
+    for bad in (float("nan"), float("inf")):
+        model = _TwoHeads()
+        with torch.no_grad():
+            model.trunk[0].weight[0, 0] = bad
+        with pytest.raises(ValueError, match=r"evaluate: `model` has NaN/Inf in 1 parameter\(s\) "
+                                             r"\(first: trunk\.0\.weight\); its metrics would "
+                                             r"mean nothing"):
+            mtunlearn_ext.evaluate(model, (x, y), tasks=TASKS)
+    assert set(mtunlearn_ext.evaluate(_TwoHeads(), (x, y), tasks=TASKS)) == {"a", "b"}
+
+
 def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Safety audit: save_unlearned(original, report) recorded and verify_saved passed the
     untouched original as unlearned (weights_changed taken from the report), and run B's

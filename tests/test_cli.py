@@ -176,6 +176,19 @@ def test_config_file_and_flag_override(trained: Path, tmp_path: Path,
         err = capsys.readouterr().err.strip()
         assert err.startswith("mtunlearn: error: --config: expected valid YAML/TOML, got")
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    # A key written twice (safety audit): PyYAML kept the last, and `forget_ids: [3, 7]` then
+    # `forget_ids: [13]` forgot 13 alone without a word; TOML refused it already.
+    for name, text in (("twice.yaml", f"checkpoint: {trained}\nforget_ids: [3, 7]\n"
+                                      "forget_ids: [13]\n"),
+                       ("twice.toml", f'checkpoint = "{trained}"\nforget_ids = [3, 7]\n'
+                                      "forget_ids = [13]\n")):
+        capsys.readouterr()
+        (tmp_path / name).write_text(text)
+        assert cli.main(["unlearn", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mtunlearn: error: --config: expected valid YAML/TOML, got"), err
+        said = "key 'forget_ids' is given twice" if name.endswith(".yaml") else "overwrite"
+        assert said in err and len(err.splitlines()) == 1, err
 
 
 BAD_INPUTS = [
@@ -195,6 +208,16 @@ BAD_INPUTS = [
     (["--forget-ids", ids(1), "--seed", "-1"], "--seed", "integer >= 0"),
     (["--forget-ids", ids(1), "--eval-batch-size", "0"], "--eval-batch-size", "integer >= 1"),
     (["--forget-ids", ids(1), "--threads", "0"], "--threads", "integer >= 1"),
+    # From a safety audit: each of these wrote default-named files, ran a setting other than
+    # the one written, or ended in a traceback with exit 1 (the verify-mismatch code).
+    (["--forget-ids", ids(1), "--output", ""], "--output", "a path (or the option left out"),
+    (["--forget-ids", ids(1), "--record", ""], "--record", "a path (or the option left out"),
+    (["--forget-ids", ids(1), "--method-config", '{"steps": 2, "steps": 0}'], "--method-config",
+     "key 'steps' is given twice"),
+    (["--forget-ids", ids(1), "--method-config", "[" * 100000 + "]" * 100000],
+     "--method-config", "nested too deeply"),
+    (["--forget-ids", ids(1), "--method-config", '{"lr": 1e300}'], "--method-config",
+     "float32's largest"),
 ]
 
 
@@ -214,6 +237,20 @@ def test_bad_inputs_exit_2_one_line(trained: Path, tmp_path: Path,
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert argument in err and fragment in err and "expected" in err, err
     assert _listing(tmp_path) == set() and _listing(trained.parent) == before
+
+
+def test_a_record_nested_too_deeply_is_refused_in_one_line(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    """Safety audit: JSON nested 100,000 deep ended `mtunlearn verify` in a RecursionError
+    traceback with exit 1, the code of a verify mismatch."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    assert cli.main(["verify", "--record", str(deep)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtunlearn: error: --record: expected a readable JSON unlearning "
+                          "record") and err.endswith("nested too deeply to read"), err
+    assert len(err.splitlines()) == 1
 
 
 def test_bad_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]

@@ -13,6 +13,7 @@ from mtunlearn_ext.api._data_forms import as_dataset, check_data_like, read_in
 from mtunlearn_ext.api._model_split import SplitModel, has_own_split
 from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs
 from mtunlearn_ext.api._types import DataLike
+from mtunlearn_ext.api._unlearn import non_finite_parameters
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
 from mtunlearn_ext.metrics.evaluate import check_positive_int, evaluate as evaluate_metrics
 from mtunlearn_ext.metrics.scores import Scores
@@ -40,6 +41,10 @@ def evaluate(model: nn.Module, data: DataLike, *,
         raise TypeError(f"evaluate: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
     check_positive_int(batch_size, "batch_size", "evaluate")
+    diverged = non_finite_parameters(model)
+    if diverged:  # its outputs are NaN or Inf, and metrics of them read as plausible numbers
+        raise ValueError(f"evaluate: `model` has NaN/Inf in {len(diverged)} parameter(s) "
+                         f"(first: {diverged[0]}); its metrics would mean nothing")
     if tasks is None:
         if not isinstance(data, MultiTaskDataset):
             raise TypeError("evaluate: `tasks` is needed for data given as a tuple or torch "
