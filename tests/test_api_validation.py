@@ -1495,6 +1495,32 @@ def test_evaluate_refuses_a_model_with_nan_or_inf_parameters() -> None:
     assert set(mtunlearn_ext.evaluate(_TwoHeads(), (x, y), tasks=TASKS)) == {"a", "b"}
 
 
+def test_meta_data_a_meta_model_and_inputs_the_model_cannot_take_are_named() -> None:
+    """Safety audit: data on the meta device failed with torch.nonzero's NotImplementedError,
+    a meta model in evaluate with "Tensor.item() cannot be called on meta tensors", and float64
+    data for a float32 model in evaluate with torch's bare "mat1 and mat2 must have the same
+    dtype" (unlearn named it already)."""
+    x, y = _data()
+    meta = {"inputs": ((x.to("meta"), y), "inputs"),
+            "targets": ((x, {"a": y["a"].to("meta"), "b": y["b"]}), "targets of task 'a'"),
+            "mask": ((x, y, torch.ones(40, 2, dtype=torch.bool, device="meta")),
+                     "supervision mask")}
+    for data, part in meta.values():
+        with pytest.raises(ValueError, match=rf"unlearn: `train_data`: {part} on the meta "
+                                             r"device, which holds no values"):
+            _problem(train_data=data, forget_request=ForgetRequest.create([1]))
+        with pytest.raises(ValueError, match=rf"evaluate: `data`: {part} on the meta device"):
+            mtunlearn_ext.evaluate(_TwoHeads(), data, tasks=TASKS)
+    with pytest.raises(ValueError, match=r"evaluate: `model` has 6 tensor\(s\) on the meta "
+                                         r"device \(first: trunk\.0\.weight\)"):
+        mtunlearn_ext.evaluate(_TwoHeads().to("meta"), (x, y), tasks=TASKS)
+    with pytest.raises(ValueError, match=r"evaluate: `model` fails on the inputs of `data` \(a "
+                                         r"batch of shape \(2, 8\)\): RuntimeError: mat1 and "
+                                         r"mat2 must have the same dtype") as caught:
+        mtunlearn_ext.evaluate(_TwoHeads(), (x.double(), y), tasks=TASKS)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
 def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Safety audit: save_unlearned(original, report) recorded and verify_saved passed the
     untouched original as unlearned (weights_changed taken from the report), and run B's

@@ -7,7 +7,7 @@ positions)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -120,6 +120,10 @@ def check_data_like(data: object, what: str, op: str = "unlearn", *,
             got = type(value).__name__ if not isinstance(value, torch.Tensor) else "a 0-d tensor"
             raise TypeError(f"{op}: `{what}` targets of task {name!r} must be a tensor "
                             f"[N, ...] (one row per instance), got {got}")
+    on_meta = _meta_part(data)
+    if on_meta is not None:  # the checks and metrics read values (torch: NotImplementedError)
+        raise ValueError(f"{op}: `{what}`: {on_meta} on the meta device, which holds no "
+                         "values; give the data itself")
     if len(data) == 3:
         mask = data[2]
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype != torch.bool:
@@ -127,6 +131,26 @@ def check_data_like(data: object, what: str, op: str = "unlearn", *,
                    else type(mask).__name__)
             raise TypeError(f"{op}: `{what}`[2], the supervision mask, must be a bool tensor "
                             f"[N, T] (one column per task, in the order of `tasks`), got {got}")
+
+
+def _meta_part(data: tuple[Any, ...]) -> str | None:
+    """Which part of tuple ``data`` is a meta tensor (the inputs, a task's targets, the mask;
+    inputs may be a tensor or a tuple / mapping of them), or None."""
+    def meta(value: object) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.is_meta
+        if isinstance(value, (tuple, list)):
+            return any(meta(v) for v in value)
+        if isinstance(value, Mapping):
+            return any(meta(v) for v in value.values())
+        return False
+
+    if meta(data[0]):
+        return "inputs"
+    for name, value in data[1].items():
+        if meta(value):
+            return f"targets of task {name!r}"
+    return "supervision mask" if len(data) == 3 and meta(data[2]) else None
 
 
 def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Union, cast
 
+import torch
 from torch import nn
 
 from mtunlearn_ext.api._data_forms import as_dataset, check_data_like, read_in
@@ -15,6 +16,7 @@ from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs
 from mtunlearn_ext.api._types import DataLike
 from mtunlearn_ext.api._unlearn import non_finite_parameters
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
+from mtunlearn_ext.data.inputs import describe, inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import check_positive_int, evaluate as evaluate_metrics
 from mtunlearn_ext.metrics.scores import Scores
 from mtunlearn_ext.metrics.uis_floor import (
@@ -23,6 +25,7 @@ from mtunlearn_ext.metrics.uis_floor import (
     uis_floor as _measure_uis_floor,
 )
 from mtunlearn_ext.models.base import MultiTaskModel
+from mtunlearn_ext.models.modes import eval_mode
 
 
 def evaluate(model: nn.Module, data: DataLike, *,
@@ -41,6 +44,11 @@ def evaluate(model: nn.Module, data: DataLike, *,
         raise TypeError(f"evaluate: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
     check_positive_int(batch_size, "batch_size", "evaluate")
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(f"evaluate: `model` has {len(on_meta)} tensor(s) on the meta device "
+                         f"(first: {on_meta[0]}), which hold no values; load the trained "
+                         "weights first")
     diverged = non_finite_parameters(model)
     if diverged:  # its outputs are NaN or Inf, and metrics of them read as plausible numbers
         raise ValueError(f"evaluate: `model` has NaN/Inf in {len(diverged)} parameter(s) "
@@ -58,7 +66,25 @@ def evaluate(model: nn.Module, data: DataLike, *,
     dataset = as_dataset(data, specs, "data", op="evaluate")
     dataset.check_values("evaluate: `data`")
     measured = cast(MultiTaskModel, model if own_split else SplitModel(model, (), {}))
+    _probe(measured, dataset)
     return evaluate_metrics(measured, dataset, batch_size=batch_size)
+
+
+def _probe(model: MultiTaskModel, dataset: MultiTaskDataset) -> None:
+    """One forward of the first two rows, so that a model that cannot take the data's inputs
+    (another dtype or device, another shape) is named as such, not by torch's error alone from
+    inside the metrics."""
+    if not len(dataset):
+        return
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    inputs = take_rows(dataset.inputs, torch.arange(min(2, len(dataset))))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(inputs_to(inputs, device), dataset.task_names)
+    except Exception as error:  # noqa: BLE001 - re-raised, named, with the cause kept
+        raise ValueError(f"evaluate: `model` fails on the inputs of `data` (a batch of "
+                         f"{describe(inputs)}): {type(error).__name__}: {error}") from error
 
 
 #: What ``uis_floor``'s ``tasks`` may be: names (or specs) of the tasks UIS averages over, or, as
