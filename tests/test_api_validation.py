@@ -1521,6 +1521,31 @@ def test_meta_data_a_meta_model_and_inputs_the_model_cannot_take_are_named() -> 
     assert isinstance(caught.value.__cause__, RuntimeError)
 
 
+def test_save_paths_the_system_refuses_are_named_before_anything_is_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Safety audit: a path under a file, one with a NUL byte and a file name too long gave
+    the operating system's FileExistsError / "embedded null byte" / "File name too long",
+    none naming `path`. Missing folders are created (documented)."""
+    x, y = _data()
+    model, report = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                          forget_request=ForgetRequest.create([0, 1]),
+                                          shared_parameters=_trunk,  # type: ignore[arg-type]
+                                          config={"steps": 1})
+    (tmp_path / "afile").write_text("")
+    for path, error, said in (
+            (tmp_path / "afile" / "m.pt", NotADirectoryError,
+             r"`path` .*afile/m\.pt: .*afile is a file, not a folder"),
+            (str(tmp_path / "a\0b.pt"), ValueError, r"`path` .* contains a NUL byte"),
+            (tmp_path / ("n" * 250 + ".pt"), ValueError,
+             r"`path`'s file name is too long: with the record's suffix '\.record\.json' it "
+             r"takes 265 bytes, and the folder allows 255"),
+            ("", TypeError, r"`path` must be a file path")):
+        with pytest.raises(error, match=rf"save_unlearned: {said}"):
+            mtunlearn_ext.save_unlearned(model, report, path)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    record = mtunlearn_ext.save_unlearned(model, report, tmp_path / "new" / "dir" / "m.pt")
+    assert record["checkpoint"]["path"] == str(tmp_path / "new" / "dir" / "m.pt")
+
+
 def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Safety audit: save_unlearned(original, report) recorded and verify_saved passed the
     untouched original as unlearned (weights_changed taken from the report), and run B's

@@ -56,7 +56,7 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     ``parameters_changed: false`` for a run that moved buffers only (BatchNorm statistics
     recomputed after 0 steps), whose every parameter is the original's. A value JSON cannot hold,
     NaN or an infinity (a diverged run's loss), is written as ``null``, as
-    :meth:`UnlearningReport.to_dict` writes it.
+    :meth:`UnlearningReport.to_dict` writes it. Missing folders of ``path`` are created.
 
     Returns:
         The record (a plain JSON-able dict).
@@ -78,7 +78,7 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         raise ValueError(f"save_unlearned: `model` has NaN/Inf in {len(diverged)} parameter(s) "
                          f"(first: {diverged[0]}); a diverged run is no unlearned model: nothing "
                          "was written")
-    target = Path(path)
+    target = _target_path(path)
     record_path = target.with_name(target.name + ".record.json")
     for p in (target, record_path):
         if p.exists():
@@ -134,14 +134,45 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         record["parameters_changed"] = parameters_changed
     from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
 
-    record["checkpoint"] = {"path": str(target),
-                            "sha256": atomic_torch_save(model.state_dict(), target)}
+    try:
+        checkpoint_sha = atomic_torch_save(model.state_dict(), target)
+    except OSError as error:  # nothing of it is left (a temporary file, then a link)
+        raise type(error)(error.errno, f"save_unlearned: `path` {target} cannot be written: "
+                          f"{error.strerror or error}") from error
+    record["checkpoint"] = {"path": str(target), "sha256": checkpoint_sha}
     try:
         write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))
     except BaseException:
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+def _target_path(path: object) -> Path:
+    """``path`` checked before anything is written, each problem named as ``path``'s (the
+    operating system's errors named neither): a NUL byte, a file name too long for the folder
+    with the record's suffix, a file where a folder must be. Missing folders are created."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"save_unlearned: `path` must be a file path (str or os.PathLike), got "
+                        f"{path!r}")
+    text = os.fsdecode(os.fspath(path))
+    if "\0" in text:
+        raise ValueError(f"save_unlearned: `path` {text!r} contains a NUL byte")
+    target = Path(text)
+    existing = next(f for f in (target.parent, *target.parent.parents) if f.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"save_unlearned: `path` {target}: {existing} is a file, not a "
+                                 "folder")
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not known there: the common limit
+        limit = 255
+    longest = len(os.fsencode(target.name + ".record.json"))
+    if longest > limit:
+        raise ValueError(f"save_unlearned: `path`'s file name is too long: with the record's "
+                         f"suffix '.record.json' it takes {longest} bytes, and the folder allows "
+                         f"{limit}")
+    return target
 
 
 def _weights_changed_check(payload: Mapping[str, Any], weights: str | None,
