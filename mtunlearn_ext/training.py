@@ -424,7 +424,8 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
     """
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
+        raise CheckpointError(f"checkpoint {p} " + ("is a folder, not a checkpoint file"
+                                                    if p.is_dir() else "does not exist"))
     try:
         data = p.read_bytes()
     except FileNotFoundError as error:  # removed since the check

@@ -262,6 +262,10 @@ def test_bad_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFi
     assert "--checkpoint" in capsys.readouterr().err
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    # A folder given (safety audit): it was said not to exist.
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "is a folder, not a checkpoint file" in err, err
     assert cli.main(["unlearn", "--forget-ids", ids(1)]) == 2  # no checkpoint at all
     assert "--checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()

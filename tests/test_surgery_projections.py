@@ -441,3 +441,12 @@ def test_list_surgery_reads_stacks_that_require_grad_as_values() -> None:
         assert not out.requires_grad
     projected = surgery.project_out_list([s[:1] for s in stacks], [s[1:] for s in stacks])
     assert not any(p.requires_grad for p in projected)
+
+
+def test_a_sign_given_as_a_flag_is_refused() -> None:
+    """Safety audit: sign=True (== 1) was taken as 1; a flag is not a sign."""
+    g, r = [torch.randn(1, 5)], [torch.randn(2, 5)]
+    for sign in (True, False, 0, 2):
+        with pytest.raises(ValueError, match=rf"`sign` must be 1 or -1, got {sign}$"):
+            project_nonconflicting_list(g, r, sign=sign)
+    assert project_nonconflicting_list(g, r, sign=-1)[0].shape == (1, 5)

@@ -114,8 +114,8 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
     """
     op = "mtunlearn_ext.ops.project_nonconflicting"
     _check_pair(op, "g", g, "r", r)
-    if sign not in (1, -1):
-        raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign}")
+    if isinstance(sign, bool) or sign not in (1, -1):  # True == 1: a flag meant as something else
+        raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign!r}")
     if has_extension():
         out, coeffs = call_op(torch.ops.mtunlearn.project_nonconflicting, g, r, int(sign))
     else:
