@@ -879,7 +879,8 @@ class OutputTransaction:
     with names the file system takes (at most ``PC_NAME_MAX`` bytes each) and no NUL byte. So a
     run fails before doing any work rather than after. Files created through :meth:`write` are
     deleted again if the block exits with any exception, including ``KeyboardInterrupt`` and
-    the ``SystemExit`` the CLI raises on SIGTERM; a write failing with an ``OSError`` (disk
+    the ``SystemExit`` the CLI raises on SIGTERM, and so are the folders their writes made, when
+    left empty; a write failing with an ``OSError`` (disk
     full, ...) is a :class:`UserInputError` naming the output's argument. Inputs are never
     touched.
     """
@@ -887,6 +888,9 @@ class OutputTransaction:
     outputs: dict[str, Path] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
     _created: list[Path] = field(default_factory=list)
+    #: Folders missing before a write (which makes them): removed again, when empty, with the
+    #: files (a failed command left `--output new/sub/o.pt`'s empty folders behind).
+    _made_folders: list[Path] = field(default_factory=list)
 
     def reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
@@ -916,6 +920,7 @@ class OutputTransaction:
         e.g. written by a concurrent run). Any other ``OSError`` of the write becomes a :class:`UserInputError` naming the output's
         argument (one line on the command line, exit 2)."""
         self._created.append(path)
+        self._made_folders.extend(f for f in path.absolute().parents if not os.path.lexists(f))
         argument = next((a for a, p in self.outputs.items() if p == path), "output")
         try:
             return writer(path)
@@ -944,6 +949,12 @@ class OutputTransaction:
         for path in reversed(self._created):
             try:
                 path.unlink()
+            except OSError:
+                pass
+        # Deepest first; a folder that holds anything (another process's file) stays.
+        for folder in sorted(set(self._made_folders), key=lambda f: len(f.parts), reverse=True):
+            try:
+                folder.rmdir()
             except OSError:
                 pass
 

@@ -604,3 +604,26 @@ def test_the_record_is_ready_before_the_checkpoint_lands(
     monkeypatch.setattr(records, "write_record", write_record)
     assert _unlearn(trained, tmp_path / "u.pt") == 0
     assert calls == ["code_version", "save_checkpoint", "write_record"]
+
+
+def test_a_failed_command_removes_the_folders_its_writes_made(tmp_path: Path) -> None:
+    """Safety audit: `--output new/sub/o.pt` with a record that then failed to write left the
+    empty folders new/ and new/sub/ behind (exit 2, "nothing was written"). A folder that
+    existed before, or that holds another file by then, stays."""
+    from mtunlearn_ext._io import write_text_new
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="the record failed"):
+        with OutputTransaction() as tx:
+            out = tx.reserve("--output", tmp_path / "new" / "sub" / "o.pt")
+            beside = tx.reserve("--report", tmp_path / "kept" / "deeper" / "r.md")
+            other = tx.reserve("--record", tmp_path / "shared" / "r.json")
+            tx.write(out, lambda p: write_text_new(p, "weights"))
+            tx.write(beside, lambda p: write_text_new(p, "report"))
+            tx.write(other, lambda p: write_text_new(p, "{}"))
+            (tmp_path / "shared" / "theirs.txt").write_text("another process's file")
+            assert out.is_file() and beside.is_file()
+            raise RuntimeError("the record failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "shared"]
+    assert list((tmp_path / "kept").iterdir()) == []
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["theirs.txt"]
