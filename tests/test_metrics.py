@@ -583,3 +583,37 @@ def test_per_sample_losses_of_half_precision_outputs_are_computed_in_float32() -
     expected = nn.functional.cross_entropy(logits, labels, reduction="none").double()
     torch.testing.assert_close(losses, expected, rtol=1e-6, atol=1e-7)
     assert len(set(losses.tolist())) == 64
+
+
+def test_the_attack_takes_losses_below_zero() -> None:
+    """Metrics audit: a task's custom loss may be negative (a Gaussian negative log-likelihood
+    on a mean + log-variance head); the attack's feature log(l + 1e-8) was NaN there and
+    sklearn raised "Input contains NaN". The scale now goes on below zero, keeping the order
+    of the losses (the loss attack's AUC is theirs), and non-negative losses keep their log's
+    bits."""
+    losses = torch.tensor([-50.0, -1.0, -1e-9, 0.0, 1e-9, 0.5, 3.0], dtype=torch.float64)
+    scaled = membership_module._log_scale(losses)
+    assert bool(torch.isfinite(scaled).all()) and bool((scaled.diff() > 0).all())
+    assert torch.equal(scaled[3:], torch.log(losses[3:] + 1e-8))
+
+    def nll(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mean, log_var = pred[:, :1], pred[:, 1:2]
+        return (0.5 * (log_var + (target - mean) ** 2 / log_var.exp())).mean(dim=1)
+
+    class Head(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.cat([z[:, :1], torch.full_like(z[:, :1], -3.0)], dim=1)
+
+    spec = TaskSpec("r", "regression", loss=nll)
+    model = MultiTaskModel(nn.Identity(), {"r": Head()}, [spec])
+    g = torch.Generator().manual_seed(0)
+
+    def data(n: int, spread: float) -> MultiTaskDataset:
+        return MultiTaskDataset(torch.randn(n, 1, generator=g) * spread, {"r": torch.zeros(n, 1)},
+                                [spec])
+
+    members, non_members, forget = data(40, 0.1), data(40, 0.5), data(10, 0.1)
+    assert float(nll(Head()(forget.inputs), forget.targets["r"]).max()) < 0  # all below zero
+    for attack in ("loss", "logistic"):
+        result = membership_attack(model, members, non_members, forget, attack=attack)  # type: ignore[arg-type]
+        assert 0.5 < result.auc <= 1.0, (attack, result.auc)

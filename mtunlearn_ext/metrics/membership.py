@@ -20,6 +20,8 @@ model's AUC (forget instances may be easier or harder than test ones); compare t
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +59,9 @@ class MIAResult:
 def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[str],
               batch_size: int) -> tuple[np.ndarray, int]:
     """``[n, |S|]`` log-losses of the rows with every attacked task supervised, and how many of
-    those rows have a non-finite loss (a model that diverged on them)."""
+    those rows have a non-finite loss (a model that diverged on them). A loss below zero (a
+    Gaussian negative log-likelihood, say) continues the scale monotonically below ``log(eps)``
+    (its log was NaN, and the attack failed on it)."""
     losses = per_sample_task_losses(model, dataset, list(tasks), batch_size)
     columns = [dataset.task_index(t) for t in tasks]
     # Rows by the supervision mask, not by NaN losses: a NaN loss of a supervised pair is the
@@ -65,7 +69,15 @@ def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[
     complete = dataset.supervision[:, columns].all(dim=1)
     chosen = losses[complete]
     undefined = int((~torch.isfinite(chosen)).any(dim=1).sum())
-    return torch.log(chosen + 1e-8).numpy(), undefined
+    return _log_scale(chosen).numpy(), undefined
+
+
+def _log_scale(losses: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``log(l + eps)`` for ``l >= 0``; below zero ``log(eps) - log1p(-l / eps)``, which meets
+    it at 0 and keeps the order of the losses (the loss attack ranks them; the logistic one
+    fits on this scale)."""
+    below = math.log(eps) - torch.log1p(-losses / eps)
+    return torch.where(losses >= 0, torch.log(losses + eps), below)
 
 
 def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,

@@ -8,7 +8,12 @@ their span,
 
     ``d = f - R^T (R R^T + lambda I)^{-1} R f``,   ``R = [r_1; ...; r_B]`` (``B x n``),
 
-so to first order a step along ``-d`` leaves every one of those retain losses unchanged. The
+so to first order a step along ``-d`` leaves every one of those retain losses unchanged, up to
+the ridge: ``lambda = ridge * tr(R R^T) / B`` (``ridge`` 1e-6 by default) keeps the solve
+well-posed when the ``r_i`` are dependent, and a direction of their span whose Gram
+eigenvalue is not well above ``lambda`` is only partly removed (a well-fitted instance's
+gradient, 1e-4 of the others' norm, keeps most of its component: measured cosine 1e-2 before
+and after; ``ridge: 0`` removes it up to rounding, where the Gram is invertible). The
 projection is :func:`mtunlearn_ext.surgery.project_out_list` on the per-parameter stacks (the
 same surgery layer as the other methods and the training hook): one ``B x B`` Gram matrix, a tiny
 ridge solve, one combination; numerically the same as OrthoGrad's QR-based orthonormal basis of the

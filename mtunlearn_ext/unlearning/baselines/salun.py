@@ -4,10 +4,14 @@ Saliency (Fan et al., SalUn): the weights that matter for forgetting are those w
 loss is steep. With ``g = grad_theta sum_{t in S} L^f_t`` accumulated over the whole forget set
 (the plain task losses, i.e. the gradient-ascent direction, at the original model), the mask is
 
-    ``m = 1[|g| >= gamma]``, ``gamma`` the ``(1 - saliency_fraction)`` quantile of ``|g|``
+    ``m = 1[|g| >= gamma and |g| > 0]``, ``gamma`` the ``(1 - saliency_fraction)`` quantile of
+    ``|g|``
 
 over every parameter entry of the model together (one global threshold, so layers with steep
-forget gradients get more of the budget). The update is the random-labels update
+forget gradients get more of the budget). An entry with no forget gradient is never salient:
+when more than ``1 - saliency_fraction`` of the entries have none (``gamma = 0``; in a partial
+request the other tasks' heads get no forget gradient), fewer than ``saliency_fraction`` of
+them move, and those other heads take no retain update either. The update is the random-labels update
 (:mod:`~mtunlearn_ext.unlearning.baselines.random_labels`) multiplied by ``m`` entrywise: weights
 outside the salient set never move, which limits collateral damage to the retained pairs.
 """
@@ -32,7 +36,8 @@ __all__ = ["SalUn", "SalUnConfig"]
 
 @dataclass
 class SalUnConfig(RandomLabelsConfig):
-    """``saliency_fraction``: share of parameter entries allowed to move (SalUn's default 0.5).
+    """``saliency_fraction``: share of parameter entries allowed to move (SalUn's default 0.5;
+    fewer where fewer have a forget gradient, see the module text).
     ``saliency_batch_size``: forget rows per pass when accumulating the saliency gradient."""
 
     saliency_fraction: float = 0.5
