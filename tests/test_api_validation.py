@@ -1515,7 +1515,7 @@ def test_meta_data_a_meta_model_and_inputs_the_model_cannot_take_are_named() -> 
                                          r"device \(first: trunk\.0\.weight\)"):
         mtunlearn_ext.evaluate(_TwoHeads().to("meta"), (x, y), tasks=TASKS)
     with pytest.raises(ValueError, match=r"evaluate: `model` fails on the inputs of `data` \(a "
-                                         r"batch of shape \(2, 8\)\): RuntimeError: mat1 and "
+                                         r"batch of shape \(40, 8\)\): RuntimeError: mat1 and "
                                          r"mat2 must have the same dtype") as caught:
         mtunlearn_ext.evaluate(_TwoHeads(), (x.double(), y), tasks=TASKS)
     assert isinstance(caught.value.__cause__, RuntimeError)
@@ -1546,6 +1546,59 @@ def test_save_paths_the_system_refuses_are_named_before_anything_is_written(tmp_
     assert record["checkpoint"]["path"] == str(tmp_path / "new" / "dir" / "m.pt")
 
 
+def test_evaluates_first_call_asks_no_more_than_the_metrics_do() -> None:
+    """Review of the probe above: it called the model on 2 rows with every task of the data,
+    which the metrics never do, and refused a model with no head for a task unlabelled in the
+    data, and one built for the batch size given; and it ran before the task-names check, so
+    a forward(x) model lost that check's advice (and its TypeError)."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk = nn.Linear(8, 16)
+            self.heads = nn.ModuleDict({"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)})
+
+        def forward(self, x: torch.Tensor, tasks: list[str] | None = None
+                    ) -> dict[str, torch.Tensor]:
+            z = self.trunk(x)
+            return {t: self.heads[t](z) for t in (tasks or list(self.heads))}
+
+        def parameter_split(self) -> object:
+            raise AssertionError("not asked for by evaluate")
+
+    class FixedBatch(Heads):
+        def forward(self, x: torch.Tensor, tasks: list[str] | None = None
+                    ) -> dict[str, torch.Tensor]:
+            assert x.shape[0] == 4, f"batch of {x.shape[0]}, expected 4"
+            return super().forward(x, tasks)
+
+    class NoTaskNames(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Heads()
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.inner(x)
+
+        def parameter_split(self) -> object:
+            return self.inner.parameter_split()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 8, generator=g)
+    y = {"a": torch.randint(0, 3, (8,), generator=g), "b": torch.randn(8, 1, generator=g)}
+    two = {"a": "classification", "b": "regression"}
+    mask = torch.ones(8, 3, dtype=torch.bool)
+    mask[:, 2] = False  # 'aux' is labelled nowhere, and the model has no head for it
+    plain = mtunlearn_ext.evaluate(Heads(), (x, y), tasks=two)
+    with_aux = mtunlearn_ext.evaluate(Heads(), (x, {**y, "aux": torch.randn(8, 1)}, mask),
+                                      tasks={**two, "aux": "regression"})
+    assert with_aux == plain
+    assert mtunlearn_ext.evaluate(FixedBatch(), (x, y), tasks=two, batch_size=4) == plain
+    with pytest.raises(TypeError, match=r"evaluate: `model` must take \(inputs, task names\)"):
+        mtunlearn_ext.evaluate(NoTaskNames(), (x, y), tasks=two)
+
+
 def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Safety audit: save_unlearned(original, report) recorded and verify_saved passed the
     untouched original as unlearned (weights_changed taken from the report), and run B's
@@ -1573,6 +1626,21 @@ def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # ty
     record = mtunlearn_ext.save_unlearned(nn.DataParallel(run_a), report_a, tmp_path / "m.pt")
     assert record["model_state_sha256"] == report_a.extra["model_state_sha256"]
     assert mtunlearn_ext.verify_saved(tmp_path / "m.pt.record.json").ok
+    # The half-precision way in (unlearn's own advice: unlearn a float32 copy, cast the result
+    # back) saves; the original cast the same way, or a model cast in part, does not.
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        cast_back = copy.deepcopy(run_a).to(dtype)
+        record = mtunlearn_ext.save_unlearned(cast_back, report_a, tmp_path / f"{name}.pt")
+        assert record["model_state_sha256"] == report_a.extra["model_state_sha256_cast"][name]
+        assert mtunlearn_ext.verify_saved(tmp_path / f"{name}.pt.record.json").ok
+        with pytest.raises(ValueError, match=r"`model` is not the model unlearn\(\) returned"):
+            mtunlearn_ext.save_unlearned(copy.deepcopy(model).to(dtype), report_a,
+                                         tmp_path / f"original_{name}.pt")
+    in_part = copy.deepcopy(run_a)
+    in_part.heads.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"`model` is not the model unlearn\(\) returned"):
+        mtunlearn_ext.save_unlearned(in_part, report_a, tmp_path / "in_part.pt")
 
 
 def test_a_run_that_moved_some_parameters_is_recorded_changed_and_verified(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -17,15 +17,17 @@ from mtunlearn_ext.api._types import DataLike
 from mtunlearn_ext.api._unlearn import non_finite_parameters
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
 from mtunlearn_ext.data.inputs import describe, inputs_to, take_rows
-from mtunlearn_ext.metrics.evaluate import check_positive_int, evaluate as evaluate_metrics
+from mtunlearn_ext.metrics.evaluate import check_positive_int, device_of
+from mtunlearn_ext.metrics.evaluate import evaluate as evaluate_metrics
 from mtunlearn_ext.metrics.scores import Scores
 from mtunlearn_ext.metrics.uis_floor import (
     UISFloor,
     WHAT_EACH_SPLIT_IS,
     uis_floor as _measure_uis_floor,
 )
-from mtunlearn_ext.models.base import MultiTaskModel
+from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
 from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.unlearning.base import ModelOutputError
 
 
 def evaluate(model: nn.Module, data: DataLike, *,
@@ -66,22 +68,31 @@ def evaluate(model: nn.Module, data: DataLike, *,
     dataset = as_dataset(data, specs, "data", op="evaluate")
     dataset.check_values("evaluate: `data`")
     measured = cast(MultiTaskModel, model if own_split else SplitModel(model, (), {}))
-    _probe(measured, dataset)
+    _probe(measured, dataset, batch_size)
     return evaluate_metrics(measured, dataset, batch_size=batch_size)
 
 
-def _probe(model: MultiTaskModel, dataset: MultiTaskDataset) -> None:
-    """One forward of the first two rows, so that a model that cannot take the data's inputs
-    (another dtype or device, another shape) is named as such, not by torch's error alone from
-    inside the metrics."""
-    if not len(dataset):
-        return
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    inputs = take_rows(dataset.inputs, torch.arange(min(2, len(dataset))))
+def _probe(model: MultiTaskModel, dataset: MultiTaskDataset, batch_size: int) -> None:
+    """The metrics' first model call made alone (the same rows, tasks and device), so that a
+    model that cannot take the data's inputs (another dtype, another shape) is named as such,
+    not by torch's error alone from inside the metrics. Nothing else is asked of the model
+    than the metrics ask."""
+    check_takes_task_names(model, "evaluate")  # its own message, first
+    names = dataset.task_names
+    for start in range(0, len(dataset), batch_size):
+        positions = torch.arange(start, min(start + batch_size, len(dataset)))
+        supervised = dataset.supervision[positions].any(dim=0)
+        wanted = [name for name, any_ in zip(names, supervised.tolist()) if any_]
+        if wanted:
+            break
+    else:
+        return  # nothing supervised: the metrics call nothing either
+    inputs = take_rows(dataset.inputs, positions)
     try:
         with eval_mode(model), torch.no_grad():
-            model(inputs_to(inputs, device), dataset.task_names)
+            model(inputs_to(inputs, device_of(model)), wanted)
+    except ModelOutputError:
+        raise  # it ran: its output has the wrong type, which the error says
     except Exception as error:  # noqa: BLE001 - re-raised, named, with the cause kept
         raise ValueError(f"evaluate: `model` fails on the inputs of `data` (a batch of "
                          f"{describe(inputs)}): {type(error).__name__}: {error}") from error

@@ -85,14 +85,16 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
             raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
     model_sha = state_dict_sha256(model)
     returned_sha = report.extra.get("model_state_sha256")
-    if isinstance(returned_sha, str) and returned_sha != model_sha:
+    if isinstance(returned_sha, str) and returned_sha != model_sha \
+            and not _is_returned_model_cast(model, report, model_sha):
         # The record would certify, under this report's request, weights the run did not
         # return: an untouched original, another run's model, or one changed since.
         raise ValueError(f"save_unlearned: `model` is not the model unlearn() returned with "
                          f"`report` (its state hash {model_sha[:12]}... differs from the "
                          f"returned model's {returned_sha[:12]}...; changed since, or another "
-                         "model): a record describes the weights its report's run returned. "
-                         "Pass that model; nothing was written")
+                         "model; the returned model cast as a whole to another floating type "
+                         "is accepted): a record describes the weights its report's run "
+                         "returned. Pass that model; nothing was written")
     original_sha = None if original is None else state_dict_sha256(original)
     claimed = report.extra.get("weights_changed")
     weights_changed = (model_sha != original_sha if original_sha is not None
@@ -146,6 +148,17 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         target.unlink(missing_ok=True)
         raise
     return record
+
+
+def _is_returned_model_cast(model: nn.Module, report: UnlearningReport, model_sha: str) -> bool:
+    """Whether ``model`` is the model ``report``'s run returned, cast as a whole to one other
+    floating type (``new.to(torch.bfloat16)``: how a half-precision model is unlearned)."""
+    floating = {value.dtype for value in model.state_dict().values()
+                if isinstance(value, torch.Tensor) and value.is_floating_point()}
+    cast = report.extra.get("model_state_sha256_cast")
+    if len(floating) != 1 or not isinstance(cast, Mapping):
+        return False
+    return cast.get(str(floating.pop()).removeprefix("torch.")) == model_sha
 
 
 def _target_path(path: object) -> Path:

@@ -335,11 +335,17 @@ def unlearn(model: nn.Module, *,
     source = wrapped.module if isinstance(wrapped, SplitModel) else wrapped
     # The input is never modified, so it still holds the weights the run started from; the
     # hashes tell apart what save_unlearned's and the CLI's tell apart.
-    out_sha = state_dict_sha256(unwrapped(out))
+    out_state = unwrapped(out).state_dict()
+    out_sha = state_dict_sha256(out_state)
     changed = out_sha != state_dict_sha256(source)
     result.report.extra["weights_changed"] = changed
-    # What save_unlearned ties the report to: a record describes these weights and no others.
+    # What save_unlearned ties the report to: a record describes these weights and no others;
+    # or these weights cast as a whole to another floating type (the half-precision way in:
+    # unlearn a float32 copy, cast the result back).
     result.report.extra["model_state_sha256"] = out_sha
+    result.report.extra["model_state_sha256_cast"] = {
+        str(dtype).removeprefix("torch."): state_dict_sha256(floating_cast(out_state, dtype))
+        for dtype in CASTS_SAVED}
     if not changed:
         # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
@@ -372,6 +378,17 @@ def unlearn(model: nn.Module, *,
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
+
+
+#: The floating types a returned model may be cast to, as a whole, and still be saved with its
+#: report (save_unlearned compares it by the hash of the returned state cast the same way).
+CASTS_SAVED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def floating_cast(state: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``state`` with every floating tensor cast to ``dtype``, as ``module.to(dtype)`` casts."""
+    return {name: value.to(dtype) if isinstance(value, torch.Tensor)
+            and value.is_floating_point() else value for name, value in state.items()}
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:

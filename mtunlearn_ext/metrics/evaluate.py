@@ -32,7 +32,7 @@ def check_positive_int(value: object, name: str, caller: str) -> None:
         raise ValueError(f"{caller}: `{name}` must be an integer >= 1, got {value!r}")
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters (or buffers) live; CPU for a model with neither."""
     for tensor in model.parameters():
         return tensor.device
@@ -63,7 +63,7 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     check_takes_task_names(model, "evaluate")
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
-    device = _device_of(model)
+    device = device_of(model)
     with _measuring(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
@@ -95,7 +95,7 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
     check_positive_int(batch_size, "batch_size", "per_sample_task_losses")
     resolved = _resolve(dataset, tasks)
     losses = torch.full((len(dataset), len(resolved)), float("nan"), dtype=torch.double)
-    device = _device_of(model)
+    device = device_of(model)
     with _measuring(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))

@@ -35,10 +35,10 @@ import torch
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import (
-    _device_of,
     _measuring,
     _resolve,
     check_positive_int,
+    device_of,
     evaluate,
 )
 from mtunlearn_ext.metrics.scores import Scores, uis_of_terms, uis_terms
@@ -152,7 +152,7 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
     resolved = _resolve(unseen, names)
     accumulators: list[dict[str, MetricAccumulator]] = [
         {spec.name: make_accumulator(spec) for _, spec in resolved} for _ in range(draws)]
-    device = _device_of(model)
+    device = device_of(model)
     with _measuring(model):
         for start in range(0, len(unseen), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(unseen)))
