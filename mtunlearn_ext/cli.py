@@ -96,12 +96,19 @@ def _strict_int_loader() -> type:
 
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         # PyYAML keeps the last of two equal keys: `forget_ids` written twice forgot the second
-        # list's instances only, without a word (TOML refuses it).
-        loader.flatten_mapping(node)
+        # list's instances only, without a word (TOML refuses it). Only the keys written in
+        # this mapping count: a merge key's (`<<: *defaults`) are overridden by them, as YAML
+        # means; an unhashable key is left to PyYAML's own error.
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = loader.construct_object(key_node, deep=True)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:
+                break
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark,
                     f"key {key!r} is given twice; keep one", key_node.start_mark)
@@ -138,6 +145,9 @@ def _load_config(path: str) -> dict[str, Any]:
         if isinstance(error, UserInputError):
             raise
         raise UserInputError("--config", "valid YAML/TOML", path, str(error)) from error
+    except RecursionError:  # not a ValueError: a traceback with exit 1 (the verify-mismatch code)
+        raise UserInputError("--config", "valid YAML/TOML", path,
+                             "nested too deeply to read") from None
     if not isinstance(values, dict):
         raise UserInputError("--config", "a mapping of option -> value", type(values).__name__)
     return values
@@ -941,6 +951,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
                              str(error)) from error
+    except RecursionError:
+        raise UserInputError("--results", "a readable JSON results file or record", str(source),
+                             "nested too deeply to read") from None
     # write_report registers its files as written in full (COMMITTED_OUTPUTS) as report.md
     # lands: an interrupt from then on finds them complete.
     written = write_report(results, Path(args.output_dir), title=args.title or source.name)

@@ -1140,6 +1140,11 @@ def test_a_list_of_instances_is_refused_naming_the_argument_and_the_way_in() -> 
     with pytest.raises(TypeError, match=r"unlearn: `train_data` " + forms
                        + way_in.format("train_data")):
         _problem(train_data=instances, forget_request=ForgetRequest.create([0]))
+    # Two instances given as dicts are instances too, not [inputs, targets] (review).
+    as_dicts = [{"input": x[i], "a": y["a"][i], "b": y["b"][i]} for i in range(2)]
+    with pytest.raises(TypeError, match=r"evaluate: `data` " + forms + r"got a list of 2 items: "
+                                        r"read instances with"):
+        mtunlearn_ext.evaluate(_TwoHeads(), as_dicts, tasks=TASKS)
     # uis_floor reads no torch data set in itself: gather is the way in, and the only one named.
     model = _TwoHeads()
     with pytest.raises(TypeError, match=r"uis_floor: `unseen` must be a MultiTaskDataset or "
@@ -1542,6 +1547,30 @@ def test_save_paths_the_system_refuses_are_named_before_anything_is_written(tmp_
         with pytest.raises(error, match=rf"save_unlearned: {said}"):
             mtunlearn_ext.save_unlearned(model, report, path)  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    # A file that appears while saving (another writer), and a write the system refuses: said
+    # as such, without "[Errno None]" or atomic_torch_save's advice of an argument
+    # save_unlearned does not have (review).
+    from mtunlearn_ext.api import _saving
+
+    def appears(obj: object, path: object) -> str:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+
+    def refused(obj: object, path: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    for writer, error, said in (
+            (appears, FileExistsError, r"m\.pt appeared while saving \(another writer\?\); "
+                                       r"refusing to overwrite it; nothing was written$"),
+            (refused, PermissionError, r"^\[Errno 13\] save_unlearned: `path` .*m\.pt cannot be "
+                                       r"written: Permission denied; nothing was written$")):
+        original_writer = _saving.atomic_torch_save
+        _saving.atomic_torch_save = writer  # type: ignore[assignment]
+        try:
+            with pytest.raises(error, match=said) as caught:
+                mtunlearn_ext.save_unlearned(model, report, tmp_path / "m.pt")
+            assert "overwrite=True" not in str(caught.value)
+        finally:
+            _saving.atomic_torch_save = original_writer
     record = mtunlearn_ext.save_unlearned(model, report, tmp_path / "new" / "dir" / "m.pt")
     assert record["checkpoint"]["path"] == str(tmp_path / "new" / "dir" / "m.pt")
 

@@ -189,6 +189,27 @@ def test_config_file_and_flag_override(trained: Path, tmp_path: Path,
         assert err.startswith("mtunlearn: error: --config: expected valid YAML/TOML, got"), err
         said = "key 'forget_ids' is given twice" if name.endswith(".yaml") else "overwrite"
         assert said in err and len(err.splitlines()) == 1, err
+    # Review of that check: a merge key's values are overridden by the keys written beside it,
+    # as YAML means (refused as "given twice" at first); an unhashable key keeps PyYAML's own
+    # one-line error (a TypeError traceback, exit 1, at first); nesting too deep to read is
+    # one line, exit 2, in YAML and TOML (a RecursionError traceback, exit 1).
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(f"checkpoint: {trained}\nforget_ids: [{ids(4, 6)}]\nmethod: finetune\n"
+                      "quiet: true\nmethod_config: {<<: {steps: 9, lr: 0.01}, steps: 2}\n"
+                      f"output: {tmp_path / 'merged.pt'}\n")
+    assert cli.main(["unlearn", "--config", str(merged)]) == 0
+    settings = json.loads((tmp_path / "merged.pt.record.json").read_text())["method"]["settings"]
+    assert settings["steps"] == 2 and settings["lr"] == 0.01
+    for name, text, said in (
+            ("unhashable.yaml", "? [a, b]\n: 1\n", "found unhashable key"),
+            ("deep.yaml", "[" * 100000 + "]" * 100000, "nested too deeply to read"),
+            ("deep.toml", "a = " + "[" * 100000 + "]" * 100000, "nested too deeply to read")):
+        capsys.readouterr()
+        (tmp_path / name).write_text(text)
+        assert cli.main(["unlearn", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mtunlearn: error: --config: expected valid YAML/TOML, got"), err
+        assert said in err and len(err.splitlines()) == 1, err
 
 
 BAD_INPUTS = [
@@ -251,6 +272,11 @@ def test_a_record_nested_too_deeply_is_refused_in_one_line(tmp_path: Path,
     assert err.startswith("mtunlearn: error: --record: expected a readable JSON unlearning "
                           "record") and err.endswith("nested too deeply to read"), err
     assert len(err.splitlines()) == 1
+    assert cli.main(["report", "--results", str(deep), "--output-dir",
+                     str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtunlearn: error: --results: expected a readable JSON results file")
+    assert err.endswith("nested too deeply to read") and len(err.splitlines()) == 1, err
 
 
 def test_bad_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]

@@ -794,6 +794,33 @@ def test_a_reducer_that_names_stack_names_gets_the_shared_parameters_names() -> 
     second_form.backward([h(trunk(x)).pow(2).mean() for h in heads])  # no TypeError
 
 
+    class Unreadable:  # a compiled method: inspect.signature raises
+        def __init__(self) -> None:
+            self.seen: list[tuple[bool, bool]] = []
+
+        @property
+        def __signature__(self) -> None:
+            raise ValueError("no signature found for builtin")
+
+        def __call__(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
+                     reached: list[bool] | None = None, head_tasks: object = None) -> None:
+            self.seen.append((reached is not None, head_tasks is not None))
+
+    class SecondFormUnreadable:
+        def __init__(self) -> None:
+            self.reduce_task_grads = Unreadable()
+
+        def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+            return stats
+
+    # Review: one without a readable signature was assumed to take every keyword, stack_names
+    # too, and failed with "unexpected keyword argument 'stack_names'".
+    unreadable = SecondFormUnreadable()
+    GradientSurgery(trunk.parameters(), Sum(), reducer=unreadable).backward(
+        [h(trunk(x)).pow(2).mean() for h in heads])
+    assert unreadable.reduce_task_grads.seen == [(True, True)]  # the second form's keywords
+
+
 def test_freezing_between_accumulate_and_apply_is_refused() -> None:
     """apply() aggregated over the parameters trainable at accumulate() time: a layer frozen in
     between still got its .grad (and an optimizer steps every parameter that has one)."""

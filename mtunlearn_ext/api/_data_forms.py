@@ -96,7 +96,9 @@ def check_data_like(data: object, what: str, op: str = "unlearn", *,
         if isinstance(data, list) and len(data) in (2, 3) \
                 and isinstance(data[0], (torch.Tensor, Mapping, tuple)) \
                 and isinstance(data[1], Mapping) \
-                and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[1].values()):
+                and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[1].values()) \
+                and not (isinstance(data[0], Mapping) and data[0].keys() == data[1].keys()):
+            # (two mappings with the same keys are two instances, not inputs and targets)
             hint = f"; got a list [inputs, targets]: pass it as a tuple, `tuple({what})`"
         elif isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
             hint = (f"; got a {type(data).__name__}: read it into memory first, "

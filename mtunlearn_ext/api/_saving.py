@@ -138,9 +138,15 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
 
     try:
         checkpoint_sha = atomic_torch_save(model.state_dict(), target)
+    except FileExistsError as error:  # checked free above: another writer got there since
+        raise FileExistsError(f"save_unlearned: {target} appeared while saving (another "
+                              "writer?); refusing to overwrite it; nothing was written"
+                              ) from error
     except OSError as error:  # nothing of it is left (a temporary file, then a link)
-        raise type(error)(error.errno, f"save_unlearned: `path` {target} cannot be written: "
-                          f"{error.strerror or error}") from error
+        said = (f"save_unlearned: `path` {target} cannot be written: "
+                f"{error.strerror or error}; nothing was written")
+        raise (type(error)(said) if error.errno is None
+               else type(error)(error.errno, said)) from error
     record["checkpoint"] = {"path": str(target), "sha256": checkpoint_sha}
     try:
         write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))

@@ -265,15 +265,16 @@ def _store(slots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], 
         torch._foreach_zero_([slot for slot, g in zip(slots, grads) if g is None])
 
 
-def _takes_keywords(reducer: GradReducer, *names: str) -> bool:
+def _takes_keywords(reducer: GradReducer, *names: str, unreadable: bool = True) -> bool:
     """Whether ``reducer.reduce_task_grads`` accepts every keyword of ``names`` (reducers
-    written against an earlier form of the protocol lack the later ones)."""
+    written against an earlier form of the protocol lack the later ones); ``unreadable``: the
+    answer for a method without an introspectable signature."""
     import inspect
 
     try:
         parameters = inspect.signature(reducer.reduce_task_grads).parameters
-    except (TypeError, ValueError):  # no introspectable signature: assume the current form
-        return True
+    except (TypeError, ValueError):
+        return unreadable
     return all(name in parameters for name in names) or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
@@ -436,8 +437,10 @@ class GradientSurgery:
         # every shared parameter is then written, as that form of the protocol did.
         self._reducer_merges_reach = reducer is None or _takes_keywords(reducer, "reached",
                                                                         "head_tasks")
-        self._reducer_takes_names = reducer is not None and _takes_keywords(reducer,
-                                                                            "stack_names")
+        # `stack_names` came last: only a reducer that names it gets it (one without a
+        # readable signature keeps the second form, as before it existed).
+        self._reducer_takes_names = reducer is not None and _takes_keywords(
+            reducer, "stack_names", unreadable=False)
         self.check_finite = check_finite
         # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
         self._shared_ids = {id(p) for p in self._given.tensors}
