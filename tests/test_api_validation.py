@@ -1516,6 +1516,13 @@ def test_meta_data_a_meta_model_and_inputs_the_model_cannot_take_are_named() -> 
             _problem(train_data=data, forget_request=ForgetRequest.create([1]))
         with pytest.raises(ValueError, match=rf"evaluate: `data`: {part} on the meta device"):
             mtunlearn_ext.evaluate(_TwoHeads(), data, tasks=TASKS)
+    # A data set built on the meta device is refused by its own constructor (review).
+    for inputs, targets, said in ((x.to("meta"), y, "inputs"),
+                                  ({"x": x.to("meta")}, y, r"inputs\['x'\]"),
+                                  (x, {"a": y["a"], "b": y["b"].to("meta")}, r"targets\['b'\]")):
+        with pytest.raises(ValueError, match=rf"MultiTaskDataset: {said} is on the meta device"):
+            MultiTaskDataset(inputs, targets, [TaskSpec("a", "classification", num_classes=3),
+                                               TaskSpec("b", "regression")])
     with pytest.raises(ValueError, match=r"evaluate: `model` has 6 tensor\(s\) on the meta "
                                          r"device \(first: trunk\.0\.weight\)"):
         mtunlearn_ext.evaluate(_TwoHeads().to("meta"), (x, y), tasks=TASKS)

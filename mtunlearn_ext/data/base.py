@@ -382,6 +382,12 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         if set(targets) != set(names):
             raise ValueError(f"MultiTaskDataset: `targets` has tasks {sorted(targets)} but "
                              f"`tasks` names {names}")
+        on_meta = [f"inputs{path}" for path, leaf in named_leaves(inputs) if leaf.is_meta] + [
+            f"targets[{name!r}]" for name, t in targets.items()
+            if isinstance(t, torch.Tensor) and t.is_meta]
+        if on_meta:  # its supervision and every check read values (torch: NotImplementedError)
+            raise ValueError(f"MultiTaskDataset: {on_meta[0]} is on the meta device, which holds "
+                             "no values; give the data itself")
         for name, t in targets.items():
             _check_target(name, t)
             if t.shape[0] != n:
