@@ -343,9 +343,11 @@ def unlearn(model: nn.Module, *,
     # or these weights cast as a whole to another floating type (the half-precision way in:
     # unlearn a float32 copy, cast the result back).
     result.report.extra["model_state_sha256"] = out_sha
+    own = {v.dtype for v in out_state.values()
+           if isinstance(v, torch.Tensor) and v.is_floating_point()}
     result.report.extra["model_state_sha256_cast"] = {
         str(dtype).removeprefix("torch."): state_dict_sha256(floating_cast(out_state, dtype))
-        for dtype in CASTS_SAVED}
+        for dtype in CASTS_SAVED if own != {dtype}}  # (a cast to its own type: the state itself)
     if not changed:
         # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
