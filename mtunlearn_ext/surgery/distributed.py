@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from typing import cast
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -483,14 +483,8 @@ def _shared_mismatch(shared: Sequence[_SharedDescription], group: ProcessGroup |
     per_rank: list[list[_SharedDescription] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(per_rank, list(shared), group=group)
     counts = ", ".join(f"rank {r}: {len(d or ())}" for r, d in enumerate(per_rank))
-    parts = [f"shared parameters requiring grad per rank: {counts}"]
-    first = Counter(per_rank[0] or ())
-    for r, theirs_list in enumerate(per_rank[1:], start=1):
-        theirs = Counter(theirs_list or ())
-        only_first, only_theirs = first - theirs, theirs - first
-        if only_first or only_theirs:
-            parts.append(f"rank 0 has {_listed_shared(only_first)} where rank {r} has "
-                         f"{_listed_shared(only_theirs)}")
+    parts = [f"shared parameters requiring grad per rank: {counts}",
+             *_against_rank_0(per_rank, _listed_shared)]
     return ("replicated_surgery: the ranks take part with different shared parameters "
             f"({'; '.join(parts)}), so their per-task gradients cannot be averaged tensor by "
             "tensor; every rank must freeze and unfreeze the same shared parameters "
@@ -525,14 +519,25 @@ def _head_differences(per_rank: Sequence[Sequence[_HeadDescription] | None]) -> 
         parts = [f"tensors with a gradient per rank: {said}"]
     else:
         parts = [f"{counts[0]} tensors with a gradient on every rank"]
+    return "; ".join([*parts, *_against_rank_0(per_rank, _listed)])
+
+
+_Described = TypeVar("_Described", bound=Hashable)
+
+
+def _against_rank_0(per_rank: Sequence[Sequence[_Described] | None],
+                    listed: Callable[[Counter[_Described]], str]) -> list[str]:
+    """For each rank whose described tensors differ from rank 0's, what only rank 0 has and
+    what only that rank has, in words (``listed``)."""
     first = Counter(per_rank[0] or ())
-    for r, heads in enumerate(per_rank[1:], start=1):
-        theirs = Counter(heads or ())
+    parts = []
+    for r, described in enumerate(per_rank[1:], start=1):
+        theirs = Counter(described or ())
         only_first, only_theirs = first - theirs, theirs - first
         if only_first or only_theirs:
-            parts.append(f"rank 0 has {_listed(only_first)} where rank {r} has "
-                         f"{_listed(only_theirs)}")
-    return "; ".join(parts)
+            parts.append(f"rank 0 has {listed(only_first)} where rank {r} has "
+                         f"{listed(only_theirs)}")
+    return parts
 
 
 def _listed(heads: Counter[_HeadDescription], most: int = 6) -> str:
