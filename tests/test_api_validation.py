@@ -1635,6 +1635,34 @@ def test_evaluates_first_call_asks_no_more_than_the_metrics_do() -> None:
         mtunlearn_ext.evaluate(NoTaskNames(), (x, y), tasks=two)
 
 
+def test_a_module_reachable_under_two_names_keeps_real_parameters() -> None:
+    """Review: a head also registered as `self.alias` came back from unlearn with functorch
+    wrappers in place of its parameters (functional_call did not swap them back): no
+    gradient reached them, and deepcopy, torch.save and a second request failed with "Cannot
+    access storage of TensorWrapper"."""
+
+    class Aliased(_TwoHeads):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alias = self.heads["a"]
+
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                  config={"steps": 2})
+    model = Aliased()
+    new, _ = mtunlearn_ext.unlearn(model, forget_request=ForgetRequest.create([0, 1]),
+                                   **common)  # type: ignore[arg-type]
+    for module in (model, new):
+        for name, p in module.named_parameters(remove_duplicate=False):
+            assert type(p) is nn.Parameter, name
+    assert new.alias.weight is new.heads["a"].weight
+    copy.deepcopy(new)
+    again, _ = mtunlearn_ext.unlearn(new, forget_request=ForgetRequest.create([2]),
+                                     **common)  # type: ignore[arg-type]
+    again(x)["a"].sum().backward()
+    assert again.heads["a"].weight.grad is not None
+
+
 def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Safety audit: save_unlearned(original, report) recorded and verify_saved passed the
     untouched original as unlearned (weights_changed taken from the report), and run B's

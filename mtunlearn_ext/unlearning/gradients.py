@@ -322,7 +322,7 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     # `param_names` (held fixed, not detached: functional_call reads them from the model) would
     # otherwise make every per-sample gradient require grad, and the outer autograd keep the
     # whole vmapped pass alive for as long as those gradients live.
-    with torch.no_grad(), _mha_fast_path_off():
+    with torch.no_grad(), _mha_fast_path_off(), _parameters_kept(model):
         try:
             grads, losses = per_sample(params, inputs, task_targets, supervision)
         except RuntimeError as error:
@@ -330,6 +330,24 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
                 raise
             raise _vmap_failure(caller, error) from error
     return [grads[n] for n in param_names], losses
+
+
+@contextmanager
+def _parameters_kept(model: nn.Module) -> Iterator[None]:
+    """Put every parameter back in its module on the way out. ``functional_call`` swaps the
+    given tensors in and back, but a module reachable under two names (``self.alias =
+    self.heads["a"]``, or a head also listed in a ModuleList) kept the swapped-in functorch
+    wrappers: dead tensors, which no later backward reaches and which deepcopy, torch.save
+    and a second request refused ("Cannot access storage of TensorWrapper")."""
+    slots = [(module, name, parameter)
+             for module in model.modules()
+             for name, parameter in module._parameters.items()]
+    try:
+        yield
+    finally:
+        for module, name, parameter in slots:
+            if module._parameters.get(name) is not parameter:
+                module._parameters[name] = parameter
 
 
 def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
