@@ -1692,19 +1692,53 @@ def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # ty
     assert mtunlearn_ext.verify_saved(tmp_path / "m.pt.record.json").ok
     # The half-precision way in (unlearn's own advice: unlearn a float32 copy, cast the result
     # back) saves; the original cast the same way, or a model cast in part, does not.
-    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+    for dtype in (torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.")
         cast_back = copy.deepcopy(run_a).to(dtype)
-        record = mtunlearn_ext.save_unlearned(cast_back, report_a, tmp_path / f"{name}.pt")
+        record = mtunlearn_ext.save_unlearned(cast_back, report_a, tmp_path / f"{name}.pt",
+                                              original=model)
         assert record["model_state_sha256"] == report_a.extra["model_state_sha256_cast"][name]
+        assert record["weights_changed"] is True and record["parameters_changed"] is True
         assert mtunlearn_ext.verify_saved(tmp_path / f"{name}.pt.record.json").ok
         with pytest.raises(ValueError, match=r"`model` is not the model unlearn\(\) returned"):
             mtunlearn_ext.save_unlearned(copy.deepcopy(model).to(dtype), report_a,
                                          tmp_path / f"original_{name}.pt")
-    in_part = copy.deepcopy(run_a)
-    in_part.heads.to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"`model` is not the model unlearn\(\) returned"):
-        mtunlearn_ext.save_unlearned(in_part, report_a, tmp_path / "in_part.pt")
+    for other in (copy.deepcopy(run_a).double(), copy.deepcopy(run_a)):
+        if other.heads["a"].weight.dtype == torch.float32:
+            other.heads.to(torch.bfloat16)  # cast in part
+        with pytest.raises(ValueError, match=r"`model` is not the model unlearn\(\) returned"):
+            mtunlearn_ext.save_unlearned(other, report_a, tmp_path / "other.pt")
+    # Second review: a cast run that changed nothing (steps 0) was recorded as changed (its
+    # hashes and values compared with the float32 original's) and verified.
+    with pytest.warns(UserWarning, match="left the weights exactly as they were"):
+        same, report_0 = mtunlearn_ext.unlearn(
+            model, forget_request=ForgetRequest.create([0, 1]),
+            **{**common, "config": {"steps": 0}})  # type: ignore[arg-type]
+    with pytest.warns(UserWarning, match="nothing was unlearned"):
+        record = mtunlearn_ext.save_unlearned(same.to(torch.bfloat16), report_0,
+                                              tmp_path / "same.pt", original=model)
+    assert record["weights_changed"] is False and record["parameters_changed"] is False
+    for given in ({}, {"original": model}):
+        assert not mtunlearn_ext.verify_saved(tmp_path / "same.pt.record.json", **given).ok
+    # A floating extra state (get_extra_state), which module.to leaves as it is, does not
+    # stop the cast from being recognised.
+
+    class WithExtra(_TwoHeads):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.tensor([0.5])
+
+        def get_extra_state(self) -> torch.Tensor:
+            return self.scale
+
+        def set_extra_state(self, state: torch.Tensor) -> None:
+            self.scale = state
+
+    extra_model = WithExtra()
+    run_e, report_e = mtunlearn_ext.unlearn(extra_model,
+                                            forget_request=ForgetRequest.create([0, 1]),
+                                            **common)  # type: ignore[arg-type]
+    mtunlearn_ext.save_unlearned(run_e.to(torch.bfloat16), report_e, tmp_path / "extra.pt")
 
 
 def test_a_run_that_moved_some_parameters_is_recorded_changed_and_verified(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,12 @@ from torch import nn
 
 from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
 from mtunlearn_ext.api._model_split import unwrapped
-from mtunlearn_ext.api._unlearn import non_finite_parameters, same_parameters
+from mtunlearn_ext.api._unlearn import (
+    FloatingCast,
+    is_extra_state,
+    non_finite_parameters,
+    same_parameters,
+)
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.records import WEIGHTS_UNCHANGED, code_version, run_environment, utc_now
 from mtunlearn_ext.training import state_dict_sha256
@@ -85,19 +90,24 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
             raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
     model_sha = state_dict_sha256(model)
     returned_sha = report.extra.get("model_state_sha256")
-    if isinstance(returned_sha, str) and returned_sha != model_sha \
-            and not _is_returned_model_cast(model, report, model_sha):
+    cast_to = (None if not isinstance(returned_sha, str) or returned_sha == model_sha
+               else _returned_model_cast(model, report, model_sha))
+    if isinstance(returned_sha, str) and returned_sha != model_sha and cast_to is None:
         # The record would certify, under this report's request, weights the run did not
         # return: an untouched original, another run's model, or one changed since.
         raise ValueError(f"save_unlearned: `model` is not the model unlearn() returned with "
                          f"`report` (its state hash {model_sha[:12]}... differs from the "
                          f"returned model's {returned_sha[:12]}...; changed since, or another "
-                         "model; the returned model cast as a whole to another floating type "
+                         "model; the returned model cast as a whole to bfloat16 or float16 "
                          "is accepted): a record describes the weights its report's run "
                          "returned. Pass that model; nothing was written")
     original_sha = None if original is None else state_dict_sha256(original)
+    # A cast model is compared with `original` cast the same way: across types every hash and
+    # value differs, and a run that changed nothing would be recorded as changed.
+    compared_sha = (original_sha if original is None or cast_to is None
+                    else state_dict_sha256(FloatingCast(original.state_dict(), cast_to)))
     claimed = report.extra.get("weights_changed")
-    weights_changed = (model_sha != original_sha if original_sha is not None
+    weights_changed = (model_sha != compared_sha if compared_sha is not None
                        else claimed if isinstance(claimed, bool) else None)
     if weights_changed is False:
         # Written all the same, as `mtunlearn unlearn` writes such a run: the record says what
@@ -107,7 +117,8 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
                       "(weights_changed: false) and verify_saved will not pass it", UserWarning,
                       stacklevel=2)
     said = report.extra.get("parameters_changed")
-    parameters_changed = (not same_parameters(model, original) if original is not None
+    parameters_changed = (not same_parameters(model, original, cast_to)
+                          if original is not None
                           else said if isinstance(said, bool) else None)
     if weights_changed is not False and parameters_changed is False:
         warnings.warn("save_unlearned: `model` has exactly the parameters of the model it was "
@@ -156,15 +167,18 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     return record
 
 
-def _is_returned_model_cast(model: nn.Module, report: UnlearningReport, model_sha: str) -> bool:
-    """Whether ``model`` is the model ``report``'s run returned, cast as a whole to one other
-    floating type (``new.to(torch.bfloat16)``: how a half-precision model is unlearned)."""
-    floating = {value.dtype for value in model.state_dict().values()
-                if isinstance(value, torch.Tensor) and value.is_floating_point()}
+def _returned_model_cast(model: nn.Module, report: UnlearningReport,
+                         model_sha: str) -> torch.dtype | None:
+    """The half-precision type ``model`` is the model of ``report``'s run cast to, as a whole
+    (``new.to(torch.bfloat16)``: how a half-precision model is unlearned), or None."""
+    floating = {value.dtype for name, value in model.state_dict().items()
+                if isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not is_extra_state(name)}
     cast = report.extra.get("model_state_sha256_cast")
     if len(floating) != 1 or not isinstance(cast, Mapping):
-        return False
-    return cast.get(str(floating.pop()).removeprefix("torch.")) == model_sha
+        return None
+    dtype = floating.pop()
+    return dtype if cast.get(str(dtype).removeprefix("torch.")) == model_sha else None
 
 
 def _target_path(path: object) -> Path:

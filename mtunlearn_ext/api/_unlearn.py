@@ -5,7 +5,7 @@ removals the returned model carries."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -343,11 +343,9 @@ def unlearn(model: nn.Module, *,
     # or these weights cast as a whole to another floating type (the half-precision way in:
     # unlearn a float32 copy, cast the result back).
     result.report.extra["model_state_sha256"] = out_sha
-    own = {v.dtype for v in out_state.values()
-           if isinstance(v, torch.Tensor) and v.is_floating_point()}
     result.report.extra["model_state_sha256_cast"] = {
-        str(dtype).removeprefix("torch."): state_dict_sha256(floating_cast(out_state, dtype))
-        for dtype in CASTS_SAVED if own != {dtype}}  # (a cast to its own type: the state itself)
+        str(dtype).removeprefix("torch."): state_dict_sha256(FloatingCast(out_state, dtype))
+        for dtype in CASTS_SAVED}
     if not changed:
         # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
@@ -382,15 +380,37 @@ def unlearn(model: nn.Module, *,
     return out, result.report
 
 
-#: The floating types a returned model may be cast to, as a whole, and still be saved with its
-#: report (save_unlearned compares it by the hash of the returned state cast the same way).
-CASTS_SAVED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+#: The half-precision types a returned model may be cast to, as a whole, and still be saved
+#: with its report (unlearn refuses such a model: "unlearn a float32 copy, cast the result
+#: back"); save_unlearned compares it by the hash of the returned state cast the same way.
+CASTS_SAVED = (torch.bfloat16, torch.float16)
 
 
-def floating_cast(state: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """``state`` with every floating tensor cast to ``dtype``, as ``module.to(dtype)`` casts."""
-    return {name: value.to(dtype) if isinstance(value, torch.Tensor)
-            and value.is_floating_point() else value for name, value in state.items()}
+def is_extra_state(name: str) -> bool:
+    """A module's ``get_extra_state()`` entry of a state dict, which ``module.to`` leaves."""
+    return name == "_extra_state" or name.endswith("._extra_state")
+
+
+class FloatingCast(Mapping[str, Any]):
+    """``state`` with every floating parameter and buffer cast to ``dtype`` on the CPU, as
+    ``module.to(dtype)`` casts them, one tensor at a time as it is read (hashing it needs no
+    cast copy of the whole model, nor memory on the model's device)."""
+
+    def __init__(self, state: Mapping[str, Any], dtype: torch.dtype) -> None:
+        self._state, self._dtype = state, dtype
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._state[name]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                and not is_extra_state(name):
+            return value.detach().to("cpu").to(self._dtype)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:
@@ -400,12 +420,20 @@ def non_finite_parameters(model: nn.Module) -> list[str]:
             if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
-def same_parameters(model: nn.Module, other: nn.Module) -> bool:
+def same_parameters(model: nn.Module, other: nn.Module, other_cast: torch.dtype | None = None
+                    ) -> bool:
     """Whether ``model`` has ``other``'s parameters (the same names, equal values), whatever
-    their buffers: a run that moved only running statistics unlearned no supervision."""
+    their buffers: a run that moved only running statistics unlearned no supervision.
+    ``other_cast``: compare with ``other``'s floating parameters cast to that type (``model``
+    is a cast of the run's model)."""
     mine, theirs = dict(model.named_parameters()), dict(other.named_parameters())
+
+    def as_compared(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        return t.to(other_cast) if other_cast is not None and t.is_floating_point() else t
+
     return mine.keys() == theirs.keys() and all(
-        p.shape == theirs[n].shape and torch.equal(p.detach().cpu(), theirs[n].detach().cpu())
+        p.shape == theirs[n].shape and torch.equal(p.detach().cpu(), as_compared(theirs[n]))
         for n, p in mine.items())
 
 
