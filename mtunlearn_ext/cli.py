@@ -94,30 +94,45 @@ def _strict_int_loader() -> type:
                 "decimal number meant, without leading zeros, or quote it", node.start_mark)
         return int(text)
 
-    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        # PyYAML keeps the last of two equal keys: `forget_ids` written twice forgot the second
-        # list's instances only, without a word (TOML refuses it). Only the keys written in
-        # this mapping count: a merge key's (`<<: *defaults`) are overridden by them, as YAML
-        # means; an unhashable key is left to PyYAML's own error.
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = loader.construct_object(key_node, deep=True)
-            try:
-                repeated = key in seen
-            except TypeError:
-                break
-            if repeated:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"key {key!r} is given twice; keep one", key_node.start_mark)
-            seen.add(key)
-        return loader.construct_mapping(node, deep=True)
-
     StrictIntLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
-    StrictIntLoader.add_constructor("tag:yaml.org,2002:map", construct_mapping)
     return StrictIntLoader
+
+
+def _refuse_repeated_keys(text: str, loader_class: type) -> None:
+    """Raise (a yaml error) on a key written twice in one YAML mapping: PyYAML keeps the last,
+    and `forget_ids` written twice forgot the second list's instances only, without a word
+    (TOML refuses it). Checked on the composed nodes, before construction, whose merging
+    rewrites them: a merge key's values (`<<: *defaults`) are overridden by the keys beside
+    them, as YAML means, and are never counted as written twice."""
+    import yaml
+
+    loader = loader_class(text)
+    try:
+        root = loader.get_single_node()
+        stack = [] if root is None else [root]
+        visited: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if id(node) in visited:  # an alias: the anchored node, seen already
+                continue
+            visited.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                seen: set[Any] = set()
+                for key_node, value_node in node.value:
+                    stack += [key_node, value_node]
+                    if key_node.tag == "tag:yaml.org,2002:merge" \
+                            or not isinstance(key_node, yaml.ScalarNode):
+                        continue  # (a complex key: PyYAML's own checks)
+                    key = loader.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark,
+                            f"key {key!r} is given twice; keep one", key_node.start_mark)
+                    seen.add(key)
+            elif isinstance(node, yaml.SequenceNode):
+                stack += node.value
+    finally:
+        loader.dispose()
 
 
 def _load_config(path: str) -> dict[str, Any]:
@@ -135,7 +150,10 @@ def _load_config(path: str) -> dict[str, Any]:
             import yaml
 
             try:
-                values = yaml.load(p.read_text(), Loader=_strict_int_loader()) or {}
+                text = p.read_text()
+                loader_class = _strict_int_loader()
+                _refuse_repeated_keys(text, loader_class)
+                values = yaml.load(text, Loader=loader_class) or {}
             except yaml.YAMLError as error:  # not a ValueError; its text spans lines
                 raise UserInputError("--config", "valid YAML/TOML", path,
                                      " ".join(str(error).split())) from error

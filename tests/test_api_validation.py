@@ -1140,6 +1140,11 @@ def test_a_list_of_instances_is_refused_naming_the_argument_and_the_way_in() -> 
     with pytest.raises(TypeError, match=r"unlearn: `train_data` " + forms
                        + way_in.format("train_data")):
         _problem(train_data=instances, forget_request=ForgetRequest.create([0]))
+    # [inputs, targets] with inputs keyed by the task names is still told to be a tuple
+    # (second review: equal keys were taken for two instances).
+    by_task = [{"a": x, "b": x}, y]
+    with pytest.raises(TypeError, match=r"got a list \[inputs, targets\]: pass it as a tuple"):
+        mtunlearn_ext.evaluate(_TwoHeads(), by_task, tasks=TASKS)
     # Two instances given as dicts are instances too, not [inputs, targets] (review).
     as_dicts = [{"input": x[i], "a": y["a"][i], "b": y["b"][i]} for i in range(2)]
     with pytest.raises(TypeError, match=r"evaluate: `data` " + forms + r"got a list of 2 items: "
@@ -1517,12 +1522,16 @@ def test_meta_data_a_meta_model_and_inputs_the_model_cannot_take_are_named() -> 
         with pytest.raises(ValueError, match=rf"evaluate: `data`: {part} on the meta device"):
             mtunlearn_ext.evaluate(_TwoHeads(), data, tasks=TASKS)
     # A data set built on the meta device is refused by its own constructor (review).
+    specs = [TaskSpec("a", "classification", num_classes=3), TaskSpec("b", "regression")]
     for inputs, targets, said in ((x.to("meta"), y, "inputs"),
                                   ({"x": x.to("meta")}, y, r"inputs\['x'\]"),
                                   (x, {"a": y["a"], "b": y["b"].to("meta")}, r"targets\['b'\]")):
         with pytest.raises(ValueError, match=rf"MultiTaskDataset: {said} is on the meta device"):
-            MultiTaskDataset(inputs, targets, [TaskSpec("a", "classification", num_classes=3),
-                                               TaskSpec("b", "regression")])
+            MultiTaskDataset(inputs, targets, specs)
+    for keyword, value in (("ids", torch.arange(40, device="meta")),
+                           ("supervision", torch.ones(40, 2, dtype=torch.bool, device="meta"))):
+        with pytest.raises(ValueError, match=rf"MultiTaskDataset: `{keyword}` is on the meta "):
+            MultiTaskDataset(x, y, specs, **{keyword: value})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"evaluate: `model` has 6 tensor\(s\) on the meta "
                                          r"device \(first: trunk\.0\.weight\)"):
         mtunlearn_ext.evaluate(_TwoHeads().to("meta"), (x, y), tasks=TASKS)
@@ -1635,6 +1644,24 @@ def test_evaluates_first_call_asks_no_more_than_the_metrics_do() -> None:
         mtunlearn_ext.evaluate(NoTaskNames(), (x, y), tasks=two)
 
 
+    # Second review: out of memory is not the inputs' fault (a caller retries with a smaller
+    # batch_size), and a tuple output gets the dict to return, with evaluate's name.
+    class OutOfMemory(_TwoHeads):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    class ReturnsTuple(_TwoHeads):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+            return tuple(super().forward(x).values())
+
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        mtunlearn_ext.evaluate(OutOfMemory(), (x, y), tasks=two)
+    with pytest.raises(ValueError, match=r"evaluate: `model` must return a mapping task -> "
+                                         r"prediction, got tuple: return a dict from its "
+                                         r"forward, \{'a': \.\.\., 'b': \.\.\.\}"):
+        mtunlearn_ext.evaluate(ReturnsTuple(), (x, y), tasks=two)
+
+
 def test_a_module_reachable_under_two_names_keeps_real_parameters() -> None:
     """Review: a head also registered as `self.alias` came back from unlearn with functorch
     wrappers in place of its parameters (functional_call did not swap them back): no
@@ -1720,6 +1747,13 @@ def test_a_report_saves_only_the_model_its_run_returned(tmp_path) -> None:  # ty
     assert record["weights_changed"] is False and record["parameters_changed"] is False
     for given in ({}, {"original": model}):
         assert not mtunlearn_ext.verify_saved(tmp_path / "same.pt.record.json", **given).ok
+    big = copy.deepcopy(run_a)
+    with torch.no_grad():
+        big.heads["b"].bias.fill_(1e5)  # float16 holds at most 65504
+    with pytest.raises(ValueError, match=r"has NaN/Inf in 1 parameter\(s\) \(first: "
+                                         r"heads\.b\.bias\); a cast to float16 overflows past "
+                                         r"65504, or the run diverged: nothing was written"):
+        mtunlearn_ext.save_unlearned(big.half(), report_a, tmp_path / "overflow.pt")
     # A floating extra state (get_extra_state), which module.to leaves as it is, does not
     # stop the cast from being recognised.
 

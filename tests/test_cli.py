@@ -200,8 +200,15 @@ def test_config_file_and_flag_override(trained: Path, tmp_path: Path,
     assert cli.main(["unlearn", "--config", str(merged)]) == 0
     settings = json.loads((tmp_path / "merged.pt.record.json").read_text())["method"]["settings"]
     assert settings["steps"] == 2 and settings["lr"] == 0.01
+    # Second review: an anchor defined inside a merge value and used again elsewhere was read
+    # as a key written twice (the outer merge had rewritten the anchored node).
+    anchored = tmp_path / "anchored.yaml"
+    anchored.write_text("f: {<<: &d {<<: {a: 1}, a: 2}}\ng: *d\nh: [{a: 1, b: 2}]\n")
+    assert cli._load_config(str(anchored)) == {"f": {"a": 1}, "g": {"a": 2},
+                                                "h": [{"a": 1, "b": 2}]}
     for name, text, said in (
             ("unhashable.yaml", "? [a, b]\n: 1\n", "found unhashable key"),
+            ("in_a_list.yaml", "h: [{a: 1, a: 2}]\n", "key 'a' is given twice"),
             ("deep.yaml", "[" * 100000 + "]" * 100000, "nested too deeply to read"),
             ("deep.toml", "a = " + "[" * 100000 + "]" * 100000, "nested too deeply to read")):
         capsys.readouterr()

@@ -93,12 +93,7 @@ def check_data_like(data: object, what: str, op: str = "unlearn", *,
         return
     if not isinstance(data, tuple) or len(data) not in (2, 3):
         hint = ""
-        if isinstance(data, list) and len(data) in (2, 3) \
-                and isinstance(data[0], (torch.Tensor, Mapping, tuple)) \
-                and isinstance(data[1], Mapping) \
-                and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[1].values()) \
-                and not (isinstance(data[0], Mapping) and data[0].keys() == data[1].keys()):
-            # (two mappings with the same keys are two instances, not inputs and targets)
+        if isinstance(data, list) and _reads_as_inputs_and_targets(data):
             hint = f"; got a list [inputs, targets]: pass it as a tuple, `tuple({what})`"
         elif isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
             hint = (f"; got a {type(data).__name__}: read it into memory first, "
@@ -133,6 +128,22 @@ def check_data_like(data: object, what: str, op: str = "unlearn", *,
                    else type(mask).__name__)
             raise TypeError(f"{op}: `{what}`[2], the supervision mask, must be a bool tensor "
                             f"[N, T] (one column per task, in the order of `tasks`), got {got}")
+
+
+def _reads_as_inputs_and_targets(items: list[Any]) -> bool:
+    """Whether a list of 2 or 3 reads as ``[inputs, targets(, mask)]`` rather than as so many
+    instances: every tensor of the inputs and the targets has the same leading size, rows (an
+    instance's tensors are one row each, of sizes that need not agree)."""
+    if len(items) not in (2, 3) or not isinstance(items[1], Mapping):
+        return False
+    inputs = items[0]
+    leaves = ([inputs] if isinstance(inputs, torch.Tensor) else
+              list(inputs.values()) if isinstance(inputs, Mapping) else
+              list(inputs) if isinstance(inputs, tuple) else [None])
+    tensors = [*leaves, *items[1].values()]
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in tensors):
+        return False
+    return len({t.shape[0] for t in tensors}) == 1
 
 
 def _meta_part(data: tuple[Any, ...]) -> str | None:

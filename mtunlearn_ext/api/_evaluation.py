@@ -91,8 +91,14 @@ def _probe(model: MultiTaskModel, dataset: MultiTaskDataset, batch_size: int) ->
     try:
         with eval_mode(model), torch.no_grad():
             model(inputs_to(inputs, device_of(model)), wanted)
-    except ModelOutputError:
-        raise  # it ran: its output has the wrong type, which the error says
+    except ModelOutputError as error:  # it ran: its output has the wrong type
+        keys = ", ".join(f"{t!r}: ..." for t in wanted)
+        raise ValueError(f"evaluate: `model` must return a mapping task -> prediction, got "
+                         f"{error.type_name}: return a dict from its forward, {{{keys}}} (a "
+                         "tuple or a dataclass does not say which output is which task's)"
+                         ) from error
+    except torch.OutOfMemoryError:
+        raise  # not the inputs' fault: a smaller batch_size may do
     except Exception as error:  # noqa: BLE001 - re-raised, named, with the cause kept
         raise ValueError(f"evaluate: `model` fails on the inputs of `data` (a batch of "
                          f"{describe(inputs)}): {type(error).__name__}: {error}") from error

@@ -80,9 +80,11 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     original = None if original is None else unwrapped(original)
     diverged = non_finite_parameters(model)
     if diverged:
+        half = any(p.dtype == torch.float16 for p in model.parameters())
+        why = ("a cast to float16 overflows past 65504, or the run diverged" if half
+               else "a diverged run is no unlearned model")
         raise ValueError(f"save_unlearned: `model` has NaN/Inf in {len(diverged)} parameter(s) "
-                         f"(first: {diverged[0]}); a diverged run is no unlearned model: nothing "
-                         "was written")
+                         f"(first: {diverged[0]}); {why}: nothing was written")
     target = _target_path(path)
     record_path = target.with_name(target.name + ".record.json")
     for p in (target, record_path):

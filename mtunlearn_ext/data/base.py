@@ -384,6 +384,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                              f"`tasks` names {names}")
         on_meta = [f"inputs{path}" for path, leaf in named_leaves(inputs) if leaf.is_meta] + [
             f"targets[{name!r}]" for name, t in targets.items()
+            if isinstance(t, torch.Tensor) and t.is_meta] + [
+            f"`{name}`" for name, t in (("ids", ids), ("supervision", supervision))
             if isinstance(t, torch.Tensor) and t.is_meta]
         if on_meta:  # its supervision and every check read values (torch: NotImplementedError)
             raise ValueError(f"MultiTaskDataset: {on_meta[0]} is on the meta device, which holds "
