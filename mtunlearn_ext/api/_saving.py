@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import atomic_torch_save, sha256_of_file
+from mtunlearn_ext._io import atomic_torch_save, name_max, sha256_of_file
 from mtunlearn_ext.api._model_split import unwrapped
 from mtunlearn_ext.api._unlearn import (
     FloatingCast,
@@ -198,10 +198,7 @@ def _target_path(path: object) -> Path:
     if not existing.is_dir():
         raise NotADirectoryError(f"save_unlearned: `path` {target}: {existing} is a file, not a "
                                  "folder")
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # not known there: the common limit
-        limit = 255
+    limit = name_max(existing)
     longest = len(os.fsencode(target.name + ".record.json"))
     if longest > limit:
         raise ValueError(f"save_unlearned: `path`'s file name is too long: with the record's "
