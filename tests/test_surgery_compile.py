@@ -11,17 +11,117 @@ from mtunlearn_ext.surgery import MGDA, GradientSurgery, UPGrad
 from surgery_helpers import F64, MultiTaskNet, _batch, _losses, _reference
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compiled_model(backend: str) -> None:
-    model = MultiTaskNet(torch.float32)
-    compiled = torch.compile(model, backend=backend)
-    x, y = _batch(torch.float32)
-    shared_ref, heads_ref, _ = _reference(model, x, y, UPGrad())
-    GradientSurgery(model.trunk.parameters(), UPGrad()).backward(_losses(compiled, x, y))
+# Inductor's on-disk caches (FX graph, AOTAutograd) can hand this test a backward that another
+# process compiled for one plain pass (donated buffers), which the surgery's retained passes
+# cannot use: the compile below keeps them out, as the surgery's error advises.
+_NO_CACHE = {"fx_graph_cache": False}
+
+
+def _check_grads(model: MultiTaskNet, shared_ref: list[torch.Tensor],
+                 heads_ref: list[torch.Tensor]) -> None:
     for p, ref in zip(model.trunk.parameters(), shared_ref):
         torch.testing.assert_close(p.grad.to(F64), ref, rtol=2e-5, atol=2e-6)
     for p, ref in zip(model.heads.parameters(), heads_ref):
         torch.testing.assert_close(p.grad.to(F64), ref, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("per_task", ["autograd", "backward"])
+def test_torch_compiled_model(backend: str, per_task: str) -> None:
+    torch._dynamo.reset()  # one compile per test: no backward compiled by an earlier test
+    model = MultiTaskNet(torch.float32)
+    options = _NO_CACHE if backend == "inductor" else None
+    compiled = torch.compile(model, backend=backend, options=options)
+    x, y = _batch(torch.float32)
+    shared_ref, heads_ref, _ = _reference(model, x, y, UPGrad())
+    GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task).backward(
+        _losses(compiled, x, y))
+    _check_grads(model, shared_ref, heads_ref)
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "backward"])
+def test_backward_compiled_for_a_plain_pass_is_explained(per_task: str) -> None:
+    """A plain step through an inductor-compiled model first compiles its backward with donated
+    buffers (freed after one pass): the surgery's retained passes are refused with what to do,
+    nothing is written, and with donated_buffer off before that first step they run."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    model = MultiTaskNet(torch.float32)
+    compiled = torch.compile(model, backend="inductor", options=_NO_CACHE)
+    x, y = _batch(torch.float32)
+    shared_ref, heads_ref, _ = _reference(model, x, y, UPGrad())
+    sum(_losses(compiled, x, y)).backward()
+    model.zero_grad(set_to_none=True)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    with pytest.raises(RuntimeError, match=r"(?s)per_task='%s'.*donated buffers.*"
+                       r"options=\{'fx_graph_cache': False\}.*donated_buffer = False" % per_task):
+        surgery.backward(_losses(compiled, x, y))
+    assert all(p.grad is None for p in model.parameters())
+
+    torch._dynamo.reset()
+    with functorch_config.patch(donated_buffer=False):
+        compiled = torch.compile(model, backend="inductor", options=_NO_CACHE)
+        sum(_losses(compiled, x, y)).backward()
+        model.zero_grad(set_to_none=True)
+        surgery.backward(_losses(compiled, x, y))
+    _check_grads(model, shared_ref, heads_ref)
+
+
+_FILL_CACHE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from surgery_helpers import MultiTaskNet, _batch, _losses
+x, y = _batch(torch.float32)
+sum(_losses(torch.compile(MultiTaskNet(torch.float32), backend="inductor"), x, y)).backward()
+"""
+
+_SURGERY_ON_CACHED = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from mtunlearn_ext.surgery import GradientSurgery, UPGrad
+from surgery_helpers import F64, MultiTaskNet, _batch, _losses, _reference
+model = MultiTaskNet(torch.float32)
+x, y = _batch(torch.float32)
+shared_ref, _, _ = _reference(model, x, y, UPGrad())
+try:
+    GradientSurgery(model.trunk.parameters(), UPGrad()).backward(
+        _losses(torch.compile(model, backend="inductor"), x, y))
+    print("default compile: ran")
+except RuntimeError as error:
+    print("default compile:", " ".join(str(error).split()))
+torch._dynamo.reset()
+model.zero_grad(set_to_none=True)
+compiled = torch.compile(model, backend="inductor", options={"fx_graph_cache": False})
+GradientSurgery(model.trunk.parameters(), UPGrad()).backward(_losses(compiled, x, y))
+error = max((p.grad.to(F64) - r).abs().max().item()
+            for p, r in zip(model.trunk.parameters(), shared_ref))
+print(f"uncached compile: max error {error:.1e}")
+"""
+
+
+def test_advised_compile_is_right_with_a_cache_another_process_filled(tmp_path) -> None:
+    """The case the advice is for: another process compiled the same model for plain passes
+    and its backward sits in inductor's cache. A default compile loads it (refused, explained);
+    the advised compile does not, and its gradients match the float64 reference."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    for script in (_FILL_CACHE, _SURGERY_ON_CACHED):
+        done = subprocess.run([sys.executable, "-c", script, tests], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("default compile: GradientSurgery: per_task='autograd' takes one "
+                               "backward pass per task"), lines
+    assert "options={'fx_graph_cache': False}" in lines[0], lines
+    assert lines[1].startswith("uncached compile: max error "), lines
+    assert float(lines[1].rsplit(" ", 1)[1]) < 1e-5, lines
 
 
 def test_compiled_aggregator_matches_eager() -> None:

@@ -45,7 +45,9 @@ from mtunlearn_ext.surgery.weightings import Weighting
 #: How per-task gradients are obtained.
 #:
 #: ``"autograd"``: ``torch.autograd.grad`` once per task (retaining the graph between tasks); the
-#: head gradients come out of the same passes. Works with eager and ``torch.compile``\\ d models,
+#: head gradients come out of the same passes. Works with eager and ``torch.compile``\\ d models
+#: (with inductor, compiled with ``options={"fx_graph_cache": False}``: a backward compiled for
+#: one plain pass, or loaded from inductor's cache, cannot be run once per task; docs/dropin.md),
 #: and with heads whose gradients are sparse (``nn.Embedding(sparse=True)``).
 #: ``"batched"``: one vmapped ``torch.autograd.grad`` over the stacked losses
 #: (``is_grads_batched``); fastest for small models in eager mode, but every op on the path
@@ -902,7 +904,7 @@ class GradientSurgery:
                 # Inductor's compiled backward reads its inputs' storage, which the batched
                 # tensors of vmap do not have ("Cannot access data pointer of Tensor that
                 # doesn't have storage"); aot_eager's runs.
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                first_line = _first_line(error)
                 return RuntimeError(
                     "GradientSurgery: per_task='batched' failed in the backward graph of a "
                     "torch.compile'd model: the batched pass runs the backward under vmap "
@@ -953,7 +955,13 @@ class GradientSurgery:
                             total = total + losses[a].reshape(())
                         zero = total * 0.0
                     loss = zero
-                loss.backward(retain_graph=retain_graph or t < last)
+                try:
+                    loss.backward(retain_graph=retain_graph or t < last)
+                except RuntimeError as error:
+                    explained = _explained_grad_failure(error, self.per_task)
+                    if explained is error:
+                        raise
+                    raise explained from error
                 grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
                 for i, g in enumerate(grads):
                     if g is not None:
@@ -1168,7 +1176,29 @@ def _explained_grad_failure(error: RuntimeError, per_task: str) -> RuntimeError:
             "cannot run; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (the "
             "default PyTorch recommends), or per_task='backward', which runs loss.backward() "
             "per task")
+    if "donated buffers" in str(error):
+        # Measured with torch 2.14 (tests/test_surgery_compile.py): a backward compiled for
+        # one plain pass frees or reuses the activations it saved, so torch refuses the
+        # surgery's retained passes through it. Its on-disk caches serve such a backward to a
+        # later process whatever donated_buffer says, and then the gradients are wrong
+        # without an error: hence the advice to compile without the FX graph cache.
+        return RuntimeError(
+            f"GradientSurgery: per_task={per_task!r} takes one backward pass per task through "
+            "the same graph (keeping it between them), but this torch.compile'd model's "
+            "backward was compiled with donated buffers, which it frees after one pass: torch "
+            "compiles it so when the first backward through the compiled model kept no graph "
+            "(a plain loss.backward() step), or loads such a backward from inductor's on-disk "
+            "cache. Compile the model with torch.compile(model, options={'fx_graph_cache': "
+            "False}), and if plain backward passes run through it before the surgery, set "
+            "torch._functorch.config.donated_buffer = False before the first of them "
+            "(donated_buffer alone is not enough while a cached backward can be loaded) "
+            f"(torch's error: {_first_line(error)})")
     return error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _refuse_hooked_shared(caller: str, active: _Active) -> None:
