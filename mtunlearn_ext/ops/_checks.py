@@ -45,6 +45,18 @@ def _as_int(op: str, name: str, number: object) -> int:
                         f"{number!r:.40}") from None
 
 
+def check_sign(op: str, sign: object) -> int:
+    """1 or -1 as a Python int (NumPy's and 0-d tensors' integers too). A bool, NumPy's
+    included, is refused though True == 1 (a flag meant as something else), and so is 1.0."""
+    try:
+        value: int | None = _as_int(op, "sign", sign)
+    except TypeError:
+        value = None
+    if value not in (1, -1):
+        raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign!r}")
+    return value  # type: ignore[return-value]
+
+
 def check_seed(op: str, seed: object) -> int:
     """``seed`` as a Python int in the signed 64-bit range the kernels take (the schema's own
     message for a value outside it was "expected int, found int")."""

@@ -20,6 +20,7 @@ from mtunlearn_ext.ops._checks import (
     check_same_device,
     check_same_dtype,
     check_ridge,
+    check_sign,
     check_seed,
 )
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
@@ -114,8 +115,7 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
     """
     op = "mtunlearn_ext.ops.project_nonconflicting"
     _check_pair(op, "g", g, "r", r)
-    if isinstance(sign, bool) or sign not in (1, -1):  # True == 1: a flag meant as something else
-        raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign!r}")
+    sign = check_sign(op, sign)
     if has_extension():
         out, coeffs = call_op(torch.ops.mtunlearn.project_nonconflicting, g, r, int(sign))
     else:

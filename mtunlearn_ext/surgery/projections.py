@@ -43,6 +43,7 @@ from mtunlearn_ext.ops._checks import (
     check_finite_result,
     check_on_failure,
     check_ridge,
+    check_sign,
     check_tensor_list,
 )
 from mtunlearn_ext.surgery._tensor_lists import (
@@ -278,8 +279,7 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
     check_tensor_list(op, "outs", outs)
     g_list, r_list = list(g_list), list(r_list)
     check_same_length(op, "g_list", g_list, "r_list", r_list)
-    if isinstance(sign, bool) or sign not in (1, -1):  # True == 1: a flag meant as something else
-        raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign!r}")
+    sign = check_sign(op, sign)
 
     def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         k = r_list[0].shape[0]
