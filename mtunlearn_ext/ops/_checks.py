@@ -54,7 +54,7 @@ def check_sign(op: str, sign: object) -> int:
         value = None
     if value not in (1, -1):
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_seed(op: str, seed: object) -> int:
