@@ -1,6 +1,6 @@
 """What the forget caps' reference does on a model that memorised its training set.
 
-    python benchmarks/held_out_caps.py            # ~1 min on 2 CPU cores
+    python benchmarks/held_out_caps.py            # ~10 s on 2 CPU cores
 
 The measurement behind docs/unlearning.md's "What the defaults do": a two-layer multi-task MLP
 (the docs' ``TwoHeads``) memorises 60 instances whose class labels are random, 10 of them are
