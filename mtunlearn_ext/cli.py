@@ -1046,6 +1046,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Interference-aware multi-task machine unlearning: train, unlearn, evaluate, verify. "
         + _SAFETY + " " + _NAN_POLICY + " Bad input exits with code 2 and one line naming the "
         "argument, the expected and the received value."))
+    # Also taken before the command (`mtunlearn --import mymethods unlearn ...`), where a
+    # global option is usually written; its own dest, as a subparser's default would
+    # overwrite a shared one.
+    parser.add_argument("--import", dest="imports_first", action="append", default=None,
+                        metavar="MODULE", help="as a command's --import (before the command)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train the original model of a benchmark",
@@ -1239,7 +1244,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _refuse_config_nulls(args)
         _refuse_empty_paths(args)
         _threads(args)
-        import_plugins(args.imports or [])
+        import_plugins([*(args.imports_first or []), *(args.imports or [])])
         return int(args.func(args))
     except (UserInputError, CheckpointError, RecordError, FileExistsError) as error:
         print(f"mtunlearn: error: {error}", file=sys.stderr)

@@ -43,11 +43,16 @@ def _one_thread(one_thread):  # type: ignore[no-untyped-def]
     """Every test here runs single-threaded (conftest.one_thread, for this module only)."""
 
 
+@pytest.mark.parametrize("place", ["after the command", "before the command"])
 @pytest.mark.parametrize("how", ["module in the current folder", "path of a .py file"])
 def test_a_method_registered_in_an_imported_module_runs(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        capsys: pytest.CaptureFixture[str], registries_restored: None, how: str) -> None:
-    name = "retain_only_" + ("module" if how.startswith("module") else "file")
+        capsys: pytest.CaptureFixture[str], registries_restored: None, how: str,
+        place: str) -> None:
+    """`--import` after the command, and before it (`mtunlearn --import X unlearn ...`, as the
+    docs once wrote it: "invalid choice" then)."""
+    name = ("retain_only_" + ("module" if how.startswith("module") else "file")
+            + ("_first" if place.startswith("before") else ""))
     module = f"plugin_{name}"
     (tmp_path / f"{module}.py").write_text(PLUGIN.format(name=name))
     monkeypatch.chdir(tmp_path)
@@ -57,7 +62,9 @@ def test_a_method_registered_in_an_imported_module_runs(
     assert cli.main(base) == 2  # not registered without the import
     assert "--import MODULE" in _err(capsys)
     target = module if how.startswith("module") else str(tmp_path / f"{module}.py")
-    assert cli.main([*base, "--import", target]) == 0, capsys.readouterr().err
+    argv = (["--import", target, *base] if place.startswith("before")
+            else [*base, "--import", target])
+    assert cli.main(argv) == 0, capsys.readouterr().err
     assert out.is_file() and name in UNLEARNERS
 
 
