@@ -1,10 +1,12 @@
 """Walks of the autograd graph behind a list of task losses: which leaf tensors (parameters)
 they reach, and which losses reach each leaf. What :class:`~mtunlearn_ext.surgery.GradientSurgery`
-reads to find the task heads, to refuse a listed head no loss reaches, and to name the
-parameter behind a failed pass (a sparse gradient)."""
+reads to find the task heads, to refuse a listed head no loss reaches, to name the parameter
+behind a failed pass (a sparse gradient), and to find a compiled backward that cannot be run
+twice."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -113,3 +115,24 @@ def leaves_with_tasks(losses: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor
         _, before = leaves.get(id(loss), (loss, 0))
         leaves[id(loss)] = (loss, before | 1 << t)
     return list(leaves.values())
+
+
+_AOT_RUNTIME = "torch._functorch._aot_autograd.runtime_wrappers"
+
+
+def compiled_backward_donating(losses: Sequence[torch.Tensor]) -> bool:
+    """Whether the losses' graph runs through a ``torch.compile``\\ d region whose backward was
+    already compiled with donated buffers (it frees the activations it saved during its one
+    pass), so that a second pass through it would read freed memory. Read from AOTAutograd's
+    private metadata (torch 2.11-2.14): False where it is missing, and without a walk when
+    nothing was compiled with AOTAutograd in this process. A backward not compiled yet is
+    compiled at its first pass, without donated buffers if that pass keeps the graph."""
+    if _AOT_RUNTIME not in sys.modules:
+        return False
+    for node in graph_nodes(losses):
+        forward = getattr(node, "_forward_cls", None)
+        if forward is None or getattr(forward, "compiled_bw", None) is None:
+            continue
+        if getattr(getattr(forward, "metadata", None), "bw_donated_idxs", None):
+            return True
+    return False

@@ -19,6 +19,7 @@ counts as a zero gradient, as it does in the plain sum.
 from __future__ import annotations
 
 import operator
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Literal, Protocol
 import torch
 
 from mtunlearn_ext.surgery._autograd_graph import (
+    compiled_backward_donating,
     graph_nodes,
     leaves_with_tasks,
     reachable_leaves,
@@ -46,8 +48,9 @@ from mtunlearn_ext.surgery.weightings import Weighting
 #:
 #: ``"autograd"``: ``torch.autograd.grad`` once per task (retaining the graph between tasks); the
 #: head gradients come out of the same passes. Works with eager and ``torch.compile``\\ d models
-#: (with inductor, compiled with ``options={"fx_graph_cache": False}``: a backward compiled for
-#: one plain pass, or loaded from inductor's cache, cannot be run once per task; docs/dropin.md),
+#: (with inductor, compiled with ``torch._functorch.config.donated_buffer = False`` and
+#: ``torch._inductor.config.fx_graph_cache = False``: a backward that frees its saved
+#: activations after one pass cannot be run once per task; docs/dropin.md),
 #: and with heads whose gradients are sparse (``nn.Embedding(sparse=True)``).
 #: ``"batched"``: one vmapped ``torch.autograd.grad`` over the stacked losses
 #: (``is_grads_batched``); fastest for small models in eager mode, but every op on the path
@@ -790,6 +793,8 @@ class GradientSurgery:
         head gradients summed over the tasks, not yet written."""
         k = len(losses)
         attached = [t for t in range(k) if t not in constants]
+        if self.per_task != "batched":
+            self._refuse_donating_backward(losses, constants, attached, retain_graph)
         if self.per_task == "backward":
             if self.head_params is not None:  # the heads accumulate natively: known only so
                 _refuse_post_accumulate_hooks(
@@ -861,6 +866,25 @@ class GradientSurgery:
                         head_sums[h] = g if total is None else total + g
         self._poison_constant_rows(losses, constants, stacks)
         return reached, _HeadSums(heads, head_sums, head_tasks)
+
+    def _refuse_donating_backward(self, losses: list[torch.Tensor], constants: frozenset[int],
+                                  attached: list[int], retain_graph: bool) -> None:
+        """Refuse, before any pass, retained passes through a compiled backward that frees its
+        saved activations. With torch's own check on, an "autograd" pass is refused by torch
+        before anything is written; the walk is for a check turned off (the gradients would
+        be wrong without an error) and for "backward" passes, which may have added into
+        heads' ``.grad`` outside the compiled region before torch refuses."""
+        zero_passes = self.per_task == "backward" and self.reducer is not None and constants
+        passes = len(losses) if zero_passes else len(attached)
+        if not (retain_graph or passes > 1):
+            return
+        functorch_config = sys.modules.get("torch._functorch.config")
+        torch_checks = functorch_config is None or getattr(functorch_config, "donated_buffer",
+                                                           True)
+        if self.per_task == "autograd" and torch_checks:
+            return
+        if compiled_backward_donating(losses):
+            raise donated_buffers_error(self.per_task)
 
     def _batched_grads(self, attached: list[torch.Tensor], inputs: list[torch.Tensor],
                        losses: list[torch.Tensor], active: _Active, *, retain_graph: bool
@@ -1177,23 +1201,30 @@ def _explained_grad_failure(error: RuntimeError, per_task: str) -> RuntimeError:
             "default PyTorch recommends), or per_task='backward', which runs loss.backward() "
             "per task")
     if "donated buffers" in str(error):
-        # Measured with torch 2.14 (tests/test_surgery_compile.py): a backward compiled for
-        # one plain pass frees or reuses the activations it saved, so torch refuses the
-        # surgery's retained passes through it. Its on-disk caches serve such a backward to a
-        # later process whatever donated_buffer says, and then the gradients are wrong
-        # without an error: hence the advice to compile without the FX graph cache.
-        return RuntimeError(
-            f"GradientSurgery: per_task={per_task!r} takes one backward pass per task through "
-            "the same graph (keeping it between them), but this torch.compile'd model's "
-            "backward was compiled with donated buffers, which it frees after one pass: torch "
-            "compiles it so when the first backward through the compiled model kept no graph "
-            "(a plain loss.backward() step), or loads such a backward from inductor's on-disk "
-            "cache. Compile the model with torch.compile(model, options={'fx_graph_cache': "
-            "False}), and if plain backward passes run through it before the surgery, set "
-            "torch._functorch.config.donated_buffer = False before the first of them "
-            "(donated_buffer alone is not enough while a cached backward can be loaded) "
-            f"(torch's error: {_first_line(error)})")
+        return donated_buffers_error(per_task, _first_line(error))
     return error
+
+
+def donated_buffers_error(per_task: str, torch_error: str | None = None) -> RuntimeError:
+    """The surgery's retained passes meet a compiled backward that frees what it saved after
+    one pass. Measured with torch 2.14 (tests/test_surgery_compile.py): torch compiles the
+    backward so at the first backward that keeps no graph (a plain step), at the forward's
+    compile under dynamic shapes (a second batch size recompiles with them), and serves such
+    a backward from inductor's on-disk cache to later processes whatever ``donated_buffer``
+    says; setting the flag after the compile only silences torch's check (wrong gradients)."""
+    said = f" (torch's error: {torch_error})" if torch_error else ""
+    return RuntimeError(
+        f"GradientSurgery: per_task={per_task!r} takes one backward pass per task through the "
+        "same graph (keeping it between them), but this torch.compile'd model's backward was "
+        "compiled with donated buffers, freed after one pass (torch compiles it so at a first "
+        "plain loss.backward() through the model, under dynamic shapes, or loads it from "
+        "inductor's on-disk cache). Before compiling the model set "
+        "torch._functorch.config.donated_buffer = False and "
+        "torch._inductor.config.fx_graph_cache = False (or compile with "
+        "options={'fx_graph_cache': False}), then call torch._dynamo.reset() or start a new "
+        "process: a backward compiled with donated buffers keeps them, setting the flag "
+        "afterwards only hides torch's check and the gradients are then wrong, and the cache "
+        f"hands such a backward to a new compile whatever the flag says{said}")
 
 
 def _first_line(error: BaseException) -> str:
