@@ -1358,10 +1358,10 @@ def test_errors_name_the_argument(op_path: str) -> None:
         ops.gram_list([torch.randn(3, 4), torch.randn(2, 4)])
     with pytest.raises(ValueError, match="outs\\[0\\] must have shape"):
         ops.combine_list(torch.ones(3), [torch.randn(3, 4)], [torch.zeros(5)])
-    # True == 1, but a flag is not a sign (safety audit); NumPy's bool and 1.0 neither
-    for sign in (0, 2, -2, True, np.bool_(True), 1.0):
+    # True == 1, but a flag is not a sign (safety audit); NumPy's and torch's bools neither
+    for sign in (0, 2, -2, True, np.bool_(True), torch.tensor(True)):
         with pytest.raises(ValueError, match=r"^mtunlearn_ext\.ops\.project_nonconflicting: "
-                                             rf"`sign` must be 1 or -1, got {sign!r}$"):
+                                             rf"`sign` must be 1 or -1, got {re.escape(repr(sign))}$"):
             ops.project_nonconflicting(x[:1], x, sign=sign)
     with pytest.raises(ValueError, match="at most 256"):
         ops.pcgrad(torch.randn(257, 3))

@@ -447,9 +447,10 @@ def test_list_surgery_reads_stacks_that_require_grad_as_values() -> None:
 def test_a_sign_given_as_a_flag_is_refused() -> None:
     """Safety audit: sign=True (== 1) was taken as 1; a flag is not a sign."""
     g, r = [torch.randn(1, 5)], [torch.randn(2, 5)]
-    for sign in (True, False, 0, 2, numpy.bool_(True), 1.0):
-        with pytest.raises(ValueError, match=rf"`sign` must be 1 or -1, got {sign!r}$"):
+    for sign in (True, False, 0, 2, numpy.bool_(True), torch.tensor(True), torch.tensor([1]),
+                 numpy.array([-1]), 1.5):
+        with pytest.raises(ValueError, match=rf"`sign` must be 1 or -1, got {re.escape(repr(sign))}$"):
             project_nonconflicting_list(g, r, sign=sign)
     assert project_nonconflicting_list(g, r, sign=-1)[0].shape == (1, 5)
-    for sign in (numpy.int64(-1), torch.tensor(1)):  # integers of other kinds still are
+    for sign in (numpy.int64(-1), torch.tensor(1), -1.0, numpy.float64(1.0)):  # numbers are
         assert project_nonconflicting_list(g, r, sign=sign)[0].shape == (1, 5)

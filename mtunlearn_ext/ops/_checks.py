@@ -46,13 +46,22 @@ def _as_int(op: str, name: str, number: object) -> int:
 
 
 def check_sign(op: str, sign: object) -> int:
-    """1 or -1 as a Python int (NumPy's and 0-d tensors' integers too). A bool, NumPy's
-    included, is refused though True == 1 (a flag meant as something else), and so is 1.0."""
-    try:
-        value: int | None = _as_int(op, "sign", sign)
-    except TypeError:
-        value = None
-    if value not in (1, -1):
+    """1 or -1 as a Python int, from a number equal to one of them (``-1.0``, NumPy's and 0-d
+    tensors' numbers too). A bool is refused though True == 1 (a flag meant as something else),
+    NumPy's and torch's included, and so is an array or tensor of more than one dimension's
+    worth of values (it compared equal element by element)."""
+    dtype = getattr(sign, "dtype", None)
+    is_bool = isinstance(sign, bool) or (
+        dtype is not None and (dtype == torch.bool if isinstance(dtype, torch.dtype)
+                               else dtype == bool))
+    value: int | None = None
+    if not is_bool and getattr(sign, "ndim", 0) == 0:
+        try:
+            if sign in (1, -1):
+                value = int(sign)
+        except (TypeError, ValueError, RuntimeError):  # a meta tensor has no value to compare
+            pass
+    if value is None:
         raise ValueError(f"{op}: `sign` must be 1 or -1, got {sign!r}")
     return value
 
