@@ -1163,11 +1163,15 @@ def _say_required(parser: argparse.ArgumentParser) -> None:
                     option.help += " (required: here or as a --config key)"
 
 
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]
-    raise KeyError(name)
+            return action
+    raise KeyError("subparsers")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return _subparsers(parser).choices[name]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -1221,6 +1225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _refuse_command_as_import(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`mtunlearn --import benchmark --dry-run` (the module left out) took the command as the
+    module and argparse said only "the following arguments are required: command"."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    commands = set(_subparsers(parser).choices)
+    for i, token in enumerate(argv):
+        if token in commands:
+            return  # the command comes first: --import after it belongs to the command
+        if token == "--import" and i + 1 < len(argv) and argv[i + 1] in commands and not any(
+                later in commands for later in argv[i + 2:]):
+            raise UserInputError("--import", "a module name", argv[i + 1],
+                                 f"no command follows, so `{argv[i + 1]}` was read as the "
+                                 f"module to import: write `mtunlearn --import MODULE "
+                                 f"{argv[i + 1]} ...`")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from mtunlearn_ext.records import RecordError
     from mtunlearn_ext.training import CheckpointError
@@ -1232,6 +1253,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # notebook, a test, a pipeline step) gets its count back.
     callers_threads = torch.get_num_threads()
     try:
+        _refuse_command_as_import(parser, argv)
         pre, _ = parser.parse_known_args(argv)
         if getattr(pre, "config", None):
             _apply_config(_subparser(parser, pre.command), _load_config(pre.config))

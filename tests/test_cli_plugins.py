@@ -149,3 +149,14 @@ def test_register_benchmark_refuses_built_in_and_taken_names(
     register_benchmark("mine_partial", functools.partial(returns_none, flavour=1))
     with pytest.raises(ValueError, match="the name 'mine_partial' is taken by functools.partial"):
         register_benchmark("mine_partial", functools.partial(returns_none, flavour=2))
+
+
+def test_import_before_the_command_without_its_module_names_the_mix_up(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: `mtunlearn --import benchmark --dry-run` read the command as the module, and
+    argparse said only "the following arguments are required: command"."""
+    assert cli.main(["--import", "benchmark", "--dry-run"]) == 2
+    assert _err(capsys) == (
+        "mtunlearn: error: --import: expected a module name, got 'benchmark'; no command "
+        "follows, so `benchmark` was read as the module to import: write `mtunlearn --import "
+        "MODULE benchmark ...`")
