@@ -48,8 +48,8 @@ def _as_int(op: str, name: str, number: object) -> int:
 def check_sign(op: str, sign: object) -> int:
     """1 or -1 as a Python int, from a number equal to one of them (``-1.0``, NumPy's and 0-d
     tensors' numbers too). A bool is refused though True == 1 (a flag meant as something else),
-    NumPy's and torch's included, and so is an array or tensor of more than one dimension's
-    worth of values (it compared equal element by element)."""
+    NumPy's and torch's included, and so is an array or tensor that is not 0-d (``tensor([1])``
+    passed the old ``in (1, -1)`` test element by element)."""
     dtype = getattr(sign, "dtype", None)
     is_bool = isinstance(sign, bool) or (
         dtype is not None and (dtype == torch.bool if isinstance(dtype, torch.dtype)

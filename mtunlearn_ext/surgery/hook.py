@@ -884,7 +884,7 @@ class GradientSurgery:
         if self.per_task == "autograd" and torch_checks:
             return
         if compiled_backward_donating(losses):
-            raise donated_buffers_error(self.per_task)
+            raise _donated_buffers_error(self.per_task)
 
     def _batched_grads(self, attached: list[torch.Tensor], inputs: list[torch.Tensor],
                        losses: list[torch.Tensor], active: _Active, *, retain_graph: bool
@@ -1201,11 +1201,11 @@ def _explained_grad_failure(error: RuntimeError, per_task: str) -> RuntimeError:
             "default PyTorch recommends), or per_task='backward', which runs loss.backward() "
             "per task")
     if "donated buffers" in str(error):
-        return donated_buffers_error(per_task, _first_line(error))
+        return _donated_buffers_error(per_task, _first_line(error))
     return error
 
 
-def donated_buffers_error(per_task: str, torch_error: str | None = None) -> RuntimeError:
+def _donated_buffers_error(per_task: str, torch_error: str | None = None) -> RuntimeError:
     """The surgery's retained passes meet a compiled backward that frees what it saved after
     one pass. Measured with torch 2.14 (tests/test_surgery_compile.py): torch compiles the
     backward so at the first backward that keeps no graph (a plain step), at the forward's
