@@ -117,7 +117,7 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
     _check_pair(op, "g", g, "r", r)
     sign = check_sign(op, sign)
     if has_extension():
-        out, coeffs = call_op(torch.ops.mtunlearn.project_nonconflicting, g, r, int(sign))
+        out, coeffs = call_op(torch.ops.mtunlearn.project_nonconflicting, g, r, sign)
     else:
         coeffs = _reference.nonconflicting_dual(_reference.gram(r), sign * _reference.inner(g, r))
         out = _reference.combine(sign * coeffs, r, base=g, beta=1.0)

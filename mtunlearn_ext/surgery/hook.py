@@ -874,7 +874,7 @@ class GradientSurgery:
         before anything is written; the walk is for a check turned off (the gradients would
         be wrong without an error) and for "backward" passes, which may have added into
         heads' ``.grad`` outside the compiled region before torch refuses."""
-        zero_passes = self.per_task == "backward" and self.reducer is not None and constants
+        zero_passes = self.per_task == "backward" and self.reducer is not None and bool(constants)
         passes = len(losses) if zero_passes else len(attached)
         if not (retain_graph or passes > 1):
             return
