@@ -864,6 +864,10 @@ def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
     return write_text_new(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
+#: How often :meth:`OutputTransaction.write` makes an output's folders again when a concurrent
+#: run removed them (empty, as its own rollback) just before the write.
+_FOLDER_RACE_ATTEMPTS = 3
+
 #: Outputs of the transactions that completed in this process, in order: what an interrupt
 #: arriving after them (while the command prints its summary) leaves, written in full. The
 #: command line clears it when a command starts.
@@ -917,13 +921,25 @@ class OutputTransaction:
         interrupt between the final rename and the return still removes it; a write refused
         because the file already exists un-registers it (that file is not ours) and is a
         :class:`UserInputError` naming the output's argument (the file appeared during the run,
-        e.g. written by a concurrent run). Any other ``OSError`` of the write becomes a :class:`UserInputError` naming the output's
-        argument (one line on the command line, exit 2)."""
+        e.g. written by a concurrent run). Any other ``OSError`` of the write becomes a
+        :class:`UserInputError` naming the output's argument (one line on the command line,
+        exit 2). The output's missing folders are made here, and only those this write made are
+        removed on rollback; a folder a concurrent run removes just before the write is made
+        again (a few times)."""
         self._created.append(path)
-        self._made_folders.extend(f for f in path.absolute().parents if not os.path.lexists(f))
         argument = next((a for a, p in self.outputs.items() if p == path), "output")
         try:
-            return writer(path)
+            for attempt in range(_FOLDER_RACE_ATTEMPTS):
+                self._make_folders(path.absolute().parent)
+                try:
+                    return writer(path)
+                except FileNotFoundError:
+                    # A concurrent run that made a folder this path shares, and then failed,
+                    # removed it again (empty) between our making sure of it and our write.
+                    if os.path.isdir(path.absolute().parent) or \
+                            attempt == _FOLDER_RACE_ATTEMPTS - 1:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
         except FileExistsError as error:
             self._created.remove(path)
             # reserve() found the path free: something else made it since (another run
@@ -935,6 +951,21 @@ class OutputTransaction:
         except OSError as error:
             raise UserInputError(argument, "a path that can be written", str(path),
                                  f"{error.strerror or error}; nothing was written") from error
+
+    def _make_folders(self, folder: Path) -> None:
+        """Make ``folder`` and its missing parents one by one, recording only those this call
+        made: a folder another run made meanwhile (``FileExistsError``) is theirs, and stays
+        when this transaction rolls back."""
+        missing = []
+        while not os.path.lexists(folder) and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for made in reversed(missing):
+            try:
+                os.mkdir(made)
+            except FileExistsError:
+                continue
+            self._made_folders.append(made)
 
     def __enter__(self) -> OutputTransaction:
         return self

@@ -627,3 +627,61 @@ def test_a_failed_command_removes_the_folders_its_writes_made(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "shared"]
     assert list((tmp_path / "kept").iterdir()) == []
     assert [p.name for p in (tmp_path / "shared").iterdir()] == ["theirs.txt"]
+
+
+def test_a_folder_another_run_made_meanwhile_stays_on_rollback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrency: a folder missing when the write began but made by another run before this
+    one could (its ``mkdir`` lost the race) is the other run's: this run's rollback used to
+    remove it (empty), under the other run about to write into it."""
+    from mtunlearn_ext._io import write_text_new
+
+    theirs = tmp_path / "shared"
+    real_mkdir = os.mkdir
+
+    def mkdir_losing_the_race(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path) == theirs and not theirs.exists():
+            real_mkdir(path, *args, **kwargs)  # the other run's
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_losing_the_race)
+    with pytest.raises(RuntimeError, match="later failure"):
+        with OutputTransaction() as tx:
+            out = tx.reserve("--output", theirs / "mine" / "o.pt")
+            tx.write(out, lambda p: write_text_new(p, "weights"))
+            raise RuntimeError("later failure")
+    assert theirs.is_dir() and list(theirs.iterdir()) == []  # ours (mine/) went, theirs stayed
+
+
+def test_a_folder_removed_by_a_concurrent_rollback_is_made_again(tmp_path: Path) -> None:
+    """Concurrency: another run that made the folder an output shares, and then failed,
+    removes it (empty) again; when that happened between this run making sure of the folder
+    and its write, the write failed (exit 2, "No such file or directory")."""
+    from mtunlearn_ext._io import write_text_new
+
+    (tmp_path / "shared").mkdir()
+    attempts = []
+
+    def writer(p: Path) -> str:
+        attempts.append(p)
+        if len(attempts) == 1:
+            p.parent.rmdir()  # the other run's rollback, just before the write
+            with open(p, "x"):
+                pass
+        return write_text_new(p, "weights")
+
+    with OutputTransaction() as tx:
+        out = tx.reserve("--output", tmp_path / "shared" / "o.pt")
+        tx.write(out, writer)
+    assert len(attempts) == 2 and out.read_text() == "weights"
+
+    # A write that fails so with the folder in place is not retried: that is another error.
+    def missing_elsewhere(p: Path) -> str:
+        attempts.append(p)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    attempts.clear()
+    with pytest.raises(UserInputError, match=r"^--record: expected a path that can be written"):
+        with OutputTransaction() as tx:
+            tx.write(tx.reserve("--record", tmp_path / "shared" / "r.json"), missing_elsewhere)
+    assert len(attempts) == 1
