@@ -242,6 +242,21 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
         _check_no_cross_overlap(op, coeffs, xs, outs, read_bases, has_rows=bool(lead))
 
 
+def check_no_overlap_across_calls(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
+                                  outs: list[torch.Tensor], bases: list[torch.Tensor] | None,
+                                  per_tensor: bool) -> None:
+    """The overlap check of :func:`check_combine_list` over whole lists that several
+    ``combine_list`` calls write (one per dtype or ``beta``): each call checks only its own
+    tensors, so an output of one call under another call's input was accepted, and the later
+    call read what the earlier one had written. ``coeffs`` is the whole lists' (``[k]``,
+    ``[m, k]``, or per tensor ``[P, k]``, ``[P, m, k]``); ``bases[p]`` is what output ``p``
+    reads as its base (``outs[p]`` itself where it reads none)."""
+    if torch.compiler.is_compiling() or not xs or _has_no_values(xs[0]):
+        return
+    has_rows = coeffs.dim() == (3 if per_tensor else 2)
+    _check_no_cross_overlap(op, coeffs, xs, outs, bases, has_rows)
+
+
 def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor],
                  has_rows: bool) -> None:
     for p, (b, o) in enumerate(zip(bases, outs)):

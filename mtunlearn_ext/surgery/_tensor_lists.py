@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeGuard
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops.combine import check_combine_list
+from mtunlearn_ext.ops.combine import check_combine_list, check_no_overlap_across_calls
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -364,6 +364,13 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
                                    member_outs, layers is not None, member_bases, beta)
             except (TypeError, ValueError) as error:
                 raise named(error, members) from error
+        read = [o if beta == 0.0 or bases is None else b
+                for o, b, beta in zip(outs, bases or outs, map(float, betas))]
+        try:
+            check_no_overlap_across_calls("mtunlearn_ext.ops.combine_list", coeffs, list(xs),
+                                          list(outs), read, layers is not None)
+        except ValueError as error:
+            raise named(error, range(len(xs))) from error
     for block, member_xs, member_outs, member_bases, beta, members in calls:
         try:
             ops.combine_list(block, member_xs, member_outs, beta=beta,
