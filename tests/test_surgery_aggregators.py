@@ -596,6 +596,15 @@ def test_weightings_refuse_an_integer_gram(make) -> None:  # type: ignore[no-unt
         make()(torch.eye(2, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("make", [Mean, Sum, PCGrad, UPGrad, MGDA])
+def test_aggregators_refuse_an_integer_matrix_in_their_words(make) -> None:  # type: ignore[no-untyped-def]
+    """New-user review: ``UPGrad()(int_matrix)`` was refused by an op the caller never called
+    ("mtunlearn_ext.ops.gram: `x` must have dtype ..."), and Mean/Sum by ``combine``'s `x`."""
+    with pytest.raises(TypeError, match=rf"^{make.__name__}: `matrix` must have dtype float64, "
+                                        r"float32, float16 or bfloat16, got torch.int64$"):
+        make()(torch.ones(2, 5, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("make", [MeanWeighting, SumWeighting, PCGradWeighting, UPGradWeighting,
                                   MGDAWeighting])
 def test_weightings_of_no_task_are_empty(make) -> None:  # type: ignore[no-untyped-def]
@@ -691,3 +700,28 @@ def test_argument_errors_name_the_argument() -> None:
         aggregate_list(object(), [torch.ones(2, 3)], [torch.ones(3)])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="per_layer"):
         aggregate_list(Mean(), [torch.ones(2, 3)], [torch.ones(3)], per_layer=[0, 1])
+
+
+def test_aggregate_list_refuses_an_output_over_another_groups_gradients() -> None:
+    """Ops review: lists split into one ``combine_list`` call per (dtype, beta) were checked for
+    overlaps per call only: an output over another parameter's gradients was refused with equal
+    betas but taken with different ones, the later call then reading the overwritten rows
+    (off by 1.04). Refused now with every split, nothing written; disjoint ones still run."""
+    for split in ("beta", "dtype"):
+        torch.manual_seed(0)
+        buffer = torch.randn(40, dtype=F64)
+        g0 = torch.randn(3, 5, dtype=torch.float32 if split == "dtype" else F64)
+        g1 = buffer[0:15].view(3, 5)
+        out0 = (buffer.view(torch.float32)[0:5] if split == "dtype" else buffer[0:5])
+        out1 = torch.ones(5, dtype=F64)
+        beta = [0.0, 1.0] if split == "beta" else 0.0
+        before = buffer.clone(), out1.clone()
+        with pytest.raises(ValueError, match=r"^mtunlearn_ext.surgery.aggregate_list: outs\[0\] "
+                                             r"overlaps grads_list\[1\]; an output must not "
+                                             r"share memory"):
+            aggregate_list(Sum(), [g0, g1], [out0, out1], beta=beta)
+        assert torch.equal(buffer, before[0]) and torch.equal(out1, before[1]), split
+        apart = torch.zeros(5, dtype=g0.dtype)
+        aggregate_list(Sum(), [g0, g1], [apart, out1], beta=beta)
+        torch.testing.assert_close(apart, g0.sum(0))
+        torch.testing.assert_close(out1, (1.0 if split == "beta" else 0.0) + g1.sum(0))
