@@ -16,13 +16,26 @@ __all__ = ["check_field_types"]
 
 def check_field_types(config: Any) -> None:
     """Raise ``ValueError`` naming the first field of the dataclass instance ``config`` whose
-    value does not fit its annotation (``Class: `field` must be an integer, got 1.5``)."""
+    value does not fit its annotation (``Class: `field` must be an integer, got 1.5``).
+
+    A NumPy scalar (``np.int64(2)``, as indexing an array or a grid gives) is first replaced by
+    the Python number it holds, in place (frozen dataclasses too): it is checked as that, and
+    the records and reports, written as JSON, hold plain numbers."""
     hints = _annotations(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if _is_numpy_scalar(value):
+            value = value.item()
+            object.__setattr__(config, f.name, value)
         if not _has_type(value, hints.get(f.name, Any)):
             raise ValueError(f"{type(config).__name__}: `{f.name}` must be "
                              f"{_describe_type(hints[f.name])}, got {value!r}")
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")  # no array made without NumPy loaded: none to convert
+    return numpy is not None and isinstance(value, numpy.generic) and isinstance(
+        value, (numpy.number, numpy.bool_))
 
 
 def _annotations(cls: type) -> dict[str, Any]:

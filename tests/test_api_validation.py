@@ -52,8 +52,10 @@ def _rest(x: torch.Tensor, y: dict[str, torch.Tensor], start: int = 5
 
 
 def _problem(**kwargs: object):  # type: ignore[no-untyped-def]
-    return build_problem(_TwoHeads(), tasks=TASKS, shared_parameters=lambda n: n.startswith(
-        "trunk."), **kwargs)  # type: ignore[arg-type]
+    with warnings.catch_warnings():  # these tests give task a's targets only, on purpose
+        warnings.filterwarnings("ignore", message=r"unlearn: `forget_data` has no targets")
+        return build_problem(_TwoHeads(), tasks=TASKS, shared_parameters=lambda n: n.startswith(
+            "trunk."), **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_forget_set_without_a_pair_of_the_target_tasks_is_refused() -> None:
@@ -186,18 +188,20 @@ def test_equal_inputs_are_matched_whatever_the_key_order_and_memory_layout() -> 
     forget_y = {"a": y["a"][:5]}
     still = "`forget_data` row 0 is also `retain_data` row 0 (same input)"
     with pytest.raises(ValueError, match=re.escape(still)):
-        build_problem(_TwoInputs(), forget_data=({"m": mask[:5], "x": x[:5]}, forget_y),
+        build_problem(_TwoInputs(), target_tasks="a",
+                      forget_data=({"m": mask[:5], "x": x[:5]}, forget_y),
                       retain_data=({"x": x, "m": mask}, y), **common)  # type: ignore[arg-type]
     wide = x * torch.logspace(-8, 8, 8)  # values over 16 orders of magnitude
     column_major = wide.t().contiguous().t()
     assert torch.equal(column_major, wide) and not column_major.is_contiguous()
     with pytest.raises(ValueError, match=re.escape(still)):
-        build_problem(_TwoHeads(), forget_data=(column_major[:5], forget_y),
+        build_problem(_TwoHeads(), target_tasks="a", forget_data=(column_major[:5], forget_y),
                       retain_data=(wide, y), **common)  # type: ignore[arg-type]
     # Linked in a partial request (the retain rows keep only task b): rows 0-4's ids.
     supervision = torch.ones(40, 2, dtype=torch.bool)
     supervision[:5, 0] = False
-    problem = build_problem(_TwoInputs(), forget_data=({"m": mask[:5], "x": x[:5]}, forget_y),
+    problem = build_problem(_TwoInputs(), target_tasks="a",
+                            forget_data=({"m": mask[:5], "x": x[:5]}, forget_y),
                             retain_data=({"x": x, "m": mask}, y, supervision),
                             **common)  # type: ignore[arg-type]
     assert problem.forget.ids.tolist() == [0, 1, 2, 3, 4]
@@ -678,12 +682,12 @@ def test_held_out_and_audit_tuples_holding_training_rows_are_refused() -> None:
     with pytest.raises(ValueError, match=r"`held_out_data` row 0 has the same inputs as "
                                          r"`retain_data` row 15"):
         build_problem(_TwoInputs(), tasks=TASKS, shared_parameters=_trunk,
-                      forget_data=((x[:5], mask[:5]), {"a": y["a"][:5]}),
+                      target_tasks="a", forget_data=((x[:5], mask[:5]), {"a": y["a"][:5]}),
                       retain_data=((x[5:], mask[5:]), {t: v[5:] for t, v in y.items()}),
                       held_out_data=((x[20:25], mask[20:25]), {t: v[20:25] for t, v in y.items()}))
     # Equal in one input only: another instance.
     problem = build_problem(_TwoInputs(), tasks=TASKS, shared_parameters=_trunk,
-                            forget_data=((x[:5], mask[:5]), {"a": y["a"][:5]}),
+                            target_tasks="a", forget_data=((x[:5], mask[:5]), {"a": y["a"][:5]}),
                             retain_data=((x[5:], mask[5:]), {t: v[5:] for t, v in y.items()}),
                             held_out_data=((x[20:25], 2 * mask[20:25]),
                                            {t: v[20:25] for t, v in y.items()}))
@@ -1316,7 +1320,7 @@ def test_the_record_names_forget_data_rows_by_position(tmp_path) -> None:  # typ
     # A partial request links forget rows to their retained copies; the record still names
     # the forget rows as the caller gave them.
     _, partial = mtunlearn_ext.unlearn(
-        model, tasks=TASKS, forget_data=(x[:10], {"a": y["a"][:10]}),
+        model, tasks=TASKS, target_tasks="a", forget_data=(x[:10], {"a": y["a"][:10]}),
         retain_data=(x, {"a": torch.cat([torch.full((10,), -1), y["a"][10:]]), "b": y["b"]}),
         shared_parameters=_trunk, config={"steps": 1})
     assert partial.request["ids_sha256"] == ForgetRequest.create(range(10)).ids_hash()
@@ -1346,7 +1350,7 @@ def test_a_forget_data_row_given_twice_is_refused_as_a_request_id_named_twice() 
         with pytest.raises(ValueError, match=re.escape(
                 "unlearn: `forget_data` row 3 repeats row 0 (the same inputs and the same "
                 "labels of the target tasks; 3 rows repeat an earlier one)")):
-            mtunlearn_ext.unlearn(_TwoHeads(), forget_data=(x[twice], {
+            mtunlearn_ext.unlearn(_TwoHeads(), target_tasks="a", forget_data=(x[twice], {
                 t: v[twice] for t, v in targets.items()}), retain_data=retain,
                 **common)  # type: ignore[arg-type]
     # Equal inputs labelled otherwise are another instance (a duplicate image), and so are
@@ -1860,3 +1864,79 @@ def test_unwrapped_reaches_the_module_inside_nested_wrappers() -> None:
     assert unwrapped(nn.DataParallel(torch.compile(m))) is m
     assert unwrapped(torch.compile(nn.DataParallel(m))) is m
     assert unwrapped(m) is m
+
+
+def test_a_task_spec_under_another_tasks_key_is_refused() -> None:
+    """New-user review: ``tasks={"a": TaskSpec("b", ...), "b": TaskSpec("a", ...)}`` was taken
+    (the keys ignored, the specs' names used): the request then named tasks by the specs while
+    the user named them by the keys. Refused, for tuple data and for a Dataset read in."""
+    x, y = _data()
+    swapped = {"a": TaskSpec("b", "regression"),
+               "b": TaskSpec("a", "classification", num_classes=3)}
+    message = (r"^unlearn: `tasks` maps 'a' to a TaskSpec named 'b'; a TaskSpec's name must "
+               r"be its key$")
+    with pytest.raises(ValueError, match=message):
+        build_problem(_TwoHeads(), tasks=swapped, shared_parameters=lambda n: n.startswith(
+            "trunk."), train_data=(x, y), forget_request=ForgetRequest.create(range(5), ["a"]))
+    class Instances(torch.utils.data.Dataset[object]):
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> object:
+            return x[i], {t: v[i] for t, v in y.items()}
+
+    with pytest.raises(ValueError, match=message):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=swapped, train_data=Instances(),
+                              forget_request=ForgetRequest.create(range(5)),
+                              shared_parameters=lambda n: n.startswith("trunk."))
+    # A spec under its own name, beside a kind, is taken as it is.
+    own = {"a": TaskSpec("a", "classification", num_classes=3), "b": "regression"}
+    problem = build_problem(_TwoHeads(), tasks=own, shared_parameters=lambda n: n.startswith(
+        "trunk."), train_data=(x, y), forget_request=ForgetRequest.create(range(5), ["a"]))
+    assert problem.task_names == ["a", "b"] and problem.spec("a") == own["a"]
+
+
+def test_class_targets_of_the_wrong_shape_name_the_set_and_what_to_do() -> None:
+    """New-user review: `[N, 1]` class labels failed with "task_loss[a]: classification wants
+    pred [B, C] and target [B], got (2, 3) and (2, 1)": shapes of the two rows the check ran,
+    no set named, nothing said about the fix; one-hot rows the same."""
+    x, y = _data()
+    common = dict(forget_request=ForgetRequest.create(range(5)))
+    with pytest.raises(ValueError, match=r"^UnlearningProblem: the data's targets for task 'a' "
+                                         r"\(shape \(35, 1\), 35 instances\) do not fit the "
+                                         r"model's prediction \(checked on rows \[0, 1\]\): "
+                                         r"task_loss\[a\]: classification wants pred \[B, C\] "
+                                         r"and target \[B\], got \(2, 3\) and \(2, 1\); class "
+                                         r"labels are \[N\] integers: `labels.squeeze\(1\)`$"):
+        _problem(train_data=(x, {**y, "a": y["a"][:, None]}), **common)
+    one_hot = torch.nn.functional.one_hot(y["a"], 3).float()
+    with pytest.raises(ValueError, match=r"\(one-hot rows: `labels.argmax\(1\)`\); other "
+                                         r"targets, multi-label ones say, need the task's own "
+                                         r"loss: TaskSpec\('a', 'classification'"):
+        _problem(train_data=(x, {**y, "a": one_hot}), **common)
+
+
+def test_parameters_given_as_named_pairs_or_one_name() -> None:
+    """New-user review: `shared_parameters=model.trunk.named_parameters()` (what
+    `GradientSurgery` takes, the docs show) was refused ("must hold names, parameters or
+    modules, got tuple"), and one name as a string was refused with a message asking for
+    names. Pairs are taken (the parameter is meant: a submodule's names are its own); a string
+    is refused saying to put it in a list, for `head_parameters` too (it was read letter by
+    letter)."""
+    x, y = _data()
+    model = _TwoHeads()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)))
+    by_pairs = build_problem(model, shared_parameters=model.trunk.named_parameters(), **common)
+    by_module = build_problem(model, shared_parameters=model.trunk, **common)
+    shared = by_module.model.parameter_split().shared  # type: ignore[operator]
+    assert by_pairs.model.parameter_split().shared == shared  # type: ignore[operator]
+    assert len(shared) == 2
+    with pytest.raises(TypeError, match=r"^unlearn: `shared_parameters` must be names, "
+                                        r"parameters, modules or a predicate on names, got the "
+                                        r"string 'trunk.0.weight': put names in a list "
+                                        r"\(\['trunk.0.weight'\]\), or pass a predicate"):
+        build_problem(model, shared_parameters="trunk.0.weight", **common)
+    with pytest.raises(TypeError, match=r"^unlearn: `head_parameters\['a'\]` must be names, .* "
+                                        r"got the string 'heads.a.weight'"):
+        build_problem(model, shared_parameters=model.trunk, head_parameters={
+            "a": "heads.a.weight", "b": ["heads.b.weight", "heads.b.bias"]}, **common)

@@ -942,7 +942,7 @@ def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-unty
                                          r"instances"):
         new2, report2 = mtunlearn_ext.unlearn(
             model, tasks=tasks, forget_data=(x[:10], {"kind": y["kind"][:10]}),
-            retain_data=(x[10:], {t: v[10:] for t, v in y.items()}),
+            target_tasks="kind", retain_data=(x[10:], {t: v[10:] for t, v in y.items()}),
             shared_parameters=list(model.trunk.parameters()), config=config, seed=0)
     assert report2.request["target_tasks"] == ["kind"] and not report2.request["full"]
     assert report2.extra["summary"]["forget_loss_after"]["kind"] > \
@@ -1057,6 +1057,75 @@ def test_every_method_runs_with_a_frozen_head(user_setup, frozen: str, full: boo
         moved = {k for k in before if not torch.equal(before[k], after[k])}
         assert not any(k.startswith(f"heads.{frozen}.") for k in moved), (method, moved)
         assert any(k.startswith("trunk.") for k in moved), method
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.heads = nn.ModuleDict({
+            "kind": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)),
+            "size": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: head(z) for t, head in self.heads.items()}
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_every_method_takes_channels_last_and_transposed_parameters(full: bool) -> None:
+    """New-user review: a channels_last CNN failed in the default method and in PCGrad
+    ("`outs[0]` must be contiguous (it is written in place)", an argument the user never
+    passed), and so did PCGrad on any transposed parameter: the forget gradients' stacks, and
+    PCGrad's update, took the parameter's strides. Every method now gives the contiguous
+    model's result."""
+    from mtunlearn_ext.unlearning import available_unlearners
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 8, 8, generator=generator)
+    y = {"kind": torch.randint(0, 3, (32,), generator=generator),
+         "size": torch.randn(32, 1, generator=generator)}
+    torch.manual_seed(0)
+    plain = _SmallCNN()
+    strided = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    linear = strided.heads["kind"][2]
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
+    assert not strided.trunk[0].weight.is_contiguous() and not linear.weight.is_contiguous()
+    request = ForgetRequest.create(range(4), None if full else ["kind"])
+    for method in sorted(m for m in available_unlearners()
+                         if m != "retrain" and not m.startswith("_")):
+        results = [mtunlearn_ext.unlearn(model, tasks={"kind": "classification",
+                                                       "size": "regression"},
+                                         train_data=(x, y), forget_request=request,
+                                         shared_parameters=lambda n: n.startswith("trunk."),
+                                         method=method, config={"steps": 2})[0].state_dict()
+                   for model in (plain, strided)]
+        for name, value in results[0].items():
+            torch.testing.assert_close(results[1][name], value, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{method}, {name}: {m}")
+
+
+def test_numpy_numbers_in_the_config_are_taken_as_python_ones(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """New-user review: ``config={"steps": np.int64(2)}`` (as indexing an array of settings
+    gives) was refused, "`steps` must be an integer, got np.int64(2)". NumPy numbers are now
+    taken as the Python numbers they hold: the same model, and a report that is plain JSON."""
+    import numpy as np
+
+    model, x, y = user_setup
+    common = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(10), ["kind"]),
+                  shared_parameters=lambda n: n.startswith("trunk."))
+    plain, _ = mtunlearn_ext.unlearn(model, config={"steps": 2, "lr": 0.5, "coupled": True},
+                                     **common)
+    numpy, report = mtunlearn_ext.unlearn(
+        model, config={"steps": np.int64(2), "lr": np.float64(0.5), "coupled": np.bool_(True)},
+        **common)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(numpy.state_dict()[key], value), key
+    recorded = json.loads(json.dumps(report.to_dict()))["config"]
+    assert (recorded["steps"], recorded["lr"], recorded["coupled"]) == (2, 0.5, True)
+    with pytest.raises(ValueError, match=r"`steps` must be an integer, got 1.5"):
+        mtunlearn_ext.unlearn(model, config={"steps": np.float64(1.5)}, **common)
 
 
 def test_a_parameter_belongs_to_one_group(user_setup) -> None:  # type: ignore[no-untyped-def]
@@ -1282,6 +1351,35 @@ def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_set
         "other.pt.record.json", "unlearned.pt", "unlearned.pt.record.json"]
 
 
+def test_forget_data_without_a_tasks_targets_warns_of_the_partial_request(user_setup
+                                                                          ) -> None:  # type: ignore[no-untyped-def]
+    """New-user review: `forget_data` missing one task's label dict (by mistake: the user meant
+    to forget the instances) made a partial request without a word, and that task's labels
+    stayed learned. Without `target_tasks` the request is still the tasks given targets (as
+    documented), now with a warning; naming them, or giving every task's, is silent."""
+    model, x, y = user_setup
+    common = dict(tasks={"kind": "classification", "size": "regression"},
+                  shared_parameters=lambda n: n.startswith("trunk"), config={"steps": 1})
+    supervision = torch.ones(120, 2, dtype=torch.bool)
+    supervision[:10, 0] = False  # the forget rows' "kind" pairs; their "size" pairs retained
+    retain = (x, y, supervision)
+    with pytest.warns(UserWarning, match=r"^unlearn: `forget_data` has no targets for task "
+                                         r"\['size'\], so only \['kind'\] is forgotten \(a "
+                                         r"partial request\); pass `target_tasks`"):
+        _, report = mtunlearn_ext.unlearn(model, forget_data=(x[:10], {"kind": y["kind"][:10]}),
+                                          retain_data=retain, **common)
+    assert report.request["target_tasks"] == ["kind"] and not report.request["full"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _, report = mtunlearn_ext.unlearn(model, forget_data=(x[:10], {"kind": y["kind"][:10]}),
+                                          retain_data=retain, target_tasks="kind", **common)
+        assert report.request["target_tasks"] == ["kind"]
+        _, report = mtunlearn_ext.unlearn(
+            model, forget_data=(x[:10], {t: v[:10] for t, v in y.items()}),
+            retain_data=(x[10:], {t: v[10:] for t, v in y.items()}), **common)
+        assert report.request["full"]
+
+
 def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(user_setup
                                                                              ) -> None:  # type: ignore[no-untyped-def]
     model, x, y = user_setup
@@ -1292,7 +1390,8 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
     # The whole training set as retain data: its rows 0-9 still teach the "kind" labels.
     with pytest.raises(ValueError, match=r"`forget_data` row 0 is also `retain_data` row 0 "
                                          r"\(same input\), which still supervises task 'kind'"):
-        mtunlearn_ext.unlearn(model, forget_data=forget, retain_data=(x, y), **common)
+        mtunlearn_ext.unlearn(model, forget_data=forget, target_tasks="kind",
+                              retain_data=(x, y), **common)
     # Without those pairs (their "size" labels kept: a partial request) it runs, and the forget
     # rows are linked to the retain rows with their inputs: their "size" pairs are the coupled
     # rows, as with train_data and a ForgetRequest (before, the method could not know them and
@@ -1301,7 +1400,7 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
     supervision[:10, 0] = False
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        _, report = mtunlearn_ext.unlearn(model, forget_data=forget,
+        _, report = mtunlearn_ext.unlearn(model, forget_data=forget, target_tasks="kind",
                                           retain_data=(x, y, supervision), **common)
     assert report.request["target_tasks"] == ["kind"]
     assert report.extra["interference_aware"]["coupled_instances"] == 10
@@ -1309,7 +1408,7 @@ def test_public_api_refuses_forget_pairs_that_the_retain_data_still_supervises(u
     # and the same unlearned model as that way in, to the bit.
     assert report.request["ids_sha256"] == ForgetRequest.create(range(10), ["kind"]).ids_hash()
     steps = dict(common, config={"steps": 4})
-    linked, _ = mtunlearn_ext.unlearn(model, forget_data=forget,
+    linked, _ = mtunlearn_ext.unlearn(model, forget_data=forget, target_tasks="kind",
                                       retain_data=(x, y, supervision), **steps)
     by_request, _ = mtunlearn_ext.unlearn(
         model, train_data=(x, y), forget_request=ForgetRequest.create(range(10), ["kind"]),

@@ -444,7 +444,7 @@ def test_audit_data_with_several_inputs(text_setup) -> None:  # type: ignore[no-
 def test_forget_rows_equal_to_retain_rows_are_refused_on_every_input(text_setup) -> None:  # type: ignore[no-untyped-def]
     model, ids, mask, labels, _ = text_setup
     common = dict(tasks=TASKS, shared_parameters=lambda n: n.startswith("trunk."),
-                  config={"steps": 1})
+                  config={"steps": 1}, target_tasks="topic")
     forget_mask = mask[:10].clone()
     forget_mask[:, 1:5] = torch.tensor([False, True, True, False])
     forget = ((ids[:10], forget_mask), {"topic": labels["topic"][:10]})

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 
+from mtunlearn_ext.api._task_specs import keyed_spec
 from mtunlearn_ext.api._types import DataLike
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.gathering import _gather
@@ -37,7 +38,7 @@ def read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
         # Reading labels needs only each task's kind and "no label" value; a task given by
         # kind has the default one, and its classes are counted on the tuple afterwards, as
         # for any tuple. The count here is a placeholder no label can exceed.
-        specs = [kind if isinstance(kind, TaskSpec) else TaskSpec(
+        specs = [keyed_spec(name, kind, op) if isinstance(kind, TaskSpec) else TaskSpec(
             str(name), kind, num_classes=None if kind not in ("classification", "segmentation")
             else 2**62) for name, kind in tasks.items()]
     else:

@@ -113,7 +113,14 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
     names: list[str] = []  # in the order given, each once (a list may name one twice)
     if isinstance(items, nn.Module):
         items = [items]
-    for item in items:
+    if isinstance(items, str):
+        raise TypeError(_one_name_error(what, items))
+    for given in items:
+        # A (name, parameter) pair of `named_parameters()`, of the model or a submodule (whose
+        # names are its own): the parameter is meant.
+        item: object = (given[1] if isinstance(given, tuple) and len(given) == 2
+                        and isinstance(given[0], str) and isinstance(given[1], torch.Tensor)
+                        else given)
         if isinstance(item, nn.Module):  # a submodule stands for every parameter it holds
             outside = [n for n, p in item.named_parameters() if id(p) not in by_id]
             if outside:
@@ -134,6 +141,12 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
             raise TypeError(f"unlearn: `{what}` must hold names, parameters or modules, got "
                             f"{type(item).__name__}")
     return list(dict.fromkeys(names))
+
+
+def _one_name_error(what: str, name: str) -> str:
+    return (f"unlearn: `{what}` must be names, parameters, modules or a predicate on names, "
+            f"got the string {name!r}: put names in a list ([{name!r}]), or pass a predicate "
+            f"(lambda n: n.startswith({name!r}))")
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -171,8 +184,10 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if isinstance(shared, nn.Module):  # callable, but its parameters are meant, not a predicate
         shared = [shared]
+    if isinstance(shared, str):
+        raise TypeError(_one_name_error("shared_parameters", shared))
     if shared is not None and not callable(shared) and (
-            isinstance(shared, (str, bytes)) or not isinstance(shared, Iterable)):
+            isinstance(shared, bytes) or not isinstance(shared, Iterable)):
         raise TypeError(f"unlearn: `shared_parameters` must be names, parameters, modules or a "
                         f"predicate on names, got {type(shared).__name__}")
     owners = _owners(model)

@@ -228,6 +228,14 @@ def build_problem_with_naming(model: nn.Module, *,
             given = [t for t in names if t in forget_data[1]]
         named = target_task_names(target_tasks)
         targets = named if named is not None else given
+        if named is None and given and len(given) < len(names):
+            # A label dict left out by mistake would keep that task's supervision learned.
+            left = [t for t in names if t not in given]
+            warnings.warn(f"unlearn: `forget_data` has no targets for task"
+                          f"{'s' if len(left) > 1 else ''} {left}, so only {given} "
+                          f"{'is' if len(given) == 1 else 'are'} forgotten (a partial request); "
+                          "pass `target_tasks` to say so, or give every task's targets for a "
+                          "full request", UserWarning, stacklevel=3)
         if len(set(targets)) != len(targets):
             raise ValueError(f"unlearn: `target_tasks` {targets} names a task twice")
         unknown = [t for t in targets if t not in names]

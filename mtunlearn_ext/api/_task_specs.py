@@ -47,6 +47,15 @@ def classes_predicted_by(model: nn.Module, unpack: bool, data: Any,
             if isinstance(out.get(name), torch.Tensor) and out[name].dim() >= 2}
 
 
+def keyed_spec(name: object, spec: TaskSpec, op: str) -> TaskSpec:
+    """``spec``, given in a ``tasks`` mapping under ``name``: refused unless that is its name
+    (the key names the targets, the spec the task: the two would disagree silently)."""
+    if spec.name != name:
+        raise ValueError(f"{op}: `tasks` maps {name!r} to a TaskSpec named {spec.name!r}; a "
+                         "TaskSpec's name must be its key")
+    return spec
+
+
 def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 datasets: Sequence[Any], predicted_classes: Mapping[str, int],
                 data_names: Sequence[str] | None = None, *, op: str = "unlearn"
@@ -59,7 +68,7 @@ def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
     specs = []
     for name, kind in tasks.items():
         if isinstance(kind, TaskSpec):
-            specs.append(kind)
+            specs.append(keyed_spec(name, kind, op))
             continue
         if kind not in TASK_KINDS:
             raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: "

@@ -28,8 +28,10 @@ DataLike = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
                  tuple[Inputs, Mapping[str, torch.Tensor], torch.Tensor]]
 
 
-#: Parameters named, given, or held by modules: a head's or the trunk's parameters.
-ParameterSpec = Union[nn.Module, Iterable[Union[str, nn.Parameter, nn.Module]]]
+#: Parameters named, given, or held by modules: a head's or the trunk's parameters (also as
+#: the ``(name, parameter)`` pairs of ``named_parameters()``).
+ParameterSpec = Union[nn.Module, Iterable[Union[str, nn.Parameter, nn.Module,
+                                                tuple[str, nn.Parameter]]]]
 #: Which parameters are the shared trunk: names, the parameters themselves, modules, or a
 #: predicate on the parameter's name.
 SharedSpec = Union[ParameterSpec, Callable[[str], bool]]

@@ -135,7 +135,8 @@ def unlearn(model: nn.Module, *,
       belong to the forget instances and protects them explicitly.
     - ``forget_data`` (the forget instances with targets for the target tasks) and
       ``retain_data`` (every retained pair), plus ``target_tasks`` (a task name or a list of
-      them; default: the tasks with targets in ``forget_data``). In a partial request, a
+      them; default: the tasks with targets in ``forget_data``, with a warning when that
+      leaves a task out). In a partial request, a
       forget row whose input equals a ``retain_data`` row's is taken to be that instance, so that
       its retained pairs are known (and protected) as with ``train_data``; one that would still
       supervise a target pair there is refused. As a request names an id once, a ``forget_data``

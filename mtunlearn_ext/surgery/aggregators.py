@@ -128,6 +128,9 @@ class Aggregator(nn.Module):
             raise ValueError(f"{type(self).__name__}: `matrix` must be a [k, n] tensor, got {got}")
         if matrix.shape[0] == 0:
             raise ValueError(f"{type(self).__name__}: `matrix` must have at least one row")
+        if matrix.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__}: `matrix` must have dtype float64, float32, "
+                            f"float16 or bfloat16, got {matrix.dtype}")
         return super().__call__(matrix)
 
     def __repr__(self) -> str:

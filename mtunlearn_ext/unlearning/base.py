@@ -355,8 +355,30 @@ class UnlearningProblem:
                                  f"has num_classes {spec.num_classes}: dimension 1 must hold "
                                  f"one score per class{hint}")
             labelled = supervision[positions, column].to(device)
-            if bool(labelled.any()):  # the loss names the task in its errors
-                task_loss(spec, out[spec.name][labelled], targets[spec.name].to(device)[labelled])
+            if not bool(labelled.any()):
+                continue
+            target = targets[spec.name].to(device)[labelled]
+            try:
+                task_loss(spec, out[spec.name][labelled], target)
+            except ValueError as error:
+                # The loss saw a few rows: name the set, its targets' whole shape and the rows.
+                raise ValueError(f"UnlearningProblem: {what}'s targets for task {spec.name!r} "
+                                 f"(shape {tuple(data.targets[spec.name].shape)}, "
+                                 f"{len(data)} instances) do not fit the model's prediction "
+                                 f"(checked on rows {sorted(picks)}): {error}"
+                                 f"{_class_target_hint(spec, target)}") from error
+
+
+def _class_target_hint(spec: TaskSpec, target: torch.Tensor) -> str:
+    """What a classification task's common wrong targets need: ``[N, 1]`` labels a squeeze,
+    one-hot or multi-label rows a class index or a loss of their own."""
+    if spec.kind != "classification" or target.dim() != 2 or spec.loss is not None:
+        return ""
+    if target.shape[1] == 1:
+        return "; class labels are [N] integers: `labels.squeeze(1)`"
+    return ("; class labels are [N] integers (one-hot rows: `labels.argmax(1)`); other "
+            "targets, multi-label ones say, need the task's own loss: "
+            f"TaskSpec({spec.name!r}, 'classification', num_classes=..., loss=...)")
 
 
 @dataclass

@@ -873,7 +873,9 @@ class InterferenceAware(GradientUnlearner):
         off). A key that is not a target task (a sum over targets) needs every target to share
         one subspace."""
         keys = list(f_shared)
-        stacks = [torch.stack([f_shared[k][p] for k in keys])
+        # Contiguous: the projection writes them in place (a channels_last or transposed
+        # parameter's gradients stack into strided ones).
+        stacks = [torch.stack([f_shared[k][p] for k in keys]).contiguous()
                   for p in range(len(ctx.groups.shared_params))]
         subspaces: dict[tuple[str, ...], ProtectedSubspace] = ctx.state["subspaces"]
         plan: dict[str, tuple[str, ...]] = ctx.state["protect_plan"]

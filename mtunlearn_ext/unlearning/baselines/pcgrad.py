@@ -88,7 +88,8 @@ class PCGradUnlearner(GradientUnlearner):
         # space PCGrad, one combination into the outputs), never a flat copy.
         seed = (ctx.problem.seed * 1_000_003 + ctx.step) % (2**31)
         stacks = [torch.stack([grads[p] for grads in per_task]) for p in range(len(params))]
-        update = [torch.empty_like(p) for p in params]
+        # Contiguous whatever the parameter's layout: the surgery writes them in place.
+        update = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
         aggregate_list(PCGradWeighting(seed=seed, reshuffle=False), stacks, update)
         assign_grads(params, update)
         return stats
