@@ -793,8 +793,19 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
         "pcgrad past k = 256": (ValueError, "pcgrad: `x`", lambda d: T.pcgrad(d(300, 5), 0)),
         "gram_list of two k": (ValueError, "gram_list: every tensor in `xs`",
                                lambda d: T.gram_list([d(3, 4), d(2, 4)], False)),
-        "gram_list of a 0-d tensor": (ValueError, "gram_list: every tensor in `xs`",
+        "gram_list of a 0-d tensor": (ValueError, "gram_list: xs[1] must be a stack [k, ...], "
+                                                  "got shape []",
                                       lambda d: T.gram_list([d(3, 4), d()], False)),
+        # Ops review: a 0-d first tensor was "[k, ...] with the same k=-1".
+        "gram_list of a 0-d first tensor": (ValueError, "gram_list: xs[0] must be a stack "
+                                                        "[k, ...], got shape []",
+                                            lambda d: T.gram_list([d(), d(3, 4)], False)),
+        "inner_list of a 0-d first tensor": (ValueError, "inner_list: as[0] must be a stack "
+                                                         "[m, ...], got shape []",
+                                             lambda d: T.inner_list([d()], [d(3)], False)),
+        "inner_list of a 0-d second list's tensor": (
+            ValueError, "inner_list: bs[0] must be a stack [k, ...], got shape []",
+            lambda d: T.inner_list([d(2, 3)], [d()], False)),
         "inner_list of two trailing shapes": (ValueError, "inner_list: as[0] and bs[0]",
                                               lambda d: T.inner_list([d(2, 4)], [d(3, 5)], False)),
         "inner_list of two lengths": (ValueError, "inner_list: `as` and `bs`",
@@ -1338,6 +1349,38 @@ def test_torch_compile_keeps_the_default_finite_check_as_a_device_assert() -> No
     poisoned[1, 7] = float("nan")
     with pytest.raises(RuntimeError, match=r"mtunlearn_ext.ops.gram: NaN or Inf in the inputs"):
         compiled(poisoned, forget)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_torch_compile_takes_scalar_arguments_that_vary(dynamic: bool | None) -> None:
+    """Ops review: a `ridge`, `beta` or `sign` passed into a compiled function worked for its
+    first value only: the second one (traced as symbolic, to save recompiles) failed the
+    wrappers' checks under `fullgraph=True` ("torch.* op returned non-Tensor" at
+    math.isfinite, "Unsupported hasattr call"), and `dynamic=True` failed at once. Bad values
+    are still refused."""
+    g, b = _rand(2, 10, seed=11), _rand(3, 10, seed=12)
+
+    def surgery(g: torch.Tensor, b: torch.Tensor, ridge: float, beta: float, sign: int
+                ) -> torch.Tensor:
+        projected = ops.project_out(g, b, ridge)
+        kept, _ = ops.project_nonconflicting(g, b, sign)
+        out = torch.ones_like(g)
+        ops.combine(ops.inner(g, b), b, out=out, beta=beta)
+        solved = ops.ridge_solve(ops.gram(b), ops.inner(b, g), ridge)
+        return projected + kept + out + solved.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(surgery, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for ridge, beta, sign in ((1e-6, 0.5, 1), (1e-3, 0.9, -1), (0.0, 0.0, 1)):
+        torch.testing.assert_close(compiled(g, b, ridge, beta, sign),
+                                   surgery(g, b, ridge, beta, sign))
+    for bad in ((-1.0, 0.5, 1), (float("nan"), 0.5, 1), (1e-6, float("inf"), 1),
+                (1e-6, 0.5, 2)):
+        # Dynamo's own exception types, naming the argument as the eager call does.
+        with pytest.raises(Exception, match=r"mtunlearn_ext\.ops\.\w+: `(ridge|beta|sign)` "
+                                            r"must be (a finite number|1 or -1)"):
+            compiled(g, b, *bad)
+    torch._dynamo.reset()
 
 
 def test_errors_name_the_argument(op_path: str) -> None:

@@ -557,6 +557,18 @@ def test_pcgrad_seed_must_be_a_non_negative_integer(seed) -> None:  # type: igno
         PCGrad(seed=seed)
 
 
+def test_pcgrad_order_seeds_wrap_below_2_to_the_63() -> None:
+    """Ops review: ``PCGrad(seed=2**63 - 1)`` (accepted: below 2**63) failed at its second
+    call, its order seed ``seed + calls`` past the kernels' int64. The order seeds wrap modulo
+    2**63: that call draws the order of seed 0."""
+    J = _random_jacobian(3, 10, seed=4)
+    top = PCGradWeighting(seed=2 ** 63 - 1)
+    gram = J @ J.T
+    top(gram)
+    torch.testing.assert_close(top(gram), PCGradWeighting(seed=0)(gram))
+    assert top.calls == 2
+
+
 def test_weighting_arguments_are_checked_when_built() -> None:
     """Review: `UPGradWeighting(reg_eps=inf)` gave NaN weights, `MGDAWeighting(nan)` was
     accepted (it reached range() only on the paths that iterate), NumPy's integers were refused

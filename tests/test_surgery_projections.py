@@ -454,3 +454,39 @@ def test_a_sign_given_as_a_flag_is_refused() -> None:
     assert project_nonconflicting_list(g, r, sign=-1)[0].shape == (1, 5)
     for sign in (numpy.int64(-1), torch.tensor(1), -1.0, numpy.float64(1.0)):  # numbers are
         assert project_nonconflicting_list(g, r, sign=sign)[0].shape == (1, 5)
+
+
+@pytest.mark.parametrize("project", [project_out_list, project_nonconflicting_list])
+def test_a_non_finite_basis_gram_is_named(project) -> None:  # type: ignore[no-untyped-def]
+    """Ops review: a NaN in a kept `basis_gram` was reported as "`coeffs` contains NaN or Inf",
+    an argument neither function has."""
+    g, basis = [torch.randn(2, 5)], [torch.randn(3, 5)]
+    kept = gram_list_stats(basis)
+    kept[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=rf"^mtunlearn_ext.surgery.{project.__name__}: "
+                                                 r"`basis_gram` contains NaN or Inf"):
+        project(g, basis, basis_gram=kept)
+    # Unchecked, it propagates as the other inputs do.
+    assert not torch.isfinite(project(g, basis, basis_gram=kept, check_finite=False)[0]).all()
+
+
+@pytest.mark.parametrize("per_layer, error", [
+    ([0.9, 0.2, 1.7, 1.1], r"`per_layer` ids must be integers, got \[0.9, 0.2, 1.7, 1.1\]"),
+    ([True, False, True, False], r"`per_layer` ids must be integers, got \[True, False"),
+    (0, r"`per_layer` must be False, True or a sequence of layer ids \(one per tensor\), got "
+        r"int"),
+    ("0011", r"`per_layer` must be False, True or a sequence of layer ids \(one per tensor\), "
+             r"got str"),
+])
+def test_per_layer_ids_must_be_integers(per_layer: object, error: str) -> None:
+    """Ops review: the list functions took `int()` of each id: [0.9, 0.2, 1.7, 1.1] ran as
+    layers [0, 0, 1, 1], booleans and the string "0011" as ids; `per_layer=0` failed with
+    "'int' object is not iterable". Integer ids of any kind still pass."""
+    g = [torch.randn(2, 3) for _ in range(4)]
+    basis = [torch.randn(3, 3) for _ in range(4)]
+    with pytest.raises(TypeError, match=r"^mtunlearn_ext.surgery.project_out_list: " + error):
+        project_out_list(g, basis, per_layer=per_layer)  # type: ignore[arg-type]
+    expected = project_out_list(g, basis, per_layer=[0, 0, 1, 1])
+    for ids in (numpy.array([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]), (0, 0, 1, 1)):
+        for got, want in zip(project_out_list(g, basis, per_layer=ids), expected):  # type: ignore[arg-type]
+            assert torch.equal(got, want)

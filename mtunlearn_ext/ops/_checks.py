@@ -50,6 +50,12 @@ def check_sign(op: str, sign: object) -> int:
     tensors' numbers too). A bool is refused though True == 1 (a flag meant as something else),
     NumPy's and torch's included, and so is an array or tensor that is not 0-d (``tensor([1])``
     passed the old ``in (1, -1)`` test element by element)."""
+    if torch.compiler.is_compiling() and isinstance(sign, int) and not isinstance(sign, bool):
+        # Dynamo may trace an int argument as a symbolic one, whose attributes it cannot look
+        # up: checked when the graph runs (here when constant).
+        message = f"{op}: `sign` must be 1 or -1"
+        torch._check_value((sign == 1) | (sign == -1), lambda: message)
+        return sign
     dtype = getattr(sign, "dtype", None)
     is_bool = isinstance(sign, bool) or (
         dtype is not None and (dtype == torch.bool if isinstance(dtype, torch.dtype)
@@ -90,7 +96,19 @@ def check_int(op: str, name: str, number: object, *, at_least: int | None = None
 def check_number(op: str, name: str, number: object, *,
                  at_least: float | None = None) -> float:
     """``number`` as a finite float (``>= at_least`` where given). A bool or a string is
-    refused: ``float()`` would take True as 1 and "1e-3" as a number."""
+    refused: ``float()`` would take True as 1 and "1e-3" as a number. A symbolic number (a
+    float argument ``torch.compile`` traces as dynamic) is passed on, its bound checked when
+    the graph runs."""
+    if torch.compiler.is_compiling() and isinstance(number, (int, float)) and not isinstance(
+            number, bool):
+        # Dynamo may trace a float argument as a symbolic one (a second value recompiles so),
+        # which math.isfinite cannot take: checked when the graph runs (here when constant).
+        finite = (number == number) & (number != math.inf) & (number != -math.inf)
+        message = (f"{op}: `{name}` must be a finite number"
+                   f"{'' if at_least is None else f' >= {at_least:g}'}")
+        torch._check_value(finite if at_least is None else finite & (number >= at_least),
+                           lambda: message)
+        return number
     value = math.nan
     if not isinstance(number, (bool, str, bytes)):
         try:
@@ -112,7 +130,7 @@ def check_beta(op: str, beta: object, check_finite: bool, name: str = "beta") ->
     """``beta`` (the scale of an output's previous contents) as a float; with ``check_finite``
     a finite one: NaN or Inf times the old contents is NaN/Inf in every output element, which
     the finite check (it reads the coefficients only) would let through."""
-    if check_finite:
+    if check_finite or torch.compiler.is_compiling():
         return check_number(op, name, beta)
     if isinstance(beta, (bool, str, bytes)):
         raise ValueError(f"{op}: `{name}` must be a number, got {beta!r:.40}")

@@ -91,7 +91,9 @@ def stacks(op: str, name: str, tensors: Sequence[torch.Tensor], rows_name: str =
     floating(op, f"{name}[0]", first)
     rows = first.shape[0] if first.dim() >= 1 else -1
     for p, t in enumerate(tensors):
-        require(t.dim() >= 1 and t.shape[0] == rows,
+        require(t.dim() >= 1, f"mtunlearn::{op}: {name}[{p}] must be a stack [{rows_name}, ...], "
+                              f"got shape {list(t.shape)}")
+        require(t.shape[0] == rows,
                 f"mtunlearn::{op}: every tensor in `{name}` must be [{rows_name}, ...] with the "
                 f"same {rows_name}={rows}; {name}[{p}] has shape {tuple(t.shape)}")
         same_dtype(op, (f"{name}[0]", first), (f"{name}[{p}]", t))
@@ -107,10 +109,14 @@ def paired_stacks(op: str, a_name: str, as_: Sequence[torch.Tensor], b_name: str
     m = as_[0].shape[0] if as_[0].dim() >= 1 else -1
     k = bs[0].shape[0] if bs[0].dim() >= 1 else -1
     for p, (a, b) in enumerate(zip(as_, bs)):
-        require(a.dim() >= 1 and a.shape[0] == m, f"mtunlearn::{op}: {a_name}[{p}] must be "
-                                                  f"[m, ...] with m={m}, got {tuple(a.shape)}")
-        require(b.dim() >= 1 and b.shape[0] == k, f"mtunlearn::{op}: {b_name}[{p}] must be "
-                                                  f"[k, ...] with k={k}, got {tuple(b.shape)}")
+        require(a.dim() >= 1, f"mtunlearn::{op}: {a_name}[{p}] must be a stack [m, ...], got "
+                              f"shape {list(a.shape)}")
+        require(b.dim() >= 1, f"mtunlearn::{op}: {b_name}[{p}] must be a stack [k, ...], got "
+                              f"shape {list(b.shape)}")
+        require(a.shape[0] == m, f"mtunlearn::{op}: {a_name}[{p}] must be [m, ...] with m={m}, "
+                                 f"got {tuple(a.shape)}")
+        require(b.shape[0] == k, f"mtunlearn::{op}: {b_name}[{p}] must be [k, ...] with k={k}, "
+                                 f"got {tuple(b.shape)}")
         require(a.shape[1:] == b.shape[1:],
                 f"mtunlearn::{op}: {a_name}[{p}] and {b_name}[{p}] must have the same trailing "
                 f"shape, got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -10,8 +10,9 @@ dtypes (bf16 weights beside fp32 norms) is split into dtype classes: one ``gram_
 from __future__ import annotations
 
 import math
+import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeGuard
 
 import torch
@@ -88,8 +89,18 @@ def layer_index(per_layer: bool | Sequence[int], count: int, op: str,
         return None, 1
     if per_layer is True:
         ids = list(range(count))
+    elif isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Iterable):
+        raise TypeError(f"{op}: `per_layer` must be False, True or a sequence of layer ids (one "
+                        f"per tensor), got {type(per_layer).__name__}")
     else:
-        ids = [int(i) for i in per_layer]
+        given = list(per_layer)  # a list, tuple, NumPy array or integer tensor
+        try:  # int() took 0.9 as layer 0, True as 1
+            if any(isinstance(i, bool) for i in given):
+                raise TypeError
+            ids = [operator.index(i) for i in given]
+        except TypeError:
+            raise TypeError(f"{op}: `per_layer` ids must be integers, got "
+                            f"{given!r:.80}") from None
     if len(ids) != count:
         raise ValueError(f"{op}: `per_layer` must give one layer id per tensor ({count}), got "
                          f"{len(ids)}")

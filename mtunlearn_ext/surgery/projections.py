@@ -139,6 +139,8 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
         raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, got "
                          f"{list(basis_gram.shape)} on {basis_gram.device}")
+    if check_finite:  # else the solver's coefficients were blamed, an argument never passed
+        check_finite_result(op, basis_gram, [("basis_gram", basis_gram)])
     if reduce is not None:
         cross = reduced_stats(op, cross, reduce, [(names[0], pair[0]), (names[1], pair[1])],
                               check_finite=check_finite)

@@ -88,8 +88,8 @@ class PCGradWeighting(Weighting):
     Args:
         seed: seed of the task orders (:func:`mtunlearn_ext.ops.pcgrad_order`); ``None`` keeps
             the natural order ``0..k-1``.
-        reshuffle: draw new orders at every call (order seed ``seed + number of previous calls``),
-            as the PCGrad paper does per step. The orders come from a call counter, not from a
+        reshuffle: draw new orders at every call (order seed ``seed + number of previous calls``,
+            modulo ``2**63``), as the PCGrad paper does per step. The orders come from a call counter, not from a
             random generator, so that every process of a distributed job, calling once per step,
             uses the same orders and so the same weights; TorchJD's PCGrad draws them from
             ``torch.randperm`` instead. The counter is part of ``state_dict()`` (as extra
@@ -120,7 +120,9 @@ class PCGradWeighting(Weighting):
         if self.seed is None:
             order_seed = -1
         else:
-            order_seed = self.seed + (self.calls if self.reshuffle else 0)
+            # Modulo 2**63 (the kernels' int64): a seed near the top wrapped past it and
+            # failed at a later call.
+            order_seed = (self.seed + (self.calls if self.reshuffle else 0)) % 2 ** 63
         self.calls += 1
         return ops.pcgrad_weights(gram, seed=order_seed)
 

@@ -77,10 +77,14 @@ PairedRows paired_rows(at::TensorList as, at::TensorList bs, const char* op, con
   const ArgName a0(a_name, 0);
   for (size_t p = 0; p < as.size(); ++p) {
     const ArgName an(a_name, static_cast<int64_t>(p)), bn(b_name, static_cast<int64_t>(p));
-    TORCH_CHECK_VALUE(as[p].dim() >= 1 && as[p].size(0) == rows.m, op, ": ", an,
-                      " must be [m, ...] with m=", rows.m, ", got ", as[p].sizes());
-    TORCH_CHECK_VALUE(bs[p].dim() >= 1 && bs[p].size(0) == rows.k, op, ": ", bn,
-                      " must be [k, ...] with k=", rows.k, ", got ", bs[p].sizes());
+    TORCH_CHECK_VALUE(as[p].dim() >= 1, op, ": ", an, " must be a stack [m, ...], got shape ",
+                      as[p].sizes());
+    TORCH_CHECK_VALUE(bs[p].dim() >= 1, op, ": ", bn, " must be a stack [k, ...], got shape ",
+                      bs[p].sizes());
+    TORCH_CHECK_VALUE(as[p].size(0) == rows.m, op, ": ", an, " must be [m, ...] with m=", rows.m,
+                      ", got ", as[p].sizes());
+    TORCH_CHECK_VALUE(bs[p].size(0) == rows.k, op, ": ", bn, " must be [k, ...] with k=", rows.k,
+                      ", got ", bs[p].sizes());
     TORCH_CHECK_VALUE(as[p].sizes().slice(1) == bs[p].sizes().slice(1), op, ": ", an, " and ", bn,
                       " must have the same trailing shape, got ", as[p].sizes(), " and ",
                       bs[p].sizes());
@@ -139,7 +143,9 @@ at::Tensor gram_list(at::TensorList xs, bool per_tensor) {
   const ScalarKind kind = scalar_kind(xs[0], op, ArgName("xs", 0));
   for (size_t p = 0; p < xs.size(); ++p) {
     const ArgName name("xs", static_cast<int64_t>(p));
-    TORCH_CHECK_VALUE(xs[p].dim() >= 1 && xs[p].size(0) == k, op,
+    TORCH_CHECK_VALUE(xs[p].dim() >= 1, op, ": ", name, " must be a stack [k, ...], got shape ",
+                      xs[p].sizes());
+    TORCH_CHECK_VALUE(xs[p].size(0) == k, op,
                       ": every tensor in `xs` must be [k, ...] with the same k=", k, "; ", name,
                       " has shape ", xs[p].sizes());
     check_same_device(xs[0], ArgName("xs", 0), xs[p], name, op);
