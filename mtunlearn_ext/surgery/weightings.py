@@ -89,10 +89,10 @@ class PCGradWeighting(Weighting):
         seed: seed of the task orders (:func:`mtunlearn_ext.ops.pcgrad_order`); ``None`` keeps
             the natural order ``0..k-1``.
         reshuffle: draw new orders at every call (order seed ``seed + number of previous calls``,
-            modulo ``2**63``), as the PCGrad paper does per step. The orders come from a call counter, not from a
-            random generator, so that every process of a distributed job, calling once per step,
-            uses the same orders and so the same weights; TorchJD's PCGrad draws them from
-            ``torch.randperm`` instead. The counter is part of ``state_dict()`` (as extra
+            modulo ``2**63``), as the PCGrad paper does per step. The orders come from a call
+            counter, not from a random generator, so that every process of a distributed job,
+            calling once per step, uses the same orders and so the same weights; TorchJD's
+            PCGrad draws them from ``torch.randperm`` instead. The counter is part of ``state_dict()`` (as extra
             state), so a run resumed from a checkpoint that saved it draws the orders the
             uninterrupted run would have.
     """
