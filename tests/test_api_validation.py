@@ -1940,3 +1940,26 @@ def test_parameters_given_as_named_pairs_or_one_name() -> None:
                                         r"got the string 'heads.a.weight'"):
         build_problem(model, shared_parameters=model.trunk, head_parameters={
             "a": "heads.a.weight", "b": ["heads.b.weight", "heads.b.bias"]}, **common)
+
+
+def test_heads_given_to_the_wrong_tasks_are_refused() -> None:
+    """New-user review: `head_parameters={"a": heads.b, "b": heads.a}` was taken without a
+    word: each head was then stepped with the other task's gradients (task a's real head got
+    only retain updates in a partial request on a). Refused from the model's own graph; the
+    right mapping, and heads found by name, still pass."""
+    x, y = _data()
+    model = _TwoHeads()
+    common = dict(tasks=TASKS, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(5), ["a"]),
+                  shared_parameters=model.trunk)
+    with pytest.raises(ValueError, match=r"^UnlearningProblem: parameter 'heads.b.weight' is "
+                                         r"given to the head of task 'a', but the model's "
+                                         r"prediction for 'a' does not depend on it, while that "
+                                         r"for \['b'\] does: the heads are given to the wrong "
+                                         r"tasks \(check `head_parameters`"):
+        build_problem(model, head_parameters={"a": model.heads["b"], "b": model.heads["a"]},
+                      **common)
+    right = build_problem(model, head_parameters={"a": model.heads["a"], "b": model.heads["b"]},
+                          **common)
+    found = build_problem(model, **common)
+    assert right.model.parameter_split() == found.model.parameter_split()  # type: ignore[operator]

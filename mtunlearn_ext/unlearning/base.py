@@ -237,6 +237,48 @@ class UnlearningProblem:
         self.check_model_on(self.forget, "the forget set")
         if self.held_out is not None:
             self.check_model_on(self.held_out, "the held_out set")
+        self.check_heads_feed_their_tasks(self.retain)
+
+    def check_heads_feed_their_tasks(self, data: MultiTaskDataset) -> None:
+        """Raise when a trainable head parameter of one task does not feed that task's
+        prediction but another's (heads given to the wrong tasks: each task's head would then
+        be stepped with the other task's gradients, silently). Read from the autograd graph of
+        one eval-mode forward of a few rows, one backward per task: a parameter the graph of a
+        prediction does not reach gets no gradient (``None``), whatever the values."""
+        split_of = getattr(self.model, "parameter_split", None)
+        if not callable(split_of):  # all shared (the validation warns of it): no head to check
+            return
+        split = split_of()
+        params = dict(self.model.named_parameters())
+        heads = [(t, n) for t in self.task_names for n in split.heads.get(t, ())
+                 if n in params and params[n].requires_grad]
+        if len(self.task_names) < 2 or not heads or len(data) == 0:
+            return
+        rows = data.batch(torch.arange(min(2, len(data))))
+        inputs: Inputs = rows["input"]  # type: ignore[assignment]
+        tensors = [params[n] for _, n in heads]
+        with eval_mode(self.model), torch.enable_grad():
+            out = self.model(inputs_to(inputs, tensors[0].device))
+            feeds: dict[str, list[bool]] = {}
+            for t in self.task_names:
+                pred = out[t]
+                if not (isinstance(pred, torch.Tensor) and pred.requires_grad):
+                    feeds[t] = [False] * len(tensors)
+                    continue
+                grads = torch.autograd.grad(pred.sum(), tensors, allow_unused=True,
+                                            retain_graph=True)
+                feeds[t] = [g is not None for g in grads]
+        prefix = getattr(self.model, "wrapped_prefix", "")
+        for i, (t, name) in enumerate(heads):
+            others = [u for u in self.task_names if u != t and feeds[u][i]]
+            if not feeds[t][i] and others:
+                raise ValueError(f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} "
+                                 f"is given to the head of task {t!r}, but the model's "
+                                 f"prediction for {t!r} does not depend on it, while that for "
+                                 f"{others} does: "
+                                 "the heads are given to the wrong tasks (check "
+                                 "`head_parameters`, or the module names the heads are found "
+                                 "by)")
 
     def check_model_state(self) -> None:
         """Raise naming the first offending tensor when the model's parameters or buffers hold
