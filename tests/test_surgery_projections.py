@@ -473,10 +473,9 @@ def test_a_non_finite_basis_gram_is_named(project) -> None:  # type: ignore[no-u
 @pytest.mark.parametrize("per_layer, error", [
     ([0.9, 0.2, 1.7, 1.1], r"`per_layer` ids must be integers, got \[0.9, 0.2, 1.7, 1.1\]"),
     ([True, False, True, False], r"`per_layer` ids must be integers, got \[True, False"),
-    (0, r"`per_layer` must be False, True or a sequence of layer ids \(one per tensor\), got "
-        r"int"),
-    ("0011", r"`per_layer` must be False, True or a sequence of layer ids \(one per tensor\), "
-             r"got str"),
+    (0, r"`per_layer` must be a bool or a sequence of layer ids \(one per tensor\), got int"),
+    ("0011", r"`per_layer` must be a bool or a sequence of layer ids \(one per tensor\), got "
+             r"str"),
 ])
 def test_per_layer_ids_must_be_integers(per_layer: object, error: str) -> None:
     """Ops review: the list functions took `int()` of each id: [0.9, 0.2, 1.7, 1.1] ran as

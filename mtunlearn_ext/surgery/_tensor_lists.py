@@ -75,6 +75,22 @@ def stats_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if torch.float64 in {t.dtype for t in tensors} else torch.float32
 
 
+def integer_layer_ids(op: str, per_layer: object) -> list[int]:
+    """A ``per_layer`` sequence of layer ids (a list, tuple, range, NumPy array or integer
+    tensor) as Python ints; anything else is refused naming ``op`` (``int()`` of each took 0.9
+    as layer 0, True as 1, and the string "0011" as four ids)."""
+    if isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Iterable):
+        raise TypeError(f"{op}: `per_layer` must be a bool or a sequence of layer ids (one per "
+                        f"tensor), got {type(per_layer).__name__}")
+    given = list(per_layer)
+    try:
+        if any(isinstance(i, bool) for i in given):
+            raise TypeError
+        return [operator.index(i) for i in given]
+    except TypeError:
+        raise TypeError(f"{op}: `per_layer` ids must be integers, got {given!r:.80}") from None
+
+
 def layer_index(per_layer: bool | Sequence[int], count: int, op: str,
                 num_layers: int | None = None) -> tuple[list[int] | None, int]:
     """Decode a ``per_layer`` argument into (layer id of each tensor, number of layers).
@@ -87,20 +103,7 @@ def layer_index(per_layer: bool | Sequence[int], count: int, op: str,
     """
     if per_layer is False:
         return None, 1
-    if per_layer is True:
-        ids = list(range(count))
-    elif isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Iterable):
-        raise TypeError(f"{op}: `per_layer` must be False, True or a sequence of layer ids (one "
-                        f"per tensor), got {type(per_layer).__name__}")
-    else:
-        given = list(per_layer)  # a list, tuple, NumPy array or integer tensor
-        try:  # int() took 0.9 as layer 0, True as 1
-            if any(isinstance(i, bool) for i in given):
-                raise TypeError
-            ids = [operator.index(i) for i in given]
-        except TypeError:
-            raise TypeError(f"{op}: `per_layer` ids must be integers, got "
-                            f"{given!r:.80}") from None
+    ids = list(range(count)) if per_layer is True else integer_layer_ids(op, per_layer)
     if len(ids) != count:
         raise ValueError(f"{op}: `per_layer` must give one layer id per tensor ({count}), got "
                          f"{len(ids)}")

@@ -18,7 +18,6 @@ counts as a zero gradient, as it does in the plain sum.
 
 from __future__ import annotations
 
-import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from mtunlearn_ext.surgery._autograd_graph import (
     sparse_fed_leaves,
 )
 from mtunlearn_ext.surgery._tensor_lists import (
+    integer_layer_ids,
     is_dtensor,
     layer_index,
     local_tensor,
@@ -200,17 +200,7 @@ def _given_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
                              f"{per_layer}")
     if isinstance(per_layer, bool):
         return per_layer
-    if isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Iterable):
-        raise TypeError(f"GradientSurgery: `per_layer` must be a bool or a sequence of layer "
-                        f"ids, got {type(per_layer).__name__}")
-    given = list(per_layer)  # a list, tuple, NumPy array or integer tensor
-    try:
-        if any(isinstance(i, bool) for i in given):
-            raise TypeError
-        ids = [operator.index(i) for i in given]
-    except TypeError:
-        raise TypeError(f"GradientSurgery: `per_layer` ids must be integers, got "
-                        f"{given}") from None
+    ids = integer_layer_ids("GradientSurgery", per_layer)
     if any(i < 0 for i in ids):
         raise ValueError(f"GradientSurgery: `per_layer` ids must be non-negative, got {ids}")
     if len(ids) != len(shared.slot):
