@@ -961,11 +961,12 @@ class OutputTransaction:
             missing.append(folder)
             folder = folder.parent
         for made in reversed(missing):
+            # Recorded first (as a file is): an interrupt as mkdir returns still removes it.
+            self._made_folders.append(made)
             try:
                 os.mkdir(made)
             except FileExistsError:
-                continue
-            self._made_folders.append(made)
+                self._made_folders.pop()
 
     def __enter__(self) -> OutputTransaction:
         return self

@@ -685,3 +685,24 @@ def test_a_folder_removed_by_a_concurrent_rollback_is_made_again(tmp_path: Path)
         with OutputTransaction() as tx:
             tx.write(tx.reserve("--record", tmp_path / "shared" / "r.json"), missing_elsewhere)
     assert len(attempts) == 1
+
+
+def test_a_folder_made_as_an_interrupt_arrives_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Diff review: a folder was recorded only after ``mkdir`` returned, so an interrupt landing
+    right then left it behind; it is recorded first, as a file is."""
+    from mtunlearn_ext._io import write_text_new
+
+    real_mkdir = os.mkdir
+
+    def mkdir_then_interrupt(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_mkdir(path, *args, **kwargs)
+        if Path(path).name == "new":
+            raise KeyboardInterrupt  # SIGINT delivered as the system call returns
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with OutputTransaction() as tx:
+            out = tx.reserve("--output", tmp_path / "new" / "o.txt")
+            tx.write(out, lambda p: write_text_new(p, "w"))
+    assert list(tmp_path.iterdir()) == []

@@ -1380,6 +1380,19 @@ def test_torch_compile_takes_scalar_arguments_that_vary(dynamic: bool | None) ->
         with pytest.raises(Exception, match=r"mtunlearn_ext\.ops\.\w+: `(ridge|beta|sign)` "
                                             r"must be (a finite number|1 or -1)"):
             compiled(g, b, *bad)
+    # Unchecked, a non-finite beta goes through as in eager mode (a GradScaler's overflowing
+    # step must reach the outputs as Inf); the review found it refused once compiled.
+
+    def unchecked(g: torch.Tensor, b: torch.Tensor, beta: float) -> torch.Tensor:
+        out = torch.ones_like(g)
+        ops.combine(ops.inner(g, b, check_finite=False), b, out=out, beta=beta,
+                    check_finite=False)
+        return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(unchecked, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for beta in (0.5, float("inf"), 0.25):
+        torch.testing.assert_close(compiled(g, b, beta), unchecked(g, b, beta))
     torch._dynamo.reset()
 
 

@@ -737,3 +737,31 @@ def test_aggregate_list_refuses_an_output_over_another_groups_gradients() -> Non
         aggregate_list(Sum(), [g0, g1], [apart, out1], beta=beta)
         torch.testing.assert_close(apart, g0.sum(0))
         torch.testing.assert_close(out1, (1.0 if split == "beta" else 0.0) + g1.sum(0))
+
+
+def test_a_strided_input_under_another_groups_output_is_read_before_any_write() -> None:
+    """Diff review: an input whose trailing dims are not dense is read from a copy, which one
+    ``combine_list`` call makes before it writes, so an output may share its bytes; lists split
+    into several calls (per beta, per dtype) wrote one call's outputs before the next call made
+    its copy (off by 4.3, without an error). Such inputs are copied before the first call."""
+    from mtunlearn_ext.surgery import project_out_list
+
+    torch.manual_seed(0)
+    big = torch.randn(3, 8, 8, dtype=F64)
+    x1 = big[:, :, :4]  # [3, 8, 4]: its rows are not dense
+    x0 = torch.randn(3, 4, dtype=F64)
+    expected = x1.sum(0).clone()
+    out0, out1 = big[0, 0, 0:4], torch.zeros(8, 4, dtype=F64)  # out0: x1[0]'s first 4 values
+    aggregate_list(Sum(), [x0, x1], [out0, out1], beta=[0.0, 1.0])
+    torch.testing.assert_close(out1, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out0, x0.sum(0), rtol=0, atol=1e-12)
+    # A projection split by dtype: a float32 output over the float64 group's strided base.
+    big = torch.randn(2, 8, 8, dtype=F64)
+    g1 = big[:, :, :4]
+    g_list = [torch.randn(2, 4, dtype=torch.float32), g1]
+    basis = [torch.randn(3, 4, dtype=torch.float32), torch.randn(3, 8, 4, dtype=F64)]
+    want = project_out_list([g_list[0].clone(), g1.clone()], basis)
+    outs = [big.view(-1).view(torch.float32)[0:8].view(2, 4), torch.empty(2, 8, 4, dtype=F64)]
+    project_out_list(g_list, basis, outs=outs)
+    torch.testing.assert_close(outs[1], want[1])
+    torch.testing.assert_close(outs[0], want[0])

@@ -473,6 +473,8 @@ def test_a_non_finite_basis_gram_is_named(project) -> None:  # type: ignore[no-u
 @pytest.mark.parametrize("per_layer, error", [
     ([0.9, 0.2, 1.7, 1.1], r"`per_layer` ids must be integers, got \[0.9, 0.2, 1.7, 1.1\]"),
     ([True, False, True, False], r"`per_layer` ids must be integers, got \[True, False"),
+    (torch.tensor([False, False, True, True]), r"`per_layer` ids must be integers, got "
+                                               r"\[tensor\(False\)"),
     (0, r"`per_layer` must be a bool or a sequence of layer ids \(one per tensor\), got int"),
     ("0011", r"`per_layer` must be a bool or a sequence of layer ids \(one per tensor\), got "
              r"str"),

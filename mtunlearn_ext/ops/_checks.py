@@ -130,10 +130,12 @@ def check_beta(op: str, beta: object, check_finite: bool, name: str = "beta") ->
     """``beta`` (the scale of an output's previous contents) as a float; with ``check_finite``
     a finite one: NaN or Inf times the old contents is NaN/Inf in every output element, which
     the finite check (it reads the coefficients only) would let through."""
-    if check_finite or torch.compiler.is_compiling():
+    if check_finite:
         return check_number(op, name, beta)
     if isinstance(beta, (bool, str, bytes)):
         raise ValueError(f"{op}: `{name}` must be a number, got {beta!r:.40}")
+    if torch.compiler.is_compiling() and isinstance(beta, (int, float)):
+        return beta  # maybe symbolic (see check_number), which float() cannot take
     try:
         return float(beta)  # type: ignore[arg-type]
     except (TypeError, ValueError):

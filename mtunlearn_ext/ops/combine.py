@@ -257,6 +257,41 @@ def check_no_overlap_across_calls(op: str, coeffs: torch.Tensor, xs: list[torch.
     _check_no_cross_overlap(op, coeffs, xs, outs, bases, has_rows)
 
 
+def strided_reads_under_outputs(xs: list[torch.Tensor], outs: list[torch.Tensor],
+                                bases: list[torch.Tensor] | None, has_rows: bool
+                                ) -> tuple[list[int], list[int]]:
+    """The inputs and bases (indices into ``xs``, ``bases``) whose trailing dims are not dense
+    and whose bytes some output may share. One ``combine_list`` call reads such a tensor from a
+    copy made before it writes (the overlap check lets them through); lists split into several
+    calls must copy them before the first call, which may write an output a later call reads.
+    ``bases[p]`` is ``outs[p]`` itself where output ``p`` reads none."""
+    if torch.compiler.is_compiling() or not xs or _has_no_values(xs[0]):
+        return [], []
+    spans = [_byte_span(o) for o in outs]
+
+    def under_an_output(t: torch.Tensor, row_dims: int) -> bool:
+        if t.numel() == 0 or _rows_read(t, row_dims) is not None:
+            return False  # empty, or dense rows: the overlap check has decided on it
+        lo, hi = _byte_span(t)
+        return any(a < hi and lo < b for a, b in spans)
+
+    x_copies = [p for p, x in enumerate(xs) if under_an_output(x, 1)]
+    base_copies = [] if bases is None else [
+        p for p, b in enumerate(bases) if b is not outs[p] and under_an_output(
+            b, 1 if has_rows else 0)]
+    return x_copies, base_copies
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[lo, hi)`` from a tensor's first element to the end of its last (torch's
+    strides are never negative)."""
+    if t.numel() == 0:
+        return 0, 0
+    size = t.element_size()
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * size
+
+
 def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor],
                  has_rows: bool) -> None:
     for p, (b, o) in enumerate(zip(bases, outs)):

@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, TypeGuard
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops.combine import check_combine_list, check_no_overlap_across_calls
+from mtunlearn_ext.ops.combine import (
+    check_combine_list,
+    check_no_overlap_across_calls,
+    strided_reads_under_outputs,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -84,8 +88,8 @@ def integer_layer_ids(op: str, per_layer: object) -> list[int]:
                         f"tensor), got {type(per_layer).__name__}")
     given = list(per_layer)
     try:
-        if any(isinstance(i, bool) for i in given):
-            raise TypeError
+        if any(isinstance(i, bool) or getattr(i, "dtype", None) == torch.bool for i in given):
+            raise TypeError  # a bool tensor's elements pass operator.index as 0 and 1
         return [operator.index(i) for i in given]
     except TypeError:
         raise TypeError(f"{op}: `per_layer` ids must be integers, got {given!r:.80}") from None
@@ -385,6 +389,21 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
                                           list(outs), read, layers is not None)
         except ValueError as error:
             raise named(error, range(len(xs))) from error
+        has_rows = coeffs.dim() == (3 if layers is not None else 2)
+        x_copies, base_copies = strided_reads_under_outputs(list(xs), list(outs), read,
+                                                            has_rows)
+        if x_copies or base_copies:
+            # What one call would read from its own copies, copied before any call writes.
+            copied_xs, copied_bases = list(xs), None if bases is None else list(bases)
+            for p in x_copies:
+                copied_xs[p] = xs[p].contiguous()
+            for p in base_copies:
+                assert copied_bases is not None  # only bases that are read are copied
+                copied_bases[p] = copied_bases[p].contiguous()
+            calls = [(block, [copied_xs[p] for p in members], member_outs,
+                      None if copied_bases is None else [copied_bases[p] for p in members],
+                      beta, members)
+                     for block, _, member_outs, _, beta, members in calls]
     for block, member_xs, member_outs, member_bases, beta, members in calls:
         try:
             ops.combine_list(block, member_xs, member_outs, beta=beta,

@@ -257,8 +257,9 @@ class UnlearningProblem:
         rows = data.batch(torch.arange(min(2, len(data))))
         inputs: Inputs = rows["input"]  # type: ignore[assignment]
         tensors = [params[n] for _, n in heads]
+        device = next(iter(params.values())).device  # where check_model_on sends inputs too
         with eval_mode(self.model), torch.enable_grad():
-            out = self.model(inputs_to(inputs, tensors[0].device))
+            out = self.model(inputs_to(inputs, device))
             feeds: dict[str, list[bool]] = {}
             for t in self.task_names:
                 pred = out[t]
