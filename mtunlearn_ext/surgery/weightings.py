@@ -92,9 +92,9 @@ class PCGradWeighting(Weighting):
             modulo ``2**63``), as the PCGrad paper does per step. The orders come from a call
             counter, not from a random generator, so that every process of a distributed job,
             calling once per step, uses the same orders and so the same weights; TorchJD's
-            PCGrad draws them from ``torch.randperm`` instead. The counter is part of ``state_dict()`` (as extra
-            state), so a run resumed from a checkpoint that saved it draws the orders the
-            uninterrupted run would have.
+            PCGrad draws them from ``torch.randperm`` instead. The counter is part of
+            ``state_dict()`` (as extra state), so a run resumed from a checkpoint that saved it
+            draws the orders the uninterrupted run would have.
     """
 
     def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
