@@ -1963,3 +1963,28 @@ def test_heads_given_to_the_wrong_tasks_are_refused() -> None:
                           **common)
     found = build_problem(model, **common)
     assert right.model.parameter_split() == found.model.parameter_split()  # type: ignore[operator]
+
+
+def test_heads_given_as_shared_are_named_in_a_warning() -> None:
+    """New-user review: `shared_parameters=lambda n: True` counted the heads as trunk without
+    a word (the report's `shared_numel` was the whole model): the shared projections then move
+    a non-target head with directions made of the other tasks' gradients. Warned, per task;
+    the trunk alone is silent."""
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(5), ["a"]))
+    with pytest.warns(UserWarning) as caught:
+        build_problem(_TwoHeads(), shared_parameters=lambda n: True, **common)
+    said = [str(w.message) for w in caught if "given as shared" in str(w.message)]
+    assert said == [
+        "UnlearningProblem: 2 parameters given as shared ('heads.a.weight', 'heads.a.bias') "
+        "feed only the prediction of task 'a': they are that task's head (the shared projections "
+        "would move it with directions made of the other tasks' gradients); leave it out of "
+        "`shared_parameters`",
+        "UnlearningProblem: 2 parameters given as shared ('heads.b.weight', 'heads.b.bias') "
+        "feed only the prediction of task 'b': they are that task's head (the shared projections "
+        "would move it with directions made of the other tasks' gradients); leave it out of "
+        "`shared_parameters`"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_problem(_TwoHeads(), shared_parameters=lambda n: n.startswith("trunk."), **common)

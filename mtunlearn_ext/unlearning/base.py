@@ -38,6 +38,7 @@ from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import _token_tagging_hint, task_loss
 from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
 
 __all__ = [
     "CurveRecorder",
@@ -240,46 +241,64 @@ class UnlearningProblem:
         self.check_heads_feed_their_tasks(self.retain)
 
     def check_heads_feed_their_tasks(self, data: MultiTaskDataset) -> None:
-        """Raise when a trainable head parameter of one task does not feed that task's
-        prediction but another's (heads given to the wrong tasks: each task's head would then
-        be stepped with the other task's gradients, silently). Read from the autograd graph of
-        one eval-mode forward of a few rows, one backward per task: a parameter the graph of a
-        prediction does not reach gets no gradient (``None``), whatever the values."""
+        """Read which task predictions each trainable parameter feeds, from the autograd graph
+        of one eval-mode forward of a few rows (a walk of the graph: nothing is computed
+        backwards), and
+
+        - raise when a head parameter of one task does not feed that task's prediction but
+          another's (heads given to the wrong tasks: each head would be stepped with the other
+          task's gradients, silently);
+        - warn when parameters given as shared feed only one task's prediction (the heads
+          counted as trunk, ``shared_parameters=lambda n: True``): the shared projections then
+          move that head with directions made of the other tasks' gradients."""
         split_of = getattr(self.model, "parameter_split", None)
         if not callable(split_of):  # all shared (the validation warns of it): no head to check
             return
         split = split_of()
         params = dict(self.model.named_parameters())
-        heads = [(t, n) for t in self.task_names for n in split.heads.get(t, ())
-                 if n in params and params[n].requires_grad]
-        if len(self.task_names) < 2 or not heads or len(data) == 0:
+        if len(self.task_names) < 2 or len(data) == 0 or not params:
             return
         rows = data.batch(torch.arange(min(2, len(data))))
         inputs: Inputs = rows["input"]  # type: ignore[assignment]
-        tensors = [params[n] for _, n in heads]
         device = next(iter(params.values())).device  # where check_model_on sends inputs too
         with eval_mode(self.model), torch.enable_grad():
             out = self.model(inputs_to(inputs, device))
-            feeds: dict[str, list[bool]] = {}
-            for t in self.task_names:
-                pred = out[t]
-                if not (isinstance(pred, torch.Tensor) and pred.requires_grad):
-                    feeds[t] = [False] * len(tensors)
-                    continue
-                grads = torch.autograd.grad(pred.sum(), tensors, allow_unused=True,
-                                            retain_graph=True)
-                feeds[t] = [g is not None for g in grads]
+        walked = [t for t in self.task_names
+                  if isinstance(out[t], torch.Tensor) and out[t].requires_grad]
+        if len(walked) < 2:
+            return
+        masks = {id(leaf): mask for leaf, mask in leaves_with_tasks([out[t] for t in walked])}
+
+        def fed(name: str) -> list[str]:
+            mask = masks.get(id(params[name]), 0)
+            return [t for i, t in enumerate(walked) if mask >> i & 1]
+
         prefix = getattr(self.model, "wrapped_prefix", "")
-        for i, (t, name) in enumerate(heads):
-            others = [u for u in self.task_names if u != t and feeds[u][i]]
-            if not feeds[t][i] and others:
-                raise ValueError(f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} "
-                                 f"is given to the head of task {t!r}, but the model's "
-                                 f"prediction for {t!r} does not depend on it, while that for "
-                                 f"{others} does: "
-                                 "the heads are given to the wrong tasks (check "
-                                 "`head_parameters`, or the module names the heads are found "
-                                 "by)")
+        for t in walked:
+            for name in split.heads.get(t, ()):
+                if name not in params or not params[name].requires_grad:
+                    continue
+                tasks = fed(name)
+                if tasks and t not in tasks:
+                    raise ValueError(
+                        f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} is given "
+                        f"to the head of task {t!r}, but the model's prediction for {t!r} does "
+                        f"not depend on it, while that for {tasks} does: the heads are given to "
+                        "the wrong tasks (check `head_parameters`, or the module names the "
+                        "heads are found by)")
+        alone: dict[str, list[str]] = {}
+        for name in split.shared:
+            if name in params and params[name].requires_grad and len(tasks := fed(name)) == 1:
+                alone.setdefault(tasks[0], []).append(name.removeprefix(prefix))
+        for t, names in alone.items():
+            shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            warnings.warn(f"UnlearningProblem: {len(names)} parameter"
+                          f"{'s' if len(names) > 1 else ''} given as shared ({shown}) feed"
+                          f"{'' if len(names) > 1 else 's'} only the prediction of task {t!r}: "
+                          f"{'they are' if len(names) > 1 else 'it is'} that task's head (the "
+                          "shared projections would move it with directions made of the other "
+                          "tasks' gradients); leave it out of `shared_parameters`",
+                          UserWarning, stacklevel=4)
 
     def check_model_state(self) -> None:
         """Raise naming the first offending tensor when the model's parameters or buffers hold
