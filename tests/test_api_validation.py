@@ -1955,8 +1955,9 @@ def test_heads_given_to_the_wrong_tasks_are_refused() -> None:
     with pytest.raises(ValueError, match=r"^UnlearningProblem: parameter 'heads.b.weight' is "
                                          r"given to the head of task 'a', but the model's "
                                          r"prediction for 'a' does not depend on it, while that "
-                                         r"for \['b'\] does: the heads are given to the wrong "
-                                         r"tasks \(check `head_parameters`"):
+                                         r"for \['b'\] does \(read from the autograd graph of "
+                                         r"the first 40 retained instances\): the heads are "
+                                         r"given to the wrong tasks \(check `head_parameters`"):
         build_problem(model, head_parameters={"a": model.heads["b"], "b": model.heads["a"]},
                       **common)
     right = build_problem(model, head_parameters={"a": model.heads["a"], "b": model.heads["b"]},
@@ -1977,14 +1978,58 @@ def test_heads_given_as_shared_are_named_in_a_warning() -> None:
         build_problem(_TwoHeads(), shared_parameters=lambda n: True, **common)
     said = [str(w.message) for w in caught if "given as shared" in str(w.message)]
     assert said == [
-        "UnlearningProblem: 2 parameters given as shared ('heads.a.weight', 'heads.a.bias') "
-        "feed only the prediction of task 'a': they are that task's head (the shared projections "
-        "would move it with directions made of the other tasks' gradients); leave it out of "
-        "`shared_parameters`",
-        "UnlearningProblem: 2 parameters given as shared ('heads.b.weight', 'heads.b.bias') "
-        "feed only the prediction of task 'b': they are that task's head (the shared projections "
-        "would move it with directions made of the other tasks' gradients); leave it out of "
-        "`shared_parameters`"]
+        f"UnlearningProblem: 2 parameters given as shared ('heads.{t}.weight', "
+        f"'heads.{t}.bias') feed only the prediction of task '{t}' (read from the autograd "
+        "graph of the first 40 retained instances): as shared parameters, the projections move "
+        "them with directions made of the other tasks' gradients; if they belong to that task, "
+        f"give them to it (`head_parameters={{'{t}': [...]}}`)" for t in ("a", "b")]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_problem(_TwoHeads(), shared_parameters=lambda n: n.startswith("trunk."), **common)
+
+
+class _RoutedExperts(nn.Module):
+    """Two shared experts, each row sent to one of them per task (a hard top-1 route): task a
+    takes expert 0 for rows whose first input is negative, task b expert 1 for those."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = nn.ModuleList([nn.Linear(8, 16), nn.Linear(8, 16)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        negative = x[:, 0] < 0
+        out = {}
+        for t, first in (("a", 0), ("b", 1)):
+            z = x.new_zeros(len(x), 16)
+            for e, expert in enumerate(self.experts):
+                rows = (negative == (e == first)).nonzero().squeeze(1)
+                if len(rows):  # an expert no row takes is not run (as sparse MoE layers do)
+                    z = z.index_add(0, rows, expert(x[rows]))
+            out[t] = self.heads[t](z)
+        return out
+
+
+def test_the_heads_check_reads_enough_rows_for_a_routed_model() -> None:
+    """False-positive hunt: the check read two rows, and a model that routes rows to shared
+    experts reached each expert from one task only there (warned as that task's head; a
+    two-level PLE model was refused outright): it reads up to 128 rows now, here all 40."""
+    x, y = _data()
+    x[:20, 0] = -x[:20, 0].abs() - 0.1  # the first rows all take the "negative" routes
+    x[20:, 0] = x[20:, 0].abs() + 0.1
+    model = _RoutedExperts()
+    common = dict(tasks=TASKS, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(5), ["a"]),
+                  shared_parameters=model.experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_problem(model, **common)
+    # On the first two rows alone each expert feeds one task: what the check saw before.
+    problem = build_problem(model, **common)
+    with pytest.warns(UserWarning) as caught:
+        problem.check_heads_feed_their_tasks(problem.retain.subset(torch.arange(2)))
+    assert [str(w.message).partition("retained")[0] for w in caught] == [
+        f"UnlearningProblem: 2 parameters given as shared ('experts.{e}.weight', "
+        f"'experts.{e}.bias') feed only the prediction of task '{t}' (read from the autograd "
+        "graph of the first 2 " for e, t in ((0, "a"), (1, "b"))]

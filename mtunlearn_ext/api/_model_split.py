@@ -31,6 +31,10 @@ class SplitModel(nn.Module):
     #: What the wrapper puts before the user's names; messages drop it (the user's module has
     #: no `module.` in its names).
     wrapped_prefix = "module."
+    #: The split comes from `unlearn`'s arguments (names, modules, a predicate): the problem's
+    #: validation checks it against the model's graph
+    #: (:meth:`~mtunlearn_ext.unlearning.UnlearningProblem.check_heads_feed_their_tasks`).
+    split_from_arguments = True
 
     def __init__(self, module: nn.Module, shared: Sequence[str],
                  heads: Mapping[str, Sequence[str]]) -> None:
