@@ -2027,6 +2027,16 @@ def test_the_heads_check_reads_enough_rows_for_a_routed_model() -> None:
         build_problem(model, **common)
     # On the first two rows alone each expert feeds one task: what the check saw before.
     problem = build_problem(model, **common)
+    sizes: list[int] = []
+    model.register_forward_hook(lambda module, inputs, out: sizes.append(len(inputs[0])))
+    problem.check_heads_feed_their_tasks(problem.retain)
+    assert sizes == [16, 16]  # rows 0-19 take one route, 20-39 the other: seen by row 31
+    dense = _TwoHeads()
+    dense_problem = build_problem(dense, **{**common, "shared_parameters": dense.trunk})
+    sizes.clear()
+    dense.register_forward_hook(lambda module, inputs, out: sizes.append(len(inputs[0])))
+    dense_problem.check_heads_feed_their_tasks(dense_problem.retain)
+    assert sizes == [16]  # one chunk settles a model that runs every parameter on every row
     with pytest.warns(UserWarning) as caught:
         problem.check_heads_feed_their_tasks(problem.retain.subset(torch.arange(2)))
     assert [str(w.message).partition("retained")[0] for w in caught] == [

@@ -248,7 +248,7 @@ class UnlearningProblem:
     def check_heads_feed_their_tasks(self, data: MultiTaskDataset) -> None:
         """For a split built from :func:`~mtunlearn_ext.unlearn`'s arguments: read which task
         predictions each trainable parameter feeds, from the autograd graphs of eval-mode
-        forwards of the first :attr:`PROBED_ROWS` instances of ``data`` (walks of the graphs:
+        forwards of up to :attr:`PROBED_ROWS` instances of ``data`` (walks of the graphs:
         nothing is computed backwards), and
 
         - raise when a head parameter of one task does not feed that task's prediction but
@@ -269,15 +269,30 @@ class UnlearningProblem:
         params = dict(self.model.named_parameters())
         if len(self.task_names) < 2 or len(data) == 0 or not params:
             return
-        # Many rows, a chunk at a time (the graph of one chunk kept at once): a model that
-        # routes each row through some experts only (a per-task top-1 gate) reaches an expert
-        # from some rows, and a few rows judged it by chance.
+        # Rows a chunk at a time (the graph of one chunk kept at once), until every checked
+        # parameter is reached and none is suspect (one chunk for a model that runs every
+        # parameter on every row), or PROBED_ROWS: a model that routes each row through some
+        # experts only (a per-task top-1 gate) reaches an expert from some rows, and a few
+        # rows judged it by chance. More rows only add tasks to what a parameter feeds.
+        heads = [(t, n) for t in self.task_names for n in split.heads.get(t, ())
+                 if n in params and params[n].requires_grad]
+        shared = [n for n in split.shared if n in params and params[n].requires_grad]
         probed = min(self.PROBED_ROWS, len(data))
         device = next(iter(params.values())).device  # where check_model_on sends inputs too
         feeds: dict[int, set[str]] = {}
         walked: set[str] = set()
-        for start in range(0, probed, self.PROBE_CHUNK):
-            rows = data.batch(torch.arange(start, min(start + self.PROBE_CHUNK, probed)))
+
+        def fed(name: str) -> list[str]:
+            return [t for t in self.task_names if t in feeds.get(id(params[name]), ())]
+
+        def settled() -> bool:
+            return (all(t in fed(n) for t, n in heads)
+                    and all(len(fed(n)) > 1 for n in shared))
+
+        read = 0
+        while read < probed and not (read and settled()):
+            rows = data.batch(torch.arange(read, min(read + self.PROBE_CHUNK, probed)))
+            read = min(read + self.PROBE_CHUNK, probed)
             inputs: Inputs = rows["input"]  # type: ignore[assignment]
             with eval_mode(self.model), torch.enable_grad():
                 out = self.model(inputs_to(inputs, device))
@@ -290,34 +305,27 @@ class UnlearningProblem:
             del out
         if len(walked) < 2:
             return
-
-        def fed(name: str) -> list[str]:
-            return [t for t in self.task_names if t in feeds.get(id(params[name]), ())]
-
         prefix = getattr(self.model, "wrapped_prefix", "")
-        for t in sorted(walked, key=self.task_names.index):
-            for name in split.heads.get(t, ()):
-                if name not in params or not params[name].requires_grad:
-                    continue
-                tasks = fed(name)
-                if tasks and t not in tasks:
-                    raise ValueError(
-                        f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} is given "
-                        f"to the head of task {t!r}, but the model's prediction for {t!r} does "
-                        f"not depend on it, while that for {tasks} does (read from the "
-                        f"autograd graph of the first {probed} retained instances): the heads "
-                        "are given to the wrong tasks (check `head_parameters`, or the module "
-                        "names the heads are found by)")
+        for t, name in heads:
+            tasks = fed(name)
+            if tasks and t not in tasks:
+                raise ValueError(
+                    f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} is given to "
+                    f"the head of task {t!r}, but the model's prediction for {t!r} does not "
+                    f"depend on it, while that for {tasks} does (read from the autograd graph "
+                    f"of the first {read} retained instances): the heads are given to the "
+                    "wrong tasks (check `head_parameters`, or the module names the heads are "
+                    "found by)")
         alone: dict[str, list[str]] = {}
-        for name in split.shared:
-            if name in params and params[name].requires_grad and len(tasks := fed(name)) == 1:
+        for name in shared:
+            if len(tasks := fed(name)) == 1:
                 alone.setdefault(tasks[0], []).append(name.removeprefix(prefix))
         for t, names in alone.items():
             shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
             warnings.warn(f"UnlearningProblem: {len(names)} parameter"
                           f"{'s' if len(names) > 1 else ''} given as shared ({shown}) feed"
                           f"{'' if len(names) > 1 else 's'} only the prediction of task {t!r} "
-                          f"(read from the autograd graph of the first {probed} retained "
+                          f"(read from the autograd graph of the first {read} retained "
                           "instances): as shared parameters, the projections move them with "
                           "directions made of the other tasks' gradients; if they belong to "
                           f"that task, give them to it (`head_parameters={{{t!r}: [...]}}`)",
