@@ -928,18 +928,19 @@ class OutputTransaction:
         again (a few times)."""
         self._created.append(path)
         argument = next((a for a, p in self.outputs.items() if p == path), "output")
+        folder = path.absolute().parent
         try:
-            for attempt in range(_FOLDER_RACE_ATTEMPTS):
-                self._make_folders(path.absolute().parent)
+            for _ in range(_FOLDER_RACE_ATTEMPTS - 1):
+                self._make_folders(folder)
                 try:
                     return writer(path)
                 except FileNotFoundError:
                     # A concurrent run that made a folder this path shares, and then failed,
                     # removed it again (empty) between our making sure of it and our write.
-                    if os.path.isdir(path.absolute().parent) or \
-                            attempt == _FOLDER_RACE_ATTEMPTS - 1:
+                    if os.path.isdir(folder):
                         raise
-            raise AssertionError("unreachable")  # pragma: no cover
+            self._make_folders(folder)
+            return writer(path)
         except FileExistsError as error:
             self._created.remove(path)
             # reserve() found the path free: something else made it since (another run

@@ -242,31 +242,24 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
         _check_no_cross_overlap(op, coeffs, xs, outs, read_bases, has_rows=bool(lead))
 
 
-def check_no_overlap_across_calls(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
-                                  outs: list[torch.Tensor], bases: list[torch.Tensor] | None,
-                                  per_tensor: bool) -> None:
+def check_across_calls(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
+                       outs: list[torch.Tensor], bases: list[torch.Tensor] | None,
+                       per_tensor: bool) -> tuple[list[int], list[int]]:
     """The overlap check of :func:`check_combine_list` over whole lists that several
     ``combine_list`` calls write (one per dtype or ``beta``): each call checks only its own
     tensors, so an output of one call under another call's input was accepted, and the later
     call read what the earlier one had written. ``coeffs`` is the whole lists' (``[k]``,
     ``[m, k]``, or per tensor ``[P, k]``, ``[P, m, k]``); ``bases[p]`` is what output ``p``
-    reads as its base (``outs[p]`` itself where it reads none)."""
-    if torch.compiler.is_compiling() or not xs or _has_no_values(xs[0]):
-        return
-    has_rows = coeffs.dim() == (3 if per_tensor else 2)
-    _check_no_cross_overlap(op, coeffs, xs, outs, bases, has_rows)
+    reads as its base (``outs[p]`` itself where it reads none).
 
-
-def strided_reads_under_outputs(xs: list[torch.Tensor], outs: list[torch.Tensor],
-                                bases: list[torch.Tensor] | None, has_rows: bool
-                                ) -> tuple[list[int], list[int]]:
-    """The inputs and bases (indices into ``xs``, ``bases``) whose trailing dims are not dense
-    and whose bytes some output may share. One ``combine_list`` call reads such a tensor from a
-    copy made before it writes (the overlap check lets them through); lists split into several
-    calls must copy them before the first call, which may write an output a later call reads.
-    ``bases[p]`` is ``outs[p]`` itself where output ``p`` reads none."""
+    Returns the inputs and bases (indices into ``xs``, ``bases``) whose trailing dims are not
+    dense and whose bytes some output may share: one call reads such a tensor from a copy made
+    before it writes (the check lets them through), so the caller must copy them before the
+    first of several calls."""
     if torch.compiler.is_compiling() or not xs or _has_no_values(xs[0]):
         return [], []
+    has_rows = coeffs.dim() == (3 if per_tensor else 2)
+    _check_no_cross_overlap(op, coeffs, xs, outs, bases, has_rows)
     spans = [_byte_span(o) for o in outs]
 
     def under_an_output(t: torch.Tensor, row_dims: int) -> bool:

@@ -18,11 +18,7 @@ from typing import TYPE_CHECKING, TypeGuard
 import torch
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops.combine import (
-    check_combine_list,
-    check_no_overlap_across_calls,
-    strided_reads_under_outputs,
-)
+from mtunlearn_ext.ops.combine import check_across_calls, check_combine_list
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -385,13 +381,11 @@ def combine_into(coeffs: torch.Tensor, xs: Sequence[torch.Tensor], outs: Sequenc
         read = [o if beta == 0.0 or bases is None else b
                 for o, b, beta in zip(outs, bases or outs, map(float, betas))]
         try:
-            check_no_overlap_across_calls("mtunlearn_ext.ops.combine_list", coeffs, list(xs),
-                                          list(outs), read, layers is not None)
+            x_copies, base_copies = check_across_calls(
+                "mtunlearn_ext.ops.combine_list", coeffs, list(xs), list(outs), read,
+                layers is not None)
         except ValueError as error:
             raise named(error, range(len(xs))) from error
-        has_rows = coeffs.dim() == (3 if layers is not None else 2)
-        x_copies, base_copies = strided_reads_under_outputs(list(xs), list(outs), read,
-                                                            has_rows)
         if x_copies or base_copies:
             # What one call would read from its own copies, copied before any call writes.
             copied_xs, copied_bases = list(xs), None if bases is None else list(bases)
