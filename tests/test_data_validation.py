@@ -406,3 +406,64 @@ def test_unlearn_suggests_the_ignore_index_of_negative_labels_for_a_task_by_kind
                               forget_request=mtunlearn_ext.ForgetRequest.create(range(5), ["kind"]),
                               shared_parameters=lambda name: name.startswith("trunk."),
                               config={"steps": 1})
+
+
+class _DepthAndClass(nn.Module):
+    """A tiny dense model: a shared conv trunk, a depth map head and a class head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Conv2d(1, 4, 3, padding=1)
+        self.depth = nn.Conv2d(4, 1, 1)
+        self.kind = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.trunk(x))
+        return {"depth": self.depth(h), "kind": self.kind(h.mean(dim=(2, 3)))}
+
+
+def test_negative_depth_targets_are_warned_of_as_unlabelled_pixels() -> None:
+    """Depth <= 0 reads as "no label": standardised depths (half below zero) lost half their
+    pixels in the losses and metrics without a word. ``unlearn`` and ``evaluate`` now say how
+    many values, rows and which share of the supervised pixels; positive depths (0 = unknown)
+    stay silent, and unsupervised rows' targets are not read."""
+    import warnings
+
+    import mtunlearn_ext
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1, 6, 6, generator=generator)
+    depth = torch.rand(24, 1, 6, 6, generator=generator) + 0.5
+    depth[0, 0, 0, :3] = 0.0  # unknown pixels, as documented: no warning
+    kind = torch.randint(0, 3, (24,), generator=generator)
+    tasks = {"depth": "depth", "kind": "classification"}
+    common = dict(tasks=tasks, shared_parameters=["trunk.weight", "trunk.bias"],
+                  config={"steps": 1})
+    request = mtunlearn_ext.ForgetRequest.create([0, 1], None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mtunlearn_ext.unlearn(_DepthAndClass(), train_data=(x, {"depth": depth, "kind": kind}),
+                              forget_request=request, **common)  # type: ignore[arg-type]
+        mtunlearn_ext.evaluate(_DepthAndClass(), (x, {"depth": depth, "kind": kind}),
+                               tasks=tasks)
+    standardised = (depth - depth.mean()) / depth.std()
+    below = int((standardised < 0).sum())
+    with pytest.warns(UserWarning, match=r"^unlearn: `train_data`: depth targets <= 0 count as "
+                                         r"unlabelled pixels.*task 'depth': "
+                                         rf"{below} negative values \(\d+\.\d% of its supervised "
+                                         r"pixels, on \d+ rows\)") as record:
+        mtunlearn_ext.unlearn(_DepthAndClass(),
+                              train_data=(x, {"depth": standardised, "kind": kind}),
+                              forget_request=request, **common)  # type: ignore[arg-type]
+    assert [w.filename for w in record if "depth targets" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match=r"^evaluate: `data`: depth targets <= 0"):
+        mtunlearn_ext.evaluate(_DepthAndClass(), (x, {"depth": standardised, "kind": kind}),
+                               tasks=tasks)
+    # Negative values on rows with no depth supervision are never read: no warning.
+    mixed = torch.cat([depth[:12], standardised[12:]])
+    supervision = torch.ones(24, 2, dtype=torch.bool)
+    supervision[12:, 0] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mtunlearn_ext.evaluate(_DepthAndClass(), (x, {"depth": mixed, "kind": kind}, supervision),
+                               tasks=tasks)

@@ -6,6 +6,7 @@ positions)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -267,14 +268,24 @@ def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
     the rows the problem reads (default: all; a row of ``train_data`` with no supervised pair
     is in neither set, so its inputs may hold anything). A tuple's ids (``own_ids`` false),
     made by :func:`unlearn` and possibly offset past another set's, are shown as its rows.
-    Clean data costs the one check; the rest runs only to word a failure."""
+    Clean data costs the one check; the rest runs only to word a failure. Negative depth
+    targets, which read as unlabelled pixels, are warned of."""
     try:
         data.check_values(f"unlearn: `{what}`")
-        return
     except ValueError:
         partial = rows is not None and rows.numel() != len(data)
         if own_ids and not partial:
             raise
+        _check_rows_read(data, what, own_ids, rows)
+    note = data.negative_depth_note(f"unlearn: `{what}`")
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=4)
+
+
+def _check_rows_read(data: MultiTaskDataset, what: str, own_ids: bool,
+                     rows: torch.Tensor | None) -> None:
+    """:func:`check_values_of`'s second look, after a failure: only the rows read, and the
+    rows of a tuple named as such."""
     inputs = data.inputs
     if rows is not None and rows.numel() != len(data):
         read = torch.zeros(len(data), dtype=torch.bool)

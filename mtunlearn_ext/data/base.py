@@ -506,6 +506,33 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                                  f"{int(bad.sum())} supervised rows (first: row {row}, id "
                                  f"{int(self.ids[row])}){hint}")
 
+    def negative_depth_note(self, what: str = "data set") -> str | None:
+        """A warning's text naming ``what`` and the depth tasks whose supervised targets hold
+        negative values, or ``None``: depth ``<= 0`` reads as "no label" (the losses and metrics
+        skip those pixels), so standardised or log depths, half of them below zero, would lose
+        those pixels without a word. Not an error: a negative "unknown" marker is such data's
+        own convention."""
+        notes = []
+        for column, spec in enumerate(self.tasks):
+            if spec.kind != "depth" or spec.loss is not None:
+                continue
+            target = self.targets[spec.name][self.supervision[:, column]]
+            if target.numel() == 0 or not target.is_floating_point():
+                continue
+            negative = (target < 0).flatten(1)
+            if not bool(negative.any()):
+                continue
+            rows = negative.any(dim=1)
+            notes.append(f"task {spec.name!r}: {int(negative.sum())} negative values "
+                         f"({float(negative.float().mean()):.1%} of its supervised pixels, on "
+                         f"{int(rows.sum())} rows)")
+        if not notes:
+            return None
+        return (f"{what}: depth targets <= 0 count as unlabelled pixels, which the losses and "
+                f"metrics skip; {'; '.join(notes)}. Depths shifted or standardised below zero "
+                "lose those pixels: give depths > 0 (0 = unknown), or the task a loss of its "
+                "own (TaskSpec(..., loss=...))")
+
     def positions_of(self, instance_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Row positions of the given instance ids; raises ``KeyError`` naming unknown ids."""
         wanted = torch.as_tensor(instance_ids, dtype=torch.long).reshape(-1)
