@@ -312,6 +312,14 @@ def test_per_sample_gradients_of_a_two_input_model_match_a_loop(text_setup, kind
     batch = data.batch(torch.arange(rows))
     grads, losses = per_sample_retain_grads_and_losses(wrapped, batch, SPECS, names)
     task_grads, _ = per_sample_task_grads_and_losses(wrapped, batch, SPECS, names)
+    for chunk_size in (1, 2, 4, 9, 20):  # rows written chunk by chunk: the same rows
+        chunked, chunked_losses = per_sample_retain_grads_and_losses(wrapped, batch, SPECS, names,
+                                                                     chunk_size=chunk_size)
+        chunked_task, _ = per_sample_task_grads_and_losses(wrapped, batch, SPECS, names,
+                                                           chunk_size=chunk_size)
+        for got, want in zip([*chunked, *chunked_task, *chunked_losses.values()],
+                             [*grads, *task_grads, *losses.values()]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     params = list(wrapped.parameters())
     for i in range(rows):
         out = model(ids[i:i + 1], float_mask[i:i + 1])

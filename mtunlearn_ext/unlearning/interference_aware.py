@@ -75,6 +75,7 @@ from typing import ClassVar
 
 import torch
 
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import cat_rows, num_rows
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
@@ -456,22 +457,49 @@ def _device_memory(device: torch.device) -> int | None:
     return None
 
 
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` can still give now (the CPU: the kernel's ``MemAvailable``; CUDA: free
+    memory plus what torch's caching allocator holds unused), or ``None`` if unknown."""
+    try:
+        if device.type == "cuda":
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
+        if device.type == "cpu":
+            with open("/proc/meminfo", encoding="ascii") as info:
+                for line in info:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (RuntimeError, ValueError, OSError, AttributeError):
+        return None
+    return None
+
+
+_LOWER = ("lower `num_snapshots` (the snapshots: subspaces x num_snapshots x the shared "
+          "parameters), `instance_memory` or `num_per_sample` / `num_coupled_per_sample` (the "
+          "rows: one copy of the constrained parameters each), or protect fewer parameters")
+
+
 def _check_fits(plan: Mapping[str, int], device: torch.device) -> None:
-    """Refuse, before the first step, settings whose gradient copies alone exceed the device's
-    whole memory (the run would only fail later, out of memory, possibly after minutes)."""
-    total = _device_memory(device)
-    if total is None or plan["total"] <= total:
-        return
+    """Refuse, before the first step and before any copy is made, settings whose gradient
+    copies alone exceed the device's whole memory (the run would only fail later, out of
+    memory, possibly after minutes, or be killed); warn when they exceed what the device
+    can give now (other processes hold the rest)."""
 
     def size(n: int) -> str:
         return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
 
     parts = ", ".join(f"{k} {size(v)}" for k, v in plan.items() if k != "total" and v)
-    raise ValueError(
-        f"interference_aware: the gradient copies need {size(plan['total'])} ({parts}), "
-        f"more than the {size(total)} of {device}; lower `instance_memory`, "
-        "`num_per_sample` / `num_coupled_per_sample` or `num_snapshots`, or protect fewer "
-        "parameters")
+    total = _device_memory(device)
+    if total is not None and plan["total"] > total:
+        raise ValueError(
+            f"interference_aware: the gradient copies need {size(plan['total'])} ({parts}), "
+            f"more than the {size(total)} of {device}; {_LOWER}")
+    available = _available_memory(device)
+    if available is not None and plan["total"] > available:
+        warn_at_caller(
+            f"interference_aware: the gradient copies need {size(plan['total'])} ({parts}), "
+            f"more than the {size(available)} {device} can give now (of {size(total or 0)}): "
+            f"the run may fail out of memory; {_LOWER}")
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -543,14 +571,18 @@ class InterferenceAware(GradientUnlearner):
                     f"constraints, over the solver's {MAX_SOLVER_K}; lower `instance_memory`, "
                     "`num_per_sample` or `num_coupled_per_sample`")
         coupled_tasks = [t for t in problem.non_target_tasks]
-        # One subspace per distinct protected set (one in every mode but "others").
-        subspaces: dict[tuple[str, ...], ProtectedSubspace] = {}
-        if cfg.task_projection:
-            layer_ids = layer_ids_of(shared_names)
-            for tasks in dict.fromkeys(plan.values()):
-                if tasks:
-                    subspaces[tasks] = ProtectedSubspace(ctx.groups.shared_params, layer_ids,
-                                                         cfg.num_snapshots, cfg.ridge)
+        # One subspace per distinct protected set (one in every mode but "others"). The copies
+        # are sized and checked before any is made: the snapshots, the largest, would otherwise
+        # take the memory first (a 25M-parameter model's plan over the machine's RAM ended in
+        # the kernel's out-of-memory kill, not in the refusal).
+        protected_sets = ([tasks for tasks in dict.fromkeys(plan.values()) if tasks]
+                          if cfg.task_projection else [])
+        memory_plan = self.gradient_memory_plan(ctx, len(protected_sets), coupled is not None)
+        _check_fits(memory_plan, torch.device(problem.device))
+        layer_ids = layer_ids_of(shared_names)
+        subspaces = {tasks: ProtectedSubspace(ctx.groups.shared_params, layer_ids,
+                                              cfg.num_snapshots, cfg.ridge)
+                     for tasks in protected_sets}
         ctx.state.update({
             "protect": protect,
             "protect_plan": plan,
@@ -560,8 +592,6 @@ class InterferenceAware(GradientUnlearner):
             "coupled_tasks": coupled_tasks,
             "instance_memory": PerSampleMemory(cfg.instance_memory, track_gram=True),
         })
-        memory_plan = self.gradient_memory_plan(ctx, len(subspaces), coupled is not None)
-        _check_fits(memory_plan, torch.device(problem.device))
         caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
                             else ({}, None))
         self._check_caps(ctx, cap_source)

@@ -1,0 +1,24 @@
+"""Warnings shown at the user's line, however deep in the package they are raised."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+__all__ = ["warn_at_caller"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside this package: code reached
+    both through :func:`mtunlearn_ext.unlearn` and through an unlearner's own ``unlearn``
+    lies at different depths, which no fixed ``stacklevel`` fits (Python 3.12's
+    ``skip_file_prefixes`` does this; 3.11 has no such argument)."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
