@@ -1545,6 +1545,42 @@ def test_public_api_audits_the_forget_set_with_a_membership_attack(user_setup) -
         mtunlearn_ext.unlearn(model, audit_data=bench, **kwargs)
 
 
+def test_an_audit_below_chance_is_warned_of_as_overshot_forgetting(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """Large-model review: losses carried far past their caps (Adam at a high rate) left the
+    forget set's audit AUC at 0.27 and 0.12, the forget instances as easy to tell from unseen
+    data as before, from the other side, without a word. An AUC below 0.5 by more than twice
+    its chance spread (sqrt((n_f + n_u + 1) / (12 n_f n_u)): 20 forget rows, 20 unseen ones
+    judged, 0.09) is warned of, with the losses against their caps; an audit near 0.5 or
+    above is not."""
+    model, x, y = user_setup
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(20)),
+                  held_out_data=_unseen(60, 1), audit_data=_unseen(40, 2),
+                  shared_parameters=lambda n: n.startswith("trunk"))
+    caps = {"cap_reference": "held_out", "cap_quantile": "rank"}
+    # Measured here: AUC 0.29; forget losses kind 0.024 -> 5.71 (cap 3.06), size 0.000668 ->
+    # 7.55 (cap 4.05).
+    number = r"\d+\.\d+"
+    with pytest.warns(UserWarning, match=rf"^unlearn: the forget set's audit AUC is 0\.[0-3]\d, "
+                                         r"below 0\.5 by more than twice its spread under chance "
+                                         r"\(0\.09\).*the forgetting overshot \(forget losses "
+                                         rf"kind {number} -> {number} \(cap {number}\), size "
+                                         rf"{number} -> {number} \(cap {number}\)\): lower "
+                                         r"`lr` or `steps` \(momentum, or Adam's") as record:
+        _, report = mtunlearn_ext.unlearn(model, config={
+            **caps, "steps": 60, "lr": 5e-2, "optimizer": "adam"}, **kwargs)
+    assert [w.filename for w in record if "overshot" in str(w.message)] == [__file__]
+    summary = report.extra["summary"]
+    assert summary["forget_mia_auc_after"] < 0.5 - 2 * 0.09
+    caps_after = report.extra["interference_aware"]["forget_caps"]
+    assert all(summary["forget_loss_after"][t] > caps_after[t] for t in caps_after)
+    for config in ({**caps, "steps": 60, "lr": 5e-2},  # AUC 0.48: chance
+                   {**caps, "steps": 30, "lr": 1e-2}):  # 0.84: not forgotten enough
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mtunlearn_ext.unlearn(model, config=config, **kwargs)
+
+
 def test_protect_others_projects_each_target_off_the_other_tasks_only(bench, original) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=False)
     plan = protection_plan(problem, "others")

@@ -4,6 +4,7 @@ removals the returned model carries."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -54,16 +55,46 @@ def progress_bar(unlearner: Unlearner) -> Any:
 
 
 def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDataset,
-           seed: int, max_members: int = 2000) -> dict[str, float]:
+           seed: int, max_members: int = 2000) -> tuple[dict[str, float], float]:
     """Membership-inference AUCs of the forget set and of held-back members, both against half
-    of ``unseen`` (see :func:`unlearn`'s ``audit_data``)."""
+    of ``unseen`` (see :func:`unlearn`'s ``audit_data``), and the forget AUC's spread under
+    chance: its standard deviation were the forget rows drawn from unseen data
+    (Mann-Whitney, ``sqrt((n_f + n_u + 1) / (12 n_f n_u))``)."""
     members = problem.retain
     if len(members) > max_members:
         generator = torch.Generator().manual_seed(seed)
         members = members.subset(torch.randperm(len(members), generator=generator)[:max_members])
     result = membership_attack(model, members, unseen, problem.forget,  # type: ignore[arg-type]
                                problem.target_tasks, max_members=max_members, seed=seed)
-    return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}
+    n_f, n_u = result.num_forget, result.num_non_members_eval
+    spread = math.sqrt((n_f + n_u + 1) / (12 * n_f * n_u)) if n_f and n_u else math.inf
+    return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}, spread
+
+
+def _overshoot_note(auc: float, spread: float, summary: Mapping[str, Any],
+                    report: UnlearningReport) -> str | None:
+    """A warning's text when the forget set's audit AUC lies below 0.5 by more than twice its
+    chance spread: the forget instances then read as *less* like training data than unseen
+    instances (their losses pushed past unseen data's), which an attacker can tell as well
+    as a forget set left above 0.5. ``None`` otherwise."""
+    if not auc < 0.5 - 2 * spread:  # NaN (a diverged model) is warned of on its own
+        return None
+    before, after = summary["forget_loss_before"], summary["forget_loss_after"]
+    facts = next((facts for facts in report.extra.values()
+                  if isinstance(facts, Mapping) and "forget_caps" in facts), {})
+    caps = facts.get("forget_caps", {})
+    losses = ", ".join(f"{t} {before[t]:.3g} -> {after[t]:.3g}"
+                       + (f" (cap {caps[t]:.3g})" if isinstance(caps.get(t), float) else "")
+                       for t in after if t in before)
+    remedy = ("lower `lr` or `steps` (momentum, or Adam's, carries a loss past its cap)"
+              if facts.get("forget_caps_from") == "held_out" else
+              "lower `lr` or `steps`, or take the forget caps from unseen data "
+              "(`held_out_data=` with config `cap_reference='held_out'`)")
+    return (f"unlearn: the forget set's audit AUC is {auc:.2f}, below 0.5 by more than twice "
+            f"its spread under chance ({spread:.2f}): the forget instances now look less like "
+            "training data than unseen instances do, as telling to an attacker as an AUC "
+            f"above 0.5; the forgetting overshot (forget losses {losses}): {remedy}, and "
+            "audit again")
 
 
 @torch.no_grad()
@@ -298,7 +329,7 @@ def unlearn(model: nn.Module, *,
                          f"trunk's: `p.requires_grad_(True)`)")
     before_f = _mean_losses(wrapped, forget)
     before_r = _mean_losses(wrapped, retain)
-    audit_before = _audit(wrapped, problem, audit, seed) if audit is not None else {}
+    audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
     bar = progress_bar(unlearner) if progress else None
     try:
         result = unlearner.unlearn(problem)
@@ -312,10 +343,14 @@ def unlearn(model: nn.Module, *,
         "retain_loss_before": before_r, "retain_loss_after": after_r,
     }
     if audit is not None:
-        audit_after = _audit(result.model, problem, audit, seed)
+        audit_after, spread = _audit(result.model, problem, audit, seed)
         for key in audit_before:
             result.report.extra["summary"][f"{key}_before"] = audit_before[key]
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]
+        note = _overshoot_note(audit_after["forget_mia_auc"], spread,
+                               result.report.extra["summary"], result.report)
+        if note is not None:
+            warnings.warn(note, UserWarning, stacklevel=2)
     result.report.request["ids_named_by"] = naming.named_by
     if naming.ids is not None:
         result.report.request["ids_sha256"] = ForgetRequest.create(naming.ids).ids_hash()
