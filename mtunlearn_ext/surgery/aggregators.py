@@ -73,6 +73,9 @@ class Aggregator(nn.Module):
         return self.weighting
 
     def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
+        """The update ``weighting(J J^T) @ J`` (``[n]``, ``matrix``'s dtype) of the ``[k, n]``
+        task-gradient matrix ``J`` (one row per task; checked by the call: a non-empty 2-D
+        floating matrix, else ``ValueError`` / ``TypeError`` naming ``matrix``)."""
         k = matrix.shape[0]
         if self.weighting.needs_gram:
             gram, weights_dtype = self._gram(matrix)
@@ -122,6 +125,8 @@ class Aggregator(nn.Module):
                 f"{advice}")
 
     def __call__(self, matrix: torch.Tensor, /) -> Any:
+        """``agg(J)``: :meth:`forward` on a checked ``[k, n]`` matrix (float64, float32,
+        float16 or bfloat16, at least one row)."""
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
             got = (tuple(matrix.shape) if isinstance(matrix, torch.Tensor)
                    else type(matrix).__name__)
@@ -153,7 +158,15 @@ class Sum(Aggregator):
 
 
 class PCGrad(Aggregator):
-    """PCGrad, summed (TorchJD ``PCGrad``; see :class:`PCGradWeighting` for the task orders)."""
+    """PCGrad, summed (TorchJD ``PCGrad``): each row loses its component along every other row
+    it conflicts with (negative inner product), in a shuffled order; the update is the sum.
+
+    Args:
+        seed: seed of the task orders; ``None`` keeps the order ``0..k-1``.
+        reshuffle: new orders at every call (order seed ``seed + calls``; the same in every
+            process of a distributed job; see :class:`PCGradWeighting`).
+        check_finite: see :class:`Aggregator`.
+    """
 
     def __init__(self, seed: int | None = 0, reshuffle: bool = True, *,
                  check_finite: bool = True) -> None:
@@ -162,8 +175,16 @@ class PCGrad(Aggregator):
 
 
 class UPGrad(Aggregator):
-    """Each row projected onto the dual cone of all rows, then combined with the preferences
-    (TorchJD ``UPGrad``; see :class:`UPGradWeighting`)."""
+    """Each row, weighted by its preference, projected onto the dual cone of all rows
+    ``{d : <d, g_j> >= 0 for all j}``, and the projections summed (TorchJD ``UPGrad``): an
+    update that conflicts with no task's gradient (the math: :class:`UPGradWeighting`).
+
+    Args:
+        pref_vector: ``[k]`` preferences; ``None`` for ``1/k`` each.
+        reg_eps: ``> 0`` solves on ``G / tr(G) + reg_eps I`` as TorchJD's default projector
+            does (``1e-4`` there); ``0`` (default) projects on the exact cone.
+        check_finite: see :class:`Aggregator`.
+    """
 
     def __init__(self, pref_vector: torch.Tensor | Sequence[float] | None = None,
                  reg_eps: float = 0.0, *, check_finite: bool = True) -> None:
@@ -173,7 +194,12 @@ class UPGrad(Aggregator):
 
 class MGDA(Aggregator):
     """Min-norm point of the convex hull of the rows (TorchJD ``MGDA``, solved to optimality on
-    device instead of by a fixed-tolerance Frank-Wolfe loop; see :class:`MGDAWeighting`)."""
+    device instead of by a fixed-tolerance Frank-Wolfe loop; see :class:`MGDAWeighting`).
+
+    Args:
+        iterations: projected-gradient steps before the exact polish.
+        check_finite: see :class:`Aggregator`.
+    """
 
     def __init__(self, iterations: int = 200, *, check_finite: bool = True) -> None:
         super().__init__(MGDAWeighting(iterations=iterations), check_finite=check_finite)
