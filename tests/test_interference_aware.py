@@ -1215,6 +1215,14 @@ def test_gradient_memory_is_planned_and_checked_before_the_first_step(user_setup
                     "per_sample_pass": rows * (trunk + kind + size) * 4,
                     "total": (24 * trunk + 3 * rows * (trunk + kind)
                               + rows * (trunk + kind + size)) * 4}
+    # Without a memory the constraints are views of the pass's rows: no copy is counted (the
+    # large-model review measured one copy where the plan counted two).
+    _, report = mtunlearn_ext.unlearn(model, **{**kwargs, "config": {
+        "steps": 2, "num_per_sample": 8, "instance_memory": 0}})
+    plan = report.extra["interference_aware"]["gradient_memory_bytes"]
+    assert plan == {"snapshots": 24 * trunk * 4, "instance_memory": 0,
+                    "per_sample_pass": rows * (trunk + kind + size) * 4,
+                    "total": (24 * trunk + rows * (trunk + kind + size)) * 4}
     # Copies beyond what the device can give now (other processes hold the rest): warned of.
     monkeypatch.setattr(interference_aware_module, "_available_memory", lambda device: 2 ** 17)
     with pytest.warns(UserWarning, match=r"the gradient copies need 0\.28 MiB \(snapshots 0\.07 "

@@ -629,8 +629,8 @@ class InterferenceAware(GradientUnlearner):
         """Bytes of gradient copies the method holds at once, by what holds them: the protected
         subspaces' snapshots (``num_snapshots`` per subspace, over the shared parameters), the
         instance memory's rows (``(instance_memory + 1)`` steps of per-sample rows over the
-        shared and target-head parameters) and one step's per-sample pass (its rows over every
-        parameter). Activations of the ``vmap`` pass come on top (bounded by ``chunk_size``)."""
+        shared and target-head parameters; none without a memory, whose constraints are views
+        of the pass's rows) and one step's per-sample pass (its rows over every parameter). Activations of the ``vmap`` pass come on top (bounded by ``chunk_size``)."""
         cfg = self.config
         groups = ctx.groups
 
@@ -644,8 +644,9 @@ class InterferenceAware(GradientUnlearner):
             per_step = self._rows_per_step(ctx.problem, coupled)
             constrained = groups.shared_params + [p for t in ctx.problem.target_tasks
                                                   for p in groups.head_params(t)]
+            # With no memory the constraints are views of the pass's rows (no copy).
             plan["instance_memory"] = ((cfg.instance_memory + 1) * per_step
-                                       * nbytes(constrained))
+                                       * nbytes(constrained) if cfg.instance_memory else 0)
             plan["per_sample_pass"] = per_step * nbytes(groups.all_params)
         plan["total"] = sum(plan.values())
         return plan
