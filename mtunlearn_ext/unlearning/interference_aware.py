@@ -498,7 +498,8 @@ def _check_fits(plan: Mapping[str, int], device: torch.device) -> None:
     if available is not None and plan["total"] > available:
         warn_at_caller(
             f"interference_aware: the gradient copies need {size(plan['total'])} ({parts}), "
-            f"more than the {size(available)} {device} can give now (of {size(total or 0)}): "
+            f"more than the {size(available)} {device} can give now"
+            f"{f' (of {size(total)})' if total is not None else ''}: "
             f"the run may fail out of memory; {_LOWER}")
 
 
