@@ -617,3 +617,84 @@ def test_the_attack_takes_losses_below_zero() -> None:
     for attack in ("loss", "logistic"):
         result = membership_attack(model, members, non_members, forget, attack=attack)  # type: ignore[arg-type]
         assert 0.5 < result.auc <= 1.0, (attack, result.auc)
+
+
+# -- boundaries a mutation review found unpinned ------------------------------------------------
+
+
+def test_retrain_gap_of_an_error_retrained_to_zero_is_the_absolute_gap() -> None:
+    """An unbounded error the retrained model has at exactly 0 has no relative gap: the
+    absolute one (x100) stands in, not a ZeroDivisionError."""
+    gap = retrain_gap({"test": {"d": {"abs_err": 0.3}}}, {"test": {"d": {"abs_err": 0.0}}})
+    assert gap == pytest.approx(30.0)
+    assert retrain_gap({"test": {"d": {"abs_err": 0.3}}},
+                       {"test": {"d": {"abs_err": 0.2}}}) == pytest.approx(50.0)
+
+
+def test_uis_of_a_negative_original_metric_is_a_positive_relative_change() -> None:
+    """Relative changes divide by |O_t|: a custom metric below zero gives the same positive
+    terms as its mirror image above zero."""
+    below = uis({"a": {"m": -2.0}}, {"a": {"m": -1.0}}, {"a": {"m": -2.0}},
+                higher_is_better={"m": True})
+    above = uis({"a": {"m": 2.0}}, {"a": {"m": 1.0}}, {"a": {"m": 2.0}},
+                higher_is_better={"m": True})
+    assert below == pytest.approx(25.0) and above == pytest.approx(25.0)
+    terms = uis_terms({"a": {"m": -2.0}}, {"a": {"m": -2.0}}, {"a": {"m": -3.0}},
+                      higher_is_better={"m": True})["a"]["m"]
+    assert terms["forget_change"] == pytest.approx(50.0) and terms["test_change"] == 0.0
+
+
+def test_a_non_positive_depth_prediction_is_never_within_the_delta_threshold() -> None:
+    """``max(d_hat / d, d / d_hat)`` of a negative prediction is negative (below 1.25): the
+    clamp makes it infinite, a miss."""
+    accumulator = make_accumulator(TaskSpec("d", "depth"))
+    accumulator.update(torch.tensor([[[[-1.0, 0.0, 1.1]]]]), torch.tensor([[[[1.0, 1.0, 1.0]]]]))
+    scores = accumulator.compute()
+    assert scores["delta_1.25"] == pytest.approx(1 / 3)  # only the 1.1 prediction
+    assert scores["abs_err"] == pytest.approx((2.0 + 1.0 + 0.1) / 3)
+
+
+def test_a_prediction_equal_to_the_class_count_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"`pred_labels` has 1 predictions outside \[0, 3\)"):
+        confusion_matrix(torch.tensor([3]), torch.tensor([0]), 3)
+    with pytest.raises(ValueError, match=r"`target` has 1 labels outside \[0, 3\)"):
+        confusion_matrix(torch.tensor([0]), torch.tensor([3]), 3)
+    assert confusion_matrix(torch.tensor([2]), torch.tensor([2]), 3)[2, 2] == 1
+
+
+def test_classification_accuracy_leaves_out_an_ignore_index_that_is_a_class() -> None:
+    """With ``ignore_index`` 0 (a real class id), rows labelled 0 are not counted: accuracy over
+    the other rows, never above 1."""
+    accumulator = make_accumulator(TaskSpec("c", "classification", num_classes=3,
+                                            ignore_index=0))
+    logits = nn.functional.one_hot(torch.tensor([0, 1, 2, 2]), 3).float()
+    accumulator.update(logits, torch.tensor([0, 1, 2, 1]))
+    assert accumulator.compute() == {"accuracy": pytest.approx(2 / 3)}
+    assert accumulator.count == 3
+
+
+def test_mia_max_members_caps_the_members_used() -> None:
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test, forget = _mia_data(40, True, 0), _mia_data(40, False, 1), _mia_data(10, True, 2)
+    assert membership_attack(model, members, test, forget).num_members_fit == 20
+    assert membership_attack(model, members, test, forget, max_members=10).num_members_fit == 5
+
+
+def test_mia_needs_four_members_and_non_members() -> None:
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, forget = _mia_data(40, True, 0), _mia_data(10, True, 2)
+    membership_attack(model, members, _mia_data(4, False, 1), forget)
+    with pytest.raises(ValueError, match=r"needs >= 4 members and non-members .* got 40 and 3"):
+        membership_attack(model, members, _mia_data(3, False, 1), forget)
+
+
+def test_mia_of_two_tasks_with_nan_on_one_is_undefined() -> None:
+    """A row counts as diverged when *any* attacked task's loss is NaN, not only all."""
+    model = MultiTaskModel(_Echo(), {"A": _Memoriser(), "B": _NaNOnFlag()}, [TASK_A, TASK_B])
+    members = _two_task_mia_data(40, True, 0)
+    test = _two_task_mia_data(40, False, 1)
+    forget = _two_task_mia_data(12, True, 2)
+    forget.inputs[:2, 2] = -1.0  # B's loss NaN on two forget rows, A's finite
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite on 2 forget, 0 member"):
+        result = membership_attack(model, members, test, forget, tasks=["A", "B"])
+    assert math.isnan(result.auc)
