@@ -765,3 +765,57 @@ def test_a_strided_input_under_another_groups_output_is_read_before_any_write() 
     project_out_list(g_list, basis, outs=outs)
     torch.testing.assert_close(outs[1], want[1])
     torch.testing.assert_close(outs[0], want[0])
+
+
+# -- the iterative min-norm path (devices, polish=False): a mutation review found it unpinned
+
+
+def test_min_norm_iterative_path_alone_converges_on_badly_scaled_tasks() -> None:
+    """``polish=False`` runs the accelerated projected-gradient loop alone (what a device
+    runs before its polish): with adaptive restarts it reaches the exact objective on 20
+    problems whose first task is 5x the others (the restart test reversed left 7e-2)."""
+    for seed in range(20):
+        j = _random_jacobian(4, 10, 100 + seed)
+        j[0] *= 5.0
+        gram = j @ j.T
+        exact = min_norm_simplex(gram)
+        iterated = min_norm_simplex(gram, 200, polish=False)
+        assert torch.all(iterated >= 0) and abs(float(iterated.sum()) - 1.0) < 1e-12
+        best, got = float(exact @ gram @ exact), float(iterated @ gram @ iterated)
+        assert abs(got - best) <= 1e-8 * best, (seed, got, best)
+
+
+def test_min_norm_polish_takes_the_exact_point_of_a_nearby_support() -> None:
+    """``_polish`` solves on the support of its start: from a point 1e-4 off the exact
+    solution it returns the exact one (to rounding); a start whose support holds no feasible
+    solution (a coordinate of the support's solution below 0) is returned as it was."""
+    from mtunlearn_ext.surgery import min_norm
+
+    for seed in range(5):
+        j = _random_jacobian(3, 8, 200 + seed)
+        gram = j @ j.T
+        gram = gram / torch.diagonal(gram).mean()
+        exact = min_norm_simplex(gram)
+        assert bool((exact > 1e-6).all()), "the test wants an interior solution"
+        start = exact + torch.tensor([1e-4, -0.5e-4, -0.5e-4], dtype=F64)
+        torch.testing.assert_close(min_norm._polish(gram, start), exact, rtol=0, atol=1e-12)
+    # g0 = (1, 0), g1 = (0.9, 0.1): the affine solution on the support {0, 1} is (-4, 5), off
+    # the simplex; clamped and renormalised it would be (0, 1), worse here than the start,
+    # and an infeasible candidate is never taken: the start stays.
+    g = torch.tensor([[1.0, 0.0], [0.9, 0.1]], dtype=F64)
+    start = torch.tensor([0.5, 0.5], dtype=F64)
+    assert torch.equal(min_norm._polish(g @ g.T, start), start)
+    # g1 = (2, 0.1), g2 = (0, 1): on the support {0, 1} the solution (1.99, -0.99) is
+    # infeasible; the start (0.5, 0.5, 0) stays, although (0, 1, 0) clamped would be a point.
+    g = torch.tensor([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0]], dtype=F64)
+    start = torch.tensor([0.5, 0.5, 0.0], dtype=F64)
+    assert torch.equal(min_norm._polish(g @ g.T, start), start)
+
+
+def test_aggregate_list_refuses_a_beta_list_shorter_than_the_outputs() -> None:
+    xs = [torch.randn(2, 3), torch.randn(2, 4)]
+    outs = [torch.zeros(3), torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"`beta` must be a number or one per parameter, got 1"):
+        aggregate_list(MeanWeighting(), xs, outs, beta=[1.0])
+    with pytest.raises(ValueError, match=r"`beta` must be a number or one per parameter, got 3"):
+        aggregate_list(MeanWeighting(), xs, outs, beta=[1.0, 1.0, 1.0])

@@ -5,6 +5,7 @@ drop-in guide's (docs/dropin.md) claims about ``Sum()`` and ``per_layer=True``."
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mtunlearn_ext.surgery import (
     Mean,
     PCGrad,
     Sum,
+    SumWeighting,
     UPGrad,
     aggregate_list,
 )
@@ -1299,3 +1301,30 @@ def test_reentrant_activation_checkpointing_gets_the_surgerys_words(per_task: st
         _losses(plain, x, y))
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# -- behaviour a mutation review found unpinned --------------------------------------------------
+
+
+def test_accumulate_keeps_a_tasks_gradient_that_a_later_micro_batch_does_not_reach() -> None:
+    """Accumulating adds each micro-batch's task gradients: a parameter one task's loss does
+    not reach in a later micro-batch keeps what that task gave it before (it was zeroed)."""
+    w1 = torch.tensor([1.0, 2.0], requires_grad=True)
+    w2 = torch.tensor([3.0], requires_grad=True)
+    surgery = GradientSurgery([w1, w2], SumWeighting())
+    surgery.accumulate([w1.sum() + w2.sum(), (w1 * w1).sum()])
+    surgery.accumulate([w1.sum(), (w1 * w1).sum()])  # w2 unreached by either task now
+    surgery.apply()
+    assert w2.grad is not None and torch.equal(w2.grad, torch.tensor([1.0]))
+    assert torch.equal(w1.grad, torch.tensor([1.0 + 1.0 + 2.0 + 2.0, 1.0 + 1.0 + 4.0 + 4.0]))
+
+
+def test_a_constant_task_loss_adds_nothing_to_the_gradients() -> None:
+    """A loss that does not depend on the parameters (a constant stand-in) has zero gradient:
+    its value must not leak into the rows (the NaN check adds ``0 * value``)."""
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    GradientSurgery([w], SumWeighting()).backward([(w * w).sum(), torch.tensor(5.0)])
+    assert torch.equal(w.grad, torch.tensor([2.0, 4.0]))
+    w.grad = None
+    GradientSurgery([w], SumWeighting()).backward([(w * w).sum(), torch.tensor(math.nan)])
+    assert bool(w.grad.isnan().all())  # a NaN constant still poisons the step, as documented
