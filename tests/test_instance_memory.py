@@ -186,3 +186,24 @@ def test_tracked_gram_matches_a_fresh_one_across_wraps() -> None:
         torch.testing.assert_close(memory.gram(), ops.gram_list(stored))
     with pytest.raises(RuntimeError, match="track_gram"):
         PerSampleMemory(2).gram()
+
+
+def test_a_larger_batch_resizes_the_ring_and_its_gram() -> None:
+    """Mutation review: a later batch with more rows re-sizes the ring; the kept Gram matrix
+    must be re-sized with it (it stayed at the old capacity: a shape error)."""
+    memory = PerSampleMemory(1, track_gram=True)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 3):
+        stored = memory.add(["w"], [torch.randn(rows, 5, generator=generator)])
+        flat = stored[0].double()
+        torch.testing.assert_close(memory.gram().double(), flat @ flat.T, rtol=1e-6, atol=1e-6)
+    assert memory.capacity == 6 and memory.filled == 6
+
+
+def test_rows_of_another_dtype_start_the_memory_afresh() -> None:
+    """As documented: float64 rows after float32 ones are not cast into the old buffers and
+    mixed with the old rows."""
+    memory = PerSampleMemory(1)
+    memory.add(["w"], [torch.randn(2, 5)])
+    stored = memory.add(["w"], [torch.randn(2, 5, dtype=torch.float64)])
+    assert stored[0].dtype == torch.float64 and memory.filled == 2

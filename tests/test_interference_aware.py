@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import warnings
 
@@ -1848,3 +1849,84 @@ def test_chunk_size_bounds_the_per_sample_pass_memory() -> None:
     assert in_chunks - at_once < rows_kib // 2, (
         f"chunks of 4 grew the peak by {in_chunks // 1024} MiB, all rows at once by "
         f"{at_once // 1024} MiB, for {rows_kib // 1024} MiB of rows")
+
+
+# -- behaviour a mutation review found unpinned --------------------------------------------------
+
+
+def test_protect_others_with_two_targets_projects_each_off_its_own_subspace(
+        user_setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two target tasks under ``protect="others"`` have two subspaces (each protects the other
+    task): each target's forget gradient goes off its own, not their sum off the first's."""
+    model, x, y = user_setup
+    seen: list[list[str]] = []
+    project = InterferenceAware.task_project
+
+    def spy(self, ctx, per_task):  # type: ignore[no-untyped-def]
+        seen.append(sorted(per_task))
+        return project(self, ctx, per_task)
+
+    monkeypatch.setattr(InterferenceAware, "task_project", spy)
+    mtunlearn_ext.unlearn(model, tasks={"kind": "classification", "size": "regression"},
+                          train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+                          shared_parameters=lambda n: n.startswith("trunk"),
+                          config={"steps": 2, "protect": "others"})
+    assert seen and all(keys == ["kind", "size"] for keys in seen)
+
+
+def test_forget_terms_average_over_the_supervised_pairs_only() -> None:
+    """``O_t`` and ``L_t`` divide by the batch's supervised pairs of ``t`` (not its rows), and
+    an unlabelled row's target (NaN here) reaches neither."""
+    from mtunlearn_ext.unlearning.objectives import ForgetObjective
+    from mtunlearn_ext.unlearning.terms import forget_terms
+
+    class Ones(ForgetObjective):
+        name = "ones_for_the_test"
+
+        def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return torch.ones(pred.shape[0])
+
+    spec = TaskSpec("t", "regression")
+    pred = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    target = torch.tensor([[1.5], [math.nan], [2.0], [math.nan]])
+    batch = {"supervision": torch.tensor([[True], [False], [True], [False]]),
+             "targets": {"t": target}}
+    terms = forget_terms({"t": pred}, batch, [spec], {"t": Ones(spec)})
+    assert float(terms.objective["t"]) == 1.0
+    assert float(terms.loss["t"]) == pytest.approx((0.25 + 1.0) / 2)
+    assert terms.count["t"] == 2
+
+
+def test_parameter_groups_split_refuses_values_left_over() -> None:
+    a, b, c = (nn.Parameter(torch.zeros(1)) for _ in range(3))
+    groups = ParameterGroups((("a", a),), {"x": (("b", b),), "y": (("c", c),)})
+    assert groups.split([1, 2, 3]) == ([1], {"x": [2], "y": [3]})
+    with pytest.raises(ValueError, match=r"ParameterGroups.split: 4 values for 3 parameters"):
+        groups.split([1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"ParameterGroups.split: 2 values for 3 parameters"):
+        groups.split([1, 2])
+
+
+def test_protected_subspace_refuses_layer_ids_with_a_gap() -> None:
+    params = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"`layer_ids` must cover 0..L-1 with no gap"):
+        ProtectedSubspace(params, [0, 2], k=1)
+    assert ProtectedSubspace(params, [0, 1], k=1).num_layers == 2
+
+
+def test_instance_constraints_curve_counts_the_rows_without_a_memory(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """The ``instance_constraints`` curve is the rows a step's instance projection kept: this
+    step's per-sample rows when there is no memory (its ``filled`` stays 0)."""
+    model, x, y = user_setup
+    _, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=ForgetRequest.create(range(10)),
+        shared_parameters=lambda n: n.startswith("trunk"),
+        config={"steps": 3, "num_per_sample": 6, "instance_memory": 0})
+    assert report.curves["instance_constraints"] == [6.0, 6.0, 6.0]
+    _, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=ForgetRequest.create(range(10)),
+        shared_parameters=lambda n: n.startswith("trunk"),
+        config={"steps": 3, "num_per_sample": 6, "instance_memory": 1})
+    assert report.curves["instance_constraints"] == [6.0, 12.0, 12.0]
