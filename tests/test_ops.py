@@ -1682,3 +1682,35 @@ def test_a_finite_result_whose_sum_overflows_passes_the_finite_check(device: str
     # Through the list form and a second orientation too: the same check of the same result.
     torch.testing.assert_close(ops.gram_list([x]).cpu().double(), expected, rtol=1e-6, atol=0.0)
     torch.testing.assert_close(ops.inner(x, x).cpu().double(), expected, rtol=1e-6, atol=0.0)
+
+
+# -- wrapper checks a mutation review found unpinned ---------------------------------------------
+
+
+def test_combine_without_out_refuses_a_beta() -> None:
+    """``beta`` scales ``out``: with no ``out`` it has nothing to scale and was dropped."""
+    coeffs, x = torch.randn(2, 3), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"`beta` must be 0 when `out` is not given, got 1.0"):
+        ops.combine(coeffs, x, beta=1.0)
+    torch.testing.assert_close(ops.combine(coeffs, x, beta=0.0), coeffs @ x)
+
+
+def test_pcgrad_order_refuses_a_task_equal_to_k() -> None:
+    assert sorted(ops.pcgrad_order(3, 2, 0)) == [0, 1]
+    with pytest.raises(ValueError, match=r"`task` must be an integer in \[0, 2\], got 3"):
+        ops.pcgrad_order(3, 3, 0)
+
+
+def test_solver_limits_hold_on_the_reference_path_too(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Without the compiled extension (the pure-PyTorch fallback) the wrappers' own checks are
+    all there is: k over the solvers' limit and a right-hand side of another k are refused
+    there as well, not solved."""
+    from mtunlearn_ext.ops import solvers
+
+    monkeypatch.setattr(solvers, "has_extension", lambda: False)
+    with pytest.raises(ValueError, match=r"k=257 exceeds the solver limit of 256"):
+        ops.ridge_solve(torch.eye(257), torch.ones(257, 1))
+    with pytest.raises(ValueError, match=r"`rhs` must be \[\.\.\., k=3, m\]"):
+        ops.ridge_solve(torch.eye(3), torch.ones(4, 1))
+    torch.testing.assert_close(ops.ridge_solve(torch.eye(3) * 2, torch.ones(3, 1), 0.0),
+                               torch.full((3, 1), 0.5))
