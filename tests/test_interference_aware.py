@@ -1918,15 +1918,10 @@ def test_instance_constraints_curve_counts_the_rows_without_a_memory(user_setup)
     """The ``instance_constraints`` curve is the rows a step's instance projection kept: this
     step's per-sample rows when there is no memory (its ``filled`` stays 0)."""
     model, x, y = user_setup
-    _, report = mtunlearn_ext.unlearn(
-        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
-        forget_request=ForgetRequest.create(range(10)),
-        shared_parameters=lambda n: n.startswith("trunk"),
-        config={"steps": 3, "num_per_sample": 6, "instance_memory": 0})
-    assert report.curves["instance_constraints"] == [6.0, 6.0, 6.0]
-    _, report = mtunlearn_ext.unlearn(
-        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
-        forget_request=ForgetRequest.create(range(10)),
-        shared_parameters=lambda n: n.startswith("trunk"),
-        config={"steps": 3, "num_per_sample": 6, "instance_memory": 1})
-    assert report.curves["instance_constraints"] == [6.0, 12.0, 12.0]
+    for memory, curve in ((0, [6.0, 6.0, 6.0]), (1, [6.0, 12.0, 12.0])):
+        _, report = mtunlearn_ext.unlearn(
+            model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+            forget_request=ForgetRequest.create(range(10)),
+            shared_parameters=lambda n: n.startswith("trunk"),
+            config={"steps": 3, "num_per_sample": 6, "instance_memory": memory})
+        assert report.curves["instance_constraints"] == curve
