@@ -460,6 +460,28 @@ def test_negative_depth_targets_are_warned_of_as_unlabelled_pixels() -> None:
         mtunlearn_ext.evaluate(_DepthAndClass(), (x, {"depth": standardised, "kind": kind}),
                                tasks=tasks)
     # Negative values on rows with no depth supervision are never read: no warning.
+    # Integer depths and a depth task with a loss of its own (the depth metrics still skip
+    # pixels <= 0) are counted too (diff review), as is `audit_data`.
+    with pytest.warns(UserWarning, match=r"^evaluate: `data`: depth targets <= 0 .*task 'depth': "
+                                         r"\d+ negative values"):
+        mtunlearn_ext.evaluate(_DepthAndClass(),
+                               (x, {"depth": (standardised * 10).long(), "kind": kind}),
+                               tasks=tasks)
+
+    def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (pred - target).abs().flatten(1).mean(dim=1)
+
+    with pytest.warns(UserWarning, match=r"^evaluate: `data`: depth targets <= 0 count as "
+                                         r"unlabelled pixels, which the built-in depth loss and "
+                                         r"the depth metrics skip"):
+        mtunlearn_ext.evaluate(_DepthAndClass(), (x, {"depth": standardised, "kind": kind}),
+                               tasks={"depth": TaskSpec("depth", "depth", loss=l1),
+                                      "kind": "classification"})
+    audit = (x[:12] + 5.0, {"depth": standardised[:12], "kind": kind[:12]})
+    with pytest.warns(UserWarning, match=r"^unlearn: `audit_data`: depth targets <= 0"):
+        mtunlearn_ext.unlearn(_DepthAndClass(), train_data=(x, {"depth": depth, "kind": kind}),
+                              forget_request=request, audit_data=audit,
+                              **common)  # type: ignore[arg-type]
     mixed = torch.cat([depth[:12], standardised[12:]])
     supervision = torch.ones(24, 2, dtype=torch.bool)
     supervision[12:, 0] = False

@@ -71,30 +71,36 @@ def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDatase
     return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}, spread
 
 
-def _overshoot_note(auc: float, spread: float, summary: Mapping[str, Any],
+def _overshoot_note(before: float, after: float, spread: float, summary: Mapping[str, Any],
                     report: UnlearningReport) -> str | None:
-    """A warning's text when the forget set's audit AUC lies below 0.5 by more than twice its
-    chance spread: the forget instances then read as *less* like training data than unseen
-    instances (their losses pushed past unseen data's), which an attacker can tell as well
-    as a forget set left above 0.5. ``None`` otherwise."""
-    if not auc < 0.5 - 2 * spread:  # NaN (a diverged model) is warned of on its own
+    """A warning's text when the run took the forget set's audit AUC below 0.5 by more than
+    twice its chance spread (and down by more than that from ``before``): the forget
+    instances then read as *less* like training data than unseen instances (their losses
+    pushed past unseen data's), which an attacker can tell as well as a forget set left above
+    0.5. ``None`` otherwise, also for a forget set that was already there before the run
+    (instances the model never fit)."""
+    if not (after < 0.5 - 2 * spread and before - after > 2 * spread):  # NaN: warned of apart
         return None
-    before, after = summary["forget_loss_before"], summary["forget_loss_after"]
+    losses_before, losses_after = summary["forget_loss_before"], summary["forget_loss_after"]
     facts = next((facts for facts in report.extra.values()
                   if isinstance(facts, Mapping) and "forget_caps" in facts), {})
     caps = facts.get("forget_caps", {})
-    losses = ", ".join(f"{t} {before[t]:.3g} -> {after[t]:.3g}"
+    losses = ", ".join(f"{t} {losses_before[t]:.3g} -> {losses_after[t]:.3g}"
                        + (f" (cap {caps[t]:.3g})" if isinstance(caps.get(t), float) else "")
-                       for t in after if t in before)
-    remedy = ("lower `lr` or `steps` (momentum, or Adam's, carries a loss past its cap)"
-              if facts.get("forget_caps_from") == "held_out" else
-              "lower `lr` or `steps`, or take the forget caps from unseen data "
-              "(`held_out_data=` with config `cap_reference='held_out'`)")
-    return (f"unlearn: the forget set's audit AUC is {auc:.2f}, below 0.5 by more than twice "
-            f"its spread under chance ({spread:.2f}): the forget instances now look less like "
-            "training data than unseen instances do, as telling to an attacker as an AUC "
-            f"above 0.5; the forgetting overshot (forget losses {losses}): {remedy}, and "
-            "audit again")
+                       for t in losses_after if t in losses_before)
+    source = facts.get("forget_caps_from")
+    if source == "held_out":
+        remedy = "lower `lr` or `steps` (momentum, or Adam's, carries a loss past its cap)"
+    elif source is not None and "cap_reference" in report.config:
+        remedy = ("lower `lr` or `steps`, or take the forget caps from unseen data "
+                  "(`held_out_data=` with config `cap_reference='held_out'`)")
+    else:
+        remedy = "lower `lr` or `steps`"
+    return (f"unlearn: the forget set's audit AUC went {before:.2f} -> {after:.2f}, below 0.5 "
+            f"by more than twice its spread under chance ({spread:.2f}): the forget instances "
+            "now look less like training data than unseen instances do, as telling to an "
+            f"attacker as an AUC above 0.5; the forgetting overshot (forget losses {losses}): "
+            f"{remedy}, and audit again")
 
 
 @torch.no_grad()
@@ -300,6 +306,9 @@ def unlearn(model: nn.Module, *,
                                         keep_ids=True))
         audit = as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
+        note = audit.negative_depth_note("unlearn: `audit_data`")
+        if note is not None:
+            warnings.warn(note, UserWarning, stacklevel=2)
         problem.check_model_on(audit, "`audit_data`")
         # A data set's ids against the training data sets' ids; tuple data (ids of its own,
         # 0..N-1) and training data given as tuples: by equal inputs and labels.
@@ -347,8 +356,8 @@ def unlearn(model: nn.Module, *,
         for key in audit_before:
             result.report.extra["summary"][f"{key}_before"] = audit_before[key]
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]
-        note = _overshoot_note(audit_after["forget_mia_auc"], spread,
-                               result.report.extra["summary"], result.report)
+        note = _overshoot_note(audit_before["forget_mia_auc"], audit_after["forget_mia_auc"],
+                               spread, result.report.extra["summary"], result.report)
         if note is not None:
             warnings.warn(note, UserWarning, stacklevel=2)
     result.report.request["ids_named_by"] = naming.named_by

@@ -205,7 +205,8 @@ class InterferenceAwareConfig(StepConfig):
             ``instance_memory`` steps'; after a smaller batch, part of an older step's too),
             at the cost of a larger Gram matrix and no extra backward pass (0: the current
             batch only).
-        chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds memory).
+        chunk_size: samples per ``vmap`` chunk of the per-sample gradients (bounds the
+            pass's activations; the rows are kept for every sample).
         cap_quantile: with a capped objective (``capped_ascent`` or a variant), the cap of
             task ``t`` becomes this quantile of the original model's per-sample losses (in the
             objective's own loss) on (up to ``cap_rows``) pairs of ``t`` of the
@@ -445,30 +446,73 @@ def _push(subspaces: Mapping[tuple[str, ...], ProtectedSubspace], task: str,
             subspace.push(grads)
 
 
+def _cgroup_memory(root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
+    """The memory limit of this process's control group (a container's) and what it uses
+    now that it cannot reclaim (its usage less its inactive file cache), in bytes, or
+    ``None`` where there is none: the host's RAM and ``MemAvailable`` know nothing of a
+    container's limit, and a run over it is killed. cgroup v2 (``memory.max``,
+    ``memory.current``, ``memory.stat``'s ``inactive_file``) or v1 (``memory/`` with
+    ``memory.limit_in_bytes``, whose "no limit" is a number near 2**63,
+    ``memory.usage_in_bytes`` and ``total_inactive_file``)."""
+    for folder, limit_file, usage_file, cache_key in (
+            ("", "memory.max", "memory.current", "inactive_file"),
+            ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            with open(os.path.join(root, folder, limit_file), encoding="ascii") as limit_text:
+                limit = limit_text.read().strip()
+            with open(os.path.join(root, folder, usage_file), encoding="ascii") as usage_text:
+                usage = int(usage_text.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 1 << 60:  # "max": no limit
+            return None
+        cache = 0
+        try:
+            with open(os.path.join(root, folder, "memory.stat"), encoding="ascii") as stat:
+                for line in stat:
+                    key, _, value = line.partition(" ")
+                    if key == cache_key:
+                        cache = int(value)
+        except (OSError, ValueError):
+            pass
+        return int(limit), max(usage - cache, 0)
+    return None
+
+
 def _device_memory(device: torch.device) -> int | None:
-    """Total memory of ``device`` in bytes (physical RAM for the CPU), or ``None`` if unknown."""
+    """Total memory of ``device`` in bytes (physical RAM for the CPU, or a container's limit
+    when lower), or ``None`` if unknown."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[1])
         if device.type == "cpu":
-            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            ram = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            group = _cgroup_memory()
+            return ram if group is None else min(ram, group[0])
     except (RuntimeError, ValueError, OSError, AttributeError):
         return None
     return None
 
 
 def _available_memory(device: torch.device) -> int | None:
-    """Bytes ``device`` can still give now (the CPU: the kernel's ``MemAvailable``; CUDA: free
-    memory plus what torch's caching allocator holds unused), or ``None`` if unknown."""
+    """Bytes ``device`` can still give now (the CPU: the kernel's ``MemAvailable``, or what a
+    container's limit leaves when less; CUDA: free memory plus what torch's caching allocator
+    holds unused), or ``None`` if unknown."""
     try:
         if device.type == "cuda":
             cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
         if device.type == "cpu":
+            available = None
             with open("/proc/meminfo", encoding="ascii") as info:
                 for line in info:
                     if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
+                        available = int(line.split()[1]) * 1024
+            group = _cgroup_memory()
+            if group is not None:
+                left = max(group[0] - group[1], 0)
+                available = left if available is None else min(available, left)
+            return available
     except (RuntimeError, ValueError, OSError, AttributeError):
         return None
     return None
