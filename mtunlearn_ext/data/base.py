@@ -540,8 +540,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         if not notes:
             return None
         return (f"{what}: depth targets <= 0 count as unlabelled pixels, which the built-in "
-                f"depth loss and the depth metrics skip; {'; '.join(notes)}. Depths shifted or standardised below "
-                "zero lose those pixels: give depths > 0 (0 = unknown)")
+                f"depth loss and the depth metrics skip; {'; '.join(notes)}. Depths shifted or "
+                "standardised below zero lose those pixels: give depths > 0 (0 = unknown)")
 
     def positions_of(self, instance_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Row positions of the given instance ids; raises ``KeyError`` naming unknown ids."""

@@ -675,7 +675,8 @@ class InterferenceAware(GradientUnlearner):
         subspaces' snapshots (``num_snapshots`` per subspace, over the shared parameters), the
         instance memory's rows (``(instance_memory + 1)`` steps of per-sample rows over the
         shared and target-head parameters; none without a memory, whose constraints are views
-        of the pass's rows) and one step's per-sample pass (its rows over every parameter). Activations of the ``vmap`` pass come on top (bounded by ``chunk_size``)."""
+        of the pass's rows) and one step's per-sample pass (its rows over every parameter).
+        Activations of the ``vmap`` pass come on top (bounded by ``chunk_size``)."""
         cfg = self.config
         groups = ctx.groups
 
