@@ -6,7 +6,6 @@ positions)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -277,9 +276,7 @@ def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
         if own_ids and not partial:
             raise
         _check_rows_read(data, what, own_ids, rows)
-    note = data.negative_depth_note(f"unlearn: `{what}`")
-    if note is not None:
-        warnings.warn(note, UserWarning, stacklevel=4)
+    data.warn_of_negative_depths(f"unlearn: `{what}`")
 
 
 def _check_rows_read(data: MultiTaskDataset, what: str, own_ids: bool,

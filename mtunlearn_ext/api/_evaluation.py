@@ -4,7 +4,6 @@ the forget set: how low a UIS can meaningfully go)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Union, cast
 
@@ -68,9 +67,7 @@ def evaluate(model: nn.Module, data: DataLike, *,
                         ["data"], op="evaluate")
     dataset = as_dataset(data, specs, "data", op="evaluate")
     dataset.check_values("evaluate: `data`")
-    note = dataset.negative_depth_note("evaluate: `data`")
-    if note is not None:
-        warnings.warn(note, UserWarning, stacklevel=2)
+    dataset.warn_of_negative_depths("evaluate: `data`")
     measured = cast(MultiTaskModel, model if own_split else SplitModel(model, (), {}))
     _probe(measured, dataset, batch_size)
     return evaluate_metrics(measured, dataset, batch_size=batch_size)

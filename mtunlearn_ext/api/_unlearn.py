@@ -306,9 +306,7 @@ def unlearn(model: nn.Module, *,
                                         keep_ids=True))
         audit = as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
         audit.check_values("unlearn: `audit_data`")
-        note = audit.negative_depth_note("unlearn: `audit_data`")
-        if note is not None:
-            warnings.warn(note, UserWarning, stacklevel=2)
+        audit.warn_of_negative_depths("unlearn: `audit_data`")
         problem.check_model_on(audit, "`audit_data`")
         # A data set's ids against the training data sets' ids; tuple data (ids of its own,
         # 0..N-1) and training data given as tuples: by equal inputs and labels.

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import (
     Inputs,
     check_inputs,
@@ -505,6 +506,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) has {problem} on "
                                  f"{int(bad.sum())} supervised rows (first: row {row}, id "
                                  f"{int(self.ids[row])}){hint}")
+
+    def warn_of_negative_depths(self, what: str = "data set") -> None:
+        """Warn (at the caller's line outside the package) with :meth:`negative_depth_note`'s
+        text, if it has one: ``unlearn``'s data arguments and ``evaluate``'s data."""
+        note = self.negative_depth_note(what)
+        if note is not None:
+            warn_at_caller(note)
 
     def negative_depth_note(self, what: str = "data set") -> str | None:
         """A warning's text naming ``what`` and the depth tasks whose supervised targets hold
