@@ -1970,22 +1970,69 @@ def test_a_containers_memory_limit_bounds_the_memory_checks(tmp_path, monkeypatc
     bounds both checks: v2 and v1 layouts, "no limit" in either, and no cgroup at all."""
     from mtunlearn_ext.unlearning.interference_aware import _cgroup_memory
 
+    at_root = tmp_path / "cgroup"
+    at_root.write_text("0::/\n4:memory:/\n")
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "memory.max").write_text("8589934592\n")
     (v2 / "memory.current").write_text("3000000000\n")
     (v2 / "memory.stat").write_text("anon 1000\ninactive_file 1000000000\nactive_file 5\n")
-    assert _cgroup_memory(str(v2)) == (8589934592, 2000000000)
+    assert _cgroup_memory(str(v2), str(at_root)) == (8589934592, 2000000000)
     (v2 / "memory.max").write_text("max\n")
-    assert _cgroup_memory(str(v2)) is None
+    assert _cgroup_memory(str(v2), str(at_root)) is None
     v1 = tmp_path / "v1" / "memory"
     v1.mkdir(parents=True)
     (v1 / "memory.limit_in_bytes").write_text("4294967296\n")
     (v1 / "memory.usage_in_bytes").write_text("1000\n")
-    assert _cgroup_memory(str(tmp_path / "v1")) == (4294967296, 1000)  # no memory.stat: all
+    # no memory.stat: all of the use counts
+    assert _cgroup_memory(str(tmp_path / "v1"), str(at_root)) == (4294967296, 1000)
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert _cgroup_memory(str(tmp_path / "v1")) is None
-    assert _cgroup_memory(str(tmp_path / "none")) is None
+    assert _cgroup_memory(str(tmp_path / "v1"), str(at_root)) is None
+    assert _cgroup_memory(str(tmp_path / "none"), str(at_root)) is None
+    assert _cgroup_memory(str(v2), str(tmp_path / "no such file")) is None
+
+
+def test_a_nested_groups_limit_counts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A limit set on the process's own group or a group above it (a systemd slice's
+    MemoryMax, a job scheduler's group), not on the hierarchy's root, was not read: only
+    ``/sys/fs/cgroup`` itself was. The lowest limit on the path counts, and the use of the
+    group that leaves the least; a group the process is in but that is not visible under
+    the root (a container mounting its own group there) falls back to the root's figures."""
+    from mtunlearn_ext.unlearning.interference_aware import _cgroup_memory
+
+    def group(folder, limit, usage, inactive=0):  # type: ignore[no-untyped-def]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "memory.max").write_text(f"{limit}\n")
+        (folder / "memory.current").write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(f"inactive_file {inactive}\n")
+
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/user.slice/job/step\n")
+    root = tmp_path / "v2"
+    group(root, "max", 10 ** 10)
+    group(root / "user.slice", 6 * 2 ** 30, 5 * 2 ** 30, inactive=2 ** 30)  # 2 GiB left
+    group(root / "user.slice" / "job", 8 * 2 ** 30, 7 * 2 ** 30)  # above its parent: 1 GiB left
+    group(root / "user.slice" / "job" / "step", "max", 2 ** 30)
+    assert _cgroup_memory(str(root), str(membership)) == (6 * 2 ** 30, 5 * 2 ** 30)
+    (root / "user.slice" / "memory.max").write_text("max\n")
+    assert _cgroup_memory(str(root), str(membership)) == (8 * 2 ** 30, 7 * 2 ** 30)
+    (root / "user.slice" / "job" / "memory.max").write_text("max\n")
+    assert _cgroup_memory(str(root), str(membership)) is None
+    # v1, controllers listed together, and a path that is not visible: the root's figures.
+    membership.write_text("5:cpu,memory:/docker/0123abcd\n0::/\n")
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("4294967296\n")
+    (v1 / "memory.usage_in_bytes").write_text("3000\n")
+    (v1 / "memory.stat").write_text("total_inactive_file 1000\n")
+    assert _cgroup_memory(str(tmp_path / "v1"), str(membership)) == (4294967296, 2000)
+    (v1 / "docker" / "0123abcd").mkdir(parents=True)
+    (v1 / "docker" / "0123abcd" / "memory.limit_in_bytes").write_text("1073741824\n")
+    (v1 / "docker" / "0123abcd" / "memory.usage_in_bytes").write_text("100\n")
+    assert _cgroup_memory(str(tmp_path / "v1"), str(membership)) == (1073741824, 100)
+
+
+def test_the_memory_checks_take_the_lower_figures(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # The checks take the lower of the host's figures and the group's.
     monkeypatch.setattr(interference_aware_module, "_cgroup_memory",
                         lambda: (2 ** 30, 2 ** 29 + 2 ** 28))

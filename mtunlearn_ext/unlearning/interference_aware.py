@@ -446,37 +446,93 @@ def _push(subspaces: Mapping[tuple[str, ...], ProtectedSubspace], task: str,
             subspace.push(grads)
 
 
-def _cgroup_memory(root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
-    """The memory limit of this process's control group (a container's) and what it uses
-    now that it cannot reclaim (its usage less its inactive file cache), in bytes, or
-    ``None`` where there is none: the host's RAM and ``MemAvailable`` know nothing of a
-    container's limit, and a run over it is killed. cgroup v2 (``memory.max``,
+def _cgroup_memory(root: str = "/sys/fs/cgroup",
+                   membership: str = "/proc/self/cgroup") -> tuple[int, int] | None:
+    """The memory limit of this process's control groups (a container's, a systemd slice's)
+    and what they use now that they cannot reclaim (usage less the inactive file cache), in
+    bytes, or ``None`` where no group sets one: the host's RAM and ``MemAvailable`` know
+    nothing of such a limit, and a run over it is killed. Every group on the process's path
+    (``membership``'s line, from its own group up to ``root``; a group not visible under
+    ``root``, as inside a container that mounts its own group there, is skipped) counts: the
+    limit is the lowest, the use the one that leaves the least. cgroup v2 (``memory.max``,
     ``memory.current``, ``memory.stat``'s ``inactive_file``) or v1 (``memory/`` with
     ``memory.limit_in_bytes``, whose "no limit" is a number near 2**63,
     ``memory.usage_in_bytes`` and ``total_inactive_file``)."""
-    for folder, limit_file, usage_file, cache_key in (
-            ("", "memory.max", "memory.current", "inactive_file"),
-            ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
-        try:
-            with open(os.path.join(root, folder, limit_file), encoding="ascii") as limit_text:
-                limit = limit_text.read().strip()
-            with open(os.path.join(root, folder, usage_file), encoding="ascii") as usage_text:
-                usage = int(usage_text.read().strip())
-        except (OSError, ValueError):
-            continue
-        if not limit.isdigit() or int(limit) >= 1 << 60:  # "max": no limit
-            return None
-        cache = 0
-        try:
-            with open(os.path.join(root, folder, "memory.stat"), encoding="ascii") as stat:
-                for line in stat:
-                    key, _, value = line.partition(" ")
-                    if key == cache_key:
-                        cache = int(value)
-        except (OSError, ValueError):
-            pass
-        return int(limit), max(usage - cache, 0)
+    groups = _cgroup_paths(membership)
+    for folder, limit_file, usage_file, cache_key, path in (
+            ("", "memory.max", "memory.current", "inactive_file", groups.get("")),
+            ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file",
+             groups.get("memory"))):
+        found = False
+        lowest: int | None = None
+        least_left: int | None = None
+        for group in _ancestors(path or "/"):
+            read = _cgroup_figures(os.path.join(root, folder, group), limit_file, usage_file,
+                                   cache_key)
+            if read is None:
+                continue
+            found = True
+            limit, used = read
+            if limit is not None:
+                lowest = limit if lowest is None else min(lowest, limit)
+                left = max(limit - used, 0)
+                least_left = left if least_left is None else min(least_left, left)
+        if found:
+            if lowest is None or least_left is None:
+                return None
+            return lowest, lowest - min(least_left, lowest)
     return None
+
+
+def _cgroup_paths(membership: str) -> dict[str, str]:
+    """The process's group per hierarchy from ``/proc/self/cgroup``: ``""`` for cgroup v2's
+    unified line (``0::/path``), ``"memory"`` for v1's memory controller."""
+    paths: dict[str, str] = {}
+    try:
+        with open(membership, encoding="utf-8") as lines:
+            for line in lines:
+                fields = line.rstrip("\n").split(":", 2)
+                if len(fields) != 3:
+                    continue
+                if fields[0] == "0" and fields[1] == "":
+                    paths[""] = fields[2]
+                elif "memory" in fields[1].split(","):
+                    paths["memory"] = fields[2]
+    except OSError:
+        pass
+    return paths
+
+
+def _ancestors(path: str) -> list[str]:
+    """``"/a/b"`` -> ``["a/b", "a", ""]``: a group and the groups above it, relative to the
+    hierarchy's root."""
+    parts = [part for part in path.split("/") if part and part not in (".", "..")]
+    return ["/".join(parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _cgroup_figures(folder: str, limit_file: str, usage_file: str,
+                    cache_key: str) -> tuple[int | None, int] | None:
+    """One group's limit (``None``: none set) and the use it cannot reclaim, or ``None`` where
+    the group's files cannot be read."""
+    try:
+        with open(os.path.join(folder, limit_file), encoding="ascii") as limit_text:
+            limit = limit_text.read().strip()
+        with open(os.path.join(folder, usage_file), encoding="ascii") as usage_text:
+            usage = int(usage_text.read().strip())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= 1 << 60:  # "max": no limit
+        return None, usage
+    cache = 0
+    try:
+        with open(os.path.join(folder, "memory.stat"), encoding="ascii") as stat:
+            for line in stat:
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+    except (OSError, ValueError):
+        pass
+    return int(limit), max(usage - cache, 0)
 
 
 def _device_memory(device: torch.device) -> int | None:

@@ -44,7 +44,8 @@ _MAX_BASIS = 256  # the ops' coefficient-space solver limit (MAX_SOLVER_K)
 class OrthoGradConfig(StepConfig):
     """``num_per_sample``: retain instances whose per-sample gradients span the protected
     subspace (the first ``num_per_sample`` of each retain batch; at most 256). ``ridge``: relative
-    Tikhonov term of the projection. ``chunk_size``: samples per ``vmap`` chunk (memory)."""
+    Tikhonov term of the projection. ``chunk_size``: samples per ``vmap`` chunk of the per-sample
+    gradients (bounds the pass's activations; the rows are kept for every sample)."""
 
     steps: int = 100
     lr: float = 1e-3
