@@ -172,6 +172,20 @@ def test_workers_read_the_same_rows_in_the_same_order() -> None:
         gather(iter([]), SPECS, num_workers=1)
 
 
+def test_workers_started_clean_read_the_same_rows() -> None:
+    """Workers forked from a process running torch's threads (DataLoader's default on Linux)
+    draw Python 3.12's deadlock warning; a forkserver's workers read the same rows in order,
+    and a start method that does not exist, or one without workers, is named."""
+    x, y = _tensors()
+    _assert_same(gather(_Instances(x, y), SPECS, num_workers=1, batch_size=4,
+                        multiprocessing_context="forkserver"), _expected(x, y))
+    with pytest.raises(ValueError, match=r"`multiprocessing_context` must be None or one of "
+                                         r"\[.*'spawn'.*\] .*got 'thread'"):
+        gather(_Instances(x, y), SPECS, num_workers=1, multiprocessing_context="thread")
+    with pytest.raises(ValueError, match="`num_workers=0` has none of"):
+        gather(_Instances(x, y), SPECS, multiprocessing_context="spawn")
+
+
 def test_a_loader_of_collated_batches_reads_in_its_order() -> None:
     x, y = _tensors()
     data = MultiTaskDataset(x, y, SPECS)

@@ -27,6 +27,7 @@ its batches carry ``"id"``: positions in a random order name no instance.
 
 from __future__ import annotations
 
+import multiprocessing
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -329,7 +330,8 @@ def _as_list(items: list[object]) -> list[object]:
     return items
 
 
-def _items(source: object, num_workers: int, batch_size: int) -> Iterator[object]:
+def _items(source: object, num_workers: int, batch_size: int,
+           multiprocessing_context: str | None = None) -> Iterator[object]:
     if num_workers == 0:
         if isinstance(source, Dataset) and not isinstance(source, IterableDataset) \
                 and hasattr(source, "__len__"):
@@ -340,13 +342,14 @@ def _items(source: object, num_workers: int, batch_size: int) -> Iterator[object
         raise ValueError("gather: `num_workers` > 0 needs a map-style Dataset (with __len__ and "
                          "__getitem__); workers would each read a whole iterable")
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers,  # type: ignore
-                        collate_fn=_as_list)
+                        collate_fn=_as_list, multiprocessing_context=multiprocessing_context)
     return (item for batch in loader for item in batch)
 
 
 def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
            tasks: Sequence[TaskSpec], *, ids: Sequence[int] | torch.Tensor | None = None,
-           num_workers: int = 0, batch_size: int = 64) -> MultiTaskDataset:
+           num_workers: int = 0, batch_size: int = 64,
+           multiprocessing_context: str | None = None) -> MultiTaskDataset:
     """Read ``source`` into a :class:`MultiTaskDataset` (the module docstring gives the layouts).
 
     Args:
@@ -361,19 +364,25 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         num_workers: worker processes reading a map-style dataset (a ``DataLoader`` that keeps
             the order); 0 reads in this process.
         batch_size: instances per worker task when ``num_workers`` > 0.
+        multiprocessing_context: how the workers start (``"fork"``, ``"spawn"`` or
+            ``"forkserver"``; default: ``DataLoader``'s, ``fork`` on Linux before Python 3.14).
+            A forked worker needs nothing pickled but copies a process that runs threads
+            (torch's), which Python 3.12 warns may deadlock; ``"forkserver"`` and ``"spawn"``
+            start clean (the dataset must pickle; each worker imports torch first).
 
     Returns:
         the data set: a pair is supervised when the instance gives its label (not ``None``),
         the label is not the kind's "no label" value (``ignore_index``; a dense map without a
         labelled pixel) and, when instances carry ``"supervision"``, that mask keeps it.
     """
-    return _gather(source, tasks, ids=ids, num_workers=num_workers,
-                   batch_size=batch_size)[0]
+    return _gather(source, tasks, ids=ids, num_workers=num_workers, batch_size=batch_size,
+                   multiprocessing_context=multiprocessing_context)[0]
 
 
 def _gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
             tasks: Sequence[TaskSpec], *, ids: Sequence[int] | torch.Tensor | None = None,
-            num_workers: int = 0, batch_size: int = 64) -> tuple[MultiTaskDataset, bool]:
+            num_workers: int = 0, batch_size: int = 64,
+            multiprocessing_context: str | None = None) -> tuple[MultiTaskDataset, bool]:
     """:func:`gather`, and whether the rows' ids name the instances (the source's own
     ``"id"``, or ``ids``) rather than being their positions ``0..N-1``: a caller that keeps
     the ids apart from positions (``unlearn``, which compares ids with other data sets') needs
@@ -384,6 +393,13 @@ def _gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         raise ValueError(f"gather: `num_workers` must be an integer >= 0, got {num_workers!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"gather: `batch_size` must be an integer >= 1, got {batch_size!r}")
+    methods = multiprocessing.get_all_start_methods()
+    if multiprocessing_context is not None and multiprocessing_context not in methods:
+        raise ValueError(f"gather: `multiprocessing_context` must be None or one of {methods} "
+                         f"(this system's start methods), got {multiprocessing_context!r}")
+    if multiprocessing_context is not None and num_workers == 0:
+        raise ValueError("gather: `multiprocessing_context` starts worker processes, which "
+                         "`num_workers=0` has none of; give `num_workers` > 0 or leave it out")
     ordered = True
     if isinstance(source, DataLoader):
         if source.batch_size is not None:
@@ -395,7 +411,8 @@ def _gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
                         f"instances, got {type(source).__name__}")
     names = [spec.name for spec in specs]
     instances = [_instance(item, index, names)
-                 for index, item in enumerate(_items(source, num_workers, batch_size))]
+                 for index, item in enumerate(_items(source, num_workers, batch_size,
+                                                     multiprocessing_context))]
     if not instances:
         raise ValueError("gather: `source` holds no instance")
     inputs = _stack_inputs(instances)
