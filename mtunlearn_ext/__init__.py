@@ -6,13 +6,24 @@ Layers, bottom to top: ``mtunlearn_ext.ops`` (compiled Gram / projection ops) ->
 them; the CLI and reports on top.
 """
 
+from typing import TYPE_CHECKING
+
 from mtunlearn_ext._extension import build_info, has_extension
 from mtunlearn_ext import ops
 
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers (module __getattr__ is
+    # typed ``object``: a user's checker refused ``mtunlearn_ext.unlearn(...)`` as not callable)
+    from mtunlearn_ext.api import evaluate, save_unlearned, uis_floor, unlearn, verify_saved
+    from mtunlearn_ext.data.base import TaskSpec
+    from mtunlearn_ext.data.request import ForgetRequest
+    from mtunlearn_ext import (api, cli, data, demo, erasure, experiment, losses, metrics,
+                               models, records, report, showcase, surgery, training, tuning,
+                               unlearning, workflow)
+
 __version__ = "0.1.0"
 
-__all__ = ["ForgetRequest", "__version__", "build_info", "evaluate", "has_extension", "ops",
-           "save_unlearned", "uis_floor", "unlearn", "verify_saved"]
+__all__ = ["ForgetRequest", "TaskSpec", "__version__", "build_info", "evaluate", "has_extension",
+           "ops", "save_unlearned", "uis_floor", "unlearn", "verify_saved"]
 
 # The unlearning API pulls in data, models and every method; it is loaded on first use so that
 # ``import mtunlearn_ext`` (and ``mtunlearn_ext.ops``) stays as light as before.
@@ -21,7 +32,10 @@ _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
          "save_unlearned": ("mtunlearn_ext.api", "save_unlearned"),
          "uis_floor": ("mtunlearn_ext.api", "uis_floor"),
          "verify_saved": ("mtunlearn_ext.api", "verify_saved"),
-         "ForgetRequest": ("mtunlearn_ext.data.request", "ForgetRequest")}
+         "ForgetRequest": ("mtunlearn_ext.data.request", "ForgetRequest"),
+         # The errors about a task's labels advise `TaskSpec(...)`, written as the caller
+         # writes `ForgetRequest`.
+         "TaskSpec": ("mtunlearn_ext.data.base", "TaskSpec")}
 
 #: The public submodules, imported on first attribute access (PEP 562), so that
 #: ``import mtunlearn_ext; mtunlearn_ext.data.TaskSpec`` works as the guides write it, while

@@ -1075,6 +1075,8 @@ def test_the_public_submodules_are_attributes_of_the_package() -> None:
         "assert not [m for m in loaded if m.split('.')[1] in mtunlearn_ext._SUBMODULES], loaded\n"
         "assert mtunlearn_ext.api.build_problem.__name__ == 'build_problem'\n"
         "assert mtunlearn_ext.data.TaskSpec.__name__ == 'TaskSpec'\n"
+        "from mtunlearn_ext import TaskSpec\n"  # as the label errors write it
+        "assert TaskSpec is mtunlearn_ext.data.TaskSpec\n"
         "assert 'interference_aware' in mtunlearn_ext.unlearning.available_unlearners()\n"
         "assert mtunlearn_ext.training.TrainConfig.__name__ == 'TrainConfig'\n"
         "assert mtunlearn_ext.models.MultiTaskModel.__name__ == 'MultiTaskModel'\n"

@@ -271,10 +271,13 @@ def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
     targets, which read as unlabelled pixels, are warned of."""
     try:
         data.check_values(f"unlearn: `{what}`")
+        failed = False
     except ValueError:
         partial = rows is not None and rows.numel() != len(data)
         if own_ids and not partial:
             raise
+        failed = True
+    if failed:  # out of the handler: its error alone, not chained to the first wording
         _check_rows_read(data, what, own_ids, rows)
     data.warn_of_negative_depths(f"unlearn: `{what}`")
 
