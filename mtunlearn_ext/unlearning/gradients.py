@@ -384,7 +384,8 @@ def _parameters_kept(model: nn.Module) -> Iterator[None]:
 
 def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
                             specs: Sequence[TaskSpec], param_names: Sequence[str],
-                            chunk_size: int | None = None) -> list[torch.Tensor]:
+                            chunk_size: int | None = None,
+                            task_scale: Sequence[float] | None = None) -> list[torch.Tensor]:
     """Per-sample gradients of each retain sample's supervised loss ``sum_t m_it l_t(i)``.
 
     ``r_i = d/d theta [sum_t m_it l_t(x_i)]`` for every sample ``i`` of the batch, by
@@ -395,11 +396,13 @@ def per_sample_retain_grads(model: nn.Module, batch: Mapping[str, object],
         batch: a collated batch whose supervision columns follow ``specs``.
         param_names: the parameters to differentiate (full names).
         chunk_size: samples per vectorised chunk (bounds memory; ``None``: all at once).
+        task_scale: one factor ``s_t`` per spec: ``sum_t s_t m_it l_t(i)`` instead.
 
     Returns:
         One ``[B, *shape_p]`` tensor per name in ``param_names``, in that order.
     """
-    return per_sample_retain_grads_and_losses(model, batch, specs, param_names, chunk_size)[0]
+    return per_sample_retain_grads_and_losses(model, batch, specs, param_names, chunk_size,
+                                              task_scale=task_scale)[0]
 
 
 def per_sample_retain_grads_and_losses(model: nn.Module, batch: Mapping[str, object],

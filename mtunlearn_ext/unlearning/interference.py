@@ -121,7 +121,7 @@ def interference_matrix(problem: UnlearningProblem,
         for t in targets:
             step_dir = [-g for g in after[t]]
             d, _ = method.instance_project(ctx, step_dir, names, batch,
-                                           task_scale=method.instance_task_scale(snapshot_batch))
+                                           task_scale=method.retain_scale(ctx, snapshot_batch))
             after[t] = [-x for x in d]
 
     labels = [f"forget/{t}" for t in targets] + [f"retain/{t}" for t in r_shared]

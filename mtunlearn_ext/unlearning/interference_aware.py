@@ -955,6 +955,8 @@ class InterferenceAware(GradientUnlearner):
             for c, t in enumerate(names):
                 weight = float(counts[c]) / max(float(totals[c]), 1.0)
                 losses[t] = losses[t] + weight * terms.loss[t].detach().cpu()
+                if cfg.retain_task_weights is not None:
+                    weight *= self.retain_task_weight(t)
                 if weight > 0 and terms.loss[t].requires_grad:
                     term = weight * terms.loss[t]
                     weighted = term if weighted is None else weighted + term
@@ -1049,8 +1051,10 @@ class InterferenceAware(GradientUnlearner):
         return batch
 
     @staticmethod
-    def instance_task_scale(retain_batch: Batch) -> list[float]:
-        """``s_t = B / n_t`` for every task (``n_t``: the retain batch's supervised pairs of
+    def instance_task_scale(retain_batch: Batch,
+                            task_weights: Sequence[float] | None = None) -> list[float]:
+        """``s_t = w_t B / n_t`` for every task (``w_t``: ``task_weights``, the run's
+        ``retain_task_weights`` in task order; 1 when not given) (``n_t``: the retain batch's supervised pairs of
         ``t``, ``B`` its rows; 1 for a task it never supervises). Each instance constraint is
         the gradient of that instance's term of the retain objective ``sum_t mean_i l_t(i)``,
         ``r_i = d/d theta sum_t s_t m_it l_t(i)``, so that the mean of a whole batch's rows is
@@ -1063,7 +1067,16 @@ class InterferenceAware(GradientUnlearner):
         supervision = retain_batch["supervision"]
         assert isinstance(supervision, torch.Tensor)
         rows = supervision.shape[0]
-        return [rows / n if n else 1.0 for n in supervision.sum(dim=0).tolist()]
+        scale = [rows / n if n else 1.0 for n in supervision.sum(dim=0).tolist()]
+        if task_weights is None:
+            return scale
+        return [s * w for s, w in zip(scale, task_weights)]
+
+    def retain_scale(self, ctx: StepContext, retain_batch: Batch) -> list[float]:
+        """:meth:`instance_task_scale` with the run's ``retain_task_weights``."""
+        weights = (None if self.config.retain_task_weights is None else
+                   [self.retain_task_weight(t) for t in ctx.problem.task_names])
+        return self.instance_task_scale(retain_batch, weights)
 
     def instance_project(self, ctx: StepContext, step_dir: list[torch.Tensor],
                          param_names: Sequence[str], batch: Batch,
@@ -1182,7 +1195,7 @@ class InterferenceAware(GradientUnlearner):
         counts = supervision.sum(dim=0).tolist()
         k = min(self.config.num_per_sample, rows)
         per_sample, per_instance, losses = self.per_sample_rows(
-            ctx, instance_rows, groups.all_names, self.instance_task_scale(retain_batch))
+            ctx, instance_rows, groups.all_names, self.retain_scale(ctx, retain_batch))
         retain = [g[:k * per_instance].sum(dim=0) / rows for g in per_sample]
         sums = {t: losses[t][:k].sum() for t in tasks}
         if k < rows:
@@ -1196,7 +1209,10 @@ class InterferenceAware(GradientUnlearner):
                 if not n or not m:
                     continue
                 sums[t] = sums[t] + rest_terms.loss[t].detach() * m
-                term = rest_terms.loss[t] * (m / n)
+                share = m / n
+                if self.config.retain_task_weights is not None:
+                    share *= self.retain_task_weight(t)
+                term = rest_terms.loss[t] * share
                 total = term if total is None else total + term
             if total is not None and total.requires_grad:
                 torch._foreach_add_(retain, grads_of(total, groups.all_params))
@@ -1294,7 +1310,7 @@ class InterferenceAware(GradientUnlearner):
                 memory: PerSampleMemory = ctx.state["instance_memory"]
                 projected_dir, per_sample = self.instance_project(
                     ctx, step_dir, names, instance_rows, given, memory,
-                    task_scale=self.instance_task_scale(retain_batch))
+                    task_scale=self.retain_scale(ctx, retain_batch))
                 stats.extra["instance_conflicts"] = float(self._conflicts(step_dir, per_sample))
                 stats.extra["instance_constraints"] = float(
                     max(memory.filled, per_sample[0].shape[0]))

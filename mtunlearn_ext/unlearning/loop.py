@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -91,6 +92,13 @@ class StepConfig(UnlearnerConfig):
             ``lr`` on its first steps, whatever the gradient's size; a warm-up tempers that.
         forget_weight: weight of the forget term in the update.
         retain_weight: weight of the retain term in the update.
+        retain_task_weights: task name -> weight of that task's mean loss in the retain
+            objective, a finite number >= 0 (default 1 for every task; names must be tasks of
+            the problem). A model trained on a weighted sum of task losses (``TrainConfig``'s
+            ``task_weights``, or a loss in large units beside cross-entropies) keeps its tasks
+            in the same balance: every retain term (the descent term, the heads' refit, each
+            instance's constraint row and OrthoGrad's basis rows) weighs task ``t`` by it. The
+            snapshots of the task projection are per task, so their subspaces do not change.
         log_every: record curves every this many steps (and at the last step).
         train_mode: run the steps with the model in training mode. Off by default: the steps
             run in eval mode, where a BatchNorm layer normalises with its stored statistics
@@ -128,6 +136,7 @@ class StepConfig(UnlearnerConfig):
     warmup_steps: int = 0
     forget_weight: float = 1.0
     retain_weight: float = 1.0
+    retain_task_weights: dict[str, float] | None = None
     log_every: int = 1
     train_mode: bool = False
     head_refit_steps: int = 0
@@ -184,6 +193,15 @@ class StepConfig(UnlearnerConfig):
             if bad_keys:
                 raise ValueError(f"{name}: the keys of `forget_objective` must be task names or "
                                  f"task kinds, got {bad_keys}")
+        if self.retain_task_weights is not None:
+            for task, weight in self.retain_task_weights.items():
+                if not isinstance(task, str) or not task:
+                    raise ValueError(f"{name}: the keys of `retain_task_weights` must be task "
+                                     f"names, got {task!r}")
+                if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (
+                        math.isfinite(weight) and 0 <= weight <= _FLOAT32_MAX):
+                    raise ValueError(f"{name}: `retain_task_weights[{task!r}]` must be a finite "
+                                     f"number >= 0, got {weight!r}")
         unknown = [c for c in choices if c not in FORGET_OBJECTIVES]
         if unknown:
             raise ValueError(f"{name}: unknown forget objective(s) {unknown}; known: "
@@ -263,7 +281,14 @@ class GradientUnlearner(Unlearner):
 
     def retain_step_terms(self, ctx: StepContext, batch: Batch) -> RetainTerms:
         """Forward a retain batch and evaluate every task's retain loss (with graph)."""
-        return retain_terms(ctx.forward(batch), batch, ctx.problem.tasks)
+        terms = retain_terms(ctx.forward(batch), batch, ctx.problem.tasks)
+        terms.weights = self.config.retain_task_weights
+        return terms
+
+    def retain_task_weight(self, task: str) -> float:
+        """Task ``task``'s weight in the retain objective (``retain_task_weights``; 1)."""
+        weights = self.config.retain_task_weights
+        return 1.0 if weights is None else float(weights.get(task, 1.0))
 
     def head_refit_update(self, ctx: StepContext, retain_batch: Batch) -> StepStats:
         """``.grad`` of the retain loss on the heads alone (``head_refit_steps``): the trunk's
@@ -326,6 +351,10 @@ class GradientUnlearner(Unlearner):
         """``forget_objective``'s keys must name tasks of the problem or task kinds (checked
         as :meth:`_unlearn` builds the objectives, before any work)."""
         objective_names(problem.target_specs(), problem.task_names, self._objective_choice())
+        unknown = sorted(set(self.config.retain_task_weights or {}) - set(problem.task_names))
+        if unknown:
+            raise ValueError(f"{self.name}: `retain_task_weights` names {unknown}, which are not "
+                             f"tasks of the problem; its tasks: {list(problem.task_names)}")
 
     def _unlearn(self, model: nn.Module | None, problem: UnlearningProblem,
                  generator: torch.Generator, recorder: CurveRecorder,

@@ -41,12 +41,15 @@ class ForgetTerms:
 @dataclass
 class RetainTerms:
     """``loss[t]``: mean retain loss of task ``t`` on the batch (with graph; an exact 0 for a
-    task with no supervised pair in the batch)."""
+    task with no supervised pair in the batch). ``weights``: the tasks' weights in
+    :meth:`total` (the run's ``retain_task_weights``; 1 for a task left out)."""
 
     loss: dict[str, torch.Tensor]
+    weights: Mapping[str, float] | None = None
 
     def total(self, task_weights: Mapping[str, float] | None = None) -> torch.Tensor | None:
-        return _weighted_sum(self.loss, task_weights)
+        """``sum_t w_t L_t`` (``task_weights``, else :attr:`weights`)."""
+        return _weighted_sum(self.loss, self.weights if task_weights is None else task_weights)
 
 
 def _weighted_sum(values: Mapping[str, torch.Tensor],

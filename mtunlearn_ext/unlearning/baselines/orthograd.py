@@ -93,8 +93,11 @@ class OrthoGrad(GradientUnlearner):
         if forget_total is not None and cfg.forget_weight > 0:
             forget_grads = grads_of(forget_total, params)
             sample_batch = batch_rows(retain_batch, 0, cfg.num_per_sample)
+            weights = (None if cfg.retain_task_weights is None else
+                       [self.retain_task_weight(t) for t in ctx.problem.task_names])
             per_sample = per_sample_retain_grads(ctx.model, sample_batch, ctx.problem.tasks,
-                                                 names, cfg.chunk_size)  # [B, *shape_p] each
+                                                 names, cfg.chunk_size,
+                                                 task_scale=weights)  # [B, *shape_p] each
             projected = project_out_list([f.unsqueeze(0).contiguous() for f in forget_grads],
                                          [s.to(f.dtype) for s, f in zip(per_sample, forget_grads)],
                                          cfg.ridge)

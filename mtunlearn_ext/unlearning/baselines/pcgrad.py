@@ -77,7 +77,7 @@ class PCGradUnlearner(GradientUnlearner):
             named = {f"forget/{t}": cfg.forget_weight * v
                      for t, v in stats.forget.objective.items() if cfg.forget_weight > 0}
             if cfg.retain_weight > 0:
-                named.update({f"retain/{t}": cfg.retain_weight * v
+                named.update({f"retain/{t}": cfg.retain_weight * self.retain_task_weight(t) * v
                               for t, v in stats.retain.loss.items() if v.requires_grad})
         # Two separate forward graphs: every row needs its own backward through one of them.
         per_task = list(task_grads(named, params).values())
