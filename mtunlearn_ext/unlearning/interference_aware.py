@@ -1054,9 +1054,10 @@ class InterferenceAware(GradientUnlearner):
     def instance_task_scale(retain_batch: Batch,
                             task_weights: Sequence[float] | None = None) -> list[float]:
         """``s_t = w_t B / n_t`` for every task (``w_t``: ``task_weights``, the run's
-        ``retain_task_weights`` in task order; 1 when not given) (``n_t``: the retain batch's supervised pairs of
-        ``t``, ``B`` its rows; 1 for a task it never supervises). Each instance constraint is
-        the gradient of that instance's term of the retain objective ``sum_t mean_i l_t(i)``,
+        ``retain_task_weights`` in task order, 1 when not given; ``n_t``: the retain batch's
+        supervised pairs of ``t``, ``B`` its rows; ``B / n_t`` is 1 for a task it never
+        supervises). Each instance constraint is the gradient of that instance's term of the
+        retain objective ``sum_t w_t mean_i l_t(i)``,
         ``r_i = d/d theta sum_t s_t m_it l_t(i)``, so that the mean of a whole batch's rows is
         the batch's retain gradient (a partial request's retain batch holds forget instances
         without their target-task labels, so ``n_t`` differs between tasks).
