@@ -34,6 +34,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.losses import masked_multitask_loss
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
+from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
            "make_optimizer", "save_checkpoint", "state_dict_sha256", "train"]
@@ -226,7 +227,8 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     steps_per_epoch = math.ceil(rows.numel() / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
-    with cpu_threads(config.num_threads), seeded_generators(config.seed, device):
+    with cpu_threads(config.num_threads), seeded_generators(config.seed, device), \
+            dense_embedding_gradients(model):
         order_generator = torch.Generator().manual_seed(config.seed)
         model.train()
         bar = tqdm(range(config.epochs), desc="train", disable=not progress, leave=False)

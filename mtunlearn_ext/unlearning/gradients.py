@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
 from mtunlearn_ext.data.inputs import Inputs, map_leaves
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.norm_statistics import check_samples_independent
 
 __all__ = [
@@ -131,9 +132,12 @@ class ParameterGroups:
 
 def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor],
              retain_graph: bool = False) -> list[torch.Tensor]:
-    """``d loss / d p`` for each ``p`` (zeros for a parameter the loss does not reach)."""
+    """``d loss / d p`` for each ``p`` (zeros for a parameter the loss does not reach), dense
+    (a sparse embedding table's gradient as the dense tensor it stands for:
+    :mod:`~mtunlearn_ext.models.sparse_embeddings`)."""
     grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return [torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
+            for p, g in zip(params, grads)]
 
 
 def summed_pass_grads(batches: Iterable[_BatchT],
@@ -322,7 +326,8 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     # `param_names` (held fixed, not detached: functional_call reads them from the model) would
     # otherwise make every per-sample gradient require grad, and the outer autograd keep the
     # whole vmapped pass alive for as long as those gradients live.
-    with torch.no_grad(), _mha_fast_path_off(), _parameters_kept(model):
+    with torch.no_grad(), _mha_fast_path_off(), dense_embedding_gradients(model), \
+            _parameters_kept(model):
         try:
             grads, losses = _in_chunks(per_sample, params, inputs, task_targets, supervision,
                                        chunk_size)

@@ -39,6 +39,7 @@ from mtunlearn_ext.unlearning.base import (
     UnlearningReport,
 )
 from mtunlearn_ext.unlearning.batches import Batch, BatchStream, child_generator
+from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.gradients import ParameterGroups
 from mtunlearn_ext.unlearning.norm_statistics import (
     recalibrate_running_statistics,
@@ -360,6 +361,13 @@ class GradientUnlearner(Unlearner):
                  generator: torch.Generator, recorder: CurveRecorder,
                  report: UnlearningReport) -> nn.Module | None:
         assert model is not None
+        # Sparse embedding tables step with dense gradients (the same values; Adam, gradient
+        # clipping, the projections and vmap take no sparse ones) and are given back sparse.
+        with dense_embedding_gradients(model):
+            return self._steps(model, problem, generator, recorder, report)
+
+    def _steps(self, model: nn.Module, problem: UnlearningProblem, generator: torch.Generator,
+               recorder: CurveRecorder, report: UnlearningReport) -> nn.Module | None:
         cfg = self.config
         device = problem.device
         groups = ParameterGroups.from_model(model, problem.task_names)
