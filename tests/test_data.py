@@ -725,3 +725,24 @@ def test_rows_without_a_label_are_unsupervised_when_no_mask_is_given() -> None:
     assert data.supervision.tolist() == [[False, False, True, False, True],
                                          [True, True, False, True, True],
                                          [True, False, False, True, True]]
+
+
+def test_positions_of_finds_ids_in_the_order_asked_and_names_the_missing() -> None:
+    """By sort and binary search (a dict of every id took ~0.2 s per call at a million rows):
+    the same positions as a dict lookup, in the order asked, repeats kept; unknown ids named
+    in that order; an empty set or query."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(1000, generator=g)[:300] * 7 - 2000  # unique, unordered, negative too
+    data = MultiTaskDataset(torch.zeros(300, 1), {"a": torch.zeros(300, dtype=torch.long)},
+                            [TaskSpec("a", "classification", num_classes=2)], ids)
+    lookup = {int(i): p for p, i in enumerate(ids.tolist())}
+    wanted = ids[torch.randint(0, 300, (50,), generator=g)].tolist() + [int(ids[5])] * 2
+    assert data.positions_of(wanted).tolist() == [lookup[i] for i in wanted]
+    assert data.positions_of(torch.tensor(wanted)).dtype == torch.long
+    with pytest.raises(KeyError, match=r"not in the data set: \[-1999, 5000\] \(2 in all\)"):
+        data.positions_of([int(ids[0]), -1999, 5000])
+    assert data.positions_of([]).tolist() == []
+    empty = data.subset(torch.zeros(300, dtype=torch.bool))
+    assert empty.positions_of([]).tolist() == []
+    with pytest.raises(KeyError, match=r"\[3\] \(1 in all\)"):
+        empty.positions_of([3])
