@@ -746,3 +746,13 @@ def test_positions_of_finds_ids_in_the_order_asked_and_names_the_missing() -> No
     assert empty.positions_of([]).tolist() == []
     with pytest.raises(KeyError, match=r"\[3\] \(1 in all\)"):
         empty.positions_of([3])
+    # The sorted ids are kept per set: one with another supervision shares them, a subset
+    # sorts its own (and repeated rows are still refused), a set without them sorts anew.
+    relabelled = data.with_supervision(~data.supervision)
+    assert relabelled.positions_of(wanted).tolist() == [lookup[i] for i in wanted]
+    part = data.subset(torch.arange(299, 99, -1))
+    assert part.positions_of([int(ids[150])]).tolist() == [149]
+    with pytest.raises(ValueError, match=r"`ids` must be N unique integers: id .* appears 2"):
+        data.subset([3, 3])
+    del data._id_order
+    assert data.positions_of(wanted).tolist() == [lookup[i] for i in wanted]

@@ -373,6 +373,14 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
     def __init__(self, inputs: Inputs, targets: Mapping[str, torch.Tensor],
                  tasks: Sequence[TaskSpec], ids: torch.Tensor | Sequence[int] | None = None,
                  supervision: torch.Tensor | None = None) -> None:
+        self._init(inputs, targets, tasks, ids, supervision, None)
+
+    def _init(self, inputs: Inputs, targets: Mapping[str, torch.Tensor],
+              tasks: Sequence[TaskSpec], ids: torch.Tensor | Sequence[int] | None,
+              supervision: torch.Tensor | None,
+              id_order: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """The constructor; ``id_order``: :attr:`_id_order` of a set with these very ids
+        (``ids`` its tensor), whose uniqueness is then known."""
         n = check_inputs(inputs, "MultiTaskDataset: `inputs`")
         self.tasks: list[TaskSpec] = task_spec_list(
             tasks, "MultiTaskDataset: `tasks` must be a sequence of TaskSpec (one per task, in "
@@ -402,7 +410,14 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         if self.ids.shape != (n,):
             raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, one per row: "
                              f"expected shape [{n}], got {tuple(self.ids.shape)}")
-        if torch.unique(self.ids).numel() != n:
+        if id_order is None:
+            # Sorted once: the order checks uniqueness here and finds ids in positions_of.
+            order = torch.argsort(self.ids.to("cpu", torch.long))
+            id_order = order, self.ids.to("cpu", torch.long)[order]
+        #: (argsort of the ids, the ids in that order), for positions_of
+        self._id_order: tuple[torch.Tensor, torch.Tensor] = id_order
+        ordered = id_order[1]
+        if bool((ordered[1:] == ordered[:-1]).any()):
             values, counts = torch.unique(self.ids, return_counts=True)
             repeated = values[counts > 1]
             raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers: id "
@@ -556,16 +571,19 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         wanted = torch.as_tensor(instance_ids, dtype=torch.long).reshape(-1)
         # A sort and a binary search (the ids are unique): a dict of every id cost ~0.2 s per
         # call at a million rows, and building a problem looks ids up several times.
-        ids = self.ids.to("cpu", torch.long)
-        order = torch.argsort(ids)
-        ordered = ids[order]
-        at = torch.searchsorted(ordered, wanted).clamp_(max=max(len(ids) - 1, 0))
-        found = (ordered[at] == wanted) if len(ids) else torch.zeros_like(wanted, dtype=torch.bool)
+        known = getattr(self, "_id_order", None)  # None: a set pickled before it was kept
+        if known is None:
+            order = torch.argsort(self.ids.to("cpu", torch.long))
+            known = order, self.ids.to("cpu", torch.long)[order]
+        order, ordered = known
+        at = torch.searchsorted(ordered, wanted).clamp_(max=max(len(order) - 1, 0))
+        found = (ordered[at] == wanted) if len(order) else torch.zeros_like(wanted,
+                                                                           dtype=torch.bool)
         if not bool(found.all()):
             missing = wanted[~found].tolist()
             raise KeyError(f"instance ids not in the data set: {missing[:10]}"
                            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
-        return order[at] if len(ids) else wanted.new_empty(0)
+        return order[at] if len(order) else wanted.new_empty(0)
 
     def subset(self, positions: torch.Tensor | Sequence[int]) -> MultiTaskDataset:
         """The rows at ``positions`` (integer row positions, or a bool mask of length ``N``
@@ -574,15 +592,17 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         inputs); any other selection copies them."""
         pos = _row_positions(positions, len(self), "subset")
         if pos.numel() == len(self) and torch.equal(pos, torch.arange(len(self))):
-            return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids,
-                                    self.supervision)
+            return self.with_supervision(self.supervision)
         return MultiTaskDataset(take_rows(self.inputs, pos),
                                 {k: v[pos] for k, v in self.targets.items()},
                                 self.tasks, self.ids[pos], self.supervision[pos])
 
     def with_supervision(self, supervision: torch.Tensor) -> MultiTaskDataset:
         """The same rows with another supervision mask (tensors shared, not copied)."""
-        return MultiTaskDataset(self.inputs, self.targets, self.tasks, self.ids, supervision)
+        shared = MultiTaskDataset.__new__(MultiTaskDataset)
+        shared._init(self.inputs, self.targets, self.tasks, self.ids, supervision,
+                     self._id_order)
+        return shared
 
     def batch(self, positions: torch.Tensor | Sequence[int]) -> dict[str, object]:
         """The rows at ``positions`` (as in :meth:`subset`) already collated: the same dict
