@@ -350,7 +350,8 @@ class GradientUnlearner(Unlearner):
 
     def check_problem(self, problem: UnlearningProblem) -> None:
         """``forget_objective``'s keys must name tasks of the problem or task kinds (checked
-        as :meth:`_unlearn` builds the objectives, before any work)."""
+        as :meth:`_unlearn` builds the objectives, before any work), and
+        ``retain_task_weights``' keys tasks of the problem."""
         objective_names(problem.target_specs(), problem.task_names, self._objective_choice())
         unknown = sorted(set(self.config.retain_task_weights or {}) - set(problem.task_names))
         if unknown:
