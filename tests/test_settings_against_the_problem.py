@@ -26,6 +26,8 @@ def _one_thread(one_thread):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("settings,message", [
     ({"forget_objective": {"nope": "ascent"}}, r"key\(s\) \['nope'\] that are neither a task"),
     ({"steps": 1, "cap_reference": "held_out"}, r"cap_reference='held_out' needs a problem"),
+    ({"retain_task_weights": {"nope": 2.0}}, r"`retain_task_weights` names \['nope'\], which "
+                                             r"are not tasks of the problem"),
 ])
 def test_unlearn_refuses_settings_the_problem_cannot_meet(
         trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
