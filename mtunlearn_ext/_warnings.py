@@ -9,16 +9,21 @@ import warnings
 __all__ = ["warn_at_caller"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: torch's decorator wrappers (``@torch.no_grad()`` and the like): a frame of theirs between
+#: the package's frames is not the user's line.
+_TORCH_WRAPPERS = os.path.join("torch", "utils", "_contextlib.py")
 
 
 def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first frame outside this package: code reached
     both through :func:`mtunlearn_ext.unlearn` and through an unlearner's own ``unlearn``
     lies at different depths, which no fixed ``stacklevel`` fits (Python 3.12's
-    ``skip_file_prefixes`` does this; 3.11 has no such argument)."""
+    ``skip_file_prefixes`` does this; 3.11 has no such argument). The wrappers of torch's
+    decorators (``@torch.no_grad()`` on a method of the package) are skipped too."""
     frame = sys._getframe(1)
     level = 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                        or frame.f_code.co_filename.endswith(_TORCH_WRAPPERS)):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)

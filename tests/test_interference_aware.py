@@ -691,11 +691,14 @@ def test_a_cap_reference_without_a_task_warns(user_setup) -> None:  # type: igno
             {"kind": torch.randint(0, 3, (30,), generator=gen), "size": torch.randn(30, 1)},
             torch.tensor([[True, False]] * 30))
     with pytest.warns(UserWarning, match=r"the held_out set has no supervised pair of task "
-                                         r"'size', so its forget cap stays the objective's own"):
+                                         r"'size', so its forget cap stays the objective's own"
+                      ) as caught:
         mtunlearn_ext.unlearn(model, tasks={"kind": "classification", "size": "regression"},
                               train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
                               held_out_data=held, shared_parameters=lambda n: n.startswith("trunk."),
                               config={"steps": 2, "cap_reference": "held_out"})
+    # At the caller's line (it pointed at torch's no_grad wrapper inside the package's call).
+    assert {w.filename for w in caught if "forget cap stays" in str(w.message)} == {__file__}
 
 
 def test_a_loss_that_is_nan_on_the_cap_reference_is_named(user_setup) -> None:  # type: ignore[no-untyped-def]
@@ -940,11 +943,13 @@ def test_public_api_on_a_user_model(user_setup) -> None:  # type: ignore[no-unty
     # The other way in: forget and retain data directly, parameters given as tensors. The
     # forget instances' "size" pairs are then in no set: the method says it cannot protect them.
     with pytest.warns(UserWarning, match=r"the retain set holds no retained pair of the forget "
-                                         r"instances"):
+                                         r"instances") as caught:
         new2, report2 = mtunlearn_ext.unlearn(
             model, tasks=tasks, forget_data=(x[:10], {"kind": y["kind"][:10]}),
             target_tasks="kind", retain_data=(x[10:], {t: v[10:] for t, v in y.items()}),
             shared_parameters=list(model.trunk.parameters()), config=config, seed=0)
+    # At the caller's line, not the loop's `self.setup(...)`.
+    assert {w.filename for w in caught if "no retained pair" in str(w.message)} == {__file__}
     assert report2.request["target_tasks"] == ["kind"] and not report2.request["full"]
     assert report2.extra["summary"]["forget_loss_after"]["kind"] > \
         report2.extra["summary"]["forget_loss_before"]["kind"]

@@ -127,11 +127,13 @@ def test_a_retain_set_of_one_row_leaves_the_statistics_and_says_so(trained) -> N
     model, x, y = trained
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     with pytest.warns(UserWarning, match=r"the retain set has 1 row\(s\), too few to recompute "
-                                         r"the running statistics of 2 normalisation layer"):
+                                         r"the running statistics of 2 normalisation layer"
+                      ) as caught:
         new, report = mtunlearn_ext.unlearn(
             model, tasks=TASKS, train_data=(x, y),
             forget_request=ForgetRequest.create(range(1, 96)), shared_parameters=is_trunk,
             config={"steps": 1}, seed=0)
+    assert {w.filename for w in caught if "too few" in str(w.message)} == {__file__}
     assert report.extra["norm_statistics_rows"] == 0
     after = new.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())

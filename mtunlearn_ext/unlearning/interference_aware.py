@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -652,14 +651,13 @@ class InterferenceAware(GradientUnlearner):
         protect = protected_tasks(problem, cfg.protect)
         coupled = coupled_retain_set(problem) if cfg.coupled else None
         if cfg.coupled and not problem.is_full and coupled is None:
-            warnings.warn(
+            warn_at_caller(
                 "interference_aware: coupled=True, but the retain set holds no retained pair of "
                 "the forget instances (no retain row has a forget instance's id), so none is "
                 "protected explicitly: their other tasks' pairs are unlabelled or were removed "
                 "by earlier requests, or the data do not link them (tuple `forget_data` rows "
                 "are linked to `retain_data` rows with equal inputs only; give `train_data` and "
-                "a ForgetRequest, or MultiTaskDatasets with shared ids, to link them)",
-                stacklevel=2)
+                "a ForgetRequest, or MultiTaskDatasets with shared ids, to link them)")
         if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
             num_tasks = len(problem.task_names)
             per_step = self._rows_per_step(problem, coupled is not None)
@@ -806,12 +804,11 @@ class InterferenceAware(GradientUnlearner):
                     else:
                         why = ""
                         fix = f"label some of its {task!r} pairs, or use cap_reference='retain'"
-                    # stacklevel 3: past torch.no_grad's wrapper, to setup().
-                    warnings.warn(
+                    warn_at_caller(
                         f"interference_aware: the {source} set has no supervised pair of task "
                         f"{task!r}{why}, so its forget cap stays the objective's own "
                         f"({objective.cap:.4g}) instead of the {source} losses' "
-                        f"{cfg.cap_quantile!r} level; {fix}", stacklevel=3)
+                        f"{cfg.cap_quantile!r} level; {fix}")
                 continue
             if not rank_matched:
                 assert isinstance(cfg.cap_quantile, (int, float))

@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 
 import math
 import numbers
-import warnings
 
 import torch
 from torch import nn
 
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import Inputs
 from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.base import (
     CurveRecorder,
     Unlearner,
@@ -39,7 +40,6 @@ from mtunlearn_ext.unlearning.base import (
     UnlearningReport,
 )
 from mtunlearn_ext.unlearning.batches import Batch, BatchStream, child_generator
-from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.gradients import ParameterGroups
 from mtunlearn_ext.unlearning.norm_statistics import (
     recalibrate_running_statistics,
@@ -454,12 +454,12 @@ class GradientUnlearner(Unlearner):
                                                   device)
             report.extra["norm_statistics_rows"] = rows
             if rows == 0:  # one row has no variance: the statistics stay the original's
-                warnings.warn(
+                warn_at_caller(
                     f"{self.name}: the retain set has {len(problem.retain)} row(s), too few to "
                     f"recompute the running statistics of "
                     f"{len(report.extra['norm_statistics_layers'])} normalisation layer(s): "
                     "they stay the original model's, which averaged the forget instances in "
-                    "too (recalibrate_norms needs at least two retain rows)", stacklevel=3)
+                    "too (recalibrate_norms needs at least two retain rows)")
         return None
 
     def _fill_missing_stats(self, ctx: StepContext, stats: StepStats, forget_batch: Batch | None,
