@@ -2045,3 +2045,35 @@ def test_the_heads_check_reads_enough_rows_for_a_routed_model() -> None:
         f"UnlearningProblem: 2 parameters given as shared ('experts.{e}.weight', "
         f"'experts.{e}.bias') feed only the prediction of task '{t}' (read from the autograd "
         "graph of the first 2 " for e, t in ((0, "a"), (1, "b"))]
+
+
+class _WithAuxiliaryHead(_TwoHeads):
+    """A third head trained for no task of the request (an auxiliary objective), and a feature
+    output beside the predictions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.auxiliary = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        out = {t: h(z) for t, h in self.heads.items()}
+        out["aux"], out["features"] = self.auxiliary(z), z
+        return out
+
+
+def test_an_auxiliary_head_is_refused_with_the_way_to_leave_it_alone() -> None:
+    """The refusal named head_parameters and shared_parameters only; freezing the auxiliary
+    head, which no task of the request trains, is the way to keep it as it is."""
+    x, y = _data()
+    model = _WithAuxiliaryHead()
+    common = {"tasks": TASKS, "train_data": (x, y), "forget_request": ForgetRequest.create(
+        range(5)), "shared_parameters": lambda n: n.startswith("trunk."), "config": {"steps": 2}}
+    with pytest.raises(ValueError, match=r"neither shared nor in a head: \['auxiliary.weight', "
+                                         r"'auxiliary.bias'\]; .* freeze them "
+                                         r"\(`requires_grad_\(False\)`\)"):
+        mtunlearn_ext.unlearn(model, **common)  # type: ignore[arg-type]
+    model.auxiliary.requires_grad_(False)
+    new, _ = mtunlearn_ext.unlearn(model, **common)  # type: ignore[arg-type]
+    assert torch.equal(new.auxiliary.weight, model.auxiliary.weight)
+    assert not torch.equal(new.trunk[0].weight, model.trunk[0].weight)

@@ -221,7 +221,9 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
     stray = [n for n in trainable if n not in assigned]
     if stray:
         raise ValueError(f"unlearn: parameters neither shared nor in a head: {stray}; pass "
-                         f"`head_parameters` (task -> names) or widen `shared_parameters`")
+                         f"`head_parameters` (task -> names) or widen `shared_parameters`, or, "
+                         f"if no task of `tasks` uses them (an auxiliary head), freeze them "
+                         f"(`requires_grad_(False)`): frozen parameters stay as they are")
     overlap = set(shared_names) & {n for names in head_names.values() for n in names}
     if overlap:
         tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
