@@ -1985,6 +1985,8 @@ def test_heads_given_as_shared_are_named_in_a_warning() -> None:
         "graph of the first 40 retained instances): as shared parameters, the projections move "
         "them with directions made of the other tasks' gradients; if they belong to that task, "
         f"give them to it (`head_parameters={{'{t}': [...]}}`)" for t in ("a", "b")]
+    # At the caller's line (a fixed stacklevel pointed inside the package).
+    assert {w.filename for w in caught if "given as shared" in str(w.message)} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_problem(_TwoHeads(), shared_parameters=lambda n: n.startswith("trunk."), **common)

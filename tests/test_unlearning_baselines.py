@@ -824,8 +824,10 @@ def test_a_problem_whose_model_has_no_parameter_split_warns() -> None:
     problem = UnlearningProblem.from_request(Unsplit(bench.tasks), bench.train,
                                              ForgetRequest.create(bench.train.ids[:30]), seed=0)
     with pytest.warns(UserWarning, match=r"has no parameter_split\(\), so every parameter "
-                                         r"counts as shared .*build_problem"):
+                                         r"counts as shared .*build_problem") as caught:
         problem.validate()
+    # At this line (a fixed stacklevel pointed one frame above the caller of validate()).
+    assert {w.filename for w in caught if "parameter_split" in str(w.message)} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         UnlearningProblem.from_request(build_model(bench, seed=0), bench.train,

@@ -21,7 +21,6 @@ import math
 import numbers
 import random
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from torch import nn
 
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._random import forked_generators, seed_generators
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
@@ -170,12 +170,11 @@ class UnlearningProblem:
         shared, so no head is task-specific for the methods)."""
         names = self.task_names
         if len(names) > 1 and getattr(self.model, "parameter_split", None) is None:
-            warnings.warn(
+            warn_at_caller(
                 f"UnlearningProblem: the model ({type(self.model).__name__}) has no "
                 "parameter_split(), so every parameter counts as shared and no head as "
                 f"task-specific for the tasks {names}; subclass MultiTaskModel, or build the "
-                "problem with mtunlearn_ext.api.build_problem(..., shared_parameters=...)",
-                UserWarning, stacklevel=3)
+                "problem with mtunlearn_ext.api.build_problem(..., shared_parameters=...)")
         parts = [("forget", self.forget), ("retain", self.retain)]
         if self.held_out is not None:
             parts.append(("held_out", self.held_out))
@@ -322,14 +321,13 @@ class UnlearningProblem:
                 alone.setdefault(tasks[0], []).append(name.removeprefix(prefix))
         for t, names in alone.items():
             shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-            warnings.warn(f"UnlearningProblem: {len(names)} parameter"
-                          f"{'s' if len(names) > 1 else ''} given as shared ({shown}) feed"
-                          f"{'' if len(names) > 1 else 's'} only the prediction of task {t!r} "
-                          f"(read from the autograd graph of the first {read} retained "
-                          "instances): as shared parameters, the projections move them with "
-                          "directions made of the other tasks' gradients; if they belong to "
-                          f"that task, give them to it (`head_parameters={{{t!r}: [...]}}`)",
-                          UserWarning, stacklevel=4)
+            warn_at_caller(f"UnlearningProblem: {len(names)} parameter"
+                           f"{'s' if len(names) > 1 else ''} given as shared ({shown}) feed"
+                           f"{'' if len(names) > 1 else 's'} only the prediction of task {t!r} "
+                           f"(read from the autograd graph of the first {read} retained "
+                           "instances): as shared parameters, the projections move them with "
+                           "directions made of the other tasks' gradients; if they belong to "
+                           f"that task, give them to it (`head_parameters={{{t!r}: [...]}}`)")
 
     def check_model_state(self) -> None:
         """Raise naming the first offending tensor when the model's parameters or buffers hold
