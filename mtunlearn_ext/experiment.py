@@ -97,6 +97,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "depth": "delta_1.25",
     "normals": "within_30",
     "regression": "mse",
+    "binary": "accuracy",
 }
 
 SPLITS = ("forget", "retain", "test")

@@ -11,6 +11,8 @@ Within a dense sample the loss is a mean over that sample's *valid* pixels only:
 * ``normals``: ``(1 / |P|) sum_{p in P} (1 - <n_hat_p / |n_hat_p|, n_p>)`` with
   ``P = {p : n_p != 0}``; the prediction is re-normalised here, so a head need not do it.
 * ``regression``: ``(1 / d) |y_hat - y|^2`` (mean squared error over the target's ``d`` entries).
+* ``binary``: ``(1 / |E|) sum_{e in E} BCE(z_e, y_e)``, binary cross-entropy of the logits ``z``
+  over the entries ``E`` whose label is not ``ignore_index``.
 
 A sample with no valid pixel gets loss 0 (and gradient 0) rather than NaN. A task whose spec
 carries its own ``loss`` (:class:`~mtunlearn_ext.data.base.TaskSpec`) uses that instead.
@@ -86,9 +88,9 @@ def check_layout(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor, where
                              f"{tuple(pred.shape)} and {tuple(target.shape)}"
                              f"{_token_tagging_hint(kind, pred)}")
         return
-    if kind == "regression":
+    if kind in ("regression", "binary"):
         if math.prod(pred.shape[1:]) != math.prod(target.shape[1:]):
-            raise ValueError(f"{where}: regression pred {tuple(pred.shape)} and target "
+            raise ValueError(f"{where}: {kind} pred {tuple(pred.shape)} and target "
                              f"{tuple(target.shape)} differ")
         return
     if pred.dim() != 4:
@@ -123,7 +125,7 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
         spec: the task.
         pred: the head's output: logits ``[B, C]`` (classification), logits ``[B, C, H, W]``
             (segmentation), depth ``[B, 1, H, W]``, normals ``[B, 3, H, W]``, values ``[B, d]``
-            (regression; ``[B]`` also accepted).
+            (regression; ``[B]`` also accepted), logits ``[B, d]`` (binary; ``[B]`` too).
         target: the task's target batch, layout as in :class:`TaskSpec`.
     """
     if pred.dim() and target.dim() and pred.shape[0] != target.shape[0]:
@@ -154,6 +156,15 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
         pred2 = pred.reshape(pred.shape[0], -1)
         target2 = target.reshape(target.shape[0], -1).to(pred.dtype)
         return (pred2 - target2).pow(2).mean(dim=1)
+    if kind == "binary":
+        logits = pred.reshape(pred.shape[0], -1)
+        labels = target.reshape(target.shape[0], -1)
+        labelled = labels != spec.ignore_index
+        # The unlabelled entries' values (anything) kept out of the kernel and its gradient.
+        labels = torch.where(labelled, labels.to(logits.dtype),
+                             torch.zeros((), dtype=logits.dtype, device=logits.device))
+        per_entry = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return _mean_over_valid(per_entry, labelled)
     if kind == "segmentation":
         target = target.long()
         per_pixel = F.cross_entropy(pred, target, reduction="none", ignore_index=spec.ignore_index)

@@ -323,7 +323,8 @@ def test_forget_objective_keys_must_name_a_task_or_a_kind() -> None:
     for key in ("knd", "clasification", "A"):
         message = (rf"`forget_objective` has key\(s\) \['{key}'\] that are neither a task of the "
                    rf"problem nor a task kind; valid keys: the tasks \['a', 'b'\] or the kinds "
-                   rf"\['classification', 'segmentation', 'depth', 'normals', 'regression'\]")
+                   rf"\['classification', 'segmentation', 'depth', 'normals', 'regression', "
+                   rf"'binary'\]")
         with pytest.raises(ValueError, match=message):
             mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create(range(5)),
                                   config={"steps": 1, "forget_objective": {key: "ascent"}},

@@ -198,7 +198,7 @@ def test_angle_errors_refuse_shapes_that_differ() -> None:
 
 def test_metric_table_names_every_reported_metric() -> None:
     reported = set()
-    for spec in (SEG, DEPTH, NORMALS, CLS, TaskSpec("r", "regression")):
+    for spec in (SEG, DEPTH, NORMALS, CLS, TaskSpec("r", "regression"), TaskSpec("b", "binary")):
         reported |= set(make_accumulator(spec).compute())
     assert reported == set(METRICS)
 

@@ -203,9 +203,9 @@ def unlearn(model: nn.Module, *,
             mode and the statistics are recomputed from the retain data after them (the
             settings ``train_mode`` and ``recalibrate_norms``).
         tasks: task specs, or a mapping task -> kind (``"classification"``, ``"regression"``,
-            ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the task's loss
-            (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective. Given as a
-            kind, a classification or segmentation task has as many classes as the model
+            ``"binary"``, ``"segmentation"``, ``"depth"``, ``"normals"``), which picks the
+            task's loss (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective.
+            Given as a kind, a classification or segmentation task has as many classes as the model
             predicts (dimension 1 of its output), and every label must be one of them.
         held_out_data: optional instances the model was never trained on (a validation
             split, never the data you evaluate on), same layout as ``retain_data``. A retrained

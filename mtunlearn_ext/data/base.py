@@ -28,8 +28,9 @@ from mtunlearn_ext.data.inputs import (
     take_rows,
 )
 
-TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression"]
-TASK_KINDS: tuple[str, ...] = ("classification", "segmentation", "depth", "normals", "regression")
+TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression", "binary"]
+TASK_KINDS: tuple[str, ...] = ("classification", "segmentation", "depth", "normals", "regression",
+                               "binary")
 
 
 def _integer_or_none(value: object) -> int | None:
@@ -50,27 +51,30 @@ class TaskSpec:
     ``classification``: target ``[]`` long in ``[0, num_classes)``. ``segmentation``: ``[H, W]``
     long, ``ignore_index`` for unlabelled pixels. ``depth``: ``[1, H, W]`` float, ``0`` where
     unknown. ``normals``: ``[3, H, W]`` unit vectors, all-zero where unknown. ``regression``:
-    ``[d]`` float.
+    ``[d]`` float. ``binary``: ``[d]`` (or ``[]``) labels in ``[0, 1]`` (0/1, or soft
+    probabilities) of ``d`` independent yes/no outputs whose predictions are logits (a click, a
+    conversion, an attribute; a sigmoid head trained with binary cross-entropy), an entry equal
+    to ``ignore_index`` unlabelled (a row with no labelled entry is no pair of the task).
 
     ``loss`` replaces the kind's loss (:func:`mtunlearn_ext.losses.task_loss`) wherever the
     library takes this task's loss: training and retraining, the retain terms and per-sample
     gradients of unlearning, the forgetting objective's capped ascent and its caps, and the
     membership attack. It maps ``(prediction [B, ...], target [B, ...])`` to per-sample losses
     ``[B]`` (a label-smoothed or focal cross-entropy, a Huber loss, ...) and must accept the
-    kind's "no label" value on unsupervised pairs (``ignore_index`` for class labels, 0 for
-    dense and regression targets), whose losses are masked out; it must be ``torch.func``
-    friendly (the per-sample pass calls it on batches of one under ``vmap``). The kind still
-    decides the metrics, the unlabelled-pixel rules, the reference predictions and the
-    likelihood of the sampled-target snapshots that the task projection protects
+    kind's "no label" value on unsupervised pairs (``ignore_index`` for class and binary
+    labels, 0 for dense and regression targets), whose losses are masked out; it must be
+    ``torch.func`` friendly (the per-sample pass calls it on batches of one under ``vmap``).
+    The kind still decides the metrics, the unlabelled-pixel rules, the reference predictions
+    and the likelihood of the sampled-target snapshots that the task projection protects
     (:mod:`mtunlearn_ext.unlearning.fisher`). A regression task's reference prediction is the
     retain targets' mean, fed to ``loss`` as a prediction: right for a loss whose prediction
-    lives in the targets' space (MSE, Huber), not for one that reads logits (a multi-label
-    task as ``regression`` with a BCE-with-logits ``loss``), where ``capped_ascent``'s cap
-    would be measured at the wrong point; let the interference-aware method calibrate its
-    caps on unseen data instead (``cap_reference="held_out"`` with ``held_out_data``), or use
-    the ``"ascent"`` objective. Per-token
-    labels (sequence tagging) fit ``segmentation`` as ``[B, C, L, 1]`` predictions and
-    ``[L, 1]`` targets.
+    lives in the targets' space (MSE, Huber), not for one that reads logits, where
+    ``capped_ascent``'s cap would be measured at the wrong point: yes/no labels read from
+    logits (BCE-with-logits) are the ``binary`` kind; for another loss on logits, let the
+    interference-aware method calibrate its caps on unseen data instead
+    (``cap_reference="held_out"`` with ``held_out_data``), or use the ``"ascent"`` objective.
+    Per-token labels (sequence tagging) fit ``segmentation`` as ``[B, C, L, 1]`` predictions
+    and ``[L, 1]`` targets.
     """
 
     name: str
@@ -161,17 +165,17 @@ def integer_valued(values: torch.Tensor) -> bool:
 def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,
                          supervised: torch.Tensor) -> torch.Tensor:
     """``target`` (``[B, ...]``) with the rows where ``supervised`` (``[B]`` bool) is False set
-    to the task's "no label" value: ``ignore_index`` for class labels, 0 (unknown) for depth,
-    normals and regression. Losses drop unsupervised pairs with ``torch.where``, which keeps
-    their values out of a sum but not out of a gradient (``0 * NaN`` is NaN) nor out of the
-    loss kernel (an out-of-range class index raises); with neutral targets there, an
+    to the task's "no label" value: ``ignore_index`` for class and binary labels, 0 (unknown)
+    for depth, normals and regression. Losses drop unsupervised pairs with ``torch.where``,
+    which keeps their values out of a sum but not out of a gradient (``0 * NaN`` is NaN) nor
+    out of the loss kernel (an out-of-range class index raises); with neutral targets there, an
     unsupervised pair may hold anything. On the CPU a fully supervised ``target`` comes back
     as it is (no copy: batches neutralised once by :meth:`MultiTaskDataset.batch` pass the
     losses' second call for free); on an accelerator a new tensor is always written, since
     looking first would cost a host sync."""
     if supervised.device.type == "cpu" and bool(supervised.all()):
         return target
-    fill = spec.ignore_index if spec.kind in ("classification", "segmentation") else 0
+    fill = spec.ignore_index if spec.kind in ("classification", "segmentation", "binary") else 0
     if not target.is_floating_point() and target.dtype != torch.bool:
         info = torch.iinfo(target.dtype)
         if not info.min <= fill <= info.max:  # uint8 labels, ignore_index -1: widen, not wrap
@@ -195,14 +199,15 @@ def labelled_pixels(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
 
 def labelled_rows(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
     """``[N]`` bool: the rows of ``target`` (``[N, ...]``) that carry a label of their own: a
-    class label other than ``ignore_index``, a dense map with a labelled pixel
-    (:func:`labelled_pixels`); every regression row. Without a supervision mask, these rows
+    class label other than ``ignore_index``, binary labels with an entry other than
+    ``ignore_index``, a dense map with a labelled pixel (:func:`labelled_pixels`); every
+    regression row. Without a supervision mask, these rows
     are the supervised ones: a row written as "no label" (a ``-1`` class) then counts as no
     pair of its task, not as a pair whose loss is always zero."""
     n = target.shape[0]
     if n == 0 or spec.kind == "regression":
         return torch.ones(n, dtype=torch.bool, device=target.device)
-    if spec.kind == "classification":
+    if spec.kind in ("classification", "binary"):
         return (target.reshape(n, -1) != spec.ignore_index).any(dim=1)
     if target.dim() < 2:  # no map: refused, naming the task, by the data set's value checks
         return torch.ones(n, dtype=torch.bool, device=target.device)
@@ -505,6 +510,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                     continue
                 ok = torch.isfinite(flat)
                 problem = "NaN or Inf targets"
+            elif spec.kind == "binary":
+                labelled = flat != spec.ignore_index
+                ok = ~labelled | ((flat >= 0) & (flat <= 1))  # NaN fails both comparisons
+                if bool(ok.all()):
+                    continue
+                problem = (f"labels outside [0, 1] (or NaN) other than ignore_index "
+                           f"{spec.ignore_index}")
             else:
                 if not target.is_floating_point() or _all_finite(target):
                     continue

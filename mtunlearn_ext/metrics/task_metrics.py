@@ -18,6 +18,10 @@ degrees.
   ``within_30`` = fraction of pixels with ``e < 11.25 / 22.5 / 30`` degrees. The median (numpy's
   definition) is read from a 0.01-degree histogram: within 0.005 degrees, in constant memory.
 * regression: ``mse`` and ``mae`` over all target entries.
+* binary, over the labelled entries (label not ``ignore_index``), with ``p = sigmoid(z)``:
+  ``accuracy = mean[(z > 0) == (y >= 0.5)]`` and the Brier score ``brier = mean (p - y)^2``
+  (a proper score, defined on any labelled set; an AUC is not on a set of one class, such as a
+  small forget set, and would leave a score of the request undefined).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ METRICS: dict[str, MetricInfo] = {
     "within_22.5": MetricInfo(True, True),
     "within_30": MetricInfo(True, True),
     "mse": MetricInfo(False, False),
+    "brier": MetricInfo(False, True),
     "mae": MetricInfo(False, False),
 }
 """Every metric name this module reports, with its direction and scale."""
@@ -331,12 +336,40 @@ class _Regression(MetricAccumulator):
         return self.total
 
 
+class _Binary(MetricAccumulator):
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.correct = 0
+        self.squared = 0.0
+        self.total = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        _check_metric_shapes(self.spec, pred, target)
+        logits = pred.reshape(pred.shape[0], -1).double()
+        labels = target.reshape(target.shape[0], -1).to(logits.device).double()
+        keep = labels != self.spec.ignore_index
+        logits, labels = logits[keep], labels[keep]
+        self.correct += int(((logits > 0) == (labels >= 0.5)).sum())
+        self.squared += float((torch.sigmoid(logits) - labels).pow(2).sum())
+        self.total += int(keep.sum())
+
+    def compute(self) -> dict[str, float]:
+        if not self.total:
+            return {"accuracy": float("nan"), "brier": float("nan")}
+        return {"accuracy": self.correct / self.total, "brier": self.squared / self.total}
+
+    @property
+    def count(self) -> int:
+        return self.total
+
+
 _ACCUMULATORS: dict[str, type[MetricAccumulator]] = {
     "classification": _Classification,
     "segmentation": _Segmentation,
     "depth": _Depth,
     "normals": _Normals,
     "regression": _Regression,
+    "binary": _Binary,
 }
 
 

@@ -28,7 +28,7 @@ class MLPMultiTaskNet(MultiTaskModel):
     (task-aware projections and head-only baselines need something to act on).
 
     Args:
-        tasks: classification or regression specs.
+        tasks: classification, regression or binary specs (a binary task: one logit).
         in_features: input size (64 for 8x8 digits).
         hidden: widths of the shared layers.
         head_hidden: width of each head's hidden layer.
@@ -59,6 +59,8 @@ class MLPMultiTaskNet(MultiTaskModel):
                 out = t.num_classes
             elif t.kind == "regression":
                 out = dims.get(t.name, 1)
+            elif t.kind == "binary":
+                out = 1
             else:
                 raise ValueError(f"MLPMultiTaskNet: task {t.name!r} of kind {t.kind} needs a "
                                  "dense model")

@@ -11,6 +11,7 @@ exactly the directions a forget step should stay out of.
 For each task kind, with ``z`` the prediction:
 
 * classification / segmentation: ``y ~ Categorical(softmax(z))`` (per pixel), loss ``CE(z, y)``;
+* binary: ``y ~ Bernoulli(sigmoid(z))`` per labelled entry, loss ``BCE(z, y)``;
 * depth, normals, regression: ``y = z.detach() + eps``, ``eps ~ N(0, I)``, loss
   ``|z - y|^2`` (its gradient is ``-2 J^T eps``: a random direction in the row space of the
   output Jacobian ``J``, which is what a Gaussian likelihood's Fisher samples are).
@@ -40,7 +41,14 @@ def sampled_target_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor
     if not bool(rows.any()):
         return None
     pred, target = pred[rows], target[rows]
-    if spec.kind in ("classification", "segmentation"):
+    if spec.kind == "binary":
+        logits = pred.reshape(pred.shape[0], -1)
+        probs = torch.sigmoid(logits.detach().float()).cpu()
+        sampled = torch.bernoulli(probs, generator=generator).to(logits.device, logits.dtype)
+        per_item = F.binary_cross_entropy_with_logits(logits, sampled, reduction="none")
+        keep = target.reshape(target.shape[0], -1) != spec.ignore_index
+        per_item, keep = per_item.reshape(-1), keep.reshape(-1)
+    elif spec.kind in ("classification", "segmentation"):
         classes = pred.shape[1]
         logits = pred.movedim(1, -1).reshape(-1, classes)  # [B*H*W, C] or [B, C]
         probs = F.softmax(logits.detach().float(), dim=-1).cpu()

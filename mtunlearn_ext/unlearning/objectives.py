@@ -25,13 +25,15 @@ dense/vector value ``y_hat``), target ``y`` and task loss ``l`` (:func:`mtunlear
     error stayed 6% *below* the original's unseen-data level (plain L1 ascent: 5% above) while
     the validation depth error rose more (+4.5% against +2.4%): the near pixels' error is what
     memorisation had lowered, and weighting by depth leaves it there.
-``uniform`` (classification, segmentation; bounded): ``KL(U || p) = -log C - (1/C) sum_c log p_c``
-    (per labelled pixel, averaged). ``>= 0``, zero exactly at the uniform prediction, and the
-    gradient vanishes there, so it cannot diverge.
+``uniform`` (classification, segmentation, binary; bounded): ``KL(U || p) = -log C - (1/C)
+    sum_c log p_c`` (per labelled pixel, averaged; for binary labels ``BCE(z, 1/2) - log 2``
+    per labelled entry). ``>= 0``, zero exactly at the uniform prediction, and the gradient
+    vanishes there, so it cannot diverge.
 ``mean_target`` (any kind; bounded): pull the prediction toward the best *input-independent*
     prediction learned from the retain set, i.e. what a model that carries no information about
     the instance would output: for classification the retain class prior ``pi``
-    (``KL(pi || p)``), for segmentation the per-pixel class frequencies, for depth/regression the
+    (``KL(pi || p)``), for segmentation the per-pixel class frequencies, for binary labels each
+    entry's positive rate (BCE against it), for depth/regression the
     per-pixel (per-entry) mean of the retain targets, for normals the normalised per-pixel mean
     normal (each under the task's own loss, restricted to the sample's labelled pixels).
     Minimum at the reference, gradient zero there.
@@ -151,8 +153,17 @@ class _ReferenceObjective(ForgetObjective):
 
     def _reference_from(self, targets: torch.Tensor) -> torch.Tensor:
         """The reference: class probabilities (``[C]`` / ``[C, H, W]``) for classification and
-        segmentation, a target-shaped value (``[1|3, H, W]`` / ``[d]``) otherwise."""
+        segmentation, each entry's rate of positive labels for binary labels, a target-shaped
+        value (``[1|3, H, W]`` / ``[d]``) otherwise."""
         spec = self.spec
+        if spec.kind == "binary":
+            labels = targets.double()
+            labelled = targets != spec.ignore_index
+            summed = torch.where(labelled, labels, 0.0).sum(dim=0)
+            count = labelled.sum(dim=0)
+            # An entry never labelled in the retain set falls back to the overall rate.
+            overall = summed.sum() / count.sum().clamp(min=1)
+            return torch.where(count > 0, summed / count.clamp(min=1), overall).float()
         # Set for the class tasks (TaskSpec.__post_init__ refuses them without it).
         num_classes = spec.num_classes
         if spec.kind == "classification":
@@ -205,6 +216,12 @@ class _ReferenceObjective(ForgetObjective):
             return _mean_over(kl, valid_pixel_mask(spec, target))
         if spec.kind == "regression":
             return task_loss(spec, pred, ref.expand(pred.shape[0], *ref.shape))
+        if spec.kind == "binary":  # the rates as soft labels, on the sample's labelled entries
+            labelled = target.reshape(target.shape[0], -1) != spec.ignore_index
+            soft = torch.where(labelled, ref.reshape(1, -1),
+                               torch.full((), float(spec.ignore_index), dtype=pred.dtype,
+                                          device=pred.device))
+            return task_loss(spec, pred, soft.reshape(target.shape))
         valid = valid_pixel_mask(spec, target.to(pred.dtype)).unsqueeze(1)
         masked_ref = torch.where(valid, ref.unsqueeze(0), torch.zeros((), dtype=pred.dtype,
                                                                       device=pred.device))
@@ -219,7 +236,8 @@ def _no_retain_pairs(spec: TaskSpec) -> str:
 
 def needs_no_retain_pair(spec: TaskSpec) -> str:
     """The objectives that need no retain pair of ``spec``'s task, as a setting to choose."""
-    other = " (or 'uniform')" if spec.kind in ("classification", "segmentation") else ""
+    other = (" (or 'uniform')" if spec.kind in ("classification", "segmentation", "binary")
+             else "")
     return f"forget_objective={{{spec.name!r}: 'ascent'}}{other}"
 
 
@@ -327,9 +345,12 @@ class CappedAscentObjective(_ReferenceObjective):
         losses = []
         assert self.reference is not None
         # The reference as a prediction (class frequencies as logits, their logarithms;
-        # normals: a unit vector field; regression: a row). With the kind's own loss this is
-        # what log C is for classes; a task's custom loss measures its cap the same way.
-        reference = self.reference.clamp(min=1e-12).log() if class_kind else self.reference
+        # binary rates as logits, log(r / (1 - r)); normals: a unit vector field; regression:
+        # a row). With the kind's own loss this is what log C is for classes; a task's custom
+        # loss measures its cap the same way.
+        reference = (self.reference.clamp(min=1e-12).log() if class_kind else
+                     torch.logit(self.reference, eps=1e-6) if self.spec.kind == "binary" else
+                     self.reference)
         for start in range(0, targets.shape[0], 256):
             chunk = targets[start:start + 256]
             chunk = chunk if class_kind else chunk.float()
@@ -394,12 +415,20 @@ class DepthWeightedCappedAscentObjective(CappedAscentObjective):
 
 
 class UniformObjective(ForgetObjective):
-    """``KL(U || softmax(z))``: push class posteriors to uniform (classification, segmentation)."""
+    """``KL(U || softmax(z))``: push class posteriors to uniform (classification,
+    segmentation); for binary labels each labelled entry's ``sigmoid(z)`` to 1/2
+    (``BCE(z, 1/2) - log 2``, zero at ``z = 0``)."""
 
     name = "uniform"
-    kinds = ("classification", "segmentation")
+    kinds = ("classification", "segmentation", "binary")
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.spec.kind == "binary":
+            logits = pred.reshape(pred.shape[0], -1)
+            labelled = target.reshape(target.shape[0], -1) != self.spec.ignore_index
+            half = torch.full_like(logits, 0.5)
+            kl = F.binary_cross_entropy_with_logits(logits, half, reduction="none") - math.log(2)
+            return _mean_over(kl, labelled)
         num_classes = pred.shape[1]
         kl = -math.log(num_classes) - F.log_softmax(pred, dim=1).mean(dim=1)
         if self.spec.kind == "classification":
@@ -442,7 +471,10 @@ class RandomTargetObjective(ForgetObjective):
             return labels.to(target.device)
         assert self.pool is not None
         rows = torch.randint(0, self.pool.shape[0], (batch,), generator=self.generator)
-        return self.pool[rows].to(target.device, non_blocking=True)
+        drawn = self.pool[rows].to(target.device, non_blocking=True)
+        if self.spec.kind == "binary":  # the sample's unlabelled entries stay unlabelled
+            drawn = torch.where(target == self.spec.ignore_index, target.to(drawn.dtype), drawn)
+        return drawn
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return task_loss(self.spec, pred, self.random_targets(target))
