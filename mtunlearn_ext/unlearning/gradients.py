@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
 from mtunlearn_ext.data.inputs import Inputs, map_leaves
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.models.batched_embeddings import batchable_embeddings
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.norm_statistics import check_samples_independent
 
@@ -327,7 +328,7 @@ def _vmap_per_sample(model: nn.Module, batch: Mapping[str, object], specs: Seque
     # otherwise make every per-sample gradient require grad, and the outer autograd keep the
     # whole vmapped pass alive for as long as those gradients live.
     with torch.no_grad(), _mha_fast_path_off(), dense_embedding_gradients(model), \
-            _parameters_kept(model):
+            batchable_embeddings(model), _parameters_kept(model):
         try:
             grads, losses = _in_chunks(per_sample, params, inputs, task_targets, supervision,
                                        chunk_size)
