@@ -54,6 +54,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "salun": {"steps": 20, "lr": 5e-3},
     "orthograd": {"steps": 20, "lr": 5e-3, "num_per_sample": 16},
     "pcgrad": {"steps": 20, "lr": 5e-3},
+    "scrub": {"steps": 20, "lr": 5e-3, "optimizer": "sgd"},
     "retrain": {},
 }
 
@@ -176,7 +177,7 @@ def test_baseline_end_to_end(bench, original, method: str, partial: bool) -> Non
             == set(problem.target_tasks)
 
 
-@pytest.mark.parametrize("method", ["gradient_ascent", "neggrad_plus", "orthograd"])
+@pytest.mark.parametrize("method", ["gradient_ascent", "neggrad_plus", "orthograd", "scrub"])
 def test_deterministic_by_seed(bench, original, method: str) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=False)
     first = get_unlearner(method, SETTINGS[method]).unlearn(problem).model.state_dict()

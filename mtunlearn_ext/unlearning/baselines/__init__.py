@@ -8,9 +8,10 @@ from mtunlearn_ext.unlearning.baselines.pcgrad import PCGradConfig, PCGradUnlear
 from mtunlearn_ext.unlearning.baselines.random_labels import RandomLabels, RandomLabelsConfig
 from mtunlearn_ext.unlearning.baselines.retrain import Retrain, RetrainConfig
 from mtunlearn_ext.unlearning.baselines.salun import SalUn, SalUnConfig
+from mtunlearn_ext.unlearning.baselines.scrub import SCRUB, SCRUBConfig
 
 BASELINES: tuple[str, ...] = ("retrain", "finetune", "gradient_ascent", "neggrad_plus",
-                              "random_labels", "salun", "orthograd", "pcgrad")
+                              "random_labels", "salun", "orthograd", "pcgrad", "scrub")
 
 __all__ = [
     "BASELINES",
@@ -28,6 +29,8 @@ __all__ = [
     "RandomLabelsConfig",
     "Retrain",
     "RetrainConfig",
+    "SCRUB",
+    "SCRUBConfig",
     "SalUn",
     "SalUnConfig",
 ]
