@@ -33,9 +33,10 @@ of the model and one forward per batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,12 @@ class SCRUBConfig(StepConfig):
     def max_steps(self) -> int:
         """The number of steps with the forget term."""
         return (2 * self.steps) // 3 if self.forget_steps is None else self.forget_steps
+
+
+@contextlib.contextmanager
+def _measuring(model: torch.nn.Module) -> Iterator[None]:
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _mean_over(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -193,17 +200,22 @@ class SCRUB(GradientUnlearner):
         tau = cfg.temperature
         stats = StepStats()
         total: torch.Tensor | None = None
-        if forget_batch is not None and ctx.step < cfg.max_steps():
-            out = ctx.forward(forget_batch)
-            teacher = self._teacher_outputs(ctx, forget_batch)
-            divergence, count = _divergences(out, teacher, forget_batch, specs,
-                                             list(ctx.objectives), tau)
-            # The plain forget losses, for the curves (the objectives are ascent: -loss).
+        if forget_batch is not None:
+            # After the forget phase the term is only measured, for the curves (the same
+            # quantity throughout the run), in eval mode: a training-mode forward would write
+            # the forget batch into BatchNorm's statistics and draw dropout masks.
+            pushing = ctx.step < cfg.max_steps()
+            with contextlib.nullcontext() if pushing else _measuring(ctx.model):
+                out = ctx.forward(forget_batch)
+                teacher = self._teacher_outputs(ctx, forget_batch)
+                divergence, count = _divergences(out, teacher, forget_batch, specs,
+                                                 list(ctx.objectives), tau)
+            # The plain forget losses (the objectives are ascent: -loss).
             plain = forget_terms({t: o.detach() for t, o in out.items()}, forget_batch, specs,
                                  ctx.objectives).objective
-            stats.forget = ForgetTerms({t: -d for t, d in divergence.items()},
+            stats.forget = ForgetTerms({t: -d.detach() for t, d in divergence.items()},
                                        {t: -v for t, v in plain.items()}, count)
-            if divergence and cfg.forget_weight > 0:
+            if pushing and divergence and cfg.forget_weight > 0:
                 total = -cfg.forget_weight * torch.stack(list(divergence.values())).sum()
         if retain_batch is not None:
             out = ctx.forward(retain_batch)
