@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1024,3 +1025,14 @@ def _check_creatable(argument: str, p: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(argument, "a path in a folder you can write to", str(p),
                              f"{str(existing)!r} is not writable")
+    # os.access answers for the permission bits, which root bypasses: a folder no one can
+    # write to (/proc, a read-only bind mount, an immutable folder, root squashed on NFS)
+    # passed as root and failed only after the run. A file made and removed at once tells.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".mtunlearn-write-check-", dir=existing)
+    except OSError as error:
+        raise UserInputError(argument, "a path in a folder you can write to", str(p),
+                             f"{str(existing)!r} is not writable (making a file there "
+                             f"failed: {error.strerror or type(error).__name__})") from None
+    os.close(handle)
+    os.unlink(probe)

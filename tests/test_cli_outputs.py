@@ -57,6 +57,18 @@ def test_reserve_refuses_paths_that_cannot_be_created(tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_no_one_can_write_to_is_refused_also_as_root() -> None:
+    """os.access says root may write anywhere: an output under /proc passed the check as root
+    and failed only after the whole run."""
+    with OutputTransaction() as tx:
+        with pytest.raises(UserInputError, match=r"^--output: expected a path in a folder you "
+                                                 r"can write to, got '/proc/mtunlearn-out.pt'; "
+                                                 r"'/proc' is not writable \(making a file "
+                                                 r"there failed: "):
+            tx.reserve("--output", "/proc/mtunlearn-out.pt")
+
+
 def test_outputs_are_refused_before_the_run_when_they_cannot_be_written(tmp_path: Path) -> None:
     """A dangling symbolic link passed (exists() follows it) and so did a path under a file;
     both failed only after the whole run, naming no option."""
