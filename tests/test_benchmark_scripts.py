@@ -91,6 +91,15 @@ def test_host_overhead_times_the_list_ops_over_resnet50_shapes(tmp_path: Path) -
             "surgery.project_out_list"} <= contenders, stdout
 
 
+def test_per_sample_embeddings_times_both_passes_after_they_agree(tmp_path: Path) -> None:
+    stdout = _run([str(BENCHMARKS / "per_sample_embeddings.py"), "--rows", "50", "--dim", "4",
+                   "--bag", "5", "--batch", "6", "--repeats", "2", "--threads", "1"],
+                  cwd=tmp_path)
+    rows = [line.split("|") for line in stdout.splitlines() if line.startswith("| 50 ")]
+    assert [r[2].strip() for r in rows] == ["sum", "mean", "max"], stdout
+    assert all(float(r[-2].strip()) <= 1e-5 for r in rows), stdout
+
+
 def test_memory_inner_shapes_times_every_kernel_variant(tmp_path: Path) -> None:
     stdout = _run([str(BENCHMARKS / "memory_inner_shapes.py"), "--tensors", "4", "--values",
                    "1000", "--repeats", "2", "--threads", "1", "--shapes", "4x8,gram4"],
