@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1234,14 +1235,16 @@ def test_the_listed_heads_check_spares_inputs_and_warns_at_the_callers_line() ->
     x.requires_grad_(True)
     surgery = GradientSurgery(model.trunk.parameters(), UPGrad(),
                               head_params=model.heads.parameters())
-    surgery.backward(_losses(model, x, y))  # no error: x is an input, not a parameter
+    with pytest.warns(UserWarning, match="Inputs that require grad need none"):
+        surgery.backward(_losses(model, x, y))  # no error: x is an input, not a parameter
     assert x.grad is None and all(p.grad is not None for p in model.parameters())
     log_vars = nn.Parameter(torch.zeros(3))
     reduced = GradientSurgery(model.trunk.parameters(), UPGrad(), reducer=_LocalReducer(),
                               head_params=model.heads.parameters())
     with pytest.warns(UserWarning, match="in neither `shared_params` nor `head_params`") as seen:
         reduced.backward([loss + v for loss, v in zip(_losses(model, x, y), log_vars)])
-    assert [w.filename for w in seen] == [__file__]
+    # The parameter's warning (refused without a reducer) and the input's, both at this line.
+    assert [w.filename for w in seen] == [__file__, __file__]
 
 
 def test_a_failed_gradient_pass_keeps_torchs_error_without_a_cycle_of_causes() -> None:
@@ -1328,3 +1331,98 @@ def test_a_constant_task_loss_adds_nothing_to_the_gradients() -> None:
     w.grad = None
     GradientSurgery([w], SumWeighting()).backward([(w * w).sum(), torch.tensor(math.nan)])
     assert bool(w.grad.isnan().all())  # a NaN constant still poisons the step, as documented
+
+
+# -- the drop-in review (thirty-sixth session) ------------------------------------------------
+
+
+def test_the_aggregators_check_finite_holds_unless_the_surgery_is_given_its_own() -> None:
+    """UPGrad(check_finite=False) under a GradScaler was overridden by the surgery's default
+    (True): the overflowing step was refused instead of reaching .grad for the scaler."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    broken = _losses(model, x, y)
+    broken[1] = broken[1] * float("nan")
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(check_finite=False))
+    assert surgery.check_finite is False
+    surgery.backward(broken)
+    assert all(torch.isnan(p.grad).any() for p in model.trunk.parameters())
+    model.zero_grad(set_to_none=True)
+    checked = GradientSurgery(model.trunk.parameters(), UPGrad(check_finite=False),
+                              check_finite=True)
+    broken = _losses(model, x, y)
+    broken[1] = broken[1] * float("nan")
+    with pytest.raises(FloatingPointError, match=r"losses\[1\]"):
+        checked.backward(broken)
+    assert GradientSurgery(model.trunk.parameters(), UPGrad()).check_finite is True
+    assert GradientSurgery(model.trunk.parameters(), SumWeighting()).check_finite is True
+    for bad in ("no", 0, 1.0):
+        with pytest.raises(TypeError, match="GradientSurgery: `check_finite` must be a bool"):
+            GradientSurgery(model.trunk.parameters(), UPGrad(),
+                            check_finite=bad)  # type: ignore[arg-type]
+
+
+def test_one_parameter_instead_of_a_list_is_named() -> None:
+    model = MultiTaskNet()
+    weight = next(model.trunk.parameters())
+    with pytest.raises(TypeError, match=r"`shared_params` must be an iterable of parameters, "
+                                        r"got a single tensor of shape \(\d+, \d+\); pass "
+                                        r"\[param\]"):
+        GradientSurgery(weight, UPGrad())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched"])
+def test_a_learned_plain_tensor_outside_both_lists_is_warned_of(per_task: str) -> None:
+    """Uncertainty weighting's log-variances made with torch.zeros(k, requires_grad=True) got
+    no gradient with `head_params` given, silently: only nn.Parameters were checked."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    log_vars = torch.zeros(TASKS, requires_grad=True)
+    surgery = GradientSurgery(model.trunk.parameters(), Sum(), per_task=per_task,
+                              head_params=model.heads.parameters())
+    losses = [loss * torch.exp(-log_vars[t]) + log_vars[t]
+              for t, loss in enumerate(_losses(model, x, y))]
+    with pytest.warns(UserWarning, match=rf"reach 1 plain tensor\(s\) requiring grad that are "
+                                         rf"in neither .* \(shapes \({TASKS},\)\); "
+                                         rf"per_task='{per_task}' gives them no gradient") as seen:
+        surgery.backward(losses)
+    assert seen[0].filename == __file__
+    assert log_vars.grad is None
+    # Listed, it gets the gradient sum(losses).backward() gives it.
+    model.zero_grad(set_to_none=True)
+    listed = GradientSurgery(model.trunk.parameters(), Sum(), per_task=per_task,
+                             head_params=[*model.heads.parameters(), log_vars])
+    losses = [loss * torch.exp(-log_vars[t]) + log_vars[t]
+              for t, loss in enumerate(_losses(model, x, y))]
+    want = torch.autograd.grad(sum(losses), log_vars, retain_graph=True)[0]
+    listed.backward(losses)
+    torch.testing.assert_close(log_vars.grad, want)
+
+
+def test_an_input_requiring_grad_is_warned_of_once_and_not_refused() -> None:
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(),
+                              head_params=model.heads.parameters())
+    with pytest.warns(UserWarning, match="Inputs that require grad need none"):
+        surgery.backward(_losses(model, x.clone().requires_grad_(), y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surgery.backward(_losses(model, x.clone().requires_grad_(), y))
+
+
+def test_a_batched_step_refused_for_nan_says_the_rows_share_one_backward() -> None:
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    losses = _losses(model, x, y)
+    losses[0] = losses[0] * float("nan")
+    with pytest.raises(FloatingPointError, match=r"per_task='batched' backpropagates every task "
+                                                 r"in one vmapped pass.*per_task='autograd' "
+                                                 r"names only the ones that are"):
+        GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="batched").backward(losses)
+    losses = _losses(model, x, y)
+    losses[0] = losses[0] * float("nan")
+    with pytest.raises(FloatingPointError) as autograd:
+        GradientSurgery(model.trunk.parameters(), UPGrad()).backward(losses)
+    assert "losses[0]" in str(autograd.value) and "losses[1]" not in str(autograd.value)
+    assert "vmapped" not in str(autograd.value)

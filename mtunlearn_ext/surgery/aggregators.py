@@ -56,10 +56,10 @@ class Aggregator(nn.Module):
     the whole update is NaN, which is what a ``GradScaler`` (``torchjd.autojac.jac_to_grad``
     writing the update into ``.grad``) needs to see to skip an overflowing step; on CUDA
     without a device-to-host read (on the CPU the Gram is still read, for tiny gradients).
-    It applies where the aggregator is called on a matrix (``agg(J)``, ``jac_to_grad``);
-    :class:`~mtunlearn_ext.surgery.GradientSurgery` and
-    :func:`~mtunlearn_ext.surgery.aggregate_list` use only the ``weighting`` and take their
-    own ``check_finite``.
+    It applies where the aggregator is called on a matrix (``agg(J)``, ``jac_to_grad``) and
+    in a :class:`~mtunlearn_ext.surgery.GradientSurgery` built without a ``check_finite`` of
+    its own; :func:`~mtunlearn_ext.surgery.aggregate_list` uses only the ``weighting`` and
+    takes its own ``check_finite``.
     """
 
     def __init__(self, weighting: Weighting, *, check_finite: bool = True) -> None:

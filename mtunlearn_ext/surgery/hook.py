@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from mtunlearn_ext.ops._checks import check_bool
 from mtunlearn_ext.surgery._autograd_graph import (
     compiled_backward_donating,
     graph_nodes,
@@ -148,6 +149,10 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
         raise TypeError(f"GradientSurgery: `shared_params` must be the shared parameters, got "
                         f"the module {type(params).__name__}; pass its parameters() or "
                         "named_parameters()")
+    if isinstance(params, torch.Tensor):  # iterating it yields its rows, views of it
+        raise TypeError(f"GradientSurgery: `shared_params` must be an iterable of parameters, "
+                        f"got a single tensor of shape {tuple(params.shape)}; pass [param], or "
+                        "the model's parameters() or named_parameters()")
     shared = _SharedList([], [], [])
     listed: dict[int, int] = {}
     for i, item in enumerate(params):
@@ -393,7 +398,9 @@ class GradientSurgery:
         reducer: cross-process steps (``None``: single process).
         check_finite: raise on NaN/Inf task gradients (read from the Gram matrix, so not with
             ``Mean`` / ``Sum``, which need none: there NaN reaches ``.grad`` as with
-            ``sum(losses).backward()``). Set ``False`` under a ``GradScaler``
+            ``sum(losses).backward()``); ``None`` (the default) takes the aggregator's own
+            ``check_finite`` (``True`` for a bare weighting). Set ``False`` (here or on the
+            aggregator) under a ``GradScaler``
             (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
             it, and the aggregators' weights are scale-invariant, so scaled losses give the
             scaled update the scaler expects.
@@ -404,7 +411,7 @@ class GradientSurgery:
                  head_params: Iterable[torch.Tensor] | None = None,
                  per_task: PerTaskMode = "autograd", per_layer: bool | Sequence[int] = False,
                  num_layers: int | None = None, reducer: GradReducer | None = None,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool | None = None) -> None:
         self._given = _split_named(shared_params)
         # Under a reducer an empty list is a rank without a shard (fewer tensors than ranks):
         # it still takes part in the others' collectives, contributing a zero Gram.
@@ -436,7 +443,11 @@ class GradientSurgery:
         # readable signature keeps the second form, as before it existed).
         self._reducer_takes_names = reducer is not None and _takes_keywords(
             reducer, "stack_names", unreadable=False)
-        self.check_finite = check_finite
+        # None: the aggregator's own setting (UPGrad(check_finite=False) under a GradScaler
+        # was overridden by this default, True, and the step refused).
+        self.check_finite: bool = (getattr(aggregator, "check_finite", True)
+                                   if check_finite is None else
+                                   check_bool("GradientSurgery", "check_finite", check_finite))
         # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
         self._shared_ids = {id(p) for p in self._given.tensors}
         if self.head_params is not None and any(id(p) in self._shared_ids
@@ -750,11 +761,24 @@ class GradientSurgery:
         gradient, silently, where ``sum(losses).backward()`` gives it one. One walk of the
         graph, once: the lists are fixed, and a model's structure seldom changes."""
         listed = {id(p) for p in self.head_params or ()}
-        # Parameters only: an input that requires grad (a reentrant checkpoint's, an
-        # adversarial perturbation) is a leaf too, and needs no .grad from the surgery.
-        missing = [v for v in reachable_leaves(losses)
-                   if isinstance(v, torch.nn.Parameter) and v.requires_grad
-                   and id(v) not in self._shared_ids and id(v) not in listed]
+        unlisted = [v for v in reachable_leaves(losses) if v.requires_grad
+                    and id(v) not in self._shared_ids and id(v) not in listed]
+        # Refused: parameters. Only warned of: plain tensors, which may be inputs that require
+        # grad (a reentrant checkpoint's, an adversarial perturbation: they need no .grad from
+        # the surgery) or learned values kept outside the model (loss weights made with
+        # torch.zeros(k, requires_grad=True)), which get none.
+        missing = [v for v in unlisted if isinstance(v, torch.nn.Parameter)]
+        plain = [v for v in unlisted if not isinstance(v, torch.nn.Parameter)]
+        if plain:
+            shapes = ", ".join(str(tuple(v.shape)) for v in plain[:5])
+            # user -> backward/accumulate -> _per_task_grads -> _heads -> here
+            warnings.warn(
+                f"{caller}: the losses reach {len(plain)} plain tensor(s) requiring grad that "
+                f"are in neither `shared_params` nor `head_params` (shapes {shapes}"
+                f"{', ...' if len(plain) > 5 else ''}); per_task={self.per_task!r} gives them "
+                "no gradient. Inputs that require grad need none; a learned value (a loss "
+                "weight) does: add it to `head_params` or make it an nn.Parameter of the "
+                "model", stacklevel=5)
         if not missing:
             self._listed_heads_checked = True
             return
@@ -1044,7 +1068,7 @@ class GradientSurgery:
                 p.grad = None
             if isinstance(error, FloatingPointError):
                 raise FloatingPointError(self._non_finite_message(
-                    active.names, stacks, error, found.constants)
+                    active.names, stacks, error, found.constants, self.per_task)
                     + self._reducer_note()) from error
             raise
         if copies:
@@ -1122,7 +1146,8 @@ class GradientSurgery:
 
     @staticmethod
     def _non_finite_message(names: list[str], stacks: list[torch.Tensor],
-                            error: FloatingPointError, constants: frozenset[int]) -> str:
+                            error: FloatingPointError, constants: frozenset[int],
+                            per_task: str) -> str:
         """Which tasks' gradients are not finite, and in which parameter first (the ops' own
         message names only their argument, a stack of every task's gradients). Runs only
         once the check has failed, so it costs nothing on the normal path."""
@@ -1145,6 +1170,11 @@ class GradientSurgery:
                     "in this step's call (or one of its accumulated calls): a constant, whose "
                     "gradient is zero unless the constant itself is NaN or Inf, which makes it "
                     f"NaN{hint}")
+        if per_task == "batched" and len(first) > 1:
+            hint = ("; per_task='batched' backpropagates every task in one vmapped pass, where "
+                    "a NaN or Inf in one task's backward reaches the other tasks' rows too "
+                    "(zero times NaN is NaN), so any one of these may be the cause: "
+                    f"per_task='autograd' names only the ones that are{hint}")
         return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{hint}"
 
 
