@@ -489,12 +489,27 @@ def verify_record(record_path: str | os.PathLike[str],
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
         return _request_misfit(error, ckpt, sha, mismatches, checks)
+    # The pair counts the record gives the request's scope: recomputed from the same split.
+    counts = {"num_forget_pairs": int(forget.supervision.sum()),
+              "num_retain_pairs": int(retain.supervision.sum())}
+    edited = [f"request.{key} {req[key]!r} differs from the split the request gives, {value}"
+              f" (record edited?)" for key, value in counts.items()
+              if key in req and req[key] != value]
+    checks["pair counts"] = "MISMATCH" if edited else "ok"
+    mismatches.extend(edited)
     size = batch_size or int(record.get("eval_batch_size", 64))
     measured = measure(loaded.model, forget, retain, loaded.benchmark.test,
                        request.resolved_tasks(train_set), int(record["seed"]), size)
     differences = compare_measurements(record["after"], measured, tolerance, "after")
     checks["metrics"] = "MISMATCH" if differences else "ok"
     mismatches.extend(differences)
+    if checks["sha256"] != "ok":
+        # Another checkpoint than the record's output: the record's input is not its parent,
+        # and loading that input with this checkpoint's data failed with errors about the
+        # data (restore erased files, drop a --data-root never given) instead of this.
+        checks["before"] = "not measured (the checkpoint is not the record's output)"
+        checks["weights"] = "not checked (the checkpoint is not the record's output)"
+        return VerifyResult(False, str(ckpt), sha, mismatches, measured, checks)
     checks["before"] = _verify_before(record, record_path, forget, retain, loaded.benchmark.test,
                                       request.resolved_tasks(train_set), size, tolerance,
                                       mismatches,

@@ -338,3 +338,25 @@ def test_a_request_leaving_a_capped_task_no_retain_pair_is_a_one_line_error(
                           "'interference_aware' that fit this request"), err
     assert "the retain set has none" in err and "forget_objective={'depth': 'ascent'}" in err, err
     assert not out.exists()
+
+
+def test_another_models_checkpoint_is_a_mismatch_not_a_call_to_restore_erased_data(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: verifying a record against a checkpoint of another model, with the record's
+    forget files erased, exited 2 asking to restore them (its input, re-measured, was trained
+    on them) instead of failing on the checkpoint (exit 1)."""
+    other, other_u = tmp_path / "indoor.pt", tmp_path / "indoor_u.pt"
+    assert cli.main(["train", "--benchmark", "indoor", "--size", "tiny", "--epochs", "1",
+                     "--output", str(other), "--quiet"]) == 0
+    assert cli.main(["unlearn", "--checkpoint", str(other), "--forget-ids", "5",
+                     "--output", str(other_u), *STEPS]) == 0
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(5))
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", _record(erasable.u1), "--checkpoint",
+                         str(other_u)]) == 1
+        printed = capsys.readouterr()
+        assert "restore" not in printed.err, printed.err
+        table = " ".join(printed.out.split())
+        assert "sha256 MISMATCH" in table and "provenance MISMATCH" in table, table
+        assert "before not measured (the checkpoint is not the record's output)" in table, table

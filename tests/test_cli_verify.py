@@ -407,3 +407,26 @@ def test_resolved_settings_keep_per_task_objectives_and_methods_without_one() ->
     assert report.config["forget_objective"] is None  # the report itself is not changed
     retrain = SimpleNamespace(config={"epochs": 2}, extra={})
     assert cli._resolved_settings(retrain) == {"epochs": 2}
+
+
+@pytest.mark.parametrize("field", ["num_forget_pairs", "num_retain_pairs"])
+def test_verify_recounts_the_requests_pairs(unlearned: tuple[Path, Path], tmp_path: Path,
+                                            field: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: a record whose pair counts (the request's scope, as the summary and the
+    report show it) were edited verified."""
+    ckpt, record = unlearned
+    payload = json.loads(record.read_text())
+    recorded = payload["request"][field]
+    payload["request"][field] = recorded + 7
+    edited = tmp_path / "r.json"
+    edited.write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(edited), "--checkpoint", str(ckpt)]) == 1
+    printed = capsys.readouterr()
+    assert f"request.{field} {recorded + 7} differs from the split the request gives, " \
+           f"{recorded} (record edited?)" in printed.err, printed.err
+    assert "pair counts MISMATCH" in " ".join(printed.out.split()), printed.out
+    assert cli.main(["verify", "--record", str(record), "--checkpoint", str(ckpt),
+                     "--quiet"]) == 0
+    assert "pair counts ok" in " ".join(capsys.readouterr().out.split())
