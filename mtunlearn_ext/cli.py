@@ -722,7 +722,10 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     print(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "
-          f"{len(request.instance_ids)} instances, tasks {targets}")
+          # The instances forgotten: those named whose pairs earlier requests had all removed
+          # are not (the record's report counts the same).
+          f"{len(forget)} instances{_named_note(len(request.instance_ids), len(forget))}, "
+          f"tasks {targets}")
     print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
                         "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
@@ -909,6 +912,13 @@ def _schema_of(path: str) -> object:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return payload.get("schema") if isinstance(payload, dict) else None
+
+
+def _named_note(named: int, forgotten: int) -> str:
+    """`` (N named, ...)`` when fewer instances were forgotten than the request named."""
+    if named == forgotten:
+        return ""
+    return f" ({named} named; the other {named - forgotten}: removed by earlier requests)"
 
 
 def _verify_api_record(args: argparse.Namespace) -> int:

@@ -229,6 +229,8 @@ BAD_INPUTS = [
     (["--forget-ids", ids(1), "--request", "partial", "--target-tasks", "digit,parity,magnitude"],
      "--target-tasks", "names every task"),
     (["--forget-fraction", "1.5"], "--forget-fraction", "(0, 1)"),
+    # CLI review: beside --forget-ids (which leaves a valid fraction unused) it was ignored.
+    (["--forget-ids", ids(1), "--forget-fraction", "1.5"], "--forget-fraction", "(0, 1)"),
     (["--forget-ids", ids(1), "--method", "nope"], "--method", "nope"),
     (["--forget-ids", ids(1), "--method-config", '{"steps": -1}'], "--method-config", "steps"),
     (["--forget-ids", ids(1), "--method-config", '{"no_such": 1}'], "--method-config", "no_such"),

@@ -288,9 +288,12 @@ def test_pairs_the_lineage_removed_are_not_forgotten_again(
     some = tmp_path / "some.pt"
     assert cli.main(["unlearn", "--checkpoint", str(erasable.p1), "--forget-ids", "2,3",
                      "--target-tasks", "segmentation", "--output", str(some), *STEPS]) == 0
+    printed = capsys.readouterr()
     assert ("earlier requests of the checkpoint's lineage already removed pairs of 1 of the "
-            "ids named (ids [2]): only the other 1 pairs are forgotten") in \
-        capsys.readouterr().err
+            "ids named (ids [2]): only the other 1 pairs are forgotten") in printed.err
+    # The summary counts the instances forgotten, as the record's report does (it said 2).
+    assert ("partial request, 1 instances (2 named; the other 1: removed by earlier "
+            "requests), tasks ['segmentation']") in printed.out, printed.out
     request = json.loads(Path(_record(some)).read_text())["request"]
     assert request["instance_ids"] == [2, 3] and request["num_forget_pairs"] == 1
     # verify splits the request as unlearn did.
