@@ -622,3 +622,19 @@ out_of_selection_csv runs/refit_partial_ benchmarks/results/unlearning/refit_par
 #     0.57 / 1.65 (5 steps), 1.61 / 1.39 / 0.64 / 1.64 (10 steps). Five refit steps cost about
 #     2.4 s per run here (two runs side by side), about 10% of the run: over the time target's
 #     slack had one passed. The preset stays. 73 s in all.
+
+# --- Thirty-sixth session (~1 h on 2 cores, AMD EPYC): the new `scrub` baseline, selected as
+# every baseline was (raw output: scrub_rounds44-45.log; the shortlist's scores on both seeds:
+# scrub_grid.csv).
+# 44. seed 0: Adam learning rates x forget (max) steps; then lower rates with fewer forget steps
+#     (the first grid's lowest rate already sat at the untouched model's score or above it).
+"${EVAL[@]}" --methods scrub --checkpoints 10,20,30,40,60 \
+  --grid '{"scrub": {"lr": [1e-4, 3e-4, 1e-3], "optimizer": ["adam"], "forget_steps": [5, 10, 20]}}'
+"${EVAL[@]}" --methods scrub --checkpoints 5,10,20,30,40 \
+  --grid '{"scrub": {"lr": [1e-5, 3e-5], "optimizer": ["adam"], "forget_steps": [2, 5]}}'
+# 45. the shortlist on seed 1, then the final pick by the aligned score over both seeds.
+.venv/bin/python benchmarks/unlearning_eval.py --tune --seeds 1 --recipe memorising \
+  --methods scrub --checkpoints 10,20,30,40,60 \
+  --grid '{"scrub": {"lr": [1e-4, 3e-4], "optimizer": ["adam"], "forget_steps": [5, 10]}}'
+.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
+  --select-score aligned --methods scrub --grid-csv benchmarks/results/unlearning/scrub_grid.csv
