@@ -23,6 +23,7 @@ from mtunlearn_ext.unlearning.gradients import per_sample_retain_grads_and_losse
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAD = 3
+_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _bag_cases() -> list[tuple[str, int | None, bool, float | None, bool]]:
@@ -45,7 +46,7 @@ def _bags(n: int, length: int) -> torch.Tensor:
 
 
 def _per_sample_against_torch(module: nn.Module, inputs: torch.Tensor,
-                              extra: torch.Tensor | None = None) -> None:
+                              extra: torch.Tensor | None = None, batched: bool = True) -> None:
     """vmap(grad) of one instance's loss inside ``batchable_embeddings`` against torch's own
     module run instance by instance (each on a fresh copy of the weight, which a ``max_norm``
     forward renormalises in place), float64, values and gradients."""
@@ -63,10 +64,14 @@ def _per_sample_against_torch(module: nn.Module, inputs: torch.Tensor,
         value = loss(fresh, inputs[i], None if extra is None else extra[i])
         want_grads.append(torch.autograd.grad(value, fresh["weight"])[0])
         want_losses.append(value.detach())
-    with batchable_embeddings(module), warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch's per-instance fallback warns
+    with batchable_embeddings(module), warnings.catch_warnings(record=True) as seen:
+        # torch's per-instance fallback warns: only where torch's forward is kept
+        warnings.simplefilter("always" if not batched else "error")
         got = vmap(grad(loss, has_aux=False), in_dims=(None, 0, None if extra is None else 0))(
             params, inputs, extra)["weight"]
+    assert batched or any("performance drop" in str(w.message) for w in seen)
+    with batchable_embeddings(module), warnings.catch_warnings():
+        warnings.simplefilter("ignore" if not batched else "error")
         with torch.no_grad():
             losses = vmap(loss, in_dims=(None, 0, None if extra is None else 0))(
                 params, inputs, extra)
@@ -84,7 +89,13 @@ def test_a_bag_batches_with_torchs_values_and_gradients(
                              scale_grad_by_freq=by_freq).double()
     inputs = _bags(6, 5)
     extra = torch.rand(6, 5, dtype=torch.float64) if weighted else None
-    _per_sample_against_torch(module, inputs, extra)
+    if by_freq and max_norm is not None and _TORCH < (2, 14):
+        pytest.skip("torch before 2.14 scales an embedding bag's frequencies wrongly (ids "
+                    "[1, 1, 2, 3] give row 2 half its gradient), and with max_norm its own "
+                    "forward cannot run under vmap: the batched forward follows 2.14")
+    # Frequency scaling without max_norm keeps torch's forward (2.13 scales it differently).
+    _per_sample_against_torch(module, inputs, extra,
+                              batched=not (by_freq and max_norm is None))
 
 
 @pytest.mark.parametrize("padding_idx, by_freq", [(None, False), (PAD, False), (None, True)])

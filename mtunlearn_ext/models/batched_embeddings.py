@@ -18,7 +18,9 @@ with the gradient of the lookup itself, which is what torch's in-place renormali
 its gradient is taken at the renormalised weight, with respect to that weight. Only the weight
 the module holds is left as it is (torch's forward would have renormalised those rows of it;
 the next ordinary forward does). A 1-D input with ``offsets`` (bags of data-dependent lengths,
-which ``vmap`` cannot slice per instance anyway) keeps torch's own forward.
+which ``vmap`` cannot slice per instance anyway) and a bag with ``scale_grad_by_freq`` but no
+``max_norm`` (torch 2.13 scales its frequencies differently from 2.14, which this forward
+follows) keep torch's own forward.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def _embedding_forward(module: nn.Embedding, input: torch.Tensor) -> torch.Tenso
 def _bag_forward(module: nn.EmbeddingBag, torch_forward: Callable[..., torch.Tensor],
                  input: torch.Tensor, offsets: torch.Tensor | None = None,
                  per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    if input.dim() != 2 or offsets is not None or input.shape[1] == 0:
+    # A bag with scale_grad_by_freq too: torch 2.13's embedding_bag scales some rows by the
+    # wrong count (ids [1, 1, 2, 3] give row 2 half its gradient; 2.14 gives it all), and the
+    # per-sample gradients must match the ones its other passes take, whatever the version.
+    # Not with max_norm, whose in-place renormalisation torch's forward cannot run under vmap.
+    if (input.dim() != 2 or offsets is not None or input.shape[1] == 0
+            or (module.scale_grad_by_freq and module.max_norm is None)):
         return torch_forward(input, offsets, per_sample_weights)
     if per_sample_weights is not None and module.mode != "sum":
         # torch's own forward names what is wrong with these.
