@@ -557,6 +557,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         measure,
         parse_ids,
         parse_tasks,
+        removal_counts,
         removal_entry,
         restrict_retain,
         run_unlearning,
@@ -623,10 +624,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         retain = restrict_retain(retain, request, retain_ids, train_set)
         retain, excluded = exclude_removed(retain, earlier or [], retain_ids)
         if earlier:
-            removed_ids = len({i for e in earlier for i in e["instance_ids"]})
+            entirely, partly = removal_counts(train_set, earlier)
+            partly_text = (f" and the target-task labels of {partly} other(s)" if partly
+                           else "")
             print(f"mtunlearn: {len(earlier)} earlier request(s) of the checkpoint's lineage "
-                  f"removed {removed_ids} instance(s): they stay removed ({excluded} pairs kept "
-                  "out of the retain set)", file=sys.stderr)
+                  f"removed {entirely} instance(s) entirely{partly_text}: those pairs stay "
+                  f"removed ({excluded} kept out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
         from tqdm.auto import tqdm
 

@@ -686,6 +686,20 @@ def without_removed(dataset: MultiTaskDataset, removals: Sequence[Mapping[str, A
     return dataset.with_supervision(dataset.supervision & ~_removed_mask(dataset, removals))
 
 
+def removal_counts(dataset: MultiTaskDataset, removals: Sequence[Mapping[str, Any]]
+                   ) -> tuple[int, int]:
+    """``(entirely, partly)``: how many instances of ``dataset`` the ``removals`` (earlier
+    requests of the checkpoint's lineage) took out with every supervised pair, and how many
+    with some of them only (a partial request's target tasks), their other labels still read."""
+    if not removals:
+        return 0, 0
+    supervised = dataset.supervision
+    removed = supervised & _removed_mask(dataset, removals)
+    touched = removed.any(dim=1)
+    entirely = touched & ~(supervised & ~removed).any(dim=1)
+    return int(entirely.sum()), int((touched & ~entirely).sum())
+
+
 def check_forget_left(train: MultiTaskDataset, remaining: MultiTaskDataset,
                       request: ForgetRequest, argument: str) -> list[int]:
     """The ids of ``request`` some of whose pairs the lineage removed already (``train``'s

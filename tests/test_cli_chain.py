@@ -73,9 +73,9 @@ def test_a_chained_request_keeps_earlier_removals_out_of_the_retain_set(
         for partial in _ints(ids(3, 4)):  # only their digit labels were removed
             assert not bool(retain.supervision[rows[partial], digit])
             assert bool(retain.supervision[rows[partial]].any())
-        assert ("mtunlearn: 2 earlier request(s) of the checkpoint's lineage removed 5 "
-                "instance(s): they stay removed (11 pairs kept out of the retain set)"
-                in printed.err), printed.err
+        assert ("mtunlearn: 2 earlier request(s) of the checkpoint's lineage removed 3 "
+                "instance(s) entirely and the target-task labels of 2 other(s): those pairs "
+                "stay removed (11 kept out of the retain set)" in printed.err), printed.err
         assert "earlier removals: 2 request(s) of the input's lineage" in printed.out
         lineage = _meta(first)["removals"]
         assert [e["instance_ids"] for e in lineage] == [sorted(_ints(ids(0, 1, 2))),
@@ -170,6 +170,15 @@ def test_exclude_removed() -> None:
     assert len(retain) == len(train) - 2 and int(retain.ids[0]) == some[2]
     assert retain.supervision[0].tolist() == [True, False, True]
     assert workflow.exclude_removed(train, []) == (train, 0)
+    # An instance is removed entirely once its requests together took every supervised pair.
+    tasks = train.task_names
+    assert workflow.removal_counts(train, [
+        {"instance_ids": some[:2], "target_tasks": None},
+        {"instance_ids": some[1:], "target_tasks": tasks[:1]},
+        {"instance_ids": some[2:], "target_tasks": tasks[1:]}]) == (3, 0)
+    assert workflow.removal_counts(train, [
+        {"instance_ids": some, "target_tasks": tasks[1:]}]) == (0, 3)
+    assert workflow.removal_counts(train, []) == (0, 0)
     assert workflow.lineage_removals({"kind": "original"}) == []
     assert workflow.lineage_removals({"kind": "unlearned"}) is None
     with pytest.raises(workflow.UserInputError, match="'removals' is malformed"):
