@@ -269,6 +269,50 @@ def test_unlearn_leaves_every_module_mode_output_and_buffer_of_the_model(modes: 
         assert torch.equal(value, before_state[key]), key
 
 
+class _Observed(_TwoHeads):
+    """A trunk whose forward writes buffers in every mode, as a quantisation observer does
+    (torch.ao's MinMaxObserver keeps the activations' extremes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen_max", torch.zeros(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        with torch.no_grad():
+            self.seen_max.copy_(torch.maximum(self.seen_max, z.detach().max()))
+            self.calls += 1
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+@pytest.mark.parametrize("instance_projection", ["off", "nonconflicting"])
+def test_unlearn_restores_buffers_the_models_own_forward_writes(instance_projection: str) -> None:
+    """unlearn's probing forwards (input checks, head probe, the losses before) ran on the
+    caller's modules: an observer's buffers changed in the model the caller keeps, also when
+    the run then failed (with instance projection on, the per-sample pass refuses the write)."""
+    x, y = _data()
+    model = _Observed().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen_max, calls = model.seen_max, model.calls
+    run = lambda: mtunlearn_ext.unlearn(  # noqa: E731
+        model, tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+        shared_parameters=lambda n: n.startswith("trunk."),
+        config={"steps": 2, "instance_projection": instance_projection})
+    if instance_projection == "off":
+        new, report = run()
+        assert int(new.calls) > 0  # the returned copy's forwards do count
+        assert report.extra["parameters_changed"]
+    else:
+        # torch's own words ("mutate a captured Tensor") named neither the pass nor a way out
+        with pytest.raises(RuntimeError, match=r"per-sample gradient step runs the model under "
+                           r"torch\.func\.vmap.*into buffers.*instance_projection=\"off\""):
+            run()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.seen_max is seen_max and model.calls is calls  # the same tensors, restored
+
+
 @pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
 def test_rates_and_weights_past_float32s_largest_are_refused(method: str) -> None:
     """Audit: lr 1e39 passed validation (finite and >= 0) and torch's SGD then failed inside the

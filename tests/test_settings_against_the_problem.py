@@ -63,9 +63,11 @@ def test_check_problem_is_what_unlearn_refuses_before_any_work(indoor_tiny,  # t
                                 forget=forget, retain=retain, request=request,
                                 target_tasks=list(bench.train.task_names), device="cpu", seed=0)
     capped = get_unlearner("interference_aware", {"steps": 1, "cap_reference": "held_out"})
-    with pytest.raises(ValueError, match="needs a problem with `held_out` instances"):
+    with pytest.raises(ValueError, match=r"needs a problem with `held_out` instances "
+                       r"\(`held_out_data=` of mtunlearn_ext\.unlearn"):
         capped.check_problem(problem)
-    with pytest.raises(ValueError, match="needs a problem with `held_out` instances"):
+    with pytest.raises(ValueError, match=r"needs a problem with `held_out` instances "
+                       r"\(`held_out_data=` of mtunlearn_ext\.unlearn"):
         capped.unlearn(problem)
     # Without a capped objective the held-out caps are never measured: the setting is moot.
     get_unlearner("interference_aware", {"steps": 1, "cap_reference": "held_out",

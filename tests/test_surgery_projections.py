@@ -491,3 +491,54 @@ def test_per_layer_ids_must_be_integers(per_layer: object, error: str) -> None:
     for ids in (numpy.array([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]), (0, 0, 1, 1)):
         for got, want in zip(project_out_list(g, basis, per_layer=ids), expected):  # type: ignore[arg-type]
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+@pytest.mark.parametrize("returned", ["none", "wrong shape"])
+@pytest.mark.parametrize("call", ["project_out_list", "project_nonconflicting_list",
+                                  "aggregate_list"])
+def test_a_reduce_that_does_not_return_the_sum_is_named(call: str, returned: str,
+                                                        check_finite: bool) -> None:
+    """``reduce=lambda t: dist.all_reduce(t)`` sums in place and returns None: the result was
+    read as the sum, an AttributeError on None that named no argument."""
+    from mtunlearn_ext import surgery
+
+    def reduce(t: torch.Tensor) -> torch.Tensor | None:
+        return None if returned == "none" else t[:1]
+
+    g = [torch.randn(2, 4, 3), torch.randn(2, 5)]
+    basis = [torch.randn(3, 4, 3), torch.randn(3, 5)]
+    with pytest.raises(TypeError, match=r"`reduce` must return the summed statistics, a tensor "
+                                        r"of shape \[\d+, \d+\] like its argument, got "
+                                        + ("NoneType" if returned == "none" else "a tensor")):
+        if call == "aggregate_list":
+            outs = [torch.zeros(4, 3), torch.zeros(5)]
+            surgery.aggregate_list(surgery.UPGrad(), basis, outs, check_finite=check_finite,
+                                   reduce=reduce)  # type: ignore[arg-type]
+        else:
+            getattr(surgery, call)(g, basis, reduce=reduce, check_finite=check_finite)
+
+
+def test_none_for_a_required_tensor_list_is_named() -> None:
+    """``combine_list(coeffs, xs, None)`` failed as "'NoneType' object is not iterable",
+    naming no argument (a tensor in its place was named)."""
+    from mtunlearn_ext import ops
+    from mtunlearn_ext.surgery import aggregate_list, gram_list_stats, inner_list_stats
+    g, basis = torch.randn(2, 5), torch.randn(3, 5)
+    calls = [
+        ("ops.combine_list", "outs", lambda: ops.combine_list(torch.randn(3), [basis], None)),
+        ("ops.combine_list", "xs", lambda: ops.combine_list(torch.randn(3), None, [g[0]])),
+        ("ops.gram_list", "xs", lambda: ops.gram_list(None)),
+        ("ops.inner_list", "bs", lambda: ops.inner_list([g], None)),
+        ("surgery.project_out_list", "basis_list", lambda: project_out_list([g], None)),
+        ("surgery.project_nonconflicting_list", "g_list",
+         lambda: project_nonconflicting_list(None, [basis])),
+        ("surgery.aggregate_list", "grads_list", lambda: aggregate_list(UPGrad(), None, [g[0]])),
+        ("surgery.gram_list_stats", "basis_list", lambda: gram_list_stats(None)),
+        ("surgery.inner_list_stats", "a_list", lambda: inner_list_stats(None, [basis])),
+    ]
+    for function, name, call in calls:
+        with pytest.raises(TypeError, match=rf"^mtunlearn_ext\.{re.escape(function)}: `{name}` "
+                                            r"must be a list of tensors \(one per parameter\), "
+                                            r"got None$"):
+            call()

@@ -293,56 +293,63 @@ def unlearn(model: nn.Module, *,
     """
     if not isinstance(progress, bool):  # a string such as "no" would be taken as true
         raise TypeError(f"unlearn: `progress` must be True or False, got {progress!r}")
-    problem, trained, naming = build_problem_with_naming(
-        model, tasks=tasks, train_data=train_data, forget_request=forget_request,
-        forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
-        held_out_data=held_out_data, shared_parameters=shared_parameters,
-        head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
-        train_config=train_config, earlier_requests=earlier_requests)
-    wrapped, forget, retain = problem.model, problem.forget, problem.retain
-    audit = None
-    if audit_data is not None:
-        audit_data = cast(Any, read_in(audit_data, problem.tasks, "audit_data",
-                                        keep_ids=True))
-        audit = as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
-        audit.check_values("unlearn: `audit_data`")
-        audit.warn_of_negative_depths("unlearn: `audit_data`")
-        problem.check_model_on(audit, "`audit_data`")
-        # A data set's ids against the training data sets' ids; tuple data (ids of its own,
-        # 0..N-1) and training data given as tuples: by equal inputs and labels.
-        own_audit = isinstance(audit_data, MultiTaskDataset)
-        check_unseen(audit, "audit_data", own_audit, trained)
-        if problem.held_out is not None and len(problem.held_out):
-            # The forget caps are measured on the held-out instances: an audit on them would
-            # compare the forget set with the very losses it was steered to.
-            check_unseen(audit, "audit_data", own_audit,
-                          [TrainedRows("held_out_data", problem.held_out,
-                                    torch.arange(len(problem.held_out)), naming.own_held_out)],
-                          against="`held_out_data`",
-                          must="be distinct from `held_out_data` (the instances the forget "
-                               "caps may be measured on)")
-        target_columns = [audit.task_index(t) for t in problem.target_tasks]
-        labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
-        if labelled < 8:
-            raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
-                             f"the target tasks {problem.target_tasks}, got {labelled}")
-    unlearner = get_unlearner(method, config)
-    if isinstance(unlearner, GradientUnlearner) and not any(
-            p.requires_grad for p in wrapped.parameters()):
-        count = sum(1 for _ in wrapped.parameters())
-        raise ValueError(f"unlearn: no parameter of `model` requires grad (requires_grad is "
-                         f"False for all {count}), so method {unlearner.name!r} has nothing to "
-                         f"update; unfreeze the parameters it may change (at least the shared "
-                         f"trunk's: `p.requires_grad_(True)`)")
-    before_f = _mean_losses(wrapped, forget)
-    before_r = _mean_losses(wrapped, retain)
-    audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
-    bar = progress_bar(unlearner) if progress else None
+    # Probing forwards (the input checks, the head probe, the losses before) run on the
+    # caller's own modules; a forward that writes buffers even in eval mode (a quantisation
+    # observer's min/max) would change the model the caller keeps.
+    kept = BuffersKept(model)
     try:
-        result = unlearner.unlearn(problem)
+        problem, trained, naming = build_problem_with_naming(
+            model, tasks=tasks, train_data=train_data, forget_request=forget_request,
+            forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
+            held_out_data=held_out_data, shared_parameters=shared_parameters,
+            head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
+            train_config=train_config, earlier_requests=earlier_requests)
+        wrapped, forget, retain = problem.model, problem.forget, problem.retain
+        audit = None
+        if audit_data is not None:
+            audit_data = cast(Any, read_in(audit_data, problem.tasks, "audit_data",
+                                            keep_ids=True))
+            audit = as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
+            audit.check_values("unlearn: `audit_data`")
+            audit.warn_of_negative_depths("unlearn: `audit_data`")
+            problem.check_model_on(audit, "`audit_data`")
+            # A data set's ids against the training data sets' ids; tuple data (ids of its own,
+            # 0..N-1) and training data given as tuples: by equal inputs and labels.
+            own_audit = isinstance(audit_data, MultiTaskDataset)
+            check_unseen(audit, "audit_data", own_audit, trained)
+            if problem.held_out is not None and len(problem.held_out):
+                # The forget caps are measured on the held-out instances: an audit on them would
+                # compare the forget set with the very losses it was steered to.
+                check_unseen(audit, "audit_data", own_audit,
+                              [TrainedRows("held_out_data", problem.held_out,
+                                        torch.arange(len(problem.held_out)), naming.own_held_out)],
+                              against="`held_out_data`",
+                              must="be distinct from `held_out_data` (the instances the forget "
+                                   "caps may be measured on)")
+            target_columns = [audit.task_index(t) for t in problem.target_tasks]
+            labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
+            if labelled < 8:
+                raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
+                                 f"the target tasks {problem.target_tasks}, got {labelled}")
+        unlearner = get_unlearner(method, config)
+        if isinstance(unlearner, GradientUnlearner) and not any(
+                p.requires_grad for p in wrapped.parameters()):
+            count = sum(1 for _ in wrapped.parameters())
+            raise ValueError(f"unlearn: no parameter of `model` requires grad (requires_grad is "
+                             f"False for all {count}), so method {unlearner.name!r} has nothing to "
+                             f"update; unfreeze the parameters it may change (at least the shared "
+                             f"trunk's: `p.requires_grad_(True)`)")
+        before_f = _mean_losses(wrapped, forget)
+        before_r = _mean_losses(wrapped, retain)
+        audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
+        bar = progress_bar(unlearner) if progress else None
+        try:
+            result = unlearner.unlearn(problem)
+        finally:
+            if bar is not None:
+                bar.close()
     finally:
-        if bar is not None:
-            bar.close()
+        kept.restore()
     after_f = _mean_losses(result.model, forget)
     after_r = _mean_losses(result.model, retain)
     result.report.extra["summary"] = {
@@ -421,6 +428,29 @@ def unlearn(model: nn.Module, *,
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
+
+
+class BuffersKept:
+    """The values of a module tree's buffers when made; :meth:`restore` puts them back, in the
+    same tensors (a buffer replaced by another tensor is put back too; one resized in place is
+    replaced by its saved copy)."""
+
+    def __init__(self, model: object) -> None:
+        modules = model.modules() if isinstance(model, nn.Module) else ()  # refused later
+        self._saved = [(module, name, buffer, buffer.detach().clone())
+                       for module in modules
+                       for name, buffer in module._buffers.items() if buffer is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, buffer, value in self._saved:
+                if buffer.shape != value.shape or buffer.dtype != value.dtype:
+                    module._buffers[name] = value  # resized in place: the saved copy instead
+                    continue
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 #: The half-precision types a returned model may be cast to, as a whole, and still be saved

@@ -143,10 +143,13 @@ def check_beta(op: str, beta: object, check_finite: bool, name: str = "beta") ->
                          f"{beta!r:.40}") from None
 
 
-def check_tensor_list(op: str, name: str, tensors: object) -> None:
+def check_tensor_list(op: str, name: str, tensors: object, *, required: bool = False) -> None:
     """Refuse one tensor where a list of tensors (one per parameter) is expected: iterated, a
     tensor gives its rows, so ``gram_list(x)`` with ``x`` of shape ``[5, 3]`` ran as a list of
-    five stacks of 3 (k = 5) without a word."""
+    five stacks of 3 (k = 5) without a word. With ``required``, ``None`` is refused too (it
+    failed as "'NoneType' object is not iterable", naming no argument)."""
+    if required and tensors is None:
+        raise TypeError(f"{op}: `{name}` must be a list of tensors (one per parameter), got None")
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{op}: `{name}` must be a list of tensors (one per parameter), got a "
                         f"torch.Tensor of shape {tuple(tensors.shape)} (iterating it would take "

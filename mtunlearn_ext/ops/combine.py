@@ -171,8 +171,8 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     detached tensors, as on ``.grad``.
     """
     op = "mtunlearn_ext.ops.combine_list"
-    check_tensor_list(op, "xs", xs)
-    check_tensor_list(op, "outs", outs)
+    check_tensor_list(op, "xs", xs, required=True)
+    check_tensor_list(op, "outs", outs, required=True)
     check_tensor_list(op, "bases", bases)
     xs, outs = list(xs), list(outs)
     base_list = None if bases is None else list(bases)

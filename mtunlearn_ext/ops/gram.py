@@ -63,8 +63,8 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
                     check_finite: bool) -> torch.Tensor:
     """Validate two paired stack lists and run the list op ``name`` (compiled or reference)."""
     op = f"mtunlearn_ext.ops.{name}"
-    check_tensor_list(op, a_name, a)
-    check_tensor_list(op, b_name, b)
+    check_tensor_list(op, a_name, a, required=True)
+    check_tensor_list(op, b_name, b, required=True)
     a_list, b_list = list(a), list(b)
 
     def check() -> None:
@@ -110,7 +110,7 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     kernel launch.
     """
     op = "mtunlearn_ext.ops.gram_list"
-    check_tensor_list(op, "xs", xs)
+    check_tensor_list(op, "xs", xs, required=True)
     xs = list(xs)
 
     def check() -> None:

@@ -299,13 +299,27 @@ def stacked_stats(g: Sequence[torch.Tensor], r: Sequence[torch.Tensor],
                             num_layers, check_finite=check_finite, caller=caller)
 
 
+def call_reduce(op: str, reduce: StatsReduce, stats: torch.Tensor) -> torch.Tensor:
+    """``reduce(stats)``, refused unless it is a tensor of ``stats``' shape: an in-place
+    collective such as ``dist.all_reduce`` returns ``None``, and its result was then read as
+    the sum (an ``AttributeError`` on ``None`` naming no argument)."""
+    total = reduce(stats)
+    if not isinstance(total, torch.Tensor) or total.shape != stats.shape:
+        got = (f"a tensor of shape {list(total.shape)}" if isinstance(total, torch.Tensor)
+               else type(total).__name__)
+        raise TypeError(f"{op}: `reduce` must return the summed statistics, a tensor of shape "
+                        f"{list(stats.shape)} like its argument, got {got} (for "
+                        f"torch.distributed: `lambda t: (dist.all_reduce(t), t)[1]`)")
+    return total
+
+
 def reduced_stats(op: str, stats: torch.Tensor, reduce: StatsReduce,
                   named: Sequence[tuple[str, Sequence[torch.Tensor]]], *,
                   check_finite: bool) -> torch.Tensor:
     """``reduce(stats)`` (the statistics summed over the processes), checked for NaN/Inf after
     the collective when ``check_finite`` (:func:`check_reduced`); the local statistics must
     have been computed without the check."""
-    total = reduce(stats)
+    total = call_reduce(op, reduce, stats)
     if check_finite:
         check_reduced(op, total, named)
     return total
@@ -464,7 +478,7 @@ def solvable_gram(local: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[
     without it. On CUDA without the check (no host read allowed), inside ``torch.compile``
     and under ``torch.func`` transforms the float32 ``G`` is used as it is, as before.
     """
-    gram = local if reduce is None else reduce(local)
+    gram = local if reduce is None else call_reduce("mtunlearn_ext.surgery", reduce, local)
     if not _readable(gram, check_finite):
         if check_finite:
             check(gram)
@@ -552,7 +566,7 @@ def _rescued_gram(gram: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[i
         fresh = torch.zeros((suspect.shape[0], len(rows), k), dtype=torch.float64,
                             device=gram.device)
     if reduce is not None:
-        fresh = reduce(fresh)
+        fresh = call_reduce("mtunlearn_ext.surgery", reduce, fresh)
     rescued = gram.to(torch.float64)
     flat = rescued.view(-1, k, k)
     for a, i in enumerate(rows):

@@ -154,7 +154,7 @@ def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Seq
     ``ops.gram_list`` pass per dtype). Keep it to pass as ``basis_gram`` to
     :func:`project_out_list` while the basis does not change."""
     op = "mtunlearn_ext.surgery.gram_list_stats"
-    check_tensor_list(op, "basis_list", basis_list)
+    check_tensor_list(op, "basis_list", basis_list, required=True)
     basis_list = list(basis_list)
     check_stacks(op, "basis_list", basis_list)
     layers, num_layers = layer_index(per_layer, len(basis_list), op, num_layers)
@@ -171,8 +171,8 @@ def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tens
     grows a basis by a few rows updates a kept ``basis_gram`` (new rows against all) instead of
     recomputing it."""
     op = "mtunlearn_ext.surgery.inner_list_stats"
-    check_tensor_list(op, "a_list", a_list)
-    check_tensor_list(op, "b_list", b_list)
+    check_tensor_list(op, "a_list", a_list, required=True)
+    check_tensor_list(op, "b_list", b_list, required=True)
     a_list, b_list = list(a_list), list(b_list)
     check_stacks(op, "a_list", a_list)
     check_stacks(op, "b_list", b_list)
@@ -220,8 +220,8 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
         The projected stacks (``outs``), and the coefficients if asked.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
-    check_tensor_list(op, "g_list", g_list)
-    check_tensor_list(op, "basis_list", basis_list)
+    check_tensor_list(op, "g_list", g_list, required=True)
+    check_tensor_list(op, "basis_list", basis_list, required=True)
     check_tensor_list(op, "outs", outs)
     g_list, basis_list = list(g_list), list(basis_list)
     check_same_length(op, "g_list", g_list, "basis_list", basis_list)
@@ -276,8 +276,8 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
             the ``k x m`` cross products are then computed.
     """
     op = "mtunlearn_ext.surgery.project_nonconflicting_list"
-    check_tensor_list(op, "g_list", g_list)
-    check_tensor_list(op, "r_list", r_list)
+    check_tensor_list(op, "g_list", g_list, required=True)
+    check_tensor_list(op, "r_list", r_list, required=True)
     check_tensor_list(op, "outs", outs)
     g_list, r_list = list(g_list), list(r_list)
     check_same_length(op, "g_list", g_list, "r_list", r_list)
@@ -359,7 +359,7 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
     if not isinstance(weighting, Weighting):
         raise TypeError(f"{op}: `aggregator` must be a mtunlearn_ext.surgery Aggregator or "
                         f"Weighting, got {type(aggregator).__name__}")
-    check_tensor_list(op, "grads_list", grads_list)
+    check_tensor_list(op, "grads_list", grads_list, required=True)
     check_tensor_list(op, "outs", outs)
     grads_list, outs = list(grads_list), list(outs)
     if len(outs) != len(grads_list):

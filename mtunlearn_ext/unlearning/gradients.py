@@ -252,8 +252,9 @@ def _mha_fast_path_off() -> Iterator[None]:
 
 # Lower-case pieces of the messages torch's vmap raises for what it cannot batch: `.item()` or
 # data-dependent control flow, ops with data-dependent output shapes, in-place writes into an
-# unbatched tensor, ops without a batching rule.
-_VMAP_ERROR_MARKS = ("vmap", "batching rule")
+# unbatched tensor, ops without a batching rule, and (from the grad transform inside it) an
+# in-place write into a buffer the forward captured (an observer's running extremes).
+_VMAP_ERROR_MARKS = ("vmap", "batching rule", "mutate a captured tensor")
 
 
 def _is_vmap_error(error: BaseException) -> bool:
@@ -280,7 +281,8 @@ def _vmap_failure(caller: str, error: BaseException) -> RuntimeError:
         "instance at a time (each a batch of one), and torch could not batch its forward (or "
         f"backward) there ({said}). Not supported under vmap: data-dependent shapes "
         "or control flow (`.item()`, `int(mask.sum(1).max())` to trim a batch to its longest "
-        "sequence, `if x.any():`, boolean-mask indexing) and in-place writes into the inputs. "
+        "sequence, `if x.any():`, boolean-mask indexing) and in-place writes into the inputs "
+        "or into buffers (a quantisation observer's running extremes). "
         "Either turn the per-sample step off (config `instance_projection=\"off\"` of the "
         "interference-aware method, or a method without per-sample gradients: orthograd always "
         "takes them), or make the forward vmap-friendly (keep the padded length and mask "

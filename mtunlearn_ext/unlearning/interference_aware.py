@@ -607,7 +607,8 @@ def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 _NO_HELD_OUT = ("interference_aware: cap_reference='held_out' needs a problem with `held_out` "
-                "instances (or use 'auto' / 'retain')")
+                "instances (`held_out_data=` of mtunlearn_ext.unlearn / build_problem, "
+                "`held_out=` of UnlearningProblem), or use 'auto' / 'retain'")
 
 
 @register_unlearner
