@@ -199,3 +199,19 @@ def test_compiled_list_projection_matches_eager(in_place: bool) -> None:
     if in_place:
         for a, b in zip(compiled_g, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_pcgrad_with_a_fixed_order_compiles_once() -> None:
+    """PCGrad(reshuffle=False) counted its calls all the same, and torch.compile takes a
+    module's int attributes for constants: every call recompiled, and the 9th failed under
+    fullgraph=True (the README's advice for compiled steps was this very setting)."""
+    from mtunlearn_ext.surgery import PCGrad
+
+    torch._dynamo.reset()
+    aggregator = PCGrad(reshuffle=False)
+    compiled = torch.compile(aggregator, fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        matrix = torch.randn(3, 10, generator=g, dtype=F64)
+        torch.testing.assert_close(compiled(matrix), PCGrad(reshuffle=False)(matrix))
+    torch._dynamo.reset()

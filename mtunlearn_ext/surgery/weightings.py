@@ -123,7 +123,11 @@ class PCGradWeighting(Weighting):
             # Modulo 2**63 (the kernels' int64): a seed near the top wrapped past it and
             # failed at a later call.
             order_seed = (self.seed + (self.calls if self.reshuffle else 0)) % 2 ** 63
-        self.calls += 1
+        if self.reshuffle and self.seed is not None:
+            # Counted only where it picks the order: torch.compile takes a module's int
+            # attributes for constants, so a count that changed every call recompiled every
+            # call (and failed at dynamo's 9th under fullgraph=True) with the order fixed.
+            self.calls += 1
         return ops.pcgrad_weights(gram, seed=order_seed)
 
     def get_extra_state(self) -> dict[str, int]:
