@@ -52,7 +52,9 @@ def _check_gram(op: str, gram_matrix: torch.Tensor) -> int:
 
 
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """Solve ``(G + lambda I) a = rhs`` with ``lambda = ridge * trace(G) / k``.
+    """Solve ``(G + lambda I) a = rhs`` with ``lambda = ridge * trace(G) / k`` plus float64's
+    smallest normal number (2.2e-308: an all-zero ``G`` stays solvable; a float64 Gram whose
+    entries are near 1e-300 therefore sees it).
 
     Args:
         gram: ``[..., k, k]`` symmetric PSD; rhs: ``[..., k, m]``.
