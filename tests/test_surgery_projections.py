@@ -508,8 +508,9 @@ def test_a_reduce_that_does_not_return_the_sum_is_named(call: str, returned: str
 
     g = [torch.randn(2, 4, 3), torch.randn(2, 5)]
     basis = [torch.randn(3, 4, 3), torch.randn(3, 5)]
-    with pytest.raises(TypeError, match=r"`reduce` must return the summed statistics, a tensor "
-                                        r"of shape \[\d+, \d+\] like its argument, got "
+    with pytest.raises(TypeError, match=rf"^mtunlearn_ext\.surgery\.{call}: `reduce` must "
+                                        r"return the summed statistics, a tensor of shape "
+                                        r"\[\d+, \d+\] like its argument, got "
                                         + ("NoneType" if returned == "none" else "a tensor")):
         if call == "aggregate_list":
             outs = [torch.zeros(4, 3), torch.zeros(5)]

@@ -463,7 +463,7 @@ GramCheck = Callable[[torch.Tensor], None]
 
 def solvable_gram(local: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[int] | None,
                   num_layers: int, reduce: StatsReduce | None, *, check_finite: bool,
-                  check: GramCheck) -> tuple[torch.Tensor, torch.dtype]:
+                  check: GramCheck, op: str) -> tuple[torch.Tensor, torch.dtype]:
     """The Gram matrix a weighting solves on, and the dtype its weights are used in.
 
     ``local`` is ``G`` of the stacks ``xs`` (``[k, k]``, or ``[L, k, k]`` per layer), computed
@@ -478,7 +478,7 @@ def solvable_gram(local: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[
     without it. On CUDA without the check (no host read allowed), inside ``torch.compile``
     and under ``torch.func`` transforms the float32 ``G`` is used as it is, as before.
     """
-    gram = local if reduce is None else call_reduce("mtunlearn_ext.surgery", reduce, local)
+    gram = local if reduce is None else call_reduce(op, reduce, local)
     if not _readable(gram, check_finite):
         if check_finite:
             check(gram)
@@ -490,7 +490,7 @@ def solvable_gram(local: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[
         return gram, gram.dtype
     if not smallest < UNDERFLOW_FLOOR:
         return gram, gram.dtype
-    return _rescued_gram(gram, xs, layers, num_layers, reduce), gram.dtype
+    return _rescued_gram(gram, xs, layers, num_layers, reduce, op), gram.dtype
 
 
 def _readable(gram: torch.Tensor, check_finite: bool) -> bool:
@@ -521,7 +521,7 @@ def _sum_and_smallest_diagonal(gram: torch.Tensor) -> tuple[float, float]:
 
 
 def _rescued_gram(gram: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[int] | None,
-                  num_layers: int, reduce: StatsReduce | None) -> torch.Tensor:
+                  num_layers: int, reduce: StatsReduce | None, op: str) -> torch.Tensor:
     """``gram`` (float32), or as float64 with its suspect rows (diagonal entry below the floor,
     per problem) recomputed from power-of-two rescaled copies of those rows.
 
@@ -566,7 +566,7 @@ def _rescued_gram(gram: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[i
         fresh = torch.zeros((suspect.shape[0], len(rows), k), dtype=torch.float64,
                             device=gram.device)
     if reduce is not None:
-        fresh = call_reduce("mtunlearn_ext.surgery", reduce, fresh)
+        fresh = call_reduce(op, reduce, fresh)
     rescued = gram.to(torch.float64)
     flat = rescued.view(-1, k, k)
     for a, i in enumerate(rows):

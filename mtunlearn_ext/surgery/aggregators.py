@@ -108,7 +108,8 @@ class Aggregator(nn.Module):
                 return solvable_gram(
                     local, [detached], None, 1, None, check_finite=self.check_finite,
                     check=lambda g: check_finite_result("mtunlearn_ext.ops.gram", g,
-                                                        [("x", detached)]))
+                                                        [("x", detached)]),
+                    op=f"mtunlearn_ext.surgery.{type(self).__name__}")
             except FloatingPointError as error:
                 raise FloatingPointError(self._non_finite_message(matrix)) from error
 

@@ -388,7 +388,7 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
                                caller=(op, ("grads_list",)))
             gram, weights_dtype = solvable_gram(
                 local, grads_list, layers, layer_count, reduce, check_finite=check_finite,
-                check=lambda g: _check_gram(op, g, grads_list, reduce is not None))
+                check=lambda g: _check_gram(op, g, grads_list, reduce is not None), op=op)
         else:
             # Mean / Sum look only at k: skip the pass over the gradients and the collective.
             shape = (k, k) if layers is None else (layer_count, k, k)
