@@ -313,6 +313,39 @@ def test_unlearn_restores_buffers_the_models_own_forward_writes(instance_project
     assert model.seen_max is seen_max and model.calls is calls  # the same tensors, restored
 
 
+def test_unlearn_validates_the_problem_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: build_problem validated the problem and the unlearner validated it again, so
+    the probing forwards on the caller's model (retain, forget, heads) and every validation
+    warning ran twice per call (11 forwards of the caller's model where 7 do)."""
+    from mtunlearn_ext.unlearning import UnlearningProblem, get_unlearner
+
+    calls: list[int] = []
+    validate = UnlearningProblem.validate
+
+    def counted(problem: UnlearningProblem) -> None:
+        calls.append(1)
+        validate(problem)
+
+    monkeypatch.setattr(UnlearningProblem, "validate", counted)
+    x, y = _data()
+    request = ForgetRequest.create(range(5))
+    mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y), forget_request=request,
+                          shared_parameters=lambda n: n.startswith("trunk."),
+                          config={"steps": 1})
+    assert len(calls) == 1
+    # A problem handed to an unlearner directly is validated by it, as before.
+    problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y), forget_request=request,
+                            shared_parameters=lambda n: n.startswith("trunk."))
+    unlearner = get_unlearner("interference_aware", {"steps": 1})
+    unlearner.unlearn(problem)
+    assert len(calls) == 3
+    problem.retain = problem.forget  # what validation exists to refuse
+    with pytest.raises(ValueError, match="UnlearningProblem"):
+        unlearner.unlearn(problem)
+    with pytest.raises(TypeError, match=r"`validated` must be True or False, got 'yes'"):
+        unlearner.unlearn(problem, validated="yes")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
 def test_rates_and_weights_past_float32s_largest_are_refused(method: str) -> None:
     """Audit: lr 1e39 passed validation (finite and >= 0) and torch's SGD then failed inside the

@@ -344,7 +344,8 @@ def unlearn(model: nn.Module, *,
         audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
         bar = progress_bar(unlearner) if progress else None
         try:
-            result = unlearner.unlearn(problem)
+            # build_problem validated it, and nothing since has changed it.
+            result = unlearner.unlearn(problem, validated=True)
         finally:
             if bar is not None:
                 bar.close()

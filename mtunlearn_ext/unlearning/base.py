@@ -599,15 +599,28 @@ class Unlearner(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
-    def unlearn(self, problem: UnlearningProblem) -> UnlearningResult:
+    def unlearn(self, problem: UnlearningProblem, *, validated: bool = False
+                ) -> UnlearningResult:
         """Unlearn ``problem`` and return a new model; ``problem.model`` is left untouched.
 
         Seeds Python/NumPy/torch from ``problem.seed`` inside a forked random state (so a run is
         reproducible on one device with one thread count, and the caller's generators are left
         as they were), deep-copies the model to ``problem.device``, runs :meth:`_unlearn` and
         returns the copy in eval mode, its parameters without ``.grad``, with a report.
+
+        Args:
+            problem: the request, data and model.
+            validated: ``True`` for a problem whose :meth:`UnlearningProblem.validate` has just
+                passed and that has not changed since (the one
+                :func:`~mtunlearn_ext.api.build_problem` returns): it is not validated again,
+                so its probing forwards (the model run on the retain, forget and held-out sets)
+                and its warnings are not repeated.
         """
-        problem.validate()
+        if not isinstance(validated, bool):
+            raise TypeError(f"{type(self).__name__}.unlearn: `validated` must be True or False, "
+                            f"got {validated!r}")
+        if not validated:
+            problem.validate()
         self.check_problem(problem)
         device = torch.device(problem.device)
         # The caller's random state is left as it was: the run draws from seeded forks.
