@@ -2070,6 +2070,38 @@ def test_heads_given_as_shared_are_named_in_a_warning() -> None:
         build_problem(_TwoHeads(), shared_parameters=lambda n: n.startswith("trunk."), **common)
 
 
+class _WithSpareLayer(_TwoHeads):
+    """A trunk layer left over from an earlier design: built, never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(16, 16)
+
+
+def test_trainable_parameters_that_feed_no_task_are_named_in_a_warning() -> None:
+    """Review: a shared parameter that one task alone feeds was warned of, one that no task
+    feeds (a left-over layer: no gradient ever reaches it) was not; frozen, it is silent."""
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(5), ["a"]),
+                  shared_parameters=lambda n: not n.startswith("heads."))
+    model = _WithSpareLayer()
+    with pytest.warns(UserWarning) as caught:
+        build_problem(model, **common)
+    said = [str(w.message) for w in caught if "no task's prediction" in str(w.message)]
+    assert said == [
+        "UnlearningProblem: 2 trainable parameters ('spare.weight', 'spare.bias') feed no "
+        "task's prediction (read from the autograd graph of the first 40 retained instances): "
+        "no gradient reaches them, so the gradient methods leave them as they are; if the "
+        "model uses them only in training mode or on other inputs, that is expected, "
+        "otherwise they are left over (freeze them: `p.requires_grad_(False)`)"]
+    assert {w.filename for w in caught} == {__file__}
+    model.spare.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_problem(model, **common)
+
+
 class _RoutedExperts(nn.Module):
     """Two shared experts, each row sent to one of them per task (a hard top-1 route): task a
     takes expert 0 for rows whose first input is negative, task b expert 1 for those."""

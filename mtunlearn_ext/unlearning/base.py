@@ -315,6 +315,18 @@ class UnlearningProblem:
                     f"of the first {read} retained instances): the heads are given to the "
                     "wrong tasks (check `head_parameters`, or the module names the heads are "
                     "found by)")
+        unused = [name.removeprefix(prefix) for name in shared if not fed(name)]
+        unused += [name.removeprefix(prefix) for t, name in heads if not fed(name)]
+        if unused:
+            shown = ", ".join(repr(n) for n in unused[:3]) + (", ..." if len(unused) > 3 else "")
+            warn_at_caller(f"UnlearningProblem: {len(unused)} trainable parameter"
+                           f"{'s' if len(unused) > 1 else ''} ({shown}) feed"
+                           f"{'' if len(unused) > 1 else 's'} no task's prediction (read from "
+                           f"the autograd graph of the first {read} retained instances): no "
+                           "gradient reaches them, so the gradient methods leave them as they "
+                           "are; if the model uses them only in training mode or on other "
+                           "inputs, that is expected, otherwise they are left over (freeze "
+                           "them: `p.requires_grad_(False)`)")
         alone: dict[str, list[str]] = {}
         for name in shared:
             if len(tasks := fed(name)) == 1:
