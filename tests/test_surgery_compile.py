@@ -175,6 +175,31 @@ def test_compiled_aggregator_matches_eager() -> None:
     torch.testing.assert_close(compiled(j), MGDA(iterations=20)(j))
 
 
+def test_mgda_traces_whole_on_the_cpu_and_keeps_the_exact_answers() -> None:
+    """Review: MGDA's CPU solver branched on values (is the compiled QP's answer optimal?),
+    so `fullgraph=True` failed on the CPU; traced, the CPU solve is one opaque custom op, so
+    badly scaled tasks (norms 1e3 apart: the branch-free iterative budget alone was 0.19 off)
+    and a hull holding the origin (the QP unbounded: the budget alone left a norm of 0.24)
+    get the eager answers."""
+    from mtunlearn_ext.surgery.min_norm import min_norm_simplex
+
+    gen = torch.Generator().manual_seed(5)
+    j = torch.randn(4, 10, 30, generator=gen, dtype=torch.float64)
+    j[:, 0] *= 1e3
+    j[3, :, 3:] = 0  # ten points in a plane of three dimensions: the hull holds the origin
+    gram = j @ j.transpose(-1, -2)
+    compiled = torch.compile(min_norm_simplex, backend="aot_eager", fullgraph=True)
+    got, want = compiled(gram), min_norm_simplex(gram)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert float((want[3] @ j[3]).norm()) < 1e-9
+    from mtunlearn_ext.surgery.min_norm import _host_min_norm
+
+    torch.library.opcheck(_host_min_norm, (gram, 200, True))
+    x = torch.randn(4, 50, generator=gen)
+    aggregator = torch.compile(MGDA(), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(aggregator(x), MGDA()(x), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["new-outputs", "in-place"])
 def test_compiled_list_projection_matches_eager(in_place: bool) -> None:
     """The list projection under torch.compile (fullgraph, aot_eager): its combine pass reads g

@@ -12,8 +12,9 @@ QP (:func:`mtunlearn_ext.ops.nonconflicting_dual`, an equivalent problem: see
 ``_min_norm_by_dual``), whose answer is kept when it passes the KKT conditions; otherwise (the
 hull holds the origin, or the QP's active set stalls on dependent rows) the steps above run,
 and a problem whose answer still fails the KKT conditions after the budget (tasks whose
-gradient norms differ by 1e3 or more) is finished by an exact active-set method. On a GPU the
-budget's answer stands.
+gradient norms differ by 1e3 or more) is finished by an exact active-set method; inside
+``torch.compile`` (whose graph cannot branch on values) the CPU solve is one opaque custom op,
+``mtunlearn_surgery::min_norm_simplex``. On a GPU the budget's answer stands.
 """
 
 from __future__ import annotations
@@ -142,22 +143,21 @@ def _active_set_min_norm(gram: torch.Tensor, start: torch.Tensor,
     return a
 
 
-def _min_norm_by_dual(g: torch.Tensor) -> torch.Tensor | None:
-    """The min-norm weights from the compiled non-negative QP, or ``None`` where that fails.
+def _min_norm_by_dual(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-norm weights from the compiled non-negative QP, and where they are right.
 
     ``w = argmin_{w >= 0} 1/2 w^T G w - 1^T w`` (:func:`mtunlearn_ext.ops.nonconflicting_dual`
     with ``c = -1``) scaled onto the simplex, ``a = w / sum(w)``, is the min-norm point's
     weights: the QP's KKT conditions ``(G w)_i >= 1``, with equality where ``w_i > 0``, become
     ``(G a)_i >= 1 / sum(w) = a^T G a`` with equality on the support, which are the simplex
-    problem's. When the hull holds the origin the QP is unbounded; the answer is then checked
-    against the simplex problem's KKT conditions, and ``None`` (any problem failing them) sends
-    the whole batch to the iterative solver."""
+    problem's. When the hull holds the origin the QP is unbounded; so the answer is checked
+    against the simplex problem's KKT conditions: the mask says, per problem, which passed."""
     k = g.shape[-1]
     minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
     w = ops.nonconflicting_dual(g, minus_ones).squeeze(-2)
     a = w / w.sum(-1, keepdim=True)
     ok = torch.isfinite(a).all(-1) & (a >= 0).all(-1) & _kkt_optimal(g, a)
-    return a if bool(ok.all()) else None
+    return a, ok
 
 
 def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool = True
@@ -188,18 +188,41 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     # No autograd through the solve (the weightings document weights as constants): the compiled
     # QP has no backward formula, and the iterative path's graph would differ from it.
     g = gram.detach().to(torch.float64)
+    if g.device.type == "cpu" and torch.compiler.is_compiling():
+        # The host solver decides on values (is the QP's answer optimal? which problems are
+        # left?), which a traced graph cannot branch on: it is one opaque op there.
+        return _host_min_norm(g, iterations, polish).to(gram.dtype)
+    return _solve(g, iterations, polish).to(gram.dtype)
+
+
+@torch.library.custom_op("mtunlearn_surgery::min_norm_simplex", mutates_args=(),
+                         device_types="cpu")
+def _host_min_norm(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
+    """:func:`min_norm_simplex` on the CPU as one op for ``torch.compile`` (float64 in, out)."""
+    return _solve(g, iterations, polish)
+
+
+@_host_min_norm.register_fake
+def _(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
+    return g.new_empty(g.shape[:-1])
+
+
+def _solve(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
+    """:func:`min_norm_simplex`'s solve of the float64 Gram ``g`` (``k >= 1``), in float64."""
+    k = g.shape[-1]
     g = 0.5 * (g + g.transpose(-1, -2))
     tiny = torch.finfo(torch.float64).tiny
     scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
     g = g / scale[..., None, None]
     step = 1.0 / g.abs().sum(-1).amax(-1).clamp_min(tiny)
-    if polish and g.device.type == "cpu" and g.numel() > 0:
+    host = g.device.type == "cpu"
+    if polish and host and g.numel() > 0:
         # On the host the compiled active-set QP answers in microseconds, and checking it is
         # free; the accelerated steps below cost a loop of small torch ops (1.06 ms against
         # TorchJD's 0.80 at k = 16), and remain for the problems it fails and for devices.
-        exact = _min_norm_by_dual(g)
-        if exact is not None:
-            return exact.to(gram.dtype)
+        exact, optimal = _min_norm_by_dual(g)
+        if bool(optimal.all()):
+            return exact
 
     x = torch.full((*g.shape[:-2], k), 1.0 / k, dtype=torch.float64, device=g.device)
     y = x
@@ -208,14 +231,14 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     # iteration, so every few iterations the current support is polished and, if the result
     # satisfies the KKT conditions, returned; on a device the test would be a sync per check,
     # so the fixed budget runs.
-    check_every = 4 if g.device.type == "cpu" else 0
+    check_every = 4 if host else 0
     for iteration in range(iterations):
         grad = (y.unsqueeze(-2) @ g).squeeze(-2)
         x_next = _project_simplex(y - step.unsqueeze(-1) * grad)
         if polish and check_every and iteration % check_every == check_every - 1:
             candidate = _polish(g, x_next)
             if bool(_kkt_optimal(g, candidate).all()):
-                return candidate.to(gram.dtype)
+                return candidate
         # Adaptive restart (O'Donoghue & Candes): drop the momentum when it points uphill, which
         # keeps FISTA monotone enough to converge linearly on strongly convex faces.
         restart = ((y - x_next) * (x_next - x)).sum(-1) > 0
@@ -226,7 +249,7 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
         x, t = x_next, t_next
     if polish:
         x = _polish(g, x)
-        if g.device.type == "cpu":
+        if host:
             # Badly scaled tasks (gradient norms apart by 1e3 or more) can leave the budget short
             # of the optimal support; on the host the optimality test is free, so the problems
             # that fail it are finished exactly.
@@ -237,4 +260,4 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
                     if bool(torch.isfinite(flat_g[i]).all()):
                         flat_x[i] = _active_set_min_norm(flat_g[i], flat_x[i])
                 x = flat_x.reshape(x.shape)
-    return x.to(gram.dtype)
+    return x
