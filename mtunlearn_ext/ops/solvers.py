@@ -13,6 +13,11 @@ Inputs are Gram matrices as returned by :func:`mtunlearn_ext.ops.gram`; outputs 
 accumulation dtype for a Gram from :func:`~mtunlearn_ext.ops.gram`: float32, or float64; a
 float16 or bfloat16 Gram gives float16 or bfloat16 outputs, rounded from the float64 solve).
 
+``gram`` must be symmetric, as every Gram matrix is; that is not checked (on CUDA a check
+would cost a host synchronisation per call), and the solvers read entries from both triangles,
+so a non-symmetric matrix gives an answer to no stated problem: symmetrise one built by other
+means, ``0.5 * (g + g.mT)``, if its triangles may differ by more than rounding.
+
 Unlike the Gram, combine and projection wrappers they take no ``check_finite``: NaN or Inf in
 ``gram`` or ``rhs`` propagate to the outputs (NaN, with no error), which the library's own
 callers rely on. Check the inputs or outputs yourself where that matters
