@@ -371,14 +371,22 @@ def test_unlearn_names_a_datasets_instances_by_the_ids_they_carry(tasks: str) ->
     assert sorted(_rows_of(problem.forget.inputs, x)) == [0, 9]  # type: ignore[arg-type]
     assert sorted(problem.forget.ids.tolist()) == [1030, 1039]
     assert sorted(problem.retain.ids.tolist()) == sorted(data.ids.tolist())
-    # The same run as on the data set itself, and the record names the ids it was given.
+    # The same run as on the data set in id order (a torch dataset's rows are taken so), the
+    # same as on a loader over it (review: a dataset kept its index order, a loader was
+    # sorted, and the two gave different weights), and the record names the ids it was given.
     model = _TwoHeads()
     from_dataset, report = mtunlearn_ext.unlearn(model, train_data=_Keyed(data),
                                                  forget_request=request, config={"steps": 3},
                                                  **common)  # type: ignore[arg-type]
-    from_ids, _ = mtunlearn_ext.unlearn(model, train_data=data, forget_request=request,
-                                        config={"steps": 3}, **common)  # type: ignore[arg-type]
+    from_ids, _ = mtunlearn_ext.unlearn(model, train_data=data.subset(torch.argsort(data.ids)),
+                                        forget_request=request, config={"steps": 3},
+                                        **common)  # type: ignore[arg-type]
+    from_loader, _ = mtunlearn_ext.unlearn(model, train_data=DataLoader(_Keyed(data),
+                                                                        batch_size=5),
+                                           forget_request=request, config={"steps": 3},
+                                           **common)  # type: ignore[arg-type]
     assert all(torch.equal(a, b) for a, b in zip(_weights(from_dataset), _weights(from_ids)))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(from_dataset), _weights(from_loader)))
     assert not all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(from_dataset)))
     assert report.request["ids_sha256"] == request.ids_hash()
     assert report.request["ids_named_by"] == "the 'id' each instance of `train_data` carries"

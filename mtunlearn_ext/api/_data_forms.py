@@ -28,9 +28,10 @@ def read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
     an ``"id"`` come back as a :class:`MultiTaskDataset` with those ids, so that they name the
     instances as a data set's own ids do (its tasks are placeholders when ``tasks`` gives
     kinds: :func:`with_tasks` puts the real ones in); without, the ids are dropped (a caller
-    that names no instance, such as :func:`evaluate`). A loader's rows are put in the order of
-    their ids: a shuffling loader reads them in a random order, which would otherwise change
-    the run (minibatches are drawn by row) with the global random state."""
+    that names no instance, such as :func:`evaluate`). Rows that carry ids are put in the order
+    of their ids: a shuffling loader reads them in a random order, which would otherwise change
+    the run (minibatches are drawn by row) with the global random state, and a dataset and a
+    loader over it then give the same run."""
     if isinstance(data, MultiTaskDataset) or not isinstance(
             data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
         return data
@@ -49,8 +50,8 @@ def read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
         raise type(error)(f"{op}: `{what}`: {error}") from None
     if not (keep_ids and own_ids):
         return (read.inputs, read.targets, read.supervision)
-    if isinstance(data, torch.utils.data.DataLoader):
-        order = torch.argsort(read.ids)
+    order = torch.argsort(read.ids)
+    if not torch.equal(order, torch.arange(len(order))):
         read = MultiTaskDataset(take_rows(read.inputs, order),
                                 {t: v[order] for t, v in read.targets.items()}, read.tasks,
                                 read.ids[order], read.supervision[order])
