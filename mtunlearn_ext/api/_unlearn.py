@@ -190,8 +190,9 @@ def unlearn(model: nn.Module, *,
     (:func:`~mtunlearn_ext.data.gather`: a missing or ``None`` label is an unsupervised pair).
     Instances that carry an ``"id"`` (a loader's batches: one per row) are then a data set
     with those ids: the ids name them in ``forget_request``, the split, the report and the
-    checks of held-out and audit data (a loader's rows taken in id order, so that a shuffling
-    loader's order does not change the run); others are taken as a tuple, named by position,
+    checks of held-out and audit data (the rows taken in id order, so that a shuffling
+    loader's order does not change the run, and a dataset runs as a loader over it does);
+    others are taken as a tuple, named by position,
     a map-style dataset's indices.
 
     Args:
