@@ -431,6 +431,36 @@ def test_normals_median_of_a_nan_prediction_is_nan_not_a_perfect_score() -> None
     assert abs(finite.compute()["median_angle"] - 20.0) <= 0.005 + 1e-9
 
 
+def test_nan_logits_score_nan_not_right() -> None:
+    """Review: argmax takes NaN for the largest value, so NaN logits at the label scored as
+    right (accuracy 1.0, mIoU 1.0) and a diverged model could look perfect; now NaN, which the
+    scores (UIS, retrain gap) read as infinitely far. NaN only at ignored units, and -inf
+    logits (a log-probability of zero), still score."""
+    y = torch.tensor([0, 1, 2, 0])
+    at_label = torch.zeros(4, 3)
+    at_label[torch.arange(4), y] = float("nan")
+    acc = make_accumulator(CLS)
+    acc.update(at_label, y)
+    assert math.isnan(acc.compute()["accuracy"])
+    ignored = TaskSpec("cls", "classification", num_classes=3, ignore_index=-100)
+    logits = torch.nn.functional.one_hot(y, 3).float().log()  # -inf off the label
+    logits[3] = float("nan")
+    acc = make_accumulator(ignored)
+    acc.update(logits, torch.tensor([0, 1, 2, -100]))
+    assert acc.compute() == {"accuracy": 1.0}
+    target = torch.tensor([[[0, 1, 2, 1]]])
+    pred = torch.zeros(1, 3, 1, 4)
+    pred[0, target[0, 0], 0, torch.arange(4)] = float("nan")
+    seg = make_accumulator(SEG)
+    seg.update(pred, target)
+    assert all(math.isnan(v) for v in seg.compute().values()) and seg.compute()
+    binary = make_accumulator(TaskSpec("flag", "binary"))
+    binary.update(torch.tensor([[float("nan")], [-1.0]]), torch.tensor([[0.0], [0.0]]))
+    assert all(math.isnan(v) for v in binary.compute().values())
+    finite = {"cls": {"accuracy": 0.9}}
+    assert uis(finite, {"cls": {"accuracy": float("nan")}}, finite) == math.inf
+
+
 def test_an_ignore_index_inside_the_classes_is_no_class_of_the_miou() -> None:
     """Class 0 is the ignore label: it labels no pixel, but predictions of it gave it a union
     and an IoU of 0 in the mean."""

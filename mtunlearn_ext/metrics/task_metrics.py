@@ -6,6 +6,12 @@ over per-batch means, so the value does not depend on the batch size. Fractions 
 degrees.
 
 * classification: ``accuracy = #(argmax logits == y) / #samples``.
+
+A NaN logit of a scored unit (a labelled sample or valid pixel) makes the metrics NaN, as a NaN
+prediction does for depth, normals and regression: ``argmax`` takes NaN for the largest value,
+so a diverged model's NaN logits would otherwise score as right wherever they sat at the
+label (an accuracy of 1.0). Infinite logits are predictions (``-inf``: a log-probability of
+zero).
 * segmentation, from the confusion matrix ``M[g, p]`` (count of valid pixels with label ``g``
   predicted ``p``): ``IoU_c = M[c,c] / (sum_p M[c,p] + sum_g M[g,c] - M[c,c])``;
   ``miou`` = mean of ``IoU_c`` over the classes with a non-empty union (present in the labels or
@@ -186,15 +192,19 @@ class _Classification(MetricAccumulator):
         self.ignore_index = spec.ignore_index
         self.correct = 0
         self.total = 0
+        self.saw_nan = False
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         _check_metric_shapes(self.spec, pred, target)
         keep = target != self.ignore_index
         self.correct += int((pred.argmax(dim=1)[keep] == target[keep]).sum())
         self.total += int(keep.sum())
+        self.saw_nan = self.saw_nan or bool(torch.isnan(pred).any(dim=1)[keep].any())
 
     def compute(self) -> dict[str, float]:
-        return {"accuracy": self.correct / self.total if self.total else float("nan")}
+        if self.saw_nan or not self.total:
+            return {"accuracy": float("nan")}
+        return {"accuracy": self.correct / self.total}
 
     @property
     def count(self) -> int:
@@ -208,14 +218,18 @@ class _Segmentation(MetricAccumulator):
         self.num_classes = spec.num_classes
         self.ignore_index = spec.ignore_index
         self.confusion = torch.zeros(spec.num_classes, spec.num_classes, dtype=torch.long)
+        self.saw_nan = False
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         _check_metric_shapes(self.spec, pred, target)
         self.confusion += confusion_matrix(pred.argmax(dim=1).cpu(), target.cpu(),
                                            self.num_classes, self.ignore_index)
+        valid = target != self.ignore_index
+        self.saw_nan = self.saw_nan or bool(torch.isnan(pred).any(dim=1)[valid].any())
 
     def compute(self) -> dict[str, float]:
-        return segmentation_scores(self.confusion, self.ignore_index)
+        scores = segmentation_scores(self.confusion, self.ignore_index)
+        return {name: float("nan") for name in scores} if self.saw_nan else scores
 
     @property
     def count(self) -> int:
@@ -342,6 +356,7 @@ class _Binary(MetricAccumulator):
         self.correct = 0
         self.squared = 0.0
         self.total = 0
+        self.saw_nan = False
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         _check_metric_shapes(self.spec, pred, target)
@@ -352,9 +367,10 @@ class _Binary(MetricAccumulator):
         self.correct += int(((logits > 0) == (labels >= 0.5)).sum())
         self.squared += float((torch.sigmoid(logits) - labels).pow(2).sum())
         self.total += int(keep.sum())
+        self.saw_nan = self.saw_nan or bool(torch.isnan(logits).any())
 
     def compute(self) -> dict[str, float]:
-        if not self.total:
+        if self.saw_nan or not self.total:
             return {"accuracy": float("nan"), "brier": float("nan")}
         return {"accuracy": self.correct / self.total, "brier": self.squared / self.total}
 
