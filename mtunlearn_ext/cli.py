@@ -479,6 +479,11 @@ def _training_nonfinite(error: FloatingPointError) -> Exception:
 def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
     """``<stem>.<method>.pt`` / ``<stem>.<method>.record.json`` beside the input, with a
     numeric suffix if taken (so a rerun never collides with an earlier run)."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    if checkpoint.name in ("", ".", ".."):  # "." or "/": no name to put the outputs beside
+        raise UserInputError("--checkpoint", "a checkpoint file", str(checkpoint),
+                             "it names a folder")
     for n in range(1, 10_000):
         tag = method if n == 1 else f"{method}-{n}"
         ckpt = checkpoint.with_name(f"{checkpoint.stem}.{tag}.pt")

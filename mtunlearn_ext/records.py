@@ -489,14 +489,9 @@ def verify_record(record_path: str | os.PathLike[str],
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
         return _request_misfit(error, ckpt, sha, mismatches, checks)
-    # The pair counts the record gives the request's scope: recomputed from the same split.
-    counts = {"num_forget_pairs": int(forget.supervision.sum()),
-              "num_retain_pairs": int(retain.supervision.sum())}
-    edited = [f"request.{key} {req[key]!r} differs from the split the request gives, {value}"
-              f" (record edited?)" for key, value in counts.items()
-              if key in req and req[key] != value]
-    checks["pair counts"] = "MISMATCH" if edited else "ok"
-    mismatches.extend(edited)
+    _check_pair_counts(req, {"num_forget_pairs": int(forget.supervision.sum()),
+                             "num_retain_pairs": int(retain.supervision.sum())},
+                       mismatches, checks)
     size = batch_size or int(record.get("eval_batch_size", 64))
     measured = measure(loaded.model, forget, retain, loaded.benchmark.test,
                        request.resolved_tasks(train_set), int(record["seed"]), size)
@@ -558,6 +553,17 @@ def _kept_part(measurement: Any) -> dict[str, Any]:
     return {"metrics": {k: metrics.get(k) for k in ("retain", "test")}}
 
 
+def _check_pair_counts(req: Mapping[str, Any], counts: Mapping[str, int], mismatches: list[str],
+                       checks: dict[str, str], note: str = "") -> None:
+    """The ``pair counts`` row: the counts the record gives the request's scope against those
+    recomputed from the same split (``counts``; ``note`` says what could not be)."""
+    edited = [f"request.{key} {req[key]!r} differs from the split the request gives, {value}"
+              f" (record edited?)" for key, value in counts.items()
+              if key in req and req[key] != value]
+    checks["pair counts"] = "MISMATCH" if edited else "ok" + note
+    mismatches.extend(edited)
+
+
 def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str],
                    request: Any, loaded: Any, ckpt: Path, sha: str,
                    data_root: str | os.PathLike[str] | None, batch_size: int | None,
@@ -587,6 +593,9 @@ def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str
         retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:
         return _request_misfit(error, ckpt, sha, mismatches, checks)
+    # The forget pairs' files are gone; the retain set is rebuilt all the same.
+    _check_pair_counts(req, {"num_retain_pairs": int(retain.supervision.sum())}, mismatches,
+                       checks, " (retain pairs; the forget pairs' files are erased)")
     size = batch_size or int(record.get("eval_batch_size", 64))
     checks[FORGET_ERASED_CHECK] = FORGET_ERASED_NOTE
     measured = measure_kept(loaded.model, retain, test, size)

@@ -919,6 +919,11 @@ class OutputTransaction:
         p = Path(path)
         if "\0" in str(p):
             raise UserInputError(argument, "a file path", str(p), "it holds a NUL byte")
+        given = os.fspath(path)
+        if given.endswith(("/", os.sep)) or p.name in ("", ".", ".."):
+            # Path() drops a trailing separator: "newdir/" would become a file named newdir.
+            raise UserInputError(argument, "a file path", given,
+                                 "it names a folder; give the file's name too (newdir/out.pt)")
         resolved = p.resolve()
         for inp in self.inputs:
             if resolved == inp.resolve():

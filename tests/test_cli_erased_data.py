@@ -80,6 +80,20 @@ def test_erasing_a_removed_instance_keeps_verify_evaluate_and_chained_unlearn_wo
         assert cli.main(["verify", "--record", _record(erasable.u1)]) == 0
         out = capsys.readouterr().out
         assert NOTE in out and "verified:" in out, out
+        assert "pair counts     ok (retain pairs; the forget pairs' files are erased)" in out
+        # CLI review: with the forget files erased the pair counts were not compared, so an
+        # edited count verified.
+        record = json.loads(Path(_record(erasable.u1)).read_text())
+        real = record["request"]["num_retain_pairs"]
+        record["request"]["num_retain_pairs"] = 1
+        edited = Path(_record(erasable.u1)).with_name("edited.record.json")
+        edited.write_text(json.dumps(record))
+        assert cli.main(["verify", "--record", str(edited)]) == 1
+        edited.unlink()
+        captured = capsys.readouterr()
+        out = captured.out + captured.err
+        assert (f"mismatch: request.num_retain_pairs 1 differs from the split the request "
+                f"gives, {real} (record edited?)") in out, out
         assert cli.main(["evaluate", "--checkpoint", str(erasable.u1), "--output",
                          str(tmp_path / "e.json"), "--quiet"]) == 0
         u2 = tmp_path / "u2.pt"

@@ -84,6 +84,23 @@ def test_outputs_are_refused_before_the_run_when_they_cannot_be_written(tmp_path
                                                  r".*afile/x.json.* is a file, not a folder"):
             tx.reserve("--record", a_file / "x.json")
         assert tx.reserve("--output", tmp_path / "new" / "deeper" / "x.pt").name == "x.pt"
+        # CLI review: Path() drops a trailing separator, so "newdir/" became a file newdir.
+        for folder in (f"{tmp_path}/newdir/", ".", f"{tmp_path}/.."):
+            with pytest.raises(UserInputError, match=r"--record: expected a file path, got "
+                                                     r".*; it names a folder"):
+                tx.reserve("--record", folder)
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_unlearn_refuses_a_folder_as_the_checkpoint_in_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: `--checkpoint .` (or `/`) failed with a traceback (ValueError: "has an
+    empty name") while naming the default outputs."""
+    for folder in (".", "/"):
+        assert cli.main(["unlearn", "--checkpoint", folder, "--forget-ids", "3",
+                         "--quiet"]) == 2
+        assert _err(capsys) == (f"mtunlearn: error: --checkpoint: expected a checkpoint file, "
+                                f"got '{folder}'; it names a folder")
 
 
 def _fail_if_run(*args: Any, **kwargs: Any) -> Any:
