@@ -325,7 +325,8 @@ def compare_measurements(expected: Any, actual: Any, tolerance: float, where: st
         if not (math.isfinite(a) and abs(a - e) <= tolerance * max(1.0, abs(e))):
             out.append(f"{where}: recorded {e:.6g}, measured {a:.6g}")
         return out
-    if expected != actual:
+    # False == 0.0 in Python: a number edited into a boolean would pass as equal.
+    if expected != actual or isinstance(expected, bool) != isinstance(actual, bool):
         out.append(f"{where}: recorded {expected!r}, measured {actual!r}")
     return out
 

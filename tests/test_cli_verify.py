@@ -430,3 +430,17 @@ def test_verify_recounts_the_requests_pairs(unlearned: tuple[Path, Path], tmp_pa
     assert cli.main(["verify", "--record", str(record), "--checkpoint", str(ckpt),
                      "--quiet"]) == 0
     assert "pair counts ok" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_recorded_metric_edited_into_a_boolean_is_a_mismatch() -> None:
+    """CLI review: an accuracy of 0.0 edited to `false` verified (False == 0.0 in Python),
+    while `report` refused the value."""
+    from mtunlearn_ext.records import compare_measurements
+
+    measured = {"forget": {"digit": {"accuracy": 0.0}}, "mia_auc": 1.0}
+    assert compare_measurements({"forget": {"digit": {"accuracy": 0.0}}, "mia_auc": 1.0},
+                                measured, 1e-4) == []
+    assert compare_measurements({"forget": {"digit": {"accuracy": False}}, "mia_auc": True},
+                                measured, 1e-4, "after") == [
+        "after.forget.digit.accuracy: recorded False, measured 0.0",
+        "after.mia_auc: recorded True, measured 1.0"]
