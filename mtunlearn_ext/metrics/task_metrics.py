@@ -7,11 +7,13 @@ degrees.
 
 * classification: ``accuracy = #(argmax logits == y) / #samples``.
 
-A NaN logit of a scored unit (a labelled sample or valid pixel) makes the metrics NaN, as a NaN
-prediction does for depth, normals and regression: ``argmax`` takes NaN for the largest value,
-so a diverged model's NaN logits would otherwise score as right wherever they sat at the
-label (an accuracy of 1.0). Infinite logits are predictions (``-inf``: a log-probability of
-zero).
+A NaN logit of a scored unit (a labelled sample or valid pixel) makes the classification,
+segmentation and binary metrics NaN: ``argmax`` takes NaN for the largest value, so a diverged
+model's NaN logits would otherwise score as right wherever they sat at the label (an accuracy
+of 1.0). Infinite logits are predictions (``-inf``: a log-probability of zero). A NaN depth,
+normal or regression prediction makes the error metrics NaN (``abs_err``, ``mean_angle``,
+``median_angle``, ``mse``, ...) and counts as a miss in the threshold fractions
+(``delta_1.25``, ``within_*``), the worst score, never a good one.
 * segmentation, from the confusion matrix ``M[g, p]`` (count of valid pixels with label ``g``
   predicted ``p``): ``IoU_c = M[c,c] / (sum_p M[c,p] + sum_g M[g,c] - M[c,c])``;
   ``miou`` = mean of ``IoU_c`` over the classes with a non-empty union (present in the labels or
