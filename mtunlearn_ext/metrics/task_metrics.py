@@ -6,14 +6,6 @@ over per-batch means, so the value does not depend on the batch size. Fractions 
 degrees.
 
 * classification: ``accuracy = #(argmax logits == y) / #samples``.
-
-A NaN logit of a scored unit (a labelled sample or valid pixel) makes the classification,
-segmentation and binary metrics NaN: ``argmax`` takes NaN for the largest value, so a diverged
-model's NaN logits would otherwise score as right wherever they sat at the label (an accuracy
-of 1.0). Infinite logits are predictions (``-inf``: a log-probability of zero). A NaN depth,
-normal or regression prediction makes the error metrics NaN (``abs_err``, ``mean_angle``,
-``median_angle``, ``mse``, ...) and counts as a miss in the threshold fractions
-(``delta_1.25``, ``within_*``), the worst score, never a good one.
 * segmentation, from the confusion matrix ``M[g, p]`` (count of valid pixels with label ``g``
   predicted ``p``): ``IoU_c = M[c,c] / (sum_p M[c,p] + sum_g M[g,c] - M[c,c])``;
   ``miou`` = mean of ``IoU_c`` over the classes with a non-empty union (present in the labels or
@@ -30,6 +22,14 @@ normal or regression prediction makes the error metrics NaN (``abs_err``, ``mean
   ``accuracy = mean[(z > 0) == (y >= 0.5)]`` and the Brier score ``brier = mean (p - y)^2``
   (a proper score, defined on any labelled set; an AUC is not on a set of one class, such as a
   small forget set, and would leave a score of the request undefined).
+
+A NaN logit of a scored unit (a labelled sample or valid pixel) makes the classification,
+segmentation and binary metrics NaN: ``argmax`` takes NaN for the largest value, so a diverged
+model's NaN logits would otherwise score as right wherever they sat at the label (an accuracy
+of 1.0). Infinite logits are predictions (``-inf``: a log-probability of zero). A NaN depth,
+normal or regression prediction makes the error metrics NaN (``abs_err``, ``mean_angle``,
+``median_angle``, ``mse``, ...) and counts as a miss in the threshold fractions
+(``delta_1.25``, ``within_*``), the worst score, never a good one.
 """
 
 from __future__ import annotations
