@@ -143,21 +143,22 @@ def _active_set_min_norm(gram: torch.Tensor, start: torch.Tensor,
     return a
 
 
-def _min_norm_by_dual(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The min-norm weights from the compiled non-negative QP, and where they are right.
+def _min_norm_by_dual(g: torch.Tensor) -> torch.Tensor | None:
+    """The min-norm weights from the compiled non-negative QP, or ``None`` where that fails.
 
     ``w = argmin_{w >= 0} 1/2 w^T G w - 1^T w`` (:func:`mtunlearn_ext.ops.nonconflicting_dual`
     with ``c = -1``) scaled onto the simplex, ``a = w / sum(w)``, is the min-norm point's
     weights: the QP's KKT conditions ``(G w)_i >= 1``, with equality where ``w_i > 0``, become
     ``(G a)_i >= 1 / sum(w) = a^T G a`` with equality on the support, which are the simplex
-    problem's. When the hull holds the origin the QP is unbounded; so the answer is checked
-    against the simplex problem's KKT conditions: the mask says, per problem, which passed."""
+    problem's. When the hull holds the origin the QP is unbounded; the answer is then checked
+    against the simplex problem's KKT conditions, and ``None`` (any problem failing them) sends
+    the whole batch to the iterative solver."""
     k = g.shape[-1]
     minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
     w = ops.nonconflicting_dual(g, minus_ones).squeeze(-2)
     a = w / w.sum(-1, keepdim=True)
     ok = torch.isfinite(a).all(-1) & (a >= 0).all(-1) & _kkt_optimal(g, a)
-    return a, ok
+    return a if bool(ok.all()) else None
 
 
 def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool = True
@@ -220,8 +221,8 @@ def _solve(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
         # On the host the compiled active-set QP answers in microseconds, and checking it is
         # free; the accelerated steps below cost a loop of small torch ops (1.06 ms against
         # TorchJD's 0.80 at k = 16), and remain for the problems it fails and for devices.
-        exact, optimal = _min_norm_by_dual(g)
-        if bool(optimal.all()):
+        exact = _min_norm_by_dual(g)
+        if exact is not None:
             return exact
 
     x = torch.full((*g.shape[:-2], k), 1.0 / k, dtype=torch.float64, device=g.device)
