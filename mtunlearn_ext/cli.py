@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
@@ -1276,10 +1277,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if getattr(pre, "config", None):
             _apply_config(_subparser(parser, pre.command), _load_config(pre.config))
         args = parser.parse_args(argv)
-        missing = [f"--{d.replace('_', '-')}" for d in args._required
+        missing = [(f"--{d.replace('_', '-')}", getattr(args, d, None)) for d in args._required
                    if getattr(args, d, None) in (None, "")]
-        if missing:
-            raise UserInputError(missing[0], "a value (flag or config key)", None,
+        if missing:  # `--checkpoint ""` came as "", not as nothing: the message says which
+            raise UserInputError(missing[0][0], "a value (flag or config key)", missing[0][1],
                                  f"`mtunlearn {args.command}` requires it")
         _refuse_config_nulls(args)
         _refuse_empty_paths(args)
@@ -1319,6 +1320,12 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
                                  "out, for its default)", "")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"mtunlearn: warning{kind}: {message}", file=sys.stderr if file is None else file)
+
+
 def console_main(argv: Sequence[str] | None = None) -> int:
     """The ``mtunlearn`` command itself (and ``python -m mtunlearn_ext.cli``): :func:`main`,
     then SIGINT and SIGTERM ignored for the interpreter's shutdown, which takes torch about a
@@ -1326,8 +1333,12 @@ def console_main(argv: Sequence[str] | None = None) -> int:
     signal in that time ended the process with exit 130 or 143 and nothing said, or a
     traceback from a clean-up with exit 0, and a pipeline retrying on 130 would have run the
     request again. (:func:`main` itself gives the caller's handlers back: a notebook or test
-    that calls it keeps its Ctrl-C.)"""
-    code = main(argv)
+    that calls it keeps its Ctrl-C.) The library's warnings print as the command's own lines,
+    ``mtunlearn: warning: ...``, not in Python's format with a source line of the command's
+    entry point (where :func:`~mtunlearn_ext._warnings.warn_at_caller` points from here)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        code = main(argv)
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(signum, signal.SIG_IGN)

@@ -583,6 +583,8 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
             name = f"**{label}**" if label == METHOD else label
             lines.append(f"| {name} | {_fixed(uis_value, 2)} | {_fixed(gap, 2)} | "
                          f"{_fixed(entry.get('mia_auc'), 3)} | {_fixed(wall, 1)} |")
+        lines += ["", "-: none (the original model has no unlearning time; a method that "
+                  "diverged has no finite score)."]
         floor = (floors or {}).get(request)
         if floor is not None:
             lines += ["", f"UIS floor: {floor.mean:.2f} (5-95% of draws "

@@ -50,6 +50,7 @@ from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
+from mtunlearn_ext.metrics.membership import attackable_instances
 from mtunlearn_ext.models import MultiTaskModel, build_model
 from mtunlearn_ext.records import code_version, run_environment
 from mtunlearn_ext.training import (
@@ -572,6 +573,19 @@ def _scores(entry: Mapping[str, Any], original: Mapping[str, Any],
         }
 
 
+def _undefined_uis_terms(original_test: Mapping[str, Mapping[str, Any]],
+                         target_tasks: Sequence[str]) -> list[str]:
+    """``task/metric (O_t=value)`` of every UIS term that :func:`uis_terms` skips: the
+    original model's test score is 0 or not finite, the same for every model scored."""
+    left_out = []
+    for task in target_tasks:
+        for metric, value in original_test.get(task, {}).items():
+            number = float(value)
+            if not math.isfinite(number) or number == 0.0:
+                left_out.append(f"{task}/{metric} (O_t={number:g})")
+    return left_out
+
+
 # -- the experiment ----------------------------------------------------------------------------
 
 
@@ -684,6 +698,11 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
                             config.forget_ids, config.target_tasks)
     forget, retain = request.split(train_set)
     target_tasks = request.resolved_tasks(train_set)
+    if attackable_instances(forget, target_tasks) == 0:
+        # Checked here, not by the attack after both models have trained.
+        raise ValueError(f"ExperimentConfig: no forget instance has a label of every target "
+                         f"task {list(target_tasks)}, and the membership attack scores only "
+                         "such instances; name some that do in `forget_ids`")
     phases["split"] = time.perf_counter() - start
 
     recipe = default_recipe(bench, config.seed, config.train_overrides)
@@ -828,6 +847,13 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
     models["retrained"]["wall_time_s"] = retrained_record["train_seconds"]
     # Reference rows: the gold model's own UIS, and the untouched original's UIS and gap (the
     # "do nothing" baseline every method must beat).
+    uis_left_out = _undefined_uis_terms(models["original"]["metrics"]["test"], target_tasks)
+    if uis_left_out:
+        # One warning for the run (the scores below would repeat it for every model).
+        warnings.warn(f"UIS leaves out {', '.join(uis_left_out)}: the original model's test "
+                      "score is 0 or not finite there, so the relative change is undefined; "
+                      "every model's UIS is over the other terms (the results' "
+                      "`uis_left_out` lists them)", RuntimeWarning, stacklevel=3)
     models["retrained"]["uis"] = _scores(models["retrained"], models["original"],
                                          models["retrained"], target_tasks)["uis"]
     models["original"].update(_scores(models["original"], models["original"],
@@ -880,6 +906,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
             "ids_sha256": request.ids_hash(), "forget_ids": list(request.instance_ids),
         },
         "phases_seconds": phases,
+        "uis_left_out": uis_left_out,
         "models": models,
     }
     results = _json_safe(results)
@@ -956,9 +983,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    left_out = results.get("uis_left_out") or []
+    legend_left_out = (f" UIS leaves out {', '.join(left_out)}: the original's test score is "
+                       "0 or not finite there." if left_out else "")
     legend = ("F/R/T: forget pairs / retain pairs / test; MIA: attack AUC on the forget pairs "
               "(compare with 'retrained'); UIS, gap: x100, lower is better; time_s: unlearning "
-              "(retrain: its training run) wall time.")
+              "(retrain: its training run) wall time; -: none (not measured, or not a finite "
+              "number: a model that diverged)." + legend_left_out)
     return "\n".join(lines) + "\n" + legend
 
 

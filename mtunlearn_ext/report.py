@@ -527,7 +527,8 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
               "unlearning should not raise it but move it towards what a model that never saw "
               f"those pairs scores. {goal} MIA AUC: a membership-inference attack's AUC on the "
               "forget instances against unseen test instances; 0.5 means the attack cannot "
-              "tell them apart (a value well below 0.5 singles them out too). -: not measured."
+              "tell them apart (a value well below 0.5 singles them out too). -: not measured, "
+              "or not a finite number (a model that diverged)."
               + (" change: after - before." if change else "")]
     return lines
 

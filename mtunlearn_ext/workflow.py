@@ -209,6 +209,9 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
             located = _file_id_tokens(text)
             tokens = [token for token, _ in located]
             lines = {i: number for i, (_, number) in enumerate(located)}
+        elif value.startswith("@"):  # a file was meant: say what is there instead
+            raise UserInputError(argument, "instance ids or a readable text file of them",
+                                 value, _not_a_file(path))
         else:
             tokens, lines = _id_tokens(text), {}
     else:
@@ -225,13 +228,22 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
             missing_file = (path is not None and not lines and len(tokens) == 1
                             and not is_existing_file(path)
                             and any(c.isalpha() or c in "/\\" for c in str(token)))
-            detail = (f"no file {str(path)!r} either" if missing_file
+            detail = (_not_a_file(path, " either") if missing_file and path is not None
                       else f"{where}: ids are decimal integers in ASCII digits"
                       if where else "ids are decimal integers in ASCII digits (no '_', '+' "
                       "or other digit characters)" if isinstance(token, str) else "")
             raise UserInputError(argument, "integer instance ids (comma/space separated, or a "
                                  "file holding them)", token, detail) from None
     return ids
+
+
+def _not_a_file(path: Path, either: str = "") -> str:
+    try:
+        folder = path.is_dir()
+    except (OSError, ValueError):
+        folder = False
+    return (f"{str(path)!r} is a folder, not a file of ids" if folder
+            else f"no file {str(path)!r}{either}")
 
 
 def parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:
@@ -558,7 +570,9 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
         request = build_request(dataset, request_type, seed, float(forget_fraction or 0.1),
                                 forget_ids, target_tasks)
     except (ValueError, KeyError) as error:
-        raise UserInputError("request", "a request that leaves something to retain",
+        # Named by the option that chose the instances (CLI review: "request" named none).
+        chosen_by = "--forget-ids" if forget_ids is not None else "--forget-fraction"
+        raise UserInputError(chosen_by, "a request that leaves something to retain",
                              f"{request_type} request",
                              str(error).strip("'\"")) from error
     return request, request_type

@@ -42,6 +42,24 @@ def test_a_long_id_list_is_ids_not_a_file_name() -> None:
         parse_ids("x" * 300, "--forget-ids")
 
 
+def test_an_at_file_that_is_not_a_file_says_what_is_there(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """CLI review: `--forget-ids @.` said "ids are decimal integers", not that `.` is a
+    folder; `@missing.txt` did not say the file is missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "idsdir").mkdir()
+    for given, said in (("@.", "'.' is a folder, not a file of ids"),
+                        ("@idsdir", "'idsdir' is a folder, not a file of ids"),
+                        ("idsdir/", "'idsdir' is a folder, not a file of ids"),
+                        ("@missing.txt", "no file 'missing.txt'"),
+                        ("missing.txt", "no file 'missing.txt' either")):
+        with pytest.raises(UserInputError) as caught:
+            parse_ids(given, "--forget-ids")
+        assert str(caught.value).startswith("--forget-ids: expected "), caught.value
+        assert str(caught.value).endswith(said), (given, str(caught.value))
+
+
 def test_an_id_list_that_is_also_a_file_name_is_refused(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -103,6 +103,14 @@ def test_unlearn_refuses_a_folder_as_the_checkpoint_in_one_line(
                                 f"got '{folder}'; it names a folder")
 
 
+def test_an_empty_required_option_says_it_came_empty(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """CLI review: `--checkpoint ""` said "got None", as if the option had been left out."""
+    assert cli.main(["unlearn", "--checkpoint", "", "--forget-ids", "3", "--quiet"]) == 2
+    assert _err(capsys) == ("mtunlearn: error: --checkpoint: expected a value (flag or config "
+                            "key), got ''; `mtunlearn unlearn` requires it")
+
+
 def _fail_if_run(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("the method ran although an output could not be written")
 
@@ -453,6 +461,25 @@ def test_a_signal_after_the_command_returns_keeps_its_exit_code(tmp_path: Path) 
                           timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr and out.is_file()
+
+
+def test_the_command_prints_warnings_as_its_own_lines() -> None:
+    """CLI review: the library's warnings printed in Python's format, with the source line of
+    the command's entry point (where warn_at_caller points from the command):
+    `.../bin/mtunlearn:8: UserWarning: ...` and then `sys.exit(console_main())`."""
+    import subprocess
+    import sys
+
+    script = ("import warnings; from mtunlearn_ext import cli; "
+              "from mtunlearn_ext._warnings import warn_at_caller; "
+              "cli.main = lambda argv: (warn_at_caller('the heads check found a layer'), "
+              "warnings.warn('an odd value', RuntimeWarning), 0)[-1]; "
+              "raise SystemExit(cli.console_main([]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["mtunlearn: warning: the heads check found a layer",
+                                        "mtunlearn: warning (RuntimeWarning): an odd value"]
 
 
 def test_a_value_starting_with_a_dash_gets_the_equals_form(

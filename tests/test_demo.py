@@ -72,6 +72,8 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     text = demo._report(results, matrices, figures, ["finetune"], 1.0,
                         argparse.Namespace(seed=0, recipe="default"))
     assert "| finetune | - | - | - |" in text
+    # Metrics review: the '-' was not explained (the report's legend called it "not measured").
+    assert text.count("a method that diverged has no finite score") == 2
     assert "segmentation: -, depth: 0.50" in text
 
 

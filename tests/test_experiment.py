@@ -17,6 +17,7 @@ from mtunlearn_ext.experiment import (
     SCHEMA,
     ExperimentConfig,
     build_request,
+    _undefined_uis_terms,
     format_table,
     main,
     run_experiment,
@@ -82,6 +83,16 @@ def test_run_experiment_writes_every_field(tmp_path: Path, digits) -> None:  # t
 
     assert on_disk["code"] == code_version()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file
+    # Every UIS term was defined (the original's test scores are not 0), and the table says
+    # nothing left out; one that is left out is named there (metrics review: the warning that
+    # said so was suppressed and nothing recorded it).
+    assert on_disk["uis_left_out"] == [] and "leaves out" not in format_table(on_disk)
+    assert format_table({**on_disk, "uis_left_out": ["digit/accuracy (O_t=0)"]}).endswith(
+        " UIS leaves out digit/accuracy (O_t=0): the original's test score is 0 or not finite "
+        "there.")
+    assert _undefined_uis_terms({"a": {"accuracy": 0.0, "f1": 0.5}, "b": {"x": float("nan")},
+                                 "c": {"accuracy": 0.0}}, ["a", "b"]) == [
+        "a/accuracy (O_t=0)", "b/x (O_t=nan)"]
 
     request = on_disk["request"]
     assert request["type"] == "partial" and request["target_tasks"] == ["digit"]
@@ -494,6 +505,34 @@ def test_a_benchmark_of_ones_own_is_checked_before_any_training(tmp_path) -> Non
     with pytest.raises(ValueError, match=r"`benchmark` is 'toy' but the benchmark passed is "
                                          r"'other'"):
         run_experiment(config, benchmark=renamed)
+
+
+def test_forget_ids_the_attack_cannot_score_are_refused_before_any_training(
+        tmp_path: Path) -> None:
+    """Metrics review: forget instances lacking a target task's label are left out of the
+    membership attack; with none left, the experiment failed only after training both models
+    (the attack's error, at the first evaluation)."""
+    from mtunlearn_ext.data import Benchmark, MultiTaskDataset, TaskSpec
+
+    tasks = [TaskSpec("cls", "classification", num_classes=3), TaskSpec("reg", "regression")]
+
+    def split(n: int, first_id: int, without_reg: int = 0) -> MultiTaskDataset:
+        supervision = torch.ones(n, 2, dtype=torch.bool)
+        supervision[:without_reg, 1] = False  # the first rows lack the regression label
+        return MultiTaskDataset(torch.randn(n, 6), {"cls": torch.randint(0, 3, (n,)),
+                                                    "reg": torch.randn(n, 1)}, tasks,
+                                ids=torch.arange(first_id, first_id + n),
+                                supervision=supervision)
+
+    bench = Benchmark("toy", split(60, 0, without_reg=5), split(30, 100), tasks,
+                      validation=split(20, 200))
+    config = ExperimentConfig(benchmark="toy", methods=[], output=str(tmp_path / "r.json"),
+                              cache_dir=str(tmp_path / "cache"), threads=1, request="full",
+                              forget_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"^ExperimentConfig: no forget instance has a label of "
+                                         r"every target task \['cls', 'reg'\]"):
+        run_experiment(config, benchmark=bench)
+    assert not (tmp_path / "cache").exists()  # nothing trained
 
 
 def test_the_runners_forget_ids_read_as_the_commands_do(tmp_path: Path,

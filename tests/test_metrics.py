@@ -550,7 +550,11 @@ def test_mia_over_two_tasks_uses_only_the_rows_labelled_for_both() -> None:
     forget = _two_task_mia_data(20, True, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        result = membership_attack(model, members, test, forget, tasks=["A", "B"])
+        # Metrics review: the forget instances left out were left out silently.
+        with pytest.warns(UserWarning, match=r"^membership_attack: 5 of 20 forget instances "
+                                             r"lack a label of some task of \['A', 'B'\] and "
+                                             r"are left out of the attack"):
+            result = membership_attack(model, members, test, forget, tasks=["A", "B"])
     assert math.isfinite(result.auc) and math.isfinite(result.member_auc)
     assert result.auc > 0.99 and result.tasks == ("A", "B")
     # 15 of the 20 forget rows and 60 of the 80 members and non-members have both labels.
@@ -725,6 +729,7 @@ def test_mia_of_two_tasks_with_nan_on_one_is_undefined() -> None:
     test = _two_task_mia_data(40, False, 1)
     forget = _two_task_mia_data(12, True, 2)
     forget.inputs[:2, 2] = -1.0  # B's loss NaN on two forget rows, A's finite
-    with pytest.warns(RuntimeWarning, match=r"NaN or infinite on 2 forget, 0 member"):
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite on 2 forget, 0 member"), \
+            pytest.warns(UserWarning, match=r"3 of 12 forget instances lack a label"):
         result = membership_attack(model, members, test, forget, tasks=["A", "B"])
     assert math.isnan(result.auc)

@@ -220,7 +220,7 @@ def test_invalid_requests_raise_documented_errors(n: int, seed: int,
     ds = _dataset(n, seed)
     all_ids = ds.ids.tolist()
     kind = data.draw(st.sampled_from(["empty", "unknown_id", "unknown_task", "partial_all",
-                                      "duplicate"]))
+                                      "duplicate", "every_id"]))
     ids_: list[int] = data.draw(st.lists(st.sampled_from(all_ids), min_size=1, max_size=3,
                                          unique=True))
     tasks: list[str] | None = None
@@ -233,10 +233,13 @@ def test_invalid_requests_raise_documented_errors(n: int, seed: int,
         tasks = ["a", data.draw(st.text("xyz", min_size=1, max_size=4))]
     elif kind == "partial_all":
         tasks, rtype = ["c", "a", "b"], "partial"
+    elif kind == "every_id":  # nothing left to retain (CLI review: the error named "request")
+        ids_ = list(all_ids)
     else:
         ids_ = ids_ + ids_[:1]
     argument = {"empty": "--forget-ids", "unknown_id": "--forget-ids", "duplicate": "--forget-ids",
-                "unknown_task": "--target-tasks", "partial_all": "--target-tasks"}[kind]
+                "unknown_task": "--target-tasks", "partial_all": "--target-tasks",
+                "every_id": "--forget-ids"}[kind]
     with pytest.raises(UserInputError) as info:
         build_user_request(ds, forget_ids=ids_, forget_fraction=None, target_tasks=tasks,
                            request_type=rtype, seed=seed)

@@ -36,7 +36,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
 
-__all__ = ["MIAResult", "membership_attack", "mia_auc"]
+__all__ = ["MIAResult", "attackable_instances", "membership_attack", "mia_auc"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,19 @@ def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[
     chosen = losses[complete]
     undefined = int((~torch.isfinite(chosen)).any(dim=1).sum())
     return _log_scale(chosen).numpy(), undefined
+
+
+def attackable_instances(dataset: MultiTaskDataset, tasks: Sequence[str]) -> int:
+    """How many instances of ``dataset`` the attack on ``tasks`` can score: those with a label
+    of every one of them (a check before any model is trained, as the experiment makes)."""
+    columns = [dataset.task_index(t) for t in tasks]
+    return int(dataset.supervision[:, columns].all(dim=1).sum())
+
+
+def _partly_labelled(dataset: MultiTaskDataset, tasks: Sequence[str]) -> int:
+    columns = [dataset.task_index(t) for t in tasks]
+    labelled = dataset.supervision[:, columns]
+    return int((labelled.any(dim=1) & ~labelled.all(dim=1)).sum())
 
 
 def _log_scale(losses: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -111,6 +124,14 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     test_x, test_bad = _features(model, non_members, names, batch_size)
     if len(forget_x) == 0:
         raise ValueError(f"membership_attack: no forget instance has every task of {names}")
+    partly = _partly_labelled(forget, names)
+    if partly:
+        # Their loss on a task they lack is no feature: the attack leaves them out, and says so
+        # (the AUC would otherwise describe fewer instances than the request forgets).
+        warnings.warn(f"membership_attack: {partly} of {partly + len(forget_x)} forget "
+                      f"instances lack a label of some task of {names} and are left out of "
+                      "the attack (its features are every attacked task's loss); pass `tasks` "
+                      "to attack fewer tasks", UserWarning, stacklevel=2)
     if len(test_x) < 4 or len(member_x) < 4:
         raise ValueError(f"membership_attack: needs >= 4 members and non-members with tasks "
                          f"{names}; got {len(member_x)} and {len(test_x)}")
