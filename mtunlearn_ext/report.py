@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -628,36 +630,67 @@ def _report_inputs(results: Mapping[str, Any]
 
 
 class _NewFiles:
-    """The files a report writes, registered *before* each write, so that a failure at any
-    point (also between a write and its return) removes every one of them; a file refused
-    because it exists already is not ours and stays."""
+    """The files a report writes. Each is drawn into a hidden staging folder inside the output
+    folder and put in place by :meth:`commit`, all together at the end: a run killed while
+    drawing (SIGKILL, a power cut: no clean-up runs) leaves only that folder, never finished
+    figures under their final names, which would refuse the rerun into the same folder. Files
+    put in place are registered *before* each link, so that a failure at any point (also
+    between a link and its return) removes every one of them; a file refused because it exists
+    already is not ours and stays."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.paths: list[Path] = []
+        self._staged: list[tuple[Path, Path]] = []
+        self._staging: Path | None = None
 
     def write(self, path: Path, writer: Callable[[Path], bool]) -> bool:
-        """``writer(path)``, which returns whether it wrote the file. A file that cannot be
-        written (it appeared meanwhile, the disk is full, ...) is a
+        """``writer(staged)``, with ``staged`` the staging copy of ``path``, which returns
+        whether it wrote the file. A file that cannot be written (the disk is full, ...) is a
         :class:`~mtunlearn_ext.workflow.UserInputError` naming ``--output-dir``."""
         from mtunlearn_ext.workflow import UserInputError
 
-        self.paths.append(path)
         try:
-            written = writer(path)
-        except FileExistsError as error:
-            self.paths.remove(path)
-            raise UserInputError("--output-dir", "a folder without report files", str(path),
-                                 "it appeared during the run; refusing to overwrite") from error
+            if self._staging is None:
+                self._staging = Path(tempfile.mkdtemp(prefix=".report-", suffix=".partial",
+                                                      dir=self.folder))
+            staged = self._staging / path.name
+            written = writer(staged)
         except OSError as error:
             raise UserInputError("--output-dir", "a folder the report files can be written to",
                                  str(path), error.strerror or str(error)) from error
-        if not written:
-            self.paths.remove(path)
+        if written:
+            self._staged.append((staged, path))
         return written
+
+    def commit(self) -> None:
+        """Put every staged file at its path, in the order written; none may exist."""
+        from mtunlearn_ext.workflow import UserInputError
+
+        for staged, path in self._staged:
+            self.paths.append(path)
+            try:
+                link_new(staged, path, f"{path} exists; refusing to overwrite it")
+            except FileExistsError as error:
+                self.paths.remove(path)
+                raise UserInputError("--output-dir", "a folder without report files", str(path),
+                                     "it appeared during the run; refusing to overwrite"
+                                     ) from error
+            except OSError as error:
+                raise UserInputError("--output-dir", "a folder the report files can be "
+                                     "written to", str(path), error.strerror or str(error)
+                                     ) from error
+        self.discard_staging()
+
+    def discard_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def remove(self) -> None:
         for path in self.paths:
             path.unlink(missing_ok=True)
+        self.discard_staging()
 
 
 def _make_folder(folder: Path) -> list[Path]:
@@ -721,7 +754,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     except OSError as error:
         raise UserInputError("--output-dir", "a folder that can be created", str(output_dir),
                              str(error)) from error
-    files = _NewFiles()
+    files = _NewFiles(output_dir)
     complete = False
     try:
         lines = [f"# {_md_text(title)}", "", *intro, "", "## Per-task metrics", ""]
@@ -751,8 +784,9 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
         # The report is complete once report.md is in place; an interrupt arriving as it lands
         # is held until the files are registered as written in full, so that the command says
         # so instead of "no output was written" beside a complete report.
+        files.write(md, lambda p: bool(write_text_new(p, "\n".join(lines))))
         with interrupts_held():
-            files.write(md, lambda p: bool(write_text_new(p, "\n".join(lines))))
+            files.commit()
             COMMITTED_OUTPUTS.extend(files.paths)
             complete = True
     except BaseException:
@@ -760,4 +794,6 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
             files.remove()
             _remove_empty(created)
         raise
+    finally:
+        files.discard_staging()
     return files.paths

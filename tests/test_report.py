@@ -199,6 +199,31 @@ def test_a_failed_report_removes_the_folders_it_created(tmp_path: Path, monkeypa
     assert list((tmp_path / "kept").iterdir()) == []
 
 
+def test_a_report_killed_while_drawing_does_not_block_its_rerun(tmp_path: Path) -> None:
+    """CLI review: SIGKILL (no clean-up runs) while the loss curves were drawn left the
+    finished metrics PNGs under their final names, and the rerun into the same folder was
+    refused ("refusing to overwrite"). The figures are drawn into a hidden staging folder and
+    put in place together at the end: the kill leaves that folder only."""
+    import subprocess
+    import sys
+
+    source, out = tmp_path / "r.json", tmp_path / "rep"
+    source.write_text(json.dumps(_record()))
+    script = ("import json, os, signal; from pathlib import Path; import mtunlearn_ext.report "
+              "as report; report._curves_chart = lambda *a: os.kill(os.getpid(), "
+              "signal.SIGKILL); report.write_report(json.loads(Path(%r).read_text()), Path(%r))"
+              % (str(source), str(out)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -9, done.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 1 and left[0].startswith(".report-") and left[0].endswith(".partial")
+    assert {p.name for p in (out / left[0]).iterdir()} >= {"metrics_forget.png"}  # drawn there
+    written = write_report(_record(), out)  # the rerun into the same folder
+    assert {p.name for p in written} == {"report.md", "metrics_forget.png", "metrics_retain.png",
+                                         "metrics_test.png"}  # the record has no loss curves
+
+
 def test_report_names_inputs_that_are_not_complete_results(tmp_path: Path) -> None:
     """A JSON list, or a record without a field the report reads, is a user error naming
     --results (exit 2 in the CLI), not an AttributeError or KeyError."""
@@ -224,13 +249,15 @@ def test_report_files_follow_the_umask(tmp_path: Path) -> None:
 
 
 def _drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The figures the report saves (kept open for inspection: nothing is written)."""
+    """The figures the report saves (kept open for inspection; an empty file is written in
+    place of each PNG, for the report to put in place)."""
     import mtunlearn_ext.report as report
 
     figures: list[Any] = []
 
     def keep(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
         figures.append(fig)
+        path.write_bytes(b"")
 
     monkeypatch.setattr(report, "save_png", keep)
     return figures

@@ -27,7 +27,12 @@ Divergences ``D_t(S, T)`` by task kind, per pair:
   the teacher's prediction as the target).
 
 The forget term is unbounded (a KL grows without limit): ``forget_steps`` bounds it, as SCRUB's
-number of max epochs does. The teacher runs in eval mode, without gradients; it costs one copy
+number of max epochs does. It starts at a zero gradient: at the first step the student *is* the
+teacher, where every divergence is at its minimum, so the push away begins only once the retain
+term has moved the student (SCRUB's student, in train mode, also differs by its dropout and
+batch-norm noise; here the steps run in eval mode unless ``train_mode`` is set). A retain term
+already at rest (a model that fits its retain pairs exactly) leaves the student where it is,
+forget term included. The teacher runs in eval mode, without gradients; it costs one copy
 of the model and one forward per batch.
 """
 
