@@ -32,6 +32,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
@@ -128,10 +129,10 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     if partly:
         # Their loss on a task they lack is no feature: the attack leaves them out, and says so
         # (the AUC would otherwise describe fewer instances than the request forgets).
-        warnings.warn(f"membership_attack: {partly} of {partly + len(forget_x)} forget "
-                      f"instances lack a label of some task of {names} and are left out of "
-                      "the attack (its features are every attacked task's loss); pass `tasks` "
-                      "to attack fewer tasks", UserWarning, stacklevel=2)
+        warn_at_caller(f"membership_attack: {partly} of {partly + len(forget_x)} forget "
+                       f"instances lack a label of some task of {names} and are left out of "
+                       "the attack (its features are every attacked task's loss); pass "
+                       "`tasks` to attack fewer tasks")
     if len(test_x) < 4 or len(member_x) < 4:
         raise ValueError(f"membership_attack: needs >= 4 members and non-members with tasks "
                          f"{names}; got {len(member_x)} and {len(test_x)}")
