@@ -721,6 +721,20 @@ def test_list_ops_reject_mixed_devices_in_the_fake_kernels() -> None:
                                           0.0, False)
 
 
+def test_list_ops_called_directly_with_empty_lists_name_the_argument() -> None:
+    """Review: with no tensor there is no dispatch key, and the raw ops failed with the
+    dispatcher's NotImplementedError ("no fallback function is registered"), naming no
+    argument; the Python wrappers named it."""
+    T = torch.ops.mtunlearn
+    calls = {"gram_list: `xs`": lambda: T.gram_list([], False),
+             "inner_list: `a_list`": lambda: T.inner_list([], [], False),
+             "gram_list_stacked: `xs`": lambda: T.gram_list_stacked([], [], True)}
+    for message, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(f"mtunlearn::{message} must hold at "
+                                                       "least one tensor, got an empty list")):
+            call()
+
+
 def test_single_tensor_ops_reject_mixed_devices_in_the_fake_kernels() -> None:
     """Review: the list ops' fake kernels refused a meta/CPU mix, the others did not, so a
     direct call returned a CPU tensor of uninitialised memory (inner, combine, ridge_solve,

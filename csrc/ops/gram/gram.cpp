@@ -235,6 +235,43 @@ at::Tensor gram_list_stacked(at::TensorList xs, at::TensorList ys, bool per_tens
   return out;
 }
 
+namespace {
+
+// The list ops' kernel for inputs that select no backend: an empty list (no tensor, so no
+// dispatch key: without this the dispatcher's own "no fallback function is registered" error
+// named no argument) or tensors on a device this build has no kernels for.
+[[noreturn]] void no_kernel_for(const char* op, at::TensorList xs, const char* name) {
+  TORCH_CHECK_VALUE(!xs.empty(), op, ": `", name,
+                    "` must hold at least one tensor, got an empty list");
+#ifdef MTU_WITH_CUDA
+  constexpr const char* devices = "CPU or CUDA";
+#else
+  constexpr const char* devices = "CPU (this build has no CUDA kernels)";
+#endif
+  TORCH_CHECK(false, op, ": expected tensors on ", devices, ", got `", name, "[0]` on ",
+              xs[0].device());
+}
+
+at::Tensor gram_list_no_kernel(at::TensorList xs, bool) {
+  no_kernel_for("mtunlearn::gram_list", xs, "xs");
+}
+
+at::Tensor inner_list_no_kernel(at::TensorList as, at::TensorList, bool) {
+  no_kernel_for("mtunlearn::inner_list", as, "a_list");
+}
+
+at::Tensor gram_list_stacked_no_kernel(at::TensorList xs, at::TensorList, bool) {
+  no_kernel_for("mtunlearn::gram_list_stacked", xs, "xs");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtunlearn, CompositeExplicitAutograd, m) {
+  m.impl("gram_list", &gram_list_no_kernel);
+  m.impl("inner_list", &inner_list_no_kernel);
+  m.impl("gram_list_stacked", &gram_list_stacked_no_kernel);
+}
+
 TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
   m.impl("gram", &gram);
   m.impl("gram_list", &gram_list);
