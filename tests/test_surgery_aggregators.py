@@ -819,3 +819,22 @@ def test_aggregate_list_refuses_a_beta_list_shorter_than_the_outputs() -> None:
         aggregate_list(MeanWeighting(), xs, outs, beta=[1.0])
     with pytest.raises(ValueError, match=r"`beta` must be a number or one per parameter, got 3"):
         aggregate_list(MeanWeighting(), xs, outs, beta=[1.0, 1.0, 1.0])
+
+
+def test_more_tasks_than_the_solvers_take_are_refused_in_the_aggregators_words() -> None:
+    """Drop-in review: past 256 tasks UPGrad and MGDA failed naming
+    `mtunlearn_ext.ops.nonconflicting_dual`, an op the caller never called, and PCGrad
+    `pcgrad_weights`; Mean and Sum take any number."""
+    matrix = torch.randn(257, 3, dtype=F64)
+    for aggregator in (UPGrad(), MGDA(), PCGrad()):
+        name = type(aggregator).__name__
+        with pytest.raises(ValueError, match=rf"^{name}: `matrix` has 257 rows \(tasks\), past "
+                                             r"the 256 it solves for"):
+            aggregator(matrix)
+        weighting = aggregator.weighting
+        with pytest.raises(ValueError, match=rf"^{type(weighting).__name__}: `gram` is for 257 "
+                                             r"tasks, past the 256 it solves for"):
+            weighting(torch.eye(257, dtype=F64))
+    torch.testing.assert_close(Mean()(matrix), matrix.mean(dim=0))
+    torch.testing.assert_close(Sum()(matrix), matrix.sum(dim=0))
+    assert UPGrad()(matrix[:256]).shape == (3,)  # the limit itself is solved

@@ -1426,3 +1426,21 @@ def test_a_batched_step_refused_for_nan_says_the_rows_share_one_backward() -> No
         GradientSurgery(model.trunk.parameters(), UPGrad()).backward(losses)
     assert "losses[0]" in str(autograd.value) and "losses[1]" not in str(autograd.value)
     assert "vmapped" not in str(autograd.value)
+
+
+def test_more_tasks_than_the_aggregator_solves_for_are_refused_before_any_backward() -> None:
+    """Drop-in review: 257 losses ran all 257 backward passes, then failed naming the solver
+    op `nonconflicting_dual`; nothing tells a user of GradientSurgery of that limit."""
+    trunk = nn.Linear(4, 3)
+    passes = []
+    features = trunk(torch.randn(5, 4))
+    features.register_hook(lambda grad: passes.append(1))
+    losses = [features[:, t % 3].sum() * (t + 1) for t in range(257)]
+    for method in ("backward", "accumulate"):
+        surgery = GradientSurgery(trunk.parameters(), UPGrad())
+        with pytest.raises(ValueError, match=rf"^GradientSurgery\.{method}: got 257 losses, but "
+                                             r"UPGrad solves for at most 256 tasks"):
+            getattr(surgery, method)(losses)
+    assert passes == [] and trunk.weight.grad is None
+    GradientSurgery(trunk.parameters(), Mean()).backward(losses)  # Mean takes any number
+    assert len(passes) > 0 and trunk.weight.grad is not None

@@ -134,6 +134,11 @@ class Aggregator(nn.Module):
             raise ValueError(f"{type(self).__name__}: `matrix` must be a [k, n] tensor, got {got}")
         if matrix.shape[0] == 0:
             raise ValueError(f"{type(self).__name__}: `matrix` must have at least one row")
+        limit = self.weighting.max_tasks
+        if limit is not None and matrix.shape[0] > limit:
+            raise ValueError(f"{type(self).__name__}: `matrix` has {matrix.shape[0]} rows "
+                             f"(tasks), past the {limit} it solves for (the solvers' limit); "
+                             "Mean and Sum take any number")
         if matrix.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{type(self).__name__}: `matrix` must have dtype float64, float32, "
                             f"float16 or bfloat16, got {matrix.dtype}")

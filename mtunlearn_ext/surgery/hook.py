@@ -506,6 +506,7 @@ class GradientSurgery:
         """
         caller = "GradientSurgery.backward"
         losses, constants = self._check_losses(losses)
+        self._check_task_count(caller, len(losses))
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, len(losses), constants)
         _refuse_hooked_shared(caller, active)
@@ -534,6 +535,7 @@ class GradientSurgery:
         caller = "GradientSurgery.accumulate"
         losses, constants = self._check_losses(losses)
         k = len(losses)
+        self._check_task_count(caller, k)
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, k, constants)
         _refuse_hooked_shared(caller, active)
@@ -682,6 +684,17 @@ class GradientSurgery:
             if not loss.requires_grad:
                 constants.append(t)
         return losses, frozenset(constants)
+
+    def _check_task_count(self, caller: str, k: int) -> None:
+        """Refuse more tasks than the aggregator solves for before the ``k`` backward passes
+        (review: 257 losses ran every pass, then failed naming a solver op never called)."""
+        weighting = (self.aggregator.weighting if isinstance(self.aggregator, Aggregator)
+                     else self.aggregator)
+        limit = weighting.max_tasks
+        if limit is not None and k > limit:
+            raise ValueError(f"{caller}: got {k} losses, but {type(self.aggregator).__name__} "
+                             f"solves for at most {limit} tasks (the solvers' limit); use Mean "
+                             "or Sum, or fewer tasks")
 
     def _check_some_loss_attached(self, caller: str, k: int, constants: frozenset[int]) -> None:
         """Refuse a call whose losses are all constants where nothing can be done with them.

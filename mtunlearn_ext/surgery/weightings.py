@@ -26,6 +26,7 @@ from torch import nn
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.ops._checks import check_bool, check_int, check_number
+from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 from mtunlearn_ext.surgery.min_norm import min_norm_simplex
 
 
@@ -34,9 +35,14 @@ class Weighting(nn.Module, ABC):
 
     ``needs_gram = False`` marks weightings that look only at ``k`` (Mean, Sum), so callers on
     huge gradient lists may skip the Gram pass and hand in any ``[..., k, k]`` placeholder.
+    ``max_tasks`` is the largest ``k`` it solves for (``None``: any): the solver-based ones
+    (PCGrad, UPGrad, MGDA) stop at the solvers' limit, 256, which a call past it is refused
+    with (and :class:`~mtunlearn_ext.surgery.GradientSurgery` checks before its ``k``
+    backward passes).
     """
 
     needs_gram: bool = True
+    max_tasks: int | None = None
 
     @abstractmethod
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
@@ -47,6 +53,10 @@ class Weighting(nn.Module, ABC):
             shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
             raise ValueError(f"{type(self).__name__}: `gram` must be a [..., k, k] tensor, got "
                              f"{shape}")
+        if self.max_tasks is not None and gram.shape[-1] > self.max_tasks:
+            raise ValueError(f"{type(self).__name__}: `gram` is for {gram.shape[-1]} tasks, "
+                             f"past the {self.max_tasks} it solves for (the solvers' limit); "
+                             "MeanWeighting and SumWeighting take any number")
         if not gram.is_floating_point():
             # Weights in an integer dtype are truncated: Mean and MGDA gave [0, 0] for k = 2.
             raise TypeError(f"{type(self).__name__}: `gram` must have a floating-point dtype, "
@@ -96,6 +106,8 @@ class PCGradWeighting(Weighting):
             ``state_dict()`` (as extra state), so a run resumed from a checkpoint that saved it
             draws the orders the uninterrupted run would have.
     """
+
+    max_tasks = MAX_SOLVER_K
 
     def __init__(self, seed: int | None = 0, reshuffle: bool = True) -> None:
         super().__init__()
@@ -167,6 +179,8 @@ class UPGradWeighting(Weighting):
             exact cone; the dual solver is stable on semi-definite ``G``.
     """
 
+    max_tasks = MAX_SOLVER_K
+
     def __init__(self, pref_vector: torch.Tensor | Sequence[float] | None = None,
                  reg_eps: float = 0.0) -> None:
         super().__init__()
@@ -216,6 +230,8 @@ class MGDAWeighting(Weighting):
     Args:
         iterations: fixed budget of projected-gradient steps before the exact polish.
     """
+
+    max_tasks = MAX_SOLVER_K
 
     def __init__(self, iterations: int = 200) -> None:
         super().__init__()
