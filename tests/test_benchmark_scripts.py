@@ -91,6 +91,15 @@ def test_host_overhead_times_the_list_ops_over_resnet50_shapes(tmp_path: Path) -
             "surgery.project_out_list"} <= contenders, stdout
 
 
+def test_many_tasks_times_singular_and_regular_grams_with_conflict_free_updates(
+        tmp_path: Path) -> None:
+    stdout = _run([str(BENCHMARKS / "many_tasks.py"), "--ks", "12", "--n", "4"], cwd=tmp_path)
+    rows = [line.split() for line in stdout.splitlines()[1:]]
+    assert [(r[0], r[2]) for r in rows] == [("UPGrad", "4"), ("MGDA", "4"), ("UPGrad", "120"),
+                                            ("MGDA", "120")], stdout
+    assert all(float(r[-1]) >= -1e-5 for r in rows), stdout  # no task's gradient conflicts
+
+
 def test_per_sample_embeddings_times_both_passes_after_they_agree(tmp_path: Path) -> None:
     stdout = _run([str(BENCHMARKS / "per_sample_embeddings.py"), "--rows", "50", "--dim", "4",
                    "--bag", "5", "--batch", "6", "--repeats", "2", "--threads", "1"],
