@@ -379,7 +379,7 @@ def test_a_signal_as_the_report_lands_keeps_the_complete_report_and_says_so(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
     """The files were registered as complete only after write_report returned: a SIGINT in
-    between (here: as report.md's last byte lands) removed a complete report, or, a moment
+    between (then: as report.md's last byte landed) removed a complete report, or, a moment
     later, left it beside "no output was written". Now the signal is held until the files are
     registered, the report stays and the message says it was written in full. (SIGTERM: the
     command installs its own handler for it, whereas SIGINT is ignored in a process started in
@@ -393,6 +393,8 @@ def test_a_signal_as_the_report_lands_keeps_the_complete_report_and_says_so(
     assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
                      "--method-config", FAST, "--output", str(out), "--quiet"]) == 0
     capsys.readouterr()
+    # The files are drawn into a staging folder and put in place together at the end: a
+    # signal as report.md's text lands there is before that, and nothing is left.
     real_write = report.write_text_new
 
     def write_then_interrupt(path: Path, text: str) -> Any:
@@ -405,11 +407,29 @@ def test_a_signal_as_the_report_lands_keeps_the_complete_report_and_says_so(
     assert cli.main(["report", "--results", str(out) + ".record.json", "--output-dir",
                      str(folder)]) == 130
     monkeypatch.undo()
+    assert _err(capsys) == ("mtunlearn: interrupted by SIGTERM; no output was written, inputs "
+                            "are unchanged")
+    assert not folder.exists()
+    # A signal as report.md lands under its own name (the last file put in place) is held
+    # until the files are registered: the report stays, and the message says so.
+    real_link = report.link_new
+
+    def link_then_interrupt(tmp: Any, target: Path, message: str) -> None:
+        real_link(tmp, target, message)
+        if target.name == "report.md":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(report, "link_new", link_then_interrupt)
+    assert cli.main(["report", "--results", str(out) + ".record.json", "--output-dir",
+                     str(folder)]) == 130
+    monkeypatch.undo()
     err = _err(capsys)
     assert err.startswith("mtunlearn: interrupted by SIGTERM after its outputs were written in "
                           "full ("), err
     assert (folder / "report.md").read_text().startswith("# u.pt.record.json")
-    assert {p.name for p in folder.iterdir()} >= {"report.md", "metrics_test.png"}
+    assert {p.name for p in folder.iterdir()} == {"report.md", "metrics_forget.png",
+                                                  "metrics_retain.png", "metrics_test.png",
+                                                  "loss_curves.png", "interference.png"}
 
 
 def test_an_interrupt_during_the_commands_imports_is_one_line(
