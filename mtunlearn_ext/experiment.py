@@ -51,6 +51,7 @@ from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
 from mtunlearn_ext.metrics.membership import attackable_instances
+from mtunlearn_ext.metrics.scores import uis_term_defined
 from mtunlearn_ext.models import MultiTaskModel, build_model
 from mtunlearn_ext.records import code_version, run_environment
 from mtunlearn_ext.training import (
@@ -581,7 +582,7 @@ def _undefined_uis_terms(original_test: Mapping[str, Mapping[str, Any]],
     for task in target_tasks:
         for metric, value in original_test.get(task, {}).items():
             number = float(value)
-            if not math.isfinite(number) or number == 0.0:
+            if not uis_term_defined(number):
                 left_out.append(f"{task}/{metric} (O_t={number:g})")
     return left_out
 

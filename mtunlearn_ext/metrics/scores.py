@@ -39,6 +39,12 @@ def _check_same_keys(caller: str, what: str, reference: Mapping[str, Any], refer
                          f"`{reference_label}`: missing {missing}, extra {extra}{hint}")
 
 
+def uis_term_defined(original_test_score: float) -> bool:
+    """Whether a UIS term is defined: its normaliser ``O_t`` is finite and not 0 (else
+    :func:`uis_terms` skips it with a warning)."""
+    return math.isfinite(original_test_score) and original_test_score != 0.0
+
+
 def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
               higher_is_better: Mapping[str, bool] | None = None,
               tasks: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
@@ -77,7 +83,7 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
             o_t = float(original_test[task][metric])
             u_t = float(unlearned_test[task][metric])
             u_u = float(unlearned_forget[task][metric])
-            if not math.isfinite(o_t) or o_t == 0.0:
+            if not uis_term_defined(o_t):
                 warnings.warn(f"uis: skipping {task}/{metric} (O_t={o_t}, U_t={u_t}, U_u={u_u}): "
                               "the relative change is undefined", RuntimeWarning, stacklevel=2)
                 continue
