@@ -154,3 +154,19 @@ def test_the_directions_case_projects_many_directions_off_four_rows() -> None:
                          "median_s": 2e-3, "samples": [1e-3], "skipped": None, "error": None}]}
     summary = compare.summary_markdown([rows])
     assert "**directions**" in summary and "mm+solve / proj_out" in summary
+
+
+def test_run_hashes_are_the_same_for_the_same_command_line(tmp_path: Path) -> None:
+    """scripts/run_hashes.py, the bit-for-bit check before and after a change, is only useful
+    if the same command gives the same digests: a second run, which reuses the cached reference
+    models, must print the same lines; different methods and requests give different weights."""
+    args = [str(ROOT / "scripts" / "run_hashes.py"), "--size", "tiny", "--recipe", "default",
+            "--steps", "1", "--cache-dir", str(tmp_path / "cache")]
+    first, second = _run(args, cwd=tmp_path), _run(args, cwd=tmp_path)
+    rows = [line.split() for line in first.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("interference_aware", "full"), ("orthograd", "full"),
+                                            ("interference_aware", "partial"),
+                                            ("orthograd", "partial")], first
+    assert all(len(r[2]) == 8 and int(r[2], 16) >= 0 for r in rows), first
+    assert len({r[2] for r in rows}) == 4, first
+    assert second == first

@@ -1113,6 +1113,29 @@ def test_project_nonconflicting_is_exact_with_more_rows_than_dimensions(device: 
     assert np.abs(d.cpu().numpy() - expected).max() <= 1e-9 * scale
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k,n,duplicated", [(48, 40, 0), (40, 60, 2), (33, 20, 6)])
+def test_project_nonconflicting_is_exact_on_singular_grams_of_high_rank(
+        device: str, k: int, n: int, duplicated: int) -> None:
+    """Singular Grams whose rank is more than half their rows (a few more tasks than dimensions,
+    or duplicated tasks among independent ones): the descent stops at its rank check and the
+    active set, whose factor grows a row at a time, finishes every row's dual (UPGrad's
+    problems). Before, only Grams of rank <= k / 2 were handed over and the rest ran the
+    descent's whole budget (185 s for one UPGrad of a [256, 130] matrix)."""
+    gen = torch.Generator().manual_seed(k + n)
+    r = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    r[k - duplicated:] = r[:duplicated] * 2.0  # same directions, other lengths
+    rank = int(torch.linalg.matrix_rank(r))
+    assert k / 2 < rank < k
+    r = r.to(device)
+    d = ops.project_nonconflicting(r, r, sign=1)
+    rd = r.cpu().numpy()
+    expected = np.stack([_nnls_projection(rd[i], rd, 1) for i in range(k)])
+    scale = float(np.abs(rd).max())
+    assert np.abs(d.cpu().numpy() - expected).max() <= 1e-9 * scale
+    assert float((d @ r.T).min()) >= -1e-9 * scale**2
+
+
 def _rows_near_one_direction(rng: np.random.Generator, k: int, n: int, noise: float
                              ) -> np.ndarray:
     """``k`` rows ``a_i u + noise`` (``cond(R) ~ 1 / noise``): with ``k > n`` a singular,

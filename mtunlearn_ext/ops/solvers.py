@@ -8,11 +8,13 @@ every solver; at ``k = 64`` ``ridge_solve`` and ``pcgrad_weights`` ~0.2 ms,
 direction (most constraints active); at ``k = 256`` ``ridge_solve`` 3-8 ms,
 ``pcgrad_weights`` ~40 ms and ``nonconflicting_dual`` 0.5-8 ms for random rows but up to
 1.3 s for clustered ones (its active-set sweeps; still exact to ~1e-8 against SciPy's NNLS).
-A singular ``G`` (more rows than their dimension, ``k > n``) is the descent's slow case: when
-it has not converged after 50 sweeps and ``G``'s rank is at most half its rows, the exact
-active-set method (whose passive set stays within that rank) takes over, about 2 ms per
-right-hand side at ``k = 128``, ``n = 40`` and 15 ms at ``k = 256`` (it used to run the whole
-budget, ``200 + 40 k`` sweeps, first: 0.1 s and 1 s; docs/dropin.md).
+A singular ``G`` (more rows than their dimension, ``k > n``, or duplicated rows) is the
+descent's slow case: when it has not converged after 50 sweeps and a row of ``G`` depends on
+the others, the exact active-set method (whose passive set stays within ``G``'s rank ``r``
+and whose Cholesky factor grows a row at a time: ``O(k r^2)``) takes over, about 1 ms per
+right-hand side at ``k = 128``, ``n = 40``, 8 ms at ``k = 256`` and 27 ms at ``k = 256``,
+``n = 130`` (it used to run the whole budget, ``200 + 40 k`` sweeps, first: 0.1 s and 1 s;
+docs/dropin.md).
 
 Inputs are Gram matrices as returned by :func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype, whatever ``rhs``'s (the
 accumulation dtype for a Gram from :func:`~mtunlearn_ext.ops.gram`: float32, or float64; a

@@ -177,7 +177,7 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
     }
     converged = largest <= tol;  // the same on every thread
     if (!converged && sweep + 1 == solvers::dual_rank_check_sweep()) {
-      // As in solvers::nonconflicting_dual: stop on a Gram of rank at most half its rows.
+      // As in solvers::nonconflicting_dual: stop on a singular Gram.
       if (rank == 0) {
         int count = 0;
         for (int i = 0; i < k; ++i)
@@ -189,7 +189,7 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
       block.sync();
       const int dropped =
           cholesky_dropping(block, g, k, idx, count, 0.0, pivot_floor, factor, s_scalar);
-      if (count > 0 && 2 * dropped >= count) break;
+      if (dropped > 0) break;
     }
   }
   // Polish on the active set, as in solvers::nonconflicting_dual.

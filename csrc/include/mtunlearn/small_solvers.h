@@ -31,11 +31,14 @@ MTU_HD bool is_finite(double v) { return v - v == 0.0; }  // false for NaN and +
 // (w_i >= 0).
 MTU_HD double dual_tolerance(double scale) { return 1e-13 * scale; }
 MTU_HD int dual_max_sweeps(int k) { return 200 + 40 * k; }
-// A descent not converged after this many sweeps looks at its Gram once: on one whose rank is
-// at most half its nonzero rows (more tasks than dimensions, k > n) it stops there for the
-// exact active-set method, whose passive set never holds more rows than that rank. The descent
-// itself crawls on such a Gram and used to run its whole budget first: 12 s for one UPGrad of
-// a [128, 40] matrix, 261 s at [256, 40] (drop-in review).
+// A descent not converged after this many sweeps looks at its Gram once: on a singular one (a
+// row that depends on the others to the Gram's rounding level: more tasks than dimensions,
+// k > n, or duplicated tasks) it stops there for the exact active-set method, whose passive set
+// never holds more rows than the rank and whose factor grows a row at a time (O(k r^2) in all
+// for rank r, less than k of the descent's O(k^2) sweeps). The descent itself crawls on such a
+// Gram and used to run its whole budget first: 12 s for one UPGrad of a [128, 40] matrix,
+// 261 s at [256, 40] (drop-in review); a hand-over only at rank <= k / 2 still took 185 s at
+// [256, 130].
 MTU_HD int dual_rank_check_sweep() { return 50; }
 MTU_HD double dual_coordinate_step(double w, double grad, double gii) {
   const double next = w - grad / gii;
@@ -61,51 +64,91 @@ MTU_HD double ridge_lambda(const double* gram, int k, double ridge) {
 // shorter than another) is as independent as a large one (a floor relative to the largest
 // diagonal dropped such rows, leaving their directions unprojected). NaN pivots are kept so
 // that non-finite inputs surface. Returns the number of dropped rows.
+// `ldl` is L's leading dimension (k_sub when omitted).
 MTU_HD int cholesky_dropping(const double* a, int lda, const int* idx, int k_sub, double lam,
-                             double relative_floor, double* l) {
+                             double relative_floor, double* l, int ldl) {
   int dropped = 0;
   for (int j = 0; j < k_sub; ++j) {
     const int gj = idx ? idx[j] : j;
     const double own = a[gj * lda + gj] + lam;
     double d = own;
-    for (int p = 0; p < j; ++p) d -= l[j * k_sub + p] * l[j * k_sub + p];
-    for (int i = 0; i < j; ++i) l[i * k_sub + j] = 0.0;
+    for (int p = 0; p < j; ++p) d -= l[j * ldl + p] * l[j * ldl + p];
+    for (int i = 0; i < j; ++i) l[i * ldl + j] = 0.0;
     if (!(d > relative_floor * own + DBL_MIN) && d == d) {
       ++dropped;
-      for (int i = j; i < k_sub; ++i) l[i * k_sub + j] = 0.0;
+      for (int i = j; i < k_sub; ++i) l[i * ldl + j] = 0.0;
       continue;
     }
     const double ljj = sqrt(d);
-    l[j * k_sub + j] = ljj;
+    l[j * ldl + j] = ljj;
     for (int i = j + 1; i < k_sub; ++i) {
       const int gi = idx ? idx[i] : i;
       double s = a[gi * lda + gj];
-      for (int p = 0; p < j; ++p) s -= l[i * k_sub + p] * l[j * k_sub + p];
-      l[i * k_sub + j] = s / ljj;
+      for (int p = 0; p < j; ++p) s -= l[i * ldl + p] * l[j * ldl + p];
+      l[i * ldl + j] = s / ljj;
     }
   }
   return dropped;
 }
 
-// Solve L L^T x = b in place (b has stride `inc`); dropped rows (diagonal 0) get x = 0.
-MTU_HD void cholesky_solve(const double* l, int k, double* b, int64_t inc) {
+MTU_HD int cholesky_dropping(const double* a, int lda, const int* idx, int k_sub, double lam,
+                             double relative_floor, double* l) {
+  return cholesky_dropping(a, lda, idx, k_sub, lam, relative_floor, l, k_sub);
+}
+
+// Extends the factor of cholesky_dropping(a, lda, idx, n, 0, relative_floor, l, ldl) by the row
+// idx[n]: the values, in the same order of operations, that the whole factorization of n + 1
+// rows would give (its first n rows do not depend on the new one), in O(n^2) instead of O(n^3).
+// Returns whether the new row was dropped (its pivot at the floor; its row of L is then zero).
+MTU_HD bool cholesky_append(const double* a, int lda, const int* idx, int n, double relative_floor,
+                            double* l, int ldl) {
+  const int gn = idx[n];
+  double* row = l + n * ldl;
+  for (int j = 0; j < n; ++j) {
+    const double ljj = l[j * ldl + j];
+    if (ljj == 0.0) {  // row j was dropped: its column is zero
+      row[j] = 0.0;
+      continue;
+    }
+    double s = a[gn * lda + idx[j]];
+    for (int p = 0; p < j; ++p) s -= row[p] * l[j * ldl + p];
+    row[j] = s / ljj;
+  }
+  const double own = a[gn * lda + gn];
+  double d = own;
+  for (int p = 0; p < n; ++p) d -= row[p] * row[p];
+  if (!(d > relative_floor * own + DBL_MIN) && d == d) {
+    for (int j = 0; j <= n; ++j) row[j] = 0.0;
+    return true;
+  }
+  row[n] = sqrt(d);
+  return false;
+}
+
+// Solve L L^T x = b in place (L: k x k with leading dimension ldl; b has stride `inc`); dropped
+// rows (diagonal 0) get x = 0.
+MTU_HD void cholesky_solve(const double* l, int ldl, int k, double* b, int64_t inc) {
   for (int i = 0; i < k; ++i) {
-    const double lii = l[i * k + i];
+    const double lii = l[i * ldl + i];
     if (lii == 0.0) {
       b[i * inc] = 0.0;
       continue;
     }
     double s = b[i * inc];
-    for (int p = 0; p < i; ++p) s -= l[i * k + p] * b[p * inc];
+    for (int p = 0; p < i; ++p) s -= l[i * ldl + p] * b[p * inc];
     b[i * inc] = s / lii;
   }
   for (int i = k - 1; i >= 0; --i) {
-    const double lii = l[i * k + i];
+    const double lii = l[i * ldl + i];
     if (lii == 0.0) continue;
     double s = b[i * inc];
-    for (int p = i + 1; p < k; ++p) s -= l[p * k + i] * b[p * inc];
+    for (int p = i + 1; p < k; ++p) s -= l[p * ldl + i] * b[p * inc];
     b[i * inc] = s / lii;
   }
+}
+
+MTU_HD void cholesky_solve(const double* l, int k, double* b, int64_t inc) {
+  cholesky_solve(l, k, k, b, inc);
 }
 
 // (G + lam I) X = RHS for one problem. gram: k x k (double); rhs/out: k x m with row stride m.
@@ -143,14 +186,15 @@ MTU_HD double dual_objective(const double* gram, int k, const double* c, const d
 }
 
 // The exact dual by Lawson and Hanson's active-set method, the fallback of
-// nonconflicting_dual when its coordinate descent ran out of sweeps (or stopped early on a Gram of
-// low rank: dual_rank_check_sweep) and the polish below could
-// not finish it (dependent constraint rows, e.g. more tasks than dimensions, make G singular and
-// the descent slow). It solves min_{w >= 0} 1/2 w^T G w + c^T w (the NNLS min |R^T w + g| in
-// Gram form) from w = 0: a coordinate whose constraint is violated most (relative to |r_j|)
-// joins the passive set P; the problem restricted to P is solved exactly, and if that leaves a
-// coordinate <= 0, the iterate moves toward it until the first coordinate reaches 0, which
-// leaves P. Each outer step lowers the objective.
+// nonconflicting_dual when its coordinate descent ran out of sweeps (or stopped early on a
+// singular Gram: dual_rank_check_sweep) and the polish below could not finish it (dependent
+// constraint rows, e.g. more tasks than dimensions, make G singular and the descent slow). The
+// Cholesky factor of the passive rows grows by a row as one joins (cholesky_append) and is
+// computed anew only after rows leave. It solves min_{w >= 0} 1/2 w^T G w + c^T w (the NNLS
+// min |R^T w + g| in Gram form) from w = 0: a coordinate whose constraint is violated most
+// (relative to |r_j|) joins the passive set P; the problem restricted to P is solved exactly,
+// and if that leaves a coordinate <= 0, the iterate moves toward it until the first coordinate
+// reaches 0, which leaves P. Each outer step lowers the objective.
 //
 // A row whose Cholesky pivot on joining P falls to `pivot_floor` times its own diagonal (the
 // Gram's relative rounding level) lies in the span of P to that level: the solve gives it a zero coefficient and
@@ -178,6 +222,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
   for (int i = 0; i < k; ++i) w[i] = 0.0;
   int np = 0;  // passive rows: idx[0, np)
   int ne = 0;  // excluded rows (dependent on the passive ones): idx[k - ne, k)
+  int factored = 0;  // factor (leading dimension k) holds the Cholesky of idx[0, factored)
   for (int outer = 0; outer < 3 * k + 10;) {
     int best = -1;
     double most = -1e-9 * scale;  // a violation below this is rounding
@@ -200,19 +245,22 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       for (int i = 0; i < k; ++i) w_out[i] = w[i];
       return true;
     }
-    idx[np++] = best;  // np + ne <= k: best was neither passive nor excluded
-    cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor);
-    if (factor[(np - 1) * np + (np - 1)] == 0.0) {  // best's pivot was dropped
-      --np;
+    idx[np] = best;  // np + ne < k: best was neither passive nor excluded
+    if (factored != np) cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor, k);
+    ++np;
+    factored = np;
+    if (cholesky_append(gram, k, idx, np - 1, pivot_floor, factor, k)) {  // best depends on P
+      factored = --np;
       idx[k - 1 - ne] = best;
       ++ne;
       continue;
     }
     ++outer;
     for (int inner = 0; inner <= k && np > 0; ++inner) {
-      if (inner > 0) cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor);
+      if (factored != np) cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor, k);
+      factored = np;
       for (int a = 0; a < np; ++a) z[a] = -c[idx[a]];
-      cholesky_solve(factor, np, z, 1);
+      cholesky_solve(factor, k, np, z, 1);
       bool positive = true;
       for (int a = 0; a < np; ++a) positive = positive && z[a] > 0.0;
       if (positive) {
@@ -241,6 +289,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
         }
       }
       np = kept;
+      factored = -1;  // rows left P: the factor must be computed anew
       ne = 0;  // a row left P: the rows excluded as dependent on P may not be any more
     }
   }
@@ -276,15 +325,13 @@ MTU_HD bool dual_polish(const double* gram, int k, const double* c, double scale
   return true;
 }
 
-// Whether the rank of G (rows with G_ii > 0, dependence to `pivot_floor` as in the active-set
-// method) is at most half of those rows. idx: k ints; factor: k*k doubles.
-MTU_HD bool gram_mostly_dependent(const double* gram, int k, double pivot_floor, double* factor,
-                                  int* idx) {
+// Whether a row of G with G_ii > 0 depends on the others (to `pivot_floor`, as in the
+// active-set method). idx: k ints; factor: k*k doubles.
+MTU_HD bool gram_singular(const double* gram, int k, double pivot_floor, double* factor, int* idx) {
   int count = 0;
   for (int i = 0; i < k; ++i)
     if (gram[i * k + i] > 0.0) idx[count++] = i;
-  const int dropped = cholesky_dropping(gram, k, idx, count, 0.0, pivot_floor, factor);
-  return count > 0 && 2 * dropped >= count;
+  return cholesky_dropping(gram, k, idx, count, 0.0, pivot_floor, factor) > 0;
 }
 
 // min_{w >= 0} 1/2 w^T G w + c^T w, the dual of projecting g onto {d : <d, r_j> >= 0} with
@@ -334,7 +381,7 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
     }
     converged = largest <= tol;
     if (!converged && sweep + 1 == dual_rank_check_sweep() &&
-        gram_mostly_dependent(gram, k, pivot_floor, factor, idx))
+        gram_singular(gram, k, pivot_floor, factor, idx))
       break;
   }
   if (dual_polish(gram, k, c, scale, w, trial, factor, idx) || converged) return;
