@@ -9,8 +9,8 @@ KKT system on the support found. Every branch is a ``torch.where``: no ``.item()
 synchronisation, batched over leading dimensions (one problem per layer). On the CPU, where
 an optimality test costs nothing, the problems are first handed to the compiled non-negative
 QP (:func:`mtunlearn_ext.ops.nonconflicting_dual`, an equivalent problem: see
-``_min_norm_by_dual``), whose answer is kept when it passes the KKT conditions; otherwise (the
-hull holds the origin, or the QP's active set stalls on dependent rows) the steps above run,
+``_min_norm_by_dual``; where the hull holds the origin, a bounded variant of it), whose answer
+is kept when it passes the KKT conditions; otherwise the steps above run,
 and a problem whose answer still fails the KKT conditions after the budget (tasks whose
 gradient norms differ by 1e3 or more) is finished by an exact active-set method; inside
 ``torch.compile`` (whose graph cannot branch on values) the CPU solve is one opaque custom op,
@@ -143,22 +143,52 @@ def _active_set_min_norm(gram: torch.Tensor, start: torch.Tensor,
     return a
 
 
-def _min_norm_by_dual(g: torch.Tensor) -> torch.Tensor | None:
+def _simplex_weights_if_optimal(g: torch.Tensor, w: torch.Tensor, tolerance: float = 1e-12
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a = w / sum(w)`` and, per problem, whether it passes the simplex problem's KKT
+    conditions on ``g`` to ``tolerance``."""
+    a = w / w.sum(-1, keepdim=True)
+    return a, torch.isfinite(a).all(-1) & (a >= 0).all(-1) & _kkt_optimal(g, a, tolerance)
+
+
+def _gram_tolerance(dtype: torch.dtype) -> float:
+    """The optimality test's tolerance for a Gram computed in ``dtype`` (scaled to a unit mean
+    diagonal): 1e-12 in float64, ten units of rounding otherwise (1.2e-6 in float32)."""
+    return 1e-12 if dtype == torch.float64 else 10 * torch.finfo(dtype).eps
+
+
+def _min_norm_by_dual(g: torch.Tensor, tolerance: float = 1e-12) -> torch.Tensor | None:
     """The min-norm weights from the compiled non-negative QP, or ``None`` where that fails.
 
-    ``w = argmin_{w >= 0} 1/2 w^T G w - 1^T w`` (:func:`mtunlearn_ext.ops.nonconflicting_dual`
-    with ``c = -1``) scaled onto the simplex, ``a = w / sum(w)``, is the min-norm point's
-    weights: the QP's KKT conditions ``(G w)_i >= 1``, with equality where ``w_i > 0``, become
-    ``(G a)_i >= 1 / sum(w) = a^T G a`` with equality on the support, which are the simplex
-    problem's. When the hull holds the origin the QP is unbounded; the answer is then checked
-    against the simplex problem's KKT conditions, and ``None`` (any problem failing them) sends
-    the whole batch to the iterative solver."""
+    ``g`` is scaled to a unit mean diagonal. ``w = argmin_{w >= 0} 1/2 w^T G w - 1^T w``
+    (:func:`mtunlearn_ext.ops.nonconflicting_dual` with ``c = -1``) scaled onto the simplex,
+    ``a = w / sum(w)``, is the min-norm point's weights: the QP's KKT conditions
+    ``(G w)_i >= 1``, with equality where ``w_i > 0``, become ``(G a)_i >= 1 / sum(w) = a^T G a``
+    with equality on the support, which are the simplex problem's.
+
+    When the hull holds the origin (more tasks than gradient entries, or tasks that cancel out)
+    that QP is unbounded. The problems whose answer fails the simplex problem's KKT conditions
+    then solve ``min_{w >= 0} 1/2 w^T (G + 1 1^T) w - 1^T w``, bounded for every ``G``: with
+    ``s = sum(w)`` and ``q = a^T G a`` its objective is ``1/2 s^2 (q + 1) - s``, smallest at
+    ``s = 1 / (q + 1)`` with value ``-1 / (2 (q + 1))``, so its ``a`` minimises ``q`` too. It is
+    the second choice only because the rank-one term slows the solver's descent where the first
+    QP is bounded. Its answer is checked to ``tolerance``, the Gram's own rounding level: a
+    float32 Gram of more tasks than dimensions has eigenvalues of +-1e-7 where they should be
+    0, and no point meets the float64 test on it. ``None`` (a problem failing both) sends the
+    whole batch to the iterative solver."""
     k = g.shape[-1]
     minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
-    w = ops.nonconflicting_dual(g, minus_ones).squeeze(-2)
-    a = w / w.sum(-1, keepdim=True)
-    ok = torch.isfinite(a).all(-1) & (a >= 0).all(-1) & _kkt_optimal(g, a)
-    return a if bool(ok.all()) else None
+    a, ok = _simplex_weights_if_optimal(g, ops.nonconflicting_dual(g, minus_ones).squeeze(-2))
+    if bool(ok.all()):
+        return a
+    bounded, bounded_ok = _simplex_weights_if_optimal(
+        g, ops.nonconflicting_dual(g + 1.0, minus_ones).squeeze(-2), tolerance)
+    # An all-zero Gram (every point optimal) keeps the documented uniform weights, which the
+    # iterative solver returns; the bounded QP would pick a vertex.
+    bounded_ok = bounded_ok & (torch.diagonal(g, dim1=-2, dim2=-1).amax(-1) > 0)
+    if not bool((ok | bounded_ok).all()):
+        return None
+    return torch.where(ok.unsqueeze(-1), a, bounded)
 
 
 def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool = True
@@ -189,27 +219,30 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     # No autograd through the solve (the weightings document weights as constants): the compiled
     # QP has no backward formula, and the iterative path's graph would differ from it.
     g = gram.detach().to(torch.float64)
+    tolerance = _gram_tolerance(gram.dtype)
     if g.device.type == "cpu" and torch.compiler.is_compiling():
         # The host solver decides on values (is the QP's answer optimal? which problems are
         # left?), which a traced graph cannot branch on: it is one opaque op there.
-        return _host_min_norm(g, iterations, polish).to(gram.dtype)
-    return _solve(g, iterations, polish).to(gram.dtype)
+        return _host_min_norm(g, iterations, polish, tolerance).to(gram.dtype)
+    return _solve(g, iterations, polish, tolerance).to(gram.dtype)
 
 
 @torch.library.custom_op("mtunlearn_surgery::min_norm_simplex", mutates_args=(),
                          device_types="cpu")
-def _host_min_norm(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
+def _host_min_norm(g: torch.Tensor, iterations: int, polish: bool, tolerance: float
+                   ) -> torch.Tensor:
     """:func:`min_norm_simplex` on the CPU as one op for ``torch.compile`` (float64 in, out)."""
-    return _solve(g, iterations, polish)
+    return _solve(g, iterations, polish, tolerance)
 
 
 @_host_min_norm.register_fake
-def _(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
+def _(g: torch.Tensor, iterations: int, polish: bool, tolerance: float) -> torch.Tensor:
     return g.new_empty(g.shape[:-1])
 
 
-def _solve(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
-    """:func:`min_norm_simplex`'s solve of the float64 Gram ``g`` (``k >= 1``), in float64."""
+def _solve(g: torch.Tensor, iterations: int, polish: bool, tolerance: float) -> torch.Tensor:
+    """:func:`min_norm_simplex`'s solve of the float64 Gram ``g`` (``k >= 1``), in float64;
+    ``tolerance``: :func:`_gram_tolerance` of the dtype it was computed in."""
     k = g.shape[-1]
     g = 0.5 * (g + g.transpose(-1, -2))
     tiny = torch.finfo(torch.float64).tiny
@@ -221,7 +254,7 @@ def _solve(g: torch.Tensor, iterations: int, polish: bool) -> torch.Tensor:
         # On the host the compiled active-set QP answers in microseconds, and checking it is
         # free; the accelerated steps below cost a loop of small torch ops (1.06 ms against
         # TorchJD's 0.80 at k = 16), and remain for the problems it fails and for devices.
-        exact = _min_norm_by_dual(g)
+        exact = _min_norm_by_dual(g, tolerance)
         if exact is not None:
             return exact
 
