@@ -87,6 +87,24 @@ def test_aggregators_match_cpu(make: Callable[[], object], dtype: torch.dtype) -
                                rtol=0, atol=TOL[dtype] * float(matrix.abs().max()))
 
 
+def test_min_norm_on_the_gpu_takes_the_cpus_exact_answers() -> None:
+    """MGDA's min-norm solve on a device cannot branch on values: the QPs' answers, checked as
+    tensors, replace the iterative budget's wherever they pass. Badly scaled tasks (norms 1e3
+    apart) and a hull holding the origin, where the budget alone was 0.2 off in norm, get the
+    CPU's exact answers."""
+    from mtunlearn_ext.surgery import min_norm_simplex
+
+    gen = torch.Generator().manual_seed(5)
+    j = torch.randn(4, 10, 30, generator=gen, dtype=torch.float64)
+    j[:, 0] *= 1e3
+    j[3, :, 3:] = 0  # the hull holds the origin
+    gram = j @ j.mT
+    want = min_norm_simplex(gram)
+    got = min_norm_simplex(gram.cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    assert float((got[3] @ j[3]).norm()) < 1e-9
+
+
 def _problem(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -164,6 +182,8 @@ def test_cli_train_unlearn_verify_on_cuda(tmp_path: Path) -> None:
 def test_dual_of_an_indefinite_gram_is_nan_on_both_solvers(k: int) -> None:
     """The block solver (k >= 32) ran its active-set finish where the one-thread solvers return
     the descent's overflowed iterate (no active row): finite weights against NaN."""
+    from mtunlearn_ext import ops
+
     gram = torch.eye(k, dtype=torch.float64)
     gram[0, 1] = gram[1, 0] = -2.0
     c = -torch.ones(1, k, dtype=torch.float64)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch

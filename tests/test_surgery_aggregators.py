@@ -872,3 +872,31 @@ def test_more_tasks_than_the_solvers_take_are_refused_in_the_aggregators_words()
     torch.testing.assert_close(Mean()(matrix), matrix.mean(dim=0))
     torch.testing.assert_close(Sum()(matrix), matrix.sum(dim=0))
     assert UPGrad()(matrix[:256]).shape == (3,)  # the limit itself is solved
+
+
+def test_min_norm_device_path_takes_the_checked_qp_answers_without_branching(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a device the solve may not branch on values (a host synchronisation each), so the
+    iterative budget always runs; the QPs' answers, checked as tensors, replace its answer
+    wherever they pass. Run here on the CPU through ``host=False``: badly scaled tasks (norms
+    1e3 apart) and a hull holding the origin get the host's exact answers, where the budget
+    alone was 0.2 off in norm on both."""
+    from mtunlearn_ext.surgery import min_norm
+
+    gen = torch.Generator().manual_seed(5)
+    j = torch.randn(4, 10, 30, generator=gen, dtype=F64)
+    j[:, 0] *= 1e3
+    j[3, :, 3:] = 0  # ten points in a plane of three dimensions: the hull holds the origin
+    gram = j @ j.mT
+    g = gram / torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    host = min_norm._solve(g, 200, True, 1e-12)
+    device = min_norm._solve(g, 200, True, 1e-12, host=False)
+    torch.testing.assert_close(device, host, rtol=0, atol=1e-12)
+    norms = [float((device[b] @ j[b]).norm()) for b in range(4)]
+    assert norms[3] < 1e-9
+    # The budget alone (no QP passing) on the same problems: what the replacement fixes.
+    monkeypatch.setattr(min_norm, "_dual_answers", lambda g, tol, lazy=True: (
+        g[..., 0], torch.zeros(g.shape[:-2], dtype=torch.bool)))
+    budget = min_norm._solve(g, 200, True, 1e-12, host=False)
+    budget_norms = [float((budget[b] @ j[b]).norm()) for b in range(4)]
+    assert budget_norms[0] > norms[0] + 0.1 and budget_norms[3] > 0.1
