@@ -170,7 +170,7 @@ MTU_BLOCK void nonconflicting_dual(Block& block, const A* gram, const A* rhs, A*
       if (delta != 0.0) {  // the same on every thread
         block.sync();      // everyone has read s_w[i] and s_grad[i]
         if (rank == 0) s_w[i] = next;
-        for (int j = rank; j < k; j += size) s_grad[j] += delta * g[j * k + i];
+        for (int j = rank; j < k; j += size) s_grad[j] += delta * g[i * k + j];
         largest = solvers::dmax(largest, solvers::dabs(delta) * sqrt(gii));
         block.sync();
       }

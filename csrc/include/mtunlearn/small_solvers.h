@@ -219,6 +219,10 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
   double* w = scratch;              // k
   double* z = scratch + k;          // k
   double* factor = scratch + 2 * k; // k*k
+  // w marks each row's state, so that the scan below skips rows in O(1): a passive row's
+  // w_j > 0 whenever a row is selected (the inner loop drops the rest), a free row's is 0, and
+  // an excluded row's is kExcluded until the exclusions are lifted (then 0 again).
+  constexpr double kExcluded = -1.0;
   for (int i = 0; i < k; ++i) w[i] = 0.0;
   int np = 0;  // passive rows: idx[0, np)
   int ne = 0;  // excluded rows (dependent on the passive ones): idx[k - ne, k)
@@ -229,10 +233,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
     for (int j = 0; j < k; ++j) {
       const double gjj = gram[j * k + j];
       if (!(gjj > 0.0)) continue;  // r_j = 0: its constraint always holds
-      bool skip = false;
-      for (int a = 0; a < np; ++a) skip = skip || idx[a] == j;
-      for (int a = k - ne; a < k; ++a) skip = skip || idx[a] == j;
-      if (skip) continue;
+      if (w[j] != 0.0) continue;   // passive or excluded
       double gj = c[j];
       for (int a = 0; a < np; ++a) gj += gram[j * k + idx[a]] * w[idx[a]];
       const double violation = gj / sqrt(gjj);  // <d, r_j> / |r_j|
@@ -242,6 +243,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       }
     }
     if (best < 0) {
+      for (int a = k - ne; a < k; ++a) w[idx[a]] = 0.0;
       for (int i = 0; i < k; ++i) w_out[i] = w[i];
       return true;
     }
@@ -253,6 +255,7 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       factored = --np;
       idx[k - 1 - ne] = best;
       ++ne;
+      w[best] = kExcluded;
       continue;
     }
     ++outer;
@@ -290,9 +293,12 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       }
       np = kept;
       factored = -1;  // rows left P: the factor must be computed anew
-      ne = 0;  // a row left P: the rows excluded as dependent on P may not be any more
+      // A row left P: the rows excluded as dependent on P may not be any more.
+      for (int a = k - ne; a < k; ++a) w[idx[a]] = 0.0;
+      ne = 0;
     }
   }
+  for (int a = k - ne; a < k; ++a) w[idx[a]] = 0.0;
   if (dual_objective(gram, k, c, w) < dual_objective(gram, k, c, w_out))
     for (int i = 0; i < k; ++i) w_out[i] = w[i];
   return false;
@@ -375,7 +381,7 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
       const double delta = next - w[i];
       if (delta != 0.0) {
         w[i] = next;
-        for (int j = 0; j < k; ++j) grad[j] += delta * gram[j * k + i];
+        for (int j = 0; j < k; ++j) grad[j] += delta * gram[i * k + j];
         largest = dmax(largest, dabs(delta) * sqrt(gii));
       }
     }
