@@ -194,7 +194,7 @@ def test_mgda_traces_whole_on_the_cpu_and_keeps_the_exact_answers() -> None:
     assert float((want[3] @ j[3]).norm()) < 1e-9
     from mtunlearn_ext.surgery.min_norm import _host_min_norm
 
-    torch.library.opcheck(_host_min_norm, (gram, 200, True, 1e-12))
+    torch.library.opcheck(_host_min_norm, (gram, 200, True, 0.0))
     x = torch.randn(4, 50, generator=gen)
     aggregator = torch.compile(MGDA(), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(aggregator(x), MGDA()(x), rtol=1e-6, atol=1e-7)

@@ -50,14 +50,27 @@ def _objective(gram: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (a * (a.unsqueeze(-2) @ gram).squeeze(-2)).sum(-1)
 
 
-def _kkt_optimal(gram: torch.Tensor, a: torch.Tensor, tolerance: float = 1e-12) -> torch.Tensor:
+def _kkt_optimal(gram: torch.Tensor, a: torch.Tensor, tolerance: float = 1e-12,
+                 roundoff: float = 0.0) -> torch.Tensor:
     """Whether ``a`` (on the simplex) minimises ``a^T G a`` there, per problem: the KKT
     conditions say every coordinate's gradient ``(G a)_i`` is at least ``a^T G a`` (with
     equality on the support, which holds for a polished ``a``). ``gram`` is scaled to a unit mean
-    diagonal, so the tolerance is relative."""
+    diagonal, so the tolerance is relative.
+
+    ``roundoff``: the relative rounding level of the Gram's entries (``|dG_ij|`` up to
+    ``roundoff * |r_i| |r_j|``), which moves ``(G a)_i`` by up to ``roundoff |r_i| S`` and
+    ``a^T G a`` by up to ``roundoff S^2``, with ``S = sum_j a_j |r_j|``: row ``i`` may miss by
+    that much more. Per row, so that a task 1e4 times shorter than another is held to its own
+    rounding, not to the long one's (a tolerance relative to the mean diagonal passed answers
+    3% of the short task's norm off the optimum)."""
     ga = (a.unsqueeze(-2) @ gram).squeeze(-2)
     value = (ga * a).sum(-1)
-    return (ga.amin(-1) >= value - tolerance) & torch.isfinite(value)
+    if roundoff == 0.0:
+        return (ga.amin(-1) >= value - tolerance) & torch.isfinite(value)
+    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
+    spread = (a * norms).sum(-1, keepdim=True)
+    slack = tolerance + roundoff * spread * (norms + spread)
+    return (ga - value.unsqueeze(-1) + slack >= 0).all(-1) & torch.isfinite(value)
 
 
 def _polish(gram: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -146,21 +159,23 @@ def _active_set_min_norm(gram: torch.Tensor, start: torch.Tensor,
     return a
 
 
-def _simplex_weights_if_optimal(g: torch.Tensor, w: torch.Tensor, tolerance: float = 1e-12
+def _simplex_weights_if_optimal(g: torch.Tensor, w: torch.Tensor, roundoff: float = 0.0
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``a = w / sum(w)`` and, per problem, whether it passes the simplex problem's KKT
-    conditions on ``g`` to ``tolerance``."""
+    conditions on ``g`` (to 1e-12, and the Gram's ``roundoff``: :func:`_kkt_optimal`)."""
     a = w / w.sum(-1, keepdim=True)
-    return a, torch.isfinite(a).all(-1) & (a >= 0).all(-1) & _kkt_optimal(g, a, tolerance)
+    return a, torch.isfinite(a).all(-1) & (a >= 0).all(-1) & _kkt_optimal(g, a, 1e-12, roundoff)
 
 
-def _gram_tolerance(dtype: torch.dtype) -> float:
-    """The optimality test's tolerance for a Gram computed in ``dtype`` (scaled to a unit mean
-    diagonal): 1e-12 in float64, ten units of rounding otherwise (1.2e-6 in float32)."""
-    return 1e-12 if dtype == torch.float64 else 10 * torch.finfo(dtype).eps
+def _gram_roundoff(dtype: torch.dtype) -> float:
+    """The relative rounding level of a Gram computed in ``dtype``, for :func:`_kkt_optimal`:
+    none in float64 (its answers are held to 1e-12 alone), ten units of float32 rounding
+    (1.2e-6) otherwise. A half-precision Gram is held to float32's level too: at its own, the
+    test passed answers 17% above the optimum of the matrix given."""
+    return 0.0 if dtype == torch.float64 else 10 * torch.finfo(torch.float32).eps
 
 
-def _dual_answers(g: torch.Tensor, tolerance: float = 1e-12, *, lazy: bool = True
+def _dual_answers(g: torch.Tensor, roundoff: float = 0.0, *, lazy: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The min-norm weights from the compiled non-negative QP, and per problem whether they
     pass the simplex problem's KKT conditions.
@@ -178,9 +193,10 @@ def _dual_answers(g: torch.Tensor, tolerance: float = 1e-12, *, lazy: bool = Tru
     smallest at ``s = 1 / (q + 1)`` with value ``-1 / (2 (q + 1))``, so its ``a`` minimises
     ``q`` too. It is the second choice only because the rank-one term slows the solver's
     descent where the first QP is bounded; ``lazy`` (the host) solves it only when some problem
-    needs it, which costs a synchronisation. Its answer is checked to ``tolerance``, the Gram's
-    own rounding level: a float32 Gram of more tasks than dimensions has eigenvalues of +-1e-7
-    where they should be 0, and no point meets the float64 test on it. An all-zero Gram (every
+    needs it, which costs a synchronisation. Its answer is checked allowing for ``roundoff``,
+    the Gram's rounding level (:func:`_kkt_optimal`): a float32 Gram of more tasks than
+    dimensions has eigenvalues of +-1e-7 where they should be 0, and no point meets the float64
+    test on it. An all-zero Gram (every
     point optimal) is never passed: the iterative solver's uniform weights are documented."""
     k = g.shape[-1]
     minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
@@ -188,15 +204,15 @@ def _dual_answers(g: torch.Tensor, tolerance: float = 1e-12, *, lazy: bool = Tru
     if lazy and bool(ok.all()):
         return a, ok
     bounded, bounded_ok = _simplex_weights_if_optimal(
-        g, ops.nonconflicting_dual(g + 1.0, minus_ones).squeeze(-2), tolerance)
+        g, ops.nonconflicting_dual(g + 1.0, minus_ones).squeeze(-2), roundoff)
     bounded_ok = bounded_ok & (torch.diagonal(g, dim1=-2, dim2=-1).amax(-1) > 0)
     return torch.where(ok.unsqueeze(-1), a, bounded), ok | bounded_ok
 
 
-def _min_norm_by_dual(g: torch.Tensor, tolerance: float = 1e-12) -> torch.Tensor | None:
+def _min_norm_by_dual(g: torch.Tensor, roundoff: float = 0.0) -> torch.Tensor | None:
     """:func:`_dual_answers` on the host: the weights, or ``None`` (a problem failing both
     QPs sends the whole batch to the iterative solver)."""
-    a, ok = _dual_answers(g, tolerance)
+    a, ok = _dual_answers(g, roundoff)
     return a if bool(ok.all()) else None
 
 
@@ -228,31 +244,31 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     # No autograd through the solve (the weightings document weights as constants): the compiled
     # QP has no backward formula, and the iterative path's graph would differ from it.
     g = gram.detach().to(torch.float64)
-    tolerance = _gram_tolerance(gram.dtype)
+    roundoff = _gram_roundoff(gram.dtype)
     if g.device.type == "cpu" and torch.compiler.is_compiling():
         # The host solver decides on values (is the QP's answer optimal? which problems are
         # left?), which a traced graph cannot branch on: it is one opaque op there.
-        return _host_min_norm(g, iterations, polish, tolerance).to(gram.dtype)
-    return _solve(g, iterations, polish, tolerance).to(gram.dtype)
+        return _host_min_norm(g, iterations, polish, roundoff).to(gram.dtype)
+    return _solve(g, iterations, polish, roundoff).to(gram.dtype)
 
 
 @torch.library.custom_op("mtunlearn_surgery::min_norm_simplex", mutates_args=(),
                          device_types="cpu")
-def _host_min_norm(g: torch.Tensor, iterations: int, polish: bool, tolerance: float
+def _host_min_norm(g: torch.Tensor, iterations: int, polish: bool, roundoff: float
                    ) -> torch.Tensor:
     """:func:`min_norm_simplex` on the CPU as one op for ``torch.compile`` (float64 in, out)."""
-    return _solve(g, iterations, polish, tolerance)
+    return _solve(g, iterations, polish, roundoff)
 
 
 @_host_min_norm.register_fake
-def _(g: torch.Tensor, iterations: int, polish: bool, tolerance: float) -> torch.Tensor:
+def _(g: torch.Tensor, iterations: int, polish: bool, roundoff: float) -> torch.Tensor:
     return g.new_empty(g.shape[:-1])
 
 
-def _solve(g: torch.Tensor, iterations: int, polish: bool, tolerance: float,
+def _solve(g: torch.Tensor, iterations: int, polish: bool, roundoff: float,
            host: bool | None = None) -> torch.Tensor:
     """:func:`min_norm_simplex`'s solve of the float64 Gram ``g`` (``k >= 1``), in float64;
-    ``tolerance``: :func:`_gram_tolerance` of the dtype it was computed in. ``host``: whether
+    ``roundoff``: :func:`_gram_roundoff` of the dtype it was computed in. ``host``: whether
     values may decide the path (a synchronisation each; default: on the CPU); the tests run
     the device path on the CPU with ``False``."""
     k = g.shape[-1]
@@ -266,12 +282,12 @@ def _solve(g: torch.Tensor, iterations: int, polish: bool, tolerance: float,
     if polish and not host and g.numel() > 0:
         # No branch on values here: the QPs' answers, checked as tensors, replace the budget's
         # answer below wherever they pass (two solver launches beside the budget's ~3000).
-        checked = _dual_answers(g, tolerance, lazy=False)
+        checked = _dual_answers(g, roundoff, lazy=False)
     if polish and host and g.numel() > 0:
         # On the host the compiled active-set QP answers in microseconds, and checking it is
         # free; the accelerated steps below cost a loop of small torch ops (1.06 ms against
         # TorchJD's 0.80 at k = 16), and remain for the problems it fails and for devices.
-        exact = _min_norm_by_dual(g, tolerance)
+        exact = _min_norm_by_dual(g, roundoff)
         if exact is not None:
             return exact
 
