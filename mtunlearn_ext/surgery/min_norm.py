@@ -196,8 +196,8 @@ def _dual_answers(g: torch.Tensor, roundoff: float = 0.0, *, lazy: bool = True
     needs it, which costs a synchronisation. Its answer is checked allowing for ``roundoff``,
     the Gram's rounding level (:func:`_kkt_optimal`): a float32 Gram of more tasks than
     dimensions has eigenvalues of +-1e-7 where they should be 0, and no point meets the float64
-    test on it. An all-zero Gram (every
-    point optimal) is never passed: the iterative solver's uniform weights are documented."""
+    test on it. An all-zero Gram (every point optimal) is never passed: the iterative solver's
+    uniform weights are documented."""
     k = g.shape[-1]
     minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
     a, ok = _simplex_weights_if_optimal(g, ops.nonconflicting_dual(g, minus_ones).squeeze(-2))
