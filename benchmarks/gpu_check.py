@@ -14,7 +14,7 @@ failing or hanging stage still leaves the others' results:
    references, poisoned outputs, ``opcheck``) and tests/test_cuda.py (surgery lists, aggregators,
    the hook, solvers, ``unlearn`` and the CLI on CUDA against the CPU path); then the solver
    tests again with the one-thread-per-problem solvers (``MTUNLEARN_CUDA_BLOCK_SOLVERS=0``; the
-   block-per-problem solvers for k >= 32 are the default).
+   block-per-problem solvers for k >= 32 are the default), after stages 3 and 4.
 3. fuzz: scripts/fuzz_ops.py on CUDA (random shapes, strides, dtypes, NaN/Inf: a right answer or
    a clear error).
 4. memcheck: the fuzz cases under ``compute-sanitizer --tool memcheck`` with PyTorch's caching
@@ -427,13 +427,6 @@ def main() -> int:
                                     *pytest_parallel_args(), "tests/test_ops.py", "-k",
                                     "cuda or compile or autograd", "tests/test_cuda.py"], 240,
                        env=tests_env)
-        # The one-thread-per-problem solvers (the default below k = 32, opt-in above): the
-        # solver tests again with them.
-        stages.command("op tests, one-thread solvers", [
-            py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_parallel_args(),
-            "tests/test_ops.py", "tests/test_cuda.py", "-k", "cuda and (ridge or project or singular or solvers or "
-            "unlearn)"], 120,
-            env={**tests_env, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "0"})
         stages.command("fuzz", [py, "scripts/fuzz_ops.py", "--device", "cuda", "--cases",
                                 str(args.fuzz_cases)], 90, env=checked)
     tool = None if args.skip_sanitizer else sanitizer()
@@ -446,6 +439,14 @@ def main() -> int:
                        150, need=60, env=no_cache)
     elif not args.skip_sanitizer:
         stages.summary.append("| memcheck | skipped: no compute-sanitizer found | 0 |")
+    if not args.skip_tests:
+        # The one-thread-per-problem solvers (the default below k = 32, opt-in above): the
+        # solver tests again with them, after the checks of the default path.
+        stages.command("op tests, one-thread solvers", [
+            py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_parallel_args(),
+            "tests/test_ops.py", "tests/test_cuda.py", "-k",
+            "cuda and (ridge or project or singular or solvers or unlearn)"], 120,
+            env={**tests_env, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "0"})
     timing_lines: list[str] = []
     if stages.left() > 40:
         t0 = time.monotonic()
