@@ -45,6 +45,15 @@ def _as_int(op: str, name: str, number: object) -> int:
                         f"{number!r:.40}") from None
 
 
+def _message_of(message: str) -> Callable[[], str]:
+    """The message callable of a check traced by ``torch.compile``: made where the check is
+    traced, the text as a default argument, not a closure. torch 2.11's Dynamo takes no other
+    (a closure or an outer function stops the trace: "Can't extract message from
+    torch._check()"), nor a message for ``torch._check_value`` at all; ``torch._check`` raises
+    a RuntimeError where the eager check raises a ValueError, with the same text."""
+    return lambda text=message: text
+
+
 def check_sign(op: str, sign: object) -> int:
     """1 or -1 as a Python int, from a number equal to one of them (``-1.0``, NumPy's and 0-d
     tensors' numbers too). A bool is refused though True == 1 (a flag meant as something else),
@@ -54,7 +63,7 @@ def check_sign(op: str, sign: object) -> int:
         # Dynamo may trace an int argument as a symbolic one, whose attributes it cannot look
         # up: checked when the graph runs (here when constant).
         message = f"{op}: `sign` must be 1 or -1"
-        torch._check_value((sign == 1) | (sign == -1), lambda: message)
+        torch._check((sign == 1) | (sign == -1), _message_of(message))
         return sign
     dtype = getattr(sign, "dtype", None)
     is_bool = isinstance(sign, bool) or (
@@ -106,8 +115,8 @@ def check_number(op: str, name: str, number: object, *,
         finite = (number == number) & (number != math.inf) & (number != -math.inf)
         message = (f"{op}: `{name}` must be a finite number"
                    f"{'' if at_least is None else f' >= {at_least:g}'}")
-        torch._check_value(finite if at_least is None else finite & (number >= at_least),
-                           lambda: message)
+        torch._check(finite if at_least is None else finite & (number >= at_least),
+                     _message_of(message))
         return number
     value = math.nan
     if not isinstance(number, (bool, str, bytes)):
