@@ -8,7 +8,8 @@ with no GPU attached; otherwise a CPU-only extension is built. Environment overr
 * ``MAX_JOBS`` bounds ninja's parallelism (default: the number of CPUs).
 * ``CXX`` / ``CC`` choose the compiler as usual. Whatever it is, the extension takes the C++
   runtime from torch's ``libstdc++.so`` (see ``_CXX_RUNTIME_LINK``), and the build fails with
-  an explanation if the linked library does not.
+  an explanation if it would not: in a second, from a probe linked the same way before any
+  source is compiled, and from the linked library after the build.
 * ``MTUNLEARN_METADATA_ONLY=1`` leaves the extension out: only the package metadata and the
   ``mtunlearn`` console script. scripts/setup_env.sh uses it for an editable install on top of
   its incremental ``build_ext --inplace``: a plain editable install recompiles every source in a
@@ -51,9 +52,21 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 # but an error raised by an op (TORCH_CHECK) unwinds with two C++ runtimes in play: its message
 # comes out cut short, or the interpreter dies with a segmentation fault (seen on an H200 machine;
 # tests/test_build.py reproduces the private copy). Naming the shared runtime right after our
-# objects makes the linker take every C++ runtime symbol from libstdc++.so, so the static archive
-# the driver appends later has nothing left to supply.
-_CXX_RUNTIME_LINK = ["-Wl,-lstdc++"] if sys.platform.startswith("linux") else []
+# objects makes the linker take every C++ runtime symbol from it, so the static archive the
+# driver appends later has nothing left to supply. By its file name, libstdc++.so.6: a plain
+# -lstdc++ takes libstdc++.a from the first library directory that has either, and a wrapper
+# whose own directory holds only the archive (run 7 on the H200 refused the library built with
+# -lstdc++) gets the private copy all the same.
+_CXX_RUNTIME_LINK = ["-Wl,-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+# A shared object that throws a C++ exception: linked the way the extension will be, before its
+# sources are compiled, it shows in a second whether the toolchain gives a private runtime.
+_PROBE_SOURCE = """#include <stdexcept>
+extern "C" int mtunlearn_probe(int x) {
+  if (x > 0) throw std::runtime_error("probe");
+  return x;
+}
+"""
 
 
 def _load_elf_reader():  # type: ignore[no-untyped-def]
@@ -67,21 +80,59 @@ def _load_elf_reader():  # type: ignore[no-untyped-def]
     return module
 
 
+def _private_runtime_message(library: str, what: str) -> str:
+    return (
+        f"mtunlearn_ext: {library} was linked with a private copy of the C++ runtime instead "
+        f"of torch's libstdc++.so (compiler: {os.environ.get('CXX', 'c++')}); an error raised "
+        f"by an op would crash the interpreter, so {what}. Build with a compiler that links "
+        "libstdc++ dynamically, e.g. "
+        "`CXX=/usr/bin/g++ CC=/usr/bin/gcc python setup.py build_ext --inplace`."
+    )
+
+
 class _BuildExtension(BuildExtension):
-    """torch's BuildExtension, then a check that the linked library shares torch's C++ runtime."""
+    """torch's BuildExtension between two checks that the library shares torch's C++ runtime:
+    a probe linked the same way before the build (a second, where the build takes minutes),
+    and the linked library after it."""
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
+        probe = self._link_probe(ext)
+        if probe is not None and _load_elf_reader().carries_private_cxx_runtime(probe):
+            sys.exit(_private_runtime_message(
+                probe, "the build stopped before compiling (a probe linked as the extension "
+                "would be carries the copy)"))
         super().build_extension(ext)
         library = self.get_ext_fullpath(ext.name)
         if _load_elf_reader().carries_private_cxx_runtime(library):
             os.remove(library)
-            sys.exit(
-                f"mtunlearn_ext: {library} was linked with a private copy of the C++ runtime "
-                f"instead of torch's libstdc++.so (compiler: {os.environ.get('CXX', 'c++')}); "
-                "an error raised by an op would crash the interpreter, so the library was "
-                "removed. Build with a compiler that links libstdc++ dynamically, e.g. "
-                "`CXX=/usr/bin/g++ CC=/usr/bin/gcc python setup.py build_ext --inplace`."
-            )
+            sys.exit(_private_runtime_message(library, "the library was removed"))
+
+    def _link_probe(self, ext):  # type: ignore[no-untyped-def]
+        """_PROBE_SOURCE compiled by the C++ compiler and linked by this command's own linker
+        with the extension's link arguments; its path, or None where that fails (the build
+        then reports its own errors, and the check after it still runs)."""
+        if not sys.platform.startswith("linux") or self.compiler.compiler_type != "unix":
+            return None
+        import subprocess
+        import sysconfig
+
+        workdir = os.path.join(self.build_temp, "runtime_probe")
+        os.makedirs(workdir, exist_ok=True)
+        source = os.path.join(workdir, "probe.cpp")
+        objects = [os.path.join(workdir, "probe.o")]
+        library = os.path.join(workdir, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
+        with open(source, "w") as f:
+            f.write(_PROBE_SOURCE)
+        cxx = (self.compiler.compiler_cxx or [os.environ.get("CXX", "c++")])[0]
+        try:
+            subprocess.run([cxx, "-c", "-fPIC", source, "-o", objects[0]], check=True,
+                           capture_output=True)
+            self.compiler.link_shared_object(objects, library, extra_postargs=ext.extra_link_args,
+                                             target_lang="c++")
+        except Exception as error:  # noqa: BLE001 - any failure only skips the probe
+            print(f"mtunlearn_ext: C++ runtime probe skipped ({type(error).__name__})", flush=True)
+            return None
+        return library
 
 
 def _cuda_wanted() -> bool:

@@ -386,6 +386,8 @@ def main() -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-sanitizer", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer timing sizes")
+    parser.add_argument("--skip-timings", action="store_true",
+                        help="leave out the op, list and host-overhead timings")
     parser.add_argument("--fuzz-cases", type=int, default=2000)
     parser.add_argument("--skip-large-model", action="store_true",
                         help="leave out benchmarks/large_model.py --device cuda")
@@ -448,7 +450,7 @@ def main() -> int:
             "cuda and (ridge or project or singular or solvers or unlearn)"], 120,
             env={**tests_env, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "0"})
     timing_lines: list[str] = []
-    if stages.left() > 40:
+    if stages.left() > 40 and not args.skip_timings:
         t0 = time.monotonic()
         timing_lines = (op_timings(args.quick, stages) + [""] + kernel_breakdown() + [""]
                         + list_timings(stages) + [""] + host_overhead_timings(stages))

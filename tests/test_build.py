@@ -77,6 +77,63 @@ def test_a_private_runtime_is_recognised_and_the_link_flag_prevents_it(tmp_path:
     assert private_cxx_runtime_error(str(shared)) is None
 
 
+@linux_only
+def test_the_link_flag_names_the_shared_runtime_past_a_directory_holding_only_the_archive(
+        tmp_path: Path) -> None:
+    """Run 7 on the H200: the library built with the machine's wrapper still carried a private
+    runtime with ``-Wl,-lstdc++``, which takes ``libstdc++.a`` from the first library
+    directory that has either. A wrapper whose own directory holds only the archive does that
+    here; ``-l:libstdc++.so.6`` (setup.py's flag now) names the shared runtime by file."""
+    archive_only = tmp_path / "wrapper-lib"
+    archive_only.mkdir()
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True,
+                             text=True).stdout.strip()
+    if not Path(archive).is_file():
+        pytest.skip("no libstdc++.a beside this g++ to put in the wrapper's directory")
+    (archive_only / "libstdc++.a").symlink_to(archive)
+    wrapper = ["-L", str(archive_only)]
+    old = _shared_object(tmp_path, "old", [*wrapper, "-Wl,-lstdc++", "-static-libstdc++"])
+    assert _elf.shares_cxx_runtime(old, TORCH_C10) is False
+    new = _shared_object(tmp_path, "new", [*wrapper, "-Wl,-l:libstdc++.so.6",
+                                           "-static-libstdc++"])
+    assert _elf.cxx_runtime_libraries(new) == {"libstdc++.so.6"}
+    assert _elf.shares_cxx_runtime(new, TORCH_C10) is True
+
+
+@linux_only
+def test_setup_refuses_a_private_runtime_before_compiling(tmp_path: Path) -> None:
+    """A toolchain that gives a private runtime whatever the flags (this wrapper drops them)
+    is refused by a probe linked before the build, in seconds: the check after the build cost
+    the H200's lease 97 s of compiling first (run 7)."""
+    import os
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on PATH for the wrapper")
+    wrapper = tmp_path / "insisting-g++"
+    wrapper.write_text("#!/bin/bash\nargs=()\nfor a in \"$@\"; do case \"$a\" in "
+                       "*libstdc++*) ;; *) args+=(\"$a\");; esac; done\n"
+                       "exec g++ \"${args[@]}\" -static-libstdc++\n")
+    wrapper.chmod(0o755)
+    checkout = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("setup.py", "csrc", "mtunlearn_ext"):
+        source = checkout / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns(
+                "_C*.so", "__pycache__"))
+        else:
+            shutil.copy(source, copy / name)
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                         env={**os.environ, "CXX": str(wrapper), "MTUNLEARN_CUDA": "0"},
+                         capture_output=True, text=True, timeout=600)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-2000:]
+    assert "private copy of the C++ runtime" in output and "before compiling" in output, \
+        output[-2000:]
+    assert [p.name for p in copy.rglob("*.o")] == ["probe.o"]  # no source was compiled
+
+
 def test_needed_libraries_of_files_that_are_not_shared_objects(tmp_path: Path) -> None:
     text = tmp_path / "setup.txt"
     text.write_text("not an ELF file")
