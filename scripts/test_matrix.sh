@@ -10,6 +10,11 @@
 #               bug of the surgery hook was once found there), CPU kernels only (the CUDA
 #               kernels are compiled by the main run). Needs a python3.12 on PATH or in pyenv;
 #               without one the leg is skipped and says so.
+#   oldest-torch  torch 2.11.0 (TORCH_OLDEST_VERSION picks another), the oldest setup.py
+#               accepts and the GPU machine's: its Dynamo refused the wrappers' compile-time
+#               checks, which torch 2.13 and 2.14 take (found on the H200, run 7). From the
+#               package registry (PyPI's build, CUDA libraries included: about 4.5 GB);
+#               CPU kernels only.
 #
 # Usage: scripts/test_matrix.sh [leg ...] [-- pytest arguments]   (default: every leg)
 set -euo pipefail
@@ -17,7 +22,7 @@ cd "$(dirname "$0")/.."
 legs=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do legs+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
-[ ${#legs[@]} -eq 0 ] && legs=(cpu-torch python3.12)
+[ ${#legs[@]} -eq 0 ] && legs=(cpu-torch python3.12 oldest-torch)
 
 find_python312() {
   # A pyenv shim is on PATH even when 3.12 is not the selected version (and then fails to
@@ -47,6 +52,12 @@ run_leg() {
 assert torch.__version__.startswith('$version'), torch.__version__
 assert torch.version.cuda is None and not mtunlearn_ext.build_info()['cuda']"
       ;;
+    oldest-torch)
+      local oldest=${TORCH_OLDEST_VERSION:-2.11.0}
+      sed -i "s/^torch==.*/torch==$oldest/" "$dir/requirements.txt"
+      check="import torch
+assert torch.__version__.startswith('$oldest'), torch.__version__"
+      ;;
     python3.12)
       if ! python_bin=$(find_python312); then
         echo "[matrix] python3.12: SKIPPED, no python3.12 on PATH or in pyenv"
@@ -55,7 +66,8 @@ assert torch.version.cuda is None and not mtunlearn_ext.build_info()['cuda']"
       fi
       check="import sys; assert sys.version_info[:2] == (3, 12), sys.version"
       ;;
-    *) echo "[matrix] unknown leg '$leg' (legs: cpu-torch python3.12)" >&2; rm -rf "$dir"; return 2 ;;
+    *) echo "[matrix] unknown leg '$leg' (legs: cpu-torch python3.12 oldest-torch)" >&2
+       rm -rf "$dir"; return 2 ;;
   esac
   echo "[matrix] $leg in $dir"
   local t0 rc=0
