@@ -51,7 +51,10 @@ def _message_of(message: str) -> Callable[[], str]:
     (a closure or an outer function stops the trace: "Can't extract message from
     torch._check()"), nor a message for ``torch._check_value`` at all; ``torch._check`` raises
     a RuntimeError where the eager check raises a ValueError, with the same text."""
-    return lambda text=message: text
+    def text(message: str = message) -> str:
+        return message
+
+    return text
 
 
 def check_sign(op: str, sign: object) -> int:
