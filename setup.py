@@ -53,11 +53,8 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 # comes out cut short, or the interpreter dies with a segmentation fault (seen on an H200 machine;
 # tests/test_build.py reproduces the private copy). Naming the shared runtime right after our
 # objects makes the linker take every C++ runtime symbol from it, so the static archive the
-# driver appends later has nothing left to supply. By its file name, libstdc++.so.6: a plain
-# -lstdc++ takes libstdc++.a from the first library directory that has either, and a wrapper
-# whose own directory holds only the archive (run 7 on the H200 refused the library built with
-# -lstdc++) gets the private copy all the same.
-_CXX_RUNTIME_LINK = ["-Wl,-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+# driver appends later has nothing left to supply; by its file name (mtunlearn_ext/_elf.py's
+# CXX_RUNTIME_LINK_FLAG says why).
 
 # A shared object that throws a C++ exception: linked the way the extension will be, before its
 # sources are compiled, it shows in a second whether the toolchain gives a private runtime.
@@ -88,6 +85,10 @@ def _private_runtime_message(library: str, what: str) -> str:
         "libstdc++ dynamically, e.g. "
         "`CXX=/usr/bin/g++ CC=/usr/bin/gcc python setup.py build_ext --inplace`."
     )
+
+
+_CXX_RUNTIME_LINK = ([_load_elf_reader().CXX_RUNTIME_LINK_FLAG]
+                     if sys.platform.startswith("linux") else [])
 
 
 class _BuildExtension(BuildExtension):
@@ -123,9 +124,10 @@ class _BuildExtension(BuildExtension):
         library = os.path.join(workdir, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
         with open(source, "w") as f:
             f.write(_PROBE_SOURCE)
-        cxx = (self.compiler.compiler_cxx or [os.environ.get("CXX", "c++")])[0]
+        # The whole command (a launcher such as ccache may come first).
+        cxx = list(self.compiler.compiler_cxx or os.environ.get("CXX", "c++").split())
         try:
-            subprocess.run([cxx, "-c", "-fPIC", source, "-o", objects[0]], check=True,
+            subprocess.run([*cxx, "-c", "-fPIC", source, "-o", objects[0]], check=True,
                            capture_output=True)
             self.compiler.link_shared_object(objects, library, extra_postargs=ext.extra_link_args,
                                              target_lang="c++")

@@ -450,11 +450,15 @@ def main() -> int:
             "cuda and (ridge or project or singular or solvers or unlearn)"], 120,
             env={**tests_env, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "0"})
     timing_lines: list[str] = []
-    if stages.left() > 40 and not args.skip_timings:
+    if args.skip_timings:
+        stages.summary.append("| timings | skipped: --skip-timings | 0 |")
+    elif stages.left() > 40:
         t0 = time.monotonic()
         timing_lines = (op_timings(args.quick, stages) + [""] + kernel_breakdown() + [""]
                         + list_timings(stages) + [""] + host_overhead_timings(stages))
         stages.summary.append(f"| timings | ok | {time.monotonic() - t0:.0f} |")
+    else:
+        stages.summary.append(f"| timings | skipped: {stages.left():.0f} s left | 0 |")
     if not args.skip_large_model:
         # One unlearning step on an 86M-parameter ViT-B-like backbone, compiled ops against the
         # usual cat + mm + QR way, at the default sizes and at many rows (k = 32, B = 16: at

@@ -19,6 +19,13 @@ import mmap
 import struct
 from pathlib import Path
 
+#: The link argument that gives a shared object torch's C++ runtime, after its objects: the
+#: shared library by file name. A plain ``-lstdc++`` takes ``libstdc++.a`` from the first library
+#: directory that holds either, and a compiler wrapper whose own directory holds only the
+#: archive (the GPU machine's, run 7) then links the private copy all the same. setup.py and
+#: CMakeLists.txt link with it (Linux only).
+CXX_RUNTIME_LINK_FLAG = "-Wl,-l:libstdc++.so.6"
+
 _PT_LOAD, _PT_DYNAMIC = 1, 2
 _DT_NULL, _DT_NEEDED, _DT_STRTAB = 0, 1, 5
 

@@ -2,9 +2,10 @@
 
 On the GPU machine we measure on, ``CXX`` is a g++ wrapper that links libstdc++ statically into
 shared objects; the extension built with it crashed the interpreter on the first error an op
-raised. setup.py links the shared runtime explicitly (``-Wl,-lstdc++`` after the objects) and
-refuses a library that still carries a private copy; importing such a library falls back to the
-references. These tests build two tiny shared objects the two ways, with the same flag.
+raised. setup.py links the shared runtime explicitly, by file name after the objects
+(``_elf.CXX_RUNTIME_LINK_FLAG``), and refuses a toolchain that still gives a private copy, from
+a probe before the build and from the library after it; importing such a library falls back to
+the references. These tests build tiny shared objects the ways in question.
 """
 
 from __future__ import annotations
@@ -71,10 +72,25 @@ def test_a_private_runtime_is_recognised_and_the_link_flag_prevents_it(tmp_path:
     message = private_cxx_runtime_error(str(private))
     assert message is not None and "crash the interpreter" in message and str(private) in message
     # setup.py's flag, with the wrapper's -static-libstdc++ still appended by the driver.
-    shared = _shared_object(tmp_path, "shared", ["-Wl,-lstdc++", "-static-libstdc++"])
+    shared = _shared_object(tmp_path, "shared", [_elf.CXX_RUNTIME_LINK_FLAG, "-static-libstdc++"])
     assert _elf.cxx_runtime_libraries(shared) == {"libstdc++.so.6"}
     assert _elf.shares_cxx_runtime(shared, TORCH_C10) is True
     assert private_cxx_runtime_error(str(shared)) is None
+
+
+def _archive_only_directory(tmp_path: Path) -> Path:
+    """A library directory holding only ``libstdc++.a``, as the GPU machine's wrapper's own
+    (searched before the system's)."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on PATH")
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True,
+                             text=True).stdout.strip()
+    if not Path(archive).is_file():
+        pytest.skip("no libstdc++.a beside this g++ to put in the wrapper's directory")
+    directory = tmp_path / "wrapper-lib"
+    directory.mkdir()
+    (directory / "libstdc++.a").symlink_to(archive)
+    return directory
 
 
 @linux_only
@@ -83,36 +99,25 @@ def test_the_link_flag_names_the_shared_runtime_past_a_directory_holding_only_th
     """Run 7 on the H200: the library built with the machine's wrapper still carried a private
     runtime with ``-Wl,-lstdc++``, which takes ``libstdc++.a`` from the first library
     directory that has either. A wrapper whose own directory holds only the archive does that
-    here; ``-l:libstdc++.so.6`` (setup.py's flag now) names the shared runtime by file."""
-    archive_only = tmp_path / "wrapper-lib"
-    archive_only.mkdir()
-    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True,
-                             text=True).stdout.strip()
-    if not Path(archive).is_file():
-        pytest.skip("no libstdc++.a beside this g++ to put in the wrapper's directory")
-    (archive_only / "libstdc++.a").symlink_to(archive)
-    wrapper = ["-L", str(archive_only)]
+    here; the flag setup.py links with now names the shared runtime by file."""
+    wrapper = ["-L", str(_archive_only_directory(tmp_path))]
     old = _shared_object(tmp_path, "old", [*wrapper, "-Wl,-lstdc++", "-static-libstdc++"])
     assert _elf.shares_cxx_runtime(old, TORCH_C10) is False
-    new = _shared_object(tmp_path, "new", [*wrapper, "-Wl,-l:libstdc++.so.6",
+    new = _shared_object(tmp_path, "new", [*wrapper, _elf.CXX_RUNTIME_LINK_FLAG,
                                            "-static-libstdc++"])
     assert _elf.cxx_runtime_libraries(new) == {"libstdc++.so.6"}
     assert _elf.shares_cxx_runtime(new, TORCH_C10) is True
 
 
-@linux_only
-def test_setup_refuses_a_private_runtime_before_compiling(tmp_path: Path) -> None:
-    """A toolchain that gives a private runtime whatever the flags (this wrapper drops them)
-    is refused by a probe linked before the build, in seconds: the check after the build cost
-    the H200's lease 97 s of compiling first (run 7)."""
+def _setup_with_compiler(tmp_path: Path, wrapper_body: str) -> tuple[Path, str]:
+    """``setup.py build_ext --inplace`` (CPU only) in a copy of the checkout with ``CXX`` a
+    bash wrapper around g++; the copy and the build's output."""
     import os
 
     if shutil.which("g++") is None:
         pytest.skip("no g++ on PATH for the wrapper")
-    wrapper = tmp_path / "insisting-g++"
-    wrapper.write_text("#!/bin/bash\nargs=()\nfor a in \"$@\"; do case \"$a\" in "
-                       "*libstdc++*) ;; *) args+=(\"$a\");; esac; done\n"
-                       "exec g++ \"${args[@]}\" -static-libstdc++\n")
+    wrapper = tmp_path / "wrapper-g++"
+    wrapper.write_text("#!/bin/bash\n" + wrapper_body)
     wrapper.chmod(0o755)
     checkout = Path(__file__).resolve().parents[1]
     copy = tmp_path / "checkout"
@@ -127,11 +132,36 @@ def test_setup_refuses_a_private_runtime_before_compiling(tmp_path: Path) -> Non
     run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
                          env={**os.environ, "CXX": str(wrapper), "MTUNLEARN_CUDA": "0"},
                          capture_output=True, text=True, timeout=600)
-    output = run.stdout + run.stderr
-    assert run.returncode != 0, output[-2000:]
+    assert run.returncode != 0, "the wrappers here never let a build finish"
+    return copy, run.stdout + run.stderr
+
+
+@linux_only
+def test_setup_refuses_a_private_runtime_before_compiling(tmp_path: Path) -> None:
+    """A toolchain that gives a private runtime whatever the flags (this wrapper drops them)
+    is refused by a probe linked before the build, in seconds: the check after the build cost
+    the H200's lease 97 s of compiling first (run 7)."""
+    copy, output = _setup_with_compiler(
+        tmp_path, 'args=()\nfor a in "$@"; do case "$a" in *libstdc++*) ;; '
+                  '*) args+=("$a");; esac; done\nexec g++ "${args[@]}" -static-libstdc++\n')
     assert "private copy of the C++ runtime" in output and "before compiling" in output, \
         output[-2000:]
     assert [p.name for p in copy.rglob("*.o")] == ["probe.o"]  # no source was compiled
+
+
+@linux_only
+def test_setup_links_past_a_wrapper_directory_holding_only_the_archive(tmp_path: Path) -> None:
+    """setup.py's own link, through its probe, with a wrapper like the GPU machine's: its
+    library directory first, holding only libstdc++.a, and -static-libstdc++ appended. The probe
+    passes (with ``-Wl,-lstdc++`` it was refused); the wrapper then stops the build at its first
+    source, so that the test takes seconds."""
+    directory = _archive_only_directory(tmp_path)
+    _, output = _setup_with_compiler(
+        tmp_path, 'case "$*" in *probe*) ;; *) echo "wrapper: stop after the probe" >&2; '
+                  f'exit 1;; esac\nexec g++ -L{directory} "$@" -static-libstdc++\n')
+    assert "private copy of the C++ runtime" not in output, output[-2000:]
+    assert "probe skipped" not in output and "wrapper: stop after the probe" in output, \
+        output[-2000:]
 
 
 def test_needed_libraries_of_files_that_are_not_shared_objects(tmp_path: Path) -> None:
