@@ -55,6 +55,9 @@ assert torch.version.cuda is None and not mtunlearn_ext.build_info()['cuda']"
     oldest-torch)
       local oldest=${TORCH_OLDEST_VERSION:-2.11.0}
       sed -i "s/^torch==.*/torch==$oldest/" "$dir/requirements.txt"
+      # torch 2.11 wants setuptools < 82 and keeps the venv's own (65.5), which has no
+      # bdist_wheel for the console script's editable install; torch 2.14 wants >= 77.0.3.
+      echo "setuptools==80.9.0" >> "$dir/requirements.txt"
       check="import torch
 assert torch.__version__.startswith('$oldest'), torch.__version__"
       ;;
