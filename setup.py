@@ -87,8 +87,8 @@ def _private_runtime_message(library: str, what: str) -> str:
     )
 
 
-_CXX_RUNTIME_LINK = ([_load_elf_reader().CXX_RUNTIME_LINK_FLAG]
-                     if sys.platform.startswith("linux") else [])
+_ELF = _load_elf_reader()
+_CXX_RUNTIME_LINK = [_ELF.CXX_RUNTIME_LINK_FLAG] if sys.platform.startswith("linux") else []
 
 
 class _BuildExtension(BuildExtension):
@@ -98,13 +98,13 @@ class _BuildExtension(BuildExtension):
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
         probe = self._link_probe(ext)
-        if probe is not None and _load_elf_reader().carries_private_cxx_runtime(probe):
+        if probe is not None and _ELF.carries_private_cxx_runtime(probe):
             sys.exit(_private_runtime_message(
                 probe, "the build stopped before compiling (a probe linked as the extension "
                 "would be carries the copy)"))
         super().build_extension(ext)
         library = self.get_ext_fullpath(ext.name)
-        if _load_elf_reader().carries_private_cxx_runtime(library):
+        if _ELF.carries_private_cxx_runtime(library):
             os.remove(library)
             sys.exit(_private_runtime_message(library, "the library was removed"))
 

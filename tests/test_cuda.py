@@ -88,8 +88,9 @@ def test_aggregators_match_cpu(make: Callable[[], object], dtype: torch.dtype) -
 
 
 def test_min_norm_on_the_gpu_takes_the_cpus_exact_answers() -> None:
-    """MGDA's min-norm solve on a device cannot branch on values: the QPs' answers, checked as
-    tensors, replace the iterative budget's wherever they pass. Badly scaled tasks (norms 1e3
+    """MGDA's min-norm solve on a device: the QPs' answers, checked as tensors, are taken where
+    they pass (after one synchronisation, or in place of the iterative budget's where a problem
+    fails or no synchronisation is allowed). Badly scaled tasks (norms 1e3
     apart) and a hull holding the origin, where the budget alone was 0.2 off in norm, get the
     CPU's exact answers (the budget's min-norm point was 1.73 and 0.24 long against 1.53 and
     7e-12).

@@ -877,9 +877,9 @@ def test_more_tasks_than_the_solvers_take_are_refused_in_the_aggregators_words()
 
 def test_min_norm_device_path_takes_the_checked_qp_answers_without_branching(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a device the solve may not branch on values (a host synchronisation each), so the
-    iterative budget always runs; the QPs' answers, checked as tensors, replace its answer
-    wherever they pass. Run here on the CPU through ``host=False``: badly scaled tasks (norms
+    """On a device the solve branches on values at most once (a host synchronisation each):
+    the QPs' answers, checked as tensors, are taken wherever they pass, and the iterative
+    budget's answer elsewhere. Run here on the CPU through ``host=False``: badly scaled tasks (norms
     1e3 apart) and a hull holding the origin get the host's exact answers, where the budget
     alone was 0.2 off in norm on both."""
     from mtunlearn_ext.surgery import min_norm

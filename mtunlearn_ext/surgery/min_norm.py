@@ -5,8 +5,9 @@ point of smallest norm in the convex hull of the rows of ``J`` (Desideri's MGDA 
 There is no closed form beyond ``k = 2``, and a host-side QP solver would synchronise every
 step, so it is solved here with a fixed budget of accelerated projected-gradient steps (FISTA
 with adaptive restart) in float64 on the Gram's device, then polished by an exact solve of the
-KKT system on the support found. Every branch is a ``torch.where``: no ``.item()``, no host
-synchronisation, batched over leading dimensions (one problem per layer). On the CPU, where
+KKT system on the support found. Every branch inside that budget is a ``torch.where`` (no
+``.item()``, no host synchronisation), batched over leading dimensions (one problem per
+layer). On the CPU, where
 an optimality test costs nothing, the problems are first handed to the compiled non-negative
 QP (:func:`mtunlearn_ext.ops.nonconflicting_dual`, an equivalent problem: see
 ``_dual_answers``; where the hull holds the origin, a bounded variant of it), whose answer
@@ -17,11 +18,11 @@ gradient norms differ by 1e3 or more) is finished by an exact active-set method;
 ``mtunlearn_surgery::min_norm_simplex``. On a GPU the QPs run first and their answers are
 checked as tensors; one synchronisation then asks whether every problem passed, and if so they
 are the answer: the budget is a loop of ~3000 small launches (on this project's CPU, through
-the same path, 18.5 ms against 1.5 ms without it). Where some problem fails, and wherever the solve may not synchronise (inside
-``torch.compile``, or while a CUDA graph is captured), the budget runs and the QPs' answers
-replace its answer wherever they pass (badly scaled tasks and a hull holding the origin
-included; the budget alone was 0.2 off in norm on both); a problem failing them keeps the
-budget's answer. Both ways give the same bits.
+the same path, 18.5 ms against 1.5 ms without it). Where some problem fails, and wherever the
+solve may not synchronise (inside ``torch.compile``, or while a CUDA graph is captured), the
+budget runs and the QPs' answers replace its answer wherever they pass (badly scaled tasks
+and a hull holding the origin included; the budget alone was 0.2 off in norm on both); a
+problem failing them keeps the budget's answer. Both ways give the same bits.
 """
 
 from __future__ import annotations
