@@ -77,9 +77,10 @@ def _load_elf_reader():  # type: ignore[no-untyped-def]
     return module
 
 
-def _private_runtime_message(library: str, what: str) -> str:
+def _private_runtime_message(linked: str, what: str) -> str:
+    """``linked``: what was linked with the private runtime, as a sentence's start."""
     return (
-        f"mtunlearn_ext: {library} was linked with a private copy of the C++ runtime instead "
+        f"mtunlearn_ext: {linked} with a private copy of the C++ runtime instead "
         f"of torch's libstdc++.so (compiler: {os.environ.get('CXX', 'c++')}); an error raised "
         f"by an op would crash the interpreter, so {what}. Build with a compiler that links "
         "libstdc++ dynamically, e.g. "
@@ -97,44 +98,49 @@ class _BuildExtension(BuildExtension):
     and the linked library after it."""
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
-        probe = self._link_probe(ext)
-        if probe is not None and _ELF.carries_private_cxx_runtime(probe):
-            sys.exit(_private_runtime_message(
-                probe, "the build stopped before compiling (a probe linked as the extension "
-                "would be carries the copy)"))
-        super().build_extension(ext)
         library = self.get_ext_fullpath(ext.name)
+        if self._probe_links_private_runtime(ext):
+            sys.exit(_private_runtime_message(
+                f"a probe linked the way {library} would be was linked",
+                "the build stopped before compiling"))
+        super().build_extension(ext)
         if _ELF.carries_private_cxx_runtime(library):
             os.remove(library)
-            sys.exit(_private_runtime_message(library, "the library was removed"))
+            sys.exit(_private_runtime_message(f"{library} was linked", "the library was removed"))
 
-    def _link_probe(self, ext):  # type: ignore[no-untyped-def]
-        """_PROBE_SOURCE compiled by the C++ compiler and linked by this command's own linker
-        with the extension's link arguments; its path, or None where that fails (the build
-        then reports its own errors, and the check after it still runs)."""
+    def _probe_links_private_runtime(self, ext) -> bool:  # type: ignore[no-untyped-def]
+        """Whether _PROBE_SOURCE, compiled by the C++ compiler (with CXXFLAGS) and linked by this
+        command's own linker with the extension's link arguments, carries a private C++ runtime.
+        False where the probe cannot be built (the build then reports its own errors, and the
+        check after it still runs). Its files are removed either way."""
         if not sys.platform.startswith("linux") or self.compiler.compiler_type != "unix":
-            return None
+            return False
+        import shlex
         import subprocess
         import sysconfig
+        import tempfile
 
-        workdir = os.path.join(self.build_temp, "runtime_probe")
-        os.makedirs(workdir, exist_ok=True)
-        source = os.path.join(workdir, "probe.cpp")
-        objects = [os.path.join(workdir, "probe.o")]
-        library = os.path.join(workdir, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
-        with open(source, "w") as f:
-            f.write(_PROBE_SOURCE)
-        # The whole command (a launcher such as ccache may come first).
-        cxx = list(self.compiler.compiler_cxx or os.environ.get("CXX", "c++").split())
-        try:
-            subprocess.run([*cxx, "-c", "-fPIC", source, "-o", objects[0]], check=True,
-                           capture_output=True)
-            self.compiler.link_shared_object(objects, library, extra_postargs=ext.extra_link_args,
-                                             target_lang="c++")
-        except Exception as error:  # noqa: BLE001 - any failure only skips the probe
-            print(f"mtunlearn_ext: C++ runtime probe skipped ({type(error).__name__})", flush=True)
-            return None
-        return library
+        os.makedirs(self.build_temp, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="runtime_probe", dir=self.build_temp) as workdir:
+            source = os.path.join(workdir, "probe.cpp")
+            objects = [os.path.join(workdir, "probe.o")]
+            library = os.path.join(workdir, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
+            with open(source, "w") as f:
+                f.write(_PROBE_SOURCE)
+            # The whole command (a launcher such as ccache may come first).
+            cxx = list(self.compiler.compiler_cxx or os.environ.get("CXX", "c++").split())
+            flags = shlex.split(os.environ.get("CXXFLAGS", ""))
+            try:
+                subprocess.run([*cxx, *flags, "-c", "-fPIC", source, "-o", objects[0]],
+                               check=True, capture_output=True)
+                self.compiler.link_shared_object(objects, library,
+                                                 extra_postargs=ext.extra_link_args,
+                                                 target_lang="c++")
+            except Exception as error:  # noqa: BLE001 - any failure only skips the probe
+                print(f"mtunlearn_ext: C++ runtime probe skipped ({type(error).__name__})",
+                      flush=True)
+                return False
+            return bool(_ELF.carries_private_cxx_runtime(library))
 
 
 def _cuda_wanted() -> bool:

@@ -109,9 +109,10 @@ def test_the_link_flag_names_the_shared_runtime_past_a_directory_holding_only_th
     assert _elf.shares_cxx_runtime(new, TORCH_C10) is True
 
 
-def _setup_with_compiler(tmp_path: Path, wrapper_body: str) -> tuple[Path, str]:
+def _setup_with_compiler(tmp_path: Path, wrapper_body: str, cxxflags: str = ""
+                         ) -> tuple[Path, str]:
     """``setup.py build_ext --inplace`` (CPU only) in a copy of the checkout with ``CXX`` a
-    bash wrapper around g++; the copy and the build's output."""
+    bash wrapper around g++ (and ``CXXFLAGS``); the copy and the build's output."""
     import os
 
     if shutil.which("g++") is None:
@@ -130,7 +131,8 @@ def _setup_with_compiler(tmp_path: Path, wrapper_body: str) -> tuple[Path, str]:
         else:
             shutil.copy(source, copy / name)
     run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
-                         env={**os.environ, "CXX": str(wrapper), "MTUNLEARN_CUDA": "0"},
+                         env={**os.environ, "CXX": str(wrapper), "CXXFLAGS": cxxflags,
+                              "MTUNLEARN_CUDA": "0"},
                          capture_output=True, text=True, timeout=600)
     assert run.returncode != 0, "the wrappers here never let a build finish"
     return copy, run.stdout + run.stderr
@@ -146,7 +148,20 @@ def test_setup_refuses_a_private_runtime_before_compiling(tmp_path: Path) -> Non
                   '*) args+=("$a");; esac; done\nexec g++ "${args[@]}" -static-libstdc++\n')
     assert "private copy of the C++ runtime" in output and "before compiling" in output, \
         output[-2000:]
-    assert [p.name for p in copy.rglob("*.o")] == ["probe.o"]  # no source was compiled
+    # No source was compiled, and the probe's files are gone with it.
+    assert list(copy.rglob("*.o")) == [] and list(copy.rglob("probe*")) == []
+
+
+@linux_only
+def test_the_probe_is_compiled_with_cxxflags(tmp_path: Path) -> None:
+    """The probe compiles as the sources will, with ``CXXFLAGS`` (a flag there that the probe
+    lacked would test another toolchain than the build's)."""
+    log = tmp_path / "probe-commands"
+    _, output = _setup_with_compiler(
+        tmp_path, f'case "$*" in *probe.cpp*) echo "$*" >> {log};; esac\n'
+                  'echo "wrapper: stop" >&2; exit 1\n', cxxflags="-DMTU_FROM_CXXFLAGS=1")
+    assert "probe skipped" in output, output[-2000:]
+    assert "-DMTU_FROM_CXXFLAGS=1" in log.read_text(), log.read_text()
 
 
 @linux_only
