@@ -947,6 +947,45 @@ def test_min_norm_device_path_skips_the_budget_after_one_sync_with_the_same_bits
     assert not torch.equal(synced[2], full[2]) and torch.equal(synced[:2], full[:2])
 
 
+def test_min_norm_device_path_keeps_the_lower_answer_where_every_check_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A problem whose QP answers both fail the optimality test kept the budget's answer even
+    where the QP's was feasible and lower (a short budget: one step). Now the lower of the two
+    is kept; an infeasible QP answer (NaN, a negative weight) never is."""
+    from mtunlearn_ext.surgery import min_norm
+
+    gen = torch.Generator().manual_seed(3)
+    j = torch.randn(3, 5, 12, generator=gen, dtype=F64)
+    j[:, 0] *= 30.0
+    gram = j @ j.mT
+    g = gram / torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    exact = min_norm._solve(g, 200, True, 0.0, host=True)
+    answers = min_norm._dual_answers
+    replacement: dict[int, torch.Tensor] = {}
+
+    def all_fail(g: torch.Tensor, roundoff: float, lazy: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, ok = answers(g, roundoff, lazy=lazy)
+        a = a.clone()
+        for i, row in replacement.items():
+            a[i] = row
+        return a, torch.zeros_like(ok)
+
+    def value(a: torch.Tensor) -> torch.Tensor:
+        return ((a.unsqueeze(-2) @ g).squeeze(-2) * a).sum(-1)
+
+    monkeypatch.setattr(min_norm, "_dual_answers", all_fail)
+    budget_only = min_norm._solve(g, 1, False, 0.0, host=False, sync=True)
+    one_step = min_norm._solve(g, 1, True, 0.0, host=False, sync=True)
+    assert (value(budget_only) > value(exact) + 1e-3).all()  # one step is far from optimal
+    torch.testing.assert_close(one_step, exact, rtol=0, atol=1e-12)
+    replacement.update({0: torch.full((5,), float("nan"), dtype=F64),
+                        1: torch.tensor([1.5, -0.5, 0.0, 0.0, 0.0], dtype=F64)})
+    guarded = min_norm._solve(g, 1, True, 0.0, host=False, sync=True)
+    assert torch.isfinite(guarded).all() and (guarded >= 0).all()
+    assert not torch.allclose(guarded[:2], exact[:2]) and torch.equal(guarded[2], one_step[2])
+
+
 def test_min_norm_device_path_does_not_synchronise_where_it_may_not(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No synchronisation inside a traced graph (a graph break, an error with fullgraph) or

@@ -22,7 +22,8 @@ the same path, 18.5 ms against 1.5 ms without it). Where some problem fails, and
 solve may not synchronise (inside ``torch.compile``, or while a CUDA graph is captured), the
 budget runs and the QPs' answers replace its answer wherever they pass (badly scaled tasks
 and a hull holding the origin included; the budget alone was 0.2 off in norm on both); a
-problem failing them keeps the budget's answer. Both ways give the same bits.
+problem failing them keeps the lower of the budget's answer and the QPs'. Both ways give the
+same bits.
 """
 
 from __future__ import annotations
@@ -162,6 +163,18 @@ def _active_set_min_norm(gram: torch.Tensor, start: torch.Tensor,
         support[dropped] = False
         a = a / a.sum()
     return a
+
+
+def _lower_of(gram: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per problem, ``b`` where it is on the simplex (finite, non-negative) with a strictly
+    lower ``b^T G b`` than ``a``'s, else ``a``: of two answers neither of which passed the
+    optimality test, the better one, decided without a synchronisation."""
+    def value(w: torch.Tensor) -> torch.Tensor:
+        return ((w.unsqueeze(-2) @ gram).squeeze(-2) * w).sum(-1)
+
+    feasible = torch.isfinite(b).all(-1) & (b >= 0).all(-1)
+    lower = feasible & (value(torch.where(feasible.unsqueeze(-1), b, a)) < value(a))
+    return torch.where(lower.unsqueeze(-1), b, a)
 
 
 def _simplex_weights_if_optimal(g: torch.Tensor, w: torch.Tensor, roundoff: float = 0.0
@@ -335,7 +348,7 @@ def _solve(g: torch.Tensor, iterations: int, polish: bool, roundoff: float,
     if polish:
         x = _polish(g, x)
         if checked is not None:
-            x = torch.where(checked[1].unsqueeze(-1), checked[0], x)
+            x = torch.where(checked[1].unsqueeze(-1), checked[0], _lower_of(g, x, checked[0]))
         if host:
             # Badly scaled tasks (gradient norms apart by 1e3 or more) can leave the budget short
             # of the optimal support; on the host the optimality test is free, so the problems
