@@ -7,7 +7,8 @@ and MGDA's updates conflict with no task: it is ``>= 0`` up to float32 rounding)
 The dual solver's descent stops after 50 sweeps on a singular Gram and hands over to its exact
 active-set method; before, it ran its whole budget first (12 s at ``[128, 40]`` and 261 s at
 ``[256, 40]`` for UPGrad on a loaded 2-core VM), and a hand-over at rank <= k / 2 only still
-took 185 s at ``[256, 130]`` (``--ks 256 --n 130``; 5.6 s now). MGDA's CPU path, whose hull holds the
+took 185 s at ``[256, 130]`` (``--ks 256 --n 130``; 5.6 s, then 3.4 s once the active set
+kept its factor's leading rows when rows leave it). MGDA's CPU path, whose hull holds the
 origin there, solves a bounded form of its QP instead of falling back to its iterative and
 Python active-set solvers (1.6 s at ``[128, 40]``, 5.2 s at ``[256, 40]`` before).
 docs/dropin.md quotes this script's figures.

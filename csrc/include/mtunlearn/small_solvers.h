@@ -189,8 +189,10 @@ MTU_HD double dual_objective(const double* gram, int k, const double* c, const d
 // nonconflicting_dual when its coordinate descent ran out of sweeps (or stopped early on a
 // singular Gram: dual_rank_check_sweep) and the polish below could not finish it (dependent
 // constraint rows, e.g. more tasks than dimensions, make G singular and the descent slow). The
-// Cholesky factor of the passive rows grows by a row as one joins (cholesky_append) and is
-// computed anew only after rows leave. It solves min_{w >= 0} 1/2 w^T G w + c^T w (the NNLS
+// Cholesky factor of the passive rows grows by a row as one joins (cholesky_append); when rows
+// leave, its rows before the first of them stand and the rest grow back the same way (the same
+// values as a factorization anew, which cost 60% of a [256, 130] UPGrad: 1.36x faster). It
+// solves min_{w >= 0} 1/2 w^T G w + c^T w (the NNLS
 // min |R^T w + g| in Gram form) from w = 0: a coordinate whose constraint is violated most
 // (relative to |r_j|) joins the passive set P; the problem restricted to P is solved exactly,
 // and if that leaves a coordinate <= 0, the iterate moves toward it until the first coordinate
@@ -248,7 +250,8 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       return true;
     }
     idx[np] = best;  // np + ne < k: best was neither passive nor excluded
-    if (factored != np) cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor, k);
+    for (; factored < np; ++factored)
+      cholesky_append(gram, k, idx, factored, pivot_floor, factor, k);
     ++np;
     factored = np;
     if (cholesky_append(gram, k, idx, np - 1, pivot_floor, factor, k)) {  // best depends on P
@@ -260,8 +263,8 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
     }
     ++outer;
     for (int inner = 0; inner <= k && np > 0; ++inner) {
-      if (factored != np) cholesky_dropping(gram, k, idx, np, 0.0, pivot_floor, factor, k);
-      factored = np;
+      for (; factored < np; ++factored)
+        cholesky_append(gram, k, idx, factored, pivot_floor, factor, k);
       for (int a = 0; a < np; ++a) z[a] = -c[idx[a]];
       cholesky_solve(factor, k, np, z, 1);
       bool positive = true;
@@ -282,17 +285,22 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
         }
       }
       int kept = 0;
+      int first_left = np;
       for (int a = 0; a < np; ++a) {
         const int i = idx[a];
         w[i] += alpha * (z[a] - w[i]);
         if (a == limit || !(w[i] > 0.0)) {
           w[i] = 0.0;
+          if (first_left == np) first_left = a;
         } else {
           idx[kept++] = i;
         }
       }
       np = kept;
-      factored = -1;  // rows left P: the factor must be computed anew
+      // Rows left P. The factor's rows before the first of them stand (a row of L depends only
+      // on the rows before it, and the passive rows keep their order); the rest is extended
+      // again row by row (cholesky_append: the values a whole factorization would give).
+      factored = first_left;
       // A row left P: the rows excluded as dependent on P may not be any more.
       for (int a = k - ne; a < k; ++a) w[idx[a]] = 0.0;
       ne = 0;
@@ -347,9 +355,11 @@ MTU_HD bool gram_singular(const double* gram, int k, double pivot_floor, double*
 // converged nor the polish succeeded, the exact active-set method (dual_active_set, whose
 // dependence floor is `pivot_floor` times a row's own diagonal: the Gram's relative rounding
 // level, 1e-14 for a float64 Gram and 1e-6 for float32). Non-finite input gives an all-NaN w.
-// scratch: k*k + 2k doubles + k ints (idx).
+// scratch: k*k + 2k doubles + k ints (idx). `singular`, where given, caches the Gram's
+// dependence test (gram_singular: O(k^3)) for the other right-hand sides of the same Gram:
+// -1 until it is computed, then 0 or 1.
 MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, double pivot_floor,
-                                double* w, double* scratch, int* idx) {
+                                double* w, double* scratch, int* idx, int* singular = nullptr) {
   bool finite = true;
   for (int i = 0; i < k * k; ++i) finite = finite && is_finite(gram[i]);
   for (int i = 0; i < k; ++i) finite = finite && is_finite(c[i]);
@@ -386,9 +396,14 @@ MTU_HD void nonconflicting_dual(const double* gram, int k, const double* c, doub
       }
     }
     converged = largest <= tol;
-    if (!converged && sweep + 1 == dual_rank_check_sweep() &&
-        gram_singular(gram, k, pivot_floor, factor, idx))
-      break;
+    if (!converged && sweep + 1 == dual_rank_check_sweep()) {
+      int dependent = singular ? *singular : -1;
+      if (dependent < 0) {
+        dependent = gram_singular(gram, k, pivot_floor, factor, idx) ? 1 : 0;
+        if (singular) *singular = dependent;
+      }
+      if (dependent) break;
+    }
   }
   if (dual_polish(gram, k, c, scale, w, trial, factor, idx) || converged) return;
   dual_active_set(gram, k, c, scale, pivot_floor, w, scratch, idx);

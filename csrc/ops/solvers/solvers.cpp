@@ -141,10 +141,17 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
   at::parallel_for(0, batch * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(k * k + 2 * k);
     std::vector<int> idx(k);
+    // The rows of one Gram share its dependence test (an O(k^3) factorization each).
+    int64_t cached_gram = -1;
+    int singular = -1;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / m;
+      if (b != cached_gram) {
+        cached_gram = b;
+        singular = -1;
+      }
       solvers::nonconflicting_dual(gp + b * k * k, static_cast<int>(k), rp + p * k, floor,
-                                   op_ + p * k, scratch.data(), idx.data());
+                                   op_ + p * k, scratch.data(), idx.data(), &singular);
     }
   });
   out.copy_(o);
