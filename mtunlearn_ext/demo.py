@@ -199,6 +199,39 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return [*_baselines(args), METHOD]
 
 
+def _caps_without_held_out(settings: dict[str, dict[str, Any]], benchmark: str
+                           ) -> dict[str, dict[str, Any]]:
+    """``settings`` for ``benchmark``: on one without a validation split (``digits``; the
+    generated ``indoor`` and ``street`` have one), forget caps that the presets take from
+    held-out instances come from the retain set instead (the report says so)."""
+    if not _caps_fall_back_to_retain(settings, benchmark):
+        return settings
+    return {method: ({**values, "cap_reference": "retain"}
+                     if values.get("cap_reference") == "held_out" else values)
+            for method, values in settings.items()}
+
+
+def _caps_fall_back_to_retain(settings: Mapping[str, Mapping[str, Any]], benchmark: str) -> bool:
+    """Whether :func:`_caps_without_held_out` changes ``settings`` on ``benchmark``."""
+    from mtunlearn_ext.data.registry import GENERATED_BENCHMARKS
+
+    return benchmark not in GENERATED_BENCHMARKS and any(
+        values.get("cap_reference") == "held_out" for values in settings.values())
+
+
+def _held_out_note(benchmark: str, recipe: str) -> str | None:
+    """The line saying that the method's forget caps come from the retain set, where
+    :func:`_caps_without_held_out` changes its settings (None elsewhere)."""
+    from mtunlearn_ext.unlearning.presets import tuned_settings
+
+    if not any(_caps_fall_back_to_retain(tuned_settings(request, [METHOD], recipe), benchmark)
+               for request in ("full", "partial")):
+        return None
+    return (f"{benchmark} has no validation split: the method's forget caps come from the "
+            f"retain set (cap_reference 'retain'), not from held-out instances as the "
+            f"{recipe} recipe's settings were selected with (on indoor and street)")
+
+
 def _configs(args: argparse.Namespace) -> dict[str, Any]:
     """The full and the partial request's :class:`~mtunlearn_ext.experiment.ExperimentConfig`."""
     from mtunlearn_ext.experiment import ExperimentConfig
@@ -210,7 +243,8 @@ def _configs(args: argparse.Namespace) -> dict[str, Any]:
         benchmark=args.benchmark, size=args.size, request=request,
         forget_fraction=args.forget_fraction,
         target_tasks=[args.partial_task] if request == "partial" and args.partial_task else None,
-        methods=methods, method_configs=tuned_settings(request, methods, args.recipe),
+        methods=methods, method_configs=_caps_without_held_out(
+            tuned_settings(request, methods, args.recipe), args.benchmark),
         seed=args.seed, output=str(out / f"{request}.json"), cache_dir=args.cache_dir,
         train_overrides={**RECIPES[args.recipe], **json.loads(args.train)}, progress=False,
         threads=args.threads)
@@ -254,6 +288,9 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
             "original": pool.submit(_train_job, configs["full"], "original"),
             "retrained (full)": pool.submit(_train_job, configs["full"], "retrained"),
             "retrained (partial)": pool.submit(_train_job, configs["partial"], "retrained")}
+        note = _held_out_note(args.benchmark, args.recipe)
+        if note is not None:
+            log(f"note: {note}")
         log("training the original model and the two retrained (gold) models "
             f"({args.jobs} worker{'s' if args.jobs > 1 else ''}; cached models are reused)")
         runs: dict[str, Future[Any]] = {}
@@ -548,6 +585,7 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
     from mtunlearn_ext.report import INTERFERENCE_EXPLANATION
 
     first = results["full"]
+    held_out_note = _held_out_note(first["benchmark"]["name"], args.recipe)
     lines = [
         "# Interference-aware multi-task unlearning: demo report", "",
         f"Benchmark `{first['benchmark']['name']}` ({first['benchmark']['size']}: "
@@ -555,7 +593,8 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
         f"instances; tasks {[t['name'] for t in first['benchmark']['tasks']]}), seed {args.seed}, "
         f"training recipe `{args.recipe}`: `{json.dumps(first['recipe'])}`; every method's "
         f"settings are the ones selected for that recipe "
-        f"(`mtunlearn_ext.unlearning.presets`).", "",
+        f"(`mtunlearn_ext.unlearning.presets`)"
+        + ("." if held_out_note is None else f"; {held_out_note}."), "",
         "Both requests forget the same share of training instances. The **retrained** model "
         "(trained from scratch without the forget pairs, same recipe and seed) is the gold "
         "standard; an unlearned model should be indistinguishable from it: same metrics on every "

@@ -692,6 +692,7 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
                          "(the results record it)")
     train_set = bench.train
     _check_validation_unseen(bench)
+    _check_held_out_settings(config, bench)
     phases["load_data"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -741,6 +742,25 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     }
     data = ExperimentData(bench, request, forget, retain, target_tasks, recipe, factory, data_key)
     return _Setup(data, checkpoints, phases)
+
+
+def _check_held_out_settings(config: ExperimentConfig, bench: Benchmark) -> None:
+    """A method set to take its forget caps from held-out instances (``cap_reference=
+    'held_out'``) reads the benchmark's validation split, every problem's held-out set: on a
+    benchmark without one it is refused here, before any model is trained (the method refused
+    it only after the trainings, as a traceback from a worker)."""
+    if bench.validation is not None:
+        return
+    for method in config.methods:
+        config_of = getattr(get_unlearner(method, config.method_configs.get(method) or {}),
+                            "config", None)
+        if (getattr(config_of, "cap_reference", None) == "held_out"
+                and getattr(config_of, "cap_quantile", None) is not None):
+            raise ValueError(
+                f"ExperimentConfig: {method}'s settings take its forget caps from held-out "
+                f"instances (cap_reference='held_out'), but benchmark {bench.name!r} has no "
+                "validation split to give them (indoor and street have one); set "
+                "cap_reference to 'auto' or 'retain' in its method_configs")
 
 
 def _check_validation_unseen(bench: Benchmark) -> None:
@@ -1088,6 +1108,7 @@ def check_experiment(config: ExperimentConfig) -> Benchmark:
     if unknown:
         raise ValueError(f"--train: `task_weights` names unknown tasks {unknown}; "
                          f"{config.benchmark!r} has {benchmark.train.task_names}")
+    _check_held_out_settings(config, benchmark)
     return benchmark
 
 

@@ -507,6 +507,35 @@ def test_a_benchmark_of_ones_own_is_checked_before_any_training(tmp_path) -> Non
         run_experiment(config, benchmark=renamed)
 
 
+def test_held_out_caps_on_a_benchmark_without_validation_are_refused_before_any_training(
+        tmp_path: Path) -> None:
+    """User review: the memorising recipe's settings take the method's forget caps from
+    held-out instances (every problem's held-out set is the benchmark's validation split);
+    on digits, which has none, the run trained every model and then failed at the method,
+    as a traceback from the demo's worker. Refused first now, saying what to set; 'auto'
+    runs (the retain set's caps)."""
+    held_out = {"interference_aware": {"steps": 1, "cap_reference": "held_out"}}
+    config = _config(tmp_path, methods=["interference_aware"], method_configs=held_out)
+    with pytest.raises(ValueError, match=r"^ExperimentConfig: interference_aware's settings take "
+                                         r"its forget caps from held-out instances .* benchmark "
+                                         r"'digits' has no validation split .* 'auto' or "
+                                         r"'retain'"):
+        run_experiment(config)
+    assert not (tmp_path / "cache").exists()  # nothing trained
+    argv = ["--benchmark", "digits", "--size", "tiny", "--methods", "interference_aware",
+            "--method-config", json.dumps(held_out), "--output", str(tmp_path / "r.json"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 2  # one line, exit 2: the command line's bad input
+    assert not (tmp_path / "cache").exists()
+    uncapped = {"interference_aware": {"steps": 1, "cap_reference": "held_out",
+                                       "cap_quantile": None}}
+    auto = {"interference_aware": {"steps": 1, "cap_reference": "auto"}}
+    for settings in (uncapped, auto):
+        results = run_experiment(_config(tmp_path, methods=["interference_aware"],
+                                         method_configs=settings))
+        assert "interference_aware" in results["models"]
+
+
 def test_forget_ids_the_attack_cannot_score_are_refused_before_any_training(
         tmp_path: Path) -> None:
     """Metrics review: forget instances lacking a target task's label are left out of the
