@@ -1758,3 +1758,46 @@ def test_solver_limits_hold_on_the_reference_path_too(monkeypatch) -> None:  # t
         ops.ridge_solve(torch.eye(3), torch.ones(4, 1))
     torch.testing.assert_close(ops.ridge_solve(torch.eye(3) * 2, torch.ones(3, 1), 0.0),
                                torch.full((3, 1), 0.5))
+
+
+def _check_finite_calls() -> dict[str, Callable[..., object]]:
+    """Every public entry point taking ``check_finite``, called on small finite inputs."""
+    from mtunlearn_ext import surgery
+
+    x, g, r = torch.randn(3, 5), torch.randn(2, 5), torch.randn(3, 5)
+    xs, gs = [torch.randn(3, 4), torch.randn(3, 2)], [torch.randn(2, 4), torch.randn(2, 2)]
+    return {
+        "ops.gram": lambda c: ops.gram(x, check_finite=c),
+        "ops.gram_list": lambda c: ops.gram_list(xs, check_finite=c),
+        "ops.inner": lambda c: ops.inner(g, r, check_finite=c),
+        "ops.inner_list": lambda c: ops.inner_list(gs, xs, check_finite=c),
+        "ops.gram_list_stacked": lambda c: ops.gram_list_stacked(gs, xs, check_finite=c),
+        "ops.project_out": lambda c: ops.project_out(g, r, check_finite=c),
+        "ops.project_nonconflicting": lambda c: ops.project_nonconflicting(g, r, check_finite=c),
+        "ops.pcgrad": lambda c: ops.pcgrad(x, check_finite=c),
+        "ops.combine": lambda c: ops.combine(torch.randn(2, 3), x, check_finite=c),
+        "ops.combine_list": lambda c: ops.combine_list(
+            torch.randn(2, 3), xs, [torch.empty(2, 4), torch.empty(2, 2)], check_finite=c),
+        "surgery.gram_list_stats": lambda c: surgery.gram_list_stats(xs, check_finite=c),
+        "surgery.inner_list_stats": lambda c: surgery.inner_list_stats(gs, xs, check_finite=c),
+        "surgery.project_out_list": lambda c: surgery.project_out_list(
+            gs, xs, check_finite=c),
+        "surgery.project_nonconflicting_list": lambda c: surgery.project_nonconflicting_list(
+            gs, xs, check_finite=c),
+        "surgery.aggregate_list": lambda c: surgery.aggregate_list(
+            surgery.UPGrad(), xs, [torch.empty(4), torch.empty(2)], check_finite=c),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_check_finite_calls()))
+def test_check_finite_must_be_a_bool(name: str) -> None:
+    """User review: ``check_finite="no"`` was taken for its truth value (the check ran), None
+    skipped it; a setting read from a config as a string did the opposite of what it said.
+    Refused now, naming the argument, as the aggregators and GradientSurgery refuse it; a
+    NumPy bool passes."""
+    call = _check_finite_calls()[name]
+    for value in ("no", None, 0, [True]):
+        with pytest.raises(TypeError, match=r"`check_finite` must be a bool, got "):
+            call(value)
+    call(True)
+    call(np.bool_(False))

@@ -10,16 +10,17 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
-    call_op,
     _has_no_values,
+    call_op,
     check_beta,
+    check_bool,
     check_finite_result,
     check_flag,
     check_float_tensor,
     check_no_autograd_through_out,
     check_not_transformed,
-    check_same_device,
     check_on_failure,
+    check_same_device,
     check_same_dtype,
     check_tensor_list,
     checked_list_call,
@@ -59,6 +60,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
     ``torch.no_grad()`` or on detached tensors.
     """
     op = "mtunlearn_ext.ops.combine"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_float_tensor(op, "coeffs", coeffs, min_dim=2)
     check_float_tensor(op, "x", x, min_dim=2)
     check_same_device(op, [("coeffs", coeffs), ("x", x)])
@@ -171,6 +173,7 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     detached tensors, as on ``.grad``.
     """
     op = "mtunlearn_ext.ops.combine_list"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, "xs", xs, required=True)
     check_tensor_list(op, "outs", outs, required=True)
     check_tensor_list(op, "bases", bases)

@@ -18,6 +18,7 @@ from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     call_op,
+    check_bool,
     check_finite_result,
     check_flag,
     check_float_tensor,
@@ -63,6 +64,7 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
                     check_finite: bool) -> torch.Tensor:
     """Validate two paired stack lists and run the list op ``name`` (compiled or reference)."""
     op = f"mtunlearn_ext.ops.{name}"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, a_name, a, required=True)
     check_tensor_list(op, b_name, b, required=True)
     a_list, b_list = list(a), list(b)
@@ -92,6 +94,7 @@ def gram(x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         ``[..., k, k]`` symmetric positive semi-definite, float32 (float64 for float64 input).
     """
     op = "mtunlearn_ext.ops.gram"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_float_tensor(op, "x", x, min_dim=2)
     result = call_op(torch.ops.mtunlearn.gram, x) if has_extension() else _reference.gram(x)
     if check_finite:
@@ -110,6 +113,7 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     kernel launch.
     """
     op = "mtunlearn_ext.ops.gram_list"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, "xs", xs, required=True)
     xs = list(xs)
 
@@ -150,6 +154,7 @@ def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> tor
         ``[..., m, k]`` in the accumulation dtype (float32, or float64 for float64 inputs).
     """
     op = "mtunlearn_ext.ops.inner"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_float_tensor(op, "a", a, min_dim=2)
     check_float_tensor(op, "b", b, min_dim=2)
     check_same_device(op, [("a", a), ("b", b)])

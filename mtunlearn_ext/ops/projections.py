@@ -15,13 +15,14 @@ from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
     call_op,
+    check_bool,
     check_finite_result,
     check_float_tensor,
+    check_ridge,
     check_same_device,
     check_same_dtype,
-    check_ridge,
-    check_sign,
     check_seed,
+    check_sign,
 )
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 
@@ -70,6 +71,7 @@ def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
         ``[..., m, n]`` in ``g``'s dtype; with ``return_coeffs``, also ``a^T`` (``[..., m, k]``).
     """
     op = "mtunlearn_ext.ops.project_out"
+    check_finite = check_bool(op, "check_finite", check_finite)
     _check_pair(op, "g", g, "basis", basis)
     ridge = check_ridge(op, ridge)
     if has_extension():
@@ -114,6 +116,7 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
         ``[..., m, n]`` in ``g``'s dtype; with ``return_coeffs``, also ``w`` (``[..., m, k]``).
     """
     op = "mtunlearn_ext.ops.project_nonconflicting"
+    check_finite = check_bool(op, "check_finite", check_finite)
     _check_pair(op, "g", g, "r", r)
     sign = check_sign(op, sign)
     if has_extension():
@@ -147,6 +150,7 @@ def pcgrad(x: torch.Tensor, seed: int = 0, *, check_finite: bool = True,
     over ``x`` whatever ``k``. With ``return_coeffs``, also ``w`` (``[..., k]``).
     """
     op = "mtunlearn_ext.ops.pcgrad"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_float_tensor(op, "x", x, min_dim=2)
     if x.shape[-2] > MAX_SOLVER_K:
         raise ValueError(f"{op}: `x` has k={x.shape[-2]} rows; at most {MAX_SOLVER_K}")

@@ -40,6 +40,7 @@ import torch
 from mtunlearn_ext import ops
 from mtunlearn_ext.ops._checks import (
     check_beta,
+    check_bool,
     check_finite_result,
     check_on_failure,
     check_ridge,
@@ -154,6 +155,7 @@ def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Seq
     ``ops.gram_list`` pass per dtype). Keep it to pass as ``basis_gram`` to
     :func:`project_out_list` while the basis does not change."""
     op = "mtunlearn_ext.surgery.gram_list_stats"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, "basis_list", basis_list, required=True)
     basis_list = list(basis_list)
     check_stacks(op, "basis_list", basis_list)
@@ -171,6 +173,7 @@ def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tens
     grows a basis by a few rows updates a kept ``basis_gram`` (new rows against all) instead of
     recomputing it."""
     op = "mtunlearn_ext.surgery.inner_list_stats"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, "a_list", a_list, required=True)
     check_tensor_list(op, "b_list", b_list, required=True)
     a_list, b_list = list(a_list), list(b_list)
@@ -220,6 +223,7 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
         The projected stacks (``outs``), and the coefficients if asked.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, "g_list", g_list, required=True)
     check_tensor_list(op, "basis_list", basis_list, required=True)
     check_tensor_list(op, "outs", outs)
@@ -276,6 +280,7 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
             the ``k x m`` cross products are then computed.
     """
     op = "mtunlearn_ext.surgery.project_nonconflicting_list"
+    check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor_list(op, "g_list", g_list, required=True)
     check_tensor_list(op, "r_list", r_list, required=True)
     check_tensor_list(op, "outs", outs)
@@ -355,6 +360,7 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         :func:`~mtunlearn_ext.surgery._tensor_lists.solvable_gram`).
     """
     op = "mtunlearn_ext.surgery.aggregate_list"
+    check_finite = check_bool(op, "check_finite", check_finite)
     weighting = aggregator.weighting if isinstance(aggregator, Aggregator) else aggregator
     if not isinstance(weighting, Weighting):
         raise TypeError(f"{op}: `aggregator` must be a mtunlearn_ext.surgery Aggregator or "
