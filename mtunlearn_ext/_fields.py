@@ -29,7 +29,34 @@ def check_field_types(config: Any) -> None:
             object.__setattr__(config, f.name, value)
         if not _has_type(value, hints.get(f.name, Any)):
             raise ValueError(f"{type(config).__name__}: `{f.name}` must be "
-                             f"{_describe_type(hints[f.name])}, got {value!r}")
+                             f"{_describe_type(hints[f.name])}, got {value!r}"
+                             f"{_number_text_hint(value, hints[f.name])}")
+
+
+def _number_text_hint(value: Any, annotation: Any) -> str:
+    """Why a number may have come as text, where a number was wanted: YAML 1.1 (PyYAML) reads
+    ``1e-3`` and ``3.0e5`` (an exponent without a dot or without a sign) as strings (user
+    review)."""
+    if not isinstance(value, str) or not _has_type(1.5, annotation):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    if "e" not in value.lower():
+        return " (text, not a number: leave out the quotes)"
+    return (f" (text, not a number: YAML 1.1 reads an exponent as a number only with a dot "
+            f"and a sign, {_yaml_float(value)}; elsewhere leave out the quotes)")
+
+
+def _yaml_float(text: str) -> str:
+    """``1e-3`` -> ``1.0e-3``, ``3e5`` -> ``3.0e+5``: the form YAML 1.1 reads as a float."""
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    if not exponent.startswith(("+", "-")):
+        exponent = "+" + exponent
+    return f"{mantissa}e{exponent}"
 
 
 def _is_numpy_scalar(value: Any) -> bool:

@@ -136,6 +136,21 @@ def _refuse_repeated_keys(text: str, loader_class: type) -> None:
         loader.dispose()
 
 
+def _yaml_error_text(error: Exception) -> str:
+    """A YAML error in one line: what is wrong, then where (``line 2, column 14``). PyYAML's
+    own text puts its position, ``in "<unicode string>", line 2, column 14``, after the
+    problem, which ran into a sentence ending "or quote it" (user review)."""
+    import yaml
+
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem is None:
+        return " ".join(str(error).split())
+    problem = " ".join(error.problem.split())
+    context = f"{' '.join(error.context.split())}: " if error.context else ""
+    mark = error.problem_mark or error.context_mark
+    where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context}{problem}{where}"
+
+
 def _load_config(path: str) -> dict[str, Any]:
     from mtunlearn_ext.workflow import UserInputError, is_existing_file
 
@@ -157,7 +172,7 @@ def _load_config(path: str) -> dict[str, Any]:
                 values = yaml.load(text, Loader=loader_class) or {}
             except yaml.YAMLError as error:  # not a ValueError; its text spans lines
                 raise UserInputError("--config", "valid YAML/TOML", path,
-                                     " ".join(str(error).split())) from error
+                                     _yaml_error_text(error)) from error
         else:
             raise UserInputError("--config", "a .yaml, .yml or .toml file", path)
     except (ValueError, OSError) as error:

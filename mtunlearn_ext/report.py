@@ -625,8 +625,24 @@ def _report_inputs(results: Mapping[str, Any]
                  *_md_code_block(format_table(results))]
     else:
         raise UserInputError("--results", "experiment results (mtunlearn_ext.experiment/1) or "
-                             f"an unlearning record ({RECORD_SCHEMA})", schema)
+                             f"an unlearning record ({RECORD_SCHEMA})", schema,
+                             _unknown_results_hint(results))
     return models, curves, reference, intro
+
+
+def _unknown_results_hint(results: Mapping[str, Any]) -> str:
+    """What a results file without a known schema is, where it can be told, and what to pass
+    instead (the user review fed `evaluate`'s output to `report` and read "got None")."""
+    if "schema" in results:
+        return ("the file's `schema` field names another format; pass the JSON that "
+                "`python -m mtunlearn_ext.experiment` writes, or the `<checkpoint>.record.json` "
+                "that `mtunlearn unlearn` writes beside its checkpoint")
+    looks_like = ("; it looks like `mtunlearn evaluate`'s output (one checkpoint's metrics, "
+                  "nothing to compare them with), which `report` does not draw"
+                  if {"checkpoint", "metrics", "mia_auc"} <= set(results) else "")
+    return (f"the file has no `schema` field{looks_like}; pass the JSON that "
+            "`python -m mtunlearn_ext.experiment` writes, or the `<checkpoint>.record.json` that "
+            "`mtunlearn unlearn` writes beside its checkpoint")
 
 
 class _NewFiles:

@@ -387,6 +387,20 @@ def test_momentum_of_one_or_more_is_refused(method: str) -> None:
                               config={"steps": 1, "momentum": 1.5})
 
 
+def test_a_model_that_is_not_a_module_is_refused_naming_it() -> None:
+    """User review: a function passed as `model` gave an AttributeError from deep inside
+    (`'function' object has no attribute 'named_parameters'`)."""
+    x, y = _data()
+    model = _TwoHeads()
+    for bad in (lambda inputs: model(inputs), model.state_dict()):
+        with pytest.raises(TypeError, match=r"^unlearn: `model` must be an nn.Module returning "
+                                            rf"task -> output, got {type(bad).__name__}$"):
+            mtunlearn_ext.unlearn(bad, tasks=TASKS, train_data=(x, y),  # type: ignore[arg-type]
+                                  forget_request=ForgetRequest.create(range(5)),
+                                  shared_parameters=lambda n: n.startswith("trunk."),
+                                  config={"steps": 1})
+
+
 def test_forget_objective_keys_must_name_a_task_or_a_kind() -> None:
     """A misspelt task or kind in a `forget_objective` mapping was ignored: the run went on
     with the default objective for that task, and the report said so only in passing."""

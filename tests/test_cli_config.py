@@ -149,3 +149,51 @@ def test_long_json_and_config_are_not_file_names(tmp_path: Path,
     long_name = str(tmp_path / ("c" * 300 + ".yaml"))
     assert cli.main(["train", "--config", long_name]) == 2
     assert "--config: expected an existing .yaml/.yml/.toml file" in _err(capsys)
+
+
+def test_yaml_errors_end_with_their_line_and_column(tmp_path: Path) -> None:
+    """User review: PyYAML's position text (`in "<unicode string>", line 2, column 14`) followed
+    our advice "or quote it", reading as "quote it in <unicode string>". The problem comes
+    first now, then the position in parentheses."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    for text, said in (("checkpoint: a.pt\nforget_ids: [0020, 7]\n",
+                        "without leading zeros, or quote it (at line 2, column 14)"),
+                       ("checkpoint: [a.pt\n", "while parsing a flow sequence: expected ',' or "
+                                               "']', but got '<stream end>' (at line 2, "
+                                               "column 1)"),
+                       ("a: 1\na: 2\n", "while reading a mapping: key 'a' is given twice; "
+                                        "keep one (at line 2, column 1)")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(UserInputError) as caught:
+            cli._load_config(str(path))
+        message = str(caught.value)
+        assert message.endswith(said) and "unicode string" not in message, message
+
+
+def test_a_number_read_as_text_says_how_yaml_reads_numbers() -> None:
+    """User review: `lr: 1e-3` in a YAML file is the string '1e-3' (YAML 1.1 wants a dot and a
+    sign in the exponent); the refusal now shows the form it reads as a number, which
+    PyYAML indeed reads as the value meant."""
+    import re
+
+    import yaml
+
+    from mtunlearn_ext.unlearning import get_unlearner
+
+    for text, value in (("1e-3", 1e-3), ("3E5", 3e5), ("-2e+3", -2e3)):
+        with pytest.raises(ValueError, match=r"`lr` must be a number, got .* YAML 1\.1 reads an "
+                                             r"exponent as a number only with a dot and a sign"):
+            get_unlearner("interference_aware", {"lr": text})
+        try:
+            get_unlearner("interference_aware", {"lr": text})
+        except ValueError as error:
+            written = re.search(r"a sign, (\S+);", str(error))
+            assert written is not None
+            assert yaml.safe_load(f"lr: {written.group(1)}")["lr"] == value
+    with pytest.raises(ValueError, match=r"got '0\.5' \(text, not a number: leave out the "
+                                         r"quotes\)$"):
+        get_unlearner("interference_aware", {"lr": "0.5"})
+    with pytest.raises(ValueError, match=r"got 'fast'$"):
+        get_unlearner("interference_aware", {"lr": "fast"})

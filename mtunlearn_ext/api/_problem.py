@@ -121,6 +121,9 @@ def build_problem_with_naming(model: nn.Module, *,
                    ) -> tuple[UnlearningProblem, list[TrainedRows], Naming]:
     """:func:`build_problem`, the training rows as given (for the checks that held-out
     and audit data are unseen), and how the caller's data names the request's instances."""
+    if not isinstance(model, nn.Module):  # (an AttributeError from deep inside, at first)
+        raise TypeError(f"unlearn: `model` must be an nn.Module returning task -> output, got "
+                        f"{type(model).__name__}")
     model = unwrapped(model)
     earlier, carried = requests_removed_before(model, earlier_requests, forget_data is not None)
     lineage = carried_lineage(model)
