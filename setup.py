@@ -109,13 +109,13 @@ class _BuildExtension(BuildExtension):
             sys.exit(_private_runtime_message(f"{library} was linked", "the library was removed"))
 
     def _probe_links_private_runtime(self, ext) -> bool:  # type: ignore[no-untyped-def]
-        """Whether _PROBE_SOURCE, compiled by the C++ compiler (with CXXFLAGS) and linked by this
-        command's own linker with the extension's link arguments, carries a private C++ runtime.
+        """Whether _PROBE_SOURCE, compiled by the C++ compiler with the flags torch gives the
+        sources (``compiler_so[1:]``: CFLAGS among them) and linked by this command's own linker
+        with the extension's link arguments, carries a private C++ runtime.
         False where the probe cannot be built (the build then reports its own errors, and the
         check after it still runs). Its files are removed either way."""
         if not sys.platform.startswith("linux") or self.compiler.compiler_type != "unix":
             return False
-        import shlex
         import subprocess
         import sysconfig
         import tempfile
@@ -127,9 +127,10 @@ class _BuildExtension(BuildExtension):
             library = os.path.join(workdir, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
             with open(source, "w") as f:
                 f.write(_PROBE_SOURCE)
-            # The whole command (a launcher such as ccache may come first).
+            # The whole command (a launcher such as ccache may come first; setuptools puts
+            # CXXFLAGS in it), and the flags torch's ninja build compiles the sources with.
             cxx = list(self.compiler.compiler_cxx or os.environ.get("CXX", "c++").split())
-            flags = shlex.split(os.environ.get("CXXFLAGS", ""))
+            flags = list(self.compiler.compiler_so[1:])
             try:
                 subprocess.run([*cxx, *flags, "-c", "-fPIC", source, "-o", objects[0]],
                                check=True, capture_output=True)

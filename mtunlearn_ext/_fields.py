@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -40,8 +41,10 @@ def _number_text_hint(value: Any, annotation: Any) -> str:
     if not isinstance(value, str) or not _has_type(1.5, annotation):
         return ""
     try:
-        float(value)
+        number = float(value)
     except ValueError:
+        return ""
+    if not math.isfinite(number):  # (YAML's are .nan and .inf; such a setting is refused anyway)
         return ""
     if "e" not in value.lower():
         return " (text, not a number: leave out the quotes)"

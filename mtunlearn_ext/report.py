@@ -639,7 +639,7 @@ def _unknown_results_hint(results: Mapping[str, Any]) -> str:
                 "that `mtunlearn unlearn` writes beside its checkpoint")
     looks_like = ("; it looks like `mtunlearn evaluate`'s output (one checkpoint's metrics, "
                   "nothing to compare them with), which `report` does not draw"
-                  if {"checkpoint", "metrics", "mia_auc"} <= set(results) else "")
+                  if {"checkpoint", "sha256", "metrics"} <= set(results) else "")
     return (f"the file has no `schema` field{looks_like}; pass the JSON that "
             "`python -m mtunlearn_ext.experiment` writes, or the `<checkpoint>.record.json` that "
             "`mtunlearn unlearn` writes beside its checkpoint")

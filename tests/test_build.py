@@ -109,10 +109,10 @@ def test_the_link_flag_names_the_shared_runtime_past_a_directory_holding_only_th
     assert _elf.shares_cxx_runtime(new, TORCH_C10) is True
 
 
-def _setup_with_compiler(tmp_path: Path, wrapper_body: str, cxxflags: str = ""
+def _setup_with_compiler(tmp_path: Path, wrapper_body: str, cflags: str = ""
                          ) -> tuple[Path, str]:
     """``setup.py build_ext --inplace`` (CPU only) in a copy of the checkout with ``CXX`` a
-    bash wrapper around g++ (and ``CXXFLAGS``); the copy and the build's output."""
+    bash wrapper around g++ (and ``CFLAGS``); the copy and the build's output."""
     import os
 
     if shutil.which("g++") is None:
@@ -131,7 +131,7 @@ def _setup_with_compiler(tmp_path: Path, wrapper_body: str, cxxflags: str = ""
         else:
             shutil.copy(source, copy / name)
     run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
-                         env={**os.environ, "CXX": str(wrapper), "CXXFLAGS": cxxflags,
+                         env={**os.environ, "CXX": str(wrapper), "CFLAGS": cflags,
                               "MTUNLEARN_CUDA": "0"},
                          capture_output=True, text=True, timeout=600)
     assert run.returncode != 0, "the wrappers here never let a build finish"
@@ -153,15 +153,16 @@ def test_setup_refuses_a_private_runtime_before_compiling(tmp_path: Path) -> Non
 
 
 @linux_only
-def test_the_probe_is_compiled_with_cxxflags(tmp_path: Path) -> None:
-    """The probe compiles as the sources will, with ``CXXFLAGS`` (a flag there that the probe
-    lacked would test another toolchain than the build's)."""
+def test_the_probe_is_compiled_with_the_sources_flags(tmp_path: Path) -> None:
+    """The probe compiles with the flags torch's ninja build gives the sources (``CFLAGS``
+    among them: setuptools' ``compiler_so``), not the bare compiler: a flag the sources get
+    and the probe lacked would test another toolchain than the build's."""
     log = tmp_path / "probe-commands"
     _, output = _setup_with_compiler(
         tmp_path, f'case "$*" in *probe.cpp*) echo "$*" >> {log};; esac\n'
-                  'echo "wrapper: stop" >&2; exit 1\n', cxxflags="-DMTU_FROM_CXXFLAGS=1")
+                  'echo "wrapper: stop" >&2; exit 1\n', cflags="-DMTU_FROM_CFLAGS=1")
     assert "probe skipped" in output, output[-2000:]
-    assert "-DMTU_FROM_CXXFLAGS=1" in log.read_text(), log.read_text()
+    assert "-DMTU_FROM_CFLAGS=1" in log.read_text(), log.read_text()
 
 
 @linux_only

@@ -197,3 +197,6 @@ def test_a_number_read_as_text_says_how_yaml_reads_numbers() -> None:
         get_unlearner("interference_aware", {"lr": "0.5"})
     with pytest.raises(ValueError, match=r"got 'fast'$"):
         get_unlearner("interference_aware", {"lr": "fast"})
+    for text in ("nan", "inf", "-Infinity"):  # YAML 1.1 writes them .nan, .inf: no advice
+        with pytest.raises(ValueError, match=rf"got {text!r}$"):
+            get_unlearner("interference_aware", {"lr": text})

@@ -241,11 +241,13 @@ def test_report_says_what_a_file_of_another_format_is(tmp_path: Path) -> None:
     """User review: `evaluate`'s JSON fed to `report` said "got None" (its missing schema),
     naming neither the problem nor what to pass. The message now says the file has no
     schema, recognises `evaluate`'s output, and names the two inputs `report` draws."""
-    evaluated = {"checkpoint": "m.pt", "sha256": "0" * 64, "metrics": {}, "mia_auc": 0.5}
-    with pytest.raises(UserInputError, match=r"got None; the file has no `schema` field; it "
-                                             r"looks like `mtunlearn evaluate`'s output .*"
-                                             r"record\.json"):
-        write_report(evaluated, tmp_path / "evaluated")
+    # With a request (attack AUCs beside the metrics) and without one (the metrics alone).
+    for evaluated in ({"checkpoint": "m.pt", "sha256": "0" * 64, "metrics": {}, "mia_auc": 0.5},
+                      {"checkpoint": "m.pt", "sha256": "0" * 64, "metrics": {}}):
+        with pytest.raises(UserInputError, match=r"got None; the file has no `schema` field; "
+                                                 r"it looks like `mtunlearn evaluate`'s output "
+                                                 r".*record\.json"):
+            write_report(evaluated, tmp_path / "evaluated")
     with pytest.raises(UserInputError, match=r"got None; the file has no `schema` field; pass "):
         write_report({"models": {}}, tmp_path / "other")
     with pytest.raises(UserInputError, match=r"got 'mtunlearn_ext.api-record/1'; the file's "

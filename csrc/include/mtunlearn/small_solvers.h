@@ -299,7 +299,8 @@ MTU_HD bool dual_active_set(const double* gram, int k, const double* c, double s
       np = kept;
       // Rows left P. The factor's rows before the first of them stand (a row of L depends only
       // on the rows before it, and the passive rows keep their order); the rest is extended
-      // again row by row (cholesky_append: the values a whole factorization would give).
+      // again row by row (cholesky_append: the values a whole factorization would give, but
+      // for a dropped row's off-diagonal entries, zero here, which no solve reads).
       factored = first_left;
       // A row left P: the rows excluded as dependent on P may not be any more.
       for (int a = k - ne; a < k; ++a) w[idx[a]] = 0.0;
