@@ -10,8 +10,8 @@ import torch
 from mtunlearn_ext._extension import has_extension
 from mtunlearn_ext.ops import _reference
 from mtunlearn_ext.ops._checks import (
-    _has_no_values,
     call_op,
+    _has_no_values,
     check_beta,
     check_bool,
     check_finite_result,
@@ -19,8 +19,8 @@ from mtunlearn_ext.ops._checks import (
     check_float_tensor,
     check_no_autograd_through_out,
     check_not_transformed,
-    check_on_failure,
     check_same_device,
+    check_on_failure,
     check_same_dtype,
     check_tensor_list,
     checked_list_call,

@@ -169,11 +169,9 @@ def _lower_of(gram: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     """Per problem, ``b`` where it is on the simplex (finite, non-negative) with a strictly
     lower ``b^T G b`` than ``a``'s, else ``a``: of two answers neither of which passed the
     optimality test, the better one, decided without a synchronisation."""
-    def value(w: torch.Tensor) -> torch.Tensor:
-        return ((w.unsqueeze(-2) @ gram).squeeze(-2) * w).sum(-1)
-
     feasible = torch.isfinite(b).all(-1) & (b >= 0).all(-1)
-    lower = feasible & (value(torch.where(feasible.unsqueeze(-1), b, a)) < value(a))
+    lower = feasible & (_objective(gram, torch.where(feasible.unsqueeze(-1), b, a))
+                        < _objective(gram, a))
     return torch.where(lower.unsqueeze(-1), b, a)
 
 
