@@ -137,18 +137,28 @@ def _refuse_repeated_keys(text: str, loader_class: type) -> None:
 
 
 def _yaml_error_text(error: Exception) -> str:
-    """A YAML error in one line: what is wrong, then where (``line 2, column 14``). PyYAML's
+    """A YAML error in one line: what is wrong, then where (``line 2, column 14``), and where
+    its context began when that is elsewhere (an unclosed quote's opening line). PyYAML's
     own text puts its position, ``in "<unicode string>", line 2, column 14``, after the
     problem, which ran into a sentence ending "or quote it" (user review)."""
     import yaml
 
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem is None:
         return " ".join(str(error).split())
+    def where(mark: Any, preposition: str) -> str:
+        return f" ({preposition} line {mark.line + 1}, column {mark.column + 1})"
+
     problem = " ".join(error.problem.split())
-    context = f"{' '.join(error.context.split())}: " if error.context else ""
+    context = ""
+    if error.context:
+        # A context that starts elsewhere (an unclosed quote's opening) says where it began.
+        elsewhere = error.context_mark is not None and (
+            error.problem_mark is None or (error.context_mark.line, error.context_mark.column)
+            != (error.problem_mark.line, error.problem_mark.column))
+        context = " ".join(error.context.split()) + (
+            where(error.context_mark, "from") if elsewhere else "") + ": "
     mark = error.problem_mark or error.context_mark
-    where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"{context}{problem}{where}"
+    return f"{context}{problem}{where(mark, 'at') if mark is not None else ''}"
 
 
 def _load_config(path: str) -> dict[str, Any]:

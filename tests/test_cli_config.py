@@ -154,16 +154,21 @@ def test_long_json_and_config_are_not_file_names(tmp_path: Path,
 def test_yaml_errors_end_with_their_line_and_column(tmp_path: Path) -> None:
     """User review: PyYAML's position text (`in "<unicode string>", line 2, column 14`) followed
     our advice "or quote it", reading as "quote it in <unicode string>". The problem comes
-    first now, then the position in parentheses."""
+    first now, then the position in parentheses; a context that began elsewhere (an unclosed
+    quote or bracket) says where it began too."""
     from mtunlearn_ext.workflow import UserInputError
 
     for text, said in (("checkpoint: a.pt\nforget_ids: [0020, 7]\n",
                         "without leading zeros, or quote it (at line 2, column 14)"),
-                       ("checkpoint: [a.pt\n", "while parsing a flow sequence: expected ',' or "
-                                               "']', but got '<stream end>' (at line 2, "
-                                               "column 1)"),
-                       ("a: 1\na: 2\n", "while reading a mapping: key 'a' is given twice; "
-                                        "keep one (at line 2, column 1)")):
+                       ("checkpoint: [a.pt\n", "while parsing a flow sequence (from line 1, "
+                                               "column 13): expected ',' or ']', but got "
+                                               "'<stream end>' (at line 2, column 1)"),
+                       ("a: 1\na: 2\n", "while reading a mapping (from line 1, column 1): key "
+                                        "'a' is given twice; keep one (at line 2, column 1)"),
+                       ('x: "abc\n\n', "while scanning a quoted scalar (from line 1, column 4): "
+                                      "found unexpected end of stream (at line 3, column 1)"),
+                       ("a: b: c\n", "mapping values are not allowed here (at line 1, "
+                                    "column 5)")):
         path = tmp_path / "c.yaml"
         path.write_text(text)
         with pytest.raises(UserInputError) as caught:
