@@ -53,7 +53,7 @@ def _rest(x: torch.Tensor, y: dict[str, torch.Tensor], start: int = 5
 
 def _problem(**kwargs: object):  # type: ignore[no-untyped-def]
     with warnings.catch_warnings():  # these tests give task a's targets only, on purpose
-        warnings.filterwarnings("ignore", message=r"unlearn: `forget_data` has no targets")
+        warnings.filterwarnings("ignore", message=r"build_problem: `forget_data` has no targets")
         return build_problem(_TwoHeads(), tasks=TASKS, shared_parameters=lambda n: n.startswith(
             "trunk."), **kwargs)  # type: ignore[arg-type]
 
@@ -401,6 +401,35 @@ def test_a_model_that_is_not_a_module_is_refused_naming_it() -> None:
                                   config={"steps": 1})
 
 
+def test_build_problem_names_itself_in_the_checks_it_shares_with_unlearn() -> None:
+    """Review: `build_problem` runs `unlearn`'s checks, whose messages all said "unlearn:"
+    (a non-module `model`, a missing forget set, a bad `target_tasks`, an unknown id, a
+    warning); they name the function called, and `unlearn` keeps its name after one failed."""
+    x, y = _data()
+    head, rest = {t: v[:3] for t, v in y.items()}, {t: v[3:] for t, v in y.items()}
+    shared = {"shared_parameters": lambda n: n.startswith("trunk.")}
+    with pytest.raises(TypeError, match=r"^build_problem: `model` must be an nn.Module"):
+        build_problem(model=lambda inputs: inputs, tasks=TASKS,  # type: ignore[arg-type]
+                      train_data=(x, y), forget_request=ForgetRequest.create(range(5)))
+    with pytest.raises(ValueError, match=r"^build_problem: give either `train_data`"):
+        build_problem(_TwoHeads(), tasks=TASKS, **shared)
+    with pytest.raises(TypeError, match=r"^build_problem: `target_tasks` must be"):
+        build_problem(_TwoHeads(), tasks=TASKS, forget_data=(x[:3], head),
+                      retain_data=(x[3:], rest), target_tasks=3, **shared)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match=r"build_problem: `forget_request` names instance ids"):
+        build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                      forget_request=ForgetRequest.create([10_000]), **shared)
+    with pytest.raises(ValueError, match=r"^build_problem: task 'a' has unknown kind 'odd'"):
+        build_problem(_TwoHeads(), tasks={"a": "odd", "b": "regression"}, train_data=(x, y),
+                      forget_request=ForgetRequest.create(range(5)), **shared)
+    with pytest.warns(UserWarning, match=r"^build_problem: `forget_data` has no targets"):
+        build_problem(_TwoHeads(), tasks=TASKS, forget_data=(x[:3], {"a": head["a"]}),
+                      retain_data=(x[3:], rest), **shared)
+    with pytest.raises(TypeError, match=r"^unlearn: `model` must be an nn.Module"):
+        mtunlearn_ext.unlearn(lambda inputs: inputs, tasks=TASKS,  # type: ignore[arg-type]
+                              train_data=(x, y), forget_request=ForgetRequest.create(range(5)))
+
+
 def test_forget_objective_keys_must_name_a_task_or_a_kind() -> None:
     """A misspelt task or kind in a `forget_objective` mapping was ignored: the run went on
     with the default objective for that task, and the report said so only in passing."""
@@ -449,7 +478,7 @@ def test_a_request_without_a_pair_of_its_target_tasks_names_them() -> None:
     supervision[:5, 1] = False  # instances 0-4 have no "b" label
     message = (r"unlearn: `forget_request` names 5 instances, none with a supervised pair of "
                r"the target task \['b'\] in `train_data`")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.replace("unlearn", "build_problem", 1)):
         _problem(train_data=(x, y, supervision), forget_request=ForgetRequest.create(range(5),
                                                                                      ["b"]))
     with pytest.raises(ValueError, match=message):
@@ -512,7 +541,7 @@ def test_a_module_serving_two_heads_is_refused_unless_it_is_shared() -> None:
     message = (r"unlearn: parameter 'heads\.a\.0\.0\.weight' is in the heads of both 'a' \(as "
                r"'heads\.a\.0\.0\.weight'\) and 'b' \(as 'heads\.b\.0\.0\.weight'\).* list it in "
                r"`shared_parameters`")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.replace("unlearn", "build_problem", 1)):
         build_problem(model, shared_parameters=_trunk, **common)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
         mtunlearn_ext.unlearn(model, shared_parameters=_trunk, config={"steps": 1},
@@ -572,7 +601,7 @@ def test_a_weight_tied_between_the_trunk_and_a_head_is_shared(heads_first: bool)
                                     "module.heads.a.2.bias")
     # Left out of the trunk's names, it is refused (as a trunk weight outside the split is),
     # not given to head a alone.
-    with pytest.raises(ValueError, match=r"unlearn: parameter '.*' is tied between the head "
+    with pytest.raises(ValueError, match=r"build_problem: parameter '.*' is tied between the head "
                        r"of 'a' \(as 'heads\.a\.0\.weight'\) and 'trunk\.2\.weight', outside "
                        r"every head.*list 'trunk\.2\.weight' in `shared_parameters`"):
         build_problem(model, shared_parameters=["trunk.0.weight", "trunk.0.bias",
@@ -668,8 +697,8 @@ def test_head_parameters_keys_must_be_tasks() -> None:
     model = _TwoHeads()
     heads = {"a": ["heads.a.weight", "heads.a.bias"], "b": ["heads.b.weight", "heads.b.bias"]}
     with pytest.raises(ValueError, match=re.escape(
-            "unlearn: `head_parameters` has key(s) ['rgression'] that are not tasks; its keys "
-            "must be tasks of `tasks`: ['a', 'b']")):
+            "build_problem: `head_parameters` has key(s) ['rgression'] that are not tasks; its "
+            "keys must be tasks of `tasks`: ['a', 'b']")):
         build_problem(model, tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
                       forget_request=ForgetRequest.create(range(5)),
                       head_parameters={**heads, "rgression": ["heads.b.weight"]})
@@ -725,7 +754,7 @@ def test_a_data_set_beside_tuple_training_data_is_compared_by_inputs_not_ids() -
             **split)  # type: ignore[arg-type]
     # Beside a training data set (ids of the caller's), a data set's ids are compared.
     with pytest.raises(ValueError, match=re.escape(
-            "unlearn: `held_out_data` shares 20 instance ids with the training set (first: "
+            "build_problem: `held_out_data` shares 20 instance ids with the training set (first: "
             "[0, 1, 2, 3, 4])")):
         build_problem(_TwoHeads(), tasks=SPECS, train_data=MultiTaskDataset(x, y, SPECS),
                       shared_parameters=_trunk, forget_request=ForgetRequest.create(range(5)),
@@ -860,20 +889,21 @@ def test_errors_in_train_data_name_train_data_and_its_row() -> None:
     x, y = _data()
     bad = x.clone()
     bad[3, 2] = float("nan")
-    with pytest.raises(ValueError, match=re.escape("unlearn: `train_data`: the inputs hold NaN "
-                                                   "or Inf in 1 rows (first: row 3, id 3)")):
+    with pytest.raises(ValueError, match=re.escape("build_problem: `train_data`: the inputs hold "
+                                                   "NaN or Inf in 1 rows (first: row 3, id 3)")):
         _problem(train_data=(bad, y), forget_request=ForgetRequest.create([0]))
     labels = {**y, "b": y["b"].clone()}
     labels["b"][4] = float("inf")
-    with pytest.raises(ValueError, match=r"unlearn: `train_data`: task 'b' \(regression\) has NaN "
-                                         r"or Inf targets on 1 supervised rows \(first: row 4"):
+    with pytest.raises(ValueError, match=r"build_problem: `train_data`: task 'b' \(regression\) "
+                                         r"has NaN or Inf targets on 1 supervised rows \(first: "
+                                         r"row 4"):
         _problem(train_data=(x, labels), forget_request=ForgetRequest.create([0]))
     # forget_data / retain_data: their own rows (a tuple's ids are the library's, left out).
-    with pytest.raises(ValueError, match=re.escape("unlearn: `retain_data`: the inputs hold NaN "
-                                                   "or Inf in 1 rows (first: row 3, id 3)")):
+    with pytest.raises(ValueError, match=re.escape("build_problem: `retain_data`: the inputs hold "
+                                                   "NaN or Inf in 1 rows (first: row 3, id 3)")):
         _problem(forget_data=(x[:5], {"a": y["a"][:5]}), retain_data=(bad, y))
-    with pytest.raises(ValueError, match=re.escape("unlearn: `forget_data`: the inputs hold NaN "
-                                                   "or Inf in 1 rows (first: row 3, id 3)")):
+    with pytest.raises(ValueError, match=re.escape("build_problem: `forget_data`: the inputs hold "
+                                                   "NaN or Inf in 1 rows (first: row 3, id 3)")):
         _problem(forget_data=(bad[:5], {"a": y["a"][:5]}), retain_data=_rest(x, y))
     # A row of train_data with no supervised pair is in neither set: still anything goes.
     supervision = torch.ones(40, 2, dtype=torch.bool)
@@ -885,9 +915,9 @@ def test_errors_in_train_data_name_train_data_and_its_row() -> None:
 def test_unknown_forget_ids_name_the_request_and_the_ids_there_are() -> None:
     x, y = _data()
     with pytest.raises(KeyError, match=re.escape(
-            "unlearn: `forget_request` names instance ids that are not in `train_data`: [40, -1] "
-            "(2 in all); `train_data`, given as (inputs, targets), names its 40 instances by "
-            "row: ids 0 to 39")):
+            "build_problem: `forget_request` names instance ids that are not in `train_data`: "
+            "[40, -1] (2 in all); `train_data`, given as (inputs, targets), names its 40 "
+            "instances by row: ids 0 to 39")):
         _problem(train_data=(x, y), forget_request=ForgetRequest.create([0, 40, -1]))
     data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(40) * 2 + 100)
     with pytest.raises(KeyError, match=re.escape(
@@ -1216,8 +1246,8 @@ def test_data_given_as_a_list_or_a_torch_dataset_is_refused_with_the_way_out() -
         _problem(train_data=[x, y], forget_request=request)
     # A loader is read in (tests/test_gathering.py); one of unnamed labels cannot be.
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y["a"]))
-    with pytest.raises(TypeError, match=r"unlearn: `train_data`: gather: the targets of batch 0 "
-                                        r"must be a mapping task -> label, got Tensor"):
+    with pytest.raises(TypeError, match=r"build_problem: `train_data`: gather: the targets of "
+                                        r"batch 0 must be a mapping task -> label, got Tensor"):
         _problem(train_data=loader, forget_request=request)
 
 
@@ -1235,7 +1265,7 @@ def test_a_list_of_instances_is_refused_naming_the_argument_and_the_way_in() -> 
              r"Dataset / DataLoader of instances; ")
     with pytest.raises(TypeError, match=r"evaluate: `data` " + forms + way_in.format("data")):
         mtunlearn_ext.evaluate(_TwoHeads(), instances, tasks=TASKS)
-    with pytest.raises(TypeError, match=r"unlearn: `train_data` " + forms
+    with pytest.raises(TypeError, match=r"build_problem: `train_data` " + forms
                        + way_in.format("train_data")):
         _problem(train_data=instances, forget_request=ForgetRequest.create([0]))
     # [inputs, targets] with inputs keyed by the task names is still told to be a tuple
@@ -1614,7 +1644,7 @@ def test_meta_data_a_meta_model_and_inputs_the_model_cannot_take_are_named() -> 
             "mask": ((x, y, torch.ones(40, 2, dtype=torch.bool, device="meta")),
                      "supervision mask")}
     for data, part in meta.values():
-        with pytest.raises(ValueError, match=rf"unlearn: `train_data`: {part} on the meta "
+        with pytest.raises(ValueError, match=rf"build_problem: `train_data`: {part} on the meta "
                                              r"device, which holds no values"):
             _problem(train_data=data, forget_request=ForgetRequest.create([1]))
         with pytest.raises(ValueError, match=rf"evaluate: `data`: {part} on the meta device"):
@@ -1969,7 +1999,7 @@ def test_a_task_spec_under_another_tasks_key_is_refused() -> None:
                "b": TaskSpec("a", "classification", num_classes=3)}
     message = (r"^unlearn: `tasks` maps 'a' to a TaskSpec named 'b'; a TaskSpec's name must "
                r"be its key$")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.replace("unlearn", "build_problem", 1)):
         build_problem(_TwoHeads(), tasks=swapped, shared_parameters=lambda n: n.startswith(
             "trunk."), train_data=(x, y), forget_request=ForgetRequest.create(range(5), ["a"]))
     class Instances(torch.utils.data.Dataset[object]):
@@ -2025,13 +2055,13 @@ def test_parameters_given_as_named_pairs_or_one_name() -> None:
     shared = by_module.model.parameter_split().shared  # type: ignore[operator]
     assert by_pairs.model.parameter_split().shared == shared  # type: ignore[operator]
     assert len(shared) == 2
-    with pytest.raises(TypeError, match=r"^unlearn: `shared_parameters` must be names, "
+    with pytest.raises(TypeError, match=r"^build_problem: `shared_parameters` must be names, "
                                         r"parameters, modules or a predicate on names, got the "
                                         r"string 'trunk.0.weight': put names in a list "
                                         r"\(\['trunk.0.weight'\]\), or pass a predicate"):
         build_problem(model, shared_parameters="trunk.0.weight", **common)
-    with pytest.raises(TypeError, match=r"^unlearn: `head_parameters\['a'\]` must be names, .* "
-                                        r"got the string 'heads.a.weight'"):
+    with pytest.raises(TypeError, match=r"^build_problem: `head_parameters\['a'\]` must be "
+                                        r"names, .* got the string 'heads.a.weight'"):
         build_problem(model, shared_parameters=model.trunk, head_parameters={
             "a": "heads.a.weight", "b": ["heads.b.weight", "heads.b.bias"]}, **common)
 

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 
+from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._task_specs import keyed_spec
 from mtunlearn_ext.api._types import DataLike
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
@@ -19,7 +20,7 @@ from mtunlearn_ext.data.inputs import check_inputs, map_leaves, take_rows
 from mtunlearn_ext.data.request import ForgetRequest
 
 
-def read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
+def read_in(data: object, tasks: object, what: str, op: str | None = None, *,
              keep_ids: bool = False) -> object:
     """A torch ``Dataset`` or ``DataLoader`` given as ``what``, read into memory by
     :func:`~mtunlearn_ext.data.gather`; other data as it is. Instances that carry no ``"id"``
@@ -32,6 +33,7 @@ def read_in(data: object, tasks: object, what: str, op: str = "unlearn", *,
     of their ids: a shuffling loader reads them in a random order, which would otherwise change
     the run (minibatches are drawn by row) with the global random state, and a dataset and a
     loader over it then give the same run."""
+    op = entry() if op is None else op
     if isinstance(data, MultiTaskDataset) or not isinstance(
             data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
         return data
@@ -84,13 +86,14 @@ def _names_instances(what: str, given: object, own_ids: bool, count: int) -> str
             f"{count} instances by position")
 
 
-def check_data_like(data: object, what: str, op: str = "unlearn", *,
+def check_data_like(data: object, what: str, op: str | None = None, *,
                     reads_torch_data: bool = True) -> None:
     """Refuse, naming ``what``, a ``data`` that is neither a :class:`MultiTaskDataset` nor
     ``(inputs, targets[, supervision])`` with ``targets`` a mapping: ``(ids, mask, targets)``,
     several inputs not grouped into one tuple, would otherwise read ``mask`` as the targets.
     ``reads_torch_data``: whether ``op`` reads a torch ``Dataset`` / ``DataLoader`` in itself
     (:func:`read_in`, before this check), which the message then offers."""
+    op = entry() if op is None else op
     if isinstance(data, MultiTaskDataset):
         return
     if not isinstance(data, tuple) or len(data) not in (2, 3):
@@ -170,9 +173,10 @@ def _meta_part(data: tuple[Any, ...]) -> str | None:
 
 def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
                 like: MultiTaskDataset | None = None, id_offset: int = 0, *,
-                op: str = "unlearn") -> MultiTaskDataset:
+                op: str | None = None) -> MultiTaskDataset:
     """``data`` in the data contract. Tasks without a target tensor get an all-unsupervised
     placeholder column shaped like ``like``'s (for a forget set listing only target tasks)."""
+    op = entry() if op is None else op
     if isinstance(data, MultiTaskDataset):
         if data.task_names != [s.name for s in specs]:
             raise ValueError(f"{op}: `{what}` has tasks {data.task_names}, expected "
@@ -252,12 +256,12 @@ def target_task_names(target_tasks: object) -> list[str] | None:
     if isinstance(target_tasks, str):
         return [target_tasks]
     if isinstance(target_tasks, Mapping) or not isinstance(target_tasks, Iterable):
-        raise TypeError(f"unlearn: `target_tasks` must be a task name or a list of task names, "
+        raise TypeError(f"{entry()}: `target_tasks` must be a task name or a list of task names, "
                         f"got {type(target_tasks).__name__}")
     names = list(target_tasks)
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"unlearn: `target_tasks` must be a task name or a list of task "
+            raise TypeError(f"{entry()}: `target_tasks` must be a task name or a list of task "
                             f"names (strings), got {name!r:.80} in it")
     return names
 
@@ -271,7 +275,7 @@ def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
     Clean data costs the one check; the rest runs only to word a failure. Negative depth
     targets, which read as unlabelled pixels, are warned of."""
     try:
-        data.check_values(f"unlearn: `{what}`")
+        data.check_values(f"{entry()}: `{what}`")
         failed = False
     except ValueError:
         partial = rows is not None and rows.numel() != len(data)
@@ -280,7 +284,7 @@ def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,
         failed = True
     if failed:  # out of the handler: its error alone, not chained to the first wording
         _check_rows_read(data, what, own_ids, rows)
-    data.warn_of_negative_depths(f"unlearn: `{what}`")
+    data.warn_of_negative_depths(f"{entry()}: `{what}`")
 
 
 def _check_rows_read(data: MultiTaskDataset, what: str, own_ids: bool,
@@ -299,7 +303,7 @@ def _check_rows_read(data: MultiTaskDataset, what: str, own_ids: bool,
         inputs = map_leaves(blank, inputs)
     # Ids 0..N-1 (the rows) for a tuple, the caller's own otherwise.
     MultiTaskDataset(inputs, data.targets, data.tasks, data.ids if own_ids else None,
-                     data.supervision).check_values(f"unlearn: `{what}`")
+                     data.supervision).check_values(f"{entry()}: `{what}`")
 
 
 def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: object,
@@ -308,7 +312,7 @@ def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: obj
     ``own_ids``: read with ids of the caller's) has, a request for ids that are not in
     ``train_data``."""
     if not isinstance(request, ForgetRequest):
-        raise TypeError(f"unlearn: {what} must be a ForgetRequest (ForgetRequest.create"
+        raise TypeError(f"{entry()}: {what} must be a ForgetRequest (ForgetRequest.create"
                         f"(ids, target_tasks)), got {type(request).__name__}")
     known = set(full.ids.tolist())
     unknown = [i for i in request.instance_ids if i not in known]
@@ -322,5 +326,5 @@ def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: obj
                                               else ", not every id between")
     else:
         valid += f": ids 0 to {len(full) - 1}"
-    raise KeyError(f"unlearn: {what} names instance ids that are not in `train_data`: "
+    raise KeyError(f"{entry()}: {what} names instance ids that are not in `train_data`: "
                    f"{shown}; {valid}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import Inputs, named_leaves
 
@@ -133,7 +134,7 @@ def check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                 known.update(part.data.ids[part.rows].tolist())
         shared = sorted(known.intersection(data.ids.tolist()))
         if shared:
-            raise ValueError(f"unlearn: `{what}` shares {len(shared)} instance ids with "
+            raise ValueError(f"{entry()}: `{what}` shares {len(shared)} instance ids with "
                              f"{against} (first: {shared[:5]}); it must {must}")
     for part in trained:
         if own_ids and part.own_ids:
@@ -149,7 +150,7 @@ def check_unseen(data: MultiTaskDataset, what: str, own_ids: bool,
                     f"which name none of your instances)" if own_ids and not part.own_ids
                     else "")
             raise ValueError(
-                f"unlearn: `{what}` row {row} has the same inputs as `{part.label}` row "
+                f"{entry()}: `{what}` row {row} has the same inputs as `{part.label}` row "
                 f"{train_row}, and the same labels ({len(equal)} "
                 f"row{'s' if len(equal) != 1 else ''} "
                 f"of `{what}` equal {'training ' if against == 'the training set' else ''}"
@@ -178,7 +179,7 @@ def check_rows_given_once(forget: MultiTaskDataset, what: str) -> None:
                                 same_pairs)
     if repeats:
         row, earlier = repeats[0]
-        raise ValueError(f"unlearn: `{what}` row {row} repeats row {earlier} (the same inputs "
+        raise ValueError(f"{entry()}: `{what}` row {row} repeats row {earlier} (the same inputs "
                          f"and the same labels of the target tasks; {len(repeats)} "
                          f"row{'s' if len(repeats) != 1 else ''} repeat an earlier one): give "
                          f"each forget instance once, or it is counted and forgotten as "
@@ -224,7 +225,7 @@ def linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset
             if bool(clash.any()):
                 task = forget.task_names[int(clash.nonzero()[0])]
                 raise ValueError(
-                    f"unlearn: `forget_data` row {f_row} is also `retain_data` row {r_row} "
+                    f"{entry()}: `forget_data` row {f_row} is also `retain_data` row {r_row} "
                     f"(same input), which still supervises task {task!r}; take the pairs to "
                     "forget out of `retain_data` (or pass `train_data` and a `forget_request`)")
             if (link and r_row not in taken and bool(retain.supervision[r_row].any())

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext.api._data_forms import check_request_ids
+from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 
@@ -44,15 +45,15 @@ def carried_lineage(model: nn.Module) -> Lineage | None:
 def _checked_requests(given: object, forget_data_given: bool) -> tuple[ForgetRequest, ...]:
     """``earlier_requests`` as given, checked."""
     if isinstance(given, ForgetRequest) or not isinstance(given, Sequence):
-        raise TypeError(f"unlearn: `earlier_requests` must be a list of ForgetRequests "
+        raise TypeError(f"{entry()}: `earlier_requests` must be a list of ForgetRequests "
                         f"(the requests already removed from `model`), got "
                         f"{type(given).__name__}")
     for i, request in enumerate(given):
         if not isinstance(request, ForgetRequest):
-            raise TypeError(f"unlearn: `earlier_requests[{i}]` must be a ForgetRequest, "
+            raise TypeError(f"{entry()}: `earlier_requests[{i}]` must be a ForgetRequest, "
                             f"got {type(request).__name__}")
     if given and forget_data_given:
-        raise ValueError("unlearn: `earlier_requests` names instances of `train_data`; with "
+        raise ValueError(f"{entry()}: `earlier_requests` names instances of `train_data`; with "
                          "`forget_data` and `retain_data` the retain set is what you give: "
                          "leave the pairs removed earlier out of `retain_data`")
     return tuple(given)
@@ -75,7 +76,7 @@ def requests_removed_before(model: nn.Module, given: Sequence[ForgetRequest] | N
             named = {_request_key(r) for r in requests}
             dropped = [r for r in carried.requests if _request_key(r) not in named]
             if dropped:
-                warnings.warn(f"unlearn: `earlier_requests` replaces the {len(carried.requests)} "
+                warnings.warn(f"{entry()}: `earlier_requests` replaces the {len(carried.requests)} "
                               f"request(s) `model` carries from the unlearn() that returned it; "
                               f"{len(dropped)} of them are not in it, so their pairs are in the "
                               f"retain set again", UserWarning, stacklevel=4)
@@ -83,7 +84,7 @@ def requests_removed_before(model: nn.Module, given: Sequence[ForgetRequest] | N
     if carried is None:
         return (), False
     if not carried.complete and not forget_data_given:
-        warnings.warn("unlearn: `model` comes from an unlearn() given `forget_data`, whose "
+        warnings.warn(f"{entry()}: `model` comes from an unlearn() given `forget_data`, whose "
                       "instances `train_data` cannot name: the pairs that run removed are in "
                       "`train_data`'s retain set again unless you pass them as "
                       "`earlier_requests`" + (f" (the {len(carried.requests)} request(s) on "
@@ -91,7 +92,7 @@ def requests_removed_before(model: nn.Module, given: Sequence[ForgetRequest] | N
                                               if carried.requests else ""),
                       UserWarning, stacklevel=4)
     if carried.requests and forget_data_given:
-        warnings.warn(f"unlearn: `model` was returned by unlearn() after "
+        warnings.warn(f"{entry()}: `model` was returned by unlearn() after "
                       f"{len(carried.requests)} request(s) on `train_data`; with `forget_data` "
                       f"and `retain_data` they cannot be checked: leave the pairs they removed "
                       f"out of `retain_data`", UserWarning, stacklevel=4)
@@ -108,7 +109,7 @@ def check_carried_fits(carried: Lineage | None, full: MultiTaskDataset, own_ids:
         made = ("the ids of a data set" if carried.own_ids
                 else f"row positions of a `train_data` of {carried.num_rows} rows")
         now = "ids of its own" if own_ids else f"{len(full)} rows named by position"
-        raise ValueError(f"unlearn: `model` carries {len(carried.requests)} earlier request(s) "
+        raise ValueError(f"{entry()}: `model` carries {len(carried.requests)} earlier request(s) "
                          f"naming instances by {made}, and this `train_data` has {now}: the "
                          f"same numbers would name other instances; pass the earlier requests "
                          f"in this data's terms as `earlier_requests` (or give the data the "
@@ -138,5 +139,5 @@ def without_earlier_removals(full: MultiTaskDataset, earlier: Sequence[ForgetReq
             removed |= request.forget_mask(full)
         except (KeyError, ValueError) as error:
             detail = error.args[0] if error.args else error  # a KeyError's str() is quoted
-            raise type(error)(f"unlearn: {where}: {detail}") from None
+            raise type(error)(f"{entry()}: {where}: {detail}") from None
     return full.with_supervision(full.supervision & ~removed), int(removed.sum())

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._types import ParameterSpec, SharedSpec
 from mtunlearn_ext.data.inputs import Inputs, call_with
 from mtunlearn_ext.models.base import ParameterSplit
@@ -128,27 +129,27 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
         if isinstance(item, nn.Module):  # a submodule stands for every parameter it holds
             outside = [n for n, p in item.named_parameters() if id(p) not in by_id]
             if outside:
-                raise KeyError(f"unlearn: a module in `{what}` ({type(item).__name__}) holds "
+                raise KeyError(f"{entry()}: a module in `{what}` ({type(item).__name__}) holds "
                                f"parameters that are not the model's: {outside[:3]}; pass a "
                                f"submodule of the model")
             names.extend(by_id[id(p)] for p in item.parameters())
         elif isinstance(item, str):
             if item not in canonical:
-                raise KeyError(f"unlearn: `{what}` names {item!r}, which is not a parameter of "
+                raise KeyError(f"{entry()}: `{what}` names {item!r}, which is not a parameter of "
                                f"the model")
             names.append(canonical[item])
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
-                raise KeyError(f"unlearn: a tensor in `{what}` is not a parameter of the model")
+                raise KeyError(f"{entry()}: a tensor in `{what}` is not a parameter of the model")
             names.append(by_id[id(item)])
         else:
-            raise TypeError(f"unlearn: `{what}` must hold names, parameters or modules, got "
+            raise TypeError(f"{entry()}: `{what}` must hold names, parameters or modules, got "
                             f"{type(item).__name__}")
     return list(dict.fromkeys(names))
 
 
 def _one_name_error(what: str, name: str) -> str:
-    return (f"unlearn: `{what}` must be names, parameters, modules or a predicate on names, "
+    return (f"{entry()}: `{what}` must be names, parameters, modules or a predicate on names, "
             f"got the string {name!r}: put names in a list ([{name!r}]), or pass a predicate "
             f"(lambda n: n.startswith({name!r}))")
 
@@ -182,7 +183,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
     if has_own_split(model, shared, heads):
         return model
     if shared is None and heads is None:
-        raise ValueError("unlearn: say which parameters are shared: pass `shared_parameters` "
+        raise ValueError(f"{entry()}: say which parameters are shared: pass `shared_parameters` "
                          "(names, parameters, modules, or a predicate on names), or use a model "
                          "with `parameter_split()` (a mtunlearn_ext MultiTaskModel)")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -192,7 +193,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
         raise TypeError(_one_name_error("shared_parameters", shared))
     if shared is not None and not callable(shared) and (
             isinstance(shared, bytes) or not isinstance(shared, Iterable)):
-        raise TypeError(f"unlearn: `shared_parameters` must be names, parameters, modules or a "
+        raise TypeError(f"{entry()}: `shared_parameters` must be names, parameters, modules or a "
                         f"predicate on names, got {type(shared).__name__}")
     owners = _owners(model)
     aliases = {n: [a for names in held for a in names] for n, held in owners.items()}
@@ -207,11 +208,11 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
         shared_names = _names_of(model, shared, "shared_parameters")
     if heads is not None:
         if not isinstance(heads, Mapping):
-            raise TypeError(f"unlearn: `head_parameters` must be a mapping task -> names or "
+            raise TypeError(f"{entry()}: `head_parameters` must be a mapping task -> names or "
                             f"parameters, got {type(heads).__name__}")
         unknown = [t for t in heads if t not in task_names]
         if unknown:
-            raise ValueError(f"unlearn: `head_parameters` has key(s) {unknown} that are not "
+            raise ValueError(f"{entry()}: `head_parameters` has key(s) {unknown} that are not "
                              f"tasks; its keys must be tasks of `tasks`: {list(task_names)}")
         head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]")
                       for t in task_names if t in heads}
@@ -220,14 +221,14 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
     assigned = set(shared_names) | {n for names in head_names.values() for n in names}
     stray = [n for n in trainable if n not in assigned]
     if stray:
-        raise ValueError(f"unlearn: parameters neither shared nor in a head: {stray}; pass "
+        raise ValueError(f"{entry()}: parameters neither shared nor in a head: {stray}; pass "
                          f"`head_parameters` (task -> names) or widen `shared_parameters`, or, "
                          f"if no task of `tasks` uses them (an auxiliary head), freeze them "
                          f"(`requires_grad_(False)`): frozen parameters stay as they are")
     overlap = set(shared_names) & {n for names in head_names.values() for n in names}
     if overlap:
         tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
-        raise ValueError(f"unlearn: parameters both shared and in a head: {sorted(overlap)}"
+        raise ValueError(f"{entry()}: parameters both shared and in a head: {sorted(overlap)}"
                          + (f" (tied: one parameter under the names {tied}; a parameter the "
                             "trunk uses is shared, so leave it out of `head_parameters`)"
                             if tied else ""))
@@ -278,13 +279,13 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
         if len(owners) > 1:
             (task, name), (other, other_name) = list(owners.items())[:2]
             raise ValueError(
-                f"unlearn: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
+                f"{entry()}: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
                 f"{other!r} (as {other_name!r}): one module serves both heads, so both tasks use "
                 f"it; a parameter several tasks use is shared: list it in `shared_parameters`")
         if owners and outside:
             (task, name), = owners.items()
             raise ValueError(
-                f"unlearn: parameter {n!r} is tied between the head of {task!r} (as {name!r}) "
+                f"{entry()}: parameter {n!r} is tied between the head of {task!r} (as {name!r}) "
                 f"and {outside[0]!r}, outside every head: every task that uses {outside[0]!r} "
                 f"reaches it, so it is shared: list {outside[0]!r} in `shared_parameters`")
         if owners:
@@ -301,7 +302,7 @@ def fresh_split_model(fresh_model: Callable[[], nn.Module], wrapped: nn.Module,
     def make() -> nn.Module:
         fresh = fresh_model()
         if not isinstance(fresh, nn.Module):
-            raise TypeError(f"unlearn: `fresh_model` must return an nn.Module, got "
+            raise TypeError(f"{entry()}: `fresh_model` must return an nn.Module, got "
                             f"{type(fresh).__name__}")
         if split is None:  # the model splits itself (parameter_split())
             return split_model(fresh, names, None, None)

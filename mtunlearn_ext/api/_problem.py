@@ -21,6 +21,7 @@ from mtunlearn_ext.api._data_forms import (
     target_task_names,
     with_tasks,
 )
+from mtunlearn_ext.api._entry import entered, entry
 from mtunlearn_ext.api._instance_matching import (
     TrainedRows,
     check_rows_given_once,
@@ -99,12 +100,13 @@ def build_problem(model: nn.Module, *,
     the gold-standard model on the retain pairs, with the library's trainer (the masked
     multi-task loss of :func:`~mtunlearn_ext.losses.masked_multitask_loss`).
     """
-    return build_problem_with_naming(
-        model, tasks=tasks, train_data=train_data, forget_request=forget_request,
-        forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
-        held_out_data=held_out_data, shared_parameters=shared_parameters,
-        head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
-        train_config=train_config, earlier_requests=earlier_requests)[0]
+    with entered("build_problem"):
+        return build_problem_with_naming(
+            model, tasks=tasks, train_data=train_data, forget_request=forget_request,
+            forget_data=forget_data, retain_data=retain_data, target_tasks=target_tasks,
+            held_out_data=held_out_data, shared_parameters=shared_parameters,
+            head_parameters=head_parameters, device=device, seed=seed, fresh_model=fresh_model,
+            train_config=train_config, earlier_requests=earlier_requests)[0]
 
 
 def build_problem_with_naming(model: nn.Module, *,
@@ -122,13 +124,13 @@ def build_problem_with_naming(model: nn.Module, *,
     """:func:`build_problem`, the training rows as given (for the checks that held-out
     and audit data are unseen), and how the caller's data names the request's instances."""
     if not isinstance(model, nn.Module):  # (an AttributeError from deep inside, at first)
-        raise TypeError(f"unlearn: `model` must be an nn.Module returning task -> output, got "
+        raise TypeError(f"{entry()}: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
     model = unwrapped(model)
     earlier, carried = requests_removed_before(model, earlier_requests, forget_data is not None)
     lineage = carried_lineage(model)
     if (train_data is None) == (forget_data is None):
-        raise ValueError("unlearn: give either `train_data` and `forget_request`, or "
+        raise ValueError(f"{entry()}: give either `train_data` and `forget_request`, or "
                          "`forget_data` and `retain_data`")
     as_passed = (train_data, forget_data, retain_data, held_out_data)
     given_train, given_forget = train_data, forget_data
@@ -146,7 +148,7 @@ def build_problem_with_naming(model: nn.Module, *,
     except (RuntimeError, TypeError):
         meta = False  # refused, with its reason, by the problem's validation
     if meta:
-        raise ValueError("unlearn: `device` 'meta' holds no values; unlearning computes on "
+        raise ValueError(f"{entry()}: `device` 'meta' holds no values; unlearning computes on "
                          "'cpu' or 'cuda'")
     specs = task_specs(tasks, [train_data, forget_data, retain_data], classes_predicted_by(
         model, not has_own_split(model, shared_parameters, head_parameters),
@@ -158,11 +160,12 @@ def build_problem_with_naming(model: nn.Module, *,
     names = [s.name for s in specs]
     if train_data is not None:
         if forget_request is None:
-            raise ValueError("unlearn: `train_data` needs a `forget_request`")
+            raise ValueError(f"{entry()}: `train_data` needs a `forget_request`")
         if target_tasks is not None:
-            raise ValueError("unlearn: with `forget_request`, the target tasks are the request's")
+            raise ValueError(f"{entry()}: with `forget_request`, the target tasks are the "
+                             "request's")
         if retain_data is not None:
-            raise ValueError("unlearn: `retain_data` goes with `forget_data`; with `train_data` "
+            raise ValueError(f"{entry()}: `retain_data` goes with `forget_data`; with `train_data` "
                              "and a `forget_request` the retain set is the rest of `train_data`")
         full = as_dataset(train_data, specs, "train_data")
         own = isinstance(train_data, MultiTaskDataset)
@@ -189,32 +192,32 @@ def build_problem_with_naming(model: nn.Module, *,
             if bool(request.forget_mask(full).any()):
                 by = ("the requests `model` carries (from the unlearn() that returned it)"
                       if carried else "`earlier_requests`")
-                raise ValueError(f"unlearn: every pair `forget_request` names ({count} instance"
+                raise ValueError(f"{entry()}: every pair `forget_request` names ({count} instance"
                                  f"{'s' if count != 1 else ''}, target tasks {targets}) was "
                                  f"removed already by {by}: there is nothing left to forget")
-            raise ValueError(f"unlearn: `forget_request` names {count} instance"
+            raise ValueError(f"{entry()}: `forget_request` names {count} instance"
                              f"{'s' if count != 1 else ''}, none with a supervised pair of the "
                              f"target task{'s' if len(targets) != 1 else ''} {targets} in "
                              "`train_data` (its supervision mask marks those pairs unlabelled): "
                              "there is nothing to forget")
         if not len(retain):
-            raise ValueError("unlearn: `forget_request` and `earlier_requests` together take "
+            raise ValueError(f"{entry()}: `forget_request` and `earlier_requests` together take "
                              "every pair of `train_data`: nothing would be left to retain")
         asked, still = request.forget_mask(full), request.forget_mask(remaining)
         gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
             shown = ", ".join(str(i) for i in gone[:10]) + (", ..." if len(gone) > 10 else "")
-            warnings.warn(f"unlearn: {int((asked & ~still).sum())} of the {int(asked.sum())} "
+            warnings.warn(f"{entry()}: {int((asked & ~still).sum())} of the {int(asked.sum())} "
                           f"pairs `forget_request` names ({len(gone)} instance"
                           f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
                           f"{by}; only the other {int(still.sum())} are forgotten",
                           UserWarning, stacklevel=3)
     else:
         if retain_data is None:
-            raise ValueError("unlearn: `forget_data` needs `retain_data`")
+            raise ValueError(f"{entry()}: `forget_data` needs `retain_data`")
         if forget_request is not None:
-            raise ValueError("unlearn: a `forget_request` names instances of `train_data`; with "
+            raise ValueError(f"{entry()}: a `forget_request` names instances of `train_data`; with "
                              "`forget_data` the forget set is that data itself (its target tasks "
                              "in `target_tasks`)")
         # Tuple data gets ids 0..N-1; a MultiTaskDataset keeps its own. A tuple retain set
@@ -234,16 +237,16 @@ def build_problem_with_naming(model: nn.Module, *,
         if named is None and given and len(given) < len(names):
             # A label dict left out by mistake would keep that task's supervision learned.
             left = [t for t in names if t not in given]
-            warnings.warn(f"unlearn: `forget_data` has no targets for task"
+            warnings.warn(f"{entry()}: `forget_data` has no targets for task"
                           f"{'s' if len(left) > 1 else ''} {left}, so only {given} "
                           f"{'is' if len(given) == 1 else 'are'} forgotten (a partial request); "
                           "pass `target_tasks` to say so, or give every task's targets for a "
                           "full request", UserWarning, stacklevel=3)
         if len(set(targets)) != len(targets):
-            raise ValueError(f"unlearn: `target_tasks` {targets} names a task twice")
+            raise ValueError(f"{entry()}: `target_tasks` {targets} names a task twice")
         unknown = [t for t in targets if t not in names]
         if unknown or not targets:
-            raise ValueError(f"unlearn: target tasks {targets} must be a non-empty subset of "
+            raise ValueError(f"{entry()}: target tasks {targets} must be a non-empty subset of "
                              f"{names}")
         forget = as_dataset(forget_data, specs, "forget_data", like=retain,
                              id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
@@ -289,7 +292,7 @@ def build_problem_with_naming(model: nn.Module, *,
             naming = replace(naming, own_held_out=own_held_out)
     wrapped = split_model(model, names, shared_parameters, head_parameters)
     if (fresh_model is None) != (train_config is None):
-        raise ValueError("unlearn: `fresh_model` and `train_config` go together (retraining "
+        raise ValueError(f"{entry()}: `fresh_model` and `train_config` go together (retraining "
                          "needs both the architecture and the recipe)")
     factory: Callable[[], nn.Module] | None = None
     recipe = None

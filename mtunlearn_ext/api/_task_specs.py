@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
 from mtunlearn_ext.data.inputs import call_with, inputs_to, num_rows, take_rows
 from mtunlearn_ext.models.modes import eval_mode
@@ -58,8 +59,9 @@ def keyed_spec(name: object, spec: TaskSpec, op: str) -> TaskSpec:
 
 def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 datasets: Sequence[Any], predicted_classes: Mapping[str, int],
-                data_names: Sequence[str] | None = None, *, op: str = "unlearn"
+                data_names: Sequence[str] | None = None, *, op: str | None = None
                 ) -> list[TaskSpec]:
+    op = entry() if op is None else op
     if not isinstance(tasks, Mapping):
         specs = list(tasks)
         if not all(isinstance(s, TaskSpec) for s in specs):
