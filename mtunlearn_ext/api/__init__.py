@@ -9,6 +9,7 @@ model is never modified; a new one is returned with a report.
 The package, one concept per module (private; what is public is imported here):
 
 - ``_types``: the argument types (:data:`DataLike`, how parameters are named);
+- ``_entry``: which public function's checks are running (the name their messages start with);
 - ``_model_split``: the shared/heads split of the caller's module and the wrapper methods call;
 - ``_task_specs``: task kinds and class counts from ``tasks`` given by kind;
 - ``_data_forms``: the caller's tuples, datasets and loaders in the data contract, checked;
