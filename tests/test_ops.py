@@ -85,6 +85,20 @@ def test_gram_batched_and_large(device: str, dtype: torch.dtype) -> None:
     assert _gram_error(ops.gram(big), ref.gram(big.double()), big, big) <= 4 * GRAM_TOL[dtype]
 
 
+def test_fp32_rounding_does_not_grow_with_the_column_count_on_the_blocked_path() -> None:
+    """Mutation review: the CPU kernels move their fp32 partial sums into double every 2048
+    columns, so a product's error stays at a few roundings of short sums at any length (about
+    1e-7 of |a||b| here, with every ISA). Problems past 256 x 256 outputs run as blocks, each one
+    column item over all columns; the tests gave them 517 columns, where a kernel that kept fp32
+    sums over every column (no flush) passed, off 1.6e-6 at 65536 columns and growing with n.
+    Positive entries, so the rounding errors of long sums add up instead of cancelling."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(257, 65536, generator=g) + 0.5
+    y = torch.rand(300, 65536, generator=g) + 0.5
+    assert _gram_error(ops.gram(x), ref.gram(x.double()), x, x) <= 4e-7
+    assert _gram_error(ops.inner(y, x), ref.inner(y.double(), x.double()), y, x) <= 4e-7
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gram_is_psd_and_deterministic(device: str) -> None:
     x = _rand(24, 70_001, device=device, seed=3)
@@ -795,6 +809,20 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
                                        lambda d: T.ridge_solve(d(3, 3), d(4, 2), 0.0)),
         "nonconflicting_dual of a wrong rhs": (ValueError, "nonconflicting_dual: `rhs`",
                                                lambda d: T.nonconflicting_dual(d(3, 3), d(2, 4))),
+        # Mutation review: without the leading-dims check the CPU kernels read and wrote past
+        # a smaller rhs batch (glibc aborted: "free(): invalid size").
+        "ridge_solve of another rhs batch": (
+            ValueError, "ridge_solve: `rhs` must be [..., k, m] with k=3 and the Gram's leading dims",
+            lambda d: T.ridge_solve(d(4, 3, 3), d(1, 3, 2), 0.0)),
+        "ridge_solve of another rhs rank": (
+            ValueError, "ridge_solve: `rhs` must be [..., k, m] with k=3 and the Gram's leading dims",
+            lambda d: T.ridge_solve(d(2, 3, 3), d(3, 2), 0.0)),
+        "nonconflicting_dual of another rhs batch": (
+            ValueError, "nonconflicting_dual: `rhs` must be [..., m, k] with k=3 and the Gram's",
+            lambda d: T.nonconflicting_dual(d(4, 3, 3), d(1, 2, 3))),
+        "nonconflicting_dual of another rhs rank": (
+            ValueError, "nonconflicting_dual: `rhs` must be [..., m, k] with k=3 and the Gram's",
+            lambda d: T.nonconflicting_dual(d(2, 3, 3), d(2, 3))),
         "pcgrad_weights of a non-square gram": (ValueError, "pcgrad_weights: `gram`",
                                                 lambda d: T.pcgrad_weights(d(3, 4), 0)),
         "project_out of two n": (ValueError, "project_out: `g`",

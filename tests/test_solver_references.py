@@ -177,6 +177,29 @@ def test_ridge_solve_drops_dependent_rows_by_the_documented_rule(dtype: torch.dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_rounding_level_pivot_is_dropped_in_each_dtype(dtype: torch.dtype) -> None:
+    """Mutation review: the dependence floor (1e-6 of the row's own diagonal in fp32, 1e-12 in
+    fp64) was pinned by exact integer Grams only, whose pivots are exactly 0, so any floor
+    passed; lowered to 1e-12 in fp32 it kept a row at rounding level and multiplied its noise
+    ~1400x into the coefficients. Here row 1 is row 0 / 9 but for the last bits of its
+    diagonal (its pivot ~7e-9 of the diagonal in fp32, ~4e-15 in fp64: 100x below the floor
+    and 100x above a floor lowered to fp64's): dropped, coefficient exactly 0, and row 0 solved
+    alone."""
+    ninth = torch.tensor(1.0 / 9.0, dtype=dtype).item()  # 1/9 rounded to the dtype
+    if dtype == torch.float64:
+        ninth += 2.0 ** -51  # fp64 rounds 1/9 - 1/9 to 0: an exact zero pivot is tested above
+    gram64 = np.array([[9.0, 1.0], [1.0, ninth]])
+    gram = torch.tensor(gram64, dtype=dtype)
+    assert np.array_equal(gram.double().numpy(), gram64), "test setup: exact in the dtype"
+    rhs = torch.tensor([[1.5, -2.0], [0.25, 4.0]], dtype=dtype)
+    expected, kept = _ridge_reference(gram64, rhs.double().numpy(), 0.0, PIVOT_EPS[dtype])
+    assert kept == [0]
+    result = ops.ridge_solve(gram, rhs, ridge=0.0)
+    _assert_matches(result, expected, dtype, "rounding-level pivot")
+    assert bool((result[1] == 0).all()), result
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_small_independent_row_is_projected_not_dropped(dtype: torch.dtype) -> None:
     """Review: the dependence floor was relative to the *largest* diagonal, so an independent
     row merely shorter than another (a task gradient 2000x shorter, in fp32; 2e6x in fp64) was
