@@ -812,10 +812,10 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
         # Mutation review: without the leading-dims check the CPU kernels read and wrote past
         # a smaller rhs batch (glibc aborted: "free(): invalid size").
         "ridge_solve of another rhs batch": (
-            ValueError, "ridge_solve: `rhs` must be [..., k, m] with k=3 and the Gram's leading dims",
+            ValueError, "ridge_solve: `rhs` must be [..., k, m] with k=3 and the Gram's leading",
             lambda d: T.ridge_solve(d(4, 3, 3), d(1, 3, 2), 0.0)),
         "ridge_solve of another rhs rank": (
-            ValueError, "ridge_solve: `rhs` must be [..., k, m] with k=3 and the Gram's leading dims",
+            ValueError, "ridge_solve: `rhs` must be [..., k, m] with k=3 and the Gram's leading",
             lambda d: T.ridge_solve(d(2, 3, 3), d(3, 2), 0.0)),
         "nonconflicting_dual of another rhs batch": (
             ValueError, "nonconflicting_dual: `rhs` must be [..., m, k] with k=3 and the Gram's",
