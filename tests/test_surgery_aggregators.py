@@ -1037,3 +1037,25 @@ def test_min_norm_holds_a_half_precision_gram_to_float32_rounding() -> None:
     a = min_norm._solve(g, 200, True, min_norm._gram_roundoff(torch.bfloat16))
     assert float(a @ g @ a) < 0.0543 * (1 + 1e-3)
     assert min_norm_simplex(gram).dtype == torch.bfloat16
+
+
+def test_mgda_runs_under_vmap_on_meta_and_fake_tensors() -> None:
+    """Drop-in review: MGDA's host solver decides on values (`.item()`), which vmap, meta and
+    FakeTensorMode refuse with torch's own messages (UPGrad, PCGrad and Mean ran). Where
+    values cannot decide, the device path runs (nothing decided on values); under vmap each
+    sample gets the loop's bits, also with more tasks than dimensions."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((5, 4, 50), (5, 6, 3)):
+        batch = torch.randn(*shape, generator=gen)
+        looped = torch.stack([MGDA()(m) for m in batch])
+        assert torch.equal(torch.func.vmap(MGDA())(batch), looped), shape
+        grams = ops.gram(batch)
+        assert torch.equal(torch.func.vmap(MGDAWeighting())(grams),
+                           torch.stack([MGDAWeighting()(g) for g in grams]))
+    meta = MGDA()(torch.empty(4, 50, device="meta"))
+    assert meta.shape == (50,) and meta.device.type == "meta"
+    with FakeTensorMode():
+        fake = MGDA()(torch.empty(4, 50, dtype=torch.float64))
+        assert fake.shape == (50,) and fake.dtype == torch.float64

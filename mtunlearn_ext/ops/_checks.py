@@ -13,6 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext.ops._forward_mode import call_with_tangents, forward_mode_open
 
 _Result = TypeVar("_Result")
 
@@ -310,9 +311,27 @@ def call_op(op: Callable[..., _Result], *args: object) -> _Result:
     register autograd formulas (or a refusal) from Python, that layer is a Python call (15-20
     us on a list of 160 tensors, measured) which records nothing there anyway. (With grad mode
     on the layer stays: telling whether an argument requires grad would need a look at every
-    tensor, also through torch.func's wrappers, which report requires_grad=False.)"""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    tensor, also through torch.func's wrappers, which report requires_grad=False.) Inputs
+    with a forward-mode tangent get their output's tangent, or a refusal (_forward_mode)."""
+    if forward_mode_open():  # an argument may carry a tangent, which torch would drop
+        dual = call_with_tangents(op, args)
+        if dual is not None:
+            return dual
+    if torch.compiler.is_compiling():
         return op(*args)
+    if torch.is_grad_enabled():
+        try:
+            return op(*args)
+        except RuntimeError as error:
+            if "must override the setup_context staticmethod" not in str(error):
+                raise
+            # torch.func.grad / jacrev / vjp over a custom op with a register_autograd formula:
+            # torch's message points at an autograd.Function the caller never wrote.
+            name = getattr(op, "_qualified_op_name", str(op)).split("::")[-1]
+            raise RuntimeError(
+                f"mtunlearn_ext.ops.{name}: torch.func.grad, jacrev and vjp do not support "
+                "PyTorch custom ops with reverse-mode formulas yet; use torch.autograd.grad (or "
+                "the forward mode, torch.func.jvp / jacfwd, which the ops support)") from error
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 

@@ -25,6 +25,7 @@ from mtunlearn_ext.ops._checks import (
     check_tensor_list,
     checked_list_call,
 )
+from mtunlearn_ext.ops._forward_mode import refuse_tangents
 
 
 def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
@@ -80,6 +81,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
     check_float_tensor(op, "out", out)
     beta = check_beta(op, beta, check_finite)
     check_no_autograd_through_out(op, [("out", out), ("coeffs", coeffs), ("x", x)])
+    refuse_tangents(op, [("out", out), ("coeffs", coeffs), ("x", x)])
     expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
     if tuple(out.shape) != expected:
         raise ValueError(f"{op}: `out` must have shape {expected}, got {tuple(out.shape)}")
@@ -180,6 +182,8 @@ def combine_list(coeffs: torch.Tensor, xs: Sequence[torch.Tensor],
     xs, outs = list(xs), list(outs)
     base_list = None if bases is None else list(bases)
     beta = check_beta(op, beta, check_finite)
+    refuse_tangents(op, [("coeffs", coeffs), ("xs", xs), ("outs", outs),
+                         ("bases", base_list or [])])
     if check_finite:
         check_float_tensor(op, "coeffs", coeffs)
         check_finite_result(op, coeffs, [("coeffs", coeffs)])

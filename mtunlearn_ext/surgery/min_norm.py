@@ -29,6 +29,7 @@ same bits.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.ops._checks import check_int
@@ -92,13 +93,13 @@ def _polish(gram: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     k = gram.shape[-1]
     batch = gram.shape[:-2]
     support = (a > _SUPPORT_THRESHOLD).to(gram.dtype)
-    system = torch.zeros(*batch, k + 1, k + 1, dtype=gram.dtype, device=gram.device)
-    system[..., :k, :k] = gram * support.unsqueeze(-1) * support.unsqueeze(-2) + torch.diag_embed(
-        1.0 - support)
-    system[..., :k, k] = support
-    system[..., k, :k] = support
-    rhs = torch.zeros(*batch, k + 1, 1, dtype=gram.dtype, device=gram.device)
-    rhs[..., k, 0] = 1.0
+    # Built by concatenation, not written into zeros: torch.vmap cannot write samples into
+    # a tensor made without the batch.
+    face = gram * support.unsqueeze(-1) * support.unsqueeze(-2) + torch.diag_embed(1.0 - support)
+    corner = support.new_zeros((*batch, 1))
+    system = torch.cat([torch.cat([face, support.unsqueeze(-1)], dim=-1),
+                        torch.cat([support, corner], dim=-1).unsqueeze(-2)], dim=-2)
+    rhs = torch.cat([torch.zeros_like(support), corner + 1.0], dim=-1).unsqueeze(-1)
     solution, info = torch.linalg.solve_ex(system, rhs, check_errors=False)
     candidate = solution[..., :k, 0] * support
     feasible = (info == 0) & torch.isfinite(candidate).all(-1) & (candidate >= -1e-12).all(-1)
@@ -261,11 +262,26 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
     # QP has no backward formula, and the iterative path's graph would differ from it.
     g = gram.detach().to(torch.float64)
     roundoff = _gram_roundoff(gram.dtype)
+    if _values_unreadable(g):
+        # Meta and fake tensors hold no values, and torch.func's wrappers (vmap) cannot be
+        # branched on per sample: the device path decides nothing on values (drop-in review:
+        # vmap, meta and FakeTensorMode failed inside torch with the host path's `.item()`).
+        return _solve(g, iterations, polish, roundoff, host=False, sync=False).to(gram.dtype)
     if g.device.type == "cpu" and torch.compiler.is_compiling():
         # The host solver decides on values (is the QP's answer optimal? which problems are
         # left?), which a traced graph cannot branch on: it is one opaque op there.
         return _host_min_norm(g, iterations, polish, roundoff).to(gram.dtype)
     return _solve(g, iterations, polish, roundoff).to(gram.dtype)
+
+
+def _values_unreadable(g: torch.Tensor) -> bool:
+    """Whether ``g``'s values cannot decide a path: a meta or fake tensor, or a tensor of a
+    ``torch.func`` transform (vmap's batched tensors). Not while tracing for ``torch.compile``,
+    which has its own op below."""
+    if torch.compiler.is_compiling():
+        return False
+    return (g.device.type == "meta" or is_fake(g)
+            or torch._C._functorch.is_functorch_wrapped_tensor(g))
 
 
 @torch.library.custom_op("mtunlearn_surgery::min_norm_simplex", mutates_args=(),
