@@ -20,8 +20,9 @@ from mtunlearn_ext.ops._registration import NOT_DIFFERENTIABLE
 F64 = torch.float64
 
 pytestmark = [pytest.mark.usefixtures("poisoned_outputs"),
-              # torch's forward-mode transforms load a scripted helper on first use
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
+              # torch's forward-mode transforms script a helper (a FutureWarning or, torch 2.13, a
+              # DeprecationWarning per call)
+              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")]
 
 
 def _rand(*shape: int, dtype: torch.dtype = F64, seed: int = 0) -> torch.Tensor:
