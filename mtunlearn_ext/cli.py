@@ -145,6 +145,7 @@ def _yaml_error_text(error: Exception) -> str:
 
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem is None:
         return " ".join(str(error).split())
+
     def where(mark: Any, preposition: str) -> str:
         return f" ({preposition} line {mark.line + 1}, column {mark.column + 1})"
 

@@ -18,11 +18,11 @@ from mtunlearn_ext.ops._checks import (
     check_bool,
     check_finite_result,
     check_float_tensor,
+    check_ridge,
     check_same_device,
     check_same_dtype,
-    check_ridge,
-    check_sign,
     check_seed,
+    check_sign,
 )
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 

@@ -29,10 +29,9 @@ same bits.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext import ops
-from mtunlearn_ext.ops._checks import check_int
+from mtunlearn_ext.ops._checks import _has_no_values, check_int
 
 #: Coordinates of the iterate above this are the support handed to the exact polish.
 _SUPPORT_THRESHOLD = 1e-9
@@ -278,10 +277,8 @@ def _values_unreadable(g: torch.Tensor) -> bool:
     """Whether ``g``'s values cannot decide a path: a meta or fake tensor, or a tensor of a
     ``torch.func`` transform (vmap's batched tensors). Not while tracing for ``torch.compile``,
     which has its own op below."""
-    if torch.compiler.is_compiling():
-        return False
-    return (g.device.type == "meta" or is_fake(g)
-            or torch._C._functorch.is_functorch_wrapped_tensor(g))
+    return _has_no_values(g) or (not torch.compiler.is_compiling()
+                                 and torch._C._functorch.is_functorch_wrapped_tensor(g))
 
 
 @torch.library.custom_op("mtunlearn_surgery::min_norm_simplex", mutates_args=(),
