@@ -4,6 +4,7 @@ and time the ops against plain PyTorch; writes a Markdown report.
 Usage (from the repository root, on the GPU machine):
 
     python benchmarks/gpu_check.py --out gpu_results.md [--budget 520] [--quick] [--one-thread-solvers]
+    python benchmarks/gpu_check.py --out tc.md --tensor-cores-only   # the opt-in tensor-core Gram
 
 Stages, in order of importance, each in its own process with its own time limit, so that one
 failing or hanging stage still leaves the others' results:
@@ -14,18 +15,23 @@ failing or hanging stage still leaves the others' results:
    references, poisoned outputs, ``opcheck``) and tests/test_cuda.py (surgery lists, aggregators,
    the hook, solvers, ``unlearn`` and the CLI on CUDA against the CPU path); then the solver
    tests again with the one-thread-per-problem solvers (``MTUNLEARN_CUDA_BLOCK_SOLVERS=0``; the
-   block-per-problem solvers for k >= 32 are the default), after stages 3 and 4.
+   block-per-problem solvers for k >= 32 are the default), and the Gram, inner-product and
+   projection tests with the tensor-core Gram on (``MTUNLEARN_CUDA_TENSOR_CORES=1``; opt-in
+   until it has passed here), after stages 3 and 4.
 3. fuzz: scripts/fuzz_ops.py on CUDA (random shapes, strides, dtypes, NaN/Inf: a right answer or
    a clear error).
 4. memcheck: the fuzz cases under ``compute-sanitizer --tool memcheck`` with PyTorch's caching
    allocator off (each tensor its own allocation, so an out-of-bounds access is seen).
 5. timings: every op at k x n sizes from 2 x 1e8 to 256 x 1e7 against ``torch`` and against the
-   time to read the input once; a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists
-   against ``cat`` + the same aggregation on the flat matrix + split; then one unlearning step on
-   an 86M-parameter backbone (``benchmarks/large_model.py --device cuda``, B = 8 / k = 6 and
-   B = 16 / k = 32; its tables go beside ``--out``).
+   time to read the input once (Grams of more than 8 rows in bfloat16, 16 in float32, also on
+   tensor cores); a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists against
+   ``cat`` + the same aggregation on the flat matrix + split; then one unlearning step on an
+   86M-parameter backbone
+   (``benchmarks/large_model.py --device cuda``, B = 8 / k = 6 and B = 16 / k = 32, the latter
+   also with the tensor-core Gram; its tables go beside ``--out``).
 6. racecheck: a few fuzz cases under ``compute-sanitizer --tool racecheck`` (shared-memory races
-   in the tiled reductions), then the block-per-problem solvers (k >= 32) under memcheck and racecheck.
+   in the tiled reductions), then the block-per-problem solvers (k >= 32) and the tensor-core
+   Gram under memcheck and racecheck.
 
 ``--budget`` (seconds) bounds the whole run: a stage that no longer fits is skipped and marked so
 in the report. Exit status is non-zero if any stage that ran failed.
@@ -41,10 +47,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+TENSOR_CORES_ON = {"MTUNLEARN_CUDA_TENSOR_CORES": "1"}
 
 
 class Stages:
@@ -121,6 +131,25 @@ for k in (32, 45):
     ops.pcgrad(r)
 torch.cuda.synchronize()
 print("block solvers ran at k = 32, 45")
+"""
+
+# The tensor-core Gram (MTUNLEARN_CUDA_TENSOR_CORES=1; float16 / bfloat16 past 8 rows, float32
+# past 16): both tile widths, diagonal and off-diagonal tiles, unaligned rows, a ragged list, an
+# inner product. fuzz_ops.py's k <= 6 never reaches it.
+TENSOR_CORE_CASES = """
+import torch
+from mtunlearn_ext import ops
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for k, n in ((17, 515), (33, 4099), (130, 1000)):
+        x = torch.randn(k, n + 3, generator=g).to(dtype).cuda()[:, 3:]
+        ops.gram(x)
+    ops.gram_list([torch.randn(40, 7, 5, generator=g).to(dtype).cuda(),
+                   torch.randn(40, 300, generator=g).to(dtype).cuda()])
+    ops.inner(torch.randn(20, 999, generator=g).to(dtype).cuda(),
+              torch.randn(70, 999, generator=g).to(dtype).cuda())
+torch.cuda.synchronize()
+print("tensor-core Grams ran")
 """
 
 
@@ -220,7 +249,7 @@ def _torch_project_out(g, basis, ridge: float = 1e-6):  # type: ignore[no-untype
     return g - coeffs.T.to(g.dtype) @ basis
 
 
-def op_timings(quick: bool, stages: Stages) -> list[str]:
+def op_timings(quick: bool, stages: Stages, only: set[str] | None = None) -> list[str]:
     import torch
 
     from mtunlearn_ext import ops
@@ -248,6 +277,9 @@ def op_timings(quick: bool, stages: Stages) -> list[str]:
             g, basis = x[:1], x[1:]
             cases: list[tuple[str, Callable[[], object], Callable[[], object] | None]] = [
                 ("gram", lambda: ops.gram(x, check_finite=False), lambda: x @ x.T),
+                # The same call, timed with the variable set (read at every call).
+                *([("gram, tensor cores", lambda: ops.gram(x, check_finite=False),
+                    lambda: x @ x.T)] if k > (8 if dtype == torch.bfloat16 else 16) else []),
                 ("project_out", lambda: ops.project_out(g, basis, check_finite=False),
                  lambda: _torch_project_out(g, basis)),
                 ("project_nonconflicting",
@@ -255,7 +287,10 @@ def op_timings(quick: bool, stages: Stages) -> list[str]:
                 ("pcgrad", lambda: ops.pcgrad(x, check_finite=False), None),
             ]
             for name, ours, plain in cases:
-                t_ours = cuda_time(ours)
+                if only is not None and name not in only:
+                    continue
+                with mock.patch.dict(os.environ, TENSOR_CORES_ON if "tensor cores" in name else {}):
+                    t_ours = cuda_time(ours)
                 t_plain = cuda_time(plain) if plain is not None else float("nan")
                 lines.append(f"| {name} | {k} | {n:.0e} | {str(dtype)[6:]} | {t_ours * 1e3:.3f} | "
                              f"{t_plain * 1e3:.3f} | {floor * 1e3:.3f} | {t_ours / floor:.2f} | "
@@ -391,6 +426,11 @@ def main() -> int:
     parser.add_argument("--fuzz-cases", type=int, default=2000)
     parser.add_argument("--skip-large-model", action="store_true",
                         help="leave out benchmarks/large_model.py --device cuda")
+    parser.add_argument("--tensor-cores-only", action="store_true",
+                        help="after the build, only what checks and times the opt-in "
+                             "tensor-core Gram (MTUNLEARN_CUDA_TENSOR_CORES=1) and the CUDA-graph "
+                             "test: its op tests, memcheck and racecheck, Gram timings with and "
+                             "without it, the large-model many-row step with and without it")
     parser.add_argument("--one-thread-solvers", action="store_true",
                         help="time with the one-thread-per-problem solvers instead of the "
                              "block-per-problem ones (MTUNLEARN_CUDA_BLOCK_SOLVERS=0 for the "
@@ -423,6 +463,13 @@ def main() -> int:
     checked = {"MTUNLEARN_REQUIRE_EXTENSION": "1"}
     # Eight xdist workers on the machine's cores: two threads each for the CPU references.
     tests_env = {**checked, "OMP_NUM_THREADS": "2"} if "-n" in pytest_parallel_args() else checked
+    if args.tensor_cores_only:
+        lines: list[str] = []
+        if not args.skip_tests:
+            lines = tensor_core_stages(stages, py, tests_env,
+                                       None if args.skip_sanitizer else sanitizer(),
+                                       Path(args.out).resolve().parent, args.quick)
+        return write_report(stages, device, lines, args.out)
     if not args.skip_tests:
         stages.command("error path", [py, "-c", ERROR_PATH_CASES], 60, env=checked)
         stages.command("op tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -449,6 +496,7 @@ def main() -> int:
             "tests/test_ops.py", "tests/test_cuda.py", "-k",
             "cuda and (ridge or project or singular or solvers or unlearn)"], 120,
             env={**tests_env, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "0"})
+        tensor_core_tests(stages, py, tests_env)
     timing_lines: list[str] = []
     if args.skip_timings:
         stages.summary.append("| timings | skipped: --skip-timings | 0 |")
@@ -463,27 +511,82 @@ def main() -> int:
         # One unlearning step on an 86M-parameter ViT-B-like backbone, compiled ops against the
         # usual cat + mm + QR way, at the default sizes and at many rows (k = 32, B = 16: at
         # B = 32 torch's QR of the [86M, 32] matrix fails on CUDA asking for "more than 1EB").
+        # The many-row case again with the tensor-core Gram (float32 per-sample gradients:
+        # the 3xTF32 kernel), the case it was written for.
         out_dir = Path(args.out).resolve().parent
-        for tag, sizes in (("b8-k6", []), ("b16-k32", ["--per-sample", "16", "--snapshots", "32"])):
-            stages.command(f"large model step ({tag})", [
-                py, "benchmarks/large_model.py", "--device", "cuda", "--repeats", "5", *sizes,
-                "--markdown", str(out_dir / f"large_model_{tag}.md")], 120, need=40, env=checked)
+        large_model_step(stages, py, "b8-k6", checked, out_dir)
+        large_model_step(stages, py, "b16-k32", checked, out_dir)
+        large_model_step(stages, py, "b16-k32", {**checked, **TENSOR_CORES_ON}, out_dir)
     if tool is not None:
         stages.command("racecheck", [tool, "--tool", "racecheck", "--error-exitcode", "1", py,
                                      "scripts/fuzz_ops.py", "--device", "cuda", "--cases", "40"],
                        120, need=60, env=no_cache)
         # The block-per-problem solvers (k >= 32) share memory between threads; fuzz's k <= 6
-        # never reaches them.
+        # never reaches them, nor the tensor-core Gram (more than 8 rows).
         for check in ("memcheck", "racecheck"):
             stages.command(f"{check}, block solvers", [
                 tool, "--tool", check, "--error-exitcode", "1", py, "-c", BLOCK_SOLVER_CASES],
                 90, need=30, env={**no_cache, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "1"})
+            tensor_core_sanitizer(stages, tool, check, py, no_cache)
+    return write_report(stages, device, timing_lines, args.out)
+
+
+def write_report(stages: Stages, device: str, timing_lines: list[str], out: str) -> int:
     report = [f"# GPU check: {device}, {time.strftime('%Y-%m-%d')}", "", *stages.summary, "",
               *timing_lines]
-    Path(args.out).write_text("\n".join(report) + "\n")
+    Path(out).write_text("\n".join(report) + "\n")
     print("\n".join(stages.summary))
-    print(f"[gpu_check] wrote {args.out}")
+    print(f"[gpu_check] wrote {out}")
     return 1 if stages.failed else 0
+
+
+LARGE_MODEL_SIZES = {"b8-k6": [], "b16-k32": ["--per-sample", "16", "--snapshots", "32"]}
+
+
+def tensor_core_tests(stages: Stages, py: str, tests_env: dict[str, str]) -> None:
+    """The tensor-core Gram (opt-in until it has passed here): every Gram, inner-product,
+    projection and CUDA-graph test with it on."""
+    stages.command("op tests, tensor-core Gram", [
+        py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_parallel_args(),
+        "tests/test_ops.py", "tests/test_cuda.py", "-k",
+        "cuda and (gram or inner or project or tensor_core or graph)"], 150,
+        env={**tests_env, **TENSOR_CORES_ON})
+
+
+def tensor_core_sanitizer(stages: Stages, tool: str, check: str, py: str,
+                          no_cache: dict[str, str]) -> None:
+    """``check`` (memcheck or racecheck) over TENSOR_CORE_CASES with the tensor-core Gram on."""
+    stages.command(f"{check}, tensor-core Gram", [
+        tool, "--tool", check, "--error-exitcode", "1", py, "-c", TENSOR_CORE_CASES],
+        90, need=30, env={**no_cache, **TENSOR_CORES_ON})
+
+
+def large_model_step(stages: Stages, py: str, sizes: str, env: dict[str, str],
+                     out_dir: Path) -> None:
+    """benchmarks/large_model.py at LARGE_MODEL_SIZES[sizes] (tagged "-tensor-cores" when the
+    tensor-core Gram is on), its table beside the report."""
+    tag = sizes + ("-tensor-cores" if env.get("MTUNLEARN_CUDA_TENSOR_CORES") == "1" else "")
+    stages.command(f"large model step ({tag})", [
+        py, "benchmarks/large_model.py", "--device", "cuda", "--repeats", "5",
+        *LARGE_MODEL_SIZES[sizes], "--markdown", str(out_dir / f"large_model_{tag}.md")], 120,
+        need=40, env=env)
+
+
+def tensor_core_stages(stages: Stages, py: str, tests_env: dict[str, str], tool: str | None,
+                       out_dir: Path, quick: bool) -> list[str]:
+    """``--tensor-cores-only``: the opt-in tensor-core Gram's checks and timings, most telling
+    first, for a short GPU session; returns the timing table."""
+    tensor_core_tests(stages, py, tests_env)
+    if tool is not None:
+        no_cache = {**tests_env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        for check in ("memcheck", "racecheck"):
+            tensor_core_sanitizer(stages, tool, check, py, no_cache)
+    lines: list[str] = []
+    if stages.left() > 40:
+        lines = op_timings(quick, stages, only={"gram", "gram, tensor cores"})
+    large_model_step(stages, py, "b16-k32", tests_env, out_dir)
+    large_model_step(stages, py, "b16-k32", {**tests_env, **TENSOR_CORES_ON}, out_dir)
+    return lines
 
 
 if __name__ == "__main__":

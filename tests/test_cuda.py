@@ -30,6 +30,7 @@ from mtunlearn_ext.surgery import (
     project_nonconflicting_list,
     project_out_list,
 )
+from test_ops import _gram_error
 from unlearning_helpers import TwoHeads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -308,6 +309,116 @@ def test_a_gram_of_many_rows_keeps_float32_accuracy_over_long_column_ranges(
     corner = ops.gram(x[:40])  # and the off-diagonal entries of a smaller tiled Gram
     torch.testing.assert_close(corner.double(), x[:40].double() @ x[:40].double().T,
                                rtol=1e-5, atol=1e-3)
+
+
+def _kernels_run(fn: Callable[[], object]) -> set[str]:
+    """Names of the CUDA kernels ``fn`` launched (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.key for event in prof.key_averages()}
+
+
+def _scaled_error(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |got - a b^T| over |a_i| |b_j|, against float64 (test_ops' measure)."""
+    return _gram_error(got, a.double() @ b.double().mT, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_tensor_core_gram_matches_float64_and_runs_on_tensor_cores(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MTUNLEARN_CUDA_TENSOR_CORES=1 (opt-in until this has passed on a GPU): 16-bit Grams of
+    more than 8 rows, and float32 or 16-bit problems past the register kernel (inner products
+    with at least 16 rows a side; float32 split into tf32 parts, three products each), take
+    the wmma kernel
+    (csrc/ops/gram/cuda/reduce_mma_kernel.cu; its indexing is checked on CPU threads by
+    tests/test_mma_gram_emulation.py). Both tile widths, diagonal and off-diagonal tiles,
+    unaligned rows, long rows, a ragged list and a stacked Gram, against float64 to the
+    tolerance of the other kernels (float32 accuracy, not tf32's); Grams exactly symmetric;
+    the kernel is the one that ran, and with the variable unset it is not."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    monkeypatch.setenv("MTUNLEARN_CUDA_TENSOR_CORES", "1")
+    for k, n, offset in ((9, 1000, 0), (16, 4099, 3), (17, 333, 0), (33, 70001, 1),
+                         (64, 200, 0), (130, 5000, 5), (256, 20000, 0)):
+        x = torch.randn(k, n + offset, device="cuda", generator=gen).to(dtype)[:, offset:]
+        got = ops.gram(x)
+        assert got.dtype == torch.float32 and torch.equal(got, got.T), (k, n)
+        assert _scaled_error(got, x, x) <= 2e-6, (k, n)
+    a = torch.randn(3, 999, device="cuda", generator=gen).to(dtype)
+    b = torch.randn(70, 999, device="cuda", generator=gen).to(dtype)
+    assert _scaled_error(ops.inner(a, b), a, b) <= 2e-6
+    assert _scaled_error(ops.inner(b[:17], b[20:70]), b[:17], b[20:70]) <= 2e-6
+    tensors = [torch.randn(40, *shape, device="cuda", generator=gen).to(dtype)
+               for shape in ((7, 5), (300,), (1,), (3, 3, 3))]
+    flat = torch.cat([t.flatten(1) for t in tensors], dim=1)
+    assert _scaled_error(ops.gram_list(tensors), flat, flat) <= 2e-6
+    g = [t[:3] for t in tensors]
+    stacked = ops.gram_list_stacked(g, tensors)
+    both = torch.cat([torch.cat([t.flatten(1) for t in g], 1), flat])
+    assert torch.equal(stacked, stacked.T) and _scaled_error(stacked, both, both) <= 2e-6
+    x = torch.randn(130, 1000, device="cuda", generator=gen).to(dtype)
+    assert any("reduce_mma_kernel" in name for name in _kernels_run(lambda: ops.gram(x)))
+    monkeypatch.delenv("MTUNLEARN_CUDA_TENSOR_CORES")
+    assert not any("reduce_mma_kernel" in name for name in _kernels_run(lambda: ops.gram(x)))
+
+
+def test_ops_and_list_aggregation_replay_in_a_cuda_graph() -> None:
+    """The docs tell CUDA-graph users to pass check_finite=False (the check's one sync is the
+    only thing capture refuses). Each op uploads its launch metadata through a pinned staging
+    buffer; PyTorch (>= 2.11) keeps a pinned block used during capture alive for the graph's
+    life instead of recycling it. Captured once, replayed on new values written into the same
+    inputs, with eager calls in between (their own uploads must not overwrite the graph's):
+    every output equals the eager result on those values."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    basis = torch.randn(6, 5000, device="cuda", generator=gen)
+    g = torch.randn(2, 5000, device="cuda", generator=gen)
+    stacks = [torch.randn(3, *shape, device="cuda", generator=gen) for shape in SHAPES]
+    outs = [torch.zeros(shape, device="cuda") for shape in SHAPES]
+    # Past the register kernels: the tiled kernel, or with MTUNLEARN_CUDA_TENSOR_CORES=1 (as
+    # gpu_check's tensor-core stage runs this file) the tensor-core one, its arch query too.
+    rows = torch.randn(40, 3000, device="cuda", generator=gen)
+    rows16 = torch.randn(12, 3000, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def run() -> list[torch.Tensor]:
+        upgrad = UPGrad(check_finite=False)
+        weights = aggregate_list(upgrad, stacks, outs, check_finite=False)
+        return [ops.gram(basis, check_finite=False), ops.inner(g, basis, check_finite=False),
+                ops.project_out(g, basis, check_finite=False),
+                ops.project_nonconflicting(g, basis, check_finite=False),
+                ops.pcgrad(basis, check_finite=False),
+                ops.gram_list(stacks, check_finite=False), weights, *outs,
+                ops.gram(rows, check_finite=False), ops.gram(rows16, check_finite=False)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph asks
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    # The warm-up's pinned staging blocks done with, so the capture may reuse them rather
+    # than allocate (or query events) while capturing.
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for trial in range(3):
+        for t in (basis, g, *stacks, rows):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+        rows16.copy_(torch.randn(rows16.shape, device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in captured]
+        for _ in range(3):  # eager uploads of other metadata between replays
+            ops.gram_list([torch.randn(4, 7, device="cuda")], check_finite=False)
+        eager = run()
+        for i, (got, want) in enumerate(zip(replayed, eager, strict=True)):
+            # The same kernels on the same values: the same bits.
+            assert torch.equal(got, want), f"output {i}, replay {trial}"
 
 
 def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:

@@ -42,8 +42,51 @@ def test_the_error_path_stage_fails_when_an_error_is_missing() -> None:
 
 
 def test_the_embedded_scripts_parse() -> None:
-    for script in (gpu_check.ERROR_PATH_CASES, gpu_check.BLOCK_SOLVER_CASES):
+    for script in (gpu_check.ERROR_PATH_CASES, gpu_check.BLOCK_SOLVER_CASES,
+                   gpu_check.TENSOR_CORE_CASES):
         ast.parse(script)
+
+
+def test_the_sanitizer_scripts_run_on_the_cpu() -> None:
+    """The block-solver and tensor-core scripts the sanitizer stages run, on the CPU (the same
+    calls, so a mistake in them is not first found in a short GPU session)."""
+    for script, done in ((gpu_check.BLOCK_SOLVER_CASES, "block solvers ran"),
+                         (gpu_check.TENSOR_CORE_CASES, "tensor-core Grams ran")):
+        cpu = script.replace(".cuda()", "").replace("torch.cuda.synchronize()", "pass")
+        proc = subprocess.run([sys.executable, "-c", cpu], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+        assert proc.returncode == 0 and done in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_tensor_cores_only_runs_their_checks_then_their_timings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tensor-cores-only`` (a short GPU session's run): the tensor-core Gram's op tests,
+    memcheck and racecheck with MTUNLEARN_CUDA_TENSOR_CORES=1, Gram timings with and without
+    it, then the large-model many-row step without and with it. Commands recorded here, not
+    run (no GPU)."""
+    ran: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def record(self: gpu_check.Stages, name: str, argv: list[str], limit: float, *,
+               need: float = 20.0, env: dict[str, str] | None = None) -> bool:
+        ran.append((name, argv, env or {}))
+        return True
+
+    timed: list[set[str] | None] = []
+    monkeypatch.setattr(gpu_check.Stages, "command", record)
+    monkeypatch.setattr(gpu_check, "op_timings",
+                        lambda quick, stages, only=None: timed.append(only) or ["| row |"])
+    stages = gpu_check.Stages(budget=600)
+    lines = gpu_check.tensor_core_stages(stages, sys.executable, {"X": "1"},
+                                         "compute-sanitizer", tmp_path, quick=True)
+    assert [name for name, _, _ in ran] == [
+        "op tests, tensor-core Gram", "memcheck, tensor-core Gram", "racecheck, tensor-core Gram",
+        "large model step (b16-k32)", "large model step (b16-k32-tensor-cores)"]
+    on = [name for name, _, env in ran if env.get("MTUNLEARN_CUDA_TENSOR_CORES") == "1"]
+    assert on == [name for name, _, _ in ran if name != "large model step (b16-k32)"]
+    assert all(env.get("X") == "1" for _, _, env in ran)
+    tests = ran[0][1]
+    assert "tests/test_cuda.py" in tests and "graph" in tests[-1] and "gram" in tests[-1]
+    assert timed == [{"gram", "gram, tensor cores"}] and lines == ["| row |"]
 
 
 def test_pytest_takes_the_stage_arguments() -> None:

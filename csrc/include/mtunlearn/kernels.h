@@ -43,6 +43,23 @@ MTU_SEGMENT_HD const T* segment_row_a(const ReduceSegment& s, int64_t i) {
                        : static_cast<const T*>(s.a2) + (i - s.a_split) * s.a2_row_stride;
 }
 
+// The output tile `tile` of tiles_k a side, in the order the CUDA tiled kernels take them:
+// row by row, and for a Gram (symmetric) only the tiles on or above the diagonal.
+MTU_SEGMENT_HD void tile_coords(int tile, int tiles_k, bool symmetric, int& ti, int& tj) {
+  if (symmetric) {
+    int y = tile;
+    ti = 0;
+    while (y >= tiles_k - ti) {
+      y -= tiles_k - ti;
+      ++ti;
+    }
+    tj = ti + y;
+  } else {
+    ti = tile / tiles_k;
+    tj = tile % tiles_k;
+  }
+}
+
 // out rows = beta * base rows + coeffs[coeff_index] ([m, k]) @ x rows, over `ncols` columns.
 // base may alias out (in-place update) or be null (beta ignored).
 struct CombineSegment {
@@ -81,6 +98,16 @@ const char* error_string(int code);
 
 // True when the small register-blocked reduce kernel handles (m, k); else the tiled kernel.
 bool reduce_uses_register_path(int64_t m, int64_t k, bool symmetric);
+
+// Stage 1 of reduce on tensor cores (reduce_mma_kernel.cu), when it applies: float16 /
+// bfloat16 Grams of more than 8 rows, or float32 or 16-bit problems past the register kernel
+// (inner products with at least 16 rows a side), with MTUNLEARN_CUDA_TENSOR_CORES=1 (read at
+// every call; off by default until the kernel has passed the op tests on a GPU) and a kernel
+// built for sm_80 or newer. Returns false, launching nothing, otherwise: the caller then takes
+// the other kernels.
+bool reduce_stage1_mma(ScalarKind kind, const ReduceSegment* segments, const ReduceItem* items,
+                       int64_t num_items, int64_t m, int64_t k, bool symmetric, float* partials,
+                       void* stream);
 
 // All pointers are device pointers; `stream` is a cudaStream_t. `partials` holds
 // num_items * m * k accumulation-type values; `output_item_begin` num_outputs + 1 offsets.

@@ -4,7 +4,9 @@
 // for a whole parameter list). For m, k <= 16 (Gram) or <= 8 (inner), each thread keeps every
 // inner product of its columns in registers, reading each element once with 16-byte loads; a
 // fixed-order warp-shuffle + shared-memory reduction writes the block's partial. Larger m, k
-// use a shared-memory tiled kernel (32 x 32 outputs per block, upper tiles only for a Gram).
+// use a shared-memory tiled kernel (32 x 32 outputs per block, upper tiles only for a Gram);
+// with MTUNLEARN_CUDA_TENSOR_CORES=1, float16 / bfloat16 Grams of more than 8 rows and every
+// float32 or 16-bit problem past the register kernel take tensor cores (reduce_mma_kernel.cu).
 // Stage 2: one warp per output entry sums the partials of its items in a fixed order. No atomics,
 // so results are deterministic.
 #include "mtunlearn/cuda_common.cuh"
@@ -149,20 +151,8 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
   // rows has more tiles). The loop bound is the same for the whole block, and every tile ends
   // on the column loop's last barrier, so the next tile may refill the shared slabs.
   for (int tile = blockIdx.y; tile < num_tiles; tile += gridDim.y) {
-    // Map the tile index to an output tile; for a Gram only tiles on or above the diagonal.
-    int ti, tj;
-    if (SYM) {
-      int y = tile;
-      ti = 0;
-      while (y >= tiles_k - ti) {
-        y -= tiles_k - ti;
-        ++ti;
-      }
-      tj = ti + y;
-    } else {
-      ti = tile / tiles_k;
-      tj = tile % tiles_k;
-    }
+    int ti, tj;  // for a Gram only tiles on or above the diagonal
+    tile_coords(tile, tiles_k, SYM, ti, tj);
     A acc[2][2] = {{A(0), A(0)}, {A(0), A(0)}};
     double wide[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
     int slabs = 0;
@@ -288,11 +278,16 @@ int reduce(ScalarKind kind, const ReduceSegment* segments, const ReduceItem* ite
            int64_t k, bool symmetric, void* partials, void* out, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (num_items > 0) {
-    switch (kind) {
-      case ScalarKind::Float64: launch_stage1<double>(segments, items, num_items, m, k, symmetric, partials, stream); break;
-      case ScalarKind::Float32: launch_stage1<float>(segments, items, num_items, m, k, symmetric, partials, stream); break;
-      case ScalarKind::Float16: launch_stage1<__half>(segments, items, num_items, m, k, symmetric, partials, stream); break;
-      case ScalarKind::BFloat16: launch_stage1<__nv_bfloat16>(segments, items, num_items, m, k, symmetric, partials, stream); break;
+    const bool on_tensor_cores = reduce_stage1_mma(kind, segments, items, num_items, m, k,
+                                                   symmetric, static_cast<float*>(partials),
+                                                   stream_ptr);
+    if (!on_tensor_cores) {
+      switch (kind) {
+        case ScalarKind::Float64: launch_stage1<double>(segments, items, num_items, m, k, symmetric, partials, stream); break;
+        case ScalarKind::Float32: launch_stage1<float>(segments, items, num_items, m, k, symmetric, partials, stream); break;
+        case ScalarKind::Float16: launch_stage1<__half>(segments, items, num_items, m, k, symmetric, partials, stream); break;
+        case ScalarKind::BFloat16: launch_stage1<__nv_bfloat16>(segments, items, num_items, m, k, symmetric, partials, stream); break;
+      }
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
