@@ -118,6 +118,11 @@ def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     return flat.sum(dim=1) / count
 
 
+class CustomLossShapeError(ValueError):
+    """A task's own ``loss`` (:attr:`TaskSpec.loss`) returned something other than one loss
+    per sample: the fault of the loss, not of the data it was given."""
+
+
 def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample loss ``[B]`` of one task (see the module docstring for the formulas).
 
@@ -144,8 +149,9 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
             raise
         if not isinstance(value, torch.Tensor) or value.shape != (pred.shape[0],):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"task_loss[{spec.name}]: the task's `loss` must return one loss "
-                             f"per sample, shape ({pred.shape[0]},), got {shape}")
+            raise CustomLossShapeError(f"task_loss[{spec.name}]: the task's `loss` must return "
+                                       f"one loss per sample, shape ({pred.shape[0]},), got "
+                                       f"{shape}")
         return value
     check_layout(spec, pred, target, f"task_loss[{spec.name}]")
     kind = spec.kind

@@ -81,9 +81,11 @@ def test_a_no_label_value_without_a_mask_is_no_pair() -> None:
     with pytest.raises(ValueError, match="none with a supervised pair of the target task"):
         build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
                       forget_request=ForgetRequest.create(range(5), ["a"]))
-    problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y),
-                            shared_parameters=_trunk,
-                            forget_request=ForgetRequest.create(range(3, 8), ["a"]))
+    with pytest.warns(UserWarning, match=r"2 of the 5 instances `forget_request` names \(3, "
+                                         r"4\) have no supervised pair.*no-label value"):
+        problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                shared_parameters=_trunk,
+                                forget_request=ForgetRequest.create(range(3, 8), ["a"]))
     assert int(problem.forget.supervision[:, 0].sum()) == 3  # ids 5, 6, 7
     assert int(problem.retain.supervision[:, 0].sum()) == 40 - 5 - 3
     assert bool(problem.retain.supervision[:, 1].all())  # task b: every row labelled
@@ -1516,7 +1518,7 @@ def test_evaluate_takes_any_model_and_data_as_unlearn_does() -> None:
 
     assert mtunlearn_ext.evaluate(model, problem.forget) == evaluate_metrics(problem.model,
                                                                              problem.forget)
-    with pytest.raises(TypeError, match="evaluate: `tasks` is needed"):
+    with pytest.raises(TypeError, match="evaluate: `tasks` is needed for data given as tuples"):
         mtunlearn_ext.evaluate(model, ((x, mask), y))
     with pytest.raises(ValueError, match=r"evaluate: `data`: task 'a' .*labels outside"):
         mtunlearn_ext.evaluate(model, ((x, mask), {"a": y["a"] + 5, "b": y["b"]}), tasks=SPECS)
@@ -2233,3 +2235,157 @@ def test_an_auxiliary_head_is_refused_with_the_way_to_leave_it_alone() -> None:
     new, _ = mtunlearn_ext.unlearn(model, **common)  # type: ignore[arg-type]
     assert torch.equal(new.auxiliary.weight, model.auxiliary.weight)
     assert not torch.equal(new.trunk[0].weight, model.trunk[0].weight)
+
+
+# A drop-in review (forty-sixth session): a new user's own models and data, the docs only.
+
+
+class _ProjectionInBothHeads(_TwoHeads):
+    """One `proj` module inside both heads, registered after them: its first name is
+    `heads.a.0.weight`, and it is also `heads.b.0.weight` and `proj.weight`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        proj = nn.Linear(16, 16)
+        self.heads = nn.ModuleDict({"a": nn.Sequential(proj, nn.Linear(16, 3)),
+                                    "b": nn.Sequential(proj, nn.Linear(16, 1))})
+        self.proj = proj
+
+
+def test_a_predicate_may_share_a_module_of_several_heads_by_any_of_its_names() -> None:
+    """Review: `shared_parameters=lambda n: n.startswith(("trunk.", "proj."))` was refused
+    ("in the heads of both 'a' and 'b'"), though the names ["proj.weight", ...] and the
+    module were taken: a predicate saw a module held in two places by its first name only.
+    A module in several tasks' heads must be shared, so any of its names may say so; a
+    module in one head (kept in a list too) is still judged by its first name."""
+    x, y = _data()
+    model = _ProjectionInBothHeads()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)))
+    splits = [build_problem(model, shared_parameters=shared,  # type: ignore[arg-type]
+                            **common).model.parameter_split()  # type: ignore[arg-type]
+              for shared in (lambda n: n.startswith(("trunk.", "proj.")),
+                             lambda n: n.startswith(("trunk.", "heads.b.0.")),
+                             ["trunk.0.weight", "trunk.0.bias", "proj.weight", "proj.bias"])]
+    assert splits[0] == splits[1] == splits[2]
+    assert splits[0].shared == ("module.trunk.0.weight", "module.trunk.0.bias",
+                                "module.heads.a.0.weight", "module.heads.a.0.bias")
+    with pytest.raises(ValueError, match=r"in the heads of both 'a'.*and 'b'.*a predicate may "
+                       r"take any of its names: \['heads\.a\.0\.weight', 'heads\.b\.0\.weight', "
+                       r"'proj\.weight'\]"):
+        build_problem(model, shared_parameters=_trunk, **common)  # type: ignore[arg-type]
+
+
+def _dataset(x: torch.Tensor, y: dict[str, torch.Tensor]) -> MultiTaskDataset:
+    return MultiTaskDataset(x, y, SPECS)
+
+
+def test_tasks_come_from_a_data_set_when_left_out_or_named() -> None:
+    """Review: with a MultiTaskDataset (which carries its specs), `tasks=None` was a bare
+    "'NoneType' object is not iterable" and `tasks=["a", "b"]` was refused, while `evaluate`
+    and `uis_floor` took both."""
+    x, y = _data()
+    data = _dataset(x, y)
+    common = dict(train_data=data, forget_request=ForgetRequest.create(range(5), ["a"]),
+                  shared_parameters=_trunk)
+    by_specs = build_problem(_TwoHeads(), tasks=SPECS, **common)  # type: ignore[arg-type]
+    for tasks in (None, ["a", "b"], ["b", "a"], [SPECS[0], "b"]):
+        problem = build_problem(_TwoHeads(), tasks=tasks, **common)  # type: ignore[arg-type]
+        assert problem.tasks == by_specs.tasks
+        assert torch.equal(problem.forget.ids, by_specs.forget.ids)
+    with pytest.raises(ValueError, match=r"build_problem: `tasks` names \['c'\], not tasks of "
+                                         r"the data \(its tasks: \['a', 'b'\]\)"):
+        build_problem(_TwoHeads(), tasks=["a", "c"], **common)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`tasks` names \['a'\]; given as names, they must be "
+                                         r"the data set's tasks, each once: \['a', 'b'\]"):
+        build_problem(_TwoHeads(), tasks=["a"], **common)  # type: ignore[arg-type]
+    tuple_common = dict(common, train_data=(x, y))
+    with pytest.raises(TypeError, match=r"build_problem: `tasks` is needed for data given as "
+                                        r"tuples.*mapping task -> kind"):
+        build_problem(_TwoHeads(), tasks=None, **tuple_common)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"task names alone are not enough for data given as "
+                                        r"tuples"):
+        build_problem(_TwoHeads(), tasks=["a", "b"], **tuple_common)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`tasks` must be TaskSpecs, task names or a mapping "
+                                        r"task -> kind, got an element of type int"):
+        build_problem(_TwoHeads(), tasks=["a", 3], **common)  # type: ignore[arg-type, list-item]
+    model = _TwoHeads()
+    assert (mtunlearn_ext.evaluate(model, data) == mtunlearn_ext.evaluate(model, data, tasks=SPECS)
+            == mtunlearn_ext.evaluate(model, data, tasks=["b", "a"]))
+
+
+def test_a_malformed_tuple_is_named_as_the_argument_given() -> None:
+    """Review: a tuple whose targets or mask had the wrong number of rows or columns was
+    refused as "MultiTaskDataset: ...", a data set the caller never built, and a mask of the
+    wrong shape read like a wrong dtype ("must be bool [40, 2], got torch.bool (40, 1)")."""
+    x, y = _data()
+    short = {"a": y["a"], "b": y["b"][:30]}
+    with pytest.raises(ValueError, match=r"build_problem: `train_data`: targets\['b'\] has 30 "
+                                         r"rows, inputs have 40"):
+        build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, short), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(5)))
+    mask = torch.ones(40, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"build_problem: `train_data`: `supervision` must be "
+                                         r"bool \[40, 2\] \(one row per instance, one column per "
+                                         r"task: \['a', 'b'\]\), got shape \(40, 1\)$"):
+        build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y, mask), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(5)))
+
+
+def test_empty_forget_and_retain_data_are_named() -> None:
+    """Review: 0-row `forget_data` / `retain_data` were refused as "UnlearningProblem: the
+    forget (retain) set is empty", naming neither argument."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"build_problem: `forget_data` has no rows: there is "
+                                         r"nothing to forget"):
+        _problem(forget_data=(x[:0], {t: v[:0] for t, v in y.items()}), retain_data=_rest(x, y))
+    with pytest.raises(ValueError, match=r"build_problem: `retain_data` has no rows"):
+        _problem(forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+                 retain_data=(x[:0], {t: v[:0] for t, v in y.items()}))
+    with pytest.raises(ValueError, match=r"evaluate: `data` has no rows"):
+        mtunlearn_ext.evaluate(_TwoHeads(), (x[:0], {t: v[:0] for t, v in y.items()}),
+                               tasks=TASKS)
+
+
+def test_named_instances_without_a_pair_of_the_target_tasks_are_warned_of() -> None:
+    """Review: a request naming instances 1 and 2, whose target pair of 2 is unlabelled, forgot
+    instance 1 only, silently (all of them unlabelled is refused; pairs removed earlier are
+    warned of)."""
+    x, y = _data()
+    mask = torch.ones(40, 2, dtype=torch.bool)
+    mask[2, 0] = False
+    with pytest.warns(UserWarning, match=r"build_problem: 1 of the 2 instances `forget_request` "
+                      r"names \(2\) have no supervised pair of the target task \['a'\] in "
+                      r"`train_data`"):
+        problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y, mask),
+                                shared_parameters=_trunk,
+                                forget_request=ForgetRequest.create([1, 2], ["a"]))
+    assert problem.forget.ids.tolist() == [1]
+    with warnings.catch_warnings():  # every named instance has its pair: no warning
+        warnings.simplefilter("error")
+        build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y, mask), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create([1, 3], ["a"]))
+
+
+def test_a_custom_loss_of_the_wrong_shape_is_blamed_not_the_data() -> None:
+    """Review: a TaskSpec loss returning a mean was reported as "the data's targets for task
+    'b' ... do not fit the model's prediction", blaming the data."""
+    x, y = _data()
+    tasks = [SPECS[0], TaskSpec("b", "regression", loss=lambda p, t: ((p - t) ** 2).mean())]
+    with pytest.raises(ValueError, match=r"UnlearningProblem: the custom `loss` of task 'b' "
+                                         r"\(checked on .*\): task_loss\[b\]: the task's `loss` "
+                                         r"must return one loss per sample, shape \(\d+,\), "
+                                         r"got \(\)"):
+        build_problem(_TwoHeads(), tasks=tasks, train_data=(x, y), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(5)))
+
+
+def test_retrain_without_its_inputs_names_them() -> None:
+    """Review: method='retrain' without `fresh_model` said "the problem needs `model_factory`
+    and `train_config`", names of the layer below."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"unlearn: method='retrain' trains a new model on the "
+                                         r"retained pairs and needs `fresh_model` and "
+                                         r"`train_config`:"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y), method="retrain",
+                              forget_request=ForgetRequest.create(range(5)),
+                              shared_parameters=_trunk)

@@ -234,7 +234,11 @@ def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
              else torch.full((n,), given, dtype=torch.bool) for spec, given in zip(specs, columns)],
             dim=1) if specs else torch.ones(n, 0, dtype=torch.bool)
     ids = torch.arange(id_offset, id_offset + n)
-    return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
+    try:
+        return MultiTaskDataset(inputs, full_targets, specs, ids, supervision)
+    except (TypeError, ValueError) as error:  # said of `what`, the data set the caller gave
+        reason = str(error).removeprefix("MultiTaskDataset: ")
+        raise type(error)(f"{op}: `{what}`: {reason}") from None
 
 
 def ids_named_by_text(what: str, given: object, own_ids: bool) -> str:

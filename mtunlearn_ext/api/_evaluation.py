@@ -12,11 +12,11 @@ from torch import nn
 
 from mtunlearn_ext.api._data_forms import as_dataset, check_data_like, read_in
 from mtunlearn_ext.api._model_split import SplitModel, has_own_split
-from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs
-from mtunlearn_ext.api._types import DataLike
+from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs, tasks_from_data
+from mtunlearn_ext.api._types import DataLike, TasksSpec
 from mtunlearn_ext.api._unlearn import non_finite_parameters
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
-from mtunlearn_ext.data.inputs import describe, inputs_to, take_rows
+from mtunlearn_ext.data.inputs import describe, inputs_to, num_rows, take_rows
 from mtunlearn_ext.metrics.evaluate import check_positive_int, device_of
 from mtunlearn_ext.metrics.evaluate import evaluate as evaluate_metrics
 from mtunlearn_ext.metrics.scores import Scores
@@ -31,16 +31,16 @@ from mtunlearn_ext.unlearning.base import ModelOutputError
 
 
 def evaluate(model: nn.Module, data: DataLike, *,
-             tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec] | None = None,
-             batch_size: int = 64) -> dict[str, dict[str, float]]:
+             tasks: TasksSpec = None, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """Task name -> metric name -> value of ``model`` on ``data``, over its supervised pairs
     (:func:`mtunlearn_ext.metrics.evaluate`'s metrics), with the model and data as
     :func:`unlearn` takes them: any module returning a mapping task -> output (called as
     ``unlearn`` calls it, several inputs unpacked), or a
     :class:`~mtunlearn_ext.models.MultiTaskModel`; data as a data set, a tuple ``(inputs,
     targets[, supervision])`` or a torch ``Dataset`` / ``DataLoader``. ``tasks`` as for
-    ``unlearn`` (default: a data set's own). The model is evaluated in eval mode without
-    gradients and left as it was. E.g. the forget rows before and after a request:
+    ``unlearn`` (default: a data set's own, which its task names also stand for). The model
+    is evaluated in eval mode without gradients and left as it was. E.g. the forget rows
+    before and after a request:
     ``evaluate(model, (x[ids], {t: y[t][ids] for t in y}), tasks=tasks)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"evaluate: `model` must be an nn.Module returning task -> output, got "
@@ -55,13 +55,15 @@ def evaluate(model: nn.Module, data: DataLike, *,
     if diverged:  # its outputs are NaN or Inf, and metrics of them read as plausible numbers
         raise ValueError(f"evaluate: `model` has NaN/Inf in {len(diverged)} parameter(s) "
                          f"(first: {diverged[0]}); its metrics would mean nothing")
-    if tasks is None:
-        if not isinstance(data, MultiTaskDataset):
-            raise TypeError("evaluate: `tasks` is needed for data given as a tuple or torch "
-                            "dataset (a mapping task -> kind, or TaskSpecs, as for unlearn)")
-        tasks = data.tasks
+    tasks = tasks_from_data(tasks, [data], "evaluate")
     data = cast(DataLike, read_in(data, tasks, "data", "evaluate"))
     check_data_like(data, "data", "evaluate")  # before the specs, which read its targets
+    try:
+        rows = num_rows(data.inputs if isinstance(data, MultiTaskDataset) else data[0])
+    except (AttributeError, IndexError, TypeError):
+        rows = None  # malformed inputs: refused, with their reason, by as_dataset
+    if rows == 0:
+        raise ValueError("evaluate: `data` has no rows: there is nothing to measure")
     own_split = has_own_split(model, None, None)
     specs = task_specs(tasks, [data], classes_predicted_by(model, not own_split, data, tasks),
                         ["data"], op="evaluate")

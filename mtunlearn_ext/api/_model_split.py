@@ -202,8 +202,15 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
     elif callable(shared):
         # A weight that the trunk and a head both hold (two modules, tied) is shared when the
         # predicate takes either module's name: every task reaches it through the trunk. A
-        # module merely held in two places is judged by its first name, as before.
-        shared_names = [n for n in trainable if any(shared(names[0]) for names in owners[n])]
+        # module merely held in two places is judged by its first name (a head also kept in a
+        # list stays its task's head), unless its names put it in several tasks' heads: then
+        # it must be shared, and any of its names may say so (`proj.` for a `proj` that
+        # `heads.a` and `heads.b` both hold).
+        predicate = shared
+        shared_names = [n for n in trainable if any(
+            predicate(names[0]) or (_in_several_heads(names, task_names)
+                                    and any(predicate(a) for a in names))
+            for names in owners[n])]
     else:
         shared_names = _names_of(model, shared, "shared_parameters")
     if heads is not None:
@@ -249,6 +256,12 @@ def _tasks_named_in(name: str, task_names: Sequence[str]) -> list[str]:
             or [t for t in task_names if t == own])
 
 
+def _in_several_heads(names: Sequence[str], task_names: Sequence[str]) -> bool:
+    """Whether the names one module is reachable under place it in the heads of two or
+    more tasks (:func:`_tasks_named_in`)."""
+    return len({t for alias in names for t in _tasks_named_in(alias, task_names)}) > 1
+
+
 def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Sequence[str],
                    shared_names: Sequence[str]) -> dict[str, list[str]]:
     """The default split's heads: a parameter belongs to the head of task t when one component
@@ -281,7 +294,8 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
             raise ValueError(
                 f"{entry()}: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
                 f"{other!r} (as {other_name!r}): one module serves both heads, so both tasks use "
-                f"it; a parameter several tasks use is shared: list it in `shared_parameters`")
+                f"it; a parameter several tasks use is shared: list it in `shared_parameters` "
+                f"(a predicate may take any of its names: {_aliases_of(held_by, n)})")
         if owners and outside:
             (task, name), = owners.items()
             raise ValueError(
@@ -291,6 +305,10 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
         if owners:
             head_names[next(iter(owners))].append(n)
     return head_names
+
+
+def _aliases_of(held_by: Mapping[str, list[list[str]]], name: str) -> list[str]:
+    return [alias for names in held_by.get(name, [[name]]) for alias in names]
 
 
 def fresh_split_model(fresh_model: Callable[[], nn.Module], wrapped: nn.Module,

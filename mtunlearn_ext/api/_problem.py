@@ -41,9 +41,10 @@ from mtunlearn_ext.api._model_split import (
     split_model,
     unwrapped,
 )
-from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs
-from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.api._task_specs import (
+    classes_predicted_by, task_specs, tasks_from_data)
+from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec, TasksSpec
+from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import TrainConfig
 from mtunlearn_ext.unlearning import UnlearningProblem
@@ -67,7 +68,7 @@ class Naming:
 
 
 def build_problem(model: nn.Module, *,
-                  tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                  tasks: TasksSpec = None,
                   train_data: DataLike | None = None,
                   forget_request: ForgetRequest | None = None,
                   forget_data: DataLike | None = None,
@@ -110,7 +111,7 @@ def build_problem(model: nn.Module, *,
 
 
 def build_problem_with_naming(model: nn.Module, *,
-                   tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+                   tasks: TasksSpec = None,
                    train_data: DataLike | None, forget_request: ForgetRequest | None,
                    forget_data: DataLike | None, retain_data: DataLike | None,
                    target_tasks: Sequence[str] | str | None, held_out_data: DataLike | None,
@@ -127,6 +128,8 @@ def build_problem_with_naming(model: nn.Module, *,
         raise TypeError(f"{entry()}: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
     model = unwrapped(model)
+    given_tasks = tasks_from_data(tasks, [train_data, forget_data, retain_data, held_out_data],
+                            entry())
     earlier, carried = requests_removed_before(model, earlier_requests, forget_data is not None)
     lineage = carried_lineage(model)
     if (train_data is None) == (forget_data is None):
@@ -137,7 +140,7 @@ def build_problem_with_naming(model: nn.Module, *,
     # Instances that carry an "id" come back as a data set with those ids and take the data
     # set's path from here on: its ids name them in the request, the split and the checks.
     train_data, forget_data, retain_data, held_out_data = (
-        cast(Any, read_in(data, tasks, what, keep_ids=True)) for what, data in zip(
+        cast(Any, read_in(data, given_tasks, what, keep_ids=True)) for what, data in zip(
             ("train_data", "forget_data", "retain_data", "held_out_data"), as_passed))
     for what, data in (("train_data", train_data), ("forget_data", forget_data),
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
@@ -150,9 +153,9 @@ def build_problem_with_naming(model: nn.Module, *,
     if meta:
         raise ValueError(f"{entry()}: `device` 'meta' holds no values; unlearning computes on "
                          "'cpu' or 'cuda'")
-    specs = task_specs(tasks, [train_data, forget_data, retain_data], classes_predicted_by(
+    specs = task_specs(given_tasks, [train_data, forget_data, retain_data], classes_predicted_by(
         model, not has_own_split(model, shared_parameters, head_parameters),
-        train_data if train_data is not None else retain_data, tasks),
+        train_data if train_data is not None else retain_data, given_tasks),
         ["train_data", "forget_data", "retain_data"])
     train_data, forget_data, retain_data, held_out_data = (
         data if data is as_given else cast(Any, with_tasks(data, specs)) for data, as_given
@@ -204,6 +207,17 @@ def build_problem_with_naming(model: nn.Module, *,
             raise ValueError(f"{entry()}: `forget_request` and `earlier_requests` together take "
                              "every pair of `train_data`: nothing would be left to retain")
         asked, still = request.forget_mask(full), request.forget_mask(remaining)
+        rows = full.positions_of(request.instance_ids)
+        bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
+        if bare:  # some named instances, not all (none with a pair is refused above)
+            shown = ", ".join(str(i) for i in bare[:10]) + (", ..." if len(bare) > 10 else "")
+            warnings.warn(f"{entry()}: {len(bare)} of the {len(rows)} instances `forget_request` "
+                          f"names ({shown}) have no supervised pair of the target task"
+                          f"{'s' if len(targets) != 1 else ''} {targets} in `train_data` "
+                          "(unlabelled: the supervision mask's False, or the task's no-label "
+                          "value such as -1): nothing of them is forgotten, as nothing of them "
+                          "was learned", UserWarning,
+                          stacklevel=3)
         gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
@@ -253,6 +267,11 @@ def build_problem_with_naming(model: nn.Module, *,
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
         columns = torch.tensor([t in targets for t in names])
         forget = forget.with_supervision(forget.supervision & columns)
+        for what, data in (("forget_data", forget), ("retain_data", retain)):
+            if not len(data):  # said by name here; the problem would say "the ... set is empty"
+                raise ValueError(f"{entry()}: `{what}` has no rows: "
+                                 + ("there is nothing to forget" if what == "forget_data" else
+                                    "a request needs retained pairs to protect and train on"))
         own_forget = isinstance(forget_data, MultiTaskDataset)
         own_retain = isinstance(retain_data, MultiTaskDataset)
         check_values_of(retain, "retain_data", own_retain)

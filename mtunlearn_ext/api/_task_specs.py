@@ -3,8 +3,8 @@ supervised labels, checked against what the model predicts (dimension 1 of its o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,6 +48,50 @@ def classes_predicted_by(model: nn.Module, unpack: bool, data: Any,
             if isinstance(out.get(name), torch.Tensor) and out[name].dim() >= 2}
 
 
+def tasks_from_data(tasks: object, datasets: Sequence[Any], op: str
+                    ) -> Sequence[TaskSpec] | Mapping[str, str | TaskSpec]:
+    """``tasks`` as specs or a mapping task -> kind. Left out (``None``) or given as task
+    names, they are read from the first :class:`MultiTaskDataset` among ``datasets``, which
+    carries its tasks' specs (the names pick and order them); data given as tuples or torch
+    data sets carry no task kinds, so there ``tasks`` must give them."""
+    if isinstance(tasks, Mapping):
+        return tasks
+    if isinstance(tasks, TaskSpec):
+        return [tasks]
+    if tasks is not None and not isinstance(tasks, str) and (
+            isinstance(tasks, bytes) or not isinstance(tasks, Iterable)):
+        raise TypeError(f"{op}: `tasks` must be TaskSpecs or a mapping task -> kind, got "
+                        f"{type(tasks).__name__}")
+    given = None if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    if given is not None and all(isinstance(t, TaskSpec) for t in given):
+        return cast(list[TaskSpec], given)
+    if given is not None and not all(isinstance(t, (str, TaskSpec)) for t in given):
+        odd = next(t for t in given if not isinstance(t, (str, TaskSpec)))
+        raise TypeError(f"{op}: `tasks` must be TaskSpecs, task names or a mapping task -> "
+                        f"kind, got an element of type {type(odd).__name__}")
+    carrier = next((d for d in datasets if isinstance(d, MultiTaskDataset)), None)
+    if carrier is None:
+        what = "`tasks` is needed" if given is None else "task names alone are not enough"
+        raise TypeError(f"{op}: {what} for data given as tuples or torch data sets, which carry "
+                        "no task kinds: pass a mapping task -> kind ({'label': "
+                        "'classification', ...}) or TaskSpecs (names alone need a "
+                        "MultiTaskDataset, whose specs they pick)")
+    if given is None:
+        return list(carrier.tasks)
+    names = [t if isinstance(t, str) else t.name for t in given]
+    unknown = [n for n in names if n not in carrier.task_names]
+    if unknown:
+        raise ValueError(f"{op}: `tasks` names {unknown}, not tasks of the data (its tasks: "
+                         f"{carrier.task_names})")
+    left_out = [n for n in carrier.task_names if n not in names]
+    if left_out or len(names) != len(set(names)):
+        raise ValueError(f"{op}: `tasks` names {names}; given as names, they must be the data "
+                         f"set's tasks, each once: {carrier.task_names} (its supervision has "
+                         "a column for each; the target tasks of a request are its own)")
+    by_name = {t.name: t for t in given if isinstance(t, TaskSpec)}
+    return [by_name.get(n, spec) for n, spec in zip(carrier.task_names, carrier.tasks)]
+
+
 def keyed_spec(name: object, spec: TaskSpec, op: str) -> TaskSpec:
     """``spec``, given in a ``tasks`` mapping under ``name``: refused unless that is its name
     (the key names the targets, the spec the task: the two would disagree silently)."""
@@ -89,11 +133,13 @@ def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                 raise ValueError(f"{op}: task {name!r} of `tasks` has no targets in the data "
                                  f"(whose targets are for {sorted(given[0][1])}); the names of "
                                  "`tasks` must be the targets' keys")
-            if not labels:
-                raise ValueError(f"{op}: task {name!r} ({kind}) has no supervised label to "
-                                 "count its classes from; pass a TaskSpec with num_classes")
-            num_classes = int(max(int(t.max()) for t in labels)) + 1
             predicted = predicted_classes.get(name)
+            if not labels and predicted is None:
+                raise ValueError(f"{op}: task {name!r} ({kind}) has no supervised label to "
+                                 "count its classes from, and the model's output gave no count "
+                                 "(dimension 1 of its prediction); pass a TaskSpec with "
+                                 "num_classes")
+            num_classes = int(max(int(t.max()) for t in labels)) + 1 if labels else 0
             if predicted is not None:
                 if num_classes > predicted:
                     first = _first_label_from(datasets, data_names, name, len(tasks),

@@ -3,13 +3,13 @@ named for the shared/heads split."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import torch
 from torch import nn
 
-from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs
 
 
@@ -35,3 +35,8 @@ ParameterSpec = Union[nn.Module, Iterable[Union[str, nn.Parameter, nn.Module,
 #: Which parameters are the shared trunk: names, the parameters themselves, modules, or a
 #: predicate on the parameter's name.
 SharedSpec = Union[ParameterSpec, Callable[[str], bool]]
+
+#: The tasks: specs, or a mapping task -> kind (``"classification"``, ...); left out
+#: (``None``), or as task names, they are read from the :class:`MultiTaskDataset` given as
+#: data, which carries its tasks' specs.
+TasksSpec = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[str, TaskSpec]], str, None]

@@ -18,8 +18,8 @@ from mtunlearn_ext.api._instance_matching import TrainedRows, check_unseen
 from mtunlearn_ext.api._lineage import LINEAGE_ATTRIBUTE, Lineage, carried_lineage
 from mtunlearn_ext.api._model_split import SplitModel, unwrapped
 from mtunlearn_ext.api._problem import build_problem_with_naming
-from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec, TasksSpec
+from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
@@ -129,7 +129,7 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
 
 
 def unlearn(model: nn.Module, *,
-            tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
+            tasks: TasksSpec = None,
             train_data: DataLike | None = None,
             forget_request: ForgetRequest | None = None,
             forget_data: DataLike | None = None,
@@ -208,6 +208,8 @@ def unlearn(model: nn.Module, *,
             task's loss (:func:`mtunlearn_ext.losses.task_loss`) and forgetting objective.
             Given as a kind, a classification or segmentation task has as many classes as the model
             predicts (dimension 1 of its output), and every label must be one of them.
+            With the data given as :class:`~mtunlearn_ext.data.MultiTaskDataset` (which
+            carries its tasks' specs), ``tasks`` may be left out or give task names only.
         held_out_data: optional instances the model was never trained on (a validation
             split, never the data you evaluate on), same layout as ``retain_data``. A retrained
             model fits the forget instances about as well as unseen data, so the default
@@ -333,6 +335,13 @@ def unlearn(model: nn.Module, *,
                 raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
                                  f"the target tasks {problem.target_tasks}, got {labelled}")
         unlearner = get_unlearner(method, config)
+        if unlearner.name == "retrain" and (fresh_model is None or train_config is None):
+            lacking = " and ".join(f"`{name}`" for name, value in (
+                ("fresh_model", fresh_model), ("train_config", train_config)) if value is None)
+            raise ValueError(f"unlearn: method='retrain' trains a new model on the retained "
+                             f"pairs and needs {lacking}: `fresh_model`, a function returning "
+                             "a new, untrained model of the same architecture, and "
+                             "`train_config`, the recipe (TrainConfig or its fields)")
         if isinstance(unlearner, GradientUnlearner) and not any(
                 p.requires_grad for p in wrapped.parameters()):
             count = sum(1 for _ in wrapped.parameters())

@@ -436,8 +436,14 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
             raise TypeError(f"MultiTaskDataset: `supervision` must be a bool tensor "
                             f"[{n}, {len(names)}], got {type(supervision).__name__}")
         if supervision.shape != (n, len(names)) or supervision.dtype != torch.bool:
-            raise ValueError(f"MultiTaskDataset: `supervision` must be bool [{n}, {len(names)}], "
-                             f"got {supervision.dtype} {tuple(supervision.shape)}")
+            wrong = " and ".join(
+                what for what, bad in ((f"shape {tuple(supervision.shape)}",
+                                        supervision.shape != (n, len(names))),
+                                       (f"dtype {supervision.dtype}",
+                                        supervision.dtype != torch.bool)) if bad)
+            raise ValueError(f"MultiTaskDataset: `supervision` must be bool [{n}, {len(names)}] "
+                             f"(one row per instance, one column per task: {names}), got "
+                             f"{wrong}")
         self.supervision = supervision
 
     @property

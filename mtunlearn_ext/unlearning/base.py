@@ -36,7 +36,7 @@ from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
-from mtunlearn_ext.losses import _token_tagging_hint, task_loss
+from mtunlearn_ext.losses import CustomLossShapeError, _token_tagging_hint, task_loss
 from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
 
@@ -463,6 +463,11 @@ class UnlearningProblem:
             target = targets[spec.name].to(device)[labelled]
             try:
                 task_loss(spec, out[spec.name][labelled], target)
+            except CustomLossShapeError as error:  # the loss's fault, not the targets'
+                raise ValueError(f"UnlearningProblem: the custom `loss` of task {spec.name!r} "
+                                 f"(checked on {what}'s rows {sorted(picks)}): {error}; e.g. "
+                                 "`reduction='none'` and a mean over every dimension but the "
+                                 "first") from error
             except ValueError as error:
                 # The loss saw a few rows: name the set, its targets' whole shape and the rows.
                 raise ValueError(f"UnlearningProblem: {what}'s targets for task {spec.name!r} "
