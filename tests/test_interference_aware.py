@@ -906,10 +906,13 @@ def test_coupled_instances_are_those_of_the_forget_set(user_setup) -> None:  # t
                   train_data=(x, y, supervision),
                   forget_request=ForgetRequest.create(range(5), ["kind"]),
                   shared_parameters=lambda n: n.startswith("trunk."))
-    _, report = mtunlearn_ext.unlearn(model, **common, config={"steps": 2})
+    unlabelled = r"2 of the 5 instances `forget_request` names \(0, 4\) have no supervised pair"
+    with pytest.warns(UserWarning, match=unlabelled):
+        _, report = mtunlearn_ext.unlearn(model, **common, config={"steps": 2})
     assert report.request["num_forget_instances"] == 3
     assert report.extra["interference_aware"]["coupled_instances"] == 3
-    problem = mtunlearn_ext.api.build_problem(model, **common)
+    with pytest.warns(UserWarning, match=unlabelled):
+        problem = mtunlearn_ext.api.build_problem(model, **common)
     coupled = coupled_retain_set(problem)
     assert coupled is not None and coupled.ids.tolist() == [1, 2, 3]
     assert coupled.supervision.tolist() == [[False, True]] * 3
@@ -1524,7 +1527,9 @@ def test_public_api_retrains_the_gold_standard_with_a_fresh_model(user_setup) ->
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in gold.state_dict().items())
     with pytest.raises(ValueError, match="`fresh_model` and `train_config` go together"):
         mtunlearn_ext.unlearn(model, method="retrain", fresh_model=fresh, **kwargs)
-    with pytest.raises(ValueError, match="needs `model_factory` and `train_config`"):
+    with pytest.raises(ValueError, match="unlearn: method='retrain' trains a new model on the "
+                                         "retained pairs and needs `fresh_model` and "
+                                         "`train_config`"):
         mtunlearn_ext.unlearn(model, method="retrain", **kwargs)
 
 
