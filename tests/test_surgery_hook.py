@@ -135,6 +135,60 @@ def test_accumulate_then_apply_sees_the_summed_task_gradients() -> None:
     surgery.accumulate(_losses(model, x2, y2)[:2])  # after apply(), a new step may differ
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_a_skipped_step_is_discarded_not_carried_into_the_next(per_task: str) -> None:
+    """Review: accumulate() on micro-batch a, a skipped step (zero_grad(set_to_none=True), no
+    apply()), then accumulate() + apply() on b gave a + b's gradient, silently: the per-task
+    buffers are the surgery's, and nothing public dropped them. Now `discard()` does, and
+    going on without it is refused where the surgery can tell (heads' .grad it wrote gone;
+    backward() while micro-batches are pending)."""
+    model = MultiTaskNet(F64)
+    (xa, ya), (xb, yb) = _batch(F64, 1), _batch(F64, 2)
+    shared_b, _, _ = _reference(model, xb, yb, UPGrad())
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    assert surgery.pending == 0
+    surgery.accumulate(_losses(model, xa, ya))
+    assert surgery.pending == 1
+    model.zero_grad(set_to_none=True)  # the loop skips this step
+    if per_task != "backward":  # there the heads accumulate natively: nothing to tell by
+        with pytest.raises(RuntimeError, match=r"GradientSurgery.accumulate: 1 micro-batch "
+                           r"accumulated since the last apply\(\) is still pending, but the "
+                           r"\.grad of \d+ head parameters .* was cleared since .*"
+                           r"surgery\.discard\(\)"):
+            surgery.accumulate(_losses(model, xb, yb))
+        with pytest.raises(RuntimeError, match=r"GradientSurgery.apply: 1 micro-batch .* was "
+                                               r"cleared since"):
+            surgery.apply()
+    with pytest.raises(RuntimeError, match=r"GradientSurgery.backward: 1 micro-batch "
+                       r"accumulated since the last apply\(\) is still pending; call apply\(\) "
+                       r"to use them first, or discard\(\) to drop them"):
+        surgery.backward(_losses(model, xb, yb))
+    assert all(p.grad is None for p in model.parameters())  # the refusals wrote nothing
+    assert surgery.discard() == 1 and surgery.pending == 0
+    surgery.accumulate(_losses(model, xb, yb))
+    surgery.apply()
+    for p, ref in zip(model.trunk.parameters(), shared_b):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-10, atol=1e-12)
+    assert surgery.discard() == 0
+    model.zero_grad(set_to_none=True)
+    surgery.backward(_losses(model, xb, yb))  # nothing pending: backward runs
+    for p, ref in zip(model.trunk.parameters(), shared_b):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_used_up_parameter_generator_is_named() -> None:
+    """Review: `params = model.parameters()` given to an optimizer and then to the surgery
+    arrives empty: "holds no tensor" gave no hint why."""
+    model = MultiTaskNet()
+    params = model.trunk.parameters()
+    torch.optim.SGD(params, lr=0.1)
+    with pytest.raises(ValueError, match=r"`shared_params` holds no tensor \(it is a generator, "
+                                         r"which can be read once.*pass a list"):
+        GradientSurgery(params, UPGrad())
+    with pytest.raises(ValueError, match=r"`shared_params` holds no tensor$"):
+        GradientSurgery([], UPGrad())
+
+
 def test_apply_from_external_buffers() -> None:
     model = MultiTaskNet(F64)
     gen = torch.Generator().manual_seed(4)

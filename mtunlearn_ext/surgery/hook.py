@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -412,11 +412,15 @@ class GradientSurgery:
                  per_task: PerTaskMode = "autograd", per_layer: bool | Sequence[int] = False,
                  num_layers: int | None = None, reducer: GradReducer | None = None,
                  check_finite: bool | None = None) -> None:
+        one_pass = isinstance(shared_params, Iterator)  # a generator, read once
         self._given = _split_named(shared_params)
         # Under a reducer an empty list is a rank without a shard (fewer tensors than ranks):
         # it still takes part in the others' collectives, contributing a zero Gram.
         if not self._given.tensors and reducer is None:
-            raise ValueError("GradientSurgery: `shared_params` holds no tensor")
+            raise ValueError("GradientSurgery: `shared_params` holds no tensor" + (
+                f" (it is a {type(shared_params).__name__}, which can be read once: one that "
+                "an optimizer read first, `params = model.trunk.parameters()` passed to both, "
+                "is empty here; pass a list, or call .parameters() again)" if one_pass else ""))
         if per_task not in ("autograd", "batched", "backward"):
             raise ValueError(f"GradientSurgery: `per_task` must be 'autograd', 'batched' or "
                              f"'backward', got {per_task!r}")
@@ -470,6 +474,11 @@ class GradientSurgery:
         self._pending_tasks: dict[int, int] | None = {}
         self._pending_constants: frozenset[int] = frozenset()
         self._pending_device: torch.device | None = None
+        self._pending_count = 0
+        # The heads accumulate() wrote and the .grad object each then had: a .grad gone or
+        # replaced before the step's apply() means the loop cleared the gradients between
+        # micro-batches (a skipped step), and the buffers would carry that step into the next.
+        self._pending_head_grads: list[tuple[torch.Tensor, int]] = []
         self._listed_heads_checked = False
 
     # ------------------------------------------------------------------ public API
@@ -490,6 +499,21 @@ class GradientSurgery:
         """The layer id of each parameter in :attr:`params` (or the ``per_layer`` flag)."""
         return self._active_now().per_layer
 
+    @property
+    def pending(self) -> int:
+        """The number of micro-batches :meth:`accumulate` has buffered since the last
+        :meth:`apply` (or :meth:`discard`)."""
+        return self._pending_count
+
+    def discard(self) -> int:
+        """Drop the micro-batches accumulated since the last :meth:`apply`: for a step the
+        loop skips (a NaN loss, an exception in a later micro-batch), beside
+        ``optimizer.zero_grad()``, which clears the heads' ``.grad`` but not the per-task
+        buffers. Returns how many micro-batches were dropped (0: nothing was pending)."""
+        dropped = self._pending_count
+        self._clear_pending()
+        return dropped
+
     def backward(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False
                  ) -> torch.Tensor:
         """Per-task gradients of ``losses`` -> aggregated update added into ``.grad``.
@@ -505,6 +529,9 @@ class GradientSurgery:
             The aggregator's weights (``[k]``, or ``[L, k]`` per layer).
         """
         caller = "GradientSurgery.backward"
+        if self._pending:
+            raise RuntimeError(f"{caller}: {self._pending_what()}; call apply() to use "
+                               "them first, or discard() to drop them (a skipped step)")
         losses, constants = self._check_losses(losses)
         self._check_task_count(caller, len(losses))
         active = self._take_part(caller)
@@ -539,6 +566,7 @@ class GradientSurgery:
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, k, constants)
         _refuse_hooked_shared(caller, active)
+        self._refuse_cleared_heads(caller)
         if self._pending and self._buffered_tasks != k:
             raise ValueError(f"GradientSurgery.accumulate: got {k} losses, but the micro-batches "
                              f"accumulated since the last apply() have {self._buffered_tasks} "
@@ -557,16 +585,20 @@ class GradientSurgery:
             self._buffered_for = active
             self._pending = False
         if not self._pending:
+            self._clear_pending()
             self._pending_reached = [False] * len(active.params)
-            self._pending_heads = {}
-            self._pending_tasks = {}
             self._pending_constants = frozenset()
             self._pending_device = None
         reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
                                                   add=self._pending, retain_graph=retain_graph,
                                                   caller=caller)
         found = _TaskPass(reached, *head_sums.write())
+        written = [h for h, summed in zip(head_sums.heads, head_sums.sums) if summed is not None]
         self._pending = True
+        self._pending_count += 1
+        marks = {id(h): (h, id(h.grad)) for h, _ in self._pending_head_grads}
+        marks.update({id(h): (h, id(h.grad)) for h in written if h.grad is not None})
+        self._pending_head_grads = list(marks.values())
         self._pending_constants |= constants
         if self._pending_device is None:
             self._pending_device = _losses_device(losses, constants)
@@ -603,14 +635,13 @@ class GradientSurgery:
                                  "changed since accumulate() (a layer was frozen or unfrozen); "
                                  "change them only after apply()")
             _refuse_hooked_shared("GradientSurgery.apply", self._buffered_for)
+            self._refuse_cleared_heads("GradientSurgery.apply")
             heads = list(self._pending_heads.values())
             tasks = (None if self._pending_tasks is None
                      else [self._pending_tasks[id(h)] for h in heads])
             found = _TaskPass(self._pending_reached, heads, tasks, self._pending_constants,
                               self._buffered_tasks or 0, self._pending_device)
-            self._pending = False
-            self._pending_heads = {}
-            self._pending_tasks = {}
+            self._clear_pending()
             return self._aggregate(self._buffered_for, self._buffers, found)
         # Explicit stacks tell k only through themselves: none to take part is refused here.
         # Under a reducer that refusal is this process's alone (the others wait in their
@@ -629,6 +660,35 @@ class GradientSurgery:
         return self._aggregate(active, stacks, _TaskPass([True] * len(stacks), [], []))
 
     # ------------------------------------------------------------------ internals
+
+    def _clear_pending(self) -> None:
+        """No micro-batch pending: the buffers stay allocated, for the next step."""
+        self._pending = False
+        self._pending_count = 0
+        self._pending_heads = {}
+        self._pending_tasks = {}
+        self._pending_head_grads = []
+
+    def _pending_what(self) -> str:
+        count = self._pending_count
+        return (f"{count} micro-batch{'es' if count != 1 else ''} accumulated since the last "
+                f"apply() {'is' if count == 1 else 'are'} still pending")
+
+    def _refuse_cleared_heads(self, caller: str) -> None:
+        """Refuse to go on with pending micro-batches whose heads' ``.grad`` has been set to
+        ``None`` or replaced since (``optimizer.zero_grad()`` between micro-batches: the loop
+        skipped the step, and the per-task buffers would carry it into the next one)."""
+        if not self._pending:
+            return
+        cleared = [h for h, grad_id in self._pending_head_grads
+                   if h.grad is None or id(h.grad) != grad_id]
+        if cleared:
+            raise RuntimeError(
+                f"{caller}: {self._pending_what()}, but the .grad of {len(cleared)} head parameter"
+                f"{'s' if len(cleared) != 1 else ''} (first: shape "
+                f"{tuple(cleared[0].shape)}) was cleared since (optimizer.zero_grad() between "
+                "micro-batches, a skipped step?): call surgery.discard() where the loop skips "
+                "a step, or apply() before clearing the gradients")
 
     def _active_now(self) -> _Active:
         """The shared parameters requiring grad now (none left out: the one prepared list)."""
