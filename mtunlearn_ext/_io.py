@@ -261,7 +261,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:  # a dangling link too: never written through
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     with new_temporary_beside(target) as (fd, tmp_name):
         tmp = Path(tmp_name)

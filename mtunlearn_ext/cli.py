@@ -608,6 +608,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     forget_ids = parse_ids(args.forget_ids, "--forget-ids")
     retain_ids = parse_ids(args.retain_ids, "--retain-ids")
     target_tasks = parse_tasks(args.target_tasks)
+    fraction = _forget_fraction(args.forget_fraction, forget_ids, default=0.1)
     with OutputTransaction(inputs=[checkpoint]) as tx:
         default_ckpt, default_rec = _default_outputs(checkpoint, args.method)
         out_ckpt = tx.reserve("--output", args.output or default_ckpt)
@@ -637,12 +638,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         # --forget-fraction): only what is left of the request is.
         remaining = without_removed(train_set, earlier or [])
         request, request_type = build_user_request(
-            remaining, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
+            remaining, forget_ids=forget_ids, forget_fraction=fraction,
             target_tasks=target_tasks, request_type=args.request, seed=seed)
         if forget_ids is None:  # a data-removal tool must not choose what to remove silently
+            assert fraction is not None  # the default where no ids are named
             print(f"mtunlearn: no --forget-ids: forgetting a random "
-                  f"{100 * float(args.forget_fraction):g}% of the training instances "
-                  f"(--forget-fraction {args.forget_fraction:g}, seed {seed}): "
+                  f"{100 * float(fraction):g}% of the training instances "
+                  f"(--forget-fraction {fraction:g}, seed {seed}): "
                   f"{len(request.instance_ids)} instances", file=sys.stderr)
         already = check_forget_left(train_set, remaining, request, "--forget-ids"
                                     if forget_ids is not None else "--forget-fraction")
@@ -727,6 +729,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "retain_ids": retain_ids,
                         "earlier_removals": earlier,
                         "num_excluded_pairs": excluded,
+                        # Named by the user, or drawn by the tool (a random share): said,
+                        # since a removal record must show who chose what was removed.
+                        "ids_drawn": (None if forget_ids is not None else
+                                      {"fraction": fraction, "seed": seed}),
+                        # The instances this run forgot: those named, less any whose pairs
+                        # earlier requests of the lineage had all removed already.
+                        "forgotten_instance_ids": sorted(int(i) for i in forget.ids.tolist()),
                         "num_forget_pairs": int(forget.supervision.sum()),
                         "num_retain_pairs": int(retain.supervision.sum())},
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
@@ -849,6 +858,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with OutputTransaction(inputs=[Path(args.checkpoint)]) as tx:
         output = tx.reserve("--output", args.output) if args.output else None
         forget_ids = parse_ids(args.forget_ids, "--forget-ids")
+        _forget_fraction(args.forget_fraction, forget_ids, default=None)
         if forget_ids is None and args.forget_fraction is None:
             _refuse_request_options(args, bench.train.task_names)
             from mtunlearn_ext.metrics import evaluate
@@ -1050,6 +1060,19 @@ def _moved_data_root_option(p: argparse.ArgumentParser) -> None:
                         "checkpoint's recorded ones; refused for generated benchmarks")
 
 
+def _forget_fraction(given: float | None, forget_ids: object, *, default: float | None
+                     ) -> float | None:
+    """``--forget-fraction`` as the run uses it: refused beside ``--forget-ids`` (which name
+    the instances: a fraction there was ignored, silently), else as given or ``default``."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    if given is not None and forget_ids is not None:
+        raise UserInputError("--forget-fraction", "no share of instances to draw when "
+                             "--forget-ids names them", given,
+                             "give one of --forget-ids and --forget-fraction")
+    return default if given is None and forget_ids is None else given
+
+
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     # required: `unlearn`, which forgets the request; else `evaluate`, which only measures the
     # model on the request's forget / retain split.
@@ -1062,10 +1085,10 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                         + ("; without it, a random 10%% of the training instances is forgotten "
                            "(--forget-fraction 0.1, drawn with --seed), as a line on stderr "
                            "says" if required else ""))
-    p.add_argument("--forget-fraction", type=float, default=0.1 if required else None,
+    p.add_argument("--forget-fraction", type=float, default=None,
                    help=("share of training instances to forget" if required else "share of "
                          "training instances in the forget split")
-                        + ", drawn with --seed (ignored with --forget-ids)"
+                        + ", drawn with --seed (refused with --forget-ids, which names them)"
                         + ("; default 0.1" if required else ""))
     p.add_argument("--target-tasks", default=None, metavar="TASKS",
                    help="comma-separated target tasks; a proper subset makes a partial "

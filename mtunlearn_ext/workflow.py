@@ -232,6 +232,10 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
                       else f"{where}: ids are decimal integers in ASCII digits"
                       if where else "ids are decimal integers in ASCII digits (no '_', '+' "
                       "or other digit characters)" if isinstance(token, str) else "")
+            if isinstance(token, str) and any(c in token for c in "[]{}\""):
+                detail += ("; not JSON: write the ids as plain text, '3,7' or one per line"
+                           if detail else "not JSON: write the ids as plain text, '3,7' or "
+                           "one per line")
             raise UserInputError(argument, "integer instance ids (comma/space separated, or a "
                                  "file holding them)", token, detail) from None
     return ids

@@ -68,6 +68,9 @@ def test_round_trip_and_record(trained: Path, tmp_path: Path,
     assert record["request"]["instance_ids"] == sorted(int(i) for i in ids(1, 2, 3, 5, 8).split(","))
     assert len(record["request"]["ids_sha256"]) == 64
     assert record["request"]["target_tasks"] == ["digit"]
+    # Named by the user, all of them forgotten (compliance review: neither was recorded).
+    assert record["request"]["ids_drawn"] is None
+    assert record["request"]["forgotten_instance_ids"] == record["request"]["instance_ids"]
     assert record["method"]["name"] == "interference_aware"
     assert record["method"]["settings"]["steps"] == 3
     assert record["input"]["sha256"] == sha_before
@@ -229,8 +232,12 @@ BAD_INPUTS = [
     (["--forget-ids", ids(1), "--request", "partial", "--target-tasks", "digit,parity,magnitude"],
      "--target-tasks", "names every task"),
     (["--forget-fraction", "1.5"], "--forget-fraction", "(0, 1)"),
-    # CLI review: beside --forget-ids (which leaves a valid fraction unused) it was ignored.
-    (["--forget-ids", ids(1), "--forget-fraction", "1.5"], "--forget-fraction", "(0, 1)"),
+    # CLI review: beside --forget-ids (which leaves a valid fraction unused) it was ignored;
+    # compliance review: a valid one too, silently: both given is refused.
+    (["--forget-ids", ids(1), "--forget-fraction", "1.5"], "--forget-fraction",
+     "when --forget-ids names them"),
+    (["--forget-ids", ids(1), "--forget-fraction", "0.5"], "--forget-fraction",
+     "give one of --forget-ids and --forget-fraction"),
     (["--forget-ids", ids(1), "--method", "nope"], "--method", "nope"),
     (["--forget-ids", ids(1), "--method-config", '{"steps": -1}'], "--method-config", "steps"),
     (["--forget-ids", ids(1), "--method-config", '{"no_such": 1}'], "--method-config", "no_such"),

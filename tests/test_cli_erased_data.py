@@ -310,6 +310,8 @@ def test_pairs_the_lineage_removed_are_not_forgotten_again(
             "requests), tasks ['segmentation']") in printed.out, printed.out
     request = json.loads(Path(_record(some)).read_text())["request"]
     assert request["instance_ids"] == [2, 3] and request["num_forget_pairs"] == 1
+    # Compliance review: which of the named ids this run forgot was not in the record.
+    assert request["forgotten_instance_ids"] == [3] and request["ids_drawn"] is None
     # verify splits the request as unlearn did.
     assert cli.main(["verify", "--record", _record(some), "--quiet"]) == 0
     # A full request on 2: its depth only.

@@ -42,6 +42,16 @@ def test_a_long_id_list_is_ids_not_a_file_name() -> None:
         parse_ids("x" * 300, "--forget-ids")
 
 
+def test_ids_written_as_json_are_told_to_be_plain_text(tmp_path: Path) -> None:
+    """Compliance review: a file holding `[3, 7]` was refused with "got '[3'", a fragment of
+    it, and nothing about its format."""
+    (tmp_path / "ids.json").write_text("[3, 7]\n")
+    for given, where in ((str(tmp_path / "ids.json"), "line 1 of "), ("[3,7]", "")):
+        with pytest.raises(UserInputError, match=rf"got '\[3'; {where}.*not JSON: write the ids "
+                                                 r"as plain text, '3,7' or one per line$"):
+            parse_ids(given, "--forget-ids")
+
+
 def test_an_at_file_that_is_not_a_file_says_what_is_there(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
@@ -160,6 +170,8 @@ def test_unlearn_without_forget_ids_says_it_forgets_a_random_share(
                           "instances (--forget-fraction 0.1, seed 5)"), err
     record = json.loads(Path(str(out) + ".record.json").read_text())
     assert f"{len(record['request']['instance_ids'])} instances" in err
+    # Compliance review: the record did not say that the tool chose the ids.
+    assert record["request"]["ids_drawn"] == {"fraction": 0.1, "seed": 5}
     # The same from a config without a forget_ids key, and not with ids.
     config = tmp_path / "c.yaml"
     config.write_text(f"checkpoint: {trained}\nforget_fraction: 0.05\n"

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import warnings
 from typing import Any
@@ -1365,6 +1366,16 @@ def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_set
     with pytest.raises(FileExistsError, match="other.pt.record.json exists"):
         mtunlearn_ext.save_unlearned(new, report, tmp_path / "other.pt")
     assert not (tmp_path / "other.pt").exists()
+    # Compliance review: a dangling symbolic link was taken for free, then "appeared while
+    # saving" (at the checkpoint) or the checkpoint was written and deleted (at the record).
+    os.symlink(tmp_path / "nowhere.pt", tmp_path / "dangling.pt")
+    os.symlink(tmp_path / "nowhere.json", tmp_path / "linked.pt.record.json")
+    for name, named in (("dangling.pt", "dangling.pt"), ("linked.pt", "linked.pt.record.json")):
+        with pytest.raises(FileExistsError, match=rf"save_unlearned: .*{re.escape(named)} exists "
+                           r"\(a symbolic link to a missing file\); refusing to overwrite it; "
+                           r"nothing was written"):
+            mtunlearn_ext.save_unlearned(new, report, tmp_path / name)
+    assert not (tmp_path / "linked.pt").exists() and not (tmp_path / "nowhere.pt").exists()
     # Arguments swapped or a report rebuilt by hand: named before anything is written.
     with pytest.raises(TypeError, match=r"`report` must be the UnlearningReport that unlearn\(\) "
                                         r"returned with the model, got dict"):
@@ -1383,7 +1394,8 @@ def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_set
     with pytest.raises(OSError, match="disk full"):
         mtunlearn_ext.save_unlearned(new, report, tmp_path / "third.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "other.pt.record.json", "unlearned.pt", "unlearned.pt.record.json"]
+        "dangling.pt", "linked.pt.record.json", "other.pt.record.json", "unlearned.pt",
+        "unlearned.pt.record.json"]
 
 
 def test_forget_data_without_a_tasks_targets_warns_of_the_partial_request(user_setup

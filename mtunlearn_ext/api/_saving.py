@@ -88,8 +88,10 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     target = _target_path(path)
     record_path = target.with_name(target.name + ".record.json")
     for p in (target, record_path):
-        if p.exists():
-            raise FileExistsError(f"save_unlearned: {p} exists; refusing to overwrite it")
+        if os.path.lexists(p):  # a dangling symbolic link too: never written through
+            what = " (a symbolic link to a missing file)" if not p.exists() else ""
+            raise FileExistsError(f"save_unlearned: {p} exists{what}; refusing to overwrite "
+                                  "it; nothing was written")
     model_sha = state_dict_sha256(model)
     returned_sha = report.extra.get("model_state_sha256")
     cast_to = (None if not isinstance(returned_sha, str) or returned_sha == model_sha
@@ -160,9 +162,14 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
                 f"{error.strerror or error}; nothing was written")
         raise (type(error)(said) if error.errno is None
                else type(error)(error.errno, said)) from error
-    record["checkpoint"] = {"path": str(target), "sha256": checkpoint_sha}
-    try:
+    try:  # the record is the commit marker: without it, no checkpoint is left
+        record["checkpoint"] = {"path": str(target), "sha256": checkpoint_sha}
         write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))
+    except FileExistsError as error:
+        target.unlink(missing_ok=True)
+        raise FileExistsError(f"save_unlearned: {record_path} appeared while saving (another "
+                              "writer?); refusing to overwrite it; nothing was written"
+                              ) from error
     except BaseException:
         target.unlink(missing_ok=True)
         raise
