@@ -561,6 +561,7 @@ def _resolved_settings(report: Any) -> dict[str, Any]:
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from mtunlearn_ext._io import interrupts_held
     from mtunlearn_ext.erasure import erased_instances, refuse_erased_ids
     from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
@@ -762,7 +763,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         record = json_safe(record)
         out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
         record["output"]["sha256"] = out_sha
-        tx.write(out_rec, lambda p: write_record(p, record))
+        # The record is the commit marker: an interrupt while it is written is held until it
+        # is there and the outputs are committed (a reader saw a complete record vanish).
+        with interrupts_held():
+            tx.write(out_rec, lambda p: write_record(p, record))
+            tx.commit()
     print(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "

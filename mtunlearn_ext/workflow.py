@@ -932,6 +932,7 @@ class OutputTransaction:
     #: Folders missing before a write (which makes them): removed again, when empty, with the
     #: files (a failed command left `--output new/sub/o.pt`'s empty folders behind).
     _made_folders: list[Path] = field(default_factory=list)
+    _committed: bool = False
 
     def reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
@@ -956,6 +957,16 @@ class OutputTransaction:
         _check_creatable(argument, p)
         self.outputs[argument] = p
         return p
+
+    def commit(self) -> None:
+        """The outputs are complete (the last of them, a record, is the commit marker): they
+        stay even if the block then exits with an exception (an interrupt while the summary is
+        printed), and the command's interrupt message says so. Call it with interrupts held
+        around the last write (:func:`~mtunlearn_ext._io.interrupts_held`), so that a reader
+        never sees a complete record that is then rolled back."""
+        if not self._committed:
+            self._committed = True
+            COMMITTED_OUTPUTS.extend(self._created)
 
     def write(self, path: Path, writer: Callable[[Path], str]) -> str:
         """``writer(path)`` (an atomic, no-overwrite write returning a SHA-256), with ``path``
@@ -1016,8 +1027,8 @@ class OutputTransaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
-            COMMITTED_OUTPUTS.extend(self._created)
+        if exc_type is None or self._committed:
+            self.commit()
             return
         # Every path is tried: one that cannot be removed (or never existed, or whose name the
         # file system refuses) must not keep the others, written before it, in place.

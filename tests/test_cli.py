@@ -376,6 +376,34 @@ def test_interrupted_run_leaves_nothing(trained: Path, tmp_path: Path,
     assert _listing(tmp_path) == {"u.pt", "u.pt.record.json"}
 
 
+def test_an_interrupt_as_the_record_lands_keeps_the_committed_outputs(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Compliance review: SIGINT the moment the record appeared (the commit marker) rolled
+    the run back, so a reader watching the folder saw a complete record and checkpoint
+    vanish. The interrupt is now held until the record is written and the outputs committed;
+    it is then handled, and says the outputs were written in full."""
+    import signal
+
+    from mtunlearn_ext import records
+
+    real = records.write_record
+
+    def landing(path: Path, record: object) -> str:
+        digest = real(path, record)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGINT)  # as the record lands
+        return digest
+
+    monkeypatch.setattr(records, "write_record", landing)
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after its outputs were written in full" in err, err
+    assert _listing(tmp_path) == {"u.pt", "u.pt.record.json"}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(tmp_path / "u.pt.record.json"), "--quiet"]) == 0
+
+
 def test_nan_during_unlearning_stops_with_step(trained: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
