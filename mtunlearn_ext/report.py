@@ -20,6 +20,7 @@ files written so far.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -567,8 +568,26 @@ def _md_provenance(record: Mapping[str, Any]) -> list[str]:
                                                   if get("code", "dirty") else "")
                if commit else ""),
             f"- run: {code('started_at')} to {code('finished_at')} (UTC)",
+            f"- method: {code('method', 'name')}, seed {code('seed')}, device "
+            f"{code('device')}; settings "
+            + ("not recorded" if not isinstance(get("method", "settings"), Mapping) else
+               _md_code(json.dumps(get("method", "settings"), sort_keys=True))),
+            f"- forgotten ids: {_md_ids_origin(get('request'))}",
             "", "`mtunlearn verify --record RECORD` re-checks the files and the metrics against "
             "the record.", ""]
+
+
+def _md_ids_origin(request: object) -> str:
+    """Who chose the forgotten ids: the user (``--forget-ids``), or the tool's random draw
+    (``request.ids_drawn``; absent from records written before it was kept)."""
+    if not isinstance(request, Mapping) or "ids_drawn" not in request:
+        return "not recorded"
+    drawn = request["ids_drawn"]
+    if isinstance(drawn, Mapping):
+        return (f"**drawn at random by the tool** (--forget-fraction "
+                f"{_md_code(drawn.get('fraction'))}, seed {_md_code(drawn.get('seed'))}), not "
+                "named by a request")
+    return "named with --forget-ids" if drawn is None else "not recorded"
 
 
 def _md_retain(request: Mapping[str, Any]) -> str:

@@ -488,6 +488,21 @@ def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) 
     assert "0.5 means the attack cannot tell them apart" in markdown
     assert f"SHA-256 `{'ab' * 32}`" in markdown and f"SHA-256 `{'cd' * 32}`" in markdown
     assert "output weights differ from the input's: **no: nothing was unlearned**" in markdown
+    # Compliance review: the settings, the seed and who chose the ids were not in the report.
+    assert ("- method: `interference_aware`, seed not recorded, device not recorded; settings "
+            "`{}`") in lines
+    assert "- forgotten ids: not recorded" in lines  # a record older than `ids_drawn`
+    for drawn, said in ((None, "named with --forget-ids"),
+                        ({"fraction": 0.1, "seed": 5}, "**drawn at random by the tool** "
+                         "(--forget-fraction `0.1`, seed `5`), not named by a request")):
+        record["request"]["ids_drawn"] = drawn
+        record["seed"], record["method"]["settings"] = 5, {"steps": 3, "lr": 0.01}
+        folder = tmp_path / f"rep-{drawn is None}"
+        write_report(record, folder)
+        lines = (folder / "report.md").read_text().splitlines()
+        assert f"- forgotten ids: {said}" in lines
+        assert ("- method: `interference_aware`, seed `5`, device not recorded; settings "
+                '`{"lr": 0.01, "steps": 3}`') in lines
 
 
 def test_an_experiment_report_has_a_column_per_model_with_the_retrained_one(
