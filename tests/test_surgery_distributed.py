@@ -771,15 +771,23 @@ def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
         # One shared layer frozen on rank 1 only ("count": the header sizes differed and gloo
         # aborted), or a different one of the same shape on each rank ("swapped": the
         # averages paired layer 0's gradients with layer 1's, silently).
+        # ("all": every shared layer frozen on rank 1, which has no stack to tell k and said
+        # 0: the ranks were told they passed different numbers of losses.)
         frozen = 0 if what.endswith("count") else rank
         if what.endswith("swapped") or rank == 1:
             params[frozen].requires_grad_(False)
+        if "all" in what and rank == 1:
+            for p in params[:2]:
+                p.requires_grad_(False)
         heads = {"head_params": params[2:]} if "heads" in what else {}
         surgery = replicated_surgery(params[:2], UPGrad(), **heads)  # type: ignore[arg-type]
         current = losses()
         wanted = ("replicated_surgery: the ranks take part with different shared parameters "
                   "(shared parameters requiring grad per rank: "
-                  + ("rank 0: 2, rank 1: 1; rank 0 has 'param0': a (3, 3) float64 tensor "
+                  + ("rank 0: 2, rank 1: 0; rank 0 has 'param0': a (3, 3) float64 tensor, "
+                     "'param1': a (3, 3) float64 tensor where rank 1 has nothing else)"
+                     if "all" in what else
+                     "rank 0: 2, rank 1: 1; rank 0 has 'param0': a (3, 3) float64 tensor "
                      "where rank 1 has nothing else)" if what.endswith("count") else
                      "rank 0: 1, rank 1: 1; rank 0 has 'param1': a (3, 3) float64 tensor "
                      "where rank 1 has 'param0': a (3, 3) float64 tensor)"))
@@ -924,7 +932,8 @@ def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
             lambda r, h=how: _scenario_sharded_shard_frozen_or_empty(r, h))
     for what in ("k", "num_layers", "dtype", "k_replicated", "k_replicated_heads",
                  "frozen_shared_count", "frozen_shared_swapped", "frozen_shared_heads_count",
-                 "frozen_shared_heads_swapped", "frozen_head"):
+                 "frozen_shared_heads_swapped", "frozen_shared_all", "frozen_shared_all_heads",
+                 "frozen_head"):
         table[f"disagreeing_ranks-{what}"] = lambda r, w=what: _scenario_disagreeing_ranks(r, w)
     return table
 

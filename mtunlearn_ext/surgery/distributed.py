@@ -11,9 +11,11 @@ the per-task gradients themselves.
 
 FSDP2: the per-task gradients must be the global (data-averaged) ones restricted to the shard,
 which is what FSDP2's reduce-scatter leaves in each sharded ``.grad`` after a ``backward``; so
-the surgery runs ``per_task="backward"`` and reads ``.grad.to_local()``. The ``k`` backward
-passes reduce-scatter ``k`` times (the inherent ``k x n`` cost of per-task gradients under data
-parallelism); the aggregation itself then only adds the ``k x k`` all-reduce.
+the surgery runs ``per_task="backward"`` and reads ``.grad.to_local()``. That needs gradient sync
+on in every pass: under ``set_requires_gradient_sync(False)`` FSDP2 keeps each pass's unsharded
+gradient and adds it into the next synced pass, mixing the tasks without an error. The ``k``
+backward passes reduce-scatter ``k`` times (the inherent ``k x n`` cost of per-task gradients
+under data parallelism); the aggregation itself then only adds the ``k x k`` all-reduce.
 
 Replicated parameters (DDP): each rank computes per-task gradients on its own data, and the
 global per-task gradient is the average over ranks, ``gbar_i = (1/R) sum_r g_i^r``. Its Gram is
@@ -365,7 +367,7 @@ def _agreed_head_layouts(listed: Sequence[torch.Tensor], trainable: Sequence[boo
     dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
     values = header.tolist()
     most, fewest, layouts = values[:4], [-v for v in values[4:8]], values[8:]
-    if most[0] != fewest[0]:
+    if _losses_differ(most[0], fewest[0]):
         raise ValueError(_losses_mismatch(k, group))
     if most[1:3] != fewest[1:3]:
         raise ValueError(_shared_mismatch(shared, group))
@@ -384,6 +386,15 @@ def _agreed_head_layouts(listed: Sequence[torch.Tensor], trainable: Sequence[boo
 def _indices(positions: Sequence[int], most: int = 12) -> str:
     shown = ", ".join(str(i) for i in positions[:most])
     return f"[{shown}{', ...' if len(positions) > most else ''}] ({len(positions)})"
+
+
+def _losses_differ(most: int, fewest: int) -> bool:
+    """Whether the ranks' ``k`` (largest, smallest) show different numbers of losses. A rank
+    with every shared parameter frozen has no stack to tell ``k`` and says 0: beside ranks
+    with stacks that is a difference in the shared parameters, which the next check names
+    (reported as "different numbers of losses k (rank 0: 3, rank 1: 0)", it sent the user
+    looking at losses that were the same on every rank)."""
+    return most != fewest and fewest > 0
 
 
 def _losses_mismatch(k: int, group: ProcessGroup | None) -> str:
@@ -447,7 +458,7 @@ def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] 
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
     values = mine.tolist()
     most, fewest = values[:5], [-v for v in values[5:]]
-    if most[0] != fewest[0]:
+    if _losses_differ(most[0], fewest[0]):
         # k first: with another number of losses the heads differ too (the tasks reaching
         # them), and "pass head_params" would not help.
         raise ValueError(_losses_mismatch(k, group))
