@@ -106,19 +106,48 @@ class _HeldInterrupts:
     def __enter__(self) -> _HeldInterrupts:
         if threading.current_thread() is not threading.main_thread():
             return self
-        for signum in self._SIGNALS:
-            current = signal.getsignal(signum)
-            if current is None:  # set outside Python: it could not be put back
-                continue
-            try:
-                self.previous[signum] = signal.signal(signum, self._note)
-            except (OSError, ValueError):  # pragma: no cover - no handlers here
-                pass
+        try:
+            for signum in self._SIGNALS:
+                current = signal.getsignal(signum)
+                if current is None:  # set outside Python: it could not be put back
+                    continue
+                self.previous[signum] = current  # first: the swap below may be cut short
+                try:
+                    signal.signal(signum, self._note)
+                except (OSError, ValueError):  # pragma: no cover - no handlers here
+                    del self.previous[signum]
+        except BaseException:
+            # A signal that came before the hold was complete ran its own handler (between
+            # the two swaps, or in ``signal.signal``'s check for pending signals) and raised:
+            # ``with`` calls no __exit__ then, and SIGINT kept this hold's note-taker for good,
+            # every later Ctrl-C of the process swallowed.
+            self._put_back()
+            raise
         return self
 
+    def _put_back(self) -> None:
+        """The previous handlers back, every one of them. A signal's handler can run between
+        any two bytecodes and inside ``signal.signal`` (which handles pending signals before
+        it changes one); one that raises cut the swaps short and left a note-taker installed.
+        The swaps are made again until all are done, then the first exception is raised."""
+        raised: BaseException | None = None
+        remaining = list(self.previous.items())
+        while remaining:
+            try:
+                while remaining:
+                    signum, handler = remaining[0]
+                    try:
+                        signal.signal(signum, handler)
+                    except (OSError, ValueError):  # pragma: no cover - no handlers here
+                        pass
+                    remaining.pop(0)
+            except BaseException as error:  # a pending signal's handler: swap again
+                raised = raised or error
+        if raised is not None:
+            raise raised
+
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        self._put_back()
         for signum in dict.fromkeys(self.pending):
             handler = self.previous.get(signum)
             if callable(handler):

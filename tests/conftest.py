@@ -5,6 +5,7 @@ outputs our ops allocate in C++) with NaN: an output element a kernel forgets to
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("MTUNLEARN_REQUIRE_EXTENSION", "1")
 
@@ -39,6 +40,24 @@ def _restore_thread_count():  # type: ignore[no-untyped-def]
     yield
     if torch.get_num_threads() != previous:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back():  # type: ignore[no-untyped-def]
+    """Every test leaves the SIGINT / SIGTERM handlers as it found them, or fails. A handler
+    left changed (a hold's note-taker, say) silently swallowed the interrupts of a later test
+    in the process: a CI run's CLI interrupt test exited 0 instead of 130, far from its cause.
+    They are put back either way, so the one test at fault is the one that fails."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.getsignal(signum) for signum in signals}
+    yield
+    changed = {signal.Signals(s).name: h for s in signals
+               if (h := signal.getsignal(s)) is not before[s]}
+    if changed:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        pytest.fail(f"the test left signal handlers changed: {changed} (they were "
+                    f"{ {signal.Signals(s).name: h for s, h in before.items()} })")
 
 
 @pytest.fixture(scope="module")

@@ -321,6 +321,67 @@ def test_a_signal_inside_mkstemp_leaves_no_temporary_file(
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def _signal_swaps_interrupted(monkeypatch: pytest.MonkeyPatch, cut: int) -> list[int]:
+    """``signal.signal`` whose ``cut``-th call (from 1) raises KeyboardInterrupt before it
+    changes anything, as CPython's does when a pending SIGINT's handler runs in its check for
+    pending signals; returns the list of the signals each call was asked to change."""
+    import signal
+
+    real = signal.signal
+    calls: list[int] = []
+
+    def swapping(signum: int, handler: object) -> object:
+        calls.append(signum)
+        if len(calls) == cut:
+            raise KeyboardInterrupt
+        return real(signum, handler)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(signal, "signal", swapping)
+    return calls
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_an_interrupt_while_the_hold_begins_leaves_the_handlers_as_they_were(
+        monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    """CI flake of the CLI's "interrupt as the record lands" test (exit 0 instead of 130): a
+    signal handled between the hold's two swaps raised out of ``__enter__``, ``with`` called
+    no ``__exit__``, and SIGINT kept the hold's note-taker, swallowing every later Ctrl-C of
+    the process. The interrupt still propagates, and both handlers are as they were."""
+    import signal
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    calls = _signal_swaps_interrupted(monkeypatch, cut)
+    with pytest.raises(KeyboardInterrupt):
+        with _io.interrupts_held():
+            pytest.fail("the block ran although entering the hold was interrupted")
+    monkeypatch.undo()
+    interrupt, terminate = signal.SIGINT, signal.SIGTERM
+    # The swaps made before the cut, and the one cut short, are put back.
+    assert calls == {1: [interrupt, interrupt],
+                     2: [interrupt, terminate, interrupt, terminate]}[cut]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_an_interrupt_while_the_hold_ends_leaves_the_handlers_as_they_were(
+        monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    """The same when the hold's putting back is cut short (the first or second swap): the
+    swap is made again, every handler is back, and the interrupt is raised."""
+    import signal
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    held = _io.interrupts_held()
+    with pytest.raises(KeyboardInterrupt):
+        with held:
+            calls = _signal_swaps_interrupted(monkeypatch, cut)
+    monkeypatch.undo()
+    interrupt, terminate = signal.SIGINT, signal.SIGTERM
+    # The swap that was cut short is made again.
+    assert calls == {1: [interrupt, interrupt, terminate],
+                     2: [interrupt, terminate, terminate]}[cut]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_held_interrupts_restore_the_handlers(tmp_path: Path) -> None:
     import signal
 
