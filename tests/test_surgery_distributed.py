@@ -1141,3 +1141,21 @@ def test_surgery_without_a_process_group_is_refused_when_built() -> None:
         with pytest.raises(RuntimeError, match=rf"{build.__name__}: torch.distributed has no "
                                                r"default process group"):
             build(trunk.parameters(), UPGrad())
+
+
+@pytest.mark.parametrize("backend", ["nccl", "cpu:gloo,cuda:nccl", "gloo"])
+def test_a_rank_holding_no_gradient_puts_its_checks_where_the_backend_takes_them(
+        monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Distributed review: a replica with every shared parameter frozen and no head reached
+    (only the heads train, and this rank's batch had no labels) made its check tensors on the
+    CPU, which an NCCL group does not take. They now go with the rank's gradients, else to the
+    current CUDA device under NCCL (simulated here: no GPU and no process group needed)."""
+    from mtunlearn_ext.surgery import distributed
+
+    head_grad = torch.zeros(3, device="meta")
+    assert distributed._check_device([head_grad], None) == torch.device("meta")
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    expected = torch.device("cpu") if backend == "gloo" else torch.device("cuda", 1)
+    assert distributed._check_device([], None) == expected

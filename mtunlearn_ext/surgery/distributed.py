@@ -89,6 +89,19 @@ def _all_reduce_mean(tensors: list[torch.Tensor], group: ProcessGroup | None) ->
             to_scale.div_(world)
 
 
+def _check_device(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) -> torch.device:
+    """Where this rank's small check and flag tensors live: with its gradients, or on a rank
+    that holds none (every shared parameter frozen, as on every replica when only the heads
+    train, and no head reached) where the backend takes them: NCCL only takes CUDA tensors,
+    and the CPU tensors this fell back to before could not take part."""
+    if tensors:
+        return tensors[0].device
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 #: Gram / statistics dtypes in the header of a statistics all-reduce (0: none, a rank that holds
 #: no shard and takes whatever the others have).
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
@@ -269,7 +282,7 @@ class ReplicatedReducer:
         ``reached`` (per stack) becomes whether any rank reached the parameter.
         ``stack_names`` (the shared parameters', one per stack) tell the ranks whether they
         take part with the same ones: one frozen on some ranks only is refused on every rank."""
-        device = stacks[0].device if stacks else torch.device("cpu")
+        device = _check_device([*stacks, *head_grads, *(self.head_params or [])], self.group)
         flags = [] if reached is None else reached
         # k: a rank without shared stacks (all frozen, as on every replica) has nothing of k
         # to pair up, and says 0.
