@@ -819,6 +819,41 @@ def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
     return 0.0
 
 
+def _scenario_fsdp_sync_off(rank: int, how: str) -> float:
+    """Distributed review: under ``set_requires_gradient_sync(False)`` FSDP2 keeps each pass's
+    gradient unsharded and adds it into the next synced pass, so the tasks' gradients mixed and
+    the parameters ended 4.5e-3 off the single-process run, with no error (2 micro-batches, sync
+    off in the first). Every rank now refuses the micro-batch whose passes wrote no gradient,
+    naming the sync, through ``backward`` and ``accumulate`` alike, and stays in step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    model = _Net(F64)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model.trunk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    surgery = sharded_surgery(model.trunk.parameters(), UPGrad())
+    model.set_requires_gradient_sync(False)
+    x, y = _rank_batch(*_data(0, F64), rank)
+    losses = _losses(model(x), y)
+    try:
+        if how == "backward":
+            surgery.backward(losses)
+        else:
+            surgery.accumulate(losses)
+    except RuntimeError as error:
+        assert "FSDP2's gradient sync is most likely off" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: passes with gradient sync off were not refused")
+    assert all(p.grad is None for p in model.trunk.parameters())
+    check = torch.ones(1)
+    dist.all_reduce(check)  # still in step
+    assert check.item() == WORLD
+    return 0.0
+
+
 def _scenario_replicated_sparse_head_mixed_layout(rank: int) -> float:
     """Review of the fix above: a head sparse on one rank (``emb(idx)``) and dense on the
     other (``F.embedding(idx, emb.weight)``) was converted with the wrong number of sparse
@@ -927,6 +962,8 @@ def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
         "sharded_every_shard_frozen-upgrad": _scenario_sharded_every_shard_frozen,
         "sharded_apply_without_a_shard": _scenario_apply_on_a_rank_without_a_shard,
     }
+    for how in ("backward", "accumulate"):
+        table[f"fsdp_sync_off-{how}"] = lambda r, h=how: _scenario_fsdp_sync_off(r, h)
     for how in ("frozen", "empty", "empty_per_layer"):
         table[f"sharded_shard_{how}-upgrad-fp64"] = (
             lambda r, h=how: _scenario_sharded_shard_frozen_or_empty(r, h))

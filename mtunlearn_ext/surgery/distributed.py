@@ -13,7 +13,8 @@ FSDP2: the per-task gradients must be the global (data-averaged) ones restricted
 which is what FSDP2's reduce-scatter leaves in each sharded ``.grad`` after a ``backward``; so
 the surgery runs ``per_task="backward"`` and reads ``.grad.to_local()``. That needs gradient sync
 on in every pass: under ``set_requires_gradient_sync(False)`` FSDP2 keeps each pass's unsharded
-gradient and adds it into the next synced pass, mixing the tasks without an error. The ``k``
+gradient and adds it into the next synced pass, mixing the tasks (the surgery refuses a call
+whose passes wrote no gradient on the shared FSDP2 parameters, naming the sync). The ``k``
 backward passes reduce-scatter ``k`` times (the inherent ``k x n`` cost of per-task gradients
 under data parallelism); the aggregation itself then only adds the ``k x k`` all-reduce.
 
