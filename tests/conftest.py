@@ -45,8 +45,8 @@ def _restore_thread_count():  # type: ignore[no-untyped-def]
 @pytest.fixture(autouse=True)
 def _signal_handlers_put_back():  # type: ignore[no-untyped-def]
     """Every test leaves the SIGINT / SIGTERM handlers as it found them, or fails. A handler
-    left changed (a hold's note-taker, say) silently swallowed the interrupts of a later test
-    in the process: a CI run's CLI interrupt test exited 0 instead of 130, far from its cause.
+    left changed (an interrupt hold's note-taker, say) would silently swallow the interrupts of
+    every later test in the process, and the test that failed would be far from the cause.
     They are put back either way, so the one test at fault is the one that fails."""
     signals = (signal.SIGINT, signal.SIGTERM)
     before = {signum: signal.getsignal(signum) for signum in signals}

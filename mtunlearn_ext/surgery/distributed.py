@@ -64,9 +64,14 @@ def local_shards(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [local_tensor(t) for t in tensors]
 
 
+def _has_nccl(group: ProcessGroup | None) -> bool:
+    """Whether the group's backend is (or, for a mixed ``cpu:gloo,cuda:nccl``, includes) NCCL."""
+    return "nccl" in str(dist.get_backend(group)).lower()
+
+
 def _supports_avg(t: torch.Tensor, group: ProcessGroup | None) -> bool:
     # ReduceOp.AVG exists on NCCL only; gloo needs SUM and a division.
-    return t.is_cuda and "nccl" in str(dist.get_backend(group))
+    return t.is_cuda and _has_nccl(group)
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
@@ -97,8 +102,7 @@ def _check_device(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) -
     and the CPU tensors this fell back to before could not take part."""
     if tensors:
         return tensors[0].device
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and torch.cuda.is_available():
+    if _has_nccl(group) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
