@@ -5,7 +5,9 @@ after each checkpoint step the model is evaluated on the forget pairs and on a f
 subset of the retain pairs, and scored by its gap to the retrained model on those two splits
 (:func:`mtunlearn_ext.metrics.retrain_gap`, without the membership attack). A run of ``s`` steps
 is exactly the first ``s`` steps of a longer run (constant learning rate, the same seeded batch
-streams), so one run per learning rate scores every step budget.
+streams), so one run per learning rate scores every step budget; where a run ends with work
+of its own (``head_refit_steps``, or ``recalibrate_norms`` on a model with BatchNorm-style
+running statistics) or sizes its phases by its length (SCRUB), each budget is run on its own.
 
 Selection uses only training data (forget and retain pairs) and the retrained model, never the
 test set: the test split and the attack (which needs test instances) are left for the
@@ -37,6 +39,7 @@ from mtunlearn_ext.experiment import (
 )
 from mtunlearn_ext.metrics import evaluate, retrain_gap
 from mtunlearn_ext.unlearning import GradientUnlearner, get_unlearner
+from mtunlearn_ext.unlearning.norm_statistics import running_statistics_modules
 
 __all__ = ["main", "tune"]
 
@@ -73,37 +76,62 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
     records: list[dict[str, Any]] = [{"method": "original", "gap": original_gap}]
     best: dict[str, dict[str, Any]] = {}
     checkpoint_set = set(checkpoints)
+
+    def record(method: str, lr: float, steps: int, settings: dict[str, Any], model: nn.Module,
+               elapsed: float) -> None:
+        metrics = scores(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gap = retrain_gap(metrics, gold)
+        entry = {"method": method, "lr": lr, "steps": steps, "gap": gap, "seconds": elapsed,
+                 "metrics": metrics, "settings": {**settings, "steps": steps}}
+        records.append(entry)
+        print(f"{method:16s} lr={lr:<8g} steps={steps:<4d} gap={gap:7.3f} ({elapsed:.0f}s)",
+              flush=True)
+        if method not in best or gap < best[method]["gap"]:
+            best[method] = entry
+
     for method in config.methods:
         for lr in lrs:
             settings = {**(base or {}).get(method, {}), "lr": lr, "steps": max(checkpoints)}
             unlearner = get_unlearner(method, settings)
             if not isinstance(unlearner, GradientUnlearner):
                 raise ValueError(f"tune: {method!r} is not a step-based method")
+            if not _runs_share_prefixes(unlearner, prepared.original):
+                # An s-step run ends with work a longer run does later (the heads' refit, the
+                # norms' statistics recomputed): each budget is a run of its own.
+                for steps in sorted(checkpoint_set):
+                    start = time.perf_counter()
+                    result = get_unlearner(method, {**settings, "steps": steps}).unlearn(problem)
+                    record(method, lr, steps, settings, result.model,
+                           time.perf_counter() - start)
+                continue
             start = time.perf_counter()
 
             def watch(steps: int, model: nn.Module, method: str = method, lr: float = lr,
                       start: float = start, settings: dict[str, Any] = settings) -> None:
-                if steps not in checkpoint_set:
-                    return
-                elapsed = time.perf_counter() - start
-                metrics = scores(model)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    gap = retrain_gap(metrics, gold)
-                record = {"method": method, "lr": lr, "steps": steps, "gap": gap,
-                          "seconds": elapsed, "metrics": metrics,
-                          "settings": {**settings, "steps": steps}}
-                records.append(record)
-                print(f"{method:16s} lr={lr:<8g} steps={steps:<4d} gap={gap:7.3f} "
-                      f"({elapsed:.0f}s)", flush=True)
-                if method not in best or gap < best[method]["gap"]:
-                    best[method] = record
+                if steps in checkpoint_set:
+                    record(method, lr, steps, settings, model, time.perf_counter() - start)
 
             unlearner.step_callbacks.append(watch)
             unlearner.unlearn(problem)
     return {"records": records, "best": {m: {"gap": r["gap"], "settings": r["settings"]}
                                          for m, r in best.items()},
             "gold": gold, "original": original}
+
+
+def _runs_share_prefixes(unlearner: GradientUnlearner, model: nn.Module) -> bool:
+    """Whether the model after step ``s`` of a longer run is the model an ``s``-step run
+    returns: not when the run ends with the heads refitted (``head_refit_steps``) or with the
+    running statistics of normalisation layers recomputed (``recalibrate_norms``), nor when its
+    phases are fractions of its length (SCRUB's forget steps, 2/3 of ``steps`` by default)."""
+    config = unlearner.config
+    if getattr(config, "head_refit_steps", 0):
+        return False
+    if hasattr(config, "forget_steps") and config.forget_steps is None:
+        return False
+    return not (getattr(config, "recalibrate_norms", False)
+                and running_statistics_modules(model))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

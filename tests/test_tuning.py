@@ -7,10 +7,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
-from mtunlearn_ext.experiment import ExperimentConfig
-from mtunlearn_ext.metrics import retrain_gap
-from mtunlearn_ext.tuning import main, tune
+from mtunlearn_ext.experiment import ExperimentConfig, experiment_threads, prepare_experiment
+from mtunlearn_ext.metrics import evaluate, retrain_gap
+from mtunlearn_ext.tuning import _runs_share_prefixes, main, tune
+from mtunlearn_ext.unlearning import get_unlearner
 
 
 def test_tune_scores_every_grid_point_and_keeps_each_methods_best(tmp_path: Path) -> None:
@@ -47,3 +49,42 @@ def test_cli_refuses_bad_arguments_before_any_training(tmp_path: Path, capsys, a
     assert main(["--benchmark", "digits", "--size", "tiny", "--output", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("method", "base"), [
+    ("finetune", {"head_refit_steps": 2}),  # the heads refitted after the forget steps
+    ("scrub", {}),                          # forget steps: 2/3 of the run's length
+])
+def test_a_budget_is_scored_as_a_run_of_that_length_where_runs_do_not_share_prefixes(
+        tmp_path: Path, method: str, base: dict) -> None:  # type: ignore[type-arg]
+    """An ``s``-step run with a refit, or SCRUB's phases, is not the first ``s`` steps of a
+    longer run: each budget's score must be that of the model an ``s``-step run returns."""
+    config = ExperimentConfig(benchmark="digits", size="tiny", request="partial",
+                              target_tasks=["digit"], methods=[method], seed=0,
+                              output=str(tmp_path / "r.json"),
+                              cache_dir=str(tmp_path / "cache"), threads=1)
+    result = tune(config, [1e-2], [2, 3], retain_eval=50, base={method: base})
+    grid = {r["steps"]: r for r in result["records"] if r["method"] == method}
+    assert sorted(grid) == [2, 3]
+    prepared = prepare_experiment(config)
+    problem = prepared.problem(config)
+    rows = torch.randperm(len(prepared.retain),
+                          generator=torch.Generator().manual_seed(config.seed))[:50]
+    with experiment_threads(1):
+        for steps, record in grid.items():
+            assert record["settings"] == {**base, "lr": 1e-2, "steps": steps}
+            model = get_unlearner(method, record["settings"]).unlearn(problem).model
+            assert record["metrics"] == {
+                "forget": evaluate(model, prepared.forget, None, config.eval_batch_size),
+                "retain": evaluate(model, prepared.retain.subset(rows), None,
+                                   config.eval_batch_size)}
+
+
+def test_running_statistics_recomputed_at_the_end_make_each_budget_a_run_of_its_own() -> None:
+    with_norms = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    without = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GroupNorm(1, 2))
+    recalibrating = get_unlearner("finetune", {"recalibrate_norms": True})
+    assert not _runs_share_prefixes(recalibrating, with_norms)  # type: ignore[arg-type]
+    assert _runs_share_prefixes(recalibrating, without)  # type: ignore[arg-type]
+    kept = get_unlearner("finetune", {"recalibrate_norms": False})
+    assert _runs_share_prefixes(kept, with_norms)  # type: ignore[arg-type]
