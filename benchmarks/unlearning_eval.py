@@ -499,7 +499,8 @@ def _grid(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_tuning(args: argparse.Namespace) -> int:
     """For every step-based method and every setting of its grid (:func:`_grid`), one run
     scored at each step budget of ``--checkpoints`` (a run of ``s`` steps is the first ``s``
-    steps of a longer one: constant learning rate, same seeded batches) by
+    steps of a longer one: constant learning rate, same seeded batches; where it is not, as
+    with ``head_refit_steps``, one run per budget) by
     :func:`selection_score` on the forget pairs and a fixed subset of the retain pairs. The test
     split and the attack are never used. The records of every (benchmark, request) go to
     ``tuning/<benchmark>-<request>-seed<seed>.json``; :func:`select_settings` then picks, per
@@ -571,8 +572,17 @@ def run_tuning(args: argparse.Namespace) -> int:
                                   f"score={record['score']:6.3f} gap={record['gap']:6.3f}",
                                   flush=True)
 
-                        unlearner.step_callbacks.append(watch)
-                        unlearner.unlearn(problem)
+                        if unlearner.shares_prefixes(prepared.original):
+                            unlearner.step_callbacks.append(watch)
+                            unlearner.unlearn(problem)
+                            continue
+                        # A run ending with work of its own (the heads' refit, for one) is
+                        # not the prefix of a longer run: one run per budget, scored at its end.
+                        for steps in budgets[method]:
+                            start = time.perf_counter()
+                            result = get_unlearner(method, {**settings, "steps": steps}
+                                                   ).unlearn(problem)
+                            watch(steps, result.model, start=start)
                 path = out / f"{benchmark}-{request}-seed{seed}.json"
                 write_json_atomic(path, _plain({"records": _merge_records(path, records),
                                                 "gold": gold, "original": original}))

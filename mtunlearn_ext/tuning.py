@@ -39,7 +39,6 @@ from mtunlearn_ext.experiment import (
 )
 from mtunlearn_ext.metrics import evaluate, retrain_gap
 from mtunlearn_ext.unlearning import GradientUnlearner, get_unlearner
-from mtunlearn_ext.unlearning.norm_statistics import running_statistics_modules
 
 __all__ = ["main", "tune"]
 
@@ -97,7 +96,7 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
             unlearner = get_unlearner(method, settings)
             if not isinstance(unlearner, GradientUnlearner):
                 raise ValueError(f"tune: {method!r} is not a step-based method")
-            if not _runs_share_prefixes(unlearner, prepared.original):
+            if not unlearner.shares_prefixes(prepared.original):
                 # An s-step run ends with work a longer run does later (the heads' refit, the
                 # norms' statistics recomputed): each budget is a run of its own.
                 for steps in sorted(checkpoint_set):
@@ -118,20 +117,6 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
     return {"records": records, "best": {m: {"gap": r["gap"], "settings": r["settings"]}
                                          for m, r in best.items()},
             "gold": gold, "original": original}
-
-
-def _runs_share_prefixes(unlearner: GradientUnlearner, model: nn.Module) -> bool:
-    """Whether the model after step ``s`` of a longer run is the model an ``s``-step run
-    returns: not when the run ends with the heads refitted (``head_refit_steps``) or with the
-    running statistics of normalisation layers recomputed (``recalibrate_norms``), nor when its
-    phases are fractions of its length (SCRUB's forget steps, 2/3 of ``steps`` by default)."""
-    config = unlearner.config
-    if getattr(config, "head_refit_steps", 0):
-        return False
-    if hasattr(config, "forget_steps") and config.forget_steps is None:
-        return False
-    return not (getattr(config, "recalibrate_norms", False)
-                and running_statistics_modules(model))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,8 @@ import torch
 
 from mtunlearn_ext.experiment import ExperimentConfig, experiment_threads, prepare_experiment
 from mtunlearn_ext.metrics import evaluate, retrain_gap
-from mtunlearn_ext.tuning import _runs_share_prefixes, main, tune
-from mtunlearn_ext.unlearning import get_unlearner
+from mtunlearn_ext.tuning import main, tune
+from mtunlearn_ext.unlearning import GradientUnlearner, get_unlearner
 
 
 def test_tune_scores_every_grid_point_and_keeps_each_methods_best(tmp_path: Path) -> None:
@@ -52,13 +52,14 @@ def test_cli_refuses_bad_arguments_before_any_training(tmp_path: Path, capsys, a
 
 
 @pytest.mark.parametrize(("method", "base"), [
+    ("finetune", {}),                       # one run scores both budgets
     ("finetune", {"head_refit_steps": 2}),  # the heads refitted after the forget steps
     ("scrub", {}),                          # forget steps: 2/3 of the run's length
 ])
-def test_a_budget_is_scored_as_a_run_of_that_length_where_runs_do_not_share_prefixes(
+def test_a_budget_is_scored_as_the_run_of_that_length(
         tmp_path: Path, method: str, base: dict) -> None:  # type: ignore[type-arg]
-    """An ``s``-step run with a refit, or SCRUB's phases, is not the first ``s`` steps of a
-    longer run: each budget's score must be that of the model an ``s``-step run returns."""
+    """Each budget's score is that of the model an ``s``-step run returns, also where that run
+    is not the first ``s`` steps of a longer one (a refit at the end, SCRUB's phases)."""
     config = ExperimentConfig(benchmark="digits", size="tiny", request="partial",
                               target_tasks=["digit"], methods=[method], seed=0,
                               output=str(tmp_path / "r.json"),
@@ -84,7 +85,12 @@ def test_running_statistics_recomputed_at_the_end_make_each_budget_a_run_of_its_
     with_norms = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     without = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GroupNorm(1, 2))
     recalibrating = get_unlearner("finetune", {"recalibrate_norms": True})
-    assert not _runs_share_prefixes(recalibrating, with_norms)  # type: ignore[arg-type]
-    assert _runs_share_prefixes(recalibrating, without)  # type: ignore[arg-type]
+    assert isinstance(recalibrating, GradientUnlearner)
+    assert not recalibrating.shares_prefixes(with_norms)
+    assert recalibrating.shares_prefixes(without)
     kept = get_unlearner("finetune", {"recalibrate_norms": False})
-    assert _runs_share_prefixes(kept, with_norms)  # type: ignore[arg-type]
+    assert isinstance(kept, GradientUnlearner)
+    assert kept.shares_prefixes(with_norms)
+    scrub = get_unlearner("scrub", {"forget_steps": 2})
+    assert isinstance(scrub, GradientUnlearner)
+    assert scrub.shares_prefixes(without)

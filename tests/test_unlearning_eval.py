@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,45 @@ def test_a_seed_on_which_a_method_diverged_is_not_averaged_away(evaluation, tmp_
     assert row["uis"][0] == float("inf") and row["retrain_gap"][0] == float("inf")
     assert row["mia_distance"][0] == float("inf")
     assert evaluation._mean_std([1.0, 3.0]) == (2.0, pytest.approx(1.4142135623730951))
+
+
+@pytest.mark.parametrize("refit", [0, 2])
+def test_tuning_scores_each_budget_as_a_run_of_that_length(evaluation, tmp_path, refit):
+    """With the heads refitted at the end, an s-step run is not the first s steps of a longer
+    one: each budget is then its own run. Either way a record's metrics are those of the model
+    an s-step run returns."""
+    import torch
+
+    from mtunlearn_ext.experiment import prepare_experiment
+    from mtunlearn_ext.metrics import evaluate
+    from mtunlearn_ext.unlearning import get_unlearner
+
+    threads = torch.get_num_threads()
+    argv = ["--tune", "--benchmarks", "digits", "--requests", "partial", "--partial-task",
+            "digit", "--seeds", "0", "--size", "tiny", "--methods", "finetune",
+            "--grid", json.dumps({"finetune": {"lr": [1e-2], "head_refit_steps": [refit]}}),
+            "--checkpoints", "2,3", "--retain-eval", "50", "--output-dir", str(tmp_path),
+            "--cache-dir", str(tmp_path / "cache")]
+    try:
+        assert evaluation.main(argv) == 0
+        records = json.loads((tmp_path / "tuning" / "digits-partial-seed0.json").read_text())
+        scored = {r["steps"]: r for r in records["records"] if r["method"] == "finetune"}
+        assert sorted(scored) == [2, 3]
+        args = types.SimpleNamespace(  # what main() makes of argv, for the same experiment
+            methods=["finetune"], size="tiny", forget_fraction=0.1, partial_task="digit",
+            recipe="default", cache_dir=str(tmp_path / "cache"), threads=1,
+            train=dict(evaluation.RECIPES["default"]))
+        config = evaluation._config("digits", "partial", 0, args, tmp_path / "unused.json")
+        config.methods, config.method_configs = [], {}
+        prepared = prepare_experiment(config)
+        problem = prepared.problem(config)
+        rows = torch.randperm(len(prepared.retain),
+                              generator=torch.Generator().manual_seed(0))[:50]
+        for steps, record in scored.items():
+            assert record["settings"]["head_refit_steps"] == refit
+            model = get_unlearner("finetune", record["settings"]).unlearn(problem).model
+            assert record["metrics"] == {
+                "forget": evaluate(model, prepared.forget, None, 64),
+                "retain": evaluate(model, prepared.retain.subset(rows), None, 64)}
+    finally:
+        torch.set_num_threads(threads)

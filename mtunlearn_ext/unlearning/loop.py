@@ -260,6 +260,17 @@ class GradientUnlearner(Unlearner):
         #: modify the model; evaluation that switches to eval mode must switch back.
         self.step_callbacks: list[Callable[[int, nn.Module], None]] = []
 
+    def shares_prefixes(self, model: nn.Module) -> bool:
+        """Whether, under this configuration, the model after step ``s`` of a longer run is the
+        model an ``s``-step run returns (then one run, watched by :attr:`step_callbacks`,
+        scores every step budget). Not when a run ends with work of its own: the heads'
+        refit (``head_refit_steps``) or the running statistics of ``model``'s normalisation
+        layers recomputed (``recalibrate_norms``). Subclasses whose schedule depends on
+        ``steps`` say so too."""
+        if self.config.head_refit_steps:
+            return False
+        return not (self.config.recalibrate_norms and running_statistics_modules(model))
+
     # -- hooks -------------------------------------------------------------------------------
 
     def setup(self, ctx: StepContext, report: UnlearningReport) -> None:

@@ -186,6 +186,10 @@ class SCRUB(GradientUnlearner):
     # Its objectives are only the curves' plain forget losses: ascent needs no preparation.
     default_forget_objective = "ascent"
 
+    def shares_prefixes(self, model: torch.nn.Module) -> bool:
+        """Not with ``forget_steps`` left to its default, two thirds of ``steps``."""
+        return self.config.forget_steps is not None and super().shares_prefixes(model)
+
     def setup(self, ctx: StepContext, report: UnlearningReport) -> None:
         teacher = copy.deepcopy(ctx.model)
         for p in teacher.parameters():
