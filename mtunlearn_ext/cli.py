@@ -402,6 +402,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mtunlearn_ext.training import save_checkpoint, train
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
+        TEST_FILES_KEY,
         TRAIN_FILES_KEY,
         NonFiniteError,
         OutputTransaction,
@@ -451,10 +452,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 # The test split too (hashed in memory, as the training split): unlearn,
                 # evaluate and verify measure the test metrics and the attack's AUC on it.
                 "test_data_sha256": dataset_fingerprint(bench.test),
-                # Every training file's SHA-256: once a removal was honoured, the person's
-                # files may be erased and the rest still be checked file by file.
-                **({TRAIN_FILES_KEY: bench.info[TRAIN_FILES_KEY]}
-                   if data_root is not None and TRAIN_FILES_KEY in bench.info else {}),
+                # Every file's SHA-256: what the later commands check the data by (the tensors'
+                # last bits follow the thread count); once a removal was honoured, the
+                # person's files may be erased and the rest still be checked file by file.
+                **{key: bench.info[key] for key in (TRAIN_FILES_KEY, TEST_FILES_KEY)
+                   if data_root is not None and key in bench.info},
                 "train_steps": result.steps, "final_loss": result.final_loss,
                 # The weights' last bits depend on the thread count (torch's default: the
                 # core count) and the torch build: the same command reproduces the file with
@@ -580,6 +582,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         OutputTransaction,
         UserInputError,
         REMOVALS_KEY,
+        TEST_FILES_KEY,
         TRAIN_FILES_KEY,
         build_user_request,
         check_device,
@@ -709,8 +712,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 # used with them there.
                 "data_root": loaded.data_root,
                 # Absent from checkpoints written before it was recorded: not carried as null.
-                **{k: loaded.meta[k] for k in ("test_data_sha256", TRAIN_FILES_KEY)
-                   if k in loaded.meta},
+                **{k: loaded.meta[k] for k in ("test_data_sha256", TRAIN_FILES_KEY,
+                                               TEST_FILES_KEY) if k in loaded.meta},
                 "format": CLI_META_FORMAT, "kind": "unlearned", "method": args.method,
                 "parent_sha256": loaded.checkpoint.sha256, "ids_sha256": request.ids_hash(),
                 # The request itself, so that verify can tell a record edited to another

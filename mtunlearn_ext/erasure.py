@@ -22,8 +22,8 @@ from mtunlearn_ext.data.libmtl import FOLDER_OF_TASK, TRAIN_FILES_KEY
 from mtunlearn_ext.workflow import UserInputError, lineage_removals
 
 __all__ = ["ERASED_KEY", "check_train_files", "differing_files", "erased_forget_pairs",
-           "erased_instances", "first_files", "num_train_recorded", "recorded_train_files",
-           "refuse_erased_ids", "removed_files"]
+           "erased_instances", "file_changes", "first_files", "num_train_recorded",
+           "recorded_train_files", "refuse_erased_ids", "removed_files"]
 
 
 #: ``Benchmark.info`` key of the training files found erased (``"image/5.npy"``, sorted), set by
@@ -147,6 +147,21 @@ def differing_files(meta: Mapping[str, Any], bench: Benchmark) -> list[str]:
     if files is None or not isinstance(now, Mapping):
         return []
     return sorted(set(files) ^ set(now) | {p for p in files if p in now and now[p] != files[p]})
+
+
+def file_changes(recorded: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """``"image/2.npy edited"``, ``"... missing"``, ``"... added"``: how the files read now
+    (``"<folder>/<i>.npy" -> SHA-256``) differ from the recorded ones, in file order."""
+    changes = [(p, "missing" if p not in now else "edited") for p in recorded
+               if now.get(p) != recorded[p]]
+    changes += [(p, "added") for p in now if p not in recorded]
+    return [f"{p} {how}" for p, how in sorted(changes, key=lambda c: _sort_key(c[0]))]
+
+
+def _sort_key(path: str) -> tuple[str, int]:
+    if _FILE.fullmatch(path) is None:
+        return path, -1
+    return _file_number(path)
 
 
 def erased_instances(bench: Benchmark) -> dict[int, set[str]]:

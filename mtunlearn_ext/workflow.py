@@ -39,7 +39,7 @@ from torch import nn
 
 from mtunlearn_ext._io import name_max, path_max, write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
-from mtunlearn_ext.data.libmtl import TRAIN_FILES_KEY
+from mtunlearn_ext.data.libmtl import TEST_FILES_KEY, TRAIN_FILES_KEY
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
 
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLI_META_FORMAT",
+    "TEST_FILES_KEY",
     "TRAIN_FILES_KEY",
     "LoadedModel",
     "NonFiniteError",
@@ -383,6 +384,7 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
         ERASED_KEY,
         check_train_files,
         differing_files,
+        file_changes,
         first_files,
     )
     from mtunlearn_ext.experiment import dataset_fingerprint
@@ -397,29 +399,42 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
 
     erased = check_train_files(meta, bench, argument, refuse, removals)
     bench.info[ERASED_KEY] = erased
-    changed = differing_files(meta, bench)
-    splits = [] if erased else [
-        ("training data", f"; {first_files(changed)} differ from the recorded files" if changed
-         else "", bench.train, recorded,
-         "instance ids name files by number, so a request would name other instances")]
-    test_recorded = meta.get("test_data_sha256")
-    if test_recorded is not None:
-        splits.append(("test data (val/)", " in val/", bench.test, test_recorded,
-                       "the test metrics and the attack's AUC would be measured on other data "
-                       "than the checkpoint's"))
-    for what, where, dataset, expected, why in splits:
+    train_why = "instance ids name files by number, so a request would name other instances"
+    test_why = ("the test metrics and the attack's AUC would be measured on other data than "
+                "the checkpoint's")
+    for what, split, files_key, tensor_key, dataset, why in (
+            ("training data", "train", TRAIN_FILES_KEY, "data_sha256", bench.train, train_why),
+            ("test data (val/)", "val", TEST_FILES_KEY, "test_data_sha256", bench.test,
+             test_why)):
+        # By the files' digests where both sides have them (erased training files were
+        # checked file by file above). The tensors read from the files are compared only for
+        # a checkpoint without digests: their last bits follow the thread count and the CPU
+        # (the resampling), and the same files read as edited data under another.
+        files, now_files = meta.get(files_key), bench.info.get(files_key)
+        if isinstance(files, Mapping) and files and isinstance(now_files, Mapping):
+            changes = [] if split == "train" and erased else file_changes(files, now_files)
+            if changes:
+                more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+                raise refuse(f"its {what} differ from the files recorded at training: "
+                             f"{', '.join(f'{split}/{c}' for c in changes[:3])}{more} (files "
+                             f"added, removed, renumbered or edited): {why}; restore the data "
+                             "or train again")
+            continue
+        expected = meta.get(tensor_key)
+        if expected is None:
+            continue
         now = dataset_fingerprint(dataset)
-        if now != expected and moved_to is not None:
-            raise UserInputError(argument, f"a folder holding the data the checkpoint was "
-                                 f"trained on (recorded under {root})", given,
-                                 f"its {what} had SHA-256 {str(expected)[:16]}..., the data "
-                                 f"under {moved_to} {now[:16]}...: not the same files; {why}")
-        if now != expected:
-            raise UserInputError(argument, f"a checkpoint trained on the data now under {root}",
-                                 meta.get("benchmark"),
-                                 f"its {what} had SHA-256 {str(expected)[:16]}..., the data read "
-                                 f"now {now[:16]}... (files added, removed, renumbered or "
-                                 f"edited{where}): {why}; restore the data or train again")
+        if now == expected:
+            continue
+        if moved_to is not None:
+            raise refuse(f"its {what} had SHA-256 {str(expected)[:16]}..., the data there "
+                         f"{now[:16]}...: not the same files; {why}")
+        changed = differing_files(meta, bench) if split == "train" else []
+        where = (" in val/" if split == "val" else
+                 f"; {first_files(changed)} differ from the recorded files" if changed else "")
+        raise refuse(f"its {what} had SHA-256 {str(expected)[:16]}..., the data read now "
+                     f"{now[:16]}... (files added, removed, renumbered or edited{where}): "
+                     f"{why}; restore the data or train again")
 
 
 def check_parameter_split(model: nn.Module, task_names: Sequence[str],

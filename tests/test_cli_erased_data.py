@@ -170,8 +170,9 @@ def test_a_removed_file_blanked_instead_of_deleted_is_refused(
         assert cli.main(["verify", "--record", _record(erasable.u1), "--quiet"]) == 2
         err = _err(capsys)
         assert "train/image/5.npy" in err, err
-        assert ("does not hash to the SHA-256 recorded at training" if also_delete
-                else "differ from the recorded files") in err, err
+        assert ("does not hash to the SHA-256 recorded at training" if also_delete else
+                "differ from the files recorded at training: train/image/5.npy edited"
+                ) in err, err
 
 
 def test_a_partial_request_may_erase_its_tasks_label_files_only(

@@ -204,6 +204,22 @@ def test_a_data_root_is_stored_absolute_and_its_data_checked_on_reload(
     err = _err(capsys)
     assert err.startswith(f"mtunlearn: error: --checkpoint: expected a checkpoint trained on "
                           f"the data now under {data.resolve()}, got 'nyuv2'; its training data "
+                          f"differ from the files recorded at training: train/depth/0.npy "
+                          f"edited, train/depth/1.npy edited, train/image/0.npy edited (and "), err
+    assert "instance ids name files by number" in err
+    assert not out.exists() and not (tmp_path / "u.json").exists()
+    # A checkpoint from before the files' digests were recorded: the tensors' hash decides.
+    import torch
+
+    payload = torch.load(orig, weights_only=True)
+    del payload["meta"]["train_files_sha256"], payload["meta"]["test_files_sha256"]
+    older = tmp_path / "older.pt"
+    torch.save(payload, older)
+    assert cli.main(["unlearn", "--checkpoint", str(older), "--forget-ids", "0", "--output",
+                     str(out), "--record", str(tmp_path / "u.json"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"mtunlearn: error: --checkpoint: expected a checkpoint trained on "
+                          f"the data now under {data.resolve()}, got 'nyuv2'; its training data "
                           f"had SHA-256 "), err
     assert "instance ids name files by number" in err
     assert not out.exists() and not (tmp_path / "u.json").exists()

@@ -64,7 +64,9 @@ def test_verify_on_changed_data_names_the_checkpoint_path(
     assert err.startswith(
         f"mtunlearn: error: --record: expected a record whose output checkpoint can be loaded, "
         f"got '{real.record}'; its output.checkpoint '{real.out}' is not a checkpoint trained "
-        f"on the data now under {real.data}: its training data had SHA-256 "), err
+        f"on the data now under {real.data}: its training data differ from the files "
+        f"recorded at training: train/image/2.npy edited (files added, removed, renumbered or "
+        f"edited): instance ids name files by number"), err
     assert "'nyuv2'" not in err
     assert cli.main(["verify", "--record", str(real.record), "--quiet"]) == 0
 
@@ -91,18 +93,22 @@ def test_a_changed_test_split_is_refused_naming_val(
                      ["verify", "--record", str(real.record)]):
             assert cli.main([*argv, "--quiet"]) == 2, argv
             err = _err(capsys)
-            assert " its test data (val/) had SHA-256 " in err, err
-            assert ("(files added, removed, renumbered or edited in val/): the test metrics and "
-                    "the attack's AUC would be measured on other data than the checkpoint's; "
-                    "restore the data or train again") in err, err
+            changed = ("val/image/0.npy edited" if change == "edit" else
+                       "val/depth/2.npy added, val/image/2.npy added, val/label/2.npy added "
+                       "(and 1 more)")
+            assert (f" its test data (val/) differ from the files recorded at training: "
+                    f"{changed} (files added, removed, renumbered or edited): the test metrics "
+                    "and the attack's AUC would be measured on other data than the "
+                    "checkpoint's; restore the data or train again") in err, err
         assert not out.exists() and not record.exists() and not (tmp_path / "e.json").exists()
     assert cli.main(["verify", "--record", str(real.record), "--quiet"]) == 0
 
 
 def test_checkpoints_without_a_test_data_hash_keep_working(
         real: SimpleNamespace, tmp_path: Path) -> None:
-    """A checkpoint written before the test split was hashed (no test_data_sha256) is read as
-    before: its training data is checked, its test split is not."""
+    """A checkpoint written before the test split was hashed (no test_data_sha256, no
+    test_files_sha256) is read as before: its training data is checked, its test split is
+    not."""
     import torch
 
     from mtunlearn_ext.training import load_checkpoint
@@ -114,12 +120,29 @@ def test_checkpoints_without_a_test_data_hash_keep_working(
     assert record["benchmark"]["test_data_sha256"] == loaded.meta["test_data_sha256"]
     payload = torch.load(real.orig, weights_only=True)
     older = tmp_path / "older.pt"
-    del payload["meta"]["test_data_sha256"]
+    del payload["meta"]["test_data_sha256"], payload["meta"]["test_files_sha256"]
     torch.save(payload, older)
     with _restored(real.data):
         _edit_image(real.data / "val" / "image" / "0.npy")
         assert cli.main(["evaluate", "--checkpoint", str(older), "--output",
                          str(tmp_path / "e.json"), "--quiet"]) == 0
+
+
+def test_the_same_files_read_at_another_thread_count_or_cpu_are_accepted(
+        real: SimpleNamespace, tmp_path: Path) -> None:
+    """The data were checked by the hash of the tensors read from the files, whose last bits
+    follow the thread count and the CPU (the resampling: 23,620 of 124,416 input values moved
+    between 1 and 2 threads): `train --threads 1`, then `evaluate` at the default count was
+    refused as edited data. The files' digests decide now; stand-in tensor hashes (as another
+    machine would have recorded) are not looked at."""
+    import torch
+
+    payload = torch.load(real.orig, weights_only=True)
+    payload["meta"]["data_sha256"] = payload["meta"]["test_data_sha256"] = "0" * 64
+    elsewhere = tmp_path / "elsewhere.pt"
+    torch.save(payload, elsewhere)
+    assert cli.main(["evaluate", "--checkpoint", str(elsewhere), "--output",
+                     str(tmp_path / "e.json"), "--quiet"]) == 0
 
 
 def test_moved_data_are_found_with_data_root_when_they_hash_alike(
@@ -163,9 +186,12 @@ def test_moved_data_are_found_with_data_root_when_they_hash_alike(
                 err = _err(capsys)
                 assert err.startswith(f"mtunlearn: error: --data-root: expected a folder "
                                       f"holding the data the checkpoint was trained on "
-                                      f"(recorded under {real.data}), got '{moved}'; its "), err
-                assert (" its test data (val/) had SHA-256 " if split == "val" else
-                        " its training data had SHA-256 ") in err, err
+                                      f"(recorded under {real.data}), got '{moved}'; under "
+                                      f"{moved.resolve()}: its "), err
+                assert (" its test data (val/) differ from the files recorded at training: "
+                        "val/image/1.npy edited" if split == "val" else
+                        " its training data differ from the files recorded at training: "
+                        "train/image/1.npy edited") in err, err
     finally:
         moved.rename(real.data)
 

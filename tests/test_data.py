@@ -512,6 +512,14 @@ def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> No
     ("depth", lambda a: a.astype(np.complex64), r"depth must hold real numbers .* complex64"),
     ("label", lambda a: np.where(a > 5, 15, a), r"labels outside \[-1, 13\): \[15\]; "
                                                r"`num_classes` must be the label set's"),
+    ("label", lambda a: np.where(a > 5, 255, a),
+     r"labels outside \[-1, 13\): \[255\]; if 255 marks unlabelled pixels, map it to -1 \(the "
+     r"layout's unlabelled value\); otherwise `num_classes` must be"),
+    ("depth", lambda a: (a * 1000).astype(np.uint16),
+     r"depth/0.npy: depth must be metres as floats \(0 = unknown\), got dtype uint16, values up "
+     r"to \d+; convert depth stored in millimetres \(divide by 1000\)"),
+    ("image", lambda a: a[:0], r"image/0.npy: image is empty \(shape \(0, 12, 3\)\)"),
+    ("label", lambda a: a[:, :0], r"label/0.npy: label is empty \(shape \(8, 0\)\)"),
 ])
 def test_loader_refuses_values_no_loss_can_use(tmp_path: Path, folder, value, message) -> None:
     """Each loaded without a word (an image in [0, 255] became inputs up to ~1000, normals
@@ -522,6 +530,39 @@ def test_loader_refuses_values_no_loss_can_use(tmp_path: Path, folder, value, me
     np.save(path, value(np.load(path)))
     with pytest.raises(LayoutError, match=message):
         load_nyuv2(tmp_path)
+
+
+def test_resized_targets_stay_aligned_with_the_resized_image(tmp_path: Path) -> None:
+    """Labels, depth and normals were taken from each 4 x 4 block's top-left pixel
+    (``nearest``), 1.5 source pixels from the block's centre, where the image's sample sits.
+    Now the maps take the pixel nearest that centre (``nearest-exact``: row/column 2 of 0..3),
+    and the image is filtered (antialiased) around it: a ramp across the columns reads the
+    ramp's value at each block's centre (interior blocks; the border ones are clipped)."""
+    _write_libmtl(tmp_path, with_normals=True, hw=(8, 16))
+    ramp = np.broadcast_to((np.arange(16, dtype=np.float32) / 16)[None, :, None], (8, 16, 3))
+    np.save(tmp_path / "train" / "image" / "0.npy", np.ascontiguousarray(ramp))
+    label = np.load(tmp_path / "train" / "label" / "0.npy")
+    depth = np.load(tmp_path / "train" / "depth" / "0.npy")
+    small = load_nyuv2(tmp_path, size=(2, 4))
+    assert torch.equal(small.train.targets["segmentation"][0],
+                       torch.from_numpy(label[2::4, 2::4]).long())
+    assert torch.equal(small.train.targets["depth"][0, 0], torch.from_numpy(depth[2::4, 2::4, 0]))
+    rgb = small.train.inputs[0] * 0.25 + 0.5
+    centres = (4 * torch.arange(4) + 1.5) / 16
+    assert torch.allclose(rgb[:, :, 1:3], centres[1:3].expand(3, 2, 2), atol=1e-6)
+
+
+def test_loader_records_every_files_digest_of_both_splits(tmp_path: Path) -> None:
+    import hashlib
+
+    _write_libmtl(tmp_path, with_normals=True)
+    bench = load_nyuv2(tmp_path)
+    for split, key, count in (("train", "train_files_sha256", 3), ("val", "test_files_sha256", 2)):
+        digests = bench.info[key]
+        assert list(digests) == [f"{folder}/{i}.npy" for folder in
+                                 ("depth", "image", "label", "normal") for i in range(count)]
+        for name, digest in digests.items():
+            assert digest == hashlib.sha256((tmp_path / split / name).read_bytes()).hexdigest()
 
 
 def test_loader_reads_nan_as_unknown_and_checks_its_arguments(tmp_path: Path) -> None:

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, labelled_rows
 
-__all__ = ["FOLDER_OF_TASK", "TRAIN_FILES_KEY", "LayoutError", "load_cityscapes", "load_libmtl",
-           "load_nyuv2"]
+__all__ = ["FOLDER_OF_TASK", "TEST_FILES_KEY", "TRAIN_FILES_KEY", "LayoutError", "load_cityscapes",
+           "load_libmtl", "load_nyuv2"]
 
 RGB_MEAN, RGB_STD = 0.5, 0.25
 _INDEX = re.compile(r"^(0|[1-9]\d*)\.npy$")
@@ -67,6 +67,8 @@ FOLDER_OF_TASK = {task: folder for folder, (task, _) in _FOLDERS.items()}
 #: ``Benchmark.info`` key (and checkpoint metadata key) of the training files' SHA-256 digests,
 #: ``"<folder>/<i>.npy" -> hex``: what tells an erased file from a changed or added one.
 TRAIN_FILES_KEY = "train_files_sha256"
+#: The same for the test split's files (``val/``).
+TEST_FILES_KEY = "test_files_sha256"
 # How far an RGB value may stray outside [0, 1]: a resampling filter overshoots a little, an
 # image kept in [0, 255] is far outside (and would become inputs up to ~1000 once normalised).
 _RGB_SLACK = 0.05
@@ -170,6 +172,9 @@ def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None 
     if array.dtype.kind not in "fiu":
         raise LayoutError(f"{path}: {what} must hold real numbers (a float or integer dtype), "
                           f"got dtype {array.dtype}")
+    if array.size == 0:
+        raise LayoutError(f"{path}: {what} is empty (shape {array.shape}); every instance "
+                          "file must hold its array (an interrupted preprocessing run?)")
     if channels is None:
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -204,13 +209,15 @@ def _label_map(path: Path, array: np.ndarray, num_classes: int) -> torch.Tensor:
     label = torch.from_numpy(np.rint(array).astype(np.int64))
     bad = (label < -1) | (label >= num_classes)
     if bool(bad.any()):
+        unlabelled = ("; if 255 marks unlabelled pixels, map it to -1 (the layout's "
+                      "unlabelled value); otherwise" if bool((label[bad] == 255).any()) else ";")
         raise LayoutError(f"{path} has labels outside [-1, {num_classes}): "
-                          f"{sorted(set(label[bad].tolist()))[:5]}; `num_classes` must be the "
-                          f"label set's class count (LibMTL's Cityscapes labels have 7, its "
-                          f"19-class set 19; the benchmarks `nyuv2` / `cityscapes`, which the "
-                          f"CLI reads, take LibMTL's preprocessing, 13 / 7 classes: for another "
-                          f"label set call load_nyuv2 / load_cityscapes with num_classes= and "
-                          f"unlearn through the Python API)")
+                          f"{sorted(set(label[bad].tolist()))[:5]}{unlabelled} `num_classes` "
+                          "must be the label set's class count (LibMTL's Cityscapes labels have "
+                          "7, its 19-class set 19; the benchmarks `nyuv2` / `cityscapes`, which "
+                          "the CLI reads, take LibMTL's preprocessing, 13 / 7 classes: for "
+                          "another label set call load_nyuv2 / load_cityscapes with "
+                          "num_classes= and unlearn through the Python API)")
     return label
 
 
@@ -220,6 +227,11 @@ def _check_dense(path: Path, folder: str, array: np.ndarray) -> None:
     if np.isinf(array).any():
         raise LayoutError(f"{path} holds Inf {folder} values (mark unknown pixels with 0)")
     if folder == "depth":
+        if array.dtype.kind in "iu":
+            raise LayoutError(f"{path}: depth must be metres as floats (0 = unknown), got dtype "
+                              f"{array.dtype}, values up to {int(array.max())}; convert depth "
+                              "stored in millimetres (divide by 1000) and mark missing pixels "
+                              "with 0")
         if (array < 0).any():
             raise LayoutError(f"{path}: depth must be >= 0 (0 = unknown), got values down to "
                               f"{float(np.nanmin(array)):.4g}")
@@ -239,7 +251,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.T
     """``x [C, H, W]`` resized to ``size``."""
     if size is None or tuple(x.shape[-2:]) == tuple(size):
         return x
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
     return F.interpolate(x[None].float(), size=size, mode=mode, **kwargs)[0]
 
 
@@ -333,11 +345,11 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
                 raise LayoutError(f"{path} is {array.shape[:2]}, its image {shape}")
             if channels is None:
                 label = _label_map(path, array, num_classes)
-                targets[task][row] = _resize(label[None], size, "nearest")[0].long()
+                targets[task][row] = _resize(label[None], size, "nearest-exact")[0].long()
             else:
                 _check_dense(path, folder, array)
                 value = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-                targets[task][row] = _resize(value.permute(2, 0, 1), size, "nearest")
+                targets[task][row] = _resize(value.permute(2, 0, 1), size, "nearest-exact")
     inputs.sub_(RGB_MEAN).div_(RGB_STD)
     return inputs, targets, numbers, None if bool(presence.all()) else presence
 
@@ -372,7 +384,14 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     docstring): absent instances, unsupervised pairs whose label file is gone. ``num_train``
     is then the split's size before anything was erased, where the test ids start (default:
     the highest train number + 1, wrong once the last instance was erased).
-    ``info["train_files_sha256"]`` holds every training file's SHA-256.
+    ``info["train_files_sha256"]`` holds every training file's SHA-256,
+    ``info["test_files_sha256"]`` every test file's: what identifies the data (the tensors
+    read from them differ in their last bits with the thread count and the CPU, through the
+    resampling).
+
+    With ``size``, images are resampled bilinearly with antialiasing (each output pixel
+    averages its block), label, depth and normal maps by the nearest source pixel to each
+    output pixel's centre (``nearest-exact``), so targets stay aligned with the image.
     """
     _check_arguments(name, size, max_train, max_test)
     base = Path(root).expanduser()
@@ -385,7 +404,9 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     digests: dict[str, str] = {}
     train = _load_split(base / "train", folders, seg.num_classes, shape, max_train, seen,
                         allow_erased, digests)
-    test = _load_split(base / "val", folders, seg.num_classes, shape, max_test, seen)
+    test_digests: dict[str, str] = {}
+    test = _load_split(base / "val", folders, seg.num_classes, shape, max_test, seen,
+                       digests=test_digests)
     inputs, targets, numbers, presence = train
     supervision = None
     if presence is not None:  # erased label files: those pairs carry no label
@@ -403,6 +424,7 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
         "source": str(base), "layout": "LibMTL npy", "size": list(inputs.shape[-2:]),
         "rgb_normalisation": [RGB_MEAN, RGB_STD], "test_split": "val",
         TRAIN_FILES_KEY: dict(sorted(digests.items(), key=_file_order)),
+        TEST_FILES_KEY: dict(sorted(test_digests.items(), key=_file_order)),
     }
     if depth_prior is not None:
         info["depth_prior"] = depth_prior
