@@ -389,6 +389,50 @@ def test_labels_past_the_classes_get_no_ignore_index_hint() -> None:
         data.check_values("train set")
 
 
+def _uint8_maps(ignore_index: int = -1) -> MultiTaskDataset:
+    """Four 4 x 4 uint8 label maps of 3 classes, 255 on row 0's first line and all of row 1."""
+    labels = torch.randint(0, 3, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    labels = labels.to(torch.uint8)
+    labels[0, 0] = 255
+    labels[1] = 255
+    spec = TaskSpec("seg", "segmentation", num_classes=3, ignore_index=ignore_index)
+    return MultiTaskDataset(torch.zeros(4, 2), {"seg": labels}, [spec])
+
+
+def test_uint8_255_labels_are_no_ignore_index_of_minus_one() -> None:
+    """torch compares uint8 255 with -1 as equal: under the default ignore_index a map of
+    uint8 labels with 255 for "unlabelled" passed the checks, an all-255 row counted as
+    unsupervised and the others' 255s reached cross-entropy ("IndexError: Target 255 is out of
+    bounds"). 255 is a label there, refused with the way out."""
+    data = _uint8_maps()
+    assert data.supervision[:, 0].tolist() == [True, True, True, True]
+    with pytest.raises(ValueError, match=re.escape(
+            "train set: task 'seg' (segmentation) has labels outside [0, 3) other than "
+            "ignore_index -1 on 2 supervised rows (first: row 0, id 0); if 255 marks unlabelled "
+            "pixels (the Cityscapes / Pascal VOC convention), pass the task as "
+            "`TaskSpec('seg', 'segmentation', num_classes=3, ignore_index=255)`") + "$"):
+        data.check_values("train set")
+    marked = _uint8_maps(ignore_index=255)
+    assert marked.supervision[:, 0].tolist() == [True, False, True, True]
+    marked.check_values("train set")
+
+
+@pytest.mark.parametrize(("values", "dtype", "index", "expected"), [
+    ([0, 1, 255], torch.uint8, -1, [False, False, False]),  # 255 is no -1
+    ([0, 1, 255], torch.uint8, 255, [False, False, True]),
+    ([-1, 1, 2], torch.int8, -1, [True, False, False]),
+    ([-1, 1, 2], torch.int64, -100, [False, False, False]),
+    ([-1, 1, 2], torch.float32, -1, [True, False, False]),
+    ([0, 1, 1], torch.bool, -1, [False, False, False]),
+    ([0, 1, 1], torch.bool, 0, [True, False, False]),
+])
+def test_is_ignore_index_compares_without_wrapping(values: list[int], dtype: torch.dtype,
+                                                   index: int, expected: list[bool]) -> None:
+    from mtunlearn_ext.data.base import is_ignore_index
+
+    assert is_ignore_index(torch.tensor(values).to(dtype), index).tolist() == expected
+
+
 def test_unlearn_suggests_the_ignore_index_of_negative_labels_for_a_task_by_kind() -> None:
     import mtunlearn_ext
 

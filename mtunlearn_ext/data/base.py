@@ -184,12 +184,30 @@ def neutral_unsupervised(spec: TaskSpec, target: torch.Tensor,
     return torch.where(mask, target, fill)
 
 
+def is_ignore_index(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``target == ignore_index``, elementwise, without wrapping: torch compares a uint8 label
+    with ``-1`` as with 255, so a map of uint8 labels with 255 for "unlabelled" (the
+    Cityscapes / VOC convention) read as all unlabelled under the default ``ignore_index=-1``
+    and its 255s reached the losses as classes. An integer dtype that cannot hold the index
+    holds no ignored entry."""
+    if target.dtype == torch.bool:
+        representable = ignore_index in (0, 1)
+    elif target.is_floating_point() or target.is_complex():
+        representable = True
+    else:
+        info = torch.iinfo(target.dtype)
+        representable = info.min <= ignore_index <= info.max
+    if not representable:
+        return torch.zeros(target.shape, dtype=torch.bool, device=target.device)
+    return target == ignore_index
+
+
 def labelled_pixels(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
     """``[B, H, W]`` bool: the pixels of a dense target that carry a label (the losses'
     rule; NaN reads as no label). Segmentation: label ``!= ignore_index``; depth
     ``[B, 1, H, W]``: ``> 0``; normals ``[B, 3, H, W]``: not the zero vector."""
     if spec.kind == "segmentation":
-        return target != spec.ignore_index
+        return ~is_ignore_index(target, spec.ignore_index)
     if spec.kind == "depth":
         return target[:, 0] > 0
     if spec.kind == "normals":
@@ -208,7 +226,7 @@ def labelled_rows(spec: TaskSpec, target: torch.Tensor) -> torch.Tensor:
     if n == 0 or spec.kind == "regression":
         return torch.ones(n, dtype=torch.bool, device=target.device)
     if spec.kind in ("classification", "binary"):
-        return (target.reshape(n, -1) != spec.ignore_index).any(dim=1)
+        return (~is_ignore_index(target.reshape(n, -1), spec.ignore_index)).any(dim=1)
     if target.dim() < 2:  # no map: refused, naming the task, by the data set's value checks
         return torch.ones(n, dtype=torch.bool, device=target.device)
     return labelled_pixels(spec, target).reshape(n, -1).any(dim=1)
@@ -233,6 +251,10 @@ def _ignore_index_hint(spec: TaskSpec, outside: torch.Tensor) -> str:
     none is negative (labels past the classes want another ``num_classes``)."""
     negative = outside[outside < 0]
     if not negative.numel():
+        if bool((outside == 255).any()) and spec.ignore_index != 255:
+            return (f"; if 255 marks unlabelled pixels (the Cityscapes / Pascal VOC "
+                    f"convention), pass the task as `TaskSpec({spec.name!r}, {spec.kind!r}, "
+                    f"num_classes={spec.num_classes}, ignore_index=255)`")
         return ""
     value = int(torch.mode(negative.flatten()).values)
     return (f"; if {value} marks unlabelled positions (Hugging Face pads labels with -100), "
@@ -507,7 +529,8 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 low, high = torch.aminmax(flat)
                 if 0 <= float(low) and float(high) < spec.num_classes:
                     continue
-                ok = (flat == spec.ignore_index) | ((flat >= 0) & (flat < spec.num_classes))
+                ok = is_ignore_index(flat, spec.ignore_index) | (
+                    (flat >= 0) & (flat < spec.num_classes))
                 problem = (f"labels outside [0, {spec.num_classes}) other than ignore_index "
                            f"{spec.ignore_index}")
                 hint = _ignore_index_hint(spec, flat[~ok])
@@ -517,7 +540,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 ok = torch.isfinite(flat)
                 problem = "NaN or Inf targets"
             elif spec.kind == "binary":
-                labelled = flat != spec.ignore_index
+                labelled = ~is_ignore_index(flat, spec.ignore_index)
                 ok = ~labelled | ((flat >= 0) & (flat <= 1))  # NaN fails both comparisons
                 if bool(ok.all()):
                     continue
