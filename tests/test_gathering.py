@@ -165,6 +165,72 @@ def test_an_iterable_and_a_generator_read_in_order() -> None:
     _assert_same(gather((data[i] for i in range(N)), SPECS), _expected(x, y))
 
 
+class _OneBuffer(Dataset):
+    """A dataset that hands out one input buffer and one label buffer, rewritten for every
+    instance (as a loader reusing its arrays does)."""
+
+    def __init__(self, x: torch.Tensor, y: dict[str, torch.Tensor]) -> None:
+        self.x, self.y = x, y
+        self.input, self.score = torch.empty_like(x[0]), torch.empty_like(y["score"][0])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, object]]:
+        self.input.copy_(self.x[i])
+        self.score.copy_(self.y["score"][i])
+        topic = None if _unlabelled(i) else int(self.y["topic"][i])
+        return self.input, {"topic": topic, "score": self.score}
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_source_that_rewrites_one_buffer_is_read_row_by_row(sized: bool) -> None:
+    """The rows were kept as given and stacked at the end (every array held twice in memory,
+    and a buffer rewritten for each instance read as N copies of the last one); each row is
+    copied as it comes now."""
+    x, y = _tensors()
+    source = _OneBuffer(x, y)
+    read = gather(source if sized else (source[i] for i in range(N)), SPECS)
+    _assert_same(read, _expected(x, y))
+
+
+def test_a_stream_longer_than_a_block_is_joined_in_order(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Without a length the rows go into blocks (4 rows here) joined at the end; a later
+    instance's wider dtype promotes the earlier rows as torch.stack does, and a task whose
+    last instances have no label gets zero (then "no label") rows up to the end."""
+    import mtunlearn_ext.data.gathering as gathering
+
+    monkeypatch.setattr(gathering, "_BLOCK_ROWS", 4)
+    x, y = _tensors(n=11)
+    items = [(x[i].half() if i < 6 else x[i],
+              {"topic": int(y["topic"][i]) if i < 5 else None, "score": y["score"][i]})
+             for i in range(11)]
+    read = gather(iter(items), SPECS)
+    assert read.inputs.dtype == torch.float32
+    assert torch.equal(read.inputs, torch.stack([row for row, _ in items]))  # type: ignore
+    assert read.supervision[:, 0].tolist() == [True] * 5 + [False] * 6
+    assert torch.equal(read.targets["topic"][:5], y["topic"][:5])
+    assert (read.targets["topic"][5:] == SPECS[0].ignore_index).all()
+    assert torch.equal(read.targets["score"], y["score"])
+
+
+def test_a_dataset_longer_or_shorter_than_its_len_gives_the_rows_it_gave() -> None:
+    x, y = _tensors(n=6)
+    for claimed in (4, 9):
+        class Lying:  # an iterable whose len() is not its number of items
+            def __len__(self) -> int:
+                return claimed
+
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                return iter([(x[i], {"topic": int(y["topic"][i]), "score": y["score"][i]})
+                             for i in range(6)])
+
+        read = gather(Lying(), SPECS)
+        assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
+        assert torch.equal(read.targets["topic"], y["topic"])
+
+
 def test_workers_read_the_same_rows_in_the_same_order() -> None:
     x, y = _tensors()
     _assert_same(gather(_Instances(x, y), SPECS, num_workers=2, batch_size=3), _expected(x, y))
