@@ -553,12 +553,22 @@ def _resolved_settings(report: Any) -> dict[str, Any]:
     ``forget_objective`` left at ``None`` (the method's default) replaced by the objectives the
     run actually built (``report.extra["forget_objectives"]``, target task -> name): one name
     when every target task used the same, else that mapping (both valid settings that
-    reproduce the run). The report's own ``config`` is left as the method stored it."""
+    reproduce the run), where the method takes one: SCRUB builds objectives for its curves
+    alone and refuses the setting, so its ``None`` stays. The report's own ``config`` is left
+    as the method stored it."""
+    from mtunlearn_ext.unlearning import get_unlearner
+
     settings = dict(report.config)
     used = report.extra.get("forget_objectives")
     if settings.get("forget_objective", "absent") is None and isinstance(used, Mapping) and used:
         names = set(used.values())
-        settings["forget_objective"] = names.pop() if len(names) == 1 else dict(used)
+        resolved = {**settings,
+                    "forget_objective": names.pop() if len(names) == 1 else dict(used)}
+        try:
+            get_unlearner(report.method, resolved)
+        except (KeyError, TypeError, ValueError):
+            return settings
+        return resolved
     return settings
 
 

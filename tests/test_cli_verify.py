@@ -399,13 +399,14 @@ def test_record_settings_show_the_forget_objective_used(
 
 
 def test_resolved_settings_keep_per_task_objectives_and_methods_without_one() -> None:
-    report = SimpleNamespace(config={"steps": 3, "forget_objective": None},
+    report = SimpleNamespace(method="interference_aware",
+                             config={"steps": 3, "forget_objective": None},
                              extra={"forget_objectives": {"digit": "capped_ascent",
                                                           "parity": "uniform"}})
     assert cli._resolved_settings(report)["forget_objective"] == {
         "digit": "capped_ascent", "parity": "uniform"}
     assert report.config["forget_objective"] is None  # the report itself is not changed
-    retrain = SimpleNamespace(config={"epochs": 2}, extra={})
+    retrain = SimpleNamespace(method="retrain", config={"epochs": 2}, extra={})
     assert cli._resolved_settings(retrain) == {"epochs": 2}
 
 
