@@ -719,10 +719,16 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     model_key = {"architecture": _digest(repr(initial)), "init": state_dict_sha256(initial)}
     # The intra-op thread count and the device change the trained weights (the order of float
     # sums) and the recorded training time: a model trained otherwise is another model.
+    # So do the torch build and the CPU instruction sets (the rounding of its kernels): a
+    # model trained under AVX-512 was reused by a run under AVX2, whose results then recorded
+    # AVX2 beside another machine's models. The package version marks training code changes.
     threads = config.threads if config.threads is not None else torch.get_num_threads()
+    environment = run_environment(threads)
     base_key = {"benchmark": bench.name, "size": config.size, "seed": config.seed,
                 "data": data_key, "model": model_key, "recipe": recipe.to_dict(),
-                "threads": threads, "device": torch.device(config.device).type}
+                "threads": threads, "device": torch.device(config.device).type,
+                "torch": environment["torch"], "cpu_isa": environment["cpu_isa"],
+                "extension": environment["extension"], "package": _package_version()}
     request_key = {"ids": request.ids_hash(), "target_tasks": sorted(target_tasks)}
     cache = Path(config.cache_dir) / f"{bench.name}-{config.size}-seed{config.seed}"
     original_key = _digest(base_key)
@@ -801,6 +807,12 @@ def train_reference_model(config: ExperimentConfig, which: str,
     with experiment_threads(config.threads), _callers_random_state_kept(config):
         _, record = _reference_model(_setup(config, benchmark), which, config)
     return record
+
+
+def _package_version() -> str:
+    from mtunlearn_ext import __version__
+
+    return __version__
 
 
 def prepare_experiment(config: ExperimentConfig,

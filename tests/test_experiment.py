@@ -227,6 +227,33 @@ def test_the_model_cache_key_holds_the_thread_count_and_the_device(tmp_path: Pat
     assert str(again.checkpoints["original"][0]) == paths[1]["original"]
 
 
+def test_the_cache_key_holds_the_torch_build_and_cpu_isas(  # type: ignore[no-untyped-def]
+        tmp_path: Path, digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models trained under AVX-512 were reused by a run under AVX2 (the key had no
+    instruction set), whose results then recorded AVX2 beside AVX-512 models: weights
+    8a2168f3... against 38689f82... trained cold (reproducibility review)."""
+    import mtunlearn_ext.experiment as experiment
+    from mtunlearn_ext.records import run_environment
+
+    first = experiment._setup(_config(tmp_path, threads=1), digits).checkpoints
+    assert first["original"][1]["cpu_isa"] == run_environment(1)["cpu_isa"]
+    assert first["original"][1]["torch"] == torch.__version__
+    for field, value in (("cpu_isa", {"torch": "AVX2", "mtunlearn_ext": "avx2"}),
+                         ("torch", "0.0.0"), ("extension", None)):
+        def other(threads: int | None, field: str = field, value: object = value
+                  ) -> dict[str, object]:
+            return {**run_environment(threads), field: value}
+
+        monkeypatch.setattr(experiment, "run_environment", other)
+        again = experiment._setup(_config(tmp_path, threads=1), digits).checkpoints
+        for which in ("original", "retrained"):
+            assert again[which][0] != first[which][0], (field, which)
+    monkeypatch.undo()
+    monkeypatch.setattr(experiment, "_package_version", lambda: "0.0.0")
+    again = experiment._setup(_config(tmp_path, threads=1), digits).checkpoints
+    assert again["original"][0] != first["original"][0]
+
+
 def test_default_recipe_refuses_a_seed_override() -> None:
     """An override's `seed` was silently replaced by the run's seed."""
     from mtunlearn_ext.data import load_benchmark
