@@ -532,7 +532,8 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
     (:func:`mtunlearn_ext.experiment.build_request`). Raises :class:`UserInputError` for an unknown
     task, an empty or duplicated id list, ids not in the data set, a fraction outside (0, 1), a
     partial request without target tasks or naming every task, and a request that would leave
-    nothing to retain.
+    nothing to retain. The request's target tasks are in the data set's task order, whatever
+    order ``target_tasks`` gives.
     """
     from mtunlearn_ext.experiment import build_request
 
@@ -585,6 +586,10 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
         if forget_fraction is None or not 0.0 < float(forget_fraction) < 1.0:
             raise UserInputError("--forget-fraction", "a number in (0, 1) (or --forget-ids)",
                                  forget_fraction)
+    if target_tasks is not None:
+        # In the data set's order: `--target-tasks b,a` and `a,b` are one request, and must
+        # give one checkpoint (its metadata and removals held them as typed).
+        target_tasks = [t for t in names if t in set(target_tasks)]
     try:
         request = build_request(dataset, request_type, seed, float(forget_fraction or 0.1),
                                 forget_ids, target_tasks)

@@ -544,6 +544,23 @@ def test_threads_flag_gives_the_callers_count_back(tmp_path: Path) -> None:
         torch.set_num_threads(before)
 
 
+def test_the_order_of_target_tasks_gives_one_checkpoint(trained: Path,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    """`--target-tasks digit,parity` and `parity,digit` trained the same weights but wrote
+    other checkpoints (the metadata and removals held the tasks as typed; reproducibility
+    review)."""
+    from mtunlearn_ext.training import load_checkpoint
+
+    hashes = []
+    for order in ("digit,parity", "parity,digit"):
+        out = tmp_path / f"{order}.pt"
+        assert _unlearn(trained, out, "--forget-ids", ids(1, 2, 3), "--target-tasks",
+                        order) == 0
+        hashes.append(sha256_of_file(out))
+        assert load_checkpoint(out).meta["target_tasks"] == ["digit", "parity"]
+    assert hashes[0] == hashes[1]
+
+
 @pytest.mark.parametrize("method", available_unlearners())
 def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
         trained: Path, tmp_path: Path, method: str) -> None:  # noqa: F811
