@@ -888,7 +888,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             refuse_erased_ids(bench, forget_ids, parse_tasks(args.target_tasks))
             retain_ids = parse_ids(args.retain_ids, "--retain-ids")
             refuse_erased_ids(bench, retain_ids, None, "--retain-ids")
-            request, _ = build_user_request(
+            request, request_type = build_user_request(
                 bench.train, forget_ids=forget_ids, forget_fraction=args.forget_fraction,
                 target_tasks=parse_tasks(args.target_tasks), request_type=args.request,
                 seed=seed)
@@ -906,12 +906,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "retain_ids": retain_ids,
                 "earlier_removals_excluded": (excluded if earlier is not None else
                                               "unknown (the checkpoint keeps only their hash)")}
+            # What was measured: the attack's AUC depends on the request and the seed.
+            result["request"] = {
+                "type": request_type, "instance_ids": list(request.instance_ids),
+                "ids_sha256": request.ids_hash(),
+                "target_tasks": list(request.resolved_tasks(bench.train)),
+                "ids_drawn": (None if forget_ids is not None else
+                              {"fraction": args.forget_fraction, "seed": seed})}
+        from mtunlearn_ext.records import run_environment
         from mtunlearn_ext.workflow import json_safe
 
         payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,
                    # Real data: which root was measured (--data-root when they moved).
                    **({"data_root": loaded.data_root} if loaded.data_root is not None else {}),
-                   **json_safe(result)}
+                   **json_safe(result), "seed": seed, "eval_batch_size": args.eval_batch_size,
+                   "environment": run_environment(torch.get_num_threads())}
         if output is not None:
             tx.write(output, lambda p: write_json_new(p, payload))
     # One measurement, so no "before" column (_metric_rows' fourth cell is always empty here).

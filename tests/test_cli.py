@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtunlearn_ext import cli
+from mtunlearn_ext import ForgetRequest, cli
 from mtunlearn_ext._io import sha256_of_file
 from mtunlearn_ext.records import RECORD_SCHEMA, read_record
 from mtunlearn_ext.workflow import UserInputError, check_parameter_split
@@ -449,6 +449,19 @@ def test_evaluate_and_benchmark_dry_run(trained: Path, tmp_path: Path,
                      "--output", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert set(payload["metrics"]) == {"forget", "retain", "test"} and "mia_auc" in payload
+    # What was measured and how (reproducibility review: the attack's AUC moved from 0.37 to
+    # 0.55 with --seed 1, and the JSON held neither the seed nor the request).
+    from mtunlearn_ext.records import run_environment
+    from mtunlearn_ext.training import load_checkpoint
+
+    assert payload["seed"] == load_checkpoint(trained).meta["seed"]
+    assert payload["eval_batch_size"] == 64
+    assert payload["environment"] == run_environment(torch.get_num_threads())
+    forget = sorted(int(i) for i in ids(1, 2, 3).split(","))
+    assert payload["request"] == {
+        "type": "full", "instance_ids": forget,
+        "ids_sha256": ForgetRequest.create(forget).ids_hash(),
+        "target_tasks": ["digit", "parity", "magnitude"], "ids_drawn": None}
     assert cli.main(["evaluate", "--checkpoint", str(trained), "--output", str(out)]) == 2
     assert cli.main(["benchmark", "--dry-run"]) == 0
     # The comparison script when the checkout has it, else the ops showcase.
