@@ -755,6 +755,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
             "code": code_version(), "environment": run_environment(result.report.threads),
+            "invocation": getattr(args, "invocation", None),
             "benchmark": {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
                                                              "data_sha256", "test_data_sha256")},
                           # The root read; the input's own when --data-root moved it.
@@ -1337,6 +1338,21 @@ def _refuse_command_as_import(parser: argparse.ArgumentParser, argv: list[str]) 
                                  f"{argv[i + 1]} ...`")
 
 
+def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]],
+                config: str | None) -> dict[str, Any]:
+    """How the command was called, for its record: the arguments as given, the ``--import``
+    modules with their files' SHA-256 (a plugin method's code is named by nothing else) and
+    the ``--config`` file's."""
+    from mtunlearn_ext._io import sha256_of_file
+
+    config_file = None
+    if config:
+        path = Path(config).expanduser().resolve()
+        config_file = {"file": str(path),
+                       "sha256": sha256_of_file(path) if path.is_file() else None}
+    return {"argv": list(argv), "imports": plugins, "config": config_file}
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from mtunlearn_ext.records import RecordError
     from mtunlearn_ext.training import CheckpointError
@@ -1361,7 +1377,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _refuse_config_nulls(args)
         _refuse_empty_paths(args)
         _threads(args)
-        import_plugins([*(args.imports_first or []), *(args.imports or [])])
+        plugins = import_plugins([*(args.imports_first or []), *(args.imports or [])])
+        args.invocation = _invocation(argv, plugins, getattr(args, "config", None))
         return int(args.func(args))
     except (UserInputError, CheckpointError, RecordError, FileExistsError) as error:
         print(f"mtunlearn: error: {error}", file=sys.stderr)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -573,8 +574,26 @@ def _md_provenance(record: Mapping[str, Any]) -> list[str]:
             + ("not recorded" if not isinstance(get("method", "settings"), Mapping) else
                _md_code(json.dumps(get("method", "settings"), sort_keys=True))),
             f"- forgotten ids: {_md_ids_origin(get('request'))}",
+            f"- command: {_md_invocation(get('invocation'))}",
             "", "`mtunlearn verify --record RECORD` re-checks the files and the metrics against "
             "the record.", ""]
+
+
+def _md_invocation(invocation: object) -> str:
+    """The command line as given, and the code and configuration files it read besides the
+    package (``--import`` modules, ``--config``) with their SHA-256."""
+    if not isinstance(invocation, Mapping) or not isinstance(invocation.get("argv"), list):
+        return "not recorded"
+    line = _md_code(" ".join(["mtunlearn", *map(shlex.quote, map(str, invocation["argv"]))]))
+    files = [(f"--import {entry.get('module')}", entry)
+             for entry in invocation.get("imports") or [] if isinstance(entry, Mapping)]
+    config = invocation.get("config")
+    if isinstance(config, Mapping):
+        files.append(("--config", config))
+    for label, entry in files:
+        line += (f"; {_md_code(label)}: {_md_code(entry.get('file'))}, SHA-256 "
+                 f"{_md_code(entry.get('sha256'))}")
+    return line
 
 
 def _md_ids_origin(request: object) -> str:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import name_max, path_max, write_text_new
+from mtunlearn_ext._io import name_max, path_max, sha256_of_file, write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.libmtl import TEST_FILES_KEY, TRAIN_FILES_KEY
 from mtunlearn_ext.data.request import ForgetRequest
@@ -84,13 +84,17 @@ UNKNOWN_METHOD_HINT = ("a method of your own: register it (@register_unlearner) 
                        "pass --import MODULE")
 
 
-def import_plugins(modules: Sequence[str]) -> None:
+def import_plugins(modules: Sequence[str]) -> list[dict[str, Any]]:
     """Import each of ``modules`` (``--import``): a module name, found on ``sys.path`` or in the
     current folder (which a console script does not search), or the path of a ``.py`` file.
-    Importing a module runs its registrations (``@register_unlearner`` and the like)."""
+    Importing a module runs its registrations (``@register_unlearner`` and the like).
+
+    Returns what a record needs to name the code it ran: per module, ``{"module": as given,
+    "file": its source file (absolute; None for one without), "sha256": that file's}``."""
     import importlib
     import importlib.util
 
+    imported = []
     for module in modules:
         try:
             if module.endswith(".py"):
@@ -119,6 +123,13 @@ def import_plugins(modules: Sequence[str]) -> None:
         except Exception as error:  # the module's own errors too: they name what went wrong
             raise UserInputError("--import", "an importable module name or .py file", module,
                                  f"{type(error).__name__}: {error}") from error
+        name = Path(module).stem if module.endswith(".py") else module
+        source = getattr(sys.modules.get(name), "__file__", None)
+        file = Path(source).resolve() if source else None
+        imported.append({"module": module, "file": None if file is None else str(file),
+                         "sha256": (sha256_of_file(file) if file is not None and file.is_file()
+                                    else None)})
+    return imported
 
 
 class UserInputError(ValueError):

@@ -45,6 +45,13 @@ def test_config_null_keeps_the_default(trained: Path, tmp_path: Path,  # noqa: F
                                   "orig.interference_aware.record.json"}
     record = json.loads((tmp_path / "orig.interference_aware.record.json").read_text())
     assert record["seed"] == 0 and record["request"]["type"] == "full"  # the defaults
+    # The settings came from the file: the record names it and its SHA-256.
+    import hashlib
+
+    assert record["invocation"] == {
+        "argv": ["unlearn", "--config", str(config)], "imports": [],
+        "config": {"file": str(config.resolve()),
+                   "sha256": hashlib.sha256(config.read_bytes()).hexdigest()}}
     config.write_text(f"checkpoint: {ckpt}\nforget_ids: [{ids(1, 2)}]\ntarget_tasks: null\n")
     assert cli.main(["evaluate", "--config", str(config), "--quiet"]) == 0
     config.write_text(f"output: {tmp_path / 't.pt'}\nseed: null\nepochs: 1\nquiet: true\n")

@@ -66,6 +66,21 @@ def test_a_method_registered_in_an_imported_module_runs(
             else [*base, "--import", target])
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert out.is_file() and name in UNLEARNERS
+    # The record names the plugin's code (reproducibility review: nothing named the module,
+    # so a plugin method's record could not be rerun, nor a changed plugin be told).
+    import hashlib
+    import json
+
+    from mtunlearn_ext.report import write_report
+
+    record = json.loads(Path(str(out) + ".record.json").read_text())
+    source = tmp_path / f"{module}.py"
+    plugin = {"module": target, "file": str(source.resolve()),
+              "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    assert record["invocation"] == {"argv": argv, "imports": [plugin], "config": None}
+    write_report(record, tmp_path / "rep")
+    assert (f"`--import {target}`: `{source.resolve()}`, SHA-256 `{plugin['sha256']}`"
+            in (tmp_path / "rep" / "report.md").read_text())
 
 
 def test_an_import_that_fails_is_bad_input_naming_the_module(

@@ -492,6 +492,13 @@ def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) 
     assert ("- method: `interference_aware`, seed not recorded, device not recorded; settings "
             "`{}`") in lines
     assert "- forgotten ids: not recorded" in lines  # a record older than `ids_drawn`
+    assert "- command: not recorded" in lines  # a record older than `invocation`
+    record["invocation"] = {"argv": ["unlearn", "--forget-ids", "3 7", "--config", "c.yaml"],
+                            "imports": [], "config": {"file": "/w/c.yaml", "sha256": "ef" * 32}}
+    write_report(record, tmp_path / "rep-invocation")
+    lines = (tmp_path / "rep-invocation" / "report.md").read_text().splitlines()
+    assert ("- command: `mtunlearn unlearn --forget-ids '3 7' --config c.yaml`; `--config`: "
+            f"`/w/c.yaml`, SHA-256 `{'ef' * 32}`") in lines
     for drawn, said in ((None, "named with --forget-ids"),
                         ({"fraction": 0.1, "seed": 5}, "**drawn at random by the tool** "
                          "(--forget-fraction `0.1`, seed `5`), not named by a request")):
