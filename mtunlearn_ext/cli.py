@@ -448,6 +448,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      else str(Path(args.data_root).expanduser().resolve()))
         meta = {"format": CLI_META_FORMAT, "kind": "original", "benchmark": bench.name,
                 "size": args.size, "seed": args.seed, "data_root": data_root,
+                # The device trained on: it decides the weights' last bits too.
+                "device": str(device),
                 "recipe": recipe.to_dict(), "data_sha256": dataset_fingerprint(bench.train),
                 # The test split too (hashed in memory, as the training split): unlearn,
                 # evaluate and verify measure the test metrics and the attack's AUC on it.
@@ -554,11 +556,17 @@ def _resolved_settings(report: Any) -> dict[str, Any]:
     run actually built (``report.extra["forget_objectives"]``, target task -> name): one name
     when every target task used the same, else that mapping (both valid settings that
     reproduce the run), where the method takes one: SCRUB builds objectives for its curves
-    alone and refuses the setting, so its ``None`` stays. The report's own ``config`` is left
-    as the method stored it."""
+    alone and refuses the setting, so its ``None`` stays. Retraining's ``seed`` left ``None``
+    is the recipe's seed it trained with. The report's own ``config`` is left as the method
+    stored it."""
     from mtunlearn_ext.unlearning import get_unlearner
 
     settings = dict(report.config)
+    recipe = report.extra.get("recipe")
+    if report.method == "retrain" and settings.get("seed", "absent") is None \
+            and isinstance(recipe, Mapping) and isinstance(recipe.get("seed"), int):
+        # Retraining takes the checkpoint's recipe seed, not --seed: said, not left null.
+        settings["seed"] = recipe["seed"]
     used = report.extra.get("forget_objectives")
     if settings.get("forget_objective", "absent") is None and isinstance(used, Mapping) and used:
         names = set(used.values())
@@ -1129,8 +1137,9 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                         "for --forget-ids" + ("" if required else "; measures the retain split "
                                               "`unlearn --retain-ids` used (needs a request)"))
     p.add_argument("--seed", type=int, default=None,
-                   help=("seeds the forget-id draw, the method and the attack" if required else
-                         "seeds the forget-id draw and the attack")
+                   help=("seeds the forget-id draw, the method (not retrain, which trains with "
+                         "the checkpoint's recipe seed unless its `seed` setting is given) and "
+                         "the attack" if required else "seeds the forget-id draw and the attack")
                         + " (default: the checkpoint's seed)")
     p.add_argument("--eval-batch-size", type=_at_least(1), default=64,
                    help="evaluation batch size")
@@ -1160,7 +1169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None,
                    help="LibMTL data root (only for " + " / ".join(_DATA_ROOT_BENCHMARKS)
                         + "; refused for the others, which read none)")
-    p.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="data, initialisation and training seed (default: 0)")
     p.add_argument("--epochs", type=_at_least(1), default=None,
                    help="override the recipe's epochs (at least 1)")
     p.add_argument("--train", default=None, metavar="JSON",

@@ -602,10 +602,12 @@ def default_recipe(benchmark: Benchmark, seed: int,
     """The benchmark's training recipe (``benchmark.info["train_config"]`` when the data module
     provides one, else :class:`TrainConfig` defaults), seeded, with ``overrides`` applied.
 
-    ``overrides`` may not hold ``seed`` (``ValueError``): the recipe's seed is always ``seed``,
-    the run's own (the commands' ``--seed``), so an override of it would be silently ignored.
+    ``overrides`` may not hold a ``seed`` other than ``seed`` (``ValueError``): the recipe's
+    seed is always ``seed``, the run's own (the commands' ``--seed``), so an override of it
+    would be silently ignored. The same value passes: a checkpoint's stored recipe, which
+    holds its seed, can be given back as ``--train`` with that ``--seed``.
     """
-    if overrides and "seed" in overrides:
+    if overrides and "seed" in overrides and overrides["seed"] != seed:
         raise ValueError(f"seed ({overrides['seed']!r}) is not a recipe override: the "
                          "training seed is the run's seed; use --seed")
     base = benchmark.info.get("train_config")
@@ -1075,7 +1077,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default={}, help='JSON {"method": {"setting": value}} or a file')
     parser.add_argument("--train", type=lambda s: _parse_json_object(s, "--train"), default={},
                         help='JSON overrides of the training recipe, e.g. {"epochs": 5}')
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, the models, the request and the methods "
+                             "(default: 0)")
     parser.add_argument("--output", default="runs/experiment.json")
     parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     parser.add_argument("--device", default="cpu")

@@ -544,6 +544,23 @@ def test_threads_flag_gives_the_callers_count_back(tmp_path: Path) -> None:
         torch.set_num_threads(before)
 
 
+def test_a_train_rerun_from_its_checkpoints_metadata_gives_the_same_file(
+        trained: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Reproducibility review: the metadata did not store the device, and its recipe (which
+    holds the seed) was refused as --train ("seed (0) is not a recipe override")."""
+    from mtunlearn_ext.training import load_checkpoint
+
+    meta = load_checkpoint(trained).meta
+    assert meta["device"] == "cpu"
+    again = tmp_path / "again.pt"
+    assert cli.main(["train", "--benchmark", meta["benchmark"], "--size", meta["size"],
+                     "--seed", str(meta["seed"]), "--device", meta["device"],
+                     "--train", json.dumps(meta["recipe"]),
+                     "--threads", str(meta["environment"]["threads"]),
+                     "--output", str(again), "--quiet"]) == 0
+    assert sha256_of_file(again) == sha256_of_file(trained)
+
+
 def test_the_order_of_target_tasks_gives_one_checkpoint(trained: Path,  # noqa: F811
                                                         tmp_path: Path) -> None:
     """`--target-tasks digit,parity` and `parity,digit` trained the same weights but wrote
@@ -595,6 +612,10 @@ def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
             "--threads", str(record["environment"]["threads"]), "--quiet"]
     assert cli.main(args) == 0
     assert sha256_of_file(again) == record["output"]["sha256"]
+    if method == "retrain":  # it trains with the recipe's seed, not --seed: the record says so
+        from mtunlearn_ext.training import load_checkpoint
+
+        assert record["method"]["settings"]["seed"] == load_checkpoint(trained).meta["seed"]
 
 
 def test_a_run_that_changes_no_weight_says_so(trained: Path, tmp_path: Path,  # noqa: F811

@@ -263,6 +263,8 @@ def test_default_recipe_refuses_a_seed_override() -> None:
     with pytest.raises(ValueError, match=r"seed \(5\) is not a recipe override.*use --seed"):
         default_recipe(bench, 0, {"seed": 5})
     assert default_recipe(bench, 3, {"epochs": 2}).seed == 3
+    # A checkpoint's stored recipe holds its seed: given back with that seed, it passes.
+    assert default_recipe(bench, 3, {"epochs": 2, "seed": 3}).seed == 3
 
 
 # -- the model cache: verified entries, keys, concurrent fills; checks; thread count ------------

@@ -685,6 +685,22 @@ def test_custom_method_plugs_into_the_interface(bench, original, registries_rest
         get_unlearner("_test_heads_only").unlearn(clone)
 
 
+def test_retrain_reports_its_recipes_thread_count(bench, original) -> None:  # type: ignore[no-untyped-def]
+    """A recipe with ``num_threads`` trains at that count whatever the caller's: the report
+    (and so the record's environment) said the caller's (reproducibility review)."""
+    import dataclasses
+
+    problem = _problem(bench, original, partial=False)
+    problem.train_config = dataclasses.replace(RECIPE, epochs=1, num_threads=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = get_unlearner("retrain").unlearn(problem).report
+    finally:
+        torch.set_num_threads(before)
+    assert report.threads == 2
+
+
 def test_retrain_with_another_seed_is_a_second_gold_model(bench, original) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=False)
     gold = _state(get_unlearner("retrain").unlearn(problem).model)

@@ -83,4 +83,6 @@ class Retrain(Unlearner):
         report.steps = result.steps
         report.extra["recipe"] = recipe.to_dict()
         report.extra["train_seconds"] = result.seconds
+        if recipe.num_threads is not None:  # train() ran at the recipe's count, not the caller's
+            report.threads = recipe.num_threads
         return fresh
