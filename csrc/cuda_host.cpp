@@ -160,13 +160,15 @@ void nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs, const at
   const int64_t batch = gram.numel() / (k * k);
   // The kernels take a problem's row count as a 32-bit int: past it m would wrap negative, every
   // thread would leave at once and the output would stay unwritten. (Their grids count rows over
-  // all problems in 64 bits, or, one block per row for k >= 32, need a workspace of ~17 KB a
-  // row, which runs out of memory long before 2**31 rows.)
+  // all problems in 64 bits.)
   TORCH_CHECK_VALUE(m <= std::numeric_limits<int32_t>::max(),
                     "mtunlearn::nonconflicting_dual: `rhs` must have at most 2**31 - 1 rows per "
                     "problem on CUDA, got ", m, "; split its rows into several calls");
-  at::Tensor work = at::empty({batch * m * (2 * k * k + 4 * k)}, gram.options().dtype(at::kDouble));
-  at::Tensor iwork = at::empty({batch * m * k}, gram.options().dtype(at::kInt));
+  // A workspace per slot, not per row: slots are bounded (about 1 GiB of them), rows are not.
+  const int64_t slots = cuda::nonconflicting_dual_slots(batch, static_cast<int>(k),
+                                                        static_cast<int>(m));
+  at::Tensor work = at::empty({slots * (2 * k * k + 4 * k)}, gram.options().dtype(at::kDouble));
+  at::Tensor iwork = at::empty({slots * k}, gram.options().dtype(at::kInt));
   at::Tensor result = solver_result(gram, out);
   check_launch(cuda::nonconflicting_dual(gram.scalar_type() == at::kDouble, gram.data_ptr(),
                                          rhs.data_ptr(), result.data_ptr(), batch,

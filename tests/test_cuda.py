@@ -202,6 +202,23 @@ def test_dual_of_an_indefinite_gram_is_nan_on_both_solvers(k: int) -> None:
     assert torch.equal(torch.isnan(on_gpu), torch.isnan(on_cpu)), (on_gpu, on_cpu)
 
 
+@pytest.mark.parametrize(("k", "rows"), [(256, 2100), (8, 900_000)])
+def test_nonconflicting_dual_walks_more_rows_than_workspace_slots(k: int, rows: int) -> None:
+    """A workspace per row (2 k^2 + 4 k doubles: 1 MB at k = 256) ran out of memory for tens
+    of thousands of rows; the rows now share at most ~1 GiB of slots (2048 at k = 256, one
+    block each; ~818,000 at k = 8, one thread each), walked grid-stride. More rows than slots
+    on both kernels, against the CPU."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator().manual_seed(rows)
+    basis = torch.randn(k, 3 * k // 2 + 3, generator=gen, dtype=torch.float64)
+    gram = basis @ basis.mT
+    c = torch.randn(1, rows, k, generator=gen, dtype=torch.float64)
+    want = ops.nonconflicting_dual(gram[None], c)
+    got = ops.nonconflicting_dual(gram[None].cuda(), c.cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("k", [8, 31, 32, 100, 256])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_solvers_match_cpu(k: int, dtype: torch.dtype) -> None:

@@ -122,6 +122,9 @@ int combine(ScalarKind kind, const CombineSegment* segments, const ReduceItem* i
 // One thread per problem, in double; inputs/outputs in the accumulation type (dbl: double).
 int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch, int k,
                 int m, double ridge, double pivot_floor, double* workspace, void* stream);
+// workspace / int_workspace: nonconflicting_dual_slots(batch, k, m) slots of 2 k^2 + 4 k doubles /
+// k ints (the rows share them, walked grid-stride).
+int64_t nonconflicting_dual_slots(int64_t batch, int k, int m);
 int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
                         int k, int m, double pivot_floor, double* workspace, int* int_workspace,
                         void* stream);

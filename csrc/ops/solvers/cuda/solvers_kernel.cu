@@ -1,8 +1,9 @@
 // CUDA kernels of the coefficient-space solvers: the same code as the CPU
 // (include/mtunlearn/small_solvers.h) in double, one thread per problem (PCGrad: one per task of
 // each problem; from k = 32 one block per problem, unless MTUNLEARN_CUDA_BLOCK_SOLVERS=0), on a
-// per-problem workspace. The problems are k x k with k <= 256; keeping them on the device
-// avoids any host sync.
+// per-problem workspace (nonconflicting_dual: per slot, rows walked grid-stride). The problems are
+// k x k with k <= 256; keeping them on the device avoids any host sync.
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <string>
@@ -35,25 +36,30 @@ __global__ void ridge_solve_kernel(const A* __restrict__ gram, const A* __restri
   for (int64_t e = 0; e < km; ++e) out[b * km + e] = static_cast<A>(o[e]);
 }
 
+// Rows (one dual problem each) are walked grid-stride, each thread on the workspace of its own
+// slot: a workspace per row (2 k^2 + 4 k doubles, 1 MB at k = 256) ran out of memory for tens
+// of thousands of rows (nonconflicting_dual_slots bounds the slots).
 template <typename A>
 __global__ void nonconflicting_dual_kernel(const A* __restrict__ gram, const A* __restrict__ rhs,
                                            A* __restrict__ out, int64_t batch, int k, int m,
                                            double pivot_floor, double* __restrict__ workspace,
                                            int* __restrict__ int_workspace) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= batch * m) return;
-  const int64_t b = p / m;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  double* w = workspace + p * (2 * kk + 4 * k);
+  double* w = workspace + slot * (2 * kk + 4 * k);
   double* g = w;
   double* c = w + kk;
   double* sol = c + k;
   double* scratch = sol + k;  // kk + 2k
-  int* idx = int_workspace + p * k;
-  for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
-  for (int e = 0; e < k; ++e) c[e] = static_cast<double>(rhs[p * k + e]);
-  solvers::nonconflicting_dual(g, k, c, pivot_floor, sol, scratch, idx);
-  for (int e = 0; e < k; ++e) out[p * k + e] = static_cast<A>(sol[e]);
+  int* idx = int_workspace + slot * k;
+  for (int64_t p = slot; p < batch * m; p += stride) {
+    const int64_t b = p / m;
+    for (int64_t e = 0; e < kk; ++e) g[e] = static_cast<double>(gram[b * kk + e]);
+    for (int e = 0; e < k; ++e) c[e] = static_cast<double>(rhs[p * k + e]);
+    solvers::nonconflicting_dual(g, k, c, pivot_floor, sol, scratch, idx);
+    for (int e = 0; e < k; ++e) out[p * k + e] = static_cast<A>(sol[e]);
+  }
 }
 
 // ---- One block per problem, for k >= kBlockSolverMinK ------------------------------------------
@@ -121,7 +127,7 @@ ridge_solve_block_kernel(const A* gram, const A* rhs, A* out, int k, int m, doub
 
 template <typename A>
 __global__ void __launch_bounds__(kBlockSolverThreads)
-nonconflicting_dual_block_kernel(const A* gram, const A* rhs, A* out, int k, int m,
+nonconflicting_dual_block_kernel(const A* gram, const A* rhs, A* out, int64_t rows, int k, int m,
                                  double pivot_floor, double* workspace, int* int_workspace) {
   __shared__ double s_w[solvers::kMaxSolverK], s_grad[solvers::kMaxSolverK];
   __shared__ double s_trial[solvers::kMaxSolverK];
@@ -129,12 +135,18 @@ nonconflicting_dual_block_kernel(const A* gram, const A* rhs, A* out, int k, int
   __shared__ double s_scalar;
   __shared__ int s_count;
   CudaBlock block{s_warps};
-  const int64_t p = blockIdx.x, b = p / m;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  block_solvers::nonconflicting_dual(block, gram + b * kk, rhs + p * k, out + p * k, k,
-                                     pivot_floor, workspace + p * (2 * kk + 4 * k),
-                                     int_workspace + p * k,
-                                     s_w, s_grad, s_trial, &s_scalar, &s_count);
+  const int64_t slot = blockIdx.x;
+  // Grid-stride over rows, on this block's slot of the workspace (see the thread kernel). The
+  // loop's bounds are the same for every thread of the block, so the barrier is reached by all.
+  for (int64_t p = slot; p < rows; p += gridDim.x) {
+    const int64_t b = p / m;
+    block_solvers::nonconflicting_dual(block, gram + b * kk, rhs + p * k, out + p * k, k,
+                                       pivot_floor, workspace + slot * (2 * kk + 4 * k),
+                                       int_workspace + slot * k,
+                                       s_w, s_grad, s_trial, &s_scalar, &s_count);
+    __syncthreads();  // the shared arrays are the next row's only once every thread is done
+  }
 }
 
 // PCGrad in three launches, so that the O(k^3) work runs on k threads per problem instead of
@@ -175,6 +187,26 @@ unsigned blocks_for(int64_t problems) {
 
 bool by_block(int k) { return k >= kBlockSolverMinK && block_solvers_enabled(); }
 
+// The nonconflicting_dual launch: its grid (blocks) and its workspace slots (one per thread, or
+// per block for the block kernel), as many as rows up to a workspace of kSolverWorkspaceBytes,
+// and never fewer than kMinSolverSlots (or rows) so that a large GPU stays busy.
+constexpr int64_t kSolverWorkspaceBytes = int64_t(1) << 30;
+constexpr int64_t kMinSolverSlots = 2048;
+
+struct DualLaunch {
+  int64_t blocks, slots;
+};
+
+DualLaunch dual_launch(int64_t batch, int k, int m) {
+  const int64_t rows = batch * m, kk = static_cast<int64_t>(k) * k;
+  const int64_t slot_bytes = (2 * kk + 4 * k) * int64_t(sizeof(double)) + k * int64_t(sizeof(int));
+  const int64_t wanted = std::min(rows, std::max(kMinSolverSlots,
+                                                 kSolverWorkspaceBytes / slot_bytes));
+  if (by_block(k)) return {wanted, wanted};
+  const int64_t blocks = std::max<int64_t>(1, (wanted + kThreads - 1) / kThreads);
+  return {blocks, blocks * kThreads};
+}
+
 template <typename A>
 void launch_ridge_solve(const void* gram, const void* rhs, void* out, int64_t batch, int k, int m,
                         double ridge, double pivot_floor, double* workspace, cudaStream_t stream) {
@@ -197,12 +229,13 @@ void launch_nonconflicting_dual(const void* gram, const void* rhs, void* out, in
   auto* g = static_cast<const A*>(gram);
   auto* r = static_cast<const A*>(rhs);
   auto* o = static_cast<A*>(out);
+  const DualLaunch launch = dual_launch(batch, k, m);
   if (by_block(k)) {
     nonconflicting_dual_block_kernel<A>
-        <<<static_cast<unsigned>(batch * m), block_threads_for(k), 0, stream>>>(
-            g, r, o, k, m, pivot_floor, workspace, int_workspace);
+        <<<static_cast<unsigned>(launch.blocks), block_threads_for(k), 0, stream>>>(
+            g, r, o, batch * m, k, m, pivot_floor, workspace, int_workspace);
   } else {
-    nonconflicting_dual_kernel<A><<<blocks_for(batch * m), kThreads, 0, stream>>>(
+    nonconflicting_dual_kernel<A><<<static_cast<unsigned>(launch.blocks), kThreads, 0, stream>>>(
         g, r, o, batch, k, m, pivot_floor, workspace, int_workspace);
   }
 }
@@ -234,6 +267,10 @@ int ridge_solve(bool dbl, const void* gram, const void* rhs, void* out, int64_t 
     launch_ridge_solve<float>(gram, rhs, out, batch, k, m, ridge, pivot_floor, workspace, stream);
   }
   return static_cast<int>(cudaGetLastError());
+}
+
+int64_t nonconflicting_dual_slots(int64_t batch, int k, int m) {
+  return dual_launch(batch, k, m).slots;
 }
 
 int nonconflicting_dual(bool dbl, const void* gram, const void* rhs, void* out, int64_t batch,
