@@ -518,6 +518,11 @@ def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> No
     ("depth", lambda a: (a * 1000).astype(np.uint16),
      r"depth/0.npy: depth must be metres as floats \(0 = unknown\), got dtype uint16, values up "
      r"to \d+; convert depth stored in millimetres \(divide by 1000\)"),
+    ("depth", lambda a: np.where(a > 4, np.float32(65535), a),
+     r"depth/0.npy: depth must be in metres \(0 = unknown\), got values up to 65535, beyond "
+     r"1000 m; convert millimetres \(divide by 1000\) and mark missing pixels with 0, not "
+     r"65535"),
+    ("depth", lambda a: a * 1000, r"got values up to \d+\.?\d*, beyond 1000 m"),
     ("image", lambda a: a[:0], r"image/0.npy: image is empty \(shape \(0, 12, 3\)\)"),
     ("label", lambda a: a[:, :0], r"label/0.npy: label is empty \(shape \(8, 0\)\)"),
 ])

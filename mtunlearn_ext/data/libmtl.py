@@ -4,7 +4,7 @@ Expected layout (one ``.npy`` per instance and target, numbered ``0.npy, 1.npy, 
 
     root/train/image/<i>.npy    float [H, W, 3], RGB in [0, 1]
     root/train/label/<i>.npy    [H, W], class index, -1 = unlabelled
-    root/train/depth/<i>.npy    [H, W, 1] (or [H, W]), >= 0, 0 (or NaN) = unknown
+    root/train/depth/<i>.npy    float [H, W, 1] (or [H, W]), metres, 0 (or NaN) = unknown
     root/train/normal/<i>.npy   [H, W, 3] unit normals, 0 (or NaN) = unknown   (NYUv2 only)
     root/val/...                the same, used as the test split
 
@@ -13,16 +13,19 @@ split (as LibMTL reads them): train instance ``i`` is ``train/*/<i>.npy`` and ha
 forget request names train files by number; ``val/*/<j>.npy`` has id ``N_train + j`` (``N_train``
 after ``max_train``). Values no loss can use are refused at load (:class:`LayoutError` naming the
 file): RGB outside ``[0, 1]`` (an image kept in ``[0, 255]``), labels outside ``[-1,
-num_classes)``, negative or infinite depth, normals that are not unit vectors (stored as colours).
-So are files that are no regular file (a FIFO, a directory), no ``.npy`` array, or one image
-file behind two names (a symbolic or hard link): one image with two ids could not be
-forgotten (label maps may share a file: identical labels of two images are harmless).
+num_classes)`` (255 for "unlabelled" is told to become -1), depth that is negative, infinite,
+stored as integers or beyond 1000 m (millimetres, or 65535 for "missing"), normals that are not
+unit vectors (stored as colours), empty arrays. So are files that are no regular file (a FIFO,
+a directory), no ``.npy`` array, or one image file behind two names (a symbolic or hard
+link): one image with two ids could not be forgotten (label maps may share a file: identical
+labels of two images are harmless).
 
 NYUv2 (13 classes, 288x384) has ``image``, ``label``, ``depth``, ``normal``; Cityscapes (7
 classes, 128x256) ``image``, ``label``, ``depth``. Inputs are normalised like the generated
-benchmarks, ``(rgb - 0.5) / 0.25``. ``size`` resizes on load: RGB bilinearly, labels, depth and
-normals with nearest neighbour, so unknown (0) and unlabelled (-1) values are never blended into
-valid ones; it may change the aspect ratio (the registry's sizes keep it).
+benchmarks, ``(rgb - 0.5) / 0.25``. ``size`` resizes on load: RGB bilinearly with antialiasing,
+labels, depth and normals with the source pixel nearest each output pixel's centre
+(``nearest-exact``, aligned with the image), so unknown (0) and unlabelled (-1) values are never
+blended into valid ones; it may change the aspect ratio (the registry's sizes keep it).
 
 Erased data (``allow_erased=True``, which ``mtunlearn`` passes for a checkpoint that recorded its
 training files' digests; never for ``train``): after a removal request was honoured, the
@@ -72,6 +75,9 @@ TEST_FILES_KEY = "test_files_sha256"
 # How far an RGB value may stray outside [0, 1]: a resampling filter overshoots a little, an
 # image kept in [0, 255] is far outside (and would become inputs up to ~1000 once normalised).
 _RGB_SLACK = 0.05
+# Indoor (NYUv2, under 10 m) and street (Cityscapes, under ~100 m) depth in metres: a larger
+# value is millimetres, or a "missing" code such as 65535, which would be trained on as depth.
+_MAX_DEPTH_METRES = 1000.0
 # A labelled normal is a unit vector; one resampled from unit vectors is shorter, never longer.
 # Normals stored as colours ((n + 1) / 2, or x 255) are longer than 1 or mostly far from it.
 _NORMAL_SLACK = 0.1
@@ -235,6 +241,12 @@ def _check_dense(path: Path, folder: str, array: np.ndarray) -> None:
         if (array < 0).any():
             raise LayoutError(f"{path}: depth must be >= 0 (0 = unknown), got values down to "
                               f"{float(np.nanmin(array)):.4g}")
+        deepest = float(np.nanmax(array)) if np.isfinite(array).any() else 0.0
+        if deepest > _MAX_DEPTH_METRES:
+            raise LayoutError(f"{path}: depth must be in metres (0 = unknown), got values up to "
+                              f"{deepest:.6g}, beyond {_MAX_DEPTH_METRES:g} m; convert "
+                              "millimetres (divide by 1000) and mark missing pixels with 0, "
+                              "not 65535")
         return
     length = np.linalg.norm(array.astype(np.float32), axis=-1)
     length = length[np.isfinite(length) & (length > 0)]
