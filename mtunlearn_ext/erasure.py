@@ -21,9 +21,9 @@ from mtunlearn_ext.data.base import Benchmark
 from mtunlearn_ext.data.libmtl import FOLDER_OF_TASK, TRAIN_FILES_KEY
 from mtunlearn_ext.workflow import UserInputError, lineage_removals
 
-__all__ = ["ERASED_KEY", "check_train_files", "differing_files", "erased_forget_pairs",
-           "erased_instances", "file_changes", "first_files", "num_train_recorded",
-           "recorded_train_files", "refuse_erased_ids", "removed_files"]
+__all__ = ["ERASED_KEY", "check_train_files", "erased_forget_pairs", "erased_instances",
+           "file_changes", "first_files", "num_train_recorded", "recorded_train_files",
+           "refuse_erased_ids", "removed_files"]
 
 
 #: ``Benchmark.info`` key of the training files found erased (``"image/5.npy"``, sorted), set by
@@ -85,10 +85,10 @@ def removed_files(removals: Sequence[Mapping[str, Any]], files: Iterable[str],
     return out
 
 
-def first_files(paths: Sequence[str], shown: int = 3) -> str:
-    """A few of ``paths`` as ``train/...`` names, for an error."""
+def first_files(paths: Sequence[str], shown: int = 3, split: str = "train") -> str:
+    """A few of ``paths`` as ``<split>/...`` names, for an error."""
     more = f" (and {len(paths) - shown} more)" if len(paths) > shown else ""
-    return ", ".join(f"train/{p}" for p in paths[:shown]) + more
+    return ", ".join(f"{split}/{p}" for p in paths[:shown]) + more
 
 
 def check_train_files(meta: Mapping[str, Any], bench: Benchmark, argument: str,
@@ -138,15 +138,6 @@ def check_train_files(meta: Mapping[str, Any], bench: Benchmark, argument: str,
         raise refuse(f"{first_files(stray)} {verb} missing but {why}: only files that requests "
                      "of the checkpoint's lineage removed may be erased; restore them")
     return missing
-
-
-def differing_files(meta: Mapping[str, Any], bench: Benchmark) -> list[str]:
-    """The training files added, missing or edited against the recorded digests (``[]``
-    without them), to name in the whole-split hash's error (a blanked file, say)."""
-    files, now = recorded_train_files(meta), bench.info.get(TRAIN_FILES_KEY)
-    if files is None or not isinstance(now, Mapping):
-        return []
-    return sorted(set(files) ^ set(now) | {p for p in files if p in now and now[p] != files[p]})
 
 
 def file_changes(recorded: Mapping[str, str], now: Mapping[str, str]) -> list[str]:

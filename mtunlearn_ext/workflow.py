@@ -391,13 +391,7 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
     root, recorded = meta.get("data_root"), meta.get("data_sha256")
     if root is None or recorded is None:
         return
-    from mtunlearn_ext.erasure import (
-        ERASED_KEY,
-        check_train_files,
-        differing_files,
-        file_changes,
-        first_files,
-    )
+    from mtunlearn_ext.erasure import ERASED_KEY, check_train_files, file_changes, first_files
     from mtunlearn_ext.experiment import dataset_fingerprint
 
     def refuse(detail: str) -> UserInputError:
@@ -419,17 +413,16 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
              test_why)):
         # By the files' digests where both sides have them (erased training files were
         # checked file by file above). The tensors read from the files are compared only for
-        # a checkpoint without digests: their last bits follow the thread count and the CPU
-        # (the resampling), and the same files read as edited data under another.
+        # a checkpoint without digests (which then names no file): their last bits follow the
+        # thread count and the CPU (the resampling), and the same files read as edited data
+        # under another.
         files, now_files = meta.get(files_key), bench.info.get(files_key)
         if isinstance(files, Mapping) and files and isinstance(now_files, Mapping):
             changes = [] if split == "train" and erased else file_changes(files, now_files)
             if changes:
-                more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
                 raise refuse(f"its {what} differ from the files recorded at training: "
-                             f"{', '.join(f'{split}/{c}' for c in changes[:3])}{more} (files "
-                             f"added, removed, renumbered or edited): {why}; restore the data "
-                             "or train again")
+                             f"{first_files(changes, split=split)} (files added, removed, "
+                             f"renumbered or edited): {why}; restore the data or train again")
             continue
         expected = meta.get(tensor_key)
         if expected is None:
@@ -440,9 +433,7 @@ def _check_data_unchanged(meta: Mapping[str, Any], bench: Benchmark, argument: s
         if moved_to is not None:
             raise refuse(f"its {what} had SHA-256 {str(expected)[:16]}..., the data there "
                          f"{now[:16]}...: not the same files; {why}")
-        changed = differing_files(meta, bench) if split == "train" else []
-        where = (" in val/" if split == "val" else
-                 f"; {first_files(changed)} differ from the recorded files" if changed else "")
+        where = " in val/" if split == "val" else ""
         raise refuse(f"its {what} had SHA-256 {str(expected)[:16]}..., the data read now "
                      f"{now[:16]}... (files added, removed, renumbered or edited{where}): "
                      f"{why}; restore the data or train again")
