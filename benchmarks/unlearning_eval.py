@@ -500,7 +500,8 @@ def run_tuning(args: argparse.Namespace) -> int:
     """For every step-based method and every setting of its grid (:func:`_grid`), one run
     scored at each step budget of ``--checkpoints`` (a run of ``s`` steps is the first ``s``
     steps of a longer one: constant learning rate, same seeded batches; where it is not, as
-    with ``head_refit_steps``, one run per budget) by
+    with ``head_refit_steps``, one run per budget: :func:`mtunlearn_ext.tuning.score_budgets`)
+    by
     :func:`selection_score` on the forget pairs and a fixed subset of the retain pairs. The test
     split and the attack are never used. The records of every (benchmark, request) go to
     ``tuning/<benchmark>-<request>-seed<seed>.json``; :func:`select_settings` then picks, per
@@ -509,7 +510,7 @@ def run_tuning(args: argparse.Namespace) -> int:
 
     from mtunlearn_ext.experiment import prepare_experiment
     from mtunlearn_ext.metrics import evaluate, retrain_gap
-    from mtunlearn_ext.unlearning import get_unlearner
+    from mtunlearn_ext.tuning import score_budgets
 
     # The runs below unlearn and score at the run's thread count; prepare_experiment restores
     # the caller's count when it returns, so it is set for the whole tuning here.
@@ -548,20 +549,13 @@ def run_tuning(args: argparse.Namespace) -> int:
                                if m != METHOD or c <= args.method_max_steps] for m in methods}
                 for method in methods:
                     for point in _grid(method, args):
-                        settings = {**base.get(method, {}), **point,
-                                    "steps": max(budgets[method])}
-                        unlearner = get_unlearner(method, settings)
-                        start = time.perf_counter()
+                        settings = {**base.get(method, {}), **point}
 
-                        def watch(steps: int, model: Any, method: str = method,
-                                  settings: dict[str, Any] = settings,
-                                  start: float = start) -> None:
-                            if steps not in budgets[method]:
-                                return
+                        def watch(steps: int, model: Any, seconds: float, method: str = method,
+                                  settings: dict[str, Any] = settings) -> None:
                             metrics = scores(model)
                             record = {"method": method, "lr": settings["lr"], "steps": steps,
-                                      **scored(metrics),
-                                      "seconds": time.perf_counter() - start,
+                                      **scored(metrics), "seconds": seconds,
                                       "settings": {**settings, "steps": steps},
                                       "metrics": metrics}
                             records.append(record)
@@ -572,17 +566,7 @@ def run_tuning(args: argparse.Namespace) -> int:
                                   f"score={record['score']:6.3f} gap={record['gap']:6.3f}",
                                   flush=True)
 
-                        if unlearner.shares_prefixes(prepared.original):
-                            unlearner.step_callbacks.append(watch)
-                            unlearner.unlearn(problem)
-                            continue
-                        # A run ending with work of its own (the heads' refit, for one) is
-                        # not the prefix of a longer run: one run per budget, scored at its end.
-                        for steps in budgets[method]:
-                            start = time.perf_counter()
-                            result = get_unlearner(method, {**settings, "steps": steps}
-                                                   ).unlearn(problem)
-                            watch(steps, result.model, start=start)
+                        score_budgets(method, settings, budgets[method], problem, watch)
                 path = out / f"{benchmark}-{request}-seed{seed}.json"
                 write_json_atomic(path, _plain({"records": _merge_records(path, records),
                                                 "gold": gold, "original": original}))

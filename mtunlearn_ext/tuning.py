@@ -21,7 +21,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,9 +38,9 @@ from mtunlearn_ext.experiment import (
     write_json_atomic,
 )
 from mtunlearn_ext.metrics import evaluate, retrain_gap
-from mtunlearn_ext.unlearning import GradientUnlearner, get_unlearner
+from mtunlearn_ext.unlearning import GradientUnlearner, UnlearningProblem, get_unlearner
 
-__all__ = ["main", "tune"]
+__all__ = ["main", "score_budgets", "tune"]
 
 
 def tune(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[int],
@@ -74,7 +74,6 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
     print(f"{'original':16s} gap={original_gap:7.3f} (the untouched model)", flush=True)
     records: list[dict[str, Any]] = [{"method": "original", "gap": original_gap}]
     best: dict[str, dict[str, Any]] = {}
-    checkpoint_set = set(checkpoints)
 
     def record(method: str, lr: float, steps: int, settings: dict[str, Any], model: nn.Module,
                elapsed: float) -> None:
@@ -92,31 +91,48 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
 
     for method in config.methods:
         for lr in lrs:
-            settings = {**(base or {}).get(method, {}), "lr": lr, "steps": max(checkpoints)}
-            unlearner = get_unlearner(method, settings)
-            if not isinstance(unlearner, GradientUnlearner):
-                raise ValueError(f"tune: {method!r} is not a step-based method")
-            if not unlearner.shares_prefixes(prepared.original):
-                # An s-step run ends with work a longer run does later (the heads' refit, the
-                # norms' statistics recomputed): each budget is a run of its own.
-                for steps in sorted(checkpoint_set):
-                    start = time.perf_counter()
-                    result = get_unlearner(method, {**settings, "steps": steps}).unlearn(problem)
-                    record(method, lr, steps, settings, result.model,
-                           time.perf_counter() - start)
-                continue
-            start = time.perf_counter()
+            settings = {**(base or {}).get(method, {}), "lr": lr}
 
-            def watch(steps: int, model: nn.Module, method: str = method, lr: float = lr,
-                      start: float = start, settings: dict[str, Any] = settings) -> None:
-                if steps in checkpoint_set:
-                    record(method, lr, steps, settings, model, time.perf_counter() - start)
+            def scored(steps: int, model: nn.Module, seconds: float, method: str = method,
+                       lr: float = lr, settings: dict[str, Any] = settings) -> None:
+                record(method, lr, steps, settings, model, seconds)
 
-            unlearner.step_callbacks.append(watch)
-            unlearner.unlearn(problem)
+            score_budgets(method, settings, checkpoints, problem, scored)
     return {"records": records, "best": {m: {"gap": r["gap"], "settings": r["settings"]}
                                          for m, r in best.items()},
             "gold": gold, "original": original}
+
+
+def score_budgets(method: str, settings: Mapping[str, Any], budgets: Sequence[int],
+                  problem: UnlearningProblem,
+                  score: Callable[[int, nn.Module, float], None]) -> None:
+    """Unlearn ``problem`` with the step-based ``method`` (``settings`` but ``steps``) at every
+    step budget of ``budgets``, calling ``score(steps, model, seconds)`` once per budget, in
+    increasing order. One run of the largest budget, watched after each budget's step, where
+    an ``s``-step run is that run's first ``s`` steps
+    (:meth:`~mtunlearn_ext.unlearning.GradientUnlearner.shares_prefixes`); else, where a run
+    ends with work of its own (the heads' refit, SCRUB's phases), one run per budget, scored on
+    the model it returns. ``model`` must not be changed; ``seconds`` counts from the run's
+    start."""
+    ordered = sorted(set(budgets))
+    unlearner = get_unlearner(method, {**settings, "steps": ordered[-1]})
+    if not isinstance(unlearner, GradientUnlearner):
+        raise ValueError(f"tune: {method!r} is not a step-based method")
+    if not unlearner.shares_prefixes(problem.model):
+        for steps in ordered:
+            start = time.perf_counter()
+            result = get_unlearner(method, {**settings, "steps": steps}).unlearn(problem)
+            score(steps, result.model, time.perf_counter() - start)
+        return
+    wanted = set(ordered)
+    start = time.perf_counter()
+
+    def watch(steps: int, model: nn.Module) -> None:
+        if steps in wanted:
+            score(steps, model, time.perf_counter() - start)
+
+    unlearner.step_callbacks.append(watch)
+    unlearner.unlearn(problem)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
