@@ -551,32 +551,15 @@ def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dic
 
 
 def _resolved_settings(report: Any) -> dict[str, Any]:
-    """The method's settings as the run used them, for the record: the config, with a
-    ``forget_objective`` left at ``None`` (the method's default) replaced by the objectives the
-    run actually built (``report.extra["forget_objectives"]``, target task -> name): one name
-    when every target task used the same, else that mapping (both valid settings that
-    reproduce the run), where the method takes one: SCRUB builds objectives for its curves
-    alone and refuses the setting, so its ``None`` stays. Retraining's ``seed`` left ``None``
-    is the recipe's seed it trained with. The report's own ``config`` is left as the method
-    stored it."""
-    from mtunlearn_ext.unlearning import get_unlearner
-
+    """The method's settings as the run used them, for the record: the config, with the
+    settings it left to a default (``None``) as the run resolved them
+    (``report.extra["resolved_settings"]``: the forget objectives built, retraining's recipe
+    seed), so that they reproduce the run given as ``--method-config``. The report's own
+    ``config`` is left as the method stored it."""
     settings = dict(report.config)
-    recipe = report.extra.get("recipe")
-    if report.method == "retrain" and settings.get("seed", "absent") is None \
-            and isinstance(recipe, Mapping) and isinstance(recipe.get("seed"), int):
-        # Retraining takes the checkpoint's recipe seed, not --seed: said, not left null.
-        settings["seed"] = recipe["seed"]
-    used = report.extra.get("forget_objectives")
-    if settings.get("forget_objective", "absent") is None and isinstance(used, Mapping) and used:
-        names = set(used.values())
-        resolved = {**settings,
-                    "forget_objective": names.pop() if len(names) == 1 else dict(used)}
-        try:
-            get_unlearner(report.method, resolved)
-        except (KeyError, TypeError, ValueError):
-            return settings
-        return resolved
+    resolved = report.extra.get("resolved_settings")
+    if isinstance(resolved, Mapping):
+        settings.update({k: v for k, v in resolved.items() if settings.get(k) is None})
     return settings
 
 

@@ -398,16 +398,17 @@ def test_record_settings_show_the_forget_objective_used(
     assert used == {expected}
 
 
-def test_resolved_settings_keep_per_task_objectives_and_methods_without_one() -> None:
-    report = SimpleNamespace(method="interference_aware",
-                             config={"steps": 3, "forget_objective": None},
-                             extra={"forget_objectives": {"digit": "capped_ascent",
-                                                          "parity": "uniform"}})
-    assert cli._resolved_settings(report)["forget_objective"] == {
-        "digit": "capped_ascent", "parity": "uniform"}
+def test_resolved_settings_fill_only_what_the_config_left_to_a_default() -> None:
+    per_task = {"digit": "capped_ascent", "parity": "uniform"}
+    report = SimpleNamespace(config={"steps": 3, "forget_objective": None},
+                             extra={"resolved_settings": {"forget_objective": per_task}})
+    assert cli._resolved_settings(report) == {"steps": 3, "forget_objective": per_task}
     assert report.config["forget_objective"] is None  # the report itself is not changed
-    retrain = SimpleNamespace(method="retrain", config={"epochs": 2}, extra={})
-    assert cli._resolved_settings(retrain) == {"epochs": 2}
+    retrain = SimpleNamespace(config={"epochs": 2, "seed": None},
+                              extra={"resolved_settings": {"seed": 0, "epochs": 9}})
+    assert cli._resolved_settings(retrain) == {"epochs": 2, "seed": 0}  # a given one stays
+    assert cli._resolved_settings(SimpleNamespace(config={"epochs": 2}, extra={})) == {
+        "epochs": 2}
 
 
 @pytest.mark.parametrize("field", ["num_forget_pairs", "num_retain_pairs"])

@@ -547,7 +547,9 @@ class UnlearningReport:
             ``forget_loss/<task>``, ``retain_loss/<task>``.
         curve_steps: ``name -> step index`` of each point.
         request: number of forget instances, target tasks, full or partial, ids hash.
-        extra: method-specific facts (e.g. the saliency mask's density).
+        extra: method-specific facts (e.g. the saliency mask's density);
+            ``extra["resolved_settings"]``: settings the config left to a default, as the run
+            resolved them (given explicitly, they reproduce the run).
         seed, device, threads: the problem's seed, the device and torch's intra-op CPU thread
             count of the run: with the same code and torch build, what the weights depend on
             (``None`` in a report not made by :meth:`Unlearner.unlearn`).

@@ -248,6 +248,9 @@ class GradientUnlearner(Unlearner):
 
     config_class: ClassVar[type[UnlearnerConfig]] = StepConfig
     default_forget_objective: ClassVar[str | None] = None
+    #: Whether ``forget_objective`` is a setting of the method (SCRUB builds objectives for its
+    #: curves alone): where it is, the objectives a run built are its resolved setting.
+    forget_objective_is_setting: ClassVar[bool] = True
     uses_forget: ClassVar[bool] = True
     uses_retain: ClassVar[bool] = True
 
@@ -393,6 +396,10 @@ class GradientUnlearner(Unlearner):
         objectives = make_forget_objectives(problem.target_specs(), problem.retain,
                                             objective_gen, device, self._objective_choice())
         report.extra["forget_objectives"] = {t: o.name for t, o in objectives.items()}
+        names = set(report.extra["forget_objectives"].values())
+        if cfg.forget_objective is None and self.forget_objective_is_setting and names:
+            report.extra["resolved_settings"] = {"forget_objective": (
+                names.pop() if len(names) == 1 else dict(report.extra["forget_objectives"]))}
         ctx = StepContext(model, problem, groups, objectives, method_gen)
         forget_stream = BatchStream(problem.forget, cfg.forget_batch_size, forget_gen, device)
         retain_stream = BatchStream(problem.retain, cfg.retain_batch_size, retain_gen, device)

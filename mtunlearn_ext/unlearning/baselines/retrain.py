@@ -85,4 +85,8 @@ class Retrain(Unlearner):
         report.extra["train_seconds"] = result.seconds
         if recipe.num_threads is not None:  # train() ran at the recipe's count, not the caller's
             report.threads = recipe.num_threads
+        # The recipe's epochs and seed where the settings left them to it (--seed is not it).
+        report.extra["resolved_settings"] = {name: getattr(recipe, name) for name in
+                                             ("epochs", "seed")
+                                             if getattr(self.config, name) is None}
         return fresh

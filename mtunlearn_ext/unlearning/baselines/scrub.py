@@ -185,6 +185,7 @@ class SCRUB(GradientUnlearner):
     config: SCRUBConfig
     # Its objectives are only the curves' plain forget losses: ascent needs no preparation.
     default_forget_objective = "ascent"
+    forget_objective_is_setting = False
 
     def shares_prefixes(self, model: torch.nn.Module) -> bool:
         """Not with ``forget_steps`` left to its default, two thirds of ``steps``."""
