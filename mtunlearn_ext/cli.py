@@ -563,6 +563,18 @@ def _resolved_settings(report: Any) -> dict[str, Any]:
     return settings
 
 
+def _request_fields(request: Any, request_type: str, targets: Sequence[str],
+                    forget_ids: Sequence[int] | None, fraction: float | None,
+                    seed: int) -> dict[str, Any]:
+    """A request as records and ``evaluate``'s JSON give it: type, ids, their hash, resolved
+    target tasks, and whether the ids were named by the user or drawn by the tool (a random
+    share: said, since a removal record must show who chose what was removed)."""
+    return {"type": request_type, "instance_ids": list(request.instance_ids),
+            "ids_sha256": request.ids_hash(), "target_tasks": list(targets),
+            "ids_drawn": (None if forget_ids is not None else
+                          {"fraction": fraction, "seed": seed})}
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext._io import interrupts_held
     from mtunlearn_ext.erasure import erased_instances, refuse_erased_ids
@@ -727,17 +739,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         # write, the window in which a SIGKILL leaves a checkpoint without its record.
         record = {
             "schema": RECORD_SCHEMA,
-            "request": {"type": request_type, "instance_ids": list(request.instance_ids),
-                        "ids_sha256": request.ids_hash(), "target_tasks": targets,
+            "request": {**_request_fields(request, request_type, targets, forget_ids,
+                                          fraction, seed),
                         "target_tasks_arg": (None if request.target_tasks is None
                                              else list(request.target_tasks)),
                         "retain_ids": retain_ids,
                         "earlier_removals": earlier,
                         "num_excluded_pairs": excluded,
-                        # Named by the user, or drawn by the tool (a random share): said,
-                        # since a removal record must show who chose what was removed.
-                        "ids_drawn": (None if forget_ids is not None else
-                                      {"fraction": fraction, "seed": seed}),
                         # The instances this run forgot: those named, less any whose pairs
                         # earlier requests of the lineage had all removed already.
                         "forgotten_instance_ids": sorted(int(i) for i in forget.ids.tolist()),
@@ -899,12 +907,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "earlier_removals_excluded": (excluded if earlier is not None else
                                               "unknown (the checkpoint keeps only their hash)")}
             # What was measured: the attack's AUC depends on the request and the seed.
-            result["request"] = {
-                "type": request_type, "instance_ids": list(request.instance_ids),
-                "ids_sha256": request.ids_hash(),
-                "target_tasks": list(request.resolved_tasks(bench.train)),
-                "ids_drawn": (None if forget_ids is not None else
-                              {"fraction": args.forget_fraction, "seed": seed})}
+            result["request"] = _request_fields(request, request_type,
+                                                request.resolved_tasks(bench.train), forget_ids,
+                                                args.forget_fraction, seed)
         from mtunlearn_ext.records import run_environment
         from mtunlearn_ext.workflow import json_safe
 
