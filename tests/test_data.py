@@ -515,9 +515,8 @@ def test_loader_refuses_one_file_behind_two_instance_names(tmp_path: Path) -> No
     ("label", lambda a: np.where(a > 5, 255, a),
      r"labels outside \[-1, 13\): \[255\]; if 255 marks unlabelled pixels, map it to -1 \(the "
      r"layout's unlabelled value\); otherwise `num_classes` must be"),
-    ("depth", lambda a: (a * 1000).astype(np.uint16),
-     r"depth/0.npy: depth must be metres as floats \(0 = unknown\), got dtype uint16, values up "
-     r"to \d+; convert depth stored in millimetres \(divide by 1000\)"),
+    ("depth", lambda a: (a * 1000).astype(np.uint16),  # millimetres as integers
+     r"depth/0.npy: depth must be in metres \(0 = unknown\), got values up to \d+, beyond"),
     ("depth", lambda a: np.where(a > 4, np.float32(65535), a),
      r"depth/0.npy: depth must be in metres \(0 = unknown\), got values up to 65535, beyond "
      r"1000 m; convert millimetres \(divide by 1000\) and mark missing pixels with 0, not "

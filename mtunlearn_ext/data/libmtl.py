@@ -14,7 +14,7 @@ forget request names train files by number; ``val/*/<j>.npy`` has id ``N_train +
 after ``max_train``). Values no loss can use are refused at load (:class:`LayoutError` naming the
 file): RGB outside ``[0, 1]`` (an image kept in ``[0, 255]``), labels outside ``[-1,
 num_classes)`` (255 for "unlabelled" is told to become -1), depth that is negative, infinite,
-stored as integers or beyond 1000 m (millimetres, or 65535 for "missing"), normals that are not
+or beyond 1000 m (millimetres, or 65535 for "missing"), normals that are not
 unit vectors (stored as colours), empty arrays. So are files that are no regular file (a FIFO,
 a directory), no ``.npy`` array, or one image file behind two names (a symbolic or hard
 link): one image with two ids could not be forgotten (label maps may share a file: identical
@@ -233,11 +233,6 @@ def _check_dense(path: Path, folder: str, array: np.ndarray) -> None:
     if np.isinf(array).any():
         raise LayoutError(f"{path} holds Inf {folder} values (mark unknown pixels with 0)")
     if folder == "depth":
-        if array.dtype.kind in "iu":
-            raise LayoutError(f"{path}: depth must be metres as floats (0 = unknown), got dtype "
-                              f"{array.dtype}, values up to {int(array.max())}; convert depth "
-                              "stored in millimetres (divide by 1000) and mark missing pixels "
-                              "with 0")
         if (array < 0).any():
             raise LayoutError(f"{path}: depth must be >= 0 (0 = unknown), got values down to "
                               f"{float(np.nanmin(array)):.4g}")
@@ -402,8 +397,9 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     resampling).
 
     With ``size``, images are resampled bilinearly with antialiasing (each output pixel
-    averages its block), label, depth and normal maps by the nearest source pixel to each
-    output pixel's centre (``nearest-exact``), so targets stay aligned with the image.
+    filters the source around it, not only its nearest 2 x 2), label, depth and normal maps by
+    the nearest source pixel to each output pixel's centre (``nearest-exact``), so targets stay
+    aligned with the image.
     """
     _check_arguments(name, size, max_train, max_test)
     base = Path(root).expanduser()
