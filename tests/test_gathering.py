@@ -261,6 +261,84 @@ def test_a_loader_of_collated_batches_reads_in_its_order() -> None:
     _assert_same(gather(DataLoader(pairs, batch_size=16), SPECS), data)  # type: ignore
 
 
+class _ReusedBatch:
+    """A collate function writing every batch into one set of buffers (as a loader staging
+    batches in pinned memory does): the batch it hands out is overwritten by the next."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _into(self, name: str, rows: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(rows)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[1:] != stacked.shape[1:]:
+            buffer = self.buffers[name] = torch.empty((64, *stacked.shape[1:]),
+                                                      dtype=stacked.dtype)
+        return buffer[:len(rows)].copy_(stacked)
+
+    def __call__(self, items: list[dict[str, object]]) -> dict[str, object]:
+        return {"input": self._into("input", [item["input"] for item in items]),  # type: ignore
+                "targets": {name: self._into(name, [item["targets"][name]  # type: ignore
+                                                    for item in items])
+                            for name in ("topic", "score")},
+                "id": self._into("id", [item["id"] for item in items])}  # type: ignore
+
+
+@pytest.mark.parametrize("block_rows", [None, 5])
+def test_a_loader_reusing_its_batch_buffers_is_read_batch_by_batch(
+        block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader's batches were kept as given and joined at the end (the data held twice, and
+    a collate function reusing its buffers read as copies of the last batch); each batch is
+    copied as it comes now, into blocks where the loader's length is unknown (here 5 rows,
+    so batches of 7 straddle them)."""
+    import mtunlearn_ext.data.gathering as gathering
+
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) + 100)
+    if block_rows is not None:
+        monkeypatch.setattr(gathering, "_BLOCK_ROWS", block_rows)
+        monkeypatch.setattr(gathering, "_loader_rows", lambda loader: None)
+    read = gather(DataLoader(data, batch_size=7, collate_fn=_ReusedBatch()), SPECS)
+    _assert_same(read, data)
+    assert torch.equal(read.ids, data.ids)
+
+
+def test_a_loader_whose_batches_disagree_names_the_batch() -> None:
+    """Batches padded to their own longest sequence, or one input with a row missing, named
+    the batch; torch.cat's error named none."""
+    def padded_per_batch(items: list[int]) -> dict[str, object]:
+        length = 3 + items[0]  # a batch's own length
+        return {"input": torch.zeros(len(items), length),
+                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
+                            "score": torch.zeros(len(items), 1)}}
+
+    with pytest.raises(ValueError, match=r"the input has shape \(2, 5\) in batch 1 but "
+                                         r"\(2, 3\) in batch 0; .*pad sequences to one length "
+                                         r"for the whole data set"):
+        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=padded_per_batch), SPECS)
+
+    def short_mask(items: list[int]) -> dict[str, object]:
+        return {"input": (torch.zeros(len(items), 3), torch.zeros(len(items) - 1)),
+                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
+                            "score": torch.zeros(len(items), 1)}}
+
+    with pytest.raises(ValueError, match=r"the input\[1\] of batch 0 has shape \(1,\); "
+                                         r"every input of a batch needs one row per instance "
+                                         r"\(2\)"):
+        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=short_mask), SPECS)
+
+    def one_then_two_inputs(items: list[int]) -> dict[str, object]:
+        x = torch.zeros(len(items), 3)
+        return {"input": x if items[0] == 0 else (x, x),
+                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
+                            "score": torch.zeros(len(items), 1)}}
+
+    with pytest.raises(ValueError, match=r"the input of batch 1 is \(shape \(2, 3\) float32, "
+                                         r"shape \(2, 3\) float32\), batch 0's is shape "
+                                         r"\(2, 3\): every batch needs the same structure"):
+        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=one_then_two_inputs), SPECS)
+
+
 def test_a_shuffling_loader_needs_ids() -> None:
     x, y = _tensors()
     data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) + 1000)

@@ -6,9 +6,9 @@ retain and held-out rows by id, so they read data held in tensors. Data usually 
 instance at a time instead, with some tasks' labels missing for some instances. :func:`gather`
 reads it once, in order, into one ``[N, ...]`` tensor per input and per task, plus the ``[N, T]``
 supervision mask that says which (instance, task) pairs carry a label. Each instance is copied
-into those tensors as it is read, so a source with a length is held once in memory (one
-without, in blocks joined at the end: twice, briefly); a ``DataLoader``'s batches are joined
-at the end.
+into those tensors as it is read (a ``DataLoader``'s batches too), so a source with a length
+(for a loader, its sampler's) is held once in memory; one without fills blocks joined at the
+end (twice, briefly).
 
 An instance (an item of the source) is either
 
@@ -46,7 +46,7 @@ from mtunlearn_ext.data.base import (
     neutral_unsupervised,
     task_spec_list,
 )
-from mtunlearn_ext.data.inputs import Inputs, cat_rows, describe, named_leaves
+from mtunlearn_ext.data.inputs import Inputs, describe, named_leaves
 
 __all__ = ["gather"]
 
@@ -147,37 +147,51 @@ def _integer_id(value: object, where: str) -> int:
 
 
 class _Column:
-    """One ``[N, ...]`` tensor, filled a row at a time: each row is copied as it comes into
-    blocks of rows made at need, so a source that hands out one buffer rewritten for every
-    instance is read right, and the data is held once. With ``N`` known (``count``) there is
-    one block of ``N`` rows, the result itself (rows kept and stacked at the end held every
-    array twice: 779 MiB peak for 375 MiB of data); otherwise blocks of
-    :data:`_BLOCK_ROWS`, joined at the end. Rows never given (an instance without the task's
-    label) are zeros. Rows of other dtypes are promoted as ``torch.stack`` promotes them; rows
-    of another shape or device are refused, ``mismatch(index, row, first)`` saying so."""
+    """One ``[N, ...]`` tensor, filled as the source gives its rows: each row (or collated
+    batch of rows) is copied as it comes into blocks of rows made at need, so a source that
+    hands out one buffer rewritten for every instance or batch is read right, and the data is
+    held once. With ``N`` known (``count``) there is one block of ``N`` rows, the result itself
+    (rows kept and stacked at the end held every array twice: 779 MiB peak for 375 MiB of
+    data); otherwise blocks of :data:`_BLOCK_ROWS`, joined at the end. Rows never given (an
+    instance without the task's label) are zeros. Rows of other dtypes are promoted as
+    ``torch.stack`` promotes them; rows of another shape or device are refused,
+    ``mismatch(item, given, first)`` saying so (``item``: the instance's or batch's index;
+    ``given`` and ``first``: what it and the first one gave)."""
 
     def __init__(self, count: int | None,
                  mismatch: Callable[[int, torch.Tensor, torch.Tensor], str]) -> None:
         self.block_rows = count if count else _BLOCK_ROWS
         self.mismatch = mismatch
         self.first: torch.Tensor | None = None
+        self.row_shape: tuple[int, ...] = ()
         self.blocks: list[torch.Tensor] = []
 
     def put(self, index: int, row: torch.Tensor) -> None:
+        """Row ``index``: instance ``index`` of the source."""
+        self.put_rows(index, row.unsqueeze(0), index, row)
+
+    def put_rows(self, start: int, rows: torch.Tensor, item: int, given: torch.Tensor) -> None:
+        """Rows ``start`` to ``start + len(rows) - 1``, given by ``item`` as ``given``."""
         if self.first is None:
-            self.first = row
-        elif row.shape != self.first.shape or row.device != self.first.device:
-            raise ValueError(self.mismatch(index, row, self.first))
-        if self.blocks and row.dtype != self.blocks[0].dtype:
-            promoted = torch.promote_types(self.blocks[0].dtype, row.dtype)
+            self.first, self.row_shape = given, tuple(rows.shape[1:])
+        elif tuple(rows.shape[1:]) != self.row_shape or rows.device != self.first.device:
+            raise ValueError(self.mismatch(item, given, self.first))
+        if self.blocks and rows.dtype != self.blocks[0].dtype:
+            promoted = torch.promote_types(self.blocks[0].dtype, rows.dtype)
             self.blocks = [block.to(promoted) for block in self.blocks]
-        block, offset = divmod(index, self.block_rows)
-        while len(self.blocks) <= block:
-            dtype = self.blocks[0].dtype if self.blocks else row.dtype
-            self.blocks.append(torch.zeros((self.block_rows, *row.shape), dtype=dtype,
-                                           device=row.device))
+        end = start + len(rows)
+        while len(self.blocks) * self.block_rows < end:
+            dtype = self.blocks[0].dtype if self.blocks else rows.dtype
+            self.blocks.append(torch.zeros((self.block_rows, *self.row_shape), dtype=dtype,
+                                           device=rows.device))
         with torch.no_grad():
-            self.blocks[block][offset] = row
+            position = start
+            while position < end:  # a batch may straddle two blocks
+                block, offset = divmod(position, self.block_rows)
+                taken = min(self.block_rows - offset, end - position)
+                self.blocks[block][offset:offset + taken] = \
+                    rows[position - start:position - start + taken]
+                position += taken
 
     def result(self, rows: int) -> torch.Tensor | None:
         """The ``[rows, ...]`` tensor (``None`` when no row was given)."""
@@ -219,6 +233,48 @@ def _label_mismatch(name: str) -> Callable[[int, torch.Tensor, torch.Tensor], st
     return message
 
 
+class _InputColumns:
+    """One :class:`_Column` per leaf of the inputs (a tensor, or each tensor of a tuple, list
+    or dict), in the structure of the first instance or batch (``what``: which of the two)."""
+
+    def __init__(self, count: int | None, what: str,
+                 mismatch: Callable[[str], Callable[[int, torch.Tensor, torch.Tensor], str]]
+                 ) -> None:
+        self.count = count
+        self.what = what
+        self.mismatch = mismatch
+        self.structure: Inputs | None = None
+        self.paths: list[str] = []
+        self.columns: list[_Column] = []
+
+    def leaves(self, index: int, inputs: Inputs) -> list[tuple[_Column, str, torch.Tensor]]:
+        """``(column, path, leaf)`` of each leaf of ``inputs``, the ``index``-th given."""
+        leaves = named_leaves(inputs)
+        if self.structure is None:
+            self.structure = inputs
+            self.paths = [path for path, _ in leaves]
+            self.columns = [_Column(self.count, self.mismatch(path)) for path in self.paths]
+        elif [p for p, _ in leaves] != self.paths or type(inputs) is not type(self.structure):
+            raise ValueError(f"gather: the input of {self.what} {index} is {describe(inputs)}, "
+                             f"{self.what} 0's is {describe(self.structure)}: every "
+                             f"{self.what} needs the same structure")
+        return [(column, path, leaf) for column, (path, leaf) in zip(self.columns, leaves)]
+
+    def tensors(self, rows: int) -> Inputs:
+        """The ``[rows, ...]`` inputs, in the first one's structure."""
+        joined: list[torch.Tensor] = []
+        for column in self.columns:
+            tensor = column.result(rows)
+            assert tensor is not None  # every instance or batch gave every input
+            joined.append(tensor)
+        first = self.structure
+        if isinstance(first, torch.Tensor):
+            return joined[0]
+        if isinstance(first, Mapping):
+            return dict(zip(first, joined))
+        return joined if isinstance(first, list) else tuple(joined)
+
+
 class _InstanceRows:
     """The instances read so far, written into one column per input leaf and per task as they
     come (:class:`_Column`): only the small per-row facts (ids, which labels were given, the
@@ -226,29 +282,15 @@ class _InstanceRows:
 
     def __init__(self, specs: Sequence[TaskSpec], count: int | None) -> None:
         self.specs = specs
-        self.count = count
         self.rows = 0
-        self.structure: Inputs | None = None
-        self.paths: list[str] = []
-        self.inputs: list[_Column] = []
+        self.inputs = _InputColumns(count, "instance", _input_mismatch)
         self.labels = {spec.name: _Column(count, _label_mismatch(spec.name)) for spec in specs}
         self.given: dict[str, list[bool]] = {spec.name: [] for spec in specs}
         self.masks: list[torch.Tensor | None] = []
         self.ids: list[int | None] = []
 
     def add(self, index: int, instance: _Instance) -> None:
-        leaves = named_leaves(instance.input)
-        if self.structure is None:
-            self.structure = instance.input
-            self.paths = [path for path, _ in leaves]
-            self.inputs = [_Column(self.count, _input_mismatch(path)) for path in self.paths]
-        elif ([p for p, _ in leaves] != self.paths
-              or type(instance.input) is not type(self.structure)):
-            raise ValueError(f"gather: the input of instance {index} is "
-                             f"{describe(instance.input)}, instance 0's is "
-                             f"{describe(self.structure)}: every instance needs the same "
-                             f"structure")
-        for column, (_, leaf) in zip(self.inputs, leaves):
+        for column, _, leaf in self.inputs.leaves(index, instance.input):
             column.put(index, leaf)
         for name, label in instance.targets.items():
             self.given[name].append(label is not None)
@@ -259,17 +301,7 @@ class _InstanceRows:
         self.rows += 1
 
     def input_tensors(self) -> Inputs:
-        stacked: list[torch.Tensor] = []
-        for column in self.inputs:
-            tensor = column.result(self.rows)
-            assert tensor is not None  # every instance gave its input
-            stacked.append(tensor)
-        first = self.structure
-        if isinstance(first, torch.Tensor):
-            return stacked[0]
-        if isinstance(first, Mapping):
-            return dict(zip(first, stacked))
-        return stacked if isinstance(first, list) else tuple(stacked)
+        return self.inputs.tensors(self.rows)
 
     def task_column(self, spec: TaskSpec, column: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The task's ``[N, ...]`` targets (the kind's "no label" value on unlabelled rows)
@@ -355,32 +387,88 @@ def _batch(batch: object, index: int, names: Sequence[str]) -> _Instance:
                      None if identity is None else identity)  # type: ignore[arg-type]
 
 
+def _batch_mismatch(what: str) -> Callable[[int, torch.Tensor, torch.Tensor], str]:
+    def message(index: int, batch: torch.Tensor, first: torch.Tensor) -> str:
+        if batch.device != first.device:
+            return (f"gather: {what} is on {batch.device} in batch {index} but on "
+                    f"{first.device} in batch 0; every batch needs one device")
+        return (f"gather: {what} has shape {tuple(batch.shape)} in batch {index} but "
+                f"{tuple(first.shape)} in batch 0; the rows of every batch need one shape "
+                f"(pad sequences to one length for the whole data set, not per batch)")
+    return message
+
+
+def _loader_rows(loader: DataLoader[Any]) -> int | None:
+    """How many rows ``loader``'s batches hold in all, where its sampler says (``len``)."""
+    if isinstance(loader.dataset, IterableDataset):
+        return None
+    return _known_length(getattr(loader.batch_sampler, "sampler", None))
+
+
+class _BatchRows:
+    """A loader's collated batches, written into one column per input leaf and per task as
+    they come (:class:`_Column`), so the data is held once and a collate function that
+    reuses its buffers is read right; only the batches' supervision masks and ids are kept."""
+
+    def __init__(self, specs: Sequence[TaskSpec], count: int | None) -> None:
+        self.specs = specs
+        self.rows = 0
+        self.inputs = _InputColumns(count, "batch",
+                                    lambda path: _batch_mismatch(f"the input{path}"))
+        self.labels = {spec.name: _Column(count, _batch_mismatch(f"the {spec.name!r} labels"))
+                       for spec in specs}
+        self.masks: list[torch.Tensor | None] = []
+        self.ids: list[object] = []
+
+    def add(self, index: int, batch: _Instance) -> None:
+        leaves = self.inputs.leaves(index, batch.input)
+        rows = int(leaves[0][2].shape[0]) if leaves[0][2].dim() else 0
+        for _, path, leaf in leaves:
+            if leaf.dim() == 0 or leaf.shape[0] != rows:
+                raise ValueError(f"gather: the input{path} of batch {index} has shape "
+                                 f"{tuple(leaf.shape)}; every input of a batch needs one row "
+                                 f"per instance ({rows})")
+        labels = []
+        for spec in self.specs:
+            value = batch.targets[spec.name]
+            if value is None or value.shape[:1] != (rows,):
+                raise ValueError(f"gather: batch {index} holds {rows} instances but its "
+                                 f"{spec.name!r} labels are "
+                                 f"{'missing' if value is None else tuple(value.shape)}; a "
+                                 f"collated batch needs every task's labels, one row per "
+                                 f"instance (unlabelled pairs marked by 'supervision')")
+            labels.append((self.labels[spec.name], value))
+        for column, _, leaf in leaves:
+            column.put_rows(self.rows, leaf, index, leaf)
+        for column, label in labels:
+            column.put_rows(self.rows, label, index, label)
+        mask, identity = batch.supervision, batch.id
+        self.masks.append(None if mask is None else mask.clone())
+        self.ids.append(identity.clone() if isinstance(identity, torch.Tensor) else identity)
+        self.rows += rows
+
+    def input_tensors(self) -> Inputs:
+        return self.inputs.tensors(self.rows)
+
+
 def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: object
                     ) -> tuple[MultiTaskDataset, bool]:
     names = [spec.name for spec in specs]
     if loader.drop_last:
         raise ValueError("gather: the DataLoader drops its last incomplete batch "
                          "(drop_last=True): those instances would be missing")
-    batches = [_batch(batch, i, names) for i, batch in enumerate(_loaded(loader))]
-    if not batches:
+    batches = _BatchRows(specs, _loader_rows(loader))
+    for index, batch in enumerate(_loaded(loader)):
+        batches.add(index, _batch(batch, index, names))
+    if not batches.masks:
         raise ValueError("gather: the DataLoader gave no batch")
-    inputs = cat_rows([b.input for b in batches])
-    rows = [int(next(iter(named_leaves(b.input)))[1].shape[0]) for b in batches]
     targets: dict[str, torch.Tensor] = {}
     columns = []
+    masks = batches.masks
     for column, spec in enumerate(specs):
-        parts = []
-        for i, (b, n) in enumerate(zip(batches, rows)):
-            value = b.targets[spec.name]
-            if value is None or value.shape[:1] != (n,):
-                raise ValueError(f"gather: batch {i} holds {n} instances but its {spec.name!r} "
-                                 f"labels are {'missing' if value is None else tuple(value.shape)}"
-                                 f"; a collated batch needs every task's labels, one row per "
-                                 f"instance (unlabelled pairs marked by 'supervision')")
-            parts.append(value)
-        target = torch.cat(parts)
+        target = batches.labels[spec.name].result(batches.rows)
+        assert target is not None  # every batch gave every task's labels
         supervised = labelled_rows(spec, target).cpu()
-        masks = [b.supervision for b in batches]
         if any(m is not None for m in masks):
             if any(m is None for m in masks):
                 raise ValueError("gather: some batches carry 'supervision' and others do not")
@@ -391,12 +479,13 @@ def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: obj
             supervised &= mask[:, column].cpu()
         targets[spec.name] = target
         columns.append(supervised)
-    row_ids = _ids([b.id for b in batches], ids, _in_order(loader), "batches")
+    row_ids = _ids(batches.ids, ids, _in_order(loader), "batches")
     if ids is None and row_ids is not None:  # the batches' own: one tensor of ids per batch
         row_ids = torch.cat([_tensor(i, "the ids of a batch").reshape(-1)
                              for i in row_ids])  # type: ignore[attr-defined]
         _distinct(row_ids, "batches")
-    return MultiTaskDataset(inputs, targets, specs, row_ids,  # type: ignore[arg-type]
+    return MultiTaskDataset(batches.input_tensors(), targets, specs,
+                            row_ids,  # type: ignore[arg-type]
                             torch.stack(columns, dim=1)), row_ids is not None
 
 
