@@ -315,6 +315,38 @@ def test_unlearn_restores_buffers_the_models_own_forward_writes(instance_project
     assert model.seen_max is seen_max and model.calls is calls  # the same tensors, restored
 
 
+def test_measuring_leaves_buffers_the_models_own_forward_writes() -> None:
+    """Docs review: evaluate's docstring said the model is "left as it was" and uis_floor's
+    "never modified", but a forward writing buffers in eval mode (an observer's maximum, a
+    call counter) went on writing them into the caller's model: only unlearn restored them.
+    Every measurement now does (the membership attack too), and so do build_problem's
+    probing forwards."""
+    from mtunlearn_ext.api._model_split import SplitModel
+    from mtunlearn_ext.metrics import membership_attack
+
+    x, y = _data()
+    model = _Observed().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen_max, calls = model.seen_max, model.calls
+    assert mtunlearn_ext.evaluate(model, (x, y), tasks=TASKS)["a"]
+    data = _dataset(x, y)
+    floor = mtunlearn_ext.uis_floor(model, data.subset(torch.arange(20)),
+                                    data.subset(torch.arange(20, 40)), 5, draws=3)
+    assert floor.draws.numel() == 3
+    membership_attack(SplitModel(model, (), {}), data.subset(torch.arange(20)),  # type: ignore
+                      data.subset(torch.arange(20, 40)), data.subset(torch.arange(20, 30)),
+                      ["a", "b"])
+    mtunlearn_ext.api.build_problem(model, tasks=TASKS, train_data=(x, y),  # its validation
+                                    forget_request=ForgetRequest.create(range(5)),
+                                    shared_parameters=lambda n: n.startswith("trunk."))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.seen_max is seen_max and model.calls is calls
+    with torch.no_grad():
+        model(x)
+    assert int(model.calls) == 1  # the forward does write them
+
+
 def test_unlearn_validates_the_problem_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: build_problem validated the problem and the unlearner validated it again, so
     the probing forwards on the caller's model (retain, forget, heads) and every validation

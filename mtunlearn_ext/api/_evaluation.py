@@ -26,7 +26,7 @@ from mtunlearn_ext.metrics.uis_floor import (
     uis_floor as _measure_uis_floor,
 )
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
-from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.models.modes import measuring
 from mtunlearn_ext.unlearning.base import ModelOutputError
 
 
@@ -39,7 +39,8 @@ def evaluate(model: nn.Module, data: DataLike, *,
     :class:`~mtunlearn_ext.models.MultiTaskModel`; data as a data set, a tuple ``(inputs,
     targets[, supervision])`` or a torch ``Dataset`` / ``DataLoader``. ``tasks`` as for
     ``unlearn`` (default: a data set's own, which its task names also stand for). The model
-    is evaluated in eval mode without gradients and left as it was. E.g. the forget rows
+    is evaluated in eval mode without gradients and left as it was (its modules' modes and its
+    buffers' values too, which a forward may write in eval mode). E.g. the forget rows
     before and after a request:
     ``evaluate(model, (x[ids], {t: y[t][ids] for t in y}), tasks=tasks)``."""
     if not isinstance(model, nn.Module):
@@ -92,7 +93,7 @@ def _probe(model: MultiTaskModel, dataset: MultiTaskDataset, batch_size: int) ->
         return  # nothing supervised: the metrics call nothing either
     inputs = take_rows(dataset.inputs, positions)
     try:
-        with eval_mode(model), torch.no_grad():
+        with measuring(model):
             model(inputs_to(inputs, device_of(model)), wanted)
     except ModelOutputError as error:  # it ran: its output has the wrong type
         keys = ", ".join(f"{t!r}: ..." for t in wanted)

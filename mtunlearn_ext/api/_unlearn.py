@@ -24,7 +24,7 @@ from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.membership import membership_attack
-from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.models.modes import BuffersKept, measuring
 from mtunlearn_ext.training import TrainConfig, state_dict_sha256
 from mtunlearn_ext.unlearning import (
     GradientUnlearner,
@@ -103,17 +103,17 @@ def _overshoot_note(before: float, after: float, spread: float, summary: Mapping
             f"{remedy}, and audit again")
 
 
-@torch.no_grad()
 def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
                  batch_size: int = 64) -> dict[str, float]:
     """Mean task loss over the supervised pairs of the first ``limit`` rows (for the report).
-    In eval mode, then every module's own mode back (``model`` may be the caller's model,
-    whose modules may be in mixed modes: ``model.train(was_training)`` would flip them all)."""
+    Measured (:func:`~mtunlearn_ext.models.modes.measuring`): ``model`` may be the caller's
+    model, whose modules may be in mixed modes (``model.train(was_training)`` would flip them
+    all) and whose forward may write buffers."""
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
     device = next(model.parameters()).device
     rows = min(limit, len(data))
-    with eval_mode(model):
+    with measuring(model):
         for start in range(0, rows, batch_size):
             batch = data.batch(torch.arange(start, min(start + batch_size, rows)))
             out = model(inputs_to(batch["input"], device))  # type: ignore[arg-type]
@@ -439,29 +439,6 @@ def unlearn(model: nn.Module, *,
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
     return out, result.report
-
-
-class BuffersKept:
-    """The values of a module tree's buffers when made; :meth:`restore` puts them back, in the
-    same tensors (a buffer replaced by another tensor is put back too; one resized in place is
-    replaced by its saved copy)."""
-
-    def __init__(self, model: object) -> None:
-        modules = model.modules() if isinstance(model, nn.Module) else ()  # refused later
-        self._saved = [(module, name, buffer, buffer.detach().clone())
-                       for module in modules
-                       for name, buffer in module._buffers.items() if buffer is not None]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for module, name, buffer, value in self._saved:
-                if buffer.shape != value.shape or buffer.dtype != value.dtype:
-                    module._buffers[name] = value  # resized in place: the saved copy instead
-                    continue
-                if module._buffers.get(name) is not buffer:
-                    module._buffers[name] = buffer
-                if not torch.equal(buffer, value):
-                    buffer.copy_(value)
 
 
 #: The half-precision types a returned model may be cast to, as a whole, and still be saved

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -12,7 +11,7 @@ from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.task_metrics import make_accumulator
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
-from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.models.modes import measuring
 
 __all__ = ["evaluate", "evaluate_splits", "per_sample_task_losses"]
 
@@ -41,14 +40,6 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextmanager
-def _measuring(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (:func:`~mtunlearn_ext.models.modes.eval_mode`) and ``torch.no_grad()`` for a
-    block of measurements."""
-    with eval_mode(model), torch.no_grad():
-        yield
-
-
 def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
              tasks: Sequence[TaskSpec | str] | None = None, batch_size: int = 64
              ) -> dict[str, dict[str, float]]:
@@ -57,14 +48,15 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     Each task's metrics pool the rows whose supervision bit for that task is set (see
     :mod:`mtunlearn_ext.metrics.task_metrics` for the formulas); a task with no supervised row is
     left out of the result (a partial-task forget set, for instance, has only target tasks). The
-    model runs in eval mode without gradients and is put back in its previous mode.
+    model runs in eval mode without gradients and is put back in its previous mode, its
+    buffers' values too (:func:`~mtunlearn_ext.models.modes.measuring`).
     """
     check_positive_int(batch_size, "batch_size", "evaluate")
     check_takes_task_names(model, "evaluate")
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
     device = device_of(model)
-    with _measuring(model):
+    with measuring(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
             sup = dataset.supervision[positions]
@@ -96,7 +88,7 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
     resolved = _resolve(dataset, tasks)
     losses = torch.full((len(dataset), len(resolved)), float("nan"), dtype=torch.double)
     device = device_of(model)
-    with _measuring(model):
+    with measuring(model):
         for start in range(0, len(dataset), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(dataset)))
             rows = dataset.batch(positions)  # neutral targets on unsupervised pairs

@@ -35,7 +35,6 @@ import torch
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import (
-    _measuring,
     _resolve,
     check_positive_int,
     device_of,
@@ -44,6 +43,7 @@ from mtunlearn_ext.metrics.evaluate import (
 from mtunlearn_ext.metrics.scores import Scores, uis_of_terms, uis_terms
 from mtunlearn_ext.metrics.task_metrics import MetricAccumulator, make_accumulator
 from mtunlearn_ext.models.base import MultiTaskModel
+from mtunlearn_ext.models.modes import measuring
 
 __all__ = ["UISFloor", "uis_floor"]
 
@@ -153,7 +153,7 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
     accumulators: list[dict[str, MetricAccumulator]] = [
         {spec.name: make_accumulator(spec) for _, spec in resolved} for _ in range(draws)]
     device = device_of(model)
-    with _measuring(model):
+    with measuring(model):
         for start in range(0, len(unseen), batch_size):
             positions = torch.arange(start, min(start + batch_size, len(unseen)))
             in_draw = member[:, positions]

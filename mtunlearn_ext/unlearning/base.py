@@ -37,7 +37,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import CustomLossShapeError, _token_tagging_hint, task_loss
-from mtunlearn_ext.models.modes import eval_mode
+from mtunlearn_ext.models.modes import BuffersKept, eval_mode, measuring
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
 
 __all__ = [
@@ -293,7 +293,7 @@ class UnlearningProblem:
             rows = data.batch(torch.arange(read, min(read + self.PROBE_CHUNK, probed)))
             read = min(read + self.PROBE_CHUNK, probed)
             inputs: Inputs = rows["input"]  # type: ignore[assignment]
-            with eval_mode(self.model), torch.enable_grad():
+            with BuffersKept(self.model), eval_mode(self.model), torch.enable_grad():
                 out = self.model(inputs_to(inputs, device))
             tasks = [t for t in self.task_names
                      if isinstance(out[t], torch.Tensor) and out[t].requires_grad]
@@ -430,7 +430,7 @@ class UnlearningProblem:
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         try:
-            with eval_mode(self.model):
+            with measuring(self.model):
                 out = self.model(inputs_to(inputs, device))
         except Exception as error:
             if isinstance(error, ModelOutputError):  # it ran: its output has the wrong type
