@@ -1130,7 +1130,7 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                          "the attack" if required else "seeds the forget-id draw and the attack")
                         + " (default: the checkpoint's seed)")
     p.add_argument("--eval-batch-size", type=_at_least(1), default=64,
-                   help="evaluation batch size")
+                   help="evaluation batch size (default: 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1163,7 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the recipe's epochs (at least 1)")
     p.add_argument("--train", default=None, metavar="JSON",
                    help='JSON overrides of the training recipe, e.g. {"lr": 1e-3}')
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--output", required=False, default=None, metavar="CKPT",
                    help="new checkpoint path (required; never overwritten)")
     _common(p)
@@ -1181,7 +1181,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "neggrad_plus, finetune, retrain; default: interference_aware)")
     p.add_argument("--method-config", default=None, metavar="JSON",
                    help='method settings as JSON or a JSON file, e.g. {"steps": 20}')
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--output", default=None, metavar="CKPT",
                    help="new checkpoint path (default: <input>.<method>.pt, numbered if taken)")
     p.add_argument("--record", default=None, metavar="JSON",
@@ -1210,7 +1210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint to verify (default: the record's output checkpoint)")
     p.add_argument("--tolerance", type=_at_least(0.0, float), default=1e-4,
-                   help="metric tolerance (absolute below 1, relative above)")
+                   help="metric tolerance (absolute below 1, relative above; default: 1e-4)")
     _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_verify, _required=["record"])

@@ -10,14 +10,20 @@ unlearned checkpoint and never over an existing file. Fields:
   ``retain_ids`` (explicit retain ids, or ``null``), ``earlier_removals`` (what earlier
   requests of the input checkpoint's lineage removed, kept out of the retain set: a list of
   ``{instance_ids, target_tasks, ids_sha256}``, ``[]`` for an original input, ``null`` when
-  the input did not say; optional, absent in older records), pair counts
-  (``num_excluded_pairs``: the retain pairs the earlier removals kept out);
+  the input did not say; optional, absent in older records), ``ids_drawn`` (``null`` when the
+  ids were named, else the fraction and seed that drew them), ``forgotten_instance_ids`` (the
+  named instances less those whose pairs earlier requests had all removed), pair counts
+  (``num_forget_pairs``, ``num_retain_pairs``, ``num_excluded_pairs``: the retain pairs the
+  earlier removals kept out);
 - ``method``: registry ``name`` and its resolved ``settings``; ``seed``; ``device``;
   ``eval_batch_size`` (optional, default 64: the batch size verification measures with);
 - ``code``: ``mtunlearn_ext`` version, git ``commit`` / ``dirty`` (``null`` without git);
 - ``environment`` (optional, absent in older records): ``torch`` and ``python`` versions,
-  ``threads`` (torch's intra-op CPU threads during the run) and ``extension`` (whether the
-  compiled ops ran): besides the seed, what decides a run's last bits (:func:`run_environment`);
+  ``threads`` (torch's intra-op CPU threads during the run), ``extension`` (whether the
+  compiled ops ran) and ``cpu_isa`` (torch's CPU capability and the compiled ops' instruction
+  set): besides the seed, what decides a run's last bits (:func:`run_environment`);
+- ``invocation`` (optional, written by ``mtunlearn unlearn``): the arguments as given, each
+  ``--import`` module's source file and its SHA-256, the ``--config`` file and its SHA-256;
 - ``benchmark``: name, size, seed, data root, data SHA-256;
 - ``input`` / ``output``: checkpoint path (absolute; older records may hold it relative to the
   folder ``unlearn`` ran in, :func:`recorded_path`) and SHA-256;

@@ -568,8 +568,8 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
     if request_type == "full" and target_tasks is not None and set(target_tasks) != set(names):
         raise UserInputError("--target-tasks", f"every task {names} for a full request",
                              list(target_tasks), "use --request partial")
-    # Checked with --forget-ids too, which makes a valid one unused: a bad one is a mistake
-    # the user should hear of (the bad-input table says so).
+    # The command line refuses --forget-fraction beside --forget-ids; a Python caller giving
+    # both still hears of a bad fraction.
     if forget_fraction is not None and not 0.0 < float(forget_fraction) < 1.0:
         raise UserInputError("--forget-fraction", "a number in (0, 1)", forget_fraction)
     if forget_ids is not None:

@@ -52,8 +52,9 @@ def tasks_from_data(tasks: object, datasets: Sequence[Any], op: str
                     ) -> Sequence[TaskSpec] | Mapping[str, str | TaskSpec]:
     """``tasks`` as specs or a mapping task -> kind. Left out (``None``) or given as task
     names, they are read from the first :class:`MultiTaskDataset` among ``datasets``, which
-    carries its tasks' specs (the names pick and order them); data given as tuples or torch
-    data sets carry no task kinds, so there ``tasks`` must give them."""
+    carries its tasks' specs (names must list every task of the data set, once each, in any
+    order; the data set's order is kept, and a TaskSpec given replaces its task's); data given
+    as tuples or torch data sets carry no task kinds, so there ``tasks`` must give them."""
     if isinstance(tasks, Mapping):
         return tasks
     if isinstance(tasks, TaskSpec):

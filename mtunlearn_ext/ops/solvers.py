@@ -12,9 +12,9 @@ A singular ``G`` (more rows than their dimension, ``k > n``, or duplicated rows)
 descent's slow case: when it has not converged after 50 sweeps and a row of ``G`` depends on
 the others, the exact active-set method (whose passive set stays within ``G``'s rank ``r``
 and whose Cholesky factor grows a row at a time: ``O(k r^2)``) takes over, about 1 ms per
-right-hand side at ``k = 128``, ``n = 40``, 4 ms at ``k = 256`` and 22 ms at ``k = 256``,
-``n = 130`` (it used to run the whole budget, ``200 + 40 k`` sweeps, first: 0.1 s and 1 s;
-docs/dropin.md).
+right-hand side at ``k = 128``, ``n = 40``, 4 ms at ``k = 256`` and about 13 ms at
+``k = 256``, ``n = 130`` (it used to run the whole budget, ``200 + 40 k`` sweeps, first:
+0.1 s and 1 s; docs/dropin.md).
 
 Inputs are Gram matrices as returned by :func:`mtunlearn_ext.ops.gram`; outputs keep the Gram matrix's dtype, whatever ``rhs``'s (the
 accumulation dtype for a Gram from :func:`~mtunlearn_ext.ops.gram`: float32, or float64; a
