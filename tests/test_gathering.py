@@ -339,6 +339,27 @@ def test_a_loader_whose_batches_disagree_names_the_batch() -> None:
         gather(DataLoader(list(range(4)), batch_size=2, collate_fn=one_then_two_inputs), SPECS)
 
 
+def test_reading_leaves_the_callers_random_stream() -> None:
+    """Side-effects review: iterating a loader draws its base seed from torch's global
+    generator (a loader gather builds for `num_workers`, or the caller's own), so gather, and
+    unlearn or evaluate given such data, moved the caller's random stream; a refused
+    shuffling loader moved it before the error."""
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS)
+    pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
+    reads = [lambda: gather(_Instances(x, y), SPECS, num_workers=1, batch_size=8),
+             lambda: gather(DataLoader(data, batch_size=7), SPECS),
+             lambda: gather(DataLoader(pairs, batch_size=8, shuffle=True), SPECS)]  # refused
+    for read in reads:
+        torch.manual_seed(3)
+        expected = torch.rand(2, generator=torch.Generator().manual_seed(3))
+        try:
+            read()
+        except ValueError as error:
+            assert "shuffles" in str(error)
+        assert torch.equal(torch.rand(2), expected)
+
+
 def test_a_shuffling_loader_needs_ids() -> None:
     x, y = _tensors()
     data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) + 1000)

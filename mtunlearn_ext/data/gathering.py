@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
+from mtunlearn_ext._random import forked_generators
 from mtunlearn_ext.data.base import (
     MultiTaskDataset,
     TaskSpec,
@@ -569,7 +570,20 @@ def _gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
     """:func:`gather`, and whether the rows' ids name the instances (the source's own
     ``"id"``, or ``ids``) rather than being their positions ``0..N-1``: a caller that keeps
     the ids apart from positions (``unlearn``, which compares ids with other data sets') needs
-    to know, and ids that happen to equal the positions do not say it."""
+    to know, and ids that happen to equal the positions do not say it.
+
+    Reading leaves torch's CPU generator as the caller had it: a loader draws its workers'
+    base seed (and a shuffling one its order) from it, and so may a dataset's own
+    transforms, which would move the caller's random stream (``unlearn`` promises not to)."""
+    with forked_generators("cpu"):
+        return _read(source, tasks, ids=ids, num_workers=num_workers, batch_size=batch_size,
+                     multiprocessing_context=multiprocessing_context)
+
+
+def _read(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
+            tasks: Sequence[TaskSpec], *, ids: Sequence[int] | torch.Tensor | None = None,
+            num_workers: int = 0, batch_size: int = 64,
+            multiprocessing_context: str | None = None) -> tuple[MultiTaskDataset, bool]:
     specs = task_spec_list(tasks, "gather: `tasks` must be a sequence of TaskSpec (one per "
                                   "task, in column order)")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:

@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 
 from mtunlearn_ext import ops
+from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.unlearning.base import (
     UnlearningProblem,
     UnlearningReport,
@@ -75,7 +76,9 @@ def interference_matrix(problem: UnlearningProblem,
     subspaces (as a refresh step would) and supplies the per-sample gradients of the instance
     step; a second, disjoint retain batch gives the displayed ``r_t``; with ``problem.held_out``
     a batch of it gives ``u_t``. The problem's model is not modified (a copy is
-    differentiated). Seeded by ``problem.seed``. ``config``: the method's settings, a
+    differentiated). Seeded by ``problem.seed``: the batches, and with ``train_mode`` the
+    dropout masks, which are drawn from torch's generators seeded for the call and given back
+    to the caller as they were. ``config``: the method's settings, a
     :class:`InterferenceAwareConfig` or a mapping of its fields (as :func:`mtunlearn_ext.unlearn`
     takes them).
     """
@@ -84,6 +87,12 @@ def interference_matrix(problem: UnlearningProblem,
                    config_from_mapping(InterferenceAwareConfig, config))
     else:
         cfg = config or InterferenceAwareConfig()
+    with seeded_generators(problem.seed, problem.device):
+        return _interference_matrix(problem, cfg, batch_size)
+
+
+def _interference_matrix(problem: UnlearningProblem, cfg: InterferenceAwareConfig,
+                         batch_size: int) -> InterferenceMatrix:
     method = InterferenceAware(cfg)
     model = copy.deepcopy(problem.model).to(problem.device)
     model.train(cfg.train_mode)
