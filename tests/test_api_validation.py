@@ -347,6 +347,54 @@ def test_measuring_leaves_buffers_the_models_own_forward_writes() -> None:
     assert int(model.calls) == 1  # the forward does write them
 
 
+class _GrownCache(nn.Module):
+    """A table grown on demand with its length in an attribute (as rotary embeddings keep
+    ``max_seq_len_cached``), and a buffer registered as ``None`` filled from the first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._build(8)
+        self.register_buffer("first_mean", None)
+        self.trunk = nn.Linear(4, 4)
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 1)})
+
+    def _build(self, length: int) -> None:
+        self.cached_length = length
+        self.register_buffer("table", torch.linspace(0, 1, length)[:, None].expand(length, 4)
+                             .clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[1] > self.cached_length:
+            self._build(x.shape[1])
+        if self.first_mean is None:
+            self.first_mean = x.detach().mean(0)
+        z = self.trunk((x * self.table[:x.shape[1]] - self.first_mean).mean(1))
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def test_measuring_puts_back_a_grown_cache_and_an_empty_buffer() -> None:
+    """Side-effects review: buffers were put back but not the attributes beside them nor the
+    buffers' layout: after evaluate the table was back to 8 rows while its length said 12, so
+    the caller's next forward at length 10 failed (as did evaluate's own metrics), and a
+    ``None`` buffer filled from the measured rows (the forget rows, say) stayed filled."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 12, 4, generator=g)
+    y = {"a": torch.randint(0, 3, (12,), generator=g), "b": torch.randn(12, 1, generator=g)}
+    for measure in (lambda m: mtunlearn_ext.evaluate(m, (x, y), tasks=TASKS),
+                    lambda m: mtunlearn_ext.api.build_problem(
+                        m, tasks=TASKS, train_data=(x, y),
+                        forget_request=ForgetRequest.create(range(3)),
+                        shared_parameters=lambda n: n.startswith("trunk."))):
+        model = _GrownCache().eval()
+        table = model.table
+        measure(model)
+        assert model.cached_length == 8 and model.table is table
+        assert model.first_mean is None and "first_mean" in model._buffers
+        with torch.no_grad():
+            model(torch.randn(2, 10, 4))  # the caller's own forward at a new length
+        assert model.cached_length == 10 and model.first_mean is not None
+
+
 def test_unlearn_validates_the_problem_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: build_problem validated the problem and the unlearner validated it again, so
     the probing forwards on the caller's model (retain, forget, heads) and every validation

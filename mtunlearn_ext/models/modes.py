@@ -29,21 +29,48 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class BuffersKept:
-    """The values of a module tree's buffers when made; :meth:`restore` (or leaving a ``with``
-    block) puts them back, in the same tensors (a buffer replaced by another tensor is put back
-    too; one resized in place is replaced by its saved copy). A forward that writes buffers
-    even in eval mode (a quantisation observer's min/max, a call counter) would otherwise
-    change a model that was only measured."""
+    """A module tree's buffers and plain attributes when made; :meth:`restore` (or leaving a
+    ``with`` block) puts them back. A forward may write into its module even in eval mode: an
+    observer's min/max, a call counter, a cache grown on demand (a rotary table rebuilt for a
+    longer sequence with its length in an attribute beside it), a buffer registered as
+    ``None`` and filled from the first batch. A model that was only measured must come back as
+    it was: each buffer's value in the same tensor (a buffer replaced by another tensor is put
+    back; one resized in place is replaced by its saved copy), buffers added since removed,
+    ``None`` ones emptied again, and every attribute that is not a parameter, buffer or
+    submodule set back to the object it held (an object changed in place stays changed). A
+    module whose class changed (a lazy module materialised by its first call) is left as it
+    is now: its old attributes would not fit its new class."""
 
     def __init__(self, model: object) -> None:
-        modules = model.modules() if isinstance(model, nn.Module) else ()  # refused later
+        modules = list(model.modules()) if isinstance(model, nn.Module) else []  # refused later
         self._saved = [(module, name, buffer, buffer.detach().clone())
                        for module in modules
                        for name, buffer in module._buffers.items() if buffer is not None]
+        self._layouts = [(module, type(module), dict(module._buffers),
+                          {k: v for k, v in module.__dict__.items() if k not in _CONTAINERS})
+                         for module in modules]
 
     def restore(self) -> None:
+        changed_class = set()
+        for module, kind, buffers, attributes in self._layouts:
+            if type(module) is not kind:
+                changed_class.add(id(module))
+                continue
+            for name in [n for n in module._buffers if n not in buffers]:
+                del module._buffers[name]
+            for name, buffer in buffers.items():
+                if buffer is None:
+                    module._buffers[name] = None
+            own = module.__dict__
+            for name in [n for n in own if n not in attributes and n not in _CONTAINERS]:
+                del own[name]
+            for name, value in attributes.items():
+                if own.get(name, _MISSING) is not value:
+                    own[name] = value
         with torch.no_grad():
             for module, name, buffer, value in self._saved:
+                if id(module) in changed_class:
+                    continue
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:
                     module._buffers[name] = value  # resized in place: the saved copy instead
                     continue
@@ -58,6 +85,12 @@ class BuffersKept:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.restore()
+
+
+#: A module's own dicts of parameters, buffers and submodules: :class:`BuffersKept` restores
+#: the buffers entry by entry and leaves parameters and submodules to their owners.
+_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules"})
+_MISSING = object()
 
 
 @contextmanager
