@@ -479,6 +479,9 @@ class GradientSurgery:
         # replaced before the step's apply() means the loop cleared the gradients between
         # micro-batches (a skipped step), and the buffers would carry that step into the next.
         self._pending_head_grads: list[tuple[torch.Tensor, int]] = []
+        # Why the gradients buffered (or, per_task="backward", in the heads' .grad) can no
+        # longer be trusted: an accumulate() that stopped part-way through its task passes.
+        self._interrupted: str | None = None
         self._listed_heads_checked = False
 
     # ------------------------------------------------------------------ public API
@@ -529,6 +532,7 @@ class GradientSurgery:
             The aggregator's weights (``[k]``, or ``[L, k]`` per layer).
         """
         caller = "GradientSurgery.backward"
+        self._refuse_interrupted(caller)
         if self._pending:
             raise RuntimeError(f"{caller}: {self._pending_what()}; call apply() to use "
                                "them first, or discard() to drop them (a skipped step)")
@@ -560,6 +564,7 @@ class GradientSurgery:
         after the last micro-batch: the surgery then sees the accumulated per-task gradients
         (large-batch semantics), not one surgery per micro-batch."""
         caller = "GradientSurgery.accumulate"
+        self._refuse_interrupted(caller)
         losses, constants = self._check_losses(losses)
         k = len(losses)
         self._check_task_count(caller, k)
@@ -589,10 +594,14 @@ class GradientSurgery:
             self._pending_reached = [False] * len(active.params)
             self._pending_constants = frozenset()
             self._pending_device = None
-        reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
-                                                  add=self._pending, retain_graph=retain_graph,
-                                                  caller=caller)
-        found = _TaskPass(reached, *head_sums.write())
+        try:
+            reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
+                                                      add=self._pending,
+                                                      retain_graph=retain_graph, caller=caller)
+            found = _TaskPass(reached, *head_sums.write())
+        except BaseException as error:
+            self._note_interrupted(error)
+            raise
         written = [h for h, summed in zip(head_sums.heads, head_sums.sums) if summed is not None]
         self._pending = True
         self._pending_count += 1
@@ -624,6 +633,7 @@ class GradientSurgery:
         Returns:
             The aggregator's weights.
         """
+        self._refuse_interrupted("GradientSurgery.apply")
         if per_task_grads is None:
             if not self._pending or self._buffers is None or self._buffered_for is None:
                 raise RuntimeError("GradientSurgery.apply: nothing accumulated; call "
@@ -663,11 +673,33 @@ class GradientSurgery:
 
     def _clear_pending(self) -> None:
         """No micro-batch pending: the buffers stay allocated, for the next step."""
+        self._interrupted = None
         self._pending = False
         self._pending_count = 0
         self._pending_heads = {}
         self._pending_tasks = {}
         self._pending_head_grads = []
+
+    def _note_interrupted(self, error: BaseException) -> None:
+        """An accumulate() stopped part-way (out of memory, Ctrl-C, a hook's error): the task
+        passes it made before stopping are in the buffers of the pending micro-batches (and,
+        per_task="backward", in the heads' .grad), and cannot be told apart from them. A first
+        micro-batch in the other modes left nothing the next call would read: it overwrites
+        the buffers, and the heads' .grad are written only after every pass."""
+        if not self._pending and self.per_task != "backward":
+            return
+        count = self._pending_count
+        pending = f"the buffers of the {count} micro-batch{'es' if count != 1 else ''} pending"
+        where = ([pending] if self._pending else []) + (
+            ["the heads' .grad"] if self.per_task == "backward" else [])
+        self._interrupted = (f"an accumulate() call stopped part-way ({type(error).__name__}) "
+                             f"and left part of its micro-batch in {' and '.join(where)}; call "
+                             "surgery.discard() and optimizer.zero_grad() to drop the step, as "
+                             "for a skipped one")
+
+    def _refuse_interrupted(self, caller: str) -> None:
+        if self._interrupted is not None:
+            raise RuntimeError(f"{caller}: {self._interrupted}")
 
     def _pending_what(self) -> str:
         count = self._pending_count
