@@ -215,6 +215,59 @@ def test_a_stream_longer_than_a_block_is_joined_in_order(monkeypatch: pytest.Mon
     assert torch.equal(read.targets["score"], y["score"])
 
 
+@pytest.mark.parametrize("sized", [True, False])
+def test_the_result_holds_its_rows_and_no_more(sized: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation review: a source with a length is read into one block of exactly its rows,
+    the result itself (blocks of the default size for 6 instances, joined at the end, went
+    unnoticed); a short source without one gave a view of a whole 1,024-row block, which the
+    result kept alive."""
+    import mtunlearn_ext.data.gathering as gathering
+
+    blocks: list[int] = []
+    result = gathering._Column.result
+
+    def counted(column: gathering._Column, rows: int) -> torch.Tensor | None:
+        blocks.append(len(column.blocks))
+        return result(column, rows)
+
+    monkeypatch.setattr(gathering._Column, "result", counted)
+    if sized:
+        monkeypatch.setattr(gathering, "_BLOCK_ROWS", 4)
+    x, y = _tensors(n=6)
+    items = [(x[i], {"topic": int(y["topic"][i]), "score": y["score"][i]}) for i in range(6)]
+    read = gather(items if sized else iter(items), SPECS)
+    assert blocks == [1, 1, 1]  # the input and both labels: one block each
+    for tensor in (read.inputs, read.targets["topic"], read.targets["score"]):
+        assert isinstance(tensor, torch.Tensor)
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
+
+
+def test_rows_on_another_device_are_named() -> None:
+    """Mutation review: the device check had no test (torch.stack used to refuse; a copy into
+    the first row's block would move a row to another device without a word)."""
+    spec = [TaskSpec("score", "regression")]
+    meta = torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match=r"the input is on meta in instance 1 but on cpu in "
+                                         r"instance 0; every instance needs one device"):
+        gather([(torch.zeros(2), {"score": torch.zeros(1)}), (meta, {"score": torch.zeros(1)})],
+               spec)
+    with pytest.raises(ValueError, match=r"the 'score' label is on meta in instance 1 but on "
+                                         r"cpu in the first labelled instance"):
+        gather([(torch.zeros(2), {"score": torch.zeros(1)}),
+                (torch.zeros(2), {"score": torch.zeros(1, device="meta")})], spec)
+
+    def batch_on(device: str) -> dict[str, object]:
+        return {"input": torch.zeros(2, 3, device=device),
+                "targets": {"score": torch.zeros(2, 1)}}
+
+    with pytest.raises(ValueError, match=r"the input is on meta in batch 1 but on cpu in batch "
+                                         r"0; every batch needs one device"):
+        gather(DataLoader(["cpu", "meta"], batch_size=1,
+                          collate_fn=lambda items: batch_on(items[0])), spec)
+
+
 def test_a_dataset_longer_or_shorter_than_its_len_gives_the_rows_it_gave() -> None:
     x, y = _tensors(n=6)
     for claimed in (4, 9):

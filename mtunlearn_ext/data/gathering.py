@@ -202,7 +202,9 @@ class _Column:
             self.blocks.append(torch.zeros_like(self.blocks[0]))
         used = rows - (len(self.blocks) - 1) * self.block_rows
         if len(self.blocks) == 1:
-            return self.blocks[0][:used]
+            block = self.blocks[0]
+            # A view of a block the source did not fill would keep all of it alive.
+            return block if used == len(block) else block[:used].clone()
         return torch.cat([*self.blocks[:-1], self.blocks[-1][:used]])
 
 
