@@ -395,6 +395,35 @@ def test_measuring_puts_back_a_grown_cache_and_an_empty_buffer() -> None:
         assert model.cached_length == 10 and model.first_mean is not None
 
 
+class _Replacing(_TwoHeads):
+    """A forward that replaces its buffer with a new tensor (``self.calls = self.calls + 1``)
+    instead of writing into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls = self.calls + 1
+        return super().forward(x)
+
+
+def test_a_buffer_the_forward_replaces_is_put_back() -> None:
+    """Mutation review: only buffers written in place were tested; one replaced by a new
+    tensor stayed replaced (calls 6, not 0) when the original tensor was not put back."""
+    x, y = _data()
+    for run in (lambda m: mtunlearn_ext.evaluate(m, (x, y), tasks=TASKS),
+                lambda m: mtunlearn_ext.unlearn(
+                    m, tasks=TASKS, train_data=(x, y),
+                    forget_request=ForgetRequest.create(range(5)),
+                    shared_parameters=lambda n: n.startswith("trunk."),
+                    config={"steps": 2, "instance_projection": "off"})):
+        model = _Replacing().eval()
+        calls = model.calls
+        run(model)
+        assert model.calls is calls and int(calls) == 0
+
+
 def test_unlearn_validates_the_problem_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: build_problem validated the problem and the unlearner validated it again, so
     the probing forwards on the caller's model (retain, forget, heads) and every validation

@@ -463,6 +463,17 @@ def test_evaluate_and_benchmark_dry_run(trained: Path, tmp_path: Path,
         "ids_sha256": ForgetRequest.create(forget).ids_hash(),
         "target_tasks": ["digit", "parity", "magnitude"], "ids_drawn": None}
     assert cli.main(["evaluate", "--checkpoint", str(trained), "--output", str(out)]) == 2
+    # Mutation review: only unlearn's refusal of both ways of naming the forget set was tested.
+    capsys.readouterr()
+    both = tmp_path / "both.json"
+    for fraction, fragment in (("0.5", "give one of --forget-ids and --forget-fraction"),
+                               ("1.5", "when --forget-ids names them")):
+        assert cli.main(["evaluate", "--checkpoint", str(trained), "--forget-ids", ids(1),
+                         "--forget-fraction", fraction, "--output", str(both)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mtunlearn: error: --forget-fraction: expected") and \
+            fragment in err and len(err.splitlines()) == 1, err
+        assert not both.exists()
     assert cli.main(["benchmark", "--dry-run"]) == 0
     # The comparison script when the checkout has it, else the ops showcase.
     has_compare = (Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py").exists()

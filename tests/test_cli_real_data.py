@@ -71,7 +71,7 @@ def test_verify_on_changed_data_names_the_checkpoint_path(
     assert cli.main(["verify", "--record", str(real.record), "--quiet"]) == 0
 
 
-@pytest.mark.parametrize("change", ["edit", "add"])
+@pytest.mark.parametrize("change", ["edit", "add", "remove"])
 def test_a_changed_test_split_is_refused_naming_val(
         real: SimpleNamespace, change: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,9 +82,12 @@ def test_a_changed_test_split_is_refused_naming_val(
     with _restored(real.data):
         if change == "edit":
             _edit_image(real.data / "val" / "image" / "0.npy")
-        else:
+        elif change == "add":
             for folder in (real.data / "val").iterdir():
                 shutil.copy(folder / "0.npy", folder / "2.npy")
+        else:  # mutation review: a removed file was named as edited, and nothing noticed
+            for folder in (real.data / "val").iterdir():
+                (folder / "1.npy").unlink()
         for argv in (["unlearn", "--checkpoint", str(real.orig), "--forget-ids", "1",
                       "--method-config", '{"steps": 2}', "--output", str(out), "--record",
                       str(record)],
@@ -93,9 +96,11 @@ def test_a_changed_test_split_is_refused_naming_val(
                      ["verify", "--record", str(real.record)]):
             assert cli.main([*argv, "--quiet"]) == 2, argv
             err = _err(capsys)
-            changed = ("val/image/0.npy edited" if change == "edit" else
-                       "val/depth/2.npy added, val/image/2.npy added, val/label/2.npy added "
-                       "(and 1 more)")
+            changed = {"edit": "val/image/0.npy edited",
+                       "add": "val/depth/2.npy added, val/image/2.npy added, val/label/2.npy "
+                              "added (and 1 more)",
+                       "remove": "val/depth/1.npy missing, val/image/1.npy missing, "
+                                 "val/label/1.npy missing (and 1 more)"}[change]
             assert (f" its test data (val/) differ from the files recorded at training: "
                     f"{changed} (files added, removed, renumbered or edited): the test metrics "
                     "and the attack's AUC would be measured on other data than the "

@@ -556,6 +556,29 @@ def test_resized_targets_stay_aligned_with_the_resized_image(tmp_path: Path) -> 
     assert torch.allclose(rgb[:, :, 1:3], centres[1:3].expand(3, 2, 2), atol=1e-6)
 
 
+def test_resized_images_are_filtered_not_sampled(tmp_path: Path) -> None:
+    """Mutation review: a ramp reads the same with or without antialiasing, so dropping it
+    passed. Columns lit one in four (3, 7, 11, 15) average to 0.25 over each 4-column block;
+    a plain bilinear sample between columns 1 and 2 of each block reads 0."""
+    _write_libmtl(tmp_path, with_normals=True, hw=(8, 16))
+    lit = np.broadcast_to((np.arange(16) % 4 == 3).astype(np.float32)[None, :, None],
+                          (8, 16, 3))
+    np.save(tmp_path / "train" / "image" / "0.npy", np.ascontiguousarray(lit))
+    rgb = load_nyuv2(tmp_path, size=(2, 4)).train.inputs[0] * 0.25 + 0.5
+    assert torch.allclose(rgb[:, :, 1:3], torch.full((3, 2, 2), 0.25), atol=0.02)
+
+
+def test_integer_depth_in_whole_metres_loads(tmp_path: Path) -> None:
+    """Mutation review: depth stored as integers in metres (within the range) is depth; only
+    values beyond 1000 m are refused (an integer-dtype refusal came back unnoticed)."""
+    _write_libmtl(tmp_path, with_normals=True)
+    metres = np.rint(np.load(tmp_path / "train" / "depth" / "0.npy")).astype(np.uint16)
+    np.save(tmp_path / "train" / "depth" / "0.npy", metres)
+    depth = load_nyuv2(tmp_path).train.targets["depth"][0]
+    assert depth.dtype == torch.float32
+    assert torch.equal(depth, torch.from_numpy(metres.astype(np.float32)).permute(2, 0, 1))
+
+
 def test_loader_records_every_files_digest_of_both_splits(tmp_path: Path) -> None:
     import hashlib
 

@@ -94,3 +94,38 @@ def test_running_statistics_recomputed_at_the_end_make_each_budget_a_run_of_its_
     scrub = get_unlearner("scrub", {"forget_steps": 2})
     assert isinstance(scrub, GradientUnlearner)
     assert scrub.shares_prefixes(without)
+
+
+@pytest.mark.parametrize("base", [{}, {"head_refit_steps": 1}])
+def test_budgets_are_scored_once_each_in_increasing_order(base: dict[str, int]) -> None:
+    """Mutation review: budgets given out of order ([3, 2, 2]) ran the last one's length only
+    (2 steps) when they were not sorted first, and budget 3 was never scored, silently; the
+    command line sorts its --checkpoints, the Python API did not have to."""
+    from torch import nn
+
+    from mtunlearn_ext import ForgetRequest
+    from mtunlearn_ext.api import build_problem
+    from mtunlearn_ext.tuning import score_budgets
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=g)
+    y = {"a": torch.randint(0, 3, (30,), generator=g), "b": torch.randn(30, 1, generator=g)}
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"trunk": nn.Linear(4, 8), "a": nn.Linear(8, 3), "b": nn.Linear(8, 1)})
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = model
+
+        def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.parts["trunk"](inputs).relu()
+            return {"a": self.parts["a"](z), "b": self.parts["b"](z)}
+
+    problem = build_problem(Net(), tasks={"a": "classification", "b": "regression"},
+                            train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                            shared_parameters=lambda n: n.startswith("parts.trunk."))
+    scored: list[int] = []
+    score_budgets("finetune", {"lr": 1e-2, **base}, [3, 2, 2], problem,
+                  lambda steps, model, seconds: scored.append(steps))
+    assert scored == [2, 3]
