@@ -204,8 +204,11 @@ def build_problem_with_naming(model: nn.Module, *,
                              "`train_data` (its supervision mask marks those pairs unlabelled): "
                              "there is nothing to forget")
         if not len(retain):
-            raise ValueError(f"{entry()}: `forget_request` and `earlier_requests` together take "
-                             "every pair of `train_data`: nothing would be left to retain")
+            takers = ("`forget_request` and the requests `model` carries together take" if
+                      carried and earlier else "`forget_request` and `earlier_requests` "
+                      "together take" if earlier else "`forget_request` takes")
+            raise ValueError(f"{entry()}: {takers} every pair of `train_data`: nothing would be "
+                             "left to retain")
         asked, still = request.forget_mask(full), request.forget_mask(remaining)
         rows = full.positions_of(request.instance_ids)
         bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
@@ -267,6 +270,23 @@ def build_problem_with_naming(model: nn.Module, *,
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.
         columns = torch.tensor([t in targets for t in names])
         forget = forget.with_supervision(forget.supervision & columns)
+        given_rows = forget
+        kept = forget.supervision.any(dim=1)
+        if len(forget) and not bool(kept.all()):
+            # As `forget_request` says it of train_data's rows: a row with nothing to forget
+            # counted as a forgotten instance in the report (2 where train_data gave 1).
+            bare = (~kept).nonzero().flatten().tolist()
+            shown = ", ".join(str(i) for i in bare[:10]) + (", ..." if len(bare) > 10 else "")
+            what = (f"no supervised pair of the target task{'s' if len(targets) != 1 else ''} "
+                    f"{targets} (unlabelled: the supervision mask's False, or the task's "
+                    "no-label value such as -1)")
+            if not bool(kept.any()):
+                raise ValueError(f"{entry()}: none of the {len(forget)} rows of `forget_data` "
+                                 f"has a {what.removeprefix('no ')}: there is nothing to forget")
+            warnings.warn(f"{entry()}: {len(bare)} of the {len(forget)} rows of `forget_data` "
+                          f"(positions {shown}) have {what}: nothing of them is forgotten, as "
+                          "nothing of them was learned", UserWarning, stacklevel=3)
+            forget = forget.subset(kept.nonzero().flatten())
         for what, data in (("forget_data", forget), ("retain_data", retain)):
             if not len(data):  # said by name here; the problem would say "the ... set is empty"
                 raise ValueError(f"{entry()}: `{what}` has no rows: "
@@ -281,15 +301,16 @@ def build_problem_with_naming(model: nn.Module, *,
         partial = set(targets) != set(names)
         forget = linked_to_retained_copies(forget, retain, link=partial)
         request = ForgetRequest.create(forget.ids, targets if partial else None)
-        trained = [TrainedRows("forget_data", forget, torch.arange(len(forget)), own_forget),
+        trained = [TrainedRows("forget_data", given_rows, torch.arange(len(given_rows)),
+                               own_forget),
                    TrainedRows("retain_data", retain, torch.arange(len(retain)), own_retain)]
         # Given as a tuple, the problem names the forget rows by ids made for them (past the
         # retain rows', or a linked retain row's): the record hashes their positions in
         # `forget_data`, 0..n-1, which the caller can name; a data set's ids are its own
         # (before a row took the id of the retain row it is linked to).
         naming = Naming(ids_named_by_text("forget_data", given_forget, own_forget),
-                         cast(MultiTaskDataset, forget_data).ids.tolist() if own_forget
-                         else list(range(len(forget))))
+                         cast(MultiTaskDataset, forget_data).ids[kept].tolist() if own_forget
+                         else kept.nonzero().flatten().tolist())
     held_out = None
     if held_out_data is not None:
         # Tuple data gets ids past every training id; a MultiTaskDataset keeps its own, and

@@ -64,8 +64,18 @@ def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDatase
     if len(members) > max_members:
         generator = torch.Generator().manual_seed(seed)
         members = members.subset(torch.randperm(len(members), generator=generator)[:max_members])
-    result = membership_attack(model, members, unseen, problem.forget,  # type: ignore[arg-type]
-                               problem.target_tasks, max_members=max_members, seed=seed)
+    try:
+        result = membership_attack(model, members, unseen,  # type: ignore[arg-type]
+                                   problem.forget, problem.target_tasks,
+                                   max_members=max_members, seed=seed)
+    except ValueError as error:  # checked before the run: the first audit is of the input
+        raise ValueError(
+            f"unlearn: `audit_data`: the membership audit of the forget set cannot run "
+            f"({str(error).removeprefix('membership_attack: ')}): it attacks the target tasks "
+            f"{list(problem.target_tasks)}, and needs a forget instance, 4 retain instances "
+            f"(the members) and 4 `audit_data` instances besides the half that fits the attack "
+            f"(the non-members) labelled for every one of them; leave `audit_data` out for "
+            f"this request, or give more labelled instances") from error
     n_f, n_u = result.num_forget, result.num_non_members_eval
     spread = math.sqrt((n_f + n_u + 1) / (12 * n_f * n_u)) if n_f and n_u else math.inf
     return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}, spread

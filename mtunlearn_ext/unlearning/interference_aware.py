@@ -77,6 +77,7 @@ import torch
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import cat_rows, num_rows
+from mtunlearn_ext.models.modes import BuffersKept
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 from mtunlearn_ext.surgery import (
     inner_list_stats,
@@ -878,7 +879,11 @@ class InterferenceAware(GradientUnlearner):
         bounds += [(start, min(start + 64, total)) for start in range(split, total, 64)]
         for start, stop in bounds:
             batch = batch_to(data.batch(rows[start:stop]), ctx.problem.device)
-            out = ctx.forward(batch)
+            # In the steps' mode (with train_mode, batch statistics, as the steps' losses), but
+            # writing nothing: a training-mode forward would take these rows, the forget ones
+            # among them, into BatchNorm's running statistics before any step.
+            with BuffersKept(ctx.model):
+                out = ctx.forward(batch)
             supervision = batch["supervision"]
             batch_ids = batch["id"]
             assert isinstance(supervision, torch.Tensor) and isinstance(batch_ids, torch.Tensor)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._warnings import warn_at_caller
-from mtunlearn_ext.data.inputs import Inputs
+from mtunlearn_ext.data.inputs import Inputs, num_rows
 from mtunlearn_ext.models.modes import measuring
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.base import (
@@ -226,7 +226,22 @@ class StepContext:
         # The whole input structure goes to the model: a library model takes its tensor, a
         # user's multi-input module is unpacked by the API's wrapper (``SplitModel``).
         inputs: Inputs = batch["input"]  # type: ignore[assignment]
-        return self.model(inputs)
+        try:
+            return self.model(inputs)
+        except ValueError as error:
+            if not (self.model.training and _ONE_ROW_BATCH_NORM in str(error)):
+                raise
+            raise ValueError(
+                f"train_mode=True: a batch of {num_rows(inputs)} row(s) reached a "
+                f"normalisation layer in training mode, where it normalises by the batch's "
+                f"own statistics and needs at least 2 rows; run the "
+                f"steps in eval mode (train_mode=False, the default: stored statistics), or "
+                f"give the forget and retain sets, and forget_batch_size / retain_batch_size, "
+                f"at least 2 rows") from error
+
+
+#: torch's refusal of a one-row batch in a training-mode BatchNorm.
+_ONE_ROW_BATCH_NORM = "Expected more than 1 value per channel when training"
 
 
 @dataclass

@@ -453,7 +453,9 @@ class RandomTargetObjective(ForgetObjective):
             pool = _supervised_targets(self.spec, retain)
             if pool.shape[0] == 0:
                 raise ValueError(f"forget objective 'random_target': the retain set has no "
-                                 f"supervised pair of task {self.spec.name!r} to draw from")
+                                 f"supervised pair of task {self.spec.name!r} to draw from "
+                                 f"{_no_retain_pairs(self.spec)}; choose an objective that "
+                                 f"needs none: {needs_no_retain_pair(self.spec)}")
             self.pool = pool  # stays on CPU; only the drawn rows move
 
     def random_targets(self, target: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,11 @@ class FineTune(GradientUnlearner):
     name = "finetune"
     config_class = FineTuneConfig
     uses_forget = False
+    # The forget pairs enter only the curves, as their plain losses: ascent needs nothing from
+    # the retain set (a capped objective refused a task without retain pairs, and with it the
+    # whole run, for a term the method never uses).
+    default_forget_objective = "ascent"
+    forget_objective_is_setting = False
 
     def compute_update(self, ctx: StepContext, forget_batch: Batch | None,
                        retain_batch: Batch | None) -> StepStats:
