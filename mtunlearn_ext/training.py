@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext._random import seeded_generators
@@ -217,7 +218,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     head_tasks = split().heads if split is not None else model.heads
     missing = [s.name for s in specs if s.name not in head_tasks]
     if missing:
-        raise KeyError(f"train: the model has no head for tasks {missing}")
+        raise UnknownNameError(f"train: the model has no head for tasks {missing}")
     rows = supervision.any(dim=1).nonzero().flatten()
     result = TrainResult(task_epoch_losses={s.name: [] for s in specs}, num_rows=int(rows.numel()))
     if rows.numel() == 0:

@@ -2629,3 +2629,25 @@ def test_messages_name_only_what_was_given() -> None:
                               forget_request=ForgetRequest.create(range(5)),
                               shared_parameters=_shared, method="random_labels",
                               config={"steps": 1})
+
+
+def test_an_unknown_name_is_a_value_error_too_and_reads_unquoted() -> None:
+    """Fuzz review: unknown ids, tasks or parameters were refused as plain KeyErrors: a caller
+    catching ValueError for bad arguments missed them, and their text printed quoted."""
+    from mtunlearn_ext._errors import UnknownNameError
+
+    x, y = _data(20)
+    for call in (lambda: mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                               forget_request=ForgetRequest.create([99]),
+                                               shared_parameters=_shared),
+                 lambda: mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                               forget_request=ForgetRequest.create([1]),
+                                               shared_parameters=["trunk.9.weight"]),
+                 lambda: mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                               forget_request=ForgetRequest.create([1]),
+                                               shared_parameters=_shared, method="nope")):
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert isinstance(caught.value, KeyError) and isinstance(caught.value, UnknownNameError)
+        assert str(caught.value) == caught.value.args[0] and not str(caught.value).startswith(
+            ("'", '"'))

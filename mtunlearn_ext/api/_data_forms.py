@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._task_specs import keyed_spec
 from mtunlearn_ext.api._types import DataLike
@@ -193,7 +194,7 @@ def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     names = [s.name for s in specs]
     unknown = [t for t in targets if t not in names]
     if unknown:
-        raise KeyError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
+        raise UnknownNameError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
                        f"are {names}")
     supervision = data[2] if len(data) == 3 else None
     given_order = [t for t in targets if t in names]
@@ -216,7 +217,7 @@ def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
             full_targets[spec.name] = torch.zeros((n, *ref.shape[1:]), dtype=ref.dtype)
             columns.append(False)
         else:
-            raise KeyError(f"{op}: `{what}` has no targets for task {spec.name!r}")
+            raise UnknownNameError(f"{op}: `{what}` has no targets for task {spec.name!r}")
     if supervision is not None and isinstance(supervision, torch.Tensor) \
             and supervision.dim() == 2 and supervision.shape[1] == len(specs):
         # A placeholder column has no labels to supervise: marked supervised, it would invent
@@ -330,5 +331,5 @@ def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: obj
                                               else ", not every id between")
     else:
         valid += f": ids 0 to {len(full) - 1}"
-    raise KeyError(f"{entry()}: {what} names instance ids that are not in `train_data`: "
+    raise UnknownNameError(f"{entry()}: {what} names instance ids that are not in `train_data`: "
                    f"{shown}; {valid}")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._types import ParameterSpec, SharedSpec
 from mtunlearn_ext.data.inputs import Inputs, call_with
@@ -129,18 +130,18 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
         if isinstance(item, nn.Module):  # a submodule stands for every parameter it holds
             outside = [n for n, p in item.named_parameters() if id(p) not in by_id]
             if outside:
-                raise KeyError(f"{entry()}: a module in `{what}` ({type(item).__name__}) holds "
+                raise UnknownNameError(f"{entry()}: a module in `{what}` ({type(item).__name__}) holds "
                                f"parameters that are not the model's: {outside[:3]}; pass a "
                                f"submodule of the model")
             names.extend(by_id[id(p)] for p in item.parameters())
         elif isinstance(item, str):
             if item not in canonical:
-                raise KeyError(f"{entry()}: `{what}` names {item!r}, which is not a parameter of "
+                raise UnknownNameError(f"{entry()}: `{what}` names {item!r}, which is not a parameter of "
                                f"the model")
             names.append(canonical[item])
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
-                raise KeyError(f"{entry()}: a tensor in `{what}` is not a parameter of the model")
+                raise UnknownNameError(f"{entry()}: a tensor in `{what}` is not a parameter of the model")
             names.append(by_id[id(item)])
         else:
             raise TypeError(f"{entry()}: `{what}` must hold names, parameters or modules, got "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import (
     Inputs,
@@ -475,7 +476,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
     def task_index(self, name: str) -> int:
         names = self.task_names
         if name not in names:
-            raise KeyError(f"unknown task {name!r}; this data set has tasks {names}")
+            raise UnknownNameError(f"unknown task {name!r}; this data set has tasks {names}")
         return names.index(name)
 
     def __len__(self) -> int:
@@ -622,7 +623,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                                                                            dtype=torch.bool)
         if not bool(found.all()):
             missing = wanted[~found].tolist()
-            raise KeyError(f"instance ids not in the data set: {missing[:10]}"
+            raise UnknownNameError(f"instance ids not in the data set: {missing[:10]}"
                            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
         return order[at] if len(order) else wanted.new_empty(0)
 

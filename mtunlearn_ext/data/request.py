@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import torch
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.data.base import MultiTaskDataset, integer_valued
 
 
@@ -68,7 +69,7 @@ class ForgetRequest:
             raise ValueError("ForgetRequest: `target_tasks` is empty; name at least one task")
         unknown = [t for t in tasks if t not in dataset.task_names]
         if unknown:
-            raise KeyError(f"ForgetRequest: unknown task names {unknown}; the data set has "
+            raise UnknownNameError(f"ForgetRequest: unknown task names {unknown}; the data set has "
                            f"tasks {dataset.task_names}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"ForgetRequest: `target_tasks` holds duplicates: {tasks}")

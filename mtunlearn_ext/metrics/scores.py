@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.metrics.task_metrics import METRICS
 
 __all__ = ["retrain_gap", "retrain_gap_terms", "uis", "uis_of_terms", "uis_terms"]
@@ -23,7 +24,7 @@ def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool
         return bool(higher_is_better[metric])
     if metric in METRICS:
         return METRICS[metric].higher_is_better
-    raise KeyError(f"unknown metric {metric!r}: give its direction in `higher_is_better`")
+    raise UnknownNameError(f"unknown metric {metric!r}: give its direction in `higher_is_better`")
 
 
 def _check_same_keys(caller: str, what: str, reference: Mapping[str, Any], reference_label: str,
@@ -72,7 +73,7 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
         for source, label in ((original_test, "original_test"), (unlearned_test, "unlearned_test"),
                               (unlearned_forget, "unlearned_forget")):
             if task not in source:
-                raise KeyError(f"uis: task {task!r} missing from `{label}`")
+                raise UnknownNameError(f"uis: task {task!r} missing from `{label}`")
         for source, label in ((unlearned_test, "unlearned_test"),
                               (unlearned_forget, "unlearned_forget")):
             _check_same_keys("uis", f"metrics of task {task!r}", original_test[task],
@@ -160,7 +161,7 @@ def _normalised_gap(metric: str, unlearned: float, retrained: float,
     is_bounded = (bounded[metric] if bounded is not None and metric in bounded
                   else METRICS[metric].bounded if metric in METRICS else None)
     if is_bounded is None:
-        raise KeyError(f"retrain_gap: unknown metric {metric!r}: say in `bounded` whether it is "
+        raise UnknownNameError(f"retrain_gap: unknown metric {metric!r}: say in `bounded` whether it is "
                        "a fraction in [0, 1]")
     gap = abs(unlearned - retrained)
     return gap if is_bounded or retrained == 0.0 else gap / abs(retrained)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.data.base import TaskSpec
 
 __all__ = ["MultiTaskModel", "ParameterSplit", "SHARED", "check_takes_task_names"]
@@ -71,14 +72,14 @@ class ParameterSplit:
         for task, names in self.heads.items():
             if name in names:
                 return task
-        raise KeyError(f"ParameterSplit: no parameter named {name!r}")
+        raise UnknownNameError(f"ParameterSplit: no parameter named {name!r}")
 
     def names(self, owner: str) -> tuple[str, ...]:
         """The parameter names of ``owner`` (:data:`SHARED` or a task name)."""
         if owner == SHARED:
             return self.shared
         if owner not in self.heads:
-            raise KeyError(f"ParameterSplit: unknown owner {owner!r}; owners are "
+            raise UnknownNameError(f"ParameterSplit: unknown owner {owner!r}; owners are "
                            f"{[SHARED, *self.heads]}")
         return self.heads[owner]
 
@@ -183,4 +184,4 @@ class MultiTaskModel(nn.Module):
 
     def _check_task(self, task: str) -> None:
         if task not in self.heads:
-            raise KeyError(f"unknown task {task!r}; this model has tasks {self.task_names}")
+            raise UnknownNameError(f"unknown task {task!r}; this model has tasks {self.task_names}")

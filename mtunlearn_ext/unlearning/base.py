@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext._warnings import warn_at_caller
@@ -159,7 +160,7 @@ class UnlearningProblem:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise KeyError(f"unknown task {name!r}; the problem has tasks {self.task_names}")
+        raise UnknownNameError(f"unknown task {name!r}; the problem has tasks {self.task_names}")
 
     def target_specs(self) -> list[TaskSpec]:
         return [t for t in self.tasks if t.name in self.target_tasks]

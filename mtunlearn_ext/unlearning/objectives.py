@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from mtunlearn_ext._definitions import defined_name, same_definition
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.losses import task_loss, valid_pixel_mask
 
@@ -565,7 +566,7 @@ def objective_names(specs: Sequence[TaskSpec], task_names: Sequence[str],
         else:
             name = choice.get(spec.name, choice.get(spec.kind, DEFAULT_FORGET_OBJECTIVES[spec.kind]))
         if name not in FORGET_OBJECTIVES:
-            raise KeyError(f"unknown forget objective {name!r} for task {spec.name!r}; known: "
+            raise UnknownNameError(f"unknown forget objective {name!r} for task {spec.name!r}; known: "
                            f"{sorted(FORGET_OBJECTIVES)}")
         names[spec.name] = name
     return names

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from mtunlearn_ext._definitions import same_definition
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.unlearning.base import Unlearner, UnlearnerConfig, config_from_mapping
 
 __all__ = ["UNLEARNERS", "available_unlearners", "get_unlearner", "register_unlearner"]
@@ -83,7 +84,7 @@ def get_unlearner(name: str, config: Mapping[str, Any] | UnlearnerConfig | None 
     naming the known settings for an unknown setting.
     """
     if name not in UNLEARNERS:
-        raise KeyError(f"unknown unlearning method {name!r}; registered: {available_unlearners()}")
+        raise UnknownNameError(f"unknown unlearning method {name!r}; registered: {available_unlearners()}")
     cls = UNLEARNERS[name]
     if config is None or isinstance(config, Mapping):
         values = dict(config or {})
