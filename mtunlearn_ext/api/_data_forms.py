@@ -195,7 +195,7 @@ def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise UnknownNameError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
-                       f"are {names}")
+                               f"are {names}")
     supervision = data[2] if len(data) == 3 else None
     given_order = [t for t in targets if t in names]
     if supervision is not None and given_order != [t for t in names if t in targets]:
@@ -332,4 +332,4 @@ def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: obj
     else:
         valid += f": ids 0 to {len(full) - 1}"
     raise UnknownNameError(f"{entry()}: {what} names instance ids that are not in `train_data`: "
-                   f"{shown}; {valid}")
+                           f"{shown}; {valid}")

@@ -130,18 +130,19 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
         if isinstance(item, nn.Module):  # a submodule stands for every parameter it holds
             outside = [n for n, p in item.named_parameters() if id(p) not in by_id]
             if outside:
-                raise UnknownNameError(f"{entry()}: a module in `{what}` ({type(item).__name__}) holds "
-                               f"parameters that are not the model's: {outside[:3]}; pass a "
-                               f"submodule of the model")
+                raise UnknownNameError(f"{entry()}: a module in `{what}` ({type(item).__name__}) "
+                                       f"holds parameters that are not the model's: {outside[:3]}; "
+                                       f"pass a submodule of the model")
             names.extend(by_id[id(p)] for p in item.parameters())
         elif isinstance(item, str):
             if item not in canonical:
-                raise UnknownNameError(f"{entry()}: `{what}` names {item!r}, which is not a parameter of "
-                               f"the model")
+                raise UnknownNameError(f"{entry()}: `{what}` names {item!r}, which is not a "
+                                       f"parameter of the model")
             names.append(canonical[item])
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
-                raise UnknownNameError(f"{entry()}: a tensor in `{what}` is not a parameter of the model")
+                raise UnknownNameError(f"{entry()}: a tensor in `{what}` is not a parameter of the "
+                                       f"model")
             names.append(by_id[id(item)])
         else:
             raise TypeError(f"{entry()}: `{what}` must hold names, parameters or modules, got "

@@ -624,7 +624,7 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         if not bool(found.all()):
             missing = wanted[~found].tolist()
             raise UnknownNameError(f"instance ids not in the data set: {missing[:10]}"
-                           f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+                                   f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
         return order[at] if len(order) else wanted.new_empty(0)
 
     def subset(self, positions: torch.Tensor | Sequence[int]) -> MultiTaskDataset:

@@ -70,7 +70,7 @@ class ForgetRequest:
         unknown = [t for t in tasks if t not in dataset.task_names]
         if unknown:
             raise UnknownNameError(f"ForgetRequest: unknown task names {unknown}; the data set has "
-                           f"tasks {dataset.task_names}")
+                                   f"tasks {dataset.task_names}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"ForgetRequest: `target_tasks` holds duplicates: {tasks}")
         if partial and set(tasks) == set(dataset.task_names):

@@ -161,8 +161,8 @@ def _normalised_gap(metric: str, unlearned: float, retrained: float,
     is_bounded = (bounded[metric] if bounded is not None and metric in bounded
                   else METRICS[metric].bounded if metric in METRICS else None)
     if is_bounded is None:
-        raise UnknownNameError(f"retrain_gap: unknown metric {metric!r}: say in `bounded` whether it is "
-                       "a fraction in [0, 1]")
+        raise UnknownNameError(f"retrain_gap: unknown metric {metric!r}: say in `bounded` whether "
+                               f"it is a fraction in [0, 1]")
     gap = abs(unlearned - retrained)
     return gap if is_bounded or retrained == 0.0 else gap / abs(retrained)
 

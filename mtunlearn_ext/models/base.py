@@ -80,7 +80,7 @@ class ParameterSplit:
             return self.shared
         if owner not in self.heads:
             raise UnknownNameError(f"ParameterSplit: unknown owner {owner!r}; owners are "
-                           f"{[SHARED, *self.heads]}")
+                                   f"{[SHARED, *self.heads]}")
         return self.heads[owner]
 
     @property

@@ -566,8 +566,8 @@ def objective_names(specs: Sequence[TaskSpec], task_names: Sequence[str],
         else:
             name = choice.get(spec.name, choice.get(spec.kind, DEFAULT_FORGET_OBJECTIVES[spec.kind]))
         if name not in FORGET_OBJECTIVES:
-            raise UnknownNameError(f"unknown forget objective {name!r} for task {spec.name!r}; known: "
-                           f"{sorted(FORGET_OBJECTIVES)}")
+            raise UnknownNameError(f"unknown forget objective {name!r} for task {spec.name!r}; "
+                                   f"known: {sorted(FORGET_OBJECTIVES)}")
         names[spec.name] = name
     return names
 

@@ -84,7 +84,8 @@ def get_unlearner(name: str, config: Mapping[str, Any] | UnlearnerConfig | None 
     naming the known settings for an unknown setting.
     """
     if name not in UNLEARNERS:
-        raise UnknownNameError(f"unknown unlearning method {name!r}; registered: {available_unlearners()}")
+        raise UnknownNameError(f"unknown unlearning method {name!r}; registered: "
+                               f"{available_unlearners()}")
     cls = UNLEARNERS[name]
     if config is None or isinstance(config, Mapping):
         values = dict(config or {})
