@@ -2651,3 +2651,128 @@ def test_an_unknown_name_is_a_value_error_too_and_reads_unquoted() -> None:
         assert isinstance(caught.value, KeyError) and isinstance(caught.value, UnknownNameError)
         assert str(caught.value) == caught.value.args[0] and not str(caught.value).startswith(
             ("'", '"'))
+
+
+# -- the session's own mutation review ------------------------------------------------------------
+
+class _CachesOnFirstCall(_TwoHeads):
+    """A forward that registers a buffer, and an attribute beside it, on its first call."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "cache_rows"):
+            self.cache_rows = len(x)
+            self.register_buffer("cache", x.detach().mean(0))
+        return super().forward(x - self.cache)
+
+
+def test_measuring_removes_what_a_forward_added() -> None:
+    """A buffer registered by the measured forward stayed (a new state_dict key holding the
+    measured rows' mean) when only existing buffers were restored; an attribute it set
+    beside that buffer stayed while the buffer went, and the caller's next forward failed."""
+    x, y = _data(20)
+    model = _CachesOnFirstCall().eval()
+    keys = set(model.state_dict())
+    mtunlearn_ext.evaluate(model, (x, y), tasks=TASKS)
+    assert set(model.state_dict()) == keys and not hasattr(model, "cache_rows")
+    with torch.no_grad():
+        model(x[:3])  # the caller's own first call
+    assert model.cache_rows == 3
+
+
+def test_measuring_leaves_lazy_modules_materialised() -> None:
+    """A lazy module's first call changes its class and fills its shapes: putting its old
+    attributes back gave a Linear with in_features 0; uninitialised buffers (a lazy
+    BatchNorm's) could not even be copied, so measuring such a model failed."""
+    from mtunlearn_ext.models.modes import measuring
+
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())
+    x = torch.randn(5, 3)
+    with measuring(model):
+        model(x)
+    assert type(model[0]) is nn.Linear and model[0].in_features == 3
+    assert type(model[1]) is nn.BatchNorm1d and model[1].running_mean.shape == (4,)
+    assert model(x).shape == (5, 4)
+
+
+def test_neither_a_logged_step_nor_zero_steps_write_the_returned_models_buffers() -> None:
+    """The loss curves' forward (a method that needs no forget batch, at a logged step) and
+    the report's before-losses ran on the returned copy without measuring: an observer's
+    buffers counted them (2 calls for 1 step), and 0 steps returned changed buffers reported
+    as changed weights."""
+    x, y = _data(20)
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                  shared_parameters=_shared)
+    new, _ = mtunlearn_ext.unlearn(_Observed().eval(), method="finetune", **common,
+                                   config={"steps": 1, "log_every": 1})
+    assert int(new.calls) == 1  # the step's own forward on a retain batch
+    model = _Observed().eval()
+    with pytest.warns(UserWarning, match="left the weights exactly as they were"):
+        new, report = mtunlearn_ext.unlearn(model, **common, config={"steps": 0})
+    assert int(new.calls) == 0 and not report.extra["weights_changed"]
+
+
+def test_finetune_records_no_forget_objective_setting() -> None:
+    """Its curves' objective is not a setting of the method: the record keeps null."""
+    x, y = _data(20)
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                      forget_request=ForgetRequest.create(range(5)),
+                                      shared_parameters=_shared, method="finetune",
+                                      config={"steps": 1})
+    assert "forget_objective" not in report.extra.get("resolved_settings", {})
+
+
+def test_forget_data_of_a_data_set_names_the_rows_it_kept_by_their_ids() -> None:
+    """A dropped forget_data row shifted the ids of a data set's rows in the record (101
+    named for 102); an audit row equal to a kept forget_data row named the row's position
+    in the filtered set, not in forget_data."""
+    x, y = _data(20)
+    labels = dict(y, a=y["a"].clone())
+    labels["a"][1] = -1
+    forget = MultiTaskDataset(x[:3], {"a": labels["a"][:3], "b": y["b"][:3]}, SPECS,
+                              ids=torch.tensor([100, 101, 102]))
+    retain = MultiTaskDataset(x[3:], {"a": labels["a"][3:], "b": y["b"][3:]}, SPECS)
+    with pytest.warns(UserWarning, match=r"1 of the 3 rows of `forget_data` \(positions 1\)"):
+        _, report = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, forget_data=forget,
+                                          target_tasks=["a"], retain_data=retain,
+                                          shared_parameters=_shared,
+                                          config={"steps": 1, "coupled": False})
+    assert report.request["ids_sha256"] == ForgetRequest.create([100, 102]).ids_hash()
+    audit = (torch.cat([x[2:3], torch.randn(11, 8)]),
+             {"a": torch.cat([labels["a"][2:3], torch.zeros(11, dtype=torch.long)]),
+              "b": torch.cat([y["b"][2:3], torch.zeros(11, 1)])})
+    with pytest.raises(ValueError, match=r"`forget_data` row 2"):
+        with pytest.warns(UserWarning, match="rows of `forget_data`"):
+            mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS,
+                                  forget_data=(x[:3], {"a": labels["a"][:3]}),
+                                  target_tasks=["a"],
+                                  retain_data=(x[3:], {"a": labels["a"][3:], "b": y["b"][3:]}),
+                                  shared_parameters=_shared, audit_data=audit)
+
+
+def test_a_request_taking_what_is_left_after_the_carried_ones_names_them() -> None:
+    x, y = _data(20)
+    first, _ = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                     forget_request=ForgetRequest.create(range(5)),
+                                     shared_parameters=_shared, config={"steps": 1})
+    with pytest.raises(ValueError, match=r"`forget_request` and the requests `model` carries "
+                                         r"together take every pair of `train_data`"):
+        mtunlearn_ext.unlearn(first, tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5, 20)),
+                              shared_parameters=_shared)
+
+
+def test_unknown_tasks_are_unknown_names_everywhere() -> None:
+    from mtunlearn_ext._errors import UnknownNameError
+    from mtunlearn_ext.unlearning.objectives import objective_names
+
+    x, y = _data(20)
+    with pytest.raises(UnknownNameError, match=r"^ForgetRequest: unknown task names \['zzz'\]"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create([1], ["zzz"]),
+                              shared_parameters=_shared)
+    problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                            forget_request=ForgetRequest.create([1]), shared_parameters=_shared)
+    with pytest.raises(UnknownNameError, match=r"^unknown task 'zzz'"):
+        problem.spec("zzz")
+    with pytest.raises(UnknownNameError, match=r"^unknown forget objective 'zzz'"):
+        objective_names(SPECS, ["a", "b"], "zzz")

@@ -244,6 +244,38 @@ def test_the_result_holds_its_rows_and_no_more(sized: bool,
     assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
 
 
+def test_a_sized_loader_is_read_into_one_block_per_column(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation review: a loader whose sampler has a length is read into one block of its rows
+    (blocks of the default size joined at the end, the data held twice, went unnoticed)."""
+    import mtunlearn_ext.data.gathering as gathering
+
+    blocks: list[int] = []
+    result = gathering._Column.result
+
+    def counted(column: gathering._Column, rows: int) -> torch.Tensor | None:
+        blocks.append(len(column.blocks))
+        return result(column, rows)
+
+    monkeypatch.setattr(gathering._Column, "result", counted)
+    monkeypatch.setattr(gathering, "_BLOCK_ROWS", 4)
+    x, y = _tensors(n=10)
+    read = gather(DataLoader(MultiTaskDataset(x, y, SPECS), batch_size=3), SPECS)
+    assert blocks == [1, 1, 1]
+    assert read.inputs.untyped_storage().nbytes() == x.numel() * x.element_size()  # type: ignore
+    assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
+
+
+def test_instances_of_two_input_structures_are_refused() -> None:
+    """Mutation review: a tuple of inputs in one instance and a list in the next passed
+    unnoticed when only the leaves' paths were compared."""
+    items = [((torch.zeros(2), torch.zeros(2)), {"score": torch.zeros(1)}),
+             ([torch.zeros(2), torch.zeros(2)], {"score": torch.zeros(1)})]
+    with pytest.raises(ValueError, match=r"the input of instance 1 is .*, instance 0's is .*: "
+                                         r"every instance needs the same structure"):
+        gather(items, [TaskSpec("score", "regression")])
+
+
 def test_rows_on_another_device_are_named() -> None:
     """Mutation review: the device check had no test (torch.stack used to refuse; a copy into
     the first row's block would move a row to another device without a word)."""
@@ -334,6 +366,8 @@ class _ReusedBatch:
                 "targets": {name: self._into(name, [item["targets"][name]  # type: ignore
                                                     for item in items])
                             for name in ("topic", "score")},
+                "supervision": self._into("supervision",
+                                          [item["supervision"] for item in items]),  # type: ignore
                 "id": self._into("id", [item["id"] for item in items])}  # type: ignore
 
 
@@ -347,13 +381,17 @@ def test_a_loader_reusing_its_batch_buffers_is_read_batch_by_batch(
     import mtunlearn_ext.data.gathering as gathering
 
     x, y = _tensors()
-    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) + 100)
+    supervision = torch.ones(N, 2, dtype=torch.bool)
+    supervision[::3, 0] = False  # masks that differ from batch to batch
+    y = dict(y, topic=torch.where(supervision[:, 0], y["topic"], SPECS[0].ignore_index))
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(N) + 100, supervision=supervision)
     if block_rows is not None:
         monkeypatch.setattr(gathering, "_BLOCK_ROWS", block_rows)
         monkeypatch.setattr(gathering, "_loader_rows", lambda loader: None)
     read = gather(DataLoader(data, batch_size=7, collate_fn=_ReusedBatch()), SPECS)
     _assert_same(read, data)
     assert torch.equal(read.ids, data.ids)
+    assert torch.equal(read.supervision, supervision)
 
 
 def test_a_loader_whose_batches_disagree_names_the_batch() -> None:
@@ -379,6 +417,16 @@ def test_a_loader_whose_batches_disagree_names_the_batch() -> None:
                                          r"every input of a batch needs one row per instance "
                                          r"\(2\)"):
         gather(DataLoader(list(range(4)), batch_size=2, collate_fn=short_mask), SPECS)
+
+    def short_labels(items: list[int]) -> dict[str, object]:
+        return {"input": torch.zeros(len(items), 3),
+                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
+                            "score": torch.zeros(len(items) - 1, 1)}}
+
+    with pytest.raises(ValueError, match=r"batch 0 holds 2 instances but its 'score' labels "
+                                         r"are \(1, 1\); a collated batch needs every task's "
+                                         r"labels, one row per instance"):
+        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=short_labels), SPECS)
 
     def one_then_two_inputs(items: list[int]) -> dict[str, object]:
         x = torch.zeros(len(items), 3)

@@ -43,9 +43,12 @@ class BuffersKept:
 
     def __init__(self, model: object) -> None:
         modules = list(model.modules()) if isinstance(model, nn.Module) else []  # refused later
+        # A lazy module's uninitialised buffers hold no values (and cannot be copied): the
+        # module's class changes when its first call fills them, which is left as it is.
         self._saved = [(module, name, buffer, buffer.detach().clone())
                        for module in modules
-                       for name, buffer in module._buffers.items() if buffer is not None]
+                       for name, buffer in module._buffers.items()
+                       if buffer is not None and not nn.parameter.is_lazy(buffer)]
         self._layouts = [(module, type(module), dict(module._buffers),
                           {k: v for k, v in module.__dict__.items() if k not in _CONTAINERS})
                          for module in modules]
