@@ -266,6 +266,25 @@ def test_a_sized_loader_is_read_into_one_block_per_column(
     assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
 
 
+def test_a_loader_whose_sampler_cannot_say_its_length_is_read() -> None:
+    """Review of the change: sizing the columns from the loader's sampler called its __len__,
+    and one raising NotImplementedError (the base Sampler's way) failed the whole read, which
+    joined the batches without asking before."""
+    from torch.utils.data import Sampler
+
+    class InOrder(Sampler[int]):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(range(N))
+
+        def __len__(self) -> int:
+            raise NotImplementedError
+
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS)
+    read = gather(DataLoader(data, batch_size=4, sampler=InOrder()), SPECS)  # items carry ids
+    _assert_same(read, data)
+
+
 def test_instances_of_two_input_structures_are_refused() -> None:
     """Mutation review: a tuple of inputs in one instance and a list in the next passed
     unnoticed when only the leaves' paths were compared."""

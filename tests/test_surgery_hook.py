@@ -230,6 +230,25 @@ def test_a_micro_batch_interrupted_part_way_must_be_discarded(
         torch.testing.assert_close(p.grad, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched"])
+def test_a_micro_batch_refused_before_its_passes_leaves_the_step_going(per_task: str) -> None:
+    """Review of the change above: a refusal made before any task pass (a head with a
+    post-accumulate hook) was taken for an interruption, and the pending micro-batch, intact,
+    had to be discarded."""
+    model = MultiTaskNet(F64)
+    (xa, ya), (xb, yb) = _batch(F64, 1), _batch(F64, 2)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    surgery.accumulate(_losses(model, xa, ya))
+    head = next(model.heads.parameters())
+    handle = head.register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(RuntimeError, match="post-accumulate"):
+        surgery.accumulate(_losses(model, xb, yb))
+    handle.remove()
+    surgery.accumulate(_losses(model, xb, yb))  # the step goes on
+    assert surgery.pending == 2
+    surgery.apply()
+
+
 def test_a_used_up_parameter_generator_is_named() -> None:
     """Review: `params = model.parameters()` given to an optimizer and then to the surgery
     arrives empty: "holds no tensor" gave no hint why."""

@@ -326,10 +326,12 @@ class _InstanceRows:
 
 
 def _known_length(source: object) -> int | None:
-    """How many instances ``source`` gives, where it says (``len``), else ``None``."""
+    """How many instances ``source`` gives, where it says (``len``), else ``None`` (also for a
+    ``__len__`` that raises ``NotImplementedError``, as torch's base ``Sampler`` and
+    ``IterableDataset`` may: the rows then fill blocks)."""
     try:
         count = len(source)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, NotImplementedError):
         return None
     return count if isinstance(count, int) and count >= 0 else None
 

@@ -79,7 +79,11 @@ class BuffersKept:
                     continue
                 if module._buffers.get(name) is not buffer:
                     module._buffers[name] = buffer
-                if not torch.equal(buffer, value):
+                # Copied back whether or not it changed: a comparison would wait for the device
+                # once per buffer, and the version counter misses writes (BatchNorm's running
+                # statistics do not move it). An inference tensor takes no in-place write outside
+                # inference mode, so a forward could not have changed it there.
+                if not (buffer.is_inference() and not torch.is_inference_mode_enabled()):
                     buffer.copy_(value)
 
     def __enter__(self) -> BuffersKept:

@@ -482,6 +482,7 @@ class GradientSurgery:
         # Why the gradients buffered (or, per_task="backward", in the heads' .grad) can no
         # longer be trusted: an accumulate() that stopped part-way through its task passes.
         self._interrupted: str | None = None
+        self._writes_begun = False
         self._listed_heads_checked = False
 
     # ------------------------------------------------------------------ public API
@@ -594,6 +595,7 @@ class GradientSurgery:
             self._pending_reached = [False] * len(active.params)
             self._pending_constants = frozenset()
             self._pending_device = None
+        self._writes_begun = False  # set by the task passes as they start writing
         try:
             reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
                                                       add=self._pending,
@@ -686,8 +688,8 @@ class GradientSurgery:
         per_task="backward", in the heads' .grad), and cannot be told apart from them. A first
         micro-batch in the other modes left nothing the next call would read: it overwrites
         the buffers, and the heads' .grad are written only after every pass."""
-        if not self._pending and self.per_task != "backward":
-            return
+        if not self._writes_begun or (not self._pending and self.per_task != "backward"):
+            return  # refused before any pass (a hook, a donated graph): nothing was written
         count = self._pending_count
         pending = f"the buffers of the {count} micro-batch{'es' if count != 1 else ''} pending"
         where = ([pending] if self._pending else []) + (
@@ -918,6 +920,7 @@ class GradientSurgery:
             if self.head_params is not None:  # the heads accumulate natively: known only so
                 _refuse_post_accumulate_hooks(
                     caller, (h for h in self.head_params if h.requires_grad), _head_description)
+            self._writes_begun = True
             reached = self._per_task_by_backward(losses, constants, active, stacks, add=add,
                                                  retain_graph=retain_graph)
             self._poison_constant_rows(losses, constants, stacks)
@@ -946,6 +949,7 @@ class GradientSurgery:
                 grads = self._batched_grads([losses[t] for t in attached], inputs, losses,
                                             active, retain_graph=retain_graph)
             reached = [g is not None for g in grads[:n_shared]]
+            self._writes_begun = True
             if constants:
                 _store_rows(active, stacks, attached, grads[:n_shared], add=add)
             else:
@@ -955,6 +959,7 @@ class GradientSurgery:
         else:
             rows = [s.unbind(0) for s in stacks]  # rows[p][t]: task t's slot of parameter p
             reached = [False] * n_shared
+            self._writes_begun = True
             head_tasks = [0] * len(heads)
             last = attached[-1] if attached else -1
             for t, loss in enumerate(losses):

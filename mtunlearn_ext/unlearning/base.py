@@ -290,19 +290,23 @@ class UnlearningProblem:
                     and all(len(fed(n)) > 1 for n in shared))
 
         read = 0
-        while read < probed and not (read and settled()):
-            rows = data.batch(torch.arange(read, min(read + self.PROBE_CHUNK, probed)))
-            read = min(read + self.PROBE_CHUNK, probed)
-            inputs: Inputs = rows["input"]  # type: ignore[assignment]
-            with BuffersKept(self.model), eval_mode(self.model), torch.enable_grad():
-                out = self.model(inputs_to(inputs, device))
-            tasks = [t for t in self.task_names
-                     if isinstance(out[t], torch.Tensor) and out[t].requires_grad]
-            walked.update(tasks)
-            for leaf, mask in leaves_with_tasks([out[t] for t in tasks]):
-                feeds.setdefault(id(leaf), set()).update(
-                    t for i, t in enumerate(tasks) if mask >> i & 1)
-            del out
+        kept = BuffersKept(self.model)  # one snapshot for the walk: it only probes
+        try:
+            while read < probed and not (read and settled()):
+                rows = data.batch(torch.arange(read, min(read + self.PROBE_CHUNK, probed)))
+                read = min(read + self.PROBE_CHUNK, probed)
+                inputs: Inputs = rows["input"]  # type: ignore[assignment]
+                with eval_mode(self.model), torch.enable_grad():
+                    out = self.model(inputs_to(inputs, device))
+                tasks = [t for t in self.task_names
+                         if isinstance(out[t], torch.Tensor) and out[t].requires_grad]
+                walked.update(tasks)
+                for leaf, mask in leaves_with_tasks([out[t] for t in tasks]):
+                    feeds.setdefault(id(leaf), set()).update(
+                        t for i, t in enumerate(tasks) if mask >> i & 1)
+                del out
+        finally:
+            kept.restore()
         if len(walked) < 2:
             return
         prefix = getattr(self.model, "wrapped_prefix", "")

@@ -877,23 +877,28 @@ class InterferenceAware(GradientUnlearner):
         split = total if split is None else min(max(split, 0), total)
         bounds = [(start, min(start + 64, split)) for start in range(0, split, 64)]
         bounds += [(start, min(start + 64, total)) for start in range(split, total, 64)]
-        for start, stop in bounds:
-            batch = batch_to(data.batch(rows[start:stop]), ctx.problem.device)
-            # In the steps' mode (with train_mode, batch statistics, as the steps' losses), but
-            # writing nothing: a training-mode forward would take these rows, the forget ones
-            # among them, into BatchNorm's running statistics before any step.
-            with BuffersKept(ctx.model):
+        # In the steps' mode (with train_mode, batch statistics, as the steps' losses), but
+        # writing nothing: a training-mode forward would take these rows, the forget ones among
+        # them, into BatchNorm's running statistics before any step.
+        kept = BuffersKept(ctx.model)
+        try:
+            for start, stop in bounds:
+                batch = batch_to(data.batch(rows[start:stop]), ctx.problem.device)
                 out = ctx.forward(batch)
-            supervision = batch["supervision"]
-            batch_ids = batch["id"]
-            assert isinstance(supervision, torch.Tensor) and isinstance(batch_ids, torch.Tensor)
-            for task in tasks:
-                mask = supervision[:, data.task_index(task)]
-                if selected is not None:
-                    mask = mask & selected[task][start:stop].to(mask.device)
-                values = loss_fns[task](out[task], batch["targets"][task])  # type: ignore[index]
-                losses[task].append(values[mask].float().cpu())
-                ids[task].append(batch_ids[mask].cpu())
+                supervision = batch["supervision"]
+                batch_ids = batch["id"]
+                assert isinstance(supervision, torch.Tensor) and isinstance(batch_ids,
+                                                                            torch.Tensor)
+                for task in tasks:
+                    mask = supervision[:, data.task_index(task)]
+                    if selected is not None:
+                        mask = mask & selected[task][start:stop].to(mask.device)
+                    values = loss_fns[task](out[task],
+                                            batch["targets"][task])  # type: ignore[index]
+                    losses[task].append(values[mask].float().cpu())
+                    ids[task].append(batch_ids[mask].cpu())
+        finally:
+            kept.restore()
         return ({t: torch.cat(v) if v else torch.zeros(0) for t, v in losses.items()},
                 {t: torch.cat(v) if v else torch.zeros(0, dtype=torch.long)
                  for t, v in ids.items()})

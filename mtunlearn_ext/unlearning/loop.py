@@ -30,7 +30,7 @@ from torch import nn
 
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import Inputs, num_rows
-from mtunlearn_ext.models.modes import measuring
+from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 from mtunlearn_ext.unlearning.base import (
     CurveRecorder,
@@ -506,7 +506,10 @@ class GradientUnlearner(Unlearner):
         missing_retain = stats.retain is None and retain_batch is not None
         if not (missing_forget or missing_retain):
             return
-        with measuring(ctx.model):
+        # Not measuring(): a snapshot of every buffer at every logged step (each step, by
+        # default) costs more than the forward on a model with large buffers, and the model is
+        # the run's own copy, whose steps write what its forward writes anyway.
+        with eval_mode(ctx.model), torch.no_grad():
             if missing_forget:
                 assert forget_batch is not None
                 stats.forget = forget_terms(ctx.forward(forget_batch), forget_batch,
