@@ -5,6 +5,7 @@ instances' own), and ``unlearn`` taking such data directly with the same result 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -215,39 +216,10 @@ def test_a_stream_longer_than_a_block_is_joined_in_order(monkeypatch: pytest.Mon
     assert torch.equal(read.targets["score"], y["score"])
 
 
-@pytest.mark.parametrize("sized", [True, False])
-def test_the_result_holds_its_rows_and_no_more(sized: bool,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mutation review: a source with a length is read into one block of exactly its rows,
-    the result itself (blocks of the default size for 6 instances, joined at the end, went
-    unnoticed); a short source without one gave a view of a whole 1,024-row block, which the
-    result kept alive."""
-    import mtunlearn_ext.data.gathering as gathering
-
-    blocks: list[int] = []
-    result = gathering._Column.result
-
-    def counted(column: gathering._Column, rows: int) -> torch.Tensor | None:
-        blocks.append(len(column.blocks))
-        return result(column, rows)
-
-    monkeypatch.setattr(gathering._Column, "result", counted)
-    if sized:
-        monkeypatch.setattr(gathering, "_BLOCK_ROWS", 4)
-    x, y = _tensors(n=6)
-    items = [(x[i], {"topic": int(y["topic"][i]), "score": y["score"][i]}) for i in range(6)]
-    read = gather(items if sized else iter(items), SPECS)
-    assert blocks == [1, 1, 1]  # the input and both labels: one block each
-    for tensor in (read.inputs, read.targets["topic"], read.targets["score"]):
-        assert isinstance(tensor, torch.Tensor)
-        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-    assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
-
-
-def test_a_sized_loader_is_read_into_one_block_per_column(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mutation review: a loader whose sampler has a length is read into one block of its rows
-    (blocks of the default size joined at the end, the data held twice, went unnoticed)."""
+@pytest.fixture
+def block_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of blocks each column of a gather holds when it is joined, in order (blocks
+    of 4 rows where a source does not say its length)."""
     import mtunlearn_ext.data.gathering as gathering
 
     blocks: list[int] = []
@@ -259,9 +231,32 @@ def test_a_sized_loader_is_read_into_one_block_per_column(
 
     monkeypatch.setattr(gathering._Column, "result", counted)
     monkeypatch.setattr(gathering, "_BLOCK_ROWS", 4)
+    return blocks
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_the_result_holds_its_rows_and_no_more(sized: bool, block_counts: list[int]) -> None:
+    """Mutation review: a source with a length is read into one block of exactly its rows,
+    the result itself (blocks of the default size for 6 instances, joined at the end, went
+    unnoticed); a short source without one gave a view of a whole block, which the result
+    kept alive."""
+    n = 6 if sized else 3  # more rows than a block, or fewer
+    x, y = _tensors(n=n)
+    items = [(x[i], {"topic": int(y["topic"][i]), "score": y["score"][i]}) for i in range(n)]
+    read = gather(items if sized else iter(items), SPECS)
+    assert block_counts == [1, 1, 1]  # the input and both labels: one block each
+    for tensor in (read.inputs, read.targets["topic"], read.targets["score"]):
+        assert isinstance(tensor, torch.Tensor)
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
+
+
+def test_a_sized_loader_is_read_into_one_block_per_column(block_counts: list[int]) -> None:
+    """Mutation review: a loader whose sampler has a length is read into one block of its rows
+    (blocks of the default size joined at the end, the data held twice, went unnoticed)."""
     x, y = _tensors(n=10)
     read = gather(DataLoader(MultiTaskDataset(x, y, SPECS), batch_size=3), SPECS)
-    assert blocks == [1, 1, 1]
+    assert block_counts == [1, 1, 1]
     assert read.inputs.untyped_storage().nbytes() == x.numel() * x.element_size()  # type: ignore
     assert torch.equal(read.inputs, x)  # type: ignore[arg-type]
 
@@ -413,50 +408,40 @@ def test_a_loader_reusing_its_batch_buffers_is_read_batch_by_batch(
     assert torch.equal(read.supervision, supervision)
 
 
-def test_a_loader_whose_batches_disagree_names_the_batch() -> None:
-    """Batches padded to their own longest sequence, or one input with a row missing, named
-    the batch; torch.cat's error named none."""
-    def padded_per_batch(items: list[int]) -> dict[str, object]:
-        length = 3 + items[0]  # a batch's own length
-        return {"input": torch.zeros(len(items), length),
-                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
-                            "score": torch.zeros(len(items), 1)}}
+def _collated(inputs: object, rows: int, score_rows: int | None = None) -> dict[str, object]:
+    """A collated batch of ``rows`` instances with ``inputs`` (score labels: ``score_rows``)."""
+    return {"input": inputs,
+            "targets": {"topic": torch.zeros(rows, dtype=torch.long),
+                        "score": torch.zeros(rows if score_rows is None else score_rows, 1)}}
 
-    with pytest.raises(ValueError, match=r"the input has shape \(2, 5\) in batch 1 but "
-                                         r"\(2, 3\) in batch 0; .*pad sequences to one length "
-                                         r"for the whole data set"):
-        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=padded_per_batch), SPECS)
 
-    def short_mask(items: list[int]) -> dict[str, object]:
-        return {"input": (torch.zeros(len(items), 3), torch.zeros(len(items) - 1)),
-                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
-                            "score": torch.zeros(len(items), 1)}}
-
-    with pytest.raises(ValueError, match=r"the input\[1\] of batch 0 has shape \(1,\); "
-                                         r"every input of a batch needs one row per instance "
-                                         r"\(2\)"):
-        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=short_mask), SPECS)
-
-    def short_labels(items: list[int]) -> dict[str, object]:
-        return {"input": torch.zeros(len(items), 3),
-                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
-                            "score": torch.zeros(len(items) - 1, 1)}}
-
-    with pytest.raises(ValueError, match=r"batch 0 holds 2 instances but its 'score' labels "
-                                         r"are \(1, 1\); a collated batch needs every task's "
-                                         r"labels, one row per instance"):
-        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=short_labels), SPECS)
-
-    def one_then_two_inputs(items: list[int]) -> dict[str, object]:
-        x = torch.zeros(len(items), 3)
-        return {"input": x if items[0] == 0 else (x, x),
-                "targets": {"topic": torch.zeros(len(items), dtype=torch.long),
-                            "score": torch.zeros(len(items), 1)}}
-
-    with pytest.raises(ValueError, match=r"the input of batch 1 is \(shape \(2, 3\) float32, "
-                                         r"shape \(2, 3\) float32\), batch 0's is shape "
-                                         r"\(2, 3\): every batch needs the same structure"):
-        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=one_then_two_inputs), SPECS)
+@pytest.mark.parametrize("collate, message", [
+    # padded to each batch's own longest sequence
+    (lambda items: _collated(torch.zeros(len(items), 3 + items[0]), len(items)),
+     r"the input has shape \(2, 5\) in batch 1 but \(2, 3\) in batch 0; .*pad sequences to "
+     r"one length for the whole data set"),
+    # one input a row short
+    (lambda items: _collated((torch.zeros(len(items), 3), torch.zeros(len(items) - 1)),
+                             len(items)),
+     r"the input\[1\] of batch 0 has shape \(1,\); every input of a batch needs one row per "
+     r"instance \(2\)"),
+    # labels a row short
+    (lambda items: _collated(torch.zeros(len(items), 3), len(items), len(items) - 1),
+     r"batch 0 holds 2 instances but its 'score' labels are \(1, 1\); a collated batch needs "
+     r"every task's labels, one row per instance"),
+    # one input, then two
+    (lambda items: _collated(torch.zeros(len(items), 3) if items[0] == 0 else
+                             (torch.zeros(len(items), 3), torch.zeros(len(items), 3)),
+                             len(items)),
+     r"the input of batch 1 is \(shape \(2, 3\) float32, shape \(2, 3\) float32\), batch 0's "
+     r"is shape \(2, 3\): every batch needs the same structure"),
+])
+def test_a_loader_whose_batches_disagree_names_the_batch(
+        collate: Callable[[list[int]], dict[str, object]], message: str) -> None:
+    """Batches padded to their own longest sequence, or an input or a label with a row
+    missing, named the batch; torch.cat's error named none (or the rows were misread)."""
+    with pytest.raises(ValueError, match=message):
+        gather(DataLoader(list(range(4)), batch_size=2, collate_fn=collate), SPECS)
 
 
 def test_reading_leaves_the_callers_random_stream() -> None:

@@ -212,28 +212,29 @@ class _Column:
 _BLOCK_ROWS = 1024
 
 
-def _input_mismatch(path: str) -> Callable[[int, torch.Tensor, torch.Tensor], str]:
-    def message(index: int, row: torch.Tensor, first: torch.Tensor) -> str:
-        if row.device != first.device:
-            return (f"gather: the input{path} is on {row.device} in instance {index} but on "
-                    f"{first.device} in instance 0; every instance needs one device")
-        return (f"gather: the input{path} has shape {tuple(row.shape)} in instance {index} but "
-                f"{tuple(first.shape)} in instance 0; every instance needs the same shape (pad "
-                f"sequences to one length, with a mask input and the task's ignore_index)")
+def _mismatch(what: str, unit: str, first_one: str, advice: str
+              ) -> Callable[[int, torch.Tensor, torch.Tensor], str]:
+    """The message of a :class:`_Column` refusing ``what`` (an input or a label) of ``unit``
+    (an instance or a batch) ``index`` for its device or shape, against ``first_one``."""
+    def message(index: int, given: torch.Tensor, first: torch.Tensor) -> str:
+        if given.device != first.device:
+            return (f"gather: {what} is on {given.device} in {unit} {index} but on "
+                    f"{first.device} in {first_one}; every {unit} needs one device")
+        return (f"gather: {what} has shape {tuple(given.shape)} in {unit} {index} but "
+                f"{tuple(first.shape)} in {first_one}; {advice}")
     return message
+
+
+def _input_mismatch(path: str) -> Callable[[int, torch.Tensor, torch.Tensor], str]:
+    return _mismatch(f"the input{path}", "instance", "instance 0",
+                     "every instance needs the same shape (pad sequences to one length, with a "
+                     "mask input and the task's ignore_index)")
 
 
 def _label_mismatch(name: str) -> Callable[[int, torch.Tensor, torch.Tensor], str]:
-    def message(index: int, row: torch.Tensor, first: torch.Tensor) -> str:
-        if row.device != first.device:
-            return (f"gather: the {name!r} label is on {row.device} in instance {index} but on "
-                    f"{first.device} in the first labelled instance; every instance needs one "
-                    f"device")
-        return (f"gather: the {name!r} label has shape {tuple(row.shape)} in instance {index} "
-                f"but {tuple(first.shape)} in the first labelled instance; every instance "
-                f"needs the same shape (pad sequences to one length, with the task's "
-                f"ignore_index)")
-    return message
+    return _mismatch(f"the {name!r} label", "instance", "the first labelled instance",
+                     "every instance needs the same shape (pad sequences to one length, with "
+                     "the task's ignore_index)")
 
 
 class _InputColumns:
@@ -393,14 +394,8 @@ def _batch(batch: object, index: int, names: Sequence[str]) -> _Instance:
 
 
 def _batch_mismatch(what: str) -> Callable[[int, torch.Tensor, torch.Tensor], str]:
-    def message(index: int, batch: torch.Tensor, first: torch.Tensor) -> str:
-        if batch.device != first.device:
-            return (f"gather: {what} is on {batch.device} in batch {index} but on "
-                    f"{first.device} in batch 0; every batch needs one device")
-        return (f"gather: {what} has shape {tuple(batch.shape)} in batch {index} but "
-                f"{tuple(first.shape)} in batch 0; the rows of every batch need one shape "
-                f"(pad sequences to one length for the whole data set, not per batch)")
-    return message
+    return _mismatch(what, "batch", "batch 0", "the rows of every batch need one shape (pad "
+                     "sequences to one length for the whole data set, not per batch)")
 
 
 def _loader_rows(loader: DataLoader[Any]) -> int | None:
