@@ -5,6 +5,7 @@ an error naming the argument, or handled as the docs say."""
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import re
 import warnings
@@ -2773,3 +2774,13 @@ def test_unknown_tasks_are_unknown_names_everywhere() -> None:
         problem.spec("zzz")
     with pytest.raises(UnknownNameError, match=r"^unknown forget objective 'zzz'"):
         objective_names(SPECS, ["a", "b"], "zzz")
+
+
+def test_evaluate_takes_a_model_built_under_inference_mode() -> None:
+    """Its parameters are inference tensors requiring grad: the NaN/Inf check failed inside
+    torch (`abs(): functions with out=... don't support automatic differentiation`)."""
+    with torch.inference_mode():
+        model = _Normed().eval()
+    x, y = _data(12)
+    metrics = mtunlearn_ext.evaluate(model, (x, y), tasks=TASKS)
+    assert set(metrics) == {"a", "b"} and math.isfinite(metrics["b"]["mse"])

@@ -488,7 +488,7 @@ def non_finite_parameters(model: nn.Module) -> list[str]:
     """Names of ``model``'s parameters that hold NaN/Inf (buffers may hold Inf on purpose: an
     additive attention mask of -inf)."""
     return [name for name, p in model.named_parameters()
-            if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+            if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
 
 
 def same_parameters(model: nn.Module, other: nn.Module, other_cast: torch.dtype | None = None
