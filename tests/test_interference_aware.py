@@ -1498,23 +1498,22 @@ def test_interference_matrix_in_train_mode_is_seeded_and_leaves_the_callers_gene
     from mtunlearn_ext.api import build_problem
 
     _, x, y = user_setup
-    torch.manual_seed(0)
-    model = nn.ModuleDict({"trunk": nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5)),
-                           "kind": nn.Linear(32, 3), "size": nn.Linear(32, 1)})
 
     class Dropping(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.parts = model
+            torch.manual_seed(0)
+            self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5))
+            self.kind, self.size = nn.Linear(32, 3), nn.Linear(32, 1)
 
         def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.parts["trunk"](inputs)
-            return {"kind": self.parts["kind"](z), "size": self.parts["size"](z)}
+            z = self.trunk(inputs)
+            return {"kind": self.kind(z), "size": self.size(z)}
 
     problem = build_problem(
         Dropping(), tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
         forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
-        shared_parameters=lambda n: n.startswith("parts.trunk."))
+        shared_parameters=lambda n: n.startswith("trunk."))
     config = InterferenceAwareConfig(num_per_sample=8, train_mode=True)
     matrices = []
     for caller_seed in (1, 2):

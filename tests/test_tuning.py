@@ -110,21 +110,20 @@ def test_budgets_are_scored_once_each_in_increasing_order(base: dict[str, int]) 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 4, generator=g)
     y = {"a": torch.randint(0, 3, (30,), generator=g), "b": torch.randn(30, 1, generator=g)}
-    torch.manual_seed(0)
-    model = nn.ModuleDict({"trunk": nn.Linear(4, 8), "a": nn.Linear(8, 3), "b": nn.Linear(8, 1)})
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.parts = model
+            torch.manual_seed(0)
+            self.trunk, self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 1)
 
         def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.parts["trunk"](inputs).relu()
-            return {"a": self.parts["a"](z), "b": self.parts["b"](z)}
+            z = self.trunk(inputs).relu()
+            return {"a": self.a(z), "b": self.b(z)}
 
     problem = build_problem(Net(), tasks={"a": "classification", "b": "regression"},
                             train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
-                            shared_parameters=lambda n: n.startswith("parts.trunk."))
+                            shared_parameters=lambda n: n.startswith("trunk."))
     scored: list[int] = []
     score_budgets("finetune", {"lr": 1e-2, **base}, [3, 2, 2], problem,
                   lambda steps, model, seconds: scored.append(steps))

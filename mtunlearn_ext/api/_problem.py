@@ -67,6 +67,16 @@ class Naming:
     lineage: Lineage | None = None
 
 
+#: Why a named instance can have no pair of a task: how the caller's data marks it unlabelled.
+_UNLABELLED = ("(unlabelled: the supervision mask's False, or the task's no-label value such "
+               "as -1)")
+
+
+def _first_ids(ids: list[int]) -> str:
+    """The first ten of ``ids`` for a message, ``...`` after them when there are more."""
+    return ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+
+
 def build_problem(model: nn.Module, *,
                   tasks: TasksSpec = None,
                   train_data: DataLike | None = None,
@@ -213,18 +223,16 @@ def build_problem_with_naming(model: nn.Module, *,
         rows = full.positions_of(request.instance_ids)
         bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
         if bare:  # some named instances, not all (none with a pair is refused above)
-            shown = ", ".join(str(i) for i in bare[:10]) + (", ..." if len(bare) > 10 else "")
+            shown = _first_ids(bare)
             warnings.warn(f"{entry()}: {len(bare)} of the {len(rows)} instances `forget_request` "
                           f"names ({shown}) have no supervised pair of the target task"
                           f"{'s' if len(targets) != 1 else ''} {targets} in `train_data` "
-                          "(unlabelled: the supervision mask's False, or the task's no-label "
-                          "value such as -1): nothing of them is forgotten, as nothing of them "
-                          "was learned", UserWarning,
-                          stacklevel=3)
+                          f"{_UNLABELLED}: nothing of them is forgotten, as nothing of them "
+                          "was learned", UserWarning, stacklevel=3)
         gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
-            shown = ", ".join(str(i) for i in gone[:10]) + (", ..." if len(gone) > 10 else "")
+            shown = _first_ids(gone)
             warnings.warn(f"{entry()}: {int((asked & ~still).sum())} of the {int(asked.sum())} "
                           f"pairs `forget_request` names ({len(gone)} instance"
                           f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
@@ -276,10 +284,9 @@ def build_problem_with_naming(model: nn.Module, *,
             # As `forget_request` says it of train_data's rows: a row with nothing to forget
             # counted as a forgotten instance in the report (2 where train_data gave 1).
             bare = (~kept).nonzero().flatten().tolist()
-            shown = ", ".join(str(i) for i in bare[:10]) + (", ..." if len(bare) > 10 else "")
+            shown = _first_ids(bare)
             what = (f"no supervised pair of the target task{'s' if len(targets) != 1 else ''} "
-                    f"{targets} (unlabelled: the supervision mask's False, or the task's "
-                    "no-label value such as -1)")
+                    f"{targets} {_UNLABELLED}")
             if not bool(kept.any()):
                 raise ValueError(f"{entry()}: none of the {len(forget)} rows of `forget_data` "
                                  f"has a {what.removeprefix('no ')}: there is nothing to forget")

@@ -290,8 +290,7 @@ class UnlearningProblem:
                     and all(len(fed(n)) > 1 for n in shared))
 
         read = 0
-        kept = BuffersKept(self.model)  # one snapshot for the walk: it only probes
-        try:
+        with BuffersKept(self.model):  # one snapshot for the walk: it only probes
             while read < probed and not (read and settled()):
                 rows = data.batch(torch.arange(read, min(read + self.PROBE_CHUNK, probed)))
                 read = min(read + self.PROBE_CHUNK, probed)
@@ -305,8 +304,6 @@ class UnlearningProblem:
                     feeds.setdefault(id(leaf), set()).update(
                         t for i, t in enumerate(tasks) if mask >> i & 1)
                 del out
-        finally:
-            kept.restore()
         if len(walked) < 2:
             return
         prefix = getattr(self.model, "wrapped_prefix", "")

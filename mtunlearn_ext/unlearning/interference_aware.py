@@ -880,8 +880,7 @@ class InterferenceAware(GradientUnlearner):
         # In the steps' mode (with train_mode, batch statistics, as the steps' losses), but
         # writing nothing: a training-mode forward would take these rows, the forget ones among
         # them, into BatchNorm's running statistics before any step.
-        kept = BuffersKept(ctx.model)
-        try:
+        with BuffersKept(ctx.model):
             for start, stop in bounds:
                 batch = batch_to(data.batch(rows[start:stop]), ctx.problem.device)
                 out = ctx.forward(batch)
@@ -897,8 +896,6 @@ class InterferenceAware(GradientUnlearner):
                                             batch["targets"][task])  # type: ignore[index]
                     losses[task].append(values[mask].float().cpu())
                     ids[task].append(batch_ids[mask].cpu())
-        finally:
-            kept.restore()
         return ({t: torch.cat(v) if v else torch.zeros(0) for t, v in losses.items()},
                 {t: torch.cat(v) if v else torch.zeros(0, dtype=torch.long)
                  for t, v in ids.items()})
