@@ -1138,6 +1138,41 @@ def test_a_diverged_run_warns_and_save_unlearned_refuses_it(tmp_path) -> None:  
     mtunlearn_ext.save_unlearned(kept, kept_report, tmp_path / "m.pt")
 
 
+def test_a_run_whose_predictions_overflow_names_the_step_it_diverged_at() -> None:
+    """Fuzz: with a learning rate near float32's largest, the default method's Fisher samples
+    were drawn from Inf logits and torch.multinomial failed ("probability tensor contains
+    either `inf`, `nan` or element < 0"), naming neither the run nor the setting."""
+    x, y = _data()
+    with pytest.raises(FloatingPointError, match=r"interference_aware: the run diverged at step "
+                                                 r"\d+ of 10 \(task 'a'\'s predictions hold "
+                                                 r"NaN/Inf.*lower the learning rate"):
+        mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(10)),
+                              shared_parameters=_trunk,
+                              config={"steps": 10, "lr": 3e38, "refresh_every": 1})
+
+
+def test_a_float64_run_with_finite_weights_but_infinite_losses_is_said_to_diverge() -> None:
+    """Fuzz: a float64 model at lr 1e24 came back with finite weights (~1e24) whose losses were
+    Inf, without a word (only NaN/Inf weights were warned about); and its Fisher samples had
+    been drawn from logits cast to float32, Inf past 3.4e38, so the run failed on the way."""
+    x, y = _data()
+    x, y = x.double(), {"a": y["a"], "b": y["b"].double()}
+    calm = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+                shared_parameters=_trunk)
+    with pytest.warns(UserWarning, match=r"unlearn: the run diverged: its weights are finite but "
+                                         r"its last measured forget_loss and retain_loss are "
+                                         r"NaN/Inf \(step 9\); lower the learning rate"):
+        new, report = mtunlearn_ext.unlearn(_TwoHeads().double(), **calm,  # type: ignore[arg-type]
+                                            config={"steps": 10, "lr": 1e24})
+    assert all(bool(torch.isfinite(p).all()) for p in new.parameters())
+    assert not math.isfinite(report.curves["retain_loss"][-1])
+    with warnings.catch_warnings():  # a run that stays finite is not warned about
+        warnings.simplefilter("error")
+        mtunlearn_ext.unlearn(_TwoHeads().double(), **calm,  # type: ignore[arg-type]
+                              config={"steps": 3})
+
+
 def test_a_run_that_left_the_weights_unchanged_is_said_recorded_and_not_verified(
         tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """steps 0 returned the input weights without a word; save_unlearned's record had no

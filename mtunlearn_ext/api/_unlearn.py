@@ -448,7 +448,19 @@ def unlearn(model: nn.Module, *,
                       f"{len(diverged)} parameter(s) (first: {diverged[0]}); lower the learning "
                       f"rate or the step count (`config`), or keep gradient clipping on; "
                       f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
+    elif unbounded := non_finite_last_losses(result.report):
+        warnings.warn(f"unlearn: the run diverged: its weights are finite but its last measured "
+                      f"{' and '.join(unbounded)} are NaN/Inf (step "
+                      f"{result.report.curve_steps[unbounded[0]][-1]}); lower the learning rate "
+                      f"or the step count (`config`)", UserWarning, stacklevel=2)
     return out, result.report
+
+
+def non_finite_last_losses(report: UnlearningReport) -> list[str]:
+    """Which of the report's two mean loss curves end on NaN/Inf: a model whose weights grew
+    huge but finite (float64 ones, a learning rate near float32's largest) scores Inf losses."""
+    return [name for name in ("forget_loss", "retain_loss")
+            if report.curves.get(name) and not math.isfinite(report.curves[name][-1])]
 
 
 #: The half-precision types a returned model may be cast to, as a whole, and still be saved
