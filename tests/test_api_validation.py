@@ -1450,7 +1450,8 @@ def test_a_task_name_missing_from_the_targets_is_named() -> None:
 
 def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() -> None:
     """NaN weights failed with a message about the forget caps; a meta model or device with
-    torch's internals; a bfloat16 model ran and rounded most updates away."""
+    torch's internals; a bfloat16 model ran and rounded most updates away (and the refusal's
+    advice, `unlearn(model.float(), ...)`, cast the caller's model itself)."""
     x, y = _data()
     request = ForgetRequest.create(range(5))
     broken = _TwoHeads()
@@ -1472,7 +1473,9 @@ def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() 
         low = _TwoHeads().to(dtype)
         with pytest.raises(ValueError, match=rf"6 trainable parameter\(s\) are {dtype} \(first: "
                                              r"'trunk\.0\.weight'\).*`new, report = unlearn\("
-                                             r"model\.float\(\), \.\.\.\)`, then `new\.to\("):
+                                             r"copy\.deepcopy\(model\)\.float\(\), \.\.\.\)` "
+                                             r"\(`\.float\(\)` alone casts the model itself\), "
+                                             r"then `new\.to\("):
             mtunlearn_ext.unlearn(low, tasks=SPECS, train_data=(x.to(dtype), y),
                                   forget_request=request, shared_parameters=_trunk,
                                   config={"steps": 1})

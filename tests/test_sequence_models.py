@@ -165,6 +165,47 @@ def test_instance_projection_off_runs_a_forward_vmap_cannot_batch() -> None:
     assert report.extra["summary"]["forget_loss_after"]["tag"] > 0
 
 
+class _Recurrent(nn.Module):
+    """A GRU trunk: torch's fused kernel fails under vmap with a shape error that names no
+    vmap, as no refusal of torch's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.rnn = nn.GRU(D, D, batch_first=True)
+        self.heads = nn.ModuleDict({"topic": nn.Linear(D, 3), "score": nn.Linear(D, 1)})
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        states, _ = self.rnn(self.embed(ids))
+        return {t: head(states[:, -1]) for t, head in self.heads.items()}
+
+
+def test_a_gru_trunk_vmap_fails_on_is_named_with_the_ways_out() -> None:
+    """Review: a GRU trunk failed with torch's bare "output with shape [1, 8] doesn't match
+    the broadcast shape [...]" from the per-sample pass, which was explained only for errors
+    whose text named vmap or a batching rule."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (N, L), generator=g)
+    labels = {"topic": torch.randint(0, 3, (N,), generator=g), "score": torch.randn(N, 1,
+                                                                                    generator=g)}
+    common = dict(tasks={"topic": "classification", "score": "regression"},
+                  train_data=(ids, labels), forget_request=ForgetRequest.create(range(3), "topic"),
+                  shared_parameters=lambda n: not n.startswith("heads."))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no held-out data: the caps come from the retain set
+        with pytest.raises(RuntimeError, match=r"runs the model under torch\.func\.vmap.*"
+                                               r"doesn't match the broadcast shape.*some modules' "
+                                               r"fused kernels \(nn\.GRU's\).*"
+                                               r'instance_projection="off"') as caught:
+            mtunlearn_ext.unlearn(_Recurrent().eval(), **common,  # type: ignore[arg-type]
+                                  config={"steps": 2})
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        _, report = mtunlearn_ext.unlearn(_Recurrent().eval(), **common,  # type: ignore[arg-type]
+                                          config={"steps": 2, "instance_projection": "off"})
+    assert report.steps == 2
+
+
 # -- token tagging layouts ------------------------------------------------------------------------
 
 TOKEN_LOGITS = (r"; for a sequence's per-token logits \[B, L, C\] \(token tagging\), return "

@@ -375,7 +375,8 @@ class UnlearningProblem:
                 f"{name.removeprefix(prefix)!r}); the unlearning steps write into the parameters, "
                 f"and in {str(dtype).removeprefix('torch.')} most updates would round away. "
                 "Unlearn a float32 copy and cast the result back: "
-                f"`new, report = unlearn(model.float(), ...)`, then `new.to({dtype})`")
+                f"`new, report = unlearn(copy.deepcopy(model).float(), ...)` (`.float()` "
+                f"alone casts the model itself), then `new.to({dtype})`")
 
     def check_unseen(self, data: MultiTaskDataset, what: str) -> None:
         """Raise if ``data`` shares an instance id with the training set (forget or retain):
