@@ -1274,6 +1274,28 @@ def test_public_api_unlearns_compiled_and_parallel_models_through_their_module(u
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in wrapped.state_dict().items())
 
 
+def test_a_model_whose_trunk_is_compiled_is_unlearned_as_its_eager_trunk(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """Review: with `model.trunk = torch.compile(model.trunk)` (compiling the backbone alone),
+    unlearn failed with torch's "This backward function was compiled with non-empty donated
+    buffers", also with instance_projection="off": the steps take a second backward pass
+    through a graph whose compiled backward frees what it saved. The run ignores compile."""
+    model, x, y = user_setup
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(10)),
+                  shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 3})
+    plain, _ = mtunlearn_ext.unlearn(model, **kwargs)
+    compiled = copy.deepcopy(model)
+    compiled.trunk = torch.compile(compiled.trunk)  # type: ignore[assignment]
+    before = {k: v.clone() for k, v in compiled.state_dict().items()}
+    new, _ = mtunlearn_ext.unlearn(compiled, **kwargs)
+    assert type(new.trunk).__name__ == "OptimizedModule"  # still compiled, as the caller's is
+    state = {k.replace("_orig_mod.", ""): v for k, v in new.state_dict().items()}
+    assert state.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(v, before[k]) for k, v in compiled.state_dict().items())
+    torch.testing.assert_close(new(x)["kind"], plain(x)["kind"])  # compiled at this call
+
+
 def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """CLI review: `mtunlearn verify` refused save_unlearned's records (another schema) and the
     API had no check of its own: an engineer with their own module had no way to re-check the

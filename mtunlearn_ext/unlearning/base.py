@@ -628,7 +628,9 @@ class Unlearner(ABC):
         Seeds Python/NumPy/torch from ``problem.seed`` inside a forked random state (so a run is
         reproducible on one device with one thread count, and the caller's generators are left
         as they were), deep-copies the model to ``problem.device``, runs :meth:`_unlearn` and
-        returns the copy in eval mode, its parameters without ``.grad``, with a report.
+        returns the copy in eval mode, its parameters without ``.grad``, with a report. The run
+        ignores ``torch.compile`` (``torch.compiler.set_stance("force_eager")``): a compiled
+        submodule runs as written, and the returned copy is compiled again at its next call.
 
         Args:
             problem: the request, data and model.
@@ -648,7 +650,10 @@ class Unlearner(ABC):
         # The caller's random state is left as it was: the run draws from seeded forks.
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
-            with forked_generators(device):
+            # A torch.compile'd submodule runs eagerly: a step keeps the graph for a second
+            # backward pass (or runs the model under torch.func), which a backward compiled
+            # with donated buffers cannot serve, and a few steps would not repay the compile.
+            with forked_generators(device), torch.compiler.set_stance("force_eager"):
                 return self._run(problem, device)
         finally:
             random.setstate(python_state)
