@@ -49,7 +49,7 @@ from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.terms import RetainTerms
 
-from unlearning_helpers import TwoHeads, memorised_kind_and_size, step_context
+from unlearning_helpers import TwoHeads, fit_kind_and_size, memorised_kind_and_size, step_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -1296,6 +1296,35 @@ def test_a_model_whose_trunk_is_compiled_is_unlearned_as_its_eager_trunk(user_se
     torch.testing.assert_close(new(x)["kind"], plain(x)["kind"])  # compiled at this call
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("method", ["interference_aware", "scrub"])
+def test_a_model_with_the_legacy_weight_norm_hooks_is_copied_and_unlearned(
+        norm: str, method: str) -> None:
+    """Review: after a training step, a trunk with torch.nn.utils.weight_norm (or the legacy
+    spectral_norm) failed at the run's copy with torch's "Only Tensors created explicitly by
+    the user (graph leaves) support the deepcopy protocol": the hooks keep the last forward's
+    `weight`, computed with autograd, as a plain attribute (and SCRUB copies the run's model
+    for its teacher after steps that recompute it)."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    model.trunk[0] = getattr(nn.utils, norm)(model.trunk[0])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=generator)
+    y = {"kind": torch.randint(0, 3, (40,), generator=generator),
+         "size": torch.randn(40, 1, generator=generator)}
+    fit_kind_and_size(model, x, y, steps=5)
+    assert not model.trunk[0].weight.is_leaf  # what deepcopy refuses
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(5)), method=method,
+        shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 3})
+    assert report.extra["parameters_changed"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert not torch.equal(new(x)["kind"], model(x)["kind"])
+
+
 def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """CLI review: `mtunlearn verify` refused save_unlearned's records (another schema) and the
     API had no check of its own: an engineer with their own module had no way to re-check the
@@ -1687,7 +1716,6 @@ def test_an_audit_already_below_chance_before_the_run_is_not_blamed_on_it() -> N
     """Diff review: forget rows the model never fit (mislabelled instances a generalising model
     got wrong) are below 0.5 before any step; a one-step run at ``lr`` 1e-6 changed nothing,
     and was told that it overshot. The warning needs the run to have taken the AUC down."""
-    from unlearning_helpers import fit_kind_and_size
 
     generator = torch.Generator().manual_seed(0)
 

@@ -15,7 +15,6 @@ Subclasses implement :meth:`Unlearner._unlearn` only.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import numbers
@@ -38,6 +37,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import CustomLossShapeError, _token_tagging_hint, task_loss
+from mtunlearn_ext.models.copies import copy_model
 from mtunlearn_ext.models.modes import BuffersKept, eval_mode, measuring
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
 
@@ -669,7 +669,7 @@ class Unlearner(ABC):
         start = time.perf_counter()
         generator = seed_everything(problem.seed, device)  # the generators forked above
         # The input model is never handed to a method: either a private copy or nothing.
-        model = copy.deepcopy(problem.model).to(problem.device) if self.edits_original else None
+        model = copy_model(problem.model).to(problem.device) if self.edits_original else None
         recorder = CurveRecorder()
         # What a rerun must repeat besides the settings: another thread count splits the sums
         # otherwise, so the weights differ in their last bits.

@@ -16,7 +16,6 @@ constraint on training instances targets directly.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,6 +24,7 @@ import torch
 
 from mtunlearn_ext import ops
 from mtunlearn_ext._random import seeded_generators
+from mtunlearn_ext.models.copies import copy_model
 from mtunlearn_ext.unlearning.base import (
     UnlearningProblem,
     UnlearningReport,
@@ -94,7 +94,7 @@ def interference_matrix(problem: UnlearningProblem,
 def _interference_matrix(problem: UnlearningProblem, cfg: InterferenceAwareConfig,
                          batch_size: int) -> InterferenceMatrix:
     method = InterferenceAware(cfg)
-    model = copy.deepcopy(problem.model).to(problem.device)
+    model = copy_model(problem.model).to(problem.device)
     model.train(cfg.train_mode)
     generator = torch.Generator().manual_seed(problem.seed)
     groups = ParameterGroups.from_model(model, problem.task_names)

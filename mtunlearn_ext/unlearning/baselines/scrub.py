@@ -39,7 +39,6 @@ of the model and one forward per batch.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.losses import task_loss, valid_pixel_mask
+from mtunlearn_ext.models.copies import copy_model
 from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.unlearning.base import UnlearningReport
 from mtunlearn_ext.unlearning.batches import Batch
@@ -192,7 +192,7 @@ class SCRUB(GradientUnlearner):
         return self.config.forget_steps is not None and super().shares_prefixes(model)
 
     def setup(self, ctx: StepContext, report: UnlearningReport) -> None:
-        teacher = copy.deepcopy(ctx.model)
+        teacher = copy_model(ctx.model)
         for p in teacher.parameters():
             p.requires_grad_(False)
         ctx.state["teacher"] = teacher
