@@ -16,6 +16,7 @@ from torch import nn
 
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.api import build_problem
 from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.unlearning import UnlearningProblem
@@ -2212,6 +2213,20 @@ def test_parameters_given_as_named_pairs_or_one_name() -> None:
                                         r"string 'trunk.0.weight': put names in a list "
                                         r"\(\['trunk.0.weight'\]\), or pass a predicate"):
         build_problem(model, shared_parameters="trunk.0.weight", **common)
+    # A module's name: in a list it is no parameter's name either (review: the string's advice
+    # led there); both say how to name a module's parameters.
+    module_ways = (r"pass the module itself \(model\.get_submodule\('trunk'\)\) or a predicate "
+                   r"\(lambda n: n\.startswith\('trunk\.'\)\)$")
+    with pytest.raises(TypeError, match=r"got the string 'trunk', which names a module: "
+                                        + module_ways):
+        build_problem(model, shared_parameters="trunk", **common)
+    with pytest.raises(UnknownNameError, match=r"`shared_parameters` names 'trunk', which is "
+                                               r"not a parameter of the model but a module: "
+                                               + module_ways):
+        build_problem(model, shared_parameters=["trunk"], **common)
+    with pytest.raises(UnknownNameError, match=r"names 'trunk.9', which is not a parameter of "
+                                               r"the model$"):
+        build_problem(model, shared_parameters=["trunk.9"], **common)
     with pytest.raises(TypeError, match=r"^build_problem: `head_parameters\['a'\]` must be "
                                         r"names, .* got the string 'heads.a.weight'"):
         build_problem(model, shared_parameters=model.trunk, head_parameters={
@@ -2673,8 +2688,6 @@ def test_messages_name_only_what_was_given() -> None:
 def test_an_unknown_name_is_a_value_error_too_and_reads_unquoted() -> None:
     """Fuzz review: unknown ids, tasks or parameters were refused as plain KeyErrors: a caller
     catching ValueError for bad arguments missed them, and their text printed quoted."""
-    from mtunlearn_ext._errors import UnknownNameError
-
     x, y = _data(20)
     for call in (lambda: mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
                                                forget_request=ForgetRequest.create([99]),

@@ -120,7 +120,7 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
     if isinstance(items, nn.Module):
         items = [items]
     if isinstance(items, str):
-        raise TypeError(_one_name_error(what, items))
+        raise TypeError(_one_name_error(model, what, items))
     for given in items:
         # A (name, parameter) pair of `named_parameters()`, of the model or a submodule (whose
         # names are its own): the parameter is meant.
@@ -136,8 +136,10 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
             names.extend(by_id[id(p)] for p in item.parameters())
         elif isinstance(item, str):
             if item not in canonical:
+                module = (f" but a module: {_module_ways(item)}"
+                          if _is_module_name(model, item) else "")
                 raise UnknownNameError(f"{entry()}: `{what}` names {item!r}, which is not a "
-                                       f"parameter of the model")
+                                       f"parameter of the model{module}")
             names.append(canonical[item])
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
@@ -150,10 +152,23 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _one_name_error(what: str, name: str) -> str:
-    return (f"{entry()}: `{what}` must be names, parameters, modules or a predicate on names, "
-            f"got the string {name!r}: put names in a list ([{name!r}]), or pass a predicate "
+def _one_name_error(model: nn.Module, what: str, name: str) -> str:
+    said = (f"{entry()}: `{what}` must be names, parameters, modules or a predicate on names, "
+            f"got the string {name!r}")
+    if _is_module_name(model, name):
+        return f"{said}, which names a module: {_module_ways(name)}"
+    return (f"{said}: put names in a list ([{name!r}]), or pass a predicate "
             f"(lambda n: n.startswith({name!r}))")
+
+
+def _is_module_name(model: nn.Module, name: str) -> bool:
+    return bool(name) and name in dict(model.named_modules(remove_duplicate=False))
+
+
+def _module_ways(name: str) -> str:
+    """How to name a module's parameters: the parameter names of a list are matched whole."""
+    return (f"pass the module itself (model.get_submodule({name!r})) or a predicate "
+            f"(lambda n: n.startswith({name + '.'!r}))")
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -192,7 +207,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
     if isinstance(shared, nn.Module):  # callable, but its parameters are meant, not a predicate
         shared = [shared]
     if isinstance(shared, str):
-        raise TypeError(_one_name_error("shared_parameters", shared))
+        raise TypeError(_one_name_error(model, "shared_parameters", shared))
     if shared is not None and not callable(shared) and (
             isinstance(shared, bytes) or not isinstance(shared, Iterable)):
         raise TypeError(f"{entry()}: `shared_parameters` must be names, parameters, modules or a "
