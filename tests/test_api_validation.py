@@ -2257,6 +2257,45 @@ def test_heads_given_to_the_wrong_tasks_are_refused() -> None:
     assert right.model.parameter_split() == found.model.parameter_split()  # type: ignore[operator]
 
 
+class _BlockInHeadB(nn.Module):
+    """A block held at the top and inside task b's head, and run on task a's path too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.block = nn.Linear(16, 16)
+        self.heads = nn.ModuleDict({"a": nn.Linear(16, 3),
+                                    "b": nn.Sequential(self.block, nn.ReLU(), nn.Linear(16, 1))})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"a": self.heads["a"](torch.relu(self.block(z))), "b": self.heads["b"](z)}
+
+
+def test_a_head_parameter_other_tasks_use_too_is_refused() -> None:
+    """Own-model review: `block`, held inside task b's head and run on task a's path, was
+    found as b's head without a word: its steps for b moved a's prediction, which the
+    projections protect only through shared parameters. Refused from the model's graph;
+    listing it as shared runs."""
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(5), ["b"]))
+    with pytest.raises(ValueError, match=r"^UnlearningProblem: parameter 'block.weight' is given "
+                                         r"to the head of task 'b', but the model's predictions "
+                                         r"for \['a'\] depend on it too \(read from the autograd "
+                                         r"graph of the first 16 retained instances\): a "
+                                         r"parameter several tasks use is shared.*list it in "
+                                         r"`shared_parameters`"):
+        build_problem(_BlockInHeadB(), shared_parameters=lambda n: n.startswith("trunk."),
+                      **common)
+    problem = build_problem(_BlockInHeadB(), **common,
+                            shared_parameters=lambda n: n.startswith(("trunk.", "block.")))
+    split = problem.model.parameter_split()  # type: ignore[operator]
+    assert "module.block.weight" in split.shared
+    assert split.heads["b"] == ("module.heads.b.2.weight", "module.heads.b.2.bias")
+
+
 def test_heads_given_as_shared_are_named_in_a_warning() -> None:
     """New-user review: `shared_parameters=lambda n: True` counted the heads as trunk without
     a word (the report's `shared_numel` was the whole model): the shared projections then move

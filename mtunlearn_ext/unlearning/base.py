@@ -253,7 +253,8 @@ class UnlearningProblem:
 
         - raise when a head parameter of one task does not feed that task's prediction but
           another's (heads given to the wrong tasks: each head would be stepped with the other
-          task's gradients, silently);
+          task's gradients, silently), or feeds other tasks' predictions besides its own (a
+          module several tasks use, found as one task's head);
         - warn when parameters given as shared feed only one task's prediction (the heads
           counted as trunk, ``shared_parameters=lambda n: True``): the shared projections then
           move that head with directions made of the other tasks' gradients."""
@@ -317,6 +318,15 @@ class UnlearningProblem:
                     f"of the first {read} retained instances): the heads are given to the "
                     "wrong tasks (check `head_parameters`, or the module names the heads are "
                     "found by)")
+            if len(tasks) > 1:
+                others = [other for other in tasks if other != t]
+                raise ValueError(
+                    f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} is given to "
+                    f"the head of task {t!r}, but the model's predictions for {others} depend "
+                    f"on it too (read from the autograd graph of the first {read} retained "
+                    "instances): a parameter several tasks use is shared, and a head's steps "
+                    "would move the other tasks' predictions unprotected; list it in "
+                    "`shared_parameters` (or give each task a module of its own)")
         unused = [name.removeprefix(prefix) for name in shared if not fed(name)]
         unused += [name.removeprefix(prefix) for t, name in heads if not fed(name)]
         if unused:
