@@ -228,6 +228,13 @@ class UnlearningProblem:
             raise ValueError(f"UnlearningProblem: `device` {str(device)!r} is not available here "
                              f"(torch.cuda.is_available() is {torch.cuda.is_available()}, "
                              f"{torch.cuda.device_count()} devices); use 'cpu'")
+        if device.type not in ("cpu", "cuda", "meta"):
+            try:  # mps, xpu, ...: torch says only when memory is first asked of it
+                torch.empty(0, device=device)
+            except RuntimeError as error:
+                said = str(error).strip().split(". ")[0].splitlines()[0]
+                raise ValueError(f"UnlearningProblem: `device` {str(device)!r} is not available "
+                                 f"here ({said}); use 'cpu'") from error
         if self.held_out is not None:
             if len(self.held_out) == 0:
                 raise ValueError("UnlearningProblem: the held_out set is empty (pass None to "
