@@ -1734,7 +1734,7 @@ def test_a_problem_built_directly_on_a_model_returning_no_mapping_says_so_too() 
     with pytest.raises(ValueError, match=r"^UnlearningProblem: the model must return a mapping "
                                          r"task -> prediction, got tuple: return a dict from its "
                                          r"forward, \{'a': \.\.\., 'b': \.\.\.\}"):
-        problem.check_model_on(problem.retain)
+        problem.check_model_on(problem.retain, "the retain set")
 
 
 def _cpu_isas() -> dict[str, str]:
@@ -2179,9 +2179,12 @@ def test_class_targets_of_the_wrong_shape_name_the_set_and_what_to_do() -> None:
     no set named, nothing said about the fix; one-hot rows the same."""
     x, y = _data()
     common = dict(forget_request=ForgetRequest.create(range(5)))
-    with pytest.raises(ValueError, match=r"^UnlearningProblem: the data's targets for task 'a' "
-                                         r"\(shape \(35, 1\), 35 instances\) do not fit the "
-                                         r"model's prediction \(checked on rows \[0, 1\]\): "
+    # Checked on the retain set, which starts at id 5 (review: "rows [0, 1]" named positions
+    # in it, which are no rows of the data passed).
+    with pytest.raises(ValueError, match=r"^UnlearningProblem: the retain set's targets for task "
+                                         r"'a' \(shape \(35, 1\), 35 instances\) do not fit the "
+                                         r"model's prediction \(checked on the instances of id "
+                                         r"\[5, 6\]\): "
                                          r"task_loss\[a\]: classification wants pred \[B, C\] "
                                          r"and target \[B\], got \(2, 3\) and \(2, 1\); class "
                                          r"labels are \[N\] integers: `labels.squeeze\(1\)`$"):

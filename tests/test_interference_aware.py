@@ -997,7 +997,7 @@ def test_public_api_names_bad_data_and_models_before_any_work(user_setup) -> Non
     with pytest.raises(ValueError, match=r"output has no prediction for tasks \['size'\] \(it "
                                          r"returns \['kind'\]\)"):
         run(_OneHead(), x)
-    with pytest.raises(ValueError, match=r"the model fails on the data's inputs \(a batch of "
+    with pytest.raises(ValueError, match=r"the model fails on the retain set's inputs \(a batch of "
                                          r"shape \(3, 5\)\): RuntimeError"):
         run(model, x[:, :5])
     with pytest.raises(ValueError, match=r"task 'size' wants|regression pred"):

@@ -405,7 +405,7 @@ def test_unlearn_names_badly_laid_out_inputs(text_setup) -> None:  # type: ignor
         mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=((ids, mask[:-1]), labels),
                               forget_request=ForgetRequest.create(range(4)),
                               shared_parameters=lambda n: n.startswith("trunk."))
-    with pytest.raises(ValueError, match=r"the model fails on the data's inputs \(a batch of "
+    with pytest.raises(ValueError, match=r"the model fails on the retain set's inputs \(a batch of "
                                          r"\{'ids': shape \(\d+, 6\) int64, 'tokens': shape "
                                          r"\(\d+, 6\) bool\}\): TypeError"):
         mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=({"ids": ids, "tokens": mask}, labels),

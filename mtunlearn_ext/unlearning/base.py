@@ -21,6 +21,7 @@ import numbers
 import random
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -241,7 +242,7 @@ class UnlearningProblem:
                                  "go without one)")
             self.check_unseen(self.held_out, "UnlearningProblem: the held_out set")
         self.check_model_state()
-        self.check_model_on(self.retain)
+        self.check_model_on(self.retain, "the retain set")
         self.check_model_on(self.forget, "the forget set")
         if self.held_out is not None:
             self.check_model_on(self.held_out, "the held_out set")
@@ -315,6 +316,7 @@ class UnlearningProblem:
         if len(walked) < 2:
             return
         prefix = getattr(self.model, "wrapped_prefix", "")
+        given_to_heads = Counter(name for _, name in heads)
         for t, name in heads:
             tasks = fed(name)
             if tasks and t not in tasks:
@@ -325,7 +327,7 @@ class UnlearningProblem:
                     f"of the first {read} retained instances): the heads are given to the "
                     "wrong tasks (check `head_parameters`, or the module names the heads are "
                     "found by)")
-            if len(tasks) > 1:
+            if len(tasks) > 1 and given_to_heads[name] == 1:  # in several: named later
                 others = [other for other in tasks if other != t]
                 raise ValueError(
                     f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} is given to "
@@ -427,7 +429,7 @@ class UnlearningProblem:
                 "forget (ForgetRequest.split removes them)")
 
     @torch.no_grad()
-    def check_model_on(self, data: MultiTaskDataset, what: str = "the data") -> None:
+    def check_model_on(self, data: MultiTaskDataset, what: str) -> None:
         """One eval-mode forward of a few rows of ``data`` (the first two and the first
         supervised row of each task): the model must run on its inputs and return a prediction
         for every task that the task's loss accepts on a supervised row (an unsupervised pair's
@@ -443,6 +445,8 @@ class UnlearningProblem:
             if rows_of_task.numel():
                 picks.add(int(rows_of_task[0]))
         positions = torch.tensor(sorted(picks))
+        # By id: a position in the retain set is no row of the data the caller passed.
+        checked = f"the instances of id {data.ids[positions].tolist()}"
         rows = data.batch(positions)
         inputs: Inputs = rows["input"]  # type: ignore[assignment]
         targets = rows["targets"]
@@ -485,7 +489,7 @@ class UnlearningProblem:
                 task_loss(spec, out[spec.name][labelled], target)
             except CustomLossShapeError as error:  # the loss's fault, not the targets'
                 raise ValueError(f"UnlearningProblem: the custom `loss` of task {spec.name!r} "
-                                 f"(checked on {what}'s rows {sorted(picks)}): {error}; e.g. "
+                                 f"(checked on {what}'s {checked}): {error}; e.g. "
                                  "`reduction='none'` and a mean over every dimension but the "
                                  "first") from error
             except ValueError as error:
@@ -493,7 +497,7 @@ class UnlearningProblem:
                 raise ValueError(f"UnlearningProblem: {what}'s targets for task {spec.name!r} "
                                  f"(shape {tuple(data.targets[spec.name].shape)}, "
                                  f"{len(data)} instances) do not fit the model's prediction "
-                                 f"(checked on rows {sorted(picks)}): {error}"
+                                 f"(checked on {checked}): {error}"
                                  f"{_class_target_hint(spec, target)}") from error
 
 
