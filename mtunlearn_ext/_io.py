@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_torch_save", "interrupts_held", "link_new", "name_max", "new_temporary_beside",
-           "path_max", "sha256_of_file", "temporary_file_beside", "write_text_atomic", "write_text_new"]
+           "path_max", "remove_if_placed", "sha256_of_file", "temporary_file_beside",
+           "write_text_atomic", "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
 _DEFAULT_NAME_MAX = 255
@@ -226,19 +227,46 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+#: Each path :func:`link_new` put a file at (absolute) -> that file's ``(st_dev, st_ino)``.
+_PLACED: dict[str, tuple[int, int]] = {}
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino
+
+
 def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str) -> None:
     """Put the finished temporary file ``tmp`` at the *new* path ``target``: a hard link, which
     fails atomically if ``target`` appeared meanwhile (``FileExistsError(exists_message)``); on
     a file system without hard links (``os.link`` raising another ``OSError``, e.g. ``EPERM``)
-    a check, then a rename. ``tmp`` is left for the caller to remove if it is still there."""
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise FileExistsError(exists_message) from None
-    except OSError:  # no hard links on this file system: check, then rename
-        if os.path.lexists(target):  # a dangling symbolic link too: never written through
+    a check, then a rename. ``tmp`` is left for the caller to remove if it is still there.
+    Which file was put there is remembered (:func:`remove_if_placed`), in one step with the
+    link as far as SIGINT / SIGTERM go."""
+    identity = _identity(tmp)
+    with interrupts_held():
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
             raise FileExistsError(exists_message) from None
-        os.replace(tmp, target)
+        except OSError:  # no hard links on this file system: check, then rename
+            if os.path.lexists(target):  # a dangling symbolic link too: never written through
+                raise FileExistsError(exists_message) from None
+            os.replace(tmp, target)
+        _PLACED[os.path.abspath(target)] = identity
+
+
+def remove_if_placed(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` if it still names the file :func:`link_new` put there in this process.
+    A rollback removes only its own outputs: where a write failed before its link (disk full
+    at the fsync, an interrupt), the file of that name is another run's, finished meanwhile,
+    and it stays."""
+    key = os.path.abspath(path)
+    try:
+        if key in _PLACED and _identity(path) == _PLACED[key]:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _write_text_fd(fd: int, text: str) -> None:

@@ -31,7 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import interrupts_held, link_new, new_temporary_beside, write_text_new
+from mtunlearn_ext._io import (
+    interrupts_held,
+    link_new,
+    new_temporary_beside,
+    remove_if_placed,
+    write_text_new,
+)
 
 __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -743,7 +749,7 @@ class _NewFiles:
 
     def remove(self) -> None:
         for path in self.paths:
-            path.unlink(missing_ok=True)
+            remove_if_placed(path)  # a link that failed put nothing there: not ours
         self.discard_staging()
 
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import name_max, path_max, sha256_of_file, write_text_new
+from mtunlearn_ext._io import name_max, path_max, remove_if_placed, sha256_of_file, write_text_new
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.libmtl import TEST_FILES_KEY, TRAIN_FILES_KEY
 from mtunlearn_ext.data.request import ForgetRequest
@@ -1053,12 +1053,11 @@ class OutputTransaction:
             self.commit()
             return
         # Every path is tried: one that cannot be removed (or never existed, or whose name the
-        # file system refuses) must not keep the others, written before it, in place.
+        # file system refuses) must not keep the others, written before it, in place. Only
+        # the files this run put there: where its write failed before the link, the name may
+        # be a concurrent run's finished output.
         for path in reversed(self._created):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+            remove_if_placed(path)
         # Deepest first; a folder that holds anything (another process's file) stays.
         for folder in sorted(set(self._made_folders), key=lambda f: len(f.parts), reverse=True):
             try:

@@ -748,6 +748,65 @@ def test_a_failed_command_removes_the_folders_its_writes_made(tmp_path: Path) ->
     assert [p.name for p in (tmp_path / "shared").iterdir()] == ["theirs.txt"]
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     KeyboardInterrupt()])
+def test_a_write_that_fails_before_its_link_leaves_another_runs_file_of_that_name(
+        tmp_path: Path, failure: BaseException) -> None:
+    """Failure injection: run A's checkpoint write failed at its fsync (disk full, or Ctrl-C)
+    after run B had finished writing the same name; A's rollback unlinked the path by name and
+    deleted B's checkpoint, leaving B's record naming a file that was gone. A rollback removes
+    only a file this run put there."""
+    from mtunlearn_ext._io import write_text_new
+
+    def writer(p: Path) -> str:
+        p.write_text("run B's finished checkpoint")  # another process, while A wrote
+        raise failure
+
+    expected = UserInputError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected):
+        with OutputTransaction() as tx:
+            tx.write(tx.reserve("--output", tmp_path / "u.pt"), writer)
+    assert (tmp_path / "u.pt").read_text() == "run B's finished checkpoint"
+    # What the run did put in place goes, also when its name was replaced by the same file.
+    with pytest.raises(RuntimeError, match="the record failed"):
+        with OutputTransaction() as tx:
+            mine = tx.reserve("--output", tmp_path / "mine.pt")
+            tx.write(mine, lambda p: write_text_new(p, "A's checkpoint"))
+            raise RuntimeError("the record failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.pt"]
+
+
+def test_a_report_whose_link_failed_leaves_the_file_of_that_name(tmp_path: Path) -> None:
+    """The report's files are linked into place one by one; one whose link failed with an
+    OSError (not FileExistsError) stayed in the list of files to remove, and the rollback
+    deleted whatever had that name."""
+    from mtunlearn_ext._io import write_text_new
+    from mtunlearn_ext.report import _NewFiles
+
+    files = _NewFiles(tmp_path)
+    files.write(tmp_path / "a.png", lambda p: bool(write_text_new(p, "a")))
+    files.write(tmp_path / "b.png", lambda p: bool(write_text_new(p, "b")))
+    real_link = os.link
+
+    def link(src: Any, dst: Any) -> None:
+        if Path(dst).name == "b.png":  # no hard links there: check, then rename
+            raise PermissionError(1, "Operation not permitted")
+        real_link(src, dst)
+
+    def replace(src: Any, dst: Any) -> None:
+        Path(dst).write_text("theirs")  # another process's, between the check and the rename
+        raise OSError(5, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "link", link)
+        patch.setattr(os, "replace", replace)
+        with pytest.raises(UserInputError, match="Input/output error"):
+            files.commit()
+    files.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png"]
+    assert (tmp_path / "b.png").read_text() == "theirs"
+
+
 def test_a_folder_another_run_made_meanwhile_stays_on_rollback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Concurrency: a folder missing when the write began but made by another run before this
