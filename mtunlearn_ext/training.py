@@ -38,7 +38,7 @@ from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
-           "make_optimizer", "save_checkpoint", "state_dict_sha256", "train"]
+           "make_optimizer", "meta_sha256", "save_checkpoint", "state_dict_sha256", "train"]
 
 
 @dataclass(frozen=True)
@@ -325,6 +325,42 @@ def state_dict_sha256(model_or_state: torch.nn.Module | Mapping[str, torch.Tenso
     return digest.hexdigest()
 
 
+def meta_sha256(meta: Mapping[str, Any]) -> str:
+    """SHA-256 over a checkpoint's metadata (plain data, :func:`save_checkpoint`), each value
+    tagged with its type, dicts in key order: a flipped byte in the benchmark's seed or in the
+    ids of a removal changes it. ``torch.load`` checks no CRC, and the weights' hash does not
+    cover what the metadata says the weights were trained on and had removed."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if value is None or isinstance(value, bool):
+            digest.update(f"{value};".encode())
+        elif isinstance(value, int):
+            digest.update(f"i{value};".encode())
+        elif isinstance(value, float):
+            digest.update(f"f{value.hex()};".encode())
+        elif isinstance(value, str):
+            text = value.encode("utf-8", "surrogatepass")
+            digest.update(f"s{len(text)}:".encode() + text)
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"t{value.dtype}{tuple(value.shape)}:".encode())
+            digest.update(tensor_bytes(value))
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{'l' if isinstance(value, list) else 'u'}{len(value)}:".encode())
+            for item in value:
+                feed(item)
+        elif isinstance(value, Mapping):
+            digest.update(f"d{len(value)}:".encode())
+            for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+                feed(key)
+                feed(value[key])
+        else:  # save_checkpoint refuses anything else (_check_plain)
+            raise TypeError(f"meta_sha256: {type(value).__name__} is no plain metadata")
+
+    feed(meta)
+    return digest.hexdigest()
+
+
 def tensor_bytes(value: torch.Tensor) -> bytes:
     """The raw bytes of a (strided) tensor's values, in row-major order, on the CPU."""
     # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes;
@@ -385,9 +421,10 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
     dicts of them; exactly those types, not subclasses such as NumPy scalars), because
     :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``, which executes no
     code: anything else is refused here with a ``TypeError`` naming the entry, before the
-    file is written. The file also holds the :func:`state_dict_sha256` of the weights, which
-    :func:`load_checkpoint` checks (``torch.load`` does not check the archive's CRCs: a flipped
-    bit in a weight would load silently). An existing file is never overwritten unless
+    file is written. The file also holds the :func:`state_dict_sha256` of the weights and the
+    :func:`meta_sha256` of the metadata, which :func:`load_checkpoint` checks (``torch.load``
+    does not check the archive's CRCs: a flipped bit in a weight, or in the seed the data are
+    regenerated from, would load silently). An existing file is never overwritten unless
     ``overwrite=True``.
     """
     meta = dict(meta or {})
@@ -398,6 +435,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
         "state_dict": state,
         "meta": meta,
         "state_sha256": state_dict_sha256(state),
+        "meta_sha256": meta_sha256(meta),
     }
     return atomic_torch_save(payload, path, overwrite=overwrite)
 
@@ -455,13 +493,24 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
                               f"{type(error).__name__}: {first}") from error
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not an mtunlearn_ext checkpoint ({_CHECKPOINT_FORMAT})")
-    state, meta, recorded = (payload.get("state_dict"), payload.get("meta"),
-                             payload.get("state_sha256"))
+    state, meta, recorded, recorded_meta = (payload.get("state_dict"), payload.get("meta"),
+                                            payload.get("state_sha256"),
+                                            payload.get("meta_sha256"))
     if (not isinstance(state, dict) or not isinstance(meta, dict)
             or not all(isinstance(v, torch.Tensor) for v in state.values())
-            or not (recorded is None or isinstance(recorded, str))):
+            or not (recorded is None or isinstance(recorded, str))
+            or not (recorded_meta is None or isinstance(recorded_meta, str))):
         raise CheckpointError(f"checkpoint {p} is damaged: its state dict or metadata is not "
                               "what save_checkpoint writes")
+    if recorded_meta is not None:  # checkpoints written before it was recorded: as before
+        try:
+            actual_meta = meta_sha256(meta)
+        except TypeError as error:
+            raise CheckpointError(f"checkpoint {p} is damaged: {error}") from error
+        if actual_meta != recorded_meta:
+            raise CheckpointError(f"checkpoint {p} is corrupt: its metadata (the benchmark, "
+                                  f"seed and removals it names) hashes to {actual_meta}, the "
+                                  f"file recorded {recorded_meta} when it was written")
     if recorded is not None:
         actual = state_dict_sha256(state)
         if actual != recorded:

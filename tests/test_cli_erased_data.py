@@ -215,7 +215,7 @@ def test_a_checkpoint_without_file_digests_keeps_the_old_behaviour(
         erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Older checkpoints (no train_files_sha256) read complete data only, as before."""
     payload = torch.load(erasable.u1, weights_only=True)
-    del payload["meta"][TRAIN_FILES_KEY]
+    del payload["meta"][TRAIN_FILES_KEY], payload["meta_sha256"]  # neither was kept then
     older = tmp_path / "older.pt"
     torch.save(payload, older)
     assert cli.main(["evaluate", "--checkpoint", str(older), "--quiet"]) == 0

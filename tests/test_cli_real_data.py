@@ -15,6 +15,7 @@ from cli_helpers import _err, _train
 from test_data import _write_libmtl
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.training import meta_sha256
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,6 +127,7 @@ def test_checkpoints_without_a_test_data_hash_keep_working(
     payload = torch.load(real.orig, weights_only=True)
     older = tmp_path / "older.pt"
     del payload["meta"]["test_data_sha256"], payload["meta"]["test_files_sha256"]
+    del payload["meta_sha256"]  # nor the metadata's hash
     torch.save(payload, older)
     with _restored(real.data):
         _edit_image(real.data / "val" / "image" / "0.npy")
@@ -144,6 +146,7 @@ def test_the_same_files_read_at_another_thread_count_or_cpu_are_accepted(
 
     payload = torch.load(real.orig, weights_only=True)
     payload["meta"]["data_sha256"] = payload["meta"]["test_data_sha256"] = "0" * 64
+    payload["meta_sha256"] = meta_sha256(payload["meta"])  # written so on that machine
     elsewhere = tmp_path / "elsewhere.pt"
     torch.save(payload, elsewhere)
     assert cli.main(["evaluate", "--checkpoint", str(elsewhere), "--output",

@@ -343,6 +343,38 @@ def test_a_flipped_bit_in_a_weight_is_refused_not_loaded(tmp_path: Path) -> None
     assert load_checkpoint(tmp_path / "old.pt").state_sha256 is None
 
 
+def test_changed_metadata_is_refused_not_loaded(tmp_path: Path) -> None:
+    """Failure injection: only the weights were hashed, so one byte changed in the metadata
+    loaded silently: a removal's ids [3, 7] read as [3, 13] (instance 7 back in the retain
+    set of the next request, and `verify` passed it), or the seed the data are regenerated
+    from moved 0 -> 1 (another data set, whose ids named instances the model never saw)."""
+    from mtunlearn_ext.training import meta_sha256
+
+    model = _tiny_model()
+    path = tmp_path / "model.pt"
+    meta = {"seed": 0, "removals": [{"instance_ids": [3, 7], "target_tasks": None}],
+            "scale": 0.5, "shape": (2, 3), "mask": torch.tensor([True, False])}
+    save_checkpoint(path, model, meta)
+    loaded = load_checkpoint(path).meta
+    assert {k: v for k, v in loaded.items() if k != "mask"} == {
+        k: v for k, v in meta.items() if k != "mask"}
+    payload = torch.load(path, weights_only=True)
+    for change in ({"seed": 1}, {"removals": [{"instance_ids": [3, 13], "target_tasks": None}]},
+                   {"scale": 0.5000001}, {"shape": [2, 3]}, {"seed": False},
+                   {"mask": torch.tensor([True, True])}, {"extra": None}):
+        tampered = tmp_path / f"t{len(list(tmp_path.iterdir()))}.pt"
+        torch.save({**payload, "meta": {**payload["meta"], **change}}, tampered)
+        with pytest.raises(CheckpointError, match=r"is corrupt: its metadata \(the benchmark, "
+                                                  r"seed and removals it names\) hashes to "
+                                                  r"[0-9a-f]{64}, the file recorded "):
+            load_checkpoint(tampered)
+    # Key order is no change; a file of an older version (no metadata hash) still loads.
+    assert meta_sha256({"a": 1, "b": 2}) == meta_sha256({"b": 2, "a": 1})
+    older = tmp_path / "older.pt"
+    torch.save({k: v for k, v in payload.items() if k != "meta_sha256"}, older)
+    assert load_checkpoint(older).meta["seed"] == 0
+
+
 def test_state_dict_sha256_is_the_api_one() -> None:
     """Checkpoints record the same weights hash that api records carry."""
     from mtunlearn_ext.api import state_dict_sha256 as api_sha
