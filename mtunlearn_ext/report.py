@@ -807,8 +807,13 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     # lexists: a dangling symbolic link is taken too (writing would follow it, or fail).
     taken = [str(p) for p in planned if os.path.lexists(p)]
     if taken:
+        partial = sorted(output_dir.glob(".report-*.partial"))
+        killed = (f" (report.md, put in place last, is missing and {partial[0].name} is there: "
+                  "a report killed while putting its files in place left these; delete them "
+                  "and that folder to write the report here)"
+                  if partial and not os.path.lexists(md) else "")
         raise UserInputError("--output-dir", "a folder without report files", taken[0],
-                             "refusing to overwrite; choose a new folder")
+                             f"refusing to overwrite; choose a new folder{killed}")
     try:
         created = _make_folder(output_dir)
     except OSError as error:

@@ -224,6 +224,45 @@ def test_a_report_killed_while_drawing_does_not_block_its_rerun(tmp_path: Path) 
                                          "metrics_test.png"}  # the record has no loss curves
 
 
+def test_a_report_killed_while_linking_its_files_names_what_it_left(tmp_path: Path) -> None:
+    """Failure injection: a SIGKILL as the report's files were linked into place (one by one,
+    report.md last) left finished figures without report.md, and the rerun was refused with
+    the plain "refusing to overwrite", the docs promising that a rerun succeeds. The refusal
+    now says what happened and what to delete; a folder holding a whole report gets no hint."""
+    import subprocess
+    import sys
+
+    source, out = tmp_path / "r.json", tmp_path / "rep"
+    source.write_text(json.dumps(_record()))
+    script = ("import os, signal, json; from pathlib import Path; import mtunlearn_ext._io as io; "
+              "real = os.link\n"
+              "def link(src, dst):\n"
+              "    if Path(dst) == Path(%r) / 'metrics_retain.png':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    real(src, dst)\n"
+              "os.link = link\n"
+              "from mtunlearn_ext.report import write_report\n"
+              "write_report(json.loads(Path(%r).read_text()), Path(%r))"
+              % (str(out), str(source), str(out)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -9, done.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert "metrics_forget.png" in left and "report.md" not in left
+    partial = next(name for name in left if name.endswith(".partial"))
+    with pytest.raises(UserInputError, match=rf"refusing to overwrite; choose a new folder "
+                                             rf"\(report\.md, put in place last, is missing and "
+                                             rf"{re.escape(partial)} is there: a report killed "
+                                             rf"while putting its files in place left these; "
+                                             rf"delete them and that folder"):
+        write_report(_record(), out)
+    whole = tmp_path / "whole"
+    write_report(_record(), whole)
+    (whole / ".report-x.partial").mkdir()
+    with pytest.raises(UserInputError, match=r"choose a new folder$"):
+        write_report(_record(), whole)
+
+
 def test_report_names_inputs_that_are_not_complete_results(tmp_path: Path) -> None:
     """A JSON list, or a record without a field the report reads, is a user error naming
     --results (exit 2 in the CLI), not an AttributeError or KeyError."""
