@@ -498,13 +498,24 @@ def load_model(path: str | os.PathLike[str], argument: str = "--checkpoint",
     try:
         model.load_state_dict(checkpoint.state_dict)
     except RuntimeError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(argument, f"weights of the {bench.name!r} model", str(p),
-                             first) from error
+                             _state_dict_mismatch(error)) from error
     check_parameter_split(model, bench.train.task_names, argument)
     check_finite_parameters(model, argument)
     model.eval()
     return LoadedModel(model, checkpoint, bench, p, data_root_of(checkpoint.meta, data_root))
+
+
+def _state_dict_mismatch(error: RuntimeError, width: int = 160) -> str:
+    """torch's ``load_state_dict`` error on one line: its heading, then each of its findings
+    (missing keys, unexpected keys, a size mismatch) cut to ``width`` characters; the heading
+    alone named nothing that differs."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    shown = [line if len(line) <= width else line[:width - 3] + "..." for line in lines[1:4]]
+    more = f"; and {len(lines) - 4} more" if len(lines) > 4 else ""
+    return " ".join([lines[0], "; ".join(shown)]).strip() + more
 
 
 # -- requests -----------------------------------------------------------------------------------

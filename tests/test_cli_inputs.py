@@ -305,3 +305,23 @@ def test_nan_inside_the_default_methods_step_is_the_nonfinite_error() -> None:
     with pytest.raises(NonFiniteError, match=r"at step \d+: .*NaN or Inf") as caught:
         run_unlearning(problem, "interference_aware", {"steps": 5, "lr": 1e30})
     assert isinstance(caught.value.step, int) and caught.value.step >= 1
+
+
+def test_another_models_weights_are_named_by_what_differs(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """Failure injection: a checkpoint whose metadata names one benchmark and whose weights are
+    another model's was refused with torch's heading alone ("Error(s) in loading state_dict
+    for MLPMultiTaskNet:"), which names nothing that differs."""
+    from mtunlearn_ext.training import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(trained)
+    other = nn.Module()
+    other.encoder = nn.Linear(2, 2)
+    foreign = tmp_path / "foreign.pt"
+    save_checkpoint(foreign, other, loaded.meta)
+    assert cli.main(["evaluate", "--checkpoint", str(foreign), "--quiet"]) == 2
+    err = _err(capsys)
+    assert len(err.strip().splitlines()) == 1
+    assert "expected weights of the 'digits' model" in err
+    assert 'Missing key(s) in state_dict: "backbone.' in err
+    assert 'Unexpected key(s) in state_dict: "encoder.weight", "encoder.bias"' in err
