@@ -255,11 +255,14 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
 
 def _not_a_file(path: Path, either: str = "") -> str:
     try:
-        folder = path.is_dir()
+        folder, there = path.is_dir(), os.path.lexists(path)
     except (OSError, ValueError):
-        folder = False
-    return (f"{str(path)!r} is a folder, not a file of ids" if folder
-            else f"no file {str(path)!r}{either}")
+        folder = there = False
+    if folder:
+        return f"{str(path)!r} is a folder, not a file of ids"
+    if there:  # a FIFO, a socket, a device: read once, it would be gone for a rerun
+        return f"{str(path)!r} is not a regular file; write the ids into one"
+    return f"no file {str(path)!r}{either}"
 
 
 def parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:

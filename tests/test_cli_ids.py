@@ -7,6 +7,7 @@ given."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -59,7 +60,10 @@ def test_an_at_file_that_is_not_a_file_says_what_is_there(tmp_path: Path,
     folder; `@missing.txt` did not say the file is missing."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "idsdir").mkdir()
-    for given, said in (("@.", "'.' is a folder, not a file of ids"),
+    os.mkfifo(tmp_path / "fifo.txt")  # failure injection: it was "no file 'fifo.txt'"
+    for given, said in (("@fifo.txt", "'fifo.txt' is not a regular file; write the ids into "
+                                      "one"),
+                        ("@.", "'.' is a folder, not a file of ids"),
                         ("@idsdir", "'idsdir' is a folder, not a file of ids"),
                         ("idsdir/", "'idsdir' is a folder, not a file of ids"),
                         ("@missing.txt", "no file 'missing.txt'"),
