@@ -4,8 +4,11 @@ Every one of these ops already solves a batch of independent problems over its l
 (``gram``: ``[..., k, n] -> [..., k, k]``; the solvers: one ``k x k`` problem per leading
 index), so vmap's batch dim only has to be moved in front, and an unbatched argument expanded
 to the batch: one call instead of torch's fallback, which loops over the samples one call at a
-time (and warns). A sample's result is the one a loop would give (the problems are independent
-and PCGrad's orders depend on the seed and the task, not on the problem's index).
+time (and warns). A sample's result is the one a loop would give (the problems are independent,
+the CPU kernels cut each problem's columns into ranges as they cut it alone, and PCGrad's
+orders depend on the seed and the task, not on the problem's index); the CUDA kernels size
+the ranges from the whole batch, the same as alone up to 2^25 columns in all for Grams of up
+to 90 rows (README).
 
 The list ops that read (``gram_list``, ``inner_list``, ``gram_list_stacked``) take dim 0 of
 each tensor as its rows, so their rule runs the batched ``gram`` / ``inner`` once per tensor of

@@ -653,6 +653,9 @@ int64_t general_tile(int64_t m, int64_t k, bool symmetric, bool dbl) {
   return tile == 64 ? kManyRowsTile : tile;
 }
 
+bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
+                    int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out);
+
 // A few rows against many (m <= kNR, k > 16: one direction against the rows of a memory) run
 // as the transposed problem, many rows against a few, which the sweep of process_item_impl
 // streams (1 x 32: 1.2 -> 0.7 ms). Each product meets the same columns, vectors, tiles (the
@@ -671,8 +674,13 @@ bool reduce_transposed(ScalarKind kind, const ReduceSegment* segments, int64_t n
   const bool dbl = kind == ScalarKind::Float64;
   const int64_t elem = dbl ? 8 : 4;
   AlignedBuffer transposed(static_cast<size_t>(num_outputs * m * k * elem));
-  reduce_impl(kind, swapped.data(), num_segments, k, m, false, num_outputs, transposed.ptr,
-              general_tile(m, k, false, dbl));
+  // Past reduce_blocked's size the transposed problem is cut into its output blocks, as the
+  // same problem given the other way round is: unblocked, each thread's buffer held all k rows
+  // (1.15 KiB a row: 1.1 GiB for one direction against a million rows, 12x slower).
+  if (!reduce_blocked(kind, swapped.data(), num_segments, k, m, false, num_outputs,
+                      transposed.ptr))
+    reduce_impl(kind, swapped.data(), num_segments, k, m, false, num_outputs, transposed.ptr,
+                general_tile(m, k, false, dbl));
   for (int64_t o = 0; o < num_outputs; ++o)
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < k; ++j) {
@@ -764,16 +772,23 @@ void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_seg
   const bool dbl = kind == ScalarKind::Float64;
   const int64_t out_elems = num_outputs * m * k;
   if (out_elems == 0) return;
-  // Items: column ranges sized from the problem alone (reproducible for any thread count).
-  int64_t total_cols = 0;
-  for (int64_t s = 0; s < num_segments; ++s) total_cols += segments[s].ncols;
+  // Items: column ranges sized from the problem alone (reproducible for any thread count),
+  // and from each output's own columns: a batch of problems (vmap, a list per tensor) cuts
+  // each as the problem alone is cut, so each output is the same bits as a call of its own.
+  // (Sized from the whole batch's columns, rows past 4096 x max_items columns in all were cut
+  // wider in a batch than alone, their sums flushed elsewhere.) The waves below bound the
+  // partials whatever the item count.
+  std::vector<int64_t> output_cols(num_outputs, 0);
+  for (int64_t s = 0; s < num_segments; ++s)
+    output_cols[segments[s].out_index] += segments[s].ncols;
   const int64_t max_items = max_items_override > 0 ? max_items_override : std::max<int64_t>(
       1, std::min<int64_t>(1024, kMaxPartialDoubles / (m * k)));
-  const int64_t item_cols = round_up(
-      std::max<int64_t>(kMinItemCols, (total_cols + max_items - 1) / max_items), 64);
   std::vector<Item> items;
   std::vector<int64_t> item_out;
   for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t cols_of_output = output_cols[segments[s].out_index];
+    const int64_t item_cols = round_up(
+        std::max<int64_t>(kMinItemCols, (cols_of_output + max_items - 1) / max_items), 64);
     for (int64_t c = 0; c < segments[s].ncols; c += item_cols) {
       items.push_back({s, c, std::min(segments[s].ncols, c + item_cols)});
       item_out.push_back(segments[s].out_index);
