@@ -254,8 +254,16 @@ def test_forget_request_takes_integer_ids_only() -> None:
     with pytest.raises(TypeError, match=r"`instance_ids` must be one-dimensional"):
         ForgetRequest.create(torch.tensor([[1, 2], [3, 4]]))  # was flattened without a word
     assert ForgetRequest.create(5).instance_ids == (5,)
-    for bad in ([1.5], torch.tensor([True, False]), [True], [float("nan")], ["a"], "12", 2.5):
-        with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(ids, not a mask\)"):
+    for bad in (torch.tensor([True, False]), [True], np.array([False, True])):
+        with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(ids, not a mask: "
+                                            r"the ids of a mask's True entries are "
+                                            r"`mask\.nonzero\(\)`\)"):
+            ForgetRequest.create(bad)  # type: ignore[arg-type]
+    # Review: a fraction or a string was told it was a mask.
+    for bad in ([1.5], [float("nan")], ["a"], "12", 2.5, torch.tensor([0.5])):
+        with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(the instances' "
+                                            r"ids, not strings or fractions: `int\(x\)` of "
+                                            r"each\)"):
             ForgetRequest.create(bad)  # type: ignore[arg-type]
     # One task may be named by a plain string (it used to become one task per character).
     assert ForgetRequest.create([1], "depth").target_tasks == ("depth",)

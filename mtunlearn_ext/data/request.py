@@ -107,7 +107,12 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
     """The ids as Python ints, exactly (no detour through float32); a bool, a fraction, NaN or a
     non-number is refused: a mask or a score column passed by mistake must not become ids."""
     def refuse(shown: object) -> TypeError:
-        return TypeError(f"ForgetRequest: `instance_ids` must be integers (ids, not a mask), "
+        first = shown[0] if isinstance(shown, list) and shown else shown
+        mask = isinstance(first, bool) or (
+            isinstance(first, torch.Tensor) and first.dtype == torch.bool)
+        why = ("ids, not a mask: the ids of a mask's True entries are `mask.nonzero()`"
+               if mask else "the instances' ids, not strings or fractions: `int(x)` of each")
+        return TypeError(f"ForgetRequest: `instance_ids` must be integers ({why}), "
                          f"got {shown!r:.80}")
 
     if isinstance(instance_ids, int) and not isinstance(instance_ids, bool):
