@@ -123,8 +123,18 @@ def test_targets_of_unknown_tasks_and_invented_labels_are_refused() -> None:
     with pytest.raises(KeyError, match=r"`forget_data` has targets for unknown tasks \['B'\]"):
         _problem(forget_data=(x[:5], {"a": y["a"][:5], "B": y["b"][:5]}),
                  retain_data=_rest(x, y))
-    with pytest.raises(KeyError, match=r"`train_data` has targets for unknown tasks \['c'\]"):
+    with pytest.raises(KeyError, match=r"`train_data` has targets for unknown tasks \['c'\]; "
+                                       r"the tasks are \['a', 'b'\]: name them in `tasks` too, "
+                                       r"or leave their targets out \(\{t: y\[t\] for t in "
+                                       r"\['a', 'b'\]\}\)$"):
         _problem(train_data=(x, {**y, "c": y["b"]}), forget_request=ForgetRequest.create([0]))
+    # Own-model review: scoring some tasks only (evaluate with a subset of `tasks`) was told
+    # the others' targets were unknown, without the way out.
+    with pytest.raises(KeyError, match=r"evaluate: `data` has targets for unknown tasks \['b'\]"
+                                       r"; the tasks are \['a'\]: name them in `tasks` too"):
+        mtunlearn_ext.evaluate(_TwoHeads(), (x, y), tasks={"a": "classification"})
+    assert "a" in mtunlearn_ext.evaluate(_TwoHeads(), (x, {"a": y["a"]}),
+                                         tasks={"a": "classification"})
     # A mask that supervises a task without targets would train on zero placeholders.
     with pytest.raises(ValueError, match=r"`forget_data`'s supervision marks pairs of \['b'\] "
                                          r"supervised, but it has no targets for them"):

@@ -194,8 +194,11 @@ def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
     names = [s.name for s in specs]
     unknown = [t for t in targets if t not in names]
     if unknown:
+        subset = all(t in targets for t in names)  # every task given, and others besides
+        hint = (f": name them in `tasks` too, or leave their targets out ({{t: y[t] for t in "
+                f"{names}}})" if subset else "")
         raise UnknownNameError(f"{op}: `{what}` has targets for unknown tasks {unknown}; the tasks "
-                               f"are {names}")
+                               f"are {names}{hint}")
     supervision = data[2] if len(data) == 3 else None
     given_order = [t for t in targets if t in names]
     if supervision is not None and given_order != [t for t in names if t in targets]:
