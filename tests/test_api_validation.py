@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import collections
 import dataclasses
 import re
 import warnings
@@ -1728,12 +1729,35 @@ def test_a_model_returning_no_mapping_is_told_to_return_a_dict(model: type[nn.Mo
     x, y = _data()
     message = (f"UnlearningProblem: the model must return a mapping task -> prediction, got "
                f"{shown}: return a dict from its forward, {{'a': ..., 'b': ...}} (a tuple or a "
-               "dataclass does not say which output is which task's)")
+               "dataclass does not say which output is which task's; a namedtuple's field "
+               "names do)")
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$") as info:
         mtunlearn_ext.unlearn(model(), tasks=TASKS, train_data=(x, y),
                               forget_request=ForgetRequest.create(range(5), ["a"]),
                               shared_parameters=_trunk, config={"steps": 1})
     assert isinstance(info.value.__cause__, TypeError)  # the wrapper's refusal, chained
+
+
+_NamedOut = collections.namedtuple("_NamedOut", ["b", "a"])  # fields in another order
+
+
+class _NamedTupleOut(_TwoHeads):
+    def forward(self, x: torch.Tensor) -> _NamedOut:  # type: ignore[override]
+        out = super().forward(x)
+        return _NamedOut(b=out["b"], a=out["a"])
+
+
+def test_a_model_returning_a_namedtuple_is_read_by_its_field_names() -> None:
+    """Own-model review: a namedtuple output was refused as a tuple that "does not say which
+    output is which task's", though its fields do."""
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                  forget_request=ForgetRequest.create(range(5), ["a"]), config={"steps": 2})
+    named, _ = mtunlearn_ext.unlearn(_NamedTupleOut(), **common)  # type: ignore[arg-type]
+    plain, _ = mtunlearn_ext.unlearn(_TwoHeads(), **common)  # type: ignore[arg-type]
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in named.state_dict().items())
+    scores = mtunlearn_ext.evaluate(_NamedTupleOut(), (x, y), tasks=TASKS)
+    assert scores == mtunlearn_ext.evaluate(_TwoHeads(), (x, y), tasks=TASKS)
 
 
 def test_a_problem_built_directly_on_a_model_returning_no_mapping_says_so_too() -> None:

@@ -73,7 +73,7 @@ def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
     return ValueError(
         f"UnlearningProblem: the model must return a mapping task -> prediction, got "
         f"{type_name}: return a dict from its forward, {{{keys}}} (a tuple or a dataclass does "
-        "not say which output is which task's)")
+        "not say which output is which task's; a namedtuple's field names do)")
 
 
 def seed_everything(seed: int, device: torch.device | str | None = None) -> torch.Generator:
