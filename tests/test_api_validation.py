@@ -4,10 +4,10 @@ an error naming the argument, or handled as the docs say."""
 
 from __future__ import annotations
 
-import copy
-import math
 import collections
+import copy
 import dataclasses
+import math
 import re
 import warnings
 
