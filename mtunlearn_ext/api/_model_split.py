@@ -66,8 +66,9 @@ class SplitModel(nn.Module):
         # ``tasks`` (the evaluation's task subset) is a hint a plain module cannot take: every
         # output is returned and callers pick theirs.
         out = call_with(self.module, x)
-        if isinstance(out, tuple) and callable(getattr(out, "_asdict", None)):
-            return dict(out._asdict())  # a namedtuple's fields name its outputs
+        as_dict = getattr(out, "_asdict", None) if isinstance(out, tuple) else None
+        if callable(as_dict):
+            return dict(as_dict())  # a namedtuple's fields name its outputs
         if not isinstance(out, Mapping):
             raise ModelOutputError(type(out).__name__)
         return dict(out)
