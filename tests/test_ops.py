@@ -347,7 +347,9 @@ def test_list_ops_read_every_layout(device: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k", [(1, 6), (3, 16), (0, 4), (2, 0), (8, 17)])
+# (300, 457): past 256^2 entries the output is cut into blocks, and at the split (review: a
+# stack of 2048 rows ran unblocked, on one thread, with 224 MiB of buffers).
+@pytest.mark.parametrize("m,k", [(1, 6), (3, 16), (0, 4), (2, 0), (8, 17), (300, 457)])
 def test_gram_list_stacked(device: str, dtype: torch.dtype, m: int, k: int) -> None:
     shapes = [(), (9,), (3, 4), (2, 3, 3, 3), (1001,), (0, 2)]
     xs = [_rand(m, *s, dtype=dtype, device=device, seed=30 + i) for i, s in enumerate(shapes)]
@@ -359,6 +361,7 @@ def test_gram_list_stacked(device: str, dtype: torch.dtype, m: int, k: int) -> N
     total = ops.gram_list_stacked(xs, ys)
     assert total.shape == (m + k, m + k)
     assert _gram_error(total, flat @ flat.T, flat, flat) <= GRAM_TOL[dtype]
+    assert torch.equal(total, total.T)
     per = ops.gram_list_stacked(xs, ys, per_tensor=True)
     assert per.shape == (len(shapes), m + k, m + k)
     for p, f in enumerate(stacked):

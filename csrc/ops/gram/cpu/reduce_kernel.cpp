@@ -705,29 +705,59 @@ constexpr int64_t kOutputBlock = 256;
 bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
                     int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out) {
   if (m * k <= kOutputBlock * kOutputBlock) return false;
-  for (int64_t s = 0; s < num_segments; ++s)
-    if (segments[s].a2 != nullptr) return false;  // a stacked [g; r]: its rows are two tensors
-  const int64_t blocks_m = (m + kOutputBlock - 1) / kOutputBlock;
-  const int64_t blocks_k = (k + kOutputBlock - 1) / kOutputBlock;
+  // A stacked [g; r] (gram_list_stacked) is cut at its split too, so that every block's rows
+  // come from one tensor; unblocked, a stack of 2048 rows ran on one thread with 224 MiB of
+  // buffers. The split must be the same in every segment (it is: the rows of g).
+  const int64_t split = segments[0].a2 != nullptr ? segments[0].a_split : m;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const bool stacked = segments[s].a2 != nullptr;
+    if (stacked != (segments[0].a2 != nullptr) || (stacked && (!symmetric ||
+                                                              segments[s].a_split != split)))
+      return false;
+  }
+  auto starts = [](int64_t rows, int64_t cut) {
+    std::vector<int64_t> at;
+    for (int64_t i = 0; i < std::min(cut, rows); i += kOutputBlock) at.push_back(i);
+    for (int64_t i = cut; i < rows; i += kOutputBlock) at.push_back(i);
+    at.push_back(rows);  // the end of the last range
+    return at;
+  };
+  const std::vector<int64_t> row_starts = starts(m, split);
+  const std::vector<int64_t> col_starts = symmetric ? row_starts : starts(k, k);
+  const int64_t blocks_m = static_cast<int64_t>(row_starts.size()) - 1;
+  const int64_t blocks_k = static_cast<int64_t>(col_starts.size()) - 1;
   std::vector<std::pair<int64_t, int64_t>> blocks;
   for (int64_t i = 0; i < blocks_m; ++i)
     for (int64_t j = symmetric ? i : 0; j < blocks_k; ++j) blocks.emplace_back(i, j);
   const int64_t in_size = element_size(kind);
   const bool dbl = kind == ScalarKind::Float64;
+  // Row i of a segment's A (for a Gram, also of its B): from g, or past the split from r.
+  auto row_of = [in_size](const ReduceSegment& seg, int64_t i) {
+    if (seg.a2 != nullptr && i >= seg.a_split)
+      return std::make_pair(static_cast<const char*>(seg.a2) +
+                                (i - seg.a_split) * seg.a2_row_stride * in_size,
+                            seg.a2_row_stride);
+    return std::make_pair(static_cast<const char*>(seg.a) + i * seg.a_row_stride * in_size,
+                          seg.a_row_stride);
+  };
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t i0 = blocks[b].first * kOutputBlock, j0 = blocks[b].second * kOutputBlock;
-      const int64_t rows = std::min(kOutputBlock, m - i0), cols = std::min(kOutputBlock, k - j0);
-      const bool diagonal = symmetric && i0 == j0;
+      const int64_t bi = blocks[b].first, bj = blocks[b].second;
+      const int64_t i0 = row_starts[bi], j0 = col_starts[bj];
+      const int64_t rows = row_starts[bi + 1] - i0, cols = col_starts[bj + 1] - j0;
+      const bool diagonal = symmetric && bi == bj;
       std::vector<ReduceSegment> sub(segments, segments + num_segments);
       for (ReduceSegment& seg : sub) {
+        const auto [a, a_stride] = row_of(seg, i0);
         // A Gram's B is its A: the block's columns are rows j0.. of the same stack.
-        const char* a = static_cast<const char*>(seg.a);
-        const char* bp = symmetric ? a : static_cast<const char*>(seg.b);
-        const int64_t b_stride = symmetric ? seg.a_row_stride : seg.b_row_stride;
-        seg.a = a + i0 * seg.a_row_stride * in_size;
-        seg.b = bp + j0 * b_stride * in_size;
+        const auto [bp, b_stride] = symmetric ? row_of(seg, j0) : std::make_pair(
+            static_cast<const char*>(seg.b) + j0 * seg.b_row_stride * in_size, seg.b_row_stride);
+        seg.a = a;
+        seg.a_row_stride = a_stride;
+        seg.b = bp;
         seg.b_row_stride = b_stride;
+        seg.a2 = nullptr;
+        seg.a_split = INT64_MAX;
       }
       AlignedBuffer block(static_cast<size_t>(num_outputs * rows * cols * (dbl ? 8 : 4)));
       // Inside this parallel region the block's own parallel_for runs inline, on this thread.
