@@ -1302,6 +1302,8 @@ def test_a_model_whose_trunk_is_compiled_is_unlearned_as_its_eager_trunk(user_se
     torch.testing.assert_close(new(x)["kind"], plain(x)["kind"])  # compiled at this call
 
 
+# The legacy hooks on purpose: older code bases still build models with them.
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 @pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
 @pytest.mark.parametrize("method", ["interference_aware", "scrub"])
 def test_a_model_with_the_legacy_weight_norm_hooks_is_copied_and_unlearned(
