@@ -478,7 +478,7 @@ class GradientSurgery:
         # The heads accumulate() wrote and the .grad object each then had: a .grad gone or
         # replaced before the step's apply() means the loop cleared the gradients between
         # micro-batches (a skipped step), and the buffers would carry that step into the next.
-        self._pending_head_grads: list[tuple[torch.Tensor, int]] = []
+        self._pending_head_grads: list[tuple[torch.Tensor, int, int]] = []
         # Why the gradients buffered (or, per_task="backward", in the heads' .grad) can no
         # longer be trusted: an accumulate() that stopped part-way through its task passes.
         self._interrupted: str | None = None
@@ -607,9 +607,12 @@ class GradientSurgery:
         written = [h for h, summed in zip(head_sums.heads, head_sums.sums) if summed is not None]
         self._pending = True
         self._pending_count += 1
-        marks = {id(h): (h, id(h.grad)) for h, _ in self._pending_head_grads}
-        marks.update({id(h): (h, id(h.grad)) for h in written if h.grad is not None})
-        self._pending_head_grads = list(marks.values())
+        # Each head's .grad as this call leaves it: the object and its version (an in-place
+        # zero_grad(set_to_none=False) keeps the object and bumps the version).
+        heads = {id(h): h for h, _, _ in self._pending_head_grads}
+        heads.update({id(h): h for h in written})
+        self._pending_head_grads = [(h, id(h.grad), h.grad._version)
+                                    for h in heads.values() if h.grad is not None]
         self._pending_constants |= constants
         if self._pending_device is None:
             self._pending_device = _losses_device(losses, constants)
@@ -710,12 +713,13 @@ class GradientSurgery:
 
     def _refuse_cleared_heads(self, caller: str) -> None:
         """Refuse to go on with pending micro-batches whose heads' ``.grad`` has been set to
-        ``None`` or replaced since (``optimizer.zero_grad()`` between micro-batches: the loop
-        skipped the step, and the per-task buffers would carry it into the next one)."""
+        ``None``, replaced or written in place since (``optimizer.zero_grad()`` between
+        micro-batches, with ``set_to_none`` either way: the loop skipped the step, and the
+        per-task buffers would carry it into the next one)."""
         if not self._pending:
             return
-        cleared = [h for h, grad_id in self._pending_head_grads
-                   if h.grad is None or id(h.grad) != grad_id]
+        cleared = [h for h, grad_id, version in self._pending_head_grads
+                   if h.grad is None or id(h.grad) != grad_id or h.grad._version != version]
         if cleared:
             raise RuntimeError(
                 f"{caller}: {self._pending_what()}, but the .grad of {len(cleared)} head parameter"
