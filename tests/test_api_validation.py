@@ -1164,6 +1164,25 @@ def test_a_run_whose_predictions_overflow_names_the_step_it_diverged_at() -> Non
                               config={"steps": 10, "lr": 3e38, "refresh_every": 1})
 
 
+class _MaskedClass(_TwoHeads):
+    """Task a's class 2 disabled by a -inf logit: a valid softmax, finite losses."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(x)
+        return {"a": out["a"].masked_fill(torch.arange(3) == 2, float("-inf")), "b": out["b"]}
+
+
+def test_logits_masked_with_minus_infinity_are_no_divergence() -> None:
+    """Diff review: the check above refused any non-finite logit, so a head masking a class
+    with -inf (a constrained head) was said to diverge at step 0; the probabilities decide."""
+    x, y = _data()
+    y = {"a": y["a"].clamp(max=1), "b": y["b"]}
+    _, report = mtunlearn_ext.unlearn(_MaskedClass(), tasks=TASKS, train_data=(x, y),
+                                      forget_request=ForgetRequest.create(range(5), ["b"]),
+                                      shared_parameters=_trunk, config={"steps": 3})
+    assert math.isfinite(report.curves["forget_loss"][-1])
+
+
 def test_a_float64_run_with_finite_weights_but_infinite_losses_is_said_to_diverge() -> None:
     """Fuzz: a float64 model at lr 1e24 came back with finite weights (~1e24) whose losses were
     Inf, without a word (only NaN/Inf weights were warned about); and its Fisher samples had

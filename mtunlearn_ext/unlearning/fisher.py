@@ -41,14 +41,12 @@ def sampled_target_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor
     if not bool(rows.any()):
         return None
     pred, target = pred[rows], target[rows]
-    if pred.is_floating_point() and not bool(torch.isfinite(pred.detach()).all()):
-        # torch's samplers fail on such probabilities with a message about the tensor, not the
-        # model; the loop reads this error as the run diverging and says at which step.
-        raise FloatingPointError(f"task {spec.name!r}'s predictions hold NaN/Inf, so no target "
-                                 "can be drawn from them")
+    if spec.kind not in ("binary", "classification", "segmentation"):
+        _check_drawable(spec, pred.detach())
     if spec.kind == "binary":
         logits = pred.reshape(pred.shape[0], -1)
         probs = torch.sigmoid(_at_least_float32(logits.detach())).cpu()
+        _check_drawable(spec, probs)
         sampled = torch.bernoulli(probs, generator=generator).to(logits.device, logits.dtype)
         per_item = F.binary_cross_entropy_with_logits(logits, sampled, reduction="none")
         keep = target.reshape(target.shape[0], -1) != spec.ignore_index
@@ -57,6 +55,7 @@ def sampled_target_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor
         classes = pred.shape[1]
         logits = pred.movedim(1, -1).reshape(-1, classes)  # [B*H*W, C] or [B, C]
         probs = F.softmax(_at_least_float32(logits.detach()), dim=-1).cpu()
+        _check_drawable(spec, probs)  # logits masked with -inf are fine: their probability is 0
         sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(pred.device)
         per_item = F.cross_entropy(logits, sampled, reduction="none")
         if spec.kind == "classification":
@@ -81,3 +80,11 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     """Half-precision logits widened for the probabilities; float64 ones kept (cast to float32,
     logits past 3.4e38 became Inf and their probabilities NaN)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _check_drawable(spec: TaskSpec, values: torch.Tensor) -> None:
+    """torch's samplers fail on NaN/Inf probabilities with a message about the tensor, not the
+    model; the loop reads this error as the run diverging and says at which step."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise FloatingPointError(f"task {spec.name!r}'s predictions hold NaN/Inf, so no target "
+                                 "can be drawn from them")
