@@ -1333,6 +1333,24 @@ def test_a_model_with_the_legacy_weight_norm_hooks_is_copied_and_unlearned(
         assert not torch.equal(new(x)["kind"], model(x)["kind"])
 
 
+def test_a_view_of_a_parameter_kept_as_an_attribute_is_not_cut_loose() -> None:
+    """Diff review: copy_model cloned every non-leaf tensor attribute, also a live view of a
+    parameter (`w_t = weight.t()`, a tied transposed weight), whose clone then left the
+    copy's parameter without gradient, silently; such a view is refused as before."""
+    from mtunlearn_ext.models.copies import copy_model
+    from mtunlearn_ext.unlearning.gradients import _is_vmap_error
+
+    model = TwoHeads()
+    model.heads["kind"].w_t = model.heads["kind"].weight.t()  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="deepcopy protocol"):
+        copy_model(model)
+    # Running out of CPU memory in the per-sample pass is no vmap failure (diff review).
+    assert not _is_vmap_error(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                           "DefaultCPUAllocator: can't allocate memory"))
+    assert _is_vmap_error(RuntimeError("output with shape [1, 8] doesn't match the broadcast "
+                                       "shape [15, 1, 8]"))
+
+
 def test_a_save_unlearned_record_can_be_verified(user_setup, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """CLI review: `mtunlearn verify` refused save_unlearned's records (another schema) and the
     API had no check of its own: an engineer with their own module had no way to re-check the

@@ -252,11 +252,17 @@ def _mha_fast_path_off() -> Iterator[None]:
 
 def _is_vmap_error(error: BaseException) -> bool:
     """Whether ``error`` comes from running the forward under ``torch.func.vmap``: any
-    ``RuntimeError`` but running out of memory, since the problem's checks ran the same model
+    ``RuntimeError`` but running out of memory (CUDA's error, or the CPU allocator's plain
+    ``RuntimeError``), since the problem's checks ran the same model
     and loss on the same inputs outside vmap. Torch's own refusals name vmap or a batching
     rule, but not all its failures there do: ``nn.GRU``'s fused kernel fails with "output
     with shape [1, 16] doesn't match the broadcast shape [20, 1, 16]"."""
-    return isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError)
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError):
+        return False
+    said = str(error)
+    # The CPU allocator's failure is a plain RuntimeError: memory, not batching (chunk_size).
+    return not ("can't allocate memory" in said or "DefaultCPUAllocator" in said
+                or "out of memory" in said.lower())
 
 
 def _first_sentence(error: BaseException) -> str:
