@@ -1333,6 +1333,42 @@ def test_a_model_with_the_legacy_weight_norm_hooks_is_copied_and_unlearned(
         assert not torch.equal(new(x)["kind"], model(x)["kind"])
 
 
+def test_runs_overlapping_in_threads_leave_compile_as_they_found_it() -> None:
+    """Diff review: the stance is process-wide; with set_stance nested per run, run A's exit
+    restored the default under run B still running, and B's exit then left compile off for
+    the rest of the process."""
+    import threading
+
+    from mtunlearn_ext.models.modes import ignoring_compile
+
+    def stance() -> str:
+        return torch._dynamo.eval_frame._stance.stance  # type: ignore[attr-defined]
+
+    assert stance() == "default"
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def run_a() -> None:
+        with ignoring_compile():
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def run_b() -> None:
+        a_in.wait()
+        with ignoring_compile():
+            b_in.set()
+            a_out.wait()
+            seen.append(stance())
+
+    threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == ["force_eager"] and stance() == "default"
+
+
 def test_a_view_of_a_parameter_kept_as_an_attribute_is_not_cut_loose() -> None:
     """Diff review: copy_model cloned every non-leaf tensor attribute, also a live view of a
     parameter (`w_t = weight.t()`, a tied transposed weight), whose clone then left the

@@ -12,7 +12,7 @@ from torch import nn
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
 from mtunlearn_ext.data.inputs import call_with, inputs_to, num_rows, take_rows
-from mtunlearn_ext.models.modes import measuring
+from mtunlearn_ext.models.modes import ignoring_compile, measuring
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def classes_predicted_by(model: nn.Module, unpack: bool, data: Any,
     except Exception:  # malformed inputs: refused with a clear message further on
         return {}
     try:
-        with measuring(model):
+        with measuring(model), ignoring_compile():  # a probe: its compile would be thrown away
             out = call_with(model, rows) if unpack else model(rows)
     except Exception:
         return {}

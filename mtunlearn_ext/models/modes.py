@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import threading
 from types import TracebackType
 
 import torch
 from torch import nn
 
-__all__ = ["BuffersKept", "eval_mode", "measuring"]
+__all__ = ["BuffersKept", "eval_mode", "ignoring_compile", "measuring"]
 
 
 @contextmanager
@@ -106,3 +107,37 @@ def measuring(model: nn.Module) -> Iterator[None]:
     and every buffer's value back afterwards (:class:`BuffersKept`)."""
     with BuffersKept(model), eval_mode(model), torch.no_grad():
         yield
+
+
+_COMPILE_LOCK = threading.Lock()
+_IGNORING = 0  # blocks inside ignoring_compile(), across threads
+_STANCE_BEFORE: object = None
+
+
+@contextmanager
+def ignoring_compile() -> Iterator[None]:
+    """``torch.compile`` ignored inside (``torch.compiler.set_stance("force_eager")``): a
+    compiled module runs as written. The stance is process-wide, so blocks overlapping in
+    several threads share it: the first to enter sets it and the last to leave puts back the
+    stance the first found (with ``set_stance`` nested per block, one run restored the default
+    under another still running, and the other's exit left compile off for good)."""
+    global _IGNORING, _STANCE_BEFORE
+    with _COMPILE_LOCK:
+        if _IGNORING == 0:
+            _STANCE_BEFORE = torch.compiler.set_stance("force_eager")
+        _IGNORING += 1
+    try:
+        yield
+    finally:
+        with _COMPILE_LOCK:
+            _IGNORING -= 1
+            if _IGNORING == 0:
+                _restore_stance(_STANCE_BEFORE)
+
+
+def _restore_stance(saved: object) -> None:
+    # set_stance(...) called as a function returns a context object; leaving it restores the
+    # stance that was current when it was made.
+    exit_ = getattr(saved, "__exit__", None)
+    if callable(exit_):
+        exit_(None, None, None)

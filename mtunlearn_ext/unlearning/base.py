@@ -39,7 +39,7 @@ from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import CustomLossShapeError, _token_tagging_hint, task_loss
 from mtunlearn_ext.models.copies import copy_model
-from mtunlearn_ext.models.modes import BuffersKept, eval_mode, measuring
+from mtunlearn_ext.models.modes import BuffersKept, eval_mode, ignoring_compile, measuring
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
 
 __all__ = [
@@ -169,7 +169,12 @@ class UnlearningProblem:
     def validate(self) -> None:
         """Raise a clear error if the parts of the problem do not fit together (and warn when
         a model of several tasks has no ``parameter_split()``: every parameter then counts as
-        shared, so no head is task-specific for the methods)."""
+        shared, so no head is task-specific for the methods). Its probing forwards ignore
+        ``torch.compile``, as the run does: a compile there would be thrown away."""
+        with ignoring_compile():
+            self._validate()
+
+    def _validate(self) -> None:
         names = self.task_names
         if len(names) > 1 and getattr(self.model, "parameter_split", None) is None:
             warn_at_caller(
@@ -674,7 +679,7 @@ class Unlearner(ABC):
             # A torch.compile'd submodule runs eagerly: a step keeps the graph for a second
             # backward pass (or runs the model under torch.func), which a backward compiled
             # with donated buffers cannot serve, and a few steps would not repay the compile.
-            with forked_generators(device), torch.compiler.set_stance("force_eager"):
+            with forked_generators(device), ignoring_compile():
                 return self._run(problem, device)
         finally:
             random.setstate(python_state)
