@@ -266,8 +266,8 @@ class UnlearningProblem:
 
         - raise when a head parameter of one task does not feed that task's prediction but
           another's (heads given to the wrong tasks: each head would be stepped with the other
-          task's gradients, silently), or feeds other tasks' predictions besides its own (a
-          module several tasks use, found as one task's head);
+          task's gradients, silently); warn when one feeds other tasks' predictions besides
+          its own (a module several tasks use, found as one task's head, or a cascade);
         - warn when parameters given as shared feed only one task's prediction (the heads
           counted as trunk, ``shared_parameters=lambda n: True``): the shared projections then
           move that head with directions made of the other tasks' gradients."""
@@ -322,6 +322,7 @@ class UnlearningProblem:
             return
         prefix = getattr(self.model, "wrapped_prefix", "")
         given_to_heads = Counter(name for _, name in heads)
+        reused: dict[str, dict[str, list[str]]] = {}
         for t, name in heads:
             tasks = fed(name)
             if tasks and t not in tasks:
@@ -333,14 +334,23 @@ class UnlearningProblem:
                     "wrong tasks (check `head_parameters`, or the module names the heads are "
                     "found by)")
             if len(tasks) > 1 and given_to_heads[name] == 1:  # in several: named later
-                others = [other for other in tasks if other != t]
-                raise ValueError(
-                    f"UnlearningProblem: parameter {name.removeprefix(prefix)!r} is given to "
-                    f"the head of task {t!r}, but the model's predictions for {others} depend "
-                    f"on it too (read from the autograd graph of the first {read} retained "
-                    "instances): a parameter several tasks use is shared, and a head's steps "
-                    "would move the other tasks' predictions unprotected; list it in "
-                    "`shared_parameters` (or give each task a module of its own)")
+                reused.setdefault(t, {})[name.removeprefix(prefix)] = [
+                    other for other in tasks if other != t]
+        # Warned, not refused: a cascade (task b's head reading task a's prediction) is a
+        # design, and one that runs; a module found in the wrong head is a mistake.
+        for t, names in reused.items():
+            others = sorted({o for tasks_of in names.values() for o in tasks_of})
+            shown = ", ".join(repr(n) for n in list(names)[:3]) + (
+                ", ..." if len(names) > 3 else "")
+            warn_at_caller(
+                f"UnlearningProblem: {len(names)} parameter{'s' if len(names) > 1 else ''} "
+                f"given to the head of task {t!r} ({shown}) also feed"
+                f"{'' if len(names) > 1 else 's'} the model's predictions for {others} (read "
+                f"from the autograd graph of the first {read} retained instances): the head's "
+                "steps move those predictions unprotected (the projections protect other "
+                "tasks only through shared parameters); if several tasks use them by design "
+                "(a cascade), list them in `shared_parameters` to protect those tasks, else "
+                "give each task a module of its own")
         unused = [name.removeprefix(prefix) for name in shared if not fed(name)]
         unused += [name.removeprefix(prefix) for t, name in heads if not fed(name)]
         if unused:
