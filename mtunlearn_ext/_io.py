@@ -9,6 +9,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_torch_save", "interrupts_held", "link_new", "name_max", "new_temporary_beside",
-           "path_max", "remove_if_placed", "sha256_of_file", "temporary_file_beside",
+           "path_max", "placements", "remove_if_placed", "sha256_of_file", "temporary_file_beside",
            "write_text_atomic", "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
@@ -227,8 +228,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-#: Each path :func:`link_new` put a file at (absolute) -> that file's ``(st_dev, st_ino)``.
-_PLACED: dict[str, tuple[int, int]] = {}
+#: Where :func:`link_new` notes the files it puts in place (absolute path -> the file's
+#: ``(st_dev, st_ino)``): the ``placements`` block of the caller's transaction, if any. A
+#: context variable, not one table for the process: two transactions of one process (two
+#: threads of a service) writing the same name must each know only their own files.
+_PLACING: ContextVar[dict[str, tuple[int, int]] | None] = ContextVar("_PLACING", default=None)
+
+
+@contextmanager
+def placements(into: dict[str, tuple[int, int]]) -> Iterator[None]:
+    """Inside, :func:`link_new` notes each file it puts in place into ``into``, for
+    :func:`remove_if_placed`."""
+    token = _PLACING.set(into)
+    try:
+        yield
+    finally:
+        _PLACING.reset(token)
 
 
 def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -253,17 +268,19 @@ def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str) -> 
             if os.path.lexists(target):  # a dangling symbolic link too: never written through
                 raise FileExistsError(exists_message) from None
             os.replace(tmp, target)
-        _PLACED[os.path.abspath(target)] = identity
+        placed = _PLACING.get()
+        if placed is not None:
+            placed[os.path.abspath(target)] = identity
 
 
-def remove_if_placed(path: str | os.PathLike[str]) -> None:
-    """Remove ``path`` if it still names the file :func:`link_new` put there in this process.
-    A rollback removes only its own outputs: where a write failed before its link (disk full
-    at the fsync, an interrupt), the file of that name is another run's, finished meanwhile,
-    and it stays."""
+def remove_if_placed(path: str | os.PathLike[str], placed: dict[str, tuple[int, int]]) -> None:
+    """Remove ``path`` if it still names the file :func:`link_new` put there inside
+    ``placements(placed)``. A rollback removes only its own outputs: where a write failed
+    before its link (disk full at the fsync, an interrupt), the file of that name is another
+    run's, finished meanwhile, and it stays."""
     key = os.path.abspath(path)
     try:
-        if key in _PLACED and _identity(path) == _PLACED[key]:
+        if key in placed and _identity(path) == placed[key]:
             os.unlink(path)
     except OSError:
         pass

@@ -35,6 +35,7 @@ from mtunlearn_ext._io import (
     interrupts_held,
     link_new,
     new_temporary_beside,
+    placements,
     remove_if_placed,
     write_text_new,
 )
@@ -703,6 +704,7 @@ class _NewFiles:
         self.paths: list[Path] = []
         self._staged: list[tuple[Path, Path]] = []
         self._staging: Path | None = None
+        self._placed: dict[str, tuple[int, int]] = {}  # the files commit() put in place
 
     def write(self, path: Path, writer: Callable[[Path], bool]) -> bool:
         """``writer(staged)``, with ``staged`` the staging copy of ``path``, which returns
@@ -730,7 +732,8 @@ class _NewFiles:
         for staged, path in self._staged:
             self.paths.append(path)
             try:
-                link_new(staged, path, f"{path} exists; refusing to overwrite it")
+                with placements(self._placed):
+                    link_new(staged, path, f"{path} exists; refusing to overwrite it")
             except FileExistsError as error:
                 self.paths.remove(path)
                 raise UserInputError("--output-dir", "a folder without report files", str(path),
@@ -749,7 +752,7 @@ class _NewFiles:
 
     def remove(self) -> None:
         for path in self.paths:
-            remove_if_placed(path)  # a link that failed put nothing there: not ours
+            remove_if_placed(path, self._placed)  # a failed link put nothing there: not ours
         self.discard_staging()
 
 

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import name_max, path_max, remove_if_placed, sha256_of_file, write_text_new
+from mtunlearn_ext._io import (
+    name_max,
+    path_max,
+    placements,
+    remove_if_placed,
+    sha256_of_file,
+    write_text_new,
+)
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.libmtl import TEST_FILES_KEY, TRAIN_FILES_KEY
 from mtunlearn_ext.data.request import ForgetRequest
@@ -969,6 +976,8 @@ class OutputTransaction:
     #: files (a failed command left `--output new/sub/o.pt`'s empty folders behind).
     _made_folders: list[Path] = field(default_factory=list)
     _committed: bool = False
+    #: The files this transaction's writes put in place (path -> device and inode).
+    _placed: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
@@ -1019,17 +1028,19 @@ class OutputTransaction:
         argument = next((a for a, p in self.outputs.items() if p == path), "output")
         folder = path.absolute().parent
         try:
-            for _ in range(_FOLDER_RACE_ATTEMPTS - 1):
+            with placements(self._placed):
+                for _ in range(_FOLDER_RACE_ATTEMPTS - 1):
+                    self._make_folders(folder)
+                    try:
+                        return writer(path)
+                    except FileNotFoundError:
+                        # A concurrent run that made a folder this path shares, and then
+                        # failed, removed it again (empty) between our making sure of it and
+                        # our write.
+                        if os.path.isdir(folder):
+                            raise
                 self._make_folders(folder)
-                try:
-                    return writer(path)
-                except FileNotFoundError:
-                    # A concurrent run that made a folder this path shares, and then failed,
-                    # removed it again (empty) between our making sure of it and our write.
-                    if os.path.isdir(folder):
-                        raise
-            self._make_folders(folder)
-            return writer(path)
+                return writer(path)
         except FileExistsError as error:
             self._created.remove(path)
             # reserve() found the path free: something else made it since (another run
@@ -1071,7 +1082,7 @@ class OutputTransaction:
         # the files this run put there: where its write failed before the link, the name may
         # be a concurrent run's finished output.
         for path in reversed(self._created):
-            remove_if_placed(path)
+            remove_if_placed(path, self._placed)
         # Deepest first; a folder that holds anything (another process's file) stays.
         for folder in sorted(set(self._made_folders), key=lambda f: len(f.parts), reverse=True):
             try:

@@ -774,6 +774,21 @@ def test_a_write_that_fails_before_its_link_leaves_another_runs_file_of_that_nam
             tx.write(mine, lambda p: write_text_new(p, "A's checkpoint"))
             raise RuntimeError("the record failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.pt"]
+    # Diff review: the files put in place were one table for the process, so a transaction
+    # of the same process (another thread of a service) that wrote the name first lost it.
+    with OutputTransaction() as first:
+        shared = first.reserve("--output", tmp_path / "shared.pt")
+        with OutputTransaction() as second:
+            second.reserve("--output", tmp_path / "shared.pt")
+        first.write(shared, lambda p: write_text_new(p, "the first's"))
+
+    def fails_after_the_first_wrote(p: Path) -> str:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserInputError):
+        with second:
+            second.write(tmp_path / "shared.pt", fails_after_the_first_wrote)
+    assert (tmp_path / "shared.pt").read_text() == "the first's"
 
 
 def test_a_report_whose_link_failed_leaves_the_file_of_that_name(tmp_path: Path) -> None:
