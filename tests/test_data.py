@@ -254,17 +254,26 @@ def test_forget_request_takes_integer_ids_only() -> None:
     with pytest.raises(TypeError, match=r"`instance_ids` must be one-dimensional"):
         ForgetRequest.create(torch.tensor([[1, 2], [3, 4]]))  # was flattened without a word
     assert ForgetRequest.create(5).instance_ids == (5,)
-    for bad in (torch.tensor([True, False]), [True], np.array([False, True])):
+    for bad in (torch.tensor([True, False]), [True], np.array([False, True]),
+                list(np.array([True, False]))):
         with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(ids, not a mask: "
                                             r"the ids of a mask's True entries are "
-                                            r"`mask\.nonzero\(\)`\)"):
+                                            r"`torch\.nonzero\(mask\)\.flatten\(\)` or "
+                                            r"`np\.flatnonzero\(mask\)`\)"):
             ForgetRequest.create(bad)  # type: ignore[arg-type]
+    # The advice works (diff review: `mask.nonzero()` was refused, `int(x)` of each made a
+    # mask's 0/1 values ids).
+    mask = torch.tensor([True, False, True])
+    assert ForgetRequest.create(torch.nonzero(mask).flatten()).instance_ids == (0, 2)
+    assert ForgetRequest.create(np.flatnonzero(mask.numpy())).instance_ids == (0, 2)
     # Review: a fraction or a string was told it was a mask.
     for bad in ([1.5], [float("nan")], ["a"], "12", 2.5, torch.tensor([0.5])):
         with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(the instances' "
-                                            r"ids, not strings or fractions: `int\(x\)` of "
-                                            r"each\)"):
+                                            r"ids, not strings or fractions\)"):
             ForgetRequest.create(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must be integers \(one int id per instance\), got "
+                                        r"None"):
+        ForgetRequest.create(None)  # type: ignore[arg-type]
     # One task may be named by a plain string (it used to become one task per character).
     assert ForgetRequest.create([1], "depth").target_tasks == ("depth",)
     # A data set's own ids: the same rule (fractions were truncated into duplicates or not).

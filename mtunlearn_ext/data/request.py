@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from mtunlearn_ext._errors import UnknownNameError
@@ -108,10 +109,15 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
     non-number is refused: a mask or a score column passed by mistake must not become ids."""
     def refuse(shown: object) -> TypeError:
         first = shown[0] if isinstance(shown, list) and shown else shown
-        mask = isinstance(first, bool) or (
-            isinstance(first, torch.Tensor) and first.dtype == torch.bool)
-        why = ("ids, not a mask: the ids of a mask's True entries are `mask.nonzero()`"
-               if mask else "the instances' ids, not strings or fractions: `int(x)` of each")
+        if isinstance(first, (bool, np.bool_)) or (
+                isinstance(first, torch.Tensor) and first.dtype == torch.bool):
+            why = ("ids, not a mask: the ids of a mask's True entries are "
+                   "`torch.nonzero(mask).flatten()` or `np.flatnonzero(mask)`")
+        elif isinstance(first, (float, str, np.floating, np.str_)) or (
+                isinstance(first, torch.Tensor) and first.is_floating_point()):
+            why = "the instances' ids, not strings or fractions"
+        else:
+            why = "one int id per instance"
         return TypeError(f"ForgetRequest: `instance_ids` must be integers ({why}), "
                          f"got {shown!r:.80}")
 
