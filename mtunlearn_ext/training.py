@@ -343,8 +343,14 @@ def meta_sha256(meta: Mapping[str, Any]) -> str:
             text = value.encode("utf-8", "surrogatepass")
             digest.update(f"s{len(text)}:".encode() + text)
         elif isinstance(value, torch.Tensor):
-            digest.update(f"t{value.dtype}{tuple(value.shape)}:".encode())
-            digest.update(tensor_bytes(value))
+            # Its values: a conjugate or negative view resolved, a sparse tensor made dense
+            # (its bytes are not viewable as they are).
+            dense = value.detach()
+            dense = dense.to_dense() if dense.layout != torch.strided else dense
+            dense = dense.resolve_conj().resolve_neg()
+            layout = "" if value.layout == torch.strided else str(value.layout)
+            digest.update(f"t{value.dtype}{tuple(value.shape)}{layout}:".encode())
+            digest.update(tensor_bytes(dense))
         elif isinstance(value, (list, tuple)):
             digest.update(f"{'l' if isinstance(value, list) else 'u'}{len(value)}:".encode())
             for item in value:

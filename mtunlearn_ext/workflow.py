@@ -267,6 +267,8 @@ def _not_a_file(path: Path, either: str = "") -> str:
         folder = there = False
     if folder:
         return f"{str(path)!r} is a folder, not a file of ids"
+    if there and os.path.islink(path) and not os.path.exists(path):
+        return f"{str(path)!r} is a symbolic link to a missing file ({os.readlink(path)!r})"
     if there:  # a FIFO, a socket, a device: read once, it would be gone for a rerun
         return f"{str(path)!r} is not a regular file; write the ids into one"
     return f"no file {str(path)!r}{either}"

@@ -1749,7 +1749,7 @@ def test_a_model_returning_no_mapping_is_told_to_return_a_dict(model: type[nn.Mo
     message = (f"UnlearningProblem: the model must return a mapping task -> prediction, got "
                f"{shown}: return a dict from its forward, {{'a': ..., 'b': ...}} (a tuple or a "
                "dataclass does not say which output is which task's; a namedtuple's field "
-               "names do)")
+               "names do where `unlearn` or `build_problem` wraps the model)")
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$") as info:
         mtunlearn_ext.unlearn(model(), tasks=TASKS, train_data=(x, y),
                               forget_request=ForgetRequest.create(range(5), ["a"]),

@@ -61,7 +61,10 @@ def test_an_at_file_that_is_not_a_file_says_what_is_there(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "idsdir").mkdir()
     os.mkfifo(tmp_path / "fifo.txt")  # failure injection: it was "no file 'fifo.txt'"
-    for given, said in (("@fifo.txt", "'fifo.txt' is not a regular file; write the ids into "
+    (tmp_path / "dangling.txt").symlink_to("gone.txt")  # diff review: "not a regular file"
+    for given, said in (("@dangling.txt", "'dangling.txt' is a symbolic link to a missing file "
+                                          "('gone.txt')"),
+                        ("@fifo.txt", "'fifo.txt' is not a regular file; write the ids into "
                                       "one"),
                         ("@.", "'.' is a folder, not a file of ids"),
                         ("@idsdir", "'idsdir' is a folder, not a file of ids"),

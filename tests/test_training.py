@@ -343,6 +343,7 @@ def test_a_flipped_bit_in_a_weight_is_refused_not_loaded(tmp_path: Path) -> None
     assert load_checkpoint(tmp_path / "old.pt").state_sha256 is None
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants:UserWarning")
 def test_changed_metadata_is_refused_not_loaded(tmp_path: Path) -> None:
     """Failure injection: only the weights were hashed, so one byte changed in the metadata
     loaded silently: a removal's ids [3, 7] read as [3, 13] (instance 7 back in the retain
@@ -370,6 +371,10 @@ def test_changed_metadata_is_refused_not_loaded(tmp_path: Path) -> None:
             load_checkpoint(tampered)
     # Key order is no change; a file of an older version (no metadata hash) still loads.
     assert meta_sha256({"a": 1, "b": 2}) == meta_sha256({"b": 2, "a": 1})
+    # Diff review: a conjugate view or a sparse tensor failed inside torch at save.
+    odd = {"conj": torch.tensor([1 + 2j]).conj(), "sparse": torch.eye(3).to_sparse()}
+    save_checkpoint(tmp_path / "odd.pt", model, odd)
+    assert load_checkpoint(tmp_path / "odd.pt").meta["conj"].resolve_conj().imag.item() == -2
     older = tmp_path / "older.pt"
     torch.save({k: v for k, v in payload.items() if k != "meta_sha256"}, older)
     assert load_checkpoint(older).meta["seed"] == 0

@@ -73,7 +73,8 @@ def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
     return ValueError(
         f"UnlearningProblem: the model must return a mapping task -> prediction, got "
         f"{type_name}: return a dict from its forward, {{{keys}}} (a tuple or a dataclass does "
-        "not say which output is which task's; a namedtuple's field names do)")
+        "not say which output is which task's; a namedtuple's field names do where `unlearn` "
+        "or `build_problem` wraps the model)")
 
 
 def seed_everything(seed: int, device: torch.device | str | None = None) -> torch.Generator:
@@ -237,8 +238,9 @@ class UnlearningProblem:
         if device.type not in ("cpu", "cuda", "meta"):
             try:  # mps, xpu, ...: torch says only when memory is first asked of it
                 torch.empty(0, device=device)
-            except RuntimeError as error:
-                said = str(error).strip().split(". ")[0].splitlines()[0]
+            except Exception as error:  # RuntimeError (mps), AssertionError (xpu), ImportError
+                said = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() \
+                    else type(error).__name__
                 raise ValueError(f"UnlearningProblem: `device` {str(device)!r} is not available "
                                  f"here ({said}); use 'cpu'") from error
         if self.held_out is not None:
@@ -444,7 +446,7 @@ class UnlearningProblem:
                 "forget (ForgetRequest.split removes them)")
 
     @torch.no_grad()
-    def check_model_on(self, data: MultiTaskDataset, what: str) -> None:
+    def check_model_on(self, data: MultiTaskDataset, what: str = "the data") -> None:
         """One eval-mode forward of a few rows of ``data`` (the first two and the first
         supervised row of each task): the model must run on its inputs and return a prediction
         for every task that the task's loss accepts on a supervised row (an unsupervised pair's
