@@ -340,14 +340,15 @@ class UnlearningProblem:
                     other for other in tasks if other != t]
         # Warned, not refused: a cascade (task b's head reading task a's prediction) is a
         # design, and one that runs; a module found in the wrong head is a mistake.
-        for t, names in reused.items():
-            others = sorted({o for tasks_of in names.values() for o in tasks_of})
-            shown = ", ".join(repr(n) for n in list(names)[:3]) + (
-                ", ..." if len(names) > 3 else "")
+        for t, feeding in reused.items():
+            others = sorted({o for tasks_of in feeding.values() for o in tasks_of})
+            shown = ", ".join(repr(n) for n in list(feeding)[:3]) + (
+                ", ..." if len(feeding) > 3 else "")
+            many = len(feeding) > 1
             warn_at_caller(
-                f"UnlearningProblem: {len(names)} parameter{'s' if len(names) > 1 else ''} "
+                f"UnlearningProblem: {len(feeding)} parameter{'s' if many else ''} "
                 f"given to the head of task {t!r} ({shown}) also feed"
-                f"{'' if len(names) > 1 else 's'} the model's predictions for {others} (read "
+                f"{'' if many else 's'} the model's predictions for {others} (read "
                 f"from the autograd graph of the first {read} retained instances): the head's "
                 "steps move those predictions unprotected (the projections protect other "
                 "tasks only through shared parameters); if several tasks use them by design "
