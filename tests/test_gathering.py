@@ -330,6 +330,14 @@ def test_a_dataset_longer_or_shorter_than_its_len_gives_the_rows_it_gave() -> No
         assert torch.equal(read.targets["topic"], y["topic"])
 
 
+# DataLoader workers fork on Linux, by default; Python 3.12 warns about any fork of a process
+# holding threads (torch's intra-op pool, once a test ran a parallel op): these tests fork on
+# purpose, and their workers only read the listed rows.
+_FORK_WARNING = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
+
+@_FORK_WARNING
 def test_workers_read_the_same_rows_in_the_same_order() -> None:
     x, y = _tensors()
     _assert_same(gather(_Instances(x, y), SPECS, num_workers=2, batch_size=3), _expected(x, y))
@@ -444,6 +452,7 @@ def test_a_loader_whose_batches_disagree_names_the_batch(
         gather(DataLoader(list(range(4)), batch_size=2, collate_fn=collate), SPECS)
 
 
+@_FORK_WARNING
 def test_reading_leaves_the_callers_random_stream() -> None:
     """Side-effects review: iterating a loader draws its base seed from torch's global
     generator (a loader gather builds for `num_workers`, or the caller's own), so gather, and
