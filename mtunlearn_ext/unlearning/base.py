@@ -41,6 +41,7 @@ from mtunlearn_ext.losses import CustomLossShapeError, _token_tagging_hint, task
 from mtunlearn_ext.models.copies import copy_model
 from mtunlearn_ext.models.modes import BuffersKept, eval_mode, ignoring_compile, measuring
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
+from mtunlearn_ext.unlearning.gradients import first_sentence
 
 __all__ = [
     "CurveRecorder",
@@ -239,8 +240,7 @@ class UnlearningProblem:
             try:  # mps, xpu, ...: torch says only when memory is first asked of it
                 torch.empty(0, device=device)
             except Exception as error:  # RuntimeError (mps), AssertionError (xpu), ImportError
-                said = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() \
-                    else type(error).__name__
+                said = first_sentence(error)
                 raise ValueError(f"UnlearningProblem: `device` {str(device)!r} is not available "
                                  f"here ({said}); use 'cpu'") from error
         if self.held_out is not None:

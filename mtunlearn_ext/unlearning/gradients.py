@@ -265,7 +265,7 @@ def _is_vmap_error(error: BaseException) -> bool:
                 or "out of memory" in said.lower())
 
 
-def _first_sentence(error: BaseException) -> str:
+def first_sentence(error: BaseException) -> str:
     """The first sentence of ``error``'s message (torch's vmap errors run to several)."""
     text = str(error).strip()
     if not text:
@@ -277,7 +277,7 @@ def _vmap_failure(caller: str, error: BaseException) -> RuntimeError:
     """The error to raise (from ``error``) when vmap could not batch the model's forward: what
     the pass does, what it cannot take, and the ways out (torch's own words name neither). Only
     torch's first sentence is repeated; the rest stays in the chained error."""
-    said = _first_sentence(error)
+    said = first_sentence(error)
     return RuntimeError(
         f"{caller}: the per-sample gradient step runs the model under torch.func.vmap, one "
         "instance at a time (each a batch of one), and torch could not batch its forward (or "
