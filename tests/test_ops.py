@@ -1791,6 +1791,47 @@ def test_solver_limits_hold_on_the_reference_path_too(monkeypatch) -> None:  # t
                                torch.full((3, 1), 0.5))
 
 
+def test_reference_solver_drops_dependent_rows(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The fallback without the extension solved ``(G + lambda I) a = rhs`` with
+    ``torch.linalg.solve``, so ``project_out`` of a rank-deficient basis with ``ridge=0`` (five
+    rows of rank two), which its docstring calls correct, raised a singular-matrix error there
+    while the compiled op gave the exact projection. Both now drop the dependent rows alike."""
+    from mtunlearn_ext.ops import projections, solvers
+
+    gen = torch.Generator().manual_seed(11)
+    basis = torch.randn(5, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, 9, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 9, generator=gen, dtype=torch.float64)
+    exact = g - g @ torch.from_numpy(np.linalg.pinv(basis.numpy()) @ basis.numpy())
+    compiled = ops.project_out(g, basis, 0.0)
+    monkeypatch.setattr(projections, "has_extension", lambda: False)
+    monkeypatch.setattr(solvers, "has_extension", lambda: False)
+    fallback = ops.project_out(g, basis, 0.0)
+    torch.testing.assert_close(compiled, exact, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fallback, exact, rtol=0, atol=1e-12)
+    # The documented example: the dependent second row gets coefficient 0.
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    torch.testing.assert_close(ops.ridge_solve(ones, torch.tensor([[1.0], [-1.0]],
+                                                                  dtype=torch.float64), 0.0),
+                               torch.tensor([[1.0], [0.0]], dtype=torch.float64))
+    for dtype in (torch.float32, torch.float64):
+        rows = torch.randn(4, 3, 6, generator=gen, dtype=dtype)
+        rows = torch.cat([rows, rows[:, :2] * 3.0, torch.zeros(4, 1, 6, dtype=dtype)], dim=1)
+        gram = rows @ rows.transpose(-1, -2)
+        rhs = gram @ torch.randn(4, 6, 2, generator=gen, dtype=dtype)
+        rhs[3, 1, 0] = math.nan
+        for ridge in (0.0, 1e-6, 0.1):
+            got = ops.ridge_solve(gram, rhs, ridge)
+            want = torch.ops.mtunlearn.ridge_solve(gram, rhs, ridge)
+            assert got.dtype == dtype and torch.isnan(got[3]).all()
+            assert not torch.isnan(got[:3]).any()
+            tol = 1e-9 if dtype == torch.float64 else 2e-3
+            torch.testing.assert_close(got[:3], want[:3], rtol=tol, atol=tol * float(
+                want[:3].abs().max()))
+            if ridge == 0.0:  # the dependent and the zero rows are dropped
+                assert (got[:3, 3:] == 0).all()
+
+
 def _check_finite_calls() -> dict[str, Callable[..., object]]:
     """Every public entry point taking ``check_finite``, called on small finite inputs."""
     from mtunlearn_ext import surgery

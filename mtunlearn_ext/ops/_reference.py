@@ -76,14 +76,47 @@ def ridge_lambda(gram_matrix: torch.Tensor, ridge: float) -> torch.Tensor:
     return ridge * mean_diag.clamp_min(0) + torch.finfo(torch.float64).tiny
 
 
+def pivot_floor(dtype: torch.dtype) -> float:
+    """The relative pivot below which the solvers drop a Gram row as dependent: the Gram's
+    rounding level (1e-12 for float64, 1e-6 for one accumulated in float32)."""
+    return 1e-12 if dtype == torch.float64 else 1e-6
+
+
 def ridge_solve(gram_matrix: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    g64 = gram_matrix.to(torch.float64)
-    k = g64.shape[-1]
-    lam = ridge_lambda(g64, ridge)
-    system = g64 + lam[..., None, None] * torch.eye(k, dtype=torch.float64, device=g64.device)
-    # The compiled solver drops rows whose Cholesky pivot is at the Gram's rounding level; for a
-    # PSD Gram that only differs from this exact solve where G is numerically singular.
-    return torch.linalg.solve(system, rhs.to(torch.float64)).to(gram_matrix.dtype)
+    """``(G + lambda I) a = rhs`` as the compiled solver does it: a Cholesky factorisation that
+    drops a row whose pivot falls to :func:`pivot_floor` times its own diagonal (coefficient
+    0), so that a singular ``G`` (dependent rows, ``ridge=0``) gives the least-squares
+    projection instead of a singular-matrix error; NaN/Inf inputs give NaN."""
+    k, m = gram_matrix.shape[-1], rhs.shape[-1]
+    count = math.prod(gram_matrix.shape[:-2])
+    if k * m * count == 0:
+        return torch.zeros(rhs.shape, dtype=gram_matrix.dtype, device=rhs.device)
+    problems = gram_matrix.to(torch.float64).reshape(count, k, k)
+    floor, tiny = pivot_floor(gram_matrix.dtype), torch.finfo(torch.float64).tiny
+    lam = ridge_lambda(problems, ridge)
+    factor = torch.zeros_like(problems)
+    for j in range(k):
+        own = problems[:, j, j] + lam
+        pivot = own - (factor[:, j, :j] ** 2).sum(-1)
+        kept = (pivot > floor * own + tiny) | torch.isnan(pivot)
+        diagonal = torch.where(kept, pivot, torch.ones_like(pivot)).sqrt()
+        factor[:, j, j] = torch.where(kept, diagonal, torch.zeros_like(diagonal))
+        below = problems[:, j + 1:, j] - (factor[:, j + 1:, :j] * factor[:, j:j + 1, :j]).sum(-1)
+        factor[:, j + 1:, j] = torch.where(kept[:, None], below / diagonal[:, None],
+                                           torch.zeros_like(below))
+    dropped = factor.diagonal(dim1=-2, dim2=-1) == 0
+    safe = torch.where(dropped, torch.ones_like(factor[:, 0]), factor.diagonal(dim1=-2, dim2=-1))
+    solution = rhs.to(torch.float64).reshape(count, k, m).clone()
+    for i in range(k):  # L y = rhs; a dropped row's unknown is 0
+        value = solution[:, i] - (factor[:, i, :i, None] * solution[:, :i]).sum(1)
+        solution[:, i] = torch.where(dropped[:, i, None], 0.0, value / safe[:, i, None])
+    for i in reversed(range(k)):  # L^T a = y
+        value = solution[:, i] - (factor[:, i + 1:, i, None] * solution[:, i + 1:]).sum(1)
+        solution[:, i] = torch.where(dropped[:, i, None], 0.0, value / safe[:, i, None])
+    finite = (torch.isfinite(problems).flatten(1).all(1)
+              & torch.isfinite(rhs.reshape(count, k * m)).all(1))
+    solution = torch.where(finite[:, None, None], solution, torch.nan)
+    return solution.reshape(rhs.shape).to(gram_matrix.dtype)
 
 
 def nonconflicting_dual(gram_matrix: torch.Tensor, rhs: torch.Tensor, iterations: int = 20000,
