@@ -47,6 +47,11 @@ levels, and each step of this method removes one:
      orthogonal complement, while the guarantee that matters (no retained instance gets worse to
      first order) is kept.
 
+   The instance step acts on the task-projected direction and moves it along per-sample
+   retain gradients, which are not orthogonal to the snapshots: the step keeps the instance
+   constraints exactly, the per-layer snapshot orthogonality of step 2 only approximately
+   (docs/unlearning.md gives a measurement; ``instance_projection="off"`` keeps it exactly).
+
    With ``instance_memory = m`` the newest ``(m + 1) B`` per-sample gradients (``B``: the first
    step's rows; with batches of that size, those of this step's and the last ``m`` steps'
    batches) stay in the constraint set (:mod:`~mtunlearn_ext.unlearning.instance_memory`), so a

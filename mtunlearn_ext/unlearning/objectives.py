@@ -11,10 +11,16 @@ dense/vector value ``y_hat``), target ``y`` and task loss ``l`` (:func:`mtunlear
     ``-inf``: cross-entropy ascent keeps growing the logit gap away from ``y`` and regression
     ascent pushes outputs without limit, so the shared backbone is eventually destroyed; only a
     small step budget keeps it usable.
-``capped_ascent`` (any kind; bounded; the default): ``-min(l, c)``, with ``c`` the loss that
-    the reference predictor below gets on the retain set (``log C`` for a uniform classifier). Ascent
-    stops, per sample, once the sample is fitted no better than by a predictor that has seen no
-    instance, so its infimum is ``-c`` and it cannot diverge.
+``capped_ascent`` (any kind; bounded; the default): ``-min(l, c)``. For a class task under its
+    kind's cross-entropy ``c = log C``, the loss of the uniform prediction (no retain data
+    needed); for any other kind, and for a task with its own ``TaskSpec.loss``, ``c`` is that
+    loss of ``mean_target``'s input-independent reference (below) averaged over the retain
+    pairs: for classes the retain label frequencies ``pi`` as logits, so cross-entropy given
+    as a custom loss caps at the labels' entropy ``H(pi)``, below ``log C`` unless the classes
+    are balanced. Ascent stops, per sample, once the sample is fitted no better than by a
+    predictor that has seen no instance, so its infimum is ``-c`` and it cannot diverge. (The
+    interference-aware method replaces ``c`` by default with a quantile of the original
+    model's own per-sample losses: its ``cap_quantile``.)
 ``capped_depth_weighted_ascent`` (depth; bounded): ``capped_ascent`` on the depth-weighted
     absolute error ``sum_p d_p |d_hat_p - d_p| / sum_p d_p`` instead of the plain mean. L1 ascent
     adds the same error at every pixel, so near pixels gain the most *relative* error; a model's
@@ -259,8 +265,11 @@ class MeanTargetObjective(_ReferenceObjective):
 
 
 class CappedAscentObjective(_ReferenceObjective):
-    """``-min(task_loss, c)``: ascent that stops once a sample's loss reaches the reference
-    predictor's mean loss ``c`` on the retain set (``log C`` for classes).
+    """``-min(task_loss, c)``: ascent that stops once a sample's loss reaches ``c``: ``log C``
+    for a class task under its kind's cross-entropy (the uniform prediction's loss), else the
+    mean loss of the input-independent reference prediction on the retain set (under a custom
+    loss also for classes: there the retain label frequencies, so a custom cross-entropy caps
+    at the labels' entropy, not at ``log C``).
 
     The retain set's reference prediction serves only to measure ``c``: a class task under its
     kind's own loss needs none (``c = log C``). Where ``c`` needs it and the retain set has no
@@ -347,8 +356,9 @@ class CappedAscentObjective(_ReferenceObjective):
         assert self.reference is not None
         # The reference as a prediction (class frequencies as logits, their logarithms;
         # binary rates as logits, log(r / (1 - r)); normals: a unit vector field; regression:
-        # a row). With the kind's own loss this is what log C is for classes; a task's custom
-        # loss measures its cap the same way.
+        # a row). A class task's custom loss is measured against the label frequencies, not
+        # the uniform prediction that gives log C under the kind's own loss: its cap is that
+        # loss's value for a predictor knowing only the retain label distribution.
         reference = (self.reference.clamp(min=1e-12).log() if class_kind else
                      torch.logit(self.reference, eps=1e-6) if self.spec.kind == "binary" else
                      self.reference)

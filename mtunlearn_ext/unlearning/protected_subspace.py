@@ -10,7 +10,10 @@ gradient is projected off it layer by layer,
 so that, to first order, a step along the projected forget gradient leaves every snapshot's
 loss unchanged *in every layer separately* (a stronger condition than orthogonality of the whole
 vector: it also holds when only some layers move, e.g. after clipping or a saliency mask, and it
-does not let one layer's large component hide a conflict in another).
+does not let one layer's large component hide a conflict in another). In the interference-aware
+step the instance-level projection follows and adds per-sample retain-gradient components, so
+there this holds for the step exactly only with ``instance_projection="off"``
+(:mod:`~mtunlearn_ext.unlearning.interference_aware`, step 3).
 
 The snapshots live in one preallocated ring buffer per parameter (``[k, *shape_p]``), so adding
 a snapshot is one copy per parameter and the basis is a list of leading-dim views of those
