@@ -1090,6 +1090,45 @@ def test_save_unlearned_writes_non_finite_summary_values_as_null(tmp_path) -> No
     assert report.extra["summary"]["forget_loss_after"]["b"] == float("inf")  # report untouched
 
 
+def test_report_to_dict_writes_every_non_finite_number_as_null() -> None:
+    """to_dict cleaned the curves only: a diverged run's NaN in ``extra``'s summary stayed NaN,
+    so ``json.dumps`` wrote ``NaN`` (and raised with ``allow_nan=False``), against the docs'
+    "written as null, as report.to_dict() writes it"."""
+    import json
+
+    x, y = _data()
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                      forget_request=ForgetRequest.create(range(5)),
+                                      shared_parameters=_trunk, config={"steps": 1})
+    report.extra["summary"]["forget_loss_after"] = {"a": float("nan"), "b": float("-inf")}
+    report.extra["nested"] = [(1.5, float("inf"))]
+    report.curves["forget_loss"][0] = float("nan")
+    plain = report.to_dict()
+    json.dumps(plain, allow_nan=False)
+    assert plain["extra"]["summary"]["forget_loss_after"] == {"a": None, "b": None}
+    assert plain["extra"]["nested"] == [(1.5, None)] and plain["curves"]["forget_loss"][0] is None
+    assert report.extra["summary"]["forget_loss_after"]["b"] == float("-inf")  # report untouched
+
+
+def test_a_failed_verify_saved_is_false(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SavedCheck had no ``__bool__``, so ``assert verify_saved(...)`` and ``if verify_saved(...)``
+    passed a failed check (a run that left the weights unchanged)."""
+    x, y = _data()
+    model = _TwoHeads()
+    new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                        forget_request=ForgetRequest.create(range(5)),
+                                        shared_parameters=_trunk, config={"steps": 1})
+    mtunlearn_ext.save_unlearned(new, report, tmp_path / "moved.pt", original=model)
+    assert mtunlearn_ext.verify_saved(tmp_path / "moved.pt.record.json", original=model)
+    with pytest.warns(UserWarning):
+        same, unchanged = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                                forget_request=ForgetRequest.create(range(5)),
+                                                shared_parameters=_trunk, config={"steps": 0})
+        mtunlearn_ext.save_unlearned(same, unchanged, tmp_path / "same.pt", original=model)
+    check = mtunlearn_ext.verify_saved(tmp_path / "same.pt.record.json", original=model)
+    assert not check.ok and not check
+
+
 def test_save_unlearned_records_the_seed_device_and_threads_of_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Reproducibility review: the record held the request, the method and its settings, but
     not the seed the result depends on, nor the device, the thread count and the torch build

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 from typing import assert_type
 
+import numpy as np
 import torch
 
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest, TaskSpec
+from mtunlearn_ext.api import SavedCheck, TasksSpec
+from mtunlearn_ext.data import Benchmark, register_benchmark
 from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
 from mtunlearn_ext.unlearning.base import UnlearningReport
+
+
+class TwoHeads(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"kind": x}
 
 
 def typed_usage(model: torch.nn.Module, x: torch.Tensor, y: dict[str, torch.Tensor]) -> None:
@@ -26,3 +35,29 @@ def typed_usage(model: torch.nn.Module, x: torch.Tensor, y: dict[str, torch.Tens
     assert_type(report, UnlearningReport)
     assert_type(mtunlearn_ext.data.MultiTaskDataset, type[MultiTaskDataset])
     mtunlearn_ext.save_unlearned(new_model, report, "unlearned.pt", original=model)
+    # The caller's class comes back; torch datasets and loaders are data as unlearn reads them.
+    own, _ = mtunlearn_ext.unlearn(TwoHeads(), tasks={"kind": "classification"},
+                                   train_data=torch.utils.data.TensorDataset(x),
+                                   forget_request=ForgetRequest.create(np.flatnonzero(x > 0)))
+    assert_type(own, TwoHeads)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x))
+    mtunlearn_ext.evaluate(own, loader, tasks={"kind": "classification"})
+    tasks: TasksSpec = {"kind": "classification"}
+    check = mtunlearn_ext.verify_saved("unlearned.pt.record.json")
+    assert_type(check, SavedCheck)
+    if not check:
+        raise SystemExit(check.mismatches)
+    outs = project_out_list([x], [x])
+    assert_type(outs, list[torch.Tensor])
+    projected, coeffs = project_nonconflicting_list([x], [x], return_coeffs=True)
+    assert_type(coeffs, torch.Tensor)
+    del tasks, projected
+
+
+@register_benchmark("typed_toy")
+def build_toy(seed: int, size: str, data_root: str | None) -> Benchmark:
+    raise NotImplementedError
+
+
+def built_toy() -> None:  # an untyped decorator (Any) would make the call Any
+    assert_type(build_toy(0, "small", None), Benchmark)

@@ -28,13 +28,13 @@ from mtunlearn_ext.api._lineage import Lineage
 from mtunlearn_ext.api._model_split import SplitModel
 from mtunlearn_ext.api._problem import build_problem
 from mtunlearn_ext.api._saving import API_RECORD_SCHEMA, SavedCheck, save_unlearned, verify_saved
-from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec
+from mtunlearn_ext.api._types import DataLike, InMemoryData, ParameterSpec, SharedSpec, TasksSpec
 from mtunlearn_ext.api._unlearn import unlearn
 from mtunlearn_ext.training import state_dict_sha256
 
-__all__ = ["API_RECORD_SCHEMA", "DataLike", "ParameterSpec", "SavedCheck", "SharedSpec",
-           "UISTasks", "build_problem", "evaluate", "save_unlearned", "state_dict_sha256",
-           "uis_floor", "unlearn", "verify_saved"]
+__all__ = ["API_RECORD_SCHEMA", "DataLike", "InMemoryData", "ParameterSpec", "SavedCheck",
+           "SharedSpec", "TasksSpec", "UISTasks", "build_problem", "evaluate", "save_unlearned",
+           "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
 
 # The names these classes had when the API was one module: a model pickled then (a returned
 # module carries its Lineage; a problem's model is a SplitModel) is found by them.

@@ -14,7 +14,7 @@ import torch
 from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._task_specs import keyed_spec
-from mtunlearn_ext.api._types import DataLike
+from mtunlearn_ext.api._types import InMemoryData
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.gathering import _gather
 from mtunlearn_ext.data.inputs import check_inputs, map_leaves, take_rows
@@ -172,7 +172,7 @@ def _meta_part(data: tuple[Any, ...]) -> str | None:
     return "supervision mask" if len(data) == 3 and meta(data[2]) else None
 
 
-def as_dataset(data: DataLike, specs: Sequence[TaskSpec], what: str,
+def as_dataset(data: InMemoryData, specs: Sequence[TaskSpec], what: str,
                 like: MultiTaskDataset | None = None, id_offset: int = 0, *,
                 op: str | None = None) -> MultiTaskDataset:
     """``data`` in the data contract. Tasks without a target tensor get an all-unsupervised

@@ -13,7 +13,7 @@ from torch import nn
 from mtunlearn_ext.api._data_forms import as_dataset, check_data_like, read_in
 from mtunlearn_ext.api._model_split import SplitModel, has_own_split
 from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs, tasks_from_data
-from mtunlearn_ext.api._types import DataLike, TasksSpec
+from mtunlearn_ext.api._types import DataLike, InMemoryData, TasksSpec
 from mtunlearn_ext.api._unlearn import non_finite_parameters
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
 from mtunlearn_ext.data.inputs import describe, inputs_to, num_rows, take_rows
@@ -40,7 +40,8 @@ def evaluate(model: nn.Module, data: DataLike, *,
     targets[, supervision])`` or a torch ``Dataset`` / ``DataLoader``. ``tasks`` as for
     ``unlearn`` (default: a data set's own, which its task names also stand for). The model
     is evaluated in eval mode without gradients and left as it was (its modules' modes and its
-    buffers' values too, which a forward may write in eval mode). E.g. the forget rows
+    buffers' values too, which a forward may write in eval mode); ``batch_size`` rows per
+    forward pass. E.g. the forget rows
     before and after a request:
     ``evaluate(model, (x[ids], {t: y[t][ids] for t in y}), tasks=tasks)``."""
     if not isinstance(model, nn.Module):
@@ -57,7 +58,7 @@ def evaluate(model: nn.Module, data: DataLike, *,
         raise ValueError(f"evaluate: `model` has NaN/Inf in {len(diverged)} parameter(s) "
                          f"(first: {diverged[0]}); its metrics would mean nothing")
     tasks = tasks_from_data(tasks, [data], "evaluate")
-    data = cast(DataLike, read_in(data, tasks, "data", "evaluate"))
+    data = cast(InMemoryData, read_in(data, tasks, "data", "evaluate"))
     check_data_like(data, "data", "evaluate")  # before the specs, which read its targets
     try:
         rows = num_rows(data.inputs if isinstance(data, MultiTaskDataset) else data[0])
@@ -172,8 +173,8 @@ def _uis_floor_check_kinds(data: Sequence[tuple[str, Any]],
                                  f"`tasks` as {want!r}; they must agree")
 
 
-def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_size: int, *,
-              tasks: UISTasks | None = None, draws: int = 200, seed: int = 0,
+def uis_floor(model: nn.Module, reference: InMemoryData, unseen: InMemoryData,
+              forget_size: int, *, tasks: UISTasks | None = None, draws: int = 200, seed: int = 0,
               batch_size: int = 64, original_test: Scores | None = None) -> UISFloor:
     """:func:`mtunlearn_ext.metrics.uis_floor` on the model and data as :func:`unlearn` takes
     them: the UIS of ``model`` left untouched, with random sets of ``forget_size`` unseen
@@ -187,7 +188,7 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
         unseen: instances ``model`` never trained on, from the forget set's distribution (a
             validation split, instances held back from training); never ``reference``.
             Both: a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
-            supervision])`` (:data:`DataLike`; a supervision mask's columns follow ``tasks``;
+            supervision])`` (:data:`InMemoryData`; a supervision mask's columns follow ``tasks``;
             targets of other tasks are left out).
         tasks: the tasks UIS averages over (the request's target tasks): names or TaskSpecs,
             or a mapping task -> kind as for :func:`unlearn`. Default: every task of
@@ -234,7 +235,7 @@ def uis_floor(model: nn.Module, reference: DataLike, unseen: DataLike, forget_si
             # for unlearn), and UIS averages over some of them.
             own = cast(tuple, value)
             kept = {t: v for t, v in own[1].items() if t in names}
-            value = as_dataset(cast(DataLike, (own[0], kept, *own[2:])), specs, label,
+            value = as_dataset(cast(InMemoryData, (own[0], kept, *own[2:])), specs, label,
                                 op="uis_floor")
         converted.append(value)
     return _measure_uis_floor(measured, converted[0], converted[1], forget_size, tasks=names,

@@ -43,7 +43,8 @@ from mtunlearn_ext.api._model_split import (
 )
 from mtunlearn_ext.api._task_specs import (
     classes_predicted_by, task_specs, tasks_from_data)
-from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec, TasksSpec
+from mtunlearn_ext.api._types import (DataLike, InMemoryData, ParameterSpec, SharedSpec,
+                                      TasksSpec)
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import TrainConfig
@@ -150,7 +151,8 @@ def build_problem_with_naming(model: nn.Module, *,
     # Instances that carry an "id" come back as a data set with those ids and take the data
     # set's path from here on: its ids name them in the request, the split and the checks.
     train_data, forget_data, retain_data, held_out_data = (
-        cast(Any, read_in(data, given_tasks, what, keep_ids=True)) for what, data in zip(
+        cast("InMemoryData | None", read_in(data, given_tasks, what, keep_ids=True))
+        for what, data in zip(
             ("train_data", "forget_data", "retain_data", "held_out_data"), as_passed))
     for what, data in (("train_data", train_data), ("forget_data", forget_data),
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
@@ -168,7 +170,8 @@ def build_problem_with_naming(model: nn.Module, *,
         train_data if train_data is not None else retain_data, given_tasks),
         ["train_data", "forget_data", "retain_data"])
     train_data, forget_data, retain_data, held_out_data = (
-        data if data is as_given else cast(Any, with_tasks(data, specs)) for data, as_given
+        data if data is as_given else cast("InMemoryData | None", with_tasks(data, specs))
+        for data, as_given
         in zip((train_data, forget_data, retain_data, held_out_data), as_passed))
     names = [s.name for s in specs]
     if train_data is not None:

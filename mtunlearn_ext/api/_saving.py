@@ -282,6 +282,11 @@ class SavedCheck:
     checks: dict[str, str] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
 
+    def __bool__(self) -> bool:
+        """``ok``: ``if verify_saved(...)`` and ``assert verify_saved(...)`` test the outcome
+        (a dataclass instance is otherwise always true, so a failed check passed them)."""
+        return self.ok
+
 
 def verify_saved(record: str | os.PathLike[str], *,
                  checkpoint: str | os.PathLike[str] | None = None,

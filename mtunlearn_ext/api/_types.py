@@ -4,7 +4,7 @@ named for the shared/heads split."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -21,11 +21,14 @@ from mtunlearn_ext.data.inputs import Inputs
 #: ``inputs`` is ``[N, ...]``, or for a model with several inputs a tuple / list of ``[N, ...]``
 #: tensors (the model is called ``model(*inputs)``) or a dict name -> ``[N, ...]``
 #: (``model(**inputs)``): the first element is the inputs whatever its type, so
-#: ``((ids, mask), targets)`` is unambiguous. :func:`unlearn` also reads a torch ``Dataset`` or
+#: ``((ids, mask), targets)`` is unambiguous. These forms are :data:`InMemoryData`;
+#: :func:`unlearn`, :func:`evaluate` and :func:`build_problem` also read a torch ``Dataset`` or
 #: ``DataLoader`` of instances, through :func:`~mtunlearn_ext.data.gather` (named by the
 #: ``"id"`` they carry, else by position).
-DataLike = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
-                 tuple[Inputs, Mapping[str, torch.Tensor], torch.Tensor]]
+InMemoryData = Union[MultiTaskDataset, tuple[Inputs, Mapping[str, torch.Tensor]],
+                     tuple[Inputs, Mapping[str, torch.Tensor], torch.Tensor]]
+DataLike = Union[InMemoryData, "torch.utils.data.Dataset[Any]",
+                 "torch.utils.data.DataLoader[Any]"]
 
 
 #: Parameters named, given, or held by modules: a head's or the trunk's parameters (also as

@@ -8,7 +8,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from mtunlearn_ext.api._instance_matching import TrainedRows, check_unseen
 from mtunlearn_ext.api._lineage import LINEAGE_ATTRIBUTE, Lineage, carried_lineage
 from mtunlearn_ext.api._model_split import SplitModel, unwrapped
 from mtunlearn_ext.api._problem import build_problem_with_naming
-from mtunlearn_ext.api._types import DataLike, ParameterSpec, SharedSpec, TasksSpec
+from mtunlearn_ext.api._types import (DataLike, InMemoryData, ParameterSpec, SharedSpec,
+                                      TasksSpec)
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
@@ -138,7 +139,11 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
     return {t: totals[t] / counts[t] for t in totals}
 
 
-def unlearn(model: nn.Module, *,
+#: The caller's model class: :func:`unlearn` returns a new module of it.
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def unlearn(model: ModelT, *,
             tasks: TasksSpec = None,
             train_data: DataLike | None = None,
             forget_request: ForgetRequest | None = None,
@@ -157,7 +162,7 @@ def unlearn(model: nn.Module, *,
             fresh_model: Callable[[], nn.Module] | None = None,
             train_config: TrainConfig | Mapping[str, Any] | None = None,
             earlier_requests: Sequence[ForgetRequest] | None = None
-            ) -> tuple[nn.Module, UnlearningReport]:
+            ) -> tuple[ModelT, UnlearningReport]:
     """Remove the supervision of ``target_tasks`` for some instances from a multi-task model.
 
     The model maps an input batch (one tensor, or several inputs: see below) to
@@ -269,7 +274,9 @@ def unlearn(model: nn.Module, *,
 
     Returns:
         ``(unlearned_model, report)``: a new module of the same class as ``model`` (in eval
-        mode, its parameters without ``.grad``), and an
+        mode, its parameters without ``.grad``; for a model in ``torch.compile``'s or
+        (Distributed)DataParallel's wrapper, of the module inside it, which the annotation
+        cannot say), and an
         :class:`~mtunlearn_ext.unlearning.UnlearningReport` whose ``extra["summary"]`` holds the
         mean task losses on forget and retain pairs before and after (``forget_loss_before``,
         ``forget_loss_after``, ...; first 256 rows of each set) and ``extra["weights_changed"]``:
@@ -320,8 +327,8 @@ def unlearn(model: nn.Module, *,
         wrapped, forget, retain = problem.model, problem.forget, problem.retain
         audit = None
         if audit_data is not None:
-            audit_data = cast(Any, read_in(audit_data, problem.tasks, "audit_data",
-                                            keep_ids=True))
+            audit_data = cast(InMemoryData, read_in(audit_data, problem.tasks, "audit_data",
+                                                     keep_ids=True))
             audit = as_dataset(audit_data, problem.tasks, "audit_data", like=retain)
             audit.check_values("unlearn: `audit_data`")
             audit.warn_of_negative_depths("unlearn: `audit_data`")
@@ -453,7 +460,7 @@ def unlearn(model: nn.Module, *,
                       f"{' and '.join(unbounded)} are NaN/Inf (step "
                       f"{result.report.curve_steps[unbounded[0]][-1]}); lower the learning rate "
                       f"or the step count (`config`)", UserWarning, stacklevel=2)
-    return out, result.report
+    return cast(ModelT, out), result.report
 
 
 def non_finite_last_losses(report: UnlearningReport) -> list[str]:

@@ -469,6 +469,13 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                              f"{wrong}")
         self.supervision = supervision
 
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{spec.name}: {spec.kind}" for spec in self.tasks)
+        pairs = ", ".join(f"{name} {int(count)}" for name, count in zip(
+            self.task_names, self.supervision.sum(0).tolist()))
+        return (f"MultiTaskDataset({len(self)} instances, tasks {{{kinds}}}, supervised pairs "
+                f"{{{pairs}}})")
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
@@ -197,6 +197,15 @@ def read_benchmark(path: str | os.PathLike[str]) -> Benchmark:
 _REGISTERED: dict[str, Callable[..., Benchmark]] = {}
 
 
+BuilderT = TypeVar("BuilderT", bound=Callable[..., Benchmark])
+
+
+@overload
+def register_benchmark(name: str, builder: None = ...) -> Callable[[BuilderT], BuilderT]: ...
+@overload
+def register_benchmark(name: str, builder: BuilderT) -> BuilderT: ...
+
+
 def register_benchmark(name: str, builder: Callable[..., Benchmark] | None = None) -> Any:
     """Make ``load_benchmark(name, seed=, size=, data_root=)`` build a benchmark of your own
     with ``builder(seed=seed, size=size, data_root=data_root)`` (a :class:`Benchmark` named
@@ -216,7 +225,7 @@ def register_benchmark(name: str, builder: Callable[..., Benchmark] | None = Non
         raise ValueError(f"register_benchmark: {name!r} is a built-in benchmark; choose another "
                          "name")
 
-    def register(fn: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
+    def register(fn: BuilderT) -> BuilderT:
         if not callable(fn):
             raise TypeError(f"register_benchmark: `builder` must be callable, got "
                             f"{type(fn).__name__}")

@@ -15,7 +15,7 @@ from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.data.base import MultiTaskDataset, integer_valued
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ForgetRequest:
     """Forget the supervision of ``target_tasks`` for the instances ``instance_ids``.
 
@@ -23,10 +23,25 @@ class ForgetRequest:
     proper subset, and the other tasks' labels of those instances stay in the retain pairs.
     Built directly or by :meth:`create`, the ids are checked and held as Python ints the same
     way (a mask or fractions are refused), so ``ids_hash`` does not depend on how they came.
+    Two requests are equal (and hash alike) when they name the same instances and the same
+    target tasks, in whatever order: the order is kept (it orders the forget set's rows) but
+    does not make another request.
     """
 
     instance_ids: tuple[int, ...]
     target_tasks: tuple[str, ...] | None = None
+
+    def _key(self) -> tuple[tuple[int, ...], tuple[str, ...] | None]:
+        tasks = None if self.target_tasks is None else tuple(sorted(self.target_tasks))
+        return tuple(sorted(self.instance_ids)), tasks
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ForgetRequest):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def __post_init__(self) -> None:
         # A request built directly (not by ``create``) gets the same ids, the same refusals and
@@ -36,7 +51,7 @@ class ForgetRequest:
         object.__setattr__(self, "target_tasks", _task_names(self.target_tasks))
 
     @staticmethod
-    def create(instance_ids: Sequence[int] | torch.Tensor,
+    def create(instance_ids: Sequence[int] | torch.Tensor | np.ndarray[Any, Any],
                target_tasks: Sequence[str] | str | None = None) -> ForgetRequest:
         """A request from ids (a sequence, NumPy array or tensor of integers; integral floats,
         as a data frame's column may hold, are accepted) and target task names (one name may

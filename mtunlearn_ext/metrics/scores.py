@@ -189,7 +189,7 @@ def retrain_gap_terms(unlearned: Mapping[str, Scores], retrained: Mapping[str, S
                       retrained_mia_auc: float | None = None,
                       bounded: Mapping[str, bool] | None = None) -> dict[str, float]:
     """The normalised gaps of :func:`retrain_gap`, keyed ``"split/task/metric"`` (and
-    ``"mia_auc"``), each x100."""
+    ``"mia_auc"``), each x100; the inputs as in :func:`retrain_gap`."""
     _check_auc(unlearned_mia_auc, "unlearned_mia_auc")
     _check_auc(retrained_mia_auc, "retrained_mia_auc")
     _check_same_keys("retrain_gap", "splits", unlearned, "unlearned", retrained, "retrained")

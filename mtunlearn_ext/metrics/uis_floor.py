@@ -48,7 +48,7 @@ from mtunlearn_ext.models.modes import measuring
 __all__ = ["UISFloor", "uis_floor"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: == compares identity, not raising
 class UISFloor:
     """The UIS of each draw of :func:`uis_floor` and what it is made of.
 

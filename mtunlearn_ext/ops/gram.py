@@ -111,6 +111,10 @@ def gram_list(xs: Sequence[torch.Tensor], per_tensor: bool = False, *,
     ``G[i, j] = sum_p <xs[p][i], xs[p][j]>`` (``[k, k]``), or with ``per_tensor=True`` the stack of
     per-parameter terms (``[len(xs), k, k]``, one Gram per layer). On CUDA the whole list is one
     kernel launch.
+
+    ``check_finite``: raise :class:`FloatingPointError` naming the input if one holds NaN/Inf,
+    read from the small result as in :func:`gram`; pass ``False`` inside CUDA graphs and compiled
+    regions (no device-to-host read), NaN then propagates.
     """
     op = "mtunlearn_ext.ops.gram_list"
     check_finite = check_bool(op, "check_finite", check_finite)
@@ -149,6 +153,9 @@ def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> tor
 
     Args:
         a: ``[..., m, n]``; b: ``[..., k, n]`` with the same leading dims, dtype and device.
+        check_finite: raise :class:`FloatingPointError` naming the input if one holds NaN/Inf, read
+            from the small result as in :func:`gram`; pass ``False`` inside CUDA graphs and compiled
+            regions (no device-to-host read), NaN then propagates.
 
     Returns:
         ``[..., m, k]`` in the accumulation dtype (float32, or float64 for float64 inputs).
@@ -177,6 +184,10 @@ def inner_list(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], per_tens
     ``as_[p]`` is ``[m, *shape_p]`` and ``bs[p]`` is ``[k, *shape_p]``; the result is
     ``C[i, j] = sum_p <as_[p][i], bs[p][j]>`` (``[m, k]``) or, with ``per_tensor=True``, the
     per-parameter terms (``[len(as_), m, k]``). No flat copy; one pass (one CUDA launch).
+
+    ``check_finite``: raise :class:`FloatingPointError` naming the input if one holds NaN/Inf,
+    read from the small result as in :func:`gram`; pass ``False`` inside CUDA graphs and compiled
+    regions (no device-to-host read), NaN then propagates.
     """
     return _paired_list_op("inner_list", "as_", as_, "bs", bs, per_tensor, check_finite)
 
@@ -191,5 +202,9 @@ def gram_list_stacked(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
     ``S[:m, :m]``, ``<y_i, y_j>`` in ``S[m:, m:]`` and ``<x_i, y_j>`` in ``S[:m, m:]``: a projection
     of ``m`` vectors on the span of ``k`` others needs the last two, which ``gram_list(ys)`` and
     ``inner_list(xs, ys)`` would get by reading ``ys`` twice.
+
+    ``check_finite``: raise :class:`FloatingPointError` naming the input if one holds NaN/Inf,
+    read from the small result as in :func:`gram`; pass ``False`` inside CUDA graphs and compiled
+    regions (no device-to-host read), NaN then propagates.
     """
     return _paired_list_op("gram_list_stacked", "xs", xs, "ys", ys, per_tensor, check_finite)

@@ -66,6 +66,10 @@ def project_out(g: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-6, *,
 
     Args:
         g: ``[..., m, n]``; basis: ``[..., k, n]`` (same leading dims, dtype, device).
+        ridge: relative Tikhonov term (:func:`ridge_solve`).
+        check_finite: raise :class:`FloatingPointError` naming ``g`` or ``basis`` if one holds
+            NaN/Inf, read from the coefficients; pass ``False`` inside CUDA graphs and compiled
+            regions (no device-to-host read), NaN then propagates.
 
     Returns:
         ``[..., m, n]`` in ``g``'s dtype; with ``return_coeffs``, also ``a^T`` (``[..., m, k]``).
@@ -112,6 +116,13 @@ def project_nonconflicting(g: torch.Tensor, r: torch.Tensor, sign: int = 1, *,
     raises none). Solved in the dual, ``d = g + sign * w @ r`` with ``w >= 0`` from
     :func:`nonconflicting_dual` on ``G = r r^T``, ``c = sign * r g``.
 
+    Args:
+        g: ``[..., m, n]``; r: ``[..., k, n]`` (same leading dims, dtype, device).
+        sign: ``1`` or ``-1``, as above.
+        check_finite: raise :class:`FloatingPointError` naming ``g`` or ``r`` if one holds NaN/Inf,
+            read from the coefficients; pass ``False`` inside CUDA graphs and compiled regions (no
+            device-to-host read), NaN then propagates.
+
     Returns:
         ``[..., m, n]`` in ``g``'s dtype; with ``return_coeffs``, also ``w`` (``[..., m, k]``).
     """
@@ -148,6 +159,16 @@ def pcgrad(x: torch.Tensor, seed: int = 0, *, check_finite: bool = True,
     normal plane of every task it conflicts with, in the order of :func:`pcgrad_order`), but
     computed as ``w @ x`` with ``w`` from :func:`pcgrad_weights` on the Gram matrix: two passes
     over ``x`` whatever ``k``. With ``return_coeffs``, also ``w`` (``[..., k]``).
+
+    Args:
+        x: ``[..., k, n]``, one row per task.
+        seed: the projection orders: ``seed >= 0`` shuffles, for each task, the order of the others
+            it is projected against (splitmix64: one order per seed on every device and backend); a
+            negative seed keeps the natural order, every other task in increasing index
+            (:func:`pcgrad_order`).
+        check_finite: raise :class:`FloatingPointError` if ``x`` holds NaN/Inf, read from the
+            weights; pass ``False`` inside CUDA graphs and compiled regions (no device-to-host
+            read), NaN then propagates.
     """
     op = "mtunlearn_ext.ops.pcgrad"
     check_finite = check_bool(op, "check_finite", check_finite)

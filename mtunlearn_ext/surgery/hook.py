@@ -406,6 +406,17 @@ class GradientSurgery:
             scaled update the scaler expects.
     """
 
+    def __repr__(self) -> str:
+        tensors = self._given.tensors
+        heads = "None" if self.head_params is None else f"{len(self.head_params)} tensors"
+        ids = self._layer_ids
+        layers = ("" if ids is False else ", per_layer: a layer per tensor" if ids is True else
+                  f", per_layer: {len(set(ids))} layer{'s' if len(set(ids)) != 1 else ''}")
+        return (f"GradientSurgery({self.aggregator!r}, shared: {len(tensors)} tensors "
+                f"({sum(t.numel() for t in tensors):,} values), heads: {heads}, "
+                f"per_task={self.per_task!r}{layers}, check_finite={self.check_finite}"
+                f"{', with a reducer' if self.reducer is not None else ''})")
+
     def __init__(self, shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                  aggregator: Aggregator | Weighting, *,
                  head_params: Iterable[torch.Tensor] | None = None,

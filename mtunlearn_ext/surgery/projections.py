@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 
@@ -185,6 +186,29 @@ def inner_list_stats(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tens
                        caller=(op, ("a_list", "b_list")))
 
 
+@overload
+def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
+                     ridge: float = ..., *, outs: Sequence[torch.Tensor] | None = ...,
+                     per_layer: bool | Sequence[int] = ..., num_layers: int | None = ...,
+                     reduce: StatsReduce | None = ..., check_finite: bool = ...,
+                     return_coeffs: Literal[False] = ..., basis_gram: torch.Tensor | None = ...
+                     ) -> list[torch.Tensor]: ...
+@overload
+def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
+                     ridge: float = ..., *, outs: Sequence[torch.Tensor] | None = ...,
+                     per_layer: bool | Sequence[int] = ..., num_layers: int | None = ...,
+                     reduce: StatsReduce | None = ..., check_finite: bool = ...,
+                     return_coeffs: Literal[True], basis_gram: torch.Tensor | None = ...
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+@overload
+def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
+                     ridge: float = ..., *, outs: Sequence[torch.Tensor] | None = ...,
+                     per_layer: bool | Sequence[int] = ..., num_layers: int | None = ...,
+                     reduce: StatsReduce | None = ..., check_finite: bool = ...,
+                     return_coeffs: bool, basis_gram: torch.Tensor | None = ...
+                     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]: ...
+
+
 @torch.no_grad()
 def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.Tensor],
                      ridge: float = 1e-6, *, outs: Sequence[torch.Tensor] | None = None,
@@ -221,6 +245,10 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
 
     Returns:
         The projected stacks (``outs``), and the coefficients if asked.
+
+    Float32 inputs of norm below ~1e-21 lose the projection to underflow in the Gram, which
+    the aggregators rescue and this does not (docs/dropin.md, "Tiny gradients"): scale them up
+    by a power of two first.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
     check_finite = check_bool(op, "check_finite", check_finite)
@@ -251,6 +279,35 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
 
     return check_on_failure(project, lambda: _check_projection_args(
         op, "g_list", g_list, "basis_list", basis_list, outs))
+
+
+@overload
+def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence[torch.Tensor],
+                                sign: int = ..., *, outs: Sequence[torch.Tensor] | None = ...,
+                                per_layer: bool | Sequence[int] = ...,
+                                num_layers: int | None = ...,
+                                reduce: StatsReduce | None = ..., check_finite: bool = ...,
+                                return_coeffs: Literal[False] = ...,
+                                basis_gram: torch.Tensor | None = ...
+                                ) -> list[torch.Tensor]: ...
+@overload
+def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence[torch.Tensor],
+                                sign: int = ..., *, outs: Sequence[torch.Tensor] | None = ...,
+                                per_layer: bool | Sequence[int] = ...,
+                                num_layers: int | None = ...,
+                                reduce: StatsReduce | None = ..., check_finite: bool = ...,
+                                return_coeffs: Literal[True],
+                                basis_gram: torch.Tensor | None = ...
+                                ) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+@overload
+def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence[torch.Tensor],
+                                sign: int = ..., *, outs: Sequence[torch.Tensor] | None = ...,
+                                per_layer: bool | Sequence[int] = ...,
+                                num_layers: int | None = ...,
+                                reduce: StatsReduce | None = ..., check_finite: bool = ...,
+                                return_coeffs: bool, basis_gram: torch.Tensor | None = ...
+                                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+    ...
 
 
 @torch.no_grad()

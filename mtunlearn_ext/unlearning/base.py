@@ -574,7 +574,7 @@ class CurveRecorder:
             self.steps.setdefault(name, []).append(int(step))
 
 
-@dataclass
+@dataclass(repr=False)
 class UnlearningReport:
     """What a run did: the method, its settings, wall time and loss curves.
 
@@ -609,15 +609,37 @@ class UnlearningReport:
     device: str | None = None
     threads: int | None = None
 
+    def __repr__(self) -> str:
+        # The curves hold a value per logged step (thousands of numbers): the dataclass repr
+        # printed every one; this names them with their last values, as a REPL wants it.
+        curves = ", ".join(f"{name}: {len(values)} points, last {values[-1]:.4g}"
+                           if values else f"{name}: empty" for name, values in self.curves.items())
+        return (f"UnlearningReport(method={self.method!r}, steps={self.steps}, "
+                f"wall_time_s={self.wall_time_s:.3g}, request={self.request!r}, "
+                f"seed={self.seed!r}, device={self.device!r}, threads={self.threads!r}, "
+                f"curves={{{curves}}}, config: {len(self.config)} settings, extra: "
+                f"{sorted(self.extra)}; to_dict() holds everything)")
+
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["curves"] = {k: [_json_float(v) for v in vs] for k, vs in self.curves.items()}
-        return out
+        """The report as plain data for JSON: every NaN or infinite number (a diverged
+        loss, in the curves or in ``extra``'s summary) becomes ``None``."""
+        return _finite_or_none(dataclasses.asdict(self))
 
 
-def _json_float(value: float) -> float | None:
-    """JSON has no NaN/inf: a diverged loss is recorded as ``None``."""
-    return value if math.isfinite(value) else None
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth of dicts, lists and tuples, replaced
+    by ``None`` (JSON has no NaN/Inf: ``json.dumps`` wrote ``NaN``, which strict parsers
+    refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_finite_or_none(item) for item in value]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 @dataclass

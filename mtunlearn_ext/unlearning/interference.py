@@ -42,7 +42,7 @@ from mtunlearn_ext.unlearning.objectives import make_forget_objectives
 __all__ = ["InterferenceMatrix", "cosine_matrix", "interference_matrix"]
 
 
-@dataclass
+@dataclass(eq=False)  # tensor fields: == compares identity, not raising
 class InterferenceMatrix:
     """Cosines between gradient rows ``labels`` (``forget/<task>``, then ``retain/<task>``,
     then, when the problem has held-out instances, ``unseen/<task>``).

@@ -1,0 +1,83 @@
+"""The public result objects as a user handles them in a REPL, in ``if`` / ``assert`` and in
+sets: their reprs, truth values and equality (an API review)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import mtunlearn_ext
+from mtunlearn_ext import ForgetRequest
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.metrics.uis_floor import UISFloor
+from mtunlearn_ext.surgery import GradientSurgery, UPGrad
+from mtunlearn_ext.unlearning.interference import InterferenceMatrix
+
+TASKS = {"a": "classification", "b": "regression"}
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 3), "b": nn.Linear(8, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: head(z) for t, head in self.heads.items()}
+
+
+def test_a_report_repr_names_its_curves_instead_of_printing_every_value() -> None:
+    """The dataclass repr printed every logged value (8.7k characters at the default 25
+    steps, 49k at 200); it now names each curve with its length and last value."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
+    _, report = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                      forget_request=ForgetRequest.create(range(5)),
+                                      shared_parameters=lambda n: n.startswith("trunk."),
+                                      config={"steps": 200, "log_every": 1})
+    text = repr(report)
+    assert len(report.curves["forget_loss"]) == 200
+    assert len(text) < 1500, len(text)
+    last = report.curves["forget_loss"][-1]
+    assert f"forget_loss: 200 points, last {last:.4g}" in text
+    assert "method='interference_aware'" in text and "steps=200" in text and str(report) == text
+
+
+def test_requests_naming_the_same_pairs_are_equal_in_any_order() -> None:
+    """Equality compared the id tuples in order: two requests for the same instances were
+    unequal, hashed apart and both kept in a set (their ids_hash was already the same)."""
+    first = ForgetRequest.create([3, 1, 2], ["b", "a"])
+    second = ForgetRequest.create([1, 2, 3], ["a", "b"])
+    assert first == second and hash(first) == hash(second) and len({first, second}) == 1
+    assert first.instance_ids == (3, 1, 2)  # the order is kept: it orders the forget rows
+    assert first != ForgetRequest.create([1, 2, 4], ["a", "b"])
+    assert first != ForgetRequest.create([1, 2, 3], ["a"])
+    assert ForgetRequest.create([1, 2]) != ForgetRequest.create([1, 2], ["a", "b"])
+    assert first != (1, 2, 3)
+
+
+def test_results_holding_tensors_compare_without_raising() -> None:
+    """The generated ``__eq__`` compared tensor fields, so ``copy.deepcopy(floor) == floor``
+    raised "Boolean value of Tensor ... is ambiguous"; they compare by identity now."""
+    floor = UISFloor(draws=torch.tensor([1.0, 2.0]), forget_change={"a": {"accuracy": 1.0}},
+                     original_test={"a": {"accuracy": 0.9}}, forget_size=3, pool_size=9)
+    assert floor == floor and (copy.deepcopy(floor) == floor) is False
+    matrix = InterferenceMatrix(labels=["forget/a"], before=torch.eye(1), after=torch.eye(1),
+                                forget_kept={"a": 1.0})
+    assert matrix == matrix and (copy.deepcopy(matrix) == matrix) is False
+
+
+def test_a_data_set_and_a_surgery_say_what_they_hold() -> None:
+    data = MultiTaskDataset(torch.randn(5, 3), {"a": torch.tensor([0, 1, -1, 1, 0])},
+                            [TaskSpec("a", "classification", num_classes=2)])
+    assert repr(data) == ("MultiTaskDataset(5 instances, tasks {a: classification}, supervised "
+                          "pairs {a 4})")
+    layer = nn.Linear(3, 3)
+    assert repr(GradientSurgery(list(layer.parameters()), UPGrad(), per_layer=[0, 0])) == (
+        "GradientSurgery(UPGrad(pref_vector=None, reg_eps=0.0), shared: 2 tensors (12 values), "
+        "heads: None, per_task='autograd', per_layer: 1 layer, check_finite=True)")
