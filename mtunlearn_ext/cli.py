@@ -913,7 +913,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from mtunlearn_ext.records import run_environment
         from mtunlearn_ext.workflow import json_safe
 
-        payload = {"checkpoint": str(args.checkpoint), "sha256": loaded.checkpoint.sha256,
+        payload = {"checkpoint": str(Path(args.checkpoint).resolve()),
+                   "sha256": loaded.checkpoint.sha256,
                    # Real data: which root was measured (--data-root when they moved).
                    **({"data_root": loaded.data_root} if loaded.data_root is not None else {}),
                    **json_safe(result), "seed": seed, "eval_batch_size": args.eval_batch_size,
@@ -1336,19 +1337,24 @@ def _refuse_command_as_import(parser: argparse.ArgumentParser, argv: list[str]) 
                                  f"{argv[i + 1]} ...`")
 
 
-def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]],
-                config: str | None) -> dict[str, Any]:
-    """How the command was called, for its record: the arguments as given, the ``--import``
-    modules with their files' SHA-256 (a plugin method's code is named by nothing else) and
-    the ``--config`` file's."""
+def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]], config: str | None,
+                method_config: str | None = None) -> dict[str, Any]:
+    """How the command was called, for its record: the arguments as given and the folder they
+    were given in (relative paths in them name files from there), the ``--import`` modules
+    with their files' SHA-256 (a plugin method's code is named by nothing else), the
+    ``--config`` file's, and the ``--method-config`` file's when it names one."""
     from mtunlearn_ext._io import sha256_of_file
+    from mtunlearn_ext.workflow import is_existing_file
 
-    config_file = None
-    if config:
-        path = Path(config).expanduser().resolve()
-        config_file = {"file": str(path),
-                       "sha256": sha256_of_file(path) if path.is_file() else None}
-    return {"argv": list(argv), "imports": plugins, "config": config_file}
+    def named_file(given: str) -> dict[str, Any]:
+        path = Path(given).expanduser().resolve()
+        return {"file": str(path), "sha256": sha256_of_file(path) if path.is_file() else None}
+
+    settings_file = (named_file(method_config)
+                     if method_config and is_existing_file(method_config) else None)
+    return {"argv": list(argv), "cwd": str(Path.cwd()), "imports": plugins,
+            "config": named_file(config) if config else None,
+            "method_config": settings_file}
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -1361,6 +1367,10 @@ def _main(argv: Sequence[str] | None) -> int:
     # --threads sets torch's process-wide count; a caller of main() in its own process (a
     # notebook, a test, a pipeline step) gets its count back.
     callers_threads = torch.get_num_threads()
+    # A command's models and data are float32 whatever the caller's process set as torch's
+    # default (a float64 default built a float64 model beside float32 data: a traceback).
+    callers_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
     try:
         _refuse_command_as_import(parser, argv)
         pre, _ = parser.parse_known_args(argv)
@@ -1376,7 +1386,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _refuse_empty_paths(args)
         _threads(args)
         plugins = import_plugins([*(args.imports_first or []), *(args.imports or [])])
-        args.invocation = _invocation(argv, plugins, getattr(args, "config", None))
+        args.invocation = _invocation(argv, plugins, getattr(args, "config", None),
+                                      getattr(args, "method_config", None))
         return int(args.func(args))
     except (UserInputError, CheckpointError, RecordError, FileExistsError) as error:
         print(f"mtunlearn: error: {error}", file=sys.stderr)
@@ -1394,6 +1405,7 @@ def _main(argv: Sequence[str] | None) -> int:
     finally:
         if torch.get_num_threads() != callers_threads:
             torch.set_num_threads(callers_threads)
+        torch.set_default_dtype(callers_dtype)
 
 
 #: Options that name a file or folder: an empty value named none, and was taken as not given

@@ -22,8 +22,11 @@ unlearned checkpoint and never over an existing file. Fields:
   ``threads`` (torch's intra-op CPU threads during the run), ``extension`` (whether the
   compiled ops ran) and ``cpu_isa`` (torch's CPU capability and the compiled ops' instruction
   set): besides the seed, what decides a run's last bits (:func:`run_environment`);
-- ``invocation`` (optional, written by ``mtunlearn unlearn``): the arguments as given, each
-  ``--import`` module's source file and its SHA-256, the ``--config`` file and its SHA-256;
+- ``invocation`` (optional, written by ``mtunlearn unlearn``): the arguments as given and
+  ``cwd``, the folder they were given in (absent in older records: relative paths among the
+  arguments name files from there), each ``--import`` module's source file and its SHA-256,
+  the ``--config`` file and the ``--method-config`` file (when it names one) with their
+  SHA-256;
 - ``benchmark``: name, size, seed, data root, data SHA-256;
 - ``input`` / ``output``: checkpoint path (absolute; older records may hold it relative to the
   folder ``unlearn`` ran in, :func:`recorded_path`) and SHA-256;

@@ -592,11 +592,14 @@ def _md_invocation(invocation: object) -> str:
     if not isinstance(invocation, Mapping) or not isinstance(invocation.get("argv"), list):
         return "not recorded"
     line = _md_code(" ".join(["mtunlearn", *map(shlex.quote, map(str, invocation["argv"]))]))
+    if isinstance(invocation.get("cwd"), str):  # relative paths in the command name from there
+        line += f", run in {_md_code(invocation['cwd'])}"
     files = [(f"--import {entry.get('module')}", entry)
              for entry in invocation.get("imports") or [] if isinstance(entry, Mapping)]
-    config = invocation.get("config")
-    if isinstance(config, Mapping):
-        files.append(("--config", config))
+    for option in ("config", "method_config"):
+        entry = invocation.get(option)
+        if isinstance(entry, Mapping):
+            files.append((f"--{option.replace('_', '-')}", entry))
     for label, entry in files:
         line += (f"; {_md_code(label)}: {_md_code(entry.get('file'))}, SHA-256 "
                  f"{_md_code(entry.get('sha256'))}")

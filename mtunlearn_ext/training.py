@@ -35,6 +35,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.losses import masked_multitask_loss
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
+from mtunlearn_ext.models.modes import gradients_on
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
@@ -229,7 +230,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     total_steps = steps_per_epoch * config.epochs
     start = time.perf_counter()
     with cpu_threads(config.num_threads), seeded_generators(config.seed, device), \
-            dense_embedding_gradients(model):
+            dense_embedding_gradients(model), gradients_on():
         order_generator = torch.Generator().manual_seed(config.seed)
         model.train()
         bar = tqdm(range(config.epochs), desc="train", disable=not progress, leave=False)

@@ -2971,3 +2971,36 @@ def test_evaluate_takes_a_model_built_under_inference_mode() -> None:
     x, y = _data(12)
     metrics = mtunlearn_ext.evaluate(model, (x, y), tasks=TASKS)
     assert set(metrics) == {"a", "b"} and math.isfinite(metrics["b"]["mse"])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_unlearn_and_train_run_under_the_callers_no_grad(mode: str) -> None:
+    """Reproducibility review: called under ``torch.no_grad()`` or ``torch.inference_mode()``
+    (an evaluation loop, a serving process), unlearn and train failed at their first step with
+    torch's "element 0 of tensors does not require grad"; they compute their own gradients, so
+    they now turn autograd on for their run, and give the weights a run outside gives."""
+    from mtunlearn_ext.models.base import MultiTaskModel
+    from mtunlearn_ext.training import TrainConfig, train
+
+    x, y = _data()
+    data = MultiTaskDataset(x, y, SPECS)
+
+    def models() -> tuple[nn.Module, MultiTaskModel]:  # made outside: inference_mode's
+        plain = _TwoHeads()                               # own tensors take no gradient
+        return _TwoHeads(), MultiTaskModel(plain.trunk, plain.heads, SPECS)
+
+    def run(model: nn.Module, trained: MultiTaskModel) -> tuple[nn.Module, nn.Module]:
+        unlearned, _ = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                             forget_request=ForgetRequest.create(range(5)),
+                                             shared_parameters=_trunk, config={"steps": 2})
+        train(trained, data, config=TrainConfig(epochs=1, batch_size=8), progress=False)
+        return unlearned, trained
+
+    outside = run(*models())
+    given = models()
+    with getattr(torch, mode)():
+        inside = run(*given)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    assert _same_state(inside[0], outside[0]) and _same_state(inside[1], outside[1])
+    untrained = _TwoHeads()
+    assert not _same_state(inside[1], MultiTaskModel(untrained.trunk, untrained.heads, SPECS))

@@ -49,9 +49,10 @@ def test_config_null_keeps_the_default(trained: Path, tmp_path: Path,  # noqa: F
     import hashlib
 
     assert record["invocation"] == {
-        "argv": ["unlearn", "--config", str(config)], "imports": [],
-        "config": {"file": str(config.resolve()),
-                   "sha256": hashlib.sha256(config.read_bytes()).hexdigest()}}
+        "argv": ["unlearn", "--config", str(config)], "cwd": str(tmp_path.resolve()),
+        "imports": [], "config": {"file": str(config.resolve()),
+                                  "sha256": hashlib.sha256(config.read_bytes()).hexdigest()},
+        "method_config": None}
     config.write_text(f"checkpoint: {ckpt}\nforget_ids: [{ids(1, 2)}]\ntarget_tasks: null\n")
     assert cli.main(["evaluate", "--config", str(config), "--quiet"]) == 0
     config.write_text(f"output: {tmp_path / 't.pt'}\nseed: null\nepochs: 1\nquiet: true\n")
@@ -212,3 +213,48 @@ def test_a_number_read_as_text_says_how_yaml_reads_numbers() -> None:
     for text in ("nan", "inf", "-Infinity"):  # YAML 1.1 writes them .nan, .inf: no advice
         with pytest.raises(ValueError, match=rf"got {text!r}$"):
             get_unlearner("interference_aware", {"lr": text})
+
+
+# -- a command run in-process, and its record rerun from elsewhere --------------------------------
+
+
+def test_a_record_keeps_the_folder_its_relative_paths_name_files_from(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Reproducibility review: a command given relative paths (``--checkpoint ../a.pt``) was
+    recorded and printed without the folder it ran in, so rerunning it from the record's
+    folder failed; a ``--method-config`` file had no SHA-256 in the record; and ``evaluate``'s
+    JSON named its checkpoint as given, so the same measurement differed by the folder it ran
+    in and could not find its checkpoint from another. A caller's float64 default dtype (a
+    notebook) built a float64 model beside float32 data: a traceback instead of a run."""
+    import hashlib
+
+    (tmp_path / "sub").mkdir()
+    shutil.copy(trained, tmp_path / "a.pt")
+    (tmp_path / "sub" / "m.json").write_text('{"steps": 2}')
+    monkeypatch.chdir(tmp_path / "sub")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert cli.main(["unlearn", "--checkpoint", "../a.pt", "--forget-ids", ids(1, 2),
+                         "--method-config", "m.json", "--output", "../u.pt", "--quiet"]) == 0
+        assert torch.get_default_dtype() == torch.float64  # the caller's, put back
+        assert cli.main(["evaluate", "--checkpoint", "../u.pt", "--quiet",
+                         "--output", "e.json"]) == 0
+    finally:
+        torch.set_default_dtype(previous)
+    record = json.loads((tmp_path / "u.pt.record.json").read_text())
+    invocation = record["invocation"]
+    assert invocation["cwd"] == str((tmp_path / "sub").resolve())
+    assert invocation["method_config"] == {
+        "file": str((tmp_path / "sub" / "m.json").resolve()),
+        "sha256": hashlib.sha256(b'{"steps": 2}').hexdigest()}
+    assert json.loads((tmp_path / "sub" / "e.json").read_text())["checkpoint"] == str(
+        (tmp_path / "u.pt").resolve())
+    # The recorded command, run again in the recorded folder, gives the same weights.
+    monkeypatch.chdir(invocation["cwd"])
+    again = [*invocation["argv"][:-3], "--output", "../again.pt", "--quiet"]
+    assert invocation["argv"][-3:-1] == ["--output", "../u.pt"]
+    assert cli.main(again) == 0
+    first = torch.load(tmp_path / "u.pt", weights_only=True)["state_dict"]
+    second = torch.load(tmp_path / "again.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)

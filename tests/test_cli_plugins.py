@@ -77,7 +77,8 @@ def test_a_method_registered_in_an_imported_module_runs(
     source = tmp_path / f"{module}.py"
     plugin = {"module": target, "file": str(source.resolve()),
               "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
-    assert record["invocation"] == {"argv": argv, "imports": [plugin], "config": None}
+    assert record["invocation"] == {"argv": argv, "cwd": str(Path.cwd()), "imports": [plugin],
+                                    "config": None, "method_config": None}
     write_report(record, tmp_path / "rep")
     assert (f"`--import {target}`: `{source.resolve()}`, SHA-256 `{plugin['sha256']}`"
             in (tmp_path / "rep" / "report.md").read_text())

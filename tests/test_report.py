@@ -537,7 +537,16 @@ def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) 
     write_report(record, tmp_path / "rep-invocation")
     lines = (tmp_path / "rep-invocation" / "report.md").read_text().splitlines()
     assert ("- command: `mtunlearn unlearn --forget-ids '3 7' --config c.yaml`; `--config`: "
-            f"`/w/c.yaml`, SHA-256 `{'ef' * 32}`") in lines
+            f"`/w/c.yaml`, SHA-256 `{'ef' * 32}`") in lines  # an older record: no cwd
+    # Reproducibility review: relative paths in the command name files from the folder it ran
+    # in, which the record did not keep; nor the --method-config file's SHA-256.
+    record["invocation"].update(cwd="/w/sub", method_config={"file": "/w/m.json",
+                                                             "sha256": "aa" * 32})
+    write_report(record, tmp_path / "rep-cwd")
+    lines = (tmp_path / "rep-cwd" / "report.md").read_text().splitlines()
+    assert ("- command: `mtunlearn unlearn --forget-ids '3 7' --config c.yaml`, run in `/w/sub`; "
+            f"`--config`: `/w/c.yaml`, SHA-256 `{'ef' * 32}`; `--method-config`: `/w/m.json`, "
+            f"SHA-256 `{'aa' * 32}`") in lines
     for drawn, said in ((None, "named with --forget-ids"),
                         ({"fraction": 0.1, "seed": 5}, "**drawn at random by the tool** "
                          "(--forget-fraction `0.1`, seed `5`), not named by a request")):

@@ -115,6 +115,16 @@ _STANCE_BEFORE: object = None
 
 
 @contextmanager
+def gradients_on() -> Iterator[None]:
+    """Autograd on inside, whatever the caller's mode: a library call that trains or unlearns
+    computes gradients of its own, and one made under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (an evaluation loop, a serving process) failed at its first
+    step with torch's "element 0 of tensors does not require grad"."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@contextmanager
 def ignoring_compile() -> Iterator[None]:
     """``torch.compile`` ignored inside (``torch.compiler.set_stance("force_eager")``): a
     compiled module runs as written. The stance is process-wide, so blocks overlapping in

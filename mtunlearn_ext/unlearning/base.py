@@ -39,7 +39,8 @@ from mtunlearn_ext.data.inputs import Inputs, describe, inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import CustomLossShapeError, _token_tagging_hint, task_loss
 from mtunlearn_ext.models.copies import copy_model
-from mtunlearn_ext.models.modes import BuffersKept, eval_mode, ignoring_compile, measuring
+from mtunlearn_ext.models.modes import (BuffersKept, eval_mode, gradients_on, ignoring_compile,
+                                        measuring)
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
 from mtunlearn_ext.unlearning.gradients import first_sentence
 
@@ -714,7 +715,7 @@ class Unlearner(ABC):
             # A torch.compile'd submodule runs eagerly: a step keeps the graph for a second
             # backward pass (or runs the model under torch.func), which a backward compiled
             # with donated buffers cannot serve, and a few steps would not repay the compile.
-            with forked_generators(device), ignoring_compile():
+            with forked_generators(device), ignoring_compile(), gradients_on():
                 return self._run(problem, device)
         finally:
             random.setstate(python_state)
