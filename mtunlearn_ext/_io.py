@@ -360,3 +360,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
             link_new(tmp, target, f"{target} exists; pass overwrite=True to replace it")
         _fsync_dir(target.parent)
         return sha
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object gives one key twice (``args[0]``: the key)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads`` that refuses a key given twice: ``json`` keeps
+    the last of two without a word, so a record or a setting edited by inserting a second
+    ``"instance_ids"`` before the real one read as the one a person does not see."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise DuplicateKeyError(key)
+        value[key] = item
+    return value
+

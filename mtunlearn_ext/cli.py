@@ -296,20 +296,8 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
 # -- shared helpers ----------------------------------------------------------------------------
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value: dict[str, Any] = {}
-    for key, item in pairs:
-        if key in value:
-            raise _DuplicateKey(key)
-        value[key] = item
-    return value
-
-
 def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
+    from mtunlearn_ext._io import DuplicateKeyError, unique_keys
     from mtunlearn_ext.workflow import UserInputError, is_existing_file
 
     if text is None or text == "":
@@ -320,11 +308,11 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
         raise UserInputError(argument, "a JSON object or a readable file holding one", text,
                              str(error)) from error
     try:
-        value = json.loads(raw, object_pairs_hook=_object_of_unique_keys)
+        value = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as error:
         raise UserInputError(argument, "a JSON object or a file holding one", text,
                              str(error)) from error
-    except _DuplicateKey as error:  # json keeps the last of two equal keys, without a word
+    except DuplicateKeyError as error:  # json keeps the last of two equal keys, without a word
         raise UserInputError(argument, "a JSON object with each key once", text,
                              f"key {error.args[0]!r} is given twice") from None
     except RecursionError:
@@ -384,7 +372,28 @@ def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any]
     if "forget" in after["metrics"] or "mia_auc" in after:
         rows.append(["forget", "*", "mia_auc", (before or {}).get("mia_auc"),
                      after.get("mia_auc")])
+        # How well the attack tells training members from unseen data at all: without it the
+        # forget set's AUC was read as a verdict where the attack was at chance.
+        if "mia_member_auc" in after:
+            rows.append(["retain", "*", "mia_member_auc", (before or {}).get("mia_member_auc"),
+                         after.get("mia_member_auc")])
     return rows
+
+
+def _attack_notes(after: Mapping[str, Any]) -> list[str]:
+    """Why the table's ``mia_auc`` is ``-`` (the record's ``mia_error``, seen nowhere else), and
+    whether the attack works at all on this model (its member AUC)."""
+    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE
+
+    notes = []
+    if after.get("mia_auc") is None and after.get("mia_error"):
+        notes.append(f"mia_auc not measured: {after['mia_error']}")
+    member = after.get("mia_member_auc")
+    if isinstance(member, (int, float)) and member <= ATTACK_AT_CHANCE:
+        notes.append(f"note: the attack tells training members from unseen data no better than "
+                     f"chance here (mia_member_auc {member:.2f}), so its forget-set AUC says "
+                     "nothing about forgetting")
+    return notes
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -710,8 +719,10 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 # (weights_changed: false) and in the checkpoint, and `verify` does not pass it.
                 bar.write(f"mtunlearn: warning: {args.method} left the weights exactly as they "
                           f"were ({result.report.steps} steps): the output model is the input "
-                          "model; the record says so (weights_changed: false) and verify will "
-                          "not pass it", file=sys.stderr)
+                          "model; the record says so (weights_changed: false), verify will "
+                          "not pass it, and the output's lineage does not count the request "
+                          "as removed (a later request may name its ids again)",
+                          file=sys.stderr)
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
@@ -733,7 +744,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 # request type or other tasks from the checkpoint's own.
                 "request_type": request_type, "target_tasks": list(targets),
                 "parent_state_sha256": input_weights,
-                REMOVALS_KEY: None if earlier is None else [*earlier, removal_entry(request)]}
+                # A run that changed no weight removed nothing: its ids stay requestable
+                # (counted as removed, they were refused by every later request and listed
+                # among the lineage's removals by the next run's record).
+                REMOVALS_KEY: None if earlier is None else [
+                    *earlier, *([removal_entry(request)] if weights_changed else [])]}
         # Everything the record holds but the output's hash is made before the checkpoint
         # lands (the code version runs git): what follows its rename is the record's own
         # write, the window in which a SIGKILL leaves a checkpoint without its record.
@@ -782,6 +797,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             tx.write(out_rec, lambda p: write_record(p, record))
             tx.commit()
     print(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
+    for note in _attack_notes(after):
+        print(note)
     print(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "
           # The instances forgotten: those named whose pairs earlier requests had all removed
@@ -925,6 +942,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table = _table([[split, task, metric, value]
                     for split, task, metric, _, value in _metric_rows(None, payload)],
                    ["split", "task", "metric", "value"])
+    for note in _attack_notes(payload):
+        table += "\n" + note
     if "retain_split" in payload:
         table += "\n" + _retain_note(payload["retain_split"])
     if output is None:

@@ -59,7 +59,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import sha256_of_file
+from mtunlearn_ext._io import DuplicateKeyError, sha256_of_file, unique_keys
 
 __all__ = ["FORGET_ERASED_CHECK", "RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError",
            "VerifyResult", "code_version", "compare_measurements", "read_record",
@@ -168,10 +168,14 @@ def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dic
         raise _record_error(argument, "an existing unlearning record file (JSON)", str(p),
                             "no such file" if not p.exists() else "not a file")
     try:
-        record = json.loads(p.read_text())
+        record = json.loads(p.read_text(), object_pairs_hook=unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
                             str(error)) from error
+    except DuplicateKeyError as error:  # a reader sees the first, json keeps the last
+        raise _record_error(argument, "a JSON unlearning record with each key once", str(p),
+                            f"key {error.args[0]!r} is given twice in one object (edited?)"
+                            ) from None
     except RecursionError:  # not a ValueError: it escaped as a traceback with exit 1
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
                             "nested too deeply to read") from None
@@ -291,6 +295,13 @@ def _provenance_differences(meta: Mapping[str, Any], record: Mapping[str, Any]
                f"{value!r} (record edited, or another run's checkpoint?)"
                for key, field, value in pairs if key in meta and meta[key] != value)
     removals = meta.get("removals")
+    if record.get("weights_changed") is False and isinstance(removals, list):
+        # A run that changed nothing did not add its request to the lineage (since the
+        # record's weights_changed; before, it did, and the entry is taken as its own).
+        earlier = request.get("earlier_removals")
+        if isinstance(earlier, list) and len(removals) == len(earlier):
+            removals = [*removals, {"instance_ids": request.get("instance_ids"),
+                                    "target_tasks": request.get("target_tasks_arg")}]
     if isinstance(removals, list) and removals and "earlier_removals" in request:
         earlier = request.get("earlier_removals")
 

@@ -528,6 +528,15 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
     aucs = [models[m].get("mia_auc") for m in labels]
     if any(v is not None for v in aucs):
         lines.append(row("forget", "(forget instances)", "MIA AUC", aucs))
+    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE  # sklearn: only here
+
+    members = [models[m].get("mia_member_auc") for m in labels]
+    if any(v is not None for v in members):
+        lines.append(row("retain", "(held-out members)", "MIA AUC", members))
+    unmeasured = [f"{_md_text(m)}: {_md_text(models[m]['mia_error'])}" for m in labels
+                  if models[m].get("mia_auc") is None and models[m].get("mia_error")]
+    at_chance = [m for m, v in zip(labels, members)
+                 if isinstance(v, (int, float)) and v <= ATTACK_AT_CHANCE]
     if record:
         goal = ("A record holds no retrained model: one would score on the forget split about "
                 "as on the test split.")
@@ -538,9 +547,18 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
               "unlearning should not raise it but move it towards what a model that never saw "
               f"those pairs scores. {goal} MIA AUC: a membership-inference attack's AUC on the "
               "forget instances against unseen test instances; 0.5 means the attack cannot "
-              "tell them apart (a value well below 0.5 singles them out too). -: not measured, "
-              "or not a finite number (a model that diverged)."
+              "tell them apart (a value well below 0.5 singles them out too); with few forget "
+              "instances it is coarse (each moves it by 1 / their number). The members' row is "
+              "the same attack on training instances it was not fitted on: how well it works "
+              "at all. -: not measured, or not a finite number (a model that diverged)."
               + (" change: after - before." if change else "")]
+    if unmeasured:
+        lines += ["", "MIA AUC not measured: " + "; ".join(unmeasured) + "."]
+    if at_chance:
+        lines += ["", "**The attack is at chance on the members** (AUC <= "
+                  f"{ATTACK_AT_CHANCE}: {', '.join(map(_md_text, at_chance))}): it does not tell "
+                  "training instances from unseen ones on this model, so its forget-set AUC "
+                  "says nothing about forgetting there."]
     return lines
 
 
@@ -584,6 +602,18 @@ def _md_provenance(record: Mapping[str, Any]) -> list[str]:
             f"- command: {_md_invocation(get('invocation'))}",
             "", "`mtunlearn verify --record RECORD` re-checks the files and the metrics against "
             "the record.", ""]
+
+
+def _md_named_and_forgotten(request: Mapping[str, Any]) -> str:
+    """How many instances the request named and, where earlier requests of the lineage had
+    already removed all of some of their pairs, how many this run forgot (the data-removal
+    review: "2 instances" was printed where one of the two had been removed before)."""
+    named = len(request["instance_ids"])
+    forgotten = request.get("forgotten_instance_ids")
+    if not isinstance(forgotten, list) or len(forgotten) == named:
+        return f"{named} instances"
+    return (f"{named} instances named, **{len(forgotten)} forgotten by this run** (the others' "
+            "pairs were removed by earlier requests: the ids' SHA-256 covers all named)")
 
 
 def _md_invocation(invocation: object) -> str:
@@ -655,7 +685,7 @@ def _report_inputs(results: Mapping[str, Any]
         intro = [f"Unlearning record: method {_md_code(results['method']['name'])}, "
                  f"{_md_text(results['request']['type'])} request on tasks "
                  f"{_md_names(results['request']['target_tasks'])}, "
-                 f"{len(results['request']['instance_ids'])} instances; output "
+                 f"{_md_named_and_forgotten(results['request'])}; output "
                  f"{_md_code(results['output']['checkpoint'])} (SHA-256 "
                  f"{_md_code(results['output']['sha256'][:16])}).", "",
                  _md_retain(results["request"])]

@@ -3004,3 +3004,20 @@ def test_unlearn_and_train_run_under_the_callers_no_grad(mode: str) -> None:
     assert _same_state(inside[0], outside[0]) and _same_state(inside[1], outside[1])
     untrained = _TwoHeads()
     assert not _same_state(inside[1], MultiTaskModel(untrained.trunk, untrained.heads, SPECS))
+
+
+def test_verify_saved_refuses_a_record_giving_a_key_twice(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A key inserted a second time before the real one read as the real one (json keeps the
+    last); a person reading the record sees the first."""
+    x, y = _data()
+    model = _TwoHeads()
+    new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                        forget_request=ForgetRequest.create(range(5)),
+                                        shared_parameters=_trunk, config={"steps": 1})
+    mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
+    path = tmp_path / "u.pt.record.json"
+    text = path.read_text()
+    assert '"schema": ' in text
+    path.write_text(text.replace('"schema": ', '"schema": "x", "schema": ', 1))
+    with pytest.raises(ValueError, match=r"gives the key 'schema' twice in one object"):
+        mtunlearn_ext.verify_saved(path)

@@ -645,6 +645,20 @@ def test_a_run_that_changes_no_weight_says_so(trained: Path, tmp_path: Path,  # 
         f"FAILED: {out} against {out}.record.json: not verified, its weights are the input "
         "model's, so nothing was unlearned"), printed.out
     assert "the output checkpoint's weights are exactly the input model's" in printed.err
+    assert "removed other pairs" not in printed.err and "earlier removals" not in printed.err
+    # Data-removal review: the ids still counted as removed in the output's lineage, so a
+    # retry on it was refused ("already removed every pair") and the next request's record
+    # listed them among the lineage's removals: an audit trail erasing what was never erased.
+    from mtunlearn_ext.training import load_checkpoint
+
+    assert load_checkpoint(out).meta["removals"] == load_checkpoint(trained).meta.get(
+        "removals", [])
+    assert cli.main(["unlearn", "--checkpoint", str(out), "--forget-ids", ids(1, 2),
+                     "--method-config", FAST, "--output", str(tmp_path / "retry.pt"),
+                     "--quiet"]) == 0
+    retry = json.loads((tmp_path / "retry.pt.record.json").read_text())["request"]
+    assert retry["earlier_removals"] == [] and len(retry["forgotten_instance_ids"]) == 2
+    capsys.readouterr()
     record["weights_changed"] = True
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(record))

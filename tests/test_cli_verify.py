@@ -56,6 +56,23 @@ def test_verify_record_errors_name_the_argument(trained: Path, tmp_path: Path,  
     assert _err(capsys).endswith(f"got '{listing}'; it holds a JSON list, not an object")
 
 
+def test_verify_refuses_a_record_giving_a_key_twice(unlearned: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Data-removal review: a second ``"instance_ids"`` inserted before the real one passed
+    verify (json keeps the last key; a person reading the file sees the first)."""
+    out, record = unlearned
+    text = record.read_text()
+    assert text.count('"instance_ids": [') >= 1
+    edited = tmp_path / "edited.json"
+    edited.write_text(text.replace('"instance_ids": [', '"instance_ids": [53, 55], '
+                                   '"instance_ids": [', 1))
+    assert cli.main(["verify", "--record", str(edited), "--checkpoint", str(out)]) == 2
+    assert _err(capsys) == ("mtunlearn: error: --record: expected a JSON unlearning record with "
+                            f"each key once, got '{edited}'; key 'instance_ids' is given twice "
+                            "in one object (edited?)")
+    assert cli.main(["verify", "--record", str(record)]) == 0
+
+
 @pytest.mark.parametrize(("path", "value", "field"), [
     (("eval_batch_size",), 0, "eval_batch_size"),
     (("eval_batch_size",), "abc", "eval_batch_size"),

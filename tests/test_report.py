@@ -610,3 +610,54 @@ def test_plots_give_each_model_one_colour_and_each_task_its_metric(
     assert all(bar_colour[m] == colour[f"{m} forget_loss"] for m in methods)
     for fig in figures:
         plt.close(fig)
+
+
+def test_the_attack_is_read_beside_its_member_auc_and_a_missing_auc_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Data-removal review: the report and the command's table showed the forget set's attack
+    AUC without the members' (how well the attack works at all), so 0.92 from an attack at
+    chance (member AUC 0.45) read as a verdict; and an AUC not measured was a bare "-" whose
+    reason (the record's mia_error) was in the record alone."""
+    record = json.loads(json.dumps(_record()))
+    record["before"].update(mia_member_auc=0.47)
+    record["after"].update(mia_auc=None, mia_member_auc=0.45,
+                           mia_error="no forget instance has every task")
+    write_report(record, tmp_path / "rep")
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert any(line.startswith("| retain | (held-out members) | MIA AUC | 0.4700 | 0.4500 |")
+               for line in lines), lines
+    assert "MIA AUC not measured: after: no forget instance has every task." in lines
+    assert any(line.startswith("**The attack is at chance on the members** (AUC <= 0.55: "
+                               "before, after)") for line in lines)
+    record["before"]["mia_member_auc"] = record["after"]["mia_member_auc"] = 0.9
+    record["after"].update(mia_auc=0.6, mia_error=None)
+    write_report(record, tmp_path / "rep2")
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    assert "at chance" not in text and "not measured:" not in text
+    # The command line's table and notes (cli._metric_rows / _attack_notes).
+    rows = cli._metric_rows(record["before"], {**record["after"], "mia_member_auc": 0.45,
+                                               "mia_auc": None, "mia_error": "too few"})
+    assert rows[-2:] == [["forget", "*", "mia_auc", 0.6, None],
+                         ["retain", "*", "mia_member_auc", 0.9, 0.45]]
+    assert cli._attack_notes({"mia_auc": None, "mia_error": "too few",
+                              "mia_member_auc": 0.45}) == [
+        "mia_auc not measured: too few",
+        "note: the attack tells training members from unseen data no better than chance here "
+        "(mia_member_auc 0.45), so its forget-set AUC says nothing about forgetting"]
+    assert cli._attack_notes({"mia_auc": 0.7, "mia_member_auc": 0.8}) == []
+
+
+def test_a_record_report_says_how_many_named_instances_this_run_forgot(tmp_path: Path) -> None:
+    """Data-removal review: a request naming [3, 48] after 3 had been removed forgot 48 only,
+    as the command said, but the report printed "2 instances" beside the SHA-256 of both."""
+    record = json.loads(json.dumps(_record()))
+    record["request"]["forgotten_instance_ids"] = [2]
+    write_report(record, tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert ("2 instances named, **1 forgotten by this run** (the others' pairs were removed by "
+            "earlier requests: the ids' SHA-256 covers all named)") in text
+    record["request"]["forgotten_instance_ids"] = [1, 2]
+    write_report(record, tmp_path / "rep2")
+    assert "request on tasks `a`, 2 instances; output" in (
+        tmp_path / "rep2" / "report.md").read_text()
+

@@ -844,6 +844,30 @@ def test_head_discovery_survives_wrapper_address_reuse() -> None:
     assert found == {id(t) for t in leaves}
 
 
+def test_the_head_walk_finds_the_leaves_of_the_plain_walk_in_its_order() -> None:
+    """reachable_leaves is written out for speed (each node type asked once whether it holds a
+    ``variable``): the same leaves, in the same order, as reading ``variable`` off every node
+    of :func:`graph_nodes`, a leaf loss included, on a model with shared and frozen parts."""
+    from mtunlearn_ext.surgery._autograd_graph import graph_nodes, reachable_leaves
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    trunk[0].bias.requires_grad_(False)
+    heads = [nn.Linear(4 * 6 * 6, 2) for _ in range(3)]
+    z = trunk(torch.randn(2, 3, 8, 8))
+    scale = nn.Parameter(torch.tensor(2.0))
+    losses = [heads[0](z).sum(), (heads[1](z) * scale).sum(), heads[2](z.detach()).sum(), scale]
+    plain: dict[int, torch.Tensor] = {}
+    for node in graph_nodes(losses):
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            plain[id(variable)] = variable
+    plain.setdefault(id(scale), scale)
+    found = reachable_leaves(losses)
+    assert [id(t) for t in found] == list(plain)
+    assert len(found) == 2 + 2 * 3 + 1 + 1  # conv weight, BN weight and bias, heads, scale
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_one_walk_finds_which_tasks_reach_each_leaf(seed: int) -> None:
     """The single walk behind batched mode's head masks agrees with one walk per loss, on

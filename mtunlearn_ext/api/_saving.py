@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import atomic_torch_save, name_max, sha256_of_file
+from mtunlearn_ext._io import (DuplicateKeyError, atomic_torch_save, name_max, sha256_of_file,
+                               unique_keys)
 from mtunlearn_ext.api._model_split import unwrapped
 from mtunlearn_ext.api._unlearn import (
     FloatingCast,
@@ -316,9 +317,12 @@ def verify_saved(record: str | os.PathLike[str], *,
     model = None if model is None else unwrapped(model)
     original = None if original is None else unwrapped(original)
     try:
-        payload = json.loads(record_path.read_text())
+        payload = json.loads(record_path.read_text(), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"verify_saved: {record_path} is not a JSON record: {error}") from error
+    except DuplicateKeyError as error:  # a reader sees the first, json keeps the last
+        raise ValueError(f"verify_saved: {record_path} gives the key {error.args[0]!r} twice "
+                         "in one object (edited?): a record has each key once") from None
     if not isinstance(payload, dict) or payload.get("schema") != API_RECORD_SCHEMA:
         found = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"verify_saved: {record_path} is not a save_unlearned record (schema "
