@@ -64,7 +64,7 @@ def reachable_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             variable = getattr(node, "variable", None)
             if isinstance(variable, torch.Tensor):
                 found[id(variable)] = variable
-        for nxt, _ in node.next_functions:  # type: ignore[attr-defined]
+        for nxt, _ in node.next_functions:
             if nxt is not None:
                 stack.append(nxt)
     for _, loss in leaf_losses(losses):
