@@ -81,3 +81,20 @@ def test_a_data_set_and_a_surgery_say_what_they_hold() -> None:
     assert repr(GradientSurgery(list(layer.parameters()), UPGrad(), per_layer=[0, 0])) == (
         "GradientSurgery(UPGrad(pref_vector=None, reg_eps=0.0), shared: 2 tensors (12 values), "
         "heads: None, per_task='autograd', per_layer: 1 layer, check_finite=True)")
+
+
+def test_curves_read_a_steps_tensors_in_one_transfer_as_the_same_numbers() -> None:
+    """The recorder read each logged tensor with its own .item() (on CUDA a sync per value,
+    about 9 per step, where its docstring said one per step); now one transfer per call, which
+    must give the numbers each .item() gave, for every float dtype."""
+    from mtunlearn_ext.unlearning.base import CurveRecorder
+
+    gen = torch.Generator().manual_seed(0)
+    values = {f"v{dtype}".replace("torch.", ""): (torch.randn((), generator=gen) * 1e3).to(dtype)
+              for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+    recorder = CurveRecorder()
+    recorder.log(3, **values, plain=0.25, absent=None, count=torch.tensor(7))
+    for name, value in values.items():
+        assert recorder.curves[name] == [value.item()] and recorder.steps[name] == [3]
+    assert recorder.curves["plain"] == [0.25] and recorder.curves["count"] == [7.0]
+    assert "absent" not in recorder.curves
