@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_the_float32_optimality_test_allows_rounding_not_a_visible_error() -> No
                              roundoff))
 
 
-def test_a_rollback_leaves_a_file_another_run_put_at_its_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_rollback_leaves_a_file_another_run_put_at_its_path(tmp_path: Path) -> None:
     path, other = tmp_path / "out.json", tmp_path / "theirs.json"
     placed: dict[str, tuple[int, int]] = {}
     with placements(placed):
