@@ -343,7 +343,10 @@ def test_a_flipped_bit_in_a_weight_is_refused_not_loaded(tmp_path: Path) -> None
     assert load_checkpoint(tmp_path / "old.pt").state_sha256 is None
 
 
+# torch's loader of a sparse tensor warns about its invariant checks: 2.14 that it validates
+# them, 2.11 (the oldest-torch leg) that they are disabled.
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants:UserWarning")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning")
 def test_changed_metadata_is_refused_not_loaded(tmp_path: Path) -> None:
     """Failure injection: only the weights were hashed, so one byte changed in the metadata
     loaded silently: a removal's ids [3, 7] read as [3, 13] (instance 7 back in the retain
