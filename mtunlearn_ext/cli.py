@@ -383,13 +383,13 @@ def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any]
 def _attack_notes(after: Mapping[str, Any]) -> list[str]:
     """Why the table's ``mia_auc`` is ``-`` (the record's ``mia_error``, seen nowhere else), and
     whether the attack works at all on this model (its member AUC)."""
-    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE
+    from mtunlearn_ext.metrics.membership import attack_at_chance
 
     notes = []
     if after.get("mia_auc") is None and after.get("mia_error"):
         notes.append(f"mia_auc not measured: {after['mia_error']}")
     member = after.get("mia_member_auc")
-    if isinstance(member, (int, float)) and member <= ATTACK_AT_CHANCE:
+    if attack_at_chance(member):
         notes.append(f"note: the attack tells training members from unseen data no better than "
                      f"chance here (mia_member_auc {member:.2f}), so its forget-set AUC says "
                      "nothing about forgetting")

@@ -528,15 +528,14 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
     aucs = [models[m].get("mia_auc") for m in labels]
     if any(v is not None for v in aucs):
         lines.append(row("forget", "(forget instances)", "MIA AUC", aucs))
-    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE  # sklearn: only here
+    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE, attack_at_chance  # sklearn
 
     members = [models[m].get("mia_member_auc") for m in labels]
     if any(v is not None for v in members):
         lines.append(row("retain", "(held-out members)", "MIA AUC", members))
     unmeasured = [f"{_md_text(m)}: {_md_text(models[m]['mia_error'])}" for m in labels
                   if models[m].get("mia_auc") is None and models[m].get("mia_error")]
-    at_chance = [m for m, v in zip(labels, members)
-                 if isinstance(v, (int, float)) and v <= ATTACK_AT_CHANCE]
+    at_chance = [m for m, v in zip(labels, members) if attack_at_chance(v)]
     if record:
         goal = ("A record holds no retrained model: one would score on the forget split about "
                 "as on the test split.")

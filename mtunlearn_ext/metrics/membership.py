@@ -37,13 +37,19 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
 
-__all__ = ["ATTACK_AT_CHANCE", "MIAResult", "attackable_instances", "membership_attack",
-           "mia_auc"]
+__all__ = ["ATTACK_AT_CHANCE", "MIAResult", "attack_at_chance", "attackable_instances",
+           "membership_attack", "mia_auc"]
 
 #: A ``member_auc`` at or below this: the attack tells training members from unseen data no
 #: better than chance on the model, so its forget-set AUC says nothing about forgetting there
 #: (the command line and the reports say so beside it).
 ATTACK_AT_CHANCE = 0.55
+
+
+def attack_at_chance(member_auc: object) -> bool:
+    """Whether a measured ``member_auc`` (a number; ``None`` when not measured) is at or below
+    :data:`ATTACK_AT_CHANCE`."""
+    return isinstance(member_auc, (int, float)) and member_auc <= ATTACK_AT_CHANCE
 
 
 @dataclass(frozen=True)
