@@ -214,11 +214,24 @@ def _dual_answers(g: torch.Tensor, roundoff: float = 0.0, *, lazy: bool = True
     dimensions has eigenvalues of +-1e-7 where they should be 0, and no point meets the float64
     test on it. An all-zero Gram (every point optimal) is never passed: the iterative solver's
     uniform weights are documented."""
-    k = g.shape[-1]
-    minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
-    a, ok = _simplex_weights_if_optimal(g, ops.nonconflicting_dual(g, minus_ones).squeeze(-2))
+    a, ok = _unbounded_answers(g)
     if lazy and bool(ok.all()):
         return a, ok
+    return _with_bounded_answers(g, roundoff, a, ok)
+
+
+def _unbounded_answers(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first QP's weights of :func:`_dual_answers` and, per problem, whether they pass."""
+    k = g.shape[-1]
+    minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
+    return _simplex_weights_if_optimal(g, ops.nonconflicting_dual(g, minus_ones).squeeze(-2))
+
+
+def _with_bounded_answers(g: torch.Tensor, roundoff: float, a: torch.Tensor, ok: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` where ``ok``, the bounded QP's weights elsewhere (:func:`_dual_answers`)."""
+    k = g.shape[-1]
+    minus_ones = torch.full((*g.shape[:-2], 1, k), -1.0, dtype=g.dtype, device=g.device)
     bounded, bounded_ok = _simplex_weights_if_optimal(
         g, ops.nonconflicting_dual(g + 1.0, minus_ones).squeeze(-2), roundoff)
     bounded_ok = bounded_ok & (torch.diagonal(g, dim1=-2, dim2=-1).amax(-1) > 0)
@@ -227,8 +240,12 @@ def _dual_answers(g: torch.Tensor, roundoff: float = 0.0, *, lazy: bool = True
 
 def _min_norm_by_dual(g: torch.Tensor, roundoff: float = 0.0) -> torch.Tensor | None:
     """:func:`_dual_answers` on the host: the weights, or ``None`` (a problem failing both
-    QPs sends the whole batch to the iterative solver)."""
-    a, ok = _dual_answers(g, roundoff)
+    QPs sends the whole batch to the iterative solver). Written out rather than called: the
+    first QP passing everywhere, the usual case, is then read once, not twice."""
+    a, ok = _unbounded_answers(g)
+    if bool(ok.all()):
+        return a
+    a, ok = _with_bounded_answers(g, roundoff, a, ok)
     return a if bool(ok.all()) else None
 
 
@@ -315,7 +332,6 @@ def _solve(g: torch.Tensor, iterations: int, polish: bool, roundoff: float,
     tiny = torch.finfo(torch.float64).tiny
     scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
     g = g / scale[..., None, None]
-    step = 1.0 / g.abs().sum(-1).amax(-1).clamp_min(tiny)
     host = g.device.type == "cpu" if host is None else host
     checked: tuple[torch.Tensor, torch.Tensor] | None = None
     if polish and not host and g.numel() > 0:
@@ -333,6 +349,9 @@ def _solve(g: torch.Tensor, iterations: int, polish: bool, roundoff: float,
         if exact is not None:
             return exact
 
+    # Only the budget needs the step size: computed after the QPs' answers, which usually end
+    # the solve, so that those solves do not pay for it.
+    step = 1.0 / g.abs().sum(-1).amax(-1).clamp_min(tiny)
     x = torch.full((*g.shape[:-2], k), 1.0 / k, dtype=torch.float64, device=g.device)
     y = x
     t = torch.ones(g.shape[:-2], dtype=torch.float64, device=g.device)
