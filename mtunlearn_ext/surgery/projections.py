@@ -115,24 +115,28 @@ def _check_projection_args(op: str, g_name: str, g_list: list[torch.Tensor], b_n
 def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Tensor],
                  layers: list[int] | None, num_layers: int, reduce: StatsReduce | None,
                  check_finite: bool, basis_gram: torch.Tensor | None,
-                 transposed: bool = False, basis_name: str = "basis_list") -> torch.Tensor:
-    """``[B B^T | B g^T]`` (``[..., k, k + m]``), or with ``transposed`` ``[B B^T; g B^T]``
-    (``[..., k + m, k]``, the dual's layout), reduced across processes in one collective: from
-    one pass over ``[g; B]``, or, with a kept (already reduced) ``basis_gram``, only the cross
-    products."""
+                 transposed: bool = False, basis_name: str = "basis_list"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B B^T`` (``[..., k, k]``) and ``B g^T`` (``[..., k, m]``), or with ``transposed``
+    ``g B^T`` (``[..., m, k]``, the dual's layout), reduced across processes in one collective:
+    from one pass over ``[g; B]``, or, with a kept (already reduced) ``basis_gram``, only the
+    cross products. Two blocks, possibly views, not one matrix: the solvers take them apart
+    anyway, and joining them cost a ``torch.cat`` per call (:func:`_joined` where one is
+    needed)."""
     m, k = g_list[0].shape[0], basis_list[0].shape[0]
-    dim = -2 if transposed else -1
     if basis_gram is None:
         # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
         full = stacked_stats(g_list, basis_list, layers, num_layers,
                              check_finite=check_finite and reduce is None,
                              caller=(op, ("g_list", basis_name)))
+        gram = full[..., m:, m:]
         cross = full[..., :m, m:] if transposed else full[..., m:, :m]
-        stats = torch.cat([full[..., m:, m:], cross], dim=dim)
         if reduce is None:
-            return stats
-        return reduced_stats(op, stats, reduce, [("g_list", g_list), (basis_name, basis_list)],
-                             check_finite=check_finite)
+            return gram, cross
+        stats = reduced_stats(op, _joined(gram, cross, transposed), reduce,
+                              [("g_list", g_list), (basis_name, basis_list)],
+                              check_finite=check_finite)
+        return _split(stats, k, transposed)
     pair = (g_list, basis_list) if transposed else (basis_list, g_list)
     names = ("g_list", basis_name) if transposed else (basis_name, "g_list")
     cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite and reduce is None,
@@ -146,7 +150,29 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     if reduce is not None:
         cross = reduced_stats(op, cross, reduce, [(names[0], pair[0]), (names[1], pair[1])],
                               check_finite=check_finite)
-    return torch.cat([basis_gram.to(cross.dtype), cross], dim=dim)
+    return basis_gram.to(cross.dtype), cross
+
+
+def _joined(gram: torch.Tensor, cross: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """:func:`_basis_stats`' two blocks as one matrix, ``[B B^T | B g^T]`` (``[..., k, k + m]``)
+    or with ``transposed`` ``[B B^T; g B^T]`` (``[..., k + m, k]``): what one collective
+    reduces, and what :func:`guard_nonfinite` guards per problem."""
+    return torch.cat([gram, cross], dim=-2 if transposed else -1)
+
+
+def _split(stats: torch.Tensor, k: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_joined`'s matrix as its two blocks again (views)."""
+    if transposed:
+        return stats[..., :k, :], stats[..., k:, :]
+    return stats[..., :k], stats[..., k:]
+
+
+def _guarded(gram: torch.Tensor, cross: torch.Tensor, k: int, transposed: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`guard_nonfinite` on the two blocks together (a problem is solved on the
+    identity where either holds NaN/Inf): the blocks, and the finite flag per problem."""
+    stats, finite = guard_nonfinite(_joined(gram, cross, transposed), k)
+    return *_split(stats, k, transposed), finite
 
 
 def gram_list_stats(basis_list: Sequence[torch.Tensor], *, per_layer: bool | Sequence[int] = False,
@@ -263,13 +289,12 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         k = basis_list[0].shape[0]
         layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
-        stats = _basis_stats(op, g_list, basis_list, layers, layer_count, reduce, check_finite,
-                             basis_gram)
+        gram, cross = _basis_stats(op, g_list, basis_list, layers, layer_count, reduce,
+                                   check_finite, basis_gram)
         finite = None
         if not check_finite:
-            stats, finite = guard_nonfinite(stats, k)
-        coeffs = ops.ridge_solve(stats[..., :k].contiguous(), stats[..., k:].contiguous(),
-                                 ridge).transpose(-1, -2)
+            gram, cross, finite = _guarded(gram, cross, k, transposed=False)
+        coeffs = ops.ridge_solve(gram.contiguous(), cross.contiguous(), ridge).transpose(-1, -2)
         if finite is not None:
             coeffs = poison_nonfinite(coeffs, finite)
         targets = _prepare_outs(op, g_list, outs)
@@ -348,13 +373,13 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
     def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         k = r_list[0].shape[0]
         layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
-        stats = _basis_stats(op, g_list, r_list, layers, layer_count, reduce, check_finite,
-                             basis_gram, transposed=True, basis_name="r_list")
+        gram, cross = _basis_stats(op, g_list, r_list, layers, layer_count, reduce,
+                                   check_finite, basis_gram, transposed=True,
+                                   basis_name="r_list")
         finite = None
         if not check_finite:
-            stats, finite = guard_nonfinite(stats, k)
-        coeffs = ops.nonconflicting_dual(stats[..., :k, :].contiguous(),
-                                        float(sign) * stats[..., k:, :])
+            gram, cross, finite = _guarded(gram, cross, k, transposed=True)
+        coeffs = ops.nonconflicting_dual(gram.contiguous(), float(sign) * cross)
         if finite is not None:
             coeffs = poison_nonfinite(coeffs, finite)
         targets = _prepare_outs(op, g_list, outs)
