@@ -7,7 +7,9 @@ is written straight into each shared parameter's ``.grad`` (added to what is alr
 gradient accumulation over micro-batches works as with ``backward``). Parameters outside the
 shared set that the losses reach (task heads) receive the plain sum of their task gradients,
 as ``sum(losses).backward()`` would give them. No flat copy of the parameters or gradients is
-ever made; the only extra memory is the ``k`` stacks.
+ever made; the only extra memory is the ``k`` stacks, which the surgery keeps from one call to
+the next (made anew when the number of tasks, the shared parameters taking part, or one's
+shape, dtype or device changes).
 
 As with ``sum(losses).backward()``, a shared parameter that no task's loss reaches keeps its
 ``.grad`` as it is (``None`` stays ``None``, so optimizers skip it), and which shared parameters
@@ -477,6 +479,7 @@ class GradientSurgery:
         # State of accumulate() / apply(): per-task buffers, the parameters they are for, and
         # what the pending micro-batches reached.
         self._buffers: list[torch.Tensor] | None = None
+        self._buffer_rows: list[Sequence[torch.Tensor]] = []
         self._buffered_tasks: int | None = None
         self._buffered_for: _Active | None = None
         self._pending = False
@@ -553,10 +556,11 @@ class GradientSurgery:
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, len(losses), constants)
         _refuse_hooked_shared(caller, active)
-        stacks = [torch.empty((len(losses), *local_tensor(p).shape), dtype=p.dtype,
-                              device=local_tensor(p).device) for p in active.params]
-        reached, head_sums = self._per_task_grads(losses, constants, active, stacks, add=False,
-                                                  retain_graph=retain_graph, caller=caller)
+        # Nothing is pending (refused above): accumulate()'s buffers are free to serve.
+        stacks, rows = self._task_buffers(active, len(losses))
+        reached, head_sums = self._per_task_grads(losses, constants, active, stacks, rows,
+                                                  add=False, retain_graph=retain_graph,
+                                                  caller=caller)
         device = _losses_device(losses, constants)
         if self.reducer is None:
             # The heads' .grad are written once the aggregation has gone through: a step it
@@ -595,21 +599,17 @@ class GradientSurgery:
             raise ValueError("GradientSurgery.accumulate: the shared parameters requiring grad "
                              "changed since the last micro-batch (a layer was frozen or "
                              "unfrozen); call apply() before changing them")
-        if self._buffers is None or self._buffered_tasks != k or not same_params:
-            self._buffers = [torch.empty((k, *local_tensor(p).shape), dtype=p.dtype,
-                                         device=local_tensor(p).device) for p in active.params]
-            self._buffered_tasks = k
-            self._buffered_for = active
-            self._pending = False
         if not self._pending:
+            self._task_buffers(active, k)
             self._clear_pending()
             self._pending_reached = [False] * len(active.params)
             self._pending_constants = frozenset()
             self._pending_device = None
         self._writes_begun = False  # set by the task passes as they start writing
         try:
+            assert self._buffers is not None  # the pending ones, or _task_buffers' above
             reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
-                                                      add=self._pending,
+                                                      self._buffer_rows, add=self._pending,
                                                       retain_graph=retain_graph, caller=caller)
             found = _TaskPass(reached, *head_sums.write())
         except BaseException as error:
@@ -686,6 +686,32 @@ class GradientSurgery:
         return self._aggregate(active, stacks, _TaskPass([True] * len(stacks), [], []))
 
     # ------------------------------------------------------------------ internals
+
+    def _task_buffers(self, active: _Active, k: int
+                      ) -> tuple[list[torch.Tensor], list[Sequence[torch.Tensor]]]:
+        """The per-task stacks for ``k`` tasks of ``active``'s parameters, with no micro-batch
+        pending: the last step's, kept (their every row is written again before it is read),
+        or new ones where they no longer fit; and ``rows[t]``, task ``t``'s row of each stack
+        (views made with the stacks). Kept, not made at every step: a tensor and a row view
+        per parameter and task were 2-6% of a small model's step (6 tensors, k = 2-4), and on
+        the CPU a new stack of a large model is page-faulted in again at every step. The price
+        is that the stacks stay allocated between steps, as accumulate()'s always have."""
+        buffers = self._buffers
+        if (buffers is None or self._buffered_tasks != k or self._buffered_for is None
+                or not (self._buffered_for is active
+                        or _same_tensors(self._buffered_for.params, active.params))
+                or not _stacks_fit(buffers, active.params)):
+            # The old ones go first: with them alive the new ones would need twice the memory.
+            self._buffers, self._buffer_rows = None, []
+            buffers = [torch.empty((k, *local_tensor(p).shape), dtype=p.dtype,
+                                   device=local_tensor(p).device) for p in active.params]
+            self._buffers = buffers
+            self._buffer_rows = (list(zip(*(b.unbind(0) for b in buffers))) if buffers
+                                 else [()] * k)
+        self._buffered_tasks = k
+        self._buffered_for = active
+        self._pending = False
+        return buffers, self._buffer_rows
 
     def _clear_pending(self) -> None:
         """No micro-batch pending: the buffers stay allocated, for the next step."""
@@ -921,12 +947,14 @@ class GradientSurgery:
         warnings.warn(message, stacklevel=5)
 
     def _per_task_grads(self, losses: list[torch.Tensor], constants: frozenset[int],
-                        active: _Active, stacks: list[torch.Tensor], *, add: bool,
+                        active: _Active, stacks: list[torch.Tensor],
+                        rows: list[Sequence[torch.Tensor]], *, add: bool,
                         retain_graph: bool, caller: str
                         ) -> tuple[list[bool], _HeadSums]:
-        """Fill (or add into) ``stacks[p][t]`` with d losses[t] / d active.params[p] (zero for
-        the ``constants``); returns, per parameter, whether any task's loss reached it, and the
-        head gradients summed over the tasks, not yet written."""
+        """Fill (or add into) ``stacks[p][t]`` (``rows[t][p]``, a view) with d losses[t] /
+        d active.params[p] (zero for the ``constants``); returns, per parameter, whether any
+        task's loss reached it, and the head gradients summed over the tasks, not yet
+        written."""
         k = len(losses)
         attached = [t for t in range(k) if t not in constants]
         if self.per_task != "batched":
@@ -936,7 +964,7 @@ class GradientSurgery:
                 _refuse_post_accumulate_hooks(
                     caller, (h for h in self.head_params if h.requires_grad), _head_description)
             self._writes_begun = True
-            reached = self._per_task_by_backward(losses, constants, active, stacks, add=add,
+            reached = self._per_task_by_backward(losses, constants, active, rows, add=add,
                                                  retain_graph=retain_graph)
             self._poison_constant_rows(losses, constants, stacks)
             return reached, _HeadSums([], [], [])
@@ -972,7 +1000,6 @@ class GradientSurgery:
             head_sums = [None if g is None else g.sum(0) for g in grads[n_shared:]]
             head_tasks = batched_head_tasks
         else:
-            rows = [s.unbind(0) for s in stacks]  # rows[p][t]: task t's slot of parameter p
             reached = [False] * n_shared
             self._writes_begun = True
             head_tasks = [0] * len(heads)
@@ -981,7 +1008,7 @@ class GradientSurgery:
                 # A zero gradient (a constant), or nothing to take it for (torch.autograd.grad
                 # refuses an empty list of inputs): nothing to take.
                 if t in constants or not inputs:
-                    _store_named(active, [r[t] for r in rows], [None] * n_shared, add=add)
+                    _store_named(active, rows[t], [None] * n_shared, add=add)
                     continue
                 keep = retain_graph or t < last
                 try:
@@ -996,7 +1023,7 @@ class GradientSurgery:
                 for i, g in enumerate(shared):  # marked in place: no new list per task
                     if g is not None:
                         reached[i] = True
-                _store_named(active, [r[t] for r in rows], shared, add=add)
+                _store_named(active, rows[t], shared, add=add)
                 for h, g in enumerate(grads[n_shared:]):
                     if g is not None:
                         head_tasks[h] |= 1 << t
@@ -1083,10 +1110,10 @@ class GradientSurgery:
                           "sum(losses).backward() does")
 
     def _per_task_by_backward(self, losses: list[torch.Tensor], constants: frozenset[int],
-                              active: _Active, stacks: list[torch.Tensor], *, add: bool,
-                              retain_graph: bool) -> list[bool]:
-        """The per-task stacks from ``loss.backward()`` per task; returns, per parameter,
-        whether any task's loss reached it."""
+                              active: _Active, rows: list[Sequence[torch.Tensor]], *,
+                              add: bool, retain_graph: bool) -> list[bool]:
+        """The per-task stacks (``rows[t]``: task ``t``'s row of each) from ``loss.backward()``
+        per task; returns, per parameter, whether any task's loss reached it."""
         k = len(losses)
         params = active.params
         attached = [t for t in range(k) if t not in constants]
@@ -1103,14 +1130,12 @@ class GradientSurgery:
         stash = [p.grad for p in params]
         for p in params:
             p.grad = None
-        rows = [s.unbind(0) for s in stacks]
         reached = [False] * len(params)
         try:
             for t, loss in enumerate(losses):
                 if t in constants:
                     if not zero_passes:  # a zero gradient: nothing to take
-                        _store_named(active, [r[t] for r in rows], [None] * len(params),
-                                     add=add)
+                        _store_named(active, rows[t], [None] * len(params), add=add)
                         continue
                     if zero is None:
                         total = losses[attached[0]].reshape(())
@@ -1129,7 +1154,7 @@ class GradientSurgery:
                 for i, g in enumerate(grads):
                     if g is not None:
                         reached[i] = True
-                _store_named(active, [r[t] for r in rows], grads, add=add)
+                _store_named(active, rows[t], grads, add=add)
                 for param in params:
                     param.grad = None
         finally:
@@ -1345,6 +1370,18 @@ def _losses_device(losses: Sequence[torch.Tensor], constants: frozenset[int]
 
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _stacks_fit(stacks: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+    """Whether each stack still has its parameter's (local) shape, dtype and device: a
+    parameter keeps its identity through ``module.to(dtype)``, ``.data = ...`` or a move,
+    which change them."""
+    for stack, param in zip(stacks, params):
+        local = local_tensor(param)
+        if (stack.shape[1:] != local.shape or stack.dtype != local.dtype
+                or stack.device != local.device):
+            return False
+    return True
 
 
 def _head_description(_index: int, head: torch.Tensor) -> str:
