@@ -10,9 +10,22 @@ import math
 import sys
 import types
 import typing
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["check_field_types"]
+__all__ = ["check_field_types", "choice_of"]
+
+#: A closed set of strings, typed as a ``Literal`` (``Literal["sgd", "adam"]``).
+C = TypeVar("C", bound=str)
+
+
+def choice_of(value: object, choices: tuple[C, ...]) -> C | None:
+    """The member of ``choices`` equal to ``value`` (a string: from YAML, the command line),
+    typed as the choice set, so that a type checker reads it as the ``Literal`` its
+    destination wants; ``None`` when there is none (the caller refuses it in its own
+    words)."""
+    if not isinstance(value, str):
+        return None
+    return next((choice for choice in choices if choice == value), None)
 
 
 def check_field_types(config: Any) -> None:
@@ -118,7 +131,9 @@ def _describe_type(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe_type(arm) for arm in typing.get_args(annotation))
     if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+        choices = typing.get_args(annotation)
+        return (repr(choices[0]) if len(choices) == 1
+                else "one of " + ", ".join(repr(a) for a in choices))
     if annotation is type(None):
         return "None"
     names = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}

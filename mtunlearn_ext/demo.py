@@ -26,7 +26,11 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (``--help`` imports nothing heavy)
+    from mtunlearn_ext.experiment import ReferenceModel
+    from mtunlearn_ext.unlearning.presets import Recipe
 
 __all__ = ["DEMO_BASELINES", "DEMO_BENCHMARKS", "DEMO_RECIPES", "check_args", "main"]
 
@@ -38,7 +42,7 @@ DEMO_BASELINES: tuple[str, ...] = ("neggrad_plus", "orthograd", "pcgrad")
 #: The benchmarks the demo runs on: the ones the library makes itself (no data root needed).
 DEMO_BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits")
 #: Training recipes (:data:`mtunlearn_ext.unlearning.presets.RECIPES`), the demo's default first.
-DEMO_RECIPES: tuple[str, ...] = ("memorising", "default")
+DEMO_RECIPES: tuple[Recipe, ...] = ("memorising", "default")
 #: Training epochs of each recipe per benchmark (every size), for ``--help``: the ``default``
 #: recipe is the benchmark's own (``mtunlearn_ext.data.registry``), ``memorising`` sets 40
 #: epochs everywhere (``mtunlearn_ext.unlearning.presets.RECIPES``). Written out so that
@@ -155,7 +159,7 @@ def check_args(args: argparse.Namespace) -> None:
 # -- the demo ------------------------------------------------------------------------------------
 
 
-def _train_job(config: Any, which: str) -> dict[str, Any]:
+def _train_job(config: Any, which: ReferenceModel) -> dict[str, Any]:
     """Worker: train (or load from the cache) one reference model of ``config``."""
     from mtunlearn_ext.experiment import train_reference_model
 
@@ -213,7 +217,7 @@ def _caps_without_held_out(settings: dict[str, dict[str, Any]], benchmark: str
             for method, values in settings.items()}
 
 
-def _held_out_note(benchmark: str, recipe: str) -> str | None:
+def _held_out_note(benchmark: str, recipe: Recipe) -> str | None:
     """The line saying that the method's forget caps come from the retain set, where
     :func:`_caps_without_held_out` changes its settings (None elsewhere)."""
     from mtunlearn_ext.unlearning.presets import tuned_settings

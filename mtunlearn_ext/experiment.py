@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -48,9 +48,9 @@ from mtunlearn_ext._io import write_text_atomic
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
-from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
 from mtunlearn_ext.metrics import evaluate, membership_attack, retrain_gap, uis, uis_terms
-from mtunlearn_ext.metrics.membership import attackable_instances
+from mtunlearn_ext.metrics.membership import ATTACKS, MembershipAttack, attackable_instances
 from mtunlearn_ext.metrics.scores import uis_term_defined
 from mtunlearn_ext.models import MultiTaskModel, build_model
 from mtunlearn_ext.records import code_version, run_environment
@@ -79,6 +79,7 @@ __all__ = [
     "ExperimentConfig",
     "ExperimentData",
     "PreparedExperiment",
+    "ReferenceModel",
     "build_request",
     "experiment_threads",
     "format_table",
@@ -91,6 +92,9 @@ __all__ = [
 ]
 
 SCHEMA = "mtunlearn_ext.experiment/1"
+
+#: The two models an experiment trains (:func:`train_reference_model`).
+ReferenceModel = Literal["original", "retrained"]
 
 #: The metric shown per task kind in the printed table (the JSON holds every metric).
 PRIMARY_METRIC: dict[str, str] = {
@@ -132,7 +136,7 @@ class ExperimentConfig:
     benchmark: str = "indoor"
     size: Size = "small"
     data_root: str | None = None
-    request: str = "full"
+    request: RequestType = "full"
     forget_fraction: float = 0.1
     forget_ids: list[int] | None = None
     target_tasks: list[str] | None = None
@@ -144,13 +148,13 @@ class ExperimentConfig:
     device: str = "cpu"
     train_overrides: dict[str, Any] = field(default_factory=dict)
     eval_batch_size: int = 64
-    mia_attack: str = "logistic"
+    mia_attack: MembershipAttack = "logistic"
     progress: bool = False
     threads: int | None = None
 
     def validate(self) -> None:
         check_field_types(self)
-        if self.request not in ("full", "partial"):
+        if self.request not in REQUEST_TYPES:
             raise ValueError(f"ExperimentConfig: `request` must be 'full' or 'partial', got "
                              f"{self.request!r}")
         if self.forget_ids is None and not 0.0 < self.forget_fraction < 1.0:
@@ -165,7 +169,7 @@ class ExperimentConfig:
         stray = sorted(set(self.method_configs) - set(self.methods))
         if stray:
             raise ValueError(f"ExperimentConfig: settings given for methods not run: {stray}")
-        if self.mia_attack not in ("logistic", "loss"):
+        if self.mia_attack not in ATTACKS:
             raise ValueError(f"ExperimentConfig: `mia_attack` must be 'logistic' or 'loss', got "
                              f"{self.mia_attack!r}")
         if self.eval_batch_size < 1:
@@ -179,7 +183,7 @@ class ExperimentConfig:
 # -- request ---------------------------------------------------------------------------------
 
 
-def build_request(dataset: MultiTaskDataset, kind: str, seed: int,
+def build_request(dataset: MultiTaskDataset, kind: RequestType, seed: int,
                   forget_fraction: float = 0.1, forget_ids: Sequence[int] | None = None,
                   target_tasks: Sequence[str] | None = None) -> ForgetRequest:
     """The forget request of an experiment.
@@ -555,7 +559,7 @@ def _evaluate_model(model: nn.Module, splits: Mapping[str, MultiTaskDataset],
                for name, ds in splits.items()}
     attack = membership_attack(model, retain, test, forget, list(target_tasks),  # type: ignore[arg-type]
                                batch_size=config.eval_batch_size,
-                               attack=config.mia_attack, seed=config.seed)  # type: ignore[arg-type]
+                               attack=config.mia_attack, seed=config.seed)
     return {"metrics": metrics, "mia_auc": attack.auc,
             "mia": dataclasses.asdict(attack) | {"tasks": list(attack.tasks)}}
 
@@ -786,7 +790,7 @@ def _check_validation_unseen(bench: Benchmark) -> None:
                          "MultiTaskDataset)")
 
 
-def _reference_model(setup: _Setup, which: str, config: ExperimentConfig
+def _reference_model(setup: _Setup, which: ReferenceModel, config: ExperimentConfig
                      ) -> tuple[MultiTaskModel, dict[str, Any]]:
     path, meta, dataset = setup.checkpoints[which]
     start = time.perf_counter()
@@ -797,7 +801,7 @@ def _reference_model(setup: _Setup, which: str, config: ExperimentConfig
     return result
 
 
-def train_reference_model(config: ExperimentConfig, which: str,
+def train_reference_model(config: ExperimentConfig, which: ReferenceModel,
                           benchmark: Benchmark | None = None) -> dict[str, Any]:
     """Train (or find in the cache) only the ``"original"`` or the ``"retrained"`` model of
     ``config``'s experiment, so that both can be trained in parallel processes before

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mtunlearn_ext._fields import choice_of
 from mtunlearn_ext._io import (
     name_max,
     path_max,
@@ -47,7 +48,7 @@ from mtunlearn_ext._io import (
 )
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.libmtl import TEST_FILES_KEY, TRAIN_FILES_KEY
-from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
 
 if TYPE_CHECKING:
@@ -549,7 +550,8 @@ def _describe_ids(dataset: MultiTaskDataset, shown: int = _IDS_SHOWN) -> str:
 
 def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] | None,
                        forget_fraction: float | None, target_tasks: Sequence[str] | None,
-                       request_type: str | None, seed: int) -> tuple[ForgetRequest, str]:
+                       request_type: str | None, seed: int
+                       ) -> tuple[ForgetRequest, RequestType]:
     """The validated request and its type (``"full"`` / ``"partial"``) from user input.
 
     ``request_type=None`` infers it: partial when ``target_tasks`` is a proper subset of the
@@ -575,20 +577,21 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
     if request_type is None:
         request_type = ("partial" if target_tasks is not None and set(target_tasks) != set(names)
                         else "full")
-    if request_type not in ("full", "partial"):
+    kind = choice_of(request_type, REQUEST_TYPES)  # (the command line's text, as the type)
+    if kind is None:
         raise UserInputError("--request", "'full' or 'partial'", request_type)
-    if request_type == "partial" and target_tasks is None:
+    if kind == "partial" and target_tasks is None:
         # build_request would target the first task: a user could forget the labels of a
         # task they never named, so the command line makes them name it.
         raise UserInputError("--target-tasks", "the target tasks of a partial request (a "
                              f"proper subset of {names})", "no --target-tasks",
                              f"a partial request concerns the named tasks only; name "
                              f"them, e.g. --target-tasks {names[0]}")
-    if request_type == "partial" and target_tasks is not None and set(target_tasks) == set(names):
+    if kind == "partial" and target_tasks is not None and set(target_tasks) == set(names):
         raise UserInputError("--target-tasks", "a proper subset of the tasks for a partial "
                              "request", list(target_tasks),
                              "it names every task; use --request full")
-    if request_type == "full" and target_tasks is not None and set(target_tasks) != set(names):
+    if kind == "full" and target_tasks is not None and set(target_tasks) != set(names):
         raise UserInputError("--target-tasks", f"every task {names} for a full request",
                              list(target_tasks), "use --request partial")
     # The command line refuses --forget-fraction beside --forget-ids; a Python caller giving
@@ -616,15 +619,15 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
         # give one checkpoint (its metadata and removals held them as typed).
         target_tasks = [t for t in names if t in set(target_tasks)]
     try:
-        request = build_request(dataset, request_type, seed, float(forget_fraction or 0.1),
+        request = build_request(dataset, kind, seed, float(forget_fraction or 0.1),
                                 forget_ids, target_tasks)
     except (ValueError, KeyError) as error:
         # Named by the option that chose the instances (CLI review: "request" named none).
         chosen_by = "--forget-ids" if forget_ids is not None else "--forget-fraction"
         raise UserInputError(chosen_by, "a request that leaves something to retain",
-                             f"{request_type} request",
+                             f"{kind} request",
                              str(error).strip("'\"")) from error
-    return request, request_type
+    return request, kind
 
 
 def restrict_retain(retain: MultiTaskDataset, request: ForgetRequest,

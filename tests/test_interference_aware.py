@@ -39,6 +39,11 @@ from mtunlearn_ext.unlearning.gradients import (
 from mtunlearn_ext.unlearning import interference_aware as interference_aware_module
 from mtunlearn_ext.unlearning.interference import cosine_matrix, interference_matrix
 from mtunlearn_ext.unlearning.interference_aware import (
+    CAP_REFERENCES,
+    INSTANCE_MODES,
+    INSTANCE_ROWS,
+    PROTECT_MODES,
+    SNAPSHOT_TARGETS,
     InterferenceAware,
     InterferenceAwareConfig,
     coupled_retain_set,
@@ -439,6 +444,25 @@ def test_registered_with_ablations() -> None:
                 {"num_per_sample": 300}):
         with pytest.raises(ValueError):
             get_unlearner("interference_aware", bad)
+
+
+@pytest.mark.parametrize("field_name, choices", [
+    ("instance_projection", INSTANCE_MODES), ("instance_rows", INSTANCE_ROWS),
+    ("protect", PROTECT_MODES), ("snapshot_targets", SNAPSHOT_TARGETS),
+    ("cap_reference", CAP_REFERENCES), ("optimizer", ("sgd", "adam"))])
+def test_text_settings_are_checked_against_their_choices(field_name: str,
+                                                         choices: tuple[str, ...]) -> None:
+    """The closed choices are ``Literal`` types for a type checker (tests/typed_usage.py);
+    text from YAML or a command line is still checked when the method is built, the message
+    naming the field and its choices."""
+    for value in choices:
+        assert getattr(get_unlearner("interference_aware", {field_name: value}).config,
+                       field_name) == value
+    with pytest.raises(ValueError, match=rf"`{field_name}` must be one of "
+                                         rf"{re.escape(', '.join(map(repr, choices)))}, got 'x'"):
+        get_unlearner("interference_aware", {field_name: "x"})
+    with pytest.raises(ValueError, match=r"`cap_quantile` must be a number or 'rank' or None"):
+        get_unlearner("interference_aware", {"cap_quantile": "ranked"})
 
 
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])

@@ -5,7 +5,7 @@ user's checker refused ``mtunlearn_ext.unlearn(...)`` as "object not callable"."
 
 from __future__ import annotations
 
-from typing import assert_type
+from typing import Final, assert_type
 
 import numpy as np
 import torch
@@ -13,10 +13,19 @@ import torch
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest, TaskSpec
 from mtunlearn_ext.api import SavedCheck, TasksSpec
-from mtunlearn_ext.data import Benchmark, register_benchmark
+from mtunlearn_ext.data import Benchmark, RequestType, TaskKind, register_benchmark
 from mtunlearn_ext.data.base import MultiTaskDataset
+from mtunlearn_ext.experiment import ExperimentConfig
 from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
+from mtunlearn_ext.unlearning import (
+    InstanceProjection,
+    InterferenceAwareConfig,
+    ProtectMode,
+    StepOptimizer,
+)
 from mtunlearn_ext.unlearning.base import UnlearningReport
+from mtunlearn_ext.unlearning.baselines.pcgrad import PCGradConfig
+from mtunlearn_ext.unlearning.presets import tuned_settings
 
 
 class TwoHeads(torch.nn.Module):
@@ -61,3 +70,37 @@ def build_toy(seed: int, size: str, data_root: str | None) -> Benchmark:
 
 def built_toy() -> None:  # an untyped decorator (Any) would make the call Any
     assert_type(build_toy(0, "small", None), Benchmark)
+
+
+def typed_choices() -> None:
+    """A setting's closed choices are ``Literal`` types: a misspelt one is a type error in the
+    caller's code (each ``type: ignore`` below is needed, which ``warn_unused_ignores`` checks)
+    rather than a ``ValueError`` when the run starts."""
+    config = InterferenceAwareConfig(instance_projection="orthogonal", protect="others",
+                                     cap_quantile="rank", cap_reference="held_out",
+                                     optimizer="adam")
+    assert_type(config.instance_projection, InstanceProjection)
+    assert_type(config.protect, ProtectMode)
+    assert_type(config.optimizer, StepOptimizer)
+    InterferenceAwareConfig(instance_projection="orthogonl")  # type: ignore[arg-type]
+    InterferenceAwareConfig(protect="some")  # type: ignore[arg-type]
+    InterferenceAwareConfig(snapshot_targets="label")  # type: ignore[arg-type]
+    InterferenceAwareConfig(instance_rows="instances")  # type: ignore[arg-type]
+    InterferenceAwareConfig(cap_reference="heldout")  # type: ignore[arg-type]
+    InterferenceAwareConfig(cap_quantile="ranked")  # type: ignore[arg-type]
+    InterferenceAwareConfig(optimizer="adamw")  # type: ignore[arg-type]
+    PCGradConfig(granularity="tasks")  # type: ignore[arg-type]
+    tuned_settings("partial", ["interference_aware"], "memorising")
+    tuned_settings("ful", ["interference_aware"])  # type: ignore[arg-type]
+    tuned_settings("full", ["interference_aware"], "memorizing")  # type: ignore[arg-type]
+    request: Final = "partial"  # (a plain `request = "partial"` would be typed str)
+    assert_type(ExperimentConfig(request=request).request, RequestType)
+    ExperimentConfig(request="partal")  # type: ignore[arg-type]
+    ExperimentConfig(mia_attack="logit")  # type: ignore[arg-type]
+    kind: TaskKind = "segmentation"
+    TaskSpec("seg", kind, num_classes=3)
+    TaskSpec("seg", "segmentaton", num_classes=3)  # type: ignore[arg-type]
+    data = (torch.zeros(2, 3), {"kind": torch.zeros(2)})
+    mtunlearn_ext.evaluate(TwoHeads(), data, tasks={"kind": "classification"})
+    mtunlearn_ext.evaluate(TwoHeads(), data,
+                           tasks={"kind": "clasification"})  # type: ignore[dict-item]

@@ -15,7 +15,7 @@ from mtunlearn_ext.api._model_split import SplitModel, has_own_split
 from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs, tasks_from_data
 from mtunlearn_ext.api._types import DataLike, InMemoryData, TasksSpec
 from mtunlearn_ext.api._unlearn import non_finite_parameters
-from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
+from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskKind, TaskSpec
 from mtunlearn_ext.data.inputs import describe, inputs_to, num_rows, take_rows
 from mtunlearn_ext.metrics.evaluate import check_positive_int, device_of
 from mtunlearn_ext.metrics.evaluate import evaluate as evaluate_metrics
@@ -57,8 +57,8 @@ def evaluate(model: nn.Module, data: DataLike, *,
     if diverged:  # its outputs are NaN or Inf, and metrics of them read as plausible numbers
         raise ValueError(f"evaluate: `model` has NaN/Inf in {len(diverged)} parameter(s) "
                          f"(first: {diverged[0]}); its metrics would mean nothing")
-    tasks = tasks_from_data(tasks, [data], "evaluate")
-    data = cast(InMemoryData, read_in(data, tasks, "data", "evaluate"))
+    given_tasks = tasks_from_data(tasks, [data], "evaluate")
+    data = cast(InMemoryData, read_in(data, given_tasks, "data", "evaluate"))
     check_data_like(data, "data", "evaluate")  # before the specs, which read its targets
     try:
         rows = num_rows(data.inputs if isinstance(data, MultiTaskDataset) else data[0])
@@ -67,8 +67,9 @@ def evaluate(model: nn.Module, data: DataLike, *,
     if rows == 0:
         raise ValueError("evaluate: `data` has no rows: there is nothing to measure")
     own_split = has_own_split(model, None, None)
-    specs = task_specs(tasks, [data], classes_predicted_by(model, not own_split, data, tasks),
-                        ["data"], op="evaluate")
+    specs = task_specs(given_tasks, [data],
+                       classes_predicted_by(model, not own_split, data, given_tasks), ["data"],
+                       op="evaluate")
     dataset = as_dataset(data, specs, "data", op="evaluate")
     dataset.check_values("evaluate: `data`")
     dataset.warn_of_negative_depths("evaluate: `data`")
@@ -111,7 +112,7 @@ def _probe(model: MultiTaskModel, dataset: MultiTaskDataset, batch_size: int) ->
 
 #: What ``uis_floor``'s ``tasks`` may be: names (or specs) of the tasks UIS averages over, or, as
 #: for :func:`unlearn`, a mapping task -> kind (or spec), which tuple data needs.
-UISTasks = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[str, TaskSpec]]]
+UISTasks = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[TaskKind, TaskSpec]]]
 
 
 _DATA_FORMS = ("a MultiTaskDataset or (inputs, targets[, supervision]) as mtunlearn_ext.unlearn "

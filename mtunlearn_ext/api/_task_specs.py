@@ -9,6 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from mtunlearn_ext._fields import choice_of
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset, TASK_KINDS, TaskSpec
 from mtunlearn_ext.data.inputs import call_with, inputs_to, num_rows, take_rows
@@ -117,7 +118,8 @@ def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
         if isinstance(kind, TaskSpec):
             specs.append(keyed_spec(name, kind, op))
             continue
-        if kind not in TASK_KINDS:
+        task_kind = choice_of(kind, TASK_KINDS)
+        if task_kind is None:
             raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: "
                              f"{TASK_KINDS}")
         num_classes = None
@@ -153,7 +155,7 @@ def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
                                      f"value for that: TaskSpec({name!r}, {kind!r}, "
                                      f"num_classes={predicted}, ignore_index=...))")
                 num_classes = predicted
-        specs.append(TaskSpec(name, kind, num_classes=num_classes))  # type: ignore[arg-type]
+        specs.append(TaskSpec(name, task_kind, num_classes=num_classes))
     return specs
 
 

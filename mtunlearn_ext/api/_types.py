@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskKind, TaskSpec
 from mtunlearn_ext.data.inputs import Inputs
 
 
@@ -42,4 +42,5 @@ SharedSpec = Union[ParameterSpec, Callable[[str], bool]]
 #: The tasks: specs, or a mapping task -> kind (``"classification"``, ...); left out
 #: (``None``), or as task names, they are read from the :class:`MultiTaskDataset` given as
 #: data, which carries its tasks' specs.
-TasksSpec = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[str, TaskSpec]], str, None]
+TasksSpec = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[TaskKind, TaskSpec]], str,
+                  None]

@@ -1,6 +1,6 @@
 """Multi-task data sets, generated benchmarks, real-data loaders, and forget requests."""
 
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import TASK_KINDS, Benchmark, MultiTaskDataset, TaskKind, TaskSpec
 from mtunlearn_ext.data.digits import make_digits
 from mtunlearn_ext.data.gathering import gather
 from mtunlearn_ext.data.indoor import INDOOR_CLASSES, make_indoor
@@ -8,6 +8,7 @@ from mtunlearn_ext.data.libmtl import LayoutError, load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.registry import (
     BENCHMARKS,
     SIZES,
+    Size,
     UNSEEN_SEED_OFFSET,
     default_cache_dir,
     load_benchmark,
@@ -17,11 +18,12 @@ from mtunlearn_ext.data.registry import (
     save_benchmark,
     unseen_instances,
 )
-from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
 from mtunlearn_ext.data.street import STREET_CLASSES, make_street
 
-__all__ = ["BENCHMARKS", "INDOOR_CLASSES", "SIZES", "STREET_CLASSES", "UNSEEN_SEED_OFFSET",
-           "Benchmark", "ForgetRequest", "LayoutError", "MultiTaskDataset", "TaskSpec",
+__all__ = ["BENCHMARKS", "INDOOR_CLASSES", "REQUEST_TYPES", "SIZES", "STREET_CLASSES",
+           "TASK_KINDS", "UNSEEN_SEED_OFFSET", "Benchmark", "ForgetRequest", "LayoutError",
+           "MultiTaskDataset", "RequestType", "Size", "TaskKind", "TaskSpec",
            "default_cache_dir", "gather", "load_benchmark", "load_cityscapes", "load_nyuv2",
            "make_digits",
            "make_indoor", "make_street", "read_benchmark", "register_benchmark",

@@ -12,7 +12,7 @@ import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -30,8 +30,7 @@ from mtunlearn_ext.data.inputs import (
 )
 
 TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression", "binary"]
-TASK_KINDS: tuple[str, ...] = ("classification", "segmentation", "depth", "normals", "regression",
-                               "binary")
+TASK_KINDS: tuple[TaskKind, ...] = get_args(TaskKind)
 
 
 def _integer_or_none(value: object) -> int | None:

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, get_args, overload
 
 import torch
 
@@ -46,11 +46,11 @@ from mtunlearn_ext.data.libmtl import load_cityscapes, load_nyuv2
 from mtunlearn_ext.data.street import STREET_VERSION, make_street
 
 __all__ = ["BENCHMARKS", "GENERATED_BENCHMARKS", "SIZES", "UNSEEN_ID_OFFSET",
-           "UNSEEN_SEED_OFFSET", "default_cache_dir", "load_benchmark", "read_benchmark",
+           "UNSEEN_SEED_OFFSET", "Size", "default_cache_dir", "load_benchmark", "read_benchmark",
            "register_benchmark", "registered_benchmarks", "save_benchmark", "unseen_instances"]
 
 Size = Literal["tiny", "small", "medium"]
-SIZES: tuple[str, ...] = ("tiny", "small", "medium")
+SIZES: tuple[Size, ...] = get_args(Size)
 BENCHMARKS: tuple[str, ...] = ("indoor", "street", "digits", "nyuv2", "cityscapes")
 _CACHE_FORMAT = "mtunlearn_ext.benchmark/1"
 #: :func:`unseen_instances` draws from generator seeds at and above this one, which no

@@ -6,13 +6,18 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
 
 from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.data.base import MultiTaskDataset, integer_valued
+
+#: A request's type: ``"full"`` removes every task of its instances, ``"partial"`` a proper
+#: subset (the experiments', presets' and command line's ``request``).
+RequestType = Literal["full", "partial"]
+REQUEST_TYPES: tuple[RequestType, ...] = get_args(RequestType)
 
 
 @dataclass(frozen=True, eq=False)

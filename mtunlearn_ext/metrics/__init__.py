@@ -2,7 +2,12 @@
 the gap to retraining."""
 
 from mtunlearn_ext.metrics.evaluate import evaluate, evaluate_splits, per_sample_task_losses
-from mtunlearn_ext.metrics.membership import MIAResult, membership_attack, mia_auc
+from mtunlearn_ext.metrics.membership import (
+    MIAResult,
+    MembershipAttack,
+    membership_attack,
+    mia_auc,
+)
 from mtunlearn_ext.metrics.scores import retrain_gap, retrain_gap_terms, uis, uis_terms
 from mtunlearn_ext.metrics.task_metrics import (
     METRICS,
@@ -15,8 +20,8 @@ from mtunlearn_ext.metrics.task_metrics import (
 )
 from mtunlearn_ext.metrics.uis_floor import UISFloor, uis_floor
 
-__all__ = ["METRICS", "MIAResult", "MetricAccumulator", "MetricInfo", "UISFloor",
-           "angle_errors_deg", "confusion_matrix", "evaluate", "evaluate_splits",
+__all__ = ["METRICS", "MIAResult", "MembershipAttack", "MetricAccumulator", "MetricInfo",
+           "UISFloor", "angle_errors_deg", "confusion_matrix", "evaluate", "evaluate_splits",
            "make_accumulator", "membership_attack", "mia_auc", "per_sample_task_losses",
            "retrain_gap", "retrain_gap_terms", "segmentation_scores", "uis", "uis_floor",
            "uis_terms"]

@@ -25,7 +25,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -37,8 +37,12 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
 
-__all__ = ["ATTACK_AT_CHANCE", "MIAResult", "attack_at_chance", "attackable_instances",
-           "membership_attack", "mia_auc"]
+__all__ = ["ATTACKS", "ATTACK_AT_CHANCE", "MIAResult", "MembershipAttack", "attack_at_chance",
+           "attackable_instances", "membership_attack", "mia_auc"]
+
+#: The attacks of :func:`membership_attack` (the module docstring describes them).
+MembershipAttack = Literal["logistic", "loss"]
+ATTACKS: tuple[MembershipAttack, ...] = get_args(MembershipAttack)
 
 #: A ``member_auc`` at or below this: the attack tells training members from unseen data no
 #: better than chance on the model, so its forget-set AUC says nothing about forgetting there
@@ -109,7 +113,7 @@ def _log_scale(losses: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
                       non_members: MultiTaskDataset, forget: MultiTaskDataset,
                       tasks: Sequence[TaskSpec | str] | None = None, *, batch_size: int = 64,
-                      attack: Literal["logistic", "loss"] = "logistic", max_members: int = 2000,
+                      attack: MembershipAttack = "logistic", max_members: int = 2000,
                       seed: int = 0) -> MIAResult:
     """Run the loss-based attack of this module and report its AUCs.
 

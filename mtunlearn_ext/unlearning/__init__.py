@@ -23,7 +23,13 @@ from mtunlearn_ext.unlearning.gradients import (
     summed_pass_grads,
     task_grads,
 )
-from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.loop import (
+    GradientUnlearner,
+    StepConfig,
+    StepContext,
+    StepOptimizer,
+    StepStats,
+)
 from mtunlearn_ext.unlearning.objectives import (
     DEFAULT_FORGET_OBJECTIVES,
     FORGET_OBJECTIVES,
@@ -40,9 +46,16 @@ from mtunlearn_ext.unlearning.registry import (
 from mtunlearn_ext.unlearning.terms import ForgetTerms, RetainTerms, forget_terms, retain_terms
 from mtunlearn_ext.unlearning import baselines  # noqa: E402,F401  (registers the baselines)
 from mtunlearn_ext.unlearning.baselines import BASELINES
+from mtunlearn_ext.unlearning.baselines.pcgrad import PCGradGranularity
 from mtunlearn_ext.unlearning.interference_aware import (  # noqa: E402  (registers the method)
+    CapReference,
+    InstanceProjection,
+    InstanceRows,
     InterferenceAware,
     InterferenceAwareConfig,
+    ProtectMode,
+    RankMatchedCaps,
+    SnapshotTargets,
 )
 
 __all__ = [
@@ -50,16 +63,24 @@ __all__ = [
     "DEFAULT_FORGET_OBJECTIVES",
     "FORGET_OBJECTIVES",
     "BatchStream",
+    "CapReference",
     "CurveRecorder",
     "ForgetObjective",
     "ForgetTerms",
     "GradientUnlearner",
+    "InstanceProjection",
+    "InstanceRows",
     "InterferenceAware",
     "InterferenceAwareConfig",
+    "PCGradGranularity",
     "ParameterGroups",
+    "ProtectMode",
+    "RankMatchedCaps",
     "RetainTerms",
+    "SnapshotTargets",
     "StepConfig",
     "StepContext",
+    "StepOptimizer",
     "StepStats",
     "UNLEARNERS",
     "Unlearner",

@@ -75,7 +75,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final, Literal, get_args
 
 import torch
 
@@ -104,7 +104,13 @@ from mtunlearn_ext.unlearning.gradients import (
     per_sample_task_grads_and_losses,
 )
 from mtunlearn_ext.unlearning.instance_memory import PerSampleMemory
-from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.loop import (
+    GradientUnlearner,
+    StepConfig,
+    StepContext,
+    StepOptimizer,
+    StepStats,
+)
 from mtunlearn_ext.unlearning.objectives import (
     FORGET_OBJECTIVES,
     CappedAscentObjective,
@@ -121,23 +127,38 @@ __all__ = [
     "INSTANCE_ROWS",
     "PROTECT_MODES",
     "RANK_MATCHED_CAPS",
+    "SNAPSHOT_TARGETS",
+    "CapReference",
+    "InstanceProjection",
+    "InstanceRows",
     "InterferenceAware",
     "InterferenceAwareConfig",
     "InterferenceAwareNeither",
     "InterferenceAwareNoInstance",
     "InterferenceAwareNoTask",
+    "ProtectMode",
+    "RankMatchedCaps",
+    "SnapshotTargets",
     "coupled_retain_set",
     "protected_tasks",
     "protection_plan",
 ]
 
-INSTANCE_MODES: tuple[str, ...] = ("nonconflicting", "orthogonal", "off")
-INSTANCE_ROWS: tuple[str, ...] = ("instance", "instance_task")
-PROTECT_MODES: tuple[str, ...] = ("auto", "all", "non_target", "others")
-SNAPSHOT_TARGETS: tuple[str, ...] = ("sampled", "labels")
-CAP_REFERENCES: tuple[str, ...] = ("auto", "held_out", "retain")
-#: ``cap_quantile`` value that gives every forget pair its own, rank-matched cap.
-RANK_MATCHED_CAPS = "rank"
+# The closed choices of the config's text settings, as types (a misspelt one is a type error in
+# the caller's code) and as tuples (the run-time check, for values from YAML or a command line).
+InstanceProjection = Literal["nonconflicting", "orthogonal", "off"]
+InstanceRows = Literal["instance", "instance_task"]
+ProtectMode = Literal["auto", "all", "non_target", "others"]
+SnapshotTargets = Literal["sampled", "labels"]
+CapReference = Literal["auto", "held_out", "retain"]
+#: ``cap_quantile``'s text value: every forget pair gets its own, rank-matched cap.
+RankMatchedCaps = Literal["rank"]
+INSTANCE_MODES: tuple[InstanceProjection, ...] = get_args(InstanceProjection)
+INSTANCE_ROWS: tuple[InstanceRows, ...] = get_args(InstanceRows)
+PROTECT_MODES: tuple[ProtectMode, ...] = get_args(ProtectMode)
+SNAPSHOT_TARGETS: tuple[SnapshotTargets, ...] = get_args(SnapshotTargets)
+CAP_REFERENCES: tuple[CapReference, ...] = get_args(CapReference)
+RANK_MATCHED_CAPS: Final = "rank"
 
 
 @dataclass
@@ -239,7 +260,7 @@ class InterferenceAwareConfig(StepConfig):
 
     steps: int = 25
     lr: float = 6e-3
-    optimizer: str = "sgd"
+    optimizer: StepOptimizer = "sgd"
     momentum: float = 0.9
     forget_batch_size: int = 16
     retain_batch_size: int = 32
@@ -249,21 +270,21 @@ class InterferenceAwareConfig(StepConfig):
     grad_clip: float | None = 1.0
     alpha: float = 1.0
     task_projection: bool = True
-    instance_projection: str = "nonconflicting"
+    instance_projection: InstanceProjection = "nonconflicting"
     num_snapshots: int = 24
     refresh_every: int = 5
     snapshot_groups: int = 4
-    snapshot_targets: str = "sampled"
-    protect: str = "auto"
+    snapshot_targets: SnapshotTargets = "sampled"
+    protect: ProtectMode = "auto"
     coupled: bool = True
     ridge: float = 1e-4
     num_per_sample: int = 16
     num_coupled_per_sample: int = 8
-    instance_rows: str = "instance"
+    instance_rows: InstanceRows = "instance"
     instance_memory: int = 0
     chunk_size: int | None = None
-    cap_quantile: float | str | None = 0.9
-    cap_reference: str = "retain"
+    cap_quantile: float | RankMatchedCaps | None = 0.9
+    cap_reference: CapReference = "retain"
     cap_rows: int = 128
 
     def validate(self) -> None:
@@ -334,7 +355,8 @@ class InterferenceAwareConfig(StepConfig):
 DEFAULT_OBJECTIVE = "capped_ascent"
 
 
-def protection_plan(problem: UnlearningProblem, mode: str) -> dict[str, tuple[str, ...]]:
+def protection_plan(problem: UnlearningProblem, mode: ProtectMode
+                    ) -> dict[str, tuple[str, ...]]:
     """Target task -> the tasks whose retain gradients span the subspace its forget gradient is
     projected off (see ``protect``), in the problem's task order."""
     names = list(problem.task_names)
@@ -349,7 +371,7 @@ def protection_plan(problem: UnlearningProblem, mode: str) -> dict[str, tuple[st
     return plan
 
 
-def protected_tasks(problem: UnlearningProblem, mode: str) -> list[str]:
+def protected_tasks(problem: UnlearningProblem, mode: ProtectMode) -> list[str]:
     """Every task whose retain gradients span some protected subspace (see ``protect``)."""
     wanted = {t for tasks in protection_plan(problem, mode).values() for t in tasks}
     return [t for t in problem.task_names if t in wanted]
@@ -1366,7 +1388,7 @@ class _NoTaskConfig(InterferenceAwareConfig):
 
 @dataclass
 class _NoInstanceConfig(InterferenceAwareConfig):
-    instance_projection: str = "off"
+    instance_projection: InstanceProjection = "off"
 
     def validate(self) -> None:
         super().validate()
@@ -1376,7 +1398,7 @@ class _NoInstanceConfig(InterferenceAwareConfig):
 @dataclass
 class _NeitherConfig(InterferenceAwareConfig):
     task_projection: bool = False
-    instance_projection: str = "off"
+    instance_projection: InstanceProjection = "off"
 
     def validate(self) -> None:
         super().validate()

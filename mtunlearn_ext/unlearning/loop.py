@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import math
 import numbers
@@ -59,7 +59,12 @@ from mtunlearn_ext.unlearning.terms import (
     retain_terms,
 )
 
-__all__ = ["GradientUnlearner", "StepConfig", "StepContext", "StepStats"]
+__all__ = ["STEP_OPTIMIZERS", "GradientUnlearner", "StepConfig", "StepContext", "StepOptimizer",
+           "StepStats"]
+
+#: The optimizers of the unlearning steps (``StepConfig.optimizer``).
+StepOptimizer = Literal["sgd", "adam"]
+STEP_OPTIMIZERS: tuple[StepOptimizer, ...] = get_args(StepOptimizer)
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -125,7 +130,7 @@ class StepConfig(UnlearnerConfig):
     steps: int = 100
     lr: float = 1e-3
     head_lr_scale: float = 1.0
-    optimizer: str = "sgd"
+    optimizer: StepOptimizer = "sgd"
     momentum: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -171,7 +176,7 @@ class StepConfig(UnlearnerConfig):
         if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
             raise ValueError(f"{name}: `adam_eps` must be a finite number > 0, got "
                              f"{self.adam_eps!r}")
-        if self.optimizer not in ("sgd", "adam"):
+        if self.optimizer not in STEP_OPTIMIZERS:
             raise ValueError(f"{name}: `optimizer` must be 'sgd' or 'adam', got "
                              f"{self.optimizer!r}")
         for field_name in ("warmup_steps", "head_refit_steps"):

@@ -172,10 +172,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["ABLATED_FIELDS", "ABLATIONS", "DEFAULT", "MEMORISING", "RECIPES", "TUNED",
-           "tuned_settings"]
+from mtunlearn_ext.data.request import RequestType
+
+__all__ = ["ABLATED_FIELDS", "ABLATIONS", "DEFAULT", "MEMORISING", "RECIPES", "RECIPE_NAMES",
+           "TUNED", "Recipe", "tuned_settings"]
+
+#: The training recipes the presets were selected on (the module docstring describes them).
+Recipe = Literal["default", "memorising"]
+RECIPE_NAMES: tuple[Recipe, ...] = get_args(Recipe)
 
 #: The ablation variants of the interference-aware method (registry name -> the settings it
 #: fixes itself, left out of the method's settings it otherwise inherits).
@@ -188,7 +194,7 @@ ABLATIONS: tuple[str, ...] = tuple(ABLATED_FIELDS)
 
 #: request type -> method -> settings for the default recipes (the module docstring says how
 #: they were chosen).
-DEFAULT: dict[str, dict[str, dict[str, Any]]] = {
+DEFAULT: dict[RequestType, dict[str, dict[str, Any]]] = {
     "full": {
         "finetune": {"lr": 3e-3, "steps": 40},
         "gradient_ascent": {"lr": 1e-3, "steps": 10},
@@ -220,7 +226,7 @@ DEFAULT: dict[str, dict[str, dict[str, Any]]] = {
 #: epochs instead of 10), selected by mean score over ``indoor`` and ``street`` (training
 #: data and validation splits of seed 0, the final shortlists also of seed 1; see the module
 #: docstring).
-MEMORISING: dict[str, dict[str, dict[str, Any]]] = {
+MEMORISING: dict[RequestType, dict[str, dict[str, Any]]] = {
     "full": {
         "finetune": {"lr": 1e-3, "steps": 60},
         "gradient_ascent": {"lr": 3e-4, "steps": 10},
@@ -253,15 +259,15 @@ MEMORISING: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 #: recipe -> training overrides of the benchmark's default recipe that define it.
-RECIPES: dict[str, dict[str, Any]] = {"default": {}, "memorising": {"epochs": 40}}
+RECIPES: dict[Recipe, dict[str, Any]] = {"default": {}, "memorising": {"epochs": 40}}
 
 #: recipe -> request type -> method -> settings.
-TUNED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {"default": DEFAULT,
-                                                          "memorising": MEMORISING}
+TUNED: dict[Recipe, dict[RequestType, dict[str, dict[str, Any]]]] = {
+    "default": DEFAULT, "memorising": MEMORISING}
 
 
-def tuned_settings(request: str, methods: Sequence[str],
-                   recipe: str = "default") -> dict[str, dict[str, Any]]:
+def tuned_settings(request: RequestType, methods: Sequence[str],
+                   recipe: Recipe = "default") -> dict[str, dict[str, Any]]:
     """The settings of ``methods`` for a ``"full"`` or ``"partial"`` request on ``recipe``
     (``"default"``: the benchmarks' own training recipes; ``"memorising"``: 40 epochs). The
     ablations inherit the interference-aware method's; methods without an entry, such as

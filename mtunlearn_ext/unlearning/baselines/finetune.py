@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtunlearn_ext.unlearning.batches import Batch
-from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.loop import (
+    GradientUnlearner,
+    StepConfig,
+    StepContext,
+    StepOptimizer,
+    StepStats,
+)
 from mtunlearn_ext.unlearning.registry import register_unlearner
 
 __all__ = ["FineTune", "FineTuneConfig"]
@@ -21,7 +27,7 @@ class FineTuneConfig(StepConfig):
 
     steps: int = 200
     lr: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: StepOptimizer = "adam"
     forget_weight: float = 0.0
 
 

@@ -16,6 +16,7 @@ on per-parameter stacks. Rows cover every parameter (backbone and heads), never 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -25,7 +26,11 @@ from mtunlearn_ext.unlearning.gradients import assign_grads, task_grads
 from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
 from mtunlearn_ext.unlearning.registry import register_unlearner
 
-__all__ = ["PCGradUnlearner", "PCGradConfig"]
+__all__ = ["GRANULARITIES", "PCGradConfig", "PCGradGranularity", "PCGradUnlearner"]
+
+#: What one row of PCGrad's projection is (``PCGradConfig.granularity``).
+PCGradGranularity = Literal["split", "task"]
+GRANULARITIES: tuple[PCGradGranularity, ...] = get_args(PCGradGranularity)
 
 
 @dataclass
@@ -37,11 +42,11 @@ class PCGradConfig(StepConfig):
     lr: float = 1e-3
     forget_weight: float = 1.0
     retain_weight: float = 1.0
-    granularity: str = "split"
+    granularity: PCGradGranularity = "split"
 
     def validate(self) -> None:
         super().validate()
-        if self.granularity not in ("split", "task"):
+        if self.granularity not in GRANULARITIES:
             raise ValueError(f"PCGradConfig: `granularity` must be 'split' or 'task', got "
                              f"{self.granularity!r}")
 

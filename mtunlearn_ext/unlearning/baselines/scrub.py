@@ -53,7 +53,13 @@ from mtunlearn_ext.models.copies import copy_model
 from mtunlearn_ext.models.modes import eval_mode
 from mtunlearn_ext.unlearning.base import UnlearningReport
 from mtunlearn_ext.unlearning.batches import Batch
-from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig, StepContext, StepStats
+from mtunlearn_ext.unlearning.loop import (
+    GradientUnlearner,
+    StepConfig,
+    StepContext,
+    StepOptimizer,
+    StepStats,
+)
 from mtunlearn_ext.unlearning.registry import register_unlearner
 from mtunlearn_ext.unlearning.terms import ForgetTerms, forget_terms, retain_terms
 
@@ -71,7 +77,7 @@ class SCRUBConfig(StepConfig):
 
     steps: int = 60
     lr: float = 1e-4
-    optimizer: str = "adam"
+    optimizer: StepOptimizer = "adam"
     forget_steps: int | None = None
     distill_weight: float = 0.001
     temperature: float = 4.0
