@@ -16,7 +16,17 @@ from mtunlearn_ext.api import SavedCheck, TasksSpec
 from mtunlearn_ext.data import Benchmark, RequestType, TaskKind, register_benchmark
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.experiment import ExperimentConfig
-from mtunlearn_ext.surgery import project_nonconflicting_list, project_out_list
+from mtunlearn_ext.surgery import (
+    MGDA,
+    Aggregator,
+    Mean,
+    PCGrad,
+    Sum,
+    UPGrad,
+    UPGradWeighting,
+    project_nonconflicting_list,
+    project_out_list,
+)
 from mtunlearn_ext.unlearning import (
     InstanceProjection,
     InterferenceAwareConfig,
@@ -104,3 +114,16 @@ def typed_choices() -> None:
     mtunlearn_ext.evaluate(TwoHeads(), data, tasks={"kind": "classification"})
     mtunlearn_ext.evaluate(TwoHeads(), data,
                            tasks={"kind": "clasification"})  # type: ignore[dict-item]
+
+
+def typed_aggregators(jacobian: torch.Tensor) -> None:
+    """An aggregator or weighting call is typed (``nn.Module.__call__`` returns ``Any``)."""
+    assert_type(UPGrad()(jacobian), torch.Tensor)
+    assert_type(MGDA()(jacobian), torch.Tensor)
+    assert_type(PCGrad()(jacobian), torch.Tensor)
+    assert_type(Mean()(jacobian), torch.Tensor)
+    assert_type(Sum()(jacobian), torch.Tensor)
+    aggregator: Aggregator = UPGrad()
+    assert_type(aggregator(jacobian), torch.Tensor)
+    assert_type(aggregator.weighting(jacobian @ jacobian.T), torch.Tensor)
+    assert_type(UPGradWeighting()(jacobian @ jacobian.T), torch.Tensor)

@@ -18,7 +18,6 @@ per-parameter gradient lists.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -125,9 +124,10 @@ class Aggregator(nn.Module):
                 f"{stats_dtype([matrix])} (task gradients too large; rescale them), or "
                 f"{advice}")
 
-    def __call__(self, matrix: torch.Tensor, /) -> Any:
+    def __call__(self, matrix: torch.Tensor, /) -> torch.Tensor:
         """``agg(J)``: :meth:`forward` on a checked ``[k, n]`` matrix (float64, float32,
-        float16 or bfloat16, at least one row)."""
+        float16 or bfloat16, at least one row). Typed here: ``nn.Module.__call__`` returns
+        ``Any``, which made ``UPGrad()(J)`` untyped in the caller's code."""
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
             got = (tuple(matrix.shape) if isinstance(matrix, torch.Tensor)
                    else type(matrix).__name__)
@@ -142,7 +142,8 @@ class Aggregator(nn.Module):
         if matrix.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{type(self).__name__}: `matrix` must have dtype float64, float32, "
                             f"float16 or bfloat16, got {matrix.dtype}")
-        return super().__call__(matrix)
+        update: torch.Tensor = super().__call__(matrix)
+        return update
 
     def __repr__(self) -> str:
         arguments = [self.weighting.extra_repr(), "" if self.check_finite else "check_finite=False"]

@@ -48,7 +48,9 @@ class Weighting(nn.Module, ABC):
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
         """Weights ``[..., k]`` from the Gram matrix ``[..., k, k]``."""
 
-    def __call__(self, gram: torch.Tensor, /) -> Any:
+    def __call__(self, gram: torch.Tensor, /) -> torch.Tensor:
+        """``weighting(G)``: :meth:`forward` on a checked ``[..., k, k]`` floating Gram matrix,
+        without autograd (typed here: ``nn.Module.__call__`` returns ``Any``)."""
         if not isinstance(gram, torch.Tensor) or gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
             shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
             raise ValueError(f"{type(self).__name__}: `gram` must be a [..., k, k] tensor, got "
@@ -62,7 +64,8 @@ class Weighting(nn.Module, ABC):
             raise TypeError(f"{type(self).__name__}: `gram` must have a floating-point dtype, "
                             f"got {gram.dtype}")
         with torch.no_grad():
-            return super().__call__(gram)
+            weights: torch.Tensor = super().__call__(gram)
+        return weights
 
 
 class MeanWeighting(Weighting):
