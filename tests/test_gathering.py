@@ -527,12 +527,73 @@ def test_bad_instances_are_refused_naming_what_and_where(items: list[object],
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(TypeError, match="`source` must be a Dataset"):
         gather(torch.zeros(3, 2), SPECS)
-    with pytest.raises(TypeError, match="`tasks` must be a sequence of TaskSpec"):
-        gather([(torch.zeros(2), {"topic": 1})], ["topic"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="^gather: task names alone are not enough for data "
+                                        "given as tuples or torch data sets"):
+        gather([(torch.zeros(2), {"topic": 1})], ["topic"])
+    with pytest.raises(TypeError, match="^gather: `tasks` must be TaskSpecs or a mapping"):
+        gather([(torch.zeros(2), {"topic": 1})], 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`num_workers` must be an integer >= 0"):
         gather([], SPECS, num_workers=-1)
     with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
         gather([], SPECS, batch_size=0)
+
+
+# -- the task forms unlearn takes ------------------------------------------------------------------
+
+
+def test_tasks_by_kind_count_their_classes_on_the_labels() -> None:
+    """The mapping task -> kind that unlearn takes (a TypeError from gather, once): a class
+    count is one past the largest supervised label, the unsupervised ones (the ``None`` and
+    missing labels, read as ``ignore_index``) left out."""
+    x, y = _tensors()
+    read = gather(_Instances(x, y), {"topic": "classification", "score": "regression"})
+    _assert_same(read, _expected(x, y))
+    assert read.tasks == SPECS
+    y["topic"][y["topic"] == 2] = 1  # no instance of class 2 left: two classes counted
+    assert gather(_Instances(x, y), {"topic": "classification", "score": "regression"}
+                  ).tasks[0] == TaskSpec("topic", "classification", num_classes=2)
+    # A TaskSpec says more where the labels cannot: a class no instance carries.
+    four = TaskSpec("topic", "classification", num_classes=4)
+    read = gather(_Instances(x, y), {"topic": four, "score": "regression"})
+    assert read.tasks == [four, SPECS[1]]
+    read = gather(DataLoader(_expected(*_tensors()), batch_size=7),
+                  {"topic": "classification", "score": "regression"})
+    _assert_same(read, _expected(*_tensors()))
+    assert read.tasks == SPECS
+
+
+def test_task_names_or_none_pick_the_specs_of_a_data_set_read() -> None:
+    """As for unlearn: names (any order; the data set's is kept), or no tasks at all, stand for
+    the specs of a :class:`MultiTaskDataset` given as the source; one TaskSpec is a list."""
+    data = _expected(*_tensors())
+    for tasks in (None, ["score", "topic"], ["topic", "score"]):
+        read = gather(data, tasks)
+        _assert_same(read, data)
+        assert read.tasks == SPECS
+    single = MultiTaskDataset(data.inputs, {"score": data.targets["score"]}, [SPECS[1]])
+    assert gather(single, SPECS[1]).tasks == [SPECS[1]]
+    with pytest.raises(ValueError, match=r"^gather: `tasks` names \['nope'\], not tasks of "):
+        gather(data, ["nope"])
+
+
+def test_tasks_by_kind_are_refused_as_unlearn_refuses_them() -> None:
+    x, y = _tensors()
+    with pytest.raises(ValueError, match="^gather: task 'topic' has unknown kind "
+                                         "'clasification'"):
+        gather(_Instances(x, y), {"topic": "clasification",  # type: ignore[dict-item]
+                                  "score": "regression"})
+    with pytest.raises(ValueError, match=r"^gather: `tasks` maps 'topic' to a TaskSpec named "
+                                         r"'score'"):
+        gather(_Instances(x, y), {"topic": SPECS[1], "score": "regression"})
+    # Labels, but each the "no label" value: no supervised pair to count classes on.
+    unlabelled = [(x[i], {"topic": -1, "score": y["score"][i]}) for i in range(4)]
+    with pytest.raises(ValueError, match=r"^gather: task 'topic' \(classification\) has no "
+                                         r"supervised label to count its classes from; pass a "
+                                         r"TaskSpec with num_classes$"):
+        gather(unlabelled, {"topic": "classification", "score": "regression"})
+    with pytest.raises(ValueError, match=r"^gather: instance 0 has labels of unknown tasks "
+                                         r"\['topic'\]"):
+        gather(_Instances(x, y), {"score": "regression"})
 
 
 # -- unlearn on a Dataset -------------------------------------------------------------------------

@@ -127,3 +127,13 @@ def typed_aggregators(jacobian: torch.Tensor) -> None:
     assert_type(aggregator(jacobian), torch.Tensor)
     assert_type(aggregator.weighting(jacobian @ jacobian.T), torch.Tensor)
     assert_type(UPGradWeighting()(jacobian @ jacobian.T), torch.Tensor)
+
+
+def typed_gather(source: torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, int]]]) -> None:
+    """``gather`` takes the task forms ``unlearn`` takes, a mapping task -> kind included."""
+    kinds: TasksSpec = {"seg": "segmentation"}
+    read = mtunlearn_ext.data.gather(source, {"seg": "segmentation", "depth": "depth"})
+    assert_type(read, MultiTaskDataset)
+    mtunlearn_ext.data.gather(source, kinds)
+    mtunlearn_ext.data.gather(source, TaskSpec("seg", "segmentation", num_classes=3))
+    mtunlearn_ext.data.gather(source, {"seg": "segmentaton"})  # type: ignore[dict-item]

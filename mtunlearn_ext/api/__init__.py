@@ -11,7 +11,9 @@ The package, one concept per module (private; what is public is imported here):
 - ``_types``: the argument types (:data:`DataLike`, how parameters are named);
 - ``_entry``: which public function's checks are running (the name their messages start with);
 - ``_model_split``: the shared/heads split of the caller's module and the wrapper methods call;
-- ``_task_specs``: task kinds and class counts from ``tasks`` given by kind;
+- ``_task_specs``: what the model predicts, for the class counts of ``tasks`` given by kind
+  (the task forms themselves are :mod:`mtunlearn_ext.data.task_forms`', which ``gather``
+  reads too);
 - ``_data_forms``: the caller's tuples, datasets and loaders in the data contract, checked;
 - ``_instance_matching``: which rows are one instance where ids cannot say (data as tuples);
 - ``_lineage``: chains of removals (``earlier_requests``, what a returned model carries);

@@ -7,22 +7,22 @@ positions)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.api._entry import entry
-from mtunlearn_ext.api._task_specs import keyed_spec
 from mtunlearn_ext.api._types import InMemoryData
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.gathering import _gather
 from mtunlearn_ext.data.inputs import check_inputs, map_leaves, take_rows
+from mtunlearn_ext.data.task_forms import reading_specs
 from mtunlearn_ext.data.request import ForgetRequest
 
 
-def read_in(data: object, tasks: object, what: str, op: str | None = None, *,
-             keep_ids: bool = False) -> object:
+def read_in(data: object, tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec], what: str,
+            op: str | None = None, *, keep_ids: bool = False) -> object:
     """A torch ``Dataset`` or ``DataLoader`` given as ``what``, read into memory by
     :func:`~mtunlearn_ext.data.gather`; other data as it is. Instances that carry no ``"id"``
     are named by position, ``0..N-1`` (a map-style dataset's indices), as a tuple's rows are,
@@ -38,15 +38,8 @@ def read_in(data: object, tasks: object, what: str, op: str | None = None, *,
     if isinstance(data, MultiTaskDataset) or not isinstance(
             data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
         return data
-    if isinstance(tasks, Mapping):
-        # Reading labels needs only each task's kind and "no label" value; a task given by
-        # kind has the default one, and its classes are counted on the tuple afterwards, as
-        # for any tuple. The count here is a placeholder no label can exceed.
-        specs = [keyed_spec(name, kind, op) if isinstance(kind, TaskSpec) else TaskSpec(
-            str(name), kind, num_classes=None if kind not in ("classification", "segmentation")
-            else 2**62) for name, kind in tasks.items()]
-    else:
-        specs = list(cast(Iterable[TaskSpec], tasks))
+    # A task given by kind: its classes are counted on the tuple afterwards, as for any tuple.
+    specs = reading_specs(tasks, op)
     try:
         read, own_ids = _gather(data, specs)
     except (TypeError, ValueError) as error:

@@ -168,7 +168,7 @@ def build_problem_with_naming(model: nn.Module, *,
     specs = task_specs(given_tasks, [train_data, forget_data, retain_data], classes_predicted_by(
         model, not has_own_split(model, shared_parameters, head_parameters),
         train_data if train_data is not None else retain_data, given_tasks),
-        ["train_data", "forget_data", "retain_data"])
+        ["train_data", "forget_data", "retain_data"], op=entry())
     train_data, forget_data, retain_data, held_out_data = (
         data if data is as_given else cast("InMemoryData | None", with_tasks(data, specs))
         for data, as_given

@@ -3,14 +3,16 @@ named for the shared/heads split."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskKind, TaskSpec
+from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import Inputs
+# The tasks (specs, names, or a mapping task -> kind): the data layer's, which gather reads too.
+from mtunlearn_ext.data.task_forms import TasksSpec as TasksSpec
 
 
 #: A data set: a :class:`MultiTaskDataset`, or ``(inputs, targets)`` / ``(inputs, targets,
@@ -38,9 +40,3 @@ ParameterSpec = Union[nn.Module, Iterable[Union[str, nn.Parameter, nn.Module,
 #: Which parameters are the shared trunk: names, the parameters themselves, modules, or a
 #: predicate on the parameter's name.
 SharedSpec = Union[ParameterSpec, Callable[[str], bool]]
-
-#: The tasks: specs, or a mapping task -> kind (``"classification"``, ...); left out
-#: (``None``), or as task names, they are read from the :class:`MultiTaskDataset` given as
-#: data, which carries its tasks' specs.
-TasksSpec = Union[Sequence[Union[TaskSpec, str]], Mapping[str, Union[TaskKind, TaskSpec]], str,
-                  None]

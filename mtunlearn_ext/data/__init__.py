@@ -20,10 +20,11 @@ from mtunlearn_ext.data.registry import (
 )
 from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
 from mtunlearn_ext.data.street import STREET_CLASSES, make_street
+from mtunlearn_ext.data.task_forms import TasksSpec
 
 __all__ = ["BENCHMARKS", "INDOOR_CLASSES", "REQUEST_TYPES", "SIZES", "STREET_CLASSES",
            "TASK_KINDS", "UNSEEN_SEED_OFFSET", "Benchmark", "ForgetRequest", "LayoutError",
-           "MultiTaskDataset", "RequestType", "Size", "TaskKind", "TaskSpec",
+           "MultiTaskDataset", "RequestType", "Size", "TaskKind", "TaskSpec", "TasksSpec",
            "default_cache_dir", "gather", "load_benchmark", "load_cityscapes", "load_nyuv2",
            "make_digits",
            "make_indoor", "make_street", "read_benchmark", "register_benchmark",

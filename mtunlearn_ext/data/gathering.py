@@ -48,6 +48,7 @@ from mtunlearn_ext.data.base import (
     task_spec_list,
 )
 from mtunlearn_ext.data.inputs import Inputs, describe, named_leaves
+from mtunlearn_ext.data.task_forms import TasksSpec, reading_specs, task_specs, tasks_from_data
 
 __all__ = ["gather"]
 
@@ -530,7 +531,7 @@ def _items(source: object, num_workers: int, batch_size: int,
 
 
 def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
-           tasks: Sequence[TaskSpec], *, ids: Sequence[int] | torch.Tensor | None = None,
+           tasks: TasksSpec | TaskSpec, *, ids: Sequence[int] | torch.Tensor | None = None,
            num_workers: int = 0, batch_size: int = 64,
            multiprocessing_context: str | None = None) -> MultiTaskDataset:
     """Read ``source`` into a :class:`MultiTaskDataset` (the module docstring gives the layouts).
@@ -539,7 +540,14 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         source: a map-style ``Dataset`` (read at indices ``0..len - 1``), an ``IterableDataset``
             or any iterable of instances (read in order), or a ``DataLoader`` of collated
             batches (read in its order; ``drop_last`` refused).
-        tasks: the task specs, in column order; every label key of an instance must be one.
+        tasks: the tasks in column order, in the forms :func:`~mtunlearn_ext.unlearn` takes
+            (:data:`~mtunlearn_ext.data.task_forms.TasksSpec`): TaskSpecs, or a mapping task ->
+            kind (``{"seg": "segmentation"}``) or -> TaskSpec; task names, or ``None`` for every
+            task, when ``source`` is a :class:`MultiTaskDataset` (whose specs they pick). Every
+            label key of an instance must be one of them. A classification or segmentation
+            task given by kind has one class past its largest supervised label (there is no
+            model here to say more; a TaskSpec with ``num_classes`` counts a class no
+            instance carries).
         ids: the instances' ids, one per row in the order read. Default: the instances' own
             ``"id"`` when they carry one (an id carried twice is refused), else their
             positions ``0..N-1``, which for a map-style dataset are its indices, so
@@ -558,8 +566,14 @@ def gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         the label is not the kind's "no label" value (``ignore_index``; a dense map without a
         labelled pixel) and, when instances carry ``"supervision"``, that mask keeps it.
     """
-    return _gather(source, tasks, ids=ids, num_workers=num_workers, batch_size=batch_size,
-                   multiprocessing_context=multiprocessing_context)[0]
+    given = tasks_from_data(tasks, [source], "gather")
+    read = _gather(source, reading_specs(given, "gather"), ids=ids, num_workers=num_workers,
+                   batch_size=batch_size, multiprocessing_context=multiprocessing_context)[0]
+    if not isinstance(given, Mapping):
+        return read
+    # Tasks given by kind were read with a placeholder class count: now the labels are known.
+    specs = task_specs(given, [read], None, ["source"], op="gather")
+    return MultiTaskDataset(read.inputs, read.targets, specs, read.ids, read.supervision)
 
 
 def _gather(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
