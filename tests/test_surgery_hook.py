@@ -216,6 +216,57 @@ def test_task_stacks_are_kept_between_steps_and_made_anew_when_they_no_longer_fi
         assert (made == 0) == (change == "nothing"), (change, made)
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_large_stacks_are_freed_when_backward_returns(monkeypatch: pytest.MonkeyPatch,
+                                                      per_task: str) -> None:
+    """Kept stacks hold k copies of the shared gradients between steps: above
+    KEPT_STACKS_MAX_BYTES backward() frees them (a large model's optimizer step and evaluation
+    get that memory back) and the next step makes them again, with the same gradients; at or
+    under it they are kept and nothing is made again."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtunlearn_ext.surgery import hook
+
+    class Empties(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.made: list[weakref.ref[torch.Tensor]] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) == "aten.empty":
+                self.made.append(weakref.ref(out))
+            return out
+
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64, 1)
+    stack_bytes = TASKS * sum(p.numel() * p.element_size() for p in model.trunk.parameters())
+    for limit, kept in ((stack_bytes, True), (stack_bytes - 1, False)):
+        monkeypatch.setattr(hook, "KEPT_STACKS_MAX_BYTES", limit)
+        surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+        grads, made, alive = [], [], []
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)  # kept: a new .grad would be an allocation too
+            with Empties() as empties:
+                surgery.backward(_losses(model, x, y))
+            gc.collect()
+            made.append(len(empties.made))
+            alive.append(sum(1 for ref in empties.made if ref() is not None))
+            grads.append([p.grad.clone() for p in model.trunk.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+        stacks = len(list(model.trunk.parameters()))
+        if kept:  # made once, still held; none made at the second step
+            assert made == [stacks, 0] and alive == [stacks, 0], (made, alive)
+        else:  # made at every step, none outliving it
+            assert made == [stacks, stacks] and alive == [0, 0], (made, alive)
+
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_a_skipped_step_is_discarded_not_carried_into_the_next(per_task: str,

@@ -8,8 +8,8 @@ gradient accumulation over micro-batches works as with ``backward``). Parameters
 shared set that the losses reach (task heads) receive the plain sum of their task gradients,
 as ``sum(losses).backward()`` would give them. No flat copy of the parameters or gradients is
 ever made; the only extra memory is the ``k`` stacks, which the surgery keeps from one call to
-the next (made anew when the number of tasks, the shared parameters taking part, or one's
-shape, dtype or device changes).
+the next while they are small (:data:`KEPT_STACKS_MAX_BYTES`; made anew when the number of
+tasks, the shared parameters taking part, or one's shape, dtype or device changes).
 
 As with ``sum(losses).backward()``, a shared parameter that no task's loss reaches keeps its
 ``.grad`` as it is (``None`` stays ``None``, so optimizers skip it), and which shared parameters
@@ -63,6 +63,12 @@ from mtunlearn_ext.surgery.weightings import Weighting
 #: gradient hooks of a wrapper must run (FSDP2's reduce-scatter) and for trainers built around
 #: ``.backward`` (LibMTL's ``mode='backward'``); head gradients accumulate natively.
 PerTaskMode = Literal["autograd", "batched", "backward"]
+
+#: The most memory (bytes, all per-task stacks together) that ``backward()`` keeps allocated
+#: from one step to the next. Small models' stacks are kept: making them again was 2-6% of
+#: their step. Larger ones are freed after the step, so that a large model does not hold ``k``
+#: copies of its shared gradients through the optimizer step and evaluation.
+KEPT_STACKS_MAX_BYTES = 64 * 2**20
 
 
 class GradReducer(Protocol):
@@ -562,17 +568,21 @@ class GradientSurgery:
                                                   add=False, retain_graph=retain_graph,
                                                   caller=caller)
         device = _losses_device(losses, constants)
-        if self.reducer is None:
-            # The heads' .grad are written once the aggregation has gone through: a step it
-            # refuses (NaN or Inf task gradients) leaves every .grad as it was.
-            weights = self._aggregate(active, stacks, _TaskPass(reached, [], [], constants,
-                                                                len(losses), device))
-            head_sums.write()
-            return weights
-        # A reducer averages the heads' .grad across processes before the aggregation.
-        heads, head_tasks = head_sums.write()
-        return self._aggregate(active, stacks, _TaskPass(reached, heads, head_tasks, constants,
-                                                         len(losses), device))
+        try:
+            if self.reducer is None:
+                # The heads' .grad are written once the aggregation has gone through: a step
+                # it refuses (NaN or Inf task gradients) leaves every .grad as it was.
+                weights = self._aggregate(active, stacks, _TaskPass(reached, [], [], constants,
+                                                                    len(losses), device))
+                head_sums.write()
+                return weights
+            # A reducer averages the heads' .grad across processes before the aggregation.
+            heads, head_tasks = head_sums.write()
+            return self._aggregate(active, stacks, _TaskPass(reached, heads, head_tasks,
+                                                             constants, len(losses), device))
+        finally:
+            del stacks, rows
+            self._release_large_stacks()
 
     def accumulate(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False) -> None:
         """Add the per-task gradients of ``losses`` to internal per-task buffers (one stack per
@@ -712,6 +722,17 @@ class GradientSurgery:
         self._buffered_for = active
         self._pending = False
         return buffers, self._buffer_rows
+
+    def _release_large_stacks(self) -> None:
+        """Drop the stacks after a backward() step when they exceed
+        :data:`KEPT_STACKS_MAX_BYTES`: kept, they would hold ``k`` times a large model's
+        shared parameters through the optimizer step and evaluation, where making them again
+        costs little next to the step; small ones are kept for the next step."""
+        buffers = self._buffers
+        if buffers is not None and (sum(b.numel() * b.element_size() for b in buffers)
+                                    > KEPT_STACKS_MAX_BYTES):
+            self._buffers, self._buffer_rows = None, []
+            self._buffered_tasks, self._buffered_for = None, None
 
     def _clear_pending(self) -> None:
         """No micro-batch pending: the buffers stay allocated, for the next step."""
