@@ -638,8 +638,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     with OutputTransaction(inputs=[checkpoint]) as tx:
         default_ckpt, default_rec = _default_outputs(checkpoint, args.method)
         out_ckpt = tx.reserve("--output", args.output or default_ckpt)
+        # Without --record, the record is named after --output when that is given: a file
+        # already there (an earlier run's) is then refused as --output's, not as a --record.
         out_rec = tx.reserve("--record", args.record or (
-            default_rec if args.output is None else Path(str(out_ckpt) + ".record.json")))
+            default_rec if args.output is None else Path(str(out_ckpt) + ".record.json")),
+            default_of="--output" if args.record is None and args.output else None)
         loaded = load_model(checkpoint, data_root=args.data_root)
         # What earlier requests of this checkpoint's lineage removed stays removed: out of the
         # retain set (and so out of retraining). Unknown removals (an older unlearned

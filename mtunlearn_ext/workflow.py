@@ -983,8 +983,39 @@ class OutputTransaction:
     _committed: bool = False
     #: The files this transaction's writes put in place (path -> device and inode).
     _placed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Outputs whose path is a default made from another option (argument -> that option).
+    _default_of: dict[str, str] = field(default_factory=dict)
 
-    def reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
+    def reserve(self, argument: str, path: str | os.PathLike[str], *,
+                default_of: str | None = None) -> Path:
+        """Check ``path`` as the output of ``argument`` (see the class) and keep it.
+
+        ``default_of``: the option ``path`` was made from when ``argument`` was not given
+        (``--output`` for the record beside it). An error about the path then names that
+        option and says the path is ``argument``'s default: blaming ``argument`` alone named
+        an option the user never gave, with no word of how to get out of the way."""
+        if default_of is not None:
+            self._default_of[argument] = default_of
+        try:
+            return self._reserve(argument, path)
+        except UserInputError as error:
+            raise self._blamed(argument, error) from None
+
+    def _blamed(self, argument: str, error: UserInputError, advice: bool = True
+                ) -> UserInputError:
+        """``error`` about ``argument``'s path, reworded when that path is a default made from
+        another option (:meth:`reserve`'s ``default_of``); ``advice``: whether another name
+        is the way out (not for a disk that is full)."""
+        source = self._default_of.get(argument)
+        if source is None:
+            return error
+        way_out = f": pass {argument}, or choose another {source}" if advice else ""
+        return UserInputError(
+            source, error.expected, error.received,
+            (f"{error.hint}; " if error.hint else "") + f"the file is {argument}'s default, "
+            f"named after {source} ({argument} was not given){way_out}")
+
+    def _reserve(self, argument: str, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
         if "\0" in str(p):
             raise UserInputError(argument, "a file path", str(p), "it holds a NUL byte")
@@ -1003,7 +1034,9 @@ class OutputTransaction:
                 raise UserInputError(argument, f"a path different from {other_arg}", str(p))
         if os.path.lexists(p):  # a dangling symbolic link too: writing would follow it
             raise UserInputError(argument, "a path that does not exist yet", str(p),
-                                 "refusing to overwrite; choose a new path")
+                                 "refusing to overwrite" + (
+                                     "" if argument in self._default_of
+                                     else "; choose a new path"))
         _check_creatable(argument, p)
         self.outputs[argument] = p
         return p
@@ -1050,13 +1083,16 @@ class OutputTransaction:
             self._created.remove(path)
             # reserve() found the path free: something else made it since (another run
             # writing the same default name, say).
-            raise UserInputError(argument, "a path that does not exist yet", str(path),
-                                 "the file appeared during the run (another run writing the "
-                                 "same name?); this run wrote nothing: run it again or choose "
-                                 f"another {argument}") from error
+            raise self._blamed(argument, UserInputError(
+                argument, "a path that does not exist yet", str(path),
+                "the file appeared during the run (another run writing the same name?); this "
+                "run wrote nothing: run it again"
+                + ("" if argument in self._default_of else f" or choose another {argument}"))
+            ) from error
         except OSError as error:
-            raise UserInputError(argument, "a path that can be written", str(path),
-                                 f"{error.strerror or error}; nothing was written") from error
+            raise self._blamed(argument, UserInputError(
+                argument, "a path that can be written", str(path),
+                f"{error.strerror or error}; nothing was written"), advice=False) from error
 
     def _make_folders(self, folder: Path) -> None:
         """Make ``folder`` and its missing parents one by one, recording only those this call

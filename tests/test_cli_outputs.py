@@ -165,6 +165,41 @@ def test_unlearn_refuses_a_record_name_too_long_before_any_work(
     assert _listing(tmp_path) == {long_input.name}
 
 
+def test_a_default_record_in_the_way_is_refused_as_the_outputs(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: `unlearn --output u.pt` beside an earlier run's u.pt.record.json was
+    refused as `--record: ...; choose a new path`, an option the user never gave. The error
+    names --output, the file in the way, that it is the record --output implies, and the two
+    ways out; given --record, the refusal stays the plain one."""
+    from mtunlearn_ext import workflow
+    from mtunlearn_ext._io import name_max
+
+    monkeypatch.setattr(workflow, "run_unlearning", _fail_if_run)
+    stale = tmp_path / "u.pt.record.json"
+    stale.write_text("{}")
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 2
+    assert _err(capsys) == (
+        f"mtunlearn: error: --output: expected a path that does not exist yet, got "
+        f"'{stale}'; refusing to overwrite; the file is --record's default, named after "
+        "--output (--record was not given): pass --record, or choose another --output")
+    assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2),
+                    "--record", str(stale)) == 2
+    assert _err(capsys) == (
+        f"mtunlearn: error: --record: expected a path that does not exist yet, got "
+        f"'{stale}'; refusing to overwrite; choose a new path")
+    # A legal --output whose record name is one the file system refuses.
+    name = "o" * (name_max(tmp_path) - 3) + ".pt"
+    assert _unlearn(trained, tmp_path / name, "--forget-ids", ids(1, 2)) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --output: expected file and folder names of at "
+                          "most"), err
+    assert err.endswith("the file is --record's default, named after --output (--record was "
+                        "not given): pass --record, or choose another --output"), err
+    assert _listing(tmp_path) == {stale.name}
+    assert stale.read_text() == "{}"
+
+
 def test_train_writes_a_legal_name_of_the_longest_length(tmp_path: Path) -> None:
     """The temporary file `.{name}.XXXXXXXX.tmp` is 14 characters longer than the target: a
     legal name over 241 characters trained, then failed with ENAMETOOLONG."""
@@ -223,8 +258,12 @@ def test_an_output_write_failing_is_one_line_and_removes_what_was_written(
     monkeypatch.setattr(records, "write_record", disk_full)
     assert _unlearn(trained, tmp_path / "u.pt", "--forget-ids", ids(1, 2)) == 2
     err = _err(capsys)
-    assert err.startswith("mtunlearn: error: --record: expected a path that can be written"), err
+    # The record is --output's (no --record given): the error names --output and says so.
+    assert err.startswith("mtunlearn: error: --output: expected a path that can be written, "
+                          f"got '{tmp_path / 'u.pt.record.json'}'"), err
     assert "No space left on device" in err and "nothing was written" in err, err
+    assert err.endswith("the file is --record's default, named after --output (--record was "
+                        "not given)"), err
     assert _listing(tmp_path) == set()
 
 
