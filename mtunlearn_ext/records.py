@@ -42,8 +42,10 @@ unlearned checkpoint and never over an existing file. Fields:
 
 :func:`verify_record` re-hashes the checkpoint, re-checks the ids hash and re-measures the
 model, comparing with ``after`` within a tolerance, and checks that the checkpoint is the
-record's unlearned output whose weights differ from the input model's. It checks that files and
-record agree, not how much was forgotten.
+record's unlearned output whose weights differ from the input model's; the pair counts, the
+forgotten ids and a draw of the ids are made again from the request and the data. It checks
+that files and record agree, not how much was forgotten. ``invocation`` and an ``ids_drawn`` of
+``null`` cannot be re-derived from anything and are not checked.
 """
 
 from __future__ import annotations
@@ -221,6 +223,8 @@ def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
          not request_ok or _is_id_list(request.get("retain_ids"), allow_null=True)),
         ("request.earlier_removals", "null or a list of {instance_ids, target_tasks} "
          "(optional)", not request_ok or _is_removals(request.get("earlier_removals"))),
+        ("request.ids_drawn", "null or {fraction: a number in (0, 1), seed: an integer >= 0} "
+         "(optional)", not request_ok or _is_draw(request.get("ids_drawn"))),
         ("weights_changed", "true or false (optional)",
          record.get("weights_changed") is None or isinstance(record["weights_changed"], bool)),
         ("eval_batch_size", "an integer >= 1 (optional)",
@@ -233,6 +237,17 @@ def _is_removals(value: object) -> bool:
     from mtunlearn_ext.workflow import is_removal_list
 
     return value is None or is_removal_list(value)
+
+
+def _is_draw(value: object) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, Mapping):
+        return False
+    fraction, seed = value.get("fraction"), value.get("seed")
+    return (isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+            and 0.0 < fraction < 1.0 and isinstance(seed, int) and _is_int(seed)
+            and seed >= 0)
 
 
 def _is_int(value: object) -> bool:
@@ -357,7 +372,9 @@ class VerifyResult:
     outcome of each check, ``checks``: ``"sha256"`` (the checkpoint's hash), ``"ids"`` (the
     recorded ids against their hash), ``"provenance"``, ``"metrics"`` (the re-measurement of
     ``after``), ``"before"`` (the input model's, when its checkpoint is found) and
-    ``"weights"`` (:data:`WEIGHTS_UNCHANGED` for an output whose weights are the input's), each
+    ``"weights"`` (:data:`WEIGHTS_UNCHANGED` for an output whose weights are the input's),
+    ``"pair counts"``, ``"forgotten ids"`` and ``"ids drawn"`` (the request's fields made
+    again; ``"ids drawn"`` is ``"not checked"`` for named ids), each
     ``"ok"``, ``"MISMATCH"`` or, for ``"metrics"`` when the recorded request does not apply to
     the checkpoint's data, ``"not measured"``; ``"before"`` says why when it was not
     measured."""
@@ -422,6 +439,7 @@ def verify_record(record_path: str | os.PathLike[str],
     the checkpoints' recorded ones.
     """
     from mtunlearn_ext.data.request import ForgetRequest
+    from mtunlearn_ext.erasure import erased_instances
     from mtunlearn_ext.workflow import (
         UserInputError,
         exclude_removed,
@@ -507,12 +525,16 @@ def verify_record(record_path: str | os.PathLike[str],
         forget, _ = request.split(without_removed(train_set, req.get("earlier_removals") or []))
         _, retain = request.split(train_set)
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
-        retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
+        retain, excluded = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:  # nothing to measure: the request does not apply
         return _request_misfit(error, ckpt, sha, mismatches, checks)
+    erased = erased_instances(loaded.benchmark)
+    counts, note = _excluded_count(req, excluded, erased)
     _check_pair_counts(req, {"num_forget_pairs": int(forget.supervision.sum()),
-                             "num_retain_pairs": int(retain.supervision.sum())},
-                       mismatches, checks)
+                             "num_retain_pairs": int(retain.supervision.sum()), **counts},
+                       mismatches, checks, note)
+    _check_forgotten(req, sorted(int(i) for i in forget.ids.tolist()), mismatches, checks)
+    _check_draw(record, request, train_set, erased, mismatches, checks)
     size = batch_size or int(record.get("eval_batch_size", 64))
     measured = measure(loaded.model, forget, retain, loaded.benchmark.test,
                        request.resolved_tasks(train_set), int(record["seed"]), size)
@@ -585,6 +607,116 @@ def _check_pair_counts(req: Mapping[str, Any], counts: Mapping[str, int], mismat
     mismatches.extend(edited)
 
 
+def _excluded_count(req: Mapping[str, Any], excluded: int, erased: Mapping[int, set[str]]
+                    ) -> tuple[dict[str, int], str]:
+    """``num_excluded_pairs`` for :func:`_check_pair_counts` (the count re-made from the same
+    split) and a note, or no count when it cannot be compared: erasing an earlier removal's
+    files after the run takes its pairs out of the data, so the count made now is smaller
+    than the run's, and an edited count cannot be told from that."""
+    recorded = req.get("num_excluded_pairs")
+    named = {int(i) for entry in req.get("earlier_removals") or []
+             for i in entry.get("instance_ids") or []}
+    if "num_excluded_pairs" in req and recorded != excluded and named & set(erased):
+        return {}, ("; num_excluded_pairs not re-counted: files of the earlier removals were "
+                    "erased, after the run or before it")
+    return {"num_excluded_pairs": excluded}, ""
+
+
+def _check_forgotten(req: Mapping[str, Any], forgotten: Sequence[int] | None,
+                     mismatches: list[str], checks: dict[str, str],
+                     removed: Sequence[int] = ()) -> None:
+    """The ``forgotten ids`` row: ``request.forgotten_instance_ids`` against the instances
+    the request forgot, re-derived as ``unlearn`` derived them (``forgotten``: those of the
+    request's ids left a pair of its target tasks by the earlier removals). ``None``: they
+    cannot be re-derived (the forget files were erased), so the field is checked for what
+    the record itself gives: ids of the request, none of ``removed`` (the ids whose target
+    pairs the earlier removals took already)."""
+    if "forgotten_instance_ids" not in req:
+        checks["forgotten ids"] = "not recorded (an older record)"
+        return
+    recorded = req["forgotten_instance_ids"]
+    if forgotten is not None:
+        if recorded == list(forgotten):
+            checks["forgotten ids"] = "ok"
+            return
+        mismatches.append(f"request.forgotten_instance_ids {recorded!r} differ from the "
+                          f"request's ids less those the earlier removals took, "
+                          f"{list(forgotten)!r} (record edited?)")
+        checks["forgotten ids"] = "MISMATCH"
+        return
+    named = set(req.get("instance_ids") or [])
+    wrong = (not isinstance(recorded, list) or not recorded
+             or any(not isinstance(i, int) or i not in named or i in set(removed)
+                    for i in recorded) or recorded != sorted(recorded))
+    if wrong:
+        mismatches.append(f"request.forgotten_instance_ids {recorded!r} are not the request's "
+                          "ids (sorted, at least one) less those the earlier removals took "
+                          "(record edited?)")
+        checks["forgotten ids"] = "MISMATCH"
+        return
+    checks["forgotten ids"] = ("ok (against the request and the earlier removals; the forget "
+                               "files are erased)")
+
+
+def _fully_removed(req: Mapping[str, Any], request: Any, task_names: Sequence[str]
+                   ) -> list[int]:
+    """The request's ids whose every target task the earlier removals took (a full removal
+    takes every task): by the record alone, they are not forgotten again."""
+    targets = set(request.target_tasks or task_names)
+    taken: dict[int, set[str]] = {}
+    for entry in req.get("earlier_removals") or []:
+        tasks = set(entry.get("target_tasks") or task_names)
+        for i in entry.get("instance_ids") or []:
+            taken.setdefault(int(i), set()).update(tasks)
+    return [int(i) for i in request.instance_ids if targets <= taken.get(int(i), set())]
+
+
+def _check_draw(record: Mapping[str, Any], request: Any, train_set: Any,
+                erased: Mapping[int, set[str]], mismatches: list[str],
+                checks: dict[str, str]) -> None:
+    """The ``ids drawn`` row: a record whose ``request.ids_drawn`` says the tool drew the ids
+    (``--forget-fraction``) is drawn again, as ``unlearn`` drew them (among the pairs the
+    earlier removals left, with the record's seed), and must give the request's ids. Ids
+    the record says were named (``null``) cannot be checked: a drawn set edited to look
+    named, or the reverse of a draw that happens to give the named ids, reads the same.
+    Erased files change the data a draw is made from, so a draw that differs then is not a
+    mismatch."""
+    from mtunlearn_ext.experiment import build_request
+    from mtunlearn_ext.workflow import without_removed
+
+    req = record["request"]
+    if "ids_drawn" not in req:
+        checks["ids drawn"] = "not recorded (an older record)"
+        return
+    drawn = req["ids_drawn"]
+    if drawn is None:
+        checks["ids drawn"] = "not checked (the ids were named)"
+        return
+    fraction, seed = drawn["fraction"], drawn["seed"]
+    problems = []
+    if seed != record["seed"]:
+        problems.append(f"request.ids_drawn.seed {seed!r} is not the run's seed "
+                        f"{record['seed']!r}, which draws the ids (record edited?)")
+    kind = "full" if request.target_tasks is None else "partial"
+    try:
+        again = list(build_request(without_removed(train_set, req.get("earlier_removals") or []),
+                                   kind, int(seed), float(fraction), None,
+                                   request.target_tasks).instance_ids)
+        why = f"it draws {again[:10]}{' ...' if len(again) > 10 else ''}"
+    except (KeyError, ValueError) as error:
+        again, why = None, f"it draws none: {error}"
+    if again != sorted(request.instance_ids) and not problems:
+        if erased:
+            checks["ids drawn"] = (f"not re-drawn (fraction {fraction:g}, seed {seed}): files "
+                                   "were erased since the data the ids were drawn from")
+            return
+        problems.append(f"request.ids_drawn {dict(drawn)!r} does not give the recorded "
+                        f"request.instance_ids: {why} (record edited?)")
+    mismatches.extend(problems)
+    checks["ids drawn"] = ("MISMATCH" if problems
+                           else f"ok (drawn again: fraction {fraction:g}, seed {seed})")
+
+
 def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str],
                    request: Any, loaded: Any, ckpt: Path, sha: str,
                    data_root: str | os.PathLike[str] | None, batch_size: int | None,
@@ -595,6 +727,7 @@ def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str
     metrics of the output (and of the input, when found) are re-measured and compared; the
     forget metrics and the attack's AUC cannot be, and the ``forget metrics`` row says so.
     The weights, hash, ids and provenance checks are unchanged."""
+    from mtunlearn_ext.erasure import erased_instances
     from mtunlearn_ext.workflow import (
         exclude_removed,
         lineage_removals,
@@ -611,12 +744,18 @@ def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str
         # ForgetRequest.split refuses ids the data set lacks), as the lineage's are taken out.
         retain, _ = exclude_removed(train_set, [removal_entry(request)])
         retain = restrict_retain(retain, request, req.get("retain_ids"), train_set)
-        retain, _ = exclude_removed(retain, req.get("earlier_removals") or [])
+        retain, excluded = exclude_removed(retain, req.get("earlier_removals") or [])
     except (KeyError, ValueError) as error:
         return _request_misfit(error, ckpt, sha, mismatches, checks)
     # The forget pairs' files are gone; the retain set is rebuilt all the same.
-    _check_pair_counts(req, {"num_retain_pairs": int(retain.supervision.sum())}, mismatches,
-                       checks, " (retain pairs; the forget pairs' files are erased)")
+    erased = erased_instances(loaded.benchmark)
+    counts, note = _excluded_count(req, excluded, erased)
+    _check_pair_counts(req, {"num_retain_pairs": int(retain.supervision.sum()), **counts},
+                       mismatches, checks,
+                       " (retain pairs; the forget pairs' files are erased)" + note)
+    _check_forgotten(req, None, mismatches, checks,
+                     _fully_removed(req, request, train_set.task_names))
+    _check_draw(record, request, train_set, erased, mismatches, checks)
     size = batch_size or int(record.get("eval_batch_size", 64))
     checks[FORGET_ERASED_CHECK] = FORGET_ERASED_NOTE
     measured = measure_kept(loaded.model, retain, test, size)

@@ -143,6 +143,48 @@ def test_erasing_a_removed_instance_keeps_verify_evaluate_and_chained_unlearn_wo
         assert cli.main(["verify", "--record", _record(u2), "--quiet"]) == 0
 
 
+def test_verify_re_derives_a_chained_and_a_drawn_request_after_erasure(
+        erasable: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Erasing files after the run makes what verify re-counts smaller than the run counted:
+    the pairs of an earlier removal kept out of the retain set, a draw made from the data.
+    Neither is a mismatch then (the row says why); the forgotten ids are still checked, from
+    the record when the forget files are gone."""
+    chained, drawn = tmp_path / "c.pt", tmp_path / "d.pt"
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.u1), "--forget-ids", "6",
+                     "--output", str(chained), *STEPS]) == 0
+    assert json.loads(Path(_record(chained)).read_text())["request"]["num_excluded_pairs"] > 0
+    assert cli.main(["unlearn", "--checkpoint", str(erasable.u1), "--forget-fraction", "0.3",
+                     "--output", str(drawn), *STEPS]) == 0
+    request = json.loads(Path(_record(drawn)).read_text())["request"]
+    assert request["ids_drawn"] == {"fraction": 0.3, "seed": 0}
+    with _restored(erasable.data):
+        _erase(erasable.data, *_instance(5))  # u1's removal, earlier for both records
+        capsys.readouterr()
+        assert cli.main(["verify", "--record", _record(chained), "--quiet"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert ("pair counts ok; num_excluded_pairs not re-counted: files of the earlier "
+                "removals were erased, after the run or before it") in out, out
+        assert "forgotten ids ok" in out, out
+        for i in request["instance_ids"]:  # the drawn request's own files too
+            _erase(erasable.data, *_instance(i))
+        assert cli.main(["verify", "--record", _record(drawn), "--quiet"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert ("forgotten ids ok (against the request and the earlier removals; the forget "
+                "files are erased)") in out, out
+        assert ("ids drawn not re-drawn (fraction 0.3, seed 0): files were erased since the "
+                "data the ids were drawn from") in out, out
+        # An edited forgotten id is found all the same: 5 is no id of this request.
+        payload = json.loads(Path(_record(drawn)).read_text())
+        payload["request"]["forgotten_instance_ids"] = [5]
+        edited = tmp_path / "edited.json"
+        edited.write_text(json.dumps(payload))
+        assert cli.main(["verify", "--record", str(edited), "--checkpoint", str(drawn),
+                         "--quiet"]) == 1
+        assert ("mismatch: request.forgotten_instance_ids [5] are not the request's ids "
+                "(sorted, at least one) less those the earlier removals took (record edited?)"
+                ) in capsys.readouterr().err
+
+
 def test_erasing_an_instance_never_removed_is_refused_naming_the_file(
         erasable: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
     with _restored(erasable.data):

@@ -79,6 +79,8 @@ def test_verify_refuses_a_record_giving_a_key_twice(unlearned: tuple[Path, Path]
     (("eval_batch_size",), True, "eval_batch_size"),
     (("request", "retain_ids"), 5, "request.retain_ids"),
     (("request", "retain_ids"), ["a"], "request.retain_ids"),
+    (("request", "ids_drawn"), {"fraction": 2, "seed": 0}, "request.ids_drawn"),
+    (("request", "ids_drawn"), "0.1", "request.ids_drawn"),
 ])
 def test_verify_malformed_fields_exit_2_naming_the_field(
         unlearned: tuple[Path, Path], tmp_path: Path, path: tuple[str, ...], value: Any,
@@ -449,6 +451,73 @@ def test_verify_recounts_the_requests_pairs(unlearned: tuple[Path, Path], tmp_pa
     assert cli.main(["verify", "--record", str(record), "--checkpoint", str(ckpt),
                      "--quiet"]) == 0
     assert "pair counts ok" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture(scope="module")
+def chained(unlearned: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, Path]:
+    """Records of two requests chained to ``unlearned`` (which forgot ids(1, 2)): ``named``
+    forgets ids(2, 3), of which ids(2) was removed already, and ``drawn`` a random 2%."""
+    folder = tmp_path_factory.mktemp("chained")
+    ckpt, _ = unlearned
+    out = {}
+    for name, request in (("named", ["--forget-ids", ids(2, 3)]),
+                          ("drawn", ["--forget-fraction", "0.02"])):
+        assert _unlearn(ckpt, folder / f"{name}.pt", *request) == 0
+        out[name] = folder / f"{name}.pt.record.json"
+    return out
+
+
+@pytest.mark.parametrize(("which", "field", "value", "message"), [
+    ("named", "forgotten_instance_ids", "request", "request.forgotten_instance_ids {value} "
+     "differ from the request's ids less those the earlier removals took, {real}"),
+    ("named", "num_excluded_pairs", 0, "request.num_excluded_pairs 0 differs from the split "
+     "the request gives, {real}"),
+    ("named", "ids_drawn", {"fraction": 0.5, "seed": 0}, "request.ids_drawn {value} does not "
+     "give the recorded request.instance_ids: it draws "),
+    ("drawn", "ids_drawn", {"fraction": 0.02, "seed": 1}, "request.ids_drawn.seed 1 is not "
+     "the run's seed 0, which draws the ids"),
+    ("drawn", "ids_drawn", {"fraction": 0.1, "seed": 0}, "request.ids_drawn {value} does not "
+     "give the recorded request.instance_ids: it draws "),
+])
+def test_verify_re_derives_the_requests_own_fields(
+        chained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        which: str, field: str, value: Any, message: str) -> None:
+    """CLI review: request.forgotten_instance_ids, num_excluded_pairs and ids_drawn could be
+    edited and the record still verified. Each is made again as `unlearn` made it: the ids
+    less those the lineage removed, the earlier removals' pairs in the retain split, the
+    draw from the fraction and the seed."""
+    record = chained[which]
+    payload = json.loads(record.read_text())
+    real = payload["request"][field]
+    if value == "request":  # the ids named, as if none had been removed before
+        value = payload["request"]["instance_ids"]
+        assert value != real
+    payload["request"][field] = value
+    edited = tmp_path / "r.json"
+    edited.write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(edited), "--checkpoint",
+                     str(record).removesuffix(".record.json"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert message.format(value=value, real=real) in err, err
+    assert cli.main(["verify", "--record", str(record), "--quiet"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pair counts ok forgotten ids ok ids drawn " + (
+        "ok (drawn again: fraction 0.02, seed 0)" if which == "drawn"
+        else "not checked (the ids were named)") in out, out
+
+
+def test_the_chained_records_fields_are_what_verify_re_derives(
+        chained: dict[str, Path]) -> None:
+    """The fields the test above edits hold what they claim in an unedited record (else the
+    edits would prove nothing): one of the named ids forgotten, three pairs of ids(1) kept
+    out, a draw recorded."""
+    named = json.loads(chained["named"].read_text())["request"]
+    assert named["forgotten_instance_ids"] == [int(ids(3))]
+    assert named["num_excluded_pairs"] == 3 and named["ids_drawn"] is None
+    drawn = json.loads(chained["drawn"].read_text())["request"]
+    assert drawn["ids_drawn"] == {"fraction": 0.02, "seed": 0}
 
 
 def test_a_recorded_metric_edited_into_a_boolean_is_a_mismatch() -> None:
