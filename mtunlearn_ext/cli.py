@@ -5,7 +5,8 @@ Subcommands: ``train``, ``unlearn``, ``evaluate``, ``verify``, ``benchmark``, ``
 option names (``forget_ids`` or ``forget-ids``; ``import``, or ``imports``, a list or one string,
 for the repeatable ``--import``, which the command line adds to); options on the command line
 override it, and a null value (YAML ``null``) leaves the option at its default (``forget_ids:
-null`` is refused: only an absent key draws a random share to forget).
+null`` is refused: only an absent key draws a random share to forget). A relative path in the
+file names a file from the file's folder.
 
 Exit codes: 0 success; 1 ``verify`` found a mismatch; 2 bad input (one line on stderr naming the
 argument, what was expected and what was received; nothing written); 3 NaN/Inf during a run
@@ -251,10 +252,53 @@ def _refuse_config_nulls(args: argparse.Namespace) -> None:
                                  "random draw: list the ids, or remove the key to draw them")
 
 
-def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
+#: Options whose value is a file or folder (a config's relative one names it from the config's
+#: folder, :func:`_config_path`).
+_CONFIG_PATHS = ("checkpoint", "output", "record", "data_root", "results", "output_dir")
+#: Options whose value is JSON text or the name of a file holding it.
+_CONFIG_JSON_OR_FILE = ("method_config", "train")
+#: Options whose value is instance ids or the name of a file holding them (``@`` optional).
+_CONFIG_IDS_OR_FILE = ("forget_ids", "retain_ids")
+
+
+def _config_path(dest: str, value: Any, folder: Path) -> Any:
+    """A config's value (as :func:`_config_value` made it) with a relative file or folder it
+    names taken from the config's ``folder``, as most tools read their config files: a config
+    and the files beside it then work from any current folder, and ``~`` is the home folder
+    (no shell expands it in a file). Text that is no path stays: JSON (``{...}``), ids (``3,7``),
+    a module name in ``import`` (a ``.py`` file is a path), and the empty text, which
+    :func:`_refuse_empty_paths` refuses."""
+    from mtunlearn_ext.workflow import is_existing_file, is_id_list
+
+    def rebased(text: str) -> str:
+        path = Path(text).expanduser()
+        return text if text == "" else str(path if path.is_absolute() else folder / path)
+
+    if dest in _CONFIG_PATHS and isinstance(value, str):
+        return rebased(value)
+    if dest in _CONFIG_JSON_OR_FILE and isinstance(value, str) \
+            and not value.lstrip().startswith("{"):
+        return rebased(value)
+    if dest in _CONFIG_IDS_OR_FILE and isinstance(value, str):
+        if value.startswith("@"):
+            return "@" + rebased(value[1:])
+        if is_id_list(value) or not value.strip():
+            return value
+        # One word that is no id names a file (its error then says where it was looked for);
+        # words with a bad id among them (3,x) stay, for the error to name that id.
+        one_word = len(value.replace(",", " ").split()) == 1
+        return rebased(value) if one_word or is_existing_file(rebased(value)) else value
+    if dest == "imports" and isinstance(value, list):
+        return [rebased(v) if v.endswith(".py") else v for v in value]
+    return value
+
+
+def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any],
+                  folder: Path = Path(".")) -> None:
     """Make config values the defaults of ``parser`` (so command-line flags override them).
-    Values go through the option's own parsing (:func:`_config_value`); a null value (YAML
-    ``null`` / ``~``) means the option is not given: it keeps its default, except for the
+    Values go through the option's own parsing (:func:`_config_value`); a relative file or
+    folder they name is taken from the config's ``folder`` (:func:`_config_path`); a null value
+    (YAML ``null`` / ``~``) means the option is not given: it keeps its default, except for the
     options of :data:`_NO_NULL` (``forget_ids``), where it is refused unless the command line
     gives the option."""
     from mtunlearn_ext.workflow import UserInputError
@@ -286,7 +330,7 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any]) ->
                 defaults[dest] = _NullInConfig(key)
             continue
         try:
-            defaults[dest] = _config_value(actions[name], value)
+            defaults[dest] = _config_path(dest, _config_value(actions[name], value), folder)
         except ValueError as error:  # not a boolean for a flag, an unbalanced quote
             raise UserInputError("--config", f"a valid value for {key!r}", value,
                                  str(error)) from error
@@ -1087,7 +1131,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML (.yaml/.yml) or TOML (.toml) file whose keys are this command's "
-                        "options (e.g. forget_ids: [1, 2]); command-line options override it")
+                        "options (e.g. forget_ids: [1, 2]); command-line options override it; "
+                        "its relative paths are read from its own folder")
     p.add_argument("--threads", type=_at_least(1), default=None,
                    help="torch intra-op CPU threads (default: torch's choice; 1 is best on a "
                         "busy shared machine)")
@@ -1397,7 +1442,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _refuse_command_as_import(parser, argv)
         pre, _ = parser.parse_known_args(argv)
         if getattr(pre, "config", None):
-            _apply_config(_subparser(parser, pre.command), _load_config(pre.config))
+            _apply_config(_subparser(parser, pre.command), _load_config(pre.config),
+                          Path(pre.config).parent)
         args = parser.parse_args(argv)
         missing = [(f"--{d.replace('_', '-')}", getattr(args, d, None)) for d in args._required
                    if getattr(args, d, None) in (None, "")]

@@ -188,7 +188,7 @@ def _id_tokens(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
 
-def _is_id_list(text: str) -> bool:
+def is_id_list(text: str) -> bool:
     """Whether ``text`` reads as a non-empty list of integer ids."""
     tokens = _id_tokens(text)
     return bool(tokens) and all(_ID.fullmatch(t) for t in tokens)
@@ -213,7 +213,7 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
         text = value
         path = Path(value[1:] if value.startswith("@") else value)
         if is_existing_file(path):
-            if not value.startswith("@") and _is_id_list(value):
+            if not value.startswith("@") and is_id_list(value):
                 raise UserInputError(argument, "instance ids or a file of them, unambiguously",
                                      value, f"it is both an id list and the name of a file "
                                      f"here; for the file write @{value} (or ./{value}), for "

@@ -67,6 +67,66 @@ def test_config_null_keeps_the_default(trained: Path, tmp_path: Path,  # noqa: F
     assert "--config: expected a valid value for 'quiet', got 'false'" in err, err
 
 
+# -- a config's relative paths name files from its folder ----------------------------------------
+
+
+def test_a_configs_relative_paths_are_read_from_its_folder(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI review: `checkpoint: orig.pt` in proj/c.yaml was read from the current folder, so a
+    config and the files beside it worked only when run from their folder. Every path the
+    config gives is now read from its folder (the ids file, the settings file and a plugin's
+    .py too), the outputs land there, and the record's invocation reruns the same files."""
+    project, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(trained, project / "orig.pt")
+    (project / "ids.txt").write_text(ids(1, 2).replace(",", "\n"))
+    (project / "m.json").write_text('{"steps": 2}')
+    (project / "plug.py").write_text("LOADED = True\n")
+    (project / "c.yaml").write_text(
+        "checkpoint: orig.pt\nforget_ids: '@ids.txt'\nmethod_config: m.json\n"
+        "import: [plug.py]\noutput: u.pt\nquiet: true\n")
+    monkeypatch.chdir(elsewhere)
+    try:
+        assert cli.main(["unlearn", "--config", "../proj/c.yaml"]) == 0, capsys.readouterr().err
+    finally:
+        sys.modules.pop("plug", None)
+    assert _listing(elsewhere) == set()
+    record = json.loads((project / "u.pt.record.json").read_text())
+    assert record["request"]["instance_ids"] == [int(i) for i in ids(1, 2).split(",")]
+    assert record["method"]["settings"]["steps"] == 2
+    invocation = record["invocation"]
+    assert invocation["method_config"]["file"] == str((project / "m.json").resolve())
+    assert invocation["imports"][0]["file"] == str((project / "plug.py").resolve())
+    # The same option on the command line is read from the current folder, as before.
+    capsys.readouterr()
+    assert cli.main(["unlearn", "--config", "../proj/c.yaml", "--checkpoint", "orig.pt",
+                     "--output", "v.pt"]) == 2
+    assert _err(capsys).startswith("mtunlearn: error: --checkpoint: expected a readable "
+                                   "mtunlearn checkpoint, got 'orig.pt'")
+    # The recorded command, from the recorded folder, reads the same files: the same weights.
+    (project / "c.yaml").write_text((project / "c.yaml").read_text().replace("u.pt", "w.pt"))
+    try:
+        assert cli.main(invocation["argv"]) == 0
+    finally:
+        sys.modules.pop("plug", None)
+    first = torch.load(project / "u.pt", weights_only=True)["state_dict"]
+    second = torch.load(project / "w.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # A file the config names that is not there is said with the path looked for.
+    (project / "c.yaml").write_text("checkpoint: orig.pt\nforget_ids: nope.txt\n")
+    assert cli.main(["unlearn", "--config", "../proj/c.yaml", "--quiet"]) == 2
+    assert "'../proj/nope.txt'" in _err(capsys)
+    # train's and report's paths too.
+    (project / "t.yaml").write_text("output: t.pt\nepochs: 1\nquiet: true\nthreads: 1\n")
+    assert cli.main(["train", "--config", "../proj/t.yaml"]) == 0
+    (project / "r.toml").write_text('results = "u.pt.record.json"\noutput_dir = "rep"\n')
+    assert cli.main(["report", "--config", str(Path("..") / "proj" / "r.toml")]) == 0
+    assert (project / "t.pt").is_file() and (project / "rep" / "report.md").is_file()
+    assert _listing(elsewhere) == set()
+
+
 # -- benchmark's positional `extra` from a config -------------------------------------------------
 
 
