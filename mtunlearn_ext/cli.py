@@ -62,6 +62,10 @@ def _at_least(low: float, kind: type = int) -> Any:
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit 2) instead of usage + message."""
 
+    #: The command parsers by name (``mtunlearn``'s own parser, :func:`_build_parser`), kept
+    #: where they are made, so that nothing has to search argparse's actions for them.
+    commands: Mapping[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> NoReturn:
         if "expected one argument" in message:
             # argparse takes a value starting with '-' for an option: "--forget-ids -3" or
@@ -1203,6 +1207,10 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mtunlearn`` argument parser (one subparser per command)."""
+    return _build_parser()
+
+
+def _build_parser() -> _Parser:
     parser = _Parser(prog="mtunlearn", description=(
         "Interference-aware multi-task machine unlearning: train, unlearn, evaluate, verify. "
         + _SAFETY + " " + _NAN_POLICY + " Bad input exits with code 2 and one line naming the "
@@ -1213,6 +1221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports_first", action="append", default=None,
                         metavar="MODULE", help="as a command's --import (before the command)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices
 
     p = sub.add_parser("train", help="train the original model of a benchmark",
                        description="Train a benchmark's default model with its recipe and write "
@@ -1311,29 +1320,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say_required(parser: argparse.ArgumentParser) -> None:
+def _say_required(parser: _Parser) -> None:
     """Mark in each subcommand's help the options it requires: they are optional to argparse
     (a --config file may give them; :func:`_main` checks), so the usage line shows them in
     brackets like any other."""
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
-            continue
-        for sub in action.choices.values():
-            required = sub.get_default("_required") or []
-            for option in sub._actions:
-                if option.dest in required and option.help and "(required" not in option.help:
-                    option.help += " (required: here or as a --config key)"
+    for sub in parser.commands.values():
+        required = sub.get_default("_required") or []
+        for option in sub._actions:
+            if option.dest in required and option.help and "(required" not in option.help:
+                option.help += " (required: here or as a --config key)"
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise KeyError("subparsers")
-
-
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    return _subparsers(parser).choices[name]
+def _subparser(parser: _Parser, name: str) -> argparse.ArgumentParser:
+    """The parser of command ``name``, one argparse accepted (:func:`_main` parses first)."""
+    return parser.commands[name]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -1387,12 +1387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _refuse_command_as_import(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+def _refuse_command_as_import(parser: _Parser, argv: list[str]) -> None:
     """`mtunlearn --import benchmark --dry-run` (the module left out) took the command as the
     module and argparse said only "the following arguments are required: command"."""
     from mtunlearn_ext.workflow import UserInputError
 
-    commands = set(_subparsers(parser).choices)
+    commands = set(parser.commands)
     for i, token in enumerate(argv):
         if token in commands:
             return  # the command comes first: --import after it belongs to the command
@@ -1430,7 +1430,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from mtunlearn_ext.workflow import NonFiniteError, UserInputError, import_plugins
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = _build_parser()
     # --threads sets torch's process-wide count; a caller of main() in its own process (a
     # notebook, a test, a pipeline step) gets its count back.
     callers_threads = torch.get_num_threads()

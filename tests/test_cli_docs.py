@@ -31,6 +31,18 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
+def test_the_command_parsers_are_kept_where_they_are_made() -> None:
+    """CLI review: `_subparsers` searched argparse's actions for the commands and ended in a
+    `KeyError("subparsers")` that no call could reach (main's parser always has them): the
+    parser now keeps its commands, the same ones argparse lists, each found by name."""
+    parser = cli._build_parser()
+    listed = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert parser.commands is listed.choices
+    assert set(parser.commands) == {"train", "unlearn", "evaluate", "verify", "benchmark",
+                                    "report"}
+    assert cli._subparser(parser, "verify").prog == "mtunlearn verify"
+
+
 def test_the_command_table_names_every_option_of_help() -> None:
     rows = _command_rows()
     missing = {}
