@@ -1242,7 +1242,7 @@ def _build_parser() -> _Parser:
                    help='JSON overrides of the training recipe, e.g. {"lr": 1e-3}')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--output", required=False, default=None, metavar="CKPT",
-                   help="new checkpoint path (required; never overwritten)")
+                   help="new checkpoint path (never overwritten)")
     _common(p)
     p.set_defaults(func=_cmd_train, _required=["output"])
 
@@ -1262,7 +1262,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--output", default=None, metavar="CKPT",
                    help="new checkpoint path (default: <input>.<method>.pt, numbered if taken)")
     p.add_argument("--record", default=None, metavar="JSON",
-                   help="record path (default: beside the output checkpoint)")
+                   help="record path (default: <output>.record.json with --output, else "
+                        "<input>.<method>.record.json, numbered as the checkpoint)")
     _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_unlearn, _required=["checkpoint"])
@@ -1281,8 +1282,13 @@ def _build_parser() -> _Parser:
     p.set_defaults(func=_cmd_evaluate, _required=["checkpoint"])
 
     p = sub.add_parser("verify", help="re-check a model against its unlearning record",
-                       description="Recompute the checkpoint's SHA-256 and its metrics and "
-                                   "compare with the record; exit 1 on any mismatch.")
+                       description="Check a checkpoint against its unlearning record: its "
+                                   "SHA-256, the ids' hash, what the checkpoint says of its "
+                                   "making, the pair counts, the forgotten ids, a draw of the "
+                                   "ids, whether the weights changed, and its metrics, "
+                                   "measured again; exit 1 on any mismatch. A record of the "
+                                   "Python API's save_unlearned gets the file and hash checks "
+                                   "only. The command line a record holds is not checked.")
     p.add_argument("--record", default=None, metavar="JSON", help="the unlearning record")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint to verify (default: the record's output checkpoint)")

@@ -43,6 +43,18 @@ def test_the_command_parsers_are_kept_where_they_are_made() -> None:
     assert cli._subparser(parser, "verify").prog == "mtunlearn verify"
 
 
+def test_the_help_says_the_record_default_and_what_verify_checks() -> None:
+    """Help review: `--record` said "beside the output checkpoint" (it is <output>.record.json
+    with --output, <input>.<method>.record.json without), and verify's description named the
+    hash and the metrics only, also for a save_unlearned record, which is never measured."""
+    helps = {name: " ".join(parser.format_help().split())
+             for name, parser in _subparsers().items()}
+    assert ("--record JSON record path (default: <output>.record.json with --output, else "
+            "<input>.<method>.record.json") in helps["unlearn"]
+    assert "the forgotten ids, a draw of the ids, whether the weights changed" in helps["verify"]
+    assert "save_unlearned gets the file and hash checks only" in helps["verify"]
+
+
 def test_the_command_table_names_every_option_of_help() -> None:
     rows = _command_rows()
     missing = {}
