@@ -1410,6 +1410,35 @@ def _refuse_command_as_import(parser: _Parser, argv: list[str]) -> None:
                                  f"{argv[i + 1]} ...`")
 
 
+def _refuse_command_options_first(parser: _Parser, argv: list[str]) -> None:
+    """`mtunlearn --config c.yaml train` (a command's option before the command): argparse
+    skipped the unknown option and took its value for the command ("invalid choice:
+    'c.yaml'"), which named neither the option nor the fix."""
+    from mtunlearn_ext.workflow import UserInputError
+
+    commands = parser.commands
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in commands or token in ("-h", "--help", "--"):
+            return
+        if token == "--import":
+            i += 2
+            continue
+        if token.startswith("-") and not token.startswith("--import="):
+            option = token.split("=", 1)[0]
+            command = next((later for later in argv[i + 1:] if later in commands), None)
+            if command is not None and any(
+                    option in action.option_strings
+                    for action in commands[command]._actions):
+                raise UserInputError(option, f"after the command (`mtunlearn {command} "
+                                     f"{option} ...`)", token,
+                                     f"it is an option of `{command}`; only --import may "
+                                     "come before the command")
+            return  # argparse names an unknown option itself
+        i += 1
+
+
 def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]], config: str | None,
                 method_config: str | None = None) -> dict[str, Any]:
     """How the command was called, for its record: the arguments as given and the folder they
@@ -1446,6 +1475,7 @@ def _main(argv: Sequence[str] | None) -> int:
     torch.set_default_dtype(torch.float32)
     try:
         _refuse_command_as_import(parser, argv)
+        _refuse_command_options_first(parser, argv)
         pre, _ = parser.parse_known_args(argv)
         if getattr(pre, "config", None):
             _apply_config(_subparser(parser, pre.command), _load_config(pre.config),

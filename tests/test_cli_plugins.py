@@ -176,3 +176,26 @@ def test_import_before_the_command_without_its_module_names_the_mix_up(
         "mtunlearn: error: --import: expected a module name, got 'benchmark'; no command "
         "follows, so `benchmark` was read as the module to import: write `mtunlearn --import "
         "MODULE benchmark ...`")
+
+
+@pytest.mark.parametrize("argv, option, command", [
+    (["--config", "c.yaml", "train"], "--config", "train"),
+    (["--seed=3", "unlearn", "--checkpoint", "x.pt"], "--seed", "unlearn"),
+    (["--import", "json", "--output", "o.pt", "train"], "--output", "train")])
+def test_a_commands_option_before_the_command_names_the_option(
+        capsys: pytest.CaptureFixture[str], argv: list[str], option: str, command: str) -> None:
+    """Review: `mtunlearn --config c.yaml train` said "invalid choice: 'c.yaml'" (argparse
+    skipped the option it did not know and took its value for the command)."""
+    assert cli.main(argv) == 2
+    err = _err(capsys)
+    assert err.startswith(f"mtunlearn: error: {option}: expected after the command "
+                          f"(`mtunlearn {command} {option} ...`)"), err
+    assert "only --import may come before the command" in err
+
+
+def test_an_option_no_command_has_is_left_to_argparse(capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    with pytest.raises(SystemExit) as exit_:  # argparse's own error
+        cli.main(["--bogus", "train"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
