@@ -40,7 +40,8 @@ _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is dete
                "and the exit code is 3.")
 _SAFETY = ("Outputs are new files only (existing files and inputs are never overwritten), "
            "written atomically (temporary file, fsync, rename); an interrupted run leaves no "
-           "output and the input untouched.")
+           "output (unless every output was already written in full: then they stay, and "
+           "the interrupt line says so) and the input untouched.")
 
 
 def _at_least(low: float, kind: type = int) -> Any:
@@ -1188,7 +1189,8 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                         + ("; default 0.1" if required else ""))
     p.add_argument("--target-tasks", default=None, metavar="TASKS",
                    help="comma-separated target tasks; a proper subset makes a partial "
-                        "request (which needs them)")
+                        "request (which needs them)"
+                        + ("" if required else "; needs --forget-ids or --forget-fraction"))
     p.add_argument("--request", default=None, choices=["full", "partial"],
                    help="request type (default: partial iff --target-tasks is a proper "
                         "subset); partial needs --target-tasks")
@@ -1319,7 +1321,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--results", default=None, metavar="JSON", help="results file or record")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="directory for report.md and the PNGs (existing files are refused)")
-    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--title", default=None,
+                   help="report title (default: the results file's name)")
     _common(p)
     p.set_defaults(func=_cmd_report, _required=["results", "output_dir"])
     _say_required(parser)
