@@ -681,6 +681,7 @@ def _check_draw(record: Mapping[str, Any], request: Any, train_set: Any,
     named, or the reverse of a draw that happens to give the named ids, reads the same.
     Erased files change the data a draw is made from, so a draw that differs then is not a
     mismatch."""
+    from mtunlearn_ext.data.request import RequestType
     from mtunlearn_ext.experiment import build_request
     from mtunlearn_ext.workflow import without_removed
 
@@ -697,7 +698,7 @@ def _check_draw(record: Mapping[str, Any], request: Any, train_set: Any,
     if seed != record["seed"]:
         problems.append(f"request.ids_drawn.seed {seed!r} is not the run's seed "
                         f"{record['seed']!r}, which draws the ids (record edited?)")
-    kind = "full" if request.target_tasks is None else "partial"
+    kind: RequestType = "full" if request.target_tasks is None else "partial"
     try:
         again = list(build_request(without_removed(train_set, req.get("earlier_removals") or []),
                                    kind, int(seed), float(fraction), None,
