@@ -733,3 +733,69 @@ def test_mia_of_two_tasks_with_nan_on_one_is_undefined() -> None:
             pytest.warns(UserWarning, match=r"3 of 12 forget instances lack a label"):
         result = membership_attack(model, members, test, forget, tasks=["A", "B"])
     assert math.isnan(result.auc)
+
+
+class _BadAtLabel(nn.Module):
+    """Logits of the label in column 0, set to ``value`` on the rows whose column 2 is negative:
+    NaN gives a NaN cross-entropy there, -inf an infinite one."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label = nn.functional.one_hot(x[:, 0].long(), 3).bool()
+        logits = label.float() * 4.0
+        return torch.where(label & (x[:, 2:3] < 0), torch.full_like(logits, self.value), logits)
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("diverged", ["member", "non-member"])
+def test_mia_of_a_model_diverged_on_members_or_test_rows_is_undefined(
+        diverged: str, value: float) -> None:
+    """Mutation review: only NaN losses on forget rows had a test, so leaving the members' or
+    the test rows' count out of the non-finite check went unnoticed (sklearn then refused the
+    NaN or infinite features: a ValueError, not the warning and NaN AUCs). An infinite loss is
+    as undefined as a NaN one."""
+    model = MultiTaskModel(_Echo(), {"cls": _BadAtLabel(value)}, [CLS])
+    members, test, forget = _mia_data(60, True, 0), _mia_data(60, False, 1), _mia_data(20, True, 2)
+    (members if diverged == "member" else test).inputs[:3, 2] = -1.0
+    counts = ("0 member and 3 non-member" if diverged == "non-member"
+              else "3 member and 0 non-member")
+    with pytest.warns(RuntimeWarning, match=rf"NaN or infinite on 0 forget, {counts} rows; the "
+                                            r"AUCs are NaN"):
+        result = membership_attack(model, members, test, forget)
+    assert math.isnan(result.auc) and math.isnan(result.member_auc)
+    assert (result.num_forget, result.num_members_fit, result.num_non_members_fit,
+            result.num_non_members_eval) == (20, 30, 30, 30)
+
+
+def test_mia_member_auc_ranks_the_members_the_attack_was_not_fitted_on() -> None:
+    """``member_auc`` is the docstring's "held-out retain vs held-out test": the members' half
+    the attack did not fit on, against the held-out test half. Mutation review: scored on the
+    fitting half (or on every member) it went unnoticed, every test's members being alike.
+    Here half the members are remembered (confidence 8 + noise) and half not (1 + noise): the
+    loss attack ranks by loss, which falls as the confidence rises, so the expected AUC is the
+    share of (member, test) pairs whose member has the higher confidence, from the inputs."""
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test = _mia_data(40, True, 0), _mia_data(40, False, 1)
+    members.inputs[20:, 1] = 0.0  # not remembered
+    forget = _mia_data(10, True, 2)
+    result = membership_attack(model, members, test, forget, attack="loss", seed=3)
+
+    def confidence(data: MultiTaskDataset) -> np.ndarray:
+        x = data.inputs.double().numpy()
+        return np.where(x[:, 1] > 0, 8.0, 1.0) + x[:, 2]
+
+    rng = np.random.default_rng(3)  # the attack's draws: the members' order, then the test's
+    member_fit, member_eval = np.array_split(confidence(members)[rng.permutation(40)], 2)
+    _, test_eval = np.array_split(confidence(test)[rng.permutation(40)], 2)
+
+    def share_above(positives: np.ndarray) -> float:
+        return float((positives[:, None] > test_eval[None, :]).mean())
+
+    expected = share_above(member_eval)
+    # The data tell the halves apart: the other choices give other values.
+    assert abs(share_above(member_fit) - expected) > 0.05
+    assert abs(share_above(np.concatenate([member_fit, member_eval])) - expected) > 0.02
+    assert result.member_auc == pytest.approx(expected, abs=1e-12)

@@ -15,7 +15,8 @@ from mtunlearn_ext._io import placements, remove_if_placed, write_text_new
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.metrics.scores import uis_terms
 from mtunlearn_ext.metrics.task_metrics import make_accumulator
-from mtunlearn_ext.surgery import MGDA, min_norm_simplex
+from mtunlearn_ext.surgery import MGDA, GradientSurgery, SumWeighting, min_norm_simplex
+from mtunlearn_ext.surgery.hook import _poison_if_not_finite
 from mtunlearn_ext.surgery.min_norm import _gram_roundoff, _kkt_optimal
 from mtunlearn_ext.unlearning.objectives import objective_names
 
@@ -148,3 +149,21 @@ def test_the_uis_floors_forget_change_is_the_mean_over_its_draws() -> None:
     changes = list(floor.forget_change["a"].values())
     assert floor.draws.std() > 0 and len(changes) >= 1
     assert floor.mean == pytest.approx(sum(changes) / len(changes) / 2, rel=1e-9)
+
+
+def test_a_cpu_constant_loss_is_read_on_the_host_on_the_cpu_too() -> None:
+    """A constant loss (a task without labels in the batch) on the CPU was read on the host
+    only beside rows on a GPU, so no CPU test ran that branch: it is taken by the constant's
+    device now. Read there, an infinite constant poisons its row as a NaN one does (not only
+    NaN), and a finite one adds nothing: not even ``0 * c``, which turned a -0.0 entry +0.0."""
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    GradientSurgery([w], SumWeighting()).backward([(w * w).sum(), torch.tensor(math.inf)])
+    assert w.grad is not None and bool(w.grad.isnan().all())
+    rows = [torch.tensor([-0.0, 3.0]), torch.tensor([[-0.0]])]
+    _poison_if_not_finite(rows, torch.tensor(2.0))
+    assert [r.tolist() for r in rows] == [[0.0, 3.0], [[0.0]]]
+    assert bool(torch.signbit(rows[0][0])) and bool(torch.signbit(rows[1][0, 0]))
+    for bad in (math.nan, -math.inf):
+        poisoned = [torch.zeros(2), torch.ones(1, 1)]
+        _poison_if_not_finite(poisoned, torch.tensor(bad, dtype=torch.float64))
+        assert all(bool(r.isnan().all()) for r in poisoned)

@@ -335,13 +335,15 @@ def _poison_if_not_finite(rows: list[torch.Tensor], constant: torch.Tensor) -> N
     without labels: its rows then turn NaN, so that the check of the task gradients refuses the
     step (on every process, once a reducer has averaged the stacks) and a ``GradScaler``
     (``check_finite=False``) skips it, as for a loss whose NaN reaches its gradients.
-    ``rows += 0 * constant`` (0 where finite, NaN where not) decides on the rows' device,
-    without a host sync; a constant on the CPU beside rows on a device is read on the host
-    instead (free), rather than copied to the device."""
+    A constant on the CPU is read on the host (free), wherever the rows are: a finite one
+    leaves them untouched. Only a constant on a device is decided there, ``rows += 0 * constant``
+    (0 where finite, NaN where not), without a host sync."""
     if not rows:
         return
     value = constant.detach().reshape(())
-    if value.device != rows[0].device and value.device.type == "cpu":
+    # By the constant's device alone: the CPU then runs the branch a GPU runs for a CPU
+    # constant (torch.zeros(()) is one), and a finite one costs no pass over the rows there.
+    if value.device.type == "cpu":
         if not bool(torch.isfinite(value)):
             torch._foreach_add_(rows, float("nan"))
         return
