@@ -330,6 +330,105 @@ def test_a_dataset_longer_or_shorter_than_its_len_gives_the_rows_it_gave() -> No
         assert torch.equal(read.targets["topic"], y["topic"])
 
 
+def _claiming(claimed: int, rows: int) -> object:
+    """A sampler that yields indices ``0..rows - 1`` and says it yields ``claimed``."""
+    from torch.utils.data import Sampler
+
+    class Claiming(Sampler[int]):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(range(rows))
+
+        def __len__(self) -> int:
+            return claimed
+
+    return Claiming()
+
+
+@pytest.fixture
+def rows_held(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """For each column of a gather, in order: the most rows its blocks held at once, the
+    blocks a made block replaced counted beside it (blocks of 4 rows where a length is not
+    believed)."""
+    import mtunlearn_ext.data.gathering as gathering
+
+    held: dict[int, int] = {}
+    reserve, result = gathering._Column._reserve, gathering._Column.result
+
+    def counted(column: gathering._Column, *args: object) -> None:
+        before = list(column.blocks)
+        reserve(column, *args)  # type: ignore[arg-type]
+        rows = {id(block): len(block) for block in before + column.blocks}
+        held[id(column)] = max(held.get(id(column), 0), sum(rows.values()))
+
+    order: list[int] = []
+
+    def read(column: gathering._Column, rows: int) -> torch.Tensor | None:
+        tensor = result(column, rows)
+        order.append(held[id(column)])
+        return tensor
+
+    monkeypatch.setattr(gathering._Column, "_reserve", counted)
+    monkeypatch.setattr(gathering._Column, "result", read)
+    monkeypatch.setattr(gathering, "_BLOCK_ROWS", 4)
+    return order
+
+
+@pytest.mark.parametrize("source", ["loader", "iterable"])
+def test_a_length_that_overstates_is_not_allocated(source: str, rows_held: list[int]) -> None:
+    """Review: the rows a loader's sampler (or an iterable) claims were allocated at the
+    first row, zeros for every one: a sampler claiming 10**7 rows made 305 MiB of blocks for
+    1000 rows read, 10**9 would ask for 30 GiB. A length no one vouches for is believed once
+    the rows given reach an eighth of it: these 10 rows take three blocks of 4, and the result
+    holds them and no row that was not given."""
+    x, y = _tensors(n=10)
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(10) + 100)
+    if source == "loader":
+        read = gather(DataLoader(data, batch_size=3, sampler=_claiming(10**7, 10)), SPECS)
+    else:
+        class Claiming:
+            def __len__(self) -> int:
+                return 10**7
+
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                return (data[i] for i in range(10))
+
+        read = gather(Claiming(), SPECS)
+    assert rows_held == [12, 12, 12]  # the input and both labels
+    _assert_same(read, data)
+    for tensor in (read.inputs, read.targets["topic"], read.targets["score"]):
+        assert isinstance(tensor, torch.Tensor)
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+@pytest.mark.parametrize("claimed", [20, 80])
+def test_a_believed_length_that_is_wrong_gives_the_rows_read(claimed: int,
+                                                             rows_held: list[int]) -> None:
+    """40 rows in batches of 7: a claim of 80 is believed at the second batch (14 * 8 >= 80),
+    the 8 rows of blocks read so far copied into its 80 rows; a claim of 20 at the first,
+    the 20 rows past it going into blocks after it. Either way the result is the 40 rows as
+    given, in a tensor of its own size."""
+    x, y = _tensors(n=40)
+    data = MultiTaskDataset(x, y, SPECS, ids=torch.arange(40) + 100)
+    read = gather(DataLoader(data, batch_size=7, sampler=_claiming(claimed, 40)), SPECS)
+    assert rows_held == [88 if claimed == 80 else 40] * 3
+    _assert_same(read, data)
+    assert read.inputs.untyped_storage().nbytes() == x.numel() * x.element_size()  # type: ignore
+
+
+def test_the_length_of_torchs_samplers_is_believed_at_once(rows_held: list[int]) -> None:
+    """torch's own samplers yield their length: it is allocated at the first batch, with no
+    blocks before it to copy (40 rows, not 40 and the 4 of a first block)."""
+    x, y = _tensors(n=40)
+    data = MultiTaskDataset(x, y, SPECS)
+    read = gather(DataLoader(data, batch_size=3), SPECS)
+    assert rows_held == [40, 40, 40]
+    _assert_same(read, data)
+    instances = _Instances(x, y)
+    gather(instances, SPECS)
+    gather([instances[i] for i in range(N)], SPECS)
+    assert rows_held == [40] * 9
+
+
 # DataLoader workers fork on Linux, by default; Python 3.12 warns about any fork of a process
 # holding threads (torch's intra-op pool, once a test ran a parallel op): these tests fork on
 # purpose, and their workers only read the listed rows.

@@ -8,7 +8,9 @@ reads it once, in order, into one ``[N, ...]`` tensor per input and per task, pl
 supervision mask that says which (instance, task) pairs carry a label. Each instance is copied
 into those tensors as it is read (a ``DataLoader``'s batches too), so a source with a length
 (for a loader, its sampler's) is held once in memory; one without fills blocks joined at the
-end (twice, briefly).
+end (twice, briefly). A length that nothing guarantees (a user's sampler, an iterable's
+``__len__``) is believed once an eighth of it has been read (an eighth more, briefly): one that
+overstates allocates at most eight times the rows it gives (or 1024 rows).
 
 An instance (an item of the source) is either
 
@@ -33,11 +35,21 @@ from __future__ import annotations
 import multiprocessing
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from mtunlearn_ext._random import forked_generators
 from mtunlearn_ext.data.base import (
@@ -148,25 +160,43 @@ def _integer_id(value: object, where: str) -> int:
     return int(tensor.item())
 
 
+class _Length(NamedTuple):
+    """The rows a source says it gives (its ``len``, for a loader its sampler's), and whether
+    it gives exactly those: a map-style dataset read at its indices here, or torch's own
+    samplers, yield their length; a user's sampler or iterable may say more or less."""
+
+    rows: int
+    exact: bool
+
+
 class _Column:
     """One ``[N, ...]`` tensor, filled as the source gives its rows: each row (or collated
     batch of rows) is copied as it comes into blocks of rows made at need, so a source that
     hands out one buffer rewritten for every instance or batch is read right, and the data is
-    held once. With ``N`` known (``count``) there is one block of ``N`` rows, the result itself
-    (rows kept and stacked at the end held every array twice: 779 MiB peak for 375 MiB of
-    data); otherwise blocks of :data:`_BLOCK_ROWS`, joined at the end. Rows never given (an
-    instance without the task's label) are zeros. Rows of other dtypes are promoted as
-    ``torch.stack`` promotes them; rows of another shape or device are refused,
+    held once. With ``N`` known (``length``) there is one block of ``N`` rows, the result
+    itself (rows kept and stacked at the end held every array twice: 779 MiB peak for 375 MiB
+    of data); otherwise blocks of :data:`_BLOCK_ROWS`, joined at the end. A length that is not
+    exact is believed once the rows asked for reach an eighth of it (:data:`_BELIEVED`): the
+    blocks so far are copied into its block then. Believed at once, a sampler claiming 10**7
+    rows made 307 MiB of zeros for 1000 rows read (10**9: gigabytes); now at most eight times
+    the rows given, or :data:`_BLOCK_ROWS`. Rows past ``N`` go into blocks after it. Rows never
+    given (an instance without the task's label) are zeros. Rows of other dtypes are promoted
+    as ``torch.stack`` promotes them; rows of another shape or device are refused,
     ``mismatch(item, given, first)`` saying so (``item``: the instance's or batch's index;
     ``given`` and ``first``: what it and the first one gave)."""
 
-    def __init__(self, count: int | None,
+    def __init__(self, length: _Length | None,
                  mismatch: Callable[[int, torch.Tensor, torch.Tensor], str]) -> None:
-        self.block_rows = count if count else _BLOCK_ROWS
+        self.length = length
+        self.block_rows = _BLOCK_ROWS
         self.mismatch = mismatch
         self.first: torch.Tensor | None = None
         self.row_shape: tuple[int, ...] = ()
+        # blocks[0] is the length's block once it is made (``head`` rows; 0 before), the
+        # others have block_rows rows each: a row's block is found by a division.
         self.blocks: list[torch.Tensor] = []
+        self.head = 0
+        self.capacity = 0
 
     def put(self, index: int, row: torch.Tensor) -> None:
         """Row ``index``: instance ``index`` of the source."""
@@ -182,35 +212,66 @@ class _Column:
             promoted = torch.promote_types(self.blocks[0].dtype, rows.dtype)
             self.blocks = [block.to(promoted) for block in self.blocks]
         end = start + len(rows)
-        while len(self.blocks) * self.block_rows < end:
-            dtype = self.blocks[0].dtype if self.blocks else rows.dtype
-            self.blocks.append(torch.zeros((self.block_rows, *self.row_shape), dtype=dtype,
-                                           device=rows.device))
+        self._reserve(end, self.blocks[0].dtype if self.blocks else rows.dtype, rows.device)
         with torch.no_grad():
             position = start
             while position < end:  # a batch may straddle two blocks
-                block, offset = divmod(position, self.block_rows)
-                taken = min(self.block_rows - offset, end - position)
+                block, offset = self._locate(position)
+                taken = min(len(self.blocks[block]) - offset, end - position)
                 self.blocks[block][offset:offset + taken] = \
                     rows[position - start:position - start + taken]
                 position += taken
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        if position < self.head:
+            return 0, position
+        block, offset = divmod(position - self.head, self.block_rows)
+        return block + (1 if self.head else 0), offset
+
+    def _reserve(self, end: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Blocks for rows up to ``end``."""
+        if self.capacity >= end:
+            return
+        length = self.length
+        if not self.head and length is not None and length.rows and (
+                length.exact or length.rows <= max(self.block_rows, _BELIEVED * end)):
+            whole = torch.zeros((max(length.rows, end), *self.row_shape), dtype=dtype,
+                                device=device)
+            with torch.no_grad():
+                for index, block in enumerate(self.blocks):
+                    whole[index * self.block_rows:(index + 1) * self.block_rows] = block
+            self.blocks, self.head = [whole], len(whole)
+            self.capacity = len(whole)
+        while self.capacity < end:
+            self.blocks.append(torch.zeros((self.block_rows, *self.row_shape), dtype=dtype,
+                                           device=device))
+            self.capacity += self.block_rows
 
     def result(self, rows: int) -> torch.Tensor | None:
         """The ``[rows, ...]`` tensor (``None`` when no row was given)."""
         if self.first is None:
             return None
-        while len(self.blocks) * self.block_rows < rows:  # unlabelled rows after the last label
-            self.blocks.append(torch.zeros_like(self.blocks[0]))
-        used = rows - (len(self.blocks) - 1) * self.block_rows
-        if len(self.blocks) == 1:
+        # Unlabelled rows after the last label.
+        self._reserve(rows, self.blocks[0].dtype, self.blocks[0].device)
+        if len(self.blocks) == 1 or rows <= len(self.blocks[0]):
             block = self.blocks[0]
             # A view of a block the source did not fill would keep all of it alive.
-            return block if used == len(block) else block[:used].clone()
-        return torch.cat([*self.blocks[:-1], self.blocks[-1][:used]])
+            return block if rows == len(block) else block[:rows].clone()
+        pieces, left = [], rows
+        for block in self.blocks:
+            pieces.append(block[:left])
+            left -= len(pieces[-1])
+            if not left:
+                break
+        return torch.cat(pieces)
 
 
 #: Rows per block of a :class:`_Column` whose source does not say its length.
 _BLOCK_ROWS = 1024
+
+#: A length that is not exact is believed once the rows asked for reach ``1 / _BELIEVED`` of
+#: it: more makes the copy into its block smaller and an overstating length costlier.
+_BELIEVED = 8
 
 
 def _mismatch(what: str, unit: str, first_one: str, advice: str
@@ -242,10 +303,10 @@ class _InputColumns:
     """One :class:`_Column` per leaf of the inputs (a tensor, or each tensor of a tuple, list
     or dict), in the structure of the first instance or batch (``what``: which of the two)."""
 
-    def __init__(self, count: int | None, what: str,
+    def __init__(self, length: _Length | None, what: str,
                  mismatch: Callable[[str], Callable[[int, torch.Tensor, torch.Tensor], str]]
                  ) -> None:
-        self.count = count
+        self.length = length
         self.what = what
         self.mismatch = mismatch
         self.structure: Inputs | None = None
@@ -258,7 +319,7 @@ class _InputColumns:
         if self.structure is None:
             self.structure = inputs
             self.paths = [path for path, _ in leaves]
-            self.columns = [_Column(self.count, self.mismatch(path)) for path in self.paths]
+            self.columns = [_Column(self.length, self.mismatch(path)) for path in self.paths]
         elif [p for p, _ in leaves] != self.paths or type(inputs) is not type(self.structure):
             raise ValueError(f"gather: the input of {self.what} {index} is {describe(inputs)}, "
                              f"{self.what} 0's is {describe(self.structure)}: every "
@@ -285,11 +346,11 @@ class _InstanceRows:
     come (:class:`_Column`): only the small per-row facts (ids, which labels were given, the
     instances' own supervision) are kept per instance."""
 
-    def __init__(self, specs: Sequence[TaskSpec], count: int | None) -> None:
+    def __init__(self, specs: Sequence[TaskSpec], length: _Length | None) -> None:
         self.specs = specs
         self.rows = 0
-        self.inputs = _InputColumns(count, "instance", _input_mismatch)
-        self.labels = {spec.name: _Column(count, _label_mismatch(spec.name)) for spec in specs}
+        self.inputs = _InputColumns(length, "instance", _input_mismatch)
+        self.labels = {spec.name: _Column(length, _label_mismatch(spec.name)) for spec in specs}
         self.given: dict[str, list[bool]] = {spec.name: [] for spec in specs}
         self.masks: list[torch.Tensor | None] = []
         self.ids: list[int | None] = []
@@ -336,6 +397,28 @@ def _known_length(source: object) -> int | None:
     except (TypeError, NotImplementedError):
         return None
     return count if isinstance(count, int) and count >= 0 else None
+
+
+#: Samplers that yield exactly their ``len`` (a subclass may not: it is not taken for one).
+_EXACT_SAMPLERS = (SequentialSampler, RandomSampler, SubsetRandomSampler,
+                   WeightedRandomSampler, DistributedSampler)
+
+
+def _length(source: object, exact: bool) -> _Length | None:
+    rows = _known_length(source)
+    return None if rows is None else _Length(rows, exact)
+
+
+def _instances_length(source: object) -> _Length | None:
+    """The length of a source of instances: exact for a map-style dataset (read at its
+    indices), a list or tuple, and a loader of instances through one of torch's samplers."""
+    if isinstance(source, DataLoader):
+        exact = not isinstance(source.dataset, IterableDataset) and type(
+            source.sampler) in _EXACT_SAMPLERS
+    else:
+        exact = isinstance(source, (list, tuple)) or (
+            isinstance(source, Dataset) and not isinstance(source, IterableDataset))
+    return _length(source, exact)
 
 
 _SHUFFLED = ("gather: the DataLoader shuffles (its sampler is not sequential), so the "
@@ -399,11 +482,13 @@ def _batch_mismatch(what: str) -> Callable[[int, torch.Tensor, torch.Tensor], st
                      "sequences to one length for the whole data set, not per batch)")
 
 
-def _loader_rows(loader: DataLoader[Any]) -> int | None:
+def _loader_rows(loader: DataLoader[Any]) -> _Length | None:
     """How many rows ``loader``'s batches hold in all, where its sampler says (``len``)."""
     if isinstance(loader.dataset, IterableDataset):
         return None
-    return _known_length(getattr(loader.batch_sampler, "sampler", None))
+    sampler = getattr(loader.batch_sampler, "sampler", None)
+    return _length(sampler, type(loader.batch_sampler) is BatchSampler
+                   and type(sampler) in _EXACT_SAMPLERS)
 
 
 class _BatchRows:
@@ -411,12 +496,12 @@ class _BatchRows:
     they come (:class:`_Column`), so the data is held once and a collate function that
     reuses its buffers is read right; only the batches' supervision masks and ids are kept."""
 
-    def __init__(self, specs: Sequence[TaskSpec], count: int | None) -> None:
+    def __init__(self, specs: Sequence[TaskSpec], length: _Length | None) -> None:
         self.specs = specs
         self.rows = 0
-        self.inputs = _InputColumns(count, "batch",
+        self.inputs = _InputColumns(length, "batch",
                                     lambda path: _batch_mismatch(f"the input{path}"))
-        self.labels = {spec.name: _Column(count, _batch_mismatch(f"the {spec.name!r} labels"))
+        self.labels = {spec.name: _Column(length, _batch_mismatch(f"the {spec.name!r} labels"))
                        for spec in specs}
         self.masks: list[torch.Tensor | None] = []
         self.ids: list[object] = []
@@ -620,7 +705,7 @@ def _read(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         raise TypeError(f"gather: `source` must be a Dataset, a DataLoader or an iterable of "
                         f"instances, got {type(source).__name__}")
     names = [spec.name for spec in specs]
-    rows = _InstanceRows(specs, _known_length(source))
+    rows = _InstanceRows(specs, _instances_length(source))
     for index, item in enumerate(_items(source, num_workers, batch_size,
                                         multiprocessing_context)):
         rows.add(index, _instance(item, index, names))
