@@ -398,3 +398,235 @@ def test_combine_out_overlap_decisions_match_an_element_oracle(op_path: str) -> 
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         accepted += 1
     assert refused > 10 and accepted > 100
+
+
+# ---- The overlap search against the quadratic scan it replaced -------------------------------
+
+_WIDE = 400
+
+
+def _first_shared(outs: list[set[int]], xs: list[set[int]], bases: list[set[int]] | None
+                  ) -> tuple[int, str, int] | None:
+    """The scan every pair in order made before (outs[p] against outs[q], xs[q], bases[q] for
+    q in order, p in order), on element sets: the first output that shares memory and what."""
+    for p, out in enumerate(outs):
+        for q in range(len(outs)):
+            if q != p and out & outs[q]:
+                return p, "outs", q
+            if out & xs[q]:
+                return p, "xs", q
+            if bases is not None and q != p and out & bases[q]:
+                return p, "bases", q
+    return None
+
+
+def _straddling_layout(rng: random.Random, s: torch.Tensor, count: int, k: int,
+                       m: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                               list[torch.Tensor]]:
+    """Outputs of 0 to 3 columns (zero-size ones too) at random places of ``s`` or packed end
+    to end; inputs of ``k`` rows whose stride spans many outputs (the rows in between them or
+    on them), broadcast rows (stride 0), transposed (read from a copy) or of their own; bases
+    the output itself, the same elements under another view, two rows far apart, or random
+    views."""
+    lead = () if m is None else (m,)
+    xs, outs, bases = [], [], []
+    packed = rng.random() < 0.5
+    end = rng.randrange(0, 40)
+    for _ in range(count):
+        cols = rng.choice([0, 1, 1, 2, 3])
+        numel = cols * (m or 1)
+        offset = end if packed else rng.randrange(0, _WIDE - numel + 1)
+        end = offset + numel + (0 if rng.random() < 0.7 else rng.randrange(1, 4))
+        outs.append(torch.as_strided(s, (*lead, cols), (cols, 1) if m else (1,), offset))
+        kind = rng.choice(["straddle", "straddle", "stride0", "transposed", "own"])
+        if kind == "own" or cols == 0:
+            xs.append(torch.randn(k, cols, dtype=F64))
+        elif kind == "transposed" and cols > 1:
+            offset = rng.randrange(0, _WIDE - k * cols + 1)
+            xs.append(torch.as_strided(s, (k, cols), (1, k), offset))
+        else:
+            stride = 0 if kind == "stride0" else rng.randrange(1, _WIDE // k)
+            offset = rng.randrange(0, _WIDE - (k - 1) * stride - cols + 1)
+            xs.append(torch.as_strided(s, (k, cols), (stride, 1), offset))
+        choice = rng.random()
+        if choice < 0.3:
+            bases.append(outs[-1])
+        elif choice < 0.45:
+            bases.append(torch.as_strided(s, outs[-1].shape, outs[-1].stride(),
+                                          outs[-1].storage_offset()))
+        elif choice < 0.7 and m == 2:  # rows far apart: outputs (its own too) in between
+            offset = outs[-1].storage_offset()
+            if rng.random() < 0.5 or offset > _WIDE - 2 * cols:
+                offset = rng.randrange(0, _WIDE - 2 * cols + 1)
+            stride = rng.randrange(cols, _WIDE - offset - cols + 1)
+            bases.append(torch.as_strided(s, (2, cols), (stride, 1), offset))
+        elif choice < 0.8 and outs[-1].storage_offset() + numel + 2 <= _WIDE:  # over its own
+            offset = outs[-1].storage_offset() + rng.choice([0, 1])
+            bases.append(torch.as_strided(s, outs[-1].shape, (cols + 1, 1) if m else (1,),
+                                          offset))
+        else:
+            offset = rng.randrange(0, _WIDE - numel + 1)
+            bases.append(torch.as_strided(s, outs[-1].shape, outs[-1].stride(), offset))
+    return xs, outs, bases
+
+
+def test_combine_list_overlap_search_names_what_the_quadratic_scan_named(op_path: str) -> None:
+    """Review: the search for a shared byte walked, for each input or base, every output its
+    extent covered, O(P^2) when every input straddles every output (1.1 s at 16,000 tensors in
+    C++; a refusal, named in Python by scanning every pair, took minutes). The search is now
+    by rows and bisection; on random layouts of up to 12 tensors over one buffer it refuses
+    exactly the calls the scan of every pair refuses, naming the same two tensors (a base over
+    its own output is checked first), on every path: the wrapper, the compiled op itself, and
+    the check across several calls (with the inputs and bases it must copy first)."""
+    from mtunlearn_ext.ops.combine import check_across_calls
+
+    rng = random.Random(5)
+    seen = {"accepted": 0, "refused": 0}
+    for _ in range(600):
+        s = torch.randn(_WIDE, dtype=F64)
+        count, k = rng.randint(1, 12), rng.randint(1, 6)
+        m = rng.choice([None, None, 1, 2])
+        xs, outs, bases = _straddling_layout(rng, s, count, k, m)
+        use_bases = rng.random() < 0.5
+        coeffs = torch.randn((m, k) if m else (k,), dtype=F64)
+
+        def elements(t: torch.Tensor) -> set[int]:
+            if t.numel() == 0 or t.untyped_storage().data_ptr() != s.data_ptr():
+                return set()  # empty, or memory of its own
+            every = torch.as_strided(torch.arange(_WIDE), t.shape, t.stride(),
+                                     t.storage_offset())
+            return set(every.flatten().tolist())
+
+        def read(t: torch.Tensor, row_dims: int) -> set[int]:
+            return elements(t) if _dense_trailing(t, row_dims) else set()  # else a copy
+
+        out_sets, x_sets = [elements(o) for o in outs], [read(x, 1) for x in xs]
+        reads = bases if use_bases else outs  # what each output reads as its base
+        read_sets = [read(b, 1 if m else 0) for b in reads]
+        first = _first_shared(out_sets, x_sets, read_sets if use_bases else None)
+        expected = None if first is None else (rf"outs\[{first[0]}\] overlaps {first[1]}\["
+                                               rf"{first[2]}\]; an output must not share")
+        for p in range(count) if use_bases else ():
+            same = bases[p].storage_offset() == outs[p].storage_offset() and all(
+                n <= 1 or a == b for n, a, b in zip(outs[p].shape, outs[p].stride(),
+                                                    bases[p].stride()))
+            if out_sets[p] & read_sets[p] and not same:
+                expected = rf"bases\[{p}\] overlaps outs\[{p}\] without being the same"
+                break
+        seen["accepted" if expected is None else "refused"] += 1
+        given = bases if use_bases else None
+        calls: list[Callable[[], object]] = [
+            lambda: ops.combine_list(coeffs, xs, outs, 1.0, bases=given)]
+        if op_path == "compiled":
+            calls.append(
+                (lambda: torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, 1.0, False))
+                if given is None else
+                (lambda: torch.ops.mtunlearn.combine_list_from_(outs, given, coeffs, xs, 1.0,
+                                                                False)))
+        for call in calls:
+            if expected is None:
+                call()
+            else:
+                with pytest.raises(ValueError, match=expected):
+                    call()
+        # Across calls: only the search (no base against its own output), every base read.
+        across = _first_shared(out_sets, x_sets, read_sets)
+        try:
+            copies = check_across_calls("op", coeffs, xs, outs, reads, False)
+        except ValueError as error:
+            assert across is not None and f"outs[{across[0]}] overlaps {across[1]}" \
+                f"[{across[2]}];" in str(error), (across, error)
+            continue
+        assert across is None
+        spans = [(min(o), max(o)) for o in out_sets if o]
+
+        def under(t: torch.Tensor, row_dims: int) -> bool:
+            if t.numel() == 0 or _dense_trailing(t, row_dims) or not elements(t):
+                return False
+            lo, hi = min(elements(t)), max(elements(t))
+            return any(a <= hi and lo <= b for a, b in spans)
+
+        assert copies == ([p for p, x in enumerate(xs) if under(x, 1)],
+                          [p for p, b in enumerate(reads) if b is not outs[p] and under(
+                              b, 1 if m else 0)])
+    assert seen["accepted"] > 100 and seen["refused"] > 100, seen
+
+
+def test_combine_list_overlap_search_is_not_quadratic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every input straddles every output (row 0 before them all, row 1 after): the search
+    tests a row against the outputs (a bisection) instead of each output against the rows,
+    accepted or refused (here at the last output, which a scan in order reaches last)."""
+    import importlib
+
+    combine = importlib.import_module("mtunlearn_ext.ops.combine")  # the module, not the op
+    calls = [0]
+    rows_meet = combine._rows_meet
+
+    def counted(*args: object) -> bool:
+        calls[0] += 1
+        return rows_meet(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(combine, "_rows_meet", counted)
+    n = 2000
+    s = torch.zeros(3 * n)
+    xs = [s.as_strided((2, 1), (2 * n, 1), q) for q in range(n)]
+    outs = [s.as_strided((1,), (1,), n + p) for p in range(n)]
+    coeffs = torch.ones(2)
+    combine.check_combine_list("op", coeffs, xs, outs, False, None, 0.0)
+    assert calls[0] == 0  # was n * n
+    xs[-1] = s.as_strided((2, 1), (n, 1), n - 1)  # its row 1 on outs[n - 1]
+    with pytest.raises(ValueError, match=rf"outs\[{n - 1}\] overlaps xs\[{n - 1}\]"):
+        combine.check_combine_list("op", coeffs, xs, outs, False, None, 0.0)
+    assert calls[0] <= 3 * n  # the named output's scan; was 3 * n * n
+
+
+@pytest.mark.parametrize("row_one", ["past every output", "in the next gap"])
+def test_a_base_over_its_own_output_is_no_conflict_for_the_search(
+        row_one: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across calls each output reads a base (``check_across_calls``), which may lie on its own
+    output: that is no conflict, also where the base's two rows are far apart (its extent
+    covering many outputs: each row looked up, the own output skipped) or cover its own and
+    the next output (each output tested). Taken for one, it sent the search to the scan of
+    every pair, which found nothing: accepted all the same, in O(P^2) (the calls counted)."""
+    import importlib
+
+    combine = importlib.import_module("mtunlearn_ext.ops.combine")
+    calls = [0]
+    rows_meet = combine._rows_meet
+
+    def counted(*args: object) -> bool:
+        calls[0] += 1
+        return rows_meet(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(combine, "_rows_meet", counted)
+    n = 1000
+    s = torch.zeros(6 * n + 8)
+    outs = [s.as_strided((2, 1), (1, 1), 3 * p) for p in range(n)]  # a gap after each
+    stride = 3 * n if row_one == "past every output" else 5
+    bases = [s.as_strided((2, 1), (stride, 1), 3 * p) for p in range(n)]  # row 0 on its own
+    xs = [torch.zeros(1, 1) for _ in range(n)]
+    assert combine.check_across_calls("op", torch.ones(2, 1), xs, outs, bases, False) == ([], [])
+    assert calls[0] <= n  # each base's run of two outputs tested; was the scan's 3 * n * n
+
+
+def test_the_compiled_overlap_search_is_not_quadratic() -> None:
+    """The compiled op's own search, on 64,000 inputs that each straddle every output: it took
+    16 s to accept them and longer to name a conflict at the last output (the pairs scanned in
+    order); milliseconds now. The bound leaves room for a slow machine, not for O(P^2)."""
+    import time
+
+    from mtunlearn_ext._extension import has_extension
+
+    if not has_extension():
+        pytest.skip("the compiled op is not built")
+    n = 64_000
+    s = torch.zeros(3 * n)
+    xs = [s.as_strided((2, 1), (2 * n, 1), q) for q in range(n)]
+    outs = [s.as_strided((1,), (1,), n + p) for p in range(n)]
+    coeffs = torch.ones(2)
+    start = time.perf_counter()
+    torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, 0.0, False)
+    xs[-1] = s.as_strided((2, 1), (n, 1), n - 1)  # its row 1 on outs[n - 1]
+    with pytest.raises(ValueError, match=rf"outs\[{n - 1}\] overlaps xs\[{n - 1}\]"):
+        torch.ops.mtunlearn.combine_list_(outs, coeffs, xs, 0.0, False)
+    assert time.perf_counter() - start < 2.0
