@@ -3,11 +3,35 @@ per task), its batches and losses, and a float64 reference built on the flattene
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 F64 = torch.float64
 TASKS = 3
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op run under it, by name in order (what a step computes, reads back to the
+    host or allocates), and a weak reference to each tensor ``aten.empty`` made (which of them
+    outlive the step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.empties: list[weakref.ref[torch.Tensor]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.ops.append(name)
+        if name == "aten.empty":
+            self.empties.append(weakref.ref(out))
+        return out
 
 
 class MultiTaskNet(nn.Module):

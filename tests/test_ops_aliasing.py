@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -552,13 +553,12 @@ def test_combine_list_overlap_search_names_what_the_quadratic_scan_named(op_path
     assert seen["accepted"] > 100 and seen["refused"] > 100, seen
 
 
-def test_combine_list_overlap_search_is_not_quadratic(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every input straddles every output (row 0 before them all, row 1 after): the search
-    tests a row against the outputs (a bisection) instead of each output against the rows,
-    accepted or refused (here at the last output, which a scan in order reaches last)."""
+def _counting_rows_meet(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
+    """The Python wrapper's module (not the op of its name) with its row-pair test counted:
+    ``calls[0]``, the pairs of rows the overlap search compared."""
     import importlib
 
-    combine = importlib.import_module("mtunlearn_ext.ops.combine")  # the module, not the op
+    combine = importlib.import_module("mtunlearn_ext.ops.combine")
     calls = [0]
     rows_meet = combine._rows_meet
 
@@ -567,6 +567,14 @@ def test_combine_list_overlap_search_is_not_quadratic(monkeypatch: pytest.Monkey
         return rows_meet(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(combine, "_rows_meet", counted)
+    return combine, calls
+
+
+def test_combine_list_overlap_search_is_not_quadratic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every input straddles every output (row 0 before them all, row 1 after): the search
+    tests a row against the outputs (a bisection) instead of each output against the rows,
+    accepted or refused (here at the last output, which a scan in order reaches last)."""
+    combine, calls = _counting_rows_meet(monkeypatch)
     n = 2000
     s = torch.zeros(3 * n)
     xs = [s.as_strided((2, 1), (2 * n, 1), q) for q in range(n)]
@@ -588,17 +596,7 @@ def test_a_base_over_its_own_output_is_no_conflict_for_the_search(
     covering many outputs: each row looked up, the own output skipped) or cover its own and
     the next output (each output tested). Taken for one, it sent the search to the scan of
     every pair, which found nothing: accepted all the same, in O(P^2) (the calls counted)."""
-    import importlib
-
-    combine = importlib.import_module("mtunlearn_ext.ops.combine")
-    calls = [0]
-    rows_meet = combine._rows_meet
-
-    def counted(*args: object) -> bool:
-        calls[0] += 1
-        return rows_meet(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(combine, "_rows_meet", counted)
+    combine, calls = _counting_rows_meet(monkeypatch)
     n = 1000
     s = torch.zeros(6 * n + 8)
     outs = [s.as_strided((2, 1), (1, 1), 3 * p) for p in range(n)]  # a gap after each

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -237,24 +236,14 @@ def test_min_norm_on_the_cpu_reads_once_and_skips_the_budgets_step_size(
     check twice and computed the iterative budget's step size, which nothing then used (8 of 49
     ops, 15 us of 142 at k = 3). Once and not at all now; where the bounded QP answers (the
     origin in the hull) it takes its one more read, and both answers are still the optimum."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Logged(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
+    from surgery_helpers import OpLog
 
     j = _random_jacobian(3, 20, seed=4).to(dtype)
     origin = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.3, 0.2]], dtype=dtype)
     # (reads, amax: the step size's, and the bounded QP's check of a non-zero Gram)
     for points, reads, amax in ((j, 1, 0), (origin, 2, 1)):
         gram = points @ points.T
-        with Logged() as logged:
+        with OpLog() as logged:
             w = min_norm_simplex(gram)
         assert logged.ops.count("aten._local_scalar_dense") == reads
         assert logged.ops.count("aten.amax") == amax

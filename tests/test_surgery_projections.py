@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
 
 import numpy
 import pytest
@@ -193,22 +192,12 @@ def test_projections_solve_on_the_blocks_without_joining_them(
     matrix, which a reduce still builds (its one collective), to the bit; and with
     check_finite=False a NaN in the cross products alone (in g, not the basis) still poisons
     its problem, whose guard reads both blocks."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Logged(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
+    from surgery_helpers import OpLog
 
     g, basis = _stacks(2, 80, dtype), _stacks(3, 81, dtype)
     basis[0] = -basis[0]
     for project in (project_out_list, project_nonconflicting_list):
-        with Logged() as logged:
+        with OpLog() as logged:
             out, coeffs = project(g, basis, per_layer=per_layer, return_coeffs=True)
         assert "aten.cat" not in logged.ops
         joined, joined_coeffs = project(g, basis, per_layer=per_layer, return_coeffs=True,

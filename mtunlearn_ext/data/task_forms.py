@@ -87,16 +87,24 @@ def reading_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec], op: 
         return list(cast(Iterable[TaskSpec], tasks))
     specs = []
     for name, kind in tasks.items():
-        if isinstance(kind, TaskSpec):
-            specs.append(keyed_spec(name, kind, op))
+        task_kind = _spec_or_kind(name, kind, op)
+        if isinstance(task_kind, TaskSpec):
+            specs.append(task_kind)
             continue
-        task_kind = choice_of(kind, TASK_KINDS)
-        if task_kind is None:
-            raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: "
-                             f"{TASK_KINDS}")
         counted = task_kind in ("classification", "segmentation")
         specs.append(TaskSpec(str(name), task_kind, num_classes=2**62 if counted else None))
     return specs
+
+
+def _spec_or_kind(name: str, kind: str | TaskSpec, op: str) -> TaskSpec | TaskKind:
+    """A mapping's entry for task ``name``: its spec (keyed by ``name``), or its kind, checked
+    against :data:`TASK_KINDS`."""
+    if isinstance(kind, TaskSpec):
+        return keyed_spec(name, kind, op)
+    task_kind = choice_of(kind, TASK_KINDS)
+    if task_kind is None:
+        raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: {TASK_KINDS}")
+    return task_kind
 
 
 def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
@@ -115,13 +123,10 @@ def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
         return specs
     specs = []
     for name, kind in tasks.items():
-        if isinstance(kind, TaskSpec):
-            specs.append(keyed_spec(name, kind, op))
+        task_kind = _spec_or_kind(name, kind, op)
+        if isinstance(task_kind, TaskSpec):
+            specs.append(task_kind)
             continue
-        task_kind = choice_of(kind, TASK_KINDS)
-        if task_kind is None:
-            raise ValueError(f"{op}: task {name!r} has unknown kind {kind!r}; kinds: "
-                             f"{TASK_KINDS}")
         num_classes = None
         if task_kind in ("classification", "segmentation"):
             # The number of classes, when not given as a TaskSpec: the model's (a class that no
