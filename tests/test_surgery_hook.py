@@ -203,6 +203,46 @@ def test_task_stacks_are_kept_between_steps_and_made_anew_when_they_no_longer_fi
 
 
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_a_reducer_that_puts_new_stacks_in_its_list_does_not_freeze_the_kept_ones(
+        per_task: str, accumulate: bool) -> None:
+    """Review: with the stacks kept between steps, a reducer that averages into new tensors
+    and puts them in the list it gets (`stacks[p] = stacks[p] / world`) replaced the kept
+    buffers while their row views, which the next step writes, still pointed at the old
+    ones: every later step aggregated the first step's gradients again (autograd and
+    backward modes), silently. Each step must equal a surgery built for it."""
+
+    class Replacing:
+        def reduce_task_grads(self, stacks, head_grads, *, reached=None,  # type: ignore[no-untyped-def]
+                              head_tasks=None):
+            for p, stack in enumerate(stacks):
+                stacks[p] = stack / 1.0  # one process: the average is the stack itself
+
+        def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+            return stats
+
+    model = MultiTaskNet(F64)
+    kept = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,
+                           reducer=Replacing())
+
+    def step(surgery: GradientSurgery, seed: int) -> list[torch.Tensor]:
+        x, y = _batch(F64, seed)
+        model.zero_grad(set_to_none=True)
+        if accumulate:
+            surgery.accumulate(_losses(model, x, y))
+            surgery.apply()
+        else:
+            surgery.backward(_losses(model, x, y))
+        return [p.grad.clone() for p in model.trunk.parameters()]
+
+    for seed in range(1, 4):
+        got = step(kept, seed)
+        want = step(GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task,
+                                    reducer=Replacing()), seed)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), seed
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_large_stacks_are_freed_when_backward_returns(monkeypatch: pytest.MonkeyPatch,
                                                       per_task: str) -> None:
     """Kept stacks hold k copies of the shared gradients between steps: above

@@ -1204,6 +1204,10 @@ class GradientSurgery:
     def _aggregate(self, active: _Active, stacks: list[torch.Tensor], found: _TaskPass
                    ) -> torch.Tensor:
         reached = list(found.reached)
+        # A list of this call's own: a reducer may put its averaged stacks in the list it gets
+        # (stacks[p] = ...), and the kept buffers (whose row views the next step writes) must
+        # not become those, or every later step would aggregate this one's gradients.
+        stacks = list(stacks)
         if self.reducer is not None and self._reducer_merges_reach:
             named = {"stack_names": active.names} if self._reducer_takes_names else {}
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads],
