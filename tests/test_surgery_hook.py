@@ -277,6 +277,35 @@ def test_large_stacks_are_freed_when_backward_returns(monkeypatch: pytest.Monkey
             assert made == [stacks, stacks] and alive == [0, 0], (made, alive)
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_large_stacks_are_freed_when_backward_fails_in_the_task_pass(
+        monkeypatch: pytest.MonkeyPatch, per_task: str) -> None:
+    """Review: the stacks over KEPT_STACKS_MAX_BYTES were freed only when backward() got past
+    the per-task pass: an error in it (out of memory, a hook's error) left k copies of the
+    shared gradients held through the caller's recovery (a retry with a smaller batch, an
+    evaluation). Failing or not, backward() keeps no stacks over the limit."""
+    from mtunlearn_ext.surgery import hook
+
+    monkeypatch.setattr(hook, "KEPT_STACKS_MAX_BYTES", 0)
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64, 1)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    features = model.trunk(x)
+
+    def fail(grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of memory (simulated)")
+
+    features.register_hook(fail)
+    losses = [((head(features).squeeze(-1) - (-1) ** t * y[t]) ** 2).mean()
+              for t, head in enumerate(model.heads)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        surgery.backward(losses)
+    assert surgery._buffers is None and surgery._buffer_rows == []
+    model.zero_grad(set_to_none=True)
+    surgery.backward(_losses(model, x, y))  # and the next step makes them again
+    assert surgery._buffers is None
+
+
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])

@@ -566,11 +566,13 @@ class GradientSurgery:
         _refuse_hooked_shared(caller, active)
         # Nothing is pending (refused above): accumulate()'s buffers are free to serve.
         stacks, rows = self._task_buffers(active, len(losses))
-        reached, head_sums = self._per_task_grads(losses, constants, active, stacks, rows,
-                                                  add=False, retain_graph=retain_graph,
-                                                  caller=caller)
-        device = _losses_device(losses, constants)
         try:
+            # Inside the try: a task pass that fails (out of memory, a hook's error) frees
+            # large stacks too, rather than holding them through the caller's recovery.
+            reached, head_sums = self._per_task_grads(losses, constants, active, stacks, rows,
+                                                      add=False, retain_graph=retain_graph,
+                                                      caller=caller)
+            device = _losses_device(losses, constants)
             if self.reducer is None:
                 # The heads' .grad are written once the aggregation has gone through: a step
                 # it refuses (NaN or Inf task gradients) leaves every .grad as it was.
