@@ -270,13 +270,17 @@ def _config_path(dest: str, value: Any, folder: Path) -> Any:
     """A config's value (as :func:`_config_value` made it) with a relative file or folder it
     names taken from the config's ``folder``, as most tools read their config files: a config
     and the files beside it then work from any current folder, and ``~`` is the home folder
-    (no shell expands it in a file). Text that is no path stays: JSON (``{...}``), ids (``3,7``),
+    (no shell expands it in a file; ``~name`` of no known user stays as written, as a shell
+    leaves it). Text that is no path stays: JSON (``{...}``), ids (``3,7``),
     a module name in ``import`` (a ``.py`` file is a path), and the empty text, which
     :func:`_refuse_empty_paths` refuses."""
     from mtunlearn_ext.workflow import is_existing_file, is_id_list
 
     def rebased(text: str) -> str:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # `~name` of no user here: a shell leaves it as written too
+            path = Path(text)
         return text if text == "" else str(path if path.is_absolute() else folder / path)
 
     if dest in _CONFIG_PATHS and isinstance(value, str):

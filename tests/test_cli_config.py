@@ -127,6 +127,24 @@ def test_a_configs_relative_paths_are_read_from_its_folder(
     assert _listing(elsewhere) == set()
 
 
+def test_a_config_path_under_an_unknown_users_home_is_a_path_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: `~name/...` in a config, where no user `name` exists, made Path.expanduser()
+    raise RuntimeError out of the config's reading: a traceback and exit 1 (verify's mismatch
+    code). As a shell does, the text stays as written: a relative path from the config's
+    folder, and the error names the file looked for."""
+    project, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "v.yaml").write_text("record: ~mtunlearn-no-such-user/r.json\n")
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["verify", "--config", "../proj/v.yaml"]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --record: "), err
+    assert str(Path("..") / "proj" / "~mtunlearn-no-such-user" / "r.json") in err, err
+
+
 # -- benchmark's positional `extra` from a config -------------------------------------------------
 
 
