@@ -108,7 +108,11 @@ def _has_type(value: Any, annotation: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_has_type(value, arm) for arm in typing.get_args(annotation))
     if origin is typing.Literal:
-        return value in typing.get_args(annotation)
+        # A choice's own type too: `in` alone took np.array("sgd") or np.array(["sgd"]) (their
+        # == is elementwise, one True is truthy) for 'sgd', which the `str` field refused.
+        return any(isinstance(value, type(choice))
+                   and isinstance(value, bool) == isinstance(choice, bool)
+                   and value == choice for choice in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
     if annotation is bool:

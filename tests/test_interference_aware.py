@@ -465,6 +465,25 @@ def test_text_settings_are_checked_against_their_choices(field_name: str,
         get_unlearner("interference_aware", {"cap_quantile": "ranked"})
 
 
+def test_a_choice_is_text_not_an_array_equal_to_it() -> None:
+    """Review: with the choices typed as Literals, the check was `value in choices`, which
+    took a NumPy array of the text (np.array("adam"), np.array(["adam"]): == is elementwise,
+    and one True is truthy) for the choice; the config then held an array, which no record
+    or report can write as JSON. The `str` field refused it; the Literal does again. NumPy's
+    own text (np.str_), a str, is still a choice."""
+    import numpy as np
+
+    for field_name, value in (("optimizer", "adam"), ("protect", "all"),
+                              ("cap_quantile", "rank")):
+        for given in (np.array(value), np.array([value])):
+            with pytest.raises(ValueError, match=rf"`{field_name}` must be "):
+                get_unlearner("interference_aware", {field_name: given})
+        config = get_unlearner("interference_aware", {field_name: np.str_(value)}).config
+        assert getattr(config, field_name) == value
+    with pytest.raises(ValueError, match=r"`granularity` must be one of 'split', 'task'"):
+        get_unlearner("pcgrad", {"granularity": np.array(["task"])})
+
+
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
 def test_end_to_end_contract(bench, original, partial: bool) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial)
