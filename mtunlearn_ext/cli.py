@@ -266,6 +266,14 @@ _CONFIG_JSON_OR_FILE = ("method_config", "train")
 _CONFIG_IDS_OR_FILE = ("forget_ids", "retain_ids")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _config_path(dest: str, value: Any, folder: Path) -> Any:
     """A config's value (as :func:`_config_value` made it) with a relative file or folder it
     names taken from the config's ``folder``, as most tools read their config files: a config
@@ -286,17 +294,29 @@ def _config_path(dest: str, value: Any, folder: Path) -> Any:
     if dest in _CONFIG_PATHS and isinstance(value, str):
         return rebased(value)
     if dest in _CONFIG_JSON_OR_FILE and isinstance(value, str) \
-            and not value.lstrip().startswith("{"):
+            and not value.lstrip().startswith(("{", "[")):  # JSON: its own error names it
         return rebased(value)
     if dest in _CONFIG_IDS_OR_FILE and isinstance(value, str):
         if value.startswith("@"):
             return "@" + rebased(value[1:])
-        if is_id_list(value) or not value.strip():
+        if not value.strip():
             return value
+        if is_id_list(value):
+            # Ids or a file of that name is decided beside the config, as its paths are: the
+            # trailing comma (ids, unambiguously) keeps a file of that name in the current
+            # folder from being taken instead.
+            if is_existing_file(rebased(value)):
+                raise ValueError(f"it is both an id list and the name of a file beside the "
+                                 f"config; for the file write '@{value}', for the ids "
+                                 f"'{value},' (a trailing comma)")
+            return value if value.rstrip().endswith(",") else value + ","
         # One word that is no id names a file (its error then says where it was looked for);
-        # words with a bad id among them (3,x) stay, for the error to name that id.
+        # words with a bad id among them (3,x) and numbers (7.0) stay, for the error to say
+        # what an id is.
         one_word = len(value.replace(",", " ").split()) == 1
-        return rebased(value) if one_word or is_existing_file(rebased(value)) else value
+        if one_word and not _is_number(value):
+            return rebased(value)
+        return rebased(value) if is_existing_file(rebased(value)) else value
     if dest == "imports" and isinstance(value, list):
         return [rebased(v) if v.endswith(".py") else v for v in value]
     return value
@@ -1456,7 +1476,11 @@ def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]], config: str 
     from mtunlearn_ext.workflow import is_existing_file
 
     def named_file(given: str) -> dict[str, Any]:
-        path = Path(given).expanduser().resolve()
+        # Its folder resolved, the name not followed: a linked config's relative paths are
+        # read from the link's folder, so the record names the link (its hash is of the file
+        # behind it).
+        given_path = Path(given).expanduser()
+        path = given_path.absolute().parent.resolve() / given_path.name
         return {"file": str(path), "sha256": sha256_of_file(path) if path.is_file() else None}
 
     settings_file = (named_file(method_config)

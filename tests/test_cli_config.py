@@ -145,6 +145,66 @@ def test_a_config_path_under_an_unknown_users_home_is_a_path_not_a_traceback(
     assert str(Path("..") / "proj" / "~mtunlearn-no-such-user" / "r.json") in err, err
 
 
+def test_a_configs_id_text_is_ids_beside_it_and_says_what_an_id_is(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review of the config's folder as its paths' base: `forget_ids: 7` was refused for a
+    stray file `7` in the current folder (the ambiguity judged there, where the config's
+    paths are not read) while a file `7` beside the config went unnoticed; `7.0` and a JSON
+    list as settings were taken for file names (their errors said "no file '../proj/7.0'")."""
+    project, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(trained, project / "orig.pt")
+    first = ids(1, 2).split(",")[0]
+    (elsewhere / first).write_text("not read\n")  # a stray file named as the id, here
+    monkeypatch.chdir(elsewhere)
+
+    def run(text: str) -> int:
+        (project / "c.yaml").write_text(f"checkpoint: orig.pt\nquiet: true\n{text}")
+        return cli.main(["unlearn", "--config", "../proj/c.yaml", "--method", "finetune",
+                         "--method-config", '{"steps": 1}', "--output", "u.pt",
+                         "--record", "u.json"])
+
+    assert run(f"forget_ids: {first}\n") == 0, capsys.readouterr().err
+    record = json.loads((elsewhere / "u.json").read_text())
+    assert record["request"]["instance_ids"] == [int(first)]
+    (project / first).write_text(f"{first}\n")  # now beside the config: ambiguous there
+    (elsewhere / "u.pt").unlink()
+    (elsewhere / "u.json").unlink()
+    assert run(f"forget_ids: {first}\n") == 2
+    err = _err(capsys)
+    assert "it is both an id list and the name of a file beside the config" in err, err
+    assert run("forget_ids: 7.0\n") == 2
+    err = _err(capsys)
+    assert "--forget-ids" in err and "proj" not in err, err
+    (project / "c.yaml").write_text("checkpoint: orig.pt\nforget_ids: '1'\n"
+                                    "method_config: '[1]'\n")
+    assert cli.main(["unlearn", "--config", "../proj/c.yaml"]) == 2
+    err = _err(capsys)
+    assert "--method-config" in err and "proj" not in err, err
+
+
+def test_a_linked_config_is_recorded_as_the_link(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: a config reached through a link has its paths read from the link's folder, but
+    the record named the file behind the link, from whose folder a rerun read other files."""
+    project, links = tmp_path / "proj", tmp_path / "links"
+    project.mkdir()
+    links.mkdir()
+    shutil.copy(trained, links / "orig.pt")
+    (project / "c.yaml").write_text(f"checkpoint: orig.pt\nforget_ids: '{ids(1, 2)}'\n"
+                                    "method: finetune\nmethod_config: '{\"steps\": 1}'\n"
+                                    "output: u.pt\nquiet: true\n")
+    (links / "c.yaml").symlink_to(project / "c.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["unlearn", "--config", "links/c.yaml"]) == 0, capsys.readouterr().err
+    record = json.loads((links / "u.pt.record.json").read_text())
+    assert record["invocation"]["config"]["file"] == str(links.resolve() / "c.yaml")
+    assert record["invocation"]["config"]["sha256"] is not None
+
+
 # -- benchmark's positional `extra` from a config -------------------------------------------------
 
 
