@@ -5,7 +5,7 @@ instances' own), and ``unlearn`` taking such data directly with the same result 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -465,6 +465,35 @@ def test_a_loader_of_collated_batches_reads_in_its_order() -> None:
     # A (input, targets) loader, as a training loop's, with a partial last batch.
     pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
     _assert_same(gather(DataLoader(pairs, batch_size=16), SPECS), data)  # type: ignore
+
+
+def test_a_loader_batched_by_its_own_batch_sampler_is_read_as_batches() -> None:
+    """Review: a DataLoader given batch_sampler= (batch_size None, batches collated all the
+    same) was read as a loader of single instances: each collated batch taken for one
+    instance, refused with "supervision must be bool"-like errors about its shapes."""
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS)
+
+    class Runs(torch.utils.data.Sampler[list[int]]):
+        """Batches of uneven sizes, in order, as a bucketing sampler gives them."""
+
+        def __iter__(self) -> Iterator[list[int]]:
+            start, size = 0, 1
+            while start < N:
+                yield list(range(start, min(start + size, N)))
+                start, size = start + size, size + 2
+
+        def __len__(self) -> int:
+            return sum(1 for _ in iter(self))
+
+    _assert_same(gather(DataLoader(data, batch_sampler=Runs()), SPECS), data)  # ids carried
+    # Items without ids: the order is the sampler's own (no torch sampler to read it from),
+    # so the ids say it.
+    pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
+    with pytest.raises(ValueError, match="the DataLoader shuffles"):
+        gather(DataLoader(pairs, batch_sampler=Runs()), SPECS)  # type: ignore
+    _assert_same(gather(DataLoader(pairs, batch_sampler=Runs()), SPECS,  # type: ignore
+                        ids=list(range(N))), data)
 
 
 class _ReusedBatch:

@@ -697,7 +697,8 @@ def _read(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
                          "`num_workers=0` has none of; give `num_workers` > 0 or leave it out")
     ordered = True
     if isinstance(source, DataLoader):
-        if source.batch_size is not None:
+        # A batch_sampler= loader has no batch_size, yet collates batches as batch_size= does.
+        if source.batch_sampler is not None:
             return _gather_batches(source, specs, ids)
         ordered = _in_order(source)  # no automatic batching: the loader yields instances
     if isinstance(source, (torch.Tensor, str, bytes)) or not (
