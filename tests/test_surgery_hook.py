@@ -243,6 +243,33 @@ def test_a_reducer_that_puts_new_stacks_in_its_list_does_not_freeze_the_kept_one
 
 
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_a_surgery_copied_with_its_model_steps_as_the_original(per_task: str) -> None:
+    """Review: copy.deepcopy((model, surgery)) gave a surgery that knew its shared parameters
+    by the originals' identities: it took the copies for heads and summed their gradients
+    (1.7 off). The copy now steps as the original does, on its own parameters; with
+    micro-batches pending it is refused (they are the original's)."""
+    import copy
+
+    model = MultiTaskNet(F64)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    x, y = _batch(F64, 1)
+    surgery.backward(_losses(model, x, y))  # stacks kept, to be left behind by the copy
+    twin_model, twin = copy.deepcopy((model, surgery))
+    for m in (model, twin_model):
+        m.zero_grad(set_to_none=True)
+    x, y = _batch(F64, 2)
+    surgery.backward(_losses(model, x, y))
+    twin.backward(_losses(twin_model, x, y))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert p is not q and p.grad is not None and q.grad is not None
+        assert torch.equal(p.grad, q.grad)
+    surgery.accumulate(_losses(model, x, y))
+    with pytest.raises(RuntimeError, match=r"cannot be copied with 1 micro-batch accumulated "
+                       r"since the last apply\(\) is still pending; call apply\(\) or "):
+        copy.deepcopy((model, surgery))
+
+
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_large_stacks_are_freed_when_backward_returns(monkeypatch: pytest.MonkeyPatch,
                                                       per_task: str) -> None:
     """Kept stacks hold k copies of the shared gradients between steps: above

@@ -531,6 +531,31 @@ class GradientSurgery:
         :meth:`apply` (or :meth:`discard`)."""
         return self._pending_count
 
+    def __deepcopy__(self, memo: dict[int, object]) -> GradientSurgery:
+        """A copy for the copied parameters (``copy.deepcopy((model, surgery))`` copies each
+        parameter once, for both): what the surgery knows of its parameters by identity is
+        made again for the copies (kept, it named the originals, and the copy took its own
+        shared parameters for heads: gradients 1.7 off). The per-task stacks are not copied
+        (made at the next step), the reducer is shared (the same processes), and pending
+        micro-batches are refused, being the originals'."""
+        import copy
+
+        if self._pending:
+            raise RuntimeError(f"GradientSurgery: cannot be copied with {self._pending_what()}; "
+                               "call apply() or discard() first")
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        skipped = {"_buffers", "_buffer_rows", "_buffered_tasks", "_buffered_for"}
+        for name, value in self.__dict__.items():
+            if name == "reducer":  # a process group's steps: the same processes, shared
+                setattr(twin, name, value)
+            elif name not in skipped:
+                setattr(twin, name, copy.deepcopy(value, memo))
+        twin._buffers, twin._buffer_rows = None, []
+        twin._buffered_tasks, twin._buffered_for = None, None
+        twin._shared_ids = {id(p) for p in twin._given.tensors}
+        return twin
+
     def discard(self) -> int:
         """Drop the micro-batches accumulated since the last :meth:`apply`: for a step the
         loop skips (a NaN loss, an exception in a later micro-batch), beside
