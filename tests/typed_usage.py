@@ -13,9 +13,18 @@ import torch
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest, TaskSpec
 from mtunlearn_ext.api import SavedCheck, TasksSpec
+from mtunlearn_ext.api._model_split import SplitModel
 from mtunlearn_ext.data import Benchmark, RequestType, TaskKind, register_benchmark
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.experiment import ExperimentConfig
+from mtunlearn_ext.models import (
+    DenseBackbone,
+    DenseMultiTaskNet,
+    MLPMultiTaskNet,
+    MultiTaskModel,
+    build_model,
+)
+from mtunlearn_ext.models.dense import PositiveDepth, UnitNormals
 from mtunlearn_ext.surgery import (
     MGDA,
     Aggregator,
@@ -137,3 +146,22 @@ def typed_gather(source: torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, 
     mtunlearn_ext.data.gather(source, kinds)
     mtunlearn_ext.data.gather(source, TaskSpec("seg", "segmentation", num_classes=3))
     mtunlearn_ext.data.gather(source, {"seg": "segmentaton"})  # type: ignore[dict-item]
+
+
+def typed_models(x: torch.Tensor, module: torch.nn.Module) -> None:
+    """A model's call is typed as its forward (``nn.Module.__call__`` returns ``Any``); each
+    ``type: ignore`` below is needed, which ``warn_unused_ignores`` checks."""
+    spec = TaskSpec("kind", "classification", num_classes=3)
+    assert_type(MLPMultiTaskNet([spec])(x), dict[str, torch.Tensor])
+    assert_type(DenseMultiTaskNet([spec])(x, ["kind"]), dict[str, torch.Tensor])
+    model: MultiTaskModel = build_model([spec], input_shape=[64])
+    assert_type(model(x), dict[str, torch.Tensor])
+    assert_type(model((x, x), tasks=["kind"]), dict[str, torch.Tensor])  # several inputs
+    model(x, [0])  # type: ignore[list-item]
+    assert_type(DenseBackbone()(x), torch.Tensor)
+    assert_type(PositiveDepth()(x), torch.Tensor)
+    assert_type(UnitNormals()(x), torch.Tensor)
+    DenseBackbone()(x, ["kind"])  # type: ignore[call-arg]
+    wrapper = SplitModel(module, ["trunk.weight"], {"kind": ["head.weight"]})
+    assert_type(wrapper({"image": x}), dict[str, torch.Tensor])
+    wrapper(x, [0])  # type: ignore[list-item]

@@ -6,7 +6,7 @@ wrapper (:class:`SplitModel`) through which the library's methods call the calle
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -72,6 +72,11 @@ class SplitModel(nn.Module):
         if not isinstance(out, Mapping):
             raise ModelOutputError(type(out).__name__)
         return dict(out)
+
+    if TYPE_CHECKING:  # ``wrapper(x)`` typed as :meth:`forward` (``nn.Module.__call__``
+        # returns ``Any``); for checkers only, the call runs as nn.Module runs it
+        def __call__(self, x: Inputs, tasks: Sequence[str] | None = None
+                     ) -> dict[str, torch.Tensor]: ...
 
     def parameter_split(self) -> ParameterSplit:
         return self._split

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext.data.base import TaskSpec
+
+if TYPE_CHECKING:
+    from mtunlearn_ext.data.inputs import Inputs
 
 __all__ = ["MultiTaskModel", "ParameterSplit", "SHARED", "check_takes_task_names"]
 
@@ -132,6 +136,14 @@ class MultiTaskModel(nn.Module):
         features = self.features(x)
         wanted = self.task_names if tasks is None else list(tasks)
         return {task: self.head_forward(task, features) for task in wanted}
+
+    if TYPE_CHECKING:
+        # ``model(x)`` is typed (``nn.Module.__call__`` returns ``Any``): task -> prediction.
+        # The inputs are the contract's (one tensor, or several inputs: what the library passes
+        # every model, a subclass's or a SplitModel), not only this forward's tensor. Declared
+        # for checkers only: the call and its hooks run exactly as nn.Module runs them.
+        def __call__(self, x: Inputs, tasks: Sequence[str] | None = None
+                     ) -> dict[str, torch.Tensor]: ...
 
     # -- the parameter split -------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,9 @@ class DenseBackbone(nn.Module):
         z = self.dec2(self._up_cat(z, s2))
         return self.dec1(self._up_cat(z, s1))
 
+    if TYPE_CHECKING:  # typed call (``nn.Module.__call__`` returns ``Any``), for checkers only
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
 
 class PositiveDepth(nn.Module):
     """``softplus``: depth is positive, and unlike ``exp`` its gradient does not explode."""
@@ -90,12 +94,18 @@ class PositiveDepth(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softplus(x)
 
+    if TYPE_CHECKING:  # typed call (``nn.Module.__call__`` returns ``Any``), for checkers only
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
 
 class UnitNormals(nn.Module):
     """Per-pixel L2 normalisation of a ``[B, 3, H, W]`` normal map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return unit_normalize(x, dim=1, eps=1e-6)
+
+    if TYPE_CHECKING:  # typed call (``nn.Module.__call__`` returns ``Any``), for checkers only
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def dense_head(spec: TaskSpec, in_channels: int, hidden: int,
