@@ -496,6 +496,18 @@ def test_a_loader_batched_by_its_own_batch_sampler_is_read_as_batches() -> None:
                         ids=list(range(N))), data)
 
 
+def test_a_batch_sampler_dropping_its_last_batch_is_refused() -> None:
+    """Review: the drop_last guard read the DataLoader's own drop_last, which is False for a
+    loader given batch_sampler=BatchSampler(..., drop_last=True): the last incomplete batch's
+    instances were silently missing from the gathered data."""
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS)
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(N)),
+                                            N - 1, drop_last=True)
+    with pytest.raises(ValueError, match=r"drops its last incomplete batch"):
+        gather(DataLoader(data, batch_sampler=sampler), SPECS)
+
+
 class _ReusedBatch:
     """A collate function writing every batch into one set of buffers (as a loader staging
     batches in pinned memory does): the batch it hands out is overwritten by the next."""

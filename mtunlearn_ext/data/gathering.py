@@ -540,7 +540,8 @@ class _BatchRows:
 def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: object
                     ) -> tuple[MultiTaskDataset, bool]:
     names = [spec.name for spec in specs]
-    if loader.drop_last:
+    # A batch_sampler= loader's own drop_last is False whatever its batch sampler does.
+    if loader.drop_last or getattr(loader.batch_sampler, "drop_last", False) is True:
         raise ValueError("gather: the DataLoader drops its last incomplete batch "
                          "(drop_last=True): those instances would be missing")
     batches = _BatchRows(specs, _loader_rows(loader))
