@@ -269,6 +269,29 @@ def test_a_surgery_copied_with_its_model_steps_as_the_original(per_task: str) ->
         copy.deepcopy((model, surgery))
 
 
+def test_a_surgery_copied_with_its_model_averages_the_copied_heads() -> None:
+    """Review: the reducer was shared by the copy, and a ReplicatedReducer's head_params are
+    the original model's heads: the copy's replicas averaged (and filled with zeros) the
+    original's head gradients, never their own (on 2 gloo ranks the copy's head gradients
+    differed between the ranks). It is copied with the surgery, its process group shared."""
+    import copy
+
+    from mtunlearn_ext.surgery.distributed import ReplicatedReducer
+
+    model = MultiTaskNet(F64)
+    heads = list(model.heads.parameters())
+    group = object()  # a process group stand-in: it must be shared, not copied
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), head_params=heads,
+                              reducer=ReplicatedReducer(None, heads))
+    surgery.reducer.group = group  # type: ignore[union-attr]
+    twin_model, twin = copy.deepcopy((model, surgery))
+    reducer = twin.reducer
+    assert isinstance(reducer, ReplicatedReducer) and reducer is not surgery.reducer
+    assert reducer.group is group and reducer.head_params is not None
+    assert [id(p) for p in reducer.head_params] == [id(p) for p in twin_model.heads.parameters()]
+    assert [id(p) for p in twin.head_params or []] == [id(p) for p in reducer.head_params]
+
+
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_large_stacks_are_freed_when_backward_returns(monkeypatch: pytest.MonkeyPatch,
                                                       per_task: str) -> None:

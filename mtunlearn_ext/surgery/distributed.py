@@ -279,6 +279,18 @@ class ReplicatedReducer:
             unique = {id(p): p for p in head_params}
             self.head_params = list(unique.values())
 
+    def __deepcopy__(self, memo: dict[int, object]) -> ReplicatedReducer:
+        """A copy for copied heads (``copy.deepcopy((model, surgery))``): the same process
+        group (shared: the same processes), ``head_params`` copied through ``memo``, so
+        that the copy averages the copied model's heads, not the original's."""
+        import copy
+
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            setattr(twin, name, value if name == "group" else copy.deepcopy(value, memo))
+        return twin
+
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
                           head_tasks: Sequence[int] | None = None,

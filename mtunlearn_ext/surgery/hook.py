@@ -537,7 +537,9 @@ class GradientSurgery:
         made again for the copies (kept, it named the originals, and the copy took its own
         shared parameters for heads: gradients 1.7 off). The per-task stacks are not copied
         (made at the next step), the reducer is shared (the same processes), and pending
-        micro-batches are refused, being the originals'."""
+        micro-batches are refused, being the originals'. A reducer with a ``__deepcopy__`` of its
+        own is copied with it (:class:`~mtunlearn_ext.surgery.distributed.ReplicatedReducer`
+        knows the heads it averages by tensor)."""
         import copy
 
         if self._pending:
@@ -547,8 +549,10 @@ class GradientSurgery:
         memo[id(self)] = twin
         skipped = {"_buffers", "_buffer_rows", "_buffered_tasks", "_buffered_for"}
         for name, value in self.__dict__.items():
-            if name == "reducer":  # a process group's steps: the same processes, shared
-                setattr(twin, name, value)
+            if name == "reducer":  # a process group's steps: the same processes, shared,
+                # unless it copies itself (ReplicatedReducer: its head list is the model's)
+                own = getattr(type(value), "__deepcopy__", None)
+                setattr(twin, name, value if own is None else copy.deepcopy(value, memo))
             elif name not in skipped:
                 setattr(twin, name, copy.deepcopy(value, memo))
         twin._buffers, twin._buffer_rows = None, []
