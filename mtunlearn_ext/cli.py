@@ -358,6 +358,12 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any],
             if dest in _NO_NULL:
                 defaults[dest] = _NullInConfig(key)
             continue
+        if dest in _CONFIG_IDS_OR_FILE and isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            # A list of integers (YAML `[3]`, a TOML array) is ids, never a file's name: the
+            # trailing comma keeps parse_ids from taking a file of that name for it.
+            defaults[dest] = ",".join(str(v) for v in value) + ","
+            continue
         try:
             defaults[dest] = _config_path(dest, _config_value(actions[name], value), folder)
         except ValueError as error:  # not a boolean for a flag, an unbalanced quote

@@ -185,6 +185,20 @@ def test_a_configs_id_text_is_ids_beside_it_and_says_what_an_id_is(
     assert "--method-config" in err and "proj" not in err, err
 
 
+def test_a_configs_list_of_ids_is_never_a_file_beside_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: `forget_ids: [3]` (a YAML list, a TOML array) was joined to the text '3' and
+    refused for a file `3` beside the config, the message asking for '3,' as if the list
+    could name a file; a list of integers is ids."""
+    (tmp_path / "3").write_text("5\n")
+    (tmp_path / "c.yaml").write_text("checkpoint: nope.pt\nforget_ids: [3]\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["unlearn", "--config", "c.yaml"]) == 2
+    err = _err(capsys)
+    assert "--checkpoint" in err and "beside the config" not in err, err
+
+
 def test_a_linked_config_is_recorded_as_the_link(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
