@@ -269,6 +269,44 @@ def test_a_surgery_copied_with_its_model_steps_as_the_original(per_task: str) ->
         copy.deepcopy((model, surgery))
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_a_surgery_saved_with_its_model_steps_as_the_original(per_task: str) -> None:
+    """Review: torch.save((model, surgery)) and torch.load gave a surgery that knew its shared
+    parameters by the saved ones' identities, as a deep copy did before: it took the loaded
+    ones for heads too (0.5 off). copy.copy shared the kept stacks, so a copy's step wrote
+    over the original's pending micro-batches. Both now start from no stacks, and pending
+    micro-batches are refused, as for a deep copy."""
+    import copy
+    import io
+
+    model = MultiTaskNet(F64)
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+    x, y = _batch(F64, 1)
+    surgery.backward(_losses(model, x, y))
+    saved = io.BytesIO()
+    torch.save((model, surgery), saved)
+    saved.seek(0)
+    loaded_model, loaded = torch.load(saved, weights_only=False)
+    x, y = _batch(F64, 2)
+    grads = []
+    for m, s in ((model, surgery), (loaded_model, loaded)):
+        m.zero_grad(set_to_none=True)
+        s.backward(_losses(m, x, y))
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # A shallow copy's step leaves the original's pending micro-batch alone.
+    model.zero_grad(set_to_none=True)
+    shallow = copy.copy(surgery)
+    surgery.accumulate(_losses(model, x, y))
+    with pytest.raises(RuntimeError, match=r"cannot be pickled or copied with 1 micro-batch"):
+        copy.copy(surgery)
+    z = model.trunk(_batch(F64, 3)[0])  # losses of the trunk alone: the heads' .grad stay
+    shallow.backward([(z * (t + 1)).sin().sum() for t in range(3)])
+    model.trunk.zero_grad(set_to_none=True)
+    surgery.apply()
+    assert all(torch.equal(p.grad, q) for p, q in zip(model.trunk.parameters(), grads[0][:4]))
+
+
 def test_a_surgery_copied_with_its_model_averages_the_copied_heads() -> None:
     """Review: the reducer was shared by the copy, and a ReplicatedReducer's head_params are
     the original model's heads: the copy's replicas averaged (and filled with zeros) the

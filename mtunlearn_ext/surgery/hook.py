@@ -560,6 +560,23 @@ class GradientSurgery:
         twin._shared_ids = {id(p) for p in twin._given.tensors}
         return twin
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickling (``torch.save((model, surgery))``, ``copy.copy``): as :meth:`__deepcopy__`,
+        without the per-task stacks (made at the next step) and with micro-batches pending
+        refused; the identities of the shared parameters are made again on loading
+        (:meth:`__setstate__`), the loaded parameters being new tensors."""
+        if self._pending:
+            raise RuntimeError(f"GradientSurgery: cannot be pickled or copied with "
+                               f"{self._pending_what()}; call apply() or discard() first")
+        state = dict(self.__dict__)
+        state.update(_buffers=None, _buffer_rows=[], _buffered_tasks=None, _buffered_for=None)
+        del state["_shared_ids"]  # ids of this process's tensors: made again on loading
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._shared_ids = {id(p) for p in self._given.tensors}
+
     def discard(self) -> int:
         """Drop the micro-batches accumulated since the last :meth:`apply`: for a step the
         loop skips (a NaN loss, an exception in a later micro-batch), beside
