@@ -508,6 +508,24 @@ def test_a_batch_sampler_dropping_its_last_batch_is_refused() -> None:
         gather(DataLoader(data, batch_sampler=sampler), SPECS)
 
 
+def test_a_loader_whose_workers_hand_out_batches_as_they_finish_needs_ids() -> None:
+    """Review: a DataLoader with in_order=False (its workers' batches as they finish) was
+    taken as read in order: its rows got positions as ids, so an id named another instance
+    whenever a later batch came first (0..7 read as 2, 3, 6, 7, 0, 1, 4, 5)."""
+    x, y = _tensors()
+    data = MultiTaskDataset(x, y, SPECS)
+    pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
+    loader = DataLoader(pairs, batch_size=4, num_workers=1, in_order=False)  # type: ignore
+    with pytest.raises(ValueError, match=r"in_order=False"):
+        gather(loader, SPECS)
+    with pytest.raises(ValueError, match=r"in_order=False\), in an order no `ids` can follow"):
+        gather(loader, SPECS, ids=list(range(N)))
+    # Items that carry their ids are read right in any order.
+    got = gather(DataLoader(data, batch_size=4, num_workers=1, in_order=False), SPECS)
+    order = torch.as_tensor(got.ids).argsort()
+    assert torch.equal(got.inputs[order], data.inputs)
+
+
 class _ReusedBatch:
     """A collate function writing every batch into one set of buffers (as a loader staging
     batches in pinned memory does): the batch it hands out is overwritten by the next."""

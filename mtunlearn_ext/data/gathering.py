@@ -421,7 +421,8 @@ def _instances_length(source: object) -> _Length | None:
     return _length(source, exact)
 
 
-_SHUFFLED = ("gather: the DataLoader shuffles (its sampler is not sequential), so the "
+_SHUFFLED = ("gather: the DataLoader shuffles (its sampler is not sequential, or its workers "
+             "hand out batches as they finish: in_order=False), so the "
              "position of a row names no instance: pass the dataset itself, a loader with "
              "shuffle=False, `ids` in the loader's order, or items with an 'id'")
 
@@ -457,8 +458,16 @@ def _distinct(row_ids: object, what: str) -> None:
                      f"repeated); each instance needs an id of its own")
 
 
+def _as_finished(loader: DataLoader[Any]) -> bool:
+    """Whether ``loader``'s workers hand out its items as they finish (``in_order=False``),
+    in an order that changes from one reading to the next."""
+    return loader.num_workers > 0 and getattr(loader, "in_order", True) is False
+
+
 def _in_order(loader: DataLoader[Any]) -> bool:
     """Whether ``loader`` reads its dataset in the dataset's own order."""
+    if _as_finished(loader):
+        return False
     if isinstance(loader.dataset, IterableDataset):
         return loader.num_workers == 0  # workers interleave their shares of the stream
     sampler = loader.sampler if loader.batch_sampler is None else getattr(
@@ -697,6 +706,11 @@ def _read(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
         raise ValueError("gather: `multiprocessing_context` starts worker processes, which "
                          "`num_workers=0` has none of; give `num_workers` > 0 or leave it out")
     ordered = True
+    if isinstance(source, DataLoader) and ids is not None and _as_finished(source):
+        raise ValueError("gather: the DataLoader's workers hand out batches as they finish "
+                         "(in_order=False), in an order no `ids` can follow; give it "
+                         "in_order=True (the default), pass the dataset itself, or items "
+                         "with an 'id'")
     if isinstance(source, DataLoader):
         # A batch_sampler= loader has no batch_size, yet collates batches as batch_size= does.
         if source.batch_sampler is not None:
