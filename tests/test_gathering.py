@@ -526,6 +526,29 @@ def test_a_loader_whose_workers_hand_out_batches_as_they_finish_needs_ids() -> N
     assert torch.equal(got.inputs[order], data.inputs)
 
 
+def test_a_batch_sampler_of_its_own_order_needs_ids_whatever_sampler_it_holds() -> None:
+    """Review: a batch_sampler= loader was taken as read in order when its batch sampler held
+    a SequentialSampler, though a batch sampler of its own (bucketing by length) hands out the
+    batches in an order of its own: the rows got positions as ids, each naming another
+    instance (0..5 read as 4, 5, 2, 3, 0, 1)."""
+    x, y = _tensors()
+    pairs = [(x[i], {"topic": y["topic"][i], "score": y["score"][i]}) for i in range(N)]
+
+    class LastFirst(torch.utils.data.Sampler[list[int]]):
+        def __init__(self) -> None:
+            self.sampler = torch.utils.data.SequentialSampler(range(N))
+
+        def __iter__(self) -> Iterator[list[int]]:
+            indices = list(self.sampler)
+            return iter([indices[i:i + 4] for i in range(0, N, 4)][::-1])
+
+        def __len__(self) -> int:
+            return -(-N // 4)
+
+    with pytest.raises(ValueError, match="the DataLoader shuffles"):
+        gather(DataLoader(pairs, batch_sampler=LastFirst()), SPECS)  # type: ignore
+
+
 class _ReusedBatch:
     """A collate function writing every batch into one set of buffers (as a loader staging
     batches in pinned memory does): the batch it hands out is overwritten by the next."""

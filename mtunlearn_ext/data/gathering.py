@@ -470,9 +470,13 @@ def _in_order(loader: DataLoader[Any]) -> bool:
         return False
     if isinstance(loader.dataset, IterableDataset):
         return loader.num_workers == 0  # workers interleave their shares of the stream
-    sampler = loader.sampler if loader.batch_sampler is None else getattr(
-        loader.batch_sampler, "sampler", None)
-    return isinstance(sampler, SequentialSampler)
+    if loader.batch_sampler is None:
+        return isinstance(loader.sampler, SequentialSampler)
+    # torch's own BatchSampler keeps its sampler's order; another batch sampler (given as
+    # batch_sampler=) may hand out batches in an order of its own (bucketing by length),
+    # whatever sampler it holds.
+    return (type(loader.batch_sampler) is BatchSampler
+            and isinstance(loader.batch_sampler.sampler, SequentialSampler))
 
 
 def _batch(batch: object, index: int, names: Sequence[str]) -> _Instance:
