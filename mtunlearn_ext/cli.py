@@ -945,6 +945,9 @@ def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str])
                                                ("--retain-ids", args.retain_ids),
                                                ("--seed", args.seed)) if value is not None]
     if given:
+        if given[0][0] == "--retain-ids" and isinstance(given[0][1], str):
+            # Ids as written: a config's id list got a trailing comma (_config_path).
+            given[0] = (given[0][0], given[0][1].rstrip().rstrip(","))
         names = [flag for flag, _ in given]
         flags = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         raise UserInputError(given[0][0], "--forget-ids or --forget-fraction with it",

@@ -199,6 +199,20 @@ def test_a_configs_list_of_ids_is_never_a_file_beside_it(
     assert "--checkpoint" in err and "beside the config" not in err, err
 
 
+def test_a_configs_ids_are_quoted_as_written(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review: a config's id list gets a trailing comma (ids, not a file of that name), which
+    showed in evaluate's refusal of --retain-ids without a request: "got '7,13,'" for the
+    '7,13' the config holds."""
+    shutil.copy(trained, tmp_path / "orig.pt")
+    (tmp_path / "c.yaml").write_text(f"checkpoint: orig.pt\nretain_ids: '{ids(1, 2)}'\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["evaluate", "--config", "c.yaml"]) == 2
+    err = _err(capsys)
+    assert f"got '{ids(1, 2)}';" in err, err
+
+
 def test_a_linked_config_is_recorded_as_the_link(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
