@@ -424,7 +424,8 @@ def _instances_length(source: object) -> _Length | None:
 _SHUFFLED = ("gather: the DataLoader shuffles (its sampler is not sequential, or its workers "
              "hand out batches as they finish: in_order=False), so the "
              "position of a row names no instance: pass the dataset itself, a loader with "
-             "shuffle=False, `ids` in the loader's order, or items with an 'id'")
+             "shuffle=False, `ids` in the loader's order (in_order=False has none), or items "
+             "with an 'id'")
 
 
 def _ids(own: Sequence[object], ids: object, ordered: bool, what: str) -> object:
