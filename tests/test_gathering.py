@@ -508,6 +508,7 @@ def test_a_batch_sampler_dropping_its_last_batch_is_refused() -> None:
         gather(DataLoader(data, batch_sampler=sampler), SPECS)
 
 
+@_FORK_WARNING
 def test_a_loader_whose_workers_hand_out_batches_as_they_finish_needs_ids() -> None:
     """Review: a DataLoader with in_order=False (its workers' batches as they finish) was
     taken as read in order: its rows got positions as ids, so an id named another instance
