@@ -542,22 +542,16 @@ class GradientSurgery:
         knows the heads it averages by tensor)."""
         import copy
 
-        if self._pending:
-            raise RuntimeError(f"GradientSurgery: cannot be copied with {self._pending_what()}; "
-                               "call apply() or discard() first")
+        state = self._state_without_stacks("copied")
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
-        skipped = {"_buffers", "_buffer_rows", "_buffered_tasks", "_buffered_for"}
-        for name, value in self.__dict__.items():
-            if name == "reducer":  # a process group's steps: the same processes, shared,
-                # unless it copies itself (ReplicatedReducer: its head list is the model's)
-                own = getattr(type(value), "__deepcopy__", None)
-                setattr(twin, name, value if own is None else copy.deepcopy(value, memo))
-            elif name not in skipped:
-                setattr(twin, name, copy.deepcopy(value, memo))
-        twin._buffers, twin._buffer_rows = None, []
-        twin._buffered_tasks, twin._buffered_for = None, None
-        twin._shared_ids = {id(p) for p in twin._given.tensors}
+        # A process group's steps: the same processes, shared, unless the reducer copies itself
+        # (ReplicatedReducer: its head list is the model's).
+        reducer = state.pop("reducer")
+        own = getattr(type(reducer), "__deepcopy__", None)
+        copied = copy.deepcopy(state, memo)
+        copied["reducer"] = reducer if own is None else copy.deepcopy(reducer, memo)
+        twin.__setstate__(copied)
         return twin
 
     def __getstate__(self) -> dict[str, object]:
@@ -565,12 +559,17 @@ class GradientSurgery:
         without the per-task stacks (made at the next step) and with micro-batches pending
         refused; the identities of the shared parameters are made again on loading
         (:meth:`__setstate__`), the loaded parameters being new tensors."""
+        return self._state_without_stacks("pickled or copied")
+
+    def _state_without_stacks(self, what: str) -> dict[str, object]:
+        """The surgery's attributes for a copy (pickled, deep or shallow): no per-task stacks,
+        no identities of this process's tensors; refused with micro-batches pending."""
         if self._pending:
-            raise RuntimeError(f"GradientSurgery: cannot be pickled or copied with "
-                               f"{self._pending_what()}; call apply() or discard() first")
+            raise RuntimeError(f"GradientSurgery: cannot be {what} with {self._pending_what()}; "
+                               "call apply() or discard() first")
         state = dict(self.__dict__)
         state.update(_buffers=None, _buffer_rows=[], _buffered_tasks=None, _buffered_for=None)
-        del state["_shared_ids"]  # ids of this process's tensors: made again on loading
+        del state["_shared_ids"]  # made again by __setstate__, for the copy's tensors
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
