@@ -488,6 +488,7 @@ class GradientSurgery:
         # what the pending micro-batches reached.
         self._buffers: list[torch.Tensor] | None = None
         self._buffer_rows: list[Sequence[torch.Tensor]] = []
+        self._buffer_bytes = 0
         self._buffered_tasks: int | None = None
         self._buffered_for: _Active | None = None
         self._pending = False
@@ -568,7 +569,8 @@ class GradientSurgery:
             raise RuntimeError(f"GradientSurgery: cannot be {what} with {self._pending_what()}; "
                                "call apply() or discard() first")
         state = dict(self.__dict__)
-        state.update(_buffers=None, _buffer_rows=[], _buffered_tasks=None, _buffered_for=None)
+        state.update(_buffers=None, _buffer_rows=[], _buffer_bytes=0, _buffered_tasks=None,
+                     _buffered_for=None)
         del state["_shared_ids"]  # made again by __setstate__, for the copy's tensors
         return state
 
@@ -767,6 +769,8 @@ class GradientSurgery:
             self._buffers = buffers
             self._buffer_rows = (list(zip(*(b.unbind(0) for b in buffers))) if buffers
                                  else [()] * k)
+            # Summed once here, not at every step's release check.
+            self._buffer_bytes = sum(b.numel() * b.element_size() for b in buffers)
         self._buffered_tasks = k
         self._buffered_for = active
         self._pending = False
@@ -777,9 +781,7 @@ class GradientSurgery:
         :data:`KEPT_STACKS_MAX_BYTES`: kept, they would hold ``k`` times a large model's
         shared parameters through the optimizer step and evaluation, where making them again
         costs little next to the step; small ones are kept for the next step."""
-        buffers = self._buffers
-        if buffers is not None and (sum(b.numel() * b.element_size() for b in buffers)
-                                    > KEPT_STACKS_MAX_BYTES):
+        if self._buffers is not None and self._buffer_bytes > KEPT_STACKS_MAX_BYTES:
             self._buffers, self._buffer_rows = None, []
             self._buffered_tasks, self._buffered_for = None, None
 
