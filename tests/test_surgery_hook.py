@@ -802,8 +802,8 @@ def test_non_finite_task_gradients_name_the_loss_and_the_parameter(per_task: str
     message = str(raised.value)
     assert message.startswith("GradientSurgery: the gradients of ")
     assert f"losses[1] (first in '{first}')" in message and "check_finite=False" in message
-    if per_task != "batched":  # a batched backward spreads one task's NaN over every row
-        assert "losses[0]" not in message and "losses[2]" not in message
+    # Also per_task="batched", whose one backward spreads losses[1]'s NaN over every row.
+    assert "losses[0] (" not in message and "losses[2] (" not in message
     # Inf in one parameter of one task only: that task, that parameter.
     losses = _losses(model, x, y)
     last_name, last = list(model.trunk.named_parameters())[-1]
@@ -1839,21 +1839,137 @@ def test_an_input_requiring_grad_is_warned_of_once_and_not_refused() -> None:
         surgery.backward(_losses(model, x.clone().requires_grad_(), y))
 
 
-def test_a_batched_step_refused_for_nan_says_the_rows_share_one_backward() -> None:
+def _named_tasks(message: str) -> list[int]:
+    """The tasks a refused step's message names as holding NaN or Inf gradients."""
+    listed = re.search(r"the gradients of (.*?) hold NaN or Inf", message)
+    assert listed is not None, message
+    return [int(t) for t in re.findall(r"losses\[(\d+)\] \(first in ", listed.group(1))]
+
+
+def _poisoned_losses(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor,
+                     where: str) -> list[torch.Tensor]:
+    losses = _losses(model, x, y)
+    if where == "loss":
+        losses[1] = losses[1] * float("nan")
+    elif where == "two losses":
+        losses[0] = losses[0] * float("inf")  # (the loss Inf, its gradient Inf and NaN)
+        losses[2] = losses[2] * float("nan")
+    elif where == "finite loss, Inf gradient":
+        # sqrt at 0: the loss gains 0, its gradient in the last shared bias gains +Inf.
+        bias = model.trunk[2].bias
+        losses[2] = losses[2] + torch.sqrt(bias - bias.detach()).sum()
+    return losses
+
+
+@pytest.mark.parametrize("where", ["loss", "two losses", "finite loss, Inf gradient",
+                                   "head parameter", "shared parameter"])
+@pytest.mark.parametrize("heads", ["found", "listed"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["backward", "accumulate-apply"])
+def test_a_batched_step_refused_for_nan_names_the_tasks_the_autograd_one_names(
+        where: str, heads: str, accumulate: bool) -> None:
+    """per_task="batched" named every task once one task's backward held NaN or Inf: its one
+    vmapped pass multiplies the zero rows of the other tasks by that NaN. It names those
+    per_task="autograd" names: the tasks whose loss is NaN or Inf and those whose rows hold an
+    Inf (which a spread NaN never is), with one task broken or two, in a head or in the trunk,
+    the heads found or listed, in one call or over micro-batches."""
+    named: dict[str, list[int]] = {}
+    for per_task in ("autograd", "batched"):
+        model = MultiTaskNet()
+        if where == "head parameter":
+            with torch.no_grad():
+                model.heads[1].weight[0, 0] = float("nan")
+        elif where == "shared parameter":  # every task's gradient is NaN: all are named
+            with torch.no_grad():
+                model.trunk[2].weight[0, 0] = float("nan")
+        x, y = _batch(torch.float32)
+        listed = {"head_params": model.heads.parameters()} if heads == "listed" else {}
+        surgery = GradientSurgery(model.trunk.named_parameters(), UPGrad(),
+                                  per_task=per_task, **listed)  # type: ignore[arg-type]
+        with pytest.raises(FloatingPointError) as refused:
+            if accumulate:
+                surgery.accumulate(_losses(model, x, y))  # a finite micro-batch first
+                surgery.accumulate(_poisoned_losses(model, x, y, where))
+                surgery.apply()
+            else:
+                surgery.backward(_poisoned_losses(model, x, y, where))
+        named[per_task] = _named_tasks(str(refused.value))
+        assert all(p.grad is None for p in model.trunk.parameters())
+    want = {"loss": [1], "two losses": [0, 2], "finite loss, Inf gradient": [2],
+            "head parameter": [1], "shared parameter": [0, 1, 2]}[where]
+    assert named == {"autograd": want, "batched": want}
+
+
+def test_a_batched_step_refused_for_nan_says_which_rows_it_left_out() -> None:
     model = MultiTaskNet()
     x, y = _batch(torch.float32)
     losses = _losses(model, x, y)
     losses[0] = losses[0] * float("nan")
-    with pytest.raises(FloatingPointError, match=r"per_task='batched' backpropagates every task "
+    with pytest.raises(FloatingPointError, match=r"the gradients of losses\[0\] \(first in "
+                                                 r"'param0'\) hold NaN or Inf; the rows of "
+                                                 r"losses\[1\], losses\[2\] hold NaN too but "
+                                                 r"are left out: their losses are finite and "
+                                                 r"per_task='batched' backpropagates every task "
                                                  r"in one vmapped pass.*per_task='autograd' "
-                                                 r"names only the ones that are"):
+                                                 r"checks each task's gradient apart; if the "
+                                                 r"losses are scaled by a GradScaler"):
         GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="batched").backward(losses)
     losses = _losses(model, x, y)
     losses[0] = losses[0] * float("nan")
     with pytest.raises(FloatingPointError) as autograd:
         GradientSurgery(model.trunk.parameters(), UPGrad()).backward(losses)
-    assert "losses[0]" in str(autograd.value) and "losses[1]" not in str(autograd.value)
-    assert "vmapped" not in str(autograd.value)
+    assert _named_tasks(str(autograd.value)) == [0] and "vmapped" not in str(autograd.value)
+
+
+def test_a_batched_step_refused_with_finite_losses_and_only_nan_rows_names_every_row() -> None:
+    """A finite loss may have a NaN gradient (0 * Inf in its own backward), and then its rows
+    hold only NaN, as the rows it spreads to do: with the graph freed by the pass, nothing
+    tells them apart, so every row is named as a possible cause, saying so."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+
+    def losses() -> list[torch.Tensor]:
+        task_losses = _losses(model, x, y)
+        out = model(x)[2]
+        # sqrt(d ** 2) at d = 0: a loss of 0, a gradient of Inf * 0 = NaN.
+        task_losses[2] = task_losses[2] + torch.sqrt((out - out.detach()) ** 2).sum()
+        return task_losses
+
+    with pytest.raises(FloatingPointError) as autograd:
+        GradientSurgery(model.trunk.parameters(), UPGrad()).backward(losses())
+    assert _named_tasks(str(autograd.value)) == [2]
+    with pytest.raises(FloatingPointError, match=r"per_task='batched' backpropagates every task "
+                                                 r"in one vmapped pass.*so any one of these may "
+                                                 r"be the cause: per_task='autograd' names only "
+                                                 r"the ones that are") as batched:
+        GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="batched").backward(
+            losses())
+    assert _named_tasks(str(batched.value)) == [0, 1, 2]
+
+
+def test_a_batched_step_refused_under_a_reducer_leaves_no_row_out() -> None:
+    """Under a reducer the rows may hold other processes' passes, whose losses this one does
+    not see: every non-finite row stays named, and this process's NaN loss is pointed at."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    losses = _losses(model, x, y)
+    losses[1] = losses[1] * float("nan")
+    with pytest.raises(FloatingPointError, match=r"so any one of these may be the cause, and "
+                                                 r"this process's losses\[1\] is NaN or Inf "
+                                                 r"itself: per_task='autograd'") as refused:
+        GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="batched",
+                        reducer=_LocalReducer()).backward(losses)
+    assert _named_tasks(str(refused.value)) == [0, 1, 2]
+
+
+def test_explicit_stacks_refused_for_nan_do_not_blame_the_batched_pass() -> None:
+    """Stacks given to apply() were not computed by the surgery's vmapped pass: the message
+    named every NaN row (rightly) but blamed that pass for them."""
+    model = MultiTaskNet()
+    stacks = [torch.full((TASKS, *p.shape), float("nan")) for p in model.trunk.parameters()]
+    with pytest.raises(FloatingPointError) as refused:
+        GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="batched").apply(stacks)
+    assert _named_tasks(str(refused.value)) == [0, 1, 2]
+    assert "vmapped" not in str(refused.value)
 
 
 def test_more_tasks_than_the_aggregator_solves_for_are_refused_before_any_backward() -> None:

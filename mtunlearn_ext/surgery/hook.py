@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -115,6 +115,11 @@ class _Active:
     per_layer: bool | list[int]
 
 
+#: Loss values of one batched pass, ``values[i]`` that of task ``tasks[i]`` (a stack of them
+#: detached, or the losses as given): what a refused step reads to tell which tasks broke it.
+_LossRecord = tuple[Sequence[int], torch.Tensor | Sequence[torch.Tensor]]
+
+
 @dataclass
 class _TaskPass:
     """What the per-task pass of one call (or of the micro-batches of one step) left: for each
@@ -130,6 +135,9 @@ class _TaskPass:
     #: taking part (under a reducer) needs to join the others' collectives.
     tasks: int = 0
     device: torch.device | None = None
+    #: The loss values behind rows that per_task="batched" computed (``None``: rows computed
+    #: one task at a time, or given to apply()), for the message of a refused step.
+    batched_losses: list[_LossRecord] | None = None
 
 
 @dataclass
@@ -497,6 +505,7 @@ class GradientSurgery:
         self._pending_tasks: dict[int, int] | None = {}
         self._pending_constants: frozenset[int] = frozenset()
         self._pending_device: torch.device | None = None
+        self._pending_losses: list[_LossRecord] = []
         self._pending_count = 0
         # The heads accumulate() wrote and the .grad object each then had: a .grad gone or
         # replaced before the step's apply() means the loop cleared the gradients between
@@ -620,17 +629,19 @@ class GradientSurgery:
                                                       add=False, retain_graph=retain_graph,
                                                       caller=caller)
             device = _losses_device(losses, constants)
+            batched: list[_LossRecord] | None = (
+                [(range(len(losses)), losses)] if self.per_task == "batched" else None)
             if self.reducer is None:
                 # The heads' .grad are written once the aggregation has gone through: a step
                 # it refuses (NaN or Inf task gradients) leaves every .grad as it was.
-                weights = self._aggregate(active, stacks, _TaskPass(reached, [], [], constants,
-                                                                    len(losses), device))
+                weights = self._aggregate(active, stacks, _TaskPass(
+                    reached, [], [], constants, len(losses), device, batched))
                 head_sums.write()
                 return weights
             # A reducer averages the heads' .grad across processes before the aggregation.
             heads, head_tasks = head_sums.write()
-            return self._aggregate(active, stacks, _TaskPass(reached, heads, head_tasks,
-                                                             constants, len(losses), device))
+            return self._aggregate(active, stacks, _TaskPass(
+                reached, heads, head_tasks, constants, len(losses), device, batched))
         finally:
             del stacks, rows
             self._release_large_stacks()
@@ -671,7 +682,8 @@ class GradientSurgery:
             assert self._buffers is not None  # the pending ones, or _task_buffers' above
             reached, head_sums = self._per_task_grads(losses, constants, active, self._buffers,
                                                       self._buffer_rows, add=self._pending,
-                                                      retain_graph=retain_graph, caller=caller)
+                                                      retain_graph=retain_graph, caller=caller,
+                                                      record=self._pending_losses)
             found = _TaskPass(reached, *head_sums.write())
         except BaseException as error:
             self._note_interrupted(error)
@@ -727,7 +739,8 @@ class GradientSurgery:
             tasks = (None if self._pending_tasks is None
                      else [self._pending_tasks[id(h)] for h in heads])
             found = _TaskPass(self._pending_reached, heads, tasks, self._pending_constants,
-                              self._buffered_tasks or 0, self._pending_device)
+                              self._buffered_tasks or 0, self._pending_device,
+                              self._pending_losses if self.per_task == "batched" else None)
             self._clear_pending()
             return self._aggregate(self._buffered_for, self._buffers, found)
         # Explicit stacks tell k only through themselves: none to take part is refused here.
@@ -793,6 +806,7 @@ class GradientSurgery:
         self._pending_heads = {}
         self._pending_tasks = {}
         self._pending_head_grads = []
+        self._pending_losses = []
 
     def _note_interrupted(self, error: BaseException) -> None:
         """An accumulate() stopped part-way (out of memory, Ctrl-C, a hook's error): the task
@@ -1021,12 +1035,13 @@ class GradientSurgery:
     def _per_task_grads(self, losses: list[torch.Tensor], constants: frozenset[int],
                         active: _Active, stacks: list[torch.Tensor],
                         rows: list[Sequence[torch.Tensor]], *, add: bool,
-                        retain_graph: bool, caller: str
+                        retain_graph: bool, caller: str,
+                        record: list[_LossRecord] | None = None
                         ) -> tuple[list[bool], _HeadSums]:
         """Fill (or add into) ``stacks[p][t]`` (``rows[t][p]``, a view) with d losses[t] /
         d active.params[p] (zero for the ``constants``); returns, per parameter, whether any
         task's loss reached it, and the head gradients summed over the tasks, not yet
-        written."""
+        written. A batched pass appends its loss values to ``record`` when given."""
         k = len(losses)
         attached = [t for t in range(k) if t not in constants]
         if self.per_task != "batched":
@@ -1060,9 +1075,18 @@ class GradientSurgery:
             # shared parameter taking part and no head): zero gradients.
             if not attached or not inputs:
                 grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
+                stacked: torch.Tensor | None = None
             else:
-                grads = self._batched_grads([losses[t] for t in attached], inputs, losses,
-                                            active, retain_graph=retain_graph)
+                stacked = torch.stack([losses[t].reshape(()) for t in attached])
+                grads = self._batched_grads(stacked, inputs, losses, active,
+                                            retain_graph=retain_graph)
+            if record is not None:
+                # accumulate()'s step is refused at apply(), its losses gone by then: their
+                # values are kept detached (no graph held), read only if it is refused.
+                if stacked is not None:
+                    record.append((attached, stacked.detach()))
+                if constants:  # constants hold no graph: kept as they are
+                    record.append((sorted(constants), [losses[t] for t in sorted(constants)]))
             reached = [g is not None for g in grads[:n_shared]]
             self._writes_begun = True
             if constants:
@@ -1124,13 +1148,12 @@ class GradientSurgery:
         if compiled_backward_donating(losses):
             raise _donated_buffers_error(self.per_task)
 
-    def _batched_grads(self, attached: list[torch.Tensor], inputs: list[torch.Tensor],
+    def _batched_grads(self, stacked: torch.Tensor, inputs: list[torch.Tensor],
                        losses: list[torch.Tensor], active: _Active, *, retain_graph: bool
                        ) -> Sequence[torch.Tensor | None]:
-        """One vmapped pass over the ``attached`` losses: per input, ``[len(attached), *shape]``
-        (``None`` where no loss reached it)."""
-        stacked = torch.stack([loss.reshape(()) for loss in attached])
-        eye = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
+        """One vmapped pass over the ``stacked`` attached losses: per input,
+        ``[len(stacked), *shape]`` (``None`` where no loss reached it)."""
+        eye = torch.eye(len(stacked), dtype=stacked.dtype, device=stacked.device)
         try:
             return torch.autograd.grad(stacked, inputs, grad_outputs=eye, is_grads_batched=True,
                                        retain_graph=retain_graph, allow_unused=True)
@@ -1310,7 +1333,7 @@ class GradientSurgery:
                 p.grad = None
             if isinstance(error, FloatingPointError):
                 raise FloatingPointError(self._non_finite_message(
-                    active.names, stacks, error, found.constants, self.per_task)
+                    active.names, stacks, error, found, merged=self.reducer is not None)
                     + self._reducer_note()) from error
             raise
         if copies:
@@ -1388,11 +1411,12 @@ class GradientSurgery:
 
     @staticmethod
     def _non_finite_message(names: list[str], stacks: list[torch.Tensor],
-                            error: FloatingPointError, constants: frozenset[int],
-                            per_task: str) -> str:
+                            error: FloatingPointError, found: _TaskPass, *, merged: bool
+                            ) -> str:
         """Which tasks' gradients are not finite, and in which parameter first (the ops' own
         message names only their argument, a stack of every task's gradients). Runs only
-        once the check has failed, so it costs nothing on the normal path."""
+        once the check has failed, so it costs nothing on the normal path. ``merged``: a
+        reducer may have mixed other processes' rows into ``stacks``."""
         tasks = stacks[0].shape[0] if stacks else 0
         first: dict[int, str] = {}
         for name, stack in zip(names, stacks):
@@ -1403,8 +1427,12 @@ class GradientSurgery:
                 "the overflow reaches .grad and the scaler skips the step")
         if not first:  # finite gradients whose Gram overflowed
             return f"GradientSurgery: {error}{hint}"
-        listed = ", ".join(f"losses[{t}] (first in {first[t]!r})" for t in sorted(first))
-        stand_ins = [t for t in sorted(first) if t in constants]
+        named, shared_pass = sorted(first), ""
+        if found.batched_losses is not None and len(first) > 1:
+            named, shared_pass = _batched_causes(stacks, named, found.batched_losses,
+                                                 merged=merged)
+        listed = ", ".join(f"losses[{t}] (first in {first[t]!r})" for t in named)
+        stand_ins = [t for t in named if t in found.constants]
         if stand_ins:  # a NaN or Inf constant poisons its row (_poison_if_not_finite)
             # With accumulate() the constants are those of any micro-batch: the NaN may come
             # from another micro-batch's attached loss of the task, so "may", not "is".
@@ -1412,12 +1440,58 @@ class GradientSurgery:
                     "in this step's call (or one of its accumulated calls): a constant, whose "
                     "gradient is zero unless the constant itself is NaN or Inf, which makes it "
                     f"NaN{hint}")
-        if per_task == "batched" and len(first) > 1:
-            hint = ("; per_task='batched' backpropagates every task in one vmapped pass, where "
-                    "a NaN or Inf in one task's backward reaches the other tasks' rows too "
-                    "(zero times NaN is NaN), so any one of these may be the cause: "
-                    f"per_task='autograd' names only the ones that are{hint}")
-        return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{hint}"
+        return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{shared_pass}{hint}"
+
+
+def _batched_causes(stacks: list[torch.Tensor], flagged: list[int],
+                    records: list[_LossRecord], *, merged: bool) -> tuple[list[int], str]:
+    """The tasks to name for the non-finite rows ``flagged`` of a per_task="batched" step, and
+    what the message says of the others. Its one vmapped backward multiplies every task's row
+    by the saved values of every task's graph, the zero rows included: one task's NaN or Inf
+    makes the others' rows NaN (0 * NaN), never Inf. So a row holding an Inf is its own
+    task's, and a NaN or Inf loss is taken as the cause of its row (it is, unless the NaN was
+    only added to the loss, which leaves its gradient finite). Rows of finite losses holding
+    only NaN (a finite loss may still have a NaN gradient) cannot be told from rows spread to,
+    not without the graph, which the pass has freed: they are left out once a cause is found,
+    saying so, and all named as possible causes when none is. Under a reducer the rows may
+    hold other processes' passes, whose losses are not seen here: none is left out, and this
+    process's non-finite losses are only pointed at."""
+    flagged_set = set(flagged)
+    broken_losses: set[int] = set()
+    for tasks, values in records:
+        for t, value in zip(tasks, values):
+            if t in flagged_set and not bool(torch.isfinite(value).all()):
+                broken_losses.add(t)
+    spread = ("per_task='batched' backpropagates every task in one vmapped pass, where a NaN "
+              "or Inf in one task's backward reaches the other tasks' rows too (zero times "
+              "NaN is NaN)")
+    if merged:
+        local = ""
+        if broken_losses:
+            local = (f", and this process's {_listed(sorted(broken_losses))} "
+                     f"{_is_are(broken_losses)} NaN or Inf itself")
+        return flagged, (f"; {spread}, so any one of these may be the cause{local}: "
+                         "per_task='autograd' names only the ones that are")
+    holds_inf = {t for t in flagged if t not in broken_losses
+                 and any(bool(torch.isinf(stack[t]).any()) for stack in stacks)}
+    causes = sorted(broken_losses | holds_inf)
+    if not causes:
+        return flagged, (f"; {spread}, so any one of these may be the cause: "
+                         "per_task='autograd' names only the ones that are")
+    others = [t for t in flagged if t not in causes]
+    if not others:
+        return causes, ""
+    return causes, (f"; the rows of {_listed(others)} hold NaN too but are left out: their "
+                    f"losses are finite and {spread}; per_task='autograd' checks each task's "
+                    "gradient apart")
+
+
+def _is_are(items: Sized) -> str:
+    return "is" if len(items) == 1 else "are"
+
+
+def _listed(tasks: list[int]) -> str:
+    return ", ".join(f"losses[{t}]" for t in tasks)
 
 
 def _not_an_aggregator(given: object) -> str:
