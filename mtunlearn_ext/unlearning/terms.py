@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
 from mtunlearn_ext.losses import masked_multitask_loss, task_loss
 from mtunlearn_ext.unlearning.objectives import ForgetObjective
 
@@ -76,6 +76,9 @@ def forget_terms(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, object
     ``O_t = (1 / n_t) sum_i m_it o_t(i)`` and ``L_t = (1 / n_t) sum_i m_it l_t(i)`` over the
     batch's forget pairs of each target task ``t`` (the keys of ``objectives``), with ``m`` the
     batch's supervision (columns in the order of ``tasks``, every task of the problem).
+    Unsupervised pairs may hold any target (they get the task's neutral one, see
+    :func:`~mtunlearn_ext.data.base.neutral_unsupervised`): neither the terms nor their
+    gradients depend on it.
     """
     supervision = batch["supervision"]
     targets = batch["targets"]
@@ -93,7 +96,10 @@ def forget_terms(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, object
         if n == 0:
             continue
         pred = outputs[name]
-        target = targets[name]
+        # Neutral targets on unsupervised pairs, as the retain terms have: the ``where`` below
+        # keeps their values out of the sum, not a NaN out of the gradient (``0 * NaN``), and an
+        # out-of-range class label there made the loss kernel raise.
+        target = neutral_unsupervised(specs[name], targets[name], mask)
         per_sample = fn.per_pair(pred, target, ids)
         zero = torch.zeros((), dtype=per_sample.dtype, device=per_sample.device)
         objective[name] = torch.where(mask, per_sample, zero).sum() / n
