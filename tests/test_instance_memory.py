@@ -105,6 +105,23 @@ def test_other_parameters_or_a_larger_batch_start_afresh() -> None:
     assert _rows_as_set(out) == _rows_as_set(larger) and memory.capacity == 15
 
 
+def test_an_add_of_no_rows_stores_nothing() -> None:
+    """Review: a first add of no rows (an empty batch) sized a ring of 0 rows and failed with
+    ZeroDivisionError; it now stores nothing, and the next add with rows sizes the ring."""
+    for track_gram in (False, True):
+        memory = PerSampleMemory(1, track_gram=track_gram)
+        out = memory.add(NAMES, _stacks(0, 0))
+        assert [tuple(o.shape) for o in out] == [(0, 3, 2), (0, 5)] and memory.filled == 0
+        first = _stacks(3, 1)
+        assert _rows_as_set(memory.add(NAMES, first)) == _rows_as_set(first)
+        assert memory.capacity == 6
+        # Once sized, an add of no rows returns the stored rows.
+        out = memory.add(NAMES, _stacks(0, 2))
+        assert _rows_as_set(out) == _rows_as_set(first) and memory.filled == 3
+        if track_gram:
+            torch.testing.assert_close(memory.gram(), ops.gram_list(out))
+
+
 def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="`steps` must be >= 0"):
         PerSampleMemory(-1)

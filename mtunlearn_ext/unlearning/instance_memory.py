@@ -85,6 +85,8 @@ class PerSampleMemory:
         Rows over other parameters than the stored ones (a different ``names``) or of another
         shape, dtype or device start the memory afresh. The first call sizes the ring for
         ``(steps + 1)`` batches of its ``B``; a larger batch later re-sizes it (and starts afresh).
+        An add of no rows stores nothing: it returns the stored rows, or (where it would start
+        the memory afresh) its own empty stacks, leaving the memory empty.
         """
         stacks = list(stacks)
         if len(stacks) != len(names) or not stacks:
@@ -97,6 +99,12 @@ class PerSampleMemory:
         if self.steps == 0:
             return stacks
         if not self._fits(tuple(names), stacks):
+            if rows == 0:
+                # No rows to size a ring by (a ring of 0 rows has no slot to write to): the
+                # memory starts afresh, empty, and the next add with rows sizes it.
+                self._names, self._buffers, self._gram = None, [], None
+                self.reset()
+                return stacks
             capacity = (self.steps + 1) * rows
             self._names = tuple(names)
             self._buffers = [torch.empty((capacity, *s.shape[1:]), dtype=s.dtype, device=s.device)
