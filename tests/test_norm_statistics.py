@@ -92,8 +92,9 @@ def test_every_step_method_runs_on_a_batchnorm_dropout_model(trained, method: st
 
 def _reference_statistics(model: nn.Module, inputs: torch.Tensor, sizes: list[int]
                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per BatchNorm layer: the equal-weight mean over consecutive batches of the batch mean and
-    unbiased variance of its input, with every BatchNorm normalising by its batch (float64)."""
+    """Per BatchNorm layer: the equal-weight mean over consecutive batches of ``inputs`` (in
+    the recalibration's order: :func:`_shuffled`) of the batch mean and unbiased variance of its
+    input, with every BatchNorm normalising by its batch (float64)."""
     model = _double_copy(model)
     norms = [m for _, m in running_statistics_modules(model)]
     seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in norms}
@@ -119,6 +120,11 @@ def _reference_statistics(model: nn.Module, inputs: torch.Tensor, sizes: list[in
 
 def _double_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double()
+
+
+def _shuffled(inputs: torch.Tensor) -> torch.Tensor:
+    """The rows in the order the recalibration draws them by default (seed 0)."""
+    return inputs[torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(0))]
 
 
 def test_a_retain_set_of_one_row_leaves_the_statistics_and_says_so(trained) -> None:  # type: ignore[no-untyped-def]
@@ -149,9 +155,9 @@ def test_recalibration_uses_the_retain_rows_only(trained) -> None:  # type: igno
     assert report.extra["norm_statistics_rows"] == 72
     assert report.extra["norm_statistics_layers"] == ["trunk.1", "trunk.4"]
     keep = torch.tensor([i for i in range(96) if i not in forget])
-    # The retain set in its own order: 72 rows as three batches of 24. The statistics are
-    # recomputed under the unlearned weights from those rows alone.
-    reference = _reference_statistics(new, x[keep], [24, 24, 24])
+    # The retain set in the recalibration's random order: 72 rows as three batches of 24. The
+    # statistics are recomputed under the unlearned weights from those rows alone.
+    reference = _reference_statistics(new, _shuffled(x[keep]), [24, 24, 24])
     for (_, norm), (mean, var) in zip(running_statistics_modules(new), reference):
         torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(norm.running_var.double(), var, rtol=1e-5, atol=1e-6)
@@ -175,7 +181,7 @@ def test_recalibration_batches_are_near_equal_and_never_single_rows(trained) -> 
     # 33 rows at batch size 32: batches of 16 and 17, not 32 and 1 (BatchNorm1d-like layers
     # cannot normalise one row, and it would weigh as much as 32).
     assert recalibrate_running_statistics(copy_, data, 32) == 33
-    reference = _reference_statistics(copy_, x[:33], [16, 17])
+    reference = _reference_statistics(copy_, _shuffled(x[:33]), [16, 17])
     for (_, norm), (mean, var) in zip(running_statistics_modules(copy_), reference):
         torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(norm.running_var.double(), var, rtol=1e-5, atol=1e-6)
@@ -192,6 +198,26 @@ def test_recalibration_batches_are_near_equal_and_never_single_rows(trained) -> 
     reference = _reference_statistics(copy_, x[:3], [3])
     for (_, norm), (mean, var) in zip(running_statistics_modules(copy_), reference):
         torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_recalibration_of_data_stored_in_order_finds_its_variance() -> None:
+    """Review: the batches were consecutive rows in the data's order, so for data stored in
+    order (by scene, class or time) each batch saw a narrow slice of it and the average of the
+    batches' variances missed the spread between them: a feature sorted over 256 rows got a
+    running variance of 0.049 instead of 3.04. The batches are now drawn in a random order
+    (seeded: the result is the same at every call)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=generator)
+    x[:, 0] = torch.linspace(-3.0, 3.0, 256)
+    data = MultiTaskDataset(x, {"size": torch.zeros(256, 1)}, [TaskSpec("size", "regression")])
+    runs = []
+    for _ in range(2):
+        model = nn.Sequential(nn.BatchNorm1d(4))
+        assert recalibrate_running_statistics(model, data, 32) == 256
+        runs.append(model[0])
+    torch.testing.assert_close(runs[0].running_mean, x.mean(dim=0), rtol=0, atol=0.05)
+    torch.testing.assert_close(runs[0].running_var, x.var(dim=0), rtol=0.1, atol=0)
+    assert torch.equal(runs[0].running_var, runs[1].running_var)
 
 
 def test_per_sample_gradients_refuse_batch_statistics_with_a_clear_error(trained) -> None:  # type: ignore[no-untyped-def]

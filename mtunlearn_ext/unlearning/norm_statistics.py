@@ -89,15 +89,26 @@ def _collecting(modules: list[_NormBase]) -> Iterator[None]:
 
 @torch.no_grad()
 def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, batch_size: int,
-                                   device: torch.device | str = "cpu") -> int:
+                                   device: torch.device | str = "cpu",
+                                   generator: torch.Generator | None = None) -> int:
     """Recompute every running mean and variance of ``model`` from ``data`` alone.
 
     The buffers are reset, then each layer averages (with equal weights) the statistics of
-    ``ceil(N / batch_size)`` consecutive batches of near-equal size (sizes differing by at most
-    one row, so no batch has a single row), in order, in one no-grad forward pass with those
-    layers in training mode and every other module in eval mode (no dropout), as BatchNorm's
-    running estimates arise in training, but from the retained instances only. Every module's
-    mode and momentum are restored.
+    ``ceil(N / batch_size)`` batches of near-equal size (sizes differing by at most one row, so
+    no batch has a single row), drawn without replacement in a random order of the rows, in one
+    no-grad forward pass with those layers in training mode and every other module in eval mode
+    (no dropout), as BatchNorm's running estimates arise in training (from shuffled batches),
+    but from the retained instances only. Every module's mode and momentum are restored.
+
+    The order is random because the average of the batches' variances estimates the data's
+    variance only for batches that sample the data alike: a data set stored in order (by scene,
+    class or time) cut into consecutive batches gives each batch a narrow slice of it, and the
+    recomputed variance then misses the spread between batches (a feature sorted over 256 rows
+    came out 0.049 instead of 3.04 in batches of 32, and the layer scaled it up 8-fold).
+
+    Args:
+        generator: draws the order (default: a new CPU generator seeded with 0, so the result
+            depends on the arguments alone, never on the global random state).
 
     Returns:
         The rows used: ``len(data)``, or 0 when the model has no such layer or ``data`` has fewer
@@ -113,8 +124,11 @@ def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, bat
     # At most rows // 2 batches: none of them a single row (no variance; BatchNorm refuses it).
     batches = max(1, min(-(-rows // batch_size), rows // 2))
     bounds = [rows * i // batches for i in range(batches + 1)]
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(rows, generator=generator)
     with eval_mode(model), _collecting(modules):
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            inputs: Inputs = data.batch(torch.arange(start, stop))["input"]  # type: ignore[assignment]
+            inputs: Inputs = data.batch(order[start:stop])["input"]  # type: ignore[assignment]
             model(inputs_to(inputs, device))
     return rows
