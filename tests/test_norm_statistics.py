@@ -220,6 +220,24 @@ def test_recalibration_of_data_stored_in_order_finds_its_variance() -> None:
     assert torch.equal(runs[0].running_var, runs[1].running_var)
 
 
+def test_recalibration_updates_instance_norm_statistics() -> None:
+    """Review: the recalibration averaged with ``momentum=None``, which InstanceNorm (with
+    ``track_running_stats=True``, one of the layers it rewrites) reads as 0: its running
+    statistics stayed at their reset values, mean 0 and variance 1, for inputs of mean 2 and
+    variance 9. They are now the equal-weight average over the batches of its instances'
+    statistics, as BatchNorm's are (equal batches here: the mean over every instance)."""
+    generator = torch.Generator().manual_seed(0)
+    x = 2.0 + 3.0 * torch.randn(64, 2, 5, 5, generator=generator)
+    data = MultiTaskDataset(x, {"size": torch.zeros(64, 1)}, [TaskSpec("size", "regression")])
+    model = nn.Sequential(nn.InstanceNorm2d(2, track_running_stats=True)).eval()
+    assert recalibrate_running_statistics(model, data, 16) == 64
+    norm = model[0]
+    per_instance = x.flatten(2)
+    torch.testing.assert_close(norm.running_mean, per_instance.mean(dim=2).mean(dim=0))
+    torch.testing.assert_close(norm.running_var, per_instance.var(dim=2).mean(dim=0))
+    assert norm.momentum == 0.1 and not norm.training  # restored
+
+
 def test_per_sample_gradients_refuse_batch_statistics_with_a_clear_error(trained) -> None:  # type: ignore[no-untyped-def]
     model, x, y = trained
     specs = [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")]

@@ -72,19 +72,27 @@ def check_samples_independent(model: nn.Module, caller: str) -> None:
 
 @contextmanager
 def _collecting(modules: list[_NormBase]) -> Iterator[None]:
-    """Those layers in training mode with a cumulative average (``momentum=None``) from reset
-    buffers; the modes and momenta are restored after."""
+    """Those layers in training mode from reset buffers; the modes and momenta are restored
+    after (the caller sets each batch's momentum: :func:`_equal_weight_momentum`)."""
     saved = [(m.training, m.momentum) for m in modules]
     try:
         for m in modules:
             m.reset_running_stats()
-            m.momentum = None
             m.train()
         yield
     finally:
         for m, (training, momentum) in zip(modules, saved):
             m.momentum = momentum
             m.train(training)
+
+
+def _equal_weight_momentum(modules: list[_NormBase], batch: int) -> None:
+    """Set the momentum that makes batch ``batch`` (0-based) of a pass weigh as much as each
+    earlier one: ``1 / (batch + 1)``, a cumulative average. ``momentum=None`` means that only to
+    BatchNorm: InstanceNorm reads it as 0 and never updates its running statistics, which the
+    recalibration then left at their reset values (mean 0, variance 1)."""
+    for m in modules:
+        m.momentum = 1.0 / (batch + 1)
 
 
 @torch.no_grad()
@@ -128,7 +136,8 @@ def recalibrate_running_statistics(model: nn.Module, data: MultiTaskDataset, bat
         generator = torch.Generator().manual_seed(0)
     order = torch.randperm(rows, generator=generator)
     with eval_mode(model), _collecting(modules):
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for batch, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            _equal_weight_momentum(modules, batch)
             inputs: Inputs = data.batch(order[start:stop])["input"]  # type: ignore[assignment]
             model(inputs_to(inputs, device))
     return rows
