@@ -707,6 +707,26 @@ def test_classification_accuracy_leaves_out_an_ignore_index_that_is_a_class() ->
     assert accumulator.count == 3
 
 
+
+def test_a_uint8_label_255_is_a_class_under_the_default_ignore_index() -> None:
+    """Metrics review: ``target != -1`` compares a uint8 label with -1 as with 255, so the
+    metrics left out class 255 of a 256-class task (accuracy 0.0 over 1 row instead of 0.5
+    over 2; a NaN logit at a class-255 pixel went unseen and the mIoU read 1.0), while the loss
+    and the supervision mask count it as a class."""
+    spec = TaskSpec("c", "classification", num_classes=256)
+    labels = torch.tensor([255, 3], dtype=torch.uint8)
+    logits = torch.zeros(2, 256)
+    logits[0, 255] = logits[1, 0] = 5.0
+    accumulator = make_accumulator(spec)
+    accumulator.update(logits, labels)
+    assert accumulator.compute() == {"accuracy": 0.5} and accumulator.count == 2
+    seg = TaskSpec("s", "segmentation", num_classes=256)
+    pred = torch.zeros(1, 256, 1, 2)
+    pred[0, 255, 0, 0] = float("nan")
+    accumulator = make_accumulator(seg)
+    accumulator.update(pred, torch.tensor([[[255, 0]]], dtype=torch.uint8))
+    assert all(math.isnan(v) for v in accumulator.compute().values())
+
 def test_mia_max_members_caps_the_members_used() -> None:
     model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
     members, test, forget = _mia_data(40, True, 0), _mia_data(40, False, 1), _mia_data(10, True, 2)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from mtunlearn_ext._functional import unit_normalize
-from mtunlearn_ext.data.base import TaskSpec
+from mtunlearn_ext.data.base import TaskSpec, is_ignore_index
 from mtunlearn_ext.losses import check_layout
 
 __all__ = ["METRICS", "MetricAccumulator", "MetricInfo", "angle_errors_deg", "confusion_matrix",
@@ -198,7 +198,9 @@ class _Classification(MetricAccumulator):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         _check_metric_shapes(self.spec, pred, target)
-        keep = target != self.ignore_index
+        # As the loss and the supervision mask read it: ``!=`` wraps the index into a uint8
+        # label's range (-1 as 255), which left out class 255 of a uint8-labelled task.
+        keep = ~is_ignore_index(target, self.ignore_index)
         self.correct += int((pred.argmax(dim=1)[keep] == target[keep]).sum())
         self.total += int(keep.sum())
         self.saw_nan = self.saw_nan or bool(torch.isnan(pred).any(dim=1)[keep].any())
@@ -226,7 +228,7 @@ class _Segmentation(MetricAccumulator):
         _check_metric_shapes(self.spec, pred, target)
         self.confusion += confusion_matrix(pred.argmax(dim=1).cpu(), target.cpu(),
                                            self.num_classes, self.ignore_index)
-        valid = target != self.ignore_index
+        valid = ~is_ignore_index(target, self.ignore_index)
         self.saw_nan = self.saw_nan or bool(torch.isnan(pred).any(dim=1)[valid].any())
 
     def compute(self) -> dict[str, float]:
