@@ -734,6 +734,28 @@ def test_mia_max_members_caps_the_members_used() -> None:
     assert membership_attack(model, members, test, forget, max_members=10).num_members_fit == 5
 
 
+
+@pytest.mark.parametrize("cap", [-1, 0, 1, True, 2.5])
+def test_mia_refuses_a_member_cap_that_leaves_a_half_without_members(cap: object) -> None:
+    """Metrics review: ``max_members=-1`` sliced ``[:-1]`` and silently dropped one member (25
+    fitted of 50, not an error); 0 and 1 left a half empty and sklearn failed with a message
+    that named neither the argument nor the attack."""
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test, forget = _mia_data(50, True, 0), _mia_data(20, False, 1), _mia_data(5, True, 2)
+    with pytest.raises(ValueError, match=r"`max_members` must be an integer >= 2"):
+        membership_attack(model, members, test, forget, max_members=cap)  # type: ignore[arg-type]
+    assert membership_attack(model, members, test, forget, max_members=2).num_members_fit == 1
+
+
+def test_mia_refuses_an_unknown_attack_on_a_diverged_model_too() -> None:
+    """The name was checked only after the features: a model with NaN losses returned NaN AUCs
+    for ``attack="svm"`` instead of the error."""
+    model = MultiTaskModel(_Echo(), {"cls": _NaNOnFlag()}, [CLS])
+    members, test, forget = _mia_data(20, True, 0), _mia_data(20, False, 1), _mia_data(5, True, 2)
+    forget.inputs[:1, 2] = -1.0
+    with pytest.raises(ValueError, match="unknown attack 'svm'"):
+        membership_attack(model, members, test, forget, attack="svm")  # type: ignore[arg-type]
+
 def test_mia_needs_four_members_and_non_members() -> None:
     model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
     members, forget = _mia_data(40, True, 0), _mia_data(10, True, 2)

@@ -21,7 +21,7 @@ model's AUC (forget instances may be easier or harder than test ones); compare t
 from __future__ import annotations
 
 import math
-
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,9 +126,19 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
         tasks: the attacked tasks (default: tasks with a supervised pair in ``forget``).
         batch_size: evaluation batch size.
         attack: ``"logistic"`` or ``"loss"`` (see the module docstring).
-        max_members: at most this many members are used (a random, seeded subset).
+        max_members: at most this many members are used (a random, seeded subset); an
+            integer >= 2.
         seed: seeds the halving of the test set and the member subset.
     """
+    if attack not in ATTACKS:
+        raise ValueError(f"membership_attack: unknown attack {attack!r} (one of {ATTACKS})")
+    if (isinstance(max_members, bool) or not isinstance(max_members, numbers.Integral)
+            or max_members < 2):
+        # A negative cap sliced members off the end ([:-1] kept all but one); 0 or 1 left a
+        # half empty, and sklearn failed on it with a message that names neither.
+        raise ValueError(f"membership_attack: `max_members` must be an integer >= 2 (half fit "
+                         f"the attack, half are the member AUC's positives), got "
+                         f"{max_members!r}")
     if tasks is None:
         names = [t for j, t in enumerate(forget.task_names) if bool(forget.supervision[:, j].any())]
     else:
@@ -176,11 +186,9 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
 
         def score(x: np.ndarray) -> np.ndarray:
             return classifier.decision_function((x - mean) / std)
-    elif attack == "loss":
+    else:
         def score(x: np.ndarray) -> np.ndarray:
             return -((x - mean) / std).mean(axis=1)
-    else:
-        raise ValueError(f"membership_attack: unknown attack {attack!r}")
 
     def auc(positives: np.ndarray, negatives: np.ndarray) -> float:
         labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
