@@ -756,6 +756,15 @@ def test_mia_refuses_an_unknown_attack_on_a_diverged_model_too() -> None:
     with pytest.raises(ValueError, match="unknown attack 'svm'"):
         membership_attack(model, members, test, forget, attack="svm")  # type: ignore[arg-type]
 
+
+def test_mia_with_no_tasks_names_the_empty_tasks_argument() -> None:
+    """An empty ``tasks`` was reported as a forget set without a supervised pair."""
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test, forget = _mia_data(20, True, 0), _mia_data(20, False, 1), _mia_data(5, True, 2)
+    with pytest.raises(ValueError, match=r"`tasks` is empty"):
+        membership_attack(model, members, test, forget, tasks=[])
+
+
 def test_mia_needs_four_members_and_non_members() -> None:
     model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
     members, forget = _mia_data(40, True, 0), _mia_data(10, True, 2)

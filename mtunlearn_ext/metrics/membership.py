@@ -144,6 +144,9 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     else:
         names = [t if isinstance(t, str) else t.name for t in tasks]
     if not names:
+        if tasks is not None:
+            raise ValueError("membership_attack: `tasks` is empty; pass the tasks to attack, "
+                             "or None for every task with a supervised forget pair")
         raise ValueError("membership_attack: the forget set has no supervised pair")
     rng = np.random.default_rng(seed)
     forget_x, forget_bad = _features(model, forget, names, batch_size)
