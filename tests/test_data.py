@@ -841,3 +841,33 @@ def test_positions_of_finds_ids_in_the_order_asked_and_names_the_missing() -> No
         data.subset([3, 3])
     del data._id_order
     assert data.positions_of(wanted).tolist() == [lookup[i] for i in wanted]
+
+
+def test_positions_of_refuses_ids_it_would_truncate_or_overflow() -> None:
+    """``torch.as_tensor(ids, dtype=long)`` found id 43 for 43.9 and id 1 for a mask's True
+    (instances never named), and raised a bare "Overflow when unpacking long long" for an id
+    of 2**63, from ``positions_of`` and from a request's ``validate``."""
+    data = MultiTaskDataset(torch.zeros(3, 1), {"a": torch.zeros(3, dtype=torch.long)},
+                            [TaskSpec("a", "classification", num_classes=2)],
+                            torch.tensor([43, 1, 70]))
+    for fraction in ([43.9], torch.tensor([43.5]), np.array([70.2])):
+        with pytest.raises(ValueError, match=r"positions_of: `instance_ids` must be integers, "
+                                             r"got torch.float(32|64) values \[(43|70)\."):
+            data.positions_of(fraction)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`instance_ids` must be integers, got torch.bool"):
+        data.positions_of(torch.tensor([True]))
+    for huge, shown in (([2 ** 63], "9223372036854775808"),
+                        (torch.tensor([1e20], dtype=torch.float64), "1e+20")):
+        with pytest.raises(ValueError, match=r"`instance_ids` must be integers in the int64 "
+                                             r"range \[-2\*\*63, 2\*\*63\), got "
+                                             + re.escape(shown)):
+            data.positions_of(huge)
+        with pytest.raises(ValueError, match=r"`instance_ids` must be integers in the int64"):
+            ForgetRequest.create(huge).validate(data)
+    # Integral values of any type still find their rows, exactly (2**24 + 1 not via float32).
+    assert data.positions_of([43.0, 70]).tolist() == [0, 2]
+    assert data.positions_of(np.array([1, 70])).tolist() == [1, 2]
+    big = MultiTaskDataset(torch.zeros(2, 1), {"a": torch.zeros(2, dtype=torch.long)},
+                           [TaskSpec("a", "classification", num_classes=2)],
+                           torch.tensor([16777216, 16777217]))
+    assert big.positions_of([16777217.0]).tolist() == [1]

@@ -275,9 +275,12 @@ def _check_target(name: str, target: object) -> None:
                          f"row per instance), got a 0-d tensor")
 
 
-def _id_tensor(ids: object) -> torch.Tensor:
+def _id_tensor(ids: object, what: str = "MultiTaskDataset: `ids` must be N unique integers"
+               ) -> torch.Tensor:
     """``ids`` (a tensor, or a list / NumPy array of integers, as ``ForgetRequest.create``
-    takes them) as a long tensor; a bool mask, fractions or NaN are refused, not truncated."""
+    takes them) as a long tensor; a bool mask, fractions, NaN and ids outside int64 are
+    refused, not truncated, in a ``ValueError`` (``TypeError`` for no numbers) starting with
+    ``what``, the argument's rule."""
     if isinstance(ids, torch.Tensor):
         values = ids
     else:
@@ -289,26 +292,24 @@ def _id_tensor(ids: object) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError) as error:
             huge = _first_python_int_outside_int64(ids)
             if huge is not None:
-                raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers in the "
-                                 f"int64 range [-2**63, 2**63), got {huge}") from error
-            raise TypeError(f"MultiTaskDataset: `ids` must be N unique integers (a tensor, "
-                            f"list or NumPy array), got {ids!r:.80}") from error
+                raise ValueError(f"{what} in the int64 range [-2**63, 2**63), got "
+                                 f"{huge}") from error
+            raise TypeError(f"{what} (a tensor, list or NumPy array), got "
+                            f"{ids!r:.80}") from error
     if not integer_valued(values):
-        raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers, got "
-                         f"{values.dtype} values {values.reshape(-1)[:5].tolist()}")
+        raise ValueError(f"{what}, got {values.dtype} values {values.reshape(-1)[:5].tolist()}")
     # The cast to int64 below wraps uint64 ids >= 2**63 to negative ones and saturates huge
     # floats: another instance's id, or a duplicate, without a word.
     if values.dtype == torch.uint64:
         over = values.view(torch.int64) < 0  # read as int64, exactly the ids >= 2**63
         if bool(over.any()):
             first = int(values.view(torch.int64)[over][0]) + 2 ** 64
-            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers in the int64 "
-                             f"range [-2**63, 2**63), got {first}")
+            raise ValueError(f"{what} in the int64 range [-2**63, 2**63), got {first}")
     elif values.is_floating_point():
         over = (values >= 2.0 ** 63) | (values < -2.0 ** 63)
         if bool(over.any()):
-            raise ValueError(f"MultiTaskDataset: `ids` must be N unique integers in the int64 "
-                             f"range [-2**63, 2**63), got {float(values[over][0])!r}")
+            raise ValueError(f"{what} in the int64 range [-2**63, 2**63), got "
+                             f"{float(values[over][0])!r}")
     return values.to(torch.long)
 
 
@@ -615,8 +616,14 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 "standardised below zero lose those pixels: give depths > 0 (0 = unknown)")
 
     def positions_of(self, instance_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Row positions of the given instance ids; raises ``KeyError`` naming unknown ids."""
-        wanted = torch.as_tensor(instance_ids, dtype=torch.long).reshape(-1)
+        """Row positions of the given instance ids (integers: a sequence, NumPy array or
+        tensor); raises ``KeyError`` naming unknown ids, and ``ValueError`` for fractions, a
+        bool mask or ids outside int64 (``TypeError`` for no numbers at all)."""
+        # Not cast with torch.as_tensor(dtype=long): that truncated id 43.9 to 43 and read a
+        # mask's True as id 1, finding instances never named, and raised a bare "Overflow when
+        # unpacking long long" for an id >= 2**63 (through ForgetRequest.validate too).
+        wanted = _id_tensor(instance_ids, "MultiTaskDataset.positions_of: `instance_ids` must "
+                            "be integers").reshape(-1)
         # A sort and a binary search (the ids are unique): a dict of every id cost ~0.2 s per
         # call at a million rows, and building a problem looks ids up several times.
         known = getattr(self, "_id_order", None)  # None: a set pickled before it was kept
