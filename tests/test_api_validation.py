@@ -3021,3 +3021,25 @@ def test_verify_saved_refuses_a_record_giving_a_key_twice(tmp_path) -> None:  # 
     path.write_text(text.replace('"schema": ', '"schema": "x", "schema": ', 1))
     with pytest.raises(ValueError, match=r"gives the key 'schema' twice in one object"):
         mtunlearn_ext.verify_saved(path)
+
+
+class _HashOrdered(set):  # type: ignore[type-arg]
+    """A set iterating in an order other than sorted, as a set of strings may under a given
+    PYTHONHASHSEED (here: reversed, the same in every process)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(sorted(set.__iter__(self), reverse=True))
+
+
+def test_a_set_of_target_tasks_gives_one_order_in_every_process() -> None:
+    """A set of strings iterates in its hashes' order, which PYTHONHASHSEED draws anew in every
+    process: the same call's problem (and its report's `request.target_tasks`) named the target
+    tasks in one order or the other from run to run. A set's names are sorted."""
+    x, y = _data()
+    both = _HashOrdered({"a", "b"})
+    assert list(both) == ["b", "a"]
+    problem = _problem(forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+                       retain_data=_rest(x, y), target_tasks=both)
+    assert list(problem.target_tasks) == ["a", "b"]
+    problem = _problem(train_data=(x, y), forget_request=ForgetRequest.create([0, 1], both))
+    assert list(problem.target_tasks) == ["a", "b"]

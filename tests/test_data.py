@@ -871,3 +871,14 @@ def test_positions_of_refuses_ids_it_would_truncate_or_overflow() -> None:
                            [TaskSpec("a", "classification", num_classes=2)],
                            torch.tensor([16777216, 16777217]))
     assert big.positions_of([16777217.0]).tolist() == [1]
+
+
+def test_forget_request_sorts_a_set_of_target_tasks() -> None:
+    """A set of strings iterates in its hashes' order, which PYTHONHASHSEED draws anew in every
+    process: ``ForgetRequest.create(ids, {"digit", "parity"})`` held (and recorded) its tasks
+    in one order or the other from run to run. A list keeps its order."""
+    candidates = [frozenset(f"task{i}_{j}" for j in range(5)) for i in range(20)]
+    names = next(c for c in candidates if list(c) != sorted(c))  # 1 in 120 iterate sorted
+    assert ForgetRequest.create([0], set(names)).target_tasks == tuple(sorted(names))
+    assert ForgetRequest([0], names).target_tasks == tuple(sorted(names))
+    assert ForgetRequest.create([0], ["b", "a"]).target_tasks == ("b", "a")

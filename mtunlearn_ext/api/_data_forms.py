@@ -249,9 +249,9 @@ def ids_named_by_text(what: str, given: object, own_ids: bool) -> str:
 
 
 def target_task_names(target_tasks: object) -> list[str] | None:
-    """``target_tasks`` as a list of names (``None``: not given). One name may be a plain
-    string, as in :meth:`ForgetRequest.create`: iterated, it would be one task per
-    character."""
+    """``target_tasks`` as a list of names (``None``: not given), in the order given (a set's
+    sorted). One name may be a plain string, as in :meth:`ForgetRequest.create`: iterated, it
+    would be one task per character."""
     if target_tasks is None:
         return None
     if isinstance(target_tasks, str):
@@ -264,7 +264,8 @@ def target_task_names(target_tasks: object) -> list[str] | None:
         if not isinstance(name, str):
             raise TypeError(f"{entry()}: `target_tasks` must be a task name or a list of task "
                             f"names (strings), got {name!r:.80} in it")
-    return names
+    # A set's order follows PYTHONHASHSEED, drawn anew in every process (as ForgetRequest).
+    return sorted(names) if isinstance(target_tasks, (set, frozenset)) else names
 
 
 def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,

@@ -182,8 +182,9 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
 
 
 def _task_names(target_tasks: object) -> tuple[str, ...] | None:
-    """The task names as a tuple (``None``: every task). One name may be a plain string, which
-    must stay one task (iterating it would make one task per character)."""
+    """The task names as a tuple (``None``: every task), in the order given (a set's sorted).
+    One name may be a plain string, which must stay one task (iterating it would make one task
+    per character)."""
     if target_tasks is None:
         return None
     if isinstance(target_tasks, str):
@@ -197,4 +198,9 @@ def _task_names(target_tasks: object) -> tuple[str, ...] | None:
         if not isinstance(name, str):
             raise TypeError(f"ForgetRequest: `target_tasks` must be task names (strings), got "
                             f"{name!r:.80} in {names!r:.80}")
+    if isinstance(target_tasks, (set, frozenset)):
+        # A set of strings iterates in the order of their hashes, which PYTHONHASHSEED draws
+        # anew in every process: one request's target tasks (in its records, and the order of
+        # the per-task work) differed from run to run. Sorted, a set gives one order.
+        names = tuple(sorted(names))
     return names
