@@ -76,6 +76,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _StoreOnce(argparse.Action):
+    """Store an option's value, refusing the option a second time on the command line:
+    argparse keeps the last value, so `--forget-ids 3,7 --forget-ids 13` forgot id 13 only and
+    kept 3 and 7 without a word. (A config's value is a default, which the command line still
+    overrides.)"""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from mtunlearn_ext.workflow import UserInputError
+
+        given: dict[str, str] = namespace.__dict__.setdefault("_given_once", {})
+        flag = self.option_strings[-1]
+        if self.dest in given:
+            hint = (f"give every id in one {flag}, e.g. '3,7 13'" if flag.endswith("-ids")
+                    else f"give every task in one {flag}, e.g. 'a,b'"
+                    if flag == "--target-tasks" else "give one value")
+            raise UserInputError(flag, f"{flag} once (argparse keeps only the last)",
+                                 [given[self.dest], str(values)], hint)
+        given[self.dest] = str(values)
+        setattr(namespace, self.dest, values)
+
+
 # -- configuration files ------------------------------------------------------------------------
 
 
@@ -1206,7 +1228,7 @@ def _forget_fraction(given: float | None, forget_ids: object, *, default: float 
 def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
     # required: `unlearn`, which forgets the request; else `evaluate`, which only measures the
     # model on the request's forget / retain split.
-    p.add_argument("--forget-ids", default=None, metavar="IDS",
+    p.add_argument("--forget-ids", action=_StoreOnce, default=None, metavar="IDS",
                    help=("instance ids to forget" if required else "instance ids of the forget "
                          "split to measure (nothing is unlearned)")
                         + ": '1,2,3' (ASCII decimal digits), or a file (or @file) holding them "
@@ -1215,23 +1237,23 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                         + ("; without it, a random 10%% of the training instances is forgotten "
                            "(--forget-fraction 0.1, drawn with --seed), as a line on stderr "
                            "says" if required else ""))
-    p.add_argument("--forget-fraction", type=float, default=None,
+    p.add_argument("--forget-fraction", action=_StoreOnce, type=float, default=None,
                    help=("share of training instances to forget" if required else "share of "
                          "training instances in the forget split")
                         + ", drawn with --seed (refused with --forget-ids, which names them)"
                         + ("; default 0.1" if required else ""))
-    p.add_argument("--target-tasks", default=None, metavar="TASKS",
+    p.add_argument("--target-tasks", action=_StoreOnce, default=None, metavar="TASKS",
                    help="comma-separated target tasks; a proper subset makes a partial "
                         "request (which needs them)"
                         + ("" if required else "; needs --forget-ids or --forget-fraction"))
-    p.add_argument("--request", default=None, choices=["full", "partial"],
+    p.add_argument("--request", action=_StoreOnce, default=None, choices=["full", "partial"],
                    help="request type (default: partial iff --target-tasks is a proper "
                         "subset); partial needs --target-tasks")
-    p.add_argument("--retain-ids", default=None, metavar="IDS",
+    p.add_argument("--retain-ids", action=_StoreOnce, default=None, metavar="IDS",
                    help="optional explicit retain instances (disjoint from --forget-ids), as "
                         "for --forget-ids" + ("" if required else "; measures the retain split "
                                               "`unlearn --retain-ids` used (needs a request)"))
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", action=_StoreOnce, type=int, default=None,
                    help=("seeds the forget-id draw, the method (not retrain, which trains with "
                          "the checkpoint's recipe seed unless its `seed` setting is given) and "
                          "the attack" if required else "seeds the forget-id draw and the attack")

@@ -162,6 +162,44 @@ def test_duplicate_retain_ids_are_refused(trained: Path, tmp_path: Path,  # noqa
     assert "YAML 1.1, which takes `1e-3` for a string: write `1.0e-3`" in docs
 
 
+@pytest.mark.parametrize("twice, shown", [
+    (["--forget-ids", "3,7", "--forget-ids", "13"], "--forget-ids: expected --forget-ids once "
+     "(argparse keeps only the last), got ['3,7', '13']; give every id in one --forget-ids, "
+     "e.g. '3,7 13'"),
+    (["--forget-ids=3", "--forget-i", "7"], "got ['3', '7']"),  # abbreviated: the same option
+    (["--forget-ids", "3", "--retain-ids", "7", "--retain-ids", "13"], "--retain-ids: expected "
+     "--retain-ids once"),
+    (["--forget-ids", "3", "--target-tasks", "digit", "--target-tasks", "parity"],
+     "got ['digit', 'parity']; give every task in one --target-tasks, e.g. 'a,b'"),
+    (["--forget-fraction", "0.1", "--forget-fraction", "0.2"], "--forget-fraction: expected "
+     "--forget-fraction once (argparse keeps only the last), got ['0.1', '0.2']; give one value"),
+    (["--forget-ids", "3", "--request", "full", "--request", "partial"], "--request: expected"),
+    (["--forget-fraction", "0.1", "--seed", "1", "--seed", "2"], "--seed: expected --seed once"),
+])
+@pytest.mark.parametrize("command", ["unlearn", "evaluate"])
+def test_a_request_option_given_twice_is_refused(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
+        command: str, twice: list[str], shown: str) -> None:
+    """argparse keeps an option's last value: `--forget-ids 3,7 --forget-ids 13` forgot id 13
+    alone and kept 3 and 7 in the model, without a word (a config's key written twice was
+    refused already)."""
+    assert cli.main([command, "--checkpoint", str(trained), *twice,
+                     "--output", str(tmp_path / "o.out"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert err.startswith("mtunlearn: error: --") and shown in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_still_overrides_a_configs_forget_ids(
+        trained: Path, tmp_path: Path) -> None:  # noqa: F811
+    config = tmp_path / "c.yaml"
+    config.write_text(f"forget_ids: [{ids(1)}]\n")
+    out = tmp_path / "e.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--config", str(config),
+                     "--forget-ids", ids(2), "--output", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["request"]["instance_ids"] == [int(ids(2))]
+
+
 # -- no ids: a random 10%, said in --help and at run time -----------------------------------------
 
 
