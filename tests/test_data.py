@@ -882,3 +882,16 @@ def test_forget_request_sorts_a_set_of_target_tasks() -> None:
     assert ForgetRequest.create([0], set(names)).target_tasks == tuple(sorted(names))
     assert ForgetRequest([0], names).target_tasks == tuple(sorted(names))
     assert ForgetRequest.create([0], ["b", "a"]).target_tasks == ("b", "a")
+
+
+def test_a_cache_that_cannot_be_written_is_warned_of_not_fatal(tmp_path: Path) -> None:
+    """A cache folder that cannot be made or written (a read-only home, MTUNLEARN_CACHE naming
+    a file) made the load of the data just generated fail, and `mtunlearn train` then blamed
+    --data-root ("expected a folder holding 'street' in LibMTL's layout, got None")."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match=r"cannot write cache file .*a-file.*; using the "
+                                            r"generated data without caching it"):
+        bench = load_benchmark("street", size="tiny", seed=0, cache_dir=blocker / "cache")
+    _assert_same(bench, load_benchmark("street", size="tiny", seed=0, use_cache=False))
+    assert blocker.read_text() == "not a folder"

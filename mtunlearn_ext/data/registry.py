@@ -258,7 +258,8 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         size: ``"tiny"``, ``"small"`` or ``"medium"``.
         data_root: the LibMTL-layout root of ``nyuv2`` / ``cityscapes`` (required for them).
         cache_dir: where generated benchmarks are cached (default :func:`default_cache_dir`).
-        use_cache: read and write the cache (``False``: always generate, write nothing).
+        use_cache: read and write the cache (``False``: always generate, write nothing); a
+            cache that cannot be written is warned of (``RuntimeWarning``), not an error.
         allow_erased, num_train: ``nyuv2`` / ``cityscapes`` only: read a training split whose
             removed data were erased (see :func:`mtunlearn_ext.data.libmtl.load_libmtl`).
     """
@@ -302,7 +303,15 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
             warnings.warn(f"load_benchmark: cannot read cache file {path} ({error}); "
                           "regenerating it", RuntimeWarning, stacklevel=2)
     benchmark = generate(seed=seed, **kwargs)
-    save_benchmark(benchmark, path, overwrite=True)
+    try:
+        save_benchmark(benchmark, path, overwrite=True)
+    except OSError as error:
+        # The cache only saves time: a folder that cannot be written (a read-only home, a
+        # MTUNLEARN_CACHE that names no folder) failed the load of data just generated, and
+        # the command line blamed --data-root, which a generated benchmark has none of.
+        warnings.warn(f"load_benchmark: cannot write cache file {path} ({error}); using the "
+                      "generated data without caching it (set MTUNLEARN_CACHE to a writable "
+                      "folder to keep it)", RuntimeWarning, stacklevel=2)
     return _with_recipe(benchmark, name, size)
 
 
