@@ -895,3 +895,24 @@ def test_a_cache_that_cannot_be_written_is_warned_of_not_fatal(tmp_path: Path) -
         bench = load_benchmark("street", size="tiny", seed=0, cache_dir=blocker / "cache")
     _assert_same(bench, load_benchmark("street", size="tiny", seed=0, use_cache=False))
     assert blocker.read_text() == "not a folder"
+
+
+def test_generators_refuse_a_seed_that_is_no_integer() -> None:
+    """``make_digits(seed=None)`` passed None to scikit-learn's random_state, which draws a
+    fresh split: other training ids at every call, recorded as seed None. ``make_street`` took
+    True for seed 1 and failed inside NumPy for None."""
+    with pytest.raises(ValueError, match=r"make_digits: `seed` must be an integer in \[0, "
+                                         r"2\*\*32\) \(the split's random_state\), got None"):
+        make_digits(seed=None, num_samples=40)  # type: ignore[arg-type]
+    for seed in (True, 1.0, -1, 2 ** 32):
+        with pytest.raises(ValueError, match=r"make_digits: `seed` must be an integer"):
+            make_digits(seed=seed, num_samples=40)  # type: ignore[arg-type]
+    assert make_digits(seed=np.int64(3), num_samples=40).train.ids.tolist() == \
+        make_digits(seed=3, num_samples=40).train.ids.tolist()
+    small = {"num_train": 1, "num_test": 1, "num_validation": 0, "size": (8, 8)}
+    for seed in (None, True, 1.0, -1):
+        with pytest.raises(ValueError, match=r"make_street: `seed` must be an integer >= 0, "
+                                             rf"got {re.escape(repr(seed))}$"):
+            make_street(seed=seed, **small)  # type: ignore[arg-type]
+    assert torch.equal(make_street(seed=np.int64(1), **small).train.inputs,
+                       make_street(seed=1, **small).train.inputs)

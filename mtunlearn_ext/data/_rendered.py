@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mtunlearn_ext.data._raycast import Scene, focal_length
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, _integer_or_none
 
 __all__ = ["RenderedKind", "make_rendered_benchmark"]
 
@@ -62,6 +62,10 @@ def make_rendered_benchmark(kind: RenderedKind, num_train: int, num_test: int,
     Train ids are ``0 .. num_train - 1``, test ids follow, then the validation ids.
     """
     fn = f"make_{kind.name}"
+    number = _integer_or_none(seed)
+    if number is None or number < 0:  # True was taken for seed 1, None failed inside numpy
+        raise ValueError(f"{fn}: `seed` must be an integer >= 0, got {seed!r}")
+    seed = number
     if num_train < 1 or num_test < 0 or num_validation < 0:
         raise ValueError(f"{fn}: need num_train >= 1, num_test >= 0 and num_validation "
                          f">= 0, got {num_train}, {num_test}, {num_validation}")

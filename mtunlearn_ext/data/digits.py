@@ -14,7 +14,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, _integer_or_none
 
 __all__ = ["DIGITS_VERSION", "digits_tasks", "make_digits"]
 
@@ -44,6 +44,13 @@ def make_digits(seed: int = 0, test_fraction: float = 0.25,
         test_fraction: share of the instances in the test set, in ``(0, 1)``.
         num_samples: use a stratified subsample of this many instances (default all).
     """
+    number = _integer_or_none(seed)
+    if number is None or not 0 <= number < 2 ** 32:
+        # scikit-learn takes random_state=None for a fresh random split: make_digits(seed=None)
+        # gave other training instances (other ids) at every call, recorded as seed None.
+        raise ValueError(f"make_digits: `seed` must be an integer in [0, 2**32) (the split's "
+                         f"random_state), got {seed!r}")
+    seed = number
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"make_digits: `test_fraction` must be in (0, 1), got {test_fraction}")
     x, y = load_digits(return_X_y=True)
