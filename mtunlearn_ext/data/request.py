@@ -29,8 +29,9 @@ class ForgetRequest:
     Built directly or by :meth:`create`, the ids are checked and held as Python ints the same
     way (a mask or fractions are refused), so ``ids_hash`` does not depend on how they came.
     Two requests are equal (and hash alike) when they name the same instances and the same
-    target tasks, in whatever order: the order is kept (it orders the forget set's rows) but
-    does not make another request.
+    target tasks, in whatever order: the order is kept as given (a set of task names is
+    sorted) but does not make another request, and :meth:`split`'s sets hold their rows in the
+    data set's order whatever the ids' order.
     """
 
     instance_ids: tuple[int, ...]
