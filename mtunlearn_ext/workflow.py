@@ -628,6 +628,13 @@ def build_user_request(dataset: MultiTaskDataset, *, forget_ids: Sequence[int] |
         raise UserInputError(chosen_by, "a request that leaves something to retain",
                              f"{kind} request",
                              str(error).strip("'\"")) from error
+    if not bool((dataset.supervision & ~request.forget_mask(dataset)).any()):
+        # validate() refuses every instance x every task; leaving out only pairs without a
+        # label left an empty retain set, refused late by `unlearn` as a bad --method-config.
+        raise UserInputError("--forget-ids" if forget_ids is not None else "--forget-fraction",
+                             "a request that leaves something to retain", f"{kind} request",
+                             "every training pair outside it is unlabelled (or removed by "
+                             "an earlier request): nothing would be left to retain")
     return request, kind
 
 

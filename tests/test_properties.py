@@ -260,3 +260,27 @@ def test_duplicate_forget_ids_are_found_in_one_pass() -> None:
         build_user_request(ds, forget_ids=ids_, forget_fraction=None, target_tasks=None,
                            request_type=None, seed=0)
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("forget_ids, tasks", [([10, 11, 13], None), ([10, 11, 13], ["a"])])
+def test_a_request_leaving_only_unlabelled_pairs_is_refused(forget_ids: list[int],
+                                                            tasks: list[str] | None) -> None:
+    """validate() refuses a request naming every instance and every task; one that leaves out
+    only an instance without a label (12) or a task labelled nowhere else passed, and
+    `mtunlearn unlearn` then failed late: "--method-config: expected settings of 'finetune'
+    that fit this request, got {'steps': 1}; UnlearningProblem: the retain set is empty"."""
+    specs = [TaskSpec("a", "classification", num_classes=2), TaskSpec("b", "regression")]
+    targets = {"a": torch.tensor([0, 1, -1, 1]), "b": torch.zeros(4, 1)}
+    supervision = torch.tensor([[True, True], [True, True], [False, False], [True, False]])
+    if tasks is not None:
+        supervision[:, 1] = False  # only task a is labelled: forgetting a takes every pair
+    ds = MultiTaskDataset(torch.zeros(4, 2), targets, specs, torch.arange(10, 14), supervision)
+    with pytest.raises(UserInputError, match=r"^--forget-ids: expected a request that leaves "
+                                             r"something to retain, got '(full|partial) "
+                                             r"request'; every training pair outside it is "
+                                             r"unlabelled \(or removed by an earlier request\)"):
+        build_user_request(ds, forget_ids=forget_ids, forget_fraction=None, target_tasks=tasks,
+                           request_type=None, seed=0)
+    request, _ = build_user_request(ds, forget_ids=[10, 11], forget_fraction=None,
+                                    target_tasks=tasks, request_type=None, seed=0)
+    assert bool(request.split(ds)[1].supervision.any())
