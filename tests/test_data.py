@@ -916,3 +916,16 @@ def test_generators_refuse_a_seed_that_is_no_integer() -> None:
             make_street(seed=seed, **small)  # type: ignore[arg-type]
     assert torch.equal(make_street(seed=np.int64(1), **small).train.inputs,
                        make_street(seed=1, **small).train.inputs)
+
+
+@pytest.mark.parametrize("name", ["1٠.npy", "٢.npy"])  # Arabic-Indic zero / two
+def test_loader_names_file_numbers_in_other_digits(tmp_path: Path, name: str) -> None:
+    """A name numbered in Unicode digits, which ``int()`` reads: beside 0..2, ``1٠.npy`` was
+    taken for instance 10 ("got 4 files up to 10.npy", of which there is none), and
+    ``٢.npy`` was refused as having leading zeros."""
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    for folder in (tmp_path / "train").iterdir():
+        shutil.copy(folder / "0.npy", folder / name)
+    with pytest.raises(LayoutError, match=r"train/image: expected files named <i>.npy in ASCII "
+                                          rf"digits \(0.npy, 1.npy, ...\), got \['{name}'\]$"):
+        load_cityscapes(tmp_path)

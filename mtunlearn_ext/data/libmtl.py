@@ -61,8 +61,11 @@ __all__ = ["FOLDER_OF_TASK", "TEST_FILES_KEY", "TRAIN_FILES_KEY", "LayoutError",
            "load_libmtl", "load_nyuv2"]
 
 RGB_MEAN, RGB_STD = 0.5, 0.25
-_INDEX = re.compile(r"^(0|[1-9]\d*)\.npy$")
+_INDEX = re.compile(r"^(0|[1-9][0-9]*)\.npy$")
+# Any digits, Unicode's too (``\d``), so that a name int() would read as another number is
+# found: ``1٠.npy`` (an Arabic-Indic zero) was taken for instance 10.
 _NUMBERED = re.compile(r"^\d+\.npy$")
+_ASCII_NUMBERED = re.compile(r"^[0-9]+\.npy$")
 # LibMTL folder -> (task name, channels of the stored array, or None for a label map)
 _FOLDERS = {"label": ("segmentation", None), "depth": ("depth", 1), "normal": ("normals", 3)}
 #: Task name -> its LibMTL folder: the file a partial request on that task removes.
@@ -111,6 +114,10 @@ def _numbers(folder: Path) -> set[int]:
         raise LayoutError(f"missing folder {folder} (expected LibMTL layout "
                           "<root>/{train,val}/{image,label,depth[,normal]}/<i>.npy)")
     names = os.listdir(folder)
+    foreign = sorted(n for n in names if _NUMBERED.match(n) and not _ASCII_NUMBERED.match(n))
+    if foreign:
+        raise LayoutError(f"{folder}: expected files named <i>.npy in ASCII digits (0.npy, "
+                          f"1.npy, ...), got {foreign[:5]}")
     padded = sorted(n for n in names if _NUMBERED.match(n) and not _INDEX.match(n))
     if padded:
         raise LayoutError(f"{folder}: expected files named <i>.npy without leading zeros "
