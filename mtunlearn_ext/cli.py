@@ -79,8 +79,9 @@ class _Parser(argparse.ArgumentParser):
 class _StoreOnce(argparse.Action):
     """Store an option's value, refusing the option a second time on the command line:
     argparse keeps the last value, so `--forget-ids 3,7 --forget-ids 13` forgot id 13 only and
-    kept 3 and 7 without a word. (A config's value is a default, which the command line still
-    overrides.)"""
+    kept 3 and 7 without a word. Only the request's options: elsewhere the last value wins, as
+    a shell alias's options are overridden by those typed after it. (A config's value is a
+    default, which the command line still overrides.)"""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
@@ -89,8 +90,8 @@ class _StoreOnce(argparse.Action):
         given: dict[str, str] = namespace.__dict__.setdefault("_given_once", {})
         flag = self.option_strings[-1]
         if self.dest in given:
-            hint = (f"give every id in one {flag}, e.g. '3,7 13'" if flag.endswith("-ids")
-                    else f"give every task in one {flag}, e.g. 'a,b'"
+            hint = (f"give every id in one {flag}, e.g. {flag} 3,7,13" if flag.endswith("-ids")
+                    else f"give every task in one {flag}, e.g. {flag} a,b"
                     if flag == "--target-tasks" else "give one value")
             raise UserInputError(flag, f"{flag} once (argparse keeps only the last)",
                                  [given[self.dest], str(values)], hint)

@@ -165,12 +165,12 @@ def test_duplicate_retain_ids_are_refused(trained: Path, tmp_path: Path,  # noqa
 @pytest.mark.parametrize("twice, shown", [
     (["--forget-ids", "3,7", "--forget-ids", "13"], "--forget-ids: expected --forget-ids once "
      "(argparse keeps only the last), got ['3,7', '13']; give every id in one --forget-ids, "
-     "e.g. '3,7 13'"),
+     "e.g. --forget-ids 3,7,13"),
     (["--forget-ids=3", "--forget-i", "7"], "got ['3', '7']"),  # abbreviated: the same option
     (["--forget-ids", "3", "--retain-ids", "7", "--retain-ids", "13"], "--retain-ids: expected "
      "--retain-ids once"),
     (["--forget-ids", "3", "--target-tasks", "digit", "--target-tasks", "parity"],
-     "got ['digit', 'parity']; give every task in one --target-tasks, e.g. 'a,b'"),
+     "got ['digit', 'parity']; give every task in one --target-tasks, e.g. --target-tasks a,b"),
     (["--forget-fraction", "0.1", "--forget-fraction", "0.2"], "--forget-fraction: expected "
      "--forget-fraction once (argparse keeps only the last), got ['0.1', '0.2']; give one value"),
     (["--forget-ids", "3", "--request", "full", "--request", "partial"], "--request: expected"),
