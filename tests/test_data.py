@@ -837,8 +837,12 @@ def test_positions_of_finds_ids_in_the_order_asked_and_names_the_missing() -> No
     assert relabelled.positions_of(wanted).tolist() == [lookup[i] for i in wanted]
     part = data.subset(torch.arange(299, 99, -1))
     assert part.positions_of([int(ids[150])]).tolist() == [149]
-    with pytest.raises(ValueError, match=r"`ids` must be N unique integers: id .* appears 2"):
-        data.subset([3, 3])
+    # Named as the caller passed them: positions, not the `ids` of the set it would build.
+    with pytest.raises(ValueError, match=rf"^MultiTaskDataset\.subset: `positions` must name "
+                                         rf"each row at most once: position 3 \(id "
+                                         rf"{int(ids[3])}\) appears 2 times \(positions "
+                                         rf"repeated: 1\)$"):
+        data.subset([3, 5, 3])
     del data._id_order
     assert data.positions_of(wanted).tolist() == [lookup[i] for i in wanted]
 

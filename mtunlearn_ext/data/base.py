@@ -648,9 +648,24 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
         pos = _row_positions(positions, len(self), "subset")
         if pos.numel() == len(self) and torch.equal(pos, torch.arange(len(self))):
             return self.with_supervision(self.supervision)
-        return MultiTaskDataset(take_rows(self.inputs, pos),
-                                {k: v[pos] for k, v in self.targets.items()},
-                                self.tasks, self.ids[pos], self.supervision[pos])
+        ids = self.ids[pos]
+        # The ids are unique, so a repeated id is a repeated position: found by the sort the
+        # new set needs anyway, and refused here in the caller's terms (the constructor would
+        # blame `ids`, an argument the caller never passed).
+        order = torch.argsort(ids.to("cpu", torch.long))
+        ordered = ids.to("cpu", torch.long)[order]
+        repeated = (ordered[1:] == ordered[:-1]).nonzero().flatten()
+        if repeated.numel():
+            first = pos.cpu()[order[repeated[0]]]
+            rows = torch.unique(pos.cpu()[order[repeated]])
+            raise ValueError(f"MultiTaskDataset.subset: `positions` must name each row at most "
+                             f"once: position {int(first)} (id {int(ordered[repeated[0]])}) "
+                             f"appears {int((pos == first.to(pos.device)).sum())} times "
+                             f"(positions repeated: {rows.numel()})")
+        subset = MultiTaskDataset.__new__(MultiTaskDataset)
+        subset._init(take_rows(self.inputs, pos), {k: v[pos] for k, v in self.targets.items()},
+                     self.tasks, ids, self.supervision[pos], (order, ordered))
+        return subset
 
     def with_supervision(self, supervision: torch.Tensor) -> MultiTaskDataset:
         """The same rows with another supervision mask (tensors shared, not copied)."""
