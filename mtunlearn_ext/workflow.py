@@ -202,9 +202,10 @@ def _file_id_tokens(text: str) -> list[tuple[str, int]]:
 
 def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | None:
     """Instance ids from ``"1,2 3"``, a file holding such text (``@path`` or an existing path),
-    or a list; ``None`` stays ``None``. Non-integers, a file that is not readable text, and text
-    that is both an id list and an existing file's name (``3`` beside a file ``3``: write
-    ``@3`` or ``./3`` for the file, ``3,`` for the id) raise :class:`UserInputError`."""
+    or a list; ``None`` stays ``None``. Non-integers, a file that is not readable text or
+    holds no id, and text that is both an id list and an existing file's name (``3`` beside a
+    file ``3``: write ``@3`` or ``./3`` for the file, ``3,`` for the id) raise
+    :class:`UserInputError`."""
     if value is None:
         return None
     tokens: list[str] | list[int]
@@ -227,6 +228,12 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
                 raise UserInputError(argument, "instance ids or a readable text file of them",
                                      value, reason) from error
             located = _file_id_tokens(text)
+            if not located:
+                # Refused here, where the file is known: the empty list it gave was refused
+                # later as "got 'an empty list'", with nothing to say which file was read.
+                raise UserInputError(argument, "at least one instance id", value,
+                                     "the file holds no ids (it is empty, or holds only blank "
+                                     "lines and '#' comments)")
             tokens = [token for token, _ in located]
             lines = {i: number for i, (_, number) in enumerate(located)}
         elif value.startswith("@"):  # a file was meant: say what is there instead

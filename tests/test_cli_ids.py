@@ -286,6 +286,21 @@ def test_id_files_take_a_bom_and_comments_and_errors_name_the_line(tmp_path: Pat
         parse_ids(f"@{bad}", "--forget-ids")
 
 
+def test_an_id_file_without_ids_is_named(tmp_path: Path) -> None:
+    """Review: an empty ids file (or one of comments only) came through as an empty list and
+    was refused later as "got 'an empty list'", naming no file."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "comments.txt").write_text("\ufeff# none yet\n\n  \n")
+    for given in (f"@{tmp_path / 'empty.txt'}", str(tmp_path / "comments.txt")):
+        for argument in ("--forget-ids", "--retain-ids"):
+            with pytest.raises(UserInputError, match=rf"^{argument}: expected at least one "
+                                                     rf"instance id, got {re.escape(repr(given))}"
+                                                     r"; the file holds no ids \(it is empty, or "
+                                                     r"holds only blank lines and '#' "
+                                                     r"comments\)$"):
+                parse_ids(given, argument)
+
+
 def test_yaml_configs_refuse_integers_yaml_would_convert(
         trained: Path, tmp_path: Path,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
