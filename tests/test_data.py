@@ -274,6 +274,18 @@ def test_forget_request_takes_integer_ids_only() -> None:
     with pytest.raises(TypeError, match=r"must be integers \(one int id per instance\), got "
                                         r"None"):
         ForgetRequest.create(None)  # type: ignore[arg-type]
+    # Review: a mapping's keys became the ids without a word; which half is meant is the
+    # caller's to say. Sets and ranges (no values beside their ids) are still read.
+    for mapping in ({3: "a"}, {"a": 3}):
+        with pytest.raises(TypeError, match=r"`instance_ids` must be integers \(one int id per "
+                                            r"instance\), got a dict \{.*\}; pass "
+                                            r"`list\(mapping\)` for its keys or "
+                                            r"`list\(mapping\.values\(\)\)` for its values"):
+            ForgetRequest.create(mapping)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"`instance_ids` must be integers"):
+            ForgetRequest(mapping)  # type: ignore[arg-type]
+    assert sorted(ForgetRequest.create({4, 3}).instance_ids) == [3, 4]  # type: ignore[arg-type]
+    assert ForgetRequest.create(range(2)).instance_ids == (0, 1)
     # One task may be named by a plain string (it used to become one task per character).
     assert ForgetRequest.create([1], "depth").target_tasks == ("depth",)
     # A data set's own ids: the same rule (fractions were truncated into duplicates or not).

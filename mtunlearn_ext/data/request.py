@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
@@ -60,9 +60,9 @@ class ForgetRequest:
     def create(instance_ids: Sequence[int] | torch.Tensor | np.ndarray[Any, Any],
                target_tasks: Sequence[str] | str | None = None) -> ForgetRequest:
         """A request from ids (a sequence, NumPy array or tensor of integers; integral floats,
-        as a data frame's column may hold, are accepted) and target task names (one name may
-        be given as a plain string; ``None``: every task, a full request). The constructor
-        itself normalises both (``__post_init__``)."""
+        as a data frame's column may hold, are accepted; a mapping is refused, not read as its
+        keys) and target task names (one name may be given as a plain string; ``None``: every
+        task, a full request). The constructor itself normalises both (``__post_init__``)."""
         return ForgetRequest(instance_ids, target_tasks)  # type: ignore[arg-type]
 
     def resolved_tasks(self, dataset: MultiTaskDataset) -> list[str]:
@@ -144,6 +144,13 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
 
     if isinstance(instance_ids, int) and not isinstance(instance_ids, bool):
         return (instance_ids,)  # one id
+    if isinstance(instance_ids, Mapping):
+        # Iterated, a mapping gives its keys: {id: name} and {name: id} alike became ids
+        # without a word, and which half was meant is the caller's to say.
+        raise TypeError(f"ForgetRequest: `instance_ids` must be integers (one int id per "
+                        f"instance), got a {type(instance_ids).__name__} "
+                        f"{instance_ids!r:.60}; pass `list(mapping)` for its keys or "
+                        f"`list(mapping.values())` for its values")
     if isinstance(instance_ids, torch.Tensor) or hasattr(instance_ids, "__array__"):
         try:
             values = torch.as_tensor(instance_ids)
