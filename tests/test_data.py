@@ -872,6 +872,16 @@ def test_positions_of_refuses_ids_it_would_truncate_or_overflow() -> None:
             data.positions_of(fraction)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`instance_ids` must be integers, got torch.bool"):
         data.positions_of(torch.tensor([True]))
+    # Review: torch converts a list mixing ids and bools to ids, True to 1 (the row of id 1);
+    # ForgetRequest refused it already.
+    for mixed, flag in (([43, True], "True"), ((False, 70), "False"), ([[43], [True]], "True"),
+                        ([43.0, True], "True"), ([70, torch.tensor(True)], "tensor(True)")):
+        with pytest.raises(ValueError, match=rf"^MultiTaskDataset\.positions_of: `instance_ids` "
+                                             rf"must be integers, got bool "
+                                             rf"{re.escape(flag)} among "
+                                             rf"{re.escape(repr(mixed))} \(it would be read as "
+                                             rf"id {int(flag != 'False')}\)$"):
+            data.positions_of(mixed)  # type: ignore[arg-type]
     for huge, shown in (([2 ** 63], "9223372036854775808"),
                         (torch.tensor([1e20], dtype=torch.float64), "1e+20")):
         with pytest.raises(ValueError, match=r"`instance_ids` must be integers in the int64 "
