@@ -387,6 +387,27 @@ def test_load_cityscapes_and_layout_errors(tmp_path: Path) -> None:
         load_cityscapes(tmp_path)
 
 
+def test_loader_refuses_splits_of_two_image_sizes_without_size(tmp_path: Path) -> None:
+    """Review: with ``size=None``, val/ images of another size than train/'s were read as they
+    were: a test split the trained model never saw the like of, and ``info["size"]`` naming
+    the train size only. With ``size`` both are resized, and may differ on disk."""
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    val = tmp_path / "val"
+    shutil.rmtree(val)
+    _write_libmtl(tmp_path / "other", with_normals=False, counts=(2, 1), hw=(6, 10),
+                  num_classes=7)
+    (tmp_path / "other" / "train").rename(val)
+    with pytest.raises(LayoutError, match=rf"^{re.escape(str(val / 'image' / '0.npy'))} is "
+                                          rf"\(6, 10\), the images of "
+                                          rf"{re.escape(str(tmp_path / 'train' / 'image'))} "
+                                          r"\(8, 12\); without `size` both splits must have "
+                                          r"one image size: pass size=\(height, width\) to "
+                                          r"resize both on load$"):
+        load_cityscapes(tmp_path)
+    bench = load_cityscapes(tmp_path, size=(4, 6))
+    assert bench.train.inputs.shape == (3, 3, 4, 6) and bench.test.inputs.shape == (2, 3, 4, 6)
+
+
 def test_loader_rejects_bad_labels(tmp_path: Path) -> None:
     _write_libmtl(tmp_path, with_normals=False, num_classes=7)
     np.save(tmp_path / "train" / "label" / "0.npy", np.full((8, 12), 9.0, dtype=np.float32))

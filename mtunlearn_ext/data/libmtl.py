@@ -25,7 +25,8 @@ classes, 128x256) ``image``, ``label``, ``depth``. Inputs are normalised like th
 benchmarks, ``(rgb - 0.5) / 0.25``. ``size`` resizes on load: RGB bilinearly with antialiasing,
 labels, depth and normals with the source pixel nearest each output pixel's centre
 (``nearest-exact``, aligned with the image), so unknown (0) and unlabelled (-1) values are never
-blended into valid ones; it may change the aspect ratio (the registry's sizes keep it).
+blended into valid ones; it may change the aspect ratio (the registry's sizes keep it). Without
+``size`` the images are read as they are, and ``val/``'s must have the size of ``train/``'s.
 
 Erased data (``allow_erased=True``, which ``mtunlearn`` passes for a checkpoint that recorded its
 training files' digests; never for ``train``): after a removal request was honoured, the
@@ -319,10 +320,12 @@ def _instances(split_dir: Path, folders: list[str], limit: int | None, erasable:
 
 def _load_split(split_dir: Path, folders: list[str], num_classes: int,
                 size: tuple[int, int] | None, limit: int | None, seen: _Seen,
-                erasable: bool = False, digests: dict[str, str] | None = None
+                erasable: bool = False, digests: dict[str, str] | None = None,
+                like: tuple[Path, tuple[int, int]] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int], torch.Tensor | None]:
     """``(inputs, targets, instance numbers, presence)`` of a split; ``presence`` (``[N, T]``
-    bool, False where a task's file was erased) is None when every file is there."""
+    bool, False where a task's file was erased) is None when every file is there. ``like``:
+    (another split's image folder, its image size), the size this split's images must have."""
     numbers, present = _instances(split_dir, folders, limit, erasable)
     count = len(numbers)
     presence = torch.tensor([[i in present[f] for f in folders] for i in numbers],
@@ -337,6 +340,12 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
         image = _load_array(path, "image", 3, seen, digests)
         if shape is None:
             shape = image.shape[:2]
+            if like is not None and shape != like[1]:
+                # Read as they are, the test images would meet a model trained on another
+                # size: an error far away, or (a model that pools) scores of rescaled scenes.
+                raise LayoutError(f"{path} is {shape}, the images of {like[0]} {like[1]}; "
+                                  "without `size` both splits must have one image size: pass "
+                                  "size=(height, width) to resize both on load")
         elif image.shape[:2] != shape:
             raise LayoutError(f"{path} is {image.shape[:2]}, the first image {shape}; all "
                               "images of a split must have one size")
@@ -420,8 +429,11 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     train = _load_split(base / "train", folders, seg.num_classes, shape, max_train, seen,
                         allow_erased, digests)
     test_digests: dict[str, str] = {}
+    # Without `size` the splits are read as they are, so they must share one image size.
+    like = None if shape is not None else (base / "train" / "image",
+                                           (train[0].shape[-2], train[0].shape[-1]))
     test = _load_split(base / "val", folders, seg.num_classes, shape, max_test, seen,
-                       digests=test_digests)
+                       digests=test_digests, like=like)
     inputs, targets, numbers, presence = train
     supervision = None
     if presence is not None:  # erased label files: those pairs carry no label
