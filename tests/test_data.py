@@ -284,6 +284,10 @@ def test_forget_request_takes_integer_ids_only() -> None:
             ForgetRequest.create(mapping)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"`instance_ids` must be integers"):
             ForgetRequest(mapping)  # type: ignore[arg-type]
+    # Its target tasks likewise: {task: weight} became the tasks named by its keys.
+    with pytest.raises(TypeError, match=r"`target_tasks` must be task names .* got a dict "
+                                        r"\{'a': 1\}; pass `list\(mapping\)`"):
+        ForgetRequest.create([3], {"a": 1})  # type: ignore[arg-type]
     assert sorted(ForgetRequest.create({4, 3}).instance_ids) == [3, 4]  # type: ignore[arg-type]
     assert ForgetRequest.create(range(2)).instance_ids == (0, 1)
     # One task may be named by a plain string (it used to become one task per character).

@@ -197,6 +197,12 @@ def _task_names(target_tasks: object) -> tuple[str, ...] | None:
         return None
     if isinstance(target_tasks, str):
         return (target_tasks,)
+    if isinstance(target_tasks, Mapping):
+        # Iterated, a mapping gives its keys: {task: weight} became the target tasks without a
+        # word (unlearn's target_tasks refuses one too).
+        raise TypeError(f"ForgetRequest: `target_tasks` must be task names (a string or a "
+                        f"sequence of strings) or None, got a {type(target_tasks).__name__} "
+                        f"{target_tasks!r:.60}; pass `list(mapping)` for its keys")
     try:
         names = tuple(cast(Iterable[Any], target_tasks))
     except TypeError as error:
