@@ -845,15 +845,15 @@ def test_fake_kernels_refuse_what_the_compiled_kernels_refuse() -> None:
         "gram_list of a 0-d first tensor": (ValueError, "gram_list: xs[0] must be a stack "
                                                         "[k, ...], got shape []",
                                             lambda d: T.gram_list([d(), d(3, 4)], False)),
-        "inner_list of a 0-d first tensor": (ValueError, "inner_list: as[0] must be a stack "
+        "inner_list of a 0-d first tensor": (ValueError, "inner_list: a_list[0] must be a stack "
                                                          "[m, ...], got shape []",
                                              lambda d: T.inner_list([d()], [d(3)], False)),
         "inner_list of a 0-d second list's tensor": (
-            ValueError, "inner_list: bs[0] must be a stack [k, ...], got shape []",
+            ValueError, "inner_list: b_list[0] must be a stack [k, ...], got shape []",
             lambda d: T.inner_list([d(2, 3)], [d()], False)),
-        "inner_list of two trailing shapes": (ValueError, "inner_list: as[0] and bs[0]",
+        "inner_list of two trailing shapes": (ValueError, "inner_list: a_list[0] and b_list[0]",
                                               lambda d: T.inner_list([d(2, 4)], [d(3, 5)], False)),
-        "inner_list of two lengths": (ValueError, "inner_list: `as` and `bs`",
+        "inner_list of two lengths": (ValueError, "inner_list: `a_list` and `b_list`",
                                       lambda d: T.inner_list([d(2, 4)], [d(3, 4), d(3, 4)],
                                                              False)),
         "gram_list_stacked of two m": (ValueError, "gram_list_stacked: xs[1]",

@@ -101,8 +101,8 @@ def _register() -> None:
     @torch.library.register_fake(lib + "inner_list")
     def _inner_list_fake(as_: list[torch.Tensor], bs: list[torch.Tensor],
                          per_tensor: bool = False) -> torch.Tensor:
-        check.paired_stacks("inner_list", "as", as_, "bs", bs)
-        _check_one_device("inner_list", ("as", as_), ("bs", bs))
+        check.paired_stacks("inner_list", "a_list", as_, "b_list", bs)
+        _check_one_device("inner_list", ("a_list", as_), ("b_list", bs))
         m, k = as_[0].shape[0], bs[0].shape[0]
         shape = (len(as_), m, k) if per_tensor else (m, k)
         return as_[0].new_empty(shape, dtype=acc_dtype(as_[0].dtype))

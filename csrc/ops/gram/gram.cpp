@@ -193,9 +193,9 @@ at::Tensor stacked_gram(const at::Tensor& g_in, const at::Tensor& r_in) {
 
 at::Tensor inner_list(at::TensorList as, at::TensorList bs, bool per_tensor) {
   constexpr const char* op = "mtunlearn::inner_list";
-  const PairedRows rows = paired_rows(as, bs, op, "as", "bs");
+  const PairedRows rows = paired_rows(as, bs, op, "a_list", "b_list");
   const int64_t m = rows.m, k = rows.k;
-  const ScalarKind kind = scalar_kind(as[0], op, "as[0]");
+  const ScalarKind kind = scalar_kind(as[0], op, "a_list[0]");
   at::Tensor out = list_output(as[0], as.size(), per_tensor, m, k);
   if (out.numel() == 0) return out;
   std::vector<ReduceSegment> segments;
