@@ -73,6 +73,26 @@ def test_list_ops_pass_gradcheck_and_gradgradcheck(name: str, per_tensor: bool,
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("name", LIST_OPS)
+def test_list_op_batched_gradients_match_one_at_a_time(name: str, per_tensor: bool) -> None:
+    """Batched gradients (``is_grads_batched``, as ``jacobian(..., vectorize=True)`` and the
+    surgery hook take them) ran the list ops' backward under vmap, where its in-place
+    ``combine_list_`` has no batching rule: refused, while ``gram``, ``inner`` and
+    ``combine`` gave them."""
+    a = [t.requires_grad_() for t in _stacks(3, seed=5)]
+    b = [t.requires_grad_() for t in _stacks(2, seed=15)]
+    inputs = a if name == "gram_list" else a + b
+    out = _call(name, a, b, per_tensor)
+    directions = _rand(4, *out.shape, seed=25)
+    batched = torch.autograd.grad(out, inputs, directions, retain_graph=True,
+                                  is_grads_batched=True)
+    for i in range(directions.shape[0]):
+        one = torch.autograd.grad(out, inputs, directions[i], retain_graph=True)
+        for got, expected in zip(batched, one):
+            torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("name", LIST_OPS)

@@ -304,8 +304,11 @@ def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
     ``xs[p]`` with ``coeffs``' row count in front: the gradient of a list op's input.
 
     With ``create_graph`` (grad mode on inside backward) one differentiable ``combine`` per
-    tensor, so that the gradient has a gradient; otherwise one ``combine_list_`` launch."""
-    if torch.is_grad_enabled():
+    tensor, so that the gradient has a gradient; the same under vmap, as batched gradients
+    (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) run the
+    backward: ``combine_list_`` writes in place and has no batching rule, and refused them;
+    otherwise one ``combine_list_`` launch."""
+    if torch.is_grad_enabled() or _batched(coeffs):
         rows = coeffs.shape[-2]
         return [torch.ops.mtunlearn.combine(
                     (coeffs[p] if per_tensor else coeffs).to(acc_dtype(x.dtype)).contiguous(),
@@ -316,6 +319,13 @@ def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
     if xs:
         torch.ops.mtunlearn.combine_list_(outs, coeffs.contiguous(), xs, 0.0, per_tensor)
     return outs
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap batch: torch.func's, or the legacy one that batched gradients
+    (``is_grads_batched``) use."""
+    functorch = torch._C._functorch
+    return bool(functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t))
 
 
 def _needed(flag: object) -> bool:
