@@ -923,7 +923,7 @@ def test_fake_kernels_refuse_the_rest_of_what_the_compiled_kernels_refuse() -> N
             TypeError, "gram_list: `xs[1]`",
             lambda d: T.gram_list([d(3, 4), d(3, 4, dtype=f64)], False)),
         "inner_list of two k": (
-            ValueError, "inner_list: bs[1]",
+            ValueError, "inner_list: b_list[1]",
             lambda d: T.inner_list([d(2, 4), d(2, 4)], [d(3, 4), d(2, 4)], False)),
         "combine_list_ with per_tensor and too many blocks": (
             ValueError, "combine_list_: with per_tensor=True",
