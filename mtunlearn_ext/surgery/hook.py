@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -1469,7 +1469,7 @@ def _batched_causes(stacks: list[torch.Tensor], flagged: list[int],
         local = ""
         if broken_losses:
             local = (f", and this process's {_listed(sorted(broken_losses))} "
-                     f"{_is_are(broken_losses)} NaN or Inf itself")
+                     f"{'is' if len(broken_losses) == 1 else 'are'} NaN or Inf itself")
         return flagged, (f"; {spread}, so any one of these may be the cause{local}: "
                          "per_task='autograd' names only the ones that are")
     holds_inf = {t for t in flagged if t not in broken_losses
@@ -1484,10 +1484,6 @@ def _batched_causes(stacks: list[torch.Tensor], flagged: list[int],
     return causes, (f"; the rows of {_listed(others)} hold NaN too but are left out: their "
                     f"losses are finite and {spread}; per_task='autograd' checks each task's "
                     "gradient apart")
-
-
-def _is_are(items: Sized) -> str:
-    return "is" if len(items) == 1 else "are"
 
 
 def _listed(tasks: list[int]) -> str:
