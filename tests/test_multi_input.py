@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import mtunlearn_ext
+from mtunlearn_ext import api
 from mtunlearn_ext.api import build_problem
 from mtunlearn_ext.data import ForgetRequest, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import (
@@ -308,6 +309,9 @@ def test_per_sample_gradients_of_a_two_input_model_match_a_loop(text_setup, kind
                             forget_request=ForgetRequest.create([0], ["topic"]),
                             shared_parameters=lambda n: n.startswith("trunk."))
     wrapped = problem.model
+    # The wrapper build_problem hands out is public, as docs/unlearning.md says.
+    assert isinstance(wrapped, api.SplitModel) and "SplitModel" in api.__all__
+    assert wrapped.module is model
     names = [n for n, _ in wrapped.named_parameters()]
     batch = data.batch(torch.arange(rows))
     grads, losses = per_sample_retain_grads_and_losses(wrapped, batch, SPECS, names)

@@ -35,8 +35,8 @@ from mtunlearn_ext.api._unlearn import unlearn
 from mtunlearn_ext.training import state_dict_sha256
 
 __all__ = ["API_RECORD_SCHEMA", "DataLike", "InMemoryData", "ParameterSpec", "SavedCheck",
-           "SharedSpec", "TasksSpec", "UISTasks", "build_problem", "evaluate", "save_unlearned",
-           "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
+           "SharedSpec", "SplitModel", "TasksSpec", "UISTasks", "build_problem", "evaluate",
+           "save_unlearned", "state_dict_sha256", "uis_floor", "unlearn", "verify_saved"]
 
 # The names these classes had when the API was one module: a model pickled then (a returned
 # module carries its Lineage; a problem's model is a SplitModel) is found by them.
