@@ -188,20 +188,20 @@ def test_aggregator_jvp_is_its_reverse_mode_jacobian_times_the_tangent(
     torch.testing.assert_close(jvp, expected, rtol=0, atol=1e-12)
 
 
-def test_reverse_mode_function_transforms_are_refused_naming_the_op_and_the_way_out() -> None:
+def test_reverse_mode_function_transforms_give_autograds_derivatives() -> None:
     """Drop-in review: torch.func.grad / jacrev over the ops failed with torch's "In order to
     use an autograd.Function with functorch transforms ... must override the setup_context
-    staticmethod", about a Function the caller never wrote."""
+    staticmethod", then with the ops' own refusal; they now give torch.autograd's derivatives
+    (tests/test_ops_func_transforms.py checks every op and transform), an aggregator's too."""
     x = _rand(3, 5, seed=80)
-    for call, name in [(lambda t: ops.gram(t).sum(), "gram"),
-                       (lambda t: ops.gram_list([t, t]).sum(), "gram_list"),
-                       (lambda t: surgery.UPGrad()(t).sum(), "combine")]:
-        for transform in (torch.func.grad, torch.func.jacrev):
-            with pytest.raises(RuntimeError, match=rf"^mtunlearn_ext\.ops\.{name}: torch\.func"
-                                                   r"\.grad, jacrev and vjp do not support .* "
-                                                   r"use torch\.autograd\.grad"):
-                transform(call)(x)
-    # The way out, as the message says: forward mode gives the same Jacobian.
+    for call in [lambda t: ops.gram(t).sum(), lambda t: ops.gram_list([t, t]).sum(),
+                 lambda t: surgery.UPGrad()(t).sum()]:
+        leaf = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(call(leaf), leaf)
+        assert float(expected.abs().max()) > 0.1
+        torch.testing.assert_close(torch.func.grad(call)(x), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.func.jacrev(call)(x), expected, rtol=0, atol=1e-12)
+    # Forward mode gives the same Jacobian.
     torch.testing.assert_close(torch.func.jacfwd(ops.gram)(x),
                                torch.autograd.functional.jacobian(ops.gram, x), rtol=0,
                                atol=1e-12)

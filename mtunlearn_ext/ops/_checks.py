@@ -13,7 +13,12 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext._extension import has_extension
-from mtunlearn_ext.ops._forward_mode import call_with_tangents, forward_mode_open
+from mtunlearn_ext.ops._forward_mode import forward_mode_open, refuse_op_tangents
+from mtunlearn_ext.ops._func_transforms import (
+    DIFFERENTIABLE,
+    call_differentiable,
+    reverse_transform_active,
+)
 
 _Result = TypeVar("_Result")
 
@@ -313,12 +318,19 @@ def call_op(op: Callable[..., _Result], *args: object) -> _Result:
     register autograd formulas (or a refusal) from Python, that layer is a Python call (15-20
     us on a list of 160 tensors, measured) which records nothing there anyway. (With grad mode
     on the layer stays: telling whether an argument requires grad would need a look at every
-    tensor, also through torch.func's wrappers, which report requires_grad=False.) Inputs
-    with a forward-mode tangent get their output's tangent, or a refusal (_forward_mode)."""
-    if forward_mode_open():  # an argument may carry a tangent, which torch would drop
-        dual = call_with_tangents(op, args)
-        if dual is not None:
-            return dual
+    tensor, also through torch.func's wrappers, which report requires_grad=False.) While
+    forward mode is open or a torch.func reverse-mode transform is active, the ops with a
+    derivative go through an autograd.Function that keeps tangents and that the transforms
+    take (_func_transforms); the others refuse a tangent, or a tracked input, by name."""
+    if forward_mode_open() or (torch._C._are_functorch_transforms_active()
+                               and reverse_transform_active()):
+        # A tangent torch would drop, a reverse-mode transform torch would refuse: the ops with
+        # a derivative go through an autograd.Function that keeps both.
+        name = _schema_name(op)
+        if name in DIFFERENTIABLE:
+            return call_differentiable(name, *args)  # type: ignore[return-value]
+        if forward_mode_open():  # an argument may carry a tangent, which torch would drop
+            refuse_op_tangents(op, args)
     if torch.compiler.is_compiling():
         return op(*args)
     if torch.is_grad_enabled():
@@ -327,15 +339,19 @@ def call_op(op: Callable[..., _Result], *args: object) -> _Result:
         except RuntimeError as error:
             if "must override the setup_context staticmethod" not in str(error):
                 raise
-            # torch.func.grad / jacrev / vjp over a custom op with a register_autograd formula:
-            # torch's message points at an autograd.Function the caller never wrote.
-            name = getattr(op, "_qualified_op_name", str(op)).split("::")[-1]
+            # torch.func.grad / jacrev / vjp reached an op without a derivative: torch's
+            # message points at an autograd.Function the caller never wrote.
             raise RuntimeError(
-                f"mtunlearn_ext.ops.{name}: torch.func.grad, jacrev and vjp do not support "
-                "PyTorch custom ops with reverse-mode formulas yet; use torch.autograd.grad (or "
-                "the forward mode, torch.func.jvp / jacfwd, which the ops support)") from error
+                f"mtunlearn_ext.ops.{_schema_name(op)} is not differentiable: torch.func.grad "
+                "/ jacrev / vjp reached it through an input they track. Detach its inputs to "
+                "use its result as a constant; gram, inner and combine (without `out`) and "
+                "their list forms have derivatives") from error
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _schema_name(op: object) -> str:
+    return str(getattr(op, "_qualified_op_name", op)).split("::")[-1]
 
 
 def check_on_failure(body: Callable[[], _Result], check: Callable[[], object]) -> _Result:

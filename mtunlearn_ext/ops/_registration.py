@@ -11,6 +11,8 @@ import math
 import torch
 
 from mtunlearn_ext.ops import _fake_checks as check
+from mtunlearn_ext.ops._forward_mode import forward_mode_open
+from mtunlearn_ext.ops._func_transforms import call_differentiable
 from mtunlearn_ext.ops._reference import acc_dtype
 
 #: The ops with no derivative: their backward raises (see ``_no_derivative``).
@@ -199,14 +201,16 @@ def _register() -> None:
         out = x.new_empty((*x.shape[:-2], x.shape[-1]))
         return out, x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
 
-    # Autograd: d<x_i, x_j> gives dx = (dG + dG^T) x; the rest are bilinear.
+    # Autograd: d<x_i, x_j> gives dx = (dG + dG^T) x; the rest are bilinear. The formulas
+    # call the ops through call_differentiable, so that their own derivatives keep a
+    # forward-mode tangent (forward-over-reverse) where the ops' registered path would drop it.
     def _gram_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[0])
 
     def _gram_backward(ctx, grad):
         (x,) = ctx.saved_tensors
         sym = (grad + grad.transpose(-1, -2)).contiguous()
-        return torch.ops.mtunlearn.combine(sym, x)
+        return call_differentiable("combine", sym, x)
 
     torch.library.register_autograd(lib + "gram", _gram_backward, setup_context=_gram_setup)
 
@@ -215,8 +219,8 @@ def _register() -> None:
 
     def _inner_backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a = torch.ops.mtunlearn.combine(grad, b) if ctx.needs_input_grad[0] else None
-        grad_b = (torch.ops.mtunlearn.combine(grad.transpose(-1, -2).contiguous(), a)
+        grad_a = call_differentiable("combine", grad, b) if ctx.needs_input_grad[0] else None
+        grad_b = (call_differentiable("combine", grad.transpose(-1, -2).contiguous(), a)
                   if ctx.needs_input_grad[1] else None)
         return grad_a, grad_b
 
@@ -230,10 +234,11 @@ def _register() -> None:
         coeffs, x = ctx.saved_tensors
         grad_coeffs = grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_coeffs = torch.ops.mtunlearn.inner(grad.to(x.dtype), x).to(ctx.coeffs_dtype)
+            grad_coeffs = call_differentiable("inner", grad.to(x.dtype), x).to(ctx.coeffs_dtype)
         if ctx.needs_input_grad[1]:
-            grad_x = torch.ops.mtunlearn.combine(
-                coeffs.transpose(-1, -2).contiguous().to(acc_dtype(x.dtype)), grad.to(x.dtype))
+            grad_x = call_differentiable(
+                "combine", coeffs.transpose(-1, -2).contiguous().to(acc_dtype(x.dtype)),
+                grad.to(x.dtype))
         return grad_coeffs, grad_x
 
     torch.library.register_autograd(lib + "combine", _combine_backward,
@@ -307,10 +312,12 @@ def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
     tensor, so that the gradient has a gradient; the same under vmap, as batched gradients
     (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) run the
     backward: ``combine_list_`` writes in place and has no batching rule, and refused them;
+    the same while forward mode is open (its tangent);
     otherwise one ``combine_list_`` launch."""
-    if torch.is_grad_enabled() or _batched(coeffs):
+    if torch.is_grad_enabled() or _batched(coeffs) or forward_mode_open():
         rows = coeffs.shape[-2]
-        return [torch.ops.mtunlearn.combine(
+        return [call_differentiable(
+                    "combine",
                     (coeffs[p] if per_tensor else coeffs).to(acc_dtype(x.dtype)).contiguous(),
                     x.reshape(x.shape[0], math.prod(x.shape[1:]))).reshape(rows, *x.shape[1:])
                 for p, x in enumerate(xs)]
