@@ -55,7 +55,8 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
         (float64 for float64).
 
     Autograd: without ``out``, differentiable in ``coeffs`` and ``x`` (twice: the backward
-    is made of ``combine`` and ``inner``). With ``out`` the write is in place and not recorded,
+    is made of ``combine`` and ``inner``; forward mode and ``torch.func``'s ``grad``,
+    ``jacrev``, ``vjp``, ``hessian`` too). With ``out`` the write is in place and not recorded,
     so while grad mode is on, an ``out``, ``coeffs`` or ``x`` that requires grad is refused
     (``RuntimeError``), as ``torch.matmul(..., out=)`` refuses it: call it under
     ``torch.no_grad()`` or on detached tensors.

@@ -5,7 +5,9 @@ the result has that accumulation dtype, because Gram entries feed small solves w
 precision would lose them.
 
 Every op here is differentiable, twice (the backward is made of ``combine`` and these ops; the
-gradient has its input's dtype), and ``gram`` and ``inner`` have ``torch.vmap`` batch rules.
+gradient has its input's dtype), in forward mode and under ``torch.func``'s transforms too
+(``grad``, ``jacrev``, ``vjp``, ``hessian``, ``vmap(grad(f))``), and ``gram`` and ``inner``
+have ``torch.vmap`` batch rules.
 """
 
 from __future__ import annotations
