@@ -273,3 +273,18 @@ def test_outside_the_transforms_the_ops_take_their_registered_path(
     xs = [_rand(3, 4, dtype=torch.float32, seed=131), _rand(3, 2, 2, dtype=torch.float32)]
     torch.testing.assert_close(ops.gram_list(xs), torch.ops.mtunlearn.gram_list(xs),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_grad_over_a_long_list_matches_autograd(per_tensor: bool) -> None:
+    """The list ops' input gradients are taken for the whole list at once (one combine_list_
+    launch below the transforms): every tensor gets its own."""
+    xs = [_rand(4, 1 + p % 5, 2, seed=140 + p) for p in range(40)]
+
+    def loss(ts: list[torch.Tensor]) -> torch.Tensor:
+        return (ops.gram_list(ts, per_tensor) ** 2).sum()
+
+    got = grad(loss)(xs)
+    _close(tuple(got), _autograd_grads(lambda *ts: loss(list(ts)), tuple(xs)))
+    got_vmapped = vmap(grad(loss))([torch.stack([x, 2 * x]) for x in xs])
+    _close(tuple(g[1] for g in got_vmapped), tuple(2 ** 3 * g for g in got))
