@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext._extension import has_extension
-from mtunlearn_ext.ops._forward_mode import forward_mode_open, refuse_op_tangents
+from mtunlearn_ext.ops._forward_mode import call_with_tangents, forward_mode_open
 from mtunlearn_ext.ops._func_transforms import (
     DIFFERENTIABLE,
     call_differentiable,
@@ -318,19 +318,23 @@ def call_op(op: Callable[..., _Result], *args: object) -> _Result:
     register autograd formulas (or a refusal) from Python, that layer is a Python call (15-20
     us on a list of 160 tensors, measured) which records nothing there anyway. (With grad mode
     on the layer stays: telling whether an argument requires grad would need a look at every
-    tensor, also through torch.func's wrappers, which report requires_grad=False.) While
-    forward mode is open or a torch.func reverse-mode transform is active, the ops with a
-    derivative go through an autograd.Function that keeps tangents and that the transforms
-    take (_func_transforms); the others refuse a tangent, or a tracked input, by name."""
-    if forward_mode_open() or (torch._C._are_functorch_transforms_active()
-                               and reverse_transform_active()):
-        # A tangent torch would drop, a reverse-mode transform torch would refuse: the ops with
-        # a derivative go through an autograd.Function that keeps both.
+    tensor, also through torch.func's wrappers, which report requires_grad=False.) Inputs
+    with a forward-mode tangent get their output's tangent, or a refusal (_forward_mode). Under
+    a torch.func reverse-mode transform, or with inputs that both carry a tangent and require
+    grad, the ops with a derivative go through an autograd.Function that the transforms take
+    and that keeps tangents (_func_transforms); the others are refused by name."""
+    forward = forward_mode_open()
+    if (torch._C._are_functorch_transforms_active() and reverse_transform_active()) or (
+            forward and torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        # A transform torch would refuse, or a reverse-mode record that would drop the inputs'
+        # tangents: the ops with a derivative go through an autograd.Function that keeps both.
         name = _schema_name(op)
         if name in DIFFERENTIABLE:
             return call_differentiable(name, *args)  # type: ignore[return-value]
-        if forward_mode_open():  # an argument may carry a tangent, which torch would drop
-            refuse_op_tangents(op, args)
+    if forward:  # an argument may carry a tangent, which torch would drop
+        dual = call_with_tangents(op, args)
+        if dual is not None:
+            return dual
     if torch.compiler.is_compiling():
         return op(*args)
     if torch.is_grad_enabled():

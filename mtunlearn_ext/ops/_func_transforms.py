@@ -4,8 +4,9 @@ a reverse-mode derivative.
 
 torch applies a ``register_autograd`` formula through a generated ``autograd.Function``
 without a separate ``setup_context``, which ``torch.func``'s reverse-mode transforms refuse
-("must override the setup_context staticmethod"), and which drops a forward-mode tangent. While
-such a transform is active or forward mode is open, the public wrappers call the ops with a
+("must override the setup_context staticmethod"), and whose record keeps no forward-mode
+tangent for the derivative. While such a transform is active, or an input both carries a
+tangent and requires grad (forward-over-reverse), the public wrappers call the ops with a
 derivative through :class:`_Differentiable` instead, an ``autograd.Function`` that
 ``torch.func`` takes: its forward calls the compiled op (vmap's levels reach the ops' batch
 rules); its backward and its tangent rule (``jvp``) are made of the ops again, called through
