@@ -288,3 +288,21 @@ def test_grad_over_a_long_list_matches_autograd(per_tensor: bool) -> None:
     _close(tuple(got), _autograd_grads(lambda *ts: loss(list(ts)), tuple(xs)))
     got_vmapped = vmap(grad(loss))([torch.stack([x, 2 * x]) for x in xs])
     _close(tuple(g[1] for g in got_vmapped), tuple(2 ** 3 * g for g in got))
+
+
+@pytest.mark.parametrize("name", ["UPGrad", "MGDA", "Mean"])
+def test_aggregators_under_vmap_of_grad_match_a_loop_of_autograd(name: str) -> None:
+    """docs/dropin.md: the aggregators work under the per-sample gradient recipe, their
+    weights constants as in reverse mode."""
+    from mtunlearn_ext import surgery
+
+    aggregator = getattr(surgery, name)()
+
+    def loss(matrix: torch.Tensor) -> torch.Tensor:
+        return (aggregator(matrix) ** 2).sum()
+
+    batch = _rand(4, 3, 6, seed=150)
+    got = vmap(grad(loss))(batch)
+    expected = torch.stack([_autograd_grads(loss, (m,))[0] for m in batch])
+    assert float(expected.abs().max()) > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
