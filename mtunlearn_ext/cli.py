@@ -1413,9 +1413,16 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _silence_stdout() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no real file behind stdout (captured)
         pass
+    finally:
+        # stdout holds its own copy after dup2: kept open, this one leaked a descriptor at
+        # every closed pipe of a process that runs main() again (tests, notebooks, services).
+        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -163,3 +163,24 @@ def test_a_limited_retain_split_is_said_and_evaluate_measures_it(
                      str(tmp_path / "rep2"), "--quiet"]) == 0
     assert ("Retain split: every training pair outside the request (894 pairs)."
             in (tmp_path / "rep2" / "report.md").read_text())
+
+
+def test_a_closed_stdout_pipe_leaves_no_descriptor_open(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """Pointing stdout at /dev/null kept the descriptor it opened for that: one more open
+    descriptor at every closed pipe of a process that runs main() again and again."""
+
+    def reader_gone(parser: object, argv: object) -> None:
+        raise BrokenPipeError
+
+    def open_descriptors() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("counts descriptors through /proc/self/fd (Linux)")
+    monkeypatch.setattr(cli, "_refuse_command_as_import", reader_gone)
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        before = open_descriptors()
+        assert [cli.main(["evaluate"]) for _ in range(3)] == [141] * 3
+        assert open_descriptors() == before
