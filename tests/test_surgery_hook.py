@@ -395,6 +395,40 @@ def test_large_stacks_are_freed_when_backward_fails_in_the_task_pass(
 
 
 
+@pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
+def test_large_accumulate_buffers_are_freed_when_apply_or_discard_returns(
+        monkeypatch: pytest.MonkeyPatch, per_task: str) -> None:
+    """Leak review: backward() freed stacks over KEPT_STACKS_MAX_BYTES, but accumulate()'s
+    buffers stayed after apply() (and discard()) until the surgery was freed, k copies of a
+    large model's shared gradients held through the optimizer step and evaluation. Now freed
+    there too, with the same gradients as when they are kept."""
+    import weakref
+
+    from mtunlearn_ext.surgery import hook
+
+    model = MultiTaskNet(F64)
+    x, y = _batch(F64, 1)
+    grads: dict[bool, list[list[torch.Tensor]]] = {}
+    for kept in (True, False):
+        monkeypatch.setattr(hook, "KEPT_STACKS_MAX_BYTES", 2**62 if kept else 0)
+        surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task=per_task)
+        grads[kept] = []
+        for _ in range(2):  # the second step makes them again where they were freed
+            model.zero_grad(set_to_none=True)
+            for _ in range(2):
+                surgery.accumulate(_losses(model, x, y))
+            buffers = [weakref.ref(b) for b in surgery._buffers or []]
+            surgery.apply()
+            assert buffers and all((ref() is not None) == kept for ref in buffers)
+            grads[kept].append([p.grad.clone() for p in model.parameters()])
+        surgery.accumulate(_losses(model, x, y))
+        buffers = [weakref.ref(b) for b in surgery._buffers or []]
+        assert surgery.discard() == 1
+        assert buffers and all((ref() is not None) == kept for ref in buffers)
+    assert all(torch.equal(a, b) for step in range(2)
+               for a, b in zip(grads[True][step], grads[False][step]))
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("per_task", ["autograd", "batched", "backward"])
 def test_a_skipped_step_is_discarded_not_carried_into_the_next(per_task: str,

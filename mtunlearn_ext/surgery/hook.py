@@ -64,10 +64,10 @@ from mtunlearn_ext.surgery.weightings import Weighting
 #: ``.backward`` (LibMTL's ``mode='backward'``); head gradients accumulate natively.
 PerTaskMode = Literal["autograd", "batched", "backward"]
 
-#: The most memory (bytes, all per-task stacks together) that ``backward()`` keeps allocated
-#: from one step to the next. Small models' stacks are kept: making them again was 2-6% of
-#: their step. Larger ones are freed after the step, so that a large model does not hold ``k``
-#: copies of its shared gradients through the optimizer step and evaluation.
+#: The most memory (bytes, all per-task stacks together) that ``backward()`` and ``apply()``
+#: keep allocated from one step to the next. Small models' stacks are kept: making them again
+#: was 2-6% of their step. Larger ones are freed after the step, so that a large model does not
+#: hold ``k`` copies of its shared gradients through the optimizer step and evaluation.
 KEPT_STACKS_MAX_BYTES = 64 * 2**20
 
 
@@ -594,6 +594,7 @@ class GradientSurgery:
         buffers. Returns how many micro-batches were dropped (0: nothing was pending)."""
         dropped = self._pending_count
         self._clear_pending()
+        self._release_large_stacks()
         return dropped
 
     def backward(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False
@@ -742,7 +743,12 @@ class GradientSurgery:
                               self._buffered_tasks or 0, self._pending_device,
                               self._pending_losses if self.per_task == "batched" else None)
             self._clear_pending()
-            return self._aggregate(self._buffered_for, self._buffers, found)
+            try:
+                return self._aggregate(self._buffered_for, self._buffers, found)
+            finally:
+                # As after backward(): large buffers held past apply() kept k copies of the
+                # shared gradients through the optimizer step and evaluation.
+                self._release_large_stacks()
         # Explicit stacks tell k only through themselves: none to take part is refused here.
         # Under a reducer that refusal is this process's alone (the others wait in their
         # collective until its timeout): a rank without a shard must use backward() or
@@ -769,7 +775,7 @@ class GradientSurgery:
         (views made with the stacks). Kept, not made at every step: a tensor and a row view
         per parameter and task were 2-6% of a small model's step (6 tensors, k = 2-4), and on
         the CPU a new stack of a large model is page-faulted in again at every step. The price
-        is that the stacks stay allocated between steps, as accumulate()'s always have."""
+        is that stacks up to :data:`KEPT_STACKS_MAX_BYTES` stay allocated between steps."""
         buffers = self._buffers
         if (buffers is None or self._buffered_tasks != k or self._buffered_for is None
                 or not (self._buffered_for is active
@@ -790,8 +796,8 @@ class GradientSurgery:
         return buffers, self._buffer_rows
 
     def _release_large_stacks(self) -> None:
-        """Drop the stacks after a backward() step when they exceed
-        :data:`KEPT_STACKS_MAX_BYTES`: kept, they would hold ``k`` times a large model's
+        """Drop the stacks after a backward() or apply() step (or a discard()) when they
+        exceed :data:`KEPT_STACKS_MAX_BYTES`: kept, they would hold ``k`` times a large model's
         shared parameters through the optimizer step and evaluation, where making them again
         costs little next to the step; small ones are kept for the next step."""
         if self._buffers is not None and self._buffer_bytes > KEPT_STACKS_MAX_BYTES:
