@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -138,26 +140,65 @@ def cpu_isa() -> dict[str, str]:
     return dict(_C.cpu_isa())
 
 
+@dataclass(eq=False)  # identity, not value: two open blocks may hold the same cap
+class _OpenCap:
+    isa: str
+
+
+# The cap is one value for the whole process (the kernels of every thread read it), so blocks
+# that threads open and close out of order must not each restore what they found: A entering
+# (baseline), B entering (avx2), A leaving (restoring avx512), B leaving (restoring baseline)
+# left the process capped at baseline for good. Instead the open blocks are kept in the order
+# they were entered; the cap is the last one's, and the cap found before the first is
+# restored when the last closes. One thread's nested blocks behave exactly as a stack.
+_isa_lock = threading.Lock()
+_open_caps: list[_OpenCap] = []
+_cap_before_blocks = CPU_ISAS[-1]
+
+
+def _isa_setter(function: str, isa: str) -> Any:
+    """The compiled module, after checking ``isa`` and that the module is loaded."""
+    if isa not in CPU_ISAS:
+        raise ValueError(f"{function}: `isa` must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
+    if _C is None:
+        raise RuntimeError(f"{function}: the compiled extension is not loaded")
+    return _C
+
+
 def set_cpu_isa(isa: str) -> str:
     """Cap the CPU kernels' instruction set at ``isa`` (one of :data:`CPU_ISAS`; a cap above
     what the CPU supports leaves the CPU's best). Returns the previous cap. The AVX-512 and
     AVX2 kernels give equal results bit for bit; the baseline kernels (no FMA) round
-    differently within the ops' tolerances."""
-    if isa not in CPU_ISAS:
-        raise ValueError(f"set_cpu_isa: `isa` must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
-    if _C is None:
-        raise RuntimeError("set_cpu_isa: the compiled extension is not loaded")
-    previous = str(_C.cpu_isa()["limit"])
-    _C.set_cpu_isa_limit(isa)
+    differently within the ops' tolerances. The cap is process-wide (every thread's calls);
+    inside a :func:`cpu_isa_limit` block it lasts until that block closes."""
+    compiled = _isa_setter("set_cpu_isa", isa)
+    with _isa_lock:
+        previous = str(compiled.cpu_isa()["limit"])
+        compiled.set_cpu_isa_limit(isa)
+        if _open_caps:
+            _open_caps[-1].isa = isa
     return previous
 
 
 @contextlib.contextmanager
 def cpu_isa_limit(isa: str) -> Iterator[None]:
     """``with cpu_isa_limit("avx2"): ...`` runs the block with the CPU kernels capped at
-    ``isa`` (see :func:`set_cpu_isa`) and restores the previous cap after."""
-    previous = set_cpu_isa(isa)
+    ``isa`` (see :func:`set_cpu_isa`) and restores the previous cap after.
+
+    The cap is process-wide: while blocks of several threads overlap, the kernels of every
+    thread run under the cap of the block entered last, and the cap found before the first
+    block comes back when the last one closes, in whatever order they close."""
+    global _cap_before_blocks
+    compiled = _isa_setter("cpu_isa_limit", isa)
+    entry = _OpenCap(isa)
+    with _isa_lock:
+        if not _open_caps:
+            _cap_before_blocks = str(compiled.cpu_isa()["limit"])
+        _open_caps.append(entry)
+        compiled.set_cpu_isa_limit(isa)
     try:
         yield
     finally:
-        set_cpu_isa(previous)
+        with _isa_lock:
+            _open_caps.remove(entry)
+            compiled.set_cpu_isa_limit(_open_caps[-1].isa if _open_caps else _cap_before_blocks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,35 @@ def test_cpu_isa_reports_and_restores_the_limit() -> None:
             assert ops.cpu_isa()["active"] == info["detected"]
         assert ops.cpu_isa()["active"] == "baseline"
     assert ops.cpu_isa() == info
+
+
+def test_cpu_isa_limit_blocks_of_two_threads_closing_out_of_order_restore_the_cap() -> None:
+    # The interleaving forced: A enters, B enters, A leaves, B leaves. Each block restoring the
+    # cap it found left the process capped at A's "baseline" for good.
+    found = ops.cpu_isa()["limit"]
+    a_entered, b_entered, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def block_a() -> None:
+        with ops.cpu_isa_limit("baseline"):
+            a_entered.set()
+            b_entered.wait(timeout=30)
+        a_left.set()
+
+    def block_b() -> None:
+        a_entered.wait(timeout=30)
+        with ops.cpu_isa_limit("avx2"):
+            b_entered.set()
+            a_left.wait(timeout=30)
+            seen["after A left"] = ops.cpu_isa()["limit"]
+
+    threads = [threading.Thread(target=block_a), threading.Thread(target=block_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"after A left": "avx2"}  # B's block keeps its cap until B leaves
+    assert ops.cpu_isa()["limit"] == found
 
 
 def test_cpu_isa_errors_name_the_argument() -> None:
