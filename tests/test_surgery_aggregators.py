@@ -3,8 +3,10 @@ textbook computations (the TorchJD comparison lives in test_surgery_torchjd.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -389,6 +391,43 @@ def test_pcgrad_call_counter_is_saved_so_a_resumed_run_draws_the_same_orders() -
     from mtunlearn_ext.training import state_dict_sha256
 
     assert state_dict_sha256(resumed) != state_dict_sha256(PCGrad(seed=3))
+
+
+def test_pcgrad_calls_from_two_threads_draw_distinct_orders_and_count_both(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter was read, then bumped through nn.Module's __setattr__, where threads switch:
+    two threads sharing one PCGrad both drew the orders of call 0 and the count lost a call.
+    Here each store waits (up to a second) for the other thread to reach its own store, which
+    forces that interleaving unless the read and the bump are one step."""
+    both_storing = threading.Barrier(2, timeout=1.0)
+
+    class PausingAtTheCount(PCGradWeighting):
+        armed = False
+
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "calls" and self.armed:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    both_storing.wait()
+            super().__setattr__(name, value)
+
+    weighting = PausingAtTheCount(seed=7)
+    weighting.armed = True
+    seeds: list[int] = []
+    original = ops.pcgrad_weights
+
+    def recording(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        seeds.append(seed)
+        return original(gram, seed=seed)
+
+    monkeypatch.setattr(ops, "pcgrad_weights", recording)
+    gram = torch.eye(3, dtype=F64)
+    threads = [threading.Thread(target=weighting, args=(gram,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seeds) == [7, 8]
+    assert weighting.calls == 2
 
 
 # ----------------------------------------------------------------------------- shared behaviour

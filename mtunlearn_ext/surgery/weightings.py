@@ -17,6 +17,7 @@ scaler: scaled gradients give the scaled update.
 from __future__ import annotations
 
 import operator
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -90,6 +91,11 @@ class SumWeighting(Weighting):
         return torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
 
 
+# One lock for every PCGradWeighting: a lock attribute would not pickle or deepcopy with the
+# module, and a count is bumped in nanoseconds.
+_CALL_COUNT_LOCK = threading.Lock()
+
+
 class PCGradWeighting(Weighting):
     """PCGrad (Yu et al., 2020) in coefficient space, via :func:`mtunlearn_ext.ops.pcgrad_weights`.
 
@@ -107,7 +113,8 @@ class PCGradWeighting(Weighting):
             calling once per step, uses the same orders and so the same weights; TorchJD's
             PCGrad draws them from ``torch.randperm`` instead. The counter is part of
             ``state_dict()`` (as extra state), so a run resumed from a checkpoint that saved it
-            draws the orders the uninterrupted run would have.
+            draws the orders the uninterrupted run would have. Threads sharing the module
+            draw distinct counts, in the order they happen to call.
     """
 
     max_tasks = MAX_SOLVER_K
@@ -135,15 +142,24 @@ class PCGradWeighting(Weighting):
         if self.seed is None:
             order_seed = -1
         else:
-            # Modulo 2**63 (the kernels' int64): a seed near the top wrapped past it and
-            # failed at a later call.
-            order_seed = (self.seed + (self.calls if self.reshuffle else 0)) % 2 ** 63
-        if self.reshuffle and self.seed is not None:
             # Counted only where it picks the order: torch.compile takes a module's int
             # attributes for constants, so a count that changed every call recompiled every
             # call (and failed at dynamo's 9th under fullgraph=True) with the order fixed.
-            self.calls += 1
+            calls = self._count_call() if self.reshuffle else 0
+            # Modulo 2**63 (the kernels' int64): a seed near the top wrapped past it and
+            # failed at a later call.
+            order_seed = (self.seed + calls) % 2 ** 63
         return ops.pcgrad_weights(gram, seed=order_seed)
+
+    def _count_call(self) -> int:
+        """The number of earlier calls, and this one counted. Read and bumped under a lock: two
+        threads calling one module both read the count before either stored its increment
+        (nn.Module's __setattr__ is Python, a point where threads switch), so both drew the
+        same orders and the count lost a call."""
+        with _CALL_COUNT_LOCK:
+            calls = self.calls
+            self.calls = calls + 1
+        return calls
 
     def get_extra_state(self) -> dict[str, int]:
         return {"calls": self.calls}
