@@ -89,6 +89,45 @@ def test_cpu_isa_limit_blocks_of_two_threads_closing_out_of_order_restore_the_ca
     assert ops.cpu_isa()["limit"] == found
 
 
+@pytest.mark.skipif("avx2" not in RUNNABLE, reason="compares the baseline and AVX2 kernels")
+def test_a_call_runs_one_variant_while_another_thread_changes_the_cap() -> None:
+    """The Gram kernel read the cap at every wave of work items and every output block: a
+    1024-row Gram (10 blocks) made while another thread toggled the cap between baseline and
+    avx2 was part one variant, part the other, the bits of neither (10 calls of 10). It reads
+    the cap once per call now."""
+    x = _rand(1024, 3000, dtype=torch.float32, seed=5)
+    variants = []
+    for isa in ("baseline", "avx2"):
+        with ops.cpu_isa_limit(isa):
+            variants.append(ops.gram(x))
+    assert not torch.equal(*variants)  # else this test could not tell them apart
+    toggled_enough = threading.Event()
+    stop = threading.Event()
+
+    def toggle_the_cap() -> None:
+        toggles = 0
+        while not stop.is_set():
+            ops.set_cpu_isa("baseline")
+            ops.set_cpu_isa("avx2")
+            toggles += 1
+            if toggles == 1000:
+                toggled_enough.set()
+
+    mixed = 0
+    with ops.cpu_isa_limit("avx2"):  # restores the cap the toggling leaves
+        toggler = threading.Thread(target=toggle_the_cap)
+        toggler.start()
+        try:
+            toggled_enough.wait(timeout=30)
+            for _ in range(4):
+                result = ops.gram(x)
+                mixed += not any(torch.equal(result, v) for v in variants)
+        finally:
+            stop.set()
+            toggler.join()
+    assert mixed == 0
+
+
 def test_cpu_isa_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="`isa` must be one of baseline, avx2, avx512"):
         ops.set_cpu_isa("sse4")

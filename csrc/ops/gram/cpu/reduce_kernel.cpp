@@ -66,6 +66,7 @@ struct ReduceProblem {
   // Small problems (see SmallBlock): exact register blocks instead of padded kMR x kNR ones.
   const std::vector<struct SmallBlock>* small_plan = nullptr;
   int64_t small_lanes = 0;  // accumulator vectors over all blocks of the plan
+  cpu_isa::Isa isa = cpu_isa::Isa::Baseline;  // the call's instruction set, read once (reduce)
 };
 
 // One register block of the small-problem path: rows [r0, r0 + mr) of A against rows
@@ -619,9 +620,9 @@ template <typename Tag>
 void run_items(const ReduceProblem& p, const Item* items, int64_t count, double* partials,
                RangeFn avx2_range, RangeFn avx512_range) {
   RangeFn fn = &run_range_baseline<Tag>;
-  if (avx512_range && has_avx512() && !p.small_plan) {
+  if (avx512_range && p.isa >= cpu_isa::Isa::Avx512 && !p.small_plan) {
     fn = avx512_range;
-  } else if (avx2_range && has_avx2()) {
+  } else if (avx2_range && p.isa >= cpu_isa::Isa::Avx2) {
     fn = avx2_range;
   }
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
@@ -634,7 +635,7 @@ void run_items(const ReduceProblem& p, const Item* items, int64_t count, double*
 namespace {
 
 void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
-                 int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                 int64_t k, bool symmetric, int64_t num_outputs, void* out, cpu_isa::Isa isa,
                  int64_t tile_override, int64_t max_items_override = 0);
 
 // Columns per tile of the general path for an m x k problem (see reduce_impl).
@@ -654,7 +655,8 @@ int64_t general_tile(int64_t m, int64_t k, bool symmetric, bool dbl) {
 }
 
 bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
-                    int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out);
+                    int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                    cpu_isa::Isa isa);
 
 // A few rows against many (m <= kNR, k > 16: one direction against the rows of a memory) run
 // as the transposed problem, many rows against a few, which the sweep of process_item_impl
@@ -662,7 +664,8 @@ bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_
 // original problem's, passed down) and flushes, with its two factors swapped, and floating
 // point multiplication commutes: the result is the same bit for bit.
 bool reduce_transposed(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
-                       int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out) {
+                       int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                       cpu_isa::Isa isa) {
   if (symmetric || m > kNR || k <= 16 || k < 2 * kSweepRows) return false;
   for (int64_t s = 0; s < num_segments; ++s)
     if (segments[s].a2 != nullptr) return false;  // A's rows from two tensors: B cannot hold them
@@ -678,9 +681,9 @@ bool reduce_transposed(ScalarKind kind, const ReduceSegment* segments, int64_t n
   // same problem given the other way round is: unblocked, each thread's buffer held all k rows
   // (1.15 KiB a row: 1.1 GiB for one direction against a million rows, 12x slower).
   if (!reduce_blocked(kind, swapped.data(), num_segments, k, m, false, num_outputs,
-                      transposed.ptr))
+                      transposed.ptr, isa))
     reduce_impl(kind, swapped.data(), num_segments, k, m, false, num_outputs, transposed.ptr,
-                general_tile(m, k, false, dbl));
+                isa, general_tile(m, k, false, dbl));
   for (int64_t o = 0; o < num_outputs; ++o)
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < k; ++j) {
@@ -703,7 +706,8 @@ bool reduce_transposed(ScalarKind kind, const ReduceSegment* segments, int64_t n
 constexpr int64_t kOutputBlock = 256;
 
 bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments,
-                    int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out) {
+                    int64_t m, int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                    cpu_isa::Isa isa) {
   if (m * k <= kOutputBlock * kOutputBlock) return false;
   // A stacked [g; r] (gram_list_stacked) is cut at its split too, so that every block's rows
   // come from one tensor; unblocked, a stack of 2048 rows ran on one thread with 224 MiB of
@@ -762,7 +766,7 @@ bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_
       AlignedBuffer block(static_cast<size_t>(num_outputs * rows * cols * (dbl ? 8 : 4)));
       // Inside this parallel region the block's own parallel_for runs inline, on this thread.
       reduce_impl(kind, sub.data(), num_segments, rows, cols, diagonal, num_outputs, block.ptr,
-                  0, /*max_items_override=*/1);
+                  isa, 0, /*max_items_override=*/1);
       for (int64_t o = 0; o < num_outputs; ++o)
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < cols; ++c) {
@@ -789,15 +793,22 @@ bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_
 void reduce(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
             int64_t k, bool symmetric, int64_t num_outputs, void* out) {
   if (num_outputs * m * k == 0) return;
-  if (reduce_transposed(kind, segments, num_segments, m, k, symmetric, num_outputs, out)) return;
-  if (reduce_blocked(kind, segments, num_segments, m, k, symmetric, num_outputs, out)) return;
-  reduce_impl(kind, segments, num_segments, m, k, symmetric, num_outputs, out, 0);
+  // The cap is process-wide (set_cpu_isa): read once, so that another thread changing it while
+  // this call runs cannot leave some waves or blocks on one variant and the rest on another
+  // (a 1024-row float32 Gram under a cap toggled between baseline and avx2 gave neither
+  // variant's bits in 10 calls of 10).
+  const cpu_isa::Isa isa = cpu_isa::active();
+  if (reduce_transposed(kind, segments, num_segments, m, k, symmetric, num_outputs, out, isa))
+    return;
+  if (reduce_blocked(kind, segments, num_segments, m, k, symmetric, num_outputs, out, isa))
+    return;
+  reduce_impl(kind, segments, num_segments, m, k, symmetric, num_outputs, out, isa, 0);
 }
 
 namespace {
 
 void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_segments, int64_t m,
-                 int64_t k, bool symmetric, int64_t num_outputs, void* out,
+                 int64_t k, bool symmetric, int64_t num_outputs, void* out, cpu_isa::Isa isa,
                  int64_t tile_override, int64_t max_items_override) {
   const bool dbl = kind == ScalarKind::Float64;
   const int64_t out_elems = num_outputs * m * k;
@@ -829,6 +840,7 @@ void reduce_impl(ScalarKind kind, const ReduceSegment* segments, int64_t num_seg
   p.m = m;
   p.k = k;
   p.symmetric = symmetric;
+  p.isa = isa;
   p.rows_a = round_up(m, kMR);
   p.rows_b = round_up(k, kNR);
   // One extra all-zero row at the end of each buffer stands in for rows past m (or k).
