@@ -1324,6 +1324,36 @@ def test_public_api_unlearns_compiled_and_parallel_models_through_their_module(u
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in wrapped.state_dict().items())
 
 
+def test_a_wrapped_models_split_may_name_parameters_as_the_wrapper_does(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """Review: a DataParallel (or compiled) model's split given with the wrapper's own names,
+    read off `dp.named_parameters()` ("module.trunk.0.weight"), was refused as "not a
+    parameter of the model", though the model passed has it under that name; and a predicate
+    written for those names took nothing, with an error naming only the module's names. Names
+    with the wrapper's prefix now name the module's parameter (the run is the same as with
+    the module's names); a predicate is still called with the module's names, and the error
+    says so."""
+    model, x, y = user_setup
+    kwargs = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+                  config={"steps": 3})
+    plain, _ = mtunlearn_ext.unlearn(model, shared_parameters=lambda n: n.startswith("trunk."),
+                                     **kwargs)
+    for wrapper in (nn.DataParallel(model), nn.DataParallel(torch.compile(model))):
+        prefix = "module." if isinstance(wrapper.module, TwoHeads) else "module._orig_mod."
+        names = [n for n, _ in wrapper.named_parameters()]
+        assert all(n.startswith(prefix) for n in names)
+        new, _ = mtunlearn_ext.unlearn(
+            wrapper, shared_parameters=[n for n in names if n.startswith(prefix + "trunk.")],
+            head_parameters={t: [n for n in names if n.startswith(f"{prefix}heads.{t}.")]
+                             for t in ("kind", "size")}, **kwargs)
+        assert all(torch.equal(v, plain.state_dict()[k]) for k, v in new.state_dict().items())
+        with pytest.raises(ValueError, match=r"`shared_parameters` is called with the names of "
+                                             r"the module inside the wrapper \('trunk\.0\.weight"
+                                             rf"', not '{re.escape(prefix)}trunk\.0\.weight'\)"):
+            mtunlearn_ext.unlearn(wrapper, shared_parameters=lambda n: n.startswith(
+                prefix + "trunk."), **kwargs)
+
+
 def test_a_model_whose_trunk_is_compiled_is_unlearned_as_its_eager_trunk(user_setup) -> None:  # type: ignore[no-untyped-def]
     """Review: with `model.trunk = torch.compile(model.trunk)` (compiling the backbone alone),
     unlearn failed with torch's "This backward function was compiled with non-empty donated

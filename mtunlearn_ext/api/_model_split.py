@@ -121,7 +121,8 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
             for n, owners in _owners(model).items()}
 
 
-def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
+def _names_of(model: nn.Module, items: ParameterSpec, what: str,
+              wrapper_prefix: str = "") -> list[str]:
     by_id = {id(p): n for n, p in model.named_parameters()}
     canonical = {alias: n for n, names in _aliases(model).items() for alias in names}
     names: list[str] = []  # in the order given, each once (a list may name one twice)
@@ -143,6 +144,11 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str) -> list[str]:
                                        f"pass a submodule of the model")
             names.extend(by_id[id(p)] for p in item.parameters())
         elif isinstance(item, str):
+            # A name read off the wrapper the caller passed (`dp.named_parameters()`) names the
+            # same parameter as the module inside does, which is what the split is made of.
+            if (item not in canonical and wrapper_prefix and item.startswith(wrapper_prefix)
+                    and item[len(wrapper_prefix):] in canonical):
+                item = item[len(wrapper_prefix):]
             if item not in canonical:
                 module = (f" but a module: {_module_ways(item)}"
                           if _is_module_name(model, item) else "")
@@ -184,14 +190,22 @@ def unwrapped(model: nn.Module) -> nn.Module:
     wrappers: per-sample gradients (torch.func) and parameter names ("trunk.0.weight", not
     "_orig_mod.trunk.0.weight" or "module.trunk.0.weight") are its own, so a request runs, and
     a saved model is compared, through it (a DataParallel request runs in this one process)."""
+    return unwrapped_with_prefix(model)[0]
+
+
+def unwrapped_with_prefix(model: nn.Module) -> tuple[nn.Module, str]:
+    """:func:`unwrapped`, and what the wrappers put before its parameter names in their own
+    ``named_parameters()`` ("module._orig_mod." for a DataParallel around a compiled module,
+    "" for a module not wrapped): names the caller read off the wrapper carry it."""
+    prefix = ""
     while True:
         if type(model).__name__ == "OptimizedModule" and isinstance(
                 orig := getattr(model, "_orig_mod", None), nn.Module):
-            model = orig
+            model, prefix = orig, prefix + "_orig_mod."
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
+            model, prefix = model.module, prefix + "module."
         else:
-            return model
+            return model, prefix
 
 
 def has_own_split(model: nn.Module, shared: SharedSpec | None,
@@ -202,9 +216,12 @@ def has_own_split(model: nn.Module, shared: SharedSpec | None,
 
 
 def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec | None,
-                 heads: Mapping[str, ParameterSpec] | None) -> nn.Module:
+                 heads: Mapping[str, ParameterSpec] | None,
+                 wrapper_prefix: str = "") -> nn.Module:
     """The model itself when it already exposes ``parameter_split()`` and no split is given,
-    else a :class:`SplitModel` around it."""
+    else a :class:`SplitModel` around it. ``model`` is the caller's module unwrapped
+    (:func:`unwrapped_with_prefix`) and ``wrapper_prefix`` what its wrappers put before its
+    names: names given with it are taken, and a predicate is called with the module's own."""
     if has_own_split(model, shared, heads):
         return model
     if shared is None and heads is None:
@@ -237,7 +254,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
                                     and any(predicate(a) for a in names))
             for names in owners[n])]
     else:
-        shared_names = _names_of(model, shared, "shared_parameters")
+        shared_names = _names_of(model, shared, "shared_parameters", wrapper_prefix)
     if heads is not None:
         if not isinstance(heads, Mapping):
             raise TypeError(f"{entry()}: `head_parameters` must be a mapping task -> names or "
@@ -246,7 +263,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
         if unknown:
             raise ValueError(f"{entry()}: `head_parameters` has key(s) {unknown} that are not "
                              f"tasks; its keys must be tasks of `tasks`: {list(task_names)}")
-        head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]")
+        head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]", wrapper_prefix)
                       for t in task_names if t in heads}
     else:
         head_names = _heads_by_name(model, task_names, trainable, shared_names)
@@ -256,7 +273,8 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
         raise ValueError(f"{entry()}: parameters neither shared nor in a head: {stray}; pass "
                          f"`head_parameters` (task -> names) or widen `shared_parameters`, or, "
                          f"if no task of `tasks` uses them (an auxiliary head), freeze them "
-                         f"(`requires_grad_(False)`): frozen parameters stay as they are")
+                         f"(`requires_grad_(False)`): frozen parameters stay as they are"
+                         + _wrapper_names_hint(shared, stray, wrapper_prefix))
     overlap = set(shared_names) & {n for names in head_names.values() for n in names}
     if overlap:
         tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
@@ -269,6 +287,20 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
         head_names[t] = []
     # Frozen parameters belong to no group (they never move); the split lists trainable ones.
     return SplitModel(model, shared_names, head_names)
+
+
+def _wrapper_names_hint(shared: SharedSpec | None, stray: Sequence[str],
+                        wrapper_prefix: str) -> str:
+    """Why a predicate written for the wrapper's names ("module.trunk.") took none of the
+    module's own, if that is what happened."""
+    if not (wrapper_prefix and callable(shared) and not isinstance(shared, nn.Module)):
+        return ""
+    meant = [n for n in stray if shared(wrapper_prefix + n)]
+    if not meant:
+        return ""
+    return (f". `shared_parameters` is called with the names of the module inside the "
+            f"wrapper ({meant[0]!r}, not {wrapper_prefix + meant[0]!r}): the model is unlearned "
+            f"through that module; drop {wrapper_prefix!r} from what it matches")
 
 
 def _tasks_named_in(name: str, task_names: Sequence[str]) -> list[str]:

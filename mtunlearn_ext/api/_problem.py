@@ -39,7 +39,7 @@ from mtunlearn_ext.api._model_split import (
     fresh_split_model,
     has_own_split,
     split_model,
-    unwrapped,
+    unwrapped_with_prefix,
 )
 from mtunlearn_ext.api._task_specs import (
     classes_predicted_by, task_specs, tasks_from_data)
@@ -138,7 +138,7 @@ def build_problem_with_naming(model: nn.Module, *,
     if not isinstance(model, nn.Module):  # (an AttributeError from deep inside, at first)
         raise TypeError(f"{entry()}: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
-    model = unwrapped(model)
+    model, wrapper_prefix = unwrapped_with_prefix(model)
     given_tasks = tasks_from_data(tasks, [train_data, forget_data, retain_data, held_out_data],
                             entry())
     earlier, carried = requests_removed_before(model, earlier_requests, forget_data is not None)
@@ -340,7 +340,7 @@ def build_problem_with_naming(model: nn.Module, *,
                                         held_out.supervision)
         else:
             naming = replace(naming, own_held_out=own_held_out)
-    wrapped = split_model(model, names, shared_parameters, head_parameters)
+    wrapped = split_model(model, names, shared_parameters, head_parameters, wrapper_prefix)
     if (fresh_model is None) != (train_config is None):
         raise ValueError(f"{entry()}: `fresh_model` and `train_config` go together (retraining "
                          "needs both the architecture and the recipe)")
