@@ -1818,6 +1818,33 @@ def test_a_model_returning_a_namedtuple_is_read_by_its_field_names() -> None:
     assert scores == mtunlearn_ext.evaluate(_TwoHeads(), (x, y), tasks=TASKS)
 
 
+class _ContainerPerTask(_TwoHeads):
+    def __init__(self, container: str) -> None:
+        super().__init__()
+        self.container = container
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:  # type: ignore[override]
+        out = super().forward(x)
+        wrapped: object = ({"values": out["b"]} if self.container == "dict"
+                           else (out["b"], x) if self.container == "tuple" else None)
+        return {"a": out["a"], "b": wrapped}
+
+
+@pytest.mark.parametrize("container, shown", [("dict", "dict"), ("tuple", "tuple"),
+                                              ("none", "NoneType")])
+def test_a_task_prediction_that_is_no_tensor_is_named(container: str, shown: str) -> None:
+    """Own-model review: a regression head returning a dict, a tuple or None under its task
+    failed with `KeyError: tensor([True, True, True])` or a TypeError from indexing deep in
+    the checks (a classification one with "has shape <class 'dict'>")."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=rf"the model's prediction for task 'b' \(regression\) "
+                                         rf"is a {shown}, not a tensor: return the task's "
+                                         rf"prediction itself under 'b'"):
+        mtunlearn_ext.unlearn(_ContainerPerTask(container), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5), ["a"]),
+                              shared_parameters=_trunk, config={"steps": 1})
+
+
 def test_a_problem_built_directly_on_a_model_returning_no_mapping_says_so_too() -> None:
     # A problem built directly (a MultiTaskModel, not wrapped by unlearn): its own type check.
     x, y = _data()

@@ -489,15 +489,23 @@ class UnlearningProblem:
                              f"tasks {missing} (it returns {sorted(out)})")
         for column, spec in enumerate(self.tasks):
             pred = out[spec.name]
+            if not isinstance(pred, torch.Tensor):
+                # Every loss, metric and gradient reads one tensor per task; a container
+                # reached them as an index error from deep inside.
+                raise ValueError(f"UnlearningProblem: the model's prediction for task "
+                                 f"{spec.name!r} ({spec.kind}) is a {type(pred).__name__}, not "
+                                 f"a tensor: return the task's prediction itself under "
+                                 f"{spec.name!r} (e.g. the logits or values of a dict or tuple "
+                                 f"its head returns), and other outputs under names that are "
+                                 f"not tasks (ignored)")
             if spec.kind in ("classification", "segmentation") and (
-                    not isinstance(pred, torch.Tensor) or pred.dim() < 2
+                    pred.dim() < 2
                     or pred.shape[1] != spec.num_classes):
                 # The metrics and the forgetting objectives count classes along dimension 1.
-                shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred)
-                hint = (_token_tagging_hint(spec.kind, pred)
-                        if isinstance(pred, torch.Tensor) else "")
+                hint = _token_tagging_hint(spec.kind, pred)
                 raise ValueError(f"UnlearningProblem: the model's prediction for task "
-                                 f"{spec.name!r} ({spec.kind}) has shape {shape}, but the task "
+                                 f"{spec.name!r} ({spec.kind}) has shape {tuple(pred.shape)}, "
+                                 f"but the task "
                                  f"has num_classes {spec.num_classes}: dimension 1 must hold "
                                  f"one score per class{hint}")
             labelled = supervision[positions, column].to(device)
