@@ -740,6 +740,42 @@ def test_a_weight_tied_between_the_trunk_and_a_head_is_shared(heads_first: bool)
                       **common)  # type: ignore[arg-type]
 
 
+class _HeadsTiedToEachOther(_TwoHeads):
+    """Head b's weight is head a's (two modules, one parameter); b reads its first row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads["b"] = nn.Linear(16, 3)
+        self.heads["b"].weight = self.heads["a"].weight
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"a": self.heads["a"](z), "b": self.heads["b"](z)[:, :1]}
+
+
+def test_a_weight_tied_between_two_heads_is_refused_in_the_callers_names() -> None:
+    """Own-model review: given in both tasks' `head_parameters`, the tied weight was refused
+    by the groups' check as "'module.heads.a.weight' is listed under both 'a' and 'b'", a
+    name the caller's model does not have; found by name, the error said "one module serves
+    both heads", which it does not (two modules hold one parameter)."""
+    x, y = _data()
+    model = _HeadsTiedToEachOther()
+    common = dict(tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                  forget_request=ForgetRequest.create(range(5), ["a"]), config={"steps": 1})
+    with pytest.raises(ValueError, match=r"^unlearn: `head_parameters` puts parameter "
+                                         r"'heads\.a\.weight' \(one parameter under the names "
+                                         r"\['heads\.a\.weight', 'heads\.b\.weight'\]\) in "
+                                         r"the heads of both 'a' and 'b': both tasks use it, so "
+                                         r"it is shared: list it in `shared_parameters`"):
+        mtunlearn_ext.unlearn(model, head_parameters={"a": model.heads["a"],
+                                                      "b": model.heads["b"]},
+                              **common)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"in the heads of both 'a' \(as 'heads\.a\.weight'\) "
+                                         r"and 'b' \(as 'heads\.b\.weight'\): a weight tied "
+                                         r"between both heads, so both tasks use it"):
+        mtunlearn_ext.unlearn(model, **common)  # type: ignore[arg-type]
+
+
 class _HeadsListedTwice(_TwoHeads):
     """The heads also held in a list for iteration: each head parameter is reachable as
     `heads.a.weight` and `head_list.0.weight` (one module in two places, not a tie)."""

@@ -1195,8 +1195,9 @@ def test_a_parameter_belongs_to_one_group(user_setup) -> None:  # type: ignore[n
                   forget_request=ForgetRequest.create(range(10), ["kind"]),
                   config={"steps": 1})
     trunk = list(model.trunk.parameters())
-    with pytest.raises(ValueError, match=r"parameter 'module.trunk.0.weight' is listed under "
-                                         r"both 'kind' and 'size'.*`shared_parameters`"):
+    with pytest.raises(ValueError, match=r"`head_parameters` puts parameter 'trunk\.0\.weight' "
+                                         r"in the heads of both 'kind' and 'size'.*"
+                                         r"`shared_parameters`"):
         mtunlearn_ext.unlearn(model, shared_parameters=[], head_parameters={
             "kind": trunk + list(model.heads["kind"].parameters()),
             "size": trunk + list(model.heads["size"].parameters())}, **common)

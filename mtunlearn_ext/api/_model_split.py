@@ -265,6 +265,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
                              f"tasks; its keys must be tasks of `tasks`: {list(task_names)}")
         head_names = {t: _names_of(model, heads[t], f"head_parameters[{t!r}]", wrapper_prefix)
                       for t in task_names if t in heads}
+        _check_in_one_head(head_names, aliases)
     else:
         head_names = _heads_by_name(model, task_names, trainable, shared_names)
     assigned = set(shared_names) | {n for names in head_names.values() for n in names}
@@ -287,6 +288,24 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
         head_names[t] = []
     # Frozen parameters belong to no group (they never move); the split lists trainable ones.
     return SplitModel(model, shared_names, head_names)
+
+
+def _check_in_one_head(head_names: Mapping[str, Sequence[str]],
+                       aliases: Mapping[str, Sequence[str]]) -> None:
+    """A parameter given in two tasks' heads (one module listed for both, or a weight tied
+    between them) is refused here, in the caller's names: the groups' own check would name it
+    as the wrapper holds it (`module.heads.a.weight`)."""
+    head_of: dict[str, str] = {}
+    for task, names in head_names.items():
+        for n in names:
+            first = head_of.setdefault(n, task)
+            if first != task:
+                tied = (f" (one parameter under the names {list(aliases[n])})"
+                        if len(aliases.get(n, [])) > 1 else "")
+                raise ValueError(
+                    f"{entry()}: `head_parameters` puts parameter {n!r}{tied} in the heads of "
+                    f"both {first!r} and {task!r}: both tasks use it, so it is shared: list it "
+                    f"in `shared_parameters`, not in a head")
 
 
 def _wrapper_names_hint(shared: SharedSpec | None, stray: Sequence[str],
@@ -350,8 +369,10 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
             (task, name), (other, other_name) = list(owners.items())[:2]
             raise ValueError(
                 f"{entry()}: parameter {n!r} is in the heads of both {task!r} (as {name!r}) and "
-                f"{other!r} (as {other_name!r}): one module serves both heads, so both tasks use "
-                f"it; a parameter several tasks use is shared: list it in `shared_parameters` "
+                f"{other!r} (as {other_name!r}): "
+                + ("one module serves both heads" if len(held_by.get(n, [])) < 2
+                   else "a weight tied between both heads")
+                + f", so both tasks use it; a parameter several tasks use is shared: list it in `shared_parameters` "
                 f"(a predicate may take any of its names: {_aliases_of(held_by, n)})")
         if owners and outside:
             (task, name), = owners.items()
