@@ -372,8 +372,9 @@ def _heads_by_name(model: nn.Module, task_names: Sequence[str], trainable: Seque
                 f"{other!r} (as {other_name!r}): "
                 + ("one module serves both heads" if len(held_by.get(n, [])) < 2
                    else "a weight tied between both heads")
-                + f", so both tasks use it; a parameter several tasks use is shared: list it in `shared_parameters` "
-                f"(a predicate may take any of its names: {_aliases_of(held_by, n)})")
+                + f", so both tasks use it; a parameter several tasks use is shared: list it "
+                f"in `shared_parameters` (a predicate may take any of its names: "
+                f"{_aliases_of(held_by, n)})")
         if owners and outside:
             (task, name), = owners.items()
             raise ValueError(
