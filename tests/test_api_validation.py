@@ -1587,6 +1587,26 @@ def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() 
                                   config={"steps": 1})
 
 
+def test_a_model_made_under_inference_mode_is_refused_naming_the_way_out() -> None:
+    """Own-model review: a model built or loaded under `torch.inference_mode()` (serving code)
+    failed in the checks with "abs(): functions with out=... arguments don't support automatic
+    differentiation", which names neither the model nor inference mode."""
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                  shared_parameters=_trunk, config={"steps": 1})
+    with torch.inference_mode():
+        served = _TwoHeads()
+    with pytest.raises(ValueError, match=r"the model's parameter 'trunk\.0\.weight' is an "
+                                         r"inference tensor \(made or loaded under "
+                                         r"torch\.inference_mode\(\)\).*or unlearn "
+                                         r"`copy\.deepcopy\(model\)`"):
+        mtunlearn_ext.unlearn(served, **common)  # type: ignore[arg-type]
+    # The way out the message gives runs, as the same model made outside inference mode does.
+    copied, _ = mtunlearn_ext.unlearn(copy.deepcopy(served), **common)  # type: ignore[arg-type]
+    plain, _ = mtunlearn_ext.unlearn(_TwoHeads(), **common)  # type: ignore[arg-type]
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in copied.state_dict().items())
+
+
 def test_a_numpy_integer_seed_is_an_integer() -> None:
     """Review: `seed=np.int64(3)` was refused as "must be an integer in [0, 2**63)"."""
     import numpy as np

@@ -383,11 +383,11 @@ class UnlearningProblem:
 
     def check_model_state(self) -> None:
         """Raise naming the first offending tensor when the model's parameters or buffers hold
-        no values (the meta device), when a parameter holds NaN or Inf (a broken model: every
-        loss and projection after would read them, and the errors would name whatever fails
-        first), or when a trainable parameter is float16 / bfloat16: the steps write straight
-        into the parameters, and in those formats most unlearning updates round away (a
-        bfloat16 weight keeps 8 bits)."""
+        no values (the meta device) or are inference tensors (autograd refuses them), when a
+        parameter holds NaN or Inf (a broken model: every loss and projection after would read
+        them, and the errors would name whatever fails first), or when a trainable parameter
+        is float16 / bfloat16: the steps write straight into the parameters, and in those
+        formats most unlearning updates round away (a bfloat16 weight keeps 8 bits)."""
         prefix = getattr(self.model, "wrapped_prefix", "")
         named: list[tuple[str, str, torch.Tensor]] = [
             ("parameter", n, t) for n, t in self.model.named_parameters()]
@@ -398,6 +398,15 @@ class UnlearningProblem:
                 raise ValueError(f"UnlearningProblem: the model's {kind} {shown!r} is on the "
                                  "meta device and holds no values; load the trained weights "
                                  "first")
+            if tensor.is_inference():
+                # Autograd refuses to save one for backward; the first op to touch it with
+                # grad on failed with an unrelated message (`abs(): functions with out=...`).
+                raise ValueError(f"UnlearningProblem: the model's {kind} {shown!r} is an "
+                                 "inference tensor (made or loaded under "
+                                 "torch.inference_mode()), which autograd cannot take gradients "
+                                 "through; build or load the model outside inference_mode "
+                                 "(torch.no_grad() is enough to load weights), or unlearn "
+                                 "`copy.deepcopy(model)`, whose tensors are ordinary ones")
             # Buffers may hold Inf on purpose (an attention mask); weights may not.
             if kind == "parameter" and tensor.is_floating_point() \
                     and not bool(torch.isfinite(tensor).all()):
