@@ -1607,6 +1607,30 @@ def test_a_model_made_under_inference_mode_is_refused_naming_the_way_out() -> No
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in copied.state_dict().items())
 
 
+def test_gradient_hooks_on_the_parameters_are_said_not_to_run() -> None:
+    """Own-model review: a gradient hook keeping pruned weights at zero
+    (`weight.register_hook(lambda g: g * mask)`) was dropped without a word: the steps move a
+    copy of the model, whose parameters carry no hooks, and the masked weights moved."""
+    x, y = _data()
+    model = _TwoHeads()
+    mask = (torch.arange(128).reshape(16, 8) % 2).float()
+    with torch.no_grad():
+        model.trunk[0].weight.mul_(mask)
+    model.trunk[0].weight.register_hook(lambda grad: grad * mask)
+    with pytest.warns(UserWarning, match=r"^unlearn: trainable parameter\(s\) "
+                                         r"\['trunk\.0\.weight'\] carry gradient hooks .*which "
+                                         r"the unlearning steps do not run"):
+        new, _ = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                       forget_request=ForgetRequest.create(range(5)),
+                                       shared_parameters=_trunk, config={"steps": 2})
+    assert bool((new.trunk[0].weight[mask == 0] != 0).any())  # why the warning is needed
+    model.trunk[0].weight.requires_grad_(False)  # frozen: nothing moves it, nothing to say
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*carry gradient hooks")
+        build_problem(model, tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(5)))
+
+
 def test_a_numpy_integer_seed_is_an_integer() -> None:
     """Review: `seed=np.int64(3)` was refused as "must be an integer in [0, 2**63)"."""
     import numpy as np

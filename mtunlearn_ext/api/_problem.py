@@ -341,6 +341,7 @@ def build_problem_with_naming(model: nn.Module, *,
         else:
             naming = replace(naming, own_held_out=own_held_out)
     wrapped = split_model(model, names, shared_parameters, head_parameters, wrapper_prefix)
+    _warn_of_gradient_hooks(model)
     if (fresh_model is None) != (train_config is None):
         raise ValueError(f"{entry()}: `fresh_model` and `train_config` go together (retraining "
                          "needs both the architecture and the recipe)")
@@ -356,3 +357,20 @@ def build_problem_with_naming(model: nn.Module, *,
                                 model_factory=factory)
     problem.validate()
     return problem, trained, naming
+
+
+def _warn_of_gradient_hooks(model: nn.Module) -> None:
+    """Warn when trainable parameters carry gradient hooks: the methods step a copy of the
+    model (a parameter's copy has no hooks) and take per-sample gradients under torch.func,
+    so a hook that masks or clips a gradient (pruned weights kept at zero) silently has no
+    effect on the run."""
+    hooked = [n for n, p in model.named_parameters() if p.requires_grad and (
+        p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None))]
+    if hooked:
+        warnings.warn(f"{entry()}: trainable parameter(s) {hooked} carry gradient hooks "
+                      "(`Tensor.register_hook` or `register_post_accumulate_grad_hook`), which "
+                      "the unlearning steps do not run: they step a copy of the model, whose "
+                      "parameters have no hooks, and take per-sample gradients under "
+                      "torch.func. A hook that masks or scales a gradient (pruned weights kept "
+                      "at zero) changes nothing here: put such a mask in the forward "
+                      "(`torch.nn.utils.prune`), or freeze the parameter", stacklevel=3)
