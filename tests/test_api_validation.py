@@ -1631,6 +1631,24 @@ def test_gradient_hooks_on_the_parameters_are_said_not_to_run() -> None:
                       forget_request=ForgetRequest.create(range(5)))
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, on the inputs
+def test_a_module_backward_hook_is_named_among_what_the_per_sample_pass_cannot_take() -> None:
+    """Own-model review: with `model.trunk.register_full_backward_hook(...)` (gradient
+    logging) the per-sample pass failed saying torch could not batch "an autograd.Function
+    ... [without] setup_context", and its list of what vmap cannot take did not name hooks;
+    the run without the per-sample step works."""
+    x, y = _data()
+    model = _TwoHeads()
+    model.trunk.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                  shared_parameters=_trunk)
+    with pytest.raises(RuntimeError, match=r"module backward hooks "
+                                           r"\(`register_full_backward_hook`"):
+        mtunlearn_ext.unlearn(model, config={"steps": 1}, **common)  # type: ignore[arg-type]
+    mtunlearn_ext.unlearn(model, config={"steps": 1, "instance_projection": "off"},
+                          **common)  # type: ignore[arg-type]
+
+
 def test_a_numpy_integer_seed_is_an_integer() -> None:
     """Review: `seed=np.int64(3)` was refused as "must be an integer in [0, 2**63)"."""
     import numpy as np
