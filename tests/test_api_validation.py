@@ -1649,6 +1649,25 @@ def test_a_module_backward_hook_is_named_among_what_the_per_sample_pass_cannot_t
                           **common)  # type: ignore[arg-type]
 
 
+def test_a_forward_failing_on_inputs_of_another_dtype_than_the_model_says_so() -> None:
+    """Own-model review: a float64 model given float32 data failed with torch's "mat1 and mat2
+    must have the same dtype, but got Float and Double", which says neither which is which
+    nor that `unlearn` never casts the inputs."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"the model fails on the retain set's inputs.*"
+                                         r"\(the inputs are float32, the model's parameters "
+                                         r"float64, and inputs are passed as they are, never "
+                                         r"cast: .*`x\.to\(torch\.float64\)`\)"):
+        mtunlearn_ext.unlearn(_TwoHeads().double(), tasks=TASKS, train_data=(x, y),
+                              forget_request=ForgetRequest.create(range(5)),
+                              shared_parameters=_trunk, config={"steps": 1})
+    # Given in the model's dtype, it runs.
+    mtunlearn_ext.unlearn(_TwoHeads().double(), tasks=TASKS,
+                          train_data=(x.double(), {"a": y["a"], "b": y["b"].double()}),
+                          forget_request=ForgetRequest.create(range(5)),
+                          shared_parameters=_trunk, config={"steps": 1})
+
+
 def test_a_numpy_integer_seed_is_an_integer() -> None:
     """Review: `seed=np.int64(3)` was refused as "must be an integer in [0, 2**63)"."""
     import numpy as np

@@ -79,6 +79,23 @@ def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
         "or `build_problem` wraps the model)")
 
 
+def _dtype_hint(inputs: Inputs, model: nn.Module) -> str:
+    """Why a forward failed, when the floating inputs' dtype is not the floating parameters'
+    (a float64 model given float32 data): the inputs are passed as they are, never cast."""
+    tensors = (list(inputs.values()) if isinstance(inputs, Mapping)
+               else list(inputs) if isinstance(inputs, (tuple, list)) else [inputs])
+    given = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    held = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(held) != 1 or not given or given == held:
+        return ""
+    shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in given))
+    (dtype,) = held
+    return (f" (the inputs are {shown}, the model's parameters "
+            f"{str(dtype).removeprefix('torch.')}, and inputs are passed as they are, never "
+            f"cast: if that is the failure, give them in the model's dtype, e.g. "
+            f"`x.to({dtype})`)")
+
+
 def seed_everything(seed: int, device: torch.device | str | None = None) -> torch.Generator:
     """Seed Python, NumPy and torch's global generators; return a fresh CPU generator seeded with
     ``seed`` for the method's own sampling (so that sampling does not depend on what else drew
@@ -489,7 +506,7 @@ class UnlearningProblem:
                 raise _output_type_error(error.type_name, self.task_names) from error
             raise ValueError(f"UnlearningProblem: the model fails on {what}'s inputs (a "
                              f"batch of {describe(inputs)}): {type(error).__name__}: "
-                             f"{error}") from error
+                             f"{error}{_dtype_hint(inputs, self.model)}") from error
         if not isinstance(out, Mapping):
             raise _output_type_error(type(out).__name__, self.task_names)
         missing = [t for t in self.task_names if t not in out]
