@@ -2472,6 +2472,56 @@ def test_parameters_given_as_named_pairs_or_one_name() -> None:
             "a": "heads.a.weight", "b": ["heads.b.weight", "heads.b.bias"]}, **common)
 
 
+class _BareParameterHeads(nn.Module):
+    """Each head is one nn.Parameter (a linear map without a module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.a_map = nn.Parameter(torch.randn(16, 3))
+        self.b_map = nn.Parameter(torch.randn(16, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"a": z @ self.a_map, "b": z @ self.b_map}
+
+
+def test_a_head_given_as_one_parameter_and_no_predicate_offered_for_heads() -> None:
+    """Own-model review: a head that is a bare nn.Parameter, given alone
+    (`head_parameters={"a": model.a_map}`), was iterated row by row and refused as "a tensor
+    ... is not a parameter of the model"; and a string in `head_parameters` was told to "pass
+    a predicate", which `head_parameters` does not take (a predicate there failed with
+    "'function' object is not iterable"). One parameter now stands for itself, as one module
+    does (the same split as in a list), and the messages for heads offer only what they take."""
+    x, y = _data()
+    model = _BareParameterHeads()
+    common = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                  shared_parameters=_trunk)
+    alone = build_problem(model, head_parameters={"a": model.a_map, "b": model.b_map},
+                          **common)  # type: ignore[arg-type]
+    listed = build_problem(model, head_parameters={"a": [model.a_map], "b": [model.b_map]},
+                           **common)  # type: ignore[arg-type]
+    split = alone.model.parameter_split()  # type: ignore[operator]
+    assert split == listed.model.parameter_split()  # type: ignore[operator]
+    assert split.heads == {"a": ("module.a_map",), "b": ("module.b_map",)}
+    with pytest.raises(TypeError, match=r"`head_parameters\['a'\]` must be names, parameters or "
+                                        r"modules, got the string 'a_map': put names in a list "
+                                        r"\(\['a_map'\]\)$"):
+        build_problem(model, head_parameters={"a": "a_map", "b": [model.b_map]},
+                      **common)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`head_parameters\['a'\]` must be names, parameters or "
+                                        r"modules, got function \(only `shared_parameters` "
+                                        r"takes a predicate\)"):
+        build_problem(model, head_parameters={"a": lambda n: n == "a_map", "b": [model.b_map]},
+                      **common)  # type: ignore[arg-type]
+    with pytest.raises(UnknownNameError, match=r"names 'trunk', which is not a parameter of the "
+                                               r"model but a module: pass the module itself "
+                                               r"\(model\.get_submodule\('trunk'\)\)$"):
+        build_problem(model, head_parameters={"a": ["trunk"], "b": [model.b_map]},
+                      **common)  # type: ignore[arg-type]
+
+
 def test_heads_given_to_the_wrong_tasks_are_refused() -> None:
     """New-user review: `head_parameters={"a": heads.b, "b": heads.a}` was taken without a
     word: each head was then stepped with the other task's gradients (task a's real head got

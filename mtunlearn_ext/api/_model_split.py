@@ -126,10 +126,17 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str,
     by_id = {id(p): n for n, p in model.named_parameters()}
     canonical = {alias: n for n, names in _aliases(model).items() for alias in names}
     names: list[str] = []  # in the order given, each once (a list may name one twice)
-    if isinstance(items, nn.Module):
+    if isinstance(items, (nn.Module, nn.Parameter)):
+        # One module or one parameter (a head that is a bare nn.Parameter): iterating a
+        # tensor would give its rows, none of them a parameter.
         items = [items]
     if isinstance(items, str):
         raise TypeError(_one_name_error(model, what, items))
+    if callable(items) and what != "shared_parameters":
+        raise TypeError(f"{entry()}: `{what}` must be names, parameters or modules, got "
+                        f"{type(items).__name__} (only `shared_parameters` takes a predicate): "
+                        f"pass the names it takes, [n for n, _ in model.named_parameters() "
+                        f"if ...]")
     for given in items:
         # A (name, parameter) pair of `named_parameters()`, of the model or a submodule (whose
         # names are its own): the parameter is meant.
@@ -150,7 +157,7 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str,
                     and item[len(wrapper_prefix):] in canonical):
                 item = item[len(wrapper_prefix):]
             if item not in canonical:
-                module = (f" but a module: {_module_ways(item)}"
+                module = (f" but a module: {_module_ways(item, what == 'shared_parameters')}"
                           if _is_module_name(model, item) else "")
                 raise UnknownNameError(f"{entry()}: `{what}` names {item!r}, which is not a "
                                        f"parameter of the model{module}")
@@ -167,20 +174,25 @@ def _names_of(model: nn.Module, items: ParameterSpec, what: str,
 
 
 def _one_name_error(model: nn.Module, what: str, name: str) -> str:
-    said = (f"{entry()}: `{what}` must be names, parameters, modules or a predicate on names, "
-            f"got the string {name!r}")
+    takes_predicate = what == "shared_parameters"  # head_parameters takes none
+    said = (f"{entry()}: `{what}` must be names, parameters"
+            + (", modules or a predicate on names" if takes_predicate else " or modules")
+            + f", got the string {name!r}")
     if _is_module_name(model, name):
-        return f"{said}, which names a module: {_module_ways(name)}"
-    return (f"{said}: put names in a list ([{name!r}]), or pass a predicate "
-            f"(lambda n: n.startswith({name!r}))")
+        return f"{said}, which names a module: {_module_ways(name, takes_predicate)}"
+    return (f"{said}: put names in a list ([{name!r}])"
+            + (f", or pass a predicate (lambda n: n.startswith({name!r}))"
+               if takes_predicate else ""))
 
 
 def _is_module_name(model: nn.Module, name: str) -> bool:
     return bool(name) and name in dict(model.named_modules(remove_duplicate=False))
 
 
-def _module_ways(name: str) -> str:
+def _module_ways(name: str, takes_predicate: bool = True) -> str:
     """How to name a module's parameters: the parameter names of a list are matched whole."""
+    if not takes_predicate:
+        return f"pass the module itself (model.get_submodule({name!r}))"
     return (f"pass the module itself (model.get_submodule({name!r})) or a predicate "
             f"(lambda n: n.startswith({name + '.'!r}))")
 

@@ -34,8 +34,9 @@ DataLike = Union[InMemoryData, "torch.utils.data.Dataset[Any]",
 
 
 #: Parameters named, given, or held by modules: a head's or the trunk's parameters (also as
-#: the ``(name, parameter)`` pairs of ``named_parameters()``).
-ParameterSpec = Union[nn.Module, Iterable[Union[str, nn.Parameter, nn.Module,
+#: the ``(name, parameter)`` pairs of ``named_parameters()``); one module or one parameter
+#: alone stands for itself.
+ParameterSpec = Union[nn.Module, nn.Parameter, Iterable[Union[str, nn.Parameter, nn.Module,
                                                 tuple[str, nn.Parameter]]]]
 #: Which parameters are the shared trunk: names, the parameters themselves, modules, or a
 #: predicate on the parameter's name.
