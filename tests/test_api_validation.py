@@ -1668,6 +1668,36 @@ def test_a_forward_failing_on_inputs_of_another_dtype_than_the_model_says_so() -
                           shared_parameters=_trunk, config={"steps": 1})
 
 
+class _FrozenProbe(_TwoHeads):
+    """Head a is a frozen probe on detached trunk features: no trainable parameter feeds a."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads["a"].requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"a": self.heads["a"](z.detach()), "b": self.heads["b"](z)}
+
+
+@pytest.mark.parametrize("method", ["interference_aware", "gradient_ascent", "finetune"])
+def test_a_target_task_no_trainable_parameter_feeds_is_refused(method: str) -> None:
+    """Own-model review: forgetting task a of a model whose head a is frozen and reads the
+    trunk's output detached failed in autograd ("element 0 of tensors does not require grad
+    and does not have a grad_fn"), or (finetune, neggrad_plus, scrub) ran and forgot nothing
+    without a word. Refused before any work, naming the task; a non-target task in that state
+    is no obstacle."""
+    x, y = _data()
+    common = dict(tasks=TASKS, train_data=(x, y), shared_parameters=_trunk, method=method,
+                  config={"steps": 1})
+    with pytest.raises(ValueError, match=r"the model's prediction for target task\(s\) \['a'\] "
+                                         r"depends on no trainable parameter"):
+        mtunlearn_ext.unlearn(_FrozenProbe(), forget_request=ForgetRequest.create(range(5), ["a"]),
+                              **common)  # type: ignore[arg-type]
+    mtunlearn_ext.unlearn(_FrozenProbe(), forget_request=ForgetRequest.create(range(5), ["b"]),
+                          **common)  # type: ignore[arg-type]
+
+
 def test_a_numpy_integer_seed_is_an_integer() -> None:
     """Review: `seed=np.int64(3)` was refused as "must be an integer in [0, 2**63)"."""
     import numpy as np

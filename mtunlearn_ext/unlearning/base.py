@@ -271,7 +271,34 @@ class UnlearningProblem:
         self.check_model_on(self.forget, "the forget set")
         if self.held_out is not None:
             self.check_model_on(self.held_out, "the held_out set")
+        self.check_targets_reach_parameters(self.forget)
         self.check_heads_feed_their_tasks(self.retain)
+
+    def check_targets_reach_parameters(self, data: MultiTaskDataset) -> None:
+        """Raise when a target task's prediction depends on no trainable parameter (its head
+        frozen, reading the trunk's output detached): no step can forget it, and the
+        forgetting gradient failed in autograd ("element 0 of tensors does not require
+        grad") or, for methods that only fine-tune, nothing was said. One eval-mode forward
+        of up to :attr:`PROBE_CHUNK` rows of ``data`` (the forget set), its buffers kept."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params or len(data) == 0:  # all frozen: the unlearners name that themselves
+            return
+        # gradients_on, not enable_grad: under a caller's inference_mode nothing would
+        # require grad (every target task would look unreached), and rows taken there would
+        # be inference tensors, which autograd cannot save.
+        with BuffersKept(self.model), eval_mode(self.model), gradients_on():
+            rows = data.batch(torch.arange(min(self.PROBE_CHUNK, len(data))))
+            inputs: Inputs = rows["input"]  # type: ignore[assignment]
+            out = self.model(inputs_to(inputs, params[0].device))
+        unreached = [t for t in self.target_tasks
+                     if isinstance(out[t], torch.Tensor) and not out[t].requires_grad]
+        if unreached:
+            raise ValueError(
+                f"UnlearningProblem: the model's prediction for target task(s) {unreached} "
+                "depends on no trainable parameter (a frozen head reading detached features, "
+                "or an output computed without grad), so no step can forget it; unfreeze the "
+                "parameters that task should move (`requires_grad_(True)` on its head), or "
+                "leave the task out of the request")
 
     #: How many retained instances :meth:`check_heads_feed_their_tasks` runs the model on,
     #: and how many at a time.
