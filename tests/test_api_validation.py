@@ -2570,6 +2570,11 @@ def test_heads_given_to_the_wrong_tasks_are_refused() -> None:
                                          r"given to the wrong tasks \(check `head_parameters`"):
         build_problem(model, head_parameters={"a": model.heads["b"], "b": model.heads["a"]},
                       **common)
+    # The same under a caller's inference_mode (an evaluation loop): the graph was not made
+    # there, and the wrong heads were taken without a word.
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"given to the wrong tasks"):
+        build_problem(model, head_parameters={"a": model.heads["b"], "b": model.heads["a"]},
+                      **common)
     right = build_problem(model, head_parameters={"a": model.heads["a"], "b": model.heads["b"]},
                           **common)
     found = build_problem(model, **common)

@@ -351,12 +351,14 @@ class UnlearningProblem:
                     and all(len(fed(n)) > 1 for n in shared))
 
         read = 0
-        with BuffersKept(self.model):  # one snapshot for the walk: it only probes
+        # gradients_on, not enable_grad: under a caller's inference_mode no prediction required
+        # grad, and the check passed heads given to the wrong tasks without a word.
+        with BuffersKept(self.model), gradients_on():  # one snapshot for the walk: it probes
             while read < probed and not (read and settled()):
                 rows = data.batch(torch.arange(read, min(read + self.PROBE_CHUNK, probed)))
                 read = min(read + self.PROBE_CHUNK, probed)
                 inputs: Inputs = rows["input"]  # type: ignore[assignment]
-                with eval_mode(self.model), torch.enable_grad():
+                with eval_mode(self.model):
                     out = self.model(inputs_to(inputs, device))
                 tasks = [t for t in self.task_names
                          if isinstance(out[t], torch.Tensor) and out[t].requires_grad]
