@@ -28,7 +28,7 @@ import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._C._functorch import TransformType
 
-from mtunlearn_ext.ops._forward_mode import forward_mode_open
+from mtunlearn_ext.ops._forward_mode import _filled, _sum, _symmetrized, forward_mode_open
 from mtunlearn_ext.ops._reference import acc_dtype
 
 #: The ops with a derivative, by schema name.
@@ -98,10 +98,6 @@ def call_differentiable(name: str, *args: Any) -> torch.Tensor:
         layout, tensors = _flatten(args)
         return _Differentiable.apply(name, layout, *tensors)
     return getattr(torch.ops.mtunlearn, name)(*args)
-
-
-def _symmetrized(d: torch.Tensor) -> torch.Tensor:
-    return d + d.transpose(-1, -2)
 
 
 def _combine(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -193,18 +189,6 @@ def _backward(name: str, args: list[Any], grad: torch.Tensor, needed: Sequence[b
                    _products(sym[..., :m, m:], second, per_tensor)) if needed[0] else None,
             _added(_products(sym[..., m:, :m], first, per_tensor),
                    _products(sym[..., m:, m:], second, per_tensor)) if needed[1] else None]
-
-
-def _filled(tangents: list[Any], primals: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
-
-
-def _sum(terms: list[torch.Tensor | None]) -> torch.Tensor:
-    present = [t for t in terms if t is not None]
-    total = present[0]
-    for t in present[1:]:
-        total = total + t
-    return total
 
 
 def _tangent(name: str, primals: list[Any], tangents: list[Any]) -> torch.Tensor:
