@@ -434,13 +434,13 @@ def test_list_op_backward_computes_only_the_gradients_asked_for(
     from mtunlearn_ext.ops import _registration
 
     calls: list[int] = []
-    real = _registration._products
+    real = _registration.products
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_registration, "_products", counted)
+    monkeypatch.setattr(_registration, "products", counted)
     a = _stacks(2, seed=63)
     b = [t.requires_grad_() for t in _stacks(3, seed=64)]
     ops.inner_list(a, b).sum().backward()

@@ -35,7 +35,7 @@ from mtunlearn_ext.ops._reference import acc_dtype
 DIFFERENTIABLE = ("gram", "inner", "combine", "gram_list", "inner_list", "gram_list_stacked")
 
 #: ``[C_p @ xs[p]]`` for a list, a list op's input gradient: not an op of its own, but one
-#: differentiable step of their derivatives (see :func:`_products`).
+#: differentiable step of their derivatives (see :func:`products`).
 _PRODUCTS = "products"
 
 
@@ -106,33 +106,44 @@ def _combine(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return call_differentiable("combine", coeffs.to(acc_dtype(x.dtype)).contiguous(), x)
 
 
-def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
-              ) -> list[torch.Tensor]:
-    """``[C_p @ xs[p]]`` (``C_p = coeffs[p]`` per tensor), each shaped like ``xs[p]`` with
-    ``coeffs``' row count in front: a list op's input gradient. One differentiable call for
-    the whole list (one per tensor cost ~0.4 ms each under the transforms: 75 ms for the
-    backward of a 160-tensor ``gram_list``)."""
+def products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
+             ) -> list[torch.Tensor]:
+    """``[C_p @ xs[p]]`` (``C_p = coeffs[p]`` per tensor, else ``coeffs``), each shaped like
+    ``xs[p]`` with ``coeffs``' row count in front: the gradient of a list op's input (the
+    registered backward formulas' and :class:`_Differentiable`'s). Under a reverse-mode
+    transform or while forward mode is open, one differentiable step for the whole list (one
+    per tensor cost ~0.4 ms each under the transforms: 75 ms for the backward of a 160-tensor
+    ``gram_list``); else :func:`_products_now`."""
     if forward_mode_open() or reverse_transform_active():
         layout, tensors = _flatten((coeffs, xs, per_tensor))
         return list(_Differentiable.apply(_PRODUCTS, layout, *tensors))
-    return _products_now(coeffs, xs, per_tensor)
+    return _products_now(coeffs, xs, per_tensor, batched=_batched(coeffs))
 
 
-def _products_now(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
-                  ) -> list[torch.Tensor]:
-    """:func:`_products` by the compiled ops: one differentiable ``combine`` per tensor with
-    grad mode on or under vmap (``combine_list_`` writes in place, which neither takes), else
-    one ``combine_list_`` launch."""
-    rows = coeffs.shape[-2]
+def _batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap batch: torch.func's, or the legacy one that batched gradients
+    (``is_grads_batched``) use."""
     functorch = torch._C._functorch
-    if torch.is_grad_enabled() or any(functorch.is_batchedtensor(t) for t in (coeffs, *xs)):
+    return bool(functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t))
+
+
+def _products_now(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool,
+                  batched: bool) -> list[torch.Tensor]:
+    """:func:`products` by the compiled ops. With grad mode on (``create_graph``: the gradient
+    has a gradient) or on a vmap batch (``batched``: ``autograd.grad(...,
+    is_grads_batched=True)``, ``jacobian(..., vectorize=True)``, a generated vmap rule), one
+    differentiable ``combine`` per tensor: ``combine_list_`` writes in place and has no
+    batching rule. Otherwise one ``combine_list_`` launch."""
+    rows = coeffs.shape[-2]
+    if torch.is_grad_enabled() or batched:
         return [torch.ops.mtunlearn.combine(
                     (coeffs[p] if per_tensor else coeffs).to(acc_dtype(x.dtype)).contiguous(),
                     x.reshape(x.shape[0], math.prod(x.shape[1:]))).reshape(rows, *x.shape[1:])
                 for p, x in enumerate(xs)]
     outs = [x.new_empty((rows, *x.shape[1:])) for x in xs]
-    torch.ops.mtunlearn.combine_list_(
-        outs, coeffs.to(acc_dtype(xs[0].dtype)).contiguous(), xs, 0.0, per_tensor)
+    if xs:
+        torch.ops.mtunlearn.combine_list_(
+            outs, coeffs.to(acc_dtype(xs[0].dtype)).contiguous(), xs, 0.0, per_tensor)
     return outs
 
 
@@ -143,16 +154,16 @@ def _products_backward(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor:
     grads = [g.to(x.dtype) for g, x in zip(grads, xs)]
     return [call_differentiable("inner_list", grads, xs, per_tensor).to(coeffs.dtype)
             if needed[0] else None,
-            _products(coeffs.transpose(-1, -2), grads, per_tensor) if needed[1] else None]
+            products(coeffs.transpose(-1, -2), grads, per_tensor) if needed[1] else None]
 
 
 def _products_tangent(primals: list[Any], tangents: list[Any]) -> tuple[torch.Tensor, ...]:
     coeffs, xs, per_tensor = primals
     terms = []
     if tangents[0] is not None:
-        terms.append(_products(tangents[0], xs, per_tensor))
+        terms.append(products(tangents[0], xs, per_tensor))
     if any(t is not None for t in tangents[1]):
-        terms.append(_products(coeffs, _filled(tangents[1], xs), per_tensor))
+        terms.append(products(coeffs, _filled(tangents[1], xs), per_tensor))
     return tuple(terms[0] if len(terms) == 1 else _added(terms[0], terms[1]))
 
 
@@ -177,18 +188,18 @@ def _backward(name: str, args: list[Any], grad: torch.Tensor, needed: Sequence[b
                 _combine(coeffs.transpose(-1, -2), grad) if needed[1] else None]
     per_tensor = not isinstance(args[-1], list) and bool(args[-1])
     if name == "gram_list":
-        return [_products(_symmetrized(grad), args[0], per_tensor)]
+        return [products(_symmetrized(grad), args[0], per_tensor)]
     first, second = args[0], args[1]
     if name == "inner_list":
-        return [_products(grad, second, per_tensor) if needed[0] else None,
-                _products(grad.transpose(-1, -2), first, per_tensor) if needed[1] else None]
+        return [products(grad, second, per_tensor) if needed[0] else None,
+                products(grad.transpose(-1, -2), first, per_tensor) if needed[1] else None]
     # gram_list_stacked: row i of [X; Y] gets sum_j sym[i, j] [X; Y]_j.
     m = first[0].shape[0]
     sym = _symmetrized(grad)
-    return [_added(_products(sym[..., :m, :m], first, per_tensor),
-                   _products(sym[..., :m, m:], second, per_tensor)) if needed[0] else None,
-            _added(_products(sym[..., m:, :m], first, per_tensor),
-                   _products(sym[..., m:, m:], second, per_tensor)) if needed[1] else None]
+    return [_added(products(sym[..., :m, :m], first, per_tensor),
+                   products(sym[..., :m, m:], second, per_tensor)) if needed[0] else None,
+            _added(products(sym[..., m:, :m], first, per_tensor),
+                   products(sym[..., m:, m:], second, per_tensor)) if needed[1] else None]
 
 
 def _tangent(name: str, primals: list[Any], tangents: list[Any]) -> torch.Tensor:
@@ -227,8 +238,11 @@ class _Differentiable(torch.autograd.Function):
         # vmap levels of a generated vmap rule, which the ops' batch rules take.
         args = _unflatten(layout, tensors)
         if name == _PRODUCTS:
+            coeffs, xs, per_tensor = args
+            # A generated vmap rule may batch any of them (xs, not coeffs, under vmap(grad)).
+            batched = any(_batched(t) for t in (coeffs, *xs))
             with torch.no_grad():  # this Function records it
-                return tuple(_products_now(*args))
+                return tuple(_products_now(coeffs, xs, per_tensor, batched))
         return getattr(torch.ops.mtunlearn, name)(*args)
 
     @staticmethod

@@ -6,13 +6,10 @@ treat as constants with only a warning (wrong gradients, silently)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mtunlearn_ext.ops import _fake_checks as check
-from mtunlearn_ext.ops._forward_mode import forward_mode_open
-from mtunlearn_ext.ops._func_transforms import call_differentiable
+from mtunlearn_ext.ops._func_transforms import call_differentiable, products
 from mtunlearn_ext.ops._reference import acc_dtype
 
 #: The ops with no derivative: their backward raises (see ``_no_derivative``).
@@ -262,7 +259,7 @@ def _register() -> None:
     def _gram_list_backward(ctx, grad):
         xs = list(ctx.saved_tensors)
         sym = grad + grad.transpose(-1, -2)
-        return (_products(sym, xs, ctx.per_tensor), *_rest(ctx, 1))
+        return (products(sym, xs, ctx.per_tensor), *_rest(ctx, 1))
 
     torch.library.register_autograd(lib + "gram_list", _gram_list_backward,
                                     setup_context=_list_setup(1))
@@ -270,9 +267,9 @@ def _register() -> None:
     def _inner_list_backward(ctx, grad):
         saved = list(ctx.saved_tensors)
         as_, bs = saved[:ctx.split], saved[ctx.split:]
-        grad_as = (_products(grad, bs, ctx.per_tensor) if _needed(ctx.needs_input_grad[0])
+        grad_as = (products(grad, bs, ctx.per_tensor) if _needed(ctx.needs_input_grad[0])
                    else [None] * len(as_))
-        grad_bs = (_products(grad.transpose(-1, -2), as_, ctx.per_tensor)
+        grad_bs = (products(grad.transpose(-1, -2), as_, ctx.per_tensor)
                    if _needed(ctx.needs_input_grad[1]) else [None] * len(bs))
         return (grad_as, grad_bs, *_rest(ctx, 2))
 
@@ -288,11 +285,11 @@ def _register() -> None:
         grad_xs: list[torch.Tensor | None] = [None] * len(xs)
         grad_ys: list[torch.Tensor | None] = [None] * len(ys)
         if _needed(ctx.needs_input_grad[0]):
-            grad_xs = _sum_lists(_products(sym[..., :m, :m], xs, ctx.per_tensor),
-                                 _products(sym[..., :m, m:], ys, ctx.per_tensor))
+            grad_xs = _sum_lists(products(sym[..., :m, :m], xs, ctx.per_tensor),
+                                 products(sym[..., :m, m:], ys, ctx.per_tensor))
         if _needed(ctx.needs_input_grad[1]):
-            grad_ys = _sum_lists(_products(sym[..., m:, :m], xs, ctx.per_tensor),
-                                 _products(sym[..., m:, m:], ys, ctx.per_tensor))
+            grad_ys = _sum_lists(products(sym[..., m:, :m], xs, ctx.per_tensor),
+                                 products(sym[..., m:, m:], ys, ctx.per_tensor))
         return (grad_xs, grad_ys, *_rest(ctx, 2))
 
     torch.library.register_autograd(lib + "gram_list_stacked", _gram_list_stacked_backward,
@@ -301,38 +298,6 @@ def _register() -> None:
     for name in NOT_DIFFERENTIABLE:
         torch.library.register_autograd(lib + name, _no_derivative(name),
                                         setup_context=_nothing_saved)
-
-
-def _products(coeffs: torch.Tensor, xs: list[torch.Tensor], per_tensor: bool
-              ) -> list[torch.Tensor]:
-    """``[C_p @ xs[p]]`` (``C_p = coeffs[p]`` per tensor, else ``coeffs``), each shaped like
-    ``xs[p]`` with ``coeffs``' row count in front: the gradient of a list op's input.
-
-    With ``create_graph`` (grad mode on inside backward) one differentiable ``combine`` per
-    tensor, so that the gradient has a gradient; the same under vmap, as batched gradients
-    (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) run the
-    backward: ``combine_list_`` writes in place and has no batching rule, and refused them;
-    the same while forward mode is open (its tangent);
-    otherwise one ``combine_list_`` launch."""
-    if torch.is_grad_enabled() or _batched(coeffs) or forward_mode_open():
-        rows = coeffs.shape[-2]
-        return [call_differentiable(
-                    "combine",
-                    (coeffs[p] if per_tensor else coeffs).to(acc_dtype(x.dtype)).contiguous(),
-                    x.reshape(x.shape[0], math.prod(x.shape[1:]))).reshape(rows, *x.shape[1:])
-                for p, x in enumerate(xs)]
-    rows = coeffs.shape[-2]
-    outs = [x.new_empty((rows, *x.shape[1:])) for x in xs]
-    if xs:
-        torch.ops.mtunlearn.combine_list_(outs, coeffs.contiguous(), xs, 0.0, per_tensor)
-    return outs
-
-
-def _batched(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a vmap batch: torch.func's, or the legacy one that batched gradients
-    (``is_grads_batched``) use."""
-    functorch = torch._C._functorch
-    return bool(functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t))
 
 
 def _needed(flag: object) -> bool:
