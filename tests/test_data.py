@@ -496,6 +496,28 @@ def test_loader_refuses_a_fifo_or_directory_named_like_an_instance(tmp_path: Pat
         load_nyuv2(tmp_path)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_loader_closes_its_descriptor_when_the_check_before_reading_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between `os.open` and `os.fdopen` only the checks' own refusals closed the descriptor:
+    an exception from `os.fstat` (or an interrupt there) left it open for the process's life."""
+    _write_libmtl(tmp_path, with_normals=True)
+    real_fstat = os.fstat
+
+    def failing_fstat(fd: int) -> os.stat_result:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).suffix == ".npy":
+            raise OSError(5, "Input/output error")
+        return real_fstat(fd)
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fstat", failing_fstat)
+    for _ in range(3):
+        with pytest.raises(OSError, match="Input/output error"):
+            load_nyuv2(tmp_path)
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
 def test_loader_says_a_file_is_no_npy_array_without_advising_pickles(tmp_path: Path) -> None:
     """A text file named train/image/1.npy gave numpy's "This file contains pickled (object)
     data. If you trust the file you can load it unsafely using the `allow_pickle=` keyword":

@@ -148,22 +148,25 @@ def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None 
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as error:
         raise LayoutError(f"cannot read {path}: {error.strerror or error}") from error
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses a directory itself
+    try:  # until fdopen owns the descriptor, any exit must close it
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses a directory itself
+            raise LayoutError(f"{path} is {_kind_of(info.st_mode)}, not a regular file: every "
+                              "<i>.npy of the layout must be a .npy array file")
+        # One file behind two names (2.npy a symbolic or hard link to 1.npy) would be one image
+        # with two ids: forgetting id 1 would leave it in the retain set as id 2. Checked by
+        # device and inode of the open file, which costs no read.
+        key = (info.st_dev, info.st_ino)
+        if seen is not None and key in seen:  # images only: label maps may share a file
+            raise LayoutError(f"{path} and {seen[key]} are the same file (a symbolic or hard "
+                              "link): one instance would have two ids, and forgetting one id "
+                              "would leave it in the data under the other; give each instance "
+                              "its own file")
+        if seen is not None:
+            seen[key] = path
+    except BaseException:
         os.close(fd)
-        raise LayoutError(f"{path} is {_kind_of(info.st_mode)}, not a regular file: every "
-                          "<i>.npy of the layout must be a .npy array file")
-    # One file behind two names (2.npy a symbolic or hard link to 1.npy) would be one image
-    # with two ids: forgetting id 1 would leave it in the retain set as id 2. Checked by
-    # device and inode of the open file, which costs no read.
-    key = (info.st_dev, info.st_ino)
-    if seen is not None and key in seen:  # images only: label maps may share a file
-        os.close(fd)
-        raise LayoutError(f"{path} and {seen[key]} are the same file (a symbolic or hard link): "
-                          "one instance would have two ids, and forgetting one id would leave it "
-                          "in the data under the other; give each instance its own file")
-    if seen is not None:
-        seen[key] = path
+        raise
     with os.fdopen(fd, "rb") as handle:
         # np.load takes anything without numpy's magic for a pickle and advises loading it
         # "unsafely using allow_pickle=": a text file named <i>.npy is no pickle, and that
