@@ -1040,8 +1040,8 @@ def test_one_target_task_may_be_a_plain_string() -> None:
     same, _ = mtunlearn_ext.unlearn(_ClsReg(), target_tasks=["cls"], config=config,
                                     **common)  # type: ignore[arg-type]
     assert _same_state(new, same)
-    with pytest.raises(TypeError, match=r"`target_tasks` must be a task name or a list of task "
-                                        r"names \(strings\), got 1 in it"):
+    with pytest.raises(TypeError, match=r"^build_problem: `target_tasks` must be task names "
+                                        r"\(strings\), got 1 in \('cls', 1\)$"):
         build_problem(_ClsReg(), target_tasks=["cls", 1], **common)  # type: ignore[arg-type,list-item]
 
 

@@ -6,7 +6,7 @@ positions)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.gathering import _gather
 from mtunlearn_ext.data.inputs import check_inputs, map_leaves, take_rows
 from mtunlearn_ext.data.task_forms import reading_specs
-from mtunlearn_ext.data.request import ForgetRequest
+from mtunlearn_ext.data.request import ForgetRequest, task_names
 
 
 def read_in(data: object, tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec], what: str,
@@ -249,23 +249,11 @@ def ids_named_by_text(what: str, given: object, own_ids: bool) -> str:
 
 
 def target_task_names(target_tasks: object) -> list[str] | None:
-    """``target_tasks`` as a list of names (``None``: not given), in the order given (a set's
-    sorted). One name may be a plain string, as in :meth:`ForgetRequest.create`: iterated, it
-    would be one task per character."""
-    if target_tasks is None:
-        return None
-    if isinstance(target_tasks, str):
-        return [target_tasks]
-    if isinstance(target_tasks, Mapping) or not isinstance(target_tasks, Iterable):
-        raise TypeError(f"{entry()}: `target_tasks` must be a task name or a list of task names, "
-                        f"got {type(target_tasks).__name__}")
-    names = list(target_tasks)
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"{entry()}: `target_tasks` must be a task name or a list of task "
-                            f"names (strings), got {name!r:.80} in it")
-    # A set's order follows PYTHONHASHSEED, drawn anew in every process (as ForgetRequest).
-    return sorted(names) if isinstance(target_tasks, (set, frozenset)) else names
+    """``target_tasks`` as a list of names (``None``: not given), read as
+    :class:`ForgetRequest` reads them (:func:`~mtunlearn_ext.data.request.task_names`), its
+    errors naming the entry point."""
+    names = task_names(target_tasks, entry())
+    return None if names is None else list(names)
 
 
 def check_values_of(data: MultiTaskDataset, what: str, own_ids: bool,

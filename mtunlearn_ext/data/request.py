@@ -54,7 +54,7 @@ class ForgetRequest:
         # the same ``ids_hash``: a tuple of floats was truncated, bools became ids 0/1, and a
         # tensor's elements (distinct objects) passed the duplicate check of ``validate``.
         object.__setattr__(self, "instance_ids", _integer_ids(self.instance_ids))
-        object.__setattr__(self, "target_tasks", _task_names(self.target_tasks))
+        object.__setattr__(self, "target_tasks", task_names(self.target_tasks))
 
     @staticmethod
     def create(instance_ids: Sequence[int] | torch.Tensor | np.ndarray[Any, Any],
@@ -189,28 +189,29 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _task_names(target_tasks: object) -> tuple[str, ...] | None:
+def task_names(target_tasks: object, owner: str = "ForgetRequest"
+               ) -> tuple[str, ...] | None:
     """The task names as a tuple (``None``: every task), in the order given (a set's sorted).
     One name may be a plain string, which must stay one task (iterating it would make one task
-    per character)."""
+    per character). ``owner`` starts the errors (the request, or the entry point given them)."""
     if target_tasks is None:
         return None
     if isinstance(target_tasks, str):
         return (target_tasks,)
     if isinstance(target_tasks, Mapping):
         # Iterated, a mapping gives its keys: {task: weight} became the target tasks without a
-        # word (unlearn's target_tasks refuses one too).
-        raise TypeError(f"ForgetRequest: `target_tasks` must be task names (a string or a "
-                        f"sequence of strings) or None, got a {type(target_tasks).__name__} "
+        # word.
+        raise TypeError(f"{owner}: `target_tasks` must be task names (a string or a sequence "
+                        f"of strings) or None, got a {type(target_tasks).__name__} "
                         f"{target_tasks!r:.60}; pass `list(mapping)` for its keys")
     try:
         names = tuple(cast(Iterable[Any], target_tasks))
     except TypeError as error:
-        raise TypeError(f"ForgetRequest: `target_tasks` must be task names (a string or a "
-                        f"sequence of strings) or None, got {target_tasks!r:.80}") from error
+        raise TypeError(f"{owner}: `target_tasks` must be task names (a string or a sequence "
+                        f"of strings) or None, got {target_tasks!r:.80}") from error
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"ForgetRequest: `target_tasks` must be task names (strings), got "
+            raise TypeError(f"{owner}: `target_tasks` must be task names (strings), got "
                             f"{name!r:.80} in {names!r:.80}")
     if isinstance(target_tasks, (set, frozenset)):
         # A set of strings iterates in the order of their hashes, which PYTHONHASHSEED draws
