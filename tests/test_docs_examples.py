@@ -136,3 +136,20 @@ def _unimportable(source: str, where: str) -> list[str]:
         except ImportError as error:
             problems.append(f"{where}: {ast.unparse(node)!r}: {error}")
     return problems
+
+
+def test_the_readme_names_every_script_the_benchmark_smoke_tests_run() -> None:
+    """Docs audit: the README's Tests section listed five performance scripts as what
+    tests/test_benchmark_scripts.py runs, while it also ran many_tasks.py,
+    per_sample_embeddings.py and scripts/run_hashes.py: a reader took those for untested. The
+    sentence names exactly the scripts the smoke tests run."""
+    root = DOC.parents[1]
+    tests = (root / "tests" / "test_benchmark_scripts.py").read_text()
+    run = set(re.findall(r'(?:BENCHMARKS|"scripts")\s*/\s*"(\w+\.py)"', tests))
+    readme = " ".join((root / "README.md").read_text().split())
+    sentence = readme.split("`tests/test_benchmark_scripts.py` runs the", 1)[1]
+    sentence = sentence.split(" at sizes of seconds", 1)[0]
+    named = {name.rsplit("/", 1)[-1] for name in re.findall(r"`([\w/]+\.py)`", sentence)}
+    assert "test_bench_ops.py" in run and "pytest-benchmark suite" in sentence
+    assert named == run - {"test_bench_ops.py"}, (
+        f"README names {sorted(named)}; the smoke tests run {sorted(run)}")
