@@ -285,6 +285,26 @@ def test_mia_separates_memorised_from_unseen_instances() -> None:
         membership_attack(model, members, test, remembered, attack="svm")  # type: ignore[arg-type]
 
 
+
+def test_the_attack_fits_on_half_the_members_as_its_docstrings_say() -> None:
+    """Docs audit: unlearn's docstring said the audit's attack was "fitted on up to 2000
+    retain rows", and membership_attack's that `members` were the retain set, while the
+    members drawn (at most `max_members`) are halved: one half fits the attack, the other half
+    gives `member_auc`, as the README says."""
+    import mtunlearn_ext
+
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test = _mia_data(30, True, 0), _mia_data(20, False, 1)
+    result = membership_attack(model, members, test, _mia_data(5, True, 2), max_members=24)
+    assert result.num_members_fit == 12  # half of the 24 drawn; the other 12 give member_auc
+    assert result.num_non_members_fit == result.num_non_members_eval == 10
+    attack_doc = " ".join((membership_attack.__doc__ or "").split())
+    assert ("at most ``max_members`` of them, split in half by ``seed``: one half fits the "
+            "attack, the other is the positives of ``member_auc``") in attack_doc
+    unlearn_doc = " ".join((mtunlearn_ext.unlearn.__doc__ or "").split())
+    assert "fitted on up to 2000 retain rows" not in unlearn_doc
+    assert "a seeded draw of at most 2000 retain rows is halved" in unlearn_doc
+
 # -- UIS and the retrain gap ----------------------------------------------------------------------
 
 def test_uis_by_hand() -> None:

@@ -239,11 +239,12 @@ def unlearn(model: ModelT, *,
             by id where both are data sets, else (data given as tuples, whose ids ``unlearn``
             makes up) by equal inputs and labels. The report's summary then holds a loss-based
             membership-inference audit of the forget set before and after
-            (:func:`~mtunlearn_ext.metrics.membership_attack`, fitted on up to 2000 retain rows
-            against half of ``audit_data``, scored against the other half):
-            ``forget_mia_auc_*`` near 0.5 means the forget instances look like unseen data to
-            the attack; ``member_mia_auc_*`` (held-back retain rows against the same unseen
-            half) shows that the attack itself still separates members.
+            (:func:`~mtunlearn_ext.metrics.membership_attack`: a seeded draw of at most 2000
+            retain rows is halved, and one half of it is fitted against half of
+            ``audit_data``, scored against the other half): ``forget_mia_auc_*`` near 0.5 means
+            the forget instances look like unseen data to the attack; ``member_mia_auc_*`` (the
+            other half of the drawn retain rows, held back, against the same unseen half) shows
+            that the attack itself still separates members.
         shared_parameters: the trunk: names, parameters, modules (``model.backbone``: all
             its parameters), or a predicate on names. Not needed for a model with
             ``parameter_split()``.

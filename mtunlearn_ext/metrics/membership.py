@@ -4,8 +4,9 @@ The attack (after Shokri et al. / Yeom et al.: training samples have lower loss)
 
 1. Features of an instance: ``phi(x) = (log(l_t(x) + 1e-8))_{t in S}``, its per-sample loss on
    each attacked task ``t in S`` (default: the tasks supervised in the forget set).
-2. The attack model is fitted on members = retain instances (label 1) against non-members = one
-   half of the test instances (label 0): a class-balanced logistic regression on standardised
+2. The attack model is fitted on members = one half of the retain instances (label 1; a seeded
+   draw of at most ``max_members`` of them, halved) against non-members = one half of the test
+   instances (label 0): a class-balanced logistic regression on standardised
    features (``attack="logistic"``), or no fitting at all, ``score = -mean_t z_t(x)`` with
    ``z_t`` the standardised feature (``attack="loss"``, the plain low-loss threshold attack).
 3. **Reported AUC**: the ROC AUC of the attack score separating the forget instances (positives)
@@ -15,7 +16,8 @@ So ``auc = P(score(forget) > score(unseen test))`` (ties count 1/2): 0.5 means t
 exactly like unseen data, 1.0 means every forget instance looks more like a member than every
 test instance. A perfectly unlearned model is *not* expected to reach 0.5 but the retrained
 model's AUC (forget instances may be easier or harder than test ones); compare the two.
-``member_auc`` is the same AUC for held-out retain instances, a check that the attack works.
+``member_auc`` is the same AUC for the other, held-out half of the retain instances, a check that
+the attack works.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
 
     Args:
         model: the model under attack.
-        members: the retain set (training data the model should still fit).
+        members: the retain set (training data the model should still fit); at most
+            ``max_members`` of them, split in half by ``seed``: one half fits the attack, the
+            other is the positives of ``member_auc``.
         non_members: unseen data (the test set); split in half by ``seed``: one half fits the
             attack, the other is the negatives of the reported AUCs.
         forget: the forget set (its supervised pairs are the forget pairs).
@@ -128,7 +132,7 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
         attack: ``"logistic"`` or ``"loss"`` (see the module docstring).
         max_members: at most this many members are used (a random, seeded subset); an
             integer >= 2.
-        seed: seeds the halving of the test set and the member subset.
+        seed: seeds the member subset and the halving of both sets.
     """
     if attack not in ATTACKS:
         raise ValueError(f"membership_attack: unknown attack {attack!r} (one of {ATTACKS})")
