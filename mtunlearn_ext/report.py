@@ -707,19 +707,23 @@ def _report_inputs(results: Mapping[str, Any]
     return models, curves, reference, intro
 
 
+#: The two inputs `report` draws, named as `unlearn --record`'s help names the record's
+#: defaults: `<checkpoint>.record.json` is its name only with `--output`.
+_WHAT_REPORT_DRAWS = ("the JSON that `python -m mtunlearn_ext.experiment` writes, or the record "
+                      "that `mtunlearn unlearn` writes beside its checkpoint "
+                      "(`<output>.record.json` with --output, else "
+                      "`<input>.<method>.record.json`)")
+
+
 def _unknown_results_hint(results: Mapping[str, Any]) -> str:
     """What a results file without a known schema is, where it can be told, and what to pass
     instead (the user review fed `evaluate`'s output to `report` and read "got None")."""
     if "schema" in results:
-        return ("the file's `schema` field names another format; pass the JSON that "
-                "`python -m mtunlearn_ext.experiment` writes, or the `<checkpoint>.record.json` "
-                "that `mtunlearn unlearn` writes beside its checkpoint")
+        return ("the file's `schema` field names another format; pass " + _WHAT_REPORT_DRAWS)
     looks_like = ("; it looks like `mtunlearn evaluate`'s output (one checkpoint's metrics, "
                   "nothing to compare them with), which `report` does not draw"
                   if {"checkpoint", "sha256", "metrics"} <= set(results) else "")
-    return (f"the file has no `schema` field{looks_like}; pass the JSON that "
-            "`python -m mtunlearn_ext.experiment` writes, or the `<checkpoint>.record.json` that "
-            "`mtunlearn unlearn` writes beside its checkpoint")
+    return f"the file has no `schema` field{looks_like}; pass " + _WHAT_REPORT_DRAWS
 
 
 class _NewFiles:

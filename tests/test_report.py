@@ -295,6 +295,19 @@ def test_report_says_what_a_file_of_another_format_is(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_report_names_the_record_by_the_names_unlearn_gives_it(tmp_path: Path) -> None:
+    """Docs audit: the hint called the record `<checkpoint>.record.json`, which it is only with
+    `unlearn --output` (`orig.interference_aware.record.json` beside
+    `orig.interference_aware.pt` without), as `unlearn --record`'s help says since a3f1f05."""
+    for results in ({"schema": "mtunlearn_ext.api-record/1"}, {"models": {}}):
+        with pytest.raises(UserInputError) as refused:
+            write_report(results, tmp_path / "rep")
+        assert "<checkpoint>.record.json" not in str(refused.value)
+        assert ("the record that `mtunlearn unlearn` writes beside its checkpoint "
+                "(`<output>.record.json` with --output, else `<input>.<method>.record.json`)"
+                ) in str(refused.value)
+
+
 def test_report_files_follow_the_umask(tmp_path: Path) -> None:
     previous = os.umask(0o027)
     try:
