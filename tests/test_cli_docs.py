@@ -134,3 +134,13 @@ def test_the_ops_docs_say_propagate_do_propagate(name: str) -> None:
     says_propagate = text.split("raise `FloatingPointError`", 1)[1]
     assert f"`{name}`" in says_propagate, name
     assert not bool(torch.isfinite(PROPAGATING[name]()).all())
+
+
+def test_the_record_format_names_every_field_of_the_invocation() -> None:
+    """Docs audit: the record format listed `invocation`'s `argv`, `imports` and `config`, not
+    `cwd` (the folder the relative paths are read from) or `method_config` (the settings
+    file's SHA-256), which the records hold since f3205be."""
+    written = cli._invocation(["unlearn", "--checkpoint", "orig.pt"], [], None)
+    text = " ".join(DOC.split("### The unlearning record", 1)[1].split())
+    described = text.split("`invocation` (", 1)[1].split("), `benchmark`", 1)[0]
+    assert [key for key in written if f"`{key}`" not in described] == []
