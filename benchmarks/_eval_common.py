@@ -15,6 +15,13 @@ STEP_BASELINES: tuple[str, ...] = tuple(b for b in BASELINES if b != "retrain")
 PARTIAL_TASK = "segmentation"
 
 
+def evaluation_dir(recipe: str) -> str:
+    """Where benchmarks/unlearning_eval.py writes a recipe's evaluation unless told otherwise:
+    ``runs/unlearning_eval`` for the default recipe, ``runs/unlearning_eval_<recipe>`` for the
+    others (``runs/unlearning_eval_default``, read before, is a folder nothing writes)."""
+    return "runs/unlearning_eval" if recipe == "default" else f"runs/unlearning_eval_{recipe}"
+
+
 def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
     """``--benchmarks --size --recipe --seeds --cache-dir --eval-dir``."""
     parser.add_argument("--benchmarks", default="indoor,street")
@@ -23,7 +30,8 @@ def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     parser.add_argument("--eval-dir", default=None,
-                        help="the evaluation's output (default runs/unlearning_eval_<recipe>)")
+                        help="the evaluation's output (default: runs/unlearning_eval for "
+                             "the default recipe, else runs/unlearning_eval_<recipe>)")
 
 
 def parse_cells(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -33,7 +41,7 @@ def parse_cells(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if not args.seeds:
         parser.error("--seeds: give at least one seed")
-    args.eval_dir = args.eval_dir or f"runs/unlearning_eval_{args.recipe}"
+    args.eval_dir = args.eval_dir or evaluation_dir(args.recipe)
 
 
 def evaluation_run(args: argparse.Namespace, benchmark: str, request: str, seed: int) -> Path:

@@ -9,9 +9,10 @@ its retrain gap to the gold model, its UIS, and its attack-AUC distance. A metho
 near that second model's is as close to the gold model as retraining itself lands from run to
 run; differences between methods well below it are not resolved by one gold model per seed.
 
-With ``--eval-dir`` (default ``runs/unlearning_eval_<recipe>``) the table also shows the
-method's and the best baseline's gaps over the same seeds. Run files go to
-``runs/retrain_noise_<recipe>/`` and a finished one is kept.
+With ``--eval-dir`` (default ``runs/unlearning_eval`` for the default recipe, else
+``runs/unlearning_eval_<recipe>``) the table also shows the method's and the best baseline's
+gaps over the same seeds. Run files go to ``runs/retrain_noise_<recipe>/`` and a finished one
+is kept.
 """
 
 from __future__ import annotations

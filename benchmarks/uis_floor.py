@@ -12,11 +12,11 @@ and whose test score does not move: full requests over every task, partial reque
 target task (``segmentation``). ``n`` defaults to the evaluation's forget set (10% of the
 training split: 60 instances on ``small``).
 
-With ``--eval-dir`` (the evaluation's output, default
-``runs/unlearning_eval_<recipe>``) the table also shows, per request, the UIS target (0.7x /
-0.5x the best baseline's), the method's UIS, the best baseline's and the retrained model's,
-means over the same seeds. Nothing here is tuned or selected: the floor is a property of the
-benchmark, the forget-set size and the original model.
+With ``--eval-dir`` (the evaluation's output, default ``runs/unlearning_eval`` for the
+default recipe, else ``runs/unlearning_eval_<recipe>``) the table also shows, per request, the
+UIS target (0.7x / 0.5x the best baseline's), the method's UIS, the best baseline's and the
+retrained model's, means over the same seeds. Nothing here is tuned or selected: the floor is
+a property of the benchmark, the forget-set size and the original model.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.table_from).read_text())
         for key in ("benchmarks", "size", "recipe", "seeds", "sizes", "pool", "draws"):
             setattr(args, key, saved["args"][key])
-        args.eval_dir = args.eval_dir or f"runs/unlearning_eval_{args.recipe}"
+        args.eval_dir = args.eval_dir or cells.evaluation_dir(args.recipe)
         floors = {b: {int(seed): v for seed, v in per_seed.items()}
                   for b, per_seed in saved["floors"].items()}
         print(table(floors, args))

@@ -74,3 +74,28 @@ def test_retrain_noise_summary(tmp_path: Path) -> None:
     assert ("| street / full | 1.50 [1.00, 2.00] | 0.50 | 0.050 | 1.70 | 1.10 (pcgrad) | 0.70 |"
             in text)
     assert "| street / partial | 1.50 [1.00, 2.00] |" in text
+
+
+def test_the_cell_scripts_read_the_evaluation_where_unlearning_eval_writes_it(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Docs audit: uis_floor.py and retrain_noise.py read the evaluation from
+    runs/unlearning_eval_<recipe> (their help said so), while unlearning_eval.py writes the
+    default recipe's to runs/unlearning_eval: with --recipe default they found no evaluation
+    and printed its columns as missing. Each recipe's folder is now the same for both."""
+    evaluation = _script("unlearning_eval")
+    cells = _script("_eval_common")
+    written: dict[str, str] = {}
+
+    def record_output_dir(args: argparse.Namespace) -> int:
+        written[args.recipe] = args.output_dir
+        return 0
+
+    monkeypatch.setattr(evaluation, "run_tuning", record_output_dir)
+    for recipe in ("default", "memorising"):
+        assert evaluation.main(["--recipe", recipe, "--tune"]) == 0
+        parser = argparse.ArgumentParser()
+        cells.add_cell_arguments(parser)
+        args = parser.parse_args(["--recipe", recipe])
+        cells.parse_cells(parser, args)
+        assert args.eval_dir == written[recipe], recipe
+    assert written["default"] == "runs/unlearning_eval"
