@@ -9,14 +9,14 @@ The evaluation (``benchmarks/unlearning_eval.py``) divides each method's wall ti
 the cached gold model took to train, which may have been measured under another load of this
 shared machine. Here, for each (benchmark, request), the gold model is retrained from scratch
 (same recipe, seed and thread count as the cached one) and the interference-aware method (with
-its preset settings) and its ablations are run back to back with it, in the same process and
-thread setting, so that the ratio compares like with like. The order alternates across repeats:
-retraining first, then the methods, in even repeats (the first one included, so with
-``--repeats 1`` retraining always goes first); the methods first, in reverse order, then
-retraining, in odd ones. Nothing is evaluated: only the wall times. The best of ``--repeats``
-is reported for each. ``--variant`` also times the method with its preset changed by those
-settings (``interference_aware+variant``), in the same rotation, to check that a candidate
-setting fits the time target before it is selected.
+its preset settings; with ``--ablations`` its ablations too) is run back to back with it, in the
+same process and thread setting, so that the ratio compares like with like. The order
+alternates across repeats: retraining first, then the methods, in even repeats (the first one
+included, so with ``--repeats 1`` retraining always goes first); the methods first, in reverse
+order, then retraining, in odd ones. Nothing is evaluated: only the wall times. The best of
+``--repeats`` is reported for each. ``--variant`` also times the method with its preset
+changed by those settings (``interference_aware+variant``), in the same rotation, to check that
+a candidate setting fits the time target before it is selected.
 """
 
 from __future__ import annotations
