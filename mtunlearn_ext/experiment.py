@@ -1076,7 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-tasks", default=None,
                         help="comma-separated target tasks of a partial request (default: first)")
     parser.add_argument("--methods", default="all",
-                        help=f"comma-separated methods or 'all' ({','.join(BASELINES)})")
+                        help=f"comma-separated methods, or 'all' for every baseline "
+                             f"({','.join(BASELINES)}; the interference-aware method and its "
+                             "ablations by name, e.g. 'all,interference_aware')")
     parser.add_argument("--method-config", type=lambda s: _parse_json_object(s, "--method-config"),
                         default={}, help='JSON {"method": {"setting": value}} or a file')
     parser.add_argument("--train", type=lambda s: _parse_json_object(s, "--train"), default={},
@@ -1096,8 +1098,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    methods = list(BASELINES) if args.methods == "all" else [
-        m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [method for m in args.methods.split(",") if m.strip()
+               for method in (BASELINES if m.strip() == "all" else (m.strip(),))]
     targets = None if args.target_tasks is None else [
         t.strip() for t in args.target_tasks.split(",") if t.strip()]
     return ExperimentConfig(

@@ -606,3 +606,22 @@ def test_the_runners_forget_ids_read_as_the_commands_do(tmp_path: Path,
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--forget-ids", "7,1_3"])
     assert "got '1_3'; ids are decimal integers in ASCII digits" in capsys.readouterr().err
+
+
+def test_methods_all_names_the_baselines_and_combines_with_other_methods() -> None:
+    """`--methods all` runs the baselines only; its help now says so and names how to add the
+    interference-aware method, which `all,interference_aware` failed to do ("unknown methods
+    ['all,...']": 'all' was read only as the whole value)."""
+    from mtunlearn_ext.experiment import build_parser, config_from_args
+    from mtunlearn_ext.unlearning import BASELINES
+
+    parser = build_parser()
+    read = config_from_args(parser.parse_args(["--methods", "all", "--benchmark", "digits"]))
+    assert read.methods == list(BASELINES) and "interference_aware" not in read.methods
+    both = config_from_args(parser.parse_args(
+        ["--methods", "all, interference_aware", "--benchmark", "digits"]))
+    assert both.methods == [*BASELINES, "interference_aware"]
+    assert config_from_args(parser.parse_args(
+        ["--methods", "pcgrad,finetune", "--benchmark", "digits"])).methods == ["pcgrad",
+                                                                                 "finetune"]
+    assert "'all' for every baseline" in " ".join(parser.format_help().split())
