@@ -3252,6 +3252,22 @@ def test_verify_saved_refuses_a_record_giving_a_key_twice(tmp_path) -> None:  # 
         mtunlearn_ext.verify_saved(path)
 
 
+def test_verify_saved_names_a_missing_or_unreadable_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A missing record gave Python's bare "[Errno 2] No such file or directory", a folder
+    "[Errno 21] Is a directory", neither naming verify_saved nor what the file should be."""
+    missing = tmp_path / "u.pt.record.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"verify_saved: `record` {str(missing)!r} does not exist (the JSON file "
+            "save_unlearned wrote)")):
+        mtunlearn_ext.verify_saved(missing)
+    with pytest.raises(ValueError, match=re.escape(
+            f"verify_saved: `record` {str(tmp_path)!r} is a directory, not the JSON file")):
+        mtunlearn_ext.verify_saved(tmp_path)
+    missing.write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match=r"verify_saved: .* is not a JSON record: 'utf-8'"):
+        mtunlearn_ext.verify_saved(missing)
+
+
 class _HashOrdered(set):  # type: ignore[type-arg]
     """A set iterating in an order other than sorted, as a set of strings may under a given
     PYTHONHASHSEED (here: reversed, the same in every process)."""

@@ -309,16 +309,26 @@ def verify_saved(record: str | os.PathLike[str], *,
     ``original``'s when given, else the record's ``parameters_changed: false``).
     The model and data are the caller's, so no metric is re-measured: :func:`evaluate` gives
     them for any model and data as :func:`unlearn` takes them. Raises ``ValueError`` for a
-    file that is not such a record and ``FileNotFoundError`` for a missing checkpoint; mismatches
-    are returned."""
+    file that is not such a record and ``FileNotFoundError`` for a missing record or checkpoint;
+    mismatches are returned."""
     from mtunlearn_ext.records import recorded_path
 
     record_path = Path(record)
     model = None if model is None else unwrapped(model)
     original = None if original is None else unwrapped(original)
     try:
-        payload = json.loads(record_path.read_text(), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = record_path.read_bytes().decode()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"verify_saved: {record_path} is not a JSON record: {error}") from error
+    except FileNotFoundError:
+        raise FileNotFoundError(f"verify_saved: `record` {str(record_path)!r} does not exist "
+                                "(the JSON file save_unlearned wrote)") from None
+    except IsADirectoryError:
+        raise ValueError(f"verify_saved: `record` {str(record_path)!r} is a directory, not the "
+                         "JSON file save_unlearned wrote") from None
+    try:
+        payload = json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as error:
         raise ValueError(f"verify_saved: {record_path} is not a JSON record: {error}") from error
     except DuplicateKeyError as error:  # a reader sees the first, json keeps the last
         raise ValueError(f"verify_saved: {record_path} gives the key {error.args[0]!r} twice "
