@@ -23,12 +23,22 @@ __all__ = ["FineTune", "FineTuneConfig"]
 
 @dataclass
 class FineTuneConfig(StepConfig):
-    """Defaults: a short run of the original optimiser family (Adam) on retain batches."""
+    """Defaults: a short run of the original optimiser family (Adam) on retain batches.
+    ``forget_weight`` must stay 0: the forget pairs are only measured (the forget curves)."""
 
     steps: int = 200
     lr: float = 1e-3
     optimizer: StepOptimizer = "adam"
     forget_weight: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        # The steps see no forget batch, so any other weight would be ignored without a word.
+        if self.forget_weight != 0.0:
+            raise ValueError(f"FineTuneConfig: fine-tuning has no forget term (its forget pairs "
+                             f"are only measured); leave `forget_weight` at 0 or use "
+                             f"'neggrad_plus' for weighted ascent plus retain descent, got "
+                             f"{self.forget_weight!r}")
 
 
 @register_unlearner

@@ -18,9 +18,20 @@ __all__ = ["GradientAscent", "GradientAscentConfig"]
 
 @dataclass
 class GradientAscentConfig(StepConfig):
+    """``retain_weight`` must stay 0: the steps draw no retain batch (``head_refit_steps``
+    refit the heads on the retain loss, weighted by ``retain_task_weights``)."""
+
     steps: int = 30
     lr: float = 1e-3
     retain_weight: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        # The steps see no retain batch, so any other weight would be ignored without a word.
+        if self.retain_weight != 0.0:
+            raise ValueError(f"GradientAscentConfig: gradient ascent has no retain term; leave "
+                             f"`retain_weight` at 0 or use 'neggrad_plus' for ascent plus "
+                             f"weighted retain descent, got {self.retain_weight!r}")
 
 
 @register_unlearner

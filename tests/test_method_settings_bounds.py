@@ -1,0 +1,56 @@
+"""Methods' settings at their boundaries (a review of every knob at 0, 1, its largest, NaN/Inf,
+and in combination): settings a method would have ignored without a word, or refused only deep
+inside a run with another function's message, are now refused up front, naming the method's
+setting and what it takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mtunlearn_ext
+from mtunlearn_ext.unlearning import get_unlearner
+
+TASKS = {"a": "classification", "b": "regression"}
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.heads = nn.ModuleDict({"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def _unlearn(method: str, config: dict[str, object]) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g)
+    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
+    model, _ = mtunlearn_ext.unlearn(
+        _TwoHeads(), forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+        retain_data=(x[5:], {t: v[5:] for t, v in y.items()}), tasks=TASKS,
+        shared_parameters=lambda n: n.startswith("trunk."), method=method, config=config)
+    return model
+
+
+@pytest.mark.parametrize(("method", "field", "other_method"),
+                         [("finetune", "forget_weight", "neggrad_plus"),
+                          ("gradient_ascent", "retain_weight", "neggrad_plus")])
+def test_a_weight_of_a_term_the_method_does_not_have_is_refused(
+        method: str, field: str, other_method: str) -> None:
+    """Review: fine-tuning with `forget_weight` 1 and gradient ascent with `retain_weight` 1 ran
+    and returned the model of weight 0 bit for bit (their steps draw no forget / retain batch):
+    the setting was ignored without a word."""
+    for bad in (1.0, 0.5):
+        with pytest.raises(ValueError, match=rf"`{field}` at 0 or use '{other_method}'.*, got "
+                                             rf"{bad}"):
+            get_unlearner(method, {field: bad})
+    with pytest.raises(ValueError, match=rf"`{field}` at 0"):
+        _unlearn(method, {"steps": 2, field: 1.0})
+    assert getattr(get_unlearner(method, {field: 0.0}).config, field) == 0.0
+    assert getattr(get_unlearner(method, {field: 0}).config, field) == 0
