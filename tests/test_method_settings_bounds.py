@@ -54,3 +54,17 @@ def test_a_weight_of_a_term_the_method_does_not_have_is_refused(
         _unlearn(method, {"steps": 2, field: 1.0})
     assert getattr(get_unlearner(method, {field: 0.0}).config, field) == 0.0
     assert getattr(get_unlearner(method, {field: 0}).config, field) == 0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_orthograd_refuses_a_ridge_that_is_not_finite(bad: float) -> None:
+    """Review: `ridge` inf passed OrthoGradConfig (only `>= 0` was checked) and the run failed
+    at its first step with `mtunlearn_ext.surgery.project_out_list: ridge must be ...`, a name
+    the caller never used."""
+    expected = rf"OrthoGradConfig: `ridge` must be a finite number >= 0, got {bad!r}"
+    with pytest.raises(ValueError, match=expected):
+        get_unlearner("orthograd", {"ridge": bad})
+    with pytest.raises(ValueError, match=expected):
+        _unlearn("orthograd", {"steps": 1, "ridge": bad})
+    large = get_unlearner("orthograd", {"ridge": 1e300}).config
+    assert getattr(large, "ridge") == 1e300

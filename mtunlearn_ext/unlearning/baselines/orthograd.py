@@ -25,6 +25,7 @@ Per-sample gradients and ``f`` cover every parameter (backbone and heads), never
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,11 @@ class OrthoGradConfig(StepConfig):
         if not 1 <= self.num_per_sample <= _MAX_BASIS:
             raise ValueError(f"OrthoGradConfig: `num_per_sample` must be in [1, {_MAX_BASIS}], "
                              f"got {self.num_per_sample}")
-        if not self.ridge >= 0:
-            raise ValueError(f"OrthoGradConfig: `ridge` must be >= 0, got {self.ridge}")
+        # An infinite ridge passed here and was refused only at the first step, by the
+        # projection, in its own name.
+        if not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"OrthoGradConfig: `ridge` must be a finite number >= 0, got "
+                             f"{self.ridge!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"OrthoGradConfig: `chunk_size` must be >= 1 or None, got "
                              f"{self.chunk_size}")
