@@ -68,3 +68,16 @@ def test_orthograd_refuses_a_ridge_that_is_not_finite(bad: float) -> None:
         _unlearn("orthograd", {"steps": 1, "ridge": bad})
     large = get_unlearner("orthograd", {"ridge": 1e300}).config
     assert getattr(large, "ridge") == 1e300
+
+
+def test_retrain_refuses_a_seed_past_64_bits() -> None:
+    """Review: `seed` 2**70 passed RetrainConfig (only `>= 0` was checked) and the retraining
+    failed inside torch's `manual_seed` with "Overflow when unpacking long long" (the CLI: a
+    traceback)."""
+    for bad in (2**64, 2**70, -1):
+        with pytest.raises(ValueError, match=r"RetrainConfig: `seed` must be an int in "
+                                             rf"\[0, 2\*\*64\) or None, got {bad}"):
+            get_unlearner("retrain", {"seed": bad})
+    largest = 2**64 - 1
+    assert getattr(get_unlearner("retrain", {"seed": largest}).config, "seed") == largest
+    torch.Generator().manual_seed(largest)  # what the retraining seeds with it

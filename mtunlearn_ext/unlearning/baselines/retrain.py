@@ -44,8 +44,10 @@ class RetrainConfig(UnlearnerConfig):
         super().validate()
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"RetrainConfig: `epochs` must be >= 1 or None, got {self.epochs}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"RetrainConfig: `seed` must be an int >= 0 or None, got "
+        # torch's generators take 64 bits: a larger seed passed here and failed inside the
+        # retraining with "Overflow when unpacking long long".
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"RetrainConfig: `seed` must be an int in [0, 2**64) or None, got "
                              f"{self.seed!r}")
 
 
