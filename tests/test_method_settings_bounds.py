@@ -81,3 +81,19 @@ def test_retrain_refuses_a_seed_past_64_bits() -> None:
     largest = 2**64 - 1
     assert getattr(get_unlearner("retrain", {"seed": largest}).config, "seed") == largest
     torch.Generator().manual_seed(largest)  # what the retraining seeds with it
+
+
+@pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
+def test_head_refit_steps_with_frozen_heads_are_refused(method: str) -> None:
+    """Review: `head_refit_steps` 5 with `head_lr_scale` 0 ran five refit steps that moved
+    nothing (the trunk's rate is 0 in a refit, the heads' lr x 0): the model was bit for bit
+    that of the run without them."""
+    expected = (r"`head_refit_steps` \(5\) moves the heads alone, at `lr` x `head_lr_scale`, "
+                r"which is 0 here")
+    with pytest.raises(ValueError, match=expected):
+        get_unlearner(method, {"head_refit_steps": 5, "head_lr_scale": 0.0})
+    with pytest.raises(ValueError, match=expected):
+        _unlearn(method, {"steps": 2, "head_refit_steps": 5, "head_lr_scale": 0})
+    # Either alone is a run of its own: frozen heads, or a refit at the heads' rate.
+    get_unlearner(method, {"head_refit_steps": 0, "head_lr_scale": 0.0})
+    get_unlearner(method, {"head_refit_steps": 5, "head_lr_scale": 1e-3})

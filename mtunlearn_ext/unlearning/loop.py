@@ -118,7 +118,8 @@ class StepConfig(UnlearnerConfig):
             with it the features every head reads: refitting each head to the features the
             retained instances now have restores what the move cost retained and unseen data,
             while no refit step sees a forget pair and a head alone cannot single out instances
-            the trunk no longer separates. Step callbacks count these steps after the others;
+            the trunk no longer separates. The heads move at ``lr * head_lr_scale``, so a
+            scale of 0 is refused with refit steps. Step callbacks count these after the others;
             the report's ``steps`` counts the forget steps only.
         recalibrate_norms: after the steps, recompute the running statistics of every
             BatchNorm-like layer from the retain instances alone, under the unlearned weights
@@ -184,6 +185,13 @@ class StepConfig(UnlearnerConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: `{field_name}` must be an integer >= 0, got "
                                  f"{value!r}")
+        if self.head_refit_steps and self.head_lr_scale == 0:
+            # The refit holds the trunk (rate 0) and moves the heads at lr x head_lr_scale:
+            # with a scale of 0 its steps ran and moved nothing.
+            raise ValueError(f"{name}: `head_refit_steps` ({self.head_refit_steps}) moves the "
+                             f"heads alone, at `lr` x `head_lr_scale`, which is 0 here: its "
+                             f"steps would move nothing; raise `head_lr_scale` above 0 or set "
+                             f"`head_refit_steps` to 0")
         for field_name in ("forget_batch_size", "retain_batch_size", "log_every"):
             if getattr(self, field_name) < 1:
                 raise ValueError(f"{name}: `{field_name}` must be >= 1, got "
