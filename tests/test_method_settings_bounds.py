@@ -97,3 +97,15 @@ def test_head_refit_steps_with_frozen_heads_are_refused(method: str) -> None:
     # Either alone is a run of its own: frozen heads, or a refit at the heads' rate.
     get_unlearner(method, {"head_refit_steps": 0, "head_lr_scale": 0.0})
     get_unlearner(method, {"head_refit_steps": 5, "head_lr_scale": 1e-3})
+
+
+@pytest.mark.parametrize("method", ["interference_aware", "scrub"])
+def test_an_integer_adam_beta2_runs_as_its_float(method: str) -> None:
+    """Review: `adam_beta2` 0 (an int, as JSON's `0` in --method-config gives it) passed the
+    checks, and Adam then refused the betas `(0.9, 0)` inside the run: "betas must be either
+    both floats or both Tensors"."""
+    settings = {"steps": 2, "optimizer": "adam"}
+    as_int = _unlearn(method, {**settings, "adam_beta2": 0})
+    as_float = _unlearn(method, {**settings, "adam_beta2": 0.0})
+    for p, q in zip(as_int.parameters(), as_float.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -382,7 +382,9 @@ class GradientUnlearner(Unlearner):
         if head_params:
             param_groups.append({"params": head_params, "lr": cfg.lr * cfg.head_lr_scale})
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(param_groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+            # float(): torch refuses betas of mixed types, so an int 0 (JSON's `0`) failed
+            # with "betas must be either both floats or both Tensors".
+            return torch.optim.Adam(param_groups, lr=cfg.lr, betas=(0.9, float(cfg.adam_beta2)),
                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
