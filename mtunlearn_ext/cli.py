@@ -711,6 +711,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         build_user_request,
         check_device,
         check_forget_left,
+        checked_unlearner,
         exclude_removed,
         lineage_removals,
         load_model,
@@ -733,6 +734,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                              UNKNOWN_METHOD_HINT)
     checkpoint = Path(args.checkpoint)
     settings = _json_arg(args.method_config, "--method-config")
+    # Their types and ranges, before the model is loaded and measured (minutes on a large one);
+    # what the settings need of the request is checked once it is built.
+    checked_unlearner(args.method, settings)
     forget_ids = parse_ids(args.forget_ids, "--forget-ids")
     retain_ids = parse_ids(args.retain_ids, "--retain-ids")
     target_tasks = parse_tasks(args.target_tasks)

@@ -21,6 +21,7 @@ Nothing here re-implements training, splitting, evaluation or unlearning: it cal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +69,7 @@ __all__ = [
     "check_finite_parameters",
     "check_forget_left",
     "check_parameter_split",
+    "checked_unlearner",
     "exclude_removed",
     "json_safe",
     "lineage_removals",
@@ -900,6 +902,30 @@ class _FiniteGuard:
                 raise NonFiniteError(steps_done - 1, f"parameter {name}")
 
 
+def checked_unlearner(method: str, settings: Mapping[str, Any]) -> Any:
+    """The registered ``method`` configured with ``settings``; an unknown method or settings
+    it refuses (their types and ranges; nothing that needs the problem) raise
+    :class:`UserInputError` naming ``--method`` / ``--method-config``."""
+    from mtunlearn_ext.unlearning import available_unlearners, get_unlearner
+
+    if method not in available_unlearners():
+        raise UserInputError("--method", f"one of {available_unlearners()}", method,
+                             UNKNOWN_METHOD_HINT)
+    with _as_settings_error(method, settings):
+        return get_unlearner(method, dict(settings))
+
+
+@contextlib.contextmanager
+def _as_settings_error(method: str, settings: Mapping[str, Any]) -> Iterator[None]:
+    try:
+        yield
+    except (TypeError, ValueError, KeyError) as error:
+        raise UserInputError("--method-config", f"valid settings of {method!r}",
+                             dict(settings),
+                             str(error.args[0] if isinstance(error, KeyError) else error)
+                             ) from error
+
+
 def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> Any:
     """Run the registered ``method`` with ``settings`` on ``problem`` under the NaN/Inf guard.
 
@@ -907,19 +933,11 @@ def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> An
     end (parameters and the recorded loss curves). Bad settings raise :class:`UserInputError`
     naming ``--method-config``; a non-finite value raises :class:`NonFiniteError`.
     """
-    from mtunlearn_ext.unlearning import GradientUnlearner, available_unlearners, get_unlearner
+    from mtunlearn_ext.unlearning import GradientUnlearner
 
-    if method not in available_unlearners():
-        raise UserInputError("--method", f"one of {available_unlearners()}", method,
-                             UNKNOWN_METHOD_HINT)
-    try:
-        unlearner = get_unlearner(method, dict(settings))
+    unlearner = checked_unlearner(method, settings)
+    with _as_settings_error(method, settings):
         unlearner.check_problem(problem)  # settings that name what the problem lacks
-    except (TypeError, ValueError, KeyError) as error:
-        raise UserInputError("--method-config", f"valid settings of {method!r}",
-                             dict(settings),
-                             str(error.args[0] if isinstance(error, KeyError) else error)
-                             ) from error
     guard = _FiniteGuard()
     if isinstance(unlearner, GradientUnlearner):
         unlearner.step_callbacks.append(guard)

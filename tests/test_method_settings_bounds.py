@@ -5,6 +5,8 @@ setting and what it takes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,29 @@ def test_an_integer_adam_beta2_runs_as_its_float(method: str) -> None:
     as_float = _unlearn(method, {**settings, "adam_beta2": 0.0})
     for p, q in zip(as_int.parameters(), as_float.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_the_cli_refuses_bad_settings_before_it_loads_the_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: `unlearn --method-config` settings of the wrong type or range were checked
+    only after the checkpoint was loaded and the input model measured on the forget, retain
+    and test sets (minutes on a large model): a checkpoint that does not exist was reported
+    first, and a typo waited for the whole measurement."""
+    from mtunlearn_ext import cli, workflow
+
+    def not_yet(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(workflow, "load_model", not_yet)
+    for method, settings, expected in (
+            ("interference_aware", '{"steps": true}', "`steps` must be an integer, got True"),
+            ("finetune", '{"forget_weight": 1}', "leave `forget_weight` at 0"),
+            ("orthograd", '{"ridge": Infinity}', "`ridge` must be a finite number >= 0")):
+        assert cli.main(["unlearn", "--checkpoint", str(tmp_path / "missing.pt"),
+                         "--forget-ids", "3,7", "--method", method, "--method-config",
+                         settings, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--method-config: expected valid settings of {method!r}" in err, err
+        assert expected in err, err
+    assert list(tmp_path.iterdir()) == []
