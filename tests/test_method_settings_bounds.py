@@ -29,15 +29,18 @@ class _TwoHeads(nn.Module):
         return {t: h(z) for t, h in self.heads.items()}
 
 
-def _unlearn(method: str, config: dict[str, object]) -> nn.Module:
+def _unlearn(method: str, config: dict[str, object], model: nn.Module | None = None
+             ) -> nn.Module:
+    dtype = torch.float32 if model is None else next(model.parameters()).dtype
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 8, generator=g)
-    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
-    model, _ = mtunlearn_ext.unlearn(
-        _TwoHeads(), forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+    x = torch.randn(40, 8, generator=g).to(dtype)
+    y = {"a": torch.randint(0, 3, (40,), generator=g),
+         "b": torch.randn(40, 1, generator=g).to(dtype)}
+    new, _ = mtunlearn_ext.unlearn(
+        _TwoHeads() if model is None else model, forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
         retain_data=(x[5:], {t: v[5:] for t, v in y.items()}), tasks=TASKS,
         shared_parameters=lambda n: n.startswith("trunk."), method=method, config=config)
-    return model
+    return new
 
 
 @pytest.mark.parametrize(("method", "field", "other_method"),
@@ -137,3 +140,29 @@ def test_the_cli_refuses_bad_settings_before_it_loads_the_model(
         assert f"--method-config: expected valid settings of {method!r}" in err, err
         assert expected in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+class _DeadUnit(_TwoHeads):
+    """A trunk unit that never fires: its weights' gradients are exactly 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.trunk[0].bias[0] = -1e4
+
+
+@pytest.mark.parametrize("method", ["interference_aware", "neggrad_plus"])
+def test_an_adam_eps_that_is_0_in_the_models_type_is_refused(method: str) -> None:
+    """Review: `adam_eps` 1e-50 passed (finite and > 0) but is 0 in float32, where Adam adds
+    it: a coordinate whose gradient is 0 became 0 / 0 and the run returned NaN weights, with
+    a warning that blamed the learning rate."""
+    settings = {"steps": 2, "optimizer": "adam", "adam_eps": 1e-50}
+    with pytest.raises(ValueError, match=rf"{method}: `adam_eps` \(1e-50\) is 0 in "
+                                         r"torch\.float32, the type of the model's parameters.*"
+                                         r"give at least 1\.175e-38"):
+        _unlearn(method, settings, _DeadUnit())
+    # In float64 it is a number: the same run is finite, as is float32's smallest normal.
+    model = _unlearn(method, settings, _DeadUnit().double())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    model = _unlearn(method, {**settings, "adam_eps": 1.2e-38}, _DeadUnit())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -82,7 +82,8 @@ class StepConfig(UnlearnerConfig):
         adam_beta2: Adam's second-moment decay (``betas = (0.9, adam_beta2)``).
         adam_eps: Adam's ``eps``: a coordinate whose gradient stays well below it moves by
             about ``lr * |g| / eps`` (an SGD-like step) instead of ``lr``; the default is
-            PyTorch's.
+            PyTorch's. It must be above 0 in the parameters' type (checked when the run
+            starts): a value that rounds to 0 there would divide 0 by 0.
         weight_decay: L2 weight decay (SGD) / Adam's coupled decay.
         forget_batch_size: forget pairs per step (a smaller forget set gives all of it).
         retain_batch_size: retain instances per step.
@@ -394,13 +395,30 @@ class GradientUnlearner(Unlearner):
 
     def check_problem(self, problem: UnlearningProblem) -> None:
         """``forget_objective``'s keys must name tasks of the problem or task kinds (checked
-        as :meth:`_unlearn` builds the objectives, before any work), and
-        ``retain_task_weights``' keys tasks of the problem."""
+        as :meth:`_unlearn` builds the objectives, before any work),
+        ``retain_task_weights``' keys tasks of the problem, and Adam's ``adam_eps`` a number
+        above 0 in the type of the model's parameters."""
         objective_names(problem.target_specs(), problem.task_names, self._objective_choice())
         unknown = sorted(set(self.config.retain_task_weights or {}) - set(problem.task_names))
         if unknown:
             raise ValueError(f"{self.name}: `retain_task_weights` names {unknown}, which are not "
                              f"tasks of the problem; its tasks: {list(problem.task_names)}")
+        if self.config.optimizer == "adam":
+            self._check_adam_eps(problem.model)
+
+    def _check_adam_eps(self, model: nn.Module) -> None:
+        # Adam adds eps in the parameters' own type: one that rounds to 0 there (1e-50 in
+        # float32) divides 0 by 0 at every coordinate whose gradient is 0 (a dead unit), and
+        # the run returned NaN weights, blamed on the learning rate.
+        eps = self.config.adam_eps
+        dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+        for dtype in sorted(dtypes, key=str):
+            if float(torch.tensor(eps, dtype=dtype)) == 0.0:
+                raise ValueError(f"{self.name}: `adam_eps` ({eps!r}) is 0 in {dtype}, the type "
+                                 f"of the model's parameters, where Adam adds it (a coordinate "
+                                 f"whose gradient is 0 would become 0 / 0); give at least "
+                                 f"{torch.finfo(dtype).tiny:.4g} ({dtype}'s smallest normal "
+                                 f"number)")
 
     def _unlearn(self, model: nn.Module | None, problem: UnlearningProblem,
                  generator: torch.Generator, recorder: CurveRecorder,
