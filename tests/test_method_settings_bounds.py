@@ -166,3 +166,14 @@ def test_an_adam_eps_that_is_0_in_the_models_type_is_refused(method: str) -> Non
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     model = _unlearn(method, {**settings, "adam_eps": 1.2e-38}, _DeadUnit())
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_scrub_refuses_a_temperature_whose_square_overflows_float32() -> None:
+    """Review: `temperature` 1e20 passed (finite and > 0); the class divergences are scaled by
+    tau^2, inf in float32, and inf times a divergence of 0 returned NaN weights."""
+    for bad in (1e20, 1e300):
+        with pytest.raises(ValueError, match=r"SCRUBConfig: `temperature` must be a finite "
+                                             r"number > 0 and at most 1\.845e\+19"):
+            _unlearn("scrub", {"steps": 2, "temperature": bad})
+    model = _unlearn("scrub", {"steps": 2, "temperature": 1.8e19})
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

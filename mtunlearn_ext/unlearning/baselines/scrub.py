@@ -66,14 +66,18 @@ from mtunlearn_ext.unlearning.terms import ForgetTerms, forget_terms, retain_ter
 __all__ = ["SCRUB", "SCRUBConfig", "prediction_divergence"]
 
 
+#: The largest temperature whose square is a float32 number.
+_LARGEST_TAU = math.sqrt(float(torch.finfo(torch.float32).max))
+
+
 @dataclass
 class SCRUBConfig(StepConfig):
     """``forget_steps``: the first steps that carry the forget (max) term; ``None`` takes two
     thirds of ``steps`` (SCRUB's 2 max epochs of 3). ``distill_weight``: ``alpha``, the weight
     of the retain distillation beside the retain loss (SCRUB's 0.001 against 0.99).
-    ``temperature``: ``tau`` of the class divergences (SCRUB's 4). ``forget_weight`` weighs the
-    forget term, ``retain_weight`` the retain one. The forget term is SCRUB's divergence:
-    ``forget_objective`` is not used."""
+    ``temperature``: ``tau`` of the class divergences (SCRUB's 4; at most 1.8e19, past which
+    ``tau^2`` leaves float32). ``forget_weight`` weighs the forget term, ``retain_weight`` the
+    retain one. The forget term is SCRUB's divergence: ``forget_objective`` is not used."""
 
     steps: int = 60
     lr: float = 1e-4
@@ -92,8 +96,12 @@ class SCRUBConfig(StepConfig):
         if not (math.isfinite(self.distill_weight) and self.distill_weight >= 0):
             raise ValueError(f"SCRUBConfig: `distill_weight` must be a finite number >= 0, got "
                              f"{self.distill_weight!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"SCRUBConfig: `temperature` must be a finite number > 0, got "
+        # The class divergences are scaled by tau^2: past float32's largest that is inf, and
+        # inf times the divergence's 0 made every weight NaN.
+        if not (math.isfinite(self.temperature) and 0 < self.temperature <= _LARGEST_TAU):
+            raise ValueError(f"SCRUBConfig: `temperature` must be a finite number > 0 and at "
+                             f"most {_LARGEST_TAU:.4g} (its square, which scales the class "
+                             f"divergences, at most float32's largest), got "
                              f"{self.temperature!r}")
         if self.forget_objective is not None:
             raise ValueError("SCRUBConfig: `forget_objective` does not apply (SCRUB's forget "
