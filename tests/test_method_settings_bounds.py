@@ -37,7 +37,8 @@ def _unlearn(method: str, config: dict[str, object], model: nn.Module | None = N
     y = {"a": torch.randint(0, 3, (40,), generator=g),
          "b": torch.randn(40, 1, generator=g).to(dtype)}
     new, _ = mtunlearn_ext.unlearn(
-        _TwoHeads() if model is None else model, forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+        _TwoHeads() if model is None else model,
+        forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
         retain_data=(x[5:], {t: v[5:] for t, v in y.items()}), tasks=TASKS,
         shared_parameters=lambda n: n.startswith("trunk."), method=method, config=config)
     return new
