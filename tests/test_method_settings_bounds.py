@@ -178,3 +178,27 @@ def test_scrub_refuses_a_temperature_whose_square_overflows_float32() -> None:
             _unlearn("scrub", {"steps": 2, "temperature": bad})
     model = _unlearn("scrub", {"steps": 2, "temperature": 1.8e19})
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_the_memory_plan_counts_the_per_sample_rows_a_batch_can_give(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: `num_per_sample` 64 of retain batches of 8 rows takes 8 rows per step (the
+    batch's first rows, as the docs say), but the gradient-memory plan counted 64: the report
+    overstated the copies 8 times and a run that fit the device was refused."""
+    from mtunlearn_ext.unlearning import interference_aware as module
+
+    settings = {"steps": 1, "num_per_sample": 64, "retain_batch_size": 8}
+    trunk, heads = 8 * 16 + 16, (16 * 3 + 3) + (16 + 1)
+    snapshots, per_sample_pass = 24 * trunk * 4, 8 * (trunk + heads) * 4
+    monkeypatch.setattr(module, "_device_memory", lambda device: 2**15)  # fits 8 rows, not 64
+    monkeypatch.setattr(module, "_available_memory", lambda device: 2**15)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g)
+    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
+    _, report = mtunlearn_ext.unlearn(
+        _TwoHeads(), forget_data=(x[:5], {t: v[:5] for t, v in y.items()}),
+        retain_data=(x[5:], {t: v[5:] for t, v in y.items()}), tasks=TASKS,
+        shared_parameters=lambda n: n.startswith("trunk."), config=settings)
+    plan = report.extra["interference_aware"]["gradient_memory_bytes"]
+    assert plan == {"snapshots": snapshots, "instance_memory": 0,
+                    "per_sample_pass": per_sample_pass, "total": snapshots + per_sample_pass}

@@ -705,7 +705,7 @@ class InterferenceAware(GradientUnlearner):
         # the kernel's out-of-memory kill, not in the refusal).
         protected_sets = ([tasks for tasks in dict.fromkeys(plan.values()) if tasks]
                           if cfg.task_projection else [])
-        memory_plan = self.gradient_memory_plan(ctx, len(protected_sets), coupled is not None)
+        memory_plan = self.gradient_memory_plan(ctx, len(protected_sets), coupled)
         _check_fits(memory_plan, torch.device(problem.device))
         layer_ids = layer_ids_of(shared_names)
         subspaces = {tasks: ProtectedSubspace(ctx.groups.shared_params, layer_ids,
@@ -752,14 +752,29 @@ class InterferenceAware(GradientUnlearner):
         return instances * (len(problem.task_names) if cfg.instance_rows == "instance_task"
                             else 1)
 
-    def gradient_memory_plan(self, ctx: StepContext, num_subspaces: int, coupled: bool
-                             ) -> dict[str, int]:
+    def _largest_rows_per_step(self, problem: UnlearningProblem,
+                               coupled: MultiTaskDataset | None) -> int:
+        """The most per-sample rows a step takes: :meth:`_rows_per_step` with each count cut
+        to the rows its batch can have (the first ``num_per_sample`` of a retain batch of at
+        most ``retain_batch_size`` rows of the retain set, the first
+        ``num_coupled_per_sample`` of a batch of at most ``forget_batch_size`` coupled rows)."""
+        cfg = self.config
+        instances = min(cfg.num_per_sample, cfg.retain_batch_size, len(problem.retain))
+        if coupled is not None:
+            instances += min(cfg.num_coupled_per_sample, cfg.forget_batch_size, len(coupled))
+        return instances * (len(problem.task_names) if cfg.instance_rows == "instance_task"
+                            else 1)
+
+    def gradient_memory_plan(self, ctx: StepContext, num_subspaces: int,
+                             coupled: MultiTaskDataset | None) -> dict[str, int]:
         """Bytes of gradient copies the method holds at once, by what holds them: the protected
         subspaces' snapshots (``num_snapshots`` per subspace, over the shared parameters), the
         instance memory's rows (``(instance_memory + 1)`` steps of per-sample rows over the
         shared and target-head parameters; none without a memory, whose constraints are views
         of the pass's rows) and one step's per-sample pass (its rows over every parameter).
-        Activations of the ``vmap`` pass come on top (bounded by ``chunk_size``)."""
+        A step's rows are those its batches can give (``coupled``: the coupled retain rows of
+        a partial request), not more. Activations of the ``vmap`` pass come on top (bounded by
+        ``chunk_size``)."""
         cfg = self.config
         groups = ctx.groups
 
@@ -770,7 +785,9 @@ class InterferenceAware(GradientUnlearner):
         if cfg.task_projection:
             plan["snapshots"] = num_subspaces * cfg.num_snapshots * nbytes(groups.shared_params)
         if self._uses_instance_constraints():
-            per_step = self._rows_per_step(ctx.problem, coupled)
+            # num_per_sample 64 of retain batches of 8 rows take 8: counting 64 overstated
+            # the copies 8 times and refused a run that fit.
+            per_step = self._largest_rows_per_step(ctx.problem, coupled)
             constrained = groups.shared_params + [p for t in ctx.problem.target_tasks
                                                   for p in groups.head_params(t)]
             # With no memory the constraints are views of the pass's rows (no copy).
