@@ -33,6 +33,8 @@ from typing import Any, NoReturn
 
 import torch
 
+from mtunlearn_ext._text import visible_controls
+
 __all__ = ["build_parser", "console_main", "main"]
 
 _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is detected after the "
@@ -442,9 +444,19 @@ def _check_seed(seed: int | None) -> None:
                              f"numpy/scikit-learn seeds are 32-bit (at most {_MAX_SEED})")
 
 
+def _say(*parts: object, **print_options: Any) -> None:
+    """``print``, with the control characters of the text (but its line breaks) shown as
+    escapes: task names, paths and a record's fields are the user's, or whoever wrote the
+    record's, and an ESC or CR in one would recolour, clear or overwrite the terminal."""
+    print(*(visible_controls(str(part), keep="\n") for part in parts), **print_options)
+
+
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """An aligned plain-text table (the end-of-command summary)."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    """An aligned plain-text table (the end-of-command summary). A cell's control characters
+    are shown as escapes: a line break in a name would break its row, an escape sequence would
+    be obeyed and count towards the width although it takes no column."""
+    cells = [[visible_controls(str(h)) for h in headers]] + [
+        [visible_controls(_fmt(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -579,7 +591,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # so a pipeline rerun from its command lines reproduces the records' hashes. The
         # seconds are printed in the summary below instead.
         sha = tx.write(output, lambda p: save_checkpoint(p, model, meta))
-    print(_table([[bench.name, args.size, args.seed, result.steps, result.final_loss,
+    _say(_table([[bench.name, args.size, args.seed, result.steps, result.final_loss,
                    round(result.seconds, 2), str(output), sha[:16]]],
                  ["benchmark", "size", "seed", "steps", "final_loss", "seconds", "checkpoint",
                   "sha256"]))
@@ -655,7 +667,7 @@ def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dic
         matrix = interference_matrix(problem, config)  # type: ignore[arg-type]
     except (RuntimeError, ValueError) as error:
         # A diagnostic: the unlearned model is already computed and must not be lost for it.
-        print(f"mtunlearn: warning: no interference matrix: {error}", file=sys.stderr)
+        _say(f"mtunlearn: warning: no interference matrix: {error}", file=sys.stderr)
         return {"error": str(error)}
     return {**interference_to_json(matrix, config),
             "settings_from": "the method's settings" if own else "interference_aware defaults"}
@@ -760,7 +772,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 raise UserInputError("--checkpoint", "a checkpoint whose earlier removals are "
                                      "known (an original, or one unlearned by this version)",
                                      str(checkpoint), unknown_removals_hint(loaded.meta))
-            print(f"mtunlearn: warning: {checkpoint} is an unlearned checkpoint whose earlier "
+            _say(f"mtunlearn: warning: {checkpoint} is an unlearned checkpoint whose earlier "
                   "removals are not known (only their hash is kept): the retain set is "
                   "--retain-ids as given, which must leave the ids forgotten before out",
                   file=sys.stderr)
@@ -777,7 +789,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             target_tasks=target_tasks, request_type=args.request, seed=seed)
         if forget_ids is None:  # a data-removal tool must not choose what to remove silently
             assert fraction is not None  # the default where no ids are named
-            print(f"mtunlearn: no --forget-ids: forgetting a random "
+            _say(f"mtunlearn: no --forget-ids: forgetting a random "
                   f"{100 * float(fraction):g}% of the training instances "
                   f"(--forget-fraction {fraction:g}, seed {seed}): "
                   f"{len(request.instance_ids)} instances", file=sys.stderr)
@@ -785,7 +797,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                     if forget_ids is not None else "--forget-fraction")
         forget, _ = request.split(remaining)
         if already:
-            print(f"mtunlearn: earlier requests of the checkpoint's lineage already removed "
+            _say(f"mtunlearn: earlier requests of the checkpoint's lineage already removed "
                   f"pairs of {len(already)} of the ids named ({_ids_text(already)}): only the "
                   f"other {int(forget.supervision.sum())} pairs are forgotten", file=sys.stderr)
         # The retain split as before; exclude_removed takes the earlier removals out of it.
@@ -796,7 +808,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             entirely, partly = removal_counts(train_set, earlier)
             partly_text = (f" and the target-task labels of {partly} other(s)" if partly
                            else "")
-            print(f"mtunlearn: {len(earlier)} earlier request(s) of the checkpoint's lineage "
+            _say(f"mtunlearn: {len(earlier)} earlier request(s) of the checkpoint's lineage "
                   f"removed {entirely} instance(s) entirely{partly_text}: those pairs stay "
                   f"removed ({excluded} kept out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
@@ -905,16 +917,16 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         with interrupts_held():
             tx.write(out_rec, lambda p: write_record(p, record))
             tx.commit()
-    print(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
+    _say(_table(_metric_rows(before, after), ["split", "task", "metric", "before", "after"]))
     for note in _attack_notes(after):
-        print(note)
-    print(f"method {args.method}: {result.report.steps} steps, "
+        _say(note)
+    _say(f"method {args.method}: {result.report.steps} steps, "
           f"{result.report.wall_time_s:.2f} s; {request_type} request, "
           # The instances forgotten: those named whose pairs earlier requests had all removed
           # are not (the record's report counts the same).
           f"{len(forget)} instances{_named_note(len(request.instance_ids), len(forget))}, "
           f"tasks {targets}")
-    print(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
+    _say(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
                         "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
         # An instance is not read at all only once its image is gone; one that lost some
@@ -928,12 +940,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                       "instance(s) still read for their other tasks)"]
                                      if labels else [])
         erased = f" ({'; '.join(notes)})" if notes else ""
-        print(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
+        _say(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
               f"{excluded} pairs still in the data stayed out of the retain set{erased}")
     elif earlier is None:
-        print("earlier removals: unknown (the input keeps only their hash); the retain set was "
+        _say("earlier removals: unknown (the input keeps only their hash); the retain set was "
               "--retain-ids")
-    print(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
+    _say(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
     return 0
 
 
@@ -1061,10 +1073,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if output is None:
         # The JSON is the output: stdout holds it alone, so that it can be piped into a JSON
         # reader; the summary table still ends the command, on stderr.
-        print(table, file=sys.stderr)
+        _say(table, file=sys.stderr)
         print(json.dumps(payload, indent=1))
     else:
-        print(table)
+        _say(table)
     return 0
 
 
@@ -1081,26 +1093,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return _verify_api_record(args)
     result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance,
                            data_root=args.data_root)
-    print(_table([[check, outcome] for check, outcome in result.checks.items()],
+    _say(_table([[check, outcome] for check, outcome in result.checks.items()],
                  ["check", "result"]))
     for m in result.mismatches:
-        print(f"mismatch: {m}", file=sys.stderr)
+        _say(f"mismatch: {m}", file=sys.stderr)
     if args.data_root is not None:
-        print(f"data read from {Path(args.data_root).expanduser().resolve()} (--data-root; it "
+        _say(f"data read from {Path(args.data_root).expanduser().resolve()} (--data-root; it "
               "hashes to the data the checkpoint records)")
     if FORGET_ERASED_CHECK in result.checks:
-        print(f"note: before/after forget metrics: {result.checks[FORGET_ERASED_CHECK]}")
+        _say(f"note: before/after forget metrics: {result.checks[FORGET_ERASED_CHECK]}")
     if result.ok:
-        print(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
+        _say(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
               "and the re-measured metrics agree with the record (metric tolerance "
               f"{args.tolerance:g}); this checks the files and the record, not how much was "
               "forgotten: the record's before/after metrics show that")
     elif result.checks.get("weights") == WEIGHTS_UNCHANGED:
-        print(f"FAILED: {result.checkpoint} against {args.record}: not verified, its weights "
+        _say(f"FAILED: {result.checkpoint} against {args.record}: not verified, its weights "
               "are the input model's, so nothing was unlearned (metric tolerance "
               f"{args.tolerance:g})")
     else:
-        print(f"FAILED: {result.checkpoint} against {args.record} (metric tolerance "
+        _say(f"FAILED: {result.checkpoint} against {args.record} (metric tolerance "
               f"{args.tolerance:g})")
     return 0 if result.ok else 1
 
@@ -1143,15 +1155,15 @@ def _verify_api_record(args: argparse.Namespace) -> int:
     rows = [[check, outcome] for check, outcome in result.checks.items()]
     rows.append(["metrics", "not measured (a save_unlearned record: the model and data are "
                             "the caller's; re-measure them with your code)"])
-    print(_table(rows, ["check", "result"]))
+    _say(_table(rows, ["check", "result"]))
     for m in result.mismatches:
-        print(f"mismatch: {m}", file=sys.stderr)
+        _say(f"mismatch: {m}", file=sys.stderr)
     unchanged = (", not verified, its weights are the original model's, so nothing was "
                  "unlearned" if result.checks.get("weights_changed") == WEIGHTS_UNCHANGED
                  else ", not verified, its parameters are the original model's (only buffers "
                       "changed), so the request's supervision was not removed"
                  if result.checks.get("parameters_changed") == WEIGHTS_UNCHANGED else "")
-    print(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
+    _say(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
           f"(files and hashes only){unchanged}")
     return 0 if result.ok else 1
 
@@ -1164,9 +1176,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     else:
         command = [sys.executable, "-m", "mtunlearn_ext.showcase", *args.extra]
     if args.dry_run:
-        print("would run: " + " ".join(command), flush=True)
+        _say("would run: " + " ".join(command), flush=True)
         return 0
-    print("running: " + " ".join(command), flush=True)
+    _say("running: " + " ".join(command), flush=True)
     return subprocess.run(command, cwd=root, check=False).returncode
 
 
@@ -1186,7 +1198,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     # write_report registers its files as written in full (COMMITTED_OUTPUTS) as report.md
     # lands: an interrupt from then on finds them complete.
     written = write_report(results, Path(args.output_dir), title=args.title or source.name)
-    print(_table([[str(p), p.stat().st_size] for p in written], ["file", "bytes"]))
+    _say(_table([[str(p), p.stat().st_size] for p in written], ["file", "bytes"]))
     return 0
 
 
@@ -1452,10 +1464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The outputs were complete before the interrupt (it came while the summary was
             # printed): they stay, and the message says so.
             written = ", ".join(str(p) for p in committed)
-            print(f"mtunlearn: interrupted{how} after its outputs were written in full "
+            _say(f"mtunlearn: interrupted{how} after its outputs were written in full "
                   f"({written}); inputs are unchanged", file=sys.stderr)
         else:
-            print(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",
+            _say(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",
                   file=sys.stderr)
         return 130
     finally:
@@ -1568,17 +1580,17 @@ def _main(argv: Sequence[str] | None) -> int:
                                       getattr(args, "method_config", None))
         return int(args.func(args))
     except (UserInputError, CheckpointError, RecordError, FileExistsError) as error:
-        print(f"mtunlearn: error: {error}", file=sys.stderr)
+        _say(f"mtunlearn: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"mtunlearn: error: {error}", file=sys.stderr)
+        _say(f"mtunlearn: error: {error}", file=sys.stderr)
         return 3
     except BrokenPipeError:
         # The reader of stdout went away (`mtunlearn evaluate ... | head`): no traceback, and
         # stdout pointed at /dev/null so that the interpreter's final flush does not raise
         # again. Outputs not yet committed were removed by their transaction.
         _silence_stdout()
-        print("mtunlearn: stdout was closed by its reader", file=sys.stderr)
+        _say("mtunlearn: stdout was closed by its reader", file=sys.stderr)
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     finally:
         if torch.get_num_threads() != callers_threads:
@@ -1604,7 +1616,7 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     kind = "" if category is UserWarning else f" ({category.__name__})"
-    print(f"mtunlearn: warning{kind}: {message}", file=sys.stderr if file is None else file)
+    _say(f"mtunlearn: warning{kind}: {message}", file=sys.stderr if file is None else file)
 
 
 def console_main(argv: Sequence[str] | None = None) -> int:

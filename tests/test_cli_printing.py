@@ -184,3 +184,55 @@ def test_a_closed_stdout_pipe_leaves_no_descriptor_open(monkeypatch: pytest.Monk
         before = open_descriptors()
         assert [cli.main(["evaluate"]) for _ in range(3)] == [141] * 3
         assert open_descriptors() == before
+
+
+# -- names holding control characters are shown, not obeyed ---------------------------------------
+
+#: A task name a benchmark module may give: an escape sequence (red text), a carriage return
+#: (back to the line's start) and a right-to-left override.
+ACTING_NAME = "ki\x1b[31mnd\rX\u202egp"
+
+ACTING_PLUGIN = '''
+import torch
+
+from mtunlearn_ext.data import Benchmark, MultiTaskDataset, TaskSpec, register_benchmark
+
+TASKS = [TaskSpec({name!r}, "classification", num_classes=2), TaskSpec("size", "regression")]
+
+
+@register_benchmark("acting_names")
+def acting(seed, size, data_root):
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n, first_id):
+        x = torch.randn(n, 4, generator=gen)
+        targets = {{TASKS[0].name: (x[:, 0] > 0).long(), "size": x[:, 1:2]}}
+        return MultiTaskDataset(x, targets, TASKS, ids=torch.arange(first_id, first_id + n))
+
+    return Benchmark("acting_names", split(40, 0), split(20, 1000), TASKS,
+                     info={{"train_config": {{"epochs": 1, "batch_size": 16}}}})
+'''
+
+
+def test_control_characters_in_a_task_name_are_printed_as_escapes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        registries_restored: None) -> None:
+    """A task name's ESC sequence reached the terminal as it was (the table's task column
+    turned red, and stayed so), its CR sent the cursor back over the row, and the width of
+    the column counted the escape's characters, which take no column."""
+    (tmp_path / "acting_plugin.py").write_text(ACTING_PLUGIN.format(name=ACTING_NAME))
+    monkeypatch.chdir(tmp_path)
+    plugin = ["--import", "acting_plugin", "--quiet", "--threads", "1"]
+    assert cli.main(["train", "--benchmark", "acting_names", "--output", "o.pt", *plugin]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", "o.pt", "--output", "m.json", *plugin]) == 0
+    out = capsys.readouterr().out
+    assert not re.search("[\x00-\x09\x0b-\x1f\u202e]", out), repr(out)
+    shown = r"ki\x1b[31mnd\rX\u202egp"
+    rows = [line for line in out.splitlines() if shown in line]
+    assert len(rows) == 2, out  # train and test, each on one line
+    # The columns line up: every row's metric starts where the header's does.
+    header = out.splitlines()[0]
+    assert {row.index("accuracy") for row in rows} == {header.index("metric")}, out
+    # The JSON keeps the name itself: only what is shown is escaped.
+    assert ACTING_NAME in json.loads((tmp_path / "m.json").read_text())["metrics"]["test"]

@@ -1,0 +1,24 @@
+"""User-named text (task, method and file names, a record's fields) made safe to show: in a
+terminal, a Markdown report or a plot."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["visible_controls"]
+
+#: Characters that act instead of being shown. C0 / C1 controls and DEL: a terminal obeys them
+#: (ESC starts a sequence that recolours, moves the cursor or clears the screen; CR returns to
+#: the line's start, so what follows overwrites what came before; BEL rings). Bidirectional
+#: formatting characters (marks, embeddings, overrides, isolates): they reorder the text around
+#: them, so that ``u\u202egp.kcab.pt`` reads as a name ending in ``.pt`` it does not end in.
+#: Letters of right-to-left scripts are not among them: they show as they are.
+_ACTING = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible_controls(text: str, keep: str = "") -> str:
+    """``text`` with every control or bidirectional formatting character written as its Python
+    escape (``\\x1b``, ``\\n``, ``\\u202e``), so that it is seen rather than obeyed; the
+    characters of ``keep`` (``"\\n"`` for a text of several lines) stay as they are. Text
+    without such characters is returned unchanged."""
+    return _ACTING.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)
