@@ -39,6 +39,7 @@ from mtunlearn_ext._io import (
     remove_if_placed,
     write_text_new,
 )
+from mtunlearn_ext._text import visible_controls
 
 __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -114,16 +115,22 @@ _MD_EMPHASIS_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 
 def _md_text(value: object) -> str:
     """``value`` (a task, method or model name, a title: anything the user named) as Markdown
-    text that renders as itself on one line, in a paragraph or a table cell."""
+    text that renders as itself on one line, in a paragraph or a table cell. A control
+    character left after the line breaks are joined (ESC, NUL) or a bidirectional override is
+    written as its escape (``\\x1b``): the file is read in terminals too, and an override
+    would reorder the text around it."""
     text = " ".join(str(value).split())  # a line break would end the table row or heading
     for raw, escaped in _MD_ESCAPES:
         text = text.replace(raw, escaped)
-    return _MD_EMPHASIS_UNDERSCORE.sub(r"\\_", text)
+    # After the escapes: the backslash of "\x1b" is literal before a letter, not doubled.
+    return visible_controls(_MD_EMPHASIS_UNDERSCORE.sub(r"\\_", text))
 
 
 def _md_code_block(text: str, info: str = "") -> list[str]:
     """``text`` as the lines of a fenced code block whose fence is longer than any run of
-    backticks inside it, so that a name holding three backticks cannot close the block."""
+    backticks inside it, so that a name holding three backticks cannot close the block. Control
+    characters other than line breaks are written as escapes (:func:`_md_text`)."""
+    text = visible_controls(text, keep="\n")
     longest = max(map(len, re.findall("`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return [fence + info, text, fence]
@@ -131,8 +138,9 @@ def _md_code_block(text: str, info: str = "") -> list[str]:
 
 def _md_code(value: object) -> str:
     """``value`` (a name, a path) as a Markdown code span: delimited by one backtick more than
-    the longest run of backticks inside, so that a backtick in it cannot end the span early."""
-    text = " ".join(str(value).split())
+    the longest run of backticks inside, so that a backtick in it cannot end the span early.
+    Control characters are written as escapes (:func:`_md_text`)."""
+    text = visible_controls(" ".join(str(value).split()))
     fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
@@ -148,8 +156,10 @@ def _md_names(names: Any) -> str:
 
 def _plot_text(value: object) -> str:
     """``value`` as matplotlib text that is drawn as itself: a ``$`` would start mathtext
-    (a name such as ``cost $x$`` drawn as a formula, an unbalanced one failing the plot)."""
-    return str(value).replace("$", r"\$")
+    (a name such as ``cost $x$`` drawn as a formula, an unbalanced one failing the plot). A
+    control character is drawn as its escape (``\\x1b``): the font has no glyph for it, and
+    matplotlib warned once per character and label."""
+    return visible_controls(str(value)).replace("$", r"\$")
 
 
 def _model_colors(labels: Sequence[str]) -> dict[str, Any]:
@@ -177,15 +187,16 @@ def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
     colors = _model_colors(list(models))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) * max(1, len(models)) / 3), 3.5))
     width = 0.8 / max(1, len(models))
+    bars: list[Any] = []
     for i, (label, entry) in enumerate(models.items()):
         values = [entry.get("metrics", {}).get(split, {}).get(t, {}).get(metric)
                   for t, metric in rows]
         xs = [k + i * width for k in range(len(rows))]
         # A missing value gets no bar (NaN height: nothing drawn) and an "n/a" mark, so that it
         # cannot be taken for a real 0.
-        ax.bar(xs, [v if v is not None else math.nan for v in values], width,
-               label=_plot_text(label), color=colors[label],
-               hatch="//" if label == reference else None)
+        bars.append(ax.bar(xs, [v if v is not None else math.nan for v in values], width,
+                           label=_plot_text(label), color=colors[label],
+                           hatch="//" if label == reference else None))
         for x, v in zip(xs, values):
             if v is None:
                 ax.text(x, 0.0, MISSING_LABEL, ha="center", va="bottom", rotation=90,
@@ -201,9 +212,16 @@ def _bar_chart(models: Mapping[str, Mapping[str, Any]], split: str, path: Path,
     ax.set_title(f"{split}: primary metric per task" +
                  (f" (hatched: {_plot_text(reference)})" if reference else ""))
     # Beside the axes, not over the bars (the default "best" place covers some with many models).
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend(ax, bars, [_plot_text(label) for label in models])
     save_png(fig, path)
     return True
+
+
+def _legend(ax: Any, handles: Sequence[Any], labels: Sequence[str]) -> None:
+    """A legend of ``handles`` named by ``labels``, beside the axes. Given explicitly: from the
+    artists' own labels matplotlib leaves out every name that starts with ``_`` (its mark of
+    an internal artist), so a method named ``_mine`` had no entry."""
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
@@ -216,7 +234,8 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    drawn = False
+    lines: list[Any] = []
+    names: list[str] = []
     for label, report in curves.items():
         values, steps = report.get("curves", {}), report.get("curve_steps", {})
         for name, style in (("forget_loss", "-"), ("retain_loss", "--")):
@@ -224,16 +243,16 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
             if not ys:
                 continue
             xs = steps.get(name) or list(range(len(ys)))
-            ax.plot(xs, [float("nan") if y is None else y for y in ys], style,
-                    color=colors.get(label), label=f"{_plot_text(label)} {name}")
-            drawn = True
-    if not drawn:
+            names.append(f"{_plot_text(label)} {name}")
+            lines += ax.plot(xs, [float("nan") if y is None else y for y in ys], style,
+                             color=colors.get(label), label=names[-1])
+    if not lines:
         plt.close(fig)
         return False
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("loss during unlearning (solid: forget, dashed: retain)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend(ax, lines, names)
     save_png(fig, path)
     return True
 

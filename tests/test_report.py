@@ -9,6 +9,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -516,6 +517,62 @@ def test_names_that_would_italicise_strike_or_link_are_escaped_and_plain_names_a
     start = lines.index("````")  # a fence longer than the name's three backticks
     assert lines.index("````", start + 1) > start + 1
     assert "```" not in [line.strip() for line in lines]
+
+
+def test_control_characters_in_names_are_written_as_escapes(tmp_path: Path) -> None:
+    """A task named with an escape sequence put a raw ESC into report.md (a `cat` of it
+    recoloured the terminal), a right-to-left override reordered the checkpoint path after it,
+    and the plots drew neither: matplotlib warned "Glyph 27 missing" once per character and
+    label, which the command printed as a screenful of warnings."""
+    task, method = "ki\x1b[31mnd\x00", "m\u202egp.kcab"
+    metrics = {split: {task: {"accuracy": 0.5}} for split in ("forget", "retain", "test")}
+    record = {**_record(), "method": {"name": method, "settings": {}},
+              "request": {"type": "full", "target_tasks": [task], "instance_ids": [1]},
+              "output": {"checkpoint": "out\u202ept.exe", "sha256": "0" * 64},
+              "before": {"metrics": metrics, "mia_auc": 0.6},
+              "after": {"metrics": metrics, "mia_auc": 0.5},
+              "report": {"curves": {"forget_loss": [1.0, 0.5]}},
+              "interference": {"labels": [f"forget/{task}", f"retain/{task}"],
+                               "before": [[1.0, -0.5], [-0.5, 1.0]],
+                               "after": [[1.0, 0.1], [0.1, 1.0]], "forget_kept": {task: 0.5}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(record, tmp_path / "rep", title=f"T {task}")
+    assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert not re.search("[\x00-\x09\x0b-\x1f\u202e]", markdown), repr(markdown)
+    assert "# T ki\\x1b\\[31mnd\\x00" in markdown  # '[' escaped as Markdown, ESC shown
+    assert "`out\\u202ept.exe`" in markdown and "`m\\u202egp.kcab`" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len({len(re.findall(r"(?<!\\)\|", row)) for row in rows}) == 1, rows
+
+
+def test_a_method_named_with_a_leading_underscore_is_in_the_legends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib leaves out of a legend every artist whose label starts with '_' (its mark
+    of an internal artist): a method named '_mine' had loss curves without a legend entry,
+    and an experiment's model '_mine' a bar colour nobody could tell."""
+    from mtunlearn_ext import report
+
+    legends: dict[str, list[str]] = {}
+    save_png = report.save_png
+
+    def keep_legend(fig: Any, path: Path, *args: Any, **kwargs: Any) -> None:
+        legend = fig.axes[0].get_legend()
+        legends[path.name] = [] if legend is None else [t.get_text() for t in legend.get_texts()]
+        save_png(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "save_png", keep_legend)
+    models = {label: {"metrics": {"test": {"a": {"accuracy": 0.5}}}, "mia_auc": None,
+                      "report": {"curves": {"forget_loss": [1.0, 0.5]}}}
+              for label in ("_mine", "retrained")}
+    results = {"schema": "mtunlearn_ext.experiment/1",
+               "benchmark": {"name": "b", "size": "tiny",
+                             "tasks": [{"name": "a", "kind": "classification"}]},
+               "request": {"type": "full", "target_tasks": ["a"]}, "models": models}
+    write_report(results, tmp_path / "rep")
+    assert legends["metrics_test.png"] == ["_mine", "retrained"]
+    assert legends["loss_curves.png"] == ["_mine forget_loss", "retrained forget_loss"]
 
 
 def test_a_record_report_compares_before_and_after_side_by_side(tmp_path: Path) -> None:
