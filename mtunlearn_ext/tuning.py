@@ -11,7 +11,9 @@ running statistics) or sizes its phases by its length (SCRUB), each budget is ru
 
 Selection uses only training data (forget and retain pairs) and the retrained model, never the
 test set: the test split and the attack (which needs test instances) are left for the
-experiment. The chosen settings print as a ``--method-config`` JSON for the experiment.
+experiment. The chosen settings print as a ``--method-config`` JSON for the experiment. In the
+``--output`` JSON a value that is not finite (the gap ``inf`` of a run that diverged, a NaN
+metric) is ``null``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from mtunlearn_ext.experiment import (
 )
 from mtunlearn_ext.metrics import evaluate, retrain_gap
 from mtunlearn_ext.unlearning import GradientUnlearner, UnlearningProblem, get_unlearner
+from mtunlearn_ext.workflow import json_safe
 
 __all__ = ["main", "score_budgets", "tune"]
 
@@ -162,7 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.method_configs = {}
     result = tune(config, lrs, checkpoints, args.retain_eval, base, benchmark)
     result["config"] = {"experiment": vars(args)}
-    write_json_atomic(config.output, json.loads(json.dumps(result, default=str)))
+    # A run that diverged scores gap inf (and may leave NaN metrics): JSON has neither, and the
+    # strict writer refused them after the whole grid had run, writing nothing. They are null.
+    write_json_atomic(config.output, json_safe(result))
     print("best settings (--method-config):")
     print(json.dumps({m: b["settings"] for m, b in result["best"].items()}))
     for m, b in result["best"].items():

@@ -128,3 +128,25 @@ def test_budgets_are_scored_once_each_in_increasing_order(base: dict[str, int]) 
     score_budgets("finetune", {"lr": 1e-2, **base}, [3, 2, 2], problem,
                   lambda steps, model, seconds: scored.append(steps))
     assert scored == [2, 3]
+
+
+def test_a_grid_point_that_diverged_is_written_with_a_null_gap(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A learning rate that makes the run diverge scores gap inf (the retrain gap of a model
+    with non-finite metrics): the strict JSON writer refused it after the whole grid had run
+    ("Out of range float values are not JSON compliant: inf"), a traceback and no output."""
+    import json
+
+    out = tmp_path / "t.json"
+    assert main(["--benchmark", "digits", "--size", "tiny", "--request", "partial",
+                 "--target-tasks", "digit", "--methods", "neggrad_plus", "--lrs", "1e30",
+                 "--checkpoints", "1", "--output", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--threads", "1"]) == 0
+    assert "gap=    inf" in capsys.readouterr().out  # the run did diverge
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    result = json.loads(out.read_text(), parse_constant=refuse)
+    assert [r["gap"] for r in result["records"] if r["method"] == "neggrad_plus"] == [None]
+    assert result["best"]["neggrad_plus"]["gap"] is None
