@@ -139,10 +139,16 @@ def _md_code_block(text: str, info: str = "") -> list[str]:
 def _md_code(value: object) -> str:
     """``value`` (a name, a path) as a Markdown code span: delimited by one backtick more than
     the longest run of backticks inside, so that a backtick in it cannot end the span early.
-    Control characters are written as escapes (:func:`_md_text`)."""
-    text = visible_controls(" ".join(str(value).split()))
+    Control characters, line breaks and tabs among them, are written as escapes
+    (:func:`_md_text`), and runs of spaces kept: the span shows a path or a command exactly
+    (``run  1/u.pt`` with two spaces or ``a\\nb`` with a line break read as another path when
+    whitespace was collapsed into one space)."""
+    text = visible_controls(str(value))
     fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    # A span that starts or ends with a backtick needs a space beside its fence; Markdown
+    # takes one space off each end of a span that starts and ends with one, so those get one.
+    spaced = text.startswith(" ") and text.endswith(" ") and text.strip(" ")
+    pad = " " if text.startswith("`") or text.endswith("`") or spaced else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 

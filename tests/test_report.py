@@ -547,6 +547,19 @@ def test_control_characters_in_names_are_written_as_escapes(tmp_path: Path) -> N
     assert len({len(re.findall(r"(?<!\\)\|", row)) for row in rows}) == 1, rows
 
 
+def test_paths_and_commands_are_shown_exactly(tmp_path: Path) -> None:
+    """The code spans of paths and the command line collapsed whitespace: an output checkpoint
+    `run  1/u.pt` (two spaces) was shown as `run 1/u.pt`, a path with a line break or a tab
+    as one with a space, a cwd ' x ' lost the spaces that Markdown strips from a span's ends:
+    each names another file than the one written."""
+    record = _record(invocation={"argv": ["unlearn", "--output", "a\tb\nc.pt"], "cwd": " x "})
+    record["output"] = {"checkpoint": "run  1/u.pt", "sha256": "0" * 64}
+    write_report(record, tmp_path / "rep")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert "output `run  1/u.pt` (SHA-256" in markdown
+    assert "`mtunlearn unlearn --output 'a\\tb\\nc.pt'`, run in `  x  `" in markdown
+
+
 def test_a_method_named_with_a_leading_underscore_is_in_the_legends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """matplotlib leaves out of a legend every artist whose label starts with '_' (its mark
