@@ -160,12 +160,26 @@ def _md_names(names: Any) -> str:
     return ", ".join(_md_code(name) for name in names) or "(none)"
 
 
-def _plot_text(value: object) -> str:
+#: The most characters of a name drawn in a plot, and of a title (which spans the figure);
+#: the report's text gives every name whole.
+_PLOT_TEXT_LIMIT = 48
+_PLOT_TITLE_LIMIT = 120
+
+
+def _plot_text(value: object, limit: int = _PLOT_TEXT_LIMIT) -> str:
     """``value`` as matplotlib text that is drawn as itself: a ``$`` would start mathtext
     (a name such as ``cost $x$`` drawn as a formula, an unbalanced one failing the plot). A
     control character is drawn as its escape (``\\x1b``): the font has no glyph for it, and
-    matplotlib warned once per character and label."""
-    return visible_controls(str(value)).replace("$", r"\$")
+    matplotlib warned once per character and label. A text longer than ``limit`` characters
+    is drawn as its start and end around an ellipsis (the end too, where names such as
+    ``..._seed1`` / ``..._seed2`` differ): a 5,000-character task name
+    made each bar chart 30,711 x 17,843 pixels, and a 20,000-character one failed the report
+    with ``std::bad_alloc``."""
+    text = visible_controls(str(value))
+    if len(text) > limit:
+        head = limit * 2 // 3
+        text = text[:head] + "…" + text[len(text) - (limit - head - 1):]
+    return text.replace("$", r"\$")
 
 
 def _model_colors(labels: Sequence[str]) -> dict[str, Any]:
@@ -353,8 +367,8 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
     labels, before, after, projections = _interference_arrays(matrix)
     labels = [_plot_text(label) for label in labels]
     panels = ((before, "before projection"),
-              (after, f"after projection ({_plot_text(projections)})" if projections
-               else "after projection"))
+              (after, f"after projection ({_plot_text(projections, _PLOT_TITLE_LIMIT)})"
+               if projections else "after projection"))
     path = Path(path)
     # Room for the cell values: the default suits the usual 2-6 rows, larger matrices grow.
     side = max(4.8, 0.7 * len(labels))
@@ -374,7 +388,7 @@ def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
         ax.set_title(panel_title)
     assert image is not None  # two panels, both drawn
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine (negative = interference)")
-    fig.suptitle(_plot_text(title))
+    fig.suptitle(_plot_text(title, _PLOT_TITLE_LIMIT))
     save_png(fig, path, overwrite=overwrite, dpi=110)
     return path.name
 

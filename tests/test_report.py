@@ -560,6 +560,29 @@ def test_paths_and_commands_are_shown_exactly(tmp_path: Path) -> None:
     assert "`mtunlearn unlearn --output 'a\\tb\\nc.pt'`, run in `  x  `" in markdown
 
 
+def test_a_very_long_name_is_shortened_in_the_plots_and_whole_in_the_text(
+        tmp_path: Path) -> None:
+    """A plot drew every name whole: a task and a method named with 5,000 characters made each
+    bar chart 30,711 x 17,843 pixels (3 MB, refused by image viewers as a decompression bomb),
+    and 20,000 characters failed the report with std::bad_alloc. The plots now draw a long
+    name's start and end around an ellipsis; the report's text keeps the whole name."""
+    import struct
+
+    long_task, long_method = "t" * 1990 + "_task_end", "m" * 1990 + "_method_end"
+    metrics = {split: {long_task: {"accuracy": 0.5}} for split in ("forget", "retain", "test")}
+    record = {**_record(), "method": {"name": long_method, "settings": {}},
+              "request": {"type": "full", "target_tasks": [long_task], "instance_ids": [1]},
+              "before": {"metrics": metrics, "mia_auc": 0.6},
+              "after": {"metrics": metrics, "mia_auc": 0.5},
+              "report": {"curves": {"forget_loss": [1.0, 0.5]}}}
+    written = write_report(record, tmp_path / "rep")
+    for png in (p for p in written if p.suffix == ".png"):
+        width, height = struct.unpack(">II", png.read_bytes()[16:24])  # the IHDR chunk
+        assert width < 1500 and height < 1000, (png.name, width, height)
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert f"| {long_task} |" in markdown.replace("\\_", "_") and long_method in markdown
+
+
 def test_a_method_named_with_a_leading_underscore_is_in_the_legends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """matplotlib leaves out of a legend every artist whose label starts with '_' (its mark
