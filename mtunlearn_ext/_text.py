@@ -4,8 +4,9 @@ terminal, a Markdown report or a plot."""
 from __future__ import annotations
 
 import re
+import unicodedata
 
-__all__ = ["visible_controls"]
+__all__ = ["display_width", "pad_to", "visible_controls"]
 
 #: Characters that act instead of being shown. C0 / C1 controls and DEL: a terminal obeys them
 #: (ESC starts a sequence that recolours, moves the cursor or clears the screen; CR returns to
@@ -22,3 +23,18 @@ def visible_controls(text: str, keep: str = "") -> str:
     characters of ``keep`` (``"\\n"`` for a text of several lines) stay as they are. Text
     without such characters is returned unchanged."""
     return _ACTING.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)
+
+
+def display_width(text: str) -> int:
+    """The columns ``text`` takes in a terminal: two for an East Asian wide or fullwidth
+    character (CJK ideographs, most emoji), none for a combining mark, one for the others.
+    ``len`` counted one for each, so a table row holding such a name was shifted."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
+
+
+def pad_to(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns (:func:`display_width`), on
+    the right (``str.ljust``) or, with ``right``, on the left (``str.rjust``)."""
+    fill = " " * max(0, width - display_width(text))
+    return fill + text if right else text + fill

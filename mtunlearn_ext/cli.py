@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from mtunlearn_ext._text import visible_controls
+from mtunlearn_ext._text import display_width, pad_to, visible_controls
 
 __all__ = ["build_parser", "console_main", "main"]
 
@@ -454,11 +454,12 @@ def _say(*parts: object, **print_options: Any) -> None:
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """An aligned plain-text table (the end-of-command summary). A cell's control characters
     are shown as escapes: a line break in a name would break its row, an escape sequence would
-    be obeyed and count towards the width although it takes no column."""
+    be obeyed and count towards the width although it takes no column. Columns are aligned by
+    the terminal columns a cell takes (a CJK name takes two a character)."""
     cells = [[visible_controls(str(h)) for h in headers]] + [
         [visible_controls(_fmt(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    widths = [max(display_width(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(pad_to(c, w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

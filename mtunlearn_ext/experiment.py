@@ -46,6 +46,7 @@ from torch import nn
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import write_text_atomic
 from mtunlearn_ext._random import forked_generators, seed_generators
+from mtunlearn_ext._text import display_width, pad_to, visible_controls
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
@@ -1005,10 +1006,11 @@ def format_table(results: Mapping[str, Any]) -> str:
     columns += [("MIA", lambda e: e.get("mia_auc")), ("UIS", lambda e: e.get("uis")),
                 ("gap", lambda e: e.get("retrain_gap")),
                 ("time_s", lambda e: e.get("wall_time_s"))]
-    header = ["model"] + [name for name, _ in columns]
+    # A name's control characters as escapes: the table is printed and put in reports.
+    header = ["model"] + [visible_controls(name) for name, _ in columns]
     rows = [header]
     for label, entry in results["models"].items():
-        row = [label]
+        row = [visible_controls(str(label))]
         for name, get in columns:
             value = get(entry)
             if value is None:
@@ -1018,9 +1020,10 @@ def format_table(results: Mapping[str, Any]) -> str:
             else:
                 row.append(f"{value:.4f}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    # Aligned by terminal columns: a CJK task or model name takes two a character.
+    widths = [max(display_width(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(pad_to(c, w, right=i > 0) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     left_out = results.get("uis_left_out") or []
     legend_left_out = (f" UIS leaves out {', '.join(left_out)}: the original's test score is "

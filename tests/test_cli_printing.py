@@ -236,3 +236,24 @@ def test_control_characters_in_a_task_name_are_printed_as_escapes(
     assert {row.index("accuracy") for row in rows} == {header.index("metric")}, out
     # The JSON keeps the name itself: only what is shown is escaped.
     assert ACTING_NAME in json.loads((tmp_path / "m.json").read_text())["metrics"]["test"]
+
+
+def test_tables_align_names_of_wide_characters_by_the_columns_they_take() -> None:
+    """The tables were padded by character count: a CJK task name takes two terminal columns
+    a character, so every cell after it in its row was shifted right by its length."""
+    from mtunlearn_ext._text import display_width
+    from mtunlearn_ext.experiment import format_table
+
+    table = cli._table([["test", "距离", "accuracy"], ["test", "depth", "mse"]],
+                       ["split", "task", "metric"])
+    starts = {display_width(line[:line.index(metric)])
+              for line, metric in zip(table.splitlines(), ["metric", "", "accuracy", "mse"])
+              if metric}
+    assert len(starts) == 1, table
+    results = {"benchmark": {"tasks": [{"name": "a", "kind": "classification"}]},
+               "request": {"target_tasks": ["a"]},
+               "models": {label: {"metrics": {"test": {"a": {"accuracy": 0.5}}}}
+                          for label in ("原始模型", "retrained")}}
+    lines = format_table(results).splitlines()[:4]
+    ends = {display_width(line) for i, line in enumerate(lines) if i != 1}
+    assert len(ends) == 1, lines  # every row's last column ends at the same column
