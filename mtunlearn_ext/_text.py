@@ -13,15 +13,19 @@ __all__ = ["display_width", "pad_to", "visible_controls"]
 #: the line's start, so what follows overwrites what came before; BEL rings). Bidirectional
 #: formatting characters (marks, embeddings, overrides, isolates): they reorder the text around
 #: them, so that ``u\u202egp.kcab.pt`` reads as a name ending in ``.pt`` it does not end in.
-#: Letters of right-to-left scripts are not among them: they show as they are.
-_ACTING = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: Letters of right-to-left scripts are not among them: they show as they are. Lone
+#: surrogates are, which are no characters at all: Python decodes a file name's bytes that are not
+#: UTF-8 as them (``u\udcff.pt``), and writing one as UTF-8 fails (the report of a record
+#: naming such a checkpoint failed with UnicodeEncodeError, a terminal's output too).
+_ACTING = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
 
 
 def visible_controls(text: str, keep: str = "") -> str:
-    """``text`` with every control or bidirectional formatting character written as its Python
-    escape (``\\x1b``, ``\\n``, ``\\u202e``), so that it is seen rather than obeyed; the
-    characters of ``keep`` (``"\\n"`` for a text of several lines) stay as they are. Text
-    without such characters is returned unchanged."""
+    """``text`` with every control or bidirectional formatting character (or lone surrogate)
+    written as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``, ``\\udcff``), so that it
+    is seen rather than obeyed; the characters of ``keep`` (``"\\n"`` for a text of several
+    lines) stay as they are. Text without such characters is returned unchanged."""
     return _ACTING.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)
 
 

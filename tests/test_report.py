@@ -560,6 +560,16 @@ def test_paths_and_commands_are_shown_exactly(tmp_path: Path) -> None:
     assert "`mtunlearn unlearn --output 'a\\tb\\nc.pt'`, run in `  x  `" in markdown
 
 
+def test_a_file_name_that_is_not_utf8_is_written_as_its_escape(tmp_path: Path) -> None:
+    """`mtunlearn unlearn --output $'u\\xff.pt'` records the path as Python decodes it, with a
+    lone surrogate ('u\\udcff.pt'); the report of that record failed with UnicodeEncodeError
+    ("surrogates not allowed") and a traceback, as report.md is UTF-8."""
+    record = _record()
+    record["output"] = {"checkpoint": "u\udcff.pt", "sha256": "0" * 64}
+    write_report(record, tmp_path / "rep")
+    assert "output `u\\udcff.pt` (SHA-256" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_a_very_long_name_is_shortened_in_the_plots_and_whole_in_the_text(
         tmp_path: Path) -> None:
     """A plot drew every name whole: a task and a method named with 5,000 characters made each
