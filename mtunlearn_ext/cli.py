@@ -829,7 +829,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 train_config=recipe,
                 model_factory=lambda: build_model(bench, seed=int(loaded.meta["seed"])),
                 held_out=bench.validation)
-            bar.set_postfix_str(f"running {args.method}")
+            bar.set_postfix_str(f"running {visible_controls(args.method)}")
             result = run_unlearning(problem, args.method, settings)
             bar.update()
             # The input's weights as read from its file (a method may work on the loaded

@@ -257,3 +257,50 @@ def test_tables_align_names_of_wide_characters_by_the_columns_they_take() -> Non
     lines = format_table(results).splitlines()[:4]
     ends = {display_width(line) for i, line in enumerate(lines) if i != 1}
     assert len(ends) == 1, lines  # every row's last column ends at the same column
+
+
+ACTING_METHOD = '''
+from dataclasses import dataclass
+
+from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig
+from mtunlearn_ext.unlearning.registry import register_unlearner
+
+
+@dataclass
+class QuietConfig(StepConfig):
+    steps: int = 2
+
+
+@register_unlearner
+class Quiet(GradientUnlearner):
+    name = "red\\x1b[31mretain"
+    config_class = QuietConfig
+    uses_forget = False
+
+    def compute_update(self, ctx, forget_batch, retain_batch):
+        return self.weighted_update(ctx, None, retain_batch)
+'''
+
+
+def test_a_method_name_with_an_escape_is_shown_in_the_progress_bar_as_one(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], registries_restored: None) -> None:
+    """`unlearn`'s progress bar (stderr) and the method's step bar printed a registered
+    method's name as it was: its ESC sequence recoloured the terminal while the run went on."""
+    (tmp_path / "acting_method.py").write_text(ACTING_METHOD)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
+                     "--method", "red\x1b[31mretain", "--output", "u.pt", "--threads", "1",
+                     "--import", "acting_method"]) == 0
+    printed = capsys.readouterr()
+    assert "\x1b[31m" not in printed.err + printed.out
+    assert r"running red\x1b[31mretain" in printed.err, printed.err
+    # The API's step bar (unlearn(progress=True)) names the method the same way.
+    from mtunlearn_ext.api._unlearn import progress_bar
+    from mtunlearn_ext.unlearning import get_unlearner
+
+    bar = progress_bar(get_unlearner("red\x1b[31mretain", {}))
+    try:
+        assert bar.desc == r"red\x1b[31mretain"
+    finally:
+        bar.close()

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import nn
 
+from mtunlearn_ext._text import visible_controls
 from mtunlearn_ext.api._data_forms import as_dataset, read_in
 from mtunlearn_ext.api._instance_matching import TrainedRows, check_unseen
 from mtunlearn_ext.api._lineage import LINEAGE_ATTRIBUTE, Lineage, carried_lineage
@@ -46,7 +47,8 @@ def progress_bar(unlearner: Unlearner) -> Any:
     steps = getattr(unlearner.config, "steps", None)
     if steps is not None:
         steps += getattr(unlearner.config, "head_refit_steps", 0)
-    bar = tqdm(total=steps, desc=unlearner.name, unit="step")
+    # A registered method's name is the user's: its control characters shown, not obeyed.
+    bar = tqdm(total=steps, desc=visible_controls(unlearner.name), unit="step")
 
     def advance(step: int, model: nn.Module) -> None:
         bar.update(step - bar.n)
