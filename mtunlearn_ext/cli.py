@@ -451,6 +451,12 @@ def _say(*parts: object, **print_options: Any) -> None:
     print(*(visible_controls(str(part), keep="\n") for part in parts), **print_options)
 
 
+def _shown(path: object) -> str:
+    """A path for a line that :func:`_say` prints: its line breaks shown as escapes too (a
+    record's checkpoint path ``u\\n.pt`` split the ``verified:`` line in two)."""
+    return visible_controls(str(path))
+
+
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """An aligned plain-text table (the end-of-command summary). A cell's control characters
     are shown as escapes: a line break in a name would break its row, an escape sequence would
@@ -593,9 +599,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # seconds are printed in the summary below instead.
         sha = tx.write(output, lambda p: save_checkpoint(p, model, meta))
     _say(_table([[bench.name, args.size, args.seed, result.steps, result.final_loss,
-                   round(result.seconds, 2), str(output), sha[:16]]],
-                 ["benchmark", "size", "seed", "steps", "final_loss", "seconds", "checkpoint",
-                  "sha256"]))
+                  round(result.seconds, 2), str(output), sha[:16]]],
+                ["benchmark", "size", "seed", "steps", "final_loss", "seconds", "checkpoint",
+                 "sha256"]))
     return 0
 
 
@@ -774,9 +780,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                      "known (an original, or one unlearned by this version)",
                                      str(checkpoint), unknown_removals_hint(loaded.meta))
             _say(f"mtunlearn: warning: {checkpoint} is an unlearned checkpoint whose earlier "
-                  "removals are not known (only their hash is kept): the retain set is "
-                  "--retain-ids as given, which must leave the ids forgotten before out",
-                  file=sys.stderr)
+                 "removals are not known (only their hash is kept): the retain set is "
+                 "--retain-ids as given, which must leave the ids forgotten before out",
+                 file=sys.stderr)
         bench, seed = loaded.benchmark, int(args.seed if args.seed is not None
                                             else loaded.meta["seed"])
         train_set = bench.train
@@ -791,16 +797,16 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         if forget_ids is None:  # a data-removal tool must not choose what to remove silently
             assert fraction is not None  # the default where no ids are named
             _say(f"mtunlearn: no --forget-ids: forgetting a random "
-                  f"{100 * float(fraction):g}% of the training instances "
-                  f"(--forget-fraction {fraction:g}, seed {seed}): "
-                  f"{len(request.instance_ids)} instances", file=sys.stderr)
+                 f"{100 * float(fraction):g}% of the training instances "
+                 f"(--forget-fraction {fraction:g}, seed {seed}): "
+                 f"{len(request.instance_ids)} instances", file=sys.stderr)
         already = check_forget_left(train_set, remaining, request, "--forget-ids"
                                     if forget_ids is not None else "--forget-fraction")
         forget, _ = request.split(remaining)
         if already:
             _say(f"mtunlearn: earlier requests of the checkpoint's lineage already removed "
-                  f"pairs of {len(already)} of the ids named ({_ids_text(already)}): only the "
-                  f"other {int(forget.supervision.sum())} pairs are forgotten", file=sys.stderr)
+                 f"pairs of {len(already)} of the ids named ({_ids_text(already)}): only the "
+                 f"other {int(forget.supervision.sum())} pairs are forgotten", file=sys.stderr)
         # The retain split as before; exclude_removed takes the earlier removals out of it.
         _, retain = request.split(train_set)
         retain = restrict_retain(retain, request, retain_ids, train_set)
@@ -810,8 +816,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             partly_text = (f" and the target-task labels of {partly} other(s)" if partly
                            else "")
             _say(f"mtunlearn: {len(earlier)} earlier request(s) of the checkpoint's lineage "
-                  f"removed {entirely} instance(s) entirely{partly_text}: those pairs stay "
-                  f"removed ({excluded} kept out of the retain set)", file=sys.stderr)
+                 f"removed {entirely} instance(s) entirely{partly_text}: those pairs stay "
+                 f"removed ({excluded} kept out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
         from tqdm.auto import tqdm
 
@@ -922,13 +928,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     for note in _attack_notes(after):
         _say(note)
     _say(f"method {args.method}: {result.report.steps} steps, "
-          f"{result.report.wall_time_s:.2f} s; {request_type} request, "
-          # The instances forgotten: those named whose pairs earlier requests had all removed
-          # are not (the record's report counts the same).
-          f"{len(forget)} instances{_named_note(len(request.instance_ids), len(forget))}, "
-          f"tasks {targets}")
+         f"{result.report.wall_time_s:.2f} s; {request_type} request, "
+         # The instances forgotten: those named whose pairs earlier requests had all removed
+         # are not (the record's report counts the same).
+         f"{len(forget)} instances{_named_note(len(request.instance_ids), len(forget))}, "
+         f"tasks {targets}")
     _say(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
-                        "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
+                       "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
     if earlier:
         # An instance is not read at all only once its image is gone; one that lost some
         # label files only (a partial request's) is still read, for its other tasks.
@@ -942,11 +948,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                      if labels else [])
         erased = f" ({'; '.join(notes)})" if notes else ""
         _say(f"earlier removals: {len(earlier)} request(s) of the input's lineage; their "
-              f"{excluded} pairs still in the data stayed out of the retain set{erased}")
+             f"{excluded} pairs still in the data stayed out of the retain set{erased}")
     elif earlier is None:
         _say("earlier removals: unknown (the input keeps only their hash); the retain set was "
-              "--retain-ids")
-    _say(f"checkpoint: {out_ckpt} (sha256 {out_sha[:16]})\nrecord:     {out_rec}")
+             "--retain-ids")
+    _say(f"checkpoint: {_shown(out_ckpt)} (sha256 {out_sha[:16]})\nrecord:     {_shown(out_rec)}")
     return 0
 
 
@@ -1095,26 +1101,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance,
                            data_root=args.data_root)
     _say(_table([[check, outcome] for check, outcome in result.checks.items()],
-                 ["check", "result"]))
+                ["check", "result"]))
     for m in result.mismatches:
         _say(f"mismatch: {m}", file=sys.stderr)
     if args.data_root is not None:
-        _say(f"data read from {Path(args.data_root).expanduser().resolve()} (--data-root; it "
-              "hashes to the data the checkpoint records)")
+        root = Path(args.data_root).expanduser().resolve()
+        _say(f"data read from {_shown(root)} (--data-root; it hashes to the data the checkpoint "
+             "records)")
     if FORGET_ERASED_CHECK in result.checks:
         _say(f"note: before/after forget metrics: {result.checks[FORGET_ERASED_CHECK]}")
+    checked = f"{_shown(result.checkpoint)} against {_shown(args.record)}"
     if result.ok:
-        _say(f"verified: {result.checkpoint} against {args.record}: the checkpoint, the ids "
-              "and the re-measured metrics agree with the record (metric tolerance "
-              f"{args.tolerance:g}); this checks the files and the record, not how much was "
-              "forgotten: the record's before/after metrics show that")
+        _say(f"verified: {checked}: the checkpoint, the ids "
+             "and the re-measured metrics agree with the record (metric tolerance "
+             f"{args.tolerance:g}); this checks the files and the record, not how much was "
+             "forgotten: the record's before/after metrics show that")
     elif result.checks.get("weights") == WEIGHTS_UNCHANGED:
-        _say(f"FAILED: {result.checkpoint} against {args.record}: not verified, its weights "
-              "are the input model's, so nothing was unlearned (metric tolerance "
-              f"{args.tolerance:g})")
+        _say(f"FAILED: {checked}: not verified, its weights "
+             "are the input model's, so nothing was unlearned (metric tolerance "
+             f"{args.tolerance:g})")
     else:
-        _say(f"FAILED: {result.checkpoint} against {args.record} (metric tolerance "
-              f"{args.tolerance:g})")
+        _say(f"FAILED: {checked} (metric tolerance "
+             f"{args.tolerance:g})")
     return 0 if result.ok else 1
 
 
@@ -1164,8 +1172,8 @@ def _verify_api_record(args: argparse.Namespace) -> int:
                  else ", not verified, its parameters are the original model's (only buffers "
                       "changed), so the request's supervision was not removed"
                  if result.checks.get("parameters_changed") == WEIGHTS_UNCHANGED else "")
-    _say(f"{'verified' if result.ok else 'FAILED'}: {result.checkpoint} against {args.record} "
-          f"(files and hashes only){unchanged}")
+    _say(f"{'verified' if result.ok else 'FAILED'}: {_shown(result.checkpoint)} against "
+         f"{_shown(args.record)} (files and hashes only){unchanged}")
     return 0 if result.ok else 1
 
 
@@ -1466,10 +1474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # printed): they stay, and the message says so.
             written = ", ".join(str(p) for p in committed)
             _say(f"mtunlearn: interrupted{how} after its outputs were written in full "
-                  f"({written}); inputs are unchanged", file=sys.stderr)
+                 f"({written}); inputs are unchanged", file=sys.stderr)
         else:
             _say(f"mtunlearn: interrupted{how}; no output was written, inputs are unchanged",
-                  file=sys.stderr)
+                 file=sys.stderr)
         return 130
     finally:
         if previous is not None:
