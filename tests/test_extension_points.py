@@ -181,6 +181,29 @@ def test_register_unlearner_accepts_a_reloaded_module(
         sys.modules.pop("_ext_points_plugin", None)
 
 
+def test_register_unlearner_refuses_a_name_that_is_no_identifier(
+        registries_restored: None) -> None:
+    """A method named 'a/b' was registered, and `unlearn`'s default output
+    `<input>.a/b.pt` then failed with pathlib's "Invalid name" traceback; one holding an ESC
+    recoloured every line naming it. Names are identifier-like, as benchmarks' are."""
+    from mtunlearn_ext.unlearning import GradientUnlearner, StepConfig, register_unlearner
+
+    for bad in ("a/b", "red\x1b[31m", "two words", "1st", "..", "a.b"):
+        class Odd(GradientUnlearner):
+            name = bad
+            config_class = StepConfig
+
+            def compute_update(self, ctx, forget_batch, retain_batch):  # type: ignore[no-untyped-def]
+                return self.weighted_update(ctx, forget_batch, retain_batch)
+
+        with pytest.raises(ValueError, match=re.escape(
+                "register_unlearner: test_register_unlearner_refuses_a_name_that_is_no_"
+                "identifier.<locals>.Odd.name must be an identifier-like string (letters, "
+                f"digits, '_'; not starting with a digit), as a benchmark's, got {bad!r}")):
+            register_unlearner(Odd)
+        assert bad not in UNLEARNERS
+
+
 # -- 3. a config subclass without @dataclass ---------------------------------------------------------
 
 def test_register_unlearner_refuses_a_config_that_is_not_a_dataclass(

@@ -37,7 +37,8 @@ def _declares_fields(config_class: type) -> bool:
 def register_unlearner(cls: U) -> U:
     """Class decorator: add ``cls`` to :data:`UNLEARNERS` under ``cls.name``.
 
-    ``cls`` must subclass :class:`Unlearner` and set ``name``, and its ``config_class`` must be
+    ``cls`` must subclass :class:`Unlearner` and set ``name`` (identifier-like: it names
+    files, settings and command lines), and its ``config_class`` must be
     a dataclass of its own (decorated with ``@dataclass``) subclassing
     :class:`UnlearnerConfig`. A name taken by another class is refused; the same definition
     run again (equal module and qualified name: a reloaded module) replaces its entry.
@@ -48,6 +49,13 @@ def register_unlearner(cls: U) -> U:
     if not name or not isinstance(name, str):
         raise ValueError(f"register_unlearner: {cls.__qualname__} has no `name` (a non-empty "
                          f"str), got {name!r}")
+    if not name.isidentifier():
+        # The name goes into file names (`unlearn`'s default `<input>.<name>.pt`: a '/' made
+        # that a path elsewhere, or a traceback), command lines, JSON keys and terminal lines
+        # (an ESC in it recoloured them), as register_benchmark's names do.
+        raise ValueError(f"register_unlearner: {cls.__qualname__}.name must be an "
+                         f"identifier-like string (letters, digits, '_'; not starting with a "
+                         f"digit), as a benchmark's, got {name!r}")
     existing = UNLEARNERS.get(name)
     if existing is not None and not same_definition(existing, cls):
         raise ValueError(f"register_unlearner: the name {name!r} of "
