@@ -346,9 +346,16 @@ def test_instance_task_rows_share_the_per_sample_pass(bench, original, monkeypat
 def test_instance_task_rows_must_fit_the_solver(bench, original) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=True)
     too_many = {**TINY, "instance_rows": "instance_task", "num_per_sample": 40,
-                "num_coupled_per_sample": 8, "instance_memory": 1}  # 2 * 48 * 3 = 288
+                "num_coupled_per_sample": 8, "instance_memory": 1, "retain_batch_size": 40,
+                "forget_batch_size": 8}  # 2 * 48 * 3 = 288
+    assert len(problem.retain) >= 40 and len(coupled_retain_set(problem)) >= 8
     with pytest.raises(ValueError, match="instance_rows.*288 constraints"):
         get_unlearner("interference_aware", too_many).unlearn(problem)
+    # Rows a step's batches cannot give are not counted: 40 per-sample rows of retain batches
+    # of 12 are 12 (and 8 coupled of forget batches of 6 are 6), 2 * 18 * 3 = 108 constraints;
+    # this was refused as 288.
+    fits = {**too_many, "retain_batch_size": 12, "forget_batch_size": 6, "steps": 1}
+    get_unlearner("interference_aware", fits).unlearn(problem)
     with pytest.raises(ValueError, match="instance_rows"):
         InterferenceAwareConfig(instance_rows="pairs").validate()
     # Without instance constraints the rows are never formed, so any count is fine.

@@ -689,7 +689,9 @@ class InterferenceAware(GradientUnlearner):
                 "a ForgetRequest, or MultiTaskDatasets with shared ids, to link them)")
         if cfg.instance_rows == "instance_task" and self._uses_instance_constraints():
             num_tasks = len(problem.task_names)
-            per_step = self._rows_per_step(problem, coupled is not None)
+            # The rows a step's batches can give: num_per_sample 40 of retain batches of 12
+            # rows takes 12, and counting 40 refused runs that fit the solver.
+            per_step = self._rows_per_step(problem, coupled)
             rows = (cfg.instance_memory + 1) * per_step
             if rows > MAX_SOLVER_K:
                 raise ValueError(
@@ -743,21 +745,13 @@ class InterferenceAware(GradientUnlearner):
             "gradient_memory_bytes": memory_plan,
         }
 
-    def _rows_per_step(self, problem: UnlearningProblem, coupled: bool) -> int:
-        """Instance constraint rows one step adds: its per-sample instances (retain rows, plus
-        coupled ones in a partial request), times the tasks with
-        ``instance_rows="instance_task"``."""
-        cfg = self.config
-        instances = cfg.num_per_sample + (cfg.num_coupled_per_sample if coupled else 0)
-        return instances * (len(problem.task_names) if cfg.instance_rows == "instance_task"
-                            else 1)
-
-    def _largest_rows_per_step(self, problem: UnlearningProblem,
-                               coupled: MultiTaskDataset | None) -> int:
-        """The most per-sample rows a step takes: :meth:`_rows_per_step` with each count cut
-        to the rows its batch can have (the first ``num_per_sample`` of a retain batch of at
-        most ``retain_batch_size`` rows of the retain set, the first
-        ``num_coupled_per_sample`` of a batch of at most ``forget_batch_size`` coupled rows)."""
+    def _rows_per_step(self, problem: UnlearningProblem,
+                       coupled: MultiTaskDataset | None) -> int:
+        """The most instance constraint rows one step adds: its per-sample instances, each
+        count cut to the rows its batch can have (the first ``num_per_sample`` of a retain
+        batch of at most ``retain_batch_size`` rows of the retain set; in a partial request,
+        the first ``num_coupled_per_sample`` of a batch of at most ``forget_batch_size``
+        ``coupled`` rows), times the tasks with ``instance_rows="instance_task"``."""
         cfg = self.config
         instances = min(cfg.num_per_sample, cfg.retain_batch_size, len(problem.retain))
         if coupled is not None:
@@ -787,7 +781,7 @@ class InterferenceAware(GradientUnlearner):
         if self._uses_instance_constraints():
             # num_per_sample 64 of retain batches of 8 rows take 8: counting 64 overstated
             # the copies 8 times and refused a run that fit.
-            per_step = self._largest_rows_per_step(ctx.problem, coupled)
+            per_step = self._rows_per_step(ctx.problem, coupled)
             constrained = groups.shared_params + [p for t in ctx.problem.target_tasks
                                                   for p in groups.head_params(t)]
             # With no memory the constraints are views of the pass's rows (no copy).
