@@ -15,6 +15,7 @@ from mtunlearn_ext.data import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics import membership as membership_module
 from mtunlearn_ext.metrics import (
     METRICS,
+    MembershipAttack,
     angle_errors_deg,
     confusion_matrix,
     evaluate,
@@ -870,3 +871,42 @@ def test_mia_member_auc_ranks_the_members_the_attack_was_not_fitted_on() -> None
     assert abs(share_above(member_fit) - expected) > 0.05
     assert abs(share_above(np.concatenate([member_fit, member_eval])) - expected) > 0.02
     assert result.member_auc == pytest.approx(expected, abs=1e-12)
+
+
+def _with_unlabelled_rows(data: MultiTaskDataset, extra: int) -> MultiTaskDataset:
+    """``data`` and ``extra`` more rows marked supervised whose label is ``ignore_index``."""
+    labels = torch.cat([data.targets["cls"], torch.full((extra,), -1)])
+    inputs = torch.cat([data.inputs, data.inputs[:extra]])
+    return MultiTaskDataset(inputs, {"cls": labels}, [CLS],
+                            supervision=torch.ones(len(labels), 1, dtype=torch.bool))
+
+
+def test_mia_leaves_out_supervised_rows_without_a_label() -> None:
+    """Metrics review: a supervision mask given by hand may mark rows whose label is
+    ignore_index. The loss of such a row is 0 (a mean over no labelled unit), the most
+    member-like loss there is: a forget set of unseen-looking instances, half of them such
+    rows, had an AUC of 0.747 instead of its labelled half's 0.493, a forget set of such rows
+    only scored 1.0 (evaluate measured nothing on it), and such rows among the members and
+    non-members moved the AUC to 0.425. They are left out, as rows of an unsupervised pair
+    are, and said to be."""
+    model = MultiTaskModel(_Echo(), {"cls": _Memoriser()}, [CLS])
+    members, test = _mia_data(60, True, 0), _mia_data(60, False, 1)
+    forget = _mia_data(10, False, 3)
+    attacks: tuple[MembershipAttack, ...] = ("logistic", "loss")
+    for attack in attacks:
+        expected = membership_attack(model, members, test, forget, attack=attack)
+        with pytest.warns(UserWarning, match=r"10 of 20 forget instances lack a label"):
+            padded = membership_attack(model, members, test, _with_unlabelled_rows(forget, 10),
+                                       attack=attack)
+        assert padded == expected and padded.num_forget == 10
+        # Members and non-members such rows are left out too (they join no half).
+        assert membership_attack(model, _with_unlabelled_rows(members, 20),
+                                 _with_unlabelled_rows(test, 20), forget,
+                                 attack=attack) == expected
+    assert membership_module.attackable_instances(_with_unlabelled_rows(forget, 4), ["cls"]) == 10
+    unlabelled = _with_unlabelled_rows(forget, 10).subset(torch.arange(10, 20))
+    assert evaluate(model, unlabelled) == {}
+    with pytest.raises(ValueError, match=r"forget set has no supervised pair with a label"):
+        membership_attack(model, members, test, unlabelled)
+    with pytest.raises(ValueError, match=r"no forget instance has every task of \['cls'\]"):
+        membership_attack(model, members, test, unlabelled, ["cls"])

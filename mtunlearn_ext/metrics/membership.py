@@ -3,7 +3,8 @@
 The attack (after Shokri et al. / Yeom et al.: training samples have lower loss):
 
 1. Features of an instance: ``phi(x) = (log(l_t(x) + 1e-8))_{t in S}``, its per-sample loss on
-   each attacked task ``t in S`` (default: the tasks supervised in the forget set).
+   each attacked task ``t in S`` (default: the tasks supervised in the forget set), for the
+   instances with a label of every one of them.
 2. The attack model is fitted on members = one half of the retain instances (label 1; a seeded
    draw of at most ``max_members`` of them, halved) against non-members = one half of the test
    instances (label 0): a class-balanced logistic regression on standardised
@@ -35,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from mtunlearn_ext._warnings import warn_at_caller
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
 
@@ -75,33 +76,48 @@ class MIAResult:
     num_non_members_eval: int
 
 
+def _labelled_pairs(dataset: MultiTaskDataset, tasks: Sequence[str]) -> torch.Tensor:
+    """``[N, |S|]`` bool: the supervised pairs of ``tasks`` that carry a label (a class other
+    than ``ignore_index``, a labelled pixel or entry: :func:`labelled_rows`). A supervision
+    mask given by hand may mark a row whose label is all ``ignore_index``; its loss is 0 by the
+    losses' rule (a mean over no pixel), the most member-like loss there is, which no model
+    earned (evaluate counts no unit of such a row either)."""
+    columns = [dataset.task_index(t) for t in tasks]
+    labelled = [labelled_rows(dataset.tasks[c], dataset.targets[dataset.tasks[c].name]).cpu()
+                for c in columns]
+    if not labelled:
+        return torch.zeros(len(dataset), 0, dtype=torch.bool)
+    return dataset.supervision[:, columns] & torch.stack(labelled, dim=1)
+
+
 def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[str],
               batch_size: int) -> tuple[np.ndarray, int]:
-    """``[n, |S|]`` log-losses of the rows with every attacked task supervised, and how many of
-    those rows have a non-finite loss (a model that diverged on them). A loss below zero (a
-    Gaussian negative log-likelihood, say) continues the scale monotonically below ``log(eps)``
-    (its log was NaN, and the attack failed on it)."""
+    """``[n, |S|]`` log-losses of the rows with every attacked task supervised and labelled,
+    and how many of those rows have a non-finite loss (a model that diverged on them). A loss
+    below zero (a Gaussian negative log-likelihood, say) continues the scale monotonically
+    below ``log(eps)`` (its log was NaN, and the attack failed on it)."""
     losses = per_sample_task_losses(model, dataset, list(tasks), batch_size)
-    columns = [dataset.task_index(t) for t in tasks]
-    # Rows by the supervision mask, not by NaN losses: a NaN loss of a supervised pair is the
-    # model's, and dropping its row would attack the model on the rest only.
-    complete = dataset.supervision[:, columns].all(dim=1)
+    # Rows by the supervision mask and the labels, not by NaN losses: a NaN loss of a
+    # supervised pair is the model's, and dropping its row would attack the model on the rest
+    # only.
+    complete = _labelled_pairs(dataset, tasks).all(dim=1)
     chosen = losses[complete]
     undefined = int((~torch.isfinite(chosen)).any(dim=1).sum())
     return _log_scale(chosen).numpy(), undefined
 
 
 def attackable_instances(dataset: MultiTaskDataset, tasks: Sequence[str]) -> int:
-    """How many instances of ``dataset`` the attack on ``tasks`` can score: those with a label
-    of every one of them (a check before any model is trained, as the experiment makes)."""
-    columns = [dataset.task_index(t) for t in tasks]
-    return int(dataset.supervision[:, columns].all(dim=1).sum())
+    """How many instances of ``dataset`` the attack on ``tasks`` can score: those with a
+    supervised label of every one of them (a check before any model is trained, as the
+    experiment makes)."""
+    return int(_labelled_pairs(dataset, tasks).all(dim=1).sum())
 
 
 def _partly_labelled(dataset: MultiTaskDataset, tasks: Sequence[str]) -> int:
+    """Rows with a supervised pair of some task of ``tasks`` but no label of every one."""
     columns = [dataset.task_index(t) for t in tasks]
-    labelled = dataset.supervision[:, columns]
-    return int((labelled.any(dim=1) & ~labelled.all(dim=1)).sum())
+    supervised = dataset.supervision[:, columns].any(dim=1)
+    return int((supervised & ~_labelled_pairs(dataset, tasks).all(dim=1)).sum())
 
 
 def _log_scale(losses: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -127,7 +143,10 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
         non_members: unseen data (the test set); split in half by ``seed``: one half fits the
             attack, the other is the negatives of the reported AUCs.
         forget: the forget set (its supervised pairs are the forget pairs).
-        tasks: the attacked tasks (default: tasks with a supervised pair in ``forget``).
+        tasks: the attacked tasks (default: tasks with a supervised, labelled pair in
+            ``forget``). An instance is attacked when every one of them is supervised and
+            labelled on it: a supervised pair whose label is all ``ignore_index`` (no labelled
+            pixel) has no loss to attack (the losses give it 0).
         batch_size: evaluation batch size.
         attack: ``"logistic"`` or ``"loss"`` (see the module docstring).
         max_members: at most this many members are used (a random, seeded subset); an
@@ -144,14 +163,16 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
                          f"the attack, half are the member AUC's positives), got "
                          f"{max_members!r}")
     if tasks is None:
-        names = [t for j, t in enumerate(forget.task_names) if bool(forget.supervision[:, j].any())]
+        labelled = _labelled_pairs(forget, forget.task_names).any(dim=0)
+        names = [t for j, t in enumerate(forget.task_names) if bool(labelled[j])]
     else:
         names = [t if isinstance(t, str) else t.name for t in tasks]
     if not names:
         if tasks is not None:
             raise ValueError("membership_attack: `tasks` is empty; pass the tasks to attack, "
                              "or None for every task with a supervised forget pair")
-        raise ValueError("membership_attack: the forget set has no supervised pair")
+        raise ValueError("membership_attack: the forget set has no supervised pair with a "
+                         "label (every supervised label is ignore_index, or none is set)")
     rng = np.random.default_rng(seed)
     forget_x, forget_bad = _features(model, forget, names, batch_size)
     member_x, member_bad = _features(model, members, names, batch_size)
