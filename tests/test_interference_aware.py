@@ -437,6 +437,31 @@ def test_interference_matrix_adds_unseen_rows_with_held_out_data(bench, original
     assert float(im.before[i, j]) == pytest.approx(cos, abs=1e-4)
 
 
+
+def test_cosines_of_a_zero_gradient_are_undefined_not_orthogonal(bench: Any,
+                                                                  original: nn.Module) -> None:
+    """Metrics review: a zero row (a capped forget objective at its cap on every forget row,
+    a task with no supervised pair in the retain batch) had a clamped norm, so its cosines
+    were 0 (orthogonal: no interference) and its diagonal 0; its kept share was 0. Undefined
+    now: NaN (null in the record's JSON). Other entries keep their values (a float64
+    reference)."""
+    g = torch.Generator().manual_seed(0)
+    rows = [[torch.randn(5, 3, generator=g), torch.randn(4, generator=g)] for _ in range(3)]
+    rows[1] = [torch.zeros_like(t) for t in rows[0]]
+    flat = torch.stack([torch.cat([t.double().flatten() for t in row]) for row in rows])
+    norms = flat.norm(dim=1)
+    reference = flat @ flat.T / norms[:, None] / norms[None, :]  # NaN where a norm is 0
+    cosines = cosine_matrix(rows)
+    assert bool(cosines[1].isnan().all()) and bool(cosines[:, 1].isnan().all())
+    torch.testing.assert_close(cosines, reference.float(), equal_nan=True)
+    # End to end: a cap at the lowest retain loss leaves the forget rows above it.
+    problem = _problem(bench, original, partial=True)
+    im = interference_matrix(problem, {**TINY, "cap_quantile": 1e-9}, batch_size=6)
+    assert bool(im.before[0].isnan().all()) and bool(im.after[0].isnan().all())
+    assert not bool(im.before[1:, 1:].isnan().any())
+    assert math.isnan(im.forget_kept["segmentation"])
+    assert mtunlearn_ext.report.interference_to_json(im)["before"][0] == [None] * 4
+
 # -- the method, end to end ----------------------------------------------------------------------
 
 

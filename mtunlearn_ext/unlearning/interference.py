@@ -50,6 +50,11 @@ class InterferenceMatrix:
     ``before``: raw forget gradients; ``after``: forget gradients after the task-aware
     projection and the instance-level step (the retain rows are the same in both).
     ``forget_kept``: ``|f_after| / |f_before|`` per target task.
+
+    A row that is the zero vector (a forget objective capped on every row of the batch, a
+    task with no supervised pair in the retain batch) has no direction: its cosines, its
+    diagonal entry and, for a forget row, its kept share are NaN (stored as null), not 0,
+    which would read as orthogonal, no interference.
     """
 
     labels: list[str]
@@ -60,11 +65,18 @@ class InterferenceMatrix:
 
 def cosine_matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     """``[k, k]`` cosines of ``k`` vectors given as per-parameter lists (one Gram pass with
-    ``ops.gram_list`` over the stacked rows, no flat copy of the parameters)."""
+    ``ops.gram_list`` over the stacked rows, no flat copy of the parameters). The cosines of
+    a zero vector are undefined: NaN in its row and column (a clamped norm gave 0, which reads
+    as orthogonal)."""
     stacks = [torch.stack([row[p] for row in rows]) for p in range(len(rows[0]))]
     gram = ops.gram_list(stacks).double()
-    norms = gram.diagonal().clamp(min=1e-30).sqrt()
-    return (gram / norms[:, None] / norms[None, :]).float()
+    squared = gram.diagonal()
+    norms = squared.clamp(min=1e-30).sqrt()
+    cosines = gram / norms[:, None] / norms[None, :]
+    zero = squared == 0
+    cosines[zero, :] = float("nan")
+    cosines[:, zero] = float("nan")
+    return cosines.float()
 
 
 def interference_matrix(problem: UnlearningProblem,
@@ -149,5 +161,5 @@ def _interference_matrix(problem: UnlearningProblem, cfg: InterferenceAwareConfi
     for t in targets:
         num = sum(float((g.double() ** 2).sum()) for g in after[t]) ** 0.5
         den = sum(float((g.double() ** 2).sum()) for g in f_shared[t]) ** 0.5
-        kept[t] = num / max(den, 1e-30)
+        kept[t] = num / den if den > 0 else float("nan")  # no forget gradient to keep
     return InterferenceMatrix(labels, before, after_m, kept)
