@@ -110,6 +110,30 @@ def test_non_finite_outputs_are_an_error(indoor_tiny, pool) -> None:
                   original_test=original)
 
 
+
+def test_a_task_unlabelled_in_the_reference_or_a_draw_is_an_error(indoor_tiny, indoor_tiny_model,
+                                                                   pool) -> None:
+    """Metrics review: evaluate leaves out a task with no supervised, labelled pair, and the
+    floor averaged each draw over the tasks left: with depth unlabelled in the reference, or
+    in a draw of one instance from a pool labelling depth on every other instance, the floor
+    was a mean over segmentation and normals only (or over a mix of draws with and without
+    depth), with no word. A request's UIS needs every target task's O_t and forget score."""
+    test = indoor_tiny.test
+    no_depth = test.supervision.clone()
+    no_depth[:, 1] = False
+    with pytest.raises(ValueError, match=r"`reference` has no supervised, labelled pair of "
+                                         r"task\(s\) \['depth'\]"):
+        uis_floor(indoor_tiny_model, test.with_supervision(no_depth), pool, 4, draws=3)
+    sparse = pool.supervision.clone()
+    sparse[::2, 1] = False
+    with pytest.raises(ValueError, match=r"draw \d+ \(`forget_size` 1 of `unseen`\) has no "
+                                         r"supervised, labelled pair of task\(s\) \['depth'\]; "
+                                         r".*'depth' 20 of 40"):
+        uis_floor(indoor_tiny_model, test, pool.with_supervision(sparse), 1, draws=10)
+    # Draws that each hold a labelled instance of every task are measured as before.
+    assert uis_floor(indoor_tiny_model, test, pool.with_supervision(sparse), 39,
+                     draws=3).draws.shape == (3,)
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"forget_size": 41}, "exceeds the `unseen` pool"),
     ({"forget_size": 0}, "`forget_size`"),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import (
     _resolve,
@@ -115,6 +115,17 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
     return names
 
 
+def _labelled_count(data: MultiTaskDataset, tasks: Sequence[str]) -> str:
+    """``'task n, ...'``: how many rows of ``data`` have a supervised, labelled pair of each
+    task (the units :func:`evaluate` counts)."""
+    counts = []
+    for task in tasks:
+        column = data.task_index(task)
+        labelled = labelled_rows(data.tasks[column], data.targets[task]).cpu()
+        counts.append(f"{task!r} {int((data.supervision[:, column] & labelled).sum())}")
+    return ", ".join(counts)
+
+
 def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiTaskDataset,
               forget_size: int, *, tasks: Sequence[TaskSpec | str] | None = None,
               draws: int = 200, seed: int = 0, batch_size: int = 64,
@@ -137,6 +148,11 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
         seed: seeds the draws.
         batch_size: rows per forward pass.
         original_test: ``O_t`` (task -> metric -> value) when already measured.
+
+    Raises:
+        ValueError: a task of ``tasks`` without a supervised, labelled pair in ``reference``
+            (no ``O_t``) or in one of the draws (no forget score: a forget set lacking a
+            target task's label has no UIS); a non-finite score of a draw.
     """
     names = _check_args(reference, unseen, forget_size, tasks, draws, batch_size)
     if original_test is not None and any(t not in original_test for t in names):
@@ -144,6 +160,13 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
                          f"{[t for t in names if t not in original_test]} of {names}")
     o_t = (evaluate(model, reference, names, batch_size) if original_test is None
            else {t: dict(original_test[t]) for t in names})
+    unmeasured = [t for t in names if t not in o_t]
+    if unmeasured:
+        # evaluate leaves such a task out; every draw then averaged over the other tasks, a
+        # floor of another score than the request's, which needs O_t of each task.
+        raise ValueError(f"uis_floor: `reference` has no supervised, labelled pair of task(s) "
+                         f"{unmeasured}, so their O_t is undefined; pass `tasks` without them "
+                         "or a reference that labels them")
     generator = torch.Generator().manual_seed(seed)
     # member[d, i]: row i of the pool is in draw d.
     member = torch.zeros(draws, len(unseen), dtype=torch.bool)
@@ -181,11 +204,18 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
             if bad:
                 raise ValueError(f"uis_floor: draw {d} scores non-finite {bad} (non-finite "
                                  f"model outputs on `unseen`?)")
-            present = [t for t in names if t in scores and t in o_t]
-            if not present:
-                raise ValueError(f"uis_floor: draw {d} has no supervised pair of {names} (the "
-                                 f"`unseen` pool must supervise the tasks UIS is taken over)")
-            terms = uis_terms(o_t, o_t, scores, tasks=present)
+            absent = [t for t in names if t not in scores]
+            if absent:
+                # Its UIS would average over the other tasks only: a request's forget set
+                # lacking a target task's label has no UIS (uis() refuses it), so neither does
+                # the draw; a floor mixing such draws is the mean of different scores.
+                raise ValueError(f"uis_floor: draw {d} (`forget_size` {forget_size} of `unseen`) "
+                                 f"has no supervised, labelled pair of task(s) {absent}; every "
+                                 "draw needs one of each task UIS is taken over (instances of "
+                                 f"`unseen` labelled: {_labelled_count(unseen, absent)} of "
+                                 f"{len(unseen)}): draw larger sets, or pass `tasks` without "
+                                 "them")
+            terms = uis_terms(o_t, o_t, scores, tasks=names)
             values[d] = uis_of_terms(terms)
             for task, metrics in terms.items():
                 for metric, term in metrics.items():
