@@ -910,3 +910,27 @@ def test_mia_leaves_out_supervised_rows_without_a_label() -> None:
         membership_attack(model, members, test, unlabelled)
     with pytest.raises(ValueError, match=r"no forget instance has every task of \['cls'\]"):
         membership_attack(model, members, test, unlabelled, ["cls"])
+
+
+def test_scores_with_no_defined_term_name_the_undefined_ones() -> None:
+    """Metrics review: a perfect original model (O_t = 0 for every error) leaves no UIS term,
+    and the error said "no (task, metric) present in all three inputs", which they were; a
+    retrained model with NaN metrics (none measurable) said "no metric present in both
+    inputs". Both now say that no term is defined and which terms are undefined."""
+    perfect = {"size": {"mse": 0.0, "mae": 0.0}}
+    worse = {"size": {"mse": 1.0, "mae": 1.0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # each skipped term's own warning
+        with pytest.raises(ValueError, match=r"^uis: no term is defined: O_t is 0 or not finite "
+                                             r"for every \(task, metric\) scored: \['size/mse "
+                                             r"\(O_t=0\)', 'size/mae \(O_t=0\)'\]$"):
+            uis(perfect, perfect, worse)
+        with pytest.raises(ValueError, match=r"^uis: no term is defined: no task or metric"):
+            uis(perfect, perfect, worse, tasks=[])
+    nan = {"forget": {"size": {"mse": float("nan")}}}
+    with pytest.raises(ValueError, match=r"^retrain_gap: no term is defined: the retrained "
+                                         r"model's value is not finite for every one: "
+                                         r"\['forget/size/mse', 'mia_auc'\]$"):
+        retrain_gap({"forget": {"size": {"mse": 1.0}}}, nan, 0.5, float("nan"))
+    with pytest.raises(ValueError, match=r"^retrain_gap: no term is defined: the inputs hold"):
+        retrain_gap({}, {})

@@ -139,11 +139,19 @@ def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
     Raises:
         ValueError: without ``tasks``, when the three inputs do not name the same tasks; for
             every task included, when they do not name the same metrics of it (a key in one
-            input only is a typo or a mismatched evaluation, never a term to skip).
+            input only is a typo or a mismatched evaluation, never a term to skip); when no
+            term is defined (``O_t`` 0 or not finite for every one), naming them.
         KeyError: a task of ``tasks`` missing from an input; a metric of unknown direction.
     """
-    return uis_of_terms(uis_terms(original_test, unlearned_test, unlearned_forget,
-                                  higher_is_better, tasks))
+    terms = uis_terms(original_test, unlearned_test, unlearned_forget, higher_is_better, tasks)
+    if not terms:
+        names = tasks if tasks is not None else list(original_test)
+        undefined = [f"{t}/{m} (O_t={float(v):g})" for t in names
+                     for m, v in original_test[t].items()]
+        raise ValueError("uis: no term is defined: " + (
+            f"O_t is 0 or not finite for every (task, metric) scored: {undefined}"
+            if undefined else "no task or metric to score (`tasks` or the inputs are empty)"))
+    return uis_of_terms(terms)
 
 
 def uis_of_terms(terms: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
@@ -239,6 +247,7 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
     the absolute gap. A flat mean: every entry counts once, the AUC as one entry. An entry
     undefined for the retrained model (NaN: no labelled pixel, say) is left out; a non-finite
     entry of the unlearned model makes the gap ``inf`` (a model that diverged is not close).
+    With no entry defined, ``ValueError`` names the undefined ones.
 
     Args:
         unlearned / retrained: split -> task -> metric -> value.
@@ -247,5 +256,10 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
     """
     terms = retrain_gap_terms(unlearned, retrained, unlearned_mia_auc, retrained_mia_auc, bounded)
     if not terms:
-        raise ValueError("retrain_gap: no metric present in both inputs")
+        undefined = [f"{split}/{task}/{metric}" for split, tasks in retrained.items()
+                     for task, metrics in tasks.items() for metric in metrics]
+        undefined += ["mia_auc"] if retrained_mia_auc is not None else []
+        raise ValueError("retrain_gap: no term is defined: " + (
+            f"the retrained model's value is not finite for every one: {undefined}"
+            if undefined else "the inputs hold no metric and no attack AUC"))
     return sum(terms.values()) / len(terms)
