@@ -934,3 +934,35 @@ def test_scores_with_no_defined_term_name_the_undefined_ones() -> None:
         retrain_gap({"forget": {"size": {"mse": 1.0}}}, nan, 0.5, float("nan"))
     with pytest.raises(ValueError, match=r"^retrain_gap: no term is defined: the inputs hold"):
         retrain_gap({}, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_predictions_are_scored_in_float64(dtype: torch.dtype) -> None:
+    """Metrics review (found correct, pinned): a half-precision model's outputs near the top
+    of its range are scored from float64 copies; squared errors of 6e4 (fp16) or 3e38 (bf16)
+    would overflow in the model's type, and sums over many pixels lose their last digits."""
+    g = torch.Generator().manual_seed(0)
+    top = 6.0e4 if dtype == torch.float16 else 3.0e38
+    pred = (torch.rand(64, 5, generator=g) * 2 - 1).mul(top).to(dtype)
+    target = (torch.rand(64, 5, generator=g) * 2 - 1).mul(top).to(dtype)
+    diff = pred.double() - target.double()
+    regression = make_accumulator(TaskSpec("r", "regression"))
+    regression.update(pred, target)
+    assert regression.compute() == pytest.approx(
+        {"mse": float(diff.pow(2).mean()), "mae": float(diff.abs().mean())}, rel=1e-12)
+    depth_pred = (torch.rand(2, 1, 32, 32, generator=g) * top).to(dtype)
+    depth = torch.rand(2, 1, 32, 32, generator=g).to(dtype) * 10 + 0.5
+    d_hat, d = depth_pred.double().flatten(), depth.double().flatten()
+    accumulator = make_accumulator(DEPTH)
+    accumulator.update(depth_pred, depth)
+    expected = {"abs_err": float((d_hat - d).abs().mean()),
+                "rel_err": float(((d_hat - d).abs() / d).mean()),
+                "delta_1.25": float((torch.maximum(d_hat / d, d / d_hat) < 1.25).double().mean())}
+    assert accumulator.compute() == pytest.approx(expected, rel=1e-12)
+    normals_pred = (torch.rand(2, 3, 8, 8, generator=g) * 2 - 1).mul(top).to(dtype)
+    normals = nn.functional.normalize(torch.randn(2, 3, 8, 8, generator=g), dim=1).to(dtype)
+    unit = normals_pred.double() / normals_pred.double().norm(dim=1, keepdim=True)
+    angles = torch.rad2deg(torch.arccos((unit * normals.double()).sum(dim=1).clamp(-1, 1)))
+    accumulator = make_accumulator(NORMALS)
+    accumulator.update(normals_pred, normals)
+    assert accumulator.compute()["mean_angle"] == pytest.approx(float(angles.mean()), rel=1e-9)
