@@ -1829,6 +1829,12 @@ def test_public_api_audits_the_forget_set_with_a_membership_attack(user_setup) -
     assert not any("mia" in k for k in plain.extra["summary"])
     with pytest.raises(ValueError, match="`audit_data` needs at least 8 instances"):
         mtunlearn_ext.unlearn(model, audit_data=_unseen(7, 2), **kwargs)
+    # Counted as the attack counts them: a row marked supervised with the ignore label is none.
+    audit_x, audit_y = _unseen(8, 2)
+    audit_y["kind"][0] = -1
+    every_pair = torch.ones(8, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"`audit_data` needs at least 8 .* got 7"):
+        mtunlearn_ext.unlearn(model, audit_data=(audit_x, audit_y, every_pair), **kwargs)
     bench = mtunlearn_ext.data.MultiTaskDataset(
         x[:10], {t: v[:10] for t, v in y.items()},
         [TaskSpec("kind", "classification", num_classes=3), TaskSpec("size", "regression")])

@@ -25,7 +25,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
-from mtunlearn_ext.metrics.membership import membership_attack
+from mtunlearn_ext.metrics.membership import attackable_instances, membership_attack
 from mtunlearn_ext.models.modes import BuffersKept, ignoring_compile, measuring
 from mtunlearn_ext.training import TrainConfig, state_dict_sha256
 from mtunlearn_ext.unlearning import (
@@ -349,8 +349,9 @@ def unlearn(model: ModelT, *,
                               against="`held_out_data`",
                               must="be distinct from `held_out_data` (the instances the forget "
                                    "caps may be measured on)")
-            target_columns = [audit.task_index(t) for t in problem.target_tasks]
-            labelled = int(audit.supervision[:, target_columns].all(dim=1).sum())
+            # The rows the attack scores: a supervised pair whose label is all ignore_index
+            # has no loss to attack.
+            labelled = attackable_instances(audit, problem.target_tasks)
             if labelled < 8:
                 raise ValueError(f"unlearn: `audit_data` needs at least 8 instances with labels of "
                                  f"the target tasks {problem.target_tasks}, got {labelled}")
