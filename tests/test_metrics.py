@@ -4,6 +4,7 @@ attack; UIS and the retrain gap."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -966,3 +967,23 @@ def test_half_precision_predictions_are_scored_in_float64(dtype: torch.dtype) ->
     accumulator = make_accumulator(NORMALS)
     accumulator.update(normals_pred, normals)
     assert accumulator.compute()["mean_angle"] == pytest.approx(float(angles.mean()), rel=1e-9)
+
+
+def test_retrain_gap_warns_of_terms_left_out_for_a_non_finite_retrained_value() -> None:
+    """A retrained value that is not finite was left out of the gap without a word: with the
+    retrained model's attack AUC NaN (a diverged gold model), a gap over the metrics that
+    happened to agree was 0.0, "indistinguishable from retraining"."""
+    scores = {"test": {"kind": {"accuracy": 0.8}}}
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            "retrain_gap: the retrained model's value is not finite for ['mia_auc']: left out "
+            "of the gap, which is the mean over the other 1 term(s)")):
+        assert retrain_gap(scores, scores, 0.9, float("nan")) == 0.0
+    gold = {"test": {"kind": {"accuracy": float("nan")}, "size": {"mse": 1.0}}}
+    unlearned = {"test": {"kind": {"accuracy": 0.8}, "size": {"mse": 1.5}}}
+    with pytest.warns(RuntimeWarning, match=re.escape("not finite for ['test/kind/accuracy']")):
+        assert math.isclose(retrain_gap(unlearned, gold), 50.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every term defined: no warning
+        assert math.isclose(retrain_gap(unlearned, {"test": {"kind": {"accuracy": 0.7},
+                                                              "size": {"mse": 1.0}}}, 0.5, 0.5),
+                            100 * (0.1 + 0.5 + 0.0) / 3)

@@ -245,7 +245,8 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
     points). Errors in metres or degrees have no common scale, so their gap is taken relative to
     the retrained model's value (x100: percent of the gold error); ``r_k == 0`` falls back to
     the absolute gap. A flat mean: every entry counts once, the AUC as one entry. An entry
-    undefined for the retrained model (NaN: no labelled pixel, say) is left out; a non-finite
+    undefined for the retrained model (NaN: a diverged model) is left out with a
+    ``RuntimeWarning`` naming it; a non-finite
     entry of the unlearned model makes the gap ``inf`` (a model that diverged is not close).
     With no entry defined, ``ValueError`` names the undefined ones.
 
@@ -262,4 +263,17 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
         raise ValueError("retrain_gap: no term is defined: " + (
             f"the retrained model's value is not finite for every one: {undefined}"
             if undefined else "the inputs hold no metric and no attack AUC"))
+    left_out = [f"{split}/{task}/{metric}" for split, tasks in retrained.items()
+                for task, metrics in tasks.items() for metric in metrics
+                if f"{split}/{task}/{metric}" not in terms]
+    left_out += (["mia_auc"] if retrained_mia_auc is not None and "mia_auc" not in terms
+                 else [])
+    if left_out:
+        # evaluate() gives no NaN of its own (a task without a labelled unit is left out), so
+        # this is a retrained model that diverged; a gap over the rest alone read as close
+        # (a NaN retrained attack AUC left 0.0).
+        warnings.warn(f"retrain_gap: the retrained model's value is not finite for "
+                      f"{left_out}: left out of the gap, which is the mean over the other "
+                      f"{len(terms)} term(s) (a retrained model that diverged?)", RuntimeWarning,
+                      stacklevel=2)
     return sum(terms.values()) / len(terms)
