@@ -786,6 +786,31 @@ def test_check_values_accepts_labelled_and_unlabelled_conventions() -> None:
     MultiTaskDataset(torch.zeros(0, 3), {}, []).check_values()  # empty: nothing to check
 
 
+def test_check_values_refuses_normals_that_are_no_unit_vectors() -> None:
+    """Normals stored as colours ((n + 1) / 2 in [0, 1], or x 255) given through the API were
+    taken as they were (only the LibMTL loader checked them): every angle of the loss and the
+    metrics was taken of the wrong vectors without a word. Unit vectors, zero vectors
+    (unlabelled) and normals a little short (resampled) pass."""
+    data = _dense_set()
+    data.targets["normals"][1, :, 0, 0] = torch.tensor([0.0, 0.6, 0.76])  # 0.97: resampled
+    data.targets["normals"][2, :, 1, 1] = 0.0  # unlabelled
+    data.check_values("test set")
+    coloured = (data.targets["normals"] + 1) / 2  # (0.5, 0.5, 1): length 1.22
+    data.targets["normals"] = coloured
+    with pytest.raises(ValueError, match=re.escape(
+            "test set: task 'normals' (normals) needs unit vectors (the zero vector: "
+            "unlabelled), got a normal of length over 1.1 on row 0 (id 10); map normals stored "
+            "as colours in [0, 1] or [0, 255] back to [-1, 1] first")):
+        data.check_values("test set")
+    data.supervision[0, data.task_index("normals")] = False  # an unsupervised row: never read
+    with pytest.raises(ValueError, match=r"length over 1.1 on row 1 \(id 11\)"):
+        data.check_values("test set")
+    data.targets["normals"] = data.targets["normals"] * 0.5  # most far shorter than 1
+    data.targets["normals"][3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    with pytest.raises(ValueError, match=r"got 8 of its 12 labelled normals shorter than 0.9"):
+        data.check_values("test set")
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda d: d.inputs.__setitem__((2, 1, 0, 0), float("inf")),
      r"test set: the inputs hold NaN or Inf in 1 rows \(first: row 2, id 12\)"),

@@ -130,6 +130,11 @@ class TaskSpec:
 #: Longest argument text :func:`describe_callable` shows; a longer one shows its type.
 _MAX_ARGUMENT_TEXT = 40
 
+#: How far a labelled normal's length may be from 1: one resampled from unit vectors is
+#: shorter, never longer; normals stored as colours ((n + 1) / 2, or x 255) are longer than 1
+#: or mostly far from it.
+NORMAL_LENGTH_SLACK = 0.1
+
 
 def describe_callable(fn: Callable[..., object]) -> str:
     """A short, deterministic name of ``fn``: its qualified name (a callable object's: its
@@ -595,6 +600,44 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                 raise ValueError(f"{what}: task {spec.name!r} ({spec.kind}) has {problem} on "
                                  f"{int(bad.sum())} supervised rows (first: row {row}, id "
                                  f"{int(self.ids[row])}){hint}")
+        self._check_unit_normals(what)
+
+    def _check_unit_normals(self, what: str) -> None:
+        """Refuse normals targets that are no unit vectors: normals stored as colours
+        (``(n + 1) / 2`` in ``[0, 1]``, or x 255) were taken as they were, and every angle
+        the loss and the metrics took of them was wrong without a word. Judged as the LibMTL
+        loader judges a file (:data:`NORMAL_LENGTH_SLACK`): a labelled normal longer than
+        ``1 + slack``, or most of them shorter than ``1 - slack`` (one resampled from unit
+        vectors is shorter, never longer). One pass over the supervised rows, in blocks of
+        about 4M values."""
+        for column, spec in enumerate(self.tasks):
+            target = self.targets[spec.name]
+            if spec.kind != "normals" or target.numel() == 0 or not target.is_floating_point():
+                continue
+            rows = self.supervision[:, column].nonzero().flatten()
+            per_row = target[0].numel()
+            step = max(1, (1 << 22) // max(per_row, 1))
+            labelled = short = 0
+            first_long: int | None = None
+            for start in range(0, rows.numel(), step):
+                block = rows[start:start + step]
+                length = torch.linalg.vector_norm(
+                    target[block.to(target.device)].double(), dim=1).flatten(1)
+                known = torch.isfinite(length) & (length > 0)  # zero / NaN: unlabelled
+                labelled += int(known.sum())
+                short += int((known & (length < 1 - NORMAL_LENGTH_SLACK)).sum())
+                long_rows = (known & (length > 1 + NORMAL_LENGTH_SLACK)).any(dim=1).nonzero()
+                if first_long is None and long_rows.numel():
+                    first_long = int(block[int(long_rows[0])])
+            if first_long is None and not 2 * short > labelled:
+                continue
+            where = (f"a normal of length over {1 + NORMAL_LENGTH_SLACK:g} on row {first_long} "
+                     f"(id {int(self.ids[first_long])})" if first_long is not None else
+                     f"{short} of its {labelled} labelled normals shorter than "
+                     f"{1 - NORMAL_LENGTH_SLACK:g}")
+            raise ValueError(f"{what}: task {spec.name!r} (normals) needs unit vectors (the "
+                             f"zero vector: unlabelled), got {where}; map normals stored as "
+                             "colours in [0, 1] or [0, 255] back to [-1, 1] first")
 
     def warn_of_negative_depths(self, what: str = "data set") -> None:
         """Warn (at the caller's line outside the package) with :meth:`negative_depth_note`'s

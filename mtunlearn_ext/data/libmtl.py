@@ -56,7 +56,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, labelled_rows
+from mtunlearn_ext.data.base import (
+    NORMAL_LENGTH_SLACK,
+    Benchmark,
+    MultiTaskDataset,
+    TaskSpec,
+    labelled_rows,
+)
 
 __all__ = ["FOLDER_OF_TASK", "TEST_FILES_KEY", "TRAIN_FILES_KEY", "LayoutError", "load_cityscapes",
            "load_libmtl", "load_nyuv2"]
@@ -82,9 +88,6 @@ _RGB_SLACK = 0.05
 # Indoor (NYUv2, under 10 m) and street (Cityscapes, under ~100 m) depth in metres: a larger
 # value is millimetres, or a "missing" code such as 65535, which would be trained on as depth.
 _MAX_DEPTH_METRES = 1000.0
-# A labelled normal is a unit vector; one resampled from unit vectors is shorter, never longer.
-# Normals stored as colours ((n + 1) / 2, or x 255) are longer than 1 or mostly far from it.
-_NORMAL_SLACK = 0.1
 # How every .npy file starts (numpy.lib.format.MAGIC_PREFIX).
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -259,7 +262,7 @@ def _check_dense(path: Path, folder: str, array: np.ndarray) -> None:
     if length.size == 0:
         return
     median, longest = float(np.median(length)), float(length.max())
-    if longest > 1 + _NORMAL_SLACK or median < 1 - _NORMAL_SLACK:
+    if longest > 1 + NORMAL_LENGTH_SLACK or median < 1 - NORMAL_LENGTH_SLACK:
         raise LayoutError(f"{path}: normals must be unit vectors (all zero = unknown), got "
                           f"lengths up to {longest:.4g} (median {median:.4g}); map normals "
                           f"stored as colours in [0, 1] or [0, 255] back to [-1, 1] first")
