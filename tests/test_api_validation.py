@@ -195,6 +195,23 @@ def test_the_model_is_checked_on_the_forget_inputs() -> None:
         _problem(forget_data=(torch.randn(5, 9), {"a": y["a"][:5]}), retain_data=(x, y))
 
 
+def test_forget_rows_still_retained_are_named_as_given_and_all_counted() -> None:
+    """Degenerate-request review: `forget_data` rows left out for having no target pair
+    shifted the positions the overlap check saw, so it named the row before the one given
+    ('row 2' for row 3), and it named the first overlapping row only."""
+    x, y = _data()
+    supervision = torch.ones(6, 2, dtype=torch.bool)
+    supervision[0] = False  # row 0: nothing to forget, left out with a warning
+    # forget rows 3, 4, 5 are retain rows 0, 1, 2, which still supervise both tasks
+    with pytest.warns(UserWarning, match=r"1 of the 6 rows of `forget_data` \(positions 0\)"):
+        with pytest.raises(ValueError, match=re.escape(
+                "`forget_data` row 3 is also `retain_data` row 0 (same input), which still "
+                "supervises task 'a'; 3 rows of `forget_data` are retained so: rows 3, 4, 5 "
+                "(`retain_data` rows 0, 1, 2); take the pairs to forget out of `retain_data`")):
+            _problem(forget_data=(x[:6], {t: v[:6] for t, v in y.items()}, supervision),
+                     retain_data=_rest(x, y, start=3))
+
+
 def test_equal_inputs_are_matched_whatever_the_key_order_and_memory_layout() -> None:
     """Several inputs were matched by position (a dict with its keys in another order never
     matched, so a still-supervised forget pair passed), and the prefilter's row sums depended

@@ -187,7 +187,8 @@ def check_rows_given_once(forget: MultiTaskDataset, what: str) -> None:
 
 
 def linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
-                               link: bool) -> MultiTaskDataset:
+                               link: bool, given_rows: torch.Tensor | None = None
+                               ) -> MultiTaskDataset:
     """``forget_data`` and ``retain_data`` come without shared ids, so an instance given in both
     shows only as equal inputs (every one of them, for a multi-input model).
 
@@ -196,7 +197,9 @@ def linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset
     whose input is a retain row supervising other tasks only is that instance: it takes the
     retain row's id, so that the method sees the row's pairs as the forget instance's retained
     pairs (and protects them, ``coupled``), as with ``train_data`` and a ``ForgetRequest``. Each
-    retain row links one forget row at most. Returns ``forget`` with the linked ids."""
+    retain row links one forget row at most. ``given_rows`` are the forget rows' positions in
+    the ``forget_data`` the caller passed (rows without a target pair were left out before),
+    which the refusal names. Returns ``forget`` with the linked ids."""
     if not len(forget) or not len(retain):
         return forget
 
@@ -217,21 +220,43 @@ def linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset
         by_print.setdefault(key, []).append(row)
     ids = forget.ids.clone()
     taken: set[int] = set()
+    clashes: list[tuple[int, int, str]] = []  # every one, so that one message names them all
     for f_row, key in enumerate(_row_prints(f_leaves)):
         for r_row in by_print.get(key, []):
             if not same_row(f_row, r_row):
                 continue
             clash = forget.supervision[f_row] & retain.supervision[r_row]
             if bool(clash.any()):
-                task = forget.task_names[int(clash.nonzero()[0])]
-                raise ValueError(
-                    f"{entry()}: `forget_data` row {f_row} is also `retain_data` row {r_row} "
-                    f"(same input), which still supervises task {task!r}; take the pairs to "
-                    "forget out of `retain_data` (or pass `train_data` and a `forget_request`)")
+                clashes.append((f_row, r_row, forget.task_names[int(clash.nonzero()[0])]))
+                continue
             if (link and r_row not in taken and bool(retain.supervision[r_row].any())
                     and int(ids[f_row]) == int(forget.ids[f_row])):
                 ids[f_row] = retain.ids[r_row]
                 taken.add(r_row)
+    if clashes:
+        _refuse_retained_forget_pairs(clashes, given_rows)
     if torch.equal(ids, forget.ids):
         return forget
     return MultiTaskDataset(forget.inputs, forget.targets, forget.tasks, ids, forget.supervision)
+
+
+def _refuse_retained_forget_pairs(clashes: list[tuple[int, int, str]],
+                                  given_rows: torch.Tensor | None) -> None:
+    """Refuse forget rows that ``retain_data`` still supervises, ``(forget row, retain row,
+    first task in both)`` each, naming the caller's rows of both (a row of ``forget_data`` left
+    out for having no target pair shifted the positions the check sees: the message named the
+    row before the one given) and how many there are."""
+    def caller_row(f_row: int) -> int:
+        return f_row if given_rows is None else int(given_rows[f_row])
+
+    f_row, r_row, task = clashes[0]
+    message = (f"{entry()}: `forget_data` row {caller_row(f_row)} is also `retain_data` row "
+               f"{r_row} (same input), which still supervises task {task!r}")
+    if len(clashes) > 1:
+        shown = clashes[:10]
+        more = ", ..." if len(clashes) > 10 else ""
+        message += (f"; {len(clashes)} rows of `forget_data` are retained so: rows "
+                    f"{', '.join(str(caller_row(f)) for f, _, _ in shown)}{more} (`retain_data` "
+                    f"rows {', '.join(str(r) for _, r, _ in shown)}{more})")
+    raise ValueError(message + "; take the pairs to forget out of `retain_data` (or pass "
+                     "`train_data` and a `forget_request`)")

@@ -309,7 +309,8 @@ def build_problem_with_naming(model: nn.Module, *,
         if not own_forget:  # a data set's ids name its instances: each is there once
             check_rows_given_once(forget, "forget_data")
         partial = set(targets) != set(names)
-        forget = linked_to_retained_copies(forget, retain, link=partial)
+        forget = linked_to_retained_copies(forget, retain, link=partial,
+                                           given_rows=kept.nonzero().flatten())
         request = ForgetRequest.create(forget.ids, targets if partial else None)
         trained = [TrainedRows("forget_data", given_rows, torch.arange(len(given_rows)),
                                own_forget),
