@@ -629,9 +629,11 @@ def test_a_request_without_a_pair_of_its_target_tasks_names_them() -> None:
                               forget_request=ForgetRequest.create(range(5), ["b"]),
                               shared_parameters=lambda n: n.startswith("trunk."),
                               config={"steps": 1})
-    # Instances with labels of the other task only: the full request forgets those.
-    problem = _problem(train_data=(x, y, supervision), forget_request=ForgetRequest.create(
-        range(5)))
+    # Instances with labels of the other task only: the full request forgets those, and says
+    # that nothing of "b" is.
+    with pytest.warns(UserWarning, match=r"target task \['b'\] of the request has no "):
+        problem = _problem(train_data=(x, y, supervision), forget_request=ForgetRequest.create(
+            range(5)))
     assert int(problem.forget.supervision[:, 1].sum()) == 0
     # The problem's own check names the target tasks too.
     empty = problem.forget.subset(torch.zeros(0, dtype=torch.long))
@@ -3305,3 +3307,37 @@ def test_a_set_of_target_tasks_gives_one_order_in_every_process() -> None:
     assert list(problem.target_tasks) == ["a", "b"]
     problem = _problem(train_data=(x, y), forget_request=ForgetRequest.create([0, 1], both))
     assert list(problem.target_tasks) == ["a", "b"]
+
+
+def test_a_target_task_without_a_pair_to_forget_is_warned_of() -> None:
+    """Degenerate-request review: a request naming two target tasks, one of which no forget
+    instance is labelled for (or `forget_data` gave no targets for), ran silently: the report
+    listed both as target tasks, forgotten, and nothing of the second was."""
+    x, y = _data()
+    supervision = torch.ones(40, 2, dtype=torch.bool)
+    supervision[:3, 1] = False  # task b: no label on the forget instances
+    data = MultiTaskDataset(x, y, SPECS, supervision=supervision)
+    nothing_of_b = (r"target task \['b'\] of the request has no supervised pair {}.*: only the "
+                    r"other target tasks' pairs are forgotten")
+    for tasks in (None, ["a", "b"]):
+        with pytest.warns(UserWarning, match=nothing_of_b.format(
+                r"on the 3 instances `forget_request` names in `train_data` \(unlabelled")):
+            problem = build_problem(_TwoHeads(), tasks=TASKS, train_data=data,
+                                    shared_parameters=_trunk,
+                                    forget_request=ForgetRequest.create(range(3), tasks))
+        assert problem.target_tasks == ["a", "b"] and int(problem.forget.supervision.sum()) == 3
+    with pytest.warns(UserWarning, match=nothing_of_b.format(
+            r"in `forget_data`, which has no targets for it")):
+        problem = build_problem(_TwoHeads(), tasks=TASKS, forget_data=(x[:3], {"a": y["a"][:3]}),
+                                retain_data=_rest(x, y, start=3), target_tasks=["a", "b"],
+                                shared_parameters=_trunk)
+    assert problem.target_tasks == ["a", "b"] and int(problem.forget.supervision.sum()) == 3
+    with pytest.warns(UserWarning, match=nothing_of_b.format(
+            r"on the rows of `forget_data` \(unlabelled")):
+        build_problem(_TwoHeads(), tasks=TASKS, retain_data=_rest(x, y, start=3),
+                      forget_data=(x[:3], {t: v[:3] for t, v in y.items()}, supervision[:3]),
+                      shared_parameters=_trunk)
+    with warnings.catch_warnings():  # every target task labelled: nothing to say
+        warnings.simplefilter("error")
+        build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                      forget_request=ForgetRequest.create(range(3)))

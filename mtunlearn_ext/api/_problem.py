@@ -78,6 +78,21 @@ def _first_ids(ids: list[int]) -> str:
     return ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
 
 
+def _warn_of_targets_without_pairs(tasks: list[str], where: str) -> None:
+    """Warn that the target ``tasks`` have no pair to forget (``where`` says where none was
+    found): the request runs on its other target tasks, and a report that names these tasks
+    among its targets, as forgotten, would otherwise be all the caller saw of it."""
+    if not tasks:
+        return
+    one = len(tasks) == 1
+    warnings.warn(f"{entry()}: target task{'' if one else 's'} {tasks} of the request "
+                  f"{'has' if one else 'have'} no supervised pair {where}: only the other "
+                  "target tasks' pairs are forgotten (the model learned nothing of "
+                  f"{'it' if one else 'them'} from these instances, unless "
+                  f"{'its' if one else 'their'} labels were left out by mistake)",
+                  UserWarning, stacklevel=4)
+
+
 def build_problem(model: nn.Module, *,
                   tasks: TasksSpec = None,
                   train_data: DataLike | None = None,
@@ -224,6 +239,10 @@ def build_problem_with_naming(model: nn.Module, *,
                              "left to retain")
         asked, still = request.forget_mask(full), request.forget_mask(remaining)
         rows = full.positions_of(request.instance_ids)
+        _warn_of_targets_without_pairs(
+            [t for t in targets if not bool(asked[:, full.task_index(t)].any())],
+            f"on the {len(rows)} instance{'s' if len(rows) != 1 else ''} `forget_request` names "
+            f"in `train_data` {_UNLABELLED}")
         bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
         if bare:  # some named instances, not all (none with a pair is refused above)
             shown = _first_ids(bare)
@@ -297,6 +316,16 @@ def build_problem_with_naming(model: nn.Module, *,
                           f"(positions {shown}) have {what}: nothing of them is forgotten, as "
                           "nothing of them was learned", UserWarning, stacklevel=3)
             forget = forget.subset(kept.nonzero().flatten())
+        if len(forget):
+            without = [t for t in targets
+                       if not bool(forget.supervision[:, forget.task_index(t)].any())]
+            missing = ([] if isinstance(forget_data, MultiTaskDataset) or forget_data is None
+                       else [t for t in without if t not in forget_data[1]])
+            _warn_of_targets_without_pairs(
+                missing, "in `forget_data`, which has no targets for it")
+            _warn_of_targets_without_pairs(
+                [t for t in without if t not in missing],
+                f"on the rows of `forget_data` {_UNLABELLED}")
         for what, data in (("forget_data", forget), ("retain_data", retain)):
             if not len(data):  # said by name here; the problem would say "the ... set is empty"
                 raise ValueError(f"{entry()}: `{what}` has no rows: "
