@@ -35,6 +35,9 @@ def _data(n: int = 6, ids: object = None) -> MultiTaskDataset:
     ([torch.tensor(1.5)], "tensor(1.5"),
     (torch.tensor([0.5, 1.0]), "0.5"),
     (("1", "2"), "'1'"),
+    ("3,5", "'3,5'"),
+    (b"35", "b'35'"),  # was ids 51 and 53, the bytes' codes
+    (bytearray(b"\x03"), "bytearray(b'\\x03')"),  # was id 3
 ])
 def test_direct_forget_request_refuses_non_integer_ids(bad: object, shown: str) -> None:
     with pytest.raises(TypeError, match=r"ForgetRequest: `instance_ids` must be integers") as info:

@@ -144,6 +144,11 @@ def _integer_ids(instance_ids: object) -> tuple[int, ...]:
 
     if isinstance(instance_ids, int) and not isinstance(instance_ids, bool):
         return (instance_ids,)  # one id
+    if isinstance(instance_ids, (str, bytes, bytearray)):
+        # Iterated, bytes give their codes: b"35" became ids 51 and 53 without a word.
+        raise TypeError(f"ForgetRequest: `instance_ids` must be integers (the instances' ids, "
+                        f"not strings or fractions), got {instance_ids!r:.60}; pass "
+                        "`[int(i) for i in text.split(',')]` for ids written out")
     if isinstance(instance_ids, Mapping):
         # Iterated, a mapping gives its keys: {id: name} and {name: id} alike became ids
         # without a word, and which half was meant is the caller's to say.
