@@ -3341,3 +3341,30 @@ def test_a_target_task_without_a_pair_to_forget_is_warned_of() -> None:
         warnings.simplefilter("error")
         build_problem(_TwoHeads(), tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
                       forget_request=ForgetRequest.create(range(3)))
+
+
+@pytest.mark.parametrize("method", ["random_labels", "salun"])
+def test_random_targets_need_no_pool_for_a_target_task_without_a_pair_to_forget(
+        method: str) -> None:
+    """Degenerate-request review: a full request on data where task b (regression) is labelled
+    nowhere was refused by random-label methods, their 'random_target' objective having no
+    retain pair of b to draw targets from, with advice about removing b from every instance;
+    b has no pair to forget, so its objective is never used. A task with pairs to forget and
+    none to draw from is still refused."""
+    x, y = _data()
+    nowhere = torch.ones(40, 2, dtype=torch.bool)
+    nowhere[:, 1] = False
+    common = dict(tasks=TASKS, shared_parameters=_trunk, method=method, config={"steps": 2})
+    with pytest.warns(UserWarning, match=r"target task \['b'\] of the request has no "):
+        model, report = mtunlearn_ext.unlearn(
+            _TwoHeads(), train_data=(x, y, nowhere),
+            forget_request=ForgetRequest.create(range(3)), **common)  # type: ignore[arg-type]
+    assert report.extra["parameters_changed"] and report.request["target_tasks"] == ["a", "b"]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    only_forgotten = torch.ones(40, 2, dtype=torch.bool)
+    only_forgotten[3:, 1] = False  # b labelled on the forget instances only
+    with pytest.raises(ValueError, match=r"'random_target': the retain set has no supervised "
+                                         r"pair of task 'b' to draw from"):
+        mtunlearn_ext.unlearn(_TwoHeads(), train_data=(x, y, only_forgotten),
+                              forget_request=ForgetRequest.create(range(3)),
+                              **common)  # type: ignore[arg-type]

@@ -112,7 +112,8 @@ def _interference_matrix(problem: UnlearningProblem, cfg: InterferenceAwareConfi
     groups = ParameterGroups.from_model(model, problem.task_names)
     objectives = make_forget_objectives(problem.target_specs(), problem.retain,
                                         child_generator(generator), problem.device,
-                                        cfg.forget_objective or method.default_forget_objective)
+                                        cfg.forget_objective or method.default_forget_objective,
+                                        forget=problem.forget)
     ctx = StepContext(model, problem, groups, objectives, child_generator(generator))
     method.setup(ctx, UnlearningReport(method=method.name, config=cfg.to_dict()))
     retain_stream = BatchStream(problem.retain, 2 * batch_size, child_generator(generator),

@@ -442,7 +442,8 @@ class GradientUnlearner(Unlearner):
         objective_gen = child_generator(generator)
         method_gen = child_generator(generator)
         objectives = make_forget_objectives(problem.target_specs(), problem.retain,
-                                            objective_gen, device, self._objective_choice())
+                                            objective_gen, device, self._objective_choice(),
+                                            forget=problem.forget)
         report.extra["forget_objectives"] = {t: o.name for t, o in objectives.items()}
         names = set(report.extra["forget_objectives"].values())
         if cfg.forget_objective is None and self.forget_objective_is_setting and names:

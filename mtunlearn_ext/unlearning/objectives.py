@@ -585,6 +585,7 @@ def objective_names(specs: Sequence[TaskSpec], task_names: Sequence[str],
 def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
                            generator: torch.Generator, device: torch.device | str,
                            choice: str | Mapping[str, str] | None = None,
+                           forget: MultiTaskDataset | None = None,
                            ) -> dict[str, ForgetObjective]:
     """Prepared objectives for the target tasks ``specs``.
 
@@ -596,6 +597,10 @@ def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
             (a misspelt task or kind, which would silently leave its task at the default) is
             refused with a ``ValueError`` naming it.
         generator: parent generator; each objective gets its own seeded child stream.
+        forget: the forget set, when known: a target task with no supervised pair there is
+            never ascended (the forget terms skip a task without a pair in the batch), so an
+            objective that cannot be prepared for it (``random_target`` without a retain pair
+            to draw from) is no reason to refuse the request.
     """
     names = objective_names(specs, retain.task_names, choice)
     objectives: dict[str, ForgetObjective] = {}
@@ -603,6 +608,10 @@ def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
         objective = FORGET_OBJECTIVES[names[spec.name]](spec)
         child = torch.Generator()
         child.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-        objective.prepare(retain, child, device)
+        try:
+            objective.prepare(retain, child, device)
+        except ValueError:
+            if forget is None or bool(forget.supervision[:, forget.task_index(spec.name)].any()):
+                raise
         objectives[spec.name] = objective
     return objectives
