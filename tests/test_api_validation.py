@@ -3368,3 +3368,29 @@ def test_random_targets_need_no_pool_for_a_target_task_without_a_pair_to_forget(
         mtunlearn_ext.unlearn(_TwoHeads(), train_data=(x, y, only_forgotten),
                               forget_request=ForgetRequest.create(range(3)),
                               **common)  # type: ignore[arg-type]
+
+
+def test_data_sets_sharing_an_instance_id_with_a_pair_on_both_sides_are_refused_by_name() -> None:
+    """Degenerate-request review: `forget_data` and `retain_data` data sets holding one id
+    (one instance, whatever its inputs: an augmented copy) with the target pair supervised in
+    both were refused by the problem's check, as 'pairs supervised in both the forget and the
+    retain set' fixed by ForgetRequest.split, naming neither argument nor any row."""
+    x, y = _data(12)
+    forget = MultiTaskDataset(x[:3] + 1.0, {t: v[:3] for t, v in y.items()}, SPECS,
+                              ids=torch.tensor([5, 6, 7]))
+    retain = MultiTaskDataset(x[3:], {t: v[3:] for t, v in y.items()}, SPECS,
+                              ids=torch.arange(9))
+    for targets in (None, ["a"]):
+        with pytest.raises(ValueError, match=re.escape(
+                "`forget_data` and `retain_data` both hold instance id 5 (`forget_data` row 0, "
+                "`retain_data` row 5), whose pair of task 'a' is to be forgotten and is still "
+                "supervised in `retain_data`; 3 instances are so (ids 5, 6, 7; `forget_data` "
+                "rows 0, 1, 2; `retain_data` rows 5, 6, 7): take the pairs to forget out")):
+            _problem(forget_data=forget, retain_data=retain, target_tasks=targets)
+    # Their other task's pairs in `retain_data`: the same instances' retained pairs, linked.
+    supervision = torch.ones(9, 2, dtype=torch.bool)
+    supervision[5:8, 0] = False
+    kept_b = MultiTaskDataset(x[3:], {t: v[3:] for t, v in y.items()}, SPECS,
+                              ids=torch.arange(9), supervision=supervision)
+    problem = _problem(forget_data=forget, retain_data=kept_b, target_tasks=["a"])
+    assert problem.forget.ids.tolist() == [5, 6, 7]

@@ -260,3 +260,35 @@ def _refuse_retained_forget_pairs(clashes: list[tuple[int, int, str]],
                     f"rows {', '.join(str(r) for _, r, _ in shown)}{more})")
     raise ValueError(message + "; take the pairs to forget out of `retain_data` (or pass "
                      "`train_data` and a `forget_request`)")
+
+
+def check_ids_not_retained(forget: MultiTaskDataset, retain: MultiTaskDataset,
+                           given_rows: torch.Tensor) -> None:
+    """Refuse ``forget_data`` and ``retain_data`` data sets that hold one instance id (one
+    instance: a data set's ids are its instances) with a pair of the same task supervised in
+    both, whatever their inputs (an augmented or re-encoded copy). The problem's own check
+    refused it as 'pairs supervised in both the forget and the retain set', pointing to
+    ``ForgetRequest.split``, which the caller never used, and naming no row. ``given_rows``
+    are the forget rows' positions in the ``forget_data`` passed."""
+    common = sorted(set(forget.ids.tolist()) & set(retain.ids.tolist()))
+    if not common:
+        return
+    forget_rows, retain_rows = forget.positions_of(common), retain.positions_of(common)
+    both = forget.supervision[forget_rows] & retain.supervision[retain_rows]
+    clashing = both.any(dim=1).nonzero().flatten().tolist()
+    if not clashing:
+        return
+    first = clashing[0]
+    task = forget.task_names[int(both[first].nonzero()[0])]
+    shown = clashing[:10]
+    more = ", ..." if len(clashing) > 10 else ""
+    raise ValueError(
+        f"{entry()}: `forget_data` and `retain_data` both hold instance id {common[first]} "
+        f"(`forget_data` row {int(given_rows[forget_rows[first]])}, `retain_data` row "
+        f"{int(retain_rows[first])}), whose pair of task {task!r} is to be forgotten and is "
+        f"still supervised in `retain_data`; {len(clashing)} instance"
+        f"{'s are' if len(clashing) != 1 else ' is'} so (ids "
+        f"{', '.join(str(common[i]) for i in shown)}{more}; `forget_data` rows "
+        f"{', '.join(str(int(given_rows[forget_rows[i]])) for i in shown)}{more}; "
+        f"`retain_data` rows {', '.join(str(int(retain_rows[i])) for i in shown)}{more}): take "
+        "the pairs to forget out of `retain_data` (or pass `train_data` and a `forget_request`)")

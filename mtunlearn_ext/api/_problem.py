@@ -24,6 +24,7 @@ from mtunlearn_ext.api._data_forms import (
 from mtunlearn_ext.api._entry import entered, entry
 from mtunlearn_ext.api._instance_matching import (
     TrainedRows,
+    check_ids_not_retained,
     check_rows_given_once,
     check_unseen,
     linked_to_retained_copies,
@@ -340,6 +341,8 @@ def build_problem_with_naming(model: nn.Module, *,
         partial = set(targets) != set(names)
         forget = linked_to_retained_copies(forget, retain, link=partial,
                                            given_rows=kept.nonzero().flatten())
+        if own_forget and own_retain:
+            check_ids_not_retained(forget, retain, kept.nonzero().flatten())
         request = ForgetRequest.create(forget.ids, targets if partial else None)
         trained = [TrainedRows("forget_data", given_rows, torch.arange(len(given_rows)),
                                own_forget),
