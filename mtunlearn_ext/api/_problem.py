@@ -296,6 +296,7 @@ def build_problem_with_naming(model: nn.Module, *,
         if unknown or not targets:
             raise ValueError(f"{entry()}: target tasks {targets} must be a non-empty subset of "
                              f"{names}")
+        targets = [t for t in names if t in targets]  # one order, as a request's tasks
         forget = as_dataset(forget_data, specs, "forget_data", like=retain,
                              id_offset=int(retain.ids.max()) + 1 if len(retain) else 0)
         # Only the target tasks' pairs are forgotten; anything else given is not a forget pair.

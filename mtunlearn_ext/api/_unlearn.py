@@ -405,7 +405,7 @@ def unlearn(model: ModelT, *,
         # the retain set left the earlier requests' pairs out.
         result.report.request["earlier_requests"] = [
             {"ids_sha256": r.ids_hash(), "num_instances": len(r.instance_ids),
-             "target_tasks": None if r.target_tasks is None else list(r.target_tasks)}
+             "target_tasks": None if r.target_tasks is None else r.resolved_tasks(problem.retain)}
             for r in naming.earlier]
         result.report.request["earlier_pairs_excluded"] = naming.excluded_pairs
     if held_out_data is not None:

@@ -30,8 +30,9 @@ class ForgetRequest:
     way (a mask or fractions are refused), so ``ids_hash`` does not depend on how they came.
     Two requests are equal (and hash alike) when they name the same instances and the same
     target tasks, in whatever order: the order is kept as given (a set of task names is
-    sorted) but does not make another request, and :meth:`split`'s sets hold their rows in the
-    data set's order whatever the ids' order.
+    sorted) but does not make another request (:meth:`resolved_tasks`, which a run uses, puts
+    them in the data set's order), and :meth:`split`'s sets hold their rows in the data set's
+    order whatever the ids' order.
     """
 
     instance_ids: tuple[int, ...]
@@ -66,7 +67,14 @@ class ForgetRequest:
         return ForgetRequest(instance_ids, target_tasks)  # type: ignore[arg-type]
 
     def resolved_tasks(self, dataset: MultiTaskDataset) -> list[str]:
-        return list(dataset.task_names) if self.target_tasks is None else list(self.target_tasks)
+        """The target tasks in ``dataset``'s task order (every task for a full request), names
+        it lacks last, as given, for :meth:`validate` to refuse."""
+        if self.target_tasks is None:
+            return list(dataset.task_names)
+        # One request, one order: the tasks as given (a list, or a set sorted by name) made the
+        # records and the per-task work of two equal requests differ.
+        column = {name: i for i, name in enumerate(dataset.task_names)}
+        return sorted(self.target_tasks, key=lambda name: column.get(name, len(column)))
 
     def is_full(self, dataset: MultiTaskDataset) -> bool:
         return set(self.resolved_tasks(dataset)) == set(dataset.task_names)
