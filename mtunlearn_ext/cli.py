@@ -886,7 +886,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                           fraction, seed),
                         "target_tasks_arg": (None if request.target_tasks is None
                                              else list(request.target_tasks)),
-                        "retain_ids": retain_ids,
+                        # Sorted, as the request's ids: one retain set, one record.
+                        "retain_ids": None if retain_ids is None else sorted(retain_ids),
                         "earlier_removals": earlier,
                         "num_excluded_pairs": excluded,
                         # The instances this run forgot: those named, less any whose pairs
@@ -1051,7 +1052,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                              request.resolved_tasks(bench.train), seed, args.eval_batch_size)
             result["retain_split"] = {
                 "pairs": int(retain.supervision.sum()), "instances": len(retain),
-                "retain_ids": retain_ids,
+                "retain_ids": None if retain_ids is None else sorted(retain_ids),
                 "earlier_removals_excluded": (excluded if earlier is not None else
                                               "unknown (the checkpoint keeps only their hash)")}
             # What was measured: the attack's AUC depends on the request and the seed.

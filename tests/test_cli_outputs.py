@@ -617,6 +617,26 @@ def test_the_order_of_target_tasks_gives_one_checkpoint(trained: Path,  # noqa: 
     assert hashes[0] == hashes[1]
 
 
+def test_the_order_of_retain_ids_gives_one_record_and_one_evaluation(
+        trained: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`--retain-ids 16,26,43` and `43,26,16` name one retain set and wrote the same
+    checkpoint, but the record's `request.retain_ids` and evaluate's `retain_split.retain_ids`
+    held them as typed (while the forget ids are sorted)."""
+    request = ["--forget-ids", ids(1, 2, 3), "--target-tasks", "digit"]
+    in_order = [int(i) for i in ids(4, 5, 6).split(",")]
+    assert in_order == sorted(in_order)
+    for name, retain in (("typed", in_order), ("reversed", in_order[::-1])):
+        text = ",".join(map(str, retain))
+        out = tmp_path / f"{name}.pt"
+        assert _unlearn(trained, out, *request, "--retain-ids", text) == 0
+        record = json.loads(Path(str(out) + ".record.json").read_text())
+        assert record["request"]["retain_ids"] == in_order, name
+        measured = tmp_path / f"{name}.json"
+        assert cli.main(["evaluate", "--checkpoint", str(out), *request, "--retain-ids", text,
+                         "--output", str(measured), "--quiet"]) == 0
+        assert json.loads(measured.read_text())["retain_split"]["retain_ids"] == in_order, name
+
+
 @pytest.mark.parametrize("method", available_unlearners())
 def test_an_unlearn_rerun_from_its_record_alone_gives_the_same_checkpoint(
         trained: Path, tmp_path: Path, method: str) -> None:  # noqa: F811
