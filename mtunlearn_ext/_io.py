@@ -288,7 +288,7 @@ def remove_if_placed(path: str | os.PathLike[str], placed: dict[str, tuple[int, 
 
 def _write_text_fd(fd: int, text: str) -> None:
     """``text`` into the new file ``fd`` (closed afterwards), flushed to disk."""
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

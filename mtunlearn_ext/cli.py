@@ -203,12 +203,12 @@ def _load_config(path: str) -> dict[str, Any]:
         if p.suffix == ".toml":
             import tomllib
 
-            values = tomllib.loads(p.read_text())
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
         elif p.suffix in (".yaml", ".yml"):
             import yaml
 
             try:
-                text = p.read_text()
+                text = p.read_text(encoding="utf-8")
                 loader_class = _strict_int_loader()
                 _refuse_repeated_keys(text, loader_class)
                 values = yaml.load(text, Loader=loader_class) or {}
@@ -407,7 +407,7 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     if text is None or text == "":
         return {}
     try:
-        raw = Path(text).read_text() if is_existing_file(text) else text
+        raw = Path(text).read_text(encoding="utf-8") if is_existing_file(text) else text
     except (OSError, UnicodeDecodeError) as error:
         raise UserInputError(argument, "a JSON object or a readable file holding one", text,
                              str(error)) from error
@@ -1131,7 +1131,7 @@ def _schema_of(path: str) -> object:
     """The ``schema`` of a JSON record, or None when the file is no JSON object (verify_record
     then says what is wrong with it)."""
     try:
-        payload = json.loads(Path(path).read_text())
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return payload.get("schema") if isinstance(payload, dict) else None
@@ -1198,7 +1198,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     source = Path(args.results)
     try:
-        results = json.loads(source.read_text())
+        results = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
                              str(error)) from error

@@ -440,7 +440,7 @@ def _timing_path(path: Path) -> Path:
 def _recorded_seconds(path: Path, sha: str) -> float | None:
     """The training time recorded beside ``path`` for the checkpoint of SHA-256 ``sha``."""
     try:
-        record = json.loads(_timing_path(path).read_text())
+        record = json.loads(_timing_path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("checkpoint_sha256") != sha:
@@ -1052,7 +1052,7 @@ def _parse_ids(text: str) -> list[int]:
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
     path = Path(text)
     if path.is_file():
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:

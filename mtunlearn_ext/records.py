@@ -170,7 +170,7 @@ def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dic
         raise _record_error(argument, "an existing unlearning record file (JSON)", str(p),
                             "no such file" if not p.exists() else "not a file")
     try:
-        record = json.loads(p.read_text(), object_pairs_hook=unique_keys)
+        record = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
                             str(error)) from error

@@ -777,3 +777,30 @@ def test_a_record_report_says_how_many_named_instances_this_run_forgot(tmp_path:
     assert "request on tasks `a`, 2 instances; output" in (
         tmp_path / "rep2" / "report.md").read_text()
 
+
+
+def test_the_report_is_utf_8_in_any_locale(tmp_path: Path) -> None:
+    """Same command, same bytes, whatever the locale: under a locale whose encoding is not
+    UTF-8 (LC_ALL=C with Python's coercion to C.UTF-8 turned off: ASCII) `report` failed with
+    a UnicodeEncodeError traceback (exit 1) on report.md's own arrows, and a config's
+    non-ASCII title was read in the locale's encoding. Both are UTF-8 now."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(_record()))
+    config = tmp_path / "c.yaml"
+    config.write_text("title: Löschung ↑\n", encoding="utf-8")
+    written = {}
+    for name, locale_env in (("utf-8", {"LC_ALL": "C.UTF-8"}),
+                             ("ascii", {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+                                        "PYTHONUTF8": "0"})):
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8", **locale_env}
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "mtunlearn_ext", "report", "--config",
+                               str(config), "--results", str(source), "--output-dir", str(out)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        written[name] = (out / "report.md").read_bytes()
+    assert written["ascii"] == written["utf-8"]
+    assert "# Löschung ↑" in written["utf-8"].decode("utf-8")
