@@ -56,7 +56,10 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     and, when ``original`` is given, of the model it came from, and ``weights_changed``: whether the
     model's weights differ from ``original``'s, or, without it, from those of the model
     :func:`unlearn` started from (as its report says; absent from a report of another
-    source). A run that changed nothing (``steps: 0``) is written all the same, with a
+    source), and ``written_at`` (UTC): with the wall time, the only fields that differ between
+    two runs of one request (same seed, thread count and build), the checkpoint's path aside
+    (as given, relative or absolute).
+    A run that changed nothing (``steps: 0``) is written all the same, with a
     ``UserWarning`` and ``weights_changed: false``, which :func:`verify_saved` fails, as
     ``mtunlearn unlearn`` and ``mtunlearn verify`` treat such a run; likewise
     ``parameters_changed: false`` for a run that moved buffers only (BatchNorm statistics
