@@ -9,25 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_api_validation import TASKS, _TwoHeads  # the two-task toy model of the API tests
 from torch import nn
 
 import mtunlearn_ext
 from mtunlearn_ext.unlearning import get_unlearner
-
-TASKS = {"a": "classification", "b": "regression"}
-
-
-class _TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
-        self.heads = nn.ModuleDict({"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {t: h(z) for t, h in self.heads.items()}
-
 
 def _unlearn(method: str, config: dict[str, object], model: nn.Module | None = None
              ) -> nn.Module:
