@@ -2325,3 +2325,22 @@ def test_the_memory_checks_take_the_lower_figures(monkeypatch) -> None:  # type:
     cpu = torch.device("cpu")
     assert interference_aware_module._device_memory(cpu) == 2 ** 30
     assert interference_aware_module._available_memory(cpu) == 2 ** 28
+
+
+def test_a_protect_mode_that_protects_no_task_is_warned_of(bench, original) -> None:  # type: ignore[no-untyped-def]
+    """`protect="non_target"` on a full request (no task is non-target) left every target's
+    protected set empty: the task projection, on, did nothing, and the run was the
+    no-task-projection ablation with only the report's empty `protected_tasks` to say so."""
+    full = _problem(bench, original, partial=False)
+    settings = {**TINY, "steps": 1, "protect": "non_target"}
+    with pytest.warns(UserWarning, match=re.escape(
+            "interference_aware: protect='non_target' protects no task in this full request "
+            "(tasks ['segmentation', 'depth', 'normals'], targets ['segmentation', 'depth', "
+            "'normals']), so the task-aware projection does nothing in this run")):
+        result = get_unlearner("interference_aware", settings).unlearn(full)
+    assert result.report.extra["interference_aware"]["protected_tasks"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # protecting something: no warning
+        get_unlearner("interference_aware", {**settings, "protect": "auto"}).unlearn(full)
+        get_unlearner("interference_aware", settings).unlearn(
+            _problem(bench, original, partial=True))

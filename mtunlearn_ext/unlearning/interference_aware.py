@@ -707,6 +707,15 @@ class InterferenceAware(GradientUnlearner):
         # the kernel's out-of-memory kill, not in the refusal).
         protected_sets = ([tasks for tasks in dict.fromkeys(plan.values()) if tasks]
                           if cfg.task_projection else [])
+        if cfg.task_projection and not protected_sets:
+            # The projection was on and did nothing: the run was the no-task-projection
+            # ablation, and only the report's empty `protected_tasks` said so.
+            warn_at_caller(
+                f"interference_aware: protect={cfg.protect!r} protects no task in this "
+                f"{'full' if problem.is_full else 'partial'} request (tasks "
+                f"{list(problem.task_names)}, targets {list(problem.target_tasks)}), so the "
+                "task-aware projection does nothing in this run; protect='auto' or 'all' "
+                "protects every task of a full request")
         memory_plan = self.gradient_memory_plan(ctx, len(protected_sets), coupled)
         _check_fits(memory_plan, torch.device(problem.device))
         layer_ids = layer_ids_of(shared_names)
