@@ -259,33 +259,6 @@ def test_tables_align_names_of_wide_characters_by_the_columns_they_take() -> Non
     assert len(ends) == 1, lines  # every row's last column ends at the same column
 
 
-ACTING_METHOD = '''
-from dataclasses import dataclass
-
-from mtunlearn_ext.unlearning.loop import GradientUnlearner, StepConfig
-from mtunlearn_ext.unlearning.registry import register_unlearner
-
-
-@dataclass
-class QuietConfig(StepConfig):
-    steps: int = 2
-
-
-class Quiet(GradientUnlearner):
-    name = "red\\x1b[31mretain"
-    config_class = QuietConfig
-    uses_forget = False
-
-    def compute_update(self, ctx, forget_batch, retain_batch):
-        return self.weighted_update(ctx, None, retain_batch)
-
-
-REGISTER = False
-if REGISTER:
-    register_unlearner(Quiet)
-'''
-
-
 def test_a_method_name_with_an_escape_is_refused_and_shown_as_one(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str], registries_restored: None) -> None:
@@ -293,8 +266,9 @@ def test_a_method_name_with_an_escape_is_refused_and_shown_as_one(
     progress bar (stderr) and the method's step bar. Such a name is now refused when it is
     registered (register_unlearner takes identifier-like names), and the refusal shows it as
     an escape; an unregistered method's step bar (the API's `progress=True`) shows it so too."""
-    (tmp_path / "acting_method.py").write_text(ACTING_METHOD.replace("REGISTER = False",
-                                                                     "REGISTER = True"))
+    from test_cli_plugins import PLUGIN  # a method registered by a module of the user's
+
+    (tmp_path / "acting_method.py").write_text(PLUGIN.format(name="red\\x1b[31mretain"))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
                      "--method", "red\x1b[31mretain", "--output", "u.pt", "--threads", "1",
@@ -305,10 +279,15 @@ def test_a_method_name_with_an_escape_is_refused_and_shown_as_one(
     assert r"got 'red\x1b[31mretain'" in printed.err, printed.err
     assert not (tmp_path / "u.pt").exists()
     from mtunlearn_ext.api._unlearn import progress_bar
+    from mtunlearn_ext.unlearning import GradientUnlearner
 
-    namespace: dict[str, object] = {}
-    exec(ACTING_METHOD, namespace)  # noqa: S102  (the module's text, not registered)
-    bar = progress_bar(namespace["Quiet"]())  # type: ignore[operator]
+    class Quiet(GradientUnlearner):  # not registered: the registry refuses its name
+        name = "red\x1b[31mretain"
+
+        def compute_update(self, ctx, forget_batch, retain_batch):  # type: ignore[no-untyped-def]
+            return self.weighted_update(ctx, None, retain_batch)
+
+    bar = progress_bar(Quiet())
     try:
         assert bar.desc == r"red\x1b[31mretain"
     finally:
