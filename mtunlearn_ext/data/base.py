@@ -516,6 +516,18 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
             raise UnknownNameError(f"unknown task {name!r}; this data set has tasks {names}")
         return names.index(name)
 
+    def labelled_pairs(self, tasks: Sequence[str]) -> torch.Tensor:
+        """``[N, len(tasks)]`` bool (CPU): the supervised pairs of ``tasks`` whose target
+        carries a label (:func:`labelled_rows`). A supervision mask given by hand may mark a
+        row whose label is all ``ignore_index`` (a map without a labelled pixel): the losses
+        give it 0 and the metrics count no unit of it."""
+        if not tasks:
+            return torch.zeros(len(self), 0, dtype=torch.bool)
+        columns = [self.task_index(t) for t in tasks]
+        labelled = torch.stack([labelled_rows(self.tasks[c], self.targets[self.tasks[c].name])
+                                .cpu() for c in columns], dim=1)
+        return self.supervision[:, columns] & labelled
+
     def __len__(self) -> int:
         return num_rows(self.inputs)
 

@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from mtunlearn_ext._warnings import warn_at_caller
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
 
@@ -76,20 +76,6 @@ class MIAResult:
     num_non_members_eval: int
 
 
-def _labelled_pairs(dataset: MultiTaskDataset, tasks: Sequence[str]) -> torch.Tensor:
-    """``[N, |S|]`` bool: the supervised pairs of ``tasks`` that carry a label (a class other
-    than ``ignore_index``, a labelled pixel or entry: :func:`labelled_rows`). A supervision
-    mask given by hand may mark a row whose label is all ``ignore_index``; its loss is 0 by the
-    losses' rule (a mean over no pixel), the most member-like loss there is, which no model
-    earned (evaluate counts no unit of such a row either)."""
-    columns = [dataset.task_index(t) for t in tasks]
-    labelled = [labelled_rows(dataset.tasks[c], dataset.targets[dataset.tasks[c].name]).cpu()
-                for c in columns]
-    if not labelled:
-        return torch.zeros(len(dataset), 0, dtype=torch.bool)
-    return dataset.supervision[:, columns] & torch.stack(labelled, dim=1)
-
-
 def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[str],
               batch_size: int) -> tuple[np.ndarray, int]:
     """``[n, |S|]`` log-losses of the rows with every attacked task supervised and labelled,
@@ -100,7 +86,7 @@ def _features(model: MultiTaskModel, dataset: MultiTaskDataset, tasks: Sequence[
     # Rows by the supervision mask and the labels, not by NaN losses: a NaN loss of a
     # supervised pair is the model's, and dropping its row would attack the model on the rest
     # only.
-    complete = _labelled_pairs(dataset, tasks).all(dim=1)
+    complete = dataset.labelled_pairs(tasks).all(dim=1)
     chosen = losses[complete]
     undefined = int((~torch.isfinite(chosen)).any(dim=1).sum())
     return _log_scale(chosen).numpy(), undefined
@@ -110,14 +96,14 @@ def attackable_instances(dataset: MultiTaskDataset, tasks: Sequence[str]) -> int
     """How many instances of ``dataset`` the attack on ``tasks`` can score: those with a
     supervised label of every one of them (a check before any model is trained, as the
     experiment makes)."""
-    return int(_labelled_pairs(dataset, tasks).all(dim=1).sum())
+    return int(dataset.labelled_pairs(tasks).all(dim=1).sum())
 
 
 def _partly_labelled(dataset: MultiTaskDataset, tasks: Sequence[str]) -> int:
     """Rows with a supervised pair of some task of ``tasks`` but no label of every one."""
     columns = [dataset.task_index(t) for t in tasks]
     supervised = dataset.supervision[:, columns].any(dim=1)
-    return int((supervised & ~_labelled_pairs(dataset, tasks).all(dim=1)).sum())
+    return int((supervised & ~dataset.labelled_pairs(tasks).all(dim=1)).sum())
 
 
 def _log_scale(losses: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -163,7 +149,7 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
                          f"the attack, half are the member AUC's positives), got "
                          f"{max_members!r}")
     if tasks is None:
-        labelled = _labelled_pairs(forget, forget.task_names).any(dim=0)
+        labelled = forget.labelled_pairs(forget.task_names).any(dim=0)
         names = [t for j, t in enumerate(forget.task_names) if bool(labelled[j])]
     else:
         names = [t if isinstance(t, str) else t.name for t in tasks]

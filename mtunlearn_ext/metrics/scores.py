@@ -256,18 +256,15 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
         bounded: metric -> whether it is a fraction, for metrics unknown to :data:`METRICS`.
     """
     terms = retrain_gap_terms(unlearned, retrained, unlearned_mia_auc, retrained_mia_auc, bounded)
+    # Every term the inputs name; those missing from `terms` had no finite retrained value.
+    named = [f"{split}/{task}/{metric}" for split, tasks in retrained.items()
+             for task, metrics in tasks.items() for metric in metrics]
+    named += ["mia_auc"] if retrained_mia_auc is not None else []
+    left_out = [key for key in named if key not in terms]
     if not terms:
-        undefined = [f"{split}/{task}/{metric}" for split, tasks in retrained.items()
-                     for task, metrics in tasks.items() for metric in metrics]
-        undefined += ["mia_auc"] if retrained_mia_auc is not None else []
         raise ValueError("retrain_gap: no term is defined: " + (
-            f"the retrained model's value is not finite for every one: {undefined}"
-            if undefined else "the inputs hold no metric and no attack AUC"))
-    left_out = [f"{split}/{task}/{metric}" for split, tasks in retrained.items()
-                for task, metrics in tasks.items() for metric in metrics
-                if f"{split}/{task}/{metric}" not in terms]
-    left_out += (["mia_auc"] if retrained_mia_auc is not None and "mia_auc" not in terms
-                 else [])
+            f"the retrained model's value is not finite for every one: {left_out}"
+            if left_out else "the inputs hold no metric and no attack AUC"))
     if left_out:
         # evaluate() gives no NaN of its own (a task without a labelled unit is left out), so
         # this is a retrained model that diverged; a gap over the rest alone read as close

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import (
     _resolve,
@@ -118,12 +118,8 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
 def _labelled_count(data: MultiTaskDataset, tasks: Sequence[str]) -> str:
     """``'task n, ...'``: how many rows of ``data`` have a supervised, labelled pair of each
     task (the units :func:`evaluate` counts)."""
-    counts = []
-    for task in tasks:
-        column = data.task_index(task)
-        labelled = labelled_rows(data.tasks[column], data.targets[task]).cpu()
-        counts.append(f"{task!r} {int((data.supervision[:, column] & labelled).sum())}")
-    return ", ".join(counts)
+    counts = data.labelled_pairs(tasks).sum(dim=0).tolist()
+    return ", ".join(f"{task!r} {int(n)}" for task, n in zip(tasks, counts))
 
 
 def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiTaskDataset,
