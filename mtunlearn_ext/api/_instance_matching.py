@@ -186,6 +186,11 @@ def check_rows_given_once(forget: MultiTaskDataset, what: str) -> None:
                          f"several")
 
 
+def first_ten(values: Sequence[int]) -> str:
+    """The first ten of ``values`` for a message, ``...`` after them when there are more."""
+    return ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+
+
 def linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
                                link: bool, given_rows: torch.Tensor | None = None
                                ) -> MultiTaskDataset:
@@ -253,11 +258,9 @@ def _refuse_retained_forget_pairs(clashes: list[tuple[int, int, str]],
     message = (f"{entry()}: `forget_data` row {caller_row(f_row)} is also `retain_data` row "
                f"{r_row} (same input), which still supervises task {task!r}")
     if len(clashes) > 1:
-        shown = clashes[:10]
-        more = ", ..." if len(clashes) > 10 else ""
         message += (f"; {len(clashes)} rows of `forget_data` are retained so: rows "
-                    f"{', '.join(str(caller_row(f)) for f, _, _ in shown)}{more} (`retain_data` "
-                    f"rows {', '.join(str(r) for _, r, _ in shown)}{more})")
+                    f"{first_ten([caller_row(f) for f, _, _ in clashes])} (`retain_data` rows "
+                    f"{first_ten([r for _, r, _ in clashes])})")
     raise ValueError(message + "; take the pairs to forget out of `retain_data` (or pass "
                      "`train_data` and a `forget_request`)")
 
@@ -280,15 +283,13 @@ def check_ids_not_retained(forget: MultiTaskDataset, retain: MultiTaskDataset,
         return
     first = clashing[0]
     task = forget.task_names[int(both[first].nonzero()[0])]
-    shown = clashing[:10]
-    more = ", ..." if len(clashing) > 10 else ""
     raise ValueError(
         f"{entry()}: `forget_data` and `retain_data` both hold instance id {common[first]} "
         f"(`forget_data` row {int(given_rows[forget_rows[first]])}, `retain_data` row "
         f"{int(retain_rows[first])}), whose pair of task {task!r} is to be forgotten and is "
         f"still supervised in `retain_data`; {len(clashing)} instance"
         f"{'s are' if len(clashing) != 1 else ' is'} so (ids "
-        f"{', '.join(str(common[i]) for i in shown)}{more}; `forget_data` rows "
-        f"{', '.join(str(int(given_rows[forget_rows[i]])) for i in shown)}{more}; "
-        f"`retain_data` rows {', '.join(str(int(retain_rows[i])) for i in shown)}{more}): take "
+        f"{first_ten([common[i] for i in clashing])}; `forget_data` rows "
+        f"{first_ten([int(given_rows[forget_rows[i]]) for i in clashing])}; "
+        f"`retain_data` rows {first_ten([int(retain_rows[i]) for i in clashing])}): take "
         "the pairs to forget out of `retain_data` (or pass `train_data` and a `forget_request`)")

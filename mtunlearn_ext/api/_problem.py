@@ -27,6 +27,7 @@ from mtunlearn_ext.api._instance_matching import (
     check_ids_not_retained,
     check_rows_given_once,
     check_unseen,
+    first_ten,
     linked_to_retained_copies,
 )
 from mtunlearn_ext.api._lineage import (
@@ -72,11 +73,6 @@ class Naming:
 #: Why a named instance can have no pair of a task: how the caller's data marks it unlabelled.
 _UNLABELLED = ("(unlabelled: the supervision mask's False, or the task's no-label value such "
                "as -1)")
-
-
-def _first_ids(ids: list[int]) -> str:
-    """The first ten of ``ids`` for a message, ``...`` after them when there are more."""
-    return ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
 
 
 def _warn_of_targets_without_pairs(tasks: list[str], where: str) -> None:
@@ -246,7 +242,7 @@ def build_problem_with_naming(model: nn.Module, *,
             f"in `train_data` {_UNLABELLED}")
         bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
         if bare:  # some named instances, not all (none with a pair is refused above)
-            shown = _first_ids(bare)
+            shown = first_ten(bare)
             warnings.warn(f"{entry()}: {len(bare)} of the {len(rows)} instances `forget_request` "
                           f"names ({shown}) have no supervised pair of the target task"
                           f"{'s' if len(targets) != 1 else ''} {targets} in `train_data` "
@@ -255,7 +251,7 @@ def build_problem_with_naming(model: nn.Module, *,
         gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
-            shown = _first_ids(gone)
+            shown = first_ten(gone)
             warnings.warn(f"{entry()}: {int((asked & ~still).sum())} of the {int(asked.sum())} "
                           f"pairs `forget_request` names ({len(gone)} instance"
                           f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
@@ -308,7 +304,7 @@ def build_problem_with_naming(model: nn.Module, *,
             # As `forget_request` says it of train_data's rows: a row with nothing to forget
             # counted as a forgotten instance in the report (2 where train_data gave 1).
             bare = (~kept).nonzero().flatten().tolist()
-            shown = _first_ids(bare)
+            shown = first_ten(bare)
             what = (f"no supervised pair of the target task{'s' if len(targets) != 1 else ''} "
                     f"{targets} {_UNLABELLED}")
             if not bool(kept.any()):
