@@ -210,9 +210,17 @@ def seed_interval(statistic: Callable[[Sequence[int]], float], num_seeds: int,
 def _paired_intervals(per_seed: Mapping[str, Sequence[float]], best: str, lowest_gap: str,
                       gaps: Mapping[str, Sequence[float]], mia_distance: Sequence[float]
                       ) -> dict[str, tuple[float, float]]:
-    """90% seed-resampling intervals of the target quantities (paired by seed)."""
+    """90% seed-resampling intervals of the target quantities (paired by seed); none (NaN)
+    for a quantity with a seed that diverged (an infinite value): the resamples without that
+    seed would give a finite interval that hides it."""
     ours, theirs = per_seed[METHOD], per_seed[best]
     n = len(ours)
+
+    def interval(statistic: Callable[[Sequence[int]], float],
+                 *inputs: Sequence[float]) -> tuple[float, float]:
+        if not all(math.isfinite(v) for values in inputs for v in values):
+            return math.nan, math.nan
+        return seed_interval(statistic, n)
 
     def mean(values: Sequence[float], idx: Sequence[int]) -> float:
         return statistics.fmean(values[i] for i in idx)
@@ -222,11 +230,32 @@ def _paired_intervals(per_seed: Mapping[str, Sequence[float]], best: str, lowest
         return mean(ours, idx) / denominator if denominator > 0 else math.nan
 
     return {
-        "uis_ratio": seed_interval(ratio, n),
-        "gap_difference": seed_interval(
-            lambda idx: mean(gaps[METHOD], idx) - mean(gaps[lowest_gap], idx), n),
-        "mia_distance": seed_interval(lambda idx: mean(mia_distance, idx), n),
+        "uis_ratio": interval(ratio, ours, theirs),
+        "gap_difference": interval(
+            lambda idx: mean(gaps[METHOD], idx) - mean(gaps[lowest_gap], idx),
+            gaps[METHOD], gaps[lowest_gap]),
+        "mia_distance": interval(lambda idx: mean(mia_distance, idx), mia_distance),
     }
+
+
+def _seed_value(value: float | None) -> float:
+    """A run file's per-seed score as a number: null is a seed on which the method diverged
+    (JSON holds no inf), as bad as :func:`_mean_std` counts it."""
+    return math.inf if value is None else float(value)
+
+
+def uis_ratio(ours: float, best: float) -> float:
+    """The method's mean UIS over the best baseline's. A best baseline at UIS 0 leaves no room
+    below it: the ratio is inf, or NaN when the method's is 0 as well (UIS is never negative)."""
+    if best > 0:
+        return ours / best
+    return math.nan if ours == 0 else math.inf
+
+
+def uis_target_met(ours: float, best: float, target: float) -> bool:
+    """Whether the method's mean UIS is at most ``target`` times the best baseline's, on the
+    unrounded means (``0 <= target * 0`` when both are 0)."""
+    return uis_ratio(ours, best) <= target if best > 0 else ours <= target * best
 
 
 def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[str],
@@ -297,7 +326,8 @@ def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[st
             checks: dict[str, Any] = {}
             if METHOD in rows and baselines:
                 best = min(baselines, key=lambda m: rows[m]["uis"][0])
-                ratio = rows[METHOD]["uis"][0] / rows[best]["uis"][0]
+                ours_uis, best_uis = rows[METHOD]["uis"][0], rows[best]["uis"][0]
+                ratio = uis_ratio(ours_uis, best_uis)
                 others = [m for m in methods if m not in (METHOD, "retrain")]
                 lowest_gap = min(others, key=lambda m: rows[m]["retrain_gap"][0])
                 # The same comparison against the baselines alone: an ablation can be the
@@ -305,20 +335,20 @@ def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[st
                 lowest_baseline_gap = min(baselines, key=lambda m: rows[m]["retrain_gap"][0])
 
                 def per_seed(key: str) -> dict[str, list[float]]:
-                    return {m: [float(r["models"][m][key]) for r in results]
+                    return {m: [_seed_value(r["models"][m].get(key)) for r in results]
                             for m in (METHOD, best, lowest_gap)}
 
-                ours_mia = [r["models"][METHOD]["mia_auc"] for r in results]
+                ours_mia = per_seed("mia_auc")[METHOD]
                 intervals = _paired_intervals(
                     per_seed("uis"), best, lowest_gap, per_seed("retrain_gap"),
-                    [abs(a - r["models"]["retrained"]["mia_auc"])
+                    [abs(a - _seed_value(r["models"]["retrained"]["mia_auc"]))
                      for a, r in zip(ours_mia, results)])
                 checks = {
                     "intervals_90": intervals,
                     "best_baseline_by_uis": best,
                     "uis_ratio": ratio,
                     "uis_target": UIS_TARGET[request],
-                    "uis_ok": ratio <= UIS_TARGET[request],
+                    "uis_ok": uis_target_met(ours_uis, best_uis, UIS_TARGET[request]),
                     "lowest_gap_other": lowest_gap,
                     "lowest_gap_other_value": rows[lowest_gap]["retrain_gap"][0],
                     # A tie within the table's rounding is not "the lowest".

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -535,3 +536,39 @@ def test_tuning_scores_each_budget_as_a_run_of_that_length(evaluation, tmp_path,
                 "retain": evaluate(model, prepared.retain.subset(rows), None, 64)}
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_seed_on_which_the_method_diverged_fails_its_targets(evaluation, tmp_path,
+                                                              monkeypatch):
+    """The method's null UIS, gap and AUC on one seed crashed the per-seed intervals
+    (float(None)); now its targets are not met and no interval is given (the resamples
+    without the diverged seed would hide it)."""
+    methods = ["orthograd", "interference_aware"]
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, 2.0, 0.5),
+                                     "interference_aware": (0.5, 1.0, 0.5)})
+    diverged: dict = {"orthograd": (1.0, 2.0, 0.5), "interference_aware": (None, None, None)}
+    _full_run(tmp_path, 1, methods, diverged)
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    targets = summary["indoor/full"]["targets"]
+    assert targets["uis_ratio"] == float("inf") and targets["uis_ok"] is False
+    assert targets["gap_ok"] is False and targets["mia_ok"] is False
+    for key in ("uis_ratio", "gap_difference", "mia_distance"):
+        assert all(math.isnan(v) for v in targets["intervals_90"][key])
+    assert "seeds 90%" not in evaluation.to_markdown(summary)
+
+
+@pytest.mark.parametrize("ours, ratio, met", [(0.5, float("inf"), False), (0.0, None, True)],
+                         ids=["method-above", "both-zero"])
+def test_a_best_baseline_at_uis_zero(evaluation, tmp_path, monkeypatch, ours, ratio, met):
+    """A best baseline whose mean UIS is 0 raised ZeroDivisionError; no method can be below
+    it, and one also at 0 is within 0.7x of it (the ratio itself is undefined: NaN)."""
+    methods = ["orthograd", "interference_aware"]
+    _full_run(tmp_path, 0, methods, {"orthograd": (0.0, 2.0, 0.5),
+                                     "interference_aware": (ours, 1.0, 0.5)})
+    targets = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)[
+        "indoor/full"]["targets"]
+    assert targets["uis_ok"] is met
+    if ratio is None:
+        assert math.isnan(targets["uis_ratio"])
+    else:
+        assert targets["uis_ratio"] == ratio
