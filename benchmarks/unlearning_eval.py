@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import time
@@ -258,6 +259,35 @@ def uis_target_met(ours: float, best: float, target: float) -> bool:
     return uis_ratio(ours, best) <= target if best > 0 else ours <= target * best
 
 
+def _seed_runs(runs_dir: Path, benchmark: str, request: str) -> list[Path]:
+    """The run files of (``benchmark``, ``request``), one per seed, in seed order: only
+    ``<benchmark>-<request>-seed<N>.json``. The glob ``seed*.json`` also took a merge's leftover
+    ``seed<N>.update.json`` (left when a merge is refused or interrupted), which averaged seed N
+    in twice, and put seed 10 before seed 7. Another name (``seed07.json``: a second file of
+    seed 7) or a file whose recorded seed is not its name's is left out and named."""
+    name = re.compile(rf"{re.escape(benchmark)}-{re.escape(request)}-seed(0|[1-9][0-9]*)\.json")
+    numbered = []
+    for path in runs_dir.glob(f"{benchmark}-{request}-seed*.json"):
+        match = name.fullmatch(path.name)
+        if match is None:
+            print(f"left out of the summary: {path} (not named <benchmark>-<request>-seed<N>"
+                  ".json)", file=sys.stderr)
+            continue
+        numbered.append((int(match.group(1)), path))
+    runs: list[Path] = []
+    for seed, path in sorted(numbered):
+        try:
+            recorded = json.loads(path.read_text())["config"]["seed"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            recorded = None
+        if recorded != seed:
+            print(f"left out of the summary: {path} (it records seed {recorded})",
+                  file=sys.stderr)
+            continue
+        runs.append(path)
+    return runs
+
+
 def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[str],
               methods: Sequence[str], recipe: str = "default",
               run_settings: Callable[[str, str], Mapping[str, Any]] | None = None
@@ -270,7 +300,7 @@ def summarize(output_dir: Path, benchmarks: Sequence[str], requests: Sequence[st
     summary: dict[str, Any] = {}
     for benchmark in benchmarks:
         for request in requests:
-            runs = sorted((output_dir / "runs").glob(f"{benchmark}-{request}-seed*.json"))
+            runs = _seed_runs(output_dir / "runs", benchmark, request)
             settings = tuned_settings(request, methods, recipe)
             if run_settings is not None:
                 expected = run_settings(benchmark, request)

@@ -572,3 +572,26 @@ def test_a_best_baseline_at_uis_zero(evaluation, tmp_path, monkeypatch, ours, ra
         assert math.isnan(targets["uis_ratio"])
     else:
         assert targets["uis_ratio"] == ratio
+
+
+def test_summary_takes_one_run_file_per_seed_in_seed_order(evaluation, tmp_path, monkeypatch,
+                                                           capsys):
+    """The glob ``seed*.json`` took a merge's leftover ``seed0.update.json`` as a second seed 0
+    (seeds [0, 0, 1], its UIS averaged in) and listed seed 10 before seed 2."""
+    methods = ["orthograd", "interference_aware"]
+    for seed in (2, 10):
+        _full_run(tmp_path, seed, methods, {"orthograd": (1.0, 2.0, 0.5),
+                                            "interference_aware": (0.5, 1.0, 0.5)})
+    runs = tmp_path / "runs"
+    leftover = json.loads((runs / "indoor-full-seed2.json").read_text())
+    leftover["models"]["interference_aware"]["uis"] = 9.0
+    (runs / "indoor-full-seed2.update.json").write_text(json.dumps(leftover))
+    (runs / "indoor-full-seed02.json").write_text(json.dumps(leftover))
+    (runs / "indoor-full-seed3.json").write_text(json.dumps(leftover))  # records seed 2
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    block = summary["indoor/full"]
+    assert block["seeds"] == [2, 10]
+    assert block["methods"]["interference_aware"]["uis"] == (0.5, 0.0)
+    err = capsys.readouterr().err
+    assert "seed2.update.json (not named" in err and "seed02.json (not named" in err
+    assert "seed3.json (it records seed 2)" in err
