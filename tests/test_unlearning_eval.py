@@ -595,3 +595,23 @@ def test_summary_takes_one_run_file_per_seed_in_seed_order(evaluation, tmp_path,
     err = capsys.readouterr().err
     assert "seed2.update.json (not named" in err and "seed02.json (not named" in err
     assert "seed3.json (it records seed 2)" in err
+
+
+def test_printed_targets_fall_on_their_verdicts_side(evaluation, tmp_path, monkeypatch):
+    """Verdicts are taken on unrounded means; a ratio of 0.7004 printed "0.70 (target <= 0.7):
+    NOT met" (an AUC distance of 0.0504 "0.050", a time ratio 0.1504 "0.150"). The printed
+    number now carries the digits that put it on its verdict's side; others are unchanged."""
+    methods = ["orthograd", "interference_aware"]
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, 2.0, 0.5),
+                                     "interference_aware": (0.7004, 1.0, 0.5504)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    targets = summary["indoor/full"]["targets"]
+    assert not targets["uis_ok"] and not targets["mia_ok"]
+    text = evaluation.to_markdown(summary)
+    assert "the best baseline (`orthograd`): 0.7004 [" in text
+    assert "(mean UIS 0.70 vs 1.00; target <= 0.7): NOT met" in text
+    assert "abs(MIA AUC - retrained's) = 0.0504 [" in text
+    assert "wall time / retraining time = 0.100 (" in text  # 0.1: two digits would do
+    side = evaluation.on_the_verdicts_side
+    assert side(0.1504, 0.15, 3) == "0.1504" and side(0.6996, 0.7, 2) == "0.70"
+    assert side(float("inf"), 0.7, 2) == "inf"
