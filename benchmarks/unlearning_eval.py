@@ -166,15 +166,17 @@ def _run_unit(benchmark: str, seed: int, args: argparse.Namespace) -> list[str]:
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and standard deviation over the seeds. A missing or non-finite value (a seed on
-    which the method diverged: its gap is inf, its UIS and AUC null) makes the mean inf: left
-    out, it would score a broken method better on the seeds it survived."""
+    """Mean and sample standard deviation (``n - 1`` in the denominator) over the seeds; the
+    deviation of one seed is undefined (NaN: the table printed "± 0.00", no spread measured as
+    none). A missing or non-finite value (a seed on which the method diverged: its gap is inf,
+    its UIS and AUC null) makes the mean inf: left out, it would score a broken method better
+    on the seeds it survived."""
     if not values:
         return math.nan, math.nan
     if any(v is None or not math.isfinite(v) for v in values):
         return math.inf, math.nan
     finite = [float(v) for v in values if v is not None]
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else math.nan)
 
 
 def seed_interval(statistic: Callable[[Sequence[int]], float], num_seeds: int,
@@ -432,6 +434,8 @@ def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
     mean, std = pair
     if not math.isfinite(mean):
         return "-"
+    if not math.isfinite(std):  # one seed
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -450,6 +454,10 @@ def on_the_verdicts_side(value: float, target: float, digits: int) -> str:
 
 def to_markdown(summary: Mapping[str, Any]) -> str:
     lines = ["# Unlearning evaluation (mean ± std over seeds)", "",
+             "Every cell of a table is over the seeds in its heading, the same for every "
+             "method (a run file lacking one is left out for all); std is the sample standard "
+             "deviation (n - 1), none with one seed; '-' is a mean that is not finite (a seed "
+             "diverged).", "",
              "Intervals after a target are 90% intervals over resamples of the seeds (paired by "
              "seed): how far the seeds' disagreement moves the quantity, not a guarantee.", ""]
     for key, block in summary.items():

@@ -349,7 +349,7 @@ def test_summary_leaves_out_runs_with_other_settings(evaluation, tmp_path, capsy
     monkeypatch.setattr(evaluation, "_original_gap", lambda result: 4.0)
     summary = evaluation.summarize(tmp_path, ["indoor"], ["full"], methods)
     assert summary["indoor/full"]["seeds"] == [0]
-    assert summary["indoor/full"]["methods"]["finetune"]["uis"] == (1.0, 0.0)
+    assert summary["indoor/full"]["methods"]["finetune"]["uis"][0] == 1.0
     assert "indoor-full-seed1.json" in capsys.readouterr().err
 
 
@@ -615,3 +615,16 @@ def test_printed_targets_fall_on_their_verdicts_side(evaluation, tmp_path, monke
     side = evaluation.on_the_verdicts_side
     assert side(0.1504, 0.15, 3) == "0.1504" and side(0.6996, 0.7, 2) == "0.70"
     assert side(float("inf"), 0.7, 2) == "inf"
+
+
+def test_one_seed_has_no_standard_deviation(evaluation, tmp_path, monkeypatch):
+    """The standard deviation is the sample one (n - 1); with one seed it printed "± 0.00",
+    a spread never measured, now none (NaN in the summary, the mean alone in the table)."""
+    methods = ["orthograd", "interference_aware"]
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, 2.0, 0.5),
+                                     "interference_aware": (0.5, 1.0, 0.5)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    mean, std = summary["indoor/full"]["methods"]["interference_aware"]["uis"]
+    assert mean == 0.5 and math.isnan(std)
+    assert "| **interference_aware** | 0.50 | 1.00 | 0.500 |" in evaluation.to_markdown(summary)
+    assert evaluation._mean_std([1.0, 2.0, 4.0])[1] == pytest.approx(1.5275252316519468)
