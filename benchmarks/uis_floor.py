@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -79,8 +80,14 @@ def measured(args: argparse.Namespace, benchmark: str, request: str
         models = json.loads(path.read_text())["models"]
         for name in (cells.METHOD, "original", "retrained", *cells.STEP_BASELINES):
             if name in models and "uis" in models[name]:
-                per_model.setdefault(name, []).append(float(models[name]["uis"]))
+                # null: a seed on which the model diverged, as bad as unlearning_eval counts
+                # it (float(None) raised here)
+                value = models[name]["uis"]
+                per_model.setdefault(name, []).append(math.inf if value is None else float(value))
     means = {m: sum(v) / len(v) for m, v in per_model.items() if len(v) == len(seeds)}
+    for name in sorted(set(per_model) - set(means)):
+        print(f"uis_floor: {benchmark}/{request}: {name} left out (not on every seed)",
+              file=sys.stderr)
     baselines = {m: means[m] for m in cells.STEP_BASELINES if m in means}
     if cells.METHOD not in means or not baselines:
         return None

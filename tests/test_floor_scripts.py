@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +55,25 @@ def test_uis_floor_table_puts_the_evaluation_beside_its_own_forget_size(tmp_path
     assert "| 0.30 | 0.30 | 0.60 (orthograd) |" in rows[("indoor / partial", "60")]
     assert rows[("indoor / full", "120")].endswith("| - | - | - | - | - |")
     assert "0.30 [0.10, 0.60]" in rows[("indoor / partial", "120")]
+
+
+def test_uis_floor_counts_a_diverged_seed_and_names_a_missing_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A baseline's null UIS (a diverged seed) raised TypeError; it now makes that baseline's
+    mean inf, as in unlearning_eval's summary, so it is not the best; a baseline missing from
+    a seed is named when left out."""
+    script = _script("uis_floor")
+    for seed in (0, 1):
+        models = {"interference_aware": 1.0, "orthograd": 2.0 if seed == 0 else None,
+                  "neggrad_plus": 3.0, "original": 5.0, "retrained": 1.5}
+        if seed == 0:
+            models["finetune"] = 0.1
+        _eval_run(tmp_path / "eval" / "runs" / f"indoor-full-seed{seed}.json", models, {})
+    args = argparse.Namespace(seeds=[0, 1], eval_dir=str(tmp_path / "eval"))
+    known = script.measured(args, "indoor", "full")
+    assert known is not None
+    assert known["best_name"] == "neggrad_plus" and known["target"] == 0.7 * 3.0
+    assert "finetune left out (not on every seed)" in capsys.readouterr().err
 
 
 def test_retrain_noise_summary(tmp_path: Path) -> None:
