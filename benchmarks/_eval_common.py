@@ -1,9 +1,11 @@
 """Shared by the scripts that read the unlearning evaluation's cells (benchmark x request x seed):
-their command-line arguments and the method / baseline names the evaluation reports."""
+their command-line arguments, the method / baseline names the evaluation reports, and how a
+target's number is printed beside its verdict."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from mtunlearn_ext.unlearning import BASELINES
@@ -47,3 +49,16 @@ def parse_cells(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def evaluation_run(args: argparse.Namespace, benchmark: str, request: str, seed: int) -> Path:
     """The evaluation's run file of one cell."""
     return Path(args.eval_dir) / "runs" / f"{benchmark}-{request}-seed{seed}.json"
+
+
+def on_the_verdicts_side(value: float, target: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or with as many more as it takes for the printed
+    number to fall on the same side of ``target`` (``<=``) as ``value`` itself: the verdicts
+    are taken on unrounded numbers, and a ratio of 0.7004 printed "0.70 (target <= 0.7): NOT
+    met" read as a contradiction (it now prints 0.7004)."""
+    shown = f"{value:.{digits}f}"
+    while (math.isfinite(value) and digits < 15
+           and (float(shown) <= target) != (value <= target)):
+        digits += 1
+        shown = f"{value:.{digits}f}"
+    return shown

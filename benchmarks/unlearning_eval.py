@@ -41,7 +41,9 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository's package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # and _eval_common (tests load it)
 
+from _eval_common import on_the_verdicts_side  # noqa: E402
 from mtunlearn_ext._io import write_text_atomic  # noqa: E402
 from mtunlearn_ext.experiment import ExperimentConfig, run_experiment, write_json_atomic  # noqa: E402
 from mtunlearn_ext.unlearning.baselines import BASELINES  # noqa: E402
@@ -437,19 +439,6 @@ def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
     if not math.isfinite(std):  # one seed
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def on_the_verdicts_side(value: float, target: float, digits: int) -> str:
-    """``value`` with ``digits`` decimals, or with as many more as it takes for the printed
-    number to fall on the same side of ``target`` (``<=``) as ``value`` itself: the verdicts
-    are taken on unrounded numbers, and a ratio of 0.7004 printed "0.70 (target <= 0.7): NOT
-    met" read as a contradiction (it now prints 0.7004)."""
-    shown = f"{value:.{digits}f}"
-    while (math.isfinite(value) and digits < 15
-           and (float(shown) <= target) != (value <= target)):
-        digits += 1
-        shown = f"{value:.{digits}f}"
-    return shown
 
 
 def to_markdown(summary: Mapping[str, Any]) -> str:

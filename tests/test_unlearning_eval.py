@@ -628,3 +628,19 @@ def test_one_seed_has_no_standard_deviation(evaluation, tmp_path, monkeypatch):
     assert mean == 0.5 and math.isnan(std)
     assert "| **interference_aware** | 0.50 | 1.00 | 0.500 |" in evaluation.to_markdown(summary)
     assert evaluation._mean_std([1.0, 2.0, 4.0])[1] == pytest.approx(1.5275252316519468)
+
+
+def test_time_table_prints_a_ratio_on_its_verdicts_side():
+    """benchmarks/unlearning_time.py printed a recorded ratio of 0.15037
+    (replication_avx512_time_after_sweep.json, indoor full) as "0.150 | NOT met"."""
+    spec = importlib.util.spec_from_file_location("unlearning_time",
+                                                  ROOT / "benchmarks" / "unlearning_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = {"benchmark": "indoor", "request": "full", "best": {"retrain": 68.6,
+                                                            "interference_aware": 10.3},
+           "ratio": {"interference_aware": 0.1503738668792887},
+           "steps": {"interference_aware": 50}}
+    assert module.time_table([row])[-1] == "| indoor | full | 68.6 | 10.3 | 50 | 0.1504 | NOT met |"
+    row["ratio"]["interference_aware"] = 0.1471
+    assert module.time_table([row])[-1].endswith("| 0.147 | met |")
