@@ -53,12 +53,15 @@ def evaluation_run(args: argparse.Namespace, benchmark: str, request: str, seed:
 
 def on_the_verdicts_side(value: float, target: float, digits: int) -> str:
     """``value`` with ``digits`` decimals, or with as many more as it takes for the printed
-    number to fall on the same side of ``target`` (``<=``) as ``value`` itself: the verdicts
-    are taken on unrounded numbers, and a ratio of 0.7004 printed "0.70 (target <= 0.7): NOT
-    met" read as a contradiction (it now prints 0.7004)."""
+    number to differ from ``target`` (unless ``value`` is the target) and to fall on the same
+    side of it: the verdicts are taken on unrounded numbers, and a ratio of 0.7004 printed
+    "0.70 (target <= 0.7): NOT met" read as a contradiction (it now prints 0.7004; 0.6996,
+    "0.70 ... met", now 0.6996)."""
+    def misleading(shown: float) -> bool:
+        return (shown == target != value) or ((shown <= target) != (value <= target))
+
     shown = f"{value:.{digits}f}"
-    while (math.isfinite(value) and digits < 15
-           and (float(shown) <= target) != (value <= target)):
+    while math.isfinite(value) and digits < 15 and misleading(float(shown)):
         digits += 1
         shown = f"{value:.{digits}f}"
     return shown

@@ -474,6 +474,9 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
                 low, high = spread[key]
                 return f" [seeds 90%: {low:.{digits}f} to {high:.{digits}f}]"
 
+            # The gap target's verdict: this difference below -GAP_TIE (unrounded).
+            gap_difference = (block["methods"][METHOD]["retrain_gap"][0]
+                              - t["lowest_gap_other_value"])
             lines += ["", f"Targets for `{METHOD}`:",
                       f"- UIS ratio to the best baseline (`{t['best_baseline_by_uis']}`): "
                       f"{on_the_verdicts_side(t['uis_ratio'], t['uis_target'], 2)}"
@@ -484,7 +487,9 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
                       f"- lowest retrain gap of all methods: "
                       f"{block['methods'][METHOD]['retrain_gap'][0]:.3f} vs "
                       f"{t['lowest_gap_other_value']:.3f} for `{t['lowest_gap_other']}`, the "
-                      f"lowest of the others (difference{interval('gap_difference', 3)}; a tie "
+                      f"lowest of the others (difference "
+                      f"{on_the_verdicts_side(gap_difference, -GAP_TIE, 3)}"
+                      f"{interval('gap_difference', 3)}; a tie "
                       f"within {GAP_TIE} does not count): {mark(t['gap_ok'])}; against the "
                       f"baselines alone (lowest `{t['lowest_gap_baseline']}`, "
                       f"{block['methods'][t['lowest_gap_baseline']]['retrain_gap'][0]:.3f}): "

@@ -391,6 +391,20 @@ def test_lowest_gap_target_does_not_count_a_tie(evaluation, tmp_path, monkeypatc
     assert "does not count" in evaluation.to_markdown(summary)
 
 
+def test_the_gap_difference_is_printed_on_its_verdicts_side(evaluation, tmp_path, monkeypatch):
+    """The gap target (lower than every other by more than 0.005) printed only the two gaps
+    to 3 decimals: 0.830 vs 0.835 read as a 0.005 difference while the verdict, on the
+    unrounded 0.0047, was a tie (the held-out indoor partial cell). The difference is printed
+    with the digits that put it on its verdict's side."""
+    methods = ["orthograd", "interference_aware"]
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, 0.8350, 0.5),
+                                     "interference_aware": (1.0, 0.8303, 0.5)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    assert summary["indoor/full"]["targets"]["gap_ok"] is False
+    text = evaluation.to_markdown(summary)
+    assert "0.830 vs 0.835 for `orthograd`, the lowest of the others (difference -0.0047 [" in text
+
+
 def test_gap_against_the_baselines_alone_is_reported_beside_the_target(evaluation, tmp_path,
                                                                         monkeypatch):
     """An ablation that is the method's own configuration ties it; the summary then says the
@@ -613,8 +627,11 @@ def test_printed_targets_fall_on_their_verdicts_side(evaluation, tmp_path, monke
     assert "abs(MIA AUC - retrained's) = 0.0504 [" in text
     assert "wall time / retraining time = 0.100 (" in text  # 0.1: two digits would do
     side = evaluation.on_the_verdicts_side
-    assert side(0.1504, 0.15, 3) == "0.1504" and side(0.6996, 0.7, 2) == "0.70"
+    assert side(0.1504, 0.15, 3) == "0.1504" and side(0.6996, 0.7, 2) == "0.6996"
+    assert side(0.7, 0.7, 2) == "0.70" and side(0.6, 0.7, 2) == "0.60"
     assert side(float("inf"), 0.7, 2) == "inf"
+    # The gap's verdict is strict (below -0.005): -0.00501 meets it, printed -0.005 would not.
+    assert side(-0.00501, -0.005, 3) == "-0.00501"
 
 
 def test_one_seed_has_no_standard_deviation(evaluation, tmp_path, monkeypatch):
