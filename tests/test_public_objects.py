@@ -61,6 +61,19 @@ def test_requests_naming_the_same_pairs_are_equal_in_any_order() -> None:
     assert first != (1, 2, 3)
 
 
+def test_a_long_request_repr_shows_its_ends_and_count_not_every_id() -> None:
+    """The dataclass repr printed every id (689k characters for 100,000 ids), and so did the
+    repr of each problem holding the request; a short request reads as before."""
+    big = ForgetRequest.create(range(100_000), ["a"])
+    assert repr(big) == ("ForgetRequest(instance_ids=(0, 1, 2, 3, 4, ..., 99995, 99996, 99997, "
+                         "99998, 99999) [100,000 ids], target_tasks=('a',))")
+    assert repr(ForgetRequest.create([3, 1, 2])) == (
+        "ForgetRequest(instance_ids=(3, 1, 2), target_tasks=None)")
+    ten = ForgetRequest.create(range(10))
+    assert repr(ten) == f"ForgetRequest(instance_ids={tuple(range(10))!r}, target_tasks=None)"
+    assert "[11 ids]" in repr(ForgetRequest.create(range(11)))
+
+
 def test_results_holding_tensors_compare_without_raising() -> None:
     """The generated ``__eq__`` compared tensor fields, so ``copy.deepcopy(floor) == floor``
     raised "Boolean value of Tensor ... is ambiguous"; they compare by identity now."""
