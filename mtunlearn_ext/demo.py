@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo (``python -m mtunlearn_ext.demo``; ``argv``: its arguments, default
+    ``sys.argv[1:]``); returns the exit code."""
     # The demo's wall time counts from here: the argument checks load (on a first run,
     # generate) every benchmark the requests use, which is part of what a run costs.
     start = time.perf_counter()

@@ -1148,6 +1148,8 @@ def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run an experiment from the command line (``python -m mtunlearn_ext.experiment``;
+    ``argv``: its arguments, default ``sys.argv[1:]``); returns the exit code (2: refused)."""
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     benchmark = checked_benchmark(config)

@@ -139,6 +139,8 @@ def score_budgets(method: str, settings: Mapping[str, Any], budgets: Sequence[in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the grid from the command line (``python -m mtunlearn_ext.tuning``; ``argv``: its
+    arguments, default ``sys.argv[1:]``); returns the exit code (2: refused)."""
     parser = experiment_parser()
     parser.prog = "python -m mtunlearn_ext.tuning"
     parser.description = "Grid over learning rate and step budget for step-based methods."

@@ -12,8 +12,7 @@ import torch
 
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest, TaskSpec
-from mtunlearn_ext.api import SavedCheck, TasksSpec
-from mtunlearn_ext.api._model_split import SplitModel
+from mtunlearn_ext.api import SavedCheck, SplitModel, TasksSpec
 from mtunlearn_ext.data import Benchmark, RequestType, TaskKind, register_benchmark
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.experiment import ExperimentConfig
@@ -25,16 +24,20 @@ from mtunlearn_ext.models import (
     build_model,
 )
 from mtunlearn_ext.models.dense import PositiveDepth, UnitNormals
+from mtunlearn_ext.metrics import mia_auc
 from mtunlearn_ext.surgery import (
     MGDA,
     Aggregator,
     Mean,
+    MeanWeighting,
     PCGrad,
     Sum,
     UPGrad,
     UPGradWeighting,
     project_nonconflicting_list,
     project_out_list,
+    replicated_surgery,
+    sharded_surgery,
 )
 from mtunlearn_ext.unlearning import (
     InstanceProjection,
@@ -165,3 +168,16 @@ def typed_models(x: torch.Tensor, module: torch.nn.Module) -> None:
     wrapper = SplitModel(module, ["trunk.weight"], {"kind": ["head.weight"]})
     assert_type(wrapper({"image": x}), dict[str, torch.Tensor])
     wrapper(x, [0])  # type: ignore[list-item]
+
+
+def typed_wrapper_keywords(trunk: torch.nn.Module, data: MultiTaskDataset) -> None:
+    """The wrappers name the keywords they pass on (they took ``**kwargs: object``, so a
+    misspelt or ill-typed keyword passed the caller's type check); each ``type: ignore`` below
+    is needed, which ``warn_unused_ignores`` checks."""
+    sharded_surgery(trunk.parameters(), UPGrad(), per_layer=[0, 1], num_layers=2)
+    sharded_surgery(trunk.parameters(), UPGrad(), per_tsk="backward")  # type: ignore[call-arg]
+    replicated_surgery(trunk.parameters(), UPGrad(), head_params=[], check_finite=False)
+    replicated_surgery(trunk.parameters(), UPGrad(), per_task="backwards")  # type: ignore[arg-type]
+    assert_type(mia_auc(MLPMultiTaskNet([]), data, data, data, attack="logistic"), float)
+    mia_auc(MLPMultiTaskNet([]), data, data, data, sed=1)  # type: ignore[call-arg]
+    MeanWeighting(3)  # type: ignore[call-arg]

@@ -215,10 +215,12 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
 
 
 def mia_auc(model: MultiTaskModel, members: MultiTaskDataset, non_members: MultiTaskDataset,
-            forget: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None = None,
-            **kwargs: object) -> float:
+            forget: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None = None, *,
+            batch_size: int = 64, attack: MembershipAttack = "logistic", max_members: int = 2000,
+            seed: int = 0) -> float:
     """The attack AUC on the forget set vs held-out unseen data; see :func:`membership_attack`
-    (keyword arguments are passed on to it)."""
+    (the arguments are its own)."""
     result = membership_attack(model, members, non_members, forget, tasks,
-                               **kwargs)  # type: ignore[arg-type]
+                               batch_size=batch_size, attack=attack, max_members=max_members,
+                               seed=seed)
     return result.auc

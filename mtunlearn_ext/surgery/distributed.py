@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from mtunlearn_ext.surgery._tensor_lists import StatsReduce, is_dtensor, local_tensor
 from mtunlearn_ext.surgery.aggregators import Aggregator
-from mtunlearn_ext.surgery.hook import GradientSurgery
+from mtunlearn_ext.surgery.hook import GradientSurgery, PerTaskMode
 from mtunlearn_ext.surgery.weightings import Weighting
 
 ProcessGroup = dist.ProcessGroup
@@ -607,19 +607,22 @@ def _require_process_group(caller: str, group: ProcessGroup | None) -> None:
 
 def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                     aggregator: Aggregator | Weighting, *, group: ProcessGroup | None = None,
-                    **kwargs: object) -> GradientSurgery:
+                    head_params: Iterable[torch.Tensor] | None = None,
+                    per_task: PerTaskMode | None = None, per_layer: bool | Sequence[int] = False,
+                    num_layers: int | None = None,
+                    check_finite: bool | None = None) -> GradientSurgery:
     """A :class:`GradientSurgery` for sharded shared parameters (FSDP2 ``fully_shard`` modules,
-    or parameter lists split across ranks). Defaults to ``per_task="backward"`` when the
-    parameters are DTensors (FSDP2 reduce-scatters inside ``backward``); other keyword
-    arguments go to :class:`GradientSurgery`. Per-layer ids (``per_layer=[...]``) are global
-    layer ids and need ``num_layers``; ``per_layer=True`` (one layer per tensor) only with
-    DTensor parameters, where every rank holds a shard of every tensor."""
+    or parameter lists split across ranks). ``per_task=None`` (the default) is ``"backward"``
+    when the parameters are DTensors (FSDP2 reduce-scatters inside ``backward``), else
+    ``"autograd"``; the other keyword arguments are :class:`GradientSurgery`'s. Per-layer ids
+    (``per_layer=[...]``) are global layer ids and need ``num_layers``; ``per_layer=True`` (one
+    layer per tensor) only with DTensor parameters, where every rank holds a shard of every
+    tensor."""
     _require_process_group("sharded_surgery", group)
     # list() keeps the kind of the iterable (bare tensors or (name, tensor) pairs).
     params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
     tensors = [p[1] if isinstance(p, tuple) else p for p in params]
-    per_layer = kwargs.get("per_layer", False)
-    if not isinstance(per_layer, bool) and kwargs.get("num_layers") is None:
+    if not isinstance(per_layer, bool) and num_layers is None:
         # Without it each rank would number its own layers 0..L_r-1, and the all-reduce would
         # add the Grams of different layers together.
         raise ValueError("sharded_surgery: `per_layer` ids need `num_layers` (the global "
@@ -634,15 +637,19 @@ def sharded_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, 
                          "every tensor); for a parameter list split across ranks pass global "
                          "`per_layer` ids (one per tensor here) and `num_layers`, so that every "
                          "rank reduces [L, k, k] Grams of one layout")
-    if "per_task" not in kwargs:
-        kwargs["per_task"] = "backward" if any(is_dtensor(t) for t in tensors) else "autograd"
-    return GradientSurgery(params, aggregator, reducer=ShardedReducer(group),
-                           **kwargs)  # type: ignore[arg-type]
+    if per_task is None:
+        per_task = "backward" if any(is_dtensor(t) for t in tensors) else "autograd"
+    return GradientSurgery(params, aggregator, head_params=head_params, per_task=per_task,
+                           per_layer=per_layer, num_layers=num_layers,
+                           reducer=ShardedReducer(group), check_finite=check_finite)
 
 
 def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                        aggregator: Aggregator | Weighting, *, group: ProcessGroup | None = None,
-                       **kwargs: object) -> GradientSurgery:
+                       head_params: Iterable[torch.Tensor] | None = None,
+                       per_task: PerTaskMode = "autograd",
+                       per_layer: bool | Sequence[int] = False, num_layers: int | None = None,
+                       check_finite: bool | None = None) -> GradientSurgery:
     """A :class:`GradientSurgery` for data-parallel replicas (DDP-style): per-task gradients and
     head gradients are averaged across ``group`` before the aggregation. Needs
     ``per_task="autograd"`` or ``"batched"`` (the default ``"autograd"``): with ``"backward"`` a
@@ -652,9 +659,10 @@ def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[st
     head on some rank (no labels of that task in the rank's batch): the head then counts as a
     zero gradient there and every rank gets the same average. Without them the ranks must reach
     the same heads (each known by which tasks reach it and its shape); if they do not, every
-    rank raises a ValueError saying so (:class:`ReplicatedReducer`)."""
+    rank raises a ValueError saying so (:class:`ReplicatedReducer`). The other keyword
+    arguments are :class:`GradientSurgery`'s."""
     _require_process_group("replicated_surgery", group)
-    if kwargs.get("per_task", "autograd") == "backward":
+    if per_task == "backward":
         raise ValueError("replicated_surgery: per_task='backward' is not supported (DDP's hooks "
                          "cannot run k backward passes per forward); use 'autograd' or 'batched'")
     params = cast("list[torch.Tensor] | list[tuple[str, torch.Tensor]]", list(shared_params))
@@ -662,8 +670,9 @@ def replicated_surgery(shared_params: Iterable[torch.Tensor] | Iterable[tuple[st
         # Replicas hold the same list: every rank raises alike (GradientSurgery lets an empty
         # list through under a reducer, for a sharded rank without a shard).
         raise ValueError("replicated_surgery: `shared_params` holds no tensor")
-    surgery = GradientSurgery(params, aggregator, reducer=ReplicatedReducer(group),
-                              **kwargs)  # type: ignore[arg-type]
+    surgery = GradientSurgery(params, aggregator, head_params=head_params, per_task=per_task,
+                              per_layer=per_layer, num_layers=num_layers,
+                              reducer=ReplicatedReducer(group), check_finite=check_finite)
     # With the surgery's own head list (an iterator given as head_params is consumed by now).
     surgery.reducer = ReplicatedReducer(group, surgery.head_params)
     return surgery

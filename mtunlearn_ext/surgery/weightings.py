@@ -45,6 +45,12 @@ class Weighting(nn.Module, ABC):
     needs_gram: bool = True
     max_tasks: int | None = None
 
+    def __init__(self) -> None:
+        # Declared so that help() and type checkers show that Mean/Sum weightings take no
+        # argument (nn.Module's own is ``*args, **kwargs``, which let MeanWeighting(3) through
+        # a user's type check).
+        super().__init__()
+
     @abstractmethod
     def forward(self, gram: torch.Tensor, /) -> torch.Tensor:
         """Weights ``[..., k]`` from the Gram matrix ``[..., k, k]``."""

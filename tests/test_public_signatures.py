@@ -1,0 +1,72 @@
+"""The public API as help() and inspect.signature show it: every name a package ``__all__``
+lists exists, has a docstring, and a function or class shows its real parameters, not the
+``*args, **kwargs`` of a wrapper (which also hid a misspelt keyword from a user's type
+checker)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import mtunlearn_ext
+
+_PACKAGES = ["mtunlearn_ext", *(f"mtunlearn_ext.{name}" for name in mtunlearn_ext._SUBMODULES),
+             "mtunlearn_ext.unlearning.baselines"]
+
+# Where a variadic parameter is the interface: an unlearner takes its config's fields as
+# keyword overrides (checked against the config dataclass when built), and a Protocol class
+# has no constructor of its own.
+_VARIADIC_BY_DESIGN = {"overrides"}
+_PROTOCOLS = {"mtunlearn_ext.surgery.GradReducer"}
+
+
+def _public_objects() -> dict[str, object]:
+    found = {}
+    for package in _PACKAGES:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", []):
+            assert hasattr(module, name), f"{package}.__all__ names {name!r}, which it lacks"
+            value = getattr(module, name)
+            if inspect.isfunction(value) or inspect.isclass(value):
+                found[f"{package}.{name}"] = value
+    return found
+
+
+_PUBLIC = _public_objects()
+
+
+@pytest.mark.parametrize("name", sorted(_PUBLIC))
+def test_a_public_function_or_class_shows_its_real_parameters(name: str) -> None:
+    value = _PUBLIC[name]
+    assert inspect.getdoc(value), f"{name} has no docstring"
+    if name in _PROTOCOLS or (inspect.isclass(value) and issubclass(value, BaseException)):
+        return
+    assert callable(value)
+    variadic = [parameter.name for parameter in inspect.signature(value).parameters.values()
+                if parameter.kind in (inspect.Parameter.VAR_POSITIONAL,
+                                      inspect.Parameter.VAR_KEYWORD)
+                and parameter.name not in _VARIADIC_BY_DESIGN]
+    assert not variadic, f"{name}{inspect.signature(value)} hides its parameters"
+
+
+def test_the_wrappers_take_the_keywords_of_what_they_wrap() -> None:
+    """sharded_surgery / replicated_surgery take GradientSurgery's keywords, and mia_auc
+    membership_attack's, by name and with the same defaults."""
+    from mtunlearn_ext.metrics import membership_attack, mia_auc
+    from mtunlearn_ext.surgery import GradientSurgery
+
+    def keywords(function: object, skip: set[str]) -> dict[str, object]:
+        assert callable(function)
+        return {p.name: p.default for p in inspect.signature(function).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip}
+
+    assert keywords(mia_auc, set()) == keywords(membership_attack, set())
+    surgery_keywords = keywords(GradientSurgery, {"reducer"})
+    if hasattr(mtunlearn_ext.surgery, "replicated_surgery"):  # torch.distributed available
+        from mtunlearn_ext.surgery import replicated_surgery, sharded_surgery
+
+        assert keywords(replicated_surgery, {"group"}) == surgery_keywords
+        # None: "backward" for DTensor parameters, else "autograd".
+        assert keywords(sharded_surgery, {"group"}) == {**surgery_keywords, "per_task": None}
