@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtunlearn_ext._io import (
     interrupts_held,
@@ -40,6 +40,12 @@ from mtunlearn_ext._io import (
     write_text_new,
 )
 from mtunlearn_ext._text import visible_controls
+
+if TYPE_CHECKING:  # for the signatures only: matplotlib and the methods load when first drawn
+    from matplotlib.figure import Figure
+
+    from mtunlearn_ext.unlearning.base import UnlearnerConfig
+    from mtunlearn_ext.unlearning.interference import InterferenceMatrix
 
 __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", "plot_interference",
            "save_png", "write_report"]
@@ -75,7 +81,7 @@ def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
     return next(iter(sorted(kind_or_values)), None)
 
 
-def save_png(fig: Any, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
+def save_png(fig: Figure, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
     """Save a figure atomically to ``path`` (temporary file, fsync, then a link, which refuses
     an existing file, or with ``overwrite`` a rename over it). Where the file system has no
     hard links, the no-overwrite step is a check and a rename (:func:`~mtunlearn_ext._io.link_new`,
@@ -277,7 +283,7 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
     return True
 
 
-def _projections(config: Any) -> str:
+def _projections(config: UnlearnerConfig) -> str:
     """A few words naming the projections an ``InterferenceAwareConfig`` applies."""
     parts = []
     if getattr(config, "task_projection", True):
@@ -288,7 +294,8 @@ def _projections(config: Any) -> str:
     return " + ".join(parts) or "none"
 
 
-def interference_to_json(matrix: Any, config: Any | None = None) -> dict[str, Any]:
+def interference_to_json(matrix: InterferenceMatrix,
+                         config: UnlearnerConfig | None = None) -> dict[str, Any]:
     """The JSON form of an :class:`~mtunlearn_ext.unlearning.interference.InterferenceMatrix`,
     as records store it and :func:`plot_interference` reads it.
 
@@ -328,7 +335,8 @@ def _square(values: Any, size: int, name: str) -> Any:
     return array
 
 
-def _interference_arrays(matrix: Any) -> tuple[list[str], Any, Any, Any]:
+def _interference_arrays(
+        matrix: InterferenceMatrix | Mapping[str, Any]) -> tuple[list[str], Any, Any, Any]:
     """(labels, before, after, projections) of an interference matrix or its JSON form, the
     matrices as ``k x k`` float arrays; ``ValueError`` for malformed data."""
     if isinstance(matrix, Mapping):
@@ -348,8 +356,8 @@ def _interference_arrays(matrix: Any) -> tuple[list[str], Any, Any, Any]:
             projections)
 
 
-def plot_interference(matrix: Any, title: str, path: str | os.PathLike[str], *,
-                      overwrite: bool = False) -> str:
+def plot_interference(matrix: InterferenceMatrix | Mapping[str, Any], title: str,
+                      path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
     """Draw the task-gradient cosine (interference) matrices before and after the projections
     side by side into the PNG ``path``; return its file name (for a Markdown link beside it).
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.optim.optimizer import ParamsT
 from tqdm.auto import tqdm
 
 from mtunlearn_ext._errors import UnknownNameError
@@ -156,9 +157,9 @@ class TrainResult:
         return self.epoch_losses[-1] if self.epoch_losses else float("nan")
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter] | Any,
-                   config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``config`` over ``params``."""
+def make_optimizer(params: ParamsT, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config`` over ``params`` (what torch's optimizers take:
+    tensors, (name, tensor) pairs or parameter-group dicts)."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":

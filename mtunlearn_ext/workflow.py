@@ -54,6 +54,7 @@ from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
 
 if TYPE_CHECKING:
     from mtunlearn_ext.models import MultiTaskModel
+    from mtunlearn_ext.unlearning import Unlearner, UnlearningProblem, UnlearningResult
 
 __all__ = [
     "CLI_META_FORMAT",
@@ -902,7 +903,7 @@ class _FiniteGuard:
                 raise NonFiniteError(steps_done - 1, f"parameter {name}")
 
 
-def checked_unlearner(method: str, settings: Mapping[str, Any]) -> Any:
+def checked_unlearner(method: str, settings: Mapping[str, Any]) -> Unlearner:
     """The registered ``method`` configured with ``settings``; an unknown method or settings
     it refuses (their types and ranges; nothing that needs the problem) raise
     :class:`UserInputError` naming ``--method`` / ``--method-config``."""
@@ -926,7 +927,8 @@ def _as_settings_error(method: str, settings: Mapping[str, Any]) -> Iterator[Non
                              ) from error
 
 
-def run_unlearning(problem: Any, method: str, settings: Mapping[str, Any]) -> Any:
+def run_unlearning(problem: UnlearningProblem, method: str,
+                   settings: Mapping[str, Any]) -> UnlearningResult:
     """Run the registered ``method`` with ``settings`` on ``problem`` under the NaN/Inf guard.
 
     Step-based methods are checked after every step; every method's result is checked at the

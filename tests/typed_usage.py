@@ -5,10 +5,12 @@ user's checker refused ``mtunlearn_ext.unlearn(...)`` as "object not callable"."
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final, assert_type
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest, TaskSpec
@@ -16,6 +18,8 @@ from mtunlearn_ext.api import SavedCheck, SplitModel, TasksSpec
 from mtunlearn_ext.data import Benchmark, RequestType, TaskKind, register_benchmark
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.experiment import ExperimentConfig
+from mtunlearn_ext.report import interference_to_json, plot_interference, save_png
+from mtunlearn_ext.training import TrainConfig, make_optimizer
 from mtunlearn_ext.models import (
     DenseBackbone,
     DenseMultiTaskNet,
@@ -44,10 +48,15 @@ from mtunlearn_ext.unlearning import (
     InterferenceAwareConfig,
     ProtectMode,
     StepOptimizer,
+    Unlearner,
+    UnlearningProblem,
+    UnlearningResult,
 )
 from mtunlearn_ext.unlearning.base import UnlearningReport
+from mtunlearn_ext.unlearning.interference import InterferenceMatrix
 from mtunlearn_ext.unlearning.baselines.pcgrad import PCGradConfig
 from mtunlearn_ext.unlearning.presets import tuned_settings
+from mtunlearn_ext.workflow import checked_unlearner, run_unlearning
 
 
 class TwoHeads(torch.nn.Module):
@@ -181,3 +190,20 @@ def typed_wrapper_keywords(trunk: torch.nn.Module, data: MultiTaskDataset) -> No
     assert_type(mia_auc(MLPMultiTaskNet([]), data, data, data, attack="logistic"), float)
     mia_auc(MLPMultiTaskNet([]), data, data, data, sed=1)  # type: ignore[call-arg]
     MeanWeighting(3)  # type: ignore[call-arg]
+
+
+def typed_problem_and_reports(problem: UnlearningProblem, matrix: InterferenceMatrix,
+                              figure: Figure) -> None:
+    """Where a precise type exists it is given, not ``Any`` (which let every use through);
+    each ``type: ignore`` below is needed, which ``warn_unused_ignores`` checks."""
+    assert_type(problem.train_config, TrainConfig | None)
+    assert_type(checked_unlearner("interference_aware", {}), Unlearner)
+    assert_type(run_unlearning(problem, "interference_aware", {}), UnlearningResult)
+    interference_to_json(matrix, InterferenceAwareConfig())
+    interference_to_json(matrix, {"steps": 3})  # type: ignore[arg-type]
+    plot_interference(interference_to_json(matrix), "cosines", "interference.png")
+    plot_interference([[1.0]], "cosines", "interference.png")  # type: ignore[arg-type]
+    save_png(figure, Path("figure.png"))
+    save_png("figure", Path("figure.png"))  # type: ignore[arg-type]
+    make_optimizer([{"params": [torch.zeros(1)], "lr": 0.1}], TrainConfig())
+    make_optimizer(0.1, TrainConfig())  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ from mtunlearn_ext.models.copies import copy_model
 from mtunlearn_ext.models.modes import (BuffersKept, eval_mode, gradients_on, ignoring_compile,
                                         measuring)
 from mtunlearn_ext.surgery._autograd_graph import leaves_with_tasks
+from mtunlearn_ext.training import TrainConfig
 from mtunlearn_ext.unlearning.gradients import first_sentence
 
 __all__ = [
@@ -146,14 +147,14 @@ class UnlearningProblem:
     target_tasks: list[str]
     device: torch.device | str = "cpu"
     seed: int = 0
-    train_config: Any | None = None
+    train_config: TrainConfig | None = None
     model_factory: Callable[[], nn.Module] | None = None
     held_out: MultiTaskDataset | None = None
 
     @classmethod
     def from_request(cls, model: nn.Module, dataset: MultiTaskDataset, request: ForgetRequest,
                      *, device: torch.device | str = "cpu", seed: int = 0,
-                     train_config: Any | None = None,
+                     train_config: TrainConfig | None = None,
                      model_factory: Callable[[], nn.Module] | None = None,
                      held_out: MultiTaskDataset | None = None) -> UnlearningProblem:
         """Validate ``request`` against the training set ``dataset`` and split it."""
