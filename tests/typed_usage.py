@@ -44,6 +44,7 @@ from mtunlearn_ext.surgery import (
     sharded_surgery,
 )
 from mtunlearn_ext.unlearning import (
+    EarlierRequest,
     InstanceProjection,
     InterferenceAwareConfig,
     ProtectMode,
@@ -73,6 +74,12 @@ def typed_usage(model: torch.nn.Module, x: torch.Tensor, y: dict[str, torch.Tens
                                               forget_request=request)
     assert_type(new_model, torch.nn.Module)
     assert_type(report, UnlearningReport)
+    # The report's request facts are typed keys (a dict[str, Any] made every value Any and a
+    # misspelt key a KeyError at run time).
+    assert_type(report.request["num_forget_instances"], int)
+    assert_type(report.request["target_tasks"], list[str])
+    assert_type(report.request.get("earlier_requests"), list[EarlierRequest] | None)
+    report.request["num_forget"]  # type: ignore[typeddict-item]
     assert_type(mtunlearn_ext.data.MultiTaskDataset, type[MultiTaskDataset])
     mtunlearn_ext.save_unlearned(new_model, report, "unlearned.pt", original=model)
     # The caller's class comes back; torch datasets and loaders are data as unlearn reads them.

@@ -7,6 +7,8 @@ itself with :func:`register_unlearner`, and is imported here.
 
 from mtunlearn_ext.unlearning.base import (
     CurveRecorder,
+    EarlierRequest,
+    RequestFacts,
     Unlearner,
     UnlearnerConfig,
     UnlearningProblem,
@@ -65,6 +67,7 @@ __all__ = [
     "BatchStream",
     "CapReference",
     "CurveRecorder",
+    "EarlierRequest",
     "ForgetObjective",
     "ForgetTerms",
     "GradientUnlearner",
@@ -76,6 +79,7 @@ __all__ = [
     "ParameterGroups",
     "ProtectMode",
     "RankMatchedCaps",
+    "RequestFacts",
     "RetainTerms",
     "SnapshotTargets",
     "StepConfig",

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -650,6 +650,32 @@ class CurveRecorder:
             self.steps.setdefault(name, []).append(int(step))
 
 
+class EarlierRequest(TypedDict):
+    """One earlier request of a chain of removals, in :class:`RequestFacts`."""
+
+    ids_sha256: str
+    num_instances: int
+    target_tasks: list[str] | None
+
+
+class RequestFacts(TypedDict, total=False):
+    """:attr:`UnlearningReport.request`: what the request removed. :meth:`Unlearner.unlearn`
+    fills the pair counts, ``target_tasks``, ``full`` and ``ids_sha256`` (SHA-256 of the sorted
+    instance ids); :func:`mtunlearn_ext.unlearn` adds ``ids_named_by`` (what the ids index),
+    and with ``train_data`` the chain of removals before it: ``earlier_requests`` and
+    ``earlier_pairs_excluded`` (their pairs left out of the retain set)."""
+
+    num_forget_instances: int
+    num_forget_pairs: int
+    num_retain_pairs: int
+    target_tasks: list[str]
+    full: bool
+    ids_sha256: str
+    ids_named_by: str
+    earlier_requests: list[EarlierRequest]
+    earlier_pairs_excluded: int
+
+
 @dataclass(repr=False)
 class UnlearningReport:
     """What a run did: the method, its settings, wall time and loss curves.
@@ -664,7 +690,8 @@ class UnlearningReport:
             task on the retain batch, measured before the step), plus per-task curves
             ``forget_loss/<task>``, ``retain_loss/<task>``.
         curve_steps: ``name -> step index`` of each point.
-        request: number of forget instances, target tasks, full or partial, ids hash.
+        request: number of forget instances, target tasks, full or partial, ids hash
+            (:class:`RequestFacts`: typed keys, so that a type checker knows each value).
         extra: method-specific facts (e.g. the saliency mask's density);
             ``extra["resolved_settings"]``: settings the config left to a default, as the run
             resolved them (given explicitly, they reproduce the run).
@@ -679,7 +706,7 @@ class UnlearningReport:
     steps: int = 0
     curves: dict[str, list[float]] = field(default_factory=dict)
     curve_steps: dict[str, list[int]] = field(default_factory=dict)
-    request: dict[str, Any] = field(default_factory=dict)
+    request: RequestFacts = field(default_factory=RequestFacts)
     extra: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     device: str | None = None
