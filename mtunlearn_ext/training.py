@@ -388,6 +388,14 @@ class Checkpoint:
     sha256: str
     state_sha256: str | None = None
 
+    def __repr__(self) -> str:
+        # The dataclass repr printed every tensor of the state dict (17k characters for the
+        # digits benchmark's 16-tensor MLP) and the whole metadata: named and counted here.
+        values = sum(tensor.numel() for tensor in self.state_dict.values())
+        return (f"Checkpoint(state_dict: {len(self.state_dict)} tensors ({values:,} values), "
+                f"meta: {sorted(self.meta)}, sha256={self.sha256!r}, "
+                f"state_sha256={self.state_sha256!r})")
+
 
 #: The exact types metadata may hold: what ``torch.load(weights_only=True)`` reads back as it
 #: was written (a subclass, e.g. ``numpy.float64`` of ``float``, is refused by the reader).

@@ -74,6 +74,19 @@ def test_a_long_request_repr_shows_its_ends_and_count_not_every_id() -> None:
     assert "[11 ids]" in repr(ForgetRequest.create(range(11)))
 
 
+def test_a_checkpoint_repr_counts_its_tensors_instead_of_printing_them() -> None:
+    """The dataclass repr printed every tensor of the state dict (17k characters for the
+    digits benchmark's 16-tensor MLP) and the whole metadata."""
+    from mtunlearn_ext.training import Checkpoint
+
+    state = {f"layer{i}.weight": torch.zeros(64, 64) for i in range(16)}
+    checkpoint = Checkpoint(state_dict=state, meta={"task_names": ["a"] * 1000, "seed": 0},
+                            sha256="ab" * 32)
+    assert repr(checkpoint) == ("Checkpoint(state_dict: 16 tensors (65,536 values), meta: "
+                                f"['seed', 'task_names'], sha256='{'ab' * 32}', "
+                                "state_sha256=None)")
+
+
 def test_results_holding_tensors_compare_without_raising() -> None:
     """The generated ``__eq__`` compared tensor fields, so ``copy.deepcopy(floor) == floor``
     raised "Boolean value of Tensor ... is ambiguous"; they compare by identity now."""
