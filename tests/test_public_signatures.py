@@ -72,3 +72,41 @@ def test_the_wrappers_take_the_keywords_of_what_they_wrap() -> None:
         assert keywords(replicated_surgery, {"group"}) == surgery_keywords
         # None: "backward" for DTensor parameters, else "autograd".
         assert keywords(sharded_surgery, {"group"}) == {**surgery_keywords, "per_task": None}
+
+
+def _public_callables() -> dict[str, object]:
+    """The public functions, and the public methods (``__init__`` and ``__call__`` too) of the
+    public classes defined in the package."""
+    found: dict[str, object] = {}
+    for name, value in _PUBLIC.items():
+        if inspect.isfunction(value):
+            found[name] = value
+        elif inspect.isclass(value) and value.__module__.startswith("mtunlearn_ext"):
+            for attribute, member in vars(value).items():
+                if attribute.startswith("_") and attribute not in ("__init__", "__call__"):
+                    continue
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                elif isinstance(member, property):
+                    member = member.fget
+                if inspect.isfunction(member):
+                    found[f"{name}.{attribute}"] = member
+    return found
+
+
+def test_every_public_function_and_method_is_annotated() -> None:
+    """A user's ``mypy --strict`` refuses a call to an unannotated function ("Call to untyped
+    function ... in typed context") and reads its result as Any; the package's own mypy run is
+    not strict, so it would not notice one."""
+    untyped = []
+    for name, function in _public_callables().items():
+        if name.startswith(tuple(_PROTOCOLS)):
+            continue
+        assert callable(function)
+        signature = inspect.signature(function)
+        bare = [p.name for i, p in enumerate(signature.parameters.values())
+                if p.annotation is inspect.Parameter.empty
+                and not (i == 0 and p.name in ("self", "cls"))]
+        if bare or signature.return_annotation is inspect.Signature.empty:
+            untyped.append(f"{name}{signature}")
+    assert not untyped, untyped
