@@ -87,6 +87,29 @@ def test_a_checkpoint_repr_counts_its_tensors_instead_of_printing_them() -> None
                                 "state_sha256=None)")
 
 
+def test_a_benchmark_repr_names_a_long_info_value_by_its_size() -> None:
+    """A LibMTL benchmark's info holds the SHA-256 of every file it read; the dataclass repr
+    printed each (67,829 characters for the 795 digests below, 385 now). Short values, and
+    the rest of the repr, read as before."""
+    from mtunlearn_ext.data import Benchmark
+
+    spec = TaskSpec("a", "classification", num_classes=2)
+    data = MultiTaskDataset(torch.randn(4, 3), {"a": torch.tensor([0, 1, 1, 0])}, [spec])
+    files = {f"image/{i}.npy": "ab" * 32 for i in range(795)}
+    benchmark = Benchmark("nyuv2", data, data, [spec],
+                          {"layout": "LibMTL npy", "train_files_sha256": files})
+    text = repr(benchmark)
+    assert len(text) < 700, len(text)
+    assert ("info={'layout': 'LibMTL npy', 'train_files_sha256': <dict of 795 entries>}, "
+            "validation=None)") in text
+    assert text.startswith(f"Benchmark(name='nyuv2', train={data!r}, test={data!r}, "
+                           f"tasks=[{spec!r}], ")
+    short = Benchmark("toy", data, data, [spec], {"seed": 0, "sizes": [1, 2]})
+    assert repr(short) == (f"Benchmark(name='toy', train={data!r}, test={data!r}, "
+                           f"tasks=[{spec!r}], info={{'seed': 0, 'sizes': [1, 2]}}, "
+                           "validation=None)")
+
+
 def test_results_holding_tensors_compare_without_raising() -> None:
     """The generated ``__eq__`` compared tensor fields, so ``copy.deepcopy(floor) == floor``
     raised "Boolean value of Tensor ... is ambiguous"; they compare by identity now."""

@@ -798,3 +798,23 @@ class Benchmark:
     tasks: list[TaskSpec] = field(default_factory=list)
     info: dict[str, object] = field(default_factory=dict)
     validation: MultiTaskDataset | None = None
+
+    def __repr__(self) -> str:
+        # A LibMTL benchmark's info holds the SHA-256 of every file it read: the dataclass repr
+        # printed each one (68k characters for 795 files). A long value is named by its size.
+        info = ", ".join(f"{key!r}: {_short_repr(value)}" for key, value in self.info.items())
+        return (f"Benchmark(name={self.name!r}, train={self.train!r}, test={self.test!r}, "
+                f"tasks={self.tasks!r}, info={{{info}}}, validation={self.validation!r})")
+
+
+#: The longest repr of an ``info`` value that :meth:`Benchmark.__repr__` prints as it is.
+_INFO_REPR_LIMIT = 80
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    if len(text) <= _INFO_REPR_LIMIT:
+        return text
+    if isinstance(value, (Mapping, Sequence)) and not isinstance(value, str):
+        return f"<{type(value).__name__} of {len(value):,} entries>"
+    return text[:_INFO_REPR_LIMIT - 3] + "..."
