@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 
@@ -117,14 +117,33 @@ def has_extension() -> bool:
     return _C is not None
 
 
-def build_info() -> dict[str, Any]:
+class BuildInfo(TypedDict, total=False):
+    """:func:`build_info`'s dict, its keys typed: the first eight come from the compiled
+    extension (absent without it, when ``error`` says why it did not load)."""
+
+    torch_version: str  # the torch the extension was compiled against
+    cuda: bool
+    cuda_archs: str
+    openmp: bool
+    parallel_backend: str
+    threads: int
+    compiler: str
+    cplusplus: int
+    extension: bool
+    error: str
+    torch_runtime: str  # the torch running now
+    threads_runtime: int
+
+
+def build_info() -> BuildInfo:
     """How the extension was built: torch version, CUDA kernels and archs, OpenMP, compiler.
 
-    Returns a dict; with no compiled extension, ``{"extension": False, "error": ...}``.
+    Returns a dict (:class:`BuildInfo`); with no compiled extension,
+    ``{"extension": False, "error": ..., "torch_runtime": ...}``.
     """
     if _C is None:
         return {"extension": False, "error": str(_LOAD_ERROR), "torch_runtime": torch.__version__}
-    info = dict(_C.build_info())
+    info = cast(BuildInfo, dict(_C.build_info()))
     info["extension"] = True
     info["torch_runtime"] = torch.__version__
     info["threads_runtime"] = torch.get_num_threads()

@@ -65,6 +65,14 @@ class TwoHeads(torch.nn.Module):
         return {"kind": x}
 
 
+def typed_build_info() -> None:
+    """build_info's keys are typed (a dict[str, Any] made each value Any)."""
+    info: mtunlearn_ext.BuildInfo = mtunlearn_ext.build_info()
+    assert_type(info["cuda"], bool)
+    assert_type(info.get("threads"), int | None)
+    info["cuda_arch"]  # type: ignore[typeddict-item]
+
+
 def typed_usage(model: torch.nn.Module, x: torch.Tensor, y: dict[str, torch.Tensor]) -> None:
     spec = TaskSpec("kind", "classification", num_classes=3)
     assert_type(spec, TaskSpec)
