@@ -110,6 +110,21 @@ def test_a_benchmark_repr_names_a_long_info_value_by_its_size() -> None:
                            "validation=None)")
 
 
+def test_parameter_groups_say_their_sizes_instead_of_printing_every_parameter() -> None:
+    """The dataclass repr printed each parameter's values (9.6k characters for a small
+    two-head model), and a StepContext's repr, which a method's author prints, held it."""
+    from mtunlearn_ext.unlearning import ParameterGroups
+
+    model = _TwoHeads()
+    named = dict(model.named_parameters())
+    groups = ParameterGroups(
+        tuple((n, p) for n, p in named.items() if n.startswith("trunk.")),
+        {t: tuple((n, p) for n, p in named.items() if n.startswith(f"heads.{t}."))
+         for t in ("a", "b")})
+    assert repr(groups) == ("ParameterGroups(shared: 2 tensors (56 values), heads: "
+                            "{a: 2 tensors (27 values), b: 2 tensors (9 values)})")
+
+
 def test_results_holding_tensors_compare_without_raising() -> None:
     """The generated ``__eq__`` compared tensor fields, so ``copy.deepcopy(floor) == floor``
     raised "Boolean value of Tensor ... is ambiguous"; they compare by identity now."""

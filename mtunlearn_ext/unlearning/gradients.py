@@ -48,6 +48,12 @@ _T = TypeVar("_T")
 _BatchT = TypeVar("_BatchT", bound=Mapping[str, object])
 
 
+def _describe_group(group: Sequence[tuple[str, nn.Parameter]]) -> str:
+    """``"3 tensors (1,234 values)"``."""
+    values = sum(parameter.numel() for _, parameter in group)
+    return f"{len(group)} tensor{'' if len(group) == 1 else 's'} ({values:,} values)"
+
+
 @dataclass(frozen=True)
 class ParameterGroups:
     """The model's trainable parameters split into the shared backbone and one group per head.
@@ -59,6 +65,12 @@ class ParameterGroups:
 
     shared: tuple[tuple[str, nn.Parameter], ...]
     heads: Mapping[str, tuple[tuple[str, nn.Parameter], ...]]
+
+    def __repr__(self) -> str:
+        # The dataclass repr printed every parameter's values (9.6k characters for a 6-24-24
+        # trunk and two linear heads), and again in each StepContext holding the groups.
+        heads = ", ".join(f"{task}: {_describe_group(group)}" for task, group in self.heads.items())
+        return f"ParameterGroups(shared: {_describe_group(self.shared)}, heads: {{{heads}}})"
 
     @staticmethod
     def from_model(model: nn.Module, task_names: Sequence[str] | None = None) -> ParameterGroups:
