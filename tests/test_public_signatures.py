@@ -110,3 +110,31 @@ def test_every_public_function_and_method_is_annotated() -> None:
         if bare or signature.return_annotation is inspect.Signature.empty:
             untyped.append(f"{name}{signature}")
     assert not untyped, untyped
+
+
+def _defaults(function: typing.Callable[..., object]) -> dict[str, object]:
+    parameters = inspect.signature(function).parameters
+    return {name: parameter.default for name, parameter in parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("wrapper, wrapped, names", [
+    ("mtunlearn_ext.metrics.membership.mia_auc",
+     "mtunlearn_ext.metrics.membership.membership_attack",
+     ["tasks", "batch_size", "attack", "max_members", "seed"]),
+    ("mtunlearn_ext.surgery.distributed.replicated_surgery",
+     "mtunlearn_ext.surgery.GradientSurgery",
+     ["head_params", "per_task", "per_layer", "num_layers", "check_finite"]),
+    ("mtunlearn_ext.surgery.distributed.sharded_surgery", "mtunlearn_ext.surgery.GradientSurgery",
+     ["head_params", "per_layer", "num_layers", "check_finite"]),
+])
+def test_a_wrapper_that_spells_out_its_callees_keywords_keeps_their_defaults(
+        wrapper: str, wrapped: str, names: list[str]) -> None:
+    # The wrappers list the keywords they pass on (they took **kwargs): a default changed in
+    # the callee alone would silently differ between the two ways of calling it.
+    def resolve(dotted: str) -> typing.Callable[..., object]:
+        module, _, name = dotted.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    ours, theirs = _defaults(resolve(wrapper)), _defaults(resolve(wrapped))
+    assert {n: ours.get(n) for n in names} == {n: theirs.get(n) for n in names}
