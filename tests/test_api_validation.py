@@ -1643,6 +1643,18 @@ def test_gradient_hooks_on_the_parameters_are_said_not_to_run() -> None:
                                        forget_request=ForgetRequest.create(range(5)),
                                        shared_parameters=_trunk, config={"steps": 2})
     assert bool((new.trunk[0].weight[mask == 0] != 0).any())  # why the warning is needed
+    # At the caller's line through either entry (a fixed stacklevel showed unlearn's file).
+    for call in (
+            lambda: mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                          forget_request=ForgetRequest.create(range(5)),
+                                          shared_parameters=_trunk, config={"steps": 0}),
+            lambda: build_problem(model, tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
+                                  forget_request=ForgetRequest.create(range(5)))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        hooks = [w for w in caught if "carry gradient hooks" in str(w.message)]
+        assert [w.filename for w in hooks] == [__file__]
     model.trunk[0].weight.requires_grad_(False)  # frozen: nothing moves it, nothing to say
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*carry gradient hooks")

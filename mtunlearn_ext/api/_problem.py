@@ -47,6 +47,7 @@ from mtunlearn_ext.api._task_specs import (
     classes_predicted_by, task_specs, tasks_from_data)
 from mtunlearn_ext.api._types import (DataLike, InMemoryData, ParameterSpec, SharedSpec,
                                       TasksSpec)
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.training import TrainConfig
@@ -397,10 +398,12 @@ def _warn_of_gradient_hooks(model: nn.Module) -> None:
     hooked = [n for n, p in model.named_parameters() if p.requires_grad and (
         p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None))]
     if hooked:
-        warnings.warn(f"{entry()}: trainable parameter(s) {hooked} carry gradient hooks "
-                      "(`Tensor.register_hook` or `register_post_accumulate_grad_hook`), which "
-                      "the unlearning steps do not run: they step a copy of the model, whose "
-                      "parameters have no hooks, and take per-sample gradients under "
-                      "torch.func. A hook that masks or scales a gradient (pruned weights kept "
-                      "at zero) changes nothing here: put such a mask in the forward "
-                      "(`torch.nn.utils.prune`), or freeze the parameter", stacklevel=3)
+        # Reached from unlearn and from build_problem at different depths: a fixed stacklevel
+        # of 3 pointed at unlearn's own file.
+        warn_at_caller(f"{entry()}: trainable parameter(s) {hooked} carry gradient hooks "
+                       "(`Tensor.register_hook` or `register_post_accumulate_grad_hook`), which "
+                       "the unlearning steps do not run: they step a copy of the model, whose "
+                       "parameters have no hooks, and take per-sample gradients under "
+                       "torch.func. A hook that masks or scales a gradient (pruned weights kept "
+                       "at zero) changes nothing here: put such a mask in the forward "
+                       "(`torch.nn.utils.prune`), or freeze the parameter")
