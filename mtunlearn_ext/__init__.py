@@ -9,6 +9,7 @@ them; the CLI and reports on top.
 from typing import TYPE_CHECKING
 
 from mtunlearn_ext._extension import BuildInfo, build_info, has_extension
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
 from mtunlearn_ext import ops
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers (module __getattr__ is
@@ -22,8 +23,9 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers (module __
 
 __version__ = "0.1.0"
 
-__all__ = ["BuildInfo", "ForgetRequest", "TaskSpec", "__version__", "build_info", "evaluate",
-           "has_extension", "ops", "save_unlearned", "uis_floor", "unlearn", "verify_saved"]
+__all__ = ["BuildInfo", "ForgetRequest", "MtUnlearnRuntimeWarning", "MtUnlearnWarning",
+           "TaskSpec", "__version__", "build_info", "evaluate", "has_extension", "ops",
+           "save_unlearned", "uis_floor", "unlearn", "verify_saved"]
 
 # The unlearning API pulls in data, models and every method; it is loaded on first use so that
 # ``import mtunlearn_ext`` (and ``mtunlearn_ext.ops``) stays as light as before.

@@ -25,6 +25,7 @@ from typing import Any, TypedDict, cast
 import torch
 
 from mtunlearn_ext._elf import carries_private_cxx_runtime
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning
 
 _REQUIRE_ENV = "MTUNLEARN_REQUIRE_EXTENSION"
 _ISA_ENV = "MTUNLEARN_CPU_ISA"
@@ -69,7 +70,7 @@ def _refuse(reason: str, error: BaseException | None) -> None:
     warnings.warn(
         f"mtunlearn_ext: {reason}. Falling back to the slow pure-PyTorch reference "
         f"implementations{detail}",
-        RuntimeWarning,
+        MtUnlearnRuntimeWarning,
         stacklevel=3,
     )
 

@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import torch
 
 from mtunlearn_ext._text import display_width, pad_to, visible_controls
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
 
 __all__ = ["build_parser", "console_main", "main"]
 
@@ -1625,7 +1626,11 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
-    kind = "" if category is UserWarning else f" ({category.__name__})"
+    # The package's own categories are shown as the standard ones they extend, as before
+    # they existed: users read "warning (RuntimeWarning)", not the class's name.
+    shown = (RuntimeWarning if issubclass(category, MtUnlearnRuntimeWarning)
+             else UserWarning if issubclass(category, MtUnlearnWarning) else category)
+    kind = "" if shown is UserWarning else f" ({shown.__name__})"
     _say(f"mtunlearn: warning{kind}: {message}", file=sys.stderr if file is None else file)
 
 

@@ -47,6 +47,7 @@ from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import write_text_atomic
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext._text import display_width, pad_to, visible_controls
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import named_leaves
 from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
@@ -428,7 +429,7 @@ _WARNED: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warn_at_caller(message, MtUnlearnRuntimeWarning)
 
 
 def _timing_path(path: Path) -> Path:
@@ -512,7 +513,7 @@ def _train_cached(path: Path | None, meta: dict[str, Any],
                 "train_seconds": _recorded_seconds(path, checkpoint.sha256),
                 "train_steps": checkpoint.meta.get("train_steps")}
         if problem is not None:
-            warnings.warn(f"{path}: {problem}; retraining", RuntimeWarning, stacklevel=3)
+            warn_at_caller(f"{path}: {problem}; retraining", MtUnlearnRuntimeWarning)
             _remove_if_unchanged(path, seen)
         model = factory()  # a failed load may have written part of the weights
     model = model.to(device)
@@ -532,14 +533,14 @@ def _train_cached(path: Path | None, meta: dict[str, Any],
         winner = factory()
         checkpoint, problem = _read_entry(path, meta, winner)
         if checkpoint is None:
-            warnings.warn(f"{path}: written by another process meanwhile, but unusable "
-                          f"({problem}); this run's model is used, not cached", RuntimeWarning,
-                          stacklevel=3)
+            warn_at_caller(f"{path}: written by another process meanwhile, but unusable "
+                           f"({problem}); this run's model is used, not cached",
+                           MtUnlearnRuntimeWarning)
             return model, record
         if checkpoint.state_sha256 != record["state_sha256"]:
-            warnings.warn(f"{path}: another process wrote different weights for this entry "
-                          "meanwhile (training is not reproducible here?); using its file",
-                          RuntimeWarning, stacklevel=3)
+            warn_at_caller(f"{path}: another process wrote different weights for this entry "
+                           "meanwhile (training is not reproducible here?); using its file",
+                           MtUnlearnRuntimeWarning)
         return winner.to(device), {**record, "checkpoint": str(path),
                                    "sha256": checkpoint.sha256,
                                    "state_sha256": checkpoint.state_sha256}
@@ -890,10 +891,10 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
     uis_left_out = _undefined_uis_terms(models["original"]["metrics"]["test"], target_tasks)
     if uis_left_out:
         # One warning for the run (the scores below would repeat it for every model).
-        warnings.warn(f"UIS leaves out {', '.join(uis_left_out)}: the original model's test "
-                      "score is 0 or not finite there, so the relative change is undefined; "
-                      "every model's UIS is over the other terms (the results' "
-                      "`uis_left_out` lists them)", RuntimeWarning, stacklevel=3)
+        warn_at_caller(f"UIS leaves out {', '.join(uis_left_out)}: the original model's test "
+                       "score is 0 or not finite there, so the relative change is undefined; "
+                       "every model's UIS is over the other terms (the results' "
+                       "`uis_left_out` lists them)", MtUnlearnRuntimeWarning)
     models["retrained"]["uis"] = _scores(models["retrained"], models["original"],
                                          models["retrained"], target_tasks)["uis"]
     models["original"].update(_scores(models["original"], models["original"],

@@ -531,15 +531,18 @@ def test_the_command_prints_warnings_as_its_own_lines() -> None:
     import sys
 
     script = ("import warnings; from mtunlearn_ext import cli; "
-              "from mtunlearn_ext._warnings import warn_at_caller; "
+              "from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller; "
               "cli.main = lambda argv: (warn_at_caller('the heads check found a layer'), "
-              "warnings.warn('an odd value', RuntimeWarning), 0)[-1]; "
+              "warnings.warn('an odd value', RuntimeWarning), "
+              "warn_at_caller('a NaN loss', MtUnlearnRuntimeWarning), 0)[-1]; "
               "raise SystemExit(cli.console_main([]))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["mtunlearn: warning: the heads check found a layer",
-                                        "mtunlearn: warning (RuntimeWarning): an odd value"]
+                                        "mtunlearn: warning (RuntimeWarning): an odd value",
+                                        # the package's categories as the standard ones
+                                        "mtunlearn: warning (RuntimeWarning): a NaN loss"]
 
 
 def test_a_value_starting_with_a_dash_gets_the_equals_form(

@@ -4,13 +4,13 @@ pairs stay out of every later retain set."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.api._data_forms import check_request_ids
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset
@@ -76,26 +76,26 @@ def requests_removed_before(model: nn.Module, given: Sequence[ForgetRequest] | N
             named = {_request_key(r) for r in requests}
             dropped = [r for r in carried.requests if _request_key(r) not in named]
             if dropped:
-                warnings.warn(f"{entry()}: `earlier_requests` replaces the {len(carried.requests)} "
-                              f"request(s) `model` carries from the unlearn() that returned it; "
-                              f"{len(dropped)} of them are not in it, so their pairs are in the "
-                              f"retain set again", UserWarning, stacklevel=4)
+                warn_at_caller(f"{entry()}: `earlier_requests` replaces the "
+                               f"{len(carried.requests)} "
+                               f"request(s) `model` carries from the unlearn() that returned it; "
+                               f"{len(dropped)} of them are not in it, so their pairs are in the "
+                               f"retain set again")
         return requests, False
     if carried is None:
         return (), False
     if not carried.complete and not forget_data_given:
-        warnings.warn(f"{entry()}: `model` comes from an unlearn() given `forget_data`, whose "
-                      "instances `train_data` cannot name: the pairs that run removed are in "
-                      "`train_data`'s retain set again unless you pass them as "
-                      "`earlier_requests`" + (f" (the {len(carried.requests)} request(s) on "
-                                              "`train_data` before it are kept out)"
-                                              if carried.requests else ""),
-                      UserWarning, stacklevel=4)
+        warn_at_caller(f"{entry()}: `model` comes from an unlearn() given `forget_data`, whose "
+                       "instances `train_data` cannot name: the pairs that run removed are in "
+                       "`train_data`'s retain set again unless you pass them as "
+                       "`earlier_requests`" + (f" (the {len(carried.requests)} request(s) on "
+                                               "`train_data` before it are kept out)"
+                                               if carried.requests else ""))
     if carried.requests and forget_data_given:
-        warnings.warn(f"{entry()}: `model` was returned by unlearn() after "
-                      f"{len(carried.requests)} request(s) on `train_data`; with `forget_data` "
-                      f"and `retain_data` they cannot be checked: leave the pairs they removed "
-                      f"out of `retain_data`", UserWarning, stacklevel=4)
+        warn_at_caller(f"{entry()}: `model` was returned by unlearn() after "
+                       f"{len(carried.requests)} request(s) on `train_data`; with `forget_data` "
+                       f"and `retain_data` they cannot be checked: leave the pairs they removed "
+                       f"out of `retain_data`")
     return carried.requests, True
 
 

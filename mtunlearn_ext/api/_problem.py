@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -83,12 +82,11 @@ def _warn_of_targets_without_pairs(tasks: list[str], where: str) -> None:
     if not tasks:
         return
     one = len(tasks) == 1
-    warnings.warn(f"{entry()}: target task{'' if one else 's'} {tasks} of the request "
-                  f"{'has' if one else 'have'} no supervised pair {where}: only the other "
-                  "target tasks' pairs are forgotten (the model learned nothing of "
-                  f"{'it' if one else 'them'} from these instances, unless "
-                  f"{'its' if one else 'their'} labels were left out by mistake)",
-                  UserWarning, stacklevel=4)
+    warn_at_caller(f"{entry()}: target task{'' if one else 's'} {tasks} of the request "
+                   f"{'has' if one else 'have'} no supervised pair {where}: only the other "
+                   "target tasks' pairs are forgotten (the model learned nothing of "
+                   f"{'it' if one else 'them'} from these instances, unless "
+                   f"{'its' if one else 'their'} labels were left out by mistake)")
 
 
 def build_problem(model: nn.Module, *,
@@ -244,20 +242,19 @@ def build_problem_with_naming(model: nn.Module, *,
         bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
         if bare:  # some named instances, not all (none with a pair is refused above)
             shown = first_ten(bare)
-            warnings.warn(f"{entry()}: {len(bare)} of the {len(rows)} instances `forget_request` "
-                          f"names ({shown}) have no supervised pair of the target task"
-                          f"{'s' if len(targets) != 1 else ''} {targets} in `train_data` "
-                          f"{_UNLABELLED}: nothing of them is forgotten, as nothing of them "
-                          "was learned", UserWarning, stacklevel=3)
+            warn_at_caller(f"{entry()}: {len(bare)} of the {len(rows)} instances `forget_request` "
+                           f"names ({shown}) have no supervised pair of the target task"
+                           f"{'s' if len(targets) != 1 else ''} {targets} in `train_data` "
+                           f"{_UNLABELLED}: nothing of them is forgotten, as nothing of them "
+                           "was learned")
         gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
             shown = first_ten(gone)
-            warnings.warn(f"{entry()}: {int((asked & ~still).sum())} of the {int(asked.sum())} "
-                          f"pairs `forget_request` names ({len(gone)} instance"
-                          f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
-                          f"{by}; only the other {int(still.sum())} are forgotten",
-                          UserWarning, stacklevel=3)
+            warn_at_caller(f"{entry()}: {int((asked & ~still).sum())} of the {int(asked.sum())} "
+                           f"pairs `forget_request` names ({len(gone)} instance"
+                           f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
+                           f"{by}; only the other {int(still.sum())} are forgotten")
     else:
         if retain_data is None:
             raise ValueError(f"{entry()}: `forget_data` needs `retain_data`")
@@ -282,11 +279,11 @@ def build_problem_with_naming(model: nn.Module, *,
         if named is None and given and len(given) < len(names):
             # A label dict left out by mistake would keep that task's supervision learned.
             left = [t for t in names if t not in given]
-            warnings.warn(f"{entry()}: `forget_data` has no targets for task"
-                          f"{'s' if len(left) > 1 else ''} {left}, so only {given} "
-                          f"{'is' if len(given) == 1 else 'are'} forgotten (a partial request); "
-                          "pass `target_tasks` to say so, or give every task's targets for a "
-                          "full request", UserWarning, stacklevel=3)
+            warn_at_caller(f"{entry()}: `forget_data` has no targets for task"
+                           f"{'s' if len(left) > 1 else ''} {left}, so only {given} "
+                           f"{'is' if len(given) == 1 else 'are'} forgotten (a partial request); "
+                           "pass `target_tasks` to say so, or give every task's targets for a "
+                           "full request")
         if len(set(targets)) != len(targets):
             raise ValueError(f"{entry()}: `target_tasks` {targets} names a task twice")
         unknown = [t for t in targets if t not in names]
@@ -311,9 +308,9 @@ def build_problem_with_naming(model: nn.Module, *,
             if not bool(kept.any()):
                 raise ValueError(f"{entry()}: none of the {len(forget)} rows of `forget_data` "
                                  f"has a {what.removeprefix('no ')}: there is nothing to forget")
-            warnings.warn(f"{entry()}: {len(bare)} of the {len(forget)} rows of `forget_data` "
-                          f"(positions {shown}) have {what}: nothing of them is forgotten, as "
-                          "nothing of them was learned", UserWarning, stacklevel=3)
+            warn_at_caller(f"{entry()}: {len(bare)} of the {len(forget)} rows of `forget_data` "
+                           f"(positions {shown}) have {what}: nothing of them is forgotten, as "
+                           "nothing of them was learned")
             forget = forget.subset(kept.nonzero().flatten())
         if len(forget):
             without = [t for t in targets

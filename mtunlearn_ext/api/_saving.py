@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 
 from mtunlearn_ext._io import (DuplicateKeyError, atomic_torch_save, name_max, sha256_of_file,
                                unique_keys)
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.api._model_split import unwrapped
 from mtunlearn_ext.api._unlearn import (
     FloatingCast,
@@ -120,20 +120,18 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
     if weights_changed is False:
         # Written all the same, as `mtunlearn unlearn` writes such a run: the record says what
         # happened, and verification fails it.
-        warnings.warn("save_unlearned: `model` has exactly the weights of the model it was "
-                      "unlearned from: nothing was unlearned; the record says so "
-                      "(weights_changed: false) and verify_saved will not pass it", UserWarning,
-                      stacklevel=2)
+        warn_at_caller("save_unlearned: `model` has exactly the weights of the model it was "
+                       "unlearned from: nothing was unlearned; the record says so "
+                       "(weights_changed: false) and verify_saved will not pass it")
     said = report.extra.get("parameters_changed")
     parameters_changed = (not same_parameters(model, original, cast_to)
                           if original is not None
                           else said if isinstance(said, bool) else None)
     if weights_changed is not False and parameters_changed is False:
-        warnings.warn("save_unlearned: `model` has exactly the parameters of the model it was "
-                      "unlearned from (only buffers, such as running statistics, changed): the "
-                      "request's supervision is still in the weights; the record says so "
-                      "(parameters_changed: false) and verify_saved will not pass it",
-                      UserWarning, stacklevel=2)
+        warn_at_caller("save_unlearned: `model` has exactly the parameters of the model it was "
+                       "unlearned from (only buffers, such as running statistics, changed): the "
+                       "request's supervision is still in the weights; the record says so "
+                       "(parameters_changed: false) and verify_saved will not pass it")
     record: dict[str, Any] = {
         "schema": API_RECORD_SCHEMA,
         "written_at": utc_now(),

@@ -5,7 +5,6 @@ removals the returned model carries."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, cast
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._text import visible_controls
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.api._data_forms import as_dataset, read_in
 from mtunlearn_ext.api._instance_matching import TrainedRows, check_unseen
 from mtunlearn_ext.api._lineage import LINEAGE_ATTRIBUTE, Lineage, carried_lineage
@@ -396,7 +396,7 @@ def unlearn(model: ModelT, *,
         note = _overshoot_note(audit_before["forget_mia_auc"], audit_after["forget_mia_auc"],
                                spread, result.report.extra["summary"], result.report)
         if note is not None:
-            warnings.warn(note, UserWarning, stacklevel=2)
+            warn_at_caller(note)
     result.report.request["ids_named_by"] = naming.named_by
     if naming.ids is not None:
         result.report.request["ids_sha256"] = ForgetRequest.create(naming.ids).ids_hash()
@@ -411,8 +411,7 @@ def unlearn(model: ModelT, *,
     if held_out_data is not None:
         unused = held_out_unused(unlearner, result.report)
         if unused is not None:
-            warnings.warn(f"unlearn: `held_out_data` was not used: {unused}", UserWarning,
-                          stacklevel=2)
+            warn_at_caller(f"unlearn: `held_out_data` was not used: {unused}")
     out = result.model.module if isinstance(result.model, SplitModel) else result.model
     source = wrapped.module if isinstance(wrapped, SplitModel) else wrapped
     # The input is never modified, so it still holds the weights the run started from; the
@@ -431,20 +430,20 @@ def unlearn(model: ModelT, *,
     if not changed:
         # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
-        warnings.warn(f"unlearn: {unlearner.name} left the weights exactly as they were "
-                      f"({result.report.steps} steps): the returned model is the input model, "
-                      f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
-                      f" false) and verify_saved will not pass it", UserWarning, stacklevel=2)
+        warn_at_caller(f"unlearn: {unlearner.name} left the weights exactly as they were "
+                       f"({result.report.steps} steps): the returned model is the input model, "
+                       f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
+                       f" false) and verify_saved will not pass it")
     same = not changed or same_parameters(out, source)  # an equal state: equal parameters
     result.report.extra["parameters_changed"] = not same
     if changed and same:
         # Buffers alone moved (BatchNorm's running statistics, recomputed on the retain rows
         # by recalibrate_norms even after 0 steps): the supervision is in the parameters.
-        warnings.warn(f"unlearn: {unlearner.name} left every parameter exactly as it was "
-                      f"({result.report.steps} steps); only buffers changed (running "
-                      f"statistics: recalibrate_norms), so the request's supervision is still "
-                      f"in the weights; save_unlearned's record says so (parameters_changed: "
-                      f"false) and verify_saved will not pass it", UserWarning, stacklevel=2)
+        warn_at_caller(f"unlearn: {unlearner.name} left every parameter exactly as it was "
+                       f"({result.report.steps} steps); only buffers changed (running "
+                       f"statistics: recalibrate_norms), so the request's supervision is still "
+                       f"in the weights; save_unlearned's record says so (parameters_changed: "
+                       f"false) and verify_saved will not pass it")
     if naming.lineage is not None:
         lineage = naming.lineage
     else:  # forget_data: what it removed no later train_data id names
@@ -455,15 +454,15 @@ def unlearn(model: ModelT, *,
         out.__dict__[LINEAGE_ATTRIBUTE] = lineage
     diverged = non_finite_parameters(out)
     if diverged:
-        warnings.warn(f"unlearn: the run diverged: the returned model has NaN/Inf in "
-                      f"{len(diverged)} parameter(s) (first: {diverged[0]}); lower the learning "
-                      f"rate or the step count (`config`), or keep gradient clipping on; "
-                      f"save_unlearned refuses such a model", UserWarning, stacklevel=2)
+        warn_at_caller(f"unlearn: the run diverged: the returned model has NaN/Inf in "
+                       f"{len(diverged)} parameter(s) (first: {diverged[0]}); lower the learning "
+                       f"rate or the step count (`config`), or keep gradient clipping on; "
+                       f"save_unlearned refuses such a model")
     elif unbounded := non_finite_last_losses(result.report):
-        warnings.warn(f"unlearn: the run diverged: its weights are finite but its last measured "
-                      f"{' and '.join(unbounded)} are NaN/Inf (step "
-                      f"{result.report.curve_steps[unbounded[0]][-1]}); lower the learning rate "
-                      f"or the step count (`config`)", UserWarning, stacklevel=2)
+        warn_at_caller(f"unlearn: the run diverged: its weights are finite but its last measured "
+                       f"{' and '.join(unbounded)} are NaN/Inf (step "
+                       f"{result.report.curve_steps[unbounded[0]][-1]}); lower the learning rate "
+                       f"or the step count (`config`)")
     return cast(ModelT, out), result.report
 
 

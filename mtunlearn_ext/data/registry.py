@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, overload
@@ -39,6 +38,7 @@ import torch
 
 from mtunlearn_ext._definitions import defined_name, same_definition
 from mtunlearn_ext._io import atomic_torch_save
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, describe_callable
 from mtunlearn_ext.data.digits import make_digits
 from mtunlearn_ext.data.indoor import INDOOR_VERSION, make_indoor
@@ -300,8 +300,8 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         try:
             return _with_recipe(read_benchmark(path), name, size)
         except Exception as error:  # a damaged cache file is regenerated, never trusted
-            warnings.warn(f"load_benchmark: cannot read cache file {path} ({error}); "
-                          "regenerating it", RuntimeWarning, stacklevel=2)
+            warn_at_caller(f"load_benchmark: cannot read cache file {path} ({error}); "
+                           "regenerating it", MtUnlearnRuntimeWarning)
     benchmark = generate(seed=seed, **kwargs)
     try:
         save_benchmark(benchmark, path, overwrite=True)
@@ -309,9 +309,9 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
         # The cache only saves time: a folder that cannot be written (a read-only home, a
         # MTUNLEARN_CACHE that names no folder) failed the load of data just generated, and
         # the command line blamed --data-root, which a generated benchmark has none of.
-        warnings.warn(f"load_benchmark: cannot write cache file {path} ({error}); using the "
-                      "generated data without caching it (set MTUNLEARN_CACHE to a writable "
-                      "folder to keep it)", RuntimeWarning, stacklevel=2)
+        warn_at_caller(f"load_benchmark: cannot write cache file {path} ({error}); using the "
+                       "generated data without caching it (set MTUNLEARN_CACHE to a writable "
+                       "folder to keep it)", MtUnlearnRuntimeWarning)
     return _with_recipe(benchmark, name, size)
 
 

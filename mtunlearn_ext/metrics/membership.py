@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -35,7 +34,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from mtunlearn_ext._warnings import warn_at_caller
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
@@ -183,9 +182,9 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     if forget_bad or member_bad or test_bad:
         # A diverged model: no attack can rank a NaN loss, and the AUC is undefined (NaN);
         # the retrain gap counts an undefined AUC of an unlearned model as infinitely far.
-        warnings.warn(f"membership_attack: the model's loss on tasks {names} is NaN or infinite "
-                      f"on {forget_bad} forget, {member_bad} member and {test_bad} non-member "
-                      "rows; the AUCs are NaN", RuntimeWarning, stacklevel=2)
+        warn_at_caller(f"membership_attack: the model's loss on tasks {names} is NaN or infinite "
+                       f"on {forget_bad} forget, {member_bad} member and {test_bad} non-member "
+                       "rows; the AUCs are NaN", MtUnlearnRuntimeWarning)
         nan = float("nan")
         return MIAResult(auc=nan, member_auc=nan, tasks=tuple(names), num_forget=len(forget_x),
                          num_members_fit=len(member_fit), num_non_members_fit=len(test_fit),

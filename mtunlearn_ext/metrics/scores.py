@@ -7,11 +7,11 @@ Inputs are the metric dicts of :func:`~mtunlearn_ext.metrics.evaluate`: task -> 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mtunlearn_ext._errors import UnknownNameError
+from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.metrics.task_metrics import METRICS
 
 __all__ = ["retrain_gap", "retrain_gap_terms", "uis", "uis_of_terms", "uis_terms"]
@@ -85,8 +85,8 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
             u_t = float(unlearned_test[task][metric])
             u_u = float(unlearned_forget[task][metric])
             if not uis_term_defined(o_t):
-                warnings.warn(f"uis: skipping {task}/{metric} (O_t={o_t}, U_t={u_t}, U_u={u_u}): "
-                              "the relative change is undefined", RuntimeWarning, stacklevel=2)
+                warn_at_caller(f"uis: skipping {task}/{metric} (O_t={o_t}, U_t={u_t}, U_u={u_u}): "
+                               "the relative change is undefined", MtUnlearnRuntimeWarning)
                 continue
             test_change = _change(o_t, u_t)
             forget_change = _change(o_t, u_u)
@@ -269,8 +269,8 @@ def retrain_gap(unlearned: Mapping[str, Scores], retrained: Mapping[str, Scores]
         # evaluate() gives no NaN of its own (a task without a labelled unit is left out), so
         # this is a retrained model that diverged; a gap over the rest alone read as close
         # (a NaN retrained attack AUC left 0.0).
-        warnings.warn(f"retrain_gap: the retrained model's value is not finite for "
-                      f"{left_out}: left out of the gap, which is the mean over the other "
-                      f"{len(terms)} term(s) (a retrained model that diverged?)", RuntimeWarning,
-                      stacklevel=2)
+        warn_at_caller(f"retrain_gap: the retrained model's value is not finite for "
+                       f"{left_out}: left out of the gap, which is the mean over the other "
+                       f"{len(terms)} term(s) (a retrained model that diverged?)",
+                       MtUnlearnRuntimeWarning)
     return sum(terms.values()) / len(terms)

@@ -21,13 +21,13 @@ counts as a zero gradient, as it does in the plain sum.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
+from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.ops._checks import check_bool
 from mtunlearn_ext.surgery._autograd_graph import (
     compiled_backward_donating,
@@ -1011,14 +1011,13 @@ class GradientSurgery:
         plain = [v for v in unlisted if not isinstance(v, torch.nn.Parameter)]
         if plain:
             shapes = ", ".join(str(tuple(v.shape)) for v in plain[:5])
-            # user -> backward/accumulate -> _per_task_grads -> _heads -> here
-            warnings.warn(
+            warn_at_caller(
                 f"{caller}: the losses reach {len(plain)} plain tensor(s) requiring grad that "
                 f"are in neither `shared_params` nor `head_params` (shapes {shapes}"
                 f"{', ...' if len(plain) > 5 else ''}); per_task={self.per_task!r} gives them "
                 "no gradient. Inputs that require grad need none; a learned value (a loss "
                 "weight) does: add it to `head_params` or make it an nn.Parameter of the "
-                "model", stacklevel=5)
+                "model")
         if not missing:
             self._listed_heads_checked = True
             return
@@ -1035,8 +1034,7 @@ class GradientSurgery:
         # Under a reducer the other processes may not see the same leaves (a data-dependent
         # branch): one process raising would leave the others waiting in a collective.
         self._listed_heads_checked = True
-        # user -> backward/accumulate -> _per_task_grads -> _heads -> here
-        warnings.warn(message, stacklevel=5)
+        warn_at_caller(message)
 
     def _per_task_grads(self, losses: list[torch.Tensor], constants: frozenset[int],
                         active: _Active, stacks: list[torch.Tensor],
@@ -1297,13 +1295,13 @@ class GradientSurgery:
         if not stacks:
             return self._join_collectives(active, found)
         if not any(reached):  # (under a reducer, every process's reach: each warns alike)
-            warnings.warn(
+            warn_at_caller(
                 f"GradientSurgery: no task's loss reached any of the {len(reached)} shared "
                 "parameters taking part, so their .grad stays as it was and nothing was "
                 "aggregated. If the model's parameters were replaced after the surgery was "
                 "built (load_state_dict(..., assign=True), fully_shard, to_empty), build the "
                 "surgery again from the new ones; if the shared part is meant to get no "
-                "gradient (detached features), this warning does not apply", stacklevel=3)
+                "gradient (detached features), this warning does not apply")
         # A shared parameter no task's loss reached keeps its .grad as it is (None stays None,
         # as sum(losses).backward() leaves it, so that optimizers skip it and weight decay or
         # momentum does not move it); its zero stack adds nothing to the Gram.
