@@ -516,6 +516,10 @@ class GradientSurgery:
         self._interrupted: str | None = None
         self._writes_begun = False
         self._listed_heads_checked = False
+        # The no-reach warning is said once per surgery: its causes (parameters replaced
+        # after the surgery was built, detached features) hold at every step, and a warning
+        # per step floods a training log wherever warnings are not deduplicated.
+        self._no_reach_warned = False
 
     # ------------------------------------------------------------------ public API
 
@@ -585,6 +589,7 @@ class GradientSurgery:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_no_reach_warned", False)  # pickled before it existed
         self._shared_ids = {id(p) for p in self._given.tensors}
 
     def discard(self) -> int:
@@ -1294,14 +1299,17 @@ class GradientSurgery:
             reached = [True] * len(stacks)
         if not stacks:
             return self._join_collectives(active, found)
-        if not any(reached):  # (under a reducer, every process's reach: each warns alike)
+        if not any(reached) and not self._no_reach_warned:
+            # (under a reducer, every process's reach: each warns alike)
             warn_at_caller(
                 f"GradientSurgery: no task's loss reached any of the {len(reached)} shared "
                 "parameters taking part, so their .grad stays as it was and nothing was "
                 "aggregated. If the model's parameters were replaced after the surgery was "
                 "built (load_state_dict(..., assign=True), fully_shard, to_empty), build the "
                 "surgery again from the new ones; if the shared part is meant to get no "
-                "gradient (detached features), this warning does not apply")
+                "gradient (detached features), this warning does not apply (it is said once "
+                "per surgery)")
+            self._no_reach_warned = True
         # A shared parameter no task's loss reached keeps its .grad as it is (None stays None,
         # as sum(losses).backward() leaves it, so that optimizers skip it and weight decay or
         # momentum does not move it); its zero stack adds nothing to the Gram.
