@@ -255,8 +255,18 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
     """Run the demo for checked ``args``; ``start``: the ``perf_counter`` time its wall time
     counts from (:func:`main` passes its own start, before the argument checks; default
     now)."""
-    import multiprocessing
     import warnings
+
+    # Undefined UIS ratios are dropped by design. The filter is the run's own: set for the
+    # process, it stayed after demo.main() returned in a caller's process (a notebook, a
+    # test), silencing every RuntimeWarning there, torch's and numpy's included.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        return _run_demo(args, start)
+
+
+def _run_demo(args: argparse.Namespace, start: float | None) -> int:
+    import multiprocessing
     from concurrent.futures import Future, ProcessPoolExecutor
 
     from tqdm.auto import tqdm
@@ -264,7 +274,6 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
     from mtunlearn_ext._io import interrupts_held, write_text_atomic
     from mtunlearn_ext.experiment import format_table
 
-    warnings.filterwarnings("ignore", category=RuntimeWarning)  # undefined UIS ratios, by design
     start = time.perf_counter() if start is None else start
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

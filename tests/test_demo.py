@@ -299,3 +299,28 @@ def test_an_interrupt_while_drawing_leaves_the_previous_report_and_plots_alone(t
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")} \
         == previous
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_the_demo_leaves_the_callers_warning_filters_as_they_were(monkeypatch, tmp_path):
+    """run_demo ignored RuntimeWarning for the whole process: after demo.main() returned in a
+    caller's process (a notebook, a test), every RuntimeWarning there, torch's and numpy's
+    included, stayed silenced."""
+    import warnings
+
+    class Stop(Exception):
+        pass
+
+    def stop(args):  # type: ignore[no-untyped-def]
+        raise Stop  # the run's first step past its filter
+
+    monkeypatch.setattr(demo, "check_args", lambda args: None)
+    monkeypatch.setattr(demo, "_baselines", stop)
+    before = list(warnings.filters)
+    with pytest.raises(Stop):
+        demo.main(["--size", "tiny", "--output-dir", str(tmp_path / "o")])
+    # (imports the run made may add filters of their own, sympy's: not these)
+    added = [f for f in warnings.filters if f not in before]
+    assert [f for f in added if f[0] == "ignore" and f[2] is RuntimeWarning] == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("still said", RuntimeWarning)
+    assert [str(w.message) for w in caught] == ["still said"]
