@@ -193,7 +193,7 @@ def _select_tasks(dataset: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | N
 
 def train(model: MultiTaskModel, dataset: MultiTaskDataset,
           tasks: Sequence[TaskSpec | str] | None = None, config: TrainConfig | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = False) -> TrainResult:
     """Train ``model`` in place on the supervised pairs of ``dataset``.
 
     Each step minimises ``sum_t w_t L_t`` (:func:`masked_multitask_loss`) over a batch; rows
@@ -207,7 +207,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
         dataset: the training data (e.g. a retain set).
         tasks: the tasks to train (specs or names; default every task of ``dataset``).
         config: the recipe (default :class:`TrainConfig()`).
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar over epochs (on stderr; off unless asked for).
     """
     config = config or TrainConfig()
     check_takes_task_names(model, "train")

@@ -220,6 +220,17 @@ def test_training_respects_the_supervision_mask(digits) -> None:
               progress=False)
 
 
+def test_training_shows_no_bar_unless_asked(digits, capsys) -> None:
+    """train() drew a tqdm bar on stderr by default: a library call inside someone's script
+    or job log printed what it was not asked to."""
+    config = TrainConfig(epochs=1, batch_size=100, num_threads=1)
+    train(build_model(digits, seed=0), digits.train, None, config)
+    assert capsys.readouterr() == ("", "")
+    train(build_model(digits, seed=0), digits.train, None, config, progress=True)
+    shown = capsys.readouterr()
+    assert shown.out == "" and "train" in shown.err  # asked for: on stderr
+
+
 def test_train_config_validation() -> None:
     for bad in ({"epochs": -1}, {"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"lr": float("nan")},
                 {"optimizer": "lbfgs"}, {"schedule": "step"}, {"grad_clip": 0.0},
