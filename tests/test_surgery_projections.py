@@ -573,3 +573,123 @@ def test_none_for_a_required_tensor_list_is_named() -> None:
                                             r"must be a list of tensors \(one per parameter\), "
                                             r"got None$"):
             call()
+
+
+def _conflict_free_textbook(g: torch.Tensor, r: torch.Tensor, sign: int) -> torch.Tensor:
+    """Rows of ``g`` projected onto ``{d : sign <d, r_j> >= 0}`` in float64 (the same dual on
+    the float64 Gram, whose solver the float64 references of test_solver_references check)."""
+    from mtunlearn_ext import ops
+    return ops.project_nonconflicting(g, r, sign)
+
+
+def _tiny_problem(g_scale: float, basis_scale: float, row_scales: tuple[float, ...] = (1, 1, 1)
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Float32 stacks of g (2 rows, leaning on the basis) and a 3-row basis, scaled."""
+    g, basis = _stacks(2, 40), _stacks(3, 41)
+    for gs, bs in zip(g, basis):
+        gs -= 0.5 * bs[0] + 0.3 * bs[2]
+        for j, row_scale in enumerate(row_scales):
+            bs[j] *= row_scale
+    return ([(x * g_scale).to(torch.float32) for x in g],
+            [(x * basis_scale).to(torch.float32) for x in basis])
+
+
+# (g, basis) scales: both tiny (the documented case: at 1e-25 the output came back
+# unprojected), only g, only the basis, and g beyond float32's squared range with a normal
+# basis; the last two rows of products would be subnormal or zero in float32.
+TINY_SCALES = [(1e-30, 1e-30), (1e-22, 1e-22), (1e-30, 1.0), (1.0, 1e-30), (1e-36, 1.0)]
+
+
+@pytest.mark.parametrize("g_scale, basis_scale", TINY_SCALES)
+@pytest.mark.parametrize("per_layer", [False, [0, 1, 0, 1]], ids=["global", "per_layer"])
+@pytest.mark.parametrize("check_finite", [True, False])
+@pytest.mark.parametrize("ridge", [1e-6, 0.0])
+def test_project_out_list_keeps_the_projection_of_tiny_float32_inputs(
+        g_scale: float, basis_scale: float, per_layer: bool | list[int], check_finite: bool,
+        ridge: float) -> None:
+    """Review: the Gram kernels multiply in float32, so inputs whose products fall below
+    float32's normal range lost the projection (both scaled by 1e-30: 0.48 relative error; at
+    1e-25 the output came back unprojected). The rows that underflowed are now recomputed
+    from power-of-two scaled copies (as the aggregators do), the problem is solved scaled
+    into float32's range and the coefficients scaled back: the float64 projection of the
+    same float32 values, coefficients included."""
+    g, basis = _tiny_problem(g_scale, basis_scale)
+    outs, coeffs = project_out_list(g, basis, ridge, per_layer=per_layer,
+                                    check_finite=check_finite, return_coeffs=True)
+    assert coeffs.dtype == torch.float32
+    groups = [[0, 1, 2, 3]] if per_layer is False else [[0, 2], [1, 3]]
+    for layer, members in enumerate(groups):
+        g64 = _flat([g[p] for p in members])
+        basis64 = _flat([basis[p] for p in members])
+        expected = _project_out_textbook(g64, basis64, ridge)
+        got = _flat([outs[p] for p in members])
+        assert float((got - expected).norm() / expected.norm()) < 1e-6
+        expected_coeffs = torch.linalg.lstsq(basis64.T, (g64 - expected).T).solution.T
+        got_coeffs = (coeffs if per_layer is False else coeffs[layer]).to(F64)
+        assert float((got_coeffs - expected_coeffs).norm() / expected_coeffs.norm()) < 1e-5
+        if ridge == 0:  # else the ridge leaves ~1e-7 of the basis' directions
+            assert float((basis64 @ got.T).abs().max()) < 1e-6 * float(
+                basis64.norm(dim=1).max() * got.norm(dim=1).max())
+
+
+@pytest.mark.parametrize("g_scale, basis_scale", TINY_SCALES)
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("per_layer", [False, [0, 1, 0, 1]], ids=["global", "per_layer"])
+def test_project_nonconflicting_list_keeps_tiny_float32_constraints(
+        g_scale: float, basis_scale: float, sign: int, per_layer: bool | list[int]) -> None:
+    """The same review for the nonconflicting projection (1e-30: 1.4e-2 relative error, the
+    constraints of the lost rows dropped): now the float64 projection of the float32 values,
+    conflicting with no row."""
+    g, r = _tiny_problem(g_scale, basis_scale)
+    outs = project_nonconflicting_list(g, r, sign, per_layer=per_layer)
+    groups = [[0, 1, 2, 3]] if per_layer is False else [[0, 2], [1, 3]]
+    for members in groups:
+        g64, r64 = _flat([g[p] for p in members]), _flat([r[p] for p in members])
+        expected = _conflict_free_textbook(g64, r64, sign)
+        got = _flat([outs[p] for p in members])
+        assert float((got - expected).norm() / expected.norm()) < 1e-6
+        cosines = sign * (got @ r64.T) / (got.norm(dim=1)[:, None] * r64.norm(dim=1))
+        assert float(cosines.min()) > -1e-6
+
+
+def test_a_basis_row_below_floats_squared_range_beside_normal_ones_is_kept() -> None:
+    """One basis row 1e-30 times the others (its squared norm beyond float32 beside theirs):
+    without a ridge the span, and in the nonconflicting projection the cone, do not depend on
+    the rows' norms, so each row is scaled on its own and that row's direction is projected
+    out / its constraint kept, as in float64 (the float32 Gram lost it: 6.6e-2 relative error
+    without a ridge). With the relative ridge, which the tiny row cannot outweigh, the
+    float64 answer leaves its direction and so does this."""
+    g, basis = _tiny_problem(1.0, 1.0, row_scales=(1.0, 1.0, 1e-30))
+    g64, basis64 = _flat(g), _flat(basis)
+    for ridge in (0.0, 1e-6):
+        got = _flat(project_out_list(g, basis, ridge))
+        if ridge:
+            expected = _project_out_textbook(g64, basis64, ridge)
+        else:  # the span from normalised rows (a pseudo-inverse's cut-off drops the tiny one)
+            q = torch.linalg.qr((basis64 / basis64.norm(dim=1, keepdim=True)).T).Q
+            expected = g64 - (g64 @ q) @ q.T
+        assert float((got - expected).norm() / expected.norm()) < 1e-6
+    for sign in (1, -1):
+        got = _flat(project_nonconflicting_list(g, basis, sign))
+        expected = _conflict_free_textbook(g64, basis64, sign)
+        assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_normal_range_projections_take_no_rescue(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The rescue costs nothing where it is not needed: float32 inputs down to norm 1e-8, a
+    zero row of g beside normal ones, and float64 inputs at 1e-30 never reach the
+    recomputation."""
+    from mtunlearn_ext.surgery import _tensor_lists
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(_tensor_lists, "_rescaled_rows", refused)
+    for scale in (1.0, 1e-8):
+        g, basis = _tiny_problem(scale, scale)
+        for x in g:
+            x[1] = 0.0
+        project_out_list(g, basis)
+        project_nonconflicting_list(g, basis)
+    g64, basis64 = _stacks(2, 42), _stacks(3, 43)
+    project_out_list([x * 1e-30 for x in g64], [x * 1e-30 for x in basis64])

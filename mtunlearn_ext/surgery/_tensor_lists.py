@@ -501,6 +501,22 @@ def solvable_gram(local: torch.Tensor, xs: Sequence[torch.Tensor], layers: list[
     return _rescued_gram(gram, xs, layers, num_layers, reduce, op), gram.dtype
 
 
+def rescued_local_gram(gram: torch.Tensor, stacks: Callable[[], Sequence[torch.Tensor]],
+                       layers: list[int] | None, num_layers: int, *, check_finite: bool,
+                       op: str) -> torch.Tensor:
+    """:func:`solvable_gram`'s rescue for a Gram matrix of one process (no reduction) whose
+    NaN/Inf check, if any, has already run: ``gram`` as it is, or as float64 with the rows
+    that float32 underflow lost recomputed. ``stacks()`` gives the per-parameter stacks whose
+    Gram ``gram`` is; it is called only when a row needs recomputing (the list projections
+    join their two lists there, a copy no normal-range call makes)."""
+    if not _readable(gram, check_finite):
+        return gram
+    total, smallest = _sum_and_smallest_diagonal(gram)
+    if not (math.isfinite(total) and smallest < UNDERFLOW_FLOOR):
+        return gram
+    return _rescued_gram(gram, stacks(), layers, num_layers, None, op)
+
+
 def _readable(gram: torch.Tensor, check_finite: bool) -> bool:
     """Whether :func:`solvable_gram` may read ``gram`` on the host to look for underflow: a
     float32 Gram (float64 ones have 2**-1022 to spare) of plain values, on the CPU or where

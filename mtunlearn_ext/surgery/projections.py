@@ -62,6 +62,7 @@ from mtunlearn_ext.surgery._tensor_lists import (
     layer_index,
     poison_nonfinite,
     reduced_stats,
+    rescued_local_gram,
     solvable_gram,
     stacked_stats,
     stats_dtype,
@@ -115,28 +116,41 @@ def _check_projection_args(op: str, g_name: str, g_list: list[torch.Tensor], b_n
 def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Tensor],
                  layers: list[int] | None, num_layers: int, reduce: StatsReduce | None,
                  check_finite: bool, basis_gram: torch.Tensor | None,
-                 transposed: bool = False, basis_name: str = "basis_list"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 transposed: bool = False, basis_name: str = "basis_list",
+                 row_scaled_basis: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``B B^T`` (``[..., k, k]``) and ``B g^T`` (``[..., k, m]``), or with ``transposed``
     ``g B^T`` (``[..., m, k]``, the dual's layout), reduced across processes in one collective:
     from one pass over ``[g; B]``, or, with a kept (already reduced) ``basis_gram``, only the
     cross products. Two blocks, possibly views, not one matrix: the solvers take them apart
     anyway, and joining them cost a ``torch.cat`` per call (:func:`_joined` where one is
-    needed)."""
+    needed).
+
+    The third value is ``None``, or, where float32 underflow lost rows of tiny vectors (one
+    process, no ``basis_gram``), the factors that take the coefficients solved on the
+    returned (rescaled) blocks back to those of the inputs (:func:`_rescaled_blocks`, which
+    ``row_scaled_basis`` is passed to)."""
     m, k = g_list[0].shape[0], basis_list[0].shape[0]
     if basis_gram is None:
         # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
         full = stacked_stats(g_list, basis_list, layers, num_layers,
                              check_finite=check_finite and reduce is None,
                              caller=(op, ("g_list", basis_name)))
+        if reduce is None:
+            rescued = rescued_local_gram(
+                full, lambda: [torch.cat((g, b)) for g, b in zip(g_list, basis_list)],
+                layers, num_layers, check_finite=check_finite, op=op)
+            if rescued.dtype != full.dtype:
+                return _rescaled_blocks(rescued, m, full.dtype, transposed,
+                                        row_scaled_basis)
         gram = full[..., m:, m:]
         cross = full[..., :m, m:] if transposed else full[..., m:, :m]
         if reduce is None:
-            return gram, cross
+            return gram, cross, None
         stats = reduced_stats(op, _joined(gram, cross, transposed), reduce,
                               [("g_list", g_list), (basis_name, basis_list)],
                               check_finite=check_finite)
-        return _split(stats, k, transposed)
+        return *_split(stats, k, transposed), None
     pair = (g_list, basis_list) if transposed else (basis_list, g_list)
     names = ("g_list", basis_name) if transposed else (basis_name, "g_list")
     cross = inner_stats(*pair, layers, num_layers, check_finite=check_finite and reduce is None,
@@ -150,7 +164,41 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     if reduce is not None:
         cross = reduced_stats(op, cross, reduce, [(names[0], pair[0]), (names[1], pair[1])],
                               check_finite=check_finite)
-    return basis_gram.to(cross.dtype), cross
+    return basis_gram.to(cross.dtype), cross, None
+
+
+def _rescaled_blocks(full: torch.Tensor, m: int, dtype: torch.dtype, transposed: bool,
+                     row_scaled_basis: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_basis_stats`' blocks, in ``dtype``, of the problem with each ``g_i`` scaled by
+    ``d_i`` and the basis by ``c`` (one factor), or with ``row_scaled_basis`` each basis row
+    ``j`` by its own ``c_j``: powers of two that bring the squared norms near 1 (exact), read
+    off ``full``, the float64 Gram of ``[g; B]`` (``[..., m + k, m + k]``) whose rows float32
+    underflow lost were recomputed. The coefficients for the scaled problem are ``d_i / c_j``
+    times those for ``(g, B)``: a projection scales with ``g_i``; the cone of the
+    nonconflicting projection and the span of an unridged one do not depend on the rows'
+    norms (nor do the solvers' pivot decisions, relative to each row's own diagonal), and the
+    relative ridge needs one ``c`` for the whole basis. So the third value, ``c_j / d_i``
+    (``[..., m, k]``, float64), takes the coefficients solved on these blocks back. Solved in
+    ``dtype`` and not in float64, the rescued problem keeps the float32 pivot floor that the
+    Gram's float32 products need at any scale (a float64 floor keeps pivots of rounding
+    noise); scaling each row keeps a basis row 1e-30 times another's (a squared norm below
+    float32's range beside the other's) in the problem."""
+    diagonal = torch.diagonal(full, dim1=-2, dim2=-1)
+    basis_norms = diagonal[..., m:]
+    if not row_scaled_basis and basis_norms.shape[-1] > 0:
+        basis_norms = basis_norms.amax(-1, keepdim=True).expand_as(basis_norms)
+    # 2**-e with 2**e just above the norm: scaled entries are at most 1 in magnitude (a zero
+    # row keeps the factor 1).
+    g_scale = torch.ldexp(torch.ones_like(diagonal[..., :m]),
+                          -torch.frexp(diagonal[..., :m].sqrt()).exponent)
+    basis_scale = torch.ldexp(torch.ones_like(basis_norms),
+                              -torch.frexp(basis_norms.sqrt()).exponent)
+    gram = full[..., m:, m:] * basis_scale.unsqueeze(-1) * basis_scale.unsqueeze(-2)
+    cross = full[..., :m, m:] * g_scale.unsqueeze(-1) * basis_scale.unsqueeze(-2)
+    unscale = basis_scale.unsqueeze(-2) / g_scale.unsqueeze(-1)
+    cross = cross.to(dtype)
+    return gram.to(dtype), cross if transposed else cross.transpose(-1, -2), unscale
 
 
 def _joined(gram: torch.Tensor, cross: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -272,9 +320,15 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     Returns:
         The projected stacks (``outs``), and the coefficients if asked.
 
-    Float32 inputs of norm below ~1e-21 lose the projection to underflow in the Gram, which
-    the aggregators rescue and this does not (docs/dropin.md, "Tiny gradients"): scale them up
-    by a power of two first.
+    Float32 inputs whose Gram entries underflow (vectors of norm below ~1e-19, or a basis row
+    ~1e-20 times the others') are rescued as in the aggregators (docs/dropin.md, "Tiny
+    gradients"): a squared norm below ``2**-60`` in the ``[g; B]`` Gram marks rows that are
+    recomputed from power-of-two scaled copies, and the problem is solved scaled into
+    float32's range (the relative ridge scales the basis as a whole; without a ridge each row
+    is scaled), its coefficients scaled back. Not with ``reduce`` or ``basis_gram``, nor where
+    :func:`~mtunlearn_ext.surgery._tensor_lists.solvable_gram` cannot read the Gram (CUDA
+    without ``check_finite``, ``torch.compile``): there scale such inputs up by a power of two
+    first.
     """
     op = "mtunlearn_ext.surgery.project_out_list"
     check_finite = check_bool(op, "check_finite", check_finite)
@@ -289,12 +343,15 @@ def project_out_list(g_list: Sequence[torch.Tensor], basis_list: Sequence[torch.
     def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         k = basis_list[0].shape[0]
         layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
-        gram, cross = _basis_stats(op, g_list, basis_list, layers, layer_count, reduce,
-                                   check_finite, basis_gram)
+        gram, cross, unscale = _basis_stats(op, g_list, basis_list, layers, layer_count,
+                                            reduce, check_finite, basis_gram,
+                                            row_scaled_basis=ridge == 0)
         finite = None
         if not check_finite:
             gram, cross, finite = _guarded(gram, cross, k, transposed=False)
         coeffs = ops.ridge_solve(gram.contiguous(), cross.contiguous(), ridge).transpose(-1, -2)
+        if unscale is not None:
+            coeffs = (coeffs * unscale).to(coeffs.dtype)
         if finite is not None:
             coeffs = poison_nonfinite(coeffs, finite)
         targets = _prepare_outs(op, g_list, outs)
@@ -360,6 +417,9 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
         return_coeffs: also return ``w`` (``[m, k]`` or ``[L, m, k]``).
         basis_gram: ``R R^T`` when the caller keeps it (as in :func:`project_out_list`): only
             the ``k x m`` cross products are then computed.
+
+    Tiny float32 inputs are rescued as in :func:`project_out_list`, each row of ``r`` scaled on
+    its own (the cone does not depend on the rows' norms).
     """
     op = "mtunlearn_ext.surgery.project_nonconflicting_list"
     check_finite = check_bool(op, "check_finite", check_finite)
@@ -373,13 +433,15 @@ def project_nonconflicting_list(g_list: Sequence[torch.Tensor], r_list: Sequence
     def project() -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         k = r_list[0].shape[0]
         layers, layer_count = layer_index(per_layer, len(g_list), op, num_layers)
-        gram, cross = _basis_stats(op, g_list, r_list, layers, layer_count, reduce,
-                                   check_finite, basis_gram, transposed=True,
-                                   basis_name="r_list")
+        gram, cross, unscale = _basis_stats(op, g_list, r_list, layers, layer_count, reduce,
+                                            check_finite, basis_gram, transposed=True,
+                                            basis_name="r_list")
         finite = None
         if not check_finite:
             gram, cross, finite = _guarded(gram, cross, k, transposed=True)
         coeffs = ops.nonconflicting_dual(gram.contiguous(), float(sign) * cross)
+        if unscale is not None:
+            coeffs = (coeffs * unscale).to(coeffs.dtype)
         if finite is not None:
             coeffs = poison_nonfinite(coeffs, finite)
         targets = _prepare_outs(op, g_list, outs)
