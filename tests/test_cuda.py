@@ -328,6 +328,24 @@ def test_a_gram_of_many_rows_keeps_float32_accuracy_over_long_column_ranges(
                                rtol=1e-5, atol=1e-3)
 
 
+def test_items_partials_are_summed_without_dropping_small_ones() -> None:
+    """CUDA review: stage 2 of the Gram kernels summed the work items' float partials in float,
+    so a lane's running sum dropped every later item below half its ulp. A row of 2**25 columns
+    is 2048 items of 16384: the first holds ones (partial 2**14), the 2047 others 2**-13 (partial
+    2**-12 each, every sum exact); lane 0 lost its 63 small items, 16384.484375, where the CPU
+    kernel sums the partials in double and gives the nearest float of 16384.49976, 16384.5. The
+    same split in a list whose first parameter dominates the Gram (gram_list)."""
+    from mtunlearn_ext import ops
+
+    x = torch.full((1, 1 << 25), 2.0**-13, device="cuda")
+    x[0, :16384] = 1.0
+    nearest = float(torch.tensor(16384 + 2047 * 2.0**-12, dtype=torch.float32))
+    assert nearest == 16384.5
+    assert ops.gram(x).item() == nearest
+    assert ops.gram_list([x[:, :16384], x[:, 16384:]]).item() == nearest
+    assert ops.gram(x.cpu()).item() == nearest  # the CPU kernel's answer on the same row
+
+
 def _kernels_run(fn: Callable[[], object]) -> set[str]:
     """Names of the CUDA kernels ``fn`` launched (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile

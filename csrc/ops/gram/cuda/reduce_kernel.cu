@@ -7,8 +7,8 @@
 // use a shared-memory tiled kernel (32 x 32 outputs per block, upper tiles only for a Gram);
 // with MTUNLEARN_CUDA_TENSOR_CORES=1, float16 / bfloat16 Grams of more than 8 rows and every
 // float32 or 16-bit problem past the register kernel take tensor cores (reduce_mma_kernel.cu).
-// Stage 2: one warp per output entry sums the partials of its items in a fixed order. No atomics,
-// so results are deterministic.
+// Stage 2: one warp per output entry sums the partials of its items in a fixed order, in double
+// (rounded once, as on the CPU). No atomics, so results are deterministic.
 #include "mtunlearn/cuda_common.cuh"
 
 namespace mtunlearn {
@@ -209,6 +209,9 @@ reduce_tiled_kernel(const ReduceSegment* __restrict__ segments,
 // One warp per output entry: lane l sums items l, l + 32, ... in order, then a fixed shuffle
 // tree adds the lanes, so the result is the same on every run. (One thread per entry left a
 // k = 2 Gram waiting ~60 us on 2048 dependent adds: a fifth of the whole call at n = 1e8.)
+// The sums run in double and are rounded once, as the CPU kernel sums its items' partials: in
+// float, a lane's running sum dropped every later item below half its ulp (one item of 2**14
+// and 2047 of 2**-12: 16384.484375 where the CPU gives the nearest float, 16384.5).
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
 sum_partials_kernel(const A* __restrict__ partials, const int64_t* __restrict__ output_item_begin,
@@ -217,12 +220,12 @@ sum_partials_kernel(const A* __restrict__ partials, const int64_t* __restrict__ 
   const int lane = threadIdx.x & 31;
   if (e >= num_outputs * mk) return;  // whole warps leave together: e is per warp
   const int64_t o = e / mk, entry = e % mk;
-  A s = A(0);
+  double s = 0.0;
   for (int64_t it = output_item_begin[o] + lane; it < output_item_begin[o + 1]; it += 32)
-    s += partials[it * mk + entry];
+    s += static_cast<double>(partials[it * mk + entry]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-  if (lane == 0) out[e] = s;
+  if (lane == 0) out[e] = static_cast<A>(s);
 }
 
 int padded(int64_t v) { return v <= 1 ? 1 : v <= 2 ? 2 : v <= 4 ? 4 : v <= 8 ? 8 : 16; }
