@@ -27,6 +27,7 @@ from mtunlearn_ext.surgery import gram_list_stats, project_out_list
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
     UnlearningProblem,
+    UnlearningReport,
     available_unlearners,
     get_unlearner,
 )
@@ -54,7 +55,16 @@ from mtunlearn_ext.unlearning.loop import StepContext
 from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace, layer_ids_of
 from mtunlearn_ext.unlearning.terms import RetainTerms
 
-from unlearning_helpers import TwoHeads, fit_kind_and_size, memorised_kind_and_size, step_context
+from unlearning_helpers import (
+    WIDE_TASKS,
+    TwoHeads,
+    WideTrunkThreeHeads,
+    fit_kind_and_size,
+    memorised_kind_and_size,
+    peak_allocated_bytes,
+    step_context,
+    wide_trunk_data,
+)
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -2172,6 +2182,46 @@ def test_chunk_size_bounds_the_per_sample_pass_memory() -> None:
     assert in_chunks - at_once < rows_kib // 2, (
         f"chunks of 4 grew the peak by {in_chunks // 1024} MiB, all rows at once by "
         f"{at_once // 1024} MiB, for {rows_kib // 1024} MiB of rows")
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_step_holds_its_planned_copies_and_six_more_of_the_model(partial: bool) -> None:
+    """Beyond its plan (snapshots, per-sample rows), a run holds six copies of the model at its
+    peak: the model it returns, the optimizer's momentum, the retain gradient, the forget
+    direction, its instance projection and the ``.grad`` being written. Zeros made up front for
+    the retain and forget gradients, a stacked copy of the one forget gradient, negated copies
+    of the direction and a second float64 copy of a layer in its norms made that ten (peak 18.1
+    and 20.1 model sizes for plans of 8.1 and 10.1; now 14.1 and 16.1)."""
+    model = WideTrunkThreeHeads()
+    x, y = wide_trunk_data()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reports: list[UnlearningReport] = []
+
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 2 steps forget little, and are said to
+            reports.append(mtunlearn_ext.unlearn(
+                model, tasks=WIDE_TASKS, train_data=(x, y),
+                forget_request=ForgetRequest.create(range(6), ["a"] if partial else None),
+                config={"steps": 2, "forget_batch_size": 4, "retain_batch_size": 8,
+                        "num_snapshots": 4, "num_per_sample": 4, "num_coupled_per_sample": 2,
+                        "cap_rows": 16},
+                shared_parameters=lambda name: name.startswith("trunk."))[1])
+
+    peak = peak_allocated_bytes(run)
+    plan = reports[0].extra["interference_aware"]["gradient_memory_bytes"]["total"]
+    assert peak <= plan + 7 * model_bytes, (
+        f"peak {peak / model_bytes:.1f} model sizes for a plan of {plan / model_bytes:.1f}")
+
+
+def test_the_norms_make_one_float64_copy_of_a_tensor() -> None:
+    """The kept-fraction curves' norms square the float64 copy in place: a second copy of the
+    largest layer was the step's peak."""
+    tensor = torch.randn(1 << 18)
+    peak = peak_allocated_bytes(lambda: interference_aware_module._norm([tensor]))
+    assert peak <= 8 * tensor.numel() + 4096, f"{peak / tensor.numel():.1f} bytes per element"
+    expected = torch.sqrt((tensor.double() ** 2).sum())
+    assert torch.equal(interference_aware_module._norm([tensor]), expected)
 
 
 # -- behaviour a mutation review found unpinned --------------------------------------------------

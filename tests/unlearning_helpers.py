@@ -5,9 +5,11 @@ seeded forget objectives, the method's ``setup``)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
@@ -69,3 +71,48 @@ def memorised_kind_and_size() -> tuple[nn.Module, torch.Tensor, dict[str, torch.
          "size": torch.randn(120, 1, generator=generator)}
     torch.manual_seed(0)
     return fit_kind_and_size(TwoHeads(), x, y, steps=150), x, y
+
+
+def peak_allocated_bytes(run: Callable[[], object]) -> int:
+    """The most bytes torch's CPU allocator held at once during ``run()`` beyond what it held
+    when ``run`` began: the running sum of the profiler's allocation and free events, a count
+    that does not depend on timing, the machine's other processes or the C library's reuse of
+    freed pages (resident memory does)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # Frees first on a tie of timestamps: the peak is never overstated.
+    events = sorted((event.start_ns(), event.nbytes())
+                    for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+class WideTrunkThreeHeads(nn.Module):
+    """A trunk of three ``width``-wide layers (most of the parameters in two square ones) and
+    three heads: two classifications of 3 classes ("a", "b"), one regression ("c")."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width),
+                                   nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 3), "b": nn.Linear(width, 3),
+                                    "c": nn.Linear(width, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: head(z) for t, head in self.heads.items()}
+
+
+WIDE_TASKS = {"a": "classification", "b": "classification", "c": "regression"}
+
+
+def wide_trunk_data(n: int = 48) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 16, generator=g), {"a": torch.randint(0, 3, (n,), generator=g),
+                                             "b": torch.randint(0, 3, (n,), generator=g),
+                                             "c": torch.randn(n, 1, generator=g)}

@@ -630,8 +630,17 @@ def _check_fits(plan: Mapping[str, int], device: torch.device) -> None:
             f"the run may fail out of memory; {_LOWER}")
 
 
+def _own_memory(tensors: Sequence[torch.Tensor]) -> bool:
+    """Each tensor is contiguous and no two share a storage (autograd may hand one gradient
+    to two parameters, e.g. of ``a + b``), so each may be written in place on its own."""
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    return len(storages) == len(tensors) and all(t.is_contiguous() for t in tensors)
+
+
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
+    # Squared in place in the float64 copy (pow_ is the same kernel as ** 2): a second float64
+    # copy of the largest layer was the step's peak (two float32 trunks for an MLP of 4 layers).
+    return torch.sqrt(sum(t.double().pow_(2).sum() for t in tensors))  # type: ignore[arg-type]
 
 
 _NO_HELD_OUT = ("interference_aware: cap_reference='held_out' needs a problem with `held_out` "
@@ -1064,6 +1073,13 @@ class InterferenceAware(GradientUnlearner):
         # parameter's gradients stack into strided ones).
         stacks = [torch.stack([f_shared[k][p] for k in keys]).contiguous()
                   for p in range(len(ctx.groups.shared_params))]
+        return self._project_stacks(ctx, keys, stacks)
+
+    @staticmethod
+    def _project_stacks(ctx: StepContext, keys: Sequence[str], stacks: list[torch.Tensor]
+                        ) -> list[torch.Tensor]:
+        """:meth:`task_project` on stacks already made (row ``i`` of each: key ``keys[i]``),
+        projected in place."""
         subspaces: dict[tuple[str, ...], ProtectedSubspace] = ctx.state["subspaces"]
         plan: dict[str, tuple[str, ...]] = ctx.state["protect_plan"]
         if not subspaces:
@@ -1286,7 +1302,9 @@ class InterferenceAware(GradientUnlearner):
         # one backward of the total (only the sum is needed for the descent term).
         refresh_step = ctx.step % cfg.refresh_every == 0
         refresh = cfg.task_projection and refresh_step
-        retain_shared = [torch.zeros_like(p) for p in shared]
+        # Zeros are made only where no gradient replaces them: made up front, they were one
+        # more copy of the trunk alive through the per-sample pass (the step's peak).
+        retain_shared: list[torch.Tensor] | None = None
         retain_heads: dict[str, list[torch.Tensor]] = {}
         # The instance constraints' rows are the first rows of the retain batch: outside
         # refresh steps their per-sample pass also gives those rows' share of the retain
@@ -1310,13 +1328,15 @@ class InterferenceAware(GradientUnlearner):
             total = stats.retain.total()
             if total is not None and total.requires_grad:
                 retain_shared, retain_heads = groups.split(grads_of(total, groups.all_params))
+        if retain_shared is None:
+            retain_shared = [torch.zeros_like(p) for p in shared]
 
         # Forget: the task-aware projection is linear and shares its subspaces across target
         # tasks, so projecting sum_t f_t equals summing the projected f_t: one backward of the
         # summed objective gives both sum_t f_t on theta_s and every f_t on its own head.
         stats.forget = self.forget_step_terms(ctx, forget_batch)
         targets = list(stats.forget.objective)
-        forget_shared = [torch.zeros_like(p) for p in shared]
+        forget_shared: list[torch.Tensor] | None = None
         forget_heads: dict[str, list[torch.Tensor]] = {}
         if targets and cfg.alpha > 0:
             plan = ctx.state["protect_plan"]
@@ -1324,21 +1344,34 @@ class InterferenceAware(GradientUnlearner):
                 total_forget = stats.forget.total()
                 assert total_forget is not None
                 heads = [p for t in targets for p in groups.head_params(t)]
-                raw, forget_heads = groups.split(grads_of(total_forget, shared + heads), targets)
+                forget_grads = grads_of(total_forget, shared + heads)
+                raw, forget_heads = groups.split(forget_grads, targets)
+                if ctx.state["subspaces"]:  # taken before the projection writes over `raw`
+                    raw_norm = _norm(raw)
                 # Keyed by a target present here: they all share its subspace (under
-                # protect="others" absent targets may have their own).
-                projected = self.task_project(ctx, {targets[0]: raw})
+                # protect="others" absent targets may have their own). Projected where they
+                # are when no two gradients share memory: a stacked copy was one more copy of
+                # the trunk.
+                if _own_memory(forget_grads):
+                    projected = self._project_stacks(
+                        ctx, [targets[0]], [g.unsqueeze(0) for g in raw])
+                else:
+                    projected = self.task_project(ctx, {targets[0]: raw})
                 forget_shared = [s[0] for s in projected]
+                del forget_grads
             else:
                 # A subspace per target task: each f_t is projected off its own, then summed.
                 per_task, forget_heads = self.forget_task_grads(ctx, stats.forget.objective)
                 raw = [torch.stack([per_task[t][p] for t in per_task]).sum(0)
                        for p in range(len(shared))]
+                if ctx.state["subspaces"]:
+                    raw_norm = _norm(raw)
                 projected = self.task_project(ctx, per_task)
                 forget_shared = [s.sum(0) for s in projected]
+            del raw, projected
             if ctx.state["subspaces"]:  # a curve only where a task projection runs
                 stats.extra["task_kept_fraction"] = (
-                    _norm(forget_shared) / _norm(raw).clamp(min=1e-30))
+                    _norm(forget_shared) / raw_norm.clamp(min=1e-30))
 
             if cfg.instance_projection != "off":
                 # Over the heads of every target task of the request, also those without a
@@ -1352,8 +1385,11 @@ class InterferenceAware(GradientUnlearner):
                         forget_heads[t] = [torch.zeros_like(p) for p in groups.head_params(t)]
                 names = [n for n, _ in groups.shared] + [n for t in head_tasks
                                                          for n, _ in groups.heads[t]]
-                step_dir = [-g for g in forget_shared] + [-g for t in head_tasks
-                                                           for g in forget_heads[t]]
+                # The shared part negated in place (each is this step's own buffer, the
+                # projection's output or a sum of it); a head's gradient may share memory with
+                # another's, so those are copied.
+                step_dir = [g.neg_() for g in forget_shared] + [-g for t in head_tasks
+                                                                for g in forget_heads[t]]
                 before = _norm(step_dir)
                 assert instance_rows is not None
                 given = None
@@ -1369,8 +1405,12 @@ class InterferenceAware(GradientUnlearner):
                     max(memory.filled, per_sample[0].shape[0]))
                 stats.extra["instance_kept_fraction"] = (
                     _norm(projected_dir) / before.clamp(min=1e-30))
-                forget_shared, forget_heads = groups.split([-d for d in projected_dir],
+                del step_dir
+                # In place: the projection's outputs are its own, and nothing reads them after.
+                forget_shared, forget_heads = groups.split([d.neg_() for d in projected_dir],
                                                            head_tasks)
+        if forget_shared is None:
+            forget_shared = [torch.zeros_like(p) for p in shared]
 
         # Update: retain descent everywhere, alpha * projected forget on theta_s and S's heads.
         for p, r, f in zip(shared, retain_shared, forget_shared):
