@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final, Literal, get_args
 
@@ -1011,6 +1011,7 @@ class InterferenceAware(GradientUnlearner):
                 for task, grads in self._snapshot_grads(ctx, out, group, ctx.state["protect"],
                                                         terms):
                     _push(subspaces, task, grads)
+                    del grads  # stored: let it go before the next task's is computed
                     pushed += 1
             weighted: torch.Tensor | None = None
             for c, t in enumerate(names):
@@ -1036,20 +1037,22 @@ class InterferenceAware(GradientUnlearner):
                 for task, grads in self._snapshot_grads(ctx, out, group,
                                                         ctx.state["coupled_tasks"], terms):
                     _push(subspaces, task, grads)
+                    del grads
                     pushed += 1
         return RetainTerms(losses), retain_shared, retain_heads, pushed
 
     def _snapshot_grads(self, ctx: StepContext, out: Mapping[str, torch.Tensor], batch: Batch,
                         tasks: Sequence[str], terms: RetainTerms
-                        ) -> list[tuple[str, list[torch.Tensor]]]:
+                        ) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """(task, gradient on ``theta_s``) for each task of ``tasks`` supervised in ``batch``:
         of the loss against model-sampled targets (``snapshot_targets="sampled"``) or of the
-        labelled retain loss (``"labels"``). The forward graph is kept for the caller."""
+        labelled retain loss (``"labels"``). The forward graph is kept for the caller. One at
+        a time, as the caller pushes them: a list held a copy of the trunk per protected task
+        at once, the refresh step's peak."""
         supervision = batch["supervision"]
         targets = batch["targets"]
         assert isinstance(supervision, torch.Tensor) and isinstance(targets, Mapping)
         shared = ctx.groups.shared_params
-        snapshots = []
         for t in tasks:
             rows = supervision[:, ctx.problem.task_names.index(t)]
             if self.config.snapshot_targets == "sampled":
@@ -1059,8 +1062,7 @@ class InterferenceAware(GradientUnlearner):
                 loss = terms.loss[t] if bool(rows.any()) else None
             if loss is None or not loss.requires_grad:
                 continue
-            snapshots.append((t, grads_of(loss, shared, retain_graph=True)))
-        return snapshots
+            yield t, grads_of(loss, shared, retain_graph=True)
 
     def task_project(self, ctx: StepContext, f_shared: Mapping[str, list[torch.Tensor]]
                      ) -> list[torch.Tensor]:
