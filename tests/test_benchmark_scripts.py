@@ -118,6 +118,16 @@ def test_memory_inner_shapes_times_every_kernel_variant(tmp_path: Path) -> None:
     assert ops_timed == ["inner_list", "gram_list"], stdout
 
 
+def test_unlearning_memory_counts_the_peak_of_every_method(tmp_path: Path) -> None:
+    stdout = _run([str(BENCHMARKS / "unlearning_memory.py"), "--sizes", "0.05", "--methods",
+                   "interference_aware", "finetune"], cwd=tmp_path)
+    rows = [line.split() for line in stdout.splitlines()[1:]]
+    assert [row[1] for row in rows] == ["interference_aware", "finetune"], stdout
+    # Copies of the model at the peak: the plan's and more (the returned model at least).
+    copies, plan = float(rows[0][4]), float(rows[0][5])
+    assert copies > plan > 7, stdout
+
+
 def _compare_module():  # type: ignore[no-untyped-def]
     """benchmarks/compare.py as a module (it imports its sibling _bench_common by name)."""
     if str(BENCHMARKS) not in sys.path:
