@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -432,6 +433,24 @@ def test_loader_rejects_bad_labels(tmp_path: Path) -> None:
 def _rename_everywhere(split_dir: Path, old: str, new: str) -> None:
     for folder in split_dir.iterdir():
         (folder / old).rename(folder / new)
+
+
+def test_a_file_numbered_far_beyond_the_others_is_named_without_listing_every_number(
+        tmp_path: Path) -> None:
+    """The gap message listed the missing numbers from a set of every number up to the
+    highest: one empty file named 99999999999.npy in a data folder took 10**11 ints' memory.
+    (Measured with a smaller number, whose set the old code could still build.)"""
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    (tmp_path / "train" / "image" / "2000000.npy").touch()
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayoutError, match=r"got 4 files up to 2000000.npy; missing e.g. "
+                                              r"\[3, 4, 5, 6, 7, 8, 9, 10, 11, 12\]"):
+            load_cityscapes(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB to name the gaps"
 
 
 def test_loader_refuses_numbering_that_would_misname_instances(tmp_path: Path) -> None:

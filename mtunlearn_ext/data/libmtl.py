@@ -104,7 +104,10 @@ def _count(folder: Path) -> int:
     if not found:
         raise LayoutError(f"no <i>.npy files in {folder}")
     if found[-1] != len(found) - 1:
-        missing = sorted(set(range(found[-1] + 1)) - set(found))[:10]
+        # The first ten gaps lie below len(found) + 10: a set of every number up to the highest
+        # (a file named 99999999999.npy: 10**11 ints) took all the memory there was.
+        present = set(found)
+        missing = [i for i in range(min(found[-1], len(found) + 10)) if i not in present][:10]
         raise LayoutError(f"{folder}: expected files numbered 0.npy .. {len(found) - 1}.npy "
                           f"without gaps (instance i is <i>.npy, its id i), got {len(found)} "
                           f"files up to {found[-1]}.npy; missing e.g. {missing}")
