@@ -181,6 +181,9 @@ def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dic
     except RecursionError:  # not a ValueError: it escaped as a traceback with exit 1
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
                             "nested too deeply to read") from None
+    except ValueError as error:  # an integer past Python's 4300 digits: a traceback before
+        raise _record_error(argument, "a readable JSON unlearning record", str(p),
+                            str(error).split("; use sys.set_int_max_str_digits")[0]) from None
     if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
         found = (f"its schema is {record.get('schema')!r}" if isinstance(record, dict)
                  else f"it holds a JSON {type(record).__name__}, not an object")

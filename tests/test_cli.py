@@ -255,6 +255,9 @@ BAD_INPUTS = [
      "--method-config", "nested too deeply"),
     (["--forget-ids", ids(1), "--method-config", '{"lr": 1e300}'], "--method-config",
      "float32's largest"),
+    # An integer past Python's 4300 digits is a ValueError, not a JSONDecodeError: a traceback.
+    (["--forget-ids", ids(1), "--method-config", '{"steps": ' + "9" * 5000 + "}"],
+     "--method-config", "Exceeds the limit (4300 digits)"),
 ]
 
 
@@ -293,6 +296,26 @@ def test_a_record_nested_too_deeply_is_refused_in_one_line(tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("mtunlearn: error: --results: expected a readable JSON results file")
     assert err.endswith("nested too deeply to read") and len(err.splitlines()) == 1, err
+
+
+def test_a_json_integer_past_pythons_digit_limit_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A record or results file holding an integer of 5000 digits ended `verify` and `report`
+    in a ValueError traceback (Python's limit on int(str)) with exit 1, verify's mismatch
+    code; the limit's advice (sys.set_int_max_str_digits) is no help to a command's user."""
+    big = tmp_path / "big.json"
+    big.write_text('{"schema": ' + "9" * 5000 + "}")
+    assert cli.main(["verify", "--record", str(big)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtunlearn: error: --record: expected a readable JSON unlearning "
+                          "record") and err.endswith("value has 5000 digits"), err
+    assert len(err.splitlines()) == 1
+    assert cli.main(["report", "--results", str(big), "--output-dir",
+                     str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtunlearn: error: --results: expected a readable JSON results file")
+    assert err.endswith("value has 5000 digits") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "report").exists()
 
 
 def test_bad_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
