@@ -18,6 +18,7 @@ import pickle
 import re
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from torch.optim.optimizer import ParamsT
 from tqdm.auto import tqdm
 
 from mtunlearn_ext._errors import UnknownNameError
+from mtunlearn_ext._expansion import MAX_ADDED_BY_SHARING, SelfContainingError, expanded_size
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext._random import seeded_generators
@@ -468,6 +470,57 @@ def _not_a_checkpoint(path: Path, error: pickle.UnpicklingError) -> str:
             "`mtunlearn train` and `mtunlearn unlearn` write are read")
 
 
+def _refuse_compressed_entries(path: Path, data: bytes) -> None:
+    """torch.save stores its archive's entries uncompressed, so a tensor holds at most what
+    the file does; torch.load also inflates compressed ones, and a 0.7 MB file whose one
+    entry deflates to 512 MiB of zeros took that much memory to read."""
+    try:
+        entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return  # not a zip archive: torch's own reader decides (and refuses what it cannot)
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(f"checkpoint {path} is not an mtunlearn checkpoint: its archive "
+                              f"holds compressed entries ({packed[0]}), which torch.save never "
+                              "writes; only the files `mtunlearn train` and `mtunlearn "
+                              "unlearn` write are read")
+
+
+def _refuse_outsized(path: Path, payload: Any, file_size: int) -> None:
+    """Refuse what hashing the loaded payload would blow up: parts shared through the pickle's
+    memo that expand far beyond what the file writes out (a few hundred bytes naming a list
+    of two copies of a list of two copies ... sixty deep hashed for ever), a part containing
+    itself, and a tensor with more values than the file holds (a stride of 0, or a sparse
+    tensor's size, makes a 4-byte storage a 4 GiB array once made contiguous)."""
+    tensors: dict[int, torch.Tensor] = {}
+
+    def parts(value: Any) -> list[Any] | None:
+        if isinstance(value, torch.Tensor):
+            tensors[id(value)] = value
+            return None
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, dict):
+            return [item for pair in value.items() for item in pair]
+        return None
+
+    try:
+        expanded, written = expanded_size(payload, parts)
+    except SelfContainingError as error:
+        raise CheckpointError(f"checkpoint {path} is damaged: {error}") from None
+    if expanded - written > MAX_ADDED_BY_SHARING:
+        raise CheckpointError(f"checkpoint {path} is damaged: its parts shared through the "
+                              f"pickle's memo expand it to {expanded:,} values from {written:,} "
+                              f"written (at most {MAX_ADDED_BY_SHARING:,} more are read)")
+    for tensor in tensors.values():
+        values = tensor.numel() * tensor.element_size()
+        if values > file_size:
+            raise CheckpointError(f"checkpoint {path} is damaged: a tensor of shape "
+                                  f"{tuple(tensor.shape)} holds {values:,} bytes of values, "
+                                  f"more than the file's {file_size:,} bytes (elements that "
+                                  "overlap, or a sparse tensor's size)")
+
+
 def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = None,
                     model: torch.nn.Module | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
@@ -494,6 +547,7 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise CheckpointError(f"checkpoint {p} has SHA-256 {sha}, expected {expected_sha256} "
                               "(truncated, modified or a different file)")
+    _refuse_compressed_entries(p, data)
     try:
         with warnings.catch_warnings():
             # torch warns about a pickle protocol other than its own before it refuses such a
@@ -509,6 +563,7 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
                               f"{type(error).__name__}: {first}") from error
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not an mtunlearn_ext checkpoint ({_CHECKPOINT_FORMAT})")
+    _refuse_outsized(p, payload, len(data))
     state, meta, recorded, recorded_meta = (payload.get("state_dict"), payload.get("meta"),
                                             payload.get("state_sha256"),
                                             payload.get("meta_sha256"))
@@ -523,6 +578,9 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
             actual_meta = meta_sha256(meta)
         except TypeError as error:
             raise CheckpointError(f"checkpoint {p} is damaged: {error}") from error
+        except RecursionError:  # lists in lists 200,000 deep: a traceback with exit 1
+            raise CheckpointError(f"checkpoint {p} is damaged: its metadata is nested too "
+                                  "deeply to read") from None
         if actual_meta != recorded_meta:
             raise CheckpointError(f"checkpoint {p} is corrupt: its metadata (the benchmark, "
                                   f"seed and removals it names) hashes to {actual_meta}, the "

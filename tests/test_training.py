@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mtunlearn_ext.data import ForgetRequest, TaskSpec, load_benchmark
+from mtunlearn_ext import training
 from mtunlearn_ext.losses import masked_multitask_loss, task_loss
 from mtunlearn_ext.models import build_model
 from mtunlearn_ext.training import (
@@ -18,6 +22,7 @@ from mtunlearn_ext.training import (
     TrainConfig,
     load_checkpoint,
     save_checkpoint,
+    state_dict_sha256,
     train,
 )
 
@@ -534,3 +539,83 @@ def test_train_and_evaluate_name_the_model_contract_for_a_plain_forward() -> Non
                                             r"Plain.forward\(x"):
             call(Plain())
         call(WithTasks())  # a second parameter is all it takes
+
+
+# -- crafted checkpoints: what reading them may cost ---------------------------------------------
+
+def _crafted(path: Path, meta_ops: bytes = b"N", state: dict | None = None,
+             compression: int = zipfile.ZIP_STORED) -> Path:
+    """A checkpoint whose metadata value ``meta['x']`` is the raw pickle ops ``meta_ops`` (the
+    memo sharing and nesting a hand-made file can hold), its hashes recorded as they are."""
+    state = _tiny_model().state_dict() if state is None else state
+    marker = "MARKER-" * 3
+    payload = {"format": training._CHECKPOINT_FORMAT, "state_dict": state, "meta": {"x": marker},
+               "state_sha256": state_dict_sha256(state), "meta_sha256": "0" * 64}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for entry in source.infolist():
+            data = source.read(entry.filename)
+            if entry.filename.endswith("data.pkl"):
+                op = b"X" + struct.pack("<I", len(marker)) + marker.encode()
+                data = data.replace(op, meta_ops)
+            archive.writestr(entry.filename, data)
+    return path
+
+
+def _memo_put(i: int) -> bytes:
+    return b"r" + struct.pack("<I", 100000 + i)  # LONG_BINPUT, clear of torch's own entries
+
+
+def _memo_get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", 100000 + i)  # LONG_BINGET
+
+
+def test_metadata_shared_through_the_memo_is_refused_before_it_is_hashed(tmp_path: Path
+                                                                         ) -> None:
+    """A list of two copies of a list of two copies ... (the pickle's memo), a few bytes a
+    level: its hash walked 2**levels values (60 levels: for ever). 21 levels here, which the
+    hash still walks in a few seconds without the check."""
+    ops = b"(](K\x01K\x01e" + _memo_put(0)
+    for level in range(1, 21):
+        ops += b"](" + _memo_get(level - 1) + _memo_get(level - 1) + b"e" + _memo_put(level)
+    path = _crafted(tmp_path / "laughs.pt", ops + b"t")
+    with pytest.raises(CheckpointError, match=r"shared through the pickle's memo expand it to "
+                                              r"8,388,\d+ values from \d+ written"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("ops", "message"), [
+    (b"]" * 200000 + b"a" * 199999, "its metadata is nested too deeply to read"),
+    (b"]" + _memo_put(0) + _memo_get(0) + b"a", "a part of it contains itself")],
+    ids=["nested", "self-containing"])
+def test_metadata_too_deep_or_holding_itself_is_one_error(tmp_path: Path, ops: bytes,
+                                                          message: str) -> None:
+    """Both ended the commands in a RecursionError traceback (exit 1) from the metadata hash."""
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_crafted(tmp_path / "m.pt", ops))
+
+
+def test_a_tensor_larger_than_its_file_is_refused_before_it_is_made(tmp_path: Path) -> None:
+    """A stride-0 view of one value (or a sparse tensor's size) claims any shape: hashing it
+    made it contiguous, 4 GiB from a 4-byte storage at (32768, 32768). Small here, so that the
+    file loads whole without the check."""
+    path = _crafted(tmp_path / "wide.pt", state={"w": torch.zeros(1).expand(2000, 2000)})
+    with pytest.raises(CheckpointError, match=r"a tensor of shape \(2000, 2000\) holds "
+                                              r"16,000,000 bytes of values, more than the "
+                                              r"file's"):
+        load_checkpoint(path)
+
+
+def test_compressed_archive_entries_are_refused_before_they_are_inflated(tmp_path: Path
+                                                                         ) -> None:
+    """torch.load inflates deflated entries, which torch.save never writes: a 0.7 MB file
+    took 512 MiB of zeros to read."""
+    path = _crafted(tmp_path / "deflated.pt", compression=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"its archive holds compressed entries "
+                                              r"\(.*data.pkl\), which torch.save never writes"):
+        load_checkpoint(path)
+    stored = _crafted(tmp_path / "stored.pt")  # the same file stored: its hash mismatch alone
+    with pytest.raises(CheckpointError, match="its metadata .* hashes to"):
+        load_checkpoint(stored)
