@@ -744,10 +744,27 @@ def _request_fields(request: Any, request_type: str, targets: Sequence[str],
                           {"fraction": fraction, "seed": seed})}
 
 
+def _checkpoint_recipe(loaded: Any, checkpoint: str) -> Any:
+    """The training recipe a checkpoint recorded (retraining's), checked before any work: a
+    recipe that is no mapping, or holds a field TrainConfig lacks, ended the run after the
+    input model was measured, in a TypeError or ValueError traceback."""
+    from mtunlearn_ext.experiment import default_recipe
+    from mtunlearn_ext.workflow import UserInputError
+
+    stored = loaded.meta.get("recipe") or {}
+    try:
+        if not isinstance(stored, Mapping):
+            raise TypeError(f"it is a {type(stored).__name__}, not a mapping")
+        return default_recipe(loaded.benchmark, int(loaded.meta["seed"]),
+                              {k: v for k, v in stored.items() if k != "seed"})
+    except (TypeError, ValueError) as error:
+        raise UserInputError("--checkpoint", "a checkpoint whose recorded training recipe is "
+                             "TrainConfig's fields", checkpoint, str(error)) from error
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext._io import interrupts_held
     from mtunlearn_ext.erasure import erased_instances, refuse_erased_ids
-    from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
     from mtunlearn_ext.records import (
         RECORD_SCHEMA,
@@ -858,6 +875,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                  f"removed {entirely} instance(s) entirely{partly_text}: those pairs stay "
                  f"removed ({excluded} kept out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
+        recipe = _checkpoint_recipe(loaded, args.checkpoint)
         from tqdm.auto import tqdm
 
         with tqdm(total=4, desc="unlearn", disable=args.quiet, leave=False) as bar:
@@ -865,9 +883,6 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             before = measure(loaded.model, forget, retain, bench.test, targets, seed,
                              args.eval_batch_size)
             bar.update()
-            recipe = default_recipe(bench, int(loaded.meta["seed"]),
-                                    {k: v for k, v in dict(loaded.meta.get("recipe") or {}).items()
-                                     if k != "seed"})
             problem = UnlearningProblem(
                 model=loaded.model.to(device), tasks=list(train_set.tasks), forget=forget,
                 retain=retain, request=request, target_tasks=targets, device=device, seed=seed,

@@ -365,6 +365,13 @@ def benchmark_from_meta(meta: Mapping[str, Any], argument: str = "--checkpoint",
         raise UserInputError(argument, f"a checkpoint written by `mtunlearn train` (meta format "
                              f"{CLI_META_FORMAT!r})", meta.get("format"),
                              f"its metadata lacks {missing or ['format']}")
+    seed = meta["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        # int() took 1.5 for 1 and True for 1 (other data than the file names) and failed on
+        # a list or None with a TypeError traceback.
+        raise UserInputError(argument, "a checkpoint whose metadata seed is an integer >= 0",
+                             repr(seed)[:60], "the file was not written by `mtunlearn`, or was "
+                             "edited")
     from mtunlearn_ext.erasure import num_train_recorded, recorded_train_files
 
     root = data_root_of(meta, data_root)

@@ -325,3 +325,49 @@ def test_another_models_weights_are_named_by_what_differs(
     assert "expected weights of the 'digits' model" in err
     assert 'Missing key(s) in state_dict: "backbone.' in err
     assert 'Unexpected key(s) in state_dict: "encoder.weight", "encoder.bias"' in err
+
+
+def _with_meta(source: Path, target: Path, **changes: object) -> Path:
+    """A copy of the checkpoint ``source`` with its metadata changed as a hand-made file would
+    have it (the metadata hash recomputed: it guards against damage, not against an author)."""
+    from mtunlearn_ext.training import (
+        _CHECKPOINT_FORMAT,
+        load_checkpoint,
+        meta_sha256,
+        state_dict_sha256,
+    )
+
+    loaded = load_checkpoint(source)
+    meta = {**loaded.meta, **changes}
+    torch.save({"format": _CHECKPOINT_FORMAT, "state_dict": loaded.state_dict, "meta": meta,
+                "state_sha256": state_dict_sha256(loaded.state_dict),
+                "meta_sha256": meta_sha256(meta)}, target)
+    return target
+
+
+@pytest.mark.parametrize("seed", [[1], None, 1.5, True], ids=["list", "null", "float", "bool"])
+def test_a_checkpoints_seed_must_be_an_integer(trained: Path, tmp_path: Path,  # noqa: F811
+                                               capsys: pytest.CaptureFixture[str],
+                                               seed: object) -> None:
+    """int() of the metadata's seed: a list or None was a TypeError traceback (exit 1), 1.5
+    and true were read as seed 1, data the checkpoint does not name."""
+    crafted = _with_meta(trained, tmp_path / "crafted.pt", seed=seed)
+    assert cli.main(["evaluate", "--checkpoint", str(crafted), "--quiet"]) == 2
+    err = _err(capsys)
+    assert "--checkpoint: expected a checkpoint whose metadata seed is an integer >= 0" in err
+
+
+@pytest.mark.parametrize("recipe", ["x", 3, {"no_such_field": 1}], ids=["text", "number", "key"])
+def test_a_checkpoints_recipe_is_checked_before_any_work(trained: Path,  # noqa: F811
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         recipe: object) -> None:
+    """The recorded training recipe (retraining's) was read after the input model was
+    measured: a TypeError or ValueError traceback with exit 1."""
+    crafted = _with_meta(trained, tmp_path / "crafted.pt", recipe=recipe)
+    code = _unlearn(crafted, tmp_path / "out.pt", "--forget-ids", ids(1), "--method",
+                    "finetune")
+    assert code == 2
+    err = _err(capsys)
+    assert "--checkpoint: expected a checkpoint whose recorded training recipe" in err, err
+    assert not (tmp_path / "out.pt").exists()
