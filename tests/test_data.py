@@ -453,6 +453,23 @@ def test_a_file_numbered_far_beyond_the_others_is_named_without_listing_every_nu
     assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB to name the gaps"
 
 
+def test_an_npy_header_declaring_more_than_its_file_holds_is_refused_before_numpy_reads_it(
+        tmp_path: Path) -> None:
+    """A 192-byte image declaring (400000, 400000, 3) float32 (1.75 TiB) ended the load in
+    numpy's MemoryError traceback; a claim that fits the machine's overcommit was allocated
+    before numpy found the file short."""
+    _write_libmtl(tmp_path, with_normals=False, num_classes=7)
+    image = tmp_path / "train" / "image" / "1.npy"
+    with image.open("wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (400000, 400000, 3)})
+        f.write(b"\0" * 64)
+    with pytest.raises(LayoutError, match=r"1.npy: its header declares a float32 array of shape "
+                                          r"\(400000, 400000, 3\) \(1,920,000,000,000 bytes\), "
+                                          r"the file holds 64 after it"):
+        load_cityscapes(tmp_path)
+
+
 def test_loader_refuses_numbering_that_would_misname_instances(tmp_path: Path) -> None:
     """Files were sorted by number and given ids by position: with train files 0, 1, 4 file
     4.npy got id 2, so a request for file 2 forgot another image; a zero-padded copy

@@ -16,7 +16,8 @@ file): RGB outside ``[0, 1]`` (an image kept in ``[0, 255]``), labels outside ``
 num_classes)`` (255 for "unlabelled" is told to become -1), depth that is negative, infinite,
 or beyond 1000 m (millimetres, or 65535 for "missing"), normals that are not
 unit vectors (stored as colours), empty arrays. So are files that are no regular file (a FIFO,
-a directory), no ``.npy`` array, or one image file behind two names (a symbolic or hard
+a directory), no ``.npy`` array, an array its header declares larger than the file holds
+(read before numpy allocates it), or one image file behind two names (a symbolic or hard
 link): one image with two ids could not be forgotten (label maps may share a file: identical
 labels of two images are harmless).
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import stat
@@ -145,6 +147,27 @@ def _kind_of(mode: int) -> str:
 _Seen = dict[tuple[int, int], Path]
 
 
+def _refuse_claims_past_the_file(path: Path, handle: io.BufferedIOBase, size: int) -> None:
+    """Refuse a .npy file whose header declares more data than the file holds, before numpy
+    allocates it: a 192-byte file declaring (400000, 400000, 3) float32 ended the load in
+    numpy's MemoryError (a traceback), and a smaller claim reserved that much memory first."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return  # a version numpy writes for field names of its own: np.load decides
+        shape, _, dtype = read_header(handle)
+    except (OSError, ValueError) as error:
+        raise LayoutError(f"cannot read {path}: {error}") from error
+    declared = math.prod(shape) * dtype.itemsize
+    held = size - handle.tell()
+    if declared > held:
+        raise LayoutError(f"{path}: its header declares a {dtype} array of shape {shape} "
+                          f"({declared:,} bytes), the file holds {held:,} after it (truncated, "
+                          "or not the array it says)")
+
+
 def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None = None,
                 digests: dict[str, str] | None = None) -> np.ndarray:
     # Opened without blocking and checked before numpy reads it: np.load on a FIFO named
@@ -182,6 +205,8 @@ def _load_array(path: Path, what: str, channels: int | None, seen: _Seen | None 
             start = f"starts with {magic!r}" if magic else "is empty"
             raise LayoutError(f"{path} is not a .npy array file (it {start}, not numpy's .npy "
                               f"header {_NPY_MAGIC!r}); save each instance with numpy.save")
+        handle.seek(0)
+        _refuse_claims_past_the_file(path, handle, info.st_size)
         handle.seek(0)
         source: io.BufferedIOBase = handle
         if digests is not None:  # the bytes read once, for their digest and for numpy
