@@ -1276,7 +1276,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML (.yaml/.yml) or TOML (.toml) file whose keys are this command's "
                         "options (e.g. forget_ids: [1, 2]); command-line options override it; "
-                        "its relative paths are read from its own folder")
+                        "its relative paths are read from its own folder; its `import` key "
+                        "runs code, as --import does")
     p.add_argument("--threads", type=_at_least(1), default=None,
                    help="torch intra-op CPU threads (default: torch's choice; 1 is best on a "
                         "busy shared machine)")
@@ -1285,7 +1286,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="import MODULE first (a module name, found on the Python path or in "
                         "the current folder, or a .py file): methods or forget objectives it "
                         "registers become available; repeatable (config key `import`: a "
-                        "list or one name; the command line's add to the config's)")
+                        "list or one name; the command line's add to the config's). Importing "
+                        "runs the module's code with your rights: import only code you trust, "
+                        "and read a config from others for its `import` key first")
 
 
 def _moved_data_root_option(p: argparse.ArgumentParser) -> None:

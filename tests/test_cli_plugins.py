@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli_helpers import _err
+from cli_helpers import ROOT, _err
 from test_cli import ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
@@ -199,3 +199,16 @@ def test_an_option_no_command_has_is_left_to_argparse(capsys: pytest.CaptureFixt
         cli.main(["--bogus", "train"])
     assert exit_.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_import_and_a_configs_import_key_say_that_they_run_code() -> None:
+    """An --import (and a config's `import` key, which may name a .py file beside a config
+    someone else wrote) runs code with the user's rights, by design: the help and the docs say
+    so, where neither did."""
+    for command in ("train", "unlearn", "evaluate", "verify", "report"):
+        sub = cli._subparser(cli._build_parser(), command)
+        texts = {a.dest: " ".join((a.help or "").split()) for a in sub._actions}
+        assert "runs the module's code with your rights" in texts["imports"], command
+        assert "its `import` key runs code" in texts["config"], command
+    docs = " ".join((ROOT / "docs" / "cli.md").read_text(encoding="utf-8").split())
+    assert "`--import` runs the module's code with your rights, by design" in docs
