@@ -263,7 +263,9 @@ def _curves_chart(curves: Mapping[str, Mapping[str, Any]], path: Path,
     lines: list[Any] = []
     names: list[str] = []
     for label, report in curves.items():
-        values, steps = report.get("curves", {}), report.get("curve_steps", {})
+        # As _curves_problem reads them: null or an empty list is no curve (they passed the
+        # check, then failed here with an AttributeError traceback).
+        values, steps = report.get("curves") or {}, report.get("curve_steps") or {}
         for name, style in (("forget_loss", "-"), ("retain_loss", "--")):
             ys = values.get(name)
             if not ys:
@@ -459,8 +461,9 @@ def _metrics_problem(models: Mapping[str, Any]) -> _Problem | None:
                 name = _primary(metrics)
                 if name is not None and not _is_value(metrics[name]):
                     return f"{where}.{name}", "a finite number or null", metrics[name]
-        if not _is_value(entry.get("mia_auc")):
-            return f"{label}.mia_auc", "a finite number or null", entry.get("mia_auc")
+        for attack in ("mia_auc", "mia_member_auc"):  # both printed with :.4f
+            if not _is_value(entry.get(attack)):
+                return f"{label}.{attack}", "a finite number or null", entry.get(attack)
     return None
 
 

@@ -396,6 +396,8 @@ def _with(path: tuple[str, ...], value: Any, **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("record", "field"), [
     (_with(("after", "metrics", "test", "a", "accuracy"), "0.5"), "after.metrics.test.a.accuracy"),
     (_with(("before", "mia_auc"), "high"), "before.mia_auc"),
+    # Found by fuzzing a record's fields: printed with :.4f, never checked (a traceback).
+    (_with(("after", "mia_member_auc"), [1]), "after.mia_member_auc"),
     (_with(("interference", "forget_kept", "a"), "n/a", interference=_json_data()),
      "interference.forget_kept.a"),
     (_with(("report",), {"curves": {"forget_loss": [1.0, "x"]}}), "report.curves.forget_loss"),
@@ -414,6 +416,16 @@ def test_report_refuses_bad_values_and_writes_nothing(tmp_path: Path, record: di
     err = _err(capsys)
     assert err.startswith("mtunlearn: error: --results: expected") and field in err, err
     assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("empty", [None, []], ids=["null", "list"])
+def test_null_or_empty_curves_are_no_curves(tmp_path: Path, empty: Any) -> None:
+    """The check read `report.curves: null` (or []) as no curves, the chart read it as a
+    mapping: an AttributeError traceback (found by fuzzing a record's fields)."""
+    for key in ("curves", "curve_steps"):
+        record = _with(("report",), {"curves": {"forget_loss": [1.0, 0.5]}, key: empty})
+        written = write_report(record, tmp_path / f"rep-{key}")
+        assert (tmp_path / f"rep-{key}" / "report.md") in written
 
 
 def test_report_removes_a_png_written_before_a_failure(tmp_path: Path,
