@@ -42,7 +42,8 @@ from mtunlearn_ext.models.modes import gradients_on
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "load_checkpoint",
-           "make_optimizer", "meta_sha256", "save_checkpoint", "state_dict_sha256", "train"]
+           "load_weights_only", "make_optimizer", "meta_sha256", "save_checkpoint",
+           "state_dict_sha256", "train"]
 
 
 @dataclass(frozen=True)
@@ -519,6 +520,19 @@ def _refuse_outsized(path: Path, payload: Any, file_size: int) -> None:
                                   f"{tuple(tensor.shape)} holds {values:,} bytes of values, "
                                   f"more than the file's {file_size:,} bytes (elements that "
                                   "overlap, or a sparse tensor's size)")
+
+
+def load_weights_only(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` of a file someone else may have made, with the
+    refusals of :func:`load_checkpoint` before anything walks what it holds: compressed archive
+    entries, parts shared or nested past reading, tensors with more values than the file.
+    Raises :class:`CheckpointError` for those, and torch's errors as they are."""
+    p = Path(path)
+    data = p.read_bytes()
+    _refuse_compressed_entries(p, data)
+    loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    _refuse_outsized(p, loaded, len(data))
+    return loaded
 
 
 def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = None,

@@ -1184,6 +1184,24 @@ def test_a_failed_verify_saved_is_false(tmp_path) -> None:  # type: ignore[no-un
     assert not check.ok and not check
 
 
+def test_verify_saved_refuses_a_crafted_checkpoint_before_hashing_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """verify_saved hashed whatever torch.load gave: a stride-0 view of one value (any shape
+    from a 4-byte storage) was made contiguous to be hashed, 4 GiB at (32768, 32768); the
+    checks of load_checkpoint now come first (small here, so the old path still ran)."""
+    x, y = _data()
+    model = _TwoHeads()
+    new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                        forget_request=ForgetRequest.create(range(5)),
+                                        shared_parameters=_trunk, config={"steps": 1})
+    mtunlearn_ext.save_unlearned(new, report, tmp_path / "m.pt", original=model)
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"w": torch.zeros(1).expand(2000, 2000)}, crafted)
+    check = mtunlearn_ext.verify_saved(tmp_path / "m.pt.record.json", checkpoint=crafted)
+    assert not check and check.checks["weights"] == "MISMATCH"
+    assert any("holds 16,000,000 bytes of values, more than the file's" in m
+               for m in check.mismatches), check.mismatches
+
+
 def test_save_unlearned_records_the_seed_device_and_threads_of_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Reproducibility review: the record held the request, the method and its settings, but
     not the seed the result depends on, nor the device, the thread count and the torch build

@@ -27,7 +27,7 @@ from mtunlearn_ext.api._unlearn import (
 )
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.records import WEIGHTS_UNCHANGED, code_version, run_environment, utc_now
-from mtunlearn_ext.training import state_dict_sha256
+from mtunlearn_ext.training import load_weights_only, state_dict_sha256
 from mtunlearn_ext.unlearning import UnlearningReport
 
 
@@ -334,6 +334,9 @@ def verify_saved(record: str | os.PathLike[str], *,
     except DuplicateKeyError as error:  # a reader sees the first, json keeps the last
         raise ValueError(f"verify_saved: {record_path} gives the key {error.args[0]!r} twice "
                          "in one object (edited?): a record has each key once") from None
+    except RecursionError:  # not a ValueError: a traceback from the command line too
+        raise ValueError(f"verify_saved: {record_path} is not a JSON record: nested too "
+                         "deeply to read") from None
     if not isinstance(payload, dict) or payload.get("schema") != API_RECORD_SCHEMA:
         found = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"verify_saved: {record_path} is not a save_unlearned record (schema "
@@ -364,7 +367,7 @@ def verify_saved(record: str | os.PathLike[str], *,
     check("sha256", sha256_of_file(path), saved.get("sha256"), "checkpoint SHA-256")
     state: object = None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = load_weights_only(path)  # a crafted file: refused before it is hashed
         state = loaded
         weights: str | None = state_dict_sha256(loaded)
     except Exception as error:  # noqa: BLE001 (any unreadable file is the same finding)
