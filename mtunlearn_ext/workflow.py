@@ -249,7 +249,13 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
     ids: list[int] = []
     for i, token in enumerate(tokens):
         if isinstance(token, str) and _ID.fullmatch(token):
-            ids.append(int(token))
+            try:
+                ids.append(int(token))
+            except ValueError:  # past Python's 4300 digits: a traceback with exit 1
+                where = f" (line {lines[i]} of {str(path)!r})" if i in lines else ""
+                raise UserInputError(argument, "ids of training instances", f"an id of "
+                                     f"{len(token):,} digits{where}", "no instance has such an "
+                                     "id") from None
         elif isinstance(token, int) and not isinstance(token, bool):
             ids.append(token)
         else:

@@ -324,3 +324,19 @@ def test_yaml_configs_refuse_integers_yaml_would_convert(
     from mtunlearn_ext.cli import _load_config
 
     assert _load_config(str(config)) == {"forget_ids": ["0020", 7], "seed": 0}
+
+
+def test_an_id_past_pythons_digit_limit_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """An id of 5000 digits (on the command line or in an ids file) passed the digits check
+    and int() raised Python's digit-limit ValueError: a traceback with exit 1."""
+    from mtunlearn_ext.workflow import UserInputError, parse_ids
+
+    huge = "9" * 5000
+    with pytest.raises(UserInputError, match=r"^--forget-ids: expected ids of training "
+                                             r"instances, got 'an id of 5,000 digits'; no "
+                                             r"instance has such an id$"):
+        parse_ids(f"3,{huge}", "--forget-ids")
+    listed = tmp_path / "ids.txt"
+    listed.write_text(f"3\n{huge}\n")
+    with pytest.raises(UserInputError, match=r"an id of 5,000 digits \(line 2 of "):
+        parse_ids(f"@{listed}", "--forget-ids")
