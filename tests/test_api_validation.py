@@ -10,6 +10,7 @@ import dataclasses
 import math
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -1184,7 +1185,7 @@ def test_a_failed_verify_saved_is_false(tmp_path) -> None:  # type: ignore[no-un
     assert not check.ok and not check
 
 
-def test_verify_saved_refuses_a_crafted_checkpoint_before_hashing_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_verify_saved_refuses_a_crafted_checkpoint_before_hashing_it(tmp_path: Path) -> None:
     """verify_saved hashed whatever torch.load gave: a stride-0 view of one value (any shape
     from a 4-byte storage) was made contiguous to be hashed, 4 GiB at (32768, 32768); the
     checks of load_checkpoint now come first (small here, so the old path still ran)."""

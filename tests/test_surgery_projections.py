@@ -675,7 +675,7 @@ def test_a_basis_row_below_floats_squared_range_beside_normal_ones_is_kept() -> 
         assert float((got - expected).norm() / expected.norm()) < 1e-6
 
 
-def test_normal_range_projections_take_no_rescue(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_normal_range_projections_take_no_rescue(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rescue costs nothing where it is not needed: float32 inputs down to norm 1e-8, a
     zero row of g beside normal ones, and float64 inputs at 1e-30 never reach the
     recomputation."""
