@@ -15,6 +15,7 @@ import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest, MtUnlearnRuntimeWarning, MtUnlearnWarning
 from mtunlearn_ext.metrics import uis
 from mtunlearn_ext.surgery import GradientSurgery, UPGrad
+from test_api_validation import TASKS, _TwoHeads  # the two-task toy model of the API tests
 
 PACKAGE = Path(mtunlearn_ext.__file__).parent
 OWN_CATEGORIES = {"MtUnlearnWarning", "MtUnlearnRuntimeWarning"}
@@ -59,23 +60,11 @@ def test_the_categories_extend_the_standard_ones() -> None:
     assert issubclass(MtUnlearnRuntimeWarning, RuntimeWarning)
 
 
-class _TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
-        self.heads = nn.ModuleDict({"a": nn.Linear(8, 3), "b": nn.Linear(8, 1)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x)
-        return {t: head(z) for t, head in self.heads.items()}
-
-
 def _unlearn_nothing() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, generator=g)
     y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
-    mtunlearn_ext.unlearn(_TwoHeads(), tasks={"a": "classification", "b": "regression"},
+    mtunlearn_ext.unlearn(_TwoHeads(features=6), tasks=TASKS,
                           train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
                           shared_parameters=lambda name: name.startswith("trunk."),
                           config={"steps": 0})
