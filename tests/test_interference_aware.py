@@ -2184,6 +2184,30 @@ def test_chunk_size_bounds_the_per_sample_pass_memory() -> None:
         f"{at_once // 1024} MiB, for {rows_kib // 1024} MiB of rows")
 
 
+def _peak_and_plan_in_model_sizes(request: ForgetRequest, method: str,
+                                  config: dict[str, object]) -> tuple[float, float]:
+    """The allocator's peak during one ``unlearn`` of the wide trunk, and the run's gradient-
+    memory plan, both in sizes of the model."""
+    model = WideTrunkThreeHeads()
+    x, y = wide_trunk_data()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reports: list[UnlearningReport] = []
+
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 2 steps forget little, and are said to
+            reports.append(mtunlearn_ext.unlearn(
+                model, tasks=WIDE_TASKS, train_data=(x, y), forget_request=request,
+                method=method, config={"steps": 2, "forget_batch_size": 4,
+                                       "retain_batch_size": 8, "num_snapshots": 4,
+                                       "cap_rows": 16, **config},
+                shared_parameters=lambda name: name.startswith("trunk."))[1])
+
+    peak = peak_allocated_bytes(run)
+    plan = reports[0].extra["interference_aware"]["gradient_memory_bytes"]["total"]
+    return peak / model_bytes, plan / model_bytes
+
+
 @pytest.mark.parametrize("partial", [False, True])
 def test_a_step_holds_its_planned_copies_and_six_more_of_the_model(partial: bool) -> None:
     """Beyond its plan (snapshots, per-sample rows), a run holds six copies of the model at its
@@ -2192,26 +2216,10 @@ def test_a_step_holds_its_planned_copies_and_six_more_of_the_model(partial: bool
     the retain and forget gradients, a stacked copy of the one forget gradient, negated copies
     of the direction and a second float64 copy of a layer in its norms made that ten (peak 18.1
     and 20.1 model sizes for plans of 8.1 and 10.1; now 14.1 and 16.1)."""
-    model = WideTrunkThreeHeads()
-    x, y = wide_trunk_data()
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    reports: list[UnlearningReport] = []
-
-    def run() -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # 2 steps forget little, and are said to
-            reports.append(mtunlearn_ext.unlearn(
-                model, tasks=WIDE_TASKS, train_data=(x, y),
-                forget_request=ForgetRequest.create(range(6), ["a"] if partial else None),
-                config={"steps": 2, "forget_batch_size": 4, "retain_batch_size": 8,
-                        "num_snapshots": 4, "num_per_sample": 4, "num_coupled_per_sample": 2,
-                        "cap_rows": 16},
-                shared_parameters=lambda name: name.startswith("trunk."))[1])
-
-    peak = peak_allocated_bytes(run)
-    plan = reports[0].extra["interference_aware"]["gradient_memory_bytes"]["total"]
-    assert peak <= plan + 7 * model_bytes, (
-        f"peak {peak / model_bytes:.1f} model sizes for a plan of {plan / model_bytes:.1f}")
+    peak, plan = _peak_and_plan_in_model_sizes(
+        ForgetRequest.create(range(6), ["a"] if partial else None), "interference_aware",
+        {"num_per_sample": 4, "num_coupled_per_sample": 2})
+    assert peak <= plan + 7, f"peak {peak:.1f} model sizes for a plan of {plan:.1f}"
 
 
 def test_a_refresh_pushes_each_snapshot_before_computing_the_next() -> None:
@@ -2219,26 +2227,9 @@ def test_a_refresh_pushes_each_snapshot_before_computing_the_next() -> None:
     at a time: held as a list per group, they were a copy of the trunk per protected task at
     once, the peak of a run without the instance step (10.9 model sizes for a plan of 3.9;
     now 9.9: the plan and six copies, as in the full method)."""
-    model = WideTrunkThreeHeads()
-    x, y = wide_trunk_data()
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    reports: list[UnlearningReport] = []
-
-    def run() -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # 2 steps forget little, and are said to
-            reports.append(mtunlearn_ext.unlearn(
-                model, tasks=WIDE_TASKS, train_data=(x, y),
-                forget_request=ForgetRequest.create(range(6)),
-                method="interference_aware_no_instance",
-                config={"steps": 2, "forget_batch_size": 4, "retain_batch_size": 8,
-                        "num_snapshots": 4, "cap_rows": 16},
-                shared_parameters=lambda name: name.startswith("trunk."))[1])
-
-    peak = peak_allocated_bytes(run)
-    plan = reports[0].extra["interference_aware"]["gradient_memory_bytes"]["total"]
-    assert peak <= plan + 6.5 * model_bytes, (
-        f"peak {peak / model_bytes:.1f} model sizes for a plan of {plan / model_bytes:.1f}")
+    peak, plan = _peak_and_plan_in_model_sizes(ForgetRequest.create(range(6)),
+                                               "interference_aware_no_instance", {})
+    assert peak <= plan + 6.5, f"peak {peak:.1f} model sizes for a plan of {plan:.1f}"
 
 
 def test_the_norms_make_one_float64_copy_of_a_tensor() -> None:
