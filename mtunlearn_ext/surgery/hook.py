@@ -7,9 +7,12 @@ is written straight into each shared parameter's ``.grad`` (added to what is alr
 gradient accumulation over micro-batches works as with ``backward``). Parameters outside the
 shared set that the losses reach (task heads) receive the plain sum of their task gradients,
 as ``sum(losses).backward()`` would give them. No flat copy of the parameters or gradients is
-ever made; the only extra memory is the ``k`` stacks, which the surgery keeps from one call to
-the next while they are small (:data:`KEPT_STACKS_MAX_BYTES`; made anew when the number of
-tasks, the shared parameters taking part, or one's shape, dtype or device changes).
+ever made; the extra memory is the ``k`` stacks and, at a call's peak, one more copy of the
+shared parameters (a new ``.grad``, or one task's gradients on their way into the stacks):
+``k + 1`` copies in every mode (``per_task="batched"`` uses its pass's ``[k, *shape]`` outputs
+as the stacks). The surgery keeps the stacks from one call to the next while they are small
+(:data:`KEPT_STACKS_MAX_BYTES`; made anew when the number of tasks, the shared parameters
+taking part, or one's shape, dtype or device changes); ``"batched"``'s backward() keeps none.
 
 As with ``sum(losses).backward()``, a shared parameter that no task's loss reaches keeps its
 ``.grad`` as it is (``None`` stays ``None``, so optimizers skip it), and which shared parameters
@@ -65,7 +68,8 @@ from mtunlearn_ext.surgery.weightings import Weighting
 PerTaskMode = Literal["autograd", "batched", "backward"]
 
 #: The most memory (bytes, all per-task stacks together) that ``backward()`` and ``apply()``
-#: keep allocated from one step to the next. Small models' stacks are kept: making them again
+#: keep allocated from one step to the next (``per_task="batched"``'s ``backward()`` keeps none:
+#: its pass's outputs are the stacks). Small models' stacks are kept: making them again
 #: was 2-6% of their step. Larger ones are freed after the step, so that a large model does not
 #: hold ``k`` copies of its shared gradients through the optimizer step and evaluation.
 KEPT_STACKS_MAX_BYTES = 64 * 2**20
@@ -336,6 +340,37 @@ def _store_rows(active: _Active, stacks: Sequence[torch.Tensor], tasks: Sequence
         else:
             stack.index_fill_(0, torch.tensor(others, dtype=torch.long, device=stack.device), 0)
             stack.index_copy_(0, rows, g)
+
+
+def _adopted_stacks(active: _Active, k: int, attached: Sequence[int],
+                    grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The batched pass's outputs (``grads[p]``: ``[len(attached), *shape_p]``, or ``None``) as
+    the per-task stacks of one backward() call: each output that is already a contiguous
+    ``[k, *shape_p]`` tensor of its own is the stack itself; copying it into a stack made
+    beforehand held ``2k`` copies of the shared gradients at once. Only where it cannot serve
+    is a stack made: zeros for a parameter no loss reached, a contiguous copy of a strided
+    (expanded) output or of one sharing its memory with another parameter's (a reducer
+    averages stacks in place), and all ``k`` rows where some losses are constants (their
+    rows are zero)."""
+    stacks: list[torch.Tensor] = []
+    storages: set[int] = set()
+    for name, param, g in zip(active.names, active.params, grads):
+        local = local_tensor(param)
+        if g is None:
+            stacks.append(torch.zeros((k, *local.shape), dtype=local.dtype, device=local.device))
+            continue
+        if g.layout != torch.strided:
+            raise _sparse_shared_error(name, g.layout)
+        if len(attached) < k:
+            stack = torch.zeros((k, *local.shape), dtype=local.dtype, device=local.device)
+            stack.index_copy_(0, torch.tensor(list(attached), device=local.device), g)
+        elif g.is_contiguous() and g.untyped_storage().data_ptr() not in storages:
+            stack = g
+        else:
+            stack = g.clone(memory_format=torch.contiguous_format)
+        storages.add(stack.untyped_storage().data_ptr())
+        stacks.append(stack)
+    return stacks
 
 
 def _poison_if_not_finite(rows: list[torch.Tensor], constant: torch.Tensor) -> None:
@@ -626,14 +661,22 @@ class GradientSurgery:
         active = self._take_part(caller)
         self._check_some_loss_attached(caller, len(losses), constants)
         _refuse_hooked_shared(caller, active)
-        # Nothing is pending (refused above): accumulate()'s buffers are free to serve.
-        stacks, rows = self._task_buffers(active, len(losses))
+        stacks: list[torch.Tensor]
+        rows: list[Sequence[torch.Tensor]]
+        if self.per_task == "batched":
+            # Its one pass hands back each parameter's [k, *shape] gradients: those become the
+            # stacks (_adopted_stacks), so none are made or kept for it.
+            stacks, rows = [], []
+        else:
+            # Nothing is pending (refused above): accumulate()'s buffers are free to serve.
+            stacks, rows = self._task_buffers(active, len(losses))
         try:
             # Inside the try: a task pass that fails (out of memory, a hook's error) frees
             # large stacks too, rather than holding them through the caller's recovery.
             reached, head_sums = self._per_task_grads(losses, constants, active, stacks, rows,
                                                       add=False, retain_graph=retain_graph,
-                                                      caller=caller)
+                                                      caller=caller,
+                                                      adopt=self.per_task == "batched")
             device = _losses_device(losses, constants)
             batched: list[_LossRecord] | None = (
                 [(range(len(losses)), losses)] if self.per_task == "batched" else None)
@@ -1045,12 +1088,14 @@ class GradientSurgery:
                         active: _Active, stacks: list[torch.Tensor],
                         rows: list[Sequence[torch.Tensor]], *, add: bool,
                         retain_graph: bool, caller: str,
-                        record: list[_LossRecord] | None = None
+                        record: list[_LossRecord] | None = None, adopt: bool = False
                         ) -> tuple[list[bool], _HeadSums]:
         """Fill (or add into) ``stacks[p][t]`` (``rows[t][p]``, a view) with d losses[t] /
         d active.params[p] (zero for the ``constants``); returns, per parameter, whether any
         task's loss reached it, and the head gradients summed over the tasks, not yet
-        written. A batched pass appends its loss values to ``record`` when given."""
+        written. A batched pass appends its loss values to ``record`` when given; with
+        ``adopt`` (batched only) ``stacks`` comes empty and is filled with the pass's own
+        outputs (:func:`_adopted_stacks`)."""
         k = len(losses)
         attached = [t for t in range(k) if t not in constants]
         if self.per_task != "batched":
@@ -1098,7 +1143,9 @@ class GradientSurgery:
                     record.append((sorted(constants), [losses[t] for t in sorted(constants)]))
             reached = [g is not None for g in grads[:n_shared]]
             self._writes_begun = True
-            if constants:
+            if adopt:
+                stacks.extend(_adopted_stacks(active, k, attached, grads[:n_shared]))
+            elif constants:
                 _store_rows(active, stacks, attached, grads[:n_shared], add=add)
             else:
                 _store_named(active, stacks, grads[:n_shared], add=add)
@@ -1135,6 +1182,9 @@ class GradientSurgery:
                         # Out of place: autograd may hand back expanded (stride-0) gradients.
                         total = head_sums[h]
                         head_sums[h] = g if total is None else total + g
+                # Stored: let this task's gradients go before the next pass makes its own (held,
+                # they were one more copy of the shared parameters at the peak).
+                del grads, shared
         self._poison_constant_rows(losses, constants, stacks)
         return reached, _HeadSums(heads, head_sums, head_tasks)
 
@@ -1261,6 +1311,8 @@ class GradientSurgery:
                 _store_named(active, rows[t], grads, add=add)
                 for param in params:
                     param.grad = None
+                # Stored: let them go before the next pass (held, one more copy at the peak).
+                del grads
         finally:
             for param, g in zip(params, stash):
                 param.grad = g
