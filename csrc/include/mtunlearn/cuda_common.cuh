@@ -32,8 +32,11 @@ __device__ __forceinline__ double from_acc_double(double v) { return v; }
 // Elements per 16-byte load.
 template <typename T> struct Vec { static constexpr int n = 16 / sizeof(T); };
 
-// A 16-byte load when the address is aligned, element loads otherwise.
-template <typename T>
+// A 16-byte load when the address is aligned, element loads otherwise. ReadOnly goes through
+// the read-only data cache (__ldg), which CUDA allows only for memory no thread writes during
+// the kernel: a load of memory the kernel also writes (combine_'s base, which is its out) uses
+// ReadOnly = false.
+template <typename T, bool ReadOnly = true>
 __device__ __forceinline__ void load16(const T* p, typename AccOf<T>::type* dst) {
   constexpr int N = Vec<T>::n;
   if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
@@ -41,7 +44,12 @@ __device__ __forceinline__ void load16(const T* p, typename AccOf<T>::type* dst)
       uint4 raw;
       T v[N];
     } u;
-    u.raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4* wide = reinterpret_cast<const uint4*>(p);
+    if constexpr (ReadOnly) {
+      u.raw = __ldg(wide);
+    } else {
+      u.raw = *wide;
+    }
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = to_acc(u.v[i]);
   } else {

@@ -37,7 +37,8 @@ combine_kernel(const CombineSegment* __restrict__ segments, const ReduceItem* __
     for (int i = 0; i < m; ++i) {
       A acc[V];
       if (use_base) {
-        load16(base + i * seg.base_row_stride + col, acc);
+        // Not through the read-only cache: base may be out itself (combine_, combine_list_).
+        load16<T, false>(base + i * seg.base_row_stride + col, acc);
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[v] *= beta;
       } else {
