@@ -678,21 +678,41 @@ def _training_nonfinite(error: FloatingPointError) -> Exception:
 
 def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
     """``<stem>.<method>.pt`` / ``<stem>.<method>.record.json`` beside the input, with a
-    numeric suffix if taken (so a rerun never collides with an earlier run)."""
+    numeric suffix if taken (so a rerun never collides with an earlier run). An input named
+    so by this method, ``<stem>.<method>[-k].pt`` (a chained request on the previous
+    output), gives ``<stem>.<method>-<k+1>.pt`` or the next number free: appending the
+    method to the whole name again made a chain's names grow by its length each request,
+    past the file system's 255 bytes at the 13th with ``interference_aware``."""
     from mtunlearn_ext.workflow import UserInputError
 
     if checkpoint.name in ("", ".", ".."):  # "." or "/": no name to put the outputs beside
         raise UserInputError("--checkpoint", "a checkpoint file", str(checkpoint),
                              "it names a folder")
-    for n in range(1, 10_000):
+    stem, first = _chained_stem(checkpoint.stem, method)
+    for n in range(first, first + 10_000):
         tag = method if n == 1 else f"{method}-{n}"
-        ckpt = checkpoint.with_name(f"{checkpoint.stem}.{tag}.pt")
-        rec = checkpoint.with_name(f"{checkpoint.stem}.{tag}.record.json")
+        ckpt = checkpoint.with_name(f"{stem}.{tag}.pt")
+        rec = checkpoint.with_name(f"{stem}.{tag}.record.json")
         # lexists: False (not an OSError) for a name too long for the file system, which
         # reserve() then refuses, naming the argument.
         if not os.path.lexists(ckpt) and not os.path.lexists(rec):
             return ckpt, rec
     raise FileExistsError(f"no free output name beside {checkpoint}")
+
+
+def _chained_stem(stem: str, method: str) -> tuple[str, int]:
+    """``(stem, 1)``, or for a stem that :func:`_default_outputs` gave with this method,
+    ``<base>.<method>`` or ``<base>.<method>-<k>``: ``(base, k + 1)``, the number after it."""
+    base, dot, tag = stem.rpartition(f".{method}")
+    if not dot or not base:
+        return stem, 1
+    if tag == "":
+        return base, 2
+    number = tag.removeprefix("-")
+    # "-2", not "-02" or "-x": only the numbers this function writes continue a chain.
+    if tag.startswith("-") and number.isascii() and number.isdigit() and number[0] != "0":
+        return base, int(number) + 1
+    return stem, 1
 
 
 def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -1404,7 +1424,8 @@ def _build_parser() -> _Parser:
                    help='method settings as JSON or a JSON file, e.g. {"steps": 20}')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--output", default=None, metavar="CKPT",
-                   help="new checkpoint path (default: <input>.<method>.pt, numbered if taken)")
+                   help="new checkpoint path (default: <input>.<method>.pt, numbered if taken; "
+                        "<stem>.<method>-<k+1>.pt from <stem>.<method>[-k].pt)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="record path (default: <output>.record.json with --output, else "
                         "<input>.<method>.record.json, numbered as the checkpoint)")

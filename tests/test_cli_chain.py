@@ -183,3 +183,38 @@ def test_exclude_removed() -> None:
     assert workflow.lineage_removals({"kind": "unlearned"}) is None
     with pytest.raises(workflow.UserInputError, match="'removals' is malformed"):
         workflow.lineage_removals({"kind": "unlearned", "removals": [{"instance_ids": "1"}]})
+
+
+def test_default_output_names_of_a_chain_stay_short(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Long-run review: each request on the previous output with the default --output appended
+    `.interference_aware` to the whole name again, so the 13th request's default record name
+    passed the file system's 255 bytes and was refused (exit 2, naming a --record never
+    given). A chain's default names now count up: `<stem>.<method>-<k>.pt`."""
+    import shutil
+
+    shutil.copy(trained, tmp_path / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    current = "orig.pt"
+    names = []
+    for position in range(3):
+        before = {p.name for p in tmp_path.iterdir()}
+        assert cli.main(["unlearn", "--checkpoint", current, "--forget-ids", ids(position),
+                         "--method-config", FAST, "--quiet"]) == 0
+        made = sorted({p.name for p in tmp_path.iterdir()} - before)
+        current = next(name for name in made if name.endswith(".pt"))
+        names.append(made)
+    assert names == [[f"orig.{tag}.pt", f"orig.{tag}.record.json"]
+                     for tag in ("interference_aware", "interference_aware-2",
+                                 "interference_aware-3")]
+    # A rerun from the original takes the next free number, never an earlier output's name;
+    # another method, or a name this function did not write, starts its own.
+    assert cli._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
+        "orig.interference_aware-4.pt")
+    assert cli._default_outputs(Path("orig.interference_aware-3.pt"), "scrub")[0] == Path(
+        "orig.interference_aware-3.scrub.pt")
+    for name in ("orig.interference_aware-03.pt", "orig.interference_aware-x.pt",
+                 ".interference_aware.pt"):
+        stem = Path(name).stem
+        assert cli._default_outputs(Path(name), "interference_aware")[0] == Path(
+            f"{stem}.interference_aware.pt")
