@@ -285,6 +285,29 @@ def test_rows_dropped_since_are_refused_by_position_and_skipped_by_id() -> None:
     assert report.request["num_retain_pairs"] == 2 * 38 - 2 - 2
 
 
+
+def test_a_request_naming_an_id_whose_rows_were_dropped_says_it_was_removed() -> None:
+    """Long-run review: asking again for an id an earlier request removed, once its rows were
+    dropped (its data erased, as the docs say), said only that the id is not in `train_data`,
+    as for a typing error; it now says which ids the chain removed (as the CLI's 'erased ids')."""
+    x, y = _data()
+    data = MultiTaskDataset(x, y, [TaskSpec("a", "classification", num_classes=3),
+                                   TaskSpec("b", "regression")])
+    kwargs = {**_kwargs(), "train_data": data.subset(torch.arange(0, 40))}
+    first = ForgetRequest.create([0, 1])
+    d1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=first, **kwargs)
+    erased = {**kwargs, "train_data": data.subset(torch.arange(2, 40))}
+    again = ForgetRequest.create([1, 7, 99])
+    with pytest.raises(ValueError, match=r"not in `train_data`: \[1, 99\] \(2 in all\); .*; 1 "
+                       r"of them \(\[1\]\) were removed by the requests `model` carries \(from "
+                       r"the unlearn\(\) that returned it\) and their rows dropped since"):
+        mtunlearn_ext.unlearn(d1, forget_request=again, **erased)
+    with pytest.raises(ValueError, match=r"were removed by `earlier_requests` and their rows"):
+        mtunlearn_ext.unlearn(_TwoHeads(), forget_request=again, earlier_requests=[first],
+                              **erased)
+    with pytest.raises(ValueError, match=r"\(2 in all\); [^;]*$"):  # 99 alone: no such word
+        mtunlearn_ext.unlearn(_TwoHeads(), forget_request=again, **erased)
+
 def test_a_forget_data_run_inside_a_chain_keeps_the_earlier_removals() -> None:
     """Review: a run given forget_data dropped what the model carried, so the first
     request's pairs went back into the next retain set."""

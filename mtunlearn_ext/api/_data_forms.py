@@ -297,10 +297,13 @@ def _check_rows_read(data: MultiTaskDataset, what: str, own_ids: bool,
 
 
 def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: object,
-                       own_ids: bool, what: str = "`forget_request`") -> None:
+                       own_ids: bool, what: str = "`forget_request`",
+                       removed_before: Sequence[ForgetRequest] = (),
+                       removed_by: str = "`earlier_requests`") -> None:
     """Refuse, naming ``what`` (the argument) and the ids ``train_data`` (``given``, as passed;
     ``own_ids``: read with ids of the caller's) has, a request for ids that are not in
-    ``train_data``."""
+    ``train_data``; those that ``removed_before`` (the requests ``removed_by`` names) removed
+    are said to be: their rows were dropped once their data were erased."""
     if not isinstance(request, ForgetRequest):
         raise TypeError(f"{entry()}: {what} must be a ForgetRequest (ForgetRequest.create"
                         f"(ids, target_tasks)), got {type(request).__name__}")
@@ -316,5 +319,12 @@ def check_request_ids(request: ForgetRequest, full: MultiTaskDataset, given: obj
                                               else ", not every id between")
     else:
         valid += f": ids 0 to {len(full) - 1}"
+    # The chain's usual case: an id removed earlier, its rows dropped when its data were erased
+    # (as the docs ask); "not in train_data" alone did not say why it had gone.
+    removed = {i for r in removed_before for i in r.instance_ids} if own_ids else set()
+    gone = [i for i in unknown if i in removed]
+    why = (f"; {len(gone)} of them ({gone[:10]}{' ...' if len(gone) > 10 else ''}) were removed "
+           f"by {removed_by} and their rows dropped since (their data erased): nothing of them "
+           f"is left to forget, leave them out" if gone else "")
     raise UnknownNameError(f"{entry()}: {what} names instance ids that are not in `train_data`: "
-                           f"{shown}; {valid}")
+                           f"{shown}; {valid}{why}")

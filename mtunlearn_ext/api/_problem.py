@@ -199,7 +199,9 @@ def build_problem_with_naming(model: nn.Module, *,
         read = full.supervision.any(dim=1).nonzero().flatten()  # the rows in forget or retain
         check_values_of(full, "train_data", own, read)
         request = forget_request
-        check_request_ids(request, full, given_train, own)
+        check_request_ids(request, full, given_train, own, removed_before=earlier,
+                          removed_by=("the requests `model` carries (from the unlearn() that "
+                                      "returned it)" if carried else "`earlier_requests`"))
         request.validate(full)
         trained = [TrainedRows("train_data", full, read, own)]
         # Pairs an earlier request removed are neither retained (the model would learn them
