@@ -308,6 +308,23 @@ def test_a_request_naming_an_id_whose_rows_were_dropped_says_it_was_removed() ->
     with pytest.raises(ValueError, match=r"\(2 in all\); [^;]*$"):  # 99 alone: no such word
         mtunlearn_ext.unlearn(_TwoHeads(), forget_request=again, **erased)
 
+
+def test_a_run_that_changed_no_weight_adds_no_removal_to_the_chain() -> None:
+    """Long-run review: a run of 0 steps (warned: nothing was unlearned) still added its
+    request to what the returned model carries, so the same request on that model was
+    refused as 'removed already', and every later record listed a removal that never
+    happened. As the CLI's checkpoints do, the returned model now carries its input's."""
+    request = ForgetRequest.create([3, 4])
+    first = ForgetRequest.create([0])
+    m1, _ = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=first, **_kwargs())
+    with pytest.warns(UserWarning, match="nothing was unlearned"):
+        idle, report = mtunlearn_ext.unlearn(m1, forget_request=request, **_kwargs(steps=0))
+    assert report.extra["weights_changed"] is False
+    _, again = mtunlearn_ext.unlearn(idle, forget_request=request, **_kwargs())
+    assert again.request["earlier_requests"] == [
+        {"ids_sha256": first.ids_hash(), "num_instances": 1, "target_tasks": None}]
+    assert again.request["num_forget_pairs"] == 4
+
 def test_a_forget_data_run_inside_a_chain_keeps_the_earlier_removals() -> None:
     """Review: a run given forget_data dropped what the model carried, so the first
     request's pairs went back into the next retain set."""

@@ -266,7 +266,8 @@ def unlearn(model: ModelT, *,
             otherwise train the model on them again, and a request naming only such pairs is
             refused. A model that :func:`unlearn` returned carries its own (an attribute,
             kept by ``copy.deepcopy`` and pickling, not by ``state_dict``): a second request
-            on it keeps the first removed without this argument. Pass them for a model loaded
+            on it keeps the first removed without this argument (a run that changed no
+            weight adds nothing to them). Pass them for a model loaded
             from a ``state_dict`` (the record keeps only the ids' hashes;
             ``report.request["earlier_requests"]`` lists them); given, the list replaces what
             the model carries (a warning names carried requests it leaves out). Ids of a
@@ -445,11 +446,15 @@ def unlearn(model: ModelT, *,
                        f"in the weights; save_unlearned's record says so (parameters_changed: "
                        f"false) and verify_saved will not pass it")
     if naming.lineage is not None:
-        lineage = naming.lineage
+        # A run that changed no weight removed nothing (as the CLI's checkpoint `removals`):
+        # carrying its request refused the same request again on the returned model, and
+        # listed a removal that never happened in every later record.
+        lineage = (naming.lineage if changed
+                   else replace(naming.lineage, requests=naming.lineage.requests[:-1]))
     else:  # forget_data: what it removed no later train_data id names
         before = carried_lineage(source)
-        lineage = (Lineage((), False) if before is None
-                   else replace(before, complete=False))
+        lineage = (Lineage((), not changed) if before is None
+                   else before if not changed else replace(before, complete=False))
     if out is not source:  # the input is never modified
         out.__dict__[LINEAGE_ATTRIBUTE] = lineage
     diverged = non_finite_parameters(out)
