@@ -128,6 +128,17 @@ def test_unlearning_memory_counts_the_peak_of_every_method(tmp_path: Path) -> No
     assert copies > plan > 7, stdout
 
 
+
+def test_removal_chain_checks_every_round_of_a_short_chain(tmp_path: Path) -> None:
+    """Five requests (full, partial, the partial one's instance in full): each round's retain
+    set against the hand-computed one, verify, evaluate, report; default output names."""
+    stdout = _run([str(BENCHMARKS / "removal_chain.py"), "--rounds", "5", "--folder",
+                   str(tmp_path / "chain"), "--json", str(tmp_path / "chain.json")], cwd=tmp_path)
+    assert "FAILED" not in stdout, stdout
+    rows = json.loads((tmp_path / "chain.json").read_text())["rounds"]
+    assert [row["task"] is None for row in rows] == [True, True, True, False, True], stdout
+    assert rows[-1]["name_bytes"] == rows[1]["name_bytes"], stdout  # -2 ... -5: no growth
+
 def _compare_module():  # type: ignore[no-untyped-def]
     """benchmarks/compare.py as a module (it imports its sibling _bench_common by name)."""
     if str(BENCHMARKS) not in sys.path:
