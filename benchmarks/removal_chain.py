@@ -16,8 +16,9 @@ true: the retain set of every round is the training pairs less those removed by 
 round and by the round's own request (computed here by hand), each round's ``verify`` passes
 and its ``report.md`` counts the earlier requests, the 1st and 10th records still verify at
 the end, and a request for ids the chain removed entirely is refused. Exit 1 when a check
-fails. Erased data are not covered: ``digits`` is generated, never read from files. Timings are this machine's, under its load: compare the
-growth across rounds, not the figures across runs.
+fails. Erased data are not covered: ``digits`` is generated, never read from files. Timings
+are this machine's, under its load: compare the growth across rounds, not the figures across
+runs.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{r:5d}  {len(ids):3d}  {'partial' if task else 'full':7s}  "
               f"{row['unlearn_s']:7.2f}  {row['verify_s']:6.2f}  {row['evaluate_s']:8.2f}  "
-              f"{row['report_s']:6.2f}  {row['name_bytes']:6d}  {row['ckpt_kib']:8.1f}  {row['meta_kib']:8.1f}  "
+              f"{row['report_s']:6.2f}  {row['name_bytes']:6d}  {row['ckpt_kib']:8.1f}  "
+              f"{row['meta_kib']:8.1f}  "
               f"{row['record_kib']:10.1f}  {row['rss_mib']:7.0f}", flush=True)
         current = out
     for earlier in records[:1] + records[9:10]:
