@@ -1,12 +1,13 @@
 """User-named text (task, method and file names, a record's fields) made safe to show: in a
-terminal, a Markdown report or a plot."""
+terminal, a Markdown report or a plot; and Python's messages about such text put in a user's
+terms."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 
-__all__ = ["display_width", "pad_to", "visible_controls"]
+__all__ = ["display_width", "pad_to", "visible_controls", "without_digit_limit_advice"]
 
 #: Characters that act instead of being shown. C0 / C1 controls and DEL: a terminal obeys them
 #: (ESC starts a sequence that recolours, moves the cursor or clears the screen; CR returns to
@@ -42,3 +43,10 @@ def pad_to(text: str, width: int, right: bool = False) -> str:
     the right (``str.ljust``) or, with ``right``, on the left (``str.rjust``)."""
     fill = " " * max(0, width - display_width(text))
     return fill + text if right else text + fill
+
+
+def without_digit_limit_advice(error: ValueError) -> str:
+    """Python's refusal to read an integer past its digit limit (a JSON number or an id of
+    more than 4300 digits), without its advice to raise the limit
+    (``sys.set_int_max_str_digits``), which a user of a command or a file cannot follow."""
+    return str(error).split("; use sys.set_int_max_str_digits")[0]

@@ -33,7 +33,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from mtunlearn_ext._text import display_width, pad_to, visible_controls
+from mtunlearn_ext._text import (display_width, pad_to, visible_controls,
+                                 without_digit_limit_advice)
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
 
 __all__ = ["build_parser", "console_main", "main"]
@@ -454,16 +455,10 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
                              "nested too deeply to read") from None
     except ValueError as error:  # an integer past Python's 4300 digits (not a JSONDecodeError)
         raise UserInputError(argument, "a JSON object or a file holding one", text,
-                             _without_advice(error)) from None
+                             without_digit_limit_advice(error)) from None
     if not isinstance(value, dict):
         raise UserInputError(argument, "a JSON object", type(value).__name__)
     return value
-
-
-def _without_advice(error: ValueError) -> str:
-    """Python's refusal of an integer past its digit limit, without its advice to raise the
-    limit (``sys.set_int_max_str_digits``), which a user of the command cannot follow."""
-    return str(error).split("; use sys.set_int_max_str_digits")[0]
 
 
 #: The largest seed: numpy's and scikit-learn's ``random_state`` (the data splits) take
@@ -1278,7 +1273,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                              str(error)) from error
     except ValueError as error:  # an integer past Python's 4300 digits (not a JSONDecodeError)
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
-                             _without_advice(error)) from None
+                             without_digit_limit_advice(error)) from None
     except RecursionError:
         raise UserInputError("--results", "a readable JSON results file or record", str(source),
                              "nested too deeply to read") from None

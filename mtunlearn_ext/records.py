@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from mtunlearn_ext._io import DuplicateKeyError, sha256_of_file, unique_keys
+from mtunlearn_ext._text import without_digit_limit_advice
 
 __all__ = ["FORGET_ERASED_CHECK", "RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError",
            "VerifyResult", "code_version", "compare_measurements", "read_record",
@@ -183,7 +184,7 @@ def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dic
                             "nested too deeply to read") from None
     except ValueError as error:  # an integer past Python's 4300 digits: a traceback before
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
-                            str(error).split("; use sys.set_int_max_str_digits")[0]) from None
+                            without_digit_limit_advice(error)) from None
     if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
         found = (f"its schema is {record.get('schema')!r}" if isinstance(record, dict)
                  else f"it holds a JSON {type(record).__name__}, not an object")
