@@ -445,16 +445,20 @@ def unlearn(model: ModelT, *,
                        f"statistics: recalibrate_norms), so the request's supervision is still "
                        f"in the weights; save_unlearned's record says so (parameters_changed: "
                        f"false) and verify_saved will not pass it")
+    # A run that changed no weight removed nothing (as the CLI's checkpoint `removals`): the
+    # returned model carries what the input did. Carrying its request refused the same
+    # request again on the returned model, and listed a removal that never happened in every
+    # later record.
     if naming.lineage is not None:
-        # A run that changed no weight removed nothing (as the CLI's checkpoint `removals`):
-        # carrying its request refused the same request again on the returned model, and
-        # listed a removal that never happened in every later record.
         lineage = (naming.lineage if changed
-                   else replace(naming.lineage, requests=naming.lineage.requests[:-1]))
+                   else replace(naming.lineage, requests=naming.earlier))
     else:  # forget_data: what it removed no later train_data id names
         before = carried_lineage(source)
-        lineage = (Lineage((), not changed) if before is None
-                   else before if not changed else replace(before, complete=False))
+        if not changed:
+            lineage = before if before is not None else Lineage(())
+        else:
+            lineage = (Lineage((), False) if before is None
+                       else replace(before, complete=False))
     if out is not source:  # the input is never modified
         out.__dict__[LINEAGE_ATTRIBUTE] = lineage
     diverged = non_finite_parameters(out)

@@ -94,15 +94,11 @@ class PCGradUnlearner(GradientUnlearner):
         seed = (ctx.problem.seed * 1_000_003 + ctx.step) % (2**31)
         # Each parameter's task gradients are let go once stacked: kept until every stack was
         # made, they were k more copies of the model at the step's peak.
-        by_param: list[list[torch.Tensor] | None] = [list(grads) for grads in zip(*per_task)]
+        by_param = [list(grads) for grads in zip(*per_task)][::-1]  # popped in parameter order
         del per_task
         stacks = []
-        for p in range(len(params)):
-            rows = by_param[p]
-            assert rows is not None
-            by_param[p] = None
-            stacks.append(torch.stack(rows))
-            del rows
+        while by_param:
+            stacks.append(torch.stack(by_param.pop()))
         # Contiguous whatever the parameter's layout: the surgery writes them in place.
         update = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
         aggregate_list(PCGradWeighting(seed=seed, reshuffle=False), stacks, update)
