@@ -32,7 +32,8 @@ METHODS = ("interference_aware", "interference_aware_no_task", "interference_awa
 def one_run(params_millions: float, method: str, steps: int, profiled: bool) -> dict[str, object]:
     import torch
     from torch import nn
-    from torch.profiler import ProfilerActivity, profile
+
+    from _bench_common import peak_allocated_bytes
 
     import mtunlearn_ext
     from mtunlearn_ext.data import ForgetRequest
@@ -75,18 +76,9 @@ def one_run(params_millions: float, method: str, steps: int, profiled: bool) -> 
                 train_data=(x, y), forget_request=ForgetRequest.create(range(6)), method=method,
                 config=config, shared_parameters=lambda name: name.startswith("trunk."))[1]
 
-    peak = None
-    if profiled:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            report = run()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
-    else:
-        report = run()
+    reports: list[UnlearningReport] = []
+    peak = peak_allocated_bytes(lambda: reports.append(run())) if profiled else None
+    report = reports[0] if reports else run()
     plan = report.extra.get("interference_aware", {}).get("gradient_memory_bytes", {})
     return {"params_M": model_bytes / 4e6, "method": method, "model_MiB": model_bytes / 2**20,
             "alloc_peak_MiB": None if peak is None else peak / 2**20,

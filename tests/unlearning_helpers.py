@@ -5,11 +5,11 @@ seeded forget objectives, the method's ``setup``)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from mtunlearn_ext.unlearning import (
     ParameterGroups,
@@ -19,6 +19,11 @@ from mtunlearn_ext.unlearning import (
 )
 from mtunlearn_ext.unlearning.interference_aware import InterferenceAware
 from mtunlearn_ext.unlearning.loop import StepContext
+
+_BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if _BENCHMARKS not in sys.path:  # the memory tests count as the memory benchmarks do
+    sys.path.insert(0, _BENCHMARKS)
+from _bench_common import peak_allocated_bytes  # noqa: E402,F401  (used by the memory tests)
 
 
 def step_context(problem: UnlearningProblem, method: InterferenceAware) -> StepContext:
@@ -71,26 +76,6 @@ def memorised_kind_and_size() -> tuple[nn.Module, torch.Tensor, dict[str, torch.
          "size": torch.randn(120, 1, generator=generator)}
     torch.manual_seed(0)
     return fit_kind_and_size(TwoHeads(), x, y, steps=150), x, y
-
-
-def peak_allocated_bytes(run: Callable[[], object]) -> int:
-    """The most bytes torch's CPU allocator held at once during ``run()`` beyond what it held
-    when ``run`` began: the running sum of the profiler's allocation and free events, a count
-    that does not depend on timing, the machine's other processes or the C library's reuse of
-    freed pages (resident memory does)."""
-    # One cycle: acc_events changes nothing here but torch 2.11's warning that it is off.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                 acc_events=True) as prof:
-        run()
-    # Frees first on a tie of timestamps: the peak is never overstated.
-    events = sorted((event.start_ns(), event.nbytes())
-                    for event in prof.profiler.kineto_results.events()
-                    if event.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 class WideTrunkThreeHeads(nn.Module):
