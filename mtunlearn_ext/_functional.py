@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_normalize"]
+__all__ = ["unit_normalize", "widened"]
+
+
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is fp16 or bf16, else ``x`` itself: the type to sum many of its
+    terms in. An fp16 sum overflows at 65504, which a per-sample sum over a dense map reaches
+    easily (a 256 x 256 segmentation map whose pixels' mean cross-entropy is 1)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def unit_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
@@ -19,7 +26,7 @@ def unit_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.T
     in float32: in fp16, components above ~150 overflow the square (a zero vector came out),
     below ~2e-4 it underflows, and ``eps**2`` itself rounds to 0 (a zero vector gave NaN).
     """
-    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    wide = widened(x)
     squared = (wide * wide).sum(dim=dim, keepdim=True)
     # The scale 1/eps of a zero vector is no fp16 number: scaled in float32, then cast.
     return (wide * torch.rsqrt(squared.clamp_min(eps * eps))).to(x.dtype)

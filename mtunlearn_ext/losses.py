@@ -14,7 +14,9 @@ Within a dense sample the loss is a mean over that sample's *valid* pixels only:
 * ``binary``: ``(1 / |E|) sum_{e in E} BCE(z_e, y_e)``, binary cross-entropy of the logits ``z``
   over the entries ``E`` whose label is not ``ignore_index``.
 
-A sample with no valid pixel gets loss 0 (and gradient 0) rather than NaN. A task whose spec
+A sample with no valid pixel gets loss 0 (and gradient 0) rather than NaN. An fp16 / bf16 map's
+per-pixel values are summed in float32 and the mean returned in the map's type (an fp16 sum over
+a 256 x 256 map overflows once the mean passes 1). A task whose spec
 carries its own ``loss`` (:class:`~mtunlearn_ext.data.base.TaskSpec`) uses that instead.
 """
 
@@ -26,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mtunlearn_ext._functional import unit_normalize
+from mtunlearn_ext._functional import unit_normalize, widened
 from mtunlearn_ext.data.base import TaskSpec, labelled_pixels, neutral_unsupervised
 
 __all__ = ["check_layout", "masked_multitask_loss", "per_sample_losses", "task_loss",
@@ -110,12 +112,14 @@ def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     """Per-sample mean of ``per_pixel [B, H, W]`` over ``valid [B, H, W]``; 0 where none valid.
 
     ``torch.where`` (not a product) keeps NaN/inf from invalid pixels out of the sum and its
-    gradient.
+    gradient. Half-precision values are summed in float32 (:func:`widened`): the mean is an
+    fp16 number where the sum may not be.
     """
-    flat = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype,
-                                                     device=per_pixel.device)).flatten(1)
-    count = valid.flatten(1).sum(dim=1).clamp(min=1).to(per_pixel.dtype)
-    return flat.sum(dim=1) / count
+    wide = widened(per_pixel)
+    flat = torch.where(valid, wide, torch.zeros((), dtype=wide.dtype,
+                                                device=wide.device)).flatten(1)
+    count = valid.flatten(1).sum(dim=1).clamp(min=1).to(wide.dtype)
+    return (flat.sum(dim=1) / count).to(per_pixel.dtype)
 
 
 class CustomLossShapeError(ValueError):

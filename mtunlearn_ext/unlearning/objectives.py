@@ -76,6 +76,7 @@ import torch.nn.functional as F
 
 from mtunlearn_ext._definitions import defined_name, same_definition
 from mtunlearn_ext._errors import UnknownNameError
+from mtunlearn_ext._functional import widened
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.losses import task_loss, valid_pixel_mask
 
@@ -249,10 +250,12 @@ def needs_no_retain_pair(spec: TaskSpec) -> str:
 
 
 def _mean_over(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of ``[B, H, W]`` values over ``valid`` pixels (0 where none)."""
-    kept = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype,
-                                                     device=per_pixel.device))
-    return kept.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1).to(per_pixel.dtype)
+    """Per-sample mean of ``[B, H, W]`` values over ``valid`` pixels (0 where none), summed in
+    float32 for half-precision values (their sum over a map overflows fp16, their mean not)."""
+    wide = widened(per_pixel)
+    kept = torch.where(valid, wide, torch.zeros((), dtype=wide.dtype, device=wide.device))
+    mean = kept.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1).to(wide.dtype)
+    return mean.to(per_pixel.dtype)
 
 
 class MeanTargetObjective(_ReferenceObjective):
@@ -396,16 +399,19 @@ def depth_weighted_abs_error(pred: torch.Tensor, target: torch.Tensor) -> torch.
     if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 1:
         raise ValueError(f"depth_weighted_abs_error: pred and target must both be [B, 1, H, W], "
                          f"got {tuple(pred.shape)} and {tuple(target.shape)}")
-    depth = target.to(pred.dtype)[:, 0]
+    # Half precision computed in float32: a product d_p e_p and the per-sample sums overflow
+    # fp16 at depths in the thousands (NaN, inf / inf); the ratio is an fp16 number again.
+    wide = widened(pred)
+    depth = target.to(wide.dtype)[:, 0]
     valid = depth > 0
-    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    zero = torch.zeros((), dtype=wide.dtype, device=wide.device)
     # An unlabelled pixel's depth may be NaN: zeroed first, or 0 * NaN reaches the gradient.
     depth = torch.where(valid, depth, zero)
     # torch.where, not a product with the mask: a prediction at an unlabelled pixel may be
     # anything, NaN included, and must not reach the sum.
-    weighted = torch.where(valid, (pred[:, 0] - depth).abs() * depth, zero).flatten(1).sum(1)
+    weighted = torch.where(valid, (wide[:, 0] - depth).abs() * depth, zero).flatten(1).sum(1)
     total = torch.where(valid, depth, zero).flatten(1).sum(1)
-    return weighted / total.clamp(min=torch.finfo(pred.dtype).tiny)
+    return (weighted / total.clamp(min=torch.finfo(wide.dtype).tiny)).to(pred.dtype)
 
 
 class DepthWeightedCappedAscentObjective(CappedAscentObjective):
