@@ -215,12 +215,10 @@ class _ReferenceObjective(ForgetObjective):
         spec = self.spec
         ref = self.reference.to(pred.dtype)
         if spec.kind == "classification":
-            log_p = F.log_softmax(pred, dim=1)
-            kl = (ref * (ref.clamp(min=1e-12).log() - log_p)).sum(dim=1)
+            kl = _kl_from(ref, F.log_softmax(pred, dim=1))
             return torch.where(target != spec.ignore_index, kl, torch.zeros_like(kl))
         if spec.kind == "segmentation":
-            log_p = F.log_softmax(pred, dim=1)
-            kl = (ref * (ref.clamp(min=1e-12).log() - log_p)).sum(dim=1)  # [B, H, W]
+            kl = _kl_from(ref, F.log_softmax(pred, dim=1))  # [B, H, W]
             return _mean_over(kl, valid_pixel_mask(spec, target))
         if spec.kind == "regression":
             return task_loss(spec, pred, ref.expand(pred.shape[0], *ref.shape))
@@ -234,6 +232,15 @@ class _ReferenceObjective(ForgetObjective):
         masked_ref = torch.where(valid, ref.unsqueeze(0), torch.zeros((), dtype=pred.dtype,
                                                                       device=pred.device))
         return task_loss(spec, pred, masked_ref)
+
+
+def _kl_from(ref: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``KL(ref || p) = sum_c ref_c (log ref_c - log p_c)`` along dimension 1 of ``log_p``
+    (``ref`` broadcast against it), a class absent from ``ref`` adding exactly 0. Not
+    ``ref * log(max(ref, 1e-12))``: 1e-12 is 0 in fp16, and 0 * log 0 made every value NaN."""
+    log_ratio = ref.clamp(min=torch.finfo(ref.dtype).tiny).log() - log_p
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    return torch.where(ref > 0, ref * log_ratio, zero).sum(dim=1)
 
 
 def _no_retain_pairs(spec: TaskSpec) -> str:
