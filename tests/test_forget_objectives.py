@@ -92,3 +92,22 @@ def test_depth_weighted_error_of_far_depths_in_half_precision(dtype: torch.dtype
     got = depth_weighted_abs_error(pred.to(dtype), target)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=0)
+
+
+def test_a_cap_beyond_fp16_range_bounds_an_fp16_loss() -> None:
+    """Review: a regression task with targets of scale 1e4 has a cap near 1e8, and
+    ``loss.clamp(max=cap)`` raised 'value cannot be converted to type c10::Half' for an fp16
+    prediction. The cap now saturates at the type's largest value: a finite loss is ascended
+    as in float32, an overflowed one (inf) is past the cap, with zero gradient."""
+    spec = TaskSpec("size", "regression")
+    objective = CappedAscentObjective(spec)
+    objective.cap = 1e8
+    target = torch.tensor([[100.0, 0.0], [1e4, 0.0]])
+    pred = torch.tensor([[110.0, 0.0], [1.2e4, 0.0]])  # squared errors 100 and 4e6
+    value, grad = _value_and_grad(objective, pred.half(), target)
+    assert float(value[0]) == -50.0 and float(grad[0, 0]) == -10.0
+    assert float(value[1]) == -torch.finfo(torch.float16).max and float(grad[1].abs().sum()) == 0
+    objective.set_pair_caps(torch.tensor([7]), torch.tensor([1e9]))
+    pred = pred.detach().half().requires_grad_(True)
+    per_pair = objective.per_pair(pred, target, torch.tensor([7, 8]))
+    assert torch.isfinite(per_pair).all()

@@ -336,6 +336,8 @@ class CappedAscentObjective(_ReferenceObjective):
         found = self._pair_ids[pos] == keys
         caps = torch.where(found, self._pair_caps[pos],
                            torch.full_like(self._pair_caps[pos], self.cap))
+        if like.is_floating_point():  # a cap beyond the type's range: its largest value
+            caps = caps.clamp(max=torch.finfo(like.dtype).max)
         return caps.to(device=like.device, dtype=like.dtype)
 
     def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
@@ -396,6 +398,10 @@ class CappedAscentObjective(_ReferenceObjective):
                              f"pair: {needs_no_retain_pair(self.spec)}; or give the objective a "
                              "cap from elsewhere (the interference-aware method calibrates it "
                              "on held-out data with cap_reference='held_out')")
+        if isinstance(caps, float) and loss.is_floating_point():
+            # A cap beyond the loss type's range (a regression cap of 1e8 against an fp16
+            # loss) made clamp raise; the type's largest value is the same bound there.
+            caps = min(caps, torch.finfo(loss.dtype).max)
         return -loss.clamp(max=caps)
 
 
