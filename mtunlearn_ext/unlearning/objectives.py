@@ -336,8 +336,9 @@ class CappedAscentObjective(_ReferenceObjective):
         found = self._pair_ids[pos] == keys
         caps = torch.where(found, self._pair_caps[pos],
                            torch.full_like(self._pair_caps[pos], self.cap))
-        if like.is_floating_point():  # a cap beyond the type's range: its largest value
-            caps = caps.clamp(max=torch.finfo(like.dtype).max)
+        largest = torch.finfo(like.dtype).max if like.is_floating_point() else math.inf
+        if largest < torch.finfo(caps.dtype).max:  # a cap beyond like's range: its largest
+            caps = caps.clamp(max=largest)
         return caps.to(device=like.device, dtype=like.dtype)
 
     def prepare(self, retain: MultiTaskDataset, generator: torch.Generator,
