@@ -246,9 +246,10 @@ def masked_multitask_loss(model_out: Mapping[str, torch.Tensor], batch: Mapping[
     for column, spec in enumerate(tasks):
         mask = supervision[:, column].to(losses[spec.name].device)
         sample_loss = losses[spec.name]
-        kept = torch.where(mask, sample_loss, torch.zeros((), dtype=sample_loss.dtype,
-                                                          device=sample_loss.device))
-        task_mean = kept.sum() / mask.sum().clamp(min=1).to(sample_loss.dtype)
+        # Half precision summed in float32: 32 fp16 losses of 2100 each already pass 65504.
+        wide = widened(sample_loss)
+        kept = torch.where(mask, wide, torch.zeros((), dtype=wide.dtype, device=wide.device))
+        task_mean = (kept.sum() / mask.sum().clamp(min=1).to(wide.dtype)).to(sample_loss.dtype)
         per_task[spec.name] = task_mean
         weight = 1.0 if task_weights is None else float(task_weights.get(spec.name, 1.0))
         total = weight * task_mean if total is None else total + weight * task_mean

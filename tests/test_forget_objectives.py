@@ -245,3 +245,23 @@ def test_a_partial_request_moves_only_the_target_heads(objective: str) -> None:
     for name in ("kind", "flag"):
         for parameter in model.heads[name].parameters():
             assert parameter.grad is None or float(parameter.grad.abs().sum()) == 0.0
+
+
+def test_half_precision_batch_means_do_not_overflow() -> None:
+    """Review: the forget terms and the retain (multi-task) loss summed a batch's per-sample
+    values in their own type, so 8 fp16 regression losses of 9e3 each (sum 7.2e4, past 65504)
+    gave an inf retain loss and a -inf forget objective (ascent) though their mean is 9e3.
+    Summed in float32 now, the means returned in fp16."""
+    from mtunlearn_ext.losses import masked_multitask_loss
+
+    spec = TaskSpec("size", "regression")
+    target = torch.zeros(8, 1)
+    pred = torch.full((8, 1), 95.0, dtype=torch.float16)  # squared error 9025 per sample
+    each = float(torch.tensor(9025.0).half())  # 9024 in fp16
+    batch = {"supervision": torch.ones(8, 1, dtype=torch.bool), "targets": {"size": target},
+             "id": torch.arange(8)}
+    _, per_task = masked_multitask_loss({"size": pred}, batch, [spec])
+    assert per_task["size"].dtype == torch.float16 and float(per_task["size"]) == each
+    terms = forget_terms({"size": pred}, batch, [spec],
+                         {"size": FORGET_OBJECTIVES["ascent"](spec)})
+    assert float(terms.objective["size"]) == -each and float(terms.loss["size"]) == each

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtunlearn_ext._functional import widened
 from mtunlearn_ext.data.base import TaskSpec, neutral_unsupervised
 from mtunlearn_ext.losses import masked_multitask_loss, task_loss
 from mtunlearn_ext.unlearning.objectives import ForgetObjective
@@ -101,11 +102,15 @@ def forget_terms(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, object
         # out-of-range class label there made the loss kernel raise.
         target = neutral_unsupervised(specs[name], targets[name], mask)
         per_sample = fn.per_pair(pred, target, ids)
-        zero = torch.zeros((), dtype=per_sample.dtype, device=per_sample.device)
-        objective[name] = torch.where(mask, per_sample, zero).sum() / n
+        # Half precision summed in float32 (the batch's sum may pass fp16's 65504, its mean
+        # not), the mean returned in the prediction's type.
+        wide = widened(per_sample)
+        zero = torch.zeros((), dtype=wide.dtype, device=wide.device)
+        objective[name] = (torch.where(mask, wide, zero).sum() / n).to(per_sample.dtype)
         with torch.no_grad():
             plain = task_loss(specs[name], pred.detach(), target)
-            loss[name] = torch.where(mask, plain, torch.zeros_like(plain)).sum() / n
+            kept = torch.where(mask, widened(plain), 0.0)
+            loss[name] = (kept.sum() / n).to(plain.dtype)
         count[name] = n
     return ForgetTerms(objective, loss, count)
 
