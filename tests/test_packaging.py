@@ -5,9 +5,11 @@ a wheel from the sdist and imports it from elsewhere (CI runs it)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ import pytest
 from mtunlearn_ext import records
 
 ROOT = Path(__file__).resolve().parents[1]
+#: What no distribution carries: build products (the global-exclude of MANIFEST.in).
+BUILT_SUFFIXES = (".so", ".o", ".pyc")
 
 
 def _copy_package(into: Path) -> Path:
@@ -63,3 +67,53 @@ def test_the_package_marks_itself_typed_and_ships_its_sources() -> None:
     assert (ROOT / "mtunlearn_ext" / "py.typed").is_file()
     manifest = (ROOT / "MANIFEST.in").read_text().split()
     assert "graft" in manifest and "csrc" in manifest
+
+
+@pytest.fixture(scope="module")
+def declared_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The sdist's files and the wheel's package files (setup.py's build_py: its packages and
+    package data, without compiling), each as paths relative to the distribution's root.
+    MTUNLEARN_METADATA_ONLY=1: the sdist must carry the C++ sources through MANIFEST.in, not
+    through the extension that setup.py declares on this machine. The egg-info goes to the
+    temporary folder, not the checkout."""
+    out = tmp_path_factory.mktemp("declared")
+    env = {**os.environ, "MTUNLEARN_METADATA_ONLY": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
+                    "sdist", "--dist-dir", str(out), "build_py", "--build-lib", str(out / "lib")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    with tarfile.open(next(out.glob("mtunlearn_ext-*.tar.gz"))) as sdist:
+        sdist_files = {name.split("/", 1)[1] for name in sdist.getnames()
+                       if "/" in name and sdist.getmember(name).isfile()}
+    wheel_files = {path.relative_to(out / "lib").as_posix()
+                   for path in (out / "lib").rglob("*") if path.is_file()}
+    return {"sdist": sdist_files, "wheel": wheel_files}
+
+
+def _checkout_files(folder: str) -> set[str]:
+    return {path.relative_to(ROOT).as_posix() for path in (ROOT / folder).rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts
+            and not path.name.endswith(BUILT_SUFFIXES)}
+
+
+def test_the_sdist_carries_what_a_build_needs_and_no_partial_test_suite(
+        declared_files: dict[str, set[str]]) -> None:
+    """setuptools adds tests/test*.py to every sdist: 79 test files went out without
+    tests/conftest.py, the helpers or the benchmarks/ they import, so none of them ran from it."""
+    sdist = declared_files["sdist"]
+    needed = (_checkout_files("csrc") | _checkout_files("mtunlearn_ext") | _checkout_files("docs")
+              | {"setup.py", "MANIFEST.in", "CMakeLists.txt", "README.md", "requirements.txt",
+                 "tests/cpp/consumer_check.cpp"})
+    assert not needed - sdist, f"missing from the sdist: {sorted(needed - sdist)}"
+    assert not [name for name in sdist if name.startswith("tests/") and name.endswith(".py")]
+    assert not [name for name in sdist if name.endswith(BUILT_SUFFIXES)]
+
+
+def test_the_wheel_carries_every_package_file_and_nothing_else(
+        declared_files: dict[str, set[str]]) -> None:
+    """Every file of the package (its modules, py.typed, any data it reads) is declared to the
+    build: a data file missing from package_data, or a folder without __init__.py, would be
+    left out of the wheel while every test run from the checkout still found it."""
+    package = _checkout_files("mtunlearn_ext")
+    wheel = declared_files["wheel"]
+    assert wheel == package, (f"left out of the wheel: {sorted(package - wheel)}; "
+                              f"not in the package: {sorted(wheel - package)}")
