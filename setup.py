@@ -66,12 +66,12 @@ extern "C" int mtunlearn_probe(int x) {
 """
 
 
-def _load_elf_reader():  # type: ignore[no-untyped-def]
-    """mtunlearn_ext/_elf.py by path: the package itself cannot be imported mid-build."""
+def _load_package_file(name: str):  # type: ignore[no-untyped-def]
+    """mtunlearn_ext/<name>.py by path: the package itself cannot be imported mid-build."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "_mtunlearn_elf", os.path.join(ROOT, "mtunlearn_ext", "_elf.py"))
+        f"_mtunlearn{name}", os.path.join(ROOT, "mtunlearn_ext", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -88,7 +88,7 @@ def _private_runtime_message(linked: str, what: str) -> str:
     )
 
 
-_ELF = _load_elf_reader()
+_ELF = _load_package_file("_elf")
 _CXX_RUNTIME_LINK = [_ELF.CXX_RUNTIME_LINK_FLAG] if sys.platform.startswith("linux") else []
 
 
@@ -212,7 +212,7 @@ def _extension():  # type: ignore[no-untyped-def]
 
 setup(
     name="mtunlearn_ext",
-    version="0.1.0",
+    version=_load_package_file("_version").__version__,  # mtunlearn_ext.__version__'s
     description="Interference-aware multi-task machine unlearning on compiled gradient-surgery ops",
     packages=find_packages(include=["mtunlearn_ext", "mtunlearn_ext.*"]),
     package_data={"mtunlearn_ext": ["py.typed"]},

@@ -9,6 +9,7 @@ them; the CLI and reports on top.
 from typing import TYPE_CHECKING
 
 from mtunlearn_ext._extension import BuildInfo, build_info, has_extension
+from mtunlearn_ext._version import __version__
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
 from mtunlearn_ext import ops
 
@@ -20,8 +21,6 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers (module __
     from mtunlearn_ext import (api, cli, data, demo, erasure, experiment, losses, metrics,
                                models, records, report, showcase, surgery, training, tuning,
                                unlearning, workflow)
-
-__version__ = "0.1.0"
 
 __all__ = ["BuildInfo", "ForgetRequest", "MtUnlearnRuntimeWarning", "MtUnlearnWarning",
            "TaskSpec", "__version__", "build_info", "evaluate", "has_extension", "ops",

@@ -25,6 +25,7 @@ from typing import Any, TypedDict, cast
 import torch
 
 from mtunlearn_ext._elf import carries_private_cxx_runtime
+from mtunlearn_ext._version import __version__
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning
 
 _REQUIRE_ENV = "MTUNLEARN_REQUIRE_EXTENSION"
@@ -134,20 +135,23 @@ class BuildInfo(TypedDict, total=False):
     error: str
     torch_runtime: str  # the torch running now
     threads_runtime: int
+    package_version: str  # mtunlearn_ext.__version__, also the installed metadata's version
 
 
 def build_info() -> BuildInfo:
     """How the extension was built: torch version, CUDA kernels and archs, OpenMP, compiler.
 
     Returns a dict (:class:`BuildInfo`); with no compiled extension,
-    ``{"extension": False, "error": ..., "torch_runtime": ...}``.
+    ``{"extension": False, "error": ..., "torch_runtime": ..., "package_version": ...}``.
     """
     if _C is None:
-        return {"extension": False, "error": str(_LOAD_ERROR), "torch_runtime": torch.__version__}
+        return {"extension": False, "error": str(_LOAD_ERROR), "torch_runtime": torch.__version__,
+                "package_version": __version__}
     info = cast(BuildInfo, dict(_C.build_info()))
     info["extension"] = True
     info["torch_runtime"] = torch.__version__
     info["threads_runtime"] = torch.get_num_threads()
+    info["package_version"] = __version__
     return info
 
 

@@ -36,6 +36,9 @@ where = Path(mtunlearn_ext.__file__).resolve()
 assert where.is_relative_to(site.resolve()), f"imported {where}, not the installed package"
 info = mtunlearn_ext.build_info()
 assert info["extension"], info
+versions = {importlib.metadata.version("mtunlearn_ext"), mtunlearn_ext.__version__,
+            info["package_version"]}
+assert len(versions) == 1, f"metadata, __version__ and build_info disagree: {versions}"
 x = torch.randn(3, 1000, dtype=torch.float64)
 assert torch.allclose(ops.gram(x), x @ x.T, rtol=1e-12, atol=1e-12)
 assert (where.parent / "py.typed").is_file(), "py.typed missing from the wheel"
@@ -45,5 +48,6 @@ missing = {"torch", "numpy", "scipy", "scikit-learn", "tqdm", "matplotlib", "pyy
 assert not missing, f"run-time requirements not declared: {sorted(missing)}"
 library = next(where.parent.glob("_C*.so"))
 print(f"[package] installed package ok: extension loaded ({library.stat().st_size / 1e6:.1f} MB),"
-      f" gram right, py.typed present, requirements {sorted(needs)}")
+      f" gram right, py.typed present, version {mtunlearn_ext.__version__} everywhere,"
+      f" requirements {sorted(needs)}")
 PYEOF

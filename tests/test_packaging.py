@@ -117,3 +117,27 @@ def test_the_wheel_carries_every_package_file_and_nothing_else(
     wheel = declared_files["wheel"]
     assert wheel == package, (f"left out of the wheel: {sorted(package - wheel)}; "
                               f"not in the package: {sorted(wheel - package)}")
+
+
+def test_the_version_is_written_once(tmp_path: Path) -> None:
+    """setup.py carried its own "0.1.0" beside the package's: a release that bumped one gave a
+    wheel whose metadata (``pip list``, importlib.metadata) disagreed with ``__version__``."""
+    copy = _copy_package(tmp_path)
+    shutil.copy(ROOT / "setup.py", copy)
+    (copy / "mtunlearn_ext" / "_version.py").write_text('__version__ = "9.8.7"\n')
+    env = {**os.environ, "MTUNLEARN_METADATA_ONLY": "1", "MTUNLEARN_REQUIRE_EXTENSION": "0",
+           "PYTHONPATH": str(copy)}
+    declared = subprocess.run([sys.executable, "setup.py", "--version"], cwd=copy, env=env,
+                              capture_output=True, text=True, check=True, timeout=300)
+    script = ("import warnings; warnings.simplefilter('ignore'); import mtunlearn_ext; "
+              "print(mtunlearn_ext.__version__, mtunlearn_ext.build_info()['package_version'])")
+    imported = subprocess.run([sys.executable, "-c", script], cwd=copy, env=env,
+                              capture_output=True, text=True, check=True, timeout=300)
+    assert declared.stdout.split()[-1] == "9.8.7", declared.stdout
+    assert imported.stdout.split() == ["9.8.7", "9.8.7"], imported.stdout
+
+
+def test_build_info_names_the_package_version() -> None:
+    import mtunlearn_ext
+
+    assert mtunlearn_ext.build_info()["package_version"] == mtunlearn_ext.__version__
