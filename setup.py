@@ -33,10 +33,13 @@ try:
     import torch  # noqa: E402
 except ModuleNotFoundError:
     # pip builds a project without pyproject.toml in an isolated environment, where the torch
-    # the extension must be built against is absent.
+    # the extension must be built against is absent; so does `python -m build`, which a user
+    # told only pip's flag would not know how to turn off.
     sys.exit("mtunlearn_ext: the build needs the torch it will run with, and none is importable "
-             "here. Install torch (and ninja) first, then build in the same environment: "
-             "`pip install --no-build-isolation .` (or ./run.sh / ./test.sh from a checkout).")
+             "here (pip and `python -m build` build in an isolated environment unless told "
+             "not to). Install torch (and ninja) first, then build in the same environment: "
+             "`pip install --no-build-isolation .` (or `-e .`), `pip wheel --no-build-isolation "
+             ".` or `python -m build --no-isolation` (or ./run.sh / ./test.sh from a checkout).")
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,

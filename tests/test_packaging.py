@@ -141,3 +141,17 @@ def test_build_info_names_the_package_version() -> None:
     import mtunlearn_ext
 
     assert mtunlearn_ext.build_info()["package_version"] == mtunlearn_ext.__version__
+
+
+def test_a_build_without_torch_names_the_flag_of_each_build_front_end() -> None:
+    """pip and ``python -m build`` build in an isolated environment, without the user's torch;
+    the refusal named only pip's ``--no-build-isolation``, not ``python -m build``'s flag.
+    (``-S``: no site-packages, as in that isolated environment.)"""
+    run = subprocess.run([sys.executable, "-S", "setup.py", "--version"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    message = run.stderr.strip()
+    assert message.startswith("mtunlearn_ext: the build needs the torch it will run with"), message
+    for command in ("pip install --no-build-isolation .", "python -m build --no-isolation"):
+        assert command in message, message
+
