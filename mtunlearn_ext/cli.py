@@ -1250,7 +1250,10 @@ def _verify_api_record(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parent.parent
     compare = root / "benchmarks" / "compare.py"
-    if compare.is_file() and not args.showcase:
+    # An installed package's parent is site-packages, where another distribution may have put
+    # a top-level benchmarks/ of its own: only a folder with our setup.py is our checkout.
+    checkout = (root / "setup.py").is_file() and compare.is_file()
+    if checkout and not args.showcase:
         command = [sys.executable, str(compare), "--quick", *args.extra]
     else:
         command = [sys.executable, "-m", "mtunlearn_ext.showcase", *args.extra]
@@ -1258,7 +1261,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         _say("would run: " + " ".join(command), flush=True)
         return 0
     _say("running: " + " ".join(command), flush=True)
-    return subprocess.run(command, cwd=root, check=False).returncode
+    # compare.py runs from the checkout; the showcase where the user is (not site-packages).
+    return subprocess.run(command, cwd=root if checkout else None, check=False).returncode
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -155,3 +155,27 @@ def test_a_build_without_torch_names_the_flag_of_each_build_front_end() -> None:
     for command in ("pip install --no-build-isolation .", "python -m build --no-isolation"):
         assert command in message, message
 
+
+def test_an_installed_benchmark_command_runs_no_other_distributions_script(
+        tmp_path: Path) -> None:
+    """``mtunlearn benchmark`` looked for benchmarks/compare.py beside the package, which for an
+    installed package is site-packages: a top-level benchmarks/ another distribution put there
+    was run, from site-packages as the working folder."""
+    site = _copy_package(tmp_path / "site")
+    (site / "benchmarks").mkdir()
+    (site / "benchmarks" / "compare.py").write_text("raise SystemExit('not ours')\n")
+    where = tmp_path / "user"
+    where.mkdir()
+    script = ("import subprocess, sys, warnings; warnings.simplefilter('ignore'); "
+              "sys.path.insert(0, sys.argv[1]); from mtunlearn_ext import cli; "
+              "subprocess.run = lambda command, cwd, check: print('cwd', cwd) or "
+              "subprocess.CompletedProcess(command, 0); "
+              "assert cli.main(['benchmark', '--dry-run']) == 0; "
+              "assert cli.main(['benchmark']) == 0")
+    run = subprocess.run([sys.executable, "-c", script, str(site)], cwd=where,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MTUNLEARN_REQUIRE_EXTENSION": "0"})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("would run: ") and lines[0].endswith("-m mtunlearn_ext.showcase")
+    assert "cwd None" in lines, lines  # the showcase runs where the user is
