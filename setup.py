@@ -217,6 +217,9 @@ setup(
     name="mtunlearn_ext",
     version=_load_package_file("_version").__version__,  # mtunlearn_ext.__version__'s
     description="Interference-aware multi-task machine unlearning on compiled gradient-surgery ops",
+    # What `pip show` leaves out and a package index shows as the project's page.
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["mtunlearn_ext", "mtunlearn_ext.*"]),
     package_data={"mtunlearn_ext": ["py.typed"]},
     # What the package imports at run time; the exact pins of a tested set are in

@@ -123,7 +123,7 @@ def _setup_with_compiler(tmp_path: Path, wrapper_body: str, cflags: str = ""
     checkout = Path(__file__).resolve().parents[1]
     copy = tmp_path / "checkout"
     copy.mkdir()
-    for name in ("setup.py", "csrc", "mtunlearn_ext"):
+    for name in ("setup.py", "README.md", "csrc", "mtunlearn_ext"):  # README: the description
         source = checkout / name
         if source.is_dir():
             shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns(

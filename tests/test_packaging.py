@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,19 @@ def test_the_package_marks_itself_typed_and_ships_its_sources() -> None:
     assert "graft" in manifest and "csrc" in manifest
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What setup.py declares: file paths relative to the distribution's root."""
+
+    sdist: set[str]
+    wheel: set[str]  # the package files build_py lays out (no compiled library)
+    metadata: str  # PKG-INFO
+
+
 @pytest.fixture(scope="module")
-def declared_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
-    """The sdist's files and the wheel's package files (setup.py's build_py: its packages and
-    package data, without compiling), each as paths relative to the distribution's root.
+def declared(tmp_path_factory: pytest.TempPathFactory) -> Declared:
+    """The sdist's files, the wheel's package files (setup.py's build_py: its packages and
+    package data, without compiling) and the metadata.
     MTUNLEARN_METADATA_ONLY=1: the sdist must carry the C++ sources through MANIFEST.in, not
     through the extension that setup.py declares on this machine. The egg-info goes to the
     temporary folder, not the checkout."""
@@ -86,7 +96,8 @@ def declared_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[st
                        if "/" in name and sdist.getmember(name).isfile()}
     wheel_files = {path.relative_to(out / "lib").as_posix()
                    for path in (out / "lib").rglob("*") if path.is_file()}
-    return {"sdist": sdist_files, "wheel": wheel_files}
+    metadata = (out / "mtunlearn_ext.egg-info" / "PKG-INFO").read_text(encoding="utf-8")
+    return Declared(sdist=sdist_files, wheel=wheel_files, metadata=metadata)
 
 
 def _checkout_files(folder: str) -> set[str]:
@@ -96,10 +107,11 @@ def _checkout_files(folder: str) -> set[str]:
 
 
 def test_the_sdist_carries_what_a_build_needs_and_no_partial_test_suite(
-        declared_files: dict[str, set[str]]) -> None:
+        declared: Declared) -> None:
     """setuptools adds tests/test*.py to every sdist: 79 test files went out without
-    tests/conftest.py, the helpers or the benchmarks/ they import, so none of them ran from it."""
-    sdist = declared_files["sdist"]
+    tests/conftest.py, the helpers half of them import or the benchmarks/ and scripts/ they
+    run."""
+    sdist = declared.sdist
     needed = (_checkout_files("csrc") | _checkout_files("mtunlearn_ext") | _checkout_files("docs")
               | {"setup.py", "MANIFEST.in", "CMakeLists.txt", "README.md", "requirements.txt",
                  "tests/cpp/consumer_check.cpp"})
@@ -109,12 +121,12 @@ def test_the_sdist_carries_what_a_build_needs_and_no_partial_test_suite(
 
 
 def test_the_wheel_carries_every_package_file_and_nothing_else(
-        declared_files: dict[str, set[str]]) -> None:
+        declared: Declared) -> None:
     """Every file of the package (its modules, py.typed, any data it reads) is declared to the
     build: a data file missing from package_data, or a folder without __init__.py, would be
     left out of the wheel while every test run from the checkout still found it."""
     package = _checkout_files("mtunlearn_ext")
-    wheel = declared_files["wheel"]
+    wheel = declared.wheel
     assert wheel == package, (f"left out of the wheel: {sorted(package - wheel)}; "
                               f"not in the package: {sorted(wheel - package)}")
 
@@ -123,7 +135,8 @@ def test_the_version_is_written_once(tmp_path: Path) -> None:
     """setup.py carried its own "0.1.0" beside the package's: a release that bumped one gave a
     wheel whose metadata (``pip list``, importlib.metadata) disagreed with ``__version__``."""
     copy = _copy_package(tmp_path)
-    shutil.copy(ROOT / "setup.py", copy)
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, copy)
     (copy / "mtunlearn_ext" / "_version.py").write_text('__version__ = "9.8.7"\n')
     env = {**os.environ, "MTUNLEARN_METADATA_ONLY": "1", "MTUNLEARN_REQUIRE_EXTENSION": "0",
            "PYTHONPATH": str(copy)}
@@ -179,3 +192,11 @@ def test_an_installed_benchmark_command_runs_no_other_distributions_script(
     lines = run.stdout.splitlines()
     assert lines[0].startswith("would run: ") and lines[0].endswith("-m mtunlearn_ext.showcase")
     assert "cwd None" in lines, lines  # the showcase runs where the user is
+
+
+def test_the_metadata_carries_the_readme_as_its_description(
+        declared: Declared) -> None:
+    """The metadata held a one-line summary and no description: an index page (and
+    ``twine check``) had nothing to show."""
+    assert "Description-Content-Type: text/markdown" in declared.metadata
+    assert "## Set-up: two commands" in declared.metadata
