@@ -76,6 +76,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "mtunlearn_ext compiled ops (registered as torch.ops.mtunlearn)";
   m.def("build_info", &build_info, "How the extension was built: torch, CUDA archs, threads, compiler");
   m.def("cpu_isa", &cpu_isa_info, "The CPU kernels' instruction set: detected, limit, active");
+  // The torch whose C++ ABI the library was compiled against, read at import; build_info()
+  // would start torch's thread pools there (after which interop threads cannot be set).
+  m.attr("torch_version") = MTU_TORCH_VERSION;
   m.def("set_cpu_isa_limit", &set_cpu_isa_limit, py::arg("isa"),
         "Cap the CPU kernels' instruction set ('avx512', 'avx2' or 'baseline')");
 }

@@ -59,6 +59,21 @@ BUILD_COMMANDS = ("in a checkout `python setup.py build_ext --inplace` (./run.sh
                   "--no-build-isolation .`")
 
 
+def torch_mismatch(compiled: str, running: str) -> str | None:
+    """Why a library compiled against torch ``compiled`` may not run under torch ``running``
+    (another major.minor release: torch keeps no C++ ABI from one to the next), or ``None``.
+    A wheel built against 2.13.0 loaded under 2.14.1 without a word; whether an op then works
+    is luck."""
+    def release(version: str) -> list[str]:
+        return version.split("+")[0].split(".")[:2]
+
+    if release(compiled) == release(running):
+        return None
+    return (f"the compiled extension was built against torch {compiled} and runs under torch "
+            f"{running}; torch keeps no C++ ABI across minor releases, so an op may fail or "
+            f"crash. Rebuild it against this torch: {BUILD_COMMANDS}")
+
+
 def _refuse(reason: str, error: BaseException | None) -> None:
     """Fail the import (``MTUNLEARN_REQUIRE_EXTENSION=1``) or warn and fall back. ``reason``
     says what is wrong and how to fix it; ``error``'s own text comes last, as detail."""
@@ -112,6 +127,12 @@ else:
         _C = None
         _LOAD_ERROR = RuntimeError(_unsafe)
         _refuse(_unsafe, None)
+    else:
+        # Absent from a library built before it was added: nothing to compare then.
+        _mismatch = torch_mismatch(str(getattr(_C, "torch_version", torch.__version__)),
+                                   torch.__version__)
+        if _mismatch is not None:
+            warnings.warn(f"mtunlearn_ext: {_mismatch}", MtUnlearnRuntimeWarning, stacklevel=2)
 
 
 def has_extension() -> bool:

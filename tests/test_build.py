@@ -20,7 +20,7 @@ import torch
 
 import mtunlearn_ext
 from mtunlearn_ext import _elf
-from mtunlearn_ext._extension import private_cxx_runtime_error
+from mtunlearn_ext._extension import private_cxx_runtime_error, torch_mismatch
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="ELF shared objects and libstdc++ are Linux's")
@@ -260,3 +260,33 @@ def test_a_library_that_fails_to_load_is_called_so(tmp_path: Path) -> None:
     assert "rebuild it: in a checkout `python setup.py build_ext --inplace`" in message
     # The loader's own words ("file too short", "invalid ELF header", ...) last, as detail.
     assert message.index("rebuild it") < message.index("(import error: "), message
+
+
+@pytest.mark.parametrize(("compiled", "running", "warned"), [
+    ("2.13.0+cpu", "2.14.1+cu130", True), ("2.14.1", "3.14.1", True),
+    ("2.14.0", "2.14.1+cu130", False),  # a patch release keeps the ABI; the local tag is no ABI
+    ("2.14.1+cu130", "2.14.1+cpu", False)])
+def test_torch_releases_that_do_not_share_an_abi(compiled: str, running: str,
+                                                 warned: bool) -> None:
+    message = torch_mismatch(compiled, running)
+    assert (message is not None) == warned
+    if message is not None:
+        assert f"built against torch {compiled} and runs under torch {running}" in message
+        assert "pip install --no-build-isolation ." in message
+
+
+def test_a_library_built_against_another_torch_release_warns_at_import() -> None:
+    """A wheel built against torch 2.13.0 loaded under 2.14.1 without a word (gram even ran):
+    torch keeps no C++ ABI across minor releases, so the next op might not. The library names
+    the torch it was compiled against; this run pretends torch is another release."""
+    import os
+
+    assert mtunlearn_ext._extension._C.torch_version == mtunlearn_ext.build_info()[
+        "torch_version"]
+    script = ("import warnings; warnings.simplefilter('always'); import torch; "
+              "torch.__version__ = '9.9.0'; import mtunlearn_ext")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "MTUNLEARN_REQUIRE_EXTENSION": "1"})
+    assert run.returncode == 0, run.stderr
+    built = mtunlearn_ext.build_info()["torch_version"]
+    assert f"built against torch {built} and runs under torch 9.9.0" in run.stderr, run.stderr
