@@ -67,7 +67,8 @@ def torch_mismatch(compiled: str, running: str) -> str | None:
     def release(version: str) -> list[str]:
         return version.split("+")[0].split(".")[:2]
 
-    if release(compiled) == release(running):
+    # "unknown": csrc/module.cpp's default where the build defined no MTU_TORCH_VERSION.
+    if not compiled[:1].isdigit() or release(compiled) == release(running):
         return None
     return (f"the compiled extension was built against torch {compiled} and runs under torch "
             f"{running}; torch keeps no C++ ABI across minor releases, so an op may fail or "

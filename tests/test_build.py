@@ -265,7 +265,7 @@ def test_a_library_that_fails_to_load_is_called_so(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("compiled", "running", "warned"), [
     ("2.13.0+cpu", "2.14.1+cu130", True), ("2.14.1", "3.14.1", True),
     ("2.14.0", "2.14.1+cu130", False),  # a patch release keeps the ABI; the local tag is no ABI
-    ("2.14.1+cu130", "2.14.1+cpu", False)])
+    ("2.14.1+cu130", "2.14.1+cpu", False), ("unknown", "2.14.1", False)])
 def test_torch_releases_that_do_not_share_an_abi(compiled: str, running: str,
                                                  warned: bool) -> None:
     message = torch_mismatch(compiled, running)
