@@ -213,12 +213,15 @@ def _extension():  # type: ignore[no-untyped-def]
     )
 
 
+with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as _readme:
+    _README = _readme.read()
+
 setup(
     name="mtunlearn_ext",
     version=_load_package_file("_version").__version__,  # mtunlearn_ext.__version__'s
     description="Interference-aware multi-task machine unlearning on compiled gradient-surgery ops",
     # What `pip show` leaves out and a package index shows as the project's page.
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description=_README,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mtunlearn_ext", "mtunlearn_ext.*"]),
     package_data={"mtunlearn_ext": ["py.typed"]},
