@@ -102,8 +102,9 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
 def _check_out_apart_from_x(op: str, out: torch.Tensor, x: torch.Tensor) -> None:
     """Refuse an ``out`` that shares bytes with ``x`` as the kernels read it: the same decision
     as combine.cpp's ``combine_into`` (byte ranges, not storages, which two tensors over one
-    buffer need not share). ``x`` is read in place when its rows are unit-stride and its
-    leading dims merge into one (a view ``[B, k, n]``), else from a private copy."""
+    buffer need not share). ``x`` is read in place when its rows are unit-stride, whatever its
+    leading dims; meeting ``out``, it is refused when those dims merge into one (a view
+    ``[B, k, n]``), else read from a private copy, as such an ``x`` always was."""
     check_not_transformed(op, (out, x))
     if torch.compiler.is_compiling() or _has_no_values(x) or out.numel() == 0 or x.numel() == 0:
         return

@@ -48,11 +48,33 @@ inline int64_t leading_numel(const at::Tensor& t) {
   return batch;
 }
 
-// View a [..., r, n] tensor as [B, r, n] (a copy only when the leading dims cannot merge).
-inline at::Tensor as_batched(const at::Tensor& t) {
-  const int64_t r = t.size(-2), n = t.size(-1);
-  at::Tensor u = rows_unit_stride(t);
-  return u.dim() == 3 ? u : u.reshape({leading_numel(t), r, n});
+// Whether the leading dims of a [..., r, n] tensor merge into one batch dim without a copy (a
+// view [B, r, n]): each dim of size > 1 steps over the whole of the next such dim.
+inline bool leading_dims_merge(const at::Tensor& t) {
+  int64_t inner_stride = -1, inner_size = 1;  // of the last leading dim of size > 1 seen
+  for (int64_t d = t.dim() - 3; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (inner_stride >= 0 && t.stride(d) != inner_stride * inner_size) return false;
+    inner_stride = t.stride(d);
+    inner_size = t.size(d);
+  }
+  return true;
+}
+
+// Where the [r, n] matrices of a [..., r, n] tensor start, in elements from its data pointer,
+// the leading index in row-major order, each from the leading dims' own strides. Merging them
+// into one batch dim (reshape) copied the whole tensor whenever they could not merge (a
+// permuted or sliced batch), though the kernels read every matrix where it lies.
+inline std::vector<int64_t> matrix_offsets(const at::Tensor& t) {
+  std::vector<int64_t> offsets{0};
+  for (int64_t d = 0; d + 2 < t.dim(); ++d) {
+    std::vector<int64_t> next;
+    next.reserve(offsets.size() * static_cast<size_t>(t.size(d)));
+    for (const int64_t base : offsets)
+      for (int64_t i = 0; i < t.size(d); ++i) next.push_back(base + i * t.stride(d));
+    offsets.swap(next);
+  }
+  return offsets;
 }
 
 }  // namespace mtunlearn

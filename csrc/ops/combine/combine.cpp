@@ -55,25 +55,23 @@ RowsRead rows_read(const void* data, int64_t row_stride, int64_t rows, int64_t c
   return {reinterpret_cast<std::intptr_t>(data), row_stride * esize, rows, cols * esize};
 }
 
-// Whether any row that `x` ([B, r, n], unit-stride or single-element rows, as the kernels read
-// it) has meets the byte range [lo, hi). First the byte extent of x (O(1); disjoint extents are
-// the usual case), then exact: the rows of the shorter of the two leading dims, each against the
-// byte range, one rows_meet per index of the other dim (O(min(B, r))).
-bool batched_rows_meet(const at::Tensor& x, std::intptr_t lo, std::intptr_t hi) {
+// Whether any row that `x` ([..., r, n], unit-stride or single-element rows, as the kernels read
+// it; its matrices at `offsets`, in elements) has meets the byte range [lo, hi). First the byte
+// extent of x (O(1); disjoint extents are the usual case), then exact: each matrix's rows
+// against the byte range, one rows_meet per matrix (O(B), as building the B segments is).
+bool batched_rows_meet(const at::Tensor& x, const std::vector<int64_t>& offsets,
+                       std::intptr_t lo, std::intptr_t hi) {
   if (x.numel() == 0 || hi <= lo) return false;
   const int64_t esize = static_cast<int64_t>(x.element_size());
-  const int64_t b = x.size(0), r = x.size(1), n = x.size(2);
+  const int64_t r = x.size(-2), n = x.size(-1);
+  int64_t last_offset = 0;  // of the last matrix: the largest, strides being >= 0
+  for (int64_t d = 0; d + 2 < x.dim(); ++d) last_offset += (x.size(d) - 1) * x.stride(d);
   const auto start = reinterpret_cast<std::intptr_t>(x.data_ptr());
-  const std::intptr_t end = start + ((b - 1) * x.stride(0) + (r - 1) * x.stride(1) + n) * esize;
+  const std::intptr_t end = start + (last_offset + (r - 1) * x.stride(-2) + n) * esize;
   if (end <= lo || hi <= start) return false;
-  const bool by_batch = b <= r;  // loop over the shorter dim
-  const int64_t outer = by_batch ? b : r, inner = by_batch ? r : b;
-  const int64_t outer_stride = (by_batch ? x.stride(0) : x.stride(1)) * esize;
-  const int64_t inner_stride = (by_batch ? x.stride(1) : x.stride(0)) * esize;
-  for (int64_t i = 0; i < outer; ++i) {
-    if (rows_meet({start + i * outer_stride, inner_stride, inner, n * esize}, lo, hi)) return true;
-  }
-  return false;
+  return std::any_of(offsets.begin(), offsets.end(), [&](int64_t offset) {
+    return rows_meet({start + offset * esize, x.stride(-2) * esize, r, n * esize}, lo, hi);
+  });
 }
 
 // Whether two tensors of one shape put every element at the same address (strides compared only
@@ -140,31 +138,39 @@ void combine_into(const at::Tensor& out, const at::Tensor& base, const at::Tenso
   if (out.numel() == 0) return;
   const ScalarKind kind = scalar_kind(x_in, op, "x");
   const int64_t m = coeffs_in.size(-2), k = coeffs_in.size(-1), n = x_in.size(-1);
-  at::Tensor x = as_batched(x_in);
+  at::Tensor x = rows_unit_stride(x_in);
+  std::vector<int64_t> x_at = matrix_offsets(x);
   // The kernels write `out` while they read any row of `x`, on any thread, so `x` as they read
-  // it (itself, or the copy as_batched made) may not meet `out`'s bytes. Byte ranges, not storages:
-  // two storages can share memory (torch.from_numpy twice, torch.from_dlpack). The
-  // coefficients may meet `out`: the kernels read a private copy of them then.
+  // it may not meet `out`'s bytes. Byte ranges, not storages: two storages can share memory
+  // (torch.from_numpy twice, torch.from_dlpack). The coefficients may meet `out`: the kernels
+  // read a private copy of them then.
   const auto out_lo = reinterpret_cast<std::intptr_t>(out.data_ptr());
   const auto out_hi = out_lo + static_cast<std::intptr_t>(out.nbytes());
-  TORCH_CHECK_VALUE(!batched_rows_meet(x, out_lo, out_hi), op,
-                    ": `out` overlaps `x`; `out` must not share memory with `x`, which is read "
-                    "while `out` is written (clone() one of them first)");
+  if (batched_rows_meet(x, x_at, out_lo, out_hi)) {
+    // Leading dims that do not merge used to cost a copy of `x` on every call (it is read in
+    // place now), so such an `x` was allowed to meet `out`: it still is, read from a copy.
+    TORCH_CHECK_VALUE(!leading_dims_merge(x), op,
+                      ": `out` overlaps `x`; `out` must not share memory with `x`, which is read "
+                      "while `out` is written (clone() one of them first)");
+    x = x.contiguous();
+    x_at = matrix_offsets(x);
+  }
   at::Tensor coeffs = coeffs_for_kernels(coeffs_in, x_in.scalar_type(), {out})
                           .reshape({leading_numel(coeffs_in), m, k});
   at::Tensor o = out.view({leading_numel(out), m, n});
-  at::Tensor b = base.defined() ? as_batched(base) : at::Tensor();
+  const at::Tensor b = base.defined() ? rows_unit_stride(base) : at::Tensor();
+  const std::vector<int64_t> b_at = b.defined() ? matrix_offsets(b) : std::vector<int64_t>();
   const int64_t esize = element_size(kind);
   std::vector<CombineSegment> segments;
   segments.reserve(o.size(0));
   for (int64_t i = 0; i < o.size(0); ++i) {
     CombineSegment s;
     s.out = static_cast<char*>(o.data_ptr()) + i * o.stride(0) * esize;
-    s.base = b.defined() ? static_cast<const char*>(b.data_ptr()) + i * b.stride(0) * esize : nullptr;
-    s.x = static_cast<const char*>(x.data_ptr()) + i * x.stride(0) * esize;
+    s.base = b.defined() ? static_cast<const char*>(b.data_ptr()) + b_at[i] * esize : nullptr;
+    s.x = static_cast<const char*>(x.data_ptr()) + x_at[i] * esize;
     s.out_row_stride = o.stride(1);
-    s.base_row_stride = b.defined() ? b.stride(1) : 0;
-    s.x_row_stride = x.stride(1);
+    s.base_row_stride = b.defined() ? b.stride(-2) : 0;
+    s.x_row_stride = x.stride(-2);
     s.ncols = n;
     s.coeff_index = i;
     segments.push_back(s);

@@ -43,17 +43,19 @@ at::Tensor batched_inner(const at::Tensor& a_in, const at::Tensor& b_in, bool sy
   at::Tensor out = at::empty(out_shape, a_in.options().dtype(acc_type(a_in.scalar_type())));
   if (out.numel() == 0) return out;
   const ScalarKind kind = scalar_kind(a_in, op, symmetric ? "x" : "a");
-  at::Tensor a = as_batched(a_in);
-  at::Tensor b = symmetric ? a : as_batched(b_in);
-  const int64_t batch = a.size(0), n = a.size(2);
+  const at::Tensor a = rows_unit_stride(a_in);
+  const at::Tensor b = symmetric ? a : rows_unit_stride(b_in);
+  const std::vector<int64_t> a_at = matrix_offsets(a);
+  const std::vector<int64_t> b_at = symmetric ? a_at : matrix_offsets(b);
+  const int64_t n = a.size(-1);
   const int64_t esize = element_size(kind);
   std::vector<ReduceSegment> segments;
-  segments.reserve(batch);
+  segments.reserve(a_at.size());
   const char* a_base = static_cast<const char*>(a.data_ptr());
   const char* b_base = static_cast<const char*>(b.data_ptr());
-  for (int64_t i = 0; i < batch; ++i) {
-    segments.push_back({a_base + i * a.stride(0) * esize, b_base + i * b.stride(0) * esize,
-                        a.stride(1), b.stride(1), n, i});
+  for (size_t i = 0; i < a_at.size(); ++i) {
+    segments.push_back({a_base + a_at[i] * esize, b_base + b_at[i] * esize, a.stride(-2),
+                        b.stride(-2), n, static_cast<int64_t>(i)});
   }
   run_reduce(kind, segments, m, k, symmetric, out);
   return out;
@@ -174,16 +176,17 @@ at::Tensor stacked_gram(const at::Tensor& g_in, const at::Tensor& r_in) {
   at::Tensor out = at::empty(out_shape, g_in.options().dtype(acc_type(g_in.scalar_type())));
   if (out.numel() == 0) return out;
   const ScalarKind kind = scalar_kind(g_in, op, "g");
-  at::Tensor g = as_batched(g_in), r = as_batched(r_in);
+  const at::Tensor g = rows_unit_stride(g_in), r = rows_unit_stride(r_in);
+  const std::vector<int64_t> g_at = matrix_offsets(g), r_at = matrix_offsets(r);
   const int64_t esize = element_size(kind);
   std::vector<ReduceSegment> segments;
-  segments.reserve(g.size(0));
-  for (int64_t i = 0; i < g.size(0); ++i) {
-    ReduceSegment seg{static_cast<const char*>(g.data_ptr()) + i * g.stride(0) * esize, nullptr,
-                      g.stride(1), 0, g.size(2), i};
+  segments.reserve(g_at.size());
+  for (size_t i = 0; i < g_at.size(); ++i) {
+    ReduceSegment seg{static_cast<const char*>(g.data_ptr()) + g_at[i] * esize, nullptr,
+                      g.stride(-2), 0, g.size(-1), static_cast<int64_t>(i)};
     seg.b = seg.a;
-    seg.a2 = static_cast<const char*>(r.data_ptr()) + i * r.stride(0) * esize;
-    seg.a2_row_stride = r.stride(1);
+    seg.a2 = static_cast<const char*>(r.data_ptr()) + r_at[i] * esize;
+    seg.a2_row_stride = r.stride(-2);
     seg.a_split = m;
     segments.push_back(seg);
   }
