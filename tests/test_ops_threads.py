@@ -207,3 +207,48 @@ def test_one_intra_op_thread_gives_the_bits_of_two(
     one = [call() for _, call in calls]
     differing = [name for (name, _), a, b in zip(calls, one, two) if not _same_bits(a, b)]
     assert not differing
+
+
+def _subnormal_calls() -> Calls:
+    """Calls of several work items each whose products, partial sums or inputs are subnormal
+    (below 1.2e-38 in float32, 2.2e-308 in float64)."""
+    tiny = _rand(3, 100_003, dtype=torch.float32, seed=70) * 1e-20  # products ~1e-40
+    coeffs = torch.full((2, 3), 1e-20)
+    dense = _rand(8, 8, dtype=torch.float64, seed=71)
+    grams = (dense @ dense.T + 8 * torch.eye(8, dtype=torch.float64)).expand(64, 8, 8) * 1e-300
+    rhs = _rand(64, 8, 3, dtype=torch.float64, seed=72) * 1e-300
+    return [
+        ("gram", lambda: ops.gram(tiny)),
+        ("inner", lambda: ops.inner(tiny[:1], tiny)),
+        ("combine", lambda: ops.combine(coeffs, tiny)),
+        ("ridge_solve", lambda: ops.ridge_solve(grams, rhs, ridge=0.0)),
+        ("nonconflicting_dual",
+         lambda: ops.nonconflicting_dual(grams, -rhs.transpose(-1, -2).contiguous())),
+        ("pcgrad_weights", lambda: ops.pcgrad_weights(-grams + 2 * grams.diagonal(
+            dim1=-2, dim2=-1).diag_embed())),
+    ]
+
+
+def test_flushing_subnormals_gives_the_bits_of_one_thread_on_two() -> None:
+    """Review: torch.set_flush_denormal(True) sets the calling thread's MXCSR only, and the chunks
+    that at::parallel_for ran on pool threads kept the subnormals the caller's chunk flushed:
+    the Gram of rows whose products are ~1e-40 was 0 on one thread, 9.7e-36 on two. Every chunk
+    now runs under the caller's floating-point control state."""
+    calls = _subnormal_calls()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        torch.set_num_threads(1)
+        one = [call() for _, call in calls]
+        torch.set_num_threads(2)
+        two = [call() for _, call in calls]
+    finally:
+        torch.set_flush_denormal(False)
+    differing = [name for (name, _), a, b in zip(calls, one, two) if not _same_bits(a, b)]
+    assert not differing
+    # Unflushed, the same calls agree too (and the subnormals count: a result changes).
+    torch.set_num_threads(1)
+    kept = [call() for _, call in calls]
+    torch.set_num_threads(2)
+    assert all(_same_bits(a, call()) for a, (_, call) in zip(kept, calls))
+    assert not _same_bits(kept[0], one[0])

@@ -1,7 +1,6 @@
 // Entries of the coefficient-space solvers: ridge_solve, nonconflicting_dual, pcgrad_weights.
 // The algorithms are in include/mtunlearn/small_solvers.h, shared verbatim with the CUDA
 // kernels (cuda/solvers_kernel.cu), so both backends give the same answers.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "mtunlearn/checks.h"
+#include "mtunlearn/cpu_parallel.h"
 #include "mtunlearn/entries.h"
 #include "mtunlearn/small_solvers.h"
 #ifdef MTU_WITH_CUDA
@@ -104,7 +104,7 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
   const double* rp = r.data_ptr<double>();
   double* op_ = o.data_ptr<double>();
   const double floor = pivot_floor(gram);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for_as_caller(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(k * k);
     for (int64_t b = begin; b < end; ++b)
       solvers::ridge_solve(gp + b * k * k, static_cast<int>(k), rp + b * k * m, static_cast<int>(m),
@@ -138,7 +138,7 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
   const double* rp = r.data_ptr<double>();
   double* op_ = o.data_ptr<double>();
   const double floor = dual_dependence_floor(gram);
-  at::parallel_for(0, batch * m, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for_as_caller(0, batch * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(k * k + 2 * k);
     std::vector<int> idx(k);
     // The rows of one Gram share its dependence test (an O(k^3) factorization each).
@@ -177,7 +177,7 @@ at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
   const int64_t batch = g.numel() / (k * k);
   const double* gp = g.data_ptr<double>();
   double* op_ = o.data_ptr<double>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for_as_caller(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(k);
     std::vector<int> order(k);
     for (int64_t b = begin; b < end; ++b)

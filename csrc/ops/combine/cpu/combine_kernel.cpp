@@ -4,12 +4,11 @@
 // Rows are read where they lie (fp16/bf16 converted in registers), each output vector is summed
 // in registers and written once, converted back in registers. With beta == 0 the base is never
 // read, so NaN in an uninitialised output cannot leak into the result.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
+#include "mtunlearn/cpu_parallel.h"
 #include "mtunlearn/cpu_simd.h"
 #include "mtunlearn/kernels.h"
 
@@ -119,7 +118,8 @@ MTU_DEFINE_AVX2_RANGE(BF16)
 template <typename Tag>
 void run_items(const CombineProblem& p, const std::vector<Item>& items, RangeFn avx2_range) {
   const RangeFn fn = (avx2_range && has_avx2()) ? avx2_range : &run_range_baseline<Tag>;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t count = static_cast<int64_t>(items.size());
+  parallel_for_as_caller(0, count, 1, [&](int64_t begin, int64_t end) {
     fn(p, items.data() + begin, end - begin);
   });
 }

@@ -13,8 +13,6 @@
 // Small problems (a Gram of <= 16 rows, <= 8 x 16 inner products: every surgery step) take
 // another path: exact register blocks over the rows where they lie, fp16/bf16 converted in
 // registers as they are loaded (no converted copy), no padding rows (see SmallBlock).
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
@@ -22,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "mtunlearn/cpu_parallel.h"
 #include "mtunlearn/cpu_simd.h"
 #include "mtunlearn/kernels.h"
 
@@ -625,7 +624,7 @@ void run_items(const ReduceProblem& p, const Item* items, int64_t count, double*
   } else if (avx2_range && p.isa >= cpu_isa::Isa::Avx2) {
     fn = avx2_range;
   }
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_as_caller(0, count, 1, [&](int64_t begin, int64_t end) {
     fn(p, items + begin, end - begin, partials + begin * p.m * p.k);
   });
 }
@@ -744,7 +743,8 @@ bool reduce_blocked(ScalarKind kind, const ReduceSegment* segments, int64_t num_
     return std::make_pair(static_cast<const char*>(seg.a) + i * seg.a_row_stride * in_size,
                           seg.a_row_stride);
   };
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  parallel_for_as_caller(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t bi = blocks[b].first, bj = blocks[b].second;
       const int64_t i0 = row_starts[bi], j0 = col_starts[bj];
