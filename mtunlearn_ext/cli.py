@@ -1257,12 +1257,19 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         command = [sys.executable, str(compare), "--quick", *args.extra]
     else:
         command = [sys.executable, "-m", "mtunlearn_ext.showcase", *args.extra]
+    # --threads set this process's count only, so the benchmark ran at torch's default (every
+    # core) while the command line said otherwise. The child reads OMP_NUM_THREADS as its
+    # intra-op default (the showcase has no flag of its own); the extra arguments, given
+    # after it, still win (compare.py's `--threads`).
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    shown = " ".join([*(f"{name}={value}" for name, value in threads.items()), *command])
     if args.dry_run:
-        _say("would run: " + " ".join(command), flush=True)
+        _say("would run: " + shown, flush=True)
         return 0
-    _say("running: " + " ".join(command), flush=True)
+    _say("running: " + shown, flush=True)
     # compare.py runs from the checkout; the showcase where the user is (not site-packages).
-    return subprocess.run(command, cwd=root if checkout else None, check=False).returncode
+    return subprocess.run(command, cwd=root if checkout else None, check=False,
+                          env={**os.environ, **threads}).returncode
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,26 @@ def test_a_path_with_a_line_break_stays_on_its_line(tmp_path: Path,
     assert cli.main(["verify", "--record", str(tmp_path / "u\n.pt.record.json")]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith(f"verified: {tmp_path}/u\\n.pt against {tmp_path}/u\\n.pt.record"), last
+
+
+def test_benchmark_runs_at_the_threads_given(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI contract review: `benchmark --threads 2` set the count of the command's own process
+    only; the benchmark it starts ran at torch's default, every core, and the printed command
+    did not say otherwise. The count now reaches the benchmark (OMP_NUM_THREADS, which torch
+    reads as its default) and the printed command shows it."""
+    assert cli.main(["benchmark", "--dry-run", "--threads", "2"]) == 0
+    assert capsys.readouterr().out.startswith("would run: OMP_NUM_THREADS=2 ")
+    envs: list[Mapping[str, str]] = []
+
+    def fake_run(command: list[str], env: Mapping[str, str],
+                 **kwargs: object) -> subprocess.CompletedProcess[str]:
+        envs.append(env)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert cli.main(["benchmark", "--threads", "2"]) == 0
+    assert capsys.readouterr().out.startswith("running: OMP_NUM_THREADS=2 ")
+    assert cli.main(["benchmark"]) == 0  # without --threads: the caller's environment
+    assert [env["OMP_NUM_THREADS"] for env in envs] == ["2", "7"]
