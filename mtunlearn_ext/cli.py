@@ -83,9 +83,9 @@ class _Parser(argparse.ArgumentParser):
 class _StoreOnce(argparse.Action):
     """Store an option's value, refusing the option a second time on the command line:
     argparse keeps the last value, so `--forget-ids 3,7 --forget-ids 13` forgot id 13 only and
-    kept 3 and 7 without a word. Only the request's options: elsewhere the last value wins, as
-    a shell alias's options are overridden by those typed after it. (A config's value is a
-    default, which the command line still overrides.)"""
+    kept 3 and 7 without a word. Only the request's options and the seed (also `train`'s):
+    elsewhere the last value wins, as a shell alias's options are overridden by those typed
+    after it. (A config's value is a default, which the command line still overrides.)"""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
@@ -1404,7 +1404,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--data-root", default=None,
                    help="LibMTL data root (only for " + " / ".join(_DATA_ROOT_BENCHMARKS)
                         + "; refused for the others, which read none)")
-    p.add_argument("--seed", type=int, default=0,
+    # Refused twice as in `unlearn` / `evaluate`: the seed decides the checkpoint's bytes.
+    p.add_argument("--seed", action=_StoreOnce, type=int, default=0,
                    help="data, initialisation and training seed (default: 0)")
     p.add_argument("--epochs", type=_at_least(1), default=None,
                    help="override the recipe's epochs (at least 1)")

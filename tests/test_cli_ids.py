@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import ROOT, _err
+from cli_helpers import ROOT, _err, _train
 from test_cli import FAST, _listing, ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
@@ -340,3 +340,20 @@ def test_an_id_past_pythons_digit_limit_is_named_not_a_traceback(tmp_path: Path)
     listed.write_text(f"3\n{huge}\n")
     with pytest.raises(UserInputError, match=r"an id of 5,000 digits \(line 2 of "):
         parse_ids(f"@{listed}", "--forget-ids")
+
+
+def test_trains_seed_given_twice_is_refused_as_the_requests_is(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI contract review: `unlearn --seed 1 --seed 2` was refused, `train --seed 1 --seed 2`
+    trained with seed 2 without a word, though the seed decides the checkpoint's bytes as
+    much. Refused the same way now, before anything is written; any other option twice keeps
+    its last value, as docs/cli.md says."""
+    assert _train(tmp_path / "t.pt", "--seed", "1", "--seed", "2") == 2
+    assert _err(capsys) == ("mtunlearn: error: --seed: expected --seed once (argparse keeps "
+                            "only the last), got ['1', '2']; give one value")
+    assert list(tmp_path.iterdir()) == []
+    assert _train(tmp_path / "a.pt", "--output", str(tmp_path / "b.pt")) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["b.pt"]
+    docs = " ".join((ROOT / "docs" / "cli.md").read_text().split())
+    assert "`--seed`, `train`'s `--seed` too) is refused (exit 2)" in docs
+    assert "Any other option given twice takes its last value" in docs
