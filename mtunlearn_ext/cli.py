@@ -13,7 +13,9 @@ argument, what was expected and what was received; nothing written); 3 NaN/Inf d
 (the step is reported; nothing written); 130 interrupted by Ctrl-C or SIGTERM (a
 ``mtunlearn: interrupted`` line on stderr; nothing written, unless the interrupt came after the
 outputs were complete, which then stay and are named); 141 stdout closed by its reader (files
-already committed stay). docs/cli.md has the details.
+already committed stay); 70 an internal error (a bug: Python's traceback, then one line), so that
+a crash is never read as ``verify``'s 1. ``benchmark`` exits with its benchmark's code.
+:data:`EXIT_CODES` holds them for ``--help``; docs/cli.md tables them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +40,26 @@ from mtunlearn_ext._text import (display_width, pad_to, visible_controls,
                                  without_digit_limit_advice)
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
 
-__all__ = ["build_parser", "console_main", "main"]
+__all__ = ["EXIT_CODES", "build_parser", "console_main", "main"]
+
+#: The exit codes, the same for the same outcome in every command: shown at the end of every
+#: command's --help, tabled in docs/cli.md (tests/test_cli_docs.py holds the three together).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (1, "verify found a mismatch between the record and the files (no other command exits 1, "
+        "except benchmark, which exits with its benchmark's code)"),
+    (2, "bad input or an output that cannot be written: one line on stderr naming the "
+        "argument, nothing written"),
+    (3, "NaN/Inf during a run: the step is reported, nothing written"),
+    (70, "an internal error (a bug): Python's traceback on stderr, then one line"),
+    (130, "interrupted by Ctrl-C or SIGTERM: nothing written, unless the outputs were already "
+          "complete (the line on stderr says which)"),
+    (141, "stdout closed by its reader (`... | head`)"),
+)
+#: The code of an unexpected exception: sysexits.h's EX_SOFTWARE. Python's own 1 for it was
+#: verify's "mismatch", so a crash in a CI step read as a failed verification.
+EXIT_INTERNAL_ERROR = 70
+_EXIT_CODES_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES)
 
 _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is detected after the "
                "step it appears in; the run stops, the step is reported, nothing is written, "
@@ -1381,7 +1403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build_parser() -> _Parser:
-    parser = _Parser(prog="mtunlearn", description=(
+    parser = _Parser(prog="mtunlearn", epilog=_EXIT_CODES_HELP, description=(
         "Interference-aware multi-task machine unlearning: train, unlearn, evaluate, verify. "
         + _SAFETY + " " + _NAN_POLICY + " Bad input exits with code 2 and one line naming the "
         "argument, the expected and the received value."))
@@ -1496,6 +1518,9 @@ def _build_parser() -> _Parser:
     _common(p)
     p.set_defaults(func=_cmd_report, _required=["results", "output_dir"])
     _say_required(parser)
+    for command in parser.commands.values():
+        # The same codes in every command's --help: a script's author reads that one command's.
+        command.epilog = _EXIT_CODES_HELP
     return parser
 
 
@@ -1733,7 +1758,14 @@ def console_main(argv: Sequence[str] | None = None) -> int:
     entry point (where :func:`~mtunlearn_ext._warnings.warn_at_caller` points from here)."""
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        code = main(argv)
+        try:
+            code = main(argv)
+        except Exception as error:  # noqa: BLE001  (what no check of ours foresaw)
+            traceback.print_exc()
+            _say(f"mtunlearn: internal error ({type(error).__name__}); exit "
+                 f"{EXIT_INTERNAL_ERROR}, not verify's 1: please report the traceback above",
+                 file=sys.stderr)
+            code = EXIT_INTERNAL_ERROR
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(signum, signal.SIG_IGN)

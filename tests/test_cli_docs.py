@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +146,41 @@ def test_the_record_format_names_every_field_of_the_invocation() -> None:
     text = " ".join(DOC.split("### The unlearning record", 1)[1].split())
     described = text.split("`invocation` (", 1)[1].split("), `benchmark`", 1)[0]
     assert [key for key in written if f"`{key}`" not in described] == []
+
+
+def _documented_exit_codes() -> dict[int, str]:
+    table = DOC.split("| code | meaning |", 1)[1].split("\n\n", 1)[0]
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^\| (\d+) \| (.*) \|$", table, re.M)}
+
+
+def test_every_commands_help_ends_with_the_exit_codes_docs_table() -> None:
+    """CLI contract review: the codes were a paragraph of docs/cli.md; `verify --help` named
+    only its 1, `unlearn --help` only 3 and the others none, so a cron job's author reading one
+    command's help did not learn 2, 130 or 141. Every command's help (and mtunlearn's own) now
+    ends with the same list, the one docs/cli.md tables."""
+    documented = _documented_exit_codes()
+    assert sorted(documented) == [code for code, _ in cli.EXIT_CODES]
+    parsers = {"mtunlearn": cli.build_parser(), **_subparsers()}
+    for name, parser in parsers.items():
+        tail = " ".join(parser.format_help().split()).rsplit("exit codes: ", 1)[-1]
+        assert tail == "; ".join(f"{code} {text}" for code, text in cli.EXIT_CODES), name
+
+
+def test_an_internal_error_exits_70_not_verifys_mismatch_code() -> None:
+    """CLI contract review: an exception no check foresaw (a bug, a MemoryError) left the
+    command with Python's exit 1, the code of `verify`'s mismatch, so a CI step read a crash
+    as a failed verification. The command (console_main; main() still raises, for callers
+    that catch it) prints the traceback, one line, and exits 70. In a process of its own, as
+    console_main leaves SIGINT/SIGTERM ignored for the interpreter's shutdown."""
+    script = ("import sys; from mtunlearn_ext import cli\n"
+              "def crash(argv=None):\n    raise RuntimeError('an unforeseen failure')\n"
+              "cli.main = crash\n"
+              "raise SystemExit(cli.console_main(['verify', '--record', 'r.json']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == cli.EXIT_INTERNAL_ERROR == 70, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" in proc.stderr and "RuntimeError: an unforeseen failure" in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("mtunlearn: internal error (RuntimeError); exit 70"), last
+    assert "an internal error" in _documented_exit_codes()[70]
