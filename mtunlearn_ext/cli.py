@@ -1192,30 +1192,48 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return _verify_api_record(args)
     result = verify_record(args.record, args.checkpoint, tolerance=args.tolerance,
                            data_root=args.data_root)
+    shown = sys.stderr if args.json else sys.stdout
     _say(_table([[check, outcome] for check, outcome in result.checks.items()],
-                ["check", "result"]))
+                ["check", "result"]), file=shown)
     for m in result.mismatches:
         _say(f"mismatch: {m}", file=sys.stderr)
     if args.data_root is not None:
         root = Path(args.data_root).expanduser().resolve()
         _say(f"data read from {_shown(root)} (--data-root; it hashes to the data the checkpoint "
-             "records)")
+             "records)", file=shown)
     if FORGET_ERASED_CHECK in result.checks:
-        _say(f"note: before/after forget metrics: {result.checks[FORGET_ERASED_CHECK]}")
+        _say(f"note: before/after forget metrics: {result.checks[FORGET_ERASED_CHECK]}",
+             file=shown)
     checked = f"{_shown(result.checkpoint)} against {_shown(args.record)}"
     if result.ok:
         _say(f"verified: {checked}: the checkpoint, the ids "
              "and the re-measured metrics agree with the record (metric tolerance "
              f"{args.tolerance:g}); this checks the files and the record, not how much was "
-             "forgotten: the record's before/after metrics show that")
+             "forgotten: the record's before/after metrics show that", file=shown)
     elif result.checks.get("weights") == WEIGHTS_UNCHANGED:
         _say(f"FAILED: {checked}: not verified, its weights "
              "are the input model's, so nothing was unlearned (metric tolerance "
-             f"{args.tolerance:g})")
+             f"{args.tolerance:g})", file=shown)
     else:
         _say(f"FAILED: {checked} (metric tolerance "
-             f"{args.tolerance:g})")
+             f"{args.tolerance:g})", file=shown)
+    _print_verdict(args, result.ok, result.checkpoint, result.sha256, result.checks,
+                   result.mismatches, tolerance=args.tolerance)
     return 0 if result.ok else 1
+
+
+def _print_verdict(args: argparse.Namespace, ok: bool, checkpoint: str, sha256: str | None,
+                   checks: Mapping[str, str], mismatches: Sequence[str],
+                   tolerance: float | None) -> None:
+    """With ``--json``, the outcome as one JSON object on stdout, the only thing there (the
+    table and the lines went to stderr), for a CI step that needs to know which check failed
+    and not only that one did (exit 1 either way). Bad input (exit 2) prints none."""
+    if not args.json:
+        return
+    print(json.dumps({"verified": ok, "record": str(Path(args.record).resolve()),
+                      "checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256,
+                      "checks": dict(checks), "mismatches": list(mismatches),
+                      "tolerance": tolerance}, indent=1), flush=True)
 
 
 def _schema_of(path: str) -> object:
@@ -1256,7 +1274,8 @@ def _verify_api_record(args: argparse.Namespace) -> int:
     rows = [[check, outcome] for check, outcome in result.checks.items()]
     rows.append(["metrics", "not measured (a save_unlearned record: the model and data are "
                             "the caller's; re-measure them with your code)"])
-    _say(_table(rows, ["check", "result"]))
+    shown = sys.stderr if args.json else sys.stdout
+    _say(_table(rows, ["check", "result"]), file=shown)
     for m in result.mismatches:
         _say(f"mismatch: {m}", file=sys.stderr)
     unchanged = (", not verified, its weights are the original model's, so nothing was "
@@ -1265,7 +1284,11 @@ def _verify_api_record(args: argparse.Namespace) -> int:
                       "changed), so the request's supervision was not removed"
                  if result.checks.get("parameters_changed") == WEIGHTS_UNCHANGED else "")
     _say(f"{'verified' if result.ok else 'FAILED'}: {_shown(result.checkpoint)} against "
-         f"{_shown(args.record)} (files and hashes only){unchanged}")
+         f"{_shown(args.record)} (files and hashes only){unchanged}", file=shown)
+    # No tolerance (nothing was measured) and no hash of the checkpoint's bytes (the checks
+    # name the file's outcome).
+    _print_verdict(args, result.ok, result.checkpoint, None, result.checks,
+                   result.mismatches, tolerance=None)
     return 0 if result.ok else 1
 
 
@@ -1488,6 +1511,11 @@ def _build_parser() -> _Parser:
                    help="checkpoint to verify (default: the record's output checkpoint)")
     p.add_argument("--tolerance", type=_at_least(0.0, float), default=1e-4,
                    help="metric tolerance (absolute below 1, relative above; default: 1e-4)")
+    p.add_argument("--json", action="store_true",
+                   help="print the outcome as one JSON object on stdout (verified, record, "
+                        "checkpoint, sha256, checks, mismatches, tolerance), the table and the "
+                        "lines on stderr; also on a mismatch (exit 1); bad input (exit 2) "
+                        "prints none")
     _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_verify, _required=["record"])

@@ -335,3 +335,25 @@ def test_benchmark_runs_at_the_threads_given(monkeypatch: pytest.MonkeyPatch,
     assert capsys.readouterr().out.startswith("running: OMP_NUM_THREADS=2 ")
     assert cli.main(["benchmark"]) == 0  # without --threads: the caller's environment
     assert [env["OMP_NUM_THREADS"] for env in envs] == ["2", "7"]
+
+
+def test_verify_json_of_a_save_unlearned_record(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify --json` of the Python API's record: the same object, with nothing measured (no
+    tolerance), the table on stderr."""
+    import mtunlearn_ext
+    from mtunlearn_ext import ForgetRequest
+    from test_api_validation import TASKS, _data, _trunk, _TwoHeads
+
+    x, y = _data()
+    model = _TwoHeads()
+    new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
+                                        forget_request=ForgetRequest.create(range(5)),
+                                        shared_parameters=_trunk, config={"steps": 1})
+    mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
+    assert cli.main(["verify", "--record", str(tmp_path / "u.pt.record.json"), "--json"]) == 0
+    captured = capsys.readouterr()
+    verdict = json.loads(captured.out)
+    assert verdict["verified"] is True and verdict["tolerance"] is None
+    assert verdict["checkpoint"] == str(tmp_path / "u.pt") and verdict["mismatches"] == []
+    assert "(files and hashes only)" in captured.err

@@ -532,3 +532,33 @@ def test_a_recorded_metric_edited_into_a_boolean_is_a_mismatch() -> None:
                                 measured, 1e-4, "after") == [
         "after.forget.digit.accuracy: recorded False, measured 0.0",
         "after.mia_auc: recorded True, measured 1.0"]
+
+
+def test_verify_json_is_the_outcome_alone_on_stdout_also_on_a_mismatch(
+        unlearned: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI contract review: verify printed its table and verdict on stdout and its mismatches
+    on stderr, nothing a CI step could read to say which check failed. `--json` prints one
+    JSON object on stdout, valid on a mismatch too (exit 1), the table on stderr; bad input
+    (exit 2) prints none."""
+    checkpoint, record = unlearned
+    capsys.readouterr()
+    assert cli.main(["verify", "--record", str(record), "--json"]) == 0
+    captured = capsys.readouterr()
+    verdict = json.loads(captured.out)
+    assert verdict["verified"] is True and verdict["mismatches"] == []
+    assert verdict["checkpoint"] == str(checkpoint.resolve())
+    assert verdict["checks"]["sha256"] == "ok" and verdict["tolerance"] == 1e-4
+    assert "verified: " in captured.err and "check" in captured.err
+    edited = tmp_path / "edited.json"
+    payload = json.loads(record.read_text())
+    payload["benchmark"]["seed"] += 1
+    edited.write_text(json.dumps(payload))
+    assert cli.main(["verify", "--record", str(edited), "--json"]) == 1
+    captured = capsys.readouterr()
+    verdict = json.loads(captured.out)
+    assert verdict["verified"] is False and verdict["checks"]["provenance"] == "MISMATCH"
+    assert verdict["record"] == str(edited.resolve()) and verdict["mismatches"]
+    assert "FAILED: " in captured.err
+    assert cli.main(["verify", "--record", str(tmp_path / "nope.json"), "--json"]) == 2
+    assert capsys.readouterr().out == ""
