@@ -60,6 +60,20 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
 #: verify's "mismatch", so a crash in a CI step read as a failed verification.
 EXIT_INTERNAL_ERROR = 70
 _EXIT_CODES_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES)
+#: One request from training to its report, in one folder: each command's --help shows its own
+#: lines, mtunlearn's all of them (tests/test_cli_docs.py runs them, in this order).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "train": ("mtunlearn train --benchmark digits --size tiny --output orig.pt",),
+    "unlearn": ("mtunlearn unlearn --checkpoint orig.pt --forget-ids 3,7",),
+    "evaluate": ("mtunlearn evaluate --checkpoint orig.interference_aware.pt --forget-ids 3,7 "
+                 "--output metrics.json",
+                 "mtunlearn evaluate --checkpoint orig.pt"),
+    "verify": ("mtunlearn verify --record orig.interference_aware.record.json",
+               "mtunlearn verify --record orig.interference_aware.record.json --json"),
+    "report": ("mtunlearn report --results orig.interference_aware.record.json "
+               "--output-dir report",),
+    "benchmark": ("mtunlearn benchmark --dry-run -- --repeats 3",),
+}
 
 _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is detected after the "
                "step it appears in; the run stops, the step is reported, nothing is written, "
@@ -86,8 +100,24 @@ def _at_least(low: float, kind: type = int) -> Any:
     return parse
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, except that a description's or epilog's line breaks are kept, each line
+    filled alone, and an indented line (an example) is kept whole: argparse ran the examples
+    together into one paragraph, or broke a long one over two lines, so that neither could be
+    copied as it is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if line.startswith(" ")
+                         else super(_HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit 2) instead of usage + message."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     #: The command parsers by name (``mtunlearn``'s own parser, :func:`_build_parser`), kept
     #: where they are made, so that nothing has to search argparse's actions for them.
@@ -1426,7 +1456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build_parser() -> _Parser:
-    parser = _Parser(prog="mtunlearn", epilog=_EXIT_CODES_HELP, description=(
+    parser = _Parser(prog="mtunlearn", epilog=_epilog(*EXAMPLES.values()), description=(
         "Interference-aware multi-task machine unlearning: train, unlearn, evaluate, verify. "
         + _SAFETY + " " + _NAN_POLICY + " Bad input exits with code 2 and one line naming the "
         "argument, the expected and the received value."))
@@ -1546,10 +1576,15 @@ def _build_parser() -> _Parser:
     _common(p)
     p.set_defaults(func=_cmd_report, _required=["results", "output_dir"])
     _say_required(parser)
-    for command in parser.commands.values():
+    for name, command in parser.commands.items():
         # The same codes in every command's --help: a script's author reads that one command's.
-        command.epilog = _EXIT_CODES_HELP
+        command.epilog = _epilog(EXAMPLES[name])
     return parser
+
+
+def _epilog(*examples: Sequence[str]) -> str:
+    lines = [line for group in examples for line in group]
+    return "\n".join(["examples:", *(f"  {line}" for line in lines), _EXIT_CODES_HELP])
 
 
 def _say_required(parser: _Parser) -> None:

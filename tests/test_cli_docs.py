@@ -5,10 +5,13 @@ and which let it through, as they do."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +187,27 @@ def test_an_internal_error_exits_70_not_verifys_mismatch_code() -> None:
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("mtunlearn: internal error (RuntimeError); exit 70"), last
     assert "an internal error" in _documented_exit_codes()[70]
+
+
+def _help_examples(parser: argparse.ArgumentParser) -> list[str]:
+    text = parser.format_help().split("\nexamples:\n", 1)[1].split("\nexit codes: ", 1)[0]
+    return [line.strip() for line in text.splitlines()]
+
+
+def test_the_examples_of_every_help_run_in_order(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI contract review: no command's --help showed an example. Each shows its own lines now,
+    whole (argparse would run them into one paragraph), and mtunlearn's all of them: one
+    request from training to its report, which runs as written in an empty folder."""
+    parsers = _subparsers()
+    lines = [line for name in cli.EXAMPLES for line in _help_examples(parsers[name])]
+    assert _help_examples(cli.build_parser()) == lines
+    assert all(line.startswith("mtunlearn ") for line in lines)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        assert cli.main(shlex.split(line)[1:]) == 0, (line, capsys.readouterr().err)
+        out = capsys.readouterr().out
+        if line.endswith("--json") or line == "mtunlearn evaluate --checkpoint orig.pt":
+            json.loads(out)  # stdout is the JSON alone
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report" / "report.md").is_file()
