@@ -1379,7 +1379,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "options (e.g. forget_ids: [1, 2]); command-line options override it; "
                         "its relative paths are read from its own folder; its `import` key "
                         "runs code, as --import does")
-    p.add_argument("--threads", type=_at_least(1), default=None,
+    p.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
                    help="torch intra-op CPU threads (default: torch's choice; 1 is best on a "
                         "busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -1426,13 +1426,14 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                            "(--forget-fraction 0.1, drawn with --seed), as a line on stderr "
                            "says" if required else ""))
     p.add_argument("--forget-fraction", action=_StoreOnce, type=float, default=None,
+                   metavar="FRACTION",
                    help=("share of training instances to forget" if required else "share of "
                          "training instances in the forget split")
                         + ", drawn with --seed (refused with --forget-ids, which names them)"
                         + ("; default 0.1" if required else ""))
     p.add_argument("--target-tasks", action=_StoreOnce, default=None, metavar="TASKS",
                    help="comma-separated target tasks; a proper subset makes a partial "
-                        "request (which needs them)"
+                        "request (which needs them; default: every task, a full request)"
                         + ("" if required else "; needs --forget-ids or --forget-fraction"))
     p.add_argument("--request", action=_StoreOnce, default=None, choices=["full", "partial"],
                    help="request type (default: partial iff --target-tasks is a proper "
@@ -1446,7 +1447,7 @@ def _request_options(p: argparse.ArgumentParser, required: bool) -> None:
                          "the checkpoint's recipe seed unless its `seed` setting is given) and "
                          "the attack" if required else "seeds the forget-id draw and the attack")
                         + " (default: the checkpoint's seed)")
-    p.add_argument("--eval-batch-size", type=_at_least(1), default=64,
+    p.add_argument("--eval-batch-size", type=_at_least(1), default=64, metavar="N",
                    help="evaluation batch size (default: 64)")
 
 
@@ -1476,16 +1477,17 @@ def _build_parser() -> _Parser:
                         "(default: digits)")
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"],
                    help="benchmark size (default: tiny)")
-    p.add_argument("--data-root", default=None,
+    p.add_argument("--data-root", default=None, metavar="DIR",
                    help="LibMTL data root (only for " + " / ".join(_DATA_ROOT_BENCHMARKS)
                         + "; refused for the others, which read none)")
     # Refused twice as in `unlearn` / `evaluate`: the seed decides the checkpoint's bytes.
     p.add_argument("--seed", action=_StoreOnce, type=int, default=0,
                    help="data, initialisation and training seed (default: 0)")
     p.add_argument("--epochs", type=_at_least(1), default=None,
-                   help="override the recipe's epochs (at least 1)")
+                   help="override the recipe's epochs (at least 1; default: the recipe's)")
     p.add_argument("--train", default=None, metavar="JSON",
-                   help='JSON overrides of the training recipe, e.g. {"lr": 1e-3}')
+                   help='JSON overrides of the training recipe, e.g. {"lr": 1e-3} (default: '
+                        'none, the benchmark\'s recipe as it is)')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--output", required=False, default=None, metavar="CKPT",
                    help="new checkpoint path (never overwritten)")
@@ -1503,7 +1505,8 @@ def _build_parser() -> _Parser:
                    help="unlearning method (registry name, e.g. interference_aware, "
                         "neggrad_plus, finetune, retrain; default: interference_aware)")
     p.add_argument("--method-config", default=None, metavar="JSON",
-                   help='method settings as JSON or a JSON file, e.g. {"steps": 20}')
+                   help='method settings as JSON or a JSON file, e.g. {"steps": 20} (default: '
+                        'the method\'s own settings)')
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--output", default=None, metavar="CKPT",
                    help="new checkpoint path (default: <input>.<method>.pt, numbered if taken; "

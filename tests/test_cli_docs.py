@@ -211,3 +211,24 @@ def test_the_examples_of_every_help_run_in_order(tmp_path: Path,
         if line.endswith("--json") or line == "mtunlearn evaluate --checkpoint orig.pt":
             json.loads(out)  # stdout is the JSON alone
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report" / "report.md").is_file()
+
+
+def test_an_option_reads_the_same_and_says_its_default_in_every_command() -> None:
+    """CLI contract review: `train --data-root DATA_ROOT` was `--data-root DIR` in the other
+    commands (`--forget-fraction FORGET_FRACTION`, `--eval-batch-size EVAL_BATCH_SIZE`:
+    argparse's upper-cased names), and the help of `--epochs`, `--train`, `--method-config`
+    and `--target-tasks` said nothing of what leaving them out does (the recipe's epochs and
+    recipe, the method's settings, every task: a full request)."""
+    metavars: dict[str, set[str]] = {}
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0:  # `extra`, the flags
+                continue
+            flag = action.option_strings[-1]
+            metavars.setdefault(flag, set()).add(str(action.metavar))
+            # None: argparse's upper-cased dest, which read `--eval-batch-size EVAL_BATCH_SIZE`.
+            assert action.metavar is not None or "_" not in action.dest, (name, flag)
+            if (flag, name) in (("--epochs", "train"), ("--train", "train"),
+                                ("--method-config", "unlearn"), ("--target-tasks", "unlearn")):
+                assert "default: " in (action.help or ""), (name, flag)
+    assert {flag: names for flag, names in metavars.items() if len(names) > 1} == {}
