@@ -806,7 +806,8 @@ class _NewFiles:
             written = writer(staged)
         except OSError as error:
             raise UserInputError("--output-dir", "a folder the report files can be written to",
-                                 str(path), error.strerror or str(error)) from error
+                                 str(path), f"{error.strerror or error}; nothing was written"
+                                 ) from error
         if written:
             self._staged.append((staged, path))
         return written
@@ -906,8 +907,10 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     try:
         created = _make_folder(output_dir)
     except OSError as error:
+        # The system's reason alone, as the other commands' outputs say it ("[Errno 20] Not a
+        # directory: 'x/rep'" repeated the path and Python's error number).
         raise UserInputError("--output-dir", "a folder that can be created", str(output_dir),
-                             str(error)) from error
+                             f"{error.strerror or error}; nothing was written") from error
     files = _NewFiles(output_dir)
     complete = False
     try:

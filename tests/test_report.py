@@ -816,3 +816,29 @@ def test_the_report_is_utf_8_in_any_locale(tmp_path: Path) -> None:
         written[name] = (out / "report.md").read_bytes()
     assert written["ascii"] == written["utf-8"]
     assert "# Löschung ↑" in written["utf-8"].decode("utf-8")
+
+
+def test_a_report_that_cannot_be_written_says_so_as_the_other_outputs_do(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """CLI contract review: `train`, `unlearn` and `evaluate` end a write failure with the
+    system's reason and "nothing was written"; `report` said "[Errno 20] Not a directory:
+    'x/rep'" (Python's number, the path again) for a folder it could not make, and nothing
+    after a full disk's reason."""
+    import errno
+
+    import mtunlearn_ext.report as report
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserInputError) as info:
+        write_report(_record(), blocker / "rep")
+    assert str(info.value) == (f"--output-dir: expected a folder that can be created, got "
+                               f"'{blocker / 'rep'}'; Not a directory; nothing was written")
+
+    def disk_full(*args: Any) -> bool:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report, "_curves_chart", disk_full)
+    with pytest.raises(UserInputError, match=r"No space left on device; nothing was written$"):
+        write_report(_record(), tmp_path / "rep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
