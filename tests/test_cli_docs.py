@@ -234,3 +234,26 @@ def test_an_option_reads_the_same_and_says_its_default_in_every_command() -> Non
     # `--output` names what the command writes: a checkpoint (train, unlearn), JSON (evaluate).
     assert {flag: names for flag, names in metavars.items() if len(names) > 1} == {
         "--output": {"CKPT", "JSON"}}
+
+
+def test_the_ids_one_liner_prints_the_checkpoints_training_ids(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docs audit (commands run as written): the `python -c` line that lists a checkpoint's
+    instance ids was never run. It is run here, from the checkpoint's folder, as the shell
+    would (`python` being this interpreter), on a `train` output named as the docs name it."""
+    from cli_helpers import _train
+
+    from mtunlearn_ext.workflow import load_model
+
+    command = DOC.split("to list them all for a\ncheckpoint", 1)[1]
+    command = command.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"] and "load_model('orig.pt')" in argv[2]
+    monkeypatch.chdir(tmp_path)
+    assert _train(tmp_path / "orig.pt") == 0
+    done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = load_model(str(tmp_path / "orig.pt")).benchmark.train.ids.tolist()
+    assert done.stdout.strip() == ",".join(map(str, ids))
+    assert ids[:3] == [3, 7, 13]  # not 0..n-1, as the paragraph above the command says
