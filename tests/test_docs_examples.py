@@ -434,3 +434,47 @@ def test_the_readme_states_the_default_recipes_verdict_as_the_results_file_does(
     sentence = readme.split("On the default recipe (10 epochs", 1)[1].split(". The results", 1)[0]
     assert "the UIS target on street full requests only (0.63x" in sentence, sentence
     assert "the gap target nowhere" in sentence and "met everywhere" in sentence
+
+
+_DOCS = ["README.md", "docs/cli.md", "docs/dropin.md", "docs/unlearning.md",
+         "benchmarks/RESULTS.md", "benchmarks/UNLEARNING_RESULTS.md"]
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file: lower case, punctuation dropped, spaces
+    as hyphens, `-1`, `-2`, ... after a repeated one."""
+    seen: dict[str, int] = {}
+    for title in re.findall(r"^#+\s+(.*?)\s*$", path.read_text(), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def test_the_docs_links_and_named_files_exist() -> None:
+    """Docs audit: every relative link of the docs (README.md, docs/*.md, the results files)
+    names a file that exists, and an anchor a heading of it; every repository path the README
+    and docs/*.md write in backticks (`tests/test_mma_gram_emulation.py`, `mtunlearn_ext/_elf.py`,
+    ...) exists, so that a renamed file cannot leave the docs pointing at nothing."""
+    root = DOC.parents[1]
+    problems = []
+    for doc in _DOCS:
+        path = root / doc
+        text = path.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                problems.append(f"{doc}: link to {target}: no such file")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                problems.append(f"{doc}: link to {target}: no such heading")
+        if doc.startswith("benchmarks/"):
+            continue
+        for named in re.findall(r"`((?:mtunlearn_ext|tests|scripts|benchmarks|csrc|docs|\.ci)"
+                                r"/[\w./-]*)`", text):
+            if not (root / named).exists():
+                problems.append(f"{doc}: `{named}` does not exist")
+    assert not problems, problems
