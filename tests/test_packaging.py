@@ -181,7 +181,7 @@ def test_an_installed_benchmark_command_runs_no_other_distributions_script(
     where.mkdir()
     script = ("import subprocess, sys, warnings; warnings.simplefilter('ignore'); "
               "sys.path.insert(0, sys.argv[1]); from mtunlearn_ext import cli; "
-              "subprocess.run = lambda command, cwd, check: print('cwd', cwd) or "
+              "subprocess.run = lambda command, cwd, check, env: print('cwd', cwd) or "
               "subprocess.CompletedProcess(command, 0); "
               "assert cli.main(['benchmark', '--dry-run']) == 0; "
               "assert cli.main(['benchmark']) == 0")
