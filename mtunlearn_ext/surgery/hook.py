@@ -1231,10 +1231,23 @@ class GradientSurgery:
     def _batched_failure(self, losses: list[torch.Tensor], active: _Active,
                          error: RuntimeError) -> Exception:
         """A failed vmapped pass in the words of the surgery when a sparse gradient (which has
-        no batching rule) or a compiled backward graph caused it; else the error as it came."""
+        no batching rule), random numbers drawn in the backward or a compiled backward graph
+        caused it; else the error as it came."""
         explained = _explained_grad_failure(error, self.per_task)
         if explained is not error:
             return explained
+        if "random operations inside of vmap" in str(error):
+            # vmap refuses random ops (its randomness="error"), and is_grads_batched offers no
+            # other choice; the usual source is a checkpointed segment's recomputed dropout.
+            return RuntimeError(
+                "GradientSurgery: per_task='batched' runs the backward under vmap "
+                "(is_grads_batched), which cannot draw random numbers, and this backward draws "
+                "some: activation checkpointing (torch.utils.checkpoint) recomputing a segment "
+                "that holds dropout (or another random op), or a custom autograd.Function "
+                "sampling in its backward; use per_task='autograd' (the default) or "
+                "'backward': the checkpoint restores the forward's random state when it "
+                "recomputes, so every task's gradient sees the forward's dropout mask "
+                f"(torch's error: {_first_line(error)})")
         sparse = sparse_fed_leaves(losses)
         names = {id(p): name for name, p in zip(active.names, active.params)}
         for leaf in sparse:
