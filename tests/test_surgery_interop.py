@@ -1,5 +1,5 @@
 """GradientSurgery inside real training code (docs/dropin.md, "Inside real training code"):
-autocast with a GradScaler, batch norm and dropout, and activation checkpointing.
+autocast with a GradScaler, batch norm and dropout, activation checkpointing and tied weights.
 Each `.grad` the surgery writes is checked against a reference: every task's gradient taken
 on its own (a fresh forward from the same random state) and aggregated in float64."""
 
@@ -210,3 +210,57 @@ def test_checkpointed_batch_norm_moves_its_statistics_once_per_recompute(
         b.copy_(stats[name])
     for got, want in zip(model.buffers(), unchecked.buffers()):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class TiedNet(nn.Module):
+    """A token embedding tied to task 0's output layer, and one shared layer applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(20, 8)
+        self.reused = nn.Linear(8, 8)
+        self.decoder = nn.Linear(8, 20, bias=False)
+        self.decoder.weight = self.embedding.weight
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(TASKS - 1)])
+
+    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        z = self.reused(torch.tanh(self.reused(self.embedding(ids).mean(1))))
+        return [self.decoder(z)] + [head(z).squeeze(-1) for head in self.heads]
+
+
+@pytest.mark.parametrize("per_task", MODES)
+def test_a_tied_weight_gets_the_aggregate_of_every_use(per_task: PerTaskMode) -> None:
+    """A weight tied between the trunk's embedding and a task's output layer, and a layer
+    used twice: each task's gradient holds every use, as the reference's does."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 20, (10, 5), generator=gen)
+    tokens = torch.randint(0, 20, (10,), generator=gen)
+    y = torch.randn(TASKS, 10, generator=gen)
+
+    def losses_of(net: nn.Module) -> list[torch.Tensor]:
+        outs = net(ids)
+        return ([nn.functional.cross_entropy(outs[0], tokens)]
+                + [((outs[t] - y[t]) ** 2).mean() for t in range(1, TASKS)])
+
+    model = TiedNet()
+    reference_model = copy.deepcopy(model)
+    shared = [*model.embedding.parameters(), *model.reused.parameters()]
+    surgery = GradientSurgery(shared, UPGrad(), per_task=per_task,
+                              head_params=model.heads.parameters())
+    surgery.backward(losses_of(model))
+    expected = _reference(reference_model, [*reference_model.embedding.parameters(),
+                                            *reference_model.reused.parameters()], losses_of)
+    torch.testing.assert_close(_flat_grad(shared), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tied_weight_passed_as_a_head_too_is_named() -> None:
+    """`decoder.parameters()` yields the embedding's weight when the two are tied: the
+    refusal said only that `head_params` held shared parameters; it now names which, and
+    what to do."""
+    model = TiedNet()
+    with pytest.raises(ValueError, match=r"the head parameter of shape \(20, 8\) is the shared "
+                                         r"parameter 'embedding.weight'.*tied.*leave it out"):
+        GradientSurgery([*model.embedding.named_parameters(prefix="embedding"),
+                         *model.reused.named_parameters(prefix="reused")], UPGrad(),
+                        head_params=[*model.decoder.parameters(), *model.heads.parameters()])

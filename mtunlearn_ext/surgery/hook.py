@@ -518,11 +518,8 @@ class GradientSurgery:
                                    check_bool("GradientSurgery", "check_finite", check_finite))
         # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
         self._shared_ids = {id(p) for p in self._given.tensors}
-        if self.head_params is not None and any(id(p) in self._shared_ids
-                                                for p in self.head_params):
-            raise ValueError("GradientSurgery: `head_params` holds shared parameters; a "
-                             "parameter is either shared (its gradient goes through the "
-                             "aggregator) or a head's (its gradients are summed)")
+        if self.head_params is not None:
+            _refuse_shared_heads(self.head_params, self._given)
         self._everything = _Active(self._given.names, self._given.tensors,
                                    _active_layer_ids(self._layer_ids,
                                                      range(len(self._given.tensors)),
@@ -1651,6 +1648,20 @@ def _donated_buffers_error(per_task: str, torch_error: str | None = None) -> Run
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
+
+
+def _refuse_shared_heads(head_params: Sequence[torch.Tensor], shared: _SharedList) -> None:
+    """Refuse heads that are shared parameters, naming them: the usual cause is a tied weight
+    (an output layer sharing its embedding's weight), which ``heads.parameters()`` yields too."""
+    shared_names = {id(t): name for name, t in zip(shared.names, shared.tensors)}
+    both = [f"the head parameter of shape {tuple(h.shape)} is the shared parameter "
+            f"{shared_names[id(h)]!r}" for h in head_params if id(h) in shared_names]
+    if both:
+        raise ValueError("GradientSurgery: `head_params` holds shared parameters: "
+                         f"{'; '.join(both)}. A parameter is either shared (its gradient goes "
+                         "through the aggregator) or a head's (its gradients are summed); a "
+                         "weight tied between the trunk and a head (an output layer using the "
+                         "embedding's weight) is shared: leave it out of `head_params`")
 
 
 def _refuse_hooked_shared(caller: str, active: _Active) -> None:
