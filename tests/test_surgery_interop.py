@@ -6,7 +6,9 @@ on its own (a fresh forward from the same random state) and aggregated in float6
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +266,75 @@ def test_a_tied_weight_passed_as_a_head_too_is_named() -> None:
         GradientSurgery([*model.embedding.named_parameters(prefix="embedding"),
                          *model.reused.named_parameters(prefix="reused")], UPGrad(),
                         head_params=[*model.decoder.parameters(), *model.heads.parameters()])
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank: a static_graph DDP model's first step under no_sync() (refused), then two
+    steps of a fresh one, the first outside no_sync() and the second under it; saves the
+    error and the trunk's .grad of each step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mtunlearn_ext.surgery import replicated_surgery
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        x, y = _data()
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        model = TrunkNet()
+        ddp_model = DistributedDataParallel(model, static_graph=True)
+        surgery = replicated_surgery(model.trunk.parameters(), UPGrad())
+        error = ""
+        try:
+            with ddp_model.no_sync():
+                surgery.backward(_task_losses(ddp_model(x[rows]), y[:, rows]))
+        except RuntimeError as refused:
+            error = str(refused)
+        model = TrunkNet()
+        ddp_model = DistributedDataParallel(model, static_graph=True)
+        surgery = replicated_surgery(model.trunk.parameters(), UPGrad())
+        grads = []
+        for synced in (True, False):
+            model.zero_grad(set_to_none=True)
+            if synced:
+                surgery.backward(_task_losses(ddp_model(x[rows]), y[:, rows]))
+            else:
+                with ddp_model.no_sync():
+                    surgery.backward(_task_losses(ddp_model(x[rows]), y[:, rows]))
+            grads.append(_flat_grad(list(model.trunk.parameters())))
+        torch.save({"error": error, "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ddp_static_graph_under_no_sync_is_named_and_right_once_it_has_synced(
+        tmp_path: Path, world: int) -> None:
+    """DistributedDataParallel(static_graph=True) asserts ('expect_autograd_hooks_ INTERNAL
+    ASSERT FAILED ... please report a bug to PyTorch') when its first backward runs under
+    no_sync(), which docs/dropin.md advises for the replicated surgery; a plain
+    loss.backward() fails alike. The surgery now says what happened and what to do. After a
+    first step outside no_sync() both kinds of step give UPGrad in float64 of the rank-mean
+    losses' per-task gradients, on every rank (gloo, 1 and 2 processes)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+             join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    x, y = _data()
+    reference_model = TrunkNet()
+
+    def rank_mean_losses(net: nn.Module) -> list[torch.Tensor]:
+        per_rank = [_task_losses(net(x[r * len(x) // world:(r + 1) * len(x) // world]),
+                                 y[:, r * len(x) // world:(r + 1) * len(x) // world])
+                    for r in range(world)]
+        return [sum(losses[t] for losses in per_rank) / world for t in range(TASKS)]
+
+    expected = _reference(reference_model, list(reference_model.trunk.parameters()),
+                          rank_mean_losses)
+    for result in results:
+        assert re.search(r"static_graph=True\).*first backward runs under no_sync\(\).*Run the "
+                         r"first step outside no_sync\(\)", result["error"])
+        for grad in result["grads"]:
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)

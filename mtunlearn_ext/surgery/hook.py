@@ -1620,6 +1620,16 @@ def _explained_grad_failure(error: RuntimeError, per_task: str) -> RuntimeError:
             "per task")
     if "donated buffers" in str(error):
         return _donated_buffers_error(per_task, _first_line(error))
+    if "expect_autograd_hooks_" in str(error):
+        # DDP's reducer asserts this when a static_graph model's first backward runs under
+        # no_sync(); a plain loss.backward() there fails the same way.
+        return RuntimeError(
+            "GradientSurgery: a backward pass through DistributedDataParallel(static_graph="
+            "True) failed torch's internal assert 'expect_autograd_hooks_', which DDP raises "
+            "when such a model's first backward runs under no_sync() (a plain loss.backward() "
+            "fails alike). Run the first step outside no_sync(), or every step: the surgery's "
+            "per-task passes (torch.autograd.grad) do not start DDP's all-reduce; or build DDP "
+            f"without static_graph (torch's error: {_first_line(error)})")
     return error
 
 
