@@ -139,6 +139,7 @@ def test_removal_chain_checks_every_round_of_a_short_chain(tmp_path: Path) -> No
     assert [row["task"] is None for row in rows] == [True, True, True, False, True], stdout
     assert rows[-1]["name_bytes"] == rows[1]["name_bytes"], stdout  # -2 ... -5: no growth
 
+
 def _compare_module():  # type: ignore[no-untyped-def]
     """benchmarks/compare.py as a module (it imports its sibling _bench_common by name)."""
     if str(BENCHMARKS) not in sys.path:
