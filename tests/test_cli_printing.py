@@ -295,10 +295,8 @@ def test_a_method_name_with_an_escape_is_refused_and_shown_as_one(
         bar.close()
 
 
-def test_a_path_with_a_line_break_stays_on_its_line(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """`verify` of a record whose checkpoint is named 'u\\n.pt' printed 'verified: .../u' and
-    '.pt against ...' as two lines, as if they were two messages."""
+def _save_api_record(path: Path) -> None:
+    """A one-step Python-API unlearning saved at ``path`` with its record beside it."""
     import mtunlearn_ext
     from mtunlearn_ext import ForgetRequest
     from test_api_validation import TASKS, _data, _trunk, _TwoHeads
@@ -308,7 +306,14 @@ def test_a_path_with_a_line_break_stays_on_its_line(tmp_path: Path,
     new, report = mtunlearn_ext.unlearn(model, tasks=TASKS, train_data=(x, y),
                                         forget_request=ForgetRequest.create(range(5)),
                                         shared_parameters=_trunk, config={"steps": 1})
-    mtunlearn_ext.save_unlearned(new, report, tmp_path / "u\n.pt", original=model)
+    mtunlearn_ext.save_unlearned(new, report, path, original=model)
+
+
+def test_a_path_with_a_line_break_stays_on_its_line(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify` of a record whose checkpoint is named 'u\\n.pt' printed 'verified: .../u' and
+    '.pt against ...' as two lines, as if they were two messages."""
+    _save_api_record(tmp_path / "u\n.pt")
     assert cli.main(["verify", "--record", str(tmp_path / "u\n.pt.record.json")]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith(f"verified: {tmp_path}/u\\n.pt against {tmp_path}/u\\n.pt.record"), last
