@@ -8,9 +8,12 @@ gradient is projected off it layer by layer,
     ``lambda_l = ridge * tr(M_l M_l^T) / k``,
 
 so that, to first order, a step along the projected forget gradient leaves every snapshot's
-loss unchanged *in every layer separately* (a stronger condition than orthogonality of the whole
-vector: it also holds when only some layers move, e.g. after clipping or a saliency mask, and it
-does not let one layer's large component hide a conflict in another). In the interference-aware
+loss unchanged *in every layer separately*: exactly with ``ridge=0``, and to within the ridge
+otherwise (``M_l f_l`` becomes ``lambda_l (M_l M_l^T + lambda_l I)^{-1} M_l f_l``: a cosine with
+a snapshot up to 9e-5 at the default ``ridge=1e-4`` on random float64 problems). That is a
+stronger condition than orthogonality of the whole vector: it also holds when only some layers
+move, e.g. after clipping or a saliency mask, and it does not let one layer's large component
+hide a conflict in another. In the interference-aware
 step the instance-level projection follows and adds per-sample retain-gradient components, so
 there this holds for the step exactly only with ``instance_projection="off"``
 (:mod:`~mtunlearn_ext.unlearning.interference_aware`, step 3).
