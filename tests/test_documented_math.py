@@ -65,6 +65,23 @@ def test_project_out_is_g_minus_the_ridge_solve_with_lambda_relative_to_the_mean
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_project_out_without_ridge_is_the_pseudo_inverse_projection(seed: int) -> None:
+    """project_out_list / ops.ridge_solve: with ``ridge=0`` a rank-deficient basis (more rows
+    than dimensions, or dependent rows) gives ``(I - B^T (B B^T)^+ B) g`` exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(5, 8, (), generator=gen))
+    wide = torch.randn(n + 2, n, generator=gen, dtype=F64)  # k > n
+    narrow = torch.randn(3, 20, generator=gen, dtype=F64)
+    dependent = torch.cat([narrow, 2 * narrow[:1], narrow[1:2] + narrow[2:3]])
+    for basis in (wide, dependent):
+        g = torch.randn(2, basis.shape[1], generator=gen, dtype=F64)
+        complement = (torch.eye(basis.shape[1], dtype=F64)
+                      - basis.T @ torch.linalg.pinv(basis @ basis.T) @ basis)
+        out = project_out_list([g], [basis], 0.0)[0]
+        torch.testing.assert_close(out, g @ complement, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("sign", [1, -1])
 def test_nonconflicting_projection_solves_the_stated_dual(seed: int, sign: int) -> None:
     """project_nonconflicting_list: ``d = g + sign * w @ R``, ``w >= 0`` minimising
@@ -151,6 +168,12 @@ def test_upgrad_weights_follow_the_docstring(seed: int, reg_eps: float) -> None:
                                rtol=1e-10, atol=1e-12)
     update = UPGrad()(matrix)
     assert float((matrix @ update).min()) >= -1e-12 * float(matrix.norm() ** 2)
+    # aggregators.UPGrad: each row times its preference (1/k), projected onto the dual cone,
+    # and the projections summed.
+    rows = _split(matrix)
+    projections = [_cat(project_nonconflicting_list([r[i:i + 1] / k for r in rows], rows))
+                   for i in range(k)]
+    torch.testing.assert_close(update, torch.cat(projections).sum(0), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
