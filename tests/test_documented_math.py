@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtunlearn_ext import ops
+from mtunlearn_ext.metrics.scores import uis
 from mtunlearn_ext.surgery import (
     MGDA,
     PCGrad,
@@ -274,3 +275,16 @@ def test_protected_subspace_projects_each_layer_off_its_own_snapshots(seed: int,
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(m_l @ out, lam * torch.linalg.solve(shifted, m_l @ f_l),
                                    rtol=1e-8, atol=1e-12)
+
+
+def test_uis_is_the_mean_over_tasks_of_the_mean_over_metrics_of_the_relative_changes() -> None:
+    """metrics.uis: ``UIS_{t,m} = 100 (|O_t - U_t| / |O_t| + |O_t - U_u| / |O_t|) / 2``, averaged
+    over each task's metrics, then over tasks (so a task weighs the same whatever its number of
+    metrics); ``|O_t|``: a negative custom score still gives a non-negative change."""
+    original = {"seg": {"miou": 0.5, "pixel_acc": 0.8}, "fit": {"r2": -2.0}}
+    test = {"seg": {"miou": 0.4, "pixel_acc": 0.8}, "fit": {"r2": -1.0}}
+    forget = {"seg": {"miou": 0.6, "pixel_acc": 0.6}, "fit": {"r2": -3.0}}
+    seg = ((0.1 / 0.5 + 0.1 / 0.5) / 2 + (0.0 + 0.2 / 0.8) / 2) / 2
+    fit = (1.0 / 2.0 + 1.0 / 2.0) / 2
+    value = uis(original, test, forget, higher_is_better={"r2": True})
+    assert value == pytest.approx(100 * (seg + fit) / 2, rel=1e-12)

@@ -52,8 +52,8 @@ def uis_terms(original_test: Scores, unlearned_test: Scores, unlearned_forget: S
     """Per task and metric, the pieces of :func:`uis` (each x100); the inputs as in :func:`uis`.
 
     Returns task -> metric -> ``{"uis": (test_change + forget_change) / 2, "test_change":
-    |O_t - U_t| / O_t, "forget_change": |O_t - U_u| / O_t, "forget_advantage": s (U_u - O_t) /
-    O_t}`` with ``s = +1`` for higher-is-better metrics and ``-1`` for errors, so
+    |O_t - U_t| / |O_t|, "forget_change": |O_t - U_u| / |O_t|, "forget_advantage": s (U_u - O_t)
+    / |O_t|}`` with ``s = +1`` for higher-is-better metrics and ``-1`` for errors, so
     ``forget_advantage > 0`` means the forget set still scores *better* than unseen data (not yet
     forgotten) and ``< 0`` that it scores worse (over-forgotten). Terms with ``O_t == 0`` or a
     non-finite ``O_t`` are skipped with a warning (the ratio is undefined). A non-finite ``U_t``
@@ -113,7 +113,10 @@ def uis(original_test: Scores, unlearned_test: Scores, unlearned_forget: Scores,
     model's test score, ``U_t`` the unlearned model's test score and ``U_u`` its forget-set
     score::
 
-        UIS_{t,m} = 100 * (|O_t - U_t| / O_t + |O_t - U_u| / O_t) / 2
+        UIS_{t,m} = 100 * (|O_t - U_t| / |O_t| + |O_t - U_u| / |O_t|) / 2
+
+    (OrthoGrad's ``/ O_t`` for the positive scores of :data:`METRICS`; ``|O_t|`` keeps a custom
+    metric's negative score, an R^2 below 0 say, from giving a negative change.)
 
     The first half penalises any change on unseen data (utility lost), the second any distance
     of the forget-set score from the original model's level on unseen data: a forget set that

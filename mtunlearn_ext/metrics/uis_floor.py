@@ -54,7 +54,7 @@ class UISFloor:
 
     Attributes:
         draws: ``[draws]`` float64, the UIS (x100) of each random forget set of unseen data.
-        forget_change: task -> metric -> mean over the draws of ``100 |O_t - S| / O_t``.
+        forget_change: task -> metric -> mean over the draws of ``100 |O_t - S| / |O_t|``.
         original_test: the ``O_t`` the draws were compared with.
         forget_size: ``n``, instances per draw.
         pool_size: instances of the unseen pool the draws came from.
