@@ -288,3 +288,31 @@ def test_uis_is_the_mean_over_tasks_of_the_mean_over_metrics_of_the_relative_cha
     fit = (1.0 / 2.0 + 1.0 / 2.0) / 2
     value = uis(original, test, forget, higher_is_better={"r2": True})
     assert value == pytest.approx(100 * (seg + fit) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_fused_ops_follow_their_docstrings(seed: int, sign: int) -> None:
+    """ops.project_out: ``g - a^T B``, ``(B B^T + lambda I) a = B g^T``, ``lambda = ridge
+    tr(B B^T) / k``; ops.project_nonconflicting: ``d = g + sign * w @ r``, ``w >= 0``, with
+    ``sign <d, r_j> >= 0``; ops.pcgrad: the sum of the PCGrad loop on the rows."""
+    basis, k, n = _problem(seed)
+    g = torch.randn(3, n, dtype=F64, generator=torch.Generator().manual_seed(seed + 100))
+    ridge = 1e-2
+    gram = basis @ basis.T
+    shifted = gram + ridge * torch.trace(gram) / k * torch.eye(k, dtype=F64)
+    torch.testing.assert_close(ops.project_out(g, basis, ridge),
+                               g - torch.linalg.solve(shifted, basis @ g.T).T @ basis,
+                               rtol=1e-10, atol=1e-12)
+    d, w = ops.project_nonconflicting(g, basis, sign, return_coeffs=True)
+    torch.testing.assert_close(d, g + sign * w @ basis, rtol=1e-12, atol=1e-12)
+    assert float(w.min()) >= 0.0
+    assert float((sign * d @ basis.T).min()) >= -1e-12 * float(g.norm() * basis.norm())
+    rows = [basis[i].clone() for i in range(k)]
+    for i in range(k):
+        for j in ops.pcgrad_order(k, i, seed):
+            inner = float(rows[i] @ basis[j])
+            if j != i and inner < 0:
+                rows[i] = rows[i] - inner / float(basis[j] @ basis[j]) * basis[j]
+    torch.testing.assert_close(ops.pcgrad(basis, seed=seed), torch.stack(rows).sum(0),
+                               rtol=1e-12, atol=1e-12)
