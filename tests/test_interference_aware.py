@@ -566,6 +566,32 @@ def test_only_target_heads_get_forget_updates(bench, original) -> None:  # type:
         retain_only.heads["segmentation"].parameters()))
 
 
+def test_heads_get_retain_weight_times_retain_plus_alpha_times_forget(bench, original  # type: ignore[no-untyped-def]
+                                                                       ) -> None:
+    """Module docstring, step 4: a target head's ``.grad`` is ``w_r`` times its retain gradient
+    plus ``alpha`` times its part of ``-d``; a non-target head's is ``w_r`` times its retain
+    gradient. One plain SGD step, so each head's change is linear in ``alpha`` and ``w_r``."""
+    problem = _problem(bench, original, partial=True)
+    settings = {**TINY, "steps": 1, "grad_clip": None, "momentum": 0.0}
+
+    def head_change(task: str, alpha: float, retain_weight: float) -> torch.Tensor:
+        model = get_unlearner("interference_aware", {
+            **settings, "alpha": alpha, "retain_weight": retain_weight}).unlearn(problem).model
+        return torch.cat([(a - b).detach().double().flatten() for a, b in zip(
+            model.heads[task].parameters(), original.heads[task].parameters())])
+
+    def assert_scaled(changed: torch.Tensor, reference: torch.Tensor) -> None:
+        # float32 parameters: their differences are exact to float32 rounding of the weights.
+        scale = float(reference.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(changed, reference, rtol=0, atol=1e-2 * scale)
+
+    base = head_change("segmentation", 0.0, 1.0)
+    forget_part = head_change("segmentation", 1.0, 1.0) - base
+    assert_scaled(head_change("segmentation", 2.0, 1.0) - base, 2 * forget_part)
+    assert_scaled(head_change("depth", 0.0, 2.0), 2 * head_change("depth", 0.0, 1.0))
+
+
 def test_ablation_switches_change_the_update(bench, original) -> None:  # type: ignore[no-untyped-def]
     problem = _problem(bench, original, partial=False)
     states = {}

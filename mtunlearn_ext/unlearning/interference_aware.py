@@ -57,8 +57,9 @@ levels, and each step of this method removes one:
    batches) stay in the constraint set (:mod:`~mtunlearn_ext.unlearning.instance_memory`), so a
    step also avoids what the previous steps protected, at no extra backward pass.
 4. **Update.** ``.grad`` of ``theta_s`` is ``w_r * r + alpha * (-d)``, with ``r`` the retain
-   gradient of all tasks; each target head gets its forget part of ``-d`` plus its retain
-   gradient; every other head its retain gradient only. The optimizer steps along ``-.grad``.
+   gradient of all tasks (``w_r``: ``retain_weight``); each target head gets ``w_r`` times its
+   retain gradient plus ``alpha`` times its part of ``-d``; every other head ``w_r`` times its
+   retain gradient only. The optimizer steps along ``-.grad``.
 
 Every projection is a Gram pass, a tiny solve and a combination, done by the compiled ops on
 per-parameter lists (:mod:`mtunlearn_ext.surgery`); parameters are never flattened into one copy.
