@@ -566,8 +566,7 @@ def test_only_target_heads_get_forget_updates(bench, original) -> None:  # type:
         retain_only.heads["segmentation"].parameters()))
 
 
-def test_heads_get_retain_weight_times_retain_plus_alpha_times_forget(bench, original  # type: ignore[no-untyped-def]
-                                                                       ) -> None:
+def test_head_grads_take_retain_weight_and_alpha(bench: Any, original: Any) -> None:
     """Module docstring, step 4: a target head's ``.grad`` is ``w_r`` times its retain gradient
     plus ``alpha`` times its part of ``-d``; a non-target head's is ``w_r`` times its retain
     gradient. One plain SGD step, so each head's change is linear in ``alpha`` and ``w_r``."""
