@@ -1956,7 +1956,7 @@ def test_interference_matrix_takes_settings_as_a_mapping() -> None:
         interference_matrix(problem, {"num_snapshot": 4})
 
 
-# -- a model that returns a tuple or a dataclass --------------------------------------------------
+# -- a model that returns a tuple, a list, a namedtuple or a dataclass -----------------------------
 
 
 class _TupleOut(_TwoHeads):
@@ -1965,18 +1965,13 @@ class _TupleOut(_TwoHeads):
         return out["a"], out["b"]
 
 
-@dataclasses.dataclass
-class _Outputs:
-    a: torch.Tensor
-    b: torch.Tensor
+class _ListOut(_TwoHeads):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        out = super().forward(x)
+        return [out["a"], out["b"]]
 
 
-class _DataclassOut(_TwoHeads):
-    def forward(self, x: torch.Tensor) -> _Outputs:  # type: ignore[override]
-        return _Outputs(**super().forward(x))
-
-
-@pytest.mark.parametrize("model, shown", [(_TupleOut, "tuple"), (_DataclassOut, "_Outputs")])
+@pytest.mark.parametrize("model, shown", [(_TupleOut, "tuple"), (_ListOut, "list")])
 def test_a_model_returning_no_mapping_is_told_to_return_a_dict(model: type[nn.Module],
                                                                shown: str) -> None:
     """The error said "the model fails on the data's inputs ... TypeError: ... got tuple",
@@ -1984,8 +1979,8 @@ def test_a_model_returning_no_mapping_is_told_to_return_a_dict(model: type[nn.Mo
     x, y = _data()
     message = (f"UnlearningProblem: the model must return a mapping task -> prediction, got "
                f"{shown}: return a dict from its forward, {{'a': ..., 'b': ...}} (a tuple or a "
-               "dataclass does not say which output is which task's; a namedtuple's field "
-               "names do where `unlearn` or `build_problem` wraps the model)")
+               "list does not say which output is which task's; a namedtuple's or a "
+               "dataclass's field names do where `unlearn` or `build_problem` wraps the model)")
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$") as info:
         mtunlearn_ext.unlearn(model(), tasks=TASKS, train_data=(x, y),
                               forget_request=ForgetRequest.create(range(5), ["a"]),
@@ -2002,16 +1997,31 @@ class _NamedTupleOut(_TwoHeads):
         return _NamedOut(b=out["b"], a=out["a"])
 
 
-def test_a_model_returning_a_namedtuple_is_read_by_its_field_names() -> None:
+@dataclasses.dataclass
+class _Outputs:
+    b: torch.Tensor  # fields in another order than the tasks
+    a: torch.Tensor
+    loss: torch.Tensor | None = None  # set only when labels are passed, as Hugging Face's
+
+
+class _DataclassOut(_TwoHeads):
+    def forward(self, x: torch.Tensor) -> _Outputs:  # type: ignore[override]
+        return _Outputs(**super().forward(x))
+
+
+@pytest.mark.parametrize("model", [_NamedTupleOut, _DataclassOut])
+def test_a_model_returning_named_fields_is_read_by_their_names(model: type[nn.Module]) -> None:
     """Own-model review: a namedtuple output was refused as a tuple that "does not say which
-    output is which task's", though its fields do."""
+    output is which task's", though its fields do; so was a dataclass's (user-models review:
+    a model returning an output dataclass, its unset `loss` None, as Hugging Face's do)."""
     x, y = _data()
     common = dict(tasks=TASKS, train_data=(x, y), shared_parameters=_trunk,
                   forget_request=ForgetRequest.create(range(5), ["a"]), config={"steps": 2})
-    named, _ = mtunlearn_ext.unlearn(_NamedTupleOut(), **common)  # type: ignore[arg-type]
+    named, _ = mtunlearn_ext.unlearn(model(), **common)  # type: ignore[arg-type]
     plain, _ = mtunlearn_ext.unlearn(_TwoHeads(), **common)  # type: ignore[arg-type]
+    assert type(named) is model
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in named.state_dict().items())
-    scores = mtunlearn_ext.evaluate(_NamedTupleOut(), (x, y), tasks=TASKS)
+    scores = mtunlearn_ext.evaluate(model(), (x, y), tasks=TASKS)
     assert scores == mtunlearn_ext.evaluate(_TwoHeads(), (x, y), tasks=TASKS)
 
 

@@ -101,7 +101,7 @@ def _probe(model: MultiTaskModel, dataset: MultiTaskDataset, batch_size: int) ->
         keys = ", ".join(f"{t!r}: ..." for t in wanted)
         raise ValueError(f"evaluate: `model` must return a mapping task -> prediction, got "
                          f"{error.type_name}: return a dict from its forward, {{{keys}}} (a "
-                         "tuple or a dataclass does not say which output is which task's)"
+                         "tuple or a list does not say which output is which task's)"
                          ) from error
     except torch.OutOfMemoryError:
         raise  # not the inputs' fault: a smaller batch_size may do

@@ -5,6 +5,7 @@ wrapper (:class:`SplitModel`) through which the library's methods call the calle
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ from mtunlearn_ext.unlearning.base import ModelOutputError
 class SplitModel(nn.Module):
     """A user's module with an explicit shared/heads split (what the unlearners read), whose
     forward returns a plain ``dict`` of task outputs. The user's module is held as ``module``,
-    so the unlearned module is ``wrapper.module``. The library passes a batch's inputs along
+    so the unlearned module is ``wrapper.module``. A namedtuple's or a dataclass's fields name
+    the outputs as a dict's keys do. The library passes a batch's inputs along
     as one object; here, at the user's module, several inputs are unpacked (``module(*x)``
     for a tuple, ``module(**x)`` for a dict).
 
@@ -69,6 +71,12 @@ class SplitModel(nn.Module):
         as_dict = getattr(out, "_asdict", None) if isinstance(out, tuple) else None
         if callable(as_dict):
             return dict(as_dict())  # a namedtuple's fields name its outputs
+        if dataclasses.is_dataclass(out) and not isinstance(out, type):
+            # A dataclass's fields name its outputs as a namedtuple's do. A field left None (a
+            # loss computed only when labels are passed) is no output: every output is read
+            # as a tensor, as Hugging Face's ModelOutput drops its None fields.
+            fields = ((f.name, getattr(out, f.name)) for f in dataclasses.fields(out))
+            return {name: value for name, value in fields if value is not None}
         if not isinstance(out, Mapping):
             raise ModelOutputError(type(out).__name__)
         return dict(out)

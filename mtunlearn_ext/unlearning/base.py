@@ -75,9 +75,9 @@ def _output_type_error(type_name: str, task_names: Sequence[str]) -> ValueError:
     keys = ", ".join(f"{t!r}: ..." for t in task_names)
     return ValueError(
         f"UnlearningProblem: the model must return a mapping task -> prediction, got "
-        f"{type_name}: return a dict from its forward, {{{keys}}} (a tuple or a dataclass does "
-        "not say which output is which task's; a namedtuple's field names do where `unlearn` "
-        "or `build_problem` wraps the model)")
+        f"{type_name}: return a dict from its forward, {{{keys}}} (a tuple or a list does not "
+        "say which output is which task's; a namedtuple's or a dataclass's field names do where "
+        "`unlearn` or `build_problem` wraps the model)")
 
 
 def _dtype_hint(inputs: Inputs, model: nn.Module) -> str:
