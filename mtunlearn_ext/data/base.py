@@ -589,6 +589,15 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
                     continue
                 ok = torch.isfinite(flat)
                 problem = "NaN or Inf targets"
+                if bool(flat.isnan().any()):
+                    # NaN is how pandas and many data sets write a missing value; the mask,
+                    # not a value, says which pairs are unlabelled (a NaN kept on a
+                    # supervised pair would make every gradient NaN).
+                    hint = (f"; if NaN marks a missing label, mark those rows unsupervised: "
+                            f"a supervision mask [N, T], (inputs, targets, mask) or "
+                            f"MultiTaskDataset(..., supervision=mask), whose column "
+                            f"{column} (task {spec.name!r}) is "
+                            f"~targets[{spec.name!r}].isnan().flatten(1).any(1)")
             elif spec.kind == "binary":
                 labelled = ~is_ignore_index(flat, spec.ignore_index)
                 ok = ~labelled | ((flat >= 0) & (flat <= 1))  # NaN fails both comparisons

@@ -1,0 +1,71 @@
+"""``mtunlearn_ext.unlearn`` on models and data written as users write them (a review that
+tried regression labels missing as NaN, heads named after their task with a suffix, output
+keys other than the task names), not as the library's own tests build them."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mtunlearn_ext
+from mtunlearn_ext import ForgetRequest
+
+TASKS = {"kind": "classification", "size": "regression"}
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({"kind": nn.Linear(8, 3), "size": nn.Linear(8, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def _data(n: int = 24) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 6, generator=g), {"kind": torch.randint(0, 3, (n,), generator=g),
+                                            "size": torch.randn(n, 1, generator=g)}
+
+
+def _unlearn(model: nn.Module, data: object, **kwargs: object) -> nn.Module:
+    settings: dict[str, object] = dict(
+        tasks=TASKS, train_data=data, forget_request=ForgetRequest.create(range(3), ["kind"]),
+        shared_parameters=lambda name: name.startswith("trunk."), config={"steps": 2})
+    settings.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a two-step run on random labels: its advice
+        new, _ = mtunlearn_ext.unlearn(model, **settings)  # type: ignore[arg-type]
+    return new
+
+
+def test_regression_labels_missing_as_nan_are_told_how_to_mask_them() -> None:
+    """A regression label missing as NaN (pandas' missing value) was refused as "NaN or Inf
+    targets" with no word of the supervision mask that says a pair has no label."""
+    x, y = _data()
+    size = y["size"].clone()
+    size[5:8] = float("nan")
+    targets = {"kind": y["kind"], "size": size}
+    message = ("unlearn: `train_data`: task 'size' (regression) has NaN or Inf targets on 3 "
+               "supervised rows (first: row 5, id 5); if NaN marks a missing label, mark those "
+               "rows unsupervised: a supervision mask [N, T], (inputs, targets, mask) or "
+               "MultiTaskDataset(..., supervision=mask), whose column 1 (task 'size') is "
+               "~targets['size'].isnan().flatten(1).any(1)")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        _unlearn(_TwoHeads(), (x, targets))
+    mask = torch.ones(len(x), 2, dtype=torch.bool)
+    mask[:, 1] = ~targets["size"].isnan().flatten(1).any(1)  # what the message says
+    new = _unlearn(_TwoHeads(), (x, targets, mask))
+    assert all(torch.isfinite(p).all() for p in new.parameters())
+    infinite = y["size"].clone()
+    infinite[5] = float("inf")  # no missing value: no advice about one
+    with pytest.raises(ValueError, match=r"NaN or Inf targets on 1 supervised rows "
+                                         r"\(first: row 5, id 5\)$"):
+        _unlearn(_TwoHeads(), (x, {"kind": y["kind"], "size": infinite}))
