@@ -69,3 +69,77 @@ def test_regression_labels_missing_as_nan_are_told_how_to_mask_them() -> None:
     with pytest.raises(ValueError, match=r"NaN or Inf targets on 1 supervised rows "
                                          r"\(first: row 5, id 5\)$"):
         _unlearn(_TwoHeads(), (x, {"kind": y["kind"], "size": infinite}))
+
+
+class _SuffixHeads(nn.Module):
+    """Heads as torchvision-style models name them: ``kind_head``, not ``heads.kind``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.kind_head, self.size_head = nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"kind": self.kind_head(z), "size": self.size_head(z)}
+
+
+def test_heads_named_after_their_task_with_a_suffix_are_told_as_head_parameters() -> None:
+    """Heads named `kind_head` were refused as "neither shared nor in a head" with no word
+    of how the default split finds heads (a component equal to the task's name)."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=re.escape(
+            "A head is found by a dotted component of its name equal to its task's, which these "
+            "have not; if they are the heads their module names suggest, pass head_parameters="
+            "{'kind': model.get_submodule('kind_head'), 'size': model.get_submodule('size_head')}"
+            ) + "$"):
+        _unlearn(_SuffixHeads(), (x, y))
+    model = _SuffixHeads()
+    new = _unlearn(model, (x, y), head_parameters={"kind": model.get_submodule("kind_head"),
+                                                   "size": model.get_submodule("size_head")})
+    assert not torch.equal(new.kind_head.weight, model.kind_head.weight)
+
+
+class _HeadsKeyedOtherwise(_TwoHeads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({"cls": nn.Linear(8, 3), "reg": nn.Linear(8, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"kind": self.heads["cls"](z), "size": self.heads["reg"](z)}
+
+
+def test_heads_keyed_otherwise_are_told_how_heads_are_found() -> None:
+    x, y = _data()
+    with pytest.raises(ValueError, match=re.escape(
+            "A head is found by a dotted component of its name equal to its task's "
+            "(heads.kind.weight), which 'heads.cls.weight' has not") + "$"):
+        _unlearn(_HeadsKeyedOtherwise(), (x, y))
+
+
+class _OwnOutputNames(_TwoHeads):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(x)
+        return {"kind_logits": out["kind"], "size_pred": out["size"]}
+
+
+def test_outputs_under_names_of_their_own_are_told_what_the_keys_must_be() -> None:
+    """A forward returning `{"kind_logits": ..., "size_pred": ...}` was refused as having "no
+    prediction for tasks ['kind', 'size']", with no word that the keys are the task names."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=re.escape(
+            "has no prediction for tasks ['kind', 'size'] (it returns ['kind_logits', "
+            "'size_pred']); the output's keys are read as task names: return the tasks' "
+            "predictions under ['kind', 'size'], or name the tasks (in `tasks` and the targets) "
+            "as the model names its outputs") + "$"):
+        _unlearn(_OwnOutputNames(), (x, y))
+    renamed = {"kind_logits": y["kind"], "size_pred": y["size"]}  # what the message offers
+    model = _OwnOutputNames()
+    # The heads, `heads.kind` and `heads.size`, are then no longer found by the tasks' names.
+    _unlearn(model, (x, renamed),
+             tasks={"kind_logits": "classification", "size_pred": "regression"},
+             forget_request=ForgetRequest.create(range(3), ["kind_logits"]),
+             head_parameters={"kind_logits": model.heads["kind"],
+                              "size_pred": model.heads["size"]})

@@ -295,7 +295,8 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
                          f"`head_parameters` (task -> names) or widen `shared_parameters`, or, "
                          f"if no task of `tasks` uses them (an auxiliary head), freeze them "
                          f"(`requires_grad_(False)`): frozen parameters stay as they are"
-                         + _wrapper_names_hint(shared, stray, wrapper_prefix))
+                         + _wrapper_names_hint(shared, stray, wrapper_prefix)
+                         + (_head_names_hint(stray, task_names) if heads is None else ""))
     overlap = set(shared_names) & {n for names in head_names.values() for n in names}
     if overlap:
         tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
@@ -340,6 +341,44 @@ def _wrapper_names_hint(shared: SharedSpec | None, stray: Sequence[str],
     return (f". `shared_parameters` is called with the names of the module inside the "
             f"wrapper ({meant[0]!r}, not {wrapper_prefix + meant[0]!r}): the model is unlearned "
             f"through that module; drop {wrapper_prefix!r} from what it matches")
+
+
+def _head_names_hint(stray: Sequence[str], task_names: Sequence[str]) -> str:
+    """How the default split finds heads, for parameters it found in none; when each of them
+    sits in a module whose name holds one task's name as a ``_``-separated word (``kind_head``,
+    ``fc_kind``: a torchvision-style model's heads), the ``head_parameters`` that says so. The
+    split does not guess them itself: a trunk layer named after a task (``kind_embed``) would
+    be taken as that task's head."""
+    suggested: dict[str, list[str]] = {}
+    for name in stray:
+        *path, _ = name.split(".")
+        module = None
+        for depth, component in enumerate(path):
+            words = component.split("_")
+            found = [t for t in task_names if _holds_words(words, t.split("_"))]
+            if len(found) == 1:
+                module = (found[0], ".".join(path[:depth + 1]))
+                break
+        if module is None:
+            return (f". A head is found by a dotted component of its name equal to its task's "
+                    f"({'heads.' + task_names[0] + '.weight' if task_names else ''}), which "
+                    f"{stray[0]!r} has not")
+        task, prefix = module
+        if prefix not in suggested.setdefault(task, []):
+            suggested[task].append(prefix)
+    modules = ", ".join(
+        f"{t!r}: " + (f"model.get_submodule({p[0]!r})" if len(p) == 1 else
+                      "[" + ", ".join(f"model.get_submodule({m!r})" for m in p) + "]")
+        for t, p in suggested.items())
+    return (f". A head is found by a dotted component of its name equal to its task's, which "
+            f"these have not; if they are the heads their module names suggest, pass "
+            f"head_parameters={{{modules}}}")
+
+
+def _holds_words(words: Sequence[str], wanted: Sequence[str]) -> bool:
+    """Whether ``wanted`` occurs as consecutive items of ``words``."""
+    return any(list(words[i:i + len(wanted)]) == list(wanted)
+               for i in range(len(words) - len(wanted) + 1))
 
 
 def _tasks_named_in(name: str, task_names: Sequence[str]) -> list[str]:

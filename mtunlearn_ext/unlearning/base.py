@@ -541,8 +541,14 @@ class UnlearningProblem:
             raise _output_type_error(type(out).__name__, self.task_names)
         missing = [t for t in self.task_names if t not in out]
         if missing:
+            others = [str(k) for k in out if k not in self.task_names]
+            # Keys of its own (`kind_logits`) are no task's until the output or the tasks say
+            # which: a guess by name could pair a task with another task's output.
+            hint = (f"; the output's keys are read as task names: return the tasks' "
+                    f"predictions under {list(self.task_names)}, or name the tasks (in `tasks` "
+                    f"and the targets) as the model names its outputs" if others else "")
             raise ValueError(f"UnlearningProblem: the model's output has no prediction for "
-                             f"tasks {missing} (it returns {sorted(out)})")
+                             f"tasks {missing} (it returns {sorted(out)}){hint}")
         for column, spec in enumerate(self.tasks):
             pred = out[spec.name]
             if not isinstance(pred, torch.Tensor):
