@@ -143,3 +143,49 @@ def test_outputs_under_names_of_their_own_are_told_what_the_keys_must_be() -> No
              forget_request=ForgetRequest.create(range(3), ["kind_logits"]),
              head_parameters={"kind_logits": model.heads["kind"],
                               "size_pred": model.heads["size"]})
+
+
+class _Instances(torch.utils.data.Dataset[dict[str, object]]):
+    """Instances as dicts carrying a user's own ids (strings: user names)."""
+
+    def __init__(self, x: torch.Tensor, y: dict[str, torch.Tensor], ids: list[object]) -> None:
+        self.x, self.y, self.ids = x, y, ids
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        return {"input": self.x[i], "targets": {t: v[i] for t, v in self.y.items()},
+                "id": self.ids[i]}
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_string_ids_are_told_to_be_mapped_to_integers(loader: bool) -> None:
+    """A dataset whose instances carry string ids ("u0") was refused as "must be a tensor, a
+    NumPy array, a number or a list of numbers, got str" (through a loader: torch.as_tensor's
+    "too many dimensions 'str'"), with no word of what to carry instead."""
+    x, y = _data()
+    names = [f"u{i}" for i in range(len(x))]
+    data: object = _Instances(x, y, list(names))
+    if loader:
+        data = torch.utils.data.DataLoader(data, batch_size=5)
+    where = "the ids of a batch" if loader else "the id of instance 0"
+    with pytest.raises(TypeError, match=re.escape(
+            f"unlearn: `train_data`: gather: {where} must be integer ids (a tensor, a NumPy "
+            "array, a number or a list of numbers), got the string 'u0': carry integer ids "
+            "instead (a dict from your ids to 0..N-1, say) and name those integers in the "
+            "ForgetRequest") + "$"):
+        _unlearn(_TwoHeads(), data)
+    number = {name: i for i, name in enumerate(names)}  # what the message says to do
+    _unlearn(_TwoHeads(), _Instances(x, y, [number[n] for n in names]),
+             forget_request=ForgetRequest.create([number["u0"], number["u1"]], ["kind"]))
+
+
+def test_numpy_arrays_are_told_to_be_converted() -> None:
+    x, y = _data()
+    with pytest.raises(TypeError, match=r"^unlearn: the inputs of `train_data` must be a tensor, "
+                                        r".*, got ndarray: convert it with torch\.from_numpy"):
+        _unlearn(_TwoHeads(), (x.numpy(), y))
+    with pytest.raises(TypeError, match=r"^unlearn: `train_data` targets of task 'kind' must be "
+                                        r".*, got ndarray: convert it with torch\.from_numpy"):
+        _unlearn(_TwoHeads(), (x, {"kind": y["kind"].numpy(), "size": y["size"]}))

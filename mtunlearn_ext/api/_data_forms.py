@@ -16,7 +16,7 @@ from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._types import InMemoryData
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.gathering import _gather
-from mtunlearn_ext.data.inputs import check_inputs, map_leaves, take_rows
+from mtunlearn_ext.data.inputs import numpy_hint, check_inputs, map_leaves, take_rows
 from mtunlearn_ext.data.task_forms import reading_specs
 from mtunlearn_ext.data.request import ForgetRequest, task_names
 
@@ -115,7 +115,7 @@ def check_data_like(data: object, what: str, op: str | None = None, *,
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             got = type(value).__name__ if not isinstance(value, torch.Tensor) else "a 0-d tensor"
             raise TypeError(f"{op}: `{what}` targets of task {name!r} must be a tensor "
-                            f"[N, ...] (one row per instance), got {got}")
+                            f"[N, ...] (one row per instance), got {got}{numpy_hint(value)}")
     on_meta = _meta_part(data)
     if on_meta is not None:  # the checks and metrics read values (torch: NotImplementedError)
         raise ValueError(f"{op}: `{what}`: {on_meta} on the meta device, which holds no "

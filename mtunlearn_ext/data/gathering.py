@@ -65,6 +65,19 @@ from mtunlearn_ext.data.task_forms import TasksSpec, reading_specs, task_specs, 
 __all__ = ["gather"]
 
 
+def _id_tensor(value: object, what: str) -> torch.Tensor:
+    """:func:`_tensor` for ids, refusing strings with what to carry instead."""
+    if isinstance(value, str) or (isinstance(value, (tuple, list))
+                                  and any(isinstance(v, str) for v in value)):
+        # A user's ids are often strings (user names, file names); a ForgetRequest names
+        # integers, so the caller's own mapping must say which integer is which instance.
+        raise TypeError(f"gather: {what} must be integer ids (a tensor, a NumPy array, a "
+                        f"number or a list of numbers), got the string "
+                        f"{_first_string(value)!r}: carry integer ids instead (a dict from your "
+                        f"ids to 0..N-1, say) and name those integers in the ForgetRequest")
+    return _tensor(value, what)
+
+
 def _tensor(value: object, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
@@ -78,6 +91,10 @@ def _tensor(value: object, what: str) -> torch.Tensor:
                             f"list of numbers; torch.as_tensor refused it: {error}") from None
     raise TypeError(f"gather: {what} must be a tensor, a NumPy array, a number or a list of "
                     f"numbers, got {type(value).__name__}")
+
+
+def _first_string(value: str | tuple[object, ...] | list[object]) -> object:
+    return value if isinstance(value, str) else next(v for v in value if isinstance(v, str))
 
 
 def _input_structure(value: object, what: str) -> Inputs:
@@ -154,7 +171,7 @@ def _instance(item: object, index: int, names: Sequence[str]) -> _Instance:
 
 
 def _integer_id(value: object, where: str) -> int:
-    tensor = _tensor(value, f"the id of {where}")
+    tensor = _id_tensor(value, f"the id of {where}")
     if tensor.numel() != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool:
         raise ValueError(f"gather: the id of {where} must be one integer, got {value!r:.60}")
     return int(tensor.item())
@@ -582,7 +599,7 @@ def _gather_batches(loader: DataLoader[Any], specs: Sequence[TaskSpec], ids: obj
         columns.append(supervised)
     row_ids = _ids(batches.ids, ids, _in_order(loader), "batches")
     if ids is None and row_ids is not None:  # the batches' own: one tensor of ids per batch
-        row_ids = torch.cat([_tensor(i, "the ids of a batch").reshape(-1)
+        row_ids = torch.cat([_id_tensor(i, "the ids of a batch").reshape(-1)
                              for i in row_ids])  # type: ignore[attr-defined]
         _distinct(row_ids, "batches")
     return MultiTaskDataset(batches.input_tensors(), targets, specs,

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 __all__ = ["Inputs", "call_with", "cat_rows", "check_inputs", "describe", "inputs_to",
-           "leaves", "map_leaves", "named_leaves", "num_rows", "slice_rows", "take_rows"]
+           "leaves", "map_leaves", "named_leaves", "num_rows", "numpy_hint", "slice_rows",
+           "take_rows"]
 
 #: Model inputs: ``[N, ...]``, a tuple / list of ``[N, ...]`` tensors, or a dict str -> ``[N, ...]``.
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
@@ -61,6 +62,13 @@ def map_leaves(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> In
     raise TypeError(f"inputs must be {_EXPECTED}, got {type(inputs).__name__}")
 
 
+def numpy_hint(value: object) -> str:
+    """How to pass a NumPy array, which is never converted silently (its float64 would meet
+    a float32 model, and the conversion copies or shares memory as the caller chooses)."""
+    return (": convert it with torch.from_numpy(...)"
+            if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray" else "")
+
+
 def check_inputs(inputs: object, what: str) -> int:
     """The number of rows ``N`` of ``inputs`` after checking that it is :data:`Inputs`: a tensor,
     or a non-empty tuple / list / dict (string keys: a dict is passed as keyword arguments)
@@ -72,7 +80,8 @@ def check_inputs(inputs: object, what: str) -> int:
                              "0-dimensional tensor")
         return int(inputs.shape[0])
     if not isinstance(inputs, (tuple, list, Mapping)):
-        raise TypeError(f"{what} must be {_EXPECTED}, got {type(inputs).__name__}")
+        raise TypeError(f"{what} must be {_EXPECTED}, got {type(inputs).__name__}"
+                        + numpy_hint(inputs))
     if len(inputs) == 0:
         raise ValueError(f"{what} must hold at least one tensor, got an empty "
                          f"{type(inputs).__name__}")
