@@ -189,3 +189,20 @@ def test_numpy_arrays_are_told_to_be_converted() -> None:
     with pytest.raises(TypeError, match=r"^unlearn: `train_data` targets of task 'kind' must be "
                                         r".*, got ndarray: convert it with torch\.from_numpy"):
         _unlearn(_TwoHeads(), (x, {"kind": y["kind"].numpy(), "size": y["size"]}))
+
+
+def test_a_mask_per_task_or_of_numbers_is_told_how_to_write_it() -> None:
+    """A supervision mask written as the targets are, {task: [N] bool}, or as 0/1 floats, was
+    refused as "must be a bool tensor [N, T] ..., got dict" with no word of how to build one."""
+    x, y = _data()
+    labelled = {"kind": torch.ones(len(x), dtype=torch.bool), "size": torch.rand(len(x)) > 0.3}
+    with pytest.raises(TypeError, match=re.escape(
+            "got dict: stack the columns in the order of `tasks`, torch.stack([mask['kind'], "
+            "mask['size']], dim=1).bool()") + "$"):
+        _unlearn(_TwoHeads(), (x, y, labelled))
+    mask = torch.stack([labelled["kind"], labelled["size"]], dim=1).bool()  # as it says
+    with pytest.raises(TypeError, match=re.escape(
+            "got torch.float32 (24, 2): mark the supervised pairs True, mask.bool() for 0/1 "
+            "values") + "$"):
+        _unlearn(_TwoHeads(), (x, y, mask.float()))
+    _unlearn(_TwoHeads(), (x, y, mask))

@@ -126,7 +126,20 @@ def check_data_like(data: object, what: str, op: str | None = None, *,
             got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
                    else type(mask).__name__)
             raise TypeError(f"{op}: `{what}`[2], the supervision mask, must be a bool tensor "
-                            f"[N, T] (one column per task, in the order of `tasks`), got {got}")
+                            f"[N, T] (one column per task, in the order of `tasks`), got {got}"
+                            + _mask_hint(mask, list(data[1])))
+
+
+def _mask_hint(mask: object, target_names: Sequence[str]) -> str:
+    """How to write a supervision mask given in another common form: one ``[N]`` column per
+    task in a dict (as the targets are), or 0/1 numbers."""
+    if isinstance(mask, Mapping):
+        columns = ", ".join(f"mask[{t!r}]" for t in target_names)
+        return (f": stack the columns in the order of `tasks`, torch.stack([{columns}], "
+                f"dim=1).bool()")
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and mask.dim() == 2:
+        return ": mark the supervised pairs True, mask.bool() for 0/1 values"
+    return ""
 
 
 def _reads_as_inputs_and_targets(items: list[Any]) -> bool:
