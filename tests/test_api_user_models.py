@@ -206,3 +206,20 @@ def test_a_mask_per_task_or_of_numbers_is_told_how_to_write_it() -> None:
             "values") + "$"):
         _unlearn(_TwoHeads(), (x, y, mask.float()))
     _unlearn(_TwoHeads(), (x, y, mask))
+
+
+class _KeywordOnly(_TwoHeads):
+    def forward(self, *, pixels: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return super().forward(pixels)
+
+
+def test_a_keyword_only_forward_given_a_tensor_is_told_to_take_a_dict() -> None:
+    """`forward(self, *, pixels)` given inputs as one tensor failed with Python's "takes 1
+    positional argument but 2 were given" alone."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=re.escape(
+            "takes 1 positional argument but 2 were given (its forward takes keyword arguments "
+            "only, ['pixels']: give the inputs as a dict, ({'pixels': ...}, targets), which is "
+            "passed by keyword)") + "$"):
+        _unlearn(_KeywordOnly(), (x, y))
+    _unlearn(_KeywordOnly(), ({"pixels": x}, y))

@@ -16,6 +16,7 @@ Subclasses implement :meth:`Unlearner._unlearn` only.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import random
@@ -95,6 +96,28 @@ def _dtype_hint(inputs: Inputs, model: nn.Module) -> str:
             f"{str(dtype).removeprefix('torch.')}, and inputs are passed as they are, never "
             f"cast: if that is the failure, give them in the model's dtype, e.g. "
             f"`x.to({dtype})`)")
+
+
+def _keyword_only_hint(inputs: Inputs, model: nn.Module) -> str:
+    """Why a forward failed, when it takes its inputs by keyword only (``forward(self, *,
+    pixel_values)``) and they came positionally: inputs given as a dict are passed by
+    keyword."""
+    if isinstance(inputs, Mapping):
+        return ""
+    inner = getattr(model, "module", None)  # the user's module inside unlearn's wrapper
+    module = inner if isinstance(inner, nn.Module) else model
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward with no signature to read
+        return ""
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                      p.VAR_POSITIONAL)]
+    keywords = [p.name for p in parameters if p.kind == p.KEYWORD_ONLY]
+    if positional or not keywords:
+        return ""
+    given = ", ".join(f"{k!r}: ..." for k in keywords)
+    return (f" (its forward takes keyword arguments only, {keywords}: give the inputs as a "
+            f"dict, ({{{given}}}, targets), which is passed by keyword)")
 
 
 def seed_everything(seed: int, device: torch.device | str | None = None) -> torch.Generator:
@@ -536,7 +559,8 @@ class UnlearningProblem:
                 raise _output_type_error(error.type_name, self.task_names) from error
             raise ValueError(f"UnlearningProblem: the model fails on {what}'s inputs (a "
                              f"batch of {describe(inputs)}): {type(error).__name__}: "
-                             f"{error}{_dtype_hint(inputs, self.model)}") from error
+                             f"{error}{_dtype_hint(inputs, self.model)}"
+                             f"{_keyword_only_hint(inputs, self.model)}") from error
         if not isinstance(out, Mapping):
             raise _output_type_error(type(out).__name__, self.task_names)
         missing = [t for t in self.task_names if t not in out]
