@@ -223,3 +223,60 @@ def test_a_keyword_only_forward_given_a_tensor_is_told_to_take_a_dict() -> None:
             "passed by keyword)") + "$"):
         _unlearn(_KeywordOnly(), (x, y))
     _unlearn(_KeywordOnly(), ({"pixels": x}, y))
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class _ResNetTwoHeads(nn.Module):
+    """A torchvision-like residual trunk (stem, a basic block, pooling) and two heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = _Block(4)
+        self.heads = nn.ModuleDict({"kind": nn.Linear(4, 3), "size": nn.Linear(4, 1)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.layer1(torch.relu(self.bn1(self.conv1(x)))).mean(dim=(2, 3))
+        return {t: h(z) for t, h in self.heads.items()}
+
+
+def test_a_resnet_trunk_from_a_shuffling_loader_with_its_own_ids() -> None:
+    """A guard over what a user's vision model and loader bring together: BatchNorm in training
+    mode, a forward hook, a shuffling loader whose batches carry non-contiguous ids: the
+    returned model is of the user's class with the hook, the user's model is left as it was,
+    and the run is the one the same instances give as a tuple."""
+    x, y = _data()
+    images = torch.randn(len(x), 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    ids = torch.arange(len(x)) * 7 + 100
+    model = _ResNetTwoHeads().train()
+    seen: list[int] = []
+    model.layer1.register_forward_hook(lambda module, args, out: seen.append(len(out)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    instances = [{"input": images[i], "targets": {t: v[i] for t, v in y.items()},
+                  "id": int(ids[i])} for i in range(len(x))]
+    loader = torch.utils.data.DataLoader(
+        instances, batch_size=5, shuffle=True,  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(3))
+    trunk = lambda name: not name.startswith("heads.")  # noqa: E731
+    new = _unlearn(model, loader, shared_parameters=trunk,
+                   forget_request=ForgetRequest.create([100, 107, 114], ["kind"]))
+    assert type(new) is _ResNetTwoHeads and not new.training and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    seen.clear()
+    new(images[:2])
+    assert seen == [2]  # the hook came along
+    as_tuple = _unlearn(_ResNetTwoHeads().train(), (images, y), shared_parameters=trunk)
+    assert all(torch.equal(v, as_tuple.state_dict()[k]) for k, v in new.state_dict().items())
