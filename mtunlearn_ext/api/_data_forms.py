@@ -16,7 +16,7 @@ from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.api._types import InMemoryData
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, labelled_rows
 from mtunlearn_ext.data.gathering import _gather
-from mtunlearn_ext.data.inputs import numpy_hint, check_inputs, map_leaves, take_rows
+from mtunlearn_ext.data.inputs import check_inputs, map_leaves, numpy_hint, take_rows
 from mtunlearn_ext.data.task_forms import reading_specs
 from mtunlearn_ext.data.request import ForgetRequest, task_names
 
