@@ -280,3 +280,40 @@ def test_a_resnet_trunk_from_a_shuffling_loader_with_its_own_ids() -> None:
     assert seen == [2]  # the hook came along
     as_tuple = _unlearn(_ResNetTwoHeads().train(), (images, y), shared_parameters=trunk)
     assert all(torch.equal(v, as_tuple.state_dict()[k]) for k, v in new.state_dict().items())
+
+
+def test_the_run_computes_on_the_models_own_device_by_default() -> None:
+    """`device` defaulted to "cpu": a CUDA model given without it was unlearned on the CPU and
+    came back there (tests/test_cuda.py runs that case on a GPU). The default is the model's
+    own device, and a model spread over several devices is asked which one to compute on."""
+    import inspect
+
+    from mtunlearn_ext.api._problem import model_device
+
+    for entry_point in (mtunlearn_ext.unlearn, mtunlearn_ext.api.build_problem):
+        assert inspect.signature(entry_point).parameters["device"].default is None
+    assert model_device(_TwoHeads()) == torch.device("cpu")
+    assert model_device(nn.ReLU()) == torch.device("cpu")  # no parameters
+    # Meta parameters are left to the checks that name them (test_api_validation).
+    assert model_device(_TwoHeads().to("meta")) == torch.device("cpu")
+    with pytest.raises(ValueError, match=re.escape(
+            "`device`: the model's parameters are on several devices (cpu, cuda:1); pass the "
+            "one to compute on, device=...")):
+        model_device(_FakeDevices([torch.device("cpu"), torch.device("cuda", 1)]))
+    x, y = _data()
+    new = _unlearn(_TwoHeads(), (x, y))
+    assert {p.device.type for p in new.parameters()} == {"cpu"}
+
+
+class _FakeDevices(nn.Module):
+    """A module whose parameters report the given devices (no second device here)."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        super().__init__()
+        self._devices = devices
+
+    def parameters(self, recurse: bool = True):  # type: ignore[no-untyped-def]
+        class _On:
+            def __init__(self, device: torch.device) -> None:
+                self.device, self.is_meta = device, False
+        return iter([_On(d) for d in self._devices])

@@ -172,6 +172,19 @@ def test_unlearn_on_cuda_matches_cpu(targets: list[str] | None) -> None:
     assert summary["forget_loss_after"]["kind"] > summary["forget_loss_before"]["kind"]
 
 
+def test_unlearn_computes_on_a_cuda_models_device_by_default() -> None:
+    """User-models review: `device` defaulted to "cpu", so a CUDA model given without it was
+    unlearned on the CPU and came back there. The default is now the model's device."""
+    model, x, y = _problem(torch.float32)
+    model = model.cuda()
+    new, report = mtunlearn_ext.unlearn(
+        model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
+        shared_parameters=lambda name: name.startswith("trunk."), config={"steps": 2})
+    assert {p.device.type for p in new.parameters()} == {"cuda"}
+    assert report.device.startswith("cuda")
+
+
 def test_cli_train_unlearn_verify_on_cuda(tmp_path: Path) -> None:
     ckpt, out = tmp_path / "trained.pt", tmp_path / "unlearned.pt"
     assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--epochs", "2",

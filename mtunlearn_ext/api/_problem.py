@@ -99,7 +99,7 @@ def build_problem(model: nn.Module, *,
                   held_out_data: DataLike | None = None,
                   shared_parameters: SharedSpec | None = None,
                   head_parameters: Mapping[str, ParameterSpec] | None = None,
-                  device: torch.device | str = "cpu",
+                  device: torch.device | str | None = None,
                   seed: int = 0,
                   fresh_model: Callable[[], nn.Module] | None = None,
                   train_config: TrainConfig | Mapping[str, Any] | None = None,
@@ -139,7 +139,7 @@ def build_problem_with_naming(model: nn.Module, *,
                    target_tasks: Sequence[str] | str | None, held_out_data: DataLike | None,
                    shared_parameters: SharedSpec | None,
                    head_parameters: Mapping[str, ParameterSpec] | None,
-                   device: torch.device | str, seed: int,
+                   device: torch.device | str | None, seed: int,
                    fresh_model: Callable[[], nn.Module] | None,
                    train_config: TrainConfig | Mapping[str, Any] | None,
                    earlier_requests: Sequence[ForgetRequest] | None = None
@@ -169,6 +169,8 @@ def build_problem_with_naming(model: nn.Module, *,
                        ("retain_data", retain_data), ("held_out_data", held_out_data)):
         if data is not None:
             check_data_like(data, what)
+    if device is None:
+        device = model_device(model)
     try:
         meta = torch.device(device).type == "meta"
     except (RuntimeError, TypeError):
@@ -406,3 +408,17 @@ def _warn_of_gradient_hooks(model: nn.Module) -> None:
                        "torch.func. A hook that masks or scales a gradient (pruned weights kept "
                        "at zero) changes nothing here: put such a mask in the forward "
                        "(`torch.nn.utils.prune`), or freeze the parameter")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a run computes when no ``device`` is given: the model's own device, that of its
+    parameters (CPU for a model without any). A CUDA model ran on the CPU, and came back there,
+    when the default was ``"cpu"``; a model spread over several devices has no one to take.
+    Meta parameters hold no values to compute with: left to the model checks, which name
+    them."""
+    devices = {p.device for p in model.parameters() if not p.is_meta}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"{entry()}: `device`: the model's parameters are on several devices "
+                         f"({names}); pass the one to compute on, device=...")
+    return devices.pop() if devices else torch.device("cpu")

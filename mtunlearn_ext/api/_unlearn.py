@@ -158,7 +158,7 @@ def unlearn(model: ModelT, *,
             head_parameters: Mapping[str, ParameterSpec] | None = None,
             method: str = "interference_aware",
             config: Mapping[str, Any] | UnlearnerConfig | None = None,
-            device: torch.device | str = "cpu",
+            device: torch.device | str | None = None,
             seed: int = 0,
             progress: bool = False,
             fresh_model: Callable[[], nn.Module] | None = None,
@@ -256,7 +256,8 @@ def unlearn(model: ModelT, *,
             own, so a task named ``weight`` does not claim every ``....weight``).
         method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
         config: the method's settings (a mapping or its config object); defaults otherwise.
-        device: where to compute; seed: seeds every random choice (same seed, same result
+        device: where to compute, and where the returned model is (default: the model's own
+            device, its parameters'); seed: seeds every random choice (same seed, same result
             on the same device, thread count, torch build and CPU instruction sets).
         progress: show a progress bar over the steps of a step-based method (tqdm, stderr).
         fresh_model, train_config: what ``method="retrain"`` (the gold standard: training from
