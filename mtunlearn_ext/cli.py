@@ -29,7 +29,7 @@ import subprocess
 import sys
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -747,6 +747,39 @@ def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
     raise FileExistsError(f"no free output name beside {checkpoint}")
 
 
+#: How many default names one unlearn run tries before giving up: each one lost was taken by
+#: another run that finished its checkpoint meanwhile, so this bounds the overlapping runs.
+_DEFAULT_NAME_ATTEMPTS = 100
+
+
+def _write_at_free_name(tx: Any, args: argparse.Namespace, checkpoint: Path, out_ckpt: Path,
+                        out_rec: Path, write_checkpoint: Callable[[Path], str]
+                        ) -> tuple[Path, Path, str]:
+    """Write the unlearned checkpoint at ``out_ckpt``; return ``(checkpoint path, record
+    path, SHA-256)``. Where ``out_ckpt`` is the default name and another run (the same
+    request retried, another request on the same input) wrote that name after this run chose
+    it, the checkpoint goes to the next free default name, with the record beside it unless
+    ``--record`` named it: both runs keep their outputs, as when they run one after the other.
+    A name given with ``--output`` is never changed (the run fails and writes nothing)."""
+    from mtunlearn_ext.workflow import OutputTakenError
+
+    for _ in range(_DEFAULT_NAME_ATTEMPTS - 1):
+        try:
+            return out_ckpt, out_rec, tx.write(out_ckpt, write_checkpoint)
+        except OutputTakenError:
+            if args.output is not None:
+                raise
+        # Names are chosen again from the first: the one lost is taken now, and the next
+        # number may be too (a third run).
+        default_ckpt, default_rec = _default_outputs(checkpoint, args.method)
+        tx.release("--output")
+        out_ckpt = tx.reserve("--output", default_ckpt)
+        if args.record is None:
+            tx.release("--record")
+            out_rec = tx.reserve("--record", default_rec)
+    return out_ckpt, out_rec, tx.write(out_ckpt, write_checkpoint)
+
+
 def _chained_stem(stem: str, method: str) -> tuple[str, int]:
     """``(stem, 1)``, or for a stem that :func:`_default_outputs` gave with this method,
     ``<base>.<method>`` or ``<base>.<method>-<k>``: ``(base, k + 1)``, the number after it."""
@@ -1039,8 +1072,10 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         from mtunlearn_ext.workflow import json_safe
 
         record = json_safe(record)
-        out_sha = tx.write(out_ckpt, lambda p: save_checkpoint(p, result.model, meta))
-        record["output"]["sha256"] = out_sha
+        out_ckpt, out_rec, out_sha = _write_at_free_name(
+            tx, args, checkpoint, out_ckpt, out_rec,
+            lambda p: save_checkpoint(p, result.model, meta))
+        record["output"] = {"checkpoint": str(out_ckpt.resolve()), "sha256": out_sha}
         # The record is the commit marker: an interrupt while it is written is held until it
         # is there and the outputs are committed (a reader saw a complete record vanish).
         with interrupts_held():

@@ -62,6 +62,7 @@ __all__ = [
     "TRAIN_FILES_KEY",
     "LoadedModel",
     "NonFiniteError",
+    "OutputTakenError",
     "OutputTransaction",
     "UserInputError",
     "benchmark_from_meta",
@@ -154,6 +155,12 @@ class UserInputError(ValueError):
         self.hint = hint
         text = f"{argument}: expected {expected}, got {_short(received)}"
         super().__init__(text + (f"; {hint}" if hint else ""))
+
+
+class OutputTakenError(UserInputError):
+    """An output path that was free when reserved was taken before this run's write (another
+    run wrote the same name meanwhile); nothing was written to it. A caller whose path is a
+    default name picks the next free one and writes again."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -1058,7 +1065,7 @@ class OutputTransaction:
         if source is None:
             return error
         way_out = f": pass {argument}, or choose another {source}" if advice else ""
-        return UserInputError(
+        return type(error)(  # an OutputTakenError stays one
             source, error.expected, error.received,
             (f"{error.hint}; " if error.hint else "") + f"the file is {argument}'s default, "
             f"named after {source} ({argument} was not given){way_out}")
@@ -1088,6 +1095,12 @@ class OutputTransaction:
         _check_creatable(argument, p)
         self.outputs[argument] = p
         return p
+
+    def release(self, argument: str) -> None:
+        """Give up ``argument``'s reserved path before anything was written to it (a default
+        name another run took meanwhile), so that :meth:`reserve` can keep another."""
+        self.outputs.pop(argument, None)
+        self._default_of.pop(argument, None)
 
     def commit(self) -> None:
         """The outputs are complete (the last of them, a record, is the commit marker): they
@@ -1131,12 +1144,12 @@ class OutputTransaction:
             self._created.remove(path)
             # reserve() found the path free: something else made it since (another run
             # writing the same default name, say).
-            raise self._blamed(argument, UserInputError(
+            taken = OutputTakenError(
                 argument, "a path that does not exist yet", str(path),
                 "the file appeared during the run (another run writing the same name?); this "
                 "run wrote nothing: run it again"
                 + ("" if argument in self._default_of else f" or choose another {argument}"))
-            ) from error
+            raise self._blamed(argument, taken) from error
         except OSError as error:
             raise self._blamed(argument, UserInputError(
                 argument, "a path that can be written", str(path),

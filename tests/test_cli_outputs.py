@@ -213,31 +213,81 @@ def test_train_writes_a_legal_name_of_the_longest_length(tmp_path: Path) -> None
 # -- an output that appears during the run is named by its argument -------------------------------
 
 
-@pytest.mark.parametrize("named", [True, False])
-def test_an_output_made_by_a_concurrent_run_names_the_argument(
-        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        capsys: pytest.CaptureFixture[str], named: bool) -> None:
+def _racing_checkpoint_writes(monkeypatch: pytest.MonkeyPatch, runs: int) -> None:
+    """The first ``runs`` checkpoint writes find their name taken by another run that chose
+    the same name and got there first (made between this run's choice and its write)."""
     import mtunlearn_ext.training as training
 
     real = training.save_checkpoint
+    lost = [0]
 
     def racing(path: Path, *args: Any, **kwargs: Any) -> str:
-        path.write_bytes(b"the other run's")  # the other run got there first
+        if lost[0] < runs:
+            lost[0] += 1
+            path.write_bytes(b"the other run's")
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(training, "save_checkpoint", racing)
+
+
+def test_an_output_named_with_output_and_made_by_a_concurrent_run_names_the_argument(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _racing_checkpoint_writes(monkeypatch, runs=1)
     shutil.copy(trained, tmp_path / "orig.pt")
     monkeypatch.chdir(tmp_path)
-    extra = ["--output", "mine.pt"] if named else []
     assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
-                     "--method-config", FAST, "--quiet", *extra]) == 2
+                     "--method-config", FAST, "--quiet", "--output", "mine.pt"]) == 2
     err = _err(capsys)
-    name = "mine.pt" if named else "orig.interference_aware.pt"
-    assert err.startswith(f"mtunlearn: error: --output: expected a path that does not exist "
-                          f"yet, got '{name}'; the file appeared during the run"), err
+    assert err.startswith("mtunlearn: error: --output: expected a path that does not exist "
+                          "yet, got 'mine.pt'; the file appeared during the run"), err
     assert "overwrite=True" not in err
-    assert (tmp_path / name).read_bytes() == b"the other run's"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["orig.pt", name])
+    assert (tmp_path / "mine.pt").read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt", "orig.pt"]
+
+
+@pytest.mark.parametrize("taken", [1, 2])
+def test_a_default_name_taken_by_a_concurrent_run_moves_to_the_next_number(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], taken: int) -> None:
+    """Two runs on one input without --output chose the same default name; the one that
+    wrote second failed ("the file appeared during the run ... run it again", blaming an
+    --output never given) and its computed model was lost. Now it takes the next free
+    number, as a run started after the other would, with the record beside it naming it."""
+    _racing_checkpoint_writes(monkeypatch, runs=taken)
+    shutil.copy(trained, tmp_path / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
+                     "--method-config", FAST, "--quiet"]) == 0
+    capsys.readouterr()
+    stem = "orig.interference_aware"
+    others = [f"{stem}.pt"] + [f"{stem}-{n}.pt" for n in range(2, taken + 1)]
+    mine = f"{stem}-{taken + 1}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["orig.pt", *others, f"{mine}.pt", f"{mine}.record.json"])
+    for other in others:
+        assert (tmp_path / other).read_bytes() == b"the other run's"
+    record = json.loads((tmp_path / f"{mine}.record.json").read_text())
+    assert record["output"] == {"checkpoint": str((tmp_path / f"{mine}.pt").resolve()),
+                                "sha256": sha256_of_file(tmp_path / f"{mine}.pt")}
+    assert cli.main(["verify", "--record", f"{mine}.record.json", "--quiet"]) == 0
+
+
+def test_a_taken_default_checkpoint_name_keeps_the_record_named_with_record(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _racing_checkpoint_writes(monkeypatch, runs=1)
+    shutil.copy(trained, tmp_path / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
+                     "--method-config", FAST, "--quiet", "--record", "mine.json"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["orig.pt", "orig.interference_aware.pt", "orig.interference_aware-2.pt", "mine.json"])
+    record = json.loads((tmp_path / "mine.json").read_text())
+    assert record["output"]["checkpoint"] == str(
+        (tmp_path / "orig.interference_aware-2.pt").resolve())
+    assert cli.main(["verify", "--record", "mine.json", "--quiet"]) == 0
 
 
 # -- a failed write removes what was written ------------------------------------------------------
