@@ -1116,13 +1116,13 @@ class OutputTransaction:
         """``writer(path)`` (an atomic, no-overwrite write returning a SHA-256), with ``path``
         deleted again if the block fails later. It is registered *before* the write, so an
         interrupt between the final rename and the return still removes it; a write refused
-        because the file already exists un-registers it (that file is not ours) and is a
-        :class:`UserInputError` naming the output's argument (the file appeared during the run,
-        e.g. written by a concurrent run). Any other ``OSError`` of the write becomes a
-        :class:`UserInputError` naming the output's argument (one line on the command line,
-        exit 2). The output's missing folders are made here, and only those this write made are
-        removed on rollback; a folder a concurrent run removes just before the write is made
-        again (a few times)."""
+        because the file already exists un-registers it (that file is not ours) and is an
+        :class:`OutputTakenError` naming the output's argument (the file appeared during the
+        run, e.g. written by a concurrent run; a caller writing a default name takes the
+        next). Any other ``OSError`` of the write becomes a :class:`UserInputError` naming the
+        output's argument (one line on the command line, exit 2). The output's missing folders
+        are made here, and only those this write made are removed on rollback; a folder a
+        concurrent run removes just before the write is made again (a few times)."""
         self._created.append(path)
         argument = next((a for a, p in self.outputs.items() if p == path), "output")
         folder = path.absolute().parent
