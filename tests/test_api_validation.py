@@ -2198,6 +2198,39 @@ def test_save_paths_the_system_refuses_are_named_before_anything_is_written(tmp_
     assert record["checkpoint"]["path"] == str(tmp_path / "new" / "dir" / "m.pt")
 
 
+def test_a_failed_record_write_removes_only_the_checkpoint_this_call_wrote(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Races review: when the record could not be written, save_unlearned deleted the file at
+    its checkpoint path without checking it was still the one it wrote; another process that
+    removed and rewrote that path meanwhile lost its file. Now only this call's file goes (the
+    CLI's rollback checks the same)."""
+    x, y = _data()
+    model, report = mtunlearn_ext.unlearn(_TwoHeads(), tasks=TASKS, train_data=(x, y),
+                                          forget_request=ForgetRequest.create([0, 1]),
+                                          shared_parameters=_trunk,  # type: ignore[arg-type]
+                                          config={"steps": 1})
+    target = tmp_path / "m.pt"
+
+    def replaced_then_full(path: object, value: object) -> None:
+        target.unlink()
+        target.write_bytes(b"another writer's checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mtunlearn_ext.workflow.write_json_new", replaced_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        mtunlearn_ext.save_unlearned(model, report, target)
+    assert target.read_bytes() == b"another writer's checkpoint"
+    monkeypatch.undo()
+
+    def full(path: object, value: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mtunlearn_ext.workflow.write_json_new", full)
+    with pytest.raises(OSError, match="No space left"):
+        mtunlearn_ext.save_unlearned(model, report, tmp_path / "n.pt")
+    assert not (tmp_path / "n.pt").exists()  # its own checkpoint removed, as before
+
+
 def test_evaluates_first_call_asks_no_more_than_the_metrics_do() -> None:
     """Review of the probe above: it called the model on 2 rows with every task of the data,
     which the metrics never do, and refused a model with no head for a task unlabelled in the

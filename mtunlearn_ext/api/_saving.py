@@ -164,18 +164,34 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
                 f"{error.strerror or error}; nothing was written")
         raise (type(error)(said) if error.errno is None
                else type(error)(error.errno, said)) from error
+    written = target.stat()
     try:  # the record is the commit marker: without it, no checkpoint is left
         record["checkpoint"] = {"path": str(target), "sha256": checkpoint_sha}
         write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))
     except FileExistsError as error:
-        target.unlink(missing_ok=True)
+        _remove_if_ours(target, written, checkpoint_sha)
         raise FileExistsError(f"save_unlearned: {record_path} appeared while saving (another "
                               "writer?); refusing to overwrite it; nothing was written"
                               ) from error
     except BaseException:
-        target.unlink(missing_ok=True)
+        _remove_if_ours(target, written, checkpoint_sha)
         raise
     return record
+
+
+def _remove_if_ours(path: Path, written: os.stat_result, sha256: str) -> None:
+    """Remove the checkpoint this call wrote at ``path``, unless the file there now is another
+    (removed and written again by another process meanwhile): that one is not ours to delete,
+    as the CLI's rollback also checks. The inode alone does not tell: a file written just after
+    ours was removed may get its number; so its bytes are compared too (on failure only)."""
+    try:
+        now = path.stat()
+        same = ((now.st_dev, now.st_ino) == (written.st_dev, written.st_ino)
+                and sha256_of_file(path) == sha256)
+    except FileNotFoundError:
+        return
+    if same:
+        path.unlink(missing_ok=True)
 
 
 def _returned_model_cast(model: nn.Module, report: UnlearningReport,
