@@ -230,14 +230,21 @@ def _racing_checkpoint_writes(monkeypatch: pytest.MonkeyPatch, runs: int) -> Non
     monkeypatch.setattr(training, "save_checkpoint", racing)
 
 
+def _unlearn_racing(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    runs: int, *options: str) -> int:
+    """`unlearn` of a copy of ``trained`` in ``tmp_path`` while a concurrent run takes each of
+    the first ``runs`` checkpoint names this run tries; its exit code."""
+    _racing_checkpoint_writes(monkeypatch, runs=runs)
+    shutil.copy(trained, tmp_path / "orig.pt")
+    monkeypatch.chdir(tmp_path)
+    return cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
+                     "--method-config", FAST, "--quiet", *options])
+
+
 def test_an_output_named_with_output_and_made_by_a_concurrent_run_names_the_argument(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
-    _racing_checkpoint_writes(monkeypatch, runs=1)
-    shutil.copy(trained, tmp_path / "orig.pt")
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
-                     "--method-config", FAST, "--quiet", "--output", "mine.pt"]) == 2
+    assert _unlearn_racing(trained, tmp_path, monkeypatch, 1, "--output", "mine.pt") == 2
     err = _err(capsys)
     assert err.startswith("mtunlearn: error: --output: expected a path that does not exist "
                           "yet, got 'mine.pt'; the file appeared during the run"), err
@@ -254,11 +261,7 @@ def test_a_default_name_taken_by_a_concurrent_run_moves_to_the_next_number(
     wrote second failed ("the file appeared during the run ... run it again", blaming an
     --output never given) and its computed model was lost. Now it takes the next free
     number, as a run started after the other would, with the record beside it naming it."""
-    _racing_checkpoint_writes(monkeypatch, runs=taken)
-    shutil.copy(trained, tmp_path / "orig.pt")
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
-                     "--method-config", FAST, "--quiet"]) == 0
+    assert _unlearn_racing(trained, tmp_path, monkeypatch, taken) == 0
     capsys.readouterr()
     stem = "orig.interference_aware"
     others = [f"{stem}.pt"] + [f"{stem}-{n}.pt" for n in range(2, taken + 1)]
@@ -276,11 +279,7 @@ def test_a_default_name_taken_by_a_concurrent_run_moves_to_the_next_number(
 def test_a_taken_default_checkpoint_name_keeps_the_record_named_with_record(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
-    _racing_checkpoint_writes(monkeypatch, runs=1)
-    shutil.copy(trained, tmp_path / "orig.pt")
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(1),
-                     "--method-config", FAST, "--quiet", "--record", "mine.json"]) == 0
+    assert _unlearn_racing(trained, tmp_path, monkeypatch, 1, "--record", "mine.json") == 0
     capsys.readouterr()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["orig.pt", "orig.interference_aware.pt", "orig.interference_aware-2.pt", "mine.json"])
