@@ -156,6 +156,15 @@ class Contender:
     agree_note: str = ""
 
 
+def returning(buffers: object, fn: Callable[[], object]) -> Callable[[], object]:
+    """A :attr:`Contender.result` for a call that writes into ``buffers``: run ``fn``, then
+    return ``buffers`` for the agreement check."""
+    def run() -> object:
+        fn()
+        return buffers
+    return run
+
+
 @dataclass
 class Timing:
     """Samples of one contender (seconds per call)."""

@@ -324,22 +324,16 @@ def build_combine_list(spec: CaseSpec) -> Case:
         for f, o in zip(flat, flat_outs):
             torch.mv(f.T, weights_x, out=o)
 
-    def into_outs(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            fn()
-            return outs
-        return run
-
     def ours() -> None:
         ops.combine_list(weights, xs, outs)
 
     return Case(spec, xs, [
-        bc.Contender("ops.combine_list -> .grad", ours, result=into_outs(ours)),
+        bc.Contender("ops.combine_list -> .grad", ours, result=bc.returning(outs, ours)),
         bc.Contender("torch.cat + mm + split-copy", cat_mm_split, role="baseline",
                      vs="ops.combine_list -> .grad", extra_bytes=nbytes,
-                     result=into_outs(cat_mm_split)),
+                     result=bc.returning(outs, cat_mm_split)),
         bc.Contender("per-parameter mv loop", per_param_mv, role="baseline",
-                     vs="ops.combine_list -> .grad", result=into_outs(per_param_mv)),
+                     vs="ops.combine_list -> .grad", result=bc.returning(outs, per_param_mv)),
     ])
 
 
@@ -364,12 +358,6 @@ def build_step_list(spec: CaseSpec) -> Case:
             bc.split_copy_(aggregate(bc.flat_cat(xs)), outs)
         return run
 
-    def into_outs(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            fn()
-            return outs
-        return run
-
     # For the agreement check: PCGrad in the orders of seed 0 on both sides (ours reshuffles
     # at every call, so the check uses a fresh aggregator that does not).
     orders = _pcgrad_orders(k)
@@ -379,20 +367,22 @@ def build_step_list(spec: CaseSpec) -> Case:
         bc.Contender("gram_list + pcgrad_weights + combine_list", ops_chain_pcgrad),
         bc.Contender("surgery.aggregate_list(UPGrad)",
                      lambda: surgery.aggregate_list(ours_upgrad, xs, outs),
-                     result=into_outs(lambda: surgery.aggregate_list(ours_upgrad, xs, outs))),
+                     result=bc.returning(
+                         outs, lambda: surgery.aggregate_list(ours_upgrad, xs, outs))),
         bc.Contender("surgery.aggregate_list(PCGrad)",
                      lambda: surgery.aggregate_list(ours_pcgrad, xs, outs),
-                     result=into_outs(lambda: surgery.aggregate_list(check_pcgrad, xs, outs))),
+                     result=bc.returning(
+                         outs, lambda: surgery.aggregate_list(check_pcgrad, xs, outs))),
         bc.Contender("cat + TorchJD UPGrad + split-copy", via_flat(tjd_upgrad), role="baseline",
                      vs="surgery.aggregate_list(UPGrad)", extra_bytes=nbytes,
-                     result=into_outs(via_flat(tjd_upgrad)), agree_note=UPGRAD_NOTE),
+                     result=bc.returning(outs, via_flat(tjd_upgrad)), agree_note=UPGRAD_NOTE),
         bc.Contender("cat + TorchJD PCGrad + split-copy", via_flat(tjd_pcgrad), role="baseline",
                      vs="surgery.aggregate_list(PCGrad)", extra_bytes=nbytes,
-                     result=into_outs(tjd_pcgrad_aligned)),
+                     result=bc.returning(outs, tjd_pcgrad_aligned)),
         bc.Contender("cat + LibMTL-style PCGrad + split-copy",
                      via_flat(bc.libmtl_style_pcgrad), role="baseline",
                      vs="surgery.aggregate_list(PCGrad)", extra_bytes=2 * nbytes,
-                     est_s=_libmtl_est_s(k, row_s), result=into_outs(via_flat(
+                     est_s=_libmtl_est_s(k, row_s), result=bc.returning(outs, via_flat(
                          lambda j: bc.libmtl_style_pcgrad(j, orders=orders)))),
     ])
 
@@ -897,6 +887,9 @@ def main() -> int:
                         "the number of cores)")
     parser.add_argument("--from-json", type=Path,
                         help="re-render --markdown (and the targets) from an earlier --json")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress bar over the cases on stderr when it is a terminal "
+                             "(`mtunlearn benchmark --quiet` passes --no-progress)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.from_json:
@@ -934,7 +927,8 @@ def main() -> int:
     skipped: list[str] = []
     started = time.time()
     mem_specs = set(memory_specs(specs, args.quick)) if args.memory else set()
-    for spec in tqdm(specs, desc="cases", file=sys.stderr, disable=not sys.stderr.isatty()):
+    for spec in tqdm(specs, desc="cases", file=sys.stderr,
+                     disable=not (args.progress and sys.stderr.isatty())):
         if input_bytes_of(spec) > args.max_input_gib * 2**30:
             skipped.append(f"{spec.label()}: input {bc.human_bytes(input_bytes_of(spec))} > "
                            f"--max-input-gib {args.max_input_gib}")

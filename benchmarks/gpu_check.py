@@ -22,7 +22,8 @@ failing or hanging stage still leaves the others' results:
    a clear error).
 4. memcheck: the fuzz cases under ``compute-sanitizer --tool memcheck`` with PyTorch's caching
    allocator off (each tensor its own allocation, so an out-of-bounds access is seen).
-5. timings: every op at k x n sizes from 2 x 1e8 to 256 x 1e7 against ``torch`` and against the
+5. timings: every op at k x n sizes from 2 x 1e8 to 256 x 1e7 against ``torch`` (timed only
+   when one call of each gives the same values, :data:`AGREEMENT_TOL`) and against the
    time to read the input once (Grams of more than 8 rows in bfloat16, 16 in float32, also on
    tensor cores); a whole aggregation step over ResNet-50 / ViT-B/16 parameter lists against
    ``cat`` + the same aggregation on the flat matrix + split; then one unlearning step on an
@@ -135,7 +136,7 @@ print("block solvers ran at k = 32, 45")
 
 # The tensor-core Gram (MTUNLEARN_CUDA_TENSOR_CORES=1; float16 / bfloat16 past 8 rows, float32
 # past 16): both tile widths, diagonal and off-diagonal tiles, unaligned rows, a ragged list, an
-# inner product. fuzz_ops.py's k <= 6 never reaches it.
+# inner product, a batch read in place. fuzz_ops.py's k <= 6 never reaches it.
 TENSOR_CORE_CASES = """
 import torch
 from mtunlearn_ext import ops
@@ -148,6 +149,11 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
                    torch.randn(40, 300, generator=g).to(dtype).cuda()])
     ops.inner(torch.randn(20, 999, generator=g).to(dtype).cuda(),
               torch.randn(70, 999, generator=g).to(dtype).cuda())
+    # A batch read in place (matrix_offsets): leading dims that do not merge, matrices that
+    # start at odd elements.
+    step = 17 * 520 + 1
+    flat = torch.randn(12 * step + 1, generator=g).to(dtype).cuda()
+    ops.gram(flat.as_strided((4, 3, 17, 520), (step, 4 * step, 520, 1), 1))
 torch.cuda.synchronize()
 print("tensor-core Grams ran")
 """
@@ -249,14 +255,44 @@ def _torch_project_out(g, basis, ridge: float = 1e-6):  # type: ignore[no-untype
     return g - coeffs.T.to(g.dtype) @ basis
 
 
+#: Relative difference ours vs ``torch`` allowed before a row's torch time is reported: float32
+#: products over rows of up to 1e9 values (both sides sum in float32 on the device), bf16 inputs.
+AGREEMENT_TOL = {"float32": 1e-3, "bfloat16": 3e-2}
+
+
+def relative_difference(ours: object, theirs: object) -> float:
+    """``||ours - theirs|| / ||theirs||`` over every value, in float32 (a float64 copy of a
+    ``[1, 1e9]`` result would take 8 GB of the device's memory)."""
+    import torch
+
+    assert isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor)
+    a, b = ours.detach().float().reshape(-1), theirs.detach().float().reshape(-1)
+    if a.shape != b.shape:
+        return float("inf")
+    scale = float(b.norm())
+    return float((a - b).norm()) / (scale if scale > 0 else 1.0)
+
+
+def agreeing_time(ours: Callable[[], object], plain: Callable[[], object], dtype: str
+                  ) -> tuple[float, str]:
+    """The torch call's time and its relative difference to ours (one call of each first): a
+    torch time only when both give the same values (a fast wrong answer is no win), else NaN
+    and the difference, which the table shows instead of a time."""
+    diff = relative_difference(ours(), plain())
+    if not diff <= AGREEMENT_TOL[dtype]:  # NaN disagrees too
+        return float("nan"), f"differs by {diff:.1e}"
+    return cuda_time(plain), f"{diff:.1e}"
+
+
 def op_timings(quick: bool, stages: Stages, only: set[str] | None = None) -> list[str]:
     import torch
 
     from mtunlearn_ext import ops
 
     dev = "cuda"
-    lines = ["| op | k | n | dtype | ours (ms) | torch (ms) | read floor (ms) | ours / floor | "
-             "GB/s read |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | k | n | dtype | ours (ms) | torch (ms) | torch vs ours: rel. diff | "
+             "read floor (ms) | ours / floor | GB/s read |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     copy_src = torch.empty(int(2e9) // 4, device=dev)
     copy_dst = torch.empty_like(copy_src)
     t_copy = cuda_time(lambda: copy_dst.copy_(copy_src), 10)
@@ -269,7 +305,7 @@ def op_timings(quick: bool, stages: Stages, only: set[str] | None = None) -> lis
     for dtype in (torch.float32, torch.bfloat16):
         for k, n in sizes:
             if stages.left() < 30:
-                lines.append("| (out of time) | | | | | | | | |")
+                lines.append("| (out of time) | | | | | | | | | |")
                 return header + lines
             x = torch.randn(k, n, device=dev, dtype=dtype)
             nbytes = x.numel() * x.element_size()
@@ -291,10 +327,11 @@ def op_timings(quick: bool, stages: Stages, only: set[str] | None = None) -> lis
                     continue
                 with mock.patch.dict(os.environ, TENSOR_CORES_ON if "tensor cores" in name else {}):
                     t_ours = cuda_time(ours)
-                t_plain = cuda_time(plain) if plain is not None else float("nan")
+                    t_plain, agree = (agreeing_time(ours, plain, str(dtype)[6:])
+                                      if plain is not None else (float("nan"), "-"))
                 lines.append(f"| {name} | {k} | {n:.0e} | {str(dtype)[6:]} | {t_ours * 1e3:.3f} | "
-                             f"{t_plain * 1e3:.3f} | {floor * 1e3:.3f} | {t_ours / floor:.2f} | "
-                             f"{nbytes / t_ours / 1e9:.0f} |")
+                             f"{t_plain * 1e3:.3f} | {agree} | {floor * 1e3:.3f} | "
+                             f"{t_ours / floor:.2f} | {nbytes / t_ours / 1e9:.0f} |")
                 print(lines[-1], flush=True)
             del x, g, basis
             torch.cuda.empty_cache()
@@ -490,11 +527,12 @@ def main() -> int:
         stages.summary.append("| memcheck | skipped: no compute-sanitizer found | 0 |")
     if not args.skip_tests:
         # The one-thread-per-problem solvers (the default below k = 32, opt-in above): the
-        # solver tests again with them, after the checks of the default path.
+        # solver tests again with them, after the checks of the default path ("dual": rows
+        # walked grid-stride over fewer workspace slots, on the thread kernel at k = 256).
         stages.command("op tests, one-thread solvers", [
             py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_parallel_args(),
             "tests/test_ops.py", "tests/test_cuda.py", "-k",
-            "cuda and (ridge or project or singular or solvers or unlearn)"], 120,
+            "cuda and (ridge or project or singular or solvers or unlearn or dual)"], 120,
             env={**tests_env, "MTUNLEARN_CUDA_BLOCK_SOLVERS": "0"})
         tensor_core_tests(stages, py, tests_env)
     timing_lines: list[str] = []

@@ -17,6 +17,12 @@ Timing (``_bench_common.measure``): every call of the table gets the same number
 back to back within a sample and the sample is the mean of those calls (the ``samples`` column:
 ``60x4`` is 60 samples of 4 calls each). "best" is the fastest sample, "median" the median one.
 
+Agreement: before the timing, every plain-PyTorch call and the call of ours it is paired with
+run once on the same inputs and their results are compared (``_bench_common.check_agreement``,
+the last column: ``||ours - theirs|| / ||theirs||``); the script stops if a pair differs by more
+than 1e-3, so that a pair is only timed if both compute the same values (the projection's
+baseline adds the same ridge as ``project_out_list``).
+
 Run (repository root)::
 
     .venv/bin/python benchmarks/host_overhead.py [--models resnet50 vitb16] [--k 8]
@@ -38,6 +44,7 @@ import torch
 from mtunlearn_ext import ops, surgery
 
 VALUES_PER_TENSOR = 4
+RIDGE = 1e-6
 
 
 def contenders(model: str, k: int, device: str) -> list[bc.Contender]:
@@ -64,27 +71,41 @@ def contenders(model: str, k: int, device: str) -> list[bc.Contender]:
 
     def cat_project_split() -> None:
         g, r = bc.flat_cat(forget), bc.flat_cat(retain)
-        coeffs = torch.linalg.solve(r @ r.T + 1e-6 * torch.eye(k - 1, device=device), r @ g.T)
+        gram = r @ r.T
+        # The ridge project_out_list adds (RIDGE tr(G) / k): the same quantity on both sides.
+        ridge = RIDGE * gram.diagonal().sum() / (k - 1)
+        coeffs = torch.linalg.solve(gram + ridge * torch.eye(k - 1, device=device), r @ g.T)
         bc.split_copy_((g - coeffs.T @ r)[0], projected)
+
+    def aggregate_list() -> None:
+        surgery.aggregate_list(upgrad, xs, outs)
+
+    def project_out_list() -> None:
+        surgery.project_out_list(forget, retain, RIDGE, outs=projected)
+
+    def combine_list() -> None:
+        ops.combine_list(weights, xs, outs)
 
     calls = [
         bc.Contender("ops.gram_list", lambda: ops.gram_list(xs)),
         bc.Contender("raw mtunlearn::gram_list", lambda: raw.gram_list(xs, False),
                      role="reference"),
         bc.Contender("cat + mm", cat_mm, role="baseline", vs="ops.gram_list"),
-        bc.Contender("ops.combine_list", lambda: ops.combine_list(weights, xs, outs)),
+        bc.Contender("ops.combine_list", combine_list, result=bc.returning(outs, combine_list)),
         bc.Contender("raw mtunlearn::combine_list_",
                      lambda: raw.combine_list_(outs, weights, xs, 0.0, False), role="reference"),
         bc.Contender("cat + mv + split-copy", cat_mv_split, role="baseline",
-                     vs="ops.combine_list"),
-        bc.Contender("surgery.aggregate_list(UPGrad)",
-                     lambda: surgery.aggregate_list(upgrad, xs, outs)),
+                     vs="ops.combine_list", result=bc.returning(outs, cat_mv_split)),
+        bc.Contender("surgery.aggregate_list(UPGrad)", aggregate_list,
+                     result=bc.returning(outs, aggregate_list)),
         bc.Contender("cat + UPGrad + split-copy", cat_upgrad_split, role="baseline",
-                     vs="surgery.aggregate_list(UPGrad)"),
-        bc.Contender("surgery.project_out_list",
-                     lambda: surgery.project_out_list(forget, retain, outs=projected)),
+                     vs="surgery.aggregate_list(UPGrad)",
+                     result=bc.returning(outs, cat_upgrad_split)),
+        bc.Contender("surgery.project_out_list", project_out_list,
+                     result=bc.returning(projected, project_out_list)),
         bc.Contender("cat + solve + split-copy", cat_project_split, role="baseline",
-                     vs="surgery.project_out_list"),
+                     vs="surgery.project_out_list",
+                     result=bc.returning(projected, cat_project_split)),
     ]
     if device == "cpu":
         return calls
@@ -112,18 +133,25 @@ def main() -> int:
     rows, record = [], []
     for model in args.models:
         count = len(bc.MODEL_SHAPES[model]())
-        timings = bc.measure(contenders(model, args.k, args.device), repeats=30)
+        calls = contenders(model, args.k, args.device)
+        # A fast wrong answer is no win: each pair computes the same values before it is timed
+        # (raises bc.Disagreement otherwise).
+        agreement = bc.check_agreement(calls, torch.float32)
+        timings = bc.measure(calls, repeats=30)
         by_name = {t.name: t for t in timings}
         for t in timings:
             versus = ""
             if t.vs is not None and t.vs in by_name:
                 versus = f"{t.best / by_name[t.vs].best:.1f}x ours"
+            agree = agreement.get(t.name)
             rows.append([model, str(count), t.name, f"{t.best * 1e6:.0f}",
                          f"{t.median * 1e6:.0f}", f"{len(t.samples)}x{t.calls_per_sample}",
-                         versus])
-            record.append({"model": model, "tensors": count, "k": args.k, **t.as_dict()})
+                         versus, f"{agree['rel_diff']:.1e}" if agree else ""])
+            record.append({"model": model, "tensors": count, "k": args.k, **t.as_dict(),
+                           "agreement": agree})
     print(bc.markdown_table(["model", "tensors", "call", "best (us)", "median (us)",
-                             "samples x calls", "baseline / ours (best)"], rows))
+                             "samples x calls", "baseline / ours (best)",
+                             "rel. diff to ours"], rows))
     where = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "host"
     print(f"\n{bc.machine_info()['cpu']} ({where}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), k = {args.k}, {VALUES_PER_TENSOR} values per "

@@ -251,7 +251,11 @@ def _seed_value(value: float | None) -> float:
 
 def uis_ratio(ours: float, best: float) -> float:
     """The method's mean UIS over the best baseline's. A best baseline at UIS 0 leaves no room
-    below it: the ratio is inf, or NaN when the method's is 0 as well (UIS is never negative)."""
+    below it: the ratio is inf, or NaN when the method's is 0 as well (UIS is never negative).
+    A best baseline whose mean is inf (every baseline diverged on some seed) gives NaN: a
+    finite UIS over inf read 0, the best ratio there is, for a comparison with no result."""
+    if not math.isfinite(best):
+        return math.nan
     if best > 0:
         return ours / best
     return math.nan if ours == 0 else math.inf
@@ -259,7 +263,8 @@ def uis_ratio(ours: float, best: float) -> float:
 
 def uis_target_met(ours: float, best: float, target: float) -> bool:
     """Whether the method's mean UIS is at most ``target`` times the best baseline's, on the
-    unrounded means (``0 <= target * 0`` when both are 0)."""
+    unrounded means (``0 <= target * 0`` when both are 0); never met against a best baseline
+    that diverged (an inf mean: the ratio is NaN), there being nothing to be below."""
     return uis_ratio(ours, best) <= target if best > 0 else ours <= target * best
 
 
@@ -483,7 +488,12 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
                       f"{interval('uis_ratio', 2)} (mean UIS "
                       f"{block['methods'][METHOD]['uis'][0]:.2f} vs "
                       f"{block['methods'][t['best_baseline_by_uis']]['uis'][0]:.2f}; target <= "
-                      f"{t['uis_target']}): {mark(t['uis_ok'])}",
+                      f"{t['uis_target']}): {mark(t['uis_ok'])}"
+                      + (" (no baseline finished on every seed: undefined)"
+                         if math.isnan(t["uis_ratio"])
+                         and not math.isfinite(
+                             block["methods"][t["best_baseline_by_uis"]]["uis"][0])
+                         else ""),
                       f"- lowest retrain gap of all methods: "
                       f"{block['methods'][METHOD]['retrain_gap'][0]:.3f} vs "
                       f"{t['lowest_gap_other_value']:.3f} for `{t['lowest_gap_other']}`, the "
@@ -757,6 +767,9 @@ def _ratio_line(methods: Mapping[str, Any]) -> str:
     if ours is None or not baselines:
         return "interference_aware vs best baseline: not both selected"
     best = min(baselines, key=baselines.__getitem__)
+    if not math.isfinite(baselines[best]):  # ours over inf read 0.00x: no comparison at all
+        return (f"interference_aware vs best baseline: no baseline has a finite score "
+                f"({best}: {baselines[best]})")
     ratio = ours["score"] / baselines[best] if baselines[best] > 0 else math.inf
     return (f"interference_aware vs best baseline ({best}): {ours['score']:.3f} / "
             f"{baselines[best]:.3f} = {ratio:.2f}x")

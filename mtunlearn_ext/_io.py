@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_torch_save", "interrupts_held", "link_new", "name_max", "new_temporary_beside",
-           "path_max", "placements", "remove_if_placed", "sha256_of_file", "temporary_file_beside",
-           "write_text_atomic", "write_text_new"]
+           "path_max", "Placement", "placements", "remove_if_placed", "sha256_of_file",
+           "temporary_file_beside", "write_text_atomic", "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
 _DEFAULT_NAME_MAX = 255
@@ -228,15 +228,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-#: Where :func:`link_new` notes the files it puts in place (absolute path -> the file's
-#: ``(st_dev, st_ino)``): the ``placements`` block of the caller's transaction, if any. A
+#: What :func:`link_new` notes of a file it puts in place: its ``(st_dev, st_ino)`` and, where
+#: the writer gave it, its SHA-256.
+Placement = tuple[int, int, str | None]
+
+#: Where :func:`link_new` notes the files it puts in place (absolute path -> its
+#: :data:`Placement`): the ``placements`` block of the caller's transaction, if any. A
 #: context variable, not one table for the process: two transactions of one process (two
 #: threads of a service) writing the same name must each know only their own files.
-_PLACING: ContextVar[dict[str, tuple[int, int]] | None] = ContextVar("_PLACING", default=None)
+_PLACING: ContextVar[dict[str, Placement] | None] = ContextVar("_PLACING", default=None)
 
 
 @contextmanager
-def placements(into: dict[str, tuple[int, int]]) -> Iterator[None]:
+def placements(into: dict[str, Placement]) -> Iterator[None]:
     """Inside, :func:`link_new` notes each file it puts in place into ``into``, for
     :func:`remove_if_placed`."""
     token = _PLACING.set(into)
@@ -251,13 +255,15 @@ def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str) -> None:
+def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str,
+             sha256: str | None = None) -> None:
     """Put the finished temporary file ``tmp`` at the *new* path ``target``: a hard link, which
     fails atomically if ``target`` appeared meanwhile (``FileExistsError(exists_message)``); on
     a file system without hard links (``os.link`` raising another ``OSError``, e.g. ``EPERM``)
     a check, then a rename. ``tmp`` is left for the caller to remove if it is still there.
     Which file was put there is remembered (:func:`remove_if_placed`), in one step with the
-    link as far as SIGINT / SIGTERM go."""
+    link as far as SIGINT / SIGTERM go; ``sha256``, the file's, lets the rollback tell it from
+    a later file that got its inode number."""
     identity = _identity(tmp)
     with interrupts_held():
         try:
@@ -270,17 +276,23 @@ def link_new(tmp: str | os.PathLike[str], target: Path, exists_message: str) -> 
             os.replace(tmp, target)
         placed = _PLACING.get()
         if placed is not None:
-            placed[os.path.abspath(target)] = identity
+            placed[os.path.abspath(target)] = (*identity, sha256)
 
 
-def remove_if_placed(path: str | os.PathLike[str], placed: dict[str, tuple[int, int]]) -> None:
+def remove_if_placed(path: str | os.PathLike[str], placed: dict[str, Placement]) -> None:
     """Remove ``path`` if it still names the file :func:`link_new` put there inside
     ``placements(placed)``. A rollback removes only its own outputs: where a write failed
     before its link (disk full at the fsync, an interrupt), the file of that name is another
-    run's, finished meanwhile, and it stays."""
+    run's, finished meanwhile, and it stays. The inode number alone is no proof: a process
+    that removed ours and wrote that name again may get the freed number; where the writer
+    gave the SHA-256, the bytes are compared too (read on a rollback only)."""
     key = os.path.abspath(path)
+    if key not in placed:
+        return
+    device, inode, sha256 = placed[key]
     try:
-        if key in placed and _identity(path) == placed[key]:
+        if _identity(path) == (device, inode) and (sha256 is None
+                                                    or sha256_of_file(path) == sha256):
             os.unlink(path)
     except OSError:
         pass
@@ -319,9 +331,10 @@ def write_text_new(path: str | os.PathLike[str], text: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     with new_temporary_beside(target) as (fd, tmp_name):
         _write_text_fd(fd, text)
-        link_new(tmp_name, target, f"{target} exists; refusing to overwrite it")
+        sha = sha256_of_file(tmp_name)
+        link_new(tmp_name, target, f"{target} exists; refusing to overwrite it", sha)
         _fsync_dir(target.parent)
-        return sha256_of_file(target)
+        return sha
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> str:
@@ -357,7 +370,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = 
         if overwrite:
             os.replace(tmp, target)
         else:
-            link_new(tmp, target, f"{target} exists; pass overwrite=True to replace it")
+            link_new(tmp, target, f"{target} exists; pass overwrite=True to replace it", sha)
         _fsync_dir(target.parent)
         return sha
 

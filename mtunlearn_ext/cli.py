@@ -1364,7 +1364,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     # a top-level benchmarks/ of its own: only a folder with our setup.py is our checkout.
     checkout = (root / "setup.py").is_file() and compare.is_file()
     if checkout and not args.showcase:
-        command = [sys.executable, str(compare), "--quick", *args.extra]
+        # --quiet hid nothing: compare.py drew its bar over the cases all the same. The
+        # showcase draws none, so it needs no flag.
+        quiet = ["--no-progress"] if args.quiet else []
+        command = [sys.executable, str(compare), "--quick", *quiet, *args.extra]
     else:
         command = [sys.executable, "-m", "mtunlearn_ext.showcase", *args.extra]
     # --threads set this process's count only, so the benchmark ran at torch's default (every

@@ -904,6 +904,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
     for method in config.methods:
         settings = dict(config.method_configs.get(method, {}))
         unlearner = get_unlearner(method, settings)
+        diverged: str | None = None  # why a method stopped on a non-finite value
         if method == "retrain" and not settings:
             # The gold model is this method's output: reuse it (the report keeps the time the
             # training run took) instead of training the identical model twice.
@@ -913,9 +914,16 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
                 "reused_retrained_checkpoint": True}
         else:
             start = time.perf_counter()
-            result = unlearner.unlearn(problem)
+            try:
+                result = unlearner.unlearn(problem)
+                model, report = result.model, result.report.to_dict()
+            except FloatingPointError as error:
+                # A method's own check stopped it inside a step: the same outcome as a run
+                # that returned NaN weights, scored so (null UIS, infinite gap), not a crash
+                # that lost every other method's result.
+                diverged = str(error)
+                model, report = _diverged_model(problem.model), {"diverged": diverged}
             wall = time.perf_counter() - start
-            model, report = result.model, result.report.to_dict()
         phases[f"unlearn/{method}"] = wall
         start = time.perf_counter()
         entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
@@ -923,6 +931,8 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
         entry["wall_time_s"] = wall
         entry["eval_seconds"] = time.perf_counter() - start
         entry["report"] = report
+        if diverged is not None:
+            entry["diverged"] = diverged
         phases[f"evaluate/{method}"] = entry["eval_seconds"]
         models[method] = entry
 
@@ -953,6 +963,19 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
     results = _json_safe(results)
     write_json_atomic(config.output, results)
     return results
+
+
+def _diverged_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every floating parameter NaN: what a method that stopped on
+    a non-finite value leaves to score, evaluated as a run that returned NaN weights is."""
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in broken.parameters():
+            if p.is_floating_point():
+                p.fill_(math.nan)
+    return broken
 
 
 def _environment(device: str) -> dict[str, Any]:

@@ -165,7 +165,10 @@ def task_loss(spec: TaskSpec, pred: torch.Tensor, target: torch.Tensor) -> torch
     if kind == "regression":
         pred2 = pred.reshape(pred.shape[0], -1)
         target2 = target.reshape(target.shape[0], -1).to(pred.dtype)
-        return (pred2 - target2).pow(2).mean(dim=1)
+        # Squared in float32 for half precision: an fp16 error above 256 overflows its square
+        # though the mean over the entries may be an fp16 number (one error of 300 in 100: 900).
+        residual = widened(pred2) - widened(target2)
+        return residual.pow(2).mean(dim=1).to(pred.dtype)
     if kind == "binary":
         logits = pred.reshape(pred.shape[0], -1)
         labels = target.reshape(target.shape[0], -1)

@@ -35,6 +35,7 @@ from mtunlearn_ext._io import (
     interrupts_held,
     link_new,
     new_temporary_beside,
+    Placement,
     placements,
     remove_if_placed,
     write_text_new,
@@ -790,7 +791,7 @@ class _NewFiles:
         self.paths: list[Path] = []
         self._staged: list[tuple[Path, Path]] = []
         self._staging: Path | None = None
-        self._placed: dict[str, tuple[int, int]] = {}  # the files commit() put in place
+        self._placed: dict[str, Placement] = {}  # the files commit() put in place
 
     def write(self, path: Path, writer: Callable[[Path], bool]) -> bool:
         """``writer(staged)``, with ``staged`` the staging copy of ``path``, which returns

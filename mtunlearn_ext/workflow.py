@@ -42,6 +42,7 @@ from mtunlearn_ext._fields import choice_of
 from mtunlearn_ext._io import (
     name_max,
     path_max,
+    Placement,
     placements,
     remove_if_placed,
     sha256_of_file,
@@ -909,18 +910,68 @@ def measure(model: nn.Module, forget: MultiTaskDataset, retain: MultiTaskDataset
 class _FiniteGuard:
     """Step callback: after each optimizer step, the update (``.grad``) and the parameters must
     be finite. The update holds the loss's gradient, so a NaN loss shows here too. It keeps the
-    number of steps done, to name the step in which a method's own check fails."""
+    number of steps done, to name the step in which a method's own check fails.
 
-    def __init__(self) -> None:
+    Each step's flags stay on the device: the flags of the first step with a non-finite
+    tensor are kept there, and read back only at the steps whose losses the curve recorder
+    reads anyway (every ``check_every``-th and the last), so the guard adds no
+    synchronisation on CUDA (reading two flags per parameter after every step did) and still
+    names the first step and tensor. A run goes on at most ``check_every - 1`` steps past it.
+    """
+
+    def __init__(self, check_every: int = 1, total_steps: int | None = None) -> None:
         self.steps_done = 0
+        self.check_every, self.total_steps = check_every, total_steps
+        self._first_flags: torch.Tensor | None = None  # the first bad step's flags, or all True
+        self._first_step: torch.Tensor | None = None  # that step (0-based), or -1
+        self._model: nn.Module | None = None
 
     def __call__(self, steps_done: int, model: nn.Module) -> None:
-        self.steps_done = steps_done
-        for name, p in model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                raise NonFiniteError(steps_done - 1, f"gradient of {name}")
-            if not bool(torch.isfinite(p).all()):
-                raise NonFiniteError(steps_done - 1, f"parameter {name}")
+        self.steps_done, self._model = steps_done, model
+        step = steps_done - 1
+        named = list(model.named_parameters())
+        if not named:
+            return
+        device = named[0][1].device
+        # Two flags per parameter, its gradient's (true without one) and its own: one list
+        # length for every step, whichever parameters got a gradient in it.
+        no_gradient = torch.ones((), dtype=torch.bool, device=device)
+        flags = torch.stack([flag for _, p in named for flag in (
+            no_gradient if p.grad is None else torch.isfinite(p.grad).all().to(device),
+            torch.isfinite(p).all().to(device))])
+        all_finite = flags.all()
+        if self._first_flags is None or self._first_step is None:
+            self._first_flags = flags
+            self._first_step = torch.where(all_finite, -1, step)
+        else:
+            keep = self._first_step >= 0
+            self._first_flags = torch.where(keep, self._first_flags, flags)
+            self._first_step = torch.where(keep | all_finite, self._first_step,
+                                           torch.full_like(self._first_step, step))
+        if step % self.check_every == 0 or steps_done == self.total_steps:
+            self.raise_if_diverged()
+
+    def first_bad_step(self) -> int | None:
+        """The first step (0-based) after which a gradient or parameter was NaN/Inf, if any."""
+        if self._first_step is None:
+            return None
+        step = int(self._first_step.item())
+        return None if step < 0 else step
+
+    def raise_if_diverged(self) -> None:
+        """:class:`NonFiniteError` naming the first bad step and tensor, if there was one."""
+        step = self.first_bad_step()
+        if step is None:
+            return
+        assert self._first_flags is not None and self._model is not None
+        model = self._model
+        names = [f"{kind} {name}" for name, _ in model.named_parameters()
+                 for kind in ("gradient of", "parameter")]
+        where = names[self._first_flags.tolist().index(False)]
+        # The parameters were finite when the run began (a checkpoint with NaN/Inf ones is
+        # refused as input): this is the run diverging, and the settings are what to change.
+        raise NonFiniteError(step, f"{where}; lower `lr` or `steps` in --method-config, or "
+                                   "keep `grad_clip` on")
 
 
 def checked_unlearner(method: str, settings: Mapping[str, Any]) -> Unlearner:
@@ -951,7 +1002,8 @@ def run_unlearning(problem: UnlearningProblem, method: str,
                    settings: Mapping[str, Any]) -> UnlearningResult:
     """Run the registered ``method`` with ``settings`` on ``problem`` under the NaN/Inf guard.
 
-    Step-based methods are checked after every step; every method's result is checked at the
+    Step-based methods are checked after every step (read back at their logged steps:
+    :class:`_FiniteGuard`); every method's result is checked at the
     end (parameters and the recorded loss curves). Bad settings raise :class:`UserInputError`
     naming ``--method-config``; a non-finite value raises :class:`NonFiniteError`.
     """
@@ -960,11 +1012,22 @@ def run_unlearning(problem: UnlearningProblem, method: str,
     unlearner = checked_unlearner(method, settings)
     with _as_settings_error(method, settings):
         unlearner.check_problem(problem)  # settings that name what the problem lacks
-    guard = _FiniteGuard()
+    config = unlearner.config
+    guard = _FiniteGuard(getattr(config, "log_every", 1),
+                         getattr(config, "steps", 0) + getattr(config, "head_refit_steps", 0))
     if isinstance(unlearner, GradientUnlearner):
         unlearner.step_callbacks.append(guard)
     try:
-        result = unlearner.unlearn(problem)
+        try:
+            result = unlearner.unlearn(problem)
+            guard.raise_if_diverged()  # flags of steps after the last read (none if it was)
+        except NonFiniteError:
+            raise
+        except Exception:
+            # A step after the first non-finite one, not yet read back, failed on its NaN
+            # (an op's own check, a solver): the first one is what went wrong.
+            guard.raise_if_diverged()
+            raise
     except NonFiniteError:
         raise
     except ValueError as error:
@@ -1037,7 +1100,7 @@ class OutputTransaction:
     _made_folders: list[Path] = field(default_factory=list)
     _committed: bool = False
     #: The files this transaction's writes put in place (path -> device and inode).
-    _placed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _placed: dict[str, Placement] = field(default_factory=dict)
     #: Outputs whose path is a default made from another option (argument -> that option).
     _default_of: dict[str, str] = field(default_factory=dict)
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the op library with CMake against libtorch (the C++ users' build) and checks that
-# torch.ops.load_library registers every op from it, then runs a C++ program linked to it.
+# torch.ops.load_library registers every op from it, then installs it (cmake --install) and
+# builds and runs C++ programs of a project outside this tree against the installed package
+# (find_package(mtunlearn), tests/cpp/outside_consumer).
 # Usage: [BUILD_DIR=build-cmake] [PYTHON=.venv/bin/python] scripts/build_cmake.sh [cmake args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,9 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
 fi
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 export BUILD_DIR=${BUILD_DIR:-build-cmake}
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" "$@"
+# The consumer check is built below the way a project outside this tree builds it, not here.
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" \
+      -DMTUNLEARN_BUILD_CONSUMER_CHECK=OFF "$@"
 cmake --build "$BUILD_DIR"
 "$PY" - <<'PYEOF'
 import importlib.util
@@ -41,8 +45,20 @@ print(f"CMake build OK: torch.ops.mtunlearn loaded from {library};",
       "gram and pcgrad run:", tuple(g.shape), tuple(out.shape), "; shares torch's C++ runtime:",
       shares, "; an op error arrives whole")
 PYEOF
-# A C++ program linked to the library as a user links it (CMake's target_link_libraries):
-# the ops through mtunlearn::ops against float64 ATen references.
-if [ -x "$BUILD_DIR/mtunlearn_consumer_check" ]; then
-  "$BUILD_DIR/mtunlearn_consumer_check"
-fi
+# The package as a project outside this tree gets it: cmake --install into a prefix of its own
+# (emptied first: a header or target dropped since the last run must not linger), then
+# tests/cpp/outside_consumer configured with find_package(mtunlearn) against it, built and run:
+# tests/cpp/consumer_check.cpp (every op through mtunlearn::ops against float64 ATen
+# references) and ops called only by name under --as-needed. The install copies the built
+# library; no kernel is compiled again.
+outside_started=$SECONDS
+outside="$BUILD_DIR/outside"
+rm -rf "$outside/prefix"
+cmake --install "$BUILD_DIR" --prefix "$outside/prefix" >/dev/null
+echo "installed into $outside/prefix:" $(cd "$outside/prefix" && find . -type f | sort)
+cmake -S tests/cpp/outside_consumer -B "$outside/build" -G Ninja \
+      -DCMAKE_PREFIX_PATH="$outside/prefix;$prefix"
+cmake --build "$outside/build"
+"$outside/build/mtunlearn_outside_check"
+"$outside/build/mtunlearn_outside_by_name"
+echo "outside consumer (install, configure, build, run): $((SECONDS - outside_started)) s"

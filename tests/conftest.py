@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 os.environ.setdefault("MTUNLEARN_REQUIRE_EXTENSION", "1")
 
@@ -94,6 +95,19 @@ def indoor_tiny_model(indoor_tiny):  # type: ignore[no-untyped-def]
     finally:
         torch.set_num_threads(previous)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``mtunlearn train`` of digits/tiny (3 epochs, seed 0, one thread), run once per session.
+    Nine CLI modules each trained this same command for their ``trained`` checkpoint; they now
+    get byte-identical copies of this one (test_cli.trained), in a folder of their own."""
+    from mtunlearn_ext import cli
+
+    checkpoint = tmp_path_factory.mktemp("cli-trained-once") / "orig.pt"
+    assert cli.main(["train", "--benchmark", "digits", "--size", "tiny", "--epochs", "3",
+                     "--output", str(checkpoint), "--quiet", "--threads", "1"]) == 0
+    return checkpoint
 
 
 @pytest.fixture(params=["compiled", "reference"])

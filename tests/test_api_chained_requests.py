@@ -342,3 +342,23 @@ def test_a_forget_data_run_inside_a_chain_keeps_the_earlier_removals() -> None:
         _, report = mtunlearn_ext.unlearn(m2, forget_request=ForgetRequest.create([20]),
                                           **_kwargs())
     assert report.request["earlier_pairs_excluded"] == 10
+
+
+def test_an_input_removed_by_an_earlier_request_may_hold_nan() -> None:
+    """A row whose every pair an earlier request removed is in neither set, as a row with no
+    supervised pair is, so its inputs may hold anything (NaN for data the owner erased); it was
+    refused ("the inputs hold NaN or Inf in 1 rows (first: row 3, id 3)") because the check
+    read the rows supervised before the earlier removals. A NaN in a row still read is
+    refused as before."""
+    x, y = _data()
+    x[3] = float("nan")
+    kwargs = {**_kwargs(), "train_data": (x, y)}
+    new, report = mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create([20]),
+                                        earlier_requests=[ForgetRequest.create(range(5))],
+                                        **kwargs)  # type: ignore[arg-type]
+    assert all(bool(torch.isfinite(p).all()) for p in new.parameters())
+    assert report.request["num_retain_pairs"] == 68
+    with pytest.raises(ValueError, match=r"the inputs hold NaN or Inf in 1 rows \(first: row 3"):
+        mtunlearn_ext.unlearn(_TwoHeads(), forget_request=ForgetRequest.create([20]),
+                              earlier_requests=[ForgetRequest.create([4], ["a"])],
+                              **kwargs)  # type: ignore[arg-type]

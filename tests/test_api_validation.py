@@ -1242,8 +1242,10 @@ def test_a_diverged_run_warns_and_save_unlearned_refuses_it(tmp_path) -> None:  
     with its record (the CLI stops the same run with exit 3)."""
     x, y = _data()
     model = _TwoHeads()
+    # The step too: the first NaN/Inf loss the report recorded (not said before).
     with pytest.warns(UserWarning, match=r"the run diverged: the returned model has NaN/Inf in "
-                                         r"\d+ parameter\(s\) \(first: "):
+                                         r"\d+ parameter\(s\) \(first: \S+, the first NaN/Inf "
+                                         r"loss recorded: (forget|retain)_loss at step \d+\); "):
         new, report = mtunlearn_ext.unlearn(
             model, tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
             shared_parameters=_trunk, method="gradient_ascent",

@@ -393,3 +393,32 @@ def test_held_interrupts_restore_the_handlers(tmp_path: Path) -> None:
         os.close(fd)
         assert Path(name).is_file()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", ["write_text_new", "atomic_torch_save"])
+def test_a_rollback_keeps_a_later_file_that_got_its_inode_number(tmp_path: Path,
+                                                                 writer: str) -> None:
+    """A rollback removed the file at a path whenever its (device, inode) was the one placed
+    there; a process that removed ours and wrote that name again may be given the freed inode
+    number, and lost its file. The writers now note their file's SHA-256 and the rollback
+    compares the bytes too. Rewriting the file in place stands for such a file: the same
+    inode, other bytes."""
+    path = tmp_path / "out.bin"
+    placed: dict[str, _io.Placement] = {}
+    with _io.placements(placed):
+        if writer == "write_text_new":
+            _io.write_text_new(path, "ours\n")
+        else:
+            atomic_torch_save({"ours": torch.ones(2)}, path)
+    inode = os.lstat(path).st_ino
+    with open(path, "wb") as f:  # same inode, another writer's bytes
+        f.write(b"another writer's file")
+    assert os.lstat(path).st_ino == inode
+    _io.remove_if_placed(path, placed)
+    assert path.read_bytes() == b"another writer's file"
+
+    own = tmp_path / "own.bin"
+    with _io.placements(placed):
+        _io.write_text_new(own, "ours\n")
+    _io.remove_if_placed(own, placed)
+    assert not own.exists()  # its own file still goes

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 #: One thread: the smoke runs share CI's two cores with nothing to measure.
@@ -89,6 +91,36 @@ def test_host_overhead_times_the_list_ops_over_resnet50_shapes(tmp_path: Path) -
     contenders = {line.split("|")[3].strip() for line in rows}
     assert {"surgery.aggregate_list(UPGrad)", "cat + UPGrad + split-copy",
             "surgery.project_out_list"} <= contenders, stdout
+    # Every plain-PyTorch call was checked against ours before it was timed.
+    checked = {line.split("|")[3].strip(): float(line.split("|")[8]) for line in rows
+               if line.split("|")[8].strip()}
+    assert set(checked) == {"cat + mm", "cat + mv + split-copy", "cat + UPGrad + split-copy",
+                            "cat + solve + split-copy"}, stdout
+    assert max(checked.values()) < 1e-5, stdout
+
+
+def _benchmark_module(name: str):  # type: ignore[no-untyped-def]
+    """A script of benchmarks/ as a module (they import their sibling _bench_common by name)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def test_host_overhead_pairs_compute_the_same_values() -> None:
+    """Fairness: each baseline of host_overhead.py and the call of ours it is timed against
+    give the same result on the same inputs (the script checks this before timing; it timed
+    them unchecked before, and the calls that write into buffers returned nothing to check)."""
+    import torch
+
+    host = _benchmark_module("host_overhead")
+    bc = _benchmark_module("_bench_common")
+    calls = host.contenders("resnet50", 3, "cpu")
+    baselines = {c.name: c.vs for c in calls if c.role == "baseline"}
+    assert len(baselines) == 4
+    agreement = bc.check_agreement(calls, torch.float32)
+    assert {name: row["vs"] for name, row in agreement.items()} == baselines
+    assert all("error" not in row and row["rel_diff"] < 1e-5 for row in agreement.values()), \
+        agreement
 
 
 def test_many_tasks_times_singular_and_regular_grams_with_conflict_free_updates(
@@ -192,3 +224,104 @@ def test_run_hashes_are_the_same_for_the_same_command_line(tmp_path: Path) -> No
     assert all(len(r[2]) == 8 and int(r[2], 16) >= 0 for r in rows), first
     assert len({r[2] for r in rows}) == 4, first
     assert second == first
+
+
+def test_benchmark_quiet_hides_the_progress_bar_of_compare(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mtunlearn benchmark --quiet`` was a no-op: compare.py drew its bar over the cases all
+    the same. It now passes ``--no-progress``, which compare.py accepts."""
+    from mtunlearn_ext import cli
+
+    assert cli.main(["benchmark", "--dry-run", "--quiet"]) == 0
+    assert "compare.py --quick --no-progress" in capsys.readouterr().out
+    assert cli.main(["benchmark", "--dry-run"]) == 0
+    assert "--no-progress" not in capsys.readouterr().out
+    _run([str(BENCHMARKS / "compare.py"), "--no-progress", "--cases", "gram", "--k", "2",
+          "--n", "1000", "--dtype", "fp32", "--repeats", "1", "--min-sample", "0",
+          "--cheap-samples", "1", "--no-memory", "--threads", "1"], cwd=tmp_path)
+
+
+def test_large_model_usual_way_reads_the_ring_in_place() -> None:
+    """Fairness: the plain-torch way of large_model.py takes each layer's basis as a column
+    slice of the snapshot ring, as code that keeps its own ring flat would; it used to
+    ``torch.cat`` every layer's snapshots at every step, a copy of the whole ring charged to the
+    alternative only. The compiled ops read the same buffers, as per-parameter views."""
+    import torch
+
+    large = _benchmark_module("large_model")
+    params = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(2, 2, 2)]
+    ring = large.SnapshotRing(params, 3, torch.Generator().manual_seed(0))
+    assert ring.flat.shape == (3, 12 + 5 + 8)
+    offset = 0
+    for p, stack in zip(params, ring.buffers):
+        assert stack.shape == (3, *p.shape)
+        assert stack.data_ptr() == ring.flat[:, offset:].data_ptr()  # a view, not a copy
+        offset += p.numel()
+    ring.push([torch.full_like(p, float(i + 1)) for i, p in enumerate(params)])
+    assert ring.flat[0].tolist() == [1.0] * 12 + [2.0] * 5 + [3.0] * 8
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compare_pits_every_baseline_against_ours_on_the_same_inputs(dtype: str) -> None:
+    """Fairness of compare.py: every baseline is paired with one of our contenders, agrees
+    with it, and reads the very tensors the case holds (in the case's dtype): scaling them
+    scales every result, ours and theirs alike (each quantity is homogeneous: a Gram by 4, the
+    steps by 2), so no side computes on a copy or on other values."""
+    compare = _compare_module()
+    bc = _benchmark_module("_bench_common")
+    for kind in ("gram", "step", "directions"):
+        case = compare.BUILDERS[kind](compare.CaseSpec(kind, dtype, 6, 2000))
+        assert all(t.dtype == bc.DTYPES[dtype] for t in case.inputs)
+        names = {c.name for c in case.contenders}
+        baselines = [c for c in case.contenders if c.role == "baseline"]
+        assert baselines and all(c.vs in names for c in baselines), kind
+        agreement = bc.check_agreement(case.contenders, bc.DTYPES[dtype], 2000)
+        assert set(agreement) == {c.name for c in baselines}
+        # TorchJD's UPGrad hands bfloat16 to NumPy, which has none (its row reads "err").
+        unsupported = {"TorchJD UPGrad"} if dtype == "bf16" else set()
+        assert {name for name, row in agreement.items() if "error" in row} == (
+            unsupported & set(agreement)), agreement
+        timed = [c for c in case.contenders if c.role in ("ours", "baseline")
+                 and c.name not in unsupported]
+        before = [bc._result_of(c) for c in timed]
+        for t in case.inputs:
+            t.mul_(2)
+        for c, old in zip(timed, before):
+            ratio = bc._as_flat64(bc._result_of(c)).norm() / bc._as_flat64(old).norm()
+            expected = 4.0 if kind == "gram" else 2.0
+            assert abs(ratio.item() - expected) < 0.05 * expected, (kind, c.name, ratio)
+        del case
+
+
+def test_compare_refuses_to_time_a_baseline_that_disagrees(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A fast wrong answer is no win: run_case checks every pair before timing it."""
+    compare = _compare_module()
+    bc = _benchmark_module("_bench_common")
+
+    def wrong_gram(spec):  # type: ignore[no-untyped-def]
+        case = compare.build_gram(spec)
+        (x,) = case.inputs
+        case.contenders[1] = bc.Contender("torch.mm(x, x.T)", lambda: x[:, 1:] @ x[:, 1:].T,
+                                          role="baseline", vs="ops.gram")
+        return case
+
+    monkeypatch.setitem(compare.BUILDERS, "gram", wrong_gram)
+    args = argparse.Namespace(max_extra_gib=6.0, budget=1.0, repeats=1, min_sample=0.0,
+                              cheap_samples=1)
+    with pytest.raises(bc.Disagreement, match="torch.mm"):
+        compare.run_case(compare.CaseSpec("gram", "fp32", 4, 50), args, 1e9)
+
+
+def test_per_sample_embeddings_checks_the_tolerance_it_states() -> None:
+    """Its docstring says the two passes agree to 1e-5; check_agreement allowed 1e-3 (a
+    contender's agree_tol only loosens the default), so a pass off by 1e-4 was timed."""
+    script = _benchmark_module("per_sample_embeddings")
+    bc = _benchmark_module("_bench_common")
+    calls = script.contenders(30, 4, 5, 6, "sum")
+    assert script.checked_difference(calls) <= 1e-5
+    exact = calls[1].fn
+    calls[1] = bc.Contender(calls[1].name, lambda: exact() * (1 + 1e-4), role="baseline",
+                            vs=calls[1].vs)
+    with pytest.raises(bc.Disagreement, match="1.00e-04"):
+        script.checked_difference(calls)

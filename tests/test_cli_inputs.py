@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -371,3 +372,58 @@ def test_a_checkpoints_recipe_is_checked_before_any_work(trained: Path,  # noqa:
     err = _err(capsys)
     assert "--checkpoint: expected a checkpoint whose recorded training recipe" in err, err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_finite_guard_reads_back_only_where_the_curves_are_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's NaN/Inf guard read two flags per parameter back to the host after every step
+    (bool(torch.isfinite(t).all()): here 8 reads a step, on CUDA 8 synchronisations, for a
+    model of 4 tensors). It now keeps its flags on the device and reads them once, at the steps
+    whose losses the curve recorder reads anyway (every `log_every`-th and the last), and
+    still names the first step that went non-finite and the tensor."""
+    from mtunlearn_ext.workflow import _FiniteGuard
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    reads = []
+    for method in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self: torch.Tensor, *args: Any, _original: Any = original) -> Any:
+            reads.append(1)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    guard = _FiniteGuard(check_every=4, total_steps=8)
+    guard(1, model)  # step 0: a logged step
+    assert len(reads) == 1
+    for steps_done in (2, 3):
+        guard(steps_done, model)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")  # goes non-finite in step 3 (0-based)
+    guard(4, model)
+    assert len(reads) == 1  # steps 1-3 are not logged: nothing read
+    with pytest.raises(NonFiniteError, match=r"at step 3: parameter 1\.weight; lower `lr` or "
+                       r"`steps` in --method-config") as caught:
+        guard(5, model)  # step 4, logged: the flag is read and names step 3
+    assert caught.value.step == 3
+
+
+def test_the_finite_guard_follows_gradients_that_come_and_go() -> None:
+    """Review of the guard above: it stacked a flag per gradient present, so a step in which a
+    parameter first got a gradient (a head without one in the step before) gave a longer
+    flag list than the one kept, and torch.where between them failed (a shape error, not the
+    run's). Each parameter has two flags in every step now, a missing gradient's true."""
+    from mtunlearn_ext.workflow import _FiniteGuard
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    guard = _FiniteGuard(check_every=4, total_steps=8)
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # only one gradient in step 0
+    guard(1, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[1].bias.grad[0] = float("inf")  # step 1: a gradient that was not there in step 0
+    guard(2, model)
+    with pytest.raises(NonFiniteError, match=r"at step 1: gradient of 1\.bias;"):
+        guard.raise_if_diverged()

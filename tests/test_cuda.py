@@ -469,6 +469,87 @@ def test_ops_and_list_aggregation_replay_in_a_cuda_graph() -> None:
             assert torch.equal(got, want), f"output {i}, replay {trial}"
 
 
+def _unmergeable_unaligned(rows: int, n: int, dtype: torch.dtype,
+                           gen: torch.Generator) -> torch.Tensor:
+    """``[4, 3, rows, n]`` on CUDA whose leading dims do not merge (dim 1 steps over four
+    matrices, dim 0 over one) and whose matrices start at odd elements, so that a matrix's
+    rows are 16-byte aligned relative to each other (n a multiple of 8) but its first row
+    mostly is not."""
+    matrix = rows * n + 1  # odd: consecutive matrices start at other alignments
+    flat = torch.randn(12 * matrix + 1, device="cuda", generator=gen).to(dtype)
+    return flat.as_strided((4, 3, rows, n), (matrix, 4 * matrix, n, 1), storage_offset=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_gram_inner_combine_read_unmergeable_unaligned_cuda_batches_in_place(
+        dtype: torch.dtype) -> None:
+    """Since the last GPU run the batched entries (gram.cpp, combine.cpp, shared by both
+    backends) build one segment per matrix from the leading dims' strides (matrix_offsets)
+    instead of merging them by a copy, so on CUDA the kernels now see matrix starts that are
+    not 16-byte aligned while their rows are: the vector loads must fall back per address.
+    Every batched op on such an input gives the bits of the same op on a contiguous copy
+    (the kernels sum in the same order), and, for combine, of its in-place form whose base
+    is out itself. Grams of 12 and 40 rows reach the tiled kernel (and, with
+    MTUNLEARN_CUDA_TENSOR_CORES=1, as gpu_check's tensor-core stage runs this test, the wmma
+    kernel)."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for rows, n in ((3, 1032), (12, 4104), (40, 520)):
+        x = _unmergeable_unaligned(rows, n, dtype, gen)
+        g = _unmergeable_unaligned(2, n, dtype, gen)
+        with pytest.raises(RuntimeError):
+            x.view(-1, rows, n)
+        coeffs = torch.randn(4, 3, 2, rows, device="cuda", generator=gen).to(acc)
+        calls: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+            "gram": lambda x, g: ops.gram(x),
+            "inner": lambda x, g: ops.inner(g, x),
+            "combine": lambda x, g, c=coeffs: ops.combine(c, x),
+            "project_out": lambda x, g: ops.project_out(g, x),
+            "project_nonconflicting": lambda x, g: ops.project_nonconflicting(g, x),
+        }
+        for name, call in calls.items():
+            want = call(x.contiguous(), g.contiguous())
+            got = call(x, g)
+            assert got.shape == want.shape and torch.equal(got, want), (name, rows, dtype)
+        # combine with a base read where out is written: g's own bytes, in place, beta = 0.5.
+        base = g.contiguous()
+        want = ops.combine(coeffs, x.contiguous(), out=base.clone(), beta=0.5)
+        out = base.clone()
+        ops.combine(coeffs, x, out=out, beta=0.5)
+        assert torch.equal(out, want), ("combine with base", rows, dtype)
+
+
+def test_min_norm_captured_in_a_cuda_graph_gives_the_eager_bits() -> None:
+    """Since the last GPU run the device min-norm solve synchronises once to skip its budget
+    when every QP answer passes, except while a CUDA graph is captured
+    (min_norm._may_synchronise), where a synchronisation is an error: there it runs the
+    budget and takes the QPs' answers wherever they pass. Captured, it must not raise, and
+    replays on new Grams give the eager (synchronising) path's bits."""
+    from mtunlearn_ext.surgery import min_norm_simplex
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    jac = torch.randn(5, 4, 300, device="cuda", generator=gen, dtype=torch.float64)
+    gram = jac @ jac.mT
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph asks
+        min_norm_simplex(gram)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = min_norm_simplex(gram)
+    for trial in range(2):
+        jac = torch.randn(5, 4, 300, device="cuda", generator=gen, dtype=torch.float64)
+        gram.copy_(jac @ jac.mT)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, min_norm_simplex(gram)), trial
+
+
 def test_list_ops_refuse_lists_mixing_cuda_and_cpu() -> None:
     """A mixed list dispatches to the CUDA entry (CUDA outranks CPU), which must refuse it; the
     wrapper then names the tensor as the reference path does (the Python checks run only after

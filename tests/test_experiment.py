@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_training import _flip_first_weight  # a weight's bits flipped inside the archive
 
+from mtunlearn_ext import MtUnlearnRuntimeWarning
 from mtunlearn_ext.data.registry import load_benchmark
 from mtunlearn_ext.experiment import (
     SCHEMA,
@@ -625,3 +626,28 @@ def test_methods_all_names_the_baselines_and_combines_with_other_methods() -> No
         ["--methods", "pcgrad,finetune", "--benchmark", "digits"])).methods == ["pcgrad",
                                                                                  "finetune"]
     assert "'all' for every baseline" in " ".join(parser.format_help().split())
+
+
+def test_a_method_that_diverges_inside_a_step_is_recorded_as_diverged(
+        tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    """A method whose own check stops it inside a step (the interference-aware method's ops
+    refuse a NaN/Inf gradient: FloatingPointError) crashed the whole experiment, losing every
+    other method's result, while a baseline that returned NaN weights was scored as diverged
+    (null UIS, infinite gap). Both are now the same diverged entry, with the reason."""
+    methods = {"neggrad_plus": {"steps": 5, "lr": 1e30, "grad_clip": None},
+               "interference_aware": {"steps": 5, "lr": 1e30, "grad_clip": None},
+               "gradient_ascent": {"steps": 2}}
+    # The two diverged models' losses are NaN: the attack says its AUCs are undefined.
+    with pytest.warns(MtUnlearnRuntimeWarning, match="the AUCs are NaN"):
+        results = run_experiment(_config(tmp_path, methods=list(methods),
+                                         method_configs=methods), benchmark=digits)
+    models = results["models"]
+    assert "the run diverged at step" in models["interference_aware"]["diverged"]
+    for method in ("neggrad_plus", "interference_aware"):
+        assert models[method]["uis"] is None and models[method]["retrain_gap"] is None
+    assert "diverged" not in models["gradient_ascent"]
+    assert models["gradient_ascent"]["uis"] is not None
+    from mtunlearn_ext.report import write_report
+
+    write_report(results, tmp_path / "rep")  # a diverged entry has no curves: none drawn
+    assert (tmp_path / "rep" / "report.md").is_file()

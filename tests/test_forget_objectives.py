@@ -265,3 +265,23 @@ def test_half_precision_batch_means_do_not_overflow() -> None:
     terms = forget_terms({"size": pred}, batch, [spec],
                          {"size": FORGET_OBJECTIVES["ascent"](spec)})
     assert float(terms.objective["size"]) == -each and float(terms.loss["size"]) == each
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+def test_half_precision_regression_loss_squares_without_overflow(dtype: torch.dtype) -> None:
+    """The regression loss squared each error in the prediction's type: one fp16 error of 300
+    among 100 entries squared to inf (past 65504) though the sample's mean squared error, 900,
+    is an fp16 number. Squared and averaged in float32 now, returned in the input's type; the
+    gradient, 2 e / d, was finite either way."""
+    spec = TaskSpec("size", "regression")
+    target = torch.zeros(2, 100)
+    pred = torch.zeros(2, 100, dtype=dtype)
+    pred[0, 7] = 300.0
+    pred[1] = 3.0  # 9 per entry: unchanged by the widening
+    pred.requires_grad_(True)
+    loss = task_loss(spec, pred, target)
+    assert loss.dtype == dtype
+    assert loss.detach().double().tolist() == [900.0, 9.0]
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    assert float(grad[0, 7]) == 6.0 and float(grad[0].abs().sum()) == 6.0
+    assert torch.equal(grad[1].float(), torch.full((100,), 0.06, dtype=dtype).float())

@@ -150,3 +150,26 @@ def test_a_stage_out_of_time_is_interrupted_first(tmp_path: Path,
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not done_file.exists()
+
+
+def test_a_torch_time_is_reported_only_when_torch_and_ours_agree(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fairness: the op timings timed ``torch`` beside ours without checking that both computed
+    the same values. Now one call of each is compared first; a torch call that disagrees gets
+    no time (a fast wrong answer is no win), only its difference in the table."""
+    timed: list[object] = []
+
+    def fake_cuda_time(fn: object, repeats: int = 20) -> float:
+        timed.append(fn)
+        return 0.5
+
+    monkeypatch.setattr(gpu_check, "cuda_time", fake_cuda_time)
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    ours = lambda: x @ x.T  # noqa: E731
+    same = lambda: (x.double() @ x.double().T).float()  # noqa: E731
+    wrong = lambda: x[:, :900] @ x[:, :900].T  # noqa: E731
+    seconds, cell = gpu_check.agreeing_time(ours, same, "float32")
+    assert seconds == 0.5 and timed == [same] and float(cell) < 1e-6
+    seconds, cell = gpu_check.agreeing_time(ours, wrong, "float32")
+    assert seconds != seconds and cell.startswith("differs by ") and timed == [same]
+    assert gpu_check.relative_difference(torch.ones(3), torch.ones(2)) == float("inf")

@@ -113,6 +113,7 @@ def test_the_sdist_carries_what_a_build_needs_and_no_partial_test_suite(
     run."""
     sdist = declared.sdist
     needed = (_checkout_files("csrc") | _checkout_files("mtunlearn_ext") | _checkout_files("docs")
+              | _checkout_files("cmake")
               | {"setup.py", "MANIFEST.in", "CMakeLists.txt", "README.md", "requirements.txt",
                  "tests/cpp/consumer_check.cpp"})
     assert not needed - sdist, f"missing from the sdist: {sorted(needed - sdist)}"

@@ -29,6 +29,7 @@ import pytest
 import scipy.linalg
 import scipy.optimize
 import torch
+from unlearning_helpers import peak_allocated_bytes
 
 from mtunlearn_ext import ops
 
@@ -467,3 +468,26 @@ def test_results_are_the_same_bits_for_any_thread_count(dtype: torch.dtype) -> N
     for name in one:
         assert bool(torch.isfinite(one[name]).all()), name
         assert torch.equal(one[name], two[name]), f"{name}: depends on the thread count"
+
+
+@pytest.mark.parametrize("solver", ["ridge_solve", "nonconflicting_dual", "pcgrad_weights"])
+def test_float64_solvers_allocate_only_their_answer(solver: str) -> None:
+    """Review: the CPU solvers always solved into a float64 buffer and copied it out, so a
+    float64 call held its answer twice (a [64, 6, 5000] ridge_solve: 30,720,000 bytes at
+    peak, the answer 15,360,000). A float64 answer is now written in place; other dtypes still
+    round from a float64 buffer."""
+    generator = torch.Generator().manual_seed(5)
+    g = torch.randn(16, 6, 40, dtype=torch.float64, generator=generator)
+    gram = g @ g.mT
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "ridge_solve": lambda: ops.ridge_solve(
+            gram, torch.randn(16, 6, 4000, dtype=torch.float64, generator=generator)),
+        "nonconflicting_dual": lambda: ops.nonconflicting_dual(
+            gram, torch.randn(16, 4000, 6, dtype=torch.float64, generator=generator)),
+        "pcgrad_weights": lambda: ops.pcgrad_weights(gram),
+    }
+    call = calls[solver]
+    answer = call()
+    inputs = answer.nbytes if solver != "pcgrad_weights" else 0  # the rhs, made in the call
+    peak = peak_allocated_bytes(call)
+    assert peak == inputs + answer.nbytes, f"{peak} bytes at peak, answer {answer.nbytes}"

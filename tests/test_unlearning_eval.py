@@ -571,6 +571,30 @@ def test_a_seed_on_which_the_method_diverged_fails_its_targets(evaluation, tmp_p
     assert "seeds 90%" not in evaluation.to_markdown(summary)
 
 
+def test_every_baseline_diverged_is_no_uis_ratio_of_0(evaluation, tmp_path, monkeypatch):
+    """When every step baseline diverged on a seed (null UIS: mean inf), the method's finite
+    UIS over inf gave a ratio of 0 and "met" (0.00 <= 0.7): a comparison with no baseline
+    result was reported as the best possible win. The ratio is undefined (NaN) and the
+    target not met, the table says why."""
+    methods = ["orthograd", "pcgrad", "interference_aware"]
+    _full_run(tmp_path, 0, methods, {"orthograd": (1.0, 2.0, 0.5), "pcgrad": (1.2, 2.0, 0.5),
+                                     "interference_aware": (0.5, 1.0, 0.5)})
+    _full_run(tmp_path, 1, methods, {"orthograd": (None, None, None),
+                                     "pcgrad": (None, None, None),
+                                     "interference_aware": (0.5, 1.0, 0.5)})
+    summary = _summarize_full_runs(evaluation, tmp_path, monkeypatch, methods)
+    targets = summary["indoor/full"]["targets"]
+    assert math.isnan(targets["uis_ratio"]) and targets["uis_ok"] is False
+    text = evaluation.to_markdown(summary)
+    assert "no baseline finished on every seed" in text
+    assert "UIS ratio to the best baseline (`orthograd`): 0.00" not in text
+    assert evaluation.uis_ratio(0.5, math.inf) != evaluation.uis_ratio(0.5, math.inf)  # NaN
+    # The tuning summary's line: "0.500 / inf = 0.00x" before.
+    line = evaluation._ratio_line({"interference_aware": {"score": 0.5},
+                                   "orthograd": {"score": math.inf}})
+    assert "0.00x" not in line and "no baseline has a finite score" in line
+
+
 @pytest.mark.parametrize("ours, ratio, met", [(0.5, float("inf"), False), (0.0, None, True)],
                          ids=["method-above", "both-zero"])
 def test_a_best_baseline_at_uis_zero(evaluation, tmp_path, monkeypatch, ours, ratio, met):

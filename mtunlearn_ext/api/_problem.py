@@ -198,19 +198,22 @@ def build_problem_with_naming(model: nn.Module, *,
                              "and a `forget_request` the retain set is the rest of `train_data`")
         full = as_dataset(train_data, specs, "train_data")
         own = isinstance(train_data, MultiTaskDataset)
-        read = full.supervision.any(dim=1).nonzero().flatten()  # the rows in forget or retain
-        check_values_of(full, "train_data", own, read)
+        trained_rows = full.supervision.any(dim=1).nonzero().flatten()
         request = forget_request
         check_request_ids(request, full, given_train, own, removed_before=earlier,
                           removed_by=("the requests `model` carries (from the unlearn() that "
                                       "returned it)" if carried else "`earlier_requests`"))
         request.validate(full)
-        trained = [TrainedRows("train_data", full, read, own)]
+        trained = [TrainedRows("train_data", full, trained_rows, own)]
         # Pairs an earlier request removed are neither retained (the model would learn them
         # again) nor forgotten a second time.
         if carried:
             check_carried_fits(lineage, full, own)
         remaining, excluded = without_earlier_removals(full, earlier, given_train, own, carried)
+        # The rows in forget or retain: one whose every pair an earlier request removed is
+        # read by neither, as one with no supervised pair, so its inputs may hold anything.
+        check_values_of(full, "train_data", own,
+                        remaining.supervision.any(dim=1).nonzero().flatten())
         forget, retain = request.split(remaining)
         naming = Naming(ids_named_by_text("train_data", given_train, own), None, earlier=earlier,
                          excluded_pairs=excluded,

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtunlearn_ext._io import (DuplicateKeyError, atomic_torch_save, name_max, sha256_of_file,
-                               unique_keys)
+from mtunlearn_ext._io import (DuplicateKeyError, Placement, atomic_torch_save, name_max,
+                               placements, remove_if_placed, sha256_of_file, unique_keys)
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.api._model_split import unwrapped
 from mtunlearn_ext.api._unlearn import (
@@ -153,8 +153,10 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         record["parameters_changed"] = parameters_changed
     from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
 
+    placed: dict[str, Placement] = {}
     try:
-        checkpoint_sha = atomic_torch_save(model.state_dict(), target)
+        with placements(placed):
+            checkpoint_sha = atomic_torch_save(model.state_dict(), target)
     except FileExistsError as error:  # checked free above: another writer got there since
         raise FileExistsError(f"save_unlearned: {target} appeared while saving (another "
                               "writer?); refusing to overwrite it; nothing was written"
@@ -164,34 +166,18 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
                 f"{error.strerror or error}; nothing was written")
         raise (type(error)(said) if error.errno is None
                else type(error)(error.errno, said)) from error
-    written = target.stat()
     try:  # the record is the commit marker: without it, no checkpoint is left
         record["checkpoint"] = {"path": str(target), "sha256": checkpoint_sha}
         write_json_new(record_path, json.loads(json.dumps(record, allow_nan=False)))
     except FileExistsError as error:
-        _remove_if_ours(target, written, checkpoint_sha)
+        remove_if_placed(target, placed)
         raise FileExistsError(f"save_unlearned: {record_path} appeared while saving (another "
                               "writer?); refusing to overwrite it; nothing was written"
                               ) from error
     except BaseException:
-        _remove_if_ours(target, written, checkpoint_sha)
+        remove_if_placed(target, placed)  # not a file another process wrote there since
         raise
     return record
-
-
-def _remove_if_ours(path: Path, written: os.stat_result, sha256: str) -> None:
-    """Remove the checkpoint this call wrote at ``path``, unless the file there now is another
-    (removed and written again by another process meanwhile): that one is not ours to delete,
-    as the CLI's rollback also checks. The inode alone does not tell: a file written just after
-    ours was removed may get its number; so its bytes are compared too (on failure only)."""
-    try:
-        now = path.stat()
-        same = ((now.st_dev, now.st_ino) == (written.st_dev, written.st_ino)
-                and sha256_of_file(path) == sha256)
-    except FileNotFoundError:
-        return
-    if same:
-        path.unlink(missing_ok=True)
 
 
 def _returned_model_cast(model: nn.Module, report: UnlearningReport,

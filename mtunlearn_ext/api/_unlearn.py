@@ -464,16 +464,29 @@ def unlearn(model: ModelT, *,
         out.__dict__[LINEAGE_ATTRIBUTE] = lineage
     diverged = non_finite_parameters(out)
     if diverged:
+        first = first_non_finite_loss(result.report)
+        when = f", the first NaN/Inf loss recorded: {first[0]} at step {first[1]}" if first else ""
         warn_at_caller(f"unlearn: the run diverged: the returned model has NaN/Inf in "
-                       f"{len(diverged)} parameter(s) (first: {diverged[0]}); lower the learning "
-                       f"rate or the step count (`config`), or keep gradient clipping on; "
-                       f"save_unlearned refuses such a model")
+                       f"{len(diverged)} parameter(s) (first: {diverged[0]}{when}); lower the "
+                       f"learning rate or the step count (`config`), or keep gradient clipping "
+                       f"on; save_unlearned refuses such a model")
     elif unbounded := non_finite_last_losses(result.report):
         warn_at_caller(f"unlearn: the run diverged: its weights are finite but its last measured "
                        f"{' and '.join(unbounded)} are NaN/Inf (step "
                        f"{result.report.curve_steps[unbounded[0]][-1]}); lower the learning rate "
                        f"or the step count (`config`)")
     return cast(ModelT, out), result.report
+
+
+def first_non_finite_loss(report: UnlearningReport) -> tuple[str, int] | None:
+    """The mean loss curve and step of the report's first NaN/Inf loss (at a logged step:
+    every ``log_every``-th), the step a run with NaN weights diverged at; ``None`` if none."""
+    found: list[tuple[int, str]] = []
+    for name in ("forget_loss", "retain_loss"):
+        values, steps = report.curves.get(name, []), report.curve_steps.get(name, [])
+        found += [(step, name) for step, value in zip(steps, values)
+                  if not math.isfinite(value)][:1]
+    return (min(found)[1], min(found)[0]) if found else None
 
 
 def non_finite_last_losses(report: UnlearningReport) -> list[str]:

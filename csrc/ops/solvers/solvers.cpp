@@ -60,6 +60,17 @@ double dual_dependence_floor(const at::Tensor& gram) {
 // Solver inputs as contiguous double on the CPU path (the problems are tiny).
 at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
+// Where the CPU solvers write (they compute in float64): `out` itself when it is float64, else a
+// float64 buffer that finish_double_result copies into `out`.
+at::Tensor double_result(const at::Tensor& out) {
+  if (out.scalar_type() == at::kDouble) return out;
+  return at::empty(out.sizes(), out.options().dtype(at::kDouble));
+}
+
+void finish_double_result(const at::Tensor& out, const at::Tensor& written) {
+  if (!written.is_same(out)) out.copy_(written);
+}
+
 #ifdef MTU_WITH_CUDA
 // The CUDA solver kernels exist for float and double, with the Gram and rhs of one type: a
 // half-precision Gram is solved in float (it was read as float: out-of-bounds reads and
@@ -98,7 +109,7 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
 #endif
   }
   at::Tensor g = as_double(gram), r = as_double(rhs);
-  at::Tensor o = at::empty(rhs.sizes(), rhs.options().dtype(at::kDouble));
+  at::Tensor o = double_result(out);
   const int64_t batch = g.numel() / (k * k);
   const double* gp = g.data_ptr<double>();
   const double* rp = r.data_ptr<double>();
@@ -110,7 +121,7 @@ at::Tensor ridge_solve(const at::Tensor& gram, const at::Tensor& rhs, double rid
       solvers::ridge_solve(gp + b * k * k, static_cast<int>(k), rp + b * k * m, static_cast<int>(m),
                            ridge, floor, op_ + b * k * m, scratch.data());
   });
-  out.copy_(o);
+  finish_double_result(out, o);
   return out;
 }
 
@@ -132,7 +143,7 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
 #endif
   }
   at::Tensor g = as_double(gram), r = as_double(rhs);
-  at::Tensor o = at::empty(rhs.sizes(), rhs.options().dtype(at::kDouble));
+  at::Tensor o = double_result(out);
   const int64_t batch = g.numel() / (k * k);
   const double* gp = g.data_ptr<double>();
   const double* rp = r.data_ptr<double>();
@@ -154,7 +165,7 @@ at::Tensor nonconflicting_dual(const at::Tensor& gram, const at::Tensor& rhs) {
                                    op_ + p * k, scratch.data(), idx.data(), &singular);
     }
   });
-  out.copy_(o);
+  finish_double_result(out, o);
   return out;
 }
 
@@ -173,7 +184,7 @@ at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
 #endif
   }
   at::Tensor g = as_double(gram);
-  at::Tensor o = at::empty(out.sizes(), out.options().dtype(at::kDouble));
+  at::Tensor o = double_result(out);
   const int64_t batch = g.numel() / (k * k);
   const double* gp = g.data_ptr<double>();
   double* op_ = o.data_ptr<double>();
@@ -184,7 +195,7 @@ at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
       solvers::pcgrad_weights(gp + b * k * k, static_cast<int>(k), seed, op_ + b * k,
                               scratch.data(), order.data());
   });
-  out.copy_(o);
+  finish_double_result(out, o);
   return out;
 }
 

@@ -18,6 +18,10 @@ __all__ = ["NegGradPlus", "NegGradPlusConfig"]
 
 @dataclass
 class NegGradPlusConfig(StepConfig):
+    """``forget_weight`` ``w_f`` and ``retain_weight`` ``w_r``: the paper's
+    ``beta L_r - (1 - beta) L_f`` is the same direction with ``beta = w_r / (w_r + w_f)`` (2/3
+    at the defaults), at a learning rate scaled by ``w_r + w_f``."""
+
     steps: int = 100
     lr: float = 1e-3
     forget_weight: float = 0.5

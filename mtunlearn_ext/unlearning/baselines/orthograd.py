@@ -13,7 +13,11 @@ the ridge: ``lambda = ridge * tr(R R^T) / B`` (``ridge`` 1e-6 by default) keeps 
 well-posed when the ``r_i`` are dependent, and a direction of their span whose Gram
 eigenvalue is not well above ``lambda`` is only partly removed (a well-fitted instance's
 gradient, 1e-4 of the others' norm, keeps most of its component: measured cosine 1e-2 before
-and after; ``ridge: 0`` removes it up to rounding, where the Gram is invertible). The
+and after; ``ridge: 0`` removes it up to rounding, where the Gram is invertible). On the
+benchmarks' per-sample gradients, whose norms are within a factor 3 of each other, the ridge
+does not matter: ``indoor`` / ``small``, memorising recipe, seed 0, original weights, 32
+retain rows, the direction differs from the exact projection (float64 QR basis, the paper's)
+by 1.7e-6 of its norm on a full request and 1.8e-6 on a partial one. The
 projection is :func:`mtunlearn_ext.surgery.project_out_list` on the per-parameter stacks (the
 same surgery layer as the other methods and the training hook): one ``B x B`` Gram matrix, a tiny
 ridge solve, one combination; numerically the same as OrthoGrad's QR-based orthonormal basis of the

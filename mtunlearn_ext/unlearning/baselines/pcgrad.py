@@ -6,11 +6,13 @@ The update is PCGrad (Yu et al.) applied to the rows
     ``ascent`` by default) and ``r = grad sum_t L^r_t``;
     ``task`` granularity: one row ``w_f f_t`` per target task and one ``w_r r_t`` per task,
 
-where each row, in a seeded random order, is projected off the normal plane of every other row it
-conflicts with (negative inner product) and the projected rows are summed. Computed by
-:func:`mtunlearn_ext.ops.pcgrad_weights` from the ``k x k`` Gram matrix of the rows: two passes over the
-gradients whatever ``k``, through the surgery layer's :func:`~mtunlearn_ext.surgery.aggregate_list`
-on per-parameter stacks. Rows cover every parameter (backbone and heads), never flattened.
+where each row, against the other (unprojected) rows in its own seeded random order, drawn
+afresh each step, is projected onto the normal plane of every one it conflicts with (negative
+inner product) and the projected rows are summed, as in Yu et al. Computed by
+:func:`mtunlearn_ext.ops.pcgrad_weights` from the ``k x k`` Gram matrix of the rows: two passes
+over the gradients whatever ``k``, through the surgery layer's
+:func:`~mtunlearn_ext.surgery.aggregate_list` on per-parameter stacks. Rows cover every
+parameter (backbone and heads), never flattened.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ __all__ = ["RandomLabels", "RandomLabelsConfig"]
 
 @dataclass
 class RandomLabelsConfig(StepConfig):
+    """``forget_weight`` weighs the loss against the random targets, ``retain_weight`` the
+    retain loss (SalUn's objective: the two summed, its ``alpha`` on the retain term). The
+    forget objective defaults to ``random_target``."""
+
     steps: int = 100
     lr: float = 1e-3
     forget_weight: float = 1.0

@@ -11,9 +11,10 @@ over every parameter entry of the model together (one global threshold, so layer
 forget gradients get more of the budget). An entry with no forget gradient is never salient:
 when more than ``1 - saliency_fraction`` of the entries have none (``gamma = 0``; in a partial
 request the other tasks' heads get no forget gradient), fewer than ``saliency_fraction`` of
-them move, and those other heads take no retain update either. The update is the random-labels update
-(:mod:`~mtunlearn_ext.unlearning.baselines.random_labels`) multiplied by ``m`` entrywise: weights
-outside the salient set never move, which limits collateral damage to the retained pairs.
+them move, and those other heads take no retain update either. The update is the random-labels
+update (:mod:`~mtunlearn_ext.unlearning.baselines.random_labels`) multiplied by ``m``
+entrywise: weights outside the salient set never move, which limits collateral damage to the
+retained pairs.
 """
 
 from __future__ import annotations
@@ -58,8 +59,13 @@ class SalUnConfig(RandomLabelsConfig):
 
 
 def saliency_threshold(magnitudes: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    """The value ``gamma`` with a ``fraction`` of all entries of ``magnitudes`` at or above it."""
-    flat = torch.cat([m.reshape(-1) for m in magnitudes]).float()
+    """The value ``gamma`` with a ``fraction`` of all entries of ``magnitudes`` at or above it,
+    in their own (promoted) type: half precision is widened to float32, where its values are
+    exact, but float64 is not narrowed (a float32 ``gamma`` rounded above the keep-th largest
+    float64 magnitude half the time, and the mask ``|g| >= gamma`` lost that entry)."""
+    flat = torch.cat([m.reshape(-1) for m in magnitudes])
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
     keep = max(1, int(round(fraction * flat.numel())))
     # The keep-th largest = the (n - keep + 1)-th smallest.
     return flat.kthvalue(flat.numel() - keep + 1).values
