@@ -11,13 +11,18 @@ running statistics) or sizes its phases by its length (SCRUB), each budget is ru
 
 Selection uses only training data (forget and retain pairs) and the retrained model, never the
 test set: the test split and the attack (which needs test instances) are left for the
-experiment. The chosen settings print as a ``--method-config`` JSON for the experiment. In the
-``--output`` JSON a value that is not finite (the gap ``inf`` of a run that diverged, a NaN
-metric) is ``null``.
+experiment. The command line prints a line per scored point as it goes, then the chosen
+settings as a ``--method-config`` JSON for the experiment. In the ``--output`` JSON a value
+that is not finite (the gap ``inf`` of a run that diverged, a NaN metric) is ``null``.
+
+:func:`tune` itself prints nothing, so that it can run inside other programs: it hands each
+scored point to its ``progress`` callback, if given (the command line passes one that prints
+those lines).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -43,22 +48,38 @@ from mtunlearn_ext.metrics import evaluate, retrain_gap
 from mtunlearn_ext.unlearning import GradientUnlearner, UnlearningProblem, get_unlearner
 from mtunlearn_ext.workflow import json_safe
 
-__all__ = ["main", "score_budgets", "tune"]
+__all__ = ["TuningProgress", "main", "score_budgets", "tune"]
+
+
+#: :func:`tune`'s ``progress`` callback: called with each record as it is scored.
+TuningProgress = Callable[[dict[str, Any]], None]
 
 
 def tune(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[int],
          retain_eval: int = 200, base: dict[str, dict[str, Any]] | None = None,
-         benchmark: Benchmark | None = None) -> dict[str, Any]:
+         benchmark: Benchmark | None = None, *,
+         progress: TuningProgress | None = None) -> dict[str, Any]:
     """Score every ``(method, lr, steps)`` of the grid; return the records and the best setting
     of each method (lowest forget+retain gap to the retrained model). ``benchmark``: the
-    loaded data (default: loaded by name). Runs at ``config.threads`` (restored after)."""
+    loaded data (default: loaded by name). Runs at ``config.threads`` (restored after).
+
+    Prints nothing. ``progress``: called with each record as soon as it is scored, the
+    untouched model's (``{"method": "original", "gap": ...}``) first, then each grid point's
+    (``method``, ``lr``, ``steps``, ``gap``, ``seconds``, ``metrics``, ``settings``), in the
+    order of ``result["records"]``; it gets a copy, so changing it changes no result. An
+    exception it raises stops the grid there and propagates (a way to stop early). ``None``
+    (the default): no report while the grid runs."""
+    if progress is not None and not callable(progress):
+        raise TypeError(f"tune: `progress` must be a callable taking each scored record, or "
+                        f"None, got {progress!r}")
     with experiment_threads(config.threads):
-        return _tune_grid(config, lrs, checkpoints, retain_eval, base, benchmark)
+        return _tune_grid(config, lrs, checkpoints, retain_eval, base, benchmark, progress)
 
 
 def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequence[int],
                retain_eval: int, base: dict[str, dict[str, Any]] | None,
-               benchmark: Benchmark | None) -> dict[str, Any]:
+               benchmark: Benchmark | None, progress: TuningProgress | None
+               ) -> dict[str, Any]:
     prepared = prepare_experiment(config, benchmark)
     problem = prepared.problem(config)
     generator = torch.Generator().manual_seed(config.seed)
@@ -74,9 +95,15 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         original_gap = retrain_gap(original, gold)
-    print(f"{'original':16s} gap={original_gap:7.3f} (the untouched model)", flush=True)
-    records: list[dict[str, Any]] = [{"method": "original", "gap": original_gap}]
+    records: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
+
+    def keep(entry: dict[str, Any]) -> None:
+        records.append(entry)
+        if progress is not None:
+            progress(copy.deepcopy(entry))
+
+    keep({"method": "original", "gap": original_gap})
 
     def record(method: str, lr: float, steps: int, settings: dict[str, Any], model: nn.Module,
                elapsed: float) -> None:
@@ -86,9 +113,7 @@ def _tune_grid(config: ExperimentConfig, lrs: Sequence[float], checkpoints: Sequ
             gap = retrain_gap(metrics, gold)
         entry = {"method": method, "lr": lr, "steps": steps, "gap": gap, "seconds": elapsed,
                  "metrics": metrics, "settings": {**settings, "steps": steps}}
-        records.append(entry)
-        print(f"{method:16s} lr={lr:<8g} steps={steps:<4d} gap={gap:7.3f} ({elapsed:.0f}s)",
-              flush=True)
+        keep(entry)
         if method not in best or gap < best[method]["gap"]:
             best[method] = entry
 
@@ -138,6 +163,16 @@ def score_budgets(method: str, settings: Mapping[str, Any], budgets: Sequence[in
     unlearner.unlearn(problem)
 
 
+def _print_record(record: Mapping[str, Any]) -> None:
+    """The command line's line for a scored record, flushed so that a log written through a
+    pipe shows a long grid's progress as it comes."""
+    if record["method"] == "original":
+        print(f"{'original':16s} gap={record['gap']:7.3f} (the untouched model)", flush=True)
+        return
+    print(f"{record['method']:16s} lr={record['lr']:<8g} steps={record['steps']:<4d} "
+          f"gap={record['gap']:7.3f} ({record['seconds']:.0f}s)", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid from the command line (``python -m mtunlearn_ext.tuning``; ``argv``: its
     arguments, default ``sys.argv[1:]``); returns the exit code (2: refused)."""
@@ -165,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.methods = [m for m in config.methods if m != "retrain"]
     base = config.method_configs
     config.method_configs = {}
-    result = tune(config, lrs, checkpoints, args.retain_eval, base, benchmark)
+    result = tune(config, lrs, checkpoints, args.retain_eval, base, benchmark,
+                  progress=_print_record)
     result["config"] = {"experiment": vars(args)}
     # A run that diverged scores gap inf (and may leave NaN metrics): JSON has neither, and the
     # strict writer refused them after the whole grid had run, writing nothing. They are null.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -150,3 +151,73 @@ def test_a_grid_point_that_diverged_is_written_with_a_null_gap(
     result = json.loads(out.read_text(), parse_constant=refuse)
     assert [r["gap"] for r in result["records"] if r["method"] == "neggrad_plus"] == [None]
     assert result["best"]["neggrad_plus"]["gap"] is None
+
+
+def _small_grid(tmp_path: Path) -> ExperimentConfig:
+    return ExperimentConfig(benchmark="digits", size="tiny", request="partial",
+                            target_tasks=["digit"], methods=["finetune"], seed=0,
+                            output=str(tmp_path / "r.json"), cache_dir=str(tmp_path / "cache"),
+                            threads=1)
+
+
+def test_tune_prints_nothing_and_hands_each_record_to_its_progress_callback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tune() printed a line per grid point on stdout, in the middle of the output of any
+    program that called it; it now prints nothing, and ``progress`` gets each record."""
+    config = _small_grid(tmp_path)
+    silent = tune(config, [1e-2], [1, 2], retain_eval=20)
+    assert capsys.readouterr() == ("", "")
+
+    received: list[dict[str, Any]] = []
+    result = tune(config, [1e-2], [1, 2], retain_eval=20, progress=received.append)
+    assert capsys.readouterr() == ("", "")
+    assert received == result["records"]
+    assert [(r["method"], r.get("steps")) for r in received] == [
+        ("original", None), ("finetune", 1), ("finetune", 2)]
+    assert [r["gap"] for r in received] == [r["gap"] for r in silent["records"]]
+    received[1]["settings"]["lr"] = 99.0  # the callback's copy, not the result's record
+    assert result["records"][1]["settings"]["lr"] == 1e-2
+
+
+class _Enough(Exception):
+    pass
+
+
+def test_an_exception_in_the_progress_callback_stops_the_grid(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def stop_after_the_original(record: dict[str, Any]) -> None:
+        seen.append(record["method"])
+        if record["method"] != "original":
+            raise _Enough
+
+    with pytest.raises(_Enough):
+        tune(_small_grid(tmp_path), [1e-2, 1e-3], [1, 2], retain_eval=20,
+             progress=stop_after_the_original)
+    assert seen == ["original", "finetune"]
+    with pytest.raises(TypeError, match="`progress` must be a callable"):
+        tune(_small_grid(tmp_path), [1e-2], [1], progress=True)  # type: ignore[arg-type]
+
+
+def test_the_command_line_still_prints_a_line_per_scored_point_then_the_best(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The lines the command line printed before tune() went quiet, character for character,
+    rebuilt from the records its --output holds."""
+    import json
+
+    out = tmp_path / "t.json"
+    assert main(["--benchmark", "digits", "--size", "tiny", "--request", "partial",
+                 "--target-tasks", "digit", "--methods", "finetune", "--lrs", "1e-2",
+                 "--checkpoints", "2,1", "--retain-eval", "20", "--output", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    original, *grid = result["records"]
+    best = result["best"]["finetune"]
+    expected = [f"original         gap={original['gap']:7.3f} (the untouched model)",
+                *(f"finetune         lr=0.01     steps={r['steps']:<4d} gap={r['gap']:7.3f} "
+                  f"({r['seconds']:.0f}s)" for r in grid),
+                "best settings (--method-config):",
+                json.dumps({"finetune": best["settings"]}),
+                f"  finetune         gap={best['gap']:.3f}"]
+    assert [r["steps"] for r in grid] == [1, 2]
+    assert capsys.readouterr().out == "\n".join(expected) + "\n"
