@@ -73,9 +73,11 @@ def test_build_request(digits) -> None:  # type: ignore[no-untyped-def]
         build_request(train, "full", seed=0, forget_ids=[10**9])
 
 
-def test_run_experiment_writes_every_field(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_run_experiment_writes_every_field(tmp_path: Path, digits,  # type: ignore[no-untyped-def]
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path)
     results = run_experiment(config, benchmark=digits)
+    assert capsys.readouterr() == ("", "")  # the table is the command line's to print
     on_disk = json.loads(Path(config.output).read_text())
     assert on_disk == results and on_disk["schema"] == SCHEMA
     # Reproducibility review: the results named torch, Python and the thread count but not
