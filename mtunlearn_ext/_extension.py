@@ -163,7 +163,9 @@ class BuildInfo(TypedDict, total=False):
 def build_info() -> BuildInfo:
     """How the extension was built: torch version, CUDA kernels and archs, OpenMP, compiler.
 
-    Returns a dict (:class:`BuildInfo`); with no compiled extension,
+    Returns a dict (:class:`BuildInfo`): the compiled extension's eight keys with
+    ``"extension": True``, ``"torch_runtime"``, ``"threads_runtime"`` (torch's intra-op thread
+    count now) and ``"package_version"``; with no compiled extension,
     ``{"extension": False, "error": ..., "torch_runtime": ..., "package_version": ...}``.
     """
     if _C is None:

@@ -157,6 +157,7 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float:
+        """The last epoch's mean loss (NaN for a run of no epoch)."""
         return self.epoch_losses[-1] if self.epoch_losses else float("nan")
 
 

@@ -508,9 +508,12 @@ class MultiTaskDataset(Dataset[dict[str, object]]):
 
     @property
     def task_names(self) -> list[str]:
+        """The task names, in the order of ``tasks`` (the columns of ``supervision``)."""
         return [t.name for t in self.tasks]
 
     def task_index(self, name: str) -> int:
+        """The column of task ``name`` in ``supervision``; ``UnknownNameError`` (a ``KeyError``
+        and a ``ValueError``) naming the data set's tasks for a name it lacks."""
         names = self.task_names
         if name not in names:
             raise UnknownNameError(f"unknown task {name!r}; this data set has tasks {names}")

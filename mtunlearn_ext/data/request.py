@@ -92,6 +92,7 @@ class ForgetRequest:
         return sorted(self.target_tasks, key=lambda name: column.get(name, len(column)))
 
     def is_full(self, dataset: MultiTaskDataset) -> bool:
+        """Whether the request targets every task of ``dataset`` (a full-task request)."""
         return set(self.resolved_tasks(dataset)) == set(dataset.task_names)
 
     def ids_hash(self) -> str:

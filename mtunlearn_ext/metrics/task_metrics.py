@@ -177,9 +177,13 @@ class MetricAccumulator:
     :func:`~mtunlearn_ext.losses.task_loss` (``ValueError`` naming the task otherwise)."""
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Pool one batch: the task's predictions and targets, ``[B, ...]`` each."""
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:
+        """Metric name -> value over every batch pooled so far; NaN where a metric is
+        undefined (nothing labelled yet; for class, segmentation and binary tasks, a NaN
+        prediction seen)."""
         raise NotImplementedError
 
     @property

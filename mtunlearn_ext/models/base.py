@@ -89,6 +89,7 @@ class ParameterSplit:
 
     @property
     def all_names(self) -> tuple[str, ...]:
+        """Every parameter name of the split: the shared ones, then each head's."""
         return self.shared + tuple(n for names in self.heads.values() for n in names)
 
 
@@ -120,6 +121,7 @@ class MultiTaskModel(nn.Module):
 
     @property
     def task_names(self) -> list[str]:
+        """The task names, in the order of ``tasks``."""
         return [t.name for t in self.tasks]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

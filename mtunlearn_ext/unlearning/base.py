@@ -190,6 +190,7 @@ class UnlearningProblem:
 
     @property
     def task_names(self) -> list[str]:
+        """Every task's name, in the data's column order."""
         return [t.name for t in self.tasks]
 
     @property
@@ -199,15 +200,19 @@ class UnlearningProblem:
 
     @property
     def non_target_tasks(self) -> list[str]:
+        """The tasks the request leaves supervised (empty for a full request)."""
         return [t for t in self.task_names if t not in self.target_tasks]
 
     def spec(self, name: str) -> TaskSpec:
+        """The :class:`TaskSpec` of task ``name``; ``UnknownNameError`` (a ``KeyError`` and a
+        ``ValueError``) naming the problem's tasks for a name it lacks."""
         for t in self.tasks:
             if t.name == name:
                 return t
         raise UnknownNameError(f"unknown task {name!r}; the problem has tasks {self.task_names}")
 
     def target_specs(self) -> list[TaskSpec]:
+        """The specs of the target tasks, in the data's column order."""
         return [t for t in self.tasks if t.name in self.target_tasks]
 
     def validate(self) -> None:
@@ -640,6 +645,7 @@ class UnlearnerConfig:
         check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a dict field -> value (what a report's ``config`` holds)."""
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> UnlearnerConfig:
