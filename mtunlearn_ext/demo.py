@@ -133,9 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Everything that would otherwise fail inside a worker process, with a traceback, after
-    minutes of training: counts, the JSON recipe overrides, the methods and settings of both
-    requests, and the partial request's task."""
+    """Raise ``ValueError`` naming the option (``FileNotFoundError`` for a real data set's
+    missing root) for everything that would otherwise fail inside a worker process, with a
+    traceback, after minutes of training: counts, the JSON recipe overrides, the methods and
+    settings of both requests, and the partial request's task."""
     from mtunlearn_ext.experiment import check_experiment
 
     for name in ("jobs", "threads"):
