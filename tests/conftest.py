@@ -21,6 +21,13 @@ if os.environ["MTUNLEARN_REQUIRE_EXTENSION"] not in ("", "0"):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "end_to_end: runs our scripts or command line whole (demo, benchmarks, "
+        "reports, CLI files and printing); scripts/test_matrix.sh's legs leave these out "
+        "unless MTUNLEARN_MATRIX_ALL=1, the main suite runs them")
+
+
 @pytest.fixture
 def poisoned_outputs():  # type: ignore[no-untyped-def]
     """Deterministic mode + NaN-filled uninitialised memory for the duration of a test."""

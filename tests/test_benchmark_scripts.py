@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
+# legs by default (they run in the main suite; the legs check the library on other
+# torch and Python versions).
+pytestmark = pytest.mark.end_to_end
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 #: One thread: the smoke runs share CI's two cores with nothing to measure.

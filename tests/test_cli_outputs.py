@@ -25,6 +25,11 @@ from mtunlearn_ext.unlearning import available_unlearners
 from mtunlearn_ext._io import sha256_of_file
 from mtunlearn_ext.workflow import OutputTransaction, UserInputError
 
+# Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
+# legs by default (they run in the main suite; the legs check the library on other
+# torch and Python versions).
+pytestmark = pytest.mark.end_to_end
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):  # type: ignore[no-untyped-def]

@@ -18,6 +18,11 @@ from test_cli import ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
 
+# Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
+# legs by default (they run in the main suite; the legs check the library on other
+# torch and Python versions).
+pytestmark = pytest.mark.end_to_end
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):  # type: ignore[no-untyped-def]

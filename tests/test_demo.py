@@ -13,6 +13,11 @@ import pytest
 from mtunlearn_ext import _io, demo
 from mtunlearn_ext import report as report_module
 
+# Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
+# legs by default (they run in the main suite; the legs check the library on other
+# torch and Python versions).
+pytestmark = pytest.mark.end_to_end
+
 
 def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"

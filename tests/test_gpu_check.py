@@ -17,6 +17,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
+# Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
+# legs by default (they run in the main suite; the legs check the library on other
+# torch and Python versions).
+pytestmark = pytest.mark.end_to_end
+
 # As Stages.command runs the test stages: benchmarks/ (the failure-naming plugin) importable.
 STAGE_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
 

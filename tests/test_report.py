@@ -25,6 +25,11 @@ from mtunlearn_ext.unlearning.interference import InterferenceMatrix
 from mtunlearn_ext.unlearning.interference_aware import InterferenceAwareConfig
 from mtunlearn_ext.workflow import UserInputError
 
+# Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
+# legs by default (they run in the main suite; the legs check the library on other
+# torch and Python versions).
+pytestmark = pytest.mark.end_to_end
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LABELS = ["forget/a", "retain/a", "retain/b"]
 
