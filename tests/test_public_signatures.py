@@ -13,7 +13,9 @@ import pytest
 
 import mtunlearn_ext
 
-_PACKAGES = ["mtunlearn_ext", *(f"mtunlearn_ext.{name}" for name in mtunlearn_ext._SUBMODULES),
+# ops is imported eagerly, so it is not among the lazily loaded _SUBMODULES: named here.
+_PACKAGES = ["mtunlearn_ext", "mtunlearn_ext.ops",
+             *(f"mtunlearn_ext.{name}" for name in mtunlearn_ext._SUBMODULES),
              "mtunlearn_ext.unlearning.baselines"]
 
 # Where a variadic parameter is the interface: an unlearner takes its config's fields as
