@@ -155,6 +155,8 @@ class ExperimentConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the first field that is out of range
+        or of the wrong type."""
         check_field_types(self)
         if self.request not in REQUEST_TYPES:
             raise ValueError(f"ExperimentConfig: `request` must be 'full' or 'partial', got "

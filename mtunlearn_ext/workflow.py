@@ -338,6 +338,7 @@ class LoadedModel:
 
     @property
     def meta(self) -> dict[str, Any]:
+        """The checkpoint's metadata (benchmark, recipe, lineage, file digests)."""
         return self.checkpoint.meta
 
 

@@ -87,6 +87,7 @@ class SplitModel(nn.Module):
                      ) -> dict[str, torch.Tensor]: ...
 
     def parameter_split(self) -> ParameterSplit:
+        """The shared / per-head parameter names given to :func:`~mtunlearn_ext.unlearn`."""
         return self._split
 
     def __getattr__(self, name: str) -> Any:

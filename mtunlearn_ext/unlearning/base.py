@@ -667,6 +667,8 @@ class CurveRecorder:
         self.steps: dict[str, list[int]] = {}
 
     def log(self, step: int, **values: float | torch.Tensor | None) -> None:
+        """Append each named value to its curve at ``step``; ``None`` values are skipped,
+        tensors (one element each) read to floats."""
         given = {name: value for name, value in values.items() if value is not None}
         tensors = [v for v in given.values() if isinstance(v, torch.Tensor)]
         read: dict[int, float] = {}

@@ -125,5 +125,7 @@ class BatchStream:
 
     @property
     def batches_per_pass(self) -> int:
+        """Batches in one pass over the data set (a short last batch counts unless
+        ``drop_last``)."""
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -100,9 +100,11 @@ class ParameterGroups:
 
     @property
     def shared_params(self) -> list[nn.Parameter]:
+        """The shared backbone's parameters, in ``shared``'s order."""
         return [p for _, p in self.shared]
 
     def head_params(self, task: str) -> list[nn.Parameter]:
+        """Task ``task``'s head parameters (``KeyError`` for a task without a group)."""
         return [p for _, p in self.heads[task]]
 
     @property
@@ -112,10 +114,12 @@ class ParameterGroups:
 
     @property
     def all_params(self) -> list[nn.Parameter]:
+        """Every parameter in the canonical order of :attr:`all`."""
         return [p for _, p in self.all]
 
     @property
     def all_names(self) -> list[str]:
+        """Every parameter's name in the canonical order of :attr:`all`."""
         return [n for n, _ in self.all]
 
     def split(self, values: Sequence[_T], tasks: Sequence[str] | None = None
@@ -140,6 +144,7 @@ class ParameterGroups:
         return len(self.shared)
 
     def numel(self) -> int:
+        """The number of trainable values over every group."""
         return sum(p.numel() for p in self.all_params)
 
 

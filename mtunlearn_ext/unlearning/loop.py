@@ -237,6 +237,7 @@ class StepContext:
     state: dict[str, Any] = field(default_factory=dict)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The model's per-task outputs for ``batch["input"]``."""
         # The whole input structure goes to the model: a library model takes its tensor, a
         # user's multi-input module is unpacked by the API's wrapper (``SplitModel``).
         inputs: Inputs = batch["input"]  # type: ignore[assignment]
