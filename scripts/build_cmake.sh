@@ -52,7 +52,9 @@ PYEOF
 # references) and ops called only by name under --as-needed. The install copies the built
 # library; no kernel is compiled again.
 outside_started=$SECONDS
-outside="$BUILD_DIR/outside"
+# Absolute: CMake resolves a relative CMAKE_PREFIX_PATH entry against the consumer's source
+# folder (tests/cpp/outside_consumer), not here, and would not find the install.
+outside=$(realpath -m "$BUILD_DIR/outside")
 rm -rf "$outside/prefix"
 cmake --install "$BUILD_DIR" --prefix "$outside/prefix" >/dev/null
 echo "installed into $outside/prefix:" $(cd "$outside/prefix" && find . -type f | sort)
