@@ -337,7 +337,8 @@ def test_uis_floor_refuses_a_data_set_that_describes_a_task_otherwise() -> None:
 
     test, pool = split(60), split(50)
     spec = TaskSpec("kind", "classification", num_classes=3)
-    as_set = [MultiTaskDataset(d[0], d[1], [spec]) for d in (test, pool)]
+    as_set = [MultiTaskDataset(d[0], d[1], [spec], ids=torch.arange(first, first + len(d[0])))
+              for d, first in ((test, 0), (pool, 1000))]  # ids of their own: other instances
     model = _TwoHeads().eval()
     message = (r"uis_floor: `reference` describes task 'kind' as TaskSpec\(name='kind', "
                r"kind='classification'.*but `tasks` as 'regression'; they must agree")

@@ -58,9 +58,38 @@ def test_a_draw_of_the_whole_pool_is_the_pools_uis(indoor_tiny, indoor_tiny_mode
 
 def test_the_reference_itself_has_no_distance(indoor_tiny, indoor_tiny_model) -> None:
     test = indoor_tiny.test
-    floor = uis_floor(indoor_tiny_model, test, test, len(test), draws=2, batch_size=64)
+    # The reference's rows under ids of their own (the reference itself is refused, below):
+    # the floor's zero point, draws that score exactly O_t.
+    renumbered = MultiTaskDataset(test.inputs, test.targets, test.tasks,
+                                  ids=test.ids + 10**6, supervision=test.supervision)
+    floor = uis_floor(indoor_tiny_model, test, renumbered, len(test), draws=2, batch_size=64)
     assert floor.mean == 0.0 and floor.quantile(0.95) == 0.0
     assert all(v == 0.0 for metrics in floor.forget_change.values() for v in metrics.values())
+
+
+def test_an_unseen_pool_sharing_instances_with_the_reference_is_refused(
+        indoor_tiny, indoor_tiny_model, pool) -> None:
+    """``unseen`` was documented never to be the reference split nor overlap it (its instances
+    are already in O_t, and draws of them score nearer O_t than unseen data does: the floor
+    reads too low), but nothing checked it: the reference itself measured a floor of 0."""
+    test = indoor_tiny.test
+    with pytest.raises(ValueError, match=r"^uis_floor: `unseen` shares 24 instances with "
+                                         r"`reference` \(ids \[\d+, \d+, \d+, \d+, \d+, "
+                                         r"\.\.\.\]; `unseen` is `reference` itself\).*O_t"):
+        uis_floor(indoor_tiny_model, test, test, 4, draws=2)
+    # A pool with a few of the test split's instances among unseen ones.
+    some = test.subset([3, 7])
+    mixed = MultiTaskDataset(torch.cat([pool.inputs, some.inputs]),
+                             {t: torch.cat([pool.targets[t], some.targets[t]])
+                              for t in pool.task_names},
+                             pool.tasks, ids=torch.cat([pool.ids, some.ids]),
+                             supervision=torch.cat([pool.supervision, some.supervision]))
+    shared = sorted(some.ids.tolist())
+    with pytest.raises(ValueError, match=rf"^uis_floor: `unseen` shares 2 instances with "
+                                         rf"`reference` \(ids \[{shared[0]}, {shared[1]}\]\)"):
+        uis_floor(indoor_tiny_model, test, mixed, 4, draws=2)
+    # Fresh scenes, ids of their own: measured.
+    assert uis_floor(indoor_tiny_model, test, pool, 4, draws=2).draws.shape == (2,)
 
 
 def test_draws_are_seeded_and_smaller_sets_scatter_more(indoor_tiny, indoor_tiny_model,
@@ -186,10 +215,12 @@ def _tuple_data(rows: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Ten
              "size": torch.randn(rows, 1, generator=generator)})
 
 
-def _as_dataset(data: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> MultiTaskDataset:
+def _as_dataset(data: tuple[torch.Tensor, dict[str, torch.Tensor]], first_id: int = 0
+                ) -> MultiTaskDataset:
     x, y = data
     return MultiTaskDataset(x, {"kind": y["kind"]},
-                            [TaskSpec("kind", "classification", num_classes=3)])
+                            [TaskSpec("kind", "classification", num_classes=3)],
+                            ids=torch.arange(first_id, first_id + len(x)))
 
 
 def test_tuple_data_and_a_plain_module_as_unlearn_takes_them() -> None:
@@ -203,13 +234,16 @@ def test_tuple_data_and_a_plain_module_as_unlearn_takes_them() -> None:
     floor = api_uis_floor(model, test, pool, 10, tasks={"kind": "classification"}, draws=20)
     # The same measurement on the same values given as data sets, with the module called as a
     # MultiTaskModel is: equal to the last bit.
-    expected = uis_floor(_CalledWithTasks(model), _as_dataset(test), _as_dataset(pool), 10,
-                         tasks=["kind"], draws=20)
+    expected = uis_floor(_CalledWithTasks(model), _as_dataset(test), _as_dataset(pool, 1000),
+                         10, tasks=["kind"], draws=20)
     assert torch.equal(floor.draws, expected.draws)
     assert floor.pool_size == 50 and floor.forget_size == 10
     assert set(floor.original_test) == {"kind"}  # the other task's targets are left out
-    # One split a data set, the other a tuple: the task's kind comes from the data set.
+    # One split a data set, the other a tuple: the task's kind comes from the data set (whose
+    # ids, here those the tuple gets, are no obstacle either way round).
     mixed = api_uis_floor(model, _as_dataset(test), pool, 10, tasks=["kind"], draws=20)
+    assert torch.equal(mixed.draws, expected.draws)
+    mixed = api_uis_floor(model, test, _as_dataset(pool), 10, tasks=["kind"], draws=20)
     assert torch.equal(mixed.draws, expected.draws)
     # A supervision mask (columns in the order of `tasks`) keeps its unlabelled rows out: the
     # whole pool scores as the labelled rows alone.
@@ -220,6 +254,46 @@ def test_tuple_data_and_a_plain_module_as_unlearn_takes_them() -> None:
     labelled = api_uis_floor(model, test, (pool[0][10:], {"kind": pool[1]["kind"][10:]}), 40,
                          tasks={"kind": "classification"}, draws=1)
     assert torch.equal(masked.draws, labelled.draws)
+
+
+def test_the_api_refuses_an_unseen_split_sharing_instances_with_the_reference() -> None:
+    """As the metric does (by id), for the forms unlearn() takes: tuple rows carry no ids, so
+    they are compared by content (equal inputs and labels), the ids the API makes up for them
+    (0..N-1 for both splits) being no instances' ids."""
+    from mtunlearn_ext import uis_floor as api_uis_floor
+
+    model = _TwoHeads().eval()
+    kinds = {"kind": "classification"}
+    test, pool = _tuple_data(60, seed=1), _tuple_data(50, seed=2)
+    with pytest.raises(ValueError, match=r"^uis_floor: `unseen` shares 60 instances with "
+                                         r"`reference` \(`unseen` rows \[0, 1, 2, 3, 4, "
+                                         r"\.\.\.\] have the inputs and labels of `reference` "
+                                         r"rows \[0, 1, 2, 3, 4, \.\.\.\]; .* compared by "
+                                         r"content; `unseen` is `reference` itself\); `unseen` "
+                                         r"must hold instances outside the reference split"):
+        api_uis_floor(model, test, test, 10, tasks=kinds)
+    # Two test rows among the pool's, in a tuple beside a tuple or beside a data set.
+    x = torch.cat([pool[0], test[0][[5, 9]]])
+    y = {t: torch.cat([pool[1][t], test[1][t][[5, 9]]]) for t in pool[1]}
+    message = (r"^uis_floor: `unseen` shares 2 instances with `reference` \(`unseen` rows "
+               r"\[50, 51\] have the inputs and labels of `reference` rows \[5, 9\]")
+    with pytest.raises(ValueError, match=message):
+        api_uis_floor(model, test, (x, y), 10, tasks=kinds)
+    with pytest.raises(ValueError, match=message):
+        api_uis_floor(model, _as_dataset(test), (x, y), 10, tasks=["kind"])
+    with pytest.raises(ValueError, match=message):
+        api_uis_floor(model, test, _as_dataset((x, y), 1000), 10, tasks=["kind"])
+    # Equal inputs labelled otherwise are other instances (duplicate images).
+    relabelled = {t: v.clone() for t, v in y.items()}
+    relabelled["kind"][50:] = (relabelled["kind"][50:] + 1) % 3
+    assert api_uis_floor(model, test, (x, relabelled), 10, tasks=kinds, draws=2).pool_size == 52
+    # Two data sets: compared by id, by the metric.
+    with pytest.raises(ValueError, match=r"^uis_floor: `unseen` shares 50 instances with "
+                                         r"`reference` \(ids \[0, 1, 2, 3, 4, \.\.\.\]\);"
+                                         r".*give `unseen` ids of its own"):
+        api_uis_floor(model, _as_dataset(test), _as_dataset(pool), 10, tasks=["kind"])
+    assert api_uis_floor(model, _as_dataset(test), _as_dataset(pool, 1000), 10,
+                         tasks=["kind"], draws=2).pool_size == 50
 
 
 def test_tuple_data_needs_the_task_kinds_and_none_is_refused_by_name() -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext.api._data_forms import as_dataset, check_data_like, read_in
+from mtunlearn_ext.api._instance_matching import rows_of_instances_in
 from mtunlearn_ext.api._model_split import SplitModel, has_own_split
 from mtunlearn_ext.api._task_specs import classes_predicted_by, task_specs, tasks_from_data
 from mtunlearn_ext.api._types import DataLike, InMemoryData, TasksSpec
@@ -23,6 +24,8 @@ from mtunlearn_ext.metrics.scores import Scores
 from mtunlearn_ext.metrics.uis_floor import (
     UISFloor,
     WHAT_EACH_SPLIT_IS,
+    first_few,
+    shared_instances_error,
     uis_floor as _measure_uis_floor,
 )
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
@@ -187,7 +190,8 @@ def uis_floor(model: nn.Module, reference: InMemoryData, unseen: InMemoryData,
             task -> output, called as :func:`unlearn` calls it.
         reference: the split UIS compares with (the test split).
         unseen: instances ``model`` never trained on, from the forget set's distribution (a
-            validation split, instances held back from training); never ``reference``.
+            validation split, instances held back from training); never ``reference`` nor
+            any of its instances (data sets compared by id, tuples by inputs and labels).
             Both: a :class:`~mtunlearn_ext.data.MultiTaskDataset` or ``(inputs, targets[,
             supervision])`` (:data:`InMemoryData`; a supervision mask's columns follow ``tasks``;
             targets of other tasks are left out).
@@ -229,16 +233,38 @@ def uis_floor(model: nn.Module, reference: InMemoryData, unseen: InMemoryData,
         check_data_like(value, label, "uis_floor", reads_torch_data=False)
     specs = _uis_floor_specs(model, tasks, data)
     names = [spec.name for spec in specs]
-    converted = []
+    converted: list[MultiTaskDataset] = []
     for label, value in data:
         if not isinstance(value, MultiTaskDataset):
             # Only the measured tasks' targets: the data may carry every task of the model (as
-            # for unlearn), and UIS averages over some of them.
+            # for unlearn), and UIS averages over some of them. Ids past the other split's:
+            # made-up ids name no instance, and the metric compares the splits' ids.
             own = cast(tuple, value)
             kept = {t: v for t, v in own[1].items() if t in names}
+            other = unseen if label == "reference" else converted[0]
+            past = (int(other.ids.max()) + 1 if isinstance(other, MultiTaskDataset)
+                    and len(other) else 0)
             value = as_dataset(cast(InMemoryData, (own[0], kept, *own[2:])), specs, label,
-                                op="uis_floor")
+                               id_offset=past, op="uis_floor")
         converted.append(value)
+    _check_disjoint_rows(converted[0], converted[1], unseen is reference)
     return _measure_uis_floor(measured, converted[0], converted[1], forget_size, tasks=names,
                               draws=draws, seed=seed, batch_size=batch_size,
                               original_test=original_test)
+
+
+def _check_disjoint_rows(reference: MultiTaskDataset, unseen: MultiTaskDataset,
+                         same_object: bool) -> None:
+    """Refuse ``unseen`` rows that are instances of ``reference``, where one of them came as
+    a tuple: its ids were made here and name no instance, so rows are compared by content, as
+    :func:`unlearn` compares such held-out data with the training data (equal inputs with
+    equal labels are the same instance as far as the model can tell; equal inputs labelled
+    otherwise are another one). One pass over each split's inputs, cheaper than the forward
+    pass over ``unseen`` that the floor makes anyway."""
+    equal = rows_of_instances_in(unseen, reference)
+    if equal:
+        raise shared_instances_error(
+            len(equal), f"`unseen` rows [{first_few([row for row, _ in equal])}] have the "
+            f"inputs and labels of `reference` rows [{first_few([row for _, row in equal])}]; "
+            "a split given as (inputs, targets) carries no ids, so rows are compared by "
+            "content", same_object)

@@ -103,6 +103,17 @@ def _same_labels(data: MultiTaskDataset, row: int, other: MultiTaskDataset, othe
     return common > 0
 
 
+def rows_of_instances_in(data: MultiTaskDataset, other: MultiTaskDataset
+                         ) -> list[tuple[int, int]]:
+    """``(row, other row)`` for every row of ``data`` that is an instance of ``other`` as far
+    as the model can tell: equal inputs, and equal labels on every task both rows supervise
+    (one at least), as :func:`check_unseen` compares rows whose ids say nothing."""
+    def same_pairs(row: int, other_row: int) -> bool:
+        return _same_labels(data, row, other, other_row)
+
+    return equal_input_rows(data.inputs, other.inputs, torch.arange(len(other)), same_pairs)
+
+
 @dataclass(frozen=True)
 class TrainedRows:
     """Training rows as the caller gave them, for the checks that held-out and audit data are

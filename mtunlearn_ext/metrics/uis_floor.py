@@ -97,6 +97,7 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
                             f"{WHAT_EACH_SPLIT_IS[label]}; got {type(data).__name__} (for "
                             f"(inputs, targets) tuples and plain modules, as unlearn() takes "
                             f"them, use mtunlearn_ext.uis_floor)")
+    _check_disjoint(reference, unseen)
     check_positive_int(forget_size, "forget_size", "uis_floor")
     if forget_size > len(unseen):
         raise ValueError(f"uis_floor: `forget_size` ({forget_size}) exceeds the `unseen` pool "
@@ -113,6 +114,46 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
             raise ValueError(f"uis_floor: unknown task(s) {unknown} for `{label}` (its tasks: "
                              f"{data.task_names})")
     return names
+
+
+def _check_disjoint(reference: MultiTaskDataset, unseen: MultiTaskDataset) -> None:
+    """Refuse an ``unseen`` pool holding instances of ``reference``: they are in ``O_t``
+    already, so draws of them score nearer ``O_t`` than unseen data does and the floor reads
+    too low (the reference itself measures 0).
+
+    Instances are compared by id, as the library names them everywhere: requests name
+    instances by id, :func:`~mtunlearn_ext.unlearn` checks held-out and audit data sets
+    against the training data by id, the generated benchmarks number their splits one after
+    the other, and :func:`~mtunlearn_ext.data.unseen_instances` gives its pool ids past all of
+    theirs for this. Rows are not compared here: the ids already say which instance a row is,
+    and equal rows can be other instances (duplicate images, categorical features). Tuple
+    data, whose ids say nothing, is compared by content in :func:`mtunlearn_ext.uis_floor`
+    before it gets here."""
+    reference_ids = reference.ids.to("cpu", torch.long)
+    unseen_ids = unseen.ids.to("cpu", torch.long)
+    shared = unseen_ids[torch.isin(unseen_ids, reference_ids)].sort().values.tolist()
+    if not shared:
+        return
+    raise shared_instances_error(len(shared), f"ids [{first_few(shared)}]", unseen is reference,
+                                 ". If they are other instances, give `unseen` ids of its own "
+                                 "(MultiTaskDataset(..., ids=...))")
+
+
+def shared_instances_error(count: int, which: str, same_object: bool, hint: str = ""
+                           ) -> ValueError:
+    """The error refusing an ``unseen`` that shares ``count`` instances with ``reference``
+    (here, and in mtunlearn_ext.uis_floor for tuple data): ``which`` names them."""
+    itself = "; `unseen` is `reference` itself" if same_object else ""
+    return ValueError(f"uis_floor: `unseen` shares {count} instance{'s' if count != 1 else ''} "
+                      f"with `reference` ({which}{itself}); `unseen` must hold instances "
+                      "outside the reference split, whose instances O_t already contains "
+                      "(draws of them score nearer O_t than unseen data does, and the floor "
+                      f"reads too low){hint}")
+
+
+def first_few(values: Sequence[int]) -> str:
+    """The first five of ``values`` for a message, ``...`` after them when there are more."""
+    return ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
 
 
 def _labelled_count(data: MultiTaskDataset, tasks: Sequence[str]) -> str:
@@ -136,7 +177,7 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
         unseen: a pool of instances ``model`` never trained on, from the distribution of the
             forget set (e.g. fresh draws of a generated benchmark,
             :func:`~mtunlearn_ext.data.unseen_instances`); never the ``reference`` split, whose
-            instances ``O_t`` already contains.
+            instances ``O_t`` already contains, nor any of its instances (compared by id).
         forget_size: ``n``, instances per draw (the forget set's size); at most ``len(unseen)``.
         tasks: the tasks UIS averages over (the request's target tasks; default all of
             ``reference``'s).
@@ -146,7 +187,8 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
         original_test: ``O_t`` (task -> metric -> value) when already measured.
 
     Raises:
-        ValueError: a task of ``tasks`` without a supervised, labelled pair in ``reference``
+        ValueError: an ``unseen`` sharing an instance id with ``reference``; a task of
+            ``tasks`` without a supervised, labelled pair in ``reference``
             (no ``O_t``) or in one of the draws (no forget score: a forget set lacking a
             target task's label has no UIS); a non-finite score of a draw.
     """
