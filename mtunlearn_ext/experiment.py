@@ -34,8 +34,8 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -673,9 +673,15 @@ class _Setup:
     phases: dict[str, float]
 
 
-#: Run a block with ``threads`` torch intra-op threads (``ExperimentConfig.threads``; ``None``:
-#: torch's setting as it is), then restore the count it had before.
-experiment_threads = cpu_threads
+@contextmanager
+def experiment_threads(num_threads: int | None) -> Iterator[None]:
+    """Run a block with ``num_threads`` torch intra-op threads (``ExperimentConfig.threads``;
+    ``None``: torch's setting as it is), then restore the count it had before. Every
+    experiment function runs its work under it; ``with experiment_threads(config.threads):``
+    runs calls of your own with the experiment's thread count (a torch kernel's result may
+    depend on it)."""
+    with cpu_threads(num_threads):
+        yield
 
 
 def _callers_random_state_kept(config: ExperimentConfig) -> AbstractContextManager[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -487,6 +488,31 @@ def test_the_experiment_functions_restore_the_thread_count(tmp_path: Path, digit
     assert torch.get_num_threads() == 2
     with torch_threads(1):
         assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_experiment_threads_is_a_function_of_its_own() -> None:
+    """It was the alias ``experiment_threads = cpu_threads``: help() and its repr showed
+    ``mtunlearn_ext.training.cpu_threads`` and that function's docstring, with no word of
+    ``ExperimentConfig.threads``, though the experiment module exports it."""
+    import pydoc
+
+    from mtunlearn_ext.experiment import experiment_threads
+
+    assert experiment_threads.__name__ == "experiment_threads"
+    assert experiment_threads.__module__ == "mtunlearn_ext.experiment"
+    assert "experiment_threads" in repr(experiment_threads)
+    assert "ExperimentConfig.threads" in (experiment_threads.__doc__ or "")
+    assert pydoc.render_doc(experiment_threads).count("cpu_threads") == 0
+    assert list(inspect.signature(experiment_threads).parameters) == ["num_threads"]
+    torch.set_num_threads(2)  # conftest restores the module's count after the test
+    with experiment_threads(num_threads=1):
+        assert torch.get_num_threads() == 1
+        with experiment_threads(None):  # the setting as it is
+            assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(KeyError), experiment_threads(1):  # restored on the way out of an error
+        raise KeyError("raised inside the block")
     assert torch.get_num_threads() == 2
 
 
