@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "shared CPU)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes (trainings and the two requests run in parallel)")
+    # --no-progress, as benchmarks/compare.py's: the bar is all it hides (the log lines and
+    # tables on stdout stay), where the command line's --quiet would promise a silent run.
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress bar over the demo's six stages on stderr "
+                             "(--no-progress: none; the log lines on stdout stay)")
     return parser
 
 
@@ -266,6 +271,15 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
         return _run_demo(args, start)
 
 
+def _stage_bar(progress: bool) -> Any:
+    """The bar over the demo's six stages (three trainings, two requests, the report), on
+    stderr; ``progress`` False: a disabled bar, which draws nothing (``tqdm.write`` still
+    prints the log lines)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=6, desc="demo", unit="stage", disable=not progress)
+
+
 def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     import multiprocessing
     from concurrent.futures import Future, ProcessPoolExecutor
@@ -288,7 +302,7 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     # Three trainings (original, and one retrained model per request) and two request runs,
     # scheduled on ``--jobs`` single-threaded workers: on 2 cores the original and the first
     # retraining run side by side, then each request starts as soon as its models exist.
-    stages = tqdm(total=6, desc="demo", unit="stage")
+    stages = _stage_bar(args.progress)
     results: dict[str, dict[str, Any]] = {}
     matrices: dict[str, dict[str, Any]] = {}
     unlearned_state = None

@@ -42,6 +42,9 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     printed = capsys.readouterr()
     text = printed.out + printed.err
     assert "full-task request done" in text and "partial-task request done" in text
+    # The log lines on stdout, the stage bar (on by default) on stderr, run to its end.
+    assert "full-task request done" in printed.out and "demo:" not in printed.out
+    assert "demo: 100%" in printed.err and "6/6" in printed.err
     for request in ("full", "partial"):
         results = json.loads((out / f"{request}.json").read_text())
         assert {"original", "retrained", "finetune", demo.METHOD} <= set(results["models"])
@@ -185,6 +188,47 @@ def test_every_bar_series_has_its_own_colour(tmp_path, monkeypatch):
     reserved = {"original": "#7f7f7f", "retrained": "#2ca02c", demo.METHOD: "#d62728"}
     assert {label: colours[label] for label in reserved} == reserved
     assert len(set(colours.values())) == len(labels), colours  # every series its own colour
+
+
+def test_no_progress_hides_the_stage_bar_and_keeps_the_log_lines(tmp_path, monkeypatch, capsys):
+    """The stage bar had no switch of its own (only tqdm's TQDM_DISABLE=1 hid it), where
+    benchmarks/compare.py takes --no-progress. Checked without a run (a whole one takes
+    ~30 s): main hands the switch to the bar, and the bar draws on stderr or nothing."""
+    from tqdm.auto import tqdm
+
+    parser = demo.build_parser()
+    assert parser.parse_args([]).progress is True
+    assert parser.parse_args(["--no-progress"]).progress is False
+    assert "--no-progress" in parser.format_help()
+
+    class Stop(Exception):
+        pass
+
+    asked: list[bool] = []
+
+    def bar(progress: bool):  # type: ignore[no-untyped-def]
+        asked.append(progress)
+        raise Stop  # before any work
+
+    stage_bar = demo._stage_bar
+    monkeypatch.setattr(demo, "check_args", lambda args: None)
+    monkeypatch.setattr(demo, "_stage_bar", bar)
+    for switch in ([], ["--no-progress"], ["--progress"]):
+        with pytest.raises(Stop):
+            demo.main(["--size", "tiny", "--output-dir", str(tmp_path / "o"), *switch])
+    assert asked == [True, False, True]
+    capsys.readouterr()
+    for progress in (True, False):
+        stages = stage_bar(progress)
+        tqdm.write("a log line")
+        stages.update(6)
+        stages.close()
+        printed = capsys.readouterr()
+        assert printed.out == "a log line\n"
+        if progress:
+            assert "demo: 100%" in printed.err and "6/6" in printed.err
+        else:
+            assert printed.err == ""
 
 
 def test_the_wall_time_counts_the_argument_checks(tmp_path, monkeypatch):
