@@ -918,6 +918,12 @@ class _FiniteGuard:
     reads anyway (every ``check_every``-th and the last), so the guard adds no
     synchronisation on CUDA (reading two flags per parameter after every step did) and still
     names the first step and tensor. A run goes on at most ``check_every - 1`` steps past it.
+
+    A tensor is finite exactly when its largest magnitude is: one ``torch._foreach_norm`` of
+    order infinity over every gradient and parameter (a NaN anywhere makes the maximum NaN,
+    an Inf makes it Inf; no sum that could overflow on large finite values) gives all the
+    flags of a step in one multi-tensor reduction on CUDA, instead of two reductions per
+    parameter.
     """
 
     def __init__(self, check_every: int = 1, total_steps: int | None = None) -> None:
@@ -926,20 +932,35 @@ class _FiniteGuard:
         self._first_flags: torch.Tensor | None = None  # the first bad step's flags, or all True
         self._first_step: torch.Tensor | None = None  # that step (0-based), or -1
         self._model: nn.Module | None = None
+        # A finite stand-in, per device and dtype, for a missing gradient and an empty tensor
+        # (whose infinity norm is refused: a maximum over nothing has no identity).
+        self._finite_stand_ins: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _finite_stand_in(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._finite_stand_ins:
+            self._finite_stand_ins[key] = torch.zeros(1, dtype=like.dtype, device=like.device)
+        return self._finite_stand_ins[key]
+
+    def step_flags(self, model: nn.Module) -> torch.Tensor | None:
+        """Two flags per parameter, in ``named_parameters`` order: its gradient finite (true
+        without one) and itself finite; on the first parameter's device, nothing read back.
+        ``None`` for a model without parameters."""
+        parameters = [p for _, p in model.named_parameters()]
+        if not parameters:
+            return None
+        checked = [tensor if tensor is not None and tensor.numel() else self._finite_stand_in(p)
+                   for p in parameters for tensor in (p.grad, p)]
+        largest = torch._foreach_norm([t.detach() for t in checked], float("inf"))
+        device = parameters[0].device
+        return torch.isfinite(torch.stack([m.to(device) for m in largest]))
 
     def __call__(self, steps_done: int, model: nn.Module) -> None:
         self.steps_done, self._model = steps_done, model
         step = steps_done - 1
-        named = list(model.named_parameters())
-        if not named:
+        flags = self.step_flags(model)
+        if flags is None:
             return
-        device = named[0][1].device
-        # Two flags per parameter, its gradient's (true without one) and its own: one list
-        # length for every step, whichever parameters got a gradient in it.
-        no_gradient = torch.ones((), dtype=torch.bool, device=device)
-        flags = torch.stack([flag for _, p in named for flag in (
-            no_gradient if p.grad is None else torch.isfinite(p.grad).all().to(device),
-            torch.isfinite(p).all().to(device))])
         all_finite = flags.all()
         if self._first_flags is None or self._first_step is None:
             self._first_flags = flags
@@ -999,6 +1020,29 @@ def _as_settings_error(method: str, settings: Mapping[str, Any]) -> Iterator[Non
                              ) from error
 
 
+def _explained_run_error(error: Exception, unlearner: Unlearner, guard: _FiniteGuard,
+                         method: str, settings: Mapping[str, Any]) -> Exception | None:
+    """The user-facing error a method's failure stands for, or ``None`` for a bug (kept as is,
+    with its traceback)."""
+    from mtunlearn_ext.unlearning import GradientUnlearner
+
+    step_based = isinstance(unlearner, GradientUnlearner)
+    if isinstance(error, FloatingPointError):
+        # A method's own check (the surgery ops refuse NaN/Inf gradients) stops it inside a
+        # step, before the guard's callback: the same policy and exit status.
+        # The op's advice to its caller (check_finite=False) is no option of a run's.
+        where = str(error).replace("; pass finite values (or check_finite=False to let them "
+                                   "propagate)", "")
+        return NonFiniteError(guard.steps_done if step_based else None, where)
+    if isinstance(error, ValueError) and step_based and guard.steps_done == 0:
+        # Refused before the first step: the method's setup found the request and settings
+        # do not fit (a capped objective whose task the request leaves no retain pair of,
+        # say); a user's input, said in one line, not a traceback. Later ones are bugs.
+        return UserInputError("--method-config", f"settings of {method!r} that fit this "
+                              "request", dict(settings), str(error))
+    return None
+
+
 def run_unlearning(problem: UnlearningProblem, method: str,
                    settings: Mapping[str, Any]) -> UnlearningResult:
     """Run the registered ``method`` with ``settings`` on ``problem`` under the NaN/Inf guard.
@@ -1019,34 +1063,18 @@ def run_unlearning(problem: UnlearningProblem, method: str,
     if isinstance(unlearner, GradientUnlearner):
         unlearner.step_callbacks.append(guard)
     try:
-        try:
-            result = unlearner.unlearn(problem)
-            guard.raise_if_diverged()  # flags of steps after the last read (none if it was)
-        except NonFiniteError:
-            raise
-        except Exception:
-            # A step after the first non-finite one, not yet read back, failed on its NaN
-            # (an op's own check, a solver): the first one is what went wrong.
-            guard.raise_if_diverged()
-            raise
+        result = unlearner.unlearn(problem)
     except NonFiniteError:
         raise
-    except ValueError as error:
-        # Refused before the first step: the method's setup found the request and settings
-        # do not fit (a capped objective whose task the request leaves no retain pair of,
-        # say); a user's input, said in one line, not a traceback. Later ones are bugs.
-        if isinstance(unlearner, GradientUnlearner) and guard.steps_done == 0:
-            raise UserInputError("--method-config", f"settings of {method!r} that fit this "
-                                 "request", dict(settings), str(error)) from error
-        raise
-    except FloatingPointError as error:
-        # A method's own check (the surgery ops refuse NaN/Inf gradients) stops it inside a
-        # step, before the guard's callback: the same policy and exit status.
-        step = guard.steps_done if isinstance(unlearner, GradientUnlearner) else None
-        # The op's advice to its caller (check_finite=False) is no option of a run's.
-        where = str(error).replace("; pass finite values (or check_finite=False to let them "
-                                   "propagate)", "")
-        raise NonFiniteError(step, where) from error
+    except Exception as error:
+        # A step after the first non-finite one, not yet read back, failed on its NaN (an
+        # op's own check, a solver): the first one is what went wrong.
+        guard.raise_if_diverged()
+        explained = _explained_run_error(error, unlearner, guard, method, settings)
+        if explained is None:
+            raise
+        raise explained from error
+    guard.raise_if_diverged()  # flags of steps after the last read (none if it was)
     for name, p in result.model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise NonFiniteError(result.report.steps, f"parameter {name} after the run")

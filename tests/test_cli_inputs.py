@@ -427,3 +427,122 @@ def test_the_finite_guard_follows_gradients_that_come_and_go() -> None:
     guard(2, model)
     with pytest.raises(NonFiniteError, match=r"at step 1: gradient of 1\.bias;"):
         guard.raise_if_diverged()
+
+
+def _guard_flags_one_tensor_at_a_time(model: nn.Module) -> list[bool]:
+    """The guard's flags, computed the plain way: each gradient and parameter on its own."""
+    return [bool(torch.isfinite(t).all()) if t is not None else True
+            for p in model.parameters() for t in (p.grad, p)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_finite_guard_flags_every_nan_and_inf_it_is_shown(dtype: torch.dtype) -> None:
+    """The guard takes each tensor's largest magnitude in one multi-tensor reduction: the
+    flags must equal the per-tensor `isfinite(...).all()` ones whatever is poisoned (a NaN
+    beside values near the type's largest, where a sum of squares would overflow to a false
+    Inf; -Inf; an empty parameter; a missing gradient) and name the poisoned tensor."""
+    from mtunlearn_ext.workflow import _FiniteGuard
+
+    gen = torch.Generator().manual_seed(0)
+    largest = torch.finfo(dtype).max
+    for trial in range(40):
+        model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).to(dtype)
+        model.register_parameter("empty", nn.Parameter(torch.empty(0, 3, dtype=dtype)))
+        tensors = []
+        for k, p in enumerate(model.parameters()):
+            if k != 1 or trial % 2:  # the first bias has no gradient in half the trials
+                p.grad = torch.full_like(p, largest / 2)
+                tensors.append(p.grad)
+            tensors.append(p.data)
+        poisoned = [t for t in tensors if t.numel()]
+        target = poisoned[int(torch.randint(len(poisoned), (1,), generator=gen))]
+        index = int(torch.randint(target.numel(), (1,), generator=gen))
+        bad = (float("nan"), float("inf"), -float("inf"))[trial % 3]
+        target.view(-1)[index] = bad
+        want = _guard_flags_one_tensor_at_a_time(model)
+        assert want.count(False) == 1
+        guard = _FiniteGuard(check_every=1, total_steps=1)
+        flags = guard.step_flags(model)
+        assert flags is not None and flags.tolist() == want, (trial, bad)
+        with pytest.raises(NonFiniteError, match=r"at step 0: ") as caught:
+            guard(1, model)
+        names = [f"{kind} {name}" for name, _ in model.named_parameters()
+                 for kind in ("gradient of", "parameter")]
+        assert names[want.index(False)] + ";" in str(caught.value)
+
+
+def test_the_finite_guard_passes_finite_extremes_and_a_model_without_parameters() -> None:
+    from mtunlearn_ext.workflow import _FiniteGuard
+
+    model = nn.Linear(4, 3).to(torch.float16)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, torch.finfo(torch.float16).max)
+    with torch.no_grad():
+        model.weight.fill_(-torch.finfo(torch.float16).max)
+    guard = _FiniteGuard(check_every=1, total_steps=3)
+    for steps_done in (1, 2, 3):
+        guard(steps_done, model)
+    assert guard.first_bad_step() is None
+    empty = _FiniteGuard(check_every=1, total_steps=1)
+    assert empty.step_flags(nn.ReLU()) is None
+    empty(1, nn.ReLU())
+    assert empty.first_bad_step() is None
+
+
+def _problem_whose_method_fails(monkeypatch: pytest.MonkeyPatch, error: Exception,
+                                poison_first: bool) -> Any:
+    """A problem and a patched `checked_unlearner` whose method runs two steps (the guard's
+    callback sees them) and then raises `error`; with `poison_first` the second left a NaN."""
+    from mtunlearn_ext import workflow
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
+    problem = build_problem(_Net(), tasks={"a": "classification", "b": "regression"},
+                            train_data=(x, y), forget_request=_request(),
+                            shared_parameters=lambda n: n.startswith("trunk."))
+    real = workflow.checked_unlearner
+
+    def failing_after_one_step(method: str, settings: Any) -> Any:
+        unlearner = real(method, settings)
+        model = _Net()
+
+        def unlearn(_: Any) -> Any:
+            for callback in unlearner.step_callbacks:
+                callback(1, model)  # step 0, logged: its flags are read (finite)
+            if poison_first:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            for callback in unlearner.step_callbacks:
+                callback(2, model)  # step 1, not logged: nothing read back yet
+            raise error
+
+        unlearner.unlearn = unlearn
+        return unlearner
+
+    monkeypatch.setattr(workflow, "checked_unlearner", failing_after_one_step)
+    return problem
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug in step 2"),
+                                   RuntimeError("a bug in step 2")])
+def test_a_methods_failure_after_its_first_step_is_its_own(
+        monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """After a step, a method's ValueError is a bug, not the user's settings: it keeps its type
+    and message (a traceback), unlike the same error raised before the first step."""
+    problem = _problem_whose_method_fails(monkeypatch, error, poison_first=False)
+    with pytest.raises(type(error), match="a bug in step 2") as caught:
+        run_unlearning(problem, "interference_aware", {"steps": 5, "log_every": 5})
+    assert caught.value is error
+
+
+@pytest.mark.parametrize("error", [ValueError("solver failed"),
+                                   FloatingPointError("gradient has NaN or Inf")])
+def test_a_failure_after_an_unread_nan_names_the_first_bad_step(
+        monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """A step that left a NaN the guard had not read back yet, and a later failure (an op's own
+    check, a solver) on it: the run's error is the first bad step's, not the later symptom."""
+    problem = _problem_whose_method_fails(monkeypatch, error, poison_first=True)
+    with pytest.raises(NonFiniteError, match=r"at step 1: parameter ") as caught:
+        run_unlearning(problem, "interference_aware", {"steps": 5, "log_every": 5})
+    assert caught.value.__context__ is error

@@ -645,3 +645,28 @@ def test_uis_floor_on_cuda_matches_cpu() -> None:
                   for device in ("cpu", "cuda")}
     torch.testing.assert_close(floors["cuda"].draws, floors["cpu"].draws, rtol=1e-3, atol=1e-3)
     assert floors["cuda"].forget_change.keys() == floors["cpu"].forget_change.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_guard_on_cuda_finds_each_nan_and_inf_the_cpu_finds(dtype: torch.dtype) -> None:
+    """The CLI's NaN/Inf guard takes every tensor's largest magnitude in one fused
+    `_foreach_norm` on CUDA: its maximum must carry a NaN through (a max that drops NaN would
+    pass a diverged run), at random positions of tensors split over many blocks."""
+    from mtunlearn_ext.workflow import _FiniteGuard
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        model = nn.Sequential(nn.Linear(300, 257), nn.Linear(257, 3)).to(dtype)
+        parameters = list(model.parameters())
+        for p in parameters:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        target = parameters[trial % len(parameters)]
+        tensor = target.grad if trial % 2 else target.data
+        assert tensor is not None
+        index = int(torch.randint(tensor.numel(), (1,), generator=gen))
+        tensor.view(-1)[index] = (float("nan"), float("inf"), -float("inf"))[trial % 3]
+        want = [bool(torch.isfinite(t).all()) for p in parameters for t in (p.grad, p)]
+        assert want.count(False) == 1
+        flags = _FiniteGuard().step_flags(model.cuda())
+        assert flags is not None and flags.device.type == "cuda"
+        assert flags.tolist() == want, trial
