@@ -42,12 +42,11 @@ Three ways of running the surgery:
 
 All three run on the same gradients in the same process, in an order rotated every step, after
 one untimed warm-up step (first-call allocations and page faults of each way); the script checks
-that they give the same ``.grad`` (relative differences printed: ~1e-4 on CPU, the rounding of
-float32 ``torch.mm`` Grams over rows of millions of values and the ridge against the exact QR)
-and prints the split table with best and median over
-``--repeats`` steps. Targets: surgery <= 15% of the step with the compiled ops, and >= 4x less
-surgery time than the usual way (judged against the same algorithm; the QR ratio is reported
-beside it).
+that they give the same ``.grad`` (relative differences printed: 1e-3 to 7e-3 on CPU at full
+size, the rounding of float32 ``torch.mm`` Grams over rows of millions of values and the ridge
+against the exact QR) and prints the split table with best and median over ``--repeats``
+steps. Targets: surgery <= 15% of the step with the compiled ops, and >= 4x less surgery time
+than the usual way (judged against the same algorithm; the QR ratio is reported beside it).
 
 Usage (repository root; ~13 GB of RAM at the default B=8; 5 steps took ~4 min on 2 loaded
 cores)::
