@@ -293,16 +293,21 @@ def _request():  # type: ignore[no-untyped-def]
     return ForgetRequest.create(range(5))
 
 
+def _two_task_problem():  # type: ignore[no-untyped-def]
+    """A seeded 40-instance problem on `_Net`: a classification and a regression task."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
+    return build_problem(_Net(), tasks={"a": "classification", "b": "regression"},
+                         train_data=(x, y), forget_request=_request(),
+                         shared_parameters=lambda n: n.startswith("trunk."))
+
+
 def test_nan_inside_the_default_methods_step_is_the_nonfinite_error() -> None:
     """The interference-aware method's ops refuse NaN/Inf gradients inside a step, before the
     guard's callback: a FloatingPointError traceback (exit 1) instead of the NaN/Inf policy's
     NonFiniteError with the step (exit 3)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 6, generator=g)
-    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
-    problem = build_problem(_Net(), tasks={"a": "classification", "b": "regression"},
-                            train_data=(x, y), forget_request=_request(),
-                            shared_parameters=lambda n: n.startswith("trunk."))
+    problem = _two_task_problem()
     with pytest.raises(NonFiniteError, match=r"at step \d+: .*NaN or Inf") as caught:
         run_unlearning(problem, "interference_aware", {"steps": 5, "lr": 1e30})
     assert isinstance(caught.value.step, int) and caught.value.step >= 1
@@ -495,12 +500,7 @@ def _problem_whose_method_fails(monkeypatch: pytest.MonkeyPatch, error: Exceptio
     callback sees them) and then raises `error`; with `poison_first` the second left a NaN."""
     from mtunlearn_ext import workflow
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 6, generator=g)
-    y = {"a": torch.randint(0, 3, (40,), generator=g), "b": torch.randn(40, 1, generator=g)}
-    problem = build_problem(_Net(), tasks={"a": "classification", "b": "regression"},
-                            train_data=(x, y), forget_request=_request(),
-                            shared_parameters=lambda n: n.startswith("trunk."))
+    problem = _two_task_problem()
     real = workflow.checked_unlearner
 
     def failing_after_one_step(method: str, settings: Any) -> Any:
