@@ -638,3 +638,125 @@ out_of_selection_csv runs/refit_partial_ benchmarks/results/unlearning/refit_par
   --grid '{"scrub": {"lr": [1e-4, 3e-4], "optimizer": ["adam"], "forget_steps": [5, 10]}}'
 .venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
   --select-score aligned --methods scrub --grid-csv benchmarks/results/unlearning/scrub_grid.csv
+
+# --- Round 46 (the Intel Xeon machine of rounds 41-43; its models): a fair round for the two
+# strongest baselines. Until here NegGrad+'s and OrthoGrad's grids were learning rate x step
+# budget x optimizer only, their other settings at their defaults, while the method was tuned
+# over many knobs; this round searches their own remaining knobs under the same protocol
+# (training data and validation splits of seeds 0 and 1 only; the test split untouched).
+# Decided before any result: every knob at the preset's learning rate with Adam (the presets'
+# optimizer), budgets 10-60 steps scored in one run; NegGrad+ forget_weight 0.25 / 0.5 (its
+# default) / 1 crossed with retain_batch_size 32 / 96, OrthoGrad forget_weight 0.5 / 1 / 2 and
+# num_per_sample 16 / 32 / 64 one at a time (64 with retain batches of 64: the rows are the
+# first num_per_sample of the retain batch, so 64 of a batch of 32 would be 32), grad_clip 1
+# (default 5) for both, and head_refit_steps 10 after the preset's own budget only (60 / 40
+# steps: a refit run is not a prefix of a longer one, so each budget costs a run of its own).
+# Cut for time: no crossing of OrthoGrad's knobs, no learning rate around the new knobs, no
+# budget past 60. Seed 0's grid ranked by the proxy score (mean of indoor and street, each
+# setting at its best budget); each method's three best settings per request plus its preset
+# then ran on seed 1; the pick by the aligned score over both seeds and the incumbent rule.
+# The method's presets ran in the same tuning files, beside (not selected: its presets are
+# the incumbents of their own rounds), so the comparison is on the same models.
+# Cost (2 cores shared with other work, 1 thread per process, the two benchmarks side by
+# side): ~48 min wall, ~79 min of process time, of which ~17 for the nine models seed 0 street
+# and seed 1 needed. One scored run (5 budgets, unloaded): NegGrad+ 60 steps 15-17 s, 30-36 s
+# with retain batches of 96; OrthoGrad 40 steps 19-27 s, 33-37 s with 64 rows of 64.
+# Result, aligned, indoor s0 / s1, street s0 / s1 (the method in the same runs: full 1.559 /
+# 2.054 / 1.517 / 1.333, mean 1.616; partial 0.531 / 0.353 / 0.169 / 0.176, mean 0.307) --
+#   full, orthograd preset (3e-4, 40 steps)    3.662 / 3.181 / 1.640 / 2.056   mean 2.635
+#     64 rows of retain batches of 64, 40       1.663 / 2.139 / 1.412 / 2.003   mean 1.804
+#                                               lower on 4 of 4: taken (presets.py)
+#   full, neggrad_plus preset (1e-4, 60 steps) 2.812 / 2.406 / 2.773 / 3.697   mean 2.922
+#     retain batches of 96, 60                  2.310 / 2.447 / 2.363 / 3.179   mean 2.575
+#                                               lower on 3 of 4: refused
+#   partial, neggrad_plus preset (1e-4, 60)    0.508 / 0.432 / 0.137 / 0.226   mean 0.326
+#     retain batches of 96, 60                  0.505 / 0.298 / 0.170 / 0.301   mean 0.318
+#                                               lower on 2 of 4: refused
+#   partial, orthograd preset (1e-4, 40)       0.516 / 0.343 / 0.134 / 0.439   mean 0.358
+#     64 rows of retain batches of 64, 40       0.475 / 0.361 / 0.154 / 0.367   mean 0.339
+#                                               lower on 2 of 4: refused
+#     (the best mean of each; every other shortlisted setting and budget is in
+#     baseline_knobs_two_seed_grid.csv, proxy scores, and none else passes the rule either.)
+#     Three settings x five budgets per method and request reached seed 1, so the chance that
+#     one passes the rule by luck is well above the one-candidate 6%; the winner's margins are
+#     large on three runs (2.0, 1.0, 0.23) and small on street seed 1 (0.05).
+BASELINE_KNOBS_FULL='{"neggrad_plus": [{"lr": [1e-4], "optimizer": ["adam"]},
+  {"lr": [1e-4], "optimizer": ["adam"], "forget_weight": [0.25, 1.0]},
+  {"lr": [1e-4], "optimizer": ["adam"], "retain_batch_size": [96]},
+  {"lr": [1e-4], "optimizer": ["adam"], "forget_weight": [0.25, 1.0], "retain_batch_size": [96]},
+  {"lr": [1e-4], "optimizer": ["adam"], "grad_clip": [1.0]}],
+  "orthograd": [{"lr": [3e-4], "optimizer": ["adam"]},
+  {"lr": [3e-4], "optimizer": ["adam"], "forget_weight": [0.5, 2.0]},
+  {"lr": [3e-4], "optimizer": ["adam"], "num_per_sample": [16]},
+  {"lr": [3e-4], "optimizer": ["adam"], "num_per_sample": [64], "retain_batch_size": [64]},
+  {"lr": [3e-4], "optimizer": ["adam"], "grad_clip": [1.0]}]}'
+BASELINE_KNOBS_PARTIAL=${BASELINE_KNOBS_FULL//3e-4/1e-4}  # OrthoGrad's partial preset: 1e-4
+K46=(.venv/bin/python benchmarks/unlearning_eval.py --tune --recipe memorising --jobs 1
+     --threads 1)
+for benchmark in indoor street; do
+  ( S0=("${K46[@]}" --seeds 0 --output-dir runs/baseline_knobs_seed0 --benchmarks "$benchmark")
+    "${S0[@]}" --requests full --methods neggrad_plus,orthograd --checkpoints 10,20,30,40,60 \
+      --grid "$BASELINE_KNOBS_FULL"
+    "${S0[@]}" --requests partial --methods neggrad_plus,orthograd --checkpoints 10,20,30,40,60 \
+      --grid "$BASELINE_KNOBS_PARTIAL"
+    "${S0[@]}" --requests full,partial --methods neggrad_plus --checkpoints 60 \
+      --grid '{"neggrad_plus": [{"lr": [1e-4], "optimizer": ["adam"], "head_refit_steps": [10]}]}'
+    "${S0[@]}" --requests full --methods orthograd --checkpoints 40 \
+      --grid '{"orthograd": [{"lr": [3e-4], "optimizer": ["adam"], "head_refit_steps": [10]}]}'
+    "${S0[@]}" --requests partial --methods orthograd --checkpoints 40 \
+      --grid '{"orthograd": [{"lr": [1e-4], "optimizer": ["adam"], "head_refit_steps": [10]}]}'
+  ) &
+done
+wait
+# The shortlist on seed 1 (seed 0's three best settings of each method and request, by the
+# proxy score; the presets first, which also trains seed 1's models).
+for benchmark in indoor street; do
+  ( S1=("${K46[@]}" --seeds 1 --output-dir runs/baseline_knobs_seed1 --benchmarks "$benchmark"
+        --checkpoints 10,20,30,40,60)
+    "${S1[@]}" --requests full --methods neggrad_plus,orthograd --grid '{"neggrad_plus": [{"lr":
+      [1e-4], "optimizer": ["adam"]}], "orthograd": [{"lr": [3e-4], "optimizer": ["adam"]}]}'
+    "${S1[@]}" --requests partial --methods neggrad_plus,orthograd --grid '{"neggrad_plus": [{"lr":
+      [1e-4], "optimizer": ["adam"]}], "orthograd": [{"lr": [1e-4], "optimizer": ["adam"]}]}'
+    "${S1[@]}" --requests full --methods orthograd --grid '{"orthograd": [
+      {"lr": [3e-4], "optimizer": ["adam"], "num_per_sample": [64], "retain_batch_size": [64]},
+      {"lr": [3e-4], "optimizer": ["adam"], "forget_weight": [0.5]},
+      {"lr": [3e-4], "optimizer": ["adam"], "grad_clip": [1.0]}]}'
+    "${S1[@]}" --requests full --methods neggrad_plus --grid '{"neggrad_plus": [
+      {"lr": [1e-4], "optimizer": ["adam"], "retain_batch_size": [96]},
+      {"lr": [1e-4], "optimizer": ["adam"], "grad_clip": [1.0]}]}'
+    "${S1[@]}" --requests full --methods neggrad_plus --checkpoints 60 --grid '{"neggrad_plus": [
+      {"lr": [1e-4], "optimizer": ["adam"], "head_refit_steps": [10]}]}'
+    "${S1[@]}" --requests partial --methods neggrad_plus,orthograd --grid '{"neggrad_plus": [
+      {"lr": [1e-4], "optimizer": ["adam"], "grad_clip": [1.0]},
+      {"lr": [1e-4], "optimizer": ["adam"], "retain_batch_size": [96]},
+      {"lr": [1e-4], "optimizer": ["adam"], "forget_weight": [1.0]}], "orthograd": [
+      {"lr": [1e-4], "optimizer": ["adam"], "num_per_sample": [16]},
+      {"lr": [1e-4], "optimizer": ["adam"], "grad_clip": [1.0]},
+      {"lr": [1e-4], "optimizer": ["adam"], "num_per_sample": [64], "retain_batch_size": [64]}]}'
+  ) &
+done
+wait
+# The method's presets in the same tuning files, beside the baselines.
+for seed in 0 1; do
+  for benchmark in indoor street; do
+    M46=("${K46[@]}" --seeds "$seed" --output-dir "runs/baseline_knobs_seed$seed"
+         --benchmarks "$benchmark" --methods interference_aware --method-max-steps 40)
+    "${M46[@]}" --requests full --checkpoints 40 --grid '{"interference_aware": [{"lr": [1e-3]}]}'
+    "${M46[@]}" --requests partial --checkpoints 25 \
+      --grid '{"interference_aware": [{"lr": [3e-4]}]}'
+  done
+done
+# The pick over both seeds (only settings scored on all four files compete), the incumbent rule;
+# then the seed-0 record.
+mkdir -p runs/baseline_knobs_two_seeds/tuning
+cp runs/baseline_knobs_seed0/tuning/*-seed0.json runs/baseline_knobs_seed1/tuning/*-seed1.json \
+  runs/baseline_knobs_two_seeds/tuning/
+.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select --select-score aligned \
+  --incumbent-rule --methods neggrad_plus,orthograd,interference_aware \
+  --output-dir runs/baseline_knobs_two_seeds \
+  --grid-csv benchmarks/results/unlearning/baseline_knobs_two_seed_grid.csv
+cp runs/baseline_knobs_two_seeds/tuning/selected-aligned.json \
+  benchmarks/results/unlearning/baseline_knobs_selection.json
+.venv/bin/python benchmarks/unlearning_eval.py --recipe memorising --select \
+  --methods neggrad_plus,orthograd --output-dir runs/baseline_knobs_seed0 \
+  --grid-csv benchmarks/results/unlearning/baseline_knobs_grid.csv   # the seed-0 record
