@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import torch
+if __package__ in (None, ""):
+    # Digest this checkout's code, not whichever copy the interpreter has installed (an
+    # editable install of another clone would otherwise be what a before/after check compares).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtunlearn_ext.api import state_dict_sha256
-from mtunlearn_ext.experiment import ExperimentConfig, prepare_experiment
-from mtunlearn_ext.unlearning import get_unlearner
-from mtunlearn_ext.unlearning.presets import RECIPES, tuned_settings
+import torch  # noqa: E402
+
+import mtunlearn_ext  # noqa: E402
+from mtunlearn_ext.api import state_dict_sha256  # noqa: E402
+from mtunlearn_ext.experiment import ExperimentConfig, prepare_experiment  # noqa: E402
+from mtunlearn_ext.unlearning import get_unlearner  # noqa: E402
+from mtunlearn_ext.unlearning.presets import RECIPES, tuned_settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(1)
+    print(f"# mtunlearn_ext from {Path(mtunlearn_ext.__file__).parent}", flush=True)
     methods = args.methods.split(",")
     for request in args.requests.split(","):
         settings = tuned_settings(request, methods, args.recipe)

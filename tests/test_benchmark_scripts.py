@@ -218,11 +218,15 @@ def test_the_directions_case_projects_many_directions_off_four_rows() -> None:
 def test_run_hashes_are_the_same_for_the_same_command_line(tmp_path: Path) -> None:
     """scripts/run_hashes.py, the bit-for-bit check before and after a change, is only useful
     if the same command gives the same digests: a second run, which reuses the cached reference
-    models, must print the same lines; different methods and requests give different weights."""
+    models, must print the same lines; different methods and requests give different weights.
+    It digests the checkout it sits in (first line), not an installed copy of the package: run
+    from another clone, it compared that copy's code."""
     args = [str(ROOT / "scripts" / "run_hashes.py"), "--size", "tiny", "--recipe", "default",
             "--steps", "1", "--cache-dir", str(tmp_path / "cache")]
     first, second = _run(args, cwd=tmp_path), _run(args, cwd=tmp_path)
-    rows = [line.split() for line in first.splitlines()]
+    source, *lines = first.splitlines()
+    assert source == f"# mtunlearn_ext from {(ROOT / 'mtunlearn_ext').resolve()}", first
+    rows = [line.split() for line in lines]
     assert [(r[0], r[1]) for r in rows] == [("interference_aware", "full"), ("orthograd", "full"),
                                             ("interference_aware", "partial"),
                                             ("orthograd", "partial")], first
