@@ -908,6 +908,10 @@ def measure(model: nn.Module, forget: MultiTaskDataset, retain: MultiTaskDataset
 # -- guarded unlearning ---------------------------------------------------------------------------
 
 
+def _can_be_non_finite(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
 class _FiniteGuard:
     """Step callback: after each optimizer step, the update (``.grad``) and the parameters must
     be finite. The update holds the loss's gradient, so a NaN loss shows here too. It keeps the
@@ -932,14 +936,16 @@ class _FiniteGuard:
         self._first_flags: torch.Tensor | None = None  # the first bad step's flags, or all True
         self._first_step: torch.Tensor | None = None  # that step (0-based), or -1
         self._model: nn.Module | None = None
-        # A finite stand-in, per device and dtype, for a missing gradient and an empty tensor
-        # (whose infinity norm is refused: a maximum over nothing has no identity).
+        # A finite stand-in, per device and dtype, for what needs no check or cannot take an
+        # infinity norm: a missing gradient, an empty tensor (a maximum over nothing has no
+        # identity) and an integer or bool one (never NaN/Inf; the norm refuses its type).
         self._finite_stand_ins: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _finite_stand_in(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
+        dtype = like.dtype if _can_be_non_finite(like) else torch.float32
+        key = (like.device, dtype)
         if key not in self._finite_stand_ins:
-            self._finite_stand_ins[key] = torch.zeros(1, dtype=like.dtype, device=like.device)
+            self._finite_stand_ins[key] = torch.zeros(1, dtype=dtype, device=like.device)
         return self._finite_stand_ins[key]
 
     def step_flags(self, model: nn.Module) -> torch.Tensor | None:
@@ -949,8 +955,8 @@ class _FiniteGuard:
         parameters = [p for _, p in model.named_parameters()]
         if not parameters:
             return None
-        checked = [tensor if tensor is not None and tensor.numel() else self._finite_stand_in(p)
-                   for p in parameters for tensor in (p.grad, p)]
+        checked = [tensor if tensor is not None and tensor.numel() and _can_be_non_finite(tensor)
+                   else self._finite_stand_in(p) for p in parameters for tensor in (p.grad, p)]
         largest = torch._foreach_norm([t.detach() for t in checked], float("inf"))
         device = parameters[0].device
         return torch.isfinite(torch.stack([m.to(device) for m in largest]))

@@ -546,3 +546,24 @@ def test_a_failure_after_an_unread_nan_names_the_first_bad_step(
     with pytest.raises(NonFiniteError, match=r"at step 1: parameter ") as caught:
         run_unlearning(problem, "interference_aware", {"steps": 5, "log_every": 5})
     assert caught.value.__context__ is error
+
+
+def test_the_finite_guard_passes_integer_parameters_and_checks_the_others() -> None:
+    """An integer or bool parameter (a frozen counter or index table registered as one) can
+    hold no NaN/Inf, and the infinity norm refuses its type: the guard's single reduction
+    failed on it ("Expected a floating point or complex tensor"). It is taken as finite; the
+    float parameters beside it are still checked."""
+    from mtunlearn_ext.workflow import _FiniteGuard
+
+    model = nn.Linear(3, 2)
+    model.register_parameter("counts", nn.Parameter(torch.arange(4), requires_grad=False))
+    model.register_parameter("mask", nn.Parameter(torch.ones(2, dtype=torch.bool),
+                                                  requires_grad=False))
+    model.weight.grad = torch.ones_like(model.weight)
+    flags = _FiniteGuard().step_flags(model)
+    assert flags is not None and flags.tolist() == [True] * 8
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    guard = _FiniteGuard(check_every=1, total_steps=1)
+    with pytest.raises(NonFiniteError, match=r"at step 0: parameter bias;"):
+        guard(1, model)
