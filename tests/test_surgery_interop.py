@@ -311,6 +311,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     surgery.backward(_task_losses(ddp_model(x[rows]), y[:, rows]))
             grads.append(_flat_grad(list(model.trunk.parameters())))
         torch.save({"error": error, "grads": grads}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks reach teardown together, the DDP reducer gone first: a rank aborted at
+        # teardown ("terminate called without an active exception", SIGABRT) once in a loaded
+        # run of the cpu-torch leg (torch 2.13), after its results were saved; suspected, not
+        # shown: its peer closing the gloo sockets while it still had work in flight.
+        dist.barrier()
+        del ddp_model
     finally:
         dist.destroy_process_group()
 
