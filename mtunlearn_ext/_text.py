@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 
-__all__ = ["display_width", "pad_to", "visible_controls", "without_digit_limit_advice"]
+__all__ = ["display_width", "listed_first", "pad_to", "visible_controls",
+           "without_digit_limit_advice"]
 
 #: Characters that act instead of being shown. C0 / C1 controls and DEL: a terminal obeys them
 #: (ESC starts a sequence that recolours, moves the cursor or clears the screen; CR returns to
@@ -50,3 +52,9 @@ def without_digit_limit_advice(error: ValueError) -> str:
     more than 4300 digits), without its advice to raise the limit
     (``sys.set_int_max_str_digits``), which a user of a command or a file cannot follow."""
     return str(error).split("; use sys.set_int_max_str_digits")[0]
+
+
+def listed_first(values: Sequence[object], shown: int) -> str:
+    """The first ``shown`` of ``values``, comma-separated, for a message; ``, ...`` after them
+    when there are more."""
+    return ", ".join(str(v) for v in values[:shown]) + (", ..." if len(values) > shown else "")

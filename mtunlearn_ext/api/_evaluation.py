@@ -10,6 +10,7 @@ from typing import Any, Union, cast
 import torch
 from torch import nn
 
+from mtunlearn_ext._text import listed_first
 from mtunlearn_ext.api._data_forms import as_dataset, check_data_like, read_in
 from mtunlearn_ext.api._instance_matching import rows_of_instances_in
 from mtunlearn_ext.api._model_split import SplitModel, has_own_split
@@ -24,7 +25,6 @@ from mtunlearn_ext.metrics.scores import Scores
 from mtunlearn_ext.metrics.uis_floor import (
     UISFloor,
     WHAT_EACH_SPLIT_IS,
-    first_few,
     shared_instances_error,
     uis_floor as _measure_uis_floor,
 )
@@ -264,7 +264,8 @@ def _check_disjoint_rows(reference: MultiTaskDataset, unseen: MultiTaskDataset,
     equal = rows_of_instances_in(unseen, reference)
     if equal:
         raise shared_instances_error(
-            len(equal), f"`unseen` rows [{first_few([row for row, _ in equal])}] have the "
-            f"inputs and labels of `reference` rows [{first_few([row for _, row in equal])}]; "
+            len(equal), f"`unseen` rows [{listed_first([row for row, _ in equal], 5)}] have "
+            f"the inputs and labels of `reference` rows "
+            f"[{listed_first([row for _, row in equal], 5)}]; "
             "a split given as (inputs, targets) carries no ids, so rows are compared by "
             "content", same_object)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtunlearn_ext._text import listed_first
 from mtunlearn_ext.api._entry import entry
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import Inputs, named_leaves
@@ -197,11 +198,6 @@ def check_rows_given_once(forget: MultiTaskDataset, what: str) -> None:
                          f"several")
 
 
-def first_ten(values: Sequence[int]) -> str:
-    """The first ten of ``values`` for a message, ``...`` after them when there are more."""
-    return ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-
-
 def linked_to_retained_copies(forget: MultiTaskDataset, retain: MultiTaskDataset, *,
                                link: bool, given_rows: torch.Tensor | None = None
                                ) -> MultiTaskDataset:
@@ -270,8 +266,9 @@ def _refuse_retained_forget_pairs(clashes: list[tuple[int, int, str]],
                f"{r_row} (same input), which still supervises task {task!r}")
     if len(clashes) > 1:
         message += (f"; {len(clashes)} rows of `forget_data` are retained so: rows "
-                    f"{first_ten([caller_row(f) for f, _, _ in clashes])} (`retain_data` rows "
-                    f"{first_ten([r for _, r, _ in clashes])})")
+                    f"{listed_first([caller_row(f) for f, _, _ in clashes], 10)} "
+                    f"(`retain_data` rows "
+                    f"{listed_first([r for _, r, _ in clashes], 10)})")
     raise ValueError(message + "; take the pairs to forget out of `retain_data` (or pass "
                      "`train_data` and a `forget_request`)")
 
@@ -300,7 +297,8 @@ def check_ids_not_retained(forget: MultiTaskDataset, retain: MultiTaskDataset,
         f"{int(retain_rows[first])}), whose pair of task {task!r} is to be forgotten and is "
         f"still supervised in `retain_data`; {len(clashing)} instance"
         f"{'s are' if len(clashing) != 1 else ' is'} so (ids "
-        f"{first_ten([common[i] for i in clashing])}; `forget_data` rows "
-        f"{first_ten([int(given_rows[forget_rows[i]]) for i in clashing])}; "
-        f"`retain_data` rows {first_ten([int(retain_rows[i]) for i in clashing])}): take "
+        f"{listed_first([common[i] for i in clashing], 10)}; `forget_data` rows "
+        f"{listed_first([int(given_rows[forget_rows[i]]) for i in clashing], 10)}; "
+        f"`retain_data` rows {listed_first([int(retain_rows[i]) for i in clashing], 10)}): "
+        f"take "
         "the pairs to forget out of `retain_data` (or pass `train_data` and a `forget_request`)")

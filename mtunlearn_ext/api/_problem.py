@@ -10,6 +10,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from mtunlearn_ext._text import listed_first
 from mtunlearn_ext.api._data_forms import (
     as_dataset,
     check_data_like,
@@ -26,7 +27,6 @@ from mtunlearn_ext.api._instance_matching import (
     check_ids_not_retained,
     check_rows_given_once,
     check_unseen,
-    first_ten,
     linked_to_retained_copies,
 )
 from mtunlearn_ext.api._lineage import (
@@ -248,7 +248,7 @@ def build_problem_with_naming(model: nn.Module, *,
             f"in `train_data` {_UNLABELLED}")
         bare = sorted(int(full.ids[r]) for r in rows[~asked[rows].any(dim=1)].tolist())
         if bare:  # some named instances, not all (none with a pair is refused above)
-            shown = first_ten(bare)
+            shown = listed_first(bare, 10)
             warn_at_caller(f"{entry()}: {len(bare)} of the {len(rows)} instances `forget_request` "
                            f"names ({shown}) have no supervised pair of the target task"
                            f"{'s' if len(targets) != 1 else ''} {targets} in `train_data` "
@@ -257,7 +257,7 @@ def build_problem_with_naming(model: nn.Module, *,
         gone = sorted(int(i) for i in full.ids[(asked & ~still).any(dim=1)].tolist())
         if gone:  # some named pairs, not all (none left is refused above)
             by = ("the requests `model` carries" if carried else "`earlier_requests`")
-            shown = first_ten(gone)
+            shown = listed_first(gone, 10)
             warn_at_caller(f"{entry()}: {int((asked & ~still).sum())} of the {int(asked.sum())} "
                            f"pairs `forget_request` names ({len(gone)} instance"
                            f"{'s' if len(gone) != 1 else ''}: {shown}) were removed already by "
@@ -309,7 +309,7 @@ def build_problem_with_naming(model: nn.Module, *,
             # As `forget_request` says it of train_data's rows: a row with nothing to forget
             # counted as a forgotten instance in the report (2 where train_data gave 1).
             bare = (~kept).nonzero().flatten().tolist()
-            shown = first_ten(bare)
+            shown = listed_first(bare, 10)
             what = (f"no supervised pair of the target task{'s' if len(targets) != 1 else ''} "
                     f"{targets} {_UNLABELLED}")
             if not bool(kept.any()):

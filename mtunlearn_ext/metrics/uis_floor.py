@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtunlearn_ext._text import listed_first
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.metrics.evaluate import (
@@ -134,7 +135,8 @@ def _check_disjoint(reference: MultiTaskDataset, unseen: MultiTaskDataset) -> No
     shared = unseen_ids[torch.isin(unseen_ids, reference_ids)].sort().values.tolist()
     if not shared:
         return
-    raise shared_instances_error(len(shared), f"ids [{first_few(shared)}]", unseen is reference,
+    raise shared_instances_error(len(shared), f"ids [{listed_first(shared, 5)}]",
+                                 unseen is reference,
                                  ". If they are other instances, give `unseen` ids of its own "
                                  "(MultiTaskDataset(..., ids=...))")
 
@@ -149,11 +151,6 @@ def shared_instances_error(count: int, which: str, same_object: bool, hint: str 
                       "outside the reference split, whose instances O_t already contains "
                       "(draws of them score nearer O_t than unseen data does, and the floor "
                       f"reads too low){hint}")
-
-
-def first_few(values: Sequence[int]) -> str:
-    """The first five of ``values`` for a message, ``...`` after them when there are more."""
-    return ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
 
 
 def _labelled_count(data: MultiTaskDataset, tasks: Sequence[str]) -> str:
