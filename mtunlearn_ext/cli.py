@@ -51,6 +51,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (2, "bad input or an output that cannot be written: one line on stderr naming the "
         "argument, nothing written"),
     (3, "NaN/Inf during a run: the step is reported, nothing written"),
+    (4, "unlearn --require-retained: a retain or test metric worsened past "
+        "--retained-tolerance; the metrics are named on stderr, nothing written"),
     (70, "an internal error (a bug): Python's traceback on stderr, then one line"),
     (130, "interrupted by Ctrl-C or SIGTERM: nothing written, unless the outputs were already "
           "complete (the line on stderr says which)"),
@@ -74,6 +76,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                "--output-dir report",),
     "benchmark": ("mtunlearn benchmark --dry-run -- --repeats 3",),
 }
+
+#: ``unlearn --retained-tolerance``'s default: :data:`mtunlearn_ext.metrics.DEFAULT_TOLERANCE`
+#: (not imported here, which would load the metrics package for `--help`; a test holds the two
+#: equal).
+_DEFAULT_RETAINED_TOLERANCE = 0.25
 
 _NAN_POLICY = ("NaN/Inf policy: a non-finite loss, gradient or parameter is detected after the "
                "step it appears in; the run stops, the step is reported, nothing is written, "
@@ -865,6 +872,7 @@ def _checkpoint_recipe(loaded: Any, checkpoint: str) -> Any:
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext._io import interrupts_held
     from mtunlearn_ext.erasure import erased_instances, refuse_erased_ids
+    from mtunlearn_ext.metrics import check_retained
     from mtunlearn_ext.models import build_model
     from mtunlearn_ext.records import (
         RECORD_SCHEMA,
@@ -878,6 +886,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
         UNKNOWN_METHOD_HINT,
+        KeptMetricsError,
         OutputTransaction,
         UserInputError,
         REMOVALS_KEY,
@@ -1008,6 +1017,14 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str("measuring the output model")
             after = measure(result.model.cpu(), forget, retain, bench.test, targets, seed,
                             args.eval_batch_size)
+            retained = check_retained(before["metrics"], after["metrics"],
+                                      args.retained_tolerance)
+            if not retained.passed:
+                if args.require_retained:
+                    raise KeptMetricsError(retained)
+                bar.write(f"mtunlearn: warning: {retained.summary()}; the record says so "
+                          "(retained_check.passed: false); --require-retained makes this an "
+                          "error (exit 4, nothing written)", file=sys.stderr)
             bar.update()
             bar.set_postfix_str("interference matrix")
             interference = _interference(problem, args.method, settings)
@@ -1065,6 +1082,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "output": {"checkpoint": str(out_ckpt.resolve()), "sha256": None},
             "weights_changed": weights_changed,
             "before": before, "after": after,
+            "retained_check": retained.to_dict(),
             "report": result.report.to_dict(),
             "interference": interference,
             "started_at": started, "finished_at": utc_now(),
@@ -1092,6 +1110,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
          f"tasks {targets}")
     _say(_retain_note({"pairs": int(retain.supervision.sum()), "instances": len(retain),
                        "retain_ids": retain_ids, "earlier_removals_excluded": excluded}))
+    _say(retained.summary() if retained.passed else f"WARNING: {retained.summary()}")
     if earlier:
         # An instance is not read at all only once its image is gone; one that lost some
         # label files only (a partial request's) is still read, for its other tasks.
@@ -1552,6 +1571,16 @@ def _build_parser() -> _Parser:
     p.add_argument("--record", default=None, metavar="JSON",
                    help="record path (default: <output>.record.json with --output, else "
                         "<input>.<method>.record.json, numbered as the checkpoint)")
+    p.add_argument("--retained-tolerance", type=_at_least(0.0, float),
+                   default=_DEFAULT_RETAINED_TOLERANCE, metavar="FRACTION",
+                   help="the largest relative worsening of any task metric on the retain and "
+                        "test splits against the input model's (default: "
+                        f"{_DEFAULT_RETAINED_TOLERANCE:g}, i.e. "
+                        f"{100 * _DEFAULT_RETAINED_TOLERANCE:g}%%); a run past it is warned of "
+                        "and recorded (retained_check)")
+    p.add_argument("--require-retained", action="store_true",
+                   help="fail a run that worsened a retain or test metric past "
+                        "--retained-tolerance: exit 4, nothing written")
     _moved_data_root_option(p)
     _common(p)
     p.set_defaults(func=_cmd_unlearn, _required=["checkpoint"])
@@ -1775,7 +1804,12 @@ def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]], config: str 
 def _main(argv: Sequence[str] | None) -> int:
     from mtunlearn_ext.records import RecordError
     from mtunlearn_ext.training import CheckpointError
-    from mtunlearn_ext.workflow import NonFiniteError, UserInputError, import_plugins
+    from mtunlearn_ext.workflow import (
+        KeptMetricsError,
+        NonFiniteError,
+        UserInputError,
+        import_plugins,
+    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
@@ -1812,6 +1846,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except NonFiniteError as error:
         _say(f"mtunlearn: error: {error}", file=sys.stderr)
         return 3
+    except KeptMetricsError as error:
+        _say(f"mtunlearn: error: {error}", file=sys.stderr)
+        return 4
     except BrokenPipeError:
         # The reader of stdout went away (`mtunlearn evaluate ... | head`): no traceback, and
         # stdout pointed at /dev/null so that the interpreter's final flush does not raise

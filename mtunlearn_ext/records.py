@@ -35,6 +35,11 @@ unlearned checkpoint and never over an existing file. Fields:
 - ``before`` / ``after``: per-split, per-task metrics and the membership-inference AUC
   (:func:`mtunlearn_ext.workflow.measure`);
 - ``report``: the unlearner's report (wall time, steps, forget/retain loss curves);
+- ``retained_check`` (optional, written by ``mtunlearn unlearn``): whether every task metric on
+  the retain and test splits stayed within ``tolerance`` (relative worsening) of the input
+  model's: ``passed``, ``worst``, ``exceeded`` and every ``changes`` entry
+  (:meth:`mtunlearn_ext.metrics.RetainedCheck.to_dict`); ``verify`` re-derives it from
+  ``before`` and ``after``;
 - ``interference`` (optional, written by ``mtunlearn unlearn``): the input model's task-gradient
   cosine matrices before and after the interference-aware projections
   (:func:`mtunlearn_ext.report.interference_to_json`);
@@ -560,6 +565,7 @@ def verify_record(record_path: str | os.PathLike[str],
                                       # when unlearn ran with --data-root).
                                       data_root if data_root is not None else loaded.data_root)
     checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
+    checks["kept metrics"] = _verify_retained(record, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
 
 
@@ -788,7 +794,37 @@ def _verify_erased(record: Mapping[str, Any], record_path: str | os.PathLike[str
             mismatches.extend(before)
             checks["before"] = "MISMATCH" if before else "ok"
     checks["weights"] = _verify_weights(record, record_path, loaded.checkpoint, mismatches)
+    checks["kept metrics"] = _verify_retained(record, mismatches)
     return VerifyResult(not mismatches, str(ckpt), sha, mismatches, measured, checks)
+
+
+def _verify_retained(record: Mapping[str, Any], mismatches: list[str]) -> str:
+    """The ``kept metrics`` check: the record's ``retained_check`` must follow from its own
+    ``before`` and ``after`` metrics (which the ``metrics`` and ``before`` checks measure
+    again), so that an edited verdict shows. Its outcome is reported, not judged: a run that
+    worsened a kept metric past its tolerance was warned of when it ran, and its files and
+    record still agree. ``"ok"`` and the outcome, ``"MISMATCH"``, or ``"not recorded"``."""
+    from mtunlearn_ext.metrics import check_retained
+
+    recorded = record.get("retained_check")
+    if recorded is None:
+        return "not recorded (an older record)"
+    try:
+        check = check_retained(record["before"]["metrics"], record["after"]["metrics"],
+                               recorded["tolerance"], splits=recorded["splits"])
+    except (KeyError, TypeError, ValueError) as error:
+        mismatches.append(f"retained_check: not re-derivable from the record's before and after "
+                          f"metrics ({error})")
+        return "MISMATCH"
+    if check.to_dict() != recorded:
+        mismatches.append(f"retained_check: the record says passed {recorded.get('passed')!r}, "
+                          f"its before and after metrics give {check.passed} "
+                          f"({check.summary()})")
+        return "MISMATCH"
+    if check.passed:
+        return "ok"
+    return (f"ok, as recorded: {len(check.exceeded)} metric(s) worsened by more than "
+            f"{100 * check.tolerance:g}% (the run was warned of it)")
 
 
 #: ``verify``'s ``weights`` row for an output whose weights are the input model's.

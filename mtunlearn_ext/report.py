@@ -612,6 +612,39 @@ def _md_metrics(models: Mapping[str, Mapping[str, Any]], reference: str | None,
     return lines
 
 
+def _md_retained(check: object) -> list[str]:
+    """The record's ``retained_check`` (:class:`~mtunlearn_ext.metrics.RetainedCheck`): whether
+    every retain and test metric stayed within its tolerance of the input model's, and the
+    metrics that did not (nothing for a record written before the check was)."""
+    if not isinstance(check, Mapping) or not isinstance(check.get("passed"), bool):
+        return []
+    tolerance = check.get("tolerance")
+    limit = (f"{100 * tolerance:g}%" if isinstance(tolerance, (int, float))
+             and not isinstance(tolerance, bool) else "the recorded tolerance")
+    splits = check.get("splits")
+    where = (", ".join(map(_md_text, splits)) if isinstance(splits, list) and splits
+             else "kept")
+    lines = ["## Kept performance", ""]
+    if check["passed"]:
+        lines.append(f"Every task metric on the {where} split(s) stayed within {limit} of the "
+                     "input model's (relative worsening; `retained_check` in the record).")
+        return lines + [""]
+    over = [c for c in check.get("exceeded") or [] if isinstance(c, Mapping)]
+    lines += [f"**{len(over)} task metric(s) on the {where} split(s) worsened by more than "
+              f"{limit}** against the input model's: the run damaged what it was to keep.", "",
+              "| split | task | metric | before | after | worsened by |",
+              "|---|---|---|---:|---:|---:|"]
+    for c in over:
+        worse = c.get("worsening")
+        shown = ("inf (not finite after)" if worse is None
+                 else f"{100 * worse:+.1f}%" if isinstance(worse, (int, float)) else "-")
+        values = [c.get("before"), c.get("after")]
+        cells = [_md_text(c.get("split")), _md_text(c.get("task")), _md_text(c.get("metric")),
+                 *(_value(v) if isinstance(v, (int, float)) else "-" for v in values), shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _md_provenance(record: Mapping[str, Any]) -> list[str]:
     """What a reader who must trust the record needs to find and check its files: the input and
     output checkpoints with their SHA-256, the forgotten ids' hash, whether the weights changed,
@@ -921,6 +954,8 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
             if files.write(png, lambda p: _bar_chart(models, split, p, reference)):
                 lines.append(f"![{split}]({png.name})")
         lines += ["", *_md_metrics(models, reference, record), ""]
+        if record:
+            lines += _md_retained(results.get("retained_check"))
         png = output_dir / "loss_curves.png"
         # The method of a record is its "after" model: the same colour as its bars.
         colors = _model_colors(list(models))

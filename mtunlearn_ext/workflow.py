@@ -174,6 +174,18 @@ class NonFiniteError(FloatingPointError):
                          "nothing was written")
 
 
+class KeptMetricsError(Exception):
+    """``mtunlearn unlearn --require-retained``: the run worsened a kept metric (retain or test
+    split) past ``--retained-tolerance``; nothing was written. ``check`` is the
+    :class:`~mtunlearn_ext.metrics.RetainedCheck`."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
+        super().__init__(f"{check.summary()}; --require-retained: nothing was written (the "
+                         "input is unchanged; a gentler setting, e.g. a lower learning rate or "
+                         "fewer steps, or a larger --retained-tolerance)")
+
+
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 4] + " ...'"

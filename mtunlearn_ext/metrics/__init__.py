@@ -1,5 +1,5 @@
-"""Metrics: per-task metrics per split, membership inference, UIS (and its sampling floor) and
-the gap to retraining."""
+"""Metrics: per-task metrics per split, membership inference, UIS (and its sampling floor), the
+gap to retraining, and the check that an unlearned model kept its performance."""
 
 from mtunlearn_ext.metrics.evaluate import evaluate, evaluate_splits, per_sample_task_losses
 from mtunlearn_ext.metrics.membership import (
@@ -7,6 +7,14 @@ from mtunlearn_ext.metrics.membership import (
     MembershipAttack,
     membership_attack,
     mia_auc,
+)
+from mtunlearn_ext.metrics.retained import (
+    DEFAULT_TOLERANCE,
+    KEPT_SPLITS,
+    MetricChange,
+    RetainedCheck,
+    check_retained,
+    retained_changes,
 )
 from mtunlearn_ext.metrics.scores import retrain_gap, retrain_gap_terms, uis, uis_terms
 from mtunlearn_ext.metrics.task_metrics import (
@@ -20,8 +28,10 @@ from mtunlearn_ext.metrics.task_metrics import (
 )
 from mtunlearn_ext.metrics.uis_floor import UISFloor, uis_floor
 
-__all__ = ["METRICS", "MIAResult", "MembershipAttack", "MetricAccumulator", "MetricInfo",
-           "UISFloor", "angle_errors_deg", "confusion_matrix", "evaluate", "evaluate_splits",
-           "make_accumulator", "membership_attack", "mia_auc", "per_sample_task_losses",
+__all__ = ["DEFAULT_TOLERANCE", "KEPT_SPLITS", "METRICS", "MIAResult", "MembershipAttack",
+           "MetricAccumulator", "MetricChange", "MetricInfo", "RetainedCheck", "UISFloor",
+           "angle_errors_deg", "check_retained", "confusion_matrix", "evaluate",
+           "evaluate_splits", "make_accumulator", "membership_attack", "mia_auc",
+           "per_sample_task_losses", "retained_changes",
            "retrain_gap", "retrain_gap_terms", "segmentation_scores", "uis", "uis_floor",
            "uis_terms"]
