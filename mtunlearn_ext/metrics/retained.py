@@ -32,8 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mtunlearn_ext._errors import UnknownNameError
-from mtunlearn_ext.metrics.task_metrics import METRICS
+from mtunlearn_ext.metrics.scores import _check_same_keys, _direction
 
 __all__ = ["DEFAULT_TOLERANCE", "KEPT_SPLITS", "MetricChange", "RetainedCheck",
            "check_retained", "retained_changes"]
@@ -171,23 +170,6 @@ def _worsening(before: float | None, after: float | None, higher_is_better: bool
     return worse_by / abs(before)
 
 
-def _same_keys(what: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
-    missing = [k for k in before if k not in after]
-    extra = [k for k in after if k not in before]
-    if missing or extra:
-        raise ValueError(f"check_retained: the {what} of `after` differ from those of `before`: "
-                         f"missing {missing}, extra {extra}")
-
-
-def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool:
-    if higher_is_better is not None and metric in higher_is_better:
-        return bool(higher_is_better[metric])
-    if metric in METRICS:
-        return METRICS[metric].higher_is_better
-    raise UnknownNameError(f"check_retained: unknown metric {metric!r}: give its direction in "
-                           f"`higher_is_better`")
-
-
 def retained_changes(before: SplitMetrics, after: SplitMetrics, *,
                      splits: Iterable[str] = KEPT_SPLITS,
                      higher_is_better: Mapping[str, bool] | None = None) -> list[MetricChange]:
@@ -218,10 +200,12 @@ def retained_changes(before: SplitMetrics, after: SplitMetrics, *,
                 raise ValueError(f"check_retained: `{label}` has no split {split!r} (it has "
                                  f"{sorted(metrics)}); pass the splits both hold as `splits`")
         tasks_before, tasks_after = before[split], after[split]
-        _same_keys(f"tasks of split {split!r}", tasks_before, tasks_after)
+        _check_same_keys("check_retained", f"tasks of split {split!r}", tasks_before, "before",
+                         tasks_after, "after")
         for task, values_before in tasks_before.items():
             values_after = tasks_after[task]
-            _same_keys(f"metrics of {split}/{task}", values_before, values_after)
+            _check_same_keys("check_retained", f"metrics of {split}/{task}", values_before,
+                             "before", values_after, "after")
             for metric, value in values_before.items():
                 higher = _direction(metric, higher_is_better)
                 b = _finite(value, f"before[{split!r}][{task!r}][{metric!r}]")
