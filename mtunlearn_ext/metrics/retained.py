@@ -15,12 +15,12 @@ otherwise); one that is no longer finite after (a NaN prediction) counts ``inf``
 not finite before cannot be compared and is listed with ``w = nan``, never failing the check.
 
 Every metric of every task counts, not only the primary one: a model can keep its pixel
-accuracy, which the frequent classes dominate, and lose its mIoU on the rare ones. :data:`DEFAULT_TOLERANCE` is wide on
-purpose: on the project's memorising benchmarks, the *retrained* model (the gold standard)
-worsens some kept metric by up to 18% against the original (street, retain depth relative
-error, seed 5), as forgetting 10% of a small training set moves what the rest of it taught; the
-check is a guard against a ruined model, not a ranking of methods (UIS and the gap to retraining
-are, :mod:`mtunlearn_ext.metrics.scores`).
+accuracy, which the frequent classes dominate, and lose its mIoU on the rare ones.
+:data:`DEFAULT_TOLERANCE` is wide on purpose: on the project's memorising benchmarks, the
+*retrained* model (the gold standard) worsens some kept metric by up to 18% against the
+original (street, retain depth relative error, seed 5), as forgetting 10% of a small training
+set moves what the rest of it taught; the check is a guard against a ruined model, not a
+ranking of methods (UIS and the gap to retraining are, :mod:`mtunlearn_ext.metrics.scores`).
 """
 
 from __future__ import annotations
