@@ -58,6 +58,10 @@ def test_the_tolerance_decides_and_the_worst_come_first() -> None:
     assert "2 kept metric(s) (retain, test) worsened by more than 10.0%" in strict.summary()
     assert "test/depth/abs_err 0.3 -> 0.45 (+50.0%)" in strict.summary()
     assert check_retained(BEFORE, BEFORE, 0.0).passed  # unchanged passes even at 0
+    assert check_retained(BEFORE, BEFORE).summary() == (
+        "kept metrics (retain, test) within 25.0% of the input model's: none got worse")
+    assert check_retained(BEFORE, _after(test__seg__miou=0.63)).summary().endswith(
+        "worst test/seg/miou 0.7 -> 0.63 (+10.0%)")
 
 
 def test_a_metric_that_is_no_longer_finite_fails_and_one_that_never_was_is_not_compared() -> None:

@@ -115,6 +115,7 @@ class RetainedCheck:
         if self.passed:
             worst = self.worst
             detail = ("no metric comparable" if worst is None
+                      else "none got worse" if worst.worsening <= 0
                       else f"worst {worst.describe()}")
             return f"kept metrics ({where}) within {limit} of the input model's: {detail}"
         over = self.exceeded
