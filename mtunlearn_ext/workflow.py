@@ -54,6 +54,7 @@ from mtunlearn_ext.data.request import REQUEST_TYPES, ForgetRequest, RequestType
 from mtunlearn_ext.training import Checkpoint, CheckpointError, load_checkpoint
 
 if TYPE_CHECKING:
+    from mtunlearn_ext.metrics import RetainedCheck
     from mtunlearn_ext.models import MultiTaskModel
     from mtunlearn_ext.unlearning import Unlearner, UnlearningProblem, UnlearningResult
 
@@ -61,6 +62,7 @@ __all__ = [
     "CLI_META_FORMAT",
     "TEST_FILES_KEY",
     "TRAIN_FILES_KEY",
+    "KeptMetricsError",
     "LoadedModel",
     "NonFiniteError",
     "OutputTakenError",
@@ -179,7 +181,7 @@ class KeptMetricsError(Exception):
     split) past ``--retained-tolerance``; nothing was written. ``check`` is the
     :class:`~mtunlearn_ext.metrics.RetainedCheck`."""
 
-    def __init__(self, check: Any) -> None:
+    def __init__(self, check: RetainedCheck) -> None:
         self.check = check
         super().__init__(f"{check.summary()}; --require-retained: nothing was written (the "
                          "input is unchanged; a gentler setting, e.g. a lower learning rate or "

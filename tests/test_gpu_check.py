@@ -118,7 +118,7 @@ def test_a_failed_test_is_named_as_it_happens(tmp_path: Path) -> None:
     # one that fails (it must be, with its message).
     (tmp_path / "test_sample.py").write_text(
         "def test_sorting_passes():\n    assert sorted([3, 1, 2]) == [1, 2, 3]\n\n"
-        "def test_bad():\n    assert 1 == 2, 'one is not two'\n")
+        "def test_bad():\n    assert sorted([2, 1]) == [2, 1], 'sorted moved them'\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            *gpu_check.pytest_parallel_args(), str(tmp_path / "test_sample.py")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
@@ -126,7 +126,7 @@ def test_a_failed_test_is_named_as_it_happens(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     named = [line for line in proc.stdout.splitlines() if line.startswith("[gpu_check] FAILED")]
     assert len(named) == 1 and "test_sample.py::test_bad (call)" in named[0], proc.stdout
-    assert "one is not two" in named[0], named
+    assert "sorted moved them" in named[0], named
     assert "1 failed, 1 passed" in proc.stdout, proc.stdout  # the passing sample ran, unnamed
 
 

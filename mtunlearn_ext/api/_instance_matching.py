@@ -300,5 +300,5 @@ def check_ids_not_retained(forget: MultiTaskDataset, retain: MultiTaskDataset,
         f"{listed_first([common[i] for i in clashing], 10)}; `forget_data` rows "
         f"{listed_first([int(given_rows[forget_rows[i]]) for i in clashing], 10)}; "
         f"`retain_data` rows {listed_first([int(retain_rows[i]) for i in clashing], 10)}): "
-        f"take "
-        "the pairs to forget out of `retain_data` (or pass `train_data` and a `forget_request`)")
+        "take the pairs to forget out of `retain_data` (or pass `train_data` and a "
+        "`forget_request`)")

@@ -169,6 +169,14 @@ def _worsening(before: float | None, after: float | None, higher_is_better: bool
     return worse_by / abs(before)
 
 
+def _split_names(splits: Iterable[str]) -> tuple[str, ...]:
+    """``splits`` as a tuple (one name given as a string is one split), refused when empty."""
+    names = (splits,) if isinstance(splits, str) else tuple(splits)
+    if not names:
+        raise ValueError("check_retained: `splits` must name at least one split, got none")
+    return names
+
+
 def retained_changes(before: SplitMetrics, after: SplitMetrics, *,
                      splits: Iterable[str] = KEPT_SPLITS,
                      higher_is_better: Mapping[str, bool] | None = None) -> list[MetricChange]:
@@ -189,11 +197,8 @@ def retained_changes(before: SplitMetrics, after: SplitMetrics, *,
         KeyError: a metric of unknown direction.
         TypeError: a value that is not a number (or ``None``).
     """
-    names = [splits] if isinstance(splits, str) else list(splits)
-    if not names:
-        raise ValueError("check_retained: `splits` must name at least one split, got none")
     changes: list[MetricChange] = []
-    for split in names:
+    for split in _split_names(splits):
         for label, metrics in (("before", before), ("after", after)):
             if split not in metrics:
                 raise ValueError(f"check_retained: `{label}` has no split {split!r} (it has "
@@ -237,6 +242,6 @@ def check_retained(before: SplitMetrics, after: SplitMetrics,
             or not math.isfinite(tolerance) or tolerance < 0):
         raise ValueError(f"check_retained: `tolerance` must be a finite number >= 0 (a "
                          f"fraction of each metric's value), got {tolerance!r}")
-    names = (splits,) if isinstance(splits, str) else tuple(splits)
+    names = _split_names(splits)
     changes = retained_changes(before, after, splits=names, higher_is_better=higher_is_better)
     return RetainedCheck(float(tolerance), names, tuple(changes))
