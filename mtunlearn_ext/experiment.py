@@ -62,6 +62,7 @@ from mtunlearn_ext.training import (
     TrainConfig,
     cpu_threads,
     load_checkpoint,
+    recipe_from_mapping,
     save_checkpoint,
     state_dict_sha256,
     tensor_bytes,
@@ -626,7 +627,7 @@ def default_recipe(benchmark: Benchmark, seed: int,
         values = dict(base)
     values.update(overrides or {})
     values["seed"] = seed
-    return TrainConfig(**values)
+    return recipe_from_mapping(values, "the training recipe")
 
 
 @dataclass

@@ -9,6 +9,7 @@ standard.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import math
@@ -131,6 +132,20 @@ class TrainConfig:
         out["task_weights"] = None if self.task_weights is None else {
             k: _plain_number(v) for k, v in self.task_weights.items()}
         return out
+
+
+def recipe_from_mapping(values: object, what: str) -> TrainConfig:
+    """A :class:`TrainConfig` from a mapping of its fields, refusing anything else, and any key
+    that is no field, as ``TypeError`` naming ``what`` (the argument it came from) and the
+    fields (``TrainConfig(**values)`` would say only "unexpected keyword argument")."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{what} must be a TrainConfig or a mapping of its fields, got "
+                        f"{type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise TypeError(f"{what}: unknown TrainConfig field(s) {unknown}; known: {known}")
+    return TrainConfig(**values)
 
 
 def _plain_number(value: Any) -> Any:

@@ -13,6 +13,7 @@ from torch import nn
 
 import mtunlearn_ext
 from mtunlearn_ext import ForgetRequest
+from mtunlearn_ext.api import build_problem
 
 TASKS = {"kind": "classification", "size": "regression"}
 
@@ -99,6 +100,62 @@ def test_heads_named_after_their_task_with_a_suffix_are_told_as_head_parameters(
     new = _unlearn(model, (x, y), head_parameters={"kind": model.get_submodule("kind_head"),
                                                    "size": model.get_submodule("size_head")})
     assert not torch.equal(new.kind_head.weight, model.kind_head.weight)
+
+
+class _OneHeadByName(nn.Module):
+    """`kind`'s head found by name, `size`'s (`fc_size`) not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.kind, self.fc_size = nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(x)
+        return {"kind": self.kind(z), "size": self.fc_size(z)}
+
+
+def test_head_parameters_for_some_tasks_leave_the_others_found_by_name() -> None:
+    """Naming the one oddly named head (what the refusal suggests) switched off the lookup by
+    name for every other task, whose heads were then refused as "neither shared nor in a
+    head"."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=re.escape(
+            "pass head_parameters={'size': model.get_submodule('fc_size')}") + "$"):
+        _unlearn(_OneHeadByName(), (x, y))
+    model = _OneHeadByName()
+    problem = build_problem(
+        model, tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(3)),
+        shared_parameters=model.trunk, head_parameters={"size": model.fc_size})
+    split = problem.model.parameter_split()  # type: ignore[operator]
+    assert sorted(split.heads["kind"]) == ["module.kind.bias", "module.kind.weight"]
+    assert sorted(split.heads["size"]) == ["module.fc_size.bias", "module.fc_size.weight"]
+    assert sorted(split.shared) == ["module.trunk.0.bias", "module.trunk.0.weight"]
+    new = _unlearn(model, (x, y), head_parameters={"size": model.fc_size})
+    assert not torch.equal(new.kind.weight, model.kind.weight)
+
+
+class _LeftOverHead(_TwoHeads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kind_head2 = nn.Linear(8, 2)  # a left-over: no task's prediction uses it
+
+
+def test_a_left_over_module_named_after_a_task_is_not_offered_as_its_only_head() -> None:
+    """The refusal of an unused `kind_head2` offered it as `kind`'s whole head: following
+    that left `heads.kind` in no head."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=re.escape(
+            "and it found a head of ['kind'] that way already: if those tasks use these modules "
+            "too, pass head_parameters={'kind': [model.get_submodule('heads.kind'), "
+            "model.get_submodule('kind_head2')]} (a task given there is not looked up by name); "
+            "if nothing uses them (a left-over module), freeze them") + "$"):
+        _unlearn(_LeftOverHead(), (x, y))
+    model = _LeftOverHead()
+    model.kind_head2.requires_grad_(False)  # what the message offers for a left-over
+    new = _unlearn(model, (x, y))
+    assert torch.equal(new.kind_head2.weight, model.kind_head2.weight)
 
 
 class _HeadsKeyedOtherwise(_TwoHeads):

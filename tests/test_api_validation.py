@@ -1594,6 +1594,34 @@ def test_a_task_name_missing_from_the_targets_is_named() -> None:
                       shared_parameters=_trunk)
 
 
+def test_a_task_name_missing_from_the_targets_is_an_unknown_name() -> None:
+    """Review: a `tasks` name missing from the targets raised a plain ValueError here, and an
+    UnknownNameError (a KeyError too) where the targets were read: `except KeyError` caught
+    one of the two forms of the same mistake."""
+    x, y = _data()
+    with pytest.raises(KeyError, match=r"task 'A' of `tasks` has no targets in the data"):
+        build_problem(_TwoHeads(), tasks={"A": "classification", "b": "regression"},
+                      train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                      shared_parameters=_trunk)
+
+
+def test_an_unknown_train_config_field_is_named_with_the_known_ones() -> None:
+    """Review: a misspelt `train_config` key raised "TrainConfig.__init__() got an unexpected
+    keyword argument 'epoch'", naming neither the argument nor the fields it may hold."""
+    x, y = _data()
+    kwargs = dict(tasks=TASKS, train_data=(x, y), forget_request=ForgetRequest.create(range(5)),
+                  shared_parameters=_trunk, fresh_model=_TwoHeads)
+    with pytest.raises(TypeError, match=r"^build_problem: `train_config`: unknown TrainConfig "
+                                        r"field\(s\) \['epoch'\]; known: \['epochs', "):
+        build_problem(_TwoHeads(), train_config={"epoch": 3}, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^build_problem: `train_config` must be a TrainConfig "
+                                        r"or a mapping of its fields, got list$"):
+        build_problem(_TwoHeads(), train_config=[3], **kwargs)  # type: ignore[arg-type]
+    problem = build_problem(_TwoHeads(), train_config={"epochs": 3},
+                            **kwargs)  # type: ignore[arg-type]
+    assert problem.train_config is not None and problem.train_config.epochs == 3
+
+
 def test_a_broken_or_empty_or_half_precision_model_is_refused_before_any_work() -> None:
     """NaN weights failed with a message about the forget caps; a meta model or device with
     torch's internals; a bfloat16 model ran and rounded most updates away (and the refusal's

@@ -725,6 +725,21 @@ def test_list_op_errors_match_the_reference_path(case: str,
     assert type(compiled.value) is type(reference.value)
     assert str(compiled.value) == str(reference.value)
     assert "mtunlearn_ext.ops." in str(compiled.value)
+    # Alone: not the last of a chain ("During handling of the above exception, another
+    # exception occurred") through the compiled op's own error and every op on the way.
+    assert compiled.value.__context__ is None and compiled.value.__cause__ is None
+
+
+def test_a_list_projection_error_is_told_once_in_the_callers_words() -> None:
+    """Review: a bad basis to `project_out_list` printed four chained tracebacks, the middle
+    ones naming `gram_list_stacked`'s `xs` / `ys`, which the caller never called."""
+    from mtunlearn_ext.surgery import project_out_list
+
+    with pytest.raises(ValueError, match=r"^mtunlearn_ext\.surgery\.project_out_list: every "
+                                         r"`basis_list\[p\]` must be a stack") as raised:
+        project_out_list([torch.randn(2, 4, 5), torch.randn(2, 7)],
+                         [torch.randn(3, 4, 5), torch.randn(2, 7)])
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
 
 
 def test_list_ops_reject_mixed_devices_in_the_fake_kernels() -> None:

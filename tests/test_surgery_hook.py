@@ -1504,7 +1504,7 @@ def test_misuse_is_named_in_the_callers_words() -> None:
                                         r"as a list in a fixed task order, e\.g\. "
                                         r"list\(losses\.values\(\)\)"):
         surgery.backward({"a": losses[0], "b": losses[1]})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"losses\[1\] must be a scalar tensor, got a float"):
+    with pytest.raises(TypeError, match=r"losses\[1\] must be a scalar tensor, got a float"):
         surgery.backward([losses[0], 0.0])  # type: ignore[list-item]
     stacks = [torch.randn(TASKS, *p.shape, dtype=F64) for p in model.trunk.parameters()]
     with pytest.raises(TypeError, match=r"^GradientSurgery\.apply: per_task_grads\[0\] \(the "

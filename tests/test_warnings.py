@@ -76,6 +76,9 @@ def test_an_unlearn_warning_is_the_packages_and_a_test_suite_can_make_it_an_erro
         _unlearn_nothing()
     said = [w for w in caught if "left the weights exactly as they were" in str(w.message)]
     assert [(w.category, w.filename) for w in said] == [(MtUnlearnWarning, __file__)]
+    # The returned model is a new module (never the caller's): the warning said "is the input
+    # model" (review).
+    assert "the returned model (a copy) holds the input model's weights" in str(said[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error", MtUnlearnWarning)
         with pytest.raises(MtUnlearnWarning, match="left the weights exactly as they were"):

@@ -288,8 +288,16 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
                       for t in task_names if t in heads}
         _check_in_one_head(head_names, aliases)
     else:
-        head_names = _heads_by_name(model, task_names, trainable, shared_names)
-    assigned = set(shared_names) | {n for names in head_names.values() for n in names}
+        head_names = {}
+    # The tasks `head_parameters` leaves out keep the default split's heads (found by name),
+    # among the parameters neither shared nor given: naming one oddly-named head does not
+    # ask the others to be named too.
+    by_name = [t for t in task_names if t not in head_names]
+    given = set(shared_names) | {n for names in head_names.values() for n in names}
+    found = _heads_by_name(model, by_name, [n for n in trainable if n not in given],
+                           shared_names)
+    head_names.update(found)
+    assigned = given | {n for names in found.values() for n in names}
     stray = [n for n in trainable if n not in assigned]
     if stray:
         raise ValueError(f"{entry()}: parameters neither shared nor in a head: {stray}; pass "
@@ -297,7 +305,7 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
                          f"if no task of `tasks` uses them (an auxiliary head), freeze them "
                          f"(`requires_grad_(False)`): frozen parameters stay as they are"
                          + _wrapper_names_hint(shared, stray, wrapper_prefix)
-                         + (_head_names_hint(stray, task_names) if heads is None else ""))
+                         + (_head_names_hint(stray, by_name, found) if by_name else ""))
     overlap = set(shared_names) & {n for names in head_names.values() for n in names}
     if overlap:
         tied = {n: aliases[n] for n in sorted(overlap) if len(aliases[n]) > 1}
@@ -305,9 +313,6 @@ def split_model(model: nn.Module, task_names: Sequence[str], shared: SharedSpec 
                          + (f" (tied: one parameter under the names {tied}; a parameter the "
                             "trunk uses is shared, so leave it out of `head_parameters`)"
                             if tied else ""))
-    missing = [t for t in task_names if t not in head_names]
-    for t in missing:
-        head_names[t] = []
     # Frozen parameters belong to no group (they never move); the split lists trainable ones.
     return SplitModel(model, shared_names, head_names)
 
@@ -344,12 +349,16 @@ def _wrapper_names_hint(shared: SharedSpec | None, stray: Sequence[str],
             f"through that module; drop {wrapper_prefix!r} from what it matches")
 
 
-def _head_names_hint(stray: Sequence[str], task_names: Sequence[str]) -> str:
+def _head_names_hint(stray: Sequence[str], task_names: Sequence[str],
+                     found_heads: Mapping[str, Sequence[str]]) -> str:
     """How the default split finds heads, for parameters it found in none; when each of them
     sits in a module whose name holds one task's name as a ``_``-separated word (``kind_head``,
     ``fc_kind``: a torchvision-style model's heads), the ``head_parameters`` that says so. The
     split does not guess them itself: a trunk layer named after a task (``kind_embed``) would
-    be taken as that task's head."""
+    be taken as that task's head. Where the split already found a head of that task by name
+    (``found_heads``), the module is a second one or a left-over: the hint lists both modules
+    and says to freeze it if nothing uses it (a task given in ``head_parameters`` is not looked
+    up by name, so naming the new module alone would leave the found head unassigned)."""
     suggested: dict[str, list[str]] = {}
     for name in stray:
         *path, _ = name.split(".")
@@ -367,13 +376,33 @@ def _head_names_hint(stray: Sequence[str], task_names: Sequence[str]) -> str:
         task, prefix = module
         if prefix not in suggested.setdefault(task, []):
             suggested[task].append(prefix)
+    second = [t for t in suggested if found_heads.get(t)]
+    for t in second:
+        suggested[t] = list(dict.fromkeys(_head_modules(found_heads[t], t))) + suggested[t]
     modules = ", ".join(
         f"{t!r}: " + (f"model.get_submodule({p[0]!r})" if len(p) == 1 else
                       "[" + ", ".join(f"model.get_submodule({m!r})" for m in p) + "]")
         for t, p in suggested.items())
+    if second:
+        return (f". A head is found by a dotted component of its name equal to its task's, which "
+                f"these have not, and it found a head of {second} that way already: if those "
+                f"tasks use these modules too, pass head_parameters={{{modules}}} (a task given "
+                f"there is not looked up by name); if nothing uses them (a left-over module), "
+                f"freeze them")
     return (f". A head is found by a dotted component of its name equal to its task's, which "
             f"these have not; if they are the heads their module names suggest, pass "
             f"head_parameters={{{modules}}}")
+
+
+def _head_modules(names: Sequence[str], task: str) -> list[str]:
+    """The modules the default split took as ``task``'s head: each parameter name's path up
+    to its component equal to ``task`` (``heads.cls`` for ``heads.cls.0.weight``), or the
+    parameter's own module where only its attribute name is the task's."""
+    modules = []
+    for name in names:
+        *path, _ = name.split(".")
+        modules.append(".".join(path[:path.index(task) + 1]) if task in path else ".".join(path))
+    return modules
 
 
 def _holds_words(words: Sequence[str], wanted: Sequence[str]) -> bool:

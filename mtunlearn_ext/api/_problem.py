@@ -49,7 +49,7 @@ from mtunlearn_ext.api._types import (DataLike, InMemoryData, ParameterSpec, Sha
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.request import ForgetRequest
-from mtunlearn_ext.training import TrainConfig
+from mtunlearn_ext.training import TrainConfig, recipe_from_mapping
 from mtunlearn_ext.unlearning import UnlearningProblem
 
 
@@ -384,7 +384,7 @@ def build_problem_with_naming(model: nn.Module, *,
     recipe = None
     if fresh_model is not None:
         recipe = (train_config if isinstance(train_config, TrainConfig)
-                  else TrainConfig(**dict(train_config or {})))
+                  else recipe_from_mapping(train_config, f"{entry()}: `train_config`"))
         factory = fresh_split_model(fresh_model, wrapped, names)
     problem = UnlearningProblem(model=wrapped, tasks=specs, forget=forget, retain=retain,
                                 request=request, target_tasks=list(targets), device=device,

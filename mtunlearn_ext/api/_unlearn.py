@@ -253,7 +253,8 @@ def unlearn(model: ModelT, *,
         head_parameters: task -> its head's names, parameters or module(s) (default: a
             parameter whose dotted name contains the task's name as a component, e.g.
             ``heads.depth.weight``; the modules' names are looked at before the parameter's
-            own, so a task named ``weight`` does not claim every ``....weight``).
+            own, so a task named ``weight`` does not claim every ``....weight``); the tasks it
+            leaves out keep the heads found by name.
         method: registry name (see :func:`mtunlearn_ext.unlearning.available_unlearners`).
         config: the method's settings (a mapping or its config object); defaults otherwise.
         device: where to compute, and where the returned model is (default: the model's own
@@ -433,9 +434,9 @@ def unlearn(model: ModelT, *,
         # As `mtunlearn unlearn` says it (steps 0): save_unlearned keeps
         # it in the record (weights_changed: false) and verify_saved does not pass it.
         warn_at_caller(f"unlearn: {unlearner.name} left the weights exactly as they were "
-                       f"({result.report.steps} steps): the returned model is the input model, "
-                       f"nothing was unlearned; save_unlearned's record says so (weights_changed:"
-                       f" false) and verify_saved will not pass it")
+                       f"({result.report.steps} steps): the returned model (a copy) holds the "
+                       f"input model's weights, nothing was unlearned; save_unlearned's record "
+                       f"says so (weights_changed: false) and verify_saved will not pass it")
     same = not changed or same_parameters(out, source)  # an equal state: equal parameters
     result.report.extra["parameters_changed"] = not same
     if changed and same:

@@ -11,6 +11,7 @@ from typing import Any, Union, cast
 
 import torch
 
+from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._fields import choice_of
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskKind, TaskSpec
 
@@ -138,9 +139,10 @@ def task_specs(tasks: Sequence[TaskSpec] | Mapping[str, str | TaskSpec],
             labels = [t for t in labels if t.numel()]
             given = [d for d in datasets if d is not None and not isinstance(d, MultiTaskDataset)]
             if not labels and given and all(name not in d[1] for d in given):
-                raise ValueError(f"{op}: task {name!r} of `tasks` has no targets in the data "
-                                 f"(whose targets are for {sorted(given[0][1])}); the names of "
-                                 "`tasks` must be the targets' keys")
+                raise UnknownNameError(
+                    f"{op}: task {name!r} of `tasks` has no targets in the data (whose targets "
+                    f"are for {sorted(given[0][1])}); the names of `tasks` must be the targets' "
+                    "keys")
             predicted = None if predicted_classes is None else predicted_classes.get(name)
             if not labels and predicted is None:
                 model = ("" if predicted_classes is None else ", and the model's output gave no "

@@ -372,9 +372,12 @@ def check_on_failure(body: Callable[[], _Result], check: Callable[[], object]) -
         return body()
     try:
         return body()
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
-        check()
-        raise
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        failure = error
+    # Outside the ``except``: the check's error is the one the caller reads, not the last of a
+    # chain ("During handling of the above exception...") through every op the call went via.
+    check()
+    raise failure
 
 
 def checked_list_call(compiled: Callable[[], _Result], reference: Callable[[], _Result],

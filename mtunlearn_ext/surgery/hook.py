@@ -948,8 +948,8 @@ class GradientSurgery:
         constants = []
         for t, loss in enumerate(losses):
             if not isinstance(loss, torch.Tensor):
-                raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor, got "
-                                 f"a {type(loss).__name__}")
+                raise TypeError(f"GradientSurgery: losses[{t}] must be a scalar tensor, got "
+                                f"a {type(loss).__name__}")
             if loss.numel() != 1:
                 raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor, got "
                                  f"shape {tuple(loss.shape)}")

@@ -607,7 +607,7 @@ class UnlearningProblem:
                 task_loss(spec, out[spec.name][labelled], target)
             except CustomLossShapeError as error:  # the loss's fault, not the targets'
                 raise ValueError(f"UnlearningProblem: the custom `loss` of task {spec.name!r} "
-                                 f"(checked on {what}'s {checked}): {error}; e.g. "
+                                 f"(checked on {checked} of {what}): {error}; e.g. "
                                  "`reduction='none'` and a mean over every dimension but the "
                                  "first") from error
             except ValueError as error:
