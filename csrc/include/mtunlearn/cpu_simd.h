@@ -60,6 +60,20 @@ MTU_ALWAYS_INLINE v16f join(v8f a, v8f b) {
 MTU_ALWAYS_INLINE v8d join(v4d a, v4d b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
 }
+// twice() of the 32 bytes at `p`, loaded by the broadcast itself: vbroadcastf64x4 from memory
+// runs on the load ports alone, where a load and the shuffle of twice() put a uop on port 5,
+// one of the two ports that run zmm FMAs on Intel cores (the 6 x 8 grid spent 6 of its 34
+// port-0/5 uops per column step on those shuffles). GCC does not fold a shuffle of a load into
+// the broadcast, hence the asm. It moves bits and computes nothing: the results are unchanged.
+template <typename Pair, typename T>
+MTU_ALWAYS_INLINE Pair twice_at(const T* p) {
+  static_assert(sizeof(Pair) == 64 && sizeof(Pair) / sizeof(T) * sizeof(T) == 64 &&
+                    std::is_floating_point<T>::value,
+                "twice_at: a 64-byte pair of 32-byte float or double vectors");
+  Pair out;
+  asm("vbroadcastf64x4 %1, %0" : "=v"(out) : "m"(*reinterpret_cast<const char(*)[32]>(p)));
+  return out;
+}
 #endif
 
 template <typename V>
