@@ -153,8 +153,11 @@ class _StoreOnce(argparse.Action):
         given: dict[str, str] = namespace.__dict__.setdefault("_given_once", {})
         flag = self.option_strings[-1]
         if self.dest in given:
-            hint = (f"give every id in one {flag}, e.g. {flag} 3,7,13" if flag.endswith("-ids")
-                    else f"give every task in one {flag}, e.g. {flag} a,b"
+            # The example joins the values given, and only them: a fixed example ("3,7,13")
+            # copied as it stands would name an instance nobody asked to remove.
+            joined = f"{flag} {given[self.dest]},{values}"
+            hint = (f"give every id in one {flag}, e.g. {joined}" if flag.endswith("-ids")
+                    else f"give every task in one {flag}, e.g. {joined}"
                     if flag == "--target-tasks" else "give one value")
             raise UserInputError(flag, f"{flag} once (argparse keeps only the last)",
                                  [given[self.dest], str(values)], hint)
@@ -306,7 +309,9 @@ def _load_config(path: str) -> dict[str, Any]:
                 raise UserInputError("--config", "valid YAML/TOML", path,
                                      _yaml_error_text(error)) from error
         else:
-            raise UserInputError("--config", "a .yaml, .yml or .toml file", path)
+            raise UserInputError("--config", "a .yaml, .yml or .toml file", path,
+                                 "a JSON config is not read: write it as YAML or TOML, the "
+                                 "options' names as keys" if p.suffix == ".json" else "")
     except (ValueError, OSError) as error:
         if isinstance(error, UserInputError):
             raise
@@ -504,6 +509,12 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     try:
         value = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as error:
+        stripped = text.strip()
+        if not stripped.startswith(("{", "[", '"')) and (
+                stripped.lower().endswith((".json", ".yaml", ".yml", ".txt")) or "/" in stripped):
+            # A file name that names no file: "Expecting value: line 1 column 1" said nothing of it.
+            raise UserInputError(argument, "a JSON object or a readable file holding one", text,
+                                 "no such file") from None
         raise UserInputError(argument, "a JSON object or a file holding one", text,
                              str(error)) from error
     except DuplicateKeyError as error:  # json keeps the last of two equal keys, without a word
@@ -731,20 +742,24 @@ def _training_nonfinite(error: FloatingPointError) -> Exception:
 
 
 def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
-    """``<stem>.<method>.pt`` / ``<stem>.<method>.record.json`` beside the input, with a
-    numeric suffix if taken (so a rerun never collides with an earlier run). An input named
-    so by this method, ``<stem>.<method>[-k].pt`` (a chained request on the previous
-    output), gives ``<stem>.<method>-<k+1>.pt`` or the next number free: appending the
-    method to the whole name again made a chain's names grow by its length each request,
-    past the file system's 255 bytes at the 13th with ``interference_aware``."""
+    """``<stem>.<method>.pt`` / ``<stem>.<method>.record.json`` beside the input. An input
+    named so by this method, ``<stem>.<method>[-k].pt`` (a chained request on the previous
+    output), gives ``<stem>.<method>-<k+1>.pt``: appending the method to the whole name again
+    made a chain's names grow by its length each request, past the file system's 255 bytes at
+    the 13th with ``interference_aware``. The number is the request's place in its chain; where
+    that name is taken (a rerun, or a request on an older checkpoint of a chain), a letter
+    follows it, ``-<k>b``, ``-<k>c``, ...: taking the next free number instead named a first
+    request on the original ``-4`` beside a chain's third, the name that looks newest although
+    its lineage holds none of the chain's removals."""
     from mtunlearn_ext.workflow import UserInputError
 
     if checkpoint.name in ("", ".", ".."):  # "." or "/": no name to put the outputs beside
         raise UserInputError("--checkpoint", "a checkpoint file", str(checkpoint),
                              "it names a folder")
-    stem, first = _chained_stem(checkpoint.stem, method)
-    for n in range(first, first + 10_000):
-        tag = method if n == 1 else f"{method}-{n}"
+    stem, place = _chained_stem(checkpoint.stem, method)
+    for branch in range(10_000):
+        tag = (method if place == 1 else f"{method}-{place}") if branch == 0 else \
+            f"{method}-{place}{_branch_letters(branch)}"
         ckpt = checkpoint.with_name(f"{stem}.{tag}.pt")
         rec = checkpoint.with_name(f"{stem}.{tag}.record.json")
         # lexists: False (not an OSError) for a name too long for the file system, which
@@ -787,17 +802,31 @@ def _write_at_free_name(tx: Any, args: argparse.Namespace, checkpoint: Path, out
     return out_ckpt, out_rec, tx.write(out_ckpt, write_checkpoint)
 
 
+def _branch_letters(branch: int) -> str:
+    """``b`` for 1, ``c`` for 2, ... ``z`` for 25, then ``ba``, ``bb``, ...: base 26 in
+    letters, never starting with ``a`` (so that no two branches read alike)."""
+    letters = ""
+    while branch:
+        branch, digit = divmod(branch, 26)
+        letters = chr(ord("a") + digit) + letters
+    return letters
+
+
 def _chained_stem(stem: str, method: str) -> tuple[str, int]:
     """``(stem, 1)``, or for a stem that :func:`_default_outputs` gave with this method,
-    ``<base>.<method>`` or ``<base>.<method>-<k>``: ``(base, k + 1)``, the number after it."""
+    ``<base>.<method>`` or ``<base>.<method>-<k>[letters]``: ``(base, k + 1)``, the place
+    after it."""
     base, dot, tag = stem.rpartition(f".{method}")
     if not dot or not base:
         return stem, 1
     if tag == "":
         return base, 2
-    number = tag.removeprefix("-")
-    # "-2", not "-02" or "-x": only the numbers this function writes continue a chain.
-    if tag.startswith("-") and number.isascii() and number.isdigit() and number[0] != "0":
+    number = tag.removeprefix("-").rstrip("abcdefghijklmnopqrstuvwxyz")
+    letters = tag.removeprefix("-")[len(number):]
+    # "-2" or "-2b", not "-02", "-x" or "-2a": only the names this function writes continue a
+    # chain.
+    if (tag.startswith("-") and number.isascii() and number.isdigit() and number[0] != "0"
+            and not letters.startswith("a")):
         return base, int(number) + 1
     return stem, 1
 
@@ -817,7 +846,11 @@ def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dic
     own = method == "interference_aware"
     config = get_unlearner("interference_aware", dict(settings) if own else {}).config
     try:
-        matrix = interference_matrix(problem, config)  # type: ignore[arg-type]
+        # Its setup would repeat the run's own warnings (the same problem and settings), or,
+        # after another method, warn of settings no method of this run used.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MtUnlearnWarning)
+            matrix = interference_matrix(problem, config)  # type: ignore[arg-type]
     except (RuntimeError, ValueError) as error:
         # A diagnostic: the unlearned model is already computed and must not be lost for it.
         _say(f"mtunlearn: warning: no interference matrix: {error}", file=sys.stderr)

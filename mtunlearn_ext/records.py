@@ -60,6 +60,7 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -178,6 +179,10 @@ def read_record(path: str | os.PathLike[str], argument: str = "--record") -> dic
     try:
         record = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if zipfile.is_zipfile(p):  # torch.save's archive: "can't decode byte 0x80" said little
+            raise _record_error(argument, "a readable JSON unlearning record", str(p),
+                                "it is a zip archive, a checkpoint (its record is the "
+                                "`.record.json` file `unlearn` wrote beside it)") from None
         raise _record_error(argument, "a readable JSON unlearning record", str(p),
                             str(error)) from error
     except DuplicateKeyError as error:  # a reader sees the first, json keeps the last
@@ -816,10 +821,17 @@ def _verify_retained(record: Mapping[str, Any], mismatches: list[str]) -> str:
         mismatches.append(f"retained_check: not re-derivable from the record's before and after "
                           f"metrics ({error})")
         return "MISMATCH"
-    if check.to_dict() != recorded:
-        mismatches.append(f"retained_check: the record says passed {recorded.get('passed')!r}, "
-                          f"its before and after metrics give {check.passed} "
-                          f"({check.summary()})")
+    derived = check.to_dict()
+    if derived != recorded:
+        if recorded.get("passed") != check.passed:
+            said = (f"the record says passed {recorded.get('passed')!r}, its before and after "
+                    f"metrics give {check.passed}")
+        else:  # the same verdict, other figures: name what differs, not the verdict
+            fields = sorted(k for k in set(derived) | set(recorded)
+                            if derived.get(k) != recorded.get(k))
+            said = (f"the record's {', '.join(fields)} differ from what its before and after "
+                    f"metrics give (the same verdict, passed {check.passed})")
+        mismatches.append(f"retained_check: {said} ({check.summary()})")
         return "MISMATCH"
     if check.passed:
         return "ok"

@@ -480,6 +480,14 @@ def _not_a_checkpoint(path: Path, error: pickle.UnpicklingError) -> str:
     own refusal spans several lines and advises loading the file again with
     ``weights_only=False``, which runs whatever code it holds: only its reason (``Unsupported
     operand 123``, ``Unsupported global: GLOBAL x.Y``) is kept."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        head = b""
+    if head.startswith(b"{"):  # "Unsupported operand 123" is torch's word for a "{"
+        return (f"checkpoint {path} is not an mtunlearn checkpoint: it is JSON text (an "
+                "unlearning record? its `output.checkpoint` names the checkpoint it describes)")
     found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
     detail = re.split(r"(?<=\.)\s", found.group(1).strip())[0].rstrip(".") if found else ""
     return (f"checkpoint {path} is not an mtunlearn checkpoint: torch's safe (weights-only) "
@@ -589,6 +597,9 @@ def load_checkpoint(path: str | os.PathLike[str], expected_sha256: str | None = 
         raise CheckpointError(_not_a_checkpoint(p, error)) from error
     except Exception as error:  # torch raises several types for a damaged zip archive
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        # torch's miniz errors go on for four sentences about a likely corrupted file: the
+        # first says what failed, and the message says the rest.
+        first = first.split(". This is an internal miniz error")[0]
         raise CheckpointError(f"checkpoint {p} cannot be read (truncated or corrupt?): "
                               f"{type(error).__name__}: {first}") from error
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:

@@ -207,10 +207,22 @@ def test_default_output_names_of_a_chain_stay_short(
     assert names == [[f"orig.{tag}.pt", f"orig.{tag}.record.json"]
                      for tag in ("interference_aware", "interference_aware-2",
                                  "interference_aware-3")]
-    # A rerun from the original takes the next free number, never an earlier output's name;
-    # another method, or a name this function did not write, starts its own.
+    # A rerun from the original never takes an earlier output's name, nor the next number:
+    # `-4` looked like the chain's newest checkpoint, from which a request starts, yet held
+    # none of its removals (audit). It is the first request of another lineage: `-1b`; the
+    # next request on that, the second place, taken by the chain: `-2b`.
     assert cli._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
-        "orig.interference_aware-4.pt")
+        "orig.interference_aware-1b.pt")
+    assert cli._default_outputs(Path("orig.interference_aware-1b.pt"), "interference_aware"
+                                )[0] == Path("orig.interference_aware-2b.pt")
+    assert cli._default_outputs(Path("orig.interference_aware-3.pt"), "interference_aware"
+                                )[0] == Path("orig.interference_aware-4.pt")
+    assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(5),
+                     "--method-config", FAST, "--quiet"]) == 0
+    assert Path("orig.interference_aware-1b.pt").is_file()
+    assert cli._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
+        "orig.interference_aware-1c.pt")
+    # Another method, or a name this function did not write, starts its own.
     assert cli._default_outputs(Path("orig.interference_aware-3.pt"), "scrub")[0] == Path(
         "orig.interference_aware-3.scrub.pt")
     for name in ("orig.interference_aware-03.pt", "orig.interference_aware-x.pt",
@@ -218,3 +230,22 @@ def test_default_output_names_of_a_chain_stay_short(
         stem = Path(name).stem
         assert cli._default_outputs(Path(name), "interference_aware")[0] == Path(
             f"{stem}.interference_aware.pt")
+
+
+def test_a_warning_of_the_run_is_not_repeated_by_the_records_interference_matrix(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """The record's interference matrix runs the method's setup again: its warnings (here:
+    the instance's other labels were all removed by the earlier request, so none of its pairs
+    is retained) were printed twice (CLI audit)."""
+    first = tmp_path / "first.pt"
+    assert _unlearn(trained, first, "--forget-ids", ids(0), "--target-tasks",
+                    "digit,parity") == 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _unlearn(first, tmp_path / "second.pt", "--forget-ids", ids(0),
+                        "--target-tasks", "magnitude") == 0
+    said = [str(w.message) for w in caught]
+    assert sum("coupled=True, but the retain set holds no retained pair" in m
+               for m in said) == 1, said

@@ -170,7 +170,11 @@ def test_duplicate_retain_ids_are_refused(trained: Path, tmp_path: Path,  # noqa
     (["--forget-ids", "3", "--retain-ids", "7", "--retain-ids", "13"], "--retain-ids: expected "
      "--retain-ids once"),
     (["--forget-ids", "3", "--target-tasks", "digit", "--target-tasks", "parity"],
-     "got ['digit', 'parity']; give every task in one --target-tasks, e.g. --target-tasks a,b"),
+     "got ['digit', 'parity']; give every task in one --target-tasks, e.g. --target-tasks "
+     "digit,parity"),
+    # The example joins the values given, and names no other instance (it said "3,7,13").
+    (["--forget-ids", "3", "--forget-ids", "7"], "got ['3', '7']; give every id in one "
+     "--forget-ids, e.g. --forget-ids 3,7"),
     (["--forget-fraction", "0.1", "--forget-fraction", "0.2"], "--forget-fraction: expected "
      "--forget-fraction once (argparse keeps only the last), got ['0.1', '0.2']; give one value"),
     (["--forget-ids", "3", "--request", "full", "--request", "partial"], "--request: expected"),

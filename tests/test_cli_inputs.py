@@ -567,3 +567,37 @@ def test_the_finite_guard_passes_integer_parameters_and_checks_the_others() -> N
     guard = _FiniteGuard(check_every=1, total_steps=1)
     with pytest.raises(NonFiniteError, match=r"at step 0: parameter bias;"):
         guard(1, model)
+
+
+# -- an operator's mix-ups, told as what they are (CLI audit) ------------------------------------
+
+def test_mixed_up_files_are_named_for_what_they_are(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """A record given as --checkpoint said "Unsupported operand 123"; a missing --method-config
+    or --train file "Expecting value: line 1 column 1 (char 0)"; a truncated checkpoint ran on
+    for four sentences of torch's; a .json --config said only which suffixes are read."""
+    record = tmp_path / "orig.pt.record.json"
+    record.write_text(json.dumps({"schema": "mtunlearn_ext.unlearning-record/1"}))
+    assert cli.main(["unlearn", "--checkpoint", str(record), "--forget-ids", ids(1)]) == 2
+    assert _err(capsys).endswith(f"checkpoint {record} is not an mtunlearn checkpoint: it is "
+                                 "JSON text (an unlearning record? its `output.checkpoint` "
+                                 "names the checkpoint it describes)")
+    for argv in (["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1),
+                  "--method-config", "nope.json"],
+                 ["train", "--output", str(tmp_path / "x.pt"), "--train", "nope.json"]):
+        assert cli.main(argv) == 2
+        option = argv[-2]
+        assert _err(capsys) == (f"mtunlearn: error: {option}: expected a JSON object or a "
+                                "readable file holding one, got 'nope.json'; no such file")
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(trained.read_bytes()[:1000])
+    assert cli.main(["evaluate", "--checkpoint", str(truncated)]) == 2
+    err = _err(capsys)
+    assert "cannot be read (truncated or corrupt?)" in err and "miniz" not in err, err
+    config = tmp_path / "req.json"
+    config.write_text(json.dumps({"checkpoint": str(trained), "forget_ids": [1]}))
+    assert cli.main(["unlearn", "--config", str(config)]) == 2
+    assert _err(capsys).endswith("a JSON config is not read: write it as YAML or TOML, the "
+                                 "options' names as keys")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orig.pt.record.json", "req.json",
+                                                          "trunc.pt"]

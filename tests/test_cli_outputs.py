@@ -265,12 +265,13 @@ def test_a_default_name_taken_by_a_concurrent_run_moves_to_the_next_number(
     """Two runs on one input without --output chose the same default name; the one that
     wrote second failed ("the file appeared during the run ... run it again", blaming an
     --output never given) and its computed model was lost. Now it takes the next free
-    number, as a run started after the other would, with the record beside it naming it."""
+    name, as a run started after the other would (a first request's branch letter: `-1b`,
+    `-1c`), with the record beside it naming it."""
     assert _unlearn_racing(trained, tmp_path, monkeypatch, taken) == 0
     capsys.readouterr()
     stem = "orig.interference_aware"
-    others = [f"{stem}.pt"] + [f"{stem}-{n}.pt" for n in range(2, taken + 1)]
-    mine = f"{stem}-{taken + 1}"
+    others = [f"{stem}.pt"] + [f"{stem}-1{letter}.pt" for letter in "bc"[:taken - 1]]
+    mine = f"{stem}-1{'bc'[taken - 1]}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["orig.pt", *others, f"{mine}.pt", f"{mine}.record.json"])
     for other in others:
@@ -287,10 +288,10 @@ def test_a_taken_default_checkpoint_name_keeps_the_record_named_with_record(
     assert _unlearn_racing(trained, tmp_path, monkeypatch, 1, "--record", "mine.json") == 0
     capsys.readouterr()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["orig.pt", "orig.interference_aware.pt", "orig.interference_aware-2.pt", "mine.json"])
+        ["orig.pt", "orig.interference_aware.pt", "orig.interference_aware-1b.pt", "mine.json"])
     record = json.loads((tmp_path / "mine.json").read_text())
     assert record["output"]["checkpoint"] == str(
-        (tmp_path / "orig.interference_aware-2.pt").resolve())
+        (tmp_path / "orig.interference_aware-1b.pt").resolve())
     assert cli.main(["verify", "--record", "mine.json", "--quiet"]) == 0
 
 

@@ -49,7 +49,9 @@ def test_verify_record_errors_name_the_argument(trained: Path, tmp_path: Path,  
                             f"record file (JSON), got '{missing}'; no such file")
     assert cli.main(["verify", "--record", str(trained)]) == 2  # a checkpoint, not JSON
     assert _err(capsys).startswith("mtunlearn: error: --record: expected a readable JSON "
-                                   f"unlearning record, got '{trained}'; 'utf-8' codec")
+                                   f"unlearning record, got '{trained}'; it is a zip archive, a "
+                                   "checkpoint (its record is the `.record.json` file `unlearn` "
+                                   "wrote beside it)")
     listing = tmp_path / "list.json"
     listing.write_text("[1]")
     assert cli.main(["verify", "--record", str(listing)]) == 2

@@ -195,6 +195,16 @@ def test_unlearn_warns_of_a_ruined_model_and_records_it(
     assert outcome["checks"]["kept metrics"] == "MISMATCH"
     assert any("retained_check: the record says passed True" in m
                for m in outcome["mismatches"])
+    # One whose verdict stands but whose figures were edited names the figures (it said "the
+    # record says passed False, its metrics give False", a mismatch that read as none).
+    record["retained_check"]["passed"] = False
+    record["retained_check"]["worst"]["after"] = 0.49
+    edited.write_text(json.dumps(record))
+    assert cli.main(["verify", "--record", str(edited), "--quiet", "--json"]) == 1
+    outcome = json.loads(capsys.readouterr().out)
+    assert any("retained_check: the record's worst differ from what its before and after "
+               "metrics give (the same verdict, passed False)" in m
+               for m in outcome["mismatches"]), outcome["mismatches"]
     # The report shows which metrics the run damaged.
     assert cli.main(["report", "--results", str(record_path), "--output-dir",
                      str(original.parent / "rep"), "--quiet"]) == 0
