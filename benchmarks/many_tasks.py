@@ -29,7 +29,7 @@ from mtunlearn_ext.surgery import MGDA, UPGrad
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default="64,128,256")
     parser.add_argument("--n", default="40",
                         help="gradient entries, comma-separated (each beside n = 10 k)")

@@ -18,12 +18,14 @@ from torch import nn
 
 from mtunlearn_ext.surgery import (
     MGDA,
+    Aggregator,
     GradientSurgery,
     Mean,
     PCGrad,
     Sum,
     SumWeighting,
     UPGrad,
+    Weighting,
     aggregate_list,
 )
 
@@ -1897,6 +1899,33 @@ def test_the_aggregators_check_finite_holds_unless_the_surgery_is_given_its_own(
         with pytest.raises(TypeError, match="GradientSurgery: `check_finite` must be a bool"):
             GradientSurgery(model.trunk.parameters(), UPGrad(),
                             check_finite=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aggregator", [Mean(), Sum(), SumWeighting()])
+def test_an_explicit_check_finite_checks_the_aggregators_that_read_no_gram(
+        aggregator: Aggregator | Weighting) -> None:
+    """Review: `GradientSurgery(params, Mean(), check_finite=True)` let a NaN task gradient
+    reach .grad without a word (the check is read from the Gram matrix, which Mean and Sum do
+    not compute); given explicitly, it now reads the task gradients. Left to the default, they
+    let it through as `sum(losses).backward()` does (the documented behaviour, and free)."""
+    model = MultiTaskNet()
+    x, y = _batch(torch.float32)
+    broken = _losses(model, x, y)
+    broken[1] = broken[1] * float("nan")
+    checked = GradientSurgery(model.trunk.named_parameters(), aggregator, check_finite=True)
+    with pytest.raises(FloatingPointError, match=r"^GradientSurgery: the gradients of "
+                                                 r"losses\[1\] \(first in '0\.weight'\) hold "
+                                                 r"NaN or Inf"):
+        checked.backward(broken)
+    assert all(p.grad is None for p in model.trunk.parameters())  # refused before writing
+    broken = _losses(model, x, y)
+    broken[1] = broken[1] * float("nan")
+    GradientSurgery(model.trunk.parameters(), aggregator).backward(broken)
+    assert all(torch.isnan(p.grad).any() for p in model.trunk.parameters())
+    model.zero_grad(set_to_none=True)
+    fine = _losses(model, x, y)
+    checked.backward(fine)  # finite: the same update as without the check
+    assert all(torch.isfinite(p.grad).all() for p in model.trunk.parameters())
 
 
 def test_one_parameter_instead_of_a_list_is_named() -> None:

@@ -449,10 +449,11 @@ class GradientSurgery:
             every rank must reduce ``[L, k, k]`` Grams of one layout); the ids are then kept
             as given, and a layer with no tensor here contributes nothing to the local Gram.
         reducer: cross-process steps (``None``: single process).
-        check_finite: raise on NaN/Inf task gradients (read from the Gram matrix, so not with
-            ``Mean`` / ``Sum``, which need none: there NaN reaches ``.grad`` as with
-            ``sum(losses).backward()``); ``None`` (the default) takes the aggregator's own
-            ``check_finite`` (``True`` for a bare weighting). Set ``False`` (here or on the
+        check_finite: raise on NaN/Inf task gradients (read from the Gram matrix, for free;
+            ``Mean`` / ``Sum`` compute none, so there NaN reaches ``.grad`` as with
+            ``sum(losses).backward()``, unless ``True`` is given here: then they check the task
+            gradients too, for one more read of them); ``None`` (the default) takes the
+            aggregator's own ``check_finite`` (``True`` for a bare weighting). Set ``False`` (here or on the
             aggregator) under a ``GradScaler``
             (fp16): an overflowing step must reach ``.grad`` as Inf/NaN for the scaler to skip
             it, and the aggregators' weights are scale-invariant, so scaled losses give the
@@ -516,6 +517,11 @@ class GradientSurgery:
         self.check_finite: bool = (getattr(aggregator, "check_finite", True)
                                    if check_finite is None else
                                    check_bool("GradientSurgery", "check_finite", check_finite))
+        # Mean and Sum read no Gram matrix, where the check is made for free: asked for here
+        # (not by default), it costs them one read of the task gradients (it was ignored).
+        weighting = getattr(aggregator, "weighting", aggregator)
+        self._check_without_gram = check_finite is True and not getattr(weighting,
+                                                                         "needs_gram", True)
         # Every tensor passed as shared, frozen ones included: none is ever taken for a head.
         self._shared_ids = {id(p) for p in self._given.tensors}
         if self.head_params is not None:
@@ -1395,6 +1401,8 @@ class GradientSurgery:
         outs, betas, allocated, copies = self._grad_outputs(params,
                                                             [reached[p] for p in members])
         try:
+            if self._check_without_gram:
+                _refuse_non_finite_stacks([stacks[p] for p in members])
             weights = aggregate_list(self.aggregator, [stacks[p] for p in members], outs, betas,
                                      per_layer=per_layer, num_layers=num_layers,
                                      reduce=None if self.reducer is None
@@ -1515,6 +1523,17 @@ class GradientSurgery:
                     "gradient is zero unless the constant itself is NaN or Inf, which makes it "
                     f"NaN{hint}")
         return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{shared_pass}{hint}"
+
+
+def _refuse_non_finite_stacks(stacks: list[torch.Tensor]) -> None:
+    """Raise ``FloatingPointError`` when a task-gradient stack holds NaN or Inf (the largest
+    magnitude of each, one read, one host sync); the caller names the tasks and parameters."""
+    filled = [s for s in stacks if s.numel()]
+    if not filled:
+        return
+    largest = torch._foreach_norm(filled, float("inf"))
+    if not bool(torch.stack([m.float() for m in largest]).isfinite().all()):
+        raise FloatingPointError("task gradients hold NaN or Inf")
 
 
 def _batched_causes(stacks: list[torch.Tensor], flagged: list[int],
