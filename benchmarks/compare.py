@@ -679,10 +679,16 @@ def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     add("gram at k in 64..256 at least as fast as torch.mm", vals, lambda w: w >= 1, min)
 
     steps = ("ops.pcgrad", "ops.project_nonconflicting", "ops.project_out")
-    for r in _find(results, "step", k=8, n=10**7):
+    step_targets = ("whole step (pcgrad, project_nonconflicting, project_out) <= 2.5x floor "
+                    "(k=8, n=1e7)", ">= 3x faster than TorchJD UPGrad / PCGrad (k=8, n=1e7)",
+                    ">= 30x faster than LibMTL PCGrad (k=8, n=1e7)")
+    step_cases = _find(results, "step", k=8, n=10**7)
+    if not step_cases:  # listed as the other targets are, not left out of the table
+        for target in step_targets:
+            add(target, [], lambda w: True, max)
+    for r in step_cases:
         vals = [(f"{name} (best)", _t(r, name)["x_floor"]) for name in steps if _t(r, name)]
-        add("whole step (pcgrad, project_nonconflicting, project_out) <= 2.5x floor "
-            "(k=8, n=1e7)", vals, lambda w: w <= 2.5, max)
+        add(step_targets[0], vals, lambda w: w <= 2.5, max)
         # Same quantity on both sides only: TorchJD's UPGrad (k projections, summed) against
         # our UPGrad aggregator, never against project_nonconflicting (one projection).
         pairs = [("TorchJD PCGrad", "ops.pcgrad"), ("TorchJD UPGrad", "surgery.UPGrad()(x)")]
@@ -691,10 +697,10 @@ def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             v = _speedup(r, base, ours)
             if v is not None:
                 vals.append((f"{base}/{ours} (median)", v))
-        add(">= 3x faster than TorchJD UPGrad / PCGrad (k=8, n=1e7)", vals, lambda w: w >= 3, min)
+        add(step_targets[1], vals, lambda w: w >= 3, min)
         v = _speedup(r, "LibMTL-style PCGrad loop", "ops.pcgrad")
         vals = [("LibMTL/ops.pcgrad (median)", v)] if v is not None else []
-        add(">= 30x faster than LibMTL PCGrad (k=8, n=1e7)", vals, lambda w: w >= 30, min)
+        add(step_targets[2], vals, lambda w: w >= 30, min)
 
     vals = []
     for r in _find(results, "dtype"):
@@ -705,7 +711,10 @@ def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                              t16["best_s"] / t32["best_s"]))
     add("bf16 <= 0.6x the time of fp32", vals, lambda w: w <= 0.6, max)
 
-    for r in _find(results, "step", k=16, n=10**5):
+    small_steps = _find(results, "step", k=16, n=10**5)
+    if not small_steps:
+        add("n=1e5, k=16 whole step within 5x floor", [], lambda w: True, max)
+    for r in small_steps:
         vals = [(f"{name} (best)", _t(r, name)["x_floor"]) for name in steps if _t(r, name)]
         add("n=1e5, k=16 whole step within 5x floor", vals, lambda w: w <= 5, max)
     return verdicts
