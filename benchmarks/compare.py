@@ -635,10 +635,13 @@ def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     contender of a case sampled equally)."""
     verdicts: list[dict[str, Any]] = []
 
+    def not_measured(target: str) -> None:
+        verdicts.append({"target": target, "verdict": "not measured", "measured": ""})
+
     def add(target: str, measured: list[tuple[str, float]], ok: Callable[[float], bool],
             worst: Callable[[Sequence[float]], float]) -> None:
         if not measured:
-            verdicts.append({"target": target, "verdict": "not measured", "measured": ""})
+            not_measured(target)
             return
         w = worst([v for _, v in measured])
         text = "; ".join(f"{label}: {v:.2f}" for label, v in measured)
@@ -685,7 +688,7 @@ def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     step_cases = _find(results, "step", k=8, n=10**7)
     if not step_cases:  # listed as the other targets are, not left out of the table
         for target in step_targets:
-            add(target, [], lambda w: True, max)
+            not_measured(target)
     for r in step_cases:
         vals = [(f"{name} (best)", _t(r, name)["x_floor"]) for name in steps if _t(r, name)]
         add(step_targets[0], vals, lambda w: w <= 2.5, max)
@@ -713,7 +716,7 @@ def evaluate_targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     small_steps = _find(results, "step", k=16, n=10**5)
     if not small_steps:
-        add("n=1e5, k=16 whole step within 5x floor", [], lambda w: True, max)
+        not_measured("n=1e5, k=16 whole step within 5x floor")
     for r in small_steps:
         vals = [(f"{name} (best)", _t(r, name)["x_floor"]) for name in steps if _t(r, name)]
         add("n=1e5, k=16 whole step within 5x floor", vals, lambda w: w <= 5, max)

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["check_field_types", "choice_of"]
+__all__ = ["check_field_types", "choice_of", "unknown_fields"]
 
 #: A closed set of strings, typed as a ``Literal`` (``Literal["sgd", "adam"]``).
 C = TypeVar("C", bound=str)
@@ -26,6 +26,15 @@ def choice_of(value: object, choices: tuple[C, ...]) -> C | None:
     if not isinstance(value, str):
         return None
     return next((choice for choice in choices if choice == value), None)
+
+
+def unknown_fields(config_class: type, keys: collections.abc.Iterable[str]
+                   ) -> tuple[list[str], list[str]]:
+    """(the ``keys`` that are no field of the dataclass ``config_class``, in their order; its
+    field names, in declaration order): what a refusal of settings built from a mapping
+    names, before ``config_class(**values)`` would say only "unexpected keyword argument"."""
+    known = [f.name for f in dataclasses.fields(config_class)]
+    return [k for k in keys if k not in known], known
 
 
 def check_field_types(config: Any) -> None:

@@ -155,10 +155,10 @@ class _StoreOnce(argparse.Action):
         if self.dest in given:
             # The example joins the values given, and only them: a fixed example ("3,7,13")
             # copied as it stands would name an instance nobody asked to remove.
-            joined = f"{flag} {given[self.dest]},{values}"
-            hint = (f"give every id in one {flag}, e.g. {joined}" if flag.endswith("-ids")
-                    else f"give every task in one {flag}, e.g. {joined}"
-                    if flag == "--target-tasks" else "give one value")
+            item = ("id" if flag.endswith("-ids") else "task" if flag == "--target-tasks"
+                    else None)
+            hint = (f"give every {item} in one {flag}, e.g. {flag} {given[self.dest]},{values}"
+                    if item else "give one value")
             raise UserInputError(flag, f"{flag} once (argparse keeps only the last)",
                                  [given[self.dest], str(values)], hint)
         given[self.dest] = str(values)

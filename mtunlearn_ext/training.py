@@ -9,7 +9,6 @@ standard.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import io
 import math
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._expansion import MAX_ADDED_BY_SHARING, SelfContainingError, expanded_size
-from mtunlearn_ext._fields import check_field_types
+from mtunlearn_ext._fields import check_field_types, unknown_fields
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
@@ -141,8 +140,7 @@ def recipe_from_mapping(values: object, what: str) -> TrainConfig:
     if not isinstance(values, Mapping):
         raise TypeError(f"{what} must be a TrainConfig or a mapping of its fields, got "
                         f"{type(values).__name__}")
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = [k for k in values if k not in known]
+    unknown, known = unknown_fields(TrainConfig, values)
     if unknown:
         raise TypeError(f"{what}: unknown TrainConfig field(s) {unknown}; known: {known}")
     return TrainConfig(**values)

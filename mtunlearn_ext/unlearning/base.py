@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._errors import UnknownNameError
-from mtunlearn_ext._fields import check_field_types
+from mtunlearn_ext._fields import check_field_types, unknown_fields
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
@@ -915,10 +915,9 @@ class Unlearner(ABC):
 def config_from_mapping(config_class: type[UnlearnerConfig],
                         values: Mapping[str, Any]) -> UnlearnerConfig:
     """Build ``config_class`` from a mapping, naming unknown keys in the error (CLI overrides)."""
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
+    unknown, known = unknown_fields(config_class, values)
     if unknown:
-        raise TypeError(f"{config_class.__name__}: unknown settings {unknown}; known: "
+        raise TypeError(f"{config_class.__name__}: unknown settings {sorted(unknown)}; known: "
                         f"{sorted(known)}")
     config = config_class(**dict(values))
     config.validate()
