@@ -409,7 +409,13 @@ def _config_path(dest: str, value: Any, folder: Path) -> Any:
             path = Path(text).expanduser()
         except RuntimeError:  # `~name` of no user here: a shell leaves it as written too
             path = Path(text)
-        return text if text == "" else str(path if path.is_absolute() else folder / path)
+        if text == "" or path.is_absolute():
+            return text if text == "" else str(path)
+        joined = str(folder / path)
+        # `cfg/../orig.pt` printed as `orig.pt`, unless a symbolic link in the part dropped
+        # would take `..` elsewhere than the text says (then the path stays as joined).
+        lexical = os.path.normpath(joined)
+        return lexical if os.path.realpath(lexical) == os.path.realpath(joined) else joined
 
     if dest in _CONFIG_PATHS and isinstance(value, str):
         return rebased(value)

@@ -214,6 +214,26 @@ def test_a_configs_ids_are_quoted_as_written(
     assert f"got '{ids(1, 2)}';" in err, err
 
 
+def test_a_config_path_up_a_folder_is_said_without_the_detour(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI audit: `checkpoint: ../orig.pt` in proj/cfg/c.yaml was said as
+    `proj/cfg/../orig.pt`; it is `proj/orig.pt` unless a link in the dropped part would take
+    `..` elsewhere, when the joined text is the truthful one and stays."""
+    config_folder, elsewhere, deep = (tmp_path / "proj" / "cfg", tmp_path / "elsewhere",
+                                      tmp_path / "other" / "deep")
+    for folder in (config_folder, elsewhere, deep):
+        folder.mkdir(parents=True)
+    (config_folder / "link").symlink_to(deep)
+    monkeypatch.chdir(elsewhere)
+    for checkpoint, said in [("../nope.pt", "'../proj/nope.pt'"),
+                             ("link/../nope.pt", "'../proj/cfg/link/../nope.pt'")]:
+        (config_folder / "c.yaml").write_text(f"checkpoint: {checkpoint}\nforget_ids: '1,2'\n")
+        assert cli.main(["unlearn", "--config", "../proj/cfg/c.yaml", "--quiet"]) == 2
+        err = _err(capsys)
+        assert err.startswith("mtunlearn: error: --checkpoint:") and said in err, err
+
+
 def test_a_linked_config_is_recorded_as_the_link(
         trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
