@@ -5,6 +5,11 @@ gradients (as a few per-parameter stacks, as FSDP2 would). Three ways to aggrega
 
 - ``sharded``: local Gram over the shards (``gram_list``), ``all_reduce`` of the ``k x k`` Gram,
   solve, combine into the local shard (this package's sharded path). Payload: ``k^2`` floats.
+  Its step is timed twice: as the package runs it (``stats_all_reduce``, whose reduce first
+  checks in one all-reduce of 8 integers that every rank reduces statistics of one size and
+  dtype, and reads the result on the host) and with a bare ``all_reduce(SUM)`` as ``reduce``
+  (no check: what the step cost before the check; the two steps' outputs are compared
+  bitwise before either is timed).
 - ``gather``: ``all_gather`` of the per-task shards so every rank holds the ``k x n`` Jacobian
   and runs a flat-matrix aggregator (what a non-sharded implementation must do). Payload:
   ``k x n`` floats.
@@ -80,6 +85,20 @@ def _bench_one(k: int, n: int, reps: int, device: torch.device) -> dict[str, flo
     def sharded_step() -> None:
         aggregate_list(aggregator, stacks, outs, reduce=reduce, check_finite=False)
 
+    def unchecked_reduce(stats: torch.Tensor) -> torch.Tensor:
+        stats = stats.contiguous()
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        return stats
+
+    def unchecked_sharded_step() -> None:
+        aggregate_list(aggregator, stacks, outs, reduce=unchecked_reduce, check_finite=False)
+
+    sharded_step()
+    checked_outs = [o.clone() for o in outs]
+    unchecked_sharded_step()
+    if not all(torch.equal(a, b) for a, b in zip(checked_outs, outs)):
+        raise RuntimeError("the sharded step without the agreement check gave other outputs")
+
     def gather_only() -> None:
         for dst, src in zip(gathered, stacks):
             dist.all_gather(dst, src)
@@ -105,6 +124,7 @@ def _bench_one(k: int, n: int, reps: int, device: torch.device) -> dict[str, flo
         "sharded_sent": 2 * (world - 1) / world * k * k * float_bytes,
         "sharded_comm_s": _timed(gram_all_reduce, reps, device),
         "sharded_step_s": _timed(sharded_step, reps, device),
+        "sharded_unchecked_step_s": _timed(unchecked_sharded_step, reps, device),
         "gather_payload": k * n * float_bytes,
         "gather_sent": (world - 1) / world * k * n * float_bytes,
         "gather_comm_s": _timed(gather_only, reps, device),
@@ -143,6 +163,7 @@ def _human_bytes(b: float) -> str:
 
 def _table(rows: list[dict[str, float]], world: int, backend: str) -> str:
     header = ["k", "n", "sharded payload", "sent/rank", "all_reduce(kxk)", "sharded step",
+              "w/o check",
               "gather payload", "sent/rank", "all_gather", "gather step", "replicated comm",
               "bytes ratio"]
     lines = [f"world size {world}, backend {backend}; times: median of the slowest rank"]
@@ -152,6 +173,7 @@ def _table(rows: list[dict[str, float]], world: int, backend: str) -> str:
             str(int(r["k"])), f"{int(r['n']):,}",
             _human_bytes(r["sharded_payload"]), _human_bytes(r["sharded_sent"]),
             f"{r['sharded_comm_s'] * 1e3:.3f} ms", f"{r['sharded_step_s'] * 1e3:.2f} ms",
+            f"{r['sharded_unchecked_step_s'] * 1e3:.2f} ms",
             _human_bytes(r["gather_payload"]), _human_bytes(r["gather_sent"]),
             f"{r['gather_comm_s'] * 1e3:.2f} ms", f"{r['gather_step_s'] * 1e3:.2f} ms",
             f"{r['replicated_comm_s'] * 1e3:.2f} ms",
