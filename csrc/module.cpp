@@ -8,6 +8,7 @@
 #include <string>
 
 #include "mtunlearn/cpu_isa.h"
+#include "mtunlearn/registration.h"
 
 #ifndef MTU_TORCH_VERSION
 #define MTU_TORCH_VERSION "unknown"
@@ -70,6 +71,13 @@ void set_cpu_isa_limit(const std::string& name) {
   mtunlearn::cpu_isa::set_limit(isa);
 }
 
+py::dict registration_info() {
+  py::dict info;
+  info["owner"] = mtunlearn::registration::owns_namespace();
+  info["schema_mismatch"] = mtunlearn::registration::schema_mismatch();
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -79,6 +87,9 @@ PYBIND11_MODULE(_C, m) {
   // The torch whose C++ ABI the library was compiled against, read at import; build_info()
   // would start torch's thread pools there (after which interop threads cannot be set).
   m.attr("torch_version") = MTU_TORCH_VERSION;
+  m.def("registration", &registration_info,
+        "Whether this module registered the mtunlearn ops (owner) or found them registered by "
+        "another build (the CMake library), and any schema that build defines otherwise");
   m.def("set_cpu_isa_limit", &set_cpu_isa_limit, py::arg("isa"),
         "Cap the CPU kernels' instruction set ('avx512', 'avx2' or 'baseline')");
 }

@@ -75,6 +75,23 @@ def torch_mismatch(compiled: str, running: str) -> str | None:
             f"crash. Rebuild it against this torch: {BUILD_COMMANDS}")
 
 
+def schema_conflict(module: Any) -> str | None:
+    """Why the ops of ``module`` (the loaded ``_C``) cannot be used, when another build of them
+    (the CMake library, ``torch.ops.load_library("libmtunlearn_ops.so")`` earlier in this
+    process) registered ``torch.ops.mtunlearn`` first with other schemas, or ``None``. The
+    first build loaded registers the namespace and the second registers nothing (torch aborts a
+    process that defines a namespace twice), so the Python layer then calls the first's ops,
+    which must take the arguments it passes."""
+    registration = getattr(module, "registration", None)
+    mismatch = str(registration()["schema_mismatch"]) if registration is not None else ""
+    if not mismatch:
+        return None
+    return ("another build of the mtunlearn ops, loaded earlier in this process (the CMake "
+            "library through torch.ops.load_library?), registered torch.ops.mtunlearn with "
+            f"other schemas:{mismatch}\nLoad one build of this version (the package alone "
+            "carries the ops)")
+
+
 def _refuse(reason: str, error: BaseException | None) -> None:
     """Fail the import (``MTUNLEARN_REQUIRE_EXTENSION=1``) or warn and fall back. ``reason``
     says what is wrong and how to fix it; ``error``'s own text comes last, as detail."""
@@ -128,6 +145,10 @@ else:
         _C = None
         _LOAD_ERROR = RuntimeError(_unsafe)
         _refuse(_unsafe, None)
+    elif _schema_mismatch := schema_conflict(_C):
+        _C = None
+        _LOAD_ERROR = RuntimeError(_schema_mismatch)
+        _refuse(_schema_mismatch, None)
     else:
         # Absent from a library built before it was added: nothing to compare then.
         _mismatch = torch_mismatch(str(getattr(_C, "torch_version", torch.__version__)),

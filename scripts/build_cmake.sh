@@ -45,6 +45,8 @@ print(f"CMake build OK: torch.ops.mtunlearn loaded from {library};",
       "gram and pcgrad run:", tuple(g.shape), tuple(out.shape), "; shares torch's C++ runtime:",
       shares, "; an op error arrives whole")
 PYEOF
+# The library beside the package in one Python process (each loaded first), and alone.
+"$PY" tests/cpp/shared_process_check.py "$BUILD_DIR/libmtunlearn_ops.so"
 # The package as a project outside this tree gets it: cmake --install into a prefix of its own
 # (emptied first: a header or target dropped since the last run must not linger), then
 # tests/cpp/outside_consumer configured with find_package(mtunlearn) against it, built and run:

@@ -290,3 +290,37 @@ def test_a_library_built_against_another_torch_release_warns_at_import() -> None
     assert run.returncode == 0, run.stderr
     built = mtunlearn_ext.build_info()["torch_version"]
     assert f"built against torch {built} and runs under torch 9.9.0" in run.stderr, run.stderr
+
+
+def test_ops_registered_first_by_another_build_are_used_or_refused_by_their_schemas() -> None:
+    """C++ user audit: the CMake library and this package each carry the ops, and loading both
+    into one process aborted it (torch's "Only a single TORCH_LIBRARY can be used to register
+    the namespace mtunlearn", thrown from a static initialiser). Now the build loaded first
+    registers and the other registers nothing; the package uses the first one's ops when their
+    schemas are its own, and refuses them (falls back, or fails the import under
+    MTUNLEARN_REQUIRE_EXTENSION) naming each op that differs. Here the first build is a Python
+    definition of the namespace, the same or with another `gram`."""
+    import os
+
+    assert mtunlearn_ext._extension._C.registration() == {"owner": True, "schema_mismatch": ""}
+    first = ("import torch; lib = torch.library.Library('mtunlearn', 'DEF'); "
+             "lib.define('gram(Tensor x{extra}) -> Tensor'); "
+             "lib.impl('gram', lambda x: x @ x.T, 'CPU'); "
+             "import mtunlearn_ext; from mtunlearn_ext import _extension; "
+             "print(mtunlearn_ext.has_extension(), _extension._C and "
+             "_extension._C.registration()); ")
+    env = {**os.environ, "MTUNLEARN_REQUIRE_EXTENSION": "1"}
+    # Another gram: the import fails and says which op differs, and how.
+    run = subprocess.run([sys.executable, "-c", first.format(extra=", int extra")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1 and "Traceback" in run.stderr, run.stderr
+    assert ("\nImportError: mtunlearn_ext: another build of the mtunlearn ops, loaded earlier "
+            "in this process") in run.stderr, run.stderr
+    assert ("mtunlearn::gram: this build defines mtunlearn::gram(Tensor x) -> Tensor, the loaded "
+            "one mtunlearn::gram(Tensor x, int extra) -> Tensor") in run.stderr, run.stderr
+    # The same gram: this build's ops are the first's (no abort, no second registration).
+    run = subprocess.run([sys.executable, "-c", first.format(extra="")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 1, run.stderr  # the first build defines no other op
+    assert "mtunlearn::inner: this build defines" in run.stderr, run.stderr
+    assert "mtunlearn::gram:" not in run.stderr, run.stderr

@@ -293,6 +293,14 @@ def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str
                             f"{op}: NaN or Inf in the inputs, or an overflowing accumulation "
                             "(check_finite=False lets them propagate)")
         return
+    if torch.compiler.is_exporting():
+        # The host check below cannot be traced (export has no graph break to fall back on):
+        # its error was torch's GuardOnDataDependentSymNode, which names no argument of ours.
+        raise RuntimeError(
+            f"{op}: check_finite=True on {result.device.type} tensors reads the result on the "
+            "host, which torch.export cannot trace (on the CPU the check is an assert in the "
+            "graph; on CUDA a device-side assert would leave the context unusable): pass "
+            "check_finite=False in the exported code and check its inputs outside it")
     # Under torch.func transforms (vmap, grad) the values behind the wrappers are read at once:
     # `.item()` has no per-sample meaning inside vmap, and one NaN sample fails the whole call,
     # as it would in a loop.

@@ -6,7 +6,6 @@
 #include <c10/core/GradMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -18,6 +17,7 @@
 #include "mtunlearn/entries.h"
 #include "mtunlearn/kernels.h"
 #include "mtunlearn/tensor_utils.h"
+#include "mtunlearn/registration.h"
 #ifdef MTU_WITH_CUDA
 #include "mtunlearn/cuda_host.h"
 #endif
@@ -484,7 +484,7 @@ void combine_list_from_(at::TensorList outs, at::TensorList bases, const at::Ten
   combine_list_impl(outs, &bases, coeffs, xs, beta, per_tensor, "mtunlearn::combine_list_from_");
 }
 
-TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+MTU_LIBRARY_IMPL(CPU, m) {
   m.impl("combine", &combine);
   m.impl("combine_", &combine_);
   m.impl("combine_list_", &combine_list_);
@@ -544,14 +544,14 @@ void combine_list_from_bumping(c10::DispatchKeySet keys, at::TensorList outs,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtunlearn, ADInplaceOrView, m) {
+MTU_LIBRARY_IMPL(ADInplaceOrView, m) {
   m.impl("combine_", &combine_bumping);
   m.impl("combine_list_", &combine_list_bumping);
   m.impl("combine_list_from_", &combine_list_from_bumping);
 }
 
 #ifdef MTU_WITH_CUDA
-TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+MTU_LIBRARY_IMPL(CUDA, m) {
   m.impl("combine", &combine);
   m.impl("combine_", &combine_);
   m.impl("combine_list_", &combine_list_);

@@ -3,7 +3,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/accumulate.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -11,6 +10,7 @@
 #include "mtunlearn/entries.h"
 #include "mtunlearn/kernels.h"
 #include "mtunlearn/tensor_utils.h"
+#include "mtunlearn/registration.h"
 #ifdef MTU_WITH_CUDA
 #include "mtunlearn/cuda_host.h"
 #endif
@@ -269,13 +269,13 @@ at::Tensor gram_list_stacked_no_kernel(at::TensorList xs, at::TensorList, bool) 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtunlearn, CompositeExplicitAutograd, m) {
+MTU_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
   m.impl("gram_list", &gram_list_no_kernel);
   m.impl("inner_list", &inner_list_no_kernel);
   m.impl("gram_list_stacked", &gram_list_stacked_no_kernel);
 }
 
-TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+MTU_LIBRARY_IMPL(CPU, m) {
   m.impl("gram", &gram);
   m.impl("gram_list", &gram_list);
   m.impl("inner", &inner);
@@ -284,7 +284,7 @@ TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
 }
 
 #ifdef MTU_WITH_CUDA
-TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+MTU_LIBRARY_IMPL(CUDA, m) {
   m.impl("gram", &gram);
   m.impl("gram_list", &gram_list);
   m.impl("inner", &inner);

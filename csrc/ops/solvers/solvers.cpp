@@ -3,7 +3,6 @@
 // kernels (cuda/solvers_kernel.cu), so both backends give the same answers.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -14,6 +13,7 @@
 #include "mtunlearn/cpu_parallel.h"
 #include "mtunlearn/entries.h"
 #include "mtunlearn/small_solvers.h"
+#include "mtunlearn/registration.h"
 #ifdef MTU_WITH_CUDA
 #include "mtunlearn/cuda_host.h"
 #endif
@@ -199,14 +199,14 @@ at::Tensor pcgrad_weights(const at::Tensor& gram, int64_t seed) {
   return out;
 }
 
-TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+MTU_LIBRARY_IMPL(CPU, m) {
   m.impl("ridge_solve", &ridge_solve);
   m.impl("nonconflicting_dual", &nonconflicting_dual);
   m.impl("pcgrad_weights", &pcgrad_weights);
 }
 
 #ifdef MTU_WITH_CUDA
-TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+MTU_LIBRARY_IMPL(CUDA, m) {
   m.impl("ridge_solve", &ridge_solve);
   m.impl("nonconflicting_dual", &nonconflicting_dual);
   m.impl("pcgrad_weights", &pcgrad_weights);

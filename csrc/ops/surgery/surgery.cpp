@@ -3,7 +3,6 @@
 // the device, one combine pass that writes the result directly (g - a^T B is produced without
 // first copying g). No host synchronisation.
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
@@ -11,6 +10,7 @@
 
 #include "mtunlearn/checks.h"
 #include "mtunlearn/entries.h"
+#include "mtunlearn/registration.h"
 
 namespace mtunlearn {
 namespace {
@@ -83,14 +83,14 @@ std::tuple<at::Tensor, at::Tensor> pcgrad(const at::Tensor& x, int64_t seed) {
   return {out, w};
 }
 
-TORCH_LIBRARY_IMPL(mtunlearn, CPU, m) {
+MTU_LIBRARY_IMPL(CPU, m) {
   m.impl("project_out", &project_out);
   m.impl("project_nonconflicting", &project_nonconflicting);
   m.impl("pcgrad", &pcgrad);
 }
 
 #ifdef MTU_WITH_CUDA
-TORCH_LIBRARY_IMPL(mtunlearn, CUDA, m) {
+MTU_LIBRARY_IMPL(CUDA, m) {
   m.impl("project_out", &project_out);
   m.impl("project_nonconflicting", &project_nonconflicting);
   m.impl("pcgrad", &pcgrad);

@@ -1,0 +1,19 @@
+// The CMake library only (no Python module): an Autograd kernel for every op, so that a C++
+// caller differentiating through one gets an error at backward() naming the op, not
+// PyTorch's default of a warning and no gradient. The Python package registers the autograd
+// formulas and refusals itself (mtunlearn_ext/ops/_registration.py), so it does not build this.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
+#include "mtunlearn/registration.h"
+
+namespace mtunlearn {
+
+MTU_LIBRARY_IMPL(Autograd, m) {
+  for (const char* op : {"gram", "gram_list", "inner", "inner_list", "gram_list_stacked",
+                         "combine", "combine_", "combine_list_", "combine_list_from_",
+                         "ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
+                         "project_nonconflicting", "pcgrad"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace mtunlearn
