@@ -6,7 +6,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mtunlearn/ops.h"
@@ -97,15 +99,39 @@ int main() {
   at::manual_seed(0);
   check_dtype(at::kDouble, 1e-12);
   check_dtype(at::kFloat, 1e-5);
-  try {
-    mtunlearn::ops::inner(at::randn({2, 10}), at::randn({2, 11}));
-    std::printf("inner with mismatched n                     FAILED: no error\n");
-    ++failures;
-  } catch (const c10::Error& error) {
-    const bool named = std::string(error.what()).find("mtunlearn::inner") != std::string::npos;
-    std::printf("inner with mismatched n                     %s (c10::Error naming the op)\n",
-                named ? "ok" : "FAILED");
-    failures += named ? 0 : 1;
+  // Bad calls: each error names the op and what is wrong with which argument (the first two
+  // are refused before dispatch, where torch's own words named neither).
+  const std::vector<at::Tensor> with_undefined{at::randn({2, 5}), at::Tensor()};
+  const std::vector<std::pair<const char*, std::function<void()>>> bad_calls{
+      {"inner with mismatched n",
+       [] { mtunlearn::ops::inner(at::randn({2, 10}), at::randn({2, 11})); }},
+      {"gram of an undefined tensor", [] { mtunlearn::ops::gram(at::Tensor()); }},
+      {"gram_list with an undefined xs[1]",
+       [&] { mtunlearn::ops::gram_list(with_undefined, false); }},
+      {"inner of cpu and meta tensors",
+       [] { mtunlearn::ops::inner(at::randn({2, 4}), at::empty({2, 4}, at::kMeta)); }},
+      {"backward through gram",  // PyTorch's default: a warning and no gradient
+       [] {
+         const at::Tensor x = at::randn({3, 5}).set_requires_grad(true);
+         mtunlearn::ops::gram(x).sum().backward();
+       }},
+  };
+  const char* expected[] = {"mtunlearn::inner", "mtunlearn::gram: `x` is an undefined tensor",
+                            "mtunlearn::gram_list: `xs[1]` is an undefined tensor",
+                            "mtunlearn::inner: `b` is on meta but `a` is on cpu",
+                            "derivative for mtunlearn::gram is not implemented"};
+  for (size_t i = 0; i < bad_calls.size(); ++i) {
+    const auto& [what, call] = bad_calls[i];
+    try {
+      call();
+      std::printf("%-44s FAILED: no error\n", what);
+      ++failures;
+    } catch (const c10::Error& error) {
+      const bool named = std::string(error.what()).find(expected[i]) != std::string::npos;
+      std::printf("%-44s %s (c10::Error: \"%s\"%s)\n", what, named ? "ok" : "FAILED",
+                  expected[i], named ? "" : (std::string(", got: ") + error.what()).c_str());
+      failures += named ? 0 : 1;
+    }
   }
   std::printf("%s\n", failures == 0 ? "consumer check passed" : "consumer check FAILED");
   return failures == 0 ? 0 : 1;
