@@ -516,7 +516,7 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
         value = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as error:
         stripped = text.strip()
-        if not stripped.startswith(("{", "[", '"')) and (
+        if not stripped.startswith(("{", "[", '"')) and not is_existing_file(text) and (
                 stripped.lower().endswith((".json", ".yaml", ".yml", ".txt")) or "/" in stripped):
             # A file name that names no file: "Expecting value: line 1 column 1" said nothing of it.
             raise UserInputError(argument, "a JSON object or a readable file holding one", text,

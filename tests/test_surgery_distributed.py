@@ -611,16 +611,26 @@ def _scenario_sharded_surgery_split_per_layer(rank: int) -> float:
     return err
 
 
-def _scenario_sharded_surgery_nonfinite_on_one_rank(rank: int) -> float:
+def _scenario_sharded_surgery_nonfinite_on_one_rank(rank: int, how: str = "upgrad") -> float:
     """The hook on a split parameter list where rank 0's gradient of one layer turns NaN: both
     ranks' ``backward`` raise FloatingPointError in the same step (rank 0 naming the losses, rank
     1 saying its own shards are finite), no ``.grad`` is written, and the next step runs on
-    both ranks."""
-    from mtunlearn_ext.surgery import sharded_surgery
+    both ranks. Also with ``Mean`` and ``check_finite=True`` (``how="mean"``), which reads no
+    Gram, the collective where the others learn of the NaN: rank 1 went on alone (mutation
+    review), and with rank 1 holding no shard taking part (``"mean_joining"``)."""
+    from mtunlearn_ext.surgery import Mean, sharded_surgery
 
     params, losses = _tanh_chain(seed=8)
-    mine = [0, 1] if rank == 0 else [2, 3]
-    surgery = sharded_surgery([params[i] for i in mine], UPGrad())
+    joining = how == "mean_joining"
+    if joining:  # rank 1 holds no shard: only layers 0-1 take part, on rank 0
+        for p in params[2:]:
+            p.requires_grad_(False)
+    mine = [0, 1] if rank == 0 else ([] if joining else [2, 3])
+    surgery = (sharded_surgery([params[i] for i in mine], UPGrad()) if how == "upgrad" else
+               sharded_surgery([params[i] for i in mine], Mean(), check_finite=True))
+    if joining and rank == 1:
+        for p in params[:2]:
+            p.requires_grad_(False)
     hook = (params[1].register_hook(lambda g: torch.full_like(g, float("nan"))) if rank == 0
             else None)
     try:
@@ -1006,7 +1016,9 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     table["fsdp2_per_layer-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32",
                                                                         per_layer=True)
     table["sharded_per_layer_true_on_a_split"] = _scenario_sharded_per_layer_true_on_a_split
-    table["sharded_surgery_nonfinite_on_one_rank"] = _scenario_sharded_surgery_nonfinite_on_one_rank
+    for how in ("upgrad", "mean", "mean_joining"):
+        table[f"sharded_surgery_nonfinite_on_one_rank-{how}"] = (
+            lambda r, h=how: _scenario_sharded_surgery_nonfinite_on_one_rank(r, h))
     table["fsdp2_trunk_constant_standin-upgrad-fp64"] = _scenario_fsdp2_trunk_constant_standin
     for mode in ("autograd", "batched"):
         for standin in ("attached", "constant"):

@@ -243,6 +243,15 @@ class ShardedReducer:
         in every collective of theirs."""
         return self._join(stats)
 
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on any rank (one all-reduce MAX of one integer on
+        ``device``): a verdict that every rank must act on together, such as refusing a step
+        for NaN in one rank's shard, which a rank alone would refuse while the others went
+        on to their next collective and waited there."""
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
+
 
 class ReplicatedReducer:
     """Each rank holds all shared parameters and per-task gradients of its own data: the stacks

@@ -1402,7 +1402,8 @@ class GradientSurgery:
                                                             [reached[p] for p in members])
         try:
             if self._check_without_gram:
-                _refuse_non_finite_stacks([stacks[p] for p in members])
+                _refuse_non_finite_stacks([stacks[p] for p in members],
+                                          getattr(self.reducer, "any_rank", None))
             weights = aggregate_list(self.aggregator, [stacks[p] for p in members], outs, betas,
                                      per_layer=per_layer, num_layers=num_layers,
                                      reduce=None if self.reducer is None
@@ -1437,6 +1438,8 @@ class GradientSurgery:
         reduce = getattr(self.reducer, "join_stats", self.reducer.reduce_stats)
         per_layer: bool | list[int] = False if active.per_layer is False else [0]
         try:
+            if self._check_without_gram:  # the others' finite check is a collective
+                _refuse_non_finite_stacks([], getattr(self.reducer, "any_rank", None), device)
             return aggregate_list(self.aggregator, [empty], [torch.empty(0, device=device)],
                                   per_layer=per_layer, num_layers=self.num_layers,
                                   reduce=reduce, check_finite=self.check_finite)
@@ -1525,15 +1528,26 @@ class GradientSurgery:
         return f"GradientSurgery: the gradients of {listed} hold NaN or Inf{shared_pass}{hint}"
 
 
-def _refuse_non_finite_stacks(stacks: list[torch.Tensor]) -> None:
+def _refuse_non_finite_stacks(stacks: list[torch.Tensor],
+                              any_rank: Callable[[bool, torch.device], bool] | None = None,
+                              device: torch.device | None = None) -> None:
     """Raise ``FloatingPointError`` when a task-gradient stack holds NaN or Inf (the largest
-    magnitude of each, one read, one host sync); the caller names the tasks and parameters."""
+    magnitude of each, one read, one host sync); the caller names the tasks and parameters.
+    ``any_rank``: a sharded reducer's, whose ranks hold different stacks and must all refuse
+    the step when one does (its collective runs on every rank, on ``device`` or the stacks')."""
     filled = [s for s in stacks if s.numel()]
-    if not filled:
-        return
-    largest = torch._foreach_norm(filled, float("inf"))
-    if not bool(torch.stack([m.float() for m in largest]).isfinite().all()):
+    finite = True
+    if filled:
+        largest = torch._foreach_norm(filled, float("inf"))
+        finite = bool(torch.stack([m.float() for m in largest]).isfinite().all())
+    if not finite:
+        if any_rank is not None:
+            any_rank(True, filled[0].device)
         raise FloatingPointError("task gradients hold NaN or Inf")
+    if any_rank is not None and any_rank(False, stacks[0].device if stacks else
+                                         device or torch.device("cpu")):
+        raise FloatingPointError("this process's shards are finite: another process's task "
+                                 "gradients hold NaN or Inf")
 
 
 def _batched_causes(stacks: list[torch.Tensor], flagged: list[int],
