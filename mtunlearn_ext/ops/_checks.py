@@ -13,6 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from mtunlearn_ext._extension import has_extension
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops._forward_mode import call_with_tangents, forward_mode_open
 from mtunlearn_ext.ops._func_transforms import (
     DIFFERENTIABLE,
@@ -34,7 +35,7 @@ def check_float_tensor(op: str, name: str, t: object, min_dim: int = 0) -> torch
         )
     if t.dim() < min_dim:
         raise ValueError(
-            f"{op}: `{name}` must have at least {min_dim} dims, got shape {tuple(t.shape)}"
+            f"{op}: `{name}` must have at least {min_dim} dims, got shape {sizes(t.shape)}"
         )
     return t
 
@@ -170,7 +171,7 @@ def check_tensor_list(op: str, name: str, tensors: object, *, required: bool = F
         raise TypeError(f"{op}: `{name}` must be a list of tensors (one per parameter), got None")
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{op}: `{name}` must be a list of tensors (one per parameter), got a "
-                        f"torch.Tensor of shape {tuple(tensors.shape)} (iterating it would take "
+                        f"torch.Tensor of shape {sizes(tensors.shape)} (iterating it would take "
                         "its rows for the list); pass a list, e.g. `[x]` for a single tensor")
 
 

@@ -16,6 +16,20 @@ from collections.abc import Sequence
 
 import torch
 
+def sizes(shape: Sequence[int | torch.SymInt]) -> tuple[int | torch.SymInt, ...]:
+    """``tuple(shape)`` for an error message, with each symbolic size of a traced call
+    (``torch.compile(dynamic=True)``, ``torch.export``) given as the size of the call being
+    traced: ``(s72, s75) and (s96, s5)`` said nothing of which sizes disagreed. Plain sizes
+    print as ``tuple(shape)`` prints them; a size without a known value stays its symbol."""
+    def value(size: int | torch.SymInt) -> int | torch.SymInt:
+        if isinstance(size, torch.SymInt):
+            hint = getattr(size.node, "hint", None)
+            return int(hint) if hint is not None else size
+        return size
+
+    return tuple(value(size) for size in shape)
+
+
 #: What every op computes in (the C++ ``scalar_kind``).
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -32,7 +46,7 @@ def floating(op: str, name: str, t: torch.Tensor) -> None:
 def min_dim(op: str, name: str, t: torch.Tensor, dims: int) -> None:
     if t.dim() < dims:
         raise ValueError(f"mtunlearn::{op}: `{name}` must have at least {dims} dims, got shape "
-                         f"{tuple(t.shape)}")
+                         f"{sizes(t.shape)}")
 
 
 def same_dtype(op: str, first: tuple[str, torch.Tensor], other: tuple[str, torch.Tensor]
@@ -57,7 +71,7 @@ def pair(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, wh
     min_dim(op, b_name, b, 2)
     require(a.dim() == b.dim() and a.shape[:-2] == b.shape[:-2]
             and a.shape[-1] == (b.shape[-1] if shared_last else b.shape[-2]),
-            f"mtunlearn::{op}: {what}; got {tuple(a.shape)} and {tuple(b.shape)}")
+            f"mtunlearn::{op}: {what}; got {sizes(a.shape)} and {sizes(b.shape)}")
 
 
 def solver_k(op: str, name: str, k: int | torch.SymInt) -> None:
@@ -69,7 +83,7 @@ def square_gram(op: str, gram: torch.Tensor) -> None:
     min_dim(op, "gram", gram, 2)
     floating(op, "gram", gram)
     require(gram.shape[-1] == gram.shape[-2], f"mtunlearn::{op}: `gram` must be square "
-                                              f"[..., k, k], got {tuple(gram.shape)}")
+                                              f"[..., k, k], got {sizes(gram.shape)}")
     solver_k(op, "gram", gram.shape[-1])
 
 
@@ -80,8 +94,8 @@ def solver_rhs(op: str, gram: torch.Tensor, rhs: torch.Tensor, rows_are_k: bool)
     require(rhs.dim() == gram.dim() and rhs.shape[:-2] == gram.shape[:-2]
             and (rhs.shape[-2] if rows_are_k else rhs.shape[-1]) == k,
             f"mtunlearn::{op}: `rhs` must be {'[..., k, m]' if rows_are_k else '[..., m, k]'} "
-            f"with k={k} and the Gram's leading dims {tuple(gram.shape[:-2])}, got "
-            f"{tuple(rhs.shape)}")
+            f"with k={k} and the Gram's leading dims {sizes(gram.shape[:-2])}, got "
+            f"{sizes(rhs.shape)}")
 
 
 def stacks(op: str, name: str, tensors: Sequence[torch.Tensor], rows_name: str = "k") -> None:
@@ -92,10 +106,10 @@ def stacks(op: str, name: str, tensors: Sequence[torch.Tensor], rows_name: str =
     rows = first.shape[0] if first.dim() >= 1 else -1
     for p, t in enumerate(tensors):
         require(t.dim() >= 1, f"mtunlearn::{op}: {name}[{p}] must be a stack [{rows_name}, ...], "
-                              f"got shape {list(t.shape)}")
+                              f"got shape {list(sizes(t.shape))}")
         require(t.shape[0] == rows,
                 f"mtunlearn::{op}: every tensor in `{name}` must be [{rows_name}, ...] with the "
-                f"same {rows_name}={rows}; {name}[{p}] has shape {tuple(t.shape)}")
+                f"same {rows_name}={rows}; {name}[{p}] has shape {sizes(t.shape)}")
         same_dtype(op, (f"{name}[0]", first), (f"{name}[{p}]", t))
 
 
@@ -110,16 +124,16 @@ def paired_stacks(op: str, a_name: str, as_: Sequence[torch.Tensor], b_name: str
     k = bs[0].shape[0] if bs[0].dim() >= 1 else -1
     for p, (a, b) in enumerate(zip(as_, bs)):
         require(a.dim() >= 1, f"mtunlearn::{op}: {a_name}[{p}] must be a stack [m, ...], got "
-                              f"shape {list(a.shape)}")
+                              f"shape {list(sizes(a.shape))}")
         require(b.dim() >= 1, f"mtunlearn::{op}: {b_name}[{p}] must be a stack [k, ...], got "
-                              f"shape {list(b.shape)}")
+                              f"shape {list(sizes(b.shape))}")
         require(a.shape[0] == m, f"mtunlearn::{op}: {a_name}[{p}] must be [m, ...] with m={m}, "
-                                 f"got {tuple(a.shape)}")
+                                 f"got {sizes(a.shape)}")
         require(b.shape[0] == k, f"mtunlearn::{op}: {b_name}[{p}] must be [k, ...] with k={k}, "
-                                 f"got {tuple(b.shape)}")
+                                 f"got {sizes(b.shape)}")
         require(a.shape[1:] == b.shape[1:],
                 f"mtunlearn::{op}: {a_name}[{p}] and {b_name}[{p}] must have the same trailing "
-                f"shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+                f"shape, got {sizes(a.shape)} and {sizes(b.shape)}")
         same_dtype(op, (f"{a_name}[0]", as_[0]), (f"{a_name}[{p}]", a))
         same_dtype(op, (f"{a_name}[0]", as_[0]), (f"{b_name}[{p}]", b))
     floating(op, f"{a_name}[0]", as_[0])
@@ -140,10 +154,10 @@ def combine_lists(op: str, outs: Sequence[torch.Tensor], bases: Sequence[torch.T
     require(coeffs.dim() in (1 + lead, 2 + lead),
             f"mtunlearn::{op}: `coeffs` must be "
             f"{'[P, k] or [P, m, k]' if per_tensor else '[k] or [m, k]'}, got "
-            f"{tuple(coeffs.shape)}")
+            f"{sizes(coeffs.shape)}")
     require(not per_tensor or coeffs.shape[0] == len(xs),
             f"mtunlearn::{op}: with per_tensor=True `coeffs` must have one block per tensor "
-            f"({len(xs)}), got {tuple(coeffs.shape)}")
+            f"({len(xs)}), got {sizes(coeffs.shape)}")
     floating(op, "coeffs", coeffs)
     if not xs:
         return
@@ -153,21 +167,21 @@ def combine_lists(op: str, outs: Sequence[torch.Tensor], bases: Sequence[torch.T
     for p, (x, out) in enumerate(zip(xs, outs)):
         require(x.dim() >= 1 and x.shape[0] == k, f"mtunlearn::{op}: xs[{p}] must have leading "
                                                   f"size k={k} (from `coeffs`), got shape "
-                                                  f"{tuple(x.shape)}")
+                                                  f"{sizes(x.shape)}")
         same_dtype(op, ("xs[0]", xs[0]), (f"xs[{p}]", x))
         same_dtype(op, (f"xs[{p}]", x), (f"outs[{p}]", out))
         expected = (*rows, *x.shape[1:])
         require(tuple(out.shape) == expected,
                 f"mtunlearn::{op}: outs[{p}] must have shape {expected} (from xs[{p}] "
-                f"{tuple(x.shape)} and `coeffs`), got {tuple(out.shape)}")
+                f"{sizes(x.shape)} and `coeffs`), got {sizes(out.shape)}")
         require(out.is_contiguous(), f"mtunlearn::{op}: outs[{p}] must be contiguous (it is "
                                      "written in place)")
         if bases is not None and beta != 0.0:
             base = bases[p]
             same_dtype(op, (f"outs[{p}]", out), (f"bases[{p}]", base))
             require(base.shape == out.shape, f"mtunlearn::{op}: bases[{p}] must have the shape "
-                                             f"of outs[{p}], {tuple(out.shape)}, got "
-                                             f"{tuple(base.shape)}")
+                                             f"of outs[{p}], {sizes(out.shape)}, got "
+                                             f"{sizes(base.shape)}")
 
 
 def finite_ridge(op: str, ridge: float) -> None:

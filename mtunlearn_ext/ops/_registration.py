@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from mtunlearn_ext.ops import _fake_checks as check
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops._func_transforms import call_differentiable, products
 from mtunlearn_ext.ops._reference import acc_dtype
 
@@ -128,7 +129,7 @@ def _register() -> None:
         check.same_dtype("combine_", ("x", x), ("out", out))
         shape = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
         check.require(tuple(out.shape) == shape, f"mtunlearn::combine_: `out` must have shape "
-                                                 f"{shape}, got {tuple(out.shape)}")
+                                                 f"{shape}, got {sizes(out.shape)}")
         check.require(out.is_contiguous(), "mtunlearn::combine_: `out` must be contiguous (it is "
                                            "written in place)")
         return None

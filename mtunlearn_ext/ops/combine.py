@@ -25,6 +25,7 @@ from mtunlearn_ext.ops._checks import (
     check_tensor_list,
     checked_list_call,
 )
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops._forward_mode import refuse_tangents
 
 
@@ -69,7 +70,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
     if coeffs.shape[:-2] != x.shape[:-2] or coeffs.shape[-1] != x.shape[-2]:
         raise ValueError(
             f"{op}: `coeffs` [..., m, k] and `x` [..., k, n] must share leading dims and k; got "
-            f"{tuple(coeffs.shape)} and {tuple(x.shape)}"
+            f"{sizes(coeffs.shape)} and {sizes(x.shape)}"
         )
     if check_finite:
         check_finite_result(op, coeffs, [("coeffs", coeffs)])
@@ -85,7 +86,7 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = No
     refuse_tangents(op, [("out", out), ("coeffs", coeffs), ("x", x)])
     expected = (*x.shape[:-2], coeffs.shape[-2], x.shape[-1])
     if tuple(out.shape) != expected:
-        raise ValueError(f"{op}: `out` must have shape {expected}, got {tuple(out.shape)}")
+        raise ValueError(f"{op}: `out` must have shape {expected}, got {sizes(out.shape)}")
     check_same_device(op, [("x", x), ("out", out)])
     check_same_dtype(op, [("x", x), ("out", out)])
     if not out.is_contiguous():
@@ -216,7 +217,7 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
     check_float_tensor(op, "coeffs", coeffs, min_dim=1 + lead_dims)
     if coeffs.dim() > 2 + lead_dims:
         expected = "[P, k] or [P, m, k]" if per_tensor else "[k] or [m, k]"
-        raise ValueError(f"{op}: `coeffs` must be {expected}, got {tuple(coeffs.shape)}")
+        raise ValueError(f"{op}: `coeffs` must be {expected}, got {sizes(coeffs.shape)}")
     if len(xs) != len(outs):
         raise ValueError(f"{op}: `xs` and `outs` must have the same length, got {len(xs)} and "
                          f"{len(outs)}")
@@ -225,7 +226,7 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
                          f"{len(bases)}")
     if per_tensor and coeffs.shape[0] != len(xs):
         raise ValueError(f"{op}: with per_tensor=True `coeffs` needs one block per tensor "
-                         f"({len(xs)}), got shape {tuple(coeffs.shape)}")
+                         f"({len(xs)}), got shape {sizes(coeffs.shape)}")
     if len(xs) == 0:
         return
     k = coeffs.shape[-1]
@@ -235,10 +236,10 @@ def check_combine_list(op: str, coeffs: torch.Tensor, xs: list[torch.Tensor],
         check_float_tensor(op, f"outs[{p}]", o)
         if x.shape[0] != k:
             raise ValueError(f"{op}: xs[{p}] must have leading size k={k} (from `coeffs`), got "
-                             f"shape {tuple(x.shape)}")
+                             f"shape {sizes(x.shape)}")
         if tuple(o.shape) != (*lead, *x.shape[1:]):
             raise ValueError(f"{op}: outs[{p}] must have shape {(*lead, *x.shape[1:])}, got "
-                             f"{tuple(o.shape)}")
+                             f"{sizes(o.shape)}")
         if not o.is_contiguous():
             raise ValueError(f"{op}: outs[{p}] must be contiguous (it is written in place)")
     named = [(f"xs[{p}]", x) for p, x in enumerate(xs)] + [(f"outs[{p}]", o)
@@ -306,7 +307,7 @@ def _check_bases(op: str, bases: list[torch.Tensor], outs: list[torch.Tensor],
         check_same_dtype(op, [(f"outs[{p}]", o), (f"bases[{p}]", b)])
         if b.shape != o.shape:
             raise ValueError(f"{op}: bases[{p}] must have the shape of outs[{p}], "
-                             f"{tuple(o.shape)}, got {tuple(b.shape)}")
+                             f"{sizes(o.shape)}, got {sizes(b.shape)}")
         if torch.compiler.is_compiling():
             continue  # no data pointers while tracing: the compiled op checks the overlap
         # The base may be its output itself (each element reads its own base element first),

@@ -29,6 +29,7 @@ from mtunlearn_ext.ops._checks import (
     check_tensor_list,
     checked_list_call,
 )
+from mtunlearn_ext.ops._fake_checks import sizes
 
 
 def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_name: str,
@@ -43,11 +44,11 @@ def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_nam
         check_float_tensor(op, f"{b_name}[{p}]", b, min_dim=1)
         if a.shape[0] != a_list[0].shape[0] or b.shape[0] != b_list[0].shape[0]:
             raise ValueError(f"{op}: the leading sizes m and k must be the same for every tensor; "
-                             f"{a_name}[{p}] is {tuple(a.shape)}, {b_name}[{p}] is "
-                             f"{tuple(b.shape)}")
+                             f"{a_name}[{p}] is {sizes(a.shape)}, {b_name}[{p}] is "
+                             f"{sizes(b.shape)}")
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(f"{op}: {a_name}[{p}] and {b_name}[{p}] must share their trailing "
-                             f"shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+                             f"shape, got {sizes(a.shape)} and {sizes(b.shape)}")
     named = list(_named_pairs(a_name, a_list, b_name, b_list))
     check_same_device(op, named)
     check_same_dtype(op, named)
@@ -143,7 +144,7 @@ def _check_stacks(op: str, xs: list[torch.Tensor]) -> None:
         if x.shape[0] != xs[0].shape[0]:
             raise ValueError(
                 f"{op}: every tensor in `xs` must have the same leading size k; xs[0] has "
-                f"{xs[0].shape[0]} but xs[{p}] has shape {tuple(x.shape)}"
+                f"{xs[0].shape[0]} but xs[{p}] has shape {sizes(x.shape)}"
             )
     named = [(f"xs[{p}]", x) for p, x in enumerate(xs)]
     check_same_device(op, named)
@@ -171,7 +172,7 @@ def inner(a: torch.Tensor, b: torch.Tensor, *, check_finite: bool = True) -> tor
     if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-1]:
         raise ValueError(
             f"{op}: `a` [..., m, n] and `b` [..., k, n] must share leading dims and n; got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
+            f"{sizes(a.shape)} and {sizes(b.shape)}"
         )
     result = call_op(torch.ops.mtunlearn.inner, a, b) if has_extension() else _reference.inner(a, b)
     if check_finite:

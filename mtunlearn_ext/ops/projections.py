@@ -24,6 +24,7 @@ from mtunlearn_ext.ops._checks import (
     check_seed,
     check_sign,
 )
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 
 
@@ -35,7 +36,7 @@ def _check_pair(op: str, g_name: str, g: torch.Tensor, r_name: str, r: torch.Ten
     if g.shape[:-2] != r.shape[:-2] or g.shape[-1] != r.shape[-1]:
         raise ValueError(
             f"{op}: `{g_name}` [..., m, n] and `{r_name}` [..., k, n] must share leading dims and "
-            f"n; got {tuple(g.shape)} and {tuple(r.shape)}"
+            f"n; got {sizes(g.shape)} and {sizes(r.shape)}"
         )
     if r.shape[-2] > MAX_SOLVER_K:
         raise ValueError(f"{op}: `{r_name}` has k={r.shape[-2]} rows; at most {MAX_SOLVER_K}")

@@ -49,6 +49,7 @@ from mtunlearn_ext.ops._checks import (
     check_same_device,
     check_seed,
 )
+from mtunlearn_ext.ops._fake_checks import sizes
 
 MAX_SOLVER_K = 256
 
@@ -57,7 +58,7 @@ def _check_gram(op: str, gram_matrix: torch.Tensor) -> int:
     check_float_tensor(op, "gram", gram_matrix, min_dim=2)
     k = gram_matrix.shape[-1]
     if gram_matrix.shape[-2] != k:
-        raise ValueError(f"{op}: `gram` must be square [..., k, k], got {tuple(gram_matrix.shape)}")
+        raise ValueError(f"{op}: `gram` must be square [..., k, k], got {sizes(gram_matrix.shape)}")
     if k > MAX_SOLVER_K:
         raise ValueError(f"{op}: k={k} exceeds the solver limit of {MAX_SOLVER_K}")
     return k
@@ -93,7 +94,7 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-6) -> t
     check_same_device(op, [("gram", gram), ("rhs", rhs)])
     if rhs.shape[:-2] != gram.shape[:-2] or rhs.shape[-2] != k:
         raise ValueError(f"{op}: `rhs` must be [..., k={k}, m] with the Gram's leading dims, got "
-                         f"{tuple(rhs.shape)}")
+                         f"{sizes(rhs.shape)}")
     ridge = check_ridge(op, ridge)
     if has_extension():
         return call_op(torch.ops.mtunlearn.ridge_solve, gram, rhs, float(ridge))
@@ -133,7 +134,7 @@ def nonconflicting_dual(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     check_same_device(op, [("gram", gram), ("rhs", rhs)])
     if rhs.shape[:-2] != gram.shape[:-2] or rhs.shape[-1] != k:
         raise ValueError(f"{op}: `rhs` must be [..., m, k={k}] with the Gram's leading dims, got "
-                         f"{tuple(rhs.shape)}")
+                         f"{sizes(rhs.shape)}")
     if has_extension():
         return call_op(torch.ops.mtunlearn.nonconflicting_dual, gram, rhs)
     return _reference.nonconflicting_dual(gram, rhs)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeGuard
 import torch
 
 from mtunlearn_ext import ops
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops.combine import check_across_calls, check_combine_list
 
 if TYPE_CHECKING:
@@ -149,12 +150,12 @@ def check_stacks(op: str, name: str, stacks: Sequence[torch.Tensor], k: int | No
             k = s.shape[0]
         if s.shape[0] != k:
             first = stacks[0]
-            source = (f" (that of `{name}[0]`, shape {tuple(first.shape)})"
+            source = (f" (that of `{name}[0]`, shape {sizes(first.shape)})"
                       if p > 0 and first.dim() >= 1 and first.shape[0] == k else "")
             hint = ("; a single vector per parameter still needs its leading stack dimension "
                     "(`t.unsqueeze(0)`)" if stacks[0].dim() == 1 or s.dim() == 1 else "")
             raise ValueError(f"{op}: every `{name}[p]` must be a stack [k, *shape_p] with leading "
-                             f"size k={k}{source}; `{name}[{p}]` has shape {tuple(s.shape)}{hint}")
+                             f"size k={k}{source}; `{name}[{p}]` has shape {sizes(s.shape)}{hint}")
     assert k is not None
     return k
 
@@ -176,8 +177,8 @@ def check_paired(op: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
         return
     for p, (x, y) in enumerate(zip(a, b)):
         if x.shape[1:] != y.shape[1:]:
-            raise ValueError(f"{op}: `{a_name}[{p}]` {tuple(x.shape)} and `{b_name}[{p}]` "
-                             f"{tuple(y.shape)} must share the parameter shape after dim 0")
+            raise ValueError(f"{op}: `{a_name}[{p}]` {sizes(x.shape)} and `{b_name}[{p}]` "
+                             f"{sizes(y.shape)} must share the parameter shape after dim 0")
         if x.dtype != y.dtype:
             raise TypeError(f"{op}: `{a_name}[{p}]` is {x.dtype} but `{b_name}[{p}]` is {y.dtype}; "
                             "they must match")
@@ -305,10 +306,10 @@ def call_reduce(op: str, reduce: StatsReduce, stats: torch.Tensor) -> torch.Tens
     the sum (an ``AttributeError`` on ``None`` naming no argument)."""
     total = reduce(stats)
     if not isinstance(total, torch.Tensor) or total.shape != stats.shape:
-        got = (f"a tensor of shape {list(total.shape)}" if isinstance(total, torch.Tensor)
+        got = (f"a tensor of shape {list(sizes(total.shape))}" if isinstance(total, torch.Tensor)
                else type(total).__name__)
         raise TypeError(f"{op}: `reduce` must return the summed statistics, a tensor of shape "
-                        f"{list(stats.shape)} like its argument, got {got} (for "
+                        f"{list(sizes(stats.shape))} like its argument, got {got} (for "
                         f"torch.distributed: `lambda t: (dist.all_reduce(t), t)[1]`)")
     return total
 

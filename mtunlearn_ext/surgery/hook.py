@@ -32,6 +32,7 @@ import torch
 
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.ops._checks import check_bool
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.surgery._autograd_graph import (
     compiled_backward_donating,
     graph_nodes,
@@ -171,7 +172,7 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
                         "named_parameters()")
     if isinstance(params, torch.Tensor):  # iterating it yields its rows, views of it
         raise TypeError(f"GradientSurgery: `shared_params` must be an iterable of parameters, "
-                        f"got a single tensor of shape {tuple(params.shape)}; pass [param], or "
+                        f"got a single tensor of shape {sizes(params.shape)}; pass [param], or "
                         "the model's parameters() or named_parameters()")
     shared = _SharedList([], [], [])
     listed: dict[int, int] = {}
@@ -904,7 +905,7 @@ class GradientSurgery:
             raise RuntimeError(
                 f"{caller}: {self._pending_what()}, but the .grad of {len(cleared)} head parameter"
                 f"{'s' if len(cleared) != 1 else ''} (first: shape "
-                f"{tuple(cleared[0].shape)}) was cleared since (optimizer.zero_grad() between "
+                f"{sizes(cleared[0].shape)}) was cleared since (optimizer.zero_grad() between "
                 "micro-batches, a skipped step?): call surgery.discard() where the loop skips "
                 "a step, or apply() before clearing the gradients")
 
@@ -958,7 +959,7 @@ class GradientSurgery:
                                 f"a {type(loss).__name__}")
             if loss.numel() != 1:
                 raise ValueError(f"GradientSurgery: losses[{t}] must be a scalar tensor, got "
-                                 f"shape {tuple(loss.shape)}")
+                                 f"shape {sizes(loss.shape)}")
             if not loss.requires_grad:
                 constants.append(t)
         return losses, frozenset(constants)
@@ -1015,7 +1016,7 @@ class GradientSurgery:
             local = local_tensor(p)
             if s.dim() < 1 or tuple(s.shape[1:]) != tuple(local.shape):
                 raise ValueError(f"GradientSurgery.apply: the stack for {name!r} must be "
-                                 f"[k, *{tuple(local.shape)}], got {tuple(s.shape)}")
+                                 f"[k, *{sizes(local.shape)}], got {sizes(s.shape)}")
             if k is None:
                 k = s.shape[0]
             elif s.shape[0] != k:
@@ -1272,7 +1273,7 @@ class GradientSurgery:
                     "use per_task='autograd' (the default) or 'backward', which run the "
                     f"compiled backward once per task (torch's error: {first_line})")
             return error
-        described = ", ".join(f"a head parameter of shape {tuple(h.shape)}" for h in heads)
+        described = ", ".join(f"a head parameter of shape {sizes(h.shape)}" for h in heads)
         return ValueError(f"GradientSurgery: per_task='batched' cannot compute sparse gradients "
                           f"(vmap has no batching rule for them), and {described} gets one "
                           "(nn.Embedding(sparse=True) or alike); use per_task='autograd' (the "
@@ -1638,7 +1639,7 @@ def _stacks_fit(stacks: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) 
 
 
 def _head_description(_index: int, head: torch.Tensor) -> str:
-    return f"the head parameter of shape {tuple(head.shape)}"
+    return f"the head parameter of shape {sizes(head.shape)}"
 
 
 def _explained_grad_failure(error: RuntimeError, per_task: str) -> RuntimeError:
@@ -1697,7 +1698,7 @@ def _refuse_shared_heads(head_params: Sequence[torch.Tensor], shared: _SharedLis
     """Refuse heads that are shared parameters, naming them: the usual cause is a tied weight
     (an output layer sharing its embedding's weight), which ``heads.parameters()`` yields too."""
     shared_names = {id(t): name for name, t in zip(shared.names, shared.tensors)}
-    both = [f"the head parameter of shape {tuple(h.shape)} is the shared parameter "
+    both = [f"the head parameter of shape {sizes(h.shape)} is the shared parameter "
             f"{shared_names[id(h)]!r}" for h in head_params if id(h) in shared_names]
     if both:
         raise ValueError("GradientSurgery: `head_params` holds shared parameters: "

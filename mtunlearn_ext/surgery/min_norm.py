@@ -32,6 +32,7 @@ import torch
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.ops._checks import _has_no_values, check_int
+from mtunlearn_ext.ops._fake_checks import sizes
 
 #: Coordinates of the iterate above this are the support handed to the exact polish.
 _SUPPORT_THRESHOLD = 1e-9
@@ -269,7 +270,7 @@ def min_norm_simplex(gram: torch.Tensor, iterations: int = 200, *, polish: bool 
         Gram returns the uniform weights.
     """
     if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
-        raise ValueError(f"min_norm_simplex: `gram` must be [..., k, k], got {tuple(gram.shape)}")
+        raise ValueError(f"min_norm_simplex: `gram` must be [..., k, k], got {sizes(gram.shape)}")
     iterations = check_int("min_norm_simplex", "iterations", iterations, at_least=1)
     k = gram.shape[-1]
     if k == 0:  # no task, no weight (the step size's amax has nothing to reduce)

@@ -48,6 +48,7 @@ from mtunlearn_ext.ops._checks import (
     check_sign,
     check_tensor_list,
 )
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.surgery._tensor_lists import (
     StatsReduce,
     check_paired,
@@ -95,9 +96,9 @@ def _check_outs(op: str, g_list: Sequence[torch.Tensor], outs: Sequence[torch.Te
         return
     for p, (o, g) in enumerate(zip(outs, g_list)):
         if not isinstance(o, torch.Tensor) or o.shape != g.shape or o.dtype != g.dtype:
-            got = (f"{tuple(o.shape)} {o.dtype}" if isinstance(o, torch.Tensor)
+            got = (f"{sizes(o.shape)} {o.dtype}" if isinstance(o, torch.Tensor)
                    else type(o).__name__)
-            raise ValueError(f"{op}: `outs[{p}]` must have shape {tuple(g.shape)} and dtype "
+            raise ValueError(f"{op}: `outs[{p}]` must have shape {sizes(g.shape)} and dtype "
                              f"{g.dtype}, got {got}")
         if not o.is_contiguous():
             raise ValueError(f"{op}: `outs[{p}]` must be contiguous (it is written in place)")
@@ -158,7 +159,7 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     expected = (k, k) if layers is None else (num_layers, k, k)
     if tuple(basis_gram.shape) != expected or basis_gram.device != cross.device:
         raise ValueError(f"{op}: `basis_gram` must be {list(expected)} on {cross.device}, got "
-                         f"{list(basis_gram.shape)} on {basis_gram.device}")
+                         f"{list(sizes(basis_gram.shape))} on {basis_gram.device}")
     if check_finite:  # else the solver's coefficients were blamed, an argument never passed
         check_finite_result(op, basis_gram, [("basis_gram", basis_gram)])
     if reduce is not None:
@@ -531,7 +532,7 @@ def aggregate_list(aggregator: Aggregator | Weighting, grads_list: Sequence[torc
         k = grads_list[0].shape[0]
         if k == 0:
             raise ValueError(f"{op}: `grads_list` must hold at least one task's gradient "
-                             f"(k >= 1), got stacks of shape {tuple(grads_list[0].shape)}")
+                             f"(k >= 1), got stacks of shape {sizes(grads_list[0].shape)}")
         layers, layer_count = layer_index(per_layer, len(grads_list), op, num_layers)
         if weighting.needs_gram:
             local = gram_stats(grads_list, layers, layer_count, check_finite=False,

@@ -27,6 +27,7 @@ from torch import nn
 
 from mtunlearn_ext import ops
 from mtunlearn_ext.ops._checks import check_bool, check_int, check_number
+from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 from mtunlearn_ext.surgery.min_norm import min_norm_simplex
 
@@ -213,7 +214,7 @@ class UPGradWeighting(Weighting):
             pref_vector = torch.as_tensor(pref_vector)  # a list or array is fine too
             if pref_vector.dim() != 1:
                 raise ValueError(f"UPGradWeighting: `pref_vector` must be 1-D, got shape "
-                                 f"{tuple(pref_vector.shape)}")
+                                 f"{sizes(pref_vector.shape)}")
             if not pref_vector.is_floating_point():
                 pref_vector = pref_vector.double()
             if not bool(torch.isfinite(pref_vector).all()):

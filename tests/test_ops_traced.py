@@ -1,4 +1,5 @@
-"""torch.export of code calling the ops: dynamic shapes, the finite check, CUDA inputs.
+"""torch.export and torch.compile of code calling the ops: dynamic shapes, the finite check,
+CUDA inputs, and the sizes a refused traced call names.
 
 README ("The ops"): a dynamic ``k`` of a projection needs its bound; on the CPU the finite check
 is an assert inside the exported graph; for CUDA tensors it is a host read that export cannot
@@ -8,6 +9,8 @@ machine that runs the suite has no GPU, and exporting needs none.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -69,3 +72,17 @@ def test_exporting_cuda_inputs_with_the_finite_check_says_to_pass_check_finite_f
                      strict=False)
     called = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert called[:2] == ["mtunlearn.gram.default", "mtunlearn.project_out.default"], called
+
+
+def test_a_bad_call_exported_with_dynamic_shapes_names_its_sizes_not_their_symbols() -> None:
+    """C++ user audit: traced with dynamic shapes, a refused call said ``got (s72, s75) and
+    (s96, s5)``; it names the sizes of the call being traced, as eager does. (Under dynamo,
+    ``torch.compile`` and strict export, the message is formatted by dynamo's own symbolic run
+    of the code, which gives the symbols.)"""
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=re.escape(
+            "must share leading dims and n; got (5, 60) and (2, 61)")):
+        export(_Projection(check_finite=True),
+               (torch.randn(5, 60, generator=gen), torch.randn(2, 61, generator=gen)),
+               dynamic_shapes={"g": {0: Dim("m"), 1: Dim("n")},
+                               "basis": {0: Dim("k", max=256), 1: Dim("n2")}}, strict=False)
