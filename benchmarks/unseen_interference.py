@@ -9,8 +9,10 @@ the cosine of each target task's forget gradient with each task's retain gradien
 loss gradient on the benchmark's validation split (``unseen/<task>``: instances no model trained
 on, never scored by the evaluation), before and after the projections. A negative
 forget/unseen cosine means that forgetting raises that task's loss on unseen data, the
-test-score change that UIS counts. The instance step here is one batch's per-sample
-gradients (``--batch-size``), without the instance memory a run accumulates. Reads the cached
+test-score change that UIS counts. Each displayed gradient is a mean over up to ``--rows`` rows
+of its set (one batch's cosines change sign from batch to batch); the instance step here is
+one batch's per-sample gradients (``--batch-size``), without the instance memory a run
+accumulates. Reads the cached
 original and retrained models (trains them if missing).
 """
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial-task", default="segmentation")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=128,
+                        help="rows of each set that a displayed gradient averages")
     parser.add_argument("--cache-dir", default=".cache/mtunlearn")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the evaluation's setting
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=1, progress=False)
         problem = prepare_experiment(config).problem(config)
         matrix = interference_matrix(problem, InterferenceAwareConfig(**settings),
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size, rows=args.rows)
         forget = [i for i, label in enumerate(matrix.labels) if label.startswith("forget/")]
         others = [j for j in range(len(matrix.labels)) if j not in forget]
         print(f"\n{benchmark}/{args.request} seed {args.seed} ({args.recipe}): cosine before "

@@ -53,24 +53,27 @@ __all__ = ["INTERFERENCE_EXPLANATION", "MISSING_LABEL", "interference_to_json", 
 
 #: What the interference plot shows; the demo's report and :func:`write_report` both print it.
 INTERFERENCE_EXPLANATION = (
-    "Cosines between per-task gradients on the shared backbone (forget rows: the forgetting "
-    "objective of each target task; retain rows: each task's retain loss on a batch that did not "
-    "build the protected subspaces). A negative forget/retain cosine is interference: the forget "
-    "step raises that retain loss. The right panel recomputes the cosines after the "
-    "interference-aware projections of the forget gradients (the retain rows do not change): "
+    "Cosines between per-task gradients on the shared backbone of the original model (forget "
+    "rows: the forgetting objective of each target task over the forget set; retain rows: each "
+    "task's retain loss over retain rows that did not build the protected subspaces; each a "
+    "mean over up to 128 rows of its set, as one batch's cosines change sign from batch to "
+    "batch). A negative forget/retain cosine is interference: the forget step raises that "
+    "retain loss. The right panel recomputes the cosines after the projections that this "
+    "request's settings run (its title names them: the task projection, an instance "
+    "projection, both or neither) on the forget gradients (the retain rows do not change): "
     "forget/retain cosines near zero or positive there mean that the protection holds beyond "
     "the snapshots it was built from. A forget/retain cosine can also grow more negative there, "
-    "because the projections are built from another retain batch than the one shown: the task "
-    "projection removes the forget gradient's components along that batch's protected "
-    "gradients, and the sign-aware instance projection makes the forget step d = -(forget "
-    "gradient) non-conflicting with that batch's per-sample retain gradients r_j (<d, r_j> <= "
-    "0: none of their losses rises to first order). Nothing constrains the retain gradient "
-    "shown, so what is left of the forget gradient may conflict with it more than the whole "
-    "did, and the cosine divides by the projected gradient's smaller norm (the share kept), "
-    "which turns a small remaining conflict into a larger negative cosine. Unseen rows, when "
-    "present, are each task's loss on held-out instances no model trained on: a negative "
-    "forget/unseen cosine means the forget step raises the loss on unseen data, the test-score "
-    "change that UIS counts.")
+    "because the projections are built from one retain batch, not the rows shown: the task "
+    "projection, where on, removes the forget gradient's components along that batch's "
+    "protected gradients; the orthogonal instance projection removes its components along that "
+    "batch's per-sample retain gradients r_j, and the sign-aware one only their conflicting "
+    "part (<d, r_j> <= 0 for the forget step d = -(forget gradient): none of their losses "
+    "rises to first order). Nothing constrains the retain gradient shown, so what is left of "
+    "the forget gradient may conflict with it more than the whole did, and the cosine divides "
+    "by the projected gradient's smaller norm (the share kept), which turns a small remaining "
+    "conflict into a larger negative cosine. Unseen rows, when present, are each task's loss "
+    "on held-out instances no model trained on: a negative forget/unseen cosine means the "
+    "forget step raises the loss on unseen data, the test-score change that UIS counts.")
 
 
 def _primary(kind_or_values: Mapping[str, Any]) -> str | None:

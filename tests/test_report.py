@@ -119,9 +119,12 @@ def test_report_explains_why_an_after_cosine_can_be_more_negative(
     write_report(_record(interference=_json_data()), tmp_path / "rep", title="t")
     markdown = " ".join((tmp_path / "rep" / "report.md").read_text().split())
     assert ("A forget/retain cosine can also grow more negative there, because the projections "
-            "are built from another retain batch than the one shown") in markdown
-    assert "non-conflicting with that batch's per-sample retain gradients r_j (<d, r_j> <= 0" \
-        in markdown
+            "are built from one retain batch, not the rows shown") in markdown
+    assert ("the sign-aware one only their conflicting part (<d, r_j> <= 0 for the forget step "
+            "d = -(forget gradient)") in markdown
+    # Report audit: the text said the task projection and the sign-aware step ran where the
+    # request's settings ran neither; it names them as what runs where on (the title says).
+    assert "the projections that this request's settings run (its title names them" in markdown
     assert "divides by the projected gradient's smaller norm (the share kept)" in markdown
 
     torch.manual_seed(0)
