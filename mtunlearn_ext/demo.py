@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -446,6 +447,30 @@ def _series_colors(labels: Sequence[str]) -> dict[str, str]:
             for label in labels}
 
 
+def _attack_note(results: Mapping[str, Any]) -> str:
+    """What the MIA AUCs of one request can tell: the attack's own check (member AUC: training
+    members against unseen data, where a working attack is well above 0.5) and the forget AUC's
+    spread under chance (Mann-Whitney, ``sqrt((n_f + n_u + 1) / (12 n_f n_u))``), against
+    which AUC differences between models are read."""
+    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE, attack_at_chance
+
+    attack = results["models"]["original"].get("mia") or {}
+    n_f, n_u = attack.get("num_forget") or 0, attack.get("num_non_members_eval") or 0
+    note = ("MIA AUC: the membership attack on the forget pairs against unseen test instances "
+            "(0.5: they look unseen); member AUC: the same attack on held-back training members, "
+            "its check that it tells members from unseen data at all.")
+    if n_f and n_u:
+        spread = math.sqrt((n_f + n_u + 1) / (12 * n_f * n_u))
+        note += (f" With {n_f} forget and {n_u} unseen instances the forget AUC's spread under "
+                 f"chance is {spread:.3f}: AUC differences below it are sampling scatter.")
+    weak = [label for label, entry in results["models"].items()
+            if attack_at_chance((entry.get("mia") or {}).get("member_auc"))]
+    if weak:
+        note += (f" The attack is at chance (member AUC <= {ATTACK_AT_CHANCE}) on "
+                 f"{', '.join(weak)}: its forget AUC there says nothing about forgetting.")
+    return note
+
+
 def _plot_metrics(results: Mapping[str, Any], baselines: Sequence[str], path: Path) -> str:
     """Per task: the primary metric on forget / retain / test for every model."""
     import matplotlib
@@ -639,18 +664,22 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
                      if req["non_target_tasks"] else "") + ").", "",
                   "| model | UIS ↓ | retrain gap ↓ | MIA AUC (retrained: "
                   f"{_fixed(res['models']['retrained'].get('mia_auc'), 3)}) | "
-                  "unlearning time (s) |",
-                  "|---|---|---|---|---|"]
+                  "member AUC | unlearning time (s) |",
+                  "|---|---|---|---|---|---|"]
         for label in _model_order(res, baselines):
             entry = res["models"][label]
             uis_value = entry.get("uis")
             gap = entry.get("retrain_gap")
-            wall = entry.get("wall_time_s")
+            wall = _fixed(entry.get("wall_time_s"), 1)
+            if label == "retrained" and wall != "-":
+                wall += " (retraining)"
             name = f"**{label}**" if label == METHOD else label
             lines.append(f"| {name} | {_fixed(uis_value, 2)} | {_fixed(gap, 2)} | "
-                         f"{_fixed(entry.get('mia_auc'), 3)} | {_fixed(wall, 1)} |")
+                         f"{_fixed(entry.get('mia_auc'), 3)} | "
+                         f"{_fixed((entry.get('mia') or {}).get('member_auc'), 3)} | {wall} |")
         lines += ["", "-: none (the original model has no unlearning time; a method that "
                   "diverged has no finite score)."]
+        lines += ["", _attack_note(res)]
         floor = (floors or {}).get(request)
         if floor is not None:
             lines += ["", f"UIS floor: {floor.mean:.2f} (5-95% of draws "

@@ -373,3 +373,22 @@ def test_the_demo_leaves_the_callers_warning_filters_as_they_were(monkeypatch, t
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn("still said", RuntimeWarning)
     assert [str(w.message) for w in caught] == ["still said"]
+
+
+def test_the_reports_attack_note_gives_the_attacks_check_and_the_aucs_chance_spread() -> None:
+    """Report audit: the demo showed forget AUCs to three decimals without the attack's own
+    check (member AUC) or the AUC's spread under chance, beside differences of a tenth of
+    it. The note gives both and names the models on which the attack is at chance."""
+    from mtunlearn_ext import demo
+
+    def entry(member_auc: float) -> dict[str, object]:
+        return {"mia": {"member_auc": member_auc, "num_forget": 60, "num_non_members_eval": 100}}
+
+    note = demo._attack_note({"models": {"original": entry(0.62), "retrained": entry(0.54),
+                                         "orthograd": entry(0.70)}})
+    # sqrt((60 + 100 + 1) / (12 * 60 * 100)) = 0.0473
+    assert "With 60 forget and 100 unseen instances the forget AUC's spread under chance is " \
+           "0.047" in note, note
+    assert note.endswith("The attack is at chance (member AUC <= 0.55) on retrained: its "
+                         "forget AUC there says nothing about forgetting."), note
+    assert "at chance" not in demo._attack_note({"models": {"original": entry(0.62)}})
