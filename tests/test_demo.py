@@ -60,7 +60,15 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
             "interference_partial.png", "samples.png"} <= set(images)
     for image in images:
         assert (out / image).stat().st_size > 1000, image
-    assert {"report.md", *images} <= set(written), sorted(written)
+    # Report audit: the plotted cosines as numbers beside their PNGs, the matrix's labels and
+    # a before/after cell for each pair of them.
+    for request in ("full", "partial"):
+        matrix = json.loads((out / f"interference_{request}.json").read_text())
+        size = len(matrix["labels"])
+        assert size > 1 and len(matrix["before"]) == len(matrix["after"]) == size
+        assert all(len(row) == size for row in matrix["before"] + matrix["after"])
+    assert {"report.md", *images, "interference_full.json",
+            "interference_partial.json"} <= set(written), sorted(written)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries
     # Each request's table is followed by its UIS floor.
     floors = re.findall(r"UIS floor: (\d+\.\d+) \(5-95% of draws", report)
