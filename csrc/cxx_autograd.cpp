@@ -9,11 +9,8 @@
 namespace mtunlearn {
 
 MTU_LIBRARY_IMPL(Autograd, m) {
-  for (const char* op : {"gram", "gram_list", "inner", "inner_list", "gram_list_stacked",
-                         "combine", "combine_", "combine_list_", "combine_list_from_",
-                         "ridge_solve", "nonconflicting_dual", "pcgrad_weights", "project_out",
-                         "project_nonconflicting", "pcgrad"})
-    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  for (const std::string& op : registration::op_names())
+    m.impl(op.c_str(), torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace mtunlearn

@@ -38,6 +38,12 @@ const ConditionalInit define_once(torch::Library::DEF, &define_schemas, std::nul
 
 }  // namespace
 
+std::vector<std::string> op_names() {
+  std::vector<std::string> names;
+  for (const std::string schema : kSchemas) names.push_back(schema.substr(0, schema.find('(')));
+  return names;
+}
+
 bool owns_namespace() {
   static const bool owns =
       !c10::Dispatcher::singleton().findSchema({"mtunlearn::gram", ""}).has_value();

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace mtunlearn::registration {
 
@@ -17,6 +18,9 @@ namespace mtunlearn::registration {
 // library answers for itself (a default-visibility symbol would bind the second library's
 // calls to the first's answer).
 __attribute__((visibility("hidden"))) bool owns_namespace();
+
+// The ops' names without the namespace ("gram", ...), in the schemas' order.
+__attribute__((visibility("hidden"))) std::vector<std::string> op_names();
 
 // Empty when this library registered the namespace or the one that did defines the same
 // schemas; otherwise names each op whose schema differs (another version of the ops).
