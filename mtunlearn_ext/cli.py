@@ -508,7 +508,8 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     if text is None or text == "":
         return {}
     try:
-        raw = Path(text).read_text(encoding="utf-8") if is_existing_file(text) else text
+        from_file = is_existing_file(text)
+        raw = Path(text).read_text(encoding="utf-8") if from_file else text
     except (OSError, UnicodeDecodeError) as error:
         raise UserInputError(argument, "a JSON object or a readable file holding one", text,
                              str(error)) from error
@@ -516,7 +517,7 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
         value = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as error:
         stripped = text.strip()
-        if not stripped.startswith(("{", "[", '"')) and not is_existing_file(text) and (
+        if not stripped.startswith(("{", "[", '"')) and not from_file and (
                 stripped.lower().endswith((".json", ".yaml", ".yml", ".txt")) or "/" in stripped):
             # A file name that names no file: "Expecting value: line 1 column 1" said nothing of it.
             raise UserInputError(argument, "a JSON object or a readable file holding one", text,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -454,9 +453,10 @@ def _series_colors(labels: Sequence[str]) -> dict[str, str]:
 def _attack_note(results: Mapping[str, Any]) -> str:
     """What the MIA AUCs of one request can tell: the attack's own check (member AUC: training
     members against unseen data, where a working attack is well above 0.5) and the forget AUC's
-    spread under chance (Mann-Whitney, ``sqrt((n_f + n_u + 1) / (12 n_f n_u))``), against
+    spread under chance (:func:`~mtunlearn_ext.metrics.membership.auc_chance_spread`), against
     which AUC differences between models are read."""
-    from mtunlearn_ext.metrics.membership import ATTACK_AT_CHANCE, attack_at_chance
+    from mtunlearn_ext.metrics.membership import (ATTACK_AT_CHANCE, attack_at_chance,
+                                                  auc_chance_spread)
 
     attack = results["models"]["original"].get("mia") or {}
     n_f, n_u = attack.get("num_forget") or 0, attack.get("num_non_members_eval") or 0
@@ -464,7 +464,7 @@ def _attack_note(results: Mapping[str, Any]) -> str:
             "(0.5: they look unseen); member AUC: the same attack on held-back training members, "
             "its check that it tells members from unseen data at all.")
     if n_f and n_u:
-        spread = math.sqrt((n_f + n_u + 1) / (12 * n_f * n_u))
+        spread = auc_chance_spread(n_f, n_u)
         note += (f" With {n_f} forget and {n_u} unseen instances the forget AUC's spread under "
                  f"chance is {spread:.3f}: AUC differences below it are sampling scatter.")
     weak = [label for label, entry in results["models"].items()

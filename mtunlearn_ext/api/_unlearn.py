@@ -25,7 +25,8 @@ from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
-from mtunlearn_ext.metrics.membership import attackable_instances, membership_attack
+from mtunlearn_ext.metrics.membership import (attackable_instances, auc_chance_spread,
+                                              membership_attack)
 from mtunlearn_ext.models.modes import BuffersKept, ignoring_compile, measuring
 from mtunlearn_ext.training import TrainConfig, state_dict_sha256
 from mtunlearn_ext.unlearning import (
@@ -80,7 +81,7 @@ def _audit(model: nn.Module, problem: UnlearningProblem, unseen: MultiTaskDatase
             f"(the non-members) labelled for every one of them; leave `audit_data` out for "
             f"this request, or give more labelled instances") from error
     n_f, n_u = result.num_forget, result.num_non_members_eval
-    spread = math.sqrt((n_f + n_u + 1) / (12 * n_f * n_u)) if n_f and n_u else math.inf
+    spread = auc_chance_spread(n_f, n_u)
     return {"forget_mia_auc": result.auc, "member_mia_auc": result.member_auc}, spread
 
 

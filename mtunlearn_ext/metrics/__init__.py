@@ -5,6 +5,7 @@ from mtunlearn_ext.metrics.evaluate import evaluate, evaluate_splits, per_sample
 from mtunlearn_ext.metrics.membership import (
     MIAResult,
     MembershipAttack,
+    auc_chance_spread,
     membership_attack,
     mia_auc,
 )
@@ -30,7 +31,7 @@ from mtunlearn_ext.metrics.uis_floor import UISFloor, uis_floor
 
 __all__ = ["DEFAULT_TOLERANCE", "KEPT_SPLITS", "METRICS", "MIAResult", "MembershipAttack",
            "MetricAccumulator", "MetricChange", "MetricInfo", "RetainedCheck", "UISFloor",
-           "angle_errors_deg", "check_retained", "confusion_matrix", "evaluate",
+           "angle_errors_deg", "auc_chance_spread", "check_retained", "confusion_matrix", "evaluate",
            "evaluate_splits", "make_accumulator", "membership_attack", "mia_auc",
            "per_sample_task_losses", "retained_changes",
            "retrain_gap", "retrain_gap_terms", "segmentation_scores", "uis", "uis_floor",

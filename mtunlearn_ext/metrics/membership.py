@@ -40,7 +40,7 @@ from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
 from mtunlearn_ext.models.base import MultiTaskModel
 
 __all__ = ["ATTACKS", "ATTACK_AT_CHANCE", "MIAResult", "MembershipAttack", "attack_at_chance",
-           "attackable_instances", "membership_attack", "mia_auc"]
+           "attackable_instances", "auc_chance_spread", "membership_attack", "mia_auc"]
 
 #: The attacks of :func:`membership_attack` (the module docstring describes them).
 MembershipAttack = Literal["logistic", "loss"]
@@ -56,6 +56,15 @@ def attack_at_chance(member_auc: object) -> bool:
     """Whether a measured ``member_auc`` (a number; ``None`` when not measured) is at or below
     :data:`ATTACK_AT_CHANCE`."""
     return isinstance(member_auc, (int, float)) and member_auc <= ATTACK_AT_CHANCE
+
+
+def auc_chance_spread(num_forget: int, num_unseen: int) -> float:
+    """The forget AUC's standard deviation were the forget rows drawn from the unseen data
+    (Mann-Whitney: ``sqrt((n_f + n_u + 1) / (12 n_f n_u))``), against which differences of
+    forget AUCs are read; ``inf`` when either set is empty."""
+    if num_forget < 1 or num_unseen < 1:
+        return math.inf
+    return math.sqrt((num_forget + num_unseen + 1) / (12 * num_forget * num_unseen))
 
 
 @dataclass(frozen=True)

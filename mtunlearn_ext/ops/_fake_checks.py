@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 def sizes(shape: Sequence[int | torch.SymInt]) -> tuple[int | torch.SymInt, ...]:
     """``tuple(shape)`` for an error message, with each symbolic size of a traced call
     (``torch.compile(dynamic=True)``, ``torch.export``) given as the size of the call being

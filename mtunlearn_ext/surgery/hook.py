@@ -1541,12 +1541,11 @@ def _refuse_non_finite_stacks(stacks: list[torch.Tensor],
     if filled:
         largest = torch._foreach_norm(filled, float("inf"))
         finite = bool(torch.stack([m.float() for m in largest]).isfinite().all())
+    where = stacks[0].device if stacks else device or torch.device("cpu")
+    anywhere = not finite if any_rank is None else any_rank(not finite, where)
     if not finite:
-        if any_rank is not None:
-            any_rank(True, filled[0].device)
         raise FloatingPointError("task gradients hold NaN or Inf")
-    if any_rank is not None and any_rank(False, stacks[0].device if stacks else
-                                         device or torch.device("cpu")):
+    if anywhere:
         raise FloatingPointError("this process's shards are finite: another process's task "
                                  "gradients hold NaN or Inf")
 

@@ -26,6 +26,7 @@ from mtunlearn_ext import ops
 from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.models.copies import copy_model
+from mtunlearn_ext.ops._checks import check_int
 from mtunlearn_ext.unlearning.base import (
     UnlearningProblem,
     UnlearningReport,
@@ -104,10 +105,8 @@ def interference_matrix(problem: UnlearningProblem,
                    config_from_mapping(InterferenceAwareConfig, config))
     else:
         cfg = config or InterferenceAwareConfig()
-    for name, value in (("batch_size", batch_size), ("rows", rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"interference_matrix: `{name}` must be an integer >= 1, got "
-                             f"{value!r}")
+    batch_size = check_int("interference_matrix", "batch_size", batch_size, at_least=1)
+    rows = check_int("interference_matrix", "rows", rows, at_least=1)
     with seeded_generators(problem.seed, problem.device):
         return _interference_matrix(problem, cfg, batch_size, rows)
 
