@@ -24,7 +24,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,17 +168,53 @@ def check_args(args: argparse.Namespace) -> None:
 # -- the demo ------------------------------------------------------------------------------------
 
 
-def _train_job(config: Any, which: ReferenceModel) -> dict[str, Any]:
-    """Worker: train (or load from the cache) one reference model of ``config``."""
+#: In a worker process: the queue its jobs' progress goes to (set by :func:`_worker_init`).
+_PROGRESS_QUEUE: Any = None
+
+
+def _worker_init(queue: Any) -> None:
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = queue
+
+
+@contextmanager
+def _reporting(job: str) -> Iterator[None]:
+    """Send the fractions of ``job`` done (:mod:`mtunlearn_ext._progress`) to the parent's stage
+    bar: at most one message per 1% and per quarter second (a training step is milliseconds)."""
+    from mtunlearn_ext._progress import reporting_to
+
+    queue = _PROGRESS_QUEUE
+    if queue is None:
+        yield
+        return
+    sent = {"fraction": 0.0, "time": 0.0}
+
+    def send(fraction: float) -> None:
+        now = time.monotonic()
+        if fraction >= 1.0 or (fraction - sent["fraction"] >= 0.01
+                               and now - sent["time"] >= 0.25):
+            sent.update(fraction=fraction, time=now)
+            queue.put((job, fraction))
+
+    with reporting_to(send):
+        yield
+
+
+def _train_job(config: Any, which: ReferenceModel, job: str) -> dict[str, Any]:
+    """Worker: train (or load from the cache) one reference model of ``config``; ``job``: its
+    name on the stage bar."""
     from mtunlearn_ext.experiment import train_reference_model
 
-    return train_reference_model(config, which)  # at config.threads
+    with _reporting(job):
+        return train_reference_model(config, which)  # at config.threads
 
 
-def _request_job(config: Any, keep_model: bool) -> tuple[dict[str, Any], dict[str, Any],
-                                                          dict[str, Any] | None]:
+def _request_job(config: Any, keep_model: bool, job: str
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """Worker: one request end to end (every method unlearned and evaluated), its interference
-    matrices, and (``keep_model``) the interference-aware model's weights for the sample plot."""
+    matrices, and (``keep_model``) the interference-aware model's weights for the sample plot;
+    ``job``: its name on the stage bar."""
+    from mtunlearn_ext._progress import within
     from mtunlearn_ext.experiment import experiment_threads, prepare_experiment, run_experiment
     from mtunlearn_ext.report import interference_to_json
     from mtunlearn_ext.unlearning import get_unlearner
@@ -186,16 +223,20 @@ def _request_job(config: Any, keep_model: bool) -> tuple[dict[str, Any], dict[st
 
     # Every step at the run's thread count (prepare_experiment restores the count on return,
     # and the unlearned weights depend on it).
-    with experiment_threads(config.threads):
-        results = run_experiment(config)
+    with experiment_threads(config.threads), _reporting(job):
+        with within(0.0, 0.8):
+            results = run_experiment(config)
         prepared = prepare_experiment(config)  # the cached models: loads only
         problem = prepared.problem(config)
         settings = InterferenceAwareConfig(**config.method_configs[METHOD])
-        matrix = interference_to_json(interference_matrix(problem, settings), settings)
+        with within(0.8, 0.9 if keep_model else 1.0):
+            matrix = interference_to_json(interference_matrix(problem, settings), settings)
         state = None
         if keep_model:
             # The same seeded run as the one evaluated above: identical weights.
-            model = get_unlearner(METHOD, config.method_configs[METHOD]).unlearn(problem).model
+            with within(0.9, 1.0):
+                model = get_unlearner(METHOD, config.method_configs[METHOD]).unlearn(
+                    problem).model
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return results, matrix, state
 
@@ -274,10 +315,47 @@ def run_demo(args: argparse.Namespace, start: float | None = None) -> int:
 def _stage_bar(progress: bool) -> Any:
     """The bar over the demo's six stages (three trainings, two requests, the report), on
     stderr; ``progress`` False: a disabled bar, which draws nothing (``tqdm.write`` still
-    prints the log lines)."""
+    prints the log lines). The count is fractional while stages run (``2.4/6``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=6, desc="demo", unit="stage", disable=not progress)
+    return tqdm(total=6, desc="demo", unit="stage", disable=not progress,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} stages "
+                           "[{elapsed}<{remaining}{postfix}]")
+
+
+class _StageProgress:
+    """The stage bar's count: each finished stage whole, each running one by the fraction
+    its worker last reported (the first minutes of a run were four trainings at 0/6)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.finished: set[str] = set()
+        self.running: dict[str, float] = {}
+
+    def reported(self, messages: Any) -> None:
+        """Take every (stage, fraction) message waiting in the queue ``messages``."""
+        from queue import Empty
+
+        while True:
+            try:
+                stage, fraction = messages.get_nowait()
+            except (Empty, OSError, ValueError):
+                break
+            if stage not in self.finished:
+                self.running[stage] = max(self.running.get(stage, 0.0), float(fraction))
+        self._show()
+
+    def finish(self, stage: str) -> None:
+        self.finished.add(stage)
+        self.running.pop(stage, None)
+        self._show()
+
+    def _show(self) -> None:
+        # A running stage counts at most 0.99: the whole unit comes with its result.
+        count = round(len(self.finished) + sum(min(f, 0.99) for f in self.running.values()), 1)
+        if count != self.bar.n:  # (a redraw per poll filled a logged stderr)
+            self.bar.n = int(count) if count == int(count) else count
+            self.bar.refresh()
 
 
 def _run_demo(args: argparse.Namespace, start: float | None) -> int:
@@ -303,15 +381,21 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     # scheduled on ``--jobs`` single-threaded workers: on 2 cores the original and the first
     # retraining run side by side, then each request starts as soon as its models exist.
     stages = _stage_bar(args.progress)
+    progress = _StageProgress(stages)
     results: dict[str, dict[str, Any]] = {}
     matrices: dict[str, dict[str, Any]] = {}
     unlearned_state = None
     context = multiprocessing.get_context("spawn")  # no forked OpenMP/torch state
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
+    # The workers' progress messages (none without a bar to show them).
+    queue = context.Queue() if args.progress else None
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context,
+                             initializer=_worker_init, initargs=(queue,)) as pool:
         trainings: dict[str, Future[Any]] = {
-            "original": pool.submit(_train_job, configs["full"], "original"),
-            "retrained (full)": pool.submit(_train_job, configs["full"], "retrained"),
-            "retrained (partial)": pool.submit(_train_job, configs["partial"], "retrained")}
+            "original": pool.submit(_train_job, configs["full"], "original", "original"),
+            "retrained (full)": pool.submit(_train_job, configs["full"], "retrained",
+                                            "retrained (full)"),
+            "retrained (partial)": pool.submit(_train_job, configs["partial"], "retrained",
+                                               "retrained (partial)")}
         note = _held_out_note(args.benchmark, args.recipe)
         if note is not None:
             log(f"note: {note}")
@@ -328,22 +412,27 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
                     how = "from the cache" if record.get("cached") else "trained"
                     log(f"{name} model {how} ({record.get('train_seconds') or 0:.0f} s of "
                         "training)")
-                    stages.update()
+                    progress.finish(name)
                     del pending[name]
             for request, names in needs.items():
                 if request not in runs and all(n not in pending for n in names):
                     log(f"{request}-task request: unlearning with {', '.join(methods)} "
                         "and evaluating every model")
                     runs[request] = pool.submit(_request_job, configs[request],
-                                                request == "partial")
+                                                request == "partial", request)
             time.sleep(0.2)
+            if queue is not None:
+                progress.reported(queue)
         for request in ("full", "partial"):
+            while queue is not None and not runs[request].done():
+                progress.reported(queue)
+                time.sleep(0.2)
             results[request], matrices[request], state = runs[request].result()
             unlearned_state = state if state is not None else unlearned_state
             log(f"{request}-task request done "
                 f"({results[request]['request']['target_tasks']})")
             tqdm.write(format_table(results[request]))
-            stages.update()
+            progress.finish(request)
 
     stages.set_postfix_str("report")
     # The plots are drawn into a staging folder and moved beside the report only once every
@@ -360,7 +449,7 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
             write_text_atomic(out / "report.md", report_text)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    stages.update()
+    progress.finish("report")
     stages.close()
     total = time.perf_counter() - start
     print(f"\nreport: {out / 'report.md'} (plots beside it); demo wall time {total:.0f} s "

@@ -45,6 +45,7 @@ from torch import nn
 
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import write_text_atomic
+from mtunlearn_ext._progress import within
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext._text import display_width, pad_to, visible_controls
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
@@ -886,10 +887,15 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
     splits = {"forget": forget, "retain": retain, "test": test_set}
     models: dict[str, dict[str, Any]] = {}
     model: nn.Module  # a reference model, then the reused gold model or each method's output
-    for label, model, record in (("original", original, original_record),
-                                 ("retrained", retrained, retrained_record)):
+    # Progress (the demo's bar): an equal share for each model evaluated, a method's share
+    # covering its unlearning run and its evaluation.
+    share = 1.0 / (2 + len(config.methods))
+    for index, (label, model, record) in enumerate((("original", original, original_record),
+                                                    ("retrained", retrained, retrained_record))):
         start = time.perf_counter()
-        entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
+        with within(index * share, (index + 1) * share):
+            entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain,
+                                    forget)
         entry.update(record)
         entry["eval_seconds"] = time.perf_counter() - start
         phases[f"evaluate/{label}"] = entry["eval_seconds"]
@@ -910,40 +916,42 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
                                       models["retrained"], target_tasks))
 
     problem = prepared.problem(config)
-    for method in config.methods:
+    for index, method in enumerate(config.methods, start=2):
         settings = dict(config.method_configs.get(method, {}))
         unlearner = get_unlearner(method, settings)
-        diverged: str | None = None  # why a method stopped on a non-finite value
-        if method == "retrain" and not settings:
-            # The gold model is this method's output: reuse it (the report keeps the time the
-            # training run took) instead of training the identical model twice.
-            model, wall, report = retrained, float(retrained_record["train_seconds"] or 0.0), {
-                "method": "retrain", "config": unlearner.config.to_dict(),
-                "wall_time_s": float(retrained_record["train_seconds"] or 0.0),
-                "reused_retrained_checkpoint": True}
-        else:
+        with within(index * share, (index + 1) * share):
+            diverged: str | None = None  # why a method stopped on a non-finite value
+            if method == "retrain" and not settings:
+                # The gold model is this method's output: reuse it (the report keeps the time the
+                # training run took) instead of training the identical model twice.
+                model, wall, report = retrained, float(retrained_record["train_seconds"] or 0.0), {
+                    "method": "retrain", "config": unlearner.config.to_dict(),
+                    "wall_time_s": float(retrained_record["train_seconds"] or 0.0),
+                    "reused_retrained_checkpoint": True}
+            else:
+                start = time.perf_counter()
+                try:
+                    with within(0.0, 0.8):  # the rest of the share: its evaluation
+                        result = unlearner.unlearn(problem)
+                    model, report = result.model, result.report.to_dict()
+                except FloatingPointError as error:
+                    # A method's own check stopped it inside a step: the same outcome as a run
+                    # that returned NaN weights, scored so (null UIS, infinite gap), not a crash
+                    # that lost every other method's result.
+                    diverged = str(error)
+                    model, report = _diverged_model(problem.model), {"diverged": diverged}
+                wall = time.perf_counter() - start
+            phases[f"unlearn/{method}"] = wall
             start = time.perf_counter()
-            try:
-                result = unlearner.unlearn(problem)
-                model, report = result.model, result.report.to_dict()
-            except FloatingPointError as error:
-                # A method's own check stopped it inside a step: the same outcome as a run
-                # that returned NaN weights, scored so (null UIS, infinite gap), not a crash
-                # that lost every other method's result.
-                diverged = str(error)
-                model, report = _diverged_model(problem.model), {"diverged": diverged}
-            wall = time.perf_counter() - start
-        phases[f"unlearn/{method}"] = wall
-        start = time.perf_counter()
-        entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
-        entry.update(_scores(entry, models["original"], models["retrained"], target_tasks))
-        entry["wall_time_s"] = wall
-        entry["eval_seconds"] = time.perf_counter() - start
-        entry["report"] = report
-        if diverged is not None:
-            entry["diverged"] = diverged
-        phases[f"evaluate/{method}"] = entry["eval_seconds"]
-        models[method] = entry
+            entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
+            entry.update(_scores(entry, models["original"], models["retrained"], target_tasks))
+            entry["wall_time_s"] = wall
+            entry["eval_seconds"] = time.perf_counter() - start
+            entry["report"] = report
+            if diverged is not None:
+                entry["diverged"] = diverged
+            phases[f"evaluate/{method}"] = entry["eval_seconds"]
+            models[method] = entry
 
     results = {
         "schema": SCHEMA,

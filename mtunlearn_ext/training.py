@@ -33,6 +33,7 @@ from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._expansion import MAX_ADDED_BY_SHARING, SelfContainingError, expanded_size
 from mtunlearn_ext._fields import check_field_types, unknown_fields
 from mtunlearn_ext._io import atomic_torch_save
+from mtunlearn_ext._progress import report as progress_report
 from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to
@@ -274,6 +275,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 result.steps += 1
+                progress_report(result.steps / total_steps)
                 loss_sum += loss.item()
                 for name, value in per_task.items():
                     task_sums[name] += value.item()

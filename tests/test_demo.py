@@ -45,6 +45,10 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     # The log lines on stdout, the stage bar (on by default) on stderr, run to its end.
     assert "full-task request done" in printed.out and "demo:" not in printed.out
     assert "demo: 100%" in printed.err and "6/6" in printed.err
+    # ... moving within stages too (the workers report their steps), never backwards.
+    counts = [float(c) for c in re.findall(r"\| (\d+(?:\.\d)?)/6 stages", printed.err)]
+    assert any(c != int(c) for c in counts), counts
+    assert counts == sorted(counts), counts
     for request in ("full", "partial"):
         results = json.loads((out / f"{request}.json").read_text())
         assert {"original", "retrained", "finetune", demo.METHOD} <= set(results["models"])
@@ -297,7 +301,7 @@ def test_a_request_job_runs_every_step_at_the_run_thread_count(monkeypatch):
     monkeypatch.setattr("mtunlearn_ext.unlearning.get_unlearner", lambda name, s: Unlearner())
     args = demo.build_parser().parse_args(["--size", "tiny", "--threads", "1"])
     torch.set_num_threads(2)  # conftest restores the count after the test
-    demo._request_job(demo._configs(args)["partial"], True)
+    demo._request_job(demo._configs(args)["partial"], True, "partial")
     assert seen == {"problem": 1, "matrix": 1, "unlearn": 1}
     assert torch.get_num_threads() == 2
 

@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtunlearn_ext"
 
 #: Private helpers every layer may use (they import nothing but each other and ``_C``).
 FOUNDATION = frozenset({"_C", "_definitions", "_elf", "_errors", "_expansion", "_extension",
-                        "_fields", "_functional", "_io", "_random", "_text", "_version",
-                        "_warnings"})
+                        "_fields", "_functional", "_io", "_progress", "_random", "_text",
+                        "_version", "_warnings"})
 #: The top: the public API, the CLI, experiments, records and reports.
 TOP = frozenset({"__main__", "api", "cli", "demo", "erasure", "experiment", "records", "report",
                  "showcase", "tuning", "workflow"})

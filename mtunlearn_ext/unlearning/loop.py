@@ -28,6 +28,7 @@ import numbers
 import torch
 from torch import nn
 
+from mtunlearn_ext._progress import report as progress_report
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import Inputs, num_rows
 from mtunlearn_ext.models.modes import eval_mode
@@ -509,6 +510,7 @@ class GradientUnlearner(Unlearner):
             optimizer.step()
             for callback in self.step_callbacks:
                 callback(step + 1, model)
+            progress_report((step + 1) / total_steps)
         report.steps = cfg.steps
         if cfg.head_refit_steps:
             report.extra["head_refit_steps"] = cfg.head_refit_steps
