@@ -789,12 +789,18 @@ def test_forget_instances_missing_some_target_labels(user_setup) -> None:  # typ
     assert [int(v) for v in report.curves["instance_constraints"]] == [4, 8, 12] + [16] * 7
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_step_taken_keeps_the_instance_constraints_with_a_head_learning_rate(
-        user_setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        user_setup, monkeypatch, dtype) -> None:  # type: ignore[no-untyped-def]
     """The optimizer moves the heads by head_lr_scale times their part of the projected
     direction; the constraints hold for the step actually taken only if their head parts are
-    scaled alike (measured before: cosines of the step with retained rows up to 0.18)."""
+    scaled alike (measured before: cosines of the step with retained rows up to 0.18).
+    float64: the kept-fraction norms squared a float64 direction in place (``.double()`` of a
+    float64 tensor is no copy), and the step taken was the squared direction (method audit:
+    cosines up to 0.85 with the rows it must not raise)."""
     model, x, y = user_setup
+    model = copy.deepcopy(model).to(dtype)
+    x, y = x.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v for k, v in y.items()}
     scale = 10.0
     seen: list[dict[str, Any]] = []
     project = InterferenceAware.instance_project
@@ -807,13 +813,14 @@ def test_the_step_taken_keeps_the_instance_constraints_with_a_head_learning_rate
         return project(self, ctx, step_dir, names, batch, per_sample, memory, task_scale)
 
     monkeypatch.setattr(InterferenceAware, "instance_project", spy)
-    mtunlearn_ext.unlearn(
+    unlearned, _ = mtunlearn_ext.unlearn(
         model, tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
         forget_request=ForgetRequest.create(range(20)),
         shared_parameters=lambda n: n.startswith("trunk."),
         config={"steps": 4, "lr": 1e-2, "momentum": 0.0, "head_lr_scale": scale,
                 "retain_weight": 0.0, "grad_clip": None, "task_projection": False,
                 "num_per_sample": 16, "retain_batch_size": 16})
+    assert next(unlearned.parameters()).dtype == dtype
     assert len(seen) == 4
     for now, after in zip(seen, seen[1:]):
         step = [b - a for a, b in zip(now["before"], after["before"])]
@@ -2289,14 +2296,19 @@ def test_a_refresh_pushes_each_snapshot_before_computing_the_next() -> None:
     assert peak <= plan + 6.5, f"peak {peak:.1f} model sizes for a plan of {plan:.1f}"
 
 
-def test_the_norms_make_one_float64_copy_of_a_tensor() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_norms_make_one_float64_copy_of_a_tensor(dtype) -> None:
     """The kept-fraction curves' norms square the float64 copy in place: a second copy of the
-    largest layer was the step's peak."""
-    tensor = torch.randn(1 << 18)
+    largest layer was the step's peak. The copy is always one: a float64 tensor was squared
+    in place itself (the method audit)."""
+    tensor = torch.randn(1 << 18, dtype=dtype)
+    before = tensor.clone()
     peak = peak_allocated_bytes(lambda: interference_aware_module._norm([tensor]))
     assert peak <= 8 * tensor.numel() + 4096, f"{peak / tensor.numel():.1f} bytes per element"
+    assert torch.equal(tensor, before)  # the input untouched
     expected = torch.sqrt((tensor.double() ** 2).sum())
     assert torch.equal(interference_aware_module._norm([tensor]), expected)
+    assert torch.equal(tensor, before)
 
 
 # -- behaviour a mutation review found unpinned --------------------------------------------------
@@ -2469,3 +2481,54 @@ def test_a_protect_mode_that_protects_no_task_is_warned_of(bench, original) -> N
         get_unlearner("interference_aware", {**settings, "protect": "auto"}).unlearn(full)
         get_unlearner("interference_aware", settings).unlearn(
             _problem(bench, original, partial=True))
+
+
+def _largest_snapshot_cosine(direction: list[torch.Tensor], subspace: ProtectedSubspace) -> float:
+    """The largest |cosine| between a layer of ``direction`` and that layer of a snapshot."""
+    basis, largest = subspace.basis(), 0.0
+    for layer in range(subspace.num_layers):
+        members = [i for i, lid in enumerate(subspace.layer_ids) if lid == layer]
+        d = torch.cat([direction[i].double().flatten() for i in members])
+        for j in range(subspace.filled):
+            s = torch.cat([basis[i][j].double().flatten() for i in members])
+            largest = max(largest, abs(float(d @ s / (d.norm() * s.norm()))))
+    return largest
+
+
+def test_the_per_layer_orthogonality_holds_after_the_task_projection_only(
+        user_setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """docs/unlearning.md's figures (float64, ridge 0, three steps): the task-projected forget
+    direction is orthogonal to every snapshot's layer (1e-16), the instance step's output is
+    not (0.06-0.16), the raw gradient least of all (0.28-0.29). They were 0.10-0.29 and
+    0.22-0.40 while the float64 norms squared the direction in place."""
+    model, x, y = user_setup
+    model = copy.deepcopy(model).double()
+    x, y = x.double(), {k: v.double() if v.is_floating_point() else v for k, v in y.items()}
+    seen: dict[str, list[float]] = {"raw": [], "task": [], "instance": []}
+    stacks_project, instance_project = (InterferenceAware._project_stacks,
+                                        InterferenceAware.instance_project)
+
+    def project_stacks(ctx, keys, stacks):  # type: ignore[no-untyped-def]
+        (subspace,) = ctx.state["subspaces"].values()
+        seen["raw"].append(_largest_snapshot_cosine([s[0] for s in stacks], subspace))
+        out = stacks_project(ctx, keys, stacks)
+        seen["task"].append(_largest_snapshot_cosine([s[0] for s in out], subspace))
+        return out
+
+    def project_instances(self, ctx, step_dir, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = instance_project(self, ctx, step_dir, *args, **kwargs)
+        (subspace,) = ctx.state["subspaces"].values()
+        seen["instance"].append(_largest_snapshot_cosine(out[0][:len(subspace.buffers)],
+                                                         subspace))
+        return out
+
+    monkeypatch.setattr(InterferenceAware, "_project_stacks", staticmethod(project_stacks))
+    monkeypatch.setattr(InterferenceAware, "instance_project", project_instances)
+    mtunlearn_ext.unlearn(model, tasks={"kind": "classification", "size": "regression"},
+                          train_data=(x, y), forget_request=ForgetRequest.create(range(20)),
+                          shared_parameters=lambda n: n.startswith("trunk."),
+                          config={"steps": 3, "ridge": 0.0})
+    assert all(len(v) == 3 for v in seen.values()), seen
+    assert max(seen["task"]) < 1e-12, seen
+    assert 0.05 < min(seen["instance"]) and max(seen["instance"]) < 0.2, seen
+    assert 0.25 < min(seen["raw"]) and max(seen["raw"]) < 0.3, seen

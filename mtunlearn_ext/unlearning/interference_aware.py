@@ -639,9 +639,12 @@ def _own_memory(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    # Squared in place in the float64 copy (pow_ is the same kernel as ** 2): a second float64
+    # Squared in place in a float64 copy (pow_ is the same kernel as ** 2): a second float64
     # copy of the largest layer was the step's peak (two float32 trunks for an MLP of 4 layers).
-    return torch.sqrt(sum(t.double().pow_(2).sum() for t in tensors))  # type: ignore[arg-type]
+    # copy=True: for a float64 tensor .double() is the tensor itself, and squaring it in place
+    # squared the step's direction of every float64 model.
+    return torch.sqrt(sum(t.to(torch.float64, copy=True).pow_(2).sum()  # type: ignore[arg-type]
+                          for t in tensors))
 
 
 _NO_HELD_OUT = ("interference_aware: cap_reference='held_out' needs a problem with `held_out` "
