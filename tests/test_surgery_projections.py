@@ -182,6 +182,31 @@ def test_nonfinite_policy() -> None:
     assert torch.isnan(out[1]).all() and all(torch.isfinite(out[p]).all() for p in (0, 2, 3))
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_g_whose_squared_norm_overflows_is_still_projected(per_layer: bool) -> None:
+    """Numerical audit: the finite check read the whole [g; B] Gram, whose g g^T block no
+    solve uses, so a float32 g of norm 1e20 (|g|^2 beyond float32's range) against an
+    ordinary basis was refused as an overflow, where the single-tensor ops project it. A NaN
+    in g is still refused, naming g_list."""
+    from mtunlearn_ext import ops
+
+    gen = torch.Generator().manual_seed(3)
+    g = [1e18 * torch.randn(1, 10_000, generator=gen)]
+    basis = [torch.randn(3, 10_000, generator=gen)]
+    assert not math.isfinite(float((g[0].double() ** 2).sum().float()))
+    for project, single in ((project_out_list, ops.project_out),
+                            (project_nonconflicting_list, ops.project_nonconflicting)):
+        (out,) = project(g, basis, per_layer=per_layer)
+        expected = single(g[0], basis[0])[0]
+        assert torch.isfinite(out).all()
+        error = float((out[0].double() - expected.double()).norm() / expected.double().norm())
+        assert error < 1e-6, (project.__name__, error)
+        poisoned = [g[0].clone()]
+        poisoned[0][0, 5] = float("nan")
+        with pytest.raises(FloatingPointError, match="g_list"):
+            project(poisoned, basis, per_layer=per_layer)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("per_layer", [False, True, [0, 1, 1, 0]])
 def test_projections_solve_on_the_blocks_without_joining_them(

@@ -135,8 +135,16 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
     if basis_gram is None:
         # One pass over the basis and g: [g; B] [g; B]^T holds B B^T and B g^T.
         full = stacked_stats(g_list, basis_list, layers, num_layers,
-                             check_finite=check_finite and reduce is None,
+                             check_finite=check_finite and reduce is None and k == 0,
                              caller=(op, ("g_list", basis_name)))
+        if reduce is None and check_finite and k > 0:
+            # The rows the solve reads (B B^T, B g^T): g g^T, unused, overflows where they do
+            # not (|g|^2 beyond float32's range), and an error there refused a projection the
+            # single-tensor ops make. A NaN/Inf in g still reaches B g^T.
+            check_finite_result(op, full[..., m:, :], (
+                (f"{name}[{p}]", t) for name, tensors in (("g_list", g_list),
+                                                          (basis_name, basis_list))
+                for p, t in enumerate(tensors)))
         if reduce is None:
             rescued = rescued_local_gram(
                 full, lambda: [torch.cat((g, b)) for g, b in zip(g_list, basis_list)],
