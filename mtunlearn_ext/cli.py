@@ -951,6 +951,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     )
 
     started = utc_now()
+    code = code_version()  # the code this run imported and runs: read before the work
     device = check_device(args.device)
     _check_seed(args.seed)
     if args.method not in available_unlearners():  # before it names the output files
@@ -1108,7 +1109,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                         "num_retain_pairs": int(retain.supervision.sum())},
             "method": {"name": args.method, "settings": _resolved_settings(result.report)},
             "seed": seed, "device": str(device), "eval_batch_size": args.eval_batch_size,
-            "code": code_version(), "environment": run_environment(result.report.threads),
+            "code": code, "environment": run_environment(result.report.threads),
             "invocation": getattr(args, "invocation", None),
             "benchmark": {**{k: loaded.meta.get(k) for k in ("benchmark", "size", "seed",
                                                              "data_sha256", "test_data_sha256")},

@@ -175,6 +175,15 @@ _PROGRESS_QUEUE: Any = None
 def _worker_init(queue: Any) -> None:
     global _PROGRESS_QUEUE
     _PROGRESS_QUEUE = queue
+    # The code the jobs run, imported now, and its version read now (records.code_version,
+    # once per process): a commit made during the run is not in the records it writes.
+    import importlib
+
+    from mtunlearn_ext.records import code_version
+
+    for module in ("experiment", "report", "unlearning.interference"):
+        importlib.import_module(f"mtunlearn_ext.{module}")
+    code_version()
 
 
 @contextmanager

@@ -874,6 +874,7 @@ def run_experiment(config: ExperimentConfig,
 
 
 def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> dict[str, Any]:
+    code = code_version()  # the code this run imported and runs: read before the work
     prepared = _prepare(config, benchmark)
     bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
                                       prepared.retain)
@@ -957,7 +958,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
         "schema": SCHEMA,
         "config": dataclasses.asdict(config),
         "environment": _environment(config.device),
-        "code": code_version(),  # which commit to check out to rerun the experiment
+        "code": code,  # which commit to check out to rerun the experiment
         "benchmark": {
             "name": bench.name, "size": config.size, "num_train": len(train_set),
             "num_test": len(test_set),

@@ -126,14 +126,27 @@ def _git_commit(root: Path) -> tuple[str | None, bool | None]:
     return commit or None, dirty
 
 
-def code_version() -> dict[str, Any]:
-    """``{"mtunlearn_ext": version, "commit": sha or None, "dirty": bool or None}``."""
-    import mtunlearn_ext
+#: This process's :func:`code_version`, read once.
+_CODE_VERSION: dict[str, Any] | None = None
 
-    source_tree = Path(__file__).resolve().parent.parent  # a checkout holds setup.py there
-    commit, dirty = ((None, None) if not (source_tree / "setup.py").is_file()
-                     else _git_commit(source_tree))
-    return {"mtunlearn_ext": mtunlearn_ext.__version__, "commit": commit, "dirty": dirty}
+
+def code_version() -> dict[str, Any]:
+    """``{"mtunlearn_ext": version, "commit": sha or None, "dirty": bool or None}``.
+
+    Read once per process, at the first call: the code a process runs is the code it imported,
+    which a commit made while it runs does not change (read at each write, the records of one
+    demo run named two commits when one was made meanwhile). The commands call it when they
+    start, the demo's workers once they have imported the code they run."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import mtunlearn_ext
+
+        source_tree = Path(__file__).resolve().parent.parent  # a checkout holds setup.py there
+        commit, dirty = ((None, None) if not (source_tree / "setup.py").is_file()
+                         else _git_commit(source_tree))
+        _CODE_VERSION = {"mtunlearn_ext": mtunlearn_ext.__version__, "commit": commit,
+                         "dirty": dirty}
+    return dict(_CODE_VERSION)
 
 
 def run_environment(threads: int | None) -> dict[str, Any]:

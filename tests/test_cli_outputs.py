@@ -856,6 +856,29 @@ def test_the_record_is_ready_before_the_checkpoint_lands(
     assert calls == ["code_version", "save_checkpoint", "write_record"]
 
 
+def test_the_record_names_the_commit_the_run_started_from(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The code version was read when the record was written: a commit made during a run
+    (its code already imported) was named as the run's. Read once per process, at the start;
+    here the checkout's commit changes while the model is unlearned."""
+    from mtunlearn_ext import records, training
+
+    heads = iter(["a" * 40, "b" * 40, "c" * 40])
+    monkeypatch.setattr(records, "_CODE_VERSION", None)
+    monkeypatch.setattr(records, "_git_commit", lambda root: (next(heads), False))
+    real_save = training.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> str:
+        assert records.code_version()["commit"] == "a" * 40  # no second read
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+    assert _unlearn(trained, tmp_path / "u.pt") == 0
+    record = json.loads((tmp_path / "u.pt.record.json").read_text())
+    assert record["code"]["commit"] == "a" * 40
+    assert next(heads) == "b" * 40  # git was asked once
+
+
 def test_a_failed_command_removes_the_folders_its_writes_made(tmp_path: Path) -> None:
     """Safety audit: `--output new/sub/o.pt` with a record that then failed to write left the
     empty folders new/ and new/sub/ behind (exit 2, "nothing was written"). A folder that
