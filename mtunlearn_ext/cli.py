@@ -651,8 +651,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_device,
     )
 
-    from mtunlearn_ext.records import run_environment
+    from mtunlearn_ext.records import code_version, run_environment
 
+    code = code_version()  # the code this run imported and trains with: read before the work
     device = check_device(args.device)
     _check_seed(args.seed)
     _check_data_root(args.benchmark, args.data_root)
@@ -704,7 +705,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 # The weights' last bits depend on the thread count (torch's default: the
                 # core count) and the torch build: the same command reproduces the file with
                 # the same ones.
-                "environment": run_environment(recipe.num_threads or torch.get_num_threads())}
+                "environment": run_environment(recipe.num_threads or torch.get_num_threads()),
+                # Which code trained it (the same command at another commit may not give
+                # these weights; reproducibility audit).
+                "code": code}
         # No wall time in the checkpoint: the same command must give the same file (SHA-256),
         # so a pipeline rerun from its command lines reproduces the records' hashes. The
         # seconds are printed in the summary below instead.

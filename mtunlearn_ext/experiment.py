@@ -739,14 +739,17 @@ def _setup(config: ExperimentConfig, benchmark: Benchmark | None) -> _Setup:
     # sums) and the recorded training time: a model trained otherwise is another model.
     # So do the torch build and the CPU instruction sets (the rounding of its kernels): a
     # model trained under AVX-512 was reused by a run under AVX2, whose results then recorded
-    # AVX2 beside another machine's models. The package version marks training code changes.
+    # AVX2 beside another machine's models. The training code is keyed by what it says (the
+    # package version stayed 0.1.0 through 32 commits to training.py, and a run at a new
+    # commit reused models the old code had trained; reproducibility audit).
     threads = config.threads if config.threads is not None else torch.get_num_threads()
     environment = run_environment(threads)
     base_key = {"benchmark": bench.name, "size": config.size, "seed": config.seed,
                 "data": data_key, "model": model_key, "recipe": recipe.to_dict(),
                 "threads": threads, "device": torch.device(config.device).type,
                 "torch": environment["torch"], "cpu_isa": environment["cpu_isa"],
-                "extension": environment["extension"], "package": _package_version()}
+                "extension": environment["extension"], "package": _package_version(),
+                "training_code": _training_code_digest()}
     request_key = {"ids": request.ids_hash(), "target_tasks": sorted(target_tasks)}
     cache = Path(config.cache_dir) / f"{bench.name}-{config.size}-seed{config.seed}"
     original_key = _digest(base_key)
@@ -831,6 +834,32 @@ def _package_version() -> str:
     from mtunlearn_ext import __version__
 
     return __version__
+
+
+#: The code that decides a reference model's weights (beside the model's own, which the key
+#: holds as its architecture and initial weights): files and folders of the package.
+_TRAINING_CODE: tuple[str, ...] = ("training.py", "losses.py", "_random.py", "data", "models")
+
+
+def _source_digest(root: Path, names: Sequence[str]) -> str:
+    """SHA-256 over the syntax trees of the ``.py`` files named (folders: every file in them)
+    under ``root``: a change of code changes it, one of comments or layout does not."""
+    import ast
+
+    paths = sorted(path for name in names
+                   for path in ((root / name).rglob("*.py") if (root / name).is_dir()
+                                else [root / name]))
+    digest = hashlib.sha256()
+    for path in paths:
+        tree = ast.dump(ast.parse(path.read_text(encoding="utf-8")))
+        digest.update(f"{path.relative_to(root).as_posix()}\0{tree}\0".encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _training_code_digest() -> str:
+    # Once per process, as the code it runs was imported once.
+    return _source_digest(Path(__file__).resolve().parent, _TRAINING_CODE)
 
 
 def prepare_experiment(config: ExperimentConfig,

@@ -680,6 +680,9 @@ def _md_provenance(record: Mapping[str, Any]) -> list[str]:
                                                   if get("code", "dirty") else "")
                if commit else ""),
             f"- run: {code('started_at')} to {code('finished_at')} (UTC)",
+            # The weights' last bits follow the thread count, the torch build and the CPU
+            # kernels: a reader comparing a rerun needs them (reproducibility audit).
+            f"- environment: {_md_environment(get('environment'))}",
             f"- method: {code('method', 'name')}, seed {code('seed')}, device "
             f"{code('device')}; settings "
             + ("not recorded" if not isinstance(get("method", "settings"), Mapping) else
@@ -688,6 +691,27 @@ def _md_provenance(record: Mapping[str, Any]) -> list[str]:
             f"- command: {_md_invocation(get('invocation'))}",
             "", "`mtunlearn verify --record RECORD` re-checks the files and the metrics against "
             "the record.", ""]
+
+
+def _md_environment(environment: Any) -> str:
+    """torch, Python, the intra-op thread count, the compiled extension and the CPU kernels of
+    a record's ``environment``; "not recorded" for what it lacks."""
+    if not isinstance(environment, Mapping):
+        return "not recorded"
+
+    def shown(key: str) -> str:
+        value = environment.get(key)
+        return "not recorded" if value is None else _md_code(value)
+
+    isa = environment.get("cpu_isa")
+    kernels = ("not recorded" if not isinstance(isa, Mapping) else
+               f"{_md_code(isa.get('torch'))} (torch), {_md_code(isa.get('mtunlearn_ext'))} "
+               "(mtunlearn_ext)")
+    compiled = environment.get("extension")
+    extension = ("compiled" if compiled is True else "**the Python fallback**"
+                 if compiled is False else "not recorded")
+    return (f"torch {shown('torch')}, Python {shown('python')}, intra-op threads "
+            f"{shown('threads')}, ops {extension}, CPU kernels {kernels}")
 
 
 def _md_named_and_forgotten(request: Mapping[str, Any]) -> str:

@@ -627,6 +627,11 @@ def test_train_is_reproducible_to_the_file_hash(tmp_path: Path,
     # the checkpoint did not say which count, nor which torch build, made it.
     assert meta["environment"]["threads"] == 1  # _train passes --threads 1
     assert meta["environment"]["torch"] == torch.__version__
+    # Reproducibility audit: nor which code trained it (the same command at another commit
+    # may give other weights; only the unlearn record named a commit, the unlearning one's).
+    from mtunlearn_ext.records import code_version
+
+    assert meta["code"] == code_version()
 
 
 def test_threads_flag_gives_the_callers_count_back(tmp_path: Path) -> None:

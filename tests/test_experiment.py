@@ -257,6 +257,39 @@ def test_the_cache_key_holds_the_torch_build_and_cpu_isas(  # type: ignore[no-un
     monkeypatch.setattr(experiment, "_package_version", lambda: "0.0.0")
     again = experiment._setup(_config(tmp_path, threads=1), digits).checkpoints
     assert again["original"][0] != first["original"][0]
+    monkeypatch.undo()
+    # Reproducibility audit: the package version stayed 0.1.0 while training.py changed in 32
+    # commits, and a run at a new commit reused the old code's models. The training code's
+    # own digest is in the key.
+    assert first["original"][1]["training_code"] == experiment._training_code_digest()
+    monkeypatch.setattr(experiment, "_training_code_digest", lambda: "0" * 64)
+    again = experiment._setup(_config(tmp_path, threads=1), digits).checkpoints
+    for which in ("original", "retrained"):
+        assert again[which][0] != first[which][0], which
+
+
+def test_the_training_code_digest_follows_code_not_comments(tmp_path: Path) -> None:
+    from mtunlearn_ext.experiment import _TRAINING_CODE, _source_digest
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "train.py").write_text("def step(x):\n    return x * 2\n")
+    (tmp_path / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    names = ("train.py", "pkg")
+    first = _source_digest(tmp_path, names)
+    (tmp_path / "train.py").write_text("# why it doubles\ndef step(x):\n    return x*2  # !\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("other text")
+    assert _source_digest(tmp_path, names) == first  # comments, layout, other files
+    (tmp_path / "train.py").write_text("def step(x):\n    return x * 3\n")
+    assert _source_digest(tmp_path, names) != first
+    (tmp_path / "train.py").write_text("def step(x):\n    return x * 2\n")
+    (tmp_path / "pkg" / "b.py").write_text("B = 1\n")  # a module added to a folder
+    assert _source_digest(tmp_path, names) != first
+    # The package's own list names what exists: a renamed module is not silently left out.
+    import mtunlearn_ext
+
+    root = Path(mtunlearn_ext.__file__).parent
+    assert all((root / name).exists() for name in _TRAINING_CODE)
 
 
 def test_default_recipe_refuses_a_seed_override() -> None:

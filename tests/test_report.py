@@ -850,3 +850,19 @@ def test_a_report_that_cannot_be_written_says_so_as_the_other_outputs_do(
     with pytest.raises(UserInputError, match=r"No space left on device; nothing was written$"):
         write_report(_record(), tmp_path / "rep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_the_provenance_names_the_environment_the_numbers_depend_on(tmp_path: Path) -> None:
+    """Reproducibility audit: report.md named the code, seed and settings but not the thread
+    count, torch build or CPU kernels, which the weights' last bits follow (indoor at 1 and 2
+    threads gave other checkpoints and metrics); the record had them."""
+    environment = {"torch": "2.14.1+cu130", "python": "3.11.9", "threads": 2,
+                   "extension": False, "cpu_isa": {"torch": "AVX512", "mtunlearn_ext": "avx2"}}
+    write_report(_record(environment=environment), tmp_path / "rep", title="t")
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    (line,) = [x for x in markdown.splitlines() if x.startswith("- environment:")]
+    assert line == ("- environment: torch `2.14.1+cu130`, Python `3.11.9`, intra-op threads `2`, "
+                    "ops **the Python fallback**, CPU kernels `AVX512` (torch), `avx2` "
+                    "(mtunlearn_ext)")
+    write_report(_record(), tmp_path / "old", title="t")  # an older record: said, not guessed
+    assert "- environment: not recorded" in (tmp_path / "old" / "report.md").read_text()
