@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -172,9 +173,23 @@ def check_args(args: argparse.Namespace) -> None:
 _PROGRESS_QUEUE: Any = None
 
 
-def _worker_init(queue: Any) -> None:
+def _worker_init(queue: Any, parent: int) -> None:
     global _PROGRESS_QUEUE
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the
+    # workers), so no worker prints a traceback or is interrupted inside a lock.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROGRESS_QUEUE = queue
+    # A parent killed outright (SIGKILL, an OOM kill) cannot stop its workers, which waited
+    # for their next job for ever: each leaves once its parent (``parent``, the pid passed:
+    # one killed while this worker started is already gone from os.getppid()) is gone.
+    def leave_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=leave_with_parent, daemon=True, name="demo-parent-watch").start()
     # The code the jobs run, imported now, and its version read now (records.code_version,
     # once per process): a commit made during the run is not in the records it writes.
     import importlib
@@ -207,6 +222,18 @@ def _reporting(job: str) -> Iterator[None]:
 
     with reporting_to(send):
         yield
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancel ``pool``'s waiting jobs and end its workers now."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def _train_job(config: Any, which: ReferenceModel, job: str) -> dict[str, Any]:
@@ -398,50 +425,59 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     # The workers' progress messages (none without a bar to show them).
     queue = context.Queue() if args.progress else None
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context,
-                             initializer=_worker_init, initargs=(queue,)) as pool:
-        trainings: dict[str, Future[Any]] = {
-            "original": pool.submit(_train_job, configs["full"], "original", "original"),
-            "retrained (full)": pool.submit(_train_job, configs["full"], "retrained",
-                                            "retrained (full)"),
-            "retrained (partial)": pool.submit(_train_job, configs["partial"], "retrained",
-                                               "retrained (partial)")}
-        note = _held_out_note(args.benchmark, args.recipe)
-        if note is not None:
-            log(f"note: {note}")
-        log("training the original model and the two retrained (gold) models "
-            f"({args.jobs} worker{'s' if args.jobs > 1 else ''}; cached models are reused)")
-        runs: dict[str, Future[Any]] = {}
-        pending = dict(trainings)
-        needs = {"full": ("original", "retrained (full)"),
-                 "partial": ("original", "retrained (partial)")}
-        while pending or len(runs) < 2:
-            for name, future in list(pending.items()):
-                if future.done():
-                    record = future.result()
-                    how = "from the cache" if record.get("cached") else "trained"
-                    log(f"{name} model {how} ({record.get('train_seconds') or 0:.0f} s of "
-                        "training)")
-                    progress.finish(name)
-                    del pending[name]
-            for request, names in needs.items():
-                if request not in runs and all(n not in pending for n in names):
-                    log(f"{request}-task request: unlearning with {', '.join(methods)} "
-                        "and evaluating every model")
-                    runs[request] = pool.submit(_request_job, configs[request],
-                                                request == "partial", request)
-            time.sleep(0.2)
-            if queue is not None:
-                progress.reported(queue)
-        for request in ("full", "partial"):
-            while queue is not None and not runs[request].done():
-                progress.reported(queue)
+                             initializer=_worker_init, initargs=(queue, os.getpid())) as pool:
+        try:
+            trainings: dict[str, Future[Any]] = {
+                "original": pool.submit(_train_job, configs["full"], "original", "original"),
+                "retrained (full)": pool.submit(_train_job, configs["full"], "retrained",
+                                                "retrained (full)"),
+                "retrained (partial)": pool.submit(_train_job, configs["partial"], "retrained",
+                                                   "retrained (partial)")}
+            note = _held_out_note(args.benchmark, args.recipe)
+            if note is not None:
+                log(f"note: {note}")
+            log("training the original model and the two retrained (gold) models "
+                f"({args.jobs} worker{'s' if args.jobs > 1 else ''}; cached models are reused)")
+            runs: dict[str, Future[Any]] = {}
+            pending = dict(trainings)
+            needs = {"full": ("original", "retrained (full)"),
+                     "partial": ("original", "retrained (partial)")}
+            while pending or len(runs) < 2:
+                for name, future in list(pending.items()):
+                    if future.done():
+                        record = future.result()
+                        how = "from the cache" if record.get("cached") else "trained"
+                        log(f"{name} model {how} ({record.get('train_seconds') or 0:.0f} s of "
+                            "training)")
+                        progress.finish(name)
+                        del pending[name]
+                for request, names in needs.items():
+                    if request not in runs and all(n not in pending for n in names):
+                        log(f"{request}-task request: unlearning with {', '.join(methods)} "
+                            "and evaluating every model")
+                        runs[request] = pool.submit(_request_job, configs[request],
+                                                    request == "partial", request)
                 time.sleep(0.2)
-            results[request], matrices[request], state = runs[request].result()
-            unlearned_state = state if state is not None else unlearned_state
-            log(f"{request}-task request done "
-                f"({results[request]['request']['target_tasks']})")
-            tqdm.write(format_table(results[request]))
-            progress.finish(request)
+                if queue is not None:
+                    progress.reported(queue)
+            for request in ("full", "partial"):
+                # Polled, not a blocking result(): a SIGINT reached the wait seconds late.
+                while not runs[request].done():
+                    if queue is not None:
+                        progress.reported(queue)
+                    time.sleep(0.2)
+                results[request], matrices[request], state = runs[request].result()
+                unlearned_state = state if state is not None else unlearned_state
+                log(f"{request}-task request done "
+                    f"({results[request]['request']['target_tasks']})")
+                tqdm.write(format_table(results[request]))
+                progress.finish(request)
+        except BaseException:
+            # An interrupt or an error: the running jobs are stopped, not waited for (the
+            # pool's exit waited for them: a demo sent SIGINT still waited 11 minutes later,
+            # its workers interrupted mid-job).
+            _stop_workers(pool)
+            raise
 
     stages.set_postfix_str("report")
     # The plots are drawn into a staging folder and moved beside the report only once every
@@ -820,4 +856,11 @@ def _report(results: Mapping[str, Mapping[str, Any]], matrices: Mapping[str, Any
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        # One line, not a traceback: the report is written last, atomically, so an interrupt
+        # leaves the previous one (and its plots) as they were.
+        print("demo: interrupted; the previous report and plots, if any, are as they were",
+              file=sys.stderr)
+        raise SystemExit(130) from None

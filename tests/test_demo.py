@@ -404,3 +404,87 @@ def test_the_reports_attack_note_gives_the_attacks_check_and_the_aucs_chance_spr
     assert note.endswith("The attack is at chance (member AUC <= 0.55) on retrained: its "
                          "forget AUC there says nothing about forgetting."), note
     assert "at chance" not in demo._attack_note({"models": {"original": entry(0.62)}})
+
+
+def _demo_process(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The tiny demo as a command, SIGINT at its default (a shell's background job ignores
+    it), its stdout read line by line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtunlearn_ext.demo", "--size", "tiny", "--recipe", "default",
+         "--baselines", "finetune", "--jobs", "2", "--no-progress", "--output-dir",
+         str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for_line(process, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    for line in process.stdout:
+        if fragment in line:
+            return
+    raise AssertionError(f"the demo ended before printing {fragment!r}: "
+                         f"{process.stderr.read()[-2000:]}")
+
+
+def _children(pid: int) -> list[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
+def test_an_interrupt_stops_the_running_jobs_and_a_killed_demo_leaves_no_workers(tmp_path):
+    """Reproducibility audit: SIGINT to the demo left its pool waiting for the running jobs
+    (a demo sent SIGINT by `timeout` still waited 11 minutes later; sent to the parent alone,
+    the request job ran to its end and wrote its JSON), and the workers printed tracebacks.
+    Now the workers ignore SIGINT, the parent stops them and says so in one line (exit 130),
+    and the request interrupted writes nothing. A demo killed outright left its workers
+    waiting for jobs for ever: they leave once their parent is gone."""
+    import os
+    import signal
+
+    process = _demo_process(tmp_path / "interrupted")
+    _wait_for_line(process, "full-task request: unlearning")
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "demo: interrupted" in err, err
+    assert not (tmp_path / "interrupted" / "out" / "full.json").exists()  # not run to its end
+    assert not _still_alive(workers, seconds=30)  # (multiprocessing's tracker: a moment later)
+
+    process = _demo_process(tmp_path / "killed")
+    _wait_for_line(process, "training the original model")
+    workers = _children(process.pid)
+    assert workers
+    process.kill()
+    process.wait()
+    left = _still_alive(workers, seconds=60)
+    for pid in left:  # not left running for the suite's sake, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived their killed parent"
+
+
+def _still_alive(pids: list[int], seconds: float) -> list[int]:
+    """``pids`` still running after waiting up to ``seconds`` for them to end."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while [p for p in pids if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return [p for p in pids if _alive(p)]
