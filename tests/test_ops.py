@@ -1915,6 +1915,24 @@ def test_project_out_on_an_ill_conditioned_basis_stays_orthogonal_to_it(
     assert float(cosines.abs().max()) < (1e-5 if dtype == torch.float32 else 1e-8)
 
 
+@pytest.mark.parametrize("ridge", [1e-4, 1e-6])
+@pytest.mark.parametrize("short", [1e-1, 1e-2, 1e-3])
+def test_the_ridge_is_relative_to_the_mean_row_so_a_short_row_keeps_a_share(
+        ridge: float, short: float) -> None:
+    """What the README states of the ridge (numerical audit): lambda = ridge * trace(G) / k is
+    not per row, so g's part along a row short against the others keeps a share of about
+    lambda / (G_jj + lambda) (two rows, lengths 1 and ``short``: 0.34 of it at short 1e-2 and
+    ridge 1e-4, 5e-3 at ridge 1e-6); ridge 0 projects it fully."""
+    basis = torch.zeros(2, 5, dtype=torch.float64)
+    basis[0, 0], basis[1, 1] = 1.0, short
+    g = torch.zeros(1, 5, dtype=torch.float64)
+    g[0, 1] = 1.0  # along the short row: the exact projection is 0
+    lam = ridge * (1.0 + short ** 2) / 2
+    kept = float(ops.project_out(g, basis, ridge).norm())
+    assert kept == pytest.approx(lam / (short ** 2 + lam), rel=1e-9)
+    assert float(ops.project_out(g, basis, 0.0).norm()) < 1e-15
+
+
 @pytest.mark.parametrize("dtype, condition, left_over", [
     (torch.float32, 1e3, (1e-3, 3e-2)), (torch.float32, 1e4, (0.2, 0.7)),
     (torch.float64, 1e6, (1e-5, 1e-4)), (torch.float64, 1e9, (0.9, 1.0 + 1e-6))])

@@ -49,7 +49,8 @@ levels, and each step of this method removes one:
 
    The instance step acts on the task-projected direction and moves it along per-sample
    retain gradients, which are not orthogonal to the snapshots: the step keeps the instance
-   constraints exactly, the per-layer snapshot orthogonality of step 2 only approximately
+   constraints (exactly; ``"orthogonal"`` to within ``ridge``), the per-layer snapshot
+   orthogonality of step 2 only approximately
    (docs/unlearning.md gives a measurement; ``instance_projection="off"`` keeps it exactly).
 
    With ``instance_memory = m`` the newest ``(m + 1) B`` per-sample gradients (``B``: the first
