@@ -181,6 +181,7 @@ def _worker_init(queue: Any, parent: int) -> None:
     # workers), so no worker prints a traceback or is interrupted inside a lock.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROGRESS_QUEUE = queue
+
     # A parent killed outright (SIGKILL, an OOM kill) cannot stop its workers, which waited
     # for their next job for ever: each leaves once its parent (``parent``, the pid passed:
     # one killed while this worker started is already gone from os.getppid()) is gone.
@@ -461,7 +462,7 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
                 if queue is not None:
                     progress.reported(queue)
             for request in ("full", "partial"):
-                # Polled, not a blocking result(): a SIGINT reached the wait seconds late.
+                # Polled, not a blocking result(): the bar moves while the request runs.
                 while not runs[request].done():
                     if queue is not None:
                         progress.reported(queue)
