@@ -1890,6 +1890,18 @@ def test_check_finite_must_be_a_bool(name: str) -> None:
     call(np.bool_(False))
 
 
+def _conditioned_basis(dtype: torch.dtype, condition: float
+                       ) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """A 6-row basis in 4000 dimensions with singular values from 1 down to 1/``condition``
+    (seed 50), its left singular vectors (float64) and the generator, to draw more from."""
+    gen = torch.Generator().manual_seed(50)
+    n, k = 4000, 6
+    left = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64)).Q
+    singular = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
+    return gen, left, ((left * singular) @ right.T).T.contiguous().to(dtype)
+
+
 @pytest.mark.parametrize("dtype, condition, error_bound", [
     (torch.float32, 1e2, 1e-6), (torch.float32, 1e4, 3e-2),
     (torch.float64, 1e6, 1e-5), (torch.float64, 1e9, 1e-1)])
@@ -1899,13 +1911,8 @@ def test_project_out_on_an_ill_conditioned_basis_stays_orthogonal_to_it(
     projection's error grows with it (fp32: 2e-7 at 1e2, 7e-3 at 1e4; fp64: 7e-7 at 1e6, 2e-2
     at 1e9, measured), but it lies along the basis' weakest directions: the output stays
     orthogonal to every basis row to the dtype's rounding."""
-    gen = torch.Generator().manual_seed(50)
-    n, k = 4000, 6
-    left = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
-    right = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64)).Q
-    singular = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
-    basis = ((left * singular) @ right.T).T.contiguous().to(dtype)
-    g = torch.randn(2, n, generator=gen, dtype=torch.float64).to(dtype)
+    gen, left, basis = _conditioned_basis(dtype, condition)
+    g = torch.randn(2, left.shape[0], generator=gen, dtype=torch.float64).to(dtype)
     got = ops.project_out(g, basis, 0.0).double()
     q = torch.linalg.qr(basis.double().T).Q
     expected = g.double() - (g.double() @ q) @ q.T
@@ -1942,12 +1949,7 @@ def test_a_g_along_the_weakest_direction_is_the_worst_case_of_conditioning(
     direction, should be projected to 0; what is left of it grows to all of it (fp32 0.008 at
     cond 1e3, 0.45 at 1e4; fp64 3e-5 at 1e6, 1.0 at 1e9), while the output's cosines with
     the basis rows stay at 3e-3 or below, so orthogonality to the rows does not show it."""
-    gen = torch.Generator().manual_seed(50)
-    n, k = 4000, 6
-    left = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
-    right = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64)).Q
-    singular = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
-    basis = ((left * singular) @ right.T).T.contiguous().to(dtype)
+    _, left, basis = _conditioned_basis(dtype, condition)
     g = left[:, -1:].T.contiguous().to(dtype)
     got = ops.project_out(g, basis, 0.0).double()
     low, high = left_over
