@@ -18,6 +18,9 @@ import torch
 
 from mtunlearn_ext import ops
 
+# The outputs the ops allocate are NaN-filled: a value left unwritten shows (test review).
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 F64 = torch.float64
 

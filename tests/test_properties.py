@@ -19,6 +19,9 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.workflow import UserInputError, build_user_request
 
+# The outputs the ops allocate are NaN-filled: a value left unwritten shows (test review).
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,  # reproducible in CI
                     suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -139,7 +139,7 @@ def _ridge_reference(g: np.ndarray, rhs: np.ndarray, ridge: float, eps: float
 @pytest.mark.parametrize("k,m", [(1, 1), (2, 3), (5, 1), (8, 4), (33, 2), (64, 3)])
 @pytest.mark.parametrize("ridge", [1e-6, 0.0, 0.1])
 def test_ridge_solve_matches_numpy(dtype: torch.dtype, batch: tuple[int, ...], k: int, m: int,
-                                   ridge: float) -> None:
+                                   ridge: float, op_path: str) -> None:
     gram = _gram(batch, k, dtype, seed=100 * k + m)
     rhs = torch.randn(*batch, k, m, generator=_gen(k + 7 * m), dtype=torch.float64).to(dtype)
     expected = np.stack([_ridge_reference(g, r, ridge, PIVOT_EPS[dtype])[0]
@@ -272,7 +272,7 @@ def _assert_kkt(w: np.ndarray, g: np.ndarray, c: np.ndarray, dtype: torch.dtype,
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("k,m", [(1, 1), (2, 3), (5, 2), (8, 4), (33, 2), (64, 2)])
 def test_nonconflicting_dual_matches_scipy_nnls(dtype: torch.dtype, batch: tuple[int, ...],
-                                                k: int, m: int) -> None:
+                                                k: int, m: int, op_path: str) -> None:
     gram = _gram(batch, k, dtype, seed=200 * k + m)
     # c_j / |r_j| standard normal: about half of the constraints conflict.
     scale = torch.diagonal(gram.double(), dim1=-2, dim2=-1).sqrt().unsqueeze(-2)
@@ -290,6 +290,31 @@ def test_nonconflicting_dual_matches_scipy_nnls(dtype: torch.dtype, batch: tuple
             w = result.double().reshape(-1, m, k).numpy()
             for b, (g, c) in enumerate(zip(grams, rhss)):
                 _assert_kkt(w[b], g, c, dtype, f"{what}, problem {b}")
+
+
+@pytest.mark.parametrize("gram_dtype,rhs_dtype", [(torch.float32, torch.float64),
+                                                   (torch.float64, torch.float32),
+                                                   (torch.bfloat16, torch.float32)])
+def test_solvers_take_an_rhs_of_another_dtype(gram_dtype: torch.dtype, rhs_dtype: torch.dtype,
+                                              op_path: str) -> None:
+    """docs/api.md: the solvers' ``rhs`` may be of another dtype than the Gram; they solve in
+    float64 and return the Gram's dtype (test review: only a CUDA test, against the same op on
+    the CPU, had mixed dtypes)."""
+    k, m = 6, 3
+    gram = _gram((2,), k, gram_dtype, seed=77)
+    rhs = torch.randn(2, k, m, generator=_gen(78), dtype=torch.float64).to(rhs_dtype)
+    expected = np.stack([_ridge_reference(g, r, 1e-6, PIVOT_EPS[gram_dtype])[0]
+                         for g, r in zip(_problems(gram), _problems(rhs))]).reshape(2, k, m)
+    result = ops.ridge_solve(gram, rhs, ridge=1e-6)
+    assert result.dtype == gram_dtype
+    _assert_matches(result, expected, gram_dtype, "ridge_solve")
+    scale = torch.diagonal(gram.double(), dim1=-2, dim2=-1).sqrt().unsqueeze(-2)
+    c = (torch.randn(2, m, k, generator=_gen(79), dtype=torch.float64) * scale).to(rhs_dtype)
+    expected = np.stack([_dual_reference(g, x) for g, x in zip(_problems(gram), _problems(c))]
+                        ).reshape(2, m, k)
+    result = ops.nonconflicting_dual(gram, c)
+    assert result.dtype == gram_dtype
+    _assert_matches(result, expected, gram_dtype, "nonconflicting_dual")
 
 
 def test_nonconflicting_dual_leaves_nonconflicting_rows_at_zero() -> None:
@@ -345,7 +370,7 @@ def _natural(k: int, i: int, seed: int) -> list[int]:
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 17])
 @pytest.mark.parametrize("seed", [-1, 0, 1, 12345, 2**40 + 3])
 def test_pcgrad_weights_match_the_textbook_loop(dtype: torch.dtype, batch: tuple[int, ...],
-                                                k: int, seed: int) -> None:
+                                                k: int, seed: int, op_path: str) -> None:
     x = _int_rows(batch, k, seed=k + 10 * len(batch) + (seed % 1000), zero_row=k == 5)
     gram64 = x @ x.mT
     gram = gram64.to(dtype)

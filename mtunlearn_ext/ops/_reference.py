@@ -141,7 +141,7 @@ def nonconflicting_dual(gram_matrix: torch.Tensor, rhs: torch.Tensor, iterations
         scale = w.abs().max() if w.numel() else torch.zeros((), dtype=torch.float64)
         if largest <= tol * (1.0 + scale):
             break
-    return w.to(rhs.dtype)
+    return w.to(gram_matrix.dtype)  # the op returns the Gram's dtype (docs/api.md)
 
 
 def _splitmix64(state: int) -> tuple[int, int]:
