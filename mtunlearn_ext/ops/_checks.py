@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -272,6 +272,14 @@ def plain_values(t: torch.Tensor) -> torch.Tensor:
     while functorch.is_functorch_wrapped_tensor(t):
         t = functorch.get_unwrapped(t)
     return t
+
+
+def named_pairs(a_name: str, a_list: Sequence[torch.Tensor], b_name: str,
+                b_list: Sequence[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of both lists with their names (``a_list[0]``, ...), lazily: only a failing
+    check reads them."""
+    yield from ((f"{a_name}[{p}]", a) for p, a in enumerate(a_list))
+    yield from ((f"{b_name}[{p}]", b) for p, b in enumerate(b_list))
 
 
 def check_finite_result(op: str, result: torch.Tensor, named: Iterable[tuple[str, torch.Tensor]]

@@ -12,7 +12,7 @@ have ``torch.vmap`` batch rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from mtunlearn_ext.ops._checks import (
     check_same_dtype,
     check_tensor_list,
     checked_list_call,
+    named_pairs,
 )
 from mtunlearn_ext.ops._fake_checks import sizes
 
@@ -49,17 +50,10 @@ def _check_paired_stacks(op: str, a_name: str, a_list: list[torch.Tensor], b_nam
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(f"{op}: {a_name}[{p}] and {b_name}[{p}] must share their trailing "
                              f"shape, got {sizes(a.shape)} and {sizes(b.shape)}")
-    named = list(_named_pairs(a_name, a_list, b_name, b_list))
+    named = list(named_pairs(a_name, a_list, b_name, b_list))
     check_same_device(op, named)
     check_same_dtype(op, named)
     return named
-
-
-def _named_pairs(a_name: str, a_list: list[torch.Tensor], b_name: str,
-                 b_list: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of both lists with their names, lazily (only a failing check reads them)."""
-    yield from ((f"{a_name}[{p}]", a) for p, a in enumerate(a_list))
-    yield from ((f"{b_name}[{p}]", b) for p, b in enumerate(b_list))
 
 
 def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: str,
@@ -80,7 +74,7 @@ def _paired_list_op(name: str, a_name: str, a: Sequence[torch.Tensor], b_name: s
         lambda: call_op(getattr(torch.ops.mtunlearn, name), a_list, b_list, per_tensor),
         lambda: getattr(_reference, name)(a_list, b_list, per_tensor), check)
     if check_finite:
-        check_finite_result(op, result, _named_pairs(a_name, a_list, b_name, b_list))
+        check_finite_result(op, result, named_pairs(a_name, a_list, b_name, b_list))
     return result
 
 

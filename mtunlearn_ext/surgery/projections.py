@@ -47,6 +47,7 @@ from mtunlearn_ext.ops._checks import (
     check_ridge,
     check_sign,
     check_tensor_list,
+    named_pairs,
 )
 from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.surgery._tensor_lists import (
@@ -141,10 +142,8 @@ def _basis_stats(op: str, g_list: list[torch.Tensor], basis_list: list[torch.Ten
             # The rows the solve reads (B B^T, B g^T): g g^T, unused, overflows where they do
             # not (|g|^2 beyond float32's range), and an error there refused a projection the
             # single-tensor ops make. A NaN/Inf in g still reaches B g^T.
-            check_finite_result(op, full[..., m:, :], (
-                (f"{name}[{p}]", t) for name, tensors in (("g_list", g_list),
-                                                          (basis_name, basis_list))
-                for p, t in enumerate(tensors)))
+            check_finite_result(op, full[..., m:, :],
+                                named_pairs("g_list", g_list, basis_name, basis_list))
         if reduce is None:
             rescued = rescued_local_gram(
                 full, lambda: [torch.cat((g, b)) for g, b in zip(g_list, basis_list)],
