@@ -1,13 +1,16 @@
-"""Atomic file writes shared by checkpoints, the benchmark cache and result files."""
+"""Atomic file writes shared by checkpoints, records, the benchmark cache and result files, and
+the plain-JSON form of what they hold."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -16,9 +19,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "interrupts_held", "link_new", "name_max", "new_temporary_beside",
-           "path_max", "Placement", "placements", "remove_if_placed", "sha256_of_file",
-           "temporary_file_beside", "write_text_atomic", "write_text_new"]
+__all__ = ["atomic_torch_save", "interrupts_held", "json_safe", "link_new", "name_max",
+           "new_temporary_beside", "path_max", "Placement", "placements", "remove_if_placed",
+           "sha256_of_file", "temporary_file_beside", "write_json_new", "write_text_atomic",
+           "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
 _DEFAULT_NAME_MAX = 255
@@ -335,6 +339,28 @@ def write_text_new(path: str | os.PathLike[str], text: str) -> str:
         link_new(tmp_name, target, f"{target} exists; refusing to overwrite it", sha)
         _fsync_dir(target.parent)
         return sha
+
+
+def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
+    """Write ``payload`` as JSON to a *new* file atomically; return the file's SHA-256
+    (:func:`write_text_new`: an existing file is never replaced, a reader never sees a partial
+    file). NaN/Inf are refused (``allow_nan=False``)."""
+    return write_text_new(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types: tuples -> lists, tensors -> numbers, NaN/Inf -> ``None``."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> str:

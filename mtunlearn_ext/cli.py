@@ -36,6 +36,8 @@ from typing import Any, NoReturn
 
 import torch
 
+from mtunlearn_ext._errors import NonFiniteError, OutputTakenError, UserInputError
+from mtunlearn_ext._io import json_safe, write_json_new
 from mtunlearn_ext._text import (display_width, pad_to, visible_controls,
                                  without_digit_limit_advice)
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
@@ -148,7 +150,6 @@ class _StoreOnce(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        from mtunlearn_ext.workflow import UserInputError
 
         given: dict[str, str] = namespace.__dict__.setdefault("_given_once", {})
         flag = self.option_strings[-1]
@@ -287,7 +288,7 @@ def _yaml_error_text(error: Exception) -> str:
 
 
 def _load_config(path: str) -> dict[str, Any]:
-    from mtunlearn_ext.workflow import UserInputError, is_existing_file
+    from mtunlearn_ext.workflow import is_existing_file
 
     p = Path(path)
     if not is_existing_file(path):
@@ -367,7 +368,6 @@ _NO_NULL = {"forget_ids": "(then a random --forget-fraction of the training inst
 
 
 def _refuse_config_nulls(args: argparse.Namespace) -> None:
-    from mtunlearn_ext.workflow import UserInputError
 
     for dest, absent in _NO_NULL.items():
         key = getattr(args, dest, None)
@@ -456,7 +456,6 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any],
     (YAML ``null`` / ``~``) means the option is not given: it keeps its default, except for the
     options of :data:`_NO_NULL` (``forget_ids``), where it is refused unless the command line
     gives the option."""
-    from mtunlearn_ext.workflow import UserInputError
 
     actions: dict[str, argparse.Action] = {}
     for action in parser._actions:
@@ -503,7 +502,7 @@ def _apply_config(parser: argparse.ArgumentParser, values: Mapping[str, Any],
 
 def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     from mtunlearn_ext._io import DuplicateKeyError, unique_keys
-    from mtunlearn_ext.workflow import UserInputError, is_existing_file
+    from mtunlearn_ext.workflow import is_existing_file
 
     if text is None or text == "":
         return {}
@@ -546,7 +545,6 @@ _MAX_SEED = 2**32 - 1
 def _check_seed(seed: int | None) -> None:
     """Seeds are integers in ``[0, _MAX_SEED]``, the range every generator the commands seed
     takes (a larger one would fail deep inside, blamed on another argument)."""
-    from mtunlearn_ext.workflow import UserInputError
 
     if seed is not None and seed < 0:
         raise UserInputError("--seed", "an integer >= 0", seed)
@@ -645,9 +643,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         CLI_META_FORMAT,
         TEST_FILES_KEY,
         TRAIN_FILES_KEY,
-        NonFiniteError,
         OutputTransaction,
-        UserInputError,
         check_device,
     )
 
@@ -731,7 +727,6 @@ def _check_data_root(benchmark: str, data_root: str | None) -> None:
     ``evaluate``'s request options without a request, an option without effect is refused.
     An unknown benchmark is left to ``load_benchmark``'s error, which names ``--benchmark``."""
     from mtunlearn_ext.data import BENCHMARKS
-    from mtunlearn_ext.workflow import UserInputError
 
     if data_root is not None and benchmark in BENCHMARKS \
             and benchmark not in _DATA_ROOT_BENCHMARKS:
@@ -744,7 +739,6 @@ def _training_nonfinite(error: FloatingPointError) -> Exception:
     """``training.train``'s non-finite loss as the :class:`~mtunlearn_ext.workflow.NonFiniteError`
     of the NaN/Inf policy (exit 3, one line with the step)."""
     from mtunlearn_ext.training import NonFiniteLoss
-    from mtunlearn_ext.workflow import NonFiniteError
 
     if not isinstance(error, NonFiniteLoss):
         return NonFiniteError(None, f"training: {error}")
@@ -762,7 +756,6 @@ def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
     follows it, ``-<k>b``, ``-<k>c``, ...: taking the next free number instead named a first
     request on the original ``-4`` beside a chain's third, the name that looks newest although
     its lineage holds none of the chain's removals."""
-    from mtunlearn_ext.workflow import UserInputError
 
     if checkpoint.name in ("", ".", ".."):  # "." or "/": no name to put the outputs beside
         raise UserInputError("--checkpoint", "a checkpoint file", str(checkpoint),
@@ -794,7 +787,6 @@ def _write_at_free_name(tx: Any, args: argparse.Namespace, checkpoint: Path, out
     it, the checkpoint goes to the next free default name, with the record beside it unless
     ``--record`` named it: both runs keep their outputs, as when they run one after the other.
     A name given with ``--output`` is never changed (the run fails and writes nothing)."""
-    from mtunlearn_ext.workflow import OutputTakenError
 
     for _ in range(_DEFAULT_NAME_ATTEMPTS - 1):
         try:
@@ -900,7 +892,6 @@ def _checkpoint_recipe(loaded: Any, checkpoint: str) -> Any:
     recipe that is no mapping, or holds a field TrainConfig lacks, ended the run after the
     input model was measured, in a TypeError or ValueError traceback."""
     from mtunlearn_ext.experiment import default_recipe
-    from mtunlearn_ext.workflow import UserInputError
 
     stored = loaded.meta.get("recipe") or {}
     try:
@@ -932,7 +923,6 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         UNKNOWN_METHOD_HINT,
         KeptMetricsError,
         OutputTransaction,
-        UserInputError,
         REMOVALS_KEY,
         TEST_FILES_KEY,
         TRAIN_FILES_KEY,
@@ -1132,7 +1122,6 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             "interference": interference,
             "started_at": started, "finished_at": utc_now(),
         }
-        from mtunlearn_ext.workflow import json_safe
 
         record = json_safe(record)
         out_ckpt, out_rec, out_sha = _write_at_free_name(
@@ -1201,7 +1190,7 @@ def _refuse_request_options(args: argparse.Namespace, task_names: Sequence[str])
     ``--seed`` (which seeds the forget draw and the attack) would be silently ignored, so they
     are refused (an
     unknown task name first, as with a request)."""
-    from mtunlearn_ext.workflow import UserInputError, parse_tasks
+    from mtunlearn_ext.workflow import parse_tasks
 
     unknown = [t for t in parse_tasks(args.target_tasks) or [] if t not in task_names]
     if unknown:
@@ -1235,7 +1224,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         parse_ids,
         parse_tasks,
         restrict_retain,
-        write_json_new,
     )
 
     _check_seed(args.seed)
@@ -1280,7 +1268,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                                 request.resolved_tasks(bench.train), forget_ids,
                                                 args.forget_fraction, seed)
         from mtunlearn_ext.records import run_environment
-        from mtunlearn_ext.workflow import json_safe
 
         payload = {"checkpoint": str(Path(args.checkpoint).resolve()),
                    "sha256": loaded.checkpoint.sha256,
@@ -1311,7 +1298,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mtunlearn_ext.api import API_RECORD_SCHEMA
     from mtunlearn_ext.records import FORGET_ERASED_CHECK, WEIGHTS_UNCHANGED, verify_record
-    from mtunlearn_ext.workflow import UserInputError
 
     if _schema_of(args.record) == API_RECORD_SCHEMA:
         if args.data_root is not None:  # nothing is re-measured, so no data are read
@@ -1387,7 +1373,6 @@ def _verify_api_record(args: argparse.Namespace) -> int:
     command cannot rebuild, so the files are checked (hashes) and nothing is re-measured."""
     from mtunlearn_ext.api import verify_saved
     from mtunlearn_ext.records import WEIGHTS_UNCHANGED
-    from mtunlearn_ext.workflow import UserInputError
 
     try:
         result = verify_saved(args.record, checkpoint=args.checkpoint)
@@ -1451,7 +1436,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from mtunlearn_ext.report import write_report
-    from mtunlearn_ext.workflow import UserInputError
 
     source = Path(args.results)
     try:
@@ -1506,7 +1490,6 @@ def _forget_fraction(given: float | None, forget_ids: object, *, default: float 
                      ) -> float | None:
     """``--forget-fraction`` as the run uses it: refused beside ``--forget-ids`` (which name
     the instances: a fraction there was ignored, silently), else as given or ``default``."""
-    from mtunlearn_ext.workflow import UserInputError
 
     if given is not None and forget_ids is not None:
         raise UserInputError("--forget-fraction", "no share of instances to draw when "
@@ -1779,7 +1762,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _refuse_command_as_import(parser: _Parser, argv: list[str]) -> None:
     """`mtunlearn --import benchmark --dry-run` (the module left out) took the command as the
     module and argparse said only "the following arguments are required: command"."""
-    from mtunlearn_ext.workflow import UserInputError
 
     commands = set(parser.commands)
     for i, token in enumerate(argv):
@@ -1797,7 +1779,6 @@ def _refuse_command_options_first(parser: _Parser, argv: list[str]) -> None:
     """`mtunlearn --config c.yaml train` (a command's option before the command): argparse
     skipped the unknown option and took its value for the command ("invalid choice:
     'c.yaml'"), which named neither the option nor the fix."""
-    from mtunlearn_ext.workflow import UserInputError
 
     commands = parser.commands
     i = 0
@@ -1849,12 +1830,7 @@ def _invocation(argv: Sequence[str], plugins: list[dict[str, Any]], config: str 
 def _main(argv: Sequence[str] | None) -> int:
     from mtunlearn_ext.records import RecordError
     from mtunlearn_ext.training import CheckpointError
-    from mtunlearn_ext.workflow import (
-        KeptMetricsError,
-        NonFiniteError,
-        UserInputError,
-        import_plugins,
-    )
+    from mtunlearn_ext.workflow import KeptMetricsError, import_plugins
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
@@ -1914,7 +1890,6 @@ _PATH_OPTIONS = ("output", "output_dir", "record", "checkpoint", "data_root", "r
 
 
 def _refuse_empty_paths(args: argparse.Namespace) -> None:
-    from mtunlearn_ext.workflow import UserInputError
 
     for name in _PATH_OPTIONS:
         if getattr(args, name, None) == "":

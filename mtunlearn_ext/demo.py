@@ -487,7 +487,7 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     # old report), and the staging folder is removed.
     staging = Path(tempfile.mkdtemp(prefix=".demo-staging-", dir=out))
     try:
-        report_text = _draw_report(args, out, staging, configs, results, matrices,
+        report_text = _draw_report(args, staging, configs, results, matrices,
                                    unlearned_state, baselines, start, log)
         with interrupts_held():
             for plot in sorted(staging.iterdir()):
@@ -503,12 +503,12 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     return 0
 
 
-def _draw_report(args: argparse.Namespace, out: Path, staging: Path,
+def _draw_report(args: argparse.Namespace, staging: Path,
                  configs: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]],
                  matrices: Mapping[str, Any], unlearned_state: Any, baselines: Sequence[str],
                  start: float, log: Callable[[str], None]) -> str:
     """The report's plots, drawn into ``staging`` under the names the report links to (the
-    files of ``out`` once moved), and the report's text."""
+    files of the output folder once moved), and the report's text."""
     from mtunlearn_ext.experiment import experiment_threads, prepare_experiment
     from mtunlearn_ext._io import write_text_atomic
     from mtunlearn_ext.report import plot_interference

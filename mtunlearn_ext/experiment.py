@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from mtunlearn_ext._errors import UserInputError
 from mtunlearn_ext._fields import check_field_types
-from mtunlearn_ext._io import write_text_atomic
+from mtunlearn_ext._io import json_safe, write_text_atomic
 from mtunlearn_ext._progress import within
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext._text import display_width, pad_to, visible_controls
@@ -1007,7 +1008,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
         "uis_left_out": uis_left_out,
         "models": models,
     }
-    results = _json_safe(results)
+    results = json_safe(results)
     write_json_atomic(config.output, results)
     return results
 
@@ -1027,21 +1028,6 @@ def _diverged_model(model: nn.Module) -> nn.Module:
 
 def _environment(device: str) -> dict[str, Any]:
     return {**run_environment(torch.get_num_threads()), "device": device}
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types: tuples -> lists, tensors -> numbers/lists, NaN/inf -> None."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
@@ -1112,7 +1098,7 @@ def format_table(results: Mapping[str, Any]) -> str:
 def _parse_ids(text: str) -> list[int]:
     # The mtunlearn command's reading of ids (ASCII digits, id files with a BOM or '#'
     # comments), in argparse's words.
-    from mtunlearn_ext.workflow import UserInputError, parse_ids
+    from mtunlearn_ext.workflow import parse_ids
 
     try:
         return parse_ids(text, "--forget-ids") or []

@@ -67,7 +67,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mtunlearn_ext._io import DuplicateKeyError, sha256_of_file, unique_keys
+from mtunlearn_ext._errors import UserInputError
+from mtunlearn_ext._io import (DuplicateKeyError, sha256_of_file, unique_keys,
+                               write_json_new)
 from mtunlearn_ext._text import without_digit_limit_advice
 
 __all__ = ["FORGET_ERASED_CHECK", "RECORD_SCHEMA", "WEIGHTS_UNCHANGED", "RecordError",
@@ -93,7 +95,6 @@ def _record_error(argument: str, expected: str, received: object, hint: str = ""
     """A :class:`RecordError` worded as the CLI's bad-input line (the type stays RecordError,
     which callers of :func:`read_record` catch; the wording comes from UserInputError so that
     both read alike)."""
-    from mtunlearn_ext.workflow import UserInputError
 
     return RecordError(str(UserInputError(argument, expected, received, hint)))
 
@@ -174,7 +175,6 @@ def run_environment(threads: int | None) -> dict[str, Any]:
 def write_record(path: str | os.PathLike[str], record: Mapping[str, Any]) -> str:
     """Write ``record`` to a new file atomically (never over an existing one); return its
     SHA-256. The record must hold plain JSON types (finite floats)."""
-    from mtunlearn_ext.workflow import write_json_new
 
     missing = [k for k in _REQUIRED if k not in record]
     if missing:
@@ -468,7 +468,6 @@ def verify_record(record_path: str | os.PathLike[str],
     from mtunlearn_ext.data.request import ForgetRequest
     from mtunlearn_ext.erasure import erased_instances
     from mtunlearn_ext.workflow import (
-        UserInputError,
         exclude_removed,
         load_model,
         measure,

@@ -31,8 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtunlearn_ext._errors import UserInputError
 from mtunlearn_ext._io import (
     interrupts_held,
+    json_safe,
     link_new,
     new_temporary_beside,
     Placement,
@@ -312,7 +314,6 @@ def interference_to_json(matrix: InterferenceMatrix,
     ``InterferenceAwareConfig`` it was computed with, ``projections`` (e.g. ``"task + nonconflicting
     instance"``) and ``config`` (its settings).
     """
-    from mtunlearn_ext.workflow import json_safe
 
     out: dict[str, Any] = {"labels": [str(label) for label in matrix.labels],
                            "before": json_safe(matrix.before), "after": json_safe(matrix.after),
@@ -409,7 +410,6 @@ def plot_interference(matrix: InterferenceMatrix | Mapping[str, Any], title: str
 
 def _md_interference(data: Any, png: Path) -> tuple[list[str], bool]:
     """The report's interference section and whether the PNG was written."""
-    from mtunlearn_ext.workflow import UserInputError
 
     lines = ["## Task interference", ""]
     if not isinstance(data, Mapping):
@@ -520,7 +520,6 @@ def _check_values(models: Mapping[str, Any], curves: Mapping[str, Any], interfer
     """Refuse, before anything is written, a value the report would fail on halfway (a
     traceback and a half-written folder otherwise): ``UserInputError`` naming ``--results``
     and the field."""
-    from mtunlearn_ext.workflow import UserInputError
 
     problem = (_metrics_problem(models) or _curves_problem(curves)
                or _interference_problem(interference))
@@ -785,7 +784,6 @@ def _report_inputs(results: Mapping[str, Any]
     """(models' measurements by label, loss curves by method, the reference label, the
     introduction lines) of experiment results or a record."""
     from mtunlearn_ext.records import RECORD_SCHEMA
-    from mtunlearn_ext.workflow import UserInputError
 
     schema = results.get("schema")
     if schema == RECORD_SCHEMA:
@@ -857,7 +855,6 @@ class _NewFiles:
         """``writer(staged)``, with ``staged`` the staging copy of ``path``, which returns
         whether it wrote the file. A file that cannot be written (the disk is full, ...) is a
         :class:`~mtunlearn_ext.workflow.UserInputError` naming ``--output-dir``."""
-        from mtunlearn_ext.workflow import UserInputError
 
         try:
             if self._staging is None:
@@ -875,7 +872,6 @@ class _NewFiles:
 
     def commit(self) -> None:
         """Put every staged file at its path, in the order written; none may exist."""
-        from mtunlearn_ext.workflow import UserInputError
 
         for staged, path in self._staged:
             self.paths.append(path)
@@ -933,7 +929,7 @@ def write_report(results: Mapping[str, Any], output_dir: Path, title: str = "rep
     it lands is raised after that, and leaves them.
     """
     from mtunlearn_ext.records import RECORD_SCHEMA
-    from mtunlearn_ext.workflow import COMMITTED_OUTPUTS, UserInputError
+    from mtunlearn_ext.workflow import COMMITTED_OUTPUTS
 
     if not isinstance(results, Mapping):
         raise UserInputError("--results", "a JSON object (experiment results or a record)",

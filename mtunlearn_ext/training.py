@@ -419,7 +419,6 @@ class Checkpoint:
 #: The exact types metadata may hold: what ``torch.load(weights_only=True)`` reads back as it
 #: was written (a subclass, e.g. ``numpy.float64`` of ``float``, is refused by the reader).
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
-_PLAIN_CONTAINERS = (list, tuple, dict, collections.OrderedDict)
 
 
 def _check_plain(value: Any, where: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtunlearn_ext._io import json_safe
 from mtunlearn_ext.data.base import Benchmark
 from mtunlearn_ext.experiment import (
     ExperimentConfig,
@@ -46,7 +47,6 @@ from mtunlearn_ext.experiment import (
 )
 from mtunlearn_ext.metrics import evaluate, retrain_gap
 from mtunlearn_ext.unlearning import GradientUnlearner, UnlearningProblem, get_unlearner
-from mtunlearn_ext.workflow import json_safe
 
 __all__ = ["TuningProgress", "main", "score_budgets", "tune"]
 

@@ -22,7 +22,6 @@ Nothing here re-implements training, splitting, evaluation or unlearning: it cal
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mtunlearn_ext._errors import NonFiniteError, OutputTakenError, UserInputError
 from mtunlearn_ext._fields import choice_of
 from mtunlearn_ext._io import (
     name_max,
@@ -45,8 +45,9 @@ from mtunlearn_ext._io import (
     Placement,
     placements,
     remove_if_placed,
+    json_safe,
     sha256_of_file,
-    write_text_new,
+    write_json_new,
 )
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset
 from mtunlearn_ext.data.libmtl import TEST_FILES_KEY, TRAIN_FILES_KEY
@@ -147,35 +148,6 @@ def import_plugins(modules: Sequence[str]) -> list[dict[str, Any]]:
     return imported
 
 
-class UserInputError(ValueError):
-    """A bad user input: the message names the argument, what was expected and what came.
-
-    The CLI turns it into exit code 2 and one line on stderr.
-    """
-
-    def __init__(self, argument: str, expected: str, received: object, hint: str = "") -> None:
-        self.argument, self.expected, self.received = argument, expected, received
-        self.hint = hint
-        text = f"{argument}: expected {expected}, got {_short(received)}"
-        super().__init__(text + (f"; {hint}" if hint else ""))
-
-
-class OutputTakenError(UserInputError):
-    """An output path that was free when reserved was taken before this run's write (another
-    run wrote the same name meanwhile); nothing was written to it. A caller whose path is a
-    default name picks the next free one and writes again."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN/Inf loss, gradient or parameter during a run; ``step`` is the 0-based step."""
-
-    def __init__(self, step: int | None, where: str) -> None:
-        self.step, self.where = step, where
-        at = "before the first step" if step is None else f"at step {step}"
-        super().__init__(f"non-finite values (NaN/Inf) {at}: {where}; the run was stopped and "
-                         "nothing was written")
-
-
 class KeptMetricsError(Exception):
     """``mtunlearn unlearn --require-retained``: the run worsened a kept metric (retain or test
     split) past ``--retained-tolerance``; nothing was written. ``check`` is the
@@ -186,11 +158,6 @@ class KeptMetricsError(Exception):
         super().__init__(f"{check.summary()}; --require-retained: nothing was written (the "
                          "input is unchanged; a gentler setting, e.g. a lower learning rate or "
                          "fewer steps, or a larger --retained-tolerance)")
-
-
-def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 4] + " ...'"
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -884,21 +851,6 @@ def measure_kept(model: nn.Module, retain: MultiTaskDataset, test: MultiTaskData
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def json_safe(value: Any) -> Any:
-    """Plain JSON types: tuples -> lists, tensors -> numbers, NaN/Inf -> ``None``."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return json_safe(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def measure(model: nn.Module, forget: MultiTaskDataset, retain: MultiTaskDataset,
             test: MultiTaskDataset, target_tasks: Sequence[str], seed: int,
             batch_size: int = 64) -> dict[str, Any]:
@@ -1107,13 +1059,6 @@ def run_unlearning(problem: UnlearningProblem, method: str,
 
 
 # -- outputs ------------------------------------------------------------------------------------
-
-
-def write_json_new(path: str | os.PathLike[str], payload: Any) -> str:
-    """Write ``payload`` as JSON to a *new* file atomically; return the file's SHA-256
-    (:func:`~mtunlearn_ext._io.write_text_new`: an existing file is never replaced, a reader
-    never sees a partial file). NaN/Inf are refused (``allow_nan=False``)."""
-    return write_text_new(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 #: How often :meth:`OutputTransaction.write` makes an output's folders again when a concurrent

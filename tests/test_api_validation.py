@@ -2246,7 +2246,7 @@ def test_a_failed_record_write_removes_only_the_checkpoint_this_call_wrote(
         target.write_bytes(b"another writer's checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mtunlearn_ext.workflow.write_json_new", replaced_then_full)
+    monkeypatch.setattr("mtunlearn_ext.api._saving.write_json_new", replaced_then_full)
     with pytest.raises(OSError, match="No space left"):
         mtunlearn_ext.save_unlearned(model, report, target)
     assert target.read_bytes() == b"another writer's checkpoint"
@@ -2255,7 +2255,7 @@ def test_a_failed_record_write_removes_only_the_checkpoint_this_call_wrote(
     def full(path: object, value: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mtunlearn_ext.workflow.write_json_new", full)
+    monkeypatch.setattr("mtunlearn_ext.api._saving.write_json_new", full)
     with pytest.raises(OSError, match="No space left"):
         mtunlearn_ext.save_unlearned(model, report, tmp_path / "n.pt")
     assert not (tmp_path / "n.pt").exists()  # its own checkpoint removed, as before

@@ -1678,12 +1678,12 @@ def test_save_unlearned_writes_checkpoint_then_record_never_over_a_file(user_set
         mtunlearn_ext.save_unlearned(report, new, tmp_path / "third.pt")  # type: ignore[arg-type]
     assert not (tmp_path / "third.pt").exists()
     # A record that cannot be written takes its checkpoint with it.
-    import mtunlearn_ext.workflow as workflow
+    from mtunlearn_ext.api import _saving
 
     def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError("disk full")
 
-    monkeypatch.setattr(workflow, "write_json_new", fail)
+    monkeypatch.setattr(_saving, "write_json_new", fail)
     with pytest.raises(OSError, match="disk full"):
         mtunlearn_ext.save_unlearned(new, report, tmp_path / "third.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._io import (DuplicateKeyError, Placement, atomic_torch_save, name_max,
-                               placements, remove_if_placed, sha256_of_file, unique_keys)
+                               placements, remove_if_placed, sha256_of_file, unique_keys,
+                               write_json_new)
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.api._model_split import unwrapped
 from mtunlearn_ext.api._unlearn import (
@@ -151,7 +152,6 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         record["weights_changed"] = weights_changed
     if parameters_changed is not None:
         record["parameters_changed"] = parameters_changed
-    from mtunlearn_ext.workflow import write_json_new  # the CLI's writer of new JSON files
 
     placed: dict[str, Placement] = {}
     try:

@@ -59,11 +59,6 @@ def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
-def local_shards(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's part of each tensor (``to_local()`` of a DTensor; plain tensors unchanged)."""
-    return [local_tensor(t) for t in tensors]
-
-
 def _has_nccl(group: ProcessGroup | None) -> bool:
     """Whether the group's backend is (or, for a mixed ``cpu:gloo,cuda:nccl``, includes) NCCL."""
     return "nccl" in str(dist.get_backend(group)).lower()

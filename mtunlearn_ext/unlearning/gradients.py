@@ -33,15 +33,12 @@ from mtunlearn_ext.unlearning.norm_statistics import check_samples_independent
 __all__ = [
     "ParameterGroups",
     "assign_grads",
-    "flatten",
     "grads_of",
     "per_sample_retain_grads",
     "per_sample_retain_grads_and_losses",
     "per_sample_task_grads_and_losses",
-    "stack_flat",
     "summed_pass_grads",
     "task_grads",
-    "unflatten",
 ]
 
 _T = TypeVar("_T")
@@ -185,29 +182,6 @@ def task_grads(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor
     out: dict[str, list[torch.Tensor]] = {}
     for i, name in enumerate(names):
         out[name] = grads_of(losses[name], params, retain_graph=i < len(names) - 1)
-    return out
-
-
-def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """One flat vector (a copy) of a list of tensors."""
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def stack_flat(per_param: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[k, n]`` from a list of per-parameter stacks ``[k, *shape_p]`` (a copy)."""
-    k = per_param[0].shape[0]
-    return torch.cat([t.reshape(k, -1) for t in per_param], dim=1)
-
-
-def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Split a flat ``[n]`` vector back into tensors shaped like ``like`` (views)."""
-    out, offset = [], 0
-    for t in like:
-        out.append(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    if offset != flat.numel():
-        raise ValueError(f"unflatten: the vector has {flat.numel()} entries, the tensors "
-                         f"{offset}")
     return out
 
 

@@ -105,8 +105,6 @@ __all__ = [
     "register_forget_objective",
 ]
 
-_DENSE = ("segmentation", "depth", "normals")
-
 
 def _supervised_targets(spec: TaskSpec, retain: MultiTaskDataset) -> torch.Tensor:
     """The retain set's targets of ``spec`` on its supervised rows."""

@@ -187,16 +187,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from mtunlearn_ext.data.request import RequestType
 
-__all__ = ["ABLATED_FIELDS", "ABLATIONS", "DEFAULT", "MEMORISING", "RECIPES", "RECIPE_NAMES",
-           "TUNED", "Recipe", "tuned_settings"]
+__all__ = ["ABLATED_FIELDS", "ABLATIONS", "DEFAULT", "MEMORISING", "RECIPES", "TUNED", "Recipe",
+           "tuned_settings"]
 
 #: The training recipes the presets were selected on (the module docstring describes them).
 Recipe = Literal["default", "memorising"]
-RECIPE_NAMES: tuple[Recipe, ...] = get_args(Recipe)
 
 #: The ablation variants of the interference-aware method (registry name -> the settings it
 #: fixes itself, left out of the method's settings it otherwise inherits).
