@@ -35,8 +35,7 @@ from mtunlearn_ext._fields import check_field_types, unknown_fields
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext._progress import report as progress_report
 from mtunlearn_ext._random import seeded_generators
-from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
-from mtunlearn_ext.data.inputs import inputs_to
+from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, batch_to
 from mtunlearn_ext.losses import masked_multitask_loss
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
 from mtunlearn_ext.models.modes import gradients_on
@@ -259,7 +258,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
             task_sums = {s.name: 0.0 for s in specs}
             for begin in range(0, order.numel(), config.batch_size):
                 positions = order[begin:begin + config.batch_size]
-                batch = _to_device(dataset.batch(positions), device)
+                batch = batch_to(dataset.batch(positions), device)
                 batch_sup = supervision[positions].to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * _lr_factor(result.steps, total_steps, config)
@@ -309,16 +308,6 @@ def cpu_threads(num_threads: int | None) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    if device.type == "cpu":
-        return batch
-    # The inputs may be a tuple or dict of tensors (a user's multi-input model, reached
-    # through the API's wrapper); the targets are a dict task -> tensor.
-    return {k: (inputs_to(v, device) if k == "input" else
-                {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
-            for k, v in batch.items()}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from mtunlearn_ext.models import (
     MultiTaskModel,
     build_model,
 )
+from mtunlearn_ext.unlearning.protected_subspace import layer_ids_of
 
 DENSE_TASKS = indoor_tasks()
 
@@ -84,6 +85,13 @@ def test_parameter_split_is_a_partition(make) -> None:
     modules = dict(model.named_modules())
     for name, params in layers:
         assert {id(p) for p in params} == {id(p) for p in modules[name].parameters(recurse=False)}
+    # The method groups any model's parameters by name alone (layer_ids_of): the same layers.
+    ids = layer_ids_of([n for n, _ in shared])
+    by_id: dict[int, set[int]] = {}
+    for i, (_, p) in zip(ids, shared):
+        by_id.setdefault(i, set()).add(id(p))
+    assert sorted(map(sorted, by_id.values())) == sorted(sorted(id(p) for p in ps)
+                                                         for _, ps in layers)
     with pytest.raises(KeyError):
         split.owner("nope")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from mtunlearn_ext.unlearning import (
 )
 from mtunlearn_ext.unlearning.interference_aware import InterferenceAware
 from mtunlearn_ext.unlearning.loop import StepContext
+from mtunlearn_ext.unlearning.protected_subspace import ProtectedSubspace
 
 _BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 if _BENCHMARKS not in sys.path:  # the memory tests count as the memory benchmarks do
@@ -103,3 +105,17 @@ def wide_trunk_data(n: int = 48) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     return torch.randn(n, 16, generator=g), {"a": torch.randint(0, 3, (n,), generator=g),
                                              "b": torch.randint(0, 3, (n,), generator=g),
                                              "c": torch.randn(n, 1, generator=g)}
+
+
+def per_layer_inner(subspace: ProtectedSubspace, g_stacks: Sequence[torch.Tensor]
+                    ) -> torch.Tensor:
+    """``[L, m, filled]`` float64: the per-layer inner products ``<g_l, M_l rows>`` of ``m``
+    vectors (stacks ``[m, *shape_p]``) with a subspace's snapshots, in plain float64 torch, a
+    check independent of the ops the projection runs on (after it they are ~0 up to the
+    ridge)."""
+    basis = subspace.basis()
+    m = g_stacks[0].shape[0]
+    out = torch.zeros((subspace.num_layers, m, subspace.filled), dtype=torch.float64)
+    for layer, g, b in zip(subspace.layer_ids, g_stacks, basis):
+        out[layer] += g.reshape(m, -1).double() @ b.reshape(subspace.filled, -1).double().T
+    return out

@@ -23,6 +23,7 @@ from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import (
     Inputs,
     check_inputs,
+    inputs_to,
     map_leaves,
     named_leaves,
     num_rows,
@@ -830,3 +831,20 @@ def _short_repr(value: object) -> str:
     if isinstance(value, (Mapping, Sequence)) and not isinstance(value, str):
         return f"<{type(value).__name__} of {len(value):,} entries>"
     return text[:_INFO_REPR_LIMIT - 3] + "..."
+
+
+def batch_to(batch: Mapping[str, object], device: torch.device | str) -> dict[str, object]:
+    """A collated batch (:meth:`MultiTaskDataset.batch`) with every tensor, targets and every
+    input included, on ``device`` (non-blocking copies; tensors already there are kept)."""
+    out: dict[str, object] = {}
+    for key, value in batch.items():
+        if key == "input":
+            out[key] = inputs_to(value, device, non_blocking=True)  # type: ignore[arg-type]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, Mapping):
+            out[key] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in value.items()}
+        else:
+            out[key] = value
+    return out

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from mtunlearn_ext.data.base import MultiTaskDataset
-from mtunlearn_ext.data.inputs import inputs_to, slice_rows
+from mtunlearn_ext.data.base import MultiTaskDataset, batch_to
+from mtunlearn_ext.data.inputs import slice_rows
 
 __all__ = ["Batch", "BatchStream", "batch_to", "child_generator"]
 
@@ -40,23 +40,6 @@ def batch_rows(batch: Mapping[str, object], start: int, stop: int) -> Batch:
             out[key] = value[start:stop]
         elif isinstance(value, Mapping):
             out[key] = {k: v[start:stop] for k, v in value.items()}
-        else:
-            out[key] = value
-    return out
-
-
-def batch_to(batch: Mapping[str, object], device: torch.device | str) -> Batch:
-    """The batch with every tensor (targets and every input included) on ``device``
-    (non-blocking copies)."""
-    out: Batch = {}
-    for key, value in batch.items():
-        if key == "input":
-            out[key] = inputs_to(value, device, non_blocking=True)  # type: ignore[arg-type]
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, Mapping):
-            out[key] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                        for k, v in value.items()}
         else:
             out[key] = value
     return out

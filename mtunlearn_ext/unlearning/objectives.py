@@ -93,6 +93,7 @@ from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._functional import widened
 from mtunlearn_ext.data.base import TASK_KINDS, MultiTaskDataset, TaskSpec
 from mtunlearn_ext.losses import task_loss, valid_pixel_mask
+from mtunlearn_ext.unlearning.batches import child_generator
 
 __all__ = [
     "DEFAULT_FORGET_OBJECTIVES",
@@ -638,10 +639,8 @@ def make_forget_objectives(specs: Sequence[TaskSpec], retain: MultiTaskDataset,
     objectives: dict[str, ForgetObjective] = {}
     for spec in specs:
         objective = FORGET_OBJECTIVES[names[spec.name]](spec)
-        child = torch.Generator()
-        child.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
         try:
-            objective.prepare(retain, child, device)
+            objective.prepare(retain, child_generator(generator), device)
         except ValueError:
             if forget is None or bool(forget.supervision[:, forget.task_index(spec.name)].any()):
                 raise

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 
 import torch
 
-from mtunlearn_ext import ops
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
 from mtunlearn_ext.surgery import gram_list_stats, project_out_list
 
@@ -117,15 +116,6 @@ class ProtectedSubspace:
             raise RuntimeError("ProtectedSubspace: no snapshot pushed yet")
         return [b[: self.filled] for b in self.buffers]
 
-    def gram_per_layer(self) -> torch.Tensor:
-        """``[L, filled, filled]``: ``G_l = M_l M_l^T``, from one ``gram_list(per_tensor=True)``
-        pass (per-parameter Grams summed into their layer)."""
-        per_tensor = ops.gram_list(self.basis(), per_tensor=True)
-        out = torch.zeros((self.num_layers, *per_tensor.shape[1:]), dtype=per_tensor.dtype,
-                          device=per_tensor.device)
-        ids = torch.tensor(self.layer_ids, device=per_tensor.device)
-        return out.index_add_(0, ids, per_tensor)
-
     def project(self, g_stacks: Sequence[torch.Tensor],
                 outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Project ``m`` vectors (stacks ``[m, *shape_p]``) off the subspace, layer by layer.
@@ -150,14 +140,3 @@ class ProtectedSubspace:
                                   basis_gram=self._gram)
         assert isinstance(result, list)
         return result
-
-    def residual_inner(self, g_stacks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[L, m, filled]``: the per-layer inner products ``<g_l, M_l rows>`` (a check: after
-        :meth:`project` they are ~0 up to the ridge)."""
-        basis = self.basis()
-        m = g_stacks[0].shape[0]
-        out = torch.zeros((self.num_layers, m, self.filled), dtype=torch.float64,
-                          device=basis[0].device)
-        for layer, g, b in zip(self.layer_ids, g_stacks, basis):
-            out[layer] += ops.inner(g.reshape(m, -1), b.reshape(self.filled, -1)).double()
-        return out
