@@ -76,6 +76,9 @@ void reduce(ScalarKind kind, const std::vector<ReduceSegment>& segments_in, int6
   std::stable_sort(segments.begin(), segments.end(),
                    [](const ReduceSegment& a, const ReduceSegment& b) { return a.out_index < b.out_index; });
   const int64_t num_outputs = out.numel() / (m * k);
+  TORCH_CHECK(out.numel() <= cuda::kMaxReduceEntries, "mtunlearn: the CUDA Gram/inner product "
+              "kernels write at most ", cuda::kMaxReduceEntries, " entries in one call; got ",
+              num_outputs, " outputs of ", m, " x ", k, " (split the batch into several calls)");
   const std::vector<cuda::ReduceItem> items = make_items(segments, m * k, 16384);
   std::vector<int64_t> item_begin(num_outputs + 1, 0);
   for (const auto& it : items) item_begin[segments[it.segment].out_index + 1] += 1;

@@ -96,6 +96,12 @@ struct ReduceItem {
 // Every launcher returns 0 on success or a cudaError_t code (see error_string).
 const char* error_string(int code);
 
+// reduce's final pass runs one warp per output entry, this many warps a block; with gridDim.x
+// at most 2**31 - 1 that bounds the entries one call can write (the host refuses more: a
+// larger grid would fail to launch, or wrap past 2**32 and leave entries unwritten).
+constexpr int64_t kReduceWarpsPerBlock = 8;
+constexpr int64_t kMaxReduceEntries = kReduceWarpsPerBlock * 2147483647LL;
+
 // True when the small register-blocked reduce kernel handles (m, k); else the tiled kernel.
 bool reduce_uses_register_path(int64_t m, int64_t k, bool symmetric);
 

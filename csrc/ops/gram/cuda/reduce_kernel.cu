@@ -19,6 +19,7 @@ using namespace cuda_detail;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+static_assert(kWarps == kReduceWarpsPerBlock, "the host bounds the final pass's grid by it");
 
 template <typename T, int P, bool SYM>
 __global__ void __launch_bounds__(kThreads)
