@@ -262,7 +262,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
                 batch_sup = supervision[positions].to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * _lr_factor(result.steps, total_steps, config)
-                out = model(batch["input"], [s.name for s in specs])
+                out = model(batch["input"], [s.name for s in specs])  # type: ignore[arg-type]
                 loss, per_task = masked_multitask_loss(out, batch, specs, batch_sup,
                                                        config.task_weights)
                 if not torch.isfinite(loss):

@@ -33,9 +33,10 @@ Scenarios:
 A second spawn, with a 15 s collective timeout (a regression there hangs or aborts), runs the
 scenarios where ranks must agree before a collective: a sparse head one rank does not reach
 (the sparse rank average on both), a rank whose shard is frozen or empty (it takes part; the
-single-process result), and ranks disagreeing on k, num_layers, the Gram's dtype, or (replicated)
-which shared parameters or listed heads they train (a ValueError naming it on every rank, the
-group still in step afterwards).
+single-process result), ranks disagreeing on k (also under FSDP2, before its per-task passes),
+num_layers, the Gram's dtype, or (replicated) which shared parameters or listed heads they train
+(a ValueError naming it on every rank, the group still in step afterwards), and a ``group`` that
+does not hold a process or an FSDP2 parameter's shards (refused when built).
 """
 
 from __future__ import annotations
@@ -323,10 +324,15 @@ def _scenario_fsdp2(rank: int, agg: str, dtype_name: str, micro_batches: int = 1
     return err
 
 
-def _scenario_ddp(rank: int, agg: str, dtype_name: str) -> float:
+def _scenario_ddp(rank: int, agg: str, dtype_name: str, bucket_bytes: int | None = None
+                  ) -> float:
+    """DDP with the replicated surgery: the single-process parameters. ``bucket_bytes``: the
+    averages' bucket size (distributed review: one all-reduce per tensor made the step of a
+    40-layer trunk 2x slower); the default puts every stack, head and flag of a step into one
+    bucket, beside the one check: 2 all-reduces a step."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from mtunlearn_ext.surgery import replicated_surgery
+    from mtunlearn_ext.surgery import distributed, replicated_surgery
 
     dtype = DTYPES[dtype_name]
     steps = 2
@@ -334,13 +340,31 @@ def _scenario_ddp(rank: int, agg: str, dtype_name: str) -> float:
     model = DistributedDataParallel(_Net(dtype))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     surgery = replicated_surgery(model.module.trunk.parameters(), AGGREGATORS[agg]())
-    for step in range(steps):
-        x, y = _rank_batch(*_data(step, dtype), rank)
-        opt.zero_grad()
-        with model.no_sync():  # DDP's own all-reduce is replaced by the surgery's
-            losses = _losses(model(x), y)
-            surgery.backward(losses)
-        opt.step()
+    default_bytes, all_reduce = distributed._BUCKET_BYTES, dist.all_reduce
+    calls: list[int] = []
+
+    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    if bucket_bytes is not None:
+        distributed._BUCKET_BYTES = bucket_bytes
+    dist.all_reduce = counted  # type: ignore[assignment]
+    try:
+        for step in range(steps):
+            x, y = _rank_batch(*_data(step, dtype), rank)
+            opt.zero_grad()
+            with model.no_sync():  # DDP's own all-reduce is replaced by the surgery's
+                losses = _losses(model(x), y)
+                surgery.backward(losses)
+            opt.step()
+    finally:
+        distributed._BUCKET_BYTES, dist.all_reduce = default_bytes, all_reduce
+    averaged = sum(3 * p.numel() for p in model.module.trunk.parameters())  # k = 3 stacks
+    if bucket_bytes is None:
+        assert len(calls) == 2 * steps and calls[1] > averaged, calls
+    else:  # buckets of a few tensors and tensors alone, every value averaged once
+        assert len(calls) > 2 * steps + 2 and sum(calls[1:len(calls) // 2]) > averaged, calls
     err = 0.0
     for p, ref in zip(model.module.parameters(), expected):
         torch.testing.assert_close(p.detach(), ref, rtol=TOL[dtype_name], atol=TOL[dtype_name])
@@ -864,6 +888,82 @@ def _scenario_fsdp_sync_off(rank: int, how: str) -> float:
     return 0.0
 
 
+def _scenario_fsdp2_disagreeing_k(rank: int) -> float:
+    """Distributed review: under FSDP2 (``per_task="backward"``) rank 0 passed 3 losses and
+    rank 1 2; each pass runs FSDP2's reduce-scatters, so rank 0 waited in its third pass and
+    rank 1 in the check after its passes: a hang until the group's timeout, then gloo's "Timed
+    out waiting" naming nothing. Every rank must raise a ValueError naming each rank's k before
+    the passes, leave no gradient written, and stay in step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mtunlearn_ext.surgery import sharded_surgery
+
+    model = _Net(F64)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model.trunk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    surgery = sharded_surgery(model.trunk.parameters(), UPGrad())
+    x, y = _rank_batch(*_data(0, F64), rank)
+    losses = _losses(model(x), y)[:3 - rank]
+    try:
+        surgery.backward(losses)
+    except ValueError as error:
+        assert ("sharded_surgery: the ranks passed different numbers of losses k (rank 0: 3, "
+                "rank 1: 2)") in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: ranks passing different k were not refused")
+    assert all(p.grad is None for p in model.parameters())
+    check = torch.ones(1)
+    dist.all_reduce(check)  # still in step
+    assert check.item() == WORLD
+    return 0.0
+
+
+def _scenario_group_without_this_rank(rank: int, how: str) -> float:
+    """Distributed review: a surgery given a ``group`` that does not hold this process went on
+    alone (torch's collectives only warn there): a split list's rank 1 used its local Gram
+    (results 1.5e-2 off, no error), a replicated one failed on a missing work handle. It is
+    refused when built, on that process only (the group's members go on among themselves);
+    FSDP2 parameters sharded over ranks outside ``group`` (one-process subgroups of a
+    2-process mesh) are refused on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mtunlearn_ext.surgery import replicated_surgery, sharded_surgery
+
+    if how == "fsdp2_subgroup":
+        own, _ = dist.new_subgroups(group_size=1)
+        model = _Net(F64)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(model.trunk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        try:
+            sharded_surgery(model.trunk.parameters(), UPGrad(), group=own)
+        except ValueError as error:
+            assert "is sharded over ranks [0, 1] (2) (mesh dimension 0), not all in `group` " \
+                   f"(ranks [{rank}] (1))" in str(error), str(error)
+        else:
+            raise AssertionError(f"rank {rank}: shards outside `group` were not refused")
+        return 0.0
+    only_rank_0 = dist.new_group([0])
+    params, losses = _tanh_chain(seed=10, conflict=0.5)
+    build = {"sharded": sharded_surgery, "replicated": replicated_surgery}[how]
+    try:
+        surgery = build(params[:2], UPGrad(), group=only_rank_0)  # type: ignore[operator]
+    except ValueError as error:
+        assert rank == 1, f"rank {rank} is in the group: {error}"
+        assert (f"{how}_surgery: this process (rank 1) is not in `group` (ranks [0] (1))"
+                in str(error)), str(error)
+    else:
+        assert rank == 0, "rank 1 is not in the group, and was not refused"
+        surgery.backward(losses())  # a group of one: its own step, no peer to wait for
+    check = torch.ones(1)
+    dist.all_reduce(check)  # the default group still in step
+    assert check.item() == WORLD
+    return 0.0
+
+
 def _scenario_replicated_sparse_head_mixed_layout(rank: int) -> float:
     """Review of the fix above: a head sparse on one rank (``emb(idx)``) and dense on the
     other (``F.embedding(idx, emb.weight)``) was converted with the wrong number of sparse
@@ -977,6 +1077,10 @@ def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
     for how in ("frozen", "empty", "empty_per_layer"):
         table[f"sharded_shard_{how}-upgrad-fp64"] = (
             lambda r, h=how: _scenario_sharded_shard_frozen_or_empty(r, h))
+    table["disagreeing_ranks-k_fsdp2"] = _scenario_fsdp2_disagreeing_k
+    for how in ("sharded", "replicated", "fsdp2_subgroup"):
+        table[f"group_without_this_rank-{how}"] = (
+            lambda r, h=how: _scenario_group_without_this_rank(r, h))
     for what in ("k", "num_layers", "dtype", "k_replicated", "k_replicated_heads",
                  "frozen_shared_count", "frozen_shared_swapped", "frozen_shared_heads_count",
                  "frozen_shared_heads_swapped", "frozen_shared_all", "frozen_shared_all_heads",
@@ -1009,6 +1113,7 @@ def _scenarios() -> dict[str, Callable[[int], float]]:
     for agg in ("upgrad", "pcgrad", "mgda"):
         table[f"fsdp2-{agg}-fp32"] = lambda r, a=agg: _scenario_fsdp2(r, a, "fp32")
         table[f"ddp-{agg}-fp32"] = lambda r, a=agg: _scenario_ddp(r, a, "fp32")
+    table["ddp_small_buckets-upgrad-fp64"] = lambda r: _scenario_ddp(r, "upgrad", "fp64", 200)
     table["fsdp2-upgrad-fp64"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp64")
     table["fsdp2_accumulate-upgrad-fp32"] = lambda r: _scenario_fsdp2(r, "upgrad", "fp32", 2)
     table["sharded_surgery_split_per_layer-upgrad-fp64"] = (

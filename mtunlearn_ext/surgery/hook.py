@@ -77,7 +77,15 @@ KEPT_STACKS_MAX_BYTES = 64 * 2**20
 
 
 class GradReducer(Protocol):
-    """Cross-process steps of a surgery (see :mod:`mtunlearn_ext.surgery.distributed`)."""
+    """Cross-process steps of a surgery (see :mod:`mtunlearn_ext.surgery.distributed`).
+
+    Besides the two methods below, the hook calls these where a reducer has them (the
+    package's sharded reducer the first three, its replicated one the last):
+    ``agree_on_task_count(k, device)`` before ``per_task="backward"``'s passes, whose
+    collectives need every process to run as many; ``join_stats(stats)``, :meth:`reduce_stats` for a process with nothing to aggregate;
+    ``any_rank(flag, device)``, whether a flag holds on any process (a step every process
+    refuses together); ``nonfinite_note()``, what a refused step's message adds.
+    """
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
@@ -1108,6 +1116,11 @@ class GradientSurgery:
             if self.head_params is not None:  # the heads accumulate natively: known only so
                 _refuse_post_accumulate_hooks(
                     caller, (h for h in self.head_params if h.requires_grad), _head_description)
+            # The passes run the process group's collectives (FSDP2's reduce-scatters): the
+            # processes must agree on k before them, not in the check after them.
+            agree = getattr(self.reducer, "agree_on_task_count", None)
+            if agree is not None:
+                agree(k, _losses_device(losses, constants))
             self._writes_begun = True
             reached = self._per_task_by_backward(losses, constants, active, rows, add=add,
                                                  retain_graph=retain_graph)
