@@ -472,6 +472,7 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
                 log(f"{request}-task request done "
                     f"({results[request]['request']['target_tasks']})")
                 tqdm.write(format_table(results[request]))
+                tqdm.write(_attack_note(results[request]))
                 progress.finish(request)
         except BaseException:
             # An interrupt or an error: the running jobs are stopped, not waited for (the

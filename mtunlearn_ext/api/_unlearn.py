@@ -25,8 +25,10 @@ from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
+from mtunlearn_ext.metrics.evaluate import evaluate
 from mtunlearn_ext.metrics.membership import (attackable_instances, auc_chance_spread,
                                               membership_attack)
+from mtunlearn_ext.metrics.retained import RetainedCheck, check_retained
 from mtunlearn_ext.models.modes import BuffersKept, ignoring_compile, measuring
 from mtunlearn_ext.training import TrainConfig, state_dict_sha256
 from mtunlearn_ext.unlearning import (
@@ -117,7 +119,11 @@ def _overshoot_note(before: float, after: float, spread: float, summary: Mapping
             f"{remedy}, and audit again")
 
 
-def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
+#: The rows of the forget and retain sets that the report's before/after summary measures.
+_SUMMARY_ROWS = 256
+
+
+def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = _SUMMARY_ROWS,
                  batch_size: int = 64) -> dict[str, float]:
     """Mean task loss over the supervised pairs of the first ``limit`` rows (for the report).
     Measured (:func:`~mtunlearn_ext.models.modes.measuring`): ``model`` may be the caller's
@@ -140,6 +146,41 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = 256,
                 totals[spec.name] = totals.get(spec.name, 0.0) + float(values[mask].sum())
                 counts[spec.name] = counts.get(spec.name, 0) + int(mask.sum())
     return {t: totals[t] / counts[t] for t in totals}
+
+
+def _kept_metrics(model: nn.Module, retain: MultiTaskDataset, limit: int = _SUMMARY_ROWS
+                  ) -> dict[str, dict[str, float]]:
+    """The task metrics (:func:`~mtunlearn_ext.metrics.evaluate`) of the first ``limit``
+    retain rows, the rows the loss summary reads: what the kept-metrics check compares before
+    and after the run."""
+    rows = retain.subset(torch.arange(min(limit, len(retain))))
+    with ignoring_compile():  # a probe: its compile would be thrown away
+        return evaluate(model, rows)  # type: ignore[arg-type]
+
+
+#: How much worse a kept error metric (lower is better) must get for :func:`unlearn` to warn:
+#: more than doubled. A score (an accuracy, an mIoU) warns past the check's own 25%, as the CLI
+#: does; an error near 0 on memorised retain rows moves by more than 25% of itself without harm
+#: (a regression MSE of 0.0009 -> 0.0013 in the library's own tests), where a damaged task's
+#: grows many times over (0.001 -> 0.04 in a new user's run at too high a learning rate).
+_ERROR_WARN_WORSENING = 1.0
+
+
+def _kept_metrics_note(check: RetainedCheck, rows: int) -> str | None:
+    """A warning's text when the run damaged a kept metric: a score that lost more than the
+    check's tolerance, or an error that more than doubled (:data:`_ERROR_WARN_WORSENING`)."""
+    damaged = [c for c in check.exceeded
+               if c.worsening > _ERROR_WARN_WORSENING or c.after is None
+               or (c.before is not None and c.after < c.before)]
+    if not damaged:
+        return None
+    shown = "; ".join(c.describe() for c in damaged[:3])
+    more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+    return (f"unlearn: {len(damaged)} kept metric(s) of the first {rows} retain rows got much "
+            f"worse than the input model's: {shown}{more}; the run damaged what it was to keep: "
+            "try a gentler setting (a lower `lr`, fewer `steps` in `config`), and "
+            "check_retained on your own splits to confirm (the comparison: "
+            "report.extra['summary']['retained_check'])")
 
 
 #: The caller's model class: :func:`unlearn` returns a new module of it.
@@ -376,6 +417,7 @@ def unlearn(model: ModelT, *,
                              f"trunk's: `p.requires_grad_(True)`)")
         before_f = _mean_losses(wrapped, forget)
         before_r = _mean_losses(wrapped, retain)
+        kept_before = _kept_metrics(wrapped, retain)
         audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
         bar = progress_bar(unlearner) if progress else None
         try:
@@ -388,9 +430,12 @@ def unlearn(model: ModelT, *,
         kept.restore()
     after_f = _mean_losses(result.model, forget)
     after_r = _mean_losses(result.model, retain)
+    retained = check_retained({"retain": kept_before},
+                              {"retain": _kept_metrics(result.model, retain)}, splits=["retain"])
     result.report.extra["summary"] = {
         "forget_loss_before": before_f, "forget_loss_after": after_f,
         "retain_loss_before": before_r, "retain_loss_after": after_r,
+        "retained_check": retained.to_dict(),
     }
     if audit is not None:
         audit_after, spread = _audit(result.model, problem, audit, seed)
@@ -412,6 +457,8 @@ def unlearn(model: ModelT, *,
              "target_tasks": None if r.target_tasks is None else r.resolved_tasks(problem.retain)}
             for r in naming.earlier]
         result.report.request["earlier_pairs_excluded"] = naming.excluded_pairs
+    if kept_note := _kept_metrics_note(retained, min(_SUMMARY_ROWS, len(retain))):
+        warn_at_caller(kept_note)
     if held_out_data is not None:
         unused = held_out_unused(unlearner, result.report)
         if unused is not None:
