@@ -815,6 +815,24 @@ def _branch_letters(branch: int) -> str:
     return letters
 
 
+def _later_in_chain(checkpoint: Path, method: str) -> tuple[Path, Path] | None:
+    """Where a request on ``checkpoint`` was made before (the default output name of its next
+    place is taken): that name and the newest place of the chain beside it, else ``None``.
+    A request on a superseded checkpoint trains on what the later ones removed (docs/cli.md:
+    "always start a request from the newest checkpoint"), which nothing said."""
+    stem, place = _chained_stem(checkpoint.stem, method)
+
+    def at(k: int) -> Path:
+        return checkpoint.with_name(f"{stem}.{method if k == 1 else f'{method}-{k}'}.pt")
+
+    if not os.path.lexists(at(place)):
+        return None
+    newest = place
+    while os.path.lexists(at(newest + 1)):
+        newest += 1
+    return at(place), at(newest)
+
+
 def _chained_stem(stem: str, method: str) -> tuple[str, int]:
     """``(stem, 1)``, or for a stem that :func:`_default_outputs` gave with this method,
     ``<base>.<method>`` or ``<base>.<method>-<k>[letters]``: ``(base, k + 1)``, the place
@@ -962,6 +980,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     fraction = _forget_fraction(args.forget_fraction, forget_ids, default=0.1)
     with OutputTransaction(inputs=[checkpoint]) as tx:
         default_ckpt, default_rec = _default_outputs(checkpoint, args.method)
+        if later := _later_in_chain(checkpoint, args.method):
+            _say(f"mtunlearn: warning: {_shown(later[0])} exists: a request on "
+                 f"{_shown(checkpoint)} was made before (a rerun, or a chain of requests from "
+                 f"it, whose newest is {_shown(later[1])}); this one starts from "
+                 f"{_shown(checkpoint)}, so what later requests "
+                 "removed is in its retain set again; to continue the chain, unlearn from its "
+                 "newest checkpoint", file=sys.stderr)
         out_ckpt = tx.reserve("--output", args.output or default_ckpt)
         # Without --record, the record is named after --output when that is given: a file
         # already there (an earlier run's) is then refused as --output's, not as a --record.

@@ -186,11 +186,15 @@ def test_exclude_removed() -> None:
 
 
 def test_default_output_names_of_a_chain_stay_short(
-        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
     """Long-run review: each request on the previous output with the default --output appended
     `.interference_aware` to the whole name again, so the 13th request's default record name
     passed the file system's 255 bytes and was refused (exit 2, naming a --record never
-    given). A chain's default names now count up: `<stem>.<method>-<k>.pt`."""
+    given). A chain's default names now count up: `<stem>.<method>-<k>.pt`. New-user review:
+    a request on the original beside the chain retrained on the chain's removals without a
+    word; it is warned of, naming the chain's newest checkpoint (the chain's own requests are
+    not)."""
     import shutil
 
     shutil.copy(trained, tmp_path / "orig.pt")
@@ -204,6 +208,7 @@ def test_default_output_names_of_a_chain_stay_short(
         made = sorted({p.name for p in tmp_path.iterdir()} - before)
         current = next(name for name in made if name.endswith(".pt"))
         names.append(made)
+        assert "warning" not in capsys.readouterr().err
     assert names == [[f"orig.{tag}.pt", f"orig.{tag}.record.json"]
                      for tag in ("interference_aware", "interference_aware-2",
                                  "interference_aware-3")]
@@ -220,6 +225,10 @@ def test_default_output_names_of_a_chain_stay_short(
     assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(5),
                      "--method-config", FAST, "--quiet"]) == 0
     assert Path("orig.interference_aware-1b.pt").is_file()
+    assert ("mtunlearn: warning: orig.interference_aware.pt exists: a request on orig.pt was "
+            "made before (a rerun, or a chain of requests from it, whose newest is "
+            "orig.interference_aware-3.pt); this one starts from orig.pt, so what later "
+            "requests removed is in its retain set again") in capsys.readouterr().err
     assert cli._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
         "orig.interference_aware-1c.pt")
     # Another method, or a name this function did not write, starts its own.
