@@ -18,9 +18,9 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers (module __
     from mtunlearn_ext.api import evaluate, save_unlearned, uis_floor, unlearn, verify_saved
     from mtunlearn_ext.data.base import TaskSpec
     from mtunlearn_ext.data.request import ForgetRequest
-    from mtunlearn_ext import (api, cli, data, demo, erasure, experiment, losses, metrics,
-                               models, records, report, showcase, surgery, training, tuning,
-                               unlearning, workflow)
+    from mtunlearn_ext import (api, cli, data, demo, erasure, experiment, lineage, losses,
+                               metrics, models, records, report, showcase, surgery, training,
+                               tuning, unlearning, workflow)
 
 __all__ = ["BuildInfo", "ForgetRequest", "MtUnlearnRuntimeWarning", "MtUnlearnWarning",
            "TaskSpec", "__version__", "build_info", "evaluate", "has_extension", "ops",
@@ -41,9 +41,9 @@ _LAZY = {"unlearn": ("mtunlearn_ext.api", "unlearn"),
 #: The public submodules, imported on first attribute access (PEP 562), so that
 #: ``import mtunlearn_ext; mtunlearn_ext.data.TaskSpec`` works as the guides write it, while
 #: ``import mtunlearn_ext`` itself loads none of them.
-_SUBMODULES = ("api", "cli", "data", "demo", "erasure", "experiment", "losses", "metrics",
-               "models", "records", "report", "showcase", "surgery", "training", "tuning",
-               "unlearning", "workflow")
+_SUBMODULES = ("api", "cli", "data", "demo", "erasure", "experiment", "lineage", "losses",
+               "metrics", "models", "records", "report", "showcase", "surgery", "training",
+               "tuning", "unlearning", "workflow")
 
 
 def __getattr__(name: str) -> object:

@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["atomic_torch_save", "interrupts_held", "json_safe", "link_new", "name_max",
            "new_temporary_beside", "path_max", "Placement", "placements", "remove_if_placed",
-           "sha256_of_file", "temporary_file_beside", "write_json_new", "write_text_atomic",
-           "write_text_new"]
+           "json_sha256", "sha256_of_file", "temporary_file_beside", "tensor_bytes",
+           "write_json_new", "write_text_atomic", "write_text_new"]
 
 #: The name limit assumed where the file system does not say (``pathconf`` unsupported).
 _DEFAULT_NAME_MAX = 255
@@ -39,6 +39,20 @@ def sha256_of_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_sha256(payload: Any) -> str:
+    """SHA-256 hex digest of ``payload`` as JSON with sorted keys (anything JSON cannot hold
+    as its ``str``): a digest of plain data that does not depend on dict order."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensor_bytes(value: torch.Tensor) -> bytes:
+    """The raw bytes of a (strided) tensor's values, in row-major order, on the CPU."""
+    # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes;
+    # for every other tensor the bytes are the same.
+    flat = value.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _umask() -> int:

@@ -636,7 +636,8 @@ def _threads(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtunlearn_ext.data.registry import load_benchmark
-    from mtunlearn_ext.experiment import dataset_fingerprint, default_recipe
+    from mtunlearn_ext.data.fingerprint import dataset_fingerprint
+    from mtunlearn_ext.experiment import default_recipe
     from mtunlearn_ext.models import build_model
     from mtunlearn_ext.training import save_checkpoint, train
     from mtunlearn_ext.workflow import (
@@ -936,12 +937,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     )
     from mtunlearn_ext.training import save_checkpoint, state_dict_sha256
     from mtunlearn_ext.unlearning import UnlearningProblem, available_unlearners
+    from mtunlearn_ext.lineage import REMOVALS_KEY, removal_counts, unknown_removals_hint
     from mtunlearn_ext.workflow import (
         CLI_META_FORMAT,
         UNKNOWN_METHOD_HINT,
         KeptMetricsError,
         OutputTransaction,
-        REMOVALS_KEY,
         TEST_FILES_KEY,
         TRAIN_FILES_KEY,
         build_user_request,
@@ -954,11 +955,9 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         measure,
         parse_ids,
         parse_tasks,
-        removal_counts,
         removal_entry,
         restrict_retain,
         run_unlearning,
-        unknown_removals_hint,
         without_removed,
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 from mtunlearn_ext._errors import UserInputError
 from mtunlearn_ext.data.base import Benchmark
 from mtunlearn_ext.data.libmtl import FOLDER_OF_TASK, TRAIN_FILES_KEY
-from mtunlearn_ext.workflow import lineage_removals
+from mtunlearn_ext.lineage import lineage_removals
 
 __all__ = ["ERASED_KEY", "check_train_files", "erased_forget_pairs", "erased_instances",
            "file_changes", "first_files", "num_train_recorded", "recorded_train_files",

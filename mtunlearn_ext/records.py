@@ -261,7 +261,7 @@ def _field_checks(record: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def _is_removals(value: object) -> bool:
-    from mtunlearn_ext.workflow import is_removal_list
+    from mtunlearn_ext.lineage import is_removal_list
 
     return value is None or is_removal_list(value)
 
@@ -709,8 +709,8 @@ def _check_draw(record: Mapping[str, Any], request: Any, train_set: Any,
     Erased files change the data a draw is made from, so a draw that differs then is not a
     mismatch."""
     from mtunlearn_ext.data.request import RequestType
-    from mtunlearn_ext.experiment import build_request
-    from mtunlearn_ext.workflow import without_removed
+    from mtunlearn_ext.data.request import build_request
+    from mtunlearn_ext.lineage import without_removed
 
     req = record["request"]
     if "ids_drawn" not in req:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from mtunlearn_ext._errors import UnknownNameError
 from mtunlearn_ext._expansion import MAX_ADDED_BY_SHARING, SelfContainingError, expanded_size
 from mtunlearn_ext._fields import check_field_types, unknown_fields
-from mtunlearn_ext._io import atomic_torch_save
+from mtunlearn_ext._io import atomic_torch_save, tensor_bytes
 from mtunlearn_ext._progress import report as progress_report
 from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, batch_to
@@ -375,14 +375,6 @@ def meta_sha256(meta: Mapping[str, Any]) -> str:
 
     feed(meta)
     return digest.hexdigest()
-
-
-def tensor_bytes(value: torch.Tensor) -> bytes:
-    """The raw bytes of a (strided) tensor's values, in row-major order, on the CPU."""
-    # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes;
-    # for every other tensor the bytes are the same.
-    flat = value.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from cli_helpers import _err
 from test_cli import FAST, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
 
-from mtunlearn_ext import cli, workflow
+from mtunlearn_ext import cli, lineage, workflow
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,26 +163,26 @@ def test_exclude_removed() -> None:
 
     train = load_benchmark("digits", size="tiny").train
     some = train.ids[:3].tolist()
-    retain, excluded = workflow.exclude_removed(train, [
+    retain, excluded = lineage.exclude_removed(train, [
         {"instance_ids": some[:2], "target_tasks": None},
         {"instance_ids": some[1:], "target_tasks": ["parity"]}])
     assert excluded == 3 * 2 + 1
     assert len(retain) == len(train) - 2 and int(retain.ids[0]) == some[2]
     assert retain.supervision[0].tolist() == [True, False, True]
-    assert workflow.exclude_removed(train, []) == (train, 0)
+    assert lineage.exclude_removed(train, []) == (train, 0)
     # An instance is removed entirely once its requests together took every supervised pair.
     tasks = train.task_names
-    assert workflow.removal_counts(train, [
+    assert lineage.removal_counts(train, [
         {"instance_ids": some[:2], "target_tasks": None},
         {"instance_ids": some[1:], "target_tasks": tasks[:1]},
         {"instance_ids": some[2:], "target_tasks": tasks[1:]}]) == (3, 0)
-    assert workflow.removal_counts(train, [
+    assert lineage.removal_counts(train, [
         {"instance_ids": some, "target_tasks": tasks[1:]}]) == (0, 3)
-    assert workflow.removal_counts(train, []) == (0, 0)
-    assert workflow.lineage_removals({"kind": "original"}) == []
-    assert workflow.lineage_removals({"kind": "unlearned"}) is None
+    assert lineage.removal_counts(train, []) == (0, 0)
+    assert lineage.lineage_removals({"kind": "original"}) == []
+    assert lineage.lineage_removals({"kind": "unlearned"}) is None
     with pytest.raises(workflow.UserInputError, match="'removals' is malformed"):
-        workflow.lineage_removals({"kind": "unlearned", "removals": [{"instance_ids": "1"}]})
+        lineage.lineage_removals({"kind": "unlearned", "removals": [{"instance_ids": "1"}]})
 
 
 def test_default_output_names_of_a_chain_stay_short(

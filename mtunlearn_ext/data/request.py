@@ -248,3 +248,40 @@ def task_names(target_tasks: object, owner: str = "ForgetRequest"
         # the per-task work) differed from run to run. Sorted, a set gives one order.
         names = tuple(sorted(names))
     return names
+
+
+def build_request(dataset: MultiTaskDataset, kind: RequestType, seed: int,
+                  forget_fraction: float = 0.1, forget_ids: Sequence[int] | None = None,
+                  target_tasks: Sequence[str] | None = None) -> ForgetRequest:
+    """The forget request of an experiment.
+
+    Target tasks: every task (``kind="full"``) or ``target_tasks`` (``"partial"``; default the
+    first task). Forget ids: ``forget_ids`` as given, or ``round(fraction * n)`` (at least 1) of
+    the ``n`` training instances that supervise every target task, chosen by a ``randperm`` seeded
+    with ``seed`` and sorted.
+    """
+    if kind == "full":
+        if target_tasks is not None and set(target_tasks) != set(dataset.task_names):
+            raise ValueError(f"a full request targets every task; got target tasks "
+                             f"{list(target_tasks)} (use --request partial)")
+        tasks: list[str] | None = None
+    elif kind == "partial":
+        tasks = list(target_tasks) if target_tasks else [dataset.task_names[0]]
+    else:
+        raise ValueError(f"request kind must be 'full' or 'partial', got {kind!r}")
+    if forget_ids is not None:
+        ids = sorted(int(i) for i in forget_ids)
+    else:
+        names = dataset.task_names if tasks is None else tasks
+        columns = torch.tensor([dataset.task_index(t) for t in names])
+        eligible = dataset.supervision[:, columns].all(dim=1).nonzero().flatten()
+        count = max(1, int(round(forget_fraction * len(dataset))))
+        if count > eligible.numel():
+            raise ValueError(f"cannot forget {count} instances: only {eligible.numel()} "
+                             f"supervise every target task {names}")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:count]]
+        ids = sorted(int(i) for i in dataset.ids[chosen].tolist())
+    request = ForgetRequest.create(ids, tasks)
+    request.validate(dataset, partial=kind == "partial")
+    return request
