@@ -25,8 +25,15 @@ aggregator's forward on the gathered matrix with the ops' ``check_finite=False``
 2026-11-30 it called ``aggregator(matrix)``, which checks: two syncs per step more than the
 sharded step).
 
-Run: ``python benchmarks/bench_comm.py [--world-size 2] [--tasks 2 4 8] [--numel 1e5 1e6 4e6]``
-(gloo on CPU; NCCL is used for CUDA tensors with ``--device cuda``).
+A second table times a whole replicated step (``replicated_surgery``) on a deep trunk of many
+small tensors (``--trunk-layers`` ``Linear(w, w)`` layers, ``k`` heads, 32 rows a rank, as
+``no_sync`` DDP training runs it): the package's step, whose average of the stacks, heads and
+flags goes in 25 MiB buckets (one all-reduce each), against the same step with one all-reduce
+per tensor (the bucket size set to 0: what the step did before bucketing, its gradients
+compared bitwise first), and plain DDP's ``sum(losses).backward()`` for scale.
+
+Run: ``python benchmarks/bench_comm.py [--world-size 2] [--tasks 2 4 8] [--numel 1e5 1e6 4e6]
+[--trunk-layers 40]`` (gloo on CPU; NCCL is used for CUDA tensors with ``--device cuda``).
 """
 
 from __future__ import annotations
@@ -135,6 +142,65 @@ def _bench_one(k: int, n: int, reps: int, device: torch.device) -> dict[str, flo
     }
 
 
+def _bench_replicated_trunk(layers: int, width: int, k: int, reps: int, device: torch.device
+                            ) -> dict[str, float]:
+    """One replicated-surgery step on a trunk of ``layers`` ``Linear(width, width)`` layers:
+    bucketed (the package's), one all-reduce per tensor, and plain DDP."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mtunlearn_ext.surgery import UPGrad, distributed, replicated_surgery
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh())
+                                         for _ in range(layers)])
+            self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(k))
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            z = self.trunk(x)
+            return [h(z).squeeze(-1) for h in self.heads]
+
+    torch.manual_seed(0)  # the same replicas on every rank
+    model = DistributedDataParallel(Net().to(device))
+    trunk = model.module.trunk
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    x = torch.randn(32, width, generator=gen).to(device)
+    y = torch.randn(k, 32, generator=gen).to(device)
+    surgery = replicated_surgery(trunk.parameters(), UPGrad())
+
+    def losses() -> list[torch.Tensor]:
+        return [((out - t) ** 2).mean() for out, t in zip(model(x), y)]
+
+    def surgery_step() -> None:
+        model.zero_grad()
+        with model.no_sync():  # the surgery averages; DDP's own reduction is not wanted
+            surgery.backward(losses())
+
+    def per_tensor_step() -> None:
+        default, distributed._BUCKET_BYTES = distributed._BUCKET_BYTES, 0
+        try:
+            surgery_step()
+        finally:
+            distributed._BUCKET_BYTES = default
+
+    def ddp_step() -> None:
+        model.zero_grad()
+        sum(losses()).backward()
+
+    surgery_step()
+    bucketed = [p.grad.clone() for p in trunk.parameters()]  # type: ignore[union-attr]
+    per_tensor_step()
+    if not all(torch.equal(a, p.grad) for a, p in zip(bucketed, trunk.parameters())):
+        raise RuntimeError("the per-tensor average gave other gradients than the bucketed one")
+    return {"layers": layers, "width": width, "k": k,
+            "tensors": 2 * layers,
+            "bucketed_step_s": _timed(surgery_step, reps, device),
+            "per_tensor_step_s": _timed(per_tensor_step, reps, device),
+            "ddp_step_s": _timed(ddp_step, reps, device)}
+
+
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out: str) -> None:
     warnings.filterwarnings("ignore")  # the ops' fallback warning, once per process
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -147,9 +213,11 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
     dist.init_process_group(default_backend(), init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(minutes=5))
     rows = [_bench_one(k, int(n), args.reps, device) for n in args.numel for k in args.tasks]
+    trunk_rows = [_bench_replicated_trunk(args.trunk_layers, args.trunk_width, k,
+                                          max(args.reps, 3), device) for k in args.tasks]
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(rows, f)
+            json.dump({"rows": rows, "trunk_rows": trunk_rows}, f)
     dist.destroy_process_group()
 
 
@@ -186,6 +254,22 @@ def _table(rows: list[dict[str, float]], world: int, backend: str) -> str:
     return "\n".join(lines)
 
 
+def _trunk_table(rows: list[dict[str, float]]) -> str:
+    header = ["k", "trunk tensors", "replicated step (bucketed)", "one all-reduce per tensor",
+              "plain DDP step"]
+    body = [[str(int(r["k"])), f"{int(r['tensors'])} ({int(r['layers'])} x Linear"
+             f"({int(r['width'])}, {int(r['width'])}))",
+             f"{r['bucketed_step_s'] * 1e3:.2f} ms", f"{r['per_tensor_step_s'] * 1e3:.2f} ms",
+             f"{r['ddp_step_s'] * 1e3:.2f} ms"] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+    lines = ["replicated surgery on a deep trunk, 32 rows a rank; times: median of the "
+             "slowest rank",
+             "  ".join(h.rjust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines.extend("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
@@ -194,6 +278,9 @@ def main() -> None:
                         help="total coordinates n of each task gradient (split over the ranks)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--trunk-layers", type=int, default=40,
+                        help="layers of the replicated step's trunk (its second table)")
+    parser.add_argument("--trunk-width", type=int, default=64)
     parser.add_argument("--json", help="also write the raw rows to this file")
     args = parser.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < 1:
@@ -203,12 +290,14 @@ def main() -> None:
         mp.spawn(_worker, args=(args.world_size, os.path.join(tmp, "init"), args, out),
                  nprocs=args.world_size, join=True)
         with open(out) as f:
-            rows = json.load(f)
+            result = json.load(f)
     backend = "nccl" if args.device == "cuda" else "gloo"
-    print(_table(rows, args.world_size, backend))
+    print(_table(result["rows"], args.world_size, backend))
+    print()
+    print(_trunk_table(result["trunk_rows"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -314,6 +314,26 @@ def remove_if_placed(path: str | os.PathLike[str], placed: dict[str, Placement])
             os.unlink(path)
     except OSError:
         pass
+
+
+def write_file_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
+                      overwrite: bool, suffix: str = ".tmp") -> None:
+    """Write a file through ``write(binary_file)`` atomically: a temporary file beside
+    ``path`` (its folders made), flushed and fsynced, then renamed over ``path`` with
+    ``overwrite``, else linked to the *new* path (:func:`link_new`: ``FileExistsError`` if it
+    exists), and the folder fsynced. A reader sees no file or the whole one, never a part."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with new_temporary_beside(target, suffix=suffix) as (fd, tmp):
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            link_new(tmp, target, f"{target} exists; refusing to overwrite it")
+        _fsync_dir(target.parent)
 
 
 def _write_text_fd(fd: int, text: str) -> None:

@@ -36,10 +36,10 @@ from mtunlearn_ext._io import (
     interrupts_held,
     json_safe,
     link_new,
-    new_temporary_beside,
     Placement,
     placements,
     remove_if_placed,
+    write_file_atomic,
     write_text_new,
 )
 from mtunlearn_ext._text import visible_controls
@@ -88,22 +88,16 @@ def _primary(kind_or_values: Mapping[str, Any]) -> str | None:
 
 
 def save_png(fig: Figure, path: Path, overwrite: bool = False, dpi: int = 100) -> None:
-    """Save a figure atomically to ``path`` (temporary file, fsync, then a link, which refuses
-    an existing file, or with ``overwrite`` a rename over it). Where the file system has no
-    hard links, the no-overwrite step is a check and a rename (:func:`~mtunlearn_ext._io.link_new`,
-    as for every other output)."""
+    """Save a figure atomically to ``path`` (:func:`~mtunlearn_ext._io.write_file_atomic`: a
+    temporary file, fsync, then a link, which refuses an existing file, or with ``overwrite``
+    a rename over it; where the file system has no hard links, the no-overwrite step is a
+    check and a rename, as for every other output)."""
     import matplotlib.pyplot as plt
 
     try:
-        with new_temporary_beside(path, suffix=".png") as (fd, tmp):
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-                f.flush()
-                os.fsync(f.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                link_new(tmp, path, f"{path} exists; refusing to overwrite it")
+        write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
+                                                      bbox_inches="tight"),
+                          overwrite=overwrite, suffix=".png")
     finally:
         plt.close(fig)
 

@@ -16,7 +16,7 @@ import torch
 from mtunlearn_ext import _io
 from mtunlearn_ext._io import atomic_torch_save, temporary_file_beside, write_text_atomic
 from mtunlearn_ext.training import save_checkpoint
-from mtunlearn_ext.workflow import write_json_new
+from mtunlearn_ext._io import write_file_atomic, write_json_new
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])
@@ -40,7 +40,8 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "b.pt")
     save_checkpoint(tmp_path / "c.pt", torch.nn.Linear(2, 2))
     write_json_new(tmp_path / "d.record.json", {"k": 1})
-    names = ["a.json", "b.pt", "c.pt", "d.record.json"]
+    write_file_atomic(tmp_path / "e.png", lambda f: f.write(b"png"), overwrite=False)
+    names = ["a.json", "b.pt", "c.pt", "d.record.json", "e.png"]
     for name in names:
         assert _mode(tmp_path / name) == expected, name
     # No temporary file is left behind.
@@ -422,3 +423,25 @@ def test_a_rollback_keeps_a_later_file_that_got_its_inode_number(tmp_path: Path,
         _io.write_text_new(own, "ours\n")
     _io.remove_if_placed(own, placed)
     assert not own.exists()  # its own file still goes
+
+
+def test_write_file_atomic_makes_its_folders_refuses_or_replaces_and_leaves_no_part(
+        tmp_path: Path) -> None:
+    """Architecture review: the report's plots had a copy of the atomic write that made no
+    folder and left the rename's folder entry unsynced; they now use the one writer."""
+    target = tmp_path / "new" / "dir" / "plot.png"
+    write_file_atomic(target, lambda f: f.write(b"first"), overwrite=False)
+    assert target.read_bytes() == b"first"
+    with pytest.raises(FileExistsError, match="exists; refusing to overwrite it"):
+        write_file_atomic(target, lambda f: f.write(b"second"), overwrite=False)
+    write_file_atomic(target, lambda f: f.write(b"third"), overwrite=True)
+    assert target.read_bytes() == b"third"
+
+    def fails(f: Any) -> None:
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_file_atomic(target, fails, overwrite=True)
+    assert target.read_bytes() == b"third"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["plot.png"]  # no temporary

@@ -83,13 +83,20 @@ def test_large_model_step_agrees_with_plain_torch(tmp_path: Path) -> None:
 
 def test_bench_comm_runs_on_two_gloo_ranks(tmp_path: Path) -> None:
     stdout = _run([str(BENCHMARKS / "bench_comm.py"), "--world-size", "2", "--tasks", "2",
-                   "--numel", "1000", "--reps", "1"], cwd=tmp_path)
+                   "--numel", "1000", "--reps", "1", "--trunk-layers", "4"], cwd=tmp_path)
     assert "world size 2, backend gloo" in stdout
     assert "sharded step  w/o check" in stdout, stdout  # the agreement check's cost, in-tree
-    row = [line for line in stdout.splitlines() if line.startswith("2 ")]
+    sharded, trunk = stdout.split("\n\n")
+    row = [line for line in sharded.splitlines() if line.startswith("2 ")]
     assert len(row) == 1 and row[0].split()[1] == "1,000", stdout
     cells = row[0].split()  # k, n, 16 B, 16 B, all-reduce ms, step ms, then the unchecked step
     assert cells[9] == cells[11] == "ms" and float(cells[10]) > 0, stdout
+    # The replicated step, bucketed against one all-reduce per tensor (its gradients equal,
+    # checked in the script) and plain DDP.
+    assert "replicated step (bucketed)  one all-reduce per tensor  plain DDP step" in trunk, trunk
+    row = [line for line in trunk.splitlines() if line.startswith("2 ")]
+    assert len(row) == 1 and "8 (4 x Linear(64, 64))" in row[0], trunk
+    assert all(float(v) > 0 for v in row[0].split()[-6::2]), trunk
 
 
 def test_host_overhead_times_the_list_ops_over_resnet50_shapes(tmp_path: Path) -> None:
