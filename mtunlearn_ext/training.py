@@ -37,7 +37,7 @@ from mtunlearn_ext._progress import report as progress_report
 from mtunlearn_ext._random import seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, batch_to
 from mtunlearn_ext.losses import masked_multitask_loss
-from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
+from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names, device_of
 from mtunlearn_ext.models.modes import gradients_on
 from mtunlearn_ext.models.sparse_embeddings import dense_embedding_gradients
 
@@ -242,7 +242,7 @@ def train(model: MultiTaskModel, dataset: MultiTaskDataset,
     result = TrainResult(task_epoch_losses={s.name: [] for s in specs}, num_rows=int(rows.numel()))
     if rows.numel() == 0:
         raise ValueError("train: no supervised pair in `dataset` for the selected tasks")
-    device = next(model.parameters()).device
+    device = device_of(model)
     optimizer = make_optimizer(model.parameters(), config)
     steps_per_epoch = math.ceil(rows.numel() / config.batch_size)
     total_steps = steps_per_epoch * config.epochs

@@ -26,6 +26,7 @@ from mtunlearn_ext.data.inputs import inputs_to
 from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.evaluate import evaluate
+from mtunlearn_ext.models.base import device_of
 from mtunlearn_ext.metrics.membership import (attackable_instances, auc_chance_spread,
                                               membership_attack)
 from mtunlearn_ext.metrics.retained import RetainedCheck, check_retained
@@ -131,7 +132,7 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = _SUMMARY
     all) and whose forward may write buffers."""
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
-    device = next(model.parameters()).device
+    device = device_of(model)
     rows = min(limit, len(data))
     with measuring(model), ignoring_compile():  # a probe: its compile would be thrown away
         for start in range(0, rows, batch_size):

@@ -10,7 +10,7 @@ from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.losses import task_loss
 from mtunlearn_ext.metrics.task_metrics import make_accumulator
-from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names
+from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names, device_of
 from mtunlearn_ext.models.modes import measuring
 
 __all__ = ["evaluate", "evaluate_splits", "per_sample_task_losses"]
@@ -29,15 +29,6 @@ def check_positive_int(value: object, name: str, caller: str) -> None:
     ``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{caller}: `{name}` must be an integer >= 1, got {value!r}")
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    """Where the model's parameters (or buffers) live; CPU for a model with neither."""
-    for tensor in model.parameters():
-        return tensor.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
 
 
 def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,

@@ -23,7 +23,7 @@ from mtunlearn_ext.data.base import TaskSpec
 if TYPE_CHECKING:
     from mtunlearn_ext.data.inputs import Inputs
 
-__all__ = ["MultiTaskModel", "ParameterSplit", "SHARED", "check_takes_task_names"]
+__all__ = ["MultiTaskModel", "ParameterSplit", "SHARED", "check_takes_task_names", "device_of"]
 
 SHARED = "shared"
 """Owner name of the backbone's parameters in a :class:`ParameterSplit` (so no task may be
@@ -199,3 +199,12 @@ class MultiTaskModel(nn.Module):
     def _check_task(self, task: str) -> None:
         if task not in self.heads:
             raise UnknownNameError(f"unknown task {task!r}; this model has tasks {self.task_names}")
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
