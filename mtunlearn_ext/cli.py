@@ -820,8 +820,13 @@ def _later_in_chain(checkpoint: Path, method: str) -> tuple[Path, Path] | None:
     """Where a request on ``checkpoint`` was made before (the default output name of its next
     place is taken): that name and the newest place of the chain beside it, else ``None``.
     A request on a superseded checkpoint trains on what the later ones removed (docs/cli.md:
-    "always start a request from the newest checkpoint"), which nothing said."""
+    "always start a request from the newest checkpoint"), which nothing said. Only the main
+    chain's names tell a checkpoint's successor: a branch (``-1b``) continues as ``-2b``, whose
+    next place ``-2`` is the main chain's, not the branch's, so a branch input is not judged."""
     stem, place = _chained_stem(checkpoint.stem, method)
+    tag = checkpoint.stem.rpartition(f".{method}")[2]
+    if place > 1 and tag.startswith("-") and not tag[1:].isdigit():  # "-2b": a branch
+        return None
 
     def at(k: int) -> Path:
         return checkpoint.with_name(f"{stem}.{method if k == 1 else f'{method}-{k}'}.pt")
@@ -979,13 +984,6 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     fraction = _forget_fraction(args.forget_fraction, forget_ids, default=0.1)
     with OutputTransaction(inputs=[checkpoint]) as tx:
         default_ckpt, default_rec = _default_outputs(checkpoint, args.method)
-        if later := _later_in_chain(checkpoint, args.method):
-            _say(f"mtunlearn: warning: {_shown(later[0])} exists: a request on "
-                 f"{_shown(checkpoint)} was made before (a rerun, or a chain of requests from "
-                 f"it, whose newest is {_shown(later[1])}); this one starts from "
-                 f"{_shown(checkpoint)}, so what later requests "
-                 "removed is in its retain set again; to continue the chain, unlearn from its "
-                 "newest checkpoint", file=sys.stderr)
         out_ckpt = tx.reserve("--output", args.output or default_ckpt)
         # Without --record, the record is named after --output when that is given: a file
         # already there (an earlier run's) is then refused as --output's, not as a --record.
@@ -1044,6 +1042,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                  f"removed ({excluded} kept out of the retain set)", file=sys.stderr)
         targets = request.resolved_tasks(train_set)
         recipe = _checkpoint_recipe(loaded, args.checkpoint)
+        if later := _later_in_chain(checkpoint, args.method):  # said once the inputs passed
+            _say(f"mtunlearn: warning: {_shown(later[0])} exists: a request on "
+                 f"{_shown(checkpoint)} was made before (a rerun, or a chain of requests from "
+                 f"it, whose newest is {_shown(later[1])}); this one starts from "
+                 f"{_shown(checkpoint)}, so what later requests "
+                 "removed is in its retain set again; to continue the chain, unlearn from its "
+                 "newest checkpoint", file=sys.stderr)
         from tqdm.auto import tqdm
 
         with tqdm(total=4, desc="unlearn", disable=args.quiet, leave=False) as bar:

@@ -258,3 +258,19 @@ def test_a_warning_of_the_run_is_not_repeated_by_the_records_interference_matrix
     said = [str(w.message) for w in caught]
     assert sum("coupled=True, but the retain set holds no retained pair" in m
                for m in said) == 1, said
+
+
+def test_the_superseded_checkpoint_warning_judges_main_chain_names_only(tmp_path: Path) -> None:
+    """Diff review: a branch checkpoint (`-1b`, continued as `-2b`) was told that the main
+    chain's `-2` superseded it, advice that would bring the branch's removal back; a branch
+    is not judged, a main-chain checkpoint is told its successor and the chain's newest."""
+    for name in ("orig.pt", "orig.ga.pt", "orig.ga-2.pt", "orig.ga-3.pt", "orig.ga-1b.pt",
+                 "orig.ga-2b.pt"):
+        (tmp_path / name).touch()
+    expected = {"orig.pt": ("orig.ga.pt", "orig.ga-3.pt"),
+                "orig.ga.pt": ("orig.ga-2.pt", "orig.ga-3.pt"),
+                "orig.ga-2.pt": ("orig.ga-3.pt", "orig.ga-3.pt"),
+                "orig.ga-3.pt": None, "orig.ga-1b.pt": None, "orig.ga-2b.pt": None}
+    for name, names in expected.items():
+        found = cli._later_in_chain(tmp_path / name, "ga")
+        assert (found if found is None else tuple(p.name for p in found)) == names, name

@@ -177,3 +177,41 @@ def test_an_error_raised_by_a_custom_loss_names_the_task_and_the_rules() -> None
         task_loss(spec, torch.randn(4, 3), torch.tensor([0, 2, spec.ignore_index, 1]))
     notes = "\n".join(getattr(raised.value, "__notes__", []))
     assert "custom `loss` of task 'cls'" in notes and f"ignore index {spec.ignore_index}" in notes
+
+
+def test_unlearn_runs_with_a_custom_loss_of_another_output_layout() -> None:
+    """Diff review: the API's kept-metrics check evaluated every task, and a regression head
+    whose custom loss reads a mean and a log-variance (``[N, 2]`` against ``[N, 1]`` targets)
+    made the metrics refuse the whole call, a setup that ran before. Such a task is left out of
+    the check (``not_checked``); the others are still compared, on rows spread over the retain
+    set."""
+    from torch import nn
+
+    from mtunlearn_ext.data import ForgetRequest
+
+    def gaussian_nll(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mean, log_var = pred[:, :1], pred[:, 1:]
+        return (0.5 * (log_var + (target - mean) ** 2 / log_var.exp())).mean(1)
+
+    class MeanAndVariance(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU())
+            self.heads = nn.ModuleDict({"kind": nn.Linear(32, 3), "size": nn.Linear(32, 2)})
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.trunk(x)
+            return {t: h(z) for t, h in self.heads.items()}
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=g)
+    y = {"kind": torch.randint(0, 3, (120,), generator=g), "size": torch.randn(120, 1, generator=g)}
+    _, report = mtunlearn_ext.unlearn(
+        MeanAndVariance(), tasks=[TaskSpec("kind", "classification", num_classes=3),
+                                  TaskSpec("size", "regression", loss=gaussian_nll)],
+        train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
+        shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 3})
+    check = report.extra["summary"]["retained_check"]
+    assert check["not_checked"] == ["size"] and check["rows"] == 110, check
+    assert {c["task"] for c in check["changes"]} == {"kind"}, check

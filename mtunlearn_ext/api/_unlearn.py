@@ -149,14 +149,33 @@ def _mean_losses(model: nn.Module, data: MultiTaskDataset, limit: int = _SUMMARY
     return {t: totals[t] / counts[t] for t in totals}
 
 
-def _kept_metrics(model: nn.Module, retain: MultiTaskDataset, limit: int = _SUMMARY_ROWS
-                  ) -> dict[str, dict[str, float]]:
-    """The task metrics (:func:`~mtunlearn_ext.metrics.evaluate`) of the first ``limit``
-    retain rows, the rows the loss summary reads: what the kept-metrics check compares before
-    and after the run."""
-    rows = retain.subset(torch.arange(min(limit, len(retain))))
+def _kept_rows(retain: MultiTaskDataset, limit: int = _SUMMARY_ROWS) -> MultiTaskDataset:
+    """``limit`` retain rows spread evenly over the set (all of a smaller one): a data set
+    ordered by task still shows every task (its first rows might hold one task only)."""
+    if len(retain) <= limit:
+        return retain
+    return retain.subset(torch.linspace(0, len(retain) - 1, limit).round().long().unique())
+
+
+def _kept_metrics(model: nn.Module, rows: MultiTaskDataset
+                  ) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The task metrics (:func:`~mtunlearn_ext.metrics.evaluate`) of ``rows``: what the
+    kept-metrics check compares before and after the run, and the tasks it cannot measure (a
+    custom loss whose prediction has another layout than its kind's metrics read: a mean and
+    a log-variance for a regression target), left out rather than refusing the run."""
+    metrics: dict[str, dict[str, float]] = {}
+    skipped: list[str] = []
     with ignoring_compile():  # a probe: its compile would be thrown away
-        return evaluate(model, rows)  # type: ignore[arg-type]
+        try:
+            return evaluate(model, rows), skipped  # type: ignore[arg-type]
+        except ValueError:
+            pass
+        for task in rows.task_names:  # one at a time, to keep those that can be measured
+            try:
+                metrics.update(evaluate(model, rows, tasks=[task]))  # type: ignore[arg-type]
+            except ValueError:
+                skipped.append(task)
+    return metrics, skipped
 
 
 #: How much worse a kept error metric (lower is better) must get for :func:`unlearn` to warn:
@@ -170,14 +189,16 @@ _ERROR_WARN_WORSENING = 1.0
 def _kept_metrics_note(check: RetainedCheck, rows: int) -> str | None:
     """A warning's text when the run damaged a kept metric: a score that lost more than the
     check's tolerance, or an error that more than doubled (:data:`_ERROR_WARN_WORSENING`)."""
+    # An error that was exactly 0 counts as infinitely worse for any change: warned of only
+    # once it is no longer finite (a confident binary head's Brier score rounds to 0.0).
     damaged = [c for c in check.exceeded
-               if c.worsening > _ERROR_WARN_WORSENING or c.after is None
-               or (c.before is not None and c.after < c.before)]
+               if c.after is None or (c.before is not None and c.after < c.before)
+               or (c.worsening > _ERROR_WARN_WORSENING and c.before != 0)]
     if not damaged:
         return None
     shown = "; ".join(c.describe() for c in damaged[:3])
     more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
-    return (f"unlearn: {len(damaged)} kept metric(s) of the first {rows} retain rows got much "
+    return (f"unlearn: {len(damaged)} kept metric(s) of {rows} retain rows got much "
             f"worse than the input model's: {shown}{more}; the run damaged what it was to keep: "
             "try a gentler setting (a lower `lr`, fewer `steps` in `config`), and "
             "check_retained on your own splits to confirm (the comparison: "
@@ -418,7 +439,8 @@ def unlearn(model: ModelT, *,
                              f"trunk's: `p.requires_grad_(True)`)")
         before_f = _mean_losses(wrapped, forget)
         before_r = _mean_losses(wrapped, retain)
-        kept_before = _kept_metrics(wrapped, retain)
+        kept_rows = _kept_rows(retain)
+        kept_before, not_checked = _kept_metrics(wrapped, kept_rows)
         audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
         bar = progress_bar(unlearner) if progress else None
         try:
@@ -431,12 +453,17 @@ def unlearn(model: ModelT, *,
         kept.restore()
     after_f = _mean_losses(result.model, forget)
     after_r = _mean_losses(result.model, retain)
-    retained = check_retained({"retain": kept_before},
-                              {"retain": _kept_metrics(result.model, retain)}, splits=["retain"])
+    kept_after, _ = _kept_metrics(result.model, kept_rows)
+    measured = [t for t in kept_before if t in kept_after]
+    not_checked += [t for t in kept_before if t not in kept_after]
+    retained = check_retained({"retain": {t: kept_before[t] for t in measured}},
+                              {"retain": {t: kept_after[t] for t in measured}},
+                              splits=["retain"])
     result.report.extra["summary"] = {
         "forget_loss_before": before_f, "forget_loss_after": after_f,
         "retain_loss_before": before_r, "retain_loss_after": after_r,
-        "retained_check": retained.to_dict(),
+        "retained_check": {**retained.to_dict(), "rows": len(kept_rows),
+                           "not_checked": not_checked},
     }
     if audit is not None:
         audit_after, spread = _audit(result.model, problem, audit, seed)
@@ -458,7 +485,7 @@ def unlearn(model: ModelT, *,
              "target_tasks": None if r.target_tasks is None else r.resolved_tasks(problem.retain)}
             for r in naming.earlier]
         result.report.request["earlier_pairs_excluded"] = naming.excluded_pairs
-    if kept_note := _kept_metrics_note(retained, min(_SUMMARY_ROWS, len(retain))):
+    if kept_note := _kept_metrics_note(retained, len(kept_rows)):
         warn_at_caller(kept_note)
     if held_out_data is not None:
         unused = held_out_unused(unlearner, result.report)
