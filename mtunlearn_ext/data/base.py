@@ -835,16 +835,19 @@ def _short_repr(value: object) -> str:
 
 def batch_to(batch: Mapping[str, object], device: torch.device | str) -> dict[str, object]:
     """A collated batch (:meth:`MultiTaskDataset.batch`) with every tensor, targets and every
-    input included, on ``device`` (non-blocking copies; tensors already there are kept)."""
+    input included, on ``device`` (tensors already there are kept). Copies to an accelerator
+    do not block (the kernels that read them follow on its stream); copies to the CPU do, as
+    the host may read them at once."""
+    blocking = torch.device(device).type == "cpu"
     out: dict[str, object] = {}
     for key, value in batch.items():
         if key == "input":
-            out[key] = inputs_to(value, device, non_blocking=True)  # type: ignore[arg-type]
+            out[key] = inputs_to(value, device, non_blocking=not blocking)  # type: ignore[arg-type]
         elif isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
+            out[key] = value.to(device, non_blocking=not blocking)
         elif isinstance(value, Mapping):
-            out[key] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                        for k, v in value.items()}
+            out[key] = {k: v.to(device, non_blocking=not blocking)
+                        if isinstance(v, torch.Tensor) else v for k, v in value.items()}
         else:
             out[key] = value
     return out
