@@ -78,6 +78,9 @@ def test_demo_runs_both_requests_and_writes_the_report(tmp_path, capsys, monkeyp
     floors = re.findall(r"UIS floor: (\d+\.\d+) \(5-95% of draws", report)
     assert len(floors) == 2 and all(float(f) > 0 for f in floors)
     assert "UIS floor of the partial-task request" in text
+    # New-user review: the attack's note (its member-AUC check, the forget AUC's spread under
+    # chance) follows each console table, not only the report's.
+    assert printed.out.count("member AUC: the same attack on held-back training members") == 2
     # Three trainings were scheduled (original, one gold model per request), none skipped.
     assert len(re.findall(r"model (trained|from the cache)", text)) == 3
     # A method that diverged has no attack AUC or UIS, a projection no kept share: the report
