@@ -763,8 +763,7 @@ def _default_outputs(checkpoint: Path, method: str) -> tuple[Path, Path]:
                              "it names a folder")
     stem, place = _chained_stem(checkpoint.stem, method)
     for branch in range(10_000):
-        tag = (method if place == 1 else f"{method}-{place}") if branch == 0 else \
-            f"{method}-{place}{_branch_letters(branch)}"
+        tag = _chain_tag(method, place, branch)
         ckpt = checkpoint.with_name(f"{stem}.{tag}.pt")
         rec = checkpoint.with_name(f"{stem}.{tag}.record.json")
         # lexists: False (not an OSError) for a name too long for the file system, which
@@ -829,7 +828,7 @@ def _later_in_chain(checkpoint: Path, method: str) -> tuple[Path, Path] | None:
         return None
 
     def at(k: int) -> Path:
-        return checkpoint.with_name(f"{stem}.{method if k == 1 else f'{method}-{k}'}.pt")
+        return checkpoint.with_name(f"{stem}.{_chain_tag(method, k)}.pt")
 
     if not os.path.lexists(at(place)):
         return None
@@ -837,6 +836,14 @@ def _later_in_chain(checkpoint: Path, method: str) -> tuple[Path, Path] | None:
     while os.path.lexists(at(newest + 1)):
         newest += 1
     return at(place), at(newest)
+
+
+def _chain_tag(method: str, place: int, branch: int = 0) -> str:
+    """The tag of a chain's default output name: ``<method>`` at place 1, ``<method>-<k>``
+    after it, a branch's letters after its place (``<method>-<k>b``)."""
+    if branch:
+        return f"{method}-{place}{_branch_letters(branch)}"
+    return method if place == 1 else f"{method}-{place}"
 
 
 def _chained_stem(stem: str, method: str) -> tuple[str, int]:
