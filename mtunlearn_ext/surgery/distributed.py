@@ -24,8 +24,8 @@ global per-task gradient is the average over ranks, ``gbar_i = (1/R) sum_r g_i^r
 local Gram, so averaging local Grams would be wrong (it is the Gram of a different, noisier
 problem). :class:`ReplicatedReducer` therefore averages the per-task gradient stacks themselves
 (``k x n`` per step, the volume of ``k`` DDP all-reduces, small tensors bucketed as DDP does)
-and then every rank aggregates locally with no further collective. Use it with a plain module (parameters broadcast once) or
-with a DDP module, preferably under ``ddp_model.no_sync()``: the per-task gradients come from
+and then every rank aggregates locally with no further collective. Use it with a plain module
+(parameters broadcast once) or with a DDP module, preferably under ``ddp_model.no_sync()``: the per-task gradients come from
 ``torch.autograd.grad``, which runs none of DDP's hooks, so DDP never reduces them itself
 (``per_task="backward"``, which would, is refused); ``no_sync`` skips DDP's preparation of a
 reduction that never comes.

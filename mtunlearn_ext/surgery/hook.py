@@ -82,9 +82,10 @@ class GradReducer(Protocol):
     Besides the two methods below, the hook calls these where a reducer has them (the
     package's sharded reducer the first three, its replicated one the last):
     ``agree_on_task_count(k, device)`` before ``per_task="backward"``'s passes, whose
-    collectives need every process to run as many; ``join_stats(stats)``, :meth:`reduce_stats` for a process with nothing to aggregate;
-    ``any_rank(flag, device)``, whether a flag holds on any process (a step every process
-    refuses together); ``nonfinite_note()``, what a refused step's message adds.
+    collectives need every process to run as many; ``join_stats(stats)``,
+    :meth:`reduce_stats` for a process with nothing to aggregate; ``any_rank(flag,
+    device)``, whether a flag holds on any process (a step every process refuses together);
+    ``nonfinite_note()``, what a refused step's message adds.
     """
 
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
