@@ -193,23 +193,15 @@ def test_unlearn_runs_with_a_custom_loss_of_another_output_layout() -> None:
         mean, log_var = pred[:, :1], pred[:, 1:]
         return (0.5 * (log_var + (target - mean) ** 2 / log_var.exp())).mean(1)
 
-    class MeanAndVariance(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU())
-            self.heads = nn.ModuleDict({"kind": nn.Linear(32, 3), "size": nn.Linear(32, 2)})
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.trunk(x)
-            return {t: h(z) for t, h in self.heads.items()}
-
     torch.manual_seed(0)
+    model = TwoHeads()
+    model.heads["size"] = nn.Linear(24, 2)  # a mean and a log-variance
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 6, generator=g)
     y = {"kind": torch.randint(0, 3, (120,), generator=g), "size": torch.randn(120, 1, generator=g)}
     _, report = mtunlearn_ext.unlearn(
-        MeanAndVariance(), tasks=[TaskSpec("kind", "classification", num_classes=3),
-                                  TaskSpec("size", "regression", loss=gaussian_nll)],
+        model, tasks=[TaskSpec("kind", "classification", num_classes=3),
+                      TaskSpec("size", "regression", loss=gaussian_nll)],
         train_data=(x, y), forget_request=ForgetRequest.create(range(10)),
         shared_parameters=lambda n: n.startswith("trunk."), config={"steps": 3})
     check = report.extra["summary"]["retained_check"]
