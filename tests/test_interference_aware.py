@@ -908,11 +908,14 @@ def test_forget_caps_do_not_depend_on_where_the_forget_ids_sit(user_setup) -> No
 
 
 def _record_cap_batches(monkeypatch) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """The ids of every batch the caps' loss pass (``_original_losses``) forwards, in order."""
+    """The ids of every batch the caps' loss pass (``_original_losses`` over the cap reference
+    set, not the forget set's own pass) forwards, in order."""
     batches: list[list[int]] = []
     original = InterferenceAware._original_losses
 
     def spy(ctx, data, loss_fns, rows, selected=None, split=None):  # type: ignore[no-untyped-def]
+        if data is ctx.problem.forget:
+            return original(ctx, data, loss_fns, rows, selected, split)
         inner = ctx.forward
 
         def recording(batch):  # type: ignore[no-untyped-def]
@@ -2561,3 +2564,82 @@ def test_the_per_layer_orthogonality_holds_after_the_task_projection_only(
     assert max(seen["task"]) < 1e-12, seen
     assert 0.05 < min(seen["instance"]) and max(seen["instance"]) < 0.2, seen
     assert 0.25 < min(seen["raw"]) and max(seen["raw"]) < 0.3, seen
+
+
+def test_forget_pairs_that_start_at_their_caps_are_counted_and_warned_of(user_setup) -> None:  # type: ignore[no-untyped-def]
+    """Newcomer audit: a run whose forget losses already stood at their caps forgot nothing
+    (the capped ascent gives such a pair no gradient) and said nothing of it. The report now
+    counts, per target task, the forget pairs that start at or above their cap, and a run
+    where at least 90% of a task's pairs do is warned of. The default caps (the retain
+    losses' 0.9 quantile) sit above this memorised forget set's losses: no warning."""
+    model, x, y = user_setup
+    common = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(20)),
+                  shared_parameters=lambda n: n.startswith("trunk."))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, report = mtunlearn_ext.unlearn(model, **common, config={"steps": 1})
+    assert not [w for w in seen if "forget pairs" in str(w.message)]
+    extra = report.extra["interference_aware"]
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(model(x[:20])["kind"], y["kind"][:20],
+                                             reduction="none")
+    at_cap = int((losses >= extra["forget_caps"]["kind"]).sum())
+    assert extra["forget_pairs_at_cap"]["kind"] == [at_cap, 20]
+    assert at_cap < 18 and extra["forget_pairs_at_cap"]["size"][1] == 20
+    # Caps at the retain losses' 1% quantile: (nearly) every forget pair starts above its cap.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, low = mtunlearn_ext.unlearn(model, **common, config={"steps": 1, "cap_quantile": 0.01})
+    assert low.extra["interference_aware"]["forget_pairs_at_cap"]["kind"][0] >= 18
+    # One warning per task at its caps, each pointing at the caller's line.
+    at_caps = [w for w in record if "forget pairs" in str(w.message)]
+    assert re.match(r"interference_aware: (1[89]|20) of the 20 forget pairs of task 'kind' start "
+                    r"at or above the task's forget cap \d\.\d+ \(the 0\.01 quantile of the "
+                    r"retain set's losses\), so its capped forget objective has (nothing|next "
+                    r"to nothing) to raise", str(at_caps[0].message))
+    assert [re.search(r"of task '(\w+)'", str(w.message)).group(1)  # type: ignore[union-attr]
+            for w in at_caps] == ["kind", "size"]
+    assert {w.filename for w in at_caps} == {__file__}
+
+
+def test_counting_the_pairs_at_their_caps_leaves_the_run_as_it_was(user_setup,
+                                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The count's pass over the forget set runs a dropout model in the steps' mode: its draws
+    come from torch's generator, and taking them would move every later step's masks. The
+    generators are given back after it: a run with the count is bit for bit the one without."""
+    _, x, y = user_setup
+
+    class Dropping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5))
+            self.kind, self.size = nn.Linear(32, 3), nn.Linear(32, 1)
+
+        def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.trunk(inputs)
+            return {"kind": self.kind(z), "size": self.size(z)}
+
+    common = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+                  forget_request=ForgetRequest.create(range(20)),
+                  shared_parameters=lambda n: n.startswith("trunk."),
+                  config={"steps": 3, "train_mode": True})
+    counted, report = mtunlearn_ext.unlearn(Dropping(), **common)
+    assert report.extra["interference_aware"]["forget_pairs_at_cap"]["kind"][1] == 20
+    monkeypatch.setattr(InterferenceAware, "_forget_pairs_at_cap",
+                        lambda self, ctx, measured: {})
+    uncounted, _ = mtunlearn_ext.unlearn(Dropping(), **common)
+    for (name, a), (_, b) in zip(counted.state_dict().items(), uncounted.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Without the generators given back, the pass's dropout draws move the steps' masks.
+    def unforked_pass(self, ctx, measured):  # type: ignore[no-untyped-def]
+        forget = ctx.problem.forget
+        per_sample = {"kind": nn.CrossEntropyLoss(reduction="none")}
+        InterferenceAware._original_losses(ctx, forget, per_sample, torch.arange(len(forget)))
+        return {}
+
+    monkeypatch.setattr(InterferenceAware, "_forget_pairs_at_cap", unforked_pass)
+    moved, _ = mtunlearn_ext.unlearn(Dropping(), **common)
+    assert not all(torch.equal(a, b) for a, b in zip(counted.state_dict().values(),
+                                                     moved.state_dict().values()))

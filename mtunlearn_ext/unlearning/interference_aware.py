@@ -81,6 +81,7 @@ from typing import ClassVar, Final, Literal, get_args
 
 import torch
 
+from mtunlearn_ext._random import forked_generators
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset
 from mtunlearn_ext.data.inputs import cat_rows, num_rows
@@ -355,6 +356,13 @@ class InterferenceAwareConfig(StepConfig):
 #: :mod:`~mtunlearn_ext.unlearning.objectives` and docs/unlearning.md for the comparison that
 #: chose it).
 DEFAULT_OBJECTIVE = "capped_ascent"
+
+#: The share of a task's forget pairs at or above their caps from the start (the capped
+#: objective gives them no gradient) at which :class:`InterferenceAware` warns.
+_AT_CAP_WARN_SHARE: Final = 0.9
+
+#: Per-sample forget losses and their instance ids, by task (``_original_losses``).
+ForgetLosses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def protection_plan(problem: UnlearningProblem, mode: ProtectMode
@@ -745,9 +753,11 @@ class InterferenceAware(GradientUnlearner):
             "coupled_tasks": coupled_tasks,
             "instance_memory": PerSampleMemory(cfg.instance_memory, track_gram=True),
         })
-        caps, cap_source = (self._calibrate_caps(ctx) if cfg.cap_quantile is not None
-                            else ({}, None))
+        caps, cap_source, forget_losses = (self._calibrate_caps(ctx)
+                                           if cfg.cap_quantile is not None else ({}, None, None))
         self._check_caps(ctx, cap_source)
+        at_cap = self._forget_pairs_at_cap(ctx, forget_losses)
+        self._warn_of_pairs_at_cap(ctx, at_cap, caps, cap_source)
         # What the run protects, as it runs: the task-level fields describe the protected
         # subspaces (none without the task projection), and the coupled instances count where
         # a component reads their retained pairs: the task projection's snapshots (of the
@@ -759,6 +769,7 @@ class InterferenceAware(GradientUnlearner):
         report.extra["interference_aware"] = {
             "forget_caps": caps,
             "forget_caps_from": cap_source,
+            "forget_pairs_at_cap": at_cap,
             "protected_tasks": protect if cfg.task_projection else [],
             "protected_by_target": ({t: list(tasks) for t, tasks in plan.items()}
                                     if cfg.task_projection else {}),
@@ -815,11 +826,13 @@ class InterferenceAware(GradientUnlearner):
         return plan
 
     @torch.no_grad()
-    def _calibrate_caps(self, ctx: StepContext) -> tuple[dict[str, float], str | None]:
+    def _calibrate_caps(self, ctx: StepContext
+                        ) -> tuple[dict[str, float], str | None, ForgetLosses | None]:
         """Set each capped objective's cap to the ``cap_quantile`` of the (original)
         model's per-sample losses of its task on the ``cap_reference`` set (with ``"rank"``:
         one cap per forget pair, see the config); returns the caps (their mean for
-        rank-matched caps) and the set's name.
+        rank-matched caps), the set's name, and the forget pairs' losses and ids where
+        rank-matching measured them (else ``None``).
 
         The losses of task ``t`` are those of the set's first ``cap_rows`` rows *supervised for
         t*, in the set's order (:func:`_cap_reference_rows`): in a partial request the retain
@@ -835,7 +848,7 @@ class InterferenceAware(GradientUnlearner):
         assert cfg.cap_quantile is not None
         capped = {t: o for t, o in ctx.objectives.items() if isinstance(o, CappedAscentObjective)}
         if not capped:
-            return {}, None
+            return {}, None, None
         problem = ctx.problem
         source = cfg.cap_reference
         if source == "auto":
@@ -892,7 +905,66 @@ class InterferenceAware(GradientUnlearner):
                 # supervise the task, masked out of the objective) needs some finite value.
                 objective.cap = float(pair_caps.max())
             caps[task] = float(pair_caps.mean())
-        return caps, source
+        return caps, source, (forget_losses, forget_ids) if rank_matched else None
+
+    @torch.no_grad()
+    def _forget_pairs_at_cap(self, ctx: StepContext, measured: ForgetLosses | None
+                             ) -> dict[str, list[int]]:
+        """For each target task with a capped objective, its cap and forget pairs: ``[pairs
+        whose original loss is already at or above their cap, pairs]``. Such a pair gives the
+        capped ascent no gradient from the first step.
+
+        ``measured``: the forget losses the calibration took (rank-matched caps). Otherwise
+        one pass over the forget set measures them, in the steps' mode, with the generators
+        given back after it: a dropout draw here would move every later step's draws, and the
+        run's result with them."""
+        capped = {t: o for t, o in ctx.objectives.items()
+                  if isinstance(o, CappedAscentObjective) and o.cap_missing is None}
+        forget = ctx.problem.forget
+        if not capped or len(forget) == 0:
+            return {}
+        if measured is None:
+            loss_fns = {task: objective.loss for task, objective in capped.items()}
+            with forked_generators(ctx.problem.device):
+                measured = self._original_losses(ctx, forget, loss_fns,
+                                                 torch.arange(len(forget)))
+        losses, ids = measured
+        counts: dict[str, list[int]] = {}
+        for task, objective in capped.items():
+            own = losses.get(task)
+            if own is None or own.numel() == 0:
+                continue
+            caps = objective.caps_for(ids[task], like=own)
+            counts[task] = [int((own >= caps).sum()), own.numel()]
+        return counts
+
+    def _warn_of_pairs_at_cap(self, ctx: StepContext, at_cap: Mapping[str, list[int]],
+                              caps: Mapping[str, float], cap_source: str | None) -> None:
+        """Warn of each task whose forget pairs start (nearly) all at or above their caps:
+        its forget objective has (next to) nothing to raise, and the run is a retain-only
+        fine-tune for it."""
+        cfg = self.config
+        for task, (at, total) in at_cap.items():
+            if at < _AT_CAP_WARN_SHARE * total:
+                continue
+            rank_matched = cfg.cap_quantile == RANK_MATCHED_CAPS and task in caps
+            if rank_matched:
+                level = f"their own rank-matched caps (mean {caps[task]:.4g})"
+            else:
+                objective = ctx.objectives[task]
+                assert isinstance(objective, CappedAscentObjective)
+                level = f"the task's forget cap {objective.cap:.4g}"
+            where = (f" (the {cfg.cap_quantile!r} quantile of the {cap_source} set's losses)"
+                     if task in caps and not rank_matched else
+                     " (the objective's own)" if not rank_matched else "")
+            warn_at_caller(
+                f"interference_aware: {at} of the {total} forget pairs of task {task!r} start "
+                f"at or above {level}{where}, so its capped forget objective has "
+                f"{'nothing' if at == total else 'next to nothing'} to raise and the run only "
+                f"repairs the retained tasks for it. The model may never have fit these pairs "
+                f"(there is little to forget: compare with a model retrained without them), "
+                f"or the caps are low: a higher `cap_quantile`, or caps from unseen data "
+                f"(cap_reference='held_out' with held-out data)")
 
     def _check_caps(self, ctx: StepContext, cap_source: str | None) -> None:
         """Refuse, before the first step, a capped objective left without a cap: its own cap
