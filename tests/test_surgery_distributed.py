@@ -59,6 +59,7 @@ from torch import nn
 
 from mtunlearn_ext.surgery import (
     MGDA,
+    Aggregator,
     Mean,
     PCGrad,
     UPGrad,
@@ -833,13 +834,34 @@ def _scenario_disagreeing_ranks(rank: int, what: str) -> float:
         wanted = ("replicated_surgery: the ranks train different parameters of `head_params` "
                   "(the positions in it of those requiring grad: rank 0: [0, 1] (2); rank 1: "
                   "[0] (1))")
+    elif what.startswith("aggregator"):
+        # Each rank its own aggregator: the replicas' updates drifted apart (replicated), the
+        # shards' weights disagreed (sharded), and a rank with a Gram-free one (Mean) left
+        # the other in the Gram's all-reduce, with no error.
+        if what.endswith("seed"):  # a seed drawn per rank: each rank other task orders
+            chosen: Aggregator = PCGrad(seed=rank)
+            said = ("rank 0: PCGrad(seed=0, reshuffle=True) with state {'weighting': "
+                    "{'calls': 0}}; rank 1: PCGrad(seed=1, reshuffle=True) with state "
+                    "{'weighting': {'calls': 0}}")
+        else:
+            chosen = UPGrad() if rank == 0 else Mean()
+            said = "rank 0: UPGrad(pref_vector=None, reg_eps=0.0); rank 1: Mean()"
+        if "sharded" in what:
+            surgery = sharded_surgery([params[i] for i in mine], chosen)
+            caller = "sharded_surgery"
+        else:
+            heads = {"head_params": params[2:]} if what.endswith("heads") else {}
+            surgery = replicated_surgery(params[:2], chosen, **heads)  # type: ignore[arg-type]
+            caller = "replicated_surgery"
+        wanted = f"{caller}: the ranks aggregate with different aggregators ({said})"
     elif what == "num_layers":
         surgery = sharded_surgery([params[i] for i in mine], UPGrad(), per_layer=mine,
                                   num_layers=4 + rank)
         wanted = "differ in num_layers (rank 0: 4, rank 1: 5)"
     else:
         surgery = sharded_surgery([params[i] for i in mine], UPGrad())
-        wanted = ("differ in the number of losses k (rank 0: 2, rank 1: 3)" if what == "k"
+        wanted = ("sharded_surgery: the ranks passed different numbers of losses k (rank 0: 2, "
+                  "rank 1: 3), so the ranks' Grams cannot be added up" if what == "k"
                   else "differ in dtype (rank 0: float64, rank 1: float32)")
     try:
         surgery.backward(current)
@@ -1084,7 +1106,8 @@ def _agreement_scenarios() -> dict[str, Callable[[int], float]]:
     for what in ("k", "num_layers", "dtype", "k_replicated", "k_replicated_heads",
                  "frozen_shared_count", "frozen_shared_swapped", "frozen_shared_heads_count",
                  "frozen_shared_heads_swapped", "frozen_shared_all", "frozen_shared_all_heads",
-                 "frozen_head"):
+                 "frozen_head", "aggregator_replicated", "aggregator_replicated_heads",
+                 "aggregator_replicated_seed", "aggregator_sharded", "aggregator_sharded_seed"):
         table[f"disagreeing_ranks-{what}"] = lambda r, w=what: _scenario_disagreeing_ranks(r, w)
     return table
 

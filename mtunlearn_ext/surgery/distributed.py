@@ -30,6 +30,12 @@ and then every rank aggregates locally with no further collective. Use it with a
 (``per_task="backward"``, which would, is refused); ``no_sync`` skips DDP's preparation of a
 reduction that never comes.
 
+What the ranks must agree on (the number of losses, the shared parameters and heads taking
+part, the aggregator and its settings, the Gram's layout and dtype) is checked in small integer
+all-reduces, each value beside its negation so that one MAX gives the largest and the smallest:
+on a mismatch every rank raises the same ``ValueError``, instead of aborting (gloo) or hanging
+(NCCL) in a collective of mismatched sizes, or combining different weights without an error.
+
 Backend: collectives go to the backend of the tensors' device; initialise with
 :func:`default_backend` (``"cpu:gloo,cuda:nccl"`` when CUDA is present) so that CUDA Grams use
 NCCL and CPU ones gloo.
@@ -38,6 +44,7 @@ NCCL and CPU ones gloo.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TypeVar, cast
@@ -256,10 +263,29 @@ class ShardedReducer:
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
                           head_tasks: Sequence[int] | None = None,
-                          stack_names: Sequence[str] | None = None) -> None:
-        """Nothing to do: shard-local per-task gradients are already the global ones (and
+                          stack_names: Sequence[str] | None = None,
+                          aggregator: Aggregator | Weighting | None = None) -> None:
+        """No averaging: shard-local per-task gradients are already the global ones (and
         whether a task reached a shard is this rank's own business: it writes only its
-        shards)."""
+        shards). With ``aggregator`` (the surgery's), the ranks check that they aggregate
+        alike and pass the same number of losses, raising on every rank if not: each rank
+        weights its own shards, so different aggregators (or settings) gave an update whose
+        shards disagree, without an error, and a rank with a Gram-free one (Mean, Sum) left
+        the others waiting in the Gram's all-reduce. One all-reduce (MAX) of 4 integers."""
+        if aggregator is None:
+            return
+        device = _check_device([*stacks, *head_grads], self.group)
+        k = stacks[0].shape[0] if stacks else 0  # (a rank without shards: not known here)
+        description = _aggregator_description(aggregator)
+        agreed = [k, _digest(description)]
+        mine = torch.tensor([*agreed, *(-v for v in agreed)], dtype=torch.int64, device=device)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
+        values = mine.tolist()
+        if _losses_differ(values[0], -values[2]):
+            raise ValueError(_losses_mismatch(k, self.group, "sharded_surgery",
+                                              "the ranks' Grams cannot be added up"))
+        if values[1] != -values[3]:
+            raise ValueError(_aggregator_mismatch("sharded_surgery", description, self.group))
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Global Gram matrix = SUM over ranks of the shard Grams (one ``k x k`` all-reduce,
@@ -348,11 +374,14 @@ class ReplicatedReducer:
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
                           head_tasks: Sequence[int] | None = None,
-                          stack_names: Sequence[str] | None = None) -> None:
+                          stack_names: Sequence[str] | None = None,
+                          aggregator: Aggregator | Weighting | None = None) -> None:
         """Average of every per-task stack and head gradient over the ranks, in place;
         ``reached`` (per stack) becomes whether any rank reached the parameter.
         ``stack_names`` (the shared parameters', one per stack) tell the ranks whether they
-        take part with the same ones: one frozen on some ranks only is refused on every rank."""
+        take part with the same ones: one frozen on some ranks only is refused on every rank.
+        ``aggregator`` (the surgery's) likewise: ranks aggregating with different ones (or
+        settings) are refused, in the same check (no collective of its own)."""
         device = _check_device([*stacks, *head_grads, *(self.head_params or [])], self.group)
         flags = [] if reached is None else reached
         # k: a rank without shared stacks (all frozen, as on every replica) has nothing of k
@@ -363,13 +392,14 @@ class ReplicatedReducer:
         hits = torch.tensor([float(r) for r in flags], device=device)
         if self.head_params is None:
             heads, tasks = _canonical_order(head_grads, head_tasks)
-            _check_same_heads(heads, tasks, shared, device, self.group, k)
+            _check_same_heads(heads, tasks, shared, device, self.group, k,
+                              _aggregator_description(aggregator))
             _all_reduce_mean([*stacks, *heads, hits], self.group)
             flags[:] = [share > 0 for share in hits.tolist()]
             return
         trainable = [p.requires_grad for p in self.head_params]
         layouts = _agreed_head_layouts(self.head_params, trainable, shared, k, device,
-                                       self.group)
+                                       self.group, _aggregator_description(aggregator))
         heads = [p for p, t in zip(self.head_params, trainable) if t]
         layouts = [layout for layout, t in zip(layouts, trainable) if t]
         fillers = {id(p): _zero_grad(p, sparse_dims)
@@ -429,33 +459,36 @@ def _zero_grad(head: torch.Tensor, sparse_dims: int) -> torch.Tensor:
 
 def _agreed_head_layouts(listed: Sequence[torch.Tensor], trainable: Sequence[bool],
                          shared: Sequence[_SharedDescription], k: int, device: torch.device,
-                         group: ProcessGroup | None) -> list[int]:
+                         group: ProcessGroup | None, aggregator: str = "") -> list[int]:
     """Before the average of the stacks and the listed heads: every rank checks that the ranks
     passed the same number of losses (else the stacks' all-reduce pairs different sizes), take
-    part with the same shared parameters and train the same listed heads (a parameter frozen
-    on some ranks only gave collectives of different sizes, and gloo aborted every process),
-    and learns each listed head's layout (:func:`_sparse_dims`, the largest over the ranks:
+    part with the same shared parameters, aggregate with the same aggregator
+    (``aggregator``: :func:`_aggregator_description`) and train the same listed heads (a
+    parameter frozen on some ranks only gave collectives of different sizes, and gloo aborted
+    every process), and learns each listed head's layout (:func:`_sparse_dims`, the largest over the ranks:
     sparse where some rank's gradient is sparse). A head no loss reached here gets a zero of
     that layout: a dense zero beside another rank's sparse gradient made the two ranks run
     different collectives (a sparse all-reduce against a dense one), and both waited forever.
-    One all-reduce (MAX) of 8 integers and one per listed head; on a mismatch, one gather for
+    One all-reduce (MAX) of 10 integers and one per listed head; on a mismatch, one gather for
     the message."""
     shared_digest = _digest(shared)
     trained = [i for i, t in enumerate(trainable) if t]
     heads_digest = _digest(trained)
-    agreed = [k, len(shared), shared_digest, heads_digest]
+    agreed = [k, len(shared), shared_digest, _digest(aggregator), heads_digest]
     mine = [*agreed, *(-v for v in agreed),
             *(0 if not t or p.grad is None else _sparse_dims(p.grad)
               for p, t in zip(listed, trainable))]
     header = torch.tensor(mine, dtype=torch.int64, device=device)
     dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
     values = header.tolist()
-    most, fewest, layouts = values[:4], [-v for v in values[4:8]], values[8:]
+    most, fewest, layouts = values[:5], [-v for v in values[5:10]], values[10:]
     if _losses_differ(most[0], fewest[0]):
         raise ValueError(_losses_mismatch(k, group))
     if most[1:3] != fewest[1:3]:
         raise ValueError(_shared_mismatch(shared, group))
     if most[3] != fewest[3]:
+        raise ValueError(_aggregator_mismatch("replicated_surgery", aggregator, group))
+    if most[4] != fewest[4]:
         per_rank: list[list[int] | None] = [None] * dist.get_world_size(group)
         dist.all_gather_object(per_rank, trained, group=group)
         said = "; ".join(f"rank {r}: {_indices(t or [])}" for r, t in enumerate(per_rank))
@@ -530,26 +563,29 @@ def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] 
 
 def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] | None,
                       shared: Sequence[_SharedDescription], device: torch.device,
-                      group: ProcessGroup | None, k: int = 0) -> None:
+                      group: ProcessGroup | None, k: int = 0, aggregator: str = "") -> None:
     """Raise on every rank if the ranks passed different numbers of losses ``k``, take part
-    with different shared parameters (one frozen on some ranks only) or found different head
-    gradients to average (their count, or which tasks reach them and their shapes, in order,
-    differ), saying which. One all-reduce (MAX) of 10 integers, of the same size on every rank
-    whatever it found (collectives of different sizes abort gloo); on a mismatch, one gather
-    for the message."""
-    agreed = [k, len(shared), _digest(shared), len(head_grads),
+    with different shared parameters (one frozen on some ranks only), aggregate with
+    different aggregators (``aggregator``: :func:`_aggregator_description`) or found
+    different head gradients to average (their count, or which tasks reach them and their
+    shapes, in order, differ), saying which. One all-reduce (MAX) of 12 integers, of the same
+    size on every rank whatever it found (collectives of different sizes abort gloo); on a
+    mismatch, one gather for the message."""
+    agreed = [k, len(shared), _digest(shared), _digest(aggregator), len(head_grads),
               _heads_digest(head_grads, head_tasks)]
     mine = torch.tensor([*agreed, *(-v for v in agreed)], dtype=torch.int64, device=device)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
     values = mine.tolist()
-    most, fewest = values[:5], [-v for v in values[5:]]
+    most, fewest = values[:6], [-v for v in values[6:]]
     if _losses_differ(most[0], fewest[0]):
         # k first: with another number of losses the heads differ too (the tasks reaching
         # them), and "pass head_params" would not help.
         raise ValueError(_losses_mismatch(k, group))
     if most[1:3] != fewest[1:3]:
         raise ValueError(_shared_mismatch(shared, group))
-    if most[3:] != fewest[3:]:
+    if most[3] != fewest[3]:
+        raise ValueError(_aggregator_mismatch("replicated_surgery", aggregator, group))
+    if most[4:] != fewest[4:]:
         # Every rank sees the same reduced numbers, so every rank takes this branch and its
         # gather: no rank is left waiting in a collective.
         per_rank: list[list[_HeadDescription] | None] = [None] * dist.get_world_size(group)
@@ -604,6 +640,38 @@ def _digest(described: object) -> int:
     descriptions (no per-process salt, unlike ``hash``)."""
     return int.from_bytes(hashlib.blake2b(repr(described).encode(), digest_size=8).digest(),
                           "big") >> 2
+
+
+def _aggregator_description(aggregator: Aggregator | Weighting | None) -> str:
+    """What every rank's aggregator must agree on, in words: its class, its settings (its
+    ``repr``) and the extra state of its modules (PCGrad's call count, which picks the task
+    orders). Equal on every process for equal aggregators; ``""`` when not known."""
+    if aggregator is None:
+        return ""
+    states = {name or type(module).__name__: module.get_extra_state()
+              for name, module in aggregator.named_modules()
+              if type(module).get_extra_state is not torch.nn.Module.get_extra_state}
+    kind = type(aggregator)
+    text = f"{kind.__module__}.{kind.__qualname__}: {aggregator!r}" + (
+        f" with state {states!r}" if states else "")
+    # An object's default repr names its address, which differs between processes.
+    return _ADDRESS.sub("", text)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _aggregator_mismatch(caller: str, description: str, group: ProcessGroup | None) -> str:
+    """Each rank's aggregator, for the message of ranks that disagree on it (every rank takes
+    this gather, having seen the same reduced header)."""
+    per_rank: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(per_rank, description, group=group)
+    said = "; ".join(f"rank {r}: {d.split(': ', 1)[-1] if d else 'not known'}"
+                     for r, d in enumerate(per_rank))
+    return (f"{caller}: the ranks aggregate with different aggregators ({said}), so each "
+            "weights the same task gradients differently and the ranks' updates disagree; "
+            "build every rank's surgery with the same aggregator and settings (a seed drawn "
+            "per rank, such as PCGradWeighting(seed=rank), gives every rank other task orders)")
 
 
 def _head_differences(per_rank: Sequence[Sequence[_HeadDescription] | None]) -> str:

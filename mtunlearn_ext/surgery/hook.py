@@ -91,7 +91,8 @@ class GradReducer(Protocol):
     def reduce_task_grads(self, stacks: list[torch.Tensor], head_grads: list[torch.Tensor], *,
                           reached: list[bool] | None = None,
                           head_tasks: Sequence[int] | None = None,
-                          stack_names: Sequence[str] | None = None) -> None:
+                          stack_names: Sequence[str] | None = None,
+                          aggregator: Aggregator | Weighting | None = None) -> None:
         """In place, before the Gram pass: e.g. average data-parallel per-task gradients.
 
         ``reached`` (one flag per stack: some task's loss reached that shared parameter in this
@@ -102,7 +103,8 @@ class GradReducer(Protocol):
         same ones); ``None`` when not known. ``stack_names``: the shared parameters' names in
         the surgery, one per stack (how processes can tell whether they take part with the
         same ones); passed only to a reducer whose signature names it (or takes
-        ``**kwargs``)."""
+        ``**kwargs``). ``aggregator``: the surgery's aggregator (how processes can tell whether
+        they weight the task gradients alike), passed on the same terms."""
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """The global Gram matrix from the local one (SUM over shards, or identity)."""
@@ -522,6 +524,9 @@ class GradientSurgery:
         # readable signature keeps the second form, as before it existed).
         self._reducer_takes_names = reducer is not None and _takes_keywords(
             reducer, "stack_names", unreadable=False)
+        # Likewise `aggregator` (how processes tell whether they aggregate alike).
+        self._reducer_takes_aggregator = reducer is not None and _takes_keywords(
+            reducer, "aggregator", unreadable=False)
         # None: the aggregator's own setting (UPGrad(check_finite=False) under a GradScaler
         # was overridden by this default, True, and the step refused).
         self.check_finite: bool = (getattr(aggregator, "check_finite", True)
@@ -1373,7 +1378,10 @@ class GradientSurgery:
         # not become those, or every later step would aggregate this one's gradients.
         stacks = list(stacks)
         if self.reducer is not None and self._reducer_merges_reach:
-            named = {"stack_names": active.names} if self._reducer_takes_names else {}
+            named: dict[str, object] = (
+                {"stack_names": active.names} if self._reducer_takes_names else {})
+            if self._reducer_takes_aggregator:
+                named["aggregator"] = self.aggregator
             self.reducer.reduce_task_grads(stacks, [local_tensor(h) for h in found.heads],
                                            reached=reached, head_tasks=found.head_tasks,
                                            **named)
