@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -1378,7 +1378,7 @@ class GradientSurgery:
         # not become those, or every later step would aggregate this one's gradients.
         stacks = list(stacks)
         if self.reducer is not None and self._reducer_merges_reach:
-            named: dict[str, object] = (
+            named: dict[str, Any] = (
                 {"stack_names": active.names} if self._reducer_takes_names else {})
             if self._reducer_takes_aggregator:
                 named["aggregator"] = self.aggregator
