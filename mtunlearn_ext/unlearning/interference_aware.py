@@ -910,8 +910,8 @@ class InterferenceAware(GradientUnlearner):
     @torch.no_grad()
     def _forget_pairs_at_cap(self, ctx: StepContext, measured: ForgetLosses | None
                              ) -> dict[str, list[int]]:
-        """For each target task with a capped objective, its cap and forget pairs: ``[pairs
-        whose original loss is already at or above their cap, pairs]``. Such a pair gives the
+        """For each target task whose capped objective has a cap: ``[forget pairs whose
+        original loss is already at or above their cap, forget pairs]``. Such a pair gives the
         capped ascent no gradient from the first step.
 
         ``measured``: the forget losses the calibration took (rank-matched caps). Otherwise
