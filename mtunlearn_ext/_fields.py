@@ -7,12 +7,13 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import math
+import operator
 import sys
 import types
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["check_field_types", "choice_of", "unknown_fields"]
+__all__ = ["check_field_types", "choice_of", "integer_value", "unknown_fields"]
 
 #: A closed set of strings, typed as a ``Literal`` (``Literal["sgd", "adam"]``).
 C = TypeVar("C", bound=str)
@@ -26,6 +27,29 @@ def choice_of(value: object, choices: tuple[C, ...]) -> C | None:
     if not isinstance(value, str):
         return None
     return next((choice for choice in choices if choice == value), None)
+
+
+def integer_value(value: object) -> int | None:
+    """``value`` as the Python int it stands for, or ``None`` (the caller refuses it in its own
+    words): a Python int, a NumPy integer (``np.int64(3)``, as indexing an array or
+    ``np.random.randint`` gives) or a 0-d integer array or tensor, which is what
+    ``operator.index`` takes. Arguments are stored as that plain int: records are JSON.
+
+    Refused: a bool of any kind (``True`` would count as 1; torch's ``__index__`` takes a bool
+    tensor for 0 or 1), a float even when it is whole (``2.0``: the argument checks have
+    always refused it, as the config fields do), and a tensor with dimensions (torch's
+    ``__index__`` takes any one-element tensor, ``[[3]]`` too)."""
+    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0 or _is_bool_tensor(value):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _is_bool_tensor(value: object) -> bool:
+    torch = sys.modules.get("torch")  # no tensor made without torch loaded
+    return torch is not None and isinstance(value, torch.Tensor) and value.dtype == torch.bool
 
 
 def unknown_fields(config_class: type, keys: collections.abc.Iterable[str]

@@ -14,7 +14,16 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-__all__ = ["forked_generators", "seed_generators", "seeded_generators"]
+__all__ = ["MAX_RUN_SEED", "TORCH_SEED_LIMIT", "forked_generators", "seed_generators",
+           "seeded_generators"]
+
+#: The largest seed of a run (the commands' ``--seed``, :class:`ExperimentConfig`): numpy's
+#: and scikit-learn's ``random_state`` (the data splits) take ``[0, 2**32 - 1]``; torch's
+#: generators take more.
+MAX_RUN_SEED = 2**32 - 1
+#: Seeds of torch's generators lie below this (``manual_seed`` unpacks a 64-bit unsigned
+#: integer; a larger one fails with "Overflow when unpacking long long").
+TORCH_SEED_LIMIT = 2**64
 
 
 def _cuda_index(device: torch.device | str) -> int | None:

@@ -38,6 +38,7 @@ import torch
 
 from mtunlearn_ext._errors import NonFiniteError, OutputTakenError, UserInputError
 from mtunlearn_ext._io import json_safe, write_json_new
+from mtunlearn_ext._random import MAX_RUN_SEED
 from mtunlearn_ext._text import (display_width, pad_to, visible_controls,
                                  without_digit_limit_advice)
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, MtUnlearnWarning
@@ -537,20 +538,15 @@ def _json_arg(text: str | None, argument: str) -> dict[str, Any]:
     return value
 
 
-#: The largest seed: numpy's and scikit-learn's ``random_state`` (the data splits) take
-#: ``[0, 2**32 - 1]``; torch's generators take more.
-_MAX_SEED = 2**32 - 1
-
-
 def _check_seed(seed: int | None) -> None:
-    """Seeds are integers in ``[0, _MAX_SEED]``, the range every generator the commands seed
+    """Seeds are integers in ``[0, MAX_RUN_SEED]``, the range every generator the commands seed
     takes (a larger one would fail deep inside, blamed on another argument)."""
 
     if seed is not None and seed < 0:
         raise UserInputError("--seed", "an integer >= 0", seed)
-    if seed is not None and seed > _MAX_SEED:
+    if seed is not None and seed > MAX_RUN_SEED:
         raise UserInputError("--seed", "an integer in [0, 2**32-1]", seed,
-                             f"numpy/scikit-learn seeds are 32-bit (at most {_MAX_SEED})")
+                             f"numpy/scikit-learn seeds are 32-bit (at most {MAX_RUN_SEED})")
 
 
 def _say(*parts: object, **print_options: Any) -> None:

@@ -46,7 +46,7 @@ from mtunlearn_ext._errors import UserInputError
 from mtunlearn_ext._fields import check_field_types
 from mtunlearn_ext._io import json_safe, json_sha256, write_text_atomic
 from mtunlearn_ext._progress import within
-from mtunlearn_ext._random import forked_generators, seed_generators
+from mtunlearn_ext._random import MAX_RUN_SEED, forked_generators, seed_generators
 from mtunlearn_ext._text import display_width, pad_to, visible_controls
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
@@ -181,6 +181,12 @@ class ExperimentConfig:
             raise ValueError("ExperimentConfig: `eval_batch_size` must be >= 1")
         if self.seed < 0:
             raise ValueError(f"ExperimentConfig: `seed` must be >= 0, got {self.seed}")
+        # The commands' --seed range: the seed feeds the generators `train` and `unlearn`
+        # seed (load_benchmark, default_recipe, build_model), so a run here can be repeated
+        # there; digits' split (scikit-learn) takes 32 bits.
+        if self.seed > MAX_RUN_SEED:
+            raise ValueError(f"ExperimentConfig: `seed` must be in [0, 2**32-1] (numpy/"
+                             f"scikit-learn seeds are 32-bit), got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"ExperimentConfig: `threads` must be >= 1, got {self.threads}")
 

@@ -34,7 +34,7 @@ from mtunlearn_ext._expansion import MAX_ADDED_BY_SHARING, SelfContainingError, 
 from mtunlearn_ext._fields import check_field_types, unknown_fields
 from mtunlearn_ext._io import atomic_torch_save, tensor_bytes
 from mtunlearn_ext._progress import report as progress_report
-from mtunlearn_ext._random import seeded_generators
+from mtunlearn_ext._random import TORCH_SEED_LIMIT, seeded_generators
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec, batch_to
 from mtunlearn_ext.losses import masked_multitask_loss
 from mtunlearn_ext.models.base import MultiTaskModel, check_takes_task_names, device_of
@@ -112,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: `warmup_steps` must be >= 0, got {self.warmup_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig: `grad_clip` must be > 0 or None, got {self.grad_clip}")
+        # The range RetrainConfig's seed override has, which seeds the same generators here.
+        if not 0 <= self.seed < TORCH_SEED_LIMIT:
+            raise ValueError(f"TrainConfig: `seed` must be an int in [0, 2**64), got "
+                             f"{self.seed!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"TrainConfig: `num_threads` must be >= 1 or None, got "
                              f"{self.num_threads}")

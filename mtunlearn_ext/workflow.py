@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._errors import NonFiniteError, OutputTakenError, UserInputError
-from mtunlearn_ext._fields import choice_of
+from mtunlearn_ext._fields import choice_of, integer_value
 from mtunlearn_ext._io import (
     name_max,
     path_max,
@@ -257,8 +257,8 @@ def parse_ids(value: str | Sequence[int] | None, argument: str) -> list[int] | N
                 raise UserInputError(argument, "ids of training instances", f"an id of "
                                      f"{len(token):,} digits{where}", "no instance has such an "
                                      "id") from None
-        elif isinstance(token, int) and not isinstance(token, bool):
-            ids.append(token)
+        elif (number := integer_value(token)) is not None:  # NumPy's integers in a list too
+            ids.append(number)
         else:
             where = f"line {lines[i]} of {str(path)!r}" if i in lines else ""
             # A lone word that is no id was most likely meant as a file of ids.

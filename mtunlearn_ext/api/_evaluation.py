@@ -50,7 +50,7 @@ def evaluate(model: nn.Module, data: DataLike, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"evaluate: `model` must be an nn.Module returning task -> output, got "
                         f"{type(model).__name__}")
-    check_positive_int(batch_size, "batch_size", "evaluate")
+    batch_size = check_positive_int(batch_size, "batch_size", "evaluate")
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise ValueError(f"evaluate: `model` has {len(on_meta)} tensor(s) on the meta device "

@@ -441,7 +441,7 @@ def unlearn(model: ModelT, *,
         before_r = _mean_losses(wrapped, retain)
         kept_rows = _kept_rows(retain)
         kept_before, not_checked = _kept_metrics(wrapped, kept_rows)
-        audit_before = _audit(wrapped, problem, audit, seed)[0] if audit is not None else {}
+        audit_before = _audit(wrapped, problem, audit, problem.seed)[0] if audit is not None else {}
         bar = progress_bar(unlearner) if progress else None
         try:
             # build_problem validated it, and nothing since has changed it.
@@ -466,7 +466,7 @@ def unlearn(model: ModelT, *,
                            "not_checked": not_checked},
     }
     if audit is not None:
-        audit_after, spread = _audit(result.model, problem, audit, seed)
+        audit_after, spread = _audit(result.model, problem, audit, problem.seed)
         for key in audit_before:
             result.report.extra["summary"][f"{key}_before"] = audit_before[key]
             result.report.extra["summary"][f"{key}_after"] = audit_after[key]

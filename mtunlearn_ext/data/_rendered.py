@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext.data._raycast import Scene, focal_length
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, _integer_or_none
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 
 __all__ = ["RenderedKind", "make_rendered_benchmark"]
 
@@ -62,7 +63,7 @@ def make_rendered_benchmark(kind: RenderedKind, num_train: int, num_test: int,
     Train ids are ``0 .. num_train - 1``, test ids follow, then the validation ids.
     """
     fn = f"make_{kind.name}"
-    number = _integer_or_none(seed)
+    number = integer_value(seed)
     if number is None or number < 0:  # True was taken for seed 1, None failed inside numpy
         raise ValueError(f"{fn}: `seed` must be an integer >= 0, got {seed!r}")
     seed = number

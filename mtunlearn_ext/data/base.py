@@ -9,7 +9,6 @@ pairs of the forget instances and leaves their other tasks' labels in place.
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtunlearn_ext._errors import UnknownNameError
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import (
     Inputs,
@@ -32,17 +32,6 @@ from mtunlearn_ext.data.inputs import (
 
 TaskKind = Literal["classification", "segmentation", "depth", "normals", "regression", "binary"]
 TASK_KINDS: tuple[TaskKind, ...] = get_args(TaskKind)
-
-
-def _integer_or_none(value: object) -> int | None:
-    """``value`` as a Python int when it is an integer of any type (NumPy's too), else
-    ``None``: a bool (``True`` would read as 1), a fraction, a string."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -95,7 +84,7 @@ class TaskSpec:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"TaskSpec: `kind` must be one of {TASK_KINDS}, got {self.kind!r}")
         if self.num_classes is not None:
-            number = _integer_or_none(self.num_classes)
+            number = integer_value(self.num_classes)
             if number is None:
                 raise TypeError(f"TaskSpec: task {self.name!r}: `num_classes` must be an integer "
                                 f">= 1 or None, got {type(self.num_classes).__name__} "
@@ -107,7 +96,7 @@ class TaskSpec:
                                  f"integer >= 1 or None, got {self.num_classes}")
         if self.kind in ("classification", "segmentation") and not self.num_classes:
             raise ValueError(f"TaskSpec: task {self.name!r} of kind {self.kind} needs num_classes")
-        ignore_index = _integer_or_none(self.ignore_index)
+        ignore_index = integer_value(self.ignore_index)
         if ignore_index is None:
             raise TypeError(f"TaskSpec: task {self.name!r}: `ignore_index` must be an integer, "
                             f"got {type(self.ignore_index).__name__} {self.ignore_index!r}")

@@ -14,7 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, _integer_or_none
+from mtunlearn_ext._fields import integer_value
+from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec
 
 __all__ = ["DIGITS_VERSION", "digits_tasks", "make_digits"]
 
@@ -44,7 +45,7 @@ def make_digits(seed: int = 0, test_fraction: float = 0.25,
         test_fraction: share of the instances in the test set, in ``(0, 1)``.
         num_samples: use a stratified subsample of this many instances (default all).
     """
-    number = _integer_or_none(seed)
+    number = integer_value(seed)
     if number is None or not 0 <= number < 2 ** 32:
         # scikit-learn takes random_state=None for a fresh random split: make_digits(seed=None)
         # gave other training instances (other ids) at every call, recorded as seed None.

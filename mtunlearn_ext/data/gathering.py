@@ -51,6 +51,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._random import forked_generators
 from mtunlearn_ext.data.base import (
     MultiTaskDataset,
@@ -716,10 +717,13 @@ def _read(source: Dataset[Any] | DataLoader[Any] | Iterable[Any],
             multiprocessing_context: str | None = None) -> tuple[MultiTaskDataset, bool]:
     specs = task_spec_list(tasks, "gather: `tasks` must be a sequence of TaskSpec (one per "
                                   "task, in column order)")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    workers = integer_value(num_workers)
+    if workers is None or workers < 0:
         raise ValueError(f"gather: `num_workers` must be an integer >= 0, got {num_workers!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    per_task = integer_value(batch_size)
+    if per_task is None or per_task < 1:
         raise ValueError(f"gather: `batch_size` must be an integer >= 1, got {batch_size!r}")
+    num_workers, batch_size = workers, per_task
     methods = multiprocessing.get_all_start_methods()
     if multiprocessing_context is not None and multiprocessing_context not in methods:
         raise ValueError(f"gather: `multiprocessing_context` must be None or one of {methods} "

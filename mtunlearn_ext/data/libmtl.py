@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext.data.base import (
     NORMAL_LENGTH_SLACK,
     Benchmark,
@@ -411,18 +412,27 @@ def _load_split(split_dir: Path, folders: list[str], num_classes: int,
     return inputs, targets, numbers, None if bool(presence.all()) else presence
 
 
-def _check_arguments(name: str, size: object, max_train: object, max_test: object) -> None:
+def _checked_arguments(name: str, size: object, max_train: object, max_test: object
+                       ) -> tuple[tuple[int, int] | None, int | None, int | None]:
+    """``(size, max_train, max_test)``, checked, NumPy's integers as the Python ints they
+    stand for."""
     # Checked here: torch's interpolate and Python's slicing took them otherwise (a negative
     # max_train dropped the last files, 0 failed in torch.stack, size (0, 5) deep in torch).
-    if size is not None and not (
-            isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+    height: int | None = None
+    width: int | None = None
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        height, width = integer_value(size[0]), integer_value(size[1])
+    if size is not None and (height is None or width is None or min(height, width) < 1):
         raise ValueError(f"{name}: `size` must be None or (height, width), two integers >= 1, "
                          f"got {size!r}")
+    limits: list[int | None] = []
     for arg, value in (("max_train", max_train), ("max_test", max_test)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        limit = integer_value(value)
+        if value is not None and (limit is None or limit < 1):
             raise ValueError(f"{name}: `{arg}` must be None or an integer >= 1, got {value!r}")
+        limits.append(limit)
+    height_width = None if height is None or width is None else (height, width)
+    return height_width, limits[0], limits[1]
 
 
 def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
@@ -451,7 +461,7 @@ def load_libmtl(root: str | os.PathLike[str], name: str, tasks: list[TaskSpec],
     the nearest source pixel to each output pixel's centre (``nearest-exact``), so targets stay
     aligned with the image.
     """
-    _check_arguments(name, size, max_train, max_test)
+    size, max_train, max_test = _checked_arguments(name, size, max_train, max_test)
     base = Path(root).expanduser()
     if not base.is_dir():
         raise LayoutError(f"{name}: data root {base} does not exist or is not a directory")

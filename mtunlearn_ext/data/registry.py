@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar, get_args, overload
 import torch
 
 from mtunlearn_ext._definitions import defined_name, same_definition
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._io import atomic_torch_save
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.data.base import Benchmark, MultiTaskDataset, TaskSpec, describe_callable
@@ -265,8 +266,10 @@ def load_benchmark(name: str, *, seed: int = 0, size: Size = "small",
     """
     if size not in SIZES:
         raise ValueError(f"load_benchmark: unknown size {size!r}; choose one of {SIZES}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    number = integer_value(seed)
+    if number is None or number < 0:
         raise ValueError(f"load_benchmark: `seed` must be an integer >= 0, got {seed!r}")
+    seed = number
     if name in _REGISTERED:
         benchmark = _REGISTERED[name](seed=seed, size=size, data_root=data_root)
         if not isinstance(benchmark, Benchmark) or benchmark.name != name:
@@ -331,10 +334,14 @@ def unseen_instances(name: str, count: int, *, seed: int = 0, size: Size = "smal
                          f"of {GENERATED_BENCHMARKS}")
     if size not in SIZES:
         raise ValueError(f"unseen_instances: unknown size {size!r}; choose one of {SIZES}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    number = integer_value(count)
+    if number is None or number < 1:
         raise ValueError(f"unseen_instances: `count` must be a positive int, got {count!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < UNSEEN_SEED_OFFSET:
+    count = number
+    number = integer_value(seed)
+    if number is None or not 0 <= number < UNSEEN_SEED_OFFSET:
         raise ValueError(f"unseen_instances: `seed` must be an int in [0, 2**40), got {seed!r}")
+    seed = number
     generate, _, sizes = _GENERATED[name]
     # The test split of a generator seed is its own stream: one training instance is the
     # generators' minimum and changes nothing in it.

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.data.inputs import inputs_to, take_rows
 from mtunlearn_ext.losses import task_loss
@@ -24,11 +25,13 @@ def _resolve(dataset: MultiTaskDataset, tasks: Sequence[TaskSpec | str] | None
     return [(dataset.task_index(n), dataset.tasks[dataset.task_index(n)]) for n in names]
 
 
-def check_positive_int(value: object, name: str, caller: str) -> None:
-    """Raise ``ValueError`` (``caller: `name` must be an integer >= 1, got ...``) unless
-    ``value`` is an int >= 1 (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_positive_int(value: object, name: str, caller: str) -> int:
+    """``value`` as a Python int >= 1 (NumPy's integers too); ``ValueError`` (``caller: `name`
+    must be an integer >= 1, got ...``) for anything else, a bool or ``2.0`` included."""
+    number = integer_value(value)
+    if number is None or number < 1:
         raise ValueError(f"{caller}: `{name}` must be an integer >= 1, got {value!r}")
+    return number
 
 
 def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
@@ -42,7 +45,7 @@ def evaluate(model: MultiTaskModel, dataset: MultiTaskDataset,
     model runs in eval mode without gradients and is put back in its previous mode, its
     buffers' values too (:func:`~mtunlearn_ext.models.modes.measuring`).
     """
-    check_positive_int(batch_size, "batch_size", "evaluate")
+    batch_size = check_positive_int(batch_size, "batch_size", "evaluate")
     check_takes_task_names(model, "evaluate")
     resolved = _resolve(dataset, tasks)
     accumulators = {spec.name: make_accumulator(spec) for _, spec in resolved}
@@ -75,7 +78,7 @@ def per_sample_task_losses(model: MultiTaskModel, dataset: MultiTaskDataset,
                            ) -> torch.Tensor:
     """``[N, T]`` float64: :func:`~mtunlearn_ext.losses.task_loss` of every row and task, NaN
     where the pair is not supervised (columns follow ``tasks``, default the data set's)."""
-    check_positive_int(batch_size, "batch_size", "per_sample_task_losses")
+    batch_size = check_positive_int(batch_size, "batch_size", "per_sample_task_losses")
     resolved = _resolve(dataset, tasks)
     losses = torch.full((len(dataset), len(resolved)), float("nan"), dtype=torch.double)
     device = device_of(model)

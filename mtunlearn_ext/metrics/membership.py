@@ -24,7 +24,6 @@ the attack works.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -34,6 +33,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._warnings import MtUnlearnRuntimeWarning, warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
 from mtunlearn_ext.metrics.evaluate import per_sample_task_losses
@@ -149,13 +149,14 @@ def membership_attack(model: MultiTaskModel, members: MultiTaskDataset,
     """
     if attack not in ATTACKS:
         raise ValueError(f"membership_attack: unknown attack {attack!r} (one of {ATTACKS})")
-    if (isinstance(max_members, bool) or not isinstance(max_members, numbers.Integral)
-            or max_members < 2):
+    cap = integer_value(max_members)
+    if cap is None or cap < 2:
         # A negative cap sliced members off the end ([:-1] kept all but one); 0 or 1 left a
         # half empty, and sklearn failed on it with a message that names neither.
         raise ValueError(f"membership_attack: `max_members` must be an integer >= 2 (half fit "
                          f"the attack, half are the member AUC's positives), got "
                          f"{max_members!r}")
+    max_members = cap
     if tasks is None:
         labelled = forget.labelled_pairs(forget.task_names).any(dim=0)
         names = [t for j, t in enumerate(forget.task_names) if bool(labelled[j])]

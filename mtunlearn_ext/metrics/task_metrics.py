@@ -34,11 +34,11 @@ normal or regression prediction makes the error metrics NaN (``abs_err``, ``mean
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec, is_ignore_index
 from mtunlearn_ext.losses import check_layout
@@ -84,10 +84,11 @@ def confusion_matrix(pred_labels: torch.Tensor, target: torch.Tensor, num_classe
     hold integers (an integer or bool dtype, or floats without a fraction): ``ValueError``
     otherwise, naming the argument.
     """
-    if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
-            or num_classes < 1):
+    classes = integer_value(num_classes)
+    if classes is None or classes < 1:
         raise ValueError(f"confusion_matrix: `num_classes` must be an integer >= 1, got "
                          f"{num_classes!r}")
+    num_classes = classes
     if pred_labels.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred {tuple(pred_labels.shape)} and target "
                          f"{tuple(target.shape)} differ")

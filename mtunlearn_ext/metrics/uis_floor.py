@@ -89,7 +89,9 @@ WHAT_EACH_SPLIT_IS = {
 
 def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_size: int,
                 tasks: Sequence[TaskSpec | str] | None, draws: int, batch_size: int
-                ) -> list[str]:
+                ) -> tuple[list[str], int, int, int]:
+    """(the task names, then ``forget_size``, ``draws`` and ``batch_size`` as Python ints:
+    NumPy's are taken too, and the floor's ``forget_size`` is reported)."""
     for label, data in (("reference", reference), ("unseen", unseen)):
         if not isinstance(data, MultiTaskDataset):
             # (inputs, targets) tuples and plain modules are unlearn()'s forms; the API layer
@@ -99,12 +101,12 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
                             f"(inputs, targets) tuples and plain modules, as unlearn() takes "
                             f"them, use mtunlearn_ext.uis_floor)")
     _check_disjoint(reference, unseen)
-    check_positive_int(forget_size, "forget_size", "uis_floor")
+    forget_size = check_positive_int(forget_size, "forget_size", "uis_floor")
     if forget_size > len(unseen):
         raise ValueError(f"uis_floor: `forget_size` ({forget_size}) exceeds the `unseen` pool "
                          f"({len(unseen)} instances); draws are without replacement")
-    check_positive_int(draws, "draws", "uis_floor")
-    check_positive_int(batch_size, "batch_size", "uis_floor")
+    draws = check_positive_int(draws, "draws", "uis_floor")
+    batch_size = check_positive_int(batch_size, "batch_size", "uis_floor")
     names = (list(reference.task_names) if tasks is None
              else [t if isinstance(t, str) else t.name for t in tasks])
     if not names:
@@ -114,7 +116,7 @@ def _check_args(reference: MultiTaskDataset, unseen: MultiTaskDataset, forget_si
         if unknown:
             raise ValueError(f"uis_floor: unknown task(s) {unknown} for `{label}` (its tasks: "
                              f"{data.task_names})")
-    return names
+    return names, forget_size, draws, batch_size
 
 
 def _check_disjoint(reference: MultiTaskDataset, unseen: MultiTaskDataset) -> None:
@@ -189,7 +191,8 @@ def uis_floor(model: MultiTaskModel, reference: MultiTaskDataset, unseen: MultiT
             (no ``O_t``) or in one of the draws (no forget score: a forget set lacking a
             target task's label has no UIS); a non-finite score of a draw.
     """
-    names = _check_args(reference, unseen, forget_size, tasks, draws, batch_size)
+    names, forget_size, draws, batch_size = _check_args(reference, unseen, forget_size, tasks,
+                                                        draws, batch_size)
     if original_test is not None and any(t not in original_test for t in names):
         raise ValueError(f"uis_floor: `original_test` lacks task(s) "
                          f"{[t for t in names if t not in original_test]} of {names}")

@@ -6,10 +6,20 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.models.base import MultiTaskModel
 
 __all__ = ["MLPMultiTaskNet"]
+
+
+def _width(value: object, name: str) -> int:
+    """``value`` as a layer width (NumPy's integers too, as a grid of widths gives them).
+    ``nn.Linear`` took ``True`` for a width of 1."""
+    width = integer_value(value)
+    if width is None or width < 1:
+        raise ValueError(f"MLPMultiTaskNet: `{name}` must be an int >= 1, got {value!r}")
+    return width
 
 
 def _mlp(sizes: Sequence[int], final_activation: bool) -> nn.Sequential:
@@ -39,18 +49,19 @@ class MLPMultiTaskNet(MultiTaskModel):
     def __init__(self, tasks: Sequence[TaskSpec], in_features: int = 64,
                  hidden: Sequence[int] = (128, 128), head_hidden: int = 64,
                  regression_dims: Mapping[str, int] | None = None) -> None:
-        if not hidden:
+        # len(), not truth: `not hidden` raised for a NumPy array of widths.
+        if len(hidden) == 0:
             raise ValueError("MLPMultiTaskNet: `hidden` needs at least one layer width")
+        in_features = _width(in_features, "in_features")
+        hidden = [_width(h, f"hidden[{i}]") for i, h in enumerate(hidden)]
+        head_hidden = _width(head_hidden, "head_hidden")
         dims = dict(regression_dims or {})
         regression = [t.name for t in tasks if t.kind == "regression"]
         unknown = [name for name in dims if name not in regression]
         if unknown:
             raise ValueError(f"MLPMultiTaskNet: `regression_dims` names {unknown}, which are not "
                              f"regression tasks; the regression tasks are {regression}")
-        for name, d in dims.items():
-            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-                raise ValueError(f"MLPMultiTaskNet: `regression_dims[{name!r}]` must be an int "
-                                 f">= 1, got {d!r}")
+        dims = {name: _width(d, f"regression_dims[{name!r}]") for name, d in dims.items()}
         backbone = _mlp([in_features, *hidden], final_activation=True)
         heads: dict[str, nn.Module] = {}
         for t in tasks:

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.ops._checks import check_bool
 from mtunlearn_ext.ops._fake_checks import sizes
@@ -220,6 +221,17 @@ def _split_named(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tens
     return shared
 
 
+def _checked_num_layers(num_layers: object) -> int | None:
+    """``num_layers`` as the Python int it stands for (NumPy's integers too), or ``None``."""
+    if num_layers is None:
+        return None
+    count = integer_value(num_layers)
+    if count is None or count < 1:
+        raise ValueError(f"GradientSurgery: `num_layers` must be an integer >= 1, got "
+                         f"{num_layers!r}")
+    return count
+
+
 def _given_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
                      num_layers: int | None = None) -> bool | list[int]:
     """``per_layer`` as the user gives it (one id per shared tensor as passed, frozen and
@@ -228,9 +240,6 @@ def _given_layer_ids(per_layer: bool | Sequence[int], shared: _SharedList,
     (:func:`_active_layer_ids`). With ``num_layers`` the ids are global (a rank's part of a
     split list), each below ``num_layers``."""
     if num_layers is not None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"GradientSurgery: `num_layers` must be an integer >= 1, got "
-                             f"{num_layers!r}")
         if isinstance(per_layer, bool):
             raise ValueError("GradientSurgery: `num_layers` goes with `per_layer` ids (the "
                              "global layer id of each shared tensor), got per_layer="
@@ -512,6 +521,7 @@ class GradientSurgery:
         self.head_params = None if head_params is None else list(
             {id(p): p for p in head_params}.values())
         self.per_task: PerTaskMode = per_task
+        num_layers = _checked_num_layers(num_layers)
         self._layer_ids = _given_layer_ids(per_layer, self._given, num_layers)
         self.num_layers = num_layers
         self.reducer = reducer

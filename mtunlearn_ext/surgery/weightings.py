@@ -16,7 +16,6 @@ scaler: scaled gradients give the scaled update.
 
 from __future__ import annotations
 
-import operator
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext import ops
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext.ops._checks import check_bool, check_int, check_number
 from mtunlearn_ext.ops._fake_checks import sizes
 from mtunlearn_ext.ops.solvers import MAX_SOLVER_K
@@ -130,10 +130,7 @@ class PCGradWeighting(Weighting):
         super().__init__()
         if seed is not None:
             # NumPy's integers are integers (np.int64(3) was refused); bools and fractions not.
-            try:
-                value = None if isinstance(seed, bool) else operator.index(seed)
-            except TypeError:
-                value = None
+            value = integer_value(seed)
             if value is None or value < 0:
                 raise ValueError(f"PCGradWeighting: `seed` must be an integer >= 0 or None, got "
                                  f"{seed!r:.40}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import numbers
 import random
 import time
 from abc import ABC, abstractmethod
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from mtunlearn_ext._errors import UnknownNameError
-from mtunlearn_ext._fields import check_field_types, unknown_fields
+from mtunlearn_ext._fields import check_field_types, integer_value, unknown_fields
 from mtunlearn_ext._random import forked_generators, seed_generators
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.base import MultiTaskDataset, TaskSpec
@@ -267,12 +266,11 @@ class UnlearningProblem:
         if non_target_cols and bool(self.forget.supervision[:, non_target_cols].any()):
             raise ValueError("UnlearningProblem: the forget set supervises a non-target task; "
                              "build it with ForgetRequest.split")
-        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
-            self.seed = int(self.seed)  # numpy's integers: an int is what generators take
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
-                or not 0 <= self.seed < 2 ** 63:
+        seed = integer_value(self.seed)
+        if seed is None or not 0 <= seed < 2 ** 63:
             raise ValueError(f"UnlearningProblem: `seed` must be an integer in [0, 2**63), got "
                              f"{self.seed!r}")
+        self.seed = seed  # NumPy's integers too: the report holds the seed, and is JSON
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:

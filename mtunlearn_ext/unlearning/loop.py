@@ -28,6 +28,7 @@ import numbers
 import torch
 from torch import nn
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._progress import report as progress_report
 from mtunlearn_ext._warnings import warn_at_caller
 from mtunlearn_ext.data.inputs import Inputs, num_rows
@@ -184,7 +185,7 @@ class StepConfig(UnlearnerConfig):
                              f"{self.optimizer!r}")
         for field_name in ("warmup_steps", "head_refit_steps"):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if integer_value(value) is None or value < 0:
                 raise ValueError(f"{name}: `{field_name}` must be an integer >= 0, got "
                                  f"{value!r}")
         if self.head_refit_steps and self.head_lr_scale == 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtunlearn_ext._random import TORCH_SEED_LIMIT
 from mtunlearn_ext.training import TrainConfig, train
 from mtunlearn_ext.unlearning.base import (
     CurveRecorder,
@@ -45,8 +46,9 @@ class RetrainConfig(UnlearnerConfig):
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"RetrainConfig: `epochs` must be >= 1 or None, got {self.epochs}")
         # torch's generators take 64 bits: a larger seed passed here and failed inside the
-        # retraining with "Overflow when unpacking long long".
-        if self.seed is not None and not 0 <= self.seed < 2**64:
+        # retraining with "Overflow when unpacking long long". TrainConfig's seed, which this
+        # overrides, takes the same range.
+        if self.seed is not None and not 0 <= self.seed < TORCH_SEED_LIMIT:
             raise ValueError(f"RetrainConfig: `seed` must be an int in [0, 2**64) or None, got "
                              f"{self.seed!r}")
 

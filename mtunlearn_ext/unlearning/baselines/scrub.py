@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mtunlearn_ext._fields import integer_value
 from mtunlearn_ext._functional import unit_normalize
 from mtunlearn_ext.data.base import TaskSpec
 from mtunlearn_ext.losses import task_loss, valid_pixel_mask
@@ -96,8 +97,7 @@ class SCRUBConfig(StepConfig):
     def validate(self) -> None:
         super().validate()
         if self.forget_steps is not None and (
-                isinstance(self.forget_steps, bool) or not isinstance(self.forget_steps, int)
-                or self.forget_steps < 0):
+                integer_value(self.forget_steps) is None or self.forget_steps < 0):
             raise ValueError(f"SCRUBConfig: `forget_steps` must be an integer >= 0 or None, got "
                              f"{self.forget_steps!r}")
         if not (math.isfinite(self.distill_weight) and self.distill_weight >= 0):
