@@ -128,6 +128,28 @@ def test_upgrad_without_conflict_is_the_mean() -> None:
     torch.testing.assert_close(UPGrad()(j), j.mean(0), rtol=1e-12, atol=1e-12)
 
 
+def test_regularised_upgrad_weights_do_not_fall_to_the_mean_where_the_trace_overflows() -> None:
+    """AMP audit: ``reg_eps > 0`` divided by ``tr(G)`` in the Gram's dtype. A float32 Gram of
+    gradients scaled by 2**64 (a GradScaler that keeps growing under bf16) has finite entries
+    and an infinite trace, so ``G / tr(G)`` was 0 and the weights exactly 1/k (measured
+    [0.3333, 0.3333, 0.3333] against [0.3637, 0.3412, 0.374]), with no error. The weights of
+    ``s**2 G`` are those of ``G``."""
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.randn(3, 40, generator=generator, dtype=torch.float64)
+    rows[1] -= 0.6 * rows[0]  # a conflict, so the weights are not the mean
+    gram = rows @ rows.T
+    weighting = UPGradWeighting(reg_eps=1e-4)
+    expected = weighting(gram)
+    assert not torch.allclose(expected, torch.full_like(expected, 1 / 3), atol=1e-3)
+    # The largest entry 2.5e38, within float32's 3.4e38; the trace, about 6e38, is not.
+    scaled = (gram / gram.diagonal().max() * 2.5e38).float()
+    assert bool(torch.isfinite(scaled).all()) and not math.isfinite(
+        float(torch.diagonal(scaled).sum()))
+    torch.testing.assert_close(weighting(scaled).double(), expected, rtol=1e-5, atol=1e-6)
+    zero = weighting(torch.zeros(3, 3))  # a zero Gram: the preference, as before
+    torch.testing.assert_close(zero, torch.full((3,), 1 / 3))
+
+
 def test_upgrad_pref_vector_and_validation() -> None:
     j = _random_jacobian(3, 9, 2, conflict=False).abs()
     pref = torch.tensor([0.5, 0.2, 0.3], dtype=F64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -353,3 +354,27 @@ def test_ddp_static_graph_under_no_sync_is_named_and_right_once_it_has_synced(
                                        result["error"])
         for grad in result["grads"]:
             torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reentrant_checkpoint_cut_off_from_the_graph_is_named_in_the_warning() -> None:
+    """AMP audit: a reentrant checkpoint of the whole trunk, whose input (the data) does not
+    require grad, gives the trunk no gradient (torch warns "None of the inputs have
+    requires_grad=True"); the surgery's warning named replaced parameters and detached
+    features only. It now names the checkpoint and the fix."""
+
+    class WholeTrunkCheckpointed(TrunkNet):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            z = checkpoint(self.trunk, x, use_reentrant=True)
+            return [head(z).squeeze(-1) for head in self.heads]
+
+    model = WholeTrunkCheckpointed()
+    x, y = _data()
+    surgery = GradientSurgery(model.trunk.parameters(), UPGrad(), per_task="backward")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        surgery.backward(_task_losses(model(x), y))
+    said = [str(w.message) for w in record]
+    assert any("None of the inputs have requires_grad" in text for text in said), said
+    assert any(re.search(r"no task's loss reached any of the 6 shared parameters.*reentrant "
+                         r"activation checkpoint.*use_reentrant=False", text) for text in said)
+    assert all(p.grad is None for p in model.trunk.parameters())

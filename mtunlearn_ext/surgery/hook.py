@@ -1407,9 +1407,11 @@ class GradientSurgery:
                 "parameters taking part, so their .grad stays as it was and nothing was "
                 "aggregated. If the model's parameters were replaced after the surgery was "
                 "built (load_state_dict(..., assign=True), fully_shard, to_empty), build the "
-                "surgery again from the new ones; if the shared part is meant to get no "
-                "gradient (detached features), this warning does not apply (it is said once "
-                "per surgery)")
+                "surgery again from the new ones. A reentrant activation checkpoint "
+                "(checkpoint(..., use_reentrant=True)) whose inputs do not require grad also "
+                "cuts the shared part off (torch warns of it): use use_reentrant=False. If the "
+                "shared part is meant to get no gradient (detached features), this warning "
+                "does not apply (it is said once per surgery)")
             self._no_reach_warned = True
         # A shared parameter no task's loss reached keeps its .grad as it is (None stays None,
         # as sum(losses).backward() leaves it, so that optimizers skip it and weight decay or

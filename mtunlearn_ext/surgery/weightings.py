@@ -234,8 +234,15 @@ class UPGradWeighting(Weighting):
             pref = self.pref_vector.to(dtype=gram.dtype, device=gram.device)
         g = gram
         if self.reg_eps > 0.0:
+            # G / tr(G) as (G / m) / tr(G / m), m the largest diagonal entry: tr(G / m) lies in
+            # [1, k]. The plain trace overflowed where every entry was finite (float32 Grams
+            # of gradients scaled by 2**64 under a growing GradScaler), G / inf was 0 and
+            # the weights fell to exactly 1/k, without an error.
+            largest = torch.diagonal(g, dim1=-2, dim2=-1).amax(-1)[..., None, None]
+            positive = largest > 0
+            g = torch.where(positive, g / torch.where(positive, largest, 1.0), 0.0)
             trace = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)[..., None, None]
-            g = torch.where(trace > 0, g / torch.where(trace > 0, trace, 1.0), 0.0)
+            g = torch.where(positive, g / torch.where(positive, trace, 1.0), 0.0)
             g = g + self.reg_eps * torch.eye(k, dtype=g.dtype, device=g.device)
         # Row i of the right-hand side is G u_i with u_i = pref_i e_i.
         rhs = pref.unsqueeze(-1) * g
