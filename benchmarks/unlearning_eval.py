@@ -48,6 +48,8 @@ from mtunlearn_ext._io import write_text_atomic  # noqa: E402
 from mtunlearn_ext.experiment import ExperimentConfig, run_experiment, write_json_atomic  # noqa: E402
 from mtunlearn_ext.unlearning.baselines import BASELINES  # noqa: E402
 from mtunlearn_ext.unlearning.presets import ABLATIONS, RECIPES, tuned_settings  # noqa: E402
+from mtunlearn_ext.unlearning.registry import method_source  # noqa: E402
+from mtunlearn_ext.workflow import add_import_option, imported_or_exit  # noqa: E402
 
 METHOD = "interference_aware"
 STEP_BASELINES = [m for m in BASELINES if m != "retrain"]
@@ -92,7 +94,9 @@ def _same_run(path: Path, identity: Mapping[str, Any]) -> bool:
 def _stale_methods(path: Path, methods: Sequence[str],
                    settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The methods of ``methods`` that the run file at ``path`` lacks, or holds with settings
-    other than ``settings`` (so a changed preset re-runs only what it changes)."""
+    other than ``settings`` (so a changed preset re-runs only what it changes), or, for a
+    method of one's own (``--import``), from another source file than it has now: a plugin
+    changes between runs, the library's own methods with its commits (``--refresh``)."""
     if not path.is_file():
         return list(methods)
     try:
@@ -100,8 +104,10 @@ def _stale_methods(path: Path, methods: Sequence[str],
         models, configs = stored["models"], stored["config"]["method_configs"]
     except (json.JSONDecodeError, KeyError):
         return list(methods)
+    sources = stored.get("method_sources", {})
     return [m for m in methods
-            if m not in models or dict(configs.get(m, {})) != dict(settings.get(m, {}))]
+            if m not in models or dict(configs.get(m, {})) != dict(settings.get(m, {}))
+            or sources.get(m) != method_source(m)]
 
 
 def _merge_methods(path: Path, update: Mapping[str, Any], methods: Sequence[str]) -> None:
@@ -123,6 +129,12 @@ def _merge_methods(path: Path, update: Mapping[str, Any], methods: Sequence[str]
         stored["models"][method] = update["models"][method]
         stored["config"]["method_configs"][method] = update["config"]["method_configs"].get(
             method, {})
+        source = update.get("method_sources", {}).get(method)
+        sources = stored.setdefault("method_sources", {})
+        if source is None:
+            sources.pop(method, None)
+        else:
+            sources[method] = source
         for phase in (f"unlearn/{method}", f"evaluate/{method}"):
             if phase in update["phases_seconds"]:
                 stored["phases_seconds"][phase] = update["phases_seconds"][phase]
@@ -865,7 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="largest step budget tried for the interference-aware method (its "
                              "wall-time target: <= 15%% of retraining)")
     parser.add_argument("--retain-eval", type=int, default=150)
+    add_import_option(parser)
     args = parser.parse_args(argv)
+    imported_or_exit(parser, args.imports)
     args.benchmarks = [b for b in args.benchmarks.split(",") if b]
     args.requests = [r for r in args.requests.split(",") if r]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (``--help`` imports nothing heavy)
     from mtunlearn_ext.experiment import ReferenceModel
+    from mtunlearn_ext.unlearning import Unlearner
     from mtunlearn_ext.unlearning.presets import Recipe
 
 __all__ = ["DEMO_BASELINES", "DEMO_BENCHMARKS", "DEMO_RECIPES", "check_args", "main"]
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="a progress bar over the demo's six stages on stderr "
                              "(--no-progress: none; the log lines on stdout stay)")
+    from mtunlearn_ext.workflow import add_import_option
+
+    add_import_option(parser)  # a method of one's own, for --baselines
     return parser
 
 
@@ -132,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return showcase([a for a in argv if a != "--showcase"])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mtunlearn_ext.workflow import imported_or_exit
+
+    imported_or_exit(parser, args.imports)
     try:
         check_args(args)
     except ValueError as error:
@@ -155,6 +162,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--train: expected a JSON object, got {args.train!r}; {error}") from error
     if not isinstance(overrides, dict):
         raise ValueError(f"--train: expected a JSON object, got {args.train!r}")
+    for cls in _plugin_methods(_methods(args)):
+        main_module = sys.modules.get("__main__")
+        if cls.__module__ == "__main__" and getattr(main_module, "__file__", None) is None:
+            # The workers are spawned processes: they import a method's module again, and an
+            # interactive session (a notebook, the REPL) has no file to import.
+            raise ValueError(f"--baselines: method {cls.name!r} is defined in an interactive "
+                             "session, which the demo's worker processes cannot import; "
+                             "define it at the top level of a module file and import that "
+                             "(or pass --import FILE.py)")
     flags = {"methods": "--baselines", "`seed`": "--seed", "forget_fraction": "--forget-fraction",
              "--target-tasks": "--partial-task", "--train": ""}
     for config in _configs(args).values():
@@ -166,6 +182,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag}: {message}" if flag else message) from error
 
 
+def _plugin_methods(methods: Sequence[str]) -> list[type[Unlearner]]:
+    """The classes of ``methods`` that are not the library's own (methods of one's own,
+    registered in this process): the workers register them again (:func:`_worker_init`)."""
+    from mtunlearn_ext.unlearning import UNLEARNERS
+
+    return [UNLEARNERS[m] for m in methods
+            if m in UNLEARNERS and not UNLEARNERS[m].__module__.startswith("mtunlearn_ext.")]
+
+
 # -- the demo ------------------------------------------------------------------------------------
 
 
@@ -173,9 +198,20 @@ def check_args(args: argparse.Namespace) -> None:
 _PROGRESS_QUEUE: Any = None
 
 
-def _worker_init(queue: Any, parent: int) -> None:
+def _worker_init(queue: Any, parent: int, plugins: Sequence[type[Unlearner]] = ()) -> None:
+    """A worker's start: Ctrl-C left to the parent, the progress queue, a watch on the parent,
+    the code imported, and ``plugins`` (:func:`_plugin_methods`) registered. Their classes
+    came pickled by reference, so unpickling imported their modules here; a method that its
+    module registers only under ``if __name__ == "__main__"`` (or that the parent registered
+    by hand) is registered here as in the parent, instead of failing as an unknown method
+    after the trainings."""
     global _PROGRESS_QUEUE
     import signal
+
+    from mtunlearn_ext.unlearning import register_unlearner
+
+    for cls in plugins:
+        register_unlearner(cls)
 
     # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the
     # workers), so no worker prints a traceback or is interrupted inside a lock.
@@ -426,7 +462,8 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     # The workers' progress messages (none without a bar to show them).
     queue = context.Queue() if args.progress else None
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context,
-                             initializer=_worker_init, initargs=(queue, os.getpid())) as pool:
+                             initializer=_worker_init,
+                             initargs=(queue, os.getpid(), _plugin_methods(methods))) as pool:
         try:
             trainings: dict[str, Future[Any]] = {
                 "original": pool.submit(_train_job, configs["full"], "original", "original"),

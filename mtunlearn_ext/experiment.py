@@ -74,6 +74,8 @@ from mtunlearn_ext.unlearning import (
     available_unlearners,
     get_unlearner,
 )
+from mtunlearn_ext.unlearning.registry import method_source
+from mtunlearn_ext.workflow import add_import_option, imported_or_exit, parse_ids
 
 if TYPE_CHECKING:
     from mtunlearn_ext.data.registry import Size
@@ -168,7 +170,9 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in available_unlearners()]
         if unknown:
             raise ValueError(f"ExperimentConfig: unknown methods {unknown}; available: "
-                             f"{available_unlearners()}")
+                             f"{available_unlearners()} (a method of your own: register it "
+                             "with @register_unlearner at the top level of a module, and pass "
+                             "--import MODULE)")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"ExperimentConfig: duplicate methods in {self.methods}")
         stray = sorted(set(self.method_configs) - set(self.methods))
@@ -756,6 +760,10 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
         "config": dataclasses.asdict(config),
         "environment": _environment(config.device),
         "code": code,  # which commit to check out to rerun the experiment
+        # Methods of one's own (plugins): which class and file, as the code version names
+        # the library's.
+        "method_sources": {m: source for m in config.methods
+                           if (source := method_source(m)) is not None},
         "benchmark": {
             "name": bench.name, "size": config.size, "num_train": len(train_set),
             "num_test": len(test_set),
@@ -865,8 +873,6 @@ def format_table(results: Mapping[str, Any]) -> str:
 def _parse_ids(text: str) -> list[int]:
     # The mtunlearn command's reading of ids (ASCII digits, id files with a BOM or '#'
     # comments), in argparse's words.
-    from mtunlearn_ext.workflow import parse_ids
-
     try:
         return parse_ids(text, "--forget-ids") or []
     except UserInputError as error:
@@ -893,6 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one multi-task unlearning experiment and write a JSON results file.")
     parser.add_argument("--benchmark", default="indoor", help="benchmark name (load_benchmark)")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    add_import_option(parser)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--request", default="full", choices=["full", "partial"])
     group = parser.add_mutually_exclusive_group()
@@ -966,7 +973,8 @@ def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
     (``error: ...``) printed and ``None`` (the caller exits with code 2)."""
     try:
         return check_experiment(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        # TypeError: a method setting the method does not have (config_from_mapping).
         print(f"error: {error}", file=sys.stderr)
         return None
 
@@ -974,7 +982,9 @@ def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run an experiment from the command line (``python -m mtunlearn_ext.experiment``;
     ``argv``: its arguments, default ``sys.argv[1:]``); returns the exit code (2: refused)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    imported_or_exit(parser, args.imports)
     config = config_from_args(args)
     benchmark = checked_benchmark(config)
     if benchmark is None:

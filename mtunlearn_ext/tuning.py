@@ -47,6 +47,7 @@ from mtunlearn_ext.experiment import (
 )
 from mtunlearn_ext.metrics import evaluate, retrain_gap
 from mtunlearn_ext.unlearning import GradientUnlearner, UnlearningProblem, get_unlearner
+from mtunlearn_ext.workflow import imported_or_exit
 
 __all__ = ["TuningProgress", "main", "score_budgets", "tune"]
 
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retain-eval", type=int, default=200,
                         help="retain instances scored at each checkpoint (seeded subset)")
     args = parser.parse_args(argv)
+    imported_or_exit(parser, args.imports)
     config = config_from_args(args)
     try:
         lrs = [float(v) for v in args.lrs.split(",")]

@@ -25,6 +25,7 @@ Nothing here re-implements training, splitting, evaluation or unlearning: it cal
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -158,6 +159,28 @@ def import_plugins(modules: Sequence[str]) -> list[dict[str, Any]]:
                          "sha256": (sha256_of_file(file) if file is not None and file.is_file()
                                     else None)})
     return imported
+
+
+def add_import_option(parser: argparse.ArgumentParser) -> None:
+    """``--import MODULE`` (repeatable; ``args.imports``) on a harness's command line (the
+    demo, the experiment runner, the tuner, ``benchmarks/unlearning_eval.py``), as
+    ``mtunlearn`` has it: a module of one's own, imported (:func:`imported_or_exit`) before
+    the arguments are checked, so that the methods it registers can be named there."""
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE",
+                        help="a module name or .py file to import first, for a method of your "
+                             "own that it registers (@register_unlearner at its top level: "
+                             "worker processes import it again); repeatable")
+
+
+def imported_or_exit(parser: argparse.ArgumentParser, modules: Sequence[str]
+                     ) -> list[dict[str, Any]]:
+    """:func:`import_plugins` for a harness's command line: a module that cannot be imported
+    ends the command with one line and exit code 2 (``parser.error``), before any work."""
+    try:
+        return import_plugins(modules)
+    except UserInputError as error:
+        parser.error(str(error))
 
 
 class KeptMetricsError(Exception):

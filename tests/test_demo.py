@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import re
+import sys
+import types
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from mtunlearn_ext import _io, demo
 from mtunlearn_ext import report as report_module
+from mtunlearn_ext.unlearning.baselines.neggrad_plus import NegGradPlus
 
 # Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
 # legs by default (they run in the main suite; the legs check the library on other
@@ -491,3 +497,61 @@ def _still_alive(pids: list[int], seconds: float) -> list[int]:
     while [p for p in pids if _alive(p)] and time.monotonic() < deadline:
         time.sleep(0.25)
     return [p for p in pids if _alive(p)]
+
+
+class _PluginAscent(NegGradPlus):
+    """A method of one's own that its module does not register at import: as one registered
+    under ``if __name__ == "__main__"``, or by hand in the parent process."""
+
+    name = "demo_plugin_ascent"
+
+
+def _registered(name: str) -> bool:
+    from mtunlearn_ext.unlearning import UNLEARNERS
+
+    return name in UNLEARNERS
+
+
+def test_a_method_registered_only_in_the_parent_reaches_the_demos_workers(
+        registries_restored) -> None:  # type: ignore[no-untyped-def]
+    """Extension audit: the demo's checks accepted a method registered under the script's
+    main guard, and its spawned worker then failed with "unknown methods" (a traceback, exit
+    1) after the trainings. The workers now register the parent's methods of one's own."""
+    from mtunlearn_ext.unlearning import register_unlearner
+
+    register_unlearner(_PluginAscent)
+    plugins = demo._plugin_methods(["neggrad_plus", _PluginAscent.name, demo.METHOD])
+    assert plugins == [_PluginAscent]  # the library's own methods are the workers' already
+    context = multiprocessing.get_context("spawn")
+    for given, expected in ((plugins, True), ([], False)):
+        with ProcessPoolExecutor(1, mp_context=context, initializer=demo._worker_init,
+                                 initargs=(None, os.getpid(), given)) as pool:
+            assert pool.submit(_registered, _PluginAscent.name).result() is expected
+
+
+def test_a_method_of_an_interactive_session_or_a_missing_plugin_is_refused_at_once(
+        tmp_path, capsys, monkeypatch, registries_restored) -> None:  # type: ignore[no-untyped-def]
+    """A method defined in a notebook or the REPL (``__main__`` without a file) cannot reach
+    spawned workers: refused before any work, saying what to do. A module that ``--import``
+    cannot import is refused the same way."""
+    from mtunlearn_ext.unlearning import register_unlearner
+
+    interactive = type("Interactive", (_PluginAscent,),
+                       {"name": "demo_interactive_ascent", "__module__": "__main__"})
+    register_unlearner(interactive)
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    out = tmp_path / "demo"
+    common = ["--size", "tiny", "--output-dir", str(out), "--cache-dir", str(tmp_path / "c")]
+    for argv, message in (
+            (["--baselines", "demo_interactive_ascent"],
+             "--baselines: method 'demo_interactive_ascent' is defined in an interactive "
+             "session, which the demo's worker processes cannot import"),
+            (["--import", "no_such_plugin_module"],
+             "--import: expected an importable module name or .py file, got "
+             "'no_such_plugin_module'")):
+        with pytest.raises(SystemExit) as stopped:
+            demo.main([*common, *argv])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -177,7 +177,21 @@ def test_cli_full_request(tmp_path: Path) -> None:
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--methods", "nope", "--benchmark", "digits"]) == 2
-    assert "unknown methods" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "unknown methods" in said
+    # (extension audit: nothing said how a method of one's own gets in)
+    assert "register it with @register_unlearner at the top level of a module, and pass " \
+        "--import MODULE" in said
+    # A setting the method does not have (extension audit: a traceback, exit 1).
+    assert main(["--methods", "neggrad_plus", "--benchmark", "digits", "--size", "tiny",
+                 "--method-config", '{"neggrad_plus": {"bogus": 1}}']) == 2
+    said = capsys.readouterr().err
+    assert "bogus" in said and "Traceback" not in said
+    with pytest.raises(SystemExit) as stopped:
+        main(["--import", "no_such_plugin_module", "--benchmark", "digits"])
+    assert stopped.value.code == 2
+    assert "--import: expected an importable module name or .py file" in \
+        capsys.readouterr().err
     # Checked before any training (these failed with a traceback, exit 1).
     assert main(["--benchmark", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err

@@ -55,6 +55,51 @@ def test_stale_methods(evaluation, tmp_path):
     assert evaluation._stale_methods(path, methods, settings) == methods
 
 
+_PLUGIN = """
+from mtunlearn_ext.unlearning import register_unlearner
+from mtunlearn_ext.unlearning.baselines.neggrad_plus import NegGradPlus
+
+
+@register_unlearner
+class EvalPlugin(NegGradPlus):
+    name = "eval_plugin_ascent"
+"""
+
+
+def test_a_kept_result_of_a_changed_plugin_is_stale(evaluation, tmp_path, monkeypatch,
+                                                    registries_restored):
+    """Extension audit: a kept run file's results of a method of one's own were printed as
+    "(kept)" after its code changed (only --refresh re-ran it). The run file names the
+    plugin's source file and digest (experiment results' ``method_sources``); another digest,
+    or none stored, makes the method stale. The library's own methods are not affected."""
+    from mtunlearn_ext.unlearning.registry import method_source
+    from mtunlearn_ext.workflow import import_plugins
+
+    plugin = tmp_path / "eval_plugin.py"
+    plugin.write_text(_PLUGIN)
+    monkeypatch.delitem(sys.modules, "eval_plugin", raising=False)
+    import_plugins([str(plugin)])
+    monkeypatch.setitem(sys.modules, "eval_plugin", sys.modules["eval_plugin"])  # popped after
+    source = method_source("eval_plugin_ascent")
+    assert source is not None and source["class"] == "eval_plugin.EvalPlugin"
+    assert source["file"] == str(plugin.resolve()) and len(source["sha256"]) == 64
+    assert method_source("neggrad_plus") is None and method_source("nope") is None
+    path = tmp_path / "run.json"
+    methods = ["finetune", "eval_plugin_ascent"]
+    _run_file(path, {m: 0 for m in methods}, {})
+    assert evaluation._stale_methods(path, methods, {}) == ["eval_plugin_ascent"]  # none stored
+    stored = json.loads(path.read_text())
+    stored["method_sources"] = {"eval_plugin_ascent": source}
+    path.write_text(json.dumps(stored))
+    assert evaluation._stale_methods(path, methods, {}) == []
+    plugin.write_text(_PLUGIN + "# changed\n")
+    assert evaluation._stale_methods(path, methods, {}) == ["eval_plugin_ascent"]
+    update = json.loads(path.read_text())
+    update["method_sources"] = {"eval_plugin_ascent": method_source("eval_plugin_ascent")}
+    evaluation._merge_methods(path, update, ["eval_plugin_ascent"])
+    assert evaluation._stale_methods(path, methods, {}) == []
+
+
 def test_merge_replaces_only_the_given_methods(evaluation, tmp_path):
     path = tmp_path / "run.json"
     _run_file(path, {"finetune": 0, "interference_aware": 0},

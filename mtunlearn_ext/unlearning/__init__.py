@@ -1,8 +1,10 @@
 """Unlearning: the common interface, shared step machinery, and the baseline methods.
 
 Importing this package registers every built-in method in :data:`UNLEARNERS`; a new method
-subclasses :class:`Unlearner` (or :class:`GradientUnlearner` for a step-based one), decorates
-itself with :func:`register_unlearner`, and is imported here.
+subclasses :class:`Unlearner` (or :class:`GradientUnlearner` for a step-based one) and
+decorates itself with :func:`register_unlearner`: a built-in one is imported here, a method of
+one's own by its own module (``--import MODULE`` on the command lines; docs/unlearning.md,
+"Extending the library").
 """
 
 from mtunlearn_ext.unlearning.base import (

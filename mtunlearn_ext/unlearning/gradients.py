@@ -176,8 +176,11 @@ def summed_pass_grads(batches: Iterable[_BatchT],
 
 def task_grads(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor]
                ) -> dict[str, list[torch.Tensor]]:
-    """Per-task gradients ``{t: d L_t / d params}`` from one forward pass (the graph is kept
-    until the last task). Used for the per-task forget gradients ``f_t`` on ``theta_s``."""
+    """Per-task gradients ``{t: d L_t / d params}`` from one forward pass. The graph is kept
+    between the tasks and freed by the last task's pass, so a later ``backward`` or
+    ``autograd.grad`` through it fails ("Trying to backward through the graph a second
+    time"): take what else needs the graph first. Used for the per-task forget gradients
+    ``f_t`` on ``theta_s``."""
     names = list(losses)
     out: dict[str, list[torch.Tensor]] = {}
     for i, name in enumerate(names):
