@@ -16,6 +16,7 @@ from torch import nn
 
 from mtunlearn_ext import ForgetRequest, cli
 from mtunlearn_ext._io import sha256_of_file
+from mtunlearn_ext.cli import _config as cli_config
 from mtunlearn_ext.records import RECORD_SCHEMA, read_record
 from mtunlearn_ext.workflow import UserInputError, check_parameter_split
 
@@ -210,7 +211,7 @@ def test_config_file_and_flag_override(trained: Path, tmp_path: Path,
     # as a key written twice (the outer merge had rewritten the anchored node).
     anchored = tmp_path / "anchored.yaml"
     anchored.write_text("f: {<<: &d {<<: {a: 1}, a: 2}}\ng: *d\nh: [{a: 1, b: 2}]\n")
-    assert cli._load_config(str(anchored)) == {"f": {"a": 1}, "g": {"a": 2},
+    assert cli_config._load_config(str(anchored)) == {"f": {"a": 1}, "g": {"a": 2},
                                                 "h": [{"a": 1, "b": 2}]}
     for name, text, said in (
             ("unhashable.yaml", "? [a, b]\n: 1\n", "found unhashable key"),

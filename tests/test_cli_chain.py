@@ -16,6 +16,7 @@ from cli_helpers import _err
 from test_cli import FAST, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli, lineage, workflow
+from mtunlearn_ext.cli import _outputs as cli_outputs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -216,11 +217,11 @@ def test_default_output_names_of_a_chain_stay_short(
     # `-4` looked like the chain's newest checkpoint, from which a request starts, yet held
     # none of its removals (audit). It is the first request of another lineage: `-1b`; the
     # next request on that, the second place, taken by the chain: `-2b`.
-    assert cli._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
+    assert cli_outputs._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
         "orig.interference_aware-1b.pt")
-    assert cli._default_outputs(Path("orig.interference_aware-1b.pt"), "interference_aware"
+    assert cli_outputs._default_outputs(Path("orig.interference_aware-1b.pt"), "interference_aware"
                                 )[0] == Path("orig.interference_aware-2b.pt")
-    assert cli._default_outputs(Path("orig.interference_aware-3.pt"), "interference_aware"
+    assert cli_outputs._default_outputs(Path("orig.interference_aware-3.pt"), "interference_aware"
                                 )[0] == Path("orig.interference_aware-4.pt")
     assert cli.main(["unlearn", "--checkpoint", "orig.pt", "--forget-ids", ids(5),
                      "--method-config", FAST, "--quiet"]) == 0
@@ -229,15 +230,15 @@ def test_default_output_names_of_a_chain_stay_short(
             "made before (a rerun, or a chain of requests from it, whose newest is "
             "orig.interference_aware-3.pt); this one starts from orig.pt, so what later "
             "requests removed is in its retain set again") in capsys.readouterr().err
-    assert cli._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
+    assert cli_outputs._default_outputs(Path("orig.pt"), "interference_aware")[0] == Path(
         "orig.interference_aware-1c.pt")
     # Another method, or a name this function did not write, starts its own.
-    assert cli._default_outputs(Path("orig.interference_aware-3.pt"), "scrub")[0] == Path(
+    assert cli_outputs._default_outputs(Path("orig.interference_aware-3.pt"), "scrub")[0] == Path(
         "orig.interference_aware-3.scrub.pt")
     for name in ("orig.interference_aware-03.pt", "orig.interference_aware-x.pt",
                  ".interference_aware.pt"):
         stem = Path(name).stem
-        assert cli._default_outputs(Path(name), "interference_aware")[0] == Path(
+        assert cli_outputs._default_outputs(Path(name), "interference_aware")[0] == Path(
             f"{stem}.interference_aware.pt")
 
 
@@ -272,5 +273,5 @@ def test_the_superseded_checkpoint_warning_judges_main_chain_names_only(tmp_path
                 "orig.ga-2.pt": ("orig.ga-3.pt", "orig.ga-3.pt"),
                 "orig.ga-3.pt": None, "orig.ga-1b.pt": None, "orig.ga-2b.pt": None}
     for name, names in expected.items():
-        found = cli._later_in_chain(tmp_path / name, "ga")
+        found = cli_outputs._later_in_chain(tmp_path / name, "ga")
         assert (found if found is None else tuple(p.name for p in found)) == names, name

@@ -19,6 +19,7 @@ from test_cli import _listing, ids, trained  # noqa: F401  (trained: a fixture)
 from test_cli_plugins import PLUGIN
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _config as cli_config
 from mtunlearn_ext.unlearning.registry import UNLEARNERS
 
 
@@ -367,7 +368,7 @@ def test_yaml_errors_end_with_their_line_and_column(tmp_path: Path) -> None:
         path = tmp_path / "c.yaml"
         path.write_text(text)
         with pytest.raises(UserInputError) as caught:
-            cli._load_config(str(path))
+            cli_config._load_config(str(path))
         message = str(caught.value)
         assert message.endswith(said) and "unicode string" not in message, message
 

@@ -18,6 +18,8 @@ import torch
 from cli_helpers import ROOT
 
 from mtunlearn_ext import cli, ops
+from mtunlearn_ext.cli import _parser as cli_parser
+from mtunlearn_ext.cli import _run as cli_run
 
 DOC = (ROOT / "docs" / "cli.md").read_text()
 #: The options of every command, documented once in the introduction, not in each row.
@@ -40,12 +42,12 @@ def test_the_command_parsers_are_kept_where_they_are_made() -> None:
     """CLI review: `_subparsers` searched argparse's actions for the commands and ended in a
     `KeyError("subparsers")` that no call could reach (main's parser always has them): the
     parser now keeps its commands, the same ones argparse lists, each found by name."""
-    parser = cli._build_parser()
+    parser = cli_parser._build_parser()
     listed = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert parser.commands is listed.choices
     assert set(parser.commands) == {"train", "unlearn", "evaluate", "verify", "benchmark",
                                     "report"}
-    assert cli._subparser(parser, "verify").prog == "mtunlearn verify"
+    assert cli_parser._subparser(parser, "verify").prog == "mtunlearn verify"
 
 
 def test_the_help_says_the_record_default_and_what_verify_checks() -> None:
@@ -145,7 +147,7 @@ def test_the_record_format_names_every_field_of_the_invocation() -> None:
     """Docs audit: the record format listed `invocation`'s `argv`, `imports` and `config`, not
     `cwd` (the folder the relative paths are read from) or `method_config` (the settings
     file's SHA-256), which the records hold since f3205be."""
-    written = cli._invocation(["unlearn", "--checkpoint", "orig.pt"], [], None)
+    written = cli_run._invocation(["unlearn", "--checkpoint", "orig.pt"], [], None)
     text = " ".join(DOC.split("### The unlearning record", 1)[1].split())
     described = text.split("`invocation` (", 1)[1].split("), `benchmark`", 1)[0]
     assert [key for key in written if f"`{key}`" not in described] == []

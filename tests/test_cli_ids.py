@@ -19,6 +19,7 @@ from cli_helpers import ROOT, _err, _train
 from test_cli import FAST, _listing, ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _parser as cli_parser
 from mtunlearn_ext.data import load_benchmark
 from mtunlearn_ext.workflow import UserInputError, parse_ids
 
@@ -209,7 +210,7 @@ def test_the_command_line_still_overrides_a_configs_forget_ids(
 
 def test_unlearn_without_forget_ids_says_it_forgets_a_random_share(
         trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    help_text = " ".join(cli._subparser(cli.build_parser(), "unlearn").format_help().split())
+    help_text = " ".join(cli_parser._subparser(cli.build_parser(), "unlearn").format_help().split())
     assert "without it, a random 10% of the training instances is forgotten" in help_text
     out = tmp_path / "u.pt"
     assert cli.main(["unlearn", "--checkpoint", str(trained), "--method-config", FAST,
@@ -325,7 +326,7 @@ def test_yaml_configs_refuse_integers_yaml_would_convert(
         assert f"{text!r} is not a plain decimal integer: YAML 1.1 reads it as {read}" in _err(
             capsys)
     config.write_text("forget_ids: ['0020', 7]\nseed: 0\n")  # quoted: the decimal text
-    from mtunlearn_ext.cli import _load_config
+    from mtunlearn_ext.cli._config import _load_config
 
     assert _load_config(str(config)) == {"forget_ids": ["0020", 7], "seed": 0}
 

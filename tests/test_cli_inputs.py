@@ -18,6 +18,7 @@ from torch import nn
 
 from mtunlearn_ext import cli
 from mtunlearn_ext.api import build_problem
+from mtunlearn_ext.cli import _train as cli_train
 from mtunlearn_ext.workflow import NonFiniteError, run_unlearning
 
 
@@ -169,7 +170,7 @@ def test_train_refuses_data_root_for_a_benchmark_that_reads_none(
     # The benchmarks named are exactly those load_benchmark reads from a data root.
     from mtunlearn_ext.data import registry
 
-    assert set(cli._DATA_ROOT_BENCHMARKS) == set(registry._REAL)
+    assert set(cli_train._DATA_ROOT_BENCHMARKS) == set(registry._REAL)
 
 
 

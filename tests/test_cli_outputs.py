@@ -21,6 +21,8 @@ from test_cli import FAST, _listing, _unlearn, ids, trained  # noqa: F401  (trai
 
 import mtunlearn_ext
 from mtunlearn_ext import _io, cli
+from mtunlearn_ext.cli import _report as cli_report
+from mtunlearn_ext.cli import _run as cli_run
 from mtunlearn_ext.unlearning import available_unlearners
 from mtunlearn_ext._io import sha256_of_file
 from mtunlearn_ext.workflow import OutputTransaction, UserInputError
@@ -455,16 +457,16 @@ def test_an_interrupted_report_says_its_files_were_written(
     assert cli.main(["unlearn", "--checkpoint", str(trained), "--forget-ids", ids(1, 2),
                      "--method-config", FAST, "--output", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    real_table = cli._table
+    real_table = cli_report._table
 
     def interrupted_table(*args: Any, **kwargs: Any) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_table", interrupted_table)
+    monkeypatch.setattr(cli_report, "_table", interrupted_table)
     folder = tmp_path / "report"
     assert cli.main(["report", "--results", str(out) + ".record.json", "--output-dir",
                      str(folder), "--quiet"]) == 130
-    monkeypatch.setattr(cli, "_table", real_table)
+    monkeypatch.setattr(cli_report, "_table", real_table)
     err = _err(capsys)
     assert err.startswith("mtunlearn: interrupted after its outputs were written in full (")
     assert str(folder / "report.md") in err and (folder / "report.md").is_file()
@@ -552,7 +554,7 @@ def test_an_interrupt_during_the_commands_imports_is_one_line(
         seen.append(signal.getsignal(signal.SIGTERM))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.argparse.ArgumentParser, "parse_known_args", parse_known_args)
+    monkeypatch.setattr(cli_run.argparse.ArgumentParser, "parse_known_args", parse_known_args)
     assert cli.main(["train"]) == 130
     assert seen == [cli._on_sigterm] and signal.getsignal(signal.SIGTERM) == handler
 

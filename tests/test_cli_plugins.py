@@ -12,6 +12,7 @@ from cli_helpers import ROOT, _err
 from test_cli import ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _parser as cli_parser
 from mtunlearn_ext.unlearning.registry import UNLEARNERS
 
 PLUGIN = textwrap.dedent('''
@@ -206,7 +207,7 @@ def test_import_and_a_configs_import_key_say_that_they_run_code() -> None:
     someone else wrote) runs code with the user's rights, by design: the help and the docs say
     so, where neither did."""
     for command in ("train", "unlearn", "evaluate", "verify", "report"):
-        sub = cli._subparser(cli._build_parser(), command)
+        sub = cli_parser._subparser(cli_parser._build_parser(), command)
         texts = {a.dest: " ".join((a.help or "").split()) for a in sub._actions}
         assert "runs the module's code with your rights" in texts["imports"], command
         assert "its `import` key runs code" in texts["config"], command

@@ -17,6 +17,9 @@ import pytest
 from test_cli import ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _benchmark as cli_benchmark
+from mtunlearn_ext.cli import _console as cli_console
+from mtunlearn_ext.cli import _run as cli_run
 
 # Runs our scripts and command line end to end: left out of scripts/test_matrix.sh's
 # legs by default (they run in the main suite; the legs check the library on other
@@ -119,7 +122,7 @@ def test_benchmark_dry_run_says_would_run(monkeypatch: pytest.MonkeyPatch,
         calls.append(command)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(cli_benchmark.subprocess, "run", fake_run)
     assert cli.main(["benchmark"]) == 0
     assert capsys.readouterr().out.startswith("running: ") and len(calls) == 1
 
@@ -184,7 +187,7 @@ def test_a_closed_stdout_pipe_leaves_no_descriptor_open(monkeypatch: pytest.Monk
 
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("counts descriptors through /proc/self/fd (Linux)")
-    monkeypatch.setattr(cli, "_refuse_command_as_import", reader_gone)
+    monkeypatch.setattr(cli_run, "_refuse_command_as_import", reader_gone)
     with open(tmp_path / "stdout", "w") as stdout:
         monkeypatch.setattr(sys, "stdout", stdout)
         before = open_descriptors()
@@ -250,7 +253,7 @@ def test_tables_align_names_of_wide_characters_by_the_columns_they_take() -> Non
     from mtunlearn_ext._text import display_width
     from mtunlearn_ext.experiment import format_table
 
-    table = cli._table([["test", "距离", "accuracy"], ["test", "depth", "mse"]],
+    table = cli_console._table([["test", "距离", "accuracy"], ["test", "depth", "mse"]],
                        ["split", "task", "metric"])
     starts = {display_width(line[:line.index(metric)])
               for line, metric in zip(table.splitlines(), ["metric", "", "accuracy", "mse"])
@@ -339,7 +342,7 @@ def test_benchmark_runs_at_the_threads_given(monkeypatch: pytest.MonkeyPatch,
         envs.append(env)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(cli_benchmark.subprocess, "run", fake_run)
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     assert cli.main(["benchmark", "--threads", "2"]) == 0
     assert capsys.readouterr().out.startswith("running: OMP_NUM_THREADS=2 ")

@@ -18,6 +18,7 @@ from cli_helpers import _err
 from test_cli import FAST, _unlearn, ids, trained  # noqa: F401  (trained: a fixture)
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _unlearn as cli_unlearn
 from mtunlearn_ext.records import recorded_path
 
 
@@ -423,12 +424,12 @@ def test_resolved_settings_fill_only_what_the_config_left_to_a_default() -> None
     per_task = {"digit": "capped_ascent", "parity": "uniform"}
     report = SimpleNamespace(config={"steps": 3, "forget_objective": None},
                              extra={"resolved_settings": {"forget_objective": per_task}})
-    assert cli._resolved_settings(report) == {"steps": 3, "forget_objective": per_task}
+    assert cli_unlearn._resolved_settings(report) == {"steps": 3, "forget_objective": per_task}
     assert report.config["forget_objective"] is None  # the report itself is not changed
     retrain = SimpleNamespace(config={"epochs": 2, "seed": None},
                               extra={"resolved_settings": {"seed": 0, "epochs": 9}})
-    assert cli._resolved_settings(retrain) == {"epochs": 2, "seed": 0}  # a given one stays
-    assert cli._resolved_settings(SimpleNamespace(config={"epochs": 2}, extra={})) == {
+    assert cli_unlearn._resolved_settings(retrain) == {"epochs": 2, "seed": 0}  # a given one stays
+    assert cli_unlearn._resolved_settings(SimpleNamespace(config={"epochs": 2}, extra={})) == {
         "epochs": 2}
 
 

@@ -112,6 +112,11 @@ def _top_cycles() -> list[list[str]]:
         if source not in TOP:
             continue
         edges[source] |= {_component(t) for t in _imported_modules(path)} & TOP - {source}
+    return _cycles(edges)
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles of an import graph (node -> the nodes it imports), each once."""
     cycles: list[list[str]] = []
     seen: set[frozenset[str]] = set()
 
@@ -124,7 +129,7 @@ def _top_cycles() -> list[list[str]]:
             elif nxt not in path and nxt > path[0]:  # each cycle from its smallest name
                 walk(nxt, [*path, nxt])
 
-    for start in sorted(TOP):
+    for start in sorted(edges):
         walk(start, [start])
     return cycles
 
@@ -137,6 +142,61 @@ def test_the_top_has_no_import_cycle() -> None:
     their own, and the top is a layered order too: lineage, erasure, workflow, records,
     experiment and report, then the CLI and the demo."""
     assert _top_cycles() == []
+
+
+#: The modules of the command line (``mtunlearn_ext/cli/``) that each run one command; the
+#: others are the package's entry points and the helpers the commands share.
+CLI_COMMANDS = frozenset({"_train", "_unlearn", "_evaluate", "_verify", "_benchmark", "_report"})
+
+
+def _cli_imports() -> dict[str, set[str]]:
+    """The command line's modules (``mtunlearn_ext.cli`` for its ``__init__``) -> those of them
+    each imports, lazy imports included: the top's check sees the package as one component."""
+    modules = {_module_name(path): path for path in sorted((PACKAGE / "cli").glob("*.py"))}
+    return {name: _imported_modules(path) & set(modules) - {name}
+            for name, path in modules.items()}
+
+
+def _cli_problems() -> list[str]:
+    """The import cycles among the command line's modules, and any command module importing
+    another: each imports the shared modules (or its own), never another command's."""
+    edges = _cli_imports()
+    commands = {f"mtunlearn_ext.cli.{name}" for name in CLI_COMMANDS}
+    return ([" -> ".join(cycle) for cycle in _cycles(edges)]
+            + [f"{source} imports {target}" for source in sorted(commands & set(edges))
+               for target in sorted(edges[source] & commands)])
+
+
+def test_the_command_lines_modules_import_each_other_in_no_cycle() -> None:
+    """Architecture review: cli.py (about 2000 lines) became a package, one module per concern
+    and per command; their imports stay one-way (the entry points, the run, the parser, the
+    commands, the shared helpers), which the top's check, seeing ``cli`` as one component,
+    would not see."""
+    edges = _cli_imports()
+    names = {name.rpartition(".")[2] for name in edges}
+    assert CLI_COMMANDS <= names, CLI_COMMANDS - names
+    assert edges["mtunlearn_ext.cli"], edges  # the check reads the package's own imports
+    assert _cli_problems() == []
+
+
+def test_the_cli_check_sees_a_cycle_and_a_command_importing_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker itself: a lazy import that closes a circle inside the command line's
+    package, and a command importing another, are reported."""
+    fake = tmp_path / "mtunlearn_ext"
+    (fake / "cli").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli" / "__init__.py").write_text("from mtunlearn_ext.cli._parser import build\n")
+    (fake / "cli" / "_parser.py").write_text("from mtunlearn_ext.cli import _train\n")
+    (fake / "cli" / "_console.py").write_text("")
+    (fake / "cli" / "_train.py").write_text(
+        "from mtunlearn_ext.cli._console import say\n"
+        "def run():\n    from mtunlearn_ext.cli._parser import build\n")
+    (fake / "cli" / "_unlearn.py").write_text("from ._train import run\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert _cli_problems() == [
+        "mtunlearn_ext.cli._parser -> mtunlearn_ext.cli._train -> mtunlearn_ext.cli._parser",
+        "mtunlearn_ext.cli._unlearn imports mtunlearn_ext.cli._train"]
 
 
 def test_the_check_sees_a_lazy_upward_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

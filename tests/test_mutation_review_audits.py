@@ -23,6 +23,7 @@ from torch import nn
 from mtunlearn_ext import ForgetRequest, cli
 from mtunlearn_ext.api import build_problem
 from mtunlearn_ext.api._model_split import split_model
+from mtunlearn_ext.cli import _outputs as cli_outputs
 from mtunlearn_ext.metrics import check_retained
 from mtunlearn_ext.records import _verify_retained
 from mtunlearn_ext.surgery import GradientSurgery, Mean, Sum
@@ -87,7 +88,7 @@ def test_an_existing_method_config_file_of_bad_json_is_not_told_missing(
 
 def test_branch_letters_count_in_base_26_without_a_leading_a() -> None:
     """`b`..`z` for 1..25, then two letters from 26 (`ba`), three from 26 ** 2 (`baa`)."""
-    assert [cli._branch_letters(b) for b in (1, 2, 25, 26, 27, 51, 52, 26 ** 2)] == [
+    assert [cli_outputs._branch_letters(b) for b in (1, 2, 25, 26, 27, 51, 52, 26 ** 2)] == [
         "b", "c", "z", "ba", "bb", "bz", "ca", "baa"]
 
 
@@ -95,9 +96,9 @@ def test_only_the_names_default_outputs_writes_continue_a_chain(tmp_path: Path) 
     """`-2ba` (the 26th branch at place 2) continues its chain at place 3; `-2a`, never
     written (no branch letter starts with `a`), starts its own."""
     method = "interference_aware"
-    assert cli._default_outputs(tmp_path / f"orig.{method}-2ba.pt", method) == (
+    assert cli_outputs._default_outputs(tmp_path / f"orig.{method}-2ba.pt", method) == (
         tmp_path / f"orig.{method}-3.pt", tmp_path / f"orig.{method}-3.record.json")
-    assert cli._default_outputs(tmp_path / f"orig.{method}-2a.pt", method)[0] == (
+    assert cli_outputs._default_outputs(tmp_path / f"orig.{method}-2a.pt", method)[0] == (
         tmp_path / f"orig.{method}-2a.{method}.pt")
 
 

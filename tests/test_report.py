@@ -19,6 +19,7 @@ from cli_helpers import _err
 from test_cli import _listing
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _console as cli_console
 from mtunlearn_ext.records import RECORD_SCHEMA
 from mtunlearn_ext.report import interference_to_json, plot_interference, write_report
 from mtunlearn_ext.unlearning.interference import InterferenceMatrix
@@ -770,17 +771,17 @@ def test_the_attack_is_read_beside_its_member_auc_and_a_missing_auc_says_why(
     write_report(record, tmp_path / "rep2")
     text = (tmp_path / "rep2" / "report.md").read_text()
     assert "at chance" not in text and "not measured:" not in text
-    # The command line's table and notes (cli._metric_rows / _attack_notes).
-    rows = cli._metric_rows(record["before"], {**record["after"], "mia_member_auc": 0.45,
+    # The command line's table and notes (cli_console._metric_rows / _attack_notes).
+    rows = cli_console._metric_rows(record["before"], {**record["after"], "mia_member_auc": 0.45,
                                                "mia_auc": None, "mia_error": "too few"})
     assert rows[-2:] == [["forget", "*", "mia_auc", 0.6, None],
                          ["retain", "*", "mia_member_auc", 0.9, 0.45]]
-    assert cli._attack_notes({"mia_auc": None, "mia_error": "too few",
+    assert cli_console._attack_notes({"mia_auc": None, "mia_error": "too few",
                               "mia_member_auc": 0.45}) == [
         "mia_auc not measured: too few",
         "note: the attack tells training members from unseen data no better than chance here "
         "(mia_member_auc 0.45), so its forget-set AUC says nothing about forgetting"]
-    assert cli._attack_notes({"mia_auc": 0.7, "mia_member_auc": 0.8}) == []
+    assert cli_console._attack_notes({"mia_auc": 0.7, "mia_member_auc": 0.8}) == []
 
 
 def test_a_record_report_says_how_many_named_instances_this_run_forgot(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mtunlearn_ext import cli
+from mtunlearn_ext.cli import _parser as cli_parser
 from mtunlearn_ext.metrics import (
     DEFAULT_TOLERANCE,
     KEPT_SPLITS,
@@ -133,7 +134,7 @@ def test_the_json_form_round_trips_through_a_record() -> None:
 
 
 def test_the_cli_default_is_the_library_default() -> None:
-    assert cli._DEFAULT_RETAINED_TOLERANCE == DEFAULT_TOLERANCE
+    assert cli_parser._DEFAULT_RETAINED_TOLERANCE == DEFAULT_TOLERANCE
 
 
 # -- the command line ---------------------------------------------------------------------------
