@@ -661,20 +661,28 @@ def _prepare(config: ExperimentConfig, benchmark: Benchmark | None) -> PreparedE
                               phases=setup.phases)
 
 
-def run_experiment(config: ExperimentConfig,
-                   benchmark: Benchmark | None = None) -> dict[str, Any]:
+def run_experiment(config: ExperimentConfig, benchmark: Benchmark | None = None, *,
+                   on_unlearned: Callable[[str, nn.Module], None] | None = None
+                   ) -> dict[str, Any]:
     """Run the experiment, write the JSON results file, and return its content.
 
     ``benchmark`` may be passed directly (a benchmark of your own; ``config.benchmark`` must be
     its name, which the results record); otherwise it is loaded by name. The whole run
     uses ``config.threads`` intra-op threads; the count is restored on return, and so is the
     caller's random state (the numbers depend on ``config.seed`` alone).
+
+    ``on_unlearned(method, model)``: called with each method's unlearned model as soon as
+    its run ends, before its evaluation (which must not change it: copy what you keep), so
+    that a caller who wants the weights (the demo's sample plot) need not run the method
+    again.
     """
     with experiment_threads(config.threads), _callers_random_state_kept(config):
-        return _run_experiment(config, benchmark)
+        return _run_experiment(config, benchmark, on_unlearned)
 
 
-def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> dict[str, Any]:
+def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None,
+                    on_unlearned: Callable[[str, nn.Module], None] | None = None
+                    ) -> dict[str, Any]:
     code = code_version()  # the code this run imported and runs: read before the work
     prepared = _prepare(config, benchmark)
     bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
@@ -744,6 +752,8 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None) -> di
                     model, report = _diverged_model(problem.model), {"diverged": diverged}
                 wall = time.perf_counter() - start
             phases[f"unlearn/{method}"] = wall
+            if on_unlearned is not None:
+                on_unlearned(method, model)
             start = time.perf_counter()
             entry = _evaluate_model(model, splits, target_tasks, config, test_set, retain, forget)
             entry.update(_scores(entry, models["original"], models["retrained"], target_tasks))

@@ -275,24 +275,27 @@ def test_the_wall_time_counts_the_argument_checks(tmp_path, monkeypatch):
 
 def test_a_request_job_runs_every_step_at_the_run_thread_count(monkeypatch):
     """prepare_experiment restores the thread count on return; the job's interference matrix
-    and the kept model's unlearning ran after it, relying on the count it had left set (the
-    kept weights must be those evaluated)."""
+    ran after it, relying on the count it had left set. The kept weights are those the
+    request evaluated, handed over by run_experiment (the method is not run a second time for
+    them: profiling audit, a sixth of a cached demo)."""
     import torch
 
     from mtunlearn_ext import experiment
     from mtunlearn_ext.unlearning import interference
 
     seen: dict[str, int] = {}
+    evaluated = torch.nn.Linear(1, 1)
 
     class Prepared:
         def problem(self, config):  # type: ignore[no-untyped-def]
             seen["problem"] = torch.get_num_threads()
             return "problem"
 
-    class Unlearner:
-        def unlearn(self, problem):  # type: ignore[no-untyped-def]
-            seen["unlearn"] = torch.get_num_threads()
-            return type("R", (), {"model": torch.nn.Linear(1, 1)})()
+    def run(config, on_unlearned=None):  # type: ignore[no-untyped-def]
+        seen["unlearn"] = torch.get_num_threads()
+        for method in ("neggrad_plus", demo.METHOD):
+            on_unlearned(method, evaluated if method == demo.METHOD else torch.nn.Linear(2, 2))
+        return {}
 
     def prepare(config):  # type: ignore[no-untyped-def]
         with experiment.experiment_threads(config.threads):
@@ -303,16 +306,18 @@ def test_a_request_job_runs_every_step_at_the_run_thread_count(monkeypatch):
         seen["matrix"] = torch.get_num_threads()
         return {}
 
-    monkeypatch.setattr(experiment, "run_experiment", lambda config: {})
+    monkeypatch.setattr(experiment, "run_experiment", run)
     monkeypatch.setattr(experiment, "prepare_experiment", prepare)
     monkeypatch.setattr(interference, "interference_matrix", matrix)
     monkeypatch.setattr(report_module, "interference_to_json", lambda m, s: {})
-    monkeypatch.setattr("mtunlearn_ext.unlearning.get_unlearner", lambda name, s: Unlearner())
     args = demo.build_parser().parse_args(["--size", "tiny", "--threads", "1"])
     torch.set_num_threads(2)  # conftest restores the count after the test
-    demo._request_job(demo._configs(args)["partial"], True, "partial")
+    _, _, state = demo._request_job(demo._configs(args)["partial"], True, "partial")
     assert seen == {"problem": 1, "matrix": 1, "unlearn": 1}
     assert torch.get_num_threads() == 2
+    assert state is not None and state.keys() == evaluated.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in evaluated.state_dict().items())
+    assert demo._request_job(demo._configs(args)["full"], False, "full")[2] is None
 
 
 def test_the_gold_model_is_one_row_not_two() -> None:
