@@ -213,3 +213,35 @@ def test_import_and_a_configs_import_key_say_that_they_run_code() -> None:
         assert "its `import` key runs code" in texts["config"], command
     docs = " ".join((ROOT / "docs" / "cli.md").read_text(encoding="utf-8").split())
     assert "`--import` runs the module's code with your rights, by design" in docs
+
+
+def test_a_plugins_own_error_is_named_as_its_code_not_the_librarys(
+        trained: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Extension audit: an exception raised in a plugin's method ended with "mtunlearn:
+    internal error (KeyError); ... please report the traceback above", which sent the
+    plugin's author to the library. The last line now names the plugin's file and line; a
+    failure inside the library still says "internal error" (test_cli_docs)."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "broken_plugin.py"
+    text = PLUGIN.format(name="broken_plugin_method")
+    broken = text.replace("return self.weighted_update(ctx, None, retain_batch)",
+                          "raise KeyError('a setting this plugin expected')")
+    assert broken != text
+    source.write_text(broken)
+    script = ("import sys; from mtunlearn_ext import cli\n"
+              "raise SystemExit(cli.console_main(sys.argv[1:]))\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "unlearn", "--checkpoint", str(trained), "--forget-ids",
+         ids(1, 2), "--method", "broken_plugin_method", "--import", str(source), "--output",
+         str(tmp_path / "u.pt"), "--quiet"], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path)
+    assert proc.returncode == cli.EXIT_INTERNAL_ERROR, proc.stderr
+    assert "KeyError: 'a setting this plugin expected'" in proc.stderr
+    line = next(n for n, text in enumerate(source.read_text().splitlines(), 1)
+                if "raise KeyError" in text)
+    assert proc.stderr.splitlines()[-1] == (
+        f"mtunlearn: error (KeyError) in {source.resolve()}, line {line}, code outside the "
+        "library (a module given to --import?); exit 70: see the traceback above")
+    assert not (tmp_path / "u.pt").exists()

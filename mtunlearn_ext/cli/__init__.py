@@ -36,7 +36,7 @@ from types import FrameType
 from mtunlearn_ext.cli import _parser
 from mtunlearn_ext.cli._console import _say, _show_warning
 from mtunlearn_ext.cli._parser import EXIT_CODES, EXIT_INTERNAL_ERROR, build_parser
-from mtunlearn_ext.cli._run import _main
+from mtunlearn_ext.cli._run import _main, _outside_code_frame
 
 __all__ = ["EXIT_CODES", "build_parser", "console_main", "main"]
 
@@ -103,9 +103,15 @@ def console_main(argv: Sequence[str] | None = None) -> int:
             code = main(argv)
         except Exception as error:  # noqa: BLE001  (what no check of ours foresaw)
             traceback.print_exc()
-            _say(f"mtunlearn: internal error ({type(error).__name__}); exit "
-                 f"{EXIT_INTERNAL_ERROR}, not verify's 1: please report the traceback above",
-                 file=sys.stderr)
+            outside = _outside_code_frame(error)
+            if outside is None:
+                _say(f"mtunlearn: internal error ({type(error).__name__}); exit "
+                     f"{EXIT_INTERNAL_ERROR}, not verify's 1: please report the traceback above",
+                     file=sys.stderr)
+            else:  # (extension audit: a plugin's own bug was reported as the library's)
+                _say(f"mtunlearn: error ({type(error).__name__}) in {outside.filename}, line "
+                     f"{outside.lineno}, code outside the library (a module given to --import?); "
+                     f"exit {EXIT_INTERNAL_ERROR}: see the traceback above", file=sys.stderr)
             code = EXIT_INTERNAL_ERROR
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:

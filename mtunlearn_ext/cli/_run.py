@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,3 +178,22 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
         if getattr(args, name, None) == "":
             raise UserInputError(f"--{name.replace('_', '-')}", "a path (or the option left "
                                  "out, for its default)", "")
+
+
+def _outside_code_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of ``error``'s traceback in a source file that is neither the
+    library's, nor Python's, nor an installed package's: the code of a module given to
+    ``--import`` (a plugin's method or benchmark). An exception raised there is that code's,
+    and "please report" sent its author to the library. ``None`` when there is none
+    (frames of ``<string>`` and the like, which name no file, do not count)."""
+    library = Path(__file__).resolve().parents[1]
+    installed = {Path(p).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                 if (p := sysconfig.get_paths().get(key))}
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = Path(frame.filename)
+        if not path.is_file():
+            continue
+        path = path.resolve()
+        if not any(path.is_relative_to(root) for root in (library, *installed)):
+            return frame
+    return None
