@@ -1223,6 +1223,11 @@ def test_save_unlearned_records_the_seed_device_and_threads_of_the_run(tmp_path)
     with cpu_threads(2):
         record = mtunlearn_ext.save_unlearned(new, report, tmp_path / "u.pt", original=model)
     assert record["seed"] == 7 and record["device"] == "cpu"
+    # The settings as the run used them, as the CLI's records give them (extension audit: a
+    # forget objective left to its default was null here and named in the CLI's record).
+    assert report.config["forget_objective"] is None
+    assert record["method"]["settings"]["forget_objective"] == (
+        report.extra["resolved_settings"]["forget_objective"]) == "capped_ascent"
     assert record["environment"] == {"torch": torch.__version__,
                                      "python": platform.python_version(), "threads": 1,
                                      "extension": mtunlearn_ext.build_info()["extension"],

@@ -30,6 +30,7 @@ from mtunlearn_ext.data.request import ForgetRequest
 from mtunlearn_ext.records import WEIGHTS_UNCHANGED, code_version, run_environment, utc_now
 from mtunlearn_ext.training import load_weights_only, state_dict_sha256
 from mtunlearn_ext.unlearning import UnlearningReport
+from mtunlearn_ext.unlearning.base import resolved_settings
 
 
 API_RECORD_SCHEMA = "mtunlearn_ext.api-record/1"
@@ -141,7 +142,10 @@ def save_unlearned(model: nn.Module, report: UnlearningReport, path: str | os.Pa
         "seed": report.seed, "device": report.device,
         "environment": run_environment(report.threads),
         "request": _finite_or_none(dict(report.request)),
-        "method": {"name": report.method, "settings": _finite_or_none(dict(report.config))},
+        # As the run used them (a default-left forget objective as built), as the CLI's
+        # records give them (extension audit: the API's kept None there).
+        "method": {"name": report.method,
+                   "settings": _finite_or_none(resolved_settings(report))},
         "summary": _finite_or_none(report.extra.get("summary", {})),
         "steps": report.steps,
         "wall_time_s": report.wall_time_s,

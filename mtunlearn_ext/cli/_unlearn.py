@@ -15,6 +15,7 @@ from mtunlearn_ext._errors import UserInputError
 from mtunlearn_ext._io import json_safe
 from mtunlearn_ext._text import visible_controls
 from mtunlearn_ext._warnings import MtUnlearnWarning
+from mtunlearn_ext.unlearning.base import resolved_settings
 from mtunlearn_ext.cli._checks import _check_seed, _forget_fraction, _json_arg
 from mtunlearn_ext.cli._console import (_attack_notes, _metric_rows, _retain_note, _say, _shown,
                                         _table)
@@ -50,17 +51,8 @@ def _interference(problem: Any, method: str, settings: Mapping[str, Any]) -> dic
             "settings_from": "the method's settings" if own else "interference_aware defaults"}
 
 
-def _resolved_settings(report: Any) -> dict[str, Any]:
-    """The method's settings as the run used them, for the record: the config, with the
-    settings it left to a default (``None``) as the run resolved them
-    (``report.extra["resolved_settings"]``: the forget objectives built, retraining's recipe
-    seed), so that they reproduce the run given as ``--method-config``. The report's own
-    ``config`` is left as the method stored it."""
-    settings = dict(report.config)
-    resolved = report.extra.get("resolved_settings")
-    if isinstance(resolved, Mapping):
-        settings.update({k: v for k, v in resolved.items() if settings.get(k) is None})
-    return settings
+#: The settings a record keeps (the API's records the same: unlearning.base).
+_resolved_settings = resolved_settings
 
 
 def _checkpoint_recipe(loaded: Any, checkpoint: str) -> Any:

@@ -712,6 +712,20 @@ class RequestFacts(TypedDict, total=False):
     earlier_pairs_excluded: int
 
 
+def resolved_settings(report: Any) -> dict[str, Any]:
+    """The method's settings as the run used them, for a record: the report's ``config``, with
+    the settings it left to a default (``None``) as the run resolved them
+    (``report.extra["resolved_settings"]``: the forget objectives built, retraining's recipe
+    seed), so that given explicitly they reproduce the run. The report's own ``config`` is
+    left as the method stored it. ``report``: an :class:`UnlearningReport` (or anything with
+    its ``config`` and ``extra``)."""
+    settings = dict(report.config)
+    resolved = report.extra.get("resolved_settings")
+    if isinstance(resolved, Mapping):
+        settings.update({k: v for k, v in resolved.items() if settings.get(k) is None})
+    return settings
+
+
 @dataclass(repr=False)
 class UnlearningReport:
     """What a run did: the method, its settings, wall time and loss curves.
