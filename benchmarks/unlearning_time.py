@@ -14,9 +14,9 @@ same process and thread setting, so that the ratio compares like with like. The 
 alternates across repeats: retraining first, then the methods, in even repeats (the first one
 included, so with ``--repeats 1`` retraining always goes first); the methods first, in reverse
 order, then retraining, in odd ones. Nothing is evaluated: only the wall times. The best of
-``--repeats`` is reported for each: with ``--repeats 1`` the methods run warm after
-retraining paid the process's one-off costs (about 8% of a method's run here, about 0.01 of the
-ratio), so use 2 or more for a fair figure. ``--variant`` also times the method with its preset
+``--repeats`` is reported for each: with ``--repeats 1`` retraining pays the process's one-off
+costs (a first unlearning run is about 1.5 s slower here) and the methods run warm, so use 2 or
+more for a fair figure. ``--variant`` also times the method with its preset
 changed by those settings (``interference_aware+variant``), in the same rotation, to check that
 a candidate setting fits the time target before it is selected.
 """
