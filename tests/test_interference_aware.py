@@ -700,6 +700,21 @@ def test_deterministic_by_seed(bench, original) -> None:  # type: ignore[no-unty
 # -- the public API on a user's own model ---------------------------------------------------------
 
 
+class _Dropping(nn.Module):
+    """The user setup's kind of two-head model with dropout in its trunk: its training-mode
+    forwards draw from torch's global generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5))
+        self.kind, self.size = nn.Linear(32, 3), nn.Linear(32, 1)
+
+    def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(inputs)
+        return {"kind": self.kind(z), "size": self.size(z)}
+
+
 @pytest.fixture(scope="module")
 def user_setup():  # type: ignore[no-untyped-def]
     return memorised_kind_and_size()
@@ -1794,19 +1809,8 @@ def test_interference_matrix_in_train_mode_is_seeded_and_leaves_the_callers_gene
 
     _, x, y = user_setup
 
-    class Dropping(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5))
-            self.kind, self.size = nn.Linear(32, 3), nn.Linear(32, 1)
-
-        def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.trunk(inputs)
-            return {"kind": self.kind(z), "size": self.size(z)}
-
     problem = build_problem(
-        Dropping(), tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
+        _Dropping(), tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
         forget_request=mtunlearn_ext.ForgetRequest.create(range(10), ["kind"]),
         shared_parameters=lambda n: n.startswith("trunk."))
     config = InterferenceAwareConfig(num_per_sample=8, train_mode=True)
@@ -2610,26 +2614,15 @@ def test_counting_the_pairs_at_their_caps_leaves_the_run_as_it_was(user_setup,
     generators are given back after it: a run with the count is bit for bit the one without."""
     _, x, y = user_setup
 
-    class Dropping(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.trunk = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5))
-            self.kind, self.size = nn.Linear(32, 3), nn.Linear(32, 1)
-
-        def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-            z = self.trunk(inputs)
-            return {"kind": self.kind(z), "size": self.size(z)}
-
     common = dict(tasks={"kind": "classification", "size": "regression"}, train_data=(x, y),
                   forget_request=ForgetRequest.create(range(20)),
                   shared_parameters=lambda n: n.startswith("trunk."),
                   config={"steps": 3, "train_mode": True})
-    counted, report = mtunlearn_ext.unlearn(Dropping(), **common)
+    counted, report = mtunlearn_ext.unlearn(_Dropping(), **common)
     assert report.extra["interference_aware"]["forget_pairs_at_cap"]["kind"][1] == 20
     monkeypatch.setattr(InterferenceAware, "_forget_pairs_at_cap",
                         lambda self, ctx, measured: {})
-    uncounted, _ = mtunlearn_ext.unlearn(Dropping(), **common)
+    uncounted, _ = mtunlearn_ext.unlearn(_Dropping(), **common)
     for (name, a), (_, b) in zip(counted.state_dict().items(), uncounted.state_dict().items()):
         assert torch.equal(a, b), name
     # Without the generators given back, the pass's dropout draws move the steps' masks.
@@ -2640,6 +2633,6 @@ def test_counting_the_pairs_at_their_caps_leaves_the_run_as_it_was(user_setup,
         return {}
 
     monkeypatch.setattr(InterferenceAware, "_forget_pairs_at_cap", unforked_pass)
-    moved, _ = mtunlearn_ext.unlearn(Dropping(), **common)
+    moved, _ = mtunlearn_ext.unlearn(_Dropping(), **common)
     assert not all(torch.equal(a, b) for a, b in zip(counted.state_dict().values(),
                                                      moved.state_dict().values()))
