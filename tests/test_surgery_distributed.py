@@ -1336,3 +1336,30 @@ def test_a_rank_holding_no_gradient_puts_its_checks_where_the_backend_takes_them
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     expected = torch.device("cpu") if backend == "gloo" else torch.device("cuda", 1)
     assert distributed._check_device([], None) == expected
+
+
+def test_the_aggregator_description_is_by_value_not_by_repr() -> None:
+    """Diff review: the ranks' aggregators were compared by ``repr``, which prints a tensor
+    with 4 digits and its dtype: equal preferences in float64 and float32 were refused, and
+    0.5 against 0.50001 (other weights) passed. Now by the float64 values, settings and
+    state; an object's address (which differs between processes) is not part of it."""
+    from mtunlearn_ext.surgery import UPGradWeighting
+    from mtunlearn_ext.surgery.distributed import _aggregator_description as described
+
+    half = [0.5, 0.5]
+    assert described(UPGrad(pref_vector=torch.tensor(half, dtype=F64))) == described(
+        UPGrad(pref_vector=torch.tensor(half, dtype=torch.float32)))
+    assert described(UPGrad(pref_vector=half)) != described(UPGrad(pref_vector=[0.5, 0.50001]))
+    assert described(UPGrad()) != described(UPGrad(reg_eps=1e-4)) != described(MGDA())
+    counted = PCGrad(seed=0)
+    before = described(counted)
+    counted.weighting(torch.eye(2, dtype=F64))  # one call: other task orders next time
+    assert described(counted) != before == described(PCGrad(seed=0))
+    assert described(PCGrad(seed=1)) != before
+
+    class Hooked(UPGradWeighting):
+        def __init__(self) -> None:
+            super().__init__()
+            self.callback = object()  # its repr names an address
+
+    assert described(Hooked()) == described(Hooked()) and " at 0x" not in described(Hooked())

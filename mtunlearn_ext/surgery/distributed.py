@@ -44,7 +44,6 @@ NCCL and CPU ones gloo.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TypeVar, cast
@@ -265,19 +264,21 @@ class ShardedReducer:
                           head_tasks: Sequence[int] | None = None,
                           stack_names: Sequence[str] | None = None,
                           aggregator: Aggregator | Weighting | None = None) -> None:
-        """No averaging: shard-local per-task gradients are already the global ones (and
+        """Nothing to do: shard-local per-task gradients are already the global ones (and
         whether a task reached a shard is this rank's own business: it writes only its
-        shards). With ``aggregator`` (the surgery's), the ranks check that they aggregate
-        alike and pass the same number of losses, raising on every rank if not: each rank
-        weights its own shards, so different aggregators (or settings) gave an update whose
-        shards disagree, without an error, and a rank with a Gram-free one (Mean, Sum) left
-        the others waiting in the Gram's all-reduce. One all-reduce (MAX) of 4 integers."""
-        if aggregator is None:
-            return
-        device = _check_device([*stacks, *head_grads], self.group)
-        k = stacks[0].shape[0] if stacks else 0  # (a rank without shards: not known here)
-        description = _aggregator_description(aggregator)
-        agreed = [k, _digest(description)]
+        shards). The aggregator is agreed on in :meth:`agree_on_aggregator`, on the losses'
+        device."""
+
+    def agree_on_aggregator(self, aggregator: Aggregator | Weighting, k: int,
+                            device: torch.device) -> None:
+        """Before the aggregation: raise on every rank if the ranks aggregate differently
+        (:func:`_aggregator_description`) or pass different numbers of losses ``k`` (0: a rank
+        that cannot tell). Each rank weights its own shards, so different aggregators (or
+        settings) gave an update whose shards disagree, without an error, and a rank with a
+        Gram-free one (Mean, Sum) left the others waiting in the Gram's all-reduce. One
+        all-reduce (MAX) of 4 integers on ``device``, the losses' (where a rank without a
+        shard runs its other collectives too); on a mismatch, one gather for the message."""
+        agreed = [k, _digest(_aggregator_description(aggregator))]
         mine = torch.tensor([*agreed, *(-v for v in agreed)], dtype=torch.int64, device=device)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
         values = mine.tolist()
@@ -285,7 +286,7 @@ class ShardedReducer:
             raise ValueError(_losses_mismatch(k, self.group, "sharded_surgery",
                                               "the ranks' Grams cannot be added up"))
         if values[1] != -values[3]:
-            raise ValueError(_aggregator_mismatch("sharded_surgery", description, self.group))
+            raise ValueError(_aggregator_mismatch("sharded_surgery", aggregator, self.group))
 
     def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Global Gram matrix = SUM over ranks of the shard Grams (one ``k x k`` all-reduce,
@@ -392,14 +393,13 @@ class ReplicatedReducer:
         hits = torch.tensor([float(r) for r in flags], device=device)
         if self.head_params is None:
             heads, tasks = _canonical_order(head_grads, head_tasks)
-            _check_same_heads(heads, tasks, shared, device, self.group, k,
-                              _aggregator_description(aggregator))
+            _check_same_heads(heads, tasks, shared, device, self.group, k, aggregator)
             _all_reduce_mean([*stacks, *heads, hits], self.group)
             flags[:] = [share > 0 for share in hits.tolist()]
             return
         trainable = [p.requires_grad for p in self.head_params]
         layouts = _agreed_head_layouts(self.head_params, trainable, shared, k, device,
-                                       self.group, _aggregator_description(aggregator))
+                                       self.group, aggregator)
         heads = [p for p, t in zip(self.head_params, trainable) if t]
         layouts = [layout for layout, t in zip(layouts, trainable) if t]
         fillers = {id(p): _zero_grad(p, sparse_dims)
@@ -459,7 +459,8 @@ def _zero_grad(head: torch.Tensor, sparse_dims: int) -> torch.Tensor:
 
 def _agreed_head_layouts(listed: Sequence[torch.Tensor], trainable: Sequence[bool],
                          shared: Sequence[_SharedDescription], k: int, device: torch.device,
-                         group: ProcessGroup | None, aggregator: str = "") -> list[int]:
+                         group: ProcessGroup | None,
+                         aggregator: Aggregator | Weighting | None = None) -> list[int]:
     """Before the average of the stacks and the listed heads: every rank checks that the ranks
     passed the same number of losses (else the stacks' all-reduce pairs different sizes), take
     part with the same shared parameters, aggregate with the same aggregator
@@ -474,7 +475,8 @@ def _agreed_head_layouts(listed: Sequence[torch.Tensor], trainable: Sequence[boo
     shared_digest = _digest(shared)
     trained = [i for i, t in enumerate(trainable) if t]
     heads_digest = _digest(trained)
-    agreed = [k, len(shared), shared_digest, _digest(aggregator), heads_digest]
+    agreed = [k, len(shared), shared_digest, _digest(_aggregator_description(aggregator)),
+              heads_digest]
     mine = [*agreed, *(-v for v in agreed),
             *(0 if not t or p.grad is None else _sparse_dims(p.grad)
               for p, t in zip(listed, trainable))]
@@ -563,7 +565,8 @@ def _heads_digest(head_grads: Sequence[torch.Tensor], head_tasks: Sequence[int] 
 
 def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] | None,
                       shared: Sequence[_SharedDescription], device: torch.device,
-                      group: ProcessGroup | None, k: int = 0, aggregator: str = "") -> None:
+                      group: ProcessGroup | None, k: int = 0,
+                      aggregator: Aggregator | Weighting | None = None) -> None:
     """Raise on every rank if the ranks passed different numbers of losses ``k``, take part
     with different shared parameters (one frozen on some ranks only), aggregate with
     different aggregators (``aggregator``: :func:`_aggregator_description`) or found
@@ -571,8 +574,8 @@ def _check_same_heads(head_grads: list[torch.Tensor], head_tasks: Sequence[int] 
     shapes, in order, differ), saying which. One all-reduce (MAX) of 12 integers, of the same
     size on every rank whatever it found (collectives of different sizes abort gloo); on a
     mismatch, one gather for the message."""
-    agreed = [k, len(shared), _digest(shared), _digest(aggregator), len(head_grads),
-              _heads_digest(head_grads, head_tasks)]
+    agreed = [k, len(shared), _digest(shared), _digest(_aggregator_description(aggregator)),
+              len(head_grads), _heads_digest(head_grads, head_tasks)]
     mine = torch.tensor([*agreed, *(-v for v in agreed)], dtype=torch.int64, device=device)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
     values = mine.tolist()
@@ -643,31 +646,55 @@ def _digest(described: object) -> int:
 
 
 def _aggregator_description(aggregator: Aggregator | Weighting | None) -> str:
-    """What every rank's aggregator must agree on, in words: its class, its settings (its
-    ``repr``) and the extra state of its modules (PCGrad's call count, which picks the task
-    orders). Equal on every process for equal aggregators; ``""`` when not known."""
+    """What every rank's aggregator must agree on, in words: the class and the public
+    attributes of each of its modules (settings such as ``reg_eps`` and ``seed``, PCGrad's call
+    count, which picks the task orders), tensors by their values in float64 (a float32
+    ``pref_vector`` is the float64 one it is cast to; a tensor's ``repr`` showed 4 digits and
+    its dtype and device, which refused equal preferences and let 0.5 and 0.50001 pass).
+    Equal on every process for equal aggregators; ``""`` when not known."""
     if aggregator is None:
         return ""
-    states = {name or type(module).__name__: module.get_extra_state()
-              for name, module in aggregator.named_modules()
-              if type(module).get_extra_state is not torch.nn.Module.get_extra_state}
-    kind = type(aggregator)
-    text = f"{kind.__module__}.{kind.__qualname__}: {aggregator!r}" + (
-        f" with state {states!r}" if states else "")
-    # An object's default repr names its address, which differs between processes.
-    return _ADDRESS.sub("", text)
+    parts = []
+    for name, module in aggregator.named_modules():
+        kind = type(module)
+        settings = {key: _plain(value) for key, value in sorted(vars(module).items())
+                    if not key.startswith("_") and key != "training"}
+        parts.append(f"{name or '.'}={kind.__module__}.{kind.__qualname__}{settings}")
+    return "; ".join(parts)
 
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+def _plain(value: object) -> object:
+    """``value`` as process-independent data: numbers and strings as they are, tensors as
+    their float64 values and shape, containers element by element (sets sorted), anything
+    else by its type's name (an object's default repr names its address)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), tuple(value.detach().double().flatten().tolist()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(repr(_plain(v)) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((repr(k), repr(_plain(v))) for k, v in value.items()))
+    kind = type(value)
+    return f"<{kind.__module__}.{kind.__qualname__}>"
 
 
-def _aggregator_mismatch(caller: str, description: str, group: ProcessGroup | None) -> str:
-    """Each rank's aggregator, for the message of ranks that disagree on it (every rank takes
-    this gather, having seen the same reduced header)."""
+def _aggregator_mismatch(caller: str, aggregator: Aggregator | Weighting | None,
+                         group: ProcessGroup | None) -> str:
+    """Each rank's aggregator in words (its ``repr``, and its modules' extra state where they
+    have one: PCGrad's call count), for the message of ranks that disagree on it (every rank
+    takes this gather, having seen the same reduced header)."""
+    shown = "not known"
+    if aggregator is not None:
+        states = {name or type(module).__name__: module.get_extra_state()
+                  for name, module in aggregator.named_modules()
+                  if type(module).get_extra_state is not torch.nn.Module.get_extra_state}
+        shown = f"{aggregator!r}" + (f" with state {states!r}" if states else "")
     per_rank: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(per_rank, description, group=group)
-    said = "; ".join(f"rank {r}: {d.split(': ', 1)[-1] if d else 'not known'}"
-                     for r, d in enumerate(per_rank))
+    dist.all_gather_object(per_rank, shown, group=group)
+    said = "; ".join(f"rank {r}: {text}" for r, text in enumerate(per_rank))
     return (f"{caller}: the ranks aggregate with different aggregators ({said}), so each "
             "weights the same task gradients differently and the ranks' updates disagree; "
             "build every rank's surgery with the same aggregator and settings (a seed drawn "

@@ -81,9 +81,11 @@ class GradReducer(Protocol):
     """Cross-process steps of a surgery (see :mod:`mtunlearn_ext.surgery.distributed`).
 
     Besides the two methods below, the hook calls these where a reducer has them (the
-    package's sharded reducer the first three, its replicated one the last):
+    package's sharded reducer the first four, its replicated one the last):
     ``agree_on_task_count(k, device)`` before ``per_task="backward"``'s passes, whose
-    collectives need every process to run as many; ``join_stats(stats)``,
+    collectives need every process to run as many; ``agree_on_aggregator(aggregator, k,
+    device)`` before each aggregation, whether the processes aggregate alike;
+    ``join_stats(stats)``,
     :meth:`reduce_stats` for a process with nothing to aggregate; ``any_rank(flag,
     device)``, whether a flag holds on any process (a step every process refuses together);
     ``nonfinite_note()``, what a refused step's message adds.
@@ -1387,6 +1389,11 @@ class GradientSurgery:
         # (stacks[p] = ...), and the kept buffers (whose row views the next step writes) must
         # not become those, or every later step would aggregate this one's gradients.
         stacks = list(stacks)
+        agree = getattr(self.reducer, "agree_on_aggregator", None)
+        if agree is not None:
+            # On the losses' device, where a rank without a shard runs its collectives too.
+            agree(self.aggregator, stacks[0].shape[0] if stacks else found.tasks,
+                  found.device or (stacks[0].device if stacks else torch.device("cpu")))
         if self.reducer is not None and self._reducer_merges_reach:
             named: dict[str, Any] = (
                 {"stack_names": active.names} if self._reducer_takes_names else {})
