@@ -163,14 +163,20 @@ def check_args(args: argparse.Namespace) -> None:
     if not isinstance(overrides, dict):
         raise ValueError(f"--train: expected a JSON object, got {args.train!r}")
     for cls in _plugin_methods(_methods(args)):
-        main_module = sys.modules.get("__main__")
-        if cls.__module__ == "__main__" and getattr(main_module, "__file__", None) is None:
-            # The workers are spawned processes: they import a method's module again, and an
-            # interactive session (a notebook, the REPL) has no file to import.
+        # The workers are spawned processes: they import a method's module again, and find its
+        # class there only if the module defines it at its top level when imported.
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if cls.__module__ == "__main__" and main_file is None:
             raise ValueError(f"--baselines: method {cls.name!r} is defined in an interactive "
                              "session, which the demo's worker processes cannot import; "
                              "define it at the top level of a module file and import that "
                              "(or pass --import FILE.py)")
+        if (cls.__module__ == "__main__" and main_file is not None
+                and not _defined_at_top_level(main_file, cls)):
+            raise ValueError(f"--baselines: method {cls.name!r} is not defined at the top level "
+                             f"of {main_file} (under `if __name__ == '__main__':`, or in a "
+                             "function), so the demo's worker processes, which import that "
+                             "file again, do not see it; define the class at the top level")
     flags = {"methods": "--baselines", "`seed`": "--seed", "forget_fraction": "--forget-fraction",
              "--target-tasks": "--partial-task", "--train": ""}
     for config in _configs(args).values():
@@ -180,6 +186,58 @@ def check_args(args: argparse.Namespace) -> None:
             flag = next((f for key, f in flags.items() if key in str(error)), "arguments")
             message = str(error).replace("--target-tasks: ", "")
             raise ValueError(f"{flag}: {message}" if flag else message) from error
+
+
+def _defined_at_top_level(file: str, cls: type) -> bool:
+    """Whether the script ``file`` defines ``cls`` at its top level (a statement of the module
+    itself, not inside ``if __name__ == "__main__":`` or a function)."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(file).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return True  # not readable here: left to the worker
+    return "." not in cls.__qualname__ and any(
+        isinstance(node, ast.ClassDef) and node.name == cls.__name__ for node in tree.body)
+
+
+def _plugin_specs(methods: Sequence[str]) -> list[tuple[str, str | None, str]]:
+    """``(module, source file, qualified name)`` of each method of ``methods`` that is not the
+    library's own, for the workers (:func:`_register_plugins`): plain strings, because a class
+    pickled by reference is unpickled before a worker's initializer runs, and a module that
+    ``--import`` loaded from a file outside ``sys.path`` cannot be found by name there."""
+    return [(cls.__module__, getattr(sys.modules.get(cls.__module__), "__file__", None),
+             cls.__qualname__) for cls in _plugin_methods(methods)]
+
+
+def _register_plugins(specs: Sequence[tuple[str, str | None, str]]) -> None:
+    """In a worker: import each plugin's module (by name, else from its file; the parent's
+    script is this process's ``__mp_main__``) and register its method, as the parent has it
+    (also where the module registers it only under its main guard). A method that cannot be
+    found is left out: the job then fails with "unknown methods", naming it."""
+    import importlib
+
+    from mtunlearn_ext.unlearning import register_unlearner
+    from mtunlearn_ext.workflow import import_plugins
+
+    for module_name, file, qualname in specs:
+        try:
+            if module_name == "__main__":
+                module = sys.modules.get("__mp_main__", sys.modules["__main__"])
+            else:
+                try:
+                    module = importlib.import_module(module_name)
+                except ImportError:
+                    if file is None:
+                        raise
+                    import_plugins([file])
+                    module = sys.modules[Path(file).stem]
+            found: Any = module
+            for part in qualname.split("."):
+                found = getattr(found, part)
+            register_unlearner(found)
+        except Exception:  # noqa: BLE001  (an initializer's error breaks the whole pool)
+            continue
 
 
 def _plugin_methods(methods: Sequence[str]) -> list[type[Unlearner]]:
@@ -198,20 +256,16 @@ def _plugin_methods(methods: Sequence[str]) -> list[type[Unlearner]]:
 _PROGRESS_QUEUE: Any = None
 
 
-def _worker_init(queue: Any, parent: int, plugins: Sequence[type[Unlearner]] = ()) -> None:
+def _worker_init(queue: Any, parent: int,
+                 plugins: Sequence[tuple[str, str | None, str]] = ()) -> None:
     """A worker's start: Ctrl-C left to the parent, the progress queue, a watch on the parent,
-    the code imported, and ``plugins`` (:func:`_plugin_methods`) registered. Their classes
-    came pickled by reference, so unpickling imported their modules here; a method that its
-    module registers only under ``if __name__ == "__main__"`` (or that the parent registered
-    by hand) is registered here as in the parent, instead of failing as an unknown method
-    after the trainings."""
+    the code imported, and ``plugins`` (:func:`_plugin_specs`) registered as in the parent,
+    instead of failing as unknown methods after the trainings (a method registered under the
+    script's main guard, or by hand)."""
     global _PROGRESS_QUEUE
     import signal
 
-    from mtunlearn_ext.unlearning import register_unlearner
-
-    for cls in plugins:
-        register_unlearner(cls)
+    _register_plugins(plugins)
 
     # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the
     # workers), so no worker prints a traceback or is interrupted inside a lock.
@@ -463,7 +517,7 @@ def _run_demo(args: argparse.Namespace, start: float | None) -> int:
     queue = context.Queue() if args.progress else None
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context,
                              initializer=_worker_init,
-                             initargs=(queue, os.getpid(), _plugin_methods(methods))) as pool:
+                             initargs=(queue, os.getpid(), _plugin_specs(methods))) as pool:
         try:
             trainings: dict[str, Future[Any]] = {
                 "original": pool.submit(_train_job, configs["full"], "original", "original"),

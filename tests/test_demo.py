@@ -518,20 +518,37 @@ def _registered(name: str) -> bool:
 
 
 def test_a_method_registered_only_in_the_parent_reaches_the_demos_workers(
-        registries_restored) -> None:  # type: ignore[no-untyped-def]
+        registries_restored, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Extension audit: the demo's checks accepted a method registered under the script's
     main guard, and its spawned worker then failed with "unknown methods" (a traceback, exit
-    1) after the trainings. The workers now register the parent's methods of one's own."""
+    1) after the trainings. The workers now register the parent's methods of one's own: one
+    its module does not register at import, and (diff review) one from a file that
+    ``--import`` loaded from outside ``sys.path``, which a class pickled by reference broke
+    the whole pool with (ModuleNotFoundError in the worker's start)."""
     from mtunlearn_ext.unlearning import register_unlearner
+    from mtunlearn_ext.workflow import import_plugins
 
     register_unlearner(_PluginAscent)
-    plugins = demo._plugin_methods(["neggrad_plus", _PluginAscent.name, demo.METHOD])
-    assert plugins == [_PluginAscent]  # the library's own methods are the workers' already
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "demo_file_plugin.py").write_text(
+        "from mtunlearn_ext.unlearning import register_unlearner\n"
+        "from mtunlearn_ext.unlearning.baselines.neggrad_plus import NegGradPlus\n\n\n"
+        "@register_unlearner\nclass FilePlugin(NegGradPlus):\n"
+        "    name = 'demo_file_plugin_ascent'\n")
+    monkeypatch.delitem(sys.modules, "demo_file_plugin", raising=False)
+    import_plugins([str(folder / "demo_file_plugin.py")])
+    monkeypatch.setitem(sys.modules, "demo_file_plugin", sys.modules["demo_file_plugin"])
+    names = [_PluginAscent.name, "demo_file_plugin_ascent"]
+    specs = demo._plugin_specs(["neggrad_plus", *names, demo.METHOD])
+    # (the library's own methods are the workers' already)
+    assert [(module, qualname) for module, _, qualname in specs] == [
+        (__name__, "_PluginAscent"), ("demo_file_plugin", "FilePlugin")]
     context = multiprocessing.get_context("spawn")
-    for given, expected in ((plugins, True), ([], False)):
+    for given, expected in ((specs, True), ([], False)):
         with ProcessPoolExecutor(1, mp_context=context, initializer=demo._worker_init,
                                  initargs=(None, os.getpid(), given)) as pool:
-            assert pool.submit(_registered, _PluginAscent.name).result() is expected
+            assert [pool.submit(_registered, name).result() for name in names] == [expected] * 2
 
 
 def test_a_method_of_an_interactive_session_or_a_missing_plugin_is_refused_at_once(
@@ -544,16 +561,30 @@ def test_a_method_of_an_interactive_session_or_a_missing_plugin_is_refused_at_on
     interactive = type("Interactive", (_PluginAscent,),
                        {"name": "demo_interactive_ascent", "__module__": "__main__"})
     register_unlearner(interactive)
-    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    guarded = type("Guarded", (_PluginAscent,),
+                   {"name": "demo_guarded_ascent", "__module__": "__main__"})
+    register_unlearner(guarded)
+    script = tmp_path / "my_script.py"  # (diff review: a class under the main guard)
+    script.write_text("import sys\n\nif __name__ == '__main__':\n"
+                      "    class Guarded:\n        pass\n")
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
     out = tmp_path / "demo"
     common = ["--size", "tiny", "--output-dir", str(out), "--cache-dir", str(tmp_path / "c")]
-    for argv, message in (
+    for argv, message, file in (
             (["--baselines", "demo_interactive_ascent"],
              "--baselines: method 'demo_interactive_ascent' is defined in an interactive "
-             "session, which the demo's worker processes cannot import"),
+             "session, which the demo's worker processes cannot import", None),
+            (["--baselines", "demo_guarded_ascent"],
+             f"--baselines: method 'demo_guarded_ascent' is not defined at the top level of "
+             f"{script} (under `if __name__ == '__main__':`, or in a function)", str(script)),
             (["--import", "no_such_plugin_module"],
              "--import: expected an importable module name or .py file, got "
-             "'no_such_plugin_module'")):
+             "'no_such_plugin_module'", None)):
+        if file is None:
+            monkeypatch.delattr(main, "__file__", raising=False)
+        else:
+            monkeypatch.setattr(main, "__file__", file, raising=False)
         with pytest.raises(SystemExit) as stopped:
             demo.main([*common, *argv])
         assert stopped.value.code == 2
