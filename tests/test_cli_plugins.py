@@ -245,3 +245,37 @@ def test_a_plugins_own_error_is_named_as_its_code_not_the_librarys(
         f"mtunlearn: error (KeyError) in {source.resolve()}, line {line}, code outside the "
         "library (a module given to --import?); exit 70: see the traceback above")
     assert not (tmp_path / "u.pt").exists()
+
+
+def test_only_a_plugins_own_frame_is_blamed_on_it(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Diff review: the innermost frame outside the library was blamed, so a library error
+    raised beneath a plugin's call into it lost its "please report". The innermost frame
+    that is neither Python's nor an installed package's decides: a file ``--import`` loaded,
+    or the library's (then nothing is blamed on the plugin); a file no ``--import`` loaded is
+    not blamed either."""
+    import sys
+
+    from mtunlearn_ext.cli import _run
+    from mtunlearn_ext.workflow import import_plugins
+
+    source = tmp_path / "calling_plugin.py"
+    source.write_text("from mtunlearn_ext.surgery import UPGradWeighting\n\n\n"
+                      "def own():\n    raise KeyError('its own')\n\n\n"
+                      "def into_the_library():\n    return UPGradWeighting()('not a gram')\n")
+    monkeypatch.delitem(sys.modules, "calling_plugin", raising=False)
+    (loaded,) = import_plugins([str(source)])
+    module = sys.modules["calling_plugin"]
+    monkeypatch.setitem(sys.modules, "calling_plugin", module)
+    monkeypatch.setattr(_run, "_PLUGIN_FILES", set())
+    errors = {}
+    for name in ("own", "into_the_library"):
+        try:
+            getattr(module, name)()
+        except Exception as error:  # noqa: BLE001
+            errors[name] = error
+    assert _run._outside_code_frame(errors["own"]) is None  # not loaded by --import here
+    _run._PLUGIN_FILES.add(loaded["file"])
+    frame = _run._outside_code_frame(errors["own"])
+    assert frame is not None and frame.filename == str(source) and frame.lineno == 5
+    assert _run._outside_code_frame(errors["into_the_library"]) is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import site
 import sys
 import sysconfig
 import traceback
@@ -141,6 +142,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _refuse_empty_paths(args)
         _threads(args)
         plugins = import_plugins([*(args.imports_first or []), *(args.imports or [])])
+        _PLUGIN_FILES.update(p["file"] for p in plugins if p["file"])
         args.invocation = _invocation(argv, plugins, getattr(args, "config", None),
                                       getattr(args, "method_config", None))
         return int(args.func(args))
@@ -180,20 +182,30 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
                                  "out, for its default)", "")
 
 
+#: The source files ``--import`` loaded in this process (:func:`_outside_code_frame`).
+_PLUGIN_FILES: set[str] = set()
+
+
 def _outside_code_frame(error: BaseException) -> traceback.FrameSummary | None:
-    """The innermost frame of ``error``'s traceback in a source file that is neither the
-    library's, nor Python's, nor an installed package's: the code of a module given to
-    ``--import`` (a plugin's method or benchmark). An exception raised there is that code's,
-    and "please report" sent its author to the library. ``None`` when there is none
-    (frames of ``<string>`` and the like, which name no file, do not count)."""
+    """The frame of ``error``'s traceback to blame on a module given to ``--import`` (a
+    plugin's method or benchmark), or ``None`` (the library's: "internal error"). The
+    innermost frame that is neither Python's nor an installed package's decides: a plugin
+    file's (an exception of that code's, which "please report" sent to the library), or
+    else the library's (one raised beneath a plugin's call into it stays the library's).
+    Frames of ``<string>`` and the like, which name no file, are passed over."""
     library = Path(__file__).resolve().parents[1]
     installed = {Path(p).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")
                  if (p := sysconfig.get_paths().get(key))}
+    installed.update(Path(p).resolve() for p in [*site.getsitepackages(),
+                                                  site.getusersitepackages()])
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = Path(frame.filename)
         if not path.is_file():
             continue
         path = path.resolve()
-        if not any(path.is_relative_to(root) for root in (library, *installed)):
-            return frame
+        if path.is_relative_to(library):  # (installed or not)
+            return None
+        if any(path.is_relative_to(root) for root in installed):
+            continue
+        return frame if str(path) in _PLUGIN_FILES else None
     return None
