@@ -684,6 +684,9 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None,
                     on_unlearned: Callable[[str, nn.Module], None] | None = None
                     ) -> dict[str, Any]:
     code = code_version()  # the code this run imported and runs: read before the work
+    # Methods of one's own (plugins): which class and file, as the code version names the
+    # library's; read before the work too (a file edited during the run is not this run's).
+    sources = {m: source for m in config.methods if (source := method_source(m)) is not None}
     prepared = _prepare(config, benchmark)
     bench, request, forget, retain = (prepared.benchmark, prepared.request, prepared.forget,
                                       prepared.retain)
@@ -770,10 +773,7 @@ def _run_experiment(config: ExperimentConfig, benchmark: Benchmark | None,
         "config": dataclasses.asdict(config),
         "environment": _environment(config.device),
         "code": code,  # which commit to check out to rerun the experiment
-        # Methods of one's own (plugins): which class and file, as the code version names
-        # the library's.
-        "method_sources": {m: source for m in config.methods
-                           if (source := method_source(m)) is not None},
+        "method_sources": sources,
         "benchmark": {
             "name": bench.name, "size": config.size, "num_train": len(train_set),
             "num_test": len(test_set),
@@ -961,6 +961,11 @@ def check_experiment(config: ExperimentConfig) -> Benchmark:
     benchmark; raises ``ValueError`` (``FileNotFoundError`` for a real data set's root) naming
     what is wrong."""
     config.validate()
+    for method in config.methods:  # settings a method does not have, or refuses
+        try:
+            get_unlearner(method, config.method_configs.get(method) or {})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--method-config: {error}") from error
     benchmark = _load_benchmark(config)
     unknown = [t for t in config.target_tasks or [] if t not in benchmark.train.task_names]
     if unknown:
@@ -983,8 +988,7 @@ def checked_benchmark(config: ExperimentConfig) -> Benchmark | None:
     (``error: ...``) printed and ``None`` (the caller exits with code 2)."""
     try:
         return check_experiment(config)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        # TypeError: a method setting the method does not have (config_from_mapping).
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return None
 
