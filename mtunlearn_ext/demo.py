@@ -165,14 +165,15 @@ def check_args(args: argparse.Namespace) -> None:
     for cls in _plugin_methods(_methods(args)):
         # The workers are spawned processes: they import a method's module again, and find its
         # class there only if the module defines it at its top level when imported.
+        if cls.__module__ != "__main__":
+            continue
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if cls.__module__ == "__main__" and main_file is None:
+        if main_file is None:
             raise ValueError(f"--baselines: method {cls.name!r} is defined in an interactive "
                              "session, which the demo's worker processes cannot import; "
                              "define it at the top level of a module file and import that "
                              "(or pass --import FILE.py)")
-        if (cls.__module__ == "__main__" and main_file is not None
-                and not _defined_at_top_level(main_file, cls)):
+        if not _defined_at_top_level(main_file, cls):
             raise ValueError(f"--baselines: method {cls.name!r} is not defined at the top level "
                              f"of {main_file} (under `if __name__ == '__main__':`, or in a "
                              "function), so the demo's worker processes, which import that "
@@ -244,9 +245,9 @@ def _plugin_methods(methods: Sequence[str]) -> list[type[Unlearner]]:
     """The classes of ``methods`` that are not the library's own (methods of one's own,
     registered in this process): the workers register them again (:func:`_worker_init`)."""
     from mtunlearn_ext.unlearning import UNLEARNERS
+    from mtunlearn_ext.unlearning.registry import method_source
 
-    return [UNLEARNERS[m] for m in methods
-            if m in UNLEARNERS and not UNLEARNERS[m].__module__.startswith("mtunlearn_ext.")]
+    return [UNLEARNERS[m] for m in methods if method_source(m) is not None]
 
 
 # -- the demo ------------------------------------------------------------------------------------

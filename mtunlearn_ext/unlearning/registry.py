@@ -85,20 +85,20 @@ def method_source(name: str) -> dict[str, str | None] | None:
     "file": its source file (absolute; None without one), "sha256": that file's}``. Method
     names are per process, so a record or a kept run file names the code, and a changed
     plugin file tells a kept result from a fresh one."""
-    import hashlib
     import inspect
     from pathlib import Path
+
+    from mtunlearn_ext._io import sha256_of_file
 
     cls = _unlearners.get(name)
     if cls is None or cls.__module__.startswith("mtunlearn_ext."):
         return None
     try:
         found = inspect.getsourcefile(cls)
-    except TypeError:  # a class of the interactive session: no file
+    except (TypeError, OSError):  # a class of an interactive session: no file
         found = None
     file = Path(found).resolve() if found else None
-    digest = (hashlib.sha256(file.read_bytes()).hexdigest()
-              if file is not None and file.is_file() else None)
+    digest = sha256_of_file(file) if file is not None and file.is_file() else None
     return {"class": f"{cls.__module__}.{cls.__qualname__}",
             "file": None if file is None else str(file), "sha256": digest}
 
